@@ -1,0 +1,216 @@
+"""What every compressed weight format shares: input checks, byte counts, device moves, serialization."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import ClassVar
+
+import torch
+
+VALUE_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+METADATA_KEY = "flash_llm"
+
+
+class FormatError(ValueError):
+    """A serialized weight is truncated, inconsistent or of an unsupported version."""
+
+
+def check_dense_weight(w, dtype: torch.dtype | None = None, name: str = "w") -> torch.Tensor:
+    """Validate a dense weight ``[M, K]`` and return it as a contiguous fp16/bf16 tensor.
+
+    ``dtype`` casts a floating weight (e.g. fp32) to fp16/bf16; without it only fp16/bf16 are accepted.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [M, K]; got {w.ndim}-D with shape {tuple(w.shape)}")
+    if w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"{name} must have M >= 1 and K >= 1; got shape {tuple(w.shape)}")
+    if dtype is not None:
+        if dtype not in VALUE_DTYPES:
+            raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"{name} has dtype {w.dtype}; expected a floating-point tensor to cast to {dtype}")
+        w = w.to(dtype)
+    elif w.dtype not in VALUE_DTYPES:
+        hint = " (pass dtype=torch.float16 or dtype=torch.bfloat16 to cast)" if w.dtype.is_floating_point else ""
+        raise TypeError(f"{name} has dtype {w.dtype}; expected torch.float16 or torch.bfloat16{hint}")
+    return w.contiguous()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+class SparseFormat:
+    """Base class of the compressed formats.  A format holds a few 1-D device tensors (``_arrays``)
+    plus its logical shape ``[M, K]`` and value dtype; everything else derives from those."""
+
+    FORMAT_NAME: ClassVar[str]
+    FORMAT_VERSION: ClassVar[int]
+    _arrays: ClassVar[tuple[str, ...]]
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    nnz: int
+
+    # ---- derived properties -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self._arrays[0]).device
+
+    @property
+    def density(self) -> float:
+        """Fraction of nonzero elements, ``nnz / (M * K)``."""
+        return self.nnz / (self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of every array this weight holds on its device."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The arrays of this weight by name (no copies)."""
+        return {n: getattr(self, n) for n in self._arrays}
+
+    def to(self, device) -> "SparseFormat":
+        """A copy on ``device`` (the same object if it is already there)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        arrays = {n: t.to(device) for n, t in self.tensors().items()}
+        return self._from_parts(arrays, self.shape, self.dtype, self.nnz)
+
+    def __repr__(self) -> str:
+        m, k = self.shape
+        return (f"{type(self).__name__}(shape=({m}, {k}), dtype={self.dtype}, density={self.density:.4f}, "
+                f"nbytes={self.nbytes}, device={self.device})")
+
+    @classmethod
+    def _from_parts(cls, arrays, shape, dtype, nnz):
+        obj = cls.__new__(cls)
+        for n, t in arrays.items():
+            setattr(obj, n, t)
+        obj.shape = (int(shape[0]), int(shape[1]))
+        obj.dtype = dtype
+        obj.nnz = int(nnz)
+        return obj
+
+    # ---- serialization -----------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {"format": self.FORMAT_NAME, "version": self.FORMAT_VERSION, "dtype": dtype_name(self.dtype),
+                "shape": list(self.shape), "nnz": self.nnz}
+
+    def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and string metadata for a safetensors file; ``prefix`` names this weight in it."""
+        tensors = {prefix + n: t.contiguous() for n, t in self.tensors().items()}
+        return tensors, {prefix + METADATA_KEY: json.dumps(self.metadata())}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this weight to one safetensors file (arrays plus format metadata)."""
+        from safetensors.torch import save_file
+
+        tensors, meta = self.state()
+        save_file({k: v.cpu() for k, v in tensors.items()}, os.fspath(path), metadata=meta)
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], prefix: str = "",
+                   source: str = "") -> "SparseFormat":
+        """Rebuild and fully validate a weight from :meth:`state` output.
+
+        Raises :class:`FormatError` naming the tensor and what is wrong; never returns a wrong matrix.
+        """
+        where = f"{source}: " if source else ""
+        key = prefix + METADATA_KEY
+        if metadata is None or key not in metadata:
+            raise FormatError(f"{where}no flash-llm metadata '{key}' (not a flash-llm weight)")
+        try:
+            meta = json.loads(metadata[key])
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{where}metadata '{key}' is not valid JSON: {e}") from None
+        if not isinstance(meta, dict):
+            raise FormatError(f"{where}metadata '{key}' must be a JSON object")
+        if meta.get("format") != cls.FORMAT_NAME:
+            raise FormatError(f"{where}'{prefix or 'weight'}' has format {meta.get('format')!r}; "
+                              f"expected {cls.FORMAT_NAME!r}")
+        if meta.get("version") != cls.FORMAT_VERSION:
+            raise FormatError(f"{where}'{prefix or 'weight'}' has {cls.FORMAT_NAME} format version "
+                              f"{meta.get('version')!r}; this flash-llm reads version {cls.FORMAT_VERSION}")
+        if meta.get("dtype") not in _DTYPES_BY_NAME:
+            raise FormatError(f"{where}'{prefix or 'weight'}' has value dtype {meta.get('dtype')!r}; "
+                              f"expected one of {sorted(_DTYPES_BY_NAME)}")
+        shape = meta.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+            raise FormatError(f"{where}'{prefix or 'weight'}' has logical shape {shape!r}; "
+                              "expected [M, K] with M, K >= 1")
+        arrays = {}
+        for n in cls._arrays:
+            t = tensors.get(prefix + n)
+            if t is None:
+                raise FormatError(f"{where}tensor '{prefix + n}' is missing")
+            if t.dtype != torch.int32 or t.ndim != 1:
+                raise FormatError(f"{where}tensor '{prefix + n}' has dtype {t.dtype} and shape {tuple(t.shape)}; "
+                                  "expected a 1-D int32 tensor")
+            arrays[n] = t
+        dtype = _DTYPES_BY_NAME[meta["dtype"]]
+        nnz = cls._validate(arrays, tuple(shape), prefix, where)
+        if meta.get("nnz") is not None and meta["nnz"] != nnz:
+            raise FormatError(f"{where}'{prefix or 'weight'}' metadata says nnz={meta['nnz']} but the arrays "
+                              f"hold {nnz} nonzeros")
+        return cls._from_parts(arrays, shape, dtype, nnz)
+
+    @classmethod
+    def _validate(cls, arrays, shape, prefix, where) -> int:
+        """Check the arrays against each other and the shape; return nnz.  Raise FormatError."""
+        raise NotImplementedError
+
+
+def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
+    """Write several compressed weights to one safetensors file, each under its name."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {}
+    for name, w in weights.items():
+        t, m = w.state(prefix=f"{name}.")
+        tensors.update({k: v.cpu() for k, v in t.items()})
+        meta.update(m)
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def load(path: str | os.PathLike, device="cpu"):
+    """Load what :meth:`SparseFormat.save` (one weight) or :func:`save` (a dict of weights) wrote.
+
+    Every weight is validated; any truncation or inconsistency raises :class:`FormatError`.
+    """
+    from safetensors import safe_open
+
+    from . import FORMATS
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise FormatError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    prefixes = sorted(k[: -len(METADATA_KEY)] for k in metadata if k.endswith(METADATA_KEY))
+    if not prefixes:
+        raise FormatError(f"{path}: no flash-llm metadata (not a flash-llm weight file)")
+    out = {}
+    for prefix in prefixes:
+        try:
+            fmt = json.loads(metadata[prefix + METADATA_KEY]).get("format")
+        except (json.JSONDecodeError, AttributeError):
+            fmt = None
+        cls = FORMATS.get(fmt)
+        if cls is None:
+            raise FormatError(f"{path}: '{prefix or 'weight'}' has unknown format {fmt!r}; "
+                              f"known: {sorted(FORMATS)}")
+        out[prefix[:-1] if prefix else ""] = cls.from_state(tensors, metadata, prefix, source=path).to(device)
+    return out[""] if list(out) == [""] else out

@@ -1,0 +1,98 @@
+"""The tensor-core fragment order shared by every flash-llm weight format.
+
+A weight ``W[M, K]`` is cut into *strips* of 16 rows x 64 columns (``STRIP_M x STRIP_K``).  One strip
+is what one warp multiplies in four ``mma.m16n8k16`` steps (k = 0-15, 16-31, 32-47, 48-63).  Inside a
+strip the 1024 elements are numbered in *fragment order*::
+
+    index = lane * 32 + bit          lane = 0..31 (the thread of the warp that holds the element)
+                                     bit  = step * 8 + j, step = 0..3, j = 0..7
+
+where ``j`` is the position of the element in the eight fp16/bf16 A-operand registers halves that
+``mma.m16n8k16.row`` expects from that lane (PTX ISA, "Matrix Fragments for mma.m16n8k16"):
+with ``g = lane // 4``, ``t = lane % 4``, element ``j`` of step ``s`` is row ``g + 8 * ((j >> 1) & 1)``,
+column ``16 * s + 2 * t + (j & 1) + 8 * (j >> 2)`` of the strip.
+
+So the 32 elements one lane needs for a whole strip are 32 consecutive indices: one 32-bit bitmap
+word per lane, and the values of a lane are contiguous.  The inverse, for an element at strip row
+``r`` and strip column ``c``::
+
+    lane = 4 * (r % 8) + (c // 2) % 4
+    bit  = 8 * (c // 16) + 4 * ((c // 8) % 2) + 2 * (r // 8) + c % 2
+
+Both directions are one ``permute`` of a reshaped tensor: row ``r = 8h + g``, column
+``c = 16s + 8q + 2t + e`` and fragment order ``(g, t, s, q, h, e)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STRIP_M = 16
+STRIP_K = 64
+STRIP_ELEMS = STRIP_M * STRIP_K
+
+# [Mt, h, g, Kt, s, q, t, e]  ->  [Mt, Kt, g, t, s, q, h, e]
+_TO_FRAG = (0, 3, 2, 6, 4, 5, 1, 7)
+# inverse permutation
+_FROM_FRAG = tuple(_TO_FRAG.index(i) for i in range(8))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def padded_shape(m: int, k: int, m_multiple: int = STRIP_M) -> tuple[int, int]:
+    """Rows padded to ``m_multiple`` (a multiple of 16), columns to 64."""
+    return ceil_div(m, m_multiple) * m_multiple, ceil_div(k, STRIP_K) * STRIP_K
+
+
+def to_fragment_order(w: torch.Tensor, m_multiple: int = STRIP_M) -> torch.Tensor:
+    """``w [M, K]`` (any dtype) -> ``[Mp/16, Kp/64, 1024]`` in fragment order, zero padded."""
+    m, k = w.shape
+    mp, kp = padded_shape(m, k, m_multiple)
+    if (mp, kp) != (m, k):
+        padded = w.new_zeros((mp, kp))
+        padded[:m, :k] = w
+        w = padded
+    mt, kt = mp // STRIP_M, kp // STRIP_K
+    if w.element_size() == 2:
+        # (e) stays innermost in both orders: move pairs of 16-bit elements as one 32-bit word.
+        v = w.view(torch.int32).reshape(mt, 2, 8, kt, 4, 2, 4).permute(_TO_FRAG[:-1])
+        return v.reshape(mt, kt, STRIP_ELEMS // 2).view(w.dtype)
+    v = w.reshape(mt, 2, 8, kt, 4, 2, 4, 2).permute(_TO_FRAG)
+    return v.reshape(mt, kt, STRIP_ELEMS)
+
+
+def from_fragment_order(frag: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`to_fragment_order`: ``[Mt, Kt, 1024]`` -> ``w [M, K]`` (a copy)."""
+    mt, kt, _ = frag.shape
+    if frag.element_size() == 2:
+        v = frag.contiguous().view(torch.int32).reshape(mt, kt, 8, 4, 4, 2, 2).permute(_FROM_FRAG[:-1])
+        return v.reshape(mt * STRIP_M, kt * STRIP_K // 2).view(frag.dtype)[:m, :k].contiguous()
+    v = frag.reshape(mt, kt, 8, 4, 4, 2, 2, 2).permute(_FROM_FRAG)
+    return v.reshape(mt * STRIP_M, kt * STRIP_K)[:m, :k].contiguous()
+
+
+def popcount32(words: torch.Tensor) -> torch.Tensor:
+    """Number of set bits of each 32-bit word (any integer dtype holding 32-bit patterns), as int64."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """``bool [..., 32]`` -> ``int32 [...]``, element i of the last dim in bit i (LSB first)."""
+    shape = mask.shape[:-1]
+    b = mask.reshape(-1, 4, 8).view(torch.uint8)
+    byte = b[..., 0].clone()
+    for i in range(1, 8):
+        byte |= b[..., i] << i
+    return byte.view(torch.int32).reshape(shape)
+
+
+def unpack_bits(words: torch.Tensor) -> torch.Tensor:
+    """``int32 [...]`` -> ``bool [..., 32]`` (inverse of :func:`pack_bits`)."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    return ((words.unsqueeze(-1) >> shifts) & 1).bool()

@@ -1,0 +1,144 @@
+"""BitmapTiles: one bit per element plus the nonzero values, one record per 16x64 strip.
+
+Layout (``docs/formats.md`` has a worked example):
+
+* The padded weight ``[Mp, Kp]`` (``Mp`` a multiple of 16, ``Kp`` of 64) is cut into strips of
+  16 x 64, numbered row-major: strip ``(mt, kt)`` is number ``mt * (Kp / 64) + kt``.
+* Strip ``i`` is one *record* in ``data`` (int32 words), starting at word ``4 * offsets[i]``:
+
+  - 32 bitmap words (128 bytes): word ``lane`` bit ``b`` is element ``lane * 32 + b`` of the strip in
+    fragment order (``_layout.py``), i.e. exactly the A-operand elements lane ``lane`` of a warp holds
+    for the strip's four ``mma.m16n8k16`` steps;
+  - the nonzero values as 16-bit patterns, in bit order (lane 0's first), two per int32 word, low half
+    first;
+  - zero padding up to a multiple of 16 bytes.
+
+* ``offsets`` (int32, ``T + 1`` entries) holds record starts in units of 16 bytes, so a record is found
+  with one lookup and copied with 16-byte aligned loads; its length is ``8 + ceil(nnz_i / 8)`` units.
+
+Bytes: ``128 T + 16 * sum_i ceil(nnz_i / 8) + 4 (T + 1)`` for ``T`` strips.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _layout as L
+from ._base import FormatError, SparseFormat, check_dense_weight
+
+RECORD_HEADER_UNITS = 8  # 32 bitmap words = 128 bytes = 8 units of 16 bytes
+
+
+def _value_starts(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Index (in 16-bit elements of ``data``) of every nonzero value, in storage order."""
+    nnz = int(counts.sum())
+    first = offsets[:-1].to(torch.int64) * 8 + 2 * 32  # first value of each record, in halves
+    before = torch.cumsum(counts, 0) - counts  # values before each record
+    return torch.repeat_interleave(first - before, counts, output_size=nnz) + torch.arange(
+        nnz, device=counts.device)
+
+
+class BitmapTiles(SparseFormat):
+    """A sparse fp16/bf16 weight ``W[M, K]`` as 16x64 bitmap strips (flash-llm's main format).
+
+    Arrays: ``data`` (int32 ``[4 * offsets[-1]]``: per strip 32 bitmap words then the packed values)
+    and ``offsets`` (int32 ``[T + 1]``, record starts in 16-byte units).  ``to_dense(from_dense(w))``
+    equals ``w`` bit for bit, except that ``-0.0`` is a zero and comes back as ``+0.0``.
+    """
+
+    FORMAT_NAME = "flash_llm.bitmap_tiles"
+    FORMAT_VERSION = 1
+    _arrays = ("data", "offsets")
+
+    data: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Strips along M and along K: ``(ceil(M / 16), ceil(K / 64))``."""
+        mp, kp = L.padded_shape(*self.shape)
+        return mp // L.STRIP_M, kp // L.STRIP_K
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None) -> "BitmapTiles":
+        """Compress ``w [M, K]`` (fp16 or bf16, CPU or CUDA; ``dtype=`` casts other float dtypes).
+
+        Zeros are elements whose value compares equal to 0 (``+0.0`` and ``-0.0``); NaN and Inf are kept.
+        Runs as a handful of vectorized PyTorch ops on ``w``'s device.
+        """
+        w = check_dense_weight(w, dtype)
+        m, k = w.shape
+        frag = L.to_fragment_order(w.view(torch.int16))  # [Mt, Kt, 1024]
+        t = frag.shape[0] * frag.shape[1]
+        frag = frag.view(t, L.STRIP_ELEMS)
+        mask = (frag & 0x7FFF) != 0  # -0.0 (0x8000) counts as zero
+        words = L.pack_bits(mask.view(t, 32, 32))  # [T, 32]
+        counts = L.popcount32(words).sum(1)
+        values = frag.view(-1)[torch.nonzero(mask.view(-1)).view(-1)]  # order: strip, lane, bit
+        offsets = torch.zeros(t + 1, dtype=torch.int64, device=w.device)
+        torch.cumsum(RECORD_HEADER_UNITS + (counts + 7) // 8, 0, out=offsets[1:])
+        total_units = int(offsets[-1])
+        if total_units >= 2**31:
+            raise ValueError(f"w {tuple(w.shape)} is too large for one BitmapTiles matrix (record offsets "
+                             "overflow int32); split it")
+        data = torch.zeros(total_units * 4, dtype=torch.int32, device=w.device)
+        word_idx = offsets[:-1, None] * 4 + torch.arange(32, device=w.device)
+        data[word_idx.view(-1)] = words.view(-1)
+        data.view(torch.int16)[_value_starts(offsets, counts)] = values
+        return cls._from_parts({"data": data, "offsets": offsets.to(torch.int32)}, (m, k), w.dtype,
+                               values.numel())
+
+    def _words_and_counts(self):
+        off = self.offsets.to(torch.int64)
+        word_idx = off[:-1, None] * 4 + torch.arange(32, device=off.device)
+        words = self.data[word_idx]  # [T, 32]
+        return off, words, L.popcount32(words).sum(1)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[M, K]`` weight, on this weight's device."""
+        m, k = self.shape
+        mt, kt = self.grid
+        off, words, counts = self._words_and_counts()
+        mask = L.unpack_bits(words).view(mt * kt, L.STRIP_ELEMS)
+        frag = torch.zeros(mt * kt, L.STRIP_ELEMS, dtype=torch.int16, device=self.device)
+        frag[mask] = self.data.view(torch.int16)[_value_starts(off, counts)]
+        return L.from_fragment_order(frag.view(mt, kt, -1), m, k).view(self.dtype)
+
+    @classmethod
+    def _validate(cls, arrays, shape, prefix, where) -> int:
+        data, offsets = arrays["data"], arrays["offsets"]
+        m, k = shape
+        mp, kp = L.padded_shape(m, k)
+        t = (mp // L.STRIP_M) * (kp // L.STRIP_K)
+        name = lambda n: f"{where}tensor '{prefix}{n}'"  # noqa: E731
+        if offsets.numel() != t + 1:
+            raise FormatError(f"{name('offsets')} has {offsets.numel()} entries; a {m}x{k} matrix has {t} "
+                              f"strips, so {t + 1} are expected")
+        off = offsets.to(torch.int64)
+        if int(off[0]) != 0:
+            raise FormatError(f"{name('offsets')} starts at {int(off[0])}; expected 0")
+        sizes = off[1:] - off[:-1]
+        if bool((sizes < RECORD_HEADER_UNITS).any()):
+            i = int(torch.nonzero(sizes < RECORD_HEADER_UNITS)[0])
+            raise FormatError(f"{name('offsets')}: record {i} is {int(sizes[i])} units long; every record "
+                              f"holds at least its {RECORD_HEADER_UNITS}-unit bitmap")
+        if data.numel() != 4 * int(off[-1]):
+            raise FormatError(f"{name('data')} has {data.numel()} words; the offsets describe "
+                              f"{4 * int(off[-1])} (truncated or inconsistent)")
+        word_idx = off[:-1, None] * 4 + torch.arange(32, device=off.device)
+        words = data[word_idx]
+        counts = L.popcount32(words).sum(1)
+        expected = RECORD_HEADER_UNITS + (counts + 7) // 8
+        bad = torch.nonzero(expected != sizes)
+        if bad.numel():
+            i = int(bad[0])
+            raise FormatError(f"{name('data')}: record {i} has {int(counts[i])} nonzero bits, so it should be "
+                              f"{int(expected[i])} units long, but the offsets give {int(sizes[i])}")
+        if (mp, kp) != (m, k):  # bits of the padding must be clear
+            pad = L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=off.device)).logical_not_()
+            mask = L.unpack_bits(words).view(pad.shape)
+            if bool((mask & pad).any()):
+                i = int(torch.nonzero((mask & pad).view(-1, L.STRIP_ELEMS).any(1))[0])
+                raise FormatError(f"{name('data')}: record {i} has nonzero bits outside the logical "
+                                  f"{m}x{k} matrix")
+        return int(counts.sum())
