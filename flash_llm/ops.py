@@ -7,6 +7,8 @@ op (``flash_llm.kernels``); everywhere else the pure-PyTorch reference runs.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .formats import SparseFormat
@@ -17,6 +19,22 @@ from .reference import FORMAT_IDS, as_format, spmm_reference
 def _spmm_op(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
              bias: torch.Tensor | None) -> torch.Tensor:
     return spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), bias)
+
+
+_warned: set[str] = set()
+
+
+@_spmm_op.register_kernel("cuda")
+def _spmm_cuda(x, data, offsets, fmt, m, k, bias):
+    from . import kernels
+
+    ok, why = kernels.supported(x.device)
+    if not ok:
+        if why not in _warned:
+            _warned.add(why)
+            warnings.warn(f"flash_llm.spmm runs the slow PyTorch reference: {why}", RuntimeWarning, stacklevel=3)
+        return spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), bias)
+    return kernels.spmm_cuda(x, data, offsets, fmt, m, k, bias)
 
 
 @_spmm_op.register_fake

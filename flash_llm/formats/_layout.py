@@ -1,26 +1,32 @@
 """The tensor-core fragment order shared by every flash-llm weight format.
 
 A weight ``W[M, K]`` is cut into *strips* of 16 rows x 64 columns (``STRIP_M x STRIP_K``).  One strip
-is what one warp multiplies in four ``mma.m16n8k16`` steps (k = 0-15, 16-31, 32-47, 48-63).  Inside a
-strip the 1024 elements are numbered in *fragment order*::
+is what one warp multiplies in four ``mma.m16n8k16`` steps.  Inside a strip the 1024 elements are
+numbered in *fragment order*::
 
     index = lane * 32 + bit          lane = 0..31 (the thread of the warp that holds the element)
-                                     bit  = step * 8 + j, step = 0..3, j = 0..7
+                                     bit  = 8 * s + j, s = 0..3 (k-step), j = 0..7
 
-where ``j`` is the position of the element in the eight fp16/bf16 A-operand registers halves that
-``mma.m16n8k16.row`` expects from that lane (PTX ISA, "Matrix Fragments for mma.m16n8k16"):
-with ``g = lane // 4``, ``t = lane % 4``, element ``j`` of step ``s`` is row ``g + 8 * ((j >> 1) & 1)``,
-column ``16 * s + 2 * t + (j & 1) + 8 * (j >> 2)`` of the strip.
+where ``j`` is the position of the element among the eight A-operand halves lane ``lane`` passes to
+``mma.m16n8k16.row`` (PTX ISA, "Matrix Fragments for mma.m16n8k16"): with ``g = lane // 4`` and
+``t = lane % 4``, element ``j`` sits in row ``g + 8 * ((j >> 1) & 1)`` and, inside the k-step, at
+k-index ``2 * t + (j & 1) + 8 * (j >> 2)``.
+
+Which of the strip's 64 columns is k-index ``kappa`` of k-step ``s``?  A dot product does not care
+how its k axis is ordered, as long as W and X agree; we choose the order that lets every lane fetch
+its whole B operand (X) for the strip with two contiguous 16-byte loads: lane ``t`` needs, for all four
+k-steps, the 16 columns ``16 t .. 16 t + 15``.  So k-index ``kappa = 2 t + e + 8 q`` (``e, q`` in
+{0, 1}) of k-step ``s`` is strip column ``c = 16 t + 4 s + 2 q + e``.
 
 So the 32 elements one lane needs for a whole strip are 32 consecutive indices: one 32-bit bitmap
 word per lane, and the values of a lane are contiguous.  The inverse, for an element at strip row
 ``r`` and strip column ``c``::
 
-    lane = 4 * (r % 8) + (c // 2) % 4
-    bit  = 8 * (c // 16) + 4 * ((c // 8) % 2) + 2 * (r // 8) + c % 2
+    lane = 4 * (r % 8) + c // 16
+    bit  = 8 * ((c // 4) % 4) + 4 * ((c // 2) % 2) + 2 * (r // 8) + c % 2
 
 Both directions are one ``permute`` of a reshaped tensor: row ``r = 8h + g``, column
-``c = 16s + 8q + 2t + e`` and fragment order ``(g, t, s, q, h, e)``.
+``c = 16t + 4s + 2q + e`` and fragment order ``(g, t, s, q, h, e)``.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ STRIP_M = 16
 STRIP_K = 64
 STRIP_ELEMS = STRIP_M * STRIP_K
 
-# [Mt, h, g, Kt, s, q, t, e]  ->  [Mt, Kt, g, t, s, q, h, e]
-_TO_FRAG = (0, 3, 2, 6, 4, 5, 1, 7)
+# [Mt, h, g, Kt, t, s, q, e]  ->  [Mt, Kt, g, t, s, q, h, e]
+_TO_FRAG = (0, 3, 2, 4, 5, 6, 1, 7)
 # inverse permutation
 _FROM_FRAG = tuple(_TO_FRAG.index(i) for i in range(8))
 
@@ -57,9 +63,9 @@ def to_fragment_order(w: torch.Tensor, m_multiple: int = STRIP_M) -> torch.Tenso
     mt, kt = mp // STRIP_M, kp // STRIP_K
     if w.element_size() == 2:
         # (e) stays innermost in both orders: move pairs of 16-bit elements as one 32-bit word.
-        v = w.view(torch.int32).reshape(mt, 2, 8, kt, 4, 2, 4).permute(_TO_FRAG[:-1])
+        v = w.view(torch.int32).reshape(mt, 2, 8, kt, 4, 4, 2).permute(_TO_FRAG[:-1])
         return v.reshape(mt, kt, STRIP_ELEMS // 2).view(w.dtype)
-    v = w.reshape(mt, 2, 8, kt, 4, 2, 4, 2).permute(_TO_FRAG)
+    v = w.reshape(mt, 2, 8, kt, 4, 4, 2, 2).permute(_TO_FRAG)
     return v.reshape(mt, kt, STRIP_ELEMS)
 
 

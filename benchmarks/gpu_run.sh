@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device-machine session: versions, GPU test-suite, encoder speed, kernel benchmark.
+# Usage: bash benchmarks/gpu_run.sh [tests] [formats] [spmm-quick] [spmm-full] [sanitize]
+# Logs and results go to $OUT (or benchmarks/out).
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
+OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+python3 -c "import torch, cuda.bindings, safetensors; print('torch', torch.__version__, 'cuda-bindings', cuda.bindings.__version__)"
+python3 -c "from flash_llm.kernels._build import compile_kernels as c; r=c('sm_90'); print('compiled', len(r.cubin), r.warnings())"
+for stage in "$@"; do
+  echo "=== $stage"
+  case $stage in
+    tests) timeout 420 python3 -m pytest -q -x tests/test_kernels_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    formats) python3 benchmarks/bench_formats.py --device cuda 2>&1 | tee "$OUT/bench_formats.log" ;;
+    spmm-quick) python3 benchmarks/bench_spmm.py --quick --dtypes fp16 --sparsities 50,80,90 --ns 1,16,64,256,2048 --out "$OUT/spmm" > "$OUT/spmm_quick.log" 2>&1; tail -40 "$OUT/spmm_quick.log" ;;
+    spmm-full) python3 benchmarks/bench_spmm.py --out "$OUT/spmm" > "$OUT/spmm_full.log" 2>&1; tail -30 "$OUT/spmm_full.log" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x tests/test_kernels_gpu.py -k "adversarial or split_k" 2>&1 | tail -4 | tee -a "$OUT/sanitize.log"
+        echo "$tool exit=${PIPESTATUS[0]}" | tee -a "$OUT/sanitize.log"
+      done ;;
+  esac
+done

@@ -1,0 +1,183 @@
+"""CUDA implementation of ``flash_llm::spmm``: launch configuration, split-K choice and dispatch.
+
+Everything host-side is plain Python; the kernels (``spmm.cu``) only see pointers and sizes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..formats._layout import STRIP_K, STRIP_M, ceil_div
+from ._build import KernelBuildError, compile_kernels, launch  # noqa: F401  (re-exported)
+
+WARPS = 4
+THREADS = 32 * WARPS
+ROWS_PER_BLOCK = WARPS * STRIP_M  # 64 output features per block, for both formats
+BITMAP, TILED_CSL = 0, 1
+_FORMAT_PREFIX = {BITMAP: "bitmap", TILED_CSL: "tiled_csl"}
+
+P = ctypes.c_void_p
+I = ctypes.c_int
+
+
+def supported(device: torch.device) -> tuple[bool, str]:
+    """Whether the CUDA kernels can run on ``device`` (and why not)."""
+    if device.type != "cuda":
+        return False, f"device {device} is not a CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, (f"GPU {torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; "
+                       "the tensor-core kernels need 8.0 or newer")
+    try:
+        import cuda.bindings  # noqa: F401
+    except ImportError:
+        return False, "cuda-python is not installed (pip install 'flash-llm[cuda]')"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    nt: int  # 8-token tiles per block (1, 2, 4 or 8)
+    n_chunks: int  # blocks along N
+    row_blocks: int  # blocks along M
+    splits: int  # blocks along K
+    kt_per_split: int
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device_index: int) -> int:
+    n = _SM_COUNT.get(device_index)
+    if n is None:
+        n = _SM_COUNT[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return n
+
+
+def plan(m: int, k: int, n: int, density: float, sms: int, splits: int | None = None) -> LaunchPlan:
+    """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density`` on ``sms`` SMs.
+
+    Split-K heuristic: fill the GPU with about ``28 * sms`` warps (one wave at full occupancy), but
+    keep at least 4 strips per warp and keep the fp32 partials (``splits * n * m * 8`` bytes written
+    and read, L2-resident) below the weight's own bytes.
+    """
+    nt = 1 if n <= 8 else 2 if n <= 16 else 4 if n <= 32 else 8
+    n_chunks = ceil_div(n, 8 * nt)
+    row_blocks = ceil_div(m, ROWS_PER_BLOCK)
+    kt = ceil_div(k, STRIP_K)
+    if splits is None:
+        warps = row_blocks * WARPS * n_chunks
+        want = max(1, round(28 * sms / warps))
+        weight_bytes = m * k * (0.125 + 2 * density)
+        by_ws = max(1, int(weight_bytes / (8 * n * m)))
+        splits = max(1, min(want, kt // 4, by_ws))
+    splits = max(1, min(splits, kt))
+    kt_per_split = ceil_div(kt, splits)
+    return LaunchPlan(nt, n_chunks, row_blocks, ceil_div(kt, kt_per_split), kt_per_split)
+
+
+class _Scratch:
+    """Per-device reusable buffers: split-K tickets (zeroed once, reset by the kernels themselves)
+    and the dense scratch weight of the large-N path."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tickets: dict[int, torch.Tensor] = {}
+        self.dense: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def get_tickets(self, device: torch.device, count: int) -> torch.Tensor:
+        with self.lock:
+            t = self.tickets.get(device.index)
+            if t is None or t.numel() < count:
+                t = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+                self.tickets[device.index] = t
+            return t
+
+    def get_dense(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        with self.lock:
+            key = (device.index, dtype)
+            t = self.dense.get(key)
+            if t is None or t.numel() < numel:
+                t = torch.empty(numel, dtype=dtype, device=device)
+                self.dense[key] = t
+            return t[:numel]
+
+
+_scratch = _Scratch()
+
+
+def _density(fmt: int, data: torch.Tensor, m: int, k: int) -> float:
+    """Density estimated from the array size alone (no device sync)."""
+    if fmt == BITMAP:
+        strips = ceil_div(m, STRIP_M) * ceil_div(k, STRIP_K)
+        return max(0.0, (data.numel() * 4 - 128 * strips) / 2) / (m * k)
+    return data.numel() / (m * k)
+
+
+def use_sparse_kernel(n: int, density: float) -> bool:
+    """Sparse kernel for small N; expand + dense cuBLAS for large N (prefill).  Crossover measured
+    on H100 (benchmarks/RESULTS.md)."""
+    return n <= 64
+
+
+def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Expand a compressed weight to dense ``[m, k]`` with one CUDA kernel."""
+    dev = data.device
+    out = torch.empty(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k)
+    mt, kt = ceil_div(m, STRIP_M), ceil_div(k, STRIP_K)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    if fmt == BITMAP:
+        launch("bitmap_to_dense", (ceil_div(mt * kt, WARPS), 1, 1), THREADS,
+               [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (m, I), (k, I), (mt, I),
+                (kt, I)], stream, dev.index)
+    else:
+        out.zero_()
+        tiles = ceil_div(m, 64) * kt
+        launch("tiled_csl_to_dense", (tiles, 1, 1), THREADS,
+               [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (m, I), (k, I), (kt, I)],
+               stream, dev.index)
+    return out
+
+
+def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
+              bias: torch.Tensor | None, splits: int | None = None, force_sparse: bool = False,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [N, K]`` (CUDA, fp16/bf16) times the compressed ``W [m, k]`` transposed -> ``[N, m]``.
+
+    ``splits`` overrides the split-K heuristic, ``force_sparse`` the large-N dispatch, and ``out``
+    (contiguous ``[N, m]``) receives the result (tests poison it first).
+    """
+    n = x.shape[0]
+    dev = x.device
+    y = torch.empty(n, m, dtype=x.dtype, device=dev) if out is None else out
+    if n == 0:
+        return y
+    density = _density(fmt, data, m, k)
+    if not force_sparse and not use_sparse_kernel(n, density):
+        w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(dev, x.dtype, m * k))
+        r = torch.nn.functional.linear(x, w, bias)
+        return r if out is None else out.copy_(r)
+    x = x.contiguous()
+    p = plan(m, k, n, density, sm_count(dev.index), splits)
+    ws_ptr = tk_ptr = 0
+    if p.splits > 1:
+        ws = torch.empty(p.splits * n * m, dtype=torch.float32, device=dev)
+        tickets = _scratch.get_tickets(dev, p.row_blocks * p.n_chunks)
+        ws_ptr, tk_ptr = ws.data_ptr(), tickets.data_ptr()
+    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
+    name = f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if x.dtype == torch.bfloat16 else 'f16'}_nt{p.nt}"
+    args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
+            (bias.data_ptr() if bias is not None else 0, P), (ws_ptr, P), (tk_ptr, P),
+            (m, I), (k, I), (n, I), (k, I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
+            (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
+    launch(name, (p.row_blocks * p.n_chunks, p.splits, 1), THREADS, args,
+           torch.cuda.current_stream(dev).cuda_stream, dev.index)
+    return y
+
+
+__all__ = ["spmm_cuda", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError"]

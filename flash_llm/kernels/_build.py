@@ -1,0 +1,188 @@
+"""Run-time compilation of the CUDA kernels with NVRTC (through ``cuda-python``) and launching.
+
+* :func:`compile_kernels` compiles ``spmm.cu`` for one architecture (``"sm_90"``) to a cubin; it
+  needs no GPU, so CI compiles for sm_80 and sm_90 through this same function.
+* Cubins are cached on disk (``$FLASH_LLM_CACHE`` or ``~/.cache/flash_llm``) under a key made of the
+  source hash, the options, the architecture and the NVRTC version.
+* :func:`launch` loads the module into the current CUDA context (PyTorch's primary context) once per
+  device and launches a kernel on a given stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("spmm.cu")
+OPTIONS = ("-std=c++17", "-lineinfo", "--ptxas-options=-v", "-default-device")
+SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+
+
+class KernelBuildError(RuntimeError):
+    """NVRTC failed to compile the kernels; the message holds its log."""
+
+
+class CudaDriverError(RuntimeError):
+    """A CUDA driver call failed."""
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as e:  # pragma: no cover - exercised only without the cuda extra
+        raise ImportError("flash-llm's CUDA kernels need cuda-python's NVRTC bindings: "
+                          "pip install 'flash-llm[cuda]' (cuda-bindings, nvidia-cuda-nvrtc)") from e
+    return nvrtc
+
+
+def _check_nvrtc(result, what: str):
+    err = result[0]
+    if int(err) != 0:
+        raise KernelBuildError(f"{what} failed: {err}")
+    return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
+
+
+def nvrtc_version() -> tuple[int, int]:
+    nvrtc = _nvrtc()
+    major, minor = _check_nvrtc(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    return int(major), int(minor)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLASH_LLM_CACHE", Path.home() / ".cache" / "flash_llm")) / "cubin"
+
+
+@dataclass
+class Compiled:
+    arch: str
+    cubin: bytes
+    log: str
+    cached: bool
+
+    def resources(self) -> dict[str, dict[str, int]]:
+        """Per kernel: registers, spill stores/loads (bytes), stack frame and static shared memory,
+        parsed from ptxas' ``-v`` report in the NVRTC log (empty when loaded from the cache)."""
+        out: dict[str, dict[str, int]] = {}
+        current = None
+        for line in self.log.splitlines():
+            m = re.search(r"Compiling entry function '(\w+)'", line)
+            if m:
+                current = out.setdefault(m.group(1), {})
+                continue
+            if current is None:
+                continue
+            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m:
+                current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+            m = re.search(r"Used (\d+) registers", line)
+            if m:
+                current["registers"] = int(m.group(1))
+                s = re.search(r"(\d+) bytes smem", line)
+                current["smem"] = int(s.group(1)) if s else 0
+        return out
+
+    def warnings(self) -> list[str]:
+        return [ln for ln in self.log.splitlines() if "warning" in ln.lower()]
+
+
+def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[str, ...] = ()) -> Compiled:
+    """Compile ``spmm.cu`` for ``arch`` (e.g. ``"sm_90"``) with NVRTC; return the cubin and log.
+
+    Raises :class:`KernelBuildError` with NVRTC's log when compilation fails.
+    """
+    if not re.fullmatch(r"sm_\d+a?", arch):
+        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    nvrtc = _nvrtc()
+    source = SOURCE.read_bytes()
+    options = OPTIONS + tuple(extra_options) + (f"--gpu-architecture={arch}",)
+    version = nvrtc_version()
+    key = hashlib.sha256(b"\0".join([source, repr(options).encode(), arch.encode(),
+                                     repr(version).encode()])).hexdigest()[:32]
+    path = cache_dir() / f"spmm-{arch}-{key}.cubin"
+    if use_cache and path.exists():
+        return Compiled(arch, path.read_bytes(), "", True)
+
+    prog = _check_nvrtc(nvrtc.nvrtcCreateProgram(source, b"spmm.cu", 0, [], []), "nvrtcCreateProgram")
+    try:
+        opts = [o.encode() for o in options]
+        err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
+        size = _check_nvrtc(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        buf = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        log = buf.decode(errors="replace").rstrip("\x00 \n")
+        if int(err) != 0:
+            raise KernelBuildError(f"NVRTC failed to compile {SOURCE.name} for {arch} ({err}):\n{log}")
+        size = _check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        _check_nvrtc((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None), "nvrtcGetCUBIN")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(cubin)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs a recompile next time
+    return Compiled(arch, cubin, log, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading and launching
+# ------------------------------------------------------------------------------------------------
+def _driver():
+    from cuda.bindings import driver
+
+    return driver
+
+
+def _check_cu(result, what: str):
+    err = result[0]
+    if int(err) != 0:
+        driver = _driver()
+        _, name = driver.cuGetErrorName(err)
+        raise CudaDriverError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
+    return result[1] if len(result) == 2 else result[1:]
+
+
+_lock = threading.Lock()
+_modules: dict[int, tuple[object, dict[str, object]]] = {}
+
+
+def device_arch(device_index: int) -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
+def _function(device_index: int, name: str):
+    with _lock:
+        entry = _modules.get(device_index)
+        if entry is None:
+            arch = device_arch(device_index)
+            compiled = compile_kernels(arch)
+            module = _check_cu(_driver().cuModuleLoadData(compiled.cubin), "cuModuleLoadData")
+            entry = _modules[device_index] = (module, {})
+        module, funcs = entry
+        fn = funcs.get(name)
+        if fn is None:
+            fn = funcs[name] = _check_cu(_driver().cuModuleGetFunction(module, name.encode()),
+                                         f"cuModuleGetFunction({name})")
+        return fn
+
+
+def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream: int, device_index: int,
+           shared: int = 0) -> None:
+    """Launch kernel ``name`` with ``args`` (ints for pointers/ints, as ``(value, ctype)`` pairs)."""
+    fn = _function(device_index, name)
+    holders = [ctype(value) for value, ctype in args]
+    ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+    _check_cu((_driver().cuLaunchKernel(fn, grid[0], grid[1], grid[2], block, 1, 1, shared, stream,
+                                        ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")

@@ -1,0 +1,486 @@
+// flash-llm sparse x dense kernels: Y[N, M] = X[N, K] @ W[M, K]^T (+ bias), W compressed.
+//
+// Load-as-Sparse, Compute-as-Dense: the compressed weight is streamed from device memory, expanded
+// to dense mma.m16n8k16 A fragments on chip, and multiplied on tensor cores with fp32 accumulators.
+// The tensor-core picture is transposed: A = W (rows = output features M), B = X^T (columns = tokens
+// N), so one warp owns 16 output features and all N tokens of its block.
+//
+// Compiled at run time by NVRTC (flash_llm/kernels/_build.py); needs no CUDA headers.  Every
+// configuration is an extern "C" instantiation at the end of the file.  docs/kernels.md explains the
+// design and records registers / shared memory / spills.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define DEVI __device__ __forceinline__
+#define FULL_MASK 0xffffffffu
+
+constexpr int WARPS = 4;            // warps per block; each owns one 16-row strip of W
+constexpr int THREADS = WARPS * 32;
+
+// ------------------------------------------------------------------------------------------------
+// small helpers
+// ------------------------------------------------------------------------------------------------
+template <bool BF16>
+DEVI void mma16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+  if (BF16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+template <bool BF16>
+DEVI float to_float(u16 v) {
+  if (BF16) return __uint_as_float(((u32)v) << 16);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+  return f;
+}
+
+template <bool BF16>
+DEVI u16 from_float(float f) {
+  u16 r;
+  if (BF16)
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+
+DEVI u32 smem_addr(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+DEVI void cp_async16(u32 dst, const void* src) {
+  // .cg: bypass L1, the weight is read exactly once.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Wait until at most `pending` of this thread's most recent cp.async groups are still in flight.
+// (wait_group takes an immediate; waiting for fewer pending than allowed is always correct.)
+DEVI void cp_async_wait_dyn(int pending) {
+  if (pending >= 6) cp_async_wait<6>();
+  else if (pending >= 4) cp_async_wait<4>();
+  else if (pending >= 2) cp_async_wait<2>();
+  else cp_async_wait<0>();
+}
+
+// Exclusive prefix sum of v over the warp, and the warp total.
+DEVI u32 warp_exclusive_scan(u32 v, int lane, u32& total) {
+  u32 incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    u32 t = __shfl_up_sync(FULL_MASK, incl, o);
+    if (lane >= o) incl += t;
+  }
+  total = __shfl_sync(FULL_MASK, incl, 31);
+  return incl - v;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The B operand (X^T) for one 64-column strip starting at k0 and n-tiles nt = 0..NT-1 from n0.
+// The strip's column order (docs/formats.md) gives lane (g = lane/4, t = lane%4) the 16 contiguous
+// columns k0 + 16t .. k0 + 16t + 15 of row n0 + 8nt + g for all four k-steps: two 16-byte loads.
+// Register b[s][nt][h] holds columns 16t + 4s + 2h (+1).  Out-of-range elements read as zero (W's
+// padding is zero, but garbage in X could be NaN/Inf and 0 * NaN = NaN).
+// ------------------------------------------------------------------------------------------------
+template <int NT>
+DEVI void load_b(u32 (&b)[4][NT][2], const u16* __restrict__ x, int ldx, int n_rows, int k_len, int n0,
+                 int k0, int lane, bool vec) {
+  const int g = lane >> 2, t = lane & 3;
+  const int kc = k0 + 16 * t;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int n = n0 + nt * 8 + g;
+    const u16* src = x + (long long)n * ldx + kc;
+    u32 v[8];
+    if (n < n_rows && vec && kc + 16 <= k_len) {  // rows 16-byte aligned (ldx % 8 == 0)
+      const uint4 lo = __ldg(reinterpret_cast<const uint4*>(src));
+      const uint4 hi = __ldg(reinterpret_cast<const uint4*>(src) + 1);
+      v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
+      v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int k = kc + 2 * i;
+        const u32 e0 = (n < n_rows && k < k_len) ? (u32)src[2 * i] : 0u;
+        const u32 e1 = (n < n_rows && k + 1 < k_len) ? (u32)src[2 * i + 1] : 0u;
+        v[i] = e0 | (e1 << 16);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      b[s][nt][0] = v[2 * s];
+      b[s][nt][1] = v[2 * s + 1];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Epilogue.  Each warp holds acc[nt][i] for rows m = 16 * strip + g (+8 for i >= 2) and columns
+// n = n0 + 8nt + 2t + (i & 1).  Without split-K it writes Y (+ bias) directly.  With split-K every
+// block writes its fp32 partial to ws[split][N][M]; the last block of a row group to arrive (atomic
+// ticket) sums the partials in split order -- deterministic -- adds the bias, writes Y and resets
+// its ticket for the next launch.
+// ------------------------------------------------------------------------------------------------
+struct Problem {
+  const u16* x;
+  u16* y;
+  const u16* bias;
+  float* ws;
+  int* tickets;
+  int M, K, N, ldx;
+  int splits;
+  int n_chunks;  // blocks along N; blockIdx.x = row_block * n_chunks + n_chunk, so the blocks that
+                 // share a weight row block run together and re-read it from L2, not DRAM
+  int vec;
+};
+
+DEVI int row_block_of(const Problem& p) { return blockIdx.x / p.n_chunks; }
+DEVI int n_chunk_of(const Problem& p) { return blockIdx.x % p.n_chunks; }
+
+template <bool BF16, int NT>
+DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active, int n0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.y;
+  if (active) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = strip * 16 + g + (i >= 2 ? 8 : 0);
+        const int n = n0 + nt * 8 + 2 * t + (i & 1);
+        if (m < p.M && n < p.N) {
+          if (p.splits == 1) {
+            float v = acc[nt][i];
+            if (p.bias) v += to_float<BF16>(p.bias[m]);
+            p.y[(long long)n * p.M + m] = from_float<BF16>(v);
+          } else {
+            p.ws[((long long)split * p.N + n) * p.M + m] = acc[nt][i];
+          }
+        }
+      }
+    }
+  }
+  if (p.splits == 1) return;
+
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  int* ticket = p.tickets + blockIdx.x;
+  if (threadIdx.x == 0) {
+    const int prev = atomicAdd(ticket, 1);
+    last = (prev == p.splits - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  constexpr int ROWS = WARPS * 16;
+  const int m0 = row_block_of(p) * ROWS;
+  for (int idx = threadIdx.x; idx < ROWS * NT * 8; idx += blockDim.x) {
+    const int m = m0 + idx % ROWS;
+    const int n = n0 + idx / ROWS;
+    if (m < p.M && n < p.N) {
+      float v = 0.f;
+      for (int s = 0; s < p.splits; ++s) v += __ldcg(p.ws + ((long long)s * p.N + n) * p.M + m);
+      if (p.bias) v += to_float<BF16>(p.bias[m]);
+      p.y[(long long)n * p.M + m] = from_float<BF16>(v);
+    }
+  }
+  if (threadIdx.x == 0) *ticket = 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// BitmapTiles kernel.
+//
+// Block (x = row block * n_chunks + n chunk, y = split): warp w owns strip row
+// mrow = 4 * row_block + w and the strips kt in [kb, ke) of that row.  Those records are one
+// contiguous byte range of `data`, so each warp streams its range into a private ring buffer in
+// shared memory with 16-byte cp.async copies, one 512-byte chunk (32 lanes x 16 B) per group, up to
+// RING_AHEAD chunks ahead of the record it decodes -- no per-record offset lookups in the loop.
+//
+// Decode: lane l's bitmap word is exactly its 32 A-fragment elements for the strip's four k-steps
+// (fragment order, docs/formats.md), and its values are contiguous: one popc + a warp scan give the
+// first value; then, branch-free, every element loads the value under the cursor and keeps it (and
+// advances the cursor) only if its bit is set.
+// ------------------------------------------------------------------------------------------------
+constexpr int RING_UNITS = 512;            // 16-byte units per warp ring = 8 KiB
+constexpr int RING_CHUNKS = RING_UNITS / 32;
+constexpr int RING_AHEAD = 6;              // chunks in flight ahead of the record being decoded
+
+template <bool BF16, int NT>
+DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                           int kt_per_split, Problem p) {
+  __shared__ __align__(16) u32 ring_all[WARPS][RING_UNITS * 4];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int strip = row_block_of(p) * WARPS + warp;
+  const int n0 = n_chunk_of(p) * NT * 8;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = strip < mt && kb < ke;
+  u32* ring = ring_all[warp];
+  const u16* ring16 = reinterpret_cast<const u16*>(ring);
+  const u32 ring_base = smem_addr(ring);
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+
+  if (active) {
+    const long long begin = offsets[(long long)strip * kt + kb];  // in 16-byte units
+    const long long end = offsets[(long long)strip * kt + ke];
+    const int total_units = (int)(end - begin);
+    const int total_chunks = (total_units + 31) >> 5;
+    const int4* src = reinterpret_cast<const int4*>(data) + begin;
+    int issued = 0;  // chunks issued (warp-uniform)
+    int r = 0;       // first unit of the current record, relative to begin
+
+    // Make units [0, upto) of the stream visible to the whole warp, keeping up to RING_AHEAD more
+    // chunks in flight but never overwriting the current record (which starts at unit r).
+    auto ensure = [&](int upto) {
+      const int need = min((upto + 31) >> 5, total_chunks);
+      const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
+      while (issued < limit) {
+        const int u = issued * 32 + lane;
+        if (u < total_units) cp_async16(ring_base + (u & (RING_UNITS - 1)) * 16, src + u);
+        cp_async_commit();
+        ++issued;
+      }
+      cp_async_wait_dyn(issued - need);
+      __syncwarp();
+    };
+
+    for (int j = kb; j < ke; ++j) {
+      u32 b[4][NT][2];
+      load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
+
+      ensure(r + 8);  // the 128-byte bitmap
+      const u32 w = ring[(r * 4 + lane) & (RING_UNITS * 4 - 1)];
+      u32 total;
+      u32 vi = (u32)r * 8 + 64 + warp_exclusive_scan(__popc(w), lane, total);
+      const int rec_units = 8 + ((total + 7) >> 3);
+      ensure(r + rec_units);  // the values
+
+      u32 a[4][4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int bit = s * 8 + 2 * q;
+          const u32 b0 = (w >> bit) & 1u, b1 = (w >> (bit + 1)) & 1u;
+          const u32 v0 = ring16[vi & (RING_UNITS * 8 - 1)];
+          vi += b0;
+          const u32 v1 = ring16[vi & (RING_UNITS * 8 - 1)];
+          vi += b1;
+          a[s][q] = (b0 ? v0 : 0u) | (b1 ? (v1 << 16) : 0u);
+        }
+      }
+      r += rec_units;
+      __syncwarp();  // every lane is done with this record before its slots are refilled
+
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[nt], a[s], b[s][nt]);
+    }
+    cp_async_wait<0>();
+  }
+  epilogue<BF16, NT>(p, acc, strip, active, n0, lane);
+}
+
+// ------------------------------------------------------------------------------------------------
+// TiledCSL kernel.  Block (x = 64-row tile row * n_chunks + n chunk, y = split) walks the 64x64
+// tiles of its row in [kb, ke).  All 128 threads read the tile's (value, position) entries with
+// 16-byte loads -- the first PREFETCH groups per thread one tile ahead, in registers -- and scatter
+// the values into a zeroed dense tile in shared memory whose layout is fragment order, so after one
+// barrier each lane reads its own 32 elements with four 16-byte loads and zeroes them again.
+// Two tile buffers: one barrier per tile.
+// ------------------------------------------------------------------------------------------------
+constexpr int CSL_PREFETCH = 4;  // 16-byte groups per thread prefetched: 2048 entries = 50 % of a tile
+
+template <bool BF16, int NT>
+DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                              int kt_per_split, Problem p) {
+  __shared__ __align__(16) u16 tile[2][4 * 1024];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row_block = row_block_of(p);
+  const int strip = row_block * WARPS + warp;  // 16-row strip of this warp
+  const int n0 = n_chunk_of(p) * NT * 8;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;
+  uint4* mine0 = reinterpret_cast<uint4*>(&tile[0][warp * 1024 + lane * 32]);
+  uint4* mine1 = reinterpret_cast<uint4*>(&tile[1][warp * 1024 + lane * 32]);
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    mine0[s] = zero4;
+    mine1[s] = zero4;
+  }
+  const int4* src = reinterpret_cast<const int4*>(data);
+  const int* tile_off = offsets + (long long)row_block * kt;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+
+  int4 pf[CSL_PREFETCH];
+  int g0 = 0, g1 = 0;  // 16-byte groups [g0, g1) of the next tile
+  auto prefetch = [&](int j) {
+    g0 = tile_off[j] >> 2;
+    g1 = tile_off[j + 1] >> 2;
+#pragma unroll
+    for (int i = 0; i < CSL_PREFETCH; ++i) {
+      const int c = g0 + threadIdx.x + i * THREADS;
+      pf[i] = c < g1 ? __ldcs(src + c) : make_int4(-65536, -65536, -65536, -65536);  // pad entries
+    }
+  };
+  if (active) prefetch(kb);
+  __syncthreads();
+
+  for (int j = kb; j < ke; ++j) {
+    const int buf = (j - kb) & 1;
+    u16* dst = tile[buf];
+    auto scatter = [&](const int4& e) {
+      const int ev[4] = {e.x, e.y, e.z, e.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const u32 pos = ((u32)ev[q]) >> 16;
+        if (pos < 4096) dst[pos] = (u16)(ev[q] & 0xffff);
+      }
+    };
+#pragma unroll
+    for (int i = 0; i < CSL_PREFETCH; ++i) scatter(pf[i]);
+    for (int c = g0 + threadIdx.x + CSL_PREFETCH * THREADS; c < g1; c += THREADS) scatter(__ldcs(src + c));
+    if (j + 1 < ke) prefetch(j + 1);
+
+    u32 b[4][NT][2];
+    load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
+    __syncthreads();
+    uint4* mine = buf ? mine1 : mine0;
+    u32 a[4][4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const uint4 q = mine[s];
+      a[s][0] = q.x; a[s][1] = q.y; a[s][2] = q.z; a[s][3] = q.w;
+      mine[s] = zero4;
+    }
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[nt], a[s], b[s][nt]);
+  }
+  epilogue<BF16, NT>(p, acc, strip, active && strip < mt, n0, lane);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Decoders to a dense row-major W[M, K] (for the large-N path: expand once, then dense GEMM).
+// ------------------------------------------------------------------------------------------------
+DEVI void frag_to_rc(int lane, int bit, int& r, int& c) {
+  const int g = lane >> 2, t = lane & 3, s = bit >> 3, jj = bit & 7;
+  r = g + 8 * ((jj >> 1) & 1);
+  c = 16 * t + 4 * s + 2 * (jj >> 2) + (jj & 1);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
+                int M, int K, int mt, int kt) {
+  // One warp per strip: decode into a 16x64 staging tile in shared memory, then write whole rows
+  // (128 bytes, 16-byte stores) when K allows it.
+  __shared__ __align__(16) u16 stage_all[WARPS][16 * 64];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long strip = (long long)blockIdx.x * WARPS + warp;
+  if (strip >= (long long)mt * kt) return;
+  u16* stage = stage_all[warp];
+  const long long r = offsets[strip];
+  const u32 w = (u32)__ldcs(data + r * 4 + lane);
+  u32 total;
+  u32 vi = warp_exclusive_scan(__popc(w), lane, total);
+  const u16* vals = reinterpret_cast<const u16*>(data + r * 4 + 32);
+#pragma unroll
+  for (int bit = 0; bit < 32; ++bit) {
+    const u32 on = (w >> bit) & 1u;
+    const u16 v = on ? vals[vi] : (u16)0;
+    vi += on;
+    int rr, cc;
+    frag_to_rc(lane, bit, rr, cc);
+    stage[rr * 64 + cc] = v;
+  }
+  __syncwarp();
+  const int row0 = (int)(strip / kt) * 16, col0 = (int)(strip % kt) * 64;
+  if ((K & 7) == 0 && col0 + 64 <= K) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int rr = i * 4 + (lane >> 3), cc = (lane & 7) * 8;
+      if (row0 + rr < M)
+        *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * K + col0 + cc) =
+            *reinterpret_cast<const uint4*>(stage + rr * 64 + cc);
+    }
+  } else {
+    for (int i = lane; i < 16 * 64; i += 32) {
+      const int rr = i >> 6, cc = i & 63;
+      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = stage[i];
+    }
+  }
+}
+
+// `out` must be zeroed.  One block per 64x64 tile.
+extern "C" __global__ void __launch_bounds__(THREADS)
+tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
+                   int M, int K, int kt) {
+  const long long t = blockIdx.x;
+  const int row0 = (int)(t / kt) * 64, col0 = (int)(t % kt) * 64;
+  for (int e = offsets[t] + threadIdx.x; e < offsets[t + 1]; e += THREADS) {
+    const u32 v = (u32)data[e];
+    const int pos = v >> 16;
+    if (pos >= 4096) continue;
+    int rr, cc;
+    frag_to_rc((pos & 1023) >> 5, pos & 31, rr, cc);
+    const int m = row0 + (pos >> 10) * 16 + rr, k = col0 + cc;
+    if (m < M && k < K) out[(long long)m * K + k] = (u16)(v & 0xffff);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Instantiations: <format>_spmm_<dtype>_nt<NT>, NT = number of 8-token tiles per block (N <= 8 NT).
+// ------------------------------------------------------------------------------------------------
+#define SPMM_ARGS                                                                                   \
+  const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x,         \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, float *__restrict__ ws, int *tickets,      \
+      int M, int K, int N, int ldx, int mt, int kt, int splits, int kt_per_split, int n_chunks, int vec
+#define SPMM_PROBLEM {x, y, bias, ws, tickets, M, K, N, ldx, splits, n_chunks, vec}
+
+#define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
+  extern "C" __global__ void __launch_bounds__(THREADS) FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {     \
+    FMT##_spmm_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);           \
+  }
+
+#define INSTANTIATE_ALL(FMT)                                                                      \
+  INSTANTIATE(FMT, f16, false, 1)                                                                 \
+  INSTANTIATE(FMT, f16, false, 2)                                                                 \
+  INSTANTIATE(FMT, f16, false, 4)                                                                 \
+  INSTANTIATE(FMT, f16, false, 8)                                                                 \
+  INSTANTIATE(FMT, bf16, true, 1)                                                                 \
+  INSTANTIATE(FMT, bf16, true, 2)                                                                 \
+  INSTANTIATE(FMT, bf16, true, 4)                                                                 \
+  INSTANTIATE(FMT, bf16, true, 8)
+
+INSTANTIATE_ALL(bitmap)
+INSTANTIATE_ALL(tiled_csl)

@@ -1,0 +1,153 @@
+"""GPU kernels against the in-package reference.  Skipped cleanly where there is no CUDA GPU.
+
+Fresh random inputs per case, outputs poisoned with NaN before the kernel runs, tolerance from
+PyTorch's own error in the same dtype (STYLE.md lesson 4).
+"""
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm.reference import FORMAT_IDS
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, cuda]
+
+FORMATS = [flash_llm.BitmapTiles, flash_llm.TiledCSL]
+DTYPES = [torch.float16, torch.bfloat16]
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _kernels():
+    from flash_llm import kernels
+
+    return kernels
+
+
+def sparse_weight(m, k, density, dtype, gen, pattern="random"):
+    w = torch.randn(m, k, generator=gen, device="cuda", dtype=torch.float32)
+    if pattern == "random":
+        keep = torch.rand(m, k, generator=gen, device="cuda") < density
+    elif pattern == "tiles":  # fully dense 64x64 tiles beside empty ones, plus empty rows/cols
+        keep = torch.zeros(m, k, dtype=torch.bool, device="cuda")
+        keep[::128, :] = True
+        for r in range(0, m, 64):
+            for c in range(0, k, 64):
+                if (r // 64 + c // 64) % 2 == 0:
+                    keep[r:r + 64, c:c + 64] = True
+        keep[:, 3::7] = False
+    else:
+        raise ValueError(pattern)
+    return torch.where(keep, w, 0.0).to(dtype)  # (w * keep would make -0.0, which decodes as +0.0)
+
+
+def check(y, x, w_dense, bias):
+    """max|y - ref| <= 2 * max|torch - ref| + ulp * (1 + max|ref|), ref in float64."""
+    ref = x.double() @ w_dense.double().t()
+    if bias is not None:
+        ref += bias.double()
+    torch_out = torch.nn.functional.linear(x, w_dense, bias)
+    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) or NaN outputs"
+    err = (y.double() - ref).abs().max().item() if y.numel() else 0.0
+    err_torch = (torch_out.double() - ref).abs().max().item() if y.numel() else 0.0
+    tol = 2 * err_torch + ULP[x.dtype] * (1 + (ref.abs().max().item() if y.numel() else 0.0))
+    assert err <= tol, f"error {err:.3g} > tolerance {tol:.3g} (torch's own error {err_torch:.3g})"
+
+
+def run_kernel(x, w, bias, **kw):
+    m, k = w.shape
+    out = torch.full((x.shape[0], m), float("nan"), dtype=x.dtype, device="cuda")
+    return _kernels().spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, k, bias, out=out, **kw)
+
+
+SHAPES = [(1, 1), (7, 13), (64, 64), (100, 300), (257, 1000), (1024, 4096), (4097, 4095)]
+NS = [1, 2, 3, 8, 17, 64, 100, 256, 1000]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernel_shapes_and_n(fmt, dtype, shape):
+    gen = torch.Generator(device="cuda").manual_seed(hash((fmt.__name__, str(dtype), shape)) % 2**31)
+    m, k = shape
+    for density in (0.0, 0.01, 0.5, 0.95, 1.0):
+        w_dense = sparse_weight(m, k, density, dtype, gen)
+        w = fmt.from_dense(w_dense)
+        for n in NS if m * k <= 1 << 20 else (1, 17, 64, 256):
+            x = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
+            bias = torch.randn(m, generator=gen, device="cuda").to(dtype) if n % 2 else None
+            check(run_kernel(x, w, bias, force_sparse=True), x, w_dense, bias)
+            check(run_kernel(x, w, bias), x, w_dense, bias)  # dispatched path (dense for large N)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adversarial_tiles(fmt, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    w_dense = sparse_weight(640, 1152, 0, dtype, gen, pattern="tiles")
+    w = fmt.from_dense(w_dense)
+    for n in (1, 3, 17, 64):
+        x = torch.randn(n, 1152, generator=gen, device="cuda").to(dtype)
+        check(run_kernel(x, w, None, force_sparse=True), x, w_dense, None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
+def test_split_k_does_not_change_result(fmt):
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w_dense = sparse_weight(512, 8192, 0.3, torch.float16, gen)
+    w = fmt.from_dense(w_dense)
+    x = torch.randn(17, 8192, generator=gen, device="cuda").half()
+    outs = [run_kernel(x, w, None, splits=s, force_sparse=True) for s in (1, 2, 5, 16, 128)]
+    for o in outs:
+        check(o, x, w_dense, None)
+        torch.testing.assert_close(o.float(), outs[0].float(), rtol=2e-3, atol=2e-3)
+    # deterministic: the same split twice gives identical bits
+    assert torch.equal(run_kernel(x, w, None, splits=16, force_sparse=True), outs[3])
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
+def test_decode_dense_kernel(fmt):
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    for shape in [(1, 1), (77, 130), (4097, 4095)]:
+        for dtype in DTYPES:
+            w_dense = sparse_weight(*shape, 0.4, dtype, gen)
+            w = fmt.from_dense(w_dense)
+            out = _kernels().decode_dense(FORMAT_IDS[fmt], w.data, w.offsets, *shape, dtype)
+            assert torch.equal(out.view(torch.int16), w_dense.view(torch.int16))
+
+
+def test_public_spmm_noncontiguous_graph_and_compile():
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w_dense = sparse_weight(300, 512, 0.2, torch.bfloat16, gen)
+    w = flash_llm.BitmapTiles.from_dense(w_dense)
+    xt = torch.randn(512, 9, generator=gen, device="cuda").to(torch.bfloat16)
+    x = xt.t()  # non-contiguous [9, 512]
+    check(flash_llm.spmm(x, w), x, w_dense, None)
+    # CUDA graph capture and replay equals eager
+    static_x = torch.randn(4, 512, generator=gen, device="cuda").to(torch.bfloat16)
+    eager = flash_llm.spmm(static_x, w)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        flash_llm.spmm(static_x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = flash_llm.spmm(static_x, w)
+    g.replay()
+    assert torch.equal(static_y, eager)
+    static_x.copy_(torch.randn(4, 512, generator=gen, device="cuda").to(torch.bfloat16))
+    g.replay()
+    check(static_y, static_x, w_dense, None)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = w
+
+        def forward(self, x):
+            return flash_llm.spmm(x, self.w) + 1
+
+    mod = M()
+    compiled = torch.compile(mod, fullgraph=True)
+    torch.testing.assert_close(compiled(static_x), mod(static_x))
