@@ -9,8 +9,10 @@ Layout (``docs/formats.md`` has a worked example):
   - 32 bitmap words (128 bytes): word ``lane`` bit ``b`` is element ``lane * 32 + b`` of the strip in
     fragment order (``_layout.py``), i.e. exactly the A-operand elements lane ``lane`` of a warp holds
     for the strip's four ``mma.m16n8k16`` steps;
-  - the nonzero values as 16-bit patterns, in bit order (lane 0's first), two per int32 word, low half
-    first;
+  - the nonzero values as 16-bit patterns, two per int32 word, low half first, in *step order*:
+    k-step ``s`` (bits ``8s .. 8s + 7`` of every word) major, then lane, then bit.  So in each of the
+    four mma k-steps the warp's lanes read neighbouring values (few shared-memory bank conflicts),
+    and a lane's values for one k-step are contiguous;
   - zero padding up to a multiple of 16 bytes.
 
 * ``offsets`` (int32, ``T + 1`` entries) holds record starts in units of 16 bytes, so a record is found
@@ -74,7 +76,8 @@ class BitmapTiles(SparseFormat):
         mask = (frag & 0x7FFF) != 0  # -0.0 (0x8000) counts as zero
         words = L.pack_bits(mask.view(t, 32, 32))  # [T, 32]
         counts = L.popcount32(words).sum(1)
-        values = frag.view(-1)[torch.nonzero(mask.view(-1)).view(-1)]  # order: strip, lane, bit
+        step_major = mask.view(t, 32, 4, 8).transpose(1, 2).reshape(-1)  # order: strip, step, lane, bit
+        values = frag.view(t, 32, 4, 8).transpose(1, 2).reshape(-1)[torch.nonzero(step_major).view(-1)]
         offsets = torch.zeros(t + 1, dtype=torch.int64, device=w.device)
         torch.cumsum(RECORD_HEADER_UNITS + (counts + 7) // 8, 0, out=offsets[1:])
         total_units = int(offsets[-1])
@@ -99,10 +102,11 @@ class BitmapTiles(SparseFormat):
         m, k = self.shape
         mt, kt = self.grid
         off, words, counts = self._words_and_counts()
-        mask = L.unpack_bits(words).view(mt * kt, L.STRIP_ELEMS)
-        frag = torch.zeros(mt * kt, L.STRIP_ELEMS, dtype=torch.int16, device=self.device)
+        t = mt * kt
+        mask = L.unpack_bits(words).view(t, 32, 4, 8).transpose(1, 2)  # step order, as stored
+        frag = torch.zeros(t, 4, 32, 8, dtype=torch.int16, device=self.device)
         frag[mask] = self.data.view(torch.int16)[_value_starts(off, counts)]
-        return L.from_fragment_order(frag.view(mt, kt, -1), m, k).view(self.dtype)
+        return L.from_fragment_order(frag.transpose(1, 2).reshape(mt, kt, -1), m, k).view(self.dtype)
 
     @classmethod
     def _validate(cls, arrays, shape, prefix, where) -> int:

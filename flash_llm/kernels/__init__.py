@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
-from ._build import KernelBuildError, compile_kernels, launch  # noqa: F401  (re-exported)
+from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch  # noqa: F401
 
 WARPS = 4
 THREADS = 32 * WARPS
@@ -58,23 +58,41 @@ def sm_count(device_index: int) -> int:
     return n
 
 
-def plan(m: int, k: int, n: int, density: float, sms: int, splits: int | None = None) -> LaunchPlan:
-    """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density`` on ``sms`` SMs.
+def _nt(n: int) -> int:
+    """8-token tiles per block for ``n`` tokens (blocks along N cover the rest)."""
+    return 1 if n <= 8 else 2 if n <= 16 else 4 if n <= 32 else 8
 
-    Split-K heuristic: fill the GPU with about ``28 * sms`` warps (one wave at full occupancy), but
-    keep at least 4 strips per warp and keep the fp32 partials (``splits * n * m * 8`` bytes written
-    and read, L2-resident) below the weight's own bytes.
+
+def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
+         splits: int | None = None) -> LaunchPlan:
+    """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density``.
+
+    Split-K heuristic (no per-shape tables): with ``C = sms * blocks_per_sm`` resident blocks, pick the
+    number of K splits ``s`` that minimizes ``ceil(B / C) * C / B`` -- the idle share of the block
+    slots over the waves of ``B = row_blocks * n_chunks * s`` equal blocks (under one wave, the
+    unused SMs) -- times ``1 + ws``, where ``ws`` is the fp32 partial-sum traffic
+    (``s * n * m * 8`` bytes, L2-resident) relative to the weight's bytes at this density, plus a
+    small cost per split for the reduction.  Every split keeps at least 4 strips per warp.
     """
-    nt = 1 if n <= 8 else 2 if n <= 16 else 4 if n <= 32 else 8
+    nt = _nt(n)
     n_chunks = ceil_div(n, 8 * nt)
     row_blocks = ceil_div(m, ROWS_PER_BLOCK)
     kt = ceil_div(k, STRIP_K)
     if splits is None:
-        warps = row_blocks * WARPS * n_chunks
-        want = max(1, round(28 * sms / warps))
-        weight_bytes = m * k * (0.125 + 2 * density)
-        by_ws = max(1, int(weight_bytes / (8 * n * m)))
-        splits = max(1, min(want, kt // 4, by_ws))
+        slots = sms * blocks_per_sm
+        weight_bytes = m * k * (0.125 + 2 * density) * n_chunks
+        best = None
+        for s in range(1, max(1, min(64, kt // 4)) + 1):
+            kps = ceil_div(kt, s)
+            if ceil_div(kt, kps) != s:
+                continue
+            blocks = row_blocks * n_chunks * s
+            idle = ceil_div(blocks, slots) * slots / blocks
+            ws = 0.5 * s * n * m * 8 / weight_bytes if s > 1 else 0.0
+            cost = idle * (1 + ws) * (1 + 0.01 * s)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, s)
+        splits = best[1]
     splits = max(1, min(splits, kt))
     kt_per_split = ceil_div(kt, splits)
     return LaunchPlan(nt, n_chunks, row_blocks, ceil_div(kt, kt_per_split), kt_per_split)
@@ -163,14 +181,14 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         r = torch.nn.functional.linear(x, w, bias)
         return r if out is None else out.copy_(r)
     x = x.contiguous()
-    p = plan(m, k, n, density, sm_count(dev.index), splits)
+    name = f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if x.dtype == torch.bfloat16 else 'f16'}_nt{_nt(n)}"
+    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, THREADS), splits)
     ws_ptr = tk_ptr = 0
     if p.splits > 1:
         ws = torch.empty(p.splits * n * m, dtype=torch.float32, device=dev)
         tickets = _scratch.get_tickets(dev, p.row_blocks * p.n_chunks)
         ws_ptr, tk_ptr = ws.data_ptr(), tickets.data_ptr()
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
-    name = f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if x.dtype == torch.bfloat16 else 'f16'}_nt{p.nt}"
     args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (ws_ptr, P), (tk_ptr, P),
             (m, I), (k, I), (n, I), (k, I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),

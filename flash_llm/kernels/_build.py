@@ -186,3 +186,17 @@ def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream
     ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
     _check_cu((_driver().cuLaunchKernel(fn, grid[0], grid[1], grid[2], block, 1, 1, shared, stream,
                                         ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
+
+
+_occupancy: dict[tuple[int, str], int] = {}
+
+
+def blocks_per_sm(name: str, device_index: int, block: int) -> int:
+    """Resident blocks per SM of kernel ``name`` at ``block`` threads (CUDA occupancy calculator)."""
+    key = (device_index, name)
+    n = _occupancy.get(key)
+    if n is None:
+        fn = _function(device_index, name)
+        n = _occupancy[key] = int(_check_cu(
+            _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, block, 0), "cuOccupancyMaxActiveBlocks"))
+    return max(1, n)

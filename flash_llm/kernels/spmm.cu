@@ -65,9 +65,9 @@ DEVI void cp_async16(u32 dst, const void* src) {
   // .cg: bypass L1, the weight is read exactly once.
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
-DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
-DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // Wait until at most `pending` of this thread's most recent cp.async groups are still in flight.
 // (wait_group takes an immediate; waiting for fewer pending than allowed is always correct.)
@@ -78,16 +78,30 @@ DEVI void cp_async_wait_dyn(int pending) {
   else cp_async_wait<0>();
 }
 
-// Exclusive prefix sum of v over the warp, and the warp total.
-DEVI u32 warp_exclusive_scan(u32 v, int lane, u32& total) {
-  u32 incl = v;
+// BitmapTiles values are stored in step order (k-step major, then lane, then bit).  Given this
+// lane's bitmap word, return where its values of each k-step start (value index inside the record)
+// and the record's total.  The four per-step counts (<= 8 each, sums <= 256) ride in 16-bit fields
+// of two words, so one 5-step warp scan serves all four steps.
+DEVI void step_starts(u32 w, int lane, u32 (&start)[4], u32& total) {
+  const u32 lo = __popc(w & 0xffu) | (__popc(w & 0xff00u) << 16);
+  const u32 hi = __popc(w & 0xff0000u) | (__popc(w >> 24) << 16);
+  u32 lo_in = lo, hi_in = hi;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    u32 t = __shfl_up_sync(FULL_MASK, incl, o);
-    if (lane >= o) incl += t;
+    const u32 a = __shfl_up_sync(FULL_MASK, lo_in, o), b = __shfl_up_sync(FULL_MASK, hi_in, o);
+    if (lane >= o) {
+      lo_in += a;
+      hi_in += b;
+    }
   }
-  total = __shfl_sync(FULL_MASK, incl, 31);
-  return incl - v;
+  const u32 tot_lo = __shfl_sync(FULL_MASK, lo_in, 31), tot_hi = __shfl_sync(FULL_MASK, hi_in, 31);
+  const u32 lo_ex = lo_in - lo, hi_ex = hi_in - hi;
+  const u32 base1 = tot_lo & 0xffffu, base2 = base1 + (tot_lo >> 16), base3 = base2 + (tot_hi & 0xffffu);
+  total = base3 + (tot_hi >> 16);
+  start[0] = lo_ex & 0xffffu;
+  start[1] = base1 + (lo_ex >> 16);
+  start[2] = base2 + (hi_ex & 0xffffu);
+  start[3] = base3 + (hi_ex >> 16);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -217,22 +231,23 @@ DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active
 // first value; then, branch-free, every element loads the value under the cursor and keeps it (and
 // advances the cursor) only if its bit is set.
 // ------------------------------------------------------------------------------------------------
-constexpr int RING_UNITS = 512;            // 16-byte units per warp ring = 8 KiB
+constexpr int RING_UNITS = 256;    // 16-byte units per warp ring = 4 KiB
 constexpr int RING_CHUNKS = RING_UNITS / 32;
-constexpr int RING_AHEAD = 6;              // chunks in flight ahead of the record being decoded
+constexpr int RING_AHEAD = 6;     // chunks in flight ahead of the record being decoded
+constexpr int MIRROR_UNITS = 136; // the first units of the ring are also written past its end, so a
+                                  // record (at most 8 + 128 units) is always contiguous in memory
 
 template <bool BF16, int NT>
 DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                            int kt_per_split, Problem p) {
-  __shared__ __align__(16) u32 ring_all[WARPS][RING_UNITS * 4];
+  __shared__ __align__(16) u32 ring_all[WARPS][(RING_UNITS + MIRROR_UNITS) * 4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int strip = row_block_of(p) * WARPS + warp;
   const int n0 = n_chunk_of(p) * NT * 8;
   const int kb = blockIdx.y * kt_per_split;
   const int ke = min(kt, kb + kt_per_split);
   const bool active = strip < mt && kb < ke;
-  u32* ring = ring_all[warp];
-  const u16* ring16 = reinterpret_cast<const u16*>(ring);
+  const u32* ring = ring_all[warp];
   const u32 ring_base = smem_addr(ring);
 
   float acc[NT][4];
@@ -257,7 +272,11 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
       while (issued < limit) {
         const int u = issued * 32 + lane;
-        if (u < total_units) cp_async16(ring_base + (u & (RING_UNITS - 1)) * 16, src + u);
+        if (u < total_units) {
+          const int slot = u & (RING_UNITS - 1);
+          cp_async16(ring_base + slot * 16, src + u);
+          if (slot < MIRROR_UNITS) cp_async16(ring_base + (slot + RING_UNITS) * 16, src + u);
+        }
         cp_async_commit();
         ++issued;
       }
@@ -270,24 +289,29 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
 
       ensure(r + 8);  // the 128-byte bitmap
-      const u32 w = ring[(r * 4 + lane) & (RING_UNITS * 4 - 1)];
-      u32 total;
-      u32 vi = (u32)r * 8 + 64 + warp_exclusive_scan(__popc(w), lane, total);
+      const int slot = r & (RING_UNITS - 1);
+      const u32 w = ring[slot * 4 + lane];
+      u32 total, start[4];
+      step_starts(w, lane, start, total);
       const int rec_units = 8 + ((total + 7) >> 3);
       ensure(r + rec_units);  // the values
 
+      // branch-free gather: read the value under the cursor, keep it and advance only if the bit is set
+      const u32 values = ring_base + slot * 16 + 128;  // shared-memory byte address
       u32 a[4][4];
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
+        u32 cur = values + start[s] * 2;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int bit = s * 8 + 2 * q;
           const u32 b0 = (w >> bit) & 1u, b1 = (w >> (bit + 1)) & 1u;
-          const u32 v0 = ring16[vi & (RING_UNITS * 8 - 1)];
-          vi += b0;
-          const u32 v1 = ring16[vi & (RING_UNITS * 8 - 1)];
-          vi += b1;
-          a[s][q] = (b0 ? v0 : 0u) | (b1 ? (v1 << 16) : 0u);
+          u16 v0, v1;
+          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v0) : "r"(cur));
+          cur += 2 * b0;
+          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v1) : "r"(cur));
+          cur += 2 * b1;
+          a[s][q] = (b0 ? (u32)v0 : 0u) | (b1 ? ((u32)v1 << 16) : 0u);
         }
       }
       r += rec_units;
@@ -411,11 +435,13 @@ bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u
   u16* stage = stage_all[warp];
   const long long r = offsets[strip];
   const u32 w = (u32)__ldcs(data + r * 4 + lane);
-  u32 total;
-  u32 vi = warp_exclusive_scan(__popc(w), lane, total);
+  u32 total, start[4];
+  step_starts(w, lane, start, total);
   const u16* vals = reinterpret_cast<const u16*>(data + r * 4 + 32);
+  u32 vi = 0;
 #pragma unroll
   for (int bit = 0; bit < 32; ++bit) {
+    if ((bit & 7) == 0) vi = start[bit >> 3];
     const u32 on = (w >> bit) & 1u;
     const u16 v = on ? vals[vi] : (u16)0;
     vi += on;
@@ -467,8 +493,12 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
       int M, int K, int N, int ldx, int mt, int kt, int splits, int kt_per_split, int n_chunks, int vec
 #define SPMM_PROBLEM {x, y, bias, ws, tickets, M, K, N, ldx, splits, n_chunks, vec}
 
+// Minimum resident blocks per SM by NT: caps registers so that 8 blocks (32 warps) fit for NT <= 2.
+template <int NT> struct MinBlocks { static constexpr int value = NT <= 2 ? 8 : NT == 4 ? 5 : 3; };
+
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
-  extern "C" __global__ void __launch_bounds__(THREADS) FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {     \
+  extern "C" __global__ void __launch_bounds__(THREADS, MinBlocks<NT>::value)                       \
+  FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                            \
     FMT##_spmm_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);           \
   }
 

@@ -1,0 +1,32 @@
+"""Run one sparse kernel configuration a few times (for ncu / compute-sanitizer / SASS inspection).
+
+    python benchmarks/profile_kernel.py --fmt bitmap --m 9216 --k 36864 --n 16 --sparsity 0.9
+"""
+
+import argparse
+
+import torch
+
+import flash_llm
+from flash_llm import kernels
+from flash_llm.reference import FORMAT_IDS
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--fmt", default="bitmap", choices=["bitmap", "tiled-csl"])
+ap.add_argument("--m", type=int, default=9216)
+ap.add_argument("--k", type=int, default=36864)
+ap.add_argument("--n", type=int, default=16)
+ap.add_argument("--sparsity", type=float, default=0.9)
+ap.add_argument("--splits", type=int, default=None)
+ap.add_argument("--iters", type=int, default=5)
+a = ap.parse_args()
+cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
+w = torch.randn(a.m, a.k, device="cuda").half()
+w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
+f = cls.from_dense(w)
+x = torch.randn(a.n, a.k, device="cuda").half()
+for _ in range(a.iters):
+    y = kernels.spmm_cuda(x, f.data, f.offsets, FORMAT_IDS[cls], a.m, a.k, None, splits=a.splits, force_sparse=True)
+torch.cuda.synchronize()
+err = (y.float() - x.float() @ w.float().t()).abs().max().item()
+print("plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0), 8, a.splits), "max err", err)
