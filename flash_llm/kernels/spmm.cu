@@ -236,11 +236,51 @@ constexpr int RING_CHUNKS = RING_UNITS / 32;
 constexpr int RING_AHEAD = 6;     // chunks in flight ahead of the record being decoded
 constexpr int MIRROR_UNITS = 136; // the first units of the ring are also written past its end, so a
                                   // record (at most 8 + 128 units) is always contiguous in memory
+constexpr int RING_SLACK = 1;     // the gather may read one value past a record's end (discarded)
+constexpr int MAX_RECORD_UNITS = 8 + 128;
+
+// Two consecutive fragment elements (bits `bit`, `bit + 1` of w) gathered from the values under
+// the shared-memory cursor `cur`, which advances past each value taken.  Written in PTX so that each
+// element costs a predicate, a load, a predicated add and a predicated zero (ptxas otherwise turns
+// the selects into shift/mask sequences).
+template <int BIT>
+DEVI u32 gather_pair(u32 w, u32& cur) {
+  u32 out;
+  asm volatile(
+      "{\n"
+      ".reg .pred p0, p1;\n"
+      ".reg .b32 t0, t1;\n"
+      ".reg .b16 h0, h1;\n"
+      "and.b32 t0, %2, %3;\n"
+      "setp.ne.u32 p0, t0, 0;\n"
+      "and.b32 t1, %2, %4;\n"
+      "setp.ne.u32 p1, t1, 0;\n"
+      "ld.shared.u16 h0, [%1];\n"
+      "@p0 add.u32 %1, %1, 2;\n"
+      "ld.shared.u16 h1, [%1];\n"
+      "@p1 add.u32 %1, %1, 2;\n"
+      "@!p0 mov.b16 h0, 0;\n"
+      "@!p1 mov.b16 h1, 0;\n"
+      "mov.b32 %0, {h0, h1};\n"
+      "}\n"
+      : "=r"(out), "+r"(cur)
+      : "r"(w), "n"(1u << BIT), "n"(1u << (BIT + 1)));
+  return out;
+}
+
+// The four A registers of k-step S: elements 8S .. 8S + 7 of this lane, values from `cur` on.
+template <int S>
+DEVI void gather_step(u32 w, u32 cur, u32 (&a)[4]) {
+  a[0] = gather_pair<8 * S + 0>(w, cur);
+  a[1] = gather_pair<8 * S + 2>(w, cur);
+  a[2] = gather_pair<8 * S + 4>(w, cur);
+  a[3] = gather_pair<8 * S + 6>(w, cur);
+}
 
 template <bool BF16, int NT>
 DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                            int kt_per_split, Problem p) {
-  __shared__ __align__(16) u32 ring_all[WARPS][(RING_UNITS + MIRROR_UNITS) * 4];
+  __shared__ __align__(16) u32 ring_all[WARPS][(RING_UNITS + MIRROR_UNITS + RING_SLACK) * 4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int strip = row_block_of(p) * WARPS + warp;
   const int n0 = n_chunk_of(p) * NT * 8;
@@ -288,32 +328,20 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       u32 b[4][NT][2];
       load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
 
-      ensure(r + 8);  // the 128-byte bitmap
+      ensure(r + MAX_RECORD_UNITS);  // the longest possible record: one wait per strip
       const int slot = r & (RING_UNITS - 1);
       const u32 w = ring[slot * 4 + lane];
       u32 total, start[4];
       step_starts(w, lane, start, total);
       const int rec_units = 8 + ((total + 7) >> 3);
-      ensure(r + rec_units);  // the values
 
       // branch-free gather: read the value under the cursor, keep it and advance only if the bit is set
       const u32 values = ring_base + slot * 16 + 128;  // shared-memory byte address
       u32 a[4][4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        u32 cur = values + start[s] * 2;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int bit = s * 8 + 2 * q;
-          const u32 b0 = (w >> bit) & 1u, b1 = (w >> (bit + 1)) & 1u;
-          u16 v0, v1;
-          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v0) : "r"(cur));
-          cur += 2 * b0;
-          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v1) : "r"(cur));
-          cur += 2 * b1;
-          a[s][q] = (b0 ? (u32)v0 : 0u) | (b1 ? ((u32)v1 << 16) : 0u);
-        }
-      }
+      gather_step<0>(w, values + start[0] * 2, a[0]);
+      gather_step<1>(w, values + start[1] * 2, a[1]);
+      gather_step<2>(w, values + start[2] * 2, a[2]);
+      gather_step<3>(w, values + start[3] * 2, a[3]);
       r += rec_units;
       __syncwarp();  // every lane is done with this record before its slots are refilled
 
