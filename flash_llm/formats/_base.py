@@ -45,6 +45,34 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _label(prefix: str) -> str:
+    """How errors name a weight: its name in a multi-weight file, else 'weight'."""
+    return prefix[:-1] if prefix.endswith(".") else (prefix or "weight")
+
+
+def parse_metadata(metadata: dict | None, prefix: str, where: str = "") -> dict:
+    """The JSON object stored under ``prefix + 'flash_llm'``; FormatError if absent or malformed."""
+    key = prefix + METADATA_KEY
+    if metadata is None or key not in metadata:
+        raise FormatError(f"{where}no flash-llm metadata '{key}' (not a flash-llm weight)")
+    try:
+        meta = json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where}metadata '{key}' is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{where}metadata '{key}' must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy that shares memory with nothing (safetensors refuses shared tensors)."""
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
 class SparseFormat:
     """Base class of the compressed formats.  A format holds a few 1-D device tensors (``_arrays``)
     plus its logical shape ``[M, K]`` and value dtype; everything else derives from those."""
@@ -114,7 +142,7 @@ class SparseFormat:
         from safetensors.torch import save_file
 
         tensors, meta = self.state()
-        save_file({k: v.cpu() for k, v in tensors.items()}, os.fspath(path), metadata=meta)
+        save_file({k: _host_copy(v) for k, v in tensors.items()}, os.fspath(path), metadata=meta)
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], prefix: str = "",
@@ -124,29 +152,20 @@ class SparseFormat:
         Raises :class:`FormatError` naming the tensor and what is wrong; never returns a wrong matrix.
         """
         where = f"{source}: " if source else ""
-        key = prefix + METADATA_KEY
-        if metadata is None or key not in metadata:
-            raise FormatError(f"{where}no flash-llm metadata '{key}' (not a flash-llm weight)")
-        try:
-            meta = json.loads(metadata[key])
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{where}metadata '{key}' is not valid JSON: {e}") from None
-        if not isinstance(meta, dict):
-            raise FormatError(f"{where}metadata '{key}' must be a JSON object")
+        meta = parse_metadata(metadata, prefix, where)
+        label = _label(prefix)
         if meta.get("format") != cls.FORMAT_NAME:
-            raise FormatError(f"{where}'{prefix or 'weight'}' has format {meta.get('format')!r}; "
-                              f"expected {cls.FORMAT_NAME!r}")
-        if meta.get("version") != cls.FORMAT_VERSION:
-            raise FormatError(f"{where}'{prefix or 'weight'}' has {cls.FORMAT_NAME} format version "
-                              f"{meta.get('version')!r}; this flash-llm reads version {cls.FORMAT_VERSION}")
+            raise FormatError(f"{where}'{label}' has format {meta.get('format')!r}; expected {cls.FORMAT_NAME!r}")
+        version = meta.get("version")
+        if not _is_int(version) or version != cls.FORMAT_VERSION:
+            raise FormatError(f"{where}'{label}' has {cls.FORMAT_NAME} format version {version!r}; "
+                              f"this flash-llm reads version {cls.FORMAT_VERSION}")
         if meta.get("dtype") not in _DTYPES_BY_NAME:
-            raise FormatError(f"{where}'{prefix or 'weight'}' has value dtype {meta.get('dtype')!r}; "
+            raise FormatError(f"{where}'{label}' has value dtype {meta.get('dtype')!r}; "
                               f"expected one of {sorted(_DTYPES_BY_NAME)}")
         shape = meta.get("shape")
-        if (not isinstance(shape, list) or len(shape) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
-            raise FormatError(f"{where}'{prefix or 'weight'}' has logical shape {shape!r}; "
-                              "expected [M, K] with M, K >= 1")
+        if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(v) and v >= 1 for v in shape):
+            raise FormatError(f"{where}'{label}' has logical shape {shape!r}; expected [M, K] with M, K >= 1")
         arrays = {}
         for n in cls._arrays:
             t = tensors.get(prefix + n)
@@ -158,8 +177,8 @@ class SparseFormat:
             arrays[n] = t
         dtype = _DTYPES_BY_NAME[meta["dtype"]]
         nnz = cls._validate(arrays, tuple(shape), prefix, where)
-        if meta.get("nnz") is not None and meta["nnz"] != nnz:
-            raise FormatError(f"{where}'{prefix or 'weight'}' metadata says nnz={meta['nnz']} but the arrays "
+        if meta.get("nnz") is not None and (not _is_int(meta["nnz"]) or meta["nnz"] != nnz):
+            raise FormatError(f"{where}'{label}' metadata says nnz={meta['nnz']!r} but the arrays "
                               f"hold {nnz} nonzeros")
         return cls._from_parts(arrays, shape, dtype, nnz)
 
@@ -176,7 +195,7 @@ def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
     tensors, meta = {}, {}
     for name, w in weights.items():
         t, m = w.state(prefix=f"{name}.")
-        tensors.update({k: v.cpu() for k, v in t.items()})
+        tensors.update({k: _host_copy(v) for k, v in t.items()})
         meta.update(m)
     save_file(tensors, os.fspath(path), metadata=meta)
 
@@ -204,13 +223,9 @@ def load(path: str | os.PathLike, device="cpu"):
         raise FormatError(f"{path}: no flash-llm metadata (not a flash-llm weight file)")
     out = {}
     for prefix in prefixes:
-        try:
-            fmt = json.loads(metadata[prefix + METADATA_KEY]).get("format")
-        except (json.JSONDecodeError, AttributeError):
-            fmt = None
+        fmt = parse_metadata(metadata, prefix, f"{path}: ").get("format")
         cls = FORMATS.get(fmt)
         if cls is None:
-            raise FormatError(f"{path}: '{prefix or 'weight'}' has unknown format {fmt!r}; "
-                              f"known: {sorted(FORMATS)}")
+            raise FormatError(f"{path}: '{_label(prefix)}' has unknown format {fmt!r}; known: {sorted(FORMATS)}")
         out[prefix[:-1] if prefix else ""] = cls.from_state(tensors, metadata, prefix, source=path).to(device)
     return out[""] if list(out) == [""] else out

@@ -138,6 +138,12 @@ class BitmapTiles(SparseFormat):
             i = int(bad[0])
             raise FormatError(f"{name('data')}: record {i} has {int(counts[i])} nonzero bits, so it should be "
                               f"{int(expected[i])} units long, but the offsets give {int(sizes[i])}")
+        values = data.view(torch.int16)[_value_starts(off, counts)]
+        zero = (values & 0x7FFF) == 0
+        if bool(zero.any()):
+            i = int(torch.searchsorted(torch.cumsum(counts, 0), int(torch.nonzero(zero)[0]), right=True))
+            raise FormatError(f"{name('data')}: record {i} stores a zero value under a set bit "
+                              "(values hold nonzeros only)")
         if (mp, kp) != (m, k):  # bits of the padding must be clear
             pad = L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=off.device)).logical_not_()
             mask = L.unpack_bits(words).view(pad.shape)

@@ -1,0 +1,157 @@
+"""Shared helpers for the flash-llm tests: random sparse weights, independent byte/layout math, tolerances.
+
+Everything here is written from the format descriptions (module docstrings of ``flash_llm.formats``),
+not from the library code, so the tests check the library against an independent reading of the spec.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import settings
+
+from flash_llm import BitmapTiles, TiledCSL
+
+# No example database written into the repository; no per-example deadline (first calls warm up torch).
+settings.register_profile("flash_llm", database=None, deadline=None, print_blob=True)
+settings.load_profile("flash_llm")
+
+FORMATS = (BitmapTiles, TiledCSL)
+DTYPES = (torch.float16, torch.bfloat16)
+
+STRIP_M, STRIP_K = 16, 64  # BitmapTiles record = one 16x64 strip
+TILE_M, TILE_K = 64, 64  # TiledCSL record = one 64x64 tile
+
+
+@pytest.fixture(params=FORMATS, ids=lambda c: c.__name__)
+def fmt(request):
+    """Each compressed format class."""
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def dtype(request):
+    """Each value dtype (fp16, bf16)."""
+    return request.param
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw 16-bit patterns of an fp16/bf16 tensor (for bit-exact comparisons)."""
+    return t.contiguous().view(torch.int16)
+
+
+def assert_bit_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    a, e = bits(actual), bits(expected)
+    if not torch.equal(a, e):
+        idx = torch.nonzero(a != e)
+        r, c = idx[0].tolist()
+        raise AssertionError(f"{idx.shape[0]} elements differ bitwise; first at ({r}, {c}): "
+                             f"got 0x{int(a[r, c]) & 0xFFFF:04x}, expected 0x{int(e[r, c]) & 0xFFFF:04x}")
+
+
+def random_mask(m: int, k: int, density: float, seed: int = 0) -> torch.Tensor:
+    """``bool [m, k]``, each element True with probability ``density`` (0 and 1 are exact)."""
+    if density <= 0:
+        return torch.zeros(m, k, dtype=torch.bool)
+    if density >= 1:
+        return torch.ones(m, k, dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(m, k, generator=g) < density
+
+
+def random_values(m: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Normal values of ``dtype`` none of which is +0.0 or -0.0 (so a mask fully controls sparsity)."""
+    g = torch.Generator().manual_seed(seed + 1_000_003)
+    v = torch.randn(m, k, generator=g).to(dtype)
+    return torch.where(v == 0, torch.ones((), dtype=dtype), v)
+
+
+def sparse_weight(m: int, k: int, density: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A random ``[m, k]`` weight of ``dtype`` whose nonzeros are exactly ``random_mask(...)``."""
+    mask = random_mask(m, k, density, seed)
+    return torch.where(mask, random_values(m, k, dtype, seed), torch.zeros((), dtype=dtype))
+
+
+def nonzero_mask(w: torch.Tensor) -> torch.Tensor:
+    """Elements the formats must store: every bit pattern except +0.0 and -0.0 (NaN included)."""
+    return (bits(w) & 0x7FFF) != 0
+
+
+def record_nnz(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Nonzeros per ``rows x cols`` block of the zero-padded mask, blocks numbered row-major. int64 [T]."""
+    m, k = mask.shape
+    mp, kp = math.ceil(m / rows) * rows, math.ceil(k / cols) * cols
+    padded = torch.zeros(mp, kp, dtype=torch.int64)
+    padded[:m, :k] = mask.to(torch.int64)
+    return padded.view(mp // rows, rows, kp // cols, cols).sum((1, 3)).reshape(-1)
+
+
+def expected_nbytes(fmt_cls, mask: torch.Tensor) -> int:
+    """The closed-form byte count of each format's module docstring, from the dense mask."""
+    if fmt_cls is BitmapTiles:
+        n = record_nnz(mask, STRIP_M, STRIP_K)
+        t = n.numel()
+        return 128 * t + 16 * int(((n + 7) // 8).sum()) + 4 * (t + 1)
+    if fmt_cls is TiledCSL:
+        n = record_nnz(mask, TILE_M, TILE_K)
+        t = n.numel()
+        return 4 * int(((n + 3) // 4 * 4).sum()) + 4 * (t + 1)
+    raise AssertionError(f"unknown format {fmt_cls}")
+
+
+def fragment_lane_bit(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where strip element (r, c) (r < 16, c < 64) sits in fragment order: ``(lane, bit)``.
+
+    The layout documented in ``flash_llm/formats/_layout.py``, re-implemented here independently of its
+    ``permute`` code: lane ``4g + t`` holds, for k-step ``s``, A-operand half ``j = 4q + 2h + e`` at row
+    ``8h + g`` and strip column ``16t + 4s + 2q + e`` (each lane's 16 columns contiguous).
+    """
+    lane = 4 * (r % 8) + c // 16
+    bit = 8 * ((c // 4) % 4) + 4 * ((c // 2) % 2) + 2 * (r // 8) + c % 2
+    return lane, bit
+
+
+def fragment_row_col(lane: torch.Tensor, bit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward direction, straight from the PTX mma.m16n8k16 A-fragment table plus the column
+    order above: ``(lane, bit = 8s + j)`` -> strip ``(row, col)``."""
+    g, t = lane // 4, lane % 4
+    s, j = bit // 8, bit % 8
+    e, h, q = j & 1, (j >> 1) & 1, j >> 2
+    return g + 8 * h, 16 * t + 4 * s + 2 * q + e
+
+
+def ulp(dtype: torch.dtype, magnitude: float) -> float:
+    """One unit in the last place of ``dtype`` at ``magnitude`` (the subnormal step near zero)."""
+    fi = torch.finfo(dtype)
+    magnitude = max(abs(float(magnitude)), fi.smallest_normal)
+    return fi.eps * 2.0 ** math.floor(math.log2(magnitude))
+
+
+def max_abs_err(a: torch.Tensor, ref64: torch.Tensor) -> float:
+    return float((a.double() - ref64).abs().max()) if ref64.numel() else 0.0
+
+
+def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w_dense: torch.Tensor,
+                              bias: torch.Tensor | None) -> None:
+    """STYLE lesson 4: ``err(y vs fp64) <= 2 * err(torch fp32-accumulated vs fp64) + 1 ulp``.
+
+    The fp64 reference is built from the *already rounded* fp16/bf16 inputs; the torch baseline is the
+    same product accumulated in fp32 and rounded to ``x.dtype`` (what a correct kernel can achieve).
+    """
+    ref = x.double() @ w_dense.double().t()
+    base = x.float() @ w_dense.float().t()
+    if bias is not None:
+        ref = ref + bias.double()
+        base = base + bias.float()
+    base = base.to(x.dtype)
+    assert y.shape == ref.shape, f"result shape {tuple(y.shape)}, expected {tuple(ref.shape)}"
+    assert y.dtype == x.dtype, f"result dtype {y.dtype}, expected {x.dtype}"
+    assert bool(torch.isfinite(y).all()), "result has non-finite values"
+    magnitude = float(ref.abs().max()) if ref.numel() else 0.0
+    err, err_torch = max_abs_err(y, ref), max_abs_err(base, ref)
+    tol = 2 * err_torch + ulp(x.dtype, magnitude)
+    assert err <= tol, f"max |spmm - fp64| = {err:.3g} > {tol:.3g} (torch fp32-accumulated error {err_torch:.3g})"
