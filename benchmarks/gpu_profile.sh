@@ -12,8 +12,8 @@ done
 for cfg in "bitmap 16 0.9" "bitmap 16 0.5" "tiled-csl 16 0.9"; do
   set -- $cfg
   ncu --target-processes all --kernel-name regex:"_spmm_" --launch-skip 3 --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats --metrics smsp__inst_executed.sum \
       python3 benchmarks/profile_kernel.py --fmt $1 --n $2 --sparsity $3 > "$OUT/ncu_$1_$3.txt" 2>&1
   echo "=== ncu $cfg"
-  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Issued Warp|No Eligible|Stall|Waves Per SM|plan" "$OUT/ncu_$1_$3.txt" | head -30
+  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Issued Warp|No Eligible|Stall|Waves Per SM|plan|inst_executed" "$OUT/ncu_$1_$3.txt" | head -30
 done

@@ -325,8 +325,9 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
     };
 
     for (int j = kb; j < ke; ++j) {
-      u32 b[4][NT][2];
-      load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
+      constexpr int NB = NT < 4 ? NT : 4;  // n-tiles whose B fragments are held at once
+      u32 b[4][NB][2];
+      if (NT <= 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);  // overlaps the decode
 
       ensure(r + MAX_RECORD_UNITS);  // the longest possible record: one wait per strip
       const int slot = r & (RING_UNITS - 1);
@@ -345,10 +346,15 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       r += rec_units;
       __syncwarp();  // every lane is done with this record before its slots are refilled
 
+      // NT = 8: B in two halves of 4 n-tiles, so 64 tokens fit in registers next to 32 accumulators
 #pragma unroll
-      for (int s = 0; s < 4; ++s)
+      for (int h = 0; h < NT / NB; ++h) {
+        if (NT > 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0 + h * 32, j * 64, lane, p.vec);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[nt], a[s], b[s][nt]);
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[h * NB + nt], a[s], b[s][nt]);
+      }
     }
     cp_async_wait<0>();
   }
@@ -410,6 +416,9 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
   for (int j = kb; j < ke; ++j) {
     const int buf = (j - kb) & 1;
     u16* dst = tile[buf];
+    constexpr int NB = NT < 4 ? NT : 4;
+    u32 b[4][NB][2];
+    if (NT <= 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);  // in flight during the scatter
     auto scatter = [&](const int4& e) {
       const int ev[4] = {e.x, e.y, e.z, e.w};
 #pragma unroll
@@ -422,9 +431,6 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
     for (int i = 0; i < CSL_PREFETCH; ++i) scatter(pf[i]);
     for (int c = g0 + threadIdx.x + CSL_PREFETCH * THREADS; c < g1; c += THREADS) scatter(__ldcs(src + c));
     if (j + 1 < ke) prefetch(j + 1);
-
-    u32 b[4][NT][2];
-    load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
     __syncthreads();
     uint4* mine = buf ? mine1 : mine0;
     u32 a[4][4];
@@ -435,9 +441,13 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       mine[s] = zero4;
     }
 #pragma unroll
-    for (int s = 0; s < 4; ++s)
+    for (int h = 0; h < NT / NB; ++h) {
+      if (NT > 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0 + h * 32, j * 64, lane, p.vec);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[nt], a[s], b[s][nt]);
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[h * NB + nt], a[s], b[s][nt]);
+    }
   }
   epilogue<BF16, NT>(p, acc, strip, active && strip < mt, n0, lane);
 }
@@ -522,7 +532,7 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
 #define SPMM_PROBLEM {x, y, bias, ws, tickets, M, K, N, ldx, splits, n_chunks, vec}
 
 // Minimum resident blocks per SM by NT: caps registers so that 8 blocks (32 warps) fit for NT <= 2.
-template <int NT> struct MinBlocks { static constexpr int value = NT <= 2 ? 8 : NT == 4 ? 5 : 3; };
+template <int NT> struct MinBlocks { static constexpr int value = NT <= 2 ? 8 : NT == 4 ? 5 : 4; };
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(THREADS, MinBlocks<NT>::value)                       \
