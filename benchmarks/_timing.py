@@ -4,6 +4,7 @@ beyond L2, the device copy bandwidth, and the environment line every result carr
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -21,7 +22,7 @@ def copies_needed(nbytes: int, min_total: int | None = None, cap: int = 64) -> i
     return max(1, min(cap, -(-min_total // max(1, nbytes))))
 
 
-def time_calls(fns: list, replays: int = 20, warmup: int = 3) -> float:
+def time_calls(fns: list, replays: int = 10, warmup: int = 2) -> float:
     """Median time (seconds) of one call, from CUDA-graph replays of ``fns`` called in turn.
 
     ``fns`` are zero-argument callables, typically the same op on rotating buffers; capturing them in
@@ -85,5 +86,7 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "nvrtc": nvrtc,
         "python": platform.python_version(),
-        "commit": git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
+        # the device machine gets the working tree without .git: pass FLASH_LLM_COMMIT there
+        "commit": os.environ.get("FLASH_LLM_COMMIT")
+        or git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
     }
