@@ -35,7 +35,7 @@ def supported(device: torch.device) -> tuple[bool, str]:
     try:
         import cuda.bindings  # noqa: F401
     except ImportError:
-        return False, "cuda-python is not installed (pip install 'flash-llm[cuda]')"
+        return False, "cuda-python is not installed (pip install cuda-bindings nvidia-cuda-nvrtc)"
     return True, ""
 
 

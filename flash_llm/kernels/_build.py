@@ -36,7 +36,7 @@ def _nvrtc():
         from cuda.bindings import nvrtc
     except ImportError as e:  # pragma: no cover - exercised only without the cuda extra
         raise ImportError("flash-llm's CUDA kernels need cuda-python's NVRTC bindings: "
-                          "pip install 'flash-llm[cuda]' (cuda-bindings, nvidia-cuda-nvrtc)") from e
+                          "pip install cuda-bindings nvidia-cuda-nvrtc") from e
     return nvrtc
 
 
