@@ -218,7 +218,8 @@ def load(path: str | os.PathLike, device="cpu"):
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise FormatError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    prefixes = sorted(k[: -len(METADATA_KEY)] for k in metadata if k.endswith(METADATA_KEY))
+    prefixes = sorted(k[: -len(METADATA_KEY)] for k in metadata
+                      if k == METADATA_KEY or k.endswith("." + METADATA_KEY))
     if not prefixes:
         raise FormatError(f"{path}: no flash-llm metadata (not a flash-llm weight file)")
     out = {}

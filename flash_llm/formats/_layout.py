@@ -19,7 +19,7 @@ k-steps, the 16 columns ``16 t .. 16 t + 15``.  So k-index ``kappa = 2 t + e + 8
 {0, 1}) of k-step ``s`` is strip column ``c = 16 t + 4 s + 2 q + e``.
 
 So the 32 elements one lane needs for a whole strip are 32 consecutive indices: one 32-bit bitmap
-word per lane, and the values of a lane are contiguous.  The inverse, for an element at strip row
+word per lane (how each format orders the nonzero values is its own choice).  The inverse, for an element at strip row
 ``r`` and strip column ``c``::
 
     lane = 4 * (r % 8) + c // 16

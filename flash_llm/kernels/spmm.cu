@@ -227,9 +227,10 @@ DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active
 // RING_AHEAD chunks ahead of the record it decodes -- no per-record offset lookups in the loop.
 //
 // Decode: lane l's bitmap word is exactly its 32 A-fragment elements for the strip's four k-steps
-// (fragment order, docs/formats.md), and its values are contiguous: one popc + a warp scan give the
-// first value; then, branch-free, every element loads the value under the cursor and keeps it (and
-// advances the cursor) only if its bit is set.
+// (fragment order, docs/formats.md).  Values are stored in step order, so a lane's values of one
+// k-step are contiguous: per-step popcounts and one warp scan (step_starts) give where they begin;
+// then, branch-free, every element loads the value under the cursor and keeps it (and advances the
+// cursor) only if its bit is set.
 // ------------------------------------------------------------------------------------------------
 constexpr int RING_UNITS = 256;    // 16-byte units per warp ring = 4 KiB
 constexpr int RING_CHUNKS = RING_UNITS / 32;

@@ -1,0 +1,540 @@
+"""The ``flash-llm`` command line: one subcommand per workflow.
+
+* ``flash-llm demo``: prune a synthetic layer, compress it to both formats, check and time them.
+* ``flash-llm info``: versions, the GPU, whether the CUDA kernels can run, NVRTC, the cubin cache.
+* ``flash-llm build``: compile the CUDA kernels ahead of time and report registers / spills / smem.
+* ``flash-llm inspect``: what a saved weight file holds (format, shape, density, bytes).
+
+:func:`main` takes ``argv`` and returns the exit status (0 ok, 1 failure, 2 usage or input error), so
+tests call it directly.  Tables go to stdout as plain aligned text, progress bars (tqdm) and errors
+to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import flash_llm
+from flash_llm import BitmapTiles, FormatError, TiledCSL
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEMO_SPARSITIES = (50.0, 70.0, 80.0, 90.0)
+DEMO_MAX_REL_ERR = 1e-2
+_SLEEP_CYCLES = 1_000_000  # about 0.5 ms of GPU clock: longer than Python takes to queue one call
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_NOT_AVAILABLE = ("--model is not available yet: the bundled pruned-model demo comes with the "
+                       "pruning work. Run `flash-llm demo` without --model for the synthetic-layer demo.")
+
+
+# ------------------------------------------------------------------------------------------------
+# small output helpers
+# ------------------------------------------------------------------------------------------------
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _table(headers: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """Plain-text table: ``align`` has one 'l' or 'r' per column; rows of ``None`` print blank lines."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        if row is not None:
+            widths = [max(w, len(c)) for w, c in zip(widths, row)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align)).rstrip()
+
+    return [fmt(headers)] + [fmt(r) if r is not None else "" for r in rows]
+
+
+def _int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _pct(s: float) -> str:
+    return f"{s:g}%"
+
+
+def _progress(**kw) -> tqdm:
+    return tqdm(file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# argument types
+# ------------------------------------------------------------------------------------------------
+def _shape(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be MxK with M, K >= 1 (e.g. 4096x4096), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _sparsities(text: str) -> list[float]:
+    out = []
+    for part in filter(None, (p.strip().rstrip("%") for p in text.split(","))):
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"sparsity must be a number of percent, got {part!r}") from None
+        if not 0 <= v < 100:
+            raise argparse.ArgumentTypeError(f"sparsity must be in [0, 100) percent, got {v:g}")
+        out.append(v)
+    if not out:
+        raise argparse.ArgumentTypeError(f"no sparsity given in {text!r}")
+    return out
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _arch(text: str) -> str:
+    if not re.fullmatch(r"sm_\d+a?", text):
+        raise argparse.ArgumentTypeError(f"arch must look like 'sm_90', got {text!r}")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# demo
+# ------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def magnitude_prune(w: torch.Tensor, order: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the ``round(numel * (1 - sparsity / 100))`` largest ``|w|`` (``order``: indices of ``w``
+    flattened, by decreasing magnitude); zero the rest with ``+0.0``."""
+    keep = w.numel() - round(w.numel() * sparsity / 100)
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[order[:keep]] = True
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    # kept values that are -0.0 become +0.0, the formats' zero, so the round trip is bitwise exact
+    return torch.where(mask.view_as(w) & (w != 0), w, zero)
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def _cuda_median_us(fn, flush: torch.Tensor, warmup: int, repeat: int) -> float:
+    """Median of ``repeat`` CUDA-event timings of ``fn()`` after ``warmup`` calls, L2 flushed before each.
+
+    This is GPU time: a short GPU sleep before each start event keeps the GPU busy while Python
+    queues the call, so host-side overhead (argument checks, dispatch, launch) is not counted.
+    """
+    for _ in range(warmup):
+        fn()
+    sleep = getattr(torch.cuda, "_sleep", None)
+    events = []
+    for _ in range(repeat):
+        flush.zero_()
+        if sleep is not None:
+            sleep(_SLEEP_CYCLES)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return 1000 * statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def _demo_device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return device
+
+
+def cmd_demo(args) -> int:
+    if args.model is not None:
+        _err(MODEL_NOT_AVAILABLE)
+        return EXIT_USAGE
+    try:
+        device = _demo_device(args.device)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    sparsities = [s for group in (args.sparsities or [list(DEMO_SPARSITIES)]) for s in group]
+    m, k = args.shape
+    dtype = DTYPES[args.dtype]
+    dtype_name = args.dtype
+
+    from flash_llm import kernels
+
+    timing_ok, timing_why = kernels.supported(device)
+    if device.type == "cuda" and timing_ok:
+        from flash_llm.kernels._build import compile_kernels, device_arch
+
+        arch = device_arch(device.index)
+        print(f"preparing the CUDA kernels for {arch} (NVRTC at first use, cached afterwards) ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            compiled = compile_kernels(arch)
+        except kernels.KernelBuildError as e:
+            _err(str(e))
+            return EXIT_FAILURE
+        if not compiled.cached:
+            print(f"compiled the CUDA kernels for {arch} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    g = torch.Generator().manual_seed(args.seed)
+    w = torch.randn(m, k, generator=g).to(dtype).to(device)
+    x = torch.randn(args.tokens, k, generator=g).to(dtype).to(device)
+    order = torch.argsort(w.abs().float().view(-1), descending=True, stable=True)
+    dense_bytes = m * k * w.element_size()
+
+    headers = ["sparsity", "weight", "bytes", "bytes/elem", "vs dense", "compress", "rel. error", "round trip"]
+    rows: list[list[str] | None] = []
+    timing_rows: list[list[str] | None] = []
+    failures: list[str] = []
+    steps_per_level = 1 + 2 * (2 if timing_ok else 1)
+    bar = _progress(total=len(sparsities) * steps_per_level, desc="demo", unit="step")
+    for level, s in enumerate(sparsities):
+        bar.set_description(f"{_pct(s)} prune")
+        w_sp = magnitude_prune(w, order, s)
+        ref = x.float() @ w_sp.float().t()
+        y_dense = torch.nn.functional.linear(x, w_sp)
+        if level:
+            rows.append(None)
+        rows.append([_pct(s), f"dense {dtype_name}", _int(dense_bytes), f"{w.element_size():.3f}", "1.00x", "-",
+                     f"{_rel_err(y_dense, ref):.2e}", "-"])
+        bar.update()
+        compressed = []
+        for cls in (BitmapTiles, TiledCSL):
+            name = cls.__name__
+            bar.set_description(f"{_pct(s)} {name}")
+            _sync(device)
+            t0 = time.perf_counter()
+            c = cls.from_dense(w_sp)
+            _sync(device)
+            t_compress = time.perf_counter() - t0
+            exact = torch.equal(c.to_dense().view(torch.int16), w_sp.view(torch.int16))
+            err = _rel_err(flash_llm.spmm(x, c), ref)
+            if not exact:
+                failures.append(f"{name} at {_pct(s)}: to_dense() does not reproduce the pruned weight bit for bit")
+            if not err <= DEMO_MAX_REL_ERR:
+                failures.append(f"{name} at {_pct(s)}: spmm relative error {err:.3g} > {DEMO_MAX_REL_ERR:g}")
+            rows.append([_pct(s), name, _int(c.nbytes), f"{c.nbytes / (m * k):.3f}",
+                         f"{dense_bytes / c.nbytes:.2f}x", f"{t_compress:.3f} s", f"{err:.2e}",
+                         "exact" if exact else "MISMATCH"])
+            compressed.append(c)
+            bar.update()
+        if timing_ok:
+            flush = _l2_flush_buffer(device)
+            for c in compressed:
+                bar.set_description(f"{_pct(s)} time {type(c).__name__}")
+                for n in (1, 16):
+                    xn = torch.randn(n, k, generator=g).to(dtype).to(device)
+                    t_sparse = _cuda_median_us(lambda: flash_llm.spmm(xn, c), flush, args.warmup, args.repeat)
+                    t_dense = _cuda_median_us(lambda: torch.nn.functional.linear(xn, w_sp), flush,
+                                              args.warmup, args.repeat)
+                    timing_rows.append([_pct(s), type(c).__name__, str(n), f"{t_sparse:.1f}", f"{t_dense:.1f}",
+                                        f"{t_dense / t_sparse:.2f}x"])
+                bar.update()
+            timing_rows.append(None)
+        del compressed
+    bar.close()
+
+    where = "CPU" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} ({device})"
+    print(f"flash-llm demo: synthetic {m}x{k} {dtype_name} layer (seed {args.seed}), magnitude-pruned "
+          f"(largest |w| kept), on {where}")
+    print()
+    print("\n".join(_table(headers, rows, "rlrrrrrl")))
+    print()
+    print(f"rel. error: ||y - x.float() @ W.float().T|| / ||x.float() @ W.float().T|| for x of {args.tokens} random "
+          "tokens,\n            y = flash_llm.spmm(x, w) (dense row: torch.nn.functional.linear(x, W)).")
+    print("round trip: w.to_dense() equals the pruned weight W bit for bit.")
+    if device.type == "cpu":
+        print("spmm ran the pure-PyTorch reference on CPU; kernel timings need a CUDA GPU.")
+    elif not timing_ok:
+        print(f"kernel timings skipped: {timing_why}")
+    else:
+        from flash_llm.kernels._build import device_arch
+
+        print()
+        print(f"kernel time on {torch.cuda.get_device_name(device)} ({device_arch(device.index)}), {dtype_name}: "
+              f"GPU time, median of {args.repeat} CUDA-event timings after {args.warmup} warm-up calls,\n"
+              "L2 flushed before each, host launch overhead not counted")
+        print("\n".join(_table(["sparsity", "weight", "N", "spmm (us)", "dense linear (us)", "speedup"],
+                               timing_rows[:-1], "rlrrrr")))
+    print()
+    print("The bundled pruned-model demo (`flash-llm demo --model DIR`) comes with the pruning work; "
+          "this run used a synthetic magnitude-pruned layer.")
+    for f in failures:
+        _err(f)
+    return EXIT_FAILURE if failures else EXIT_OK
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+    return torch.empty(2 * l2, dtype=torch.uint8, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------------
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def cmd_info(args) -> int:
+    from flash_llm import kernels
+    from flash_llm.kernels import _build
+
+    lines = [("flash-llm", f"{flash_llm.__version__} ({Path(flash_llm.__file__).parent})"),
+             ("python", sys.version.split()[0]),
+             ("torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")]
+    if torch.cuda.is_available():
+        lines.append(("CUDA", f"available, {torch.cuda.device_count()} device(s)"))
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            major, minor = props.major, props.minor
+            lines.append((f"GPU {i}", f"{props.name}, compute capability {major}.{minor} (sm_{major}{minor}), "
+                                      f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.1f} GiB"))
+            ok, why = kernels.supported(torch.device("cuda", i))
+            lines.append((f"kernels on GPU {i}", "supported" if ok else f"not supported: {why}"))
+    else:
+        lines.append(("CUDA", "not available"))
+        ok, why = kernels.supported(torch.device("cpu"))
+        lines.append(("kernels", "supported" if ok else f"not supported: {why} "
+                                                        "(flash_llm.spmm runs the PyTorch reference)"))
+    bindings = _package_version("cuda-bindings")
+    lines.append(("cuda-bindings", bindings or "not installed (pip install 'flash-llm[cuda]')"))
+    try:
+        major, minor = _build.nvrtc_version()
+        lines.append(("NVRTC", f"{major}.{minor}"))
+    except ImportError:
+        lines.append(("NVRTC", "not available (cuda-python is not installed: pip install 'flash-llm[cuda]')"))
+    except (RuntimeError, OSError) as e:
+        lines.append(("NVRTC", f"not loadable: {e}"))
+    cache = _build.cache_dir()
+    cubins = sorted(cache.glob("*.cubin")) if cache.is_dir() else []
+    lines.append(("cubin cache", f"{cache} ({len(cubins)} cubin{'s' if len(cubins) != 1 else ''})"
+                  if cache.is_dir() else f"{cache} (not created yet)"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# build
+# ------------------------------------------------------------------------------------------------
+def cmd_build(args) -> int:
+    from flash_llm.kernels import _build
+
+    try:
+        nvrtc = "{}.{}".format(*_build.nvrtc_version())
+    except ImportError as e:
+        _err(str(e))
+        return EXIT_FAILURE
+    except (RuntimeError, OSError) as e:
+        _err(f"NVRTC is not loadable: {e}")
+        return EXIT_FAILURE
+    archs = list(dict.fromkeys(args.arch)) if args.arch else None
+    if not archs:
+        archs = [_build.device_arch(0)] if torch.cuda.is_available() else ["sm_80", "sm_90"]
+    unusual = [a for a in archs if a not in _build.SUPPORTED_ARCHS]
+    if unusual:
+        print(f"note: flash-llm's kernels target {', '.join(_build.SUPPORTED_ARCHS)}; trying {', '.join(unusual)} "
+              "anyway", file=sys.stderr)
+    need_log = args.report or args.strict
+    print(f"NVRTC {nvrtc}; cubin cache {_build.cache_dir()}")
+    all_warnings = 0
+    for arch in _progress(iterable=archs, desc="compiling", unit="arch", disable=len(archs) < 2 or None):
+        t0 = time.perf_counter()
+        try:
+            compiled = _build.compile_kernels(arch)  # fills the cache when the cubin is not there yet
+            if need_log and compiled.cached:  # cached cubins carry no ptxas log: compile again for it
+                compiled = _build.compile_kernels(arch, use_cache=False)
+        except _build.KernelBuildError as e:
+            _err(str(e))
+            return EXIT_FAILURE
+        except ValueError as e:
+            _err(str(e))
+            return EXIT_USAGE
+        elapsed = time.perf_counter() - t0
+        how = "from the cache" if compiled.cached else f"compiled in {elapsed:.1f} s"
+        print()
+        print(f"{arch}: {how}, cubin {_int(len(compiled.cubin))} bytes")
+        res = compiled.resources()
+        if res:
+            rows = [[name, str(r.get("registers", "?")), str(r.get("spill_stores", "?")),
+                     str(r.get("spill_loads", "?")), str(r.get("stack", "?")), str(r.get("smem", "?"))]
+                    for name, r in sorted(res.items())]
+            headers = ["kernel", "registers", "spill stores (B)", "spill loads (B)", "stack (B)", "static smem (B)"]
+            print("\n".join("  " + line for line in _table(headers, rows, "lrrrrr")))
+        elif compiled.cached:
+            print("  (no ptxas report for a cached cubin; pass --report to recompile and show it)")
+        warns = compiled.warnings()
+        if not compiled.cached:
+            print(f"  warnings: {len(warns) or 'none'}")
+        for line in warns:
+            print(f"  {line}")
+        all_warnings += len(warns)
+    if args.strict and all_warnings:
+        _err(f"{all_warnings} compiler warning(s) with --strict")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect
+# ------------------------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    status = EXIT_OK
+    for i, path in enumerate(args.paths):
+        try:
+            loaded = flash_llm.load(path)
+        except FormatError as e:
+            _err(str(e))
+            status = EXIT_USAGE
+            continue
+        except FileNotFoundError:
+            _err(f"{path}: no such file")
+            status = EXIT_USAGE
+            continue
+        except OSError as e:
+            _err(f"{path}: {e.strerror or e}")
+            status = EXIT_USAGE
+            continue
+        weights = loaded if isinstance(loaded, dict) else {"weight": loaded}
+        if i:
+            print()
+        size = os.path.getsize(path)
+        print(f"{path}: {len(weights)} weight{'s' if len(weights) != 1 else ''}, {_int(size)} bytes on disk")
+        rows = []
+        elems = nnz = nbytes = dense = 0
+        for name, w in weights.items():
+            m, k = w.shape
+            rows.append([name, type(w).__name__, f"{m}x{k}", str(w.dtype).removeprefix("torch."), _int(w.nnz),
+                         f"{w.density:.4f}", _int(w.nbytes), f"{w.nbytes / (m * k):.3f}"])
+            elems += m * k
+            nnz += w.nnz
+            nbytes += w.nbytes
+            dense += m * k * torch.empty((), dtype=w.dtype).element_size()
+        rows.append(["total", "", "", "", _int(nnz), f"{nnz / elems:.4f}", _int(nbytes), f"{nbytes / elems:.3f}"])
+        headers = ["name", "format", "shape", "dtype", "nnz", "density", "bytes", "bytes/elem"]
+        print("\n".join(_table(headers, rows, "llllrrrr")))
+        print(f"dense equivalent: {_int(dense)} bytes; compressed is {dense / nbytes:.2f}x smaller")
+    return status
+
+
+# ------------------------------------------------------------------------------------------------
+# parser and entry point
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flash-llm",
+        description="flash-llm: unstructured-sparse LLM weights kept compressed (BitmapTiles, TiledCSL) and "
+                    "multiplied on tensor cores.",
+        epilog="Run `flash-llm COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"flash-llm {flash_llm.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo", help="prune a layer, compress it to both formats, check and time them",
+        description="End-to-end demo on a synthetic layer: a random weight is magnitude-pruned (largest |w| "
+                    "kept) to each sparsity, compressed to BitmapTiles and TiledCSL (timed), and checked: bytes "
+                    "against dense, the relative error of flash_llm.spmm against an fp32 matmul, and a "
+                    "bit-exact to_dense round trip. On a CUDA GPU it also times flash_llm.spmm against "
+                    "torch.nn.functional.linear on the dense weight for N = 1 and 16 tokens. "
+                    "Exits 1 if a check fails.")
+    p.add_argument("--shape", type=_shape, default=(4096, 4096), metavar="MxK",
+                   help="weight shape [M, K] (default: 4096x4096)")
+    p.add_argument("--sparsities", type=_sparsities, nargs="+", metavar="PCT",
+                   help="sparsities in percent, comma- or space-separated (default: 50,70,80,90)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weight and activations (default: 0)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="value dtype (default: float16)")
+    p.add_argument("--tokens", type=_positive, default=8,
+                   help="tokens (rows of x) for the error check (default: 8)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--repeat", type=_positive, default=20, help="timed calls per GPU measurement (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up calls before GPU timing (default: 3)")
+    p.add_argument("--model", metavar="DIR",
+                   help="a pruned model directory (not available yet: comes with the pruning work)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "info", help="versions, GPU, kernel support, NVRTC and the cubin cache",
+        description="Print the flash-llm and torch versions, CUDA availability and each GPU's name and compute "
+                    "capability, whether the CUDA kernels can run there, the NVRTC version (cuda-python) and "
+                    "the cubin cache directory ($FLASH_LLM_CACHE or ~/.cache/flash_llm).")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "build", help="compile the CUDA kernels ahead of time (NVRTC) and report their resources",
+        description="Compile the CUDA kernels with NVRTC for each --arch and store the cubins in the cache, so "
+                    "the first flash_llm.spmm call does not wait for the compiler. No GPU is needed. Prints "
+                    "whether each cubin came from the cache, its size and, when compiled, per kernel the "
+                    "registers, spill bytes, stack frame and static shared memory reported by ptxas. "
+                    "Exits 1 with NVRTC's log if compilation fails.")
+    p.add_argument("--arch", type=_arch, nargs="+", action="extend", metavar="SM",
+                   help="target architectures, e.g. sm_80 sm_90 (default: the present GPU's, or sm_80 and "
+                        "sm_90 without a GPU)")
+    p.add_argument("--report", action="store_true",
+                   help="always show the per-kernel resource table (recompiles a cached cubin for ptxas' report)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 if NVRTC/ptxas print any warning (implies compiling for the log, like --report)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser(
+        "inspect", help="show the weights of a saved flash-llm file",
+        description="Load a file written by w.save(path) or flash_llm.save({...}, path), validating every "
+                    "weight, and print per weight its name, format, shape, dtype, nonzeros, density, bytes and "
+                    "bytes per element, with totals. Exits 2 if a file is missing, corrupt or not a "
+                    "flash-llm file.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="safetensors file(s) written by flash-llm")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``flash-llm`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse has printed the message
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
