@@ -217,6 +217,22 @@ DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active
   if (threadIdx.x == 0) *ticket = 0;
 }
 
+// The four k-steps of one strip: acc[nt] += A[s] * B[s][nt].  For NT <= 4 the caller loaded `b`
+// (early, so the loads overlap the decode); for NT = 8 B comes in two halves of 4 n-tiles, so 64
+// tokens fit in registers next to 32 accumulators.
+template <bool BF16, int NT, int NB>
+DEVI void multiply_strip(float (&acc)[NT][4], const u32 (&a)[4][4], u32 (&b)[4][NB][2], const Problem& p,
+                         int n0, int k0, int lane) {
+#pragma unroll
+  for (int h = 0; h < NT / NB; ++h) {
+    if (NT > 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0 + h * 32, k0, lane, p.vec);
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[h * NB + nt], a[s], b[s][nt]);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // BitmapTiles kernel.
 //
@@ -347,15 +363,7 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       r += rec_units;
       __syncwarp();  // every lane is done with this record before its slots are refilled
 
-      // NT = 8: B in two halves of 4 n-tiles, so 64 tokens fit in registers next to 32 accumulators
-#pragma unroll
-      for (int h = 0; h < NT / NB; ++h) {
-        if (NT > 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0 + h * 32, j * 64, lane, p.vec);
-#pragma unroll
-        for (int s = 0; s < 4; ++s)
-#pragma unroll
-          for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[h * NB + nt], a[s], b[s][nt]);
-      }
+      multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
     }
     cp_async_wait<0>();
   }
@@ -441,14 +449,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       a[s][0] = q.x; a[s][1] = q.y; a[s][2] = q.z; a[s][3] = q.w;
       mine[s] = zero4;
     }
-#pragma unroll
-    for (int h = 0; h < NT / NB; ++h) {
-      if (NT > 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0 + h * 32, j * 64, lane, p.vec);
-#pragma unroll
-      for (int s = 0; s < 4; ++s)
-#pragma unroll
-        for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[h * NB + nt], a[s], b[s][nt]);
-    }
+    multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
   }
   epilogue<BF16, NT>(p, acc, strip, active && strip < mt, n0, lane);
 }
