@@ -6,6 +6,7 @@ Everything host-side is plain Python; the kernels (``spmm.cu``) only see pointer
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ def _nt(n: int) -> int:
     return 1 if n <= 8 else 2 if n <= 16 else 4 if n <= 32 else 8
 
 
+@functools.lru_cache(maxsize=4096)
 def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
          splits: int | None = None) -> LaunchPlan:
     """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density``.
