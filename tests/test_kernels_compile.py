@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("cuda.bindings", reason="cuda-python not installed")
 
-from flash_llm.kernels._build import compile_kernels  # noqa: E402
+from flash_llm.kernels._build import KernelBuildError, compile_kernels  # noqa: E402
 
 EXPECTED = {f"{fmt}_spmm_{dt}_nt{nt}" for fmt in ("bitmap", "tiled_csl") for dt in ("f16", "bf16")
             for nt in (1, 2, 4, 8)} | {"bitmap_to_dense", "tiled_csl_to_dense"}
@@ -31,3 +31,9 @@ def test_kernels_compile_clean(arch, tmp_path, monkeypatch):
 def test_bad_arch_rejected():
     with pytest.raises(ValueError, match="arch must look like"):
         compile_kernels("hopper")
+
+
+def test_compile_failure_shows_the_nvrtc_log():
+    broken = b'extern "C" __global__ void k(int* p) { p[0] = undefined_name; }\n'
+    with pytest.raises(KernelBuildError, match=r"(?s)NVRTC failed to compile .* for sm_90.*undefined_name"):
+        compile_kernels("sm_90", use_cache=False, source=broken)

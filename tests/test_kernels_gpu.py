@@ -151,3 +151,18 @@ def test_public_spmm_noncontiguous_graph_and_compile():
     mod = M()
     compiled = torch.compile(mod, fullgraph=True)
     torch.testing.assert_close(compiled(static_x), mod(static_x))
+
+
+def test_unsupported_gpu_falls_back_to_the_reference(monkeypatch):
+    """A GPU below compute capability 8.0 gets the PyTorch reference with a warning, never a crash."""
+    import flash_llm.ops as ops
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    w_dense = sparse_weight(96, 200, 0.3, torch.float16, gen)
+    w = flash_llm.BitmapTiles.from_dense(w_dense)
+    x = torch.randn(5, 200, generator=gen, device="cuda").half()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="compute capability 7.5"):
+        y = flash_llm.spmm(x, w)
+    check(y, x, w_dense, None)

@@ -90,15 +90,17 @@ class Compiled:
         return [ln for ln in self.log.splitlines() if "warning" in ln.lower()]
 
 
-def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[str, ...] = ()) -> Compiled:
-    """Compile ``spmm.cu`` for ``arch`` (e.g. ``"sm_90"``) with NVRTC; return the cubin and log.
+def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[str, ...] = (),
+                    source: bytes | None = None) -> Compiled:
+    """Compile ``spmm.cu`` (or ``source``) for ``arch`` (e.g. ``"sm_90"``) with NVRTC; return the cubin
+    and log.
 
     Raises :class:`KernelBuildError` with NVRTC's log when compilation fails.
     """
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
     nvrtc = _nvrtc()
-    source = SOURCE.read_bytes()
+    source = SOURCE.read_bytes() if source is None else source
     options = OPTIONS + tuple(extra_options) + (f"--gpu-architecture={arch}",)
     version = nvrtc_version()
     key = hashlib.sha256(b"\0".join([source, repr(options).encode(), arch.encode(),
