@@ -30,3 +30,20 @@ for _ in range(a.iters):
 torch.cuda.synchronize()
 err = (y.float() - x.float() @ w.float().t()).abs().max().item()
 print("plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0), 8, a.splits), "max err", err)
+
+# Host-side cost of one eager call (Python checks, op dispatch, launch), against F.linear: wall clock
+# of many back-to-back calls on a small layer, where the GPU finishes each call before the next launch.
+if a.iters > 5:
+    import time
+
+    xs = torch.randn(1, a.k, device="cuda").half()
+    for name, fn in [("flash_llm.spmm", lambda: flash_llm.spmm(xs, f)),
+                     ("F.linear", lambda: torch.nn.functional.linear(xs, w))]:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(a.iters):
+            fn()
+        torch.cuda.synchronize()
+        print(f"eager {name}: {(time.perf_counter() - t) / a.iters * 1e6:.1f} us per call (wall clock)")
