@@ -18,6 +18,10 @@ def test_kernels_compile_clean(arch, tmp_path, monkeypatch):
     assert compiled.cubin[:4] == b"\x7fELF"
     assert compiled.warnings() == [], compiled.log
     res = compiled.resources()
+    if not res and "ptxas info" not in compiled.log:
+        # NVRTC 13.0 (seen on the GPU image) does not forward ptxas' -v report into the program log;
+        # the pip NVRTC (13.5) that CI installs does, so CI checks the resources below.
+        pytest.skip("this NVRTC does not return ptxas' resource report")
     assert set(res) == EXPECTED
     for name, r in res.items():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (name, r)
