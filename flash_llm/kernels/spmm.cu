@@ -80,28 +80,31 @@ DEVI void cp_async_wait_dyn(int pending) {
 
 // BitmapTiles values are stored in step order (k-step major, then lane, then bit).  Given this
 // lane's bitmap word, return where its values of each k-step start (value index inside the record)
-// and the record's total.  The four per-step counts (<= 8 each, sums <= 256) ride in 16-bit fields
-// of two words, so one 5-step warp scan serves all four steps.
+// and the record's total.  The four per-step counts are byte popcounts of w (<= 8 each), kept in the
+// bytes of one word: a scan over each half-warp (sums <= 128 fit a byte) and one fix-up for the
+// upper half (<= 248) serve all four steps.
 DEVI void step_starts(u32 w, int lane, u32 (&start)[4], u32& total) {
-  const u32 lo = __popc(w & 0xffu) | (__popc(w & 0xff00u) << 16);
-  const u32 hi = __popc(w & 0xff0000u) | (__popc(w >> 24) << 16);
-  u32 lo_in = lo, hi_in = hi;
+  u32 c = w - ((w >> 1) & 0x55555555u);  // SWAR popcount per byte
+  c = (c & 0x33333333u) + ((c >> 2) & 0x33333333u);
+  c = (c + (c >> 4)) & 0x0f0f0f0fu;
+  u32 incl = c;
 #pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const u32 a = __shfl_up_sync(FULL_MASK, lo_in, o), b = __shfl_up_sync(FULL_MASK, hi_in, o);
-    if (lane >= o) {
-      lo_in += a;
-      hi_in += b;
-    }
+  for (int o = 1; o < 16; o <<= 1) {
+    const u32 t = __shfl_up_sync(FULL_MASK, incl, o, 16);
+    if ((lane & 15) >= o) incl += t;
   }
-  const u32 tot_lo = __shfl_sync(FULL_MASK, lo_in, 31), tot_hi = __shfl_sync(FULL_MASK, hi_in, 31);
-  const u32 lo_ex = lo_in - lo, hi_ex = hi_in - hi;
-  const u32 base1 = tot_lo & 0xffffu, base2 = base1 + (tot_lo >> 16), base3 = base2 + (tot_hi & 0xffffu);
-  total = base3 + (tot_hi >> 16);
-  start[0] = lo_ex & 0xffffu;
-  start[1] = base1 + (lo_ex >> 16);
-  start[2] = base2 + (hi_ex & 0xffffu);
-  start[3] = base3 + (hi_ex >> 16);
+  const u32 lower = __shfl_sync(FULL_MASK, incl, 15), upper = __shfl_sync(FULL_MASK, incl, 31);
+  u32 excl = incl - c;
+  if (lane >= 16) excl += lower;
+  // per-step totals need 9 bits: add the half-warp totals in 16-bit fields (steps 0, 2 and 1, 3)
+  const u32 t02 = (lower & 0x00ff00ffu) + (upper & 0x00ff00ffu);
+  const u32 t13 = ((lower >> 8) & 0x00ff00ffu) + ((upper >> 8) & 0x00ff00ffu);
+  const u32 base1 = t02 & 0xffffu, base2 = base1 + (t13 & 0xffffu), base3 = base2 + (t02 >> 16);
+  total = base3 + (t13 >> 16);
+  start[0] = excl & 0xffu;
+  start[1] = base1 + ((excl >> 8) & 0xffu);
+  start[2] = base2 + ((excl >> 16) & 0xffu);
+  start[3] = base3 + (excl >> 24);
 }
 
 // ------------------------------------------------------------------------------------------------
