@@ -430,3 +430,14 @@ BAD_INPUTS = [
 def test_from_dense_rejects_bad_input(fmt, make, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fmt.from_dense(make(), **kwargs)
+
+
+@pytest.mark.parametrize("fmt", [BitmapTiles, TiledCSL], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("shape", [(1, 1), (70, 130), (64, 64), (257, 1000)], ids=str)
+def test_zeros_equals_from_dense_of_zeros(fmt, shape):
+    for dtype in (torch.float16, torch.bfloat16):
+        z = fmt.zeros(*shape, dtype)
+        ref = fmt.from_dense(torch.zeros(shape, dtype=dtype))
+        assert z.shape == ref.shape and z.dtype == dtype and z.nnz == 0
+        for name, t in ref.tensors().items():
+            assert torch.equal(z.tensors()[name], t), name

@@ -91,6 +91,17 @@ class BitmapTiles(SparseFormat):
         return cls._from_parts({"data": data, "offsets": offsets.to(torch.int32)}, (m, k), w.dtype,
                                values.numel())
 
+    @classmethod
+    def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "BitmapTiles":
+        """The all-zero ``[m, k]`` weight (what ``from_dense(torch.zeros(m, k))`` returns), built
+        without the dense matrix: every record is its 8-unit bitmap, all bits clear."""
+        mp, kp = L.padded_shape(m, k)
+        t = (mp // L.STRIP_M) * (kp // L.STRIP_K)
+        arrays = {"data": torch.zeros(t * 32, dtype=torch.int32, device=device),
+                  "offsets": torch.arange(0, RECORD_HEADER_UNITS * (t + 1), RECORD_HEADER_UNITS,
+                                          dtype=torch.int32, device=device)}
+        return cls._from_parts(arrays, (m, k), dtype, 0)
+
     def _words_and_counts(self):
         off = self.offsets.to(torch.int64)
         word_idx = off[:-1, None] * 4 + torch.arange(32, device=off.device)

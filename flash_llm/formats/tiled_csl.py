@@ -80,6 +80,16 @@ class TiledCSL(SparseFormat):
         data[dest] = entries
         return cls._from_parts({"data": data, "offsets": offsets.to(torch.int32)}, (m, k), w.dtype, nnz)
 
+    @classmethod
+    def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "TiledCSL":
+        """The all-zero ``[m, k]`` weight (what ``from_dense(torch.zeros(m, k))`` returns), built
+        without the dense matrix: no entries."""
+        mp, kp = L.padded_shape(m, k, m_multiple=TILE_M)
+        t = (mp // TILE_M) * (kp // L.STRIP_K)
+        arrays = {"data": torch.zeros(0, dtype=torch.int32, device=device),
+                  "offsets": torch.zeros(t + 1, dtype=torch.int32, device=device)}
+        return cls._from_parts(arrays, (m, k), dtype, 0)
+
     def to_dense(self) -> torch.Tensor:
         """The dense ``[M, K]`` weight, on this weight's device."""
         m, k = self.shape

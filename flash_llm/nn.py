@@ -1,0 +1,520 @@
+"""Model integration: :class:`SparseLinear`, a drop-in ``nn.Linear`` whose weight stays compressed, and
+:func:`sparsify_`, which swaps a model's ``nn.Linear`` layers for it in place (torchao conventions).
+
+::
+
+    report = flash_llm.sparsify_(model)             # fp16/bf16 model, pruned weights
+    print(report)                                   # what was converted, what stayed dense and why
+    y = model(x)                                    # SparseLinear layers call flash_llm.spmm
+
+Inference only: a :class:`SparseLinear` holds no parameters and no gradient flows to its weight.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .formats import FORMATS, BitmapTiles, FormatError, SparseFormat, TiledCSL
+from .formats._base import METADATA_KEY, VALUE_DTYPES, check_dense_weight, dtype_name
+from .ops import spmm
+
+#: Format names accepted by ``fmt=`` and :attr:`SparsifyConfig.format`.
+FORMAT_NAMES = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL}
+
+
+def _format_class(fmt, name: str = "fmt") -> type[SparseFormat]:
+    if isinstance(fmt, type) and issubclass(fmt, SparseFormat) and fmt in FORMATS.values():
+        return fmt
+    if isinstance(fmt, str) and fmt in FORMAT_NAMES:
+        return FORMAT_NAMES[fmt]
+    raise ValueError(f"{name} must be one of {sorted(FORMAT_NAMES)} or a format class "
+                     f"(BitmapTiles, TiledCSL); got {fmt!r}")
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W [out_features, in_features]`` kept compressed; a drop-in
+    replacement for an inference-only ``nn.Linear``.
+
+    The compressed arrays are persistent buffers ``weight_data`` and ``weight_offsets`` (int32, 1-D);
+    the bias is a buffer ``bias`` (``[out_features]`` in the weight's dtype) or ``None``.  Buffers,
+    not parameters: the layer is for inference, ``model.parameters()`` does not list it and no
+    gradient reaches the weight or the bias.  :attr:`weight` rebuilds the format object from the
+    buffers (no copies), so ``.to(device)`` / ``.cuda()`` moves work as for any module.
+
+    **Dtype is fixed at compression.**  Module dtype casts (``.half()``, ``.float()``,
+    ``.to(torch.bfloat16)``, ``.type(...)``) move nothing but the device: the int32 arrays encode
+    fp16/bf16 bit patterns and the bias stays in the weight's dtype (a ``UserWarning`` says so when a
+    cast would have changed it).  Inputs must have the weight's dtype (:attr:`weight_dtype`); to
+    change it, rebuild the layer: ``SparseLinear.from_dense(layer.to_dense(), layer.bias, dtype=...)``.
+
+    **State dicts** hold the two arrays, the bias and ``_extra_state``: the format metadata (format,
+    version, dtype, shape, nnz; a dict of str/int, loadable with ``torch.load(weights_only=True)``).
+    ``load_state_dict`` validates the arrays fully (a corrupt checkpoint raises, naming the tensor) and
+    *replaces* them, so any layer of the same shape and bias presence loads any other's state, whatever
+    its nnz, format or dtype; :meth:`zeros` builds such a shell (also on the ``meta`` device, for
+    ``load_state_dict(..., assign=True)``).
+
+    Args:
+        weight: the compressed weight ``[out_features, in_features]``
+            (:class:`~flash_llm.BitmapTiles` or :class:`~flash_llm.TiledCSL`).
+        bias: optional ``[out_features]`` floating tensor on the weight's device; cast to the
+            weight's dtype.
+    """
+
+    weight_data: torch.Tensor
+    weight_offsets: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, SparseFormat):
+            raise TypeError(f"weight must be a flash_llm compressed weight (BitmapTiles or TiledCSL), got "
+                            f"{type(weight).__name__}; use SparseLinear.from_dense for a dense tensor")
+        m, k = weight.shape
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            if tuple(bias.shape) != (m,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({m},) for a {m}x{k} weight")
+            if not bias.dtype.is_floating_point:
+                raise TypeError(f"bias has dtype {bias.dtype}; expected a floating-point tensor")
+            if bias.device != weight.device:
+                raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+            bias = bias.detach().to(weight.dtype)
+        self.in_features = k
+        self.out_features = m
+        self.weight_format: type[SparseFormat] = type(weight)
+        self.weight_dtype: torch.dtype = weight.dtype
+        for n, t in weight.tensors().items():
+            self.register_buffer("weight_" + n, t)
+        self.register_buffer("bias", bias)
+        nnz = weight.nnz
+        if nnz < 0 and weight.device.type != "meta":  # a weight built without its count (reference.as_format)
+            nnz = type(weight)._validate(weight.tensors(), weight.shape, "", "")
+        self._nnz: int = nnz
+
+    # ---- constructors --------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, fmt="bitmap",
+                   dtype: torch.dtype | None = None) -> "SparseLinear":
+        """Compress a dense ``weight [out_features, in_features]`` (fp16/bf16; ``dtype=`` casts another
+        floating dtype) into format ``fmt`` (``"bitmap"`` or ``"tiled-csl"``), on its device.  The
+        bias is copied (cast to the weight's dtype); the layer shares no memory with the inputs."""
+        cls_ = _format_class(fmt)
+        w = cls_.from_dense(weight.detach() if isinstance(weight, torch.Tensor) else weight, dtype=dtype)
+        if isinstance(bias, torch.Tensor) and bias.dtype.is_floating_point:  # others: __init__ says why not
+            bias = bias.detach().to(w.dtype, copy=True)
+        return cls(w, bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt="bitmap", dtype: torch.dtype | None = None) -> "SparseLinear":
+        """The compressed equivalent of ``linear`` (its weight fp16/bf16, or any floating dtype with
+        ``dtype=``), on its device.  Zeros of the weight are what gets dropped: prune first."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls.from_dense(linear.weight, linear.bias, fmt=fmt, dtype=dtype)
+
+    @classmethod
+    def zeros(cls, in_features: int, out_features: int, bias: bool = True, fmt="bitmap",
+              dtype: torch.dtype = torch.float16, device=None) -> "SparseLinear":
+        """An all-zero layer (nnz 0, zero bias): a shell to ``load_state_dict`` a checkpoint into.
+
+        Built without a dense matrix, so cheap for any shape; ``device="meta"`` allocates nothing
+        (load with ``assign=True`` then).
+        """
+        if dtype not in VALUE_DTYPES:
+            raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        w = _format_class(fmt).zeros(out_features, in_features, dtype, device or "cpu")
+        return cls(w, torch.zeros(out_features, dtype=dtype, device=w.device) if bias else None)
+
+    # ---- the weight ----------------------------------------------------------------------------
+    def _format(self, nnz: int) -> SparseFormat:
+        arrays = {n: getattr(self, "weight_" + n) for n in self.weight_format._arrays}
+        return self.weight_format._from_parts(arrays, (self.out_features, self.in_features), self.weight_dtype,
+                                              nnz)
+
+    @property
+    def weight(self) -> SparseFormat:
+        """The compressed weight as a format object over this module's buffers (no copies)."""
+        return self._format(self._nnz)
+
+    @property
+    def nnz(self) -> int:
+        """Nonzeros of the weight (validated from the arrays when built or loaded)."""
+        return self._nnz
+
+    @property
+    def density(self) -> float:
+        return self._nnz / (self.out_features * self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compressed weight's arrays (the bias not included)."""
+        return sum(_tensor_bytes(getattr(self, "weight_" + n)) for n in self.weight_format._arrays)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``."""
+        if x.dtype != self.weight_dtype:
+            raise TypeError(f"SparseLinear holds a {self.weight_dtype} weight (fixed at compression; module "
+                            f"dtype casts do not change it) but x has dtype {x.dtype}; cast x, or rebuild "
+                            "the layer with SparseLinear.from_dense(layer.to_dense(), layer.bias, dtype=...)")
+        return spmm(x, self.weight, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight ``[out_features, in_features]`` in :attr:`weight_dtype`, on this module's device."""
+        return self.weight.to_dense()
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function (dense weight and bias copied out)."""
+        w = self.to_dense()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                        dtype=self.weight_dtype)
+        lin.weight = nn.Parameter(w)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.clone())
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.weight_format.__name__}, dtype={dtype_name(self.weight_dtype)}, "
+                f"density={self.density:.4f}, nbytes={self.nbytes}, bias={self.bias is not None}")
+
+    # ---- module plumbing: dtype casts, state dicts -------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # Device moves apply; dtype changes would corrupt the bit patterns (int32 arrays under
+        # .type()) or desynchronize bias and weight, so every buffer keeps its dtype.
+        before = dict(self._buffers)
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.weight_data.device))
+        super()._apply(fn, recurse)
+        for n, old in before.items():
+            new = self._buffers[n]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        if probe.dtype != self.weight_dtype:
+            warnings.warn(f"a cast to {probe.dtype} leaves SparseLinear layers in {self.weight_dtype}: a "
+                          "compressed weight keeps the dtype it was compressed in (rebuild it with "
+                          "SparseLinear.from_dense(layer.to_dense(), layer.bias, dtype=...) to change it)",
+                          UserWarning, stacklevel=2)
+        return self
+
+    def get_extra_state(self) -> dict:
+        meta = self.weight.metadata()
+        if self._nnz < 0:
+            meta["nnz"] = None
+        return meta
+
+    def set_extra_state(self, state) -> None:
+        pass  # read together with the arrays in _load_from_state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # All or nothing per layer: the arrays are validated together with the metadata, and unless they
+        # load, the bias is not loaded either.  The arrays are popped so nn.Module's loader (bias, extra
+        # state, hooks, unexpected keys) does not size-check them: another nnz means other sizes.
+        keys = {n: prefix + "weight_" + n for n in self.weight_format._arrays}
+        arrays = {n: state_dict.pop(k) for n, k in keys.items() if k in state_dict}
+        popped = [keys[n] for n in arrays]
+        if arrays:
+            w = self._checked_weight(arrays, state_dict.get(prefix + "_extra_state"), prefix, error_msgs) \
+                if len(arrays) == len(keys) else None
+            b = state_dict.get(prefix + "bias")
+            bias_fits = self.bias is None or b is None or (isinstance(b, torch.Tensor)
+                                                           and tuple(b.shape) == (self.out_features,))
+            if w is not None and bias_fits:  # a misfit bias is reported by nn.Module's loader
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                device = self.weight_data.device
+                for n, t in w.tensors().items():
+                    self._buffers["weight_" + n] = t if assign else t.to(device, copy=True)
+                if self.bias is not None and self.bias.dtype != w.dtype:  # the loader copies into it
+                    self._buffers["bias"] = torch.empty_like(self.bias, dtype=w.dtype)
+                self.weight_format, self.weight_dtype, self._nnz = type(w), w.dtype, w.nnz
+            elif w is None and prefix + "bias" in state_dict:
+                state_dict.pop(prefix + "bias")
+                popped.append(prefix + "bias")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for k in popped:  # present in the checkpoint, so not missing (errors, if any, are in error_msgs)
+            if k in missing_keys:
+                missing_keys.remove(k)
+
+    def _checked_weight(self, arrays, meta, prefix, error_msgs) -> SparseFormat | None:
+        """The checkpoint's weight, fully validated, or None with the reason in ``error_msgs``."""
+        label = prefix + "weight"
+        if meta is None:  # no metadata: read the arrays as this layer's format and dtype
+            meta = {**self.weight.metadata(), "nnz": None}
+        if not isinstance(meta, dict):
+            error_msgs.append(f"{prefix}_extra_state is a {type(meta).__name__}; expected the flash-llm format "
+                              "metadata dict of a SparseLinear")
+            return None
+        cls = FORMATS.get(meta.get("format"))
+        if cls is None:
+            error_msgs.append(f"{label} has unknown format {meta.get('format')!r}; known: {sorted(FORMATS)}")
+            return None
+        if any(not isinstance(t, torch.Tensor) for t in arrays.values()):
+            error_msgs.append(f"{label}: the checkpoint's weight arrays must be tensors")
+            return None
+        try:  # errors name the state-dict keys: prefix + "weight_data", ...
+            w = cls.from_state({prefix + "weight_" + n: t for n, t in arrays.items()},
+                               {prefix + "weight_" + METADATA_KEY: json.dumps(meta)}, prefix=prefix + "weight_",
+                               source="state_dict")
+        except (FormatError, TypeError) as e:  # TypeError: metadata json cannot encode
+            error_msgs.append(f"{label}: {e}" if isinstance(e, TypeError) else str(e))
+            return None
+        if w.shape != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {label}: the checkpoint holds a {w.shape[0]}x{w.shape[1]} weight, "
+                              f"this layer is {self.out_features}x{self.in_features}")
+            return None
+        return w
+
+
+# ---- sparsify_ ------------------------------------------------------------------------------------
+
+@dataclass
+class SparsifyConfig:
+    """What :func:`sparsify_` converts, and to which format.
+
+    Attributes:
+        format: ``"bitmap"`` (default; :class:`~flash_llm.BitmapTiles`) or ``"tiled-csl"``.
+        min_sparsity: layers whose weight has a smaller fraction of zeros stay dense (default 0.3).
+            Why: a bitmap weight costs 1 bit per element plus 2 bytes per nonzero, so it is smaller
+            than fp16 only above ~6 % zeros, and at 30 % it takes ~0.77x the dense bytes; the kernels
+            only beat dense cuBLAS from about 50-70 % sparsity, and at decode batch sizes
+            (``benchmarks/RESULTS.md``).  Raise it when speed, not memory, is the goal.  Independently,
+            a layer whose compressed weight is not smaller than its dense weight (TiledCSL below ~50 %
+            sparsity) stays dense.
+        dtype: ``None`` keeps each layer's fp16/bf16 dtype and skips other dtypes (fp32...);
+            ``torch.float16`` / ``torch.bfloat16`` casts every converted layer to it (then cast the rest
+            of the model too, e.g. ``model.to(dtype)``: a SparseLinear takes inputs of its dtype).
+        skip_names: layers kept dense by name: a layer is skipped when its fully qualified name equals
+            an entry or ends with ``"." + entry`` (default ``("lm_head",)``).
+    """
+
+    format: str = "bitmap"
+    min_sparsity: float = 0.3
+    dtype: torch.dtype | None = None
+    skip_names: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        _format_class(self.format, "SparsifyConfig.format")
+        if isinstance(self.min_sparsity, bool) or not isinstance(self.min_sparsity, (int, float)) or not (
+                0.0 <= self.min_sparsity <= 1.0):
+            raise ValueError(f"SparsifyConfig.min_sparsity must be a number in [0, 1], got {self.min_sparsity!r}")
+        if self.dtype is not None and self.dtype not in VALUE_DTYPES:
+            raise TypeError(f"SparsifyConfig.dtype must be None, torch.float16 or torch.bfloat16, got {self.dtype}")
+        if isinstance(self.skip_names, str):
+            raise TypeError(f"SparsifyConfig.skip_names must be a sequence of names, got the string "
+                            f"{self.skip_names!r} (write ({self.skip_names!r},))")
+        self.skip_names = tuple(self.skip_names)
+
+
+class ConvertedLayer(NamedTuple):
+    """One converted layer.  Bytes count the weight and bias tensors, before and after."""
+
+    fqn: str
+    shape: tuple[int, int]
+    density: float
+    dense_bytes: int
+    sparse_bytes: int
+
+
+class SkippedLayer(NamedTuple):
+    fqn: str
+    reason: str
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class SparsifyReport:
+    """What :func:`sparsify_` did: ``converted`` and ``skipped`` layers, in model order."""
+
+    converted: list[ConvertedLayer] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes the converted layers' weights and biases took before."""
+        return sum(c.dense_bytes for c in self.converted)
+
+    @property
+    def sparse_bytes(self) -> int:
+        """Bytes they take now (compressed weight plus bias)."""
+        return sum(c.sparse_bytes for c in self.converted)
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.dense_bytes - self.sparse_bytes
+
+    def __str__(self) -> str:
+        rows = [("layer", "shape", "density", "dense", "sparse", "saved")]
+        rows += [(c.fqn, f"{c.shape[0]}x{c.shape[1]}", f"{c.density:.4f}", _human(c.dense_bytes),
+                  _human(c.sparse_bytes), _human(c.dense_bytes - c.sparse_bytes)) for c in self.converted]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"converted {len(self.converted)} layer(s):"]
+        lines += ["  " + "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                  for r in rows]
+        lines.append(f"total: {_human(self.dense_bytes)} -> {_human(self.sparse_bytes)}, "
+                     f"saved {_human(self.bytes_saved)} ({self.bytes_saved} bytes)")
+        if self.skipped:
+            lines.append(f"kept dense {len(self.skipped)} layer(s):")
+            lines += [f"  {s.fqn}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return None
+    return (t.device, ptr) if ptr else None
+
+
+def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: dict) -> str | None:
+    """Why ``module`` stays dense, or None to convert it (the checks that need no compression)."""
+    if not fqn:
+        return "the model itself is an nn.Linear (sparsify_ replaces submodules; use SparseLinear.from_linear)"
+    if any(fqn == n or fqn.endswith("." + n) for n in config.skip_names):
+        return f"name in skip_names {config.skip_names}"
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return "out_proj of nn.MultiheadAttention, which reads its .weight directly"
+    if type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} overrides nn.Linear.forward"
+    if parametrize.is_parametrized(module):
+        return "parametrized weight (torch.nn.utils.parametrize); remove the parametrization first"
+    if hasattr(module, "weight_orig") or hasattr(module, "weight_mask"):
+        return "pruning reparametrization (torch.nn.utils.prune); call prune.remove(module, 'weight') first"
+    hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
+    if hooks:
+        return f"has {hooks} forward hook(s) that a replacement would drop"
+    w = module.weight
+    if type(w) not in (torch.Tensor, nn.Parameter) or (module.bias is not None
+                                                       and type(module.bias) not in (torch.Tensor, nn.Parameter)):
+        return f"weight is a {type(w).__name__} (a tensor subclass), not a plain tensor"
+    if w.is_meta:
+        return "weight is on the meta device (no values to compress); load the weights first"
+    if w.numel() == 0:
+        return f"empty weight {tuple(w.shape)}"
+    if w.numel() >= 2**31:
+        return f"weight {tuple(w.shape)} has 2^31 or more elements; the formats index it with int32"
+    for name, t in (("weight", w), ("bias", module.bias)):
+        others = [n for n in sharing.get(_storage_key(t), ()) if n != f"{fqn}.{name}"] if t is not None else []
+        if others:
+            return f"{name} shares memory with {', '.join(others)} (tied); converting would untie it"
+    if config.dtype is None and w.dtype not in VALUE_DTYPES:
+        if w.dtype.is_floating_point:
+            return (f"dtype {w.dtype}: the formats hold fp16/bf16; pass SparsifyConfig(dtype=torch.float16 or "
+                    "torch.bfloat16) to cast")
+        return f"dtype {w.dtype} is not supported (fp16/bf16)"
+    if not w.dtype.is_floating_point:
+        return f"dtype {w.dtype} is not a floating-point dtype"
+    return None
+
+
+def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> SparsifyReport:
+    """Replace, in place, the ``nn.Linear`` layers of ``model`` worth compressing by :class:`SparseLinear`.
+
+    Every layer gets a decision first: a layer stays dense when ``filter_fn(module, fqn)`` returns
+    False, its name is in ``config.skip_names`` (``lm_head`` by default), its weight or bias is shared
+    with another parameter or buffer (tied weights), it is an ``nn.Linear`` subclass with its own
+    ``forward`` or one another module reads directly (``nn.MultiheadAttention.out_proj``), it carries
+    hooks, parametrizations or ``torch.nn.utils.prune`` masks, its weight is on ``meta``, its dtype is
+    not fp16/bf16 and ``config.dtype`` is unset, its sparsity is below ``config.min_sparsity``, or its
+    compressed weight would not be smaller.  Then all chosen layers are compressed (on their devices,
+    so peak memory holds both versions of them) and only then swapped in: an exception raised while
+    compressing propagates with the model unchanged.
+
+    Args:
+        model: any module; converted layers must then be fed inputs of their dtype.
+        config: a :class:`SparsifyConfig` (default ``SparsifyConfig()``).
+        filter_fn: ``(module, fqn) -> bool``, called for every ``nn.Linear`` with its fully qualified
+            name; False keeps the layer dense.
+
+    Returns:
+        A :class:`SparsifyReport` of converted layers (shape, density, bytes before and after) and
+        skipped layers with reasons.  When any layer was skipped, or the model has no ``nn.Linear``, a
+        ``UserWarning`` lists them.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config = SparsifyConfig() if config is None else config
+    if not isinstance(config, SparsifyConfig):
+        raise TypeError(f"config must be a SparsifyConfig or None, got {type(config).__name__}")
+    fmt_cls = _format_class(config.format)
+
+    sharing: dict = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        key = _storage_key(t)
+        if key is not None:
+            sharing.setdefault(key, []).append(n)
+
+    report = SparsifyReport()
+    plan: list[tuple[str, SparseLinear]] = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(module, fqn):
+            report.skipped.append(SkippedLayer(fqn, "excluded by filter_fn"))
+            continue
+        reason = _skip_reason(module, fqn, config, sharing)
+        if reason is None:
+            with torch.no_grad():
+                w = check_dense_weight(module.weight.detach(), config.dtype, name=f"{fqn}.weight")
+                sparsity = 1.0 - int(torch.count_nonzero(w)) / w.numel()
+                if sparsity < config.min_sparsity:
+                    reason = f"sparsity {sparsity:.4f} < min_sparsity {config.min_sparsity}"
+                else:
+                    try:
+                        layer = SparseLinear(fmt_cls.from_dense(w), None if module.bias is None else
+                                             module.bias.detach().to(w.dtype, copy=True))
+                    except Exception as e:
+                        if hasattr(e, "add_note"):  # Python >= 3.11
+                            e.add_note(f"sparsify_: while compressing '{fqn}' {tuple(w.shape)}; "
+                                       "the model is unchanged")
+                        raise
+                    dense_w = _tensor_bytes(w)
+                    if layer.nbytes >= dense_w:
+                        reason = (f"compressed weight ({fmt_cls.__name__}, {_human(layer.nbytes)}) is not "
+                                  f"smaller than dense ({_human(dense_w)}) at sparsity {sparsity:.4f}")
+        if reason is not None:
+            report.skipped.append(SkippedLayer(fqn, reason))
+            continue
+        plan.append((fqn, layer))
+        report.converted.append(ConvertedLayer(
+            fqn, (layer.out_features, layer.in_features), layer.density,
+            _tensor_bytes(module.weight) + _tensor_bytes(module.bias), layer.nbytes + _tensor_bytes(layer.bias)))
+
+    for fqn, layer in plan:
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), name, layer)
+
+    if not report.converted and not report.skipped:
+        warnings.warn("sparsify_: the model has no nn.Linear layers; nothing was converted", UserWarning,
+                      stacklevel=2)
+    elif report.skipped:
+        limit = 20
+        lines = [f"  {s.fqn}: {s.reason}" for s in report.skipped[:limit]]
+        if len(report.skipped) > limit:
+            lines.append(f"  ... and {len(report.skipped) - limit} more (see the returned report)")
+        warnings.warn(f"sparsify_ kept {len(report.skipped)} nn.Linear layer(s) dense "
+                      f"({len(report.converted)} converted):\n" + "\n".join(lines), UserWarning, stacklevel=2)
+    return report
