@@ -60,7 +60,7 @@ def main(argv=None):
             w = torch.randn(m, k, device=device).half()
             w.mul_(torch.rand(m, k, device=device) >= args.sparsity)
             for name, cls in FORMATS.items():
-                t_enc, f = timed(lambda: cls.from_dense(w), device, repeats)
+                t_enc, f = timed(lambda cls=cls, w=w: cls.from_dense(w), device, repeats)
                 t_dec, d = timed(f.to_dense, device, repeats)
                 assert torch.equal(d, w), "round trip failed"
                 row = dict(device=device, format=name, M=m, K=k, sparsity=args.sparsity,

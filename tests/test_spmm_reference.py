@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flash_llm
-from flash_llm import BitmapTiles, TiledCSL
+from flash_llm import BitmapTiles
 from flash_llm.reference import FORMAT_IDS
 from conftest import assert_close_to_reference, random_values, sparse_weight
 
