@@ -1,0 +1,476 @@
+"""One-shot pruning of a model's ``nn.Linear`` weights, in place: magnitude, Wanda and SparseGPT.
+
+Each pruner writes exact zeros into the weights and leaves the model dense; compress it afterwards::
+
+    report = flash_llm.prune.sparsegpt_prune_(model, calib, 0.5)   # calib: LongTensor [B, T] or a list
+    print(report)                                                   # per layer: sparsity, error
+    flash_llm.sparsify_(model)                                      # nn.Linear -> SparseLinear
+
+Calibration data is a tensor (token ids ``[B, T]``, or whatever the model takes) or a sequence of them;
+each batch is moved to the device of the model's first parameter and the model is called as
+``model(batch)`` under ``torch.no_grad()`` and in eval mode (the training flag is restored after).
+
+Exact counts.  With ``n = round(sparsity * count)`` (Python's ``round``):
+
+* :func:`magnitude_prune_` zeroes ``n`` weights per layer (``scope="layer"``) or ``n`` of all selected
+  weights (``scope="global"``; one threshold over all layers);
+* :func:`wanda_prune_` zeroes ``round(sparsity * K)`` weights in every output row;
+* :func:`sparsegpt_prune_` zeroes ``round(sparsity * M * K)`` weights per layer.
+
+Ties in the score go to the lower flat index (for ``scope="global"``, to the earlier layer first), so
+results are deterministic.  Weights already zero score lowest and are pruned first; a layer that had
+more zeros than requested keeps them (its reported sparsity is then higher).
+
+Dtypes: scores and updates are computed in fp32 (SparseGPT's Hessian in float64) on each weight's
+device; magnitude and Wanda only write zeros, so the kept weights are bit-identical; SparseGPT writes
+its updated weights back in the weight's dtype, and a kept weight that would round to zero in fp16/bf16
+becomes the smallest subnormal of its sign, so the zero count stays exact.
+
+Each function returns a :class:`PruneReport`: per layer its fqn, shape, reached sparsity and the
+relative reconstruction error ``||W X - W_p X||_F^2 / ||W X||_F^2`` over the calibration inputs ``X``
+of that layer (``None`` for magnitude pruning without ``calib``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["magnitude_prune_", "wanda_prune_", "sparsegpt_prune_"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrunedLayer:
+    """One pruned layer.
+
+    Attributes:
+        fqn: fully qualified name in the model (``""`` when the model itself is the ``nn.Linear``).
+        shape: ``(out_features, in_features)``.
+        sparsity: fraction of exact zeros in the weight after pruning.
+        error: ``||W X - W_p X||_F^2 / ||W X||_F^2`` over the layer's calibration inputs (``nan`` when
+            ``W X`` is zero), or ``None`` when not measured (magnitude pruning without ``calib``).
+    """
+
+    fqn: str
+    shape: tuple[int, int]
+    sparsity: float
+    error: float | None
+
+
+@dataclass
+class PruneReport:
+    """What a pruner did: ``method``, the requested ``target`` sparsity and the ``layers`` in the order
+    they were pruned.  Iterating, ``len`` and indexing go over ``layers``."""
+
+    method: str
+    target: float
+    layers: list[PrunedLayer] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned layers together."""
+        total = sum(p.shape[0] * p.shape[1] for p in self.layers)
+        return sum(p.sparsity * p.shape[0] * p.shape[1] for p in self.layers) / total if total else 0.0
+
+    def __str__(self) -> str:
+        rows = [("layer", "shape", "sparsity", "rel. error")]
+        rows += [(p.fqn or "<model>", f"{p.shape[0]}x{p.shape[1]}", f"{p.sparsity:.4f}",
+                  "-" if p.error is None else f"{p.error:.4g}") for p in self.layers]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"{self.method}: {len(self.layers)} layer(s), target sparsity {self.target}, "
+                 f"reached {self.sparsity:.4f} overall"]
+        lines += ["  " + "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                  for r in rows]
+        return "\n".join(lines)
+
+
+# ---- argument checks --------------------------------------------------------------------------------
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of weights set to zero), "
+                         f"got {sparsity!r}")
+    return float(sparsity)
+
+
+def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
+    if isinstance(calib, torch.Tensor):
+        batches = [calib]
+    elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
+        batches = list(calib)
+    else:
+        raise TypeError(f"calib must be a tensor or a sequence of tensors (token batches [B, T]), "
+                        f"got {type(calib).__name__}")
+    for i, b in enumerate(batches):
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"calib[{i}] must be a tensor, got {type(b).__name__}")
+    batches = [b for b in batches if b.numel() > 0]
+    if not batches:
+        raise ValueError("calib is empty: pass at least one non-empty batch of calibration tokens, "
+                         "e.g. a LongTensor [B, T]")
+    device = next(model.parameters()).device
+    return [b.to(device) for b in batches]
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def _select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` layers to prune, in module order; raises when there are none or when a weight
+    is shared with another tensor (pruning it would silently zero the other one too)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [(fqn, m) for fqn, m in model.named_modules()
+              if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, fqn))]
+    if not layers:
+        raise ValueError("model has no nn.Linear layer to prune" + (" that filter_fn accepts" if filter_fn else ""))
+    owners: dict[int, list[str]] = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        ptr = _storage_ptr(t)
+        if ptr:
+            owners.setdefault(ptr, []).append(n)
+    for fqn, m in layers:
+        name = f"{fqn}.weight" if fqn else "weight"
+        if m.weight.is_meta:
+            raise ValueError(f"{name} is on the meta device (no values to prune); load the weights first")
+        others = [n for n in owners.get(_storage_ptr(m.weight), ()) if n != name]
+        if others:
+            raise ValueError(f"{name} shares memory with {', '.join(others)} (tied weights): pruning it would "
+                             "zero those too; exclude the layer with filter_fn")
+    return layers
+
+
+def _count(sparsity: float, n: int) -> int:
+    return min(n, round(sparsity * n))
+
+
+# ---- calibration passes ----------------------------------------------------------------------------
+
+def _layer_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _run_with_hooks(model: nn.Module, batches: list[torch.Tensor], hooks: dict[nn.Module, Callable]) -> None:
+    """``model(batch)`` for every batch with ``hooks[module](x)`` seeing each input of each hooked
+    module; eval mode and no_grad during the pass.  Raises when a hooked module never ran."""
+    seen: set[nn.Module] = set()
+
+    def make(fn):
+        def pre_hook(module, args, kwargs):
+            seen.add(module)
+            fn(_layer_input(args, kwargs).detach())
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(make(fn), with_kwargs=True) for m, fn in hooks.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [m for m in hooks if m not in seen]
+    if missing:
+        names = {m: n for n, m in model.named_modules()}
+        raise ValueError(f"layer(s) {', '.join(repr(names.get(m, '?')) for m in missing)} received no input when "
+                         "the model ran on calib (not called by model(tokens)); exclude them with filter_fn")
+
+
+def _forward_order(model, batches, layers):
+    """``layers`` sorted by their first call when the model runs on the first calibration batch."""
+    order: dict[nn.Module, int] = {}
+    hooks = {m: (lambda x, m=m: order.setdefault(m, len(order))) for _, m in layers}
+    _run_with_hooks(model, batches[:1], hooks)
+    return sorted(layers, key=lambda item: order[item[1]])
+
+
+def _rel_error(num: float, den: float) -> float:
+    return num / den if den > 0 else (0.0 if num == 0 else float("nan"))
+
+
+def _measure_errors(model, batches, layers, masks) -> list[float]:
+    """Relative error of zeroing ``masks`` (True = pruned) in each layer, one pass of the model as it is
+    (before the zeros are written)."""
+    num = [0.0] * len(layers)
+    den = [0.0] * len(layers)
+
+    def make(i, module, mask):
+        def fn(x):
+            x = x.reshape(-1, module.in_features).float()
+            w = module.weight.detach().float()
+            den[i] += float((x @ w.t()).double().square().sum())
+            num[i] += float((x @ (w * mask).t()).double().square().sum())
+        return fn
+
+    _run_with_hooks(model, batches, {m: make(i, m, masks[i]) for i, (_, m) in enumerate(layers)})
+    return [_rel_error(n, d) for n, d in zip(num, den)]
+
+
+# ---- mask selection ---------------------------------------------------------------------------------
+
+def _lowest_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Boolean masks marking exactly the ``k`` smallest entries of all ``scores`` together (non-negative
+    floats; ties go to the earlier tensor, then the lower flat index).
+
+    Finds the k-th smallest value by bisection over fp32 bit patterns (ordered like the values for
+    non-negative floats) instead of sorting a concatenation: memory stays one temporary per layer.
+    """
+    keys = [s.detach().float().abs().contiguous().view(torch.int32) for s in scores]
+    masks = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+    if k <= 0:
+        return masks
+    lo, hi = 0, 2**31 - 1  # smallest t with #(key <= t) >= k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(int((key <= mid).sum()) for key in keys) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    for m, key in zip(masks, keys):
+        m.copy_(key < lo)
+    left = k - sum(int(m.sum()) for m in masks)
+    for m, key in zip(masks, keys):
+        if left <= 0:
+            break
+        ties = torch.nonzero((key == lo).reshape(-1)).squeeze(1)[:left]
+        m.view(-1)[ties] = True
+        left -= ties.numel()
+    return masks
+
+
+def _lowest_per_row(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Mask of the ``n`` smallest entries of each row (stable: ties go to the lower column)."""
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if n > 0:
+        mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :n], True)
+    return mask
+
+
+def _layer_sparsity(w: torch.Tensor) -> float:
+    return (w.numel() - int(torch.count_nonzero(w))) / w.numel()
+
+
+def _finish_zero_masks(method, target, model, layers, masks, batches) -> PruneReport:
+    errors = _measure_errors(model, batches, layers, masks) if batches is not None else [None] * len(layers)
+    report = PruneReport(method, target)
+    with torch.no_grad():
+        for (fqn, m), mask, err in zip(layers, masks, errors):
+            m.weight.masked_fill_(mask, 0)
+            report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), err))
+    return report
+
+
+# ---- magnitude --------------------------------------------------------------------------------------
+
+def magnitude_prune_(model: nn.Module, sparsity: float, *, scope: str = "layer", filter_fn: FilterFn | None = None,
+                     calib=None) -> PruneReport:
+    """Zero the smallest-magnitude weights of every selected ``nn.Linear``, in place.
+
+    Args:
+        model: any module; every ``nn.Linear`` that ``filter_fn`` accepts is pruned.
+        sparsity: fraction of weights to zero, in ``[0, 1)``.
+        scope: ``"layer"``: exactly ``round(sparsity * M * K)`` zeros in each layer; ``"global"``: one
+            threshold over all selected layers, exactly ``round(sparsity * total)`` zeros in total (layers
+            of larger weights keep more).
+        filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
+        calib: optional calibration batches (tensor ``[B, T]`` or a sequence); only used to measure each
+            layer's reconstruction error in the report (one forward pass).
+
+    Returns:
+        A :class:`PruneReport`; ``error`` is ``None`` without ``calib``.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    layers = _select_linears(model, filter_fn)
+    batches = None if calib is None else _calib_batches(calib, model)
+    weights = [m.weight for _, m in layers]
+    if scope == "layer":
+        masks = [_lowest_k([w], _count(sparsity, w.numel()))[0] for w in weights]
+    else:
+        masks = _lowest_k(weights, _count(sparsity, sum(w.numel() for w in weights)))
+    return _finish_zero_masks("magnitude", sparsity, model, layers, masks, batches)
+
+
+# ---- Wanda ------------------------------------------------------------------------------------------
+
+def wanda_prune_(model: nn.Module, calib, sparsity: float, *, filter_fn: FilterFn | None = None) -> PruneReport:
+    """Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"), in place.
+
+    Weight ``W_ij`` of a layer ``[M, K]`` scores ``|W_ij| * ||X_j||_2``, with ``X_j`` input feature ``j``
+    of that layer over all calibration tokens; each output row keeps its ``K - round(sparsity * K)``
+    highest-scoring weights.  No weight update.
+
+    The input norms of all layers are collected in one pass of the *dense* model (forward hooks).  The
+    reference implementation instead propagates the calibration activations block by block through the
+    already pruned blocks; the paper finds the difference small, and one pass works for any model.  A
+    second pass (still dense) measures each layer's reconstruction error before the zeros are written;
+    meanwhile one bool mask per layer is held (1 byte per weight).
+
+    Args:
+        model: any module called as ``model(batch)``.
+        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
+        sparsity: fraction of each row to zero, in ``[0, 1)``.
+        filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
+
+    Returns:
+        A :class:`PruneReport` with every layer's sparsity and reconstruction error.
+    """
+    sparsity = _check_sparsity(sparsity)
+    layers = _select_linears(model, filter_fn)
+    batches = _calib_batches(calib, model)
+    sq_norms = {m: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for _, m in layers}
+
+    def make(m):
+        def fn(x):
+            sq_norms[m] += x.reshape(-1, m.in_features).float().square().sum(0).double()
+        return fn
+
+    _run_with_hooks(model, batches, {m: make(m) for _, m in layers})
+    masks = [_lowest_per_row(m.weight.detach().float().abs() * sq_norms[m].sqrt().float(),
+                             _count(sparsity, m.in_features)) for _, m in layers]
+    return _finish_zero_masks("wanda", sparsity, model, layers, masks, batches)
+
+
+# ---- SparseGPT --------------------------------------------------------------------------------------
+
+def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int, percdamp: float,
+                     name: str) -> tuple[torch.Tensor, float]:
+    """Prune one weight ``[M, K]`` given its input Gram matrix ``H`` ``[K, K]`` (float64, any positive
+    scale).  Returns the pruned weight in the weight's dtype and the relative reconstruction error."""
+    M, K = weight.shape
+    W0 = weight.detach().float()
+    W = W0.clone()
+    diag0 = H.diagonal().clone()
+    dead = diag0 == 0  # inputs that are zero on every calibration token
+    H.diagonal()[dead] = 1.0
+    H.diagonal().add_(percdamp * float(H.diagonal().mean()))
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(f"{name}: the dampened Hessian is not positive definite (Cholesky failed at column "
+                         f"{int(info)}); raise percdamp (now {percdamp}) or use more calibration data")
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()  # upper Cholesky of H^-1
+    del L
+    H.diagonal().copy_(diag0)  # H is the plain Gram matrix again, for the error below
+
+    total = M * K
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        # the block's share of the layer's zeros: cumulative rounding, so the shares sum to round(s * M * K)
+        n_block = _count(sparsity, total) if i2 == K else round(sparsity * total * i2 / K)
+        n_block -= round(sparsity * total * i1 / K)
+        score = W1.square() / Hinv1.diagonal().square().unsqueeze(0)
+        score[:, dead[i1:i2]] = 0.0  # free to prune: no error on the calibration data
+        mask1 = torch.zeros(W1.numel(), dtype=torch.bool, device=W.device)
+        mask1[torch.sort(score.reshape(-1), stable=True).indices[:n_block]] = True
+        mask1 = mask1.view_as(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    out = W.to(weight.dtype)
+    kept_underflow = (out == 0) & (W != 0)  # kept weights too small for fp16/bf16: keep them nonzero
+    if bool(kept_underflow.any()):
+        tiny = torch.finfo(weight.dtype).smallest_normal * torch.finfo(weight.dtype).eps
+        out = torch.where(kept_underflow, torch.where(W > 0, tiny, -tiny).to(weight.dtype), out)
+    W0d = W0.double()
+    dW = W0d - out.double()
+    err = _rel_error(float(((dW @ H) * dW).sum()), float(((W0d @ H) * W0d).sum()))
+    return out, err
+
+
+def sparsegpt_prune_(model: nn.Module, calib, sparsity: float, *, blocksize: int = 128, percdamp: float = 0.01,
+                     filter_fn: FilterFn | None = None) -> PruneReport:
+    """SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+    One-Shot"), in place: prune each layer and update its remaining weights to compensate (OBS).
+
+    Per layer ``W [M, K]`` with calibration inputs ``X [N, K]``: ``H = 2/N X^T X`` (float64 on the
+    weight's device), inputs that are zero on every token get ``H_jj = 1``, ``percdamp * mean(diag H)``
+    is added to the diagonal, and the upper Cholesky factor of ``H^-1`` drives the blockwise update of
+    the reference algorithm in fp32: for each block of ``blocksize`` columns the mask is chosen by
+    ``w^2 / [H^-1]_jj^2`` over the whole block (all rows), then the columns are pruned one by one and
+    their error is spread over the not yet processed columns.
+
+    Exact sparsity: each block gets its share of the layer's zeros (cumulative rounding of
+    ``sparsity * M * K * block_end / K``), so the layer ends with exactly ``round(sparsity * M * K)``
+    zeros; rows may differ, as in the paper.  Weights of dead inputs score 0 (free to prune) but are
+    never zeroed beyond the block's share.
+
+    Order: layers are pruned one after another in the order the model first calls them, each on the
+    inputs it receives from the already pruned earlier layers.  For that the model runs on all of
+    ``calib`` once per layer (a hook accumulates that layer's ``H``): ``L`` forward passes, simple and
+    exact for any model, meant for models small enough to run that often.
+
+    Args:
+        model: any module called as ``model(batch)``.
+        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
+        sparsity: fraction of each layer's weights to zero, in ``[0, 1)``.
+        blocksize: columns per block (the lazy-update batch of the reference; 128).
+        percdamp: dampening, as a fraction of the mean of ``diag(H)`` (0.01).
+        filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
+
+    Returns:
+        A :class:`PruneReport`; each layer's error is on the inputs it saw when it was pruned.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0.0 < percdamp < math.inf:
+        raise ValueError(f"percdamp must be a positive number, got {percdamp!r}")
+    layers = _select_linears(model, filter_fn)
+    batches = _calib_batches(calib, model)
+    report = PruneReport("sparsegpt", sparsity)
+    for fqn, m in tqdm(_forward_order(model, batches, layers), desc="sparsegpt", unit="layer"):
+        H = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+        tokens = [0]
+
+        def accumulate(x, m=m, H=H, tokens=tokens):
+            x = x.reshape(-1, m.in_features).double()
+            H.addmm_(x.t(), x)
+            tokens[0] += x.shape[0]
+
+        _run_with_hooks(model, batches, {m: accumulate})
+        H.mul_(2.0 / max(tokens[0], 1))
+        pruned, err = _sparsegpt_layer(m.weight, H, sparsity, blocksize, float(percdamp),
+                                       f"{fqn}.weight" if fqn else "weight")
+        del H
+        with torch.no_grad():
+            m.weight.copy_(pruned)
+        report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), err))
+    return report
