@@ -8,6 +8,8 @@ from typing import ClassVar
 
 import torch
 
+from ._layout import STRIP_K, ceil_div
+
 VALUE_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
@@ -79,11 +81,24 @@ class SparseFormat:
 
     FORMAT_NAME: ClassVar[str]
     FORMAT_VERSION: ClassVar[int]
-    _arrays: ClassVar[tuple[str, ...]]
+    TILE_ROWS: ClassVar[int]  # rows of one record: a 16-row strip (bitmap) or a 64-row tile (Tiled-CSL)
+    _arrays: ClassVar[tuple[str, ...]] = ("data", "offsets")
 
+    data: torch.Tensor
+    offsets: torch.Tensor
     shape: tuple[int, int]
     dtype: torch.dtype
     nnz: int
+
+    @classmethod
+    def grid_of(cls, m: int, k: int) -> tuple[int, int]:
+        """Records along M and along K of an ``[m, k]`` weight (K is cut in 64-column pieces)."""
+        return ceil_div(m, cls.TILE_ROWS), ceil_div(k, STRIP_K)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Records along M and along K: ``(ceil(M / TILE_ROWS), ceil(K / 64))``."""
+        return self.grid_of(*self.shape)
 
     # ---- derived properties -------------------------------------------------------------------
     @property

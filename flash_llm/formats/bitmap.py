@@ -23,6 +23,8 @@ Bytes: ``128 T + 16 * sum_i ceil(nnz_i / 8) + 4 (T + 1)`` for ``T`` strips.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _layout as L
@@ -50,16 +52,7 @@ class BitmapTiles(SparseFormat):
 
     FORMAT_NAME = "flash_llm.bitmap_tiles"
     FORMAT_VERSION = 1
-    _arrays = ("data", "offsets")
-
-    data: torch.Tensor
-    offsets: torch.Tensor
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Strips along M and along K: ``(ceil(M / 16), ceil(K / 64))``."""
-        mp, kp = L.padded_shape(*self.shape)
-        return mp // L.STRIP_M, kp // L.STRIP_K
+    TILE_ROWS = L.STRIP_M
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None) -> "BitmapTiles":
@@ -95,8 +88,7 @@ class BitmapTiles(SparseFormat):
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "BitmapTiles":
         """The all-zero ``[m, k]`` weight (what ``from_dense(torch.zeros(m, k))`` returns), built
         without the dense matrix: every record is its 8-unit bitmap, all bits clear."""
-        mp, kp = L.padded_shape(m, k)
-        t = (mp // L.STRIP_M) * (kp // L.STRIP_K)
+        t = math.prod(cls.grid_of(m, k))
         arrays = {"data": torch.zeros(t * 32, dtype=torch.int32, device=device),
                   "offsets": torch.arange(0, RECORD_HEADER_UNITS * (t + 1), RECORD_HEADER_UNITS,
                                           dtype=torch.int32, device=device)}

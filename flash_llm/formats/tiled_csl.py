@@ -15,6 +15,8 @@ Bytes: ``4 * sum_i ceil4(nnz_i) + 4 (T + 1)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _layout as L
@@ -45,16 +47,7 @@ class TiledCSL(SparseFormat):
 
     FORMAT_NAME = "flash_llm.tiled_csl"
     FORMAT_VERSION = 1
-    _arrays = ("data", "offsets")
-
-    data: torch.Tensor
-    offsets: torch.Tensor
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Tiles along M and along K: ``(ceil(M / 64), ceil(K / 64))``."""
-        mp, kp = L.padded_shape(*self.shape, m_multiple=TILE_M)
-        return mp // TILE_M, kp // L.STRIP_K
+    TILE_ROWS = TILE_M
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None) -> "TiledCSL":
@@ -84,8 +77,7 @@ class TiledCSL(SparseFormat):
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "TiledCSL":
         """The all-zero ``[m, k]`` weight (what ``from_dense(torch.zeros(m, k))`` returns), built
         without the dense matrix: no entries."""
-        mp, kp = L.padded_shape(m, k, m_multiple=TILE_M)
-        t = (mp // TILE_M) * (kp // L.STRIP_K)
+        t = math.prod(cls.grid_of(m, k))
         arrays = {"data": torch.zeros(0, dtype=torch.int32, device=device),
                   "offsets": torch.zeros(t + 1, dtype=torch.int32, device=device)}
         return cls._from_parts(arrays, (m, k), dtype, 0)
