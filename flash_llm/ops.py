@@ -42,6 +42,38 @@ def _(x, data, offsets, fmt, m, k, bias):
     return x.new_empty((x.shape[0], m))
 
 
+# ---- gradients: d/dx (x W^T + b) = grad W, d/db = sum of grad over rows; the compressed weight itself
+# is a constant (no gradient).  The transposed product is its own op so that it traces as well.
+@torch.library.custom_op("flash_llm::spmm_t", mutates_args=())
+def _spmm_t_op(grad: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
+               k: int) -> torch.Tensor:
+    """``grad [N, M] @ W [M, K]`` -> ``[N, K]`` in ``grad.dtype``, fp32 accumulation (reference path)."""
+    w = as_format(fmt, data, offsets, m, k, grad.dtype).to_dense()
+    return (grad.float() @ w.float()).to(grad.dtype)
+
+
+@_spmm_t_op.register_fake
+def _(grad, data, offsets, fmt, m, k):
+    return grad.new_empty((grad.shape[0], k))
+
+
+def _setup_context(ctx, inputs, output):
+    x, data, offsets, fmt, m, k, bias = inputs
+    ctx.save_for_backward(data, offsets)
+    ctx.meta = (fmt, m, k, bias is not None)
+
+
+def _backward(ctx, grad):
+    data, offsets = ctx.saved_tensors
+    fmt, m, k, has_bias = ctx.meta
+    grad_x = _spmm_t_op(grad.contiguous(), data, offsets, fmt, m, k) if ctx.needs_input_grad[0] else None
+    grad_bias = grad.float().sum(0).to(grad.dtype) if has_bias and ctx.needs_input_grad[6] else None
+    return grad_x, None, None, None, None, None, grad_bias
+
+
+_spmm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x @ W^T (+ bias)`` with ``W`` kept compressed.
 

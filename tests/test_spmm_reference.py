@@ -184,3 +184,31 @@ def test_torch_compile_fullgraph_matches_eager(fmt, x_shape):
     y = compiled(x)
     assert y.shape == (*x_shape[:-1], M)
     assert torch.equal(y, mod(x))
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_gradients_match_dense_autograd(fmt, dtype, with_bias):
+    """d(loss)/dx and d(loss)/dbias equal those of F.linear on the dense weight (the weight is a constant)."""
+    c, w = _weight(fmt, dtype, density=0.4)
+    x = random_values(2 * 3, K, dtype, seed=3).view(2, 3, K).requires_grad_()
+    bias = _bias(dtype).requires_grad_() if with_bias else None
+    r = random_values(2 * 3, M, dtype, seed=4).view(2, 3, M)
+    (flash_llm.spmm(x, c, bias).float() * r.float()).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_() if with_bias else None
+    (torch.nn.functional.linear(x64, w.double(), b64) * r.double()).sum().backward()
+    # the gradient is rounded to x's dtype once: within one ulp of its magnitude (plus fp32 sums)
+    tol = float(x64.grad.abs().max()) * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10) + 1e-6
+    assert x.grad.dtype == dtype and (x.grad.double() - x64.grad).abs().max() <= tol
+    if with_bias:
+        tol_b = float(b64.grad.abs().max()) * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-10) + 1e-6
+        assert (bias.grad.double() - b64.grad).abs().max() <= tol_b
+
+
+def test_opcheck_with_gradients(fmt):
+    c, _ = _weight(fmt, torch.float16, density=0.3)
+    x = random_values(4, K, torch.float16, seed=5).requires_grad_()
+    bias = _bias(torch.float16).requires_grad_()
+    torch.library.opcheck(torch.ops.flash_llm.spmm.default, (x, c.data, c.offsets, FORMAT_IDS[fmt], M, K, bias))
+    g = random_values(4, M, torch.float16, seed=6)
+    torch.library.opcheck(torch.ops.flash_llm.spmm_t.default, (g, c.data, c.offsets, FORMAT_IDS[fmt], M, K))
