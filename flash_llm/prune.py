@@ -1,4 +1,6 @@
-"""One-shot pruning of a model's ``nn.Linear`` weights, in place: magnitude, Wanda and SparseGPT.
+"""Pruning of a model's ``nn.Linear`` weights, in place: one-shot magnitude, Wanda and SparseGPT (with
+one sparsity or per-layer targets, e.g. from :func:`owl_sparsities`), and :func:`gradual_prune_`
+(gradual magnitude pruning while fine-tuning).
 
 Each pruner writes exact zeros into the weights and leaves the model dense; compress it afterwards::
 
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["magnitude_prune_", "wanda_prune_", "sparsegpt_prune_"]
+__all__ = ["magnitude_prune_", "wanda_prune_", "sparsegpt_prune_", "owl_sparsities", "gradual_prune_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -164,6 +166,32 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[
 
 def _count(sparsity: float, n: int) -> int:
     return min(n, round(sparsity * n))
+
+
+def _layer_targets(sparsity, layers: list[tuple[str, nn.Linear]]) -> tuple[list[float], float]:
+    """Per-layer targets from ``sparsity``: a number (the same for every layer) or a dict ``{fqn: number}``
+    that names every selected layer and nothing else.  Also returns the report's ``target``: the number,
+    or for a dict the parameter-weighted mean of its values."""
+    if not isinstance(sparsity, dict):
+        s = _check_sparsity(sparsity)
+        return [s] * len(layers), s
+    names = [fqn for fqn, _ in layers]
+    unknown = sorted(k for k in sparsity if k not in names)
+    if unknown:
+        raise ValueError(f"sparsity has key(s) {unknown} that are not selected nn.Linear layers of model; "
+                         f"selected: {names}")
+    missing = [n for n in names if n not in sparsity]
+    if missing:
+        raise ValueError(f"sparsity (a dict) has no target for layer(s) {missing}: give one for every selected "
+                         "layer or exclude them with filter_fn")
+    targets = []
+    for fqn in names:
+        try:
+            targets.append(_check_sparsity(sparsity[fqn]))
+        except ValueError as e:
+            raise ValueError(f"sparsity[{fqn!r}]: {e}") from None
+    sizes = [m.weight.numel() for _, m in layers]
+    return targets, sum(t * n for t, n in zip(targets, sizes)) / sum(sizes)
 
 
 # ---- calibration passes ----------------------------------------------------------------------------
@@ -319,7 +347,7 @@ def magnitude_prune_(model: nn.Module, sparsity: float, *, scope: str = "layer",
 
 # ---- Wanda ------------------------------------------------------------------------------------------
 
-def wanda_prune_(model: nn.Module, calib, sparsity: float, *, filter_fn: FilterFn | None = None) -> PruneReport:
+def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *, filter_fn: FilterFn | None = None) -> PruneReport:
     """Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"), in place.
 
     Weight ``W_ij`` of a layer ``[M, K]`` scores ``|W_ij| * ||X_j||_2``, with ``X_j`` input feature ``j``
@@ -335,15 +363,28 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float, *, filter_fn: FilterF
     Args:
         model: any module called as ``model(batch)``.
         calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
-        sparsity: fraction of each row to zero, in ``[0, 1)``.
+        sparsity: fraction of each row to zero, in ``[0, 1)``; or a dict ``{fqn: fraction}`` with one
+            target per selected layer (e.g. from :func:`owl_sparsities`), each layer's rows then get
+            ``round(sparsity[fqn] * K)`` zeros.
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
 
     Returns:
-        A :class:`PruneReport` with every layer's sparsity and reconstruction error.
+        A :class:`PruneReport` with every layer's sparsity and reconstruction error; for a dict its
+        ``target`` is the parameter-weighted mean of the per-layer targets.
     """
-    sparsity = _check_sparsity(sparsity)
+    if not isinstance(sparsity, dict):
+        _check_sparsity(sparsity)  # bad numbers fail before the model is inspected, as before
     layers = _select_linears(model, filter_fn)
+    targets, target = _layer_targets(sparsity, layers)
     batches = _calib_batches(calib, model)
+    scores = _wanda_scores(model, batches, layers)
+    masks = [_lowest_per_row(score, _count(s, m.in_features)) for (_, m), score, s in zip(layers, scores, targets)]
+    del scores
+    return _finish_zero_masks("wanda", target, model, layers, masks, batches)
+
+
+def _wanda_scores(model, batches, layers) -> list[torch.Tensor]:
+    """``|W_ij| * ||X_j||_2`` (fp32) of every layer, with the input norms from one pass of the model."""
     sq_norms = {m: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for _, m in layers}
 
     def make(m):
@@ -352,9 +393,7 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float, *, filter_fn: FilterF
         return fn
 
     _run_with_hooks(model, batches, {m: make(m) for _, m in layers})
-    masks = [_lowest_per_row(m.weight.detach().float().abs() * sq_norms[m].sqrt().float(),
-                             _count(sparsity, m.in_features)) for _, m in layers]
-    return _finish_zero_masks("wanda", sparsity, model, layers, masks, batches)
+    return [m.weight.detach().float().abs() * sq_norms[m].sqrt().float() for _, m in layers]
 
 
 # ---- SparseGPT --------------------------------------------------------------------------------------
@@ -415,7 +454,7 @@ def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blo
     return out, err
 
 
-def sparsegpt_prune_(model: nn.Module, calib, sparsity: float, *, blocksize: int = 128, percdamp: float = 0.01,
+def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *, blocksize: int = 128, percdamp: float = 0.01,
                      filter_fn: FilterFn | None = None) -> PruneReport:
     """SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
     One-Shot"), in place: prune each layer and update its remaining weights to compensate (OBS).
@@ -440,22 +479,27 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float, *, blocksize: int
     Args:
         model: any module called as ``model(batch)``.
         calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
-        sparsity: fraction of each layer's weights to zero, in ``[0, 1)``.
+        sparsity: fraction of each layer's weights to zero, in ``[0, 1)``; or a dict ``{fqn: fraction}``
+            with one target per selected layer (e.g. from :func:`owl_sparsities`).
         blocksize: columns per block (the lazy-update batch of the reference; 128).
         percdamp: dampening, as a fraction of the mean of ``diag(H)`` (0.01).
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
 
     Returns:
-        A :class:`PruneReport`; each layer's error is on the inputs it saw when it was pruned.
+        A :class:`PruneReport`; each layer's error is on the inputs it saw when it was pruned; for a dict
+        its ``target`` is the parameter-weighted mean of the per-layer targets.
     """
-    sparsity = _check_sparsity(sparsity)
+    if not isinstance(sparsity, dict):
+        _check_sparsity(sparsity)  # bad numbers fail before the other arguments, as before
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0.0 < percdamp < math.inf:
         raise ValueError(f"percdamp must be a positive number, got {percdamp!r}")
     layers = _select_linears(model, filter_fn)
+    targets, target = _layer_targets(sparsity, layers)
+    layer_target = {m: t for (_, m), t in zip(layers, targets)}
     batches = _calib_batches(calib, model)
-    report = PruneReport("sparsegpt", sparsity)
+    report = PruneReport("sparsegpt", target)
     for fqn, m in tqdm(_forward_order(model, batches, layers), desc="sparsegpt", unit="layer"):
         H = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
         tokens = [0]
@@ -467,10 +511,281 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float, *, blocksize: int
 
         _run_with_hooks(model, batches, {m: accumulate})
         H.mul_(2.0 / max(tokens[0], 1))
-        pruned, err = _sparsegpt_layer(m.weight, H, sparsity, blocksize, float(percdamp),
+        pruned, err = _sparsegpt_layer(m.weight, H, layer_target[m], blocksize, float(percdamp),
                                        f"{fqn}.weight" if fqn else "weight")
         del H
         with torch.no_grad():
             m.weight.copy_(pruned)
         report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), err))
+    return report
+
+
+# ---- OWL: outlier-weighted layerwise sparsity --------------------------------------------------------
+
+def _shift_to_mean(raw: list[float], sizes: list[int], target: float, hi: float) -> list[float]:
+    """``clip(raw_l + c, 0, hi)`` with the one shift ``c`` that makes the ``sizes``-weighted mean equal
+    ``target``: the weighted mean is nondecreasing in ``c``, so bisect, then solve the last step exactly
+    on the layers left unclipped."""
+    total = float(sum(sizes))
+
+    def mean(c):
+        return sum(min(max(r + c, 0.0), hi) * n for r, n in zip(raw, sizes)) / total
+
+    lo_c, hi_c = -max(raw) - 1.0, hi - min(raw) + 1.0  # mean(lo_c) = 0 <= target < hi = mean(hi_c)
+    for _ in range(200):
+        mid = 0.5 * (lo_c + hi_c)
+        if mean(mid) < target:
+            lo_c = mid
+        else:
+            hi_c = mid
+    c = 0.5 * (lo_c + hi_c)
+    free = sum(n for r, n in zip(raw, sizes) if 0.0 < r + c < hi)
+    if free:
+        c += (target - mean(c)) * total / free
+    return [min(max(r + c, 0.0), hi) for r in raw]
+
+
+def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, lam: float = 0.08,
+                   filter_fn: FilterFn | None = None) -> dict[str, float]:
+    """Per-layer sparsities by outlier-weighted layerwise sparsity (OWL; Yin et al. 2023, "Outlier
+    Weighed Layerwise Sparsity: A Missing Secret Sauce for Pruning LLMs to High Sparsity").
+
+    For each selected layer, ``D_l`` is the fraction of its Wanda scores ``|W_ij| * ||X_j||_2`` (input
+    norms over all calibration tokens, one pass of the dense model) greater than ``M`` times the layer's
+    mean score.  ``D`` is min-max scaled to ``d_l`` in ``[-1, 1]`` across layers (all ``0`` when every
+    layer has the same ``D_l``) and ``s_l = sparsity - lam * d_l``: more outliers, fewer zeros.  The
+    values are then shifted by one common constant so that the parameter-weighted mean
+    ``sum_l s_l * M_l K_l / sum_l M_l K_l`` equals ``sparsity`` (the paper shifts the plain mean); when a
+    shifted value leaves ``[0, 1)`` it is clipped (to 0, or to the largest double below 1) and the shift
+    is solved again over the others, so the weighted mean stays exactly ``sparsity`` (up to rounding of
+    doubles).  Pass the result to :func:`wanda_prune_` or :func:`sparsegpt_prune_`; their zero counts are
+    then rounded per layer (Wanda per row) as usual, so the model's overall sparsity can differ from
+    ``sparsity`` by that rounding.
+
+    Args:
+        model: any module called as ``model(batch)``; not modified.
+        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
+        sparsity: target mean sparsity, in ``[0, 1)``.
+        M: outlier threshold, a multiple of the layer's mean score (> 0; paper: 3 to 10, default 5).
+        lam: the spread ``lambda`` of the layer sparsities around ``sparsity``, in ``[0, 1]`` (paper: 0.08).
+        filter_fn: ``(module, fqn) -> bool``; False leaves the layer out.
+
+    Returns:
+        ``{fqn: sparsity}`` for every selected ``nn.Linear``, in module order.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if isinstance(M, bool) or not isinstance(M, (int, float)) or not 0.0 < M < math.inf:
+        raise ValueError(f"M (the outlier threshold, a multiple of the mean score) must be a positive number, "
+                         f"got {M!r}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    layers = _select_linears(model, filter_fn)
+    batches = _calib_batches(calib, model)
+    ratios = []
+    for score in _wanda_scores(model, batches, layers):
+        ratios.append(float((score > M * score.mean()).float().mean()))
+    del score
+    lo, hi = min(ratios), max(ratios)
+    d = [2.0 * (r - lo) / (hi - lo) - 1.0 if hi > lo else 0.0 for r in ratios]
+    sizes = [m.weight.numel() for _, m in layers]
+    out = _shift_to_mean([sparsity - lam * x for x in d], sizes, sparsity, math.nextafter(1.0, 0.0))
+    return {fqn: s for (fqn, _), s in zip(layers, out)}
+
+
+# ---- gradual magnitude pruning with fine-tuning --------------------------------------------------------
+
+@dataclass
+class GradualPruneReport(PruneReport):
+    """A :class:`PruneReport` of :func:`gradual_prune_`, plus ``losses`` (the training loss of every step,
+    distillation term included) and ``schedule`` (``(step, sparsity)`` of every mask update, in order;
+    the masks hold that sparsity from that step on)."""
+
+    losses: list[float] = field(default_factory=list)
+    schedule: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _cubic_sparsity(t: int, s_i: float, s_f: float, begin: int, end: int) -> float:
+    if t >= end:
+        return s_f
+    return s_f + (s_i - s_f) * (1.0 - (t - begin) / (end - begin)) ** 3
+
+
+def _cycle(batches, device):
+    """Yield the batches of ``batches`` again and again (tensors moved to ``device``)."""
+    n = 0
+    while True:
+        got = False
+        for b in batches:
+            got = True
+            n += 1
+            yield b.to(device) if isinstance(b, torch.Tensor) else b
+        if not got:
+            raise ValueError("batches is empty" + (f" on its second pass (after {n} batches): pass a re-iterable "
+                                                    "(a list or a DataLoader), not a one-shot iterator" if n else ""))
+
+
+def _check_int(name, v, lo):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: int, loss_fn: Callable,
+                   optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3, begin: int = 0,
+                   end: int | None = None, frequency: int = 10, initial_sparsity: float = 0.0,
+                   teacher: nn.Module | None = None, distill_weight: float = 0.0,
+                   filter_fn: FilterFn | None = None, progress: bool = True) -> GradualPruneReport:
+    """Gradual magnitude pruning while training (Zhu & Gupta 2017, "To prune, or not to prune"; the
+    retraining-based pruning Flash-LLM uses for its models), in place.
+
+    ``steps`` optimizer steps ``t = 0 .. steps-1`` on ``batches`` (cycled).  At ``t = begin, begin +
+    frequency, ...`` below ``end``, and at ``t = end``, each selected layer's mask is recomputed by
+    magnitude: exactly ``round(s_t * M * K)`` zeros with the cubic schedule
+    ``s_t = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin))^3`` (``s_i = initial_sparsity``,
+    ``s_f = final_sparsity``).  Weights already zero score lowest, so pruned weights stay pruned.  Between
+    updates the masks are fixed: gradients of pruned weights are zeroed before every optimizer step and
+    the zeros are written again after it (momentum or weight decay cannot revive them), so pruned weights
+    stay exactly zero.  With ``end == steps`` the last update (to ``s_f``) comes after the last step.
+    Every layer thus ends with exactly ``round(final_sparsity * M * K)`` zeros (more only if training
+    drove a kept weight to exactly zero).
+
+    Each step: ``out = model(batch)`` in train mode, ``loss = loss_fn(out, batch)`` and, with a teacher,
+    ``loss += distill_weight * KL(softmax(teacher(batch)) || softmax(out))`` (temperature 1; both outputs
+    are logits ``[..., V]``, KL summed over ``V`` and averaged over the other positions; the teacher runs
+    in eval mode under ``no_grad``).  The training flags of model and teacher are restored at the end.
+
+    Precision: the model trains in fp32; fp16/bf16 parameters are refused (call ``model.float()`` first;
+    mixed precision, e.g. ``torch.autocast`` inside ``loss_fn`` or the model, is the caller's job).
+
+    Args:
+        model: any module called as ``model(batch)``; every ``nn.Linear`` that ``filter_fn`` accepts is pruned,
+            all parameters with ``requires_grad`` are trained (by the default optimizer).
+        batches: an iterable of batches (token ids ``LongTensor [B, T]`` or whatever the model takes), or one
+            tensor; it is iterated again when exhausted, so it must be re-iterable (list, DataLoader).
+        final_sparsity: ``s_f``, in ``[0, 1)``.
+        steps: number of optimizer steps, >= 1.
+        loss_fn: ``(model_output, batch) -> scalar tensor``.
+        optimizer: over the model's parameters; default ``torch.optim.Adam(trainable params, lr=lr)``.
+        lr: learning rate of the default optimizer (ignored when ``optimizer`` is given).
+        begin: step of the first mask update (``s_i``), ``0 <= begin <= end``.
+        end: step at which ``s_f`` is reached, ``<= steps``; default ``begin + 3 * (steps - begin) // 4``
+            (the last quarter fine-tunes at ``s_f``).
+        frequency: steps between mask updates, >= 1.
+        initial_sparsity: ``s_i``, in ``[0, final_sparsity]``.
+        teacher: optional module for distillation (e.g. a copy of the dense model); not ``model`` itself.
+        distill_weight: weight of the KL term, >= 0; must be > 0 when ``teacher`` is given, and 0 without.
+        filter_fn: ``(module, fqn) -> bool``; False leaves the layer unpruned (still trained).
+        progress: tqdm bar over the steps with the loss and the current sparsity.
+
+    Returns:
+        A :class:`GradualPruneReport` (``method="gradual"``, ``error`` ``None``) with the loss per step and
+        the schedule of mask updates.
+    """
+    final_sparsity = _check_sparsity(final_sparsity)
+    try:
+        initial_sparsity = _check_sparsity(initial_sparsity)
+    except ValueError as e:
+        raise ValueError(f"initial_sparsity: {e}") from None
+    if initial_sparsity > final_sparsity:
+        raise ValueError(f"initial_sparsity ({initial_sparsity}) must not exceed final_sparsity ({final_sparsity})")
+    _check_int("steps", steps, 1)
+    _check_int("begin", begin, 0)
+    _check_int("frequency", frequency, 1)
+    if end is None:
+        end = begin + 3 * (steps - begin) // 4
+    _check_int("end", end, 0)
+    if not begin <= end <= steps:
+        raise ValueError(f"need 0 <= begin <= end <= steps, got begin={begin}, end={end}, steps={steps}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (model_output, batch) -> scalar, got {type(loss_fn).__name__}")
+    if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) \
+            or not 0.0 <= distill_weight < math.inf:
+        raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}")
+    if teacher is None and distill_weight > 0:
+        raise ValueError(f"distill_weight is {distill_weight} but no teacher is given")
+    if teacher is not None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if teacher is model:
+            raise ValueError("teacher is model itself: pass a copy (copy.deepcopy(model)) taken before pruning")
+        if distill_weight == 0:
+            raise ValueError("teacher is given but distill_weight is 0: set distill_weight > 0 or drop teacher")
+    layers = _select_linears(model, filter_fn)
+    low = [(n, p.dtype) for n, p in model.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)]
+    if low:
+        raise TypeError(f"model has {low[0][1]} parameters (e.g. {low[0][0]!r}); gradual_prune_ trains in fp32: "
+                        "call model.float() first (mixed precision is the caller's job)")
+    if optimizer is None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr < math.inf:
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameter with requires_grad=True to train")
+        optimizer = torch.optim.Adam(params, lr=lr)
+    elif not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+    device = next(model.parameters()).device
+    weights = [m.weight for _, m in layers]
+    keep = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    report = GradualPruneReport("gradual", final_sparsity)
+    update_at = set(range(begin, end, frequency)) | {end}
+
+    def update_masks(t):
+        s = _cubic_sparsity(t, initial_sparsity, final_sparsity, begin, end)
+        with torch.no_grad():
+            for i, w in enumerate(weights):
+                keep[i] = ~_lowest_k([w], _count(s, w.numel()))[0]
+                w.masked_fill_(~keep[i], 0)
+        report.schedule.append((t, s))
+
+    model_was_training = model.training
+    teacher_was_training = teacher.training if teacher is not None else False
+    data = _cycle([batches] if isinstance(batches, torch.Tensor) else batches, device)
+    bar = tqdm(range(steps), desc="gradual prune", unit="step", disable=not progress)
+    try:
+        model.train()
+        if teacher is not None:
+            teacher.eval()
+        for t in bar:
+            if t in update_at:
+                update_masks(t)
+            batch = next(data)
+            out = model(batch)
+            loss = loss_fn(out, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"loss_fn must return a scalar tensor, got "
+                                f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(batch)
+                if not isinstance(out, torch.Tensor) or not isinstance(t_out, torch.Tensor) or out.shape != t_out.shape:
+                    raise ValueError("distillation needs model(batch) and teacher(batch) to return logits of one "
+                                     f"shape, got {getattr(out, 'shape', type(out).__name__)} and "
+                                     f"{getattr(t_out, 'shape', type(t_out).__name__)}")
+                v = out.shape[-1]
+                kl = nn.functional.kl_div(out.float().reshape(-1, v).log_softmax(-1),
+                                          t_out.float().reshape(-1, v).log_softmax(-1),
+                                          reduction="batchmean", log_target=True)
+                loss = loss + distill_weight * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for w, k in zip(weights, keep):
+                if w.grad is not None:
+                    w.grad.mul_(k)
+            optimizer.step()
+            with torch.no_grad():
+                for w, k in zip(weights, keep):
+                    w.masked_fill_(~k, 0)
+            report.losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{report.losses[-1]:.4g}", sparsity=f"{report.schedule[-1][1]:.3f}"
+                            if report.schedule else "0")
+        if end == steps:
+            update_masks(steps)
+    finally:
+        bar.close()
+        model.train(model_was_training)
+        if teacher is not None:
+            teacher.train(teacher_was_training)
+    for (fqn, m) in layers:
+        report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), None))
     return report
