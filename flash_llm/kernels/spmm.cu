@@ -254,10 +254,10 @@ DEVI void multiply_strip(float (&acc)[NT][4], const u32 (&a)[4][4], u32 (&b)[4][
 constexpr int RING_UNITS = 256;    // 16-byte units per warp ring = 4 KiB
 constexpr int RING_CHUNKS = RING_UNITS / 32;
 constexpr int RING_AHEAD = 6;     // chunks in flight ahead of the record being decoded
-constexpr int MIRROR_UNITS = 136; // the first units of the ring are also written past its end, so a
-                                  // record (at most 8 + 128 units) is always contiguous in memory
+constexpr int MAX_RECORD_UNITS = 8 + 128;  // 128-byte bitmap + 1024 values, in 16-byte units
+constexpr int MIRROR_UNITS = MAX_RECORD_UNITS;  // the first units of the ring are also written past its
+                                                // end, so a record is always contiguous in memory
 constexpr int RING_SLACK = 1;     // the gather may read one value past a record's end (discarded)
-constexpr int MAX_RECORD_UNITS = 8 + 128;
 
 // Two consecutive fragment elements (bits `bit`, `bit + 1` of w) gathered from the values under
 // the shared-memory cursor `cur`, which advances past each value taken.  Written in PTX so that each
