@@ -13,6 +13,7 @@ to stderr.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import statistics
@@ -31,6 +32,8 @@ DEMO_SPARSITIES = (50.0, 70.0, 80.0, 90.0)
 DEMO_MAX_REL_ERR = 1e-2
 _SLEEP_CYCLES = 1_000_000  # about 0.5 ms of GPU clock: longer than Python takes to queue one call
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Modules that define more subcommands through a ``register_cli(subparsers)`` function, in help order.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 MODEL_NOT_AVAILABLE = ("--model is not available yet: the bundled pruned-model demo comes with the "
                        "pruning work. Run `flash-llm demo` without --model for the synthetic-layer demo.")
 
@@ -532,7 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "flash-llm file.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="safetensors file(s) written by flash-llm")
     p.set_defaults(func=cmd_inspect)
+
+    for register in _subcommand_modules():
+        register(sub)
     return parser
+
+
+def _subcommand_modules():
+    """``register(subparsers)`` functions of the subcommands that live beside their workflow's code
+    (each adds its parser and sets ``func``).  Imported lazily so ``flash-llm --help`` stays fast."""
+    registers = []
+    for module in SUBCOMMAND_MODULES:
+        registers.append(importlib.import_module(module).register_cli)
+    return registers
 
 
 def main(argv: list[str] | None = None) -> int:
