@@ -124,6 +124,14 @@ def fragment_row_col(lane: torch.Tensor, bit: torch.Tensor) -> tuple[torch.Tenso
     return g + 8 * h, 16 * t + 4 * s + 2 * q + e
 
 
+def bitmap_word_bit(bit: torch.Tensor) -> torch.Tensor:
+    """BitmapTiles version 2: the bit of a lane's bitmap word that holds fragment-order bit
+    ``bit = 8 s + j`` (k-step ``s``, A-fragment half ``j``): ``8 (j // 2) + 4 (j % 2) + s``, from the
+    format docstring (byte ``i`` of the word is A register ``i`` of every k-step)."""
+    s, j = bit // 8, bit % 8
+    return 8 * (j // 2) + 4 * (j % 2) + s
+
+
 def ulp(dtype: torch.dtype, magnitude: float) -> float:
     """One unit in the last place of ``dtype`` at ``magnitude`` (the subnormal step near zero)."""
     fi = torch.finfo(dtype)

@@ -11,7 +11,7 @@ import flash_llm
 from flash_llm import BitmapTiles, TiledCSL
 from flash_llm.formats import _layout
 from conftest import (DTYPES, FORMATS, STRIP_K, STRIP_M, TILE_M, assert_bit_equal, bits, expected_nbytes,
-                      fragment_lane_bit, fragment_row_col, nonzero_mask, random_values, record_nnz, sparse_weight)
+                      bitmap_word_bit, fragment_lane_bit, fragment_row_col, nonzero_mask, random_values, record_nnz, sparse_weight)
 
 # ---------------------------------------------------------------------------------------------------
 # Round trip over shapes and densities
@@ -310,8 +310,9 @@ def test_to_fragment_order_matches_formula(elem_dtype, shape):
 
 @pytest.mark.parametrize("shape,density", [((16, 64), 0.5), ((70, 130), 0.3), ((33, 200), 0.9), ((5, 3), 1.0)])
 def test_bitmap_words_and_values_follow_fragment_order(dtype, shape, density):
-    """Data word ``4 * offsets[i] + lane`` bit ``b`` is set exactly for the nonzeros of strip ``i``; the
-    values follow the 32 words in step order (k-step ``s = b // 8``, then lane, then ``b % 8``)."""
+    """Data word ``4 * offsets[i] + lane`` holds fragment bit ``b = 8 s + j`` at word bit
+    ``bitmap_word_bit(b)``, set exactly for the nonzeros of strip ``i``; the values follow the 32 words in
+    step order (k-step ``s = b // 8``, then lane, then ``j = b % 8``)."""
     m, k = shape
     w = sparse_weight(m, k, density, dtype, seed=m + k)
     c = BitmapTiles.from_dense(w)
@@ -327,7 +328,8 @@ def test_bitmap_words_and_values_follow_fragment_order(dtype, shape, density):
         frag[idx] = bits(strip).reshape(-1)
         want = frag != 0
         words = c.data[4 * offsets[i]: 4 * offsets[i] + 32].to(torch.int64) & 0xFFFFFFFF
-        got = ((words[:, None] >> torch.arange(32)) & 1).bool().reshape(-1)  # [lane * 32 + bit]
+        word_bit = bitmap_word_bit(torch.arange(32))  # where fragment bit b sits in the word
+        got = ((words[:, None] >> word_bit) & 1).bool().reshape(-1)  # [lane * 32 + bit]
         assert torch.equal(got, want), f"strip {i}: bitmap bits differ"
         n = int(want.sum())
         assert offsets[i + 1] - offsets[i] == 8 + -(-n // 8), f"strip {i}: record length"

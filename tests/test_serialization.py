@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import flash_llm
 from flash_llm import BitmapTiles, FormatError, TiledCSL
-from conftest import assert_bit_equal, fragment_lane_bit, sparse_weight
+from conftest import assert_bit_equal, bitmap_word_bit, fragment_lane_bit, sparse_weight
 
 M, K = 70, 130  # not a multiple of the strip (16 x 64) or tile (64 x 64) size: there is padding
 
@@ -264,6 +264,7 @@ def test_bitmap_bit_in_padding_region(tmp_path, dtype):
     r1, c1 = 15, 63  # row 79, col 191: outside the 70x130 matrix
     l0, b0 = (int(v) for v in fragment_lane_bit(torch.tensor(r0), torch.tensor(c0)))
     l1, b1 = (int(v) for v in fragment_lane_bit(torch.tensor(r1), torch.tensor(c1)))
+    b0, b1 = int(bitmap_word_bit(torch.tensor(b0))), int(bitmap_word_bit(torch.tensor(b1)))
     d = tensors["data"]
     w0, w1 = _bitmap_word(tensors, last, l0), _bitmap_word(tensors, last, l1)
     assert int(d[w0]) == 1 << b0 and (l0 == l1 or int(d[w1]) == 0)
@@ -362,45 +363,83 @@ def test_tiled_csl_too_much_padding(tmp_path, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The version-1 layout, pinned byte for byte (the worked example of docs/formats.md)
+# The current layouts, pinned byte for byte (the worked example of docs/formats.md)
 # ---------------------------------------------------------------------------------------------------
 # A 16x64 fp16 matrix with w[r, c] = 64 r + c + 1 at these positions, zero elsewhere ...
 PINNED_POSITIONS = [(0, 0), (0, 1), (0, 2), (1, 9), (5, 17), (8, 33), (15, 63), (9, 40)]
-# ... and its version-1 encoding: {format: ({word index: value}, data words, offsets)}.  Any change of
+# ... and its encoding: {format: (version, {word index: value}, data words, offsets)}.  Any change of
 # layout must fail here until FORMAT_VERSION is bumped (and old files refused or converted).
-PINNED_V1 = {
-    BitmapTiles: ({0: 0x13, 2: 0x8, 4: 0x20000, 6: 0x40000, 21: 0x2, 31: 0x80000000, 32: 0x40003C00,
-                   33: 0x60444200, 34: 0x54A05D48, 35: 0x640060D2}, 36, [0, 9]),
-    TiledCSL: ({0: 0x3C00, 1: 0x14000, 2: 0x44200, 3: 0x436044, 4: 0x9154A0, 5: 0xD260D2, 6: 0x2A15D48,
-                7: 0x3FF6400}, 8, [0, 8]),
+PINNED = {
+    BitmapTiles: (2, {0: 0x10011, 2: 0x1000, 4: 0x40, 6: 0x400, 21: 0x10, 31: 0x80000000, 32: 0x40003C00,
+                      33: 0x60444200, 34: 0x54A05D48, 35: 0x640060D2}, 36, [0, 9]),
+    TiledCSL: (1, {0: 0x3C00, 1: 0x14000, 2: 0x44200, 3: 0x436044, 4: 0x9154A0, 5: 0xD260D2, 6: 0x2A15D48,
+                   7: 0x3FF6400}, 8, [0, 8]),
 }
+# BitmapTiles version 1 (bitmap word bit 8 s + j instead of 8 (j // 2) + 4 (j % 2) + s; values and
+# offsets as in version 2): files written by earlier flash-llm releases, converted on load.
+PINNED_BITMAP_V1 = {0: 0x13, 2: 0x8, 4: 0x20000, 6: 0x40000, 21: 0x2, 31: 0x80000000, 32: 0x40003C00,
+                    33: 0x60444200, 34: 0x54A05D48, 35: 0x640060D2}
 
 
-def test_version_1_layout_is_pinned(tmp_path, fmt):
-    words, n, offsets = PINNED_V1[fmt]
-    data = torch.zeros(n, dtype=torch.int32)
-    for i, v in words.items():
-        data[i] = _i32(v)
+def _pinned_expected() -> torch.Tensor:
     expected = torch.zeros(16, 64, dtype=torch.float16)
     for r, c in PINNED_POSITIONS:
         expected[r, c] = 64 * r + c + 1
-    assert fmt.FORMAT_VERSION == 1
+    return expected
+
+
+def _pinned_file(tmp_path, fmt, version, words, n, offsets, shape=(16, 64), nnz=len(PINNED_POSITIONS)):
+    data = torch.zeros(n, dtype=torch.int32)
+    for i, v in words.items():
+        data[i] = _i32(v)
+    meta = {"flash_llm": json.dumps({"format": fmt.FORMAT_NAME, "version": version, "dtype": "float16",
+                                     "shape": list(shape), "nnz": nnz})}
+    tensors = {"data": data, "offsets": torch.tensor(offsets, dtype=torch.int32)}
+    return write(tmp_path / f"v{version}.safetensors", tensors, meta), data
+
+
+def test_current_layout_is_pinned(tmp_path, fmt):
+    version, words, n, offsets = PINNED[fmt]
+    expected = _pinned_expected()
+    assert fmt.FORMAT_VERSION == version
+    path, data = _pinned_file(tmp_path, fmt, version, words, n, offsets)
     w = fmt.from_dense(expected)
     assert torch.equal(w.data, data) and w.offsets.tolist() == offsets
-    meta = {"flash_llm": json.dumps({"format": fmt.FORMAT_NAME, "version": 1, "dtype": "float16",
-                                     "shape": [16, 64], "nnz": len(PINNED_POSITIONS)})}
-    path = write(tmp_path / "v1.safetensors", {"data": data, "offsets": torch.tensor(offsets, dtype=torch.int32)}, meta)
+    assert torch.equal(flash_llm.load(path).to_dense(), expected)
+
+
+def test_bitmap_version_1_files_are_converted(tmp_path):
+    path, _ = _pinned_file(tmp_path, BitmapTiles, 1, PINNED_BITMAP_V1, 36, [0, 9])
+    w = flash_llm.load(path)
+    assert torch.equal(w.to_dense(), _pinned_expected())
+    assert torch.equal(w.data, BitmapTiles.from_dense(_pinned_expected()).data)  # now in the version-2 layout
+
+
+def test_bitmap_version_1_padding_bits_checked_in_its_own_order(tmp_path):
+    """Version 1 puts fragment bit b at word bit b: its bits are read in that order, for the padding check
+    and for the matrix (read in the version-2 order, both would go wrong)."""
+    # (7, 63) is padding of a 16x63 matrix: lane 31, fragment bit 29; read as a version-2 word, bit 29
+    # would be fragment bit 15, element (15, 55), inside the matrix
+    lane, bit = (int(v) for v in fragment_lane_bit(torch.tensor(7), torch.tensor(63)))
+    assert (lane, bit) == (31, 29)
+    path, _ = _pinned_file(tmp_path, BitmapTiles, 1, {lane: 1 << bit, 32: 0x3C00}, 36, [0, 9], (16, 63), 1)
+    load_fails(path, r"tensor 'data': record 0 has nonzero bits outside the logical 16x63 matrix")
+    # fragment bit 3 of lane 31 is element (15, 49); as a version-2 word bit, bit 3 would be (7, 60)
+    path, _ = _pinned_file(tmp_path, BitmapTiles, 1, {31: 1 << 3, 32: 0x3C00}, 36, [0, 9], (16, 63), 1)
+    expected = torch.zeros(16, 63, dtype=torch.float16)
+    expected[15, 49] = 1.0
     assert torch.equal(flash_llm.load(path).to_dense(), expected)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("version", [0, 2, "1", None, True], ids=["0", "2", "str-1", "null", "true"])
+@pytest.mark.parametrize("version", [0, 3, "1", None, True], ids=["0", "3", "str-1", "null", "true"])
 def test_wrong_format_version(tmp_path, fmt, version):
     path, tensors, meta = saved(tmp_path, _weight(fmt, torch.float16))
+    readable = {BitmapTiles: "versions 1 and 2", TiledCSL: "version 1"}[fmt]
     load_fails(write(path, tensors, edit_meta(meta, version=version)),
-               rf"'weight' has {fmt.FORMAT_NAME} format version {version!r}; this flash-llm reads version 1")
+               rf"'weight' has {fmt.FORMAT_NAME} format version {version!r}; this flash-llm reads {readable}")
 
 
 @pytest.mark.parametrize("dt", ["float32", "int8", "fp16", None, 16])
@@ -435,7 +474,8 @@ def test_metadata_for_the_other_format(tmp_path, fmt):
     other = TiledCSL if fmt is BitmapTiles else BitmapTiles
     for shape in [(M, K), (16, 64)]:  # 16x64: both formats have exactly one record
         path, tensors, meta = saved(tmp_path, _weight(fmt, torch.float16, density=1.0, shape=shape))
-        load_fails(write(path, tensors, edit_meta(meta, format=other.FORMAT_NAME)), r"tensor '(offsets|data)'")
+        load_fails(write(path, tensors, edit_meta(meta, format=other.FORMAT_NAME, version=other.FORMAT_VERSION)),
+                   r"tensor '(offsets|data)'")
 
 
 def test_from_state_checks_the_format_name(fmt):

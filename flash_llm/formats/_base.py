@@ -80,7 +80,8 @@ class SparseFormat:
     plus its logical shape ``[M, K]`` and value dtype; everything else derives from those."""
 
     FORMAT_NAME: ClassVar[str]
-    FORMAT_VERSION: ClassVar[int]
+    FORMAT_VERSION: ClassVar[int]  # what this flash-llm writes
+    READ_VERSIONS: ClassVar[tuple[int, ...]]  # what it reads (older versions are converted on load)
     TILE_ROWS: ClassVar[int]  # rows of one record: a 16-row strip (bitmap) or a 64-row tile (Tiled-CSL)
     _arrays: ClassVar[tuple[str, ...]] = ("data", "offsets")
 
@@ -172,9 +173,11 @@ class SparseFormat:
         if meta.get("format") != cls.FORMAT_NAME:
             raise FormatError(f"{where}'{label}' has format {meta.get('format')!r}; expected {cls.FORMAT_NAME!r}")
         version = meta.get("version")
-        if not _is_int(version) or version != cls.FORMAT_VERSION:
+        if not _is_int(version) or version not in cls.READ_VERSIONS:
+            readable = " and ".join(map(str, cls.READ_VERSIONS))
             raise FormatError(f"{where}'{label}' has {cls.FORMAT_NAME} format version {version!r}; "
-                              f"this flash-llm reads version {cls.FORMAT_VERSION}")
+                              f"this flash-llm reads version{'s' if len(cls.READ_VERSIONS) > 1 else ''} "
+                              f"{readable}")
         if meta.get("dtype") not in _DTYPES_BY_NAME:
             raise FormatError(f"{where}'{label}' has value dtype {meta.get('dtype')!r}; "
                               f"expected one of {sorted(_DTYPES_BY_NAME)}")
@@ -191,15 +194,21 @@ class SparseFormat:
                                   "expected a 1-D int32 tensor")
             arrays[n] = t
         dtype = _DTYPES_BY_NAME[meta["dtype"]]
-        nnz = cls._validate(arrays, tuple(shape), prefix, where)
+        nnz = cls._validate(arrays, tuple(shape), prefix, where, version)
         if meta.get("nnz") is not None and (not _is_int(meta["nnz"]) or meta["nnz"] != nnz):
             raise FormatError(f"{where}'{label}' metadata says nnz={meta['nnz']!r} but the arrays "
                               f"hold {nnz} nonzeros")
-        return cls._from_parts(arrays, shape, dtype, nnz)
+        return cls._from_parts(cls._upgrade(arrays, version), shape, dtype, nnz)
 
     @classmethod
-    def _validate(cls, arrays, shape, prefix, where) -> int:
-        """Check the arrays against each other and the shape; return nnz.  Raise FormatError."""
+    def _upgrade(cls, arrays: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        """The arrays of a validated ``version`` file in the current version's layout."""
+        return arrays
+
+    @classmethod
+    def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
+        """Check the arrays (of format ``version``, default the current one) against each other and the
+        shape; return nnz.  Raise FormatError."""
         raise NotImplementedError
 
 

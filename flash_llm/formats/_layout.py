@@ -88,6 +88,19 @@ def popcount32(words: torch.Tensor) -> torch.Tensor:
     return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
+def bitmap_bit(s: int, j: int) -> int:
+    """Bit of a BitmapTiles (version 2) lane word that holds A-fragment half ``j`` (0..7) of k-step ``s``:
+    ``8 * (j // 2) + 4 * (j % 2) + s``.  Byte ``i`` of the word is A register ``i`` of every k-step (its
+    low halves in bits 0..3, its high halves in bits 4..7), the order the bitmap kernel decodes fastest."""
+    return 8 * (j // 2) + 4 * (j % 2) + s
+
+
+#: ``BITMAP_BIT[b]``: the version-2 word bit of fragment-order bit ``b = 8 s + j``.
+BITMAP_BIT = tuple(bitmap_bit(b // 8, b % 8) for b in range(32))
+#: ``FRAGMENT_BIT[p]``: the fragment-order bit held by version-2 word bit ``p`` (inverse of BITMAP_BIT).
+FRAGMENT_BIT = tuple(BITMAP_BIT.index(p) for p in range(32))
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """``bool [..., 32]`` -> ``int32 [...]``, element i of the last dim in bit i (LSB first)."""
     shape = mask.shape[:-1]

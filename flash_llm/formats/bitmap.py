@@ -6,11 +6,12 @@ Layout (``docs/formats.md`` has a worked example):
   16 x 64, numbered row-major: strip ``(mt, kt)`` is number ``mt * (Kp / 64) + kt``.
 * Strip ``i`` is one *record* in ``data`` (int32 words), starting at word ``4 * offsets[i]``:
 
-  - 32 bitmap words (128 bytes): word ``lane`` bit ``b`` is element ``lane * 32 + b`` of the strip in
-    fragment order (``_layout.py``), i.e. exactly the A-operand elements lane ``lane`` of a warp holds
-    for the strip's four ``mma.m16n8k16`` steps;
+  - 32 bitmap words (128 bytes): word ``lane`` holds exactly the A-operand elements lane ``lane`` of a
+    warp holds for the strip's four ``mma.m16n8k16`` steps (fragment order, ``_layout.py``): element
+    ``lane * 32 + 8 s + j`` (k-step ``s``, fragment half ``j``) is bit ``8 (j // 2) + 4 (j % 2) + s``
+    (``_layout.bitmap_bit``; version 1 used bit ``8 s + j``, and version-1 files are converted on load);
   - the nonzero values as 16-bit patterns, two per int32 word, low half first, in *step order*:
-    k-step ``s`` (bits ``8s .. 8s + 7`` of every word) major, then lane, then bit.  So in each of the
+    k-step ``s`` major, then lane, then fragment half ``j``.  So in each of the
     four mma k-steps the warp's lanes read neighbouring values (few shared-memory bank conflicts),
     and a lane's values for one k-step are contiguous;
   - zero padding up to a multiple of 16 bytes.
@@ -51,7 +52,8 @@ class BitmapTiles(SparseFormat):
     """
 
     FORMAT_NAME = "flash_llm.bitmap_tiles"
-    FORMAT_VERSION = 1
+    FORMAT_VERSION = 2
+    READ_VERSIONS = (1, 2)
     TILE_ROWS = L.STRIP_M
 
     @classmethod
@@ -67,7 +69,7 @@ class BitmapTiles(SparseFormat):
         t = frag.shape[0] * frag.shape[1]
         frag = frag.view(t, L.STRIP_ELEMS)
         mask = (frag & 0x7FFF) != 0  # -0.0 (0x8000) counts as zero
-        words = L.pack_bits(mask.view(t, 32, 32))  # [T, 32]
+        words = L.pack_bits(mask.view(t, 32, 32)[..., L.FRAGMENT_BIT])  # [T, 32], version-2 bit order
         counts = L.popcount32(words).sum(1)
         step_major = mask.view(t, 32, 4, 8).transpose(1, 2).reshape(-1)  # order: strip, step, lane, bit
         values = frag.view(t, 32, 4, 8).transpose(1, 2).reshape(-1)[torch.nonzero(step_major).view(-1)]
@@ -106,13 +108,25 @@ class BitmapTiles(SparseFormat):
         mt, kt = self.grid
         off, words, counts = self._words_and_counts()
         t = mt * kt
-        mask = L.unpack_bits(words).view(t, 32, 4, 8).transpose(1, 2)  # step order, as stored
+        mask = L.unpack_bits(words)[..., L.BITMAP_BIT].view(t, 32, 4, 8).transpose(1, 2)  # step order, as stored
         frag = torch.zeros(t, 4, 32, 8, dtype=torch.int16, device=self.device)
         frag[mask] = self.data.view(torch.int16)[_value_starts(off, counts)]
         return L.from_fragment_order(frag.transpose(1, 2).reshape(mt, kt, -1), m, k).view(self.dtype)
 
     @classmethod
-    def _validate(cls, arrays, shape, prefix, where) -> int:
+    def _upgrade(cls, arrays: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        """Version 1 -> 2: the same records with each bitmap word's bits moved to the version-2 order
+        (values, offsets and lengths are unchanged).  Run after validation; returns new arrays."""
+        if version == 1:
+            off = arrays["offsets"].to(torch.int64)
+            word_idx = (off[:-1, None] * 4 + torch.arange(32, device=off.device)).view(-1)
+            data = arrays["data"].clone()
+            data[word_idx] = L.pack_bits(L.unpack_bits(data[word_idx])[..., L.FRAGMENT_BIT])
+            arrays = {**arrays, "data": data}
+        return arrays
+
+    @classmethod
+    def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
         data, offsets = arrays["data"], arrays["offsets"]
         m, k = shape
         mp, kp = L.padded_shape(m, k)
@@ -149,7 +163,10 @@ class BitmapTiles(SparseFormat):
                               "(values hold nonzeros only)")
         if (mp, kp) != (m, k):  # bits of the padding must be clear
             pad = L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=off.device)).logical_not_()
-            mask = L.unpack_bits(words).view(pad.shape)
+            mask = L.unpack_bits(words)
+            if (version or cls.FORMAT_VERSION) >= 2:
+                mask = mask[..., L.BITMAP_BIT]  # to fragment order (version 1 words are in it already)
+            mask = mask.view(pad.shape)
             if bool((mask & pad).any()):
                 i = int(torch.nonzero((mask & pad).view(-1, L.STRIP_ELEMS).any(1))[0])
                 raise FormatError(f"{name('data')}: record {i} has nonzero bits outside the logical "

@@ -47,6 +47,7 @@ class TiledCSL(SparseFormat):
 
     FORMAT_NAME = "flash_llm.tiled_csl"
     FORMAT_VERSION = 1
+    READ_VERSIONS = (1,)
     TILE_ROWS = TILE_M
 
     @classmethod
@@ -98,7 +99,7 @@ class TiledCSL(SparseFormat):
         return L.from_fragment_order(frag, m, k).view(self.dtype)
 
     @classmethod
-    def _validate(cls, arrays, shape, prefix, where) -> int:
+    def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
         data, offsets = arrays["data"], arrays["offsets"]
         m, k = shape
         mp, kp = L.padded_shape(m, k, m_multiple=TILE_M)

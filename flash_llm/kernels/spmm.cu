@@ -78,15 +78,20 @@ DEVI void cp_async_wait_dyn(int pending) {
   else cp_async_wait<0>();
 }
 
-// BitmapTiles values are stored in step order (k-step major, then lane, then bit).  Given this
-// lane's bitmap word, return where its values of each k-step start (value index inside the record)
-// and the record's total.  The four per-step counts are byte popcounts of w (<= 8 each), kept in the
-// bytes of one word: a scan over each half-warp (sums <= 128 fit a byte) and one fix-up for the
-// upper half (<= 248) serve all four steps.
-DEVI void step_starts(u32 w, int lane, u32 (&start)[4], u32& total) {
-  u32 c = w - ((w >> 1) & 0x55555555u);  // SWAR popcount per byte
-  c = (c & 0x33333333u) + ((c >> 2) & 0x33333333u);
-  c = (c + (c >> 4)) & 0x0f0f0f0fu;
+// BitmapTiles (format version 2) bit order: bit `8 * (j >> 1) + 4 * (j & 1) + s` of lane l's word is
+// A-fragment half j (0..7) of k-step s.  So byte i of the word belongs to A register i (halves 2i, 2i+1)
+// of every k-step: bits 0..3 are its low halves in steps 0..3, bits 4..7 its high halves.  The bits of
+// step s are the bits of `w & (0x11111111 << s)`.
+DEVI u32 step_counts(u32 w) {
+  return __popc(w & 0x11111111u) | (__popc(w & 0x22222222u) << 8) | (__popc(w & 0x44444444u) << 16) |
+         ((u32)__popc(w & 0x88888888u) << 24);
+}
+
+// Values are stored in step order (k-step major, then lane, then half j).  Given this lane's per-step
+// value counts `c` (byte s = count of step s, <= 8), return where its values of each k-step start
+// (value index inside the record) and the record's total.  A scan over each half-warp (sums <= 128 fit a
+// byte) and one fix-up for the upper half (<= 248) serve all four steps.
+DEVI void step_starts(u32 c, int lane, u32 (&start)[4], u32& total) {
   u32 incl = c;
 #pragma unroll
   for (int o = 1; o < 16; o <<= 1) {
@@ -111,8 +116,8 @@ DEVI void step_starts(u32 w, int lane, u32 (&start)[4], u32& total) {
 // The B operand (X^T) for one 64-column strip starting at k0 and n-tiles nt = 0..NT-1 from n0.
 // The strip's column order (docs/formats.md) gives lane (g = lane/4, t = lane%4) the 16 contiguous
 // columns k0 + 16t .. k0 + 16t + 15 of row n0 + 8nt + g for all four k-steps: two 16-byte loads.
-// Register b[s][nt][h] holds columns 16t + 4s + 2h (+1).  Out-of-range elements read as zero (W's
-// padding is zero, but garbage in X could be NaN/Inf and 0 * NaN = NaN).
+// Register b[s][nt][h] holds columns 16t + 4s + 2h (+1).  Columns past K read as zero (W's padding is
+// zero, but garbage in X could be NaN/Inf and 0 * NaN = NaN); rows past N are clamped to N - 1.
 // ------------------------------------------------------------------------------------------------
 template <int NT>
 DEVI void load_b(u32 (&b)[4][NT][2], const u16* __restrict__ x, int ldx, int n_rows, int k_len, int n0,
@@ -121,10 +126,11 @@ DEVI void load_b(u32 (&b)[4][NT][2], const u16* __restrict__ x, int ldx, int n_r
   const int kc = k0 + 16 * t;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    const int n = n0 + nt * 8 + g;
+    // rows past N read row N - 1: they only feed accumulator columns that are never stored
+    const int n = min(n0 + nt * 8 + g, n_rows - 1);
     const u16* src = x + (long long)n * ldx + kc;
     u32 v[8];
-    if (n < n_rows && vec && kc + 16 <= k_len) {  // rows 16-byte aligned (ldx % 8 == 0)
+    if (vec && kc + 16 <= k_len) {  // rows 16-byte aligned (ldx % 8 == 0)
       const uint4 lo = __ldg(reinterpret_cast<const uint4*>(src));
       const uint4 hi = __ldg(reinterpret_cast<const uint4*>(src) + 1);
       v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
@@ -133,8 +139,8 @@ DEVI void load_b(u32 (&b)[4][NT][2], const u16* __restrict__ x, int ldx, int n_r
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int k = kc + 2 * i;
-        const u32 e0 = (n < n_rows && k < k_len) ? (u32)src[2 * i] : 0u;
-        const u32 e1 = (n < n_rows && k + 1 < k_len) ? (u32)src[2 * i + 1] : 0u;
+        const u32 e0 = k < k_len ? (u32)src[2 * i] : 0u;
+        const u32 e1 = k + 1 < k_len ? (u32)src[2 * i + 1] : 0u;
         v[i] = e0 | (e1 << 16);
       }
     }
@@ -255,52 +261,67 @@ constexpr int RING_UNITS = 256;    // 16-byte units per warp ring = 4 KiB
 constexpr int RING_CHUNKS = RING_UNITS / 32;
 constexpr int RING_AHEAD = 6;     // chunks in flight ahead of the record being decoded
 constexpr int MAX_RECORD_UNITS = 8 + 128;  // 128-byte bitmap + 1024 values, in 16-byte units
-constexpr int MIRROR_UNITS = MAX_RECORD_UNITS;  // the first units of the ring are also written past its
-                                                // end, so a record is always contiguous in memory
-constexpr int RING_SLACK = 1;     // the gather may read one value past a record's end (discarded)
+constexpr int READ_UNITS = MAX_RECORD_UNITS + 1;  // the staging pass may read 8 bytes past a record
+constexpr int MIRROR_UNITS = READ_UNITS;  // the first units of the ring are also written past its end,
+                                          // so a record is always contiguous in memory
+constexpr int STAGE_WORDS = 1024 + 4;     // window words of one strip (see stage_windows)
 
-// Two consecutive fragment elements (bits `bit`, `bit + 1` of w) gathered from the values under
-// the shared-memory cursor `cur`, which advances past each value taken.  Written in PTX so that each
-// element costs a predicate, a load, a predicated add and a predicated zero (ptxas otherwise turns
-// the selects into shift/mask sequences).
-template <int BIT>
-DEVI u32 gather_pair(u32 w, u32& cur) {
-  u32 out;
-  asm volatile(
-      "{\n"
-      ".reg .pred p0, p1;\n"
-      ".reg .b32 t0, t1;\n"
-      ".reg .b16 h0, h1;\n"
-      "and.b32 t0, %2, %3;\n"
-      "setp.ne.u32 p0, t0, 0;\n"
-      "and.b32 t1, %2, %4;\n"
-      "setp.ne.u32 p1, t1, 0;\n"
-      "ld.shared.u16 h0, [%1];\n"
-      "@p0 add.u32 %1, %1, 2;\n"
-      "ld.shared.u16 h1, [%1];\n"
-      "@p1 add.u32 %1, %1, 2;\n"
-      "@!p0 mov.b16 h0, 0;\n"
-      "@!p1 mov.b16 h1, 0;\n"
-      "mov.b32 %0, {h0, h1};\n"
-      "}\n"
-      : "=r"(out), "+r"(cur)
-      : "r"(w), "n"(1u << BIT), "n"(1u << (BIT + 1)));
-  return out;
+// 128, read from constant memory so that ptxas keeps `__umulhi(x, 128) + y` as one IMAD.HI (FMA pipe)
+// instead of strength-reducing it to a shift, a mask and an add on the ALU pipe, the decode's bottleneck.
+__constant__ u32 kHalfByteScale = 128;
+
+DEVI u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+DEVI u32 lds32(u32 addr) {
+  u32 v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
 }
 
-// The four A registers of k-step S: elements 8S .. 8S + 7 of this lane, values from `cur` on.
+// Staging: window word k (k = 0 .. total) of the strip holds the values v[k - 1] (low half) and v[k]
+// (high half), so any two consecutive values are one aligned 32-bit word.  Lane q of the warp writes
+// words 4q .. 4q + 3 (one 16-byte store) from the 8 value bytes at 8q and the 4 before them.  `vals` is
+// the shared-memory byte address of the record's value 0 (16-byte aligned; 4 bytes before it are the
+// last bitmap word, whose garbage only ever lands in a masked half).
+DEVI void stage_windows(u32 vals, u32 stage, u32 total, int lane) {
+  const int quads = (int)(total >> 2) + 1;
+#pragma unroll 1
+  for (int q = lane; q < quads; q += 32) {
+    u32 prev, lo, hi;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(prev) : "r"(vals + 8 * q - 4));
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "r"(vals + 8 * q));
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(stage + 16 * q), "r"(prmt(prev, lo, 0x5432)),
+                 "r"(lo), "r"(prmt(lo, hi, 0x5432)), "r"(hi));
+  }
+}
+
+// The four A registers of k-step S from the window words: register i takes window word
+// start + c, c = number of set bits among halves 0 .. 2i of this lane's k-step (so its high half is half
+// 2i + 1's value and, when half 2i is set, its low half is half 2i's), masked by the two bits.
+//   Q: byte i = 8c (b0 bits x multiplier summing them into bytes i..3, b1 bits into bytes i+1..3);
+//   mask: prmt sign-replicates bit b0 (moved to bit 7 of byte i of A) and b1 (bit 7 of byte i of B).
 template <int S>
-DEVI void gather_step(u32 w, u32 cur, u32 (&a)[4]) {
-  a[0] = gather_pair<8 * S + 0>(w, cur);
-  a[1] = gather_pair<8 * S + 2>(w, cur);
-  a[2] = gather_pair<8 * S + 4>(w, cur);
-  a[3] = gather_pair<8 * S + 6>(w, cur);
+DEVI void gather_step(u32 w, u32 stage_at_start, u32 (&a)[4]) {
+  const u32 b0 = w & (0x01010101u << S), b1 = w & (0x10101010u << S);
+  const u32 q = b0 * (0x08080808u >> S) + b1 * (0x08080800u >> (4 + S));
+  const u32 A = w << (7 - S), B = w << (3 - S);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // 4c = byte i of q, halved: moved to the top (dropping the bytes above it), then taken down by the
+    // high half of a multiply, which also adds the base (IMAD.HI: FMA pipe, not the busier ALU pipe)
+    const u32 win = lds32(__umulhi(q << (24 - 8 * i), kHalfByteScale) + stage_at_start);
+    a[i] = win & prmt(A, B, (0x8888u | (u32)i * 0x1111u) | 0x4400u);
+  }
 }
 
 template <bool BF16, int NT>
 DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                            int kt_per_split, Problem p) {
-  __shared__ __align__(16) u32 ring_all[WARPS][(RING_UNITS + MIRROR_UNITS + RING_SLACK) * 4];
+  __shared__ __align__(16) u32 ring_all[WARPS][(RING_UNITS + MIRROR_UNITS) * 4];
+  __shared__ __align__(16) u32 stage_all[WARPS][STAGE_WORDS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int strip = row_block_of(p) * WARPS + warp;
   const int n0 = n_chunk_of(p) * NT * 8;
@@ -309,6 +330,7 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
   const bool active = strip < mt && kb < ke;
   const u32* ring = ring_all[warp];
   const u32 ring_base = smem_addr(ring);
+  const u32 stage_base = smem_addr(stage_all[warp]);
 
   float acc[NT][4];
 #pragma unroll
@@ -323,11 +345,14 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
     const int total_chunks = (total_units + 31) >> 5;
     const int4* src = reinterpret_cast<const int4*>(data) + begin;
     int issued = 0;  // chunks issued (warp-uniform)
+    int ready = 0;   // units [0, ready) of the stream are complete and visible to the warp
     int r = 0;       // first unit of the current record, relative to begin
 
     // Make units [0, upto) of the stream visible to the whole warp, keeping up to RING_AHEAD more
-    // chunks in flight but never overwriting the current record (which starts at unit r).
+    // chunks in flight but never overwriting the current record (which starts at unit r).  Most strips
+    // take the fast path: their units arrived with an earlier wait.
     auto ensure = [&](int upto) {
+      if (upto <= ready || ready == total_units) return;
       const int need = min((upto + 31) >> 5, total_chunks);
       const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
       while (issued < limit) {
@@ -342,6 +367,7 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       }
       cp_async_wait_dyn(issued - need);
       __syncwarp();
+      ready = min(need * 32, total_units);
     };
 
     for (int j = kb; j < ke; ++j) {
@@ -349,22 +375,22 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       u32 b[4][NB][2];
       if (NT <= 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);  // overlaps the decode
 
-      ensure(r + MAX_RECORD_UNITS);  // the longest possible record: one wait per strip
+      ensure(r + READ_UNITS);  // the longest possible record (and what staging reads past it): one wait
       const int slot = r & (RING_UNITS - 1);
       const u32 w = ring[slot * 4 + lane];
       u32 total, start[4];
-      step_starts(w, lane, start, total);
+      step_starts(step_counts(w), lane, start, total);
       const int rec_units = 8 + ((total + 7) >> 3);
 
-      // branch-free gather: read the value under the cursor, keep it and advance only if the bit is set
-      const u32 values = ring_base + slot * 16 + 128;  // shared-memory byte address
+      stage_windows(ring_base + slot * 16 + 128, stage_base, total, lane);
+      __syncwarp();
       u32 a[4][4];
-      gather_step<0>(w, values + start[0] * 2, a[0]);
-      gather_step<1>(w, values + start[1] * 2, a[1]);
-      gather_step<2>(w, values + start[2] * 2, a[2]);
-      gather_step<3>(w, values + start[3] * 2, a[3]);
+      gather_step<0>(w, stage_base + 4 * start[0], a[0]);
+      gather_step<1>(w, stage_base + 4 * start[1], a[1]);
+      gather_step<2>(w, stage_base + 4 * start[2], a[2]);
+      gather_step<3>(w, stage_base + 4 * start[3], a[3]);
       r += rec_units;
-      __syncwarp();  // every lane is done with this record before its slots are refilled
+      __syncwarp();  // every lane is done with this record and the windows before they are overwritten
 
       multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
     }
@@ -479,18 +505,20 @@ bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u
   const long long r = offsets[strip];
   const u32 w = (u32)__ldcs(data + r * 4 + lane);
   u32 total, start[4];
-  step_starts(w, lane, start, total);
+  step_starts(step_counts(w), lane, start, total);
   const u16* vals = reinterpret_cast<const u16*>(data + r * 4 + 32);
-  u32 vi = 0;
 #pragma unroll
-  for (int bit = 0; bit < 32; ++bit) {
-    if ((bit & 7) == 0) vi = start[bit >> 3];
-    const u32 on = (w >> bit) & 1u;
-    const u16 v = on ? vals[vi] : (u16)0;
-    vi += on;
-    int rr, cc;
-    frag_to_rc(lane, bit, rr, cc);
-    stage[rr * 64 + cc] = v;
+  for (int s = 0; s < 4; ++s) {
+    u32 vi = start[s];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const u32 on = (w >> (8 * (j >> 1) + 4 * (j & 1) + s)) & 1u;  // the word's bit of half j, step s
+      const u16 v = on ? vals[vi] : (u16)0;
+      vi += on;
+      int rr, cc;
+      frag_to_rc(lane, 8 * s + j, rr, cc);
+      stage[rr * 64 + cc] = v;
+    }
   }
   __syncwarp();
   const int row0 = (int)(strip / kt) * 16, col0 = (int)(strip % kt) * 64;
@@ -537,7 +565,7 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
 #define SPMM_PROBLEM {x, y, bias, ws, tickets, M, K, N, ldx, splits, n_chunks, vec}
 
 // Minimum resident blocks per SM by NT: caps registers so that 8 blocks (32 warps) fit for NT <= 2.
-template <int NT> struct MinBlocks { static constexpr int value = NT <= 2 ? 8 : NT == 4 ? 5 : 4; };
+template <int NT> struct MinBlocks { static constexpr int value = NT <= 2 ? 5 : NT == 4 ? 5 : 4; };
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(THREADS, MinBlocks<NT>::value)                       \
