@@ -87,17 +87,23 @@ DEVI u32 step_counts(u32 w) {
          ((u32)__popc(w & 0x88888888u) << 24);
 }
 
+// incl += incl of the lane O below, within each half-warp (shfl.up's predicate: the source is in range)
+template <int O>
+DEVI void scan_step(u32& incl) {
+  asm("{ .reg .pred p; .reg .u32 t; shfl.sync.up.b32 t|p, %0, %1, 0x1000, -1; @p add.u32 %0, %0, t; }"
+      : "+r"(incl) : "n"(O));
+}
+
 // Values are stored in step order (k-step major, then lane, then half j).  Given this lane's per-step
 // value counts `c` (byte s = count of step s, <= 8), return where its values of each k-step start
 // (value index inside the record) and the record's total.  A scan over each half-warp (sums <= 128 fit a
 // byte) and one fix-up for the upper half (<= 248) serve all four steps.
 DEVI void step_starts(u32 c, int lane, u32 (&start)[4], u32& total) {
   u32 incl = c;
-#pragma unroll
-  for (int o = 1; o < 16; o <<= 1) {
-    const u32 t = __shfl_up_sync(FULL_MASK, incl, o, 16);
-    if ((lane & 15) >= o) incl += t;
-  }
+  scan_step<1>(incl);
+  scan_step<2>(incl);
+  scan_step<4>(incl);
+  scan_step<8>(incl);
   const u32 lower = __shfl_sync(FULL_MASK, incl, 15), upper = __shfl_sync(FULL_MASK, incl, 31);
   u32 excl = incl - c;
   if (lane >= 16) excl += lower;
@@ -257,13 +263,12 @@ DEVI void multiply_strip(float (&acc)[NT][4], const u32 (&a)[4][4], u32 (&b)[4][
 // then, branch-free, every element loads the value under the cursor and keeps it (and advances the
 // cursor) only if its bit is set.
 // ------------------------------------------------------------------------------------------------
-constexpr int RING_UNITS = 256;    // 16-byte units per warp ring = 4 KiB
+constexpr int RING_UNITS = 256;    // 16-byte units per warp ring = 4 KiB (a power of two: addresses wrap)
+constexpr int RING_BYTES = RING_UNITS * 16;
 constexpr int RING_CHUNKS = RING_UNITS / 32;
 constexpr int RING_AHEAD = 6;     // chunks in flight ahead of the record being decoded
 constexpr int MAX_RECORD_UNITS = 8 + 128;  // 128-byte bitmap + 1024 values, in 16-byte units
 constexpr int READ_UNITS = MAX_RECORD_UNITS + 1;  // the staging pass may read 8 bytes past a record
-constexpr int MIRROR_UNITS = READ_UNITS;  // the first units of the ring are also written past its end,
-                                          // so a record is always contiguous in memory
 constexpr int STAGE_WORDS = 1024 + 4;     // window words of one strip (see stage_windows)
 
 // 128, read from constant memory so that ptxas keeps `__umulhi(x, 128) + y` as one IMAD.HI (FMA pipe)
@@ -284,17 +289,23 @@ DEVI u32 lds32(u32 addr) {
 // Staging: window word k (k = 0 .. total) of the strip holds the values v[k - 1] (low half) and v[k]
 // (high half), so any two consecutive values are one aligned 32-bit word.  Lane q of the warp writes
 // words 4q .. 4q + 3 (one 16-byte store) from the 8 value bytes at 8q and the 4 before them.  `vals` is
-// the shared-memory byte address of the record's value 0 (16-byte aligned; 4 bytes before it are the
-// last bitmap word, whose garbage only ever lands in a masked half).
-DEVI void stage_windows(u32 vals, u32 stage, u32 total, int lane) {
+// the ring offset (bytes) of the record's value 0; ring addresses wrap at RING_BYTES.  The 4 bytes before
+// value 0 are the last bitmap word, whose garbage only ever lands in a masked half; so do the up to 8
+// bytes read past the record.
+DEVI void stage_windows(u32 ring, u32 vals, u32 stage, u32 total, int lane) {
   const int quads = (int)(total >> 2) + 1;
+  const int rounds = (quads + 31) >> 5;  // warp-uniform
 #pragma unroll 1
-  for (int q = lane; q < quads; q += 32) {
-    u32 prev, lo, hi;
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(prev) : "r"(vals + 8 * q - 4));
-    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "r"(vals + 8 * q));
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(stage + 16 * q), "r"(prmt(prev, lo, 0x5432)),
-                 "r"(lo), "r"(prmt(lo, hi, 0x5432)), "r"(hi));
+  for (int i = 0; i < rounds; ++i) {
+    const int q = lane + 32 * i;
+    if (q < quads) {
+      const u32 at = vals + 8 * q;
+      u32 prev, lo, hi;
+      asm volatile("ld.shared.b32 %0, [%1];" : "=r"(prev) : "r"(ring + ((at - 4) & (RING_BYTES - 1))));
+      asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "r"(ring + (at & (RING_BYTES - 1))));
+      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(stage + 16 * q), "r"(prmt(prev, lo, 0x5432)),
+                   "r"(lo), "r"(prmt(lo, hi, 0x5432)), "r"(hi));
+    }
   }
 }
 
@@ -320,7 +331,7 @@ DEVI void gather_step(u32 w, u32 stage_at_start, u32 (&a)[4]) {
 template <bool BF16, int NT>
 DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                            int kt_per_split, Problem p) {
-  __shared__ __align__(16) u32 ring_all[WARPS][(RING_UNITS + MIRROR_UNITS) * 4];
+  __shared__ __align__(16) u32 ring_all[WARPS][RING_UNITS * 4];
   __shared__ __align__(16) u32 stage_all[WARPS][STAGE_WORDS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int strip = row_block_of(p) * WARPS + warp;
@@ -328,8 +339,7 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
   const int kb = blockIdx.y * kt_per_split;
   const int ke = min(kt, kb + kt_per_split);
   const bool active = strip < mt && kb < ke;
-  const u32* ring = ring_all[warp];
-  const u32 ring_base = smem_addr(ring);
+  const u32 ring_base = smem_addr(ring_all[warp]);
   const u32 stage_base = smem_addr(stage_all[warp]);
 
   float acc[NT][4];
@@ -349,50 +359,66 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
     int r = 0;       // first unit of the current record, relative to begin
 
     // Make units [0, upto) of the stream visible to the whole warp, keeping up to RING_AHEAD more
-    // chunks in flight but never overwriting the current record (which starts at unit r).  Most strips
-    // take the fast path: their units arrived with an earlier wait.
-    auto ensure = [&](int upto) {
-      if (upto <= ready || ready == total_units) return;
+    // chunks in flight but never overwriting the current record (which starts at unit r).  Called only
+    // when a record is not in yet: about once per 32 units consumed.
+    auto refill = [&](int upto) {
       const int need = min((upto + 31) >> 5, total_chunks);
       const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
-      while (issued < limit) {
+#pragma unroll 1
+      for (; issued < limit; ++issued) {
         const int u = issued * 32 + lane;
-        if (u < total_units) {
-          const int slot = u & (RING_UNITS - 1);
-          cp_async16(ring_base + slot * 16, src + u);
-          if (slot < MIRROR_UNITS) cp_async16(ring_base + (slot + RING_UNITS) * 16, src + u);
-        }
+        if (u < total_units) cp_async16(ring_base + (u & (RING_UNITS - 1)) * 16, src + u);
         cp_async_commit();
-        ++issued;
       }
       cp_async_wait_dyn(issued - need);
       __syncwarp();
       ready = min(need * 32, total_units);
     };
 
-    for (int j = kb; j < ke; ++j) {
-      constexpr int NB = NT < 4 ? NT : 4;  // n-tiles whose B fragments are held at once
-      u32 b[4][NB][2];
-      if (NT <= 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);  // overlaps the decode
+    // This lane's X rows (clamped to N - 1: rows past N only feed accumulator columns never stored),
+    // 16 columns from 16t, as 16-byte vectors; a full strip advances them by 8 vectors.
+    constexpr int NB = NT < 4 ? NT : 4;  // n-tiles whose B fragments are held at once
+    const uint4* xv[NB];
+#pragma unroll
+    for (int nt = 0; nt < NB; ++nt)
+      xv[nt] = reinterpret_cast<const uint4*>(p.x + (long long)min(n0 + nt * 8 + (lane >> 2), p.N - 1) * p.ldx +
+                                              16 * (lane & 3)) + 8 * (long long)kb;
+    const int full_strips = p.vec ? min(ke, p.K / 64) : kb;  // strips whose X loads need no checks
 
-      ensure(r + READ_UNITS);  // the longest possible record (and what staging reads past it): one wait
-      const int slot = r & (RING_UNITS - 1);
-      const u32 w = ring[slot * 4 + lane];
+    for (int j = kb; j < ke; ++j) {
+      u32 b[4][NB][2];
+      if (NT <= 4) {  // issued first, in flight during the decode
+        if (j < full_strips) {
+#pragma unroll
+          for (int nt = 0; nt < NB; ++nt) {
+            const uint4 lo = __ldg(xv[nt]), hi = __ldg(xv[nt] + 1);
+            b[0][nt][0] = lo.x; b[0][nt][1] = lo.y; b[1][nt][0] = lo.z; b[1][nt][1] = lo.w;
+            b[2][nt][0] = hi.x; b[2][nt][1] = hi.y; b[3][nt][0] = hi.z; b[3][nt][1] = hi.w;
+          }
+        } else {
+          load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
+        }
+      }
+
+      if (r + READ_UNITS > ready && ready < total_units) refill(r + READ_UNITS);
+      const u32 rec = (u32)(r & (RING_UNITS - 1)) * 16;  // ring offset of the record
+      const u32 w = lds32(ring_base + ((rec + 4 * lane) & (RING_BYTES - 1)));
       u32 total, start[4];
       step_starts(step_counts(w), lane, start, total);
-      const int rec_units = 8 + ((total + 7) >> 3);
+      r += 8 + (int)((total + 7) >> 3);
 
-      stage_windows(ring_base + slot * 16 + 128, stage_base, total, lane);
+      stage_windows(ring_base, rec + 128, stage_base, total, lane);
       __syncwarp();
       u32 a[4][4];
       gather_step<0>(w, stage_base + 4 * start[0], a[0]);
       gather_step<1>(w, stage_base + 4 * start[1], a[1]);
       gather_step<2>(w, stage_base + 4 * start[2], a[2]);
       gather_step<3>(w, stage_base + 4 * start[3], a[3]);
-      r += rec_units;
       __syncwarp();  // every lane is done with this record and the windows before they are overwritten
 
       multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
+#pragma unroll
+      for (int nt = 0; nt < NB; ++nt) xv[nt] += 8;
     }
     cp_async_wait<0>();
   }
@@ -565,7 +591,7 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
 #define SPMM_PROBLEM {x, y, bias, ws, tickets, M, K, N, ldx, splits, n_chunks, vec}
 
 // Minimum resident blocks per SM by NT: caps registers so that 8 blocks (32 warps) fit for NT <= 2.
-template <int NT> struct MinBlocks { static constexpr int value = NT <= 2 ? 5 : NT == 4 ? 5 : 4; };
+template <int NT> struct MinBlocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(THREADS, MinBlocks<NT>::value)                       \
