@@ -292,3 +292,32 @@ def test_engine_errors(pair):
         next(eng.stream([[1]], 2, on_token=print))
     # the engine still works after every refusal
     assert eng.generate([[1, 2]], 3).tokens.shape == (1, 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmarks/bench_e2e.py, as a smoke run on CPU
+# ---------------------------------------------------------------------------------------------------
+def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_e2e.py")
+    spec = importlib.util.spec_from_file_location("bench_e2e", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--device", "cpu", "--models", "tiny-llama", "--sparsities", "80", "--batches", "2", "--prompt", "4",
+            "--new", "3", "--repeats", "1", "--no-progress", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = [(r["impl"], r["sparsity"], r["batch"]) for r in data["rows"]]
+    assert rows == [("flash-llm", 0, 2), ("hf-generate", 0, 2), ("flash-llm", 80, 2)]  # dense added: speedups need it
+    assert all(r["status"] == "ok" and r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 for r in data["rows"])
+    sparse = data["rows"][-1]
+    assert abs(sparse["achieved_sparsity"] - 0.8) < 0.01 and 1.0 <= sparse["formula_ratio"] < 1.03
+    assert sparse["speedup_vs_dense"] > 0 and sparse["read_bytes"] < data["rows"][0]["read_bytes"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### tiny-llama: decode tokens/s" in summary and "| 2 |" in summary and "Targets:" in summary
+    assert (tmp_path / "results.csv").read_text().startswith("model,")
+    assert bench.main(argv) == 2  # refuses to overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
