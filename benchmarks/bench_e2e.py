@@ -192,10 +192,13 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
         for sp in args.sparsities:
             base = {"model": name, "sparsity": sp, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new}
             _free(device)
+            limit = None
+            if args.memory_limit_gb and device.type == "cuda":  # the cap, not the card's free memory
+                limit = int(args.memory_limit_gb * 1e9) - torch.cuda.memory_reserved(device)
             try:
                 model, report = build_synthetic(cfg, sp / 100 or None, dtype=dtype, device=device, seed=1,
-                                                progress=not args.no_progress)
-            except (DoesNotFit, torch.OutOfMemoryError) as e:
+                                                progress=not args.no_progress, memory_limit=limit)
+            except (DoesNotFit, torch.cuda.OutOfMemoryError) as e:
                 msg = str(e).splitlines()[0]
                 log(f"{name} sparsity {sp}: {msg}")
                 rows += [{**base, "impl": "flash-llm", "batch": b, "status": f"does not fit: {msg}"}
@@ -221,7 +224,7 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                         f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms  floor {floor_ms:6.3f} ms "
                         f"({row['floor_pct']:.0f} %)  peak {row['peak_mem_bytes'] / 2**30:.1f} GiB"
                         + (f"  x{row['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in row else ""))
-                except torch.OutOfMemoryError as e:
+                except torch.cuda.OutOfMemoryError as e:
                     row["status"] = f"out of memory: {str(e).splitlines()[0][:120]}"
                     log(f"{name} {sp}% b={b}: {row['status']}")
                 _free(device)
@@ -241,7 +244,7 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                         row["floor_pct"] = 100 * floor_ms / row["tpot_ms"]
                         log(f"{name} HF generate b={b:<3} decode {row['decode_tok_s']:9.1f} tok/s  tpot "
                             f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms")
-                    except torch.OutOfMemoryError as e:
+                    except torch.cuda.OutOfMemoryError as e:
                         row["status"] = f"out of memory: {str(e).splitlines()[0][:120]}"
                     _free(device)
                     rows.append(row)
@@ -317,7 +320,8 @@ def summarize(rows, env) -> str:
             for s in sps:
                 r = get.get(("flash-llm", s, b))
                 if not r or r.get("status") != "ok":
-                    cells.append("does not fit" if r and r["status"].startswith("does not fit") else "OOM" if r else "-")
+                    fits = not (r and r["status"].startswith("does not fit"))
+                    cells.append("-" if not r else "OOM" if fits else "does not fit")
                 elif s == 0 or "speedup_vs_dense" not in r:
                     cells.append(_fmt(r["decode_tok_s"], ".0f"))
                 else:
@@ -326,7 +330,8 @@ def summarize(rows, env) -> str:
         p()
         p(f"{model}: memory and latency (batch 1 unless noted)")
         p()
-        p("| sparsity | weights | / formula | peak GPU mem (largest batch) | TTFT ms | TPOT ms | floor ms | % of floor |")
+        p("| sparsity | weights | / formula | peak GPU mem (largest batch) | TTFT ms | TPOT ms | floor ms "
+          "| % of floor |")
         p("|---|---|---|---|---|---|---|---|")
         for s in sps:
             r1 = get.get(("flash-llm", s, batches[0]))
