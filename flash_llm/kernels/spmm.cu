@@ -269,7 +269,7 @@ constexpr int RING_CHUNKS = RING_UNITS / 32;
 constexpr int RING_AHEAD = 6;     // chunks in flight ahead of the record being decoded
 constexpr int MAX_RECORD_UNITS = 8 + 128;  // 128-byte bitmap + 1024 values, in 16-byte units
 constexpr int READ_UNITS = MAX_RECORD_UNITS + 1;  // the staging pass may read 8 bytes past a record
-constexpr int STAGE_WORDS = 1024 + 4;     // window words of one strip (see stage_windows)
+constexpr int STAGE_WORDS = 128 * 9;      // window words of one strip: 9 rounds of 32 lanes x 4 (see stage_windows)
 
 // 128, read from constant memory so that ptxas keeps `__umulhi(x, 128) + y` as one IMAD.HI (FMA pipe)
 // instead of strength-reducing it to a shift, a mask and an add on the ALU pipe, the decode's bottleneck.
@@ -293,19 +293,16 @@ DEVI u32 lds32(u32 addr) {
 // value 0 are the last bitmap word, whose garbage only ever lands in a masked half; so do the up to 8
 // bytes read past the record.
 DEVI void stage_windows(u32 ring, u32 vals, u32 stage, u32 total, int lane) {
-  const int quads = (int)(total >> 2) + 1;
-  const int rounds = (quads + 31) >> 5;  // warp-uniform
+  const int rounds = (int)(total >> 7) + 1;  // quads 0 .. total / 4 are needed; whole rounds of 32 are
+                                            // written (STAGE_WORDS has room), without a branch per lane
+  u32 at = vals + 8 * lane, to = stage + 16 * lane;
 #pragma unroll 1
-  for (int i = 0; i < rounds; ++i) {
-    const int q = lane + 32 * i;
-    if (q < quads) {
-      const u32 at = vals + 8 * q;
-      u32 prev, lo, hi;
-      asm volatile("ld.shared.b32 %0, [%1];" : "=r"(prev) : "r"(ring + ((at - 4) & (RING_BYTES - 1))));
-      asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "r"(ring + (at & (RING_BYTES - 1))));
-      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(stage + 16 * q), "r"(prmt(prev, lo, 0x5432)),
-                   "r"(lo), "r"(prmt(lo, hi, 0x5432)), "r"(hi));
-    }
+  for (int i = 0; i < rounds; ++i, at += 256, to += 512) {
+    u32 prev, lo, hi;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(prev) : "r"(ring + ((at - 4) & (RING_BYTES - 1))));
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "r"(ring + (at & (RING_BYTES - 1))));
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(to), "r"(prmt(prev, lo, 0x5432)), "r"(lo),
+                 "r"(prmt(lo, hi, 0x5432)), "r"(hi));
   }
 }
 
@@ -323,7 +320,9 @@ DEVI void gather_step(u32 w, u32 stage_at_start, u32 (&a)[4]) {
   for (int i = 0; i < 4; ++i) {
     // 4c = byte i of q, halved: moved to the top (dropping the bytes above it), then taken down by the
     // high half of a multiply, which also adds the base (IMAD.HI: FMA pipe, not the busier ALU pipe)
-    const u32 win = lds32(__umulhi(q << (24 - 8 * i), kHalfByteScale) + stage_at_start);
+    u32 addr;
+    asm("mad.hi.u32 %0, %1, %2, %3;" : "=r"(addr) : "r"(q << (24 - 8 * i)), "r"(kHalfByteScale), "r"(stage_at_start));
+    const u32 win = lds32(addr);
     a[i] = win & prmt(A, B, (0x8888u | (u32)i * 0x1111u) | 0x4400u);
   }
 }
