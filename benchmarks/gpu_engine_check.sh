@@ -5,6 +5,6 @@ set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 240 python3 -m pytest -q -x tests/test_engine_gpu.py tests/test_nn.py -k "cuda or gpu or graph" 2>&1 | tee "$OUT/engine_tests.log" | tail -6
+timeout 240 python3 -m pytest -q -x -m gpu tests/test_engine_gpu.py tests/test_nn.py 2>&1 | tee "$OUT/engine_tests.log" | tail -6
 timeout 300 python3 benchmarks/bench_e2e.py --quick --out "$OUT/e2e" "$@" > "$OUT/e2e.log" 2>&1
 tail -30 "$OUT/e2e.log"
