@@ -299,7 +299,8 @@ def run_tp_sweep(args, world, dtype, log) -> list[dict]:
     from flash_llm.parallel import ShardReport, TensorParallel, check_divisible
 
     # every rank creates every group, in the same order (torch.distributed requires it)
-    groups = {k: (None if k == world.world_size else dist.new_group(list(range(k)))) for k in args.tp}
+    groups = {k: (None if k == world.world_size else dist.new_group(list(range(k)), timeout=world.timeout))
+              for k in args.tp}
     device = world.device
     rows = []
     for k in args.tp:

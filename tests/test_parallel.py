@@ -1,5 +1,5 @@
-"""flash_llm.parallel on CPU (gloo): a 2-rank run under torchrun (tests/tp_worker.py) against the single-process
-model, for tiny OPT and Llama (GQA) models, dense and pruned + compressed, loaded from checkpoints slice by slice
+"""flash_llm.parallel: a 2-rank run under torchrun (tests/tp_worker.py; on CPU with gloo, and with NCCL on 2 GPUs
+where a machine has them) against the single-process model, for tiny OPT and Llama (GQA) models, dense and pruned + compressed, loaded from checkpoints slice by slice
 and sharded in memory; sampling identical on every rank; uneven nonzeros per slice reported exactly; synthetic
 models built per rank; clear errors (world size not dividing the heads, prompts differing between ranks, a rank
 that never starts) instead of hangs; the benchmark's tensor-parallel mode as a smoke run.
@@ -102,9 +102,11 @@ def _check_error(actual, single, ref64, dtype, what):
 # ---------------------------------------------------------------------------------------------------
 # the 2-rank run (once per module)
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tp_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tp")
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs")])])
+def tp_run(request, tmp_path_factory):
+    device = request.param
+    d = tmp_path_factory.mktemp(f"tp-{device}")
     for family in FAMILIES:
         hm = _hf(family)
         hm.save_pretrained(d / f"{family}-dense")  # transformers' own checkpoint writer
@@ -115,27 +117,26 @@ def tp_run(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), WORKER, str(d), str(d / "bench")]
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), WORKER, str(d), str(d / "bench"), device]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}); the ranks' output:\n{proc.stdout[-3000:]}\n"
                                   f"{proc.stderr[:8000]}")
     outs = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {"dir": d, "outs": outs, "seconds": time.perf_counter() - t0}
+    return {"dir": d, "outs": outs, "seconds": time.perf_counter() - t0, "device": torch.device(device)}
 
 
 @pytest.fixture(scope="module")
 def single(tp_run):
     """Single-process references, per family: fp32 dense, fp64 dense, fp16 sparsified, fp64 of the pruned."""
-    d = tp_run["dir"]
+    d, dev = tp_run["dir"], tp_run["device"]
     refs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for family in FAMILIES:
-            dense = full_model(str(d / f"{family}-dense"), torch.float32)
-            refs[family, "dense"] = dense
-            refs[family, "dense64"] = full_model(str(d / f"{family}-dense"), torch.float64)
-            sparse = full_model(str(d / f"{family}-pruned"), torch.float16)
+            refs[family, "dense"] = full_model(str(d / f"{family}-dense"), torch.float32, dev)
+            refs[family, "dense64"] = full_model(str(d / f"{family}-dense"), torch.float64, dev)
+            sparse = full_model(str(d / f"{family}-pruned"), torch.float16, dev)
             refs[family, "sparse64"] = copy.deepcopy(sparse).double()
             flash_llm.sparsify_(sparse)
             refs[family, "sparse"] = sparse
@@ -146,9 +147,11 @@ def _engine(model):
     return Engine(model, max_batch=3, max_seq=32).generate(PROMPTS, NEW, output_logits=True, eos_token_id=None)
 
 
-def test_run_is_two_gloo_ranks_and_ranks_agree(tp_run):
+def test_run_has_two_ranks_and_they_agree(tp_run):
     a, b = tp_run["outs"]
-    assert (a["rank"], b["rank"], a["world_size"], a["backend"]) == (0, 1, WORLD, "gloo")
+    backend = "gloo" if tp_run["device"].type == "cpu" else "nccl"
+    assert (a["rank"], b["rank"], a["world_size"], a["backend"]) == (0, 1, WORLD, backend)
+    assert (a["device"], b["device"]) == (("cpu", "cpu") if backend == "gloo" else ("cuda:0", "cuda:1"))
     tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
     assert len(tensors) >= 30
     for k in tensors:  # all-reduced activations and replicated lm_head: every rank computes the same logits
@@ -162,18 +165,18 @@ def test_logits_and_greedy_tokens_match_single_process(tp_run, single, family, k
     out = tp_run["outs"][0]
     one, ref = single[family, kind], single[family, kind + "64"]
     dtype = torch.float32 if kind == "dense" else torch.float16
-    ids, mask = padded(PROMPTS)
+    ids, mask = (t.to(tp_run["device"]) for t in padded(PROMPTS))
     with torch.no_grad():
-        want, want64 = one(ids, attention_mask=mask).float(), ref(ids, attention_mask=mask)
-    real = mask.bool()  # padding rows carry no meaning (and attend only to themselves)
+        want, want64 = one(ids, attention_mask=mask).float().cpu(), ref(ids, attention_mask=mask).cpu()
+    real = mask.bool().cpu()  # padding rows carry no meaning (and attend only to themselves)
     _check_error(out[f"{family}/{kind}/logits"][real], want[real], want64[real], dtype, f"{family} {kind} forward")
     # greedy decoding through the engine: the same tokens, the same per-step logits up to the bound
     g = _engine(one)
     assert torch.equal(out[f"{family}/{kind}/tokens"], g.tokens)
     for i, p in enumerate(PROMPTS):
-        seq = torch.tensor([p + g.tokens[i].tolist()])
+        seq = torch.tensor([p + g.tokens[i].tolist()], device=tp_run["device"])
         with torch.no_grad():
-            full64 = ref(seq)[0, len(p) - 1:len(p) - 1 + NEW]
+            full64 = ref(seq)[0, len(p) - 1:len(p) - 1 + NEW].cpu()
         _check_error(out[f"{family}/{kind}/step_logits"][i], g.logits[i], full64, dtype,
                      f"{family} {kind} decode, prompt {i}")
         # the tokens are determined, not a lucky tie-break: no logit moved by half the top-2 gap
@@ -232,10 +235,11 @@ def test_sampling_takes_rank0_tokens_everywhere(tp_run, single, family):
     a, b = (o[f"{family}/dense/sampled"] for o in tp_run["outs"])
     assert torch.equal(a, b)
     eng = Engine(single[family, "dense"], max_batch=3, max_seq=32)
+    dev = tp_run["device"]
     ref = eng.generate(PROMPTS, NEW, temperature=1.0, top_p=0.9, eos_token_id=None,
-                       generator=torch.Generator().manual_seed(100))
+                       generator=torch.Generator(dev).manual_seed(100))
     other = eng.generate(PROMPTS, NEW, temperature=1.0, top_p=0.9, eos_token_id=None,
-                         generator=torch.Generator().manual_seed(101))
+                         generator=torch.Generator(dev).manual_seed(101))
     assert torch.equal(a, ref.tokens) and not torch.equal(a, other.tokens)
 
 
@@ -262,12 +266,12 @@ def test_world_size_not_dividing_heads_is_refused_on_every_rank(tp_run):
 def test_synthetic_model_built_per_rank_is_the_single_process_one(tp_run):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        one, _ = build_synthetic(SYNTH, 0.8, device="cpu", seed=3, progress=False)
+        one, _ = build_synthetic(SYNTH, 0.8, device=tp_run["device"], seed=3, progress=False)
     layers = [o["synth/layers"] for o in tp_run["outs"]]
     kinds = {fqn: kind for fqn, kind in ((f, "row" if f.endswith(("o_proj", "down_proj")) else "column")
                                          for f, *_ in layers[0])}
     for i, (fqn, m, k, _, _) in enumerate(layers[0]):
-        w = one.get_submodule(fqn).to_dense()
+        w = one.get_submodule(fqn).to_dense().cpu()
         dim = 0 if kinds[fqn] == "column" else 1
         size = w.shape[dim] // WORLD
         for r in range(WORLD):
@@ -276,11 +280,11 @@ def test_synthetic_model_built_per_rank_is_the_single_process_one(tp_run):
             assert (f2, m2, k2) == (fqn, *piece.shape)
             assert nnz == int(torch.count_nonzero(piece)) and nbytes == expected_nbytes(flash_llm.BitmapTiles,
                                                                                        piece != 0)
-    ids, mask = padded(PROMPTS)
+    ids, mask = (t.to(tp_run["device"]) for t in padded(PROMPTS))
     ref = _dense64(one)
     with torch.no_grad():
-        want, want64 = one(ids, attention_mask=mask).float(), ref(ids, attention_mask=mask)
-    real = mask.bool()
+        want, want64 = one(ids, attention_mask=mask).float().cpu(), ref(ids, attention_mask=mask).cpu()
+    real = mask.bool().cpu()
     _check_error(tp_run["outs"][0]["synth/logits"][real], want[real], want64[real], torch.float16, "synthetic")
     g = Engine(one, max_batch=3, max_seq=32).generate(PROMPTS, NEW, eos_token_id=None, output_logits=True)
     assert torch.equal(tp_run["outs"][0]["synth/tokens"], g.tokens)
@@ -297,6 +301,8 @@ def test_bench_tensor_parallel_mode_smoke(tp_run):
         assert r["tok_per_gpu_s"] == pytest.approx(r["tok_s"] / 2)
         assert len(r["per_rank"]) == 2 and all(p["weight_bytes"] > 0 for p in r["per_rank"])
         assert 0 <= r["allreduce_share"] and r["allreduce_ms_per_step"] > 0
+        assert r["allreduce_timing"] == ("eager" if tp_run["device"].type == "cpu" else "cuda graph")
+        assert (r["peak_mem_bytes_max"] > r["weight_bytes_max"]) == (tp_run["device"].type == "cuda")
     sparse = data["rows"][1]
     assert sum(p["nnz"] for p in sparse["per_rank"]) < 0.25 * sum(p["nnz"] for p in data["rows"][0]["per_rank"])
     summary = (out_dir / "summary.md").read_text()
@@ -392,6 +398,7 @@ def test_world_size_one_runs_the_same_code_in_one_process(world1):
     sp = from_config(hm.config, dtype=torch.float16, device="meta")
     sp.load_state_dict({k: v.half() for k, v in hm.state_dict().items()}, assign=True)
     magnitude_prune_(sp, 0.6, filter_fn=lambda m, fqn: fqn != "lm_head")
+    pruned = copy.deepcopy(sp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         flash_llm.sparsify_(sp)
@@ -400,6 +407,16 @@ def test_world_size_one_runs_the_same_code_in_one_process(world1):
     assert {s.format for s in rep.layers} == {"BitmapTiles"}
     assert rep.nnz == sum(m.nnz for m in sp.modules() if isinstance(m, flash_llm.SparseLinear))
     assert torch.equal(_engine(sp_tp).tokens, _engine(sp).tokens)
+    # or sharded dense, then sparsify_ on the tensor-parallel model: it compresses the local slices
+    dense_tp = copy.deepcopy(pruned)
+    tensor_parallel_(dense_tp, tp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(dense_tp)
+    again = ShardReport.of(dense_tp)
+    assert [(s.fqn, s.format, s.nnz, s.nbytes) for s in again.layers] == [(s.fqn, s.format, s.nnz, s.nbytes)
+                                                                          for s in rep.layers]
+    assert torch.equal(_engine(dense_tp).tokens, _engine(sp).tokens)
 
 
 def test_dense_checkpoint_slices_compressed_while_loading(world1, tmp_path):
@@ -425,6 +442,41 @@ def test_dense_checkpoint_slices_compressed_while_loading(world1, tmp_path):
     os.remove(tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files"):
         load_tensor_parallel(tmp_path / "ckpt", world1)
+
+
+def test_checkpoint_loader_reads_old_opt_files_and_names_problems(world1, tmp_path):
+    """OPT-350m's layout (project_in / project_out, post-LayerNorm) from an old-style file whose keys lack the
+    leading ``model.``: every tensor read, the same logits; unknown tensors are reported, shape mismatches and
+    missing tensors raise naming them."""
+    torch.manual_seed(4)
+    hc = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=64, init_std=0.1, dropout=0.0,
+                                do_layer_norm_before=False, word_embed_proj_dim=32, pad_token_id=1)
+    hm = transformers.OPTForCausalLM(hc).eval()
+    one = from_config(hm.config, dtype=torch.float32, device="meta")
+    one.load_state_dict(hm.state_dict(), assign=True)
+    folder = tmp_path / "opt-350m-style"
+    _save_hf(one, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    state["decoder.version"] = torch.zeros(1)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) of the checkpoint are not weights of a opt model and were "
+                                         r"not read, e.g. \['decoder.version'\]"):
+        model, _ = load_tensor_parallel(folder, world1, dtype=torch.float32, progress=False)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), one(ids), rtol=0, atol=1e-5)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "ffn_dim": 128}))
+    with pytest.raises(ValueError, match=r"tensor 'decoder.layers.0.fc1.weight' has shape \(96, 64\); the "
+                                         r"config.json says \(128, 64\)"):
+        load_tensor_parallel(folder, world1, dtype=torch.float32, progress=False)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    del state["decoder.layers.1.fc2.bias"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"no tensor 'model.decoder.layers.1.fc2.bias' in the checkpoint"):
+        load_tensor_parallel(folder, world1, dtype=torch.float32, progress=False)
 
 
 def test_parallel_layers_check_their_shapes(world1):
