@@ -45,6 +45,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
@@ -53,6 +54,7 @@ from flash_llm.engine import Engine  # noqa: E402
 from flash_llm.models import preset  # noqa: E402
 from flash_llm.models.config import PRESETS  # noqa: E402
 from flash_llm.models.synthetic import DoesNotFit, build_synthetic  # noqa: E402
+from flash_llm.parallel import ShardReport, TensorParallel, check_divisible, init_tensor_parallel  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TINY = {  # smoke-test shapes (CPU)
@@ -268,8 +270,6 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
 # ---- tensor-parallel mode ------------------------------------------------------------------------------
 def _agree(tp, ok: bool) -> bool:
     """True on every rank of ``tp`` iff ``ok`` on every rank (a collective)."""
-    import torch.distributed as dist
-
     t = torch.tensor([1 if ok else 0], device=tp.device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group)
     return bool(t.item())
@@ -294,10 +294,6 @@ def allreduce_ms_per_step(tp, batch, cfg, dtype) -> tuple[float, str]:
 
 def run_tp_sweep(args, world, dtype, log) -> list[dict]:
     """Every (model, sparsity) sharded over each K in ``args.tp`` (the first K ranks), measured on every batch."""
-    import torch.distributed as dist
-
-    from flash_llm.parallel import ShardReport, TensorParallel, check_divisible
-
     # every rank creates every group, in the same order (torch.distributed requires it)
     groups = {k: (None if k == world.world_size else dist.new_group(list(range(k)), timeout=world.timeout))
               for k in args.tp}
@@ -318,12 +314,13 @@ def run_tp_sweep(args, world, dtype, log) -> list[dict]:
                 base = {"model": name, "impl": "flash-llm-tp", "tp": k, "gpus": k, "sparsity": sp,
                         "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new}
                 if tp is not None:
-                    rows += _tp_point(args, tp, cfg, name, sp, dtype, base, log, ShardReport)
+                    rows += _tp_point(args, tp, cfg, name, sp, dtype, base, log)
                 world.barrier()  # ranks outside this K wait here
     return rows
 
 
-def _tp_point(args, tp, cfg, name, sp, dtype, base, log, ShardReport) -> list[dict]:
+def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
+    """One (model, sparsity) on the ranks of ``tp``: build this rank's part, measure every batch."""
     device = tp.device
     _free(device)
     limit = None
@@ -491,8 +488,6 @@ def plot_tp(rows, path) -> bool:
 
 def main_tp(args, argv) -> int:
     """``--tp``: the sweep on torchrun's ranks; rank 0 writes the results."""
-    from flash_llm.parallel import init_tensor_parallel
-
     backend = "gloo" if args.device == "cpu" else "nccl"
     if backend == "nccl" and not torch.cuda.is_available():
         print("error: no CUDA device (use --device cpu with the tiny-* models for a smoke run)", file=sys.stderr)

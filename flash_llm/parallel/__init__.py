@@ -19,10 +19,8 @@ own slices.  ``docs/parallel.md`` has the details and the torchrun commands.
 """
 
 from .checkpoint import load_tensor_parallel
-from .group import DEFAULT_TIMEOUT, TensorParallel, init_tensor_parallel
-from .layers import (ColumnParallelLinear, RowParallelLinear, ShardReport, ShardedLayer, check_divisible,
-                     parallel_linear, shard_plan, tensor_parallel_)
+from .group import TensorParallel, init_tensor_parallel
+from .layers import ColumnParallelLinear, RowParallelLinear, ShardReport, check_divisible, tensor_parallel_
 
 __all__ = ["init_tensor_parallel", "TensorParallel", "ColumnParallelLinear", "RowParallelLinear",
-           "tensor_parallel_", "load_tensor_parallel", "ShardReport", "ShardedLayer", "check_divisible",
-           "parallel_linear", "shard_plan", "DEFAULT_TIMEOUT"]
+           "tensor_parallel_", "load_tensor_parallel", "ShardReport", "check_divisible"]

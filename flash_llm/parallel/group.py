@@ -51,6 +51,18 @@ def _as_timeout(timeout) -> datetime.timedelta:
     return timeout
 
 
+def _backend_for(group, device: torch.device) -> str:
+    """The backend that carries ``device``'s tensors in ``group``: ``"nccl"`` / ``"gloo"`` (a group created
+    without a backend has both, ``"cpu:gloo,cuda:nccl"``)."""
+    name = str(dist.get_backend(group)).lower()
+    if name == "undefined" and hasattr(dist, "get_backend_config"):  # no backend given at init: one per device
+        name = str(dist.get_backend_config(group)).lower()
+    if "," in name or ":" in name:
+        per_device = dict(part.split(":", 1) for part in name.split(","))
+        return per_device.get(device.type, name)
+    return name
+
+
 class TensorParallel:
     """This rank's place in a tensor-parallel group: the process group, its size and rank, the device.
 
@@ -74,7 +86,7 @@ class TensorParallel:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = torch.device(device)
-        self.backend = str(dist.get_backend(group)).lower()
+        self.backend = _backend_for(group, self.device)
         self.timeout = timeout
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
         self._owns_group = owns_group
@@ -88,11 +100,11 @@ class TensorParallel:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call flash_llm.parallel.init_tensor_parallel() "
                                "or torch.distributed.init_process_group first")
-        backend = str(dist.get_backend(group)).lower()
-        if backend == "nccl":
+        nccl = torch.cuda.is_available() and _backend_for(group, torch.device("cuda")) == "nccl"
+        if nccl:
             nccl_env_defaults()  # communicators are created lazily, at the first collective
         if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         return cls(group, device)
 
     def __repr__(self) -> str:
@@ -159,7 +171,7 @@ def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT,
     Under ``torchrun --nproc-per-node K`` everything comes from its environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).  Without torchrun and without arguments it forms a
     single-process group (world size 1), so the same script runs as plain ``python``.  If a process group
-    already exists it is used as it is (``backend`` and the rest are then ignored).
+    already exists it is used as it is (``backend``, ``timeout`` and the rest are then ignored).
 
     Args:
         backend: ``"nccl"`` (default when CUDA is available: device ``cuda:LOCAL_RANK``) or ``"gloo"`` (default
@@ -176,9 +188,7 @@ def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT,
     """
     timeout = _as_timeout(timeout)
     if dist.is_available() and dist.is_initialized():
-        tp = TensorParallel.from_group(None)
-        tp.timeout = timeout
-        return tp
+        return TensorParallel.from_group(None)
     if not dist.is_available():
         raise RuntimeError("this PyTorch build has no torch.distributed")
     rank = _env_int("RANK") if rank is None else rank
