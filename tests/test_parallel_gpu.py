@@ -27,7 +27,6 @@ pytestmark = [pytest.mark.gpu, cuda]
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 512
-ULP16 = 2.0**-10
 
 
 def _hf(family: str, seed: int = 0):
@@ -74,12 +73,6 @@ def test_world_size_one_uses_nccl_with_nvls_off(tp):
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_tensor_parallel_decode_with_graphs_equals_single_process(tp, family, sparse):
     one = _ours(_hf(family).cuda(), torch.float16, sparse)
-    ref = copy.deepcopy(one)
-    for fqn, m in list(ref.named_modules()):  # fp32 dense-with-zeros reference
-        if isinstance(m, flash_llm.SparseLinear):
-            parent, _, name = fqn.rpartition(".")
-            setattr(ref.get_submodule(parent), name, m.to_linear())
-    ref = ref.float()
     model = copy.deepcopy(one)
     report = tensor_parallel_(model, tp)
     assert {s.format for s in report.layers} == ({"BitmapTiles"} if sparse else {"dense"})
@@ -90,12 +83,9 @@ def test_tensor_parallel_decode_with_graphs_equals_single_process(tp, family, sp
     e = Engine(model, max_batch=5, max_seq=128, cuda_graphs=False).generate(prompts, 24, output_logits=True,
                                                                              eos_token_id=None)
     assert torch.equal(g.tokens, e.tokens) and float((g.logits - e.logits).abs().max()) == 0.0
+    # one rank: the same kernels on the same slices (the bias inside rank 0's product), an all-reduce of one
     s = Engine(one, max_batch=5, max_seq=128).generate(prompts, 24, output_logits=True, eos_token_id=None)
-    assert torch.equal(g.tokens, s.tokens)
-    # first token (prefill): as close to the fp32 reference as the single-process model
-    r = Engine(ref, max_batch=5, max_seq=128).generate(prompts, 1, output_logits=True).logits[:, 0].double()
-    err, base = (g.logits[:, 0].double() - r).abs().max(), (s.logits[:, 0].double() - r).abs().max()
-    assert err <= 2 * base + ULP16 * r.abs().max(), (float(err), float(base))
+    assert torch.equal(g.tokens, s.tokens) and float((g.logits - s.logits).abs().max()) == 0.0
 
 
 def test_checkpoint_slices_load_onto_the_gpu(tp, tmp_path):
@@ -131,8 +121,7 @@ def test_synthetic_model_for_the_rank_runs_with_graphs(tp):
     prompts = _prompts(4, 5)
     a = Engine(model, max_batch=4, max_seq=64).generate(prompts, 8, eos_token_id=None, output_logits=True)
     b = Engine(single, max_batch=4, max_seq=64).generate(prompts, 8, eos_token_id=None, output_logits=True)
-    assert torch.equal(a.tokens, b.tokens)
-    assert float((a.logits - b.logits).abs().max()) <= 4 * ULP16 * float(b.logits.abs().max())
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logits, b.logits)  # the same weights, one rank
 
 
 def test_bench_e2e_tp_mode_on_one_gpu(tp, tmp_path):

@@ -3,7 +3,9 @@
 * :class:`ColumnParallelLinear`: the output features are split (q/k/v by whole heads, gate/up/fc1 by features);
   the input is replicated, the output stays sharded, no communication.
 * :class:`RowParallelLinear`: the input features are split (o/out_proj by heads, down/fc2 by features); each rank
-  multiplies its slice and one all-reduce sums the partial outputs; the bias is added once, after it.
+  multiplies its slice and one all-reduce sums the partial outputs.  Rank 0's partial product includes the bias
+  (so it is counted once, inside the product's own epilogue: with one rank the computation is exactly the
+  single-process one).
 
 So each decoder layer costs two all-reduces of a ``[tokens, hidden]`` activation.  Embeddings, norms and
 ``lm_head`` are replicated: every rank computes the full logits, and sampling takes rank 0's tokens.
@@ -155,13 +157,13 @@ class ColumnParallelLinear(_ParallelLinear):
 
 
 class RowParallelLinear(_ParallelLinear):
-    """``y = all_reduce(x_r @ W[:, start:stop]^T) + b``: this rank's input features of ``W [out_features,
-    in_features]``, partial outputs summed over the group (one all-reduce), the full bias added once after it.
+    """``y = all_reduce(x_r @ W[:, start:stop]^T (+ b on rank 0))``: this rank's input features of ``W
+    [out_features, in_features]``, partial outputs summed over the group (one all-reduce).
 
     Args:
         local: this rank's layer, ``nn.Linear`` or :class:`~flash_llm.SparseLinear` of shape ``[out_features,
-            stop - start]``, without bias.
-        bias: ``[out_features]`` (replicated) or ``None``; kept as the buffer ``bias``.
+            stop - start]``; on rank 0 with the full bias ``[out_features]`` (if the weight has one), on every
+            other rank without bias (so the bias is added once).
         in_features, out_features, start, stop, tp: as for :class:`ColumnParallelLinear` (``start:stop`` on the
             input features).
 
@@ -170,24 +172,18 @@ class RowParallelLinear(_ParallelLinear):
     """
 
     kind = ROW
-    bias: torch.Tensor | None
 
-    def __init__(self, local, bias, in_features, out_features, start, stop, tp, note: str = ""):
+    def __init__(self, local, in_features, out_features, start, stop, tp, note: str = ""):
         super().__init__(local, in_features, out_features, start, stop, tp, note)
         if (local.out_features, local.in_features) != (out_features, stop - start):
             raise ValueError(f"local layer is {local.out_features}x{local.in_features}; a row shard [{start}:{stop}] "
                              f"of a {out_features}x{in_features} weight is {out_features}x{stop - start}")
-        if local.bias is not None:
-            raise ValueError("a row-parallel local layer must have no bias: the bias is added once, after the "
-                             "all-reduce (pass it as bias=)")
-        if bias is not None and tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({out_features},)")
-        self.register_buffer("bias", bias)
+        if local.bias is not None and tp.rank != 0:
+            raise ValueError(f"rank {tp.rank}'s row-parallel local layer has a bias; only rank 0's may (the "
+                             "all-reduce would add it once per rank)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
-        self.tp.all_reduce_(y)
-        return y if self.bias is None else y + self.bias
+        return self.tp.all_reduce_(self.linear(x))
 
 
 # ---- building local layers ---------------------------------------------------------------------------------
@@ -259,11 +255,10 @@ def column_from_slice(w: torch.Tensor, bias, out_features: int, start: int, tp, 
 
 def row_from_slice(w: torch.Tensor, bias, in_features: int, start: int, tp, fqn: str = "", *, fmt=None,
                    sparsify=None) -> RowParallelLinear:
-    """A :class:`RowParallelLinear` from this rank's slice ``w [out_features, stop - start]`` and the full bias."""
-    local, note = local_layer(w, None, fqn, fmt=fmt, sparsify=sparsify)
-    if bias is not None and isinstance(local, SparseLinear):
-        bias = bias.to(local.weight_dtype)
-    return RowParallelLinear(local, bias, in_features, w.shape[0], start, start + w.shape[1], tp, note)
+    """A :class:`RowParallelLinear` from this rank's slice ``w [out_features, stop - start]`` and the full bias
+    (kept on rank 0 only)."""
+    local, note = local_layer(w, bias if tp.rank == 0 else None, fqn, fmt=fmt, sparsify=sparsify)
+    return RowParallelLinear(local, in_features, w.shape[0], start, start + w.shape[1], tp, note)
 
 
 def set_local_heads(model: CausalLM, world_size: int) -> None:
@@ -364,7 +359,7 @@ class ShardedLayer:
 @dataclass
 class ShardReport:
     """What one rank holds: every projection slice (:class:`ShardedLayer`) and the bytes of everything else
-    (replicated embeddings, norms, ``lm_head``, row-parallel biases).
+    (replicated embeddings, norms, ``lm_head``; biases).
 
     ``reports = tp.all_gather_object(report)`` collects every rank's; :meth:`table` compares them.
     """
