@@ -380,8 +380,8 @@ def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
         })
         log(f"{name} {sp:>3}% on {tp.world_size} GPU(s) b={b:<3} {row['tok_per_gpu_s']:9.1f} tok/GPU-s  decode "
             f"{row['decode_tok_s']:9.1f} tok/s  tpot {row['tpot_ms']:7.3f} ms  all-reduce {ar_ms:6.3f} ms/step "
-            f"({100 * row['allreduce_share']:.0f} %)  weights/rank {row['weight_bytes_max'] / 2**30:.2f} GiB  "
-            f"peak/rank {row['peak_mem_bytes_max'] / 2**30:.1f} GiB")
+            f"({100 * row['allreduce_share']:.0f} %)  weights/rank {_size(row['weight_bytes_max'])}  "
+            f"peak/rank {_size(row['peak_mem_bytes_max'])}")
         rows.append(row)
         _free(device)
     del model
@@ -523,8 +523,8 @@ def _main_tp(args, argv, world) -> int:
     env.update({"world_size": world.world_size, "backend": world.backend, "tp": args.tp,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                 "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "memory_limit_gb": args.memory_limit_gb,
-                "command": "torchrun --nproc-per-node {} benchmarks/bench_e2e.py ".format(world.world_size)
-                + " ".join(sys.argv[1:] if argv is None else argv)})
+                "command": (f"torchrun --nproc-per-node {world.world_size}" if "LOCAL_RANK" in os.environ else "python")
+                + " benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)})
     if lead:
         print(json.dumps(env), flush=True)
 
