@@ -117,8 +117,9 @@ def tp_run(request, tmp_path_factory):
         _save_hf(pruned, d / f"{family}-pruned")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), WORKER, str(d), str(d / "bench"), device]
+    # --standalone: a rendezvous on a free localhost port chosen by torchrun itself
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), WORKER,
+           str(d), str(d / "bench"), device]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}); the ranks' output:\n{proc.stdout[-3000:]}\n"

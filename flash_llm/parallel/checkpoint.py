@@ -90,7 +90,7 @@ class _Checkpoint:
 
 
 def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch.dtype = torch.float16,
-                         sparsify: SparsifyConfig | None = None, progress: bool = True
+                         sparsify: SparsifyConfig | None = None, progress: bool | None = None
                          ) -> tuple[CausalLM, ShardReport]:
     """Build this rank's tensor-parallel model from a Hugging Face checkpoint folder, reading only its share.
 
@@ -108,7 +108,7 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
         dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``).
         sparsify: compress each projection slice with this :class:`~flash_llm.SparsifyConfig` (per slice:
             ``min_sparsity``, ``skip_names``, only when smaller); ``None`` keeps them dense.
-        progress: a tqdm bar over the decoder layers (stderr).
+        progress: a tqdm bar over the decoder layers (stderr); ``None`` (default): on rank 0 only.
 
     Returns:
         ``(model, report)``: the model (eval mode, ``model.tensor_parallel`` set, ready for
@@ -147,7 +147,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
 
     per_layer = len(cfg.linear_shapes())
     bar = tqdm(total=cfg.num_layers, desc=f"loading {os.path.basename(folder.rstrip(os.sep))} (rank {tp.rank}/"
-               f"{tp.world_size})", file=sys.stderr, leave=False, disable=not progress, dynamic_ncols=True)
+               f"{tp.world_size})", file=sys.stderr, leave=False, dynamic_ncols=True,
+               disable=not (tp.rank == 0 if progress is None else progress))
     with torch.no_grad():
         for i, (fqn, kind, m, k) in enumerate(projections(cfg)):
             parent_name, _, name = fqn.rpartition(".")
