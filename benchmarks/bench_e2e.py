@@ -18,6 +18,17 @@ that also captures the decode graph.  ``--memory-limit-gb`` caps the process' GP
 Writes ``results.json``, ``results.csv``, ``e2e.png`` and ``summary.md`` (a table for benchmarks/RESULTS.md
 with card, versions, commit and command) under ``--out``; prints the summary.  ``--device cpu`` with the
 ``tiny-*`` models is a smoke run of the script itself.
+
+Tensor-parallel mode (``--tp``), under torchrun: every model is sharded over K ranks (flash_llm.parallel, NCCL)::
+
+    torchrun --nproc-per-node 4 benchmarks/bench_e2e.py --tp 4,2 --models opt-66b --sparsities 0,80 --no-hf
+
+``--tp 4,2`` measures on the first 4 ranks, then on the first 2 (the others wait), so one run compares dense on
+4 GPUs with sparse on 2.  Reported per (model, sparsity, K, batch): tokens per GPU-second (batch x new tokens /
+end-to-end time / K), decode tokens/s, TPOT and TTFT of every rank, weight bytes, nonzeros and peak GPU memory of
+every rank, and the all-reduce share of a decode step (the step's 2 x layers all-reduces of ``[batch, hidden]``,
+captured and timed alone, over the measured time per token).  The Hugging Face baseline is not run.  ``--tp 1``
+also runs without torchrun (a one-process group).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
@@ -42,6 +54,7 @@ from flash_llm.engine import Engine  # noqa: E402
 from flash_llm.models import preset  # noqa: E402
 from flash_llm.models.config import PRESETS  # noqa: E402
 from flash_llm.models.synthetic import DoesNotFit, build_synthetic  # noqa: E402
+from flash_llm.parallel import ShardReport, TensorParallel, check_divisible, init_tensor_parallel  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TINY = {  # smoke-test shapes (CPU)
@@ -254,6 +267,291 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
     return rows
 
 
+# ---- tensor-parallel mode ------------------------------------------------------------------------------
+def _agree(tp, ok: bool) -> bool:
+    """True on every rank of ``tp`` iff ``ok`` on every rank (a collective)."""
+    t = torch.tensor([1 if ok else 0], device=tp.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group)
+    return bool(t.item())
+
+
+def allreduce_ms_per_step(tp, batch, cfg, dtype) -> tuple[float, str]:
+    """Time of one decode step's all-reduces alone: ``2 x num_layers`` of a ``[batch, 1, hidden]`` activation,
+    captured in a CUDA graph (as the engine runs them) on CUDA, timed eagerly on CPU.  Every rank calls it."""
+    n = 2 * cfg.num_layers
+    x = torch.zeros(batch, 1, cfg.hidden_size, dtype=dtype, device=tp.device)
+    if tp.device.type == "cuda":
+        torch.cuda.synchronize(tp.device)
+        return 1e3 * T.time_calls([lambda: tp.all_reduce_(x)] * n, replays=20) * n, "cuda graph"
+    for _ in range(2):
+        tp.all_reduce_(x)
+    reps = 5
+    t0 = time.perf_counter()
+    for _ in range(reps * n):
+        tp.all_reduce_(x)
+    return 1e3 * (time.perf_counter() - t0) / reps, "eager"
+
+
+def run_tp_sweep(args, world, dtype, log) -> list[dict]:
+    """Every (model, sparsity) sharded over each K in ``args.tp`` (the first K ranks), measured on every batch."""
+    # every rank creates every group, in the same order (torch.distributed requires it)
+    groups = {k: (None if k == world.world_size else dist.new_group(list(range(k)), timeout=world.timeout))
+              for k in args.tp}
+    device = world.device
+    rows = []
+    for k in args.tp:
+        tp = TensorParallel(groups[k], device, world.timeout) if world.rank < k else None
+        for name in args.models:
+            cfg = _config(name)
+            try:
+                check_divisible(cfg, k)
+            except ValueError as e:
+                log(f"{name} on {k} GPUs: {e}")
+                rows += [{"model": name, "impl": "flash-llm-tp", "tp": k, "gpus": k, "sparsity": sp, "batch": b,
+                          "status": f"cannot split: {e}"} for sp in args.sparsities for b in args.batches]
+                continue
+            for sp in args.sparsities:
+                base = {"model": name, "impl": "flash-llm-tp", "tp": k, "gpus": k, "sparsity": sp,
+                        "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new}
+                if tp is not None:
+                    rows += _tp_point(args, tp, cfg, name, sp, dtype, base, log)
+                world.barrier()  # ranks outside this K wait here
+    return rows
+
+
+def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
+    """One (model, sparsity) on the ranks of ``tp``: build this rank's part, measure every batch."""
+    device = tp.device
+    _free(device)
+    limit = None
+    if args.memory_limit_gb and device.type == "cuda":
+        limit = int(args.memory_limit_gb * 1e9) - torch.cuda.memory_reserved(device)
+    model, why = None, ""
+    t0 = time.perf_counter()
+    try:
+        model, report = build_synthetic(cfg, sp / 100 or None, dtype=dtype, device=device, seed=1, tp=tp,
+                                        progress=not args.no_progress and tp.rank == 0, memory_limit=limit)
+    except (DoesNotFit, torch.cuda.OutOfMemoryError) as e:
+        why = str(e).splitlines()[0]
+    build_s = time.perf_counter() - t0
+    if not _agree(tp, model is not None):  # one rank failing means no point for anyone
+        whys = [w for w in tp.all_gather_object(why) if w]
+        log(f"{name} sparsity {sp} on {tp.world_size} GPUs: {whys[0]}")
+        return [{**base, "batch": b, "status": f"does not fit: {whys[0]}"} for b in args.batches]
+    if tp.rank == 0:
+        log(str(report))
+    shard = ShardReport.of(model)
+    rows = []
+    for b in args.batches:
+        row = {**base, "batch": b, "achieved_sparsity": report.achieved_sparsity}
+        gen = torch.Generator().manual_seed(b)  # the same prompts on every rank
+        try:
+            m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen)
+            ok = True
+        except torch.cuda.OutOfMemoryError as e:
+            m, ok = {"error": str(e).splitlines()[0][:120]}, False
+        if not _agree(tp, ok):
+            errs = [x.get("error") for x in tp.all_gather_object(m) if x.get("error")]
+            row["status"] = f"out of memory: {errs[0] if errs else 'on another rank'}"
+            rows.append(row)
+            _free(device)
+            continue
+        ar_ms, ar_how = allreduce_ms_per_step(tp, b, cfg, dtype)
+        mine = {"rank": tp.rank, "weight_bytes": shard.total_bytes, "projection_bytes": shard.projection_bytes,
+                "nnz": shard.nnz, "peak_mem_bytes": m["peak_mem_bytes"], "cache_bytes": m["cache_bytes"],
+                "tpot_ms": m["tpot_ms"], "ttft_ms": m["ttft_ms"], "build_s": build_s}
+        per_rank = tp.all_gather_object(mine)
+        nnz = [p["nnz"] for p in per_rank]
+        row.update({
+            "status": "ok",
+            "tok_s": m["tok_per_gpu_s"],  # measure_engine's figure is for the whole run, here K GPUs
+            "tok_per_gpu_s": m["tok_per_gpu_s"] / tp.world_size,
+            "decode_tok_s": m["decode_tok_s"],
+            "decode_tok_per_gpu_s": m["decode_tok_s"] / tp.world_size,
+            "tpot_ms": max(p["tpot_ms"] for p in per_rank),
+            "ttft_ms": max(p["ttft_ms"] for p in per_rank),
+            "allreduce_ms_per_step": ar_ms,
+            "allreduce_timing": ar_how,
+            "allreduce_share": ar_ms / max(p["tpot_ms"] for p in per_rank),
+            "weight_bytes_max": max(p["weight_bytes"] for p in per_rank),
+            "peak_mem_bytes_max": max(p["peak_mem_bytes"] for p in per_rank),
+            "nnz_max_over_mean": max(nnz) / (sum(nnz) / len(nnz)) if sum(nnz) else 1.0,
+            "per_rank": per_rank,
+        })
+        log(f"{name} {sp:>3}% on {tp.world_size} GPU(s) b={b:<3} {row['tok_per_gpu_s']:9.1f} tok/GPU-s  decode "
+            f"{row['decode_tok_s']:9.1f} tok/s  tpot {row['tpot_ms']:7.3f} ms  all-reduce {ar_ms:6.3f} ms/step "
+            f"({100 * row['allreduce_share']:.0f} %)  weights/rank {_size(row['weight_bytes_max'])}  "
+            f"peak/rank {_size(row['peak_mem_bytes_max'])}")
+        rows.append(row)
+        _free(device)
+    del model
+    _free(device)
+    return rows
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def summarize_tp(rows, env) -> str:
+    buf = io.StringIO()
+    p = lambda s="": print(s, file=buf)  # noqa: E731
+    p(f"**{env['card']}** x {env['world_size']}, torch {env['torch']}, CUDA {env['cuda']}, NCCL {env['nccl']}, "
+      f"Python {env['python']}, commit `{env['commit']}`, {env['date']}. Tensor parallel over "
+      f"torch.distributed ({env['backend']}); NCCL_NVLS_ENABLE={env['nccl_nvls_enable']}.")
+    p()
+    p(f"Command: `{env['command']}`")
+    lab = lambda sp: "dense" if sp == 0 else f"{sp} %"  # noqa: E731
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mrows = [r for r in rows if r["model"] == model]
+        batches = sorted({r["batch"] for r in mrows})
+        get = {(r["sparsity"], r["tp"], r["batch"]): r for r in mrows}
+        configs = sorted({(r["sparsity"], r["tp"]) for r in mrows}, key=lambda c: (c[0], -c[1]))
+        p()
+        p(f"### {model}: tokens per GPU-second (end to end, prefill included)")
+        p()
+        p("| sparsity | GPUs | " + " | ".join(f"batch {b}" for b in batches) + " |")
+        p("|---|---|" + "---|" * len(batches))
+        for sp, k in configs:
+            cells = []
+            for b in batches:
+                r = get.get((sp, k, b))
+                ok = r and r.get("status") == "ok"
+                cells.append(f"{r['tok_per_gpu_s']:.1f}" if ok else "-" if not r else r["status"].split(":")[0])
+            p(f"| {lab(sp)} | {k} | " + " | ".join(cells) + " |")
+        p()
+        p(f"{model}: per rank at the largest batch that ran (max over ranks)")
+        p()
+        p("| sparsity | GPUs | batch | weights / rank | nonzeros max / mean | peak GPU mem / rank | TPOT ms | TTFT ms "
+          "| all-reduce ms / step | all-reduce share |")
+        p("|---|---|---|---|---|---|---|---|---|---|")
+        for sp, k in configs:
+            done = [get.get((sp, k, b)) for b in batches]
+            done = [r for r in done if r and r.get("status") == "ok"]
+            if not done:
+                continue
+            r = done[-1]
+            p(f"| {lab(sp)} | {k} | {r['batch']} | {_size(r['weight_bytes_max'])} | "
+              f"{r['nnz_max_over_mean']:.4f} | {_size(r['peak_mem_bytes_max'])} | {r['tpot_ms']:.3f} | "
+              f"{r['ttft_ms']:.1f} | {r['allreduce_ms_per_step']:.3f} | {100 * r['allreduce_share']:.1f} % |")
+        lines = []
+        dense_k = [k for sp, k in configs if sp == 0]
+        for sp, k in configs:
+            for kd in dense_k:
+                if sp == 0 or k >= kd:
+                    continue
+                for b in batches:
+                    rs, rd = get.get((sp, k, b)), get.get((0, kd, b))
+                    if rs and rd and rs.get("status") == rd.get("status") == "ok":
+                        lines.append(f"{model} batch {b}: {sp} % sparse on {k} GPU(s) {rs['tok_per_gpu_s']:.1f} vs "
+                                     f"dense on {kd} GPU(s) {rd['tok_per_gpu_s']:.1f} tokens per GPU-second "
+                                     f"({rs['tok_per_gpu_s'] / rd['tok_per_gpu_s']:.2f}x)")
+        if lines:
+            p()
+            p("Sparse on fewer GPUs against dense on more:")
+            p()
+            for line in lines:
+                p(f"- {line}")
+    return buf.getvalue()
+
+
+def plot_tp(rows, path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mrows = [r for r in rows if r["model"] == model and r.get("status") == "ok"]
+        for sp, k in sorted({(r["sparsity"], r["tp"]) for r in mrows}):
+            pts = sorted((r["batch"], r["tok_per_gpu_s"]) for r in mrows if (r["sparsity"], r["tp"]) == (sp, k))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
+                    label=f"{'dense' if sp == 0 else f'{sp} % sparse'} on {k} GPU(s)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("tokens per GPU-second")
+        ax.set_title(model)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
+    return True
+
+
+def main_tp(args, argv) -> int:
+    """``--tp``: the sweep on torchrun's ranks; rank 0 writes the results."""
+    backend = "gloo" if args.device == "cpu" else "nccl"
+    if backend == "nccl" and not torch.cuda.is_available():
+        print("error: no CUDA device (use --device cpu with the tiny-* models for a smoke run)", file=sys.stderr)
+        return 2
+    world = init_tensor_parallel(backend, timeout=args.tp_timeout_min * 60)
+    try:
+        return _main_tp(args, argv, world)
+    finally:
+        world.close()
+
+
+def _main_tp(args, argv, world) -> int:
+    lead = world.rank == 0
+    problems = []
+    if max(args.tp) > world.world_size:
+        problems.append(f"--tp {','.join(map(str, args.tp))} needs {max(args.tp)} processes, but this run has "
+                        f"{world.world_size}; start it with torchrun --nproc-per-node {max(args.tp)}")
+    if lead:
+        os.makedirs(args.out, exist_ok=True)
+        existing = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+        if existing and not args.overwrite:
+            problems.append(f"{args.out} already holds {', '.join(existing)}; pass --overwrite or another --out")
+    problems = [p for ps in world.all_gather_object(problems) for p in ps]
+    if problems:
+        if lead:
+            print(f"error: {problems[0]}", file=sys.stderr)
+        return 2
+    device = world.device
+    if args.memory_limit_gb and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 1e9 / total), device)
+    env = T.environment()
+    env.update({"world_size": world.world_size, "backend": world.backend, "tp": args.tp,
+                "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+                "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "memory_limit_gb": args.memory_limit_gb,
+                "command": (f"torchrun --nproc-per-node {world.world_size}" if "LOCAL_RANK" in os.environ else "python")
+                + " benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)})
+    if lead:
+        print(json.dumps(env), flush=True)
+
+    def log(msg):
+        if lead:
+            print(msg, flush=True)
+
+    rows = run_tp_sweep(args, world, DTYPES[args.dtype], log)
+    if not lead:
+        return 0
+    text = summarize_tp(rows, env)
+    _atomic_write(os.path.join(args.out, "results.json"), json.dumps({"env": env, "rows": rows}, indent=1).encode())
+    flat = [{k: v for k, v in r.items() if k != "per_rank"} for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(flat)
+    _atomic_write(os.path.join(args.out, "results.csv"), buf.getvalue().encode())
+    _atomic_write(os.path.join(args.out, "summary.md"), text.encode())
+    plotted = plot_tp(rows, os.path.join(args.out, "e2e.png"))
+    print()
+    print(text)
+    print(f"wrote {', '.join(f for f in OUTPUTS if plotted or f != 'e2e.png')} to {args.out}")
+    return 0
+
+
 # ---- reporting -------------------------------------------------------------------------------------------
 def _fmt(v, spec):
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -406,7 +704,21 @@ def parse_args(argv):
     ap.add_argument("--out", default="benchmarks/out/e2e")
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--tp", help="tensor-parallel mode, under torchrun: comma-separated world sizes to shard over "
+                                 "(each run on the first K ranks), e.g. 4,2; the Hugging Face baseline is skipped")
+    ap.add_argument("--tp-timeout-min", type=float, default=30.0,
+                    help="timeout of the process group's collectives, minutes (default 30: ranks outside a "
+                         "smaller --tp size wait while it builds and runs)")
     args = ap.parse_args(argv)
+    if args.tp is not None:
+        try:
+            args.tp = [int(v) for v in args.tp.split(",")]
+        except ValueError as e:
+            ap.error(f"--tp takes comma-separated integers: {e}")
+        if any(k < 1 for k in args.tp):
+            ap.error(f"--tp sizes must be >= 1, got {args.tp}")
+        args.tp = sorted(set(args.tp), reverse=True)
+        args.hf = False
     quick = {"models": "llama-3-8b", "sparsities": "0,70,80", "batches": "1,16,64", "new": 64, "repeats": 2}
     full = {"models": "llama-3-8b,opt-30b", "sparsities": "0,50,70,80,90", "batches": "1,8,16,32,64", "new": 128,
             "repeats": 3}
@@ -435,6 +747,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tp is not None:
+        return main_tp(args, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device (use --device cpu with the tiny-* models for a smoke run)", file=sys.stderr)

@@ -71,6 +71,17 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     return (probs / race).argmax(-1)
 
 
+def _from_rank0(sampler: Callable[[torch.Tensor], torch.Tensor], tp) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``sampler`` whose tokens ``[B]`` are rank 0's on every rank of ``tp`` (one broadcast per step)."""
+    return lambda logits: tp.broadcast_(sampler(logits).contiguous())
+
+
+def _fingerprint(ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: tuple[int, ...]) -> list[int]:
+    """A few ints that differ when two ranks were given different prompts or stopping rules."""
+    w = torch.arange(1, ids.numel() + 1, device=ids.device).view_as(ids)
+    return [*ids.shape, int((ids * w).sum()), int((mask.long() * w).sum()), max_new_tokens, len(eos), sum(eos)]
+
+
 @dataclass
 class Generation:
     """What :meth:`Engine.generate` returns.
@@ -117,7 +128,9 @@ class Engine:
 
     Args:
         model: a :mod:`flash_llm.models` causal LM (``LlamaForCausalLM`` / ``OPTForCausalLM``), dense or
-            sparsified, on its device, in eval mode.
+            sparsified, on its device, in eval mode; or this rank's part of a tensor-parallel one
+            (:mod:`flash_llm.parallel`): then every rank makes the same calls, the cache holds this rank's KV
+            heads, every rank takes rank 0's sampled tokens, and prompts that differ between ranks are refused.
         max_batch: the largest batch :meth:`generate` accepts.
         max_seq: the longest padded prompt plus new tokens (default: the model's
             ``max_position_embeddings``, at most 2048).
@@ -148,14 +161,23 @@ class Engine:
         if max_seq > cfg.max_position_embeddings:
             raise ValueError(f"max_seq={max_seq} exceeds the model's max_position_embeddings "
                              f"({cfg.max_position_embeddings})")
+        # a tensor-parallel model (flash_llm.parallel): this rank holds 1/K of the heads; collectives in the layers
+        self.tp = getattr(model, "tensor_parallel", None)
+        kv_heads = cfg.num_kv_heads if self.tp is None else cfg.num_kv_heads // self.tp.world_size
+        if self.tp is not None and self.tp.device != self.device:
+            raise ValueError(f"the model is on {self.device} but its tensor-parallel group computes on "
+                             f"{self.tp.device}")
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
+            cuda_graphs = self.device.type == "cuda" and (self.tp is None or self.tp.backend == "nccl")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {self.device}")
+        if cuda_graphs and self.tp is not None and self.tp.backend != "nccl":
+            raise ValueError(f"cuda_graphs=True needs NCCL collectives to capture; this tensor-parallel group uses "
+                             f"{self.tp.backend}")
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         dev = self.device
-        self.cache = KVCache(cfg.num_layers, max_batch, cfg.num_kv_heads, slots, cfg.head_dim, self.dtype, dev)
+        self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
         self._slots = slots
         # decode-step state, read and advanced inside the captured graph
         self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step
@@ -333,8 +355,13 @@ class Engine:
         """Yields ``(tokens [B] on the device, None)`` per step, then ``(None, Generation)`` once."""
         sampler = self._sampler(temperature, top_k, top_p, generator)
         eos = self._eos(eos_token_id)
+        if self.tp is not None:  # every rank takes rank 0's tokens, so all run the same steps
+            sampler = _from_rank0(sampler, self.tp)
         with torch.no_grad():
             ids, mask, lengths = self._prepare(prompts, attention_mask, max_new_tokens)
+            if self.tp is not None:
+                self.tp.check_same("prompts, max_new_tokens or eos_token_id", _fingerprint(ids, mask, max_new_tokens,
+                                                                                          eos))
             b = ids.shape[0]
             eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
             pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)

@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from ..formats import BitmapTiles
 from ..nn import SparseLinear
+from ..parallel.layers import COLUMN, check_divisible, parallel_linear, set_local_heads, shard_plan
+from ..parallel.layers import projections as tp_projections
 from . import INIT_STD, from_config
 from .config import ModelConfig, preset
 
@@ -54,23 +56,36 @@ def _projection_fqns(config: ModelConfig) -> list[tuple[str, int, int]]:
     return [(f"{layers}.{i}.{name}", m, k) for i in range(config.num_layers) for name, m, k in config.linear_shapes()]
 
 
-def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: torch.dtype = torch.float16) -> dict:
-    """Device bytes the synthetic model will take, without building it.
+def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: torch.dtype = torch.float16,
+                   tp_size: int = 1) -> dict:
+    """Device bytes the synthetic model will take, without building it (per rank with ``tp_size`` > 1).
 
     Returns a dict: ``projections`` (the decoder projections' weights: dense, or the BitmapTiles formula at
-    the expected nonzero count), ``other`` (embeddings, norms, biases, a dense ``lm_head``), ``total``, and
-    ``transient`` (the extra peak while one projection is drawn and compressed).
+    the expected nonzero count; with ``tp_size`` ranks, one rank's slices), ``other`` (embeddings, norms, biases,
+    a dense ``lm_head``: replicated on every rank), ``total``, and ``transient`` (the extra peak while one
+    projection is drawn and compressed; tensor-parallel builds draw the full projection, then keep a slice).
     """
     cfg = preset(config) if isinstance(config, str) else config
     es = torch.empty(0, dtype=dtype).element_size()
     proj, largest = 0.0, 0
-    for _, m, k in cfg.linear_shapes():
+    plan = _split_dims(cfg)
+    for name, m, k in cfg.linear_shapes():
         largest = max(largest, m * k)
+        if tp_size > 1:  # this rank's slice
+            m, k = (m // tp_size, k) if plan[name] == 0 else (m, k // tp_size)
         proj += bitmap_formula_bytes(m, k, (1 - sparsity) * m * k) if sparsity else m * k * es
     proj *= cfg.num_layers
     other = (cfg.num_parameters() - cfg.num_layers * sum(m * k for _, m, k in cfg.linear_shapes())) * es
-    transient = largest * es * (_COMPRESS_PEAK if sparsity else 1.0)
+    if tp_size > 1:  # the full dense draw, plus the slice (and its compression temporaries)
+        transient = largest * es * (1.0 + (_COMPRESS_PEAK if sparsity else 1.0) / tp_size)
+    else:
+        transient = largest * es * (_COMPRESS_PEAK if sparsity else 1.0)
     return {"projections": int(proj), "other": int(other), "total": int(proj + other), "transient": int(transient)}
+
+
+def _split_dims(cfg: ModelConfig) -> dict[str, int]:
+    """The weight dimension tensor parallelism splits, per projection: 0 (output features) or 1 (input)."""
+    return {name: 0 if kind == COLUMN else 1 for name, kind in shard_plan(cfg).items()}
 
 
 @dataclass
@@ -86,6 +101,9 @@ class SyntheticReport:
         allocated_bytes: growth of ``torch.cuda.memory_allocated`` over the build (CUDA only, else 0).
         peak_bytes: ``torch.cuda.max_memory_allocated`` during the build minus the memory in use before it.
         seconds: build time.
+        layers: ``(fqn, out_features, in_features, nnz, bytes)`` per projection as stored (this rank's slice).
+        tp_rank, tp_size: the rank and world size of a tensor-parallel build (0 and 1 otherwise); every count
+            above is then this rank's.
     """
 
     name: str
@@ -100,6 +118,8 @@ class SyntheticReport:
     peak_bytes: int = 0
     seconds: float = 0.0
     layers: list = field(default_factory=list, repr=False)
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def weight_bytes(self) -> int:
@@ -116,7 +136,8 @@ class SyntheticReport:
 
         kind = ("dense" if self.sparsity is None
                 else f"{self.sparsity:.0%} sparse (achieved {self.achieved_sparsity:.4f})")
-        lines = [f"{self.name}: {kind}, {str(self.dtype).removeprefix('torch.')}, on {self.device}, built in "
+        where = f"{self.device}" + (f" (rank {self.tp_rank} of {self.tp_size})" if self.tp_size > 1 else "")
+        lines = [f"{self.name}: {kind}, {str(self.dtype).removeprefix('torch.')}, on {where}, built in "
                  f"{self.seconds:.1f} s",
                  f"  projections {h(self.projection_bytes)} (format formula {h(int(self.formula_bytes))}, "
                  f"ratio {self.formula_ratio:.4f}); other weights {h(self.other_bytes)}; total {h(self.weight_bytes)}"]
@@ -163,7 +184,7 @@ def _materialize_(module: nn.Module, device, gen) -> None:
 
 def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, dtype: torch.dtype = torch.float16,
                     device="cuda", seed: int = 0, progress: bool = True,
-                    memory_limit: int | None = None) -> tuple[nn.Module, SyntheticReport]:
+                    memory_limit: int | None = None, tp=None) -> tuple[nn.Module, SyntheticReport]:
     """Build a model at ``config``'s shapes with random weights, its decoder projections pruned to ``sparsity``
     and compressed, one at a time, on ``device``.
 
@@ -177,6 +198,12 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
         seed: seeds every random draw (same seed, same model).
         progress: a tqdm bar over the layers (stderr).
         memory_limit: bytes the model may take (default: the device's free memory, CUDA only).
+        tp: a :class:`flash_llm.parallel.TensorParallel`: build only this rank's part of the tensor-parallel
+            model (its projection slices, as :class:`~flash_llm.parallel.ColumnParallelLinear` /
+            :class:`~flash_llm.parallel.RowParallelLinear`; the rest replicated).  Each projection is still drawn
+            whole (the same random stream as without ``tp``, so the same model for a given seed) and only this
+            rank's slice is kept and compressed; ``device`` should be ``tp.device``.  The memory check and the
+            report are per rank.
 
     Returns:
         ``(model, report)``: a :mod:`flash_llm.models` causal LM in eval mode whose projections are
@@ -199,16 +226,24 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    est = estimate_bytes(cfg, sparsity, dtype)
+    tp_size = 1
+    if tp is not None:
+        check_divisible(cfg, tp.world_size)
+        tp_size = tp.world_size
+        if device != tp.device:
+            raise ValueError(f"device {device} differs from the tensor-parallel group's device {tp.device}")
+    est = estimate_bytes(cfg, sparsity, dtype, tp_size)
     if memory_limit is None and device.type == "cuda":
         memory_limit = torch.cuda.mem_get_info(device)[0]
     if memory_limit is not None and est["total"] + est["transient"] > memory_limit:
         kind = "dense" if sparsity is None else f"at {sparsity:.0%} sparsity"
-        raise DoesNotFit(f"{cfg.name or 'the model'} {kind} needs {est['total'] / 1e9:.1f} GB of weights plus "
+        per = f" per rank over {tp_size} ranks" if tp_size > 1 else ""
+        raise DoesNotFit(f"{cfg.name or 'the model'} {kind} needs {est['total'] / 1e9:.1f} GB of weights{per} plus "
                          f"{est['transient'] / 1e9:.1f} GB while building, but only {memory_limit / 1e9:.1f} GB "
                          f"are available on {device}")
 
-    report = SyntheticReport(cfg.name or "custom", sparsity, dtype, str(device))
+    report = SyntheticReport(cfg.name or "custom", sparsity, dtype, str(device), tp_rank=tp.rank if tp else 0,
+                             tp_size=tp_size)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -228,6 +263,8 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
     zeros = total = 0
     bar = tqdm(total=cfg.num_layers, desc=f"building {report.name}", file=sys.stderr, leave=False,
                disable=not progress, dynamic_ncols=True)
+    if tp is not None:
+        kinds = {fqn: kind for fqn, kind, _, _ in tp_projections(cfg)}
     with torch.no_grad():
         for i, (fqn, m, k) in enumerate(_projection_fqns(cfg)):
             parent_name, _, name = fqn.rpartition(".")
@@ -235,7 +272,17 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
             old = getattr(parent, name)
             w = _draw(m, k, 1.0 if sparsity is None else 1.0 - sparsity, dtype, device, gen)
             bias = torch.zeros(m, dtype=dtype, device=device) if old.bias is not None else None
-            if sparsity is None:
+            if tp is not None:
+                layer = parallel_linear(kinds[fqn], w, bias, tp, fqn, fmt=None if sparsity is None else BitmapTiles)
+                del w
+                local = layer.linear
+                zeros += local.in_features * local.out_features - layer.nnz
+                nbytes = layer.nbytes
+                formula = nbytes if sparsity is None else bitmap_formula_bytes(local.out_features,
+                                                                               local.in_features, layer.nnz)
+                report.layers.append((fqn, local.out_features, local.in_features, layer.nnz, nbytes))
+                total += local.in_features * local.out_features
+            elif sparsity is None:
                 layer = nn.Linear(k, m, bias=bias is not None, device="meta", dtype=dtype)
                 layer.weight = nn.Parameter(w, requires_grad=False)
                 if bias is not None:
@@ -248,7 +295,8 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
                 zeros += m * k - layer.nnz
                 nbytes, formula = layer.nbytes, bitmap_formula_bytes(m, k, layer.nnz)
                 report.layers.append((fqn, m, k, layer.nnz, nbytes))
-            total += m * k
+            if tp is None:
+                total += m * k
             report.projection_bytes += nbytes
             report.formula_bytes += formula
             setattr(parent, name, layer)
@@ -256,6 +304,9 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
                 bar.update(1)
     bar.close()
     report.achieved_sparsity = zeros / total if sparsity is not None else 0.0
+    if tp is not None:
+        set_local_heads(model, tp.world_size)
+        model.tensor_parallel = tp
     stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied tensors counted once
     report.other_bytes = sum(t.numel() * t.element_size() for t in stored.values()) - report.projection_bytes
     if cuda:

@@ -1,0 +1,191 @@
+"""Load a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) straight into this rank's
+tensor-parallel model: the skeleton is built on ``meta``, and each rank reads only the slices of the projections
+it holds (``safe_open(...).get_slice``) plus the replicated tensors, one projection at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+from tqdm import tqdm
+
+from ..models import CausalLM, as_config, from_config
+from ..nn import SparsifyConfig
+from .group import TensorParallel
+from .layers import COLUMN, ShardReport, check_divisible, column_from_slice, projections, row_from_slice, \
+    set_local_heads, shard_range
+
+INDEX = "model.safetensors.index.json"
+_READ_CHUNK = 1 << 28  # bytes read at once for a row-parallel (column-sliced) weight
+# keys some checkpoints carry that are not weights of the model (recomputed buffers)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class _Checkpoint:
+    """The tensors of a checkpoint folder by name, read lazily from its safetensors files."""
+
+    def __init__(self, folder: str):
+        from safetensors import safe_open
+
+        self.folder = folder
+        index = os.path.join(folder, INDEX)
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{index}: not a safetensors index (a JSON object with 'weight_map'): {e}") \
+                        from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            weight_map = None
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors files (this loader reads safetensors checkpoints "
+                                    "only; convert .bin files with transformers' save_pretrained)")
+        self.handles = {}
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{index} lists {name}, which is not in {folder}")
+            self.handles[name] = safe_open(path, framework="pt", device="cpu")
+        if weight_map is None:
+            weight_map = {k: name for name, h in self.handles.items() for k in h.keys()}
+        self.where = weight_map
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint's key for the model's ``name`` (older OPT files drop the leading ``model.``)."""
+        for k in (name, name.removeprefix("model.")):
+            if k in self.where:
+                return k
+        return None
+
+    def _slice(self, key: str, shape: tuple[int, ...]):
+        sl = self.handles[self.where[key]].get_slice(key)
+        got = tuple(sl.get_shape())
+        if got != tuple(shape):
+            raise ValueError(f"{os.path.join(self.folder, self.where[key])}: tensor {key!r} has shape {got}; the "
+                             f"config.json says {tuple(shape)}")
+        self.used.add(key)
+        return sl
+
+    def read(self, key: str, shape, rows=None, cols=None) -> torch.Tensor:
+        """The tensor ``key`` (of full ``shape``), or its ``rows`` / ``cols`` ``(start, stop)`` range, as a new
+        contiguous CPU tensor; column ranges are read in row chunks (bounded temporary memory)."""
+        sl = self._slice(key, shape)
+        if cols is None:
+            t = sl[rows[0]:rows[1]] if rows is not None else sl[:]
+            return t.contiguous()
+        m = shape[0]
+        first = sl[0:1, cols[0]:cols[1]]
+        out = torch.empty(m, cols[1] - cols[0], dtype=first.dtype)
+        step = max(1, _READ_CHUNK // max(1, shape[1] * first.element_size()))
+        for r in range(0, m, step):
+            out[r:r + step] = sl[r:min(m, r + step), cols[0]:cols[1]]
+        return out
+
+
+def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch.dtype = torch.float16,
+                         sparsify: SparsifyConfig | None = None, progress: bool | None = None
+                         ) -> tuple[CausalLM, ShardReport]:
+    """Build this rank's tensor-parallel model from a Hugging Face checkpoint folder, reading only its share.
+
+    The model is built on ``meta`` from ``config.json``; then, projection by projection, this rank reads its
+    slice from the safetensors files (column-parallel: its rows; row-parallel: its columns, in row chunks),
+    casts it to ``dtype``, moves it to ``tp.device`` and, with ``sparsify``, compresses it there before reading
+    the next.  Embeddings, norms and ``lm_head`` are read whole (replicated).  So a rank's peak memory is its
+    share of the model plus one projection slice (and, on the CPU, one chunk of the file).
+
+    Args:
+        path: a folder with ``config.json`` and ``model.safetensors`` (or shards listed in
+            ``model.safetensors.index.json``), as ``save_pretrained`` writes them; dense weights, keys as in
+            transformers' ``*ForCausalLM`` (OPT files without the ``model.`` prefix are read too).
+        tp: the group (default: :meth:`TensorParallel.from_group` on the default process group).
+        dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``).
+        sparsify: compress each projection slice with this :class:`~flash_llm.SparsifyConfig` (per slice:
+            ``min_sparsity``, ``skip_names``, only when smaller); ``None`` keeps them dense.
+        progress: a tqdm bar over the decoder layers (stderr); ``None`` (default): on rank 0 only.
+
+    Returns:
+        ``(model, report)``: the model (eval mode, ``model.tensor_parallel`` set, ready for
+        :class:`flash_llm.engine.Engine`) and this rank's :class:`ShardReport`.
+
+    Raises:
+        ValueError: the world size does not divide the heads / KV heads / intermediate size; a tensor's shape
+            disagrees with ``config.json``; FileNotFoundError / KeyError: files or tensors missing (named).
+    """
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a directory (expected a checkpoint folder with config.json and "
+                                "*.safetensors)")
+    cfg = as_config(os.path.join(folder, "config.json"))
+    tp = TensorParallel.from_group() if tp is None else tp
+    check_divisible(cfg, tp.world_size)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if sparsify is not None and not isinstance(sparsify, SparsifyConfig):
+        raise TypeError(f"sparsify must be a flash_llm.SparsifyConfig or None, got {type(sparsify).__name__}")
+    if sparsify is not None and sparsify.dtype not in (None, dtype):
+        raise ValueError(f"sparsify.dtype ({sparsify.dtype}) differs from dtype ({dtype}): the whole model is loaded in "
+                         "dtype; leave SparsifyConfig.dtype unset")
+    ckpt = _Checkpoint(folder)
+    device = tp.device
+    model = from_config(cfg, dtype=dtype, device="meta")
+
+    def need(name: str) -> str:
+        k = ckpt.key(name)
+        if k is None:
+            raise KeyError(f"{folder}: no tensor {name!r} in the checkpoint")
+        return k
+
+    def get(name, shape, **rng):
+        return ckpt.read(need(name), shape, **rng).to(device=device, dtype=dtype)
+
+    per_layer = len(cfg.linear_shapes())
+    bar = tqdm(total=cfg.num_layers, desc=f"loading {os.path.basename(folder.rstrip(os.sep))} (rank {tp.rank}/"
+               f"{tp.world_size})", file=sys.stderr, leave=False, dynamic_ncols=True,
+               disable=not (tp.rank == 0 if progress is None else progress))
+    with torch.no_grad():
+        for i, (fqn, kind, m, k) in enumerate(projections(cfg)):
+            parent_name, _, name = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            has_bias = getattr(parent, name).bias is not None
+            if kind == COLUMN:
+                start, stop = shard_range(m, tp.world_size, tp.rank)
+                w = get(fqn + ".weight", (m, k), rows=(start, stop))
+                b = get(fqn + ".bias", (m,), rows=(start, stop)) if has_bias else None
+                new = column_from_slice(w, b, m, start, tp, fqn, sparsify=sparsify)
+            else:
+                start, stop = shard_range(k, tp.world_size, tp.rank)
+                w = get(fqn + ".weight", (m, k), cols=(start, stop))
+                b = get(fqn + ".bias", (m,)) if has_bias else None
+                new = row_from_slice(w, b, k, start, tp, fqn, sparsify=sparsify)
+            setattr(parent, name, new)
+            del w, b
+            if (i + 1) % per_layer == 0:
+                bar.update(1)
+        bar.close()
+        # everything else, replicated: embeddings, norms, lm_head (absent from tied checkpoints)
+        state = {}
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not t.is_meta:
+                continue
+            key = ckpt.key(name)
+            if key is None and name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # the model's load hook ties it to the input embedding
+            state[name] = get(name, tuple(t.shape))
+        model.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise KeyError(f"{folder}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. {left[:5]}")
+    unused = [k for k in ckpt.where if k not in ckpt.used and not k.endswith(_IGNORED_SUFFIXES)]
+    if unused:
+        warnings.warn(f"{folder}: {len(unused)} tensor(s) of the checkpoint are not weights of a "
+                      f"{cfg.family} model and were not read, e.g. {unused[:5]}", UserWarning, stacklevel=2)
+    set_local_heads(model, tp.world_size)
+    model.tensor_parallel = tp
+    return model.eval(), ShardReport.of(model)

@@ -1,0 +1,249 @@
+"""The process group tensor-parallel layers all-reduce over: :func:`init_tensor_parallel` (torchrun's environment,
+NCCL on CUDA, gloo on CPU, a timeout on every collective) and :class:`TensorParallel`, the handle the layers and
+the engine use."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+#: Default timeout of the process group: rendezvous and every collective (torch's own default is 10 minutes).
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+#: Set in the environment before NCCL initializes, unless the user already set them: NVLink SHARP / multicast
+#: (NVLS) stays off, in NCCL and in torch's symmetric-memory collectives.  NVLS reserves GPU memory per
+#: communicator and needs multicast support from the driver and fabric manager; the all-reduces here are small
+#: (one ``[batch, hidden]`` activation per layer) and gain little from it.
+NCCL_ENV_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def nccl_env_defaults() -> dict[str, str]:
+    """Put :data:`NCCL_ENV_DEFAULTS` into ``os.environ`` where unset, and return the values now in effect.  A
+    user's own setting is kept; one that turns NVLS on gets a ``UserWarning``."""
+    for k, v in NCCL_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    now = {k: os.environ[k] for k in NCCL_ENV_DEFAULTS}
+    if now["NCCL_NVLS_ENABLE"] not in ("0", ""):
+        warnings.warn(f"NCCL_NVLS_ENABLE={now['NCCL_NVLS_ENABLE']} in the environment turns NVLink multicast (NVLS) "
+                      "on; flash-llm leaves it off by default (unset it, or set it to 0)", UserWarning, stacklevel=3)
+    return now
+
+
+def _as_timeout(timeout) -> datetime.timedelta:
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        timeout = datetime.timedelta(seconds=timeout)
+    if not isinstance(timeout, datetime.timedelta) or timeout.total_seconds() <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or a datetime.timedelta, got {timeout!r}")
+    return timeout
+
+
+def _backend_for(group, device: torch.device) -> str:
+    """The backend that carries ``device``'s tensors in ``group``: ``"nccl"`` / ``"gloo"`` (a group created
+    without a backend has both, ``"cpu:gloo,cuda:nccl"``)."""
+    name = str(dist.get_backend(group)).lower()
+    if name == "undefined" and hasattr(dist, "get_backend_config"):  # no backend given at init: one per device
+        name = str(dist.get_backend_config(group)).lower()
+    if "," in name or ":" in name:
+        per_device = dict(part.split(":", 1) for part in name.split(","))
+        return per_device.get(device.type, name)
+    return name
+
+
+class TensorParallel:
+    """This rank's place in a tensor-parallel group: the process group, its size and rank, the device.
+
+    Built by :func:`init_tensor_parallel` (which creates the process group) or :meth:`from_group` (an existing
+    one).  Tensor-parallel models keep it as ``model.tensor_parallel``; :class:`flash_llm.engine.Engine` reads
+    it there.  Use it as a context manager, or call :meth:`close`, to destroy a process group it created.
+
+    Attributes:
+        group: the ``torch.distributed`` process group (``None`` = the default group).
+        rank, world_size: this process' rank in ``group`` and the group's size (the tensor-parallel degree).
+        device: where this rank computes (``cuda:LOCAL_RANK`` with NCCL, ``cpu`` with gloo).
+        backend: ``"nccl"`` or ``"gloo"``.
+        timeout: the group's timeout (``datetime.timedelta``).
+    """
+
+    def __init__(self, group, device, timeout: datetime.timedelta = DEFAULT_TIMEOUT, *, owns_group: bool = False):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized; call flash_llm.parallel.init_tensor_parallel() "
+                               "(or torch.distributed.init_process_group) first")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = torch.device(device)
+        self.backend = _backend_for(group, self.device)
+        self.timeout = timeout
+        self._src = dist.get_global_rank(group, 0) if group is not None else 0
+        self._owns_group = owns_group
+        if self.backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"the process group uses NCCL but device is {self.device}; NCCL needs CUDA tensors")
+
+    @classmethod
+    def from_group(cls, group=None, device=None) -> "TensorParallel":
+        """Wrap an already initialized process group (default: the default group).  ``device`` defaults to
+        ``cuda:<current device>`` for NCCL and ``cpu`` otherwise."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized; call flash_llm.parallel.init_tensor_parallel() "
+                               "or torch.distributed.init_process_group first")
+        nccl = torch.cuda.is_available() and _backend_for(group, torch.device("cuda")) == "nccl"
+        if nccl:
+            nccl_env_defaults()  # communicators are created lazily, at the first collective
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        return cls(group, device)
+
+    def __repr__(self) -> str:
+        return (f"TensorParallel(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}, "
+                f"device={str(self.device)!r})")
+
+    def __deepcopy__(self, memo):  # a handle on a process group: copies of a model share it
+        return self
+
+    # ---- collectives -----------------------------------------------------------------------------------
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` (any shape, on :attr:`device`) over the group, in place; returns ``t``."""
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``t`` with rank 0's ``t``, in place; returns ``t``."""
+        dist.broadcast(t, src=self._src, group=self.group)
+        return t
+
+    def check_same(self, what: str, values) -> None:
+        """Raise ``ValueError`` on every rank unless every rank passed the same ints ``values``.
+
+        A collective (one small all-reduce and a host synchronization): every rank must call it.
+        """
+        v = torch.tensor([int(x) for x in values], dtype=torch.int64, device=self.device)
+        both = torch.cat([v, -v])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        hi, lo = both[:v.numel()], -both[v.numel():]
+        if not torch.equal(hi, lo):
+            mine = v.tolist()
+            raise ValueError(f"{what} differ between the {self.world_size} tensor-parallel ranks (this is rank "
+                             f"{self.rank}: {mine}; the ranks' minimum {lo.tolist()}, maximum {hi.tolist()}); every "
+                             "rank must make the same call with the same inputs")
+
+    def all_gather_object(self, obj) -> list:
+        """``obj`` of every rank, in rank order (pickled; for reports, not for tensors on a hot path)."""
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    # ---- lifetime --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Destroy the process group if :func:`init_tensor_parallel` created it (otherwise nothing)."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
+
+    def __enter__(self) -> "TensorParallel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT, rank: int | None = None,
+                         world_size: int | None = None, master_addr: str | None = None,
+                         master_port: int | None = None) -> TensorParallel:
+    """Join (or create) the process group of a tensor-parallel run and return this rank's :class:`TensorParallel`.
+
+    Under ``torchrun --nproc-per-node K`` everything comes from its environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).  Without torchrun and without arguments it forms a
+    single-process group (world size 1), so the same script runs as plain ``python``.  If a process group
+    already exists it is used as it is (``backend``, ``timeout`` and the rest are then ignored).
+
+    Args:
+        backend: ``"nccl"`` (default when CUDA is available: device ``cuda:LOCAL_RANK``) or ``"gloo"`` (default
+            otherwise: device ``cpu``).  Before NCCL initializes, ``NCCL_NVLS_ENABLE=0`` and
+            ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set where unset (:data:`NCCL_ENV_DEFAULTS`).
+        timeout: seconds or a ``timedelta`` (default 10 minutes) for the rendezvous and for every collective:
+            a rank that never starts, or stops answering, makes the others raise instead of waiting forever.
+        rank, world_size, master_addr, master_port: instead of the environment variables (tests, notebooks).
+
+    Raises:
+        RuntimeError: the group did not form within ``timeout`` (a rank failed to start, or the ranks were
+            given different addresses); the message names the rank, the world size and the address.
+        ValueError: inconsistent rank / world size / ``LOCAL_RANK`` beyond the visible GPUs.
+    """
+    timeout = _as_timeout(timeout)
+    if dist.is_available() and dist.is_initialized():
+        return TensorParallel.from_group(None)
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed")
+    rank = _env_int("RANK") if rank is None else rank
+    world_size = _env_int("WORLD_SIZE") if world_size is None else world_size
+    if world_size is None:
+        if rank not in (None, 0):
+            raise ValueError(f"rank={rank} needs a world size (WORLD_SIZE or world_size=)")
+        world_size, rank = 1, 0
+    if rank is None:
+        raise ValueError(f"world size {world_size} needs this process' rank (RANK or rank=)")
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int, got {v!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+    local_rank = _env_int("LOCAL_RANK")
+    local_rank = rank if local_rank is None else local_rank
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend.lower()
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nccl' needs CUDA, and no CUDA device is available; use backend='gloo'")
+        n = torch.cuda.device_count()
+        if not 0 <= local_rank < n:
+            raise ValueError(f"LOCAL_RANK={local_rank} but only {n} CUDA device(s) are visible; start at most {n} "
+                             "processes per node (torchrun --nproc-per-node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        nccl_env_defaults()
+    else:
+        device = torch.device("cpu")
+
+    addr = master_addr or os.environ.get("MASTER_ADDR")
+    port = master_port if master_port is not None else _env_int("MASTER_PORT")
+    kwargs = {"backend": backend, "rank": rank, "world_size": world_size, "timeout": timeout}
+    if world_size == 1 and (addr is None or port is None):
+        kwargs["store"] = dist.HashStore()  # one process: no rendezvous needed
+        where = "an in-process store"
+    elif addr is None or port is None:
+        raise ValueError(f"world size {world_size} needs a rendezvous address: MASTER_ADDR and MASTER_PORT (set by "
+                         "torchrun), or master_addr= and master_port=")
+    else:
+        kwargs["init_method"] = f"tcp://{addr}:{port}" if (master_addr or master_port is not None) else "env://"
+        where = f"{addr}:{port}"
+    try:
+        dist.init_process_group(**kwargs)
+    except dist.DistError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"rank {rank} of {world_size}: the process group did not form within "
+                           f"{timeout.total_seconds():g} s at {where} ({backend}): a rank failed to start or "
+                           f"cannot reach the address, or the ranks disagree on it. torch.distributed said: {first}"
+                           ) from e
+    return TensorParallel(None, device, timeout, owns_group=True)
+

@@ -1,0 +1,513 @@
+"""flash_llm.parallel: a 2-rank run under torchrun (tests/tp_worker.py; on CPU with gloo, and with NCCL on 2 GPUs
+where a machine has them) against the single-process model, for tiny OPT and Llama (GQA) models, dense and pruned + compressed, loaded from checkpoints slice by slice
+and sharded in memory; sampling identical on every rank; uneven nonzeros per slice reported exactly; synthetic
+models built per rank; clear errors (world size not dividing the heads, prompts differing between ranks, a rank
+that never starts) instead of hangs; the benchmark's tensor-parallel mode as a smoke run.
+
+Tolerances: the tensor-parallel sums split each row-parallel dot product in two partial sums (rounded to the
+model's dtype, then added), so the logits are not bitwise the single-process ones.  Both are compared with the
+same model in float64: err(tensor-parallel vs fp64) <= 2 * err(single process vs fp64) + 1 ulp of the largest
+logit (STYLE lesson 4).  Greedy tokens must be identical where the top-2 logit gap exceeds that bound (asserted).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import flash_llm
+from flash_llm.engine import Engine
+from flash_llm.models import from_config, preset
+from flash_llm.models.synthetic import build_synthetic, estimate_bytes
+from flash_llm.parallel import (ColumnParallelLinear, RowParallelLinear, ShardReport, TensorParallel,
+                                check_divisible, init_tensor_parallel, load_tensor_parallel, tensor_parallel_)
+from flash_llm.parallel.group import NCCL_ENV_DEFAULTS, nccl_env_defaults
+from flash_llm.prune import magnitude_prune_
+from conftest import expected_nbytes, max_abs_err, ulp
+from tp_worker import NEW, PROMPTS, SYNTH, full_model, padded
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+WORLD = 2
+FAMILIES = ("opt", "llama")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "tp_worker.py")
+
+
+def _hf(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "llama":  # GQA: 4 query heads, 2 KV heads -> each rank 2 query heads sharing 1 KV head
+        hc = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=1000.0, initializer_range=0.1, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=0)
+        return transformers.LlamaForCausalLM(hc).eval()
+    hc = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=64, init_std=0.1, dropout=0.0,
+                                bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return transformers.OPTForCausalLM(hc).eval()
+
+
+def _save_hf(model, folder) -> None:
+    """Our model as a Hugging Face checkpoint folder (same keys; tied lm_head left out, as HF does)."""
+    os.makedirs(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.config.to_hf(), f)
+
+
+def _dense64(model):
+    """A float64 copy with every SparseLinear expanded (the dense-with-zeros reference)."""
+    m = copy.deepcopy(model)
+    for fqn, mod in list(m.named_modules()):
+        if isinstance(mod, flash_llm.SparseLinear):
+            parent, _, name = fqn.rpartition(".")
+            setattr(m.get_submodule(parent), name, mod.to_linear())
+    return m.double()
+
+
+def _min_margin(logits: torch.Tensor) -> float:
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_error(actual, single, ref64, dtype, what):
+    err, base = max_abs_err(actual, ref64), max_abs_err(single, ref64)
+    tol = 2 * base + ulp(dtype, float(ref64.abs().max()))
+    assert err <= tol, f"{what}: max |tensor-parallel - fp64| = {err:.3g} > {tol:.3g} (single process: {base:.3g})"
+    return tol
+
+
+# ---------------------------------------------------------------------------------------------------
+# the 2-rank run (once per module)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs")])])
+def tp_run(request, tmp_path_factory):
+    device = request.param
+    d = tmp_path_factory.mktemp(f"tp-{device}")
+    for family in FAMILIES:
+        hm = _hf(family)
+        hm.save_pretrained(d / f"{family}-dense")  # transformers' own checkpoint writer
+        pruned = from_config(hm.config, dtype=torch.float16, device="meta")
+        pruned.load_state_dict({k: v.half() for k, v in hm.state_dict().items()}, assign=True)
+        magnitude_prune_(pruned, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+        _save_hf(pruned, d / f"{family}-pruned")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    # --standalone: a rendezvous on a free localhost port chosen by torchrun itself
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), WORKER,
+           str(d), str(d / "bench"), device]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}); the ranks' output:\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[:8000]}")
+    outs = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {"dir": d, "outs": outs, "seconds": time.perf_counter() - t0, "device": torch.device(device)}
+
+
+@pytest.fixture(scope="module")
+def single(tp_run):
+    """Single-process references, per family: fp32 dense, fp64 dense, fp16 sparsified, fp64 of the pruned."""
+    d, dev = tp_run["dir"], tp_run["device"]
+    refs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for family in FAMILIES:
+            refs[family, "dense"] = full_model(str(d / f"{family}-dense"), torch.float32, dev)
+            refs[family, "dense64"] = full_model(str(d / f"{family}-dense"), torch.float64, dev)
+            sparse = full_model(str(d / f"{family}-pruned"), torch.float16, dev)
+            refs[family, "sparse64"] = copy.deepcopy(sparse).double()
+            flash_llm.sparsify_(sparse)
+            refs[family, "sparse"] = sparse
+    return refs
+
+
+def _engine(model):
+    return Engine(model, max_batch=3, max_seq=32).generate(PROMPTS, NEW, output_logits=True, eos_token_id=None)
+
+
+def test_run_has_two_ranks_and_they_agree(tp_run):
+    a, b = tp_run["outs"]
+    backend = "gloo" if tp_run["device"].type == "cpu" else "nccl"
+    assert (a["rank"], b["rank"], a["world_size"], a["backend"]) == (0, 1, WORLD, backend)
+    assert (a["device"], b["device"]) == (("cpu", "cpu") if backend == "gloo" else ("cuda:0", "cuda:1"))
+    tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 30
+    for k in tensors:  # all-reduced activations and replicated lm_head: every rank computes the same logits
+        assert torch.equal(a[k], b[k]), k
+    print(f"2-rank torchrun run: {tp_run['seconds']:.1f} s")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_logits_and_greedy_tokens_match_single_process(tp_run, single, family, kind):
+    out = tp_run["outs"][0]
+    one, ref = single[family, kind], single[family, kind + "64"]
+    dtype = torch.float32 if kind == "dense" else torch.float16
+    ids, mask = (t.to(tp_run["device"]) for t in padded(PROMPTS))
+    with torch.no_grad():
+        want, want64 = one(ids, attention_mask=mask).float().cpu(), ref(ids, attention_mask=mask).cpu()
+    real = mask.bool().cpu()  # padding rows carry no meaning (and attend only to themselves)
+    _check_error(out[f"{family}/{kind}/logits"][real], want[real], want64[real], dtype, f"{family} {kind} forward")
+    # greedy decoding through the engine: the same tokens, the same per-step logits up to the bound
+    g = _engine(one)
+    assert torch.equal(out[f"{family}/{kind}/tokens"], g.tokens)
+    for i, p in enumerate(PROMPTS):
+        seq = torch.tensor([p + g.tokens[i].tolist()], device=tp_run["device"])
+        with torch.no_grad():
+            full64 = ref(seq)[0, len(p) - 1:len(p) - 1 + NEW].cpu()
+        _check_error(out[f"{family}/{kind}/step_logits"][i], g.logits[i], full64, dtype,
+                     f"{family} {kind} decode, prompt {i}")
+        # the tokens are determined, not a lucky tie-break: no logit moved by half the top-2 gap
+        moved = float((out[f"{family}/{kind}/step_logits"][i] - g.logits[i]).abs().max())
+        assert _min_margin(g.logits[i]) > 2 * moved, "greedy choices closer than the difference: pick other inputs"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_in_memory_sharding_equals_sharded_checkpoint_loading(tp_run, family):
+    """The same slices either way (read from the file, or cut from a whole model, or from its SparseLinear
+    layers expanded and compressed again): bitwise the same results."""
+    out = tp_run["outs"][0]
+    for kind in ("dense", "sparse"):
+        for what in ("logits", "tokens", "step_logits"):
+            assert torch.equal(out[f"{family}/{kind}/{what}"], out[f"{family}/{kind}-mem/{what}"]), (kind, what)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shard_report_counts_uneven_nonzeros_exactly(tp_run, family):
+    """Every rank's slice of every projection: its range, shape, nonzeros and bytes, against the checkpoint's
+    weights sliced here and the BitmapTiles byte formula (conftest); slices hold different nonzero counts."""
+    weights = load_file(str(tp_run["dir"] / f"{family}-pruned" / "model.safetensors"))
+    reports = tp_run["outs"][0][f"{family}/sparse/report"]
+    assert reports == tp_run["outs"][1][f"{family}/sparse/report"] and len(reports) == WORLD
+    assert len(reports[0]) == 2 * (7 if family == "llama" else 6)
+    uneven = 0
+    for i, layer in enumerate(reports[0]):
+        fqn, kind, shape, _, _, _, fmt, _, _ = layer
+        w = weights[fqn + ".weight"]
+        assert tuple(w.shape) == shape and fmt == "BitmapTiles"
+        dim = 0 if kind == "column" else 1
+        assert kind == ("row" if fqn.endswith(("o_proj", "out_proj", "down_proj", "fc2")) else "column")
+        stops = []
+        counts = []
+        for r in range(WORLD):
+            f2, k2, s2, local, start, stop, _, nnz, nbytes = reports[r][i]
+            assert (f2, k2, s2) == (fqn, kind, shape)
+            assert (start, stop) == (r * shape[dim] // WORLD, (r + 1) * shape[dim] // WORLD)
+            piece = w.narrow(dim, start, stop - start)
+            assert local == tuple(piece.shape)
+            assert nnz == int(torch.count_nonzero(piece))
+            assert nbytes == expected_nbytes(flash_llm.BitmapTiles, piece != 0)
+            stops.append(stop)
+            counts.append(nnz)
+        assert stops[-1] == shape[dim] and sum(counts) == int(torch.count_nonzero(w))
+        uneven += len(set(counts)) > 1
+    assert uneven > 0  # random pruning leaves the slices with different counts; the report shows them
+    table = tp_run["outs"][0][f"{family}/sparse/table"]
+    assert "nonzeros max / mean over ranks" in table and "most uneven projection" in table
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_takes_rank0_tokens_everywhere(tp_run, single, family):
+    """Each rank sampled with a differently seeded generator; all took rank 0's tokens, which are the
+    single-process model's tokens for rank 0's seed."""
+    a, b = (o[f"{family}/dense/sampled"] for o in tp_run["outs"])
+    assert torch.equal(a, b)
+    eng = Engine(single[family, "dense"], max_batch=3, max_seq=32)
+    dev = tp_run["device"]
+    ref = eng.generate(PROMPTS, NEW, temperature=1.0, top_p=0.9, eos_token_id=None,
+                       generator=torch.Generator(dev).manual_seed(100))
+    other = eng.generate(PROMPTS, NEW, temperature=1.0, top_p=0.9, eos_token_id=None,
+                         generator=torch.Generator(dev).manual_seed(101))
+    assert torch.equal(a, ref.tokens) and not torch.equal(a, other.tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_holds_this_ranks_kv_heads_and_bad_calls_are_refused(tp_run, family):
+    cfg = from_config(_hf(family).config, device="meta").config
+    for out in tp_run["outs"]:
+        assert out[f"{family}/dense/kv_heads"] == cfg.num_kv_heads // WORLD
+        msg = out[f"{family}/mismatch_error"]
+        assert "prompts, max_new_tokens or eos_token_id differ between the 2 tensor-parallel ranks" in msg
+        assert torch.equal(out[f"{family}/after_error"], out[f"{family}/dense/tokens"][:, :2])
+
+
+def test_world_size_not_dividing_heads_is_refused_on_every_rank(tp_run):
+    for out in tp_run["outs"]:
+        for key in ("divisible_error", "divisible_error_synthetic"):
+            msg = out[key]
+            assert "cannot split three-heads over a tensor-parallel world size of 2" in msg
+            assert "num_heads (3) is not a multiple of it; num_kv_heads (3) is not a multiple of it" in msg
+            assert "world sizes that work for this model: [1, 3]" not in msg  # 64 % 3 != 0
+            assert "world sizes that work for this model: [1]" in msg
+
+
+def test_synthetic_model_built_per_rank_is_the_single_process_one(tp_run):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        one, _ = build_synthetic(SYNTH, 0.8, device=tp_run["device"], seed=3, progress=False)
+    layers = [o["synth/layers"] for o in tp_run["outs"]]
+    kinds = {fqn: kind for fqn, kind in ((f, "row" if f.endswith(("o_proj", "down_proj")) else "column")
+                                         for f, *_ in layers[0])}
+    for i, (fqn, m, k, _, _) in enumerate(layers[0]):
+        w = one.get_submodule(fqn).to_dense().cpu()
+        dim = 0 if kinds[fqn] == "column" else 1
+        size = w.shape[dim] // WORLD
+        for r in range(WORLD):
+            piece = w.narrow(dim, r * size, size)
+            f2, m2, k2, nnz, nbytes = layers[r][i]
+            assert (f2, m2, k2) == (fqn, *piece.shape)
+            assert nnz == int(torch.count_nonzero(piece)) and nbytes == expected_nbytes(flash_llm.BitmapTiles,
+                                                                                       piece != 0)
+    ids, mask = (t.to(tp_run["device"]) for t in padded(PROMPTS))
+    ref = _dense64(one)
+    with torch.no_grad():
+        want, want64 = one(ids, attention_mask=mask).float().cpu(), ref(ids, attention_mask=mask).cpu()
+    real = mask.bool().cpu()
+    _check_error(tp_run["outs"][0]["synth/logits"][real], want[real], want64[real], torch.float16, "synthetic")
+    g = Engine(one, max_batch=3, max_seq=32).generate(PROMPTS, NEW, eos_token_id=None, output_logits=True)
+    assert torch.equal(tp_run["outs"][0]["synth/tokens"], g.tokens)
+
+
+def test_bench_tensor_parallel_mode_smoke(tp_run):
+    out_dir = tp_run["dir"] / "bench"
+    assert [o["bench_rc"] for o in tp_run["outs"]] == [0, 0]
+    data = json.loads((out_dir / "results.json").read_text())
+    rows = [(r["impl"], r["tp"], r["sparsity"], r["batch"], r["status"]) for r in data["rows"]]
+    assert rows == [("flash-llm-tp", 2, 0, 2, "ok"), ("flash-llm-tp", 2, 80, 2, "ok")]
+    for r in data["rows"]:
+        assert r["gpus"] == 2 and r["tok_per_gpu_s"] > 0
+        assert r["tok_per_gpu_s"] == pytest.approx(r["tok_s"] / 2)
+        assert len(r["per_rank"]) == 2 and all(p["weight_bytes"] > 0 for p in r["per_rank"])
+        assert 0 <= r["allreduce_share"] and r["allreduce_ms_per_step"] > 0
+        assert r["allreduce_timing"] == ("eager" if tp_run["device"].type == "cpu" else "cuda graph")
+        assert (r["peak_mem_bytes_max"] > r["weight_bytes_max"]) == (tp_run["device"].type == "cuda")
+    sparse = data["rows"][1]
+    assert sum(p["nnz"] for p in sparse["per_rank"]) < 0.25 * sum(p["nnz"] for p in data["rows"][0]["per_rank"])
+    summary = (out_dir / "summary.md").read_text()
+    assert "tokens per GPU-second" in summary and "| 2 |" in summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# in this process: no torchrun
+# ---------------------------------------------------------------------------------------------------
+def test_a_rank_that_never_starts_gives_an_error_within_the_timeout():
+    port = _free_port()
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"rank 0 of 2: the process group did not form within 2 s at "
+                                           rf"127\.0\.0\.1:{port} \(gloo\): a rank failed to start"):
+        init_tensor_parallel("gloo", rank=0, world_size=2, master_addr="127.0.0.1", master_port=port,
+                             timeout=datetime.timedelta(seconds=2))
+    assert time.perf_counter() - t0 < 15
+    assert not torch.distributed.is_initialized()
+    t0 = time.perf_counter()  # the other side: nobody listens at the address
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2: the process group did not form within 1 s"):
+        init_tensor_parallel("gloo", rank=1, world_size=2, master_addr="127.0.0.1", master_port=_free_port(),
+                             timeout=1)
+    assert time.perf_counter() - t0 < 15
+
+
+def test_check_divisible_names_every_problem():
+    cfg = preset("llama-3-8b")  # 32 heads, 8 KV heads, 14336 intermediate
+    check_divisible(cfg, 8)
+    with pytest.raises(ValueError, match=r"cannot split llama-3-8b over a tensor-parallel world size of 16: "
+                                         r"num_kv_heads \(8\) is not a multiple of it\. .*work for this model: "
+                                         r"\[1, 2, 4, 8\]"):
+        check_divisible(cfg, 16)
+    with pytest.raises(ValueError, match=r"num_heads \(96\) is not a multiple of it; num_kv_heads \(96\) .*; "
+                                         r"intermediate_size \(49152\) is not"):
+        check_divisible(preset("opt-175b"), 5)
+    with pytest.raises(ValueError, match=r"world_size must be an int >= 1, got 0"):
+        check_divisible(cfg, 0)
+
+
+def test_opt_175b_at_80_percent_fits_two_80gb_gpus_per_rank_estimate():
+    one = estimate_bytes("opt-175b", 0.8)
+    two = estimate_bytes("opt-175b", 0.8, tp_size=2)
+    assert 90e9 < one["total"] < 95e9  # more than one 80 GB card
+    assert abs(two["projections"] / one["projections"] - 0.5) < 0.01  # each rank half the projections
+    assert two["other"] == one["other"]  # embeddings, norms, lm_head replicated
+    assert two["total"] + two["transient"] < 80e9 < one["total"]
+
+
+def test_nccl_environment_defaults_keep_nvls_off(monkeypatch):
+    for k in NCCL_ENV_DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    assert nccl_env_defaults() == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # the user's choice is kept, with a warning
+    with pytest.warns(UserWarning, match=r"NCCL_NVLS_ENABLE=1 in the environment turns NVLink multicast"):
+        assert nccl_env_defaults()["NCCL_NVLS_ENABLE"] == "1"
+
+
+@pytest.fixture
+def world1():
+    with init_tensor_parallel("gloo") as tp:  # no torchrun variables: a single-process group
+        yield tp
+    assert not torch.distributed.is_initialized()
+
+
+def test_world_size_one_runs_the_same_code_in_one_process(world1):
+    tp = world1
+    assert (tp.rank, tp.world_size, tp.backend, tp.device.type) == (0, 1, "gloo", "cpu")
+    hm = _hf("opt", seed=1)
+    one = from_config(hm.config, dtype=torch.float32, device="meta")
+    one.load_state_dict(hm.state_dict(), assign=True)
+    model = copy.deepcopy(one)
+    report = tensor_parallel_(model, tp)
+    assert model.tensor_parallel is tp and len(report.layers) == 12
+    assert isinstance(model.model.decoder.layers[0].fc1, ColumnParallelLinear)
+    assert isinstance(model.model.decoder.layers[0].fc2, RowParallelLinear)
+    assert report.nnz == sum(int(torch.count_nonzero(m.weight)) for n, m in one.named_modules()
+                             if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert "rank 0 of 1: 12 projection slices (12 dense)" in str(report)
+    assert ShardReport.table([report]).splitlines()[1].split()[:2] == ["0", "12"]
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():  # one rank: the same products, biases inside them, an all-reduce of one: bitwise equal
+        assert torch.equal(model(ids), one(ids))
+    a, b = _engine(model), _engine(one)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logits, b.logits)
+    with pytest.raises(ValueError, match=r"cuda_graphs=True needs a model on a CUDA device"):
+        Engine(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"the model is already tensor-parallel"):
+        tensor_parallel_(model, tp)
+    with pytest.raises(ValueError, match=r"on the meta device; load the weights first"):
+        tensor_parallel_(from_config(hm.config, device="meta"), tp)
+    # a sparsified model is sharded from its compressed layers (kept compressed), then runs as before
+    sp = from_config(hm.config, dtype=torch.float16, device="meta")
+    sp.load_state_dict({k: v.half() for k, v in hm.state_dict().items()}, assign=True)
+    magnitude_prune_(sp, 0.6, filter_fn=lambda m, fqn: fqn != "lm_head")
+    pruned = copy.deepcopy(sp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(sp)
+    sp_tp = copy.deepcopy(sp)
+    rep = tensor_parallel_(sp_tp, tp)
+    assert {s.format for s in rep.layers} == {"BitmapTiles"}
+    assert rep.nnz == sum(m.nnz for m in sp.modules() if isinstance(m, flash_llm.SparseLinear))
+    a, b = _engine(sp_tp), _engine(sp)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logits, b.logits)
+    # or sharded dense, then sparsify_ on the tensor-parallel model: it compresses the local slices
+    dense_tp = copy.deepcopy(pruned)
+    tensor_parallel_(dense_tp, tp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(dense_tp)
+    again = ShardReport.of(dense_tp)
+    assert [(s.fqn, s.format, s.nnz, s.nbytes) for s in again.layers] == [(s.fqn, s.format, s.nnz, s.nbytes)
+                                                                          for s in rep.layers]
+    assert torch.equal(_engine(dense_tp).tokens, _engine(sp).tokens)
+
+
+def test_dense_checkpoint_slices_compressed_while_loading(world1, tmp_path):
+    """load_tensor_parallel with a SparsifyConfig: each slice decided on its own (min_sparsity, skip_names),
+    and the reason recorded for slices kept dense."""
+    hm = _hf("llama", seed=2)
+    model = from_config(hm.config, dtype=torch.float16, device="meta")
+    model.load_state_dict({k: v.half() for k, v in hm.state_dict().items()}, assign=True)
+    magnitude_prune_(model, 0.6, filter_fn=lambda m, fqn: "mlp" in fqn)  # attention stays dense
+    _save_hf(model, tmp_path / "ckpt")
+    tpm, rep = load_tensor_parallel(tmp_path / "ckpt", world1, sparsify=flash_llm.SparsifyConfig(
+        skip_names=("lm_head", "down_proj")), progress=False)
+    by = {s.fqn.split(".", 3)[-1]: s for s in rep.layers if ".0." in s.fqn}
+    assert by["mlp.gate_proj"].format == "BitmapTiles" and by["mlp.up_proj"].format == "BitmapTiles"
+    assert by["mlp.down_proj"].format == "dense" and "skip_names" in by["mlp.down_proj"].note
+    assert by["self_attn.q_proj"].format == "dense" and "< min_sparsity 0.3" in by["self_attn.q_proj"].note
+    assert "kept dense: 10 slice(s)" in str(rep)  # 2 layers x (q, k, v, o below min_sparsity; down skipped)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(tpm(ids), model(ids), rtol=0, atol=4 * ulp(torch.float16, 1.0))
+    with pytest.raises(FileNotFoundError, match=r"is not a directory"):
+        load_tensor_parallel(tmp_path / "nope", world1)
+    os.remove(tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files"):
+        load_tensor_parallel(tmp_path / "ckpt", world1)
+
+
+def test_checkpoint_loader_reads_old_opt_files_and_names_problems(world1, tmp_path):
+    """OPT-350m's layout (project_in / project_out, post-LayerNorm) from an old-style file whose keys lack the
+    leading ``model.``: every tensor read, the same logits; unknown tensors are reported, shape mismatches and
+    missing tensors raise naming them."""
+    torch.manual_seed(4)
+    hc = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=64, init_std=0.1, dropout=0.0,
+                                do_layer_norm_before=False, word_embed_proj_dim=32, pad_token_id=1)
+    hm = transformers.OPTForCausalLM(hc).eval()
+    one = from_config(hm.config, dtype=torch.float32, device="meta")
+    one.load_state_dict(hm.state_dict(), assign=True)
+    folder = tmp_path / "opt-350m-style"
+    _save_hf(one, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    state["decoder.version"] = torch.zeros(1)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) of the checkpoint are not weights of a opt model and were "
+                                         r"not read, e.g. \['decoder.version'\]"):
+        model, _ = load_tensor_parallel(folder, world1, dtype=torch.float32, progress=False)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), one(ids), rtol=0, atol=1e-5)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "ffn_dim": 128}))
+    with pytest.raises(ValueError, match=r"tensor 'decoder.layers.0.fc1.weight' has shape \(96, 64\); the "
+                                         r"config.json says \(128, 64\)"):
+        load_tensor_parallel(folder, world1, dtype=torch.float32, progress=False)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    del state["decoder.layers.1.fc2.bias"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"no tensor 'model.decoder.layers.1.fc2.bias' in the checkpoint"):
+        load_tensor_parallel(folder, world1, dtype=torch.float32, progress=False)
+
+
+def test_parallel_layers_check_their_shapes(world1):
+    lin = torch.nn.Linear(8, 4)
+    with pytest.raises(ValueError, match=r"local layer is 4x8; a column shard \[0:2\] of a 4x8 weight is 2x8"):
+        ColumnParallelLinear(lin, 8, 4, 0, 2, world1)
+    with pytest.raises(ValueError, match=r"local layer is 4x8; a row shard \[0:4\] of a 4x16 weight is 4x4"):
+        RowParallelLinear(lin, 16, 4, 0, 4, world1)
+    rank1 = types.SimpleNamespace(rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"rank 1's row-parallel local layer has a bias; only rank 0's may"):
+        RowParallelLinear(lin, 16, 4, 8, 16, rank1)
+    with pytest.raises(TypeError, match=r"local must be an nn.Linear or a flash_llm.SparseLinear, got Identity"):
+        ColumnParallelLinear(torch.nn.Identity(), 8, 4, 0, 4, world1)
+    row = RowParallelLinear(lin, 8, 4, 0, 8, world1)
+    x = torch.randn(3, 8)
+    assert torch.equal(row(x), lin(x))  # one rank: the all-reduce leaves the product as it is
+    assert isinstance(TensorParallel.from_group(), TensorParallel)
+
+
+def test_init_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\); got rank=2, world_size=2"):
+        init_tensor_parallel("gloo", rank=2, world_size=2, master_addr="127.0.0.1", master_port=1)
+    with pytest.raises(ValueError, match=r"backend must be 'nccl' or 'gloo', got 'mpi'"):
+        init_tensor_parallel("mpi")
+    with pytest.raises(ValueError, match=r"world size 2 needs a rendezvous address"):
+        init_tensor_parallel("gloo", rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds"):
+        init_tensor_parallel("gloo", timeout=0)
+    with pytest.raises(RuntimeError, match=r"torch.distributed is not initialized"):
+        TensorParallel.from_group()
+    assert not torch.distributed.is_initialized()
