@@ -34,6 +34,14 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
+def transformers_available() -> bool:
+    """Whether ``import transformers`` can work, without importing it."""
+    try:
+        return importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # blocked, or a sys.modules entry without a spec
+        return False
+
+
 def build_skeleton(config: dict, dtype: torch.dtype, backend: str = "auto") -> nn.Module:
     """A causal LM for the Hugging Face ``config`` dict with every parameter on ``meta``.
 
@@ -50,7 +58,7 @@ def build_skeleton(config: dict, dtype: torch.dtype, backend: str = "auto") -> n
         try:
             model_config = ModelConfig.from_hf(cfg)
         except ValueError:  # an architecture or option flash_llm.models does not support
-            if backend == "flash" or importlib.util.find_spec("transformers") is None:
+            if backend == "flash" or not transformers_available():
                 raise
         else:
             return from_config(model_config, dtype=dtype, device="meta")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import json
 import sys
 import warnings
@@ -86,7 +85,7 @@ def install() -> None:
     quantizers are already imported, else when they are; nothing when transformers is not installed."""
     if _AUTO in sys.modules:
         register()
-    elif importlib.util.find_spec("transformers") is not None and _finder not in sys.meta_path:
+    elif _model.transformers_available() and _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
 
 
