@@ -544,6 +544,13 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path) -> t
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         return dtype
     declared = config_dtype(config)
+    if declared is None:  # as transformers' dtype="auto": the weights' own floating dtype
+        found = {t.dtype for t in _files.open_checkpoint(source.parent).tensors.values() if t.dtype.startswith(
+            ("F", "BF"))}
+        declared = {"F16": torch.float16, "BF16": torch.bfloat16}.get(next(iter(found))) if len(found) == 1 else None
+        if declared is None:
+            raise ValueError(f"{source} declares no dtype and the weights are {sorted(found) or 'not floating'}; "
+                             "pass dtype=torch.float16 or torch.bfloat16")
     if declared in VALUE_DTYPES:
         return declared
     raise ValueError(f"{source} declares dtype {config.get('dtype', config.get('torch_dtype'))!r}; the sparse "
