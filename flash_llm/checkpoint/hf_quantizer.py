@@ -21,6 +21,7 @@ import importlib.machinery
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from .. import __version__
 from ..formats import FORMATS, FormatError
 from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME
 from ..nn import SparseLinear
-from . import _model
+from . import _files, _model
 from .pretrained import FORMAT_VERSION, QUANT_METHOD, _parse_section, header_metadata, sparse_modules_section
 
 _AUTO = "transformers.quantizers.auto"
@@ -161,16 +162,25 @@ def _define():
         def validate_environment(self, *args, **kwargs):
             return None
 
-        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            files = [f for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
-            if files:
-                from safetensors import safe_open
+        def _read_headers(self, model, checkpoint_files) -> set[str] | None:
+            """Tensor names and flash-llm header metadata of the checkpoint's shards (headers only), or None
+            when transformers does not say where they are and the model's path is not a local directory."""
+            files = [Path(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
+            if not files:
+                where = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+                if not where or not Path(where).is_dir():
+                    return None
+                files = _files.open_checkpoint(where).shards
+            self._source = str(files[0].parent)
+            keys: set[str] = set()
+            for f in files:
+                shard = _files.Shard(f)
+                keys.update(shard.keys)
+                self._headers.update({k: v for k, v in shard.metadata.items() if k.endswith("_" + METADATA_KEY)})
+            return keys
 
-                self._source = str(files[0]).rsplit("/", 1)[0]
-                for f in files:
-                    with safe_open(str(f), framework="pt") as h:
-                        self._headers.update({k: v for k, v in (h.metadata() or {}).items()
-                                              if k.endswith("." + METADATA_KEY) or k.endswith("_" + METADATA_KEY)})
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+            keys = self._read_headers(model, checkpoint_files)
             for fqn, meta in self.quantization_config.sparse_modules.items():
                 try:
                     lin = model.get_submodule(fqn)
@@ -184,6 +194,13 @@ def _define():
                 if (lin.out_features, lin.in_features) != (m, k):
                     raise FormatError(f"sparse layer '{fqn}' is {m}x{k} in config.json's sparse_modules but the "
                                       f"model built from config.json has {lin.out_features}x{lin.in_features}")
+                if keys is not None:  # transformers would fill a missing tensor with garbage: refuse it here
+                    need = [f"{fqn}.weight_{n}" for n in FORMATS[meta["format"]]._arrays]
+                    need += [f"{fqn}.bias"] if lin.bias is not None else []
+                    for key in need:
+                        if key not in keys:
+                            raise FormatError(f"{self._source}: tensor '{key}' of sparse layer '{fqn}' is missing "
+                                              "(no shard holds it)")
                 shell = _Shell.zeros(k, m, bias=lin.bias is not None, fmt=FORMATS[meta["format"]],
                                      dtype=_DTYPES_BY_NAME[meta["dtype"]], device="meta")
                 parent, _, name = fqn.rpartition(".")
