@@ -142,7 +142,8 @@ def _slots(module: nn.Module, aliases: dict, config: SparsifyConfig | None) -> d
         elif isinstance(m, nn.Linear):
             slot = _Slot(fqn, m.out_features, m.in_features, m.bias is not None, m.weight.dtype,
                          type(m).__name__, None)
-            if type(m).forward is not nn.Linear.forward or isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            if type(m).forward is not nn.Linear.forward or isinstance(
+                    m, nn.modules.linear.NonDynamicallyQuantizableLinear):  # read directly by MultiheadAttention
                 slot.keep_dense = f"{type(m).__name__} is not a plain nn.Linear"
             elif len(aliases.get(f"{fqn}.weight", ())) > 1:
                 others = [n for n in aliases[f"{fqn}.weight"] if n != f"{fqn}.weight"]
