@@ -171,6 +171,7 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers load")
+    ap.add_argument("--no-cpu-load", action="store_true", help="time loading on --device only, not also on CPU")
     ap.add_argument("--out", default="benchmarks/out/checkpoint")
     ap.add_argument("--_child", nargs=5, metavar=("SRC", "DST", "FORMAT", "DEVICE", "SHARD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -194,6 +195,21 @@ def main(argv=None):
     rows = []
     result = {"env": env, "model": cfg.name, "layers": cfg.num_layers, "params": cfg.num_parameters(),
               "sparsity": args.sparsity, "format": args.format, "device": str(device), "rows": rows}
+    def save():  # after every step, so a run cut short still leaves what it measured
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        keys = ["step", "seconds", "bytes", "gb_per_s", "peak_anon_bytes", "peak_file_bytes"]
+        with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+    def step(row):
+        rows.append(row)
+        save()
+        extra = f", {row['gb_per_s']:.2f} GB/s" if "gb_per_s" in row else ""
+        print(f"  {row['step']}: {row['seconds']:.2f} s{extra}", flush=True)
+
     print(f"{cfg.name}: {cfg.num_layers} layers, {cfg.num_parameters() / 1e9:.2f} B parameters, projections at "
           f"{args.sparsity:.0%} sparsity; device {device}; workdir {work}")
     try:
@@ -201,8 +217,8 @@ def main(argv=None):
         result.update(write_dense_source(cfg, dense, args.sparsity, device, shard))
         dense_files = _files.open_checkpoint(dense)
         largest = max(p.stat().st_size for p in dense_files.shards)
-        rows.append({"step": "write dense source (not the benchmark)", "seconds": time.perf_counter() - t0,
-                     "bytes": dense_files.nbytes})
+        step({"step": "write dense source (not the benchmark)", "seconds": time.perf_counter() - t0,
+              "bytes": dense_files.nbytes})
 
         _evict(dense)
         pythonpath = os.pathsep.join(filter(None, [str(Path(flash_llm.__file__).resolve().parents[1]),
@@ -214,20 +230,25 @@ def main(argv=None):
             raise RuntimeError(f"conversion failed:\n{child.stderr}")
         conv = json.loads(child.stdout.strip().splitlines()[-1])
         flash_files = _files.open_checkpoint(flash)
-        rows.append({"step": f"convert on {device} (input cold)", "seconds": conv["seconds"],
-                     "bytes": dense_files.nbytes, "gb_per_s": dense_files.nbytes / conv["seconds"] / 1e9,
-                     "peak_anon_bytes": conv["peak_anon"], "peak_file_bytes": conv["peak_file"]})
         result["convert"] = {**conv, "input_bytes": dense_files.nbytes, "output_bytes": flash_files.nbytes,
                              "largest_input_shard": largest}
+        step({"step": f"convert on {device} (input cold)", "seconds": conv["seconds"],
+              "bytes": dense_files.nbytes, "gb_per_s": dense_files.nbytes / conv["seconds"] / 1e9,
+              "peak_anon_bytes": conv["peak_anon"], "peak_file_bytes": conv["peak_file"]})
+        c = result["convert"]
+        print(f"dense source {c['input_bytes'] / 1e9:.2f} GB (largest shard {c['largest_input_shard'] / 1e9:.2f} GB)"
+              f" -> flash-llm {c['output_bytes'] / 1e9:.2f} GB; {c['converted']} layers compressed, {c['skipped']} "
+              f"kept dense; conversion peak memory: anonymous {c['peak_anon'] / 1e9:.2f} GB, file-backed (mmap) "
+              f"{c['peak_file'] / 1e9:.2f} GB; compressed projections {c['sparse_bytes'] / 1e9:.2f} GB", flush=True)
 
         n_sparse = conv["converted"]
-        for dev in dict.fromkeys([str(device), "cpu"]):
+        for dev in dict.fromkeys([str(device)] + ([] if args.no_cpu_load else ["cpu"])):
             for state in ("cold", "warm"):
                 evicted = _evict(flash) if state == "cold" else None
                 s = time_open(flash, dev, n_sparse, cfg.vocab_size)
-                rows.append({"step": f"flash_llm.from_pretrained on {dev} ({state}"
-                                     f"{'' if evicted in (None, True) else ', eviction unavailable'})",
-                             "seconds": s, "bytes": flash_files.nbytes, "gb_per_s": flash_files.nbytes / s / 1e9})
+                step({"step": f"flash_llm.from_pretrained on {dev} ({state}"
+                              f"{'' if evicted in (None, True) else ', eviction unavailable'})",
+                      "seconds": s, "bytes": flash_files.nbytes, "gb_per_s": flash_files.nbytes / s / 1e9})
         if not args.no_hf:
             try:
                 import transformers
@@ -241,27 +262,13 @@ def main(argv=None):
                 if got != n_sparse:
                     raise AssertionError(f"transformers loaded {got} sparse layers, expected {n_sparse}")
                 del hf
-                rows.append({"step": "transformers AutoModelForCausalLM.from_pretrained on cpu (warm)",
-                             "seconds": s, "bytes": flash_files.nbytes, "gb_per_s": flash_files.nbytes / s / 1e9})
+                step({"step": "transformers AutoModelForCausalLM.from_pretrained on cpu (warm)",
+                      "seconds": s, "bytes": flash_files.nbytes, "gb_per_s": flash_files.nbytes / s / 1e9})
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    keys = ["step", "seconds", "bytes", "gb_per_s", "peak_anon_bytes", "peak_file_bytes"]
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    c = result["convert"]
-    print(f"dense source {c['input_bytes'] / 1e9:.2f} GB (largest shard {c['largest_input_shard'] / 1e9:.2f} GB) -> "
-          f"flash-llm {c['output_bytes'] / 1e9:.2f} GB; {c['converted']} layers compressed, {c['skipped']} kept dense")
-    print(f"conversion peak memory: anonymous {c['peak_anon'] / 1e9:.2f} GB, file-backed (mmap) "
-          f"{c['peak_file'] / 1e9:.2f} GB; compressed projections {c['sparse_bytes'] / 1e9:.2f} GB")
-    for r in rows:
-        extra = f", {r['gb_per_s']:.2f} GB/s" if "gb_per_s" in r else ""
-        print(f"  {r['step']}: {r['seconds']:.2f} s{extra}")
+    save()
     _plot(rows, os.path.join(args.out, "checkpoint_times.png"), f"{cfg.name} ({cfg.num_layers} layers), "
           f"{args.sparsity:.0%} sparse, {env['card']}")
     return 0
