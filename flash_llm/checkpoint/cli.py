@@ -14,32 +14,15 @@ from pathlib import Path
 import torch
 
 from ..formats import FormatError, SparseFormat
+from ..cli import EXIT_OK, EXIT_USAGE, _err, _int, _table
 from . import _files
 from . import sparse_bitmask as sb
 from .pretrained import checkpoint_kind, convert, from_pretrained, iter_checkpoint
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 BENCHMARKS = {"kernel": "bench_spmm.py", "e2e": "bench_e2e.py", "checkpoint": "bench_checkpoint.py"}
 _INPUT_ERRORS = (FormatError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError,
                  ImportError)
-
-
-def _err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-
-
-def _int(n: int) -> str:
-    return f"{n:,}"
-
-
-def _table(headers, rows, align) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def fmt(cells):
-        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align)).rstrip()
-
-    return [fmt(headers)] + [fmt(r) for r in rows]
 
 
 def _fraction(text: str) -> float:

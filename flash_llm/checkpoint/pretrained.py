@@ -282,7 +282,6 @@ class _Loader:
                 self.expected[f"{fqn}.bias"] = ((s.out_features,), s.dtype)
         self.non_persistent = _model.non_persistent_buffers(module)
         self.values: dict[str, torch.Tensor | SparseFormat] = {}
-        self.sources: dict[str, Path] = {}
         self.report = SparsifyReport()
 
     # -- the pass --
@@ -323,14 +322,12 @@ class _Loader:
             t = t.to(want)
         owner = key[: -len(".weight")] if key.endswith(".weight") else None
         slot = self.slots.get(owner) if owner is not None else None
-        self.sources[key] = path
         self.values[key] = self._decide(slot, t) if slot is not None else t
 
     def _place_flash(self, key: str, w: SparseFormat, path: Path) -> None:
         if not self._check_known(key, path):
             return
         self._check_shape(key, w.shape, path)
-        self.sources[key] = path
         self.values[key] = self._decide(self.slots[key[: -len(".weight")]], w)
 
     def _place_bitmask(self, key: str, parts: dict[str, torch.Tensor], path: Path) -> None:
@@ -349,7 +346,6 @@ class _Loader:
         self._check_shape(key, dense.shape, path)
         if not dense.dtype.is_floating_point:
             raise FormatError(f"{path}: '{pname}.compressed' is not floating point")
-        self.sources[key] = path
         self.values[key] = self._decide(slot, dense.to(slot.dtype))
 
     def _decide(self, slot: _Slot, w) -> torch.Tensor | SparseFormat:
