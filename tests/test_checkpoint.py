@@ -297,3 +297,11 @@ def test_safetensors_header_convention_matches_flash_llm_save(pruned, tmp_path):
         single = json.loads(f.metadata()["w.flash_llm"])
     _, meta = read_shard(tmp_path / "out" / "model.safetensors")
     assert json.loads(meta[f"{name}.weight_flash_llm"]) == single
+
+
+def test_older_transformers_gets_a_warning_not_an_error(monkeypatch):
+    from flash_llm.checkpoint import hf_quantizer
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.warns(RuntimeWarning, match=r"needs transformers >= 5 \(found 4.57.1\).*flash_llm.from_pretrained"):
+        hf_quantizer._register_or_warn()

@@ -37,9 +37,14 @@ _AUTO = "transformers.quantizers.auto"
 
 
 def register() -> None:
-    """Register flash-llm's quantization config and quantizer with transformers (idempotent)."""
+    """Register flash-llm's quantization config and quantizer with transformers 5 (idempotent)."""
+    import transformers
     from transformers.quantizers import auto
 
+    major = transformers.__version__.split(".")[0]
+    if not major.isdigit() or int(major) < 5:
+        raise ImportError(f"flash-llm's transformers integration needs transformers >= 5 (found "
+                          f"{transformers.__version__})")
     if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
         return
     config_cls, quantizer_cls = _classes()
@@ -61,13 +66,7 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
         def exec_then_register(module):
             exec_module(module)
             _uninstall()
-            try:
-                register()
-            except (ImportError, AttributeError, TypeError, ValueError) as e:  # a transformers API we do not know
-                warnings.warn(f"flash-llm could not register its checkpoint format with transformers "
-                              f"{getattr(sys.modules.get('transformers'), '__version__', '?')}: {e}; "
-                              "load flash-llm checkpoints with flash_llm.from_pretrained", RuntimeWarning,
-                              stacklevel=2)
+            _register_or_warn()
 
         spec.loader.exec_module = exec_then_register
         return spec
@@ -81,11 +80,20 @@ def _uninstall() -> None:
         sys.meta_path.remove(_finder)
 
 
+def _register_or_warn() -> None:
+    try:
+        register()
+    except (ImportError, AttributeError, TypeError, ValueError) as e:  # a transformers API we do not know
+        warnings.warn(f"flash-llm could not register its checkpoint format with transformers "
+                      f"{getattr(sys.modules.get('transformers'), '__version__', '?')}: {e}; "
+                      "load flash-llm checkpoints with flash_llm.from_pretrained", RuntimeWarning, stacklevel=3)
+
+
 def install() -> None:
     """Make ``transformers`` know flash-llm checkpoints without importing it: register now if transformers'
     quantizers are already imported, else when they are; nothing when transformers is not installed."""
     if _AUTO in sys.modules:
-        register()
+        _register_or_warn()
     elif _model.transformers_available() and _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
 
@@ -114,6 +122,7 @@ class _Shell(SparseLinear):
 
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
+    sized = False  # whether its arrays have the checkpoint's lengths (read from the shard headers)
 
 
 def _define():
@@ -162,9 +171,9 @@ def _define():
         def validate_environment(self, *args, **kwargs):
             return None
 
-        def _read_headers(self, model, checkpoint_files) -> set[str] | None:
-            """Tensor names and flash-llm header metadata of the checkpoint's shards (headers only), or None
-            when transformers does not say where they are and the model's path is not a local directory."""
+        def _read_headers(self, model, checkpoint_files) -> dict[str, tuple[int, ...]] | None:
+            """Tensor shapes by name and flash-llm header metadata of the checkpoint's shards (headers only), or
+            None when transformers does not say where they are and the model's path is not a local directory."""
             files = [Path(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
             if not files:
                 where = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
@@ -172,10 +181,10 @@ def _define():
                     return None
                 files = _files.open_checkpoint(where).shards
             self._source = str(files[0].parent)
-            keys: set[str] = set()
+            keys: dict[str, tuple[int, ...]] = {}
             for f in files:
                 shard = _files.Shard(f)
-                keys.update(shard.keys)
+                keys.update({k: shard.info(k).shape for k in shard.keys})
                 self._headers.update({k: v for k, v in shard.metadata.items() if k.endswith("_" + METADATA_KEY)})
             return keys
 
@@ -203,18 +212,24 @@ def _define():
                                               "(no shard holds it)")
                 shell = _Shell.zeros(k, m, bias=lin.bias is not None, fmt=FORMATS[meta["format"]],
                                      dtype=_DTYPES_BY_NAME[meta["dtype"]], device="meta")
+                if keys is not None:  # the arrays' real lengths: transformers' shape checks then pass as for any tensor
+                    for n in shell.weight_format._arrays:
+                        shell._buffers["weight_" + n] = torch.empty(keys[f"{fqn}.weight_{n}"], dtype=torch.int32,
+                                                                    device="meta")
+                    shell.sized = True
                 parent, _, name = fqn.rpartition(".")
                 setattr(model.get_submodule(parent), name, shell)
             return model
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-            # The arrays' lengths depend on the weight's nonzeros: no shape for transformers to check.
+            # Without the shard headers the shells' arrays have placeholder lengths (they depend on the weight's
+            # nonzeros): transformers 5 then skips its shape check for them.
             owner, _, attr = param_name.rpartition(".")
             try:
                 module = model.get_submodule(owner)
             except AttributeError:
                 return False
-            return isinstance(module, _Shell) and attr in ("weight_data", "weight_offsets")
+            return isinstance(module, _Shell) and not module.sized and attr in ("weight_data", "weight_offsets")
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             for fqn, meta in self.quantization_config.sparse_modules.items():
