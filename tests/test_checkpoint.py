@@ -320,8 +320,9 @@ def _anon() -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssAnon from /proc")
 def test_dense_checkpoint_streams_with_little_host_memory(tmp_path):
-    """Compressing a dense checkpoint holds the compressed model plus one layer's temporaries, not the dense
-    weights: the peak anonymous memory (sampled every 5 ms) stays far below the dense size."""
+    """Compressing a dense checkpoint holds the compressed model plus one layer's temporaries (a few times its
+    dense size), not the dense weights: the peak anonymous memory (sampled every 5 ms) stays below them."""
+    import ctypes
     import threading
     import time
 
@@ -336,6 +337,10 @@ def test_dense_checkpoint_streams_with_little_host_memory(tmp_path):
     del stack
 
     shell = _Stack(device="meta")
+    try:  # hand freed heap memory back, so that the loader's allocations show in the resident set
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass  # not glibc: the measurement can only under-estimate the growth, the bound stays valid
     base, peak, stop = _anon(), [0], threading.Event()
 
     def sample():
@@ -353,6 +358,8 @@ def test_dense_checkpoint_streams_with_little_host_memory(tmp_path):
     grown = peak[0] - base
     assert len(report.converted) == 16 and report.sparse_bytes < dense_bytes / 5
     layer_bytes = dense_bytes // 16
-    assert grown < min(0.6 * dense_bytes, report.sparse_bytes + 3 * layer_bytes), \
+    # BitmapTiles.from_dense takes about 6x a layer's dense bytes of temporaries at its peak (see
+    # flash_llm.models.synthetic); a loader holding the dense weights would exceed dense_bytes
+    assert grown < min(0.85 * dense_bytes, report.sparse_bytes + 10 * layer_bytes), \
         f"peak anonymous memory grew by {grown} bytes; the dense weights are {dense_bytes}, the compressed ones " \
         f"{report.sparse_bytes}, one layer {layer_bytes}"
