@@ -302,7 +302,8 @@ def test_safetensors_header_convention_matches_flash_llm_save(pruned, tmp_path):
 def test_older_transformers_gets_a_warning_not_an_error(monkeypatch):
     from flash_llm.checkpoint import hf_quantizer
 
-    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    # (sys.modules' entry: transformers' lazy module object can be replaced after the test module imported it)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
     with pytest.warns(RuntimeWarning, match=r"needs transformers >= 5 \(found 4.57.1\).*flash_llm.from_pretrained"):
         hf_quantizer._register_or_warn()
 
