@@ -574,11 +574,12 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path) -> t
         declared = {"F16": torch.float16, "BF16": torch.bfloat16}.get(next(iter(found))) if len(found) == 1 else None
         if declared is None:
             raise ValueError(f"{source} declares no dtype and the weights are {sorted(found) or 'not floating'}; "
-                             "pass dtype=torch.float16 or torch.bfloat16")
+                             "pass dtype=torch.float16 or torch.bfloat16 (flash-llm convert: --dtype)")
     if declared in VALUE_DTYPES:
         return declared
     raise ValueError(f"{source} declares dtype {config.get('dtype', config.get('torch_dtype'))!r}; the sparse "
-                     "formats hold fp16/bf16 values: pass dtype=torch.float16 or torch.bfloat16")
+                     "formats hold fp16/bf16 values: pass dtype=torch.float16 or torch.bfloat16 "
+                     "(flash-llm convert: --dtype)")
 
 
 def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
