@@ -154,8 +154,28 @@ def test_unknown_format_version(flash):
     edit_json(flash / "config.json", lambda d: d["quantization_config"].update(format_version=1))
     edit_json(flash / "config.json", lambda d: d["quantization_config"]["sparse_modules"][UP].update(version=9))
     with pytest.raises(FormatError, match=rf"layer '{UP}' has flash_llm.bitmap_tiles format version 9; this "
-                                          r"flash-llm reads version 1"):
+                                          r"flash-llm reads versions 1 and 2"):
         flash_llm.from_pretrained(flash)
+
+
+def test_bitmap_version_1_layer_is_converted_on_load(flash):
+    """A checkpoint written before BitmapTiles version 2 (one layer's bitmap words in the version-1 bit
+    order, declared as version 1) loads as the same model."""
+    from flash_llm.formats import _layout as L
+
+    expected = flash_llm.from_pretrained(flash).get_submodule(UP).to_dense()
+    file = shard_of(flash, f"{UP}.weight_data")
+    tensors, meta = read_shard(file)
+    off = tensors[f"{UP}.weight_offsets"].to(torch.int64)
+    words = (off[:-1, None] * 4 + torch.arange(32)).view(-1)
+    data = tensors[f"{UP}.weight_data"]
+    data[words] = L.pack_bits(L.unpack_bits(data[words])[..., L.BITMAP_BIT])  # back to version 1
+    key = f"{UP}.weight_flash_llm"
+    rewrite_shard(file, tensors, {**meta, key: json.dumps({**json.loads(meta[key]), "version": 1})})
+    edit_json(flash / "config.json", lambda d: d["quantization_config"]["sparse_modules"][UP].update(version=1))
+    layer = flash_llm.from_pretrained(flash).get_submodule(UP)
+    assert torch.equal(layer.to_dense(), expected)
+    assert layer.weight.metadata()["version"] == 2
 
 
 def test_shard_header_disagrees_with_config(flash):
@@ -164,7 +184,8 @@ def test_shard_header_disagrees_with_config(flash):
     key = f"{UP}.weight_flash_llm"
     stored = json.loads(meta[key])
     rewrite_shard(file, tensors, {**meta, key: json.dumps({**stored, "version": 5})})
-    with pytest.raises(FormatError, match=rf"{file}: '{UP}' has version 5 in the shard header but 1 in config.json"):
+    with pytest.raises(FormatError, match=rf"{file}: '{UP}' has version 5 in the shard header but "
+                                          rf"{flash_llm.BitmapTiles.FORMAT_VERSION} in config.json"):
         flash_llm.from_pretrained(flash)
     rewrite_shard(file, tensors, {k: v for k, v in meta.items() if k != key})
     with pytest.raises(FormatError, match=rf"{file}: no format metadata '{key}' in the header"):

@@ -94,10 +94,10 @@ def _parse_section(qc: dict, source: str) -> dict[str, dict]:
             raise FormatError(f"{source}: quantization_config.sparse_modules['{name}'] is {meta!r}; expected "
                               f"{{'format': one of {sorted(FORMATS)}, 'version': int, 'dtype': 'float16' or "
                               "'bfloat16', 'shape': [M, K]}")
-        if meta.get("version") != FORMATS[meta["format"]].FORMAT_VERSION:
+        fmt = FORMATS[meta["format"]]
+        if not fmt.reads_version(meta.get("version")):
             raise FormatError(f"{source}: layer '{name}' has {meta['format']} format version "
-                              f"{meta.get('version')!r}; this flash-llm reads version "
-                              f"{FORMATS[meta['format']].FORMAT_VERSION}")
+                              f"{meta.get('version')!r}; this flash-llm reads {fmt.readable_versions()}")
     return modules
 
 

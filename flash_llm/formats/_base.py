@@ -173,11 +173,9 @@ class SparseFormat:
         if meta.get("format") != cls.FORMAT_NAME:
             raise FormatError(f"{where}'{label}' has format {meta.get('format')!r}; expected {cls.FORMAT_NAME!r}")
         version = meta.get("version")
-        if not _is_int(version) or version not in cls.READ_VERSIONS:
-            readable = " and ".join(map(str, cls.READ_VERSIONS))
+        if not cls.reads_version(version):
             raise FormatError(f"{where}'{label}' has {cls.FORMAT_NAME} format version {version!r}; "
-                              f"this flash-llm reads version{'s' if len(cls.READ_VERSIONS) > 1 else ''} "
-                              f"{readable}")
+                              f"this flash-llm reads {cls.readable_versions()}")
         if meta.get("dtype") not in _DTYPES_BY_NAME:
             raise FormatError(f"{where}'{label}' has value dtype {meta.get('dtype')!r}; "
                               f"expected one of {sorted(_DTYPES_BY_NAME)}")
@@ -199,6 +197,17 @@ class SparseFormat:
             raise FormatError(f"{where}'{label}' metadata says nnz={meta['nnz']!r} but the arrays "
                               f"hold {nnz} nonzeros")
         return cls._from_parts(cls._upgrade(arrays, version), shape, dtype, nnz)
+
+    @classmethod
+    def reads_version(cls, version) -> bool:
+        """Whether this flash-llm reads format ``version`` (an int; bools and strings are not versions)."""
+        return _is_int(version) and version in cls.READ_VERSIONS
+
+    @classmethod
+    def readable_versions(cls) -> str:
+        """``"version 1"`` or ``"versions 1 and 2"``: for error messages."""
+        v = cls.READ_VERSIONS
+        return f"version {v[0]}" if len(v) == 1 else f"versions {', '.join(map(str, v[:-1]))} and {v[-1]}"
 
     @classmethod
     def _upgrade(cls, arrays: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
