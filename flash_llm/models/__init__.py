@@ -1,0 +1,90 @@
+"""Compact OPT and Llama-family models that load Hugging Face weights by name, and their configs.
+
+::
+
+    from flash_llm.models import ModelConfig, from_config
+
+    cfg = ModelConfig.from_hf("path/to/config.json")        # or a dict, or presets: preset("llama-3-8b")
+    model = from_config(cfg, dtype=torch.float16, device="meta")
+    model.load_state_dict(hf_state_dict, assign=True)       # keys as in transformers' *ForCausalLM
+    logits = model(input_ids)                               # [B, T] int64 -> [B, T, vocab]
+    flash_llm.sparsify_(model)                              # projections -> SparseLinear
+
+The modules' ``state_dict()`` keys are exactly those of transformers' ``LlamaForCausalLM`` and
+``OPTForCausalLM``.  :mod:`flash_llm.models.synthetic` builds the real shapes with random pruned
+weights, compressed layer by layer; :class:`flash_llm.engine.Engine` runs them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import Attend, CausalLM, KVCache
+from .config import PRESETS, ModelConfig, preset
+from .llama import LlamaForCausalLM
+from .opt import OPTForCausalLM
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "opt": OPTForCausalLM}
+INIT_STD = 0.02  # transformers' initializer_range default for both families
+
+__all__ = ["ModelConfig", "from_config", "preset", "PRESETS", "LlamaForCausalLM", "OPTForCausalLM", "CausalLM",
+           "KVCache", "Attend", "init_weights_"]
+
+
+def as_config(config) -> ModelConfig:
+    """``config`` as a :class:`ModelConfig`: itself, or read with :meth:`ModelConfig.from_hf` from a dict,
+    a path to ``config.json`` (or its folder) or a transformers config."""
+    return config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
+
+
+@torch.no_grad()
+def init_weights_(module: nn.Module, generator: torch.Generator | None = None, std: float = INIT_STD) -> None:
+    """Initialize ``module``'s own parameters in place as transformers does: ``nn.Linear`` and ``nn.Embedding``
+    weights normal(0, ``std``) (an embedding's padding row zero), biases zero, norm weights one (LayerNorm
+    biases zero).  Recurses into children."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, std, generator=generator)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(0.0, std, generator=generator)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        elif type(m).__name__ == "LlamaRMSNorm":
+            m.weight.fill_(1.0)
+
+
+def from_config(config, *, dtype: torch.dtype = torch.float16, device="cpu", seed: int | None = None) -> CausalLM:
+    """Build the causal LM of ``config`` with random weights (transformers' initialization).
+
+    Args:
+        config: a :class:`ModelConfig`, a Hugging Face config dict, a path to ``config.json`` (or its
+            folder), or a transformers config object.
+        dtype: parameter dtype (``torch.float16``, ``torch.bfloat16`` or ``torch.float32``).
+        device: where to allocate.  ``"meta"`` allocates nothing (no initialization): load weights with
+            ``model.load_state_dict(state_dict, assign=True)``.
+        seed: seeds the initialization (default: torch's global generator).
+
+    Returns:
+        :class:`LlamaForCausalLM` or :class:`OPTForCausalLM` in eval mode; ``model.config`` is the
+        :class:`ModelConfig`.
+    """
+    cfg = as_config(config)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    device = torch.device(device)
+    model = MODEL_CLASSES[cfg.family](cfg, device="meta", dtype=dtype)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.tie_weights()
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+        init_weights_(model, gen)
+    return model.eval()

@@ -1,0 +1,186 @@
+"""What the OPT and Llama modules share: the static KV cache, how a forward attends (:class:`Attend`), and
+scaled-dot-product attention with grouped-query heads that never copies keys or values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """A static key/value cache: per layer ``k`` and ``v`` of shape ``[max_batch, kv_heads, max_seq, head_dim]``
+    in the model's dtype, allocated once.  Row ``b`` of a batch uses cache row ``b``; slot ``s`` holds the
+    keys/values of the token at sequence index ``s`` (prompts are left-padded, so every row writes the
+    same slot at each step)."""
+
+    def __init__(self, num_layers: int, max_batch: int, kv_heads: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (max_batch, kv_heads, max_seq, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_batch, self.max_seq = max_batch, max_seq
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kv_len: int):
+        """Write ``k, v [B, kv_heads, T, head_dim]`` at ``slots [T]`` (int64, on the cache's device) of rows
+        ``0..B-1``, and return the first ``kv_len`` slots of those rows (views, no copies)."""
+        b = k.shape[0]
+        kc, vc = self.k[layer][:b], self.v[layer][:b]
+        kc.index_copy_(2, slots, k)
+        vc.index_copy_(2, slots, v)
+        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+
+@dataclass
+class Attend:
+    """How one forward pass attends (built by :class:`flash_llm.engine.Engine`, or by the model itself for a
+    plain full-sequence forward).
+
+    Attributes:
+        positions: ``[B, T]`` int64 position of every input token (RoPE angle / OPT position row).
+        mask: ``[B, 1, T, S]`` bool, True where query ``t`` may attend key slot ``s``; ``None`` means plain
+            causal attention over the ``T`` inputs themselves (``S == T``, no padding).
+        cache: the :class:`KVCache` to write to and read from, or ``None`` (keys are the inputs' own).
+        slots: ``[T]`` int64 cache slots the inputs' keys/values go to (with ``cache``).
+        kv_len: how many leading cache slots the queries attend over (``S``; with ``cache``).
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor | None = None
+    cache: KVCache | None = None
+    slots: torch.Tensor | None = None
+    kv_len: int = 0
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` bool attention mask for a padded batch: causal, keys restricted to real tokens, and
+    every query sees at least itself (so padding rows stay finite instead of NaN)."""
+    t = attention_mask.shape[1]
+    dev = attention_mask.device
+    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+    eye = torch.eye(t, dtype=torch.bool, device=dev)
+    return causal & (attention_mask.bool()[:, None, None, :] | eye)
+
+
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` int64 positions of a padded batch: the number of real tokens before each one (padding gets
+    0), as Hugging Face ``generate`` computes them."""
+    m = attention_mask.long()
+    return ((m.cumsum(1) - 1) * m).clamp_(min=0)
+
+
+def default_attend(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   positions: torch.Tensor | None) -> Attend:
+    """The :class:`Attend` of a plain forward over ``input_ids [B, T]`` (no cache)."""
+    b, t = input_ids.shape
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                             f"{tuple(input_ids.shape)} (the shape of input_ids)")
+        attention_mask = attention_mask.to(input_ids.device)
+        if positions is None:
+            positions = padded_positions(attention_mask)
+        mask = None if bool(attention_mask.bool().all()) else padding_mask(attention_mask)
+    else:
+        mask = None
+    if positions is None:
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+    elif positions.shape != input_ids.shape:
+        raise ValueError(f"positions has shape {tuple(positions.shape)}; expected {tuple(input_ids.shape)}")
+    return Attend(positions=positions, mask=mask)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float | None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    Args:
+        q: ``[B, H, T, D]`` queries.
+        k, v: ``[B, Hkv, S, D]`` keys and values, ``H`` a multiple of ``Hkv``; query head ``h`` uses kv head
+            ``h // (H / Hkv)`` (HF's ``repeat_kv`` order).
+        mask: ``[B, 1, T, S]`` bool (True attends) or ``None`` for causal attention with ``S == T``.
+        scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, T, H * D]``.  The ``H / Hkv`` query heads of a group are stacked along the query axis, so keys
+        and values are read in place (no ``repeat_interleave`` copy of the cache).
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    rep = h // hkv
+    if rep == 1:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                             scale=scale)
+        return out.transpose(1, 2).reshape(b, t, h * d)
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+    qg = q.reshape(b, hkv, rep * t, d)
+    if t > 1:  # query row r * T + t of a group is head r, token t
+        mask = mask[:, :, None].expand(mask.shape[0], 1, rep, t, mask.shape[-1]).reshape(mask.shape[0], 1, rep * t,
+                                                                                        mask.shape[-1])
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+class CausalLM(nn.Module):
+    """What both families' top-level modules share: tying, the forward signature, state-dict hooks."""
+
+    config: "ModelConfig"  # noqa: F821
+
+    def _embed_key(self) -> str:
+        raise NotImplementedError
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.get_submodule(self._embed_key().removesuffix(".weight"))
+
+    def tie_weights(self) -> None:
+        """Make ``lm_head.weight`` the input embedding's parameter again (when ``config.tie_word_embeddings``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.input_embeddings().weight
+
+    def _install_tying_hooks(self) -> None:
+        # A tied checkpoint may omit lm_head.weight (HF's safetensors files do); and load_state_dict(assign=True)
+        # assigns the two keys separately, untying them.  Fill the key in before loading, re-tie after.
+        def pre(module, state_dict, prefix, *args):
+            key, head = prefix + self._embed_key(), prefix + "lm_head.weight"
+            if self.config.tie_word_embeddings and head not in state_dict and key in state_dict:
+                state_dict[head] = state_dict[key]
+
+        def post(module, incompatible):
+            if isinstance(self.lm_head, nn.Linear):
+                self.tie_weights()
+
+        self.register_load_state_dict_pre_hook(pre)
+        self.register_load_state_dict_post_hook(post)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, attend: Attend | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits of a batch of token sequences.
+
+        Args:
+            input_ids: ``[B, T]`` int64 token ids.
+            attention_mask: optional ``[B, T]`` (1 = token, 0 = padding; left padding for generation).  With
+                it, positions count real tokens only, as in Hugging Face ``generate``.
+            positions: optional ``[B, T]`` int64 positions (default ``0..T-1``, or from ``attention_mask``).
+            attend: how to attend, with a KV cache (built by :class:`flash_llm.engine.Engine`); overrides
+                ``attention_mask`` and ``positions``.
+            last_only: compute logits for the last position only.
+
+        Returns:
+            ``[B, T, vocab_size]`` (``[B, 1, vocab_size]`` with ``last_only``) in the model's dtype.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+        if attend is None:
+            attend = default_attend(input_ids, attention_mask, positions)
+        h = self.model(input_ids, attend)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

@@ -1,0 +1,336 @@
+"""``ModelConfig``: the shape and options of an OPT or Llama-family model, read from and written to a Hugging
+Face ``config.json``, plus presets at the real published shapes (OPT-13B/30B/66B/175B, Llama-3-8B/70B)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+FAMILIES = ("llama", "opt")
+#: RoPE variants implemented (``rope_scaling`` / ``rope_parameters`` ``rope_type``); others are refused.
+ROPE_TYPES = ("default", "llama3")
+#: Activations of the MLP (HF names).
+ACTIVATIONS = ("relu", "gelu", "silu")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# HF ``model_type`` values read as each family (Mistral-style configs without sliding windows are Llama's).
+_MODEL_TYPES = {"llama": "llama", "opt": "opt"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class ModelConfig:
+    """Everything the compact models need to know about an OPT or Llama-family checkpoint.
+
+    Attributes:
+        family: ``"llama"`` (Llama 2 / 3, RMSNorm, RoPE, SwiGLU, GQA) or ``"opt"`` (LayerNorm, learned
+            positions with an offset of 2, ReLU MLP, biases).
+        vocab_size, hidden_size, num_layers, num_heads, intermediate_size: the usual sizes
+            (``intermediate_size`` is OPT's ``ffn_dim``).
+        num_kv_heads: key/value heads (GQA); ``None`` means ``num_heads``.  OPT has no GQA.
+        head_dim: per-head size; ``None`` means ``hidden_size // num_heads``.
+        max_position_embeddings: longest sequence (OPT's position table has this many rows plus 2).
+        norm_eps: RMSNorm epsilon (Llama's ``rms_norm_eps``); OPT's LayerNorm uses 1e-5 as in HF.
+        rope_theta: RoPE base (Llama).
+        rope_scaling: ``None`` (plain RoPE) or ``{"rope_type": "llama3", "factor", "low_freq_factor",
+            "high_freq_factor", "original_max_position_embeddings"}`` (Llama 3.1+).
+        tie_word_embeddings: ``lm_head.weight`` is the input embedding (OPT: yes; Llama 3-8B: no).
+        activation: MLP activation, one of :data:`ACTIVATIONS` (Llama ``silu``, OPT ``relu``).
+        attention_bias, mlp_bias: biases of the attention / MLP projections (OPT's ``enable_bias`` sets both).
+        do_layer_norm_before, word_embed_proj_dim, layer_norm_elementwise_affine, remove_final_layer_norm:
+            OPT specifics as in HF's ``OPTConfig`` (``word_embed_proj_dim`` ``None`` means ``hidden_size``;
+            ``remove_final_layer_norm`` is HF's ``_remove_final_layer_norm``).
+        bos_token_id, eos_token_id, pad_token_id: special tokens (``eos_token_id`` may be a list).
+        name: a label (the preset name, or ``""``).
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    activation: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    layer_norm_elementwise_affine: bool = True
+    remove_final_layer_norm: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_heads) and self.num_heads > 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
+        for n in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_kv_heads",
+                  "head_dim", "max_position_embeddings", "word_embed_proj_dim"):
+            v = getattr(self, n)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"ModelConfig.{n} must be an int >= 1, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
+            raise ValueError(f"ModelConfig.norm_eps must be a number > 0, got {self.norm_eps!r}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            raise ValueError(f"ModelConfig.rope_theta must be a number > 0, got {self.rope_theta!r}")
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        if self.family == "opt":
+            if self.num_kv_heads != self.num_heads:
+                raise ValueError(f"OPT has no grouped-query attention: num_kv_heads ({self.num_kv_heads}) must "
+                                 f"equal num_heads ({self.num_heads})")
+            if self.head_dim * self.num_heads != self.hidden_size:
+                raise ValueError(f"OPT needs hidden_size ({self.hidden_size}) = num_heads ({self.num_heads}) x "
+                                 f"head_dim ({self.head_dim})")
+            if self.attention_bias != self.mlp_bias:
+                raise ValueError("OPT has one bias flag (enable_bias): attention_bias and mlp_bias must be equal, "
+                                 f"got {self.attention_bias} and {self.mlp_bias}")
+        elif self.word_embed_proj_dim != self.hidden_size:
+            raise ValueError(f"word_embed_proj_dim is an OPT option; a llama config must leave it at hidden_size "
+                             f"({self.hidden_size}), got {self.word_embed_proj_dim}")
+
+    # ---- derived sizes -----------------------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        """Width of the query projection output (``num_heads * head_dim``)."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Width of the key (and of the value) projection output (``num_kv_heads * head_dim``)."""
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[str, int, int]]:
+        """``(name, out_features, in_features)`` of every projection of ONE decoder layer, names relative
+        to the layer (``self_attn.q_proj``...), in the model's order."""
+        h, q, kv, f = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        if self.family == "llama":
+            return [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
+                    ("self_attn.o_proj", h, q), ("mlp.gate_proj", f, h), ("mlp.up_proj", f, h),
+                    ("mlp.down_proj", h, f)]
+        return [("self_attn.k_proj", h, h), ("self_attn.v_proj", h, h), ("self_attn.q_proj", h, h),
+                ("self_attn.out_proj", h, h), ("fc1", f, h), ("fc2", h, f)]
+
+    def num_parameters(self) -> int:
+        """Parameters of the causal LM (tied embeddings counted once), as HF's ``num_parameters()``."""
+        h, v = self.hidden_size, self.vocab_size
+        per_layer = sum(m * k for _, m, k in self.linear_shapes())
+        if self.family == "llama":
+            if self.attention_bias:
+                per_layer += self.q_size + 2 * self.kv_size + h
+            if self.mlp_bias:
+                per_layer += 2 * self.intermediate_size + h
+            per_layer += 2 * h  # two RMSNorms
+            total = self.num_layers * per_layer + v * h + h  # embeddings, final norm
+            return total + (0 if self.tie_word_embeddings else v * h)
+        e = self.word_embed_proj_dim
+        if self.attention_bias:
+            per_layer += 4 * h + self.intermediate_size + h
+        if self.layer_norm_elementwise_affine:
+            per_layer += 4 * h
+        total = self.num_layers * per_layer + v * e + (self.max_position_embeddings + 2) * h
+        if e != h:
+            total += 2 * e * h  # project_in, project_out
+        if self.do_layer_norm_before and not self.remove_final_layer_norm and self.layer_norm_elementwise_affine:
+            total += 2 * h
+        return total + (0 if self.tie_word_embeddings else v * e)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """``eos_token_id`` as a tuple (empty when unset)."""
+        e = self.eos_token_id
+        return () if e is None else (e,) if _is_int(e) else tuple(e)
+
+    # ---- Hugging Face config.json ---------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, config) -> "ModelConfig":
+        """Read a Hugging Face config: a ``config.json`` path (or its folder), a dict, or a
+        ``transformers.PretrainedConfig`` (anything with ``to_dict()``).
+
+        Reads ``model_type`` ``"llama"`` or ``"opt"``; RoPE from ``rope_theta`` + ``rope_scaling`` (transformers
+        4.x files) or ``rope_parameters`` (5.x).  Raises ``ValueError`` naming the key for anything unsupported
+        (another model type, an unknown RoPE type, a sliding window...).
+        """
+        src = "config"
+        if isinstance(config, (str, os.PathLike)):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path, encoding="utf-8") as f:
+                try:
+                    d = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: not valid JSON: {e}") from None
+            src = path
+        elif hasattr(config, "to_dict") and not isinstance(config, dict):
+            d = config.to_dict()
+        elif isinstance(config, dict):
+            d = dict(config)
+        else:
+            raise TypeError(f"config must be a path, a dict or a transformers config, got {type(config).__name__}")
+        if not isinstance(d, dict):
+            raise ValueError(f"{src}: expected a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type")
+        family = _MODEL_TYPES.get(model_type)
+        if family is None:
+            raise ValueError(f"{src}: model_type {model_type!r} is not supported; flash_llm.models reads "
+                             f"{sorted(_MODEL_TYPES)}")
+
+        def need(key):
+            if key not in d:
+                raise ValueError(f"{src}: key {key!r} is missing (needed for a {model_type} model)")
+            return d[key]
+
+        common = dict(vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+                      num_layers=need("num_hidden_layers"), num_heads=need("num_attention_heads"),
+                      max_position_embeddings=d.get("max_position_embeddings", 2048),
+                      bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+                      pad_token_id=d.get("pad_token_id"), name=d.get("_name_or_path", "") or "")
+        if family == "opt":
+            bias = d.get("enable_bias", True)
+            return cls(family="opt", intermediate_size=need("ffn_dim"),
+                       tie_word_embeddings=d.get("tie_word_embeddings", True),
+                       activation=d.get("activation_function", "relu"), attention_bias=bias, mlp_bias=bias,
+                       do_layer_norm_before=d.get("do_layer_norm_before", True),
+                       word_embed_proj_dim=d.get("word_embed_proj_dim"),
+                       layer_norm_elementwise_affine=d.get("layer_norm_elementwise_affine", True),
+                       remove_final_layer_norm=d.get("_remove_final_layer_norm", False), **common)
+        if d.get("sliding_window") is not None:
+            raise ValueError(f"{src}: sliding_window={d['sliding_window']!r} is not supported (full attention only)")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise ValueError(f"{src}: pretraining_tp={d['pretraining_tp']!r} is not supported (only 1)")
+        theta, scaling = _read_rope(d, src)
+        return cls(family="llama", intermediate_size=need("intermediate_size"),
+                   num_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+                   norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                   tie_word_embeddings=d.get("tie_word_embeddings", False), activation=d.get("hidden_act", "silu"),
+                   attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False), **common)
+
+    def to_hf(self) -> dict:
+        """This config as a Hugging Face ``config.json`` dict (``json.dump`` it; ``transformers`` reads it
+        with ``AutoConfig.for_model(**d)`` or from a folder).  RoPE is written as ``rope_theta`` plus
+        ``rope_scaling``, which transformers 4.x and 5.x both read."""
+        common = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                  "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                  "max_position_embeddings": self.max_position_embeddings,
+                  "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+                  "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+        if self.family == "opt":
+            return {"architectures": ["OPTForCausalLM"], "model_type": "opt", **common,
+                    "ffn_dim": self.intermediate_size, "activation_function": self.activation,
+                    "enable_bias": self.attention_bias, "do_layer_norm_before": self.do_layer_norm_before,
+                    "word_embed_proj_dim": self.word_embed_proj_dim,
+                    "layer_norm_elementwise_affine": self.layer_norm_elementwise_affine,
+                    "_remove_final_layer_norm": self.remove_final_layer_norm,
+                    "dropout": 0.0, "attention_dropout": 0.0, "layerdrop": 0.0}
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+                "intermediate_size": self.intermediate_size, "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+                "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
+                "hidden_act": self.activation, "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+                "attention_dropout": 0.0}
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with ``changes`` applied (validated again), e.g. ``PRESETS["llama-3-8b"].replace(num_layers=2)``."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_rope_scaling(rs, max_pos) -> dict | None:
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ValueError(f"ModelConfig.rope_scaling must be None or a dict, got {type(rs).__name__}")
+    rope_type = rs.get("rope_type", rs.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported; flash_llm.models implements "
+                         f"{ROPE_TYPES} (plain RoPE and Llama 3.1's 'llama3')")
+    if rope_type == "default":
+        return None
+    out = {"rope_type": "llama3"}
+    for k in _LLAMA3_KEYS:
+        v = rs.get(k, max_pos if k == "original_max_position_embeddings" else None)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ValueError(f"rope_scaling of type 'llama3' needs a number > 0 for {k!r}, got {v!r}")
+        out[k] = v
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(f"rope_scaling: high_freq_factor ({out['high_freq_factor']}) must be larger than "
+                         f"low_freq_factor ({out['low_freq_factor']})")
+    return out
+
+
+def _read_rope(d: dict, src: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters) config."""
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"{src}: rope_parameters must be an object, got {type(params).__name__}")
+    if params and any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"{src}: per-layer-type rope_parameters are not supported")
+    theta = (params or {}).get("rope_theta", d.get("rope_theta", 10000.0))
+    if params and params.get("rope_type", params.get("type", "default")) != "default":
+        scaling = params
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ValueError(f"{src}: rope_scaling must be an object or null, got {type(scaling).__name__}")
+    if scaling is not None:
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    return theta, scaling
+
+
+def _opt(name, hidden, layers, heads, max_pos=2048) -> ModelConfig:
+    return ModelConfig(family="opt", vocab_size=50272, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                       intermediate_size=4 * hidden, max_position_embeddings=max_pos, tie_word_embeddings=True,
+                       activation="relu", attention_bias=True, mlp_bias=True, bos_token_id=2, eos_token_id=2,
+                       pad_token_id=1, name=name)
+
+
+def _llama3(name, hidden, layers, heads, inter) -> ModelConfig:
+    return ModelConfig(family="llama", vocab_size=128256, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                       num_kv_heads=8, intermediate_size=inter, max_position_embeddings=8192, norm_eps=1e-5,
+                       rope_theta=500000.0, tie_word_embeddings=False, activation="silu", bos_token_id=128000,
+                       eos_token_id=128001, name=name)
+
+
+#: Real model shapes, as published in the models' ``config.json`` files (facebook/opt-*, meta-llama/Meta-Llama-3-*).
+PRESETS: dict[str, ModelConfig] = {
+    "opt-13b": _opt("opt-13b", 5120, 40, 40),
+    "opt-30b": _opt("opt-30b", 7168, 48, 56),
+    "opt-66b": _opt("opt-66b", 9216, 64, 72),
+    "opt-175b": _opt("opt-175b", 12288, 96, 96),
+    "llama-3-8b": _llama3("llama-3-8b", 4096, 32, 32, 14336),
+    "llama-3-70b": _llama3("llama-3-70b", 8192, 80, 64, 28672),
+}
+
+#: The parameter counts the model publishers state (OPT paper, Table 1; Llama 3 model card), for checks.
+PUBLISHED_PARAMS: dict[str, float] = {
+    "opt-13b": 13e9, "opt-30b": 30e9, "opt-66b": 66e9, "opt-175b": 175e9,
+    "llama-3-8b": 8.03e9, "llama-3-70b": 70.6e9,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A copy of the preset ``name`` (one of :data:`PRESETS`); ``ValueError`` listing them otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

@@ -1,0 +1,189 @@
+"""A compact Llama (2 / 3 / 3.1) causal LM whose ``state_dict`` keys are those of transformers'
+``LlamaForCausalLM`` (``model.embed_tokens.weight``, ``model.layers.0.self_attn.q_proj.weight``, ...,
+``model.norm.weight``, ``lm_head.weight``), so a Hugging Face state dict loads with ``load_state_dict``.
+
+RMSNorm, RoPE (plain or Llama 3.1 ``llama3`` scaling) and the SwiGLU MLP compute in the same order and
+precision as transformers; attention goes through ``scaled_dot_product_attention`` with grouped-query heads.
+Every projection is a plain ``nn.Linear`` (q, k, v, o, gate, up, down kept separate, not fused), so
+``flash_llm.sparsify_`` swaps them for ``SparseLinear`` and column/row sharding stays possible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import Attend, CausalLM, attention
+from .config import ModelConfig
+
+ACT = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """``[head_dim / 2]`` float32 inverse frequencies of RoPE, computed on the CPU exactly as transformers
+    does (float32 powers of ``rope_theta``), with Llama 3.1's frequency-dependent scaling when
+    ``config.rope_scaling`` is of type ``llama3``."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    # Llama 3.1: wavelengths longer than original_len / low_freq_factor are slowed down by `factor`, shorter
+    # than original_len / high_freq_factor are kept, and the band between is interpolated linearly in
+    # original_len / wavelength.
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_len = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """``cos, sin [B, T, head_dim]`` (in the activations' dtype) for positions ``[B, T]``.
+
+    ``inv_freq`` is a non-persistent float32 buffer (not in the state dict, as in transformers); on a model
+    built on ``meta``, or after a dtype cast of the model, it is recomputed at the next forward.
+    """
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.config = config
+        inv = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv.to(device) if device is not None else inv, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) / to_empty() would round or discard the frequencies: recompute them (float32)
+        super()._apply(fn, recurse)
+        if not self.inv_freq.is_meta:
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:  # built on meta and loaded with assign=True
+            self.inv_freq = rope_inv_freq(self.config).to(positions.device)
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, T, D]`` rotated by ``cos, sin [B, T, D]`` (transformers' half-split convention)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class LlamaRMSNorm(nn.Module):
+    """RMSNorm as transformers computes it: normalize in float32, cast back, then scale by ``weight``."""
+
+    def __init__(self, hidden_size: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, **kw):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.q_size, bias=c.attention_bias, **kw)
+        self.k_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.attention_bias, **kw)
+        self.v_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.attention_bias, **kw)
+        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.attention_bias, **kw)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attend.cache is not None:
+            k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
+        return self.o_proj(attention(q, k, v, attend.mask, None))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, **kw):
+        super().__init__()
+        c = config
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, **kw)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, **kw)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
+        self.act = ACT[c.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, **kw):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, **kw)
+        self.mlp = LlamaMLP(config, **kw)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.norm_eps, **kw)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.norm_eps, **kw)
+
+    def forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack (HF's ``LlamaModel``): ``embed_tokens``, ``layers``, ``norm``."""
+
+    def __init__(self, config: ModelConfig, **kw):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, **kw) for i in range(config.num_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, config.norm_eps, **kw)
+        dev = kw.get("device")
+        self.rotary_emb = RotaryEmbedding(config, device=None if dev is None or torch.device(dev).type == "meta"
+                                          else dev)
+
+    def forward(self, input_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(x, attend.positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attend)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama causal LM; ``state_dict()`` keys equal transformers' ``LlamaForCausalLM``'s.
+
+    Build with :func:`flash_llm.models.from_config`; load HF weights with ``load_state_dict`` (strict).
+    """
+
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None):
+        super().__init__()
+        if config.family != "llama":
+            raise ValueError(f"LlamaForCausalLM needs a llama config, got family {config.family!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.config = config
+        self.model = LlamaModel(config, **kw)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+        self.tie_weights()
+        self._install_tying_hooks()
+
+    def _embed_key(self) -> str:
+        return "model.embed_tokens.weight"

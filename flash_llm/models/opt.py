@@ -1,0 +1,143 @@
+"""A compact OPT causal LM whose ``state_dict`` keys are those of transformers' ``OPTForCausalLM``
+(``model.decoder.embed_tokens.weight``, ``model.decoder.embed_positions.weight``,
+``model.decoder.layers.0.self_attn.q_proj.weight``, ``model.decoder.layers.0.fc1.weight``, ...,
+``lm_head.weight``), so a Hugging Face state dict loads with ``load_state_dict``.
+
+Learned positions with OPT's offset of 2, pre- or post-LayerNorm (``do_layer_norm_before``), the optional
+``project_in`` / ``project_out`` of OPT-350m, the query scaled before the attention product as transformers
+does.  Every projection is a plain ``nn.Linear``, so ``flash_llm.sparsify_`` converts them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import Attend, CausalLM, attention
+from .config import ModelConfig
+
+ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+POSITION_OFFSET = 2  # OPT's position table has two extra leading rows: position p reads row p + 2
+
+
+class OPTLearnedPositionalEmbedding(nn.Embedding):
+    """``[max_position_embeddings + 2, hidden]`` table; position ``p`` reads row ``p + 2``."""
+
+    def __init__(self, num_positions: int, dim: int, **kw):
+        super().__init__(num_positions + POSITION_OFFSET, dim, **kw)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return super().forward(positions + POSITION_OFFSET)
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, **kw):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = c.num_heads, c.head_dim
+        self.scaling = c.head_dim ** -0.5
+        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
+        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
+        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
+        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
+
+    def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = (self.q_proj(x) * self.scaling).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if attend.cache is not None:
+            k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
+        return self.out_proj(attention(q, k, v, attend.mask, 1.0))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, **kw):
+        super().__init__()
+        c = config
+        self.do_layer_norm_before = c.do_layer_norm_before
+        self.self_attn = OPTAttention(c, layer_idx, **kw)
+        self.self_attn_layer_norm = nn.LayerNorm(c.hidden_size, elementwise_affine=c.layer_norm_elementwise_affine,
+                                                 **kw)
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, **kw)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, elementwise_affine=c.layer_norm_elementwise_affine, **kw)
+        self.act = ACT[c.activation]
+
+    def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        pre = self.do_layer_norm_before
+        h = self.self_attn(self.self_attn_layer_norm(x) if pre else x, attend)
+        x = x + h
+        if not pre:
+            x = self.self_attn_layer_norm(x)
+        h = self.fc2(self.act(self.fc1(self.final_layer_norm(x) if pre else x)))
+        x = x + h
+        return x if pre else self.final_layer_norm(x)
+
+
+class OPTDecoder(nn.Module):
+    """HF's ``OPTDecoder``: ``embed_tokens``, ``embed_positions``, optional ``project_in`` / ``project_out``,
+    ``layers``, optional ``final_layer_norm``."""
+
+    def __init__(self, config: ModelConfig, **kw):
+        super().__init__()
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.word_embed_proj_dim, padding_idx=c.pad_token_id, **kw)
+        self.embed_positions = OPTLearnedPositionalEmbedding(c.max_position_embeddings, c.hidden_size, **kw)
+        if c.word_embed_proj_dim != c.hidden_size:
+            self.project_out = nn.Linear(c.hidden_size, c.word_embed_proj_dim, bias=False, **kw)
+            self.project_in = nn.Linear(c.word_embed_proj_dim, c.hidden_size, bias=False, **kw)
+        else:
+            self.project_out = self.project_in = None
+        if c.do_layer_norm_before and not c.remove_final_layer_norm:
+            self.final_layer_norm = nn.LayerNorm(c.hidden_size, elementwise_affine=c.layer_norm_elementwise_affine,
+                                                 **kw)
+        else:
+            self.final_layer_norm = None
+        self.layers = nn.ModuleList(OPTDecoderLayer(c, i, **kw) for i in range(c.num_layers))
+
+    def forward(self, input_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(attend.positions)
+        for layer in self.layers:
+            x = layer(x, attend)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
+
+
+class OPTModel(nn.Module):
+    def __init__(self, config: ModelConfig, **kw):
+        super().__init__()
+        self.decoder = OPTDecoder(config, **kw)
+
+    def forward(self, input_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
+        return self.decoder(input_ids, attend)
+
+
+class OPTForCausalLM(CausalLM):
+    """OPT causal LM; ``state_dict()`` keys equal transformers' ``OPTForCausalLM``'s (``lm_head.weight`` is
+    the token embedding when ``config.tie_word_embeddings``, as for every published OPT).
+
+    Build with :func:`flash_llm.models.from_config`; load HF weights with ``load_state_dict`` (strict).
+    """
+
+    def __init__(self, config: ModelConfig, *, device=None, dtype=None):
+        super().__init__()
+        if config.family != "opt":
+            raise ValueError(f"OPTForCausalLM needs an opt config, got family {config.family!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.config = config
+        self.model = OPTModel(config, **kw)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False, **kw)
+        self.tie_weights()
+        self._install_tying_hooks()
+
+    def _embed_key(self) -> str:
+        return "model.decoder.embed_tokens.weight"
