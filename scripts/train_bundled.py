@@ -148,8 +148,7 @@ def train(args: argparse.Namespace) -> dict:
     train_tokens, val_tokens = data.split(tokens)
     cfg = model_config(hidden=args.hidden, layers=args.layers, heads=args.heads, ffn=args.ffn,
                        seq_len=args.seq_len)
-    torch.manual_seed(args.seed)
-    model = bundled.build_model(cfg, dtype=torch.float32, device=device).train()
+    model = bundled.build_model(cfg, dtype=torch.float32, device=device, seed=args.seed).train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

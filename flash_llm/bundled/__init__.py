@@ -74,20 +74,14 @@ def _check_llama_config(cfg: dict, where: str) -> None:
         raise ValueError(f"{where}: missing or non-integer field(s) {missing}")
 
 
-def build_model(cfg: dict, *, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """A randomly initialised Llama ``nn.Module`` for the ``config.json`` dict ``cfg`` (Hugging Face
-    ``LlamaForCausalLM`` fields and state-dict names); ``model(tokens int64 [B, T])`` returns logits
-    ``[B, T, vocab_size]`` (or an output object holding ``.logits``)."""
+def build_model(cfg: dict, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = None) -> nn.Module:
+    """A randomly initialised Llama (:mod:`flash_llm.models`) for the ``config.json`` dict ``cfg`` (Hugging
+    Face ``LlamaForCausalLM`` fields and state-dict names), in eval mode; ``model(tokens int64 [B, T])``
+    returns logits ``[B, T, vocab_size]``.  ``seed`` seeds the initialisation."""
+    from ..models import from_config
+
     _check_llama_config(cfg, "config")
-    hf = {k: v for k, v in cfg.items() if k != "flash_llm"}
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError:
-        raise ImportError("building the bundled Llama model needs flash_llm.models or transformers "
-                          "(pip install transformers)") from None
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**hf))
-    return model.to(dtype=dtype).eval()
+    return from_config({k: v for k, v in cfg.items() if k != "flash_llm"}, dtype=dtype, device=device, seed=seed)
 
 
 def _load_state(directory: Path) -> dict[str, torch.Tensor]:
@@ -121,10 +115,10 @@ def load_dir(directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32
         raise ValueError(f"{directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {k!r} has shape {tuple(v.shape)}, "
-                             f"{CONFIG_FILE} needs {tuple(expected[k].shape)}")
+    for k, e in expected.items():  # in model order
+        if state[k].shape != e.shape:
+            raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {k!r} has shape {tuple(state[k].shape)}, "
+                             f"{CONFIG_FILE} needs {tuple(e.shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     return model.eval()
 
