@@ -253,7 +253,17 @@ class ModelConfig:
                 "attention_dropout": 0.0}
 
     def replace(self, **changes) -> "ModelConfig":
-        """A copy with ``changes`` applied (validated again), e.g. ``PRESETS["llama-3-8b"].replace(num_layers=2)``."""
+        """A copy with ``changes`` applied (validated again), e.g. ``preset("llama-3-8b").replace(num_layers=2)``.
+
+        Sizes that were derived (``head_dim = hidden_size // num_heads``, ``num_kv_heads = num_heads``,
+        ``word_embed_proj_dim = hidden_size``) are derived again from the new sizes unless given.
+        """
+        derived = {"head_dim": self.head_dim == self.hidden_size // self.num_heads,
+                   "num_kv_heads": self.num_kv_heads == self.num_heads,
+                   "word_embed_proj_dim": self.word_embed_proj_dim == self.hidden_size}
+        for k, was_derived in derived.items():
+            if was_derived and k not in changes:
+                changes[k] = None
         return dataclasses.replace(self, **changes)
 
 

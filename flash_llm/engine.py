@@ -1,0 +1,425 @@
+"""A decode engine for the :mod:`flash_llm.models` (OPT, Llama): static KV cache, one eager prefill, then
+token-by-token decode whose step is captured in a CUDA graph per batch size.  Dense and sparsified
+(``flash_llm.sparsify_``) models run through the same code.
+
+::
+
+    engine = Engine(model, max_batch=8, max_seq=512)
+    out = engine.generate([[2, 100, 200], [2, 300]], max_new_tokens=32)             # greedy
+    out = engine.generate(prompts, 32, temperature=0.8, top_p=0.95, generator=g)     # sampling
+    for tokens in engine.stream(prompts, 32):                                        # [B] per step, as they come
+        ...
+    out.sequences(), out.ttft_s, out.tpot_s, out.decode_tokens_per_s
+
+``docs/engine.md`` describes the cache layout and what the graph captures.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .models import CausalLM
+from .models._common import Attend, KVCache, padded_positions, padding_mask
+
+#: Warm-up runs of the decode step before it is captured (the first also compiles/loads the spmm kernels).
+WARMUP_STEPS = 2
+#: Without streaming, the host checks whether every row has finished (one synchronization) this often.
+EOS_CHECK_EVERY = 16
+_CACHE_ALIGN = 64  # cache slots allocated in multiples of this (aligned attention masks)
+_FROM_CONFIG = "config"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choose one token per row.
+
+    Args:
+        logits: ``[B, V]`` (any floating dtype; computed in float32).
+        temperature: 0 for greedy (argmax); otherwise sample from ``softmax(logits / temperature)``.
+        top_k: keep only the ``top_k`` largest logits (ties at the boundary kept).
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus).
+        generator: a ``torch.Generator`` on ``logits``' device, for reproducible sampling.
+
+    Returns:
+        ``[B]`` int64 token ids, on ``logits``' device.  Sampling draws ``E ~ Exp(1)`` per token and takes
+        ``argmax(p / E)``, which picks token ``i`` with probability ``p_i`` and needs no host synchronization.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    x = logits.float() / temperature
+    neg = float("-inf")
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, neg)
+    if top_p is not None and top_p < 1.0:
+        s, idx = x.sort(dim=-1, descending=True)
+        p = s.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # mass before a token already reaches top_p: outside the nucleus
+        x = torch.full_like(x, neg).scatter(-1, idx, s.masked_fill(drop, neg))
+    probs = x.softmax(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+@dataclass
+class Generation:
+    """What :meth:`Engine.generate` returns.
+
+    Attributes:
+        tokens: ``[B, n]`` int64 (CPU) new tokens; after a row's end-of-sequence token the row holds the pad
+            token (``n`` is ``max_new_tokens`` unless every row stopped earlier).
+        lengths: ``[B]`` int64 new tokens per row, its end-of-sequence token included.
+        prompt_lengths: the real (unpadded) length of every prompt.
+        ttft_s: time to first token: prefill plus the first sampling, seconds.
+        step_s: seconds of each later decode step (one per token after the first, for the whole batch).
+        logits: with ``output_logits=True``, ``[B, n, V]`` float32 (CPU): the logits each token was chosen from.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    prompt_lengths: list[int]
+    ttft_s: float
+    step_s: list[float] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+
+    def sequences(self) -> list[list[int]]:
+        """New tokens of every row up to and including its end-of-sequence token."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
+
+    @property
+    def tpot_s(self) -> float:
+        """Median time per output token after the first (one decode step), seconds; NaN with one token."""
+        return statistics.median(self.step_s) if self.step_s else math.nan
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced per second by the decode steps (batch x steps / their time); NaN with one token."""
+        t = sum(self.step_s)
+        return self.tokens.shape[0] * len(self.step_s) / t if t > 0 else math.nan
+
+    @property
+    def total_s(self) -> float:
+        return self.ttft_s + sum(self.step_s)
+
+
+class Engine:
+    """Generation with a preallocated KV cache for ``max_batch x max_seq`` tokens.
+
+    Args:
+        model: a :mod:`flash_llm.models` causal LM (``LlamaForCausalLM`` / ``OPTForCausalLM``), dense or
+            sparsified, on its device, in eval mode.
+        max_batch: the largest batch :meth:`generate` accepts.
+        max_seq: the longest padded prompt plus new tokens (default: the model's
+            ``max_position_embeddings``, at most 2048).
+        cuda_graphs: capture the decode step in CUDA graphs, one per batch size, at its first use (default:
+            on CUDA devices); ``False`` runs it eagerly.
+
+    The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
+    (:attr:`cache_bytes`).
+    """
+
+    def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
+                 cuda_graphs: bool | None = None):
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
+                            f"{type(model).__name__}")
+        cfg = model.config
+        emb = model.input_embeddings().weight
+        if emb.is_meta:
+            raise ValueError("the model is on the meta device; load its weights first")
+        self.model = model.eval()
+        self.config = cfg
+        self.device, self.dtype = emb.device, emb.dtype
+        if max_seq is None:
+            max_seq = min(cfg.max_position_embeddings, 2048)
+        for name, v in (("max_batch", max_batch), ("max_seq", max_seq)):
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if max_seq > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq={max_seq} exceeds the model's max_position_embeddings "
+                             f"({cfg.max_position_embeddings})")
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {self.device}")
+        self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
+        slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
+        dev = self.device
+        self.cache = KVCache(cfg.num_layers, max_batch, cfg.num_kv_heads, slots, cfg.head_dim, self.dtype, dev)
+        self._slots = slots
+        # decode-step state, read and advanced inside the captured graph
+        self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step
+        self._pos = torch.zeros(max_batch, dtype=torch.long, device=dev)  # its position
+        self._slot = torch.zeros(1, dtype=torch.long, device=dev)  # its cache slot
+        self._valid = torch.zeros(max_batch, slots, dtype=torch.bool, device=dev)  # cache slots holding tokens
+        self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache."""
+        return self.cache.nbytes
+
+    def clear_graphs(self) -> None:
+        """Drop the captured decode graphs (and their memory pool); they are captured again when needed."""
+        self._graphs.clear()
+        self._pool = None
+
+    # ---- inputs ----------------------------------------------------------------------------------------
+    def _prepare(self, prompts, attention_mask, max_new_tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Left-padded ``ids [B, P]`` int64 and ``mask [B, P]`` bool on the device, and the prompt lengths."""
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if isinstance(prompts, torch.Tensor):
+            if prompts.ndim != 2 or prompts.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"prompts as a tensor must be [batch, seq] int64; got shape {tuple(prompts.shape)} "
+                                 f"and dtype {prompts.dtype}")
+            ids = prompts.to(self.device, torch.long)
+            if attention_mask is None:
+                mask = torch.ones_like(ids, dtype=torch.bool)
+            else:
+                if tuple(attention_mask.shape) != tuple(ids.shape):
+                    raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                     f"{tuple(ids.shape)} (the shape of prompts)")
+                mask = attention_mask.to(self.device).bool()
+                if bool((mask[:, 1:] < mask[:, :-1]).any()):
+                    raise ValueError("attention_mask must be left-padded (zeros, then ones, in every row); right "
+                                     "padding would put padding between the prompt and the new tokens")
+            lengths = mask.sum(1).tolist()
+        else:
+            if attention_mask is not None:
+                raise ValueError("attention_mask goes with a prompts tensor; lists of token lists are padded here")
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompts):
+                raise TypeError("prompts must be a list of token-id lists or a [batch, seq] int64 tensor")
+            lengths = [len(p) for p in prompts]
+            if any(not _is_int(t) for p in prompts for t in p):
+                raise TypeError("prompts must hold int token ids")
+            width = max(lengths, default=0)
+            ids = torch.zeros(len(prompts), width, dtype=torch.long)
+            mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+            for i, p in enumerate(prompts):
+                if p:
+                    ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                    mask[i, width - len(p):] = True
+            ids, mask = ids.to(self.device), mask.to(self.device)
+        b, p = ids.shape
+        if not 1 <= b <= self.max_batch:
+            raise ValueError(f"batch of {b} prompts; this engine takes 1 to max_batch={self.max_batch}")
+        if min(lengths) < 1:
+            raise ValueError(f"prompt {lengths.index(min(lengths))} is empty; every prompt needs at least one token")
+        if p + max_new_tokens - 1 > self.max_seq:
+            raise ValueError(f"padded prompt length {p} + max_new_tokens {max_new_tokens} - 1 = "
+                             f"{p + max_new_tokens - 1} tokens exceed the cache (max_seq={self.max_seq})")
+        real = ids[mask]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
+            bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}")
+        return ids.masked_fill(~mask, 0), mask, lengths
+
+    # ---- the two phases ---------------------------------------------------------------------------------
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the prompts ``[B, P]`` through the model, filling cache slots ``0..P-1``; last logits ``[B, V]``."""
+        b, p = ids.shape
+        self._valid[:b].zero_()
+        self._valid[:b, :p] = mask
+        attend = Attend(positions=padded_positions(mask), mask=padding_mask(mask), cache=self.cache,
+                        slots=torch.arange(p, device=self.device), kv_len=p)
+        logits = self.model(ids, attend=attend, last_only=True)[:, -1]
+        self._pos[:b] = mask.sum(1)
+        self._slot.fill_(p)
+        self._logits[:b].copy_(logits)
+        return self._logits[:b]
+
+    def _step(self, b: int) -> None:
+        """One decode step for rows ``0..b-1``: feed ``_tok`` at ``_pos`` into cache slot ``_slot``, write the
+        next logits to ``_logits``, advance position and slot.  Fixed shapes, no host synchronization."""
+        valid = self._valid[:b]
+        valid.index_fill_(1, self._slot, True)
+        attend = Attend(positions=self._pos[:b, None], mask=valid[:, None, None, :], cache=self.cache,
+                        slots=self._slot, kv_len=self._slots)
+        logits = self.model(self._tok[:b], attend=attend)
+        self._logits[:b].copy_(logits[:, 0])
+        self._pos[:b] += 1
+        self._slot += 1
+
+    def _capture(self, b: int) -> torch.cuda.CUDAGraph:
+        saved = (self._slot.clone(), self._pos[:b].clone(), self._valid[:b].clone())
+
+        def restore():
+            self._slot.copy_(saved[0])
+            self._pos[:b].copy_(saved[1])
+            self._valid[:b].copy_(saved[2])
+
+        # Warm-up on a side stream (kernel loading, cuBLAS workspaces), state restored after each run: the
+        # cache slot it wrote is written again by the real step.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._step(b)
+                restore()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(b)  # recorded, not run
+        self._graphs[b] = graph
+        return graph
+
+    def _decode(self, b: int) -> torch.Tensor:
+        if self.cuda_graphs:
+            graph = self._graphs.get(b) or self._capture(b)
+            graph.replay()
+        else:
+            self._step(b)
+        return self._logits[:b]
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    @staticmethod
+    def _seconds(a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
+
+    # ---- generation ------------------------------------------------------------------------------------
+    def _sampler(self, temperature, top_k, top_p, generator) -> Callable[[torch.Tensor], torch.Tensor]:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            if generator.device.type != self.device.type:
+                raise ValueError(f"generator is on {generator.device} but the model is on {self.device}; create it "
+                                 f"with torch.Generator(device={str(self.device)!r})")
+        if temperature == 0 and (top_k is not None or top_p is not None):
+            raise ValueError("top_k / top_p apply to sampling; set temperature > 0 (temperature=0 is greedy)")
+        return lambda logits: sample_tokens(logits, temperature, top_k, top_p, generator)
+
+    def _eos(self, eos_token_id) -> tuple[int, ...]:
+        if eos_token_id == _FROM_CONFIG:
+            return self.config.eos_token_ids
+        if eos_token_id is None:
+            return ()
+        ids = (eos_token_id,) if _is_int(eos_token_id) else tuple(eos_token_id)
+        if not ids or any(not _is_int(i) or not 0 <= i < self.config.vocab_size for i in ids):
+            raise ValueError(f"eos_token_id must be None, a token id or a list of token ids below the vocabulary "
+                             f"size {self.config.vocab_size}; got {eos_token_id!r}")
+        return ids
+
+    def _run(self, prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator, eos_token_id,
+             per_step_sync: bool, output_logits: bool = False) -> Iterator[tuple[torch.Tensor, Generation | None]]:
+        """Yields ``(tokens [B] on the device, None)`` per step, then ``(None, Generation)`` once."""
+        sampler = self._sampler(temperature, top_k, top_p, generator)
+        eos = self._eos(eos_token_id)
+        with torch.no_grad():
+            ids, mask, lengths = self._prepare(prompts, attention_mask, max_new_tokens)
+            b = ids.shape[0]
+            eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
+            pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+            marks = [self._mark()]
+            logits = self._prefill(ids, mask)
+            kept = [logits.clone()] if output_logits else None
+            tok = sampler(logits)
+            done = torch.isin(tok, eos_t) if eos else None
+            self._tok[:b, 0].copy_(tok)
+            marks.append(self._mark())
+            out = [tok]
+            yield tok, None
+            for i in range(1, max_new_tokens):
+                if eos and (per_step_sync or i % EOS_CHECK_EVERY == 0) and bool(done.all()):
+                    break
+                logits = self._decode(b)
+                if output_logits:
+                    kept.append(logits.clone())
+                tok = sampler(logits)
+                if eos:
+                    tok = tok.masked_fill(done, pad)
+                    done |= torch.isin(tok, eos_t)
+                self._tok[:b, 0].copy_(tok)
+                marks.append(self._mark())
+                out.append(tok)
+                yield tok, None
+            tokens = torch.stack(out, 1)
+            if eos:  # length up to and including the first EOS of each row
+                hit = torch.isin(tokens, eos_t)
+                n = tokens.shape[1]
+                first = torch.where(hit, torch.arange(n, device=self.device), n).min(1).values
+                lens = torch.clamp(first + 1, max=n)
+            else:
+                lens = torch.full((b,), tokens.shape[1], dtype=torch.long, device=self.device)
+            if self.device.type == "cuda":
+                marks[-1].synchronize()
+            secs = [self._seconds(x, y) for x, y in zip(marks, marks[1:])]
+            yield None, Generation(tokens=tokens.cpu(), lengths=lens.cpu(), prompt_lengths=lengths, ttft_s=secs[0],
+                                   step_s=secs[1:], logits=torch.stack(kept, 1).cpu() if output_logits else None)
+
+    def generate(self, prompts, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, eos_token_id=_FROM_CONFIG,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None,
+                 output_logits: bool = False) -> Generation:
+        """Generate up to ``max_new_tokens`` tokens for every prompt.
+
+        Args:
+            prompts: a list of token-id lists (any lengths, left-padded here), or a ``[B, P]`` int64 tensor
+                (left-padded, with ``attention_mask``).  ``1 <= B <= max_batch``; ``P + max_new_tokens - 1
+                <= max_seq``.
+            max_new_tokens: tokens to generate per prompt (>= 1).
+            attention_mask: ``[B, P]`` 0/1 or bool (1 = token) for a tensor of prompts.
+            temperature, top_k, top_p, generator: see :func:`sample_tokens`; ``temperature=0`` is greedy.
+            eos_token_id: stop a row at this token (an int or a list); default the config's
+                ``eos_token_id``; ``None`` never stops early.  Generation ends when every row has stopped.
+            on_token: called as ``on_token(step, tokens)`` with ``tokens [B]`` int64 on the CPU as soon as
+                each step's tokens exist (one host synchronization per step).
+            output_logits: keep every step's logits in :attr:`Generation.logits` (a copy per step).
+
+        Returns:
+            A :class:`Generation` (tokens, lengths, time to first token, per-step times).
+        """
+        steps = self._run(prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator,
+                          eos_token_id, per_step_sync=on_token is not None, output_logits=output_logits)
+        for step, (tok, result) in enumerate(steps):
+            if result is not None:
+                return result
+            if on_token is not None:
+                on_token(step, tok.cpu())
+        raise AssertionError("unreachable: _run always ends with a result")
+
+    def stream(self, prompts, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
+        """Like :meth:`generate` (same keyword arguments except ``on_token``), but yields each step's tokens
+        ``[B]`` (int64, CPU) as they come; the :class:`Generation` is :attr:`last` when the iteration ends."""
+        if "on_token" in kwargs:
+            raise TypeError("stream() yields the tokens; on_token belongs to generate()")
+        self.last = None
+        args = {k: kwargs.pop(k, d) for k, d in (("attention_mask", None), ("temperature", 0.0), ("top_k", None),
+                                                   ("top_p", None), ("generator", None),
+                                                   ("eos_token_id", _FROM_CONFIG), ("output_logits", False))}
+        if kwargs:
+            raise TypeError(f"stream() got unexpected keyword arguments {sorted(kwargs)}")
+        for tok, result in self._run(prompts, max_new_tokens, per_step_sync=True, **args):
+            if result is not None:
+                self.last = result
+                return
+            yield tok.cpu()

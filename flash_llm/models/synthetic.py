@@ -1,0 +1,264 @@
+"""Models at real shapes with random weights, pruned to a chosen unstructured sparsity and compressed layer by
+layer directly on the target device, for throughput and memory measurements.
+
+::
+
+    model, report = build_synthetic("opt-66b", sparsity=0.8, device="cuda")   # ~36 GB instead of 131 GB
+    print(report)
+
+The skeleton is built on ``meta``; each projection is then drawn on the device (normal values, each kept with
+probability ``1 - sparsity``), compressed with ``BitmapTiles.from_dense`` and swapped in as a
+``SparseLinear`` before the next is drawn, so peak memory is the compressed model plus one dense projection
+and the compression temporaries.  ``sparsity=None`` builds the dense model the same way (baselines).
+What cannot fit in the device's free memory is refused before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..formats import BitmapTiles
+from ..nn import SparseLinear
+from . import INIT_STD, from_config, init_weights_
+from .config import ModelConfig, preset
+
+_STRIP_M, _STRIP_K = 16, 64  # BitmapTiles strip
+_CHUNK = 1 << 26  # elements drawn per chunk (fp32 temporaries of 256 MB)
+# Device memory one projection's compression takes at its peak, in multiples of its dense fp16 bytes
+# (the dense weight, the fragment-order copy, the mask and value indexing of BitmapTiles.from_dense).
+_COMPRESS_PEAK = 6.0
+
+
+class DoesNotFit(RuntimeError):
+    """The model would not fit in the device's free memory (raised before anything is allocated)."""
+
+
+def bitmap_formula_bytes(m: int, k: int, nnz: float) -> float:
+    """The BitmapTiles size of an ``[m, k]`` weight with ``nnz`` nonzeros, from its format description: one bit
+    per element of the strip-padded matrix, 2 bytes per nonzero, 4 bytes per strip offset (plus one).  It leaves
+    out only the rounding of each strip's values up to 16 bytes (on average ~7 bytes per 1024-element strip)."""
+    t = math.ceil(m / _STRIP_M) * math.ceil(k / _STRIP_K)
+    return t * (_STRIP_M * _STRIP_K / 8) + 2 * nnz + 4 * (t + 1)
+
+
+def _projection_fqns(config: ModelConfig) -> list[tuple[str, int, int]]:
+    layers = "model.layers" if config.family == "llama" else "model.decoder.layers"
+    return [(f"{layers}.{i}.{name}", m, k) for i in range(config.num_layers) for name, m, k in config.linear_shapes()]
+
+
+def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: torch.dtype = torch.float16) -> dict:
+    """Device bytes the synthetic model will take, without building it.
+
+    Returns a dict: ``projections`` (the decoder projections' weights: dense, or the BitmapTiles formula at
+    the expected nonzero count), ``other`` (embeddings, norms, biases, a dense ``lm_head``), ``total``, and
+    ``transient`` (the extra peak while one projection is drawn and compressed).
+    """
+    cfg = preset(config) if isinstance(config, str) else config
+    es = torch.empty(0, dtype=dtype).element_size()
+    proj, largest = 0.0, 0
+    for _, m, k in cfg.linear_shapes():
+        largest = max(largest, m * k)
+        proj += bitmap_formula_bytes(m, k, (1 - sparsity) * m * k) if sparsity else m * k * es
+    proj *= cfg.num_layers
+    other = (cfg.num_parameters() - cfg.num_layers * sum(m * k for _, m, k in cfg.linear_shapes())) * es
+    transient = largest * es * (_COMPRESS_PEAK if sparsity else 1.0)
+    return {"projections": int(proj), "other": int(other), "total": int(proj + other), "transient": int(transient)}
+
+
+@dataclass
+class SyntheticReport:
+    """What :func:`build_synthetic` built.
+
+    Attributes:
+        name, sparsity, dtype, device: as requested (``sparsity`` None for dense).
+        achieved_sparsity: zeros / elements over all decoder projections.
+        projection_bytes: bytes of the decoder projections' weights as stored (compressed arrays, or dense).
+        formula_bytes: the same from :func:`bitmap_formula_bytes` at the achieved nonzero counts (dense: M*K*2).
+        other_bytes: every other parameter and buffer (embeddings, norms, biases, dense ``lm_head``).
+        allocated_bytes: growth of ``torch.cuda.memory_allocated`` over the build (CUDA only, else 0).
+        peak_bytes: ``torch.cuda.max_memory_allocated`` during the build minus the memory in use before it.
+        seconds: build time.
+    """
+
+    name: str
+    sparsity: float | None
+    dtype: torch.dtype
+    device: str
+    achieved_sparsity: float = 0.0
+    projection_bytes: int = 0
+    formula_bytes: float = 0.0
+    other_bytes: int = 0
+    allocated_bytes: int = 0
+    peak_bytes: int = 0
+    seconds: float = 0.0
+    layers: list = field(default_factory=list, repr=False)
+
+    @property
+    def weight_bytes(self) -> int:
+        """All weights as stored: projections plus everything else."""
+        return self.projection_bytes + self.other_bytes
+
+    @property
+    def formula_ratio(self) -> float:
+        """Stored projection bytes / the format's formula (1.0 = exactly the formula)."""
+        return self.projection_bytes / self.formula_bytes if self.formula_bytes else math.nan
+
+    def __str__(self) -> str:
+        from ..nn import _human as h
+
+        kind = "dense" if self.sparsity is None else f"{self.sparsity:.0%} sparse (achieved {self.achieved_sparsity:.4f})"
+        lines = [f"{self.name}: {kind}, {str(self.dtype).removeprefix('torch.')}, on {self.device}, built in "
+                 f"{self.seconds:.1f} s",
+                 f"  projections {h(self.projection_bytes)} (format formula {h(int(self.formula_bytes))}, "
+                 f"ratio {self.formula_ratio:.4f}); other weights {h(self.other_bytes)}; total {h(self.weight_bytes)}"]
+        if self.allocated_bytes:
+            lines.append(f"  device memory: {h(self.allocated_bytes)} allocated, build peak {h(self.peak_bytes)}")
+        return "\n".join(lines)
+
+
+def _draw(m: int, k: int, density: float, dtype, device, gen: torch.Generator) -> torch.Tensor:
+    """``[m, k]`` of ``dtype``: normal(0, INIT_STD) values, each kept with probability ``density``; drawn in row
+    chunks so the float32 temporaries stay small."""
+    w = torch.empty(m, k, dtype=dtype, device=device)
+    rows = max(1, _CHUNK // k)
+    for r in range(0, m, rows):
+        n = min(rows, m - r)
+        v = torch.randn(n, k, generator=gen, device=device) * INIT_STD
+        if density < 1.0:
+            v.masked_fill_(torch.rand(n, k, generator=gen, device=device) >= density, 0.0)
+        w[r:r + n] = v
+    return w
+
+
+def _materialize_(module: nn.Module, device, gen) -> None:
+    """Give ``module``'s own meta parameters/buffers (not its children's) memory on ``device``, then init."""
+    for name, p in list(module._parameters.items()):
+        if p is not None and p.is_meta:
+            module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+    for name, b in list(module._buffers.items()):
+        if b is not None and b.is_meta:
+            module._buffers[name] = torch.empty_like(b, device=device)
+    for name, p in module._parameters.items():
+        if p is None:
+            continue
+        with torch.no_grad():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
+                p.normal_(0.0, INIT_STD, generator=gen)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    p[module.padding_idx].zero_()
+            elif name == "bias":
+                p.zero_()
+            else:  # norm weights
+                p.fill_(1.0)
+
+
+def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, dtype: torch.dtype = torch.float16,
+                    device="cuda", seed: int = 0, progress: bool = True,
+                    memory_limit: int | None = None) -> tuple[nn.Module, SyntheticReport]:
+    """Build a model at ``config``'s shapes with random weights, its decoder projections pruned to ``sparsity``
+    and compressed, one at a time, on ``device``.
+
+    Args:
+        config: a :class:`ModelConfig` or a preset name (``"opt-66b"``, ``"llama-3-8b"``...).
+        sparsity: fraction of zeros in every decoder projection, in (0, 1) (each element kept independently
+            with probability ``1 - sparsity``); ``None`` (or 0) builds the dense model.  Embeddings, norms and
+            ``lm_head`` stay dense, as ``sparsify_`` leaves them.
+        dtype: ``torch.float16`` or ``torch.bfloat16``.
+        device: where to build (``"cuda"``, ``"cuda:1"``, or ``"cpu"`` for small configs).
+        seed: seeds every random draw (same seed, same model).
+        progress: a tqdm bar over the layers (stderr).
+        memory_limit: bytes the model may take (default: the device's free memory, CUDA only).
+
+    Returns:
+        ``(model, report)``: a :mod:`flash_llm.models` causal LM in eval mode whose projections are
+        :class:`~flash_llm.SparseLinear` (or dense ``nn.Linear``), and a :class:`SyntheticReport`.
+
+    Raises:
+        DoesNotFit: the estimated weights plus the build's transient memory exceed ``memory_limit`` (nothing
+            is allocated then).
+    """
+    cfg = preset(config) if isinstance(config, str) else config
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig or a preset name, got {type(config).__name__}")
+    if sparsity == 0:
+        sparsity = None
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                 or not 0 < sparsity < 1):
+        raise ValueError(f"sparsity must be None (dense) or a number in (0, 1), got {sparsity!r}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    est = estimate_bytes(cfg, sparsity, dtype)
+    if memory_limit is None and device.type == "cuda":
+        memory_limit = torch.cuda.mem_get_info(device)[0]
+    if memory_limit is not None and est["total"] + est["transient"] > memory_limit:
+        kind = "dense" if sparsity is None else f"at {sparsity:.0%} sparsity"
+        raise DoesNotFit(f"{cfg.name or 'the model'} {kind} needs {est['total'] / 1e9:.1f} GB of weights plus "
+                         f"{est['transient'] / 1e9:.1f} GB while building, but only {memory_limit / 1e9:.1f} GB "
+                         f"are available on {device}")
+
+    report = SyntheticReport(cfg.name or "custom", sparsity, dtype, str(device))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model = from_config(cfg, dtype=dtype, device="meta")
+    projections = {fqn for fqn, _, _ in _projection_fqns(cfg)}
+    for fqn, module in model.named_modules():  # everything but the projections: embeddings, norms, lm_head
+        if fqn not in projections and not (fqn == "lm_head" and cfg.tie_word_embeddings):
+            _materialize_(module, device, gen)
+    model.tie_weights()
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is not None:
+        rotary.to(device)  # recomputes inv_freq there
+    zeros = total = 0
+    bar = tqdm(total=cfg.num_layers, desc=f"building {report.name}", file=sys.stderr, leave=False,
+               disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        for i, (fqn, m, k) in enumerate(_projection_fqns(cfg)):
+            parent_name, _, name = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, name)
+            w = _draw(m, k, 1.0 if sparsity is None else 1.0 - sparsity, dtype, device, gen)
+            bias = torch.zeros(m, dtype=dtype, device=device) if old.bias is not None else None
+            if sparsity is None:
+                layer = nn.Linear(k, m, bias=bias is not None, device="meta", dtype=dtype)
+                layer.weight = nn.Parameter(w, requires_grad=False)
+                if bias is not None:
+                    layer.bias = nn.Parameter(bias, requires_grad=False)
+                nbytes, formula = w.numel() * w.element_size(), w.numel() * w.element_size()
+                report.layers.append((fqn, m, k, m * k, nbytes))
+            else:
+                layer = SparseLinear(BitmapTiles.from_dense(w), bias)
+                del w
+                zeros += m * k - layer.nnz
+                nbytes, formula = layer.nbytes, bitmap_formula_bytes(m, k, layer.nnz)
+                report.layers.append((fqn, m, k, layer.nnz, nbytes))
+            total += m * k
+            report.projection_bytes += nbytes
+            report.formula_bytes += formula
+            setattr(parent, name, layer)
+            if (i + 1) % len(cfg.linear_shapes()) == 0:
+                bar.update(1)
+    bar.close()
+    report.achieved_sparsity = zeros / total if sparsity is not None else 0.0
+    stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied tensors counted once
+    report.other_bytes = sum(t.numel() * t.element_size() for t in stored.values()) - report.projection_bytes
+    if cuda:
+        torch.cuda.synchronize(device)
+        report.allocated_bytes = torch.cuda.memory_allocated(device) - before
+        report.peak_bytes = torch.cuda.max_memory_allocated(device) - before
+    report.seconds = time.perf_counter() - t0
+    return model.eval(), report

@@ -1,0 +1,294 @@
+"""flash_llm.engine on CPU (eager decode): greedy generation against transformers' generate, KV-cache decode
+against full-sequence forwards, EOS, streaming, sampling, sparsified models, synthetic models, bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm.engine import Engine, Generation, sample_tokens
+from flash_llm.models import from_config, preset
+from flash_llm.models.synthetic import DoesNotFit, bitmap_formula_bytes, build_synthetic, estimate_bytes
+from flash_llm.prune import magnitude_prune_
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3], [10, 11, 12, 13, 14, 15, 16]]
+
+
+def _hf(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "llama":
+        hc = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=1000.0, initializer_range=0.1, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=0)
+        return transformers.LlamaForCausalLM(hc).eval()
+    hc = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=64, init_std=0.1, dropout=0.0,
+                                bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return transformers.OPTForCausalLM(hc).eval()
+
+
+def _ours(hm, dtype=torch.float32):
+    m = from_config(hm.config, dtype=dtype, device="meta")
+    m.load_state_dict({k: v.to(dtype) for k, v in hm.state_dict().items()}, assign=True)
+    return m.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def pair(request):
+    hm = _hf(request.param)
+    return hm, _ours(hm)
+
+
+def _min_margin(logits: torch.Tensor) -> float:
+    """Smallest gap between the largest and second-largest logit over ``[..., V]``: greedy choices are
+    well-defined when it is far above the arithmetic error."""
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
+
+
+# ---------------------------------------------------------------------------------------------------
+# greedy decoding against transformers
+# ---------------------------------------------------------------------------------------------------
+def test_greedy_matches_transformers_generate_per_prompt_and_padded(pair):
+    hm, ours = pair
+    n = 12
+    out = Engine(ours, max_batch=4, max_seq=32).generate(PROMPTS, n, output_logits=True)
+    assert isinstance(out, Generation) and out.tokens.shape == (3, n) and out.lengths.tolist() == [n] * 3
+    assert out.prompt_lengths == [5, 3, 7]
+    # fp32 error is ~1e-6 here; the choices compared are separated by far more
+    assert _min_margin(out.logits) > 1e-4
+    for i, p in enumerate(PROMPTS):
+        ids = torch.tensor([p])
+        ref = hm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        assert ref[0, len(p):].tolist() == out.sequences()[i], f"prompt {i}"
+    width = max(map(len, PROMPTS))  # the same batch, left-padded, through HF
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    ref = hm.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+    assert ref[:, width:].tolist() == out.sequences()
+    # a tensor of prompts with its attention mask gives the same
+    again = Engine(ours, max_batch=4, max_seq=32).generate(ids, n, attention_mask=mask)
+    assert torch.equal(again.tokens, out.tokens)
+
+
+def test_cache_decode_equals_full_forward(pair):
+    """The logits every decode step used equal a full-sequence forward over prompt + generated tokens."""
+    _, ours = pair
+    n = 10
+    out = Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, n, output_logits=True)
+    for i, p in enumerate(PROMPTS):
+        seq = torch.tensor([p + out.sequences()[i]])
+        with torch.no_grad():
+            full = ours(seq)[0, len(p) - 1:len(p) - 1 + n]
+        torch.testing.assert_close(out.logits[i], full, rtol=0, atol=2e-5)
+
+
+def test_engine_is_reusable_across_batches_and_lengths(pair):
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=40)
+    first = eng.generate(PROMPTS, 6)
+    eng.generate([[3] * 20], 15)  # a longer single prompt fills more slots in between
+    again = eng.generate(PROMPTS, 6)
+    assert torch.equal(first.tokens, again.tokens)
+    solo = eng.generate([PROMPTS[1]], 6)
+    assert solo.tokens[0].tolist() == first.tokens[1].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# stopping, streaming, timings
+# ---------------------------------------------------------------------------------------------------
+def test_eos_stops_rows_and_pads_after(pair):
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=40)
+    free = eng.generate(PROMPTS, 20, eos_token_id=None)
+    eos = int(free.tokens[0, 3])  # row 0 emits it at step 3 (or earlier)
+    stop0 = int((free.tokens[0] == eos).nonzero()[0])
+    out = eng.generate(PROMPTS, 20, eos_token_id=eos)
+    assert int(out.lengths[0]) == stop0 + 1
+    assert out.sequences()[0] == free.tokens[0, :stop0 + 1].tolist()
+    assert (out.tokens[0, stop0 + 1:] == ours.config.pad_token_id).all()
+    for r in (1, 2):  # rows that never emit it run to the end, unchanged
+        hits = (free.tokens[r] == eos).nonzero()
+        expect = int(hits[0]) + 1 if len(hits) else 20
+        assert int(out.lengths[r]) == expect
+        assert out.sequences()[r] == free.tokens[r, :expect].tolist()
+
+
+def test_generation_ends_when_every_row_stopped(pair):
+    _, ours = pair
+    eng = Engine(ours, max_batch=1, max_seq=64)
+    free = eng.generate([PROMPTS[0]], 5, eos_token_id=None)
+    out = eng.generate([PROMPTS[0]], 50, eos_token_id=int(free.tokens[0, 0]))
+    assert out.lengths.tolist() == [1]
+    assert out.tokens.shape[1] <= 1 + 16  # the host checks every 16 steps without streaming
+    streamed = list(eng.stream([PROMPTS[0]], 50, eos_token_id=int(free.tokens[0, 0])))
+    assert len(streamed) == 1  # streaming checks every step
+
+
+def test_stream_and_on_token_give_the_same_tokens(pair):
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=32)
+    ref = eng.generate(PROMPTS, 7)
+    steps = list(eng.stream(PROMPTS, 7))
+    assert len(steps) == 7 and all(t.shape == (3,) and t.device.type == "cpu" for t in steps)
+    assert torch.equal(torch.stack(steps, 1), ref.tokens)
+    assert torch.equal(eng.last.tokens, ref.tokens)
+    seen = []
+    eng.generate(PROMPTS, 7, on_token=lambda i, t: seen.append((i, t.tolist())))
+    assert seen == [(i, ref.tokens[:, i].tolist()) for i in range(7)]
+
+
+def test_timings_are_reported(pair):
+    _, ours = pair
+    out = Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 5)
+    assert out.ttft_s > 0 and len(out.step_s) == 4 and all(s > 0 for s in out.step_s)
+    assert math.isclose(out.tpot_s, sum(sorted(out.step_s)[1:3]) / 2)  # median of 4
+    assert math.isclose(out.decode_tokens_per_s, 3 * 4 / sum(out.step_s))
+    one = Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 1)
+    assert one.step_s == [] and math.isnan(one.tpot_s)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------------
+def test_sample_tokens_follows_the_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    draws = sample_tokens(logits.expand(n, -1), temperature=0.7, generator=g)
+    freq = torch.bincount(draws, minlength=6).double() / n
+    p = (logits.double() / 0.7).softmax(-1)
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([3.0, 2.5, 2.0, 0.0, -1.0, -2.0])
+    g = torch.Generator().manual_seed(1)
+    draws = sample_tokens(logits.expand(20000, -1), temperature=1.0, top_k=3, generator=g)
+    assert set(draws.unique().tolist()) == {0, 1, 2}
+    p = logits.softmax(-1)  # nucleus of 0.8: the fewest top tokens whose mass reaches 0.8
+    k = int((p.sort(descending=True).values.cumsum(0) < 0.8).sum()) + 1
+    draws = sample_tokens(logits.expand(20000, -1), temperature=1.0, top_p=0.8, generator=g)
+    assert set(draws.unique().tolist()) == set(range(k))
+    assert torch.equal(sample_tokens(logits[None], temperature=5.0, top_k=1), torch.tensor([0]))
+
+
+def test_seeded_sampling_is_reproducible_and_top_k1_is_greedy(pair):
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=32)
+    kw = dict(temperature=1.0, top_p=0.9)
+    a = eng.generate(PROMPTS, 8, generator=torch.Generator().manual_seed(7), **kw)
+    b = eng.generate(PROMPTS, 8, generator=torch.Generator().manual_seed(7), **kw)
+    c = eng.generate(PROMPTS, 8, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    greedy = eng.generate(PROMPTS, 8)
+    assert torch.equal(eng.generate(PROMPTS, 8, temperature=1.3, top_k=1).tokens, greedy.tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sparse models
+# ---------------------------------------------------------------------------------------------------
+def test_sparsified_model_decodes_consistently(pair):
+    """A pruned, sparsified fp16 model through the engine: the logits of every decode step equal the sparse
+    model's own full forward, and the first token's logits are as close to the fp64 dense-with-zeros model
+    as the fp16 dense-with-zeros model's are."""
+    hm, _ = pair
+    ours = _ours(hm, torch.float16)
+    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    dense, ref = copy.deepcopy(ours), copy.deepcopy(ours).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
+        flash_llm.sparsify_(ours)
+    assert any(isinstance(m, flash_llm.SparseLinear) for m in ours.modules())
+    out = Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 6, output_logits=True)
+    for i, p in enumerate(PROMPTS):
+        seq = torch.tensor([p + out.sequences()[i]])
+        with torch.no_grad():
+            full = ours(seq)[0, len(p) - 1:len(p) + 5].float()
+        torch.testing.assert_close(out.logits[i], full, rtol=0, atol=4e-3)  # fp16 rounding of two orders
+    first = [Engine(m, max_batch=3, max_seq=32).generate(PROMPTS, 1, output_logits=True).logits[:, 0]
+             for m in (ref, dense)]
+    err = (out.logits[:, 0].double() - first[0]).abs().max()
+    err_dense = (first[1].double() - first[0]).abs().max()
+    assert err <= 2 * err_dense + 2**-10 * first[0].abs().max(), (float(err), float(err_dense))
+
+
+def test_synthetic_model_builds_and_runs_on_cpu():
+    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=128, intermediate_size=320, num_heads=4,
+                                       num_kv_heads=2, vocab_size=300, name="tiny-llama")
+    model, report = build_synthetic(cfg, 0.8, device="cpu", progress=False)
+    convs = [m for m in model.modules() if isinstance(m, flash_llm.SparseLinear)]
+    assert len(convs) == 14 and isinstance(model.lm_head, torch.nn.Linear)
+    assert abs(report.achieved_sparsity - 0.8) < 0.01
+    nnz = sum(m.nnz for m in convs)
+    assert report.achieved_sparsity == 1 - nnz / sum(m.in_features * m.out_features for m in convs)
+    assert report.projection_bytes == sum(m.nbytes for m in convs)
+    # stored bytes exceed the format's formula only by the 16-byte rounding of each strip's values
+    strips = sum(math.ceil(m.out_features / 16) * math.ceil(m.in_features / 64) for m in convs)
+    assert 0 <= report.projection_bytes - report.formula_bytes <= 14 * strips
+    assert report.formula_bytes == sum(bitmap_formula_bytes(m.out_features, m.in_features, m.nnz) for m in convs)
+    est = estimate_bytes(cfg, 0.8)
+    assert abs(est["projections"] / report.formula_bytes - 1) < 0.02
+    out = Engine(model, max_batch=2, max_seq=32).generate([[1, 2, 3], [4]], 4, eos_token_id=None)
+    assert out.tokens.shape == (2, 4)
+    same, _ = build_synthetic(cfg, 0.8, device="cpu", progress=False)
+    assert torch.equal(same.model.layers[1].mlp.down_proj.weight_data, model.model.layers[1].mlp.down_proj.weight_data)
+    dense, dense_report = build_synthetic(cfg, None, device="cpu", progress=False, seed=3)
+    assert isinstance(dense.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert dense_report.projection_bytes == 2 * sum(m * k for _, m, k in cfg.linear_shapes()) * 2
+
+
+def test_synthetic_refuses_what_does_not_fit():
+    est = estimate_bytes("opt-66b", None)
+    assert 130e9 < est["total"] < 133e9  # 65.7 B parameters in fp16
+    sparse = estimate_bytes("opt-66b", 0.8)
+    assert sparse["total"] + sparse["transient"] < 80e9 < est["total"]
+    with pytest.raises(DoesNotFit, match=r"opt-66b dense needs 131.\d GB of weights .* only 80.0 GB are available"):
+        build_synthetic("opt-66b", None, device="cpu", memory_limit=80 * 10**9)
+    with pytest.raises(ValueError, match=r"sparsity must be None \(dense\) or a number in \(0, 1\), got 1.5"):
+        build_synthetic("opt-13b", 1.5, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------------------
+def test_engine_errors(pair):
+    _, ours = pair
+    eng = Engine(ours, max_batch=2, max_seq=16)
+    cases = [
+        (lambda: eng.generate(PROMPTS, 4), ValueError, r"batch of 3 prompts; this engine takes 1 to max_batch=2"),
+        (lambda: eng.generate([[1] * 10], 8), ValueError,
+         r"padded prompt length 10 \+ max_new_tokens 8 - 1 = 17 tokens exceed the cache \(max_seq=16\)"),
+        (lambda: eng.generate([[1, 2], []], 2), ValueError, r"prompt 1 is empty"),
+        (lambda: eng.generate([[1, VOCAB]], 2), ValueError, r"token id 97 is out of range for a vocabulary of 97"),
+        (lambda: eng.generate([[1]], 0), ValueError, r"max_new_tokens must be an int >= 1, got 0"),
+        (lambda: eng.generate(torch.tensor([[1, 2, 0]]), 2, attention_mask=torch.tensor([[1, 1, 0]])), ValueError,
+         r"attention_mask must be left-padded"),
+        (lambda: eng.generate([[1]], 2, temperature=-1.0), ValueError, r"temperature must be a finite number >= 0"),
+        (lambda: eng.generate([[1]], 2, top_k=5), ValueError, r"top_k / top_p apply to sampling"),
+        (lambda: eng.generate([[1]], 2, temperature=1.0, top_p=0.0), ValueError, r"top_p must be None or a number"),
+        (lambda: eng.generate([[1]], 2, eos_token_id=[VOCAB]), ValueError, r"eos_token_id must be None"),
+        (lambda: eng.generate("hello", 2), TypeError, r"prompts must be a list of token-id lists"),
+        (lambda: Engine(ours, max_seq=65), ValueError, r"max_seq=65 exceeds the model's max_position_embeddings \(64\)"),
+        (lambda: Engine(ours, cuda_graphs=True), ValueError, r"cuda_graphs=True needs a model on a CUDA device"),
+        (lambda: Engine(ours, max_batch=0), ValueError, r"max_batch must be an int >= 1, got 0"),
+        (lambda: Engine(torch.nn.Linear(2, 2)), TypeError, r"model must be a flash_llm.models causal LM"),
+        (lambda: Engine(from_config(ours.config, device="meta")), ValueError, r"on the meta device"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
+    with pytest.raises(TypeError, match=r"stream\(\) yields the tokens"):
+        next(eng.stream([[1]], 2, on_token=print))
+    # the engine still works after every refusal
+    assert eng.generate([[1, 2]], 3).tokens.shape == (1, 3)
