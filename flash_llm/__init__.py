@@ -5,6 +5,8 @@ Public API::
     w = flash_llm.BitmapTiles.from_dense(weight)   # or TiledCSL; weight [M, K] fp16/bf16
     y = flash_llm.spmm(x, w, bias)                 # x [..., K] -> y [..., M]
     report = flash_llm.sparsify_(model)            # nn.Linear -> flash_llm.SparseLinear, in place
+    model = flash_llm.from_pretrained(path)        # a pruned HF checkpoint directory, sparse layers compressed
+    flash_llm.save_pretrained(model, path)         # flash-llm checkpoint (transformers reads it too)
 """
 
 from .formats import BitmapTiles, FormatError, TiledCSL, load, save
@@ -13,5 +15,10 @@ from .ops import spmm
 
 __version__ = "0.1.0"
 
+from .checkpoint import from_pretrained, save_pretrained  # noqa: E402  (reads __version__)
+from .checkpoint.hf_quantizer import install as _install_hf_quantizer  # noqa: E402
+
+_install_hf_quantizer()  # registers with transformers when (and only if) it gets imported
+
 __all__ = ["BitmapTiles", "TiledCSL", "FormatError", "spmm", "load", "save", "SparseLinear", "SparsifyConfig",
-           "sparsify_", "__version__"]
+           "sparsify_", "from_pretrained", "save_pretrained", "__version__"]

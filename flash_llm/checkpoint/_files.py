@@ -1,0 +1,281 @@
+"""Hugging Face checkpoint directories on disk: finding and reading the safetensors shards (memory-mapped,
+every inconsistency an error naming the file and the tensor), writing shards, and writing a whole
+output directory atomically (a temporary directory renamed at the end).
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or the shards listed in
+``model.safetensors.index.json`` (``{"metadata": {...}, "weight_map": {tensor: shard file}}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..formats import FormatError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+# Files next to the weights that describe them (copied by ``convert``); weights in other formats are not.
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|.*\.safetensors\.index\.json$")
+
+
+def parse_size(size) -> int:
+    """``5_000_000``, ``"5GB"``, ``"500MB"``, ``"64KiB"`` -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB
+    of 1024, as in transformers)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"max_shard_size must be >= 1 byte, got {size}")
+        return size
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if m:
+            unit = (m.group(2) or "B").upper()
+            scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+            value = int(float(m.group(1)) * scale)
+            if value >= 1:
+                return value
+    raise ValueError(f"max_shard_size must be a byte count or a size like '5GB' / '500MB', got {size!r}")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; FormatError naming the file otherwise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FormatError(f"{path}: {what} is missing") from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: {what} is not UTF-8 text ({e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: {what} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+@dataclass
+class TensorInfo:
+    """Where one tensor lives and what its header says (no data read)."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype code: "F16", "BF16", "F32", "I32", "I64", "U8", ...
+    shape: tuple[int, ...]
+
+
+class Shard:
+    """One safetensors file, opened memory-mapped; tensors it returns share its pages (no copies)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._file = safe_open(os.fspath(path), framework="pt", device="cpu")
+        except FileNotFoundError:
+            raise FormatError(f"{path}: shard file is missing") from None
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+            raise FormatError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                              f"({type(e).__name__}: {e})") from None
+        self.metadata: dict[str, str] = self._file.metadata() or {}
+        self.keys: list[str] = list(self._file.keys())
+
+    def info(self, name: str) -> TensorInfo:
+        s = self._file.get_slice(name)
+        return TensorInfo(name, self.path, s.get_dtype(), tuple(s.get_shape()))
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (memory-mapped, CPU)."""
+        try:
+            return self._file.get_tensor(name)
+        except Exception as e:  # safetensors' own error types
+            raise FormatError(f"{self.path}: cannot read tensor '{name}' ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class CheckpointFiles:
+    """The files of a checkpoint directory: ``config.json`` and the shards, in order, with the tensor names
+    each holds (from the index, checked against every shard's header)."""
+
+    path: Path
+    config: dict
+    shards: list[Path]
+    tensors: dict[str, TensorInfo]  # every tensor of the checkpoint, in shard order
+
+    def shard_keys(self) -> dict[Path, list[str]]:
+        out: dict[Path, list[str]] = {p: [] for p in self.shards}
+        for t in self.tensors.values():
+            out[t.file].append(t.name)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(p) for p in self.shards)
+
+
+def open_checkpoint(path) -> CheckpointFiles:
+    """Read ``config.json`` and the headers of every shard of the checkpoint directory ``path``.
+
+    Raises ``FileNotFoundError`` for a missing directory and :class:`~flash_llm.FormatError` naming the
+    file (and tensor) for anything inconsistent: no weights, a bad index, a shard that is missing,
+    truncated or corrupt, a tensor the index lists in a shard that does not hold it, or a tensor in a
+    shard that the index does not list.
+    """
+    path = Path(os.fspath(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise FormatError(f"{path}: expected a checkpoint directory (config.json and *.safetensors), got a file")
+    config = read_json(path / CONFIG_NAME, "config.json")
+    index_path, single = path / INDEX_NAME, path / WEIGHTS_NAME
+    tensors: dict[str, TensorInfo] = {}
+    if index_path.exists():
+        index = read_json(index_path, "the safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(f"{index_path}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or "/" in file or "\\" in file or file in ("", ".", ".."):
+                raise FormatError(f"{index_path}: tensor '{name}' maps to {file!r}; expected a file name in {path}")
+            files.setdefault(file, []).append(name)
+        shards = [path / f for f in sorted(files)]
+        for file, names in sorted(files.items()):
+            shard = Shard(path / file)
+            have = set(shard.keys)
+            for name in names:
+                if name not in have:
+                    raise FormatError(f"{path / file}: tensor '{name}' is missing (the index lists it in this "
+                                      "shard)")
+            listed = set(names)
+            extra = [k for k in shard.keys if k not in listed]
+            if extra:
+                raise FormatError(f"{path / file}: holds tensor '{extra[0]}' that {INDEX_NAME} does not list "
+                                  f"for it ({len(extra)} such tensor(s)); the index and the shards disagree")
+            for name in shard.keys:
+                tensors[name] = shard.info(name)
+    elif single.exists():
+        shard = Shard(single)
+        shards = [single]
+        tensors = {k: shard.info(k) for k in shard.keys}
+    else:
+        other = sorted(p.name for p in path.iterdir() if _WEIGHT_FILE.fullmatch(p.name))
+        hint = f" (found {', '.join(other)}: flash-llm reads safetensors checkpoints only)" if other else ""
+        raise FormatError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+    if not tensors:
+        raise FormatError(f"{path}: the checkpoint holds no tensors")
+    return CheckpointFiles(path, config, shards, tensors)
+
+
+def auxiliary_files(path: Path) -> list[Path]:
+    """Files of a checkpoint directory other than weights, index and config.json (tokenizer files,
+    generation_config.json, ...), which a conversion carries over."""
+    return sorted(p for p in path.iterdir()
+                  if p.is_file() and p.name != CONFIG_NAME and not _WEIGHT_FILE.fullmatch(p.name))
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; when the block completes, it replaces ``out``.
+
+    An existing ``out`` raises ``FileExistsError`` unless ``overwrite``; then it is replaced only after the
+    new directory is complete.  If the block raises (including ``KeyboardInterrupt``), the temporary
+    directory is removed and ``out`` is untouched.  (A process killed outright leaves a hidden
+    ``.<name>.tmp-*`` directory beside ``out``, never a partial ``out``.)
+    """
+    out = Path(os.fspath(out))
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _tensor_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ShardWriter:
+    """Write tensors into ``model.safetensors`` or, past ``max_shard_size``, numbered shards plus
+    ``model.safetensors.index.json`` (transformers' layout).  Tensors added in one :meth:`add` call stay in
+    one shard; each shard's header carries ``{"format": "pt"}`` plus the metadata given with its tensors.
+    """
+
+    def __init__(self, directory: Path, max_shard_size=DEFAULT_MAX_SHARD_SIZE):
+        self.directory = Path(directory)
+        self.max_shard_size = parse_size(max_shard_size)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_meta: dict[str, str] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def add(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        size = sum(_tensor_nbytes(t) for t in tensors.values())
+        if self._pending and self._pending_bytes + size > self.max_shard_size:
+            self._flush()
+        for name, t in tensors.items():
+            if name in self._pending or any(name in names for _, names in self._written):
+                raise ValueError(f"tensor '{name}' is written twice")
+            # safetensors writes host memory; each tensor is copied (so it shares memory with nothing)
+            self._pending[name] = t.detach().to("cpu", copy=True).contiguous()
+        self._pending_meta.update(metadata or {})
+        self._pending_bytes += size
+        self.total_size += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.directory / f"shard-{len(self._written):05d}.tmp"
+        save_file(self._pending, os.fspath(path), metadata={"format": "pt", **self._pending_meta})
+        self._written.append((path, list(self._pending)))
+        self._pending, self._pending_meta, self._pending_bytes = {}, {}, 0
+
+    def close(self, index_metadata: dict | None = None) -> list[Path]:
+        """Write the last shard, name the shards and write the index; return the shard paths."""
+        if self._pending or not self._written:
+            self._flush()
+        n = len(self._written)
+        if n == 1:
+            final = [self.directory / WEIGHTS_NAME]
+        else:
+            final = [self.directory / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (tmp, _), dst in zip(self._written, final):
+            os.replace(tmp, dst)
+        if n > 1:
+            weight_map = {name: dst.name for (_, names), dst in zip(self._written, final) for name in names}
+            index = {"metadata": {"total_size": self.total_size, **(index_metadata or {})}, "weight_map": weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return final
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,158 @@
+"""Module-side helpers of the checkpoint code: building a model skeleton without allocating its weights,
+tied (aliased) tensors, and the state dict a checkpoint stores."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..nn import SparseLinear
+
+EXTRA_STATE = "_extra_state"
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Within the block, every parameter a module registers moves to the ``meta`` device (no memory, no
+    initialization cost); buffers are created where the code creates them, so computed non-persistent
+    buffers (rotary frequencies) stay real."""
+    register = nn.Module.register_parameter
+
+    def register_parameter(self, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _engine_from_config():
+    """``flash_llm.models.from_config`` when the engine package is installed, else None."""
+    if importlib.util.find_spec("flash_llm.models") is None:
+        return None
+    return getattr(importlib.import_module("flash_llm.models"), "from_config", None)
+
+
+def build_skeleton(config: dict, dtype: torch.dtype, backend: str = "auto") -> nn.Module:
+    """A causal LM for the Hugging Face ``config`` dict with every parameter on ``meta``.
+
+    ``backend``: ``"flash"`` (``flash_llm.models``), ``"hf"`` (transformers' ``AutoModelForCausalLM``) or
+    ``"auto"`` (flash_llm.models when installed and it knows the architecture, else transformers).
+    """
+    if backend not in ("auto", "flash", "hf"):
+        raise ValueError(f"backend must be 'auto', 'flash' or 'hf', got {backend!r}")
+    if backend in ("auto", "flash"):
+        from_config = _engine_from_config()
+        if from_config is not None:
+            return from_config(config, dtype=dtype, device="meta")
+        if backend == "flash":
+            raise ImportError("backend='flash' needs flash_llm.models, which this installation does not have")
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"building a {config.get('model_type', '?')!r} model needs transformers "
+                          "(pip install 'flash-llm[hf]') or flash_llm.models") from None
+    cfg = dict(config)
+    for key in ("quantization_config", "compression_config"):  # what the weights hold is our business
+        cfg.pop(key, None)
+    if "model_type" not in cfg:
+        raise ValueError("config.json has no 'model_type'; cannot tell which model to build")
+    hf_config = transformers.AutoConfig.for_model(**cfg)
+    with parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    return model
+
+
+def alias_groups(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """For every parameter/buffer name, all names of the same tensor object (tied weights), in module order."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        if t is not None:
+            by_id.setdefault(id(t), []).append(name)
+    return {n: tuple(names) for names in by_id.values() for n in names}
+
+
+def non_persistent_buffers(module: nn.Module) -> set[str]:
+    out = set()
+    for prefix, m in module.named_modules():
+        for b in getattr(m, "_non_persistent_buffers_set", ()):
+            out.add(f"{prefix}.{b}" if prefix else b)
+    return out
+
+
+def _view_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, SparseLinear]]:
+    """The tensors a checkpoint of ``model`` stores, by state-dict name, and its SparseLinear layers by name.
+
+    SparseLinear ``_extra_state`` entries are left out (their format metadata goes into the file header);
+    of tensors that are the same view of the same memory (tied weights) only the first name is kept.
+    Raises for tensors on ``meta``, partially overlapping tensors and other modules' extra state.
+    """
+    sparse = {fqn: m for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
+    seen: dict[tuple, str] = {}
+    storages: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        owner, _, attr = name.rpartition(".")
+        if attr == EXTRA_STATE and owner in sparse:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state-dict entry '{name}' is a {type(t).__name__}; a safetensors checkpoint holds "
+                            "tensors only (extra state of modules other than SparseLinear is not supported)")
+        if t.is_meta:
+            raise ValueError(f"tensor '{name}' is on the meta device (no data); load the weights before saving")
+        if t.numel() == 0:
+            out[name] = t
+            continue
+        key = _view_key(t)
+        if key in seen:
+            continue  # tied: stored once, under its first name
+        storage = (t.device, t.untyped_storage().data_ptr())
+        if storage in storages and not _disjoint(t, out[storages[storage]]):
+            raise ValueError(f"tensors '{storages[storage]}' and '{name}' share memory but are different views; "
+                             "save cannot store them faithfully")
+        seen[key] = name
+        storages.setdefault(storage, name)
+        out[name] = t
+    return out, sparse
+
+
+def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
+    def span(t):
+        lo = t.storage_offset() * t.element_size()
+        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+        return lo, lo + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a1 <= b0 or b1 <= a0
+
+
+def config_dict(model: nn.Module, config=None) -> dict:
+    """The Hugging Face config dict to write as ``config.json``: ``config`` (a dict, a
+    ``transformers.PretrainedConfig`` or an object with ``to_dict()``), else ``model.config``."""
+    cfg = config if config is not None else getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError(f"{type(model).__name__} has no .config; pass config= (the Hugging Face config dict)")
+    if isinstance(cfg, dict):
+        out = dict(cfg)
+    elif hasattr(cfg, "to_hf_dict"):
+        out = cfg.to_hf_dict()
+    elif hasattr(cfg, "to_dict"):
+        out = cfg.to_dict()
+    else:
+        raise TypeError(f"config must be a dict or have to_dict(); got {type(cfg).__name__}")
+    if not isinstance(out, dict) or "model_type" not in out:
+        raise ValueError("the model config has no 'model_type'; pass config= with the Hugging Face config dict")
+    return {k: v for k, v in out.items() if not k.startswith("_")}

@@ -1,0 +1,757 @@
+"""Whole-model checkpoints: flash-llm's own format, and loading any of dense / sparse-bitmask / flash-llm
+Hugging Face checkpoint directories into a model (compressing the pruned layers on the way).
+
+flash-llm checkpoint format, version 1 (a Hugging Face directory; ``docs/checkpoints.md``):
+
+* ``config.json``: the model's Hugging Face config plus::
+
+      "quantization_config": {"quant_method": "flash_llm", "format_version": 1, "flash_llm_version": "0.1.0",
+                              "sparse_modules": {"model.layers.0.mlp.up_proj": {"format": "flash_llm.bitmap_tiles",
+                                                  "version": 1, "dtype": "float16", "shape": [11008, 4096]}, ...}}
+
+* ``model.safetensors`` or shards plus ``model.safetensors.index.json``: the model's state dict.  A
+  sparse layer ``L`` (a :class:`~flash_llm.SparseLinear`) is stored as its buffers ``L.weight_data``,
+  ``L.weight_offsets`` (int32) and ``L.bias``; its format metadata (the JSON of
+  ``flash_llm.save``: format, version, dtype, shape, nnz) is in the header of the shard holding it,
+  under ``L.weight_flash_llm`` (the state-dict prefix ``L.weight_`` + ``flash_llm``).  All other tensors
+  are stored as they are; tied tensors once, under their first name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..formats import FORMATS, FormatError, SparseFormat
+from ..formats._base import METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, dtype_name
+from ..nn import (ConvertedLayer, SkippedLayer, SparseLinear, SparsifyConfig, SparsifyReport, _format_class,
+                  _human, _tensor_bytes)
+from . import _files, _model
+from . import sparse_bitmask as sb
+
+QUANT_METHOD = "flash_llm"
+FORMAT_VERSION = 1
+_ARRAYS = ("data", "offsets")  # SparseLinear buffers weight_data, weight_offsets
+
+
+def _progress(**kw):
+    """A tqdm bar on stderr that appears only for work longer than a second."""
+    return tqdm(file=sys.stderr, delay=1.0, leave=False, dynamic_ncols=True, **kw)
+
+
+# ---- what a checkpoint directory holds ----------------------------------------------------------------
+
+@dataclass
+class CheckpointKind:
+    """``kind`` is ``"flash-llm"``, ``"sparse-bitmask"`` or ``"dense"``; ``sparse_modules`` (flash-llm) maps
+    layer names to their format metadata; ``bitmask`` (sparse-bitmask) is the parsed sparsity_config."""
+
+    kind: str
+    sparse_modules: dict[str, dict] | None = None
+    bitmask: sb.BitmaskConfig | None = None
+
+
+def checkpoint_kind(config: dict, source="config.json") -> CheckpointKind:
+    """Which of the three checkpoint kinds ``config`` (a ``config.json`` dict) declares; FormatError for
+    an unknown flash-llm format version, a malformed section, or quantization methods flash-llm cannot
+    read."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
+        return CheckpointKind("flash-llm", sparse_modules=_parse_section(qc, str(source)))
+    bitmask = sb.parse_config(config, source)
+    if bitmask is not None:
+        return CheckpointKind("sparse-bitmask", bitmask=bitmask)
+    if qc is not None and not (isinstance(qc, dict) and qc.get("quant_method") == sb.QUANT_METHOD):
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise FormatError(f"{source}: quantization_config has quant_method {method!r}; flash-llm reads dense, "
+                          f"compressed-tensors sparse-bitmask and flash-llm ({QUANT_METHOD!r}) checkpoints")
+    return CheckpointKind("dense")
+
+
+def _parse_section(qc: dict, source: str) -> dict[str, dict]:
+    version = qc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+        raise FormatError(f"{source}: quantization_config.format_version is {version!r}; this flash-llm "
+                          f"({__version__}) reads flash-llm checkpoint format version {FORMAT_VERSION}")
+    modules = qc.get("sparse_modules")
+    if not isinstance(modules, dict):
+        raise FormatError(f"{source}: quantization_config.sparse_modules must be an object of layer name -> "
+                          f"format metadata, got {type(modules).__name__}")
+    for name, meta in modules.items():
+        ok = (isinstance(meta, dict) and meta.get("format") in FORMATS and meta.get("dtype") in _DTYPES_BY_NAME
+              and isinstance(meta.get("shape"), list) and len(meta["shape"]) == 2
+              and all(isinstance(v, int) and v >= 1 for v in meta["shape"]))
+        if not ok:
+            raise FormatError(f"{source}: quantization_config.sparse_modules['{name}'] is {meta!r}; expected "
+                              f"{{'format': one of {sorted(FORMATS)}, 'version': int, 'dtype': 'float16' or "
+                              "'bfloat16', 'shape': [M, K]}")
+        if meta.get("version") != FORMATS[meta["format"]].FORMAT_VERSION:
+            raise FormatError(f"{source}: layer '{name}' has {meta['format']} format version "
+                              f"{meta.get('version')!r}; this flash-llm reads version "
+                              f"{FORMATS[meta['format']].FORMAT_VERSION}")
+    return modules
+
+
+def read_config(path) -> dict:
+    """The ``config.json`` of checkpoint directory ``path`` as a dict (FormatError if absent or invalid)."""
+    path = Path(os.fspath(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise FormatError(f"{path}: expected a checkpoint directory (config.json and *.safetensors), got a file")
+    return _files.read_json(path / _files.CONFIG_NAME, "config.json")
+
+
+def config_dtype(config: dict) -> torch.dtype | None:
+    """The dtype ``config.json`` declares (``dtype``, or the older ``torch_dtype``), or None."""
+    name = config.get("dtype", config.get("torch_dtype"))
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None),
+                                                                       torch.dtype) else None
+
+
+# ---- loading into a module ----------------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    """A linear layer of the target module: where a weight may land compressed."""
+
+    fqn: str
+    out_features: int
+    in_features: int
+    bias: bool
+    dtype: torch.dtype
+    class_name: str
+    keep_dense: str | None  # why it never gets compressed, or None
+
+
+def _slots(module: nn.Module, aliases: dict, config: SparsifyConfig | None) -> dict[str, _Slot]:
+    slots = {}
+    skip_names = config.skip_names if config is not None else ()
+    for fqn, m in module.named_modules():
+        if isinstance(m, SparseLinear):
+            slot = _Slot(fqn, m.out_features, m.in_features, m.bias is not None, m.weight_dtype, "Linear", None)
+        elif isinstance(m, nn.Linear):
+            slot = _Slot(fqn, m.out_features, m.in_features, m.bias is not None, m.weight.dtype,
+                         type(m).__name__, None)
+            if type(m).forward is not nn.Linear.forward or isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
+                slot.keep_dense = f"{type(m).__name__} is not a plain nn.Linear"
+            elif len(aliases.get(f"{fqn}.weight", ())) > 1:
+                others = [n for n in aliases[f"{fqn}.weight"] if n != f"{fqn}.weight"]
+                slot.keep_dense = f"weight is tied to {', '.join(others)}"
+        else:
+            continue
+        if not fqn:
+            raise ValueError("the module itself is a linear layer; load_checkpoint fills submodules")
+        if slot.keep_dense is None and any(fqn == n or fqn.endswith("." + n) for n in skip_names):
+            slot.keep_dense = f"name in skip_names {tuple(skip_names)}"
+        if slot.keep_dense is None and slot.dtype not in VALUE_DTYPES:
+            slot.keep_dense = f"dtype {slot.dtype}: the sparse formats hold fp16/bf16"
+        if slot.keep_dense is None and slot.out_features * slot.in_features >= 2**31:
+            slot.keep_dense = "2^31 or more elements (the formats index with int32)"
+        slots[fqn] = slot
+    return slots
+
+
+class _Loader:
+    """One pass over a checkpoint's shards, filling ``values`` (state-dict name -> tensor on ``device``, or a
+    compressed weight for a linear layer's ``.weight``)."""
+
+    def __init__(self, module, files: _files.CheckpointFiles, kind: CheckpointKind, device, mode, progress):
+        self.module, self.files, self.kind, self.device, self.progress = module, files, kind, device, progress
+        self.mode = mode  # "as-saved", "dense" or a SparsifyConfig
+        self.config_path = files.path / _files.CONFIG_NAME
+        self.aliases = _model.alias_groups(module)
+        self.slots = _slots(module, self.aliases, mode if isinstance(mode, SparsifyConfig) else None)
+        self.expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for name, t in module.state_dict(keep_vars=True).items():
+            owner, _, attr = name.rpartition(".")
+            if owner in self.slots and isinstance(module.get_submodule(owner), SparseLinear):
+                continue  # a SparseLinear slot expects its logical weight (below) and bias
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state-dict entry '{name}' of the module is a {type(t).__name__}; "
+                                "load_checkpoint fills tensors only")
+            self.expected[name] = (tuple(t.shape), t.dtype)
+        for fqn, s in self.slots.items():
+            self.expected[f"{fqn}.weight"] = ((s.out_features, s.in_features), s.dtype)
+            if s.bias:
+                self.expected[f"{fqn}.bias"] = ((s.out_features,), s.dtype)
+        self.non_persistent = _model.non_persistent_buffers(module)
+        self.values: dict[str, torch.Tensor | SparseFormat] = {}
+        self.sources: dict[str, Path] = {}
+        self.report = SparsifyReport()
+        self.header_meta: dict[str, str] = {}
+
+    # -- the pass --
+    def run(self) -> None:
+        pending: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}
+        sparse_modules = self.kind.sparse_modules or {}
+        total = len(self.files.tensors)
+        with _progress(total=total, desc="loading", unit="tensor", disable=not self.progress) as bar:
+            for path, keys in self.files.shard_keys().items():
+                shard = _files.Shard(path)
+                for k, v in shard.metadata.items():
+                    if k == "format":
+                        continue
+                    if self.header_meta.get(k, v) != v:
+                        raise FormatError(f"{path}: header metadata '{k}' differs from another shard's")
+                    self.header_meta[k] = v
+                for key in keys:
+                    bar.update(1)
+                    group = self._group_of(key, sparse_modules)
+                    if group is None:
+                        self._place(key, shard.get(key), path)
+                        continue
+                    gname, part = group
+                    parts = pending.setdefault(gname, {})
+                    parts[part] = (shard.get(key), path)
+                    if self.kind.kind == "flash-llm" and len(parts) == len(_ARRAYS):
+                        self._place_flash(gname, pending.pop(gname))
+                    elif self.kind.kind == "sparse-bitmask" and len(parts) == len(sb.PARTS):
+                        self._place_bitmask(gname, pending.pop(gname))
+                del shard
+        for gname, parts in pending.items():
+            names = [f"{gname}.weight_{n}" for n in _ARRAYS] if self.kind.kind == "flash-llm" else \
+                [f"{gname}.{p}" for p in sb.PARTS]
+            have = {f"{gname}.weight_{p}" if self.kind.kind == "flash-llm" else f"{gname}.{p}": f
+                    for p, (_, f) in parts.items()}
+            missing = [n for n in names if n not in have]
+            first = next(iter(have.items()))
+            raise FormatError(f"{self.files.path}: tensor '{missing[0]}' is missing (no shard holds it; "
+                              f"'{first[0]}' is in {first[1].name})")
+
+    def _group_of(self, key: str, sparse_modules: dict) -> tuple[str, str] | None:
+        if self.kind.kind == "flash-llm":
+            owner, _, attr = key.rpartition(".")
+            if attr.startswith("weight_") and attr[len("weight_"):] in _ARRAYS:
+                if owner not in sparse_modules:
+                    raise FormatError(f"{self.files.tensors[key].file}: tensor '{key}' belongs to a sparse layer "
+                                      f"'{owner}' that config.json's quantization_config.sparse_modules does not "
+                                      "list (wrong config.json)")
+                return owner, attr[len("weight_"):]
+            return None
+        if self.kind.kind == "sparse-bitmask":
+            return sb.split_key(key)
+        return None
+
+    # -- placing values --
+    def _check_known(self, key: str, path: Path) -> bool:
+        if key in self.expected:
+            return True
+        if key in self.non_persistent:
+            return False  # an old checkpoint storing a buffer the model computes itself (rotary inv_freq)
+        raise FormatError(f"{path}: tensor '{key}' has no place in the {type(self.module).__name__} built from "
+                          f"{self.config_path} (wrong config.json, or a checkpoint of another model)")
+
+    def _check_shape(self, key: str, shape, path: Path) -> None:
+        want = self.expected[key][0]
+        if tuple(shape) != want:
+            raise FormatError(f"{path}: tensor '{key}' has shape {tuple(shape)}; the model built from "
+                              f"{self.config_path.name} expects {want} (shape mismatch: does config.json match "
+                              "the weights?)")
+
+    def _place(self, key: str, t: torch.Tensor, path: Path) -> None:
+        if not self._check_known(key, path):
+            return
+        self._check_shape(key, t.shape, path)
+        want = self.expected[key][1]
+        if want.is_floating_point != t.dtype.is_floating_point:
+            raise FormatError(f"{path}: tensor '{key}' has dtype {t.dtype}; the model expects {want}")
+        t = t.to(self.device)
+        if t.dtype != want:
+            t = t.to(want)
+        owner = key[: -len(".weight")] if key.endswith(".weight") else None
+        slot = self.slots.get(owner) if owner is not None else None
+        self.sources[key] = path
+        self.values[key] = self._decide(slot, t) if slot is not None else t
+
+    def _place_flash(self, fqn: str, parts: dict[str, tuple[torch.Tensor, Path]]) -> None:
+        path = parts["data"][1]
+        key = f"{fqn}.weight"
+        if not self._check_known(key, path):
+            return
+        meta_key = f"{fqn}.weight_{METADATA_KEY}"
+        if meta_key not in self.header_meta:
+            raise FormatError(f"{path}: no format metadata '{meta_key}' in the header of the shard holding "
+                              f"'{fqn}.weight_data'")
+        declared = (self.kind.sparse_modules or {})[fqn]
+        try:
+            header = json.loads(self.header_meta[meta_key])
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}: header metadata '{meta_key}' is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{path}: header metadata '{meta_key}' is not a JSON object")
+        for field in ("format", "version", "dtype", "shape"):
+            if header.get(field) != declared.get(field):
+                raise FormatError(f"{path}: '{fqn}' has {field} {header.get(field)!r} in the shard header but "
+                                  f"{declared.get(field)!r} in config.json's sparse_modules")
+        self._check_shape(key, header["shape"], path)
+        cls = FORMATS[header["format"]]
+        prefix = f"{fqn}.weight_"
+        arrays = {prefix + n: t.to(self.device) for n, (t, _) in parts.items()}
+        w = cls.from_state(arrays, {meta_key: self.header_meta[meta_key]}, prefix=prefix, source=str(path))
+        slot = self.slots[fqn]
+        self.sources[key] = path
+        self.values[key] = self._decide(slot, w)
+
+    def _place_bitmask(self, pname: str, parts: dict[str, tuple[torch.Tensor, Path]]) -> None:
+        path = parts["bitmask"][1]
+        key = pname if pname.endswith(".weight") else pname + ".weight"
+        owner = key[: -len(".weight")]
+        slot = self.slots.get(owner)
+        if slot is None:
+            self._check_known(key, path)
+            raise FormatError(f"{path}: '{pname}' is stored in sparse-bitmask form but '{owner}' is not a linear "
+                              "layer of the model")
+        if not self.kind.bitmask.is_target(owner, slot.class_name):
+            raise FormatError(f"{path}: '{pname}' is stored in sparse-bitmask form but config.json's "
+                              f"sparsity_config does not target '{owner}' (targets "
+                              f"{list(self.kind.bitmask.targets or [])}, ignore {list(self.kind.bitmask.ignore)})")
+        dense = sb.decompress({p: t.to(self.device) for p, (t, _) in parts.items()}, pname, str(path))
+        self._check_shape(key, dense.shape, path)
+        if not dense.dtype.is_floating_point:
+            raise FormatError(f"{path}: '{pname}.compressed' is not floating point")
+        self.sources[key] = path
+        self.values[key] = self._decide(slot, dense.to(slot.dtype))
+
+    def _decide(self, slot: _Slot, w) -> torch.Tensor | SparseFormat:
+        """The value a linear layer's weight gets: kept as it is, compressed, or made dense."""
+        if self.mode == "as-saved":
+            if isinstance(w, SparseFormat):
+                if w.dtype != slot.dtype:
+                    raise FormatError(f"'{slot.fqn}' is compressed as {w.dtype} but the model's layer is "
+                                      f"{slot.dtype}; build the model in {w.dtype}")
+                self._converted(slot, w)
+            return w
+        if self.mode == "dense":
+            return w.to_dense() if isinstance(w, SparseFormat) else w
+        config: SparsifyConfig = self.mode
+        fmt = _format_class(config.format)
+        if slot.keep_dense is not None:
+            self.report.skipped.append(SkippedLayer(slot.fqn, slot.keep_dense))
+            return w.to_dense().to(slot.dtype) if isinstance(w, SparseFormat) else w
+        nnz = w.nnz if isinstance(w, SparseFormat) else int(torch.count_nonzero(w))
+        sparsity = 1.0 - nnz / (slot.out_features * slot.in_features)
+        if sparsity < config.min_sparsity:
+            self.report.skipped.append(SkippedLayer(slot.fqn, f"sparsity {sparsity:.4f} < min_sparsity "
+                                                              f"{config.min_sparsity}"))
+            return w.to_dense() if isinstance(w, SparseFormat) else w
+        if isinstance(w, SparseFormat) and type(w) is fmt:
+            self._converted(slot, w)
+            return w
+        dense = w.to_dense() if isinstance(w, SparseFormat) else w
+        c = fmt.from_dense(dense.to(slot.dtype))
+        dense_bytes = _tensor_bytes(dense)
+        if c.nbytes >= dense_bytes:
+            self.report.skipped.append(SkippedLayer(slot.fqn, f"compressed weight ({fmt.__name__}, "
+                                                              f"{_human(c.nbytes)}) is not smaller than dense "
+                                                              f"({_human(dense_bytes)}) at sparsity {sparsity:.4f}"))
+            return dense
+        self._converted(slot, c)
+        return c
+
+    def _converted(self, slot: _Slot, w: SparseFormat) -> None:
+        elem = torch.empty((), dtype=w.dtype).element_size()
+        bias = slot.out_features * elem if slot.bias else 0
+        self.report.converted.append(ConvertedLayer(slot.fqn, w.shape, w.density,
+                                                    slot.out_features * slot.in_features * elem + bias,
+                                                    w.nbytes + bias))
+
+    # -- the module --
+    def finish(self) -> None:
+        """Check that every tensor arrived, then put the values into the module."""
+        loaded = set(self.values)
+        for key in self.expected:
+            if key in loaded or any(a in loaded for a in self.aliases.get(key, ())):
+                continue
+            owner = key[: -len(".weight")] if key.endswith(".weight") else None
+            hint = ""
+            if owner in self.slots and self.kind.kind == "flash-llm" and owner in (self.kind.sparse_modules or {}):
+                hint = f" (a sparse layer: expected '{owner}.weight_data' and '{owner}.weight_offsets')"
+            raise FormatError(f"{self.files.path}: tensor '{key}' is missing (no shard holds it){hint}")
+        # tied tensors stored more than once must agree
+        for key in loaded:
+            for other in self.aliases.get(key, ()):
+                if other != key and other in loaded and other > key:
+                    a, b = self.values[key], self.values[other]
+                    dense = [v.to_dense() if isinstance(v, SparseFormat) else v for v in (a, b)]
+                    if not torch.equal(dense[0], dense[1]):
+                        raise FormatError(f"{self.files.path}: '{key}' and '{other}' are tied in the model but "
+                                          "differ in the checkpoint")
+        module = self.module
+        dense_state = {}
+        for key, v in self.values.items():
+            owner = key[: -len(".weight")] if key.endswith(".weight") else None
+            if owner in self.slots and isinstance(v, SparseFormat):
+                continue
+            if key.endswith(".bias") and key[: -len(".bias")] in self.slots and \
+                    isinstance(self.values.get(key[: -len(".bias")] + ".weight"), SparseFormat):
+                continue
+            dense_state[key] = v
+        for fqn, slot in self.slots.items():
+            w = self.values.get(f"{fqn}.weight")
+            current = module.get_submodule(fqn)
+            if isinstance(w, SparseFormat):
+                b = self.values.get(f"{fqn}.bias") if slot.bias else None
+                new = SparseLinear(w, None if b is None else b.to(w.dtype))
+            elif isinstance(current, SparseLinear):
+                new = nn.Linear(slot.in_features, slot.out_features, bias=slot.bias, device="meta", dtype=slot.dtype)
+            else:
+                continue
+            parent, _, name = fqn.rpartition(".")
+            setattr(module.get_submodule(parent), name, new)
+        result = module.load_state_dict(dense_state, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise FormatError(f"{self.files.path}: tensors {result.unexpected_keys[:5]} did not fit the model")
+        # re-tie: every alias of a loaded tensor becomes that tensor
+        for key, group in self.aliases.items():
+            if len(group) < 2 or key in loaded:
+                continue
+            src = next((a for a in group if a in loaded), None)
+            if src is None or src not in dense_state:
+                continue
+            owner, _, attr = src.rpartition(".")
+            src_mod = module.get_submodule(owner)
+            tensor = src_mod._parameters.get(attr) if attr in src_mod._parameters else src_mod._buffers[attr]
+            downer, _, dattr = key.rpartition(".")
+            dst_mod = module.get_submodule(downer)
+            if dattr in dst_mod._parameters:
+                dst_mod._parameters[dattr] = tensor
+            else:
+                dst_mod._buffers[dattr] = tensor
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if left:
+            raise FormatError(f"{self.files.path}: after loading, {len(left)} tensor(s) of the model have no data "
+                              f"(first: '{left[0]}'); non-persistent buffers must be created on a real device")
+
+
+def _mode(sparsify, kind: CheckpointKind):
+    if sparsify is None:
+        return "as-saved" if kind.kind == "flash-llm" else SparsifyConfig()
+    if sparsify is False:
+        return "dense"
+    if isinstance(sparsify, SparsifyConfig):
+        if sparsify.dtype is not None:
+            raise ValueError("load_checkpoint compresses each layer in the model's own dtype; leave "
+                             "SparsifyConfig.dtype unset and build the model in the dtype you want")
+        return sparsify
+    raise TypeError(f"sparsify must be None, False or a SparsifyConfig, got {type(sparsify).__name__}")
+
+
+def load_checkpoint(module: nn.Module, path, *, device="cpu", sparsify: SparsifyConfig | None | bool = None,
+                    progress: bool = True) -> SparsifyReport:
+    """Load the Hugging Face checkpoint directory ``path`` into ``module`` (in place), compressing its
+    pruned linear layers.
+
+    ``module`` has the checkpoint's state-dict names (e.g. a ``transformers`` causal LM, or a
+    ``flash_llm.models`` model); its parameters may be on ``meta``: tensors are *assigned*
+    (``load_state_dict(assign=True)``), so nothing is allocated twice and, on CPU, dense tensors stay
+    memory-mapped from the files.  Shards are read one at a time; each linear layer's weight is compressed
+    (on ``device``) as soon as it is read.  Its ``nn.Linear`` / :class:`~flash_llm.SparseLinear` layers are
+    replaced by whichever the weight ends up as.
+
+    Checkpoint kinds: flash-llm (``flash_llm.save_pretrained``), compressed-tensors ``sparse-bitmask``, and
+    dense (any pruned model saved by ``transformers``).
+
+    Args:
+        module: the model to fill; its floating tensors' dtypes are the dtypes loaded (fp16/bf16 for the
+            layers to compress).
+        path: the checkpoint directory.
+        device: where tensors go (``"cpu"``, ``"cuda"``...); compression runs there.
+        sparsify: ``None``: a flash-llm checkpoint loads exactly as saved, the other kinds are compressed
+            with ``SparsifyConfig()`` (layers with >= 30 % zeros, ``lm_head`` and tied weights excluded);
+            a :class:`~flash_llm.SparsifyConfig`: that decision for every linear layer, re-encoding or
+            decompressing stored sparse layers as needed; ``False``: everything dense.
+        progress: show a progress bar (stderr) when loading takes more than a second.
+
+    Returns:
+        A :class:`flash_llm.nn.SparsifyReport`: the layers that are sparse now, and those kept dense with the
+        reason (``sparsify=None`` on a flash-llm checkpoint lists the sparse layers only).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        flash_llm.FormatError: anything wrong with the checkpoint, naming the file and tensor: truncated or
+            corrupt shard, missing or unexpected tensor, shape mismatch, unknown format version, a wrong or
+            inconsistent ``config.json``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    files = _files.open_checkpoint(path)
+    kind = checkpoint_kind(files.config, files.path / _files.CONFIG_NAME)
+    loader = _Loader(module, files, kind, torch.device(device), _mode(sparsify, kind), progress)
+    with torch.no_grad():
+        loader.run()
+        loader.finish()
+    return loader.report
+
+
+# ---- from_pretrained / save_pretrained -------------------------------------------------------------------
+
+def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path) -> torch.dtype:
+    if kind.kind == "flash-llm" and kind.sparse_modules:
+        stored = {_DTYPES_BY_NAME[m["dtype"]] for m in kind.sparse_modules.values()}
+        if len(stored) > 1:
+            raise FormatError(f"{source}: sparse layers of several dtypes {sorted(map(str, stored))}")
+        (stored,) = stored
+        if dtype is not None and dtype != stored:
+            raise ValueError(f"{source.parent} holds layers compressed as {stored}; dtype={dtype} would need "
+                             "re-compression (load without dtype, or convert the dense model again)")
+        return stored
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        return dtype
+    declared = config_dtype(config)
+    if declared in VALUE_DTYPES:
+        return declared
+    raise ValueError(f"{source} declares dtype {config.get('dtype', config.get('torch_dtype'))!r}; the sparse "
+                     "formats hold fp16/bf16 values: pass dtype=torch.float16 or torch.bfloat16")
+
+
+def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
+                    sparsify: SparsifyConfig | None | bool = None, backend: str = "auto",
+                    output_report: bool = False, progress: bool = True):
+    """Load a Hugging Face checkpoint directory as a model with compressed sparse layers.
+
+    The model is built on the ``meta`` device (``flash_llm.models`` when installed, else
+    ``transformers.AutoModelForCausalLM``; ``backend="flash"`` / ``"hf"`` chooses) and filled by
+    :func:`load_checkpoint`: a flash-llm checkpoint loads as saved (memory-mapped, fully validated), a dense
+    or ``sparse-bitmask`` one is compressed layer by layer while the shards stream by.
+
+    Args:
+        path: the checkpoint directory (``config.json`` + safetensors).
+        device: where the model goes.
+        dtype: the model's dtype; default: a flash-llm checkpoint's, else ``config.json``'s if fp16/bf16
+            (a float32 checkpoint needs ``dtype=torch.float16`` or ``torch.bfloat16``).
+        sparsify: as in :func:`load_checkpoint`.
+        backend: ``"auto"``, ``"flash"`` or ``"hf"``.
+        output_report: also return the :class:`flash_llm.nn.SparsifyReport`.
+
+    Returns:
+        The model in eval mode (or ``(model, report)``).
+    """
+    path = Path(os.fspath(path))
+    config = read_config(path)
+    kind = checkpoint_kind(config, path / _files.CONFIG_NAME)
+    dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME)
+    model = _model.build_skeleton(config, dtype, backend)
+    report = load_checkpoint(model, path, device=device, sparsify=sparsify, progress=progress)
+    model.eval()
+    _attach_hf_quantizer(model)
+    return (model, report) if output_report else model
+
+
+def _attach_hf_quantizer(model: nn.Module) -> None:
+    """A transformers model with sparse layers saves through transformers' own save_pretrained when it carries
+    flash-llm's quantizer (as one loaded by transformers does)."""
+    if "transformers" not in sys.modules or not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        return
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or not any(isinstance(m, SparseLinear) for m in model.modules()):
+        return
+    from .hf_quantizer import FlashLLMConfig, FlashLLMHfQuantizer
+
+    qc = FlashLLMConfig(sparse_modules=sparse_modules_section(model))
+    model.config.quantization_config = qc
+    model.hf_quantizer = FlashLLMHfQuantizer(qc, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def sparse_modules_section(model: nn.Module) -> dict[str, dict]:
+    """``quantization_config.sparse_modules`` for ``model``: each SparseLinear's format metadata without nnz."""
+    out = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            meta = m.weight.metadata()
+            meta.pop("nnz", None)
+            out[fqn] = meta
+    return out
+
+
+def quantization_section(model: nn.Module) -> dict:
+    """The ``quantization_config`` of a flash-llm checkpoint of ``model``."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "flash_llm_version": __version__,
+            "sparse_modules": sparse_modules_section(model)}
+
+
+def header_metadata(sparse: dict[str, SparseLinear]) -> dict[str, str]:
+    """Shard-header metadata of sparse layers: ``L.weight_flash_llm`` -> the weight's format metadata JSON."""
+    return {f"{fqn}.weight_{METADATA_KEY}": json.dumps(m.weight.metadata()) for fqn, m in sparse.items()}
+
+
+def _model_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    sparse = {m.weight_dtype for m in model.modules() if isinstance(m, SparseLinear)}
+    if len(sparse) == 1:
+        return next(iter(sparse))
+    counts: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t.dtype.is_floating_point:
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
+def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB", overwrite: bool = False,
+                    progress: bool = True, _copy_files_from: Path | None = None) -> None:
+    """Write ``model`` (with or without :class:`~flash_llm.SparseLinear` layers) as a flash-llm checkpoint
+    directory that :func:`from_pretrained` and ``transformers.AutoModelForCausalLM.from_pretrained`` (after
+    ``import flash_llm``) read back exactly.
+
+    The directory is written under a temporary name and renamed when complete: an existing ``path`` is an
+    error unless ``overwrite=True``, and an interrupted save leaves no partial checkpoint.
+
+    Args:
+        model: the model; its state-dict names become the tensor names.
+        path: the output directory.
+        config: the Hugging Face config (dict or ``PretrainedConfig``); default ``model.config``.
+        max_shard_size: bytes (int) or a size like ``"5GB"``; a layer's tensors stay in one shard.
+        overwrite: replace an existing ``path``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cfg = _model.config_dict(model, config)
+    cfg.pop("compression_config", None)
+    state, sparse = _model.state_to_save(model)
+    cfg["quantization_config"] = quantization_section(model)
+    dtype = _model_dtype(model, state)
+    if dtype is not None:
+        cfg["dtype"] = dtype_name(dtype) if dtype in VALUE_DTYPES else str(dtype).removeprefix("torch.")
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = cfg["dtype"]
+    groups: dict[str, list[str]] = {}
+    for name in state:
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
+    meta = header_metadata(sparse)
+    with _files.atomic_directory(path, overwrite) as tmp:
+        writer = _files.ShardWriter(tmp, max_shard_size)
+        for owner, names in _progress(iterable=groups.items(), total=len(groups), desc="saving", unit="module",
+                                      disable=not progress):
+            key = f"{owner}.weight_{METADATA_KEY}"
+            writer.add({n: state[n] for n in names}, {key: meta[key]} if key in meta else None)
+        writer.close({"flash_llm_format_version": FORMAT_VERSION})
+        _files.write_json(tmp / _files.CONFIG_NAME, cfg)
+        if _copy_files_from is not None:
+            for f in _files.auxiliary_files(_copy_files_from):
+                shutil.copy2(f, tmp / f.name)
+        elif hasattr(getattr(model, "generation_config", None), "save_pretrained"):
+            model.generation_config.save_pretrained(tmp)
+
+
+def convert(src, dst, *, format: str = "bitmap", min_sparsity: float = 0.3, dtype: torch.dtype | None = None,
+            device="cpu", max_shard_size="5GB", overwrite: bool = False, backend: str = "auto",
+            progress: bool = True) -> SparsifyReport:
+    """Convert checkpoint directory ``src`` (dense, sparse-bitmask or flash-llm) into ``dst``.
+
+    ``format``: ``"bitmap"`` / ``"tiled-csl"`` write a flash-llm checkpoint whose linear layers with at least
+    ``min_sparsity`` zeros are compressed in that format (``lm_head`` and tied weights stay dense);
+    ``"sparse-bitmask"`` writes a compressed-tensors sparse-bitmask checkpoint (every linear layer but
+    ``lm_head``).  The source's tokenizer and other non-weight files are copied; ``config.json`` is the
+    source's with its quantization section replaced.  Written atomically (see :func:`save_pretrained`).
+
+    Returns the :class:`flash_llm.nn.SparsifyReport` of the layers compressed and kept dense.
+    """
+    src, dst = Path(os.fspath(src)), Path(os.fspath(dst))
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"source and destination are the same directory ({src}); write elsewhere")
+    config = read_config(src)
+    kind = checkpoint_kind(config, src / _files.CONFIG_NAME)
+    if format == sb.FORMAT and kind.kind != "flash-llm":  # dense output: any floating dtype
+        load_dtype = dtype or config_dtype(config) or torch.float32
+    else:
+        load_dtype = _resolve_dtype(config, kind, dtype, src / _files.CONFIG_NAME)
+    out_config = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
+    model = _model.build_skeleton(config, load_dtype, backend)
+    if format == sb.FORMAT:
+        load_checkpoint(model, src, device=device, sparsify=False, progress=progress)
+        return write_sparse_bitmask(model, dst, config=out_config, max_shard_size=max_shard_size,
+                                    overwrite=overwrite, progress=progress, _copy_files_from=src)
+    report = load_checkpoint(model, src, device=device, progress=progress,
+                             sparsify=SparsifyConfig(format=format, min_sparsity=min_sparsity))
+    save_pretrained(model, dst, config=out_config, max_shard_size=max_shard_size, overwrite=overwrite,
+                    progress=progress, _copy_files_from=src)
+    return report
+
+
+# ---- the sparse-bitmask writer -------------------------------------------------------------------------
+
+def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linear",), ignore=("lm_head",),
+                         max_shard_size="5GB", overwrite: bool = False, progress: bool = True,
+                         _copy_files_from: Path | None = None) -> SparsifyReport:
+    """Write ``model`` as a compressed-tensors ``sparse-bitmask`` checkpoint directory (see
+    :mod:`flash_llm.checkpoint.sparse_bitmask`): the weight of every linear layer (``nn.Linear``, or a
+    ``SparseLinear``, decompressed) that ``targets`` / ``ignore`` select is stored as its four bitmask
+    tensors, everything else densely.  Written atomically, like :func:`save_pretrained`.
+
+    Returns a :class:`flash_llm.nn.SparsifyReport` of the layers stored compressed (dense/sparse bytes of
+    the weight and bias) and those not targeted.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cfg = _model.config_dict(model, config)
+    cfg.pop("compression_config", None)
+    selector = sb.BitmaskConfig(tuple(targets), tuple(ignore))
+    state, sparse = _model.state_to_save(model)
+    aliases = _model.alias_groups(model)
+    report = SparsifyReport()
+    chosen: dict[str, nn.Module] = {}
+    for fqn, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, SparseLinear)):
+            continue
+        cls_name = "Linear" if isinstance(m, SparseLinear) else type(m).__name__
+        if not selector.is_target(fqn, cls_name):
+            report.skipped.append(SkippedLayer(fqn, "not selected by targets/ignore"))
+        elif len(aliases.get(f"{fqn}.weight", ())) > 1:
+            report.skipped.append(SkippedLayer(fqn, "weight is tied to another tensor"))
+        else:
+            chosen[fqn] = m
+    zeros = total = 0
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in state.items():
+        owner = name.rpartition(".")[0]
+        groups.setdefault(owner, {})[name] = t
+    with _files.atomic_directory(path, overwrite) as tmp:
+        writer = _files.ShardWriter(tmp, max_shard_size)
+        for owner, tensors in _progress(iterable=groups.items(), total=len(groups), desc="saving", unit="module",
+                                        disable=not progress):
+            m = chosen.get(owner)
+            if m is None:
+                if owner in sparse:  # a SparseLinear that is not targeted is stored dense
+                    tensors = {f"{owner}.weight": sparse[owner].to_dense(),
+                               **{n: t for n, t in tensors.items() if n == f"{owner}.bias"}}
+                writer.add(tensors)
+                continue
+            weight = m.to_dense() if isinstance(m, SparseLinear) else m.weight.detach()
+            parts = sb.compress(weight)
+            out = {f"{owner}.weight.{p}": v for p, v in parts.items()}
+            bias = tensors.get(f"{owner}.bias")
+            if bias is not None:
+                out[f"{owner}.bias"] = bias
+            writer.add(out)
+            nnz = parts["compressed"].numel()
+            zeros += weight.numel() - nnz
+            total += weight.numel()
+            bias_bytes = _tensor_bytes(bias)
+            report.converted.append(ConvertedLayer(owner, tuple(weight.shape), nnz / weight.numel(),
+                                                   _tensor_bytes(weight) + bias_bytes,
+                                                   sum(_tensor_bytes(v) for v in parts.values()) + bias_bytes))
+        writer.close()
+        cfg["quantization_config"] = sb.quantization_config(targets, ignore, zeros / total if total else 0.0)
+        dtype = _model_dtype(model, state)
+        if dtype is not None:
+            cfg["dtype"] = str(dtype).removeprefix("torch.")
+        _files.write_json(tmp / _files.CONFIG_NAME, cfg)
+        if _copy_files_from is not None:
+            for f in _files.auxiliary_files(_copy_files_from):
+                shutil.copy2(f, tmp / f.name)
+    return report

@@ -1,0 +1,203 @@
+"""The compressed-tensors ``sparse-bitmask`` checkpoint layout: our own reader and writer (no dependency
+on the compressed-tensors package).
+
+Per compressed weight ``P`` (e.g. ``model.layers.0.mlp.up_proj.weight``, a ``[rows, cols]`` matrix) a
+checkpoint holds four tensors instead of ``P`` itself:
+
+* ``P.shape``: int64 ``[2]``, ``(rows, cols)``;
+* ``P.compressed``: the nonzero values in row-major order, in the weight's dtype, ``[nnz]``;
+* ``P.bitmask``: uint8 ``[rows, ceil(cols / 8)]``; bit ``j`` (LSB first) of byte ``b`` of a row is column
+  ``8 b + j``; each row is padded to whole bytes with clear bits;
+* ``P.row_offsets``: int64 ``[rows]``, the exclusive prefix sum of the nonzeros per row.
+
+``config.json`` declares it under ``quantization_config`` (older files: ``compression_config``)::
+
+    "quantization_config": {"quant_method": "compressed-tensors",
+                            "sparsity_config": {"format": "sparse-bitmask", "targets": ["Linear"],
+                                                "ignore": ["lm_head"], "global_sparsity": 0.5,
+                                                "sparsity_structure": "unstructured"}}
+
+``targets`` / ``ignore`` name modules: a module class name (``"Linear"``), an exact module name, or
+``"re:<regex>"`` matched (``re.match``) against the module name.  Other keys are accepted and ignored;
+quantization (non-empty ``config_groups``, a ``kv_cache_scheme``) and other sparsity formats are
+refused with an error, since flash-llm would otherwise read the weights wrongly.
+
+A zero is an element equal to 0 (``+0.0`` or ``-0.0``), so a round trip is exact except that ``-0.0``
+comes back as ``+0.0``; NaN and Inf are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..formats import FormatError
+
+FORMAT = "sparse-bitmask"
+QUANT_METHOD = "compressed-tensors"
+PARTS = ("shape", "compressed", "bitmask", "row_offsets")
+_BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+
+
+def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four sparse-bitmask tensors of ``weight [rows, cols]`` (any floating dtype, any device):
+    ``shape`` int64 [2], ``compressed`` [nnz] in ``weight.dtype``, ``bitmask`` uint8 [rows, ceil(cols/8)],
+    ``row_offsets`` int64 [rows].  Keys are the part names (``"shape"``, ...)."""
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.dtype.is_floating_point:
+        desc = f"{weight.dtype} tensor of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) \
+            else type(weight).__name__
+        raise TypeError(f"weight must be a 2-D floating-point tensor, got a {desc}")
+    rows, cols = weight.shape
+    mask = weight != 0
+    nbytes = (cols + 7) // 8
+    padded = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=weight.device)
+    padded[:, :cols] = mask
+    bits = padded.view(rows, nbytes, 8) * _BIT_WEIGHTS.to(weight.device)
+    bitmask = bits.sum(-1, dtype=torch.int32).to(torch.uint8)
+    counts = mask.sum(1)
+    return {"shape": torch.tensor([rows, cols], dtype=torch.int64),
+            "compressed": weight[mask].contiguous(),
+            "bitmask": bitmask,
+            "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64)}
+
+
+def decompress(parts: dict[str, torch.Tensor], name: str = "", where: str = "") -> torch.Tensor:
+    """The dense ``[rows, cols]`` weight from its four parts (as :func:`compress` returns them), validated:
+    :class:`~flash_llm.FormatError` naming the tensor (``name + "." + part``) and, with ``where``, the file,
+    for a wrong dtype or shape, bits set in the row padding, row offsets that are not the prefix sum of the
+    bitmask, or a value count that does not match it.  Runs on the parts' device."""
+    where = f"{where}: " if where else ""
+    label = (lambda p: f"{where}tensor '{name}.{p}'") if name else (lambda p: f"{where}part '{p}'")
+    missing = [p for p in PARTS if p not in parts]
+    if missing:
+        raise FormatError(f"{label(missing[0])} is missing (a sparse-bitmask weight has {', '.join(PARTS)})")
+    shape, values, bitmask, offsets = (parts[p] for p in PARTS)
+    if shape.dtype not in (torch.int64, torch.int32) or tuple(shape.shape) != (2,):
+        raise FormatError(f"{label('shape')} has dtype {shape.dtype} and shape {tuple(shape.shape)}; expected "
+                          "int64 [2]")
+    rows, cols = (int(v) for v in shape.tolist())
+    if rows < 1 or cols < 1:
+        raise FormatError(f"{label('shape')} is ({rows}, {cols}); expected rows, cols >= 1")
+    nbytes = (cols + 7) // 8
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, nbytes):
+        raise FormatError(f"{label('bitmask')} has dtype {bitmask.dtype} and shape {tuple(bitmask.shape)}; "
+                          f"expected uint8 ({rows}, {nbytes}) for a {rows}x{cols} weight")
+    if offsets.dtype not in (torch.int64, torch.int32) or tuple(offsets.shape) != (rows,):
+        raise FormatError(f"{label('row_offsets')} has dtype {offsets.dtype} and shape {tuple(offsets.shape)}; "
+                          f"expected int64 ({rows},)")
+    if not values.dtype.is_floating_point or values.ndim != 1:
+        raise FormatError(f"{label('compressed')} has dtype {values.dtype} and shape {tuple(values.shape)}; "
+                          "expected a 1-D floating-point tensor of the nonzero values")
+    bits = ((bitmask.unsqueeze(-1) & _BIT_WEIGHTS.to(bitmask.device)) != 0).view(rows, nbytes * 8)
+    if nbytes * 8 != cols and bool(bits[:, cols:].any()):
+        r = int(torch.nonzero(bits[:, cols:].any(1))[0])
+        raise FormatError(f"{label('bitmask')}: row {r} has bits set in its padding past column {cols - 1}")
+    mask = bits[:, :cols]
+    counts = mask.sum(1)
+    expected = torch.cumsum(counts, 0) - counts
+    bad = torch.nonzero(offsets.to(torch.int64) != expected)
+    if bad.numel():
+        r = int(bad[0])
+        raise FormatError(f"{label('row_offsets')}[{r}] is {int(offsets[r])}; the bitmask's rows before it hold "
+                          f"{int(expected[r])} nonzeros")
+    nnz = int(counts.sum())
+    if values.numel() != nnz:
+        raise FormatError(f"{label('compressed')} holds {values.numel()} values; the bitmask has {nnz} set bits "
+                          "(truncated or inconsistent)")
+    dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+    dense[mask] = values
+    return dense
+
+
+# ---- config.json -----------------------------------------------------------------------------------
+
+def _patterns(value, key: str, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FormatError(f"{source}: sparsity_config.{key} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _matches(name: str, class_name: str, patterns: tuple[str, ...]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], name):
+                return True
+        elif p in (name, class_name):
+            return True
+    return False
+
+
+@dataclass
+class BitmaskConfig:
+    """The ``sparsity_config`` of a sparse-bitmask checkpoint.  ``targets`` is ``None`` when the config
+    does not say (old files): then every weight stored in bitmask form is accepted."""
+
+    targets: tuple[str, ...] | None = ("Linear",)
+    ignore: tuple[str, ...] = ("lm_head",)
+    extra: dict = field(default_factory=dict)
+
+    def is_target(self, module_name: str, class_name: str = "Linear") -> bool:
+        """Whether ``module_name`` (of class ``class_name``) is to be compressed: it matches a target and
+        no ``ignore`` entry."""
+        if _matches(module_name, class_name, self.ignore):
+            return False
+        return self.targets is None or _matches(module_name, class_name, self.targets)
+
+
+def parse_config(config: dict, source: str | Path = "config.json") -> BitmaskConfig | None:
+    """The sparse-bitmask declaration of a model's ``config.json`` (a dict), or ``None`` when the checkpoint
+    is not compressed-tensors (or declares no sparsity, i.e. is dense).
+
+    Raises :class:`~flash_llm.FormatError` for compressed-tensors checkpoints flash-llm cannot read:
+    quantized ones and sparsity formats other than ``sparse-bitmask`` / ``dense``.
+    """
+    source = str(source)
+    for key in ("quantization_config", "compression_config"):
+        section = config.get(key)
+        if isinstance(section, dict) and (section.get("quant_method") == QUANT_METHOD or
+                                          (key == "compression_config" and "sparsity_config" in section)):
+            break
+    else:
+        return None
+    if section.get("config_groups"):
+        raise FormatError(f"{source}: {key} declares quantization (config_groups "
+                          f"{sorted(section['config_groups'])}); flash-llm reads sparse fp16/bf16/fp32 weights "
+                          "only, not quantized compressed-tensors checkpoints")
+    if section.get("kv_cache_scheme") is not None:
+        raise FormatError(f"{source}: {key} declares a kv_cache_scheme (quantized KV cache), which flash-llm "
+                          "does not support")
+    sparsity = section.get("sparsity_config")
+    if sparsity is None or sparsity == {}:
+        return None
+    if not isinstance(sparsity, dict):
+        raise FormatError(f"{source}: {key}.sparsity_config must be an object, got {type(sparsity).__name__}")
+    fmt = sparsity.get("format")
+    if fmt == "dense":
+        return None
+    if fmt != FORMAT:
+        raise FormatError(f"{source}: {key}.sparsity_config has format {fmt!r}; flash-llm reads {FORMAT!r} "
+                          "(and dense checkpoints)")
+    targets = sparsity.get("targets")
+    extra = {k: v for k, v in sparsity.items() if k not in ("format", "targets", "ignore")}
+    return BitmaskConfig(None if targets is None else _patterns(targets, "targets", source),
+                         _patterns(sparsity.get("ignore"), "ignore", source), extra)
+
+
+def quantization_config(targets=("Linear",), ignore=("lm_head",), global_sparsity: float | None = None) -> dict:
+    """The ``quantization_config`` section of a sparse-bitmask checkpoint's ``config.json``."""
+    sparsity = {"format": FORMAT, "targets": list(targets), "ignore": list(ignore),
+                "sparsity_structure": "unstructured"}
+    if global_sparsity is not None:
+        sparsity["global_sparsity"] = global_sparsity
+    return {"quant_method": QUANT_METHOD, "sparsity_config": sparsity}
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``"P.bitmask"`` -> ``("P", "bitmask")`` for the four part names, else ``None``."""
+    head, _, part = key.rpartition(".")
+    return (head, part) if head and part in PARTS else None
