@@ -35,6 +35,8 @@ METHODS = ("sparsegpt", "wanda", "magnitude", "gradual")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_MODEL = "tiny-shakespeare"
 DEFAULT_PROMPT = "ROMEO:\n"
+DEFAULT_GEN_TOKENS = 160
+MAX_WINDOW = 1024  # default evaluation window / calibration length: the model's context, at most this
 # The synthetic-layer options of ``flash-llm demo --layer`` (defined in flash_llm.cli).
 _LAYER_ONLY = ("shape", "sparsities", "tokens", "repeat", "warmup")
 
@@ -100,25 +102,75 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# models, tokenizer, data
+# models, tokenizers, data
 # ------------------------------------------------------------------------------------------------
+class ByteTokenizer:
+    """The bundled model's tokenizer: token id = byte value (:mod:`flash_llm.data`)."""
+
+    name = "bytes"
+
+    def encode(self, text: str) -> torch.Tensor:
+        """``int64 [n]`` token ids of ``text``."""
+        return data.encode(text)
+
+    def encode_bytes(self, raw: torch.Tensor) -> torch.Tensor:
+        """Token ids of the bytes ``raw`` (``uint8 [n]``, e.g. from :func:`flash_llm.data.load_tokens`)."""
+        return raw.long()
+
+    def decode(self, ids) -> str:
+        return data.decode(ids)
+
+
+class HFTokenizer:
+    """A checkpoint directory's own tokenizer (``transformers.AutoTokenizer``, local files only)."""
+
+    def __init__(self, directory: Path, vocab_size: int):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ImportError(f"{directory} uses a {vocab_size}-token vocabulary, not flash-llm's bytes: reading "
+                              "text for it needs its tokenizer through transformers (pip install "
+                              "'flash-llm[hf]')") from None
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not any((directory / n).is_file() for n in names):
+            raise FileNotFoundError(f"{directory} has no tokenizer files ({', '.join(names)}); copy the model's "
+                                    "tokenizer next to its config.json")
+        self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        self.tok.model_max_length = 1 << 40  # whole files are encoded at once; windows are cut later
+        self.name = type(self.tok).__name__
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def encode_bytes(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.encode(bytes(raw.tolist()).decode("utf-8", errors="replace"))
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+
+
 @dataclass
 class LoadedModel:
-    """A model with what the demo needs around it: ``label`` (for printing), ``config`` (the dict of
-    ``config.json``), ``context`` (the longest input it takes) and ``source`` (bundled name or directory)."""
+    """A dense model with what the demo needs around it: ``label`` (for printing), ``config`` (the dict of
+    ``config.json``), ``context`` (the longest input it takes), ``tokenizer`` and ``source`` (directory)."""
 
     model: nn.Module
     label: str
     config: dict
     context: int
-    source: str
+    tokenizer: ByteTokenizer | HFTokenizer
+    source: Path
 
 
 def load_model(spec: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """A bundled model by name, or a model directory (``config.json`` + ``model.safetensors``, Llama).
+    """A bundled model by name, or a checkpoint directory (Llama or OPT; dense, sparse-bitmask or flash-llm,
+    loaded dense through :func:`flash_llm.from_pretrained`), with its tokenizer.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` / ``OSError`` naming the file for a missing or unreadable
-    checkpoint."""
+    Raises ``FileNotFoundError`` / ``NotADirectoryError`` / :class:`flash_llm.FormatError` (a ``ValueError``)
+    naming the file for a missing or unreadable checkpoint, ``ImportError`` when its tokenizer needs
+    transformers."""
+    from .checkpoint.pretrained import read_config
+
     if spec in bundled.NAMES:
         directory = bundled.path(spec)
         label = f"{spec} (bundled)"
@@ -128,31 +180,41 @@ def load_model(spec: str, *, dtype: torch.dtype, device: torch.device) -> Loaded
             raise FileNotFoundError(f"model {spec!r} is neither a bundled model ({', '.join(bundled.NAMES)}) nor an "
                                     "existing directory")
         if not directory.is_dir():
-            raise NotADirectoryError(f"model {spec!r} is a file; pass a model directory (config.json + "
-                                     "model.safetensors) or a bundled model's name")
+            raise NotADirectoryError(f"model {spec!r} is a file; pass a checkpoint directory (config.json + "
+                                     "*.safetensors) or a bundled model's name")
         label = str(directory)
-    cfg = bundled.read_config(directory)
-    if cfg.get("vocab_size") != data.VOCAB_SIZE:
-        raise ValueError(f"{directory / 'config.json'}: vocab_size is {cfg.get('vocab_size')}; flash-llm reads text "
-                         f"with its byte tokenizer (vocabulary {data.VOCAB_SIZE}) and has no other tokenizer yet")
-    model = bundled.load_dir(directory, dtype=dtype, device=device)
+    cfg = read_config(directory)
+    if bundled.is_byte_level(cfg):
+        tokenizer = ByteTokenizer()
+    else:
+        tokenizer = HFTokenizer(directory, cfg.get("vocab_size"))
+    model = bundled.load_dir(directory, dtype=dtype, device=device, progress=True)
     n = sum(p.numel() for p in model.parameters())
     arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
-    label += f": {arch}, {n / 1e6:.2f} M parameters, {cfg['num_hidden_layers']} layers"
-    return LoadedModel(model, label, cfg, int(cfg.get("max_position_embeddings") or 256), str(directory))
+    label += f": {arch}, {n / 1e6:.2f} M parameters, {cfg.get('num_hidden_layers', '?')} layers, " \
+             f"tokenizer {tokenizer.name}"
+    return LoadedModel(model, label, cfg, int(model.config.max_position_embeddings), tokenizer, directory)
 
 
 def _training_note(cfg: dict) -> str | None:
-    t = (cfg.get("flash_llm") or {}).get("training")
+    section = cfg.get("flash_llm") or {}
+    t = section.get("training")
     if not isinstance(t, dict):
         return None
-    return (f"trained by {t.get('command', '?')} on {t.get('card', '?')} in {t.get('train_seconds', '?')} s, "
+    note = (f"trained by {t.get('command', '?')} on {t.get('card', '?')} in {t.get('train_seconds', '?')} s, "
             f"{t.get('steps', '?')} steps; recorded val loss {t.get('val_loss', '?')}")
+    if section.get("status"):
+        note += f"\n  note: {section['status']}"
+    return note
 
 
-def corpus_splits() -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train, val)`` byte tokens of the bundled corpus (fixed split, SHA-256 checked)."""
-    return data.split(data.load_tokens(data.corpus_path(), sha256=data.CORPUS_SHA256))
+def corpus_splits(tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)`` token ids of the bundled corpus (tinyshakespeare, SHA-256 checked): the fixed split
+    of its bytes (:func:`flash_llm.data.split`), each part encoded by ``tokenizer`` (default: bytes)."""
+    train, val = data.split(data.load_tokens(data.corpus_path(), sha256=data.CORPUS_SHA256))
+    if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+        return train, val
+    return tokenizer.encode_bytes(train), tokenizer.encode_bytes(val)
 
 
 def not_lm_head(module: nn.Module, fqn: str) -> bool:
@@ -166,14 +228,14 @@ def prune(model: nn.Module, method: str, sparsity: float, calib: list[torch.Tens
     the per-layer targets come from :func:`flash_llm.prune.owl_sparsities`.  Returns the report."""
     from . import prune as P
 
+    if owl and method not in ("sparsegpt", "wanda"):
+        raise ValueError(f"--owl applies to wanda and sparsegpt, not {method}")
     target = P.owl_sparsities(model, calib, sparsity, filter_fn=filter_fn) if owl else sparsity
     if method == "sparsegpt":
         return P.sparsegpt_prune_(model, calib, target, filter_fn=filter_fn)
     if method == "wanda":
         return P.wanda_prune_(model, calib, target, filter_fn=filter_fn)
     if method == "magnitude":
-        if owl:
-            raise ValueError("owl applies to wanda and sparsegpt, not magnitude")
         return P.magnitude_prune_(model, sparsity, filter_fn=filter_fn, calib=calib)
     raise ValueError(f"method must be one of sparsegpt, wanda, magnitude here, got {method!r}")
 
@@ -190,44 +252,44 @@ def model_bytes(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# generation (full recompute over the last `context` tokens; no KV cache)
+# generation and decode speed (flash_llm.engine: static KV cache, CUDA graphs on a GPU)
 # ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample(model: nn.Module, prompt: torch.Tensor, n_tokens: int, *, context: int, seed: int,
-           temperature: float = 0.8) -> torch.Tensor:
-    """Continue ``prompt`` (int64 ``[T]``) by ``n_tokens`` tokens, each drawn from
-    ``softmax(logits / temperature)`` of the model on the last ``context`` tokens, with a CPU generator
-    seeded by ``seed`` (the same seed draws the same uniforms for any model).  Returns int64 ``[n_tokens]``."""
-    device = next(model.parameters(), torch.empty(0)).device
-    for b in model.buffers():
-        device = b.device
-        break
-    g = torch.Generator().manual_seed(seed)
-    ids = prompt.to(device=device, dtype=torch.long).reshape(1, -1)
-    out = []
-    for _ in range(n_tokens):
-        logits = logits_of(model(ids[:, -context:]))[0, -1].float()
-        probs = torch.softmax(logits / temperature, dim=-1).cpu()
-        nxt = torch.multinomial(probs, 1, generator=g)
-        out.append(int(nxt))
-        ids = torch.cat([ids, nxt.to(device).reshape(1, 1)], dim=1)
-    return torch.tensor(out, dtype=torch.long)
+def sample(model: nn.Module, prompt: torch.Tensor, n_tokens: int, *, seed: int, temperature: float = 0.8,
+           top_k: int | None = 40) -> torch.Tensor:
+    """``n_tokens`` tokens after ``prompt`` (int64 ``[T]``), sampled (``temperature``, ``top_k``) with a
+    generator seeded by ``seed`` on the model's device; stops early at the config's end-of-sequence
+    token.  Returns int64 ``[<= n_tokens]`` (CPU)."""
+    from .engine import Engine
+
+    engine = Engine(model, max_batch=1)
+    g = torch.Generator(device=engine.device).manual_seed(seed)
+    out = engine.generate([prompt.tolist()], n_tokens, temperature=temperature, top_k=top_k, generator=g)
+    return out.tokens[0, :int(out.lengths[0])]
 
 
-@torch.no_grad()
-def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, n_tokens: int, *, context: int,
-                        device: torch.device) -> float:
-    """Greedy decode speed, batch 1, tokens/s (CUDA-synchronized wall time after 3 warm-up tokens)."""
-    ids = prompt.to(device=device, dtype=torch.long).reshape(1, -1)
-    for _ in range(3):
-        model(ids[:, -context:])
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n_tokens):
-        nxt = logits_of(model(ids[:, -context:]))[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-    _sync(device)
-    return n_tokens / (time.perf_counter() - t0)
+def expanded_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every :class:`~flash_llm.SparseLinear` expanded to an ``nn.Linear`` holding
+    the same (decompressed, bit-identical) weight: for generating on a CPU, where ``flash_llm.spmm``'s
+    reference path would decompress every weight again for every token."""
+    import flash_llm
+
+    out = copy.deepcopy(model)
+    for fqn, m in list(out.named_modules()):
+        if isinstance(m, flash_llm.SparseLinear):
+            parent, _, name = fqn.rpartition(".")
+            setattr(out.get_submodule(parent), name, m.to_linear())
+    return out
+
+
+def decode_speed(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> tuple[float, float]:
+    """Greedy decode of ``n_tokens`` tokens at batch 1 through :class:`flash_llm.engine.Engine`, after one
+    warm-up generation (CUDA-graph capture, kernel loading): ``(tokens/s, median ms per token)``."""
+    from .engine import Engine
+
+    engine = Engine(model, max_batch=1)
+    engine.generate([prompt.tolist()], min(8, n_tokens), eos_token_id=None)
+    out = engine.generate([prompt.tolist()], n_tokens, eos_token_id=None)
+    return out.decode_tokens_per_s, 1e3 * out.tpot_s
 
 
 def _show_text(label: str, prompt: str, text: str) -> list[str]:
@@ -239,6 +301,9 @@ def _show_text(label: str, prompt: str, text: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # demo
 # ------------------------------------------------------------------------------------------------
+LOAD_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, OSError, ImportError)
+
+
 def cmd_demo(args) -> int:
     if args.layer:
         from . import cli
@@ -246,12 +311,12 @@ def cmd_demo(args) -> int:
         if args.model is not None:
             _err("--model and --layer exclude each other (--layer runs the synthetic-layer demo)")
             return EXIT_USAGE
-        for name, value in (("dtype", args.dtype), ("seed", args.seed)):
-            setattr(args, name, value if value is not None else {"dtype": "float16", "seed": 0}[name])
+        args.dtype = args.dtype or "float16"
+        args.seed = 0 if args.seed is None else args.seed
         return cli.cmd_demo(args)
     given = [f"--{n}" for n in _LAYER_ONLY if getattr(args, n) != args.layer_defaults[n]]
     if given:
-        _err(f"{', '.join(given)} belong(s) to the synthetic-layer demo: add --layer")
+        _err(f"{', '.join(given)}: option(s) of the synthetic-layer demo; add --layer")
         return EXIT_USAGE
     try:
         device = _device(args.device)
@@ -263,26 +328,43 @@ def cmd_demo(args) -> int:
     t_start = time.perf_counter()
     try:
         lm = load_model(args.model or DEFAULT_MODEL, dtype=dtype, device=device)
-    except (FileNotFoundError, NotADirectoryError, ValueError, OSError, ImportError) as e:
+    except LOAD_ERRORS as e:
         _err(str(e))
         return EXIT_USAGE
-    train, val = corpus_splits()
+    tok = lm.tokenizer
+    prompt_ids = tok.encode(args.prompt)
+    if prompt_ids.numel() == 0:
+        _err("--prompt is empty")
+        return EXIT_USAGE
+    room = lm.context - prompt_ids.numel() + 1  # the engine's cache holds the prompt and n - 1 new tokens
+    if args.gen_tokens is None:
+        args.gen_tokens = max(0, min(DEFAULT_GEN_TOKENS, room))
+    if args.gen_tokens and args.gen_tokens > room:
+        _err(f"--prompt ({prompt_ids.numel()} tokens) + --gen-tokens ({args.gen_tokens}) exceed the model's context "
+             f"of {lm.context} tokens")
+        return EXIT_USAGE
+    train, val = corpus_splits(tok)
     if args.eval_tokens is not None:
         val = val[:args.eval_tokens + 1]
-    seq_len = min(args.seq_len or lm.context, lm.context)
-    calib = data.calibration_batches(train, args.calib_seqs, seq_len, seed=seed)
+    seq_len = min(args.seq_len or min(lm.context, MAX_WINDOW), lm.context)
+    if args.calib_seqs is None:  # on a CPU 2048 tokens: enough for Hessians of up to 2048 inputs, and quick
+        args.calib_seqs = 128 if device.type == "cuda" else max(4, 2048 // seq_len)
+    calib = data.calibration_batches(train, args.calib_seqs, seq_len, seed=seed, batch_size=args.batch_size)
     where = "CPU" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} ({device})"
     method_label = f"{'OWL + ' if args.owl else ''}{args.method} {args.sparsity:.0%}"
     print(f"flash-llm demo: {lm.label}")
     note = _training_note(lm.config)
     if note:
         print(f"  {note}")
-    print(f"pruning with {method_label} (calibration: {args.calib_seqs} x {seq_len} tokens of the training split), "
-          f"{str(dtype).removeprefix('torch.')} on {where}")
+    print(f"pruning a copy with {method_label} (calibration: {args.calib_seqs} x {seq_len} tokens of the training "
+          f"split), {str(dtype).removeprefix('torch.')} on {where}")
     print()
 
     dense = lm.model
+    times = {"load": time.perf_counter() - t_start}
+    t0 = time.perf_counter()
     r_dense = evaluate(dense, val, seq_len=seq_len, batch_size=args.batch_size, desc="evaluate dense")
+    times["evaluate dense"] = time.perf_counter() - t0
     sparse = copy.deepcopy(dense)
     _sync(device)
     t0 = time.perf_counter()
@@ -292,16 +374,20 @@ def cmd_demo(args) -> int:
         _err(str(e))
         return EXIT_USAGE
     _sync(device)
-    t_prune = time.perf_counter() - t0
+    t_prune = times["prune"] = time.perf_counter() - t0
 
     import warnings
 
     import flash_llm
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*kept dense.*|.*skipped.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message="sparsify_ kept", category=UserWarning)  # lm_head: said below
+        t0 = time.perf_counter()
         conv = flash_llm.sparsify_(sparse)
+        times["compress"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     r_sparse = evaluate(sparse, val, seq_len=seq_len, batch_size=args.batch_size, desc="evaluate sparse")
+    times["evaluate sparse"] = time.perf_counter() - t0
 
     dense_total, sparse_total = model_bytes(dense), model_bytes(sparse)
     rows = [
@@ -322,52 +408,46 @@ def cmd_demo(args) -> int:
     print(f"(validation: {r_dense.tokens:,} tokens of the last 10 % of tinyshakespeare, windows of {seq_len}; "
           f"pruning took {t_prune:.1f} s; lm_head and embeddings stay dense)")
 
+    t0 = time.perf_counter()
     if args.gen_tokens:
-        prompt_ids = data.encode(args.prompt)
         print()
-        print(f"generated ({args.gen_tokens} tokens after {args.prompt!r}, temperature 0.8, seed {seed}):")
-        for label, m in (("dense", dense), (f"sparse, {method_label}", sparse)):
-            out = sample(m, prompt_ids, args.gen_tokens, context=lm.context, seed=seed)
-            print("\n".join(_show_text(label, args.prompt, data.decode(out))))
+        print(f"generated ({args.gen_tokens} tokens after {args.prompt!r}, temperature 0.8, top-k 40, seed {seed}):")
+        on_cpu = device.type == "cpu"
+        sparse_gen = expanded_copy(sparse) if on_cpu else sparse
+        for label, m in (("dense", dense), (f"sparse, {method_label}", sparse_gen)):
+            out = sample(m, prompt_ids, args.gen_tokens, seed=seed)
+            print("\n".join(_show_text(label, args.prompt, tok.decode(out))))
+        if on_cpu:
+            print("(on a CPU the sparse model generates with its compressed weights expanded once: flash_llm.spmm's "
+                  "CPU reference would expand them again for every token)")
+    times["generate"] = time.perf_counter() - t0
+    print()
+    t0 = time.perf_counter()
     if device.type == "cuda":
         from . import kernels
 
         ok, why = kernels.supported(device)
-        prompt_ids = data.encode(args.prompt)
-        tps_dense = decode_tokens_per_s(dense, prompt_ids, args.speed_tokens, context=lm.context, device=device)
-        tps_sparse = decode_tokens_per_s(sparse, prompt_ids, args.speed_tokens, context=lm.context, device=device)
-        print()
-        print(f"decode speed on {where}, batch 1, {args.speed_tokens} tokens, eager, no KV cache (each token "
-              f"recomputes its window): dense {tps_dense:.1f} tokens/s, sparse {tps_sparse:.1f} tokens/s "
-              f"({tps_sparse / tps_dense:.2f}x){'' if ok else f'; sparse kernels not used: {why}'}")
+        n = max(1, min(args.speed_tokens, lm.context - prompt_ids.numel() + 1))
+        tps_dense, ms_dense = decode_speed(dense, prompt_ids, n)
+        tps_sparse, ms_sparse = decode_speed(sparse, prompt_ids, n)
+        print(f"decode speed on {where}, batch 1, {n} tokens (flash_llm.engine: KV cache, CUDA graphs): "
+              f"dense {tps_dense:.0f} tokens/s ({ms_dense:.3f} ms/token), sparse {tps_sparse:.0f} tokens/s "
+              f"({ms_sparse:.3f} ms/token), {tps_sparse / tps_dense:.2f}x"
+              f"{'' if ok else f' (sparse kernels not used: {why})'}")
+        print("(a model this small is bound by kernel launches, not by weight bytes: the speed-up of the sparse "
+              "kernels shows on large layers, see benchmarks/RESULTS.md)")
     else:
-        print()
         print("decode speed: needs a CUDA GPU (on CPU flash_llm.spmm runs the PyTorch reference).")
-    print(f"total time {time.perf_counter() - t_start:.1f} s")
+    if device.type == "cuda":
+        times["decode speed"] = time.perf_counter() - t0
+    print(f"total time {time.perf_counter() - t_start:.1f} s ("
+          + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ")")
     return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------
 # prune
 # ------------------------------------------------------------------------------------------------
-def _gradual(model: nn.Module, tokens: torch.Tensor, sparsity: float, *, steps: int, batch_size: int, seq_len: int,
-             lr: float, seed: int):
-    from . import prune as P
-
-    model.float()
-    g = torch.Generator().manual_seed(seed)
-    gen = data.random_batches(tokens, batch_size, seq_len, generator=g)
-    batches = [torch.cat([x, y[:, -1:]], dim=1) for x, y in (next(gen) for _ in range(min(steps, 256)))]
-    wrapped = _NextToken(model)
-
-    def loss_fn(logits, batch):
-        return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                           batch[:, 1:].reshape(-1).to(logits.device))
-
-    return P.gradual_prune_(wrapped, batches, sparsity, steps=steps, loss_fn=loss_fn, lr=lr,
-                            filter_fn=lambda m, fqn: not_lm_head(m, fqn))
-
-
 class _NextToken(nn.Module):
     """``model`` fed ``batch[:, :-1]`` of a ``[B, T + 1]`` batch, returning its logits ``[B, T, V]``."""
 
@@ -379,10 +459,30 @@ class _NextToken(nn.Module):
         return logits_of(self.model(batch[:, :-1]))
 
 
+def _gradual(model: nn.Module, tokens: torch.Tensor, sparsity: float, *, steps: int, batch_size: int, seq_len: int,
+             lr: float, seed: int):
+    from . import prune as P
+
+    gen = data.random_batches(tokens, batch_size, seq_len, generator=torch.Generator().manual_seed(seed))
+    batches = [torch.cat([x, y[:, -1:]], dim=1) for x, y in (next(gen) for _ in range(min(steps, 256)))]
+
+    def loss_fn(logits, batch):
+        return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                           batch[:, 1:].reshape(-1).to(logits.device))
+
+    return P.gradual_prune_(_NextToken(model), batches, sparsity, steps=steps, loss_fn=loss_fn, lr=lr,
+                            filter_fn=not_lm_head)
+
+
 def cmd_prune(args) -> int:
+    import flash_llm
+
     out = Path(args.out)
     if out.exists() and not args.force:
         _err(f"--out {out} exists; pass --force to replace it")
+        return EXIT_USAGE
+    if args.owl and args.method not in ("sparsegpt", "wanda"):
+        _err(f"--owl applies to wanda and sparsegpt, not {args.method}")
         return EXIT_USAGE
     try:
         device = _device(args.device)
@@ -390,26 +490,28 @@ def cmd_prune(args) -> int:
         _err(str(e))
         return EXIT_USAGE
     try:
-        calib_tokens = data.load_tokens(args.calib)
+        raw = data.load_tokens(args.calib)
     except (FileNotFoundError, IsADirectoryError, ValueError, OSError) as e:
         _err(f"--calib: {e}")
         return EXIT_USAGE
-    train_dtype = torch.float32 if args.method == "gradual" else DTYPES[args.dtype]
-    try:
-        lm = load_model(args.model, dtype=train_dtype, device=device)
-    except (FileNotFoundError, NotADirectoryError, ValueError, OSError, ImportError) as e:
+    dtype = DTYPES[args.dtype]
+    try:  # gradual pruning trains in fp32; the result is cast to --dtype
+        lm = load_model(args.model, dtype=torch.float32 if args.method == "gradual" else dtype, device=device)
+    except LOAD_ERRORS as e:
         _err(str(e))
         return EXIT_USAGE
-    seq_len = min(args.seq_len or lm.context, lm.context)
+    calib_tokens = lm.tokenizer.encode_bytes(raw)
+    seq_len = min(args.seq_len or min(lm.context, MAX_WINDOW), lm.context)
     if calib_tokens.numel() < seq_len + 1:
-        _err(f"--calib {args.calib} has {calib_tokens.numel()} tokens; at least {seq_len + 1} are needed "
-             f"(one sequence of --seq-len {seq_len} plus its target)")
+        _err(f"--calib {args.calib} has {calib_tokens.numel()} tokens; at least {seq_len + 1} are needed (one "
+             f"sequence of --seq-len {seq_len} plus its next token)")
         return EXIT_USAGE
     t0 = time.perf_counter()
     try:
         if args.method == "gradual":
-            report = _gradual(lm.model, calib_tokens, args.sparsity, steps=args.steps, batch_size=args.batch_size,
-                              seq_len=seq_len, lr=args.lr, seed=args.seed)
+            report = _gradual(lm.model, calib_tokens.to(device), args.sparsity, steps=args.steps,
+                              batch_size=args.batch_size, seq_len=seq_len, lr=args.lr, seed=args.seed)
+            lm.model.to(dtype)
         else:
             calib = data.calibration_batches(calib_tokens, args.calib_seqs, seq_len, seed=args.seed,
                                              batch_size=args.batch_size)
@@ -419,23 +521,34 @@ def cmd_prune(args) -> int:
         return EXIT_USAGE
     _sync(device)
     elapsed = time.perf_counter() - t0
-    cfg = dict(lm.config)
+    cfg = {k: v for k, v in lm.config.items() if k not in ("quantization_config", "compression_config")}
     meta = dict(cfg.get("flash_llm") or {})
     meta["pruning"] = {"method": ("owl+" if args.owl else "") + args.method, "sparsity": args.sparsity,
                        "reached": round(report.sparsity, 6), "layers": len(report), "calib": str(args.calib),
-                       "seconds": round(elapsed, 1), "from": lm.source,
-                       "command": "flash-llm " + " ".join(sys.argv[1:]) if sys.argv else ""}
+                       "seconds": round(elapsed, 1), "from": str(lm.source)}
     cfg["flash_llm"] = meta
+    copy_from = None if args.model in bundled.NAMES else lm.source  # tokenizer and generation files
     try:
-        bundled.save_model_dir(lm.model, cfg, out, dtype=DTYPES[args.dtype], overwrite=args.force)
+        if args.format == "sparse-bitmask":
+            from .checkpoint import write_sparse_bitmask
+
+            write_sparse_bitmask(lm.model, out, config=cfg, overwrite=args.force, _copy_files_from=copy_from)
+            stored = "compressed-tensors sparse-bitmask checkpoint"
+        else:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="sparsify_ kept", category=UserWarning)
+                conv = flash_llm.sparsify_(lm.model)
+            flash_llm.save_pretrained(lm.model, out, config=cfg, overwrite=args.force, _copy_files_from=copy_from)
+            stored = f"flash-llm checkpoint, {len(conv.converted)} layers compressed (BitmapTiles)"
     except (FileExistsError, OSError) as e:
         _err(str(e))
         return EXIT_FAILURE
     if args.verbose:
         print(report)
     print(f"pruned {lm.label} with {meta['pruning']['method']} to {report.sparsity:.2%} over {len(report)} layers "
-          f"in {elapsed:.1f} s -> {out} (fp16 weights with exact zeros; flash_llm.sparsify_ compresses them "
-          "after loading)")
+          f"in {elapsed:.1f} s -> {out} ({stored}; load it with flash_llm.from_pretrained)")
     return EXIT_OK
 
 
@@ -455,20 +568,26 @@ def register_cli(subparsers) -> None:
                     "synthetic-layer demo: a random weight magnitude-pruned to each sparsity, compressed to "
                     "BitmapTiles and TiledCSL, checked and (on a GPU) timed.")
     p.add_argument("--model", metavar="NAME|DIR",
-                   help=f"a bundled model ({', '.join(bundled.NAMES)}; default {DEFAULT_MODEL}) or a model "
-                        "directory (config.json + model.safetensors, Llama, byte vocabulary)")
+                   help=f"a bundled model ({', '.join(bundled.NAMES)}; default {DEFAULT_MODEL}) or a Hugging Face "
+                        "checkpoint directory (Llama or OPT: config.json, *.safetensors and its tokenizer files, "
+                        "read through transformers)")
     p.add_argument("--method", choices=METHODS[:3], default="sparsegpt", help="pruning method (default: sparsegpt)")
     p.add_argument("--sparsity", type=sparsity_arg, default=0.5,
                    help="fraction of each pruned layer's weights set to zero, e.g. 0.5 or 50%% (default: 0.5)")
     p.add_argument("--owl", action="store_true", help="per-layer sparsities from OWL (wanda, sparsegpt)")
-    p.add_argument("--calib-seqs", type=_positive, default=32,
-                   help="calibration sequences from the training split (default: 32)")
+    p.add_argument("--calib-seqs", type=_positive, default=None,
+                   help="calibration sequences from the training split (default: 128 on a GPU; on a CPU 2048 "
+                        "tokens' worth, at least 4)")
     p.add_argument("--seq-len", type=_positive, default=None,
-                   help="tokens per calibration sequence and evaluation window (default: the model's context)")
+                   help=f"tokens per calibration sequence and evaluation window (default: the model's context, "
+                        f"at most {MAX_WINDOW})")
     p.add_argument("--eval-tokens", type=_positive, default=None,
                    help="validation tokens to score (default: the whole validation split)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="windows per evaluation pass (default: 16)")
-    p.add_argument("--gen-tokens", type=int, default=160, help="tokens generated by each model (0: none; default 160)")
+    p.add_argument("--batch-size", type=_positive, default=64,
+                   help="windows per evaluation or calibration pass (default: 64)")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help=f"tokens generated by each model (0: none; default {DEFAULT_GEN_TOKENS}, fewer if the "
+                        "context is shorter)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"generation prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--speed-tokens", type=_positive, default=128, help="tokens timed for decode speed on a GPU")
     p.add_argument("--layer", action="store_true", help="run the synthetic-layer demo instead")
@@ -482,12 +601,15 @@ def register_cli(subparsers) -> None:
 
     p = subparsers.add_parser(
         "prune", help="prune a model with calibration text and write it to a directory",
-        description="Prune MODEL (a bundled model's name or a model directory: config.json + model.safetensors) "
-                    "in place of its nn.Linear layers except lm_head, with calibration (or, for gradual, "
-                    "fine-tuning) sequences drawn from the text file --calib, and write config.json and "
-                    "model.safetensors (fp16, exact zeros; the config records the pruning) to --out. The output "
-                    "is written to a temporary directory and renamed, so an interrupted run leaves nothing.")
-    p.add_argument("model", metavar="MODEL", help=f"bundled model name ({', '.join(bundled.NAMES)}) or directory")
+        description="Prune every nn.Linear layer but lm_head of MODEL (a bundled model's name or a Hugging Face "
+                    "checkpoint directory, Llama or OPT) with calibration (or, for gradual, fine-tuning) sequences "
+                    "drawn from the text file --calib, and write the result to --out as a flash-llm checkpoint "
+                    "(pruned layers compressed; flash_llm.from_pretrained, or transformers after `import "
+                    "flash_llm`, loads it) or a compressed-tensors sparse-bitmask checkpoint. config.json records "
+                    "the pruning; the tokenizer files are copied. The output is written to a temporary directory "
+                    "and renamed, so an interrupted run leaves nothing.")
+    p.add_argument("model", metavar="MODEL",
+                   help=f"bundled model name ({', '.join(bundled.NAMES)}) or checkpoint directory")
     p.add_argument("--method", choices=METHODS, required=True,
                    help="sparsegpt, wanda, magnitude (one-shot) or gradual (magnitude while fine-tuning on --calib)")
     p.add_argument("--sparsity", type=sparsity_arg, required=True, help="e.g. 0.5 or 50%%, in [0, 1)")
@@ -496,12 +618,15 @@ def register_cli(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--owl", action="store_true", help="per-layer sparsities from OWL (wanda, sparsegpt)")
     p.add_argument("--calib-seqs", type=_positive, default=128, help="calibration sequences (default: 128)")
-    p.add_argument("--seq-len", type=_positive, default=None, help="tokens per sequence (default: the context)")
+    p.add_argument("--seq-len", type=_positive, default=None,
+                   help=f"tokens per sequence (default: the model's context, at most {MAX_WINDOW})")
     p.add_argument("--batch-size", type=_positive, default=16, help="sequences per forward pass (default: 16)")
     p.add_argument("--steps", type=_positive, default=500, help="gradual: fine-tuning steps (default: 500)")
     p.add_argument("--lr", type=float, default=5e-4, help="gradual: learning rate (default: 5e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="output dtype (default: float16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--format", choices=("flash-llm", "sparse-bitmask"), default="flash-llm",
+                   help="output checkpoint format (default: flash-llm)")
     p.add_argument("--verbose", action="store_true", help="print the per-layer pruning report")
     p.set_defaults(func=cmd_prune)

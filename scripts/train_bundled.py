@@ -224,7 +224,8 @@ def train(args: argparse.Namespace) -> dict:
         "final_train_loss": round(loss_f, 4),
         "curve": curve,
     }
-    cfg["flash_llm"] = {"tokenizer": "bytes (token id = byte value, vocabulary 256)",
+    cfg["flash_llm"] = {"tokenizer": bundled.BYTE_TOKENIZER,
+                        "tokenizer_note": "token id = byte value, vocabulary 256 (flash_llm.data)",
                         "split": "first 90 % of the bytes train, last 10 % validation (flash_llm.data.split)",
                         "training": record}
     with torch.no_grad():  # evaluate exactly the weights that are written: rounded to fp16

@@ -35,7 +35,7 @@ def test_bundled_model_files_and_config():
     d = bundled.path("tiny-shakespeare")
     size = (d / "model.safetensors").stat().st_size
     assert size <= 8_000_000, f"bundled weights are {size} bytes, over the 8 MB budget"
-    cfg = bundled.read_config(d)
+    cfg = json.loads((d / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert cfg["vocab_size"] == data.VOCAB_SIZE
     for key in ("hidden_size", "intermediate_size", "head_dim"):
@@ -54,7 +54,7 @@ def test_bundled_model_recorded_val_loss_reproduces():
     """The val loss in config.json is what evaluate gives on the validation split (first 16k tokens here,
     compared with a fresh evaluation of the whole split only in the GPU runs: the bound below is loose)."""
     model = bundled.load("tiny-shakespeare")
-    cfg = bundled.read_config(bundled.path())
+    cfg = json.loads((bundled.path() / "config.json").read_text())
     _, val = data.split(data.load_tokens(data.corpus_path()))
     r = evaluate(model, val, seq_len=cfg["flash_llm"]["training"]["seq_len"], max_tokens=16384, progress=False)
     assert r.loss < 0.8 * 5.545  # far better than uniform over 256 bytes (ln 256)
@@ -121,40 +121,31 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_load_dir_errors(tmp_path):
+    """Missing or unreadable model directories: errors (from flash_llm.from_pretrained) name the file."""
+    from flash_llm import FormatError
+
     cfg = _tiny_cfg()
-    with pytest.raises(FileNotFoundError, match="model directory .*nowhere' does not exist"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint directory"):
         bundled.load_dir(tmp_path / "nowhere")
     d = tmp_path / "d"
     d.mkdir()
-    with pytest.raises(FileNotFoundError, match=r"config.json does not exist"):
+    with pytest.raises(FormatError, match="config.json is missing"):
         bundled.load_dir(d)
     (d / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json is not valid JSON"):
-        bundled.load_dir(d)
-    (d / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2", architectures=["GPT2LMHeadModel"])))
-    with pytest.raises(ValueError, match="model_type is 'gpt2'.*Llama models only"):
+    with pytest.raises(FormatError, match="config.json is not valid JSON"):
         bundled.load_dir(d)
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FileNotFoundError, match="model.safetensors does not exist"):
+    with pytest.raises(FormatError, match="no model.safetensors"):
         bundled.load_dir(d)
     (d / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
+    with pytest.raises(FormatError, match="model.safetensors: not a readable safetensors file"):
         bundled.load_dir(d)
-    os.chmod(d / "model.safetensors", 0)
-    if os.access(d / "model.safetensors", os.R_OK):  # root reads anything
-        os.chmod(d / "model.safetensors", 0o644)
-    else:
-        with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
-            bundled.load_dir(d)
-        os.chmod(d / "model.safetensors", 0o644)
     bundled.save_model_dir(bundled.build_model(cfg), cfg, tmp_path / "good")
-    bigger = dict(cfg, intermediate_size=192)
-    (tmp_path / "good" / "config.json").write_text(json.dumps(bigger))
-    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\), "
-                                         r"config.json needs \(192, 64\)"):
+    (tmp_path / "good" / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=192)))
+    with pytest.raises(FormatError, match=r"tensor 'model.layers.0.mlp.\w+_proj.weight' has shape"):
         bundled.load_dir(tmp_path / "good")
     (tmp_path / "good" / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=2)))
-    with pytest.raises(ValueError, match=r"does not match config.json: missing \['model.layers.1"):
+    with pytest.raises(FormatError, match=r"tensor 'model.layers.1.self_attn.q_proj.weight' is missing"):
         bundled.load_dir(tmp_path / "good")
 
 
@@ -169,7 +160,7 @@ def test_training_script_smoke(tmp_path, capsys):
     assert [c[0] for c in curve] == [20, 40]
     assert record["val_loss"] < 0.75 * 5.545  # from ~ln(256) = 5.545 at initialisation
     assert curve[-1][2] < curve[0][2] or curve[-1][2] < 3.5
-    cfg = bundled.read_config(out)
+    cfg = json.loads((out / "config.json").read_text())
     assert cfg["flash_llm"]["training"]["val_loss"] == record["val_loss"]
     assert cfg["flash_llm"]["training"]["command"].startswith("python scripts/train_bundled.py")
     model = bundled.load_dir(out)
