@@ -11,7 +11,7 @@ Methods (every ``nn.Linear`` of the decoder layers is pruned; ``lm_head`` and th
   ``wanda``, ``sparsegpt``, ``owl-wanda`` and ``owl-sparsegpt`` (per-layer targets from OWL);
   calibration: ``--calib-seqs`` sequences of ``--seq-len`` tokens from the training split;
 * retrained (``--retrain-steps`` steps of ``--retrain-batch`` x ``--seq-len`` tokens of the training split,
-  Adam at ``--retrain-lr``): ``gradual`` (magnitude pruning on a cubic schedule while fine-tuning,
+  Adam, learning rate on a cosine from ``--retrain-lr`` to a tenth of it): ``gradual`` (magnitude pruning on a cubic schedule while fine-tuning,
   :func:`flash_llm.prune.gradual_prune_`), ``gradual-distill`` (the same plus ``--distill`` x KL to the
   dense model's predictions), ``sparsegpt-ft`` (SparseGPT, then fine-tuning with its mask fixed).
 
@@ -27,6 +27,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -87,6 +88,23 @@ class TrainBatches:
             yield torch.cat([x, y[:, -1:]], dim=1)
 
 
+class CosineAdam(torch.optim.Adam):
+    """Adam whose learning rate follows a cosine from ``lr`` down to ``lr * final_fraction`` over ``steps``
+    calls of :meth:`step` (``gradual_prune_`` takes any optimizer but runs no scheduler)."""
+
+    def __init__(self, params, lr: float, steps: int, final_fraction: float = 0.1):
+        super().__init__(params, lr=lr)
+        self.peak, self.total, self.final_fraction, self.t = lr, max(1, steps), final_fraction, 0
+
+    def step(self, closure=None):
+        progress = min(1.0, self.t / self.total)
+        lr = self.peak * (self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in self.param_groups:
+            group["lr"] = lr
+        self.t += 1
+        return super().step(closure)
+
+
 def next_token_loss(logits, batch):
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
@@ -102,7 +120,8 @@ def run_method(method, dense, sparsity, calib, train_tokens, args, device):
         owl = method.startswith("owl-")
         return model, prune(model, method.removeprefix("owl-"), sparsity, calib, owl=owl, filter_fn=filt)
     batches = TrainBatches(train_tokens, args.retrain_steps, args.retrain_batch, args.seq_len, args.seed)
-    common = dict(steps=args.retrain_steps, loss_fn=next_token_loss, lr=args.retrain_lr, progress=not args.quiet,
+    optimizer = CosineAdam([p for p in model.parameters() if p.requires_grad], args.retrain_lr, args.retrain_steps)
+    common = dict(steps=args.retrain_steps, loss_fn=next_token_loss, optimizer=optimizer, progress=not args.quiet,
                   filter_fn=lambda m, fqn: not_lm_head(m, fqn))
     wrapped = NextToken(model, amp)
     if method == "gradual":
@@ -194,8 +213,9 @@ def render(results, dense, env, args, targets) -> str:
              f"windows of {dense.seq_len})",
              f"* calibration: {args.calib_seqs} sequences x {args.seq_len} tokens of the training split "
              f"(seed {args.seed})",
-             f"* retraining: {args.retrain_steps} steps x {args.retrain_batch} x {args.seq_len} tokens, Adam lr "
-             f"{args.retrain_lr}, cubic schedule over the first 3/4 of the steps, mask updates every 10 steps; "
+             f"* retraining: {args.retrain_steps} steps x {args.retrain_batch} x {args.seq_len} tokens of the "
+             f"training split, Adam, lr cosine {args.retrain_lr} -> {args.retrain_lr / 10:g}; gradual: cubic "
+             f"sparsity schedule over the first 3/4 of the steps, masks updated every 10 steps; "
              f"distillation weight {args.distill}; bf16 autocast on a GPU: {env['amp']}",
              f"* card: {env['card']}; torch {env['torch']}; Python {env['python']}; flash-llm commit "
              f"{env['commit']}; {env['date']}",
@@ -235,9 +255,10 @@ def parse_args(argv=None):
     p.add_argument("--calib-seqs", type=int, default=128, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=None, help="sequence / window length (default: the context)")
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens (default: all)")
-    p.add_argument("--retrain-steps", type=int, default=400, help="training steps of the retrained methods")
+    p.add_argument("--retrain-steps", type=int, default=600, help="training steps of the retrained methods")
     p.add_argument("--retrain-batch", type=int, default=32, help="sequences per training step")
-    p.add_argument("--retrain-lr", type=float, default=5e-4, help="Adam learning rate of the retrained methods")
+    p.add_argument("--retrain-lr", type=float, default=1e-3,
+                   help="peak Adam learning rate of the retrained methods (cosine decay to a tenth)")
     p.add_argument("--distill", type=float, default=1.0, help="distillation weight of gradual-distill")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration and training batches")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

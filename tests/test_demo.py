@@ -304,3 +304,18 @@ def test_demo_on_gpu_reports_decode_speed(capsys):
     m = re.search(r"dense (\d+) tokens/s \(([\d.]+) ms/token\), sparse (\d+) tokens/s", out)
     assert m, out
     assert int(m[1]) > 0 and int(m[3]) > 0
+
+
+def test_demo_runs_without_transformers():
+    """A fresh `pip install flash-llm` has no transformers: the bundled-model demo must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; sys.modules['tokenizers'] = None\n"
+            "from flash_llm.cli import main\n"
+            "sys.exit(main(['demo', '--eval-tokens', '256', '--calib-seqs', '2', '--seq-len', '32', '--gen-tokens', "
+            "'8', '--device', 'cpu']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert "val loss (nats/token)" in r.stdout and "--- dense ---" in r.stdout
