@@ -9,8 +9,10 @@ seed, and on a GPU the decode speed of both.  ``flash-llm demo --layer`` runs th
 (prune one random weight, compress it to both formats, check and time them).
 
 ``flash-llm prune MODEL --method sparsegpt --sparsity 0.5 --calib FILE --out DIR`` prunes MODEL (a
-bundled model's name or a model directory) with calibration text from FILE and writes the pruned model
-(fp16, exact zeros, the same layout: ``config.json`` + ``model.safetensors``) to DIR atomically.
+bundled model's name or a Hugging Face checkpoint directory) with calibration text from FILE and writes
+it to DIR, atomically, as a flash-llm checkpoint (pruned layers compressed) or a sparse-bitmask one.
+
+``docs/pruning.md`` describes both commands, the bundled model and the benchmarks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
