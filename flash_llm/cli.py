@@ -4,7 +4,9 @@
   ``flash-llm demo --layer``: prune a synthetic layer, compress it to both formats, check and time them.
 * ``flash-llm info``: versions, the GPU, whether the CUDA kernels can run, NVRTC, the cubin cache.
 * ``flash-llm build``: compile the CUDA kernels ahead of time and report registers / spills / smem.
-* ``flash-llm inspect``: what a saved weight file holds (format, shape, density, bytes).
+* ``flash-llm inspect``: what a saved weight file or checkpoint directory holds (format, shape, density, bytes).
+* ``flash-llm convert`` / ``generate`` / ``bench``: checkpoints, text generation, benchmarks
+  (``flash_llm/checkpoint/cli.py``).
 
 :func:`main` takes ``argv`` and returns the exit status (0 ok, 1 failure, 2 usage or input error), so
 tests call it directly.  Tables go to stdout as plain aligned text, progress bars (tqdm) and errors
@@ -34,7 +36,7 @@ DEMO_MAX_REL_ERR = 1e-2
 _SLEEP_CYCLES = 1_000_000  # about 0.5 ms of GPU clock: longer than Python takes to queue one call
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Modules that define more subcommands through a ``register_cli(subparsers)`` function, in help order.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("flash_llm.demo",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("flash_llm.demo", "flash_llm.checkpoint.cli")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,6 +431,13 @@ def cmd_build(args) -> int:
 def cmd_inspect(args) -> int:
     status = EXIT_OK
     for i, path in enumerate(args.paths):
+        if os.path.isdir(path):  # a checkpoint directory (flash_llm/checkpoint/cli.py)
+            from flash_llm.checkpoint.cli import inspect_directory
+
+            if i:
+                print()
+            status = max(status, inspect_directory(path))
+            continue
         try:
             loaded = flash_llm.load(path)
         except FormatError as e:
@@ -516,12 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser(
-        "inspect", help="show the weights of a saved flash-llm file",
+        "inspect", help="show the weights of a saved flash-llm file or checkpoint directory",
         description="Load a file written by w.save(path) or flash_llm.save({...}, path), validating every "
                     "weight, and print per weight its name, format, shape, dtype, nonzeros, density, bytes and "
-                    "bytes per element, with totals. Exits 2 if a file is missing, corrupt or not a "
-                    "flash-llm file.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="safetensors file(s) written by flash-llm")
+                    "bytes per element, with totals. A directory is read as a Hugging Face checkpoint (dense, "
+                    "sparse-bitmask or flash-llm): per tensor its format, shape, dtype, nonzeros, density and "
+                    "bytes. Exits 2 if a file is missing, corrupt or not a flash-llm file.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="safetensors file(s) written by flash-llm, or checkpoint directories")
     p.set_defaults(func=cmd_inspect)
     return parser
 

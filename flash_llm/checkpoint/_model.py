@@ -4,7 +4,6 @@ tied (aliased) tensors, and the state dict a checkpoint stores."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 from typing import Iterator
 
@@ -35,35 +34,39 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _engine_from_config():
-    """``flash_llm.models.from_config`` when the engine package is installed, else None."""
-    if importlib.util.find_spec("flash_llm.models") is None:
-        return None
-    return getattr(importlib.import_module("flash_llm.models"), "from_config", None)
+def transformers_available() -> bool:
+    """Whether ``import transformers`` can work, without importing it."""
+    try:
+        return importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # blocked, or a sys.modules entry without a spec
+        return False
 
 
 def build_skeleton(config: dict, dtype: torch.dtype, backend: str = "auto") -> nn.Module:
     """A causal LM for the Hugging Face ``config`` dict with every parameter on ``meta``.
 
-    ``backend``: ``"flash"`` (``flash_llm.models``), ``"hf"`` (transformers' ``AutoModelForCausalLM``) or
-    ``"auto"`` (flash_llm.models when installed and it knows the architecture, else transformers).
+    ``backend``: ``"flash"`` (:func:`flash_llm.models.from_config`: OPT and Llama), ``"hf"`` (transformers'
+    ``AutoModelForCausalLM``, any architecture it knows) or ``"auto"`` (flash_llm.models for the
+    architectures it supports, else transformers).
     """
     if backend not in ("auto", "flash", "hf"):
         raise ValueError(f"backend must be 'auto', 'flash' or 'hf', got {backend!r}")
+    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
     if backend in ("auto", "flash"):
-        from_config = _engine_from_config()
-        if from_config is not None:
-            return from_config(config, dtype=dtype, device="meta")
-        if backend == "flash":
-            raise ImportError("backend='flash' needs flash_llm.models, which this installation does not have")
+        from ..models import ModelConfig, from_config
+
+        try:
+            model_config = ModelConfig.from_hf(cfg)
+        except ValueError:  # an architecture or option flash_llm.models does not support
+            if backend == "flash" or not transformers_available():
+                raise
+        else:
+            return from_config(model_config, dtype=dtype, device="meta")
     try:
         import transformers
     except ImportError:
-        raise ImportError(f"building a {config.get('model_type', '?')!r} model needs transformers "
-                          "(pip install 'flash-llm[hf]') or flash_llm.models") from None
-    cfg = dict(config)
-    for key in ("quantization_config", "compression_config"):  # what the weights hold is our business
-        cfg.pop(key, None)
+        raise ImportError(f"building a {cfg.get('model_type', '?')!r} model needs transformers "
+                          "(pip install 'flash-llm[hf]')") from None
     if "model_type" not in cfg:
         raise ValueError("config.json has no 'model_type'; cannot tell which model to build")
     hf_config = transformers.AutoConfig.for_model(**cfg)
@@ -147,8 +150,8 @@ def config_dict(model: nn.Module, config=None) -> dict:
         raise ValueError(f"{type(model).__name__} has no .config; pass config= (the Hugging Face config dict)")
     if isinstance(cfg, dict):
         out = dict(cfg)
-    elif hasattr(cfg, "to_hf_dict"):
-        out = cfg.to_hf_dict()
+    elif hasattr(cfg, "to_hf"):  # flash_llm.models.ModelConfig
+        out = cfg.to_hf()
     elif hasattr(cfg, "to_dict"):
         out = cfg.to_dict()
     else:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,16 +30,21 @@ from .. import __version__
 from ..formats import FORMATS, FormatError
 from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME
 from ..nn import SparseLinear
-from . import _model
+from . import _files, _model
 from .pretrained import FORMAT_VERSION, QUANT_METHOD, _parse_section, header_metadata, sparse_modules_section
 
 _AUTO = "transformers.quantizers.auto"
 
 
 def register() -> None:
-    """Register flash-llm's quantization config and quantizer with transformers (idempotent)."""
+    """Register flash-llm's quantization config and quantizer with transformers 5 (idempotent)."""
+    import transformers
     from transformers.quantizers import auto
 
+    major = transformers.__version__.split(".")[0]
+    if not major.isdigit() or int(major) < 5:
+        raise ImportError(f"flash-llm's transformers integration needs transformers >= 5 (found "
+                          f"{transformers.__version__})")
     if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
         return
     config_cls, quantizer_cls = _classes()
@@ -61,13 +66,7 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
         def exec_then_register(module):
             exec_module(module)
             _uninstall()
-            try:
-                register()
-            except (ImportError, AttributeError, TypeError, ValueError) as e:  # a transformers API we do not know
-                warnings.warn(f"flash-llm could not register its checkpoint format with transformers "
-                              f"{getattr(sys.modules.get('transformers'), '__version__', '?')}: {e}; "
-                              "load flash-llm checkpoints with flash_llm.from_pretrained", RuntimeWarning,
-                              stacklevel=2)
+            _register_or_warn()
 
         spec.loader.exec_module = exec_then_register
         return spec
@@ -81,12 +80,21 @@ def _uninstall() -> None:
         sys.meta_path.remove(_finder)
 
 
+def _register_or_warn() -> None:
+    try:
+        register()
+    except (ImportError, AttributeError, TypeError, ValueError) as e:  # a transformers API we do not know
+        warnings.warn(f"flash-llm could not register its checkpoint format with transformers "
+                      f"{getattr(sys.modules.get('transformers'), '__version__', '?')}: {e}; "
+                      "load flash-llm checkpoints with flash_llm.from_pretrained", RuntimeWarning, stacklevel=3)
+
+
 def install() -> None:
     """Make ``transformers`` know flash-llm checkpoints without importing it: register now if transformers'
     quantizers are already imported, else when they are; nothing when transformers is not installed."""
     if _AUTO in sys.modules:
-        register()
-    elif importlib.util.find_spec("transformers") is not None and _finder not in sys.meta_path:
+        _register_or_warn()
+    elif _model.transformers_available() and _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
 
 
@@ -114,6 +122,7 @@ class _Shell(SparseLinear):
 
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
+    sized = False  # whether its arrays have the checkpoint's lengths (read from the shard headers)
 
 
 def _define():
@@ -162,16 +171,25 @@ def _define():
         def validate_environment(self, *args, **kwargs):
             return None
 
-        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            files = [f for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
-            if files:
-                from safetensors import safe_open
+        def _read_headers(self, model, checkpoint_files) -> dict[str, tuple[int, ...]] | None:
+            """Tensor shapes by name and flash-llm header metadata of the checkpoint's shards (headers only), or
+            None when transformers does not say where they are and the model's path is not a local directory."""
+            files = [Path(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
+            if not files:
+                where = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+                if not where or not Path(where).is_dir():
+                    return None
+                files = _files.open_checkpoint(where).shards
+            self._source = str(files[0].parent)
+            keys: dict[str, tuple[int, ...]] = {}
+            for f in files:
+                shard = _files.Shard(f)
+                keys.update({k: shard.info(k).shape for k in shard.keys})
+                self._headers.update({k: v for k, v in shard.metadata.items() if k.endswith("_" + METADATA_KEY)})
+            return keys
 
-                self._source = str(files[0]).rsplit("/", 1)[0]
-                for f in files:
-                    with safe_open(str(f), framework="pt") as h:
-                        self._headers.update({k: v for k, v in (h.metadata() or {}).items()
-                                              if k.endswith("." + METADATA_KEY) or k.endswith("_" + METADATA_KEY)})
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+            keys = self._read_headers(model, checkpoint_files)
             for fqn, meta in self.quantization_config.sparse_modules.items():
                 try:
                     lin = model.get_submodule(fqn)
@@ -185,20 +203,33 @@ def _define():
                 if (lin.out_features, lin.in_features) != (m, k):
                     raise FormatError(f"sparse layer '{fqn}' is {m}x{k} in config.json's sparse_modules but the "
                                       f"model built from config.json has {lin.out_features}x{lin.in_features}")
+                if keys is not None:  # transformers would fill a missing tensor with garbage: refuse it here
+                    need = [f"{fqn}.weight_{n}" for n in FORMATS[meta["format"]]._arrays]
+                    need += [f"{fqn}.bias"] if lin.bias is not None else []
+                    for key in need:
+                        if key not in keys:
+                            raise FormatError(f"{self._source}: tensor '{key}' of sparse layer '{fqn}' is missing "
+                                              "(no shard holds it)")
                 shell = _Shell.zeros(k, m, bias=lin.bias is not None, fmt=FORMATS[meta["format"]],
                                      dtype=_DTYPES_BY_NAME[meta["dtype"]], device="meta")
+                if keys is not None:  # the arrays' real lengths: transformers' shape checks then pass as for any tensor
+                    for n in shell.weight_format._arrays:
+                        shell._buffers["weight_" + n] = torch.empty(keys[f"{fqn}.weight_{n}"], dtype=torch.int32,
+                                                                    device="meta")
+                    shell.sized = True
                 parent, _, name = fqn.rpartition(".")
                 setattr(model.get_submodule(parent), name, shell)
             return model
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-            # The arrays' lengths depend on the weight's nonzeros: no shape for transformers to check.
+            # Without the shard headers the shells' arrays have placeholder lengths (they depend on the weight's
+            # nonzeros): transformers 5 then skips its shape check for them.
             owner, _, attr = param_name.rpartition(".")
             try:
                 module = model.get_submodule(owner)
             except AttributeError:
                 return False
-            return isinstance(module, _Shell) and attr in ("weight_data", "weight_offsets")
+            return isinstance(module, _Shell) and not module.sized and attr in ("weight_data", "weight_offsets")
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             for fqn, meta in self.quantization_config.sparse_modules.items():

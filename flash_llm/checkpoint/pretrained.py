@@ -142,7 +142,8 @@ def _slots(module: nn.Module, aliases: dict, config: SparsifyConfig | None) -> d
         elif isinstance(m, nn.Linear):
             slot = _Slot(fqn, m.out_features, m.in_features, m.bias is not None, m.weight.dtype,
                          type(m).__name__, None)
-            if type(m).forward is not nn.Linear.forward or isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            if type(m).forward is not nn.Linear.forward or isinstance(
+                    m, nn.modules.linear.NonDynamicallyQuantizableLinear):  # read directly by MultiheadAttention
                 slot.keep_dense = f"{type(m).__name__} is not a plain nn.Linear"
             elif len(aliases.get(f"{fqn}.weight", ())) > 1:
                 others = [n for n in aliases[f"{fqn}.weight"] if n != f"{fqn}.weight"]
@@ -159,6 +160,103 @@ def _slots(module: nn.Module, aliases: dict, config: SparsifyConfig | None) -> d
             slot.keep_dense = "2^31 or more elements (the formats index with int32)"
         slots[fqn] = slot
     return slots
+
+
+@dataclass
+class Entry:
+    """One weight as :func:`iter_checkpoint` reads it.
+
+    ``kind`` ``"dense"``: ``value`` is the tensor ``key``; ``"flash-llm"``: ``value`` is the validated compressed
+    weight of layer ``key[:-7]`` (``key`` ends with ``.weight``); ``"sparse-bitmask"``: ``value`` holds the four
+    parts (by part name, plus ``"_name"``, the stored prefix) of the weight ``key``.  ``path`` is the shard
+    (for a weight spread over shards, the one holding its first part)."""
+
+    key: str
+    kind: str
+    value: object
+    path: Path
+
+
+def iter_checkpoint(files: _files.CheckpointFiles, kind: CheckpointKind, device="cpu", progress: bool = True):
+    """Read a checkpoint's shards one at a time and yield an :class:`Entry` per weight or other tensor, in
+    file order (tensors on ``device``; on CPU memory-mapped).  A flash-llm sparse layer is validated in full
+    against its header metadata and ``config.json``; the parts of a sparse-bitmask weight are gathered
+    (decompress them with :func:`sparse_bitmask.decompress`).  Raises FormatError naming file and tensor."""
+    device = torch.device(device)
+    header: dict[str, str] = {}
+    pending: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}
+    sparse_modules = kind.sparse_modules or {}
+    with _progress(total=len(files.tensors), desc="reading", unit="tensor", disable=not progress) as bar:
+        for path, keys in files.shard_keys().items():
+            shard = _files.Shard(path)
+            for k, v in shard.metadata.items():
+                if k != "format":
+                    if header.get(k, v) != v:
+                        raise FormatError(f"{path}: header metadata '{k}' differs from another shard's")
+                    header[k] = v
+            for key in keys:
+                bar.update(1)
+                group = None
+                if kind.kind == "flash-llm":
+                    owner, _, attr = key.rpartition(".")
+                    if attr.startswith("weight_") and attr[len("weight_"):] in _ARRAYS:
+                        if owner not in sparse_modules:
+                            raise FormatError(f"{path}: tensor '{key}' belongs to a sparse layer '{owner}' that "
+                                              "config.json's quantization_config.sparse_modules does not list "
+                                              "(wrong config.json)")
+                        group = (owner, attr[len("weight_"):])
+                elif kind.kind == "sparse-bitmask":
+                    group = sb.split_key(key)
+                if group is None:
+                    yield Entry(key, "dense", shard.get(key).to(device), path)
+                    continue
+                gname, part = group
+                parts = pending.setdefault(gname, {})
+                parts[part] = (shard.get(key).to(device), path)
+                if kind.kind == "flash-llm" and len(parts) == len(_ARRAYS):
+                    yield _flash_entry(gname, pending.pop(gname), sparse_modules[gname], header)
+                elif kind.kind == "sparse-bitmask" and len(parts) == len(sb.PARTS):
+                    parts = pending.pop(gname)
+                    first = min((f for _, f in parts.values()), key=lambda f: f.name)
+                    value = {p: t for p, (t, _) in parts.items()}
+                    value["_name"] = gname
+                    yield Entry(gname if gname.endswith(".weight") else gname + ".weight", kind.kind, value, first)
+            del shard
+    for gname, parts in pending.items():
+        if kind.kind == "flash-llm":
+            names, have = [f"{gname}.weight_{n}" for n in _ARRAYS], {f"{gname}.weight_{p}": f
+                                                                      for p, (_, f) in parts.items()}
+        else:
+            names, have = [f"{gname}.{p}" for p in sb.PARTS], {f"{gname}.{p}": f for p, (_, f) in parts.items()}
+        missing = [n for n in names if n not in have]
+        name, f = next(iter(have.items()))
+        raise FormatError(f"{files.path}: tensor '{missing[0]}' is missing (no shard holds it; '{name}' is in "
+                          f"{f.name})")
+
+
+def _flash_entry(fqn: str, parts: dict[str, tuple[torch.Tensor, Path]], declared: dict,
+                 header: dict[str, str]) -> Entry:
+    path = parts["data"][1]
+    meta_key = f"{fqn}.weight_{METADATA_KEY}"
+    if meta_key not in header:
+        raise FormatError(f"{path}: no format metadata '{meta_key}' in the header of the shard holding "
+                          f"'{fqn}.weight_data'")
+    try:
+        stored = json.loads(header[meta_key])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: header metadata '{meta_key}' is not valid JSON ({e})") from None
+    if not isinstance(stored, dict):
+        raise FormatError(f"{path}: header metadata '{meta_key}' is not a JSON object")
+    for field in ("format", "version", "dtype", "shape"):
+        if stored.get(field) != declared.get(field):
+            raise FormatError(f"{path}: '{fqn}' has {field} {stored.get(field)!r} in the shard header but "
+                              f"{declared.get(field)!r} in config.json's sparse_modules")
+    prefix = f"{fqn}.weight_"
+    arrays = {prefix + n: t for n, (t, _) in parts.items()}
+    w = FORMATS[stored["format"]].from_state(arrays, {meta_key: header[meta_key]}, prefix=prefix, source=str(path))
+    if w.device.type == "cpu":  # validation's temporaries
+        _trim_host_heap()
+    return Entry(f"{fqn}.weight", "flash-llm", w, path)
 
 
 class _Loader:
@@ -186,61 +284,17 @@ class _Loader:
                 self.expected[f"{fqn}.bias"] = ((s.out_features,), s.dtype)
         self.non_persistent = _model.non_persistent_buffers(module)
         self.values: dict[str, torch.Tensor | SparseFormat] = {}
-        self.sources: dict[str, Path] = {}
         self.report = SparsifyReport()
-        self.header_meta: dict[str, str] = {}
 
     # -- the pass --
     def run(self) -> None:
-        pending: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}
-        sparse_modules = self.kind.sparse_modules or {}
-        total = len(self.files.tensors)
-        with _progress(total=total, desc="loading", unit="tensor", disable=not self.progress) as bar:
-            for path, keys in self.files.shard_keys().items():
-                shard = _files.Shard(path)
-                for k, v in shard.metadata.items():
-                    if k == "format":
-                        continue
-                    if self.header_meta.get(k, v) != v:
-                        raise FormatError(f"{path}: header metadata '{k}' differs from another shard's")
-                    self.header_meta[k] = v
-                for key in keys:
-                    bar.update(1)
-                    group = self._group_of(key, sparse_modules)
-                    if group is None:
-                        self._place(key, shard.get(key), path)
-                        continue
-                    gname, part = group
-                    parts = pending.setdefault(gname, {})
-                    parts[part] = (shard.get(key), path)
-                    if self.kind.kind == "flash-llm" and len(parts) == len(_ARRAYS):
-                        self._place_flash(gname, pending.pop(gname))
-                    elif self.kind.kind == "sparse-bitmask" and len(parts) == len(sb.PARTS):
-                        self._place_bitmask(gname, pending.pop(gname))
-                del shard
-        for gname, parts in pending.items():
-            names = [f"{gname}.weight_{n}" for n in _ARRAYS] if self.kind.kind == "flash-llm" else \
-                [f"{gname}.{p}" for p in sb.PARTS]
-            have = {f"{gname}.weight_{p}" if self.kind.kind == "flash-llm" else f"{gname}.{p}": f
-                    for p, (_, f) in parts.items()}
-            missing = [n for n in names if n not in have]
-            first = next(iter(have.items()))
-            raise FormatError(f"{self.files.path}: tensor '{missing[0]}' is missing (no shard holds it; "
-                              f"'{first[0]}' is in {first[1].name})")
-
-    def _group_of(self, key: str, sparse_modules: dict) -> tuple[str, str] | None:
-        if self.kind.kind == "flash-llm":
-            owner, _, attr = key.rpartition(".")
-            if attr.startswith("weight_") and attr[len("weight_"):] in _ARRAYS:
-                if owner not in sparse_modules:
-                    raise FormatError(f"{self.files.tensors[key].file}: tensor '{key}' belongs to a sparse layer "
-                                      f"'{owner}' that config.json's quantization_config.sparse_modules does not "
-                                      "list (wrong config.json)")
-                return owner, attr[len("weight_"):]
-            return None
-        if self.kind.kind == "sparse-bitmask":
-            return sb.split_key(key)
-        return None
+        for e in iter_checkpoint(self.files, self.kind, self.device, self.progress):
+            if e.kind == "dense":
+                self._place(e.key, e.value, e.path)
+            elif e.kind == "flash-llm":
+                self._place_flash(e.key, e.value, e.path)
+            else:
+                self._place_bitmask(e.key, e.value, e.path)
 
     # -- placing values --
     def _check_known(self, key: str, path: Path) -> bool:
@@ -270,42 +324,17 @@ class _Loader:
             t = t.to(want)
         owner = key[: -len(".weight")] if key.endswith(".weight") else None
         slot = self.slots.get(owner) if owner is not None else None
-        self.sources[key] = path
         self.values[key] = self._decide(slot, t) if slot is not None else t
 
-    def _place_flash(self, fqn: str, parts: dict[str, tuple[torch.Tensor, Path]]) -> None:
-        path = parts["data"][1]
-        key = f"{fqn}.weight"
+    def _place_flash(self, key: str, w: SparseFormat, path: Path) -> None:
         if not self._check_known(key, path):
             return
-        meta_key = f"{fqn}.weight_{METADATA_KEY}"
-        if meta_key not in self.header_meta:
-            raise FormatError(f"{path}: no format metadata '{meta_key}' in the header of the shard holding "
-                              f"'{fqn}.weight_data'")
-        declared = (self.kind.sparse_modules or {})[fqn]
-        try:
-            header = json.loads(self.header_meta[meta_key])
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}: header metadata '{meta_key}' is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise FormatError(f"{path}: header metadata '{meta_key}' is not a JSON object")
-        for field in ("format", "version", "dtype", "shape"):
-            if header.get(field) != declared.get(field):
-                raise FormatError(f"{path}: '{fqn}' has {field} {header.get(field)!r} in the shard header but "
-                                  f"{declared.get(field)!r} in config.json's sparse_modules")
-        self._check_shape(key, header["shape"], path)
-        cls = FORMATS[header["format"]]
-        prefix = f"{fqn}.weight_"
-        arrays = {prefix + n: t.to(self.device) for n, (t, _) in parts.items()}
-        w = cls.from_state(arrays, {meta_key: self.header_meta[meta_key]}, prefix=prefix, source=str(path))
-        slot = self.slots[fqn]
-        self.sources[key] = path
-        self.values[key] = self._decide(slot, w)
+        self._check_shape(key, w.shape, path)
+        self.values[key] = self._decide(self.slots[key[: -len(".weight")]], w)
 
-    def _place_bitmask(self, pname: str, parts: dict[str, tuple[torch.Tensor, Path]]) -> None:
-        path = parts["bitmask"][1]
-        key = pname if pname.endswith(".weight") else pname + ".weight"
+    def _place_bitmask(self, key: str, parts: dict[str, torch.Tensor], path: Path) -> None:
         owner = key[: -len(".weight")]
+        pname = parts.pop("_name")
         slot = self.slots.get(owner)
         if slot is None:
             self._check_known(key, path)
@@ -315,11 +344,10 @@ class _Loader:
             raise FormatError(f"{path}: '{pname}' is stored in sparse-bitmask form but config.json's "
                               f"sparsity_config does not target '{owner}' (targets "
                               f"{list(self.kind.bitmask.targets or [])}, ignore {list(self.kind.bitmask.ignore)})")
-        dense = sb.decompress({p: t.to(self.device) for p, (t, _) in parts.items()}, pname, str(path))
+        dense = sb.decompress(parts, pname, str(path))
         self._check_shape(key, dense.shape, path)
         if not dense.dtype.is_floating_point:
             raise FormatError(f"{path}: '{pname}.compressed' is not floating point")
-        self.sources[key] = path
         self.values[key] = self._decide(slot, dense.to(slot.dtype))
 
     def _decide(self, slot: _Slot, w) -> torch.Tensor | SparseFormat:
@@ -349,6 +377,8 @@ class _Loader:
             return w
         dense = w.to_dense() if isinstance(w, SparseFormat) else w
         c = fmt.from_dense(dense.to(slot.dtype))
+        if c.device.type == "cpu":
+            _trim_host_heap()
         dense_bytes = _tensor_bytes(dense)
         if c.nbytes >= dense_bytes:
             self.report.skipped.append(SkippedLayer(slot.fqn, f"compressed weight ({fmt.__name__}, "
@@ -377,6 +407,9 @@ class _Loader:
             if owner in self.slots and self.kind.kind == "flash-llm" and owner in (self.kind.sparse_modules or {}):
                 hint = f" (a sparse layer: expected '{owner}.weight_data' and '{owner}.weight_offsets')"
             raise FormatError(f"{self.files.path}: tensor '{key}' is missing (no shard holds it){hint}")
+        for fqn, slot in self.slots.items():  # weights that arrive as another tensor's alias (tied lm_head)
+            if f"{fqn}.weight" not in loaded and isinstance(self.mode, SparsifyConfig):
+                self.report.skipped.append(SkippedLayer(fqn, slot.keep_dense or "weight is tied to another tensor"))
         # tied tensors stored more than once must agree
         for key in loaded:
             for other in self.aliases.get(key, ()):
@@ -427,10 +460,35 @@ class _Loader:
                 dst_mod._parameters[dattr] = tensor
             else:
                 dst_mod._buffers[dattr] = tensor
-        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        # (non-persistent buffers are the module's own business: flash_llm.models computes them on first use)
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()]
+                if t.is_meta and n not in self.non_persistent]
         if left:
             raise FormatError(f"{self.files.path}: after loading, {len(left)} tensor(s) of the model have no data "
-                              f"(first: '{left[0]}'); non-persistent buffers must be created on a real device")
+                              f"(first: '{left[0]}')")
+
+
+_LIBC = None
+
+
+def _trim_host_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``).  Compressing a layer on the CPU
+    frees several times its dense size of temporaries; glibc keeps such blocks in the heap, where the
+    compressed arrays allocated between them fragment it, so without this the resident memory of a CPU
+    conversion grows by several layers' worth beyond the compressed model.  A no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+        try:
+            lib = ctypes.CDLL(name) if name else False
+        except OSError:
+            lib = False
+        _LIBC = lib if lib is not False and hasattr(lib, "malloc_trim") else False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def _mode(sparsify, kind: CheckpointKind):
@@ -510,10 +568,18 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path) -> t
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         return dtype
     declared = config_dtype(config)
+    if declared is None:  # as transformers' dtype="auto": the weights' own floating dtype
+        found = {t.dtype for t in _files.open_checkpoint(source.parent).tensors.values() if t.dtype.startswith(
+            ("F", "BF"))}
+        declared = {"F16": torch.float16, "BF16": torch.bfloat16}.get(next(iter(found))) if len(found) == 1 else None
+        if declared is None:
+            raise ValueError(f"{source} declares no dtype and the weights are {sorted(found) or 'not floating'}; "
+                             "pass dtype=torch.float16 or torch.bfloat16 (flash-llm convert: --dtype)")
     if declared in VALUE_DTYPES:
         return declared
     raise ValueError(f"{source} declares dtype {config.get('dtype', config.get('torch_dtype'))!r}; the sparse "
-                     "formats hold fp16/bf16 values: pass dtype=torch.float16 or torch.bfloat16")
+                     "formats hold fp16/bf16 values: pass dtype=torch.float16 or torch.bfloat16 "
+                     "(flash-llm convert: --dtype)")
 
 
 def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
@@ -521,7 +587,7 @@ def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
                     output_report: bool = False, progress: bool = True):
     """Load a Hugging Face checkpoint directory as a model with compressed sparse layers.
 
-    The model is built on the ``meta`` device (``flash_llm.models`` when installed, else
+    The model is built on the ``meta`` device (``flash_llm.models`` for OPT and Llama, else
     ``transformers.AutoModelForCausalLM``; ``backend="flash"`` / ``"hf"`` chooses) and filled by
     :func:`load_checkpoint`: a flash-llm checkpoint loads as saved (memory-mapped, fully validated), a dense
     or ``sparse-bitmask`` one is compressed layer by layer while the shards stream by.

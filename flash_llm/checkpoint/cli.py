@@ -1,0 +1,293 @@
+"""Command-line workflows around checkpoints: ``flash-llm convert``, ``flash-llm generate``, ``flash-llm bench``,
+and what ``flash-llm inspect`` shows for a checkpoint directory (:func:`inspect_directory`)."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..formats import FormatError, SparseFormat
+from ..cli import EXIT_OK, EXIT_USAGE, _err, _int, _table
+from . import _files
+from . import sparse_bitmask as sb
+from .pretrained import checkpoint_kind, convert, from_pretrained, iter_checkpoint
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+BENCHMARKS = {"kernel": "bench_spmm.py", "e2e": "bench_e2e.py", "checkpoint": "bench_checkpoint.py"}
+_INPUT_ERRORS = (FormatError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError,
+                 ImportError)
+
+
+def _fraction(text: str) -> float:
+    """``0.5`` or ``50%`` -> 0.5."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.5 or a percentage like 50%, got {text!r}") \
+            from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity must be between 0 and 1 (0 % and 100 %), got {text!r}")
+    return v
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text}: CUDA is not available on this machine")
+    return dev
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+# ---- convert ---------------------------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    t0 = time.perf_counter()
+    try:
+        report = convert(args.input, args.output, format=args.format, min_sparsity=args.min_sparsity,
+                         dtype=DTYPES.get(args.dtype), device=args.device, max_shard_size=args.max_shard_size,
+                         overwrite=args.overwrite, backend=args.backend)
+    except _INPUT_ERRORS as e:
+        _err(str(e))
+        return EXIT_USAGE
+    elapsed = time.perf_counter() - t0
+    print(report)
+    src, dst = Path(args.input), Path(args.output)
+    what = "compressed-tensors sparse-bitmask" if args.format == sb.FORMAT else f"flash-llm ({args.format})"
+    print(f"wrote {dst} ({what} checkpoint): {_int(_dir_bytes(dst))} bytes on disk, input "
+          f"{_int(_dir_bytes(src))} bytes; {elapsed:.1f} s")
+    return EXIT_OK
+
+
+# ---- inspect (directories) ------------------------------------------------------------------------------
+
+def inspect_directory(path) -> int:
+    """Print per weight of checkpoint directory ``path`` its name, format, shape, dtype, nonzeros, density and
+    bytes, with totals (every sparse layer is validated); return the exit status."""
+    try:
+        files = _files.open_checkpoint(path)
+        kind = checkpoint_kind(files.config, files.path / _files.CONFIG_NAME)
+        rows, totals = [], {"elems": 0, "nnz": 0, "bytes": 0, "dense": 0}
+        for e in iter_checkpoint(files, kind):
+            if e.kind == "flash-llm":
+                w: SparseFormat = e.value
+                shape, dtype, nnz, nbytes, fmt = w.shape, w.dtype, w.nnz, w.nbytes, type(w).__name__
+            elif e.kind == "sparse-bitmask":
+                parts = {p: e.value[p] for p in sb.PARTS}
+                dense = sb.decompress(parts, e.value["_name"], str(e.path))  # validates
+                shape, dtype, nnz, fmt = tuple(dense.shape), dense.dtype, int(parts["compressed"].numel()), sb.FORMAT
+                nbytes = sum(t.numel() * t.element_size() for t in parts.values())
+            else:
+                t = e.value
+                shape, dtype, fmt = tuple(t.shape), t.dtype, "dense"
+                nnz, nbytes = int(torch.count_nonzero(t)), t.numel() * t.element_size()
+            elems = 1
+            for s in shape:
+                elems *= s
+            totals["elems"] += elems
+            totals["nnz"] += nnz
+            totals["bytes"] += nbytes
+            totals["dense"] += elems * torch.empty((), dtype=dtype).element_size()
+            rows.append([e.key, fmt, "x".join(map(str, shape)) or "scalar", str(dtype).removeprefix("torch."),
+                         _int(nnz), f"{nnz / elems:.4f}" if elems else "-", _int(nbytes)])
+    except (FormatError, FileNotFoundError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    model = files.config.get("model_type", "?")
+    print(f"{files.path}: {kind.kind} checkpoint ({model}), {len(files.shards)} shard(s), {len(rows)} weights, "
+          f"{_int(files.nbytes)} bytes on disk")
+    sparse_rows = [r for r in rows if r[1] != "dense"]
+    elems = totals["elems"]
+    rows.append(["total", f"{len(sparse_rows)} sparse", "", "", _int(totals["nnz"]),
+                 f"{totals['nnz'] / elems:.4f}" if elems else "-", _int(totals["bytes"])])
+    print("\n".join(_table(["name", "format", "shape", "dtype", "nnz", "density", "bytes"], rows, "lllllrr")))
+    print(f"dense equivalent: {_int(totals['dense'])} bytes; this checkpoint's tensors take "
+          f"{totals['bytes'] / totals['dense']:.3f}x of that" if totals["dense"] else "")
+    return EXIT_OK
+
+
+# ---- generate ---------------------------------------------------------------------------------------------
+
+class _Bytes:
+    """The byte tokenizer: token id = byte value (vocabulary 256), text as UTF-8."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class _HFTokenizer:
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(os.fspath(path))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _tokenizer(choice: str, path: Path, config: dict):
+    if choice == "bytes":
+        return _Bytes()
+    if choice != "auto":
+        return _HFTokenizer(Path(choice))
+    if any((path / f).exists() for f in _TOKENIZER_FILES):
+        return _HFTokenizer(path)
+    declared = config.get("flash_llm", {}).get("tokenizer", "") if isinstance(config.get("flash_llm"), dict) else ""
+    if str(declared).startswith("bytes") or config.get("vocab_size") == 256:
+        return _Bytes()
+    raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}) and does not declare the byte "
+                     "tokenizer; pass --tokenizer DIR (a Hugging Face tokenizer) or --tokenizer bytes")
+
+
+def cmd_generate(args) -> int:
+    from ..engine import Engine
+
+    path = Path(args.path)
+    try:
+        model = from_pretrained(path, device=args.device, dtype=DTYPES.get(args.dtype), backend="flash")
+        tok = _tokenizer(args.tokenizer, path, _files.read_json(path / _files.CONFIG_NAME, "config.json"))
+        ids = tok.encode(args.prompt)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
+        bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"the prompt has token id {bad[0]} outside the model's vocabulary "
+                             f"({model.config.vocab_size}); wrong --tokenizer?")
+        engine = Engine(model, max_batch=1, max_seq=len(ids) + args.max_new_tokens)
+    except _INPUT_ERRORS as e:
+        _err(str(e))
+        return EXIT_USAGE
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    print(args.prompt, end="", flush=True)
+    new: list[int] = []
+    shown = ""
+    stop = {"eos_token_id": None} if args.ignore_eos else {}
+    for step in engine.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, generator=generator, **stop):
+        new.append(int(step[0]))
+        text = tok.decode(new)
+        if isinstance(tok, _Bytes):  # print only whole characters while streaming
+            text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(bytes(new), final=False)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+    final = tok.decode(new)
+    print(final[len(shown):])
+    g = engine.last
+    print(f"{len(new)} new tokens; time to first token {g.ttft_s * 1e3:.1f} ms, "
+          f"{g.decode_tokens_per_s:.1f} tokens/s after it ({str(engine.dtype).removeprefix('torch.')} on "
+          f"{args.device})", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---- bench ------------------------------------------------------------------------------------------------
+
+def benchmarks_dir() -> Path:
+    """``benchmarks/`` of the source checkout this flash-llm runs from."""
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def cmd_bench(args) -> int:
+    script = benchmarks_dir() / BENCHMARKS[args.which]
+    if not script.is_file():
+        _err(f"{script} not found: `flash-llm bench` runs the scripts of a flash-llm source checkout "
+             "(pip install -e .)")
+        return EXIT_USAGE
+    spec = importlib.util.spec_from_file_location(f"_flash_llm_bench_{args.which}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec.loader.exec_module(module)
+        rc = module.main(list(args.args))
+    except SystemExit as e:  # argparse --help / usage errors inside the script
+        rc = e.code if isinstance(e.code, int) else EXIT_USAGE
+    finally:
+        if sys.path and sys.path[0] == str(script.parent):
+            sys.path.pop(0)
+    return rc if isinstance(rc, int) else EXIT_OK
+
+
+# ---- parsers ----------------------------------------------------------------------------------------------
+
+def register_cli(sub) -> None:
+    """Add ``convert``, ``generate`` and ``bench`` to the ``flash-llm`` subcommands."""
+    p = sub.add_parser(
+        "convert", help="convert a pruned checkpoint directory into a compact flash-llm (or sparse-bitmask) one",
+        description="Read a Hugging Face checkpoint directory (config.json + safetensors): dense (a pruned model "
+                    "saved by transformers), compressed-tensors sparse-bitmask, or flash-llm. Every linear layer "
+                    "with at least --min-sparsity zeros is compressed (lm_head and tied weights stay dense), shard "
+                    "by shard, and the result is written to OUT as a flash-llm checkpoint that flash_llm."
+                    "from_pretrained and transformers (after `import flash_llm`) load. OUT is written under a "
+                    "temporary name and renamed when complete; an existing OUT is kept unless --overwrite. Exits "
+                    "2 for a missing, inconsistent or unsupported input (naming the file and tensor).")
+    p.add_argument("input", metavar="IN", help="checkpoint directory to read")
+    p.add_argument("output", metavar="OUT", help="directory to write")
+    p.add_argument("--format", choices=["bitmap", "tiled-csl", sb.FORMAT], default="bitmap",
+                   help="bitmap (BitmapTiles, default) or tiled-csl (TiledCSL): a flash-llm checkpoint; "
+                        "sparse-bitmask: a compressed-tensors checkpoint")
+    p.add_argument("--min-sparsity", type=_fraction, default=0.3, metavar="S",
+                   help="compress layers with at least this fraction of zeros, e.g. 0.5 or 50%% (default: 0.3)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="value dtype (default: config.json's; required for a "
+                                                            "float32 checkpoint)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where to compress: cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--backend", choices=["auto", "flash", "hf"], default="auto",
+                   help="model skeleton used to find the linear layers: flash_llm.models (OPT, Llama), "
+                        "transformers, or auto (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "generate", help="generate text with a checkpoint (compressed layers, KV cache)",
+        description="Load a checkpoint directory (any kind convert reads; dense ones are compressed on load) into "
+                    "flash_llm.models and generate from --prompt with flash_llm.engine.Engine, printing tokens as "
+                    "they come. Tokenizer: the directory's Hugging Face tokenizer files, or the byte tokenizer "
+                    "(token id = byte) for a byte-level model such as the bundled one.")
+    p.add_argument("path", metavar="PATH", help="checkpoint directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default="auto", help="auto (default), bytes, or a tokenizer directory")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "bench", help="run a benchmark: kernel (spmm vs cuBLAS), e2e (generation), checkpoint (load/convert)",
+        description="Run benchmarks/bench_spmm.py (kernel), benchmarks/bench_e2e.py (e2e) or "
+                    "benchmarks/bench_checkpoint.py (checkpoint) of this source checkout with the remaining "
+                    "arguments (e.g. `flash-llm bench kernel --quick --out results/`); each writes JSON/CSV and "
+                    "PNG plots. `flash-llm bench kernel -- --help` shows a script's options.")
+    p.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
+    p.set_defaults(func=cmd_bench)

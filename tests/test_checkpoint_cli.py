@@ -1,0 +1,148 @@
+"""``flash-llm convert / inspect / generate / bench`` end to end on tiny Llama and OPT checkpoints (CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm import SparseLinear
+from flash_llm.cli import main
+from flash_llm.engine import Engine
+
+from _ckpt import hf_model, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+ROW = re.compile(r"^(?P<name>\S+)\s+(?P<format>dense|BitmapTiles|TiledCSL|sparse-bitmask)\s+(?P<shape>[\dx]+)\s+"
+                 r"(?P<dtype>\w+)\s+(?P<nnz>[\d,]+)\s+(?P<density>[\d.]+)\s+(?P<bytes>[\d,]+)$")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def inspect_rows(out: str) -> dict[str, dict]:
+    return {m["name"]: m.groupdict() for m in map(ROW.match, out.splitlines()) if m}
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def dense(request, tmp_path_factory):
+    """A byte-level (vocabulary 256) pruned model saved by transformers, declaring the byte tokenizer as the
+    bundled model does."""
+    family = request.param
+    model = hf_model(family, vocab=256)
+    path = save_hf(model, tmp_path_factory.mktemp(f"cli-{family}") / "dense")
+    config = json.loads((path / "config.json").read_text())
+    config["flash_llm"] = {"tokenizer": "bytes (token id = byte value, vocabulary 256)"}
+    (path / "config.json").write_text(json.dumps(config))
+    return family, model, path
+
+
+def test_convert_inspect_generate(dense, tmp_path, capsys):
+    family, model, path = dense
+    out = tmp_path / "flash"
+    rc, stdout, err = run(capsys, "convert", path, out, "--min-sparsity", "50%", "--max-shard-size", "16KB")
+    assert rc == 0, err
+    n_sparse = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 2  # lm_head, the 10 % layer
+    assert f"converted {n_sparse} layer(s):" in stdout
+    assert re.search(rf"wrote {re.escape(str(out))} \(flash-llm \(bitmap\) checkpoint\): [\d,]+ bytes on disk", stdout)
+    assert (out / "model.safetensors.index.json").exists()
+
+    rc, stdout, err = run(capsys, "inspect", out)
+    assert rc == 0, err
+    rows = inspect_rows(stdout)
+    sparse = {n for n, r in rows.items() if r["format"] == "BitmapTiles"}
+    assert len(sparse) == n_sparse
+    state = model.state_dict()
+    for name, r in rows.items():
+        if name == "total":
+            continue
+        t = state[name]
+        assert r["shape"] == "x".join(map(str, t.shape)) and int(r["nnz"].replace(",", "")) == int(t.count_nonzero())
+    assert re.search(rf"^total\s+{n_sparse} sparse\s", stdout, re.M)
+
+    prompt = "ABBA"
+    rc, stdout, err = run(capsys, "generate", out, "--prompt", prompt, "--max-new-tokens", 12, "--device", "cpu",
+                          "--ignore-eos")
+    assert rc == 0, err
+    assert "12 new tokens; time to first token" in err
+    loaded = flash_llm.from_pretrained(out)
+    want = Engine(loaded, max_seq=len(prompt) + 12).generate([list(prompt.encode())], 12, eos_token_id=None)
+    assert stdout == prompt + bytes(want.sequences()[0]).decode("utf-8", errors="replace") + "\n"
+
+
+def test_convert_formats_and_inspect_other_kinds(dense, tmp_path, capsys):
+    _, model, path = dense
+    rc, stdout, _ = run(capsys, "inspect", path)
+    assert rc == 0 and all(r["format"] == "dense" for r in inspect_rows(stdout).values() if r["name"] != "total")
+    assert stdout.startswith(f"{path}: dense checkpoint")
+    rc, _, err = run(capsys, "convert", path, tmp_path / "bm", "--format", "sparse-bitmask")
+    assert rc == 0, err
+    rc, stdout, _ = run(capsys, "inspect", tmp_path / "bm")
+    rows = inspect_rows(stdout)
+    bm = [n for n, r in rows.items() if r["format"] == "sparse-bitmask"]
+    assert len(bm) == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1  # all but lm_head
+    rc, _, err = run(capsys, "convert", tmp_path / "bm", tmp_path / "csl", "--format", "tiled-csl")
+    assert rc == 0, err
+    m = flash_llm.from_pretrained(tmp_path / "csl")
+    assert {x.weight_format for x in m.modules() if isinstance(x, SparseLinear)} == {flash_llm.TiledCSL}
+
+
+def test_cli_errors(dense, tmp_path, capsys):
+    _, _, path = dense
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, _, err = run(capsys, "convert", path, out)
+    assert rc == 2 and f"error: {out} already exists; pass overwrite=True (--overwrite)" in err
+    rc, _, err = run(capsys, "convert", tmp_path / "missing", tmp_path / "x")
+    assert rc == 2 and "no such checkpoint directory" in err and not (tmp_path / "x").exists()
+    rc, _, err = run(capsys, "convert", path, tmp_path / "y", "--min-sparsity", "1.5")
+    assert rc == 2 and "sparsity must be between 0 and 1" in err
+    rc, _, err = run(capsys, "inspect", tmp_path / "missing-dir-or-file")
+    assert rc == 2
+    config = json.loads((path / "config.json").read_text())
+    other = tmp_path / "no-tokenizer"
+    save_hf(hf_model("llama", vocab=97), other)
+    rc, _, err = run(capsys, "generate", other, "--prompt", "hi", "--device", "cpu")
+    assert rc == 2 and "has no tokenizer files" in err and "--tokenizer bytes" in err
+    rc, _, err = run(capsys, "generate", other, "--prompt", "hi", "--device", "cpu", "--tokenizer", "bytes")
+    assert rc == 2 and "token id 104 outside the model's vocabulary (97)" in err
+    assert config["flash_llm"]["tokenizer"].startswith("bytes")
+
+
+def test_bench_dispatches_to_the_scripts(tmp_path, capsys):
+    rc, out, _ = run(capsys, "bench", "kernel", "--help")
+    assert rc == 0 and "Sparse matmul against dense cuBLAS" in out
+    rc, out, err = run(capsys, "bench", "checkpoint", "--quick", "--no-hf", "--out", tmp_path)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "results.json").read_text())
+    steps = {r["step"]: r for r in result["rows"]}
+    assert result["convert"]["converted"] == 14 and result["convert"]["output_bytes"] < result["convert"]["input_bytes"]
+    assert all(r["seconds"] > 0 for r in steps.values())
+    assert "flash_llm.from_pretrained on cpu (warm)" in steps
+    assert (tmp_path / "results.csv").read_text().startswith("step,seconds,bytes")
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "checkpoint_times.png").stat().st_size > 1000
+
+
+def test_bundled_model(tmp_path, capsys):
+    bundled = pytest.importorskip("flash_llm.bundled", reason="the bundled model comes with the pruning work")
+    from flash_llm.prune import magnitude_prune_
+
+    model = flash_llm.from_pretrained(bundled.path("tiny-shakespeare"), dtype=torch.float16, sparsify=False)
+    magnitude_prune_(model, 0.6, filter_fn=lambda m, n: n != "lm_head")
+    flash_llm.save_pretrained(model, tmp_path / "pruned")  # dense weights with zeros
+    rc, _, err = run(capsys, "convert", tmp_path / "pruned", tmp_path / "flash")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "inspect", tmp_path / "flash")
+    assert rc == 0 and "BitmapTiles" in out, err
+    rc, out, err = run(capsys, "generate", tmp_path / "flash", "--prompt", "ROMEO:", "--max-new-tokens", 16,
+                       "--device", "cpu", "--ignore-eos")
+    assert rc == 0 and out.startswith("ROMEO:") and "16 new tokens" in err, err
