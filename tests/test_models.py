@@ -69,7 +69,8 @@ def test_presets_have_published_sizes(name):
     cfg = preset(name)
     n = cfg.num_parameters()
     # Published counts are rounded (e.g. "13B" for 12.85e9): within 2 %.
-    assert abs(n / PUBLISHED_PARAMS[name] - 1) < 0.02, f"{name}: {n / 1e9:.2f}B vs published {PUBLISHED_PARAMS[name] / 1e9}B"
+    published = PUBLISHED_PARAMS[name]
+    assert abs(n / published - 1) < 0.02, f"{name}: {n / 1e9:.2f}B vs published {published / 1e9}B"
     # and transformers counts the same parameters for the same config (built on meta: no memory)
     hc = transformers.AutoConfig.for_model(**cfg.to_hf())
     with torch.device("meta"):
@@ -263,7 +264,8 @@ def test_sparsified_matches_dense_with_zeros(case):
     assert err <= 2 * err_dense + ulp(torch.float16, float(y64.abs().max())), (err, err_dense)
     # the sparse model's state dict still names every projection as HF does (compressed arrays under it)
     prefix = "model.layers.0." if case.startswith("llama") else "model.decoder.layers.0."
-    assert {prefix + "self_attn.q_proj.weight_data", prefix + "self_attn.q_proj.weight_offsets"} <= set(ours.state_dict())
+    keys = set(ours.state_dict())
+    assert {prefix + "self_attn.q_proj.weight_data", prefix + "self_attn.q_proj.weight_offsets"} <= keys
 
 
 def test_sparsify_fp32_model_stays_dense_with_a_warning():

@@ -1,0 +1,485 @@
+"""End-to-end decoding: flash-llm's engine on dense and sparse synthetic models at real shapes, and Hugging Face
+``generate`` on the dense model (what users run today).
+
+    python benchmarks/bench_e2e.py [--quick] [--models llama-3-8b,opt-30b] [--sparsities 0,50,70,80,90]
+                                   [--batches 1,8,16,32,64] [--prompt 128] [--new 128] [--repeats 3]
+                                   [--dtype fp16] [--no-hf] [--memory-limit-gb 80] [--out DIR] [--overwrite]
+
+For every (model, sparsity, batch): a synthetic model (random weights, each decoder projection pruned to the
+sparsity and compressed as it is drawn; sparsity 0 = dense), random prompts of ``--prompt`` tokens, ``--new``
+new tokens, greedy, no early stop.  Reported: decode tokens/s (batch x decode steps / their time), tokens per
+GPU-second end to end (prefill included), time per output token (median step), time to first token (prefill
+plus the first token), weight bytes and their ratio to the format's formula, peak GPU memory, and the
+bandwidth floor of one decode step (bytes of weights read per step / measured copy bandwidth) with the share of
+it a batch-1 step reaches.  Times are CUDA events, the median over ``--repeats`` generations after a warm-up
+that also captures the decode graph.  ``--memory-limit-gb`` caps the process' GPU memory
+(``set_per_process_memory_fraction``), e.g. 80 to ask what fits on an 80 GB H100 while running on an H200.
+
+Writes ``results.json``, ``results.csv``, ``e2e.png`` and ``summary.md`` (a table for benchmarks/RESULTS.md
+with card, versions, commit and command) under ``--out``; prints the summary.  ``--device cpu`` with the
+``tiny-*`` models is a smoke run of the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing as T  # noqa: E402
+
+from flash_llm.engine import Engine  # noqa: E402
+from flash_llm.models import preset  # noqa: E402
+from flash_llm.models.config import PRESETS  # noqa: E402
+from flash_llm.models.synthetic import DoesNotFit, build_synthetic  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TINY = {  # smoke-test shapes (CPU)
+    "tiny-llama": preset("llama-3-8b").replace(num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4,
+                                               num_kv_heads=2, vocab_size=512, bos_token_id=1, eos_token_id=2,
+                                               name="tiny-llama"),
+    "tiny-opt": preset("opt-13b").replace(num_layers=2, hidden_size=128, intermediate_size=512, num_heads=4,
+                                          vocab_size=512, max_position_embeddings=512, name="tiny-opt"),
+}
+OUTPUTS = ("results.json", "results.csv", "e2e.png", "summary.md")
+# Issue targets (one H100): decode tokens/s over dense at batch 1-16, by sparsity; never slower at batch 64;
+# batch-1 decode at >= 80 % of the bandwidth floor; weight bytes within 3 % of the format's formula.
+SPEEDUP_TARGETS = {0.8: 3.0, 0.7: 2.3}
+TARGET_MODELS = ("llama-3-8b", "opt-30b")
+
+
+def _config(name):
+    if name in TINY:
+        return TINY[name]
+    return preset(name)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak(device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bytes_read_per_step(model) -> int:
+    """Weight bytes one decode step reads: every parameter and buffer once, except embedding tables that are
+    only indexed (the input embedding when it is not the tied ``lm_head``, OPT's positions)."""
+    stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    head = getattr(model.lm_head, "weight", None)
+    indexed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
+    return sum(t.numel() * t.element_size() for i, t in stored.items() if i not in indexed)
+
+
+def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
+    return torch.randint(3, vocab, (batch, length), generator=gen).tolist()
+
+
+def measure_engine(model, batch, prompt_len, new, repeats, gen) -> dict:
+    device = next(model.parameters()).device
+    _reset_peak(device)
+    eng = Engine(model, max_batch=batch, max_seq=prompt_len + new)
+    prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
+    eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
+    runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]
+    _sync(device)
+    row = {
+        "decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
+        "tok_per_gpu_s": statistics.median(batch * new / r.total_s for r in runs),
+        "tpot_ms": 1e3 * statistics.median(r.tpot_s for r in runs),
+        "ttft_ms": 1e3 * statistics.median(r.ttft_s for r in runs),
+        "peak_mem_bytes": _peak(device),
+        "cache_bytes": eng.cache_bytes,
+    }
+    del eng
+    return row
+
+
+def hf_twin(model):
+    """A transformers model sharing ``model``'s dense tensors (no copy), or None with the reason."""
+    try:
+        import transformers
+    except ImportError:
+        return None, "transformers is not installed"
+    cfg = model.config
+    device = next(model.parameters()).device
+    hc = transformers.AutoConfig.for_model(**cfg.to_hf())
+    with torch.device("meta"):
+        hm = transformers.AutoModelForCausalLM.from_config(hc)
+    hm.load_state_dict(model.state_dict(), assign=True, strict=True)
+    if hasattr(hm.model, "rotary_emb"):  # its frequencies are a non-persistent buffer, still on meta
+        with torch.device(device):
+            hm.model.rotary_emb = type(hm.model.rotary_emb)(config=hm.config)
+    if cfg.tie_word_embeddings:
+        hm.lm_head.weight = hm.get_input_embeddings().weight
+    left = [n for n, t in [*hm.named_parameters(), *hm.named_buffers()] if t.is_meta]
+    if left:
+        return None, f"could not place {left[:3]} on {device}"
+    return hm.eval(), ""
+
+
+def measure_hf(hm, batch, prompt_len, new, repeats, gen, pad_id) -> dict:
+    device = next(hm.parameters()).device
+    ids = torch.tensor(random_prompts(batch, prompt_len, hm.config.vocab_size, gen), device=device)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hm.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=pad_id)
+        _sync(device)
+        assert out.shape[1] == prompt_len + n
+        return time.perf_counter() - t0
+
+    _reset_peak(device)
+    run(2)  # warm-up
+    ttft = statistics.median(run(1) for _ in range(repeats))
+    total = statistics.median(run(new) for _ in range(repeats))
+    decode = max(total - ttft, 1e-9)
+    return {"decode_tok_s": batch * (new - 1) / decode, "tok_per_gpu_s": batch * new / total,
+            "tpot_ms": 1e3 * decode / (new - 1), "ttft_ms": 1e3 * ttft, "peak_mem_bytes": _peak(device),
+            "cache_bytes": 0}
+
+
+def copy_bandwidth(device) -> float:
+    if device.type == "cuda":
+        return T.copy_bandwidth()
+    a = torch.empty(1 << 26, dtype=torch.uint8)
+    b = torch.empty_like(a)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    return 2 * 5 * a.numel() / (time.perf_counter() - t0)
+
+
+def run_sweep(args, device, dtype, env, log) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name in args.models:
+        cfg = _config(name)
+        dense_tok = {}
+        for sp in args.sparsities:
+            base = {"model": name, "sparsity": sp, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new}
+            _free(device)
+            limit = None
+            if args.memory_limit_gb and device.type == "cuda":  # the cap, not the card's free memory
+                limit = int(args.memory_limit_gb * 1e9) - torch.cuda.memory_reserved(device)
+            try:
+                model, report = build_synthetic(cfg, sp / 100 or None, dtype=dtype, device=device, seed=1,
+                                                progress=not args.no_progress, memory_limit=limit)
+            except (DoesNotFit, torch.cuda.OutOfMemoryError) as e:
+                msg = str(e).splitlines()[0]
+                log(f"{name} sparsity {sp}: {msg}")
+                rows += [{**base, "impl": "flash-llm", "batch": b, "status": f"does not fit: {msg}"}
+                         for b in args.batches]
+                continue
+            log(str(report))
+            mem = {"weight_bytes": report.weight_bytes, "projection_bytes": report.projection_bytes,
+                   "formula_ratio": report.formula_ratio if sp else 1.0,
+                   "model_allocated_bytes": report.allocated_bytes, "achieved_sparsity": report.achieved_sparsity}
+            read = bytes_read_per_step(model)
+            floor_ms = 1e3 * read / env["copy_bw_Bps"]
+            for b in args.batches:
+                row = {**base, "impl": "flash-llm", "batch": b, **mem, "read_bytes": read, "floor_ms": floor_ms}
+                try:
+                    row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen))
+                    row["status"] = "ok"
+                    row["floor_pct"] = 100 * floor_ms / row["tpot_ms"]
+                    if sp == 0:
+                        dense_tok[b] = row["decode_tok_s"]
+                    if b in dense_tok:
+                        row["speedup_vs_dense"] = row["decode_tok_s"] / dense_tok[b]
+                    log(f"{name} {sp:>3}% b={b:<3} decode {row['decode_tok_s']:9.1f} tok/s  tpot "
+                        f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms  floor {floor_ms:6.3f} ms "
+                        f"({row['floor_pct']:.0f} %)  peak {row['peak_mem_bytes'] / 2**30:.1f} GiB"
+                        + (f"  x{row['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in row else ""))
+                except torch.cuda.OutOfMemoryError as e:
+                    row["status"] = f"out of memory: {str(e).splitlines()[0][:120]}"
+                    log(f"{name} {sp}% b={b}: {row['status']}")
+                _free(device)
+                rows.append(row)
+            if sp == 0 and args.hf:
+                hm, why = hf_twin(model)
+                for b in args.batches:
+                    row = {**base, "impl": "hf-generate", "batch": b, **mem, "read_bytes": read, "floor_ms": floor_ms}
+                    if hm is None:
+                        row["status"] = f"skipped: {why}"
+                        rows.append(row)
+                        continue
+                    try:
+                        row.update(measure_hf(hm, b, args.prompt, args.new, max(1, min(args.repeats, 2)), gen,
+                                              cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+                        row["status"] = "ok"
+                        row["floor_pct"] = 100 * floor_ms / row["tpot_ms"]
+                        log(f"{name} HF generate b={b:<3} decode {row['decode_tok_s']:9.1f} tok/s  tpot "
+                            f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms")
+                    except torch.cuda.OutOfMemoryError as e:
+                        row["status"] = f"out of memory: {str(e).splitlines()[0][:120]}"
+                    _free(device)
+                    rows.append(row)
+                del hm
+            del model
+            _free(device)
+    return rows
+
+
+# ---- reporting -------------------------------------------------------------------------------------------
+def _fmt(v, spec):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def target_checks(rows) -> list[str]:
+    """The issue's targets, each PASS / FAIL / n/a with the numbers behind it."""
+    ok = {(r["model"], r["impl"], r["sparsity"], r["batch"]): r for r in rows if r.get("status") == "ok"}
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        for sp, target in SPEEDUP_TARGETS.items():
+            pct = round(100 * sp)
+            sp_rows = [ok.get((model, "flash-llm", pct, b)) for b in (1, 8, 16)]
+            got = [r["speedup_vs_dense"] for r in sp_rows if r and "speedup_vs_dense" in r]
+            if got:
+                verdict = "PASS" if min(got) >= target else "FAIL"
+                out.append(f"{verdict} {model} {pct} %: decode speedup over dense at batch 1-16 "
+                           f"{', '.join(f'{g:.2f}x' for g in got)} (target >= {target}x)")
+        for sp in sorted({r["sparsity"] for r in rows if r["model"] == model and r["sparsity"]}):
+            r = ok.get((model, "flash-llm", sp, 64))
+            if r and "speedup_vs_dense" in r:
+                verdict = "PASS" if r["speedup_vs_dense"] >= 1.0 else "FAIL"
+                out.append(f"{verdict} {model} {sp} % batch 64: {r['speedup_vs_dense']:.2f}x dense (target >= 1x)")
+        for sp in sorted({r["sparsity"] for r in rows if r["model"] == model}):
+            r = ok.get((model, "flash-llm", sp, 1))
+            if r:
+                verdict = "PASS" if r["floor_pct"] >= 80 else "FAIL"
+                out.append(f"{verdict} {model} {sp} % batch 1: {r['floor_pct']:.0f} % of the bandwidth floor "
+                           f"({r['floor_ms']:.3f} ms floor, {r['tpot_ms']:.3f} ms per token; target >= 80 %)")
+            r = next((v for k, v in sorted(ok.items()) if k[:3] == (model, "flash-llm", sp)), None)
+            if r and sp:
+                verdict = "PASS" if abs(r["formula_ratio"] - 1) <= 0.03 else "FAIL"
+                out.append(f"{verdict} {model} {sp} %: projection bytes / format formula = {r['formula_ratio']:.4f} "
+                           "(target within 3 %)")
+    return out
+
+
+def summarize(rows, env) -> str:
+    buf = io.StringIO()
+    p = lambda s="": print(s, file=buf)  # noqa: E731
+    p(f"**{env['card']}**, torch {env['torch']}, CUDA {env['cuda']}, NVRTC {env['nvrtc']}, Python {env['python']}, "
+      f"commit `{env['commit']}`, {env['date']}. Copy bandwidth {env['copy_bw_Bps'] / 1e9:.0f} GB/s"
+      + (f"; GPU memory capped at {env['memory_limit_gb']} GB" if env.get("memory_limit_gb") else "") + ".")
+    p()
+    p(f"Command: `{env['command']}`")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mrows = [r for r in rows if r["model"] == model]
+        sps = sorted({r["sparsity"] for r in mrows})
+        batches = sorted({r["batch"] for r in mrows})
+        has_hf = any(r["impl"] == "hf-generate" and r.get("status") == "ok" for r in mrows)
+        get = {(r["impl"], r["sparsity"], r["batch"]): r for r in mrows}
+        p()
+        p(f"### {model}: decode tokens/s (speedup over dense flash-llm)")
+        p()
+        head = ["batch"] + (["HF generate (dense)"] if has_hf else []) + [
+            "dense" if s == 0 else f"{s} %" for s in sps]
+        p("| " + " | ".join(head) + " |")
+        p("|" + "---|" * len(head))
+        for b in batches:
+            cells = [str(b)]
+            if has_hf:
+                r = get.get(("hf-generate", 0, b))
+                cells.append(_fmt(r.get("decode_tok_s"), ".0f") if r and r.get("status") == "ok" else "-")
+            for s in sps:
+                r = get.get(("flash-llm", s, b))
+                if not r or r.get("status") != "ok":
+                    fits = not (r and r["status"].startswith("does not fit"))
+                    cells.append("-" if not r else "OOM" if fits else "does not fit")
+                elif s == 0 or "speedup_vs_dense" not in r:
+                    cells.append(_fmt(r["decode_tok_s"], ".0f"))
+                else:
+                    cells.append(f"{r['decode_tok_s']:.0f} ({r['speedup_vs_dense']:.2f}x)")
+            p("| " + " | ".join(cells) + " |")
+        p()
+        p(f"{model}: memory and latency (batch 1 unless noted)")
+        p()
+        p("| sparsity | weights | / formula | peak GPU mem (largest batch) | TTFT ms | TPOT ms | floor ms "
+          "| % of floor |")
+        p("|---|---|---|---|---|---|---|---|")
+        for s in sps:
+            r1 = get.get(("flash-llm", s, batches[0]))
+            big = [get.get(("flash-llm", s, b)) for b in batches]
+            big = [r for r in big if r and r.get("status") == "ok"]
+            if not r1 or r1.get("status") != "ok":
+                p(f"| {'dense' if s == 0 else f'{s} %'} | {(r1 or {}).get('status', '-')[:60]} |  |  |  |  |  |  |")
+                continue
+            p(f"| {'dense' if s == 0 else f'{s} %'} | {r1['weight_bytes'] / 2**30:.2f} GiB | "
+              f"{_fmt(r1['formula_ratio'], '.4f') if s else '-'} | "
+              f"{big[-1]['peak_mem_bytes'] / 2**30:.1f} GiB (b={big[-1]['batch']}) | {r1['ttft_ms']:.1f} | "
+              f"{r1['tpot_ms']:.3f} | {r1['floor_ms']:.3f} | {r1['floor_pct']:.0f} % |")
+    checks = target_checks(rows)
+    if checks:
+        p()
+        p("Targets:")
+        p()
+        for c in checks:
+            p(f"- {c}")
+    return buf.getvalue()
+
+
+def plot(rows, path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mrows = [r for r in rows if r["model"] == model and r.get("status") == "ok"]
+        series = sorted({(r["impl"], r["sparsity"]) for r in mrows}, key=lambda s: (s[0] != "hf-generate", s[1]))
+        for impl, sp in series:
+            pts = sorted((r["batch"], r["decode_tok_s"]) for r in mrows if r["impl"] == impl and r["sparsity"] == sp)
+            label = "HF generate (dense)" if impl == "hf-generate" else ("dense" if sp == 0 else f"{sp} % sparse")
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label,
+                    linestyle="--" if impl == "hf-generate" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(model)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
+    return True
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="a reduced sweep of a few GPU minutes: llama-3-8b, dense/70/80 %%, batches 1,16,64, "
+                         "64 new tokens, 2 repeats (explicit options still apply)")
+    ap.add_argument("--models", help=f"comma-separated, from {sorted(PRESETS)} or {sorted(TINY)} "
+                                     "(default llama-3-8b,opt-30b)")
+    ap.add_argument("--sparsities", help="percent, 0 = dense (default 0,50,70,80,90)")
+    ap.add_argument("--batches", help="default 1,8,16,32,64")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    ap.add_argument("--new", type=int, help="new tokens per prompt (default 128)")
+    ap.add_argument("--repeats", type=int, help="timed generations per point, median reported (default 3)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face generate baseline")
+    ap.add_argument("--memory-limit-gb", type=float, help="cap this process' GPU memory (e.g. 80 for an H100)")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
+    ap.add_argument("--out", default="benchmarks/out/e2e")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    quick = {"models": "llama-3-8b", "sparsities": "0,70,80", "batches": "1,16,64", "new": 64, "repeats": 2}
+    full = {"models": "llama-3-8b,opt-30b", "sparsities": "0,50,70,80,90", "batches": "1,8,16,32,64", "new": 128,
+            "repeats": 3}
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    try:
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        args.sparsities = [int(v) for v in args.sparsities.split(",")]
+        args.batches = [int(v) for v in args.batches.split(",")]
+    except ValueError as e:
+        ap.error(f"--sparsities and --batches take comma-separated integers: {e}")
+    for m in args.models:
+        if m not in PRESETS and m not in TINY:
+            ap.error(f"unknown model {m!r}; known: {sorted(PRESETS) + sorted(TINY)}")
+    if any(not 0 <= s < 100 for s in args.sparsities):
+        ap.error(f"--sparsities are percentages in [0, 100), got {args.sparsities}")
+    if 0 not in args.sparsities:
+        args.sparsities = [0] + args.sparsities  # speedups need the dense run
+        print("note: adding sparsity 0 (dense): speedups are measured against it", file=sys.stderr)
+    args.sparsities = sorted(set(args.sparsities))
+    if any(b < 1 for b in args.batches) or args.prompt < 1 or args.new < 2 or args.repeats < 1:
+        ap.error("--batches and --prompt must be >= 1, --new >= 2, --repeats >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device (use --device cpu with the tiny-* models for a smoke run)", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    existing = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+    if existing and not args.overwrite:
+        print(f"error: {args.out} already holds {', '.join(existing)}; pass --overwrite or another --out",
+              file=sys.stderr)
+        return 2
+    if args.memory_limit_gb and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 1e9 / total), device)
+    env = T.environment()
+    env["copy_bw_Bps"] = copy_bandwidth(device)
+    env["memory_limit_gb"] = args.memory_limit_gb
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    env["command"] = "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(env), flush=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    rows = run_sweep(args, device, DTYPES[args.dtype], env, log)
+    text = summarize(rows, env)
+    _atomic_write(os.path.join(args.out, "results.json"),
+                  json.dumps({"env": env, "rows": rows}, indent=1).encode())
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(os.path.join(args.out, "results.csv"), buf.getvalue().encode())
+    _atomic_write(os.path.join(args.out, "summary.md"), text.encode())
+    plotted = plot(rows, os.path.join(args.out, "e2e.png"))
+    print()
+    print(text)
+    print(f"wrote {', '.join(f for f in OUTPUTS if plotted or f != 'e2e.png')} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The models and the engine on a CUDA GPU: fp16/bf16 logits against transformers, CUDA-graph decode against
+eager decode (dense and sparse), batch sizes sharing one engine, a synthetic model built and run on the GPU.
+Skipped cleanly where there is no CUDA GPU."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm.engine import Engine
+from flash_llm.models import from_config, preset
+from flash_llm.models.synthetic import build_synthetic
+from flash_llm.prune import magnitude_prune_
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, cuda]
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 512
+DTYPES = [torch.float16, torch.bfloat16]
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _hf(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "llama":
+        hc = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=640, num_hidden_layers=3,
+                                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                                      rope_theta=10000.0, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        return transformers.LlamaForCausalLM(hc).eval()
+    hc = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=256, ffn_dim=1024, num_hidden_layers=3,
+                                num_attention_heads=8, max_position_embeddings=256, dropout=0.0, bos_token_id=None,
+                                eos_token_id=None, pad_token_id=1)
+    return transformers.OPTForCausalLM(hc).eval()
+
+
+def _ours(hm, dtype):
+    m = from_config(hm.config, dtype=dtype, device="meta")
+    m.load_state_dict({k: v.to("cuda", dtype) for k, v in hm.state_dict().items()}, assign=True)
+    return m.eval()
+
+
+def _prompts(n, gen_seed=0, lo=3, hi=40):
+    g = torch.Generator().manual_seed(gen_seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(2, VOCAB, (k,), generator=g).tolist() for k in lens]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_logits_match_transformers_at_real_dtypes(family, dtype):
+    """err(ours vs HF fp32) <= 2 * err(HF in the same dtype vs HF fp32) + 1 ulp of the largest logit."""
+    hm = _hf(family).cuda()
+    ref_model = hm
+    theirs = copy.deepcopy(hm).to(dtype)
+    ours = _ours(hm, dtype)
+    ids = torch.randint(0, VOCAB, (4, 50), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        ref = ref_model(ids).logits.double()
+        err_hf = (theirs(ids).logits.double() - ref).abs().max().item()
+        err = (ours(ids).double() - ref).abs().max().item()
+    assert err <= 2 * err_hf + ULP[dtype] * ref.abs().max().item(), (err, err_hf)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_greedy_matches_transformers_generate_fp32(family):
+    hm = _hf(family).cuda()
+    ours = _ours(hm, torch.float32)
+    prompts = _prompts(3, 2)
+    out = Engine(ours, max_batch=3, max_seq=96).generate(prompts, 16)
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([p], device="cuda")
+        ref = hm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+        assert ref[0, len(p):].tolist() == out.sequences()[i]
+
+
+def _graph_vs_eager(model, batches, n=24):
+    graph_eng = Engine(model, max_batch=max(batches), max_seq=128, cuda_graphs=True)
+    eager_eng = Engine(model, max_batch=max(batches), max_seq=128, cuda_graphs=False)
+    for b in batches:
+        prompts = _prompts(b, b)
+        g = graph_eng.generate(prompts, n, output_logits=True)
+        e = eager_eng.generate(prompts, n, output_logits=True)
+        assert g.tokens.tolist() == e.tokens.tolist(), f"batch {b}: graph and eager decode disagree"
+        diff = (g.logits - e.logits).abs().max().item()
+        assert diff == 0.0, f"batch {b}: graph replay logits differ from eager by {diff}"
+    assert sorted(graph_eng._graphs) == sorted(set(batches)), "one graph per batch size"
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_cuda_graph_decode_equals_eager_dense(family, dtype):
+    _graph_vs_eager(_ours(_hf(family).cuda(), dtype), [1, 5, 1])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cuda_graph_decode_equals_eager_sparse(family):
+    model = _ours(_hf(family).cuda(), torch.float16)
+    magnitude_prune_(model, 0.8, filter_fn=lambda m, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        report = flash_llm.sparsify_(model)
+    assert len(report.converted) == len(model.config.linear_shapes()) * model.config.num_layers
+    _graph_vs_eager(model, [1, 8, 3])
+
+
+def test_sparse_decode_close_to_dense_with_zeros():
+    """Same pruned weights, sparse vs dense: the first token's logits (prefill) agree within fp16 error."""
+    dense = _ours(_hf("llama").cuda(), torch.float16)
+    magnitude_prune_(dense, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    sparse, ref = copy.deepcopy(dense), copy.deepcopy(dense).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(sparse)
+    prompts = _prompts(4, 5)
+    outs = [Engine(m, max_batch=4, max_seq=64).generate(prompts, 1, output_logits=True).logits for m in
+            (ref, dense, sparse)]
+    err_dense = (outs[1] - outs[0]).abs().max().item()
+    err_sparse = (outs[2] - outs[0]).abs().max().item()
+    assert err_sparse <= 2 * err_dense + ULP[torch.float16] * outs[0].abs().max().item()
+
+
+def test_seeded_sampling_on_gpu_with_graphs():
+    model = _ours(_hf("llama").cuda(), torch.float16)
+    eng = Engine(model, max_batch=4, max_seq=96)
+    prompts = _prompts(4, 9)
+    a = eng.generate(prompts, 20, temperature=0.9, top_k=50, generator=torch.Generator("cuda").manual_seed(3))
+    b = eng.generate(prompts, 20, temperature=0.9, top_k=50, generator=torch.Generator("cuda").manual_seed(3))
+    assert torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.8], ids=["dense", "sparse80"])
+def test_small_synthetic_model_builds_and_runs(sparsity):
+    cfg = preset("llama-3-8b").replace(num_layers=4, hidden_size=1024, intermediate_size=3584, num_heads=8,
+                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
+    torch.cuda.empty_cache()
+    model, report = build_synthetic(cfg, sparsity, device="cuda", progress=False)
+    assert report.allocated_bytes > 0
+    # device memory the build left allocated is what the report says the weights take, within 3 %
+    assert abs(report.allocated_bytes / report.weight_bytes - 1) < 0.03, str(report)
+    if sparsity:
+        assert abs(report.formula_ratio - 1) < 0.03, str(report)
+        assert abs(report.achieved_sparsity - sparsity) < 0.005
+    eng = Engine(model, max_batch=8, max_seq=160)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (128,))] for _ in range(8)]
+    out = eng.generate(prompts, 32, eos_token_id=None)
+    assert out.tokens.shape == (8, 32) and out.ttft_s > 0 and out.tpot_s > 0
+    eager = Engine(model, max_batch=8, max_seq=160, cuda_graphs=False).generate(prompts, 32, eos_token_id=None)
+    assert torch.equal(out.tokens, eager.tokens)
