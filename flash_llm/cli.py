@@ -1,6 +1,7 @@
 """The ``flash-llm`` command line: one subcommand per workflow.
 
-* ``flash-llm demo``: prune a synthetic layer, compress it to both formats, check and time them.
+* ``flash-llm demo``: prune the bundled model and compare it with the dense one (:mod:`flash_llm.demo`);
+  ``flash-llm demo --layer``: prune a synthetic layer, compress it to both formats, check and time them.
 * ``flash-llm info``: versions, the GPU, whether the CUDA kernels can run, NVRTC, the cubin cache.
 * ``flash-llm build``: compile the CUDA kernels ahead of time and report registers / spills / smem.
 * ``flash-llm inspect``: what a saved weight file or checkpoint directory holds (format, shape, density, bytes).
@@ -35,9 +36,7 @@ DEMO_MAX_REL_ERR = 1e-2
 _SLEEP_CYCLES = 1_000_000  # about 0.5 ms of GPU clock: longer than Python takes to queue one call
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Modules that define more subcommands through a ``register_cli(subparsers)`` function, in help order.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("flash_llm.checkpoint.cli",)
-MODEL_NOT_AVAILABLE = ("--model is not available yet: the bundled pruned-model demo comes with the "
-                       "pruning work. Run `flash-llm demo` without --model for the synthetic-layer demo.")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("flash_llm.demo", "flash_llm.checkpoint.cli")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,9 +183,7 @@ def _demo_device(text: str) -> torch.device:
 
 
 def cmd_demo(args) -> int:
-    if args.model is not None:
-        _err(MODEL_NOT_AVAILABLE)
-        return EXIT_USAGE
+    """``flash-llm demo --layer`` (parsed by :mod:`flash_llm.demo`): the synthetic-layer demo."""
     try:
         device = _demo_device(args.device)
     except ValueError as e:
@@ -302,8 +299,8 @@ def cmd_demo(args) -> int:
         print("\n".join(_table(["sparsity", "weight", "N", "spmm (us)", "dense linear (us)", "speedup"],
                                timing_rows[:-1], "rlrrrr")))
     print()
-    print("The bundled pruned-model demo (`flash-llm demo --model DIR`) comes with the pruning work; "
-          "this run used a synthetic magnitude-pruned layer.")
+    print("This run used a synthetic magnitude-pruned layer; `flash-llm demo` without --layer prunes the bundled "
+          "model.")
     for f in failures:
         _err(f)
     return EXIT_FAILURE if failures else EXIT_OK
@@ -480,6 +477,19 @@ def cmd_inspect(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # parser and entry point
 # ------------------------------------------------------------------------------------------------
+def add_layer_demo_arguments(p) -> None:
+    """The options of the synthetic-layer demo (``flash-llm demo --layer``; ``--seed``, ``--dtype`` and
+    ``--device`` are shared with the model demo and defined by :mod:`flash_llm.demo`)."""
+    p.add_argument("--shape", type=_shape, default=(4096, 4096), metavar="MxK",
+                   help="weight shape [M, K] (default: 4096x4096)")
+    p.add_argument("--sparsities", type=_sparsities, nargs="+", metavar="PCT",
+                   help="sparsities in percent, comma- or space-separated (default: 50,70,80,90)")
+    p.add_argument("--tokens", type=_positive, default=8,
+                   help="tokens (rows of x) for the error check (default: 8)")
+    p.add_argument("--repeat", type=_positive, default=20, help="timed calls per GPU measurement (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up calls before GPU timing (default: 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flash-llm",
@@ -488,30 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `flash-llm COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"flash-llm {flash_llm.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "demo", help="prune a layer, compress it to both formats, check and time them",
-        description="End-to-end demo on a synthetic layer: a random weight is magnitude-pruned (largest |w| "
-                    "kept) to each sparsity, compressed to BitmapTiles and TiledCSL (timed), and checked: bytes "
-                    "against dense, the relative error of flash_llm.spmm against an fp32 matmul, and a "
-                    "bit-exact to_dense round trip. On a CUDA GPU it also times flash_llm.spmm against "
-                    "torch.nn.functional.linear on the dense weight for N = 1 and 16 tokens. "
-                    "Exits 1 if a check fails.")
-    p.add_argument("--shape", type=_shape, default=(4096, 4096), metavar="MxK",
-                   help="weight shape [M, K] (default: 4096x4096)")
-    p.add_argument("--sparsities", type=_sparsities, nargs="+", metavar="PCT",
-                   help="sparsities in percent, comma- or space-separated (default: 50,70,80,90)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the weight and activations (default: 0)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="value dtype (default: float16)")
-    p.add_argument("--tokens", type=_positive, default=8,
-                   help="tokens (rows of x) for the error check (default: 8)")
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--repeat", type=_positive, default=20, help="timed calls per GPU measurement (default: 20)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up calls before GPU timing (default: 3)")
-    p.add_argument("--model", metavar="DIR",
-                   help="a pruned model directory (not available yet: comes with the pruning work)")
-    p.set_defaults(func=cmd_demo)
+    for register in _subcommand_modules():  # the workflows (demo, prune, ...) first, then the tools
+        register(sub)
 
     p = sub.add_parser(
         "info", help="versions, GPU, kernel support, NVRTC and the cubin cache",
@@ -546,9 +534,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="safetensors file(s) written by flash-llm, or checkpoint directories")
     p.set_defaults(func=cmd_inspect)
-
-    for register in _subcommand_modules():
-        register(sub)
     return parser
 
 

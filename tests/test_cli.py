@@ -1,4 +1,5 @@
-"""The ``flash-llm`` command line (CPU): demo, info, build, inspect, exit statuses and the console script."""
+"""The ``flash-llm`` command line (CPU): the synthetic-layer demo (``demo --layer``), info, build, inspect, exit
+statuses and the console script.  The model demo and ``prune`` are tested in test_demo.py."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def tiled_csl_bounds(m: int, k: int, nnz: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------
 def test_demo_end_to_end(capsys):
     m, k = 256, 512
-    rc, out, err = run(capsys, "demo", "--shape", f"{m}x{k}", "--device", "cpu")
+    rc, out, err = run(capsys, "demo", "--layer", "--shape", f"{m}x{k}", "--device", "cpu")
     assert rc == 0, err
     rows = demo_rows(out)
     for s in (50.0, 70.0, 80.0, 90.0):
@@ -86,14 +87,14 @@ def test_demo_end_to_end(capsys):
         sizes = [rows[(s, name)]["bytes"] for s in (50.0, 70.0, 80.0, 90.0)]
         assert sizes == sorted(sizes, reverse=True), (name, sizes)
     assert "kernel timings need a CUDA GPU" in out
-    assert "--model DIR" in out and "comes with the pruning work" in out
+    assert "`flash-llm demo` without --layer prunes the bundled model" in out
     assert "error" not in err
 
 
 def test_demo_options_awkward_shape_bf16(capsys):
     """Shape that is no tile multiple, 0 % and 95 % sparsity, bf16, comma and space separated."""
-    rc, out, err = run(capsys, "demo", "--shape", "100x200", "--sparsities", "0,95", "33", "--dtype", "bfloat16",
-                       "--seed", "3", "--tokens", "3", "--device", "cpu")
+    rc, out, err = run(capsys, "demo", "--layer", "--shape", "100x200", "--sparsities", "0,95", "33", "--dtype",
+                       "bfloat16", "--seed", "3", "--tokens", "3", "--device", "cpu")
     assert rc == 0, err
     rows = demo_rows(out)
     assert {s for s, _ in rows} == {0.0, 95.0, 33.0}
@@ -114,7 +115,7 @@ def test_demo_options_awkward_shape_bf16(capsys):
     (["--device", "tpu"], "--device must be"),
 ])
 def test_demo_bad_arguments(capsys, argv, match):
-    rc, _, err = run(capsys, "demo", *argv)
+    rc, _, err = run(capsys, "demo", "--layer", *argv)
     assert rc == 2
     assert re.search(match, err), err
 
@@ -122,15 +123,15 @@ def test_demo_bad_arguments(capsys, argv, match):
 def test_demo_cuda_without_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    rc, _, err = run(capsys, "demo", "--device", "cuda", "--shape", "64x64")
+    rc, _, err = run(capsys, "demo", "--layer", "--device", "cuda", "--shape", "64x64")
     assert rc == 2 and "error: --device cuda: CUDA is not available" in err
 
 
-def test_demo_model_not_available(capsys):
-    rc, out, err = run(capsys, "demo", "--model", "some/dir")
+def test_demo_layer_excludes_model(capsys):
+    rc, out, err = run(capsys, "demo", "--layer", "--model", "some/dir")
     assert rc == 2
     assert out == ""
-    assert "error: --model is not available yet" in err and "pruning work" in err
+    assert "error: --model and --layer exclude each other" in err
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 37.5, 75.0, 99.9])
@@ -265,7 +266,7 @@ def test_no_subcommand(capsys):
     assert "usage: flash-llm" in err and "demo" in err and "inspect" in err
 
 
-@pytest.mark.parametrize("command", ["demo", "info", "build", "inspect"])
+@pytest.mark.parametrize("command", ["demo", "prune", "info", "build", "inspect"])
 def test_subcommand_help(capsys, command):
     rc, out, _ = run(capsys, command, "--help")
     assert rc == 0
@@ -287,7 +288,7 @@ def test_console_script(tmp_path):
     script = _console_script()
     r = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for command in ("demo", "info", "build", "inspect"):
+    for command in ("demo", "prune", "info", "build", "inspect"):
         assert command in r.stdout
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 16)

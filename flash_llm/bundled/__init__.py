@@ -1,0 +1,104 @@
+"""Models that ship inside the package, loadable by name with no network::
+
+    model = flash_llm.bundled.load("tiny-shakespeare")            # fp32 on CPU by default
+    model = flash_llm.bundled.load("tiny-shakespeare", dtype=torch.float16, device="cuda")
+
+``tiny-shakespeare`` is a small byte-level Llama (Hugging Face ``LlamaForCausalLM`` names and
+``config.json`` fields; vocabulary = the 256 bytes, see :mod:`flash_llm.data`) trained from scratch on
+the training split of tinyshakespeare by ``scripts/train_bundled.py``.  Its directory is a plain dense
+Hugging Face checkpoint (``transformers`` loads it as it is): ``config.json``, with a ``"flash_llm"``
+section recording the tokenizer, the data split and how the weights were trained (command, card, time,
+steps, validation loss), and ``model.safetensors`` (fp16).  It is the default model of ``flash-llm demo``
+and the testbed of ``benchmarks/accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["NAMES", "path", "load", "load_dir", "build_model", "save_model_dir", "is_byte_level"]
+
+_HERE = Path(__file__).parent
+#: Names of the bundled models.
+NAMES = ("tiny-shakespeare",)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+#: ``config["flash_llm"]["tokenizer"]`` of a model that reads bytes (:mod:`flash_llm.data`).
+BYTE_TOKENIZER = "bytes"
+
+
+def path(name: str = "tiny-shakespeare") -> Path:
+    """The directory of bundled model ``name`` (``config.json`` + ``model.safetensors``)."""
+    if name not in NAMES:
+        raise ValueError(f"no bundled model named {name!r}; bundled: {', '.join(NAMES)}")
+    d = _HERE / name
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"bundled model {name!r} is incomplete: {d / f} is missing (reinstall flash-llm, "
+                                    "or train it with scripts/train_bundled.py)")
+    return d
+
+
+def is_byte_level(config: dict) -> bool:
+    """Whether a ``config.json`` dict declares flash-llm's byte tokenizer (``"flash_llm": {"tokenizer":
+    "bytes"}``)."""
+    section = config.get("flash_llm")
+    return isinstance(section, dict) and section.get("tokenizer") == BYTE_TOKENIZER
+
+
+def build_model(cfg: dict, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = None) -> nn.Module:
+    """A randomly initialised Llama (:mod:`flash_llm.models`) for the ``config.json`` dict ``cfg`` (Hugging
+    Face ``LlamaForCausalLM`` fields and state-dict names), in eval mode; ``model(tokens int64 [B, T])``
+    returns logits ``[B, T, vocab_size]``.  ``seed`` seeds the initialisation."""
+    from ..models import from_config
+
+    return from_config({k: v for k, v in cfg.items() if k != "flash_llm"}, dtype=dtype, device=device, seed=seed)
+
+
+def load_dir(directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu",
+             progress: bool = False) -> nn.Module:
+    """A model directory (any checkpoint :func:`flash_llm.from_pretrained` reads: dense, sparse-bitmask or
+    flash-llm; Llama or OPT) as a **dense** :mod:`flash_llm.models` model in ``dtype`` on ``device``, eval
+    mode.  Missing or unreadable files raise ``FileNotFoundError`` / :class:`flash_llm.FormatError`
+    naming the file."""
+    from ..checkpoint import from_pretrained
+
+    return from_pretrained(directory, dtype=dtype, device=device, sparsify=False, backend="flash", progress=progress)
+
+
+def load(name: str = "tiny-shakespeare", *, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """Bundled model ``name`` (see :data:`NAMES`) in ``dtype`` (weights are stored in fp16) on ``device``,
+    in eval mode.  ``model(tokens int64 [B, T])`` gives logits ``[B, T, 256]``."""
+    return load_dir(path(name), dtype=dtype, device=device)
+
+
+def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
+                   overwrite: bool = False) -> Path:
+    """Write ``model`` as a plain dense Hugging Face checkpoint directory ``out``: ``config.json`` (``cfg``
+    plus ``"torch_dtype"``) and ``model.safetensors`` (the state dict in ``dtype``).
+
+    Atomic: both files go to a temporary directory beside ``out`` that replaces ``out`` at the end, so an
+    interrupted call leaves ``out`` as it was.  Raises ``FileExistsError`` when ``out`` exists, unless
+    ``overwrite``."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint._files import atomic_directory
+
+    out = Path(out)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+             if v.is_floating_point()}
+    cfg = dict(cfg, torch_dtype=str(dtype).removeprefix("torch."))
+    with atomic_directory(out, overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result gets the usual permissions
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            os.chmod(tmp / f, 0o666 & ~umask)
+    return out

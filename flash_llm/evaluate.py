@@ -1,0 +1,125 @@
+"""Validation loss and perplexity of a causal language model on a token stream, the same code for dense
+and sparse (``flash_llm.sparsify_``-converted) models::
+
+    result = flash_llm.evaluate.evaluate(model, val_tokens, seq_len=256)
+    print(result.loss, result.perplexity)        # mean cross-entropy (nats/token) and exp(loss)
+
+The stream is cut into non-overlapping windows (:func:`flash_llm.data.windows`): window ``i`` feeds
+``tokens[i*T : i*T + T]`` and scores the next-token predictions against ``tokens[i*T + 1 : i*T + T + 1]``,
+so each of the ``n - 1`` targets is scored exactly once, with ``0 .. T-1`` tokens of context (no
+context carries over between windows).  The loss is the mean over all targets of the cross-entropy,
+computed from the logits in fp32 and summed in fp64, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import windows
+
+__all__ = ["EvalResult", "evaluate", "logits_of"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """``loss``: mean next-token cross-entropy in nats; ``perplexity``: ``exp(loss)``; ``tokens``: the
+    number of targets scored; ``seq_len``: the window length used."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+    seq_len: int
+
+    def __str__(self) -> str:
+        return f"loss {self.loss:.4f} nats/token, perplexity {self.perplexity:.3f} ({self.tokens:,} tokens, " \
+               f"windows of {self.seq_len})"
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits ``[B, T, V]`` of a model's output: the tensor itself, or its ``.logits`` (Hugging Face
+    ``CausalLMOutput``), or element 0 of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"the model returned {type(output).__name__}; expected logits [B, T, V] (a tensor, an object "
+                    "with .logits, or a tuple starting with the logits)")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batch_size: int = 32,
+             max_tokens: int | None = None, progress: bool = True, desc: str = "evaluate") -> EvalResult:
+    """Mean next-token cross-entropy and perplexity of ``model`` on ``tokens``.
+
+    Args:
+        model: called as ``model(x)`` with ``x`` int64 ``[B, T]`` on the model's device, returning logits
+            ``[B, T, V]`` (any float dtype) or an object/tuple holding them (see :func:`logits_of`).
+            Runs in eval mode under ``no_grad``; the training flag is restored after.
+        tokens: ``[n]`` token ids (any integer dtype, e.g. the ``uint8`` of :func:`flash_llm.data.load_tokens`),
+            on any device; ``n >= 2``.
+        seq_len: window length ``T`` (at most the model's context length).
+        batch_size: windows per forward pass.
+        max_tokens: score only the first ``max_tokens + 1`` tokens of the stream (``max_tokens`` targets);
+            default: all.
+        progress: tqdm bar (stderr) over the windows.
+        desc: the bar's label.
+
+    Returns:
+        An :class:`EvalResult` (``tokens`` = number of targets scored).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, v in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        tokens = tokens[:max_tokens + 1]
+    wins = windows(tokens, seq_len)
+    device = _model_device(model)
+    stream = tokens.to(device=device, dtype=torch.long)
+    full = [s for s, n in wins if n == seq_len]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[s] for s, n in wins if n < seq_len]  # the shorter last window runs alone
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(wins), desc=desc, unit="window", disable=not progress, file=sys.stderr, leave=False)
+    try:
+        for starts in groups:
+            length = min(seq_len, stream.numel() - 1 - starts[0])
+            idx = torch.tensor(starts, device=device)[:, None] + torch.arange(length + 1, device=device)
+            chunk = stream[idx]
+            logits = logits_of(model(chunk[:, :-1]))
+            if logits.shape[:2] != (len(starts), length):
+                raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for input "
+                                 f"{(len(starts), length)}; expected [B, T, V] = [{len(starts)}, {length}, V]")
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                               chunk[:, 1:].reshape(-1), reduction="sum")
+            total += loss.double()
+            count += chunk[:, 1:].numel()
+            bar.update(len(starts))
+    finally:
+        bar.close()
+        model.train(was_training)
+    mean = float(total) / count
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"the loss is {mean} (the model produced non-finite logits)")
+    return EvalResult(mean, math.exp(mean), count, seq_len)
