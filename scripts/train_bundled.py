@@ -1,6 +1,6 @@
 """Train the bundled byte-level Llama (``tiny-shakespeare``) from scratch and write it as a model directory.
 
-    python scripts/train_bundled.py --out flash_llm/bundled/tiny-shakespeare --force      # on a GPU, ~2 min
+    python scripts/train_bundled.py --out flash_llm/bundled/tiny-shakespeare --force      # on a GPU, ~15 s
 
 Data: the fixed split of :mod:`flash_llm.data` (first 90 % of the bytes train, last 10 % validation) of
 tinyshakespeare (the bundled copy by default, SHA-256 checked, or ``--data FILE``).  Training: random
@@ -10,7 +10,7 @@ master weights), fp32 on CPU.  At the end the fp16 weights are written (``config
 ``model.safetensors``, atomically), reloaded, and evaluated on the whole validation split; the config
 records the command, card, time, steps and validation loss, and one summary line is printed:
 
-    trained tiny-shakespeare: card NVIDIA H100 80GB HBM3, 123.4 s, 4000 steps x 64 x 256 tokens, val loss 1.5123 (ppl 4.54)
+    trained tiny-shakespeare: card NVIDIA H200, 13.0 s, 700 steps x 64 x 256 tokens, val loss 1.45 (ppl 4.3)
 """
 
 from __future__ import annotations
@@ -102,12 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--data", type=Path, default=None,
                    help="training text (default: the bundled tinyshakespeare, SHA-256 checked)")
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=700, help="optimizer steps (the validation loss is lowest near 700: "
+                   "4000 steps x 64 x 256 tokens, 65 epochs, overfit to val loss 4.7 on an H200, 2026-11-29)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (also the context length)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=1e-4, help="final learning rate")
-    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size (multiple of 64)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
@@ -115,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=768, help="MLP intermediate size (multiple of 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--eval-every", type=int, default=500,
+    p.add_argument("--eval-every", type=int, default=100,
                    help="print the loss on the first --eval-tokens validation tokens every N steps (0: never)")
     p.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens of the periodic evaluation")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; pays compile time)")
