@@ -27,7 +27,7 @@ def _train_script():
 
 TINY = ["--steps", "40", "--batch-size", "8", "--seq-len", "32", "--hidden", "64", "--layers", "1", "--heads", "2",
         "--ffn", "128", "--warmup", "5", "--lr", "3e-3", "--eval-every", "20", "--eval-tokens", "1024",
-        "--no-progress"]
+        "--no-progress", "--device", "cpu"]  # the smoke test trains on the CPU also on a GPU machine
 
 
 # ---- the shipped model ----------------------------------------------------------------------------------
@@ -51,14 +51,14 @@ def test_bundled_model_files_and_config():
 
 
 def test_bundled_model_recorded_val_loss_reproduces():
-    """The val loss in config.json is what evaluate gives on the validation split (first 16k tokens here,
-    compared with a fresh evaluation of the whole split only in the GPU runs: the bound below is loose)."""
+    """The val loss in config.json is what evaluate gives on the whole validation split (about 4 s on
+    2 CPU cores; the first windows alone are easier text, 0.12 nats lower for the shipped model)."""
     model = bundled.load("tiny-shakespeare")
     cfg = json.loads((bundled.path() / "config.json").read_text())
     _, val = data.split(data.load_tokens(data.corpus_path()))
-    r = evaluate(model, val, seq_len=cfg["flash_llm"]["training"]["seq_len"], max_tokens=16384, progress=False)
+    r = evaluate(model, val, seq_len=cfg["flash_llm"]["training"]["seq_len"], progress=False)
     assert r.loss < 0.8 * 5.545  # far better than uniform over 256 bytes (ln 256)
-    assert abs(r.loss - cfg["flash_llm"]["training"]["val_loss"]) < 0.1
+    assert abs(r.loss - cfg["flash_llm"]["training"]["val_loss"]) < 1e-3  # recorded to 4 decimals
 
 
 def test_bundled_model_matches_transformers():
