@@ -589,11 +589,13 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
       int M, int K, int N, int ldx, int mt, int kt, int splits, int kt_per_split, int n_chunks, int vec
 #define SPMM_PROBLEM {x, y, bias, ws, tickets, M, K, N, ldx, splits, n_chunks, vec}
 
-// Minimum resident blocks per SM by NT: caps registers so that 8 blocks (32 warps) fit for NT <= 2.
-template <int NT> struct MinBlocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
+// Minimum resident blocks per SM by format and NT: caps registers so that the blocks the shared memory allows
+// also fit the register file (bitmap: 34 KB of ring and windows per block, so 6-7 blocks; Tiled-CSL: 16 KB).
+template <int NT> struct bitmap_min_blocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
+template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT <= 2 ? 8 : NT == 4 ? 5 : 4; };
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
-  extern "C" __global__ void __launch_bounds__(THREADS, MinBlocks<NT>::value)                       \
+  extern "C" __global__ void __launch_bounds__(THREADS, FMT##_min_blocks<NT>::value)                       \
   FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                            \
     FMT##_spmm_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);           \
   }
