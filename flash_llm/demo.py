@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import bundled, data
+from . import bundled, cli, data
+from .cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _positive
 from .evaluate import evaluate, logits_of
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 METHODS = ("sparsegpt", "wanda", "magnitude", "gradual")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = cli.DTYPES
 DEFAULT_MODEL = "tiny-shakespeare"
 DEFAULT_PROMPT = "ROMEO:\n"
 DEFAULT_GEN_TOKENS = 160
@@ -42,12 +42,6 @@ MAX_WINDOW = 1024  # default evaluation window / calibration length: the model's
 _LAYER_ONLY = ("shape", "sparsities", "tokens", "repeat", "warmup")
 
 
-def _err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-
-
-def _int(n: int) -> str:
-    return f"{n:,}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,15 +63,6 @@ def sparsity_arg(text: str) -> float:
                                          f"a percentage below 100%), got {text!r}")
     return v
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def _device(text: str) -> torch.device:
@@ -307,8 +292,6 @@ LOAD_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, OSError, Impor
 
 def cmd_demo(args) -> int:
     if args.layer:
-        from . import cli
-
         if args.model is not None:
             _err("--model and --layer exclude each other (--layer runs the synthetic-layer demo)")
             return EXIT_USAGE
@@ -558,8 +541,6 @@ def cmd_prune(args) -> int:
 # ------------------------------------------------------------------------------------------------
 def register_cli(subparsers) -> None:
     """Add ``demo`` and ``prune`` to the ``flash-llm`` command line."""
-    from . import cli
-
     p = subparsers.add_parser(
         "demo", help="prune the bundled model, compress it, compare it with the dense one (or --layer)",
         description="The main demo: load the bundled tiny-shakespeare model (or --model DIR), prune a copy "
