@@ -99,6 +99,19 @@ def test_save_load_round_trip_and_overwrite(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary or backup directories left
 
 
+def test_saved_model_directory_has_the_usual_permissions(tmp_path):
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = bundled.save_model_dir(bundled.build_model(_tiny_cfg(), seed=1), _tiny_cfg(), tmp_path / "m")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755  # not mkdtemp's 0700
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == \
+            {"config.json": 0o644, "model.safetensors": 0o644}  # not safetensors' 0600
+    finally:
+        os.umask(umask)
+
+
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     import safetensors.torch
 

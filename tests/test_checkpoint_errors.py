@@ -245,6 +245,22 @@ def test_existing_output_is_not_overwritten(sources, tmp_path):
         "flash_llm.tiled_csl"
 
 
+def test_output_has_the_usual_permissions(sources, tmp_path):
+    """The output directory is written as a private temporary directory and renamed; it must end up with
+    the permissions any other directory the user creates gets (0777 minus the umask), not 0700."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        convert(sources[0], out, progress=False)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in out.iterdir())
+    finally:
+        os.umask(umask)
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_interrupted_conversion_leaves_nothing(sources, tmp_path, monkeypatch, existing):
     dense, _ = sources

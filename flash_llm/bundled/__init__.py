@@ -85,9 +85,7 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
     Atomic: both files go to a temporary directory beside ``out`` that replaces ``out`` at the end, so an
     interrupted call leaves ``out`` as it was.  Raises ``FileExistsError`` when ``out`` exists, unless
     ``overwrite``."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint._files import atomic_directory
+    from ..checkpoint._files import atomic_directory, save_safetensors
 
     out = Path(out)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
@@ -95,10 +93,5 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
     cfg = dict(cfg, torch_dtype=str(dtype).removeprefix("torch."))
     with atomic_directory(out, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result gets the usual permissions
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
-            os.chmod(tmp / f, 0o666 & ~umask)
+        save_safetensors(state, tmp / WEIGHTS_FILE, {"format": "pt"})
     return out

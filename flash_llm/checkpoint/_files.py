@@ -189,6 +189,21 @@ def auxiliary_files(path: Path) -> list[Path]:
 
 # ---- writing ---------------------------------------------------------------------------------------
 
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the usual file permissions (safetensors creates its files 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.fspath(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; when the block completes, it replaces ``out``.
@@ -205,6 +220,7 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{out} exists and is not a directory; remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result gets the usual permissions
     try:
         yield tmp
         if out.exists():
@@ -252,10 +268,8 @@ class ShardWriter:
         self.total_size += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         path = self.directory / f"shard-{len(self._written):05d}.tmp"
-        save_file(self._pending, os.fspath(path), metadata={"format": "pt", **self._pending_meta})
+        save_safetensors(self._pending, path, {"format": "pt", **self._pending_meta})
         self._written.append((path, list(self._pending)))
         self._pending, self._pending_meta, self._pending_bytes = {}, {}, 0
 
