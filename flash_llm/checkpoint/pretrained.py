@@ -610,6 +610,7 @@ def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
     dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME)
     model = _model.build_skeleton(config, dtype, backend)
     report = load_checkpoint(model, path, device=device, sparsify=sparsify, progress=progress)
+    model.to(device)  # what the model computes itself (rotary frequencies) was built on the CPU beside the skeleton
     model.eval()
     _attach_hf_quantizer(model)
     return (model, report) if output_report else model

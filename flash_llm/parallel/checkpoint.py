@@ -188,4 +188,7 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
                       f"{cfg.family} model and were not read, e.g. {unused[:5]}", UserWarning, stacklevel=2)
     set_local_heads(model, tp.world_size)
     model.tensor_parallel = tp
+    # the loaded tensors are on the device already; this moves what the model computes itself (rotary
+    # frequencies, built on the CPU beside the meta skeleton), so every tensor is where the caller asked
+    model.to(device)
     return model.eval(), ShardReport.of(model)
