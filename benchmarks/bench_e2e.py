@@ -456,34 +456,12 @@ def summarize_tp(rows, env) -> str:
 
 
 def plot_tp(rows, path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        mrows = [r for r in rows if r["model"] == model and r.get("status") == "ok"]
+    def series(mrows):
         for sp, k in sorted({(r["sparsity"], r["tp"]) for r in mrows}):
             pts = sorted((r["batch"], r["tok_per_gpu_s"]) for r in mrows if (r["sparsity"], r["tp"]) == (sp, k))
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
-                    label=f"{'dense' if sp == 0 else f'{sp} % sparse'} on {k} GPU(s)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("tokens per GPU-second")
-        ax.set_title(model)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    _atomic_write(path, buf.getvalue())
-    return True
+            yield f"{'dense' if sp == 0 else f'{sp} % sparse'} on {k} GPU(s)", "-", pts
+
+    return _plot_per_model(rows, path, "tokens per GPU-second", series)
 
 
 def main_tp(args, argv) -> int:
@@ -653,6 +631,18 @@ def summarize(rows, env) -> str:
 
 
 def plot(rows, path) -> bool:
+    def series(mrows):
+        for impl, sp in sorted({(r["impl"], r["sparsity"]) for r in mrows}, key=lambda s: (s[0] != "hf-generate", s[1])):
+            pts = sorted((r["batch"], r["decode_tok_s"]) for r in mrows if r["impl"] == impl and r["sparsity"] == sp)
+            label = "HF generate (dense)" if impl == "hf-generate" else ("dense" if sp == 0 else f"{sp} % sparse")
+            yield label, "--" if impl == "hf-generate" else "-", pts
+
+    return _plot_per_model(rows, path, "decode tokens/s", series)
+
+
+def _plot_per_model(rows, path, ylabel: str, series) -> bool:
+    """One log-log panel per model: ``series(ok rows of the model)`` yields (label, linestyle, [(batch, y)]).
+    Writes a PNG atomically; False without matplotlib."""
     try:
         import matplotlib
 
@@ -664,16 +654,12 @@ def plot(rows, path) -> bool:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         mrows = [r for r in rows if r["model"] == model and r.get("status") == "ok"]
-        series = sorted({(r["impl"], r["sparsity"]) for r in mrows}, key=lambda s: (s[0] != "hf-generate", s[1]))
-        for impl, sp in series:
-            pts = sorted((r["batch"], r["decode_tok_s"]) for r in mrows if r["impl"] == impl and r["sparsity"] == sp)
-            label = "HF generate (dense)" if impl == "hf-generate" else ("dense" if sp == 0 else f"{sp} % sparse")
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label,
-                    linestyle="--" if impl == "hf-generate" else "-")
+        for label, linestyle, pts in series(mrows):
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label, linestyle=linestyle)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch")
-        ax.set_ylabel("decode tokens/s")
+        ax.set_ylabel(ylabel)
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

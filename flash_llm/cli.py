@@ -169,8 +169,9 @@ def _gpu_warmup(fns, seconds: float = 0.3) -> None:
 
 
 def _demo_device(text: str) -> torch.device:
+    """``--device`` of the demos: auto, cpu, cuda or cuda:N (a CUDA device always with its index)."""
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        text = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -179,6 +180,8 @@ def _demo_device(text: str) -> torch.device:
         raise ValueError(f"--device {text}: CUDA is not available here")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -189,8 +192,6 @@ def cmd_demo(args) -> int:
     except ValueError as e:
         _err(str(e))
         return EXIT_USAGE
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     sparsities = [s for group in (args.sparsities or [list(DEMO_SPARSITIES)]) for s in group]
     m, k = args.shape
     dtype = DTYPES[args.dtype]

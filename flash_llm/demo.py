@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from . import bundled, cli, data
-from .cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _positive
+from .cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _positive, _sync
+from .cli import _demo_device as _device  # one --device parser for both demos
 from .evaluate import evaluate, logits_of
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "gradual")
@@ -62,29 +63,6 @@ def sparsity_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) (a fraction of the weights set to zero; or "
                                          f"a percentage below 100%), got {text!r}")
     return v
-
-
-
-def _device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {text}: CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -163,3 +163,25 @@ def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w_dense: torch.T
     err, err_torch = max_abs_err(y, ref), max_abs_err(base, ref)
     tol = 2 * err_torch + ulp(x.dtype, magnitude)
     assert err <= tol, f"max |spmm - fp64| = {err:.3g} > {tol:.3g} (torch fp32-accumulated error {err_torch:.3g})"
+
+
+TINY_VOCAB = 97
+
+
+def tiny_hf_model(family: str, seed: int = 0):
+    """A tiny transformers ``LlamaForCausalLM`` (GQA: 4 query heads, 2 KV heads) or ``OPTForCausalLM`` with
+    random weights (seeded), vocabulary ``TINY_VOCAB``, in eval mode: the reference of the engine and
+    tensor-parallel tests."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        hc = transformers.LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=1000.0, initializer_range=0.1, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=0)
+        return transformers.LlamaForCausalLM(hc).eval()
+    hc = transformers.OPTConfig(vocab_size=TINY_VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=64, init_std=0.1, dropout=0.0,
+                                bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return transformers.OPTForCausalLM(hc).eval()

@@ -15,26 +15,15 @@ from flash_llm.engine import Engine, Generation, sample_tokens
 from flash_llm.models import from_config, preset
 from flash_llm.models.synthetic import DoesNotFit, bitmap_formula_bytes, build_synthetic, estimate_bytes
 from flash_llm.prune import magnitude_prune_
-from conftest import ulp
+from conftest import TINY_VOCAB, tiny_hf_model, ulp
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 97
+VOCAB = TINY_VOCAB
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2, 3], [10, 11, 12, 13, 14, 15, 16]]
 
 
-def _hf(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    if family == "llama":
-        hc = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rope_theta=1000.0, initializer_range=0.1, bos_token_id=None,
-                                      eos_token_id=None, pad_token_id=0)
-        return transformers.LlamaForCausalLM(hc).eval()
-    hc = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=64, init_std=0.1, dropout=0.0,
-                                bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    return transformers.OPTForCausalLM(hc).eval()
+_hf = tiny_hf_model
 
 
 def _ours(hm, dtype=torch.float32):

@@ -35,30 +35,19 @@ from flash_llm.parallel import (ColumnParallelLinear, RowParallelLinear, ShardRe
                                 check_divisible, init_tensor_parallel, load_tensor_parallel, tensor_parallel_)
 from flash_llm.parallel.group import NCCL_ENV_DEFAULTS, nccl_env_defaults
 from flash_llm.prune import magnitude_prune_
-from conftest import expected_nbytes, max_abs_err, ulp
+from conftest import TINY_VOCAB, expected_nbytes, max_abs_err, tiny_hf_model, ulp
 from tp_worker import NEW, PROMPTS, SYNTH, full_model, padded
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 97
+VOCAB = TINY_VOCAB
 WORLD = 2
 FAMILIES = ("opt", "llama")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "tp_worker.py")
 
 
-def _hf(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    if family == "llama":  # GQA: 4 query heads, 2 KV heads -> each rank 2 query heads sharing 1 KV head
-        hc = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rope_theta=1000.0, initializer_range=0.1, bos_token_id=None,
-                                      eos_token_id=None, pad_token_id=0)
-        return transformers.LlamaForCausalLM(hc).eval()
-    hc = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=64, init_std=0.1, dropout=0.0,
-                                bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    return transformers.OPTForCausalLM(hc).eval()
+_hf = tiny_hf_model
 
 
 def _save_hf(model, folder) -> None:
