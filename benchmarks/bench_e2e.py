@@ -311,6 +311,8 @@ def run_tp_sweep(args, world, dtype, log) -> list[dict]:
                           "status": f"cannot split: {e}"} for sp in args.sparsities for b in args.batches]
                 continue
             for sp in args.sparsities:
+                if k not in (args.tp_dense if sp == 0 else args.tp_sparse):
+                    continue  # not asked for (--tp-dense / --tp-sparse)
                 base = {"model": name, "impl": "flash-llm-tp", "tp": k, "gpus": k, "sparsity": sp,
                         "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new}
                 if tp is not None:
@@ -692,6 +694,9 @@ def parse_args(argv):
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--tp", help="tensor-parallel mode, under torchrun: comma-separated world sizes to shard over "
                                  "(each run on the first K ranks), e.g. 4,2; the Hugging Face baseline is skipped")
+    ap.add_argument("--tp-dense", help="world sizes (among --tp) for the dense model (default: all of --tp)")
+    ap.add_argument("--tp-sparse", help="world sizes (among --tp) for the sparse models (default: all of --tp), "
+                                        "e.g. --tp 4,2,1 --tp-dense 4 --tp-sparse 2,1")
     ap.add_argument("--tp-timeout-min", type=float, default=30.0,
                     help="timeout of the process group's collectives, minutes (default 30: ranks outside a "
                          "smaller --tp size wait while it builds and runs)")
@@ -705,6 +710,18 @@ def parse_args(argv):
             ap.error(f"--tp sizes must be >= 1, got {args.tp}")
         args.tp = sorted(set(args.tp), reverse=True)
         args.hf = False
+        for opt in ("tp_dense", "tp_sparse"):
+            flag = "--" + opt.replace("_", "-")
+            raw = getattr(args, opt)
+            try:
+                sizes = args.tp if raw is None else sorted({int(v) for v in raw.split(",")}, reverse=True)
+            except ValueError as e:
+                ap.error(f"{flag} takes comma-separated integers: {e}")
+            if not set(sizes) <= set(args.tp):
+                ap.error(f"{flag} {raw} names world sizes that are not in --tp {','.join(map(str, args.tp))}")
+            setattr(args, opt, sizes)
+    elif args.tp_dense is not None or args.tp_sparse is not None:
+        ap.error("--tp-dense and --tp-sparse need --tp")
     quick = {"models": "llama-3-8b", "sparsities": "0,70,80", "batches": "1,16,64", "new": 64, "repeats": 2}
     full = {"models": "llama-3-8b,opt-30b", "sparsities": "0,50,70,80,90", "batches": "1,8,16,32,64", "new": 128,
             "repeats": 3}

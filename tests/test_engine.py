@@ -289,6 +289,26 @@ def test_engine_errors(pair):
 # ---------------------------------------------------------------------------------------------------
 # benchmarks/bench_e2e.py, as a smoke run on CPU
 # ---------------------------------------------------------------------------------------------------
+def test_bench_e2e_tp_filters_are_checked(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_e2e.py")
+    spec = importlib.util.spec_from_file_location("bench_e2e_args", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = bench.parse_args(["--tp", "1,4,2", "--tp-dense", "4", "--tp-sparse", "1,2"])
+    assert (a.tp, a.tp_dense, a.tp_sparse) == ([4, 2, 1], [4], [2, 1])
+    a = bench.parse_args(["--tp", "2"])
+    assert a.tp_dense == a.tp_sparse == [2]
+    for argv, msg in ((["--tp", "2", "--tp-sparse", "1"], "--tp-sparse 1 names world sizes that are not in --tp 2"),
+                      (["--tp-dense", "2"], "--tp-dense and --tp-sparse need --tp"),
+                      (["--tp", "2", "--tp-dense", "x"], "--tp-dense takes comma-separated integers")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert msg in capsys.readouterr().err
+
+
 def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
     import importlib.util
     import json

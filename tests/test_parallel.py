@@ -300,6 +300,23 @@ def test_bench_tensor_parallel_mode_smoke(tp_run):
     assert "tokens per GPU-second" in summary and "| 2 |" in summary
 
 
+def test_tp_check_script_compares_ranks_with_one_process(tmp_path):
+    """benchmarks/tp_check.py (issue 8's check at real sizes on GPUs), as a 2-rank gloo smoke run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "benchmarks", "tp_check.py"), "--model", "tiny", "--prompt", "6", "--new", "5",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "tp_check.json").read_text())["rows"]
+    assert [(r["sparsity"], r["world_size"]) for r in rows] == [(0, 2), (80, 2)]
+    for r in rows:
+        assert r["logits_ok"] and r["tokens_equal"] and r["tokens_compared"] == 4 * 5
+        assert 0 < r["max_err_tp_vs_fp32"] <= r["tolerance"] and r["max_err_single_vs_fp32"] > 0
+    assert "| 80 % |" in proc.stdout and "PASS" in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------------
 # in this process: no torchrun
 # ---------------------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def main(folder: str, bench_out: str, device: str) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
     import bench_e2e
 
-    out["bench_rc"] = bench_e2e.main(["--tp", "2", "--device", device, "--models", "tiny-llama", "--sparsities",
+    # --tp 2,1 with both filters on 2: the world size 1 points are skipped (only 2 rows come back)
+    out["bench_rc"] = bench_e2e.main(["--tp", "2,1", "--tp-dense", "2", "--tp-sparse", "2", "--device", device, "--models", "tiny-llama", "--sparsities",
                                       "80", "--batches", "2", "--prompt", "4", "--new", "3", "--repeats", "1",
                                       "--no-progress", "--out", bench_out])
     path = os.path.join(folder, f"rank{tp.rank}.pt")

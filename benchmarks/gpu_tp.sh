@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Device calls for tensor parallelism (issues 7 and 8), on a machine of 4 GPUs (nvidia-h200-x4).
+#   bash benchmarks/gpu_tp.sh opt66    tests at world size 1 and 2, tp_check (Llama-3-8B on 2 GPUs vs 1),
+#                                      OPT-66B dense on 2 GPUs vs 80 % on 2 and on 1; beside it, on GPU 2 the
+#                                      one-GPU OPT-66B run capped at 80 GB (issue 4) and on GPU 3 the
+#                                      checkpoint benchmark (issue 6)
+#   bash benchmarks/gpu_tp.sh opt175   OPT-175B dense on 4 GPUs vs 80 % on 2 and on 1
+# Outputs under $OUT (or benchmarks/out).  FLASH_LLM_COMMIT names the commit (the device copy's .git is stale).
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc NCCL_NVLS_ENABLE=0 \
+       TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4
+OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+nvidia-smi topo -m 2>&1 | head -8
+python3 -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count(), 'nccl', torch.cuda.nccl.version())"
+python3 -c "from flash_llm.kernels._build import compile_kernels as c; r=c('sm_90'); print('compiled', len(r.cubin))"
+END=$(( $(date +%s) + ${BUDGET_S:-560} ))  # every step's timeout is cut to what is left of the call
+left() { local l=$(( END - $(date +%s) )); echo $(( l > 10 ? l : 10 )); }
+trun() { python3 -m torch.distributed.run --standalone --nproc-per-node "$@"; }
+B="--batches 8,16,32,64 --prompt 128 --new 128 --no-progress"
+
+case ${1:-} in
+  opt66)
+    # beside the tensor-parallel runs, on GPUs 2 and 3
+    (CUDA_VISIBLE_DEVICES=2 timeout $(left) python3 benchmarks/bench_e2e.py --models opt-66b --sparsities 0,80 \
+       --batches 1,8,16,32,64 --memory-limit-gb 80 --no-hf --no-progress --out "$OUT/e2e_opt66b_80gb" \
+       > "$OUT/e2e_opt66b_80gb.log" 2>&1; echo "e2e one GPU rc=$?" >> "$OUT/e2e_opt66b_80gb.log") &
+    (CUDA_VISIBLE_DEVICES=3 timeout $(left) python3 benchmarks/bench_checkpoint.py --model llama-3-8b --no-hf \
+       --workdir /tmp/ckpt --out "$OUT/checkpoint" > "$OUT/checkpoint.log" 2>&1;
+     echo "checkpoint rc=$?" >> "$OUT/checkpoint.log") &
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q tests/test_parallel_gpu.py 2>&1 | tee "$OUT/tp_tests.log" | tail -4
+    CUDA_VISIBLE_DEVICES=0,1 timeout $(left) python3 -m pytest -q -m gpu tests/test_parallel.py 2>&1 | tee -a "$OUT/tp_tests.log" | tail -4
+    CUDA_VISIBLE_DEVICES=0,1 timeout $(left) trun 2 benchmarks/tp_check.py --model llama-3-8b --out "$OUT" > "$OUT/tp_check.log" 2>&1
+    tail -5 "$OUT/tp_check.log"
+    CUDA_VISIBLE_DEVICES=0,1 timeout $(left) trun 2 benchmarks/bench_e2e.py --tp 2,1 --tp-dense 2 --tp-sparse 2,1 \
+      --models opt-66b --sparsities 0,80 $B --repeats 2 --out "$OUT/tp_opt66b" > "$OUT/tp_opt66b.log" 2>&1
+    tail -22 "$OUT/tp_opt66b.log"
+    wait
+    echo "=== one GPU, 80 GB cap"; tail -22 "$OUT/e2e_opt66b_80gb.log"
+    echo "=== checkpoint"; tail -25 "$OUT/checkpoint.log" ;;
+  opt175)
+    timeout $(left) trun 4 benchmarks/bench_e2e.py --tp 4,2,1 --tp-dense 4 --tp-sparse 2,1 \
+      --models opt-175b --sparsities 0,80 $B --repeats 2 --out "$OUT/tp_opt175b" > "$OUT/tp_opt175b.log" 2>&1
+    tail -30 "$OUT/tp_opt175b.log" ;;
+  *) echo "usage: bash benchmarks/gpu_tp.sh opt66|opt175" >&2; exit 2 ;;
+esac
+# the device tool brings back at most 8 files: everything in one archive, the logs beside it
+(cd "$OUT" && tar czf /tmp/tp_results.tgz . && mkdir -p /tmp/logs && cp *.log /tmp/logs/ 2>/dev/null;
+ rm -rf ./* && mv /tmp/tp_results.tgz . && ls /tmp/logs/*.log >/dev/null 2>&1 && cp /tmp/logs/*.log . ; ls)
