@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Device calls for tensor parallelism (issues 7 and 8) on a machine of 2 or 4 GPUs (nvidia-h200-x2 / -x4),
 # with two one-GPU jobs of issues 4 and 6 beside them.  Stages, run in the order given:
-#   tests     tests/test_parallel_gpu.py at world size 1 (GPU 0), then the 2-GPU cases of tests/test_parallel.py
+#   nccl      a 2-GPU all-reduce, eager and in a CUDA graph (nccl_check.py)
+#   tests1    tests/test_parallel_gpu.py at world size 1 (GPU 0)
+#   tests2    the 2-GPU cases of tests/test_parallel.py (stacks printed if a rank hangs)
 #   ckpt-bg   the checkpoint benchmark (Llama-3-8B, issue 6) in the background on the last GPU; the next
 #             timing stage waits for it
 #   tpcheck   tp_check.py: Llama-3-8B on 2 GPUs against one GPU, dense and 80 %
@@ -21,7 +23,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.d
 python3 -c "from flash_llm.kernels._build import compile_kernels as c; r=c('sm_90'); print('compiled', len(r.cubin))"
 END=$(( $(date +%s) + ${BUDGET_S:-560} ))  # every step's timeout is cut to what is left of the call
 left() { local l=$(( END - $(date +%s) )); echo $(( l > 10 ? l : 10 )); }
-trun() { python3 -m torch.distributed.run --standalone --nproc-per-node "$@"; }
+TRUN="python3 -m torch.distributed.run --standalone --nproc-per-node"  # a command, so that timeout can run it
 B="--batches 8,16,32,64 --prompt 128 --new 128 --no-progress"
 
 NG=$(nvidia-smi -L | wc -l)
@@ -30,27 +32,32 @@ wait_bg() { if [ -n "$bg" ]; then wait $bg; bg=""; fi; }
 for stage in "$@"; do
   echo "=== $stage ($(left) s left)"
   case $stage in
-    tests)
-      CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q tests/test_parallel_gpu.py 2>&1 | tee "$OUT/tp_tests.log" | tail -4
-      timeout $(left) python3 -m pytest -q -m gpu tests/test_parallel.py 2>&1 | tee -a "$OUT/tp_tests.log" | tail -4 ;;
+    nccl)
+      timeout 90 $TRUN 2 benchmarks/nccl_check.py 2>&1 | tail -4 ;;
+    tests1)
+      CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q tests/test_parallel_gpu.py 2>&1 | tee "$OUT/tp_tests.log" | tail -4 ;;
+    tests2)
+      # the 2-GPU cases of the torchrun test; each rank prints its stack and exits if still running after 90 s
+      FLASH_LLM_TP_WORKER_DUMP_S=90 FLASH_LLM_TP_TEST_TIMEOUT_S=120 timeout 170 python3 -m pytest -q -x -m gpu \
+        tests/test_parallel.py 2>&1 | tee -a "$OUT/tp_tests.log" | tail -60 ;;
     ckpt-bg)
       (CUDA_VISIBLE_DEVICES=$((NG - 1)) timeout $(left) python3 benchmarks/bench_checkpoint.py --model llama-3-8b \
          --no-hf --workdir /tmp/ckpt --out "$OUT/checkpoint" > "$OUT/checkpoint.log" 2>&1
        echo "checkpoint rc=$?" >> "$OUT/checkpoint.log") &
       bg=$! ;;
     tpcheck)
-      CUDA_VISIBLE_DEVICES=0,1 timeout $(left) trun 2 benchmarks/tp_check.py --model llama-3-8b --out "$OUT" \
+      CUDA_VISIBLE_DEVICES=0,1 timeout $(left) $TRUN 2 benchmarks/tp_check.py --model llama-3-8b --out "$OUT" \
         > "$OUT/tp_check.log" 2>&1
       tail -5 "$OUT/tp_check.log" ;;
     tp66)
       wait_bg
-      CUDA_VISIBLE_DEVICES=0,1 timeout $(left) trun 2 benchmarks/bench_e2e.py --tp 2,1 --tp-dense 2 --tp-sparse 2,1 \
+      CUDA_VISIBLE_DEVICES=0,1 timeout $(left) $TRUN 2 benchmarks/bench_e2e.py --tp 2,1 --tp-dense 2 --tp-sparse 2,1 \
         --models opt-66b --sparsities 0,80 $B --repeats 2 --out "$OUT/tp_opt66b" > "$OUT/tp_opt66b.log" 2>&1
       tail -22 "$OUT/tp_opt66b.log" ;;
     tp175)
       wait_bg
       if [ "$NG" -ge 4 ]; then sizes="--tp 4,2,1 --tp-dense 4"; n=4; else sizes="--tp 2,1 --tp-dense 2"; n=2; fi
-      timeout $(left) trun $n benchmarks/bench_e2e.py $sizes --tp-sparse 2,1 --models opt-175b --sparsities 0,80 \
+      timeout $(left) $TRUN $n benchmarks/bench_e2e.py $sizes --tp-sparse 2,1 --models opt-175b --sparsities 0,80 \
         $B --repeats 2 --out "$OUT/tp_opt175b" > "$OUT/tp_opt175b.log" 2>&1
       tail -26 "$OUT/tp_opt175b.log" ;;
     e2e66)
@@ -59,7 +66,7 @@ for stage in "$@"; do
         --batches 1,8,16,32,64 --memory-limit-gb 80 --no-hf --no-progress --out "$OUT/e2e_opt66b_80gb" \
         > "$OUT/e2e_opt66b_80gb.log" 2>&1
       tail -22 "$OUT/e2e_opt66b_80gb.log" ;;
-    *) echo "unknown stage $stage (tests ckpt-bg tpcheck tp66 tp175 e2e66)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (nccl tests1 tests2 ckpt-bg tpcheck tp66 tp175 e2e66)" >&2; exit 2 ;;
   esac
 done
 wait_bg

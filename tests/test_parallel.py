@@ -92,6 +92,9 @@ def _check_error(actual, single, ref64, dtype, what):
 # ---------------------------------------------------------------------------------------------------
 # the 2-rank run (once per module)
 # ---------------------------------------------------------------------------------------------------
+RUN_TIMEOUT_S = float(os.environ.get("FLASH_LLM_TP_TEST_TIMEOUT_S", 600))
+
+
 @pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs")])])
 def tp_run(request, tmp_path_factory):
@@ -110,7 +113,12 @@ def tp_run(request, tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), WORKER,
            str(d), str(d / "bench"), device]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        out = lambda b: (b or b"").decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        pytest.fail(f"torchrun did not finish within {RUN_TIMEOUT_S} s; the ranks' output so far:\n"
+                    f"{out(e.stdout)[-3000:]}\n{out(e.stderr)[-8000:]}")
     assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}); the ranks' output:\n{proc.stdout[-3000:]}\n"
                                   f"{proc.stderr[:8000]}")
     outs = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

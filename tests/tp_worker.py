@@ -57,7 +57,16 @@ def run_model(out, key, model, device):
 
 
 def main(folder: str, bench_out: str, device: str) -> None:
+    # FLASH_LLM_TP_WORKER_DUMP_S=S: after S seconds, print every thread's stack and exit (to see where a run hangs)
+    if os.environ.get("FLASH_LLM_TP_WORKER_DUMP_S"):
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["FLASH_LLM_TP_WORKER_DUMP_S"]), exit=True)
     tp = init_tensor_parallel("nccl" if device == "cuda" else "gloo", timeout=120)
+
+    def step(what):  # where each rank is, on stderr (the test shows it when the run fails)
+        print(f"[rank {tp.rank}] {what}", file=sys.stderr, flush=True)
+
     dev = tp.device
     out: dict = {"rank": tp.rank, "world_size": tp.world_size, "backend": tp.backend, "device": str(dev)}
     with warnings.catch_warnings():
@@ -66,9 +75,11 @@ def main(folder: str, bench_out: str, device: str) -> None:
             dense_dir = os.path.join(folder, f"{family}-dense")
             pruned_dir = os.path.join(folder, f"{family}-pruned")
             # dense, read from the checkpoint (each rank its slices only)
+            step(f"{family}: dense from the checkpoint")
             model, rep = load_tensor_parallel(dense_dir, tp, dtype=torch.float32, progress=False)
             run_model(out, f"{family}/dense", model, dev)
             out[f"{family}/dense/kv_heads"] = Engine(model, max_batch=1, max_seq=8).cache.k[0].shape[1]
+            step(f"{family}: sampling, then mismatched prompts")
             eng = Engine(model, max_batch=3, max_seq=32)
             s = eng.generate(PROMPTS, NEW, temperature=1.0, top_p=0.9, eos_token_id=None,
                              generator=torch.Generator(dev).manual_seed(100 + tp.rank))  # different seeds per rank
@@ -79,10 +90,12 @@ def main(folder: str, bench_out: str, device: str) -> None:
                 out[f"{family}/mismatch_error"] = str(e)
             out[f"{family}/after_error"] = eng.generate(PROMPTS, 2).tokens  # still works
             # dense, sharded in memory
+            step(f"{family}: dense sharded in memory")
             model = full_model(dense_dir, torch.float32, dev)
             tensor_parallel_(model, tp)
             run_model(out, f"{family}/dense-mem", model, dev)
             # pruned fp16, each rank compressing its slices while reading them
+            step(f"{family}: pruned, compressed while loading")
             model, rep = load_tensor_parallel(pruned_dir, tp, dtype=torch.float16,
                                               sparsify=flash_llm.SparsifyConfig(), progress=False)
             run_model(out, f"{family}/sparse", model, dev)
@@ -91,11 +104,13 @@ def main(folder: str, bench_out: str, device: str) -> None:
                                                 s.nnz, s.nbytes) for s in r.layers] for r in reports]
             out[f"{family}/sparse/table"] = ShardReport.table(reports)
             # pruned fp16, sparsified whole (single-process SparseLinear layers), then sharded from them
+            step(f"{family}: pruned, sparsified then sharded")
             model = full_model(pruned_dir, torch.float16, dev)
             flash_llm.sparsify_(model)
             tensor_parallel_(model, tp)
             run_model(out, f"{family}/sparse-mem", model, dev)
     # a synthetic model built per rank (only this rank's slices kept)
+    step("synthetic")
     model, srep = build_synthetic(SYNTH, 0.8, device=dev, tp=tp, seed=3, progress=False)
     ids, mask = padded(PROMPTS)
     with torch.no_grad():
@@ -113,7 +128,9 @@ def main(folder: str, bench_out: str, device: str) -> None:
         build_synthetic(bad, 0.5, device=dev, tp=tp, progress=False)
     except ValueError as e:
         out["divisible_error_synthetic"] = str(e)
+    step("divisibility errors done")
     tp.barrier()
+    step("bench_e2e --tp")
     # the benchmark's tensor-parallel mode, as a smoke run on the same group
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
     import bench_e2e
