@@ -139,10 +139,13 @@ def main(folder: str, bench_out: str, device: str) -> None:
     out["bench_rc"] = bench_e2e.main(["--tp", "2,1", "--tp-dense", "2", "--tp-sparse", "2", "--device", device, "--models", "tiny-llama", "--sparsities",
                                       "80", "--batches", "2", "--prompt", "4", "--new", "3", "--repeats", "1",
                                       "--no-progress", "--out", bench_out])
+    step("closing")
+    del eng, model  # engines hold CUDA graphs with NCCL all-reduces: gone before the group is destroyed
     path = os.path.join(folder, f"rank{tp.rank}.pt")
     torch.save(out, path + ".tmp")
     os.replace(path + ".tmp", path)
     tp.close()
+    step("closed")
 
 
 if __name__ == "__main__":

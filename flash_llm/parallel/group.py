@@ -5,6 +5,7 @@ the engine use."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import warnings
 
@@ -150,17 +151,29 @@ class TensorParallel:
         dist.barrier(group=self.group)
 
     # ---- lifetime --------------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Destroy the process group if :func:`init_tensor_parallel` created it (otherwise nothing)."""
+    def close(self, *, barrier: bool = True) -> None:
+        """Destroy the process group if :func:`init_tensor_parallel` created it (otherwise nothing).
+
+        Drop the engines of this group first: a CUDA graph that captured NCCL all-reduces keeps work on the
+        communicator, and destroying a communicator that a live graph uses can wait forever (seen on 2 H200s,
+        2026-11-29).  Pending work is finished and unreachable engines are collected here before the group goes.
+        ``barrier=False`` (used when leaving a ``with`` block on an exception) skips the final barrier, so a rank
+        that failed does not wait for the others.
+        """
         if self._owns_group and dist.is_initialized():
+            gc.collect()  # engines kept alive only by reference cycles release their graphs now
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if barrier:
+                dist.barrier(group=self.group)  # no rank tears down while another still communicates
             dist.destroy_process_group()
         self._owns_group = False
 
     def __enter__(self) -> "TensorParallel":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(barrier=exc_type is None)
 
 
 def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT, rank: int | None = None,
