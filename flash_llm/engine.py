@@ -298,6 +298,8 @@ class Engine:
         with torch.cuda.graph(graph, pool=self._pool):
             self._step(b)  # recorded, not run
         self._graphs[b] = graph
+        if self.tp is not None:
+            self.tp.track_graph(graph)  # reset when the group is closed (NCCL work captured in it)
         return graph
 
     def _decode(self, b: int) -> torch.Tensor:

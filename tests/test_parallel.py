@@ -384,6 +384,25 @@ def world1():
     assert not torch.distributed.is_initialized()
 
 
+def test_close_resets_the_tracked_graphs_before_destroying_the_group():
+    class FakeGraph:  # stands in for a CUDA graph holding captured collectives
+        resets = 0
+
+        def reset(self):
+            FakeGraph.resets += 1
+            assert torch.distributed.is_initialized()  # reset before the group goes
+
+    kept, dropped = FakeGraph(), FakeGraph()
+    tp = init_tensor_parallel("gloo")
+    tp.track_graph(kept)
+    tp.track_graph(dropped)
+    del dropped  # tracked weakly: a graph nobody holds is not kept alive
+    tp.close()
+    assert FakeGraph.resets == 1 and not torch.distributed.is_initialized()
+    tp.close()  # twice: nothing more to do
+    assert FakeGraph.resets == 1
+
+
 def test_world_size_one_runs_the_same_code_in_one_process(world1):
     tp = world1
     assert (tp.rank, tp.world_size, tp.backend, tp.device.type) == (0, 1, "gloo", "cpu")

@@ -140,7 +140,7 @@ def main(folder: str, bench_out: str, device: str) -> None:
                                       "80", "--batches", "2", "--prompt", "4", "--new", "3", "--repeats", "1",
                                       "--no-progress", "--out", bench_out])
     step("closing")
-    del eng, model  # engines hold CUDA graphs with NCCL all-reduces: gone before the group is destroyed
+    # engines with CUDA graphs of NCCL all-reduces are still alive here: close() must reset them (it hung before)
     path = os.path.join(folder, f"rank{tp.rank}.pt")
     torch.save(out, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import weakref
 import warnings
 
 import torch
@@ -91,6 +92,7 @@ class TensorParallel:
         self.timeout = timeout
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
         self._owns_group = owns_group
+        self._graphs = weakref.WeakSet()  # CUDA graphs that captured this group's collectives (track_graph)
         if self.backend == "nccl" and self.device.type != "cuda":
             raise ValueError(f"the process group uses NCCL but device is {self.device}; NCCL needs CUDA tensors")
 
@@ -147,6 +149,12 @@ class TensorParallel:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def track_graph(self, graph) -> None:
+        """Register a CUDA graph that captured collectives of this group (the engine does this): :meth:`close`
+        resets it before destroying the group, since destroying a NCCL communicator that a live graph still
+        holds work on can wait forever."""
+        self._graphs.add(graph)
+
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
@@ -154,16 +162,20 @@ class TensorParallel:
     def close(self, *, barrier: bool = True) -> None:
         """Destroy the process group if :func:`init_tensor_parallel` created it (otherwise nothing).
 
-        Drop the engines of this group first: a CUDA graph that captured NCCL all-reduces keeps work on the
-        communicator, and destroying a communicator that a live graph uses can wait forever (seen on 2 H200s,
-        2026-11-29).  Pending work is finished and unreachable engines are collected here before the group goes.
+        A CUDA graph that captured NCCL all-reduces holds work on the communicator, and destroying a communicator
+        that a live graph uses waited forever on 2 H200s (2026-11-29).  So pending work is finished here, and every
+        graph registered with :meth:`track_graph` (the engines' decode graphs) is reset first: an engine of this
+        group cannot decode after ``close``.
         ``barrier=False`` (used when leaving a ``with`` block on an exception) skips the final barrier, so a rank
         that failed does not wait for the others.
         """
         if self._owns_group and dist.is_initialized():
-            gc.collect()  # engines kept alive only by reference cycles release their graphs now
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+            for graph in list(self._graphs):
+                graph.reset()
+            self._graphs.clear()
+            gc.collect()  # other graphs (kept alive only by reference cycles) released too
             if barrier:
                 dist.barrier(group=self.group)  # no rank tears down while another still communicates
             dist.destroy_process_group()
