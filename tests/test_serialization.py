@@ -289,6 +289,31 @@ def test_bitmap_set_bit_with_zero_value(tmp_path, dtype, zero_bits):
     load_fails(write(path, tensors, meta), r"tensor 'data'.*zero")
 
 
+def test_bitmap_zero_value_in_a_dense_file_and_nonzero_padding(tmp_path, dtype):
+    """The load check counts nonzero halves outside the bitmaps (one pass over ``data``): a stored zero in a
+    half-full matrix is still named by record, and a nonzero in a record's padding is refused too."""
+    c = _weight(BitmapTiles, dtype, density=0.5)
+    path, tensors, meta = saved(tmp_path, c)
+    off, d16 = tensors["offsets"].to(torch.int64), tensors["data"].view(torch.int16)
+    assert flash_llm.load(path).nnz == c.nnz
+
+    def values_in(r):  # set bits of record r
+        return sum(bin(int(x) & 0xFFFFFFFF).count("1") for x in tensors["data"][int(off[r]) * 4:int(off[r]) * 4 + 32])
+
+    rec = 2
+    zeroed = d16.clone()
+    zeroed[8 * int(off[rec]) + 64 + values_in(rec) - 1] = 0  # the record's last value
+    load_fails(write(tmp_path / "z.safetensors", {**tensors, "data": zeroed.view(torch.int32)}, meta),
+               rf"tensor 'data': record {rec} stores a zero value under a set bit")
+    pad = next(r for r in range(off.numel() - 1) if values_in(r) % 8)  # a record with padding
+    first_pad = 8 * int(off[pad]) + 64 + values_in(pad)
+    padded = d16.clone()
+    assert int(padded[first_pad]) == 0  # the writer pads with zeros
+    padded[first_pad] = 0x3C00
+    load_fails(write(tmp_path / "p.safetensors", {**tensors, "data": padded.view(torch.int32)}, meta),
+               r"tensor 'data': 1 nonzero 16-bit words lie in the padding after the records' values")
+
+
 # ---------------------------------------------------------------------------------------------------
 # TiledCSL: entries
 # ---------------------------------------------------------------------------------------------------
