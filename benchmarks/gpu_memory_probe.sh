@@ -13,7 +13,7 @@ M="$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum
 for n in ${NS:-1 8 16 32 64}; do
   timeout 60 ncu --clock-control none --csv --page raw --kernel-name regex:"_spmm_" --launch-skip 2 --launch-count 1 \
     --metrics "$M" python3 benchmarks/profile_kernel.py --fmt bitmap --n $n --sparsity ${SPARSITY:-0.8} \
-    > "$OUT/probe_n$n.csv" 2> "$OUT/probe_n$n.err"
+    > "$OUT/probe_n$n.csv" 2>&1  # one file per N: the tool brings back 8
 done
 # the same shapes timed with CUDA events (median of 20 after warm-up), against cuBLAS on the dense weight
 timeout 90 python3 - <<'PY'
@@ -47,7 +47,7 @@ for path in sorted(glob.glob(os.path.join(out, "probe_n*.csv")), key=lambda p: i
     rows = list(csv.reader(io.StringIO("\n".join(lines))))
     head, units, vals = rows[0], rows[1], rows[2]
     g = lambda k: float(vals[head.index(k)].replace(",", "")) if k in head else float("nan")
-    scale = {"nsecond": 1e-3, "usecond": 1, "msecond": 1e3}
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1, "us": 1, "msecond": 1e3, "ms": 1e3}
     us = g("gpu__time_duration.sum") * scale.get(units[head.index("gpu__time_duration.sum")], 1)
     mb = lambda k: g(k) * {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(units[head.index(k)], 1) / 1e6 if k in head else float("nan")
     n = re.findall(r"n(\d+)", path)[-1]
