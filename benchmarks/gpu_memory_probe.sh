@@ -16,24 +16,7 @@ for n in ${NS:-1 8 16 32 64}; do
     > "$OUT/probe_n$n.csv" 2>&1  # one file per N: the tool brings back 8
 done
 # the same shapes timed with CUDA events (median of 20 after warm-up), against cuBLAS on the dense weight
-timeout 90 python3 - <<'PY'
-import torch, flash_llm
-m, k, sp = 9216, 36864, float(__import__("os").environ.get("SPARSITY", "0.8"))
-w = torch.randn(m, k, device="cuda").half()
-w.mul_(torch.rand(m, k, device="cuda") >= sp)
-f = flash_llm.BitmapTiles.from_dense(w)
-def t(fn):
-    for _ in range(3): fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
-    for a, b in ev: a.record(); fn(); b.record()
-    torch.cuda.synchronize()
-    return sorted(a.elapsed_time(b) for a, b in ev)[10] * 1e3
-print("| N | bitmap us | cuBLAS dense us | speedup |\n|---|---|---|---|")
-for n in (1, 8, 16, 32, 64):
-    x = torch.randn(n, k, device="cuda").half()
-    ts, td = t(lambda: flash_llm.spmm(x, f)), t(lambda: torch.nn.functional.linear(x, w))
-    print(f"| {n} | {ts:.0f} | {td:.0f} | {td / ts:.2f}x |", flush=True)
-PY
+timeout 90 python3 benchmarks/time_across_n.py --sparsity ${SPARSITY:-0.8}
 python3 - "$OUT" <<'PY'
 import csv, glob, io, os, re, sys
 out = sys.argv[1]

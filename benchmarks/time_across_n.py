@@ -1,0 +1,49 @@
+"""Bitmap kernel against cuBLAS on one weight, across N: CUDA-event medians of 20 calls after 3 warm-ups.
+
+    python benchmarks/time_across_n.py [--m 9216] [--k 36864] [--sparsity 0.8] [--ns 1,8,16,32,64] [--dtype fp16]
+
+The weight (680 MB dense at the default shape) is far larger than L2, so no rotation is needed.  Prints a
+markdown table (same-run ratios; absolute times hold for the card it ran on).
+"""
+
+import argparse
+
+import torch
+
+import flash_llm
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--m", type=int, default=9216)
+ap.add_argument("--k", type=int, default=36864)
+ap.add_argument("--sparsity", type=float, default=0.8)
+ap.add_argument("--ns", default="1,8,16,32,64")
+ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+a = ap.parse_args()
+dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
+w = torch.randn(a.m, a.k, device="cuda").to(dtype)
+w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
+f = flash_llm.BitmapTiles.from_dense(w)
+
+
+def median_us(fn) -> float:
+    for _ in range(3):
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
+    for start, end in ev:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in ev)[10] * 1e3
+
+
+print(f"{torch.cuda.get_device_name()}: {a.m} x {a.k} {a.dtype} at {a.sparsity:.0%}")
+print("| N | bitmap us | cuBLAS dense us | speedup | max err / cuBLAS's |")
+print("|---|---|---|---|---|")
+for n in (int(v) for v in a.ns.split(",")):
+    x = torch.randn(n, a.k, device="cuda").to(dtype)
+    y, ref = flash_llm.spmm(x, f), x.double() @ w.double().t()
+    err = float((y.double() - ref).abs().max()) / max(float((torch.nn.functional.linear(x, w).double() - ref)
+                                                             .abs().max()), 1e-30)
+    ts, td = median_us(lambda: flash_llm.spmm(x, f)), median_us(lambda: torch.nn.functional.linear(x, w))
+    print(f"| {n} | {ts:.0f} | {td:.0f} | {td / ts:.2f}x | {err:.2f} |", flush=True)
