@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import flash_llm
+from flash_llm.checkpoint import convert
 from flash_llm.engine import Engine
 from flash_llm.models import from_config, preset
 from flash_llm.models.synthetic import build_synthetic, estimate_bytes
@@ -107,6 +108,8 @@ def tp_run(request, tmp_path_factory):
         pruned.load_state_dict({k: v.half() for k, v in hm.state_dict().items()}, assign=True)
         magnitude_prune_(pruned, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
         _save_hf(pruned, d / f"{family}-pruned")
+        convert(d / f"{family}-pruned", d / f"{family}-flash", progress=False)  # flash-llm checkpoint (bitmap)
+        convert(d / f"{family}-pruned", d / f"{family}-bitmask", format="sparse-bitmask", progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     # --standalone: a rendezvous on a free localhost port chosen by torchrun itself
@@ -191,6 +194,20 @@ def test_in_memory_sharding_equals_sharded_checkpoint_loading(tp_run, family):
     for kind in ("dense", "sparse"):
         for what in ("logits", "tokens", "step_logits"):
             assert torch.equal(out[f"{family}/{kind}/{what}"], out[f"{family}/{kind}-mem/{what}"]), (kind, what)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("route", ["flash", "bitmask"])
+def test_compressed_checkpoints_load_sharded_like_the_dense_one(tp_run, family, route):
+    """load_tensor_parallel on the pruned model saved as a flash-llm checkpoint (its layers compressed whole)
+    and as a sparse-bitmask one: the ranks get the same compressed slices, so the same nonzeros and bytes and
+    bitwise the same results as from the pruned dense checkpoint."""
+    for r, o in enumerate(tp_run["outs"]):
+        assert o[f"{family}/{route}/sizes"] == o[f"{family}/sparse/sizes"], (r, o[f"{family}/{route}/sizes"])
+        assert o[f"{family}/{route}/sizes"][0] > 0
+    out = tp_run["outs"][0]
+    for what in ("logits", "tokens", "step_logits"):
+        assert torch.equal(out[f"{family}/{route}/{what}"], out[f"{family}/sparse/{what}"]), what
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -478,6 +495,29 @@ def test_dense_checkpoint_slices_compressed_while_loading(world1, tmp_path):
     os.remove(tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files"):
         load_tensor_parallel(tmp_path / "ckpt", world1)
+
+
+def test_flash_checkpoint_keeps_its_formats_and_dense_layers_at_world_size_one(world1, tmp_path):
+    """A flash-llm checkpoint with attention dense and the MLP compressed (Tiled-CSL): the sharded model keeps
+    each layer as saved, equals flash_llm.from_pretrained's model, and a dtype that differs from the stored
+    one is refused by name."""
+    hm = _hf("llama", seed=4)
+    model = from_config(hm.config, dtype=torch.float16, device="meta")
+    model.load_state_dict({k: v.half() for k, v in hm.state_dict().items()}, assign=True)
+    magnitude_prune_(model, 0.7, filter_fn=lambda m, fqn: "mlp" in fqn)
+    _save_hf(model, tmp_path / "pruned")
+    convert(tmp_path / "pruned", tmp_path / "flash", format="tiled-csl", progress=False)
+    tpm, rep = load_tensor_parallel(tmp_path / "flash", world1, progress=False)
+    by = {s.fqn.split(".", 3)[-1]: s for s in rep.layers if ".0." in s.fqn}
+    assert by["mlp.gate_proj"].format == "TiledCSL" and by["mlp.down_proj"].format == "TiledCSL"
+    assert by["self_attn.q_proj"].format == "dense" and by["self_attn.o_proj"].format == "dense"
+    one = flash_llm.from_pretrained(tmp_path / "flash", progress=False)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.equal(tpm(ids), one(ids))
+    with pytest.raises(flash_llm.FormatError, match=r"'model\.layers\.0\.mlp\.\w+_proj' is compressed as "
+                                                    r"torch\.float16 but the model is loaded in torch\.bfloat16"):
+        load_tensor_parallel(tmp_path / "flash", world1, dtype=torch.bfloat16, progress=False)
 
 
 def test_checkpoint_loader_reads_old_opt_files_and_names_problems(world1, tmp_path):

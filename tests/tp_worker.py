@@ -99,6 +99,7 @@ def main(folder: str, bench_out: str, device: str) -> None:
             model, rep = load_tensor_parallel(pruned_dir, tp, dtype=torch.float16,
                                               sparsify=flash_llm.SparsifyConfig(), progress=False)
             run_model(out, f"{family}/sparse", model, dev)
+            out[f"{family}/sparse/sizes"] = (rep.nnz, rep.projection_bytes)
             reports = tp.all_gather_object(rep)
             out[f"{family}/sparse/report"] = [[(s.fqn, s.kind, s.shape, s.local_shape, s.start, s.stop, s.format,
                                                 s.nnz, s.nbytes) for s in r.layers] for r in reports]
@@ -109,6 +110,14 @@ def main(folder: str, bench_out: str, device: str) -> None:
             flash_llm.sparsify_(model)
             tensor_parallel_(model, tp)
             run_model(out, f"{family}/sparse-mem", model, dev)
+            # the same pruned model as a flash-llm checkpoint and as a sparse-bitmask one (written by the test):
+            # every rank expands, slices and compresses each projection again
+            for route in ("flash", "bitmask"):
+                step(f"{family}: {route} checkpoint")
+                model, rep = load_tensor_parallel(os.path.join(folder, f"{family}-{route}"), tp, dtype=torch.float16,
+                                                  progress=False)
+                run_model(out, f"{family}/{route}", model, dev)
+                out[f"{family}/{route}/sizes"] = (rep.nnz, rep.projection_bytes)
     # a synthetic model built per rank (only this rank's slices kept)
     step("synthetic")
     model, srep = build_synthetic(SYNTH, 0.8, device=dev, tp=tp, seed=3, progress=False)

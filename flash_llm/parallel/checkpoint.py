@@ -1,6 +1,7 @@
 """Load a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) straight into this rank's
 tensor-parallel model: the skeleton is built on ``meta``, and each rank reads only the slices of the projections
-it holds (``safe_open(...).get_slice``) plus the replicated tensors, one projection at a time."""
+it holds (``safe_open(...).get_slice``) plus the replicated tensors, one projection at a time.  Flash-llm and
+sparse-bitmask checkpoints are streamed one compressed projection at a time, expanded and sliced on the device."""
 
 from __future__ import annotations
 
@@ -102,8 +103,12 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
 
     Args:
         path: a folder with ``config.json`` and ``model.safetensors`` (or shards listed in
-            ``model.safetensors.index.json``), as ``save_pretrained`` writes them; dense weights, keys as in
-            transformers' ``*ForCausalLM`` (OPT files without the ``model.`` prefix are read too).
+            ``model.safetensors.index.json``), as ``save_pretrained`` writes them, keys as in transformers'
+            ``*ForCausalLM`` (OPT files without the ``model.`` prefix are read too).  Dense weights are read
+            slice by slice.  A flash-llm checkpoint (``flash_llm.save_pretrained`` / ``convert``) or a
+            compressed-tensors sparse-bitmask one is streamed one tensor at a time instead: each projection is
+            expanded on this rank's device, sliced and compressed again (flash-llm layers in their stored
+            format when ``sparsify`` is ``None``; sparse-bitmask ones as ``SparsifyConfig()`` decides).
         tp: the group (default: :meth:`TensorParallel.from_group` on the default process group).
         dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``).
         sparsify: compress each projection slice with this :class:`~flash_llm.SparsifyConfig` (per slice:
@@ -116,7 +121,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
 
     Raises:
         ValueError: the world size does not divide the heads / KV heads / intermediate size; a tensor's shape
-            disagrees with ``config.json``; FileNotFoundError / KeyError: files or tensors missing (named).
+            disagrees with ``config.json``; FileNotFoundError / KeyError: files or tensors missing (named);
+            FormatError: a compressed checkpoint that is invalid, or stored in another dtype than ``dtype``.
     """
     folder = os.fspath(path)
     if not os.path.isdir(folder):
@@ -132,9 +138,21 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     if sparsify is not None and sparsify.dtype not in (None, dtype):
         raise ValueError(f"sparsify.dtype ({sparsify.dtype}) differs from dtype ({dtype}): the whole model is loaded in "
                          "dtype; leave SparsifyConfig.dtype unset")
-    ckpt = _Checkpoint(folder)
     device = tp.device
     model = from_config(cfg, dtype=dtype, device="meta")
+    from ..checkpoint import _files
+    from ..checkpoint.pretrained import checkpoint_kind
+
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        kind = checkpoint_kind(json.load(f), config_path)
+    bar = tqdm(total=cfg.num_layers, desc=f"loading {os.path.basename(folder.rstrip(os.sep))} (rank {tp.rank}/"
+               f"{tp.world_size})", file=sys.stderr, leave=False, dynamic_ncols=True,
+               disable=not (tp.rank == 0 if progress is None else progress))
+    if kind.kind != "dense":  # config.json names flash-llm's method or compressed-tensors' sparse-bitmask
+        _load_compressed(model, cfg, _files.open_checkpoint(folder), kind, tp, dtype, sparsify, bar)
+        return _finish(model, tp, device)
+    ckpt = _Checkpoint(folder)
 
     def need(name: str) -> str:
         k = ckpt.key(name)
@@ -146,9 +164,6 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
         return ckpt.read(need(name), shape, **rng).to(device=device, dtype=dtype)
 
     per_layer = len(cfg.linear_shapes())
-    bar = tqdm(total=cfg.num_layers, desc=f"loading {os.path.basename(folder.rstrip(os.sep))} (rank {tp.rank}/"
-               f"{tp.world_size})", file=sys.stderr, leave=False, dynamic_ncols=True,
-               disable=not (tp.rank == 0 if progress is None else progress))
     with torch.no_grad():
         for i, (fqn, kind, m, k) in enumerate(projections(cfg)):
             parent_name, _, name = fqn.rpartition(".")
@@ -186,9 +201,108 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     if unused:
         warnings.warn(f"{folder}: {len(unused)} tensor(s) of the checkpoint are not weights of a "
                       f"{cfg.family} model and were not read, e.g. {unused[:5]}", UserWarning, stacklevel=2)
+    return _finish(model, tp, device)
+
+
+def _finish(model, tp, device):
     set_local_heads(model, tp.world_size)
     model.tensor_parallel = tp
     # the loaded tensors are on the device already; this moves what the model computes itself (rotary
     # frequencies, built on the CPU beside the meta skeleton), so every tensor is where the caller asked
     model.to(device)
     return model.eval(), ShardReport.of(model)
+
+
+def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
+    """A flash-llm or sparse-bitmask checkpoint: its shards are streamed one entry at a time
+    (:func:`flash_llm.checkpoint.pretrained.iter_checkpoint`, memory-mapped, validated); each projection's
+    weight is expanded on this rank's device, sliced, and compressed again: in its stored format (a flash-llm
+    layer, ``sparsify=None``), with ``sparsify``, or with ``SparsifyConfig()`` for a sparse-bitmask checkpoint
+    loaded with ``sparsify=None`` (as :func:`flash_llm.from_pretrained` does).  A rank holds one expanded
+    projection at a time besides its share."""
+    from ..checkpoint import sparse_bitmask as sb
+    from ..checkpoint.pretrained import iter_checkpoint
+    from ..formats import FormatError, SparseFormat
+
+    device = tp.device
+    if sparsify is None and kind.kind == "sparse-bitmask":
+        sparsify = SparsifyConfig()
+    proj = {fqn: (pkind, m, k) for fqn, pkind, m, k in projections(cfg)}
+    per_layer = len(cfg.linear_shapes())
+    wanted = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta}
+    # checkpoint key -> model name (older OPT files drop the leading "model.")
+    names = {}
+    for n in wanted:
+        names.setdefault(n, n)
+        names.setdefault(n.removeprefix("model."), n)
+    pending: dict[str, dict[str, object]] = {}  # projection -> weight (dense / SparseFormat) and bias, until both
+    state: dict[str, torch.Tensor] = {}
+    done = 0
+    source = str(files.path)
+
+    def place(fqn: str) -> None:
+        nonlocal done
+        pkind, m, k = proj[fqn]
+        got = pending.pop(fqn)
+        w = got["weight"]
+        fmt = None
+        if isinstance(w, SparseFormat):
+            if w.dtype != dtype:
+                raise FormatError(f"{source}: '{fqn}' is compressed as {w.dtype} but the model is loaded in {dtype}; "
+                                  f"pass dtype={w.dtype}")
+            fmt = type(w) if sparsify is None else None
+            w = w.to(device).to_dense()
+        else:
+            w = w.to(device=device, dtype=dtype)
+        bias = got.get("bias")
+        bias = None if bias is None else bias.to(device=device, dtype=dtype)
+        if pkind == COLUMN:
+            start, stop = shard_range(m, tp.world_size, tp.rank)
+            local = w[start:stop].contiguous()
+            del w
+            new = column_from_slice(local, None if bias is None else bias[start:stop].contiguous(), m, start, tp,
+                                    fqn, fmt=fmt, sparsify=sparsify)
+        else:
+            start, stop = shard_range(k, tp.world_size, tp.rank)
+            local = w[:, start:stop].contiguous()
+            del w
+            new = row_from_slice(local, bias, k, start, tp, fqn, fmt=fmt, sparsify=sparsify)
+        parent_name, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name), name, new)
+        done += 1
+        if done % per_layer == 0:
+            bar.update(1)
+
+    with torch.no_grad():
+        for e in iter_checkpoint(files, kind, "cpu", progress=False):
+            name = names.get(e.key)
+            if name is None:
+                if e.key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                raise FormatError(f"{e.path}: tensor '{e.key}' has no place in the {cfg.family} model built from "
+                                  f"{files.path / 'config.json'} (wrong config.json, or another model's checkpoint)")
+            value = e.value
+            if e.kind == "sparse-bitmask":
+                value = sb.decompress(dict(value), value.get("_name", e.key), str(e.path))
+            shape = tuple(value.shape)
+            if shape != wanted[name]:
+                raise FormatError(f"{e.path}: tensor '{e.key}' has shape {shape}; config.json says {wanted[name]}")
+            owner, _, attr = name.rpartition(".")
+            if owner in proj and attr in ("weight", "bias"):
+                pending.setdefault(owner, {})[attr] = value
+                has_bias = getattr(model.get_submodule(owner), "bias", None) is not None
+                if "weight" in pending[owner] and (not has_bias or "bias" in pending[owner]):
+                    place(owner)
+                continue
+            if isinstance(value, SparseFormat):  # a replicated layer stored compressed (lm_head): dense here
+                value = value.to(device).to_dense()
+            state[name] = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        bar.close()
+        if pending:
+            fqn, got = next(iter(pending.items()))
+            part = "bias" if "weight" in got else "weight"
+            raise KeyError(f"{files.path}: the checkpoint lacks '{fqn}.{part}'")
+        model.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left and not (left == ["lm_head.weight"] and cfg.tie_word_embeddings):
+        raise KeyError(f"{files.path}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. {left[:5]}")
