@@ -443,3 +443,41 @@ def test_zeros_equals_from_dense_of_zeros(fmt, shape):
         assert z.shape == ref.shape and z.dtype == dtype and z.nnz == 0
         for name, t in ref.tensors().items():
             assert torch.equal(z.tensors()[name], t), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# slice: records cut directly on record boundaries, re-encoded otherwise; the same arrays either way
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", [BitmapTiles, TiledCSL], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("shape, density", [((130, 200), 0.3), ((256, 320), 0.05), ((64, 64), 1.0),
+                                            ((17, 70), 0.0), ((200, 129), 0.5)])
+def test_slice_equals_encoding_the_dense_slice(fmt, shape, density, dtype):
+    m, k = shape
+    tr = fmt.TILE_ROWS
+    w = sparse_weight(m, k, density, dtype, seed=m + k)
+    c = fmt.from_dense(w)
+    ranges = {  # aligned starts, ends at a boundary or at the edge; and unaligned ones
+        "rows aligned": ((tr, m), None), "cols aligned": (None, (64, k)), "both": ((0, min(m, tr)), (0, min(k, 64))),
+        "inner": ((tr // 2, m - 1), (3, k - 5)), "whole": (None, None), "last row": ((m - 1, m), None),
+    }
+    for what, (rows, cols) in ranges.items():
+        r0, r1 = rows or (0, m)
+        c0, c1 = cols or (0, k)
+        if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= k):
+            continue
+        got, want = c.slice(rows, cols), fmt.from_dense(w[r0:r1, c0:c1].contiguous())
+        assert got.shape == (r1 - r0, c1 - c0) and got.nnz == want.nnz and got.dtype == w.dtype, what
+        assert torch.equal(got.data, want.data) and torch.equal(got.offsets, want.offsets), what
+        assert torch.equal(got.to_dense(), w[r0:r1, c0:c1]), what
+    with pytest.raises(ValueError, match=r"slice rows 5:5, cols 0:\d+ is empty or outside the"):
+        c.slice((5, 5))
+    with pytest.raises(ValueError, match=r"outside the"):
+        c.slice(None, (0, k + 1))
+
+
+def test_slice_cuts_records_without_decoding(monkeypatch):
+    """On record boundaries no expansion happens (the tensor-parallel loader relies on it for big layers)."""
+    c = BitmapTiles.from_dense(sparse_weight(64, 256, 0.2, torch.float16, seed=9))
+    monkeypatch.setattr(BitmapTiles, "to_dense", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
+    part = c.slice((16, 48), (64, 192))
+    assert part.shape == (32, 128) and part.nnz > 0

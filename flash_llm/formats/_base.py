@@ -84,6 +84,7 @@ class SparseFormat:
     READ_VERSIONS: ClassVar[tuple[int, ...]]  # what it reads (older versions are converted on load)
     TILE_ROWS: ClassVar[int]  # rows of one record: a 16-row strip (bitmap) or a 64-row tile (Tiled-CSL)
     _arrays: ClassVar[tuple[str, ...]] = ("data", "offsets")
+    _UNIT_WORDS: ClassVar[int]  # int32 words of ``data`` per unit of ``offsets``
 
     data: torch.Tensor
     offsets: torch.Tensor
@@ -127,6 +128,47 @@ class SparseFormat:
             return self
         arrays = {n: t.to(device) for n, t in self.tensors().items()}
         return self._from_parts(arrays, self.shape, self.dtype, self.nnz)
+
+    def slice(self, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> "SparseFormat":
+        """The weight ``W[rows[0]:rows[1], cols[0]:cols[1]]`` (``None``: all) in the same format, on the same device.
+
+        When the range starts on a record boundary (``TILE_ROWS`` rows, 64 columns) and ends on one or at the
+        matrix's edge, the records are cut directly (a gather of whole records, no decode); otherwise the slice
+        is expanded and compressed again.  Both give the same arrays as ``from_dense(to_dense()[...])``.
+        Used to shard compressed weights for tensor parallelism.
+        """
+        m, k = self.shape
+        r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
+        c0, c1 = (0, k) if cols is None else (int(cols[0]), int(cols[1]))
+        if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= k):
+            raise ValueError(f"slice rows {r0}:{r1}, cols {c0}:{c1} is empty or outside the {m}x{k} matrix")
+        tr = self.TILE_ROWS
+        aligned = (r0 % tr == 0 and (r1 % tr == 0 or r1 == m) and c0 % STRIP_K == 0
+                   and (c1 % STRIP_K == 0 or c1 == k))
+        if not aligned:
+            return type(self).from_dense(self.to_dense()[r0:r1, c0:c1].contiguous())
+        if (r0, r1, c0, c1) == (0, m, 0, k):
+            return self
+        mt, kt = self.grid
+        a0, a1 = r0 // tr, ceil_div(r1, tr)  # record rows and columns kept
+        b0, b1 = c0 // STRIP_K, ceil_div(c1, STRIP_K)
+        off = self.offsets.to(torch.int64)
+        rec = (torch.arange(a0, a1, device=off.device)[:, None] * kt
+               + torch.arange(b0, b1, device=off.device)).reshape(-1)  # kept records, in storage order
+        starts, sizes = off[rec], off[rec + 1] - off[rec]
+        new_off = torch.zeros(rec.numel() + 1, dtype=torch.int64, device=off.device)
+        torch.cumsum(sizes, 0, out=new_off[1:])
+        total = int(new_off[-1])
+        if total >= 2**31:
+            raise ValueError(f"the slice's {self.FORMAT_NAME} offsets exceed int32")
+        unit = self._UNIT_WORDS
+        src = torch.repeat_interleave(starts - new_off[:-1], sizes, output_size=total) + torch.arange(
+            total, device=off.device)
+        data = self.data.view(-1, unit)[src].reshape(-1)
+        arrays = {"data": data, "offsets": new_off.to(torch.int32)}
+        shape = (r1 - r0, c1 - c0)
+        nnz = self._validate(arrays, shape, "", f"{self.FORMAT_NAME} slice: ")
+        return self._from_parts(arrays, shape, self.dtype, nnz)
 
     def __repr__(self) -> str:
         m, k = self.shape

@@ -55,6 +55,7 @@ class BitmapTiles(SparseFormat):
     FORMAT_VERSION = 2
     READ_VERSIONS = (1, 2)
     TILE_ROWS = L.STRIP_M
+    _UNIT_WORDS = 4  # offsets count 16-byte units
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None) -> "BitmapTiles":

@@ -49,6 +49,7 @@ class TiledCSL(SparseFormat):
     FORMAT_VERSION = 1
     READ_VERSIONS = (1,)
     TILE_ROWS = TILE_M
+    _UNIT_WORDS = 1  # offsets count entries
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None) -> "TiledCSL":

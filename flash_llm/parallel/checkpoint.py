@@ -215,11 +215,12 @@ def _finish(model, tp, device):
 
 def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
     """A flash-llm or sparse-bitmask checkpoint: its shards are streamed one entry at a time
-    (:func:`flash_llm.checkpoint.pretrained.iter_checkpoint`, memory-mapped, validated); each projection's
-    weight is expanded on this rank's device, sliced, and compressed again: in its stored format (a flash-llm
-    layer, ``sparsify=None``), with ``sparsify``, or with ``SparsifyConfig()`` for a sparse-bitmask checkpoint
-    loaded with ``sparsify=None`` (as :func:`flash_llm.from_pretrained` does).  A rank holds one expanded
-    projection at a time besides its share."""
+    (:func:`flash_llm.checkpoint.pretrained.iter_checkpoint`, memory-mapped, validated).  A flash-llm layer
+    loaded with ``sparsify=None`` keeps its format: this rank's slice is cut from its records
+    (:meth:`SparseFormat.slice`; re-encoded only when the slice does not fall on record boundaries).  Other
+    projections are expanded on this rank's device, sliced, and compressed with ``sparsify`` (or with
+    ``SparsifyConfig()`` for a sparse-bitmask checkpoint loaded with ``sparsify=None``, as
+    :func:`flash_llm.from_pretrained` does).  A rank holds at most one expanded projection besides its share."""
     from ..checkpoint import sparse_bitmask as sb
     from ..checkpoint.pretrained import iter_checkpoint
     from ..formats import FormatError, SparseFormat
@@ -250,21 +251,25 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
             if w.dtype != dtype:
                 raise FormatError(f"{source}: '{fqn}' is compressed as {w.dtype} but the model is loaded in {dtype}; "
                                   f"pass dtype={w.dtype}")
-            fmt = type(w) if sparsify is None else None
-            w = w.to(device).to_dense()
+            w = w.to(device)
+            if sparsify is None:  # kept in its format: records cut directly where the slice allows it
+                fmt = type(w)
+            else:
+                w = w.to_dense()
         else:
             w = w.to(device=device, dtype=dtype)
         bias = got.get("bias")
         bias = None if bias is None else bias.to(device=device, dtype=dtype)
+        compressed = isinstance(w, SparseFormat)
         if pkind == COLUMN:
             start, stop = shard_range(m, tp.world_size, tp.rank)
-            local = w[start:stop].contiguous()
+            local = w.slice((start, stop)) if compressed else w[start:stop].contiguous()
             del w
             new = column_from_slice(local, None if bias is None else bias[start:stop].contiguous(), m, start, tp,
                                     fqn, fmt=fmt, sparsify=sparsify)
         else:
             start, stop = shard_range(k, tp.world_size, tp.rank)
-            local = w[:, start:stop].contiguous()
+            local = w.slice(None, (start, stop)) if compressed else w[:, start:stop].contiguous()
             del w
             new = row_from_slice(local, bias, k, start, tp, fqn, fmt=fmt, sparsify=sparsify)
         parent_name, _, name = fqn.rpartition(".")

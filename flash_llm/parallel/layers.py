@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..formats._base import VALUE_DTYPES
+from ..formats._base import VALUE_DTYPES, SparseFormat
 from ..models import CausalLM
 from ..models.config import ModelConfig
 from ..models.llama import LlamaAttention
@@ -194,6 +194,7 @@ def _matches(fqn: str, names) -> bool:
 def local_layer(w: torch.Tensor, bias: torch.Tensor | None, fqn: str, *, fmt=None,
                 sparsify: SparsifyConfig | None = None) -> tuple[nn.Module, str]:
     """This rank's layer for a weight slice ``w [m, k]`` (and ``bias [m]`` or ``None``), on ``w``'s device.
+    ``w`` may be a compressed slice already (a :class:`~flash_llm.formats.SparseFormat`): it is used as it is.
 
     ``fmt`` (a format class or name) compresses the slice into that format whatever its sparsity (the source
     layer was compressed); else ``sparsify`` decides as :func:`flash_llm.sparsify_` does (``skip_names``,
@@ -201,6 +202,8 @@ def local_layer(w: torch.Tensor, bias: torch.Tensor | None, fqn: str, *, fmt=Non
     Returns ``(layer, note)``: ``note`` says why a slice stayed dense when compression was asked for, else ``""``.
     The layer takes ownership of ``w`` and ``bias`` when it is dense (no copy).
     """
+    if isinstance(w, SparseFormat):  # a slice of a compressed weight, cut as it is (SparseFormat.slice)
+        return SparseLinear(w, bias), ""
     if fmt is not None:
         return SparseLinear(_format_class(fmt).from_dense(w), bias), ""
     if sparsify is None:
