@@ -278,6 +278,8 @@ def _agree(tp, ok: bool) -> bool:
 def allreduce_ms_per_step(tp, batch, cfg, dtype) -> tuple[float, str]:
     """Time of one decode step's all-reduces alone: ``2 x num_layers`` of a ``[batch, 1, hidden]`` activation,
     captured in a CUDA graph (as the engine runs them) on CUDA, timed eagerly on CPU.  Every rank calls it."""
+    if tp.world_size == 1:  # nothing to reduce (NCCL captures an empty graph): no communication time
+        return 0.0, "none (world size 1)"
     n = 2 * cfg.num_layers
     x = torch.zeros(batch, 1, cfg.hidden_size, dtype=dtype, device=tp.device)
     if tp.device.type == "cuda":

@@ -497,6 +497,21 @@ def test_dense_checkpoint_slices_compressed_while_loading(world1, tmp_path):
         load_tensor_parallel(tmp_path / "ckpt", world1)
 
 
+def test_bench_tp_mode_at_world_size_one_reports_no_allreduce(world1, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_e2e_w1", os.path.join(ROOT, "benchmarks", "bench_e2e.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tp", "1", "--device", "cpu", "--models", "tiny-llama", "--sparsities", "80", "--batches",
+                       "2", "--prompt", "4", "--new", "3", "--repeats", "1", "--no-progress", "--out",
+                       str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["tp"], r["sparsity"], r["status"]) for r in rows] == [(1, 0, "ok"), (1, 80, "ok")]
+    assert all(r["allreduce_timing"] == "none (world size 1)" and r["allreduce_ms_per_step"] == 0 for r in rows)
+    assert torch.distributed.is_initialized()  # the benchmark used the existing group and left it alone
+
+
 def test_flash_checkpoint_keeps_its_formats_and_dense_layers_at_world_size_one(world1, tmp_path):
     """A flash-llm checkpoint with attention dense and the MLP compressed (Tiled-CSL): the sharded model keeps
     each layer as saved, equals flash_llm.from_pretrained's model, and a dtype that differs from the stored

@@ -134,5 +134,6 @@ def test_bench_e2e_tp_mode_on_one_gpu(tp, tmp_path):
     assert bench.main(argv) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(rows) == 8 and all(r["status"] == "ok" and r["gpus"] == 1 for r in rows)
-    assert all(r["allreduce_timing"] == "cuda graph" and 0 < r["allreduce_share"] < 1 for r in rows)
+    # one rank: no all-reduce to time (the graph NCCL would capture is empty)
+    assert all(r["allreduce_timing"] == "none (world size 1)" and r["allreduce_share"] == 0 for r in rows)
     assert "tokens per GPU-second" in (tmp_path / "summary.md").read_text()
