@@ -1,6 +1,7 @@
-"""Bitmap kernel against cuBLAS on one weight, across N: CUDA-event medians of 20 calls after 3 warm-ups.
+"""A sparse kernel against cuBLAS on one weight, across N: CUDA-event medians of 20 calls after 3 warm-ups.
 
-    python benchmarks/time_across_n.py [--m 9216] [--k 36864] [--sparsity 0.8] [--ns 1,8,16,32,64] [--dtype fp16]
+    python benchmarks/time_across_n.py [--fmt bitmap|tiled-csl] [--m 9216] [--k 36864] [--sparsity 0.8]
+                                       [--ns 1,8,16,32,64] [--dtype fp16]
 
 The weight (680 MB dense at the default shape) is far larger than L2, so no rotation is needed.  Prints a
 markdown table (same-run ratios; absolute times hold for the card it ran on).
@@ -13,6 +14,7 @@ import torch
 import flash_llm
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--fmt", choices=["bitmap", "tiled-csl"], default="bitmap")
 ap.add_argument("--m", type=int, default=9216)
 ap.add_argument("--k", type=int, default=36864)
 ap.add_argument("--sparsity", type=float, default=0.8)
@@ -22,7 +24,7 @@ a = ap.parse_args()
 dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
 w = torch.randn(a.m, a.k, device="cuda").to(dtype)
 w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
-f = flash_llm.BitmapTiles.from_dense(w)
+f = (flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL).from_dense(w)
 
 
 def median_us(fn) -> float:
@@ -37,8 +39,8 @@ def median_us(fn) -> float:
     return sorted(s.elapsed_time(e) for s, e in ev)[10] * 1e3
 
 
-print(f"{torch.cuda.get_device_name()}: {a.m} x {a.k} {a.dtype} at {a.sparsity:.0%}")
-print("| N | bitmap us | cuBLAS dense us | speedup | max err / cuBLAS's |")
+print(f"{torch.cuda.get_device_name()}: {a.fmt} {a.m} x {a.k} {a.dtype} at {a.sparsity:.0%}")
+print(f"| N | {a.fmt} us | cuBLAS dense us | speedup | max err / cuBLAS's |")
 print("|---|---|---|---|---|")
 for n in (int(v) for v in a.ns.split(",")):
     x = torch.randn(n, a.k, device="cuda").to(dtype)
