@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .models import CausalLM
+from .models import CausalLM, set_fused
 from .models._common import Attend, KVCache, padded_positions, padding_mask
 
 #: Warm-up runs of the decode step before it is captured (the first also compiles/loads the spmm kernels).
@@ -136,13 +136,17 @@ class Engine:
             ``max_position_embeddings``, at most 2048).
         cuda_graphs: capture the decode step in CUDA graphs, one per batch size, at its first use (default:
             on CUDA devices); ``False`` runs it eagerly.
+        fuse: run the elementwise parts of each layer (RMSNorm, RoPE, SiLU x up, residual add + norm) as
+            ``torch.compile``d single kernels (:func:`flash_llm.models.set_fused`, applied to ``model`` in
+            place; Llama-family models).  The first generation compiles them (seconds).  ``False`` (default)
+            leaves the model as it is; ``None`` also.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
     """
 
     def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, fuse: bool | None = False):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
                             f"{type(model).__name__}")
@@ -151,6 +155,8 @@ class Engine:
         if emb.is_meta:
             raise ValueError("the model is on the meta device; load its weights first")
         self.model = model.eval()
+        if fuse:
+            set_fused(model, True)
         self.config = cfg
         self.device, self.dtype = emb.device, emb.dtype
         if max_seq is None:

@@ -333,3 +333,38 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
     assert (tmp_path / "results.csv").read_text().startswith("model,")
     assert bench.main(argv) == 2  # refuses to overwrite
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused elementwise ops (torch.compile): the same results as the eager functions, the same generation
+# ---------------------------------------------------------------------------------------------------
+def test_fused_functions_equal_the_eager_ones():
+    from flash_llm.models import _fused
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
+        for b, t in ((1, 1), (3, 7)):  # one compilation serves every shape (dynamic=True)
+            x, d = (torch.randn(b, t, 64, generator=g).to(dtype) for _ in range(2))
+            w = torch.randn(64, generator=g).to(dtype)
+            q, k = torch.randn(b, 4, t, 16, generator=g).to(dtype), torch.randn(b, 2, t, 16, generator=g).to(dtype)
+            cos, sin = torch.randn(b, t, 16, generator=g).to(dtype), torch.randn(b, t, 16, generator=g).to(dtype)
+            for name, args in (("rms_norm", (x, w, 1e-5)), ("add_rms_norm", (x, d, w, 1e-5)),
+                               ("rope", (q, k, cos, sin)), ("silu_mul", (x, d))):
+                want, got = _fused.op(name, False)(*args), _fused.op(name, True)(*args)
+                for a_, b_ in zip(*((v,) if isinstance(v, torch.Tensor) else v for v in (want, got))):
+                    assert a_.dtype == b_.dtype == dtype and a_.shape == b_.shape, name
+                    torch.testing.assert_close(b_.float(), a_.float(), rtol=tol, atol=tol, msg=name)
+
+
+def test_engine_fuse_generates_what_the_eager_model_does():
+    hm = _hf("llama", seed=3)
+    eager, fused = _ours(hm), _ours(hm)
+    a = Engine(eager, max_batch=3, max_seq=32).generate(PROMPTS, 6, output_logits=True, eos_token_id=None)
+    b = Engine(fused, max_batch=3, max_seq=32, fuse=True).generate(PROMPTS, 6, output_logits=True,
+                                                                   eos_token_id=None)
+    assert all(m.fused for m in fused.modules() if hasattr(m, "fused"))
+    assert not any(m.fused for m in eager.modules() if hasattr(m, "fused"))
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+    assert _min_margin(a.logits) > 1e-3 and torch.equal(a.tokens, b.tokens)
+    flash_llm.models.set_fused(fused, False)
+    assert not any(m.fused for m in fused.modules() if hasattr(m, "fused"))

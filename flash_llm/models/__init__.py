@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._common import Attend, CausalLM, KVCache
+from ._fused import set_fused
 from .config import PRESETS, ModelConfig, preset
 from .llama import LlamaForCausalLM
 from .opt import OPTForCausalLM
@@ -29,6 +30,7 @@ MODEL_CLASSES = {"llama": LlamaForCausalLM, "opt": OPTForCausalLM}
 INIT_STD = 0.02  # transformers' initializer_range default for both families
 
 __all__ = ["ModelConfig", "from_config", "preset", "PRESETS", "LlamaForCausalLM", "OPTForCausalLM", "CausalLM",
+           "set_fused",
            "KVCache", "Attend", "init_weights_"]
 
 

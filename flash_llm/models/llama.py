@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _fused
 from ._common import Attend, CausalLM, attention
 from .config import ModelConfig
 
@@ -74,30 +75,18 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, T, D]`` rotated by ``cos, sin [B, T, D]`` (transformers' half-split convention)."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + _rotate_half(x) * sin
-
-
 class LlamaRMSNorm(nn.Module):
-    """RMSNorm as transformers computes it: normalize in float32, cast back, then scale by ``weight``."""
+    """RMSNorm as transformers computes it: normalize in float32, cast back, then scale by ``weight``.
+    ``fused``: one compiled kernel instead of eight (:func:`flash_llm.models.set_fused`)."""
 
     def __init__(self, hidden_size: int, eps: float, device=None, dtype=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.eps = eps
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return _fused.op("rms_norm", self.fused)(x, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -110,13 +99,14 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.attention_bias, **kw)
         self.v_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.attention_bias, **kw)
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.attention_bias, **kw)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = _fused.op("rope", self.fused)(q, k, cos, sin)
         if attend.cache is not None:
             k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
         return self.o_proj(attention(q, k, v, attend.mask, None))
@@ -130,8 +120,11 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, **kw)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
         self.act = ACT[c.activation]
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.act is F.silu:
+            return self.down_proj(_fused.op("silu_mul", True)(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -142,9 +135,15 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, **kw)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.norm_eps, **kw)
+        self.fused = False
 
     def forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        delta = self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        if self.fused:  # the residual add and the second norm in one kernel
+            norm = self.post_attention_layernorm
+            x, h = _fused.op("add_rms_norm", True)(x, delta, norm.weight, norm.eps)
+            return x + self.mlp(h)
+        x = x + delta
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
