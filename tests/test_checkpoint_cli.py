@@ -146,3 +146,35 @@ def test_bundled_model(tmp_path, capsys):
     rc, out, err = run(capsys, "generate", tmp_path / "flash", "--prompt", "ROMEO:", "--max-new-tokens", 16,
                        "--device", "cpu", "--ignore-eos")
     assert rc == 0 and out.startswith("ROMEO:") and "16 new tokens" in err, err
+
+
+def test_generate_tensor_parallel_prints_what_one_process_does(tmp_path, capsys):
+    """`flash-llm generate --tp` under torchrun (2 gloo ranks on the CPU) on a pruned, converted bundled model:
+    rank 0 prints the single-process text; without torchrun --tp is a one-rank group; bad input exits 2."""
+    import os
+    import subprocess
+    import sys
+
+    bundled = pytest.importorskip("flash_llm.bundled", reason="the bundled model comes with the pruning work")
+    from flash_llm.prune import magnitude_prune_
+
+    model = flash_llm.from_pretrained(bundled.path("tiny-shakespeare"), dtype=torch.float16, sparsify=False)
+    magnitude_prune_(model, 0.6, filter_fn=lambda m, n: n != "lm_head")
+    flash_llm.save_pretrained(model, tmp_path / "pruned")
+    assert run(capsys, "convert", tmp_path / "pruned", tmp_path / "flash")[0] == 0
+    gen = ["generate", str(tmp_path / "flash"), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--ignore-eos"]
+    rc, one, err = run(capsys, *gen, "--device", "cpu")
+    assert rc == 0, err
+    rc, solo, err = run(capsys, *gen, "--tp")  # no torchrun: a group of one, the same code path
+    assert rc == 0 and solo == one and "on 1 tensor-parallel ranks" in err, err
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "flash_llm.cli", *gen, "--tp"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout == one  # rank 0's text once, nothing from rank 1
+    assert "20 new tokens" in proc.stderr and "on 2 tensor-parallel ranks" in proc.stderr
+    rc, _, err = run(capsys, "generate", str(tmp_path / "nope"), "--prompt", "x", "--tp")
+    assert rc == 2 and "nope" in err
+    assert not torch.distributed.is_initialized()

@@ -163,12 +163,36 @@ def _tokenizer(choice: str, path: Path, config: dict):
                      "tokenizer; pass --tokenizer DIR (a Hugging Face tokenizer) or --tokenizer bytes")
 
 
+def _load_tensor_parallel(path: Path, dtype):
+    """This rank's part of the checkpoint (``generate --tp``): dense layers compressed as from_pretrained does."""
+    from ..nn import SparsifyConfig
+    from ..parallel import init_tensor_parallel, load_tensor_parallel
+    from .pretrained import _resolve_dtype
+
+    config = _files.read_json(path / _files.CONFIG_NAME, "config.json")
+    kind = checkpoint_kind(config, path / _files.CONFIG_NAME)
+    dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME)
+    tp = init_tensor_parallel()
+    try:
+        sparsify = SparsifyConfig() if kind.kind == "dense" else None
+        model, _ = load_tensor_parallel(path, tp, dtype=dtype, sparsify=sparsify, progress=tp.rank == 0)
+    except BaseException:
+        tp.close(barrier=False)
+        raise
+    return model, tp
+
+
 def cmd_generate(args) -> int:
     from ..engine import Engine
 
     path = Path(args.path)
+    tp = None
     try:
-        model = from_pretrained(path, device=args.device, dtype=DTYPES.get(args.dtype), backend="flash")
+        if args.tp:
+            model, tp = _load_tensor_parallel(path, DTYPES.get(args.dtype))
+            args.device = tp.device
+        else:
+            model = from_pretrained(path, device=args.device, dtype=DTYPES.get(args.dtype), backend="flash")
         tok = _tokenizer(args.tokenizer, path, _files.read_json(path / _files.CONFIG_NAME, "config.json"))
         ids = tok.encode(args.prompt)
         if not ids:
@@ -177,14 +201,27 @@ def cmd_generate(args) -> int:
         if bad:
             raise ValueError(f"the prompt has token id {bad[0]} outside the model's vocabulary "
                              f"({model.config.vocab_size}); wrong --tokenizer?")
-        engine = Engine(model, max_batch=1, max_seq=len(ids) + args.max_new_tokens)
+        engine = Engine(model, max_batch=1, max_seq=len(ids) + args.max_new_tokens, fuse=args.fuse)
     except _INPUT_ERRORS as e:
         _err(str(e))
+        if tp is not None:
+            tp.close(barrier=False)
         return EXIT_USAGE
+    try:
+        return _stream(args, engine, tok, ids, show=tp is None or tp.rank == 0)
+    finally:
+        if tp is not None:
+            del engine
+            tp.close()
+
+
+def _stream(args, engine, tok, ids, show: bool) -> int:
+    """Generate and print as tokens come.  In a tensor-parallel run every rank generates and rank 0 prints."""
+    out = sys.stdout if show else open(os.devnull, "w")  # noqa: SIM115
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    print(args.prompt, end="", flush=True)
+    print(args.prompt, end="", flush=True, file=out)
     new: list[int] = []
     shown = ""
     stop = {"eos_token_id": None} if args.ignore_eos else {}
@@ -194,14 +231,18 @@ def cmd_generate(args) -> int:
         text = tok.decode(new)
         if isinstance(tok, _Bytes):  # print only whole characters while streaming
             text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(bytes(new), final=False)
-        print(text[len(shown):], end="", flush=True)
+        print(text[len(shown):], end="", flush=True, file=out)
         shown = text
     final = tok.decode(new)
-    print(final[len(shown):])
+    print(final[len(shown):], file=out)
+    if out is not sys.stdout:
+        out.close()
     g = engine.last
-    print(f"{len(new)} new tokens; time to first token {g.ttft_s * 1e3:.1f} ms, "
-          f"{g.decode_tokens_per_s:.1f} tokens/s after it ({str(engine.dtype).removeprefix('torch.')} on "
-          f"{args.device})", file=sys.stderr)
+    where = str(args.device) if engine.tp is None else f"{engine.tp.world_size} tensor-parallel ranks"
+    if show:
+        print(f"{len(new)} new tokens; time to first token {g.ttft_s * 1e3:.1f} ms, "
+              f"{g.decode_tokens_per_s:.1f} tokens/s after it ({str(engine.dtype).removeprefix('torch.')} on "
+              f"{where})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -280,6 +321,12 @@ def register_cli(sub) -> None:
     p.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
     p.add_argument("--tokenizer", default="auto", help="auto (default), bytes, or a tokenizer directory")
+    p.add_argument("--tp", action="store_true",
+                   help="tensor parallel over torchrun's ranks (torchrun --nproc-per-node K -m flash_llm.cli generate "
+                        "... --tp): each rank loads only its slices (NCCL on cuda:LOCAL_RANK, gloo on the CPU); "
+                        "--device is then the rank's; rank 0 prints")
+    p.add_argument("--fuse", action="store_true",
+                   help="fused elementwise kernels (Engine(fuse=True): torch.compile'd RMSNorm, RoPE, SiLU x up)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
