@@ -116,6 +116,27 @@ def test_decode_dense_kernel(fmt):
             assert torch.equal(out.view(torch.int16), w_dense.view(torch.int16))
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
+def test_large_n_path_expanding_in_row_chunks(fmt, monkeypatch):
+    """EXPAND_CHUNK_BYTES: the weight expanded 64-row-aligned chunk by chunk (the last one short), each chunk's
+    GEMM written into its columns of the output; and decode_dense of a row range."""
+    kern = _kernels()
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    m, k = 1000, 700
+    w_dense = sparse_weight(m, k, 0.3, torch.float16, gen)
+    w = fmt.from_dense(w_dense)
+    part = kern.decode_dense(FORMAT_IDS[fmt], w.data, w.offsets, m, k, torch.float16, rows=(128, 389))
+    assert torch.equal(part.view(torch.int16), w_dense[128:389].view(torch.int16))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kern.decode_dense(FORMAT_IDS[fmt], w.data, w.offsets, m, k, torch.float16, rows=(10, 20))
+    monkeypatch.setattr(kern, "EXPAND_CHUNK_BYTES", 3 * 64 * k * 2)  # 192 rows per chunk: 6 chunks
+    for n in (65, 300):
+        x = torch.randn(n, k, generator=gen, device="cuda").half()
+        bias = torch.randn(m, generator=gen, device="cuda").half()
+        check(run_kernel(x, w, bias), x, w_dense, bias)
+        check(run_kernel(x, w, None), x, w_dense, None)
+
+
 def test_public_spmm_noncontiguous_graph_and_compile():
     gen = torch.Generator(device="cuda").manual_seed(5)
     w_dense = sparse_weight(300, 512, 0.2, torch.bfloat16, gen)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 from dataclasses import dataclass
 
@@ -144,24 +145,53 @@ def use_sparse_kernel(n: int, density: float) -> bool:
     return n <= 64
 
 
+#: Large-N path: bytes of dense weight expanded at a time (0, the default: the whole weight at once).  With
+#: about 32 MB each row chunk can stay in L2 (50 MB on an H100, 60 MB on an H200) between its expansion and
+#: its GEMM.  Experimental: not yet measured on a GPU (FLASH_LLM_EXPAND_CHUNK_BYTES sets it at import).
+EXPAND_CHUNK_BYTES = int(os.environ.get("FLASH_LLM_EXPAND_CHUNK_BYTES", "0"))
+
+
 def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Expand a compressed weight to dense ``[m, k]`` with one CUDA kernel."""
+                 out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Expand a compressed weight to dense ``[m, k]`` with one CUDA kernel; with ``rows=(r0, r1)`` (``r0`` a
+    multiple of 64) only those rows, as ``[r1 - r0, k]``."""
     dev = data.device
+    r0, r1 = (0, m) if rows is None else rows
+    if r0 % 64 or not 0 <= r0 < r1 <= m:
+        raise ValueError(f"rows {r0}:{r1}: the start must be a multiple of 64 inside the {m} rows")
+    m = r1 - r0
     out = torch.empty(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k)
-    mt, kt = ceil_div(m, STRIP_M), ceil_div(k, STRIP_K)
+    kt = ceil_div(k, STRIP_K)
     stream = torch.cuda.current_stream(dev).cuda_stream
     if fmt == BITMAP:
+        mt = ceil_div(m, STRIP_M)
+        first = offsets.data_ptr() + (r0 // STRIP_M) * kt * offsets.element_size()  # offsets are absolute
         launch("bitmap_to_dense", (ceil_div(mt * kt, WARPS), 1, 1), THREADS,
-               [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (m, I), (k, I), (mt, I),
+               [(data.data_ptr(), P), (first, P), (out.data_ptr(), P), (m, I), (k, I), (mt, I),
                 (kt, I)], stream, dev.index)
     else:
         out.zero_()
         tiles = ceil_div(m, 64) * kt
+        first = offsets.data_ptr() + (r0 // 64) * kt * offsets.element_size()
         launch("tiled_csl_to_dense", (tiles, 1, 1), THREADS,
-               [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (m, I), (k, I), (kt, I)],
+               [(data.data_ptr(), P), (first, P), (out.data_ptr(), P), (m, I), (k, I), (kt, I)],
                stream, dev.index)
     return out
+
+
+def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, y):
+    """The large-N path: expand the weight (whole, or in row chunks of EXPAND_CHUNK_BYTES) and call cuBLAS."""
+    dev = x.device
+    rows = m if EXPAND_CHUNK_BYTES <= 0 else max(64, EXPAND_CHUNK_BYTES // (k * x.element_size()) // 64 * 64)
+    if rows >= m:
+        w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(dev, x.dtype, m * k))
+        return y.copy_(torch.nn.functional.linear(x, w, bias))
+    scratch = _scratch.get_dense(dev, x.dtype, rows * k)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        w = decode_dense(fmt, data, offsets, m, k, x.dtype, scratch[:(r1 - r0) * k], rows=(r0, r1))
+        y[:, r0:r1] = torch.nn.functional.linear(x, w, None if bias is None else bias[r0:r1])
+    return y
 
 
 def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
@@ -179,9 +209,11 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         return y
     density = _density(fmt, data, m, k)
     if not force_sparse and not use_sparse_kernel(n, density):
-        w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(dev, x.dtype, m * k))
-        r = torch.nn.functional.linear(x, w, bias)
-        return r if out is None else out.copy_(r)
+        if EXPAND_CHUNK_BYTES <= 0:
+            w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(dev, x.dtype, m * k))
+            r = torch.nn.functional.linear(x, w, bias)
+            return r if out is None else out.copy_(r)
+        return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, y)
     x = x.contiguous()
     name = f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if x.dtype == torch.bfloat16 else 'f16'}_nt{_nt(n)}"
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, THREADS), splits)
