@@ -41,3 +41,30 @@ def test_compile_failure_shows_the_nvrtc_log():
     broken = b'extern "C" __global__ void k(int* p) { p[0] = undefined_name; }\n'
     with pytest.raises(KernelBuildError, match=r"(?s)NVRTC failed to compile .* for sm_90.*undefined_name"):
         compile_kernels("sm_90", use_cache=False, source=broken)
+
+
+AB = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "ab"
+
+
+@pytest.mark.parametrize("patch", sorted(p.name for p in AB.glob("*.patch")))
+def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch):
+    """benchmarks/ab/*.patch (kernel variants waiting for a GPU A/B, benchmarks/ab_kernel.sh) still apply to
+    spmm.cu and compile for sm_90 with no warnings and no spills, so they can be measured as they are."""
+    import shutil
+    import subprocess
+
+    src = AB.parent.parent / "flash_llm" / "kernels" / "spmm.cu"
+    (tmp_path / "flash_llm" / "kernels").mkdir(parents=True)
+    shutil.copy(src, tmp_path / "flash_llm" / "kernels" / "spmm.cu")
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is needed to apply the patches")
+    proc = subprocess.run([git, "apply", str(AB / patch)], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{patch} no longer applies to spmm.cu: {proc.stderr}"
+    variant = (tmp_path / "flash_llm" / "kernels" / "spmm.cu").read_bytes()
+    assert variant != src.read_bytes()
+    monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path / "cache"))
+    compiled = compile_kernels("sm_90", source=variant, use_cache=False)
+    assert compiled.warnings() == [], compiled.log
+    for name, r in compiled.resources().items():
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (patch, name, r)
