@@ -368,3 +368,24 @@ def test_engine_fuse_generates_what_the_eager_model_does():
     assert _min_margin(a.logits) > 1e-3 and torch.equal(a.tokens, b.tokens)
     flash_llm.models.set_fused(fused, False)
     assert not any(m.fused for m in fused.modules() if hasattr(m, "fused"))
+
+
+def test_fused_path_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    """No compiler, no Triton...: Engine(fuse=True) warns once per function and generates what eager does."""
+    from flash_llm.models import _fused
+
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("no C compiler found\nmore details")
+        return run
+
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    hm = _hf("llama", seed=5)
+    want = Engine(_ours(hm), max_batch=3, max_seq=32).generate(PROMPTS, 4, output_logits=True, eos_token_id=None)
+    with pytest.warns(RuntimeWarning, match=r"compiling the fused rms_norm failed \(RuntimeError: no C compiler "
+                                            r"found\); using the eager version"):
+        got = Engine(_ours(hm), max_batch=3, max_seq=32, fuse=True).generate(PROMPTS, 4, output_logits=True,
+                                                                             eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+    assert all(_fused._COMPILED[n] is _fused._EAGER[n] for n in _fused._COMPILED)

@@ -10,6 +10,8 @@ transformers' order and precision and are what runs unless a model is switched w
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,13 +54,37 @@ _COMPILED: dict[str, object] = {}
 
 def op(name: str, fused: bool):
     """The function ``name``: eager, or (``fused``) compiled once per process with ``torch.compile``
-    (``dynamic=True``: one compilation serves every batch size and sequence length)."""
+    (``dynamic=True``: one compilation serves every batch size and sequence length).
+
+    If compiling fails (no C compiler or Triton, an unsupported backend...), a warning says why and the eager
+    function is used from then on: the results are the same, only slower."""
     if not fused:
         return _EAGER[name]
     fn = _COMPILED.get(name)
     if fn is None:
-        fn = _COMPILED[name] = torch.compile(_EAGER[name], dynamic=True, fullgraph=True)
+        fn = _COMPILED[name] = _with_fallback(name, torch.compile(_EAGER[name], dynamic=True, fullgraph=True))
     return fn
+
+
+def _with_fallback(name: str, compiled):
+    eager = _EAGER[name]
+    failed = False
+
+    def call(*args):
+        nonlocal failed
+        if failed:
+            return eager(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # compilation (or its toolchain) failed: the eager function gives the same result
+            failed = True
+            _COMPILED[name] = eager
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            warnings.warn(f"flash_llm: compiling the fused {name} failed ({type(e).__name__}: {first}); using the "
+                          "eager version", RuntimeWarning, stacklevel=2)
+            return eager(*args)
+
+    return call
 
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
