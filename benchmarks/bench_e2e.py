@@ -518,21 +518,26 @@ def _main_tp(args, argv, world) -> int:
     rows = run_tp_sweep(args, world, DTYPES[args.dtype], log)
     if not lead:
         return 0
-    text = summarize_tp(rows, env)
-    _atomic_write(os.path.join(args.out, "results.json"), json.dumps({"env": env, "rows": rows}, indent=1).encode())
-    flat = [{k: v for k, v in r.items() if k != "per_rank"} for r in rows]
-    fields = list(dict.fromkeys(k for r in flat for k in r))
+    _write_outputs(args.out, env, rows, summarize_tp(rows, env), plot_tp,
+                   [{k: v for k, v in r.items() if k != "per_rank"} for r in rows])
+    return 0
+
+
+def _write_outputs(out: str, env: dict, rows: list[dict], text: str, plot_fn, csv_rows: list[dict] | None = None):
+    """``results.json`` (env and rows), ``results.csv`` (``csv_rows``, default ``rows``), ``summary.md`` and
+    ``e2e.png`` (``plot_fn(rows, path)``) under ``out``, each written atomically; prints the summary."""
+    _atomic_write(os.path.join(out, "results.json"), json.dumps({"env": env, "rows": rows}, indent=1).encode())
+    csv_rows = rows if csv_rows is None else csv_rows
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields)
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in csv_rows for k in r)))
     w.writeheader()
-    w.writerows(flat)
-    _atomic_write(os.path.join(args.out, "results.csv"), buf.getvalue().encode())
-    _atomic_write(os.path.join(args.out, "summary.md"), text.encode())
-    plotted = plot_tp(rows, os.path.join(args.out, "e2e.png"))
+    w.writerows(csv_rows)
+    _atomic_write(os.path.join(out, "results.csv"), buf.getvalue().encode())
+    _atomic_write(os.path.join(out, "summary.md"), text.encode())
+    plotted = plot_fn(rows, os.path.join(out, "e2e.png"))
     print()
     print(text)
-    print(f"wrote {', '.join(f for f in OUTPUTS if plotted or f != 'e2e.png')} to {args.out}")
-    return 0
+    print(f"wrote {', '.join(f for f in OUTPUTS if plotted or f != 'e2e.png')} to {out}")
 
 
 # ---- reporting -------------------------------------------------------------------------------------------
@@ -789,20 +794,7 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     rows = run_sweep(args, device, DTYPES[args.dtype], env, log)
-    text = summarize(rows, env)
-    _atomic_write(os.path.join(args.out, "results.json"),
-                  json.dumps({"env": env, "rows": rows}, indent=1).encode())
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(rows)
-    _atomic_write(os.path.join(args.out, "results.csv"), buf.getvalue().encode())
-    _atomic_write(os.path.join(args.out, "summary.md"), text.encode())
-    plotted = plot(rows, os.path.join(args.out, "e2e.png"))
-    print()
-    print(text)
-    print(f"wrote {', '.join(f for f in OUTPUTS if plotted or f != 'e2e.png')} to {args.out}")
+    _write_outputs(args.out, env, rows, summarize(rows, env), plot)
     return 0
 
 

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-import flash_llm
+from flash_llm.demo import expanded_copy
 from flash_llm.engine import Engine
 from flash_llm.models import preset
 from flash_llm.models.synthetic import build_synthetic
@@ -39,18 +39,6 @@ import _timing as T  # noqa: E402
 # ``--model tiny``: a smoke run on CPU processes (gloo), as tests/test_parallel.py runs it
 TINY = preset("llama-3-8b").replace(num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2,
                                     vocab_size=300, max_position_embeddings=128, name="tiny")
-
-
-def _fp32_reference(model):
-    """A dense fp32 copy of ``model`` (sparse layers expanded), built layer by layer on the same device."""
-    import copy
-
-    ref = copy.deepcopy(model)
-    for fqn, mod in list(ref.named_modules()):
-        if isinstance(mod, flash_llm.SparseLinear):
-            parent, _, name = fqn.rpartition(".")
-            setattr(ref.get_submodule(parent), name, mod.to_linear())
-    return ref.float()
 
 
 def _empty_cache():
@@ -98,7 +86,7 @@ def main(argv=None) -> int:
                     warnings.simplefilter("ignore", UserWarning)
                     one, _ = build_synthetic(cfg, sp / 100 or None, dtype=dtype, device=tp.device, seed=1,
                                              progress=False)
-                ref32 = _fp32_reference(one)
+                ref32 = expanded_copy(one).float()  # the dense-with-zeros reference
                 with torch.no_grad():
                     want = one(ids.to(tp.device)).float()
                     want32 = ref32(ids.to(tp.device)).float()

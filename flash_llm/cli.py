@@ -185,12 +185,19 @@ def _demo_device(text: str) -> torch.device:
     return device
 
 
-def cmd_demo(args) -> int:
-    """``flash-llm demo --layer`` (parsed by :mod:`flash_llm.demo`): the synthetic-layer demo."""
+def _demo_device_or_none(text: str) -> torch.device | None:
+    """:func:`_demo_device`, or ``None`` after printing its error (the caller exits with EXIT_USAGE)."""
     try:
-        device = _demo_device(args.device)
+        return _demo_device(text)
     except ValueError as e:
         _err(str(e))
+        return None
+
+
+def cmd_demo(args) -> int:
+    """``flash-llm demo --layer`` (parsed by :mod:`flash_llm.demo`): the synthetic-layer demo."""
+    device = _demo_device_or_none(args.device)
+    if device is None:
         return EXIT_USAGE
     sparsities = [s for group in (args.sparsities or [list(DEMO_SPARSITIES)]) for s in group]
     m, k = args.shape

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import bundled, cli, data
 from .cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _positive, _sync
-from .cli import _demo_device as _device  # one --device parser for both demos
+from .cli import _demo_device_or_none as _device  # one --device parser for both demos (None: error printed)
 from .evaluate import evaluate, logits_of
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "gradual")
@@ -280,10 +280,8 @@ def cmd_demo(args) -> int:
     if given:
         _err(f"{', '.join(given)}: option(s) of the synthetic-layer demo; add --layer")
         return EXIT_USAGE
-    try:
-        device = _device(args.device)
-    except ValueError as e:
-        _err(str(e))
+    device = _device(args.device)
+    if device is None:
         return EXIT_USAGE
     dtype = DTYPES[args.dtype or "float16"]
     seed = 0 if args.seed is None else args.seed
@@ -446,10 +444,8 @@ def cmd_prune(args) -> int:
     if args.owl and args.method not in ("sparsegpt", "wanda"):
         _err(f"--owl applies to wanda and sparsegpt, not {args.method}")
         return EXIT_USAGE
-    try:
-        device = _device(args.device)
-    except ValueError as e:
-        _err(str(e))
+    device = _device(args.device)
+    if device is None:
         return EXIT_USAGE
     try:
         raw = data.load_tokens(args.calib)

@@ -139,14 +139,14 @@ class Engine:
         fuse: run the elementwise parts of each layer (RMSNorm, RoPE, SiLU x up, residual add + norm) as
             ``torch.compile``d single kernels (:func:`flash_llm.models.set_fused`, applied to ``model`` in
             place; Llama-family models).  The first generation compiles them (seconds).  ``False`` (default)
-            leaves the model as it is; ``None`` also.
+            leaves the model as it is.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
     """
 
     def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
-                 cuda_graphs: bool | None = None, fuse: bool | None = False):
+                 cuda_graphs: bool | None = None, fuse: bool = False):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
                             f"{type(model).__name__}")

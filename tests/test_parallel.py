@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import flash_llm
 from flash_llm.checkpoint import convert
+from flash_llm.demo import expanded_copy
 from flash_llm.engine import Engine
 from flash_llm.models import from_config, preset
 from flash_llm.models.synthetic import build_synthetic, estimate_bytes
@@ -64,12 +65,7 @@ def _save_hf(model, folder) -> None:
 
 def _dense64(model):
     """A float64 copy with every SparseLinear expanded (the dense-with-zeros reference)."""
-    m = copy.deepcopy(model)
-    for fqn, mod in list(m.named_modules()):
-        if isinstance(mod, flash_llm.SparseLinear):
-            parent, _, name = fqn.rpartition(".")
-            setattr(m.get_submodule(parent), name, mod.to_linear())
-    return m.double()
+    return expanded_copy(model).double()
 
 
 def _min_margin(logits: torch.Tensor) -> float:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..formats import FORMATS, FormatError, SparseFormat
-from ..formats._base import METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, dtype_name
+from ..formats._base import METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, dtype_name, parse_metadata
 from ..nn import (ConvertedLayer, SkippedLayer, SparseLinear, SparsifyConfig, SparsifyReport, _format_class,
                   _human, _tensor_bytes)
 from . import _files, _model
@@ -241,17 +241,12 @@ def _flash_entry(fqn: str, parts: dict[str, tuple[torch.Tensor, Path]], declared
     if meta_key not in header:
         raise FormatError(f"{path}: no format metadata '{meta_key}' in the header of the shard holding "
                           f"'{fqn}.weight_data'")
-    try:
-        stored = json.loads(header[meta_key])
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: header metadata '{meta_key}' is not valid JSON ({e})") from None
-    if not isinstance(stored, dict):
-        raise FormatError(f"{path}: header metadata '{meta_key}' is not a JSON object")
+    prefix = f"{fqn}.weight_"
+    stored = parse_metadata(header, prefix, f"{path}: ")
     for field in ("format", "version", "dtype", "shape"):
         if stored.get(field) != declared.get(field):
             raise FormatError(f"{path}: '{fqn}' has {field} {stored.get(field)!r} in the shard header but "
                               f"{declared.get(field)!r} in config.json's sparse_modules")
-    prefix = f"{fqn}.weight_"
     arrays = {prefix + n: t for n, (t, _) in parts.items()}
     w = FORMATS[stored["format"]].from_state(arrays, {meta_key: header[meta_key]}, prefix=prefix, source=str(path))
     if w.device.type == "cpu":  # validation's temporaries

@@ -179,13 +179,15 @@ def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k:
     return out
 
 
-def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, y):
+def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
     """The large-N path: expand the weight (whole, or in row chunks of EXPAND_CHUNK_BYTES) and call cuBLAS."""
     dev = x.device
     rows = m if EXPAND_CHUNK_BYTES <= 0 else max(64, EXPAND_CHUNK_BYTES // (k * x.element_size()) // 64 * 64)
     if rows >= m:
         w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(dev, x.dtype, m * k))
-        return y.copy_(torch.nn.functional.linear(x, w, bias))
+        r = torch.nn.functional.linear(x, w, bias)
+        return r if out is None else out.copy_(r)
+    y = torch.empty(x.shape[0], m, dtype=x.dtype, device=dev) if out is None else out
     scratch = _scratch.get_dense(dev, x.dtype, rows * k)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
@@ -204,16 +206,12 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     """
     n = x.shape[0]
     dev = x.device
+    density = _density(fmt, data, m, k)
+    if not force_sparse and not use_sparse_kernel(n, density):
+        return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
     y = torch.empty(n, m, dtype=x.dtype, device=dev) if out is None else out
     if n == 0:
         return y
-    density = _density(fmt, data, m, k)
-    if not force_sparse and not use_sparse_kernel(n, density):
-        if EXPAND_CHUNK_BYTES <= 0:
-            w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(dev, x.dtype, m * k))
-            r = torch.nn.functional.linear(x, w, bias)
-            return r if out is None else out.copy_(r)
-        return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, y)
     x = x.contiguous()
     name = f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if x.dtype == torch.bfloat16 else 'f16'}_nt{_nt(n)}"
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, THREADS), splits)

@@ -151,7 +151,7 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
                disable=not (tp.rank == 0 if progress is None else progress))
     if kind.kind != "dense":  # config.json names flash-llm's method or compressed-tensors' sparse-bitmask
         _load_compressed(model, cfg, _files.open_checkpoint(folder), kind, tp, dtype, sparsify, bar)
-        return _finish(model, tp, device)
+        return _finish(model, tp, device, folder)
     ckpt = _Checkpoint(folder)
 
     def need(name: str) -> str:
@@ -194,17 +194,18 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
                 continue  # the model's load hook ties it to the input embedding
             state[name] = get(name, tuple(t.shape))
         model.load_state_dict(state, strict=False, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise KeyError(f"{folder}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. {left[:5]}")
     unused = [k for k in ckpt.where if k not in ckpt.used and not k.endswith(_IGNORED_SUFFIXES)]
     if unused:
         warnings.warn(f"{folder}: {len(unused)} tensor(s) of the checkpoint are not weights of a "
                       f"{cfg.family} model and were not read, e.g. {unused[:5]}", UserWarning, stacklevel=2)
-    return _finish(model, tp, device)
+    return _finish(model, tp, device, folder)
 
 
-def _finish(model, tp, device):
+def _finish(model, tp, device, folder):
+    """Check that every tensor arrived, then make the model this rank's part of the group, on ``device``."""
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # (a tied lm_head absent from the file was tied to the embedding by load_state_dict)
+        raise KeyError(f"{folder}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. {left[:5]}")
     set_local_heads(model, tp.world_size)
     model.tensor_parallel = tp
     # the loaded tensors are on the device already; this moves what the model computes itself (rotary
@@ -308,6 +309,3 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
             part = "bias" if "weight" in got else "weight"
             raise KeyError(f"{files.path}: the checkpoint lacks '{fqn}.{part}'")
         model.load_state_dict(state, strict=False, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left and not (left == ["lm_head.weight"] and cfg.tie_word_embeddings):
-        raise KeyError(f"{files.path}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. {left[:5]}")
