@@ -117,10 +117,10 @@ def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=gen).tolist()
 
 
-def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False) -> dict:
+def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False, merge: bool = False) -> dict:
     device = next(model.parameters()).device
     _reset_peak(device)
-    eng = Engine(model, max_batch=batch, max_seq=prompt_len + new, fuse=fuse)
+    eng = Engine(model, max_batch=batch, max_seq=prompt_len + new, fuse=fuse, merge=merge)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
     runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]
@@ -226,7 +226,7 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
             for b in args.batches:
                 row = {**base, "impl": "flash-llm", "batch": b, **mem, "read_bytes": read, "floor_ms": floor_ms}
                 try:
-                    row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse))
+                    row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge))
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * floor_ms / row["tpot_ms"]
                     if sp == 0:
@@ -350,7 +350,7 @@ def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
         row = {**base, "batch": b, "achieved_sparsity": report.achieved_sparsity}
         gen = torch.Generator().manual_seed(b)  # the same prompts on every rank
         try:
-            m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse)
+            m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge)
             ok = True
         except torch.cuda.OutOfMemoryError as e:
             m, ok = {"error": str(e).splitlines()[0][:120]}, False
@@ -505,7 +505,7 @@ def _main_tp(args, argv, world) -> int:
     env.update({"world_size": world.world_size, "backend": world.backend, "tp": args.tp,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                 "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "memory_limit_gb": args.memory_limit_gb,
-                "fuse": args.fuse,
+                "fuse": args.fuse, "merge": args.merge,
                 "command": (f"torchrun --nproc-per-node {world.world_size}" if "LOCAL_RANK" in os.environ else "python")
                 + " benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)})
     if lead:
@@ -583,7 +583,8 @@ def summarize(rows, env) -> str:
     p(f"**{env['card']}**, torch {env['torch']}, CUDA {env['cuda']}, NVRTC {env['nvrtc']}, Python {env['python']}, "
       f"commit `{env['commit']}`, {env['date']}. Copy bandwidth {env['copy_bw_Bps'] / 1e9:.0f} GB/s"
       + (f"; GPU memory capped at {env['memory_limit_gb']} GB" if env.get("memory_limit_gb") else "")
-      + ("; fused elementwise kernels (--fuse)" if env.get("fuse") else "") + ".")
+      + ("; fused elementwise kernels (--fuse)" if env.get("fuse") else "")
+      + ("; merged q/k/v and gate/up projections (--merge)" if env.get("merge") else "") + ".")
     p()
     p(f"Command: `{env['command']}`")
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -699,6 +700,8 @@ def parse_args(argv):
     ap.add_argument("--fuse", action="store_true",
                     help="the engine's fused elementwise kernels (Engine(fuse=True): torch.compile'd RMSNorm, RoPE, "
                          "SiLU x up; Llama family)")
+    ap.add_argument("--merge", action="store_true",
+                    help="the engine's merged projections (Engine(merge=True): q/k/v and gate/up as one matmul each)")
     ap.add_argument("--memory-limit-gb", type=float, help="cap this process' GPU memory (e.g. 80 for an H100)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
     ap.add_argument("--out", default="benchmarks/out/e2e")
@@ -781,6 +784,7 @@ def main(argv=None) -> int:
     env["copy_bw_Bps"] = copy_bandwidth(device)
     env["memory_limit_gb"] = args.memory_limit_gb
     env["fuse"] = args.fuse
+    env["merge"] = args.merge
     try:
         import transformers
 

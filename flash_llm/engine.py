@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .models import CausalLM, set_fused
+from .models import CausalLM, merge_projections, set_fused
 from .models._common import Attend, KVCache, padded_positions, padding_mask
 
 #: Warm-up runs of the decode step before it is captured (the first also compiles/loads the spmm kernels).
@@ -140,13 +140,17 @@ class Engine:
             ``torch.compile``d single kernels (:func:`flash_llm.models.set_fused`, applied to ``model`` in
             place; Llama-family models).  The first generation compiles them (seconds).  ``False`` (default)
             leaves the model as it is.
+        merge: stack the projections that read the same input (q, k, v; Llama's gate and up) into one matmul
+            each (:func:`flash_llm.models.merge_projections`, applied to ``model`` in place: its ``state_dict``
+            keys change until :func:`flash_llm.models.unmerge_projections`).  Fewer, larger kernels per decode
+            step.  ``False`` (default) leaves the model as it is.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
     """
 
     def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
-                 cuda_graphs: bool | None = None, fuse: bool = False):
+                 cuda_graphs: bool | None = None, fuse: bool = False, merge: bool = False):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
                             f"{type(model).__name__}")
@@ -157,6 +161,8 @@ class Engine:
         self.model = model.eval()
         if fuse:
             set_fused(model, True)
+        #: what merge=True did, per group (flash_llm.models.merge_projections); empty without merge
+        self.merged: dict[str, str] = merge_projections(model) if merge else {}
         self.config = cfg
         self.device, self.dtype = emb.device, emb.dtype
         if max_seq is None:

@@ -135,6 +135,29 @@ def test_fused_elementwise_kernels_keep_the_logits(dtype):
     Engine(fused_model, max_batch=4, max_seq=96, fuse=True).generate(prompts[:1], 4)  # batch 1: another graph
 
 
+@pytest.mark.parametrize("kind", ["dense", "bitmap"])
+def test_merged_projections_keep_the_logits(kind):
+    """Engine(merge=True) on the GPU (CUDA graphs, fp16), dense and sparse: the logits of the separate layers to
+    a few fp16 ulp (the stacked matmul may block its sums differently), the same greedy tokens where the
+    margins allow, graph replay equal to the merged eager decode."""
+    model = _ours(_hf("llama").cuda(), torch.float16)
+    if kind != "dense":
+        magnitude_prune_(model, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flash_llm.sparsify_(model)
+    prompts = _prompts(4, 11)
+    sep = Engine(copy.deepcopy(model), max_batch=4, max_seq=96).generate(prompts, 12, output_logits=True)
+    eng = Engine(model, max_batch=4, max_seq=96, merge=True)
+    assert set(eng.merged.values()) == {"merged"} and len(eng.merged) == 2 * model.config.num_layers
+    got = eng.generate(prompts, 12, output_logits=True)
+    eager = Engine(model, max_batch=4, max_seq=96, cuda_graphs=False).generate(prompts, 12, output_logits=True)
+    assert (got.logits - eager.logits).abs().max().item() == 0.0, "merged graph replay differs from merged eager"
+    first = (got.logits[:, 0] - sep.logits[:, 0]).abs().max().item()
+    assert first <= 8 * ULP[torch.float16] * sep.logits[:, 0].abs().max().item(), first
+    assert torch.equal(got.tokens[:, 0], sep.tokens[:, 0])
+
+
 def test_sparse_decode_close_to_dense_with_zeros():
     """Same pruned weights, sparse vs dense: the first token's logits (prefill) agree within fp16 error."""
     dense = _ours(_hf("llama").cuda(), torch.float16)

@@ -170,6 +170,49 @@ class SparseFormat:
         nnz = self._validate(arrays, shape, "", f"{self.FORMAT_NAME} slice: ")
         return self._from_parts(arrays, shape, self.dtype, nnz)
 
+    @classmethod
+    def concat(cls, parts: "list[SparseFormat] | tuple[SparseFormat, ...]") -> "SparseFormat":
+        """The weights of ``parts`` stacked along M (``torch.cat([p.to_dense() for p in parts])``), in this format.
+
+        Every part must be of this format with the same K, dtype and device.  When every part but the last
+        has a multiple of ``TILE_ROWS`` rows, the records are joined as they are (no decode: records are
+        numbered row-major); otherwise the stack is expanded and compressed again.  Both give the same arrays
+        as ``from_dense`` of the stacked dense weight.  Used to merge projections that read the same input
+        (q, k, v) into one matmul.
+        """
+        parts = list(parts)
+        if not parts:
+            raise ValueError("parts is empty: nothing to concatenate")
+        first = parts[0]
+        for i, p in enumerate(parts):
+            if type(p) is not cls:
+                raise TypeError(f"parts[{i}] is a {type(p).__name__}; expected {cls.__name__}")
+            if (p.shape[1], p.dtype, p.device) != (first.shape[1], first.dtype, first.device):
+                raise ValueError(f"parts[{i}] is {p.shape[0]}x{p.shape[1]} {p.dtype} on {p.device}; parts[0] is "
+                                 f"{first.shape[0]}x{first.shape[1]} {first.dtype} on {first.device} (K, dtype "
+                                 "and device must agree)")
+        if len(parts) == 1:
+            return first
+        m = sum(p.shape[0] for p in parts)
+        k = first.shape[1]
+        if any(p.shape[0] % cls.TILE_ROWS for p in parts[:-1]):
+            return cls.from_dense(torch.cat([p.to_dense() for p in parts]))
+        unit = cls._UNIT_WORDS
+        offs, base = [], 0
+        for p in parts:
+            off = p.offsets.to(torch.int64)
+            offs.append(off[:-1] + base)
+            base += int(off[-1])
+        if base >= 2**31:
+            raise ValueError(f"the concatenation's {cls.FORMAT_NAME} offsets exceed int32; merge fewer weights")
+        offsets = torch.cat(offs + [torch.tensor([base], dtype=torch.int64, device=first.device)])
+        data = torch.cat([p.data[: int(p.offsets[-1]) * unit] for p in parts])
+        arrays = {"data": data, "offsets": offsets.to(torch.int32)}
+        nnz = sum(p.nnz for p in parts)
+        if any(p.nnz < 0 for p in parts):  # a part built without its count
+            nnz = cls._validate(arrays, (m, k), "", f"{cls.FORMAT_NAME} concat: ")
+        return cls._from_parts(arrays, (m, k), first.dtype, nnz)
+
     def __repr__(self) -> str:
         m, k = self.shape
         return (f"{type(self).__name__}(shape=({m}, {k}), dtype={self.dtype}, density={self.density:.4f}, "

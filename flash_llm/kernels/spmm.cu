@@ -376,7 +376,7 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
 
     // This lane's X rows (clamped to N - 1: rows past N only feed accumulator columns never stored),
     // 16 columns from 16t, as 16-byte vectors; a full strip advances them by 8 vectors.
-    constexpr int NB = NT < 4 ? NT : 4;  // n-tiles whose B fragments are held at once
+    constexpr int NB = NT < 4 ? NT : 4;  // n-tiles per B group (NT = 8: two groups)
     const uint4* xv[NB];
 #pragma unroll
     for (int nt = 0; nt < NB; ++nt)
@@ -384,20 +384,23 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
                                               16 * (lane & 3)) + 8 * (long long)kb;
     const int full_strips = p.vec ? min(ke, p.K / 64) : kb;  // strips whose X loads need no checks
 
+    // B fragments of n-tiles g*NB .. g*NB + NB - 1 for strip j (hoisted pointers on full strips)
+    auto load_group = [&](u32 (&bg)[4][NB][2], int g, int j) {
+      if (g == 0 && j < full_strips) {
+#pragma unroll
+        for (int nt = 0; nt < NB; ++nt) {
+          const uint4 lo = __ldg(xv[g * NB + nt]), hi = __ldg(xv[g * NB + nt] + 1);
+          bg[0][nt][0] = lo.x; bg[0][nt][1] = lo.y; bg[1][nt][0] = lo.z; bg[1][nt][1] = lo.w;
+          bg[2][nt][0] = hi.x; bg[2][nt][1] = hi.y; bg[3][nt][0] = hi.z; bg[3][nt][1] = hi.w;
+        }
+      } else {
+        load_b<NB>(bg, p.x, p.ldx, p.N, p.K, n0 + g * NB * 8, j * 64, lane, p.vec);
+      }
+    };
+
     for (int j = kb; j < ke; ++j) {
       u32 b[4][NB][2];
-      if (NT <= 4) {  // issued first, in flight during the decode
-        if (j < full_strips) {
-#pragma unroll
-          for (int nt = 0; nt < NB; ++nt) {
-            const uint4 lo = __ldg(xv[nt]), hi = __ldg(xv[nt] + 1);
-            b[0][nt][0] = lo.x; b[0][nt][1] = lo.y; b[1][nt][0] = lo.z; b[1][nt][1] = lo.w;
-            b[2][nt][0] = hi.x; b[2][nt][1] = hi.y; b[3][nt][0] = hi.z; b[3][nt][1] = hi.w;
-          }
-        } else {
-          load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
-        }
-      }
+      load_group(b, 0, j);  // issued first, in flight during the decode (NT = 8: the first 4 n-tiles)
 
       if (r + READ_UNITS > ready && ready < total_units) refill(r + READ_UNITS);
       const u32 rec = (u32)(r & (RING_UNITS - 1)) * 16;  // ring offset of the record
@@ -415,7 +418,19 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       gather_step<3>(w, stage_base + 4 * start[3], a[3]);
       __syncwarp();  // every lane is done with this record and the windows before they are overwritten
 
-      multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
+      if (NT <= 4) {
+        multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
+      } else {  // NT = 8: the first group was loaded before the decode; the second reuses its registers
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[nt], a[s], b[s][nt]);
+        load_group(b, 1, j);
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[(NB + nt) % NT], a[s], b[s][nt]);
+      }
 #pragma unroll
       for (int nt = 0; nt < NB; ++nt) xv[nt] += 8;
     }
@@ -432,7 +447,11 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
 // barrier each lane reads its own 32 elements with four 16-byte loads and zeroes them again.
 // Two tile buffers: one barrier per tile.
 // ------------------------------------------------------------------------------------------------
-constexpr int CSL_PREFETCH = 4;  // 16-byte groups per thread prefetched: 2048 entries = 50 % of a tile
+// Entries are prefetched into registers two tiles ahead (slot 0 holds even tiles, slot 1 odd ones, so the loop
+// is unrolled by two and every register index is static): csl_pf<NT> 16-byte groups per thread and slot -- 2
+// (1024 entries, tiles of up to 25 % density), 1 for NT = 8 (registers) -- and denser tiles load the rest when
+// they are scattered.
+template <int NT> struct csl_pf { static constexpr int value = NT >= 8 ? 1 : 2; };
 
 template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
@@ -462,23 +481,26 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
 
-  int4 pf[CSL_PREFETCH];
-  int g0 = 0, g1 = 0;  // 16-byte groups [g0, g1) of the next tile
-  auto prefetch = [&](int j) {
-    g0 = tile_off[j] >> 2;
-    g1 = tile_off[j + 1] >> 2;
+  constexpr int CSL_PF = csl_pf<NT>::value;
+  int4 pf0[CSL_PF], pf1[CSL_PF];
+  int lo0 = 0, hi0 = 0, lo1 = 0, hi1 = 0;  // 16-byte groups [lo, hi) of the tile each slot holds
+  auto fetch = [&](int4 (&pf)[CSL_PF], int& lo, int& hi, int j) {
+    lo = tile_off[j] >> 2;
+    hi = tile_off[j + 1] >> 2;
 #pragma unroll
-    for (int i = 0; i < CSL_PREFETCH; ++i) {
-      const int c = g0 + threadIdx.x + i * THREADS;
-      pf[i] = c < g1 ? __ldcs(src + c) : make_int4(-65536, -65536, -65536, -65536);  // pad entries
+    for (int i = 0; i < CSL_PF; ++i) {
+      const int c = lo + threadIdx.x + i * THREADS;
+      pf[i] = c < hi ? __ldcs(src + c) : make_int4(-65536, -65536, -65536, -65536);  // pad entries
     }
   };
-  if (active) prefetch(kb);
+  if (active) {
+    fetch(pf0, lo0, hi0, kb);
+    if (kb + 1 < ke) fetch(pf1, lo1, hi1, kb + 1);
+  }
   __syncthreads();
 
-  for (int j = kb; j < ke; ++j) {
-    const int buf = (j - kb) & 1;
-    u16* dst = tile[buf];
+  // Tile j from slot (pf, lo, hi) into dense buffer dst; the slot is refilled with tile j + 2.
+  auto step = [&](int j, u16* dst, uint4* mine, int4 (&pf)[CSL_PF], int& lo, int& hi) {
     constexpr int NB = NT < 4 ? NT : 4;
     u32 b[4][NB][2];
     if (NT <= 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);  // in flight during the scatter
@@ -491,11 +513,10 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       }
     };
 #pragma unroll
-    for (int i = 0; i < CSL_PREFETCH; ++i) scatter(pf[i]);
-    for (int c = g0 + threadIdx.x + CSL_PREFETCH * THREADS; c < g1; c += THREADS) scatter(__ldcs(src + c));
-    if (j + 1 < ke) prefetch(j + 1);
+    for (int i = 0; i < CSL_PF; ++i) scatter(pf[i]);
+    for (int c = lo + threadIdx.x + CSL_PF * THREADS; c < hi; c += THREADS) scatter(__ldcs(src + c));
+    if (j + 2 < ke) fetch(pf, lo, hi, j + 2);
     __syncthreads();
-    uint4* mine = buf ? mine1 : mine0;
     u32 a[4][4];
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
@@ -504,6 +525,11 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       mine[s] = zero4;
     }
     multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
+  };
+
+  for (int j = kb; j < ke; j += 2) {  // two dense buffers: one barrier per tile
+    step(j, tile[0], mine0, pf0, lo0, hi0);
+    if (j + 1 < ke) step(j + 1, tile[1], mine1, pf1, lo1, hi1);
   }
   epilogue<BF16, NT>(p, acc, strip, active && strip < mt, n0, lane);
 }
@@ -592,7 +618,7 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
 // Minimum resident blocks per SM by format and NT: caps registers so that the blocks the shared memory allows
 // also fit the register file (bitmap: 34 KB of ring and windows per block, so 6-7 blocks; Tiled-CSL: 16 KB).
 template <int NT> struct bitmap_min_blocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
-template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT <= 2 ? 8 : NT == 4 ? 5 : 4; };
+template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT <= 2 ? 6 : NT == 4 ? 5 : 4; };
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(THREADS, FMT##_min_blocks<NT>::value)                       \

@@ -22,6 +22,7 @@ from torch import nn
 
 from ._common import Attend, CausalLM, KVCache
 from ._fused import set_fused
+from ._merge import MergedLinear, merge_projections, unmerge_projections
 from .config import PRESETS, ModelConfig, preset
 from .llama import LlamaForCausalLM
 from .opt import OPTForCausalLM
@@ -30,7 +31,7 @@ MODEL_CLASSES = {"llama": LlamaForCausalLM, "opt": OPTForCausalLM}
 INIT_STD = 0.02  # transformers' initializer_range default for both families
 
 __all__ = ["ModelConfig", "from_config", "preset", "PRESETS", "LlamaForCausalLM", "OPTForCausalLM", "CausalLM",
-           "set_fused",
+           "set_fused", "merge_projections", "unmerge_projections", "MergedLinear",
            "KVCache", "Attend", "init_weights_"]
 
 

@@ -5,7 +5,8 @@
 RMSNorm, RoPE (plain or Llama 3.1 ``llama3`` scaling) and the SwiGLU MLP compute in the same order and
 precision as transformers; attention goes through ``scaled_dot_product_attention`` with grouped-query heads.
 Every projection is a plain ``nn.Linear`` (q, k, v, o, gate, up, down kept separate, not fused), so
-``flash_llm.sparsify_`` swaps them for ``SparseLinear`` and column/row sharding stays possible.
+``flash_llm.sparsify_`` swaps them for ``SparseLinear`` and column/row sharding stays possible;
+:func:`flash_llm.models.merge_projections` stacks q, k, v and gate, up into one matmul each for decoding.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class LlamaRMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    _merge_groups = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, config: ModelConfig, layer_idx: int, **kw):
         super().__init__()
         c = config
@@ -99,13 +102,18 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.attention_bias, **kw)
         self.v_proj = nn.Linear(c.hidden_size, c.kv_size, bias=c.attention_bias, **kw)
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.attention_bias, **kw)
+        self.qkv_proj = None  # q, k, v stacked (flash_llm.models.merge_projections)
         self.fused = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = _fused.op("rope", self.fused)(q, k, cos, sin)
         if attend.cache is not None:
             k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
@@ -113,6 +121,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    _merge_groups = {"gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, config: ModelConfig, **kw):
         super().__init__()
         c = config
@@ -120,12 +130,14 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, **kw)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
         self.act = ACT[c.activation]
+        self.gate_up_proj = None  # gate, up stacked (flash_llm.models.merge_projections)
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
         if self.fused and self.act is F.silu:
-            return self.down_proj(_fused.op("silu_mul", True)(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(_fused.op("silu_mul", True)(gate, up))
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

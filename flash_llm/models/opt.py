@@ -32,6 +32,8 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
 
 
 class OPTAttention(nn.Module):
+    _merge_groups = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, config: ModelConfig, layer_idx: int, **kw):
         super().__init__()
         c = config
@@ -42,12 +44,17 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
         self.q_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
         self.out_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
+        self.qkv_proj = None  # q, k, v stacked (flash_llm.models.merge_projections)
 
     def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
-        q = (self.q_proj(x) * self.scaling).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = (q * self.scaling).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if attend.cache is not None:
             k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
         return self.out_proj(attention(q, k, v, attend.mask, 1.0))

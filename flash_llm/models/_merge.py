@@ -1,0 +1,144 @@
+"""Projections that read the same input, merged into one matmul: q, k, v -> ``qkv_proj``; gate, up -> ``gate_up_proj``.
+
+At decode the matmuls are small: Llama-3-8B's k and v projections read 8 MB each (dense), a few microseconds
+of memory time, about what a kernel launch costs inside a CUDA graph.  One matmul over the stacked weight reads
+the same bytes with one launch and fills the GPU better.  The stacked weight is built once:
+
+* dense ``nn.Linear``: the weights (and biases) concatenated along the output features;
+* :class:`~flash_llm.SparseLinear`: the compressed weights joined record by record
+  (:meth:`~flash_llm.formats.SparseFormat.concat`, no decode when the row counts fall on record boundaries).
+
+Groups whose layers differ (one dense and one sparse, another format, dtype or device, a bias on one only) or
+are tensor-parallel shards are left as they are.  Merging changes the module tree and so the ``state_dict`` keys
+(``self_attn.qkv_proj.layer.*``); :func:`unmerge_projections` restores the separate layers exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn import SparseLinear
+
+
+class MergedLinear(nn.Module):
+    """``layer(x).split(sizes, -1)``: several projections of one input as one matmul.
+
+    ``layer`` (``nn.Linear`` or :class:`~flash_llm.SparseLinear`) holds the stacked ``[sum(sizes), in_features]``
+    weight; ``names`` are the attributes the parts had on their parent module.  ``forward``: ``x [..., in]`` ->
+    a tuple of ``[..., sizes[i]]`` views (not contiguous) in ``x``'s dtype.
+    """
+
+    def __init__(self, layer: nn.Module, sizes, names, order=()):
+        super().__init__()
+        self.layer = layer
+        self.sizes = tuple(int(s) for s in sizes)
+        self.names = tuple(names)
+        self.order = tuple(order)  # the parent's child modules before merging, restored by unmerge
+        if sum(self.sizes) != layer.out_features:
+            raise ValueError(f"sizes {self.sizes} do not add up to the layer's {layer.out_features} output features")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.layer(x).split(self.sizes, dim=-1)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}={s}" for n, s in zip(self.names, self.sizes))
+
+
+def _why_not(layers: list[nn.Module]) -> str | None:
+    """Why these layers cannot be stacked (None if they can)."""
+    kinds = {type(m) for m in layers}
+    if len(kinds) != 1 or next(iter(kinds)) not in (nn.Linear, SparseLinear):
+        return "the layers are not all nn.Linear or all SparseLinear: " + ", ".join(sorted(k.__name__ for k in kinds))
+    first = layers[0]
+    if any(m.in_features != first.in_features for m in layers):
+        return "in_features differ"
+    if len({m.bias is None for m in layers}) != 1:
+        return "only some layers have a bias"
+    if isinstance(first, SparseLinear):
+        if len({(m.weight_format, m.weight_dtype, m.weight_data.device) for m in layers}) != 1:
+            return "the compressed weights differ in format, dtype or device"
+    elif len({(m.weight.dtype, m.weight.device) for m in layers}) != 1:
+        return "the weights differ in dtype or device"
+    return None
+
+
+@torch.no_grad()
+def _stack(layers: list[nn.Module]) -> nn.Module:
+    first = layers[0]
+    bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+    if isinstance(first, SparseLinear):
+        return SparseLinear(first.weight_format.concat([m.weight for m in layers]), bias)
+    w = torch.cat([m.weight for m in layers])
+    out = nn.Linear(first.in_features, w.shape[0], bias=bias is not None, device="meta", dtype=w.dtype)
+    out.weight = nn.Parameter(w, requires_grad=first.weight.requires_grad)
+    if bias is not None:
+        out.bias = nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+    return out
+
+
+@torch.no_grad()
+def _split(layer: nn.Module, sizes: tuple[int, ...]) -> list[nn.Module]:
+    parts, r0 = [], 0
+    for s in sizes:
+        r1 = r0 + s
+        bias = None if layer.bias is None else layer.bias[r0:r1].clone()
+        if isinstance(layer, SparseLinear):
+            parts.append(SparseLinear(layer.weight.slice(rows=(r0, r1)), bias))
+        else:
+            lin = nn.Linear(layer.in_features, s, bias=bias is not None, device="meta", dtype=layer.weight.dtype)
+            lin.weight = nn.Parameter(layer.weight[r0:r1].clone(), requires_grad=layer.weight.requires_grad)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
+            parts.append(lin)
+        r0 = r1
+    return parts
+
+
+def merge_projections(model: nn.Module) -> dict[str, str]:
+    """Stack each group of projections that share an input (``_merge_groups`` of Llama's attention and MLP and
+    OPT's attention) into one :class:`MergedLinear`, in place.
+
+    Returns ``{group path: "merged" or why it was left alone}``, e.g.
+    ``{"model.layers.0.self_attn.qkv_proj": "merged", ...}``.  Groups already merged are skipped.  The outputs
+    equal the separate layers' to rounding (the sparse kernel's split-K choice depends on the stacked shape).
+    Memory: each group's stacked weight is built before its parts are freed, so the peak grows by one group.
+    """
+    report = {}
+    for path, module in list(model.named_modules()):
+        groups = getattr(module, "_merge_groups", None)
+        if not groups:
+            continue
+        for target, names in groups.items():
+            where = f"{path}.{target}" if path else target
+            if isinstance(getattr(module, target, None), MergedLinear):
+                continue
+            layers = [getattr(module, n) for n in names]
+            why = _why_not(layers)
+            if why is None:
+                merged = MergedLinear(_stack(layers), [m.out_features for m in layers], names, list(module._modules))
+                for n in names:
+                    delattr(module, n)
+                setattr(module, target, merged)
+            report[where] = why or "merged"
+    return report
+
+
+def unmerge_projections(model: nn.Module) -> list[str]:
+    """Undo :func:`merge_projections` in place: every :class:`MergedLinear` is split back into its layers (the same
+    weights, biases and formats; compressed weights cut with :meth:`~flash_llm.formats.SparseFormat.slice`).
+    Returns the paths of the groups split."""
+    done = []
+    for path, module in list(model.named_modules()):
+        for target in list(getattr(module, "_merge_groups", None) or ()):
+            merged = getattr(module, target, None)
+            if not isinstance(merged, MergedLinear):
+                continue
+            for n, part in zip(merged.names, _split(merged.layer, merged.sizes)):
+                setattr(module, n, part)
+            delattr(module, target)
+            setattr(module, target, None)
+            rank = {n: i for i, n in enumerate(merged.order)}
+            module._modules = dict(sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+            done.append(f"{path}.{target}" if path else target)
+    return done
