@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 from flash_llm.engine import Engine  # noqa: E402
-from flash_llm.models import preset  # noqa: E402
+from flash_llm.models import preset, unmerge_projections  # noqa: E402
 from flash_llm.models.config import PRESETS  # noqa: E402
 from flash_llm.models.synthetic import DoesNotFit, build_synthetic  # noqa: E402
 from flash_llm.parallel import ShardReport, TensorParallel, check_divisible, init_tensor_parallel  # noqa: E402
@@ -138,11 +138,13 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
 
 
 def hf_twin(model):
-    """A transformers model sharing ``model``'s dense tensors (no copy), or None with the reason."""
+    """A transformers model sharing ``model``'s dense tensors (no copy), or None with the reason.  Projections
+    merged by ``Engine(merge=True)`` are split back first (transformers keeps q/k/v and gate/up separate)."""
     try:
         import transformers
     except ImportError:
         return None, "transformers is not installed"
+    unmerge_projections(model)
     cfg = model.config
     device = next(model.parameters()).device
     hc = transformers.AutoConfig.for_model(**cfg.to_hf())
@@ -226,7 +228,8 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
             for b in args.batches:
                 row = {**base, "impl": "flash-llm", "batch": b, **mem, "read_bytes": read, "floor_ms": floor_ms}
                 try:
-                    row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge))
+                    row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse,
+                                              args.merge))
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * floor_ms / row["tpot_ms"]
                     if sp == 0:

@@ -201,7 +201,8 @@ def cmd_generate(args) -> int:
         if bad:
             raise ValueError(f"the prompt has token id {bad[0]} outside the model's vocabulary "
                              f"({model.config.vocab_size}); wrong --tokenizer?")
-        engine = Engine(model, max_batch=1, max_seq=len(ids) + args.max_new_tokens, fuse=args.fuse)
+        engine = Engine(model, max_batch=1, max_seq=len(ids) + args.max_new_tokens, fuse=args.fuse,
+                        merge=args.merge)
     except _INPUT_ERRORS as e:
         _err(str(e))
         if tp is not None:
@@ -325,8 +326,11 @@ def register_cli(sub) -> None:
                    help="tensor parallel over torchrun's ranks (torchrun --nproc-per-node K -m flash_llm.cli generate "
                         "... --tp): each rank loads only its slices (NCCL on cuda:LOCAL_RANK, gloo on the CPU); "
                         "--device is then the rank's; rank 0 prints")
-    p.add_argument("--fuse", action="store_true",
-                   help="fused elementwise kernels (Engine(fuse=True): torch.compile'd RMSNorm, RoPE, SiLU x up)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused elementwise kernels (Engine(fuse=True): torch.compile'd RMSNorm, RoPE, SiLU x up; "
+                        "default: on for CUDA models of 1 B parameters or more)")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="q/k/v and gate/up as one matmul each (Engine(merge=True); default: on)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(

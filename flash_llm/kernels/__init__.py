@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import threading
 from dataclasses import dataclass
 
@@ -145,12 +144,6 @@ def use_sparse_kernel(n: int, density: float) -> bool:
     return n <= 64
 
 
-#: Large-N path: bytes of dense weight expanded at a time (0, the default: the whole weight at once).  With
-#: about 32 MB each row chunk can stay in L2 (50 MB on an H100, 60 MB on an H200) between its expansion and
-#: its GEMM.  Experimental: not yet measured on a GPU (FLASH_LLM_EXPAND_CHUNK_BYTES sets it at import).
-EXPAND_CHUNK_BYTES = int(os.environ.get("FLASH_LLM_EXPAND_CHUNK_BYTES", "0"))
-
-
 def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
                  out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Expand a compressed weight to dense ``[m, k]`` with one CUDA kernel; with ``rows=(r0, r1)`` (``r0`` a
@@ -180,20 +173,11 @@ def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k:
 
 
 def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
-    """The large-N path: expand the weight (whole, or in row chunks of EXPAND_CHUNK_BYTES) and call cuBLAS."""
-    dev = x.device
-    rows = m if EXPAND_CHUNK_BYTES <= 0 else max(64, EXPAND_CHUNK_BYTES // (k * x.element_size()) // 64 * 64)
-    if rows >= m:
-        w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(dev, x.dtype, m * k))
-        r = torch.nn.functional.linear(x, w, bias)
-        return r if out is None else out.copy_(r)
-    y = torch.empty(x.shape[0], m, dtype=x.dtype, device=dev) if out is None else out
-    scratch = _scratch.get_dense(dev, x.dtype, rows * k)
-    for r0 in range(0, m, rows):
-        r1 = min(m, r0 + rows)
-        w = decode_dense(fmt, data, offsets, m, k, x.dtype, scratch[:(r1 - r0) * k], rows=(r0, r1))
-        y[:, r0:r1] = torch.nn.functional.linear(x, w, None if bias is None else bias[r0:r1])
-    return y
+    """The large-N path: expand the whole weight into the scratch buffer and call cuBLAS.  (Expanding in
+    row chunks small enough to stay in L2 was measured 2.5-3x slower on an H200: benchmarks/RESULTS.md.)"""
+    w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(x.device, x.dtype, m * k))
+    r = torch.nn.functional.linear(x, w, bias)
+    return r if out is None else out.copy_(r)
 
 
 def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
