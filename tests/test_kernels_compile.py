@@ -43,28 +43,49 @@ def test_compile_failure_shows_the_nvrtc_log():
         compile_kernels("sm_90", use_cache=False, source=broken)
 
 
-AB = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks" / "ab"
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+AB = ROOT / "benchmarks" / "ab"
 
 
 @pytest.mark.parametrize("patch", sorted(p.name for p in AB.glob("*.patch")))
 def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch):
-    """benchmarks/ab/*.patch (kernel variants waiting for a GPU A/B, benchmarks/ab_kernel.sh) still apply to
-    spmm.cu and compile for sm_90 with no warnings and no spills, so they can be measured as they are."""
+    """benchmarks/ab/*.patch (prototypes waiting for a GPU A/B, benchmarks/ab_kernel.sh) still apply to the tree;
+    a patched spmm.cu compiles for sm_90 with no warnings and no spills; and the tests a patch changes pass
+    (on this CPU) with the patched package, so that it can be measured as it is."""
+    import re
     import shutil
     import subprocess
+    import sys
 
-    src = AB.parent.parent / "flash_llm" / "kernels" / "spmm.cu"
-    (tmp_path / "flash_llm" / "kernels").mkdir(parents=True)
-    shutil.copy(src, tmp_path / "flash_llm" / "kernels" / "spmm.cu")
     git = shutil.which("git")
     if git is None:
         pytest.skip("git is needed to apply the patches")
+    text = (AB / patch).read_text()
+    files = re.findall(r"^diff --git a/(\S+) b/", text, re.M)
+    assert files, f"{patch} is not a git diff"
+    for d in ("flash_llm", "tests"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in files:
+        if (ROOT / f).exists() and not (tmp_path / f).exists():
+            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / f, tmp_path / f)
     proc = subprocess.run([git, "apply", str(AB / patch)], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{patch} no longer applies to spmm.cu: {proc.stderr}"
-    variant = (tmp_path / "flash_llm" / "kernels" / "spmm.cu").read_bytes()
-    assert variant != src.read_bytes()
-    monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path / "cache"))
-    compiled = compile_kernels("sm_90", source=variant, use_cache=False)
-    assert compiled.warnings() == [], compiled.log
-    for name, r in compiled.resources().items():
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (patch, name, r)
+    assert proc.returncode == 0, f"{patch} no longer applies: {proc.stderr}"
+    kernel = "flash_llm/kernels/spmm.cu"
+    if kernel in files:
+        variant = (tmp_path / kernel).read_bytes()
+        assert variant != (ROOT / kernel).read_bytes()
+        monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path / "cache"))
+        compiled = compile_kernels("sm_90", source=variant, use_cache=False)
+        assert compiled.warnings() == [], compiled.log
+        for name, r in compiled.resources().items():
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (patch, name, r)
+    changed_tests = [f for f in files if re.fullmatch(r"tests/test_[a-z0-9_]+\.py", f)]
+    if changed_tests:
+        env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "FLASH_LLM_CACHE": str(tmp_path / "cache")}
+        where = subprocess.run([sys.executable, "-c", "import flash_llm; print(flash_llm.__file__)"], cwd=tmp_path,
+                               env=env, capture_output=True, text=True)
+        assert where.stdout.startswith(str(tmp_path)), f"the patched flash_llm is not the one imported: {where}"
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *changed_tests],
+                             cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, f"{patch}: its tests fail:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
