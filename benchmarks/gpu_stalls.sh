@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Why the sparse kernels' warps wait: Nsight Compute's stall reasons per issued instruction, one launch each of the
+# bitmap and Tiled-CSL kernels (9216 x 36864 fp16, OPT-66B down), at the given sparsity and N.  One GPU.
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_stalls.sh [SPARSITY=0.8] [N...=1 16]          (outputs under $OUT)
+# Prints, per configuration, the stall reasons sorted by cycles per issued instruction (the WarpStateStats
+# breakdown), with the duration, issue rate and occupancy.  For a prototype, run it from the tree
+# benchmarks/ab_kernel.sh built (/tmp/ab_kernel/<name>) after an A/B call.
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=${FLASH_LLM_CACHE:-/tmp/flc}
+OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
+sp=${1:-0.8}; shift || true
+ns=${*:-1 16}
+for fmt in bitmap tiled-csl; do
+  for n in $ns; do
+    log="$OUT/stalls_${fmt}_${sp}_n$n.txt"
+    for metrics in 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+                   'regex:smsp__pcsamp_warps_issue_stalled_.*'; do
+      timeout 240 ncu --target-processes all --kernel-name regex:"_spmm_" --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --metrics "$metrics" python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" \
+        > "$log" 2>&1 && grep -q "stalled" "$log" && break
+    done
+    echo "=== $fmt, sparsity $sp, N = $n ($log)"
+    grep -E "^\s+Duration|Compute \(SM\) Throughput|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued" "$log" | head -8
+    grep -E "stalled" "$log" | awk '{v=$NF; gsub(",","",v); print v, $1}' | sort -gr | head -12
+  done
+done
