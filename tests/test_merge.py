@@ -116,3 +116,16 @@ def test_engine_merge_option_and_groups_left_alone():
     assert Engine(_model("llama", "bitmap"), max_batch=1, max_seq=16).merged == {}
     out = eng.generate([PROMPTS[0]], 3, eos_token_id=None)
     assert out.tokens.shape == (1, 3)
+
+
+def test_saving_a_merged_model_is_refused_until_unmerged(tmp_path):
+    m = _model("llama", "bitmap")
+    merge_projections(m)
+    with pytest.raises(ValueError, match=r"model has 4 merged projections \(model.layers.0.self_attn.qkv_proj, "
+                                         r".*unmerge_projections\(model\) before saving"):
+        flash_llm.save_pretrained(m, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    unmerge_projections(m)
+    flash_llm.save_pretrained(m, tmp_path / "ckpt", progress=False)
+    back = flash_llm.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(back.model.layers[0].self_attn.k_proj.to_dense(), m.model.layers[0].self_attn.k_proj.to_dense())

@@ -680,6 +680,13 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from ..models._merge import MergedLinear
+
+    merged = [fqn for fqn, m in model.named_modules() if isinstance(m, MergedLinear)]
+    if merged:
+        raise ValueError(f"model has {len(merged)} merged projections ({merged[0]}, ...; Engine(merge=True) or "
+                         "flash_llm.models.merge_projections), whose names no checkpoint reader knows: call "
+                         "flash_llm.models.unmerge_projections(model) before saving")
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
     state, sparse = _model.state_to_save(model)
@@ -760,6 +767,13 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from ..models._merge import MergedLinear
+
+    merged = [fqn for fqn, m in model.named_modules() if isinstance(m, MergedLinear)]
+    if merged:
+        raise ValueError(f"model has {len(merged)} merged projections ({merged[0]}, ...; Engine(merge=True) or "
+                         "flash_llm.models.merge_projections), whose names no checkpoint reader knows: call "
+                         "flash_llm.models.unmerge_projections(model) before saving")
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
     selector = sb.BitmaskConfig(tuple(targets), tuple(ignore))
