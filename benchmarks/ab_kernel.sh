@@ -8,7 +8,8 @@
 # own kernel cache; the checked-out files are never modified.  For each variant: $AB_TESTS (default the GPU kernel
 # tests, stop at the first failure).  Then, for each format in $FMTS (default "bitmap tiled-csl") and sparsity in
 # $SPARSITIES (default "0.8 0.9"), benchmarks/time_across_n.py on the base and on every variant, the whole round
-# twice, so that each version is timed twice, interleaved with the others.  With 3 variants and the defaults it
+# twice, so that each version is timed twice, interleaved with the others, at the N of $NS (default 1,16,32,64;
+# N > 64 times the large-N path: expansion + cuBLAS).  With 3 variants and the defaults it
 # takes about 8 minutes (a device call allows 10); SPARSITIES=0.8 or FMTS=bitmap halves the timing part.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -44,7 +45,7 @@ for fmt in ${FMTS:-bitmap tiled-csl}; do
   for sp in ${SPARSITIES:-0.8 0.9}; do
     for round in 1 2; do
       for name in "${names[@]}"; do
-        run_in "$name" timeout 120 python3 benchmarks/time_across_n.py --fmt "$fmt" --sparsity "$sp" --ns 1,16,32,64 \
+        run_in "$name" timeout 120 python3 benchmarks/time_across_n.py --fmt "$fmt" --sparsity "$sp" --ns "${NS:-1,16,32,64}" \
           | grep "^|" | grep -v "N |\|---" | sed "s/^/$name $fmt $sp r$round /"
       done
     done
