@@ -169,7 +169,6 @@ class Engine:
             fuse = emb.device.type == "cuda" and cfg.num_parameters() >= FUSE_MIN_PARAMETERS
         if fuse:
             set_fused(model, True)
-        self.fused = bool(fuse)
         #: what merge=True did, per group (flash_llm.models.merge_projections); empty without merge
         self.merged: dict[str, str] = merge_projections(model) if merge else {}
         self.config = cfg

@@ -133,7 +133,7 @@ def test_bench_dispatches_to_the_scripts(tmp_path, capsys):
 
 
 def test_bundled_model(tmp_path, capsys):
-    bundled = pytest.importorskip("flash_llm.bundled", reason="the bundled model comes with the pruning work")
+    from flash_llm import bundled
     from flash_llm.prune import magnitude_prune_
 
     model = flash_llm.from_pretrained(bundled.path("tiny-shakespeare"), dtype=torch.float16, sparsify=False)
@@ -155,7 +155,7 @@ def test_generate_tensor_parallel_prints_what_one_process_does(tmp_path, capsys)
     import subprocess
     import sys
 
-    bundled = pytest.importorskip("flash_llm.bundled", reason="the bundled model comes with the pruning work")
+    from flash_llm import bundled
     from flash_llm.prune import magnitude_prune_
 
     model = flash_llm.from_pretrained(bundled.path("tiny-shakespeare"), dtype=torch.float16, sparsify=False)

@@ -662,6 +662,17 @@ def _model_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtyp
     return max(counts, key=counts.get) if counts else None
 
 
+def _refuse_merged(model: nn.Module) -> None:
+    """Saving writes the module names: merged projections (``...qkv_proj.layer``) are names no reader knows."""
+    from ..models._merge import MergedLinear
+
+    merged = [fqn for fqn, m in model.named_modules() if isinstance(m, MergedLinear)]
+    if merged:
+        raise ValueError(f"model has {len(merged)} merged projections ({merged[0]}, ...; Engine(merge=True) or "
+                         "flash_llm.models.merge_projections), whose names no checkpoint reader knows: call "
+                         "flash_llm.models.unmerge_projections(model) before saving")
+
+
 def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB", overwrite: bool = False,
                     progress: bool = True, _copy_files_from: Path | None = None) -> None:
     """Write ``model`` (with or without :class:`~flash_llm.SparseLinear` layers) as a flash-llm checkpoint
@@ -680,13 +691,7 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    from ..models._merge import MergedLinear
-
-    merged = [fqn for fqn, m in model.named_modules() if isinstance(m, MergedLinear)]
-    if merged:
-        raise ValueError(f"model has {len(merged)} merged projections ({merged[0]}, ...; Engine(merge=True) or "
-                         "flash_llm.models.merge_projections), whose names no checkpoint reader knows: call "
-                         "flash_llm.models.unmerge_projections(model) before saving")
+    _refuse_merged(model)
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
     state, sparse = _model.state_to_save(model)
@@ -767,13 +772,7 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    from ..models._merge import MergedLinear
-
-    merged = [fqn for fqn, m in model.named_modules() if isinstance(m, MergedLinear)]
-    if merged:
-        raise ValueError(f"model has {len(merged)} merged projections ({merged[0]}, ...; Engine(merge=True) or "
-                         "flash_llm.models.merge_projections), whose names no checkpoint reader knows: call "
-                         "flash_llm.models.unmerge_projections(model) before saving")
+    _refuse_merged(model)
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
     selector = sb.BitmaskConfig(tuple(targets), tuple(ignore))

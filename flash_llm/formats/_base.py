@@ -198,15 +198,17 @@ class SparseFormat:
         if any(p.shape[0] % cls.TILE_ROWS for p in parts[:-1]):
             return cls.from_dense(torch.cat([p.to_dense() for p in parts]))
         unit = cls._UNIT_WORDS
-        offs, base = [], 0
+        offs, datas, base = [], [], 0
         for p in parts:
             off = p.offsets.to(torch.int64)
+            end = int(off[-1])
             offs.append(off[:-1] + base)
-            base += int(off[-1])
+            datas.append(p.data[: end * unit])
+            base += end
         if base >= 2**31:
             raise ValueError(f"the concatenation's {cls.FORMAT_NAME} offsets exceed int32; merge fewer weights")
         offsets = torch.cat(offs + [torch.tensor([base], dtype=torch.int64, device=first.device)])
-        data = torch.cat([p.data[: int(p.offsets[-1]) * unit] for p in parts])
+        data = torch.cat(datas)
         arrays = {"data": data, "offsets": offsets.to(torch.int32)}
         nnz = sum(p.nnz for p in parts)
         if any(p.nnz < 0 for p in parts):  # a part built without its count

@@ -45,6 +45,15 @@ class MergedLinear(nn.Module):
         return ", ".join(f"{n}={s}" for n, s in zip(self.names, self.sizes))
 
 
+def project(module: nn.Module, target: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The outputs of ``module``'s projection group ``target`` (a key of its ``_merge_groups``) for input ``x``: one
+    matmul when the group is merged, else one per layer, in the group's order."""
+    merged = getattr(module, target)
+    if merged is not None:
+        return merged(x)
+    return tuple(getattr(module, n)(x) for n in module._merge_groups[target])
+
+
 def _why_not(layers: list[nn.Module]) -> str | None:
     """Why these layers cannot be stacked (None if they can)."""
     kinds = {type(m) for m in layers}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _fused
+from ._merge import project
 from ._common import Attend, CausalLM, attention
 from .config import ModelConfig
 
@@ -107,10 +108,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(self, "qkv_proj", x)
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -134,7 +132,7 @@ class LlamaMLP(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
+        gate, up = project(self, "gate_up_proj", x)
         if self.fused and self.act is F.silu:
             return self.down_proj(_fused.op("silu_mul", True)(gate, up))
         return self.down_proj(self.act(gate) * up)

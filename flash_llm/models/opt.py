@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import Attend, CausalLM, attention
+from ._merge import project
 from .config import ModelConfig
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -48,10 +49,7 @@ class OPTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(self, "qkv_proj", x)
         q = (q * self.scaling).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
