@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Why the sparse kernels' warps wait: Nsight Compute's stall reasons per issued instruction, one launch each of the
 # bitmap and Tiled-CSL kernels (9216 x 36864 fp16, OPT-66B down), at the given sparsity and N.  One GPU.
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_stalls.sh [SPARSITY=0.8] [N...=1 16]          (outputs under $OUT)
+#   FLASH_LLM_COMMIT=<sha> [FMTS="bitmap tiled-csl"] bash benchmarks/gpu_stalls.sh [SPARSITY=0.8] [N...=1 16]   (outputs under $OUT)
 # Prints, per configuration, the stall reasons sorted by cycles per issued instruction (the WarpStateStats
 # breakdown), with the duration, issue rate and occupancy.  For a prototype, run it from the tree
 # benchmarks/ab_kernel.sh built (/tmp/ab_kernel/<name>) after an A/B call.
@@ -10,7 +10,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=${FLASH_LLM_CACHE:-/tm
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 sp=${1:-0.8}; shift || true
 ns=${*:-1 16}
-for fmt in bitmap tiled-csl; do
+for fmt in ${FMTS:-bitmap tiled-csl}; do
   for n in $ns; do
     log="$OUT/stalls_${fmt}_${sp}_n$n.txt"
     for metrics in 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \

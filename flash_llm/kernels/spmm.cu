@@ -546,32 +546,51 @@ DEVI void frag_to_rc(int lane, int bit, int& r, int& c) {
 extern "C" __global__ void __launch_bounds__(THREADS)
 bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
                 int M, int K, int mt, int kt) {
-  // One warp per strip: decode into a 16x64 staging tile in shared memory, then write whole rows
-  // (128 bytes, 16-byte stores) when K allows it.
-  __shared__ __align__(16) u16 stage_all[WARPS][16 * 64];
+  // One warp per strip, decoded like the spmm kernel: the record is copied into shared memory (16-byte loads),
+  // its values staged as window words and gathered into the 16 A-fragment registers of every lane; the
+  // registers are stored as a row-major 16x64 tile over the record's buffer and written out as whole rows
+  // (128 bytes, 16-byte stores) when K allows it.  In the tile, 16-byte chunk c of row r sits at chunk c ^ (r % 8),
+  // so that the lanes of one register store (same column, eight rows) hit different banks.
+  __shared__ __align__(16) u32 buf_all[WARPS][RING_UNITS * 4];
+  __shared__ __align__(16) u32 stage_all[WARPS][STAGE_WORDS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const long long strip = (long long)blockIdx.x * WARPS + warp;
-  if (strip >= (long long)mt * kt) return;
-  u16* stage = stage_all[warp];
-  const long long r = offsets[strip];
-  const u32 w = (u32)__ldcs(data + r * 4 + lane);
-  u32 total, start[4];
-  step_starts(step_counts(w), lane, start, total);
-  const u16* vals = reinterpret_cast<const u16*>(data + r * 4 + 32);
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    u32 vi = start[s];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const u32 on = (w >> (8 * (j >> 1) + 4 * (j & 1) + s)) & 1u;  // the word's bit of half j, step s
-      const u16 v = on ? vals[vi] : (u16)0;
-      vi += on;
-      int rr, cc;
-      frag_to_rc(lane, 8 * s + j, rr, cc);
-      stage[rr * 64 + cc] = v;
-    }
+  if (strip >= (long long)mt * kt) return;  // whole warps only: nothing below synchronizes the block
+  const u32 buf = smem_addr(buf_all[warp]), stage = smem_addr(stage_all[warp]);
+  const long long r0 = offsets[strip];
+  const int units = (int)(offsets[strip + 1] - r0);
+  const int4* src = reinterpret_cast<const int4*>(data) + r0;
+  for (int u = lane; u < units; u += 32) {
+    const int4 v = __ldcs(src + u);
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(buf + 16 * u), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w) : "memory");
   }
   __syncwarp();
+  const u32 w = lds32(buf + 4 * lane);
+  u32 total, start[4];
+  step_starts(step_counts(w), lane, start, total);
+  stage_windows(buf, 128, stage, total, lane);
+  __syncwarp();
+  u32 a[4][4];
+  gather_step<0>(w, stage + 4 * start[0], a[0]);
+  gather_step<1>(w, stage + 4 * start[1], a[1]);
+  gather_step<2>(w, stage + 4 * start[2], a[2]);
+  gather_step<3>(w, stage + 4 * start[3], a[3]);
+  __syncwarp();  // the record and the windows are read: the buffer becomes the tile
+  // register i of k-step s: halves (row g + 8 (i & 1), columns 16t + 4s + 2 (i >> 1) + {0, 1}), one 32-bit word
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i & 1), col = 16 * t + 4 * s + 2 * (i >> 1);
+      const int chunk = (col >> 3) ^ (row & 7);
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(buf + 128 * row + 16 * chunk + 2 * (col & 7)), "r"(a[s][i])
+                   : "memory");
+    }
+  __syncwarp();
+  const u16* tile = reinterpret_cast<const u16*>(buf_all[warp]);
+  auto at = [](int rr, int cc) { return rr * 64 + (((cc >> 3) ^ (rr & 7)) << 3) + (cc & 7); };  // tile index
   const int row0 = (int)(strip / kt) * 16, col0 = (int)(strip % kt) * 64;
   if ((K & 7) == 0 && col0 + 64 <= K) {
 #pragma unroll
@@ -579,12 +598,12 @@ bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u
       const int rr = i * 4 + (lane >> 3), cc = (lane & 7) * 8;
       if (row0 + rr < M)
         *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * K + col0 + cc) =
-            *reinterpret_cast<const uint4*>(stage + rr * 64 + cc);
+            *reinterpret_cast<const uint4*>(tile + at(rr, cc));
     }
   } else {
     for (int i = lane; i < 16 * 64; i += 32) {
       const int rr = i >> 6, cc = i & 63;
-      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = stage[i];
+      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = tile[at(rr, cc)];
     }
   }
 }
