@@ -29,7 +29,9 @@ for _ in range(a.iters):
     y = kernels.spmm_cuda(x, f.data, f.offsets, FORMAT_IDS[cls], a.m, a.k, None, splits=a.splits, force_sparse=True)
 torch.cuda.synchronize()
 err = (y.float() - x.float() @ w.float().t()).abs().max().item()
-print("plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0), 8, a.splits), "max err", err)
+name = f"{'bitmap' if a.fmt == 'bitmap' else 'tiled_csl'}_spmm_f16_nt{kernels._nt(a.n)}"
+print("plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
+                          kernels.blocks_per_sm(name, 0, kernels.block_threads(name)), a.splits), "max err", err)
 
 # Host-side cost of one eager call (Python checks, op dispatch, launch), against F.linear: wall clock
 # of many back-to-back calls on a small layer, where the GPU finishes each call before the next launch.

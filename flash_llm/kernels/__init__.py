@@ -59,6 +59,11 @@ def sm_count(device_index: int) -> int:
     return n
 
 
+def block_threads(name: str) -> int:
+    """Threads per block of kernel ``name``: Tiled-CSL for N <= 32 runs one warp per block."""
+    return 32 if name.startswith("tiled_csl_spmm") and not name.endswith("_nt8") else THREADS
+
+
 def _nt(n: int) -> int:
     """8-token tiles per block for ``n`` tokens (blocks along N cover the rest)."""
     return 1 if n <= 8 else 2 if n <= 16 else 4 if n <= 32 else 8
@@ -198,7 +203,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         return y
     x = x.contiguous()
     name = f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if x.dtype == torch.bfloat16 else 'f16'}_nt{_nt(n)}"
-    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, THREADS), splits)
+    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, block_threads(name)), splits)
     ws_ptr = tk_ptr = 0
     if p.splits > 1:
         ws = torch.empty(p.splits * n * m, dtype=torch.float32, device=dev)
@@ -209,7 +214,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
             (bias.data_ptr() if bias is not None else 0, P), (ws_ptr, P), (tk_ptr, P),
             (m, I), (k, I), (n, I), (k, I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
             (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
-    launch(name, (p.row_blocks * p.n_chunks, p.splits, 1), THREADS, args,
+    launch(name, (p.row_blocks * p.n_chunks, p.splits, 1), block_threads(name), args,
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
     return y
 

@@ -182,7 +182,7 @@ DEVI int row_block_of(const Problem& p) { return blockIdx.x / p.n_chunks; }
 DEVI int n_chunk_of(const Problem& p) { return blockIdx.x % p.n_chunks; }
 
 template <bool BF16, int NT>
-DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active, int n0, int lane) {
+DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, bool active, int n0, int lane) {
   const int g = lane >> 2, t = lane & 3;
   const int split = blockIdx.y;
   if (active) {
@@ -204,8 +204,13 @@ DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active
       }
     }
   }
-  if (p.splits == 1) return;
+}
 
+// Split-K: the last block of a row group to arrive sums the partials (see above).  Every thread of the
+// block calls it after storing its partials.
+template <bool BF16, int NT>
+DEVI void finish_splits(const Problem& p, int n0) {
+  if (p.splits == 1) return;
   __shared__ int last;
   __threadfence();
   __syncthreads();
@@ -230,6 +235,12 @@ DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active
     }
   }
   if (threadIdx.x == 0) *ticket = 0;
+}
+
+template <bool BF16, int NT>
+DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active, int n0, int lane) {
+  store_acc<BF16, NT>(p, acc, strip, active, n0, lane);
+  finish_splits<BF16, NT>(p, n0);
 }
 
 // The four k-steps of one strip: acc[nt] += A[s] * B[s][nt].  For NT <= 4 the caller loaded `b`
@@ -535,6 +546,122 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 }
 
 // ------------------------------------------------------------------------------------------------
+// TiledCSL kernel, one warp per block (NT <= 4).  The warp owns a whole 64-row tile row (its four strips)
+// and walks the tiles kb .. ke - 1: no block barrier anywhere.  The tile row's entries for those tiles are
+// one contiguous range of `data`, streamed into a private 4 KiB ring with 16-byte cp.async copies, up to
+// CSL_AHEAD chunks (32 units of 16 bytes) ahead.  Each round of a tile, the lanes read 128 entries from the
+// ring and scatter their values into a private zeroed 8 KiB dense tile (fragment order, 16-byte chunks
+// swizzled so the read-back is free of bank conflicts); after a __syncwarp each lane reads its 4 x 32
+// elements back with 16 LDS.128 (zeroing them) and multiplies them by one set of B fragments: X is loaded
+// once per 4096 weight elements.
+// ------------------------------------------------------------------------------------------------
+constexpr int CSL_RING_UNITS = 256;                 // 4 KiB
+constexpr int CSL_RING_CHUNKS = CSL_RING_UNITS / 32;
+constexpr int CSL_AHEAD = 6;
+
+// Byte offset in the swizzled dense tile of fragment-order position `pos` (entry >> 16): chunk (k-step)
+// bits 3-4 of the half index are XORed with bits 1-2 of the lane, so the 8 lanes of a quarter warp read
+// 8 different 16-byte bank groups.
+DEVI u32 csl_tile_byte(u32 e) { return ((e >> 15) & 0x1ffeu) ^ ((e >> 18) & 0x30u); }
+
+template <bool BF16, int NT>
+DEVI void tiled_csl_warp_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                              int kt_per_split, Problem p) {
+  __shared__ __align__(16) u32 dense[4 * 1024 / 2];        // 8 KiB: the tile, fragment order, swizzled
+  __shared__ __align__(16) u32 ring[CSL_RING_UNITS * 4];   // 4 KiB
+  const int lane = threadIdx.x & 31;
+  const int row_block = row_block_of(p);  // the 64-row tile row
+  const int n0 = n_chunk_of(p) * NT * 8;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;
+  const u32 dense_base = smem_addr(dense), ring_base = smem_addr(ring);
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) reinterpret_cast<uint4*>(dense)[i * 32 + lane] = zero4;
+  __syncwarp();
+
+  float acc[4][NT][4];
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
+
+  if (active) {
+    const int* tile_off = offsets + (long long)row_block * kt;
+    const int begin = tile_off[kb] >> 2;  // in 16-byte units (tiles are padded to 4 entries)
+    const int total_units = (tile_off[ke] >> 2) - begin;
+    const int total_chunks = (total_units + 31) >> 5;
+    const int4* src = reinterpret_cast<const int4*>(data) + begin;
+    int issued = 0, ready = 0;
+
+    // Make units [0, upto) visible to the warp, keeping up to CSL_AHEAD more chunks in flight, never
+    // overwriting units from `keep` on.
+    auto refill = [&](int upto, int keep) {
+      __syncwarp();  // every lane has read the ring slots about to be reused
+      const int need = min((upto + 31) >> 5, total_chunks);
+      const int limit = min(total_chunks, min(need + CSL_AHEAD, (keep >> 5) + CSL_RING_CHUNKS));
+#pragma unroll 1
+      for (; issued < limit; ++issued) {
+        const int u = issued * 32 + lane;
+        if (u < total_units) cp_async16(ring_base + (u & (CSL_RING_UNITS - 1)) * 16, src + u);
+        cp_async_commit();
+      }
+      cp_async_wait_dyn(issued - need);
+      __syncwarp();
+      ready = min(need * 32, total_units);
+    };
+
+    int cur = 0;    // first unit of the current tile
+    int ends = 0;   // lane l: end unit of tile kb + 32 c + l (c = (j - kb) / 32), relative to begin
+    for (int j = kb; j < ke; ++j) {
+      u32 b[4][NT][2];
+      load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);  // in flight during the scatter
+      if (((j - kb) & 31) == 0) ends = j + 1 + lane <= ke ? (tile_off[j + 1 + lane] >> 2) - begin : 0;
+      const int end = __shfl_sync(FULL_MASK, ends, (j - kb) & 31);
+#pragma unroll 1
+      for (int u = cur; u < end; u += 32) {
+        if (u + 32 > ready && ready < total_units) refill(min(u + 32, end), u);
+        if (u + lane < end) {
+          u32 v[4];
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                       : "r"(ring_base + ((u32)(u + lane) & (CSL_RING_UNITS - 1)) * 16));
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            if (v[q] < 0x10000000u)
+              asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + csl_tile_byte(v[q])), "r"(v[q]));
+        }
+      }
+      cur = end;
+      __syncwarp();
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        u32 a[4][4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {  // chunk c (k-step c) of this lane in strip s, swizzled
+          const u32 at = dense_base + s * 2048 + lane * 64 + ((c ^ ((lane >> 1) & 3)) << 4);
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(a[c][0]), "=r"(a[c][1]), "=r"(a[c][2]), "=r"(a[c][3]) : "r"(at));
+          asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0u));
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c], b[c][nt]);
+      }
+      __syncwarp();
+    }
+    cp_async_wait<0>();
+  }
+#pragma unroll
+  for (int s = 0; s < 4; ++s) store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, active && row_block * 4 + s < mt, n0, lane);
+  finish_splits<BF16, NT>(p, n0);
+}
+
+// ------------------------------------------------------------------------------------------------
 // Decoders to a dense row-major W[M, K] (for the large-N path: expand once, then dense GEMM).
 // ------------------------------------------------------------------------------------------------
 DEVI void frag_to_rc(int lane, int bit, int& r, int& c) {
@@ -656,4 +783,18 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
   INSTANTIATE(FMT, bf16, true, 8)
 
 INSTANTIATE_ALL(bitmap)
-INSTANTIATE_ALL(tiled_csl)
+INSTANTIATE(tiled_csl, f16, false, 8)
+INSTANTIATE(tiled_csl, bf16, true, 8)
+
+// Tiled-CSL for N <= 32: one warp per block (tiled_csl_warp_body); 12 KiB of shared memory each.
+#define INSTANTIATE_CSL_WARP(NAME, BF16, NT)                                                       \
+  extern "C" __global__ void __launch_bounds__(32, NT <= 2 ? 16 : 12)                                \
+  tiled_csl_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                        \
+    tiled_csl_warp_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);       \
+  }
+INSTANTIATE_CSL_WARP(f16, false, 1)
+INSTANTIATE_CSL_WARP(f16, false, 2)
+INSTANTIATE_CSL_WARP(f16, false, 4)
+INSTANTIATE_CSL_WARP(bf16, true, 1)
+INSTANTIATE_CSL_WARP(bf16, true, 2)
+INSTANTIATE_CSL_WARP(bf16, true, 4)
