@@ -19,19 +19,27 @@ ap.add_argument("--n", type=int, default=16)
 ap.add_argument("--sparsity", type=float, default=0.9)
 ap.add_argument("--splits", type=int, default=None)
 ap.add_argument("--iters", type=int, default=5)
+ap.add_argument("--decode", action="store_true", help="run the decoder to dense (the large-N path) instead")
 a = ap.parse_args()
 cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
 w = torch.randn(a.m, a.k, device="cuda").half()
 w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
 f = cls.from_dense(w)
 x = torch.randn(a.n, a.k, device="cuda").half()
+if a.decode:
+    for _ in range(a.iters):
+        d = kernels.decode_dense(FORMAT_IDS[cls], f.data, f.offsets, a.m, a.k, w.dtype)
+    torch.cuda.synchronize()
+    print("decode", a.fmt, "max err", (d.float() - w.float()).abs().max().item())
+    raise SystemExit(0)
 for _ in range(a.iters):
     y = kernels.spmm_cuda(x, f.data, f.offsets, FORMAT_IDS[cls], a.m, a.k, None, splits=a.splits, force_sparse=True)
 torch.cuda.synchronize()
 err = (y.float() - x.float() @ w.float().t()).abs().max().item()
-name = f"{'bitmap' if a.fmt == 'bitmap' else 'tiled_csl'}_spmm_f16_nt{kernels._nt(a.n)}"
-print("plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
-                          kernels.blocks_per_sm(name, 0, kernels.block_threads(name)), a.splits), "max err", err)
+name = kernels.kernel_name(FORMAT_IDS[cls], x.dtype, a.n)
+print("kernel", name, "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
+                                           kernels.blocks_per_sm(name, 0, kernels.block_threads(name)), a.splits,
+                                           kernels._MAX_NT[FORMAT_IDS[cls]]), "max err", err)
 
 # Host-side cost of one eager call (Python checks, op dispatch, launch), against F.linear: wall clock
 # of many back-to-back calls on a small layer, where the GPU finishes each call before the next launch.

@@ -451,132 +451,44 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
 }
 
 // ------------------------------------------------------------------------------------------------
-// TiledCSL kernel.  Block (x = 64-row tile row * n_chunks + n chunk, y = split) walks the 64x64
-// tiles of its row in [kb, ke).  All 128 threads read the tile's (value, position) entries with
-// 16-byte loads -- the first PREFETCH groups per thread one tile ahead, in registers -- and scatter
-// the values into a zeroed dense tile in shared memory whose layout is fragment order, so after one
-// barrier each lane reads its own 32 elements with four 16-byte loads and zeroes them again.
-// Two tile buffers: one barrier per tile.
+// TiledCSL kernel: one warp per block.  The warp owns a whole 64-row tile row (its four strips) and walks
+// the tiles kb .. ke - 1 with no block barrier.  For each tile, the lanes scatter the values of the tile's
+// entries (16-byte units: lane l takes units 32 r + l) into a private zeroed 8 KiB dense tile in shared
+// memory, laid out in fragment order with the 16-byte chunks swizzled so that the read-back is free of bank
+// conflicts; after a __syncwarp each lane reads its 4 x 32 elements back with 16 LDS.128 (zeroing them) and
+// multiplies them by one set of B fragments, so X is loaded once per 4096 weight elements.  The next tile's
+// first csl_pf_units<NT> units per lane are loaded into registers while this tile is multiplied; denser
+// tiles (over 25 % density, 12.5 % at NT = 4) load the rest when they scatter them.
+// N > 32 runs several blocks along N (kernels.plan, max_nt): 64 tokens would need 128 accumulators.
 // ------------------------------------------------------------------------------------------------
-// Entries are prefetched into registers two tiles ahead (slot 0 holds even tiles, slot 1 odd ones, so the loop
-// is unrolled by two and every register index is static): csl_pf<NT> 16-byte groups per thread and slot -- 2
-// (1024 entries, tiles of up to 25 % density), 1 for NT = 8 (registers) -- and denser tiles load the rest when
-// they are scattered.
-template <int NT> struct csl_pf { static constexpr int value = NT >= 8 ? 1 : 2; };
+
+// Byte offset in the swizzled dense tile of the entry's fragment-order position (entry >> 16): the chunk
+// (k-step) bits 3-4 of the half index are XORed with bits 1-2 of the lane, so the 8 lanes of a quarter warp
+// read 8 different 16-byte bank groups.
+DEVI u32 csl_tile_byte(u32 e) { return ((e >> 15) & 0x1ffeu) ^ ((e >> 18) & 0x30u); }
+
+template <int NT> struct csl_pf_units { static constexpr int value = NT >= 4 ? 4 : 8; };  // 8: 25 % density
+
+DEVI void csl_scatter4(u32 dense_base, const uint4& e) {
+  const u32 v[4] = {e.x, e.y, e.z, e.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    if (v[q] < 0x10000000u) asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + csl_tile_byte(v[q])), "r"(v[q]));
+}
 
 template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                              int kt_per_split, Problem p) {
-  __shared__ __align__(16) u16 tile[2][4 * 1024];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row_block = row_block_of(p);
-  const int strip = row_block * WARPS + warp;  // 16-row strip of this warp
-  const int n0 = n_chunk_of(p) * NT * 8;
-  const int kb = blockIdx.y * kt_per_split;
-  const int ke = min(kt, kb + kt_per_split);
-  const bool active = kb < ke;
-  uint4* mine0 = reinterpret_cast<uint4*>(&tile[0][warp * 1024 + lane * 32]);
-  uint4* mine1 = reinterpret_cast<uint4*>(&tile[1][warp * 1024 + lane * 32]);
-  const uint4 zero4 = make_uint4(0, 0, 0, 0);
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    mine0[s] = zero4;
-    mine1[s] = zero4;
-  }
-  const int4* src = reinterpret_cast<const int4*>(data);
-  const int* tile_off = offsets + (long long)row_block * kt;
-
-  float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-
-  constexpr int CSL_PF = csl_pf<NT>::value;
-  int4 pf0[CSL_PF], pf1[CSL_PF];
-  int lo0 = 0, hi0 = 0, lo1 = 0, hi1 = 0;  // 16-byte groups [lo, hi) of the tile each slot holds
-  auto fetch = [&](int4 (&pf)[CSL_PF], int& lo, int& hi, int j) {
-    lo = tile_off[j] >> 2;
-    hi = tile_off[j + 1] >> 2;
-#pragma unroll
-    for (int i = 0; i < CSL_PF; ++i) {
-      const int c = lo + threadIdx.x + i * THREADS;
-      pf[i] = c < hi ? __ldcs(src + c) : make_int4(-65536, -65536, -65536, -65536);  // pad entries
-    }
-  };
-  if (active) {
-    fetch(pf0, lo0, hi0, kb);
-    if (kb + 1 < ke) fetch(pf1, lo1, hi1, kb + 1);
-  }
-  __syncthreads();
-
-  // Tile j from slot (pf, lo, hi) into dense buffer dst; the slot is refilled with tile j + 2.
-  auto step = [&](int j, u16* dst, uint4* mine, int4 (&pf)[CSL_PF], int& lo, int& hi) {
-    constexpr int NB = NT < 4 ? NT : 4;
-    u32 b[4][NB][2];
-    if (NT <= 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);  // in flight during the scatter
-    auto scatter = [&](const int4& e) {
-      const int ev[4] = {e.x, e.y, e.z, e.w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const u32 pos = ((u32)ev[q]) >> 16;
-        if (pos < 4096) dst[pos] = (u16)(ev[q] & 0xffff);
-      }
-    };
-#pragma unroll
-    for (int i = 0; i < CSL_PF; ++i) scatter(pf[i]);
-    for (int c = lo + threadIdx.x + CSL_PF * THREADS; c < hi; c += THREADS) scatter(__ldcs(src + c));
-    if (j + 2 < ke) fetch(pf, lo, hi, j + 2);
-    __syncthreads();
-    u32 a[4][4];
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const uint4 q = mine[s];
-      a[s][0] = q.x; a[s][1] = q.y; a[s][2] = q.z; a[s][3] = q.w;
-      mine[s] = zero4;
-    }
-    multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
-  };
-
-  for (int j = kb; j < ke; j += 2) {  // two dense buffers: one barrier per tile
-    step(j, tile[0], mine0, pf0, lo0, hi0);
-    if (j + 1 < ke) step(j + 1, tile[1], mine1, pf1, lo1, hi1);
-  }
-  epilogue<BF16, NT>(p, acc, strip, active && strip < mt, n0, lane);
-}
-
-// ------------------------------------------------------------------------------------------------
-// TiledCSL kernel, one warp per block (NT <= 4).  The warp owns a whole 64-row tile row (its four strips)
-// and walks the tiles kb .. ke - 1: no block barrier anywhere.  The tile row's entries for those tiles are
-// one contiguous range of `data`, streamed into a private 4 KiB ring with 16-byte cp.async copies, up to
-// CSL_AHEAD chunks (32 units of 16 bytes) ahead.  Each round of a tile, the lanes read 128 entries from the
-// ring and scatter their values into a private zeroed 8 KiB dense tile (fragment order, 16-byte chunks
-// swizzled so the read-back is free of bank conflicts); after a __syncwarp each lane reads its 4 x 32
-// elements back with 16 LDS.128 (zeroing them) and multiplies them by one set of B fragments: X is loaded
-// once per 4096 weight elements.
-// ------------------------------------------------------------------------------------------------
-constexpr int CSL_RING_UNITS = 256;                 // 4 KiB
-constexpr int CSL_RING_CHUNKS = CSL_RING_UNITS / 32;
-constexpr int CSL_AHEAD = 6;
-
-// Byte offset in the swizzled dense tile of fragment-order position `pos` (entry >> 16): chunk (k-step)
-// bits 3-4 of the half index are XORed with bits 1-2 of the lane, so the 8 lanes of a quarter warp read
-// 8 different 16-byte bank groups.
-DEVI u32 csl_tile_byte(u32 e) { return ((e >> 15) & 0x1ffeu) ^ ((e >> 18) & 0x30u); }
-
-template <bool BF16, int NT>
-DEVI void tiled_csl_warp_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                              int kt_per_split, Problem p) {
-  __shared__ __align__(16) u32 dense[4 * 1024 / 2];        // 8 KiB: the tile, fragment order, swizzled
-  __shared__ __align__(16) u32 ring[CSL_RING_UNITS * 4];   // 4 KiB
+                             int kt_per_split, Problem p) {
+  __shared__ __align__(16) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, fragment order, swizzled
   const int lane = threadIdx.x & 31;
-  const int row_block = row_block_of(p);  // the 64-row tile row
+  const int row_block = row_block_of(p);
   const int n0 = n_chunk_of(p) * NT * 8;
   const int kb = blockIdx.y * kt_per_split;
   const int ke = min(kt, kb + kt_per_split);
   const bool active = kb < ke;
-  const u32 dense_base = smem_addr(dense), ring_base = smem_addr(ring);
+  const u32 dense_base = smem_addr(dense);
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  const uint4 pad4 = make_uint4(0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u);
 #pragma unroll
   for (int i = 0; i < 16; ++i) reinterpret_cast<uint4*>(dense)[i * 32 + lane] = zero4;
   __syncwarp();
@@ -590,58 +502,42 @@ DEVI void tiled_csl_warp_body(const int* __restrict__ data, const int* __restric
       for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
 
   if (active) {
+    constexpr int PF = csl_pf_units<NT>::value;
     const int* tile_off = offsets + (long long)row_block * kt;
-    const int begin = tile_off[kb] >> 2;  // in 16-byte units (tiles are padded to 4 entries)
-    const int total_units = (tile_off[ke] >> 2) - begin;
-    const int total_chunks = (total_units + 31) >> 5;
-    const int4* src = reinterpret_cast<const int4*>(data) + begin;
-    int issued = 0, ready = 0;
-
-    // Make units [0, upto) visible to the warp, keeping up to CSL_AHEAD more chunks in flight, never
-    // overwriting units from `keep` on.
-    auto refill = [&](int upto, int keep) {
-      __syncwarp();  // every lane has read the ring slots about to be reused
-      const int need = min((upto + 31) >> 5, total_chunks);
-      const int limit = min(total_chunks, min(need + CSL_AHEAD, (keep >> 5) + CSL_RING_CHUNKS));
-#pragma unroll 1
-      for (; issued < limit; ++issued) {
-        const int u = issued * 32 + lane;
-        if (u < total_units) cp_async16(ring_base + (u & (CSL_RING_UNITS - 1)) * 16, src + u);
-        cp_async_commit();
+    const uint4* units = reinterpret_cast<const uint4*>(data);  // absolute unit indices
+    int ends = kb + 1 + lane <= ke ? tile_off[kb + 1 + lane] >> 2 : 0;  // lane l: end unit of tile kb + 32c + l
+    int lo = tile_off[kb] >> 2, hi = __shfl_sync(FULL_MASK, ends, 0);
+    uint4 pf[PF];
+    auto prefetch = [&]() {
+#pragma unroll
+      for (int r = 0; r < PF; ++r) {
+        const int u = lo + 32 * r + lane;
+        pf[r] = u < hi ? __ldcs(units + u) : pad4;
       }
-      cp_async_wait_dyn(issued - need);
-      __syncwarp();
-      ready = min(need * 32, total_units);
     };
-
-    int cur = 0;    // first unit of the current tile
-    int ends = 0;   // lane l: end unit of tile kb + 32 c + l (c = (j - kb) / 32), relative to begin
+    prefetch();
     for (int j = kb; j < ke; ++j) {
       u32 b[4][NT][2];
-      load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);  // in flight during the scatter
-      if (((j - kb) & 31) == 0) ends = j + 1 + lane <= ke ? (tile_off[j + 1 + lane] >> 2) - begin : 0;
-      const int end = __shfl_sync(FULL_MASK, ends, (j - kb) & 31);
-#pragma unroll 1
-      for (int u = cur; u < end; u += 32) {
-        if (u + 32 > ready && ready < total_units) refill(min(u + 32, end), u);
-        if (u + lane < end) {
-          u32 v[4];
-          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-                       : "r"(ring_base + ((u32)(u + lane) & (CSL_RING_UNITS - 1)) * 16));
+      load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
 #pragma unroll
-          for (int q = 0; q < 4; ++q)
-            if (v[q] < 0x10000000u)
-              asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + csl_tile_byte(v[q])), "r"(v[q]));
-        }
+      for (int r = 0; r < PF; ++r)
+        if (lo + 32 * r < hi) csl_scatter4(dense_base, pf[r]);
+#pragma unroll 1
+      for (int u0 = lo + 32 * PF; u0 < hi; u0 += 32)
+        csl_scatter4(dense_base, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4);
+      if (j + 1 < ke) {  // the next tile's entries, in flight during this tile's multiply
+        const int t = j + 1 - kb;
+        if ((t & 31) == 0) ends = j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
+        lo = hi;
+        hi = __shfl_sync(FULL_MASK, ends, t & 31);
+        prefetch();
       }
-      cur = end;
       __syncwarp();
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         u32 a[4][4];
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {  // chunk c (k-step c) of this lane in strip s, swizzled
+        for (int c = 0; c < 4; ++c) {
           const u32 at = dense_base + s * 2048 + lane * 64 + ((c ^ ((lane >> 1) & 3)) << 4);
           asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
                        : "=r"(a[c][0]), "=r"(a[c][1]), "=r"(a[c][2]), "=r"(a[c][3]) : "r"(at));
@@ -654,7 +550,6 @@ DEVI void tiled_csl_warp_body(const int* __restrict__ data, const int* __restric
       }
       __syncwarp();
     }
-    cp_async_wait<0>();
   }
 #pragma unroll
   for (int s = 0; s < 4; ++s) store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, active && row_block * 4 + s < mt, n0, lane);
@@ -761,13 +656,16 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
       int M, int K, int N, int ldx, int mt, int kt, int splits, int kt_per_split, int n_chunks, int vec
 #define SPMM_PROBLEM {x, y, bias, ws, tickets, M, K, N, ldx, splits, n_chunks, vec}
 
-// Minimum resident blocks per SM by format and NT: caps registers so that the blocks the shared memory allows
-// also fit the register file (bitmap: 34 KB of ring and windows per block, so 6-7 blocks; Tiled-CSL: 16 KB).
+// Threads per block and minimum resident blocks per SM by format and NT.  The minimum caps registers so that the
+// blocks the shared memory allows also fit the register file.  Bitmap: 4 warps and 34 KB of ring and windows per
+// block, so 6-7 blocks.  Tiled-CSL: one warp and its 8 KB tile per block; 24 / 20 / 10 blocks for NT = 1 / 2 / 4
+// (H200: the most that compile without spills; 24 at NT = 1 measured faster than 16, benchmarks/ab/README.md).
+constexpr int bitmap_threads = THREADS, tiled_csl_threads = 32;
 template <int NT> struct bitmap_min_blocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
-template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT <= 2 ? 6 : NT == 4 ? 5 : 4; };
+template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 24 : NT == 2 ? 20 : 10; };
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
-  extern "C" __global__ void __launch_bounds__(THREADS, FMT##_min_blocks<NT>::value)                       \
+  extern "C" __global__ void __launch_bounds__(FMT##_threads, FMT##_min_blocks<NT>::value)                \
   FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                            \
     FMT##_spmm_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);           \
   }
@@ -776,25 +674,11 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
   INSTANTIATE(FMT, f16, false, 1)                                                                 \
   INSTANTIATE(FMT, f16, false, 2)                                                                 \
   INSTANTIATE(FMT, f16, false, 4)                                                                 \
-  INSTANTIATE(FMT, f16, false, 8)                                                                 \
   INSTANTIATE(FMT, bf16, true, 1)                                                                 \
   INSTANTIATE(FMT, bf16, true, 2)                                                                 \
-  INSTANTIATE(FMT, bf16, true, 4)                                                                 \
-  INSTANTIATE(FMT, bf16, true, 8)
+  INSTANTIATE(FMT, bf16, true, 4)
 
 INSTANTIATE_ALL(bitmap)
-INSTANTIATE(tiled_csl, f16, false, 8)
-INSTANTIATE(tiled_csl, bf16, true, 8)
-
-// Tiled-CSL for N <= 32: one warp per block (tiled_csl_warp_body); 12 KiB of shared memory each.
-#define INSTANTIATE_CSL_WARP(NAME, BF16, NT)                                                       \
-  extern "C" __global__ void __launch_bounds__(32, NT <= 2 ? 16 : 12)                                \
-  tiled_csl_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                        \
-    tiled_csl_warp_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);       \
-  }
-INSTANTIATE_CSL_WARP(f16, false, 1)
-INSTANTIATE_CSL_WARP(f16, false, 2)
-INSTANTIATE_CSL_WARP(f16, false, 4)
-INSTANTIATE_CSL_WARP(bf16, true, 1)
-INSTANTIATE_CSL_WARP(bf16, true, 2)
-INSTANTIATE_CSL_WARP(bf16, true, 4)
+INSTANTIATE(bitmap, f16, false, 8)
+INSTANTIATE(bitmap, bf16, true, 8)
+INSTANTIATE_ALL(tiled_csl)
