@@ -205,14 +205,15 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
         cfg = _config(name)
         dense_tok = {}
         for sp in args.sparsities:
-            base = {"model": name, "sparsity": sp, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new}
+            base = {"model": name, "sparsity": sp, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new,
+                    "format": args.format if sp else "dense"}
             _free(device)
             limit = None
             if args.memory_limit_gb and device.type == "cuda":  # the cap, not the card's free memory
                 limit = int(args.memory_limit_gb * 1e9) - torch.cuda.memory_reserved(device)
             try:
                 model, report = build_synthetic(cfg, sp / 100 or None, dtype=dtype, device=device, seed=1,
-                                                progress=not args.no_progress, memory_limit=limit)
+                                                progress=not args.no_progress, memory_limit=limit, fmt=args.format)
             except (DoesNotFit, torch.cuda.OutOfMemoryError) as e:
                 msg = str(e).splitlines()[0]
                 log(f"{name} sparsity {sp}: {msg}")
@@ -319,7 +320,8 @@ def run_tp_sweep(args, world, dtype, log) -> list[dict]:
                 if k not in (args.tp_dense if sp == 0 else args.tp_sparse):
                     continue  # not asked for (--tp-dense / --tp-sparse)
                 base = {"model": name, "impl": "flash-llm-tp", "tp": k, "gpus": k, "sparsity": sp,
-                        "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new}
+                        "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new,
+                        "format": args.format if sp else "dense"}
                 if tp is not None:
                     rows += _tp_point(args, tp, cfg, name, sp, dtype, base, log)
                 world.barrier()  # ranks outside this K wait here
@@ -337,7 +339,8 @@ def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
     t0 = time.perf_counter()
     try:
         model, report = build_synthetic(cfg, sp / 100 or None, dtype=dtype, device=device, seed=1, tp=tp,
-                                        progress=not args.no_progress and tp.rank == 0, memory_limit=limit)
+                                        progress=not args.no_progress and tp.rank == 0, memory_limit=limit,
+                                        fmt=args.format)
     except (DoesNotFit, torch.cuda.OutOfMemoryError) as e:
         why = str(e).splitlines()[0]
     build_s = time.perf_counter() - t0
@@ -699,6 +702,8 @@ def parse_args(argv):
     ap.add_argument("--new", type=int, help="new tokens per prompt (default 128)")
     ap.add_argument("--repeats", type=int, help="timed generations per point, median reported (default 3)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    ap.add_argument("--format", choices=["bitmap", "tiled-csl"], default="bitmap",
+                    help="compressed format of the sparse models (default bitmap)")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face generate baseline")
     ap.add_argument("--fuse", action="store_true",
                     help="the engine's fused elementwise kernels (Engine(fuse=True): torch.compile'd RMSNorm, RoPE, "

@@ -13,7 +13,8 @@ import torch
 import flash_llm
 from flash_llm.engine import Engine, Generation, sample_tokens
 from flash_llm.models import from_config, preset
-from flash_llm.models.synthetic import DoesNotFit, bitmap_formula_bytes, build_synthetic, estimate_bytes
+from flash_llm.models.synthetic import (DoesNotFit, bitmap_formula_bytes, build_synthetic, estimate_bytes,
+                                       tiled_csl_formula_bytes)
 from flash_llm.prune import magnitude_prune_
 from conftest import TINY_VOCAB, tiny_hf_model, ulp
 
@@ -237,6 +238,28 @@ def test_synthetic_model_builds_and_runs_on_cpu():
     dense, dense_report = build_synthetic(cfg, None, device="cpu", progress=False, seed=3)
     assert isinstance(dense.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert dense_report.projection_bytes == 2 * sum(m * k for _, m, k in cfg.linear_shapes()) * 2
+
+
+def test_synthetic_model_in_tiled_csl():
+    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=128, intermediate_size=320, num_heads=4,
+                                       num_kv_heads=2, vocab_size=300, name="tiny-llama")
+    model, report = build_synthetic(cfg, 0.8, device="cpu", progress=False, fmt="tiled-csl")
+    convs = [m for m in model.modules() if isinstance(m, flash_llm.SparseLinear)]
+    assert len(convs) == 14 and all(m.weight_format is flash_llm.TiledCSL for m in convs)
+    assert report.fmt == "tiled-csl" and "tiled-csl" in str(report)
+    assert report.projection_bytes == sum(m.nbytes for m in convs)
+    # stored bytes exceed the formula only by the rounding of each 64 x 64 tile's entries to a multiple of 4
+    tiles = sum(math.ceil(m.out_features / 64) * math.ceil(m.in_features / 64) for m in convs)
+    assert 0 <= report.projection_bytes - report.formula_bytes <= 12 * tiles
+    assert report.formula_bytes == sum(tiled_csl_formula_bytes(m.out_features, m.in_features, m.nnz) for m in convs)
+    assert abs(estimate_bytes(cfg, 0.8, fmt="tiled-csl")["projections"] / report.formula_bytes - 1) < 0.02
+    # the same draws as the bitmap build: the same weights in another format
+    bitmap, _ = build_synthetic(cfg, 0.8, device="cpu", progress=False)
+    assert torch.equal(model.model.layers[1].mlp.up_proj.to_dense(), bitmap.model.layers[1].mlp.up_proj.to_dense())
+    out = Engine(model, max_batch=2, max_seq=32).generate([[1, 2, 3], [4]], 4, eos_token_id=None)
+    assert out.tokens.shape == (2, 4)
+    with pytest.raises(ValueError, match=r"fmt must be one of \['bitmap', 'tiled-csl'\], got 'csr'"):
+        build_synthetic(cfg, 0.8, device="cpu", progress=False, fmt="csr")
 
 
 def test_synthetic_refuses_what_does_not_fit():

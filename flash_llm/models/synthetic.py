@@ -7,7 +7,7 @@ layer directly on the target device, for throughput and memory measurements.
     print(report)
 
 The skeleton is built on ``meta``; each projection is then drawn on the device (normal values, each kept with
-probability ``1 - sparsity``), compressed with ``BitmapTiles.from_dense`` and swapped in as a
+probability ``1 - sparsity``), compressed (``BitmapTiles``, or ``TiledCSL`` with ``fmt="tiled-csl"``) and swapped in as a
 ``SparseLinear`` before the next is drawn, so peak memory is the compressed model plus one dense projection
 and the compression temporaries.  ``sparsity=None`` builds the dense model the same way (baselines).
 What cannot fit in the device's free memory is refused before anything is allocated.
@@ -15,6 +15,7 @@ What cannot fit in the device's free memory is refused before anything is alloca
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..formats import BitmapTiles
+from ..formats import BitmapTiles, TiledCSL
 from ..nn import SparseLinear
 from ..parallel.layers import COLUMN, check_divisible, parallel_linear, set_local_heads, shard_plan
 from ..parallel.layers import projections as tp_projections
@@ -51,21 +52,40 @@ def bitmap_formula_bytes(m: int, k: int, nnz: float) -> float:
     return t * (_STRIP_M * _STRIP_K / 8) + 2 * nnz + 4 * (t + 1)
 
 
+def tiled_csl_formula_bytes(m: int, k: int, nnz: float) -> float:
+    """The TiledCSL size of an ``[m, k]`` weight with ``nnz`` nonzeros, from its format description: 4 bytes per
+    nonzero and 4 per tile offset (plus one).  It leaves out only the rounding of each 64 x 64 tile's entries up to
+    a multiple of 4 (on average 6 bytes per tile)."""
+    t = math.ceil(m / 64) * math.ceil(k / 64)
+    return 4 * nnz + 4 * (t + 1)
+
+
+_FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_bytes}
+_FORMATS = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL}
+
+
+def _check_fmt(fmt) -> str:
+    if fmt not in _FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(_FORMATS)}, got {fmt!r}")
+    return fmt
+
+
 def _projection_fqns(config: ModelConfig) -> list[tuple[str, int, int]]:
     layers = "model.layers" if config.family == "llama" else "model.decoder.layers"
     return [(f"{layers}.{i}.{name}", m, k) for i in range(config.num_layers) for name, m, k in config.linear_shapes()]
 
 
 def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: torch.dtype = torch.float16,
-                   tp_size: int = 1) -> dict:
+                   tp_size: int = 1, fmt: str = "bitmap") -> dict:
     """Device bytes the synthetic model will take, without building it (per rank with ``tp_size`` > 1).
 
-    Returns a dict: ``projections`` (the decoder projections' weights: dense, or the BitmapTiles formula at
+    Returns a dict: ``projections`` (the decoder projections' weights: dense, or the ``fmt`` formula at
     the expected nonzero count; with ``tp_size`` ranks, one rank's slices), ``other`` (embeddings, norms, biases,
     a dense ``lm_head``: replicated on every rank), ``total``, and ``transient`` (the extra peak while one
     projection is drawn and compressed; tensor-parallel builds draw the full projection, then keep a slice).
     """
     cfg = preset(config) if isinstance(config, str) else config
+    formula_bytes = _FORMULAS[_check_fmt(fmt)]
     es = torch.empty(0, dtype=dtype).element_size()
     proj, largest = 0.0, 0
     plan = _split_dims(cfg)
@@ -73,7 +93,7 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
         largest = max(largest, m * k)
         if tp_size > 1:  # this rank's slice
             m, k = (m // tp_size, k) if plan[name] == 0 else (m, k // tp_size)
-        proj += bitmap_formula_bytes(m, k, (1 - sparsity) * m * k) if sparsity else m * k * es
+        proj += formula_bytes(m, k, (1 - sparsity) * m * k) if sparsity else m * k * es
     proj *= cfg.num_layers
     other = (cfg.num_parameters() - cfg.num_layers * sum(m * k for _, m, k in cfg.linear_shapes())) * es
     if tp_size > 1:  # the full dense draw, plus the slice (and its compression temporaries)
@@ -96,7 +116,9 @@ class SyntheticReport:
         name, sparsity, dtype, device: as requested (``sparsity`` None for dense).
         achieved_sparsity: zeros / elements over all decoder projections.
         projection_bytes: bytes of the decoder projections' weights as stored (compressed arrays, or dense).
-        formula_bytes: the same from :func:`bitmap_formula_bytes` at the achieved nonzero counts (dense: M*K*2).
+        fmt: the compressed format (``"bitmap"`` or ``"tiled-csl"``).
+        formula_bytes: the same from the format's formula (:func:`bitmap_formula_bytes`,
+            :func:`tiled_csl_formula_bytes`) at the achieved nonzero counts (dense: M*K*2).
         other_bytes: every other parameter and buffer (embeddings, norms, biases, dense ``lm_head``).
         allocated_bytes: growth of ``torch.cuda.memory_allocated`` over the build (CUDA only, else 0).
         peak_bytes: ``torch.cuda.max_memory_allocated`` during the build minus the memory in use before it.
@@ -120,6 +142,7 @@ class SyntheticReport:
     layers: list = field(default_factory=list, repr=False)
     tp_rank: int = 0
     tp_size: int = 1
+    fmt: str = "bitmap"
 
     @property
     def weight_bytes(self) -> int:
@@ -135,7 +158,7 @@ class SyntheticReport:
         from ..nn import _human as h
 
         kind = ("dense" if self.sparsity is None
-                else f"{self.sparsity:.0%} sparse (achieved {self.achieved_sparsity:.4f})")
+                else f"{self.sparsity:.0%} sparse (achieved {self.achieved_sparsity:.4f}), {self.fmt}")
         where = f"{self.device}" + (f" (rank {self.tp_rank} of {self.tp_size})" if self.tp_size > 1 else "")
         lines = [f"{self.name}: {kind}, {str(self.dtype).removeprefix('torch.')}, on {where}, built in "
                  f"{self.seconds:.1f} s",
@@ -184,7 +207,7 @@ def _materialize_(module: nn.Module, device, gen) -> None:
 
 def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, dtype: torch.dtype = torch.float16,
                     device="cuda", seed: int = 0, progress: bool = True,
-                    memory_limit: int | None = None, tp=None) -> tuple[nn.Module, SyntheticReport]:
+                    memory_limit: int | None = None, tp=None, fmt: str = "bitmap") -> tuple[nn.Module, SyntheticReport]:
     """Build a model at ``config``'s shapes with random weights, its decoder projections pruned to ``sparsity``
     and compressed, one at a time, on ``device``.
 
@@ -204,6 +227,7 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
             whole (the same random stream as without ``tp``, so the same model for a given seed) and only this
             rank's slice is kept and compressed; ``device`` should be ``tp.device``.  The memory check and the
             report are per rank.
+        fmt: the compressed format of the sparse projections, ``"bitmap"`` (default) or ``"tiled-csl"``.
 
     Returns:
         ``(model, report)``: a :mod:`flash_llm.models` causal LM in eval mode whose projections are
@@ -232,7 +256,8 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
         tp_size = tp.world_size
         if device != tp.device:
             raise ValueError(f"device {device} differs from the tensor-parallel group's device {tp.device}")
-    est = estimate_bytes(cfg, sparsity, dtype, tp_size)
+    fmt_cls, formula_bytes = _FORMATS[_check_fmt(fmt)], _FORMULAS[fmt]
+    est = estimate_bytes(cfg, sparsity, dtype, tp_size, fmt)
     if memory_limit is None and device.type == "cuda":
         memory_limit = torch.cuda.mem_get_info(device)[0]
     if memory_limit is not None and est["total"] + est["transient"] > memory_limit:
@@ -243,9 +268,12 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
                          f"are available on {device}")
 
     report = SyntheticReport(cfg.name or "custom", sparsity, dtype, str(device), tp_rank=tp.rank if tp else 0,
-                             tp_size=tp_size)
+                             tp_size=tp_size, fmt=fmt)
     cuda = device.type == "cuda"
     if cuda:
+        # garbage still waiting for the cycle collector (an earlier model, an engine's graphs) would otherwise be
+        # freed during the build and make its growth come out short, even negative (seen on an H200)
+        gc.collect()
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -273,13 +301,13 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
             w = _draw(m, k, 1.0 if sparsity is None else 1.0 - sparsity, dtype, device, gen)
             bias = torch.zeros(m, dtype=dtype, device=device) if old.bias is not None else None
             if tp is not None:
-                layer = parallel_linear(kinds[fqn], w, bias, tp, fqn, fmt=None if sparsity is None else BitmapTiles)
+                layer = parallel_linear(kinds[fqn], w, bias, tp, fqn, fmt=None if sparsity is None else fmt_cls)
                 del w
                 local = layer.linear
                 zeros += local.in_features * local.out_features - layer.nnz
                 nbytes = layer.nbytes
-                formula = nbytes if sparsity is None else bitmap_formula_bytes(local.out_features,
-                                                                               local.in_features, layer.nnz)
+                formula = nbytes if sparsity is None else formula_bytes(local.out_features, local.in_features,
+                                                                        layer.nnz)
                 report.layers.append((fqn, local.out_features, local.in_features, layer.nnz, nbytes))
                 total += local.in_features * local.out_features
             elif sparsity is None:
@@ -290,10 +318,10 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
                 nbytes, formula = w.numel() * w.element_size(), w.numel() * w.element_size()
                 report.layers.append((fqn, m, k, m * k, nbytes))
             else:
-                layer = SparseLinear(BitmapTiles.from_dense(w), bias)
+                layer = SparseLinear(fmt_cls.from_dense(w), bias)
                 del w
                 zeros += m * k - layer.nnz
-                nbytes, formula = layer.nbytes, bitmap_formula_bytes(m, k, layer.nnz)
+                nbytes, formula = layer.nbytes, formula_bytes(m, k, layer.nnz)
                 report.layers.append((fqn, m, k, layer.nnz, nbytes))
             if tp is None:
                 total += m * k
