@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# The device call prepared for the prototypes in benchmarks/ab/ (one H200, about 9 minutes with every stage):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [bitmap] [tcsl] [decoder] [stalls] [sanitize]
-#   bitmap    the format-version-3 patches against the checked-out bitmap kernel (N = 1-64, 80 and 90 %)
-#   tcsl      tcsl_pairs against the checked-out Tiled-CSL kernel
-#   decoder   bitmap_decoder_gather at N = 128-512 (the large-N path), 80 %
+# The device call prepared for the prototypes in benchmarks/ab/ (one H200, about 6 minutes with every stage):
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [decoder] [splitk] [stalls] [sanitize]
+#   decoder   tcsl_decoder_smem at N = 128-512 (the Tiled-CSL large-N path), 80 %
+#   splitk    splitk_reduce_vec, both formats, 80 %: on 4096 x 4096 (Llama-3-8B o) and on 9216 x 36864
 #   stalls    benchmarks/gpu_stalls.sh 0.8 1 16 on the checked-out kernels
-#   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels (changed since its last run)
+#   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
 # Outputs (logs) under $OUT; the A/B tables are printed.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 export OUT
-for stage in "${@:-bitmap tcsl decoder}"; do
+for stage in "${@:-decoder splitk}"; do
   for s in $stage; do
     echo "=== $s"
     case $s in
-      bitmap) FMTS=bitmap bash benchmarks/ab_kernel.sh benchmarks/ab/bitmap_v3_*.patch 2>&1 | tee "$OUT/ab_bitmap.log" ;;
-      tcsl) FMTS=tiled-csl bash benchmarks/ab_kernel.sh benchmarks/ab/tcsl_pairs.patch 2>&1 | tee "$OUT/ab_tcsl.log" ;;
-      decoder) FMTS=bitmap SPARSITIES=0.8 NS=128,256,512 bash benchmarks/ab_kernel.sh \
-                 benchmarks/ab/bitmap_decoder_gather.patch 2>&1 | tee "$OUT/ab_decoder.log" ;;
+      decoder) FMTS=tiled-csl SPARSITIES=0.8 NS=128,256,512 bash benchmarks/ab_kernel.sh \
+                 benchmarks/ab/tcsl_decoder_smem.patch 2>&1 | tee "$OUT/ab_decoder.log" ;;
+      splitk) { AB_M=4096 AB_K=4096 SPARSITIES=0.8 NS=1,16,32,64 bash benchmarks/ab_kernel.sh \
+                  benchmarks/ab/splitk_reduce_vec.patch
+                AB_TESTS=tests/test_kernels_gpu.py SPARSITIES=0.8 NS=16,32,64 bash benchmarks/ab_kernel.sh \
+                  benchmarks/ab/splitk_reduce_vec.patch; } 2>&1 | tee "$OUT/ab_splitk.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh 0.8 1 16 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;
-      *) echo "unknown stage $s (bitmap tcsl decoder stalls sanitize)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (decoder splitk stalls sanitize)" >&2; exit 2 ;;
     esac
   done
 done
