@@ -17,11 +17,12 @@ for fmt in ${FMTS:-bitmap tiled-csl}; do
                    'regex:smsp__pcsamp_warps_issue_stalled_.*'; do
       timeout 240 ncu --target-processes all --kernel-name regex:"_spmm_" --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats --section MemoryWorkloadAnalysis \
         --metrics "$metrics" python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" \
-        > "$log" 2>&1 && grep -q "stalled" "$log" && break
+        > "$log" 2>&1 && grep -aq "stalled" "$log" && break
     done
     echo "=== $fmt, sparsity $sp, N = $n ($log)"
-    grep -E "^\s+Duration|Compute \(SM\) Throughput|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued" "$log" | head -8
-    grep -E "stalled" "$log" | awk '{v=$NF; gsub(",","",v); print v, $1}' | sort -gr | head -12
+    grep -aE "^\s+Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Waves Per SM|Grid Size|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Mem Busy|Max Bandwidth|L1/TEX Hit Rate|^plan|^kernel" "$log" | head -16
+    grep -aE "stalled" "$log" | awk '{v=$NF; gsub(",","",v); print v, $1}' | sort -gr | head -12
   done
 done
