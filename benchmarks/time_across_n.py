@@ -10,6 +10,7 @@ markdown table (same-run ratios; absolute times hold for the card it ran on).
 """
 
 import argparse
+import time
 
 import torch
 
@@ -30,8 +31,6 @@ f = (flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL).from_de
 
 
 def median_us(fn) -> float:
-    import time
-
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 0.3:
         for _ in range(10):

@@ -338,6 +338,20 @@ DEVI void gather_step(u32 w, u32 stage_at_start, u32 (&a)[4]) {
   }
 }
 
+// The A registers of one record, given this lane's bitmap word `w` and the value starts and count from
+// step_starts, with the values at byte `vals` of `ring`: stage the window words, gather the 16 registers.  Both
+// __syncwarp()s are inside: on return every lane is done with the record and the windows.
+DEVI void gather_record(u32 w, const u32 (&start)[4], u32 total, u32 ring, u32 vals, u32 stage, int lane,
+                        u32 (&a)[4][4]) {
+  stage_windows(ring, vals, stage, total, lane);
+  __syncwarp();
+  gather_step<0>(w, stage + 4 * start[0], a[0]);
+  gather_step<1>(w, stage + 4 * start[1], a[1]);
+  gather_step<2>(w, stage + 4 * start[2], a[2]);
+  gather_step<3>(w, stage + 4 * start[3], a[3]);
+  __syncwarp();
+}
+
 template <bool BF16, int NT>
 DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                            int kt_per_split, Problem p) {
@@ -419,15 +433,8 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       u32 total, start[4];
       step_starts(step_counts(w), lane, start, total);
       r += 8 + (int)((total + 7) >> 3);
-
-      stage_windows(ring_base, rec + 128, stage_base, total, lane);
-      __syncwarp();
       u32 a[4][4];
-      gather_step<0>(w, stage_base + 4 * start[0], a[0]);
-      gather_step<1>(w, stage_base + 4 * start[1], a[1]);
-      gather_step<2>(w, stage_base + 4 * start[2], a[2]);
-      gather_step<3>(w, stage_base + 4 * start[3], a[3]);
-      __syncwarp();  // every lane is done with this record and the windows before they are overwritten
+      gather_record(w, start, total, ring_base, rec + 128, stage_base, lane, a);
 
       if (NT <= 4) {
         multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
@@ -591,14 +598,8 @@ bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u
   const u32 w = lds32(buf + 4 * lane);
   u32 total, start[4];
   step_starts(step_counts(w), lane, start, total);
-  stage_windows(buf, 128, stage, total, lane);
-  __syncwarp();
   u32 a[4][4];
-  gather_step<0>(w, stage + 4 * start[0], a[0]);
-  gather_step<1>(w, stage + 4 * start[1], a[1]);
-  gather_step<2>(w, stage + 4 * start[2], a[2]);
-  gather_step<3>(w, stage + 4 * start[3], a[3]);
-  __syncwarp();  // the record and the windows are read: the buffer becomes the tile
+  gather_record(w, start, total, buf, 128, stage, lane, a);  // then the record's buffer becomes the tile
   // register i of k-step s: halves (row g + 8 (i & 1), columns 16t + 4s + 2 (i >> 1) + {0, 1}), one 32-bit word
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll

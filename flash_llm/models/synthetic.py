@@ -25,8 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..formats import BitmapTiles, TiledCSL
-from ..nn import SparseLinear
+from ..nn import FORMAT_NAMES, SparseLinear
 from ..parallel.layers import COLUMN, check_divisible, parallel_linear, set_local_heads, shard_plan
 from ..parallel.layers import projections as tp_projections
 from . import INIT_STD, from_config
@@ -60,13 +59,12 @@ def tiled_csl_formula_bytes(m: int, k: int, nnz: float) -> float:
     return 4 * nnz + 4 * (t + 1)
 
 
-_FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_bytes}
-_FORMATS = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL}
+_FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_bytes}  # keyed like nn.FORMAT_NAMES
 
 
 def _check_fmt(fmt) -> str:
-    if fmt not in _FORMATS:
-        raise ValueError(f"fmt must be one of {sorted(_FORMATS)}, got {fmt!r}")
+    if fmt not in FORMAT_NAMES:
+        raise ValueError(f"fmt must be one of {sorted(FORMAT_NAMES)}, got {fmt!r}")
     return fmt
 
 
@@ -256,7 +254,7 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
         tp_size = tp.world_size
         if device != tp.device:
             raise ValueError(f"device {device} differs from the tensor-parallel group's device {tp.device}")
-    fmt_cls, formula_bytes = _FORMATS[_check_fmt(fmt)], _FORMULAS[fmt]
+    fmt_cls, formula_bytes = FORMAT_NAMES[_check_fmt(fmt)], _FORMULAS[fmt]
     est = estimate_bytes(cfg, sparsity, dtype, tp_size, fmt)
     if memory_limit is None and device.type == "cuda":
         memory_limit = torch.cuda.mem_get_info(device)[0]
