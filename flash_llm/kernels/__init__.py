@@ -178,7 +178,6 @@ def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k:
                [(data.data_ptr(), P), (first, P), (out.data_ptr(), P), (m, I), (k, I), (mt, I),
                 (kt, I)], stream, dev.index)
     else:
-        out.zero_()
         tiles = ceil_div(m, 64) * kt
         first = offsets.data_ptr() + (r0 // 64) * kt * offsets.element_size()
         launch("tiled_csl_to_dense", (tiles, 1, 1), THREADS,

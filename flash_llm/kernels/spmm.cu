@@ -631,20 +631,40 @@ bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u
   }
 }
 
-// `out` must be zeroed.  One block per 64x64 tile.
+// One block per 64x64 tile: the entries are scattered into a zeroed row-major tile in shared memory, which is
+// then written out as whole 128-byte rows (16-byte stores) when K allows it.  `out` needs no zeroing.
 extern "C" __global__ void __launch_bounds__(THREADS)
 tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
                    int M, int K, int kt) {
+  __shared__ __align__(16) u16 stage[64 * 64];
   const long long t = blockIdx.x;
   const int row0 = (int)(t / kt) * 64, col0 = (int)(t % kt) * 64;
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(stage)[threadIdx.x + i * THREADS] = zero4;
+  __syncthreads();
   for (int e = offsets[t] + threadIdx.x; e < offsets[t + 1]; e += THREADS) {
-    const u32 v = (u32)data[e];
+    const u32 v = (u32)__ldcs(data + e);
     const int pos = v >> 16;
-    if (pos >= 4096) continue;
+    if (pos >= 4096) continue;  // pad entry
     int rr, cc;
     frag_to_rc((pos & 1023) >> 5, pos & 31, rr, cc);
-    const int m = row0 + (pos >> 10) * 16 + rr, k = col0 + cc;
-    if (m < M && k < K) out[(long long)m * K + k] = (u16)(v & 0xffff);
+    stage[((pos >> 10) * 16 + rr) * 64 + cc] = (u16)(v & 0xffff);
+  }
+  __syncthreads();
+  if ((K & 7) == 0 && col0 + 64 <= K) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = threadIdx.x + i * THREADS, rr = idx >> 3, cc = (idx & 7) * 8;
+      if (row0 + rr < M)
+        *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * K + col0 + cc) =
+            *reinterpret_cast<const uint4*>(stage + rr * 64 + cc);
+    }
+  } else {
+    for (int i = threadIdx.x; i < 64 * 64; i += THREADS) {
+      const int rr = i >> 6, cc = i & 63;
+      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = stage[i];
+    }
   }
 }
 
