@@ -1,6 +1,7 @@
-"""A sparse kernel against cuBLAS on one weight, across N: CUDA-event medians of 20 calls after warming up
-for 0.3 s (the SM clock ramps up under load: the sparse kernels are instruction-bound, so a cold clock slows
-them while the memory-bound cuBLAS call does not notice).
+"""A sparse kernel against cuBLAS on one weight, across N: CUDA-event medians of 20 replays of a CUDA graph of 10
+calls, after warming up for 0.3 s (the SM clock ramps up under load: the sparse kernels are instruction-bound, so a
+cold clock slows them while the memory-bound cuBLAS call does not notice).  Until session 6 each call was timed
+alone, which let host delays into the time: small layers (4096 x 4096) read 80-200 us.
 
     python benchmarks/time_across_n.py [--fmt bitmap|tiled-csl] [--m 9216] [--k 36864] [--sparsity 0.8]
                                        [--ns 1,8,16,32,64] [--dtype fp16]
@@ -30,19 +31,34 @@ w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
 f = (flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL).from_dense(w)
 
 
+REPS = 10  # calls per CUDA-graph replay
+
+
 def median_us(fn) -> float:
+    """Median time of one call: 20 replays of a CUDA graph of REPS calls, after warming up for 0.3 s.  The graph
+    takes the host (Python, launch) out of the time, so a slow or busy host cannot stretch it."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 0.3:
         for _ in range(10):
             fn()
         torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    graph.replay()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
     for start, end in ev:
         start.record()
-        fn()
+        graph.replay()
         end.record()
     torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in ev)[10] * 1e3
+    return sorted(s.elapsed_time(e) for s, e in ev)[10] * 1e3 / REPS
 
 
 print(f"{torch.cuda.get_device_name()}: {a.fmt} {a.m} x {a.k} {a.dtype} at {a.sparsity:.0%}")
