@@ -39,7 +39,7 @@ err = (y.float() - x.float() @ w.float().t()).abs().max().item()
 name = kernels.kernel_name(FORMAT_IDS[cls], x.dtype, a.n)
 print("kernel", name, "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
                                            kernels.blocks_per_sm(name, 0, kernels.block_threads(name)), a.splits,
-                                           kernels._MAX_NT[FORMAT_IDS[cls]]), "max err", err)
+                                           FORMAT_IDS[cls]), "max err", err)
 
 # Host-side cost of one eager call (Python checks, op dispatch, launch), against F.linear: wall clock
 # of many back-to-back calls on a small layer, where the GPU finishes each call before the next launch.

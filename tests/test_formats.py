@@ -342,10 +342,29 @@ def test_bitmap_words_and_values_follow_fragment_order(dtype, shape, density):
         assert not bool(pad.any()), f"strip {i}: record padding is not zero"
 
 
-@pytest.mark.parametrize("shape,density", [((64, 64), 0.5), ((70, 130), 0.3), ((130, 65), 1.0)])
+def _bank_order_slots(pos: list[int], units: int) -> list[int]:
+    """Reference for the version-2 entry order, written out loop by loop: where each sequence element goes.
+    Banks: byte 2 p with bits 4-5 XORed by bits 6-7 of p, word = byte // 4, bank = word % 32.  Entries are
+    ranked within their bank and taken layer by layer (layer k = the k-th entry of each bank, banks ascending);
+    instruction (r, q) of the kernel's scatter covers slots 128 r + 4 l + q for its lanes l < min(32, units - 32 r)
+    and takes the next run of the sequence."""
+    by_bank: dict[int, list[int]] = {}
+    for p in pos:
+        by_bank.setdefault((((2 * p) ^ (((p >> 6) & 3) << 4)) >> 2) % 32, []).append(p)
+    seq = [by_bank[b][k] for k in range(max(map(len, by_bank.values()), default=0)) for b in sorted(by_bank)
+           if k < len(by_bank[b])]
+    slots = []
+    for r in range(-(-units // 32)):
+        lanes = min(32, units - 32 * r)
+        for q in range(4):
+            slots += [128 * r + 4 * lane + q for lane in range(lanes)]
+    return list(zip(seq, slots))
+
+
+@pytest.mark.parametrize("shape,density", [((64, 64), 0.5), ((70, 130), 0.3), ((130, 65), 1.0), ((64, 320), 0.8)])
 def test_tiled_csl_entries_follow_fragment_order(dtype, shape, density):
-    """Entry = value bits (low half) | position << 16, position = 1024 * (r // 16) + lane * 32 + bit,
-    sorted per tile, padded to a multiple of 4 with 0xFFFF0000."""
+    """Entry = value bits (low half) | position << 16, position = 1024 * (r // 16) + lane * 32 + bit, in bank order
+    (``_bank_order_slots``) per tile, padded to a multiple of 4 with 0xFFFF0000 (the last slots of the sequence)."""
     m, k = shape
     w = sparse_weight(m, k, density, dtype, seed=m * k)
     c = TiledCSL.from_dense(w)
@@ -359,14 +378,46 @@ def test_tiled_csl_entries_follow_fragment_order(dtype, shape, density):
         lane, bit = fragment_lane_bit(r % 16, col)
         pos = 1024 * (r // 16) + lane * 32 + bit
         vals = bits(w)[r_all[sel], c_all[sel]].to(torch.int64) & 0xFFFF
-        order = torch.argsort(pos)
-        want = (pos[order] << 16) | vals[order]
-        n = want.numel()
+        value_at = dict(zip(pos.tolist(), vals.tolist()))
+        n = pos.numel()
         n4 = -(-n // 4) * 4
         assert offsets[i + 1] - offsets[i] == n4, f"tile {i}: entry count"
-        entries = c.data[offsets[i]:offsets[i + 1]].to(torch.int64) & 0xFFFFFFFF
-        assert torch.equal(entries[:n], want), f"tile {i}: entries differ"
-        assert bool((entries[n:] == 0xFFFF0000).all()), f"tile {i}: padding entries"
+        entries = (c.data[offsets[i]:offsets[i + 1]].to(torch.int64) & 0xFFFFFFFF).tolist()
+        want = [0xFFFF0000] * n4
+        for p, slot in _bank_order_slots(sorted(pos.tolist()), n4 // 4)[:n]:
+            want[slot] = (p << 16) | value_at[p]
+        assert entries == want, f"tile {i}: entries differ"
+
+
+def test_tiled_csl_bank_order_spreads_the_scatter_stores():
+    """The point of the version-2 order: the kernel's warp stores (r, q) write mostly distinct banks.  Counted
+    here as shared-memory wavefronts per store (the most distinct 32-bit words in one bank), against the
+    position order of version 1."""
+    from flash_llm.formats.tiled_csl import PAD_POSITION, shared_bank
+    w = sparse_weight(256, 512, 0.2, torch.float16, seed=5)
+    c = TiledCSL.from_dense(w)
+    off = c.offsets.tolist()
+
+    def wavefronts(e: torch.Tensor) -> float:
+        total, stores = 0, 0
+        units = e.numel() // 4
+        for r in range(-(-units // 32)):
+            lanes = min(32, units - 32 * r)
+            for q in range(4):
+                p = (e[[128 * r + 4 * lane + q for lane in range(lanes)]].to(torch.int64) >> 16) & 0xFFFF
+                p = p[p != PAD_POSITION]
+                if p.numel() == 0:
+                    continue
+                word = ((2 * p) ^ (((p >> 6) & 3) << 4)) >> 2
+                bank = shared_bank(p)
+                total += max(len(set(word[bank == b].tolist())) for b in set(bank.tolist()))
+                stores += 1
+        return total / stores
+
+    ours = [wavefronts(c.data[off[t]:off[t + 1]]) for t in range(len(off) - 1)]
+    by_pos = [wavefronts(c.data[off[t]:off[t + 1]][torch.argsort((c.data[off[t]:off[t + 1]] >> 16) & 0xFFFF)])
+              for t in range(len(off) - 1)]
+    assert sum(ours) / len(ours) < 1.7 and sum(by_pos) / len(by_pos) > 2.5, (ours, by_pos)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ pytest.importorskip("cuda.bindings", reason="cuda-python not installed")
 from flash_llm.kernels._build import KernelBuildError, compile_kernels  # noqa: E402
 
 EXPECTED = {f"{fmt}_spmm_{dt}_nt{nt}" for fmt, nts in (("bitmap", (1, 2, 4, 8)), ("tiled_csl", (1, 2, 4)))
-            for dt in ("f16", "bf16") for nt in nts} | {"bitmap_to_dense", "tiled_csl_to_dense"}
+            for dt in ("f16", "bf16") for nt in nts} | {"bitmap_to_dense", "tiled_csl_to_dense"} | {
+    f"splitk_reduce_{dt}_nt{nt}" for dt in ("f16", "bf16") for nt in (1, 2, 4)}
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

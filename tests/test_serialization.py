@@ -327,15 +327,15 @@ def _tile_entries(tensors, tile):
     return tensors["data"][int(off[tile]):int(off[tile + 1])]
 
 
-@pytest.mark.parametrize("how", ["swapped", "repeated"])
-def test_tiled_csl_positions_out_of_order(tmp_path, dtype, how):
-    path, tensors, meta = saved(tmp_path, _weight(TiledCSL, dtype))
+def test_tiled_csl_any_order_but_no_repeated_position(tmp_path, dtype):
+    """Version 2 reads entries in any order inside a tile (they land by position), but refuses a position twice."""
+    w = _weight(TiledCSL, dtype)
+    path, tensors, meta = saved(tmp_path, w)
     e = _tile_entries(tensors, 1)  # a view: edits go into tensors["data"]
-    if how == "swapped":
-        e[[3, 4]] = e[[4, 3]].clone()
-    else:
-        e[4] = (e[4] & 0xFFFF) | (e[3] & -65536)  # position of entry 3, value of entry 4
-    load_fails(write(path, tensors, meta), r"tensor 'data': tile 1 has positions out of order or repeated")
+    e[[3, 4]] = e[[4, 3]].clone()
+    assert torch.equal(flash_llm.load(write(path, tensors, meta)).to_dense(), w.to_dense())
+    e[4] = (e[4] & 0xFFFF) | (e[3] & -65536)  # position of entry 3, value of entry 4
+    load_fails(write(path, tensors, meta), r"tensor 'data': tile 1 holds a position twice")
 
 
 @pytest.mark.parametrize("pos", [4096, 5000, 65534])
@@ -397,9 +397,12 @@ PINNED_POSITIONS = [(0, 0), (0, 1), (0, 2), (1, 9), (5, 17), (8, 33), (15, 63), 
 PINNED = {
     BitmapTiles: (2, {0: 0x10011, 2: 0x1000, 4: 0x40, 6: 0x400, 21: 0x10, 31: 0x80000000, 32: 0x40003C00,
                       33: 0x60444200, 34: 0x54A05D48, 35: 0x640060D2}, 36, [0, 9]),
-    TiledCSL: (1, {0: 0x3C00, 1: 0x14000, 2: 0x44200, 3: 0x436044, 4: 0x9154A0, 5: 0xD260D2, 6: 0x2A15D48,
-                   7: 0x3FF6400}, 8, [0, 8]),
+    TiledCSL: (2, {0: 0x3C00, 1: 0x436044, 2: 0x2A15D48, 3: 0xD260D2, 4: 0x44200, 5: 0x3FF6400, 6: 0x14000,
+                   7: 0x9154A0}, 8, [0, 8]),
 }
+# TiledCSL version 1: the same entries sorted by position (version 2 puts them in bank order), reordered on load.
+PINNED_TCSL_V1 = {0: 0x3C00, 1: 0x14000, 2: 0x44200, 3: 0x436044, 4: 0x9154A0, 5: 0xD260D2, 6: 0x2A15D48,
+                  7: 0x3FF6400}
 # BitmapTiles version 1 (bitmap word bit 8 s + j instead of 8 (j // 2) + 4 (j % 2) + s; values and
 # offsets as in version 2): files written by earlier flash-llm releases, converted on load.
 PINNED_BITMAP_V1 = {0: 0x13, 2: 0x8, 4: 0x20000, 6: 0x40000, 21: 0x2, 31: 0x80000000, 32: 0x40003C00,
@@ -440,6 +443,21 @@ def test_bitmap_version_1_files_are_converted(tmp_path):
     assert torch.equal(w.data, BitmapTiles.from_dense(_pinned_expected()).data)  # now in the version-2 layout
 
 
+def test_tiled_csl_version_1_files_are_reordered(tmp_path):
+    path, _ = _pinned_file(tmp_path, TiledCSL, 1, PINNED_TCSL_V1, 8, [0, 8])
+    w = flash_llm.load(path)
+    assert torch.equal(w.to_dense(), _pinned_expected())
+    assert torch.equal(w.data, TiledCSL.from_dense(_pinned_expected()).data)  # now in bank order
+    # version 1 still requires its sorted order; version 2 accepts any order but no repeated position
+    swapped = {**PINNED_TCSL_V1, 1: PINNED_TCSL_V1[2], 2: PINNED_TCSL_V1[1]}
+    load_fails(_pinned_file(tmp_path, TiledCSL, 1, swapped, 8, [0, 8])[0],
+               r"tensor 'data': tile 0 has positions out of order or repeated")
+    assert torch.equal(flash_llm.load(_pinned_file(tmp_path, TiledCSL, 2, swapped, 8, [0, 8])[0]).to_dense(),
+                       _pinned_expected())
+    twice = {**PINNED_TCSL_V1, 1: PINNED_TCSL_V1[0] + 1}  # position 0 again (another value)
+    load_fails(_pinned_file(tmp_path, TiledCSL, 2, twice, 8, [0, 8])[0], r"tensor 'data': tile 0 holds a position twice")
+
+
 def test_bitmap_version_1_padding_bits_checked_in_its_own_order(tmp_path):
     """Version 1 puts fragment bit b at word bit b: its bits are read in that order, for the padding check
     and for the matrix (read in the version-2 order, both would go wrong)."""
@@ -462,7 +480,7 @@ def test_bitmap_version_1_padding_bits_checked_in_its_own_order(tmp_path):
 @pytest.mark.parametrize("version", [0, 3, "1", None, True], ids=["0", "3", "str-1", "null", "true"])
 def test_wrong_format_version(tmp_path, fmt, version):
     path, tensors, meta = saved(tmp_path, _weight(fmt, torch.float16))
-    readable = {BitmapTiles: "versions 1 and 2", TiledCSL: "version 1"}[fmt]
+    readable = "versions 1 and 2"
     load_fails(write(path, tensors, edit_meta(meta, version=version)),
                rf"'weight' has {fmt.FORMAT_NAME} format version {version!r}; this flash-llm reads {readable}")
 

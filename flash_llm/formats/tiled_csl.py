@@ -6,8 +6,12 @@
   position inside the tile in the high half.  The position is ``1024 * (r // 16) + f`` where ``r`` is
   the tile row and ``f`` the element's fragment-order index inside its 16x64 strip (``_layout.py``),
   so the kernel can scatter straight into the layout its tensor-core loads read.
-* A tile's entries are sorted by position and padded to a multiple of 4 entries (16 bytes) with the
-  pad entry ``0xFFFF0000`` (position 65535, value 0).  Any number of nonzeros up to 4096 per tile.
+* A tile's entries (distinct positions) are padded to a multiple of 4 entries (16 bytes) with the pad
+  entry ``0xFFFF0000`` (position 65535, value 0).  Any number of nonzeros up to 4096 per tile.
+* **Entry order (version 2).**  The kernel's lane ``l`` scatters 16-byte units ``32 r + l``, so warp store
+  ``(r, q)`` writes entry ``q`` of 32 consecutive units.  ``bank_order`` arranges each tile's entries so that
+  those 32 entries fall in different shared-memory banks of the kernel's tile wherever the counts allow
+  (`docs/formats.md`); version 1 sorted them by position, and version-1 files are reordered on load.
 * ``offsets`` (int32, ``T + 1``) holds each tile's first entry.
 
 Bytes: ``4 * sum_i ceil4(nnz_i) + 4 (T + 1)``.
@@ -38,6 +42,69 @@ def _strips(tiles: torch.Tensor, mt64: int, kt: int) -> torch.Tensor:
     return tiles.view(mt64, kt, 4, L.STRIP_ELEMS).permute(0, 2, 1, 3).reshape(mt64 * 4, kt, L.STRIP_ELEMS)
 
 
+def shared_bank(pos: torch.Tensor) -> torch.Tensor:
+    """The shared-memory bank (0..31) that the spmm kernel's scatter of position ``pos`` (0..4095) writes: the tile
+    is fragment order with the 16-byte chunk ``c`` of each lane's 64-byte run at ``c ^ ((lane >> 1) & 3)``
+    (``csl_tile_byte`` in ``spmm.cu``)."""
+    byte = (2 * pos) ^ (((pos >> 6) & 3) << 4)
+    return (byte >> 2) & 31
+
+
+def bank_order(data: torch.Tensor, offsets: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """``data`` with each tile's entries rearranged so that the kernel's warp stores hit different banks.
+
+    The kernel's lane ``l`` takes units ``32 r + l`` (4 entries each) and stores entry ``q`` of its unit in
+    instruction ``(r, q)``; in a last, partial round of ``L`` units the instruction covers lanes ``0 .. L - 1``.
+    Entries are ranked within their bank (``k``-th entry of bank ``b``) and laid out in ``(k, b)`` order, one
+    instruction after another: each instruction takes the next run of that sequence, so its entries come from one
+    or two consecutive layers of distinct banks.  Pads go last.  Works on CPU and CUDA tensors, ``chunk`` entries
+    (whole tiles) at a time to bound the temporaries.
+    """
+    out = data.clone()
+    off = offsets.to(torch.int64)
+    t, t0 = off.numel() - 1, 0
+    while t0 < t:
+        start = int(off[t0])
+        t1 = max(t0 + 1, int(torch.searchsorted(off, start + chunk, right=True)) - 1)
+        t1 = min(t1, t)
+        end = int(off[t1])
+        if end > start:
+            out[start:end] = _bank_order_tiles(data[start:end], off[t0:t1 + 1] - start)
+        t0 = t1
+    return out
+
+
+def _bank_order_tiles(data: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    n, dev = data.numel(), data.device
+    sizes = off[1:] - off[:-1]
+    tile_of = torch.repeat_interleave(torch.arange(sizes.numel(), device=dev), sizes, output_size=n)
+    pos = (data.to(torch.int64) >> 16) & 0xFFFF
+    pad = pos == PAD_POSITION
+    bank = torch.where(pad, 32, shared_bank(pos))
+    # rank of each entry within its (tile, bank) group, by position (so the result depends only on the entries)
+    group = tile_of * 33 + bank
+    key_sorted, order = torch.sort(group * 65536 + pos, stable=True)
+    group_sorted = key_sorted >> 16
+    rank_sorted = torch.arange(n, device=dev) - torch.searchsorted(group_sorted, group_sorted)
+    del group, group_sorted
+    del key_sorted
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    del order, rank_sorted
+    rank = torch.where(pad, TILE_ELEMS, rank)  # pads last
+    seq = torch.sort((tile_of * (TILE_ELEMS + 1) + rank) * 33 + bank, stable=True).indices  # tile, then (k, b)
+    del rank, bank, pos, pad
+    # sequence index j inside its tile -> slot: round r = j // 128 of min(32, units - 32 r) lanes, 4 instructions
+    start = off[:-1][tile_of]
+    j = torch.arange(n, device=dev) - start
+    r = j // 128
+    lanes = torch.clamp(sizes[tile_of] // 4 - 32 * r, max=32)
+    rel = j - 128 * r
+    out = torch.empty_like(data)
+    out[start + 128 * r + 4 * (rel % lanes) + rel // lanes] = data[seq]
+    return out
+
+
 class TiledCSL(SparseFormat):
     """A sparse fp16/bf16 weight ``W[M, K]`` as 64x64 tiles of (value, position) pairs.
 
@@ -46,8 +113,8 @@ class TiledCSL(SparseFormat):
     """
 
     FORMAT_NAME = "flash_llm.tiled_csl"
-    FORMAT_VERSION = 1
-    READ_VERSIONS = (1,)
+    FORMAT_VERSION = 2
+    READ_VERSIONS = (1, 2)
     TILE_ROWS = TILE_M
     _UNIT_WORDS = 1  # offsets count entries
 
@@ -73,7 +140,8 @@ class TiledCSL(SparseFormat):
         dest = torch.repeat_interleave(offsets[:-1] - before, counts, output_size=nnz) + torch.arange(
             nnz, device=w.device)
         data[dest] = entries
-        return cls._from_parts({"data": data, "offsets": offsets.to(torch.int32)}, (m, k), w.dtype, nnz)
+        offsets = offsets.to(torch.int32)
+        return cls._from_parts({"data": bank_order(data, offsets), "offsets": offsets}, (m, k), w.dtype, nnz)
 
     @classmethod
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "TiledCSL":
@@ -98,6 +166,13 @@ class TiledCSL(SparseFormat):
         tiles[(tile_of * TILE_ELEMS + pos)[real]] = self.data[real].to(torch.int16)
         frag = _strips(tiles.view(-1, TILE_ELEMS), mt64, kt)
         return L.from_fragment_order(frag, m, k).view(self.dtype)
+
+    @classmethod
+    def _upgrade(cls, arrays: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        """Version 1 -> 2: the same entries in bank order (``bank_order``)."""
+        if version == 1:
+            arrays = dict(arrays, data=bank_order(arrays["data"], arrays["offsets"]))
+        return arrays
 
     @classmethod
     def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
@@ -134,12 +209,18 @@ class TiledCSL(SparseFormat):
             i = int(torch.nonzero((counts + 3) // 4 * 4 != sizes)[0])
             raise FormatError(f"{name('data')}: tile {i} has {int(counts[i])} nonzeros in {int(sizes[i])} "
                               "entries; expected padding to the next multiple of 4 only")
-        # strictly increasing positions inside each tile (pads, position 65535, only at the end)
-        same_tile = tile_of[1:] == tile_of[:-1]
-        ok = (pos[1:] > pos[:-1]) | (pad[1:] & pad[:-1])
-        if bool((same_tile & ~ok).any()):
-            i = int(tile_of[1:][same_tile & ~ok][0])
-            raise FormatError(f"{name('data')}: tile {i} has positions out of order or repeated")
+        if (version or cls.FORMAT_VERSION) == 1:
+            # version 1: strictly increasing positions inside each tile (pads, position 65535, only at the end)
+            same_tile = tile_of[1:] == tile_of[:-1]
+            ok = (pos[1:] > pos[:-1]) | (pad[1:] & pad[:-1])
+            if bool((same_tile & ~ok).any()):
+                i = int(tile_of[1:][same_tile & ~ok][0])
+                raise FormatError(f"{name('data')}: tile {i} has positions out of order or repeated")
+        else:  # version 2: any order, but no position twice in a tile
+            flat = torch.sort((tile_of * (TILE_ELEMS + 1) + pos.clamp(max=TILE_ELEMS))[~pad]).values
+            if bool((flat[1:] == flat[:-1]).any()):
+                i = int(flat[1:][flat[1:] == flat[:-1]][0]) // (TILE_ELEMS + 1)
+                raise FormatError(f"{name('data')}: tile {i} holds a position twice")
         if (mp, kp) != (m, k):
             inside = _tiles(L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=dev), m_multiple=TILE_M))
             flat = (tile_of * TILE_ELEMS + pos.clamp(max=TILE_ELEMS - 1))[~pad]

@@ -71,33 +71,39 @@ def block_threads(name: str) -> int:
 
 def kernel_name(fmt: int, dtype: torch.dtype, n: int) -> str:
     """The spmm kernel that ``spmm_cuda`` launches for ``n`` tokens of ``dtype``."""
-    return f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if dtype == torch.bfloat16 else 'f16'}_nt{min(_nt(n), _MAX_NT[fmt])}"
+    return f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if dtype == torch.bfloat16 else 'f16'}_nt{_nt(n, fmt)}"
 
 
-def _nt(n: int) -> int:
-    """8-token tiles per block for ``n`` tokens (blocks along N cover the rest)."""
-    return 1 if n <= 8 else 2 if n <= 16 else 4 if n <= 32 else 8
+def _nt(n: int, fmt: int = BITMAP) -> int:
+    """8-token tiles per block for ``n`` tokens in format ``fmt`` (blocks along N cover the rest)."""
+    return min(1 if n <= 8 else 2 if n <= 16 else 4 if n <= 32 else 8, _MAX_NT[fmt])
+
+
+def _weight_bytes_per_element(fmt: int, density: float) -> float:
+    """Bytes per weight element of format ``fmt`` at ``density`` (Tiled-CSL: at least its offsets, 4 per tile, so
+    an empty weight is not free)."""
+    return 0.125 + 2 * density if fmt == BITMAP else 4 * density + 4 / 4096
 
 
 @functools.lru_cache(maxsize=4096)
 def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
-         splits: int | None = None, max_nt: int = 8) -> LaunchPlan:
-    """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density``.
+         splits: int | None = None, fmt: int = BITMAP) -> LaunchPlan:
+    """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density`` in format ``fmt``.
 
     Split-K heuristic (no per-shape tables): with ``C = sms * blocks_per_sm`` resident blocks, pick the
     number of K splits ``s`` that minimizes ``ceil(B / C) * C / B`` -- the idle share of the block
     slots over the waves of ``B = row_blocks * n_chunks * s`` equal blocks (under one wave, the
     unused SMs) -- times ``1 + ws``, where ``ws`` is the fp32 partial-sum traffic
-    (``s * n * m * 8`` bytes, L2-resident) relative to the weight's bytes at this density, plus a
+    (``s * n * m * 8`` bytes, L2-resident) relative to the weight's bytes in its format, plus a
     small cost per split for the reduction.  Every split keeps at least 4 strips per warp.
     """
-    nt = min(_nt(n), max_nt)
+    nt = _nt(n, fmt)
     n_chunks = ceil_div(n, 8 * nt)
     row_blocks = ceil_div(m, ROWS_PER_BLOCK)
     kt = ceil_div(k, STRIP_K)
     if splits is None:
         slots = sms * blocks_per_sm
-        weight_bytes = m * k * (0.125 + 2 * density) * n_chunks
+        weight_bytes = m * k * _weight_bytes_per_element(fmt, density) * n_chunks
         best = None
         for s in range(1, max(1, min(64, kt // 4)) + 1):
             kps = ceil_div(kt, s)
@@ -212,20 +218,28 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         return y
     x = x.contiguous()
     name = kernel_name(fmt, x.dtype, n)
-    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, block_threads(name)), splits,
-             _MAX_NT[fmt])
+    threads = block_threads(name)
+    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads), splits, fmt)
     ws_ptr = tk_ptr = 0
+    stream = torch.cuda.current_stream(dev).cuda_stream
     if p.splits > 1:
-        ws = torch.empty(p.splits * n * m, dtype=torch.float32, device=dev)
-        tickets = _scratch.get_tickets(dev, p.row_blocks * p.n_chunks)
-        ws_ptr, tk_ptr = ws.data_ptr(), tickets.data_ptr()
+        tiles = p.row_blocks * p.n_chunks  # one 64 x 8 nt fp32 partial tile per block
+        ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt, dtype=torch.float32, device=dev)
+        ws_ptr = ws.data_ptr()
+        if fmt == BITMAP:  # the last block of a row group sums the partials; Tiled-CSL: splitk_reduce, below
+            tk_ptr = _scratch.get_tickets(dev, tiles).data_ptr()
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
+    bias_ptr = bias.data_ptr() if bias is not None else 0
     args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
-            (bias.data_ptr() if bias is not None else 0, P), (ws_ptr, P), (tk_ptr, P),
+            (bias_ptr, P), (ws_ptr, P), (tk_ptr, P),
             (m, I), (k, I), (n, I), (k, I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
             (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
-    launch(name, (p.row_blocks * p.n_chunks, p.splits, 1), block_threads(name), args,
-           torch.cuda.current_stream(dev).cuda_stream, dev.index)
+    launch(name, (p.row_blocks * p.n_chunks, p.splits, 1), threads, args, stream, dev.index)
+    if p.splits > 1 and fmt == TILED_CSL:
+        launch(f"splitk_reduce_{'bf16' if x.dtype == torch.bfloat16 else 'f16'}_nt{p.nt}",
+               (p.row_blocks * p.n_chunks, p.nt, 1), THREADS,
+               [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m, I), (n, I), (p.splits, I),
+                (p.row_blocks * p.n_chunks, I), (p.n_chunks, I)], stream, dev.index)
     return y
 
 

@@ -159,11 +159,13 @@ DEVI void load_b(u32 (&b)[4][NT][2], const u16* __restrict__ x, int ldx, int n_r
 }
 
 // ------------------------------------------------------------------------------------------------
-// Epilogue.  Each warp holds acc[nt][i] for rows m = 16 * strip + g (+8 for i >= 2) and columns
-// n = n0 + 8nt + 2t + (i & 1).  Without split-K it writes Y (+ bias) directly.  With split-K every
-// block writes its fp32 partial to ws[split][N][M]; the last block of a row group to arrive (atomic
-// ticket) sums the partials in split order -- deterministic -- adds the bias, writes Y and resets
-// its ticket for the next launch.
+// Epilogue.  A block covers 64 rows (4 strips) x 8 NT tokens; at the end warp w holds acc[nt][i] of the
+// block's strip w: rows m = 16 * strip + g (+8 for i >= 2), columns n = n0 + 8nt + 2t + (i & 1).
+// Without split-K it writes Y (+ bias) directly.  With split-K every block writes its fp32 partial tile to
+// ws in fragment order -- ws[split][blockIdx.x][w][nt][i][lane], so every store is 128 contiguous bytes --
+// and the last block of a row group to arrive (atomic ticket) sums the partials in split order (so the
+// result is deterministic), 16 bytes per load, adds the bias, writes Y and resets its ticket for the next
+// launch.
 // ------------------------------------------------------------------------------------------------
 struct Problem {
   const u16* x;
@@ -172,7 +174,7 @@ struct Problem {
   float* ws;
   int* tickets;
   int M, K, N, ldx;
-  int splits;
+  int splits;    // blocks along K (gridDim.y): partial tiles to sum
   int n_chunks;  // blocks along N; blockIdx.x = row_block * n_chunks + n_chunk, so the blocks that
                  // share a weight row block run together and re-read it from L2, not DRAM
   int vec;
@@ -181,33 +183,77 @@ struct Problem {
 DEVI int row_block_of(const Problem& p) { return blockIdx.x / p.n_chunks; }
 DEVI int n_chunk_of(const Problem& p) { return blockIdx.x % p.n_chunks; }
 
+// This block's partial tile of split `split` (512 NT floats).
+template <int NT>
+DEVI float* ws_tile(const Problem& p, int split) {
+  return p.ws + ((long long)split * gridDim.x + blockIdx.x) * (512 * NT);
+}
+
 template <bool BF16, int NT>
-DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, bool active, int n0, int lane) {
+DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, int sib, bool active, int n0, int lane) {
   const int g = lane >> 2, t = lane & 3;
-  const int split = blockIdx.y;
-  if (active) {
+  if (!active) return;
+  if (p.splits > 1) {
+    float* dst = ws_tile<NT>(p, blockIdx.y) + sib * 128 * NT + lane;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = strip * 16 + g + (i >= 2 ? 8 : 0);
-        const int n = n0 + nt * 8 + 2 * t + (i & 1);
-        if (m < p.M && n < p.N) {
-          if (p.splits == 1) {
-            float v = acc[nt][i];
-            if (p.bias) v += to_float<BF16>(p.bias[m]);
-            p.y[(long long)n * p.M + m] = from_float<BF16>(v);
-          } else {
-            p.ws[((long long)split * p.N + n) * p.M + m] = acc[nt][i];
-          }
-        }
+      for (int i = 0; i < 4; ++i) dst[(nt * 4 + i) * 32] = acc[nt][i];
+    return;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = strip * 16 + g + (i >= 2 ? 8 : 0);
+      const int n = n0 + nt * 8 + 2 * t + (i & 1);
+      if (m < p.M && n < p.N) {
+        float v = acc[nt][i];
+        if (p.bias) v += to_float<BF16>(p.bias[m]);
+        p.y[(long long)n * p.M + m] = from_float<BF16>(v);
       }
     }
   }
 }
 
-// Split-K: the last block of a row group to arrive sums the partials (see above).  Every thread of the
-// block calls it after storing its partials.
+// Sum the split partials of partial tile `tile` (of `tiles` per split; 512 NT floats each, fragment order) in split
+// order, add the bias and write Y, for the 16-byte groups q = q0, q0 + step, ... < 128 NT of the tile.  Group q is
+// four lanes (t = 0..3) of one (strip, nt, i): one row m and the columns n, n + 2, n + 4, n + 6.  The loads of 8
+// splits are in flight together; groups with no column below N load nothing.
+template <bool BF16, int NT>
+DEVI void reduce_partials(const float* ws, int tiles, int tile, int splits, u16* y, const u16* bias, int M, int N,
+                          int m0, int n0, int q0, int step) {
+  const long long split_stride = (long long)tiles * 128 * NT;  // float4s per split
+#pragma unroll 1
+  for (int q = q0; q < 128 * NT; q += step) {
+    const int e = 4 * q;  // tile element of lane t = 0
+    const int lane0 = e & 31, i = (e >> 5) & 3, nt = (e >> 7) % NT, sib = (e >> 7) / NT;
+    const int m = m0 + sib * 16 + (lane0 >> 2) + (i >= 2 ? 8 : 0);
+    const int n = n0 + nt * 8 + (i & 1);
+    if (m >= M || n >= N) continue;
+    const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 1
+    for (int s0 = 0; s0 < splits; s0 += 8) {
+      float4 a[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        a[u] = s0 + u < splits ? __ldcg(src + (s0 + u) * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        v.x += a[u].x; v.y += a[u].y; v.z += a[u].z; v.w += a[u].w;
+      }
+    }
+    const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
+    const float r[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      if (n + 2 * t < N) y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(r[t] + b);
+  }
+}
+
+// Split-K in the bitmap kernel: the last block of a row group to arrive sums the partials (see above).  Every
+// thread of the block calls it after storing its partials.
 template <bool BF16, int NT>
 DEVI void finish_splits(const Problem& p, int n0) {
   if (p.splits == 1) return;
@@ -222,24 +268,14 @@ DEVI void finish_splits(const Problem& p, int n0) {
   __syncthreads();
   if (!last) return;
   __threadfence();
-  constexpr int ROWS = WARPS * 16;
-  const int m0 = row_block_of(p) * ROWS;
-  for (int idx = threadIdx.x; idx < ROWS * NT * 8; idx += blockDim.x) {
-    const int m = m0 + idx % ROWS;
-    const int n = n0 + idx / ROWS;
-    if (m < p.M && n < p.N) {
-      float v = 0.f;
-      for (int s = 0; s < p.splits; ++s) v += __ldcg(p.ws + ((long long)s * p.N + n) * p.M + m);
-      if (p.bias) v += to_float<BF16>(p.bias[m]);
-      p.y[(long long)n * p.M + m] = from_float<BF16>(v);
-    }
-  }
+  reduce_partials<BF16, NT>(p.ws, gridDim.x, blockIdx.x, p.splits, p.y, p.bias, p.M, p.N, row_block_of(p) * (WARPS * 16),
+                            n0, threadIdx.x, THREADS);
   if (threadIdx.x == 0) *ticket = 0;
 }
 
 template <bool BF16, int NT>
-DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, bool active, int n0, int lane) {
-  store_acc<BF16, NT>(p, acc, strip, active, n0, lane);
+DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, int sib, bool active, int n0, int lane) {
+  store_acc<BF16, NT>(p, acc, strip, sib, active, n0, lane);
   finish_splits<BF16, NT>(p, n0);
 }
 
@@ -454,7 +490,7 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
     }
     cp_async_wait<0>();
   }
-  epilogue<BF16, NT>(p, acc, strip, active, n0, lane);
+  epilogue<BF16, NT>(p, acc, strip, warp, active, n0, lane);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -463,7 +499,8 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
 // entries (16-byte units: lane l takes units 32 r + l) into a private zeroed 8 KiB dense tile in shared
 // memory, laid out in fragment order with the 16-byte chunks swizzled so that the read-back is free of bank
 // conflicts; after a __syncwarp each lane reads its 4 x 32 elements back with 16 LDS.128 (zeroing them) and
-// multiplies them by one set of B fragments, so X is loaded once per 4096 weight elements.  The next tile's
+// multiplies them by one set of B fragments, so X is loaded once per 4096 weight elements.  The entries come in
+// bank order (format version 2, docs/formats.md): the 32 entries of one warp store mostly hit distinct banks.  The next tile's
 // first csl_pf_units<NT> units per lane are loaded into registers while this tile is multiplied; denser
 // tiles (over 25 % density, 12.5 % at NT = 4) load the rest when they scatter them.
 // N > 32 runs several blocks along N (kernels.plan, max_nt): 64 tokens would need 128 accumulators.
@@ -558,9 +595,11 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       __syncwarp();
     }
   }
+  // with split-K, the partials are summed by a second launch (splitk_reduce): the last 32-thread block of a row
+  // group would sum them with 32 threads, a long tail at N >= 16
 #pragma unroll
-  for (int s = 0; s < 4; ++s) store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, active && row_block * 4 + s < mt, n0, lane);
-  finish_splits<BF16, NT>(p, n0);
+  for (int s = 0; s < 4; ++s)
+    store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -698,6 +737,23 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
   INSTANTIATE(FMT, bf16, true, 1)                                                                 \
   INSTANTIATE(FMT, bf16, true, 2)                                                                 \
   INSTANTIATE(FMT, bf16, true, 4)
+
+// Split-K reduction for the Tiled-CSL kernel: block (tile, y) sums groups 128 y .. 128 y + 127 of partial tile
+// `tile` (tile = row block * n_chunks + n chunk, as in the spmm launch).
+#define INSTANTIATE_REDUCE(NAME, BF16, NT)                                                                 \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
+  splitk_reduce_##NAME##_nt##NT(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, \
+                                int M, int N, int splits, int tiles, int n_chunks) {                        \
+    const int tile = blockIdx.x;                                                                            \
+    reduce_partials<BF16, NT>(ws, tiles, tile, splits, y, bias, M, N, tile / n_chunks * (WARPS * 16),        \
+                              tile % n_chunks * NT * 8, blockIdx.y * THREADS + threadIdx.x, 128 * NT);       \
+  }
+INSTANTIATE_REDUCE(f16, false, 1)
+INSTANTIATE_REDUCE(f16, false, 2)
+INSTANTIATE_REDUCE(f16, false, 4)
+INSTANTIATE_REDUCE(bf16, true, 1)
+INSTANTIATE_REDUCE(bf16, true, 2)
+INSTANTIATE_REDUCE(bf16, true, 4)
 
 INSTANTIATE_ALL(bitmap)
 INSTANTIATE(bitmap, f16, false, 8)
