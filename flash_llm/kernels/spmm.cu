@@ -520,6 +520,20 @@ DEVI void csl_scatter4(u32 dense_base, const uint4& e) {
     if (v[q] < 0x10000000u) asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + csl_tile_byte(v[q])), "r"(v[q]));
 }
 
+// csl_scatter4 that also returns the four tile offsets, two per register (pads give some offset inside the tile:
+// zeroing it again after the read-back is harmless)
+DEVI void csl_scatter4_keep(u32 dense_base, const uint4& e, u32 (&kept)[2]) {
+  const u32 v[4] = {e.x, e.y, e.z, e.w};
+  u32 o[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    o[q] = csl_tile_byte(v[q]);
+    if (v[q] < 0x10000000u) asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + o[q]), "r"(v[q]));
+  }
+  kept[0] = __byte_perm(o[0], o[1], 0x5410);
+  kept[1] = __byte_perm(o[2], o[3], 0x5410);
+}
+
 template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                              int kt_per_split, Problem p) {
@@ -560,12 +574,21 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       }
     };
     prefetch();
+    // NT = 1: a sparse tile's scatter offsets, zeroed again after the read-back (tcsl_zero_scatter: at NT = 2 the
+    // 16 registers cost more occupancy than the clear saves; benchmarks/ab/README.md)
+    constexpr bool KEEP = NT == 1;
+    u32 kept[KEEP ? PF : 1][2];
     for (int j = kb; j < ke; ++j) {
       u32 b[4][NT][2];
       load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
+      const int rounds = (hi - lo + 31) >> 5;  // warp-uniform
+      const bool sparse_tile = KEEP && rounds <= PF;  // every unit prefetched: clear only what was written
 #pragma unroll
       for (int r = 0; r < PF; ++r)
-        if (lo + 32 * r < hi) csl_scatter4(dense_base, pf[r]);
+        if (r < rounds) {
+          if (KEEP) csl_scatter4_keep(dense_base, pf[r], kept[KEEP ? r : 0]);
+          else csl_scatter4(dense_base, pf[r]);
+        }
 #pragma unroll 1
       for (int u0 = lo + 32 * PF; u0 < hi; u0 += 32)
         csl_scatter4(dense_base, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4);
@@ -585,12 +608,23 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
           const u32 at = dense_base + s * 2048 + lane * 64 + ((c ^ ((lane >> 1) & 3)) << 4);
           asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
                        : "=r"(a[c][0]), "=r"(a[c][1]), "=r"(a[c][2]), "=r"(a[c][3]) : "r"(at));
-          asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0u));
+          if (!sparse_tile) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0u));
         }
 #pragma unroll
         for (int c = 0; c < 4; ++c)
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c], b[c][nt]);
+      }
+      if (sparse_tile) {  // every lane has read its elements: clear the positions this tile wrote, in bank order
+        __syncwarp();
+#pragma unroll
+        for (int r = 0; r < PF; ++r)
+          if (r < rounds)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + (kept[KEEP ? r : 0][h] & 0xffffu)), "r"(0u));
+              asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + (kept[KEEP ? r : 0][h] >> 16)), "r"(0u));
+            }
       }
       __syncwarp();
     }
@@ -718,11 +752,12 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
 
 // Threads per block and minimum resident blocks per SM by format and NT.  The minimum caps registers so that the
 // blocks the shared memory allows also fit the register file.  Bitmap: 4 warps and 34 KB of ring and windows per
-// block, so 6-7 blocks.  Tiled-CSL: one warp and its 8 KB tile per block; 24 / 20 / 10 blocks for NT = 1 / 2 / 4
+// block, so 6-7 blocks.  Tiled-CSL: one warp and its 8 KB tile per block; 20 / 20 / 10 blocks for NT = 1 / 2 / 4
+// (at NT = 1 the kept scatter offsets take 16 registers: 24 blocks before)
 // (H200: the most that compile without spills; 24 at NT = 1 measured faster than 16, benchmarks/ab/README.md).
 constexpr int bitmap_threads = THREADS, tiled_csl_threads = 32;
 template <int NT> struct bitmap_min_blocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
-template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 24 : NT == 2 ? 20 : 10; };
+template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 20 : NT == 2 ? 20 : 10; };
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(FMT##_threads, FMT##_min_blocks<NT>::value)                \
