@@ -389,6 +389,22 @@ def test_tiled_csl_entries_follow_fragment_order(dtype, shape, density):
         assert entries == want, f"tile {i}: entries differ"
 
 
+def test_tiled_csl_bank_order_depends_only_on_the_entries():
+    """bank_order gives the same arrays whatever the order of the entries inside each tile and however the tiles
+    are cut into chunks (one tile, a few hundred entries, the default)."""
+    from flash_llm.formats.tiled_csl import bank_order
+    w = sparse_weight(200, 1000, 0.3, torch.float16, seed=9)
+    c = TiledCSL.from_dense(w)
+    gen = torch.Generator().manual_seed(0)
+    shuffled = c.data.clone()
+    off = c.offsets.tolist()
+    for t in range(len(off) - 1):
+        shuffled[off[t]:off[t + 1]] = c.data[off[t]:off[t + 1]][torch.randperm(off[t + 1] - off[t], generator=gen)]
+    assert not torch.equal(shuffled, c.data)
+    for chunk in (1, 700, 1 << 22):
+        assert torch.equal(bank_order(shuffled, c.offsets, chunk=chunk), c.data), chunk
+
+
 def test_tiled_csl_bank_order_spreads_the_scatter_stores():
     """The point of the version-2 order: the kernel's warp stores (r, q) write mostly distinct banks.  Counted
     here as shared-memory wavefronts per store (the most distinct 32-bit words in one bank), against the

@@ -57,8 +57,8 @@ def bank_order(data: torch.Tensor, offsets: torch.Tensor, chunk: int = 1 << 22) 
     instruction ``(r, q)``; in a last, partial round of ``L`` units the instruction covers lanes ``0 .. L - 1``.
     Entries are ranked within their bank (``k``-th entry of bank ``b``) and laid out in ``(k, b)`` order, one
     instruction after another: each instruction takes the next run of that sequence, so its entries come from one
-    or two consecutive layers of distinct banks.  Pads go last.  Works on CPU and CUDA tensors, ``chunk`` entries
-    (whole tiles) at a time to bound the temporaries.
+    or two consecutive layers of distinct banks.  Pads go last.  Works on CPU and CUDA tensors, whole tiles at a
+    time (about ``chunk`` entries and at most 15 000 tiles, so the sort keys fit int32) to bound the temporaries.
     """
     out = data.clone()
     off = offsets.to(torch.int64)
@@ -66,7 +66,7 @@ def bank_order(data: torch.Tensor, offsets: torch.Tensor, chunk: int = 1 << 22) 
     while t0 < t:
         start = int(off[t0])
         t1 = max(t0 + 1, int(torch.searchsorted(off, start + chunk, right=True)) - 1)
-        t1 = min(t1, t)
+        t1 = min(t1, t, t0 + 15000)
         end = int(off[t1])
         if end > start:
             out[start:end] = _bank_order_tiles(data[start:end], off[t0:t1 + 1] - start)
@@ -75,19 +75,20 @@ def bank_order(data: torch.Tensor, offsets: torch.Tensor, chunk: int = 1 << 22) 
 
 
 def _bank_order_tiles(data: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
-    n, dev = data.numel(), data.device
-    sizes = off[1:] - off[:-1]
-    tile_of = torch.repeat_interleave(torch.arange(sizes.numel(), device=dev), sizes, output_size=n)
-    pos = (data.to(torch.int64) >> 16) & 0xFFFF
+    # int32 throughout: at most 15 000 tiles, so (tile, bank, position) < 2^31 and (tile, rank, bank) < 2^31
+    n, dev, i32 = data.numel(), data.device, torch.int32
+    sizes = (off[1:] - off[:-1]).to(i32)
+    tile_of = torch.repeat_interleave(torch.arange(sizes.numel(), device=dev, dtype=i32), sizes, output_size=n)
+    pos = (data >> 16) & 0xFFFF
     pad = pos == PAD_POSITION
+    pos = torch.where(pad, TILE_ELEMS - 1, pos)
     bank = torch.where(pad, 32, shared_bank(pos))
     # rank of each entry within its (tile, bank) group, by position (so the result depends only on the entries)
     group = tile_of * 33 + bank
-    key_sorted, order = torch.sort(group * 65536 + pos, stable=True)
-    group_sorted = key_sorted >> 16
-    rank_sorted = torch.arange(n, device=dev) - torch.searchsorted(group_sorted, group_sorted)
-    del group, group_sorted
-    del key_sorted
+    key_sorted, order = torch.sort((group << 12) | pos, stable=True)
+    group_sorted = key_sorted >> 12
+    rank_sorted = torch.arange(n, device=dev, dtype=i32) - torch.searchsorted(group_sorted, group_sorted, out_int32=True)
+    del group, group_sorted, key_sorted
     rank = torch.empty_like(rank_sorted)
     rank[order] = rank_sorted
     del order, rank_sorted
@@ -95,13 +96,13 @@ def _bank_order_tiles(data: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
     seq = torch.sort((tile_of * (TILE_ELEMS + 1) + rank) * 33 + bank, stable=True).indices  # tile, then (k, b)
     del rank, bank, pos, pad
     # sequence index j inside its tile -> slot: round r = j // 128 of min(32, units - 32 r) lanes, 4 instructions
-    start = off[:-1][tile_of]
-    j = torch.arange(n, device=dev) - start
-    r = j // 128
+    start = off[:-1].to(i32)[tile_of]
+    j = torch.arange(n, device=dev, dtype=i32) - start
+    r = j >> 7
     lanes = torch.clamp(sizes[tile_of] // 4 - 32 * r, max=32)
     rel = j - 128 * r
     out = torch.empty_like(data)
-    out[start + 128 * r + 4 * (rel % lanes) + rel // lanes] = data[seq]
+    out[(start + 128 * r + 4 * (rel % lanes) + rel // lanes).long()] = data[seq]
     return out
 
 
