@@ -60,7 +60,7 @@ def bank_order(data: torch.Tensor, offsets: torch.Tensor, chunk: int = 1 << 22) 
     or two consecutive layers of distinct banks.  Pads go last.  Works on CPU and CUDA tensors, whole tiles at a
     time (about ``chunk`` entries and at most 15 000 tiles, so the sort keys fit int32) to bound the temporaries.
     """
-    out = data.clone()
+    out = torch.empty_like(data)  # every entry belongs to one chunk below
     off = offsets.to(torch.int64)
     t, t0 = off.numel() - 1, 0
     while t0 < t:
@@ -218,9 +218,9 @@ class TiledCSL(SparseFormat):
                 i = int(tile_of[1:][same_tile & ~ok][0])
                 raise FormatError(f"{name('data')}: tile {i} has positions out of order or repeated")
         else:  # version 2: any order, but no position twice in a tile
-            flat = torch.sort((tile_of * (TILE_ELEMS + 1) + pos.clamp(max=TILE_ELEMS))[~pad]).values
+            flat = torch.sort((tile_of * TILE_ELEMS + pos)[~pad]).values  # real positions are < 4096 (checked above)
             if bool((flat[1:] == flat[:-1]).any()):
-                i = int(flat[1:][flat[1:] == flat[:-1]][0]) // (TILE_ELEMS + 1)
+                i = int(flat[1:][flat[1:] == flat[:-1]][0]) // TILE_ELEMS
                 raise FormatError(f"{name('data')}: tile {i} holds a position twice")
         if (mp, kp) != (m, k):
             inside = _tiles(L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=dev), m_multiple=TILE_M))

@@ -69,12 +69,16 @@ def block_threads(name: str) -> int:
     return 32 if name.startswith("tiled_csl_spmm") else THREADS
 
 
+def _dtype_suffix(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "f16"
+
+
 def kernel_name(fmt: int, dtype: torch.dtype, n: int) -> str:
     """The spmm kernel that ``spmm_cuda`` launches for ``n`` tokens of ``dtype``."""
-    return f"{_FORMAT_PREFIX[fmt]}_spmm_{'bf16' if dtype == torch.bfloat16 else 'f16'}_nt{_nt(n, fmt)}"
+    return f"{_FORMAT_PREFIX[fmt]}_spmm_{_dtype_suffix(dtype)}_nt{_nt(n, fmt)}"
 
 
-def _nt(n: int, fmt: int = BITMAP) -> int:
+def _nt(n: int, fmt: int) -> int:
     """8-token tiles per block for ``n`` tokens in format ``fmt`` (blocks along N cover the rest)."""
     return min(1 if n <= 8 else 2 if n <= 16 else 4 if n <= 32 else 8, _MAX_NT[fmt])
 
@@ -222,8 +226,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads), splits, fmt)
     ws_ptr = tk_ptr = 0
     stream = torch.cuda.current_stream(dev).cuda_stream
+    tiles = p.row_blocks * p.n_chunks  # blocks along M and N; with split-K, one 64 x 8 nt fp32 partial tile each
     if p.splits > 1:
-        tiles = p.row_blocks * p.n_chunks  # one 64 x 8 nt fp32 partial tile per block
         ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt, dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
         if fmt == BITMAP:  # the last block of a row group sums the partials; Tiled-CSL: splitk_reduce, below
@@ -234,12 +238,11 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
             (bias_ptr, P), (ws_ptr, P), (tk_ptr, P),
             (m, I), (k, I), (n, I), (k, I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
             (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
-    launch(name, (p.row_blocks * p.n_chunks, p.splits, 1), threads, args, stream, dev.index)
+    launch(name, (tiles, p.splits, 1), threads, args, stream, dev.index)
     if p.splits > 1 and fmt == TILED_CSL:
-        launch(f"splitk_reduce_{'bf16' if x.dtype == torch.bfloat16 else 'f16'}_nt{p.nt}",
-               (p.row_blocks * p.n_chunks, p.nt, 1), THREADS,
-               [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m, I), (n, I), (p.splits, I),
-                (p.row_blocks * p.n_chunks, I), (p.n_chunks, I)], stream, dev.index)
+        launch(f"splitk_reduce_{_dtype_suffix(x.dtype)}_nt{p.nt}", (tiles, p.nt, 1), THREADS,
+               [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m, I), (n, I), (p.splits, I), (tiles, I),
+                (p.n_chunks, I)], stream, dev.index)
     return y
 
 

@@ -513,25 +513,22 @@ DEVI u32 csl_tile_byte(u32 e) { return ((e >> 15) & 0x1ffeu) ^ ((e >> 18) & 0x30
 
 template <int NT> struct csl_pf_units { static constexpr int value = NT >= 4 ? 4 : 8; };  // 8: 25 % density
 
-DEVI void csl_scatter4(u32 dense_base, const uint4& e) {
-  const u32 v[4] = {e.x, e.y, e.z, e.w};
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-    if (v[q] < 0x10000000u) asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + csl_tile_byte(v[q])), "r"(v[q]));
-}
-
-// csl_scatter4 that also returns the four tile offsets, two per register (pads give some offset inside the tile:
-// zeroing it again after the read-back is harmless)
-DEVI void csl_scatter4_keep(u32 dense_base, const uint4& e, u32 (&kept)[2]) {
+// Scatter one unit's four entries.  With KEEP, `kept` receives their tile offsets, two per register, for a later
+// clear (pads give some offset inside the tile: zeroing it again after the read-back is harmless).
+template <bool KEEP>
+DEVI void csl_scatter4(u32 dense_base, const uint4& e, u32 (&kept)[2]) {
   const u32 v[4] = {e.x, e.y, e.z, e.w};
   u32 o[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    o[q] = csl_tile_byte(v[q]);
-    if (v[q] < 0x10000000u) asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + o[q]), "r"(v[q]));
+    if (KEEP) o[q] = csl_tile_byte(v[q]);
+    if (v[q] < 0x10000000u)
+      asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + (KEEP ? o[q] : csl_tile_byte(v[q]))), "r"(v[q]));
   }
-  kept[0] = __byte_perm(o[0], o[1], 0x5410);
-  kept[1] = __byte_perm(o[2], o[3], 0x5410);
+  if (KEEP) {
+    kept[0] = __byte_perm(o[0], o[1], 0x5410);
+    kept[1] = __byte_perm(o[2], o[3], 0x5410);
+  }
 }
 
 template <bool BF16, int NT>
@@ -585,13 +582,12 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       const bool sparse_tile = KEEP && rounds <= PF;  // every unit prefetched: clear only what was written
 #pragma unroll
       for (int r = 0; r < PF; ++r)
-        if (r < rounds) {
-          if (KEEP) csl_scatter4_keep(dense_base, pf[r], kept[KEEP ? r : 0]);
-          else csl_scatter4(dense_base, pf[r]);
-        }
+        if (r < rounds) csl_scatter4<KEEP>(dense_base, pf[r], kept[KEEP ? r : 0]);
 #pragma unroll 1
-      for (int u0 = lo + 32 * PF; u0 < hi; u0 += 32)
-        csl_scatter4(dense_base, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4);
+      for (int u0 = lo + 32 * PF; u0 < hi; u0 += 32) {
+        u32 unused[2];
+        csl_scatter4<false>(dense_base, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4, unused);
+      }
       if (j + 1 < ke) {  // the next tile's entries, in flight during this tile's multiply
         const int t = j + 1 - kb;
         if ((t & 31) == 0) ends = j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
