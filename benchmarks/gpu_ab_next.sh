@@ -1,29 +1,40 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [stalls] [sanitize]
-#   tests     the GPU kernel tests on the checked-out tree (session 6 applied the NT = 1 clear by scatter compiled,
-#             not run in its final form; about 1 minute)
-#   ab        the prototypes waiting in benchmarks/ab/ (about 6 minutes): splitk_reduce_wide and tcsl_inkernel_n1,
-#             Tiled-CSL on 9216 x 36864 at 80 and 90 %, N = 1-32, then on 4096 x 14336 (Llama-3-8B down)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [across] [profile] [e2e] [stalls] [sanitize]
+#   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
+#   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
+#             90 %, N = 1-32, then on 4096 x 14336 (Llama-3-8B down)
+#   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
+#   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 %, batch 1
+#   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL 0 / 80 / 90 %, batch 1 / 8 / 16, fused and merged (3 minutes)
 #   stalls    benchmarks/gpu_stalls.sh 0.8 1 16 on the checked-out kernels
 #   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
 # Outputs (logs) under $OUT; the A/B tables are printed.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
-export OUT
+export OUT PYTHONPATH=$PWD
 for stage in "${@:-tests ab}"; do
   for s in $stage; do
     echo "=== $s"
     case $s in
-      ab) { FMTS=tiled-csl SPARSITIES="0.8 0.9" NS=1,8,16,32 bash benchmarks/ab_kernel.sh benchmarks/ab/splitk_reduce_wide.patch \
-               benchmarks/ab/tcsl_inkernel_n1.patch
+      ab) if ! ls benchmarks/ab/*.patch >/dev/null 2>&1; then echo "no patches waiting in benchmarks/ab"; else
+           { FMTS=tiled-csl SPARSITIES="0.8 0.9" NS=1,8,16,32 bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
              AB_TESTS="tests/test_plan.py" FMTS=tiled-csl AB_M=4096 AB_K=14336 SPARSITIES=0.8 NS=1,8,16,32 \
-               bash benchmarks/ab_kernel.sh benchmarks/ab/splitk_reduce_wide.patch benchmarks/ab/tcsl_inkernel_n1.patch
-           } 2>&1 | tee "$OUT/ab.log" ;;
-      tests) PYTHONPATH=$PWD timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
+               bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
+           } 2>&1 | tee "$OUT/ab.log"; fi ;;
+      across) for shape in "9216 36864" "4096 14336"; do read -r M K <<< "$shape"
+                for sp in 0.8 0.9; do timeout 100 python3 benchmarks/time_across_n.py --fmt tiled-csl --m $M --k $K \
+                  --sparsity $sp --ns 1,8,16,32; done; done 2>&1 | tee "$OUT/across.log" ;;
+      profile) for sp in 0 0.8; do timeout 150 python3 benchmarks/profile_decode.py --model llama-3-8b \
+                 --format tiled-csl --sparsity $sp --batch 1 --fuse --merge --out "$OUT/profile_$sp.json"; done \
+                 2>&1 | tee "$OUT/profile.log" ;;
+      e2e) timeout 280 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format tiled-csl \
+             --sparsities 0,80,90 --batches 1,8,16 --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_tcsl" \
+             2>&1 | tee "$OUT/e2e_tcsl.log" | grep -v "^{" ;;
+      tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       stalls) bash benchmarks/gpu_stalls.sh 0.8 1 16 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;
-      *) echo "unknown stage $s (tests ab stalls sanitize)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab across profile e2e stalls sanitize)" >&2; exit 2 ;;
     esac
   done
 done

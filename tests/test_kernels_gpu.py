@@ -105,6 +105,24 @@ def test_split_k_does_not_change_result(fmt):
     assert torch.equal(run_kernel(x, w, None, splits=16, force_sparse=True), outs[3])
 
 
+@pytest.mark.parametrize("n", [1, 9, 17, 32])
+def test_tiled_csl_reduce_ways_agree(n):
+    """The Tiled-CSL split-K reduction with 1 and with 4 warps per group set: both right, each deterministic."""
+    gen = torch.Generator(device="cuda").manual_seed(5 + n)
+    w_dense = sparse_weight(200, 4096, 0.2, torch.bfloat16, gen)
+    w = flash_llm.TiledCSL.from_dense(w_dense)
+    bias = torch.randn(200, generator=gen, device="cuda").bfloat16()
+    x = torch.randn(n, 4096, generator=gen, device="cuda").bfloat16()
+    for splits in (3, 9):
+        outs = [run_kernel(x, w, bias, splits=splits, force_sparse=True, ways=ways) for ways in (1, 4)]
+        for ways, o in zip((1, 4), outs):
+            check(o, x, w_dense, bias)
+            assert torch.equal(run_kernel(x, w, bias, splits=splits, force_sparse=True, ways=ways), o)
+        torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="ways"):
+        run_kernel(x, w, bias, ways=2)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
 def test_decode_dense_kernel(fmt):
     gen = torch.Generator(device="cuda").manual_seed(11)

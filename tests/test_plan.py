@@ -2,7 +2,7 @@
 
 import pytest
 
-from flash_llm.kernels import BITMAP, TILED_CSL, _MAX_NT, kernel_name, plan
+from flash_llm.kernels import BITMAP, TILED_CSL, _MAX_NT, kernel_name, plan, reduce_ways
 
 SHAPES = [(1, 1), (257, 1000), (4096, 4096), (9216, 36864), (28672, 8192)]
 
@@ -33,3 +33,13 @@ def test_plan_splits_large_layers_at_small_n():
     """N = 1 on OPT-66B's down projection: 144 row blocks cannot fill 132 SMs x 6 blocks, so K is split."""
     assert plan(9216, 36864, 1, 0.2, 132, 6, None, BITMAP).splits > 1
     assert plan(9216, 36864, 1, 0.2, 132, 24, None, TILED_CSL).splits > 1
+
+
+def test_reduce_ways_widens_only_small_launches():
+    """Llama-3-8B's 4096-row layers (64 row blocks) at N = 1 get 4 warps per group set; OPT-66B's 9216 rows at
+    N = 32 (144 row blocks x 4 token tiles) fill the GPU with one thread per group."""
+    assert reduce_ways(64, 1, 132) == 4
+    assert reduce_ways(64, 4, 132) == 4
+    assert reduce_ways(144, 4, 132) == 1
+    assert reduce_ways(144, 1, 132) == 4
+    assert reduce_ways(264, 1, 132) == 1

@@ -1,0 +1,150 @@
+"""Where one decode step's time goes: every kernel of a captured decode step, grouped by kind.
+
+Builds a synthetic model (random weights at real shapes, ``flash_llm.models.build_synthetic``), captures the
+engine's decode step in a CUDA graph as ``Engine.generate`` does, then
+
+* times graph replays with CUDA events (median; this is the time per output token, without sampling), and
+* profiles a few replays with ``torch.profiler`` (CUPTI records the kernels a graph launches) and groups the
+  kernels of one replay by kind: count, summed device time, and the replay's span (first kernel start to last
+  kernel end).  ``span - busy`` is the time no kernel of the step ran: launch gaps between dependent nodes.
+
+Prints a table (largest groups first) and writes ``--out`` (JSON) with every kernel name.
+
+    python benchmarks/profile_decode.py --model llama-3-8b --format tiled-csl --sparsity 0.8 --batch 1 \\
+        --fuse --merge --out decode_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+
+import torch
+
+from flash_llm.engine import Engine
+from flash_llm.models import build_synthetic, preset
+
+# kernel name -> group (first match wins); names are demangled CUDA symbols
+GROUPS = [
+    ("sparse matmul", r"bitmap_spmm|tiled_csl_spmm"),
+    ("split-K reduce", r"splitk_reduce"),
+    ("dense matmul (cuBLAS)", r"gemm|gemv|sm90_xmma|cutlass|cublas|nvjet"),
+    ("attention", r"fmha|attention|flash|softmax|efficient"),
+    ("compiled elementwise (Triton)", r"^triton_"),
+    ("KV cache write", r"index_copy|indexCopy|index_put|scatter"),
+    ("copy / cast", r"copy|Copy|cast"),
+    ("other elementwise", r"elementwise|vectorized|reduce|unrolled"),
+]
+
+
+def group_of(name: str) -> str:
+    for g, pat in GROUPS:
+        if re.search(pat, name):
+            return g
+    return "other"
+
+
+def replay_kernels(prof, replays: int) -> list[list[dict]]:
+    """The kernels of each replay, in start order (split at the gaps between replays' launches)."""
+    ks = sorted(({"name": e.name, "start": e.time_range.start, "end": e.time_range.end}
+                 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda k: k["start"])
+    ks = [k for k in ks if not k["name"].startswith(("Memcpy", "Memset"))]
+    if not ks:
+        return []
+    per = len(ks) // replays
+    return [ks[i * per:(i + 1) * per] for i in range(replays)] if per else [ks]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--format", default="tiled-csl", choices=("bitmap", "tiled-csl"))
+    ap.add_argument("--sparsity", type=float, default=0.8, help="0 for the dense model")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=None, help="build only this many decoder layers")
+    ap.add_argument("--fuse", action="store_true")
+    ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_decode.py needs a CUDA device", file=sys.stderr)
+        return 2
+    cfg = preset(a.model)
+    if a.layers:
+        cfg = cfg.replace(num_layers=a.layers)
+    model, _ = build_synthetic(cfg, a.sparsity or None, fmt=a.format, progress=False)
+    eng = Engine(model, max_batch=a.batch, max_seq=256, fuse=a.fuse, merge=a.merge)
+    prompts = torch.randint(3, cfg.vocab_size, (a.batch, 64)).tolist()
+    eng.generate(prompts, 4, eos_token_id=None)  # compiles, captures the graph of this batch size
+    graph = eng._graphs[a.batch]
+
+    def replay_n(n):
+        eng._slot.fill_(64)  # stay inside the cache
+        for _ in range(n):
+            graph.replay()
+
+    replay_n(20)
+    times = []
+    for _ in range(30):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        eng._slot.fill_(64)
+        e0.record()
+        for _ in range(10):
+            graph.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) / 10 * 1e3)
+    step_us = statistics.median(times)
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eng._slot.fill_(64)
+        torch.cuda.synchronize()
+        for _ in range(a.replays):
+            graph.replay()
+            torch.cuda.synchronize()  # a gap between replays
+    reps = replay_kernels(prof, a.replays)
+    rows = []
+    for ks in reps:
+        if not ks:
+            continue
+        busy = sum(k["end"] - k["start"] for k in ks)
+        span = ks[-1]["end"] - ks[0]["start"]
+        rows.append((len(ks), busy, span))
+    ks = reps[len(reps) // 2] if reps else []
+    groups: dict[str, list[float]] = {}
+    for k in ks:
+        g = groups.setdefault(group_of(k["name"]), [0, 0.0])
+        g[0] += 1
+        g[1] += k["end"] - k["start"]
+    names: dict[str, list[float]] = {}
+    for k in ks:
+        n = names.setdefault(k["name"][:90], [0, 0.0])
+        n[0] += 1
+        n[1] += k["end"] - k["start"]
+    head = (f"{a.model} layers={cfg.num_layers} {a.format if a.sparsity else 'dense'} sparsity={a.sparsity} "
+            f"batch={a.batch} fuse={a.fuse} merge={a.merge} on {torch.cuda.get_device_name()}")
+    print(head)
+    print(f"graph replay (events, median of 30 x 10): {step_us:.0f} us per step")
+    for n, busy, span in rows:
+        print(f"profiled replay: {n} kernels, busy {busy:.0f} us, span {span:.0f} us, idle {span - busy:.0f} us")
+    print(f"\n| group | kernels | device us | us per kernel |\n|---|---|---|---|")
+    for g, (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {g} | {c} | {t:.0f} | {t / c:.1f} |")
+    print("\ntop kernels by time:")
+    for nm, (c, t) in sorted(names.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"  {t:8.0f} us {c:5d}x  {nm}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"setup": head, "step_us": step_us, "replays": rows,
+                       "groups": groups, "kernels": [(k["name"], k["end"] - k["start"]) for k in ks]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
