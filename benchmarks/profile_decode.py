@@ -25,7 +25,8 @@ import sys
 import torch
 
 from flash_llm.engine import Engine
-from flash_llm.models import build_synthetic, preset
+from flash_llm.models import preset
+from flash_llm.models.synthetic import build_synthetic
 
 # kernel name -> group (first match wins); names are demangled CUDA symbols
 GROUPS = [
