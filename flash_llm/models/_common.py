@@ -3,7 +3,7 @@ scaled-dot-product attention with grouped-query heads that never copies keys or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,16 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return causal & (attention_mask.bool()[:, None, None, :] | eye)
 
 
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool attention mask (True attends) as the additive one ``scaled_dot_product_attention`` makes of it:
+    0 where True, ``-inf`` where False, in ``dtype``.  Done once per forward instead of inside every layer's
+    attention call (three small kernels per layer per decode step: a fill, a logical not and a masked fill).
+    Float masks and ``None`` pass through."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` int64 positions of a padded batch: the number of real tokens before each one (padding gets
     0), as Hugging Face ``generate`` computes them."""
@@ -104,7 +114,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         q: ``[B, H, T, D]`` queries.
         k, v: ``[B, Hkv, S, D]`` keys and values, ``H`` a multiple of ``Hkv``; query head ``h`` uses kv head
             ``h // (H / Hkv)`` (HF's ``repeat_kv`` order).
-        mask: ``[B, 1, T, S]`` bool (True attends) or ``None`` for causal attention with ``S == T``.
+        mask: ``[B, 1, T, S]`` bool (True attends), or additive float in the dtype of ``q`` (:func:`additive_mask`),
+            or ``None`` for causal attention with ``S == T``.
         scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
 
     Returns:
@@ -180,6 +191,8 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
         if attend is None:
             attend = default_attend(input_ids, attention_mask, positions)
+        if attend.mask is not None and attend.mask.dtype == torch.bool:  # converted once, not in every layer
+            attend = replace(attend, mask=additive_mask(attend.mask, self.input_embeddings().weight.dtype))
         h = self.model(input_ids, attend)
         if last_only:
             h = h[:, -1:]

@@ -148,13 +148,25 @@ class LlamaDecoderLayer(nn.Module):
         self.fused = False
 
     def forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
-        delta = self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        if self.fused:  # the residual add and the second norm in one kernel
-            norm = self.post_attention_layernorm
-            x, h = _fused.op("add_rms_norm", True)(x, delta, norm.weight, norm.eps)
-            return x + self.mlp(h)
-        x = x + delta
+        if self.fused:
+            x, delta = self.forward_deferred(x, None, cos, sin, attend)
+            return x + delta
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_deferred(self, x: torch.Tensor, delta: torch.Tensor | None, cos, sin, attend: Attend
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused layer with its residual adds folded into the norms: takes the residual stream ``x`` and the
+        previous layer's MLP output ``delta`` not yet added to it (``None`` for the first layer) and returns
+        ``(x', mlp_out)``, where ``x' + mlp_out`` is the layer's output.  Each add runs in the kernel of the
+        RMSNorm that follows it (:func:`~flash_llm.models._fused.add_rms_norm`): one kernel fewer per layer."""
+        norm, post = self.input_layernorm, self.post_attention_layernorm
+        if delta is None:
+            h = _fused.op("rms_norm", True)(x, norm.weight, norm.eps)
+        else:
+            x, h = _fused.op("add_rms_norm", True)(x, delta, norm.weight, norm.eps)
+        x, h = _fused.op("add_rms_norm", True)(x, self.self_attn(h, cos, sin, attend), post.weight, post.eps)
+        return x, self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -162,6 +174,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, **kw):
         super().__init__()
+        self.fused = False  # set_fused: the layers' residual adds run inside the next norm's kernel
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, **kw) for i in range(config.num_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.norm_eps, **kw)
@@ -172,6 +185,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, attend.positions)
+        if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
+            delta = None
+            for layer in self.layers:
+                x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
+            return _fused.op("add_rms_norm", True)(x, delta, self.norm.weight, self.norm.eps)[1]
         for layer in self.layers:
             x = layer(x, cos, sin, attend)
         return self.norm(x)
