@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [across] [profile] [e2e] [stalls] [sanitize]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [across] [pdl] [profile] [e2e] [spmm] [stalls] [sanitize]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, N = 1-32, then on 4096 x 14336 (Llama-3-8B down)
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 %, batch 1
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL 0 / 80 / 90 %, batch 1 / 8 / 16, fused and merged (3 minutes)
+#   pdl       time_across_n.py on 4096 x 14336 (Tiled-CSL 80 %) with FLASH_LLM_PDL=0 and 1 (1 minute)
+#   spmm      bench_spmm.py --dtypes fp16 (both formats, 20 shapes; 3 minutes)
 #   stalls    benchmarks/gpu_stalls.sh 0.8 1 16 on the checked-out kernels
 #   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
 # Outputs (logs) under $OUT; the A/B tables are printed.
@@ -31,10 +33,15 @@ for stage in "${@:-tests ab}"; do
       e2e) timeout 280 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format tiled-csl \
              --sparsities 0,80,90 --batches 1,8,16 --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_tcsl" \
              2>&1 | tee "$OUT/e2e_tcsl.log" | grep -v "^{" ;;
-      tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
+      pdl) for pdl in 0 1 0 1; do echo "FLASH_LLM_PDL=$pdl"; FLASH_LLM_PDL=$pdl timeout 100 python3 \
+             benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 1,16,32; done 2>&1 | \
+             tee "$OUT/pdl.log" ;;
+      spmm) timeout 200 python3 benchmarks/bench_spmm.py --dtypes fp16 --out "$OUT/spmm_fp16" > "$OUT/spmm_fp16.log" 2>&1
+            tail -40 "$OUT/spmm_fp16.log" ;;
+      tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       stalls) bash benchmarks/gpu_stalls.sh 0.8 1 16 2>&1 | tee "$OUT/stalls.log" ;;
-      sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;
-      *) echo "unknown stage $s (tests ab across profile e2e stalls sanitize)" >&2; exit 2 ;;
+      sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
+      *) echo "unknown stage $s (tests ab across pdl profile e2e spmm stalls sanitize)" >&2; exit 2 ;;
     esac
   done
 done

@@ -123,6 +123,35 @@ def test_tiled_csl_reduce_ways_agree(n):
         run_kernel(x, w, bias, ways=2)
 
 
+def test_tiled_csl_reduce_with_and_without_programmatic_launch(monkeypatch):
+    """The split-K reduction launched to overlap the spmm (PDL) gives the same bits as a plain launch, also when
+    captured in a CUDA graph and replayed on fresh inputs."""
+    from flash_llm.kernels import _build
+
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    w_dense = sparse_weight(4096, 4096, 0.2, torch.float16, gen)
+    w = flash_llm.TiledCSL.from_dense(w_dense)
+    x = torch.randn(3, 4096, generator=gen, device="cuda").half()
+    outs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(_build, "PDL", pdl)
+        outs[pdl] = run_kernel(x, w, None, splits=8, force_sparse=True)
+        check(outs[pdl], x, w_dense, None)
+    assert torch.equal(outs[True], outs[False])
+    out = torch.empty_like(outs[True])
+    k = _kernels()
+    fmt = FORMAT_IDS[flash_llm.TiledCSL]
+    k.spmm_cuda(x, w.data, w.offsets, fmt, 4096, 4096, None, splits=8, force_sparse=True, out=out)  # warm
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        k.spmm_cuda(x, w.data, w.offsets, fmt, 4096, 4096, None, splits=8, force_sparse=True, out=out)
+    for _ in range(3):
+        x.copy_(torch.randn(3, 4096, generator=gen, device="cuda").half())
+        out.fill_(float("nan"))
+        g.replay()
+        check(out, x, w_dense, None)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
 def test_decode_dense_kernel(fmt):
     gen = torch.Generator(device="cuda").manual_seed(11)

@@ -254,7 +254,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         w = ways or reduce_ways(tiles, p.nt, sm_count(dev.index))
         launch(f"splitk_reduce_{_dtype_suffix(x.dtype)}_nt{p.nt}", (tiles, w * p.nt, 1), THREADS,
                [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m, I), (n, I), (p.splits, I), (tiles, I),
-                (p.n_chunks, I), (w, I)], stream, dev.index)
+                (p.n_chunks, I), (w, I)], stream, dev.index, pdl=True)
     return y
 
 

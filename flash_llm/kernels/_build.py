@@ -180,14 +180,47 @@ def _function(device_index: int, name: str):
         return fn
 
 
+#: programmatic dependent launch for the launches that ask for it (``launch(pdl=True)``) on sm_90 and newer;
+#: ``FLASH_LLM_PDL=0`` turns it off (the kernels then run strictly one after the other, as without it)
+PDL = os.environ.get("FLASH_LLM_PDL", "1") != "0"
+_pdl_ok: dict[int, bool] = {}
+
+
+def _pdl_supported(device_index: int) -> bool:
+    ok = _pdl_ok.get(device_index)
+    if ok is None:
+        import torch
+
+        ok = _pdl_ok[device_index] = torch.cuda.get_device_capability(device_index)[0] >= 9
+    return ok
+
+
 def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream: int, device_index: int,
-           shared: int = 0) -> None:
-    """Launch kernel ``name`` with ``args`` (ints for pointers/ints, as ``(value, ctype)`` pairs)."""
+           shared: int = 0, pdl: bool = False) -> None:
+    """Launch kernel ``name`` with ``args`` (ints for pointers/ints, as ``(value, ctype)`` pairs).
+
+    ``pdl``: launch with programmatic stream serialization (sm_90+, unless ``FLASH_LLM_PDL=0``): the kernel may
+    start before the previous kernel in the stream has finished, so it must wait for it (``griddepcontrol.wait``)
+    before reading its results."""
     fn = _function(device_index, name)
     holders = [ctype(value) for value, ctype in args]
     ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-    _check_cu((_driver().cuLaunchKernel(fn, grid[0], grid[1], grid[2], block, 1, 1, shared, stream,
-                                        ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
+    drv = _driver()
+    if pdl and PDL and _pdl_supported(device_index):
+        cfg = drv.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
+        cfg.sharedMemBytes = shared
+        cfg.hStream = drv.CUstream(stream)
+        attr = drv.CUlaunchAttribute()
+        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs = [attr]
+        cfg.numAttrs = 1
+        _check_cu((drv.cuLaunchKernelEx(cfg, fn, ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
+        return
+    _check_cu((drv.cuLaunchKernel(fn, grid[0], grid[1], grid[2], block, 1, 1, shared, stream,
+                                  ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
 
 
 _occupancy: dict[tuple[int, str], int] = {}

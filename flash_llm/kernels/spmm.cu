@@ -757,9 +757,26 @@ constexpr int bitmap_threads = THREADS, tiled_csl_threads = 32;
 template <int NT> struct bitmap_min_blocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
 template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 20 : NT == 2 ? 20 : 10; };
 
+// Programmatic dependent launch (sm_90): every spmm block lets the next kernel in the stream launch at once
+// (launch_dependents); the Tiled-CSL split-K reduction, launched with the programmatic-serialization attribute
+// (kernels._build.launch, pdl=True), so has its blocks resident while the spmm finishes and waits in
+// griddepcontrol.wait until the spmm grid has completed and its writes are visible.  This hides the second
+// launch's latency.  Both instructions are no-ops when the launch did not ask for it; not compiled before sm_90.
+DEVI void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+DEVI void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(FMT##_threads, FMT##_min_blocks<NT>::value)                \
   FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                            \
+    pdl_launch_dependents();                                                                      \
     FMT##_spmm_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);           \
   }
 
@@ -777,11 +794,12 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 // the others' sums in order and writes Y (so the result is deterministic for a given split count and WAYS).
 // WAYS = 4 gives layers with few row blocks four times the threads (Llama-3-8B's 4096 rows: 64 tiles; at N = 1
 // 28 -> 22 us on 4096 x 14336, H200); WAYS = 1 (one thread per group, no shared memory) is faster once the
-// launch already fills the GPU (9216 x 36864 at N = 32: 105 vs 101 us).  The launcher picks (splitk_ways).
+// launch already fills the GPU (9216 x 36864 at N = 32: 105 vs 101 us).  The launcher picks (reduce_ways).
 template <bool BF16, int NT>
 DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, int M,
                              int N, int splits, int tiles, int n_chunks, int ways) {
   __shared__ float4 part[WARPS][32];
+  pdl_wait();  // the spmm grid's partials (a no-op without programmatic launch)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tile = blockIdx.x;
   const int way = warp % ways;                                   // which share of the splits
   const int q = (blockIdx.y * WARPS + warp) / ways * 32 + lane;  // the group
