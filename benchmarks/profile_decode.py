@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse", action="store_true")
     ap.add_argument("--merge", action="store_true")
     ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--sdpa", default="default", choices=("default", "efficient", "math", "cudnn", "flash"),
+                    help="restrict scaled_dot_product_attention to one backend (torch.nn.attention.sdpa_kernel)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -78,6 +80,12 @@ def main(argv=None) -> int:
     cfg = preset(a.model)
     if a.layers:
         cfg = cfg.replace(num_layers=a.layers)
+    if a.sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[a.sdpa]
+        sdpa_kernel(backend).__enter__()  # for the whole process: capture and replays
     model, _ = build_synthetic(cfg, a.sparsity or None, fmt=a.format, progress=False)
     eng = Engine(model, max_batch=a.batch, max_seq=256, fuse=a.fuse, merge=a.merge)
     prompts = torch.randint(3, cfg.vocab_size, (a.batch, 64)).tolist()
@@ -129,7 +137,7 @@ def main(argv=None) -> int:
         n[0] += 1
         n[1] += k["end"] - k["start"]
     head = (f"{a.model} layers={cfg.num_layers} {a.format if a.sparsity else 'dense'} sparsity={a.sparsity} "
-            f"batch={a.batch} fuse={a.fuse} merge={a.merge} on {torch.cuda.get_device_name()}")
+            f"batch={a.batch} fuse={a.fuse} merge={a.merge} sdpa={a.sdpa} on {torch.cuda.get_device_name()}")
     print(head)
     print(f"graph replay (events, median of 30 x 10): {step_us:.0f} us per step")
     for n, busy, span in rows:
