@@ -60,6 +60,9 @@ def replay_kernels(prof, replays: int) -> list[list[dict]]:
     return [ks[i * per:(i + 1) * per] for i in range(replays)] if per else [ks]
 
 
+_SDPA = None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3-8b")
@@ -85,7 +88,9 @@ def main(argv=None) -> int:
 
         backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
                    "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[a.sdpa]
-        sdpa_kernel(backend).__enter__()  # for the whole process: capture and replays
+        global _SDPA  # kept referenced: a collected context manager restores the backends (session 7's bug)
+        _SDPA = sdpa_kernel(backend)
+        _SDPA.__enter__()  # for the whole process: capture and replays
     model, _ = build_synthetic(cfg, a.sparsity or None, fmt=a.format, progress=False)
     eng = Engine(model, max_batch=a.batch, max_seq=256, fuse=a.fuse, merge=a.merge)
     prompts = torch.randint(3, cfg.vocab_size, (a.batch, 64)).tolist()
