@@ -377,6 +377,23 @@ def test_fused_functions_equal_the_eager_ones():
                 for a_, b_ in zip(*((v,) if isinstance(v, torch.Tensor) else v for v in (want, got))):
                     assert a_.dtype == b_.dtype == dtype and a_.shape == b_.shape, name
                     torch.testing.assert_close(b_.float(), a_.float(), rtol=tol, atol=tol, msg=name)
+            # RoPE with the cache write: the same q, the same cache rows at the slots, every other slot untouched
+            v = torch.randn(b, 2, t, 16, generator=g).to(dtype)
+            slots = torch.randperm(12, generator=g)[:t]
+            caches = []
+            for fused in (False, True):
+                kc, vc = (torch.full((b + 1, 2, 12, 16), 7.0, dtype=dtype) for _ in range(2))
+                qr = _fused.op("rope_cache", fused)(q, k, v, cos, sin, kc[:b], vc[:b], slots)
+                caches.append((qr, kc, vc))
+            (q0, k0, v0), (q1, k1, v1) = caches
+            torch.testing.assert_close(q1.float(), q0.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(k1.float(), k0.float(), rtol=tol, atol=tol)
+            assert torch.equal(v1, v0)  # values are only copied
+            keep = torch.ones(12, dtype=torch.bool)
+            keep[slots] = False
+            assert (k1[:, :, keep] == 7).all() and (v1[:, :, keep] == 7).all() and (k1[b:] == 7).all()
+            torch.testing.assert_close(k0[:b, :, slots].float(), _fused.rope(q, k, cos, sin)[1].float(),
+                                       rtol=0, atol=0)
 
 
 def test_engine_fuse_generates_what_the_eager_model_does():

@@ -27,11 +27,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
+    def rows(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k, v`` cache of ``layer`` for rows ``0..b-1``: ``[b, kv_heads, max_seq, head_dim]`` views."""
+        return self.k[layer][:b], self.v[layer][:b]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kv_len: int):
         """Write ``k, v [B, kv_heads, T, head_dim]`` at ``slots [T]`` (int64, on the cache's device) of rows
         ``0..B-1``, and return the first ``kv_len`` slots of those rows (views, no copies)."""
-        b = k.shape[0]
-        kc, vc = self.k[layer][:b], self.v[layer][:b]
+        kc, vc = self.rows(layer, k.shape[0])
         kc.index_copy_(2, slots, k)
         vc.index_copy_(2, slots, v)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]

@@ -44,11 +44,24 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """:func:`rope` and the KV-cache write in one: ``k`` rotated and ``v [B, Hkv, T, D]`` are written into the
+    cache rows ``kc, vc [B, Hkv, S, D]`` at ``slots [T]`` (int64), in place; returns ``q`` rotated.  Compiled, the
+    two cache writes join the rotation's kernels (two ``index_copy_`` launches fewer per layer and step; on the
+    CPU the compiled code writes the cache in place, it does not copy it)."""
+    q, k = rope(q, k, cos, sin)
+    kc.index_copy_(2, slots, k)
+    vc.index_copy_(2, slots, v)
+    return q
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_EAGER = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope": rope, "silu_mul": silu_mul}
+_EAGER = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope": rope, "rope_cache": rope_cache,
+          "silu_mul": silu_mul}
 _COMPILED: dict[str, object] = {}
 
 

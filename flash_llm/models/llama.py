@@ -112,9 +112,14 @@ class LlamaAttention(nn.Module):
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = _fused.op("rope", self.fused)(q, k, cos, sin)
-        if attend.cache is not None:
-            k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
+        if self.fused and attend.cache is not None:  # RoPE and the cache write in one compiled function
+            kc, vc = attend.cache.rows(self.layer_idx, b)
+            q = _fused.op("rope_cache", True)(q, k, v, cos, sin, kc, vc, attend.slots)
+            k, v = kc[:, :, :attend.kv_len], vc[:, :, :attend.kv_len]
+        else:
+            q, k = _fused.op("rope", self.fused)(q, k, cos, sin)
+            if attend.cache is not None:
+                k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
         return self.o_proj(attention(q, k, v, attend.mask, None))
 
 
