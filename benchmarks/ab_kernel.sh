@@ -9,7 +9,8 @@
 # tests, stop at the first failure).  Then, for each format in $FMTS (default "bitmap tiled-csl") and sparsity in
 # $SPARSITIES (default "0.8 0.9"), benchmarks/time_across_n.py on the base and on every variant, the whole round
 # twice, so that each version is timed twice, interleaved with the others, at the N of $NS (default 1,16,32,64;
-# N > 64 times the large-N path: expansion + cuBLAS); AB_M and AB_K change the shape (default 9216 x 36864).  With 3 variants and the defaults it
+# N > 64 times the large-N path: expansion + cuBLAS, unless AB_FORCE=1 times the sparse kernel at every N); AB_M
+# and AB_K change the shape (default 9216 x 36864).  With 3 variants and the defaults it
 # takes about 8 minutes (a device call allows 10); SPARSITIES=0.8 or FMTS=bitmap halves the timing part.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -46,7 +47,7 @@ for fmt in ${FMTS:-bitmap tiled-csl}; do
     for round in 1 2; do
       for name in "${names[@]}"; do
         run_in "$name" timeout 120 python3 benchmarks/time_across_n.py --fmt "$fmt" --sparsity "$sp" --ns "${NS:-1,16,32,64}" \
-          ${AB_M:+--m $AB_M} ${AB_K:+--k $AB_K} \
+          ${AB_M:+--m $AB_M} ${AB_K:+--k $AB_K} ${AB_FORCE:+--force-sparse} \
           | grep "^|" | grep -v "N |\|---" | sed "s/^/$name $fmt $sp r$round /"
       done
     done

@@ -3,7 +3,8 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [across] [pdl] [profile] [sdpa] [e2e] [e2epdl] [spmm] [stalls] [sanitize]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
-#             90 %, N = 1-32, then on 4096 x 14336 (Llama-3-8B down)
+#             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
+#             sparse kernel at every N (tcsl_multiwarp: NS=32,64,128,256 AB_FORCE=1)
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 %, batch 1
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL 0 / 80 / 90 %, batch 1 / 8 / 16, fused and merged (3 minutes)
@@ -22,8 +23,8 @@ for stage in "${@:-tests ab}"; do
     echo "=== $s"
     case $s in
       ab) if ! ls benchmarks/ab/*.patch >/dev/null 2>&1; then echo "no patches waiting in benchmarks/ab"; else
-           { FMTS=tiled-csl SPARSITIES="0.8 0.9" NS=1,8,16,32 bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
-             AB_TESTS="tests/test_plan.py" FMTS=tiled-csl AB_M=4096 AB_K=14336 SPARSITIES=0.8 NS=1,8,16,32 \
+           { FMTS=tiled-csl SPARSITIES="0.8 0.9" NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
+             AB_TESTS="tests/test_plan.py" FMTS=tiled-csl AB_M=4096 AB_K=14336 SPARSITIES=0.8 NS=${NS:-1,8,16,32} \
                bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
            } 2>&1 | tee "$OUT/ab.log"; fi ;;
       across) for shape in "9216 36864" "4096 14336"; do read -r M K <<< "$shape"

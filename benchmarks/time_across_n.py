@@ -4,7 +4,7 @@ cold clock slows them while the memory-bound cuBLAS call does not notice).  Unti
 alone, which let host delays into the time: small layers (4096 x 4096) read 80-200 us.
 
     python benchmarks/time_across_n.py [--fmt bitmap|tiled-csl] [--m 9216] [--k 36864] [--sparsity 0.8]
-                                       [--ns 1,8,16,32,64] [--dtype fp16]
+                                       [--ns 1,8,16,32,64] [--dtype fp16] [--force-sparse]
 
 The weights rotate through enough copies to exceed 3x L2 (one copy at the default shape, 680 MB dense; a 4096 x 14336
 Tiled-CSL weight at 80 % is 47 MB and needs 4, its dense one 2).  Prints a markdown table (same-run ratios;
@@ -26,6 +26,8 @@ ap.add_argument("--k", type=int, default=36864)
 ap.add_argument("--sparsity", type=float, default=0.8)
 ap.add_argument("--ns", default="1,8,16,32,64")
 ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+ap.add_argument("--force-sparse", action="store_true",
+                help="time the sparse kernel at every N (no expansion + cuBLAS for large N)")
 a = ap.parse_args()
 dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
 w = torch.randn(a.m, a.k, device="cuda").to(dtype)
@@ -84,9 +86,19 @@ print(f"| N | {a.fmt} us | cuBLAS dense us | speedup | max err / cuBLAS's |")
 print("|---|---|---|---|---|")
 for n in (int(v) for v in a.ns.split(",")):
     x = torch.randn(n, a.k, device="cuda").to(dtype)
-    y, ref = flash_llm.spmm(x, f), x.double() @ w.double().t()
+    y, ref = flash_llm.spmm(x, f), x.double() @ w.double().t()  # the dispatched path's error
     err = float((y.double() - ref).abs().max()) / max(float((torch.nn.functional.linear(x, w).double() - ref)
                                                              .abs().max()), 1e-30)
-    ts = median_us(rotating(lambda c: flash_llm.spmm(x, c), fs))
+    if a.force_sparse:
+        from flash_llm.kernels import spmm_cuda
+        from flash_llm.reference import FORMAT_IDS
+
+        def sparse(c):
+            return spmm_cuda(x, c.data, c.offsets, FORMAT_IDS[type(c)], c.shape[0], c.shape[1], None,
+                             force_sparse=True)
+    else:
+        def sparse(c):
+            return flash_llm.spmm(x, c)
+    ts = median_us(rotating(sparse, fs))
     td = median_us(rotating(lambda c: torch.nn.functional.linear(x, c), ws))
     print(f"| {n} | {ts:.0f} | {td:.0f} | {td / ts:.2f}x | {err:.2f} |", flush=True)
