@@ -140,9 +140,9 @@ class Engine:
             ``max_position_embeddings``, at most 2048).
         cuda_graphs: capture the decode step in CUDA graphs, one per batch size, at its first use (default:
             on CUDA devices); ``False`` runs it eagerly.
-        fuse: run the elementwise parts of each layer (RMSNorm, RoPE, SiLU x up, residual add + norm) as
-            ``torch.compile``d single kernels (:func:`flash_llm.models.set_fused`, applied to ``model`` in
-            place; Llama-family models).  The first generation compiles them (tens of seconds; torch's
+        fuse: run the elementwise parts of each layer (the norms with the residual adds before them, RoPE or
+            OPT's query scaling together with the KV-cache write, SiLU x up) as ``torch.compile``d single kernels
+            (:func:`flash_llm.models.set_fused`, applied to ``model`` in place).  The first generation compiles them (tens of seconds; torch's
             compile cache shortens later processes).  Default (``None``): on for CUDA models of at least
             ``FUSE_MIN_PARAMETERS`` (1 B) parameters, where it decodes Llama-3-8B 1.3x faster at batch 1 on an
             H200 (``docs/engine.md``); off for smaller or CPU models, where the compile time would dominate.

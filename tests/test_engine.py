@@ -371,8 +371,10 @@ def test_fused_functions_equal_the_eager_ones():
             w = torch.randn(64, generator=g).to(dtype)
             q, k = torch.randn(b, 4, t, 16, generator=g).to(dtype), torch.randn(b, 2, t, 16, generator=g).to(dtype)
             cos, sin = torch.randn(b, t, 16, generator=g).to(dtype), torch.randn(b, t, 16, generator=g).to(dtype)
+            bias = torch.randn(64, generator=g).to(dtype)
             for name, args in (("rms_norm", (x, w, 1e-5)), ("add_rms_norm", (x, d, w, 1e-5)),
-                               ("rope", (q, k, cos, sin)), ("silu_mul", (x, d))):
+                               ("rope", (q, k, cos, sin)), ("silu_mul", (x, d)),
+                               ("add_layer_norm", (x, d, w, bias, 1e-5)), ("add_layer_norm", (x, d, None, None, 1e-5))):
                 want, got = _fused.op(name, False)(*args), _fused.op(name, True)(*args)
                 for a_, b_ in zip(*((v,) if isinstance(v, torch.Tensor) else v for v in (want, got))):
                     assert a_.dtype == b_.dtype == dtype and a_.shape == b_.shape, name
@@ -394,10 +396,19 @@ def test_fused_functions_equal_the_eager_ones():
             assert (k1[:, :, keep] == 7).all() and (v1[:, :, keep] == 7).all() and (k1[b:] == 7).all()
             torch.testing.assert_close(k0[:b, :, slots].float(), _fused.rope(q, k, cos, sin)[1].float(),
                                        rtol=0, atol=0)
+            # OPT: query scaling with the cache write
+            outs = []
+            for fused in (False, True):
+                kc, vc = (torch.full((b + 1, 2, 12, 16), 7.0, dtype=dtype) for _ in range(2))
+                outs.append((_fused.op("scale_cache", fused)(q, 0.125, k, v, kc[:b], vc[:b], slots), kc, vc))
+            (q0, k0, v0), (q1, k1, v1) = outs
+            assert torch.equal(q1, q0) and torch.equal(k1, k0) and torch.equal(v1, v0)
+            assert torch.equal(k0[:b, :, slots], k) and (k0[:, :, keep] == 7).all()
 
 
-def test_engine_fuse_generates_what_the_eager_model_does():
-    hm = _hf("llama", seed=3)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_engine_fuse_generates_what_the_eager_model_does(family):
+    hm = _hf(family, seed=3)
     eager, fused = _ours(hm), _ours(hm)
     a = Engine(eager, max_batch=3, max_seq=32).generate(PROMPTS, 6, output_logits=True, eos_token_id=None)
     b = Engine(fused, max_batch=3, max_seq=32, fuse=True).generate(PROMPTS, 6, output_logits=True,

@@ -110,12 +110,14 @@ def test_cuda_graph_decode_equals_eager_sparse(family):
     _graph_vs_eager(model, [1, 8, 3])
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-def test_fused_elementwise_kernels_keep_the_logits(dtype):
-    """Engine(fuse=True): torch.compile'd RMSNorm / RoPE / SiLU x up inside the CUDA graphs.  Logits against the
-    fp32 transformers model within the same bound as the eager engine's (2 x its error + 1 ulp), graph replay
-    equal to the fused eager decode, and fused graphs captured for every batch size."""
-    hm = _hf("llama").cuda()
+def test_fused_elementwise_kernels_keep_the_logits(dtype, family):
+    """Engine(fuse=True): torch.compile'd norms (with the residual adds), RoPE or OPT's query scaling with the
+    cache write, SiLU x up inside the CUDA graphs.  Logits against the fp32 transformers model within the same
+    bound as the eager engine's (2 x its error + 1 ulp), graph replay equal to the fused eager decode, and fused
+    graphs captured for every batch size."""
+    hm = _hf(family).cuda()
     prompts = _prompts(4, 7)
     plain = Engine(_ours(hm, dtype), max_batch=4, max_seq=96).generate(prompts, 12, output_logits=True)
     fused_model = _ours(hm, dtype)

@@ -56,12 +56,28 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     return q
 
 
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPT's residual add and the next LayerNorm: ``(x + delta, layer_norm(x + delta))``."""
+    x = x + delta
+    return x, F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def scale_cache(q: torch.Tensor, scaling: float, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
+                vc: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """OPT's query scaling and the KV-cache write in one: ``k, v [B, H, T, D]`` written into ``kc, vc`` at
+    ``slots`` in place (as :func:`rope_cache`); returns ``q * scaling``."""
+    kc.index_copy_(2, slots, k)
+    vc.index_copy_(2, slots, v)
+    return q * scaling
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
 _EAGER = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope": rope, "rope_cache": rope_cache,
-          "silu_mul": silu_mul}
+          "silu_mul": silu_mul, "add_layer_norm": add_layer_norm, "scale_cache": scale_cache}
 _COMPILED: dict[str, object] = {}
 
 
@@ -102,7 +118,7 @@ def _with_fallback(name: str, compiled):
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
     """Switch every module of ``model`` that has a fused path (``fused`` attribute: Llama's RMSNorm, attention,
-    MLP and decoder layer) to the compiled single-kernel functions, or back (``fused=False``).  In place;
+    MLP, decoder layer and model; OPT's attention, decoder layer and decoder) to the compiled single-kernel functions, or back (``fused=False``).  In place;
     returns ``model``.  The first forward after switching compiles (seconds); the results equal the eager
     ones to rounding.  :class:`flash_llm.engine.Engine` does this with ``fuse=True``."""
     for m in model.modules():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _fused
 from ._common import Attend, CausalLM, attention
 from ._merge import project
 from .config import ModelConfig
@@ -46,15 +47,22 @@ class OPTAttention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
         self.out_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias, **kw)
         self.qkv_proj = None  # q, k, v stacked (flash_llm.models.merge_projections)
+        self.fused = False  # the query scaling and the cache write as one compiled function (set_fused)
 
     def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = project(self, "qkv_proj", x)
-        q = (q * self.scaling).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        if attend.cache is not None:
-            k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
+        if self.fused and attend.cache is not None:
+            kc, vc = attend.cache.rows(self.layer_idx, b)
+            q = _fused.op("scale_cache", True)(q, self.scaling, k, v, kc, vc, attend.slots)
+            k, v = kc[:, :, :attend.kv_len], vc[:, :, :attend.kv_len]
+        else:
+            q = q * self.scaling
+            if attend.cache is not None:
+                k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
         return self.out_proj(attention(q, k, v, attend.mask, 1.0))
 
 
@@ -70,8 +78,25 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, elementwise_affine=c.layer_norm_elementwise_affine, **kw)
         self.act = ACT[c.activation]
+        self.fused = False  # pre-LN layers: residual adds inside the next LayerNorm's kernel (forward_deferred)
+
+    def forward_deferred(self, x: torch.Tensor, delta: torch.Tensor | None, attend: Attend
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-LN layer with its residual adds folded into the LayerNorms that follow them (as Llama's
+        ``forward_deferred``): takes the residual stream ``x`` and the previous layer's MLP output ``delta`` not
+        yet added (``None`` for the first layer); returns ``(x', mlp_out)`` with ``x' + mlp_out`` the output."""
+        ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
+        if delta is None:
+            h = ln1(x)
+        else:
+            x, h = _fused.op("add_layer_norm", True)(x, delta, ln1.weight, ln1.bias, ln1.eps)
+        x, h = _fused.op("add_layer_norm", True)(x, self.self_attn(h, attend), ln2.weight, ln2.bias, ln2.eps)
+        return x, self.fc2(self.act(self.fc1(h)))
 
     def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        if self.fused and self.do_layer_norm_before:
+            x, delta = self.forward_deferred(x, None, attend)
+            return x + delta
         pre = self.do_layer_norm_before
         h = self.self_attn(self.self_attn_layer_norm(x) if pre else x, attend)
         x = x + h
@@ -103,16 +128,27 @@ class OPTDecoder(nn.Module):
         else:
             self.final_layer_norm = None
         self.layers = nn.ModuleList(OPTDecoderLayer(c, i, **kw) for i in range(c.num_layers))
+        self.fused = False  # set_fused: pre-LN layers fold their residual adds into the next LayerNorm
 
     def forward(self, input_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(attend.positions)
-        for layer in self.layers:
-            x = layer(x, attend)
-        if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
+        if self.fused and len(self.layers) and all(la.fused and la.do_layer_norm_before for la in self.layers):
+            delta = None
+            for layer in self.layers:
+                x, delta = layer.forward_deferred(x, delta, attend)
+            if self.final_layer_norm is not None:
+                ln = self.final_layer_norm
+                x = _fused.op("add_layer_norm", True)(x, delta, ln.weight, ln.bias, ln.eps)[1]
+            else:
+                x = x + delta
+        else:
+            for layer in self.layers:
+                x = layer(x, attend)
+            if self.final_layer_norm is not None:
+                x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
         return x
