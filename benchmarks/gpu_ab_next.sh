@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [across] [pdl] [profile] [sdpa] [e2e] [e2epdl] [spmm] [stalls] [sanitize]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
@@ -10,6 +10,7 @@
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL 0 / 80 / 90 %, batch 1 / 8 / 16, fused and merged (3 minutes)
 #   pdl       time_across_n.py on 4096 x 14336 (Tiled-CSL 80 %) with FLASH_LLM_PDL=0 and 1 (1 minute)
 #   sdpa      profile_decode.py, Tiled-CSL 80 %, batch 1, with SDPA's default backend, efficient and math
+#   e2eopt    bench_e2e.py on OPT-30B, Tiled-CSL 0 / 80 %, batch 1 / 8 / 16, fused and merged (the fused OPT path)
 #   e2epdl    bench_e2e.py on Llama-3-8B, Tiled-CSL 80 %, batch 1 / 8, with FLASH_LLM_PDL=0 and 1
 #   spmm      bench_spmm.py --dtypes fp16 (both formats, 20 shapes; 3 minutes)
 #   stalls    benchmarks/gpu_stalls.sh 0.8 1 16 on the checked-out kernels
@@ -42,6 +43,9 @@ for stage in "${@:-tests ab}"; do
       sdpa) for be in default efficient math; do timeout 100 python3 benchmarks/profile_decode.py --model llama-3-8b \
               --format tiled-csl --sparsity 0.8 --batch 1 --fuse --merge --sdpa $be --out "$OUT/sdpa_$be.json" 2>&1 | \
               grep -v "^ *[0-9]* us\|Warn\|warn"; done 2>&1 | tee "$OUT/sdpa.log" ;;
+      e2eopt) timeout 400 python3 benchmarks/bench_e2e.py --models opt-30b --no-progress --format tiled-csl \
+                --sparsities 0,80 --batches 1,8,16 --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_opt" \
+                2>&1 | tee "$OUT/e2e_opt.log" | grep -v "^{" ;;
       e2epdl) for pdl in 0 1; do FLASH_LLM_PDL=$pdl timeout 150 python3 benchmarks/bench_e2e.py --models llama-3-8b \
                 --no-progress --format tiled-csl --sparsities 0,80 --batches 1,8 --fuse --merge --no-hf --repeats 2 \
                 --out "$OUT/e2e_pdl$pdl" 2>&1 | grep "b=" | sed "s/^/PDL=$pdl /"; done 2>&1 | tee "$OUT/e2epdl.log" ;;
@@ -50,7 +54,7 @@ for stage in "${@:-tests ab}"; do
       tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       stalls) bash benchmarks/gpu_stalls.sh 0.8 1 16 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
-      *) echo "unknown stage $s (tests ab across pdl profile sdpa e2e e2epdl spmm stalls sanitize)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize)" >&2; exit 2 ;;
     esac
   done
 done
