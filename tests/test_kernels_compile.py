@@ -77,10 +77,12 @@ def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch)
         variant = (tmp_path / kernel).read_bytes()
         assert variant != (ROOT / kernel).read_bytes()
         monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path / "cache"))
-        compiled = compile_kernels("sm_90", source=variant, use_cache=False)
-        assert compiled.warnings() == [], compiled.log
-        for name, r in compiled.resources().items():
-            assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (patch, name, r)
+        # sm_90a too: code behind __CUDA_ARCH_FEAT_SM90_ALL (wgmma) is compiled only there
+        for arch in ("sm_90", "sm_90a") if b"wgmma" in variant else ("sm_90",):
+            compiled = compile_kernels(arch, source=variant, use_cache=False)
+            assert compiled.warnings() == [], compiled.log
+            for name, r in compiled.resources().items():
+                assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (patch, arch, name, r)
     changed_tests = [f for f in files if re.fullmatch(r"tests/test_[a-z0-9_]+\.py", f)]
     if changed_tests:
         env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "FLASH_LLM_CACHE": str(tmp_path / "cache")}
