@@ -80,6 +80,16 @@ def median_us(fn) -> float:
     return sorted(s.elapsed_time(e) for s, e in ev)[10] * 1e3 / REPS
 
 
+if a.force_sparse:
+    from flash_llm.kernels import spmm_cuda
+    from flash_llm.reference import FORMAT_IDS
+
+    def sparse(x, c):
+        return spmm_cuda(x, c.data, c.offsets, FORMAT_IDS[type(c)], c.shape[0], c.shape[1], None, force_sparse=True)
+else:
+    sparse = flash_llm.spmm
+
+
 print(f"{torch.cuda.get_device_name()}: {a.fmt} {a.m} x {a.k} {a.dtype} at {a.sparsity:.0%} "
       f"({len(fs)} / {len(ws)} rotating copies)")
 print(f"| N | {a.fmt} us | cuBLAS dense us | speedup | max err / cuBLAS's |")
@@ -89,16 +99,6 @@ for n in (int(v) for v in a.ns.split(",")):
     y, ref = flash_llm.spmm(x, f), x.double() @ w.double().t()  # the dispatched path's error
     err = float((y.double() - ref).abs().max()) / max(float((torch.nn.functional.linear(x, w).double() - ref)
                                                              .abs().max()), 1e-30)
-    if a.force_sparse:
-        from flash_llm.kernels import spmm_cuda
-        from flash_llm.reference import FORMAT_IDS
-
-        def sparse(c):
-            return spmm_cuda(x, c.data, c.offsets, FORMAT_IDS[type(c)], c.shape[0], c.shape[1], None,
-                             force_sparse=True)
-    else:
-        def sparse(c):
-            return flash_llm.spmm(x, c)
-    ts = median_us(rotating(sparse, fs))
+    ts = median_us(rotating(lambda c: sparse(x, c), fs))
     td = median_us(rotating(lambda c: torch.nn.functional.linear(x, c), ws))
     print(f"| {n} | {ts:.0f} | {td:.0f} | {td / ts:.2f}x | {err:.2f} |", flush=True)

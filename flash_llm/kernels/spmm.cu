@@ -217,39 +217,57 @@ DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, int sib, b
   }
 }
 
-// Sum the split partials of partial tile `tile` (of `tiles` per split; 512 NT floats each, fragment order) in split
-// order, add the bias and write Y, for the 16-byte groups q = q0, q0 + step, ... < 128 NT of the tile.  Group q is
-// four lanes (t = 0..3) of one (strip, nt, i): one row m and the columns n, n + 2, n + 4, n + 6.  The loads of 8
-// splits are in flight together; groups with no column below N load nothing.
+// Group q of a partial tile (512 NT floats, fragment order) is four lanes (t = 0..3) of one (strip, nt, i): one row
+// m and the columns n, n + 2, n + 4, n + 6, for a tile whose first row and column are m0 and n0.
+template <int NT>
+DEVI void group_row_col(int q, int m0, int n0, int& m, int& n) {
+  const int e = 4 * q;  // tile element of lane t = 0
+  const int i = (e >> 5) & 3, nt = (e >> 7) % NT, sib = (e >> 7) / NT;
+  m = m0 + sib * 16 + ((e & 31) >> 2) + (i >= 2 ? 8 : 0);
+  n = n0 + nt * 8 + (i & 1);
+}
+
+// The sum of splits s_begin .. s_end - 1 of one group (src: its 16 bytes in split 0), in split order, the loads of 8
+// splits in flight together.
+DEVI float4 sum_splits(const float4* src, long long split_stride, int s_begin, int s_end) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 1
+  for (int s0 = s_begin; s0 < s_end; s0 += 8) {
+    float4 a[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      a[u] = s0 + u < s_end ? __ldcg(src + (s0 + u) * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      v.x += a[u].x; v.y += a[u].y; v.z += a[u].z; v.w += a[u].w;
+    }
+  }
+  return v;
+}
+
+// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N): a group's sums plus the bias.
+template <bool BF16>
+DEVI void store_group(const float4& v, u16* y, const u16* bias, int M, int N, int m, int n) {
+  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
+  const float r[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N) y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(r[t] + b);
+}
+
+// Sum the split partials of partial tile `tile` (of `tiles` per split) in split order, add the bias and write Y, for
+// the 16-byte groups q = q0, q0 + step, ... < 128 NT of the tile; groups with no column below N load nothing.
 template <bool BF16, int NT>
 DEVI void reduce_partials(const float* ws, int tiles, int tile, int splits, u16* y, const u16* bias, int M, int N,
                           int m0, int n0, int q0, int step) {
   const long long split_stride = (long long)tiles * 128 * NT;  // float4s per split
 #pragma unroll 1
   for (int q = q0; q < 128 * NT; q += step) {
-    const int e = 4 * q;  // tile element of lane t = 0
-    const int lane0 = e & 31, i = (e >> 5) & 3, nt = (e >> 7) % NT, sib = (e >> 7) / NT;
-    const int m = m0 + sib * 16 + (lane0 >> 2) + (i >= 2 ? 8 : 0);
-    const int n = n0 + nt * 8 + (i & 1);
+    int m, n;
+    group_row_col<NT>(q, m0, n0, m, n);
     if (m >= M || n >= N) continue;
     const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 1
-    for (int s0 = 0; s0 < splits; s0 += 8) {
-      float4 a[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        a[u] = s0 + u < splits ? __ldcg(src + (s0 + u) * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        v.x += a[u].x; v.y += a[u].y; v.z += a[u].z; v.w += a[u].w;
-      }
-    }
-    const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
-    const float r[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int t = 0; t < 4; ++t)
-      if (n + 2 * t < N) y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(r[t] + b);
+    store_group<BF16>(sum_splits(src, split_stride, 0, splits), y, bias, M, N, m, n);
   }
 }
 
@@ -803,27 +821,13 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tile = blockIdx.x;
   const int way = warp % ways;                                   // which share of the splits
   const int q = (blockIdx.y * WARPS + warp) / ways * 32 + lane;  // the group
-  const int e = 4 * q;                                           // tile element of its lane t = 0
-  const int i = (e >> 5) & 3, nt = (e >> 7) % NT, sib = (e >> 7) / NT;
-  const int m = tile / n_chunks * (WARPS * 16) + sib * 16 + ((e & 31) >> 2) + (i >= 2 ? 8 : 0);
-  const int n = tile % n_chunks * NT * 8 + nt * 8 + (i & 1);
+  int m, n;
+  group_row_col<NT>(q, tile / n_chunks * (WARPS * 16), tile % n_chunks * NT * 8, m, n);
   const bool live = q < 128 * NT && m < M && n < N;
   float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
   if (live) {
     const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
-    const long long split_stride = (long long)tiles * 128 * NT;  // float4s per split
-    const int s_end = (way + 1) * splits / ways;
-#pragma unroll 1
-    for (int s0 = way * splits / ways; s0 < s_end; s0 += 8) {
-      float4 a[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        a[u] = s0 + u < s_end ? __ldcg(src + (s0 + u) * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        v.x += a[u].x; v.y += a[u].y; v.z += a[u].z; v.w += a[u].w;
-      }
-    }
+    v = sum_splits(src, (long long)tiles * 128 * NT, way * splits / ways, (way + 1) * splits / ways);
   }
   if (ways > 1) {  // uniform over the block
     if (way > 0) part[warp][lane] = v;
@@ -834,12 +838,7 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
       v.x += a.x; v.y += a.y; v.z += a.z; v.w += a.w;
     }
   }
-  if (!live) return;
-  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
-  const float r[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int t = 0; t < 4; ++t)
-    if (n + 2 * t < N) y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(r[t] + b);
+  if (live) store_group<BF16>(v, y, bias, M, N, m, n);
 }
 
 #define INSTANTIATE_REDUCE(NAME, BF16, NT)                                                                 \

@@ -27,9 +27,10 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def rows(self, layer: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k, v`` cache of ``layer`` for rows ``0..b-1``: ``[b, kv_heads, max_seq, head_dim]`` views."""
-        return self.k[layer][:b], self.v[layer][:b]
+    def rows(self, layer: int, b: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k, v`` cache of ``layer`` for rows ``0..b-1`` and its first ``kv_len`` slots (default all):
+        ``[b, kv_heads, kv_len, head_dim]`` views."""
+        return self.k[layer][:b, :, :kv_len], self.v[layer][:b, :, :kv_len]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kv_len: int):
         """Write ``k, v [B, kv_heads, T, head_dim]`` at ``slots [T]`` (int64, on the cache's device) of rows
@@ -37,7 +38,7 @@ class KVCache:
         kc, vc = self.rows(layer, k.shape[0])
         kc.index_copy_(2, slots, k)
         vc.index_copy_(2, slots, v)
-        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+        return self.rows(layer, k.shape[0], kv_len)
 
 
 @dataclass

@@ -115,7 +115,7 @@ class LlamaAttention(nn.Module):
         if self.fused and attend.cache is not None:  # RoPE and the cache write in one compiled function
             kc, vc = attend.cache.rows(self.layer_idx, b)
             q = _fused.op("rope_cache", True)(q, k, v, cos, sin, kc, vc, attend.slots)
-            k, v = kc[:, :, :attend.kv_len], vc[:, :, :attend.kv_len]
+            k, v = attend.cache.rows(self.layer_idx, b, attend.kv_len)
         else:
             q, k = _fused.op("rope", self.fused)(q, k, cos, sin)
             if attend.cache is not None:

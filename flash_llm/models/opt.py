@@ -58,7 +58,7 @@ class OPTAttention(nn.Module):
         if self.fused and attend.cache is not None:
             kc, vc = attend.cache.rows(self.layer_idx, b)
             q = _fused.op("scale_cache", True)(q, self.scaling, k, v, kc, vc, attend.slots)
-            k, v = kc[:, :, :attend.kv_len], vc[:, :, :attend.kv_len]
+            k, v = attend.cache.rows(self.layer_idx, b, attend.kv_len)
         else:
             q = q * self.scaling
             if attend.cache is not None:
