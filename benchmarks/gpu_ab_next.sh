@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
-#             sparse kernel at every N (tcsl_multiwarp: NS=32,64,128,256 AB_FORCE=1)
+#             sparse kernel at every N (tcsl_multiwarp: NS=32,64,128,256 AB_FORCE=1); AB_SPARSITIES (default "0.8 0.9"), AB_SMALL=0 skips 4096 x 14336
+#   probe     benchmarks/kernel_probe.py and the tests matching $PROBE_TESTS (default "warpgroup") on a copy of the
+#             tree with benchmarks/ab/$PROBE_PATCH applied (a prototype's first run: where do its values land?)
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 %, batch 1
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL 0 / 80 / 90 %, batch 1 / 8 / 16, fused and merged (3 minutes)
@@ -24,10 +26,17 @@ for stage in "${@:-tests ab}"; do
     echo "=== $s"
     case $s in
       ab) if ! ls benchmarks/ab/*.patch >/dev/null 2>&1; then echo "no patches waiting in benchmarks/ab"; else
-           { FMTS=tiled-csl SPARSITIES="0.8 0.9" NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
-             AB_TESTS="tests/test_plan.py" FMTS=tiled-csl AB_M=4096 AB_K=14336 SPARSITIES=0.8 NS=${NS:-1,8,16,32} \
-               bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
+           { FMTS=tiled-csl SPARSITIES="${AB_SPARSITIES:-0.8 0.9}" NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
+             [ "${AB_SMALL:-1}" = 0 ] || AB_TESTS="tests/test_plan.py" FMTS=tiled-csl AB_M=4096 AB_K=14336 SPARSITIES=0.8 \
+               NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
            } 2>&1 | tee "$OUT/ab.log"; fi ;;
+      probe) { rm -rf /tmp/probe && mkdir -p /tmp/probe && tar --exclude=./.git --exclude=./benchmarks/out -cf - . | \
+               tar -C /tmp/probe -xf - && cd /tmp/probe && git apply "$OLDPWD/benchmarks/ab/${PROBE_PATCH:?}" && \
+               export PYTHONPATH=/tmp/probe FLASH_LLM_CACHE=/tmp/flc_probe &&
+               timeout 150 python3 benchmarks/kernel_probe.py --n 64 128 256 &&
+               timeout 60 python3 benchmarks/kernel_probe.py --m 128 --k 128 --n 128 --splits 1 2 &&
+               timeout 120 python3 -m pytest -q -x --tb=short tests/test_kernels_gpu.py -k "${PROBE_TESTS:-warpgroup}" \
+                 2>&1 | tail -25; cd "$OLDPWD"; } 2>&1 | tee "$OUT/probe.log" ;;
       across) for shape in "9216 36864" "4096 14336"; do read -r M K <<< "$shape"
                 for sp in 0.8 0.9; do timeout 100 python3 benchmarks/time_across_n.py --fmt tiled-csl --m $M --k $K \
                   --sparsity $sp --ns 1,8,16,32; done; done 2>&1 | tee "$OUT/across.log" ;;
@@ -54,7 +63,7 @@ for stage in "${@:-tests ab}"; do
       tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       stalls) bash benchmarks/gpu_stalls.sh 0.8 1 16 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
-      *) echo "unknown stage $s (tests ab across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize)" >&2; exit 2 ;;
     esac
   done
 done
