@@ -13,7 +13,8 @@
 #   pdl       time_across_n.py on 4096 x 14336 (Tiled-CSL 80 %) with FLASH_LLM_PDL=0 and 1 (1 minute)
 #   sdpa      profile_decode.py, Tiled-CSL 80 %, batch 1, with SDPA's default backend, efficient and math
 #   e2eopt    bench_e2e.py on OPT-30B, Tiled-CSL 0 / 80 %, batch 1 / 8 / 16, fused and merged (the fused OPT path)
-#   e2epdl    bench_e2e.py on Llama-3-8B, Tiled-CSL 80 %, batch 1 / 8, with FLASH_LLM_PDL=0 and 1
+#   e2epdl    bench_e2e.py on Llama-3-8B, Tiled-CSL 80 %, batch 1 / 8, with $PDL_VAR (default FLASH_LLM_PDL) = 0 and 1,
+#             twice (PDL_VAR=FLASH_LLM_PDL_SPMM: the spmm's own programmatic launch under static_weights)
 #   spmm      bench_spmm.py --dtypes fp16 (both formats, 20 shapes; 3 minutes)
 #   stalls    benchmarks/gpu_stalls.sh 0.8 1 16 on the checked-out kernels
 #   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
@@ -55,9 +56,10 @@ for stage in "${@:-tests ab}"; do
       e2eopt) timeout 400 python3 benchmarks/bench_e2e.py --models opt-30b --no-progress --format tiled-csl \
                 --sparsities 0,80 --batches 1,8,16 --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_opt" \
                 2>&1 | tee "$OUT/e2e_opt.log" | grep -v "^{" ;;
-      e2epdl) for pdl in 0 1; do FLASH_LLM_PDL=$pdl timeout 150 python3 benchmarks/bench_e2e.py --models llama-3-8b \
-                --no-progress --format tiled-csl --sparsities 0,80 --batches 1,8 --fuse --merge --no-hf --repeats 2 \
-                --out "$OUT/e2e_pdl$pdl" 2>&1 | grep "b=" | sed "s/^/PDL=$pdl /"; done 2>&1 | tee "$OUT/e2epdl.log" ;;
+      e2epdl) for pdl in 0 1 0 1; do env "${PDL_VAR:-FLASH_LLM_PDL}=$pdl" timeout 150 python3 benchmarks/bench_e2e.py \
+                --models llama-3-8b --no-progress --format tiled-csl --sparsities 0,80 --batches 1,8 --fuse --merge \
+                --no-hf --repeats 2 --out "$OUT/e2e_pdl$pdl" 2>&1 | grep "b=" | sed "s/^/${PDL_VAR:-FLASH_LLM_PDL}=$pdl /"
+              done 2>&1 | tee "$OUT/e2epdl.log" ;;
       spmm) timeout 200 python3 benchmarks/bench_spmm.py --dtypes fp16 --out "$OUT/spmm_fp16" > "$OUT/spmm_fp16.log" 2>&1
             tail -40 "$OUT/spmm_fp16.log" ;;
       tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;

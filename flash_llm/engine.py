@@ -314,8 +314,12 @@ class Engine:
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        from . import kernels  # (CUDA only, like the graphs)
+
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # the weights are fixed while the graph runs: the spmm kernels may load theirs before the previous kernel
+        # finishes (kernels.static_weights)
+        with torch.cuda.graph(graph, pool=self._pool), kernels.static_weights():
             self._step(b)  # recorded, not run
         self._graphs[b] = graph
         if self.tp is not None:

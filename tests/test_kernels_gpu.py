@@ -123,6 +123,30 @@ def test_tiled_csl_reduce_ways_agree(n):
         run_kernel(x, w, bias, ways=2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("wgmma", ["1", "0"])
+def test_tiled_csl_kernels_above_32_tokens(dtype, wgmma, monkeypatch):
+    """N > 32: two warps sharing each tile's decode (N <= 64), then the warpgroup-MMA kernel on sm_90 (128 tokens
+    and 128 rows per block; FLASH_LLM_WGMMA=1) or four warps (FLASH_LLM_WGMMA=0, and x that forbids 16-byte copies).
+    Chunk counts that leave warps idle (N = 72), several blocks along N (N = 300), split-K on and off, 300 rows (the
+    last warpgroup block has one idle warpgroup), a ragged K (the X copy zero-fills past K)."""
+    from flash_llm import kernels
+
+    monkeypatch.setenv("FLASH_LLM_WGMMA", wgmma)
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    for m, k in ((300, 1000), (1024, 4096)):
+        w_dense = sparse_weight(m, k, 0.2, dtype, gen)
+        w = flash_llm.TiledCSL.from_dense(w_dense)
+        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+        for n in (33, 64, 65, 72, 129, 200, 300):
+            x = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
+            for splits in (1, 5):
+                check(run_kernel(x, w, bias, splits=splits, force_sparse=True), x, w_dense, bias)
+        x = torch.randn(100, k + 1, generator=gen, device="cuda").to(dtype)[:, 1:]  # rows not 16-byte aligned
+        check(run_kernel(x, w, bias, force_sparse=True), x, w_dense, bias)
+    assert kernels.wgmma_ok(0) == (wgmma == "1" and torch.cuda.get_device_capability(0) == (9, 0))
+
+
 def test_tiled_csl_reduce_with_and_without_programmatic_launch(monkeypatch):
     """The split-K reduction launched to overlap the spmm (PDL) gives the same bits as a plain launch, also when
     captured in a CUDA graph and replayed on fresh inputs."""
@@ -150,6 +174,40 @@ def test_tiled_csl_reduce_with_and_without_programmatic_launch(monkeypatch):
         out.fill_(float("nan"))
         g.replay()
         check(out, x, w_dense, None)
+
+
+@pytest.mark.parametrize("n", [1, 16, 40])
+def test_tiled_csl_spmm_under_static_weights(n):
+    """Under kernels.static_weights the spmm is launched programmatically right behind the kernel that writes x:
+    replays of a captured chain (x = 2 * src, spmm, split-K on and off, then a second spmm on its output) on fresh
+    inputs give the reference result and the same bits as plain launches."""
+    k = _kernels()
+    fmt = FORMAT_IDS[flash_llm.TiledCSL]
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    w1_dense = sparse_weight(1024, 4096, 0.2, torch.float16, gen)
+    w2_dense = sparse_weight(512, 1024, 0.2, torch.float16, gen)
+    w1, w2 = flash_llm.TiledCSL.from_dense(w1_dense), flash_llm.TiledCSL.from_dense(w2_dense)
+    src = torch.randn(n, 4096, generator=gen, device="cuda").half()
+    for splits in (1, 8):
+        def chain():
+            x = src * 2
+            h = k.spmm_cuda(x, w1.data, w1.offsets, fmt, 1024, 4096, None, splits=splits, force_sparse=True)
+            return x, h, k.spmm_cuda(h, w2.data, w2.offsets, fmt, 512, 1024, None, force_sparse=True)
+
+        chain()  # warm-up (kernel loading) outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g), k.static_weights():
+            x, h, y = chain()
+        for _ in range(3):
+            src.copy_(torch.randn(n, 4096, generator=gen, device="cuda").half())
+            h.fill_(float("nan"))
+            y.fill_(float("nan"))
+            g.replay()
+            check(h, x, w1_dense, None)
+            check(y, h, w2_dense, None)
+        src.copy_(x / 2)
+        plain = chain()
+        assert torch.equal(plain[1], h) and torch.equal(plain[2], y)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)

@@ -5,8 +5,10 @@ Everything host-side is plain Python; the kernels (``spmm.cu``) only see pointer
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import os
 import threading
 from dataclasses import dataclass
 
@@ -42,11 +44,13 @@ def supported(device: torch.device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    nt: int  # 8-token tiles per block (1, 2, 4 or 8)
+    nt: int  # 8-token tiles per warp (1, 2, 4 or 8)
     n_chunks: int  # blocks along N
     row_blocks: int  # blocks along M
     splits: int  # blocks along K
     kt_per_split: int
+    block_tokens: int  # tokens per block: 8 nt, or 64 / 128 for the Tiled-CSL kernels of N > 32
+    block_rows: int  # weight rows per block: 64, or 128 for the warpgroup Tiled-CSL kernel
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -72,17 +76,62 @@ def reduce_ways(tiles: int, nt: int, sms: int) -> int:
     return 4 if tiles * nt < 2 * sms else 1
 
 
+#: the warpgroup Tiled-CSL kernel (N > 64 on sm_90): tokens per block and warpgroups (64 weight rows each) per block.
+#: H200, session 8, 9216 x 36864 at 80 %: N = 128 in 284 us with 2 warpgroups, 278 with 4; 64 tokens per block
+#: ran N = 64 in 245 us, slower than two warps of the multi-warp kernel (200 us).
+WG_TOKENS, WG_ROWS = 128, 2
+
+
+def tcsl_block(n: int, wgmma: bool = False) -> tuple[str, int, int]:
+    """The Tiled-CSL kernel for ``n`` tokens: (name suffix, tokens per block, weight rows per block).
+
+    - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows).
+    - N = 33-64: ``_w2``, two warps of 32 tokens each share every tile's decode.
+    - N > 64: ``_wg128x2``, warpgroup MMA, where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies);
+      else ``_w4``, four warps of 32 tokens.
+    """
+    if n <= 32:
+        nt = _nt(n, TILED_CSL)
+        return f"nt{nt}", 8 * nt, ROWS_PER_BLOCK
+    if n <= 64:
+        return "w2", 64, ROWS_PER_BLOCK
+    if wgmma:
+        return f"wg{WG_TOKENS}x{WG_ROWS}", WG_TOKENS, 64 * WG_ROWS
+    return "w4", 128, ROWS_PER_BLOCK
+
+
+def wg_shared_bytes(nb: int, rows: int) -> int:
+    """Dynamic shared memory of the warpgroup kernel with ``nb`` tokens and ``rows`` warpgroups per block
+    (``wg_smem_bytes`` in spmm.cu)."""
+    return rows * 2 * 8192 + 2 * nb * 128 + 1024
+
+
+def wgmma_ok(device_index: int) -> bool:
+    """The warpgroup kernel runs here: compute capability 9.0 (its cubin is sm_90a), unless ``FLASH_LLM_WGMMA=0``."""
+    if os.environ.get("FLASH_LLM_WGMMA", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
 def block_threads(name: str) -> int:
-    """Threads per block of kernel ``name``: the Tiled-CSL kernels run one warp per block."""
-    return 32 if name.startswith("tiled_csl_spmm") else THREADS
+    """Threads per block of kernel ``name``: the Tiled-CSL kernels run one warp per block (``_nt<NT>``), W warps
+    (``_w<W>``) or R warpgroups (``_wg<NB>x<R>``)."""
+    if name.startswith("tiled_csl_spmm"):
+        suffix = name.rsplit("_", 1)[1]
+        if suffix.startswith("wg"):
+            return 128 * int(suffix.split("x")[1])
+        return 32 * int(suffix[1:]) if suffix.startswith("w") else 32
+    return THREADS
 
 
 def _dtype_suffix(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "f16"
 
 
-def kernel_name(fmt: int, dtype: torch.dtype, n: int) -> str:
-    """The spmm kernel that ``spmm_cuda`` launches for ``n`` tokens of ``dtype``."""
+def kernel_name(fmt: int, dtype: torch.dtype, n: int, wgmma: bool = False) -> str:
+    """The spmm kernel that ``spmm_cuda`` launches for ``n`` tokens of ``dtype`` (``wgmma``: see :func:`tcsl_block`)."""
+    if fmt == TILED_CSL:
+        return f"tiled_csl_spmm_{_dtype_suffix(dtype)}_{tcsl_block(n, wgmma)[0]}"
     return f"{_FORMAT_PREFIX[fmt]}_spmm_{_dtype_suffix(dtype)}_nt{_nt(n, fmt)}"
 
 
@@ -99,7 +148,7 @@ def _weight_bytes_per_element(fmt: int, density: float) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
-         splits: int | None = None, fmt: int = BITMAP) -> LaunchPlan:
+         splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
     """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density`` in format ``fmt``.
 
     Split-K heuristic (no per-shape tables): with ``C = sms * blocks_per_sm`` resident blocks, pick the
@@ -107,11 +156,13 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     slots over the waves of ``B = row_blocks * n_chunks * s`` equal blocks (under one wave, the
     unused SMs) -- times ``1 + ws``, where ``ws`` is the fp32 partial-sum traffic
     (``s * n * m * 8`` bytes, L2-resident) relative to the weight's bytes in its format, plus a
-    small cost per split for the reduction.  Every split keeps at least 4 strips per warp.
+    small cost per split for the reduction.  Every split keeps at least 4 strips per warp.  A block covers
+    ``block_tokens`` tokens and ``block_rows`` weight rows (:func:`tcsl_block`; ``wgmma`` as there).
     """
     nt = _nt(n, fmt)
-    n_chunks = ceil_div(n, 8 * nt)
-    row_blocks = ceil_div(m, ROWS_PER_BLOCK)
+    _, block_tokens, block_rows = tcsl_block(n, wgmma) if fmt == TILED_CSL else ("", 8 * nt, ROWS_PER_BLOCK)
+    n_chunks = ceil_div(n, block_tokens)
+    row_blocks = ceil_div(m, block_rows)
     kt = ceil_div(k, STRIP_K)
     if splits is None:
         slots = sms * blocks_per_sm
@@ -130,7 +181,7 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
         splits = best[1]
     splits = max(1, min(splits, kt))
     kt_per_split = ceil_div(kt, splits)
-    return LaunchPlan(nt, n_chunks, row_blocks, ceil_div(kt, kt_per_split), kt_per_split)
+    return LaunchPlan(nt, n_chunks, row_blocks, ceil_div(kt, kt_per_split), kt_per_split, block_tokens, block_rows)
 
 
 class _Scratch:
@@ -171,10 +222,32 @@ def _density(fmt: int, data: torch.Tensor, m: int, k: int) -> float:
     return data.numel() / (m * k)
 
 
-def use_sparse_kernel(n: int, density: float) -> bool:
-    """Sparse kernel for small N; expand + dense cuBLAS for large N (prefill).  Crossover measured
-    on H100 (benchmarks/RESULTS.md)."""
-    return n <= 64
+_static = threading.local()
+#: ``FLASH_LLM_PDL_SPMM=0`` keeps the spmm launches plain even under :func:`static_weights`
+PDL_SPMM = os.environ.get("FLASH_LLM_PDL_SPMM", "1") != "0"
+
+
+@contextlib.contextmanager
+def static_weights():
+    """Promise that no compressed weight changes while the block runs (the decode engine captures its CUDA graphs
+    under it).  The Tiled-CSL spmm is then launched with programmatic dependent launch (sm_90): its blocks load the
+    weight's offsets and first entries while the previous kernel, which writes ``x``, finishes, and wait for it
+    (``griddepcontrol.wait``) before reading ``x`` or writing anything.  Outside the block a kernel that has just
+    written a weight could still be running when the spmm reads it, so the launch is plain there."""
+    before = getattr(_static, "on", False)
+    _static.on = True
+    try:
+        yield
+    finally:
+        _static.on = before
+
+
+def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP) -> bool:
+    """Sparse kernel for small N; expand + dense cuBLAS for large N (prefill).  Crossovers measured on H200
+    (benchmarks/RESULTS.md): bitmap up to N = 64; Tiled-CSL up to N = 128, where its kernels for N > 64 (warpgroup
+    MMA, or four warps sharing each tile's decode) beat the expansion (9216 x 36864 at 80 %, N = 128: 284 and
+    360 us against about 435; at N = 256, 532 us against about 500)."""
+    return n <= (128 if fmt == TILED_CSL else 64)
 
 
 def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
@@ -226,30 +299,37 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     n = x.shape[0]
     dev = x.device
     density = _density(fmt, data, m, k)
-    if not force_sparse and not use_sparse_kernel(n, density):
+    if not force_sparse and not use_sparse_kernel(n, density, fmt):
         return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
     y = torch.empty(n, m, dtype=x.dtype, device=dev) if out is None else out
     if n == 0:
         return y
     x = x.contiguous()
-    name = kernel_name(fmt, x.dtype, n)
+    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
+    wg = bool(vec) and fmt == TILED_CSL and n > 64 and wgmma_ok(dev.index)
+    name = kernel_name(fmt, x.dtype, n, wg)
     threads = block_threads(name)
-    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads), splits, fmt)
+    shared = wg_shared_bytes(WG_TOKENS, WG_ROWS) if wg else 0
+    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads, shared), splits, fmt,
+             wg)
     ws_ptr = tk_ptr = 0
     stream = torch.cuda.current_stream(dev).cuda_stream
-    tiles = p.row_blocks * p.n_chunks  # blocks along M and N; with split-K, one 64 x 8 nt fp32 partial tile each
+    blocks = p.row_blocks * p.n_chunks  # blocks along M and N
+    # with split-K, one fp32 partial tile per 64 weight rows and 8 nt tokens (the kernels of N > 32: 32 tokens)
+    chunks = ceil_div(n, 8 * p.nt)
+    tiles = ceil_div(m, ROWS_PER_BLOCK) * chunks
     if p.splits > 1:
         ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt, dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
         if fmt == BITMAP:  # the last block of a row group sums the partials; Tiled-CSL: splitk_reduce, below
             tk_ptr = _scratch.get_tickets(dev, tiles).data_ptr()
-    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
     bias_ptr = bias.data_ptr() if bias is not None else 0
     args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias_ptr, P), (ws_ptr, P), (tk_ptr, P),
             (m, I), (k, I), (n, I), (k, I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
             (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
-    launch(name, (tiles, p.splits, 1), threads, args, stream, dev.index)
+    launch(name, (blocks, p.splits, 1), threads, args, stream, dev.index, shared,
+           pdl=fmt == TILED_CSL and PDL_SPMM and getattr(_static, "on", False))
     if p.splits > 1 and fmt == TILED_CSL:
         w = ways or reduce_ways(tiles, p.nt, sm_count(dev.index))
         # Programmatic launch (the reduction's blocks wait resident for the spmm) at N <= 8 only.  H200, session 7:
@@ -257,8 +337,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         # blocks take SM room from the spmm's later waves), so not at NT >= 2.
         launch(f"splitk_reduce_{_dtype_suffix(x.dtype)}_nt{p.nt}", (tiles, w * p.nt, 1), THREADS,
                [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m, I), (n, I), (p.splits, I), (tiles, I),
-                (p.n_chunks, I), (w, I)], stream, dev.index, pdl=p.nt == 1)
+                (chunks, I), (w, I)], stream, dev.index, pdl=p.nt == 1)
     return y
 
 
-__all__ = ["spmm_cuda", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError"]
+__all__ = ["spmm_cuda", "static_weights", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError"]

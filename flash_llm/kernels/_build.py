@@ -101,7 +101,10 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
     nvrtc = _nvrtc()
     source = SOURCE.read_bytes() if source is None else source
-    options = OPTIONS + tuple(extra_options) + (f"--gpu-architecture={arch}",)
+    # sm_90 builds as sm_90a: the warpgroup MMA (wgmma) of the large-N Tiled-CSL kernel needs the arch-specific
+    # target; its cubin runs on compute capability 9.0 (H100, H200) only, which is what "sm_90" means here
+    target = "sm_90a" if arch == "sm_90" else arch
+    options = OPTIONS + tuple(extra_options) + (f"--gpu-architecture={target}",)
     version = nvrtc_version()
     key = hashlib.sha256(b"\0".join([source, repr(options).encode(), arch.encode(),
                                      repr(version).encode()])).hexdigest()[:32]
@@ -195,14 +198,30 @@ def _pdl_supported(device_index: int) -> bool:
     return ok
 
 
+_dyn_smem: dict[tuple[int, str], int] = {}
+
+
+def _allow_shared(fn, device_index: int, name: str, shared: int) -> None:
+    """Let ``fn`` take ``shared`` bytes of dynamic shared memory (above 48 KiB this must be asked for)."""
+    key = (device_index, name)
+    if shared > 48 * 1024 and _dyn_smem.get(key, 0) < shared:
+        drv = _driver()
+        _check_cu(drv.cuFuncSetAttribute(
+            fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
+            f"cuFuncSetAttribute({name}, {shared} bytes of shared memory)")
+        _dyn_smem[key] = shared
+
+
 def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream: int, device_index: int,
            shared: int = 0, pdl: bool = False) -> None:
-    """Launch kernel ``name`` with ``args`` (ints for pointers/ints, as ``(value, ctype)`` pairs).
+    """Launch kernel ``name`` with ``args`` (ints for pointers/ints, as ``(value, ctype)`` pairs) and ``shared``
+    bytes of dynamic shared memory.
 
     ``pdl``: launch with programmatic stream serialization (sm_90+, unless ``FLASH_LLM_PDL=0``): the kernel may
     start before the previous kernel in the stream has finished, so it must wait for it (``griddepcontrol.wait``)
     before reading its results."""
     fn = _function(device_index, name)
+    _allow_shared(fn, device_index, name, shared)
     holders = [ctype(value) for value, ctype in args]
     ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
     drv = _driver()
@@ -226,12 +245,14 @@ def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream
 _occupancy: dict[tuple[int, str], int] = {}
 
 
-def blocks_per_sm(name: str, device_index: int, block: int) -> int:
-    """Resident blocks per SM of kernel ``name`` at ``block`` threads (CUDA occupancy calculator)."""
+def blocks_per_sm(name: str, device_index: int, block: int, shared: int = 0) -> int:
+    """Resident blocks per SM of kernel ``name`` at ``block`` threads and ``shared`` bytes of dynamic shared memory
+    (CUDA occupancy calculator)."""
     key = (device_index, name)
     n = _occupancy.get(key)
     if n is None:
         fn = _function(device_index, name)
+        _allow_shared(fn, device_index, name, shared)
         n = _occupancy[key] = int(_check_cu(
-            _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, block, 0), "cuOccupancyMaxActiveBlocks"))
+            _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, block, shared), "cuOccupancyMaxActiveBlocks"))
     return max(1, n)

@@ -184,17 +184,20 @@ DEVI int row_block_of(const Problem& p) { return blockIdx.x / p.n_chunks; }
 DEVI int n_chunk_of(const Problem& p) { return blockIdx.x % p.n_chunks; }
 
 // This block's partial tile of split `split` (512 NT floats).
+// (The Tiled-CSL kernels for N > 32 store one partial tile per 64 rows and 32 tokens: `tile` of `tiles`.)
 template <int NT>
-DEVI float* ws_tile(const Problem& p, int split) {
-  return p.ws + ((long long)split * gridDim.x + blockIdx.x) * (512 * NT);
+DEVI float* ws_tile(const Problem& p, int split, int tile, int tiles) {
+  return p.ws + ((long long)split * tiles + tile) * (512 * NT);
 }
 
 template <bool BF16, int NT>
-DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, int sib, bool active, int n0, int lane) {
+DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, int sib, bool active, int n0, int lane,
+                    int tile = -1, int tiles = 0) {
   const int g = lane >> 2, t = lane & 3;
   if (!active) return;
   if (p.splits > 1) {
-    float* dst = ws_tile<NT>(p, blockIdx.y) + sib * 128 * NT + lane;
+    float* dst = ws_tile<NT>(p, blockIdx.y, tile < 0 ? (int)blockIdx.x : tile, tile < 0 ? (int)gridDim.x : tiles) +
+                 sib * 128 * NT + lane;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -551,6 +554,24 @@ DEVI void csl_scatter4(u32 dense_base, const uint4& e, u32 (&kept)[2]) {
   }
 }
 
+// Programmatic dependent launch (sm_90): every spmm block lets the next kernel in the stream launch at once
+// (launch_dependents); the Tiled-CSL split-K reduction, launched with the programmatic-serialization attribute
+// (kernels._build.launch, pdl=True), so has its blocks resident while the spmm finishes and waits in
+// griddepcontrol.wait until the spmm grid has completed and its writes are visible.  This hides the second
+// launch's latency.  Under kernels.static_weights the Tiled-CSL spmm itself is launched so, and waits after loading
+// its first weight entries.  Both instructions are no-ops when the launch did not ask for it; not compiled before
+// sm_90.
+DEVI void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+DEVI void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                              int kt_per_split, Problem p) {
@@ -591,6 +612,10 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       }
     };
     prefetch();
+    // Launched programmatically (kernels.spmm_cuda, pdl_spmm) this block may run before the kernel that writes X
+    // has finished: the weight's offsets and first entries above are loaded meanwhile, X and every global write
+    // come after the wait.  A no-op for a plain launch.
+    pdl_wait();
     // NT = 1: a sparse tile's scatter offsets, zeroed again after the read-back (tcsl_zero_scatter: at NT = 2 the
     // 16 registers cost more occupancy than the clear saves; benchmarks/ab/README.md)
     constexpr bool KEEP = NT == 1;
@@ -650,6 +675,286 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 #pragma unroll
   for (int s = 0; s < 4; ++s)
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
+}
+
+// N > 32 (prototype tcsl_multiwarp): W warps per block share one decode of every tile.  Warp w multiplies the
+// 32 tokens of chunk (block's n chunk) * W + w, so the block covers 32 W tokens, where the one-warp kernel decodes
+// every tile once per 32 tokens.  The warps scatter a share of the tile's units each (warp w: rounds w, w + W, ...)
+// into one of three dense tiles; one block barrier; every warp reads the whole tile back and multiplies it by its
+// own B.  Three buffers make one barrier per tile enough: after barrier j every warp has read tile j - 1, so each
+// warp clears its share of that buffer, which is scattered into again only after barrier j + 1.
+template <bool BF16, int W>
+DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                              int kt_per_split, Problem p) {
+  constexpr int NT = 4, PF = 8 / W;  // PF rounds per warp: 8 rounds of 32 units in all (25 % density)
+  __shared__ __align__(16) u32 dense[3][4 * 1024 / 2];  // 3 x 8 KiB
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nl = (p.N + 31) >> 5;  // 32-token chunks: the partial tiles along N, as the one-warp kernel's
+  const int row_block = row_block_of(p);
+  const int chunk = n_chunk_of(p) * W + warp;
+  const bool live = chunk < nl;  // a warp past N still scatters its share and meets the barriers
+  const int n0 = chunk * 32;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;  // block-uniform
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  const uint4 pad4 = make_uint4(0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u);
+  for (int i = threadIdx.x; i < 3 * 512; i += 32 * W) reinterpret_cast<uint4*>(dense)[i] = zero4;
+  __syncthreads();
+
+  float acc[4][NT][4];
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
+
+  if (active) {
+    const int* tile_off = offsets + (long long)row_block * kt;
+    const uint4* units = reinterpret_cast<const uint4*>(data);
+    int ends = kb + 1 + lane <= ke ? tile_off[kb + 1 + lane] >> 2 : 0;
+    int lo = tile_off[kb] >> 2, hi = __shfl_sync(FULL_MASK, ends, 0);
+    uint4 pf[PF];
+    auto prefetch = [&]() {
+#pragma unroll
+      for (int r = 0; r < PF; ++r) {
+        const int u = lo + 32 * (W * r + warp) + lane;
+        pf[r] = u < hi ? __ldcs(units + u) : pad4;
+      }
+    };
+    prefetch();
+    pdl_wait();  // X and every global write after the previous kernel (programmatic launch; else a no-op)
+    for (int j = kb; j < ke; ++j) {
+      const int buf = (j - kb) % 3;
+      const u32 base = smem_addr(dense[buf]);
+      u32 b[4][NT][2];
+      if (live) load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
+      u32 unused[2];
+#pragma unroll
+      for (int r = 0; r < PF; ++r) csl_scatter4<false>(base, pf[r], unused);  // pads past the tile: no stores
+#pragma unroll 1
+      for (int u0 = lo + 32 * (W * PF + warp); u0 < hi; u0 += 32 * W)
+        csl_scatter4<false>(base, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4, unused);
+      if (j + 1 < ke) {
+        const int t = j + 1 - kb;
+        if ((t & 31) == 0) ends = j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
+        lo = hi;
+        hi = __shfl_sync(FULL_MASK, ends, t & 31);
+        prefetch();
+      }
+      __syncthreads();
+      if (j > kb) {  // every warp has read tile j - 1: clear this warp's share of its buffer
+        uint4* prev = reinterpret_cast<uint4*>(dense[(j - kb + 2) % 3]);
+#pragma unroll
+        for (int i = 0; i < 16 / W; ++i) prev[(warp * (16 / W) + i) * 32 + lane] = zero4;
+      }
+      if (live) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          u32 a[4][4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const u32 at = base + s * 2048 + lane * 64 + ((c ^ ((lane >> 1) & 3)) << 4);
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(a[c][0]), "=r"(a[c][1]), "=r"(a[c][2]), "=r"(a[c][3]) : "r"(at));
+          }
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c], b[c][nt]);
+        }
+      }
+    }
+  }
+  const int tiles = (int)(gridDim.x / p.n_chunks) * nl;
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+    store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, live && active && row_block * 4 + s < mt, n0, lane,
+                        row_block * nl + chunk, tiles);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tiled-CSL for N > 32 with warpgroup MMA (prototype tcsl_wgmma; sm_90a, compiled only there).  One block is one
+// warpgroup (4 warps) and covers one 64-row tile row x NB tokens (NB = 64, 128, 256).  Per tile: the X tile
+// (NB tokens x 64 columns) is copied to shared memory with cp.async in the 128-byte-swizzled K-major layout that
+// wgmma reads; the four warps scatter the tile's entries (a share each) straight into the same layout (row-major
+// W tile at its physical columns, docs/formats.md); then four wgmma.m64nNBk16 read both from shared memory.  The
+// tile is decoded once for NB tokens, and the tensor cores read A from shared memory themselves instead of 16
+// LDS.128 per lane per 32 tokens.  Two A buffers (8 KiB each) and one X buffer (NB x 128 B); two barriers per
+// tile.  The accumulators follow the m16n8 layout per warp (rows 16 w + g, + 8): one 32-token chunk of them is
+// exactly the one-warp kernel's acc[4][4], so the epilogue and the split-K partial tiles are the same.
+// ------------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLASH_LLM_WGMMA 1
+#endif
+
+template <bool BF16, int NB> DEVI void wgmma_tile(float (&d)[NB / 2], u64 da, u64 db);
+#ifdef FLASH_LLM_WGMMA
+template <> DEVI void wgmma_tile<false, 128>(float (&d)[64], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "l"(da), "l"(db));
+}
+template <> DEVI void wgmma_tile<true, 128>(float (&d)[64], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "l"(da), "l"(db));
+}
+#endif
+
+// Shared-memory matrix descriptor: 128-byte swizzle, K-major; 8-row groups 1024 bytes apart (SBO); LBO unused.
+DEVI u64 sw128_desc(u32 addr) {
+  return (u64)((addr & 0x3ffffu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+// Byte offset in the 64 x 64 swizzled A tile (row r at 128 r, 16-byte chunk c at c ^ (r % 8)) of an entry's
+// fragment-order position (entry >> 16 = 1024 strip + 32 lane + 8 s + j).
+DEVI u32 wg_a_byte(u32 e) {
+  const u32 pos = e >> 16;
+  const u32 ln = (pos >> 5) & 31, s = (pos >> 3) & 3, j = pos & 7;
+  const u32 row = ((pos >> 10) << 4) + (ln >> 2) + ((j & 2) << 2);
+  const u32 col = ((ln & 3) << 4) + (s << 2) + ((j >> 2) << 1) + (j & 1);
+  return (row << 7) + ((((col >> 3) ^ row) & 7) << 4) + ((col & 7) << 1);
+}
+
+DEVI void wg_scatter4(u32 base, const uint4& e) {
+  const u32 v[4] = {e.x, e.y, e.z, e.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    if (v[q] < 0x10000000u) asm volatile("st.shared.u16 [%0], %1;" ::"r"(base + wg_a_byte(v[q])), "r"(v[q]));
+}
+
+// X rows n0 .. n0 + NB - 1, columns k0 .. k0 + 63 -> the swizzled X tile at `xbase` (NB rows of 128 bytes), by T
+// threads with cp.async (zero-filled past N and K; K % 8 == 0 here, so a 16-byte chunk is all in or all out).
+template <int NB, int T>
+DEVI void wg_load_x(u32 xbase, const u16* __restrict__ x, int ldx, int N, int K, int n0, int k0, int tid) {
+#pragma unroll
+  for (int i = 0; i < NB * 8 / T; ++i) {
+    const int q = i * T + tid, r = q >> 3, c = q & 7;
+    const int n = n0 + r, k = k0 + 8 * c;
+    const bool ok = n < N && k < K;
+    const u16* src = ok ? x + (long long)n * ldx + k : x;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xbase + r * 128 + ((c ^ (r & 7)) << 4)),
+                 "l"(src), "r"(ok ? 16 : 0));
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+template <int NB>
+DEVI void wg_fence_acc(float (&d)[NB / 2]) {  // keep the compiler from touching the accumulators mid-flight
+#pragma unroll
+  for (int i = 0; i < NB / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Dynamic shared memory of the warpgroup kernel: R x 2 A tiles (8 KiB each), two X tiles (NB x 128 bytes), and
+// 1 KiB to align the start to the 1024 bytes of the swizzle pattern.
+constexpr int wg_smem_bytes(int NB, int R) { return R * 2 * 8192 + 2 * NB * 128 + 1024; }
+
+// R warpgroups per block, one 64-row tile row each, share the X tile of NB tokens (X is read once per 64 R weight
+// rows).  Software pipeline, one block barrier per tile: the wgmma of tile j runs (async) while the warps scatter
+// tile j + 1 into the other A buffer and copy its X tile into the other X buffer.
+template <bool BF16, int NB, int R>
+DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                           int kt_per_split, Problem p) {
+#ifdef FLASH_LLM_WGMMA
+  constexpr int PF = 2;  // rounds per warp prefetched in registers: 8 rounds of 32 units in all (25 % density)
+  constexpr int T = 128 * R;
+  extern __shared__ unsigned char wg_smem[];
+  const u32 sbase = (smem_addr(wg_smem) + 1023u) & ~1023u;
+  const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
+  const u32 a_base = sbase + wg * 16384;             // this warpgroup's two A tiles
+  const u32 x_base = sbase + R * 16384;              // the two X tiles
+  const int nl = (p.N + 31) >> 5;                    // 32-token partial tiles along N, as the one-warp kernel's
+  const int row_tiles = (mt + 3) >> 2;               // 64-row tile rows
+  const int tile_row = (int)(blockIdx.x / p.n_chunks) * R + wg;
+  const bool row_ok = tile_row < row_tiles;
+  const int n0 = n_chunk_of(p) * NB;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;  // block-uniform
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  const uint4 pad4 = make_uint4(0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u);
+  for (int i = wtid; i < 1024; i += 128)
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a_base + 16 * i), "r"(0), "r"(0), "r"(0), "r"(0));
+  float d[NB / 2];
+#pragma unroll
+  for (int i = 0; i < NB / 2; ++i) d[i] = 0.f;
+  if (active) {
+    const int* tile_off = offsets + (long long)(row_ok ? tile_row : 0) * kt;
+    const uint4* units = reinterpret_cast<const uint4*>(data);
+    int ends = row_ok && kb + 1 + lane <= ke ? tile_off[kb + 1 + lane] >> 2 : 0;
+    int lo = row_ok ? tile_off[kb] >> 2 : 0, hi = __shfl_sync(FULL_MASK, ends, 0);
+    uint4 pf[PF];
+    auto prefetch = [&]() {
+#pragma unroll
+      for (int r = 0; r < PF; ++r) {
+        const int u = lo + 32 * (4 * r + warp) + lane;
+        pf[r] = u < hi ? __ldcs(units + u) : pad4;
+      }
+    };
+    // scatter tile j's entries (lo .. hi, the first PF rounds in pf) into A buffer `abuf`, then step to tile j + 1
+    auto scatter_and_advance = [&](int j, u32 abuf) {
+#pragma unroll
+      for (int r = 0; r < PF; ++r) wg_scatter4(abuf, pf[r]);
+#pragma unroll 1
+      for (int u0 = lo + 32 * (4 * PF + warp); u0 < hi; u0 += 128)
+        wg_scatter4(abuf, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4);
+      if (j + 1 < ke) {
+        const int t = j + 1 - kb;
+        if ((t & 31) == 0) ends = row_ok && j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
+        lo = hi;
+        hi = __shfl_sync(FULL_MASK, ends, t & 31);
+        prefetch();
+      }
+    };
+    prefetch();
+    pdl_wait();  // X and every global write after the previous kernel (programmatic launch; else a no-op)
+    __syncthreads();  // the A tiles are clear
+    wg_load_x<NB, T>(x_base, p.x, p.ldx, p.N, p.K, n0, kb * 64, tid);
+    scatter_and_advance(kb, a_base);
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy writes -> wgmma reads
+    __syncthreads();
+    for (int j = kb; j < ke; ++j) {
+      const int buf = (j - kb) & 1;
+      const u32 abuf = a_base + buf * 8192, xbuf = x_base + buf * (NB * 128);
+      wg_fence_acc<NB>(d);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)  // k16 steps: 32 bytes further along each 128-byte row
+        wgmma_tile<BF16, NB>(d, sw128_desc(abuf + 32 * kk), sw128_desc(xbuf + 32 * kk));
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      if (j + 1 < ke) {  // tile j + 1 into the other buffers while the tensor cores run
+        wg_load_x<NB, T>(x_base + (buf ^ 1) * (NB * 128), p.x, p.ldx, p.N, p.K, n0, (j + 1) * 64, tid);
+        scatter_and_advance(j + 1, a_base + (buf ^ 1) * 8192);
+      }
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      wg_fence_acc<NB>(d);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // clear the A tile just read (this warpgroup's own), for tile j + 2
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(abuf + 16 * (i * 128 + wtid)), "r"(0), "r"(0),
+                     "r"(0), "r"(0));
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      __syncthreads();  // tile j + 1 is complete in both buffers; every warpgroup is done with tile j
+    }
+  }
+  const int tiles = row_tiles * nl;
+#pragma unroll
+  for (int c = 0; c < NB / 32; ++c) {  // one 32-token chunk: acc[nt][i] = d[16 c + 4 nt + i]
+    const int chunk = n0 / 32 + c;
+    float acc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = d[16 * c + 4 * nt + i];
+    store_acc<BF16, 4>(p, acc, tile_row * 4 + warp, warp, active && chunk < nl && tile_row * 4 + warp < mt,
+                       chunk * 32, lane, tile_row * nl + chunk, tiles);
+  }
+#else
+  __trap();  // launched only on sm_90 (kernels.spmm_cuda)
+#endif
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -775,22 +1080,6 @@ constexpr int bitmap_threads = THREADS, tiled_csl_threads = 32;
 template <int NT> struct bitmap_min_blocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
 template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 20 : NT == 2 ? 20 : 10; };
 
-// Programmatic dependent launch (sm_90): every spmm block lets the next kernel in the stream launch at once
-// (launch_dependents); the Tiled-CSL split-K reduction, launched with the programmatic-serialization attribute
-// (kernels._build.launch, pdl=True), so has its blocks resident while the spmm finishes and waits in
-// griddepcontrol.wait until the spmm grid has completed and its writes are visible.  This hides the second
-// launch's latency.  Both instructions are no-ops when the launch did not ask for it; not compiled before sm_90.
-DEVI void pdl_launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-DEVI void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(FMT##_threads, FMT##_min_blocks<NT>::value)                \
   FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                            \
@@ -858,3 +1147,25 @@ INSTANTIATE_ALL(bitmap)
 INSTANTIATE(bitmap, f16, false, 8)
 INSTANTIATE(bitmap, bf16, true, 8)
 INSTANTIATE_ALL(tiled_csl)
+
+// The Tiled-CSL kernels for N > 32.  tiled_csl_spmm_<dtype>_w<W>: W warps of 32 tokens each share every tile's decode.
+// tiled_csl_spmm_<dtype>_wg<NB>x<R> (sm_90a; a trap elsewhere): NB tokens and R warpgroups (64 R weight rows) per
+// block, warpgroup MMA.
+#define INSTANTIATE_MULTI(NAME, BF16, W)                                                                  \
+  extern "C" __global__ void __launch_bounds__(32 * W, 12 / W)                                             \
+  tiled_csl_spmm_##NAME##_w##W(SPMM_ARGS) {                                                               \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_multi_body<BF16, W>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);              \
+  }
+INSTANTIATE_MULTI(f16, false, 2)
+INSTANTIATE_MULTI(f16, false, 4)
+INSTANTIATE_MULTI(bf16, true, 2)
+INSTANTIATE_MULTI(bf16, true, 4)
+#define INSTANTIATE_WG(NAME, BF16, NB, R, MINB)                                                           \
+  extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
+  tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_wg_body<BF16, NB, R>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);             \
+  }
+INSTANTIATE_WG(f16, false, 128, 2, 2)
+INSTANTIATE_WG(bf16, true, 128, 2, 2)
