@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck over flash-llm's own kernels only (benchmarks/profile_kernel.py:
 # both formats, split-K off and on, both decoders to dense), small shapes.
-# CFGS (default "bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3", format:splits) picks the spmm runs.  Output under
-# $OUT/sanitize.log.
+# CFGS (default "bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3") picks the spmm runs: format:splits[:N[:VAR=value]]
+# (without N: N = 17 at 50 % and 3 at 90 %; VAR=value is set for that run, e.g. FLASH_LLM_WGMMA=0).  DECODERS=0
+# skips the decoder runs.  Output under $OUT/sanitize.log.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -11,15 +12,16 @@ OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 python3 benchmarks/profile_kernel.py --fmt bitmap --m 200 --k 1000 --n 3 --sparsity 0.9 --iters 1 >/dev/null 2>&1
 for tool in memcheck racecheck; do
   for cfg in ${CFGS:-bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3}; do
-    set -- "${cfg%%:*}" "${cfg##*:}"
+    IFS=: read -r fmt splits cfg_n cfg_env <<< "$cfg"
     for sp in 0.5 0.9; do
-      n=$([ $sp = 0.5 ] && echo 17 || echo 3)  # NT = 4 and NT = 1
-      r=$(timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 \
-          python3 benchmarks/profile_kernel.py --fmt $1 --m 200 --k 1000 --n $n --sparsity $sp --splits $2 --iters 2 2>&1 | \
-          grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
-      echo "$tool $1 splits=$2 sparsity=$sp N=$n: $r" | tee -a "$OUT/sanitize.log"
+      n=${cfg_n:-$([ $sp = 0.5 ] && echo 17 || echo 3)}  # default: NT = 4 and NT = 1
+      r=$(env ${cfg_env:-FLASH_LLM_SANITIZE=1} timeout 120 compute-sanitizer --tool $tool --report-api-errors no \
+          --error-exitcode 9 python3 benchmarks/profile_kernel.py --fmt $fmt --m 200 --k 1000 --n $n --sparsity $sp \
+          --splits $splits --iters 2 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
+      echo "$tool $fmt splits=$splits sparsity=$sp N=$n ${cfg_env:-}: $r" | tee -a "$OUT/sanitize.log"
     done
   done
+  [ "${DECODERS:-1}" = 0 ] && continue
   for fmt in bitmap tiled-csl; do  # the decoders of the large-N path
     r=$(timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 \
         python3 benchmarks/profile_kernel.py --fmt $fmt --m 200 --k 1000 --sparsity 0.7 --decode --iters 2 2>&1 | \

@@ -242,13 +242,13 @@ def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream
                                   ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
 
 
-_occupancy: dict[tuple[int, str], int] = {}
+_occupancy: dict[tuple[int, str, int, int], int] = {}
 
 
 def blocks_per_sm(name: str, device_index: int, block: int, shared: int = 0) -> int:
     """Resident blocks per SM of kernel ``name`` at ``block`` threads and ``shared`` bytes of dynamic shared memory
     (CUDA occupancy calculator)."""
-    key = (device_index, name)
+    key = (device_index, name, block, shared)
     n = _occupancy.get(key)
     if n is None:
         fn = _function(device_index, name)

@@ -1,0 +1,9 @@
+"""The kernels that spmm.cu must define (checked by the compile tests and by `flash-llm build --report`)."""
+
+EXPECTED_KERNELS = (
+    {f"{fmt}_spmm_{dt}_nt{nt}" for fmt, nts in (("bitmap", (1, 2, 4, 8)), ("tiled_csl", (1, 2, 4)))
+     for dt in ("f16", "bf16") for nt in nts}
+    | {"bitmap_to_dense", "tiled_csl_to_dense"}
+    | {f"splitk_reduce_{dt}_nt{nt}" for dt in ("f16", "bf16") for nt in (1, 2, 4)}
+    | {f"tiled_csl_spmm_{dt}_{v}" for dt in ("f16", "bf16") for v in ("w2", "w4", "wg128x2")}
+)
