@@ -6,7 +6,8 @@
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
 #             sparse kernel at every N (tcsl_multiwarp: NS=32,64,128,256 AB_FORCE=1); AB_SPARSITIES (default "0.8 0.9"), AB_SMALL=0 skips 4096 x 14336
 #   probe     benchmarks/kernel_probe.py and the tests matching $PROBE_TESTS (default "warpgroup") on a copy of the
-#             tree with benchmarks/ab/$PROBE_PATCH applied (a prototype's first run: where do its values land?)
+#             tree with benchmarks/ab/$PROBE_PATCH applied (a prototype's first run: where do its values land?); if
+#             it fails, a later ab stage is skipped
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 %, batch 1
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL 0 / 80 / 90 %, batch 1 / 8 / 16, fused and merged (3 minutes)
@@ -26,7 +27,8 @@ for stage in "${@:-tests ab}"; do
   for s in $stage; do
     echo "=== $s"
     case $s in
-      ab) if ! ls benchmarks/ab/*.patch >/dev/null 2>&1; then echo "no patches waiting in benchmarks/ab"; else
+      ab) if ! ls benchmarks/ab/*.patch >/dev/null 2>&1; then echo "no patches waiting in benchmarks/ab"
+          elif [ -n "${PROBE_PATCH:-}" ] && [ ! -e /tmp/probe/ok ]; then echo "the probe of $PROBE_PATCH failed: no A/B"; else
            { FMTS=tiled-csl SPARSITIES="${AB_SPARSITIES:-0.8 0.9}" NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
              [ "${AB_SMALL:-1}" = 0 ] || AB_TESTS="tests/test_plan.py" FMTS=tiled-csl AB_M=4096 AB_K=14336 SPARSITIES=0.8 \
                NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
@@ -37,7 +39,8 @@ for stage in "${@:-tests ab}"; do
                timeout 150 python3 benchmarks/kernel_probe.py --n 64 128 256 &&
                timeout 60 python3 benchmarks/kernel_probe.py --m 128 --k 128 --n 128 --splits 1 2 &&
                timeout 120 python3 -m pytest -q -x --tb=short tests/test_kernels_gpu.py -k "${PROBE_TESTS:-warpgroup}" \
-                 2>&1 | tail -25; cd "$OLDPWD"; } 2>&1 | tee "$OUT/probe.log" ;;
+                 > /tmp/probe/tests.log 2>&1; r=$?; tail -25 /tmp/probe/tests.log; [ $r = 0 ] && touch /tmp/probe/ok
+               cd "$OLDPWD"; } 2>&1 | tee "$OUT/probe.log" ;;
       across) for shape in "9216 36864" "4096 14336"; do read -r M K <<< "$shape"
                 for sp in 0.8 0.9; do timeout 100 python3 benchmarks/time_across_n.py --fmt tiled-csl --m $M --k $K \
                   --sparsity $sp --ns 1,8,16,32; done; done 2>&1 | tee "$OUT/across.log" ;;

@@ -77,9 +77,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     a = ap.parse_args()
     dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
-    for n in a.n:
-        for s in a.splits:
-            probe(FMTS[a.fmt], a.m, a.k, n, s, dtype)
+    ok = [probe(FMTS[a.fmt], a.m, a.k, n, s, dtype) for n in a.n for s in a.splits]
+    raise SystemExit(0 if all(ok) else 1)
 
 
 if __name__ == "__main__":
