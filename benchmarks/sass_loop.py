@@ -4,7 +4,7 @@
 
 Compiles ``flash_llm/kernels/spmm.cu`` (or the tree with ``--patch`` applied, in a temporary copy) through the
 package's NVRTC path, disassembles the cubin with ``cuobjdump -sass`` (``pip install nvidia-cuda-cuobjdump``, or on
-``PATH``), and for each kernel finds its main loop: the backward branch that closes the last ``HMMA``.  Prints
+``PATH``; it needs ``nvidia-cuda-nvdisasm`` too), and for each kernel finds its main loop: the backward branch that closes the last ``HMMA``.  Prints
 the loop's instruction count and its mix by opcode (shared-memory, shuffles, popcounts, integer, tensor core).
 The count is static (every instruction of the loop body once, the rarely taken refill path included), so it
 compares variants of one kernel; it is not a time.  Session 4 used it to count the format-version-3 prototype.
@@ -25,7 +25,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {"LDS": "shared load", "STS": "shared store", "LDGSTS": "cp.async", "LDG": "global load",
            "SHFL": "shuffle", "POPC": "popcount", "PRMT": "byte permute", "LOP3": "logic", "IMAD": "int multiply-add",
-           "IADD3": "int add", "SHF": "shift", "HMMA": "tensor core", "BRA": "branch"}
+           "IADD3": "int add", "SHF": "shift", "HMMA": "tensor core", "HGMMA": "warpgroup MMA", "BRA": "branch"}
 
 
 def cuobjdump() -> str:
@@ -37,11 +37,12 @@ def cuobjdump() -> str:
 
         for base in nvidia.__path__:
             hits = glob.glob(os.path.join(base, "**", "bin", "cuobjdump"), recursive=True)
-            if hits:
+            if hits:  # it runs nvdisasm, from the wheel nvidia-cuda-nvdisasm in the same bin folder
+                os.environ["PATH"] = os.path.dirname(hits[0]) + os.pathsep + os.environ.get("PATH", "")
                 return hits[0]
     except ImportError:
         pass
-    sys.exit("cuobjdump not found: put it on PATH or pip install nvidia-cuda-cuobjdump")
+    sys.exit("cuobjdump not found: put it on PATH or pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
 
 
 def kernel_source(patch: str | None) -> bytes:
@@ -74,8 +75,9 @@ def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
 
 
 def main_loop(instrs: list[tuple[int, str]]) -> list[str]:
-    """The instructions from the target of the backward branch closing the last HMMA up to that branch."""
-    last_mma = max(i for i, (_, t) in enumerate(instrs) if "HMMA" in t)
+    """The instructions from the target of the backward branch closing the last HMMA (or warpgroup HGMMA) up to that
+    branch."""
+    last_mma = max(i for i, (_, t) in enumerate(instrs) if "HMMA" in t or "HGMMA" in t)
     for addr, text in instrs[last_mma:]:
         m = re.search(r"BRA (?:\S+, )?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
