@@ -4,10 +4,11 @@
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
-#             sparse kernel at every N (tcsl_multiwarp: NS=32,64,128,256 AB_FORCE=1); AB_SPARSITIES (default "0.8 0.9"), AB_SMALL=0 skips 4096 x 14336
+#             sparse kernel at every N (tcsl_multiwarp: NS=32,64,128,256 AB_FORCE=1); AB_SPARSITIES (default "0.8 0.9"),
+#             AB_FMTS (default tiled-csl; "bitmap tiled-csl" for both), AB_SMALL=0 skips 4096 x 14336
 #   probe     benchmarks/kernel_probe.py and the tests matching $PROBE_TESTS (default "above_32") on a copy of the
 #             tree, with benchmarks/ab/$PROBE_PATCH applied if set (a prototype's first run: where do its values
-#             land?); if it fails, a later ab stage is skipped
+#             land?; PROBE_FMT=bitmap probes that format); if it fails, a later ab stage is skipped
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 %, batch 1
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL 0 / 80 / 90 %, batch 1 / 8 / 16, fused and merged (3 minutes)
@@ -29,15 +30,16 @@ for stage in "${@:-tests ab}"; do
     case $s in
       ab) if ! ls benchmarks/ab/*.patch >/dev/null 2>&1; then echo "no patches waiting in benchmarks/ab"
           elif [ -n "${PROBE_PATCH:-}" ] && [ ! -e /tmp/probe/ok ]; then echo "the probe of $PROBE_PATCH failed: no A/B"; else
-           { FMTS=tiled-csl SPARSITIES="${AB_SPARSITIES:-0.8 0.9}" NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
+           { FMTS=${AB_FMTS:-tiled-csl} SPARSITIES="${AB_SPARSITIES:-0.8 0.9}" NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
              [ "${AB_SMALL:-1}" = 0 ] || AB_TESTS="tests/test_plan.py" FMTS=tiled-csl AB_M=4096 AB_K=14336 SPARSITIES=0.8 \
                NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
            } 2>&1 | tee "$OUT/ab.log"; fi ;;
       probe) { rm -rf /tmp/probe && mkdir -p /tmp/probe && tar --exclude=./.git --exclude=./benchmarks/out -cf - . | \
                tar -C /tmp/probe -xf - && cd /tmp/probe && { [ -z "${PROBE_PATCH:-}" ] || git apply "$OLDPWD/benchmarks/ab/$PROBE_PATCH"; } && \
                export PYTHONPATH=/tmp/probe FLASH_LLM_CACHE=/tmp/flc_probe &&
-               timeout 150 python3 benchmarks/kernel_probe.py --n 64 128 256 &&
-               timeout 60 python3 benchmarks/kernel_probe.py --m 128 --k 128 --n 128 --splits 1 2 &&
+               timeout 150 python3 benchmarks/kernel_probe.py --fmt ${PROBE_FMT:-tiled-csl} --n 64 128 256 &&
+               timeout 60 python3 benchmarks/kernel_probe.py --fmt ${PROBE_FMT:-tiled-csl} --m 128 --k 128 --n 128 \
+                 --splits 1 2 &&
                timeout 120 python3 -m pytest -q -x --tb=short tests/test_kernels_gpu.py -k "${PROBE_TESTS:-above_32}" \
                  > /tmp/probe/tests.log 2>&1; r=$?; tail -25 /tmp/probe/tests.log; [ $r = 0 ] && touch /tmp/probe/ok
                cd "$OLDPWD"; } 2>&1 | tee "$OUT/probe.log" ;;
