@@ -8,7 +8,8 @@
 #             AB_FMTS (default tiled-csl; "bitmap tiled-csl" for both), AB_SMALL=0 skips 4096 x 14336
 #   probe     benchmarks/kernel_probe.py and the tests matching $PROBE_TESTS (default "above_32") on a copy of the
 #             tree, with benchmarks/ab/$PROBE_PATCH applied if set (a prototype's first run: where do its values
-#             land?; PROBE_FMT=bitmap probes that format); if it fails, a later ab stage is skipped
+#             land?; PROBE_FMT=bitmap probes that format, PROBE_NS="1 8 64" other N); if it fails, a later ab stage
+#             is skipped
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 %, batch 1
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL 0 / 80 / 90 %, batch 1 / 8 / 16, fused and merged (3 minutes)
@@ -37,7 +38,7 @@ for stage in "${@:-tests ab}"; do
       probe) { rm -rf /tmp/probe && mkdir -p /tmp/probe && tar --exclude=./.git --exclude=./benchmarks/out -cf - . | \
                tar -C /tmp/probe -xf - && cd /tmp/probe && { [ -z "${PROBE_PATCH:-}" ] || git apply "$OLDPWD/benchmarks/ab/$PROBE_PATCH"; } && \
                export PYTHONPATH=/tmp/probe FLASH_LLM_CACHE=/tmp/flc_probe &&
-               timeout 150 python3 benchmarks/kernel_probe.py --fmt ${PROBE_FMT:-tiled-csl} --n 64 128 256 &&
+               timeout 150 python3 benchmarks/kernel_probe.py --fmt ${PROBE_FMT:-tiled-csl} --n ${PROBE_NS:-64 128 256} &&
                timeout 60 python3 benchmarks/kernel_probe.py --fmt ${PROBE_FMT:-tiled-csl} --m 128 --k 128 --n 128 \
                  --splits 1 2 &&
                timeout 120 python3 -m pytest -q -x --tb=short tests/test_kernels_gpu.py -k "${PROBE_TESTS:-above_32}" \
