@@ -202,9 +202,10 @@ _dyn_smem: dict[tuple[int, str], int] = {}
 
 
 def _allow_shared(fn, device_index: int, name: str, shared: int) -> None:
-    """Let ``fn`` take ``shared`` bytes of dynamic shared memory (above 48 KiB this must be asked for)."""
+    """Let ``fn`` take ``shared`` bytes of dynamic shared memory.  Static plus dynamic shared memory above 48 KiB
+    must be asked for; asking for any dynamic amount covers kernels that also have static shared memory."""
     key = (device_index, name)
-    if shared > 48 * 1024 and _dyn_smem.get(key, 0) < shared:
+    if shared > 0 and _dyn_smem.get(key, 0) < shared:
         drv = _driver()
         _check_cu(drv.cuFuncSetAttribute(
             fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
