@@ -5,7 +5,8 @@
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
 #             sparse kernel at every N (tcsl_multiwarp: NS=32,64,128,256 AB_FORCE=1); AB_SPARSITIES (default "0.8 0.9"),
-#             AB_FMTS (default tiled-csl; "bitmap tiled-csl" for both), AB_SMALL=0 skips 4096 x 14336
+#             AB_FMTS (default tiled-csl; "bitmap tiled-csl" for both), AB_SMALL=0 skips 4096 x 14336, AB_PATCHES
+#             (default "benchmarks/ab/*.patch") picks the patches
 #   probe     benchmarks/kernel_probe.py and the tests matching $PROBE_TESTS (default "above_32") on a copy of the
 #             tree, with benchmarks/ab/$PROBE_PATCH applied if set (a prototype's first run: where do its values
 #             land?; PROBE_FMT=bitmap probes that format, PROBE_NS="1 8 64" other N); if it fails, a later ab stage
@@ -29,11 +30,12 @@ for stage in "${@:-tests ab}"; do
   for s in $stage; do
     echo "=== $s"
     case $s in
-      ab) if ! ls benchmarks/ab/*.patch >/dev/null 2>&1; then echo "no patches waiting in benchmarks/ab"
+      ab) # shellcheck disable=SC2086
+          if ! ls ${AB_PATCHES:-benchmarks/ab/*.patch} >/dev/null 2>&1; then echo "no patches waiting in benchmarks/ab"
           elif [ -n "${PROBE_PATCH:-}" ] && [ ! -e /tmp/probe/ok ]; then echo "the probe of $PROBE_PATCH failed: no A/B"; else
-           { FMTS=${AB_FMTS:-tiled-csl} SPARSITIES="${AB_SPARSITIES:-0.8 0.9}" NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
+           { FMTS=${AB_FMTS:-tiled-csl} SPARSITIES="${AB_SPARSITIES:-0.8 0.9}" NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh ${AB_PATCHES:-benchmarks/ab/*.patch}
              [ "${AB_SMALL:-1}" = 0 ] || AB_TESTS="tests/test_plan.py" FMTS=tiled-csl AB_M=4096 AB_K=14336 SPARSITIES=0.8 \
-               NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh benchmarks/ab/*.patch
+               NS=${NS:-1,8,16,32} bash benchmarks/ab_kernel.sh ${AB_PATCHES:-benchmarks/ab/*.patch}
            } 2>&1 | tee "$OUT/ab.log"; fi ;;
       probe) { rm -rf /tmp/probe && mkdir -p /tmp/probe && tar --exclude=./.git --exclude=./benchmarks/out -cf - . | \
                tar -C /tmp/probe -xf - && cd /tmp/probe && { [ -z "${PROBE_PATCH:-}" ] || git apply "$OLDPWD/benchmarks/ab/$PROBE_PATCH"; } && \
