@@ -572,6 +572,47 @@ DEVI void pdl_wait() {
 #endif
 }
 
+// The entries of one Tiled-CSL tile row over a split's tiles [kb, ke), for the W warps that share the row: the
+// current tile's 16-byte units (four entries each) are [lo, hi).  Lane l keeps the end unit of tile kb + 32 c + l in
+// `ends` (reloaded every 32 tiles), so stepping to the next tile is one shuffle.  The warps take units in rounds of
+// 32 W: warp w's lane l has unit lo + 32 (W r + w) + l in round r.  The first PF rounds are prefetched into `pf`
+// one tile ahead; `rest` loads the others as they are scattered.  A tile row past M (`row_ok` false) has no units.
+template <int PF, int W>
+struct CslTiles {
+  const int* tile_off;
+  const uint4* units;
+  int kb, ke, first, lane, ends, lo, hi;
+  bool row_ok;
+  uint4 pf[PF];
+  DEVI CslTiles(const int* data, const int* offsets, int tile_row, bool row_ok_, int kt, int kb_, int ke_, int warp,
+                int lane_)
+      : tile_off(offsets + (long long)(row_ok_ ? tile_row : 0) * kt), units(reinterpret_cast<const uint4*>(data)),
+        kb(kb_), ke(ke_), first(32 * warp + lane_), lane(lane_), row_ok(row_ok_) {
+    ends = row_ok && kb + 1 + lane <= ke ? tile_off[kb + 1 + lane] >> 2 : 0;
+    lo = row_ok ? tile_off[kb] >> 2 : 0;
+    hi = __shfl_sync(FULL_MASK, ends, 0);
+  }
+  DEVI uint4 load(int u) const {  // unit u, or a pad past the tile
+    return u < hi ? __ldcs(units + u) : make_uint4(0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u);
+  }
+  DEVI void prefetch() {
+#pragma unroll
+    for (int r = 0; r < PF; ++r) pf[r] = load(lo + 32 * W * r + first);
+  }
+  template <class F>
+  DEVI void rest(F&& f) const {  // f(unit) for this lane's units past the prefetched rounds
+#pragma unroll 1
+    for (int u0 = lo + 32 * W * PF + first - lane; u0 < hi; u0 += 32 * W) f(load(u0 + lane));
+  }
+  DEVI void next(int j) {  // from tile j to tile j + 1 (< ke), whose first rounds are then in flight
+    const int t = j + 1 - kb;
+    if ((t & 31) == 0) ends = row_ok && j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
+    lo = hi;
+    hi = __shfl_sync(FULL_MASK, ends, t & 31);
+    prefetch();
+  }
+};
+
 template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                              int kt_per_split, Problem p) {
@@ -584,7 +625,6 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
   const bool active = kb < ke;
   const u32 dense_base = smem_addr(dense);
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
-  const uint4 pad4 = make_uint4(0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u);
 #pragma unroll
   for (int i = 0; i < 16; ++i) reinterpret_cast<uint4*>(dense)[i * 32 + lane] = zero4;
   __syncwarp();
@@ -599,19 +639,8 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 
   if (active) {
     constexpr int PF = csl_pf_units<NT>::value;
-    const int* tile_off = offsets + (long long)row_block * kt;
-    const uint4* units = reinterpret_cast<const uint4*>(data);  // absolute unit indices
-    int ends = kb + 1 + lane <= ke ? tile_off[kb + 1 + lane] >> 2 : 0;  // lane l: end unit of tile kb + 32c + l
-    int lo = tile_off[kb] >> 2, hi = __shfl_sync(FULL_MASK, ends, 0);
-    uint4 pf[PF];
-    auto prefetch = [&]() {
-#pragma unroll
-      for (int r = 0; r < PF; ++r) {
-        const int u = lo + 32 * r + lane;
-        pf[r] = u < hi ? __ldcs(units + u) : pad4;
-      }
-    };
-    prefetch();
+    CslTiles<PF, 1> st(data, offsets, row_block, true, kt, kb, ke, 0, lane);
+    st.prefetch();
     // Launched programmatically (kernels.spmm_cuda, pdl_spmm) this block may run before the kernel that writes X
     // has finished: the weight's offsets and first entries above are loaded meanwhile, X and every global write
     // come after the wait.  A no-op for a plain launch.
@@ -623,23 +652,16 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
     for (int j = kb; j < ke; ++j) {
       u32 b[4][NT][2];
       load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
-      const int rounds = (hi - lo + 31) >> 5;  // warp-uniform
+      const int rounds = (st.hi - st.lo + 31) >> 5;  // warp-uniform
       const bool sparse_tile = KEEP && rounds <= PF;  // every unit prefetched: clear only what was written
 #pragma unroll
       for (int r = 0; r < PF; ++r)
-        if (r < rounds) csl_scatter4<KEEP>(dense_base, pf[r], kept[KEEP ? r : 0]);
-#pragma unroll 1
-      for (int u0 = lo + 32 * PF; u0 < hi; u0 += 32) {
+        if (r < rounds) csl_scatter4<KEEP>(dense_base, st.pf[r], kept[KEEP ? r : 0]);
+      st.rest([&](const uint4& e) {
         u32 unused[2];
-        csl_scatter4<false>(dense_base, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4, unused);
-      }
-      if (j + 1 < ke) {  // the next tile's entries, in flight during this tile's multiply
-        const int t = j + 1 - kb;
-        if ((t & 31) == 0) ends = j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
-        lo = hi;
-        hi = __shfl_sync(FULL_MASK, ends, t & 31);
-        prefetch();
-      }
+        csl_scatter4<false>(dense_base, e, unused);
+      });
+      if (j + 1 < ke) st.next(j);  // the next tile's entries, in flight during this tile's multiply
       __syncwarp();
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
@@ -698,7 +720,6 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
   const int ke = min(kt, kb + kt_per_split);
   const bool active = kb < ke;  // block-uniform
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
-  const uint4 pad4 = make_uint4(0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u);
   for (int i = threadIdx.x; i < 3 * 512; i += 32 * W) reinterpret_cast<uint4*>(dense)[i] = zero4;
   __syncthreads();
 
@@ -711,19 +732,8 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
       for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
 
   if (active) {
-    const int* tile_off = offsets + (long long)row_block * kt;
-    const uint4* units = reinterpret_cast<const uint4*>(data);
-    int ends = kb + 1 + lane <= ke ? tile_off[kb + 1 + lane] >> 2 : 0;
-    int lo = tile_off[kb] >> 2, hi = __shfl_sync(FULL_MASK, ends, 0);
-    uint4 pf[PF];
-    auto prefetch = [&]() {
-#pragma unroll
-      for (int r = 0; r < PF; ++r) {
-        const int u = lo + 32 * (W * r + warp) + lane;
-        pf[r] = u < hi ? __ldcs(units + u) : pad4;
-      }
-    };
-    prefetch();
+    CslTiles<PF, W> st(data, offsets, row_block, true, kt, kb, ke, warp, lane);
+    st.prefetch();
     pdl_wait();  // X and every global write after the previous kernel (programmatic launch; else a no-op)
     for (int j = kb; j < ke; ++j) {
       const int buf = (j - kb) % 3;
@@ -732,17 +742,9 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
       if (live) load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
       u32 unused[2];
 #pragma unroll
-      for (int r = 0; r < PF; ++r) csl_scatter4<false>(base, pf[r], unused);  // pads past the tile: no stores
-#pragma unroll 1
-      for (int u0 = lo + 32 * (W * PF + warp); u0 < hi; u0 += 32 * W)
-        csl_scatter4<false>(base, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4, unused);
-      if (j + 1 < ke) {
-        const int t = j + 1 - kb;
-        if ((t & 31) == 0) ends = j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
-        lo = hi;
-        hi = __shfl_sync(FULL_MASK, ends, t & 31);
-        prefetch();
-      }
+      for (int r = 0; r < PF; ++r) csl_scatter4<false>(base, st.pf[r], unused);  // pads past the tile: no stores
+      st.rest([&](const uint4& e) { csl_scatter4<false>(base, e, unused); });
+      if (j + 1 < ke) st.next(j);
       __syncthreads();
       if (j > kb) {  // every warp has read tile j - 1: clear this warp's share of its buffer
         uint4* prev = reinterpret_cast<uint4*>(dense[(j - kb + 2) % 3]);
@@ -874,41 +876,21 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
   const int ke = min(kt, kb + kt_per_split);
   const bool active = kb < ke;  // block-uniform
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
-  const uint4 pad4 = make_uint4(0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u);
   for (int i = wtid; i < 1024; i += 128)
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a_base + 16 * i), "r"(0), "r"(0), "r"(0), "r"(0));
   float d[NB / 2];
 #pragma unroll
   for (int i = 0; i < NB / 2; ++i) d[i] = 0.f;
   if (active) {
-    const int* tile_off = offsets + (long long)(row_ok ? tile_row : 0) * kt;
-    const uint4* units = reinterpret_cast<const uint4*>(data);
-    int ends = row_ok && kb + 1 + lane <= ke ? tile_off[kb + 1 + lane] >> 2 : 0;
-    int lo = row_ok ? tile_off[kb] >> 2 : 0, hi = __shfl_sync(FULL_MASK, ends, 0);
-    uint4 pf[PF];
-    auto prefetch = [&]() {
-#pragma unroll
-      for (int r = 0; r < PF; ++r) {
-        const int u = lo + 32 * (4 * r + warp) + lane;
-        pf[r] = u < hi ? __ldcs(units + u) : pad4;
-      }
-    };
-    // scatter tile j's entries (lo .. hi, the first PF rounds in pf) into A buffer `abuf`, then step to tile j + 1
+    CslTiles<PF, 4> st(data, offsets, tile_row, row_ok, kt, kb, ke, warp, lane);
+    // scatter tile j's entries (the first PF rounds prefetched) into A buffer `abuf`, then step to tile j + 1
     auto scatter_and_advance = [&](int j, u32 abuf) {
 #pragma unroll
-      for (int r = 0; r < PF; ++r) wg_scatter4(abuf, pf[r]);
-#pragma unroll 1
-      for (int u0 = lo + 32 * (4 * PF + warp); u0 < hi; u0 += 128)
-        wg_scatter4(abuf, u0 + lane < hi ? __ldcs(units + u0 + lane) : pad4);
-      if (j + 1 < ke) {
-        const int t = j + 1 - kb;
-        if ((t & 31) == 0) ends = row_ok && j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
-        lo = hi;
-        hi = __shfl_sync(FULL_MASK, ends, t & 31);
-        prefetch();
-      }
+      for (int r = 0; r < PF; ++r) wg_scatter4(abuf, st.pf[r]);
+      st.rest([&](const uint4& e) { wg_scatter4(abuf, e); });
+      if (j + 1 < ke) st.next(j);
     };
-    prefetch();
+    st.prefetch();
     pdl_wait();  // X and every global write after the previous kernel (programmatic launch; else a no-op)
     __syncthreads();  // the A tiles are clear
     wg_load_x<NB, T>(x_base, p.x, p.ldx, p.N, p.K, n0, kb * 64, tid);
