@@ -147,6 +147,25 @@ def test_tiled_csl_kernels_above_32_tokens(dtype, wgmma, monkeypatch):
     assert kernels.wgmma_ok(0) == (wgmma == "1" and torch.cuda.get_device_capability(0) == (9, 0))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("wgmma,min_n", [("1", 17), ("1", 1), ("0", 17)])
+def test_bitmap_kernels_above_32_tokens(dtype, wgmma, min_n, monkeypatch):
+    """On sm_90 the bitmap warpgroup kernel (A from the decoded registers, X in fragment column order; 8 to 128
+    tokens per block) from ``min_n`` tokens up, else the NT kernels; 300 rows, K = 1000 and 61 (X' padded), N past
+    one block, split-K."""
+    monkeypatch.setenv("FLASH_LLM_WGMMA", wgmma)
+    monkeypatch.setattr(_kernels(), "BITMAP_WG_MIN_N", min_n)
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    for m, k in ((300, 1000), (1024, 4096), (64, 61)):
+        w_dense = sparse_weight(m, k, 0.3, dtype, gen)
+        w = flash_llm.BitmapTiles.from_dense(w_dense)
+        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+        for n in (1, 3, 8, 9, 16, 17, 33, 64, 65, 129, 300):
+            x = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
+            for splits in (1, 5):
+                check(run_kernel(x, w, bias, splits=splits, force_sparse=True), x, w_dense, bias)
+
+
 def test_tiled_csl_reduce_with_and_without_programmatic_launch(monkeypatch):
     """The split-K reduction launched to overlap the spmm (PDL) gives the same bits as a plain launch, also when
     captured in a CUDA graph and replayed on fresh inputs."""

@@ -2,8 +2,8 @@
 
 import pytest
 
-from flash_llm.kernels import (BITMAP, THREADS, TILED_CSL, _MAX_NT, block_threads, kernel_name, plan, reduce_ways,
-                               tcsl_block)
+from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, THREADS, TILED_CSL, _MAX_NT, block_threads, kernel_name,
+                               plan, reduce_ways, tcsl_block, use_sparse_kernel)
 
 SHAPES = [(1, 1), (257, 1000), (4096, 4096), (9216, 36864), (28672, 8192)]
 
@@ -23,7 +23,10 @@ def test_plan_covers_the_problem(fmt, density, m, k):
             assert p.splits * p.kt_per_split >= kt > (p.splits - 1) * p.kt_per_split
             assert 1 <= p.splits <= 64 and (p.splits == 1 or p.kt_per_split >= 4)
             name = kernel_name(fmt, None, n, wgmma)
-            if fmt == BITMAP or n <= 32:
+            if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # the warpgroup kernel: partials of <= 32 tokens
+                assert name.endswith(f"_wg{p.block_tokens}") and p.block_tokens in (8, 16, 32, 64, 128)
+                assert p.nt == min(4, p.block_tokens // 8)
+            elif fmt == BITMAP or n <= 32:
                 assert name.endswith(f"_nt{p.nt}") and p.block_tokens == 8 * p.nt and p.block_rows == 64
                 assert block_threads(name) == (THREADS if fmt == BITMAP else 32)
             else:  # 32 tokens per warp (or per warpgroup's 64 rows): the split-K partials are those of NT = 4
@@ -60,13 +63,43 @@ def test_tcsl_kernel_choice():
     """Tiled-CSL above 32 tokens: two warps (N <= 64), then warpgroup MMA (128 tokens, 256 threads, 128 rows per
     block) where it runs, else four warps."""
     assert tcsl_block(32) == ("nt4", 32, 64) and tcsl_block(8, True) == ("nt1", 8, 64)
-    for wgmma in (False, True):
-        assert tcsl_block(33, wgmma) == tcsl_block(64, wgmma) == ("w2", 64, 64)
-        assert block_threads(kernel_name(TILED_CSL, None, 50, wgmma)) == 64
+    assert tcsl_block(33) == tcsl_block(64) == ("w2", 64, 64)
+    assert block_threads(kernel_name(TILED_CSL, None, 50)) == 64
+    assert tcsl_block(33, True) == tcsl_block(64, True) == ("wg64x2", 64, 128)
     assert tcsl_block(65) == tcsl_block(1000) == ("w4", 128, 64)
     assert tcsl_block(65, True) == tcsl_block(1000, True) == ("wg128x2", 128, 128)
     assert block_threads(kernel_name(TILED_CSL, None, 100, True)) == 256
     assert block_threads(kernel_name(TILED_CSL, None, 100, False)) == 128
-    assert kernel_name(BITMAP, None, 100, True).endswith("_nt8")
+    assert kernel_name(BITMAP, None, 100, True).endswith("_wg128")
+    assert kernel_name(BITMAP, None, 100, False).endswith("_nt8")
+    assert kernel_name(BITMAP, None, 32, True).endswith("_wg32")
+    assert kernel_name(BITMAP, None, 16, True).endswith("_nt2")  # below BITMAP_WG_MIN_N (17) the NT kernels win
+
+
+def test_dispatch_crossovers():
+    """The sparse kernels up to N = 128, except bitmap without its warpgroup kernel: up to 64."""
+    assert use_sparse_kernel(128, 0.2, TILED_CSL) and not use_sparse_kernel(129, 0.2, TILED_CSL)
+    assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
+    assert use_sparse_kernel(128, 0.2, BITMAP, True) and not use_sparse_kernel(129, 0.2, BITMAP, True)
     p = plan(9216, 36864, 300, 0.2, 132, 2, None, TILED_CSL, True)
     assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (3, 72, 128, 128)
+
+
+def test_fragment_columns_puts_x_in_the_fragment_k_order():
+    """The bitmap warpgroup kernel's X': column 16 s + 8 q + 2 t + e of every 64-column tile of X' is X's column
+    16 t + 4 s + 2 q + e (docs/formats.md, the column order), zero past K."""
+    import torch
+
+    from flash_llm.kernels import fragment_columns
+
+    x = torch.randn(3, 130).half()
+    xp = fragment_columns(x)
+    assert xp.shape == (3, 192) and xp.dtype == x.dtype
+    for tile in range(3):
+        for s in range(4):
+            for q in range(2):
+                for t in range(4):
+                    for e in range(2):
+                        col = 64 * tile + 16 * t + 4 * s + 2 * q + e
+                        want = x[:, col] if col < 130 else torch.zeros(3, dtype=x.dtype)
+                        assert torch.equal(xp[:, 64 * tile + 16 * s + 8 * q + 2 * t + e], want)

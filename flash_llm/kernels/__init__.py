@@ -86,15 +86,15 @@ def tcsl_block(n: int, wgmma: bool = False) -> tuple[str, int, int]:
     """The Tiled-CSL kernel for ``n`` tokens: (name suffix, tokens per block, weight rows per block).
 
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows).
-    - N = 33-64: ``_w2``, two warps of 32 tokens each share every tile's decode.
-    - N > 64: ``_wg128x2``, warpgroup MMA, where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies);
-      else ``_w4``, four warps of 32 tokens.
+    - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
+      (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, else ``_wg128x2``.
+    - Elsewhere: ``_w2`` (N = 33-64), two warps of 32 tokens each sharing every tile's decode; ``_w4`` above, four.
     """
     if n <= 32:
         nt = _nt(n, TILED_CSL)
         return f"nt{nt}", 8 * nt, ROWS_PER_BLOCK
     if n <= 64:
-        return "w2", 64, ROWS_PER_BLOCK
+        return ("wg64x2", 64, 64 * WG_ROWS) if wgmma else ("w2", 64, ROWS_PER_BLOCK)
     if wgmma:
         return f"wg{WG_TOKENS}x{WG_ROWS}", WG_TOKENS, 64 * WG_ROWS
     return "w4", 128, ROWS_PER_BLOCK
@@ -111,6 +111,19 @@ def wgmma_ok(device_index: int) -> bool:
     if os.environ.get("FLASH_LLM_WGMMA", "1") == "0":
         return False
     return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def kernel_config(fmt: int, dtype: torch.dtype, n: int, vec: bool, device_index: int) -> tuple[str, bool, int]:
+    """``(name, wgmma, shared)``: the kernel ``spmm_cuda`` launches for ``n`` tokens, whether warpgroup kernels may run
+    (compute capability 9.0 and, for Tiled-CSL, X rows 16-byte aligned: ``vec``; the bitmap one copies X anyway),
+    and its dynamic shared memory in bytes (0: static only)."""
+    wg = (fmt == BITMAP or vec) and wgmma_ok(device_index)
+    name = kernel_name(fmt, dtype, n, wg)
+    if fmt == BITMAP and "_wg" in name:
+        return name, wg, bitmap_wg_shared_bytes(bitmap_wg_tokens(n))
+    if fmt == TILED_CSL and "_wg" in name:
+        return name, wg, wg_shared_bytes(tcsl_block(n, True)[1], WG_ROWS)
+    return name, wg, 0
 
 
 def block_threads(name: str) -> int:
@@ -132,7 +145,40 @@ def kernel_name(fmt: int, dtype: torch.dtype, n: int, wgmma: bool = False) -> st
     """The spmm kernel that ``spmm_cuda`` launches for ``n`` tokens of ``dtype`` (``wgmma``: see :func:`tcsl_block`)."""
     if fmt == TILED_CSL:
         return f"tiled_csl_spmm_{_dtype_suffix(dtype)}_{tcsl_block(n, wgmma)[0]}"
+    if wgmma and n >= BITMAP_WG_MIN_N:
+        return f"bitmap_spmm_{_dtype_suffix(dtype)}_wg{bitmap_wg_tokens(n)}"
     return f"{_FORMAT_PREFIX[fmt]}_spmm_{_dtype_suffix(dtype)}_nt{_nt(n, fmt)}"
+
+
+#: The bitmap warpgroup kernel runs from this N up where ``wgmma`` may run (``FLASH_LLM_BITMAP_WG_MIN_N``).  H200,
+#: 9216 x 36864 at 80 % (benchmarks/RESULTS.md, session 9): 191 / 204 us at N = 8 / 16 against 151 / 174 for the
+#: NT kernels, 209 / 264 / 362 us at N = 32 / 64 / 128 against 229 / 330 / 646.
+BITMAP_WG_MIN_N = int(os.environ.get("FLASH_LLM_BITMAP_WG_MIN_N", "17"))
+
+
+def bitmap_wg_tokens(n: int) -> int:
+    """Tokens per block of the bitmap warpgroup kernel (``bitmap_spmm_<dtype>_wg<NB>``, sm_90a): 8, 16, 32, 64 or
+    128."""
+    for nb in (8, 16, 32, 64):
+        if n <= nb:
+            return nb
+    return 128
+
+
+def bitmap_wg_shared_bytes(nb: int) -> int:
+    """Dynamic shared memory of the bitmap warpgroup kernel (``bw_smem_bytes`` in spmm.cu)."""
+    return 2 * nb * 128 + 1024 + 16
+
+
+def fragment_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, K]`` with its columns in the bitmap fragments' k order inside every 64-column tile, zero-padded to
+    a multiple of 64: column ``16 s + 8 q + 2 t + e`` of a tile is ``x``'s column ``16 t + 4 s + 2 q + e``
+    (docs/formats.md, "The column order").  The bitmap warpgroup kernel's A registers hold W in that order."""
+    n, k = x.shape
+    kp = ceil_div(k, STRIP_K) * STRIP_K
+    if kp != k:
+        x = torch.nn.functional.pad(x, (0, kp - k))
+    return x.reshape(n, kp // 64, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(n, kp)
 
 
 def _nt(n: int, fmt: int) -> int:
@@ -161,6 +207,9 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     """
     nt = _nt(n, fmt)
     _, block_tokens, block_rows = tcsl_block(n, wgmma) if fmt == TILED_CSL else ("", 8 * nt, ROWS_PER_BLOCK)
+    if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # split-K partial tiles as NT = 1, 2 or 4
+        block_tokens = bitmap_wg_tokens(n)
+        nt = min(4, block_tokens // 8)
     n_chunks = ceil_div(n, block_tokens)
     row_blocks = ceil_div(m, block_rows)
     kt = ceil_div(k, STRIP_K)
@@ -242,12 +291,13 @@ def static_weights():
         _static.on = before
 
 
-def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP) -> bool:
+def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = False) -> bool:
     """Sparse kernel for small N; expand + dense cuBLAS for large N (prefill).  Crossovers measured on H200
-    (benchmarks/RESULTS.md): bitmap up to N = 64; Tiled-CSL up to N = 128, where its kernels for N > 64 (warpgroup
-    MMA, or four warps sharing each tile's decode) beat the expansion (9216 x 36864 at 80 %, N = 128: 284 and
+    (benchmarks/RESULTS.md): bitmap up to N = 64, or 128 where its warpgroup kernel runs (``wgmma``; 9216 x 36864
+    at 80 %, N = 128: 362 us against about 650 for the expansion); Tiled-CSL up to N = 128, where its kernels for
+    N > 64 (warpgroup MMA, or four warps sharing each tile's decode) beat the expansion (same shape, N = 128: 284 and
     360 us against about 435; at N = 256, 532 us against about 500)."""
-    return n <= (128 if fmt == TILED_CSL else 64)
+    return n <= (128 if fmt == TILED_CSL or wgmma else 64)
 
 
 def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
@@ -299,17 +349,18 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     n = x.shape[0]
     dev = x.device
     density = _density(fmt, data, m, k)
-    if not force_sparse and not use_sparse_kernel(n, density, fmt):
+    if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index)):
         return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
     y = torch.empty(n, m, dtype=x.dtype, device=dev) if out is None else out
     if n == 0:
         return y
     x = x.contiguous()
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
-    wg = bool(vec) and fmt == TILED_CSL and n > 64 and wgmma_ok(dev.index)
-    name = kernel_name(fmt, x.dtype, n, wg)
+    name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index)
+    bw = fmt == BITMAP and shared > 0  # the bitmap warpgroup kernel
+    if bw:  # X' in the fragments' column order, padded to whole 64-column tiles
+        x, vec = fragment_columns(x), 1
     threads = block_threads(name)
-    shared = wg_shared_bytes(WG_TOKENS, WG_ROWS) if wg else 0
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads, shared), splits, fmt,
              wg)
     ws_ptr = tk_ptr = 0
@@ -321,16 +372,16 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1:
         ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt, dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
-        if fmt == BITMAP:  # the last block of a row group sums the partials; Tiled-CSL: splitk_reduce, below
+        if fmt == BITMAP and not bw:  # the last block of a row group sums the partials; else splitk_reduce, below
             tk_ptr = _scratch.get_tickets(dev, tiles).data_ptr()
     bias_ptr = bias.data_ptr() if bias is not None else 0
     args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias_ptr, P), (ws_ptr, P), (tk_ptr, P),
-            (m, I), (k, I), (n, I), (k, I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
+            (m, I), (k, I), (n, I), (x.shape[1], I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
             (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
     launch(name, (blocks, p.splits, 1), threads, args, stream, dev.index, shared,
            pdl=fmt == TILED_CSL and PDL_SPMM and getattr(_static, "on", False))
-    if p.splits > 1 and fmt == TILED_CSL:
+    if p.splits > 1 and (fmt == TILED_CSL or bw):
         w = ways or reduce_ways(tiles, p.nt, sm_count(dev.index))
         # Programmatic launch (the reduction's blocks wait resident for the spmm) at N <= 8 only.  H200, session 7:
         # Llama-3-8B decode at 80 % 1.1-1.3 % faster per token; but 4096 x 14336 at N = 16 25 -> 27 us (its

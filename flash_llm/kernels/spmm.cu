@@ -699,7 +699,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
 }
 
-// N > 32 (prototype tcsl_multiwarp): W warps per block share one decode of every tile.  Warp w multiplies the
+// N > 32 without wgmma: W warps per block share one decode of every tile.  Warp w multiplies the
 // 32 tokens of chunk (block's n chunk) * W + w, so the block covers 32 W tokens, where the one-warp kernel decodes
 // every tile once per 32 tokens.  The warps scatter a share of the tile's units each (warp w: rounds w, w + W, ...)
 // into one of three dense tiles; one block barrier; every warp reads the whole tile back and multiplies it by its
@@ -777,15 +777,15 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
 }
 
 // ------------------------------------------------------------------------------------------------
-// Tiled-CSL for N > 32 with warpgroup MMA (prototype tcsl_wgmma; sm_90a, compiled only there).  One block is one
-// warpgroup (4 warps) and covers one 64-row tile row x NB tokens (NB = 64, 128, 256).  Per tile: the X tile
-// (NB tokens x 64 columns) is copied to shared memory with cp.async in the 128-byte-swizzled K-major layout that
-// wgmma reads; the four warps scatter the tile's entries (a share each) straight into the same layout (row-major
-// W tile at its physical columns, docs/formats.md); then four wgmma.m64nNBk16 read both from shared memory.  The
-// tile is decoded once for NB tokens, and the tensor cores read A from shared memory themselves instead of 16
-// LDS.128 per lane per 32 tokens.  Two A buffers (8 KiB each) and one X buffer (NB x 128 B); two barriers per
-// tile.  The accumulators follow the m16n8 layout per warp (rows 16 w + g, + 8): one 32-token chunk of them is
-// exactly the one-warp kernel's acc[4][4], so the epilogue and the split-K partial tiles are the same.
+// Tiled-CSL for N > 32 with warpgroup MMA (sm_90a, compiled only there): `_wg<NB>x<R>`, NB = 64 or 128 tokens and
+// R = 2 warpgroups (4 warps each) per block, one 64-row tile row per warpgroup.  Per tile: the X tile (NB tokens x
+// 64 columns) is copied to shared memory with cp.async in the 128-byte-swizzled K-major layout that wgmma reads,
+// once for the block; each warpgroup scatters its tile's entries (a share per warp) straight into the same layout
+// (row-major W tile at its physical columns, docs/formats.md); then four wgmma.m64nNBk16 read both from shared
+// memory.  The tile is decoded once for NB tokens, and the tensor cores read A from shared memory themselves
+// instead of 16 LDS.128 per lane per 32 tokens.  The pipeline (tiled_csl_wg_body) has one block barrier per tile.
+// The accumulators follow the m16n8 layout per warp (rows 16 w + g, + 8): one 32-token chunk of them is exactly the
+// one-warp kernel's acc[4][4], so the epilogue and the split-K partial tiles are the same.
 // ------------------------------------------------------------------------------------------------
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FLASH_LLM_WGMMA 1
@@ -793,6 +793,16 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
 
 template <bool BF16, int NB> DEVI void wgmma_tile(float (&d)[NB / 2], u64 da, u64 db);
 #ifdef FLASH_LLM_WGMMA
+template <> DEVI void wgmma_tile<false, 64>(float (&d)[32], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+               : "l"(da), "l"(db));
+}
+template <> DEVI void wgmma_tile<true, 64>(float (&d)[32], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+               : "l"(da), "l"(db));
+}
 template <> DEVI void wgmma_tile<false, 128>(float (&d)[64], u64 da, u64 db) {
   asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
@@ -811,36 +821,22 @@ DEVI u64 sw128_desc(u32 addr) {
 }
 
 // Byte offset in the 64 x 64 swizzled A tile (row r at 128 r, 16-byte chunk c at c ^ (r % 8)) of an entry's
-// fragment-order position (entry >> 16 = 1024 strip + 32 lane + 8 s + j).
+// fragment-order position p (entry >> 16; docs/formats.md section 2: r = 16 (p >> 10) + g + 8 j1 and
+// c = 16 t + 4 s + 2 j2 + j0 with g = p[9:7], t = p[6:5], s = p[4:3], j = p[2:0]).  Every field is a bit field of p,
+// so the byte is bit moves and one XOR: p[11:10] -> bits 12:11, j1 -> bit 10, g stays at 9:7, the chunk bits
+// 6:4 = (t, s1) ^ g, s0 and j2 stay at 3:2, j0 -> bit 1.  (About 9 integer operations; the arithmetic form was 21.)
 DEVI u32 wg_a_byte(u32 e) {
-  const u32 pos = e >> 16;
-  const u32 ln = (pos >> 5) & 31, s = (pos >> 3) & 3, j = pos & 7;
-  const u32 row = ((pos >> 10) << 4) + (ln >> 2) + ((j & 2) << 2);
-  const u32 col = ((ln & 3) << 4) + (s << 2) + ((j >> 2) << 1) + (j & 1);
-  return (row << 7) + ((((col >> 3) ^ row) & 7) << 4) + ((col & 7) << 1);
+  return (((e >> 16) & 0x3FCu) ^ ((e >> 19) & 0x70u)) + (((e >> 15) & 0x1802u) | ((e >> 7) & 0x400u));
 }
 
+// The four entries of a unit into the A tile at `base`; pad entries (0xffff0000) store nothing.  The store is
+// predicated inside the asm: as an `if` around it, the compiler branched around every entry (BSSY / BRA / BSYNC).
 DEVI void wg_scatter4(u32 base, const uint4& e) {
   const u32 v[4] = {e.x, e.y, e.z, e.w};
 #pragma unroll
   for (int q = 0; q < 4; ++q)
-    if (v[q] < 0x10000000u) asm volatile("st.shared.u16 [%0], %1;" ::"r"(base + wg_a_byte(v[q])), "r"(v[q]));
-}
-
-// X rows n0 .. n0 + NB - 1, columns k0 .. k0 + 63 -> the swizzled X tile at `xbase` (NB rows of 128 bytes), by T
-// threads with cp.async (zero-filled past N and K; K % 8 == 0 here, so a 16-byte chunk is all in or all out).
-template <int NB, int T>
-DEVI void wg_load_x(u32 xbase, const u16* __restrict__ x, int ldx, int N, int K, int n0, int k0, int tid) {
-#pragma unroll
-  for (int i = 0; i < NB * 8 / T; ++i) {
-    const int q = i * T + tid, r = q >> 3, c = q & 7;
-    const int n = n0 + r, k = k0 + 8 * c;
-    const bool ok = n < N && k < K;
-    const u16* src = ok ? x + (long long)n * ldx + k : x;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xbase + r * 128 + ((c ^ (r & 7)) << 4)),
-                 "l"(src), "r"(ok ? 16 : 0));
-  }
-  asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("{ .reg .pred p; setp.lt.u32 p, %2, 0x10000000; @p st.shared.u16 [%0], %1; }"
+                 ::"r"(base + wg_a_byte(v[q])), "h"((u16)v[q]), "r"(v[q]));
 }
 
 template <int NB>
@@ -890,25 +886,45 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
       st.rest([&](const uint4& e) { wg_scatter4(abuf, e); });
       if (j + 1 < ke) st.next(j);
     };
+    // X rows n0 .. n0 + NB - 1, columns k0 .. k0 + 63 -> the swizzled X tile at `xb` (NB rows of 128 bytes) with
+    // cp.async, zero-filled past N and K (K % 8 == 0 here: a 16-byte chunk is all in or all out).  Thread tid copies
+    // chunk tid % 8 of rows tid / 8 + i T / 8: its pointers and shared offsets are the same for every tile but k0.
+    constexpr int XI = NB * 8 / T, XROWS = T / 8;
+    const int xr = tid >> 3, xc = tid & 7;
+    const u16* xsrc = p.x + (long long)(n0 + xr) * p.ldx + 8 * xc;
+    const u32 xdst = xr * 128 + ((xc ^ (xr & 7)) << 4);
+    auto load_x = [&](u32 xb, int k0) {
+      const bool kok = k0 + 8 * xc < p.K;
+#pragma unroll
+      for (int i = 0; i < XI; ++i) {
+        const bool ok = kok && n0 + xr + i * XROWS < p.N;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xb + xdst + i * XROWS * 128),
+                     "l"(ok ? xsrc + (long long)i * XROWS * p.ldx + k0 : p.x), "r"(ok ? 16 : 0));
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    };
     st.prefetch();
     pdl_wait();  // X and every global write after the previous kernel (programmatic launch; else a no-op)
     __syncthreads();  // the A tiles are clear
-    wg_load_x<NB, T>(x_base, p.x, p.ldx, p.N, p.K, n0, kb * 64, tid);
+    load_x(x_base, kb * 64);
     scatter_and_advance(kb, a_base);
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy writes -> wgmma reads
     __syncthreads();
+    // descriptors of buffer 0; the address field counts 16 bytes, so buffer 1 and the k16 steps are additions
+    const u64 da0 = sw128_desc(a_base), dx0 = sw128_desc(x_base);
     for (int j = kb; j < ke; ++j) {
       const int buf = (j - kb) & 1;
-      const u32 abuf = a_base + buf * 8192, xbuf = x_base + buf * (NB * 128);
+      const u32 abuf = a_base + buf * 8192;
+      const u64 da = da0 + buf * (8192 >> 4), dx = dx0 + buf * (NB * 128 >> 4);
       wg_fence_acc<NB>(d);
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)  // k16 steps: 32 bytes further along each 128-byte row
-        wgmma_tile<BF16, NB>(d, sw128_desc(abuf + 32 * kk), sw128_desc(xbuf + 32 * kk));
+        wgmma_tile<BF16, NB>(d, da + 2 * kk, dx + 2 * kk);
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       if (j + 1 < ke) {  // tile j + 1 into the other buffers while the tensor cores run
-        wg_load_x<NB, T>(x_base + (buf ^ 1) * (NB * 128), p.x, p.ldx, p.N, p.K, n0, (j + 1) * 64, tid);
+        load_x(x_base + (buf ^ 1) * (NB * 128), (j + 1) * 64);
         scatter_and_advance(j + 1, a_base + (buf ^ 1) * 8192);
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -933,6 +949,201 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
       for (int i = 0; i < 4; ++i) acc[nt][i] = d[16 * c + 4 * nt + i];
     store_acc<BF16, 4>(p, acc, tile_row * 4 + warp, warp, active && chunk < nl && tile_row * 4 + warp < mt,
                        chunk * 32, lane, tile_row * nl + chunk, tiles);
+  }
+#else
+  __trap();  // launched only on sm_90 (kernels.spmm_cuda)
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// BitmapTiles with warpgroup MMA, A from registers (sm_90a; NB = 8 .. 128 tokens per block).  The block is the
+// bitmap kernel's: 4 warps, one strip row (16 rows) each, so the 64 rows of one wgmma.m64nNBk16.  Each warp decodes
+// its strip exactly as the one-warp-per-strip kernel does (ring, window words, gather) into the 16 A registers of
+// the strip, and those registers are wgmma's A operand as they are: the register fragment of a k16 step is the
+// m16n8k16 one.  Their k index kappa of step s is strip column c = 16 t + 4 s + 2 q + e (kappa = 2 t + e + 8 q,
+// docs/formats.md), so X is given with its columns in that order inside every 64-column tile (X', made by the
+// launcher with one PyTorch permute) and copied into shared memory as it is: 128-byte-swizzled rows of NB tokens,
+// two buffers, each filled by cp.async whose completion arrives on an mbarrier.  No A tile in shared memory and no
+// block barrier in the loop: a warp waits for the X tile's barrier, issues its part of the four wgmma, and waits
+// for them before its next gather overwrites the registers.
+// ------------------------------------------------------------------------------------------------
+DEVI void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+DEVI void mbar_wait(u32 bar, u32 parity) {  // until the phase of this parity has completed
+  u32 done = 0;
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+constexpr int bw_smem_bytes(int NB) { return 2 * NB * 128 + 1024 + 16; }  // dynamic: X tiles, alignment, barriers
+
+template <bool BF16, int NB> DEVI void wgmma_rs(float (&d)[NB / 2], const u32 (&a)[4], u64 db);
+#ifdef FLASH_LLM_WGMMA
+#define BW_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, " \
+  "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define BW_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define BW_OUT8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+  "+f"(d[i + 6]), "+f"(d[i + 7])
+template <> DEVI void wgmma_rs<false, 128>(float (&d)[64], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " BW_D64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+               : BW_OUT8(0), BW_OUT8(8), BW_OUT8(16), BW_OUT8(24), BW_OUT8(32), BW_OUT8(40), BW_OUT8(48), BW_OUT8(56)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 128>(float (&d)[64], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " BW_D64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+               : BW_OUT8(0), BW_OUT8(8), BW_OUT8(16), BW_OUT8(24), BW_OUT8(32), BW_OUT8(40), BW_OUT8(48), BW_OUT8(56)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<false, 64>(float (&d)[32], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " BW_D32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+               : BW_OUT8(0), BW_OUT8(8), BW_OUT8(16), BW_OUT8(24)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 64>(float (&d)[32], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BW_D32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+               : BW_OUT8(0), BW_OUT8(8), BW_OUT8(16), BW_OUT8(24)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+#define BW_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define BW_D8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define BW_D4 "{%0, %1, %2, %3}"
+template <> DEVI void wgmma_rs<false, 32>(float (&d)[16], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " BW_D16 ", {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+               : BW_OUT8(0), BW_OUT8(8) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 32>(float (&d)[16], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " BW_D16 ", {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+               : BW_OUT8(0), BW_OUT8(8) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<false, 16>(float (&d)[8], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 " BW_D8 ", {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+               : BW_OUT8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 16>(float (&d)[8], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 " BW_D8 ", {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+               : BW_OUT8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<false, 8>(float (&d)[4], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 " BW_D4 ", {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 8>(float (&d)[4], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 " BW_D4 ", {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+#endif
+
+template <bool BF16, int NB>
+DEVI void bitmap_wg_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                         int kt_per_split, Problem p) {
+#ifdef FLASH_LLM_WGMMA
+  __shared__ __align__(16) u32 ring_all[WARPS][RING_UNITS * 4];
+  __shared__ __align__(16) u32 stage_all[WARPS][STAGE_WORDS];
+  extern __shared__ unsigned char bw_smem[];
+  const u32 xs = (smem_addr(bw_smem) + 1023u) & ~1023u;  // X tiles (2 x NB x 128 bytes), then 2 mbarriers
+  const u32 xbar = xs + 2 * NB * 128;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int row_block = row_block_of(p), strip = row_block * WARPS + warp;
+  const int n0 = n_chunk_of(p) * NB;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool live = strip < mt;  // a warp past M decodes nothing (zero A) but takes part in every wgmma
+  const u32 ring_base = smem_addr(ring_all[warp]);
+  const u32 stage_base = smem_addr(stage_all[warp]);
+  if (tid < 2) mbar_init(xbar + 8 * tid, 128);
+  __syncthreads();
+  float d[NB / 2];
+#pragma unroll
+  for (int i = 0; i < NB / 2; ++i) d[i] = 0.f;
+  // X' tile j -> buffer (j - kb) & 1: thread tid copies chunk tid % 8 of rows tid / 8 + 16 i; X' has no partial
+  // 64-column tile (the launcher pads it), so only rows past N are zero-filled
+  const int xr = tid >> 3, xc = tid & 7;
+  const u16* xsrc = p.x + (long long)(n0 + xr) * p.ldx + 8 * xc;
+  const u32 xdst = xr * 128 + ((xc ^ (xr & 7)) << 4);
+  auto load_x = [&](int j) {
+    const u32 xb = xs + ((j - kb) & 1) * (NB * 128);
+#pragma unroll
+    for (int i = 0; i < (NB + 15) / 16; ++i) {  // NB = 8: threads 64-127 copy nothing
+      if (NB >= 16 || xr < NB) {
+        const bool ok = n0 + xr + 16 * i < p.N;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xb + xdst + i * 16 * 128),
+                     "l"(ok ? xsrc + (long long)16 * i * p.ldx + j * 64 : p.x), "r"(ok ? 16 : 0));
+      }
+    }
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(xbar + 8 * ((j - kb) & 1)) : "memory");
+    cp_async_commit();
+  };
+  if (kb < ke) {
+    const long long begin = live ? offsets[(long long)strip * kt + kb] : 0;  // in 16-byte units
+    const long long end = live ? offsets[(long long)strip * kt + ke] : 0;
+    const int total_units = (int)(end - begin);
+    const int total_chunks = (total_units + 31) >> 5;
+    const int4* src = reinterpret_cast<const int4*>(data) + begin;
+    int issued = 0, ready = 0, r = 0;  // as in bitmap_spmm_body
+    auto refill = [&](int upto) {
+      const int need = min((upto + 31) >> 5, total_chunks);
+      const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
+#pragma unroll 1
+      for (; issued < limit; ++issued) {
+        const int u = issued * 32 + lane;
+        if (u < total_units) cp_async16(ring_base + (u & (RING_UNITS - 1)) * 16, src + u);
+        cp_async_commit();
+      }
+      cp_async_wait_dyn(issued - need);
+      __syncwarp();
+      ready = min(need * 32, total_units);
+    };
+    const u64 dx0 = sw128_desc(xs);
+    load_x(kb);
+    for (int j = kb; j < ke; ++j) {
+      const int t = j - kb;
+      u32 a[4][4];
+      if (live) {
+        if (r + READ_UNITS > ready && ready < total_units) refill(r + READ_UNITS);
+        const u32 rec = (u32)(r & (RING_UNITS - 1)) * 16;
+        const u32 w = lds32(ring_base + ((rec + 4 * lane) & (RING_BYTES - 1)));
+        u32 total, start[4];
+        step_starts(step_counts(w), lane, start, total);
+        r += 8 + (int)((total + 7) >> 3);
+        gather_record(w, start, total, ring_base, rec + 128, stage_base, lane, a);
+      } else {
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[s][i] = 0u;
+      }
+      mbar_wait(xbar + 8 * (t & 1), (t >> 1) & 1);  // X' tile j is in
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      wg_fence_acc<NB>(d);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      const u64 dx = dx0 + (t & 1) * (NB * 128 >> 4);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) wgmma_rs<BF16, NB>(d, a[s], dx + 2 * s);
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      // the other X buffer was read by tile j - 1's wgmma, which every warp waited for before issuing this one
+      if (j + 1 < ke) load_x(j + 1);
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // before the next gather rewrites a
+      wg_fence_acc<NB>(d);
+    }
+    cp_async_wait<0>();
+  }
+  // partial tiles of 8 NTC tokens (NTC = 4, or NB / 8 below 32 tokens per block), as the NT = NTC kernels'
+  constexpr int NTC = NB < 32 ? NB / 8 : 4;
+  const int nlc = (p.N + 8 * NTC - 1) / (8 * NTC);
+  const int tiles = ((mt + 3) >> 2) * nlc;
+#pragma unroll
+  for (int c = 0; c < NB / (8 * NTC); ++c) {
+    const int chunk = n0 / (8 * NTC) + c;
+    float acc[NTC][4];
+#pragma unroll
+    for (int nt = 0; nt < NTC; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = d[4 * NTC * c + 4 * nt + i];
+    store_acc<BF16, NTC>(p, acc, strip, warp, kb < ke && live && chunk < nlc, chunk * 8 * NTC, lane,
+                         row_block * nlc + chunk, tiles);
   }
 #else
   __trap();  // launched only on sm_90 (kernels.spmm_cuda)
@@ -1149,5 +1360,22 @@ INSTANTIATE_MULTI(bf16, true, 4)
     pdl_launch_dependents();                                                                              \
     tiled_csl_wg_body<BF16, NB, R>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);             \
   }
+INSTANTIATE_WG(f16, false, 64, 2, 3)
 INSTANTIATE_WG(f16, false, 128, 2, 2)
+INSTANTIATE_WG(bf16, true, 64, 2, 3)
 INSTANTIATE_WG(bf16, true, 128, 2, 2)
+// bitmap_spmm_<dtype>_wg<NB>: BitmapTiles for N > 32 with warpgroup MMA, A from the decoded registers (sm_90a)
+#define INSTANTIATE_BW(NAME, BF16, NB)                                                                    \
+  extern "C" __global__ void __launch_bounds__(128, 3) bitmap_spmm_##NAME##_wg##NB(SPMM_ARGS) {            \
+    bitmap_wg_body<BF16, NB>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);                   \
+  }
+INSTANTIATE_BW(f16, false, 8)
+INSTANTIATE_BW(f16, false, 16)
+INSTANTIATE_BW(f16, false, 32)
+INSTANTIATE_BW(f16, false, 64)
+INSTANTIATE_BW(f16, false, 128)
+INSTANTIATE_BW(bf16, true, 8)
+INSTANTIATE_BW(bf16, true, 16)
+INSTANTIATE_BW(bf16, true, 32)
+INSTANTIATE_BW(bf16, true, 64)
+INSTANTIATE_BW(bf16, true, 128)
