@@ -1364,7 +1364,7 @@ INSTANTIATE_WG(f16, false, 64, 2, 3)
 INSTANTIATE_WG(f16, false, 128, 2, 2)
 INSTANTIATE_WG(bf16, true, 64, 2, 3)
 INSTANTIATE_WG(bf16, true, 128, 2, 2)
-// bitmap_spmm_<dtype>_wg<NB>: BitmapTiles for N > 32 with warpgroup MMA, A from the decoded registers (sm_90a)
+// bitmap_spmm_<dtype>_wg<NB>: BitmapTiles with warpgroup MMA, A from the decoded registers (sm_90a; from N = 17)
 #define INSTANTIATE_BW(NAME, BF16, NB)                                                                    \
   extern "C" __global__ void __launch_bounds__(128, 3) bitmap_spmm_##NAME##_wg##NB(SPMM_ARGS) {            \
     bitmap_wg_body<BF16, NB>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);                   \
