@@ -13,8 +13,8 @@
 #             is skipped
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 %, batch 1
-#   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL (E2E_FORMAT=bitmap: BitmapTiles) 0 / 80 / 90 %, batch 1 / 8 / 16,
-#             fused and merged (3 minutes)
+#   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL (E2E_FORMAT=bitmap: BitmapTiles) 0 / 80 / 90 % (E2E_SPARSITIES),
+#             batch 1 / 8 / 16 (E2E_BATCHES), fused and merged (3 minutes)
 #   pdl       time_across_n.py on 4096 x 14336 (Tiled-CSL 80 %) with FLASH_LLM_PDL=0 and 1 (1 minute)
 #   sdpa      profile_decode.py, Tiled-CSL 80 %, batch 1, with SDPA's default backend, efficient and math
 #   e2eopt    bench_e2e.py on OPT-30B, Tiled-CSL 0 / 80 %, batch 1 / 8 / 16, fused and merged (the fused OPT path)
@@ -54,7 +54,7 @@ for stage in "${@:-tests ab}"; do
                  --format tiled-csl --sparsity $sp --batch 1 --fuse --merge --out "$OUT/profile_$sp.json"; done \
                  2>&1 | tee "$OUT/profile.log" ;;
       e2e) timeout 280 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format ${E2E_FORMAT:-tiled-csl} \
-             --sparsities 0,80,90 --batches 1,8,16 --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_tcsl" \
+             --sparsities ${E2E_SPARSITIES:-0,80,90} --batches ${E2E_BATCHES:-1,8,16} --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_tcsl" \
              2>&1 | tee "$OUT/e2e_tcsl.log" | grep -v "^{" ;;
       pdl) for pdl in 0 1 0 1; do echo "FLASH_LLM_PDL=$pdl"; FLASH_LLM_PDL=$pdl timeout 100 python3 \
              benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 1,16,32; done 2>&1 | \
