@@ -126,8 +126,8 @@ def test_tiled_csl_reduce_ways_agree(n):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("wgmma", ["1", "0"])
 def test_tiled_csl_kernels_above_32_tokens(dtype, wgmma, monkeypatch):
-    """N > 32: two warps sharing each tile's decode (N <= 64), then the warpgroup-MMA kernel on sm_90 (128 tokens
-    and 128 rows per block; FLASH_LLM_WGMMA=1) or four warps (FLASH_LLM_WGMMA=0, and x that forbids 16-byte copies).
+    """N > 16 at density 0.2: on sm_90 (FLASH_LLM_WGMMA=1) the warpgroup-MMA kernels (32, 64 or 128 tokens and 128 rows
+    per block); else the one-warp kernel (N <= 32), two warps sharing each tile's decode (N <= 64) or four warps (FLASH_LLM_WGMMA=0, and x that forbids 16-byte copies).
     Chunk counts that leave warps idle (N = 72), several blocks along N (N = 300), split-K on and off, 300 rows (the
     last warpgroup block has one idle warpgroup), a ragged K (the X copy zero-fills past K)."""
     from flash_llm import kernels
@@ -138,7 +138,7 @@ def test_tiled_csl_kernels_above_32_tokens(dtype, wgmma, monkeypatch):
         w_dense = sparse_weight(m, k, 0.2, dtype, gen)
         w = flash_llm.TiledCSL.from_dense(w_dense)
         bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-        for n in (33, 64, 65, 72, 129, 200, 300):
+        for n in (17, 32, 33, 64, 65, 72, 129, 200, 300):
             x = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
             for splits in (1, 5):
                 check(run_kernel(x, w, bias, splits=splits, force_sparse=True), x, w_dense, bias)

@@ -22,15 +22,15 @@ def test_plan_covers_the_problem(fmt, density, m, k):
             # every split has strips, and the splits cover K
             assert p.splits * p.kt_per_split >= kt > (p.splits - 1) * p.kt_per_split
             assert 1 <= p.splits <= 64 and (p.splits == 1 or p.kt_per_split >= 4)
-            name = kernel_name(fmt, None, n, wgmma)
+            name = kernel_name(fmt, None, n, wgmma, density)
             if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # the warpgroup kernel: partials of <= 32 tokens
                 assert name.endswith(f"_wg{p.block_tokens}") and p.block_tokens in (8, 16, 32, 64, 128)
                 assert p.nt == min(4, p.block_tokens // 8)
-            elif fmt == BITMAP or n <= 32:
+            elif fmt == BITMAP or (n <= 32 and not name.endswith("_wg32x2")):
                 assert name.endswith(f"_nt{p.nt}") and p.block_tokens == 8 * p.nt and p.block_rows == 64
                 assert block_threads(name) == (THREADS if fmt == BITMAP else 32)
             else:  # 32 tokens per warp (or per warpgroup's 64 rows): the split-K partials are those of NT = 4
-                suffix, tokens, rows = tcsl_block(n, wgmma)
+                suffix, tokens, rows = tcsl_block(n, wgmma, density)
                 assert name.endswith("_" + suffix) and (p.block_tokens, p.block_rows) == (tokens, rows)
                 assert p.nt == 4 and tokens % 32 == 0
                 assert block_threads(name) == (128 * rows // 64 if suffix.startswith("wg") else tokens)
@@ -63,6 +63,9 @@ def test_tcsl_kernel_choice():
     """Tiled-CSL above 32 tokens: two warps (N <= 64), then warpgroup MMA (128 tokens, 256 threads, 128 rows per
     block) where it runs, else four warps."""
     assert tcsl_block(32) == ("nt4", 32, 64) and tcsl_block(8, True) == ("nt1", 8, 64)
+    assert tcsl_block(17, True) == tcsl_block(32, True, 0.2) == ("wg32x2", 32, 128)
+    assert tcsl_block(16, True) == ("nt2", 16, 64) and tcsl_block(32, True, 0.1) == ("nt4", 32, 64)  # 90 %: one warp
+    assert tcsl_block(32, False, 0.5) == ("nt4", 32, 64)
     assert tcsl_block(33) == tcsl_block(64) == ("w2", 64, 64)
     assert block_threads(kernel_name(TILED_CSL, None, 50)) == 64
     assert tcsl_block(33, True) == tcsl_block(64, True) == ("wg64x2", 64, 128)

@@ -82,14 +82,25 @@ def reduce_ways(tiles: int, nt: int, sms: int) -> int:
 WG_TOKENS, WG_ROWS = 128, 2
 
 
-def tcsl_block(n: int, wgmma: bool = False) -> tuple[str, int, int]:
+#: The Tiled-CSL warpgroup kernel with 32 tokens per block (``_wg32x2``) runs N = TCSL_WG32_MIN_N .. 32 at weight
+#: densities from TCSL_WG32_MIN_DENSITY up, in place of the one-warp ``_nt4``.  H200, 9216 x 36864, N = 32 (session 9,
+#: benchmarks/RESULTS.md): 411 -> 276 us at 50 % sparsity, 247 -> 197 at 70 %, 170 -> 162 at 80 %, but 104 -> 154 at
+#: 90 % (its entry loads are one tile ahead for 8 warpgroups per SM: latency-bound when the tiles are short).
+TCSL_WG32_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_N", "17"))
+TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", "0.17"))
+
+
+def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, int, int]:
     """The Tiled-CSL kernel for ``n`` tokens: (name suffix, tokens per block, weight rows per block).
 
-    - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows).
+    - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
+      ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens.
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
       (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, else ``_wg128x2``.
     - Elsewhere: ``_w2`` (N = 33-64), two warps of 32 tokens each sharing every tile's decode; ``_w4`` above, four.
     """
+    if wgmma and TCSL_WG32_MIN_N <= n <= 32 and density >= TCSL_WG32_MIN_DENSITY:
+        return "wg32x2", 32, 64 * WG_ROWS
     if n <= 32:
         nt = _nt(n, TILED_CSL)
         return f"nt{nt}", 8 * nt, ROWS_PER_BLOCK
@@ -113,16 +124,17 @@ def wgmma_ok(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-def kernel_config(fmt: int, dtype: torch.dtype, n: int, vec: bool, device_index: int) -> tuple[str, bool, int]:
-    """``(name, wgmma, shared)``: the kernel ``spmm_cuda`` launches for ``n`` tokens, whether warpgroup kernels may run
-    (compute capability 9.0 and, for Tiled-CSL, X rows 16-byte aligned: ``vec``; the bitmap one copies X anyway),
-    and its dynamic shared memory in bytes (0: static only)."""
+def kernel_config(fmt: int, dtype: torch.dtype, n: int, vec: bool, device_index: int,
+                  density: float = 1.0) -> tuple[str, bool, int]:
+    """``(name, wgmma, shared)``: the kernel ``spmm_cuda`` launches for ``n`` tokens at weight ``density``, whether
+    warpgroup kernels may run (compute capability 9.0 and, for Tiled-CSL, X rows 16-byte aligned: ``vec``; the bitmap
+    one copies X anyway), and its dynamic shared memory in bytes (0: static only)."""
     wg = (fmt == BITMAP or vec) and wgmma_ok(device_index)
-    name = kernel_name(fmt, dtype, n, wg)
+    name = kernel_name(fmt, dtype, n, wg, density)
     if fmt == BITMAP and "_wg" in name:
         return name, wg, bitmap_wg_shared_bytes(bitmap_wg_tokens(n))
     if fmt == TILED_CSL and "_wg" in name:
-        return name, wg, wg_shared_bytes(tcsl_block(n, True)[1], WG_ROWS)
+        return name, wg, wg_shared_bytes(tcsl_block(n, True, density)[1], WG_ROWS)
     return name, wg, 0
 
 
@@ -141,10 +153,11 @@ def _dtype_suffix(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "f16"
 
 
-def kernel_name(fmt: int, dtype: torch.dtype, n: int, wgmma: bool = False) -> str:
-    """The spmm kernel that ``spmm_cuda`` launches for ``n`` tokens of ``dtype`` (``wgmma``: see :func:`tcsl_block`)."""
+def kernel_name(fmt: int, dtype: torch.dtype, n: int, wgmma: bool = False, density: float = 1.0) -> str:
+    """The spmm kernel that ``spmm_cuda`` launches for ``n`` tokens of ``dtype`` (``wgmma``, ``density``: see
+    :func:`tcsl_block`)."""
     if fmt == TILED_CSL:
-        return f"tiled_csl_spmm_{_dtype_suffix(dtype)}_{tcsl_block(n, wgmma)[0]}"
+        return f"tiled_csl_spmm_{_dtype_suffix(dtype)}_{tcsl_block(n, wgmma, density)[0]}"
     if wgmma and n >= BITMAP_WG_MIN_N:
         return f"bitmap_spmm_{_dtype_suffix(dtype)}_wg{bitmap_wg_tokens(n)}"
     return f"{_FORMAT_PREFIX[fmt]}_spmm_{_dtype_suffix(dtype)}_nt{_nt(n, fmt)}"
@@ -206,7 +219,7 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     ``block_tokens`` tokens and ``block_rows`` weight rows (:func:`tcsl_block`; ``wgmma`` as there).
     """
     nt = _nt(n, fmt)
-    _, block_tokens, block_rows = tcsl_block(n, wgmma) if fmt == TILED_CSL else ("", 8 * nt, ROWS_PER_BLOCK)
+    _, block_tokens, block_rows = tcsl_block(n, wgmma, density) if fmt == TILED_CSL else ("", 8 * nt, ROWS_PER_BLOCK)
     if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # split-K partial tiles as NT = 1, 2 or 4
         block_tokens = bitmap_wg_tokens(n)
         nt = min(4, block_tokens // 8)
@@ -356,7 +369,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         return y
     x = x.contiguous()
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
-    name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index)
+    name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index, density)
     bw = fmt == BITMAP and shared > 0  # the bitmap warpgroup kernel
     if bw:  # X' in the fragments' column order, padded to whole 64-column tiles
         x, vec = fragment_columns(x), 1

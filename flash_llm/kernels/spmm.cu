@@ -793,6 +793,16 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
 
 template <bool BF16, int NB> DEVI void wgmma_tile(float (&d)[NB / 2], u64 da, u64 db);
 #ifdef FLASH_LLM_WGMMA
+template <> DEVI void wgmma_tile<false, 32>(float (&d)[16], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+               : "l"(da), "l"(db));
+}
+template <> DEVI void wgmma_tile<true, 32>(float (&d)[16], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+               : "l"(da), "l"(db));
+}
 template <> DEVI void wgmma_tile<false, 64>(float (&d)[32], u64 da, u64 db) {
   asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
@@ -1360,8 +1370,10 @@ INSTANTIATE_MULTI(bf16, true, 4)
     pdl_launch_dependents();                                                                              \
     tiled_csl_wg_body<BF16, NB, R>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);             \
   }
+INSTANTIATE_WG(f16, false, 32, 2, 4)
 INSTANTIATE_WG(f16, false, 64, 2, 3)
 INSTANTIATE_WG(f16, false, 128, 2, 2)
+INSTANTIATE_WG(bf16, true, 32, 2, 4)
 INSTANTIATE_WG(bf16, true, 64, 2, 3)
 INSTANTIATE_WG(bf16, true, 128, 2, 2)
 // bitmap_spmm_<dtype>_wg<NB>: BitmapTiles with warpgroup MMA, A from the decoded registers (sm_90a; from N = 17)
