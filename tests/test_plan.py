@@ -2,8 +2,8 @@
 
 import pytest
 
-from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, THREADS, TILED_CSL, _MAX_NT, block_threads, kernel_name,
-                               plan, reduce_ways, tcsl_block, use_sparse_kernel)
+from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, TCSL_WG32_MIN_DENSITY, THREADS, TILED_CSL, _MAX_NT,
+                               block_threads, kernel_name, plan, reduce_ways, tcsl_block, use_sparse_kernel)
 
 SHAPES = [(1, 1), (257, 1000), (4096, 4096), (9216, 36864), (28672, 8192)]
 
@@ -64,7 +64,8 @@ def test_tcsl_kernel_choice():
     block) where it runs, else four warps."""
     assert tcsl_block(32) == ("nt4", 32, 64) and tcsl_block(8, True) == ("nt1", 8, 64)
     assert tcsl_block(17, True) == tcsl_block(32, True, 0.2) == ("wg32x2", 32, 128)
-    assert tcsl_block(16, True) == ("nt2", 16, 64) and tcsl_block(32, True, 0.1) == ("nt4", 32, 64)  # 90 %: one warp
+    assert tcsl_block(16, True) == ("nt2", 16, 64)
+    assert tcsl_block(32, True, TCSL_WG32_MIN_DENSITY - 0.01) == ("nt4", 32, 64)  # sparser: the one-warp kernel
     assert tcsl_block(32, False, 0.5) == ("nt4", 32, 64)
     assert tcsl_block(33) == tcsl_block(64) == ("w2", 64, 64)
     assert block_threads(kernel_name(TILED_CSL, None, 50)) == 64
