@@ -21,7 +21,8 @@
 #   e2epdl    bench_e2e.py on Llama-3-8B, Tiled-CSL 80 %, batch 1 / 8, with $PDL_VAR (default FLASH_LLM_PDL) = 0 and 1,
 #             twice (PDL_VAR=FLASH_LLM_PDL_SPMM: the spmm's own programmatic launch under static_weights)
 #   spmm      bench_spmm.py --dtypes fp16 (both formats, 20 shapes; 3 minutes)
-#   stalls    benchmarks/gpu_stalls.sh 0.8 1 16 on the checked-out kernels
+#   stalls    benchmarks/gpu_stalls.sh $STALLS_SP (default 0.8) $STALLS_NS (default "1 16") on the checked-out kernels
+#             (FMTS=tiled-csl for one format)
 #   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
 # Outputs (logs) under $OUT; the A/B tables are printed.
 set -uo pipefail
@@ -72,7 +73,7 @@ for stage in "${@:-tests ab}"; do
       spmm) timeout 200 python3 benchmarks/bench_spmm.py --dtypes fp16 --out "$OUT/spmm_fp16" > "$OUT/spmm_fp16.log" 2>&1
             tail -40 "$OUT/spmm_fp16.log" ;;
       tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
-      stalls) bash benchmarks/gpu_stalls.sh 0.8 1 16 2>&1 | tee "$OUT/stalls.log" ;;
+      stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
       *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize)" >&2; exit 2 ;;
     esac
