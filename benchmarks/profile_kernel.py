@@ -36,7 +36,7 @@ for _ in range(a.iters):
     y = kernels.spmm_cuda(x, f.data, f.offsets, FORMAT_IDS[cls], a.m, a.k, None, splits=a.splits, force_sparse=True)
 torch.cuda.synchronize()
 err = (y.float() - x.float() @ w.float().t()).abs().max().item()
-name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0)  # as spmm_cuda chooses
+name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0, f.density)  # as spmm_cuda
 print("kernel", name, "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
                                            kernels.blocks_per_sm(name, 0, kernels.block_threads(name), shared),
                                            a.splits, FORMAT_IDS[cls], wg), "max err", err)
