@@ -2,8 +2,9 @@
 
 import pytest
 
-from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, TCSL_WG32_MIN_DENSITY, THREADS, TILED_CSL, _MAX_NT,
-                               block_threads, kernel_name, plan, reduce_ways, tcsl_block, use_sparse_kernel)
+from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, TCSL_WG32_MIN_DENSITY, THREADS, TILED_CSL, _MAX_NT, _nt,
+                               bitmap_wg_tokens, block_threads, kernel_name, plan, reduce_ways, tcsl_block,
+                               use_sparse_kernel)
 
 SHAPES = [(1, 1), (257, 1000), (4096, 4096), (9216, 36864), (28672, 8192)]
 
@@ -77,7 +78,8 @@ def test_tcsl_kernel_choice():
     assert kernel_name(BITMAP, None, 100, True).endswith("_wg128")
     assert kernel_name(BITMAP, None, 100, False).endswith("_nt8")
     assert kernel_name(BITMAP, None, 32, True).endswith("_wg32")
-    assert kernel_name(BITMAP, None, 16, True).endswith("_nt2")  # below BITMAP_WG_MIN_N (17) the NT kernels win
+    assert kernel_name(BITMAP, None, BITMAP_WG_MIN_N - 1, True).endswith(f"_nt{_nt(BITMAP_WG_MIN_N - 1, BITMAP)}")
+    assert kernel_name(BITMAP, None, BITMAP_WG_MIN_N, True).endswith(f"_wg{bitmap_wg_tokens(BITMAP_WG_MIN_N)}")
 
 
 def test_dispatch_crossovers():
