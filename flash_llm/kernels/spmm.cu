@@ -411,6 +411,54 @@ DEVI void gather_record(u32 w, const u32 (&start)[4], u32 total, u32 ring, u32 v
   __syncwarp();
 }
 
+// The records of one strip row over the strips [kb, ke) of its split: one contiguous byte range, streamed into the
+// warp's private ring (`ring`, RING_UNITS 16-byte units) and decoded one record at a time.  Shared by the NT kernels
+// and the warpgroup kernel; a warp that has no records (`live` false) must not call next().
+struct BitmapRecords {
+  const int4* src;
+  int total_units, total_chunks;
+  int issued = 0;  // chunks issued (warp-uniform)
+  int ready = 0;   // units [0, ready) of the stream are complete and visible to the warp
+  int r = 0;       // first unit of the current record, relative to the split's first
+  u32 ring, stage;
+  int lane;
+  DEVI BitmapRecords(const int* data, const int* offsets, int strip, int kt, int kb, int ke, bool live, u32 ring_,
+                     u32 stage_, int lane_)
+      : ring(ring_), stage(stage_), lane(lane_) {
+    const long long begin = live ? offsets[(long long)strip * kt + kb] : 0;  // in 16-byte units
+    const long long end = live ? offsets[(long long)strip * kt + ke] : 0;
+    total_units = (int)(end - begin);
+    total_chunks = (total_units + 31) >> 5;
+    src = reinterpret_cast<const int4*>(data) + begin;
+  }
+  // Make units [0, upto) of the stream visible to the whole warp, keeping up to RING_AHEAD more chunks in flight
+  // but never overwriting the current record (which starts at unit r).  Called only when a record is not in yet:
+  // about once per 32 units consumed.
+  DEVI void refill(int upto) {
+    const int need = min((upto + 31) >> 5, total_chunks);
+    const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
+#pragma unroll 1
+    for (; issued < limit; ++issued) {
+      const int u = issued * 32 + lane;
+      if (u < total_units) cp_async16(ring + (u & (RING_UNITS - 1)) * 16, src + u);
+      cp_async_commit();
+    }
+    cp_async_wait_dyn(issued - need);
+    __syncwarp();
+    ready = min(need * 32, total_units);
+  }
+  // The next record's 16 A registers (the strip's four k-steps).
+  DEVI void next(u32 (&a)[4][4]) {
+    if (r + READ_UNITS > ready && ready < total_units) refill(r + READ_UNITS);
+    const u32 rec = (u32)(r & (RING_UNITS - 1)) * 16;  // ring offset of the record
+    const u32 w = lds32(ring + ((rec + 4 * lane) & (RING_BYTES - 1)));
+    u32 total, start[4];
+    step_starts(step_counts(w), lane, start, total);
+    r += 8 + (int)((total + 7) >> 3);
+    gather_record(w, start, total, ring, rec + 128, stage, lane, a);
+  }
+};
+
 template <bool BF16, int NT>
 DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                            int kt_per_split, Problem p) {
@@ -432,31 +480,7 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
 
   if (active) {
-    const long long begin = offsets[(long long)strip * kt + kb];  // in 16-byte units
-    const long long end = offsets[(long long)strip * kt + ke];
-    const int total_units = (int)(end - begin);
-    const int total_chunks = (total_units + 31) >> 5;
-    const int4* src = reinterpret_cast<const int4*>(data) + begin;
-    int issued = 0;  // chunks issued (warp-uniform)
-    int ready = 0;   // units [0, ready) of the stream are complete and visible to the warp
-    int r = 0;       // first unit of the current record, relative to begin
-
-    // Make units [0, upto) of the stream visible to the whole warp, keeping up to RING_AHEAD more
-    // chunks in flight but never overwriting the current record (which starts at unit r).  Called only
-    // when a record is not in yet: about once per 32 units consumed.
-    auto refill = [&](int upto) {
-      const int need = min((upto + 31) >> 5, total_chunks);
-      const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
-#pragma unroll 1
-      for (; issued < limit; ++issued) {
-        const int u = issued * 32 + lane;
-        if (u < total_units) cp_async16(ring_base + (u & (RING_UNITS - 1)) * 16, src + u);
-        cp_async_commit();
-      }
-      cp_async_wait_dyn(issued - need);
-      __syncwarp();
-      ready = min(need * 32, total_units);
-    };
+    BitmapRecords recs(data, offsets, strip, kt, kb, ke, true, ring_base, stage_base, lane);
 
     // This lane's X rows (clamped to N - 1: rows past N only feed accumulator columns never stored),
     // 16 columns from 16t, as 16-byte vectors; a full strip advances them by 8 vectors.
@@ -486,14 +510,8 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
       u32 b[4][NB][2];
       load_group(b, 0, j);  // issued first, in flight during the decode (NT = 8: the first 4 n-tiles)
 
-      if (r + READ_UNITS > ready && ready < total_units) refill(r + READ_UNITS);
-      const u32 rec = (u32)(r & (RING_UNITS - 1)) * 16;  // ring offset of the record
-      const u32 w = lds32(ring_base + ((rec + 4 * lane) & (RING_BYTES - 1)));
-      u32 total, start[4];
-      step_starts(step_counts(w), lane, start, total);
-      r += 8 + (int)((total + 7) >> 3);
       u32 a[4][4];
-      gather_record(w, start, total, ring_base, rec + 128, stage_base, lane, a);
+      recs.next(a);
 
       if (NT <= 4) {
         multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
@@ -1087,38 +1105,14 @@ DEVI void bitmap_wg_body(const int* __restrict__ data, const int* __restrict__ o
     cp_async_commit();
   };
   if (kb < ke) {
-    const long long begin = live ? offsets[(long long)strip * kt + kb] : 0;  // in 16-byte units
-    const long long end = live ? offsets[(long long)strip * kt + ke] : 0;
-    const int total_units = (int)(end - begin);
-    const int total_chunks = (total_units + 31) >> 5;
-    const int4* src = reinterpret_cast<const int4*>(data) + begin;
-    int issued = 0, ready = 0, r = 0;  // as in bitmap_spmm_body
-    auto refill = [&](int upto) {
-      const int need = min((upto + 31) >> 5, total_chunks);
-      const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
-#pragma unroll 1
-      for (; issued < limit; ++issued) {
-        const int u = issued * 32 + lane;
-        if (u < total_units) cp_async16(ring_base + (u & (RING_UNITS - 1)) * 16, src + u);
-        cp_async_commit();
-      }
-      cp_async_wait_dyn(issued - need);
-      __syncwarp();
-      ready = min(need * 32, total_units);
-    };
+    BitmapRecords recs(data, offsets, strip, kt, kb, ke, live, ring_base, stage_base, lane);
     const u64 dx0 = sw128_desc(xs);
     load_x(kb);
     for (int j = kb; j < ke; ++j) {
       const int t = j - kb;
       u32 a[4][4];
       if (live) {
-        if (r + READ_UNITS > ready && ready < total_units) refill(r + READ_UNITS);
-        const u32 rec = (u32)(r & (RING_UNITS - 1)) * 16;
-        const u32 w = lds32(ring_base + ((rec + 4 * lane) & (RING_BYTES - 1)));
-        u32 total, start[4];
-        step_starts(step_counts(w), lane, start, total);
-        r += 8 + (int)((total + 7) >> 3);
-        gather_record(w, start, total, ring_base, rec + 128, stage_base, lane, a);
+        recs.next(a);
       } else {
 #pragma unroll
         for (int s = 0; s < 4; ++s)
