@@ -20,9 +20,9 @@
 #   e2eopt    bench_e2e.py on OPT-30B, Tiled-CSL 0 / 80 %, batch 1 / 8 / 16, fused and merged (the fused OPT path)
 #   e2epdl    bench_e2e.py on Llama-3-8B, Tiled-CSL 80 %, batch 1 / 8, with $PDL_VAR (default FLASH_LLM_PDL) = 0 and 1,
 #             twice (PDL_VAR=FLASH_LLM_PDL_SPMM: the spmm's own programmatic launch under static_weights)
-#   spmm      bench_spmm.py --dtypes fp16 (both formats, 20 shapes; 3 minutes)
+#   spmm      bench_spmm.py --dtypes fp16 (both formats, 20 shapes; 3 minutes; SPMM_DTYPES="fp16 bf16" for both, one run each)
 #   stalls    benchmarks/gpu_stalls.sh $STALLS_SP (default 0.8) $STALLS_NS (default "1 16") on the checked-out kernels
-#             (FMTS=tiled-csl for one format)
+#             (FMTS=tiled-csl for one format; NCU_CLOCK=none at the card's own clocks)
 #   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
 # Outputs (logs) under $OUT; the A/B tables are printed.
 set -uo pipefail
@@ -70,8 +70,8 @@ for stage in "${@:-tests ab}"; do
                 --models llama-3-8b --no-progress --format tiled-csl --sparsities 0,80 --batches 1,8 --fuse --merge \
                 --no-hf --repeats 2 --out "$OUT/e2e_pdl$pdl" 2>&1 | grep "b=" | sed "s/^/${PDL_VAR:-FLASH_LLM_PDL}=$pdl /"
               done 2>&1 | tee "$OUT/e2epdl.log" ;;
-      spmm) timeout 200 python3 benchmarks/bench_spmm.py --dtypes fp16 --out "$OUT/spmm_fp16" > "$OUT/spmm_fp16.log" 2>&1
-            tail -40 "$OUT/spmm_fp16.log" ;;
+      spmm) for dt in ${SPMM_DTYPES:-fp16}; do timeout 200 python3 benchmarks/bench_spmm.py --dtypes $dt --out "$OUT/spmm_$dt" \
+              > "$OUT/spmm_$dt.log" 2>&1; tail -40 "$OUT/spmm_$dt.log"; done ;;
       tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
