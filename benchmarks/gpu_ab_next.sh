@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
@@ -24,6 +24,7 @@
 #   stalls    benchmarks/gpu_stalls.sh $STALLS_SP (default 0.8) $STALLS_NS (default "1 16") on the checked-out kernels
 #             (FMTS=tiled-csl for one format; NCU_CLOCK=none at the card's own clocks)
 #   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
+#   splits    benchmarks/splits_sweep.py $SPLITS_ARGS: every split count against the heuristic's on Llama-3-8B's layers
 # Outputs (logs) under $OUT; the A/B tables are printed.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -75,7 +76,8 @@ for stage in "${@:-tests ab}"; do
       tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
-      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize)" >&2; exit 2 ;;
+      splits) (cd benchmarks && timeout 300 python3 splits_sweep.py ${SPLITS_ARGS:-}) 2>&1 | tee "$OUT/splits.log" ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits)" >&2; exit 2 ;;
     esac
   done
 done

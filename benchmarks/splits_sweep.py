@@ -1,0 +1,89 @@
+"""Is the split-K heuristic (``flash_llm.kernels.plan``) right on a given layer?  Times the sparse kernel at every
+split count from 1 up (those ``plan`` can produce: ``ceil(kt / ceil(kt / s)) == s``), against the heuristic's choice
+and cuBLAS, all in one process (CUDA-graph replays, weights rotated beyond L2; ``_timing.time_calls``).  With
+``--wg32 both`` the Tiled-CSL N = 17-32 points are timed with and without the warpgroup kernel ``_wg32x2``.
+
+    python benchmarks/splits_sweep.py [--fmt tiled-csl] [--shapes 6144x4096,4096x4096,28672x4096,4096x14336]
+                                      [--ns 16,32,64] [--sparsity 0.8] [--max-splits 16] [--wg32 both]
+
+Default shapes: Llama-3-8B's merged q/k/v, o, merged gate/up and down, the layers of the end-to-end decode.  Prints
+one markdown row per (shape, N, kernel): the heuristic's splits and time, the best splits and time, cuBLAS, and the
+time at every split count (microseconds; absolute times hold for the card it ran on).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _timing import copies_needed, time_calls
+
+import flash_llm
+from flash_llm import kernels as K
+from flash_llm.reference import FORMAT_IDS
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fmt", choices=["bitmap", "tiled-csl"], default="tiled-csl")
+    ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
+    ap.add_argument("--ns", default="16,32,64")
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--max-splits", type=int, default=16)
+    ap.add_argument("--wg32", choices=["on", "both"], default="both",
+                    help="both: Tiled-CSL N = 17-32 also without the warpgroup kernel (TCSL_WG32_MIN_DENSITY = 2)")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("splits_sweep.py needs a CUDA GPU")
+    cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
+    fmt = FORMAT_IDS[cls]
+    dev = torch.cuda.current_device()
+    print(f"{torch.cuda.get_device_name()}: {a.fmt} at {a.sparsity:.0%}, fp16")
+    print("| shape | N | kernel | heuristic splits: us | best splits: us | cuBLAS us | us by splits |")
+    print("|---|---|---|---|---|---|---|")
+    default_density = K.TCSL_WG32_MIN_DENSITY
+    for shape in a.shapes.split(","):
+        m, k = (int(v) for v in shape.split("x"))
+        w = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w.mul_(torch.rand(m, k, device="cuda") >= a.sparsity)
+        fs = [cls.from_dense(w)]
+        fs += [cls.from_dense(w) for _ in range(copies_needed(fs[0].nbytes) - 1)]
+        ws = [w] + [w.clone() for _ in range(copies_needed(w.numel() * 2) - 1)]
+        kt = -(-k // 64)
+        cands = [s for s in range(1, min(a.max_splits, kt) + 1) if -(-kt // -(-kt // s)) == s]
+        for n in (int(v) for v in a.ns.split(",")):
+            x = torch.randn(n, k, device="cuda", dtype=torch.float16)
+            ref = torch.nn.functional.linear(x, w).float()
+            dense_us = time_calls([lambda c=c: torch.nn.functional.linear(x, c) for c in ws]) * 1e6
+            variants = [default_density]
+            if a.fmt == "tiled-csl" and a.wg32 == "both" and K.TCSL_WG32_MIN_N <= n <= 32:
+                variants.append(2.0)  # no density reaches 2: the one-warp kernel
+            for dens in variants:
+                K.TCSL_WG32_MIN_DENSITY = dens
+                K.plan.cache_clear()
+                density = K._density(fmt, fs[0].data, m, k)
+                name, wg, shared = K.kernel_config(fmt, x.dtype, n, True, dev, density)
+                threads = K.block_threads(name)
+                chosen = K.plan(m, k, n, density, K.sm_count(dev), K.blocks_per_sm(name, dev, threads, shared),
+                                None, fmt, wg).splits
+
+                def run(c, s):
+                    return K.spmm_cuda(x, c.data, c.offsets, fmt, m, k, None, splits=s, force_sparse=True)
+
+                err = float((run(fs[0], None).float() - ref).abs().max())
+                if err > 0.05 * float(ref.abs().max()) + 0.1:
+                    raise SystemExit(f"{shape} N={n} {name}: max error {err} against F.linear")
+                times = {s: time_calls([lambda c=c, s=s: run(c, s) for c in fs]) * 1e6 for s in cands}
+                if chosen not in times:
+                    times[chosen] = time_calls([lambda c=c: run(c, chosen) for c in fs]) * 1e6
+                best = min(times, key=times.get)
+                by = " ".join(f"{s}:{times[s]:.1f}" for s in sorted(times))
+                print(f"| {shape} | {n} | {name.split('_spmm_')[1]} | {chosen}: {times[chosen]:.1f} | "
+                      f"{best}: {times[best]:.1f} | {dense_us:.1f} | {by} |", flush=True)
+    K.TCSL_WG32_MIN_DENSITY = default_density
+    K.plan.cache_clear()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
