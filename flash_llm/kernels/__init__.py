@@ -89,6 +89,14 @@ WG_TOKENS, WG_ROWS = 128, 2
 TCSL_WG32_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_N", "17"))
 TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", "0.17"))
 
+#: The split-K model of the Tiled-CSL warpgroup kernels (:func:`plan`): a lone block on an SM takes this share of a
+#: full SM's round of ``blocks_per_sm`` blocks, and the partial sums weigh WG_WS_WEIGHT of their bytes against the
+#: weight's.  Fitted on H200 (session 10, ``benchmarks/splits_sweep.py``, Llama-3-8B's four layers at 80 %,
+#: N = 32 / 64, every split count 1-16): the chosen split's time was 1.00-1.03x the best (mean 1.006), where the
+#: slot model of the other kernels gave up to 1.12x (mean 1.041): merged gate/up at N = 32 70.7 -> 63.2 us.
+WG_LATENCY_SHARE = 0.8
+WG_WS_WEIGHT = 0.25
+
 
 def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, int, int]:
     """The Tiled-CSL kernel for ``n`` tokens: (name suffix, tokens per block, weight rows per block).
@@ -217,6 +225,12 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     (``s * n * m * 8`` bytes, L2-resident) relative to the weight's bytes in its format, plus a
     small cost per split for the reduction.  Every split keeps at least 4 strips per warp.  A block covers
     ``block_tokens`` tokens and ``block_rows`` weight rows (:func:`tcsl_block`; ``wgmma`` as there).
+
+    The Tiled-CSL warpgroup kernels (:func:`tcsl_block`: ``_wg<NB>x2``) are bound by the SM's throughput, not by each
+    block's latency: an SM that holds fewer blocks runs each faster.  So their idle share counts work per SM: an SM
+    with ``b = ceil(B / sms)`` blocks takes ``max(b, ceil(b / blocks_per_sm) * WG_LATENCY_SHARE * blocks_per_sm)``
+    block-times (a lone block still takes ``WG_LATENCY_SHARE`` of a full SM's round), against ``B / sms`` if the
+    work were even; and their partial-sum traffic weighs half as much (``WG_WS_WEIGHT``).
     """
     nt = _nt(n, fmt)
     _, block_tokens, block_rows = tcsl_block(n, wgmma, density) if fmt == TILED_CSL else ("", 8 * nt, ROWS_PER_BLOCK)
@@ -229,14 +243,20 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     if splits is None:
         slots = sms * blocks_per_sm
         weight_bytes = m * k * _weight_bytes_per_element(fmt, density) * n_chunks
+        per_sm = fmt == TILED_CSL and wgmma and block_rows == 64 * WG_ROWS  # a warpgroup kernel: work per SM
         best = None
         for s in range(1, max(1, min(64, kt // 4)) + 1):
             kps = ceil_div(kt, s)
             if ceil_div(kt, kps) != s:
                 continue
             blocks = row_blocks * n_chunks * s
-            idle = ceil_div(blocks, slots) * slots / blocks
-            ws = 0.5 * s * n * m * 8 / weight_bytes if s > 1 else 0.0
+            if per_sm:
+                b = ceil_div(blocks, sms)
+                idle = max(b, ceil_div(b, blocks_per_sm) * WG_LATENCY_SHARE * blocks_per_sm) * sms / blocks
+                ws = WG_WS_WEIGHT * s * n * m * 8 / weight_bytes if s > 1 else 0.0
+            else:
+                idle = ceil_div(blocks, slots) * slots / blocks
+                ws = 0.5 * s * n * m * 8 / weight_bytes if s > 1 else 0.0
             cost = idle * (1 + ws) * (1 + 0.01 * s)
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, s)
