@@ -96,6 +96,12 @@ TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", 
 #: slot model of the other kernels gave up to 1.12x (mean 1.041): merged gate/up at N = 32 70.7 -> 63.2 us.
 WG_LATENCY_SHARE = 0.8
 WG_WS_WEIGHT = 0.25
+#: The same for the bitmap warpgroup kernels (``bitmap_spmm_*_wg<NB>``), fitted on their own sweep (session 10,
+#: 28672 x 4096, 4096 x 14336, 9216 x 36864 and 36864 x 12288 at N = 32 / 64 / 128, 80 %): 1.00-1.05x the best split
+#: (mean 1.011) against up to 1.16x (mean 1.041) for the slot model.  Their partial sums weigh less: the kernel
+#: reads its weight at a smaller share of the bandwidth, so the same bytes cost less of its time.
+BITMAP_WG_LATENCY_SHARE = 0.9
+BITMAP_WG_WS_WEIGHT = 0.1
 
 
 def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, int, int]:
@@ -243,7 +249,9 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     if splits is None:
         slots = sms * blocks_per_sm
         weight_bytes = m * k * _weight_bytes_per_element(fmt, density) * n_chunks
-        per_sm = fmt == TILED_CSL and wgmma and block_rows == 64 * WG_ROWS  # a warpgroup kernel: work per SM
+        per_sm = wgmma and (block_rows == 64 * WG_ROWS if fmt == TILED_CSL else n >= BITMAP_WG_MIN_N)  # warpgroup
+        share, ws_weight = (WG_LATENCY_SHARE, WG_WS_WEIGHT) if fmt == TILED_CSL else (BITMAP_WG_LATENCY_SHARE,
+                                                                                       BITMAP_WG_WS_WEIGHT)
         best = None
         for s in range(1, max(1, min(64, kt // 4)) + 1):
             kps = ceil_div(kt, s)
@@ -252,8 +260,8 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
             blocks = row_blocks * n_chunks * s
             if per_sm:
                 b = ceil_div(blocks, sms)
-                idle = max(b, ceil_div(b, blocks_per_sm) * WG_LATENCY_SHARE * blocks_per_sm) * sms / blocks
-                ws = WG_WS_WEIGHT * s * n * m * 8 / weight_bytes if s > 1 else 0.0
+                idle = max(b, ceil_div(b, blocks_per_sm) * share * blocks_per_sm) * sms / blocks
+                ws = ws_weight * s * n * m * 8 / weight_bytes if s > 1 else 0.0
             else:
                 idle = ceil_div(blocks, slots) * slots / blocks
                 ws = 0.5 * s * n * m * 8 / weight_bytes if s > 1 else 0.0
