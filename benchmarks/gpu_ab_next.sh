@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
@@ -24,6 +24,8 @@
 #   stalls    benchmarks/gpu_stalls.sh $STALLS_SP (default 0.8) $STALLS_NS (default "1 16") on the checked-out kernels
 #             (FMTS=tiled-csl for one format; NCU_CLOCK=none at the card's own clocks)
 #   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
+#   attn      tests/test_decode_attention.py, then bench_e2e.py on Llama-3-8B (Tiled-CSL, E2E_SPARSITIES, E2E_BATCHES
+#             default 1,16,64) with FLASH_LLM_DECODE_ATTENTION=0 and 1 (the decode-attention kernel; 5 minutes)
 #   splits    benchmarks/splits_sweep.py $SPLITS_ARGS: every split count against the heuristic's on Llama-3-8B's layers
 # Outputs (logs) under $OUT; the A/B tables are printed.
 set -uo pipefail
@@ -73,11 +75,17 @@ for stage in "${@:-tests ab}"; do
               done 2>&1 | tee "$OUT/e2epdl.log" ;;
       spmm) for dt in ${SPMM_DTYPES:-fp16}; do timeout 200 python3 benchmarks/bench_spmm.py --dtypes $dt --out "$OUT/spmm_$dt" \
               > "$OUT/spmm_$dt.log" 2>&1; tail -40 "$OUT/spmm_$dt.log"; done ;;
-      tests) timeout 200 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;
+      tests) timeout 240 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py tests/test_decode_attention.py \
+               2>&1 | tee "$OUT/tests.log" | tail -3 ;;
+      attn) timeout 120 python3 -m pytest -q -x tests/test_decode_attention.py 2>&1 | tee "$OUT/attn_tests.log" | tail -3
+            for on in 0 1; do FLASH_LLM_DECODE_ATTENTION=$on timeout 200 python3 benchmarks/bench_e2e.py --models llama-3-8b \
+              --no-progress --format tiled-csl --sparsities ${E2E_SPARSITIES:-0,80} --batches ${E2E_BATCHES:-1,16,64} --fuse \
+              --merge --no-hf --repeats 2 --out "$OUT/e2e_attn$on" 2>&1 | grep "b=" | sed "s/^/DECODE_ATTENTION=$on /"
+            done 2>&1 | tee "$OUT/attn.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
       splits) (cd benchmarks && timeout 300 python3 splits_sweep.py ${SPLITS_ARGS:-}) 2>&1 | tee "$OUT/splits.log" ;;
-      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn)" >&2; exit 2 ;;
     esac
   done
 done

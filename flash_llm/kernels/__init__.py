@@ -433,4 +433,91 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     return y
 
 
-__all__ = ["spmm_cuda", "static_weights", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError"]
+# ------------------------------------------------------------------------------------------------
+# decode attention (one query token per sequence, the KV-cache write included): decode_attn_<dtype>_d<D>
+# ------------------------------------------------------------------------------------------------
+#: slots per block of the decode-attention kernel (``DA_CHUNK`` in spmm.cu) and the most query heads per kv head
+DECODE_ATTN_CHUNK, DECODE_ATTN_MAX_REP = 128, 8
+_attn_tickets: dict[int, torch.Tensor] = {}
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Rows of ``[B, heads, 1, D]`` readable with 16-byte loads: heads D apart, batch stride a multiple of 8."""
+    return t.stride(3) == 1 and t.stride(1) == t.shape[3] and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
+def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, mask: torch.Tensor | None, kv_len: int) -> bool:
+    """Whether :func:`decode_attention_cuda` takes these tensors (else the caller computes with PyTorch): CUDA
+    (compute capability 8.0+), fp16/bf16, one query token, head size 64 or 128, at most 8 query heads per kv head,
+    16-byte aligned rows, contiguous caches, an additive mask of the same dtype or none."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.dim() == 4 and k.dim() == 4):
+        return False
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    if t != 1 or d not in (64, 128) or hkv == 0 or h % hkv or h // hkv > DECODE_ATTN_MAX_REP:
+        return False
+    if tuple(k.shape) != (b, hkv, 1, d) or v.shape != k.shape or not all(x.dtype == q.dtype for x in (k, v)):
+        return False
+    if not all(_aligned(x) for x in (q, k, v)):
+        return False
+    for c in (k_cache, v_cache):
+        if (c.dtype != q.dtype or c.device != q.device or c.dim() != 4 or not c.is_contiguous() or c.shape[0] < b
+                or tuple(c.shape[1:]) != (hkv, k_cache.shape[2], d)):
+            return False
+    if not 0 < kv_len <= k_cache.shape[2]:
+        return False
+    if mask is not None and (mask.dtype != q.dtype or mask.dim() != 4 or mask.shape[0] not in (1, b)
+                             or mask.shape[2] != 1 or mask.shape[3] < kv_len or mask.stride(3) != 1):
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
+                          scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step's attention, with the cache write, in one launch (tensors as :func:`decode_attention_ok`
+    accepts them; the caller checks).
+
+    Args:
+        q: ``[B, H, 1, D]`` queries (rotated); k, v: ``[B, Hkv, 1, D]`` the new token's key (rotated) and value.
+        k_cache, v_cache: ``[>= B, Hkv, slots, D]``; rows ``0..B-1`` get ``k, v`` at slot ``slot[0]`` (an int64
+            device tensor, so a CUDA graph replays it at the slot of the moment; a slot outside ``0..slots-1`` is
+            not written).
+        mask: additive ``[B or 1, 1, 1, >= kv_len]`` (0 where a query may look, ``-inf`` where not) or ``None``.
+        kv_len: the slots attended, ``0..kv_len-1`` (the new key counts at its slot).
+        scale: the softmax scale.
+
+    Returns ``[B, 1, H * D]`` in the dtype of ``q`` (written into ``out`` if given: contiguous, that shape; tests
+    poison it first).
+    """
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    dev = q.device
+    splits = ceil_div(kv_len, DECODE_ATTN_CHUNK)
+    if out is None:
+        out = torch.empty(b, 1, h * d, dtype=q.dtype, device=dev)
+    elif out.shape != (b, 1, h * d) or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    ws_ptr = 0
+    if splits > 1:
+        ws_ptr = torch.empty(b * hkv * splits * DECODE_ATTN_MAX_REP * (d + 2), dtype=torch.float32,
+                             device=dev).data_ptr()
+    with _scratch.lock:
+        tickets = _attn_tickets.get(dev.index)
+        if tickets is None or tickets.numel() < b * hkv:
+            tickets = _attn_tickets[dev.index] = torch.zeros(max(b * hkv, 1024), dtype=torch.int32, device=dev)
+    mask_b = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+    L, F32 = ctypes.c_longlong, ctypes.c_float
+    args = [(q.data_ptr(), P), (k.data_ptr(), P), (v.data_ptr(), P), (k_cache.data_ptr(), P), (v_cache.data_ptr(), P),
+            (slot.data_ptr(), P), (0 if mask is None else mask.data_ptr(), P), (out.data_ptr(), P), (ws_ptr, P),
+            (tickets.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L), (mask_b, L),
+            (h, I), (hkv, I), (k_cache.shape[2], I), (kv_len, I), (splits, I), (float(scale), F32)]
+    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, 1), 128, args,
+           torch.cuda.current_stream(dev).cuda_stream, dev.index)
+    return out
+
+
+__all__ = ["spmm_cuda", "static_weights", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError",
+           "decode_attention_cuda", "decode_attention_ok"]

@@ -1385,3 +1385,259 @@ INSTANTIATE_BW(bf16, true, 16)
 INSTANTIATE_BW(bf16, true, 32)
 INSTANTIATE_BW(bf16, true, 64)
 INSTANTIATE_BW(bf16, true, 128)
+
+// ------------------------------------------------------------------------------------------------
+// Decode attention: one query token per sequence against a static KV cache, with the cache write, in one launch
+// (flash-decoding: the slots are cut into chunks of DA_CHUNK, one block per (sequence, kv head, chunk)).
+//   q [B, H, D] (batch stride q_b, heads D apart), the new key and value k_new, v_new [B, Hkv, D] (batch strides
+//   k_b, v_b), the cache kc, vc [*, Hkv, slots, D] (contiguous), *slot: where the new key and value go, an additive
+//   mask [B, S] (batch stride mask_b; -inf where a query may not look) or null, S: the slots attended (0 .. S - 1).
+//   out [B, H, D] = softmax(scale q K^T + mask) V over the H / Hkv query heads of each kv head (grouped-query).
+// - The block whose chunk holds the slot (the last block if the slot is past S) writes the new key and value into
+//   the cache; every block reads that slot's key and value from k_new, v_new, never from the cache, so no block
+//   waits for another.
+// - Scores: thread t takes slot s0 + t, reads its key row (16-byte loads) unless the mask excludes the slot, and
+//   dots it with the group's queries (fp32, from shared memory).  Softmax statistics per head by block reduction.
+// - Values: thread t takes column t % D of the slots t / D, t / D + 128 / D, ...; slots with no weight are skipped.
+// - With one chunk the block writes out; otherwise it writes (o, m, l) in fp32 to ws, and the last block of its
+//   (sequence, kv head) to arrive (an atomic ticket, reset for the next launch) combines them in chunk order, so
+//   the result is deterministic.  A row with every slot masked comes out NaN, as scaled_dot_product_attention's.
+// ------------------------------------------------------------------------------------------------
+constexpr int DA_THREADS = 128, DA_CHUNK = 128, DA_MAX_REP = 8;
+#define DA_NEG_INF __int_as_float(0xff800000)
+static_assert(DA_CHUNK == DA_THREADS, "decode attention: one slot of the chunk per thread");
+
+struct DecodeAttn {
+  const u16* q;
+  const u16* k_new;
+  const u16* v_new;
+  u16* kc;
+  u16* vc;
+  const long long* slot;
+  const u16* mask;
+  u16* out;
+  float* ws;
+  int* tickets;
+  long long q_b, k_b, v_b, mask_b;
+  int heads, kv_heads, slots, S, splits;
+  float scale;
+};
+
+template <bool BF16>
+DEVI void unpack8(const uint4& v, float (&f)[8]) {  // eight halves, low half of each word first
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (BF16) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+          : "=f"(f[2 * i]), "=f"(f[2 * i + 1]) : "r"(w[i]));
+    }
+  }
+}
+
+DEVI float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+DEVI float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+
+template <bool BF16, int D>
+DEVI void decode_attn_body(const DecodeAttn a) {
+  constexpr int WARPS_DA = DA_THREADS / 32, PARTS = DA_THREADS / D;
+  __shared__ float qs[DA_MAX_REP][D];
+  __shared__ float ps[DA_MAX_REP][DA_CHUNK];
+  __shared__ float red[DA_MAX_REP][WARPS_DA];
+  __shared__ float os[PARTS][DA_MAX_REP][D];
+  __shared__ float stat[2][DA_MAX_REP];  // the chunk's m and l per head
+  __shared__ int last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y;
+  const int rep = a.heads / a.kv_heads;
+  const int s0 = split * DA_CHUNK;
+  const long long slot64 = *a.slot;
+  const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
+  const u16* knew = a.k_new + b * a.k_b + kvh * D;
+  const u16* vnew = a.v_new + b * a.v_b + kvh * D;
+  const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
+  if (slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1))
+    for (int d = tid; d < D; d += DA_THREADS) {
+      a.kc[cache0 + (long long)slot * D + d] = knew[d];
+      a.vc[cache0 + (long long)slot * D + d] = vnew[d];
+    }
+  for (int i = tid; i < rep * D; i += DA_THREADS)
+    qs[i / D][i % D] = to_float<BF16>(a.q[b * a.q_b + (long long)(kvh * rep + i / D) * D + i % D]) * a.scale;
+  __syncthreads();
+
+  // scores of slot s0 + tid
+  float sc[DA_MAX_REP];
+#pragma unroll
+  for (int h = 0; h < DA_MAX_REP; ++h) sc[h] = DA_NEG_INF;
+  {
+    const int s = s0 + tid;
+    const float mk = s < a.S && a.mask ? to_float<BF16>(a.mask[b * a.mask_b + s]) : 0.f;
+    if (s < a.S && mk != DA_NEG_INF) {
+      const u16* krow = s == slot ? knew : a.kc + cache0 + (long long)s * D;
+      float acc[DA_MAX_REP];
+#pragma unroll
+      for (int h = 0; h < DA_MAX_REP; ++h) acc[h] = 0.f;
+      uint4 kr[D / 8];  // the whole key row in flight at once
+#pragma unroll
+      for (int c = 0; c < D / 8; ++c) kr[c] = *reinterpret_cast<const uint4*>(krow + 8 * c);
+#pragma unroll
+      for (int d0 = 0; d0 < D; d0 += 8) {
+        float kf[8];
+        unpack8<BF16>(kr[d0 / 8], kf);
+#pragma unroll
+        for (int h = 0; h < DA_MAX_REP; ++h)
+          if (h < rep)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[h] += qs[h][d0 + j] * kf[j];
+      }
+#pragma unroll
+      for (int h = 0; h < DA_MAX_REP; ++h) sc[h] = acc[h] + mk;
+    }
+  }
+  // softmax statistics of the chunk, per head: m = max, p = exp(score - m) (0 where masked), l = sum p
+  float m[DA_MAX_REP];
+#pragma unroll
+  for (int h = 0; h < DA_MAX_REP; ++h) {
+    if (h >= rep) break;
+    const float wm = warp_max(sc[h]);
+    if (lane == 0) red[h][warp] = wm;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < DA_MAX_REP; ++h) {
+    if (h >= rep) break;
+    float mm = red[h][0];
+#pragma unroll
+    for (int w = 1; w < WARPS_DA; ++w) mm = fmaxf(mm, red[h][w]);
+    m[h] = mm;
+  }
+  __syncthreads();  // red is reused for the sums
+#pragma unroll
+  for (int h = 0; h < DA_MAX_REP; ++h) {
+    if (h >= rep) break;
+    const float p = sc[h] == DA_NEG_INF ? 0.f : __expf(sc[h] - m[h]);
+    ps[h][tid] = p;
+    const float ws = warp_sum(p);
+    if (lane == 0) red[h][warp] = ws;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < DA_MAX_REP; ++h) {
+    if (h >= rep) break;
+    if (tid == 0) {
+      float ll = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS_DA; ++w) ll += red[h][w];
+      stat[0][h] = m[h];
+      stat[1][h] = ll;
+    }
+  }
+
+  // o[h][d] = sum over the chunk's slots of p[h][s] V[s][d]: column d = tid % D, slots part, part + PARTS, ...
+  const int d = tid % D, part = tid / D;
+  float o[DA_MAX_REP];
+#pragma unroll
+  for (int h = 0; h < DA_MAX_REP; ++h) o[h] = 0.f;
+  const int n = min(DA_CHUNK, a.S - s0);
+  constexpr int VB = 8;  // slots whose values are loaded together
+#pragma unroll 1
+  for (int i0 = part; i0 < n; i0 += VB * PARTS) {
+    u16 vv[VB];
+#pragma unroll
+    for (int u = 0; u < VB; ++u) {  // slots without weight (masked, past S) load nothing
+      const int i = i0 + u * PARTS, s = s0 + i;
+      float any = 0.f;
+      if (i < n)
+#pragma unroll
+        for (int h = 0; h < DA_MAX_REP; ++h)
+          if (h < rep) any += ps[h][i];
+      vv[u] = any == 0.f ? (u16)0 : s == slot ? vnew[d] : a.vc[cache0 + (long long)s * D + d];
+    }
+#pragma unroll
+    for (int u = 0; u < VB; ++u) {
+      const int i = i0 + u * PARTS;
+      if (i < n) {
+        const float v = to_float<BF16>(vv[u]);
+#pragma unroll
+        for (int h = 0; h < DA_MAX_REP; ++h)
+          if (h < rep) o[h] += ps[h][i] * v;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < DA_MAX_REP; ++h)
+    if (h < rep) os[part][h][d] = o[h];
+  __syncthreads();
+
+  if (a.splits == 1) {
+    for (int i = tid; i < rep * D; i += DA_THREADS) {
+      const int h = i / D, dd = i % D;
+      float acc = 0.f;
+#pragma unroll
+      for (int pp = 0; pp < PARTS; ++pp) acc += os[pp][h][dd];
+      a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] = from_float<BF16>(acc * __frcp_rn(stat[1][h]));  // no division slow path (a call)
+    }
+    return;
+  }
+  // partials: ws[bh][split][h] = (o[0 .. D - 1], m, l)
+  float* wb = a.ws + ((long long)bh * a.splits + split) * DA_MAX_REP * (D + 2);
+  for (int i = tid; i < rep * D; i += DA_THREADS) {
+    const int h = i / D, dd = i % D;
+    float acc = 0.f;
+#pragma unroll
+    for (int pp = 0; pp < PARTS; ++pp) acc += os[pp][h][dd];
+    wb[h * (D + 2) + dd] = acc;
+  }
+  if (tid < rep) {
+    wb[tid * (D + 2) + D] = stat[0][tid];
+    wb[tid * (D + 2) + D + 1] = stat[1][tid];
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(a.tickets + bh, 1) == a.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float* w0 = a.ws + (long long)bh * a.splits * DA_MAX_REP * (D + 2);
+  for (int i = tid; i < rep * D; i += DA_THREADS) {
+    const int h = i / D, dd = i % D;
+    float mm = DA_NEG_INF;
+    for (int sp = 0; sp < a.splits; ++sp) mm = fmaxf(mm, __ldcg(w0 + (sp * DA_MAX_REP + h) * (D + 2) + D));
+    float num = 0.f, den = 0.f;
+    for (int sp = 0; sp < a.splits; ++sp) {
+      const float* e = w0 + (sp * DA_MAX_REP + h) * (D + 2);
+      const float ms = __ldcg(e + D);
+      const float wgt = ms == DA_NEG_INF ? 0.f : __expf(ms - mm);
+      num += wgt * __ldcg(e + dd);
+      den += wgt * __ldcg(e + D + 1);
+    }
+    a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] = from_float<BF16>(num * __frcp_rn(den));
+  }
+  if (tid == 0) a.tickets[bh] = 0;
+}
+
+#define DA_ARGS                                                                                           \
+  const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
+      u16 *out, float *ws, int *tickets, long long q_b, long long k_b, long long v_b, long long mask_b, int heads, \
+      int kv_heads, int slots, int S, int splits, float scale
+#define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, q_b, k_b, v_b, mask_b, heads, kv_heads, \
+                   slots, S, splits, scale}
+#define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
+  extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
+    decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \
+  }
+INSTANTIATE_DA(f16, false, 64)
+INSTANTIATE_DA(f16, false, 128)
+INSTANTIATE_DA(bf16, true, 64)
+INSTANTIATE_DA(bf16, true, 128)

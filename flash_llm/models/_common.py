@@ -3,6 +3,7 @@ scaled-dot-product attention with grouped-query heads that never copies keys or 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -141,6 +142,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                                                                         mask.shape[-1])
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+#: Decode steps (one token per sequence, with a KV cache, on CUDA) attend through flash-llm's decode-attention kernel
+#: (``kernels.decode_attention_cuda``: the cache write and the attention in one launch, flash-decoding over chunks of
+#: 128 slots) instead of two ``index_copy_`` launches and ``scaled_dot_product_attention``.  Off by default until it
+#: has been measured end to end; ``FLASH_LLM_DECODE_ATTENTION=1`` (read at import) or setting this turns it on.
+DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "0") == "1"
+
+
+def use_decode_attention(q: torch.Tensor, attend: Attend) -> bool:
+    """Whether this forward's attention may go through :func:`decode_attention`'s kernel: turned on, a cached decode
+    step (one query token) on a CUDA device."""
+    return DECODE_ATTENTION and attend.cache is not None and q.shape[2] == 1 and q.is_cuda
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Attend, layer: int,
+                     scale: float | None) -> torch.Tensor:
+    """Write ``k, v [B, Hkv, 1, D]`` into ``attend.cache`` at ``attend.slots`` and attend ``q [B, H, 1, D]`` over the
+    first ``attend.kv_len`` slots: one kernel launch where :func:`flash_llm.kernels.decode_attention_ok` accepts the
+    tensors, else :meth:`KVCache.update` and :func:`attention`.  ``scale`` as in :func:`attention`.  Returns
+    ``[B, 1, H * D]``."""
+    cache, slots = attend.cache, attend.slots
+    if slots.numel() == 1 and slots.dtype == torch.int64 and slots.device == q.device:
+        from .. import kernels
+
+        kc, vc = cache.k[layer], cache.v[layer]
+        if kernels.decode_attention_ok(q, k, v, kc, vc, attend.mask, attend.kv_len):
+            s = q.shape[-1] ** -0.5 if scale is None else scale
+            return kernels.decode_attention_cuda(q, k, v, kc, vc, slots, attend.mask, attend.kv_len, s)
+    k, v = cache.update(layer, k, v, slots, attend.kv_len)
+    return attention(q, k, v, attend.mask, scale)
 
 
 class CausalLM(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _fused
-from ._common import Attend, CausalLM, attention
+from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
 from ._merge import project
 from .config import ModelConfig
 
@@ -55,6 +55,8 @@ class OPTAttention(nn.Module):
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        if use_decode_attention(q, attend):  # the cache write, the query scaling and the attention in one kernel
+            return self.out_proj(decode_attention(q, k, v, attend, self.layer_idx, self.scaling))
         if self.fused and attend.cache is not None:
             kc, vc = attend.cache.rows(self.layer_idx, b)
             q = _fused.op("scale_cache", True)(q, self.scaling, k, v, kc, vc, attend.slots)

@@ -1,0 +1,178 @@
+"""The decode-attention op (``flash_llm.models._common.decode_attention``): one decode step's KV-cache write and
+attention.  On the CPU (CI) the PyTorch path, against the cache update and ``attention`` it replaces; on a CUDA GPU the
+kernel (``kernels.decode_attention_cuda``) against a float64 reference, with poisoned outputs and fresh random inputs,
+and whole models with it against the same models without it.  GPU tests skip cleanly without a GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flash_llm import kernels
+from flash_llm.models import _common
+from flash_llm.models._common import Attend, KVCache, attention, decode_attention, use_decode_attention
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _case(b, h, hkv, d, slots, kv_len, slot, dtype, device, seed=0, masked=()):
+    """Random q, k, v ([B, heads, 1, D] views of one projection-like output), a random cache, the additive mask
+    (``-inf`` at ``masked`` slots and past the written ones for row 1), the slot tensor."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g).to(device, dtype)
+    q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
+    k = qkv[..., h * d:(h + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
+    v = qkv[..., (h + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
+    cache = KVCache(1, b + 1, hkv, slots, d, dtype, device)
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
+    valid = torch.ones(b, slots, dtype=torch.bool)
+    valid[:, list(masked)] = False
+    if b > 1:
+        valid[1, : kv_len // 2] = False  # a left-padded row
+    valid[:, slot] = True
+    mask = _common.additive_mask(valid[:, None, None, :kv_len].to(device), dtype)
+    return q, k, v, cache, mask, torch.tensor([slot], dtype=torch.int64, device=device)
+
+
+def _reference(q, k, v, cache, mask, slot, kv_len, scale):
+    """float64: the cache with k, v written at the slot, then softmax attention over the first kv_len slots."""
+    b, h, _, d = q.shape
+    kc, vc = cache.k[0][:b].double().clone(), cache.v[0][:b].double().clone()
+    s = int(slot)
+    kc[:, :, s] = k[:, :, 0].double()
+    vc[:, :, s] = v[:, :, 0].double()
+    rep = h // k.shape[1]
+    kk = kc[:, :, :kv_len].repeat_interleave(rep, 1)
+    vv = vc[:, :, :kv_len].repeat_interleave(rep, 1)
+    w = (q.double() @ kk.transpose(-1, -2)) * scale + mask.double()
+    out = torch.softmax(w, -1) @ vv
+    return out.transpose(1, 2).reshape(b, 1, h * d), kc, vc
+
+
+def test_cpu_path_is_the_cache_update_and_attention():
+    """On the CPU (where the kernel never runs) the op writes the cache and attends exactly as before."""
+    q, k, v, cache, mask, slot = _case(2, 8, 2, 64, 96, 80, 37, torch.float32, "cpu", masked=(5, 6))
+    attend = Attend(positions=torch.zeros(2, 1, dtype=torch.long), mask=mask, cache=cache, slots=slot, kv_len=80)
+    ref_cache = KVCache(1, 3, 2, 96, 64, torch.float32, "cpu")
+    ref_cache.k[0].copy_(cache.k[0])
+    ref_cache.v[0].copy_(cache.v[0])
+    got = decode_attention(q, k, v, attend, 0, None)
+    kk, vv = ref_cache.update(0, k, v, slot, 80)
+    want = attention(q, kk, vv, mask, None)
+    assert torch.equal(got, want)
+    assert torch.equal(cache.k[0], ref_cache.k[0]) and torch.equal(cache.v[0], ref_cache.v[0])
+    assert not use_decode_attention(q, attend)  # CPU tensors never take the kernel
+    assert not kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, 80)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,h,hkv,d", [(1, 32, 8, 128), (3, 8, 8, 64), (2, 16, 2, 128), (1, 12, 4, 64)])
+@pytest.mark.parametrize("kv_len,slot", [(1, 0), (100, 99), (128, 5), (129, 128), (300, 200), (1000, 611)])
+def test_kernel_matches_float64(dtype, b, h, hkv, d, kv_len, slot):
+    """Output within 2x PyTorch's own error (scaled_dot_product_attention in the same dtype against float64) plus
+    one ulp of the largest value; the cache holds the new key and value at the slot and nothing else changed; a
+    second launch gives the same bits (the chunks combine in a fixed order)."""
+    slots = max(kv_len, slot + 1) + 64
+    q, k, v, cache, mask, st = _case(b, h, hkv, d, slots, kv_len, slot, dtype, "cuda", seed=kv_len + h,
+                                     masked=(kv_len - 1,) if kv_len > 2 and slot != kv_len - 1 else ())
+    scale = d ** -0.5
+    assert kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, kv_len)
+    want, kc, vc = _reference(q, k, v, cache, mask, st, kv_len, scale)
+    before = cache.k[0].clone(), cache.v[0].clone()
+    out = torch.full((b, 1, h * d), float("nan"), dtype=dtype, device="cuda")
+    kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, kv_len, scale, out=out)
+    torch.cuda.synchronize()
+    kk, vv = cache.rows(0, b, kv_len)
+    theirs = attention(q, kk, vv, mask, scale)  # PyTorch in the same dtype, on the written cache
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    tol = 2 * (theirs.double() - want).abs().max().item() + ulp * want.abs().max().item()
+    assert not out.isnan().any()
+    assert (out.double() - want).abs().max().item() <= tol
+    assert torch.equal(cache.k[0][:b].double(), kc) and torch.equal(cache.v[0][:b].double(), vc)
+    assert torch.equal(cache.k[0][b:], before[0][b:]) and torch.equal(cache.v[0][b:], before[1][b:])
+    again = kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, kv_len, scale)
+    assert torch.equal(again, out)
+
+
+@cuda
+@pytest.mark.gpu
+def test_kernel_without_mask_and_slot_outside_the_cache():
+    """No mask: every slot attended.  A slot past the cache writes nothing (the keys come from the cache alone)."""
+    b, h, hkv, d, slots = 2, 8, 2, 128, 256
+    q, k, v, cache, _, _ = _case(b, h, hkv, d, slots, 200, 3, torch.float16, "cuda")
+    st = torch.tensor([slots + 5], dtype=torch.int64, device="cuda")
+    before = cache.k[0].clone()
+    out = kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, None, 200, 0.1)
+    assert torch.equal(cache.k[0], before)
+    rep = h // hkv
+    kk = cache.k[0][:b, :, :200].double().repeat_interleave(rep, 1)
+    vv = cache.v[0][:b, :, :200].double().repeat_interleave(rep, 1)
+    want = (torch.softmax(q.double() @ kk.transpose(-1, -2) * 0.1, -1) @ vv).transpose(1, 2).reshape(b, 1, h * d)
+    assert (out.double() - want).abs().max().item() <= 4 * 2.0**-10 * want.abs().max().item() + 1e-3
+
+
+@cuda
+@pytest.mark.gpu
+def test_unsupported_shapes_fall_back():
+    """Head size 32, more than 8 query heads per kv head, a float32 model: PyTorch attention, same results."""
+    for h, hkv, d, dtype in [(8, 2, 32, torch.float16), (32, 2, 64, torch.float16), (8, 2, 64, torch.float32)]:
+        q, k, v, cache, mask, st = _case(1, h, hkv, d, 80, 64, 10, dtype, "cuda")
+        assert not kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, 64)
+        attend = Attend(positions=torch.zeros(1, 1, dtype=torch.long, device="cuda"), mask=mask, cache=cache,
+                        slots=st, kv_len=64)
+        got = decode_attention(q, k, v, attend, 0, None)
+        want, _, _ = _reference(q, k, v, cache, mask, st, 64, d ** -0.5)
+        assert (got.double() - want).abs().max().item() < 1e-2
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_engine_with_the_kernel(family, dtype, monkeypatch):
+    """Whole models (head size 64) decode with the kernel within 2x the error of the PyTorch path against fp32, and
+    their CUDA-graph replay equals their eager decode."""
+    transformers = pytest.importorskip("transformers")
+    from flash_llm.engine import Engine
+    from flash_llm.models import from_config
+
+    torch.manual_seed(0)
+    if family == "llama":
+        hc = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        hm = transformers.LlamaForCausalLM(hc).eval()
+    else:
+        hc = transformers.OPTConfig(vocab_size=512, hidden_size=256, ffn_dim=512, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=512, dropout=0.0,
+                                    bos_token_id=None, eos_token_id=None, pad_token_id=1)
+        hm = transformers.OPTForCausalLM(hc).eval()
+
+    def ours(dt):
+        m = from_config(hm.config, dtype=dt, device="meta")
+        m.load_state_dict({k: x.to("cuda", dt) for k, x in hm.state_dict().items()}, assign=True)
+        return m.eval()
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 17, 40)]
+    ref = Engine(ours(torch.float32), max_batch=3, max_seq=200).generate(prompts, 10, output_logits=True)
+    plain = Engine(ours(dtype), max_batch=3, max_seq=200).generate(prompts, 10, output_logits=True)
+    monkeypatch.setattr(_common, "DECODE_ATTENTION", True)
+    model = ours(dtype)
+    got = Engine(model, max_batch=3, max_seq=200).generate(prompts, 10, output_logits=True)
+    eager = Engine(model, max_batch=3, max_seq=200, cuda_graphs=False).generate(prompts, 10, output_logits=True)
+    assert (got.logits - eager.logits).abs().max().item() == 0.0, "graph replay differs from eager"
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    same = [i for i in range(3) if ref.tokens[i].tolist() == plain.tokens[i].tolist() == got.tokens[i].tolist()]
+    assert same, "no prompt decoded the same three ways: pick other prompts"
+    for i in same:
+        err_plain = (plain.logits[i] - ref.logits[i]).abs().max().item()
+        err_got = (got.logits[i] - ref.logits[i]).abs().max().item()
+        assert err_got <= 2 * err_plain + ulp * ref.logits[i].abs().max().item(), (i, err_got, err_plain)
+    assert math.isfinite(err_got)
