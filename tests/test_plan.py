@@ -112,20 +112,14 @@ def test_fragment_columns_puts_x_in_the_fragment_k_order():
 
 
 def _swept_splits(calls):
-    """Split sweeps of session 10 (``benchmarks/splits_sweep.py`` on one H200, 80 %): for each warpgroup-kernel row
-    of the given calls' ``splits.log``, ``(m, k, n, kernel, {splits: us})``."""
+    """Split sweeps of session 10 (``tests/data/splits_h200_s10.json``, from ``benchmarks/splits_sweep.py`` on one
+    H200 at 80 %): for each warpgroup-kernel row of the given calls, ``(m, k, n, kernel, {splits: us})``."""
+    import json
     import pathlib
-    import re
 
-    root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "2026-11-30-s10"
-    rows = []
-    for call in calls:
-        for line in (root / call / "splits.log").read_text().splitlines():
-            m = re.match(r"\| (\d+)x(\d+) \| (\d+) \| f16_(wg\w+) \|.*\| ([0-9: .]+) \|$", line)
-            if m:
-                times = {int(s): float(t) for s, t in (v.split(":") for v in m[5].split())}
-                rows.append((int(m[1]), int(m[2]), int(m[3]), m[4], times))
-    return rows
+    data = json.loads((pathlib.Path(__file__).resolve().parent / "data" / "splits_h200_s10.json").read_text())
+    return [(m, k, n, kernel, {int(s): t for s, t in times.items()})
+            for call in calls for m, k, n, kernel, times in data["rows"][call]]
 
 
 # (format, the calls that fitted its model and the calls that checked it on other layers, rows, blocks per SM on the
