@@ -33,7 +33,7 @@ GROUPS = [
     ("sparse matmul", r"bitmap_spmm|tiled_csl_spmm"),
     ("split-K reduce", r"splitk_reduce"),
     ("dense matmul (cuBLAS)", r"gemm|gemv|sm90_xmma|cutlass|cublas|nvjet"),
-    ("attention", r"fmha|attention|flash|softmax|efficient"),
+    ("attention", r"fmha|attention|flash|softmax|efficient|decode_attn"),
     ("compiled elementwise (Triton)", r"^triton_"),
     ("KV cache write", r"index_copy|indexCopy|index_put|scatter"),
     ("copy / cast", r"copy|Copy|cast"),
