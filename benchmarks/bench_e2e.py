@@ -52,6 +52,7 @@ import _timing as T  # noqa: E402
 
 from flash_llm.engine import Engine  # noqa: E402
 from flash_llm.models import preset, unmerge_projections  # noqa: E402
+from flash_llm.models import _common  # noqa: E402
 from flash_llm.models.config import PRESETS  # noqa: E402
 from flash_llm.models.synthetic import DoesNotFit, build_synthetic  # noqa: E402
 from flash_llm.parallel import ShardReport, TensorParallel, check_divisible, init_tensor_parallel  # noqa: E402
@@ -511,7 +512,7 @@ def _main_tp(args, argv, world) -> int:
     env.update({"world_size": world.world_size, "backend": world.backend, "tp": args.tp,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                 "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "memory_limit_gb": args.memory_limit_gb,
-                "fuse": args.fuse, "merge": args.merge,
+                "fuse": args.fuse, "merge": args.merge, "decode_attention": _common.DECODE_ATTENTION,
                 "command": (f"torchrun --nproc-per-node {world.world_size}" if "LOCAL_RANK" in os.environ else "python")
                 + " benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)})
     if lead:
@@ -590,7 +591,8 @@ def summarize(rows, env) -> str:
       f"commit `{env['commit']}`, {env['date']}. Copy bandwidth {env['copy_bw_Bps'] / 1e9:.0f} GB/s"
       + (f"; GPU memory capped at {env['memory_limit_gb']} GB" if env.get("memory_limit_gb") else "")
       + ("; fused elementwise kernels (--fuse)" if env.get("fuse") else "")
-      + ("; merged q/k/v and gate/up projections (--merge)" if env.get("merge") else "") + ".")
+      + ("; merged q/k/v and gate/up projections (--merge)" if env.get("merge") else "")
+      + ("; decode-attention kernel (FLASH_LLM_DECODE_ATTENTION=1)" if env.get("decode_attention") else "") + ".")
     p()
     p(f"Command: `{env['command']}`")
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -793,6 +795,7 @@ def main(argv=None) -> int:
     env["memory_limit_gb"] = args.memory_limit_gb
     env["fuse"] = args.fuse
     env["merge"] = args.merge
+    env["decode_attention"] = _common.DECODE_ATTENTION  # FLASH_LLM_DECODE_ATTENTION
     try:
         import transformers
 
