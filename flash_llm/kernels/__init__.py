@@ -463,7 +463,7 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         return False
     for c in (k_cache, v_cache):
         if (c.dtype != q.dtype or c.device != q.device or c.dim() != 4 or not c.is_contiguous() or c.shape[0] < b
-                or tuple(c.shape[1:]) != (hkv, k_cache.shape[2], d)):
+                or tuple(c.shape[1:]) != (hkv, k_cache.shape[2], d) or c.data_ptr() % 16):
             return False
     if not 0 < kv_len <= k_cache.shape[2]:
         return False

@@ -1586,7 +1586,9 @@ DEVI void decode_attn_body(const DecodeAttn a) {
       float acc = 0.f;
 #pragma unroll
       for (int pp = 0; pp < PARTS; ++pp) acc += os[pp][h][dd];
-      a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] = from_float<BF16>(acc * __frcp_rn(stat[1][h]));  // no division slow path (a call)
+      // (a reciprocal: the IEEE division's slow path is a call, which costs a stack frame)
+      a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] =
+          from_float<BF16>(acc * __frcp_rn(stat[1][h]));
     }
     return;
   }
@@ -1622,7 +1624,8 @@ DEVI void decode_attn_body(const DecodeAttn a) {
       num += wgt * __ldcg(e + dd);
       den += wgt * __ldcg(e + D + 1);
     }
-    a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] = from_float<BF16>(num * __frcp_rn(den));
+    a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] =
+        from_float<BF16>(num * __frcp_rn(den));
   }
   if (tid == 0) a.tickets[bh] = 0;
 }
