@@ -250,8 +250,8 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
         slots = sms * blocks_per_sm
         weight_bytes = m * k * _weight_bytes_per_element(fmt, density) * n_chunks
         per_sm = wgmma and (block_rows == 64 * WG_ROWS if fmt == TILED_CSL else n >= BITMAP_WG_MIN_N)  # warpgroup
-        share, ws_weight = (WG_LATENCY_SHARE, WG_WS_WEIGHT) if fmt == TILED_CSL else (BITMAP_WG_LATENCY_SHARE,
-                                                                                       BITMAP_WG_WS_WEIGHT)
+        share = WG_LATENCY_SHARE if fmt == TILED_CSL else BITMAP_WG_LATENCY_SHARE
+        ws_weight = (WG_WS_WEIGHT if fmt == TILED_CSL else BITMAP_WG_WS_WEIGHT) if per_sm else 0.5
         best = None
         for s in range(1, max(1, min(64, kt // 4)) + 1):
             kps = ceil_div(kt, s)
@@ -261,10 +261,9 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
             if per_sm:
                 b = ceil_div(blocks, sms)
                 idle = max(b, ceil_div(b, blocks_per_sm) * share * blocks_per_sm) * sms / blocks
-                ws = ws_weight * s * n * m * 8 / weight_bytes if s > 1 else 0.0
             else:
                 idle = ceil_div(blocks, slots) * slots / blocks
-                ws = 0.5 * s * n * m * 8 / weight_bytes if s > 1 else 0.0
+            ws = ws_weight * s * n * m * 8 / weight_bytes if s > 1 else 0.0
             cost = idle * (1 + ws) * (1 + 0.01 * s)
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, s)
@@ -438,7 +437,6 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
 # ------------------------------------------------------------------------------------------------
 #: slots per block of the decode-attention kernel (``DA_CHUNK`` in spmm.cu) and the most query heads per kv head
 DECODE_ATTN_CHUNK, DECODE_ATTN_MAX_REP = 128, 8
-_attn_tickets: dict[int, torch.Tensor] = {}
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -470,7 +468,7 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     if mask is not None and (mask.dtype != q.dtype or mask.dim() != 4 or mask.shape[0] not in (1, b)
                              or mask.shape[2] != 1 or mask.shape[3] < kv_len or mask.stride(3) != 1):
         return False
-    return torch.cuda.get_device_capability(q.device)[0] >= 8
+    return supported(q.device)[0]
 
 
 def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -504,10 +502,7 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     if splits > 1:
         ws_ptr = torch.empty(b * hkv * splits * DECODE_ATTN_MAX_REP * (d + 2), dtype=torch.float32,
                              device=dev).data_ptr()
-    with _scratch.lock:
-        tickets = _attn_tickets.get(dev.index)
-        if tickets is None or tickets.numel() < b * hkv:
-            tickets = _attn_tickets[dev.index] = torch.zeros(max(b * hkv, 1024), dtype=torch.int32, device=dev)
+    tickets = _scratch.get_tickets(dev, b * hkv)  # each launch resets the ones it used, as the bitmap spmm's do
     mask_b = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     L, F32 = ctypes.c_longlong, ctypes.c_float
     args = [(q.data_ptr(), P), (k.data_ptr(), P), (v.data_ptr(), P), (k_cache.data_ptr(), P), (v_cache.data_ptr(), P),

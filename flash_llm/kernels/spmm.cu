@@ -631,6 +631,37 @@ struct CslTiles {
   }
 };
 
+template <int NT>
+DEVI void zero_acc(float (&acc)[4][NT][4]) {
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
+}
+
+// acc[s] += the dense tile at `base` (fragment order, swizzled as csl_tile_byte writes it) times B, the tile read back
+// with 16 LDS.128 per lane; with `clear`, every 16 bytes are zeroed right after they are read.
+template <bool BF16, int NT>
+DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, const u32 (&b)[4][NT][2], int lane, bool clear) {
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    u32 a[4][4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const u32 at = base + s * 2048 + lane * 64 + ((c ^ ((lane >> 1) & 3)) << 4);
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(a[c][0]), "=r"(a[c][1]), "=r"(a[c][2]), "=r"(a[c][3]) : "r"(at));
+      if (clear) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0u));
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c], b[c][nt]);
+  }
+}
+
 template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                              int kt_per_split, Problem p) {
@@ -648,12 +679,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
   __syncwarp();
 
   float acc[4][NT][4];
-#pragma unroll
-  for (int s = 0; s < 4; ++s)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
+  zero_acc<NT>(acc);
 
   if (active) {
     constexpr int PF = csl_pf_units<NT>::value;
@@ -681,21 +707,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       });
       if (j + 1 < ke) st.next(j);  // the next tile's entries, in flight during this tile's multiply
       __syncwarp();
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        u32 a[4][4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const u32 at = dense_base + s * 2048 + lane * 64 + ((c ^ ((lane >> 1) & 3)) << 4);
-          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(a[c][0]), "=r"(a[c][1]), "=r"(a[c][2]), "=r"(a[c][3]) : "r"(at));
-          if (!sparse_tile) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0u));
-        }
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c], b[c][nt]);
-      }
+      csl_multiply_tile<BF16, NT>(acc, dense_base, b, lane, !sparse_tile);
       if (sparse_tile) {  // every lane has read its elements: clear the positions this tile wrote, in bank order
         __syncwarp();
 #pragma unroll
@@ -742,12 +754,7 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
   __syncthreads();
 
   float acc[4][NT][4];
-#pragma unroll
-  for (int s = 0; s < 4; ++s)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
+  zero_acc<NT>(acc);
 
   if (active) {
     CslTiles<PF, W> st(data, offsets, row_block, true, kt, kb, ke, warp, lane);
@@ -769,22 +776,7 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
 #pragma unroll
         for (int i = 0; i < 16 / W; ++i) prev[(warp * (16 / W) + i) * 32 + lane] = zero4;
       }
-      if (live) {
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          u32 a[4][4];
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const u32 at = base + s * 2048 + lane * 64 + ((c ^ ((lane >> 1) & 3)) << 4);
-            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(a[c][0]), "=r"(a[c][1]), "=r"(a[c][2]), "=r"(a[c][3]) : "r"(at));
-          }
-#pragma unroll
-          for (int c = 0; c < 4; ++c)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c], b[c][nt]);
-        }
-      }
+      if (live) csl_multiply_tile<BF16, NT>(acc, base, b, lane, false);
     }
   }
   const int tiles = (int)(gridDim.x / p.n_chunks) * nl;
@@ -1580,27 +1572,20 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     if (h < rep) os[part][h][d] = o[h];
   __syncthreads();
 
-  if (a.splits == 1) {
-    for (int i = tid; i < rep * D; i += DA_THREADS) {
-      const int h = i / D, dd = i % D;
-      float acc = 0.f;
-#pragma unroll
-      for (int pp = 0; pp < PARTS; ++pp) acc += os[pp][h][dd];
-      // (a reciprocal: the IEEE division's slow path is a call, which costs a stack frame)
-      a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] =
-          from_float<BF16>(acc * __frcp_rn(stat[1][h]));
-    }
-    return;
-  }
-  // partials: ws[bh][split][h] = (o[0 .. D - 1], m, l)
+  // one chunk: out = o / l; else the partials ws[bh][split][h] = (o[0 .. D - 1], m, l)
   float* wb = a.ws + ((long long)bh * a.splits + split) * DA_MAX_REP * (D + 2);
   for (int i = tid; i < rep * D; i += DA_THREADS) {
     const int h = i / D, dd = i % D;
     float acc = 0.f;
 #pragma unroll
     for (int pp = 0; pp < PARTS; ++pp) acc += os[pp][h][dd];
-    wb[h * (D + 2) + dd] = acc;
+    if (a.splits == 1)  // (a reciprocal: the IEEE division's slow path is a call, which costs a stack frame)
+      a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] =
+          from_float<BF16>(acc * __frcp_rn(stat[1][h]));
+    else
+      wb[h * (D + 2) + dd] = acc;
   }
+  if (a.splits == 1) return;
   if (tid < rep) {
     wb[tid * (D + 2) + D] = stat[0][tid];
     wb[tid * (D + 2) + D + 1] = stat[1][tid];
