@@ -76,11 +76,13 @@ def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
 
 def main_loop(instrs: list[tuple[int, str]]) -> list[str]:
     """The instructions from the target of the backward branch closing the last HMMA (or warpgroup HGMMA) up to that
-    branch."""
+    branch: the first branch after the MMA back to an address at or before it (an inner loop after the MMA, such as
+    the warpgroup kernels' scatter of the next tile, is inside the result)."""
     last_mma = max(i for i, (_, t) in enumerate(instrs) if "HMMA" in t or "HGMMA" in t)
+    mma_addr = instrs[last_mma][0]
     for addr, text in instrs[last_mma:]:
         m = re.search(r"BRA (?:\S+, )?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
+        if m and int(m.group(1), 16) <= mma_addr:  # a loop that encloses the MMA, not one nested after it
             start = int(m.group(1), 16)
             return [t for a, t in instrs if start <= a <= addr]
     raise ValueError("no backward branch after the last HMMA")
