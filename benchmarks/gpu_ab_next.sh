@@ -24,7 +24,7 @@
 #   stalls    benchmarks/gpu_stalls.sh $STALLS_SP (default 0.8) $STALLS_NS (default "1 16") on the checked-out kernels
 #             (FMTS=tiled-csl for one format; NCU_CLOCK=none at the card's own clocks)
 #   sanitize  benchmarks/gpu_sanitize.sh on the checked-out kernels
-#   attn      tests/test_decode_attention.py, then bench_e2e.py on Llama-3-8B (Tiled-CSL, E2E_SPARSITIES, E2E_BATCHES
+#   attn      tests/test_decode_attention.py, bench_decode_attention.py, then bench_e2e.py on Llama-3-8B (Tiled-CSL, E2E_SPARSITIES, E2E_BATCHES
 #             default 1,16,64) with FLASH_LLM_DECODE_ATTENTION=0 and 1 (the decode-attention kernel; 5 minutes)
 #   splits    benchmarks/splits_sweep.py $SPLITS_ARGS: every split count against the heuristic's on Llama-3-8B's layers
 # Outputs (logs) under $OUT; the A/B tables are printed.
@@ -78,6 +78,7 @@ for stage in "${@:-tests ab}"; do
       tests) timeout 240 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py tests/test_decode_attention.py \
                2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       attn) timeout 120 python3 -m pytest -q -x tests/test_decode_attention.py 2>&1 | tee "$OUT/attn_tests.log" | tail -3
+            timeout 120 python3 benchmarks/bench_decode_attention.py 2>&1 | tee "$OUT/attn_bench.log"
             for on in 0 1; do FLASH_LLM_DECODE_ATTENTION=$on timeout 200 python3 benchmarks/bench_e2e.py --models llama-3-8b \
               --no-progress --format tiled-csl --sparsities ${E2E_SPARSITIES:-0,80} --batches ${E2E_BATCHES:-1,16,64} --fuse \
               --merge --no-hf --repeats 2 --out "$OUT/e2e_attn$on" 2>&1 | grep "b=" | sed "s/^/DECODE_ATTENTION=$on /"

@@ -72,8 +72,10 @@ def test_cpu_path_is_the_cache_update_and_attention():
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("b,h,hkv,d", [(1, 32, 8, 128), (3, 8, 8, 64), (2, 16, 2, 128), (1, 12, 4, 64)])
-@pytest.mark.parametrize("kv_len,slot", [(1, 0), (100, 99), (128, 5), (129, 128), (300, 200), (1000, 611)])
+@pytest.mark.parametrize("b,h,hkv,d", [(1, 32, 8, 128), (3, 8, 8, 64), (2, 16, 2, 128), (1, 12, 4, 64),
+                                       (2, 12, 2, 64)])
+@pytest.mark.parametrize("kv_len,slot", [(1, 0), (64, 63), (65, 64), (100, 99), (128, 5), (129, 128), (300, 200),
+                                         (1000, 611)])
 def test_kernel_matches_float64(dtype, b, h, hkv, d, kv_len, slot):
     """Output within 2x PyTorch's own error (scaled_dot_product_attention in the same dtype against float64) plus
     one ulp of the largest value; the cache holds the new key and value at the slot and nothing else changed; a

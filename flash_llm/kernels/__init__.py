@@ -436,7 +436,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
 # decode attention (one query token per sequence, the KV-cache write included): decode_attn_<dtype>_d<D>
 # ------------------------------------------------------------------------------------------------
 #: slots per block of the decode-attention kernel (``DA_CHUNK`` in spmm.cu) and the most query heads per kv head
-DECODE_ATTN_CHUNK, DECODE_ATTN_MAX_REP = 128, 8
+DECODE_ATTN_CHUNK, DECODE_ATTN_MAX_REP, DECODE_ATTN_HEADS = 64, 8, 4  # DA_CHUNK, DA_MAX_REP, DA_HEADS
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -498,18 +498,19 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     elif out.shape != (b, 1, h * d) or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
+    groups = ceil_div(h // hkv, DECODE_ATTN_HEADS)  # blocks per (sequence, kv head, chunk): query heads in fours
     ws_ptr = 0
-    if splits > 1:
-        ws_ptr = torch.empty(b * hkv * splits * DECODE_ATTN_MAX_REP * (d + 2), dtype=torch.float32,
+    if splits > 1:  # (o, m, l) per (sequence, kv head, head group (two places), chunk, head of the group)
+        ws_ptr = torch.empty(b * hkv * 2 * splits * DECODE_ATTN_HEADS * (d + 2), dtype=torch.float32,
                              device=dev).data_ptr()
-    tickets = _scratch.get_tickets(dev, b * hkv)  # each launch resets the ones it used, as the bitmap spmm's do
+    tickets = _scratch.get_tickets(dev, b * hkv * 2)  # each launch resets the ones it used, as the bitmap spmm's do
     mask_b = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     L, F32 = ctypes.c_longlong, ctypes.c_float
     args = [(q.data_ptr(), P), (k.data_ptr(), P), (v.data_ptr(), P), (k_cache.data_ptr(), P), (v_cache.data_ptr(), P),
             (slot.data_ptr(), P), (0 if mask is None else mask.data_ptr(), P), (out.data_ptr(), P), (ws_ptr, P),
             (tickets.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L), (mask_b, L),
             (h, I), (hkv, I), (k_cache.shape[2], I), (kv_len, I), (splits, I), (float(scale), F32)]
-    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, 1), 128, args,
+    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args,
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
     return out
 

@@ -1380,24 +1380,31 @@ INSTANTIATE_BW(bf16, true, 128)
 
 // ------------------------------------------------------------------------------------------------
 // Decode attention: one query token per sequence against a static KV cache, with the cache write, in one launch
-// (flash-decoding: the slots are cut into chunks of DA_CHUNK, one block per (sequence, kv head, chunk)).
+// (flash-decoding: the slots are cut into chunks of DA_CHUNK, one block per (sequence, kv head, chunk, group of up
+// to DA_HEADS of the kv head's query heads)).
 //   q [B, H, D] (batch stride q_b, heads D apart), the new key and value k_new, v_new [B, Hkv, D] (batch strides
 //   k_b, v_b), the cache kc, vc [*, Hkv, slots, D] (contiguous), *slot: where the new key and value go, an additive
 //   mask [B, S] (batch stride mask_b; -inf where a query may not look) or null, S: the slots attended (0 .. S - 1).
 //   out [B, H, D] = softmax(scale q K^T + mask) V over the H / Hkv query heads of each kv head (grouped-query).
-// - The block whose chunk holds the slot (the last block if the slot is past S) writes the new key and value into
-//   the cache; every block reads that slot's key and value from k_new, v_new, never from the cache, so no block
-//   waits for another.
-// - Scores: thread t takes slot s0 + t, reads its key row (16-byte loads) unless the mask excludes the slot, and
-//   dots it with the group's queries (fp32, from shared memory).  Softmax statistics per head by block reduction.
-// - Values: thread t takes column t % D of the slots t / D, t / D + 128 / D, ...; slots with no weight are skipped.
+// - The block of head group 0 whose chunk holds the slot (the last chunk if the slot is past S) writes the new key
+//   and value into the cache; every block reads that slot's key and value from k_new, v_new, never from the cache,
+//   so no block waits for another.
+// - Every load of a phase is issued before its first use, so a block pays about one memory latency per phase (mask,
+//   keys, values), not one per slot:
+//   - scores: two threads per slot, each with half the key row (D / 16 16-byte loads), unless the mask excludes the
+//     slot; dot products with the group's queries (fp32, shared memory), summed over the pair by one shuffle;
+//   - softmax statistics per head by block reduction;
+//   - values: thread t takes the 8 columns 8 (t % (D / 8)) .. + 7 of the slots t / (D / 8) + 128 / (D / 8) i
+//     (16-byte loads), skipping slots without weight, and the slot groups' sums meet in shared memory.
 // - With one chunk the block writes out; otherwise it writes (o, m, l) in fp32 to ws, and the last block of its
-//   (sequence, kv head) to arrive (an atomic ticket, reset for the next launch) combines them in chunk order, so
-//   the result is deterministic.  A row with every slot masked comes out NaN, as scaled_dot_product_attention's.
+//   (sequence, kv head, head group) to arrive (an atomic ticket, reset for the next launch) combines them in chunk
+//   order, so the result is deterministic.  A row with every slot masked comes out NaN, as
+//   scaled_dot_product_attention's.
 // ------------------------------------------------------------------------------------------------
-constexpr int DA_THREADS = 128, DA_CHUNK = 128, DA_MAX_REP = 8;
+constexpr int DA_THREADS = 128, DA_CHUNK = 64, DA_MAX_REP = 8, DA_HEADS = 4;
 #define DA_NEG_INF __int_as_float(0xff800000)
-static_assert(DA_CHUNK == DA_THREADS, "decode attention: one slot of the chunk per thread");
+static_assert(2 * DA_CHUNK == DA_THREADS, "decode attention: two threads per slot of the chunk");
+static_assert(DA_MAX_REP <= 2 * DA_HEADS, "decode attention: at most two head groups (tickets per kv head)");
 
 struct DecodeAttn {
   const u16* q;
@@ -1443,72 +1450,79 @@ DEVI float warp_sum(float v) {
 
 template <bool BF16, int D>
 DEVI void decode_attn_body(const DecodeAttn a) {
-  constexpr int WARPS_DA = DA_THREADS / 32, PARTS = DA_THREADS / D;
-  __shared__ float qs[DA_MAX_REP][D];
-  __shared__ float ps[DA_MAX_REP][DA_CHUNK];
-  __shared__ float red[DA_MAX_REP][WARPS_DA];
-  __shared__ float os[PARTS][DA_MAX_REP][D];
-  __shared__ float stat[2][DA_MAX_REP];  // the chunk's m and l per head
+  constexpr int WARPS_DA = DA_THREADS / 32, HALF = D / 2;
+  constexpr int CG = D / 8, SG = DA_THREADS / CG, PER = DA_CHUNK / SG;  // value phase: column groups, slot groups
+  __shared__ __align__(16) float qs[DA_HEADS][D];
+  __shared__ float ps[DA_HEADS][DA_CHUNK];
+  __shared__ float red[DA_HEADS][WARPS_DA];
+  __shared__ __align__(16) float os[SG][DA_HEADS][D];
+  __shared__ float stat[2][DA_HEADS];  // the chunk's m and l per head
   __shared__ int last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y;
-  const int rep = a.heads / a.kv_heads;
+  const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y, hg = blockIdx.z;
+  const int rep = a.heads / a.kv_heads, h0 = hg * DA_HEADS, nh = min(DA_HEADS, rep - h0);
   const int s0 = split * DA_CHUNK;
   const long long slot64 = *a.slot;
   const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
   const u16* vnew = a.v_new + b * a.v_b + kvh * D;
   const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
-  if (slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1))
+  if (hg == 0 && slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1))
     for (int d = tid; d < D; d += DA_THREADS) {
       a.kc[cache0 + (long long)slot * D + d] = knew[d];
       a.vc[cache0 + (long long)slot * D + d] = vnew[d];
     }
-  for (int i = tid; i < rep * D; i += DA_THREADS)
-    qs[i / D][i % D] = to_float<BF16>(a.q[b * a.q_b + (long long)(kvh * rep + i / D) * D + i % D]) * a.scale;
-  __syncthreads();
+  for (int i = tid; i < nh * D; i += DA_THREADS)
+    qs[i / D][i % D] = to_float<BF16>(a.q[b * a.q_b + (long long)(kvh * rep + h0 + i / D) * D + i % D]) * a.scale;
 
-  // scores of slot s0 + tid
-  float sc[DA_MAX_REP];
-#pragma unroll
-  for (int h = 0; h < DA_MAX_REP; ++h) sc[h] = DA_NEG_INF;
+  // scores: slot s0 + tid / 2, dimensions (tid % 2) HALF .. + HALF - 1
+  const int sl = tid >> 1, half = tid & 1, s = s0 + sl;
+  const float mk = s < a.S ? (a.mask ? to_float<BF16>(a.mask[b * a.mask_b + s]) : 0.f) : DA_NEG_INF;
+  const bool live = mk != DA_NEG_INF;
+  uint4 kr[HALF / 8];  // half the key row, all in flight at once
   {
-    const int s = s0 + tid;
-    const float mk = s < a.S && a.mask ? to_float<BF16>(a.mask[b * a.mask_b + s]) : 0.f;
-    if (s < a.S && mk != DA_NEG_INF) {
-      const u16* krow = s == slot ? knew : a.kc + cache0 + (long long)s * D;
-      float acc[DA_MAX_REP];
+    const u16* krow = (s == slot ? knew : a.kc + cache0 + (long long)s * D) + half * HALF;
 #pragma unroll
-      for (int h = 0; h < DA_MAX_REP; ++h) acc[h] = 0.f;
-      uint4 kr[D / 8];  // the whole key row in flight at once
+    for (int c = 0; c < HALF / 8; ++c)
+      kr[c] = live ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();  // qs
+  float sc[DA_HEADS];
+  {
+    float acc[DA_HEADS];
 #pragma unroll
-      for (int c = 0; c < D / 8; ++c) kr[c] = *reinterpret_cast<const uint4*>(krow + 8 * c);
+    for (int h = 0; h < DA_HEADS; ++h) acc[h] = 0.f;
 #pragma unroll
-      for (int d0 = 0; d0 < D; d0 += 8) {
-        float kf[8];
-        unpack8<BF16>(kr[d0 / 8], kf);
+    for (int c = 0; c < HALF / 8; ++c) {
+      float kf[8];
+      unpack8<BF16>(kr[c], kf);
 #pragma unroll
-        for (int h = 0; h < DA_MAX_REP; ++h)
-          if (h < rep)
+      for (int h = 0; h < DA_HEADS; ++h)
+        if (h < nh) {
+          const float4 q0 = *reinterpret_cast<const float4*>(&qs[h][half * HALF + 8 * c]);
+          const float4 q1 = *reinterpret_cast<const float4*>(&qs[h][half * HALF + 8 * c + 4]);
+          acc[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
+                    q1.z * kf[6] + q1.w * kf[7];
+        }
+    }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[h] += qs[h][d0 + j] * kf[j];
-      }
-#pragma unroll
-      for (int h = 0; h < DA_MAX_REP; ++h) sc[h] = acc[h] + mk;
+    for (int h = 0; h < DA_HEADS; ++h) {
+      acc[h] += __shfl_xor_sync(FULL_MASK, acc[h], 1);
+      sc[h] = live ? acc[h] + mk : DA_NEG_INF;
     }
   }
   // softmax statistics of the chunk, per head: m = max, p = exp(score - m) (0 where masked), l = sum p
-  float m[DA_MAX_REP];
+  float m[DA_HEADS];
 #pragma unroll
-  for (int h = 0; h < DA_MAX_REP; ++h) {
-    if (h >= rep) break;
+  for (int h = 0; h < DA_HEADS; ++h) {
+    if (h >= nh) break;
     const float wm = warp_max(sc[h]);
     if (lane == 0) red[h][warp] = wm;
   }
   __syncthreads();
 #pragma unroll
-  for (int h = 0; h < DA_MAX_REP; ++h) {
-    if (h >= rep) break;
+  for (int h = 0; h < DA_HEADS; ++h) {
+    if (h >= nh) break;
     float mm = red[h][0];
 #pragma unroll
     for (int w = 1; w < WARPS_DA; ++w) mm = fmaxf(mm, red[h][w]);
@@ -1516,103 +1530,104 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   }
   __syncthreads();  // red is reused for the sums
 #pragma unroll
-  for (int h = 0; h < DA_MAX_REP; ++h) {
-    if (h >= rep) break;
+  for (int h = 0; h < DA_HEADS; ++h) {
+    if (h >= nh) break;
     const float p = sc[h] == DA_NEG_INF ? 0.f : __expf(sc[h] - m[h]);
-    ps[h][tid] = p;
-    const float ws = warp_sum(p);
+    if (half == 0) ps[h][sl] = p;
+    const float ws = warp_sum(half == 0 ? p : 0.f);
     if (lane == 0) red[h][warp] = ws;
   }
   __syncthreads();
+  if (tid == 0)
 #pragma unroll
-  for (int h = 0; h < DA_MAX_REP; ++h) {
-    if (h >= rep) break;
-    if (tid == 0) {
-      float ll = 0.f;
+    for (int h = 0; h < DA_HEADS; ++h)
+      if (h < nh) {
+        float ll = 0.f;
 #pragma unroll
-      for (int w = 0; w < WARPS_DA; ++w) ll += red[h][w];
-      stat[0][h] = m[h];
-      stat[1][h] = ll;
-    }
-  }
-
-  // o[h][d] = sum over the chunk's slots of p[h][s] V[s][d]: column d = tid % D, slots part, part + PARTS, ...
-  const int d = tid % D, part = tid / D;
-  float o[DA_MAX_REP];
-#pragma unroll
-  for (int h = 0; h < DA_MAX_REP; ++h) o[h] = 0.f;
-  const int n = min(DA_CHUNK, a.S - s0);
-  constexpr int VB = 8;  // slots whose values are loaded together
-#pragma unroll 1
-  for (int i0 = part; i0 < n; i0 += VB * PARTS) {
-    u16 vv[VB];
-#pragma unroll
-    for (int u = 0; u < VB; ++u) {  // slots without weight (masked, past S) load nothing
-      const int i = i0 + u * PARTS, s = s0 + i;
-      float any = 0.f;
-      if (i < n)
-#pragma unroll
-        for (int h = 0; h < DA_MAX_REP; ++h)
-          if (h < rep) any += ps[h][i];
-      vv[u] = any == 0.f ? (u16)0 : s == slot ? vnew[d] : a.vc[cache0 + (long long)s * D + d];
-    }
-#pragma unroll
-    for (int u = 0; u < VB; ++u) {
-      const int i = i0 + u * PARTS;
-      if (i < n) {
-        const float v = to_float<BF16>(vv[u]);
-#pragma unroll
-        for (int h = 0; h < DA_MAX_REP; ++h)
-          if (h < rep) o[h] += ps[h][i] * v;
+        for (int w = 0; w < WARPS_DA; ++w) ll += red[h][w];
+        stat[0][h] = m[h];
+        stat[1][h] = ll;
       }
-    }
+
+  // values: columns 8 cg .. 8 cg + 7 of slots sg + SG u
+  const int cg = tid % CG, sg = tid / CG;
+  uint4 vv[PER];
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int i = sg + SG * u, sv = s0 + i;
+    float any = 0.f;
+#pragma unroll
+    for (int h = 0; h < DA_HEADS; ++h)
+      if (h < nh) any += ps[h][i];
+    const u16* vrow = sv == slot ? vnew : a.vc + cache0 + (long long)sv * D;
+    vv[u] = any == 0.f ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(vrow + 8 * cg);
+  }
+  float o[DA_HEADS][8];
+#pragma unroll
+  for (int h = 0; h < DA_HEADS; ++h)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[h][j] = 0.f;
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    float vf[8];
+    unpack8<BF16>(vv[u], vf);
+#pragma unroll
+    for (int h = 0; h < DA_HEADS; ++h)
+      if (h < nh) {
+        const float p = ps[h][sg + SG * u];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[h][j] += p * vf[j];
+      }
   }
 #pragma unroll
-  for (int h = 0; h < DA_MAX_REP; ++h)
-    if (h < rep) os[part][h][d] = o[h];
+  for (int h = 0; h < DA_HEADS; ++h)
+    if (h < nh) {
+      *reinterpret_cast<float4*>(&os[sg][h][8 * cg]) = make_float4(o[h][0], o[h][1], o[h][2], o[h][3]);
+      *reinterpret_cast<float4*>(&os[sg][h][8 * cg + 4]) = make_float4(o[h][4], o[h][5], o[h][6], o[h][7]);
+    }
   __syncthreads();
 
-  // one chunk: out = o / l; else the partials ws[bh][split][h] = (o[0 .. D - 1], m, l)
-  float* wb = a.ws + ((long long)bh * a.splits + split) * DA_MAX_REP * (D + 2);
-  for (int i = tid; i < rep * D; i += DA_THREADS) {
+  // one chunk: out = o / l; else the partials ws[bh][hg][split][h] = (o[0 .. D - 1], m, l)
+  const long long bhg = (long long)bh * 2 + hg;  // two head groups at most (DA_MAX_REP <= 2 DA_HEADS)
+  float* wb = a.ws + (bhg * a.splits + split) * DA_HEADS * (D + 2);
+  u16* ob = a.out + b * (long long)a.heads * D + (long long)(kvh * rep + h0) * D;
+  for (int i = tid; i < nh * D; i += DA_THREADS) {
     const int h = i / D, dd = i % D;
     float acc = 0.f;
 #pragma unroll
-    for (int pp = 0; pp < PARTS; ++pp) acc += os[pp][h][dd];
+    for (int g = 0; g < SG; ++g) acc += os[g][h][dd];
     if (a.splits == 1)  // (a reciprocal: the IEEE division's slow path is a call, which costs a stack frame)
-      a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] =
-          from_float<BF16>(acc * __frcp_rn(stat[1][h]));
+      ob[i] = from_float<BF16>(acc * __frcp_rn(stat[1][h]));
     else
       wb[h * (D + 2) + dd] = acc;
   }
   if (a.splits == 1) return;
-  if (tid < rep) {
+  if (tid < nh) {
     wb[tid * (D + 2) + D] = stat[0][tid];
     wb[tid * (D + 2) + D + 1] = stat[1][tid];
   }
   __threadfence();
   __syncthreads();
-  if (tid == 0) last = atomicAdd(a.tickets + bh, 1) == a.splits - 1;
+  if (tid == 0) last = atomicAdd(a.tickets + bhg, 1) == a.splits - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
-  const float* w0 = a.ws + (long long)bh * a.splits * DA_MAX_REP * (D + 2);
-  for (int i = tid; i < rep * D; i += DA_THREADS) {
+  const float* w0 = a.ws + bhg * a.splits * DA_HEADS * (D + 2);
+  for (int i = tid; i < nh * D; i += DA_THREADS) {
     const int h = i / D, dd = i % D;
     float mm = DA_NEG_INF;
-    for (int sp = 0; sp < a.splits; ++sp) mm = fmaxf(mm, __ldcg(w0 + (sp * DA_MAX_REP + h) * (D + 2) + D));
+    for (int sp = 0; sp < a.splits; ++sp) mm = fmaxf(mm, __ldcg(w0 + (sp * DA_HEADS + h) * (D + 2) + D));
     float num = 0.f, den = 0.f;
     for (int sp = 0; sp < a.splits; ++sp) {
-      const float* e = w0 + (sp * DA_MAX_REP + h) * (D + 2);
+      const float* e = w0 + (sp * DA_HEADS + h) * (D + 2);
       const float ms = __ldcg(e + D);
       const float wgt = ms == DA_NEG_INF ? 0.f : __expf(ms - mm);
       num += wgt * __ldcg(e + dd);
       den += wgt * __ldcg(e + D + 1);
     }
-    a.out[b * (long long)a.heads * D + (long long)(kvh * rep + h) * D + dd] =
-        from_float<BF16>(num * __frcp_rn(den));
+    ob[i] = from_float<BF16>(num * __frcp_rn(den));
   }
-  if (tid == 0) a.tickets[bh] = 0;
+  if (tid == 0) a.tickets[bhg] = 0;
 }
 
 #define DA_ARGS                                                                                           \

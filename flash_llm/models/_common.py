@@ -146,7 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 #: Decode steps (one token per sequence, with a KV cache, on CUDA) attend through flash-llm's decode-attention kernel
 #: (``kernels.decode_attention_cuda``: the cache write and the attention in one launch, flash-decoding over chunks of
-#: 128 slots) instead of two ``index_copy_`` launches and ``scaled_dot_product_attention``.  Off by default until it
+#: 64 slots) instead of two ``index_copy_`` launches and ``scaled_dot_product_attention``.  Off by default until it
 #: has been measured end to end; ``FLASH_LLM_DECODE_ATTENTION=1`` (read at import) or setting this turns it on.
 DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "0") == "1"
 
