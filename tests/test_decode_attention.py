@@ -104,6 +104,37 @@ def test_kernel_matches_float64(dtype, b, h, hkv, d, kv_len, slot):
 
 @cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("b,slots", [(1, 256), (4, 256), (2, 2048)])
+def test_kernel_on_a_full_cache_with_a_masked_tail(b, slots):
+    """As the engine runs it: every slot of a cache of exactly B rows attended (kv_len == slots), the ones past the
+    slot written this step masked (whole chunks of them at 2048), Llama-3-8B's heads."""
+    h, hkv, d, dtype = 32, 8, 128, torch.float16
+    pos = slots * 3 // 4
+    g = torch.Generator(device="cpu").manual_seed(slots + b)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g).to("cuda", dtype)
+    q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
+    k = qkv[..., h * d:(h + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
+    v = qkv[..., (h + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
+    cache = KVCache(1, b, hkv, slots, d, dtype, "cuda")
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
+    valid = torch.zeros(b, slots, dtype=torch.bool)
+    valid[:, : pos + 1] = True
+    mask = _common.additive_mask(valid[:, None, None, :].to("cuda"), dtype)
+    st = torch.tensor([pos], dtype=torch.int64, device="cuda")
+    scale = d ** -0.5
+    want, _, _ = _reference(q, k, v, cache, mask, st, slots, scale)
+    out = torch.full((b, 1, h * d), float("nan"), dtype=dtype, device="cuda")
+    kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, slots, scale, out=out)
+    kk, vv = cache.rows(0, b, slots)
+    theirs = attention(q, kk, vv, mask, scale)
+    tol = 2 * (theirs.double() - want).abs().max().item() + 2.0**-10 * want.abs().max().item()
+    assert not out.isnan().any()
+    assert (out.double() - want).abs().max().item() <= tol
+
+
+@cuda
+@pytest.mark.gpu
 def test_kernel_without_mask_and_slot_outside_the_cache():
     """No mask: every slot attended.  A slot past the cache writes nothing (the keys come from the cache alone)."""
     b, h, hkv, d, slots = 2, 8, 2, 128, 256
