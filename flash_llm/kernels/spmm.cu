@@ -902,7 +902,8 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
     // scatter tile j's entries (the first PF rounds prefetched) into A buffer `abuf`, then step to tile j + 1
     auto scatter_and_advance = [&](int j, u32 abuf) {
 #pragma unroll
-      for (int r = 0; r < PF; ++r) wg_scatter4(abuf, st.pf[r]);
+      for (int r = 0; r < PF; ++r)  // warp-uniform: a round that starts past the tile's units holds only pads
+        if (st.lo + 32 * (4 * r + warp) < st.hi) wg_scatter4(abuf, st.pf[r]);
       st.rest([&](const uint4& e) { wg_scatter4(abuf, e); });
       if (j + 1 < ke) st.next(j);
     };
