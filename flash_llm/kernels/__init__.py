@@ -499,11 +499,14 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
     groups = ceil_div(h // hkv, DECODE_ATTN_HEADS)  # blocks per (sequence, kv head, chunk): query heads in fours
-    ws_ptr = 0
-    if splits > 1:  # (o, m, l) per (sequence, kv head, head group (two places), chunk, head of the group)
-        ws_ptr = torch.empty(b * hkv * 2 * splits * DECODE_ATTN_HEADS * (d + 2), dtype=torch.float32,
-                             device=dev).data_ptr()
     tickets = _scratch.get_tickets(dev, b * hkv * 2)  # each launch resets the ones it used, as the bitmap spmm's do
+    # (o, m, l) per (sequence, kv head, head group (two places), chunk, head of the group).  Held until after the
+    # launch: freed before it, its block could be handed to an allocation the kernel itself uses (session 11: the
+    # tickets, allocated on first use, aliased it and the chunks never combined).
+    ws = None
+    if splits > 1:
+        ws = torch.empty(b * hkv * 2 * splits * DECODE_ATTN_HEADS * (d + 2), dtype=torch.float32, device=dev)
+    ws_ptr = 0 if ws is None else ws.data_ptr()
     mask_b = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     L, F32 = ctypes.c_longlong, ctypes.c_float
     args = [(q.data_ptr(), P), (k.data_ptr(), P), (v.data_ptr(), P), (k_cache.data_ptr(), P), (v_cache.data_ptr(), P),
