@@ -592,7 +592,8 @@ def summarize(rows, env) -> str:
       + (f"; GPU memory capped at {env['memory_limit_gb']} GB" if env.get("memory_limit_gb") else "")
       + ("; fused elementwise kernels (--fuse)" if env.get("fuse") else "")
       + ("; merged q/k/v and gate/up projections (--merge)" if env.get("merge") else "")
-      + ("; decode-attention kernel (FLASH_LLM_DECODE_ATTENTION=1)" if env.get("decode_attention") else "") + ".")
+      + (f"; decode-attention kernel: FLASH_LLM_DECODE_ATTENTION={env['decode_attention']}"
+         if env.get("decode_attention") not in (None, False, "0") else "") + ".")
     p()
     p(f"Command: `{env['command']}`")
     for model in dict.fromkeys(r["model"] for r in rows):

@@ -69,6 +69,19 @@ def test_cpu_path_is_the_cache_update_and_attention():
     assert not kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, 80)
 
 
+def test_policy_takes_the_kernel_where_it_measured_faster():
+    """``auto`` (the default): batch x slots up to DECODE_ATTENTION_MAX_WORK (batch 1 at 2048 slots, batch 16 at 256);
+    ``"1"`` / ``True`` always, ``"0"`` / ``False`` never."""
+    from flash_llm.models._common import DECODE_ATTENTION_MAX_WORK, decode_attention_wanted
+
+    assert decode_attention_wanted(1, 2048, "auto") and decode_attention_wanted(16, 256, "auto")
+    assert not decode_attention_wanted(64, 256, "auto") and not decode_attention_wanted(16, 2048, "auto")
+    assert decode_attention_wanted(1, DECODE_ATTENTION_MAX_WORK, "auto")
+    assert not decode_attention_wanted(1, DECODE_ATTENTION_MAX_WORK + 1, "auto")
+    assert decode_attention_wanted(64, 2048, "1") and decode_attention_wanted(64, 2048, True)
+    assert not decode_attention_wanted(1, 1, "0") and not decode_attention_wanted(1, 1, False)
+
+
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -197,9 +210,10 @@ def test_engine_with_the_kernel(family, dtype, monkeypatch):
 
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (5, 17, 40)]
+    monkeypatch.setattr(_common, "DECODE_ATTENTION", "0")  # the PyTorch path (the default "auto" takes the kernel here)
     ref = Engine(ours(torch.float32), max_batch=3, max_seq=200).generate(prompts, 10, output_logits=True)
     plain = Engine(ours(dtype), max_batch=3, max_seq=200).generate(prompts, 10, output_logits=True)
-    monkeypatch.setattr(_common, "DECODE_ATTENTION", True)
+    monkeypatch.setattr(_common, "DECODE_ATTENTION", "1")
     model = ours(dtype)
     got = Engine(model, max_batch=3, max_seq=200).generate(prompts, 10, output_logits=True)
     eager = Engine(model, max_batch=3, max_seq=200, cuda_graphs=False).generate(prompts, 10, output_logits=True)

@@ -144,17 +144,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
 
 
-#: Decode steps (one token per sequence, with a KV cache, on CUDA) attend through flash-llm's decode-attention kernel
-#: (``kernels.decode_attention_cuda``: the cache write and the attention in one launch, flash-decoding over chunks of
-#: 64 slots) instead of two ``index_copy_`` launches and ``scaled_dot_product_attention``.  Off by default until it
-#: has been measured end to end; ``FLASH_LLM_DECODE_ATTENTION=1`` (read at import) or setting this turns it on.
-DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "0") == "1"
+#: Decode steps (one token per sequence, with a KV cache, on CUDA) may attend through flash-llm's decode-attention
+#: kernel (``kernels.decode_attention_cuda``: the cache write and the attention in one launch, flash-decoding over
+#: chunks of 64 slots) instead of two ``index_copy_`` launches and ``scaled_dot_product_attention``.
+#: ``"auto"`` (the default) takes the kernel where it measured faster: batch x attended slots up to
+#: :data:`DECODE_ATTENTION_MAX_WORK` (H200, session 11, ``bench_decode_attention.py``: 1.28x / 1.71x at batch 1 with 256 /
+#: 2048 slots, 1.19x at batch 16 with 256; 0.92x at batch 64 with 256 and 0.57-0.60x at 16-64 with 2048, where
+#: cuDNN's kernel reads the cache faster).  ``FLASH_LLM_DECODE_ATTENTION`` (read at import) or setting this: ``"1"``
+#: always, ``"0"`` never.
+DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "auto")
+DECODE_ATTENTION_MAX_WORK = 8192
 
 
 def use_decode_attention(q: torch.Tensor, attend: Attend) -> bool:
-    """Whether this forward's attention may go through :func:`decode_attention`'s kernel: turned on, a cached decode
-    step (one query token) on a CUDA device."""
-    return DECODE_ATTENTION and attend.cache is not None and q.shape[2] == 1 and q.is_cuda
+    """Whether this forward's attention may go through :func:`decode_attention`'s kernel: a cached decode step (one
+    query token) on a CUDA device, and :data:`DECODE_ATTENTION` ``"1"``, or ``"auto"`` with batch x ``kv_len`` at
+    most :data:`DECODE_ATTENTION_MAX_WORK`."""
+    if attend.cache is None or q.shape[2] != 1 or not q.is_cuda:
+        return False
+    return decode_attention_wanted(q.shape[0], attend.kv_len)
+
+
+def decode_attention_wanted(batch: int, kv_len: int, mode: str | bool | None = None) -> bool:
+    """The policy of :func:`use_decode_attention` for ``batch`` sequences attending ``kv_len`` slots, under ``mode``
+    (default :data:`DECODE_ATTENTION`)."""
+    mode = str(DECODE_ATTENTION if mode is None else mode)
+    if mode in ("1", "True"):
+        return True
+    return mode == "auto" and batch * kv_len <= DECODE_ATTENTION_MAX_WORK
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Attend, layer: int,
