@@ -149,6 +149,61 @@ def test_kernel_on_a_full_cache_with_a_masked_tail(b, slots, monkeypatch):
     assert (out.double() - want).abs().max().item() <= tol
 
 
+def _rope_tables(b, d, dtype, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ang = torch.rand(b, 1, d // 2, generator=g, dtype=torch.float64) * 100
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos().to(device, dtype), ang.sin().to(device, dtype)
+
+
+def test_cpu_path_with_rope_rotates_then_attends():
+    """On the CPU, ``rope=(cos, sin, fused)`` is the eager RoPE, the cache update and attention, in that order."""
+    from flash_llm.models import _fused
+
+    q, k, v, cache, mask, slot = _case(2, 8, 2, 64, 96, 80, 37, torch.float32, "cpu", masked=(5, 6))
+    cos, sin = _rope_tables(2, 64, torch.float32, "cpu", 1)
+    attend = Attend(positions=torch.zeros(2, 1, dtype=torch.long), mask=mask, cache=cache, slots=slot, kv_len=80)
+    ref_cache = KVCache(1, 3, 2, 96, 64, torch.float32, "cpu")
+    ref_cache.k[0].copy_(cache.k[0])
+    ref_cache.v[0].copy_(cache.v[0])
+    got = decode_attention(q, k, v, attend, 0, None, (cos, sin, False))
+    qr, kr = _fused.rope(q, k, cos, sin)
+    kk, vv = ref_cache.update(0, kr, v, slot, 80)
+    assert torch.equal(got, attention(qr, kk, vv, mask, None))
+    assert torch.equal(cache.k[0], ref_cache.k[0]) and torch.equal(cache.v[0], ref_cache.v[0])
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,h,hkv,d", [(1, 32, 8, 128), (3, 8, 8, 64), (2, 16, 2, 128)])
+@pytest.mark.parametrize("kv_len,slot", [(1, 0), (129, 128), (300, 200)])
+def test_kernel_with_rope(dtype, b, h, hkv, d, kv_len, slot):
+    """RoPE inside the kernel: the cache slot holds exactly the key eager ``_fused.rope`` gives (same rounding), and the
+    output is within 2x PyTorch's own error of float64 attention over the rotated query and that key."""
+    from flash_llm.models import _fused
+
+    slots = max(kv_len, slot + 1) + 64
+    q, k, v, cache, mask, st = _case(b, h, hkv, d, slots, kv_len, slot, dtype, "cuda", seed=kv_len + 7 * h)
+    cos, sin = _rope_tables(b, d, dtype, "cuda", kv_len)
+    scale = d ** -0.5
+    assert kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, kv_len, cos, sin)
+    qr, kr = _fused.rope(q, k, cos, sin)
+    want, kc, vc = _reference(qr, kr, v, cache, mask, st, kv_len, scale)
+    out = torch.full((b, 1, h * d), float("nan"), dtype=dtype, device="cuda")
+    kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, kv_len, scale, out=out, cos=cos, sin=sin)
+    torch.cuda.synchronize()
+    assert torch.equal(cache.k[0][:b].double(), kc) and torch.equal(cache.v[0][:b].double(), vc)
+    kk, vv = cache.rows(0, b, kv_len)
+    theirs = attention(qr, kk, vv, mask, scale)
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    tol = 2 * (theirs.double() - want).abs().max().item() + ulp * want.abs().max().item()
+    assert not out.isnan().any()
+    assert (out.double() - want).abs().max().item() <= tol
+    assert not kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, kv_len, cos, None)
+    assert not kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, kv_len, cos.float(), sin.float())
+
+
 @cuda
 @pytest.mark.gpu
 def test_kernel_without_mask_and_slot_outside_the_cache():

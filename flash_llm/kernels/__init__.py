@@ -445,10 +445,18 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, mask: torch.Tensor | None, kv_len: int) -> bool:
+                        v_cache: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
+                        cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> bool:
     """Whether :func:`decode_attention_cuda` takes these tensors (else the caller computes with PyTorch): CUDA
     (compute capability 8.0+), fp16/bf16, one query token, head size 64 or 128, at most 8 query heads per kv head,
-    16-byte aligned rows, contiguous caches, an additive mask of the same dtype or none."""
+    16-byte aligned rows, contiguous caches, an additive mask of the same dtype or none, and RoPE's ``cos, sin``
+    ``[B, 1, D]`` (last dimension contiguous, the same dtype and strides) or neither."""
+    if (cos is None) != (sin is None):
+        return False
+    if cos is not None and not (cos.dtype == sin.dtype == q.dtype and cos.device == q.device
+                                and cos.dim() == 3 and tuple(cos.shape) == (q.shape[0], 1, q.shape[-1])
+                                and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(2) == 1):
+        return False
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.dim() == 4 and k.dim() == 4):
         return False
     b, h, t, d = q.shape
@@ -473,7 +481,8 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 
 def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
-                          scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                          scale: float, out: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                          sin: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step's attention, with the cache write, in one launch (tensors as :func:`decode_attention_ok`
     accepts them; the caller checks).
 
@@ -485,6 +494,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
         mask: additive ``[B or 1, 1, 1, >= kv_len]`` (0 where a query may look, ``-inf`` where not) or ``None``.
         kv_len: the slots attended, ``0..kv_len-1`` (the new key counts at its slot).
         scale: the softmax scale.
+        cos, sin: ``[B, 1, D]`` to rotate ``q`` and ``k`` first (RoPE, transformers' convention and rounding: the
+            cache receives the bits ``models._fused.rope`` would give), or ``None``: ``q, k`` are used as they are.
 
     Returns ``[B, 1, H * D]`` in the dtype of ``q`` (written into ``out`` if given: contiguous, that shape; tests
     poison it first).
@@ -511,8 +522,10 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     L, F32 = ctypes.c_longlong, ctypes.c_float
     args = [(q.data_ptr(), P), (k.data_ptr(), P), (v.data_ptr(), P), (k_cache.data_ptr(), P), (v_cache.data_ptr(), P),
             (slot.data_ptr(), P), (0 if mask is None else mask.data_ptr(), P), (out.data_ptr(), P), (ws_ptr, P),
-            (tickets.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L), (mask_b, L),
-            (h, I), (hkv, I), (k_cache.shape[2], I), (kv_len, I), (splits, I), (float(scale), F32)]
+            (tickets.data_ptr(), P), (0 if cos is None else cos.data_ptr(), P),
+            (0 if sin is None else sin.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L),
+            (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
+            (kv_len, I), (splits, I), (float(scale), F32)]
     launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args,
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
     return out

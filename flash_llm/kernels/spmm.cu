@@ -1387,9 +1387,11 @@ INSTANTIATE_BW(bf16, true, 128)
 //   k_b, v_b), the cache kc, vc [*, Hkv, slots, D] (contiguous), *slot: where the new key and value go, an additive
 //   mask [B, S] (batch stride mask_b; -inf where a query may not look) or null, S: the slots attended (0 .. S - 1).
 //   out [B, H, D] = softmax(scale q K^T + mask) V over the H / Hkv query heads of each kv head (grouped-query).
-// - The block of head group 0 whose chunk holds the slot (the last chunk if the slot is past S) writes the new key
-//   and value into the cache; every block reads that slot's key and value from k_new, v_new, never from the cache,
-//   so no block waits for another.
+//   With cos, sin [B, D] (batch stride cs_b), q and the new key are rotated first (RoPE, transformers' half-split
+//   convention and rounding: rope_elem), so the layer needs no RoPE launch of its own.
+// - Every block rotates the new key into shared memory (kn); the block of head group 0 whose chunk holds the slot
+//   (the last chunk if the slot is past S) writes it and the new value into the cache.  Every block reads that
+//   slot's key and value from kn and v_new, never from the cache, so no block waits for another.
 // - Every load of a phase is issued before its first use, so a block pays about one memory latency per phase (mask,
 //   keys, values), not one per slot:
 //   - scores: two threads per slot, each with half the key row (D / 16 16-byte loads), unless the mask excludes the
@@ -1418,10 +1420,24 @@ struct DecodeAttn {
   u16* out;
   float* ws;
   int* tickets;
-  long long q_b, k_b, v_b, mask_b;
+  const u16* cos;  // [B, D] (batch stride cs_b) or null: q and the new key are used as they are
+  const u16* sin;
+  long long q_b, k_b, v_b, mask_b, cs_b;
   int heads, kv_heads, slots, S, splits;
   float scale;
 };
+
+// Element d of the D-vector v rotated as transformers' apply_rotary_pos_emb does it in the tensors' dtype:
+// v * cos + rotate_half(v) * sin, each product and the sum rounded to the dtype (so the cache holds the bits the
+// PyTorch path would write).
+template <bool BF16>
+DEVI float rope_elem(const u16* v, const u16* cs, const u16* sn, int d, int D) {
+  const float x = to_float<BF16>(v[d]);
+  const float r = d < D / 2 ? -to_float<BF16>(v[d + D / 2]) : to_float<BF16>(v[d - D / 2]);
+  const float a = to_float<BF16>(from_float<BF16>(x * to_float<BF16>(cs[d])));
+  const float b = to_float<BF16>(from_float<BF16>(r * to_float<BF16>(sn[d])));
+  return to_float<BF16>(from_float<BF16>(a + b));
+}
 
 template <bool BF16>
 DEVI void unpack8(const uint4& v, float (&f)[8]) {  // eight halves, low half of each word first
@@ -1458,6 +1474,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   __shared__ float red[DA_HEADS][WARPS_DA];
   __shared__ __align__(16) float os[SG][DA_HEADS][D];
   __shared__ float stat[2][DA_HEADS];  // the chunk's m and l per head
+  __shared__ __align__(16) u16 kn[D];  // the new key (rotated with cos / sin)
   __shared__ int last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y, hg = blockIdx.z;
@@ -1467,27 +1484,37 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
   const u16* vnew = a.v_new + b * a.v_b + kvh * D;
+  const u16* cs = a.cos ? a.cos + b * a.cs_b : nullptr;
+  const u16* sn = a.cos ? a.sin + b * a.cs_b : nullptr;
   const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
-  if (hg == 0 && slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1))
-    for (int d = tid; d < D; d += DA_THREADS) {
-      a.kc[cache0 + (long long)slot * D + d] = knew[d];
-      a.vc[cache0 + (long long)slot * D + d] = vnew[d];
-    }
-  for (int i = tid; i < nh * D; i += DA_THREADS)
-    qs[i / D][i % D] = to_float<BF16>(a.q[b * a.q_b + (long long)(kvh * rep + h0 + i / D) * D + i % D]) * a.scale;
+  for (int d = tid; d < D; d += DA_THREADS) kn[d] = cs ? from_float<BF16>(rope_elem<BF16>(knew, cs, sn, d, D)) : knew[d];
+  for (int i = tid; i < nh * D; i += DA_THREADS) {
+    const u16* qh = a.q + b * a.q_b + (long long)(kvh * rep + h0 + i / D) * D;
+    qs[i / D][i % D] = (cs ? rope_elem<BF16>(qh, cs, sn, i % D, D) : to_float<BF16>(qh[i % D])) * a.scale;
+  }
 
-  // scores: slot s0 + tid / 2, dimensions (tid % 2) HALF .. + HALF - 1
+  // scores: slot s0 + tid / 2, dimensions (tid % 2) HALF .. + HALF - 1; the new key's row comes from kn, after the
+  // barrier, the cached rows before it
   const int sl = tid >> 1, half = tid & 1, s = s0 + sl;
   const float mk = s < a.S ? (a.mask ? to_float<BF16>(a.mask[b * a.mask_b + s]) : 0.f) : DA_NEG_INF;
   const bool live = mk != DA_NEG_INF;
   uint4 kr[HALF / 8];  // half the key row, all in flight at once
-  {
-    const u16* krow = (s == slot ? knew : a.kc + cache0 + (long long)s * D) + half * HALF;
+  if (s != slot) {
+    const u16* krow = a.kc + cache0 + (long long)s * D + half * HALF;
 #pragma unroll
     for (int c = 0; c < HALF / 8; ++c)
       kr[c] = live ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
-  __syncthreads();  // qs
+  __syncthreads();  // qs, kn
+  if (s == slot)
+#pragma unroll
+    for (int c = 0; c < HALF / 8; ++c)
+      kr[c] = live ? *reinterpret_cast<const uint4*>(kn + half * HALF + 8 * c) : make_uint4(0, 0, 0, 0);
+  if (hg == 0 && slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1))
+    for (int d = tid; d < D; d += DA_THREADS) {
+      a.kc[cache0 + (long long)slot * D + d] = kn[d];
+      a.vc[cache0 + (long long)slot * D + d] = vnew[d];
+    }
   float sc[DA_HEADS];
   {
     float acc[DA_HEADS];
@@ -1633,10 +1660,11 @@ DEVI void decode_attn_body(const DecodeAttn a) {
 
 #define DA_ARGS                                                                                           \
   const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
-      u16 *out, float *ws, int *tickets, long long q_b, long long k_b, long long v_b, long long mask_b, int heads, \
-      int kv_heads, int slots, int S, int splits, float scale
-#define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, q_b, k_b, v_b, mask_b, heads, kv_heads, \
-                   slots, S, splits, scale}
+      u16 *out, float *ws, int *tickets, const u16 *cos, const u16 *sin, long long q_b, long long k_b,          \
+      long long v_b, long long mask_b, long long cs_b, int heads, int kv_heads, int slots, int S, int splits,   \
+      float scale
+#define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, cos, sin, q_b, k_b, v_b, mask_b, cs_b,  \
+                   heads, kv_heads, slots, S, splits, scale}
 #define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
     decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \

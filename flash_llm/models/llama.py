@@ -112,9 +112,8 @@ class LlamaAttention(nn.Module):
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        if use_decode_attention(q, attend):  # the cache write and the attention in one kernel
-            q, k = _fused.op("rope", self.fused)(q, k, cos, sin)
-            return self.o_proj(decode_attention(q, k, v, attend, self.layer_idx, None))
+        if use_decode_attention(q, attend):  # RoPE, the cache write and the attention in one kernel
+            return self.o_proj(decode_attention(q, k, v, attend, self.layer_idx, None, (cos, sin, self.fused)))
         if self.fused and attend.cache is not None:  # RoPE and the cache write in one compiled function
             kc, vc = attend.cache.rows(self.layer_idx, b)
             q = _fused.op("rope_cache", True)(q, k, v, cos, sin, kc, vc, attend.slots)
