@@ -2,6 +2,7 @@
 replaces (``KVCache.update``: two ``index_copy_``, then ``scaled_dot_product_attention``), timed in the same process.
 
     python benchmarks/bench_decode_attention.py [--batches 1,16,64] [--slots 256,2048] [--heads 32 --kv-heads 8 --dim 128]
+        [--rope]
 
 Per point: the median of CUDA-graph replays (``_timing.time_calls``, 32 layers' caches rotated so the caches exceed
 L2 as in a model), the mask as the engine builds it (the last quarter of the slots not yet written), and the
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import time_calls  # noqa: E402
 
 from flash_llm import kernels  # noqa: E402
-from flash_llm.models import _common  # noqa: E402
+from flash_llm.models import _common, _fused  # noqa: E402
 from flash_llm.models._common import KVCache, attention  # noqa: E402
 
 
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="caches rotated (one per layer)")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--check-only", action="store_true", help="errors only, no timing (for compute-sanitizer)")
+    ap.add_argument("--rope", action="store_true",
+                    help="RoPE too: the kernel's own against the eager rotation before the PyTorch path")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_decode_attention.py needs a CUDA GPU")
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     h, hkv, d = a.heads, a.kv_heads, a.dim
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {a.dtype}, heads {h} / {hkv}, D {d}, "
-          f"{a.layers} layers rotated")
+          f"{a.layers} layers rotated" + (", RoPE in both paths" if a.rope else ""))
     print("| batch | slots | kernel us | PyTorch us | ratio | kernel error | PyTorch error |")
     print("|---|---|---|---|---|---|---|")
     for slots in (int(x) for x in a.slots.split(",")):
@@ -66,14 +69,19 @@ def main(argv=None) -> int:
             assert kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, slots)
             outs = [torch.empty(b, 1, h * d, dtype=dt, device=dev) for _ in range(a.layers)]
 
+            ang = torch.rand(b, 1, d // 2, generator=gen, device=dev) * 100
+            cos, sin = (torch.cat([ang, ang], -1).cos().to(dt), torch.cat([ang, ang], -1).sin().to(dt)) if a.rope \
+                else (None, None)
+
             def ours(i):
                 return lambda: kernels.decode_attention_cuda(q, k, v, cache.k[i], cache.v[i], slot, mask, slots,
-                                                             scale, out=outs[i])
+                                                             scale, out=outs[i], cos=cos, sin=sin)
 
             def theirs(i):
                 def f():
-                    kk, vv = cache.update(i, k, v, slot, slots)
-                    return attention(q, kk, vv, mask, scale)
+                    qq, kn = _fused.rope(q, k, cos, sin) if a.rope else (q, k)
+                    kk, vv = cache.update(i, kn, v, slot, slots)
+                    return attention(qq, kk, vv, mask, scale)
                 return f
 
             got = ours(0)().clone()  # the kernel first, then the PyTorch path, then the kernel again
@@ -82,7 +90,8 @@ def main(argv=None) -> int:
             r = min(b, 4)  # float64 reference on the first rows
             kk = cache.k[0][:r].double().repeat_interleave(h // hkv, 1)
             vv = cache.v[0][:r].double().repeat_interleave(h // hkv, 1)
-            w = (q[:r].double() @ kk.transpose(-1, -2)) * scale + mask[:r].double()
+            qr = _fused.rope(q, k, cos, sin)[0] if a.rope else q
+            w = (qr[:r].double() @ kk.transpose(-1, -2)) * scale + mask[:r].double()
             ref = (torch.softmax(w, -1) @ vv).transpose(1, 2).reshape(r, 1, h * d)
             err_ours = (got[:r].double() - ref).abs().max().item()
             err_ours2 = (got2[:r].double() - ref).abs().max().item()

@@ -78,7 +78,7 @@ for stage in "${@:-tests ab}"; do
       tests) timeout 240 python3 -m pytest -q tests/test_kernels_gpu.py tests/test_engine_gpu.py tests/test_decode_attention.py \
                2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       attn) timeout 120 python3 -m pytest -q -x tests/test_decode_attention.py 2>&1 | tee "$OUT/attn_tests.log" | tail -3
-            timeout 120 python3 benchmarks/bench_decode_attention.py 2>&1 | tee "$OUT/attn_bench.log"
+            { timeout 60 python3 benchmarks/bench_decode_attention.py; timeout 60 python3 benchmarks/bench_decode_attention.py --rope --slots 256; } 2>&1 | tee "$OUT/attn_bench.log"
             for on in 0 1; do FLASH_LLM_DECODE_ATTENTION=$on timeout 200 python3 benchmarks/bench_e2e.py --models llama-3-8b \
               --no-progress --format tiled-csl --sparsities ${E2E_SPARSITIES:-0,80} --batches ${E2E_BATCHES:-1,16,64} --fuse \
               --merge --no-hf --repeats 2 --out "$OUT/e2e_attn$on" 2>&1 | grep "b=" | sed "s/^/DECODE_ATTENTION=$on /"
