@@ -1487,7 +1487,8 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const u16* cs = a.cos ? a.cos + b * a.cs_b : nullptr;
   const u16* sn = a.cos ? a.sin + b * a.cs_b : nullptr;
   const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
-  for (int d = tid; d < D; d += DA_THREADS) kn[d] = cs ? from_float<BF16>(rope_elem<BF16>(knew, cs, sn, d, D)) : knew[d];
+  for (int d = tid; d < D; d += DA_THREADS)
+    kn[d] = cs ? from_float<BF16>(rope_elem<BF16>(knew, cs, sn, d, D)) : knew[d];
   for (int i = tid; i < nh * D; i += DA_THREADS) {
     const u16* qh = a.q + b * a.q_b + (long long)(kvh * rep + h0 + i / D) * D;
     qs[i / D][i % D] = (cs ? rope_elem<BF16>(qh, cs, sn, i % D, D) : to_float<BF16>(qh[i % D])) * a.scale;
