@@ -53,6 +53,13 @@ def _reference(q, k, v, cache, mask, slot, kv_len, scale):
     return out.transpose(1, 2).reshape(b, 1, h * d), kc, vc
 
 
+def _tolerance(theirs: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> float:
+    """2x PyTorch's own error (``theirs``, in ``dtype``, against the float64 ``want``) plus one ulp of the largest
+    value."""
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    return 2 * (theirs.double() - want).abs().max().item() + ulp * want.abs().max().item()
+
+
 def test_cpu_path_is_the_cache_update_and_attention():
     """On the CPU (where the kernel never runs) the op writes the cache and attends exactly as before."""
     q, k, v, cache, mask, slot = _case(2, 8, 2, 64, 96, 80, 37, torch.float32, "cpu", masked=(5, 6))
@@ -105,8 +112,7 @@ def test_kernel_matches_float64(dtype, b, h, hkv, d, kv_len, slot):
     torch.cuda.synchronize()
     kk, vv = cache.rows(0, b, kv_len)
     theirs = attention(q, kk, vv, mask, scale)  # PyTorch in the same dtype, on the written cache
-    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-    tol = 2 * (theirs.double() - want).abs().max().item() + ulp * want.abs().max().item()
+    tol = _tolerance(theirs, want, dtype)
     assert not out.isnan().any()
     assert (out.double() - want).abs().max().item() <= tol
     assert torch.equal(cache.k[0][:b].double(), kc) and torch.equal(cache.v[0][:b].double(), vc)
@@ -144,7 +150,7 @@ def test_kernel_on_a_full_cache_with_a_masked_tail(b, slots, monkeypatch):
     kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, slots, scale, out=out)
     kk, vv = cache.rows(0, b, slots)
     theirs = attention(q, kk, vv, mask, scale)
-    tol = 2 * (theirs.double() - want).abs().max().item() + 2.0**-10 * want.abs().max().item()
+    tol = _tolerance(theirs, want, dtype)
     assert not out.isnan().any()
     assert (out.double() - want).abs().max().item() <= tol
 
@@ -196,8 +202,7 @@ def test_kernel_with_rope(dtype, b, h, hkv, d, kv_len, slot):
     assert torch.equal(cache.k[0][:b].double(), kc) and torch.equal(cache.v[0][:b].double(), vc)
     kk, vv = cache.rows(0, b, kv_len)
     theirs = attention(qr, kk, vv, mask, scale)
-    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-    tol = 2 * (theirs.double() - want).abs().max().item() + ulp * want.abs().max().item()
+    tol = _tolerance(theirs, want, dtype)
     assert not out.isnan().any()
     assert (out.double() - want).abs().max().item() <= tol
     assert not kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, kv_len, cos, None)

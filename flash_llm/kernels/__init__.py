@@ -487,7 +487,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     accepts them; the caller checks).
 
     Args:
-        q: ``[B, H, 1, D]`` queries (rotated); k, v: ``[B, Hkv, 1, D]`` the new token's key (rotated) and value.
+        q: ``[B, H, 1, D]`` queries; k, v: ``[B, Hkv, 1, D]`` the new token's key and value (``q`` and ``k`` already
+            rotated, unless ``cos, sin`` are given).
         k_cache, v_cache: ``[>= B, Hkv, slots, D]``; rows ``0..B-1`` get ``k, v`` at slot ``slot[0]`` (an int64
             device tensor, so a CUDA graph replays it at the slot of the moment; a slot outside ``0..slots-1`` is
             not written).

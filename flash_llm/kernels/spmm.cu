@@ -801,36 +801,43 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
 #define FLASH_LLM_WGMMA 1
 #endif
 
+// The accumulator lists of wgmma.m64nNk16 (N / 2 fp32 registers per thread) and their "+f" operands, eight at a time.
+#define WG_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, " \
+  "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define WG_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define WG_D8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define WG_D4 "{%0, %1, %2, %3}"
+#define WG_OUT8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+  "+f"(d[i + 6]), "+f"(d[i + 7])
 template <bool BF16, int NB> DEVI void wgmma_tile(float (&d)[NB / 2], u64 da, u64 db);
 #ifdef FLASH_LLM_WGMMA
 template <> DEVI void wgmma_tile<false, 32>(float (&d)[16], u64 da, u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-               : "l"(da), "l"(db));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " WG_D16 ", %16, %17, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8) : "l"(da), "l"(db));
 }
 template <> DEVI void wgmma_tile<true, 32>(float (&d)[16], u64 da, u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, 1, 1, 1, 0, 0;"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-               : "l"(da), "l"(db));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " WG_D16 ", %16, %17, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8) : "l"(da), "l"(db));
 }
 template <> DEVI void wgmma_tile<false, 64>(float (&d)[32], u64 da, u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-               : "l"(da), "l"(db));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_D32 ", %32, %33, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24) : "l"(da), "l"(db));
 }
 template <> DEVI void wgmma_tile<true, 64>(float (&d)[32], u64 da, u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-               : "l"(da), "l"(db));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", %32, %33, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24) : "l"(da), "l"(db));
 }
 template <> DEVI void wgmma_tile<false, 128>(float (&d)[64], u64 da, u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " WG_D64 ", %64, %65, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24), WG_OUT8(32), WG_OUT8(40), WG_OUT8(48), WG_OUT8(56)
                : "l"(da), "l"(db));
 }
 template <> DEVI void wgmma_tile<true, 128>(float (&d)[64], u64 da, u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_D64 ", %64, %65, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24), WG_OUT8(32), WG_OUT8(40), WG_OUT8(48), WG_OUT8(56)
                : "l"(da), "l"(db));
 }
 #endif
@@ -891,7 +898,6 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
   const int kb = blockIdx.y * kt_per_split;
   const int ke = min(kt, kb + kt_per_split);
   const bool active = kb < ke;  // block-uniform
-  const uint4 zero4 = make_uint4(0, 0, 0, 0);
   for (int i = wtid; i < 1024; i += 128)
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a_base + 16 * i), "r"(0), "r"(0), "r"(0), "r"(0));
   float d[NB / 2];
@@ -1001,58 +1007,48 @@ constexpr int bw_smem_bytes(int NB) { return 2 * NB * 128 + 1024 + 16; }  // dyn
 
 template <bool BF16, int NB> DEVI void wgmma_rs(float (&d)[NB / 2], const u32 (&a)[4], u64 db);
 #ifdef FLASH_LLM_WGMMA
-#define BW_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
-  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, " \
-  "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define BW_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
-  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define BW_OUT8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-  "+f"(d[i + 6]), "+f"(d[i + 7])
 template <> DEVI void wgmma_rs<false, 128>(float (&d)[64], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " BW_D64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
-               : BW_OUT8(0), BW_OUT8(8), BW_OUT8(16), BW_OUT8(24), BW_OUT8(32), BW_OUT8(40), BW_OUT8(48), BW_OUT8(56)
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " WG_D64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24), WG_OUT8(32), WG_OUT8(40), WG_OUT8(48), WG_OUT8(56)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 template <> DEVI void wgmma_rs<true, 128>(float (&d)[64], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " BW_D64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
-               : BW_OUT8(0), BW_OUT8(8), BW_OUT8(16), BW_OUT8(24), BW_OUT8(32), BW_OUT8(40), BW_OUT8(48), BW_OUT8(56)
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_D64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24), WG_OUT8(32), WG_OUT8(40), WG_OUT8(48), WG_OUT8(56)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 template <> DEVI void wgmma_rs<false, 64>(float (&d)[32], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " BW_D32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
-               : BW_OUT8(0), BW_OUT8(8), BW_OUT8(16), BW_OUT8(24)
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_D32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 template <> DEVI void wgmma_rs<true, 64>(float (&d)[32], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BW_D32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
-               : BW_OUT8(0), BW_OUT8(8), BW_OUT8(16), BW_OUT8(24)
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
-#define BW_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-#define BW_D8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
-#define BW_D4 "{%0, %1, %2, %3}"
 template <> DEVI void wgmma_rs<false, 32>(float (&d)[16], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " BW_D16 ", {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
-               : BW_OUT8(0), BW_OUT8(8) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " WG_D16 ", {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 template <> DEVI void wgmma_rs<true, 32>(float (&d)[16], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " BW_D16 ", {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
-               : BW_OUT8(0), BW_OUT8(8) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " WG_D16 ", {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 template <> DEVI void wgmma_rs<false, 16>(float (&d)[8], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 " BW_D8 ", {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
-               : BW_OUT8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 " WG_D8 ", {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+               : WG_OUT8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 template <> DEVI void wgmma_rs<true, 16>(float (&d)[8], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 " BW_D8 ", {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
-               : BW_OUT8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 " WG_D8 ", {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+               : WG_OUT8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 template <> DEVI void wgmma_rs<false, 8>(float (&d)[4], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 " BW_D4 ", {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 " WG_D4 ", {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 template <> DEVI void wgmma_rs<true, 8>(float (&d)[4], const u32 (&a)[4], u64 db) {
-  asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 " BW_D4 ", {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 " WG_D4 ", {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 #endif
