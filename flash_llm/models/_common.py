@@ -147,12 +147,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 #: Decode steps (one token per sequence, with a KV cache, on CUDA) may attend through flash-llm's decode-attention
 #: kernel (``kernels.decode_attention_cuda``: the cache write and the attention in one launch, flash-decoding over
 #: chunks of 64 slots) instead of the cache write and ``scaled_dot_product_attention``.  ``FLASH_LLM_DECODE_ATTENTION``
-#: (read at import) or setting this: ``"0"`` never (the default), ``"1"`` always, ``"auto"`` where the kernel alone
-#: measured faster: batch x attended slots up to :data:`DECODE_ATTENTION_MAX_WORK` (H200, session 11,
-#: ``bench_decode_attention.py``: 1.28x / 1.71x at batch 1 with 256 / 2048 slots, 1.19x at batch 16 with 256; 0.92x at
-#: batch 64 with 256 and 0.57-0.60x at 16-64 with 2048).  Off by default because end to end (Llama-3-8B, batch 1 and
-#: 16, fused: the PyTorch path already writes the cache inside the RoPE op) ``auto`` measured 0-1 % slower.
-DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "0")
+#: (read at import) or setting this: ``"auto"`` (the default) where the kernel alone measured faster: batch x attended
+#: slots up to :data:`DECODE_ATTENTION_MAX_WORK` (H200, session 11, ``bench_decode_attention.py``: 1.28x / 1.71x at
+#: batch 1 with 256 / 2048 slots, 1.19x at batch 16 with 256; 0.92x at batch 64 with 256 and 0.57-0.60x at 16-64 with
+#: 2048); ``"1"`` always, ``"0"`` never.  With RoPE folded into the kernel (Llama), end to end on Llama-3-8B
+#: (``--fuse --merge``, H200, session 12) ``"1"`` against ``"0"`` took 2.0-2.3 % off the time per token at batch 1 and
+#: 3.2-3.4 % at batch 16, dense and 80 % sparse, and added 1.2-1.7 % at batch 64, where ``"auto"`` leaves it off.
+DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "auto")
 DECODE_ATTENTION_MAX_WORK = 8192
 
 
