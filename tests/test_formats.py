@@ -343,14 +343,14 @@ def test_bitmap_words_and_values_follow_fragment_order(dtype, shape, density):
 
 
 def _bank_order_slots(pos: list[int], units: int) -> list[int]:
-    """Reference for the version-2 entry order, written out loop by loop: where each sequence element goes.
-    Banks: byte 2 p with bits 4-5 XORed by bits 6-7 of p, word = byte // 4, bank = word % 32.  Entries are
+    """Reference for the entry order (versions 2 and 3), written out loop by loop: where each sequence element goes.
+    Banks (version 3): the kernels' tile holds position p at byte 2 p, word = p // 2, bank = word % 32.  Entries are
     ranked within their bank and taken layer by layer (layer k = the k-th entry of each bank, banks ascending);
     instruction (r, q) of the kernel's scatter covers slots 128 r + 4 l + q for its lanes l < min(32, units - 32 r)
     and takes the next run of the sequence."""
     by_bank: dict[int, list[int]] = {}
     for p in pos:
-        by_bank.setdefault((((2 * p) ^ (((p >> 6) & 3) << 4)) >> 2) % 32, []).append(p)
+        by_bank.setdefault((p // 2) % 32, []).append(p)
     seq = [by_bank[b][k] for k in range(max(map(len, by_bank.values()), default=0)) for b in sorted(by_bank)
            if k < len(by_bank[b])]
     slots = []
@@ -362,9 +362,10 @@ def _bank_order_slots(pos: list[int], units: int) -> list[int]:
 
 
 @pytest.mark.parametrize("shape,density", [((64, 64), 0.5), ((70, 130), 0.3), ((130, 65), 1.0), ((64, 320), 0.8)])
-def test_tiled_csl_entries_follow_fragment_order(dtype, shape, density):
-    """Entry = value bits (low half) | position << 16, position = 1024 * (r // 16) + lane * 32 + bit, in bank order
-    (``_bank_order_slots``) per tile, padded to a multiple of 4 with 0xFFFF0000 (the last slots of the sequence)."""
+def test_tiled_csl_entries_follow_the_swizzled_layout(dtype, shape, density):
+    """Entry = value bits (low half) | position << 16, position = 64 r + 8 ((c // 8) ^ (r % 8)) + c % 8 (version 3),
+    in bank order (``_bank_order_slots``) per tile, padded to a multiple of 4 with 0xFFFF0000 (the last slots of the
+    sequence)."""
     m, k = shape
     w = sparse_weight(m, k, density, dtype, seed=m * k)
     c = TiledCSL.from_dense(w)
@@ -375,8 +376,7 @@ def test_tiled_csl_entries_follow_fragment_order(dtype, shape, density):
         ti, tj = divmod(i, kt)
         sel = (r_all // TILE_M == ti) & (c_all // STRIP_K == tj)
         r, col = r_all[sel] % TILE_M, c_all[sel] % STRIP_K
-        lane, bit = fragment_lane_bit(r % 16, col)
-        pos = 1024 * (r // 16) + lane * 32 + bit
+        pos = 64 * r + 8 * ((col // 8) ^ (r % 8)) + col % 8
         vals = bits(w)[r_all[sel], c_all[sel]].to(torch.int64) & 0xFFFF
         value_at = dict(zip(pos.tolist(), vals.tolist()))
         n = pos.numel()
@@ -406,9 +406,9 @@ def test_tiled_csl_bank_order_depends_only_on_the_entries():
 
 
 def test_tiled_csl_bank_order_spreads_the_scatter_stores():
-    """The point of the version-2 order: the kernel's warp stores (r, q) write mostly distinct banks.  Counted
-    here as shared-memory wavefronts per store (the most distinct 32-bit words in one bank), against the
-    position order of version 1."""
+    """The point of the bank order: the kernels' warp stores (r, q) write mostly distinct banks.  Counted here as
+    shared-memory wavefronts per store (the most distinct 32-bit words in one bank), against the same entries in
+    position order."""
     from flash_llm.formats.tiled_csl import PAD_POSITION, shared_bank
     w = sparse_weight(256, 512, 0.2, torch.float16, seed=5)
     c = TiledCSL.from_dense(w)
@@ -424,7 +424,7 @@ def test_tiled_csl_bank_order_spreads_the_scatter_stores():
                 p = p[p != PAD_POSITION]
                 if p.numel() == 0:
                     continue
-                word = ((2 * p) ^ (((p >> 6) & 3) << 4)) >> 2
+                word = p >> 1
                 bank = shared_bank(p)
                 total += max(len(set(word[bank == b].tolist())) for b in set(bank.tolist()))
                 stores += 1

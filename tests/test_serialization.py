@@ -397,10 +397,14 @@ PINNED_POSITIONS = [(0, 0), (0, 1), (0, 2), (1, 9), (5, 17), (8, 33), (15, 63), 
 PINNED = {
     BitmapTiles: (2, {0: 0x10011, 2: 0x1000, 4: 0x40, 6: 0x400, 21: 0x10, 31: 0x80000000, 32: 0x40003C00,
                       33: 0x60444200, 34: 0x54A05D48, 35: 0x640060D2}, 36, [0, 9]),
-    TiledCSL: (2, {0: 0x3C00, 1: 0x436044, 2: 0x2A15D48, 3: 0xD260D2, 4: 0x44200, 5: 0x3FF6400, 6: 0x14000,
-                   7: 0x9154A0}, 8, [0, 8]),
+    TiledCSL: (3, {0: 0x3C00, 1: 0x3C76400, 2: 0x1795D48, 3: 0x26060D2, 4: 0x24200, 5: 0x2216044, 6: 0x14000,
+                   7: 0x4154A0}, 8, [0, 8]),
 }
-# TiledCSL version 1: the same entries sorted by position (version 2 puts them in bank order), reordered on load.
+# TiledCSL version 2: positions in fragment order (1024 (r // 16) + 32 lane + bit), bank order for that layout;
+# converted on load.
+PINNED_TCSL_V2 = {0: 0x3C00, 1: 0x436044, 2: 0x2A15D48, 3: 0xD260D2, 4: 0x44200, 5: 0x3FF6400, 6: 0x14000,
+                  7: 0x9154A0}
+# TiledCSL version 1: the version-2 entries sorted by position (version 2 puts them in bank order), converted on load.
 PINNED_TCSL_V1 = {0: 0x3C00, 1: 0x14000, 2: 0x44200, 3: 0x436044, 4: 0x9154A0, 5: 0xD260D2, 6: 0x2A15D48,
                   7: 0x3FF6400}
 # BitmapTiles version 1 (bitmap word bit 8 s + j instead of 8 (j // 2) + 4 (j % 2) + s; values and
@@ -443,12 +447,18 @@ def test_bitmap_version_1_files_are_converted(tmp_path):
     assert torch.equal(w.data, BitmapTiles.from_dense(_pinned_expected()).data)  # now in the version-2 layout
 
 
-def test_tiled_csl_version_1_files_are_reordered(tmp_path):
-    path, _ = _pinned_file(tmp_path, TiledCSL, 1, PINNED_TCSL_V1, 8, [0, 8])
+@pytest.mark.parametrize("version,words", [(1, PINNED_TCSL_V1), (2, PINNED_TCSL_V2)], ids=["v1", "v2"])
+def test_tiled_csl_old_files_are_converted(tmp_path, version, words):
+    """Versions 1 and 2 (fragment-order positions) load as the version-3 weight: same matrix, same arrays as
+    ``from_dense`` writes now."""
+    path, _ = _pinned_file(tmp_path, TiledCSL, version, words, 8, [0, 8])
     w = flash_llm.load(path)
     assert torch.equal(w.to_dense(), _pinned_expected())
-    assert torch.equal(w.data, TiledCSL.from_dense(_pinned_expected()).data)  # now in bank order
-    # version 1 still requires its sorted order; version 2 accepts any order but no repeated position
+    assert torch.equal(w.data, TiledCSL.from_dense(_pinned_expected()).data)  # version-3 positions, bank order
+
+
+def test_tiled_csl_entry_order_rules_per_version(tmp_path):
+    # version 1 still requires its sorted order; versions 2 and 3 accept any order but no repeated position
     swapped = {**PINNED_TCSL_V1, 1: PINNED_TCSL_V1[2], 2: PINNED_TCSL_V1[1]}
     load_fails(_pinned_file(tmp_path, TiledCSL, 1, swapped, 8, [0, 8])[0],
                r"tensor 'data': tile 0 has positions out of order or repeated")
@@ -456,6 +466,25 @@ def test_tiled_csl_version_1_files_are_reordered(tmp_path):
                        _pinned_expected())
     twice = {**PINNED_TCSL_V1, 1: PINNED_TCSL_V1[0] + 1}  # position 0 again (another value)
     load_fails(_pinned_file(tmp_path, TiledCSL, 2, twice, 8, [0, 8])[0], r"tensor 'data': tile 0 holds a position twice")
+    v3 = PINNED[TiledCSL][1]
+    swapped3 = {**v3, 1: v3[2], 2: v3[1]}
+    assert torch.equal(flash_llm.load(_pinned_file(tmp_path, TiledCSL, 3, swapped3, 8, [0, 8])[0]).to_dense(),
+                       _pinned_expected())
+    twice3 = {**v3, 6: v3[0] + 1}  # position 0 again (another value)
+    load_fails(_pinned_file(tmp_path, TiledCSL, 3, twice3, 8, [0, 8])[0], r"tensor 'data': tile 0 holds a position twice")
+
+
+def test_tiled_csl_version_3_padding_checked_in_its_own_layout(tmp_path):
+    """Position 63 is element (0, 63) in version 3, inside a 16x63 matrix's padding; in version 2 the same number
+    is fragment lane 1, bit 31: element (8, 31), inside the matrix."""
+    path, _ = _pinned_file(tmp_path, TiledCSL, 3, {0: (63 << 16) | 0x3C00, 1: -(1 << 16), 2: -(1 << 16),
+                                                   3: -(1 << 16)}, 4, [0, 4], (16, 63), 1)
+    load_fails(path, r"tensor 'data': an entry lies outside the logical 16x63 matrix")
+    path, _ = _pinned_file(tmp_path, TiledCSL, 2, {0: (63 << 16) | 0x3C00, 1: -(1 << 16), 2: -(1 << 16),
+                                                   3: -(1 << 16)}, 4, [0, 4], (16, 63), 1)
+    expected = torch.zeros(16, 63, dtype=torch.float16)
+    expected[8, 31] = 1.0
+    assert torch.equal(flash_llm.load(path).to_dense(), expected)
 
 
 def test_bitmap_version_1_padding_bits_checked_in_its_own_order(tmp_path):
@@ -477,10 +506,10 @@ def test_bitmap_version_1_padding_bits_checked_in_its_own_order(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("version", [0, 3, "1", None, True], ids=["0", "3", "str-1", "null", "true"])
+@pytest.mark.parametrize("version", [0, 4, "1", None, True], ids=["0", "4", "str-1", "null", "true"])
 def test_wrong_format_version(tmp_path, fmt, version):
     path, tensors, meta = saved(tmp_path, _weight(fmt, torch.float16))
-    readable = "versions 1 and 2"
+    readable = fmt.readable_versions()
     load_fails(write(path, tensors, edit_meta(meta, version=version)),
                rf"'weight' has {fmt.FORMAT_NAME} format version {version!r}; this flash-llm reads {readable}")
 

@@ -3,12 +3,14 @@
 * The padded weight ``[Mp, Kp]`` (``Mp`` a multiple of 64, ``Kp`` of 64) is cut into 64x64 tiles,
   numbered row-major: tile ``(mt, kt)`` is number ``mt * (Kp / 64) + kt``.
 * Each nonzero is one int32 *entry* in ``data``: the value's 16-bit pattern in the low half and its
-  position inside the tile in the high half.  The position is ``1024 * (r // 16) + f`` where ``r`` is
-  the tile row and ``f`` the element's fragment-order index inside its 16x64 strip (``_layout.py``),
-  so the kernel can scatter straight into the layout its tensor-core loads read.
+  position inside the tile in the high half.  **Version 3:** the position of tile element ``(r, c)`` is
+  ``64 r + 8 ((c // 8) ^ (r % 8)) + c % 8``: its index in the tile as every spmm kernel holds it in shared memory
+  (row-major, the 16-byte chunks of each 128-byte row swizzled by the row, the layout ``wgmma`` reads), so a
+  kernel's scatter address is ``2 * position``, one shift (`docs/formats.md`).  Versions 1 and 2 stored the
+  element's fragment-order index (``1024 * (r // 16) + f``, ``_layout.py``) and are converted on load.
 * A tile's entries (distinct positions) are padded to a multiple of 4 entries (16 bytes) with the pad
   entry ``0xFFFF0000`` (position 65535, value 0).  Any number of nonzeros up to 4096 per tile.
-* **Entry order (version 2).**  The kernel's lane ``l`` scatters 16-byte units ``32 r + l``, so warp store
+* **Entry order (versions 2 and 3).**  The kernel's lane ``l`` scatters 16-byte units ``32 r + l``, so warp store
   ``(r, q)`` writes entry ``q`` of 32 consecutive units.  ``bank_order`` arranges each tile's entries so that
   those 32 entries fall in different shared-memory banks of the kernel's tile wherever the counts allow
   (`docs/formats.md`); version 1 sorted them by position, and version-1 files are reordered on load.
@@ -32,22 +34,56 @@ PAD_POSITION = 0xFFFF
 PAD_ENTRY = -(1 << 16)  # 0xFFFF0000 as int32
 
 
-def _tiles(frag: torch.Tensor) -> torch.Tensor:
-    """Fragment-ordered strips ``[Mt16, Kt, 1024]`` (Mt16 a multiple of 4) -> tiles ``[T, 4096]``."""
-    mt16, kt, _ = frag.shape
-    return frag.view(mt16 // 4, 4, kt, L.STRIP_ELEMS).permute(0, 2, 1, 3).reshape(-1, TILE_ELEMS)
+def swizzled_position(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The version-3 position of tile element ``(r, c)`` (both 0..63): ``64 r + 8 ((c >> 3) ^ (r & 7)) + (c & 7)``.
+    For a fixed row it permutes the 8-element chunks, and applied to a position's own ``(r, c)`` it gives the
+    element's ``(r, c)`` back (an involution)."""
+    return 64 * r + 8 * ((c >> 3) ^ (r & 7)) + (c & 7)
 
 
-def _strips(tiles: torch.Tensor, mt64: int, kt: int) -> torch.Tensor:
-    return tiles.view(mt64, kt, 4, L.STRIP_ELEMS).permute(0, 2, 1, 3).reshape(mt64 * 4, kt, L.STRIP_ELEMS)
+def _swizzle_index(device) -> torch.Tensor:
+    """``[4096]`` int64: position -> row-major index ``64 r + c`` of the element stored there (and, the swizzle being
+    an involution, row-major index -> position)."""
+    i = torch.arange(TILE_ELEMS, device=device)
+    return swizzled_position(i >> 6, i & 63)
+
+
+def _tiles(w: torch.Tensor, mt64: int, kt: int) -> torch.Tensor:
+    """Padded ``[64 mt64, 64 kt]`` -> tiles ``[T, 4096]``, each in position order (swizzled row-major)."""
+    rm = w.view(mt64, TILE_M, kt, L.STRIP_K).permute(0, 2, 1, 3).reshape(-1, TILE_ELEMS)
+    return rm[:, _swizzle_index(w.device)]
+
+
+def _untile(tiles: torch.Tensor, mt64: int, kt: int) -> torch.Tensor:
+    """Tiles ``[T, 4096]`` in position order -> the padded ``[64 mt64, 64 kt]``."""
+    rm = tiles[:, _swizzle_index(tiles.device)]
+    return rm.view(mt64, kt, TILE_M, L.STRIP_K).permute(0, 2, 1, 3).reshape(mt64 * TILE_M, kt * L.STRIP_K)
+
+
+def _pad(w: torch.Tensor) -> torch.Tensor:
+    m, k = w.shape
+    mp, kp = L.padded_shape(m, k, m_multiple=TILE_M)
+    if (mp, kp) == (m, k):
+        return w.contiguous()
+    out = torch.zeros(mp, kp, dtype=w.dtype, device=w.device)
+    out[:m, :k] = w
+    return out
+
+
+def fragment_to_swizzled(pos: torch.Tensor) -> torch.Tensor:
+    """A version-1/2 position (``1024 * (r // 16) +`` the fragment-order index inside the strip) -> the version-3
+    position of the same element."""
+    strip, lane, bit = pos >> 10, (pos >> 5) & 31, pos & 31
+    g, t, s, j = lane >> 2, lane & 3, bit >> 3, bit & 7
+    r = 16 * strip + g + 8 * ((j >> 1) & 1)
+    c = 16 * t + 4 * s + 2 * (j >> 2) + (j & 1)
+    return swizzled_position(r, c)
 
 
 def shared_bank(pos: torch.Tensor) -> torch.Tensor:
-    """The shared-memory bank (0..31) that the spmm kernel's scatter of position ``pos`` (0..4095) writes: the tile
-    is fragment order with the 16-byte chunk ``c`` of each lane's 64-byte run at ``c ^ ((lane >> 1) & 3)``
-    (``csl_tile_byte`` in ``spmm.cu``)."""
-    byte = (2 * pos) ^ (((pos >> 6) & 3) << 4)
-    return (byte >> 2) & 31
+    """The shared-memory bank (0..31) that the spmm kernels' scatter of position ``pos`` (0..4095) writes: the tile is
+    stored at byte ``2 * pos`` (``csl_tile_byte`` in ``spmm.cu``)."""
+    return (pos >> 1) & 31
 
 
 def bank_order(data: torch.Tensor, offsets: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
@@ -114,8 +150,8 @@ class TiledCSL(SparseFormat):
     """
 
     FORMAT_NAME = "flash_llm.tiled_csl"
-    FORMAT_VERSION = 2
-    READ_VERSIONS = (1, 2)
+    FORMAT_VERSION = 3
+    READ_VERSIONS = (1, 2, 3)
     TILE_ROWS = TILE_M
     _UNIT_WORDS = 1  # offsets count entries
 
@@ -124,7 +160,8 @@ class TiledCSL(SparseFormat):
         """Compress ``w [M, K]`` (fp16 or bf16, CPU or CUDA; ``dtype=`` casts other float dtypes)."""
         w = check_dense_weight(w, dtype)
         m, k = w.shape
-        tiles = _tiles(L.to_fragment_order(w.view(torch.int16), m_multiple=TILE_M))
+        mt64, kt = cls.grid_of(m, k)
+        tiles = _tiles(_pad(w.view(torch.int16)), mt64, kt)
         t = tiles.shape[0]
         mask = (tiles & 0x7FFF) != 0
         counts = L.popcount32(L.pack_bits(mask.view(t, -1, 32))).view(t, -1).sum(1)
@@ -165,14 +202,19 @@ class TiledCSL(SparseFormat):
         real = pos != PAD_POSITION
         tiles = torch.zeros(mt64 * kt * TILE_ELEMS, dtype=torch.int16, device=self.device)
         tiles[(tile_of * TILE_ELEMS + pos)[real]] = self.data[real].to(torch.int16)
-        frag = _strips(tiles.view(-1, TILE_ELEMS), mt64, kt)
-        return L.from_fragment_order(frag, m, k).view(self.dtype)
+        return _untile(tiles.view(-1, TILE_ELEMS), mt64, kt)[:m, :k].contiguous().view(self.dtype)
 
     @classmethod
     def _upgrade(cls, arrays: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
-        """Version 1 -> 2: the same entries in bank order (``bank_order``)."""
-        if version == 1:
-            arrays = dict(arrays, data=bank_order(arrays["data"], arrays["offsets"]))
+        """Versions 1 and 2 -> 3: each position converted (``fragment_to_swizzled``), then the entries in bank order
+        for the new positions' banks (``bank_order``)."""
+        if version in (1, 2):
+            data = arrays["data"]
+            pos = (data >> 16) & 0xFFFF
+            pad = pos == PAD_POSITION
+            new = fragment_to_swizzled(torch.where(pad, 0, pos).to(torch.int64)).to(torch.int32)
+            data = torch.where(pad, data, (new << 16) | (data & 0xFFFF))
+            arrays = dict(arrays, data=bank_order(data, arrays["offsets"]))
         return arrays
 
     @classmethod
@@ -217,13 +259,18 @@ class TiledCSL(SparseFormat):
             if bool((same_tile & ~ok).any()):
                 i = int(tile_of[1:][same_tile & ~ok][0])
                 raise FormatError(f"{name('data')}: tile {i} has positions out of order or repeated")
-        else:  # version 2: any order, but no position twice in a tile
+        else:  # versions 2 and 3: any order, but no position twice in a tile
             flat = torch.sort((tile_of * TILE_ELEMS + pos)[~pad]).values  # real positions are < 4096 (checked above)
             if bool((flat[1:] == flat[:-1]).any()):
                 i = int(flat[1:][flat[1:] == flat[:-1]][0]) // TILE_ELEMS
                 raise FormatError(f"{name('data')}: tile {i} holds a position twice")
         if (mp, kp) != (m, k):
-            inside = _tiles(L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=dev), m_multiple=TILE_M))
+            if (version or cls.FORMAT_VERSION) >= 3:
+                inside = _tiles(_pad(torch.ones(m, k, dtype=torch.bool, device=dev)), mp // TILE_M, kp // L.STRIP_K)
+            else:
+                frag = L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=dev), m_multiple=TILE_M)
+                mt16, kt16, _ = frag.shape
+                inside = frag.view(mt16 // 4, 4, kt16, L.STRIP_ELEMS).permute(0, 2, 1, 3).reshape(-1, TILE_ELEMS)
             flat = (tile_of * TILE_ELEMS + pos.clamp(max=TILE_ELEMS - 1))[~pad]
             if not bool(inside.view(-1)[flat].all()):
                 raise FormatError(f"{name('data')}: an entry lies outside the logical {m}x{k} matrix")

@@ -547,10 +547,11 @@ DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__
 // N > 32 runs several blocks along N (kernels.plan, max_nt): 64 tokens would need 128 accumulators.
 // ------------------------------------------------------------------------------------------------
 
-// Byte offset in the swizzled dense tile of the entry's fragment-order position (entry >> 16): the chunk
-// (k-step) bits 3-4 of the half index are XORed with bits 1-2 of the lane, so the 8 lanes of a quarter warp
-// read 8 different 16-byte bank groups.
-DEVI u32 csl_tile_byte(u32 e) { return ((e >> 15) & 0x1ffeu) ^ ((e >> 18) & 0x30u); }
+// Byte offset in the dense tile of an entry's position (entry >> 16).  Every Tiled-CSL kernel holds a 64 x 64 tile in
+// shared memory row-major, 128 bytes per row, with the 16-byte chunk c of row r at chunk c ^ (r % 8) (the 128-byte
+// swizzle that wgmma reads), and since format version 3 the position is the element's index in that layout, so the
+// byte is 2 * position: one shift and one mask.
+DEVI u32 csl_tile_byte(u32 e) { return (e >> 15) & 0x1ffeu; }
 
 template <int NT> struct csl_pf_units { static constexpr int value = NT >= 4 ? 4 : 8; };  // 8: 25 % density
 
@@ -641,41 +642,89 @@ DEVI void zero_acc(float (&acc)[4][NT][4]) {
       for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
 }
 
-// acc[s] += the dense tile at `base` (fragment order, swizzled as csl_tile_byte writes it) times B, the tile read back
-// with 16 LDS.128 per lane; with `clear`, every 16 bytes are zeroed right after they are read.
-template <bool BF16, int NT>
-DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, const u32 (&b)[4][NT][2], int lane, bool clear) {
+// The Tiled-CSL one-warp and multi-warp kernels read both operands with ldmatrix.  X: the tile's 8 NT tokens x 64
+// columns are copied into `xs` in shared memory (one 128-byte row per token, the 16-byte chunk c of token row n at
+// c ^ (n % 8), as the weight tile) by up to 2 NT cp.async per lane; where K is not a multiple of 8 or the tile ends
+// past K, by 4-byte loads and stores instead (zeros past K).  Rows past N are not written: the kernel zeroes the tile
+// once, and those rows only feed accumulator columns that are never stored.  The caller waits
+// (cp.async.wait_group 0, __syncwarp) before csl_multiply_tile reads it.
+template <int NT>
+DEVI void csl_load_x(u32 xs, const Problem& p, int n0, int k0, int lane) {
+  if (p.vec && k0 + 64 <= p.K) {  // rows 16-byte aligned (K % 8 == 0, x aligned): whole chunks
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    u32 a[4][4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const u32 at = base + s * 2048 + lane * 64 + ((c ^ ((lane >> 1) & 3)) << 4);
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(a[c][0]), "=r"(a[c][1]), "=r"(a[c][2]), "=r"(a[c][3]) : "r"(at));
-      if (clear) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0u));
+    for (int i = 0; i < 2 * NT; ++i) {
+      const int q = 32 * i + lane, n = q >> 3, c = q & 7;  // token row n of the tile, chunk c
+      if (n0 + n < p.N)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(xs + n * 128 + ((c ^ (n & 7)) << 4)),
+                     "l"(p.x + (long long)(n0 + n) * p.ldx + k0 + 8 * c));
     }
+    cp_async_commit();
+  } else {
+#pragma unroll 1
+    for (int q = lane; q < min(NT * 8, p.N - n0) * 32; q += 32) {  // word w (columns 2 w, 2 w + 1) of token row n
+      const int n = q >> 5, w = q & 31, k = k0 + 2 * w;
+      const u16* src = p.x + (long long)(n0 + n) * p.ldx + k;
+      const u32 e0 = k < p.K ? (u32)src[0] : 0u, e1 = k + 1 < p.K ? (u32)src[1] : 0u;
+      asm volatile("st.shared.u32 [%0], %1;" ::"r"(xs + n * 128 + (((w >> 2) ^ (n & 7)) << 4) + 4 * (w & 3)),
+                   "r"(e0 | (e1 << 16)));
+    }
+  }
+}
+
+// acc[s] += strip s of the dense tile at `base` (swizzled row-major, as csl_tile_byte writes it) times the X tile at
+// `xs`.  A: k-step c of strip s is the 16 x 16 block of rows 16 s .. 16 s + 15 and columns 16 c .. 16 c + 15, one
+// ldmatrix.x4 whose four 8 x 8 matrices (rows + 0 / + 8, columns + 0 / + 8) lanes 0-7, 8-15, 16-23, 24-31 address,
+// one 16-byte row each; so k index j of step c is column 16 c + j.  B: for 8 tokens and k-steps c, c + 1 one
+// ldmatrix.x4 of the X tile (chunks 2 c .. 2 c + 3 of the 8 token rows), whose registers are the B pairs of both
+// steps.  The 8 rows of every matrix sit in 8 distinct chunks: no bank conflict.  16 + 2 NT ldmatrix.x4 per tile;
+// with `clear`, every lane zeroes the 16 bytes of the weight tile it addressed right after.
+template <bool BF16, int NT>
+DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, u32 xs, int lane, bool clear) {
+  const int r = lane & 15, hi = lane >> 4;  // weight: the row in the strip and the column half this lane addresses
+  const int xr = lane & 7, xm = lane >> 3;  // X: the token row and the matrix (chunk) this lane addresses
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
+  for (int h = 0; h < 2; ++h) {  // k-steps 2 h and 2 h + 1
+    u32 b[2][NT][2];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c], b[c][nt]);
+    for (int nt = 0; nt < NT; ++nt)
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(b[0][nt][0]), "=r"(b[0][nt][1]), "=r"(b[1][nt][0]), "=r"(b[1][nt][1])
+                   : "r"(xs + (8 * nt + xr) * 128 + ((u32)((4 * h + xm) ^ xr) << 4)));
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      u32 a[2][4];
+#pragma unroll
+      for (int c2 = 0; c2 < 2; ++c2) {
+        const u32 at = base + (16 * s + r) * 128 + ((u32)((2 * (2 * h + c2) + hi) ^ (r & 7)) << 4);
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(a[c2][0]), "=r"(a[c2][1]), "=r"(a[c2][2]), "=r"(a[c2][3]) : "r"(at));
+        if (clear) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0u));
+      }
+#pragma unroll
+      for (int c2 = 0; c2 < 2; ++c2)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c2], b[c2][nt]);
+    }
   }
 }
 
 template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                              int kt_per_split, Problem p) {
-  __shared__ __align__(16) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, fragment order, swizzled
+  __shared__ __align__(128) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, swizzled row-major (csl_tile_byte)
+  __shared__ __align__(128) u32 xtile[NT * 8 * 32];     // the X tile, NT KiB (csl_load_x)
   const int lane = threadIdx.x & 31;
   const int row_block = row_block_of(p);
   const int n0 = n_chunk_of(p) * NT * 8;
   const int kb = blockIdx.y * kt_per_split;
   const int ke = min(kt, kb + kt_per_split);
   const bool active = kb < ke;
-  const u32 dense_base = smem_addr(dense);
+  const u32 dense_base = smem_addr(dense), xs = smem_addr(xtile);
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int i = 0; i < 16; ++i) reinterpret_cast<uint4*>(dense)[i * 32 + lane] = zero4;
+#pragma unroll
+  for (int i = 0; i < 2 * NT; ++i) reinterpret_cast<uint4*>(xtile)[i * 32 + lane] = zero4;  // rows past N stay zero
   __syncwarp();
 
   float acc[4][NT][4];
@@ -694,8 +743,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
     constexpr bool KEEP = NT == 1;
     u32 kept[KEEP ? PF : 1][2];
     for (int j = kb; j < ke; ++j) {
-      u32 b[4][NT][2];
-      load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
+      csl_load_x<NT>(xs, p, n0, j * 64, lane);  // in flight during the scatter
       const int rounds = (st.hi - st.lo + 31) >> 5;  // warp-uniform
       const bool sparse_tile = KEEP && rounds <= PF;  // every unit prefetched: clear only what was written
 #pragma unroll
@@ -706,8 +754,9 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
         csl_scatter4<false>(dense_base, e, unused);
       });
       if (j + 1 < ke) st.next(j);  // the next tile's entries, in flight during this tile's multiply
+      cp_async_wait<0>();
       __syncwarp();
-      csl_multiply_tile<BF16, NT>(acc, dense_base, b, lane, !sparse_tile);
+      csl_multiply_tile<BF16, NT>(acc, dense_base, xs, lane, !sparse_tile);
       if (sparse_tile) {  // every lane has read its elements: clear the positions this tile wrote, in bank order
         __syncwarp();
 #pragma unroll
@@ -739,8 +788,10 @@ template <bool BF16, int W>
 DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                               int kt_per_split, Problem p) {
   constexpr int NT = 4, PF = 8 / W;  // PF rounds per warp: 8 rounds of 32 units in all (25 % density)
-  __shared__ __align__(16) u32 dense[3][4 * 1024 / 2];  // 3 x 8 KiB
+  __shared__ __align__(128) u32 dense[3][4 * 1024 / 2];  // 3 x 8 KiB
+  __shared__ __align__(128) u32 xtile[W][NT * 8 * 32];    // each warp's X tile, 4 KiB (csl_load_x)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const u32 xs = smem_addr(xtile[warp]);
   const int nl = (p.N + 31) >> 5;  // 32-token chunks: the partial tiles along N, as the one-warp kernel's
   const int row_block = row_block_of(p);
   const int chunk = n_chunk_of(p) * W + warp;
@@ -751,6 +802,7 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
   const bool active = kb < ke;  // block-uniform
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
   for (int i = threadIdx.x; i < 3 * 512; i += 32 * W) reinterpret_cast<uint4*>(dense)[i] = zero4;
+  for (int i = threadIdx.x; i < W * 2 * NT * 32; i += 32 * W) reinterpret_cast<uint4*>(xtile)[i] = zero4;
   __syncthreads();
 
   float acc[4][NT][4];
@@ -763,20 +815,20 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
     for (int j = kb; j < ke; ++j) {
       const int buf = (j - kb) % 3;
       const u32 base = smem_addr(dense[buf]);
-      u32 b[4][NT][2];
-      if (live) load_b<NT>(b, p.x, p.ldx, p.N, p.K, n0, j * 64, lane, p.vec);
+      if (live) csl_load_x<NT>(xs, p, n0, j * 64, lane);
       u32 unused[2];
 #pragma unroll
       for (int r = 0; r < PF; ++r) csl_scatter4<false>(base, st.pf[r], unused);  // pads past the tile: no stores
       st.rest([&](const uint4& e) { csl_scatter4<false>(base, e, unused); });
       if (j + 1 < ke) st.next(j);
+      cp_async_wait<0>();
       __syncthreads();
       if (j > kb) {  // every warp has read tile j - 1: clear this warp's share of its buffer
         uint4* prev = reinterpret_cast<uint4*>(dense[(j - kb + 2) % 3]);
 #pragma unroll
         for (int i = 0; i < 16 / W; ++i) prev[(warp * (16 / W) + i) * 32 + lane] = zero4;
       }
-      if (live) csl_multiply_tile<BF16, NT>(acc, base, b, lane, false);
+      if (live) csl_multiply_tile<BF16, NT>(acc, base, xs, lane, false);
     }
   }
   const int tiles = (int)(gridDim.x / p.n_chunks) * nl;
@@ -847,15 +899,6 @@ DEVI u64 sw128_desc(u32 addr) {
   return (u64)((addr & 0x3ffffu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
 
-// Byte offset in the 64 x 64 swizzled A tile (row r at 128 r, 16-byte chunk c at c ^ (r % 8)) of an entry's
-// fragment-order position p (entry >> 16; docs/formats.md section 2: r = 16 (p >> 10) + g + 8 j1 and
-// c = 16 t + 4 s + 2 j2 + j0 with g = p[9:7], t = p[6:5], s = p[4:3], j = p[2:0]).  Every field is a bit field of p,
-// so the byte is bit moves and one XOR: p[11:10] -> bits 12:11, j1 -> bit 10, g stays at 9:7, the chunk bits
-// 6:4 = (t, s1) ^ g, s0 and j2 stay at 3:2, j0 -> bit 1.  (About 9 integer operations; the arithmetic form was 21.)
-DEVI u32 wg_a_byte(u32 e) {
-  return (((e >> 16) & 0x3FCu) ^ ((e >> 19) & 0x70u)) + (((e >> 15) & 0x1802u) | ((e >> 7) & 0x400u));
-}
-
 // The four entries of a unit into the A tile at `base`; pad entries (0xffff0000) store nothing.  The store is
 // predicated inside the asm: as an `if` around it, the compiler branched around every entry (BSSY / BRA / BSYNC).
 DEVI void wg_scatter4(u32 base, const uint4& e) {
@@ -863,7 +906,7 @@ DEVI void wg_scatter4(u32 base, const uint4& e) {
 #pragma unroll
   for (int q = 0; q < 4; ++q)
     asm volatile("{ .reg .pred p; setp.lt.u32 p, %2, 0x10000000; @p st.shared.u16 [%0], %1; }"
-                 ::"r"(base + wg_a_byte(v[q])), "h"((u16)v[q]), "r"(v[q]));
+                 ::"r"(base + csl_tile_byte(v[q])), "h"((u16)v[q]), "r"(v[q]));
 }
 
 template <int NB>
@@ -1146,12 +1189,6 @@ DEVI void bitmap_wg_body(const int* __restrict__ data, const int* __restrict__ o
 // ------------------------------------------------------------------------------------------------
 // Decoders to a dense row-major W[M, K] (for the large-N path: expand once, then dense GEMM).
 // ------------------------------------------------------------------------------------------------
-DEVI void frag_to_rc(int lane, int bit, int& r, int& c) {
-  const int g = lane >> 2, t = lane & 3, s = bit >> 3, jj = bit & 7;
-  r = g + 8 * ((jj >> 1) & 1);
-  c = 16 * t + 4 * s + 2 * (jj >> 2) + (jj & 1);
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS)
 bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
                 int M, int K, int mt, int kt) {
@@ -1211,8 +1248,9 @@ bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u
   }
 }
 
-// One block per 64x64 tile: the entries are scattered into a zeroed row-major tile in shared memory, which is
-// then written out as whole 128-byte rows (16-byte stores) when K allows it.  `out` needs no zeroing.
+// One block per 64x64 tile: the entries are scattered into a zeroed tile in shared memory at their positions (the
+// spmm kernels' swizzled row-major layout), which is then written out as whole 128-byte rows (16-byte stores) when K
+// allows it.  `out` needs no zeroing.
 extern "C" __global__ void __launch_bounds__(THREADS)
 tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
                    int M, int K, int kt) {
@@ -1227,23 +1265,22 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
     const u32 v = (u32)__ldcs(data + e);
     const int pos = v >> 16;
     if (pos >= 4096) continue;  // pad entry
-    int rr, cc;
-    frag_to_rc((pos & 1023) >> 5, pos & 31, rr, cc);
-    stage[((pos >> 10) * 16 + rr) * 64 + cc] = (u16)(v & 0xffff);
+    stage[pos] = (u16)(v & 0xffff);
   }
   __syncthreads();
+  auto at = [](int rr, int cc) { return rr * 64 + (((cc >> 3) ^ (rr & 7)) << 3) + (cc & 7); };  // (r, c) -> position
   if ((K & 7) == 0 && col0 + 64 <= K) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int idx = threadIdx.x + i * THREADS, rr = idx >> 3, cc = (idx & 7) * 8;
       if (row0 + rr < M)
         *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * K + col0 + cc) =
-            *reinterpret_cast<const uint4*>(stage + rr * 64 + cc);
+            *reinterpret_cast<const uint4*>(stage + at(rr, cc));
     }
   } else {
     for (int i = threadIdx.x; i < 64 * 64; i += THREADS) {
       const int rr = i >> 6, cc = i & 63;
-      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = stage[i];
+      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = stage[at(rr, cc)];
     }
   }
 }
