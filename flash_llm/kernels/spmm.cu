@@ -1296,12 +1296,16 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
 
 // Threads per block and minimum resident blocks per SM by format and NT.  The minimum caps registers so that the
 // blocks the shared memory allows also fit the register file.  Bitmap: 4 warps and 34 KB of ring and windows per
-// block, so 6-7 blocks.  Tiled-CSL: one warp and its 8 KB tile per block; 20 / 20 / 10 blocks for NT = 1 / 2 / 4
-// (at NT = 1 the kept scatter offsets take 16 registers: 24 blocks before)
-// (H200: the most that compile without spills; 24 at NT = 1 measured faster than 16, benchmarks/ab/README.md).
+// block, so 6-7 blocks.  Tiled-CSL: one warp, its 8 KB tile and its NT KB X tile per block; 20 / 20 / 10 blocks for
+// NT = 1 / 2 / 4 on sm_90 (at NT = 1 the kept scatter offsets take 16 registers: 24 blocks before) (H200: the most
+// that compile without spills; 24 at NT = 1 measured faster than 16, benchmarks/ab/README.md).
 constexpr int bitmap_threads = THREADS, tiled_csl_threads = 32;
 template <int NT> struct bitmap_min_blocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900  // sm_8x: 164 KB of shared memory per SM; these compile without spills
+template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 18 : NT == 2 ? 16 : 8; };
+#else
 template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 20 : NT == 2 ? 20 : 10; };
+#endif
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(FMT##_threads, FMT##_min_blocks<NT>::value)                \
