@@ -41,23 +41,26 @@ def swizzled_position(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return 64 * r + 8 * ((c >> 3) ^ (r & 7)) + (c & 7)
 
 
-def _swizzle_index(device) -> torch.Tensor:
-    """``[4096]`` int64: position -> row-major index ``64 r + c`` of the element stored there (and, the swizzle being
-    an involution, row-major index -> position)."""
-    i = torch.arange(TILE_ELEMS, device=device)
-    return swizzled_position(i >> 6, i & 63)
+def _swizzle_chunks(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors ``(r [64, 1], q [64, 8])`` such that ``t[..., r, q, :]`` of a tile viewed as ``[..., 64, 8, 8]``
+    (row, 16-byte chunk, element) moves every chunk ``q`` of row ``r`` to ``q ^ (r % 8)``: row-major -> position order
+    and, the swizzle being an involution, back.  Indexing whole chunks keeps the gather 8x coarser than per element."""
+    r = torch.arange(TILE_M, device=device)[:, None]
+    return r, torch.arange(8, device=device)[None, :] ^ (r & 7)
 
 
 def _tiles(w: torch.Tensor, mt64: int, kt: int) -> torch.Tensor:
     """Padded ``[64 mt64, 64 kt]`` -> tiles ``[T, 4096]``, each in position order (swizzled row-major)."""
-    rm = w.view(mt64, TILE_M, kt, L.STRIP_K).permute(0, 2, 1, 3).reshape(-1, TILE_ELEMS)
-    return rm[:, _swizzle_index(w.device)]
+    r, q = _swizzle_chunks(w.device)
+    tiles = w.view(mt64, TILE_M, kt, 8, 8).permute(0, 2, 1, 3, 4)[:, :, r, q]  # [mt64, kt, 64, 8, 8], one copy
+    return tiles.reshape(-1, TILE_ELEMS)
 
 
 def _untile(tiles: torch.Tensor, mt64: int, kt: int) -> torch.Tensor:
     """Tiles ``[T, 4096]`` in position order -> the padded ``[64 mt64, 64 kt]``."""
-    rm = tiles[:, _swizzle_index(tiles.device)]
-    return rm.view(mt64, kt, TILE_M, L.STRIP_K).permute(0, 2, 1, 3).reshape(mt64 * TILE_M, kt * L.STRIP_K)
+    r, q = _swizzle_chunks(tiles.device)
+    rm = tiles.view(mt64, kt, TILE_M, 8, 8)[:, :, r, q]
+    return rm.permute(0, 2, 1, 3, 4).reshape(mt64 * TILE_M, kt * L.STRIP_K)
 
 
 def _pad(w: torch.Tensor) -> torch.Tensor:
