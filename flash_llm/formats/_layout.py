@@ -52,14 +52,21 @@ def padded_shape(m: int, k: int, m_multiple: int = STRIP_M) -> tuple[int, int]:
     return ceil_div(m, m_multiple) * m_multiple, ceil_div(k, STRIP_K) * STRIP_K
 
 
-def to_fragment_order(w: torch.Tensor, m_multiple: int = STRIP_M) -> torch.Tensor:
-    """``w [M, K]`` (any dtype) -> ``[Mp/16, Kp/64, 1024]`` in fragment order, zero padded."""
+def pad(w: torch.Tensor, m_multiple: int = STRIP_M) -> torch.Tensor:
+    """``w [M, K]`` zero padded to :func:`padded_shape` (``w`` itself when it is already that shape)."""
     m, k = w.shape
     mp, kp = padded_shape(m, k, m_multiple)
-    if (mp, kp) != (m, k):
-        padded = w.new_zeros((mp, kp))
-        padded[:m, :k] = w
-        w = padded
+    if (mp, kp) == (m, k):
+        return w
+    padded = w.new_zeros((mp, kp))
+    padded[:m, :k] = w
+    return padded
+
+
+def to_fragment_order(w: torch.Tensor, m_multiple: int = STRIP_M) -> torch.Tensor:
+    """``w [M, K]`` (any dtype) -> ``[Mp/16, Kp/64, 1024]`` in fragment order, zero padded."""
+    w = pad(w, m_multiple)
+    mp, kp = w.shape
     mt, kt = mp // STRIP_M, kp // STRIP_K
     if w.element_size() == 2:
         # (e) stays innermost in both orders: move pairs of 16-bit elements as one 32-bit word.

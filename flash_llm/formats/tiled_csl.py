@@ -63,16 +63,6 @@ def _untile(tiles: torch.Tensor, mt64: int, kt: int) -> torch.Tensor:
     return rm.permute(0, 2, 1, 3, 4).reshape(mt64 * TILE_M, kt * L.STRIP_K)
 
 
-def _pad(w: torch.Tensor) -> torch.Tensor:
-    m, k = w.shape
-    mp, kp = L.padded_shape(m, k, m_multiple=TILE_M)
-    if (mp, kp) == (m, k):
-        return w.contiguous()
-    out = torch.zeros(mp, kp, dtype=w.dtype, device=w.device)
-    out[:m, :k] = w
-    return out
-
-
 def fragment_to_swizzled(pos: torch.Tensor) -> torch.Tensor:
     """A version-1/2 position (``1024 * (r // 16) +`` the fragment-order index inside the strip) -> the version-3
     position of the same element."""
@@ -164,7 +154,7 @@ class TiledCSL(SparseFormat):
         w = check_dense_weight(w, dtype)
         m, k = w.shape
         mt64, kt = cls.grid_of(m, k)
-        tiles = _tiles(_pad(w.view(torch.int16)), mt64, kt)
+        tiles = _tiles(L.pad(w.view(torch.int16), TILE_M), mt64, kt)
         t = tiles.shape[0]
         mask = (tiles & 0x7FFF) != 0
         counts = L.popcount32(L.pack_bits(mask.view(t, -1, 32))).view(t, -1).sum(1)
@@ -269,7 +259,8 @@ class TiledCSL(SparseFormat):
                 raise FormatError(f"{name('data')}: tile {i} holds a position twice")
         if (mp, kp) != (m, k):
             if (version or cls.FORMAT_VERSION) >= 3:
-                inside = _tiles(_pad(torch.ones(m, k, dtype=torch.bool, device=dev)), mp // TILE_M, kp // L.STRIP_K)
+                ones = L.pad(torch.ones(m, k, dtype=torch.bool, device=dev), TILE_M)
+                inside = _tiles(ones, mp // TILE_M, kp // L.STRIP_K)
             else:
                 frag = L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=dev), m_multiple=TILE_M)
                 mt16, kt16, _ = frag.shape

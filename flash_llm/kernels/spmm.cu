@@ -555,22 +555,29 @@ DEVI u32 csl_tile_byte(u32 e) { return (e >> 15) & 0x1ffeu; }
 
 template <int NT> struct csl_pf_units { static constexpr int value = NT >= 4 ? 4 : 8; };  // 8: 25 % density
 
-// Scatter one unit's four entries.  With KEEP, `kept` receives their tile offsets, two per register, for a later
-// clear (pads give some offset inside the tile: zeroing it again after the read-back is harmless).
+// Scatter one unit's four entries into the tile at `dense_base`, in every Tiled-CSL kernel; pad entries (0xffff0000)
+// store nothing.  The store is predicated inside the asm: as an `if` around it, the compiler branched around every
+// entry of the warpgroup kernels (BSSY / BRA / BSYNC).  With KEEP, `kept` receives their tile offsets, two per
+// register, for a later clear (pads give some offset inside the tile: zeroing it again after the read-back is
+// harmless).
 template <bool KEEP>
 DEVI void csl_scatter4(u32 dense_base, const uint4& e, u32 (&kept)[2]) {
   const u32 v[4] = {e.x, e.y, e.z, e.w};
   u32 o[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    if (KEEP) o[q] = csl_tile_byte(v[q]);
-    if (v[q] < 0x10000000u)
-      asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + (KEEP ? o[q] : csl_tile_byte(v[q]))), "r"(v[q]));
+    o[q] = csl_tile_byte(v[q]);
+    asm volatile("{ .reg .pred p; setp.lt.u32 p, %2, 0x10000000; @p st.shared.u16 [%0], %1; }"
+                 ::"r"(dense_base + o[q]), "h"((u16)v[q]), "r"(v[q]));
   }
   if (KEEP) {
     kept[0] = __byte_perm(o[0], o[1], 0x5410);
     kept[1] = __byte_perm(o[2], o[3], 0x5410);
   }
+}
+DEVI void csl_scatter4(u32 dense_base, const uint4& e) {
+  u32 unused[2];
+  csl_scatter4<false>(dense_base, e, unused);
 }
 
 // Programmatic dependent launch (sm_90): every spmm block lets the next kernel in the stream launch at once
@@ -750,8 +757,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       for (int r = 0; r < PF; ++r)
         if (r < rounds) csl_scatter4<KEEP>(dense_base, st.pf[r], kept[KEEP ? r : 0]);
       st.rest([&](const uint4& e) {
-        u32 unused[2];
-        csl_scatter4<false>(dense_base, e, unused);
+        csl_scatter4(dense_base, e);
       });
       if (j + 1 < ke) st.next(j);  // the next tile's entries, in flight during this tile's multiply
       cp_async_wait<0>();
@@ -816,10 +822,9 @@ DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restri
       const int buf = (j - kb) % 3;
       const u32 base = smem_addr(dense[buf]);
       if (live) csl_load_x<NT>(xs, p, n0, j * 64, lane);
-      u32 unused[2];
 #pragma unroll
-      for (int r = 0; r < PF; ++r) csl_scatter4<false>(base, st.pf[r], unused);  // pads past the tile: no stores
-      st.rest([&](const uint4& e) { csl_scatter4<false>(base, e, unused); });
+      for (int r = 0; r < PF; ++r) csl_scatter4(base, st.pf[r]);  // pads past the tile: no stores
+      st.rest([&](const uint4& e) { csl_scatter4(base, e); });
       if (j + 1 < ke) st.next(j);
       cp_async_wait<0>();
       __syncthreads();
@@ -899,16 +904,6 @@ DEVI u64 sw128_desc(u32 addr) {
   return (u64)((addr & 0x3ffffu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
 
-// The four entries of a unit into the A tile at `base`; pad entries (0xffff0000) store nothing.  The store is
-// predicated inside the asm: as an `if` around it, the compiler branched around every entry (BSSY / BRA / BSYNC).
-DEVI void wg_scatter4(u32 base, const uint4& e) {
-  const u32 v[4] = {e.x, e.y, e.z, e.w};
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-    asm volatile("{ .reg .pred p; setp.lt.u32 p, %2, 0x10000000; @p st.shared.u16 [%0], %1; }"
-                 ::"r"(base + csl_tile_byte(v[q])), "h"((u16)v[q]), "r"(v[q]));
-}
-
 template <int NB>
 DEVI void wg_fence_acc(float (&d)[NB / 2]) {  // keep the compiler from touching the accumulators mid-flight
 #pragma unroll
@@ -952,8 +947,8 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
     auto scatter_and_advance = [&](int j, u32 abuf) {
 #pragma unroll
       for (int r = 0; r < PF; ++r)  // warp-uniform: a round that starts past the tile's units holds only pads
-        if (st.lo + 32 * (4 * r + warp) < st.hi) wg_scatter4(abuf, st.pf[r]);
-      st.rest([&](const uint4& e) { wg_scatter4(abuf, e); });
+        if (st.lo + 32 * (4 * r + warp) < st.hi) csl_scatter4(abuf, st.pf[r]);
+      st.rest([&](const uint4& e) { csl_scatter4(abuf, e); });
       if (j + 1 < ke) st.next(j);
     };
     // X rows n0 .. n0 + NB - 1, columns k0 .. k0 + 63 -> the swizzled X tile at `xb` (NB rows of 128 bytes) with
