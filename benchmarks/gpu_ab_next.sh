@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [cross]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
@@ -27,6 +27,8 @@
 #   attn      tests/test_decode_attention.py, bench_decode_attention.py, then bench_e2e.py on Llama-3-8B (Tiled-CSL, E2E_SPARSITIES, E2E_BATCHES
 #             default 1,16,64) with FLASH_LLM_DECODE_ATTENTION=0 and 1 (the decode-attention kernel; 5 minutes)
 #   splits    benchmarks/splits_sweep.py $SPLITS_ARGS: every split count against the heuristic's on Llama-3-8B's layers
+#   cross     the wg32x2 / nt4 crossover at N = 17-32: time_across_n.py with FLASH_LLM_TCSL_WG32_MIN_DENSITY = 1 (always
+#             nt4) and = 0 (always wg32x2), 9216 x 36864 at CROSS_SPARSITIES (default "0.7 0.8 0.9"), 4096 x 14336 at 80 %
 # Outputs (logs) under $OUT; the A/B tables are printed.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -85,8 +87,14 @@ for stage in "${@:-tests ab}"; do
             done 2>&1 | tee "$OUT/attn.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
+      cross) { for sp in ${CROSS_SPARSITIES:-0.7 0.8 0.9}; do for v in 1 0; do echo "sparsity $sp, WG32_MIN_DENSITY=$v"
+                 FLASH_LLM_TCSL_WG32_MIN_DENSITY=$v timeout 60 python3 benchmarks/time_across_n.py --fmt tiled-csl --m 9216 \
+                   --k 36864 --sparsity $sp --ns 17,24,32; done; done
+               for v in 1 0; do echo "4096 x 14336, sparsity 0.8, WG32_MIN_DENSITY=$v"; FLASH_LLM_TCSL_WG32_MIN_DENSITY=$v \
+                 timeout 60 python3 benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 17,24,32
+               done; } 2>&1 | tee "$OUT/cross.log" ;;
       splits) (cd benchmarks && timeout 300 python3 splits_sweep.py ${SPLITS_ARGS:-}) 2>&1 | tee "$OUT/splits.log" ;;
-      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn cross)" >&2; exit 2 ;;
     esac
   done
 done

@@ -83,8 +83,10 @@ def test_tcsl_kernel_choice():
 
 
 def test_dispatch_crossovers():
-    """The sparse kernels up to N = 128, except bitmap without its warpgroup kernel: up to 64."""
+    """The sparse kernels up to N = 128 (Tiled-CSL with its warpgroup kernels: 256), except bitmap without its
+    warpgroup kernel: up to 64."""
     assert use_sparse_kernel(128, 0.2, TILED_CSL) and not use_sparse_kernel(129, 0.2, TILED_CSL)
+    assert use_sparse_kernel(256, 0.2, TILED_CSL, True) and not use_sparse_kernel(257, 0.2, TILED_CSL, True)
     assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
     assert use_sparse_kernel(128, 0.2, BITMAP, True) and not use_sparse_kernel(129, 0.2, BITMAP, True)
     p = plan(9216, 36864, 300, 0.2, 132, 2, None, TILED_CSL, True)

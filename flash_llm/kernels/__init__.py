@@ -336,8 +336,12 @@ def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = F
     (benchmarks/RESULTS.md): bitmap up to N = 64, or 128 where its warpgroup kernel runs (``wgmma``; 9216 x 36864
     at 80 %, N = 128: 362 us against about 650 for the expansion); Tiled-CSL up to N = 128, where its kernels for
     N > 64 (warpgroup MMA, or four warps sharing each tile's decode) beat the expansion (same shape, N = 128: 284 and
-    360 us against about 435; at N = 256, 532 us against about 500)."""
-    return n <= (128 if fmt == TILED_CSL or wgmma else 64)
+    360 us against about 435), and up to N = 256 where its warpgroup kernel runs (session 13, same shape: N = 192 /
+    256 in 396-398 / 416-428 us at 80 % against about 480 / 505 for the expansion; at N = 512 778-791 against about
+    760)."""
+    if fmt == TILED_CSL:
+        return n <= (256 if wgmma else 128)
+    return n <= (128 if wgmma else 64)
 
 
 def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
