@@ -94,7 +94,7 @@ def main(argv=None):
                             x = xs[n]
                             t_spmm = T.time_calls([lambda c=c: flash_llm.spmm(x, c) for c in copies])
                             t_kernel = None
-                            if kernels.use_sparse_kernel(n, w.density, fid, kernels.wgmma_ok(0)):
+                            if kernels.use_sparse_kernel(n, w.density, fid, kernels.wgmma_ok(0), m * k):
                                 t_kernel = t_spmm  # the dispatcher runs the sparse kernel itself
                             elif n <= SPARSE_KERNEL_MAX_N:
                                 t_kernel = T.time_calls([

@@ -86,7 +86,11 @@ def test_dispatch_crossovers():
     """The sparse kernels up to N = 128 (Tiled-CSL with its warpgroup kernels: 256), except bitmap without its
     warpgroup kernel: up to 64."""
     assert use_sparse_kernel(128, 0.2, TILED_CSL) and not use_sparse_kernel(129, 0.2, TILED_CSL)
-    assert use_sparse_kernel(256, 0.2, TILED_CSL, True) and not use_sparse_kernel(257, 0.2, TILED_CSL, True)
+    big = 9216 * 36864
+    assert use_sparse_kernel(256, 0.2, TILED_CSL, True, big) and not use_sparse_kernel(257, 0.2, TILED_CSL, True, big)
+    assert not use_sparse_kernel(256, 0.2, TILED_CSL, False, big)  # no warpgroup kernel: the expansion
+    assert not use_sparse_kernel(256, 0.3, TILED_CSL, True, big)  # 70 %: the expansion
+    assert not use_sparse_kernel(256, 0.2, TILED_CSL, True, 4096 * 4096)  # small: the expansion, its weight in L2
     assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
     assert use_sparse_kernel(128, 0.2, BITMAP, True) and not use_sparse_kernel(129, 0.2, BITMAP, True)
     p = plan(9216, 36864, 300, 0.2, 132, 2, None, TILED_CSL, True)

@@ -331,16 +331,26 @@ def static_weights():
         _static.on = before
 
 
-def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = False) -> bool:
-    """Sparse kernel for small N; expand + dense cuBLAS for large N (prefill).  Crossovers measured on H200
-    (benchmarks/RESULTS.md): bitmap up to N = 64, or 128 where its warpgroup kernel runs (``wgmma``; 9216 x 36864
-    at 80 %, N = 128: 362 us against about 650 for the expansion); Tiled-CSL up to N = 128, where its kernels for
-    N > 64 (warpgroup MMA, or four warps sharing each tile's decode) beat the expansion (same shape, N = 128: 284 and
-    360 us against about 435), and up to N = 256 where its warpgroup kernel runs (session 13, same shape: N = 192 /
-    256 in 396-398 / 416-428 us at 80 % against about 480 / 505 for the expansion; at N = 512 778-791 against about
-    760)."""
+#: Tiled-CSL with its warpgroup kernels runs the sparse kernel for N = 129-256 at densities up to this (80 % sparsity
+#: and more) and weights of at least TCSL_WG_MIN_ELEMENTS elements: below, the expanded weight (2 bytes an element)
+#: fits in the 50-60 MB L2 and the expansion path reads it back from there.  H200, session 13 (benchmarks/RESULTS.md,
+#: bench_spmm.py, N = 256): 80 %: 0.51-0.71x of dense against 0.52-0.57x for the expansion (session 12's run) on the
+#: 18 large layers, but 0.51 / 0.61x against 0.57 / 0.65x on Llama-3-8B qkv / o; 50 %: 0.28-0.40x against 0.41-0.52x.
+TCSL_WG_MAX_DENSITY_ABOVE_128 = 0.25
+TCSL_WG_MIN_ELEMENTS = 1 << 25
+
+
+def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = False, elements: int = 0) -> bool:
+    """Sparse kernel for small N; expand + dense cuBLAS for large N (prefill).  ``elements`` is the weight's M x K.
+    Crossovers measured on H200 (benchmarks/RESULTS.md): bitmap up to N = 64, or 128 where its warpgroup kernel runs
+    (``wgmma``; 9216 x 36864 at 80 %, N = 128: 362 us against about 650 for the expansion); Tiled-CSL up to N = 128,
+    where its kernels for N > 64 (warpgroup MMA, or four warps sharing each tile's decode) beat the expansion (same
+    shape, N = 128: 284 and 360 us against about 435), and up to N = 256 where its warpgroup kernel runs on a large,
+    at least 80 % sparse weight (``TCSL_WG_MAX_DENSITY_ABOVE_128``, ``TCSL_WG_MIN_ELEMENTS``; session 13, same shape at
+    80 %: N = 192 / 256 in 396-398 / 416-428 us against about 480 / 505 for the expansion)."""
     if fmt == TILED_CSL:
-        return n <= (256 if wgmma else 128)
+        return n <= 128 or (wgmma and n <= 256 and density <= TCSL_WG_MAX_DENSITY_ABOVE_128
+                            and elements >= TCSL_WG_MIN_ELEMENTS)
     return n <= (128 if wgmma else 64)
 
 
@@ -393,7 +403,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     n = x.shape[0]
     dev = x.device
     density = _density(fmt, data, m, k)
-    if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index)):
+    if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k):
         return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
     y = torch.empty(n, m, dtype=x.dtype, device=dev) if out is None else out
     if n == 0:
