@@ -4,9 +4,9 @@
                                     [--ns 1,8,...] [--sparsities 50,70,80,90] [--out DIR]
 
 For every (layer, sparsity, dtype, format, N): median device time of ``F.linear`` on the dense
-weight, of the sparse kernel alone (N <= 256) and of ``flash_llm.spmm`` as dispatched; effective
-GB/s of the format's bytes and its share of the measured copy bandwidth; speedups over dense in the
-same run.  Timing: CUDA graphs of calls over copies rotated beyond 3x L2, CUDA events, median.
+weight, of the sparse kernel alone (where dispatched, and up to N = 128 where not) and of ``flash_llm.spmm``
+as dispatched (``path``: "sparse", or "expand" for the expansion and cuBLAS); effective GB/s of the format's
+bytes and its share of the measured copy bandwidth; speedups over dense in the same run.  Timing: CUDA graphs of calls over copies rotated beyond 3x L2, CUDA events, median.
 Writes ``results.json``, ``results.csv`` and ``speedup.png`` under ``--out``, prints a summary.
 """
 
@@ -94,14 +94,16 @@ def main(argv=None):
                             x = xs[n]
                             t_spmm = T.time_calls([lambda c=c: flash_llm.spmm(x, c) for c in copies])
                             t_kernel = None
-                            if kernels.use_sparse_kernel(n, w.density, fid, kernels.wgmma_ok(0), m * k):
+                            sparse = kernels.use_sparse_kernel(n, w.density, fid, kernels.wgmma_ok(0), m * k)
+                            if sparse:
                                 t_kernel = t_spmm  # the dispatcher runs the sparse kernel itself
                             elif n <= SPARSE_KERNEL_MAX_N:
                                 t_kernel = T.time_calls([
                                     lambda c=c: kernels.spmm_cuda(x, c.data, c.offsets, fid, m, k, None,
                                                                   force_sparse=True) for c in copies])
                             row = dict(model=model, layer=layer, M=m, K=k, sparsity=sp, dtype=dname, format=fname,
-                                       N=n, bytes=w.nbytes, t_dense_us=t_dense[n] * 1e6,
+                                       N=n, path="sparse" if sparse else "expand", bytes=w.nbytes,
+                                       t_dense_us=t_dense[n] * 1e6,
                                        t_kernel_us=t_kernel * 1e6 if t_kernel else None, t_spmm_us=t_spmm * 1e6,
                                        speedup_kernel=t_dense[n] / t_kernel if t_kernel else None,
                                        speedup_spmm=t_dense[n] / t_spmm)
