@@ -6,7 +6,8 @@
 For every (layer, sparsity, dtype, format, N): median device time of ``F.linear`` on the dense
 weight, of the sparse kernel alone (where dispatched, and up to N = 128 where not) and of ``flash_llm.spmm``
 as dispatched (``path``: "sparse", or "expand" for the expansion and cuBLAS); effective GB/s of the format's
-bytes and its share of the measured copy bandwidth; speedups over dense in the same run.  Timing: CUDA graphs of calls over copies rotated beyond 3x L2, CUDA events, median.
+bytes and its share of the measured copy bandwidth; speedups over dense in the same run.  Timing: CUDA graphs
+of calls over copies rotated beyond 3x L2, CUDA events, median.
 Writes ``results.json``, ``results.csv`` and ``speedup.png`` under ``--out``, prints a summary.
 """
 
