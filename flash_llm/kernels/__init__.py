@@ -88,6 +88,8 @@ WG_TOKENS, WG_ROWS = 128, 2
 #: 90 % (its entry loads are one tile ahead for 8 warpgroups per SM: latency-bound when the tiles are short).
 TCSL_WG32_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_N", "17"))
 TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", "0.17"))
+#: prototype tcsl_n1: N = 1 on the CUDA cores (``tiled_csl_spmm_<dtype>_n1``: no dense tile, no MMA), ``0`` for nt1
+TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
 
 #: The split-K model of the Tiled-CSL warpgroup kernels (:func:`plan`): a lone block on an SM takes this share of a
 #: full SM's round of ``blocks_per_sm`` blocks, and the partial sums weigh WG_WS_WEIGHT of their bytes against the
@@ -113,6 +115,8 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
       (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, else ``_wg128x2``.
     - Elsewhere: ``_w2`` (N = 33-64), two warps of 32 tokens each sharing every tile's decode; ``_w4`` above, four.
     """
+    if n == 1 and TCSL_N1:  # prototype tcsl_n1: the CUDA-core kernel, nt1's blocks and split-K
+        return "n1", 8, ROWS_PER_BLOCK
     if wgmma and TCSL_WG32_MIN_N <= n <= 32 and density >= TCSL_WG32_MIN_DENSITY:
         return "wg32x2", 32, 64 * WG_ROWS
     if n <= 32:

@@ -665,7 +665,6 @@ DEVI void csl_load_x(u32 xs, const Problem& p, int n0, int k0, int lane) {
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(xs + n * 128 + ((c ^ (n & 7)) << 4)),
                      "l"(p.x + (long long)(n0 + n) * p.ldx + k0 + 8 * c));
     }
-    cp_async_commit();
   } else {
 #pragma unroll 1
     for (int q = lane; q < min(NT * 8, p.N - n0) * 32; q += 32) {  // word w (columns 2 w, 2 w + 1) of token row n
@@ -676,6 +675,7 @@ DEVI void csl_load_x(u32 xs, const Problem& p, int n0, int k0, int lane) {
                    "r"(e0 | (e1 << 16)));
     }
   }
+  cp_async_commit();  // one group per call on both paths (empty on the second), so callers may count groups
 }
 
 // acc[s] += strip s of the dense tile at `base` (swizzled row-major, as csl_tile_byte writes it) times the X tile at
@@ -782,6 +782,99 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 #pragma unroll
   for (int s = 0; s < 4; ++s)
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
+}
+
+// N = 1 (prototype tcsl_n1): the one-warp kernel's walk over a tile row and its entries, but no dense tile, no
+// read-back and no MMA.  Each entry is multiplied on the CUDA cores by X's element of its column and added into the
+// lane's own partial sum of its row: `part` holds 64 rows x 32 lanes of fp32, lane l's column in bank l, so the
+// read-modify-write of a round of entries is two conflict-free wavefronts, and the X row (128 bytes, unswizzled) is
+// one bank row, so the gather of a round is one.  Per 4096-element tile at 80 %: about 26 rounds x 3 wavefronts plus
+// the 26 of the entry loads, against about 180 for nt1 (its scatter, read-back and clear).  The 32 lanes' partials
+// are summed once per split (rotated, so the loads of a step hit 32 banks), then handed to store_acc in the m16n8
+// fragment layout of token 0, so split-K and its reduction are nt1's.
+template <bool BF16>
+DEVI void csl_fma4_n1(u32 pbase, u32 xs, const uint4& e4) {
+  const u32 v[4] = {e4.x, e4.y, e4.z, e4.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const u32 tb = csl_tile_byte(v[q]);                  // 128 r + 2 (swizzled column)
+    const u32 xb = (tb & 0x7eu) ^ ((tb >> 3) & 0x70u);   // 2 x the column: the chunk unswizzled by r % 8
+    const u32 pb = pbase + (tb & 0x1f80u);                // row r of this lane's column
+    u32 xh;
+    float acc;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=r"(xh) : "r"(xs + xb));
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(acc) : "r"(pb));
+    acc = fmaf(to_float<BF16>((u16)v[q]), to_float<BF16>((u16)xh), acc);
+    asm volatile("{ .reg .pred p; setp.lt.u32 p, %2, 0x10000000; @p st.shared.f32 [%0], %1; }"  // pads: no store
+                 ::"r"(pb), "f"(acc), "r"(v[q]) : "memory");
+  }
+}
+
+template <bool BF16>
+DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                            int kt_per_split, Problem p) {
+  __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
+  __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
+  const int lane = threadIdx.x & 31;
+  const int row_block = row_block_of(p);
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;
+  const u32 pbase = smem_addr(part) + 4 * lane, xs0 = smem_addr(xrow);
+#pragma unroll
+  for (int r = 0; r < 64; ++r) part[32 * r + lane] = 0.f;
+  // token 0's columns 64 j .. 64 j + 63 -> xrow[b]: csl_load_x's row 0, which is not swizzled
+  auto load_x = [&](int j, int b) { csl_load_x<1>(xs0 + 128 * b, p, 0, 64 * j, lane); };
+  float acc[4][1][4];
+  zero_acc<1>(acc);
+  if (active) {
+    constexpr int PF = csl_pf_units<1>::value;
+    CslTiles<PF, 1> st(data, offsets, row_block, true, kt, kb, ke, 0, lane);
+    st.prefetch();
+    pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
+    load_x(kb, 0);
+    for (int j = kb; j < ke; ++j) {
+      const int b = (j - kb) & 1;
+      if (j + 1 < ke) {
+        load_x(j + 1, b ^ 1);  // the next tile's X row, in flight during this tile
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncwarp();
+      const u32 xs = xs0 + 128 * b;
+      const int rounds = (st.hi - st.lo + 31) >> 5;  // warp-uniform
+#pragma unroll
+      for (int r = 0; r < PF; ++r)
+        if (r < rounds) csl_fma4_n1<BF16>(pbase, xs, st.pf[r]);
+      st.rest([&](const uint4& e) { csl_fma4_n1<BF16>(pbase, xs, e); });
+      if (j + 1 < ke) st.next(j);
+      __syncwarp();  // every lane has read xrow[b] before it is refilled
+    }
+    // lane l sums rows 2 l and 2 l + 1 over the 32 columns, starting at its own (column (l + i) % 32 at step i)
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < 32; ++i) {
+      const int c = (lane + i) & 31;
+      s0 += part[64 * lane + c];
+      s1 += part[64 * lane + 32 + c];
+    }
+    __syncwarp();
+    part[2 * lane] = s0;
+    part[2 * lane + 1] = s1;
+    __syncwarp();
+    const int g = lane >> 2;
+    if ((lane & 3) == 0) {  // token 0 is column 0 of the m16n8 accumulator: rows g and g + 8 of each strip
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        acc[s][0][0] = part[16 * s + g];
+        acc[s][0][2] = part[16 * s + g + 8];
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+    store_acc<BF16, 1>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, 0, lane);
 }
 
 // N > 32 without wgmma: W warps per block share one decode of every tile.  Warp w multiplies the
@@ -1383,6 +1476,14 @@ INSTANTIATE_MULTI(f16, false, 2)
 INSTANTIATE_MULTI(f16, false, 4)
 INSTANTIATE_MULTI(bf16, true, 2)
 INSTANTIATE_MULTI(bf16, true, 4)
+// tiled_csl_spmm_<dtype>_n1: N = 1 on the CUDA cores (prototype tcsl_n1); 8.25 KiB of shared memory, 24 blocks per SM
+#define INSTANTIATE_N1(NAME, BF16)                                                                       \
+  extern "C" __global__ void __launch_bounds__(32, 24) tiled_csl_spmm_##NAME##_n1(SPMM_ARGS) {            \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_n1_body<BF16>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);                   \
+  }
+INSTANTIATE_N1(f16, false)
+INSTANTIATE_N1(bf16, true)
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB)                                                           \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
   tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
