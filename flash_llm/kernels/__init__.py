@@ -129,10 +129,18 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     return "w4", 128, ROWS_PER_BLOCK
 
 
+def wg_stages(nb: int) -> int:
+    """Pipeline stages of the Tiled-CSL warpgroup kernel with ``nb`` tokens per block (``INSTANTIATE_WG`` in spmm.cu):
+    three from 64 tokens, so that a proxy fence every other tile suffices (prototype tcsl_wg_fence2); two for
+    ``_wg32x2``, where a third would cost a block per SM."""
+    return 3 if nb >= 64 else 2
+
+
 def wg_shared_bytes(nb: int, rows: int) -> int:
     """Dynamic shared memory of the warpgroup kernel with ``nb`` tokens and ``rows`` warpgroups per block
     (``wg_smem_bytes`` in spmm.cu)."""
-    return rows * 2 * 8192 + 2 * nb * 128 + 1024
+    s = wg_stages(nb)
+    return rows * s * 8192 + s * nb * 128 + 1024
 
 
 def wgmma_ok(device_index: int) -> bool:

@@ -784,7 +784,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
 }
 
-// N = 1 (prototype tcsl_n1): the one-warp kernel's walk over a tile row and its entries, but no dense tile, no
+// N = 1 (tiled_csl_spmm_<dtype>_n1): the one-warp kernel's walk over a tile row and its entries, but no dense tile, no
 // read-back and no MMA.  Each entry is multiplied on the CUDA cores by X's element of its column and added into the
 // lane's own partial sum of its row: `part` holds 64 rows x 32 lanes of fp32, lane l's column in bank l, so the
 // read-modify-write of a round of entries is two conflict-free wavefronts, and the X row (128 bytes, unswizzled) is
@@ -1003,24 +1003,30 @@ DEVI void wg_fence_acc(float (&d)[NB / 2]) {  // keep the compiler from touching
   for (int i = 0; i < NB / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Dynamic shared memory of the warpgroup kernel: R x 2 A tiles (8 KiB each), two X tiles (NB x 128 bytes), and
+// Dynamic shared memory of the warpgroup kernel: R x S A tiles (8 KiB each), S X tiles (NB x 128 bytes), and
 // 1 KiB to align the start to the 1024 bytes of the swizzle pattern.
-constexpr int wg_smem_bytes(int NB, int R) { return R * 2 * 8192 + 2 * NB * 128 + 1024; }
+constexpr int wg_smem_bytes(int NB, int R, int S) { return R * S * 8192 + S * NB * 128 + 1024; }
 
 // R warpgroups per block, one 64-row tile row each, share the X tile of NB tokens (X is read once per 64 R weight
-// rows).  Software pipeline, one block barrier per tile: the wgmma of tile j runs (async) while the warps scatter
-// tile j + 1 into the other A buffer and copy its X tile into the other X buffer.
-template <bool BF16, int NB, int R>
+// rows).  Software pipeline of S stages, one block barrier per tile: the wgmma of tile j runs (async) while the warps
+// scatter tile j + S - 1 into a free A buffer and copy its X tile into a free X buffer.  The generic-proxy writes
+// (scatter, clear, cp.async) must be ordered before the wgmma that reads them by a proxy fence, a MEMBAR in SASS that
+// costs 9-12 % of these kernels (session 13).  With S = 2 each tile's writes are read at the next tile, so every tile
+// fences; with S = 3 (prototype tcsl_wg_fence2) they are read two tiles later, so the fence at the end of every odd
+// tile (counted from kb) covers the writes of that tile and the one before.
+template <bool BF16, int NB, int R, int S>
 DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                            int kt_per_split, Problem p) {
 #ifdef FLASH_LLM_WGMMA
+  static_assert(S == 2 || S == 3, "two or three stages");
+  constexpr int AHEAD = S - 1;
   constexpr int PF = 2;  // rounds per warp prefetched in registers: 8 rounds of 32 units in all (25 % density)
   constexpr int T = 128 * R;
   extern __shared__ unsigned char wg_smem[];
   const u32 sbase = (smem_addr(wg_smem) + 1023u) & ~1023u;
   const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
-  const u32 a_base = sbase + wg * 16384;             // this warpgroup's two A tiles
-  const u32 x_base = sbase + R * 16384;              // the two X tiles
+  const u32 a_base = sbase + wg * (S * 8192);        // this warpgroup's S A tiles
+  const u32 x_base = sbase + R * (S * 8192);         // the S X tiles
   const int nl = (p.N + 31) >> 5;                    // 32-token partial tiles along N, as the one-warp kernel's
   const int row_tiles = (mt + 3) >> 2;               // 64-row tile rows
   const int tile_row = (int)(blockIdx.x / p.n_chunks) * R + wg;
@@ -1029,7 +1035,7 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
   const int kb = blockIdx.y * kt_per_split;
   const int ke = min(kt, kb + kt_per_split);
   const bool active = kb < ke;  // block-uniform
-  for (int i = wtid; i < 1024; i += 128)
+  for (int i = wtid; i < S * 512; i += 128)
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a_base + 16 * i), "r"(0), "r"(0), "r"(0), "r"(0));
   float d[NB / 2];
 #pragma unroll
@@ -1064,15 +1070,20 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
     st.prefetch();
     pdl_wait();  // X and every global write after the previous kernel (programmatic launch; else a no-op)
     __syncthreads();  // the A tiles are clear
-    load_x(x_base, kb * 64);
-    scatter_and_advance(kb, a_base);
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a)  // tiles kb .. kb + AHEAD - 1 into buffers 0 .. AHEAD - 1
+      if (kb + a < ke) {
+        load_x(x_base + a * (NB * 128), (kb + a) * 64);
+        scatter_and_advance(kb + a, a_base + a * 8192);
+      }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy writes -> wgmma reads
     __syncthreads();
-    // descriptors of buffer 0; the address field counts 16 bytes, so buffer 1 and the k16 steps are additions
+    // descriptors of buffer 0; the address field counts 16 bytes, so the other buffers and the k16 steps are additions
     const u64 da0 = sw128_desc(a_base), dx0 = sw128_desc(x_base);
+    int buf = 0;  // (j - kb) % S
     for (int j = kb; j < ke; ++j) {
-      const int buf = (j - kb) & 1;
+      const int ahead = buf + AHEAD >= S ? buf + AHEAD - S : buf + AHEAD;  // (j + AHEAD - kb) % S
       const u32 abuf = a_base + buf * 8192;
       const u64 da = da0 + buf * (8192 >> 4), dx = dx0 + buf * (NB * 128 >> 4);
       wg_fence_acc<NB>(d);
@@ -1081,19 +1092,22 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
       for (int kk = 0; kk < 4; ++kk)  // k16 steps: 32 bytes further along each 128-byte row
         wgmma_tile<BF16, NB>(d, da + 2 * kk, dx + 2 * kk);
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-      if (j + 1 < ke) {  // tile j + 1 into the other buffers while the tensor cores run
-        load_x(x_base + (buf ^ 1) * (NB * 128), (j + 1) * 64);
-        scatter_and_advance(j + 1, a_base + (buf ^ 1) * 8192);
+      if (j + AHEAD < ke) {  // tile j + AHEAD into free buffers while the tensor cores run
+        load_x(x_base + ahead * (NB * 128), (j + AHEAD) * 64);
+        scatter_and_advance(j + AHEAD, a_base + ahead * 8192);
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
       wg_fence_acc<NB>(d);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)  // clear the A tile just read (this warpgroup's own), for tile j + 2
+      for (int i = 0; i < 4; ++i)  // clear the A tile just read (this warpgroup's own), for tile j + S
         asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(abuf + 16 * (i * 128 + wtid)), "r"(0), "r"(0),
                      "r"(0), "r"(0));
-      asm volatile("cp.async.wait_group 0;" ::: "memory");
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      __syncthreads();  // tile j + 1 is complete in both buffers; every warpgroup is done with tile j
+      if (S == 2 || ((j - kb) & 1)) {  // S = 3: the writes of this tile and the one before are read from tile j + 1 on
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      }
+      __syncthreads();  // every warpgroup is done with tile j's buffers; the next tile's are complete
+      buf = buf + 1 == S ? 0 : buf + 1;
     }
   }
   const int tiles = row_tiles * nl;
@@ -1476,7 +1490,7 @@ INSTANTIATE_MULTI(f16, false, 2)
 INSTANTIATE_MULTI(f16, false, 4)
 INSTANTIATE_MULTI(bf16, true, 2)
 INSTANTIATE_MULTI(bf16, true, 4)
-// tiled_csl_spmm_<dtype>_n1: N = 1 on the CUDA cores (prototype tcsl_n1); 8.25 KiB of shared memory, 24 blocks per SM
+// tiled_csl_spmm_<dtype>_n1: N = 1 on the CUDA cores; 8.25 KiB of shared memory, 24 blocks per SM
 #define INSTANTIATE_N1(NAME, BF16)                                                                       \
   extern "C" __global__ void __launch_bounds__(32, 24) tiled_csl_spmm_##NAME##_n1(SPMM_ARGS) {            \
     pdl_launch_dependents();                                                                              \
@@ -1484,18 +1498,19 @@ INSTANTIATE_MULTI(bf16, true, 4)
   }
 INSTANTIATE_N1(f16, false)
 INSTANTIATE_N1(bf16, true)
-#define INSTANTIATE_WG(NAME, BF16, NB, R, MINB)                                                           \
+#define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)                                                        \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
   tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
     pdl_launch_dependents();                                                                              \
-    tiled_csl_wg_body<BF16, NB, R>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);             \
+    tiled_csl_wg_body<BF16, NB, R, S>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);          \
   }
-INSTANTIATE_WG(f16, false, 32, 2, 4)
-INSTANTIATE_WG(f16, false, 64, 2, 3)
-INSTANTIATE_WG(f16, false, 128, 2, 2)
-INSTANTIATE_WG(bf16, true, 32, 2, 4)
-INSTANTIATE_WG(bf16, true, 64, 2, 3)
-INSTANTIATE_WG(bf16, true, 128, 2, 2)
+// S = 3 where three stages keep the blocks per SM (wg32x2 would drop from 4 to 3); kernels.wg_shared_bytes
+INSTANTIATE_WG(f16, false, 32, 2, 4, 2)
+INSTANTIATE_WG(f16, false, 64, 2, 3, 3)
+INSTANTIATE_WG(f16, false, 128, 2, 2, 3)
+INSTANTIATE_WG(bf16, true, 32, 2, 4, 2)
+INSTANTIATE_WG(bf16, true, 64, 2, 3, 3)
+INSTANTIATE_WG(bf16, true, 128, 2, 2, 3)
 // bitmap_spmm_<dtype>_wg<NB>: BitmapTiles with warpgroup MMA, A from the decoded registers (sm_90a; from N = 17)
 #define INSTANTIATE_BW(NAME, BF16, NB)                                                                    \
   extern "C" __global__ void __launch_bounds__(128, 3) bitmap_spmm_##NAME##_wg##NB(SPMM_ARGS) {            \
