@@ -28,7 +28,7 @@ def test_plan_covers_the_problem(fmt, density, m, k):
                 assert name.endswith(f"_wg{p.block_tokens}") and p.block_tokens in (8, 16, 32, 64, 128)
                 assert p.nt == min(4, p.block_tokens // 8)
             elif fmt == BITMAP or (n <= 32 and not name.endswith("_wg32x2")):
-                suffix = "_n1" if fmt == TILED_CSL and n == 1 else f"_nt{p.nt}"  # prototype tcsl_n1: nt1's plan
+                suffix = "_n1" if fmt == TILED_CSL and n == 1 else f"_nt{p.nt}"  # the N = 1 kernel runs nt1's plan
                 assert name.endswith(suffix) and p.block_tokens == 8 * p.nt and p.block_rows == 64
                 assert block_threads(name) == (THREADS if fmt == BITMAP else 32)
             else:  # 32 tokens per warp (or per warpgroup's 64 rows): the split-K partials are those of NT = 4
@@ -65,7 +65,7 @@ def test_tcsl_kernel_choice():
     """Tiled-CSL above 32 tokens: two warps (N <= 64), then warpgroup MMA (128 tokens, 256 threads, 128 rows per
     block) where it runs, else four warps."""
     assert tcsl_block(32) == ("nt4", 32, 64) and tcsl_block(8, True) == ("nt1", 8, 64)
-    assert tcsl_block(1) == tcsl_block(1, True) == ("n1", 8, 64)  # prototype tcsl_n1
+    assert tcsl_block(1) == tcsl_block(1, True) == ("n1", 8, 64)  # N = 1: the CUDA-core kernel
     assert tcsl_block(17, True) == tcsl_block(32, True, 0.2) == ("wg32x2", 32, 128)
     assert tcsl_block(16, True) == ("nt2", 16, 64)
     assert tcsl_block(32, True, TCSL_WG32_MIN_DENSITY - 0.01) == ("nt4", 32, 64)  # sparser: the one-warp kernel

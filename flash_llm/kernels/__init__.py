@@ -88,7 +88,8 @@ WG_TOKENS, WG_ROWS = 128, 2
 #: 90 % (its entry loads are one tile ahead for 8 warpgroups per SM: latency-bound when the tiles are short).
 TCSL_WG32_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_N", "17"))
 TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", "0.17"))
-#: prototype tcsl_n1: N = 1 on the CUDA cores (``tiled_csl_spmm_<dtype>_n1``: no dense tile, no MMA), ``0`` for nt1
+#: N = 1 on the CUDA cores (``tiled_csl_spmm_<dtype>_n1``: no dense tile, no MMA); ``FLASH_LLM_TCSL_N1=0`` for nt1.
+#: H200, session 14: 9216 x 36864 at 80 % 93-98 -> 80-81 us, at 90 % 70 -> 49-53 us
 TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
 
 #: The split-K model of the Tiled-CSL warpgroup kernels (:func:`plan`): a lone block on an SM takes this share of a
@@ -109,13 +110,14 @@ BITMAP_WG_WS_WEIGHT = 0.1
 def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, int, int]:
     """The Tiled-CSL kernel for ``n`` tokens: (name suffix, tokens per block, weight rows per block).
 
+    - N = 1: ``_n1``, on the CUDA cores (one warp per block, 64 rows; ``FLASH_LLM_TCSL_N1=0``: ``_nt1``).
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
       ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens.
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
       (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, else ``_wg128x2``.
     - Elsewhere: ``_w2`` (N = 33-64), two warps of 32 tokens each sharing every tile's decode; ``_w4`` above, four.
     """
-    if n == 1 and TCSL_N1:  # prototype tcsl_n1: the CUDA-core kernel, nt1's blocks and split-K
+    if n == 1 and TCSL_N1:  # the CUDA-core kernel, with nt1's blocks and split-K
         return "n1", 8, ROWS_PER_BLOCK
     if wgmma and TCSL_WG32_MIN_N <= n <= 32 and density >= TCSL_WG32_MIN_DENSITY:
         return "wg32x2", 32, 64 * WG_ROWS
@@ -131,7 +133,7 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
 
 def wg_stages(nb: int) -> int:
     """Pipeline stages of the Tiled-CSL warpgroup kernel with ``nb`` tokens per block (``INSTANTIATE_WG`` in spmm.cu):
-    three from 64 tokens, so that a proxy fence every other tile suffices (prototype tcsl_wg_fence2); two for
+    three from 64 tokens, so that a proxy fence every other tile suffices (session 14: 3-7 % faster at N = 64 / 128); two for
     ``_wg32x2``, where a third would cost a block per SM."""
     return 3 if nb >= 64 else 2
 

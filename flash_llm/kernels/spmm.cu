@@ -1012,7 +1012,7 @@ constexpr int wg_smem_bytes(int NB, int R, int S) { return R * S * 8192 + S * NB
 // scatter tile j + S - 1 into a free A buffer and copy its X tile into a free X buffer.  The generic-proxy writes
 // (scatter, clear, cp.async) must be ordered before the wgmma that reads them by a proxy fence, a MEMBAR in SASS that
 // costs 9-12 % of these kernels (session 13).  With S = 2 each tile's writes are read at the next tile, so every tile
-// fences; with S = 3 (prototype tcsl_wg_fence2) they are read two tiles later, so the fence at the end of every odd
+// fences; with S = 3 they are read two tiles later, so the fence at the end of every odd
 // tile (counted from kb) covers the writes of that tile and the one before.
 template <bool BF16, int NB, int R, int S>
 DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
