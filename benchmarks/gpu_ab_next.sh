@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [cross]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [cross]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
@@ -30,6 +30,9 @@
 #   attnab    the decode-attention prototype benchmarks/ab/$ATTN_PATCH against the tree: tests/test_decode_attention.py on
 #             both, then bench_decode_attention.py --rope (ATTN_SLOTS default 256,2048; ATTN_BATCHES 1,16,64), base and
 #             patch interleaved, twice (about 3 minutes)
+#   e2eab     an engine or kernel patch benchmarks/ab/$E2E_PATCH against the tree end to end: its GPU tests ($E2E_TESTS,
+#             default the kernel and engine suites), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
+#             80), batches $E2E_BATCHES (default 1,16), base and patch interleaved, twice (about 6 minutes)
 #   cross     the wg32x2 / nt4 crossover at N = 17-32: time_across_n.py with FLASH_LLM_TCSL_WG32_MIN_DENSITY = 1 (always
 #             nt4) and = 0 (always wg32x2), 9216 x 36864 at CROSS_SPARSITIES (default "0.7 0.8 0.9"), 4096 x 14336 at 80 %
 # Outputs (logs) under $OUT; the A/B tables are printed.
@@ -98,6 +101,17 @@ for stage in "${@:-tests ab}"; do
                     FLASH_LLM_CACHE=/tmp/flc_attn_$v timeout 90 python3 benchmarks/bench_decode_attention.py --rope \
                     --slots ${ATTN_SLOTS:-256,2048} --batches ${ATTN_BATCHES:-1,16,64}); done; done
                 else echo "$ATTN_PATCH does not apply"; fi; } 2>&1 | tee "$OUT/attnab.log" ;;
+      e2eab) { root=$PWD; rm -rf /tmp/e2eab
+               for v in base patch; do mkdir -p /tmp/e2eab/$v && tar --exclude=./.git --exclude=./.venv \
+                 --exclude=./benchmarks/out --exclude=./benchmarks/results -cf - . | tar -C /tmp/e2eab/$v -xf -; done
+               if (cd /tmp/e2eab/patch && git apply "$root/benchmarks/ab/${E2E_PATCH:?E2E_PATCH=<file in benchmarks/ab>}"); then
+                 (cd /tmp/e2eab/patch && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_patch timeout 200 python3 -m pytest -q -x \
+                   ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} 2>&1 | tail -2)
+                 for r in 1 2; do for v in base patch; do (cd /tmp/e2eab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_$v \
+                   timeout 150 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format tiled-csl \
+                   --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} --fuse --merge --no-hf --repeats 2 \
+                   --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
+               else echo "$E2E_PATCH does not apply"; fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
       cross) { for sp in ${CROSS_SPARSITIES:-0.7 0.8 0.9}; do for v in 1 0; do echo "sparsity $sp, WG32_MIN_DENSITY=$v"
