@@ -133,8 +133,8 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
 
 def wg_stages(nb: int) -> int:
     """Pipeline stages of the Tiled-CSL warpgroup kernel with ``nb`` tokens per block (``INSTANTIATE_WG`` in spmm.cu):
-    three from 64 tokens, so that a proxy fence every other tile suffices (session 14: 3-7 % faster at N = 64 / 128); two for
-    ``_wg32x2``, where a third would cost a block per SM."""
+    three from 64 tokens, so that a proxy fence every other tile suffices (session 14: 3-7 % faster at N = 64 / 128);
+    two for ``_wg32x2``, where a third would cost a block per SM."""
     return 3 if nb >= 64 else 2
 
 
