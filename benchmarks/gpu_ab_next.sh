@@ -39,6 +39,13 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 export OUT PYTHONPATH=$PWD
+ROOT=$PWD
+# two_trees DIR PATCH: copies of the tree in DIR/base and DIR/patch, benchmarks/ab/PATCH applied to the second
+two_trees() {
+  rm -rf "$1" && for v in base patch; do mkdir -p "$1/$v" && tar --exclude=./.git --exclude=./.venv \
+    --exclude=./benchmarks/out --exclude=./benchmarks/results -cf - . | tar -C "$1/$v" -xf -; done
+  (cd "$1/patch" && git apply "$ROOT/benchmarks/ab/$2") || { echo "$2 does not apply"; return 1; }
+}
 for stage in "${@:-tests ab}"; do
   for s in $stage; do
     echo "=== $s"
@@ -91,27 +98,21 @@ for stage in "${@:-tests ab}"; do
               --no-progress --format tiled-csl --sparsities ${E2E_SPARSITIES:-0,80} --batches ${E2E_BATCHES:-1,16,64} --fuse \
               --merge --no-hf --repeats 2 --out "$OUT/e2e_attn$on" 2>&1 | grep "b=" | sed "s/^/DECODE_ATTENTION=$on /"
             done 2>&1 | tee "$OUT/attn.log" ;;
-      attnab) { root=$PWD; rm -rf /tmp/attnab
-                for v in base patch; do mkdir -p /tmp/attnab/$v && tar --exclude=./.git --exclude=./.venv \
-                  --exclude=./benchmarks/out --exclude=./benchmarks/results -cf - . | tar -C /tmp/attnab/$v -xf -; done
-                if (cd /tmp/attnab/patch && git apply "$root/benchmarks/ab/${ATTN_PATCH:?ATTN_PATCH=<file in benchmarks/ab>}"); then
+      attnab) { if two_trees /tmp/attnab "${ATTN_PATCH:?ATTN_PATCH=<file in benchmarks/ab>}"; then
                   for v in patch base; do echo "--- tests: $v"; (cd /tmp/attnab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_attn_$v \
                     timeout 120 python3 -m pytest -q -x tests/test_decode_attention.py 2>&1 | tail -2); done
                   for r in 1 2; do for v in base patch; do echo "--- $v, round $r"; (cd /tmp/attnab/$v && PYTHONPATH=$PWD \
                     FLASH_LLM_CACHE=/tmp/flc_attn_$v timeout 90 python3 benchmarks/bench_decode_attention.py --rope \
                     --slots ${ATTN_SLOTS:-256,2048} --batches ${ATTN_BATCHES:-1,16,64}); done; done
-                else echo "$ATTN_PATCH does not apply"; fi; } 2>&1 | tee "$OUT/attnab.log" ;;
-      e2eab) { root=$PWD; rm -rf /tmp/e2eab
-               for v in base patch; do mkdir -p /tmp/e2eab/$v && tar --exclude=./.git --exclude=./.venv \
-                 --exclude=./benchmarks/out --exclude=./benchmarks/results -cf - . | tar -C /tmp/e2eab/$v -xf -; done
-               if (cd /tmp/e2eab/patch && git apply "$root/benchmarks/ab/${E2E_PATCH:?E2E_PATCH=<file in benchmarks/ab>}"); then
+                fi; } 2>&1 | tee "$OUT/attnab.log" ;;
+      e2eab) { if two_trees /tmp/e2eab "${E2E_PATCH:?E2E_PATCH=<file in benchmarks/ab>}"; then
                  (cd /tmp/e2eab/patch && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_patch timeout 200 python3 -m pytest -q -x \
                    ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} 2>&1 | tail -2)
                  for r in 1 2; do for v in base patch; do (cd /tmp/e2eab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_$v \
                    timeout 150 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format tiled-csl \
                    --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} --fuse --merge --no-hf --repeats 2 \
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
-               else echo "$E2E_PATCH does not apply"; fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
+               fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
       cross) { for sp in ${CROSS_SPARSITIES:-0.7 0.8 0.9}; do for v in 1 0; do echo "sparsity $sp, WG32_MIN_DENSITY=$v"
@@ -121,7 +122,7 @@ for stage in "${@:-tests ab}"; do
                  timeout 60 python3 benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 17,24,32
                done; } 2>&1 | tee "$OUT/cross.log" ;;
       splits) (cd benchmarks && timeout 300 python3 splits_sweep.py ${SPLITS_ARGS:-}) 2>&1 | tee "$OUT/splits.log" ;;
-      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn cross)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab cross)" >&2; exit 2 ;;
     esac
   done
 done

@@ -120,15 +120,21 @@ def test_fragment_columns_puts_x_in_the_fragment_k_order():
                         assert torch.equal(xp[:, 64 * tile + 16 * s + 8 * q + 2 * t + e], want)
 
 
-def _swept_splits(calls):
-    """Split sweeps of session 10 (``tests/data/splits_h200_s10.json``, from ``benchmarks/splits_sweep.py`` on one
-    H200 at 80 %): for each warpgroup-kernel row of the given calls, ``(m, k, n, kernel, {splits: us})``."""
+def _sweep_rows(file, calls=None):
+    """Rows ``(m, k, n, kernel, {splits: us})`` of a split sweep in ``tests/data/`` (``benchmarks/splits_sweep.py``
+    on one H200 at 80 %): of the given calls where the file groups its rows by call (session 10), else all."""
     import json
     import pathlib
 
-    data = json.loads((pathlib.Path(__file__).resolve().parent / "data" / "splits_h200_s10.json").read_text())
-    return [(m, k, n, kernel, {int(s): t for s, t in times.items()})
-            for call in calls for m, k, n, kernel, times in data["rows"][call]]
+    rows = json.loads((pathlib.Path(__file__).resolve().parent / "data" / file).read_text())["rows"]
+    rows = [row for call in calls for row in rows[call]] if calls else rows
+    return [(m, k, n, kernel, {int(s): t for s, t in times.items()}) for m, k, n, kernel, times in rows]
+
+
+def _swept_splits(calls):
+    """Split sweeps of session 10 (``tests/data/splits_h200_s10.json``): the warpgroup-kernel rows of the given
+    calls."""
+    return _sweep_rows("splits_h200_s10.json", calls)
 
 
 # (format, the calls that fitted its model and the calls that checked it on other layers, rows, blocks per SM on the
@@ -156,11 +162,7 @@ def test_n1_splits_land_near_the_measured_best():
     count ``plan`` picks ran within 4 % of the fastest of every count up to 64 (session 14,
     ``tests/data/splits_h200_s14.json``).  With at least 4 tiles per split, as the other kernels keep, the o projection
     (4096 x 4096) could not go past 16 splits: 11.4 us against 10.7 at 32."""
-    import json
-    import pathlib
-
-    data = json.loads((pathlib.Path(__file__).resolve().parent / "data" / "splits_h200_s14.json").read_text())
-    rows = [(m, k, {int(s): t for s, t in times.items()}) for m, k, n, kernel, times in data["rows"] if kernel == "n1"]
+    rows = [(m, k, times) for m, k, n, kernel, times in _sweep_rows("splits_h200_s14.json") if kernel == "n1"]
     assert len(rows) == 4
     for m, k, times in rows:
         assert kernel_name(TILED_CSL, None, 1, True, 0.2).endswith("_n1")

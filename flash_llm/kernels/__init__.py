@@ -254,7 +254,8 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     work were even; and their partial-sum traffic weighs half as much (``WG_WS_WEIGHT``).
     """
     nt = _nt(n, fmt)
-    _, block_tokens, block_rows = tcsl_block(n, wgmma, density) if fmt == TILED_CSL else ("", 8 * nt, ROWS_PER_BLOCK)
+    kernel, block_tokens, block_rows = (tcsl_block(n, wgmma, density) if fmt == TILED_CSL
+                                        else ("", 8 * nt, ROWS_PER_BLOCK))
     if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # split-K partial tiles as NT = 1, 2 or 4
         block_tokens = bitmap_wg_tokens(n)
         nt = min(4, block_tokens // 8)
@@ -268,7 +269,7 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
         share = WG_LATENCY_SHARE if fmt == TILED_CSL else BITMAP_WG_LATENCY_SHARE
         ws_weight = (WG_WS_WEIGHT if fmt == TILED_CSL else BITMAP_WG_WS_WEIGHT) if per_sm else 0.5
         best = None
-        min_tiles = 2 if fmt == TILED_CSL and block_tokens == 8 and n == 1 and TCSL_N1 else 4
+        min_tiles = 2 if kernel == "n1" else 4
         for s in range(1, max(1, min(64, kt // min_tiles)) + 1):
             kps = ceil_div(kt, s)
             if ceil_div(kt, kps) != s:
