@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from .formats import SparseFormat
-from .reference import FORMAT_IDS, as_format, spmm_reference
+from .reference import FORMAT_IDS, as_format, rms_norm, silu_mul_halves, spmm_reference
 
 
 @torch.library.custom_op("flash_llm::spmm", mutates_args=())
@@ -40,6 +40,70 @@ def _spmm_cuda(x, data, offsets, fmt, m, k, bias):
 @_spmm_op.register_fake
 def _(x, data, offsets, fmt, m, k, bias):
     return x.new_empty((x.shape[0], m))
+
+
+@torch.library.custom_op("flash_llm::spmm_silu_mul", mutates_args=())
+def _spmm_silu_mul_op(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
+                      k: int) -> torch.Tensor:
+    return silu_mul_halves(spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), None))
+
+
+@_spmm_silu_mul_op.register_kernel("cuda")
+def _spmm_silu_mul_cuda(x, data, offsets, fmt, m, k):
+    from . import kernels
+
+    if not kernels.supported(x.device)[0]:
+        return silu_mul_halves(_spmm_cuda(x, data, offsets, fmt, m, k, None))  # warns once
+    return kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, act="silu_mul")
+
+
+@_spmm_silu_mul_op.register_fake
+def _(x, data, offsets, fmt, m, k):
+    return x.new_empty((x.shape[0], m // 2))
+
+
+@torch.library.custom_op("flash_llm::spmm_rms_norm", mutates_args=())
+def _spmm_rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, data: torch.Tensor, offsets: torch.Tensor,
+                      fmt: int, m: int, k: int, silu_mul: bool) -> torch.Tensor:
+    y = spmm_reference(rms_norm(x, weight, eps), as_format(fmt, data, offsets, m, k, x.dtype), None)
+    return silu_mul_halves(y) if silu_mul else y
+
+
+@_spmm_rms_norm_op.register_kernel("cuda")
+def _spmm_rms_norm_cuda(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
+    from . import kernels
+
+    if not kernels.supported(x.device)[0]:
+        y = _spmm_cuda(rms_norm(x, weight, eps), data, offsets, fmt, m, k, None)  # warns once
+        return silu_mul_halves(y) if silu_mul else y
+    return kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, act="silu_mul" if silu_mul else None,
+                             norm=(weight, eps))
+
+
+@_spmm_rms_norm_op.register_fake
+def _(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
+    return x.new_empty((x.shape[0], m // 2 if silu_mul else m))
+
+
+@torch.library.custom_op("flash_llm::spmm_add_", mutates_args=("acc",))
+def _spmm_add_op(acc: torch.Tensor, x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
+                 k: int) -> None:
+    acc.add_(spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), None))
+
+
+@_spmm_add_op.register_kernel("cuda")
+def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k):
+    from . import kernels
+
+    if not kernels.supported(x.device)[0]:
+        acc.add_(_spmm_cuda(x, data, offsets, fmt, m, k, None))  # warns once
+    else:
+        kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, add_to=acc)
+
+
+@_spmm_add_op.register_fake
+def _(acc, x, data, offsets, fmt, m, k):
+    return None
 
 
 # ---- gradients: d/dx (x W^T + b) = grad W, d/db = sum of grad over rows; the compressed weight itself
@@ -74,19 +138,9 @@ def _backward(ctx, grad):
 _spmm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = x @ W^T (+ bias)`` with ``W`` kept compressed.
-
-    Args:
-        x: ``[..., K]`` activations, fp16 or bf16 (the dtype of ``w``), any strides.
-        w: compressed weight (:class:`~flash_llm.BitmapTiles` or :class:`~flash_llm.TiledCSL`) of
-           logical shape ``[M, K]``, on the device of ``x``.
-        bias: optional ``[M]`` in the same dtype and device.
-
-    Returns:
-        ``[..., M]`` in ``x.dtype``; products accumulated in fp32.  ``x`` with zero rows gives an
-        empty result.
-    """
+def _checked(x, w, bias):
+    """The argument checks of :func:`spmm`: ``(m, k, bias)`` with the bias made contiguous, or an error that names
+    the argument."""
     if not isinstance(w, SparseFormat):
         raise TypeError(f"w must be a flash_llm compressed weight (BitmapTiles or TiledCSL), got "
                         f"{type(w).__name__}")
@@ -109,6 +163,99 @@ def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> 
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
         bias = bias.contiguous()
+    return m, k, bias
+
+
+def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W^T (+ bias)`` with ``W`` kept compressed.
+
+    Args:
+        x: ``[..., K]`` activations, fp16 or bf16 (the dtype of ``w``), any strides.
+        w: compressed weight (:class:`~flash_llm.BitmapTiles` or :class:`~flash_llm.TiledCSL`) of
+           logical shape ``[M, K]``, on the device of ``x``.
+        bias: optional ``[M]`` in the same dtype and device.
+
+    Returns:
+        ``[..., M]`` in ``x.dtype``; products accumulated in fp32.  ``x`` with zero rows gives an
+        empty result.
+    """
+    m, k, bias = _checked(x, w, bias)
     lead = x.shape[:-1]
     y = _spmm_op(x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k, bias)
     return y.reshape(*lead, m)
+
+
+def spmm_silu_mul(x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
+    """``silu(gate) * up`` for a merged gate / up weight ``w`` (``[2 H, K]``: the gate rows, then the up rows).
+
+    Args:
+        x: ``[..., K]`` activations, fp16 or bf16 (the dtype of ``w``), any strides.
+        w: compressed weight of logical shape ``[2 H, K]``, on the device of ``x``.
+
+    Returns:
+        ``[..., H]`` in ``x.dtype``: ``y = x @ w^T`` rounded to the dtype, then ``silu(y[..., :H]) * y[..., H:]`` in
+        fp32, rounded once.  On CUDA the product and the activation share the split-K reduction where one runs
+        (no separate activation kernel).  Not differentiable.
+    """
+    m, k, _ = _checked(x, w, None)
+    if m % 2:
+        raise ValueError(f"w has {m} rows; a merged gate / up weight has an even number (gate rows, then up rows)")
+    lead = x.shape[:-1]
+    y = _spmm_silu_mul_op(x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k)
+    return y.reshape(*lead, m // 2)
+
+
+def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: SparseFormat,
+                  act: str | None = None) -> torch.Tensor:
+    """``rms_norm(x) @ w^T``: a decoder layer's RMSNorm and the projection after it, in one call.
+
+    Args:
+        x: ``[..., K]`` activations (the residual stream), fp16 or bf16 (the dtype of ``w``), any strides.
+        norm_weight: the RMSNorm's ``[K]`` weight, same dtype and device.
+        eps: the RMSNorm's epsilon.
+        w: compressed weight of logical shape ``[M, K]``, on the device of ``x``.
+        act: ``None``, or ``"silu_mul"`` for a merged gate / up weight (as :func:`spmm_silu_mul`).
+
+    Returns:
+        ``[..., M]`` (``[..., M / 2]`` with ``act``) in ``x.dtype``: :func:`~flash_llm.reference.rms_norm` (transformers'
+        LlamaRMSNorm), then the product accumulated in fp32.  On CUDA at one token with split-K (Tiled-CSL), the
+        norm's weight scales ``x`` inside the spmm and each token's factor is applied in the split-K reduction, so
+        the norm has no kernel of its own; the result is the same to rounding, not bit for bit.  Not differentiable.
+    """
+    m, k, _ = _checked(x, w, None)
+    if act not in (None, "silu_mul"):
+        raise ValueError(f"act must be None or 'silu_mul', got {act!r}")
+    if act is not None and m % 2:
+        raise ValueError(f"w has {m} rows; a merged gate / up weight has an even number (gate rows, then up rows)")
+    if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"norm_weight must be a [{k}] {x.dtype} tensor, got "
+                         f"{getattr(norm_weight, 'dtype', type(norm_weight).__name__)} "
+                         f"{tuple(getattr(norm_weight, 'shape', ()))}")
+    if norm_weight.device != x.device:
+        raise ValueError(f"norm_weight is on {norm_weight.device} but x is on {x.device}")
+    lead = x.shape[:-1]
+    y = _spmm_rms_norm_op(x.reshape(-1, k), norm_weight.contiguous(), float(eps), w.data, w.offsets,
+                          FORMAT_IDS[type(w)], m, k, act is not None)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
+    """``acc += x @ w^T`` in place (a decoder layer's projection and the residual add after it); returns ``acc``.
+
+    Args:
+        acc: ``[..., M]``, contiguous, the dtype and device of ``x`` (the residual stream).
+        x: ``[..., K]`` activations, fp16 or bf16 (the dtype of ``w``), any strides.
+        w: compressed weight of logical shape ``[M, K]``.
+
+    The product is rounded to the dtype, then added (rounded again), as ``acc + spmm(x, w)`` would; on CUDA at one
+    token with split-K (Tiled-CSL) the add happens in the split-K reduction.  Not differentiable.
+    """
+    m, k, _ = _checked(x, w, None)
+    if not isinstance(acc, torch.Tensor) or acc.shape != (*x.shape[:-1], m) or acc.dtype != x.dtype:
+        raise ValueError(f"acc must be a {x.dtype} tensor of shape {(*x.shape[:-1], m)}, got "
+                         f"{getattr(acc, 'dtype', type(acc).__name__)} {tuple(getattr(acc, 'shape', ()))}")
+    if acc.device != x.device or not acc.is_contiguous():
+        raise ValueError(f"acc must be contiguous and on {x.device} (it is {'' if acc.is_contiguous() else 'not '}"
+                         f"contiguous, on {acc.device})")
+    _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k)
+    return acc

@@ -27,3 +27,19 @@ def spmm_reference(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None =
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm of ``x [..., K]`` with ``weight [K]``: normalize in fp32, round to ``x``'s dtype,
+    then scale by ``weight`` (rounded again)."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def silu_mul_halves(y: torch.Tensor) -> torch.Tensor:
+    """``y [..., 2 H]`` (a merged gate / up projection's output) -> ``silu(y[..., :H]) * y[..., H:]`` ``[..., H]``,
+    computed in fp32 and rounded once to ``y``'s dtype (as the engine's compiled ``silu_mul`` does)."""
+    g, u = y.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u).to(y.dtype)

@@ -137,6 +137,55 @@ def test_fused_elementwise_kernels_keep_the_logits(dtype, family):
     Engine(fused_model, max_batch=4, max_seq=96, fuse=True).generate(prompts[:1], 4)  # batch 1: another graph
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_one_token_layers_inside_the_sparse_projections(dtype, monkeypatch):
+    """A fused, merged Tiled-CSL Llama at batch 1 runs each decode layer as forward_one_token: the norms in the n1s
+    spmm and its rms reductions, the residual adds in the resid reductions (launches checked). Its logits within the
+    bound of the deferred path's (FLASH_LLM_FUSE_NORMS=0) error against fp32 transformers; graph replay equal to its
+    eager decode."""
+    from flash_llm import kernels
+    from flash_llm.models import llama
+
+    hm = _hf("llama").cuda()
+    prompts = _prompts(1, 3)
+
+    def sparse_model():
+        m = _ours(hm, dtype)
+        magnitude_prune_(m, 0.8, filter_fn=lambda mod, fqn: fqn != "lm_head")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flash_llm.sparsify_(m, flash_llm.SparsifyConfig(format="tiled-csl"))
+        return m
+
+    launched = []
+    real_launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw))
+    model = sparse_model()
+    got = Engine(model, max_batch=1, max_seq=96, fuse=True, merge=True).generate(prompts, 12, output_logits=True)
+    assert any(n.endswith("_n1s") for n in launched) and any("reduce_rms_silu_" in n for n in launched)
+    assert any("reduce_resid_" in n for n in launched), sorted(set(launched))
+    eager = Engine(model, max_batch=1, max_seq=96, cuda_graphs=False).generate(prompts, 12, output_logits=True)
+    assert (got.logits - eager.logits).abs().max().item() == 0.0, "graph replay differs from eager decode"
+    monkeypatch.setattr(llama, "FUSE_NORMS", False)
+    launched.clear()
+    deferred = Engine(sparse_model(), max_batch=1, max_seq=96, fuse=True, merge=True).generate(prompts, 12,
+                                                                                            output_logits=True)
+    assert not any(n.endswith("_n1s") for n in launched)
+    # the pruned model in fp32 (the same zeros) is the reference
+    ref_model = sparse_model()
+    for mod in list(ref_model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, flash_llm.SparseLinear):
+                setattr(mod, name, child.to_linear().float())
+    ref = Engine(ref_model.float(), max_batch=1, max_seq=96).generate(prompts, 12, output_logits=True)
+    n = next((i for i in range(12) if got.tokens[0, i] != ref.tokens[0, i] or deferred.tokens[0, i] != ref.tokens[0, i]),
+             12)
+    assert n >= 4, "the decodes part after fewer than 4 tokens: pick another prompt"
+    err = (got.logits[0, :n] - ref.logits[0, :n]).abs().max().item()
+    err_deferred = (deferred.logits[0, :n] - ref.logits[0, :n]).abs().max().item()
+    assert err <= 2 * err_deferred + ULP[dtype] * ref.logits[0, :n].abs().max().item(), (err, err_deferred)
+
+
 @pytest.mark.parametrize("kind", ["dense", "bitmap"])
 def test_merged_projections_keep_the_logits(kind):
     """Engine(merge=True) on the GPU (CUDA graphs, fp16), dense and sparse: the logits of the separate layers to

@@ -105,6 +105,102 @@ def test_split_k_does_not_change_result(fmt):
     assert torch.equal(run_kernel(x, w, None, splits=16, force_sparse=True), outs[3])
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [256, 192])  # 192: not a multiple of 128, so the activation runs after the product
+def test_silu_mul_in_the_reduction(fmt, dtype, m):
+    """spmm_cuda(act="silu_mul") on a merged gate / up weight equals silu(gate) * up of the plain product with the same
+    split count (the same partial sums; the fused reduction rounds gate and up as the product does), at every N and
+    split, with a poisoned output; and ops.spmm_silu_mul on CUDA gives the same."""
+    from flash_llm.reference import silu_mul_halves
+
+    gen = torch.Generator(device="cuda").manual_seed(11 + m)
+    w_dense = sparse_weight(m, 2048, 0.2, dtype, gen)
+    w = fmt.from_dense(w_dense)
+    k = _kernels()
+    for n in (1, 8, 17, 40, 100):
+        x = torch.randn(n, 2048, generator=gen, device="cuda").to(dtype)
+        for splits in (1, 3, None):
+            for ways in ((None, 1, 4) if fmt is flash_llm.TiledCSL and splits == 3 else (None,)):
+                want = silu_mul_halves(run_kernel(x, w, None, splits=splits, force_sparse=True, ways=ways))
+                out = torch.full((n, m // 2), float("nan"), dtype=dtype, device="cuda")
+                got = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, 2048, None, splits=splits,
+                                  force_sparse=True, out=out, ways=ways, act="silu_mul")
+                assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
+                torch.testing.assert_close(got.float(), want.float(), rtol=ULP[dtype], atol=ULP[dtype])
+        ref = silu_mul_halves((x.double() @ w_dense.double().t()).to(dtype))
+        torch.testing.assert_close(flash_llm.ops.spmm_silu_mul(x, w).float(), ref.float(), rtol=4 * ULP[dtype],
+                                   atol=4 * ULP[dtype] * (1 + ref.float().abs().max().item()))
+    with pytest.raises(ValueError, match="act"):
+        k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, 2048, None, act="gelu")
+    with pytest.raises(ValueError, match="no bias"):
+        k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, 2048, torch.zeros(m, dtype=dtype, device="cuda"),
+                    act="silu_mul")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k_in", [2048, 2056])  # 2056: a last tile of 8 columns
+def test_norm_and_residual_around_the_n1_kernel(dtype, k_in):
+    """spmm_cuda(norm=...), (norm, act="silu_mul") and (add_to=...) at N = 1 with split-K (the n1s kernel and the
+    rms / rms_silu / resid reductions), and unfused (one split, N = 2): the norm within 4 ulp of the output's scale of
+    the reference composition (RMSNorm in PyTorch, then the product in float64; the fused norm rounds at other
+    steps), the residual add bit for bit what adding the plain product gives; outputs poisoned, results
+    deterministic, the launches the ones named."""
+    from flash_llm.reference import rms_norm, silu_mul_halves
+
+    k = _kernels()
+    gen = torch.Generator(device="cuda").manual_seed(k_in)
+    m = 256
+    w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
+    w = flash_llm.TiledCSL.from_dense(w_dense)
+    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    launched = []
+    real_launch = k.launch
+    k.launch = lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw)
+    try:
+        for n in (1, 2):
+            x = (3 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
+            h = rms_norm(x, g, 1e-5)
+            ref = h.double() @ w_dense.double().t()
+            for splits in (1, 3, None):
+                launched.clear()
+                out = torch.full((n, m), float("nan"), dtype=dtype, device="cuda")
+                got = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
+                                  force_sparse=True, out=out, norm=(g, 1e-5))
+                fused = n == 1 and splits != 1
+                assert any(s.endswith("_n1s") for s in launched) == fused, launched
+                assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
+                err = (got.double() - ref).abs().max().item()
+                assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (n, splits, err)
+                if not fused:
+                    assert torch.equal(got, run_kernel(h, w, None, splits=splits, force_sparse=True))
+                again = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None,
+                                    splits=splits, force_sparse=True, norm=(g, 1e-5))
+                assert torch.equal(again, got)
+                launched.clear()
+                act = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None,
+                                  splits=splits, force_sparse=True, norm=(g, 1e-5), act="silu_mul")
+                assert any("reduce_rms_silu_" in s for s in launched) == fused, launched
+                want = silu_mul_halves(ref.to(dtype))
+                torch.testing.assert_close(act.float(), want.float(), rtol=0,
+                                           atol=8 * ULP[dtype] * (1 + want.float().abs().max().item()))
+                launched.clear()
+                acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
+                plain = acc + run_kernel(x, w, None, splits=splits, force_sparse=True)
+                assert k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
+                                   force_sparse=True, add_to=acc) is acc
+                assert any("reduce_resid_" in s for s in launched) == fused, launched
+                assert torch.equal(acc, plain)
+        y = flash_llm.ops.spmm_rms_norm(x[:1], g, 1e-5, w)
+        assert (y.double() - ref[:1]).abs().max().item() <= 4 * ULP[dtype] * (1 + ref.abs().max().item())
+    finally:
+        k.launch = real_launch
+    with pytest.raises(ValueError, match="add_to goes with none"):
+        k.spmm_cuda(x, w.data, w.offsets, 1, m, k_in, None, add_to=acc, norm=(g, 1e-5))
+    with pytest.raises(ValueError, match=r"norm's weight must be \[%d\]" % k_in):
+        k.spmm_cuda(x, w.data, w.offsets, 1, m, k_in, None, norm=(g[:8], 1e-5))
+
+
 @pytest.mark.parametrize("n", [1, 9, 17, 32])
 def test_tiled_csl_reduce_ways_agree(n):
     """The Tiled-CSL split-K reduction with 1 and with 4 warps per group set: both right, each deterministic."""

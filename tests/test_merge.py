@@ -129,3 +129,103 @@ def test_saving_a_merged_model_is_refused_until_unmerged(tmp_path):
     flash_llm.save_pretrained(m, tmp_path / "ckpt", progress=False)
     back = flash_llm.from_pretrained(tmp_path / "ckpt")
     assert torch.equal(back.model.layers[0].self_attn.k_proj.to_dense(), m.model.layers[0].self_attn.k_proj.to_dense())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_spmm_silu_mul_is_silu_of_gate_times_up(fmt, dtype):
+    """ops.spmm_silu_mul on the CPU: the merged product rounded to the dtype, then silu(gate) * up in fp32, rounded
+    once; it refuses what spmm refuses, and an odd row count."""
+    w = fmt.from_dense(_sparse(2 * 72, 96, 0.3, dtype, 1))
+    x = torch.randn(3, 5, 96).to(dtype)
+    y = flash_llm.spmm(x, w).float()
+    want = (torch.nn.functional.silu(y[..., :72]) * y[..., 72:]).to(dtype)
+    got = flash_llm.ops.spmm_silu_mul(x, w)
+    assert got.shape == (3, 5, 72) and got.dtype == dtype
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="even"):
+        flash_llm.ops.spmm_silu_mul(x, fmt.from_dense(_sparse(71, 96, 0.3, dtype, 2)))
+    with pytest.raises(TypeError, match="dtype"):
+        flash_llm.ops.spmm_silu_mul(x.float(), w)
+    with pytest.raises(ValueError, match="last dimension"):
+        flash_llm.ops.spmm_silu_mul(x[..., :95], w)
+    with pytest.raises(TypeError, match="compressed weight"):
+        flash_llm.ops.spmm_silu_mul(x, torch.zeros(144, 96, dtype=dtype))
+
+
+@pytest.mark.parametrize("kind", ["bitmap", "tiled-csl"])
+def test_fused_llama_mlp_takes_silu_mul_from_the_sparse_projection(kind, monkeypatch):
+    """A fused Llama MLP whose merged gate / up is one SparseLinear calls spmm_silu_mul (not the separate silu_mul
+    kernel) and gives what the separate projections and silu_mul give."""
+    from flash_llm.models import llama, set_fused
+
+    m = _model("llama", kind)
+    merge_projections(m)
+    mlp = m.model.layers[0].mlp
+    calls = []
+    real = llama.spmm_silu_mul
+    monkeypatch.setattr(llama, "spmm_silu_mul", lambda x, w: calls.append(x.shape) or real(x, w))
+    x = torch.randn(2, 3, m.config.hidden_size).to(torch.float16)
+    gate, up = mlp.gate_up_proj(x)
+    want = mlp.down_proj((torch.nn.functional.silu(gate.float()) * up.float()).to(torch.float16))
+    set_fused(m, True)
+    got = mlp(x)
+    assert calls == [(2, 3, m.config.hidden_size)]
+    assert torch.equal(got, want)
+    set_fused(m, False)
+    assert torch.equal(mlp(x), mlp.down_proj(torch.nn.functional.silu(gate) * up)) and len(calls) == 1
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_spmm_rms_norm_and_spmm_add_on_the_cpu(fmt, dtype):
+    """ops.spmm_rms_norm is spmm of the reference RMSNorm (and then SiLU x up with act), ops.spmm_add_ adds the
+    rounded product in place; both refuse bad arguments by name."""
+    from flash_llm.reference import rms_norm
+
+    w = fmt.from_dense(_sparse(2 * 72, 96, 0.3, dtype, 1))
+    x = (4 * torch.randn(3, 5, 96)).to(dtype)
+    g = (torch.rand(96) + 0.5).to(dtype)
+    got = flash_llm.ops.spmm_rms_norm(x, g, 1e-5, w)
+    assert got.shape == (3, 5, 144) and got.dtype == dtype
+    assert torch.equal(got, flash_llm.spmm(rms_norm(x, g, 1e-5), w))
+    assert torch.equal(flash_llm.ops.spmm_rms_norm(x, g, 1e-5, w, act="silu_mul"),
+                       flash_llm.ops.spmm_silu_mul(rms_norm(x, g, 1e-5), w))
+    acc = torch.randn(3, 5, 144).to(dtype)
+    want = acc + flash_llm.spmm(x, w)
+    assert flash_llm.ops.spmm_add_(acc, x, w) is acc and torch.equal(acc, want)
+    with pytest.raises(ValueError, match=r"norm_weight must be a \[96\]"):
+        flash_llm.ops.spmm_rms_norm(x, g[:95], 1e-5, w)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        flash_llm.ops.spmm_rms_norm(x, g.float(), 1e-5, w)
+    with pytest.raises(ValueError, match="act must be"):
+        flash_llm.ops.spmm_rms_norm(x, g, 1e-5, w, act="gelu")
+    with pytest.raises(ValueError, match="even"):
+        flash_llm.ops.spmm_rms_norm(x, g, 1e-5, fmt.from_dense(_sparse(71, 96, 0.3, dtype, 2)), act="silu_mul")
+    with pytest.raises(ValueError, match=r"acc must be a .* of shape \(3, 5, 144\)"):
+        flash_llm.ops.spmm_add_(acc[..., :72], x, w)
+    with pytest.raises(ValueError, match="acc must be contiguous"):
+        flash_llm.ops.spmm_add_(torch.zeros(5, 3, 144, dtype=dtype).transpose(0, 1), x, w)
+    assert torch.equal(acc, want)  # nothing written by the refused calls
+
+
+@pytest.mark.parametrize("kind", ["bitmap", "tiled-csl"])
+def test_fused_llama_runs_one_token_through_the_sparse_projections(kind, monkeypatch):
+    """Fused and merged, a sparse Llama decodes one sequence with each layer's norms and residual adds inside its
+    projections (forward_one_token, once per layer and decode step; the prefill and FLASH_LLM_FUSE_NORMS=0 keep
+    forward_deferred), and generates what forward_deferred does."""
+    from flash_llm.models import llama
+
+    calls = []
+    real = llama.LlamaDecoderLayer.forward_one_token
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "forward_one_token",
+                        lambda self, *a: calls.append(self.self_attn.layer_idx) or real(self, *a))
+    got = Engine(_model("llama", kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
+        [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
+    assert calls == [0, 1] * 5  # 5 decode steps after the prefill's token
+    monkeypatch.setattr(llama, "FUSE_NORMS", False)
+    want = Engine(_model("llama", kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
+        [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
+    assert len(calls) == 10
+    torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)
+    assert torch.equal(got.tokens, want.tokens)

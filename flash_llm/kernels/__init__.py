@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
+from ..reference import rms_norm, silu_mul_halves
 from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch  # noqa: F401
 
 WARPS = 4
@@ -331,6 +332,8 @@ def _density(fmt: int, data: torch.Tensor, m: int, k: int) -> float:
 _static = threading.local()
 #: ``FLASH_LLM_PDL_SPMM=0`` keeps the spmm launches plain even under :func:`static_weights`
 PDL_SPMM = os.environ.get("FLASH_LLM_PDL_SPMM", "1") != "0"
+#: ``FLASH_LLM_PDL_ATTN=0`` keeps the decode-attention launch plain under :func:`static_weights`
+PDL_ATTN = os.environ.get("FLASH_LLM_PDL_ATTN", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -339,7 +342,11 @@ def static_weights():
     under it).  The Tiled-CSL spmm is then launched with programmatic dependent launch (sm_90): its blocks load the
     weight's offsets and first entries while the previous kernel, which writes ``x``, finishes, and wait for it
     (``griddepcontrol.wait``) before reading ``x`` or writing anything.  Outside the block a kernel that has just
-    written a weight could still be running when the spmm reads it, so the launch is plain there."""
+    written a weight could still be running when the spmm reads it, so the launch is plain there.
+
+    The decode-attention kernel is launched so too (:data:`PDL_ATTN`); it waits before reading anything.  It and the
+    split-K reductions let the next kernel launch as soon as their blocks start, so the spmm that follows one of them
+    loads its first weight entries while it runs."""
     before = getattr(_static, "on", False)
     _static.on = True
     try:
@@ -408,27 +415,57 @@ def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
 
 def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
               bias: torch.Tensor | None, splits: int | None = None, force_sparse: bool = False,
-              out: torch.Tensor | None = None, ways: int | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, ways: int | None = None, act: str | None = None,
+              norm: tuple[torch.Tensor, float] | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``x [N, K]`` (CUDA, fp16/bf16) times the compressed ``W [m, k]`` transposed -> ``[N, m]``.
 
     ``splits`` overrides the split-K heuristic, ``force_sparse`` the large-N dispatch, ``ways`` (1 or 4) the
-    Tiled-CSL reduction's :func:`reduce_ways`, and ``out`` (contiguous ``[N, m]``) receives the result (tests
-    poison it first).
+    Tiled-CSL reduction's :func:`reduce_ways`, and ``out`` (contiguous, ``[N, m]``, or ``[N, m / 2]`` with ``act``)
+    receives the result (tests poison it first).
+
+    Around the product (each computed inside the kernels where :func:`_fusable` says so, else by separate
+    operations with the same rounding steps):
+    - ``act="silu_mul"`` (``W`` a merged gate / up weight, ``m`` even, no bias): returns
+      :func:`~flash_llm.reference.silu_mul_halves` of the product, ``[N, m / 2]``.
+    - ``norm=(weight [K], eps)``: the product of :func:`~flash_llm.reference.rms_norm` ``(x, weight, eps)`` instead
+      of ``x``.  Fused (Tiled-CSL at N = 1 with split-K), ``x``'s columns are scaled by ``weight`` in the spmm and
+      each token's factor ``rsqrt(mean(x^2) + eps)`` multiplies its sums in the reduction: the same to rounding,
+      not bit for bit.
+    - ``add_to`` (``[N, m]``, contiguous, the dtype of ``x``): the product (+ bias), rounded, is added into it in
+      place (the residual add of a layer); ``add_to`` is returned.  Not with ``act``, ``norm`` or ``out``.
     """
     if ways not in (None, 1, 4):
         raise ValueError(f"ways must be 1 or 4, got {ways!r}")
+    if act not in (None, "silu_mul"):
+        raise ValueError(f"act must be None or 'silu_mul', got {act!r}")
+    if act is not None and (m % 2 or bias is not None):
+        raise ValueError(f"act='silu_mul' needs an even m and no bias (m={m}, bias given: {bias is not None})")
+    if norm is not None and (norm[0].shape != (k,) or norm[0].dtype != x.dtype or norm[0].device != x.device):
+        raise ValueError(f"norm's weight must be [{k}] in {x.dtype} on {x.device}, got {norm[0].dtype} "
+                         f"{tuple(norm[0].shape)} on {norm[0].device}")
+    if add_to is not None:
+        if act is not None or norm is not None or out is not None:
+            raise ValueError("add_to goes with none of act, norm and out")
+        if add_to.shape != (x.shape[0], m) or add_to.dtype != x.dtype or not add_to.is_contiguous():
+            raise ValueError(f"add_to must be a contiguous {x.dtype} tensor of shape {(x.shape[0], m)}, got "
+                             f"{add_to.dtype} {tuple(add_to.shape)}")
     n = x.shape[0]
     dev = x.device
     density = _density(fmt, data, m, k)
+    extra = act is not None or norm is not None or add_to is not None
+    if extra and (n == 0 or not _fusable(x, data, fmt, m, k, density, splits, force_sparse, act, norm, add_to)):
+        return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
     if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k):
         return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
-    y = torch.empty(n, m, dtype=x.dtype, device=dev) if out is None else out
+    m_out = m // 2 if act else m
+    y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
     if n == 0:
         return y
     x = x.contiguous()
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
     name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index, density)
     bw = fmt == BITMAP and shared > 0  # the bitmap warpgroup kernel
+    xn = x  # the rows whose RMS scales the sums (norm)
     if bw:  # X' in the fragments' column order, padded to whole 64-column tiles
         x, vec = fragment_columns(x), 1
     threads = block_threads(name)
@@ -450,6 +487,9 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
             (bias_ptr, P), (ws_ptr, P), (tk_ptr, P),
             (m, I), (k, I), (n, I), (x.shape[1], I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
             (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
+    if norm is not None:  # tiled_csl_spmm_<dtype>_n1s: X's columns scaled by the norm's weight
+        name += "s"
+        args.append((norm[0].data_ptr(), P))
     launch(name, (blocks, p.splits, 1), threads, args, stream, dev.index, shared,
            pdl=fmt == TILED_CSL and PDL_SPMM and getattr(_static, "on", False))
     if p.splits > 1 and (fmt == TILED_CSL or bw):
@@ -457,10 +497,51 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         # Programmatic launch (the reduction's blocks wait resident for the spmm) at N <= 8 only.  H200, session 7:
         # Llama-3-8B decode at 80 % 1.1-1.3 % faster per token; but 4096 x 14336 at N = 16 25 -> 27 us (its
         # blocks take SM room from the spmm's later waves), so not at NT >= 2.
-        launch(f"splitk_reduce_{_dtype_suffix(x.dtype)}_nt{p.nt}", (tiles, w * p.nt, 1), THREADS,
-               [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m, I), (n, I), (p.splits, I), (tiles, I),
-                (chunks, I), (w, I)], stream, dev.index, pdl=p.nt == 1)
+        mode = ("rms_" if norm is not None else "") + ("silu_" if act else "") + ("resid_" if add_to is not None else "")
+        launch(f"splitk_reduce_{mode}{_dtype_suffix(x.dtype)}_nt{p.nt}",
+               (tiles // 2 if act else tiles, w * p.nt, 1), THREADS,
+               [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m_out, I), (n, I), (p.splits, I), (tiles, I),
+                (chunks, I), (w, I), (xn.data_ptr(), P), (k, I), (float(norm[1]) if norm else 0.0, ctypes.c_float)],
+               stream, dev.index, pdl=p.nt == 1)
     return y
+
+
+def _fusable(x, data, fmt, m, k, density, splits, force_sparse, act, norm, add_to) -> bool:
+    """Whether :func:`spmm_cuda`'s ``act`` / ``norm`` / ``add_to`` run inside the kernels: the sparse kernel runs
+    with split-K and its reduction is ``splitk_reduce`` (SiLU x up: Tiled-CSL or the bitmap warpgroup kernels, ``m``
+    a multiple of 128); for ``norm`` and ``add_to`` the Tiled-CSL kernel of N = 1 (``_n1``), with 16-byte aligned
+    rows (``K % 8 == 0``) and, for ``norm``, a contiguous weight."""
+    dev = x.device
+    n = x.shape[0]
+    if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k):
+        return False
+    vec = k % 8 == 0 and x.is_contiguous() and x.data_ptr() % 16 == 0
+    name, wg, shared = kernel_config(fmt, x.dtype, n, vec, dev.index, density)
+    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, block_threads(name), shared),
+             splits, fmt, wg)
+    if p.splits < 2:
+        return False
+    if (norm is not None or add_to is not None) and not (fmt == TILED_CSL and name.endswith("_n1") and vec):
+        return False
+    if norm is not None and not (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0):
+        return False
+    return act is None or (m % 128 == 0 and (fmt == TILED_CSL or (fmt == BITMAP and shared > 0)))
+
+
+def _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to):
+    """:func:`spmm_cuda`'s ``act`` / ``norm`` / ``add_to`` as separate operations around the plain product."""
+    if norm is not None:
+        x = rms_norm(x, norm[0], norm[1])
+    y = spmm_cuda(x, data, offsets, fmt, m, k, bias, splits, force_sparse, None, ways)
+    if act is not None:
+        y = silu_mul_halves(y)
+    if add_to is not None:
+        return add_to.add_(y)
+    return _into(y, out)
+
+
+def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return y if out is None else out.copy_(y)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -559,7 +640,7 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32)]
     launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args,
-           torch.cuda.current_stream(dev).cuda_stream, dev.index)
+           torch.cuda.current_stream(dev).cuda_stream, dev.index, pdl=PDL_ATTN and getattr(_static, "on", False))
     return out
 
 

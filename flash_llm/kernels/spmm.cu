@@ -810,9 +810,12 @@ DEVI void csl_fma4_n1(u32 pbase, u32 xs, const uint4& e4) {
   }
 }
 
-template <bool BF16>
+// SCALE (tiled_csl_spmm_<dtype>_n1s): X's column c is first multiplied by colscale[c], rounded to the dtype once (the
+// RMSNorm weight of kernels.spmm_cuda(norm=...); the norm's per-token factor is applied by the reduction).  Each lane
+// scales its own two columns of the tile's X row after it lands; the scale's load is issued with the previous tile.
+template <bool BF16, bool SCALE = false>
 DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                            int kt_per_split, Problem p) {
+                            int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr) {
   __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
   __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
   const int lane = threadIdx.x & 31;
@@ -833,6 +836,8 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
     st.prefetch();
     pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
     load_x(kb, 0);
+    const int sc = 64 * kb + 2 * lane;  // this lane's first column of the tile (SCALE)
+    u32 gs = SCALE && sc < p.K ? *reinterpret_cast<const u32*>(colscale + sc) : 0u;
     for (int j = kb; j < ke; ++j) {
       const int b = (j - kb) & 1;
       if (j + 1 < ke) {
@@ -843,6 +848,18 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
       }
       __syncwarp();
       const u32 xs = xs0 + 128 * b;
+      if (SCALE) {
+        const int c = 64 * j + 2 * lane;
+        if (c < p.K) {  // K is even here (the launcher asks K % 8 == 0): both columns or neither
+          u32 xv;
+          asm volatile("ld.shared.u32 %0, [%1];" : "=r"(xv) : "r"(xs + 4 * lane));
+          const u32 lo = from_float<BF16>(to_float<BF16>((u16)xv) * to_float<BF16>((u16)gs));
+          const u32 hi = from_float<BF16>(to_float<BF16>((u16)(xv >> 16)) * to_float<BF16>((u16)(gs >> 16)));
+          asm volatile("st.shared.u32 [%0], %1;" ::"r"(xs + 4 * lane), "r"(lo | (hi << 16)) : "memory");
+        }
+        gs = j + 1 < ke && c + 64 < p.K ? *reinterpret_cast<const u32*>(colscale + c + 64) : 0u;
+        __syncwarp();
+      }
       const int rounds = (st.hi - st.lo + 31) >> 5;  // warp-uniform
 #pragma unroll
       for (int r = 0; r < PF; ++r)
@@ -1431,46 +1448,148 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 // WAYS = 4 gives layers with few row blocks four times the threads (Llama-3-8B's 4096 rows: 64 tiles; at N = 1
 // 28 -> 22 us on 4096 x 14336, H200); WAYS = 1 (one thread per group, no shared memory) is faster once the
 // launch already fills the GPU (9216 x 36864 at N = 32: 105 vs 101 us).  The launcher picks (reduce_ways).
-template <bool BF16, int NT>
+// Y at row m (of the M = H outputs), columns n, n + 2, n + 4, n + 6 (those below N) of silu(gate) x up, from the sums
+// of gate row m (g) and up row H + m (u) of the merged [2 H, K] weight: each sum rounded to the dtype first (the
+// merged projection's output), then silu(g) u in fp32, rounded once (as the fused silu_mul kernel of the engine).
+template <bool BF16>
+DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, int N, int m, int n) {
+  const float g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N) {
+      const float gr = to_float<BF16>(from_float<BF16>(g[t])), ur = to_float<BF16>(from_float<BF16>(u[t]));
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);  // no division call
+    }
+}
+
+// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- Y + (v + bias), the sum rounded to the dtype first
+// (the product's output), then the add rounded (the residual add of the layer).
+template <bool BF16>
+DEVI void add_group(const float4& v, u16* y, const u16* bias, int M, int N, int m, int n) {
+  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
+  const float r[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N) {
+      u16* dst = y + (long long)(n + 2 * t) * M + m;
+      *dst = from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r[t] + b)));
+    }
+}
+
+// The reduction's modes (bits of MODE; kernels.spmm_cuda picks them):
+// - RED_SILU: the reduction of a merged gate / up projection ([2 M, K], M a multiple of 64, no bias) that writes
+//   silu(gate) x up [N, M] instead of [N, 2 M]: its grid covers the gate rows' tiles; each group also sums the up row
+//   M + m, which sits M / 64 row tiles further in the partial sums.
+// - RED_RMS: each token's sums are multiplied by its RMSNorm factor rsqrt(mean(xn[n, :]^2) + eps) (xn: [N, K], rows
+//   16-byte aligned, K % 8 == 0) before anything else: with the norm's weight folded into X by the spmm (the
+//   n1s kernel), the product of the normalized X.  The block computes the factors of its tokens itself (fp32).
+// - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
+constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;
+template <bool BF16, int NT, int MODE = 0>
 DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, int M,
-                             int N, int splits, int tiles, int n_chunks, int ways) {
+                             int N, int splits, int tiles, int n_chunks, int ways, const u16* __restrict__ xn,
+                             int K, float eps) {
+  constexpr bool SILU = MODE & RED_SILU, RMS = MODE & RED_RMS;
   __shared__ float4 part[WARPS][32];
+  __shared__ float4 part_up[SILU ? WARPS : 1][32];
+  __shared__ float rms[RMS ? NT * 8 : 1];
+  pdl_launch_dependents();  // the next kernel, if launched programmatically, may load its weights meanwhile
   pdl_wait();  // the spmm grid's partials (a no-op without programmatic launch)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tile = blockIdx.x;
+  if (RMS) {  // warp w: the factors of the chunk's tokens w, w + WARPS, ...
+    const int n0 = tile % n_chunks * NT * 8;
+#pragma unroll
+    for (int tt = 0; tt < NT * 8 / WARPS; ++tt) {  // every warp runs every step and shuffle (no divergent shuffles)
+      const int t = warp + WARPS * tt;
+      const bool on = n0 + t < N;
+      const uint4* row = reinterpret_cast<const uint4*>(xn + (long long)(on ? n0 + t : 0) * K);
+      float ss = 0.f;
+      for (int i0 = 0; i0 < K / 8; i0 += 32) {
+        const uint4 u = on && i0 + lane < K / 8 ? __ldcg(row + i0 + lane) : make_uint4(0, 0, 0, 0);
+        const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float a = to_float<BF16>((u16)w[e]), b = to_float<BF16>((u16)(w[e] >> 16));
+          ss = fmaf(a, a, fmaf(b, b, ss));
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      if (lane == 0 && on) rms[t] = rsqrtf(ss * __fdividef(1.f, (float)K) + eps);  // sum x (1 / K), as torch takes the mean
+    }
+    __syncthreads();
+  }
   const int way = warp % ways;                                   // which share of the splits
   const int q = (blockIdx.y * WARPS + warp) / ways * 32 + lane;  // the group
   int m, n;
   group_row_col<NT>(q, tile / n_chunks * (WARPS * 16), tile % n_chunks * NT * 8, m, n);
   const bool live = q < 128 * NT && m < M && n < N;
-  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f), vu = v;
   if (live) {
+    const long long stride = (long long)tiles * 128 * NT;
     const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
-    v = sum_splits(src, (long long)tiles * 128 * NT, way * splits / ways, (way + 1) * splits / ways);
+    v = sum_splits(src, stride, way * splits / ways, (way + 1) * splits / ways);
+    if (SILU)
+      vu = sum_splits(src + (long long)(M / 64) * n_chunks * 128 * NT, stride, way * splits / ways,
+                      (way + 1) * splits / ways);
   }
   if (ways > 1) {  // uniform over the block
-    if (way > 0) part[warp][lane] = v;
+    if (way > 0) {
+      part[warp][lane] = v;
+      if (SILU) part_up[warp][lane] = vu;
+    }
     __syncthreads();
     if (way > 0) return;
     for (int w = 1; w < ways; ++w) {
       const float4 a = part[warp + w][lane];
       v.x += a.x; v.y += a.y; v.z += a.z; v.w += a.w;
+      if (SILU) {
+        const float4 b = part_up[warp + w][lane];
+        vu.x += b.x; vu.y += b.y; vu.z += b.z; vu.w += b.w;
+      }
     }
   }
-  if (live) store_group<BF16>(v, y, bias, M, N, m, n);
+  if (live) {
+    if (RMS) {  // tokens n, n + 2, n + 4, n + 6 of the chunk
+      const int t = n - tile % n_chunks * NT * 8;
+      const float r0 = rms[t], r1 = n + 2 < N ? rms[t + 2] : 0.f, r2 = n + 4 < N ? rms[t + 4] : 0.f,
+                  r3 = n + 6 < N ? rms[t + 6] : 0.f;
+      v.x *= r0; v.y *= r1; v.z *= r2; v.w *= r3;
+      vu.x *= r0; vu.y *= r1; vu.z *= r2; vu.w *= r3;
+    }
+    if (SILU)
+      store_silu_group<BF16>(v, vu, y, M, N, m, n);
+    else if (MODE & RED_RESID)
+      add_group<BF16>(v, y, bias, M, N, m, n);
+    else
+      store_group<BF16>(v, y, bias, M, N, m, n);
+  }
 }
 
-#define INSTANTIATE_REDUCE(NAME, BF16, NT)                                                                 \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
-  splitk_reduce_##NAME##_nt##NT(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, \
-                                int M, int N, int splits, int tiles, int n_chunks, int ways) {              \
-    splitk_reduce_body<BF16, NT>(ws, y, bias, M, N, splits, tiles, n_chunks, ways);                         \
+// splitk_reduce[_<mode>]_<dtype>_nt<NT>: mode silu, rms, rms_silu or resid (the last three only at NT = 1, after the
+// n1 / n1s kernels at N = 1; kernels.spmm_cuda)
+#define REDUCE_ARGS                                                                                          \
+  const float *__restrict__ ws, u16 *__restrict__ y, const u16 *__restrict__ bias, int M, int N, int splits, \
+      int tiles, int n_chunks, int ways, const u16 *__restrict__ xn, int K, float eps
+#define REDUCE_KERNEL(KNAME, BF16, NT, MODE)                                                             \
+  extern "C" __global__ void __launch_bounds__(THREADS) KNAME(REDUCE_ARGS) {                            \
+    splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, xn, K, eps);   \
   }
+#define INSTANTIATE_REDUCE(NAME, BF16, NT)                                   \
+  REDUCE_KERNEL(splitk_reduce_##NAME##_nt##NT, BF16, NT, 0)                  \
+  REDUCE_KERNEL(splitk_reduce_silu_##NAME##_nt##NT, BF16, NT, RED_SILU)
+#define INSTANTIATE_REDUCE_N1(NAME, BF16)                                            \
+  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt1, BF16, 1, RED_RMS)                    \
+  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt1, BF16, 1, RED_RMS | RED_SILU)    \
+  REDUCE_KERNEL(splitk_reduce_resid_##NAME##_nt1, BF16, 1, RED_RESID)
 INSTANTIATE_REDUCE(f16, false, 1)
 INSTANTIATE_REDUCE(f16, false, 2)
 INSTANTIATE_REDUCE(f16, false, 4)
 INSTANTIATE_REDUCE(bf16, true, 1)
 INSTANTIATE_REDUCE(bf16, true, 2)
 INSTANTIATE_REDUCE(bf16, true, 4)
+INSTANTIATE_REDUCE_N1(f16, false)
+INSTANTIATE_REDUCE_N1(bf16, true)
 
 INSTANTIATE_ALL(bitmap)
 INSTANTIATE(bitmap, f16, false, 8)
@@ -1498,6 +1617,15 @@ INSTANTIATE_MULTI(bf16, true, 4)
   }
 INSTANTIATE_N1(f16, false)
 INSTANTIATE_N1(bf16, true)
+// tiled_csl_spmm_<dtype>_n1s: the same with X's columns scaled by colscale first (SCALE above)
+#define INSTANTIATE_N1S(NAME, BF16)                                                                      \
+  extern "C" __global__ void __launch_bounds__(32, 24)                                                    \
+  tiled_csl_spmm_##NAME##_n1s(SPMM_ARGS, const u16* __restrict__ colscale) {                              \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_n1_body<BF16, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, colscale);   \
+  }
+INSTANTIATE_N1S(f16, false)
+INSTANTIATE_N1S(bf16, true)
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)                                                        \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
   tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
@@ -1628,6 +1756,11 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y, hg = blockIdx.z;
   const int rep = a.heads / a.kv_heads, h0 = hg * DA_HEADS, nh = min(DA_HEADS, rep - h0);
   const int s0 = split * DA_CHUNK;
+  // Under kernels.static_weights the kernel is launched programmatically: it waits here for the projection that
+  // wrote q, k_new and v_new (and reads nothing before), and lets the next kernel (the o projection, whose blocks only
+  // load their weights before their own wait) launch at once.  Both are no-ops for a plain launch.
+  pdl_launch_dependents();
+  pdl_wait();
   const long long slot64 = *a.slot;
   const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
   const u16* knew = a.k_new + b * a.k_b + kvh * D;

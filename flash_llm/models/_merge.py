@@ -54,6 +54,26 @@ def project(module: nn.Module, target: str, x: torch.Tensor) -> tuple[torch.Tens
     return tuple(getattr(module, n)(x) for n in module._merge_groups[target])
 
 
+def sparse_layer(module: nn.Module, name: str) -> SparseLinear | None:
+    """``module.<name>`` as one :class:`~flash_llm.SparseLinear` without a bias (the layer itself, or the stacked layer
+    of a :class:`MergedLinear`); else None."""
+    layer = getattr(module, name, None)
+    if isinstance(layer, MergedLinear):
+        layer = layer.layer
+    if not isinstance(layer, SparseLinear) or layer.bias is not None:
+        return None
+    return layer
+
+
+def sparse_gate_up(module: nn.Module) -> SparseLinear | None:
+    """``module``'s merged gate / up projection when it is one :class:`~flash_llm.SparseLinear` of two equal halves
+    without a bias, whose ``silu(gate) * up`` :func:`flash_llm.ops.spmm_silu_mul` computes in one call; else None."""
+    merged = getattr(module, "gate_up_proj", None)
+    if not isinstance(merged, MergedLinear) or len(merged.sizes) != 2 or merged.sizes[0] != merged.sizes[1]:
+        return None
+    return sparse_layer(module, "gate_up_proj")
+
+
 def _why_not(layers: list[nn.Module]) -> str | None:
     """Why these layers cannot be stacked (None if they can)."""
     kinds = {type(m) for m in layers}

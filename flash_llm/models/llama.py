@@ -12,15 +12,25 @@ Every projection is a plain ``nn.Linear`` (q, k, v, o, gate, up, down kept separ
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _fused
-from ._merge import project
+from .. import ops
+from ..ops import spmm_silu_mul
+from ._merge import project, sparse_gate_up, sparse_layer
 from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
 from .config import ModelConfig
+
+#: ``FLASH_LLM_FUSE_NORMS=0``: the fused model never runs :meth:`LlamaDecoderLayer.forward_one_token` (the RMSNorms
+#: and residual adds inside the sparse projections at one token) and keeps :meth:`~LlamaDecoderLayer.forward_deferred`
+FUSE_NORMS = os.environ.get("FLASH_LLM_FUSE_NORMS", "1") != "0"
+#: ``FLASH_LLM_SILU_REDUCE=0``: the fused MLP runs ``silu(gate) * up`` as its own compiled kernel even where the merged
+#: gate / up projection is sparse (else inside its split-K reduction, :func:`flash_llm.ops.spmm_silu_mul`)
+SILU_REDUCE = os.environ.get("FLASH_LLM_SILU_REDUCE", "1") != "0"
 
 ACT = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 
@@ -107,13 +117,18 @@ class LlamaAttention(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = project(self, "qkv_proj", x)
+        return self.o_proj(self.attend_heads(*project(self, "qkv_proj", x), cos, sin, attend))
+
+    def attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     attend: Attend) -> torch.Tensor:
+        """The attention between the projections: ``q, k, v [B, T, heads * D]`` (the q / k / v projections'
+        outputs) -> ``[B, T, heads * D]``, the o projection's input; writes the cache."""
+        b, t, _ = q.shape
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if use_decode_attention(q, attend):  # RoPE, the cache write and the attention in one kernel
-            return self.o_proj(decode_attention(q, k, v, attend, self.layer_idx, None, (cos, sin, self.fused)))
+            return decode_attention(q, k, v, attend, self.layer_idx, None, (cos, sin, self.fused))
         if self.fused and attend.cache is not None:  # RoPE and the cache write in one compiled function
             kc, vc = attend.cache.rows(self.layer_idx, b)
             q = _fused.op("rope_cache", True)(q, k, v, cos, sin, kc, vc, attend.slots)
@@ -122,7 +137,7 @@ class LlamaAttention(nn.Module):
             q, k = _fused.op("rope", self.fused)(q, k, cos, sin)
             if attend.cache is not None:
                 k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
-        return self.o_proj(attention(q, k, v, attend.mask, None))
+        return attention(q, k, v, attend.mask, None)
 
 
 class LlamaMLP(nn.Module):
@@ -139,6 +154,10 @@ class LlamaMLP(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.act is F.silu and SILU_REDUCE:
+            gu = sparse_gate_up(self)
+            if gu is not None and x.dtype == gu.weight_dtype:  # silu x up inside the sparse projection's reduction
+                return self.down_proj(spmm_silu_mul(x, gu.weight))
         gate, up = project(self, "gate_up_proj", x)
         if self.fused and self.act is F.silu:
             return self.down_proj(_fused.op("silu_mul", True)(gate, up))
@@ -175,6 +194,33 @@ class LlamaDecoderLayer(nn.Module):
         x, h = _fused.op("add_rms_norm", True)(x, self.self_attn(h, cos, sin, attend), post.weight, post.eps)
         return x, self.mlp(h)
 
+    def sparse_projections(self, x: torch.Tensor) -> tuple | None:
+        """The layer's ``(qkv, o, gate_up, down)`` :class:`~flash_llm.SparseLinear` layers when
+        :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``), :data:`FUSE_NORMS`, no
+        autograd, q / k / v and gate / up merged, all four sparse without bias in ``x``'s dtype, SiLU; else None."""
+        if not FUSE_NORMS or x.shape[0] * x.shape[1] != 1 or torch.is_grad_enabled() or self.mlp.act is not F.silu:
+            return None
+        a = self.self_attn
+        layers = (sparse_layer(a, "qkv_proj") if a.qkv_proj is not None else None, sparse_layer(a, "o_proj"),
+                  sparse_gate_up(self.mlp), sparse_layer(self.mlp, "down_proj"))
+        if any(p is None or p.weight_dtype != x.dtype for p in layers):
+            return None
+        return layers
+
+    def forward_one_token(self, x: torch.Tensor, cos, sin, attend: Attend, layers: tuple) -> torch.Tensor:
+        """The fused layer for one token on sparse projections (``layers`` from :meth:`sparse_projections`): each
+        RMSNorm runs inside the projection after it (:func:`flash_llm.ops.spmm_rms_norm`), each residual add inside
+        the projection before it (:func:`flash_llm.ops.spmm_add_`), SiLU x up inside the gate / up projection.  With
+        the Tiled-CSL kernels a layer is then 4 spmm launches, their 4 split-K reductions and the attention, against
+        12 launches for :meth:`forward_deferred`.  ``x [1, 1, H]``, the residual stream, is updated in place and
+        returned."""
+        qkv, o, gate_up, down = layers
+        a, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+        q, k, v = ops.spmm_rms_norm(x, norm.weight, norm.eps, qkv.weight).split(a.qkv_proj.sizes, dim=-1)
+        ops.spmm_add_(x, a.attend_heads(q, k, v, cos, sin, attend), o.weight)
+        ops.spmm_add_(x, ops.spmm_rms_norm(x, post.weight, post.eps, gate_up.weight, act="silu_mul"), down.weight)
+        return x
+
 
 class LlamaModel(nn.Module):
     """The decoder stack (HF's ``LlamaModel``): ``embed_tokens``, ``layers``, ``norm``."""
@@ -193,9 +239,17 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, attend.positions)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
-            delta = None
+            delta = None  # the last layer's MLP output, not yet added to x
             for layer in self.layers:
-                x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
+                sparse = layer.sparse_projections(x)
+                if sparse is None:
+                    x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
+                    continue
+                if delta is not None:
+                    x, delta = x + delta, None
+                x = layer.forward_one_token(x, cos, sin, attend, sparse)
+            if delta is None:
+                return _fused.op("rms_norm", True)(x, self.norm.weight, self.norm.eps)
             return _fused.op("add_rms_norm", True)(x, delta, self.norm.weight, self.norm.eps)[1]
         for layer in self.layers:
             x = layer(x, cos, sin, attend)
