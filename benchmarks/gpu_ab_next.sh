@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [cross]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [cross]
 #   tests     the GPU kernel tests on the checked-out tree (about 1 minute)
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
@@ -33,6 +33,9 @@
 #   e2eab     an engine or kernel patch benchmarks/ab/$E2E_PATCH against the tree end to end: its GPU tests ($E2E_TESTS,
 #             default the kernel and engine suites), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
 #             80), batches $E2E_BATCHES (default 1,16), base and patch interleaved, twice (about 6 minutes)
+#   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
+#             setting of E2E_ENVS ("A=1 B=0;A=0;" : settings separated by ';', an empty one for the defaults), in order,
+#             E2E_ROUNDS times (default 1): switches of the checked-out tree A/B'd end to end in one process each
 #   cross     the wg32x2 / nt4 crossover at N = 17-32: time_across_n.py with FLASH_LLM_TCSL_WG32_MIN_DENSITY = 1 (always
 #             nt4) and = 0 (always wg32x2), 9216 x 36864 at CROSS_SPARSITIES (default "0.7 0.8 0.9"), 4096 x 14336 at 80 %
 # Outputs (logs) under $OUT; the A/B tables are printed.
@@ -113,6 +116,11 @@ for stage in "${@:-tests ab}"; do
                    --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} --fuse --merge --no-hf --repeats 2 \
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
                fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
+      e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>}"
+                for r in $(seq "${E2E_ROUNDS:-1}"); do for e in "${envs[@]}"; do echo "--- round $r: ${e:-defaults}"
+                  env $e timeout 200 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format tiled-csl \
+                    --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} --fuse --merge --no-hf --repeats 2 \
+                    --out /tmp/e2eenv_$r 2>&1 | grep "b="; done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
       cross) { for sp in ${CROSS_SPARSITIES:-0.7 0.8 0.9}; do for v in 1 0; do echo "sparsity $sp, WG32_MIN_DENSITY=$v"
@@ -122,7 +130,7 @@ for stage in "${@:-tests ab}"; do
                  timeout 60 python3 benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 17,24,32
                done; } 2>&1 | tee "$OUT/cross.log" ;;
       splits) (cd benchmarks && timeout 300 python3 splits_sweep.py ${SPLITS_ARGS:-}) 2>&1 | tee "$OUT/splits.log" ;;
-      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab cross)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab e2eenv cross)" >&2; exit 2 ;;
     esac
   done
 done
