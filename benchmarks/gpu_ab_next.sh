@@ -117,10 +117,10 @@ for stage in "${@:-tests ab}"; do
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
                fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>}"
-                for r in $(seq "${E2E_ROUNDS:-1}"); do for e in "${envs[@]}"; do echo "--- round $r: ${e:-defaults}"
+                for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
                   env $e timeout 200 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format tiled-csl \
                     --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} --fuse --merge --no-hf --repeats 2 \
-                    --out /tmp/e2eenv_$r 2>&1 | grep "b="; done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
+                    --out "$OUT/e2eenv_r${r}_$i" 2>&1 | grep "b=\|rror\|already"; done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
       cross) { for sp in ${CROSS_SPARSITIES:-0.7 0.8 0.9}; do for v in 1 0; do echo "sparsity $sp, WG32_MIN_DENSITY=$v"

@@ -92,6 +92,9 @@ TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", 
 #: N = 1 on the CUDA cores (``tiled_csl_spmm_<dtype>_n1``: no dense tile, no MMA); ``FLASH_LLM_TCSL_N1=0`` for nt1.
 #: H200, session 14: 9216 x 36864 at 80 % 93-98 -> 80-81 us, at 90 % 70 -> 49-53 us
 TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
+#: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (the others: 4); ``FLASH_LLM_N1_MIN_TILES``
+#: overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at N = 1 on 32 splits)
+N1_MIN_TILES = int(os.environ.get("FLASH_LLM_N1_MIN_TILES", "2"))
 
 #: The split-K model of the Tiled-CSL warpgroup kernels (:func:`plan`): a lone block on an SM takes this share of a
 #: full SM's round of ``blocks_per_sm`` blocks, and the partial sums weigh WG_WS_WEIGHT of their bytes against the
@@ -270,7 +273,7 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
         share = WG_LATENCY_SHARE if fmt == TILED_CSL else BITMAP_WG_LATENCY_SHARE
         ws_weight = (WG_WS_WEIGHT if fmt == TILED_CSL else BITMAP_WG_WS_WEIGHT) if per_sm else 0.5
         best = None
-        min_tiles = 2 if kernel == "n1" else 4
+        min_tiles = N1_MIN_TILES if kernel == "n1" else 4
         for s in range(1, max(1, min(64, kt // min_tiles)) + 1):
             kps = ceil_div(kt, s)
             if ceil_div(kt, kps) != s:
