@@ -1462,27 +1462,26 @@ DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, in
     }
 }
 
-// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- Y + (v + bias), the sum rounded to the dtype first
-// (the product's output), then the add rounded (the residual add of the layer).
+// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- `old` (Y's values there, loaded before the sums) +
+// (v + bias), the sum rounded to the dtype first (the product's output), then the add rounded (the layer's residual
+// add).
 template <bool BF16>
-DEVI void add_group(const float4& v, u16* y, const u16* bias, int M, int N, int m, int n) {
+DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias, int M, int N, int m, int n) {
   const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
-  const float r[4] = {v.x, v.y, v.z, v.w};
+  const float r[4] = {v.x, v.y, v.z, v.w}, o[4] = {old.x, old.y, old.z, old.w};
 #pragma unroll
   for (int t = 0; t < 4; ++t)
-    if (n + 2 * t < N) {
-      u16* dst = y + (long long)(n + 2 * t) * M + m;
-      *dst = from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r[t] + b)));
-    }
+    if (n + 2 * t < N)
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(o[t] + to_float<BF16>(from_float<BF16>(r[t] + b)));
 }
 
 // The reduction's modes (bits of MODE; kernels.spmm_cuda picks them):
 // - RED_SILU: the reduction of a merged gate / up projection ([2 M, K], M a multiple of 64, no bias) that writes
 //   silu(gate) x up [N, M] instead of [N, 2 M]: its grid covers the gate rows' tiles; each group also sums the up row
 //   M + m, which sits M / 64 row tiles further in the partial sums.
-// - RED_RMS: each token's sums are multiplied by its RMSNorm factor rsqrt(mean(xn[n, :]^2) + eps) (xn: [N, K], rows
-//   16-byte aligned, K % 8 == 0) before anything else: with the norm's weight folded into X by the spmm (the
-//   n1s kernel), the product of the normalized X.  The block computes the factors of its tokens itself (fp32).
+// - RED_RMS (N = 1): the sums are multiplied by the RMSNorm factor rsqrt(mean(xn^2) + eps) of the token (xn: [K],
+//   16-byte aligned, K % 8 == 0) before anything else: with the norm's weight folded into X by the spmm (the n1s
+//   kernel), the product of the normalized X.  Every block computes the factor itself (fp32).
 // - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
 constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;
 template <bool BF16, int NT, int MODE = 0>
@@ -1496,27 +1495,29 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
   pdl_launch_dependents();  // the next kernel, if launched programmatically, may load its weights meanwhile
   pdl_wait();  // the spmm grid's partials (a no-op without programmatic launch)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tile = blockIdx.x;
-  if (RMS) {  // warp w: the factors of the chunk's tokens w, w + WARPS, ...
-    const int n0 = tile % n_chunks * NT * 8;
+  if (RMS) {  // token 0's factor, by the whole block (for K <= 4096 one 16-byte load per thread per 2 KiB, all in
+              // flight together); the launcher runs RMS at N = 1 only, so other tokens get NaN, never a wrong number
+    __shared__ float red[WARPS];
+    const uint4* row = reinterpret_cast<const uint4*>(xn);
+    float ss = 0.f;
+#pragma unroll 4
+    for (int i0 = 0; i0 < K / 8; i0 += THREADS) {  // a trip count uniform over the block, for the shuffles
+      const uint4 u = i0 + threadIdx.x < K / 8 ? __ldcg(row + i0 + threadIdx.x) : make_uint4(0, 0, 0, 0);
+      const u32 w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-    for (int tt = 0; tt < NT * 8 / WARPS; ++tt) {  // every warp runs every step and shuffle (no divergent shuffles)
-      const int t = warp + WARPS * tt;
-      const bool on = n0 + t < N;
-      const uint4* row = reinterpret_cast<const uint4*>(xn + (long long)(on ? n0 + t : 0) * K);
-      float ss = 0.f;
-      for (int i0 = 0; i0 < K / 8; i0 += 32) {
-        const uint4 u = on && i0 + lane < K / 8 ? __ldcg(row + i0 + lane) : make_uint4(0, 0, 0, 0);
-        const u32 w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float a = to_float<BF16>((u16)w[e]), b = to_float<BF16>((u16)(w[e] >> 16));
-          ss = fmaf(a, a, fmaf(b, b, ss));
-        }
+      for (int e = 0; e < 4; ++e) {
+        const float a = to_float<BF16>((u16)w[e]), b = to_float<BF16>((u16)(w[e] >> 16));
+        ss = fmaf(a, a, fmaf(b, b, ss));
       }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      if (lane == 0 && on) rms[t] = rsqrtf(ss * __fdividef(1.f, (float)K) + eps);  // sum x (1 / K), as torch takes the mean
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    if (threadIdx.x < NT * 8)  // sum x (1 / K), as torch takes the mean
+      rms[threadIdx.x] = threadIdx.x == 0 && tile % n_chunks == 0
+                             ? rsqrtf((red[0] + red[1] + red[2] + red[3]) * __fdividef(1.f, (float)K) + eps)
+                             : __int_as_float(0x7fc00000);
     __syncthreads();
   }
   const int way = warp % ways;                                   // which share of the splits
@@ -1525,6 +1526,14 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
   group_row_col<NT>(q, tile / n_chunks * (WARPS * 16), tile % n_chunks * NT * 8, m, n);
   const bool live = q < 128 * NT && m < M && n < N;
   float4 v = make_float4(0.f, 0.f, 0.f, 0.f), vu = v;
+  float4 old = v;  // RED_RESID: Y before the add, asked for before the partial sums
+  if ((MODE & RED_RESID) && live) {
+    const u16* src = y + (long long)n * M + m;
+    old.x = to_float<BF16>(src[0]);
+    old.y = n + 2 < N ? to_float<BF16>(src[2LL * M]) : 0.f;
+    old.z = n + 4 < N ? to_float<BF16>(src[4LL * M]) : 0.f;
+    old.w = n + 6 < N ? to_float<BF16>(src[6LL * M]) : 0.f;
+  }
   if (live) {
     const long long stride = (long long)tiles * 128 * NT;
     const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
@@ -1560,7 +1569,7 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
     if (SILU)
       store_silu_group<BF16>(v, vu, y, M, N, m, n);
     else if (MODE & RED_RESID)
-      add_group<BF16>(v, y, bias, M, N, m, n);
+      add_group<BF16>(v, old, y, bias, M, N, m, n);
     else
       store_group<BF16>(v, y, bias, M, N, m, n);
   }
