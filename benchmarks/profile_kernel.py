@@ -8,6 +8,7 @@ import argparse
 import torch
 
 import flash_llm
+import flash_llm.reference
 from flash_llm import kernels
 from flash_llm.reference import FORMAT_IDS
 
@@ -20,6 +21,8 @@ ap.add_argument("--sparsity", type=float, default=0.9)
 ap.add_argument("--splits", type=int, default=None)
 ap.add_argument("--iters", type=int, default=5)
 ap.add_argument("--decode", action="store_true", help="run the decoder to dense (the large-N path) instead")
+ap.add_argument("--epilogue", default="none", choices=["none", "norm", "norm_silu", "resid"],
+                help="what runs around the product (kernels.spmm_cuda's norm / act / add_to; fused at N = 1, Tiled-CSL)")
 a = ap.parse_args()
 cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
 w = torch.randn(a.m, a.k, device="cuda").half()
@@ -32,10 +35,25 @@ if a.decode:
     torch.cuda.synchronize()
     print("decode", a.fmt, "max err", (d.float() - w.float()).abs().max().item())
     raise SystemExit(0)
+g = (torch.rand(a.k, device="cuda") + 0.5).half()
+extra = {"none": {}, "norm": {"norm": (g, 1e-5)}, "norm_silu": {"norm": (g, 1e-5), "act": "silu_mul"},
+         "resid": {}}[a.epilogue]
+acc = torch.randn(a.n, a.m, device="cuda").half()
+acc0 = acc.clone()
 for _ in range(a.iters):
-    y = kernels.spmm_cuda(x, f.data, f.offsets, FORMAT_IDS[cls], a.m, a.k, None, splits=a.splits, force_sparse=True)
+    if a.epilogue == "resid":
+        acc.copy_(acc0)
+        extra = {"add_to": acc}
+    y = kernels.spmm_cuda(x, f.data, f.offsets, FORMAT_IDS[cls], a.m, a.k, None, splits=a.splits, force_sparse=True,
+                          **extra)
 torch.cuda.synchronize()
-err = (y.float() - x.float() @ w.float().t()).abs().max().item()
+xin = flash_llm.reference.rms_norm(x, g, 1e-5) if a.epilogue.startswith("norm") else x
+want = xin.float() @ w.float().t()
+if a.epilogue == "norm_silu":
+    want = torch.nn.functional.silu(want[:, :a.m // 2]) * want[:, a.m // 2:]
+elif a.epilogue == "resid":
+    want += acc0.float()
+err = (y.float() - want).abs().max().item()
 name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0, f.density)  # as spmm_cuda
 print("kernel", name, "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
                                            kernels.blocks_per_sm(name, 0, kernels.block_threads(name), shared),

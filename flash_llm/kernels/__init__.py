@@ -432,7 +432,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
       :func:`~flash_llm.reference.silu_mul_halves` of the product, ``[N, m / 2]``.
     - ``norm=(weight [K], eps)``: the product of :func:`~flash_llm.reference.rms_norm` ``(x, weight, eps)`` instead
       of ``x``.  Fused (Tiled-CSL at N = 1 with split-K), ``x``'s columns are scaled by ``weight`` in the spmm and
-      each token's factor ``rsqrt(mean(x^2) + eps)`` multiplies its sums in the reduction: the same to rounding,
+      the token's factor ``rsqrt(mean(x^2) + eps)`` (its sum of squares taken by the spmm, per split) multiplies the
+      sums in the reduction: the same to rounding,
       not bit for bit.
     - ``add_to`` (``[N, m]``, contiguous, the dtype of ``x``): the product (+ bias), rounded, is added into it in
       place (the residual add of a layer); ``add_to`` is returned.  Not with ``act``, ``norm`` or ``out``.
@@ -468,7 +469,6 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
     name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index, density)
     bw = fmt == BITMAP and shared > 0  # the bitmap warpgroup kernel
-    xn = x  # the rows whose RMS scales the sums (norm)
     if bw:  # X' in the fragments' column order, padded to whole 64-column tiles
         x, vec = fragment_columns(x), 1
     threads = block_threads(name)
@@ -481,7 +481,9 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     chunks = ceil_div(n, 8 * p.nt)
     tiles = ceil_div(m, ROWS_PER_BLOCK) * chunks
     if p.splits > 1:
-        ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt, dtype=torch.float32, device=dev)
+        # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction)
+        ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + (p.splits if norm is not None else 0),
+                         dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
         if fmt == BITMAP and not bw:  # the last block of a row group sums the partials; else splitk_reduce, below
             tk_ptr = _scratch.get_tickets(dev, tiles).data_ptr()
@@ -504,7 +506,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         launch(f"splitk_reduce_{mode}{_dtype_suffix(x.dtype)}_nt{p.nt}",
                (tiles // 2 if act else tiles, w * p.nt, 1), THREADS,
                [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m_out, I), (n, I), (p.splits, I), (tiles, I),
-                (chunks, I), (w, I), (xn.data_ptr(), P), (k, I), (float(norm[1]) if norm else 0.0, ctypes.c_float)],
+                (chunks, I), (w, I), (k, I), (float(norm[1]) if norm else 0.0, ctypes.c_float)],
                stream, dev.index, pdl=p.nt == 1)
     return y
 

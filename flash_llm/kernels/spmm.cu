@@ -830,6 +830,7 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
   auto load_x = [&](int j, int b) { csl_load_x<1>(xs0 + 128 * b, p, 0, 64 * j, lane); };
   float acc[4][1][4];
   zero_acc<1>(acc);
+  float ssq = 0.f;  // SCALE: this lane's sum of squares of X's raw values over the split's columns
   if (active) {
     constexpr int PF = csl_pf_units<1>::value;
     CslTiles<PF, 1> st(data, offsets, row_block, true, kt, kb, ke, 0, lane);
@@ -838,6 +839,7 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
     load_x(kb, 0);
     const int sc = 64 * kb + 2 * lane;  // this lane's first column of the tile (SCALE)
     u32 gs = SCALE && sc < p.K ? *reinterpret_cast<const u32*>(colscale + sc) : 0u;
+    ssq = 0.f;
     for (int j = kb; j < ke; ++j) {
       const int b = (j - kb) & 1;
       if (j + 1 < ke) {
@@ -853,8 +855,10 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
         if (c < p.K) {  // K is even here (the launcher asks K % 8 == 0): both columns or neither
           u32 xv;
           asm volatile("ld.shared.u32 %0, [%1];" : "=r"(xv) : "r"(xs + 4 * lane));
-          const u32 lo = from_float<BF16>(to_float<BF16>((u16)xv) * to_float<BF16>((u16)gs));
-          const u32 hi = from_float<BF16>(to_float<BF16>((u16)(xv >> 16)) * to_float<BF16>((u16)(gs >> 16)));
+          const float x0 = to_float<BF16>((u16)xv), x1 = to_float<BF16>((u16)(xv >> 16));
+          ssq = fmaf(x0, x0, fmaf(x1, x1, ssq));
+          const u32 lo = from_float<BF16>(x0 * to_float<BF16>((u16)gs));
+          const u32 hi = from_float<BF16>(x1 * to_float<BF16>((u16)(gs >> 16)));
           asm volatile("st.shared.u32 [%0], %1;" ::"r"(xs + 4 * lane), "r"(lo | (hi << 16)) : "memory");
         }
         gs = j + 1 < ke && c + 64 < p.K ? *reinterpret_cast<const u32*>(colscale + c + 64) : 0u;
@@ -892,6 +896,13 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
 #pragma unroll
   for (int s = 0; s < 4; ++s)
     store_acc<BF16, 1>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, 0, lane);
+  if (SCALE && p.splits > 1) {  // the split's sum of squares (row block 0 writes it) after the partial tiles: the
+                                // reduction's RMSNorm factor, without reading X again
+    pdl_wait();  // (an inactive split waits here before its write; a no-op after the wait above)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+    if (row_block == 0 && lane == 0) p.ws[(long long)p.splits * gridDim.x * 512 + blockIdx.y] = ssq;
+  }
 }
 
 // N > 32 without wgmma: W warps per block share one decode of every tile.  Warp w multiplies the
@@ -1479,47 +1490,24 @@ DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias,
 // - RED_SILU: the reduction of a merged gate / up projection ([2 M, K], M a multiple of 64, no bias) that writes
 //   silu(gate) x up [N, M] instead of [N, 2 M]: its grid covers the gate rows' tiles; each group also sums the up row
 //   M + m, which sits M / 64 row tiles further in the partial sums.
-// - RED_RMS (N = 1): the sums are multiplied by the RMSNorm factor rsqrt(mean(xn^2) + eps) of the token (xn: [K],
-//   16-byte aligned, K % 8 == 0) before anything else: with the norm's weight folded into X by the spmm (the n1s
-//   kernel), the product of the normalized X.  Every block computes the factor itself (fp32).
+// - RED_RMS (N = 1, after the n1s kernel): the sums are multiplied by the token's RMSNorm factor rsqrt(mean(x^2) +
+//   eps) before anything else: with the norm's weight folded into X by the spmm, the product of the normalized X.
+//   The n1s kernel leaves each split's sum of squares of X after the partial tiles (`splits` floats); every warp
+//   sums them in the same order (fp32).
 // - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
 constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;
 template <bool BF16, int NT, int MODE = 0>
 DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, int M,
-                             int N, int splits, int tiles, int n_chunks, int ways, const u16* __restrict__ xn,
-                             int K, float eps) {
+                             int N, int splits, int tiles, int n_chunks, int ways, int K, float eps) {
   constexpr bool SILU = MODE & RED_SILU, RMS = MODE & RED_RMS;
   __shared__ float4 part[WARPS][32];
   __shared__ float4 part_up[SILU ? WARPS : 1][32];
-  __shared__ float rms[RMS ? NT * 8 : 1];
   pdl_launch_dependents();  // the next kernel, if launched programmatically, may load its weights meanwhile
   pdl_wait();  // the spmm grid's partials (a no-op without programmatic launch)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tile = blockIdx.x;
-  if (RMS) {  // token 0's factor, by the whole block (for K <= 4096 one 16-byte load per thread per 2 KiB, all in
-              // flight together); the launcher runs RMS at N = 1 only, so other tokens get NaN, never a wrong number
-    __shared__ float red[WARPS];
-    const uint4* row = reinterpret_cast<const uint4*>(xn);
-    float ss = 0.f;
-#pragma unroll 4
-    for (int i0 = 0; i0 < K / 8; i0 += THREADS) {  // a trip count uniform over the block, for the shuffles
-      const uint4 u = i0 + threadIdx.x < K / 8 ? __ldcg(row + i0 + threadIdx.x) : make_uint4(0, 0, 0, 0);
-      const u32 w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float a = to_float<BF16>((u16)w[e]), b = to_float<BF16>((u16)(w[e] >> 16));
-        ss = fmaf(a, a, fmaf(b, b, ss));
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    if (threadIdx.x < NT * 8)  // sum x (1 / K), as torch takes the mean
-      rms[threadIdx.x] = threadIdx.x == 0 && tile % n_chunks == 0
-                             ? rsqrtf((red[0] + red[1] + red[2] + red[3]) * __fdividef(1.f, (float)K) + eps)
-                             : __int_as_float(0x7fc00000);
-    __syncthreads();
-  }
+  float ssq = 0.f;  // RMS: this lane's share of the spmm's per-split sums of squares of X (after the partial tiles)
+  if (RMS)
+    for (int i = lane; i < splits; i += 32) ssq += __ldcg(ws + (long long)splits * tiles * 512 * NT + i);
   const int way = warp % ways;                                   // which share of the splits
   const int q = (blockIdx.y * WARPS + warp) / ways * 32 + lane;  // the group
   int m, n;
@@ -1542,6 +1530,13 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
       vu = sum_splits(src + (long long)(M / 64) * n_chunks * 128 * NT, stride, way * splits / ways,
                       (way + 1) * splits / ways);
   }
+  float rms = 0.f;
+  if (RMS) {  // every warp the same factor: the same sums in the same order (N = 1 only: NaN otherwise, never a
+              // silently wrong number)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+    rms = N == 1 ? rsqrtf(ssq * __fdividef(1.f, (float)K) + eps) : __int_as_float(0x7fc00000);  // sum x (1 / K), as
+  }                                                                                                // torch's mean
   if (ways > 1) {  // uniform over the block
     if (way > 0) {
       part[warp][lane] = v;
@@ -1559,12 +1554,9 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
     }
   }
   if (live) {
-    if (RMS) {  // tokens n, n + 2, n + 4, n + 6 of the chunk
-      const int t = n - tile % n_chunks * NT * 8;
-      const float r0 = rms[t], r1 = n + 2 < N ? rms[t + 2] : 0.f, r2 = n + 4 < N ? rms[t + 4] : 0.f,
-                  r3 = n + 6 < N ? rms[t + 6] : 0.f;
-      v.x *= r0; v.y *= r1; v.z *= r2; v.w *= r3;
-      vu.x *= r0; vu.y *= r1; vu.z *= r2; vu.w *= r3;
+    if (RMS) {  // N = 1: token 0 only
+      v.x *= rms; v.y *= rms; v.z *= rms; v.w *= rms;
+      vu.x *= rms; vu.y *= rms; vu.z *= rms; vu.w *= rms;
     }
     if (SILU)
       store_silu_group<BF16>(v, vu, y, M, N, m, n);
@@ -1579,18 +1571,19 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
 // n1 / n1s kernels at N = 1; kernels.spmm_cuda)
 #define REDUCE_ARGS                                                                                          \
   const float *__restrict__ ws, u16 *__restrict__ y, const u16 *__restrict__ bias, int M, int N, int splits, \
-      int tiles, int n_chunks, int ways, const u16 *__restrict__ xn, int K, float eps
-#define REDUCE_KERNEL(KNAME, BF16, NT, MODE)                                                             \
-  extern "C" __global__ void __launch_bounds__(THREADS) KNAME(REDUCE_ARGS) {                            \
-    splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, xn, K, eps);   \
+      int tiles, int n_chunks, int ways, int K, float eps
+// (BOUNDS: the RMS modes ask for 8 blocks per SM, so ptxas may use 64 registers; left alone it took 32 and spilled)
+#define REDUCE_KERNEL(KNAME, BF16, NT, MODE, BOUNDS)                                                     \
+  extern "C" __global__ void __launch_bounds__ BOUNDS KNAME(REDUCE_ARGS) {                              \
+    splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, K, eps);       \
   }
 #define INSTANTIATE_REDUCE(NAME, BF16, NT)                                   \
-  REDUCE_KERNEL(splitk_reduce_##NAME##_nt##NT, BF16, NT, 0)                  \
-  REDUCE_KERNEL(splitk_reduce_silu_##NAME##_nt##NT, BF16, NT, RED_SILU)
+  REDUCE_KERNEL(splitk_reduce_##NAME##_nt##NT, BF16, NT, 0, (THREADS))               \
+  REDUCE_KERNEL(splitk_reduce_silu_##NAME##_nt##NT, BF16, NT, RED_SILU, (THREADS))
 #define INSTANTIATE_REDUCE_N1(NAME, BF16)                                            \
-  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt1, BF16, 1, RED_RMS)                    \
-  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt1, BF16, 1, RED_RMS | RED_SILU)    \
-  REDUCE_KERNEL(splitk_reduce_resid_##NAME##_nt1, BF16, 1, RED_RESID)
+  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt1, BF16, 1, RED_RMS, (THREADS, 8))                 \
+  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt1, BF16, 1, RED_RMS | RED_SILU, (THREADS, 8)) \
+  REDUCE_KERNEL(splitk_reduce_resid_##NAME##_nt1, BF16, 1, RED_RESID, (THREADS))
 INSTANTIATE_REDUCE(f16, false, 1)
 INSTANTIATE_REDUCE(f16, false, 2)
 INSTANTIATE_REDUCE(f16, false, 4)
