@@ -229,3 +229,33 @@ def test_fused_llama_runs_one_token_through_the_sparse_projections(kind, monkeyp
     assert len(calls) == 10
     torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)
     assert torch.equal(got.tokens, want.tokens)
+
+
+def test_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
+    """LlamaDecoderLayer.sparse_projections: the four sparse layers for one contiguous token without autograd; None
+    (forward_deferred) for two tokens, autograd, a non-contiguous x, norms in another dtype, unmerged projections, a
+    dense projection, or FLASH_LLM_FUSE_NORMS=0."""
+    from flash_llm.models import llama
+
+    m = _model("llama", "tiled-csl")
+    layer = m.model.layers[0]
+    h = m.config.hidden_size
+    x = torch.randn(1, 1, h).to(torch.float16)
+    with torch.no_grad():
+        assert layer.sparse_projections(x) is None  # q / k / v not merged yet
+        merge_projections(m)
+        got = layer.sparse_projections(x)
+        assert got is not None and all(isinstance(p, flash_llm.SparseLinear) for p in got)
+        assert got[0] is layer.self_attn.qkv_proj.layer and got[3] is layer.mlp.down_proj
+        assert layer.sparse_projections(torch.randn(2, 1, h).to(torch.float16)) is None
+        assert layer.sparse_projections(torch.randn(1, 1, 2 * h).to(torch.float16)[..., ::2]) is None
+        layer.post_attention_layernorm.weight.data = layer.post_attention_layernorm.weight.data.float()
+        assert layer.sparse_projections(x) is None
+        layer.post_attention_layernorm.weight.data = layer.post_attention_layernorm.weight.data.half()
+        assert layer.sparse_projections(x) is not None
+        monkeypatch.setattr(llama, "FUSE_NORMS", False)
+        assert layer.sparse_projections(x) is None
+        monkeypatch.setattr(llama, "FUSE_NORMS", True)
+        layer.mlp.down_proj = layer.mlp.down_proj.to_linear()
+        assert layer.sparse_projections(x) is None
+    assert m.model.layers[1].sparse_projections(x) is None  # autograd on

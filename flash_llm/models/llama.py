@@ -196,10 +196,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def sparse_projections(self, x: torch.Tensor) -> tuple | None:
         """The layer's ``(qkv, o, gate_up, down)`` :class:`~flash_llm.SparseLinear` layers when
-        :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``), :data:`FUSE_NORMS`, no
-        autograd, q / k / v and gate / up merged, all four sparse without bias in ``x``'s dtype, SiLU; else None."""
+        :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``, contiguous),
+        :data:`FUSE_NORMS`, no autograd, q / k / v and gate / up merged, all four sparse without bias and both norms'
+        weights in ``x``'s dtype, SiLU; else None (the layer then runs :meth:`forward_deferred`)."""
         if not FUSE_NORMS or x.shape[0] * x.shape[1] != 1 or torch.is_grad_enabled() or self.mlp.act is not F.silu:
             return None
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        if not x.is_contiguous() or any(w.dtype != x.dtype or w.device != x.device for w in norms):
+            return None  # (spmm_add_ writes x in place; the norms' weights scale x in its dtype)
         a = self.self_attn
         layers = (sparse_layer(a, "qkv_proj") if a.qkv_proj is not None else None, sparse_layer(a, "o_proj"),
                   sparse_gate_up(self.mlp), sparse_layer(self.mlp, "down_proj"))
