@@ -165,8 +165,10 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, fmt in zip(axes, ["bitmap", "tiled-csl"]):
+    fmts = [f for f in ("bitmap", "tiled-csl") if any(r["format"] == f for r in rows)] or ["bitmap"]
+    fig, axes = plt.subplots(1, len(fmts), figsize=(6 * len(fmts), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, fmt in zip(axes, fmts):  # one panel per format benchmarked
         for sp in sorted({r["sparsity"] for r in rows}):
             pts = defaultdict(list)
             for r in rows:
