@@ -337,9 +337,6 @@ _static = threading.local()
 PDL_SPMM = os.environ.get("FLASH_LLM_PDL_SPMM", "1") != "0"
 #: ``FLASH_LLM_PDL_ATTN=0`` keeps the decode-attention launch plain under :func:`static_weights`
 PDL_ATTN = os.environ.get("FLASH_LLM_PDL_ATTN", "1") != "0"
-#: Launched programmatically, the decode-attention kernel asks for its cached key rows (written by earlier steps)
-#: before it waits for the projection before it; ``FLASH_LLM_ATTN_EARLY=0``: after
-ATTN_EARLY = os.environ.get("FLASH_LLM_ATTN_EARLY", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -646,7 +643,7 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (tickets.data_ptr(), P), (0 if cos is None else cos.data_ptr(), P),
             (0 if sin is None else sin.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L),
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
-            (kv_len, I), (splits, I), (int(ATTN_EARLY), I), (float(scale), F32)]
+            (kv_len, I), (splits, I), (float(scale), F32)]
     launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args,
            torch.cuda.current_stream(dev).cuda_stream, dev.index, pdl=PDL_ATTN and getattr(_static, "on", False))
     return out

@@ -1702,7 +1702,6 @@ struct DecodeAttn {
   const u16* sin;
   long long q_b, k_b, v_b, mask_b, cs_b;
   int heads, kv_heads, slots, S, splits;
-  int early;  // ask for the cached key rows before the programmatic wait (see decode_attn_body)
   float scale;
 };
 
@@ -1759,33 +1758,18 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y, hg = blockIdx.z;
   const int rep = a.heads / a.kv_heads, h0 = hg * DA_HEADS, nh = min(DA_HEADS, rep - h0);
   const int s0 = split * DA_CHUNK;
-  // Under kernels.static_weights the kernel is launched programmatically and lets the next kernel (the o projection,
-  // whose blocks only load their weights before their own wait) launch at once.  It waits for the projection that
-  // wrote q, k_new and v_new, and for the kernels that wrote the mask and cos / sin, before reading them.  With
-  // `early` it first asks for its chunk's cached key rows (slots below S other than this step's): earlier decode steps
-  // (earlier graph replays or launches) wrote those, and the slot index comes from the host; a row the mask turns
-  // out to exclude is zeroed after the wait (it may hold anything).  Both are no-ops for a plain launch.
+  // Under kernels.static_weights the kernel is launched programmatically: it waits here for the projection that
+  // wrote q, k_new and v_new (and reads nothing before), and lets the next kernel (the o projection, whose blocks only
+  // load their weights before their own wait) launch at once.  Both are no-ops for a plain launch.
   pdl_launch_dependents();
-  if (!a.early) pdl_wait();
+  pdl_wait();
   const long long slot64 = *a.slot;
   const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
-  const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
-  // scores: slot s0 + tid / 2, dimensions (tid % 2) HALF .. + HALF - 1; the new key's row comes from kn, after the
-  // barrier, the cached rows before it
-  const int sl = tid >> 1, half = tid & 1, s = s0 + sl;
-  uint4 kr[HALF / 8];  // half the key row, all in flight at once
-  {
-    const bool cached = s < a.S && s != slot;
-    const u16* krow = a.kc + cache0 + (long long)s * D + half * HALF;
-#pragma unroll
-    for (int c = 0; c < HALF / 8; ++c)
-      kr[c] = cached ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
-  }
-  if (a.early) pdl_wait();
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
   const u16* vnew = a.v_new + b * a.v_b + kvh * D;
   const u16* cs = a.cos ? a.cos + b * a.cs_b : nullptr;
   const u16* sn = a.cos ? a.sin + b * a.cs_b : nullptr;
+  const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
   for (int d = tid; d < D; d += DA_THREADS)
     kn[d] = cs ? from_float<BF16>(rope_elem<BF16>(knew, cs, sn, d, D)) : knew[d];
   for (int i = tid; i < nh * D; i += DA_THREADS) {
@@ -1793,11 +1777,18 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     qs[i / D][i % D] = (cs ? rope_elem<BF16>(qh, cs, sn, i % D, D) : to_float<BF16>(qh[i % D])) * a.scale;
   }
 
+  // scores: slot s0 + tid / 2, dimensions (tid % 2) HALF .. + HALF - 1; the new key's row comes from kn, after the
+  // barrier, the cached rows before it
+  const int sl = tid >> 1, half = tid & 1, s = s0 + sl;
   const float mk = s < a.S ? (a.mask ? to_float<BF16>(a.mask[b * a.mask_b + s]) : 0.f) : DA_NEG_INF;
   const bool live = mk != DA_NEG_INF;
-  if (!live)
+  uint4 kr[HALF / 8];  // half the key row, all in flight at once
+  if (s != slot) {
+    const u16* krow = a.kc + cache0 + (long long)s * D + half * HALF;
 #pragma unroll
-    for (int c = 0; c < HALF / 8; ++c) kr[c] = make_uint4(0, 0, 0, 0);
+    for (int c = 0; c < HALF / 8; ++c)
+      kr[c] = live ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
+  }
   __syncthreads();  // qs, kn
   if (s == slot)
 #pragma unroll
@@ -1955,9 +1946,9 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
       u16 *out, float *ws, int *tickets, const u16 *cos, const u16 *sin, long long q_b, long long k_b,          \
       long long v_b, long long mask_b, long long cs_b, int heads, int kv_heads, int slots, int S, int splits,   \
-      int early, float scale
+      float scale
 #define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, cos, sin, q_b, k_b, v_b, mask_b, cs_b,  \
-                   heads, kv_heads, slots, S, splits, early, scale}
+                   heads, kv_heads, slots, S, splits, scale}
 #define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
     decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \
