@@ -186,6 +186,24 @@ def test_one_token_layers_inside_the_sparse_projections(dtype, monkeypatch):
     assert err <= 2 * err_deferred + ULP[dtype] * ref.logits[0, :n].abs().max().item(), (err, err_deferred)
 
 
+def test_bitmap_layers_keep_the_deferred_path_at_one_token(monkeypatch):
+    """BitmapTiles' N = 1 kernel reduces inside itself, so its reductions cannot take the norms: a fused, merged bitmap
+    Llama at batch 1 keeps forward_deferred (the one-token ops would run the norms as separate, slower operations)."""
+    from flash_llm.models import llama
+
+    calls = []
+    real = llama.LlamaDecoderLayer.forward_one_token
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "forward_one_token",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    model = _ours(_hf("llama").cuda(), torch.float16)
+    magnitude_prune_(model, 0.8, filter_fn=lambda mod, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format="bitmap"))
+    out = Engine(model, max_batch=1, max_seq=64, fuse=True, merge=True).generate(_prompts(1, 4), 4)
+    assert out.tokens.shape == (1, 4) and calls == []
+
+
 @pytest.mark.parametrize("kind", ["dense", "bitmap"])
 def test_merged_projections_keep_the_logits(kind):
     """Engine(merge=True) on the GPU (CUDA graphs, fp16), dense and sparse: the logits of the separate layers to

@@ -259,3 +259,35 @@ def test_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
         layer.mlp.down_proj = layer.mlp.down_proj.to_linear()
         assert layer.sparse_projections(x) is None
     assert m.model.layers[1].sparse_projections(x) is None  # autograd on
+
+
+def test_one_token_layers_need_the_kernels_to_fuse_on_cuda(monkeypatch):
+    """On CUDA a layer takes forward_one_token only where kernels.epilogue_fusable says the reductions do the norms,
+    SiLU x up and residual adds for all four projections (else the separate operations would be slower than
+    forward_deferred); asked once per weights, device and dtype.  On the CPU the reference runs either way."""
+    from types import SimpleNamespace
+
+    from flash_llm import kernels
+    from flash_llm.models import llama
+
+    m = _model("llama", "tiled-csl")
+    merge_projections(m)
+    layer = m.model.layers[0]
+    with torch.no_grad():
+        layers = layer.sparse_projections(torch.randn(1, 1, m.config.hidden_size).to(torch.float16))
+    assert layers is not None
+    asked = []
+    answer = {"ok": True}
+    monkeypatch.setattr(kernels, "supported", lambda dev: (True, ""))
+    monkeypatch.setattr(kernels, "epilogue_fusable",
+                        lambda fmt, data, m_, k_, n, dtype, dev, **kw: asked.append((m_, k_, n, kw)) or answer["ok"])
+    monkeypatch.setattr(llama, "_FUSES", {})
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16)
+    assert llama._kernels_fuse(layers, x) is True
+    assert [a[3] for a in asked] == [{"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True}]
+    assert all(a[2] == 1 for a in asked) and asked[0][:2] == tuple(layers[0].weight.shape)
+    assert llama._kernels_fuse(layers, x) is True and len(asked) == 4  # cached
+    monkeypatch.setattr(llama, "_FUSES", {})
+    answer["ok"] = False
+    assert llama._kernels_fuse(layers, x) is False
+    assert llama._kernels_fuse(layers, torch.zeros(1)) is True  # the CPU

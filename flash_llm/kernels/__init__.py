@@ -457,7 +457,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     dev = x.device
     density = _density(fmt, data, m, k)
     extra = act is not None or norm is not None or add_to is not None
-    if extra and (n == 0 or not _fusable(x, data, fmt, m, k, density, splits, force_sparse, act, norm, add_to)):
+    if extra and (n == 0 or not _fusable(x, data, fmt, m, k, splits, force_sparse, act, norm, add_to)):
         return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
     if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k):
         return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
@@ -511,24 +511,33 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     return y
 
 
-def _fusable(x, data, fmt, m, k, density, splits, force_sparse, act, norm, add_to) -> bool:
-    """Whether :func:`spmm_cuda`'s ``act`` / ``norm`` / ``add_to`` run inside the kernels: the sparse kernel runs
-    with split-K and its reduction is ``splitk_reduce`` (SiLU x up: Tiled-CSL or the bitmap warpgroup kernels, ``m``
-    a multiple of 128); for ``norm`` and ``add_to`` the Tiled-CSL kernel of N = 1 (``_n1``), with 16-byte aligned
-    rows (``K % 8 == 0``) and, for ``norm``, a contiguous weight."""
-    dev = x.device
-    n = x.shape[0]
-    if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k):
-        return False
+def _fusable(x, data, fmt, m, k, splits, force_sparse, act, norm, add_to) -> bool:
+    """Whether :func:`spmm_cuda`'s ``act`` / ``norm`` / ``add_to`` run inside the kernels for this ``x``:
+    :func:`epilogue_fusable`, with ``x`` contiguous and 16-byte aligned and the norm's weight contiguous where the N = 1
+    kernel needs them."""
     vec = k % 8 == 0 and x.is_contiguous() and x.data_ptr() % 16 == 0
-    name, wg, shared = kernel_config(fmt, x.dtype, n, vec, dev.index, density)
-    p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, block_threads(name), shared),
+    if not epilogue_fusable(fmt, data, m, k, x.shape[0], x.dtype, x.device, vec, splits, force_sparse, act,
+                            norm is not None, add_to is not None):
+        return False
+    return norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0)
+
+
+def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
+                     vec: bool = True, splits: int | None = None, force_sparse: bool = False, act: str | None = None,
+                     norm: bool = False, add: bool = False) -> bool:
+    """Whether the split-K reduction of ``x [n, k] @ W [m, k]^T`` can do :func:`spmm_cuda`'s elementwise work: the
+    sparse kernel runs (not the expansion) with split-K and its reduction is ``splitk_reduce``; SiLU x up (``act``):
+    Tiled-CSL or the bitmap warpgroup kernels, ``m`` a multiple of 128; ``norm`` and ``add``: the Tiled-CSL kernel of
+    N = 1 (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned).  Shapes only: no launch, no sync."""
+    density = _density(fmt, data, m, k)
+    if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(device.index), m * k):
+        return False
+    name, wg, shared = kernel_config(fmt, dtype, n, vec, device.index, density)
+    p = plan(m, k, n, density, sm_count(device.index), blocks_per_sm(name, device.index, block_threads(name), shared),
              splits, fmt, wg)
     if p.splits < 2:
         return False
-    if (norm is not None or add_to is not None) and not (fmt == TILED_CSL and name.endswith("_n1") and vec):
-        return False
-    if norm is not None and not (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0):
+    if (norm or add) and not (fmt == TILED_CSL and name.endswith("_n1") and vec):
         return False
     return act is None or (m % 128 == 0 and (fmt == TILED_CSL or (fmt == BITMAP and shared > 0)))
 
@@ -649,5 +658,5 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     return out
 
 
-__all__ = ["spmm_cuda", "static_weights", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError",
+__all__ = ["spmm_cuda", "epilogue_fusable", "static_weights", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError",
            "decode_attention_cuda", "decode_attention_ok"]

@@ -198,7 +198,8 @@ class LlamaDecoderLayer(nn.Module):
         """The layer's ``(qkv, o, gate_up, down)`` :class:`~flash_llm.SparseLinear` layers when
         :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``, contiguous),
         :data:`FUSE_NORMS`, no autograd, q / k / v and gate / up merged, all four sparse without bias and both norms'
-        weights in ``x``'s dtype, SiLU; else None (the layer then runs :meth:`forward_deferred`)."""
+        weights in ``x``'s dtype, SiLU, and on CUDA the kernels able to do the elementwise work (:func:`_kernels_fuse`:
+        Tiled-CSL with split-K); else None (the layer then runs :meth:`forward_deferred`)."""
         if not FUSE_NORMS or x.shape[0] * x.shape[1] != 1 or torch.is_grad_enabled() or self.mlp.act is not F.silu:
             return None
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
@@ -209,7 +210,7 @@ class LlamaDecoderLayer(nn.Module):
                   sparse_gate_up(self.mlp), sparse_layer(self.mlp, "down_proj"))
         if any(p is None or p.weight_dtype != x.dtype for p in layers):
             return None
-        return layers
+        return layers if _kernels_fuse(layers, x) else None
 
     def forward_one_token(self, x: torch.Tensor, cos, sin, attend: Attend, layers: tuple) -> torch.Tensor:
         """The fused layer for one token on sparse projections (``layers`` from :meth:`sparse_projections`): each
@@ -224,6 +225,28 @@ class LlamaDecoderLayer(nn.Module):
         ops.spmm_add_(x, a.attend_heads(q, k, v, cos, sin, attend), o.weight)
         ops.spmm_add_(x, ops.spmm_rms_norm(x, post.weight, post.eps, gate_up.weight, act="silu_mul"), down.weight)
         return x
+
+
+_FUSES: dict[tuple, bool] = {}
+
+
+def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
+    """Whether, on ``x``'s device, the kernels do the elementwise work of :meth:`LlamaDecoderLayer.forward_one_token`
+    for these ``(qkv, o, gate_up, down)`` layers (:func:`flash_llm.kernels.epilogue_fusable`: Tiled-CSL with split-K at
+    N = 1).  Elsewhere the one-token ops would run it as separate operations, slower than the compiled norms of
+    ``forward_deferred``.  The CPU runs the reference either way: True.  Cached per weights, device and dtype."""
+    if not x.is_cuda:
+        return True
+    from .. import kernels
+    from ..reference import FORMAT_IDS
+
+    key = (x.device, x.dtype) + tuple((p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape) for p in layers)
+    if key not in _FUSES:
+        wants = ({"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True})
+        _FUSES[key] = kernels.supported(x.device)[0] and all(
+            kernels.epilogue_fusable(FORMAT_IDS[type(p.weight)], p.weight.data, *p.weight.shape, 1, x.dtype, x.device,
+                                     **want) for p, want in zip(layers, wants))
+    return _FUSES[key]
 
 
 class LlamaModel(nn.Module):
