@@ -209,8 +209,17 @@ def test_spmm_rms_norm_and_spmm_add_on_the_cpu(fmt, dtype):
     assert torch.equal(acc, want)  # nothing written by the refused calls
 
 
+@pytest.fixture
+def dynamo_reset_after():
+    """Clear torch.compile's caches after the test: its compiles of the fused functions at new shapes would otherwise
+    count towards dynamo's per-function recompile limit in later tests (which then fall back to eager and no longer
+    test the compiled path)."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("kind", ["bitmap", "tiled-csl"])
-def test_fused_llama_runs_one_token_through_the_sparse_projections(kind, monkeypatch):
+def test_fused_llama_runs_one_token_through_the_sparse_projections(kind, monkeypatch, dynamo_reset_after):
     """Fused and merged, a sparse Llama decodes one sequence with each layer's norms and residual adds inside its
     projections (forward_one_token, once per layer and decode step; the prefill and FLASH_LLM_FUSE_NORMS=0 keep
     forward_deferred), and generates what forward_deferred does."""
