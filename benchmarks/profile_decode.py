@@ -7,6 +7,11 @@ engine's decode step in a CUDA graph as ``Engine.generate`` does, then
 * profiles a few replays with ``torch.profiler`` (CUPTI records the kernels a graph launches) and groups the
   kernels of one replay by kind: count, summed device time, and the replay's span (first kernel start to last
   kernel end).  ``span - busy`` is the time no kernel of the step ran: launch gaps between dependent nodes.
+* Programmatically launched kernels start while the kernel before them runs and wait, resident, for it; their
+  device times then overlap and their sum passes the span.  So each group also gets its **critical** time
+  (:func:`critical_times`): every instant of the replay goes to the earliest-started kernel still running (the one
+  the later ones wait for), and instants when none runs are the idle time.  Critical times and idle add up to the
+  span.
 
 Prints a table (largest groups first) and writes ``--out`` (JSON) with every kernel name.
 
@@ -58,6 +63,21 @@ def replay_kernels(prof, replays: int) -> list[list[dict]]:
         return []
     per = len(ks) // replays
     return [ks[i * per:(i + 1) * per] for i in range(replays)] if per else [ks]
+
+
+def critical_times(ks: list[dict]) -> tuple[list[float], float]:
+    """For kernels ``ks`` (dicts with ``start``, ``end``, sorted by start) of one replay: each kernel's critical time
+    (the instants when it is the earliest-started kernel still running) and the idle time (no kernel running).  In a
+    chain where each kernel waits for the one before it, that is the time each kernel holds up the step."""
+    out, idle = [], 0.0
+    frontier = ks[0]["start"] if ks else 0.0  # the instant up to which time has been handed out
+    for k in ks:
+        if k["start"] > frontier:
+            idle += k["start"] - frontier
+            frontier = k["start"]
+        out.append(max(0.0, k["end"] - frontier))
+        frontier = max(frontier, k["end"])
+    return out, idle
 
 
 _SDPA = None
@@ -128,11 +148,13 @@ def main(argv=None) -> int:
         span = ks[-1]["end"] - ks[0]["start"]
         rows.append((len(ks), busy, span))
     ks = reps[len(reps) // 2] if reps else []
+    crit, idle = critical_times(ks)
     groups: dict[str, list[float]] = {}
-    for k in ks:
-        g = groups.setdefault(group_of(k["name"]), [0, 0.0])
+    for k, c in zip(ks, crit):
+        g = groups.setdefault(group_of(k["name"]), [0, 0.0, 0.0])
         g[0] += 1
         g[1] += k["end"] - k["start"]
+        g[2] += c
     names: dict[str, list[float]] = {}
     for k in ks:
         n = names.setdefault(k["name"][:90], [0, 0.0])
@@ -144,16 +166,19 @@ def main(argv=None) -> int:
     print(f"graph replay (events, median of 30 x 10): {step_us:.0f} us per step")
     for n, busy, span in rows:
         print(f"profiled replay: {n} kernels, busy {busy:.0f} us, span {span:.0f} us, idle {span - busy:.0f} us")
-    print(f"\n| group | kernels | device us | us per kernel |\n|---|---|---|---|")
-    for g, (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
-        print(f"| {g} | {c} | {t:.0f} | {t / c:.1f} |")
+    print(f"critical path of the middle replay: {sum(crit):.0f} us in kernels, {idle:.0f} us idle")
+    print(f"\n| group | kernels | device us | us per kernel | critical us |\n|---|---|---|---|---|")
+    for g, (c, t, cr) in sorted(groups.items(), key=lambda kv: -kv[1][2]):
+        print(f"| {g} | {c} | {t:.0f} | {t / c:.1f} | {cr:.0f} |")
+    print(f"| (idle) | | | | {idle:.0f} |")
     print("\ntop kernels by time:")
     for nm, (c, t) in sorted(names.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"  {t:8.0f} us {c:5d}x  {nm}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"setup": head, "step_us": step_us, "replays": rows,
-                       "groups": groups, "kernels": [(k["name"], k["end"] - k["start"]) for k in ks]}, f, indent=1)
+            json.dump({"setup": head, "step_us": step_us, "replays": rows, "groups": groups, "idle_us": idle,
+                       "kernels": [(k["name"], k["end"] - k["start"], c, k["start"] - ks[0]["start"])
+                                   for k, c in zip(ks, crit)]}, f, indent=1)
     return 0
 
 
