@@ -49,6 +49,11 @@ two_trees() {
     --exclude=./benchmarks/out --exclude=./benchmarks/results -cf - . | tar -C "$1/$v" -xf -; done
   (cd "$1/patch" && git apply "$ROOT/benchmarks/ab/$2") || { echo "$2 does not apply"; return 1; }
 }
+# llama_e2e SECONDS ARGS...: bench_e2e.py on Llama-3-8B, fused and merged, no HF baseline, 2 repeats (ARGS: --format,
+# --sparsities, --batches, --out...), under a time limit; variables set before it reach bench_e2e.py
+llama_e2e() {
+  timeout "$1" python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --fuse --merge --no-hf --repeats 2 "${@:2}"
+}
 for stage in "${@:-tests ab}"; do
   for s in $stage; do
     echo "=== $s"
@@ -75,9 +80,8 @@ for stage in "${@:-tests ab}"; do
       profile) for sp in 0 0.8; do timeout 150 python3 benchmarks/profile_decode.py --model llama-3-8b \
                  --format tiled-csl --sparsity $sp --batch 1 --fuse --merge --out "$OUT/profile_$sp.json"; done \
                  2>&1 | tee "$OUT/profile.log" ;;
-      e2e) timeout 280 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format ${E2E_FORMAT:-tiled-csl} \
-             --sparsities ${E2E_SPARSITIES:-0,80,90} --batches ${E2E_BATCHES:-1,8,16} --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_tcsl" \
-             2>&1 | tee "$OUT/e2e_tcsl.log" | grep -v "^{" ;;
+      e2e) llama_e2e 280 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-0,80,90} \
+             --batches ${E2E_BATCHES:-1,8,16} --out "$OUT/e2e_tcsl" 2>&1 | tee "$OUT/e2e_tcsl.log" | grep -v "^{" ;;
       pdl) for pdl in 0 1 0 1; do echo "FLASH_LLM_PDL=$pdl"; FLASH_LLM_PDL=$pdl timeout 100 python3 \
              benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 1,16,32; done 2>&1 | \
              tee "$OUT/pdl.log" ;;
@@ -87,9 +91,8 @@ for stage in "${@:-tests ab}"; do
       e2eopt) timeout 400 python3 benchmarks/bench_e2e.py --models opt-30b --no-progress --format tiled-csl \
                 --sparsities 0,80 --batches 1,8,16 --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_opt" \
                 2>&1 | tee "$OUT/e2e_opt.log" | grep -v "^{" ;;
-      e2epdl) for pdl in 0 1 0 1; do env "${PDL_VAR:-FLASH_LLM_PDL}=$pdl" timeout 150 python3 benchmarks/bench_e2e.py \
-                --models llama-3-8b --no-progress --format tiled-csl --sparsities 0,80 --batches 1,8 --fuse --merge \
-                --no-hf --repeats 2 --out "$OUT/e2e_pdl$pdl" 2>&1 | grep "b=" | sed "s/^/${PDL_VAR:-FLASH_LLM_PDL}=$pdl /"
+      e2epdl) for pdl in 0 1 0 1; do (export "${PDL_VAR:-FLASH_LLM_PDL}=$pdl"; llama_e2e 150 --format tiled-csl \
+                --sparsities 0,80 --batches 1,8 --out "$OUT/e2e_pdl$pdl" 2>&1 | grep "b=" | sed "s/^/${PDL_VAR:-FLASH_LLM_PDL}=$pdl /")
               done 2>&1 | tee "$OUT/e2epdl.log" ;;
       spmm) for dt in ${SPMM_DTYPES:-fp16}; do timeout 200 python3 benchmarks/bench_spmm.py --dtypes $dt --out "$OUT/spmm_$dt" \
               > "$OUT/spmm_$dt.log" 2>&1; tail -40 "$OUT/spmm_$dt.log"; done ;;
@@ -97,9 +100,8 @@ for stage in "${@:-tests ab}"; do
                2>&1 | tee "$OUT/tests.log" | tail -3 ;;
       attn) timeout 120 python3 -m pytest -q -x tests/test_decode_attention.py 2>&1 | tee "$OUT/attn_tests.log" | tail -3
             { timeout 60 python3 benchmarks/bench_decode_attention.py; timeout 60 python3 benchmarks/bench_decode_attention.py --rope --slots 256; } 2>&1 | tee "$OUT/attn_bench.log"
-            for on in 0 1; do FLASH_LLM_DECODE_ATTENTION=$on timeout 200 python3 benchmarks/bench_e2e.py --models llama-3-8b \
-              --no-progress --format tiled-csl --sparsities ${E2E_SPARSITIES:-0,80} --batches ${E2E_BATCHES:-1,16,64} --fuse \
-              --merge --no-hf --repeats 2 --out "$OUT/e2e_attn$on" 2>&1 | grep "b=" | sed "s/^/DECODE_ATTENTION=$on /"
+            for on in 0 1; do FLASH_LLM_DECODE_ATTENTION=$on llama_e2e 200 --format tiled-csl --sparsities ${E2E_SPARSITIES:-0,80} \
+              --batches ${E2E_BATCHES:-1,16,64} --out "$OUT/e2e_attn$on" 2>&1 | grep "b=" | sed "s/^/DECODE_ATTENTION=$on /"
             done 2>&1 | tee "$OUT/attn.log" ;;
       attnab) { if two_trees /tmp/attnab "${ATTN_PATCH:?ATTN_PATCH=<file in benchmarks/ab>}"; then
                   for v in patch base; do echo "--- tests: $v"; (cd /tmp/attnab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_attn_$v \
@@ -112,15 +114,14 @@ for stage in "${@:-tests ab}"; do
                  (cd /tmp/e2eab/patch && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_patch timeout 200 python3 -m pytest -q -x \
                    ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} 2>&1 | tail -2)
                  for r in 1 2; do for v in base patch; do (cd /tmp/e2eab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_$v \
-                   timeout 150 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format tiled-csl \
-                   --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} --fuse --merge --no-hf --repeats 2 \
+                   llama_e2e 150 --format tiled-csl --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} \
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
                fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>}"
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
-                  env $e timeout 200 python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --format tiled-csl \
-                    --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} --fuse --merge --no-hf --repeats 2 \
-                    --out "$OUT/e2eenv_r${r}_$i" 2>&1 | grep "b=\|rror\|already"; done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
+                  (for v in $e; do export "$v"; done; llama_e2e 200 --format tiled-csl --sparsities ${E2E_SPARSITIES:-80} \
+                    --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2eenv_r${r}_$i" 2>&1 | grep "b=\|rror\|already")
+                done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
       cross) { for sp in ${CROSS_SPARSITIES:-0.7 0.8 0.9}; do for v in 1 0; do echo "sparsity $sp, WG32_MIN_DENSITY=$v"
