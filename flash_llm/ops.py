@@ -24,15 +24,23 @@ def _spmm_op(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: in
 _warned: set[str] = set()
 
 
+def _no_kernels(device: torch.device) -> bool:
+    """Whether the CUDA kernels cannot run on ``device`` (then the ops run their PyTorch reference), with a one-time
+    warning that says why."""
+    from . import kernels
+
+    ok, why = kernels.supported(device)
+    if not ok and why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"flash_llm.spmm runs the slow PyTorch reference: {why}", RuntimeWarning, stacklevel=4)
+    return not ok
+
+
 @_spmm_op.register_kernel("cuda")
 def _spmm_cuda(x, data, offsets, fmt, m, k, bias):
     from . import kernels
 
-    ok, why = kernels.supported(x.device)
-    if not ok:
-        if why not in _warned:
-            _warned.add(why)
-            warnings.warn(f"flash_llm.spmm runs the slow PyTorch reference: {why}", RuntimeWarning, stacklevel=3)
+    if _no_kernels(x.device):
         return spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), bias)
     return kernels.spmm_cuda(x, data, offsets, fmt, m, k, bias)
 
@@ -42,18 +50,22 @@ def _(x, data, offsets, fmt, m, k, bias):
     return x.new_empty((x.shape[0], m))
 
 
+def _silu_mul_reference(x, data, offsets, fmt, m, k):
+    return silu_mul_halves(spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), None))
+
+
 @torch.library.custom_op("flash_llm::spmm_silu_mul", mutates_args=())
 def _spmm_silu_mul_op(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
                       k: int) -> torch.Tensor:
-    return silu_mul_halves(spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), None))
+    return _silu_mul_reference(x, data, offsets, fmt, m, k)
 
 
 @_spmm_silu_mul_op.register_kernel("cuda")
 def _spmm_silu_mul_cuda(x, data, offsets, fmt, m, k):
     from . import kernels
 
-    if not kernels.supported(x.device)[0]:
-        return silu_mul_halves(_spmm_cuda(x, data, offsets, fmt, m, k, None))  # warns once
+    if _no_kernels(x.device):
+        return _silu_mul_reference(x, data, offsets, fmt, m, k)
     return kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, act="silu_mul")
 
 
@@ -62,20 +74,23 @@ def _(x, data, offsets, fmt, m, k):
     return x.new_empty((x.shape[0], m // 2))
 
 
+def _rms_norm_reference(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
+    y = spmm_reference(rms_norm(x, weight, eps), as_format(fmt, data, offsets, m, k, x.dtype), None)
+    return silu_mul_halves(y) if silu_mul else y
+
+
 @torch.library.custom_op("flash_llm::spmm_rms_norm", mutates_args=())
 def _spmm_rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, data: torch.Tensor, offsets: torch.Tensor,
                       fmt: int, m: int, k: int, silu_mul: bool) -> torch.Tensor:
-    y = spmm_reference(rms_norm(x, weight, eps), as_format(fmt, data, offsets, m, k, x.dtype), None)
-    return silu_mul_halves(y) if silu_mul else y
+    return _rms_norm_reference(x, weight, eps, data, offsets, fmt, m, k, silu_mul)
 
 
 @_spmm_rms_norm_op.register_kernel("cuda")
 def _spmm_rms_norm_cuda(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
     from . import kernels
 
-    if not kernels.supported(x.device)[0]:
-        y = _spmm_cuda(rms_norm(x, weight, eps), data, offsets, fmt, m, k, None)  # warns once
-        return silu_mul_halves(y) if silu_mul else y
+    if _no_kernels(x.device):
+        return _rms_norm_reference(x, weight, eps, data, offsets, fmt, m, k, silu_mul)
     return kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, act="silu_mul" if silu_mul else None,
                              norm=(weight, eps))
 
@@ -85,18 +100,22 @@ def _(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
     return x.new_empty((x.shape[0], m // 2 if silu_mul else m))
 
 
+def _add_reference(acc, x, data, offsets, fmt, m, k):
+    acc.add_(spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), None))
+
+
 @torch.library.custom_op("flash_llm::spmm_add_", mutates_args=("acc",))
 def _spmm_add_op(acc: torch.Tensor, x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
                  k: int) -> None:
-    acc.add_(spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), None))
+    _add_reference(acc, x, data, offsets, fmt, m, k)
 
 
 @_spmm_add_op.register_kernel("cuda")
 def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k):
     from . import kernels
 
-    if not kernels.supported(x.device)[0]:
-        acc.add_(_spmm_cuda(x, data, offsets, fmt, m, k, None))  # warns once
+    if _no_kernels(x.device):
+        _add_reference(acc, x, data, offsets, fmt, m, k)
     else:
         kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, add_to=acc)
 

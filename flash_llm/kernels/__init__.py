@@ -426,8 +426,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     Tiled-CSL reduction's :func:`reduce_ways`, and ``out`` (contiguous, ``[N, m]``, or ``[N, m / 2]`` with ``act``)
     receives the result (tests poison it first).
 
-    Around the product (each computed inside the kernels where :func:`_fusable` says so, else by separate
-    operations with the same rounding steps):
+    Around the product (each computed inside the kernels where :func:`epilogue_fusable` says so for the launch, and
+    the norm's weight is contiguous; else by separate operations with the same rounding steps):
     - ``act="silu_mul"`` (``W`` a merged gate / up weight, ``m`` even, no bias): returns
       :func:`~flash_llm.reference.silu_mul_halves` of the product, ``[N, m / 2]``.
     - ``norm=(weight [K], eps)``: the product of :func:`~flash_llm.reference.rms_norm` ``(x, weight, eps)`` instead
@@ -457,23 +457,26 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     dev = x.device
     density = _density(fmt, data, m, k)
     extra = act is not None or norm is not None or add_to is not None
-    if extra and (n == 0 or not _fusable(x, data, fmt, m, k, splits, force_sparse, act, norm, add_to)):
-        return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
-    if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k):
-        return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
-    m_out = m // 2 if act else m
-    y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
-    if n == 0:
-        return y
+    if n == 0 or (not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k)):
+        if extra:
+            return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
+        if n:
+            return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
+        return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
     x = x.contiguous()
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
     name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index, density)
-    bw = fmt == BITMAP and shared > 0  # the bitmap warpgroup kernel
-    if bw:  # X' in the fragments' column order, padded to whole 64-column tiles
-        x, vec = fragment_columns(x), 1
     threads = block_threads(name)
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads, shared), splits, fmt,
              wg)
+    if extra and not (_epilogue_ok(fmt, name, shared, p, m, bool(vec), act, norm is not None, add_to is not None)
+                      and (norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0))):
+        return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
+    m_out = m // 2 if act else m
+    y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
+    bw = fmt == BITMAP and shared > 0  # the bitmap warpgroup kernel
+    if bw:  # X' in the fragments' column order, padded to whole 64-column tiles
+        x, vec = fragment_columns(x), 1
     ws_ptr = tk_ptr = 0
     stream = torch.cuda.current_stream(dev).cuda_stream
     blocks = p.row_blocks * p.n_chunks  # blocks along M and N
@@ -511,17 +514,6 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     return y
 
 
-def _fusable(x, data, fmt, m, k, splits, force_sparse, act, norm, add_to) -> bool:
-    """Whether :func:`spmm_cuda`'s ``act`` / ``norm`` / ``add_to`` run inside the kernels for this ``x``:
-    :func:`epilogue_fusable`, with ``x`` contiguous and 16-byte aligned and the norm's weight contiguous where the N = 1
-    kernel needs them."""
-    vec = k % 8 == 0 and x.is_contiguous() and x.data_ptr() % 16 == 0
-    if not epilogue_fusable(fmt, data, m, k, x.shape[0], x.dtype, x.device, vec, splits, force_sparse, act,
-                            norm is not None, add_to is not None):
-        return False
-    return norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0)
-
-
 def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
                      vec: bool = True, splits: int | None = None, force_sparse: bool = False, act: str | None = None,
                      norm: bool = False, add: bool = False) -> bool:
@@ -535,6 +527,13 @@ def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype
     name, wg, shared = kernel_config(fmt, dtype, n, vec, device.index, density)
     p = plan(m, k, n, density, sm_count(device.index), blocks_per_sm(name, device.index, block_threads(name), shared),
              splits, fmt, wg)
+    return _epilogue_ok(fmt, name, shared, p, m, vec, act, norm, add)
+
+
+def _epilogue_ok(fmt: int, name: str, shared: int, p: LaunchPlan, m: int, vec: bool, act, norm: bool, add: bool
+                 ) -> bool:
+    """:func:`epilogue_fusable` for the kernel ``name`` (with ``shared`` bytes of dynamic shared memory) and plan
+    ``p`` that :func:`spmm_cuda` launches."""
     if p.splits < 2:
         return False
     if (norm or add) and not (fmt == TILED_CSL and name.endswith("_n1") and vec):

@@ -839,7 +839,6 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
     load_x(kb, 0);
     const int sc = 64 * kb + 2 * lane;  // this lane's first column of the tile (SCALE)
     u32 gs = SCALE && sc < p.K ? *reinterpret_cast<const u32*>(colscale + sc) : 0u;
-    ssq = 0.f;
     for (int j = kb; j < ke; ++j) {
       const int b = (j - kb) & 1;
       if (j + 1 < ke) {
