@@ -95,11 +95,12 @@ def test_policy_takes_the_kernel_where_it_measured_faster():
 @pytest.mark.parametrize("b,h,hkv,d", [(1, 32, 8, 128), (3, 8, 8, 64), (2, 16, 2, 128), (1, 12, 4, 64),
                                        (2, 12, 2, 64)])
 @pytest.mark.parametrize("kv_len,slot", [(1, 0), (64, 63), (65, 64), (100, 99), (128, 5), (129, 128), (300, 200),
-                                         (1000, 611)])
+                                         (1000, 611), (2500, 2047)])
 def test_kernel_matches_float64(dtype, b, h, hkv, d, kv_len, slot):
     """Output within 2x PyTorch's own error (scaled_dot_product_attention in the same dtype against float64) plus
     one ulp of the largest value; the cache holds the new key and value at the slot and nothing else changed; a
-    second launch gives the same bits (the chunks combine in a fixed order)."""
+    second launch gives the same bits (the chunks combine in a fixed order).  2500 slots are 40 chunks, which the last
+    block combines in two groups (32, then 8), the second rescaling the first's sums."""
     slots = max(kv_len, slot + 1) + 64
     q, k, v, cache, mask, st = _case(b, h, hkv, d, slots, kv_len, slot, dtype, "cuda", seed=kv_len + h,
                                      masked=(kv_len - 1,) if kv_len > 2 and slot != kv_len - 1 else ())

@@ -1665,21 +1665,24 @@ INSTANTIATE_BW(bf16, true, 128)
 //   mask [B, S] (batch stride mask_b; -inf where a query may not look) or null, S: the slots attended (0 .. S - 1).
 //   out [B, H, D] = softmax(scale q K^T + mask) V over the H / Hkv query heads of each kv head (grouped-query).
 //   With cos, sin [B, D] (batch stride cs_b), q and the new key are rotated first (RoPE, transformers' half-split
-//   convention and rounding: rope_elem), so the layer needs no RoPE launch of its own.
+//   convention and rounding: rope_val), so the layer needs no RoPE launch of its own.
 // - Every block rotates the new key into shared memory (kn); the block of head group 0 whose chunk holds the slot
 //   (the last chunk if the slot is past S) writes it and the new value into the cache.  Every block reads that
 //   slot's key and value from kn and v_new, never from the cache, so no block waits for another.
-// - Every load of a phase is issued before its first use, so a block pays about one memory latency per phase (mask,
-//   keys, values), not one per slot:
-//   - scores: two threads per slot, each with half the key row (D / 16 16-byte loads), unless the mask excludes the
-//     slot; dot products with the group's queries (fp32, shared memory), summed over the pair by one shuffle;
+// - A block issues all its first loads at once, none waiting for another (session 16): the slot, the mask, its key
+//   rows (the slot's row too, then replaced from kn), the new value, the queries, the new key and cos / sin.  The value
+//   rows are asked for right after the scores, so they are in flight during the softmax statistics.
+//   - scores: two threads per slot, each with half the key row (D / 16 16-byte loads); dot products with the group's
+//     queries (fp32, shared memory), summed over the pair by one shuffle; masked slots and slots past S score -inf;
 //   - softmax statistics per head by block reduction;
 //   - values: thread t takes the 8 columns 8 (t % (D / 8)) .. + 7 of the slots t / (D / 8) + 128 / (D / 8) i
-//     (16-byte loads), skipping slots without weight, and the slot groups' sums meet in shared memory.
+//     (16-byte loads); a slot without weight in any head adds nothing (its row may hold anything), and the slot
+//     groups' sums meet in shared memory.
 // - With one chunk the block writes out; otherwise it writes (o, m, l) in fp32 to ws, and the last block of its
-//   (sequence, kv head, head group) to arrive (an atomic ticket, reset for the next launch) combines them in chunk
-//   order, so the result is deterministic.  A row with every slot masked comes out NaN, as
-//   scaled_dot_product_attention's.
+//   (sequence, kv head, head group) to arrive (an atomic ticket, reset for the next launch) combines them, 32 chunks at
+//   a time: warp h weighs head h's chunks (one per lane), then every thread sums its outputs over the group with all
+//   the group's loads in flight.  The order is fixed, so the result is deterministic.  A row with every slot masked
+//   comes out NaN, as scaled_dot_product_attention's.
 // ------------------------------------------------------------------------------------------------
 constexpr int DA_THREADS = 128, DA_CHUNK = 64, DA_MAX_REP = 8, DA_HEADS = 4;
 #define DA_NEG_INF __int_as_float(0xff800000)
@@ -1704,15 +1707,15 @@ struct DecodeAttn {
   float scale;
 };
 
-// Element d of the D-vector v rotated as transformers' apply_rotary_pos_emb does it in the tensors' dtype:
-// v * cos + rotate_half(v) * sin, each product and the sum rounded to the dtype (so the cache holds the bits the
+// Element d of a D-vector rotated as transformers' apply_rotary_pos_emb does it in the tensors' dtype, from the raw
+// element x = v[d], its partner p = v[d + D / 2] (d < D / 2) or v[d - D / 2], and cos / sin at d:
+// x * cos + rotate_half(v)[d] * sin, each product and the sum rounded to the dtype (so the cache holds the bits the
 // PyTorch path would write).
 template <bool BF16>
-DEVI float rope_elem(const u16* v, const u16* cs, const u16* sn, int d, int D) {
-  const float x = to_float<BF16>(v[d]);
-  const float r = d < D / 2 ? -to_float<BF16>(v[d + D / 2]) : to_float<BF16>(v[d - D / 2]);
-  const float a = to_float<BF16>(from_float<BF16>(x * to_float<BF16>(cs[d])));
-  const float b = to_float<BF16>(from_float<BF16>(r * to_float<BF16>(sn[d])));
+DEVI float rope_val(u16 x, u16 p, u16 c, u16 s, bool low) {
+  const float r = low ? -to_float<BF16>(p) : to_float<BF16>(p);
+  const float a = to_float<BF16>(from_float<BF16>(to_float<BF16>(x) * to_float<BF16>(c)));
+  const float b = to_float<BF16>(from_float<BF16>(r * to_float<BF16>(s)));
   return to_float<BF16>(from_float<BF16>(a + b));
 }
 
@@ -1746,58 +1749,78 @@ template <bool BF16, int D>
 DEVI void decode_attn_body(const DecodeAttn a) {
   constexpr int WARPS_DA = DA_THREADS / 32, HALF = D / 2;
   constexpr int CG = D / 8, SG = DA_THREADS / CG, PER = DA_CHUNK / SG;  // value phase: column groups, slot groups
+  constexpr int QPT = DA_HEADS * D / DA_THREADS;  // query elements per thread (the thread's column d, heads apart)
+  static_assert(WARPS_DA == DA_HEADS, "decode attention: the combine gives each head of a group one warp");
+  static_assert(DA_THREADS % D == 0, "decode attention: a thread's query elements share one column");
   __shared__ __align__(16) float qs[DA_HEADS][D];
   __shared__ float ps[DA_HEADS][DA_CHUNK];
   __shared__ float red[DA_HEADS][WARPS_DA];
   __shared__ __align__(16) float os[SG][DA_HEADS][D];
-  __shared__ float stat[2][DA_HEADS];  // the chunk's m and l per head
+  __shared__ float stat[2][DA_HEADS];  // the chunk's m and l per head; in the combine, the running max and sum
+  __shared__ float cw[DA_HEADS][32];   // the combine: a group of up to 32 chunks' weights, and the running rescale
+  __shared__ float cr[DA_HEADS];
   __shared__ __align__(16) u16 kn[D];  // the new key (rotated with cos / sin)
   __shared__ int last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y, hg = blockIdx.z;
   const int rep = a.heads / a.kv_heads, h0 = hg * DA_HEADS, nh = min(DA_HEADS, rep - h0);
   const int s0 = split * DA_CHUNK;
+  const int sl = tid >> 1, half = tid & 1, s = s0 + sl;  // scores: slot s, dimensions half * HALF .. + HALF - 1
+  const int cg = tid % CG, sg = tid / CG;                 // values: columns 8 cg .. + 7 of slots s0 + sg + SG u
+  const int d = tid % D, dp = d < HALF ? d + HALF : d - HALF;  // the thread's query column and its RoPE partner
   // Under kernels.static_weights the kernel is launched programmatically: it waits here for the projection that
   // wrote q, k_new and v_new (and reads nothing before), and lets the next kernel (the o projection, whose blocks only
   // load their weights before their own wait) launch at once.  Both are no-ops for a plain launch.
   pdl_launch_dependents();
   pdl_wait();
-  const long long slot64 = *a.slot;
-  const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
   const u16* vnew = a.v_new + b * a.v_b + kvh * D;
   const u16* cs = a.cos ? a.cos + b * a.cs_b : nullptr;
   const u16* sn = a.cos ? a.sin + b * a.cs_b : nullptr;
   const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
-  for (int d = tid; d < D; d += DA_THREADS)
-    kn[d] = cs ? from_float<BF16>(rope_elem<BF16>(knew, cs, sn, d, D)) : knew[d];
-  for (int i = tid; i < nh * D; i += DA_THREADS) {
-    const u16* qh = a.q + b * a.q_b + (long long)(kvh * rep + h0 + i / D) * D;
-    qs[i / D][i % D] = (cs ? rope_elem<BF16>(qh, cs, sn, i % D, D) : to_float<BF16>(qh[i % D])) * a.scale;
-  }
-
-  // scores: slot s0 + tid / 2, dimensions (tid % 2) HALF .. + HALF - 1; the new key's row comes from kn, after the
-  // barrier, the cached rows before it
-  const int sl = tid >> 1, half = tid & 1, s = s0 + sl;
-  const float mk = s < a.S ? (a.mask ? to_float<BF16>(a.mask[b * a.mask_b + s]) : 0.f) : DA_NEG_INF;
-  const bool live = mk != DA_NEG_INF;
-  uint4 kr[HALF / 8];  // half the key row, all in flight at once
-  if (s != slot) {
+  // Every global load of the block, none waiting for another: the slot, the mask, the key and value rows of the
+  // chunk (the slot's too, replaced below: the cache row there is stale), the new value, the queries, the new key and
+  // the RoPE tables.  So the block pays one memory latency before it computes.
+  const long long slot64 = *a.slot;
+  const u16 mraw = s < a.S && a.mask ? a.mask[b * a.mask_b + s] : (u16)0;
+  uint4 kr[HALF / 8];
+  {
     const u16* krow = a.kc + cache0 + (long long)s * D + half * HALF;
 #pragma unroll
     for (int c = 0; c < HALF / 8; ++c)
-      kr[c] = live ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
+      kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
+  const uint4 vn = *reinterpret_cast<const uint4*>(vnew + 8 * cg);
+  u16 qx[QPT], qp[QPT];
+#pragma unroll
+  for (int j = 0; j < QPT; ++j) {
+    const int h = (tid + DA_THREADS * j) / D;
+    const u16* qh = a.q + b * a.q_b + (long long)(kvh * rep + h0 + min(h, nh - 1)) * D;
+    qx[j] = qh[d];
+    qp[j] = cs ? qh[dp] : (u16)0;
+  }
+  const bool kt = tid < D;  // the threads that rotate the new key, one column each
+  const u16 kx = kt ? knew[d] : (u16)0, kp = kt && cs ? knew[dp] : (u16)0;
+  const u16 cd = cs ? cs[d] : (u16)0, sd = cs ? sn[d] : (u16)0;
+
+  const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
+  if (kt) kn[d] = cs ? from_float<BF16>(rope_val<BF16>(kx, kp, cd, sd, d < HALF)) : kx;
+#pragma unroll
+  for (int j = 0; j < QPT; ++j) {
+    const int h = (tid + DA_THREADS * j) / D;
+    if (h < nh) qs[h][d] = (cs ? rope_val<BF16>(qx[j], qp[j], cd, sd, d < HALF) : to_float<BF16>(qx[j])) * a.scale;
+  }
+  const float mk = s < a.S ? (a.mask ? to_float<BF16>(mraw) : 0.f) : DA_NEG_INF;
+  const bool live = mk != DA_NEG_INF;
   __syncthreads();  // qs, kn
   if (s == slot)
 #pragma unroll
-    for (int c = 0; c < HALF / 8; ++c)
-      kr[c] = live ? *reinterpret_cast<const uint4*>(kn + half * HALF + 8 * c) : make_uint4(0, 0, 0, 0);
-  if (hg == 0 && slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1))
-    for (int d = tid; d < D; d += DA_THREADS) {
-      a.kc[cache0 + (long long)slot * D + d] = kn[d];
-      a.vc[cache0 + (long long)slot * D + d] = vnew[d];
-    }
+    for (int c = 0; c < HALF / 8; ++c) kr[c] = *reinterpret_cast<const uint4*>(kn + half * HALF + 8 * c);
+  if (hg == 0 && slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1) && tid < D / 8) {
+    *reinterpret_cast<uint4*>(a.kc + cache0 + (long long)slot * D + 8 * tid) =
+        *reinterpret_cast<const uint4*>(kn + 8 * tid);
+    *reinterpret_cast<uint4*>(a.vc + cache0 + (long long)slot * D + 8 * tid) = vn;  // (cg == tid here)
+  }
   float sc[DA_HEADS];
   {
     float acc[DA_HEADS];
@@ -1821,6 +1844,14 @@ DEVI void decode_attn_body(const DecodeAttn a) {
       acc[h] += __shfl_xor_sync(FULL_MASK, acc[h], 1);
       sc[h] = live ? acc[h] + mk : DA_NEG_INF;
     }
+  }
+  // the value rows, in flight during the softmax statistics (the key rows' registers are free by now)
+  uint4 vv[PER];
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int sv = s0 + sg + SG * u;
+    vv[u] = sv < a.S ? *reinterpret_cast<const uint4*>(a.vc + cache0 + (long long)sv * D + 8 * cg)
+                     : make_uint4(0, 0, 0, 0);
   }
   // softmax statistics of the chunk, per head: m = max, p = exp(score - m) (0 where masked), l = sum p
   float m[DA_HEADS];
@@ -1860,19 +1891,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
         stat[1][h] = ll;
       }
 
-  // values: columns 8 cg .. 8 cg + 7 of slots sg + SG u
-  const int cg = tid % CG, sg = tid / CG;
-  uint4 vv[PER];
-#pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int i = sg + SG * u, sv = s0 + i;
-    float any = 0.f;
-#pragma unroll
-    for (int h = 0; h < DA_HEADS; ++h)
-      if (h < nh) any += ps[h][i];
-    const u16* vrow = sv == slot ? vnew : a.vc + cache0 + (long long)sv * D;
-    vv[u] = any == 0.f ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(vrow + 8 * cg);
-  }
+  // values: slots without weight in any head count as zeros (their rows, loaded above, may hold anything)
   float o[DA_HEADS][8];
 #pragma unroll
   for (int h = 0; h < DA_HEADS; ++h)
@@ -1880,12 +1899,18 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     for (int j = 0; j < 8; ++j) o[h][j] = 0.f;
 #pragma unroll
   for (int u = 0; u < PER; ++u) {
+    const int i = sg + SG * u;
+    float any = 0.f;
+#pragma unroll
+    for (int h = 0; h < DA_HEADS; ++h)
+      if (h < nh) any += ps[h][i];
+    if (any == 0.f) continue;
     float vf[8];
-    unpack8<BF16>(vv[u], vf);
+    unpack8<BF16>(s0 + i == slot ? vn : vv[u], vf);
 #pragma unroll
     for (int h = 0; h < DA_HEADS; ++h)
       if (h < nh) {
-        const float p = ps[h][sg + SG * u];
+        const float p = ps[h][i];
 #pragma unroll
         for (int j = 0; j < 8; ++j) o[h][j] += p * vf[j];
       }
@@ -1923,20 +1948,53 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   __syncthreads();
   if (!last) return;
   __threadfence();
+  // The combine, in groups of 32 chunks (online: a later group with a larger max rescales the running sums).  Warp h
+  // weighs head h's chunks, one per lane: w = exp(m - M) (0 for a chunk with every slot masked), the running sum
+  // l += sum w l; then every thread adds w o over the group for its outputs (h, dd), all of a group's loads in
+  // flight together.  The order is fixed, so the result is deterministic.
   const float* w0 = a.ws + bhg * a.splits * DA_HEADS * (D + 2);
-  for (int i = tid; i < nh * D; i += DA_THREADS) {
-    const int h = i / D, dd = i % D;
-    float mm = DA_NEG_INF;
-    for (int sp = 0; sp < a.splits; ++sp) mm = fmaxf(mm, __ldcg(w0 + (sp * DA_HEADS + h) * (D + 2) + D));
-    float num = 0.f, den = 0.f;
-    for (int sp = 0; sp < a.splits; ++sp) {
-      const float* e = w0 + (sp * DA_HEADS + h) * (D + 2);
-      const float ms = __ldcg(e + D);
-      const float wgt = ms == DA_NEG_INF ? 0.f : __expf(ms - mm);
-      num += wgt * __ldcg(e + dd);
-      den += wgt * __ldcg(e + D + 1);
+  if (tid < DA_HEADS) {
+    stat[0][tid] = DA_NEG_INF;
+    stat[1][tid] = 0.f;
+  }
+  float num[QPT];
+#pragma unroll
+  for (int j = 0; j < QPT; ++j) num[j] = 0.f;
+  for (int g0 = 0; g0 < a.splits; g0 += 32) {
+    const int n = min(32, a.splits - g0);
+    __syncthreads();  // stat initialised / the previous group's weights used
+    if (warp < nh) {
+      const float* e = w0 + ((g0 + lane) * DA_HEADS + warp) * (D + 2);
+      const float mj = lane < n ? __ldcg(e + D) : DA_NEG_INF, lj = lane < n ? __ldcg(e + D + 1) : 0.f;
+      const float mold = stat[0][warp], lold = stat[1][warp], mnew = fmaxf(mold, warp_max(mj));
+      const float w = mj == DA_NEG_INF ? 0.f : __expf(mj - mnew);
+      const float r = mold == DA_NEG_INF ? 0.f : __expf(mold - mnew);
+      cw[warp][lane] = w;
+      const float lsum = warp_sum(w * lj);
+      __syncwarp();  // every lane has read the running max before lane 0 replaces it
+      if (lane == 0) {
+        cr[warp] = r;
+        stat[0][warp] = mnew;
+        stat[1][warp] = lold * r + lsum;
+      }
     }
-    ob[i] = from_float<BF16>(num * __frcp_rn(den));
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < QPT; ++j) {
+      const int i = tid + DA_THREADS * j, h = i / D;
+      if (h < nh) {
+        const float* e = w0 + ((long long)g0 * DA_HEADS + h) * (D + 2) + d;
+        float t = num[j] * cr[h];
+#pragma unroll 8
+        for (int sp = 0; sp < n; ++sp) t += cw[h][sp] * __ldcg(e + sp * DA_HEADS * (D + 2));
+        num[j] = t;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < QPT; ++j) {
+    const int i = tid + DA_THREADS * j, h = i / D;
+    if (h < nh) ob[i] = from_float<BF16>(num[j] * __frcp_rn(stat[1][h]));
   }
   if (tid == 0) a.tickets[bhg] = 0;
 }
