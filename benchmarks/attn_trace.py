@@ -1,0 +1,113 @@
+"""Where a decode-attention launch's time goes: phase stamps of every block, from a kernel built with a tracing patch.
+
+    git apply benchmarks/results/2026-11-30-s16/callC/attn_trace.patch   # adds a trace pointer to decode_attn_*
+    python benchmarks/attn_trace.py [--batch 1] [--slots 256] [--layers 32]
+
+The patch makes thread 0 of every block write ``%globaltimer`` (ns) and ``%clock64`` (SM cycles) at eight points:
+0 entry, 1 after the programmatic wait, 2 after the barrier that publishes the rotated queries and key, 3 scores
+done, 4 softmax statistics done, 5 values summed, 6 partials written and the ticket taken (or the output written),
+7 the combine done (the last block only); and its SM.  The script captures the ``--layers`` launches (one cache per
+layer, as ``bench_decode_attention.py``) in one CUDA graph, replays it, and prints for the last replay: the graph's
+time per launch, each launch's span (first block's entry to the last stamp), the gap to the next launch's first
+entry, the spread of the blocks' entries, and the median block's phases in SM cycles.  Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _timing import time_calls  # noqa: E402
+
+from flash_llm import kernels  # noqa: E402
+from flash_llm.models import _common  # noqa: E402
+from flash_llm.models._common import KVCache  # noqa: E402
+
+PHASES = ["wait", "q/k rotated", "scores", "softmax", "values", "partials+ticket", "combine"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--slots", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=32)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("attn_trace.py needs a CUDA GPU")
+    if not hasattr(kernels, "_trace"):
+        sys.exit("apply the tracing patch first (see the docstring)")
+    dev, dt, b, slots = torch.device("cuda"), torch.float16, a.batch, a.slots
+    h, hkv, d = 32, 8, 128
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cache = KVCache(a.layers, b, hkv, slots, d, dt, dev)
+    for c in cache.k + cache.v:
+        c.normal_(generator=gen)
+    pos = slots * 3 // 4
+    valid = torch.zeros(b, slots, dtype=torch.bool, device=dev)
+    valid[:, : pos + 1] = True
+    mask = _common.additive_mask(valid[:, None, None, :], dt)
+    slot = torch.tensor([pos], dtype=torch.int64, device=dev)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=gen, device=dev, dtype=dt)
+    q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
+    k = qkv[..., h * d:(h + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
+    v = qkv[..., (h + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
+    ang = torch.rand(b, 1, d // 2, generator=gen, device=dev) * 100
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dt), torch.cat([ang, ang], -1).sin().to(dt)
+    outs = [torch.empty(b, 1, h * d, dtype=dt, device=dev) for _ in range(a.layers)]
+    splits = -(-slots // kernels.DECODE_ATTENTION_CHUNK)
+    blocks = b * hkv * splits * -(-(h // hkv) // kernels.DECODE_ATTENTION_HEADS)
+    tr = torch.zeros(a.layers, blocks, 32, dtype=torch.int64, device=dev)
+
+    def call(i):
+        def f():
+            kernels._trace = tr[i]
+            kernels.decode_attention_cuda(q, k, v, cache.k[i], cache.v[i], slot, mask, slots, d ** -0.5, out=outs[i],
+                                          cos=cos, sin=sin)
+            kernels._trace = None
+        return f
+
+    per = time_calls([call(i) for i in range(a.layers)], replays=20)
+    t = tr.cpu()
+    ns, cyc, sm = t[:, :, 0:16:2], t[:, :, 1:16:2], t[:, :, 31]
+    last = torch.where(ns[:, :, 7] > 0, ns[:, :, 7], ns[:, :, 6])
+    start, end = ns[:, :, 0].min(1).values, last.max(1).values
+    spans = (end - start).tolist()
+    gaps = (start[1:] - end[:-1]).tolist()
+    spread = (ns[:, :, 0].max(1).values - start).tolist()
+    # SM clock from the longest block: cycles per ns
+    i0, j0 = divmod(int((last - ns[:, :, 0]).argmax()), blocks)
+    ghz = float(cyc[i0, j0, 6] - cyc[i0, j0, 0]) / float(ns[i0, j0, 6] - ns[i0, j0, 0])
+    print(f"{torch.cuda.get_device_name()}, batch {b}, {slots} slots ({splits} chunks), {blocks} blocks per launch on "
+          f"{len(set(sm.flatten().tolist()))} SMs, {a.layers} launches per graph; SM clock about {ghz:.2f} GHz")
+    print(f"graph replay: {per * 1e6:.2f} us per launch")
+    print(f"launch span (first entry to last stamp): median {statistics.median(spans) / 1e3:.2f} us "
+          f"(min {min(spans) / 1e3:.2f}, max {max(spans) / 1e3:.2f})")
+    print(f"gap to the next launch's first entry: median {statistics.median(gaps) / 1e3:.2f} us "
+          f"(min {min(gaps) / 1e3:.2f}, max {max(gaps) / 1e3:.2f})")
+    print(f"blocks' entry spread within a launch: median {statistics.median(spread) / 1e3:.2f} us")
+    res = sorted({int(x) for x in (ns[:, :, 1:7] - ns[:, :, 0:6]).flatten().tolist() if x > 0})[:5]
+    print(f"smallest nonzero globaltimer steps (ns): {res}")
+    print("| phase | median block, cycles | median block, us | slowest block (last of its launch), us |")
+    print("|---|---|---|---|")
+    dc = (cyc[:, :, 1:] - cyc[:, :, :-1]).double()
+    slow = last.argmax(1)
+    for p, name in enumerate(PHASES):
+        col = dc[:, :, p]
+        if name == "combine":
+            col = col[cyc[:, :, 7] > 0]
+        med = float(col.median())
+        sl = [float(dc[i, slow[i], p]) for i in range(a.layers) if name != "combine" or cyc[i, slow[i], 7] > 0]
+        print(f"| {name} | {med:.0f} | {med / ghz / 1e3:.2f} | "
+              f"{statistics.median(sl) / ghz / 1e3 if sl else float('nan'):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
