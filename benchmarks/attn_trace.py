@@ -33,6 +33,40 @@ from flash_llm.models._common import KVCache  # noqa: E402
 PHASES = ["wait", "q/k rotated", "scores", "softmax", "values", "partials+ticket", "combine"]
 
 
+def report(t: torch.Tensor, per: float) -> None:
+    """Print the table from the stamps ``t`` [launches, blocks, 32] (int64) and the graph's seconds per launch."""
+    layers, blocks = t.shape[0], t.shape[1]
+    ns, cyc, sm = t[:, :, 0:16:2], t[:, :, 1:16:2], t[:, :, 31]
+    last = torch.where(ns[:, :, 7] > 0, ns[:, :, 7], ns[:, :, 6])
+    start, end = ns[:, :, 0].min(1).values, last.max(1).values
+    spans = (end - start).tolist()
+    gaps = (start[1:] - end[:-1]).tolist() or [0]
+    spread = (ns[:, :, 0].max(1).values - start).tolist()
+    i0, j0 = divmod(int((last - ns[:, :, 0]).argmax()), blocks)  # SM clock from the longest block: cycles per ns
+    ghz = float(cyc[i0, j0, 6] - cyc[i0, j0, 0]) / max(1.0, float(ns[i0, j0, 6] - ns[i0, j0, 0]))
+    print(f"{len(set(sm.flatten().tolist()))} SMs used; SM clock about {ghz:.2f} GHz")
+    print(f"graph replay: {per * 1e6:.2f} us per launch")
+    print(f"launch span (first entry to last stamp): median {statistics.median(spans) / 1e3:.2f} us "
+          f"(min {min(spans) / 1e3:.2f}, max {max(spans) / 1e3:.2f})")
+    print(f"gap to the next launch's first entry: median {statistics.median(gaps) / 1e3:.2f} us "
+          f"(min {min(gaps) / 1e3:.2f}, max {max(gaps) / 1e3:.2f})")
+    print(f"blocks' entry spread within a launch: median {statistics.median(spread) / 1e3:.2f} us")
+    res = sorted({int(x) for x in (ns[:, :, 1:7] - ns[:, :, 0:6]).flatten().tolist() if x > 0})[:5]
+    print(f"smallest nonzero globaltimer steps (ns): {res}")
+    print("| phase | median block, cycles | median block, us | slowest block (last of its launch), us |")
+    print("|---|---|---|---|")
+    dc = (cyc[:, :, 1:] - cyc[:, :, :-1]).double()
+    slow = last.argmax(1)
+    for p, name in enumerate(PHASES):
+        col = dc[:, :, p]
+        if name == "combine":
+            col = col[cyc[:, :, 7] > 0]
+        med = float(col.median()) if col.numel() else float("nan")
+        sl = [float(dc[i, slow[i], p]) for i in range(layers) if name != "combine" or cyc[i, slow[i], 7] > 0]
+        print(f"| {name} | {med:.0f} | {med / ghz / 1e3:.2f} | "
+              f"{statistics.median(sl) / ghz / 1e3 if sl else float('nan'):.2f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
@@ -61,8 +95,8 @@ def main(argv=None) -> int:
     ang = torch.rand(b, 1, d // 2, generator=gen, device=dev) * 100
     cos, sin = torch.cat([ang, ang], -1).cos().to(dt), torch.cat([ang, ang], -1).sin().to(dt)
     outs = [torch.empty(b, 1, h * d, dtype=dt, device=dev) for _ in range(a.layers)]
-    splits = -(-slots // kernels.DECODE_ATTENTION_CHUNK)
-    blocks = b * hkv * splits * -(-(h // hkv) // kernels.DECODE_ATTENTION_HEADS)
+    splits = -(-slots // kernels.DECODE_ATTN_CHUNK)
+    blocks = b * hkv * splits * -(-(h // hkv) // kernels.DECODE_ATTN_HEADS)
     tr = torch.zeros(a.layers, blocks, 32, dtype=torch.int64, device=dev)
 
     def call(i):
@@ -74,38 +108,9 @@ def main(argv=None) -> int:
         return f
 
     per = time_calls([call(i) for i in range(a.layers)], replays=20)
-    t = tr.cpu()
-    ns, cyc, sm = t[:, :, 0:16:2], t[:, :, 1:16:2], t[:, :, 31]
-    last = torch.where(ns[:, :, 7] > 0, ns[:, :, 7], ns[:, :, 6])
-    start, end = ns[:, :, 0].min(1).values, last.max(1).values
-    spans = (end - start).tolist()
-    gaps = (start[1:] - end[:-1]).tolist()
-    spread = (ns[:, :, 0].max(1).values - start).tolist()
-    # SM clock from the longest block: cycles per ns
-    i0, j0 = divmod(int((last - ns[:, :, 0]).argmax()), blocks)
-    ghz = float(cyc[i0, j0, 6] - cyc[i0, j0, 0]) / float(ns[i0, j0, 6] - ns[i0, j0, 0])
-    print(f"{torch.cuda.get_device_name()}, batch {b}, {slots} slots ({splits} chunks), {blocks} blocks per launch on "
-          f"{len(set(sm.flatten().tolist()))} SMs, {a.layers} launches per graph; SM clock about {ghz:.2f} GHz")
-    print(f"graph replay: {per * 1e6:.2f} us per launch")
-    print(f"launch span (first entry to last stamp): median {statistics.median(spans) / 1e3:.2f} us "
-          f"(min {min(spans) / 1e3:.2f}, max {max(spans) / 1e3:.2f})")
-    print(f"gap to the next launch's first entry: median {statistics.median(gaps) / 1e3:.2f} us "
-          f"(min {min(gaps) / 1e3:.2f}, max {max(gaps) / 1e3:.2f})")
-    print(f"blocks' entry spread within a launch: median {statistics.median(spread) / 1e3:.2f} us")
-    res = sorted({int(x) for x in (ns[:, :, 1:7] - ns[:, :, 0:6]).flatten().tolist() if x > 0})[:5]
-    print(f"smallest nonzero globaltimer steps (ns): {res}")
-    print("| phase | median block, cycles | median block, us | slowest block (last of its launch), us |")
-    print("|---|---|---|---|")
-    dc = (cyc[:, :, 1:] - cyc[:, :, :-1]).double()
-    slow = last.argmax(1)
-    for p, name in enumerate(PHASES):
-        col = dc[:, :, p]
-        if name == "combine":
-            col = col[cyc[:, :, 7] > 0]
-        med = float(col.median())
-        sl = [float(dc[i, slow[i], p]) for i in range(a.layers) if name != "combine" or cyc[i, slow[i], 7] > 0]
-        print(f"| {name} | {med:.0f} | {med / ghz / 1e3:.2f} | "
-              f"{statistics.median(sl) / ghz / 1e3 if sl else float('nan'):.2f} |")
+    print(f"{torch.cuda.get_device_name()}, batch {b}, {slots} slots ({splits} chunks), {blocks} blocks per launch, "
+          f"{a.layers} launches per graph")
+    report(tr.cpu(), per)
     return 0
 
 
