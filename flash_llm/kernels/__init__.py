@@ -337,6 +337,10 @@ _static = threading.local()
 PDL_SPMM = os.environ.get("FLASH_LLM_PDL_SPMM", "1") != "0"
 #: ``FLASH_LLM_PDL_ATTN=0`` keeps the decode-attention launch plain under :func:`static_weights`
 PDL_ATTN = os.environ.get("FLASH_LLM_PDL_ATTN", "1") != "0"
+#: Which split-K reductions are launched programmatically (their blocks resident, waiting, while the spmm runs):
+#: ``FLASH_LLM_PDL_REDUCE=nt1`` (the default) after the N <= 8 kernels only, ``all`` after every Tiled-CSL and bitmap
+#: warpgroup kernel, ``0`` none.
+PDL_REDUCE = os.environ.get("FLASH_LLM_PDL_REDUCE", "nt1")
 
 
 @contextlib.contextmanager
@@ -510,7 +514,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
                (tiles // 2 if act else tiles, w * p.nt, 1), THREADS,
                [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m_out, I), (n, I), (p.splits, I), (tiles, I),
                 (chunks, I), (w, I), (k, I), (float(norm[1]) if norm else 0.0, ctypes.c_float)],
-               stream, dev.index, pdl=p.nt == 1)
+               stream, dev.index, pdl=PDL_REDUCE == "all" or (PDL_REDUCE == "nt1" and p.nt == 1))
     return y
 
 
