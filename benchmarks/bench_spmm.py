@@ -40,7 +40,7 @@ LAYERS = {  # model: {layer: (M, K)}
 NS = [1, 8, 16, 32, 64, 128, 256, 512, 2048]
 FORMATS = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-SPARSE_KERNEL_MAX_N = 512  # the sparse kernel is also timed up to here where dense is dispatched
+SPARSE_KERNEL_MAX_N = 128  # the sparse kernel is also timed up to here where dense is dispatched
 
 
 def random_sparse(m, k, sparsity, dtype, gen):

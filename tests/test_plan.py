@@ -36,10 +36,7 @@ def test_plan_covers_the_problem(fmt, density, m, k):
                 suffix, tokens, rows = tcsl_block(n, wgmma, density)
                 assert name.endswith("_" + suffix) and (p.block_tokens, p.block_rows) == (tokens, rows)
                 assert p.nt == 4 and tokens % 32 == 0
-                if suffix.startswith("wgs"):  # two warpgroups share one 64-row tile row, 128 tokens each
-                    assert (tokens, rows, block_threads(name)) == (256, 64, 256) and n > 128 and wgmma
-                else:
-                    assert block_threads(name) == (128 * rows // 64 if suffix.startswith("wg") else tokens)
+                assert block_threads(name) == (128 * rows // 64 if suffix.startswith("wg") else tokens)
 
 
 @pytest.mark.parametrize("fmt", [BITMAP, TILED_CSL], ids=["bitmap", "tiled-csl"])
@@ -67,8 +64,7 @@ def test_reduce_ways_widens_only_small_launches():
 
 def test_tcsl_kernel_choice():
     """Tiled-CSL above 32 tokens: two warps (N <= 64), then warpgroup MMA (128 tokens, 256 threads, 128 rows per
-    block; above 128 tokens 256 tokens and 64 rows, the two warpgroups sharing each tile's decode) where it runs,
-    else four warps."""
+    block) where it runs, else four warps."""
     assert tcsl_block(32) == ("nt4", 32, 64) and tcsl_block(8, True) == ("nt1", 8, 64)
     assert tcsl_block(1) == tcsl_block(1, True) == ("n1", 8, 64)  # N = 1: the CUDA-core kernel
     assert tcsl_block(17, True) == tcsl_block(32, True, 0.2) == ("wg32x2", 32, 128)
@@ -79,10 +75,8 @@ def test_tcsl_kernel_choice():
     assert block_threads(kernel_name(TILED_CSL, None, 50)) == 64
     assert tcsl_block(33, True) == tcsl_block(64, True) == ("wg64x2", 64, 128)
     assert tcsl_block(65) == tcsl_block(1000) == ("w4", 128, 64)
-    assert tcsl_block(65, True) == tcsl_block(128, True) == ("wg128x2", 128, 128)
-    assert tcsl_block(129, True) == tcsl_block(1000, True) == ("wgs128x2", 256, 64)  # one tile row, 2 x 128 tokens
+    assert tcsl_block(65, True) == tcsl_block(1000, True) == ("wg128x2", 128, 128)
     assert block_threads(kernel_name(TILED_CSL, None, 100, True)) == 256
-    assert block_threads(kernel_name(TILED_CSL, None, 200, True)) == 256
     assert block_threads(kernel_name(TILED_CSL, None, 100, False)) == 128
     assert kernel_name(BITMAP, None, 100, True).endswith("_wg128")
     assert kernel_name(BITMAP, None, 100, False).endswith("_nt8")
@@ -102,10 +96,8 @@ def test_dispatch_crossovers():
     assert not use_sparse_kernel(256, 0.2, TILED_CSL, True, 4096 * 4096)  # small: the expansion, its weight in L2
     assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
     assert use_sparse_kernel(128, 0.2, BITMAP, True) and not use_sparse_kernel(129, 0.2, BITMAP, True)
-    p = plan(9216, 36864, 300, 0.2, 132, 2, None, TILED_CSL, True)  # two warpgroups sharing a tile row
-    assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (2, 144, 256, 64)
-    p = plan(9216, 36864, 128, 0.2, 132, 2, None, TILED_CSL, True)
-    assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (1, 72, 128, 128)
+    p = plan(9216, 36864, 300, 0.2, 132, 2, None, TILED_CSL, True)
+    assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (3, 72, 128, 128)
 
 
 def test_fragment_columns_puts_x_in_the_fragment_k_order():
@@ -185,7 +177,7 @@ def test_which_reductions_launch_programmatically(monkeypatch):
     from flash_llm import kernels
 
     cases = [(1, 1, "tiled_csl_spmm_f16_n1s"), (2, 16, "tiled_csl_spmm_f16_nt2"), (4, 32, "tiled_csl_spmm_f16_wg32x2"),
-             (4, 64, "tiled_csl_spmm_f16_wg64x2"), (4, 300, "tiled_csl_spmm_f16_wgs128x2"),
+             (4, 64, "tiled_csl_spmm_f16_wg64x2"), (4, 300, "tiled_csl_spmm_f16_wg128x2"),
              (4, 100, "tiled_csl_spmm_f16_w4"), (4, 64, "bitmap_spmm_bf16_wg64")]
     want = {"wg": [True, False, False, True, True, False, True], "nt1": [True] + [False] * 6,
             "all": [True] * 7, "0": [False] * 7}

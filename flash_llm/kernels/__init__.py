@@ -88,9 +88,6 @@ WG_TOKENS, WG_ROWS = 128, 2
 #: benchmarks/RESULTS.md): 411 -> 276 us at 50 % sparsity, 247 -> 197 at 70 %, 170 -> 162 at 80 %, but 104 -> 154 at
 #: 90 % (its entry loads are one tile ahead for 8 warpgroups per SM: latency-bound when the tiles are short).
 TCSL_WG32_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_N", "17"))
-#: N > 128 on sm_90 runs ``_wgs128x2``: two warpgroups share each tile's decode, 128 tokens each (256 per block), where
-#: ``_wg128x2`` decodes every tile once per 128 tokens (``FLASH_LLM_TCSL_WGS=0`` keeps that).
-TCSL_WGS = os.environ.get("FLASH_LLM_TCSL_WGS", "1") != "0"
 TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", "0.17"))
 #: N = 1 on the CUDA cores (``tiled_csl_spmm_<dtype>_n1``: no dense tile, no MMA); ``FLASH_LLM_TCSL_N1=0`` for nt1.
 #: H200, session 14: 9216 x 36864 at 80 % 93-98 -> 80-81 us, at 90 % 70 -> 49-53 us
@@ -121,8 +118,7 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
       ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens.
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
-      (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, else ``_wg128x2``; above 128 tokens
-      ``_wgs128x2``: the two warpgroups share one 64-row tile row, 128 tokens each (:data:`TCSL_WGS`).
+      (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, else ``_wg128x2``.
     - Elsewhere: ``_w2`` (N = 33-64), two warps of 32 tokens each sharing every tile's decode; ``_w4`` above, four.
     """
     if n == 1 and TCSL_N1:  # the CUDA-core kernel, with nt1's blocks and split-K
@@ -134,8 +130,6 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
         return f"nt{nt}", 8 * nt, ROWS_PER_BLOCK
     if n <= 64:
         return ("wg64x2", 64, 64 * WG_ROWS) if wgmma else ("w2", 64, ROWS_PER_BLOCK)
-    if wgmma and n > WG_TOKENS and TCSL_WGS:
-        return f"wgs{WG_TOKENS}x2", 2 * WG_TOKENS, 64
     if wgmma:
         return f"wg{WG_TOKENS}x{WG_ROWS}", WG_TOKENS, 64 * WG_ROWS
     return "w4", 128, ROWS_PER_BLOCK
@@ -148,12 +142,9 @@ def wg_stages(nb: int) -> int:
     return 3 if nb >= 64 else 2
 
 
-def wg_shared_bytes(nb: int, rows: int, shared_decode: bool = False) -> int:
+def wg_shared_bytes(nb: int, rows: int) -> int:
     """Dynamic shared memory of the warpgroup kernel with ``nb`` tokens and ``rows`` warpgroups per block
-    (``wg_smem_bytes`` in spmm.cu); ``shared_decode`` (``_wgs``): ``nb`` tokens per warpgroup, one tile row for
-    the block, three A tiles and two X tiles."""
-    if shared_decode:
-        return 3 * 8192 + 2 * rows * nb * 128 + 1024
+    (``wg_smem_bytes`` in spmm.cu)."""
     s = wg_stages(nb)
     return rows * s * 8192 + s * nb * 128 + 1024
 
@@ -174,8 +165,6 @@ def kernel_config(fmt: int, dtype: torch.dtype, n: int, vec: bool, device_index:
     name = kernel_name(fmt, dtype, n, wg, density)
     if fmt == BITMAP and "_wg" in name:
         return name, wg, bitmap_wg_shared_bytes(bitmap_wg_tokens(n))
-    if fmt == TILED_CSL and "_wgs" in name:
-        return name, wg, wg_shared_bytes(WG_TOKENS, 2, shared_decode=True)
     if fmt == TILED_CSL and "_wg" in name:
         return name, wg, wg_shared_bytes(tcsl_block(n, True, density)[1], WG_ROWS)
     return name, wg, 0
@@ -280,7 +269,7 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     if splits is None:
         slots = sms * blocks_per_sm
         weight_bytes = m * k * _weight_bytes_per_element(fmt, density) * n_chunks
-        per_sm = wgmma and (kernel.startswith("wg") if fmt == TILED_CSL else n >= BITMAP_WG_MIN_N)  # warpgroup
+        per_sm = wgmma and (block_rows == 64 * WG_ROWS if fmt == TILED_CSL else n >= BITMAP_WG_MIN_N)  # warpgroup
         share = WG_LATENCY_SHARE if fmt == TILED_CSL else BITMAP_WG_LATENCY_SHARE
         ws_weight = (WG_WS_WEIGHT if fmt == TILED_CSL else BITMAP_WG_WS_WEIGHT) if per_sm else 0.5
         best = None

@@ -1031,11 +1031,8 @@ DEVI void wg_fence_acc(float (&d)[NB / 2]) {  // keep the compiler from touching
 }
 
 // Dynamic shared memory of the warpgroup kernel: R x S A tiles (8 KiB each), S X tiles (NB x 128 bytes), and
-// 1 KiB to align the start to the 1024 bytes of the swizzle pattern.  Shared decode (SH): S A tiles for the block and
-// two X tiles of R NB tokens.
-constexpr int wg_smem_bytes(int NB, int R, int S, bool SH = false) {
-  return SH ? S * 8192 + 2 * R * NB * 128 + 1024 : R * S * 8192 + S * NB * 128 + 1024;
-}
+// 1 KiB to align the start to the 1024 bytes of the swizzle pattern.
+constexpr int wg_smem_bytes(int NB, int R, int S) { return R * S * 8192 + S * NB * 128 + 1024; }
 
 // R warpgroups per block, one 64-row tile row each, share the X tile of NB tokens (X is read once per 64 R weight
 // rows).  Software pipeline of S stages, one block barrier per tile: the wgmma of tile j runs (async) while the warps
@@ -1044,57 +1041,46 @@ constexpr int wg_smem_bytes(int NB, int R, int S, bool SH = false) {
 // costs 9-12 % of these kernels (session 13).  With S = 2 each tile's writes are read at the next tile, so every tile
 // fences; with S = 3 they are read two tiles later, so the fence at the end of every odd
 // tile (counted from kb) covers the writes of that tile and the one before.
-// Shared decode (SH, `_wgs<R NB>`, session 16): the R warpgroups share one 64-row tile row instead, and each multiplies
-// it by its own NB tokens, so a tile is decoded once per R NB tokens (the kernels above decode it once per NB).  All
-// 4 R warps scatter the tile into one A tile; X has R NB rows.  The A tile of tile j is read by every warpgroup's
-// wgmma, so it is cleared only after the barrier that ends tile j: during tile j + 1, while tile j + 2 is scattered
-// into the third buffer (S = 3, one tile ahead, a proxy fence every tile; X double-buffered).
-template <bool BF16, int NB, int R, int S, bool SH = false>
+template <bool BF16, int NB, int R, int S>
 DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                            int kt_per_split, Problem p) {
 #ifdef FLASH_LLM_WGMMA
   static_assert(S == 2 || S == 3, "two or three stages");
-  static_assert(!SH || S == 3, "shared decode: three A tiles (read, scattered, cleared)");
-  constexpr int AHEAD = SH ? 1 : S - 1;
-  constexpr int W = SH ? 4 * R : 4;        // warps that share a tile's scatter
-  constexpr int PF = SH ? 8 / W : 2;       // rounds per warp prefetched in registers: 8 rounds of 32 units in all
-  constexpr int NX = SH ? R * NB : NB;     // rows (tokens) of an X tile
+  constexpr int AHEAD = S - 1;
+  constexpr int PF = 2;  // rounds per warp prefetched in registers: 8 rounds of 32 units in all (25 % density)
   constexpr int T = 128 * R;
-  static_assert(PF >= 1, "at most 8 warps share a tile");
   extern __shared__ unsigned char wg_smem[];
   const u32 sbase = (smem_addr(wg_smem) + 1023u) & ~1023u;
   const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
-  const u32 a_base = sbase + (SH ? 0 : wg * (S * 8192));  // this warpgroup's S A tiles (SH: the block's)
-  const u32 x_base = sbase + (SH ? 1 : R) * (S * 8192);   // the X tiles
+  const u32 a_base = sbase + wg * (S * 8192);        // this warpgroup's S A tiles
+  const u32 x_base = sbase + R * (S * 8192);         // the S X tiles
   const int nl = (p.N + 31) >> 5;                    // 32-token partial tiles along N, as the one-warp kernel's
   const int row_tiles = (mt + 3) >> 2;               // 64-row tile rows
-  const int tile_row = SH ? (int)(blockIdx.x / p.n_chunks) : (int)(blockIdx.x / p.n_chunks) * R + wg;
+  const int tile_row = (int)(blockIdx.x / p.n_chunks) * R + wg;
   const bool row_ok = tile_row < row_tiles;
-  const int n0 = n_chunk_of(p) * NX;                 // the block's first token
-  const int nw = n0 + (SH ? wg * NB : 0);            // this warpgroup's first token
+  const int n0 = n_chunk_of(p) * NB;
   const int kb = blockIdx.y * kt_per_split;
   const int ke = min(kt, kb + kt_per_split);
   const bool active = kb < ke;  // block-uniform
-  for (int i = SH ? tid : wtid; i < S * 512; i += SH ? T : 128)
+  for (int i = wtid; i < S * 512; i += 128)
     asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a_base + 16 * i), "r"(0), "r"(0), "r"(0), "r"(0));
   float d[NB / 2];
 #pragma unroll
   for (int i = 0; i < NB / 2; ++i) d[i] = 0.f;
   if (active) {
-    const int sw = SH ? tid >> 5 : warp;  // this warp's share of each tile's rounds
-    CslTiles<PF, W> st(data, offsets, tile_row, row_ok, kt, kb, ke, sw, lane);
+    CslTiles<PF, 4> st(data, offsets, tile_row, row_ok, kt, kb, ke, warp, lane);
     // scatter tile j's entries (the first PF rounds prefetched) into A buffer `abuf`, then step to tile j + 1
     auto scatter_and_advance = [&](int j, u32 abuf) {
 #pragma unroll
       for (int r = 0; r < PF; ++r)  // warp-uniform: a round that starts past the tile's units holds only pads
-        if (st.lo + 32 * (W * r + sw) < st.hi) csl_scatter4(abuf, st.pf[r]);
+        if (st.lo + 32 * (4 * r + warp) < st.hi) csl_scatter4(abuf, st.pf[r]);
       st.rest([&](const uint4& e) { csl_scatter4(abuf, e); });
       if (j + 1 < ke) st.next(j);
     };
-    // X rows n0 .. n0 + NX - 1, columns k0 .. k0 + 63 -> the swizzled X tile at `xb` (NX rows of 128 bytes) with
+    // X rows n0 .. n0 + NB - 1, columns k0 .. k0 + 63 -> the swizzled X tile at `xb` (NB rows of 128 bytes) with
     // cp.async, zero-filled past N and K (K % 8 == 0 here: a 16-byte chunk is all in or all out).  Thread tid copies
     // chunk tid % 8 of rows tid / 8 + i T / 8: its pointers and shared offsets are the same for every tile but k0.
-    constexpr int XI = NX * 8 / T, XROWS = T / 8;
+    constexpr int XI = NB * 8 / T, XROWS = T / 8;
     const int xr = tid >> 3, xc = tid & 7;
     const u16* xsrc = p.x + (long long)(n0 + xr) * p.ldx + 8 * xc;
     const u32 xdst = xr * 128 + ((xc ^ (xr & 7)) << 4);
@@ -1114,59 +1100,47 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
 #pragma unroll
     for (int a = 0; a < AHEAD; ++a)  // tiles kb .. kb + AHEAD - 1 into buffers 0 .. AHEAD - 1
       if (kb + a < ke) {
-        load_x(x_base + a * (NX * 128), (kb + a) * 64);
+        load_x(x_base + a * (NB * 128), (kb + a) * 64);
         scatter_and_advance(kb + a, a_base + a * 8192);
       }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy writes -> wgmma reads
     __syncthreads();
     // descriptors of buffer 0; the address field counts 16 bytes, so the other buffers and the k16 steps are additions
-    const u64 da0 = sw128_desc(a_base), dx0 = sw128_desc(x_base + (SH ? wg * (NB * 128) : 0));
-    int buf = 0;   // (j - kb) % S
-    int xbuf = 0;  // SH: (j - kb) % 2
+    const u64 da0 = sw128_desc(a_base), dx0 = sw128_desc(x_base);
+    int buf = 0;  // (j - kb) % S
     for (int j = kb; j < ke; ++j) {
       const int ahead = buf + AHEAD >= S ? buf + AHEAD - S : buf + AHEAD;  // (j + AHEAD - kb) % S
-      const int xahead = SH ? xbuf ^ 1 : ahead;  // (SH: two X tiles, one tile ahead)
       const u32 abuf = a_base + buf * 8192;
-      const u64 da = da0 + buf * (8192 >> 4), dx = dx0 + (SH ? xbuf : buf) * (NX * 128 >> 4);
+      const u64 da = da0 + buf * (8192 >> 4), dx = dx0 + buf * (NB * 128 >> 4);
       wg_fence_acc<NB>(d);
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)  // k16 steps: 32 bytes further along each 128-byte row
         wgmma_tile<BF16, NB>(d, da + 2 * kk, dx + 2 * kk);
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-      if (SH && j > kb) {  // tile j - 1's A tile: every warpgroup finished reading it before the last barrier
-        const u32 prev = a_base + (buf == 0 ? S - 1 : buf - 1) * 8192;
-#pragma unroll
-        for (int i = 0; i < 512 / T; ++i)
-          asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(prev + 16 * (i * T + tid)), "r"(0), "r"(0),
-                       "r"(0), "r"(0));
-      }
       if (j + AHEAD < ke) {  // tile j + AHEAD into free buffers while the tensor cores run
-        load_x(x_base + xahead * (NX * 128), (j + AHEAD) * 64);
+        load_x(x_base + ahead * (NB * 128), (j + AHEAD) * 64);
         scatter_and_advance(j + AHEAD, a_base + ahead * 8192);
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
       wg_fence_acc<NB>(d);
-      if (!SH) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i)  // clear the A tile just read (this warpgroup's own), for tile j + S
-          asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(abuf + 16 * (i * 128 + wtid)), "r"(0),
-                       "r"(0), "r"(0), "r"(0));
-      }
-      if (SH || S == 2 || ((j - kb) & 1)) {  // S = 3: the writes of this tile and the one before are read from tile
-        asm volatile("cp.async.wait_group 0;" ::: "memory");  // j + 1 on
+      for (int i = 0; i < 4; ++i)  // clear the A tile just read (this warpgroup's own), for tile j + S
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(abuf + 16 * (i * 128 + wtid)), "r"(0), "r"(0),
+                     "r"(0), "r"(0));
+      if (S == 2 || ((j - kb) & 1)) {  // S = 3: the writes of this tile and the one before are read from tile j + 1 on
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       }
       __syncthreads();  // every warpgroup is done with tile j's buffers; the next tile's are complete
       buf = buf + 1 == S ? 0 : buf + 1;
-      xbuf ^= 1;
     }
   }
   const int tiles = row_tiles * nl;
 #pragma unroll
   for (int c = 0; c < NB / 32; ++c) {  // one 32-token chunk: acc[nt][i] = d[16 c + 4 nt + i]
-    const int chunk = nw / 32 + c;
+    const int chunk = n0 / 32 + c;
     float acc[4][4];
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
@@ -1659,15 +1633,6 @@ INSTANTIATE_N1S(bf16, true)
     pdl_launch_dependents();                                                                              \
     tiled_csl_wg_body<BF16, NB, R, S>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);          \
   }
-// tiled_csl_spmm_<dtype>_wgs<R NB>: R warpgroups share each tile's decode, NB tokens each (SH above)
-#define INSTANTIATE_WGS(NAME, BF16, NB, R, MINB)                                                           \
-  extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
-  tiled_csl_spmm_##NAME##_wgs##NB##x##R(SPMM_ARGS) {                                                      \
-    pdl_launch_dependents();                                                                              \
-    tiled_csl_wg_body<BF16, NB, R, 3, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);    \
-  }
-INSTANTIATE_WGS(f16, false, 128, 2, 2)
-INSTANTIATE_WGS(bf16, true, 128, 2, 2)
 // S = 3 where three stages keep the blocks per SM (wg32x2 would drop from 4 to 3); kernels.wg_shared_bytes
 INSTANTIATE_WG(f16, false, 32, 2, 4, 2)
 INSTANTIATE_WG(f16, false, 64, 2, 3, 3)
