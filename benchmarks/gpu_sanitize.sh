@@ -4,7 +4,8 @@
 # CFGS (default "bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3") picks the spmm runs: format:splits[:N[:VAR=value]]
 # (without N: N = 17 at 50 % and 3 at 90 %; VAR=value is set for that run, e.g. FLASH_LLM_WGMMA=0).  DECODERS=0
 # skips the decoder runs.  EPILOGUES (default "norm norm_silu resid") picks the one-token epilogue runs (Tiled-CSL, N = 1,
-# K = 1016, 3 splits; EPILOGUES="" for none).  Output under $OUT/sanitize.log.
+# K = 1016, 3 splits; EPILOGUES="" for none).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py
+# --check-only, only the decode_attn kernels instrumented).  Output under $OUT/sanitize.log.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -30,6 +31,12 @@ for tool in memcheck racecheck; do
       echo "$tool tiled-csl epilogue=$ep splits=3 sparsity=$sp N=1: $r" | tee -a "$OUT/sanitize.log"
     done
   done
+  if [ "${ATTN:-1}" != 0 ]; then  # the decode attention (RoPE, the cache write, 4 and 40 chunks; batch 1 and 3)
+    r=$(timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 \
+        --kernel-name kns=decode_attn python3 benchmarks/bench_decode_attention.py --check-only --rope --batches 1,3 \
+        --slots 256,2500 --layers 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Invalid" | tr '\n' ' ')
+    echo "$tool decode attention: $r" | tee -a "$OUT/sanitize.log"
+  fi
   [ "${DECODERS:-1}" = 0 ] && continue
   for fmt in bitmap tiled-csl; do  # the decoders of the large-N path
     r=$(timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 \

@@ -1,0 +1,1958 @@
+// flash-llm sparse x dense kernels: Y[N, M] = X[N, K] @ W[M, K]^T (+ bias), W compressed.
+//
+// Load-as-Sparse, Compute-as-Dense: the compressed weight is streamed from device memory, expanded
+// to dense mma.m16n8k16 A fragments on chip, and multiplied on tensor cores with fp32 accumulators.
+// The tensor-core picture is transposed: A = W (rows = output features M), B = X^T (columns = tokens
+// N), so one warp owns 16 output features and all N tokens of its block.
+//
+// Compiled at run time by NVRTC (flash_llm/kernels/_build.py); needs no CUDA headers.  Every
+// configuration is an extern "C" instantiation at the end of the file.  docs/kernels.md explains the
+// design and records registers / shared memory / spills.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define DEVI __device__ __forceinline__
+#define FULL_MASK 0xffffffffu
+
+constexpr int WARPS = 4;            // warps per block; each owns one 16-row strip of W
+constexpr int THREADS = WARPS * 32;
+
+// ------------------------------------------------------------------------------------------------
+// small helpers
+// ------------------------------------------------------------------------------------------------
+template <bool BF16>
+DEVI void mma16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+  if (BF16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+template <bool BF16>
+DEVI float to_float(u16 v) {
+  if (BF16) return __uint_as_float(((u32)v) << 16);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+  return f;
+}
+
+template <bool BF16>
+DEVI u16 from_float(float f) {
+  u16 r;
+  if (BF16)
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+
+DEVI u32 smem_addr(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+DEVI void cp_async16(u32 dst, const void* src) {
+  // .cg: bypass L1, the weight is read exactly once.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Wait until at most `pending` of this thread's most recent cp.async groups are still in flight.
+// (wait_group takes an immediate; waiting for fewer pending than allowed is always correct.)
+DEVI void cp_async_wait_dyn(int pending) {
+  if (pending >= 6) cp_async_wait<6>();
+  else if (pending >= 4) cp_async_wait<4>();
+  else if (pending >= 2) cp_async_wait<2>();
+  else cp_async_wait<0>();
+}
+
+// BitmapTiles (format version 2) bit order: bit `8 * (j >> 1) + 4 * (j & 1) + s` of lane l's word is
+// A-fragment half j (0..7) of k-step s.  So byte i of the word belongs to A register i (halves 2i, 2i+1)
+// of every k-step: bits 0..3 are its low halves in steps 0..3, bits 4..7 its high halves.  The bits of
+// step s are the bits of `w & (0x11111111 << s)`.
+DEVI u32 step_counts(u32 w) {
+  return __popc(w & 0x11111111u) | (__popc(w & 0x22222222u) << 8) | (__popc(w & 0x44444444u) << 16) |
+         ((u32)__popc(w & 0x88888888u) << 24);
+}
+
+// incl += incl of the lane O below, within each half-warp (shfl.up's predicate: the source is in range)
+template <int O>
+DEVI void scan_step(u32& incl) {
+  asm("{ .reg .pred p; .reg .u32 t; shfl.sync.up.b32 t|p, %0, %1, 0x1000, -1; @p add.u32 %0, %0, t; }"
+      : "+r"(incl) : "n"(O));
+}
+
+// Values are stored in step order (k-step major, then lane, then half j).  Given this lane's per-step
+// value counts `c` (byte s = count of step s, <= 8), return where its values of each k-step start
+// (value index inside the record) and the record's total.  A scan over each half-warp (sums <= 128 fit a
+// byte) and one fix-up for the upper half (<= 248) serve all four steps.
+DEVI void step_starts(u32 c, int lane, u32 (&start)[4], u32& total) {
+  u32 incl = c;
+  scan_step<1>(incl);
+  scan_step<2>(incl);
+  scan_step<4>(incl);
+  scan_step<8>(incl);
+  const u32 lower = __shfl_sync(FULL_MASK, incl, 15), upper = __shfl_sync(FULL_MASK, incl, 31);
+  u32 excl = incl - c;
+  if (lane >= 16) excl += lower;
+  // per-step totals need 9 bits: add the half-warp totals in 16-bit fields (steps 0, 2 and 1, 3)
+  const u32 t02 = (lower & 0x00ff00ffu) + (upper & 0x00ff00ffu);
+  const u32 t13 = ((lower >> 8) & 0x00ff00ffu) + ((upper >> 8) & 0x00ff00ffu);
+  const u32 base1 = t02 & 0xffffu, base2 = base1 + (t13 & 0xffffu), base3 = base2 + (t02 >> 16);
+  total = base3 + (t13 >> 16);
+  start[0] = excl & 0xffu;
+  start[1] = base1 + ((excl >> 8) & 0xffu);
+  start[2] = base2 + ((excl >> 16) & 0xffu);
+  start[3] = base3 + (excl >> 24);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The B operand (X^T) for one 64-column strip starting at k0 and n-tiles nt = 0..NT-1 from n0.
+// The strip's column order (docs/formats.md) gives lane (g = lane/4, t = lane%4) the 16 contiguous
+// columns k0 + 16t .. k0 + 16t + 15 of row n0 + 8nt + g for all four k-steps: two 16-byte loads.
+// Register b[s][nt][h] holds columns 16t + 4s + 2h (+1).  Columns past K read as zero (W's padding is
+// zero, but garbage in X could be NaN/Inf and 0 * NaN = NaN); rows past N are clamped to N - 1.
+// ------------------------------------------------------------------------------------------------
+template <int NT>
+DEVI void load_b(u32 (&b)[4][NT][2], const u16* __restrict__ x, int ldx, int n_rows, int k_len, int n0,
+                 int k0, int lane, bool vec) {
+  const int g = lane >> 2, t = lane & 3;
+  const int kc = k0 + 16 * t;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    // rows past N read row N - 1: they only feed accumulator columns that are never stored
+    const int n = min(n0 + nt * 8 + g, n_rows - 1);
+    const u16* src = x + (long long)n * ldx + kc;
+    u32 v[8];
+    if (vec && kc + 16 <= k_len) {  // rows 16-byte aligned (ldx % 8 == 0)
+      const uint4 lo = __ldg(reinterpret_cast<const uint4*>(src));
+      const uint4 hi = __ldg(reinterpret_cast<const uint4*>(src) + 1);
+      v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
+      v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int k = kc + 2 * i;
+        const u32 e0 = k < k_len ? (u32)src[2 * i] : 0u;
+        const u32 e1 = k + 1 < k_len ? (u32)src[2 * i + 1] : 0u;
+        v[i] = e0 | (e1 << 16);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      b[s][nt][0] = v[2 * s];
+      b[s][nt][1] = v[2 * s + 1];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Epilogue.  A block covers 64 rows (4 strips) x 8 NT tokens; at the end warp w holds acc[nt][i] of the
+// block's strip w: rows m = 16 * strip + g (+8 for i >= 2), columns n = n0 + 8nt + 2t + (i & 1).
+// Without split-K it writes Y (+ bias) directly.  With split-K every block writes its fp32 partial tile to
+// ws in fragment order -- ws[split][blockIdx.x][w][nt][i][lane], so every store is 128 contiguous bytes --
+// and the last block of a row group to arrive (atomic ticket) sums the partials in split order (so the
+// result is deterministic), 16 bytes per load, adds the bias, writes Y and resets its ticket for the next
+// launch.
+// ------------------------------------------------------------------------------------------------
+struct Problem {
+  const u16* x;
+  u16* y;
+  const u16* bias;
+  float* ws;
+  int* tickets;
+  int M, K, N, ldx;
+  int splits;    // blocks along K (gridDim.y): partial tiles to sum
+  int n_chunks;  // blocks along N; blockIdx.x = row_block * n_chunks + n_chunk, so the blocks that
+                 // share a weight row block run together and re-read it from L2, not DRAM
+  int vec;
+};
+
+DEVI int row_block_of(const Problem& p) { return blockIdx.x / p.n_chunks; }
+DEVI int n_chunk_of(const Problem& p) { return blockIdx.x % p.n_chunks; }
+
+// This block's partial tile of split `split` (512 NT floats).
+// (The Tiled-CSL kernels for N > 32 store one partial tile per 64 rows and 32 tokens: `tile` of `tiles`.)
+template <int NT>
+DEVI float* ws_tile(const Problem& p, int split, int tile, int tiles) {
+  return p.ws + ((long long)split * tiles + tile) * (512 * NT);
+}
+
+template <bool BF16, int NT>
+DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, int sib, bool active, int n0, int lane,
+                    int tile = -1, int tiles = 0) {
+  const int g = lane >> 2, t = lane & 3;
+  if (!active) return;
+  if (p.splits > 1) {
+    float* dst = ws_tile<NT>(p, blockIdx.y, tile < 0 ? (int)blockIdx.x : tile, tile < 0 ? (int)gridDim.x : tiles) +
+                 sib * 128 * NT + lane;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // columns past N are never summed: not stored (7 of 8 at N = 1)
+        if (n0 + nt * 8 + 2 * t + (i & 1) < p.N) dst[(nt * 4 + i) * 32] = acc[nt][i];
+    return;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = strip * 16 + g + (i >= 2 ? 8 : 0);
+      const int n = n0 + nt * 8 + 2 * t + (i & 1);
+      if (m < p.M && n < p.N) {
+        float v = acc[nt][i];
+        if (p.bias) v += to_float<BF16>(p.bias[m]);
+        p.y[(long long)n * p.M + m] = from_float<BF16>(v);
+      }
+    }
+  }
+}
+
+// Group q of a partial tile (512 NT floats, fragment order) is four lanes (t = 0..3) of one (strip, nt, i): one row
+// m and the columns n, n + 2, n + 4, n + 6, for a tile whose first row and column are m0 and n0.
+template <int NT>
+DEVI void group_row_col(int q, int m0, int n0, int& m, int& n) {
+  const int e = 4 * q;  // tile element of lane t = 0
+  const int i = (e >> 5) & 3, nt = (e >> 7) % NT, sib = (e >> 7) / NT;
+  m = m0 + sib * 16 + ((e & 31) >> 2) + (i >= 2 ? 8 : 0);
+  n = n0 + nt * 8 + (i & 1);
+}
+
+// The sum of splits s_begin .. s_end - 1 of one group (src: its 16 bytes in split 0), in split order, the loads of 8
+// splits in flight together.
+DEVI float4 sum_splits(const float4* src, long long split_stride, int s_begin, int s_end) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 1
+  for (int s0 = s_begin; s0 < s_end; s0 += 8) {
+    float4 a[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+      a[u] = s0 + u < s_end ? __ldcg(src + (s0 + u) * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      v.x += a[u].x; v.y += a[u].y; v.z += a[u].z; v.w += a[u].w;
+    }
+  }
+  return v;
+}
+
+// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N): a group's sums plus the bias.
+template <bool BF16>
+DEVI void store_group(const float4& v, u16* y, const u16* bias, int M, int N, int m, int n) {
+  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
+  const float r[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N) y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(r[t] + b);
+}
+
+// Sum the split partials of partial tile `tile` (of `tiles` per split) in split order, add the bias and write Y, for
+// the 16-byte groups q = q0, q0 + step, ... < 128 NT of the tile; groups with no column below N load nothing.
+template <bool BF16, int NT>
+DEVI void reduce_partials(const float* ws, int tiles, int tile, int splits, u16* y, const u16* bias, int M, int N,
+                          int m0, int n0, int q0, int step) {
+  const long long split_stride = (long long)tiles * 128 * NT;  // float4s per split
+#pragma unroll 1
+  for (int q = q0; q < 128 * NT; q += step) {
+    int m, n;
+    group_row_col<NT>(q, m0, n0, m, n);
+    if (m >= M || n >= N) continue;
+    const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
+    store_group<BF16>(sum_splits(src, split_stride, 0, splits), y, bias, M, N, m, n);
+  }
+}
+
+// Split-K in the bitmap kernel: the last block of a row group to arrive sums the partials (see above).
+// (The Tiled-CSL kernel leaves them to splitk_reduce, below.)  Every
+// thread of the block calls it after storing its partials.
+template <bool BF16, int NT>
+DEVI void finish_splits(const Problem& p, int n0) {
+  if (p.splits == 1) return;
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  int* ticket = p.tickets + blockIdx.x;
+  if (threadIdx.x == 0) {
+    const int prev = atomicAdd(ticket, 1);
+    last = (prev == p.splits - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  reduce_partials<BF16, NT>(p.ws, gridDim.x, blockIdx.x, p.splits, p.y, p.bias, p.M, p.N, row_block_of(p) * (WARPS * 16),
+                            n0, threadIdx.x, THREADS);
+  if (threadIdx.x == 0) *ticket = 0;
+}
+
+template <bool BF16, int NT>
+DEVI void epilogue(const Problem& p, float (&acc)[NT][4], int strip, int sib, bool active, int n0, int lane) {
+  store_acc<BF16, NT>(p, acc, strip, sib, active, n0, lane);
+  finish_splits<BF16, NT>(p, n0);
+}
+
+// The four k-steps of one strip: acc[nt] += A[s] * B[s][nt].  For NT <= 4 the caller loaded `b`
+// (early, so the loads overlap the decode); for NT = 8 B comes in two halves of 4 n-tiles, so 64
+// tokens fit in registers next to 32 accumulators.
+template <bool BF16, int NT, int NB>
+DEVI void multiply_strip(float (&acc)[NT][4], const u32 (&a)[4][4], u32 (&b)[4][NB][2], const Problem& p,
+                         int n0, int k0, int lane) {
+#pragma unroll
+  for (int h = 0; h < NT / NB; ++h) {
+    if (NT > 4) load_b<NB>(b, p.x, p.ldx, p.N, p.K, n0 + h * 32, k0, lane, p.vec);
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[h * NB + nt], a[s], b[s][nt]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// BitmapTiles kernel.
+//
+// Block (x = row block * n_chunks + n chunk, y = split): warp w owns strip row
+// mrow = 4 * row_block + w and the strips kt in [kb, ke) of that row.  Those records are one
+// contiguous byte range of `data`, so each warp streams its range into a private ring buffer in
+// shared memory with 16-byte cp.async copies, one 512-byte chunk (32 lanes x 16 B) per group, up to
+// RING_AHEAD chunks ahead of the record it decodes -- no per-record offset lookups in the loop.
+//
+// Decode: lane l's bitmap word is exactly its 32 A-fragment elements for the strip's four k-steps
+// (fragment order, docs/formats.md).  Values are stored in step order, so a lane's values of one
+// k-step are contiguous: per-step popcounts and one warp scan (step_starts) give where they begin;
+// then, branch-free, every element loads the value under the cursor and keeps it (and advances the
+// cursor) only if its bit is set.
+// ------------------------------------------------------------------------------------------------
+constexpr int RING_UNITS = 256;    // 16-byte units per warp ring = 4 KiB (a power of two: addresses wrap)
+constexpr int RING_BYTES = RING_UNITS * 16;
+constexpr int RING_CHUNKS = RING_UNITS / 32;
+constexpr int RING_AHEAD = 6;     // chunks in flight ahead of the record being decoded
+constexpr int MAX_RECORD_UNITS = 8 + 128;  // 128-byte bitmap + 1024 values, in 16-byte units
+constexpr int READ_UNITS = MAX_RECORD_UNITS + 1;  // the staging pass may read 8 bytes past a record
+constexpr int STAGE_WORDS = 128 * 9;      // window words of one strip: 9 rounds of 32 lanes x 4 (see stage_windows)
+
+// 128, read from constant memory so that ptxas keeps `__umulhi(x, 128) + y` as one IMAD.HI (FMA pipe)
+// instead of strength-reducing it to a shift, a mask and an add on the ALU pipe, the decode's bottleneck.
+__constant__ u32 kHalfByteScale = 128;
+
+DEVI u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+DEVI u32 lds32(u32 addr) {
+  u32 v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+// Staging: window word k (k = 0 .. total) of the strip holds the values v[k - 1] (low half) and v[k]
+// (high half), so any two consecutive values are one aligned 32-bit word.  Lane q of the warp writes
+// words 4q .. 4q + 3 (one 16-byte store) from the 8 value bytes at 8q and the 4 before them.  `vals` is
+// the ring offset (bytes) of the record's value 0; ring addresses wrap at RING_BYTES.  The 4 bytes before
+// value 0 are the last bitmap word, whose garbage only ever lands in a masked half; so do the up to 8
+// bytes read past the record.
+DEVI void stage_windows(u32 ring, u32 vals, u32 stage, u32 total, int lane) {
+  const int rounds = (int)(total >> 7) + 1;  // quads 0 .. total / 4 are needed; whole rounds of 32 are
+                                            // written (STAGE_WORDS has room), without a branch per lane
+  u32 at = vals + 8 * lane, to = stage + 16 * lane;
+#pragma unroll 1
+  for (int i = 0; i < rounds; ++i, at += 256, to += 512) {
+    u32 prev, lo, hi;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(prev) : "r"(ring + ((at - 4) & (RING_BYTES - 1))));
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(lo), "=r"(hi) : "r"(ring + (at & (RING_BYTES - 1))));
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(to), "r"(prmt(prev, lo, 0x5432)), "r"(lo),
+                 "r"(prmt(lo, hi, 0x5432)), "r"(hi));
+  }
+}
+
+// The four A registers of k-step S from the window words: register i takes window word
+// start + c, c = number of set bits among halves 0 .. 2i of this lane's k-step (so its high half is half
+// 2i + 1's value and, when half 2i is set, its low half is half 2i's), masked by the two bits.
+//   Q: byte i = 8c (b0 bits x multiplier summing them into bytes i..3, b1 bits into bytes i+1..3);
+//   mask: prmt sign-replicates bit b0 (moved to bit 7 of byte i of A) and b1 (bit 7 of byte i of B).
+template <int S>
+DEVI void gather_step(u32 w, u32 stage_at_start, u32 (&a)[4]) {
+  const u32 b0 = w & (0x01010101u << S), b1 = w & (0x10101010u << S);
+  const u32 q = b0 * (0x08080808u >> S) + b1 * (0x08080800u >> (4 + S));
+  const u32 A = w << (7 - S), B = w << (3 - S);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // 4c = byte i of q, halved: moved to the top (dropping the bytes above it), then taken down by the
+    // high half of a multiply, which also adds the base (IMAD.HI: FMA pipe, not the busier ALU pipe)
+    u32 addr;
+    asm("mad.hi.u32 %0, %1, %2, %3;" : "=r"(addr) : "r"(q << (24 - 8 * i)), "r"(kHalfByteScale), "r"(stage_at_start));
+    const u32 win = lds32(addr);
+    a[i] = win & prmt(A, B, (0x8888u | (u32)i * 0x1111u) | 0x4400u);
+  }
+}
+
+// The A registers of one record, given this lane's bitmap word `w` and the value starts and count from
+// step_starts, with the values at byte `vals` of `ring`: stage the window words, gather the 16 registers.  Both
+// __syncwarp()s are inside: on return every lane is done with the record and the windows.
+DEVI void gather_record(u32 w, const u32 (&start)[4], u32 total, u32 ring, u32 vals, u32 stage, int lane,
+                        u32 (&a)[4][4]) {
+  stage_windows(ring, vals, stage, total, lane);
+  __syncwarp();
+  gather_step<0>(w, stage + 4 * start[0], a[0]);
+  gather_step<1>(w, stage + 4 * start[1], a[1]);
+  gather_step<2>(w, stage + 4 * start[2], a[2]);
+  gather_step<3>(w, stage + 4 * start[3], a[3]);
+  __syncwarp();
+}
+
+// The records of one strip row over the strips [kb, ke) of its split: one contiguous byte range, streamed into the
+// warp's private ring (`ring`, RING_UNITS 16-byte units) and decoded one record at a time.  Shared by the NT kernels
+// and the warpgroup kernel; a warp that has no records (`live` false) must not call next().
+struct BitmapRecords {
+  const int4* src;
+  int total_units, total_chunks;
+  int issued = 0;  // chunks issued (warp-uniform)
+  int ready = 0;   // units [0, ready) of the stream are complete and visible to the warp
+  int r = 0;       // first unit of the current record, relative to the split's first
+  u32 ring, stage;
+  int lane;
+  DEVI BitmapRecords(const int* data, const int* offsets, int strip, int kt, int kb, int ke, bool live, u32 ring_,
+                     u32 stage_, int lane_)
+      : ring(ring_), stage(stage_), lane(lane_) {
+    const long long begin = live ? offsets[(long long)strip * kt + kb] : 0;  // in 16-byte units
+    const long long end = live ? offsets[(long long)strip * kt + ke] : 0;
+    total_units = (int)(end - begin);
+    total_chunks = (total_units + 31) >> 5;
+    src = reinterpret_cast<const int4*>(data) + begin;
+  }
+  // Make units [0, upto) of the stream visible to the whole warp, keeping up to RING_AHEAD more chunks in flight
+  // but never overwriting the current record (which starts at unit r).  Called only when a record is not in yet:
+  // about once per 32 units consumed.
+  DEVI void refill(int upto) {
+    const int need = min((upto + 31) >> 5, total_chunks);
+    const int limit = min(total_chunks, min(need + RING_AHEAD, (r >> 5) + RING_CHUNKS));
+#pragma unroll 1
+    for (; issued < limit; ++issued) {
+      const int u = issued * 32 + lane;
+      if (u < total_units) cp_async16(ring + (u & (RING_UNITS - 1)) * 16, src + u);
+      cp_async_commit();
+    }
+    cp_async_wait_dyn(issued - need);
+    __syncwarp();
+    ready = min(need * 32, total_units);
+  }
+  // The next record's 16 A registers (the strip's four k-steps).
+  DEVI void next(u32 (&a)[4][4]) {
+    if (r + READ_UNITS > ready && ready < total_units) refill(r + READ_UNITS);
+    const u32 rec = (u32)(r & (RING_UNITS - 1)) * 16;  // ring offset of the record
+    const u32 w = lds32(ring + ((rec + 4 * lane) & (RING_BYTES - 1)));
+    u32 total, start[4];
+    step_starts(step_counts(w), lane, start, total);
+    r += 8 + (int)((total + 7) >> 3);
+    gather_record(w, start, total, ring, rec + 128, stage, lane, a);
+  }
+};
+
+template <bool BF16, int NT>
+DEVI void bitmap_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                           int kt_per_split, Problem p) {
+  __shared__ __align__(16) u32 ring_all[WARPS][RING_UNITS * 4];
+  __shared__ __align__(16) u32 stage_all[WARPS][STAGE_WORDS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int strip = row_block_of(p) * WARPS + warp;
+  const int n0 = n_chunk_of(p) * NT * 8;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = strip < mt && kb < ke;
+  const u32 ring_base = smem_addr(ring_all[warp]);
+  const u32 stage_base = smem_addr(stage_all[warp]);
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+
+  if (active) {
+    BitmapRecords recs(data, offsets, strip, kt, kb, ke, true, ring_base, stage_base, lane);
+
+    // This lane's X rows (clamped to N - 1: rows past N only feed accumulator columns never stored),
+    // 16 columns from 16t, as 16-byte vectors; a full strip advances them by 8 vectors.
+    constexpr int NB = NT < 4 ? NT : 4;  // n-tiles per B group (NT = 8: two groups)
+    const uint4* xv[NB];
+#pragma unroll
+    for (int nt = 0; nt < NB; ++nt)
+      xv[nt] = reinterpret_cast<const uint4*>(p.x + (long long)min(n0 + nt * 8 + (lane >> 2), p.N - 1) * p.ldx +
+                                              16 * (lane & 3)) + 8 * (long long)kb;
+    const int full_strips = p.vec ? min(ke, p.K / 64) : kb;  // strips whose X loads need no checks
+
+    // B fragments of n-tiles g*NB .. g*NB + NB - 1 for strip j (hoisted pointers on full strips)
+    auto load_group = [&](u32 (&bg)[4][NB][2], int g, int j) {
+      if (g == 0 && j < full_strips) {
+#pragma unroll
+        for (int nt = 0; nt < NB; ++nt) {
+          const uint4 lo = __ldg(xv[g * NB + nt]), hi = __ldg(xv[g * NB + nt] + 1);
+          bg[0][nt][0] = lo.x; bg[0][nt][1] = lo.y; bg[1][nt][0] = lo.z; bg[1][nt][1] = lo.w;
+          bg[2][nt][0] = hi.x; bg[2][nt][1] = hi.y; bg[3][nt][0] = hi.z; bg[3][nt][1] = hi.w;
+        }
+      } else {
+        load_b<NB>(bg, p.x, p.ldx, p.N, p.K, n0 + g * NB * 8, j * 64, lane, p.vec);
+      }
+    };
+
+    for (int j = kb; j < ke; ++j) {
+      u32 b[4][NB][2];
+      load_group(b, 0, j);  // issued first, in flight during the decode (NT = 8: the first 4 n-tiles)
+
+      u32 a[4][4];
+      recs.next(a);
+
+      if (NT <= 4) {
+        multiply_strip<BF16, NT>(acc, a, b, p, n0, j * 64, lane);
+      } else {  // NT = 8: the first group was loaded before the decode; the second reuses its registers
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[nt], a[s], b[s][nt]);
+        load_group(b, 1, j);
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int nt = 0; nt < NB; ++nt) mma16816<BF16>(acc[(NB + nt) % NT], a[s], b[s][nt]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NB; ++nt) xv[nt] += 8;
+    }
+    cp_async_wait<0>();
+  }
+  epilogue<BF16, NT>(p, acc, strip, warp, active, n0, lane);
+}
+
+// ------------------------------------------------------------------------------------------------
+// TiledCSL kernel: one warp per block.  The warp owns a whole 64-row tile row (its four strips) and walks
+// the tiles kb .. ke - 1 with no block barrier.  For each tile, the lanes scatter the values of the tile's
+// entries (16-byte units: lane l takes units 32 r + l) into a private zeroed 8 KiB dense tile in shared
+// memory, laid out in fragment order with the 16-byte chunks swizzled so that the read-back is free of bank
+// conflicts; after a __syncwarp each lane reads its 4 x 32 elements back with 16 LDS.128 (zeroing them) and
+// multiplies them by one set of B fragments, so X is loaded once per 4096 weight elements.  The entries come in
+// bank order (format version 2, docs/formats.md): the 32 entries of one warp store mostly hit distinct banks.  The next tile's
+// first csl_pf_units<NT> units per lane are loaded into registers while this tile is multiplied; denser
+// tiles (over 25 % density, 12.5 % at NT = 4) load the rest when they scatter them.
+// N > 32 runs several blocks along N (kernels.plan, max_nt): 64 tokens would need 128 accumulators.
+// ------------------------------------------------------------------------------------------------
+
+// Byte offset in the dense tile of an entry's position (entry >> 16).  Every Tiled-CSL kernel holds a 64 x 64 tile in
+// shared memory row-major, 128 bytes per row, with the 16-byte chunk c of row r at chunk c ^ (r % 8) (the 128-byte
+// swizzle that wgmma reads), and since format version 3 the position is the element's index in that layout, so the
+// byte is 2 * position: one shift and one mask.
+DEVI u32 csl_tile_byte(u32 e) { return (e >> 15) & 0x1ffeu; }
+
+template <int NT> struct csl_pf_units { static constexpr int value = NT >= 4 ? 4 : 8; };  // 8: 25 % density
+
+// Scatter one unit's four entries into the tile at `dense_base`, in every Tiled-CSL kernel; pad entries (0xffff0000)
+// store nothing.  The store is predicated inside the asm: as an `if` around it, the compiler branched around every
+// entry of the warpgroup kernels (BSSY / BRA / BSYNC).  With KEEP, `kept` receives their tile offsets, two per
+// register, for a later clear (pads give some offset inside the tile: zeroing it again after the read-back is
+// harmless).
+template <bool KEEP>
+DEVI void csl_scatter4(u32 dense_base, const uint4& e, u32 (&kept)[2]) {
+  const u32 v[4] = {e.x, e.y, e.z, e.w};
+  u32 o[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    o[q] = csl_tile_byte(v[q]);
+    asm volatile("{ .reg .pred p; setp.lt.u32 p, %2, 0x10000000; @p st.shared.u16 [%0], %1; }"
+                 ::"r"(dense_base + o[q]), "h"((u16)v[q]), "r"(v[q]));
+  }
+  if (KEEP) {
+    kept[0] = __byte_perm(o[0], o[1], 0x5410);
+    kept[1] = __byte_perm(o[2], o[3], 0x5410);
+  }
+}
+DEVI void csl_scatter4(u32 dense_base, const uint4& e) {
+  u32 unused[2];
+  csl_scatter4<false>(dense_base, e, unused);
+}
+
+// Programmatic dependent launch (sm_90): every spmm block lets the next kernel in the stream launch at once
+// (launch_dependents); the Tiled-CSL split-K reduction, launched with the programmatic-serialization attribute
+// (kernels._build.launch, pdl=True), so has its blocks resident while the spmm finishes and waits in
+// griddepcontrol.wait until the spmm grid has completed and its writes are visible.  This hides the second
+// launch's latency.  Under kernels.static_weights the Tiled-CSL spmm itself is launched so, and waits after loading
+// its first weight entries.  Both instructions are no-ops when the launch did not ask for it; not compiled before
+// sm_90.
+DEVI void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+DEVI void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// The entries of one Tiled-CSL tile row over a split's tiles [kb, ke), for the W warps that share the row: the
+// current tile's 16-byte units (four entries each) are [lo, hi).  Lane l keeps the end unit of tile kb + 32 c + l in
+// `ends` (reloaded every 32 tiles), so stepping to the next tile is one shuffle.  The warps take units in rounds of
+// 32 W: warp w's lane l has unit lo + 32 (W r + w) + l in round r.  The first PF rounds are prefetched into `pf`
+// one tile ahead; `rest` loads the others as they are scattered.  A tile row past M (`row_ok` false) has no units.
+template <int PF, int W>
+struct CslTiles {
+  const int* tile_off;
+  const uint4* units;
+  int kb, ke, first, lane, ends, lo, hi;
+  bool row_ok;
+  uint4 pf[PF];
+  DEVI CslTiles(const int* data, const int* offsets, int tile_row, bool row_ok_, int kt, int kb_, int ke_, int warp,
+                int lane_)
+      : tile_off(offsets + (long long)(row_ok_ ? tile_row : 0) * kt), units(reinterpret_cast<const uint4*>(data)),
+        kb(kb_), ke(ke_), first(32 * warp + lane_), lane(lane_), row_ok(row_ok_) {
+    ends = row_ok && kb + 1 + lane <= ke ? tile_off[kb + 1 + lane] >> 2 : 0;
+    lo = row_ok ? tile_off[kb] >> 2 : 0;
+    hi = __shfl_sync(FULL_MASK, ends, 0);
+  }
+  DEVI uint4 load(int u) const {  // unit u, or a pad past the tile
+    return u < hi ? __ldcs(units + u) : make_uint4(0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u);
+  }
+  DEVI void prefetch() {
+#pragma unroll
+    for (int r = 0; r < PF; ++r) pf[r] = load(lo + 32 * W * r + first);
+  }
+  template <class F>
+  DEVI void rest(F&& f) const {  // f(unit) for this lane's units past the prefetched rounds
+#pragma unroll 1
+    for (int u0 = lo + 32 * W * PF + first - lane; u0 < hi; u0 += 32 * W) f(load(u0 + lane));
+  }
+  DEVI void next(int j) {  // from tile j to tile j + 1 (< ke), whose first rounds are then in flight
+    const int t = j + 1 - kb;
+    if ((t & 31) == 0) ends = row_ok && j + 2 + lane <= ke ? tile_off[j + 2 + lane] >> 2 : 0;
+    lo = hi;
+    hi = __shfl_sync(FULL_MASK, ends, t & 31);
+    prefetch();
+  }
+};
+
+template <int NT>
+DEVI void zero_acc(float (&acc)[4][NT][4]) {
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[s][nt][i] = 0.f;
+}
+
+// The Tiled-CSL one-warp and multi-warp kernels read both operands with ldmatrix.  X: the tile's 8 NT tokens x 64
+// columns are copied into `xs` in shared memory (one 128-byte row per token, the 16-byte chunk c of token row n at
+// c ^ (n % 8), as the weight tile) by up to 2 NT cp.async per lane; where K is not a multiple of 8 or the tile ends
+// past K, by 4-byte loads and stores instead (zeros past K).  Rows past N are not written: the kernel zeroes the tile
+// once, and those rows only feed accumulator columns that are never stored.  The caller waits
+// (cp.async.wait_group 0, __syncwarp) before csl_multiply_tile reads it.
+template <int NT>
+DEVI void csl_load_x(u32 xs, const Problem& p, int n0, int k0, int lane) {
+  if (p.vec && k0 + 64 <= p.K) {  // rows 16-byte aligned (K % 8 == 0, x aligned): whole chunks
+#pragma unroll
+    for (int i = 0; i < 2 * NT; ++i) {
+      const int q = 32 * i + lane, n = q >> 3, c = q & 7;  // token row n of the tile, chunk c
+      if (n0 + n < p.N)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(xs + n * 128 + ((c ^ (n & 7)) << 4)),
+                     "l"(p.x + (long long)(n0 + n) * p.ldx + k0 + 8 * c));
+    }
+  } else {
+#pragma unroll 1
+    for (int q = lane; q < min(NT * 8, p.N - n0) * 32; q += 32) {  // word w (columns 2 w, 2 w + 1) of token row n
+      const int n = q >> 5, w = q & 31, k = k0 + 2 * w;
+      const u16* src = p.x + (long long)(n0 + n) * p.ldx + k;
+      const u32 e0 = k < p.K ? (u32)src[0] : 0u, e1 = k + 1 < p.K ? (u32)src[1] : 0u;
+      asm volatile("st.shared.u32 [%0], %1;" ::"r"(xs + n * 128 + (((w >> 2) ^ (n & 7)) << 4) + 4 * (w & 3)),
+                   "r"(e0 | (e1 << 16)));
+    }
+  }
+  cp_async_commit();  // one group per call on both paths (empty on the second), so callers may count groups
+}
+
+// acc[s] += strip s of the dense tile at `base` (swizzled row-major, as csl_tile_byte writes it) times the X tile at
+// `xs`.  A: k-step c of strip s is the 16 x 16 block of rows 16 s .. 16 s + 15 and columns 16 c .. 16 c + 15, one
+// ldmatrix.x4 whose four 8 x 8 matrices (rows + 0 / + 8, columns + 0 / + 8) lanes 0-7, 8-15, 16-23, 24-31 address,
+// one 16-byte row each; so k index j of step c is column 16 c + j.  B: for 8 tokens and k-steps c, c + 1 one
+// ldmatrix.x4 of the X tile (chunks 2 c .. 2 c + 3 of the 8 token rows), whose registers are the B pairs of both
+// steps.  The 8 rows of every matrix sit in 8 distinct chunks: no bank conflict.  16 + 2 NT ldmatrix.x4 per tile;
+// with `clear`, every lane zeroes the 16 bytes of the weight tile it addressed right after.
+template <bool BF16, int NT>
+DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, u32 xs, int lane, bool clear) {
+  const int r = lane & 15, hi = lane >> 4;  // weight: the row in the strip and the column half this lane addresses
+  const int xr = lane & 7, xm = lane >> 3;  // X: the token row and the matrix (chunk) this lane addresses
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // k-steps 2 h and 2 h + 1
+    u32 b[2][NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(b[0][nt][0]), "=r"(b[0][nt][1]), "=r"(b[1][nt][0]), "=r"(b[1][nt][1])
+                   : "r"(xs + (8 * nt + xr) * 128 + ((u32)((4 * h + xm) ^ xr) << 4)));
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      u32 a[2][4];
+#pragma unroll
+      for (int c2 = 0; c2 < 2; ++c2) {
+        const u32 at = base + (16 * s + r) * 128 + ((u32)((2 * (2 * h + c2) + hi) ^ (r & 7)) << 4);
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(a[c2][0]), "=r"(a[c2][1]), "=r"(a[c2][2]), "=r"(a[c2][3]) : "r"(at));
+        if (clear) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0u));
+      }
+#pragma unroll
+      for (int c2 = 0; c2 < 2; ++c2)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma16816<BF16>(acc[s][nt], a[c2], b[c2][nt]);
+    }
+  }
+}
+
+template <bool BF16, int NT>
+DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                             int kt_per_split, Problem p) {
+  __shared__ __align__(128) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, swizzled row-major (csl_tile_byte)
+  __shared__ __align__(128) u32 xtile[NT * 8 * 32];     // the X tile, NT KiB (csl_load_x)
+  const int lane = threadIdx.x & 31;
+  const int row_block = row_block_of(p);
+  const int n0 = n_chunk_of(p) * NT * 8;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;
+  const u32 dense_base = smem_addr(dense), xs = smem_addr(xtile);
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) reinterpret_cast<uint4*>(dense)[i * 32 + lane] = zero4;
+#pragma unroll
+  for (int i = 0; i < 2 * NT; ++i) reinterpret_cast<uint4*>(xtile)[i * 32 + lane] = zero4;  // rows past N stay zero
+  __syncwarp();
+
+  float acc[4][NT][4];
+  zero_acc<NT>(acc);
+
+  if (active) {
+    constexpr int PF = csl_pf_units<NT>::value;
+    CslTiles<PF, 1> st(data, offsets, row_block, true, kt, kb, ke, 0, lane);
+    st.prefetch();
+    // Launched programmatically (kernels.spmm_cuda, pdl_spmm) this block may run before the kernel that writes X
+    // has finished: the weight's offsets and first entries above are loaded meanwhile, X and every global write
+    // come after the wait.  A no-op for a plain launch.
+    pdl_wait();
+    // NT = 1: a sparse tile's scatter offsets, zeroed again after the read-back (tcsl_zero_scatter: at NT = 2 the
+    // 16 registers cost more occupancy than the clear saves; benchmarks/ab/README.md)
+    constexpr bool KEEP = NT == 1;
+    u32 kept[KEEP ? PF : 1][2];
+    for (int j = kb; j < ke; ++j) {
+      csl_load_x<NT>(xs, p, n0, j * 64, lane);  // in flight during the scatter
+      const int rounds = (st.hi - st.lo + 31) >> 5;  // warp-uniform
+      const bool sparse_tile = KEEP && rounds <= PF;  // every unit prefetched: clear only what was written
+#pragma unroll
+      for (int r = 0; r < PF; ++r)
+        if (r < rounds) csl_scatter4<KEEP>(dense_base, st.pf[r], kept[KEEP ? r : 0]);
+      st.rest([&](const uint4& e) {
+        csl_scatter4(dense_base, e);
+      });
+      if (j + 1 < ke) st.next(j);  // the next tile's entries, in flight during this tile's multiply
+      cp_async_wait<0>();
+      __syncwarp();
+      csl_multiply_tile<BF16, NT>(acc, dense_base, xs, lane, !sparse_tile);
+      if (sparse_tile) {  // every lane has read its elements: clear the positions this tile wrote, in bank order
+        __syncwarp();
+#pragma unroll
+        for (int r = 0; r < PF; ++r)
+          if (r < rounds)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + (kept[KEEP ? r : 0][h] & 0xffffu)), "r"(0u));
+              asm volatile("st.shared.u16 [%0], %1;" ::"r"(dense_base + (kept[KEEP ? r : 0][h] >> 16)), "r"(0u));
+            }
+      }
+      __syncwarp();
+    }
+  }
+  // with split-K, the partials are summed by a second launch (splitk_reduce): the last 32-thread block of a row
+  // group would sum them with 32 threads, a long tail at N >= 16
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+    store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
+}
+
+// N = 1 (tiled_csl_spmm_<dtype>_n1): the one-warp kernel's walk over a tile row and its entries, but no dense tile, no
+// read-back and no MMA.  Each entry is multiplied on the CUDA cores by X's element of its column and added into the
+// lane's own partial sum of its row: `part` holds 64 rows x 32 lanes of fp32, lane l's column in bank l, so the
+// read-modify-write of a round of entries is two conflict-free wavefronts, and the X row (128 bytes, unswizzled) is
+// one bank row, so the gather of a round is one.  Per 4096-element tile at 80 %: about 26 rounds x 3 wavefronts plus
+// the 26 of the entry loads, against about 180 for nt1 (its scatter, read-back and clear).  The 32 lanes' partials
+// are summed once per split (rotated, so the loads of a step hit 32 banks), then handed to store_acc in the m16n8
+// fragment layout of token 0, so split-K and its reduction are nt1's.
+template <bool BF16>
+DEVI void csl_fma4_n1(u32 pbase, u32 xs, const uint4& e4) {
+  const u32 v[4] = {e4.x, e4.y, e4.z, e4.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const u32 tb = csl_tile_byte(v[q]);                  // 128 r + 2 (swizzled column)
+    const u32 xb = (tb & 0x7eu) ^ ((tb >> 3) & 0x70u);   // 2 x the column: the chunk unswizzled by r % 8
+    const u32 pb = pbase + (tb & 0x1f80u);                // row r of this lane's column
+    u32 xh;
+    float acc;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=r"(xh) : "r"(xs + xb));
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(acc) : "r"(pb));
+    acc = fmaf(to_float<BF16>((u16)v[q]), to_float<BF16>((u16)xh), acc);
+    asm volatile("{ .reg .pred p; setp.lt.u32 p, %2, 0x10000000; @p st.shared.f32 [%0], %1; }"  // pads: no store
+                 ::"r"(pb), "f"(acc), "r"(v[q]) : "memory");
+  }
+}
+
+// SCALE (tiled_csl_spmm_<dtype>_n1s): X's column c is first multiplied by colscale[c], rounded to the dtype once (the
+// RMSNorm weight of kernels.spmm_cuda(norm=...); the norm's per-token factor is applied by the reduction).  Each lane
+// scales its own two columns of the tile's X row after it lands; the scale's load is issued with the previous tile.
+template <bool BF16, bool SCALE = false>
+DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                            int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr) {
+  __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
+  __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
+  const int lane = threadIdx.x & 31;
+  const int row_block = row_block_of(p);
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;
+  const u32 pbase = smem_addr(part) + 4 * lane, xs0 = smem_addr(xrow);
+#pragma unroll
+  for (int r = 0; r < 64; ++r) part[32 * r + lane] = 0.f;
+  // token 0's columns 64 j .. 64 j + 63 -> xrow[b]: csl_load_x's row 0, which is not swizzled
+  auto load_x = [&](int j, int b) { csl_load_x<1>(xs0 + 128 * b, p, 0, 64 * j, lane); };
+  float acc[4][1][4];
+  zero_acc<1>(acc);
+  float ssq = 0.f;  // SCALE: this lane's sum of squares of X's raw values over the split's columns
+  if (active) {
+    constexpr int PF = csl_pf_units<1>::value;
+    CslTiles<PF, 1> st(data, offsets, row_block, true, kt, kb, ke, 0, lane);
+    st.prefetch();
+    pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
+    load_x(kb, 0);
+    const int sc = 64 * kb + 2 * lane;  // this lane's first column of the tile (SCALE)
+    u32 gs = SCALE && sc < p.K ? *reinterpret_cast<const u32*>(colscale + sc) : 0u;
+    for (int j = kb; j < ke; ++j) {
+      const int b = (j - kb) & 1;
+      if (j + 1 < ke) {
+        load_x(j + 1, b ^ 1);  // the next tile's X row, in flight during this tile
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncwarp();
+      const u32 xs = xs0 + 128 * b;
+      if (SCALE) {
+        const int c = 64 * j + 2 * lane;
+        if (c < p.K) {  // K is even here (the launcher asks K % 8 == 0): both columns or neither
+          u32 xv;
+          asm volatile("ld.shared.u32 %0, [%1];" : "=r"(xv) : "r"(xs + 4 * lane));
+          const float x0 = to_float<BF16>((u16)xv), x1 = to_float<BF16>((u16)(xv >> 16));
+          ssq = fmaf(x0, x0, fmaf(x1, x1, ssq));
+          const u32 lo = from_float<BF16>(x0 * to_float<BF16>((u16)gs));
+          const u32 hi = from_float<BF16>(x1 * to_float<BF16>((u16)(gs >> 16)));
+          asm volatile("st.shared.u32 [%0], %1;" ::"r"(xs + 4 * lane), "r"(lo | (hi << 16)) : "memory");
+        }
+        gs = j + 1 < ke && c + 64 < p.K ? *reinterpret_cast<const u32*>(colscale + c + 64) : 0u;
+        __syncwarp();
+      }
+      const int rounds = (st.hi - st.lo + 31) >> 5;  // warp-uniform
+#pragma unroll
+      for (int r = 0; r < PF; ++r)
+        if (r < rounds) csl_fma4_n1<BF16>(pbase, xs, st.pf[r]);
+      st.rest([&](const uint4& e) { csl_fma4_n1<BF16>(pbase, xs, e); });
+      if (j + 1 < ke) st.next(j);
+      __syncwarp();  // every lane has read xrow[b] before it is refilled
+    }
+    // lane l sums rows 2 l and 2 l + 1 over the 32 columns, starting at its own (column (l + i) % 32 at step i)
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < 32; ++i) {
+      const int c = (lane + i) & 31;
+      s0 += part[64 * lane + c];
+      s1 += part[64 * lane + 32 + c];
+    }
+    __syncwarp();
+    part[2 * lane] = s0;
+    part[2 * lane + 1] = s1;
+    __syncwarp();
+    const int g = lane >> 2;
+    if ((lane & 3) == 0) {  // token 0 is column 0 of the m16n8 accumulator: rows g and g + 8 of each strip
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        acc[s][0][0] = part[16 * s + g];
+        acc[s][0][2] = part[16 * s + g + 8];
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+    store_acc<BF16, 1>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, 0, lane);
+  if (SCALE && p.splits > 1) {  // the split's sum of squares (row block 0 writes it) after the partial tiles: the
+                                // reduction's RMSNorm factor, without reading X again
+    pdl_wait();  // (an inactive split waits here before its write; a no-op after the wait above)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+    if (row_block == 0 && lane == 0) p.ws[(long long)p.splits * gridDim.x * 512 + blockIdx.y] = ssq;
+  }
+}
+
+// N > 32 without wgmma: W warps per block share one decode of every tile.  Warp w multiplies the
+// 32 tokens of chunk (block's n chunk) * W + w, so the block covers 32 W tokens, where the one-warp kernel decodes
+// every tile once per 32 tokens.  The warps scatter a share of the tile's units each (warp w: rounds w, w + W, ...)
+// into one of three dense tiles; one block barrier; every warp reads the whole tile back and multiplies it by its
+// own B.  Three buffers make one barrier per tile enough: after barrier j every warp has read tile j - 1, so each
+// warp clears its share of that buffer, which is scattered into again only after barrier j + 1.
+template <bool BF16, int W>
+DEVI void tiled_csl_multi_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                              int kt_per_split, Problem p) {
+  constexpr int NT = 4, PF = 8 / W;  // PF rounds per warp: 8 rounds of 32 units in all (25 % density)
+  __shared__ __align__(128) u32 dense[3][4 * 1024 / 2];  // 3 x 8 KiB
+  __shared__ __align__(128) u32 xtile[W][NT * 8 * 32];    // each warp's X tile, 4 KiB (csl_load_x)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const u32 xs = smem_addr(xtile[warp]);
+  const int nl = (p.N + 31) >> 5;  // 32-token chunks: the partial tiles along N, as the one-warp kernel's
+  const int row_block = row_block_of(p);
+  const int chunk = n_chunk_of(p) * W + warp;
+  const bool live = chunk < nl;  // a warp past N still scatters its share and meets the barriers
+  const int n0 = chunk * 32;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;  // block-uniform
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+  for (int i = threadIdx.x; i < 3 * 512; i += 32 * W) reinterpret_cast<uint4*>(dense)[i] = zero4;
+  for (int i = threadIdx.x; i < W * 2 * NT * 32; i += 32 * W) reinterpret_cast<uint4*>(xtile)[i] = zero4;
+  __syncthreads();
+
+  float acc[4][NT][4];
+  zero_acc<NT>(acc);
+
+  if (active) {
+    CslTiles<PF, W> st(data, offsets, row_block, true, kt, kb, ke, warp, lane);
+    st.prefetch();
+    pdl_wait();  // X and every global write after the previous kernel (programmatic launch; else a no-op)
+    for (int j = kb; j < ke; ++j) {
+      const int buf = (j - kb) % 3;
+      const u32 base = smem_addr(dense[buf]);
+      if (live) csl_load_x<NT>(xs, p, n0, j * 64, lane);
+#pragma unroll
+      for (int r = 0; r < PF; ++r) csl_scatter4(base, st.pf[r]);  // pads past the tile: no stores
+      st.rest([&](const uint4& e) { csl_scatter4(base, e); });
+      if (j + 1 < ke) st.next(j);
+      cp_async_wait<0>();
+      __syncthreads();
+      if (j > kb) {  // every warp has read tile j - 1: clear this warp's share of its buffer
+        uint4* prev = reinterpret_cast<uint4*>(dense[(j - kb + 2) % 3]);
+#pragma unroll
+        for (int i = 0; i < 16 / W; ++i) prev[(warp * (16 / W) + i) * 32 + lane] = zero4;
+      }
+      if (live) csl_multiply_tile<BF16, NT>(acc, base, xs, lane, false);
+    }
+  }
+  const int tiles = (int)(gridDim.x / p.n_chunks) * nl;
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+    store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, live && active && row_block * 4 + s < mt, n0, lane,
+                        row_block * nl + chunk, tiles);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tiled-CSL for N > 32 with warpgroup MMA (sm_90a, compiled only there): `_wg<NB>x<R>`, NB = 64 or 128 tokens and
+// R = 2 warpgroups (4 warps each) per block, one 64-row tile row per warpgroup.  Per tile: the X tile (NB tokens x
+// 64 columns) is copied to shared memory with cp.async in the 128-byte-swizzled K-major layout that wgmma reads,
+// once for the block; each warpgroup scatters its tile's entries (a share per warp) straight into the same layout
+// (row-major W tile at its physical columns, docs/formats.md); then four wgmma.m64nNBk16 read both from shared
+// memory.  The tile is decoded once for NB tokens, and the tensor cores read A from shared memory themselves
+// instead of 16 LDS.128 per lane per 32 tokens.  The pipeline (tiled_csl_wg_body) has one block barrier per tile.
+// The accumulators follow the m16n8 layout per warp (rows 16 w + g, + 8): one 32-token chunk of them is exactly the
+// one-warp kernel's acc[4][4], so the epilogue and the split-K partial tiles are the same.
+// ------------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLASH_LLM_WGMMA 1
+#endif
+
+// The accumulator lists of wgmma.m64nNk16 (N / 2 fp32 registers per thread) and their "+f" operands, eight at a time.
+#define WG_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, " \
+  "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define WG_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_D16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define WG_D8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define WG_D4 "{%0, %1, %2, %3}"
+#define WG_OUT8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+  "+f"(d[i + 6]), "+f"(d[i + 7])
+template <bool BF16, int NB> DEVI void wgmma_tile(float (&d)[NB / 2], u64 da, u64 db);
+#ifdef FLASH_LLM_WGMMA
+template <> DEVI void wgmma_tile<false, 32>(float (&d)[16], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " WG_D16 ", %16, %17, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8) : "l"(da), "l"(db));
+}
+template <> DEVI void wgmma_tile<true, 32>(float (&d)[16], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " WG_D16 ", %16, %17, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8) : "l"(da), "l"(db));
+}
+template <> DEVI void wgmma_tile<false, 64>(float (&d)[32], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_D32 ", %32, %33, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24) : "l"(da), "l"(db));
+}
+template <> DEVI void wgmma_tile<true, 64>(float (&d)[32], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", %32, %33, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24) : "l"(da), "l"(db));
+}
+template <> DEVI void wgmma_tile<false, 128>(float (&d)[64], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " WG_D64 ", %64, %65, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24), WG_OUT8(32), WG_OUT8(40), WG_OUT8(48), WG_OUT8(56)
+               : "l"(da), "l"(db));
+}
+template <> DEVI void wgmma_tile<true, 128>(float (&d)[64], u64 da, u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_D64 ", %64, %65, 1, 1, 1, 0, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24), WG_OUT8(32), WG_OUT8(40), WG_OUT8(48), WG_OUT8(56)
+               : "l"(da), "l"(db));
+}
+#endif
+
+// Shared-memory matrix descriptor: 128-byte swizzle, K-major; 8-row groups 1024 bytes apart (SBO); LBO unused.
+DEVI u64 sw128_desc(u32 addr) {
+  return (u64)((addr & 0x3ffffu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+template <int NB>
+DEVI void wg_fence_acc(float (&d)[NB / 2]) {  // keep the compiler from touching the accumulators mid-flight
+#pragma unroll
+  for (int i = 0; i < NB / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Dynamic shared memory of the warpgroup kernel: R x S A tiles (8 KiB each), S X tiles (NB x 128 bytes), and
+// 1 KiB to align the start to the 1024 bytes of the swizzle pattern.
+constexpr int wg_smem_bytes(int NB, int R, int S) { return R * S * 8192 + S * NB * 128 + 1024; }
+
+// R warpgroups per block, one 64-row tile row each, share the X tile of NB tokens (X is read once per 64 R weight
+// rows).  Software pipeline of S stages, one block barrier per tile: the wgmma of tile j runs (async) while the warps
+// scatter tile j + S - 1 into a free A buffer and copy its X tile into a free X buffer.  The generic-proxy writes
+// (scatter, clear, cp.async) must be ordered before the wgmma that reads them by a proxy fence, a MEMBAR in SASS that
+// costs 9-12 % of these kernels (session 13).  With S = 2 each tile's writes are read at the next tile, so every tile
+// fences; with S = 3 they are read two tiles later, so the fence at the end of every odd
+// tile (counted from kb) covers the writes of that tile and the one before.
+template <bool BF16, int NB, int R, int S>
+DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                           int kt_per_split, Problem p) {
+#ifdef FLASH_LLM_WGMMA
+  static_assert(S == 2 || S == 3, "two or three stages");
+  constexpr int AHEAD = S - 1;
+  constexpr int PF = 2;  // rounds per warp prefetched in registers: 8 rounds of 32 units in all (25 % density)
+  constexpr int T = 128 * R;
+  extern __shared__ unsigned char wg_smem[];
+  const u32 sbase = (smem_addr(wg_smem) + 1023u) & ~1023u;
+  const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
+  const u32 a_base = sbase + wg * (S * 8192);        // this warpgroup's S A tiles
+  const u32 x_base = sbase + R * (S * 8192);         // the S X tiles
+  const int nl = (p.N + 31) >> 5;                    // 32-token partial tiles along N, as the one-warp kernel's
+  const int row_tiles = (mt + 3) >> 2;               // 64-row tile rows
+  const int tile_row = (int)(blockIdx.x / p.n_chunks) * R + wg;
+  const bool row_ok = tile_row < row_tiles;
+  const int n0 = n_chunk_of(p) * NB;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool active = kb < ke;  // block-uniform
+  for (int i = wtid; i < S * 512; i += 128)
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a_base + 16 * i), "r"(0), "r"(0), "r"(0), "r"(0));
+  float d[NB / 2];
+#pragma unroll
+  for (int i = 0; i < NB / 2; ++i) d[i] = 0.f;
+  if (active) {
+    CslTiles<PF, 4> st(data, offsets, tile_row, row_ok, kt, kb, ke, warp, lane);
+    // scatter tile j's entries (the first PF rounds prefetched) into A buffer `abuf`, then step to tile j + 1
+    auto scatter_and_advance = [&](int j, u32 abuf) {
+#pragma unroll
+      for (int r = 0; r < PF; ++r)  // warp-uniform: a round that starts past the tile's units holds only pads
+        if (st.lo + 32 * (4 * r + warp) < st.hi) csl_scatter4(abuf, st.pf[r]);
+      st.rest([&](const uint4& e) { csl_scatter4(abuf, e); });
+      if (j + 1 < ke) st.next(j);
+    };
+    // X rows n0 .. n0 + NB - 1, columns k0 .. k0 + 63 -> the swizzled X tile at `xb` (NB rows of 128 bytes) with
+    // cp.async, zero-filled past N and K (K % 8 == 0 here: a 16-byte chunk is all in or all out).  Thread tid copies
+    // chunk tid % 8 of rows tid / 8 + i T / 8: its pointers and shared offsets are the same for every tile but k0.
+    constexpr int XI = NB * 8 / T, XROWS = T / 8;
+    const int xr = tid >> 3, xc = tid & 7;
+    const u16* xsrc = p.x + (long long)(n0 + xr) * p.ldx + 8 * xc;
+    const u32 xdst = xr * 128 + ((xc ^ (xr & 7)) << 4);
+    auto load_x = [&](u32 xb, int k0) {
+      const bool kok = k0 + 8 * xc < p.K;
+#pragma unroll
+      for (int i = 0; i < XI; ++i) {
+        const bool ok = kok && n0 + xr + i * XROWS < p.N;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xb + xdst + i * XROWS * 128),
+                     "l"(ok ? xsrc + (long long)i * XROWS * p.ldx + k0 : p.x), "r"(ok ? 16 : 0));
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    st.prefetch();
+    pdl_wait();  // X and every global write after the previous kernel (programmatic launch; else a no-op)
+    __syncthreads();  // the A tiles are clear
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a)  // tiles kb .. kb + AHEAD - 1 into buffers 0 .. AHEAD - 1
+      if (kb + a < ke) {
+        load_x(x_base + a * (NB * 128), (kb + a) * 64);
+        scatter_and_advance(kb + a, a_base + a * 8192);
+      }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy writes -> wgmma reads
+    __syncthreads();
+    // descriptors of buffer 0; the address field counts 16 bytes, so the other buffers and the k16 steps are additions
+    const u64 da0 = sw128_desc(a_base), dx0 = sw128_desc(x_base);
+    int buf = 0;  // (j - kb) % S
+    for (int j = kb; j < ke; ++j) {
+      const int ahead = buf + AHEAD >= S ? buf + AHEAD - S : buf + AHEAD;  // (j + AHEAD - kb) % S
+      const u32 abuf = a_base + buf * 8192;
+      const u64 da = da0 + buf * (8192 >> 4), dx = dx0 + buf * (NB * 128 >> 4);
+      wg_fence_acc<NB>(d);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)  // k16 steps: 32 bytes further along each 128-byte row
+        wgmma_tile<BF16, NB>(d, da + 2 * kk, dx + 2 * kk);
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      if (j + AHEAD < ke) {  // tile j + AHEAD into free buffers while the tensor cores run
+        load_x(x_base + ahead * (NB * 128), (j + AHEAD) * 64);
+        scatter_and_advance(j + AHEAD, a_base + ahead * 8192);
+      }
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      wg_fence_acc<NB>(d);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // clear the A tile just read (this warpgroup's own), for tile j + S
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(abuf + 16 * (i * 128 + wtid)), "r"(0), "r"(0),
+                     "r"(0), "r"(0));
+      if (S == 2 || ((j - kb) & 1)) {  // S = 3: the writes of this tile and the one before are read from tile j + 1 on
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      }
+      __syncthreads();  // every warpgroup is done with tile j's buffers; the next tile's are complete
+      buf = buf + 1 == S ? 0 : buf + 1;
+    }
+  }
+  const int tiles = row_tiles * nl;
+#pragma unroll
+  for (int c = 0; c < NB / 32; ++c) {  // one 32-token chunk: acc[nt][i] = d[16 c + 4 nt + i]
+    const int chunk = n0 / 32 + c;
+    float acc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = d[16 * c + 4 * nt + i];
+    store_acc<BF16, 4>(p, acc, tile_row * 4 + warp, warp, active && chunk < nl && tile_row * 4 + warp < mt,
+                       chunk * 32, lane, tile_row * nl + chunk, tiles);
+  }
+#else
+  __trap();  // launched only on sm_90 (kernels.spmm_cuda)
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// BitmapTiles with warpgroup MMA, A from registers (sm_90a; NB = 8 .. 128 tokens per block).  The block is the
+// bitmap kernel's: 4 warps, one strip row (16 rows) each, so the 64 rows of one wgmma.m64nNBk16.  Each warp decodes
+// its strip exactly as the one-warp-per-strip kernel does (ring, window words, gather) into the 16 A registers of
+// the strip, and those registers are wgmma's A operand as they are: the register fragment of a k16 step is the
+// m16n8k16 one.  Their k index kappa of step s is strip column c = 16 t + 4 s + 2 q + e (kappa = 2 t + e + 8 q,
+// docs/formats.md), so X is given with its columns in that order inside every 64-column tile (X', made by the
+// launcher with one PyTorch permute) and copied into shared memory as it is: 128-byte-swizzled rows of NB tokens,
+// two buffers, each filled by cp.async whose completion arrives on an mbarrier.  No A tile in shared memory and no
+// block barrier in the loop: a warp waits for the X tile's barrier, issues its part of the four wgmma, and waits
+// for them before its next gather overwrites the registers.
+// ------------------------------------------------------------------------------------------------
+DEVI void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+DEVI void mbar_wait(u32 bar, u32 parity) {  // until the phase of this parity has completed
+  u32 done = 0;
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+constexpr int bw_smem_bytes(int NB) { return 2 * NB * 128 + 1024 + 16; }  // dynamic: X tiles, alignment, barriers
+
+template <bool BF16, int NB> DEVI void wgmma_rs(float (&d)[NB / 2], const u32 (&a)[4], u64 db);
+#ifdef FLASH_LLM_WGMMA
+template <> DEVI void wgmma_rs<false, 128>(float (&d)[64], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " WG_D64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24), WG_OUT8(32), WG_OUT8(40), WG_OUT8(48), WG_OUT8(56)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 128>(float (&d)[64], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_D64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24), WG_OUT8(32), WG_OUT8(40), WG_OUT8(48), WG_OUT8(56)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<false, 64>(float (&d)[32], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_D32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 64>(float (&d)[32], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8), WG_OUT8(16), WG_OUT8(24)
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<false, 32>(float (&d)[16], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " WG_D16 ", {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 32>(float (&d)[16], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " WG_D16 ", {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+               : WG_OUT8(0), WG_OUT8(8) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<false, 16>(float (&d)[8], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 " WG_D8 ", {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+               : WG_OUT8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 16>(float (&d)[8], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 " WG_D8 ", {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+               : WG_OUT8(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<false, 8>(float (&d)[4], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 " WG_D4 ", {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+template <> DEVI void wgmma_rs<true, 8>(float (&d)[4], const u32 (&a)[4], u64 db) {
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 " WG_D4 ", {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+#endif
+
+template <bool BF16, int NB>
+DEVI void bitmap_wg_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                         int kt_per_split, Problem p) {
+#ifdef FLASH_LLM_WGMMA
+  __shared__ __align__(16) u32 ring_all[WARPS][RING_UNITS * 4];
+  __shared__ __align__(16) u32 stage_all[WARPS][STAGE_WORDS];
+  extern __shared__ unsigned char bw_smem[];
+  const u32 xs = (smem_addr(bw_smem) + 1023u) & ~1023u;  // X tiles (2 x NB x 128 bytes), then 2 mbarriers
+  const u32 xbar = xs + 2 * NB * 128;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int row_block = row_block_of(p), strip = row_block * WARPS + warp;
+  const int n0 = n_chunk_of(p) * NB;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
+  const bool live = strip < mt;  // a warp past M decodes nothing (zero A) but takes part in every wgmma
+  const u32 ring_base = smem_addr(ring_all[warp]);
+  const u32 stage_base = smem_addr(stage_all[warp]);
+  if (tid < 2) mbar_init(xbar + 8 * tid, 128);
+  __syncthreads();
+  float d[NB / 2];
+#pragma unroll
+  for (int i = 0; i < NB / 2; ++i) d[i] = 0.f;
+  // X' tile j -> buffer (j - kb) & 1: thread tid copies chunk tid % 8 of rows tid / 8 + 16 i; X' has no partial
+  // 64-column tile (the launcher pads it), so only rows past N are zero-filled
+  const int xr = tid >> 3, xc = tid & 7;
+  const u16* xsrc = p.x + (long long)(n0 + xr) * p.ldx + 8 * xc;
+  const u32 xdst = xr * 128 + ((xc ^ (xr & 7)) << 4);
+  auto load_x = [&](int j) {
+    const u32 xb = xs + ((j - kb) & 1) * (NB * 128);
+#pragma unroll
+    for (int i = 0; i < (NB + 15) / 16; ++i) {  // NB = 8: threads 64-127 copy nothing
+      if (NB >= 16 || xr < NB) {
+        const bool ok = n0 + xr + 16 * i < p.N;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(xb + xdst + i * 16 * 128),
+                     "l"(ok ? xsrc + (long long)16 * i * p.ldx + j * 64 : p.x), "r"(ok ? 16 : 0));
+      }
+    }
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(xbar + 8 * ((j - kb) & 1)) : "memory");
+    cp_async_commit();
+  };
+  if (kb < ke) {
+    BitmapRecords recs(data, offsets, strip, kt, kb, ke, live, ring_base, stage_base, lane);
+    const u64 dx0 = sw128_desc(xs);
+    load_x(kb);
+    for (int j = kb; j < ke; ++j) {
+      const int t = j - kb;
+      u32 a[4][4];
+      if (live) {
+        recs.next(a);
+      } else {
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[s][i] = 0u;
+      }
+      mbar_wait(xbar + 8 * (t & 1), (t >> 1) & 1);  // X' tile j is in
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      wg_fence_acc<NB>(d);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      const u64 dx = dx0 + (t & 1) * (NB * 128 >> 4);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) wgmma_rs<BF16, NB>(d, a[s], dx + 2 * s);
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      // the other X buffer was read by tile j - 1's wgmma, which every warp waited for before issuing this one
+      if (j + 1 < ke) load_x(j + 1);
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // before the next gather rewrites a
+      wg_fence_acc<NB>(d);
+    }
+    cp_async_wait<0>();
+  }
+  // partial tiles of 8 NTC tokens (NTC = 4, or NB / 8 below 32 tokens per block), as the NT = NTC kernels'
+  constexpr int NTC = NB < 32 ? NB / 8 : 4;
+  const int nlc = (p.N + 8 * NTC - 1) / (8 * NTC);
+  const int tiles = ((mt + 3) >> 2) * nlc;
+#pragma unroll
+  for (int c = 0; c < NB / (8 * NTC); ++c) {
+    const int chunk = n0 / (8 * NTC) + c;
+    float acc[NTC][4];
+#pragma unroll
+    for (int nt = 0; nt < NTC; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = d[4 * NTC * c + 4 * nt + i];
+    store_acc<BF16, NTC>(p, acc, strip, warp, kb < ke && live && chunk < nlc, chunk * 8 * NTC, lane,
+                         row_block * nlc + chunk, tiles);
+  }
+#else
+  __trap();  // launched only on sm_90 (kernels.spmm_cuda)
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// Decoders to a dense row-major W[M, K] (for the large-N path: expand once, then dense GEMM).
+// ------------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(THREADS)
+bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
+                int M, int K, int mt, int kt) {
+  // One warp per strip, decoded like the spmm kernel: the record is copied into shared memory (16-byte loads),
+  // its values staged as window words and gathered into the 16 A-fragment registers of every lane; the
+  // registers are stored as a row-major 16x64 tile over the record's buffer and written out as whole rows
+  // (128 bytes, 16-byte stores) when K allows it.  In the tile, 16-byte chunk c of row r sits at chunk c ^ (r % 8),
+  // so that the lanes of one register store (same column, eight rows) hit different banks.
+  __shared__ __align__(16) u32 buf_all[WARPS][RING_UNITS * 4];
+  __shared__ __align__(16) u32 stage_all[WARPS][STAGE_WORDS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long strip = (long long)blockIdx.x * WARPS + warp;
+  if (strip >= (long long)mt * kt) return;  // whole warps only: nothing below synchronizes the block
+  const u32 buf = smem_addr(buf_all[warp]), stage = smem_addr(stage_all[warp]);
+  const long long r0 = offsets[strip];
+  const int units = (int)(offsets[strip + 1] - r0);
+  const int4* src = reinterpret_cast<const int4*>(data) + r0;
+  for (int u = lane; u < units; u += 32) {
+    const int4 v = __ldcs(src + u);
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(buf + 16 * u), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w) : "memory");
+  }
+  __syncwarp();
+  const u32 w = lds32(buf + 4 * lane);
+  u32 total, start[4];
+  step_starts(step_counts(w), lane, start, total);
+  u32 a[4][4];
+  gather_record(w, start, total, buf, 128, stage, lane, a);  // then the record's buffer becomes the tile
+  // register i of k-step s: halves (row g + 8 (i & 1), columns 16t + 4s + 2 (i >> 1) + {0, 1}), one 32-bit word
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i & 1), col = 16 * t + 4 * s + 2 * (i >> 1);
+      const int chunk = (col >> 3) ^ (row & 7);
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(buf + 128 * row + 16 * chunk + 2 * (col & 7)), "r"(a[s][i])
+                   : "memory");
+    }
+  __syncwarp();
+  const u16* tile = reinterpret_cast<const u16*>(buf_all[warp]);
+  auto at = [](int rr, int cc) { return rr * 64 + (((cc >> 3) ^ (rr & 7)) << 3) + (cc & 7); };  // tile index
+  const int row0 = (int)(strip / kt) * 16, col0 = (int)(strip % kt) * 64;
+  if ((K & 7) == 0 && col0 + 64 <= K) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int rr = i * 4 + (lane >> 3), cc = (lane & 7) * 8;
+      if (row0 + rr < M)
+        *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * K + col0 + cc) =
+            *reinterpret_cast<const uint4*>(tile + at(rr, cc));
+    }
+  } else {
+    for (int i = lane; i < 16 * 64; i += 32) {
+      const int rr = i >> 6, cc = i & 63;
+      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = tile[at(rr, cc)];
+    }
+  }
+}
+
+// One block per 64x64 tile: the entries are scattered into a zeroed tile in shared memory at their positions (the
+// spmm kernels' swizzled row-major layout), which is then written out as whole 128-byte rows (16-byte stores) when K
+// allows it.  `out` needs no zeroing.
+extern "C" __global__ void __launch_bounds__(THREADS)
+tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
+                   int M, int K, int kt) {
+  __shared__ __align__(16) u16 stage[64 * 64];
+  const long long t = blockIdx.x;
+  const int row0 = (int)(t / kt) * 64, col0 = (int)(t % kt) * 64;
+  const uint4 zero4 = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(stage)[threadIdx.x + i * THREADS] = zero4;
+  __syncthreads();
+  for (int e = offsets[t] + threadIdx.x; e < offsets[t + 1]; e += THREADS) {
+    const u32 v = (u32)__ldcs(data + e);
+    const int pos = v >> 16;
+    if (pos >= 4096) continue;  // pad entry
+    stage[pos] = (u16)(v & 0xffff);
+  }
+  __syncthreads();
+  auto at = [](int rr, int cc) { return rr * 64 + (((cc >> 3) ^ (rr & 7)) << 3) + (cc & 7); };  // (r, c) -> position
+  if ((K & 7) == 0 && col0 + 64 <= K) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = threadIdx.x + i * THREADS, rr = idx >> 3, cc = (idx & 7) * 8;
+      if (row0 + rr < M)
+        *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * K + col0 + cc) =
+            *reinterpret_cast<const uint4*>(stage + at(rr, cc));
+    }
+  } else {
+    for (int i = threadIdx.x; i < 64 * 64; i += THREADS) {
+      const int rr = i >> 6, cc = i & 63;
+      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = stage[at(rr, cc)];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Instantiations: <format>_spmm_<dtype>_nt<NT>, NT = number of 8-token tiles per block (N <= 8 NT).
+// ------------------------------------------------------------------------------------------------
+#define SPMM_ARGS                                                                                   \
+  const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x,         \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, float *__restrict__ ws, int *tickets,      \
+      int M, int K, int N, int ldx, int mt, int kt, int splits, int kt_per_split, int n_chunks, int vec
+#define SPMM_PROBLEM {x, y, bias, ws, tickets, M, K, N, ldx, splits, n_chunks, vec}
+
+// Threads per block and minimum resident blocks per SM by format and NT.  The minimum caps registers so that the
+// blocks the shared memory allows also fit the register file.  Bitmap: 4 warps and 34 KB of ring and windows per
+// block, so 6-7 blocks.  Tiled-CSL: one warp, its 8 KB tile and its NT KB X tile per block; 20 / 20 / 10 blocks for
+// NT = 1 / 2 / 4 on sm_90 (at NT = 1 the kept scatter offsets take 16 registers: 24 blocks before) (H200: the most
+// that compile without spills; 24 at NT = 1 measured faster than 16, benchmarks/ab/README.md).
+constexpr int bitmap_threads = THREADS, tiled_csl_threads = 32;
+template <int NT> struct bitmap_min_blocks { static constexpr int value = NT <= 2 ? 7 : NT == 4 ? 5 : 4; };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900  // sm_8x: 164 KB of shared memory per SM; these compile without spills
+template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 18 : NT == 2 ? 16 : 8; };
+#else
+template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 20 : NT == 2 ? 20 : 10; };
+#endif
+
+#define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
+  extern "C" __global__ void __launch_bounds__(FMT##_threads, FMT##_min_blocks<NT>::value)                \
+  FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                            \
+    pdl_launch_dependents();                                                                      \
+    FMT##_spmm_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);           \
+  }
+
+#define INSTANTIATE_ALL(FMT)                                                                      \
+  INSTANTIATE(FMT, f16, false, 1)                                                                 \
+  INSTANTIATE(FMT, f16, false, 2)                                                                 \
+  INSTANTIATE(FMT, f16, false, 4)                                                                 \
+  INSTANTIATE(FMT, bf16, true, 1)                                                                 \
+  INSTANTIATE(FMT, bf16, true, 2)                                                                 \
+  INSTANTIATE(FMT, bf16, true, 4)
+
+// Split-K reduction for the Tiled-CSL kernel.  A block's 4 warps take 4 / WAYS sets of 32 16-byte groups of
+// partial tile `tile` (tile = row block * n_chunks + n chunk, as in the spmm launch); block (tile, y) starts at
+// set 4 y / WAYS.  The WAYS warps of a set each sum a contiguous 1 / WAYS of the splits in order; the first adds
+// the others' sums in order and writes Y (so the result is deterministic for a given split count and WAYS).
+// WAYS = 4 gives layers with few row blocks four times the threads (Llama-3-8B's 4096 rows: 64 tiles; at N = 1
+// 28 -> 22 us on 4096 x 14336, H200); WAYS = 1 (one thread per group, no shared memory) is faster once the
+// launch already fills the GPU (9216 x 36864 at N = 32: 105 vs 101 us).  The launcher picks (reduce_ways).
+// Y at row m (of the M = H outputs), columns n, n + 2, n + 4, n + 6 (those below N) of silu(gate) x up, from the sums
+// of gate row m (g) and up row H + m (u) of the merged [2 H, K] weight: each sum rounded to the dtype first (the
+// merged projection's output), then silu(g) u in fp32, rounded once (as the fused silu_mul kernel of the engine).
+template <bool BF16>
+DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, int N, int m, int n) {
+  const float g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N) {
+      const float gr = to_float<BF16>(from_float<BF16>(g[t])), ur = to_float<BF16>(from_float<BF16>(u[t]));
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);  // no division call
+    }
+}
+
+// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- `old` (Y's values there, loaded before the sums) +
+// (v + bias), the sum rounded to the dtype first (the product's output), then the add rounded (the layer's residual
+// add).
+template <bool BF16>
+DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias, int M, int N, int m, int n) {
+  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
+  const float r[4] = {v.x, v.y, v.z, v.w}, o[4] = {old.x, old.y, old.z, old.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N)
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(o[t] + to_float<BF16>(from_float<BF16>(r[t] + b)));
+}
+
+// The reduction's modes (bits of MODE; kernels.spmm_cuda picks them):
+// - RED_SILU: the reduction of a merged gate / up projection ([2 M, K], M a multiple of 64, no bias) that writes
+//   silu(gate) x up [N, M] instead of [N, 2 M]: its grid covers the gate rows' tiles; each group also sums the up row
+//   M + m, which sits M / 64 row tiles further in the partial sums.
+// - RED_RMS (N = 1, after the n1s kernel): the sums are multiplied by the token's RMSNorm factor rsqrt(mean(x^2) +
+//   eps) before anything else: with the norm's weight folded into X by the spmm, the product of the normalized X.
+//   The n1s kernel leaves each split's sum of squares of X after the partial tiles (`splits` floats); every warp
+//   sums them in the same order (fp32).
+// - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
+constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;
+template <bool BF16, int NT, int MODE = 0>
+DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, int M,
+                             int N, int splits, int tiles, int n_chunks, int ways, int K, float eps) {
+  constexpr bool SILU = MODE & RED_SILU, RMS = MODE & RED_RMS;
+  __shared__ float4 part[WARPS][32];
+  __shared__ float4 part_up[SILU ? WARPS : 1][32];
+  pdl_launch_dependents();  // the next kernel, if launched programmatically, may load its weights meanwhile
+  pdl_wait();  // the spmm grid's partials (a no-op without programmatic launch)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tile = blockIdx.x;
+  float ssq = 0.f;  // RMS: this lane's share of the spmm's per-split sums of squares of X (after the partial tiles)
+  if (RMS)
+    for (int i = lane; i < splits; i += 32) ssq += __ldcg(ws + (long long)splits * tiles * 512 * NT + i);
+  const int way = warp % ways;                                   // which share of the splits
+  const int q = (blockIdx.y * WARPS + warp) / ways * 32 + lane;  // the group
+  int m, n;
+  group_row_col<NT>(q, tile / n_chunks * (WARPS * 16), tile % n_chunks * NT * 8, m, n);
+  const bool live = q < 128 * NT && m < M && n < N;
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f), vu = v;
+  float4 old = v;  // RED_RESID: Y before the add, asked for before the partial sums
+  if ((MODE & RED_RESID) && live) {
+    const u16* src = y + (long long)n * M + m;
+    old.x = to_float<BF16>(src[0]);
+    old.y = n + 2 < N ? to_float<BF16>(src[2LL * M]) : 0.f;
+    old.z = n + 4 < N ? to_float<BF16>(src[4LL * M]) : 0.f;
+    old.w = n + 6 < N ? to_float<BF16>(src[6LL * M]) : 0.f;
+  }
+  if (live) {
+    const long long stride = (long long)tiles * 128 * NT;
+    const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
+    v = sum_splits(src, stride, way * splits / ways, (way + 1) * splits / ways);
+    if (SILU)
+      vu = sum_splits(src + (long long)(M / 64) * n_chunks * 128 * NT, stride, way * splits / ways,
+                      (way + 1) * splits / ways);
+  }
+  float rms = 0.f;
+  if (RMS) {  // every warp the same factor: the same sums in the same order (N = 1 only: NaN otherwise, never a
+              // silently wrong number)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+    rms = N == 1 ? rsqrtf(ssq * __fdividef(1.f, (float)K) + eps) : __int_as_float(0x7fc00000);  // sum x (1 / K), as
+  }                                                                                                // torch's mean
+  if (ways > 1) {  // uniform over the block
+    if (way > 0) {
+      part[warp][lane] = v;
+      if (SILU) part_up[warp][lane] = vu;
+    }
+    __syncthreads();
+    if (way > 0) return;
+    for (int w = 1; w < ways; ++w) {
+      const float4 a = part[warp + w][lane];
+      v.x += a.x; v.y += a.y; v.z += a.z; v.w += a.w;
+      if (SILU) {
+        const float4 b = part_up[warp + w][lane];
+        vu.x += b.x; vu.y += b.y; vu.z += b.z; vu.w += b.w;
+      }
+    }
+  }
+  if (live) {
+    if (RMS) {  // N = 1: token 0 only
+      v.x *= rms; v.y *= rms; v.z *= rms; v.w *= rms;
+      vu.x *= rms; vu.y *= rms; vu.z *= rms; vu.w *= rms;
+    }
+    if (SILU)
+      store_silu_group<BF16>(v, vu, y, M, N, m, n);
+    else if (MODE & RED_RESID)
+      add_group<BF16>(v, old, y, bias, M, N, m, n);
+    else
+      store_group<BF16>(v, y, bias, M, N, m, n);
+  }
+}
+
+// splitk_reduce[_<mode>]_<dtype>_nt<NT>: mode silu, rms, rms_silu or resid (the last three only at NT = 1, after the
+// n1 / n1s kernels at N = 1; kernels.spmm_cuda)
+#define REDUCE_ARGS                                                                                          \
+  const float *__restrict__ ws, u16 *__restrict__ y, const u16 *__restrict__ bias, int M, int N, int splits, \
+      int tiles, int n_chunks, int ways, int K, float eps
+// (BOUNDS: the RMS modes ask for 8 blocks per SM, so ptxas may use 64 registers; left alone it took 32 and spilled)
+#define REDUCE_KERNEL(KNAME, BF16, NT, MODE, BOUNDS)                                                     \
+  extern "C" __global__ void __launch_bounds__ BOUNDS KNAME(REDUCE_ARGS) {                              \
+    splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, K, eps);       \
+  }
+#define INSTANTIATE_REDUCE(NAME, BF16, NT)                                   \
+  REDUCE_KERNEL(splitk_reduce_##NAME##_nt##NT, BF16, NT, 0, (THREADS))               \
+  REDUCE_KERNEL(splitk_reduce_silu_##NAME##_nt##NT, BF16, NT, RED_SILU, (THREADS))
+#define INSTANTIATE_REDUCE_N1(NAME, BF16)                                            \
+  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt1, BF16, 1, RED_RMS, (THREADS, 8))                 \
+  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt1, BF16, 1, RED_RMS | RED_SILU, (THREADS, 8)) \
+  REDUCE_KERNEL(splitk_reduce_resid_##NAME##_nt1, BF16, 1, RED_RESID, (THREADS))
+INSTANTIATE_REDUCE(f16, false, 1)
+INSTANTIATE_REDUCE(f16, false, 2)
+INSTANTIATE_REDUCE(f16, false, 4)
+INSTANTIATE_REDUCE(bf16, true, 1)
+INSTANTIATE_REDUCE(bf16, true, 2)
+INSTANTIATE_REDUCE(bf16, true, 4)
+INSTANTIATE_REDUCE_N1(f16, false)
+INSTANTIATE_REDUCE_N1(bf16, true)
+
+INSTANTIATE_ALL(bitmap)
+INSTANTIATE(bitmap, f16, false, 8)
+INSTANTIATE(bitmap, bf16, true, 8)
+INSTANTIATE_ALL(tiled_csl)
+
+// The Tiled-CSL kernels for N > 32.  tiled_csl_spmm_<dtype>_w<W>: W warps of 32 tokens each share every tile's decode.
+// tiled_csl_spmm_<dtype>_wg<NB>x<R> (sm_90a; a trap elsewhere): NB tokens and R warpgroups (64 R weight rows) per
+// block, warpgroup MMA.
+#define INSTANTIATE_MULTI(NAME, BF16, W)                                                                  \
+  extern "C" __global__ void __launch_bounds__(32 * W, 12 / W)                                             \
+  tiled_csl_spmm_##NAME##_w##W(SPMM_ARGS) {                                                               \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_multi_body<BF16, W>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);              \
+  }
+INSTANTIATE_MULTI(f16, false, 2)
+INSTANTIATE_MULTI(f16, false, 4)
+INSTANTIATE_MULTI(bf16, true, 2)
+INSTANTIATE_MULTI(bf16, true, 4)
+// tiled_csl_spmm_<dtype>_n1: N = 1 on the CUDA cores; 8.25 KiB of shared memory, 24 blocks per SM
+#define INSTANTIATE_N1(NAME, BF16)                                                                       \
+  extern "C" __global__ void __launch_bounds__(32, 24) tiled_csl_spmm_##NAME##_n1(SPMM_ARGS) {            \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_n1_body<BF16>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);                   \
+  }
+INSTANTIATE_N1(f16, false)
+INSTANTIATE_N1(bf16, true)
+// tiled_csl_spmm_<dtype>_n1s: the same with X's columns scaled by colscale first (SCALE above)
+#define INSTANTIATE_N1S(NAME, BF16)                                                                      \
+  extern "C" __global__ void __launch_bounds__(32, 24)                                                    \
+  tiled_csl_spmm_##NAME##_n1s(SPMM_ARGS, const u16* __restrict__ colscale) {                              \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_n1_body<BF16, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, colscale);   \
+  }
+INSTANTIATE_N1S(f16, false)
+INSTANTIATE_N1S(bf16, true)
+#define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)                                                        \
+  extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
+  tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_wg_body<BF16, NB, R, S>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);          \
+  }
+// S = 3 where three stages keep the blocks per SM (wg32x2 would drop from 4 to 3); kernels.wg_shared_bytes
+INSTANTIATE_WG(f16, false, 32, 2, 4, 2)
+INSTANTIATE_WG(f16, false, 64, 2, 3, 3)
+INSTANTIATE_WG(f16, false, 128, 2, 2, 3)
+INSTANTIATE_WG(bf16, true, 32, 2, 4, 2)
+INSTANTIATE_WG(bf16, true, 64, 2, 3, 3)
+INSTANTIATE_WG(bf16, true, 128, 2, 2, 3)
+// bitmap_spmm_<dtype>_wg<NB>: BitmapTiles with warpgroup MMA, A from the decoded registers (sm_90a; from N = 17)
+#define INSTANTIATE_BW(NAME, BF16, NB)                                                                    \
+  extern "C" __global__ void __launch_bounds__(128, 3) bitmap_spmm_##NAME##_wg##NB(SPMM_ARGS) {            \
+    bitmap_wg_body<BF16, NB>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);                   \
+  }
+INSTANTIATE_BW(f16, false, 8)
+INSTANTIATE_BW(f16, false, 16)
+INSTANTIATE_BW(f16, false, 32)
+INSTANTIATE_BW(f16, false, 64)
+INSTANTIATE_BW(f16, false, 128)
+INSTANTIATE_BW(bf16, true, 8)
+INSTANTIATE_BW(bf16, true, 16)
+INSTANTIATE_BW(bf16, true, 32)
+INSTANTIATE_BW(bf16, true, 64)
+INSTANTIATE_BW(bf16, true, 128)
+
+// ------------------------------------------------------------------------------------------------
+// Decode attention: one query token per sequence against a static KV cache, with the cache write, in one launch
+// (flash-decoding: the slots are cut into chunks of DA_CHUNK, one block per (sequence, kv head, chunk, group of up
+// to DA_HEADS of the kv head's query heads)).
+//   q [B, H, D] (batch stride q_b, heads D apart), the new key and value k_new, v_new [B, Hkv, D] (batch strides
+//   k_b, v_b), the cache kc, vc [*, Hkv, slots, D] (contiguous), *slot: where the new key and value go, an additive
+//   mask [B, S] (batch stride mask_b; -inf where a query may not look) or null, S: the slots attended (0 .. S - 1).
+//   out [B, H, D] = softmax(scale q K^T + mask) V over the H / Hkv query heads of each kv head (grouped-query).
+//   With cos, sin [B, D] (batch stride cs_b), q and the new key are rotated first (RoPE, transformers' half-split
+//   convention and rounding: rope_elem), so the layer needs no RoPE launch of its own.
+// - Every block rotates the new key into shared memory (kn); the block of head group 0 whose chunk holds the slot
+//   (the last chunk if the slot is past S) writes it and the new value into the cache.  Every block reads that
+//   slot's key and value from kn and v_new, never from the cache, so no block waits for another.
+// - Every load of a phase is issued before its first use, so a block pays about one memory latency per phase (mask,
+//   keys, values), not one per slot:
+//   - scores: two threads per slot, each with half the key row (D / 16 16-byte loads), unless the mask excludes the
+//     slot; dot products with the group's queries (fp32, shared memory), summed over the pair by one shuffle;
+//   - softmax statistics per head by block reduction;
+//   - values: thread t takes the 8 columns 8 (t % (D / 8)) .. + 7 of the slots t / (D / 8) + 128 / (D / 8) i
+//     (16-byte loads), skipping slots without weight, and the slot groups' sums meet in shared memory.
+// - With one chunk the block writes out; otherwise it writes (o, m, l) in fp32 to ws, and the last block of its
+//   (sequence, kv head, head group) to arrive (an atomic ticket, reset for the next launch) combines them in chunk
+//   order, so the result is deterministic.  A row with every slot masked comes out NaN, as
+//   scaled_dot_product_attention's.
+// ------------------------------------------------------------------------------------------------
+constexpr int DA_THREADS = 128, DA_CHUNK = 64, DA_MAX_REP = 8, DA_HEADS = 4;
+#define DA_NEG_INF __int_as_float(0xff800000)
+static_assert(2 * DA_CHUNK == DA_THREADS, "decode attention: two threads per slot of the chunk");
+static_assert(DA_MAX_REP <= 2 * DA_HEADS, "decode attention: at most two head groups (tickets per kv head)");
+
+struct DecodeAttn {
+  const u16* q;
+  const u16* k_new;
+  const u16* v_new;
+  u16* kc;
+  u16* vc;
+  const long long* slot;
+  const u16* mask;
+  u16* out;
+  float* ws;
+  int* tickets;
+  const u16* cos;  // [B, D] (batch stride cs_b) or null: q and the new key are used as they are
+  const u16* sin;
+  long long q_b, k_b, v_b, mask_b, cs_b;
+  int heads, kv_heads, slots, S, splits;
+  float scale;
+};
+
+// Element d of the D-vector v rotated as transformers' apply_rotary_pos_emb does it in the tensors' dtype:
+// v * cos + rotate_half(v) * sin, each product and the sum rounded to the dtype (so the cache holds the bits the
+// PyTorch path would write).
+template <bool BF16>
+DEVI float rope_elem(const u16* v, const u16* cs, const u16* sn, int d, int D) {
+  const float x = to_float<BF16>(v[d]);
+  const float r = d < D / 2 ? -to_float<BF16>(v[d + D / 2]) : to_float<BF16>(v[d - D / 2]);
+  const float a = to_float<BF16>(from_float<BF16>(x * to_float<BF16>(cs[d])));
+  const float b = to_float<BF16>(from_float<BF16>(r * to_float<BF16>(sn[d])));
+  return to_float<BF16>(from_float<BF16>(a + b));
+}
+
+template <bool BF16>
+DEVI void unpack8(const uint4& v, float (&f)[8]) {  // eight halves, low half of each word first
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (BF16) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+          : "=f"(f[2 * i]), "=f"(f[2 * i + 1]) : "r"(w[i]));
+    }
+  }
+}
+
+DEVI float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+DEVI float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+
+template <bool BF16, int D>
+DEVI void decode_attn_body(const DecodeAttn a) {
+  constexpr int WARPS_DA = DA_THREADS / 32, HALF = D / 2;
+  constexpr int CG = D / 8, SG = DA_THREADS / CG, PER = DA_CHUNK / SG;  // value phase: column groups, slot groups
+  __shared__ __align__(16) float qs[DA_HEADS][D];
+  __shared__ float ps[DA_HEADS][DA_CHUNK];
+  __shared__ float red[DA_HEADS][WARPS_DA];
+  __shared__ __align__(16) float os[SG][DA_HEADS][D];
+  __shared__ float stat[2][DA_HEADS];  // the chunk's m and l per head
+  __shared__ __align__(16) u16 kn[D];  // the new key (rotated with cos / sin)
+  __shared__ int last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y, hg = blockIdx.z;
+  const int rep = a.heads / a.kv_heads, h0 = hg * DA_HEADS, nh = min(DA_HEADS, rep - h0);
+  const int s0 = split * DA_CHUNK;
+  // Under kernels.static_weights the kernel is launched programmatically: it waits here for the projection that
+  // wrote q, k_new and v_new (and reads nothing before), and lets the next kernel (the o projection, whose blocks only
+  // load their weights before their own wait) launch at once.  Both are no-ops for a plain launch.
+  pdl_launch_dependents();
+  pdl_wait();
+  const long long slot64 = *a.slot;
+  const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
+  const u16* knew = a.k_new + b * a.k_b + kvh * D;
+  const u16* vnew = a.v_new + b * a.v_b + kvh * D;
+  const u16* cs = a.cos ? a.cos + b * a.cs_b : nullptr;
+  const u16* sn = a.cos ? a.sin + b * a.cs_b : nullptr;
+  const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
+  for (int d = tid; d < D; d += DA_THREADS)
+    kn[d] = cs ? from_float<BF16>(rope_elem<BF16>(knew, cs, sn, d, D)) : knew[d];
+  for (int i = tid; i < nh * D; i += DA_THREADS) {
+    const u16* qh = a.q + b * a.q_b + (long long)(kvh * rep + h0 + i / D) * D;
+    qs[i / D][i % D] = (cs ? rope_elem<BF16>(qh, cs, sn, i % D, D) : to_float<BF16>(qh[i % D])) * a.scale;
+  }
+
+  // scores: slot s0 + tid / 2, dimensions (tid % 2) HALF .. + HALF - 1; the new key's row comes from kn, after the
+  // barrier, the cached rows before it
+  const int sl = tid >> 1, half = tid & 1, s = s0 + sl;
+  const float mk = s < a.S ? (a.mask ? to_float<BF16>(a.mask[b * a.mask_b + s]) : 0.f) : DA_NEG_INF;
+  const bool live = mk != DA_NEG_INF;
+  uint4 kr[HALF / 8];  // half the key row, all in flight at once
+  if (s != slot) {
+    const u16* krow = a.kc + cache0 + (long long)s * D + half * HALF;
+#pragma unroll
+    for (int c = 0; c < HALF / 8; ++c)
+      kr[c] = live ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();  // qs, kn
+  if (s == slot)
+#pragma unroll
+    for (int c = 0; c < HALF / 8; ++c)
+      kr[c] = live ? *reinterpret_cast<const uint4*>(kn + half * HALF + 8 * c) : make_uint4(0, 0, 0, 0);
+  if (hg == 0 && slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1))
+    for (int d = tid; d < D; d += DA_THREADS) {
+      a.kc[cache0 + (long long)slot * D + d] = kn[d];
+      a.vc[cache0 + (long long)slot * D + d] = vnew[d];
+    }
+  float sc[DA_HEADS];
+  {
+    float acc[DA_HEADS];
+#pragma unroll
+    for (int h = 0; h < DA_HEADS; ++h) acc[h] = 0.f;
+#pragma unroll
+    for (int c = 0; c < HALF / 8; ++c) {
+      float kf[8];
+      unpack8<BF16>(kr[c], kf);
+#pragma unroll
+      for (int h = 0; h < DA_HEADS; ++h)
+        if (h < nh) {
+          const float4 q0 = *reinterpret_cast<const float4*>(&qs[h][half * HALF + 8 * c]);
+          const float4 q1 = *reinterpret_cast<const float4*>(&qs[h][half * HALF + 8 * c + 4]);
+          acc[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
+                    q1.z * kf[6] + q1.w * kf[7];
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < DA_HEADS; ++h) {
+      acc[h] += __shfl_xor_sync(FULL_MASK, acc[h], 1);
+      sc[h] = live ? acc[h] + mk : DA_NEG_INF;
+    }
+  }
+  // softmax statistics of the chunk, per head: m = max, p = exp(score - m) (0 where masked), l = sum p
+  float m[DA_HEADS];
+#pragma unroll
+  for (int h = 0; h < DA_HEADS; ++h) {
+    if (h >= nh) break;
+    const float wm = warp_max(sc[h]);
+    if (lane == 0) red[h][warp] = wm;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < DA_HEADS; ++h) {
+    if (h >= nh) break;
+    float mm = red[h][0];
+#pragma unroll
+    for (int w = 1; w < WARPS_DA; ++w) mm = fmaxf(mm, red[h][w]);
+    m[h] = mm;
+  }
+  __syncthreads();  // red is reused for the sums
+#pragma unroll
+  for (int h = 0; h < DA_HEADS; ++h) {
+    if (h >= nh) break;
+    const float p = sc[h] == DA_NEG_INF ? 0.f : __expf(sc[h] - m[h]);
+    if (half == 0) ps[h][sl] = p;
+    const float ws = warp_sum(half == 0 ? p : 0.f);
+    if (lane == 0) red[h][warp] = ws;
+  }
+  __syncthreads();
+  if (tid == 0)
+#pragma unroll
+    for (int h = 0; h < DA_HEADS; ++h)
+      if (h < nh) {
+        float ll = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS_DA; ++w) ll += red[h][w];
+        stat[0][h] = m[h];
+        stat[1][h] = ll;
+      }
+
+  // values: columns 8 cg .. 8 cg + 7 of slots sg + SG u
+  const int cg = tid % CG, sg = tid / CG;
+  uint4 vv[PER];
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int i = sg + SG * u, sv = s0 + i;
+    float any = 0.f;
+#pragma unroll
+    for (int h = 0; h < DA_HEADS; ++h)
+      if (h < nh) any += ps[h][i];
+    const u16* vrow = sv == slot ? vnew : a.vc + cache0 + (long long)sv * D;
+    vv[u] = any == 0.f ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(vrow + 8 * cg);
+  }
+  float o[DA_HEADS][8];
+#pragma unroll
+  for (int h = 0; h < DA_HEADS; ++h)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[h][j] = 0.f;
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    float vf[8];
+    unpack8<BF16>(vv[u], vf);
+#pragma unroll
+    for (int h = 0; h < DA_HEADS; ++h)
+      if (h < nh) {
+        const float p = ps[h][sg + SG * u];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[h][j] += p * vf[j];
+      }
+  }
+#pragma unroll
+  for (int h = 0; h < DA_HEADS; ++h)
+    if (h < nh) {
+      *reinterpret_cast<float4*>(&os[sg][h][8 * cg]) = make_float4(o[h][0], o[h][1], o[h][2], o[h][3]);
+      *reinterpret_cast<float4*>(&os[sg][h][8 * cg + 4]) = make_float4(o[h][4], o[h][5], o[h][6], o[h][7]);
+    }
+  __syncthreads();
+
+  // one chunk: out = o / l; else the partials ws[bh][hg][split][h] = (o[0 .. D - 1], m, l)
+  const long long bhg = (long long)bh * 2 + hg;  // two head groups at most (DA_MAX_REP <= 2 DA_HEADS)
+  float* wb = a.ws + (bhg * a.splits + split) * DA_HEADS * (D + 2);
+  u16* ob = a.out + b * (long long)a.heads * D + (long long)(kvh * rep + h0) * D;
+  for (int i = tid; i < nh * D; i += DA_THREADS) {
+    const int h = i / D, dd = i % D;
+    float acc = 0.f;
+#pragma unroll
+    for (int g = 0; g < SG; ++g) acc += os[g][h][dd];
+    if (a.splits == 1)  // (a reciprocal: the IEEE division's slow path is a call, which costs a stack frame)
+      ob[i] = from_float<BF16>(acc * __frcp_rn(stat[1][h]));
+    else
+      wb[h * (D + 2) + dd] = acc;
+  }
+  if (a.splits == 1) return;
+  if (tid < nh) {
+    wb[tid * (D + 2) + D] = stat[0][tid];
+    wb[tid * (D + 2) + D + 1] = stat[1][tid];
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(a.tickets + bhg, 1) == a.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float* w0 = a.ws + bhg * a.splits * DA_HEADS * (D + 2);
+  for (int i = tid; i < nh * D; i += DA_THREADS) {
+    const int h = i / D, dd = i % D;
+    float mm = DA_NEG_INF;
+    for (int sp = 0; sp < a.splits; ++sp) mm = fmaxf(mm, __ldcg(w0 + (sp * DA_HEADS + h) * (D + 2) + D));
+    float num = 0.f, den = 0.f;
+    for (int sp = 0; sp < a.splits; ++sp) {
+      const float* e = w0 + (sp * DA_HEADS + h) * (D + 2);
+      const float ms = __ldcg(e + D);
+      const float wgt = ms == DA_NEG_INF ? 0.f : __expf(ms - mm);
+      num += wgt * __ldcg(e + dd);
+      den += wgt * __ldcg(e + D + 1);
+    }
+    ob[i] = from_float<BF16>(num * __frcp_rn(den));
+  }
+  if (tid == 0) a.tickets[bhg] = 0;
+}
+
+#define DA_ARGS                                                                                           \
+  const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
+      u16 *out, float *ws, int *tickets, const u16 *cos, const u16 *sin, long long q_b, long long k_b,          \
+      long long v_b, long long mask_b, long long cs_b, int heads, int kv_heads, int slots, int S, int splits,   \
+      float scale
+#define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, cos, sin, q_b, k_b, v_b, mask_b, cs_b,  \
+                   heads, kv_heads, slots, S, splits, scale}
+#define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
+  extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
+    decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \
+  }
+INSTANTIATE_DA(f16, false, 64)
+INSTANTIATE_DA(f16, false, 128)
+INSTANTIATE_DA(bf16, true, 64)
+INSTANTIATE_DA(bf16, true, 128)
