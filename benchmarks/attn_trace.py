@@ -33,38 +33,47 @@ from flash_llm.models._common import KVCache  # noqa: E402
 PHASES = ["wait", "q/k rotated", "scores", "softmax", "values", "partials+ticket", "combine"]
 
 
-def report(t: torch.Tensor, per: float) -> None:
-    """Print the table from the stamps ``t`` [launches, blocks, 32] (int64) and the graph's seconds per launch."""
+def summarize(t: torch.Tensor) -> dict:
+    """The numbers of the report from the stamps ``t`` [launches, blocks, 32] (int64: ``2 k`` the ns and ``2 k + 1``
+    the cycles of stamp ``k``, 31 the SM): launch spans, gaps to the next launch and the spread of the blocks' entries
+    (ns lists), the SM clock (cycles per ns, from the longest block), the SMs used, and per phase the median block's
+    cycles and the median over launches of the cycles of each launch's last block to finish (the combine: only the
+    blocks that ran it)."""
     layers, blocks = t.shape[0], t.shape[1]
     ns, cyc, sm = t[:, :, 0:16:2], t[:, :, 1:16:2], t[:, :, 31]
     last = torch.where(ns[:, :, 7] > 0, ns[:, :, 7], ns[:, :, 6])
     start, end = ns[:, :, 0].min(1).values, last.max(1).values
-    spans = (end - start).tolist()
-    gaps = (start[1:] - end[:-1]).tolist() or [0]
-    spread = (ns[:, :, 0].max(1).values - start).tolist()
-    i0, j0 = divmod(int((last - ns[:, :, 0]).argmax()), blocks)  # SM clock from the longest block: cycles per ns
+    i0, j0 = divmod(int((last - ns[:, :, 0]).argmax()), blocks)
     ghz = float(cyc[i0, j0, 6] - cyc[i0, j0, 0]) / max(1.0, float(ns[i0, j0, 6] - ns[i0, j0, 0]))
-    print(f"{len(set(sm.flatten().tolist()))} SMs used; SM clock about {ghz:.2f} GHz")
+    dc = (cyc[:, :, 1:] - cyc[:, :, :-1]).double()
+    slow = last.argmax(1)
+    phases = {}
+    for p, name in enumerate(PHASES):
+        ran = cyc[:, :, 7] > 0 if name == "combine" else torch.ones_like(cyc[:, :, 0], dtype=torch.bool)
+        col = dc[:, :, p][ran]
+        sl = [float(dc[i, slow[i], p]) for i in range(layers) if ran[i, slow[i]]]
+        phases[name] = (float(col.median()) if col.numel() else float("nan"),
+                        statistics.median(sl) if sl else float("nan"))
+    return {"spans": (end - start).tolist(), "gaps": (start[1:] - end[:-1]).tolist() or [0],
+            "spread": (ns[:, :, 0].max(1).values - start).tolist(), "ghz": ghz,
+            "sms": len(set(sm.flatten().tolist())), "phases": phases}
+
+
+def report(t: torch.Tensor, per: float) -> None:
+    """Print :func:`summarize` of the stamps ``t`` and the graph's seconds per launch ``per``."""
+    r = summarize(t)
+    spans, gaps, ghz = r["spans"], r["gaps"], r["ghz"]
+    print(f"{r['sms']} SMs used; SM clock about {ghz:.2f} GHz")
     print(f"graph replay: {per * 1e6:.2f} us per launch")
     print(f"launch span (first entry to last stamp): median {statistics.median(spans) / 1e3:.2f} us "
           f"(min {min(spans) / 1e3:.2f}, max {max(spans) / 1e3:.2f})")
     print(f"gap to the next launch's first entry: median {statistics.median(gaps) / 1e3:.2f} us "
           f"(min {min(gaps) / 1e3:.2f}, max {max(gaps) / 1e3:.2f})")
-    print(f"blocks' entry spread within a launch: median {statistics.median(spread) / 1e3:.2f} us")
-    res = sorted({int(x) for x in (ns[:, :, 1:7] - ns[:, :, 0:6]).flatten().tolist() if x > 0})[:5]
-    print(f"smallest nonzero globaltimer steps (ns): {res}")
+    print(f"blocks' entry spread within a launch: median {statistics.median(r['spread']) / 1e3:.2f} us")
     print("| phase | median block, cycles | median block, us | slowest block (last of its launch), us |")
     print("|---|---|---|---|")
-    dc = (cyc[:, :, 1:] - cyc[:, :, :-1]).double()
-    slow = last.argmax(1)
-    for p, name in enumerate(PHASES):
-        col = dc[:, :, p]
-        if name == "combine":
-            col = col[cyc[:, :, 7] > 0]
-        med = float(col.median()) if col.numel() else float("nan")
-        sl = [float(dc[i, slow[i], p]) for i in range(layers) if name != "combine" or cyc[i, slow[i], 7] > 0]
-        print(f"| {name} | {med:.0f} | {med / ghz / 1e3:.2f} | "
-              f"{statistics.median(sl) / ghz / 1e3 if sl else float('nan'):.2f} |")
+    for name, (med, slowest) in r["phases"].items():
+        print(f"| {name} | {med:.0f} | {med / ghz / 1e3:.2f} | {slowest / ghz / 1e3:.2f} |")
 
 
 def main(argv=None) -> int:
