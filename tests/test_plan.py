@@ -184,3 +184,17 @@ def test_which_reductions_launch_programmatically(monkeypatch):
     for mode, expected in want.items():
         monkeypatch.setattr(kernels, "PDL_REDUCE", mode)
         assert [kernels._pdl_reduce(nt, n, name) for nt, n, name in cases] == expected, mode
+
+
+def test_an_unknown_pdl_reduce_setting_warns_and_keeps_the_default():
+    """FLASH_LLM_PDL_REDUCE=1 (not a mode) warns and means the default, ``wg``, rather than turning everything off."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import flash_llm.kernels as k; print(k.PDL_REDUCE)"
+    env = dict(os.environ, FLASH_LLM_PDL_REDUCE="1")
+    r = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "wg" and "FLASH_LLM_PDL_REDUCE='1' is not one of" in r.stderr

@@ -10,6 +10,7 @@ import ctypes
 import functools
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -343,6 +344,10 @@ PDL_ATTN = os.environ.get("FLASH_LLM_PDL_ATTN", "1") != "0"
 #: (Llama-3-8B at 80 %, ``bench_e2e.py``, one process each): ``all`` against ``nt1`` took batch 64 (``_wg64x2``) from
 #: 6.381 to 6.327 ms per token but batch 16 (``_nt2``) from 4.275 to 4.457.
 PDL_REDUCE = os.environ.get("FLASH_LLM_PDL_REDUCE", "wg")
+if PDL_REDUCE not in ("wg", "nt1", "all", "0"):
+    warnings.warn(f"FLASH_LLM_PDL_REDUCE={PDL_REDUCE!r} is not one of wg, nt1, all, 0; using wg", RuntimeWarning,
+                  stacklevel=1)
+    PDL_REDUCE = "wg"
 
 
 @contextlib.contextmanager
