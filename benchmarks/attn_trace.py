@@ -25,10 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _timing import time_calls  # noqa: E402
+from bench_decode_attention import decode_case  # noqa: E402
 
 from flash_llm import kernels  # noqa: E402
-from flash_llm.models import _common  # noqa: E402
-from flash_llm.models._common import KVCache  # noqa: E402
 
 PHASES = ["wait", "q/k rotated", "scores", "softmax", "values", "partials+ticket", "combine"]
 
@@ -89,20 +88,7 @@ def main(argv=None) -> int:
     dev, dt, b, slots = torch.device("cuda"), torch.float16, a.batch, a.slots
     h, hkv, d = 32, 8, 128
     gen = torch.Generator(device=dev).manual_seed(0)
-    cache = KVCache(a.layers, b, hkv, slots, d, dt, dev)
-    for c in cache.k + cache.v:
-        c.normal_(generator=gen)
-    pos = slots * 3 // 4
-    valid = torch.zeros(b, slots, dtype=torch.bool, device=dev)
-    valid[:, : pos + 1] = True
-    mask = _common.additive_mask(valid[:, None, None, :], dt)
-    slot = torch.tensor([pos], dtype=torch.int64, device=dev)
-    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=gen, device=dev, dtype=dt)
-    q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
-    k = qkv[..., h * d:(h + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
-    v = qkv[..., (h + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
-    ang = torch.rand(b, 1, d // 2, generator=gen, device=dev) * 100
-    cos, sin = torch.cat([ang, ang], -1).cos().to(dt), torch.cat([ang, ang], -1).sin().to(dt)
+    cache, mask, slot, q, k, v, cos, sin = decode_case(a.layers, b, h, hkv, d, slots, dt, gen, True)
     outs = [torch.empty(b, 1, h * d, dtype=dt, device=dev) for _ in range(a.layers)]
     splits = -(-slots // kernels.DECODE_ATTN_CHUNK)
     blocks = b * hkv * splits * -(-(h // hkv) // kernels.DECODE_ATTN_HEADS)

@@ -28,6 +28,32 @@ from flash_llm.models import _common, _fused  # noqa: E402
 from flash_llm.models._common import KVCache, attention  # noqa: E402
 
 
+def decode_case(layers: int, b: int, h: int, hkv: int, d: int, slots: int, dt: torch.dtype, gen: torch.Generator,
+                rope: bool):
+    """One decode step's inputs as the engine builds them, on ``gen``'s device: ``layers`` caches of ``b`` rows and
+    ``slots`` slots filled with normal values; the slot written this step at 3/4 of the cache (the slots after it
+    masked: ``mask [b, 1, 1, slots]``, ``slot`` an int64 device tensor); ``q [b, h, 1, d]`` and ``k, v [b, hkv, 1,
+    d]`` as views of one qkv projection output; RoPE's ``cos, sin [b, 1, d]`` (``None`` unless ``rope``).
+    Returns ``(cache, mask, slot, q, k, v, cos, sin)``."""
+    dev = gen.device
+    cache = KVCache(layers, b, hkv, slots, d, dt, dev)
+    for c in cache.k + cache.v:
+        c.normal_(generator=gen)
+    pos = slots * 3 // 4
+    valid = torch.zeros(b, slots, dtype=torch.bool, device=dev)
+    valid[:, : pos + 1] = True
+    mask = _common.additive_mask(valid[:, None, None, :], dt)
+    slot = torch.tensor([pos], dtype=torch.int64, device=dev)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=gen, device=dev, dtype=dt)
+    q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
+    k = qkv[..., h * d:(h + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
+    v = qkv[..., (h + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
+    ang = torch.rand(b, 1, d // 2, generator=gen, device=dev) * 100
+    cos, sin = (torch.cat([ang, ang], -1).cos().to(dt), torch.cat([ang, ang], -1).sin().to(dt)) if rope \
+        else (None, None)
+    return cache, mask, slot, q, k, v, cos, sin
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,64")
@@ -53,25 +79,10 @@ def main(argv=None) -> int:
     for slots in (int(x) for x in a.slots.split(",")):
         for b in (int(x) for x in a.batches.split(",")):
             gen = torch.Generator(device=dev).manual_seed(b + slots)
-            cache = KVCache(a.layers, b, hkv, slots, d, dt, dev)
-            for c in cache.k + cache.v:
-                c.normal_(generator=gen)
-            pos = slots * 3 // 4  # the slot written this step; the ones after it are masked
-            valid = torch.zeros(b, slots, dtype=torch.bool, device=dev)
-            valid[:, : pos + 1] = True
-            mask = _common.additive_mask(valid[:, None, None, :], dt)
-            slot = torch.tensor([pos], dtype=torch.int64, device=dev)
-            qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=gen, device=dev, dtype=dt)
-            q = qkv[..., :h * d].view(b, 1, h, d).transpose(1, 2)
-            k = qkv[..., h * d:(h + hkv) * d].view(b, 1, hkv, d).transpose(1, 2)
-            v = qkv[..., (h + hkv) * d:].view(b, 1, hkv, d).transpose(1, 2)
+            cache, mask, slot, q, k, v, cos, sin = decode_case(a.layers, b, h, hkv, d, slots, dt, gen, a.rope)
             scale = d ** -0.5
             assert kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, slots)
             outs = [torch.empty(b, 1, h * d, dtype=dt, device=dev) for _ in range(a.layers)]
-
-            ang = torch.rand(b, 1, d // 2, generator=gen, device=dev) * 100
-            cos, sin = (torch.cat([ang, ang], -1).cos().to(dt), torch.cat([ang, ang], -1).sin().to(dt)) if a.rope \
-                else (None, None)
 
             def ours(i):
                 return lambda: kernels.decode_attention_cuda(q, k, v, cache.k[i], cache.v[i], slot, mask, slots,

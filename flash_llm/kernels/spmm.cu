@@ -1996,7 +1996,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
       for (int j = 0; j < QPT; ++j) {
         const int h = min((tid + DA_THREADS * j) / D, nh - 1);
 #pragma unroll
-        for (int u = 0; u < 8; ++u) num[j] += cw[h][(c0 + u) & 31] * v[j][u];
+        for (int u = 0; u < 8; ++u) num[j] += cw[h][c0 + u] * v[j][u];  // (c0 + u < 32)
       }
     }
   }
