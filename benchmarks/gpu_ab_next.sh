@@ -111,8 +111,8 @@ for stage in "${@:-tests ab}"; do
                     --slots ${ATTN_SLOTS:-256,2048} --batches ${ATTN_BATCHES:-1,16,64}); done; done
                 fi; } 2>&1 | tee "$OUT/attnab.log" ;;
       e2eab) { if two_trees /tmp/e2eab "${E2E_PATCH:?E2E_PATCH=<file in benchmarks/ab>}"; then
-                 (cd /tmp/e2eab/patch && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_patch timeout 200 python3 -m pytest -q -x \
-                   ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} 2>&1 | tail -2)
+                 (cd /tmp/e2eab/patch && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_patch timeout 200 python3 -m pytest -q -x --tb=short \
+                   ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} 2>&1 | grep -v "^\.*\s*\[" | tail -40)
                  for r in 1 2; do for v in base patch; do (cd /tmp/e2eab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_$v \
                    llama_e2e 150 --format tiled-csl --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} \
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
