@@ -77,16 +77,33 @@ def test_cpu_path_is_the_cache_update_and_attention():
 
 
 def test_policy_takes_the_kernel_where_it_measured_faster():
-    """``auto`` (the default): batch x slots up to DECODE_ATTENTION_MAX_WORK (batch 1 at 2048 slots, batch 16 at 256);
-    ``"1"`` / ``True`` always, ``"0"`` / ``False`` never."""
+    """``auto`` (the default): batch x slots up to DECODE_ATTENTION_MAX_WORK (batch 1 at 2048 slots, batch 16 at 2048,
+    batch 64 at 256 and 512, not batch 64 at 2048); ``"1"`` / ``True`` always, ``"0"`` / ``False`` never."""
     from flash_llm.models._common import DECODE_ATTENTION_MAX_WORK, decode_attention_wanted
 
-    assert decode_attention_wanted(1, 2048, "auto") and decode_attention_wanted(16, 256, "auto")
-    assert not decode_attention_wanted(64, 256, "auto") and not decode_attention_wanted(16, 2048, "auto")
+    assert decode_attention_wanted(1, 2048, "auto") and decode_attention_wanted(16, 2048, "auto")
+    assert decode_attention_wanted(64, 256, "auto") and decode_attention_wanted(64, 512, "auto")
+    assert not decode_attention_wanted(64, 2048, "auto") and not decode_attention_wanted(32, 2048, "auto")
     assert decode_attention_wanted(1, DECODE_ATTENTION_MAX_WORK, "auto")
     assert not decode_attention_wanted(1, DECODE_ATTENTION_MAX_WORK + 1, "auto")
     assert decode_attention_wanted(64, 2048, "1") and decode_attention_wanted(64, 2048, True)
     assert not decode_attention_wanted(1, 1, "0") and not decode_attention_wanted(1, 1, False)
+
+
+def test_programmatic_launch_of_the_attention_only_for_small_work(monkeypatch):
+    """The decode attention is launched programmatically under static_weights (and FLASH_LLM_PDL_ATTN) only up to
+    DECODE_ATTN_PDL_MAX_WORK = batch x slots (batch 16 at 256 slots, not batch 64 at 256), never outside it."""
+    from flash_llm import kernels
+
+    monkeypatch.setattr(kernels, "PDL_ATTN", True)
+    assert not kernels._pdl_attention(1, 256)  # outside static_weights
+    with kernels.static_weights():
+        assert kernels._pdl_attention(1, 2048) and kernels._pdl_attention(16, 256)
+        assert kernels._pdl_attention(1, kernels.DECODE_ATTN_PDL_MAX_WORK)
+        assert not kernels._pdl_attention(1, kernels.DECODE_ATTN_PDL_MAX_WORK + 1)
+        assert not kernels._pdl_attention(64, 256)
+        monkeypatch.setattr(kernels, "PDL_ATTN", False)
+        assert not kernels._pdl_attention(1, 256)
 
 
 @cuda

@@ -75,7 +75,9 @@ def test_tcsl_kernel_choice():
     assert block_threads(kernel_name(TILED_CSL, None, 50)) == 64
     assert tcsl_block(33, True) == tcsl_block(64, True) == ("wg64x2", 64, 128)
     assert tcsl_block(65) == tcsl_block(1000) == ("w4", 128, 64)
-    assert tcsl_block(65, True) == tcsl_block(1000, True) == ("wg128x2", 128, 128)
+    assert tcsl_block(65, True) == tcsl_block(128, True) == ("wg128x2", 128, 128)
+    assert tcsl_block(129, True) == tcsl_block(1000, True) == ("wg128x4", 128, 256)
+    assert block_threads(kernel_name(TILED_CSL, None, 200, True)) == 512
     assert block_threads(kernel_name(TILED_CSL, None, 100, True)) == 256
     assert block_threads(kernel_name(TILED_CSL, None, 100, False)) == 128
     assert kernel_name(BITMAP, None, 100, True).endswith("_wg128")
@@ -96,8 +98,8 @@ def test_dispatch_crossovers():
     assert not use_sparse_kernel(256, 0.2, TILED_CSL, True, 4096 * 4096)  # small: the expansion, its weight in L2
     assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
     assert use_sparse_kernel(128, 0.2, BITMAP, True) and not use_sparse_kernel(129, 0.2, BITMAP, True)
-    p = plan(9216, 36864, 300, 0.2, 132, 2, None, TILED_CSL, True)
-    assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (3, 72, 128, 128)
+    p = plan(9216, 36864, 300, 0.2, 132, 1, None, TILED_CSL, True)
+    assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (3, 36, 128, 256)
 
 
 def test_fragment_columns_puts_x_in_the_fragment_k_order():
@@ -177,7 +179,7 @@ def test_which_reductions_launch_programmatically(monkeypatch):
     from flash_llm import kernels
 
     cases = [(1, 1, "tiled_csl_spmm_f16_n1s"), (2, 16, "tiled_csl_spmm_f16_nt2"), (4, 32, "tiled_csl_spmm_f16_wg32x2"),
-             (4, 64, "tiled_csl_spmm_f16_wg64x2"), (4, 300, "tiled_csl_spmm_f16_wg128x2"),
+             (4, 64, "tiled_csl_spmm_f16_wg64x2"), (4, 300, "tiled_csl_spmm_f16_wg128x4"),
              (4, 100, "tiled_csl_spmm_f16_w4"), (4, 64, "bitmap_spmm_bf16_wg64")]
     want = {"wg": [True, False, False, True, True, False, True], "nt1": [True] + [False] * 6,
             "all": [True] * 7, "0": [False] * 7}

@@ -119,7 +119,8 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
       ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens.
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
-      (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, else ``_wg128x2``.
+      (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, ``_wg128x2`` up to 128; above, ``_wg128x4``: four
+      warpgroups (256 rows) share each X tile (H200, session 17, 9216 x 36864 at 80 %, N = 200-512: 5-11 % faster).
     - Elsewhere: ``_w2`` (N = 33-64), two warps of 32 tokens each sharing every tile's decode; ``_w4`` above, four.
     """
     if n == 1 and TCSL_N1:  # the CUDA-core kernel, with nt1's blocks and split-K
@@ -131,6 +132,8 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
         return f"nt{nt}", 8 * nt, ROWS_PER_BLOCK
     if n <= 64:
         return ("wg64x2", 64, 64 * WG_ROWS) if wgmma else ("w2", 64, ROWS_PER_BLOCK)
+    if wgmma and n > WG_TOKENS:  # four warpgroups (256 rows) share each X tile: half the X copies per weight row
+        return f"wg{WG_TOKENS}x4", WG_TOKENS, 256
     if wgmma:
         return f"wg{WG_TOKENS}x{WG_ROWS}", WG_TOKENS, 64 * WG_ROWS
     return "w4", 128, ROWS_PER_BLOCK
@@ -167,7 +170,8 @@ def kernel_config(fmt: int, dtype: torch.dtype, n: int, vec: bool, device_index:
     if fmt == BITMAP and "_wg" in name:
         return name, wg, bitmap_wg_shared_bytes(bitmap_wg_tokens(n))
     if fmt == TILED_CSL and "_wg" in name:
-        return name, wg, wg_shared_bytes(tcsl_block(n, True, density)[1], WG_ROWS)
+        _, tokens, rows = tcsl_block(n, True, density)
+        return name, wg, wg_shared_bytes(tokens, rows // 64)
     return name, wg, 0
 
 
@@ -270,7 +274,7 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     if splits is None:
         slots = sms * blocks_per_sm
         weight_bytes = m * k * _weight_bytes_per_element(fmt, density) * n_chunks
-        per_sm = wgmma and (block_rows == 64 * WG_ROWS if fmt == TILED_CSL else n >= BITMAP_WG_MIN_N)  # warpgroup
+        per_sm = wgmma and (kernel.startswith("wg") if fmt == TILED_CSL else n >= BITMAP_WG_MIN_N)  # warpgroup
         share = WG_LATENCY_SHARE if fmt == TILED_CSL else BITMAP_WG_LATENCY_SHARE
         ws_weight = (WG_WS_WEIGHT if fmt == TILED_CSL else BITMAP_WG_WS_WEIGHT) if per_sm else 0.5
         best = None
@@ -338,6 +342,10 @@ _static = threading.local()
 PDL_SPMM = os.environ.get("FLASH_LLM_PDL_SPMM", "1") != "0"
 #: ``FLASH_LLM_PDL_ATTN=0`` keeps the decode-attention launch plain under :func:`static_weights`
 PDL_ATTN = os.environ.get("FLASH_LLM_PDL_ATTN", "1") != "0"
+#: ... and only up to this batch x attended slots: above it the kernel's waiting blocks cost the kernel before it more
+#: than the early launch saves (H200, session 17, Llama-3-8B at 80 %, batch 64 with up to 256 slots: 6.399 ms per
+#: token launched programmatically, 6.284 plainly; at batch 1-16 the programmatic launch took 0.8 % off, session 15)
+DECODE_ATTN_PDL_MAX_WORK = 8192
 #: Which split-K reductions are launched programmatically (their blocks resident, waiting, while the spmm runs):
 #: ``FLASH_LLM_PDL_REDUCE=wg`` (the default) after the N <= 8 kernels and the warpgroup kernels above 32 tokens,
 #: ``nt1`` after the N <= 8 kernels only (sessions 7-15), ``all`` after every kernel, ``0`` none.  H200, session 16
@@ -674,8 +682,14 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32)]
     launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args,
-           torch.cuda.current_stream(dev).cuda_stream, dev.index, pdl=PDL_ATTN and getattr(_static, "on", False))
+           torch.cuda.current_stream(dev).cuda_stream, dev.index, pdl=_pdl_attention(b, kv_len))
     return out
+
+
+def _pdl_attention(batch: int, kv_len: int) -> bool:
+    """Whether the decode attention of ``batch`` sequences over ``kv_len`` slots is launched programmatically: under
+    :func:`static_weights`, :data:`PDL_ATTN`, and batch x slots up to :data:`DECODE_ATTN_PDL_MAX_WORK`."""
+    return PDL_ATTN and getattr(_static, "on", False) and batch * kv_len <= DECODE_ATTN_PDL_MAX_WORK
 
 
 __all__ = ["spmm_cuda", "epilogue_fusable", "static_weights", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError",

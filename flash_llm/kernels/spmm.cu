@@ -1637,9 +1637,11 @@ INSTANTIATE_N1S(bf16, true)
 INSTANTIATE_WG(f16, false, 32, 2, 4, 2)
 INSTANTIATE_WG(f16, false, 64, 2, 3, 3)
 INSTANTIATE_WG(f16, false, 128, 2, 2, 3)
+INSTANTIATE_WG(f16, false, 128, 4, 1, 3)
 INSTANTIATE_WG(bf16, true, 32, 2, 4, 2)
 INSTANTIATE_WG(bf16, true, 64, 2, 3, 3)
 INSTANTIATE_WG(bf16, true, 128, 2, 2, 3)
+INSTANTIATE_WG(bf16, true, 128, 4, 1, 3)
 // bitmap_spmm_<dtype>_wg<NB>: BitmapTiles with warpgroup MMA, A from the decoded registers (sm_90a; from N = 17)
 #define INSTANTIATE_BW(NAME, BF16, NB)                                                                    \
   extern "C" __global__ void __launch_bounds__(128, 3) bitmap_spmm_##NAME##_wg##NB(SPMM_ARGS) {            \

@@ -147,14 +147,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 #: Decode steps (one token per sequence, with a KV cache, on CUDA) may attend through flash-llm's decode-attention
 #: kernel (``kernels.decode_attention_cuda``: the cache write and the attention in one launch, flash-decoding over
 #: chunks of 64 slots) instead of the cache write and ``scaled_dot_product_attention``.  ``FLASH_LLM_DECODE_ATTENTION``
-#: (read at import) or setting this: ``"auto"`` (the default) where the kernel alone measured faster: batch x attended
-#: slots up to :data:`DECODE_ATTENTION_MAX_WORK` (H200, session 11, ``bench_decode_attention.py``: 1.28x / 1.71x at
-#: batch 1 with 256 / 2048 slots, 1.19x at batch 16 with 256; 0.92x at batch 64 with 256 and 0.57-0.60x at 16-64 with
-#: 2048); ``"1"`` always, ``"0"`` never.  With RoPE folded into the kernel (Llama), end to end on Llama-3-8B
-#: (``--fuse --merge``, H200, session 12) ``"1"`` against ``"0"`` took 2.0-2.3 % off the time per token at batch 1 and
-#: 3.2-3.4 % at batch 16, dense and 80 % sparse, and added 1.2-1.7 % at batch 64, where ``"auto"`` leaves it off.
+#: (read at import) or setting this: ``"auto"`` (the default) where the kernel measured faster: batch x attended
+#: slots up to :data:`DECODE_ATTENTION_MAX_WORK`; ``"1"`` always, ``"0"`` never.  H200, ``bench_decode_attention.py
+#: --rope`` (session 16, the kernel against the PyTorch path): 4.0x / 5.7x at batch 1 with 256 / 2048 slots, 3.1x at
+#: batch 16 and 1.7x at batch 64 with 256, 1.08x at batch 16 with 2048, 0.76x at batch 64 with 2048.  End to end on
+#: Llama-3-8B at batch 64 (``--fuse --merge``, session 17, the kernel launched plainly there, see
+#: ``kernels.DECODE_ATTN_PDL_MAX_WORK``): 6.267 -> 6.130 ms per token dense, 6.378 -> 6.284 at 80 %.
 DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "auto")
-DECODE_ATTENTION_MAX_WORK = 8192
+DECODE_ATTENTION_MAX_WORK = 32768
 
 
 def use_decode_attention(q: torch.Tensor, attend: Attend) -> bool:
