@@ -133,7 +133,7 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     if n <= 64:
         return ("wg64x2", 64, 64 * WG_ROWS) if wgmma else ("w2", 64, ROWS_PER_BLOCK)
     if wgmma and n > WG_TOKENS:  # four warpgroups (256 rows) share each X tile: half the X copies per weight row
-        return f"wg{WG_TOKENS}x4", WG_TOKENS, 256
+        return f"wg{WG_TOKENS}x4", WG_TOKENS, 64 * 4
     if wgmma:
         return f"wg{WG_TOKENS}x{WG_ROWS}", WG_TOKENS, 64 * WG_ROWS
     return "w4", 128, ROWS_PER_BLOCK
