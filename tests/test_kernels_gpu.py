@@ -140,15 +140,20 @@ def test_silu_mul_in_the_reduction(fmt, dtype, m):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k_in", [2048, 2056])  # 2056: a last tile of 8 columns
-def test_norm_and_residual_around_the_n1_kernel(dtype, k_in):
+@pytest.mark.parametrize("one_launch", [True, False], ids=["n1r", "n1+reduce"])
+def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeypatch):
     """spmm_cuda(norm=...), (norm, act="silu_mul") and (add_to=...) at N = 1 with split-K (the n1s kernel and the
-    rms / rms_silu / resid reductions), and unfused (one split, N = 2): the norm within 4 ulp of the output's scale of
-    the reference composition (RMSNorm in PyTorch, then the product in float64; the fused norm rounds at other
-    steps), the residual add bit for bit what adding the plain product gives; outputs poisoned, results
-    deterministic, the launches the ones named."""
+    rms / rms_silu / resid reductions, or with ``one_launch`` the n1rs / n1r kernels that sum their splits
+    themselves), and unfused (one split, N = 2): the norm within 4 ulp of the output's scale of the reference
+    composition (RMSNorm in PyTorch, then the product in float64; the fused norm rounds at other steps), the residual
+    add bit for bit what adding the plain product gives; outputs poisoned, results deterministic (so the one-launch
+    kernels' tickets are reset), the launches the ones named."""
     from flash_llm.reference import rms_norm, silu_mul_halves
 
     k = _kernels()
+    monkeypatch.setattr(k, "N1_FUSED", one_launch)
+    norm_kernel, silu_kernel, resid_kernel = (("_n1rs", "_n1rs", "_n1r") if one_launch else
+                                              ("_n1s", "reduce_rms_silu_", "reduce_resid_"))
     gen = torch.Generator(device="cuda").manual_seed(k_in)
     m = 256
     w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
@@ -162,13 +167,14 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in):
             x = (3 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
             h = rms_norm(x, g, 1e-5)
             ref = h.double() @ w_dense.double().t()
-            for splits in (1, 3, None):
+            for splits in (1, 3, 32, None):
                 launched.clear()
                 out = torch.full((n, m), float("nan"), dtype=dtype, device="cuda")
                 got = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
                                   force_sparse=True, out=out, norm=(g, 1e-5))
                 fused = n == 1 and splits != 1
-                assert any(s.endswith("_n1s") for s in launched) == fused, launched
+                assert any(s.endswith(norm_kernel) for s in launched) == fused, launched
+                assert not (one_launch and fused and any("splitk_reduce" in s for s in launched)), launched
                 assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
                 err = (got.double() - ref).abs().max().item()
                 assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (n, splits, err)
@@ -180,7 +186,7 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in):
                 launched.clear()
                 act = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None,
                                   splits=splits, force_sparse=True, norm=(g, 1e-5), act="silu_mul")
-                assert any("reduce_rms_silu_" in s for s in launched) == fused, launched
+                assert any(silu_kernel in s for s in launched) == fused, launched
                 want = silu_mul_halves(ref.to(dtype))
                 torch.testing.assert_close(act.float(), want.float(), rtol=0,
                                            atol=8 * ULP[dtype] * (1 + want.float().abs().max().item()))
@@ -189,7 +195,8 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in):
                 plain = acc + run_kernel(x, w, None, splits=splits, force_sparse=True)
                 assert k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
                                    force_sparse=True, add_to=acc) is acc
-                assert any("reduce_resid_" in s for s in launched) == fused, launched
+                assert any(s.endswith(resid_kernel) if one_launch else resid_kernel in s for s in launched) == fused, \
+                    launched
                 assert torch.equal(acc, plain)
         y = flash_llm.ops.spmm_rms_norm(x[:1], g, 1e-5, w)
         assert (y.double() - ref[:1]).abs().max().item() <= 4 * ULP[dtype] * (1 + ref.abs().max().item())
@@ -199,6 +206,55 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in):
         k.spmm_cuda(x, w.data, w.offsets, 1, m, k_in, None, add_to=acc, norm=(g, 1e-5))
     with pytest.raises(ValueError, match=r"norm's weight must be \[%d\]" % k_in):
         k.spmm_cuda(x, w.data, w.offsets, 1, m, k_in, None, norm=(g[:8], 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_n1_one_launch_agrees_with_two(dtype, monkeypatch):
+    """At N = 1 with up to 64 splits (the ``_n1r`` / ``_n1rs`` kernels sum them themselves, 16 loads per round, ticket
+    per row group), plain with a bias, with the norm, norm + SiLU x up, and the residual add: the one-launch result is
+    within rounding of the two-launch one (the fp32 sums are added in another order), and a captured chain of all four
+    under static_weights replays on fresh inputs to the eager bits (the tickets are reset by the kernels)."""
+    k = _kernels()
+    fmt = FORMAT_IDS[flash_llm.TiledCSL]
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    m, k_in = 1024, 8192  # 128 tiles along K: the plan's 64 splits, and splits=24 (not a multiple of 16)
+    w = flash_llm.TiledCSL.from_dense(sparse_weight(m, k_in, 0.2, dtype, gen))
+    w2 = flash_llm.TiledCSL.from_dense(sparse_weight(k_in, m // 2, 0.2, dtype, gen))  # back to k_in: the residual
+    bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    src = torch.randn(1, k_in, generator=gen, device="cuda").to(dtype)
+
+    def chain(splits):
+        x = src * 2
+        plain = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=splits, force_sparse=True)
+        normed = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, None, splits=splits, force_sparse=True,
+                             norm=(g, 1e-5))
+        act = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, None, splits=splits, force_sparse=True,
+                          norm=(g, 1e-5), act="silu_mul")
+        resid = x.clone()
+        k.spmm_cuda(act, w2.data, w2.offsets, fmt, k_in, m // 2, None, force_sparse=True, add_to=resid)
+        return plain, normed, act, resid
+
+    for splits in (None, 24):
+        monkeypatch.setattr(k, "N1_FUSED", False)
+        two = chain(splits)
+        monkeypatch.setattr(k, "N1_FUSED", True)
+        one = chain(splits)
+        for a, b in zip(one, two):
+            assert not torch.isnan(a).any()
+            tol = 4 * ULP[dtype] * (1 + b.float().abs().max().item())
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol)
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr), k.static_weights():
+            out = chain(splits)
+        for _ in range(3):
+            src.copy_(torch.randn(1, k_in, generator=gen, device="cuda").to(dtype))
+            for t in out:
+                t.fill_(float("nan"))
+            gr.replay()
+            eager = chain(splits)
+            for a, b in zip(out, eager):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("n", [1, 9, 17, 32])

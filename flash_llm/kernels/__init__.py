@@ -93,6 +93,10 @@ TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", 
 #: N = 1 on the CUDA cores (``tiled_csl_spmm_<dtype>_n1``: no dense tile, no MMA); ``FLASH_LLM_TCSL_N1=0`` for nt1.
 #: H200, session 14: 9216 x 36864 at 80 % 93-98 -> 80-81 us, at 90 % 70 -> 49-53 us
 TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
+#: The ``_n1`` kernel's split-K summed in the same launch (``_n1r`` / ``_n1rs``: the last block of each row group sums
+#: the splits and applies the norm / SiLU / residual epilogue), not by a ``splitk_reduce_*`` launch after it;
+#: ``FLASH_LLM_N1_FUSED=0`` for the two launches.
+N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (the others: 4); ``FLASH_LLM_N1_MIN_TILES``
 #: overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at N = 1 on 32 splits)
 N1_MIN_TILES = int(os.environ.get("FLASH_LLM_N1_MIN_TILES", "2"))
@@ -502,6 +506,10 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     # with split-K, one fp32 partial tile per 64 weight rows and 8 nt tokens (the kernels of N > 32: 32 tokens)
     chunks = ceil_div(n, 8 * p.nt)
     tiles = ceil_div(m, ROWS_PER_BLOCK) * chunks
+    bias_ptr = bias.data_ptr() if bias is not None else 0
+    if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
+        _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
+        return y
     if p.splits > 1:
         # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction)
         ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + (p.splits if norm is not None else 0),
@@ -509,11 +517,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         ws_ptr = ws.data_ptr()
         if fmt == BITMAP and not bw:  # the last block of a row group sums the partials; else splitk_reduce, below
             tk_ptr = _scratch.get_tickets(dev, tiles).data_ptr()
-    bias_ptr = bias.data_ptr() if bias is not None else 0
-    args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
-            (bias_ptr, P), (ws_ptr, P), (tk_ptr, P),
-            (m, I), (k, I), (n, I), (x.shape[1], I), (ceil_div(m, STRIP_M), I), (ceil_div(k, STRIP_K), I),
-            (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
+    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws_ptr, tk_ptr, m, k, n, p, vec)
     if norm is not None:  # tiled_csl_spmm_<dtype>_n1s: X's columns scaled by the norm's weight
         name += "s"
         args.append((norm[0].data_ptr(), P))
@@ -531,6 +535,31 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
                 (chunks, I), (w, I), (k, I), (float(norm[1]) if norm else 0.0, ctypes.c_float)],
                stream, dev.index, pdl=_pdl_reduce(p.nt, n, name))
     return y
+
+
+def _spmm_args(data, offsets, x, y_ptr, bias_ptr, ws_ptr, tk_ptr, m, k, n, p, vec) -> list:
+    """The spmm kernels' leading arguments (``SPMM_ARGS`` in spmm.cu)."""
+    return [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y_ptr, P), (bias_ptr, P),
+            (ws_ptr, P), (tk_ptr, P), (m, I), (k, I), (n, I), (x.shape[1], I), (ceil_div(m, STRIP_M), I),
+            (ceil_div(k, STRIP_K), I), (p.splits, I), (p.kt_per_split, I), (p.n_chunks, I), (vec, I)]
+
+
+def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec) -> None:
+    """N = 1 with split-K in one launch (:data:`N1_FUSED`): ``tiled_csl_spmm_<dtype>_n1r`` (``_n1rs`` with ``norm``),
+    whose last block per row group (of gate and up rows together with ``act``) sums the splits into ``y``."""
+    ws = torch.empty(p.splits * blocks * (ROWS_PER_BLOCK + 1), dtype=torch.float32, device=x.device)
+    tickets = _scratch.get_tickets(x.device, blocks)
+    mode = (_RED_SILU if act else 0) | (_RED_RMS if norm is not None else 0) | (_RED_RESID if add_to is not None else 0)
+    name = f"tiled_csl_spmm_{_dtype_suffix(x.dtype)}_n1r" + ("s" if norm is not None else "")
+    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, 1, p, vec)
+    args += [(norm[0].data_ptr() if norm is not None else 0, P), (mode, I),
+             (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
+    launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
+           pdl=PDL_SPMM and getattr(_static, "on", False))
+
+
+#: the epilogue bits of the split-K reductions (``RED_*`` in spmm.cu)
+_RED_SILU, _RED_RMS, _RED_RESID = 1, 2, 4
 
 
 def _pdl_reduce(nt: int, n: int, name: str) -> bool:

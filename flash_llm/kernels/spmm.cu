@@ -784,6 +784,84 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
 }
 
+// Split-K of the N = 1 kernel summed in the same launch (tiled_csl_spmm_<dtype>_n1r / _n1rs, kernels.N1_FUSED): each
+// block stores its 64 row sums compactly (ws[split][row block][64], then one sum of squares of X per split and row
+// block for the RMS mode: every row block of a split computes the same one), and the last block of a row group to
+// arrive (a ticket per group, reset by that block) sums the splits in split order, 16 loads in flight per lane, and
+// applies the reduction's mode (RED_SILU: the group is a gate row block and its up row block M / 128 further, the
+// ticket counts both; RED_RMS; RED_RESID) with splitk_reduce's rounding steps.  No second launch: at batch 1 the
+// reductions' launches cost 10-12 % of a decode step (session 17's what-if).
+constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
+
+DEVI float2 sum_splits2(const float2* src, long long stride, int splits) {
+  float2 v = make_float2(0.f, 0.f);
+#pragma unroll 1
+  for (int s0 = 0; s0 < splits; s0 += 16) {
+    float2 a[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u)
+      a[u] = s0 + u < splits ? __ldcg(src + (s0 + u) * stride) : make_float2(0.f, 0.f);
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      v.x += a[u].x;
+      v.y += a[u].y;
+    }
+  }
+  return v;
+}
+
+template <bool BF16, bool SCALE>
+DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane) {
+  const int rb = blockIdx.x, blocks = gridDim.x, split = blockIdx.y;  // n_chunks = 1 at N = 1
+  const bool silu = mode & RED_SILU;
+  pdl_wait();  // (an inactive split waits here before its writes; a no-op after the kernel's wait)
+  reinterpret_cast<float2*>(p.ws + ((long long)split * blocks + rb) * 64)[lane] = make_float2(s0, s1);
+  float* ssq_ws = p.ws + (long long)p.splits * blocks * 64;  // [split][row block]
+  if (SCALE) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+    if (lane == 0) ssq_ws[(long long)split * blocks + rb] = ssq;
+  }
+  const int half = blocks / 2;  // RED_SILU: the up rows' first row block (M / 2 is a multiple of 64)
+  const int group = silu ? rb % half : rb;
+  __threadfence();
+  __syncwarp();
+  int prev = 0;
+  if (lane == 0) prev = atomicAdd(p.tickets + group, 1);
+  prev = __shfl_sync(0xffffffffu, prev, 0);
+  if (prev != (silu ? 2 : 1) * p.splits - 1) return;
+  __threadfence();
+  const long long stride = (long long)blocks * 32;  // float2s per split
+  const float2* src = reinterpret_cast<const float2*>(p.ws) + (long long)group * 32 + lane;
+  float2 v = sum_splits2(src, stride, p.splits), u = make_float2(0.f, 0.f);
+  if (silu) u = sum_splits2(src + (long long)half * 32, stride, p.splits);
+  if (lane == 0) p.tickets[group] = 0;  // every block of the group has taken its ticket
+  if (mode & RED_RMS) {  // every lane the same factor: the same sums in the same order (as splitk_reduce)
+    float q = 0.f;
+    for (int i = lane; i < p.splits; i += 32) q += __ldcg(ssq_ws + (long long)i * blocks + group);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    const float rms = rsqrtf(q * __fdividef(1.f, (float)p.K) + eps);
+    v.x *= rms; v.y *= rms; u.x *= rms; u.y *= rms;
+  }
+  const int M = silu ? p.M / 2 : p.M, m = group * 64 + 2 * lane;
+  const float r[2] = {v.x, v.y}, up[2] = {u.x, u.y};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (m + i >= M) break;
+    float out;
+    if (silu) {
+      const float gr = to_float<BF16>(from_float<BF16>(r[i])), ur = to_float<BF16>(from_float<BF16>(up[i]));
+      out = __fdividef(gr, 1.f + expf(-gr)) * ur;
+    } else {
+      const float b = p.bias ? to_float<BF16>(p.bias[m + i]) : 0.f;
+      out = r[i] + b;
+      if (mode & RED_RESID) out = to_float<BF16>(p.y[m + i]) + to_float<BF16>(from_float<BF16>(out));
+    }
+    p.y[m + i] = from_float<BF16>(out);
+  }
+}
+
 // N = 1 (tiled_csl_spmm_<dtype>_n1): the one-warp kernel's walk over a tile row and its entries, but no dense tile, no
 // read-back and no MMA.  Each entry is multiplied on the CUDA cores by X's element of its column and added into the
 // lane's own partial sum of its row: `part` holds 64 rows x 32 lanes of fp32, lane l's column in bank l, so the
@@ -813,9 +891,10 @@ DEVI void csl_fma4_n1(u32 pbase, u32 xs, const uint4& e4) {
 // SCALE (tiled_csl_spmm_<dtype>_n1s): X's column c is first multiplied by colscale[c], rounded to the dtype once (the
 // RMSNorm weight of kernels.spmm_cuda(norm=...); the norm's per-token factor is applied by the reduction).  Each lane
 // scales its own two columns of the tile's X row after it lands; the scale's load is issued with the previous tile.
-template <bool BF16, bool SCALE = false>
+template <bool BF16, bool SCALE = false, bool FUSE = false>
 DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                            int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr) {
+                            int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr, int mode = 0,
+                            float eps = 0.f) {
   __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
   __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
   const int lane = threadIdx.x & 31;
@@ -830,6 +909,7 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
   auto load_x = [&](int j, int b) { csl_load_x<1>(xs0 + 128 * b, p, 0, 64 * j, lane); };
   float acc[4][1][4];
   zero_acc<1>(acc);
+  float s0 = 0.f, s1 = 0.f;  // this lane's rows 2 lane and 2 lane + 1, summed over the split
   float ssq = 0.f;  // SCALE: this lane's sum of squares of X's raw values over the split's columns
   if (active) {
     constexpr int PF = csl_pf_units<1>::value;
@@ -872,35 +952,40 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
       __syncwarp();  // every lane has read xrow[b] before it is refilled
     }
     // lane l sums rows 2 l and 2 l + 1 over the 32 columns, starting at its own (column (l + i) % 32 at step i)
-    float s0 = 0.f, s1 = 0.f;
 #pragma unroll 8
     for (int i = 0; i < 32; ++i) {
       const int c = (lane + i) & 31;
       s0 += part[64 * lane + c];
       s1 += part[64 * lane + 32 + c];
     }
-    __syncwarp();
-    part[2 * lane] = s0;
-    part[2 * lane + 1] = s1;
-    __syncwarp();
-    const int g = lane >> 2;
-    if ((lane & 3) == 0) {  // token 0 is column 0 of the m16n8 accumulator: rows g and g + 8 of each strip
+    if (!FUSE) {  // the fused kernel hands s0, s1 to n1_finish instead
+      __syncwarp();
+      part[2 * lane] = s0;
+      part[2 * lane + 1] = s1;
+      __syncwarp();
+      const int g = lane >> 2;
+      if ((lane & 3) == 0) {  // token 0 is column 0 of the m16n8 accumulator: rows g and g + 8 of each strip
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        acc[s][0][0] = part[16 * s + g];
-        acc[s][0][2] = part[16 * s + g + 8];
+        for (int s = 0; s < 4; ++s) {
+          acc[s][0][0] = part[16 * s + g];
+          acc[s][0][2] = part[16 * s + g + 8];
+        }
       }
     }
   }
+  if constexpr (FUSE) {
+    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, lane);
+  } else {
 #pragma unroll
-  for (int s = 0; s < 4; ++s)
-    store_acc<BF16, 1>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, 0, lane);
-  if (SCALE && p.splits > 1) {  // the split's sum of squares (row block 0 writes it) after the partial tiles: the
-                                // reduction's RMSNorm factor, without reading X again
-    pdl_wait();  // (an inactive split waits here before its write; a no-op after the wait above)
+    for (int s = 0; s < 4; ++s)
+      store_acc<BF16, 1>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, 0, lane);
+    if (SCALE && p.splits > 1) {  // the split's sum of squares (row block 0 writes it) after the partial tiles: the
+                                  // reduction's RMSNorm factor, without reading X again
+      pdl_wait();  // (an inactive split waits here before its write; a no-op after the wait above)
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
-    if (row_block == 0 && lane == 0) p.ws[(long long)p.splits * gridDim.x * 512 + blockIdx.y] = ssq;
+      for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+      if (row_block == 0 && lane == 0) p.ws[(long long)p.splits * gridDim.x * 512 + blockIdx.y] = ssq;
+    }
   }
 }
 
@@ -1494,7 +1579,6 @@ DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias,
 //   The n1s kernel leaves each split's sum of squares of X after the partial tiles (`splits` floats); every warp
 //   sums them in the same order (fp32).
 // - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
-constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;
 template <bool BF16, int NT, int MODE = 0>
 DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, int M,
                              int N, int splits, int tiles, int n_chunks, int ways, int K, float eps) {
@@ -1627,6 +1711,19 @@ INSTANTIATE_N1(bf16, true)
   }
 INSTANTIATE_N1S(f16, false)
 INSTANTIATE_N1S(bf16, true)
+// tiled_csl_spmm_<dtype>_n1r / _n1rs: the n1 / n1s kernels with their split-K summed in the same launch (n1_finish;
+// mode: the RED_* bits of the reduction it replaces, eps: RED_RMS's)
+#define INSTANTIATE_N1R(NAME, BF16, SUFFIX, SCALE)                                                       \
+  extern "C" __global__ void __launch_bounds__(32, 24)                                                    \
+  tiled_csl_spmm_##NAME##_##SUFFIX(SPMM_ARGS, const u16* __restrict__ colscale, int mode, float eps) {    \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_n1_body<BF16, SCALE, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, colscale, \
+                                         mode, eps);                                                      \
+  }
+INSTANTIATE_N1R(f16, false, n1r, false)
+INSTANTIATE_N1R(f16, false, n1rs, true)
+INSTANTIATE_N1R(bf16, true, n1r, false)
+INSTANTIATE_N1R(bf16, true, n1rs, true)
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)                                                        \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
   tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
