@@ -138,13 +138,17 @@ def test_fused_elementwise_kernels_keep_the_logits(dtype, family):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-def test_one_token_layers_inside_the_sparse_projections(dtype, monkeypatch):
+@pytest.mark.parametrize("one_launch", [True, False], ids=["n1r", "n1+reduce"])
+def test_one_token_layers_inside_the_sparse_projections(dtype, one_launch, monkeypatch):
     """A fused, merged Tiled-CSL Llama at batch 1 runs each decode layer as forward_one_token: the norms in the n1s
-    spmm and its rms reductions, the residual adds in the resid reductions (launches checked). Its logits within the
-    bound of the deferred path's (FLASH_LLM_FUSE_NORMS=0) error against fp32 transformers; graph replay equal to its
-    eager decode."""
+    spmm and its rms reductions, the residual adds in the resid reductions (launches checked), or with ``one_launch``
+    (kernels.N1_FUSED) all of it in the n1rs / n1r kernels, no reduction launched. Its logits within the bound of the
+    deferred path's (FLASH_LLM_FUSE_NORMS=0) error against fp32 transformers; graph replay equal to its eager
+    decode."""
     from flash_llm import kernels
     from flash_llm.models import llama
+
+    monkeypatch.setattr(kernels, "N1_FUSED", one_launch)
 
     hm = _hf("llama").cuda()
     prompts = _prompts(1, 3)
@@ -162,15 +166,19 @@ def test_one_token_layers_inside_the_sparse_projections(dtype, monkeypatch):
     monkeypatch.setattr(kernels, "launch", lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw))
     model = sparse_model()
     got = Engine(model, max_batch=1, max_seq=96, fuse=True, merge=True).generate(prompts, 12, output_logits=True)
-    assert any(n.endswith("_n1s") for n in launched) and any("reduce_rms_silu_" in n for n in launched)
-    assert any("reduce_resid_" in n for n in launched), sorted(set(launched))
+    if one_launch:
+        assert any(n.endswith("_n1rs") for n in launched) and any(n.endswith("_n1r") for n in launched)
+        assert not any("splitk_reduce" in n for n in launched), sorted(set(launched))
+    else:
+        assert any(n.endswith("_n1s") for n in launched) and any("reduce_rms_silu_" in n for n in launched)
+        assert any("reduce_resid_" in n for n in launched), sorted(set(launched))
     eager = Engine(model, max_batch=1, max_seq=96, cuda_graphs=False).generate(prompts, 12, output_logits=True)
     assert (got.logits - eager.logits).abs().max().item() == 0.0, "graph replay differs from eager decode"
     monkeypatch.setattr(llama, "FUSE_NORMS", False)
     launched.clear()
     deferred = Engine(sparse_model(), max_batch=1, max_seq=96, fuse=True, merge=True).generate(prompts, 12,
                                                                                             output_logits=True)
-    assert not any(n.endswith("_n1s") for n in launched)
+    assert not any(n.endswith(("_n1s", "_n1rs")) for n in launched)
     # the pruned model in fp32 (the same zeros) is the reference
     ref_model = sparse_model()
     for mod in list(ref_model.modules()):
