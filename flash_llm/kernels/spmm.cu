@@ -1191,9 +1191,9 @@ DEVI void wg_finish(const Problem& p, int nl, int row_tiles, int mode) {
       src[i] = ws + (long long)(tile_row * nl + chunk) * 512 + g;
     }
     float4 v[G], u[G];
-    auto sum = [&](long long off, float4 (&w)[G]) {  // the G groups' splits in order, 4 x G loads in flight
 #pragma unroll
-      for (int i = 0; i < G; ++i) w[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = 0; i < G; ++i) v[i] = u[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int part = 0; part < (silu ? 2 : 1); ++part) {
 #pragma unroll 1
       for (int s0 = 0; s0 < p.splits; s0 += 4) {
         float4 a[4][G];
@@ -1201,18 +1201,17 @@ DEVI void wg_finish(const Problem& p, int nl, int row_tiles, int mode) {
         for (int t = 0; t < 4; ++t)
 #pragma unroll
           for (int i = 0; i < G; ++i)
-            a[t][i] = live[i] && s0 + t < p.splits ? __ldcg(src[i] + off + (s0 + t) * stride)
+            a[t][i] = live[i] && s0 + t < p.splits ? __ldcg(src[i] + part * up + (s0 + t) * stride)
                                                    : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
         for (int t = 0; t < 4; ++t)
 #pragma unroll
           for (int i = 0; i < G; ++i) {
-            w[i].x += a[t][i].x; w[i].y += a[t][i].y; w[i].z += a[t][i].z; w[i].w += a[t][i].w;
+            float4& w = part ? u[i] : v[i];
+            w.x += a[t][i].x; w.y += a[t][i].y; w.z += a[t][i].z; w.w += a[t][i].w;
           }
       }
-    };
-    sum(0, v);
-    if (silu) sum(up, u);
+    }
 #pragma unroll
     for (int i = 0; i < G; ++i)
       if (live[i]) {
