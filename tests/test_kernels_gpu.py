@@ -257,52 +257,6 @@ def test_n1_one_launch_agrees_with_two(dtype, monkeypatch):
                 assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_wg_one_launch_gives_the_two_launch_bits(dtype, monkeypatch):
-    """The Tiled-CSL warpgroup kernels (sm_90) summing their own splits (kernels.WG_FUSED: the last block of each row
-    group, tickets) give the bits of the one-way splitk_reduce launch after them: plain with a bias, SiLU x up on a
-    merged weight whose up rows start on a block (H = 256) and on one where they do not (H = 320: the two launches
-    instead), N over every warpgroup kernel and several blocks along N, 2-9 splits; outputs poisoned; a captured graph
-    replays to the eager bits (the tickets are reset)."""
-    k = _kernels()
-    if not k.wgmma_ok(0):
-        pytest.skip("the warpgroup kernels run on sm_90 only")
-    fmt = FORMAT_IDS[flash_llm.TiledCSL]
-    gen = torch.Generator(device="cuda").manual_seed(43)
-    k_in = 2048
-    for m, act in ((1000, None), (512, "silu_mul"), (640, "silu_mul")):
-        w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
-        w = flash_llm.TiledCSL.from_dense(w_dense)
-        bias = None if act else torch.randn(m, generator=gen, device="cuda").to(dtype)
-        m_out = m // 2 if act else m
-        for n in (24, 40, 64, 100, 200, 300):
-            x = torch.randn(n, k_in, generator=gen, device="cuda").to(dtype)
-            for splits in (2, 9, None):
-                got = {}
-                for fused in (True, False):
-                    monkeypatch.setattr(k, "WG_FUSED", fused)
-                    out = torch.full((n, m_out), float("nan"), dtype=dtype, device="cuda")
-                    got[fused] = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=splits,
-                                             force_sparse=True, out=out, ways=1, act=act)
-                assert not torch.isnan(got[True]).any(), (m, n, splits)
-                assert torch.equal(got[True], got[False]), (m, n, splits)
-            if act is None:
-                check(got[True], x, w_dense, bias)
-        monkeypatch.setattr(k, "WG_FUSED", True)
-        x = torch.randn(64, k_in, generator=gen, device="cuda").to(dtype)
-        out = torch.empty(64, m_out, dtype=dtype, device="cuda")
-        k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=4, force_sparse=True, out=out, act=act)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), k.static_weights():
-            k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=4, force_sparse=True, out=out, act=act)
-        for _ in range(3):
-            x.copy_(torch.randn(64, k_in, generator=gen, device="cuda").to(dtype))
-            out.fill_(float("nan"))
-            g.replay()
-            eager = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=4, force_sparse=True, act=act)
-            assert torch.equal(out, eager)
-
-
 @pytest.mark.parametrize("n", [1, 9, 17, 32])
 def test_tiled_csl_reduce_ways_agree(n):
     """The Tiled-CSL split-K reduction with 1 and with 4 warps per group set: both right, each deterministic."""

@@ -97,10 +97,6 @@ TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
 #: the splits and applies the norm / SiLU / residual epilogue), not by a ``splitk_reduce_*`` launch after it;
 #: ``FLASH_LLM_N1_FUSED=0`` for the two launches.
 N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
-#: The Tiled-CSL warpgroup kernels' split-K summed in the same launch (the last block of each row group sums the
-#: splits, with SiLU x up where the merged gate / up rows allow), not by a ``splitk_reduce_*`` launch after it;
-#: ``FLASH_LLM_WG_FUSED=0`` for the two launches.
-WG_FUSED = os.environ.get("FLASH_LLM_WG_FUSED", "1") != "0"
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (the others: 4); ``FLASH_LLM_N1_MIN_TILES``
 #: overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at N = 1 on 32 splits)
 N1_MIN_TILES = int(os.environ.get("FLASH_LLM_N1_MIN_TILES", "2"))
@@ -521,20 +517,13 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         ws_ptr = ws.data_ptr()
         if fmt == BITMAP and not bw:  # the last block of a row group sums the partials; else splitk_reduce, below
             tk_ptr = _scratch.get_tickets(dev, tiles).data_ptr()
-    wg_tcsl = fmt == TILED_CSL and "_wg" in name
-    # the warpgroup kernel sums its own splits (WG_FUSED): SiLU x up needs the up rows' blocks whole
-    wg_fused = (wg_tcsl and p.splits > 1 and WG_FUSED and not (act and (m // 2) % p.block_rows))
-    if wg_fused:
-        tk_ptr = _scratch.get_tickets(dev, blocks).data_ptr()
     args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws_ptr, tk_ptr, m, k, n, p, vec)
-    if wg_tcsl:  # the epilogue of the fused split-K (RED_* bits)
-        args.append((_RED_SILU if act else 0, I))
     if norm is not None:  # tiled_csl_spmm_<dtype>_n1s: X's columns scaled by the norm's weight
         name += "s"
         args.append((norm[0].data_ptr(), P))
     launch(name, (blocks, p.splits, 1), threads, args, stream, dev.index, shared,
            pdl=fmt == TILED_CSL and PDL_SPMM and getattr(_static, "on", False))
-    if p.splits > 1 and (fmt == TILED_CSL or bw) and not wg_fused:
+    if p.splits > 1 and (fmt == TILED_CSL or bw):
         w = ways or reduce_ways(tiles, p.nt, sm_count(dev.index))
         # Programmatic launch (the reduction's blocks wait resident for the spmm) at N <= 8 only.  H200, session 7:
         # Llama-3-8B decode at 80 % 1.1-1.3 % faster per token; but 4096 x 14336 at N = 16 25 -> 27 us (its

@@ -258,33 +258,6 @@ DEVI void store_group(const float4& v, u16* y, const u16* bias, int M, int N, in
     if (n + 2 * t < N) y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(r[t] + b);
 }
 
-// Y at row m (of the M = H outputs), columns n, n + 2, n + 4, n + 6 (those below N) of silu(gate) x up, from the sums
-// of gate row m (g) and up row H + m (u) of the merged [2 H, K] weight: each sum rounded to the dtype first (the
-// merged projection's output), then silu(g) u in fp32, rounded once (as the fused silu_mul kernel of the engine).
-template <bool BF16>
-DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, int N, int m, int n) {
-  const float g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
-#pragma unroll
-  for (int t = 0; t < 4; ++t)
-    if (n + 2 * t < N) {
-      const float gr = to_float<BF16>(from_float<BF16>(g[t])), ur = to_float<BF16>(from_float<BF16>(u[t]));
-      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);  // no division call
-    }
-}
-
-// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- `old` (Y's values there, loaded before the sums) +
-// (v + bias), the sum rounded to the dtype first (the product's output), then the add rounded (the layer's residual
-// add).
-template <bool BF16>
-DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias, int M, int N, int m, int n) {
-  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
-  const float r[4] = {v.x, v.y, v.z, v.w}, o[4] = {old.x, old.y, old.z, old.w};
-#pragma unroll
-  for (int t = 0; t < 4; ++t)
-    if (n + 2 * t < N)
-      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(o[t] + to_float<BF16>(from_float<BF16>(r[t] + b)));
-}
-
 // Sum the split partials of partial tile `tile` (of `tiles` per split) in split order, add the bias and write Y, for
 // the 16-byte groups q = q0, q0 + step, ... < 128 NT of the tile; groups with no column below N load nothing.
 template <bool BF16, int NT>
@@ -1153,80 +1126,9 @@ constexpr int wg_smem_bytes(int NB, int R, int S) { return R * S * 8192 + S * NB
 // costs 9-12 % of these kernels (session 13).  With S = 2 each tile's writes are read at the next tile, so every tile
 // fences; with S = 3 they are read two tiles later, so the fence at the end of every odd
 // tile (counted from kb) covers the writes of that tile and the one before.
-// Split-K of the warpgroup kernels summed in the same launch (kernels.WG_FUSED; `tickets` given): after its partial
-// tiles, the last block to arrive of each row group (R tile rows x NB tokens; with RED_SILU the gate rows' group and its
-// up rows' group M / (128 R) blocks further, one ticket for both) sums the splits of the group's tiles in split
-// order (splitk_reduce with one way: the same bits) and writes Y (+ bias), or silu(gate) x up.  Each thread takes
-// G groups at a time with the loads of 4 splits x G groups in flight.
-template <bool BF16, int NB, int R>
-DEVI void wg_finish(const Problem& p, int nl, int row_tiles, int mode) {
-  constexpr int T = 128 * R, CH = NB / 32, G = NB == 32 ? 1 : 2;  // (more spills in wg32x2 / wg64x2)
-  const bool silu = mode & RED_SILU;
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  const int rb = blockIdx.x / p.n_chunks, nc = blockIdx.x % p.n_chunks;
-  const int half = gridDim.x / p.n_chunks / 2;  // RED_SILU: the up rows' first block row (H % (64 R) == 0)
-  const int grp = silu ? rb % half : rb;
-  const int ticket = grp * p.n_chunks + nc;
-  if (threadIdx.x == 0) last = atomicAdd(p.tickets + ticket, 1) == (silu ? 2 : 1) * p.splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int M = silu ? p.M / 2 : p.M;
-  const long long stride = (long long)row_tiles * nl * 512;  // float4s per split
-  const long long up = (long long)(M / 64) * nl * 512;        // RED_SILU: gate tile -> up tile
-  const float4* ws = reinterpret_cast<const float4*>(p.ws);
-#pragma unroll 1
-  for (int q0 = threadIdx.x; q0 < R * CH * 512; q0 += G * T) {
-    const float4* src[G];
-    int m[G], n[G];
-    bool live[G];
-#pragma unroll
-    for (int i = 0; i < G; ++i) {
-      const int q = q0 + i * T, r = q / (CH * 512), c = (q / 512) % CH, g = q % 512;
-      const int tile_row = grp * R + r, chunk = nc * CH + c;
-      group_row_col<4>(g, tile_row * 64, chunk * 32, m[i], n[i]);
-      live[i] = q < R * CH * 512 && chunk < nl && m[i] < M && n[i] < p.N;
-      src[i] = ws + (long long)(tile_row * nl + chunk) * 512 + g;
-    }
-    float4 v[G], u[G];
-#pragma unroll
-    for (int i = 0; i < G; ++i) v[i] = u[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int part = 0; part < (silu ? 2 : 1); ++part) {
-#pragma unroll 1
-      for (int s0 = 0; s0 < p.splits; s0 += 4) {
-        float4 a[4][G];
-#pragma unroll
-        for (int t = 0; t < 4; ++t)
-#pragma unroll
-          for (int i = 0; i < G; ++i)
-            a[t][i] = live[i] && s0 + t < p.splits ? __ldcg(src[i] + part * up + (s0 + t) * stride)
-                                                   : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int t = 0; t < 4; ++t)
-#pragma unroll
-          for (int i = 0; i < G; ++i) {
-            float4& w = part ? u[i] : v[i];
-            w.x += a[t][i].x; w.y += a[t][i].y; w.z += a[t][i].z; w.w += a[t][i].w;
-          }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < G; ++i)
-      if (live[i]) {
-        if (silu)
-          store_silu_group<BF16>(v[i], u[i], p.y, M, p.N, m[i], n[i]);
-        else
-          store_group<BF16>(v[i], p.y, p.bias, M, p.N, m[i], n[i]);
-      }
-  }
-  if (threadIdx.x == 0) p.tickets[ticket] = 0;  // every block of the group has taken its ticket
-}
-
 template <bool BF16, int NB, int R, int S>
 DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                           int kt_per_split, Problem p, int mode) {
+                           int kt_per_split, Problem p) {
 #ifdef FLASH_LLM_WGMMA
   static_assert(S == 2 || S == 3, "two or three stages");
   constexpr int AHEAD = S - 1;
@@ -1332,7 +1234,6 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
     store_acc<BF16, 4>(p, acc, tile_row * 4 + warp, warp, active && chunk < nl && tile_row * 4 + warp < mt,
                        chunk * 32, lane, tile_row * nl + chunk, tiles);
   }
-  if (p.tickets && p.splits > 1) wg_finish<BF16, NB, R>(p, nl, row_tiles, mode);
 #else
   __trap();  // launched only on sm_90 (kernels.spmm_cuda)
 #endif
@@ -1642,6 +1543,33 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 // WAYS = 4 gives layers with few row blocks four times the threads (Llama-3-8B's 4096 rows: 64 tiles; at N = 1
 // 28 -> 22 us on 4096 x 14336, H200); WAYS = 1 (one thread per group, no shared memory) is faster once the
 // launch already fills the GPU (9216 x 36864 at N = 32: 105 vs 101 us).  The launcher picks (reduce_ways).
+// Y at row m (of the M = H outputs), columns n, n + 2, n + 4, n + 6 (those below N) of silu(gate) x up, from the sums
+// of gate row m (g) and up row H + m (u) of the merged [2 H, K] weight: each sum rounded to the dtype first (the
+// merged projection's output), then silu(g) u in fp32, rounded once (as the fused silu_mul kernel of the engine).
+template <bool BF16>
+DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, int N, int m, int n) {
+  const float g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N) {
+      const float gr = to_float<BF16>(from_float<BF16>(g[t])), ur = to_float<BF16>(from_float<BF16>(u[t]));
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);  // no division call
+    }
+}
+
+// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- `old` (Y's values there, loaded before the sums) +
+// (v + bias), the sum rounded to the dtype first (the product's output), then the add rounded (the layer's residual
+// add).
+template <bool BF16>
+DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias, int M, int N, int m, int n) {
+  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
+  const float r[4] = {v.x, v.y, v.z, v.w}, o[4] = {old.x, old.y, old.z, old.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N)
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(o[t] + to_float<BF16>(from_float<BF16>(r[t] + b)));
+}
+
 // The reduction's modes (bits of MODE; kernels.spmm_cuda picks them):
 // - RED_SILU: the reduction of a merged gate / up projection ([2 M, K], M a multiple of 64, no bias) that writes
 //   silu(gate) x up [N, M] instead of [N, 2 M]: its grid covers the gate rows' tiles; each group also sums the up row
@@ -1798,9 +1726,9 @@ INSTANTIATE_N1R(bf16, true, n1r, false)
 INSTANTIATE_N1R(bf16, true, n1rs, true)
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)                                                        \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
-  tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS, int mode) {                                             \
+  tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
     pdl_launch_dependents();                                                                              \
-    tiled_csl_wg_body<BF16, NB, R, S>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, mode);    \
+    tiled_csl_wg_body<BF16, NB, R, S>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);          \
   }
 // S = 3 where three stages keep the blocks per SM (wg32x2 would drop from 4 to 3); kernels.wg_shared_bytes
 INSTANTIATE_WG(f16, false, 32, 2, 4, 2)
