@@ -168,7 +168,8 @@ def test_one_token_layers_inside_the_sparse_projections(dtype, one_launch, monke
     got = Engine(model, max_batch=1, max_seq=96, fuse=True, merge=True).generate(prompts, 12, output_logits=True)
     if one_launch:
         assert any(n.endswith("_n1rs") for n in launched) and any(n.endswith("_n1r") for n in launched)
-        assert not any("splitk_reduce" in n for n in launched), sorted(set(launched))
+        # (the prefill's N > 1 products keep their reductions)
+        assert not any("splitk_reduce" in n and n.endswith("_nt1") for n in launched), sorted(set(launched))
     else:
         assert any(n.endswith("_n1s") for n in launched) and any("reduce_rms_silu_" in n for n in launched)
         assert any("reduce_resid_" in n for n in launched), sorted(set(launched))
