@@ -791,6 +791,14 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 // applies the reduction's mode (RED_SILU: the group is a gate row block and its up row block M / 128 further, the
 // ticket counts both; RED_RMS; RED_RESID) with splitk_reduce's rounding steps.  No second launch: at batch 1 the
 // reductions' launches cost 10-12 % of a decode step (session 17's what-if).
+// One ticket of a split-K group: an acquire-release add at GPU scope by one thread, after a barrier that orders the
+// other threads' partial sums before it (the release is cumulative), instead of a fence in every thread.
+DEVI int ticket_acq_rel(int* t) {
+  int prev;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(t) : "memory");
+  return prev;
+}
+
 constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
 
 DEVI float2 sum_splits2(const float2* src, long long stride, int splits) {
@@ -824,13 +832,12 @@ DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, f
   }
   const int half = blocks / 2;  // RED_SILU: the up rows' first row block (M / 2 is a multiple of 64)
   const int group = silu ? rb % half : rb;
-  __threadfence();
-  __syncwarp();
+  __syncwarp();  // orders every lane's stores before lane 0's release
   int prev = 0;
-  if (lane == 0) prev = atomicAdd(p.tickets + group, 1);
+  if (lane == 0) prev = ticket_acq_rel(p.tickets + group);
   prev = __shfl_sync(0xffffffffu, prev, 0);
   if (prev != (silu ? 2 : 1) * p.splits - 1) return;
-  __threadfence();
+  __syncwarp();  // lane 0's acquire before every lane's loads
   const long long stride = (long long)blocks * 32;  // float2s per split
   const float2* src = reinterpret_cast<const float2*>(p.ws) + (long long)group * 32 + lane;
   float2 v = sum_splits2(src, stride, p.splits), u = make_float2(0.f, 0.f);
