@@ -40,12 +40,16 @@ extra = {"none": {}, "norm": {"norm": (g, 1e-5)}, "norm_silu": {"norm": (g, 1e-5
          "resid": {}}[a.epilogue]
 acc = torch.randn(a.n, a.m, device="cuda").half()
 acc0 = acc.clone()
+launched = []  # the kernels spmm_cuda launches (the one-launch split-K kernels included), named in the report
+real_launch = kernels.launch
+kernels.launch = lambda name, *args, **kw: launched.append(name) or real_launch(name, *args, **kw)
 for _ in range(a.iters):
     if a.epilogue == "resid":
         acc.copy_(acc0)
         extra = {"add_to": acc}
     y = kernels.spmm_cuda(x, f.data, f.offsets, FORMAT_IDS[cls], a.m, a.k, None, splits=a.splits, force_sparse=True,
                           **extra)
+kernels.launch = real_launch
 torch.cuda.synchronize()
 xin = flash_llm.reference.rms_norm(x, g, 1e-5) if a.epilogue.startswith("norm") else x
 want = xin.float() @ w.float().t()
@@ -55,7 +59,7 @@ elif a.epilogue == "resid":
     want += acc0.float()
 err = (y.float() - want).abs().max().item()
 name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0, f.density)  # as spmm_cuda
-print("kernel", name, "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
+print("kernel", name, "launches", "+".join(dict.fromkeys(launched)), "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
                                            kernels.blocks_per_sm(name, 0, kernels.block_threads(name), shared),
                                            a.splits, FORMAT_IDS[cls], wg), "max err", err)
 
