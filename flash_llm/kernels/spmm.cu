@@ -55,6 +55,14 @@ DEVI u16 from_float(float f) {
   return r;
 }
 
+// One ticket of a split-K group: an acquire-release add at GPU scope by one thread, after a barrier that orders the
+// other threads' partial sums before it (the release is cumulative), instead of a fence in every thread.
+DEVI int ticket_acq_rel(int* t) {
+  int prev;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(t) : "memory");
+  return prev;
+}
+
 DEVI u32 smem_addr(const void* p) {
   u32 r;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -791,14 +799,6 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 // applies the reduction's mode (RED_SILU: the group is a gate row block and its up row block M / 128 further, the
 // ticket counts both; RED_RMS; RED_RESID) with splitk_reduce's rounding steps.  No second launch: at batch 1 the
 // reductions' launches cost 10-12 % of a decode step (session 17's what-if).
-// One ticket of a split-K group: an acquire-release add at GPU scope by one thread, after a barrier that orders the
-// other threads' partial sums before it (the release is cumulative), instead of a fence in every thread.
-DEVI int ticket_acq_rel(int* t) {
-  int prev;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(t) : "memory");
-  return prev;
-}
-
 constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
 
 DEVI float2 sum_splits2(const float2* src, long long stride, int splits) {
