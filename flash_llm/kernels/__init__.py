@@ -304,30 +304,23 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
 
 
 class _Scratch:
-    """Per-device reusable buffers: split-K tickets (zeroed once, reset by the kernels themselves)
-    and the dense scratch weight of the large-N path."""
+    """Split-K tickets, per device and stream: counters the kernels zero again after use (the last block of a group
+    resets its own), so one buffer serves every launch on a stream.  Kernels on two streams of a device may run at the
+    same time, so each stream has its own (a buffer first asked for during a CUDA-graph capture lives in that graph's
+    memory pool, zeroed by a captured memset)."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.tickets: dict[int, torch.Tensor] = {}
-        self.dense: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self.tickets: dict[tuple[int, int], torch.Tensor] = {}
 
     def get_tickets(self, device: torch.device, count: int) -> torch.Tensor:
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
         with self.lock:
-            t = self.tickets.get(device.index)
+            t = self.tickets.get(key)
             if t is None or t.numel() < count:
                 t = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-                self.tickets[device.index] = t
+                self.tickets[key] = t
             return t
-
-    def get_dense(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        with self.lock:
-            key = (device.index, dtype)
-            t = self.dense.get(key)
-            if t is None or t.numel() < numel:
-                t = torch.empty(numel, dtype=dtype, device=device)
-                self.dense[key] = t
-            return t[:numel]
 
 
 _scratch = _Scratch()
@@ -432,9 +425,10 @@ def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k:
 
 
 def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
-    """The large-N path: expand the whole weight into the scratch buffer and call cuBLAS.  (Expanding in
+    """The large-N path: expand the whole weight into a scratch buffer and call cuBLAS.  (Expanding in
     row chunks small enough to stay in L2 was measured 2.5-3x slower on an H200: benchmarks/RESULTS.md.)"""
-    w = decode_dense(fmt, data, offsets, m, k, x.dtype, _scratch.get_dense(x.device, x.dtype, m * k))
+    # (a fresh buffer from PyTorch's caching allocator, which orders its reuse across streams and graphs)
+    w = decode_dense(fmt, data, offsets, m, k, x.dtype)
     r = torch.nn.functional.linear(x, w, bias)
     return r if out is None else out.copy_(r)
 
