@@ -307,7 +307,8 @@ class _Scratch:
     """Split-K tickets, per device and stream: counters the kernels zero again after use (the last block of a group
     resets its own), so one buffer serves every launch on a stream.  Kernels on two streams of a device may run at the
     same time, so each stream has its own (a buffer first asked for during a CUDA-graph capture lives in that graph's
-    memory pool, zeroed by a captured memset)."""
+    memory pool, zeroed by a captured memset).  Graphs captured on one stream share that stream's buffer: replay
+    them one at a time (as the engine does), not concurrently on several streams."""
 
     def __init__(self):
         self.lock = threading.Lock()
