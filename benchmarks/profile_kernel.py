@@ -59,9 +59,10 @@ elif a.epilogue == "resid":
     want += acc0.float()
 err = (y.float() - want).abs().max().item()
 name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0, f.density)  # as spmm_cuda
-print("kernel", name, "launches", "+".join(dict.fromkeys(launched)), "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
-                                           kernels.blocks_per_sm(name, 0, kernels.block_threads(name), shared),
-                                           a.splits, FORMAT_IDS[cls], wg), "max err", err)
+print("kernel", name, "launches", "+".join(dict.fromkeys(launched)),
+      "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
+                           kernels.blocks_per_sm(name, 0, kernels.block_threads(name), shared),
+                           a.splits, FORMAT_IDS[cls], wg), "max err", err)
 
 # Host-side cost of one eager call (Python checks, op dispatch, launch), against F.linear: wall clock
 # of many back-to-back calls on a small layer, where the GPU finishes each call before the next launch.

@@ -314,8 +314,9 @@ class _Scratch:
         self.lock = threading.Lock()
         self.tickets: dict[tuple[int, int], torch.Tensor] = {}
 
-    def get_tickets(self, device: torch.device, count: int) -> torch.Tensor:
-        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    def get_tickets(self, device: torch.device, stream: int, count: int) -> torch.Tensor:
+        """At least ``count`` zeroed tickets for launches on ``stream`` (a ``cuda_stream`` handle) of ``device``."""
+        key = (device.index, stream)
         with self.lock:
             t = self.tickets.get(key)
             if t is None or t.numel() < count:
@@ -511,7 +512,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
                          dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
         if fmt == BITMAP and not bw:  # the last block of a row group sums the partials; else splitk_reduce, below
-            tk_ptr = _scratch.get_tickets(dev, tiles).data_ptr()
+            tk_ptr = _scratch.get_tickets(dev, stream, tiles).data_ptr()
     args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws_ptr, tk_ptr, m, k, n, p, vec)
     if norm is not None:  # tiled_csl_spmm_<dtype>_n1s: X's columns scaled by the norm's weight
         name += "s"
@@ -543,7 +544,7 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
     """N = 1 with split-K in one launch (:data:`N1_FUSED`): ``tiled_csl_spmm_<dtype>_n1r`` (``_n1rs`` with ``norm``),
     whose last block per row group (of gate and up rows together with ``act``) sums the splits into ``y``."""
     ws = torch.empty(p.splits * blocks * (ROWS_PER_BLOCK + 1), dtype=torch.float32, device=x.device)
-    tickets = _scratch.get_tickets(x.device, blocks)
+    tickets = _scratch.get_tickets(x.device, stream, blocks)
     mode = (_RED_SILU if act else 0) | (_RED_RMS if norm is not None else 0) | (_RED_RESID if add_to is not None else 0)
     name = f"tiled_csl_spmm_{_dtype_suffix(x.dtype)}_n1r" + ("s" if norm is not None else "")
     args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, 1, p, vec)
@@ -689,7 +690,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
     groups = ceil_div(h // hkv, DECODE_ATTN_HEADS)  # blocks per (sequence, kv head, chunk): query heads in fours
-    tickets = _scratch.get_tickets(dev, b * hkv * 2)  # each launch resets the ones it used, as the bitmap spmm's do
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    tickets = _scratch.get_tickets(dev, stream, b * hkv * 2)  # each launch resets the ones it used, as the spmm's do
     # (o, m, l) per (sequence, kv head, head group (two places), chunk, head of the group).  Held until after the
     # launch: freed before it, its block could be handed to an allocation the kernel itself uses (session 11: the
     # tickets, allocated on first use, aliased it and the chunks never combined).
@@ -705,8 +707,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (0 if sin is None else sin.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L),
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32)]
-    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args,
-           torch.cuda.current_stream(dev).cuda_stream, dev.index, pdl=_pdl_attention(b, kv_len))
+    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args, stream, dev.index,
+           pdl=_pdl_attention(b, kv_len))
     return out
 
 

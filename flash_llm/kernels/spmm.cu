@@ -238,20 +238,21 @@ DEVI void group_row_col(int q, int m0, int n0, int& m, int& n) {
   n = n0 + nt * 8 + (i & 1);
 }
 
-// The sum of splits s_begin .. s_end - 1 of one group (src: its 16 bytes in split 0), in split order, the loads of 8
-// splits in flight together.
-DEVI float4 sum_splits(const float4* src, long long split_stride, int s_begin, int s_end) {
-  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+DEVI void add_into(float4& v, const float4& a) { v.x += a.x; v.y += a.y; v.z += a.z; v.w += a.w; }
+DEVI void add_into(float2& v, const float2& a) { v.x += a.x; v.y += a.y; }
+
+// The sum of splits s_begin .. s_end - 1 of one group (src: its 16 bytes in split 0; V = float2: 8 bytes, the N = 1
+// kernels' rows), in split order, the loads of U splits in flight together.
+template <int U = 8, typename V = float4>
+DEVI V sum_splits(const V* src, long long split_stride, int s_begin, int s_end) {
+  V v{};
 #pragma unroll 1
-  for (int s0 = s_begin; s0 < s_end; s0 += 8) {
-    float4 a[8];
+  for (int s0 = s_begin; s0 < s_end; s0 += U) {
+    V a[U];
 #pragma unroll
-    for (int u = 0; u < 8; ++u)
-      a[u] = s0 + u < s_end ? __ldcg(src + (s0 + u) * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int u = 0; u < U; ++u) a[u] = s0 + u < s_end ? __ldcg(src + (s0 + u) * split_stride) : V{};
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      v.x += a[u].x; v.y += a[u].y; v.z += a[u].z; v.w += a[u].w;
-    }
+    for (int u = 0; u < U; ++u) add_into(v, a[u]);
   }
   return v;
 }
@@ -264,6 +265,33 @@ DEVI void store_group(const float4& v, u16* y, const u16* bias, int M, int N, in
 #pragma unroll
   for (int t = 0; t < 4; ++t)
     if (n + 2 * t < N) y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(r[t] + b);
+}
+
+// Y at row m (of the M = H outputs), columns n, n + 2, n + 4, n + 6 (those below N) of silu(gate) x up, from the sums
+// of gate row m (g) and up row H + m (u) of the merged [2 H, K] weight: each sum rounded to the dtype first (the
+// merged projection's output), then silu(g) u in fp32, rounded once (as the fused silu_mul kernel of the engine).
+template <bool BF16>
+DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, int N, int m, int n) {
+  const float g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N) {
+      const float gr = to_float<BF16>(from_float<BF16>(g[t])), ur = to_float<BF16>(from_float<BF16>(u[t]));
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);  // no division call
+    }
+}
+
+// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- `old` (Y's values there, loaded before the sums) +
+// (v + bias), the sum rounded to the dtype first (the product's output), then the add rounded (the layer's residual
+// add).
+template <bool BF16>
+DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias, int M, int N, int m, int n) {
+  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
+  const float r[4] = {v.x, v.y, v.z, v.w}, o[4] = {old.x, old.y, old.z, old.w};
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    if (n + 2 * t < N)
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(o[t] + to_float<BF16>(from_float<BF16>(r[t] + b)));
 }
 
 // Sum the split partials of partial tile `tile` (of `tiles` per split) in split order, add the bias and write Y, for
@@ -801,23 +829,6 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 // reductions' launches cost 10-12 % of a decode step (session 17's what-if).
 constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
 
-DEVI float2 sum_splits2(const float2* src, long long stride, int splits) {
-  float2 v = make_float2(0.f, 0.f);
-#pragma unroll 1
-  for (int s0 = 0; s0 < splits; s0 += 16) {
-    float2 a[16];
-#pragma unroll
-    for (int u = 0; u < 16; ++u)
-      a[u] = s0 + u < splits ? __ldcg(src + (s0 + u) * stride) : make_float2(0.f, 0.f);
-#pragma unroll
-    for (int u = 0; u < 16; ++u) {
-      v.x += a[u].x;
-      v.y += a[u].y;
-    }
-  }
-  return v;
-}
-
 template <bool BF16, bool SCALE>
 DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane) {
   const int rb = blockIdx.x, blocks = gridDim.x, split = blockIdx.y;  // n_chunks = 1 at N = 1
@@ -840,32 +851,30 @@ DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, f
   __syncwarp();  // lane 0's acquire before every lane's loads
   const long long stride = (long long)blocks * 32;  // float2s per split
   const float2* src = reinterpret_cast<const float2*>(p.ws) + (long long)group * 32 + lane;
-  float2 v = sum_splits2(src, stride, p.splits), u = make_float2(0.f, 0.f);
-  if (silu) u = sum_splits2(src + (long long)half * 32, stride, p.splits);
+  const float2 v = sum_splits<16>(src, stride, 0, p.splits);
+  const float2 u = silu ? sum_splits<16>(src + (long long)half * 32, stride, 0, p.splits) : float2{};
   if (lane == 0) p.tickets[group] = 0;  // every block of the group has taken its ticket
+  float rms = 1.f;
   if (mode & RED_RMS) {  // every lane the same factor: the same sums in the same order (as splitk_reduce)
     float q = 0.f;
     for (int i = lane; i < p.splits; i += 32) q += __ldcg(ssq_ws + (long long)i * blocks + group);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-    const float rms = rsqrtf(q * __fdividef(1.f, (float)p.K) + eps);
-    v.x *= rms; v.y *= rms; u.x *= rms; u.y *= rms;
+    rms = rsqrtf(q * __fdividef(1.f, (float)p.K) + eps);
   }
+  // rows m and m + 1, token 0 only (N = 1): splitk_reduce's group stores with one live column
   const int M = silu ? p.M / 2 : p.M, m = group * 64 + 2 * lane;
-  const float r[2] = {v.x, v.y}, up[2] = {u.x, u.y};
+  const float r[2] = {v.x * rms, v.y * rms}, up[2] = {u.x * rms, u.y * rms};
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (m + i >= M) break;
-    float out;
-    if (silu) {
-      const float gr = to_float<BF16>(from_float<BF16>(r[i])), ur = to_float<BF16>(from_float<BF16>(up[i]));
-      out = __fdividef(gr, 1.f + expf(-gr)) * ur;
-    } else {
-      const float b = p.bias ? to_float<BF16>(p.bias[m + i]) : 0.f;
-      out = r[i] + b;
-      if (mode & RED_RESID) out = to_float<BF16>(p.y[m + i]) + to_float<BF16>(from_float<BF16>(out));
-    }
-    p.y[m + i] = from_float<BF16>(out);
+    const float4 g4 = make_float4(r[i], 0.f, 0.f, 0.f);
+    if (silu)
+      store_silu_group<BF16>(g4, make_float4(up[i], 0.f, 0.f, 0.f), p.y, M, 1, m + i, 0);
+    else if (mode & RED_RESID)
+      add_group<BF16>(g4, make_float4(to_float<BF16>(p.y[m + i]), 0.f, 0.f, 0.f), p.y, p.bias, M, 1, m + i, 0);
+    else
+      store_group<BF16>(g4, p.y, p.bias, M, 1, m + i, 0);
   }
 }
 
@@ -1550,33 +1559,6 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 // WAYS = 4 gives layers with few row blocks four times the threads (Llama-3-8B's 4096 rows: 64 tiles; at N = 1
 // 28 -> 22 us on 4096 x 14336, H200); WAYS = 1 (one thread per group, no shared memory) is faster once the
 // launch already fills the GPU (9216 x 36864 at N = 32: 105 vs 101 us).  The launcher picks (reduce_ways).
-// Y at row m (of the M = H outputs), columns n, n + 2, n + 4, n + 6 (those below N) of silu(gate) x up, from the sums
-// of gate row m (g) and up row H + m (u) of the merged [2 H, K] weight: each sum rounded to the dtype first (the
-// merged projection's output), then silu(g) u in fp32, rounded once (as the fused silu_mul kernel of the engine).
-template <bool BF16>
-DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, int N, int m, int n) {
-  const float g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
-#pragma unroll
-  for (int t = 0; t < 4; ++t)
-    if (n + 2 * t < N) {
-      const float gr = to_float<BF16>(from_float<BF16>(g[t])), ur = to_float<BF16>(from_float<BF16>(u[t]));
-      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);  // no division call
-    }
-}
-
-// Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- `old` (Y's values there, loaded before the sums) +
-// (v + bias), the sum rounded to the dtype first (the product's output), then the add rounded (the layer's residual
-// add).
-template <bool BF16>
-DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias, int M, int N, int m, int n) {
-  const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
-  const float r[4] = {v.x, v.y, v.z, v.w}, o[4] = {old.x, old.y, old.z, old.w};
-#pragma unroll
-  for (int t = 0; t < 4; ++t)
-    if (n + 2 * t < N)
-      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(o[t] + to_float<BF16>(from_float<BF16>(r[t] + b)));
-}
-
 // The reduction's modes (bits of MODE; kernels.spmm_cuda picks them):
 // - RED_SILU: the reduction of a merged gate / up projection ([2 M, K], M a multiple of 64, no bias) that writes
 //   silu(gate) x up [N, M] instead of [N, 2 M]: its grid covers the gate rows' tiles; each group also sums the up row
