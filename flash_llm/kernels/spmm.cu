@@ -2067,12 +2067,10 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     wb[tid * (D + 2) + D] = stat[0][tid];
     wb[tid * (D + 2) + D + 1] = stat[1][tid];
   }
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) last = atomicAdd(a.tickets + bhg, 1) == a.splits - 1;
-  __syncthreads();
+  __syncthreads();  // every thread's chunk results before thread 0's release
+  if (tid == 0) last = ticket_acq_rel(a.tickets + bhg) == a.splits - 1;
+  __syncthreads();  // (and thread 0's acquire before every thread's loads)
   if (!last) return;
-  __threadfence();
   // The combine, in groups of 32 chunks (online: a later group with a larger max rescales the running sums).  Warp h
   // weighs head h's chunks, one per lane: w = exp(m - M) (0 for a chunk with every slot masked), the running sum
   // l += sum w l; then every thread adds w o over the group for its outputs (h, dd), all of a group's loads in
