@@ -262,7 +262,6 @@ def test_kernels_on_two_streams_at_once():
     blocks), and the large-N expansion, issued on two streams at once, many times over: every ticket kernel's result
     has the bits of the same call run alone (each stream has its own tickets), every expansion's is within the
     reference tolerance (its buffer is the caching allocator's, not shared)."""
-    k = _kernels()
     gen = torch.Generator(device="cuda").manual_seed(47)
     cases = []  # (weight, its dense copy, N, splits, two inputs)
     for fmt, n, splits in ((flash_llm.BitmapTiles, 3, 8), (flash_llm.TiledCSL, 1, 8), (flash_llm.TiledCSL, 2048, None)):
