@@ -241,20 +241,17 @@ DEVI void group_row_col(int q, int m0, int n0, int& m, int& n) {
 DEVI void add_into(float4& v, const float4& a) { v.x += a.x; v.y += a.y; v.z += a.z; v.w += a.w; }
 DEVI void add_into(float2& v, const float2& a) { v.x += a.x; v.y += a.y; }
 
-// sum_splits of two float2 groups `off` apart in the same rounds: (x, y) the first's sums, (z, w) the second's
-template <int U>
-DEVI float4 sum_split_pairs(const float2* src, long long off, long long split_stride, int s_begin, int s_end) {
-  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+// The sum over splits s_begin .. s_end - 1 of load(s) (a V), in split order, the loads of U splits in flight together.
+template <int U, typename V, class F>
+DEVI V sum_rounds(F&& load, int s_begin, int s_end) {
+  V v{};
 #pragma unroll 1
   for (int s0 = s_begin; s0 < s_end; s0 += U) {
-    float2 a[U], b[U];
+    V a[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      a[u] = s0 + u < s_end ? __ldcg(src + (s0 + u) * split_stride) : float2{};
-      b[u] = s0 + u < s_end ? __ldcg(src + off + (s0 + u) * split_stride) : float2{};
-    }
+    for (int u = 0; u < U; ++u) a[u] = s0 + u < s_end ? load(s0 + u) : V{};
 #pragma unroll
-    for (int u = 0; u < U; ++u) add_into(v, make_float4(a[u].x, a[u].y, b[u].x, b[u].y));
+    for (int u = 0; u < U; ++u) add_into(v, a[u]);
   }
   return v;
 }
@@ -263,16 +260,16 @@ DEVI float4 sum_split_pairs(const float2* src, long long off, long long split_st
 // kernels' rows), in split order, the loads of U splits in flight together.
 template <int U = 8, typename V = float4>
 DEVI V sum_splits(const V* src, long long split_stride, int s_begin, int s_end) {
-  V v{};
-#pragma unroll 1
-  for (int s0 = s_begin; s0 < s_end; s0 += U) {
-    V a[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) a[u] = s0 + u < s_end ? __ldcg(src + (s0 + u) * split_stride) : V{};
-#pragma unroll
-    for (int u = 0; u < U; ++u) add_into(v, a[u]);
-  }
-  return v;
+  return sum_rounds<U, V>([&](int s) { return __ldcg(src + s * split_stride); }, s_begin, s_end);
+}
+
+// sum_splits of two float2 groups `off` apart in the same rounds: (x, y) the first's sums, (z, w) the second's
+template <int U>
+DEVI float4 sum_split_pairs(const float2* src, long long off, long long split_stride, int s_begin, int s_end) {
+  return sum_rounds<U, float4>([&](int s) {
+    const float2 a = __ldcg(src + s * split_stride), b = __ldcg(src + off + s * split_stride);
+    return make_float4(a.x, a.y, b.x, b.y);
+  }, s_begin, s_end);
 }
 
 // Y at row m, columns n, n + 2, n + 4, n + 6 (those below N): a group's sums plus the bias.
