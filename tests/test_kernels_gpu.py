@@ -331,6 +331,60 @@ def test_tiled_csl_kernels_above_32_tokens(dtype, wgmma, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wg_spread_agrees_with_the_reduction(dtype, monkeypatch):
+    """Above 16 tokens on sm_90 (the warpgroup kernels) with split-K: summed in the spmm's own launch, every block of a
+    row group a share once the group is stored (``_wg<NB>x<R>r``, kernels.WG_SPREAD), with the bits of the
+    ``splitk_reduce`` launch with one way (the same sums in the same order): plain with a bias and SiLU x up, N = 17-300
+    (all four warpgroup kernels), split counts that leave a short last split; a poisoned output; repeated eager calls
+    and a graph captured under static_weights (programmatic launch) replay to the same bits on fresh inputs (the kernels
+    reset their counters)."""
+    k = _kernels()
+    if not k.wgmma_ok(0):
+        pytest.skip("needs sm_90 (warpgroup MMA)")
+    fmt = FORMAT_IDS[flash_llm.TiledCSL]
+    gen = torch.Generator(device="cuda").manual_seed(53)
+    m, k_in = 1024, 4096  # SiLU: m / 2 = 512, a multiple of every block's rows (128, 256)
+    w = flash_llm.TiledCSL.from_dense(sparse_weight(m, k_in, 0.2, dtype, gen))
+    bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+    launched = []
+    real_launch = k.launch
+    monkeypatch.setattr(k, "launch", lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw))
+
+    def both(x, splits, ways):
+        plain = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=splits, force_sparse=True, ways=ways,
+                            out=torch.full((x.shape[0], m), float("nan"), dtype=dtype, device="cuda"))
+        act = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, None, splits=splits, force_sparse=True, ways=ways,
+                          act="silu_mul", out=torch.full((x.shape[0], m // 2), float("nan"), dtype=dtype, device="cuda"))
+        return plain, act
+
+    for n in (17, 40, 64, 100, 300):
+        x = torch.randn(n, k_in, generator=gen, device="cuda").to(dtype)
+        for splits in (3, 7, None):
+            launched.clear()
+            spread = both(x, splits, None)
+            assert any(name.endswith("r") and "_wg" in name for name in launched), launched
+            assert not any("splitk_reduce" in name for name in launched), launched
+            reduced = both(x, splits, 1)
+            assert any("splitk_reduce" in name for name in launched), launched
+            for a, b in zip(spread, reduced):
+                assert not torch.isnan(a).any()
+                assert torch.equal(a, b), (n, splits)
+            assert all(torch.equal(a, b) for a, b in zip(both(x, splits, None), spread))
+        check(spread[0], x, w.to_dense(), bias)
+    src = torch.randn(64, k_in, generator=gen, device="cuda").to(dtype)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr), k.static_weights():
+        out = both(src * 2, 7, None)
+    for _ in range(3):
+        src.copy_(torch.randn(64, k_in, generator=gen, device="cuda").to(dtype))
+        for t in out:
+            t.fill_(float("nan"))
+        gr.replay()
+        for a, b in zip(out, both(src * 2, 7, 1)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("wgmma,min_n", [("1", 17), ("1", 1), ("0", 17)])
 def test_bitmap_kernels_above_32_tokens(dtype, wgmma, min_n, monkeypatch):
     """On sm_90 the bitmap warpgroup kernel (A from the decoded registers, X in fragment column order; 8 to 128

@@ -97,6 +97,10 @@ TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
 #: the splits and applies the norm / SiLU / residual epilogue), not by a ``splitk_reduce_*`` launch after it;
 #: ``FLASH_LLM_N1_FUSED=0`` for the two launches.
 N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
+#: The warpgroup kernels' split-K summed in the same launch (``_wg<NB>x<R>r``: every block of a row group, once all
+#: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
+#: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
+WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (the others: 4); ``FLASH_LLM_N1_MIN_TILES``
 #: overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at N = 1 on 32 splits)
 N1_MIN_TILES = int(os.environ.get("FLASH_LLM_N1_MIN_TILES", "2"))
@@ -442,7 +446,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     """``x [N, K]`` (CUDA, fp16/bf16) times the compressed ``W [m, k]`` transposed -> ``[N, m]``.
 
     ``splits`` overrides the split-K heuristic, ``force_sparse`` the large-N dispatch, ``ways`` (1 or 4) the
-    Tiled-CSL reduction's :func:`reduce_ways`, and ``out`` (contiguous, ``[N, m]``, or ``[N, m / 2]`` with ``act``)
+    Tiled-CSL reduction's :func:`reduce_ways` (given, the warpgroup kernels' split-K goes to that reduction, not
+    :data:`WG_SPREAD`'s), and ``out`` (contiguous, ``[N, m]``, or ``[N, m / 2]`` with ``act``)
     receives the result (tests poison it first).
 
     Around the product (each computed inside the kernels where :func:`epilogue_fusable` says so for the launch, and
@@ -506,6 +511,9 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
         _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
         return y
+    if ways is None and _wg_spread_ok(fmt, name, p, m, act, blocks, threads, shared, dev):
+        _launch_wg_spread(name, x, data, offsets, m, k, bias_ptr, y, p, blocks, threads, shared, act, stream, dev, vec)
+        return y
     if p.splits > 1:
         # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction)
         ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + (p.splits if norm is not None else 0),
@@ -551,6 +559,33 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
     args += [(norm[0].data_ptr() if norm is not None else 0, P), (mode, I),
              (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
     launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
+           pdl=PDL_SPMM and getattr(_static, "on", False))
+
+
+def _wg_spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, threads: int, shared: int,
+                  dev: torch.device) -> bool:
+    """Whether :func:`spmm_cuda` sums the split-K of Tiled-CSL warpgroup kernel ``name`` in its own launch
+    (:data:`WG_SPREAD`): the blocks of a row group wait for each other there, so only when the whole grid is resident
+    at once (``blocks x splits`` within the SMs' room for the ``r`` kernel) and, with SiLU x up, when the up rows
+    start on a block (``m / 2`` a multiple of the block's rows)."""
+    if not (WG_SPREAD and p.splits > 1 and fmt == TILED_CSL and "_wg" in name):
+        return False
+    if act is not None and (m // 2) % p.block_rows:
+        return False
+    return blocks * p.splits <= sm_count(dev.index) * blocks_per_sm(name + "r", dev.index, threads, shared)
+
+
+def _launch_wg_spread(name, x, data, offsets, m, k, bias_ptr, y, p, blocks, threads, shared, act, stream, dev,
+                      vec) -> None:
+    """``tiled_csl_spmm_<dtype>_wg<NB>x<R>r``: the warpgroup kernel whose blocks sum their row group's split-K
+    themselves, a share each (partial tiles as for ``splitk_reduce``; two counters per row group)."""
+    tiles = ceil_div(m, ROWS_PER_BLOCK) * ceil_div(x.shape[0], 32)
+    ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 32, dtype=torch.float32, device=dev)
+    tickets = _scratch.get_tickets(dev, stream, 2 * blocks)
+    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, x.shape[0],
+                      p, vec)
+    args.append((_RED_SILU if act else 0, I))
+    launch(name + "r", (blocks, p.splits, 1), threads, args, stream, dev.index, shared,
            pdl=PDL_SPMM and getattr(_static, "on", False))
 
 
