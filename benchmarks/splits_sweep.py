@@ -4,16 +4,20 @@ and cuBLAS, all in one process (CUDA-graph replays, weights rotated beyond L2; `
 ``--wg32 both`` the Tiled-CSL N = 17-32 points are timed with and without the warpgroup kernel ``_wg32x2``.
 
     python benchmarks/splits_sweep.py [--fmt tiled-csl] [--shapes 6144x4096,4096x4096,28672x4096,4096x14336]
-                                      [--ns 16,32,64] [--sparsity 0.8] [--max-splits 16] [--wg32 both]
+                                      [--ns 16,32,64] [--sparsity 0.8] [--max-splits 16] [--wg32 both] [--pdl]
 
 Default shapes: Llama-3-8B's merged q/k/v, o, merged gate/up and down, the layers of the end-to-end decode.  Prints
 one markdown row per (shape, N, kernel): the heuristic's splits and time, the best splits and time, cuBLAS, and the
-time at every split count (microseconds; absolute times hold for the card it ran on).
+time at every split count (microseconds; absolute times hold for the card it ran on).  ``--pdl`` times the sparse
+kernels under ``kernels.static_weights()``, launched programmatically as the decode engine runs them (each spmm's blocks
+load their first weight entries while the one before finishes).  Session 20 found the engine disagreeing with the plain
+sweep: split counts the plain sweep timed as fast or faster ran Llama-3-8B's decode 5-8 % slower at batch 32 / 64.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 from _timing import copies_needed, time_calls
@@ -32,13 +36,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-splits", type=int, default=16)
     ap.add_argument("--wg32", choices=["on", "both"], default="both",
                     help="both: Tiled-CSL N = 17-32 also without the warpgroup kernel (TCSL_WG32_MIN_DENSITY = 2)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="time the sparse kernels under kernels.static_weights() (programmatic launches, as the engine)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("splits_sweep.py needs a CUDA GPU")
     cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
     fmt = FORMAT_IDS[cls]
     dev = torch.cuda.current_device()
-    print(f"{torch.cuda.get_device_name()}: {a.fmt} at {a.sparsity:.0%}, fp16")
+    print(f"{torch.cuda.get_device_name()}: {a.fmt} at {a.sparsity:.0%}, fp16" +
+          (", programmatic launches (static_weights)" if a.pdl else ""))
     print("| shape | N | kernel | heuristic splits: us | best splits: us | cuBLAS us | us by splits |")
     print("|---|---|---|---|---|---|---|")
     default_density = K.TCSL_WG32_MIN_DENSITY
@@ -73,9 +80,10 @@ def main(argv=None) -> int:
                 err = float((run(fs[0], None).float() - ref).abs().max())
                 if err > 0.05 * float(ref.abs().max()) + 0.1:
                     raise SystemExit(f"{shape} N={n} {name}: max error {err} against F.linear")
-                times = {s: time_calls([lambda c=c, s=s: run(c, s) for c in fs]) * 1e6 for s in cands}
-                if chosen not in times:
-                    times[chosen] = time_calls([lambda c=c: run(c, chosen) for c in fs]) * 1e6
+                with K.static_weights() if a.pdl else contextlib.nullcontext():
+                    times = {s: time_calls([lambda c=c, s=s: run(c, s) for c in fs]) * 1e6 for s in cands}
+                    if chosen not in times:
+                        times[chosen] = time_calls([lambda c=c: run(c, chosen) for c in fs]) * 1e6
                 best = min(times, key=times.get)
                 by = " ".join(f"{s}:{times[s]:.1f}" for s in sorted(times))
                 print(f"| {shape} | {n} | {name.split('_spmm_')[1]} | {chosen}: {times[chosen]:.1f} | "
