@@ -110,8 +110,9 @@ N1_MIN_TILES = int(os.environ.get("FLASH_LLM_N1_MIN_TILES", "2"))
 #: weight's.  Fitted on H200 (session 10, ``benchmarks/splits_sweep.py``, Llama-3-8B's four layers at 80 %,
 #: N = 32 / 64, every split count 1-16): the chosen split's time was 1.00-1.03x the best (mean 1.006), where the
 #: slot model of the other kernels gave up to 1.12x (mean 1.041): merged gate/up at N = 32 70.7 -> 63.2 us.
-#: ``FLASH_LLM_WG_LATENCY_SHARE`` overrides the share (session 20: 0.55, which fitted a new single-kernel sweep
-#: better, ran Llama-3-8B's decode 5-8 % slower at batch 32 / 64, so 0.8 stays).
+#: ``FLASH_LLM_WG_LATENCY_SHARE`` overrides the share.  Session 20: 0.55, fitted on a sweep of plain launches, ran
+#: Llama-3-8B's decode 5-8 % slower at batch 32 / 64; swept as the engine launches the spmm (programmatically,
+#: ``splits_sweep.py --pdl``), 0.8 picks the fastest count on 7 of those 8 layers (``tests/test_plan.py``).
 WG_LATENCY_SHARE = float(os.environ.get("FLASH_LLM_WG_LATENCY_SHARE", "0.8"))
 WG_WS_WEIGHT = 0.25
 #: The same for the bitmap warpgroup kernels (``bitmap_spmm_*_wg<NB>``), fitted on their own sweep (session 10,
