@@ -1172,19 +1172,21 @@ constexpr int wg_smem_bytes(int NB, int R, int S) { return R * S * 8192 + S * NB
 // costs 9-12 % of these kernels (session 13).  With S = 2 each tile's writes are read at the next tile, so every tile
 // fences; with S = 3 they are read two tiles later, so the fence at the end of every odd
 // tile (counted from kb) covers the writes of that tile and the one before.
-// Split-K of the warpgroup kernels summed in the same launch, spread over the group's blocks
-// (tiled_csl_spmm_<dtype>_wg<NB>x<R>r, kernels.WG_SPREAD).  A group is the (splits) blocks of one row block and N chunk,
-// with RED_SILU (mode) those of a gate row block and of its up row block M / 2 rows further (the launcher asks
-// M / 2 % (64 R) == 0).  Each block stores its partial tiles as for splitk_reduce, takes the group's arrival ticket
-// (acquire-release, thread 0) and waits until every block of the group has stored; then block `me` of the group's
-// `parts` sums the me-th 1 / parts of the group's float4 groups over the splits, in split order (the bits of
-// splitk_reduce with one way), and stores them with the reduction's rounding steps (bias; SiLU x up).  The last block
-// to leave (a second counter) resets both counters.  Blocks wait for blocks of the same launch, so the launcher takes
-// this path only when the whole grid is resident at once (one wave); session 18's `wg_fused`, where the last block
-// summed the whole group alone, lost to the second launch.
-template <bool BF16, int NB, int R>
-DEVI void wg_spread_sum(const Problem& p, int mode, int row_tiles, int nl) {
-  constexpr int CPB = NB / 32, ITEMS = R * CPB * 512;  // 32-token partial tiles per block; float4 groups per group
+// Split-K summed in the same launch, spread over the group's blocks (the warpgroup kernels'
+// tiled_csl_spmm_<dtype>_wg<NB>x<R>r, kernels.WG_SPREAD; the one-warp kernels' tiled_csl_spmm_<dtype>_nt<NT>r,
+// kernels.NT_SPREAD).  A group is the (splits) blocks of one row block and N chunk, with RED_SILU (mode) those of a gate
+// row block and of its up row block M / 2 rows further (the launcher asks M / 2 % (64 R) == 0).  Each block stores its
+// partial tiles as for splitk_reduce, takes the group's arrival ticket (acquire-release, thread 0) and waits until
+// every block of the group has stored; then block `me` of the group's `parts` sums the me-th 1 / parts of the group's
+// float4 groups over the splits, in split order (the bits of splitk_reduce with one way), and stores them with the
+// reduction's rounding steps (bias; SiLU x up).  The last block to leave (a second counter) resets both counters.
+// Blocks wait for blocks of the same launch, so the launcher takes this path only when the whole grid is resident at
+// once (one wave); session 18's `wg_fused`, where the last block summed the whole group alone, lost to the second
+// launch.  Layout: a block covers R 64-row tile rows x CPB partial tiles of 8 NT tokens (the warpgroup kernels: NT = 4,
+// CPB = NB / 32; the one-warp kernels: R = CPB = 1); `row_tiles` x `nl` partial tiles per split; T threads a block.
+template <bool BF16, int NT, int R, int CPB, int T>
+DEVI void spread_sum(const Problem& p, int mode, int row_tiles, int nl) {
+  constexpr int Q = 128 * NT, ITEMS = R * CPB * Q;  // float4 groups per partial tile; per group of blocks
   const bool silu = mode & RED_SILU;
   const int rb = blockIdx.x / p.n_chunks, nc = blockIdx.x % p.n_chunks;
   const int rbs = gridDim.x / p.n_chunks, half = rbs / 2;  // row blocks; RED_SILU: the first up row block
@@ -1200,15 +1202,15 @@ DEVI void wg_spread_sum(const Problem& p, int mode, int row_tiles, int nl) {
     while (ld_acquire(arrive) < parts) __nanosleep(64);
   }
   __syncthreads();  // thread 0's acquire before every thread's loads
-  const long long stride = (long long)row_tiles * nl * 512;  // float4s per split
-  const long long up = (long long)half * R * nl * 512;       // RED_SILU: gate tile row -> its up tile row
+  const long long stride = (long long)row_tiles * nl * Q;  // float4s per split
+  const long long up = (long long)half * R * nl * Q;       // RED_SILU: gate tile row -> its up tile row
   const int lo = (int)((long long)me * ITEMS / parts), hi = (int)((long long)(me + 1) * ITEMS / parts);
-  for (int i = lo + (int)threadIdx.x; i < hi; i += 128 * R) {
-    const int tile_row = grb * R + i / (CPB * 512), chunk = nc * CPB + (i / 512) % CPB, q = i % 512;
+  for (int i = lo + (int)threadIdx.x; i < hi; i += T) {
+    const int tile_row = grb * R + i / (CPB * Q), chunk = nc * CPB + (i / Q) % CPB, q = i % Q;
     int m, n;
-    group_row_col<4>(q, tile_row * 64, chunk * 32, m, n);
+    group_row_col<NT>(q, tile_row * 64, chunk * 8 * NT, m, n);
     if (tile_row >= row_tiles || chunk >= nl || m >= (silu ? p.M / 2 : p.M) || n >= p.N) continue;  // never stored
-    const float4* src = reinterpret_cast<const float4*>(p.ws) + ((long long)tile_row * nl + chunk) * 512 + q;
+    const float4* src = reinterpret_cast<const float4*>(p.ws) + ((long long)tile_row * nl + chunk) * Q + q;
     const float4 v = sum_splits(src, stride, 0, p.splits);
     if (silu)
       store_silu_group<BF16>(v, sum_splits(src + up, stride, 0, p.splits), p.y, p.M / 2, p.N, m, n);
@@ -1329,7 +1331,7 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
     store_acc<BF16, 4>(p, acc, tile_row * 4 + warp, warp, active && chunk < nl && tile_row * 4 + warp < mt,
                        chunk * 32, lane, tile_row * nl + chunk, tiles);
   }
-  if (SPREAD && p.splits > 1) wg_spread_sum<BF16, NB, R>(p, mode, row_tiles, nl);
+  if (SPREAD && p.splits > 1) spread_sum<BF16, 4, R, NB / 32, 128 * R>(p, mode, row_tiles, nl);
 #else
   __trap();  // launched only on sm_90 (kernels.spmm_cuda)
 #endif
@@ -1799,7 +1801,7 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
     pdl_launch_dependents();                                                                              \
     tiled_csl_wg_body<BF16, NB, R, S>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);          \
   }
-// tiled_csl_spmm_<dtype>_wg<NB>x<R>r: the same with the split-K summed in the launch (wg_spread_sum; mode: 0 or RED_SILU)
+// tiled_csl_spmm_<dtype>_wg<NB>x<R>r: the same with the split-K summed in the launch (spread_sum; mode: 0 or RED_SILU)
 #define INSTANTIATE_WGR(NAME, BF16, NB, R, MINB, S)                                                       \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
   tiled_csl_spmm_##NAME##_wg##NB##x##R##r(SPMM_ARGS, int mode) {                                          \
