@@ -4,20 +4,27 @@ cold clock slows them while the memory-bound cuBLAS call does not notice).  Unti
 alone, which let host delays into the time: small layers (4096 x 4096) read 80-200 us.
 
     python benchmarks/time_across_n.py [--fmt bitmap|tiled-csl] [--m 9216] [--k 36864] [--sparsity 0.8]
-                                       [--ns 1,8,16,32,64] [--dtype fp16] [--force-sparse]
+                                       [--ns 1,8,16,32,64] [--dtype fp16] [--force-sparse] [--pdl] [--l2-resident]
 
 The weights rotate through enough copies to exceed 3x L2 (one copy at the default shape, 680 MB dense; a 4096 x 14336
 Tiled-CSL weight at 80 % is 47 MB and needs 4, its dense one 2).  Prints a markdown table (same-run ratios;
 absolute times hold for the card it ran on).
+
+What-ifs for the decode engine: ``--pdl`` times the sparse calls under ``kernels.static_weights()`` (launched
+programmatically, as the engine launches them); ``--l2-resident`` times one copy of each weight, no rotation, so a
+weight that fits in L2 is read from it (how fast a small layer could run if its weight were in L2 beforehand, e.g. asked
+for during the kernels before it).
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
 from _timing import copies_needed
 
 import flash_llm
+from flash_llm import kernels
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--fmt", choices=["bitmap", "tiled-csl"], default="bitmap")
@@ -28,14 +35,17 @@ ap.add_argument("--ns", default="1,8,16,32,64")
 ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
 ap.add_argument("--force-sparse", action="store_true",
                 help="time the sparse kernel at every N (no expansion + cuBLAS for large N)")
+ap.add_argument("--pdl", action="store_true", help="the sparse calls under kernels.static_weights() (as the engine)")
+ap.add_argument("--l2-resident", action="store_true", help="one copy of each weight, no rotation (L2 hits)")
 a = ap.parse_args()
 dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
 w = torch.randn(a.m, a.k, device="cuda").to(dtype)
 w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
 cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
 fs = [cls.from_dense(w)]
-fs += [cls.from_dense(w) for _ in range(copies_needed(fs[0].nbytes) - 1)]
-ws = [w] + [w.clone() for _ in range(copies_needed(w.numel() * w.element_size()) - 1)]
+if not a.l2_resident:
+    fs += [cls.from_dense(w) for _ in range(copies_needed(fs[0].nbytes) - 1)]
+ws = [w] + ([] if a.l2_resident else [w.clone() for _ in range(copies_needed(w.numel() * w.element_size()) - 1)])
 f = fs[0]
 
 
@@ -91,7 +101,7 @@ else:
 
 
 print(f"{torch.cuda.get_device_name()}: {a.fmt} {a.m} x {a.k} {a.dtype} at {a.sparsity:.0%} "
-      f"({len(fs)} / {len(ws)} rotating copies)")
+      f"({len(fs)} / {len(ws)} rotating copies{', sparse calls under static_weights' if a.pdl else ''})")
 print(f"| N | {a.fmt} us | cuBLAS dense us | speedup | max err / cuBLAS's |")
 print("|---|---|---|---|---|")
 for n in (int(v) for v in a.ns.split(",")):
@@ -99,6 +109,7 @@ for n in (int(v) for v in a.ns.split(",")):
     y, ref = flash_llm.spmm(x, f), x.double() @ w.double().t()  # the dispatched path's error
     err = float((y.double() - ref).abs().max()) / max(float((torch.nn.functional.linear(x, w).double() - ref)
                                                              .abs().max()), 1e-30)
-    ts = median_us(rotating(lambda c: sparse(x, c), fs))
+    with kernels.static_weights() if a.pdl else contextlib.nullcontext():
+        ts = median_us(rotating(lambda c: sparse(x, c), fs))
     td = median_us(rotating(lambda c: torch.nn.functional.linear(x, c), ws))
-    print(f"| {n} | {ts:.0f} | {td:.0f} | {td / ts:.2f}x | {err:.2f} |", flush=True)
+    print(f"| {n} | {ts:.1f} | {td:.1f} | {td / ts:.2f}x | {err:.2f} |", flush=True)
