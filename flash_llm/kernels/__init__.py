@@ -514,23 +514,27 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
         _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
         return y
-    if ways is None and _wg_spread_ok(fmt, name, p, m, act, blocks, threads, shared, dev):
-        _launch_wg_spread(name, x, data, offsets, m, k, bias_ptr, y, p, blocks, threads, shared, act, stream, dev, vec)
-        return y
+    # the ``_wg<NB>x<R>r`` kernel sums its split-K itself (two counters per row group), else splitk_reduce, below
+    spread = ways is None and _wg_spread_ok(fmt, name, p, m, act, blocks, threads, shared, dev)
     if p.splits > 1:
         # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction)
         ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + (p.splits if norm is not None else 0),
                          dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
-        if fmt == BITMAP and not bw:  # the last block of a row group sums the partials; else splitk_reduce, below
+        if spread:
+            tk_ptr = _scratch.get_tickets(dev, stream, 2 * blocks).data_ptr()
+        elif fmt == BITMAP and not bw:  # the last block of a row group sums the partials; else splitk_reduce, below
             tk_ptr = _scratch.get_tickets(dev, stream, tiles).data_ptr()
     args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws_ptr, tk_ptr, m, k, n, p, vec)
     if norm is not None:  # tiled_csl_spmm_<dtype>_n1s: X's columns scaled by the norm's weight
         name += "s"
         args.append((norm[0].data_ptr(), P))
+    if spread:
+        name += "r"
+        args.append((_RED_SILU if act else 0, I))
     launch(name, (blocks, p.splits, 1), threads, args, stream, dev.index, shared,
            pdl=fmt == TILED_CSL and PDL_SPMM and getattr(_static, "on", False))
-    if p.splits > 1 and (fmt == TILED_CSL or bw):
+    if p.splits > 1 and (fmt == TILED_CSL or bw) and not spread:
         w = ways or reduce_ways(tiles, p.nt, sm_count(dev.index))
         # Programmatic launch (the reduction's blocks wait resident for the spmm) at N <= 8 only.  H200, session 7:
         # Llama-3-8B decode at 80 % 1.1-1.3 % faster per token; but 4096 x 14336 at N = 16 25 -> 27 us (its
@@ -576,20 +580,6 @@ def _wg_spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, 
     if act is not None and (m // 2) % p.block_rows:
         return False
     return blocks * p.splits <= sm_count(dev.index) * blocks_per_sm(name + "r", dev.index, threads, shared)
-
-
-def _launch_wg_spread(name, x, data, offsets, m, k, bias_ptr, y, p, blocks, threads, shared, act, stream, dev,
-                      vec) -> None:
-    """``tiled_csl_spmm_<dtype>_wg<NB>x<R>r``: the warpgroup kernel whose blocks sum their row group's split-K
-    themselves, a share each (partial tiles as for ``splitk_reduce``; two counters per row group)."""
-    tiles = ceil_div(m, ROWS_PER_BLOCK) * ceil_div(x.shape[0], 32)
-    ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 32, dtype=torch.float32, device=dev)
-    tickets = _scratch.get_tickets(dev, stream, 2 * blocks)
-    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, x.shape[0],
-                      p, vec)
-    args.append((_RED_SILU if act else 0, I))
-    launch(name + "r", (blocks, p.splits, 1), threads, args, stream, dev.index, shared,
-           pdl=PDL_SPMM and getattr(_static, "on", False))
 
 
 #: the epilogue bits of the split-K reductions (``RED_*`` in spmm.cu)

@@ -1173,8 +1173,7 @@ constexpr int wg_smem_bytes(int NB, int R, int S) { return R * S * 8192 + S * NB
 // fences; with S = 3 they are read two tiles later, so the fence at the end of every odd
 // tile (counted from kb) covers the writes of that tile and the one before.
 // Split-K summed in the same launch, spread over the group's blocks (the warpgroup kernels'
-// tiled_csl_spmm_<dtype>_wg<NB>x<R>r, kernels.WG_SPREAD; the one-warp kernels' tiled_csl_spmm_<dtype>_nt<NT>r,
-// kernels.NT_SPREAD).  A group is the (splits) blocks of one row block and N chunk, with RED_SILU (mode) those of a gate
+// tiled_csl_spmm_<dtype>_wg<NB>x<R>r, kernels.WG_SPREAD).  A group is the (splits) blocks of one row block and N chunk, with RED_SILU (mode) those of a gate
 // row block and of its up row block M / 2 rows further (the launcher asks M / 2 % (64 R) == 0).  Each block stores its
 // partial tiles as for splitk_reduce, takes the group's arrival ticket (acquire-release, thread 0) and waits until
 // every block of the group has stored; then block `me` of the group's `parts` sums the me-th 1 / parts of the group's
@@ -1183,7 +1182,7 @@ constexpr int wg_smem_bytes(int NB, int R, int S) { return R * S * 8192 + S * NB
 // Blocks wait for blocks of the same launch, so the launcher takes this path only when the whole grid is resident at
 // once (one wave); session 18's `wg_fused`, where the last block summed the whole group alone, lost to the second
 // launch.  Layout: a block covers R 64-row tile rows x CPB partial tiles of 8 NT tokens (the warpgroup kernels: NT = 4,
-// CPB = NB / 32; the one-warp kernels: R = CPB = 1); `row_tiles` x `nl` partial tiles per split; T threads a block.
+// CPB = NB / 32); `row_tiles` x `nl` partial tiles per split; T threads a block.
 template <bool BF16, int NT, int R, int CPB, int T>
 DEVI void spread_sum(const Problem& p, int mode, int row_tiles, int nl) {
   constexpr int Q = 128 * NT, ITEMS = R * CPB * Q;  // float4 groups per partial tile; per group of blocks
