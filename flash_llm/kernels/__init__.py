@@ -101,9 +101,15 @@ N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
 #: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
 WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
-#: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (the others: 4); ``FLASH_LLM_N1_MIN_TILES``
-#: overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at N = 1 on 32 splits)
+#: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
+#: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
+#: N = 1 on 32 splits)
 N1_MIN_TILES = int(os.environ.get("FLASH_LLM_N1_MIN_TILES", "2"))
+#: The same for the one-warp MMA kernels ``_nt1`` and ``_nt2`` (N = 2-16; ``_nt4`` and the warpgroup kernels keep 4);
+#: ``FLASH_LLM_NT_MIN_TILES`` overrides it.  Session 21's split sweep launched as the engine does (one H200,
+#: ``tests/data/splits_h200_s21_pdl.json``): Llama-3-8B q/k/v and o at N = 8 / 16 ran 11.9 / 16.3 and 10.8 / 13.1 us at
+#: 22 and 32 splits, against 16.2 / 18.4 and 14.7 / 17.5 at the 16 that 4 tiles allowed.
+NT_MIN_TILES = int(os.environ.get("FLASH_LLM_NT_MIN_TILES", "2"))
 
 #: The split-K model of the Tiled-CSL warpgroup kernels (:func:`plan`): a lone block on an SM takes this share of a
 #: full SM's round of ``blocks_per_sm`` blocks, and the partial sums weigh WG_WS_WEIGHT of their bytes against the
@@ -264,7 +270,8 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     unused SMs) -- times ``1 + ws``, where ``ws`` is the fp32 partial-sum traffic
     (``s * n * m * 8`` bytes, L2-resident) relative to the weight's bytes in its format, plus a
     small cost per split for the reduction.  Every split keeps at least 4 strips per warp (the Tiled-CSL N = 1
-    kernel ``_n1``: 2 tiles; session 14, Llama-3-8B o at N = 1: 32 splits 10.7 us against 11.4 for 16).  A block covers
+    kernel ``_n1``: 2 tiles, :data:`N1_MIN_TILES`; session 14, Llama-3-8B o at N = 1: 32 splits 10.7 us against 11.4
+    for 16; ``_nt1`` and ``_nt2`` at N = 2-16: 2 tiles too, :data:`NT_MIN_TILES`).  A block covers
     ``block_tokens`` tokens and ``block_rows`` weight rows (:func:`tcsl_block`; ``wgmma`` as there).
 
     The Tiled-CSL warpgroup kernels (:func:`tcsl_block`: ``_wg<NB>x2``) are bound by the SM's throughput, not by each
@@ -289,7 +296,7 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
         share = WG_LATENCY_SHARE if fmt == TILED_CSL else BITMAP_WG_LATENCY_SHARE
         ws_weight = (WG_WS_WEIGHT if fmt == TILED_CSL else BITMAP_WG_WS_WEIGHT) if per_sm else 0.5
         best = None
-        min_tiles = N1_MIN_TILES if kernel == "n1" else 4
+        min_tiles = N1_MIN_TILES if kernel == "n1" else NT_MIN_TILES if kernel in ("nt1", "nt2") else 4
         for s in range(1, max(1, min(64, kt // min_tiles)) + 1):
             kps = ceil_div(kt, s)
             if ceil_div(kt, kps) != s:
