@@ -35,7 +35,7 @@
 #             default the kernel and engine suites), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
 #             80), batches $E2E_BATCHES (default 1,16), base and patch interleaved, twice (about 6 minutes)
 #   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
-#             setting of E2E_ENVS ("A=1 B=0;A=0;" : settings separated by ';', an empty one for the defaults), in order,
+#             setting of E2E_ENVS (";A=1 B=0;A=0": settings separated by ';', an empty one for the defaults), in order,
 #             E2E_ROUNDS times (default 1): switches of the checked-out tree A/B'd end to end in one process each
 #   cross     the wg32x2 / nt4 crossover at N = 17-32: time_across_n.py with FLASH_LLM_TCSL_WG32_MIN_DENSITY = 1 (always
 #             nt4) and = 0 (always wg32x2), 9216 x 36864 at CROSS_SPARSITIES (default "0.7 0.8 0.9"), 4096 x 14336 at 80 %
@@ -118,7 +118,7 @@ for stage in "${@:-tests ab}"; do
                    llama_e2e 150 --format tiled-csl --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} \
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
                fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
-      e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>}"
+      e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
                   (for v in $e; do export "$v"; done; llama_e2e 200 --format tiled-csl --sparsities ${E2E_SPARSITIES:-80} \
                     --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2eenv_r${r}_$i" 2>&1 | grep "b=\|rror\|already")
