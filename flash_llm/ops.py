@@ -170,14 +170,14 @@ def _spmm_add_norm_cuda(acc, x, data, offsets, fmt, m, k, weight):
     if _no_kernels(x.device):
         return _add_norm_reference(acc, x, data, offsets, fmt, m, k, weight)
     xs = torch.empty_like(acc)
-    parts = torch.empty(-(-m // 16), acc.shape[0], dtype=torch.float32, device=acc.device)
+    parts = torch.empty(acc.shape[0], -(-m // 16), dtype=torch.float32, device=acc.device)
     kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, add_to=acc, norm_out=(weight, xs, parts))
     return xs, parts
 
 
 @_spmm_add_norm_op.register_fake
 def _(acc, x, data, offsets, fmt, m, k, weight):
-    return torch.empty_like(acc), acc.new_empty((-(-m // 16), acc.shape[0]), dtype=torch.float32)
+    return torch.empty_like(acc), acc.new_empty((acc.shape[0], -(-m // 16)), dtype=torch.float32)
 
 
 # ---- gradients: d/dx (x W^T + b) = grad W, d/db = sum of grad over rows; the compressed weight itself
@@ -343,7 +343,7 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat) -> torch.Tens
 
 def rms_prescale(x: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The input side of an RMSNorm split off for :func:`spmm_rms_scaled`: ``(x * norm_weight, parts)`` with
-    ``x [..., K]`` flattened to ``[N, K]``, the product rounded to ``x``'s dtype and ``parts [ceil(K / 16), N]`` fp32
+    ``x [..., K]`` flattened to ``[N, K]``, the product rounded to ``x``'s dtype and ``parts [N, ceil(K / 16)]`` fp32
     the partial sums of squares of ``x`` (:func:`~flash_llm.reference.rms_parts`).  Plain PyTorch, any device."""
     k = x.shape[-1]
     if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
@@ -361,7 +361,7 @@ def spmm_rms_scaled(xs: torch.Tensor, parts: torch.Tensor, eps: float, w: Sparse
     Args:
         xs: ``[N, K]`` the norm's input times its weight, rounded (:func:`rms_prescale` or :func:`spmm_add_norm_`),
             fp16 or bf16 (the dtype of ``w``).
-        parts: ``[P, N]`` float32 partial sums of squares of the norm's input: their sum over ``P`` is each token's.
+        parts: ``[N, P]`` float32 partial sums of squares of the norm's input: their sum over ``P`` is each token's.
         eps: the RMSNorm's epsilon.
         w: compressed weight of logical shape ``[M, K]``.
         act: ``None``, or ``"silu_mul"`` for a merged gate / up weight (as :func:`spmm_silu_mul`).
@@ -381,8 +381,8 @@ def spmm_rms_scaled(xs: torch.Tensor, parts: torch.Tensor, eps: float, w: Sparse
         raise ValueError(f"w has {m} rows; a merged gate / up weight has an even number (gate rows, then up rows)")
     n = xs.shape[0]
     if (not isinstance(parts, torch.Tensor) or parts.dtype != torch.float32 or parts.dim() != 2
-            or parts.shape[0] < 1 or parts.shape[1] != n or parts.device != xs.device):
-        raise ValueError(f"parts must be a float32 [P >= 1, {n}] tensor on {xs.device}, got "
+            or parts.shape[1] < 1 or parts.shape[0] != n or parts.device != xs.device):
+        raise ValueError(f"parts must be a float32 [{n}, P >= 1] tensor on {xs.device}, got "
                          f"{getattr(parts, 'dtype', type(parts).__name__)} {tuple(getattr(parts, 'shape', ()))}")
     return _spmm_rms_scaled_op(xs.contiguous(), parts.contiguous(), float(eps), w.data, w.offsets,
                                FORMAT_IDS[type(w)], m, k, act is not None)
@@ -391,7 +391,7 @@ def spmm_rms_scaled(xs: torch.Tensor, parts: torch.Tensor, eps: float, w: Sparse
 def spmm_add_norm_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, norm_weight: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`spmm_add_` and the input side of the RMSNorm after it: ``acc += x @ w^T`` in place, then returns
-    :func:`rms_prescale` ``(acc, norm_weight)``: ``(acc * norm_weight [N, M], parts [ceil(M / 16), N])`` for
+    :func:`rms_prescale` ``(acc, norm_weight)``: ``(acc * norm_weight [N, M], parts [N, ceil(M / 16)])`` for
     :func:`spmm_rms_scaled`.  ``acc [..., M]`` as :func:`spmm_add_`'s, ``norm_weight [M]`` in its dtype.  On CUDA
     after the one-warp Tiled-CSL kernels (2-16 tokens) with split-K, all of it happens in the split-K reduction.  Not
     differentiable."""

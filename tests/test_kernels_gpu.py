@@ -243,7 +243,7 @@ def test_rms_and_norm_out_around_the_one_warp_kernels(dtype, k_in, monkeypatch):
         xs, parts = rms_prescale(x, g_in)
         for splits in (1, 3, None):
             fused = n <= 16 and splits != 1
-            for p in (parts, parts.sum(0, keepdim=True)):  # 129 parts or one
+            for p in (parts, parts.sum(1, keepdim=True)):  # 129 parts or one
                 launched.clear()
                 out = torch.full((n, m_in), float("nan"), dtype=dtype, device="cuda")
                 got = k.spmm_cuda(xs, wi.data, wi.offsets, tcsl, m_in, k_in, None, splits=splits, force_sparse=True,
@@ -266,7 +266,7 @@ def test_rms_and_norm_out_around_the_one_warp_kernels(dtype, k_in, monkeypatch):
             acc = torch.randn(n, m_out, generator=gen, device="cuda").to(dtype)
             plain = acc + run_kernel(x, wo, None, splits=splits, force_sparse=True)
             xs_o = torch.full((n, m_out), float("nan"), dtype=dtype, device="cuda")
-            parts_o = torch.full(((m_out + 15) // 16, n), float("nan"), device="cuda")
+            parts_o = torch.full((n, (m_out + 15) // 16), float("nan"), device="cuda")
             launched.clear()
             assert k.spmm_cuda(x, wo.data, wo.offsets, tcsl, m_out, k_in, None, splits=splits, force_sparse=True,
                                add_to=acc, norm_out=(g_out, xs_o, parts_o)) is acc
@@ -277,7 +277,7 @@ def test_rms_and_norm_out_around_the_one_warp_kernels(dtype, k_in, monkeypatch):
     with pytest.raises(ValueError, match="norm_out goes with add_to"):
         k.spmm_cuda(x, wo.data, wo.offsets, tcsl, m_out, k_in, None, norm_out=(g_out, xs_o, parts_o))
     with pytest.raises(ValueError, match="rms's partial sums"):
-        k.spmm_cuda(xs, wi.data, wi.offsets, tcsl, m_in, k_in, None, rms=(parts[:, :1].contiguous(), 1e-5))
+        k.spmm_cuda(xs, wi.data, wi.offsets, tcsl, m_in, k_in, None, rms=(parts[:1].contiguous(), 1e-5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

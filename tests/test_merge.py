@@ -222,11 +222,11 @@ def test_norm_split_around_the_projections_on_the_cpu(fmt, dtype):
     x = (4 * torch.randn(6, 100)).to(dtype)
     g = (torch.rand(100) + 0.5).to(dtype)
     xs, parts = flash_llm.ops.rms_prescale(x, g)
-    assert torch.equal(xs, x * g) and parts.shape == (7, 6) and parts.dtype == torch.float32
-    torch.testing.assert_close(parts.sum(0), x.float().pow(2).sum(-1))
+    assert torch.equal(xs, x * g) and parts.shape == (6, 7) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.sum(1), x.float().pow(2).sum(-1))
     want = flash_llm.ops.spmm_rms_norm(x, g, 1e-5, w).float()
     tol = 2 * (2.0**-10 if dtype == torch.float16 else 2.0**-7) * (1 + want.abs().max().item())
-    for p in (parts, parts.sum(0, keepdim=True)):
+    for p in (parts, parts.sum(1, keepdim=True)):
         got = flash_llm.ops.spmm_rms_scaled(xs, p, 1e-5, w)
         assert got.shape == (6, 144) and got.dtype == dtype
         torch.testing.assert_close(got.float(), want, rtol=0, atol=tol)
@@ -239,7 +239,7 @@ def test_norm_split_around_the_projections_on_the_cpu(fmt, dtype):
     got_xs, got_parts = flash_llm.ops.spmm_add_norm_(acc, h, wo, g)
     assert torch.equal(acc, plain) and torch.equal(got_xs, plain * g) and torch.equal(got_parts, rms_parts(plain))
     with pytest.raises(ValueError, match="parts must be a float32"):
-        flash_llm.ops.spmm_rms_scaled(xs, parts[:, :5], 1e-5, w)
+        flash_llm.ops.spmm_rms_scaled(xs, parts[:5], 1e-5, w)
     with pytest.raises(ValueError, match="parts must be a float32"):
         flash_llm.ops.spmm_rms_scaled(xs, parts.double(), 1e-5, w)
     with pytest.raises(ValueError, match=r"xs must be \[N, K\]"):

@@ -473,11 +473,11 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
       not bit for bit.
     - ``add_to`` (``[N, m]``, contiguous, the dtype of ``x``): the product (+ bias), rounded, is added into it in
       place (the residual add of a layer); ``add_to`` is returned.  Not with ``act``, ``norm`` or ``out``.
-    - ``rms=(parts [P, N] fp32, eps)``: ``x`` is an RMSNorm's input already scaled by the norm's weight; each
+    - ``rms=(parts [N, P] fp32, eps)``: ``x`` is an RMSNorm's input already scaled by the norm's weight; each
       token's sums are multiplied by ``rsqrt(parts[:, n].sum() / K + eps)`` (``reference.rms_factors``) before
       rounding: :func:`~flash_llm.reference.rms_scaled_product`.  Fused in the reduction after the one-warp
       Tiled-CSL kernels (N = 2-16) with split-K.  Not with ``norm``.
-    - ``norm_out=(weight [m], xs [N, m], parts [ceil(m / 16), N] fp32)``, with ``add_to``: the next RMSNorm's input
+    - ``norm_out=(weight [m], xs [N, m], parts [N, ceil(m / 16)] fp32)``, with ``add_to``: the next RMSNorm's input
       side as well: ``xs <- add_to * weight`` (after the add, rounded as torch) and ``parts <-``
       :func:`~flash_llm.reference.rms_parts` ``(add_to)`` (its sums in another order), the inputs of an ``rms``
       product.  Fused in the reduction where ``rms`` is.
@@ -564,7 +564,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
                 + ("resid_" if add_to is not None else "") + ("norm_" if norm_out is not None else ""))
         # RED_RMS's partial sums of squares: the n1s kernel's, one per split after the partial tiles, or rms's
         rin, parts = ((ws_ptr + 4 * (ws.numel() - p.splits), p.splits) if norm is not None
-                      else (rms[0].data_ptr(), rms[0].shape[0]) if rms is not None else (0, 0))
+                      else (rms[0].data_ptr(), rms[0].shape[1]) if rms is not None else (0, 0))
         eps = float(norm[1]) if norm is not None else float(rms[1]) if rms is not None else 0.0
         g_ptr, xs_ptr, rout = (t.data_ptr() for t in norm_out) if norm_out is not None else (0, 0, 0)
         launch(f"splitk_reduce_{mode}{_dtype_suffix(x.dtype)}_nt{p.nt}",
@@ -665,9 +665,9 @@ def _check_rms(rms, norm, norm_out, add_to, x: torch.Tensor, m: int, n: int) -> 
     if rms is not None:
         if norm is not None:
             raise ValueError("rms and norm exclude each other (rms: x is already scaled by the norm's weight)")
-        if not isinstance(rms[0], torch.Tensor) or rms[0].dim() != 2 or rms[0].shape[0] < 1:
-            raise ValueError(f"rms's partial sums must be [P >= 1, {n}], got {tuple(getattr(rms[0], 'shape', ()))}")
-        fp32(rms[0], (rms[0].shape[0], n), "rms's partial sums")
+        if not isinstance(rms[0], torch.Tensor) or rms[0].dim() != 2 or rms[0].shape[1] < 1:
+            raise ValueError(f"rms's partial sums must be [{n}, P >= 1], got {tuple(getattr(rms[0], 'shape', ()))}")
+        fp32(rms[0], (n, rms[0].shape[1]), "rms's partial sums")
     if norm_out is not None:
         if add_to is None:
             raise ValueError("norm_out goes with add_to (the residual stream it normalizes)")
@@ -678,7 +678,7 @@ def _check_rms(rms, norm, norm_out, add_to, x: torch.Tensor, m: int, n: int) -> 
         if not (isinstance(xs, torch.Tensor) and xs.shape == (n, m) and xs.dtype == x.dtype and xs.is_contiguous()
                 and xs.device == x.device):
             raise ValueError(f"norm_out's xs must be a contiguous [{n}, {m}] {x.dtype} tensor on {x.device}")
-        fp32(parts, (ceil_div(m, 16), n), "norm_out's partial sums")
+        fp32(parts, (n, ceil_div(m, 16)), "norm_out's partial sums")
 
 
 def _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to, rms=None,

@@ -1653,13 +1653,14 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 //   M + m, which sits M / 64 row tiles further in the partial sums.
 // - RED_RMS: the sums of token n are multiplied by its RMSNorm factor rsqrt(mean(x^2) + eps) before anything else:
 //   with the norm's weight folded into X before the spmm, the product of the normalized X.  The mean comes from
-//   `parts` partial sums of squares of the token's row of X, rin[p * N + n] (p < parts): the n1s kernel's one per
+//   `parts` partial sums of squares of the token's row of X, rin[n * parts + p] (p < parts): the n1s kernel's one per
 //   split (N = 1), or a RED_NORM_OUT reduction's one per 16 rows of its output (any N).  Every block sums a token's
-//   parts in the same order (fp32), so every block applies the same factor.
+//   parts in the same order (fp32), so every block applies the same factor; the loads of the first 256 are issued
+//   with the partial sums'.
 // - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
 // - RED_NORM_OUT (with RED_RESID, NT <= 2): the next RMSNorm's input side as well, for a following RED_RMS
 //   reduction: xs[n, m] = y[n, m] * g[m] rounded to the dtype (the norm's weight, as torch's product), and
-//   rout[(m / 16) * N + n] = the sum of y[n, m]^2 (fp32, y rounded) over the 16 rows m of m's 16-row group.  The
+//   rout[n * ceil(M / 16) + m / 16] = the sum of y[n, m]^2 (fp32, y rounded) over the 16 rows of m's 16-row group.  The
 //   16 rows x 8 tokens of a warp's 32 groups give those sums by shuffles alone: no shared memory, no barrier.
 constexpr int RED_NORM_OUT = 8;
 template <bool BF16, int NT, int MODE = 0>
@@ -1691,16 +1692,16 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
     old.w = n + 6 < N ? to_float<BF16>(src[6LL * M]) : 0.f;
   }
   const float gm = NORM_OUT && live ? to_float<BF16>(g[m]) : 0.f;
-  if (RMS) {  // warp w: the tile's tokens w, w + WARPS, ...; lane l sums parts l, l + 32, ... in order, then a
-              // butterfly over the lanes (the n1r kernel's order at N = 1)
-    for (int t = warp; t < 8 * NT; t += WARPS) {
-      float r = 0.f;
-      if (n0 + t < N)
-        r = sum_rounds<8, float>([&](int i) { return __ldcg(rin + (long long)(lane + 32 * i) * N + n0 + t); }, 0,
-                                 (parts - lane + 31) >> 5);
+  // RMS: warp w takes the tile's tokens w + WARPS j (j < 2 NT); lane l asks for parts l + 32 u (u < 8) of each now,
+  // so their loads are in flight with the partial sums'; summed after them (below)
+  float fa[RMS ? 2 * NT : 1][8];
+  if (RMS) {
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
-      if (lane == 0) factor[t] = rsqrtf(r * __fdividef(1.f, (float)K) + eps);  // sum x (1 / K), as torch's mean
+    for (int j = 0; j < 2 * NT; ++j) {
+      const int tok = n0 + warp + WARPS * j;
+      const float* r = rin + (long long)tok * parts + lane;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) fa[j][u] = tok < N && lane + 32 * u < parts ? __ldcg(r + 32 * u) : 0.f;
     }
   }
   if (live) {
@@ -1711,7 +1712,21 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
       vu = sum_splits(src + (long long)(M / 64) * n_chunks * 128 * NT, stride, way * splits / ways,
                       (way + 1) * splits / ways);
   }
-  if (RMS) __syncthreads();  // the factors (uniform over the block)
+  if (RMS) {  // each token's parts in order (lane l: l, l + 32, ...; then a butterfly): the same sum in every block
+#pragma unroll
+    for (int j = 0; j < 2 * NT; ++j) {
+      const int t = warp + WARPS * j, tok = n0 + t;
+      float r = 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) r += fa[j][u];
+      if (tok < N)
+        for (int i = lane + 256; i < parts; i += 32) r += __ldcg(rin + (long long)tok * parts + i);  // past 256 parts
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+      if (lane == 0) factor[t] = rsqrtf(r * __fdividef(1.f, (float)K) + eps);  // sum x (1 / K), as torch's mean
+    }
+    __syncthreads();  // the factors (uniform over the block)
+  }
   if (ways > 1) {  // uniform over the block
     if (way > 0) {
       part[warp][lane] = v;
@@ -1763,7 +1778,7 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
     if ((lane & ~8) == 0 && q < 128 * NT && mw < M) {
 #pragma unroll
       for (int t = 0; t < 4; ++t)
-        if (n + 2 * t < N) rout[(long long)(mw >> 4) * N + n + 2 * t] = sq[t];
+        if (n + 2 * t < N) rout[(long long)(n + 2 * t) * ((M + 15) >> 4) + (mw >> 4)] = sq[t];
     }
   }
 }
@@ -1774,7 +1789,8 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
   const float *__restrict__ ws, u16 *__restrict__ y, const u16 *__restrict__ bias, int M, int N, int splits, \
       int tiles, int n_chunks, int ways, int K, float eps, const float *__restrict__ rin, int parts,         \
       const u16 *__restrict__ g, u16 *__restrict__ xs, float *__restrict__ rout
-// (BOUNDS: the RMS modes ask for 8 blocks per SM, so ptxas may use 64 registers; left alone it took 32 and spilled)
+// (BOUNDS: the RMS modes ask for 4 blocks per SM, so ptxas may use 128 registers for the parts in flight; left alone
+// it took 32 and spilled)
 #define REDUCE_KERNEL(KNAME, BF16, NT, MODE, BOUNDS)                                                     \
   extern "C" __global__ void __launch_bounds__ BOUNDS KNAME(REDUCE_ARGS) {                              \
     splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, K, eps, rin, parts, g, \
@@ -1784,8 +1800,8 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
   REDUCE_KERNEL(splitk_reduce_##NAME##_nt##NT, BF16, NT, 0, (THREADS))               \
   REDUCE_KERNEL(splitk_reduce_silu_##NAME##_nt##NT, BF16, NT, RED_SILU, (THREADS))
 #define INSTANTIATE_REDUCE_EPI(NAME, BF16, NT)                                                  \
-  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt##NT, BF16, NT, RED_RMS, (THREADS, 8))                 \
-  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt##NT, BF16, NT, RED_RMS | RED_SILU, (THREADS, 8)) \
+  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt##NT, BF16, NT, RED_RMS, (THREADS, 4))                 \
+  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt##NT, BF16, NT, RED_RMS | RED_SILU, (THREADS, 4)) \
   REDUCE_KERNEL(splitk_reduce_resid_##NAME##_nt##NT, BF16, NT, RED_RESID, (THREADS))               \
   REDUCE_KERNEL(splitk_reduce_resid_norm_##NAME##_nt##NT, BF16, NT, RED_RESID | RED_NORM_OUT, (THREADS))
 INSTANTIATE_REDUCE(f16, false, 1)
