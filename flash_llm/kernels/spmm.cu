@@ -1655,8 +1655,7 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 //   with the norm's weight folded into X before the spmm, the product of the normalized X.  The mean comes from
 //   `parts` partial sums of squares of the token's row of X, rin[n * parts + p] (p < parts): the n1s kernel's one per
 //   split (N = 1), or a RED_NORM_OUT reduction's one per 16 rows of its output (any N).  Every block sums a token's
-//   parts in the same order (fp32), so every block applies the same factor; the loads of the first 256 are issued
-//   with the partial sums'.
+//   parts in the same order (fp32), so every block applies the same factor.
 // - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
 // - RED_NORM_OUT (with RED_RESID, NT <= 2): the next RMSNorm's input side as well, for a following RED_RMS
 //   reduction: xs[n, m] = y[n, m] * g[m] rounded to the dtype (the norm's weight, as torch's product), and
@@ -1692,18 +1691,6 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
     old.w = n + 6 < N ? to_float<BF16>(src[6LL * M]) : 0.f;
   }
   const float gm = NORM_OUT && live ? to_float<BF16>(g[m]) : 0.f;
-  // RMS: warp w takes the tile's tokens w + WARPS j (j < 2 NT); lane l asks for parts l + 32 u (u < 8) of each now,
-  // so their loads are in flight with the partial sums'; summed after them (below)
-  float fa[RMS ? 2 * NT : 1][8];
-  if (RMS) {
-#pragma unroll
-    for (int j = 0; j < 2 * NT; ++j) {
-      const int tok = n0 + warp + WARPS * j;
-      const float* r = rin + (long long)tok * parts + lane;
-#pragma unroll
-      for (int u = 0; u < 8; ++u) fa[j][u] = tok < N && lane + 32 * u < parts ? __ldcg(r + 32 * u) : 0.f;
-    }
-  }
   if (live) {
     const long long stride = (long long)tiles * 128 * NT;
     const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
@@ -1712,7 +1699,17 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
       vu = sum_splits(src + (long long)(M / 64) * n_chunks * 128 * NT, stride, way * splits / ways,
                       (way + 1) * splits / ways);
   }
-  if (RMS) {  // each token's parts in order (lane l: l, l + 32, ...; then a butterfly): the same sum in every block
+  if (RMS) {  // warp w: the tile's tokens w + WARPS j (j < 2 NT); lane l sums each token's parts l, l + 32, ... in
+              // order (the first 256 of every token in flight together, coalesced), then a butterfly: the same sum in
+              // every block (and at N = 1 the order of before)
+    float fa[2 * NT][8];
+#pragma unroll
+    for (int j = 0; j < 2 * NT; ++j) {
+      const int tok = n0 + warp + WARPS * j;
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        fa[j][u] = tok < N && lane + 32 * u < parts ? __ldcg(rin + (long long)tok * parts + lane + 32 * u) : 0.f;
+    }
 #pragma unroll
     for (int j = 0; j < 2 * NT; ++j) {
       const int t = warp + WARPS * j, tok = n0 + t;
@@ -1789,8 +1786,8 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
   const float *__restrict__ ws, u16 *__restrict__ y, const u16 *__restrict__ bias, int M, int N, int splits, \
       int tiles, int n_chunks, int ways, int K, float eps, const float *__restrict__ rin, int parts,         \
       const u16 *__restrict__ g, u16 *__restrict__ xs, float *__restrict__ rout
-// (BOUNDS: the RMS modes ask for 4 blocks per SM, so ptxas may use 128 registers for the parts in flight; left alone
-// it took 32 and spilled)
+// (BOUNDS: the RMS modes ask for 8 blocks per SM (4 at NT = 2, whose 32 parts in flight need more), so ptxas may use
+// 64 (128) registers; left alone it took 32 and spilled)
 #define REDUCE_KERNEL(KNAME, BF16, NT, MODE, BOUNDS)                                                     \
   extern "C" __global__ void __launch_bounds__ BOUNDS KNAME(REDUCE_ARGS) {                              \
     splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, K, eps, rin, parts, g, \
@@ -1800,8 +1797,8 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
   REDUCE_KERNEL(splitk_reduce_##NAME##_nt##NT, BF16, NT, 0, (THREADS))               \
   REDUCE_KERNEL(splitk_reduce_silu_##NAME##_nt##NT, BF16, NT, RED_SILU, (THREADS))
 #define INSTANTIATE_REDUCE_EPI(NAME, BF16, NT)                                                  \
-  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt##NT, BF16, NT, RED_RMS, (THREADS, 4))                 \
-  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt##NT, BF16, NT, RED_RMS | RED_SILU, (THREADS, 4)) \
+  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt##NT, BF16, NT, RED_RMS, (THREADS, NT == 1 ? 8 : 4))                 \
+  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt##NT, BF16, NT, RED_RMS | RED_SILU, (THREADS, NT == 1 ? 8 : 4)) \
   REDUCE_KERNEL(splitk_reduce_resid_##NAME##_nt##NT, BF16, NT, RED_RESID, (THREADS))               \
   REDUCE_KERNEL(splitk_reduce_resid_norm_##NAME##_nt##NT, BF16, NT, RED_RESID | RED_NORM_OUT, (THREADS))
 INSTANTIATE_REDUCE(f16, false, 1)
