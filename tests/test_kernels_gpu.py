@@ -215,7 +215,7 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeyp
 @pytest.mark.parametrize("k_in", [2048, 2056])  # 2056: a last tile of 8 columns
 def test_rms_and_norm_out_around_the_one_warp_kernels(dtype, k_in, monkeypatch):
     """The RMSNorm split across two reductions at N = 2-16 (the one-warp kernels with split-K): spmm_cuda(rms=...)
-    (and with SiLU x up) against the reference composition (RMSNorm in PyTorch, the product in float64) within 4 ulp
+    (the _nt<NT>q spmm summing each token's parts, the rms reduction applying the factor; and with SiLU x up) against the reference composition (RMSNorm in PyTorch, the product in float64) within 4 ulp
     of the output's scale, from partial sums of squares in any number of parts; spmm_cuda(add_to=..., norm_out=...)
     adds bit for bit what adding the plain product gives and writes exactly acc * weight and, to fp32 rounding, the
     16-row sums of squares (rows not a multiple of 16 or 64).  Outputs poisoned, results deterministic, the fused
@@ -249,6 +249,7 @@ def test_rms_and_norm_out_around_the_one_warp_kernels(dtype, k_in, monkeypatch):
                 got = k.spmm_cuda(xs, wi.data, wi.offsets, tcsl, m_in, k_in, None, splits=splits, force_sparse=True,
                                   out=out, rms=(p, 1e-5))
                 assert any("reduce_rms_" in s for s in launched) == fused, (n, splits, launched)
+                assert any(s.startswith("tiled_csl_spmm") and s.endswith("q") for s in launched) == fused, launched
                 assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
                 err = (got.double() - ref).abs().max().item()
                 assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (n, splits, err)

@@ -538,9 +538,10 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     # the ``_wg<NB>x<R>r`` kernel sums its split-K itself (two counters per row group), else splitk_reduce, below
     spread = ways is None and _wg_spread_ok(fmt, name, p, m, act, blocks, threads, shared, dev)
     if p.splits > 1:
-        # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction)
-        ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + (p.splits if norm is not None else 0),
-                         dtype=torch.float32, device=dev)
+        # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction; rms: one per token,
+        # from the _nt<NT>q kernel)
+        tail = p.splits if norm is not None else n if rms is not None else 0
+        ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + tail, dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
         if spread:
             tk_ptr = _scratch.get_tickets(dev, stream, 2 * blocks).data_ptr()
@@ -550,6 +551,9 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if norm is not None:  # tiled_csl_spmm_<dtype>_n1s: X's columns scaled by the norm's weight
         name += "s"
         args.append((norm[0].data_ptr(), P))
+    if rms is not None:  # tiled_csl_spmm_<dtype>_nt<NT>q: row block 0 also sums each token's parts
+        name += "q"
+        args += [(rms[0].data_ptr(), P), (rms[0].shape[1], I)]
     if spread:
         name += "r"
         args.append((_RED_SILU if act else 0, I))
@@ -562,9 +566,9 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         # blocks take SM room from the spmm's later waves), so not at NT >= 2.
         mode = (("rms_" if norm is not None or rms is not None else "") + ("silu_" if act else "")
                 + ("resid_" if add_to is not None else "") + ("norm_" if norm_out is not None else ""))
-        # RED_RMS's partial sums of squares: the n1s kernel's, one per split after the partial tiles, or rms's
-        rin, parts = ((ws_ptr + 4 * (ws.numel() - p.splits), p.splits) if norm is not None
-                      else (rms[0].data_ptr(), rms[0].shape[1]) if rms is not None else (0, 0))
+        # RED_RMS's sums of squares after the partial tiles: the n1s kernel's, one per split, or the q kernel's, one
+        # per token
+        rin, parts = (ws_ptr + 4 * (ws.numel() - tail), p.splits if norm is not None else 1) if tail else (0, 0)
         eps = float(norm[1]) if norm is not None else float(rms[1]) if rms is not None else 0.0
         g_ptr, xs_ptr, rout = (t.data_ptr() for t in norm_out) if norm_out is not None else (0, 0, 0)
         launch(f"splitk_reduce_{mode}{_dtype_suffix(x.dtype)}_nt{p.nt}",

@@ -785,9 +785,36 @@ DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, u32 xs, int lane, 
   }
 }
 
-template <bool BF16, int NT>
+// SUMSQ (tiled_csl_spmm_<dtype>_nt<NT>q, the product of an RMSNorm's scaled input, kernels.spmm_cuda(rms=...)): the
+// blocks of row block 0 also sum each token's `parts` partial sums of squares (rin[n * parts + p], from the
+// reduction that wrote X: RED_NORM_OUT), split s the tokens s, s + splits, ...; lane l sums parts l, l + 32, ... in
+// order (8 loads in flight), then a butterfly.  The token's sum goes behind the partial tiles in the workspace, where
+// the RED_RMS reduction after this kernel reads one part per token.  So the sum over the parts runs once, inside a
+// launch that takes microseconds anyway, not in every block of the reduction.  (At NT = 2 with 16 blocks per SM, not
+// _nt2's 20: at its 96 registers, or 112, ptxas spilled.)
+DEVI void tokens_sumsq(float* __restrict__ out, int N, const float* __restrict__ rin, int parts, int lane) {
+  pdl_wait();  // (a no-op after the kernel's wait; an inactive split waits here before its reads)
+#pragma unroll 1
+  for (int tok = blockIdx.y; tok < N; tok += gridDim.y) {
+    const float* src = rin + (long long)tok * parts;
+    float r = 0.f;
+#pragma unroll 1
+    for (int i0 = lane; i0 < parts; i0 += 256) {
+      float a[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) a[u] = i0 + 32 * u < parts ? __ldcg(src + i0 + 32 * u) : 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) r += a[u];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+    if (lane == 0) out[tok] = r;
+  }
+}
+
+template <bool BF16, int NT, bool SUMSQ = false>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                             int kt_per_split, Problem p) {
+                             int kt_per_split, Problem p, const float* __restrict__ rin = nullptr, int parts = 0) {
   __shared__ __align__(128) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, swizzled row-major (csl_tile_byte)
   __shared__ __align__(128) u32 xtile[NT * 8 * 32];     // the X tile, NT KiB (csl_load_x)
   const int lane = threadIdx.x & 31;
@@ -852,6 +879,8 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 #pragma unroll
   for (int s = 0; s < 4; ++s)
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
+  if (SUMSQ && blockIdx.x == 0)  // behind the partial tiles: [N]
+    tokens_sumsq(p.ws + (long long)p.splits * gridDim.x * 512 * NT, p.N, rin, parts, lane);
 }
 
 // Split-K of the N = 1 kernel summed in the same launch (tiled_csl_spmm_<dtype>_n1r / _n1rs, kernels.N1_FUSED): each
@@ -1816,6 +1845,17 @@ INSTANTIATE_ALL(bitmap)
 INSTANTIATE(bitmap, f16, false, 8)
 INSTANTIATE(bitmap, bf16, true, 8)
 INSTANTIATE_ALL(tiled_csl)
+// tiled_csl_spmm_<dtype>_nt<NT>q: with the RMSNorm's per-token sums of squares (SUMSQ above), NT = 1 and 2
+#define INSTANTIATE_SUMSQ(NAME, BF16, NT)                                                                \
+  extern "C" __global__ void __launch_bounds__(tiled_csl_threads, tiled_csl_min_blocks<NT>::value - 4 * (NT - 1)) \
+  tiled_csl_spmm_##NAME##_nt##NT##q(SPMM_ARGS, const float* __restrict__ rin, int parts) {                \
+    pdl_launch_dependents();                                                                              \
+    tiled_csl_spmm_body<BF16, NT, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, rin, parts); \
+  }
+INSTANTIATE_SUMSQ(f16, false, 1)
+INSTANTIATE_SUMSQ(f16, false, 2)
+INSTANTIATE_SUMSQ(bf16, true, 1)
+INSTANTIATE_SUMSQ(bf16, true, 2)
 
 // The Tiled-CSL kernels for N > 32.  tiled_csl_spmm_<dtype>_w<W>: W warps of 32 tokens each share every tile's decode.
 // tiled_csl_spmm_<dtype>_wg<NB>x<R> (sm_90a; a trap elsewhere): NB tokens and R warpgroups (64 R weight rows) per
