@@ -3,10 +3,9 @@
 # both formats, split-K off and on, both decoders to dense), small shapes.
 # CFGS (default "bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3") picks the spmm runs: format:splits[:N[:VAR=value]]
 # (without N: N = 17 at 50 % and 3 at 90 %; VAR=value is set for that run, e.g. FLASH_LLM_WGMMA=0).  DECODERS=0
-# skips the decoder runs.  EPILOGUES (default "norm norm_silu resid rms:5 rms_silu:12 resid_norm:5 resid_norm:12")
-# picks the epilogue runs (Tiled-CSL, epilogue[:N], N default 1, K = 1016, 3 splits, M = 256, 232 for resid_norm;
-# EPILOGUES="" for none).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py --check-only, only the
-# decode_attn kernels instrumented).  Output under $OUT/sanitize.log.
+# skips the decoder runs.  EPILOGUES (default "norm norm_silu resid") picks the one-token epilogue runs (Tiled-CSL, N = 1,
+# K = 1016, 3 splits; EPILOGUES="" for none).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py
+# --check-only, only the decode_attn kernels instrumented).  Output under $OUT/sanitize.log.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -24,14 +23,12 @@ for tool in memcheck racecheck; do
       echo "$tool $fmt splits=$splits sparsity=$sp N=$n ${cfg_env:-}: $r" | tee -a "$OUT/sanitize.log"
     done
   done
-  for epn in ${EPILOGUES-norm norm_silu resid rms:5 rms_silu:12 resid_norm:5 resid_norm:12}; do  # the epilogues
-    IFS=: read -r ep ep_n <<< "$epn"  # (N = 1: n1s, splitk_reduce_{rms,rms_silu,resid}; N = 2-16 after _nt1 / _nt2)
-    m=$([ "$ep" = resid_norm ] && echo 232 || echo 256)  # 232: rows past the last 16-row group
+  for ep in ${EPILOGUES-norm norm_silu resid}; do  # the one-token epilogues (n1s, splitk_reduce_{rms,rms_silu,resid})
     for sp in 0.5 0.9; do
       r=$(timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 \
-          benchmarks/profile_kernel.py --fmt tiled-csl --m $m --k 1016 --n ${ep_n:-1} --sparsity $sp --splits 3 \
-          --iters 2 --epilogue $ep 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
-      echo "$tool tiled-csl epilogue=$ep splits=3 sparsity=$sp N=${ep_n:-1}: $r" | tee -a "$OUT/sanitize.log"
+          benchmarks/profile_kernel.py --fmt tiled-csl --m 256 --k 1016 --n 1 --sparsity $sp --splits 3 --iters 2 \
+          --epilogue $ep 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
+      echo "$tool tiled-csl epilogue=$ep splits=3 sparsity=$sp N=1: $r" | tee -a "$OUT/sanitize.log"
     done
   done
   if [ "${ATTN:-1}" != 0 ]; then  # the decode attention (RoPE, the cache write, 4 and 40 chunks; batch 1 and 3)

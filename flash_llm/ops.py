@@ -12,8 +12,7 @@ import warnings
 import torch
 
 from .formats import SparseFormat
-from .reference import (FORMAT_IDS, as_format, rms_norm, rms_parts, rms_scaled_product, silu_mul_halves,
-                        spmm_reference)
+from .reference import FORMAT_IDS, as_format, rms_norm, silu_mul_halves, spmm_reference
 
 
 @torch.library.custom_op("flash_llm::spmm", mutates_args=())
@@ -124,60 +123,6 @@ def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k):
 @_spmm_add_op.register_fake
 def _(acc, x, data, offsets, fmt, m, k):
     return None
-
-
-def _rms_scaled_reference(xs, parts, eps, data, offsets, fmt, m, k, silu_mul):
-    y = rms_scaled_product(xs, parts, eps, as_format(fmt, data, offsets, m, k, xs.dtype))
-    return silu_mul_halves(y) if silu_mul else y
-
-
-@torch.library.custom_op("flash_llm::spmm_rms_scaled", mutates_args=())
-def _spmm_rms_scaled_op(xs: torch.Tensor, parts: torch.Tensor, eps: float, data: torch.Tensor, offsets: torch.Tensor,
-                        fmt: int, m: int, k: int, silu_mul: bool) -> torch.Tensor:
-    return _rms_scaled_reference(xs, parts, eps, data, offsets, fmt, m, k, silu_mul)
-
-
-@_spmm_rms_scaled_op.register_kernel("cuda")
-def _spmm_rms_scaled_cuda(xs, parts, eps, data, offsets, fmt, m, k, silu_mul):
-    from . import kernels
-
-    if _no_kernels(xs.device):
-        return _rms_scaled_reference(xs, parts, eps, data, offsets, fmt, m, k, silu_mul)
-    return kernels.spmm_cuda(xs, data, offsets, fmt, m, k, None, act="silu_mul" if silu_mul else None,
-                             rms=(parts, eps))
-
-
-@_spmm_rms_scaled_op.register_fake
-def _(xs, parts, eps, data, offsets, fmt, m, k, silu_mul):
-    return xs.new_empty((xs.shape[0], m // 2 if silu_mul else m))
-
-
-def _add_norm_reference(acc, x, data, offsets, fmt, m, k, weight):
-    _add_reference(acc, x, data, offsets, fmt, m, k)
-    return acc * weight, rms_parts(acc)
-
-
-@torch.library.custom_op("flash_llm::spmm_add_norm_", mutates_args=("acc",))
-def _spmm_add_norm_op(acc: torch.Tensor, x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
-                      k: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _add_norm_reference(acc, x, data, offsets, fmt, m, k, weight)
-
-
-@_spmm_add_norm_op.register_kernel("cuda")
-def _spmm_add_norm_cuda(acc, x, data, offsets, fmt, m, k, weight):
-    from . import kernels
-
-    if _no_kernels(x.device):
-        return _add_norm_reference(acc, x, data, offsets, fmt, m, k, weight)
-    xs = torch.empty_like(acc)
-    parts = torch.empty(acc.shape[0], -(-m // 16), dtype=torch.float32, device=acc.device)
-    kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, add_to=acc, norm_out=(weight, xs, parts))
-    return xs, parts
-
-
-@_spmm_add_norm_op.register_fake
-def _(acc, x, data, offsets, fmt, m, k, weight):
-    return torch.empty_like(acc), acc.new_empty((acc.shape[0], -(-m // 16)), dtype=torch.float32)
 
 
 # ---- gradients: d/dx (x W^T + b) = grad W, d/db = sum of grad over rows; the compressed weight itself
@@ -313,18 +258,6 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
     return y.reshape(*lead, y.shape[-1])
 
 
-def _checked_acc(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat) -> tuple[int, int]:
-    """:func:`spmm_add_`'s checks; returns ``(m, k)``."""
-    m, k, _ = _checked(x, w, None)
-    if not isinstance(acc, torch.Tensor) or acc.shape != (*x.shape[:-1], m) or acc.dtype != x.dtype:
-        raise ValueError(f"acc must be a {x.dtype} tensor of shape {(*x.shape[:-1], m)}, got "
-                         f"{getattr(acc, 'dtype', type(acc).__name__)} {tuple(getattr(acc, 'shape', ()))}")
-    if acc.device != x.device or not acc.is_contiguous():
-        raise ValueError(f"acc must be contiguous and on {x.device} (it is {'' if acc.is_contiguous() else 'not '}"
-                         f"contiguous, on {acc.device})")
-    return m, k
-
-
 def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
     """``acc += x @ w^T`` in place (a decoder layer's projection and the residual add after it); returns ``acc``.
 
@@ -336,73 +269,12 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat) -> torch.Tens
     The product is rounded to the dtype, then added (rounded again), as ``acc + spmm(x, w)`` would; on CUDA at one
     token with split-K (Tiled-CSL) the add happens in the split-K reduction.  Not differentiable.
     """
-    m, k = _checked_acc(acc, x, w)
+    m, k, _ = _checked(x, w, None)
+    if not isinstance(acc, torch.Tensor) or acc.shape != (*x.shape[:-1], m) or acc.dtype != x.dtype:
+        raise ValueError(f"acc must be a {x.dtype} tensor of shape {(*x.shape[:-1], m)}, got "
+                         f"{getattr(acc, 'dtype', type(acc).__name__)} {tuple(getattr(acc, 'shape', ()))}")
+    if acc.device != x.device or not acc.is_contiguous():
+        raise ValueError(f"acc must be contiguous and on {x.device} (it is {'' if acc.is_contiguous() else 'not '}"
+                         f"contiguous, on {acc.device})")
     _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k)
     return acc
-
-
-def rms_prescale(x: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input side of an RMSNorm split off for :func:`spmm_rms_scaled`: ``(x * norm_weight, parts)`` with
-    ``x [..., K]`` flattened to ``[N, K]``, the product rounded to ``x``'s dtype and ``parts [N, ceil(K / 16)]`` fp32
-    the partial sums of squares of ``x`` (:func:`~flash_llm.reference.rms_parts`).  Plain PyTorch, any device."""
-    k = x.shape[-1]
-    if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
-        raise ValueError(f"norm_weight must be a [{k}] {x.dtype} tensor, got "
-                         f"{getattr(norm_weight, 'dtype', type(norm_weight).__name__)} "
-                         f"{tuple(getattr(norm_weight, 'shape', ()))}")
-    x2 = x.reshape(-1, k)
-    return (x2 * norm_weight).contiguous(), rms_parts(x2)
-
-
-def spmm_rms_scaled(xs: torch.Tensor, parts: torch.Tensor, eps: float, w: SparseFormat,
-                    act: str | None = None) -> torch.Tensor:
-    """The projection after an RMSNorm whose input side is already done: ``(xs @ w^T) * rsqrt(mean(x^2) + eps)``.
-
-    Args:
-        xs: ``[N, K]`` the norm's input times its weight, rounded (:func:`rms_prescale` or :func:`spmm_add_norm_`),
-            fp16 or bf16 (the dtype of ``w``).
-        parts: ``[N, P]`` float32 partial sums of squares of the norm's input: their sum over ``P`` is each token's.
-        eps: the RMSNorm's epsilon.
-        w: compressed weight of logical shape ``[M, K]``.
-        act: ``None``, or ``"silu_mul"`` for a merged gate / up weight (as :func:`spmm_silu_mul`).
-
-    Returns:
-        ``[N, M]`` (``[N, M / 2]`` with ``act``) in ``xs``'s dtype: the product accumulated in fp32, each token's
-        sums multiplied by its factor, rounded once (:func:`~flash_llm.reference.rms_scaled_product`); the same as
-        :func:`spmm_rms_norm` of the norm's input to rounding.  On CUDA after the one-warp Tiled-CSL kernels (2-16
-        tokens) with split-K, the factor is applied in the split-K reduction.  Not differentiable.
-    """
-    m, k, _ = _checked(xs, w, None)
-    if xs.dim() != 2:
-        raise ValueError(f"xs must be [N, K], got shape {tuple(xs.shape)}")
-    if act not in (None, "silu_mul"):
-        raise ValueError(f"act must be None or 'silu_mul', got {act!r}")
-    if act is not None and m % 2:
-        raise ValueError(f"w has {m} rows; a merged gate / up weight has an even number (gate rows, then up rows)")
-    n = xs.shape[0]
-    if (not isinstance(parts, torch.Tensor) or parts.dtype != torch.float32 or parts.dim() != 2
-            or parts.shape[1] < 1 or parts.shape[0] != n or parts.device != xs.device):
-        raise ValueError(f"parts must be a float32 [{n}, P >= 1] tensor on {xs.device}, got "
-                         f"{getattr(parts, 'dtype', type(parts).__name__)} {tuple(getattr(parts, 'shape', ()))}")
-    return _spmm_rms_scaled_op(xs.contiguous(), parts.contiguous(), float(eps), w.data, w.offsets,
-                               FORMAT_IDS[type(w)], m, k, act is not None)
-
-
-def spmm_add_norm_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, norm_weight: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`spmm_add_` and the input side of the RMSNorm after it: ``acc += x @ w^T`` in place, then returns
-    :func:`rms_prescale` ``(acc, norm_weight)``: ``(acc * norm_weight [N, M], parts [N, ceil(M / 16)])`` for
-    :func:`spmm_rms_scaled`.  ``acc [..., M]`` as :func:`spmm_add_`'s, ``norm_weight [M]`` in its dtype.  On CUDA
-    after the one-warp Tiled-CSL kernels (2-16 tokens) with split-K, all of it happens in the split-K reduction.  Not
-    differentiable."""
-    m = w.shape[0]
-    if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (m,) or norm_weight.dtype != x.dtype:
-        raise ValueError(f"norm_weight must be a [{m}] {x.dtype} tensor, got "
-                         f"{getattr(norm_weight, 'dtype', type(norm_weight).__name__)} "
-                         f"{tuple(getattr(norm_weight, 'shape', ()))}")
-    if norm_weight.device != x.device:
-        raise ValueError(f"norm_weight is on {norm_weight.device} but x is on {x.device}")
-    _checked_acc(acc, x, w)
-    k = w.shape[1]
-    return _spmm_add_norm_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k,
-                             norm_weight.contiguous())

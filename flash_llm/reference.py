@@ -43,28 +43,3 @@ def silu_mul_halves(y: torch.Tensor) -> torch.Tensor:
     computed in fp32 and rounded once to ``y``'s dtype (as the engine's compiled ``silu_mul`` does)."""
     g, u = y.float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(g) * u).to(y.dtype)
-
-
-def rms_parts(h: torch.Tensor) -> torch.Tensor:
-    """The partial sums of squares an RMSNorm of ``h [N, M]`` needs: ``[N, ceil(M / 16)]`` fp32, column ``p`` the sum
-    of ``h[:, 16 p : 16 p + 16]^2`` (``h`` taken in fp32).  The layout the fused residual-add reductions write
-    (``kernels.spmm_cuda(norm_out=...)``) and :func:`rms_scaled_product` reads; their sum over ``p`` is the row's."""
-    n, m = h.shape
-    parts = -(-m // 16)
-    sq = torch.nn.functional.pad(h.float().pow(2), (0, 16 * parts - m))
-    return sq.view(n, parts, 16).sum(-1)
-
-
-def rms_factors(parts: torch.Tensor, k: int, eps: float) -> torch.Tensor:
-    """Each token's RMSNorm factor ``rsqrt(mean(x^2) + eps)`` ``[N]`` (fp32) from ``parts [N, P]``
-    (:func:`rms_parts`) of its ``k`` elements."""
-    return torch.rsqrt(parts.sum(1) * (1.0 / k) + eps)
-
-
-def rms_scaled_product(xs: torch.Tensor, parts: torch.Tensor, eps: float, w: SparseFormat) -> torch.Tensor:
-    """``(xs @ w^T) * rsqrt(mean(x^2) + eps)`` per token, accumulated in fp32 and rounded once to ``xs``'s dtype:
-    the product of an RMSNorm's output whose weight is already in ``xs [N, K]`` (``x * weight``, rounded) and whose
-    per-token factor comes from ``parts [N, P]`` (:func:`rms_parts` of ``x``).  The same as
-    ``spmm_reference(rms_norm(x, weight, eps), w)`` to rounding, not bit for bit."""
-    y = xs.float() @ w.to_dense().float().t()
-    return (y * rms_factors(parts, xs.shape[1], eps)[:, None]).to(xs.dtype)

@@ -195,11 +195,8 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeyp
                 plain = acc + run_kernel(x, w, None, splits=splits, force_sparse=True)
                 assert k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
                                    force_sparse=True, add_to=acc) is acc
-                if n == 1:
-                    assert any(s.endswith(resid_kernel) if one_launch else resid_kernel in s for s in launched) == fused, \
-                        launched
-                else:  # the one-warp kernel's reduction adds too (since session 22)
-                    assert any("reduce_resid_" in s for s in launched) == (splits != 1), launched
+                assert any(s.endswith(resid_kernel) if one_launch else resid_kernel in s for s in launched) == fused, \
+                    launched
                 assert torch.equal(acc, plain)
         y = flash_llm.ops.spmm_rms_norm(x[:1], g, 1e-5, w)
         assert (y.double() - ref[:1]).abs().max().item() <= 4 * ULP[dtype] * (1 + ref.abs().max().item())
@@ -209,76 +206,6 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeyp
         k.spmm_cuda(x, w.data, w.offsets, 1, m, k_in, None, add_to=acc, norm=(g, 1e-5))
     with pytest.raises(ValueError, match=r"norm's weight must be \[%d\]" % k_in):
         k.spmm_cuda(x, w.data, w.offsets, 1, m, k_in, None, norm=(g[:8], 1e-5))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k_in", [2048, 2056])  # 2056: a last tile of 8 columns
-def test_rms_and_norm_out_around_the_one_warp_kernels(dtype, k_in, monkeypatch):
-    """The RMSNorm split across two reductions at N = 2-16 (the one-warp kernels with split-K): spmm_cuda(rms=...)
-    (the _nt<NT>q spmm summing each token's parts, the rms reduction applying the factor; and with SiLU x up) against the reference composition (RMSNorm in PyTorch, the product in float64) within 4 ulp
-    of the output's scale, from partial sums of squares in any number of parts; spmm_cuda(add_to=..., norm_out=...)
-    adds bit for bit what adding the plain product gives and writes exactly acc * weight and, to fp32 rounding, the
-    16-row sums of squares (rows not a multiple of 16 or 64).  Outputs poisoned, results deterministic, the fused
-    reductions launched exactly where the one-warp kernels run with split-K (N = 17 and one split: unfused, same
-    values)."""
-    from flash_llm.ops import rms_prescale
-    from flash_llm.reference import rms_norm, rms_parts, silu_mul_halves
-
-    k = _kernels()
-    gen = torch.Generator(device="cuda").manual_seed(k_in)
-    tcsl = FORMAT_IDS[flash_llm.TiledCSL]
-    m_in, m_out = 256, 232  # m_out: 14.5 16-row groups, 3.6 64-row tiles
-    w_in = sparse_weight(m_in, k_in, 0.2, dtype, gen)
-    wi = flash_llm.TiledCSL.from_dense(w_in)
-    w_out = sparse_weight(m_out, k_in, 0.2, dtype, gen)
-    wo = flash_llm.TiledCSL.from_dense(w_out)
-    g_in = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
-    g_out = (torch.rand(m_out, generator=gen, device="cuda") + 0.5).to(dtype)
-    launched = []
-    real_launch = k.launch
-    monkeypatch.setattr(k, "launch", lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw))
-    for n in (2, 3, 8, 9, 16, 17):
-        x = (3 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
-        ref = rms_norm(x, g_in, 1e-5).double() @ w_in.double().t()
-        xs, parts = rms_prescale(x, g_in)
-        for splits in (1, 3, None):
-            fused = n <= 16 and splits != 1
-            for p in (parts, parts.sum(1, keepdim=True)):  # 129 parts or one
-                launched.clear()
-                out = torch.full((n, m_in), float("nan"), dtype=dtype, device="cuda")
-                got = k.spmm_cuda(xs, wi.data, wi.offsets, tcsl, m_in, k_in, None, splits=splits, force_sparse=True,
-                                  out=out, rms=(p, 1e-5))
-                assert any("reduce_rms_" in s for s in launched) == fused, (n, splits, launched)
-                assert any(s.startswith("tiled_csl_spmm") and s.endswith("q") for s in launched) == fused, launched
-                assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
-                err = (got.double() - ref).abs().max().item()
-                assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (n, splits, err)
-                again = k.spmm_cuda(xs, wi.data, wi.offsets, tcsl, m_in, k_in, None, splits=splits, force_sparse=True,
-                                    rms=(p, 1e-5))
-                assert torch.equal(again, got)
-            launched.clear()
-            act = k.spmm_cuda(xs, wi.data, wi.offsets, tcsl, m_in, k_in, None, splits=splits, force_sparse=True,
-                              rms=(parts, 1e-5), act="silu_mul")
-            assert any("reduce_rms_silu_" in s for s in launched) == fused, launched
-            want = silu_mul_halves(ref.to(dtype))
-            torch.testing.assert_close(act.float(), want.float(), rtol=0,
-                                       atol=8 * ULP[dtype] * (1 + want.float().abs().max().item()))
-            # the producer side: o / down's residual add and the next norm's input side
-            acc = torch.randn(n, m_out, generator=gen, device="cuda").to(dtype)
-            plain = acc + run_kernel(x, wo, None, splits=splits, force_sparse=True)
-            xs_o = torch.full((n, m_out), float("nan"), dtype=dtype, device="cuda")
-            parts_o = torch.full((n, (m_out + 15) // 16), float("nan"), device="cuda")
-            launched.clear()
-            assert k.spmm_cuda(x, wo.data, wo.offsets, tcsl, m_out, k_in, None, splits=splits, force_sparse=True,
-                               add_to=acc, norm_out=(g_out, xs_o, parts_o)) is acc
-            assert any("reduce_resid_norm_" in s for s in launched) == fused, launched
-            assert torch.equal(acc, plain)
-            assert torch.equal(xs_o, plain * g_out)
-            torch.testing.assert_close(parts_o, rms_parts(plain), rtol=2e-6, atol=0)
-    with pytest.raises(ValueError, match="norm_out goes with add_to"):
-        k.spmm_cuda(x, wo.data, wo.offsets, tcsl, m_out, k_in, None, norm_out=(g_out, xs_o, parts_o))
-    with pytest.raises(ValueError, match="rms's partial sums"):
-        k.spmm_cuda(xs, wi.data, wi.offsets, tcsl, m_in, k_in, None, rms=(parts[:1].contiguous(), 1e-5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

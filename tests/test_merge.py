@@ -209,52 +209,6 @@ def test_spmm_rms_norm_and_spmm_add_on_the_cpu(fmt, dtype):
     assert torch.equal(acc, want)  # nothing written by the refused calls
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_norm_split_around_the_projections_on_the_cpu(fmt, dtype):
-    """The RMSNorm split in two for forward_tokens: rms_prescale gives x * weight (rounded as torch) and the 16-column
-    sums of squares; spmm_rms_scaled of those is spmm_rms_norm to 2 ulp of the output's scale (from any number of
-    partial sums); spmm_add_norm_ adds as spmm_add_ and returns rms_prescale of the result.  Bad arguments are
-    refused by name, with nothing written."""
-    from flash_llm.reference import rms_parts
-
-    w = fmt.from_dense(_sparse(2 * 72, 100, 0.3, dtype, 1))
-    x = (4 * torch.randn(6, 100)).to(dtype)
-    g = (torch.rand(100) + 0.5).to(dtype)
-    xs, parts = flash_llm.ops.rms_prescale(x, g)
-    assert torch.equal(xs, x * g) and parts.shape == (6, 7) and parts.dtype == torch.float32
-    torch.testing.assert_close(parts.sum(1), x.float().pow(2).sum(-1))
-    want = flash_llm.ops.spmm_rms_norm(x, g, 1e-5, w).float()
-    tol = 2 * (2.0**-10 if dtype == torch.float16 else 2.0**-7) * (1 + want.abs().max().item())
-    for p in (parts, parts.sum(1, keepdim=True)):
-        got = flash_llm.ops.spmm_rms_scaled(xs, p, 1e-5, w)
-        assert got.shape == (6, 144) and got.dtype == dtype
-        torch.testing.assert_close(got.float(), want, rtol=0, atol=tol)
-    act = flash_llm.ops.spmm_rms_scaled(xs, parts, 1e-5, w, act="silu_mul")
-    assert act.shape == (6, 72)
-    wo = fmt.from_dense(_sparse(100, 144, 0.3, dtype, 2))
-    h = torch.randn(6, 144).to(dtype)
-    acc = torch.randn(6, 100).to(dtype)
-    plain = acc + flash_llm.spmm(h, wo)
-    got_xs, got_parts = flash_llm.ops.spmm_add_norm_(acc, h, wo, g)
-    assert torch.equal(acc, plain) and torch.equal(got_xs, plain * g) and torch.equal(got_parts, rms_parts(plain))
-    with pytest.raises(ValueError, match="parts must be a float32"):
-        flash_llm.ops.spmm_rms_scaled(xs, parts[:5], 1e-5, w)
-    with pytest.raises(ValueError, match="parts must be a float32"):
-        flash_llm.ops.spmm_rms_scaled(xs, parts.double(), 1e-5, w)
-    with pytest.raises(ValueError, match=r"xs must be \[N, K\]"):
-        flash_llm.ops.spmm_rms_scaled(xs[None], parts, 1e-5, w)
-    with pytest.raises(ValueError, match="act must be"):
-        flash_llm.ops.spmm_rms_scaled(xs, parts, 1e-5, w, act="gelu")
-    with pytest.raises(ValueError, match=r"norm_weight must be a \[100\]"):
-        flash_llm.ops.rms_prescale(x, g[:99])
-    with pytest.raises(ValueError, match=r"norm_weight must be a \[100\]"):
-        flash_llm.ops.spmm_add_norm_(acc, h, wo, g.float())
-    with pytest.raises(ValueError, match="acc must be a"):
-        flash_llm.ops.spmm_add_norm_(acc[:, :50], h, wo, g)
-    assert torch.equal(acc, plain)  # nothing written by the refused calls
-
-
 @pytest.fixture
 def dynamo_reset_after():
     """Clear torch.compile's caches after the test: its compiles of the fused functions at new shapes would otherwise
@@ -286,43 +240,9 @@ def test_fused_llama_runs_one_token_through_the_sparse_projections(kind, monkeyp
     assert torch.equal(got.tokens, want.tokens)
 
 
-@pytest.mark.parametrize("kind", ["bitmap", "tiled-csl"])
-def test_fused_llama_runs_a_batch_through_the_sparse_projections(kind, monkeypatch, dynamo_reset_after):
-    """Fused and merged, a sparse Llama decodes 3 sequences with each layer's norms split around its projections'
-    reductions (forward_tokens, once per layer and decode step), and generates what forward_deferred does
-    (FUSED_TOKENS_MAX = 1), its logits as close to the fp32 model's (within twice the deferred path's error plus an
-    ulp of the largest)."""
-    from flash_llm.models import llama
-
-    calls = []
-    real = llama.LlamaDecoderLayer.forward_tokens
-    monkeypatch.setattr(llama.LlamaDecoderLayer, "forward_tokens",
-                        lambda self, *a: calls.append(self.self_attn.layer_idx) or real(self, *a))
-    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
-    got = Engine(_model("llama", kind), max_batch=3, max_seq=32, fuse=True, merge=True).generate(
-        prompts, 5, output_logits=True, eos_token_id=None)
-    assert calls == [0, 1] * 4  # 4 decode steps after the prefill's token
-    monkeypatch.setattr(llama, "FUSED_TOKENS_MAX", 1)
-    want = Engine(_model("llama", kind), max_batch=3, max_seq=32, fuse=True, merge=True).generate(
-        prompts, 5, output_logits=True, eos_token_id=None)
-    assert len(calls) == 8
-    ref_model = _model("llama", kind)  # the same zeros in fp32: the reference both are held to
-    for mod in list(ref_model.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, flash_llm.SparseLinear):
-                setattr(mod, name, child.to_linear().float())
-    ref = Engine(ref_model.float(), max_batch=3, max_seq=32).generate(prompts, 5, output_logits=True,
-                                                                       eos_token_id=None)
-    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.tokens, ref.tokens)
-    err = (got.logits.float() - ref.logits).abs().max().item()
-    err_deferred = (want.logits.float() - ref.logits).abs().max().item()
-    assert err <= 2 * err_deferred + 2.0**-10 * ref.logits.abs().max().item(), (err, err_deferred)
-
-
 def test_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
-    """LlamaDecoderLayer.sparse_projections: the four sparse layers for a decode step of 1-16 sequences (contiguous)
-    without autograd; None
-    (forward_deferred) for 17 sequences (or 2 with FUSED_TOKENS_MAX = 1), a prefill (2 tokens of one sequence), autograd, a non-contiguous x, norms in another dtype, unmerged projections, a
+    """LlamaDecoderLayer.sparse_projections: the four sparse layers for one contiguous token without autograd; None
+    (forward_deferred) for two tokens, autograd, a non-contiguous x, norms in another dtype, unmerged projections, a
     dense projection, or FLASH_LLM_FUSE_NORMS=0."""
     from flash_llm.models import llama
 
@@ -336,12 +256,7 @@ def test_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
         got = layer.sparse_projections(x)
         assert got is not None and all(isinstance(p, flash_llm.SparseLinear) for p in got)
         assert got[0] is layer.self_attn.qkv_proj.layer and got[3] is layer.mlp.down_proj
-        assert layer.sparse_projections(torch.randn(2, 1, h).to(torch.float16)) is not None  # forward_tokens
-        assert layer.sparse_projections(torch.randn(17, 1, h).to(torch.float16)) is None
-        assert layer.sparse_projections(torch.randn(1, 2, h).to(torch.float16)) is None  # a prefill
-        monkeypatch.setattr(llama, "FUSED_TOKENS_MAX", 1)
         assert layer.sparse_projections(torch.randn(2, 1, h).to(torch.float16)) is None
-        monkeypatch.setattr(llama, "FUSED_TOKENS_MAX", 16)
         assert layer.sparse_projections(torch.randn(1, 1, 2 * h).to(torch.float16)[..., ::2]) is None
         layer.post_attention_layernorm.weight.data = layer.post_attention_layernorm.weight.data.float()
         assert layer.sparse_projections(x) is None
@@ -376,21 +291,11 @@ def test_one_token_layers_need_the_kernels_to_fuse_on_cuda(monkeypatch):
     monkeypatch.setattr(kernels, "epilogue_fusable",
                         lambda fmt, data, m_, k_, n, dtype, dev, **kw: asked.append((m_, k_, n, kw)) or answer["ok"])
     monkeypatch.setattr(llama, "_FUSES", {})
-    h = m.config.hidden_size
-
-    def x_of(n):
-        return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16, shape=(n, 1, h),
-                               numel=lambda: n * h)
-    x = x_of(1)
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16)
     assert llama._kernels_fuse(layers, x) is True
     assert [a[3] for a in asked] == [{"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True}]
     assert all(a[2] == 1 for a in asked) and asked[0][:2] == tuple(layers[0].weight.shape)
     assert llama._kernels_fuse(layers, x) is True and len(asked) == 4  # cached
-    asked.clear()
-    assert llama._kernels_fuse(layers, x_of(4)) is True  # forward_tokens: the norms split around the reductions
-    assert [a[3] for a in asked] == [{"rms": True}, {"add": True, "norm_out": True}, {"rms": True, "act": "silu_mul"},
-                                     {"add": True, "norm_out": True}]
-    assert all(a[2] == 4 for a in asked)
     monkeypatch.setattr(llama, "_FUSES", {})
     answer["ok"] = False
     assert llama._kernels_fuse(layers, x) is False

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
-from ..reference import rms_factors, rms_norm, rms_parts, silu_mul_halves
+from ..reference import rms_norm, silu_mul_halves
 from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch  # noqa: F401
 
 WARPS = 4
@@ -452,9 +452,7 @@ def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
 def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
               bias: torch.Tensor | None, splits: int | None = None, force_sparse: bool = False,
               out: torch.Tensor | None = None, ways: int | None = None, act: str | None = None,
-              norm: tuple[torch.Tensor, float] | None = None, add_to: torch.Tensor | None = None,
-              rms: tuple[torch.Tensor, float] | None = None,
-              norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              norm: tuple[torch.Tensor, float] | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``x [N, K]`` (CUDA, fp16/bf16) times the compressed ``W [m, k]`` transposed -> ``[N, m]``.
 
     ``splits`` overrides the split-K heuristic, ``force_sparse`` the large-N dispatch, ``ways`` (1 or 4) the
@@ -473,14 +471,6 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
       not bit for bit.
     - ``add_to`` (``[N, m]``, contiguous, the dtype of ``x``): the product (+ bias), rounded, is added into it in
       place (the residual add of a layer); ``add_to`` is returned.  Not with ``act``, ``norm`` or ``out``.
-    - ``rms=(parts [N, P] fp32, eps)``: ``x`` is an RMSNorm's input already scaled by the norm's weight; each
-      token's sums are multiplied by ``rsqrt(parts[:, n].sum() / K + eps)`` (``reference.rms_factors``) before
-      rounding: :func:`~flash_llm.reference.rms_scaled_product`.  Fused in the reduction after the one-warp
-      Tiled-CSL kernels (N = 2-16) with split-K.  Not with ``norm``.
-    - ``norm_out=(weight [m], xs [N, m], parts [N, ceil(m / 16)] fp32)``, with ``add_to``: the next RMSNorm's input
-      side as well: ``xs <- add_to * weight`` (after the add, rounded as torch) and ``parts <-``
-      :func:`~flash_llm.reference.rms_parts` ``(add_to)`` (its sums in another order), the inputs of an ``rms``
-      product.  Fused in the reduction where ``rms`` is.
     """
     if ways not in (None, 1, 4):
         raise ValueError(f"ways must be 1 or 4, got {ways!r}")
@@ -498,14 +488,12 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
             raise ValueError(f"add_to must be a contiguous {x.dtype} tensor of shape {(x.shape[0], m)}, got "
                              f"{add_to.dtype} {tuple(add_to.shape)}")
     n = x.shape[0]
-    _check_rms(rms, norm, norm_out, add_to, x, m, n)
     dev = x.device
     density = _density(fmt, data, m, k)
-    extra = act is not None or norm is not None or add_to is not None or rms is not None
+    extra = act is not None or norm is not None or add_to is not None
     if n == 0 or (not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k)):
         if extra:
-            return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to,
-                            rms, norm_out)
+            return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
         if n:
             return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
         return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
@@ -515,11 +503,9 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     threads = block_threads(name)
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads, shared), splits, fmt,
              wg)
-    if extra and not (_epilogue_ok(fmt, name, shared, p, m, bool(vec), act, norm is not None, add_to is not None,
-                                   rms is not None, norm_out is not None)
+    if extra and not (_epilogue_ok(fmt, name, shared, p, m, bool(vec), act, norm is not None, add_to is not None)
                       and (norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0))):
-        return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to, rms,
-                        norm_out)
+        return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
     m_out = m // 2 if act else m
     y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
     bw = fmt == BITMAP and shared > 0  # the bitmap warpgroup kernel
@@ -538,10 +524,9 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     # the ``_wg<NB>x<R>r`` kernel sums its split-K itself (two counters per row group), else splitk_reduce, below
     spread = ways is None and _wg_spread_ok(fmt, name, p, m, act, blocks, threads, shared, dev)
     if p.splits > 1:
-        # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction; rms: one per token,
-        # from the _nt<NT>q kernel)
-        tail = p.splits if norm is not None else n if rms is not None else 0
-        ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + tail, dtype=torch.float32, device=dev)
+        # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction)
+        ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + (p.splits if norm is not None else 0),
+                         dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
         if spread:
             tk_ptr = _scratch.get_tickets(dev, stream, 2 * blocks).data_ptr()
@@ -551,9 +536,6 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if norm is not None:  # tiled_csl_spmm_<dtype>_n1s: X's columns scaled by the norm's weight
         name += "s"
         args.append((norm[0].data_ptr(), P))
-    if rms is not None:  # tiled_csl_spmm_<dtype>_nt<NT>q: row block 0 also sums each token's parts
-        name += "q"
-        args += [(rms[0].data_ptr(), P), (rms[0].shape[1], I)]
     if spread:
         name += "r"
         args.append((_RED_SILU if act else 0, I))
@@ -564,18 +546,11 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         # Programmatic launch (the reduction's blocks wait resident for the spmm) at N <= 8 only.  H200, session 7:
         # Llama-3-8B decode at 80 % 1.1-1.3 % faster per token; but 4096 x 14336 at N = 16 25 -> 27 us (its
         # blocks take SM room from the spmm's later waves), so not at NT >= 2.
-        mode = (("rms_" if norm is not None or rms is not None else "") + ("silu_" if act else "")
-                + ("resid_" if add_to is not None else "") + ("norm_" if norm_out is not None else ""))
-        # RED_RMS's sums of squares after the partial tiles: the n1s kernel's, one per split, or the q kernel's, one
-        # per token
-        rin, parts = (ws_ptr + 4 * (ws.numel() - tail), p.splits if norm is not None else 1) if tail else (0, 0)
-        eps = float(norm[1]) if norm is not None else float(rms[1]) if rms is not None else 0.0
-        g_ptr, xs_ptr, rout = (t.data_ptr() for t in norm_out) if norm_out is not None else (0, 0, 0)
+        mode = ("rms_" if norm is not None else "") + ("silu_" if act else "") + ("resid_" if add_to is not None else "")
         launch(f"splitk_reduce_{mode}{_dtype_suffix(x.dtype)}_nt{p.nt}",
                (tiles // 2 if act else tiles, w * p.nt, 1), THREADS,
                [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m_out, I), (n, I), (p.splits, I), (tiles, I),
-                (chunks, I), (w, I), (k, I), (eps, ctypes.c_float), (rin, P), (parts, I), (g_ptr, P), (xs_ptr, P),
-                (rout, P)],
+                (chunks, I), (w, I), (k, I), (float(norm[1]) if norm else 0.0, ctypes.c_float)],
                stream, dev.index, pdl=_pdl_reduce(p.nt, n, name))
     return y
 
@@ -630,78 +605,40 @@ def _pdl_reduce(nt: int, n: int, name: str) -> bool:
 
 def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
                      vec: bool = True, splits: int | None = None, force_sparse: bool = False, act: str | None = None,
-                     norm: bool = False, add: bool = False, rms: bool = False, norm_out: bool = False) -> bool:
+                     norm: bool = False, add: bool = False) -> bool:
     """Whether the split-K reduction of ``x [n, k] @ W [m, k]^T`` can do :func:`spmm_cuda`'s elementwise work: the
     sparse kernel runs (not the expansion) with split-K and its reduction is ``splitk_reduce``; SiLU x up (``act``):
-    Tiled-CSL or the bitmap warpgroup kernels, ``m`` a multiple of 128; ``norm``: the Tiled-CSL kernel of N = 1
-    (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned); ``add``: that one or the one-warp Tiled-CSL
-    kernels of N = 2-16 (``_nt1``, ``_nt2``); ``rms`` and ``norm_out``: the one-warp kernels.  Shapes only: no
-    launch, no sync."""
+    Tiled-CSL or the bitmap warpgroup kernels, ``m`` a multiple of 128; ``norm`` and ``add``: the Tiled-CSL kernel of
+    N = 1 (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned).  Shapes only: no launch, no sync."""
     density = _density(fmt, data, m, k)
     if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(device.index), m * k):
         return False
     name, wg, shared = kernel_config(fmt, dtype, n, vec, device.index, density)
     p = plan(m, k, n, density, sm_count(device.index), blocks_per_sm(name, device.index, block_threads(name), shared),
              splits, fmt, wg)
-    return _epilogue_ok(fmt, name, shared, p, m, vec, act, norm, add, rms, norm_out)
+    return _epilogue_ok(fmt, name, shared, p, m, vec, act, norm, add)
 
 
-def _epilogue_ok(fmt: int, name: str, shared: int, p: LaunchPlan, m: int, vec: bool, act, norm: bool, add: bool,
-                 rms: bool = False, norm_out: bool = False) -> bool:
+def _epilogue_ok(fmt: int, name: str, shared: int, p: LaunchPlan, m: int, vec: bool, act, norm: bool, add: bool
+                 ) -> bool:
     """:func:`epilogue_fusable` for the kernel ``name`` (with ``shared`` bytes of dynamic shared memory) and plan
     ``p`` that :func:`spmm_cuda` launches."""
     if p.splits < 2:
         return False
-    n1 = fmt == TILED_CSL and name.endswith("_n1") and vec
-    one_warp = fmt == TILED_CSL and (name.endswith("_nt1") or name.endswith("_nt2"))
-    if (norm and not n1) or (add and not (n1 or one_warp)) or ((rms or norm_out) and not one_warp):
+    if (norm or add) and not (fmt == TILED_CSL and name.endswith("_n1") and vec):
         return False
     return act is None or (m % 128 == 0 and (fmt == TILED_CSL or (fmt == BITMAP and shared > 0)))
 
 
-def _check_rms(rms, norm, norm_out, add_to, x: torch.Tensor, m: int, n: int) -> None:
-    """:func:`spmm_cuda`'s checks of ``rms`` and ``norm_out``."""
-    def fp32(t, shape, what):
-        if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == shape and t.is_contiguous()
-                and t.device == x.device):
-            raise ValueError(f"{what} must be a contiguous float32 tensor of shape {shape} on {x.device}, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    if rms is not None:
-        if norm is not None:
-            raise ValueError("rms and norm exclude each other (rms: x is already scaled by the norm's weight)")
-        if not isinstance(rms[0], torch.Tensor) or rms[0].dim() != 2 or rms[0].shape[1] < 1:
-            raise ValueError(f"rms's partial sums must be [{n}, P >= 1], got {tuple(getattr(rms[0], 'shape', ()))}")
-        fp32(rms[0], (n, rms[0].shape[1]), "rms's partial sums")
-    if norm_out is not None:
-        if add_to is None:
-            raise ValueError("norm_out goes with add_to (the residual stream it normalizes)")
-        g, xs, parts = norm_out
-        if not (isinstance(g, torch.Tensor) and g.shape == (m,) and g.dtype == x.dtype and g.is_contiguous()
-                and g.device == x.device):
-            raise ValueError(f"norm_out's weight must be a contiguous [{m}] {x.dtype} tensor on {x.device}")
-        if not (isinstance(xs, torch.Tensor) and xs.shape == (n, m) and xs.dtype == x.dtype and xs.is_contiguous()
-                and xs.device == x.device):
-            raise ValueError(f"norm_out's xs must be a contiguous [{n}, {m}] {x.dtype} tensor on {x.device}")
-        fp32(parts, (n, ceil_div(m, 16)), "norm_out's partial sums")
-
-
-def _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to, rms=None,
-             norm_out=None):
-    """:func:`spmm_cuda`'s ``act`` / ``norm`` / ``add_to`` / ``rms`` / ``norm_out`` as separate operations around the
-    plain product (``rms``: the product rounded, then scaled and rounded again)."""
+def _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to):
+    """:func:`spmm_cuda`'s ``act`` / ``norm`` / ``add_to`` as separate operations around the plain product."""
     if norm is not None:
         x = rms_norm(x, norm[0], norm[1])
     y = spmm_cuda(x, data, offsets, fmt, m, k, bias, splits, force_sparse, None, ways)
-    if rms is not None:
-        y = (y.float() * rms_factors(rms[0], k, rms[1])[:, None]).to(y.dtype)
     if act is not None:
         y = silu_mul_halves(y)
     if add_to is not None:
-        add_to.add_(y)
-        if norm_out is not None:
-            torch.mul(add_to, norm_out[0], out=norm_out[1])
-            norm_out[2].copy_(rms_parts(add_to))
-        return add_to
+        return add_to.add_(y)
     return _into(y, out)
 
 

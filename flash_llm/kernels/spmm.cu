@@ -246,7 +246,6 @@ DEVI void group_row_col(int q, int m0, int n0, int& m, int& n) {
 
 DEVI void add_into(float4& v, const float4& a) { v.x += a.x; v.y += a.y; v.z += a.z; v.w += a.w; }
 DEVI void add_into(float2& v, const float2& a) { v.x += a.x; v.y += a.y; }
-DEVI void add_into(float& v, float a) { v += a; }
 
 // The sum over splits s_begin .. s_end - 1 of load(s) (a V), in split order, the loads of U splits in flight together.
 template <int U, typename V, class F>
@@ -306,20 +305,14 @@ DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, in
 // Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- `old` (Y's values there, loaded before the sums) +
 // (v + bias), the sum rounded to the dtype first (the product's output), then the add rounded (the layer's residual
 // add).
-// Returns the values written (as floats; 0 for columns at or past N).
 template <bool BF16>
-DEVI float4 add_group(const float4& v, const float4& old, u16* y, const u16* bias, int M, int N, int m, int n) {
+DEVI void add_group(const float4& v, const float4& old, u16* y, const u16* bias, int M, int N, int m, int n) {
   const float b = bias ? to_float<BF16>(bias[m]) : 0.f;
   const float r[4] = {v.x, v.y, v.z, v.w}, o[4] = {old.x, old.y, old.z, old.w};
-  float w[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int t = 0; t < 4; ++t)
-    if (n + 2 * t < N) {
-      const u16 h = from_float<BF16>(o[t] + to_float<BF16>(from_float<BF16>(r[t] + b)));
-      y[(long long)(n + 2 * t) * M + m] = h;
-      w[t] = to_float<BF16>(h);
-    }
-  return make_float4(w[0], w[1], w[2], w[3]);
+    if (n + 2 * t < N)
+      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(o[t] + to_float<BF16>(from_float<BF16>(r[t] + b)));
 }
 
 // Sum the split partials of partial tile `tile` (of `tiles` per split) in split order, add the bias and write Y, for
@@ -785,36 +778,9 @@ DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, u32 xs, int lane, 
   }
 }
 
-// SUMSQ (tiled_csl_spmm_<dtype>_nt<NT>q, the product of an RMSNorm's scaled input, kernels.spmm_cuda(rms=...)): the
-// blocks of row block 0 also sum each token's `parts` partial sums of squares (rin[n * parts + p], from the
-// reduction that wrote X: RED_NORM_OUT), split s the tokens s, s + splits, ...; lane l sums parts l, l + 32, ... in
-// order (8 loads in flight), then a butterfly.  The token's sum goes behind the partial tiles in the workspace, where
-// the RED_RMS reduction after this kernel reads one part per token.  So the sum over the parts runs once, inside a
-// launch that takes microseconds anyway, not in every block of the reduction.  (At NT = 2 with 16 blocks per SM, not
-// _nt2's 20: at its 96 registers, or 112, ptxas spilled.)
-DEVI void tokens_sumsq(float* __restrict__ out, int N, const float* __restrict__ rin, int parts, int lane) {
-  pdl_wait();  // (a no-op after the kernel's wait; an inactive split waits here before its reads)
-#pragma unroll 1
-  for (int tok = blockIdx.y; tok < N; tok += gridDim.y) {
-    const float* src = rin + (long long)tok * parts;
-    float r = 0.f;
-#pragma unroll 1
-    for (int i0 = lane; i0 < parts; i0 += 256) {
-      float a[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) a[u] = i0 + 32 * u < parts ? __ldcg(src + i0 + 32 * u) : 0.f;
-#pragma unroll
-      for (int u = 0; u < 8; ++u) r += a[u];
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
-    if (lane == 0) out[tok] = r;
-  }
-}
-
-template <bool BF16, int NT, bool SUMSQ = false>
+template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                             int kt_per_split, Problem p, const float* __restrict__ rin = nullptr, int parts = 0) {
+                             int kt_per_split, Problem p) {
   __shared__ __align__(128) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, swizzled row-major (csl_tile_byte)
   __shared__ __align__(128) u32 xtile[NT * 8 * 32];     // the X tile, NT KiB (csl_load_x)
   const int lane = threadIdx.x & 31;
@@ -879,8 +845,6 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 #pragma unroll
   for (int s = 0; s < 4; ++s)
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
-  if (SUMSQ && blockIdx.x == 0)  // behind the partial tiles: [N]
-    tokens_sumsq(p.ws + (long long)p.splits * gridDim.x * 512 * NT, p.N, rin, parts, lane);
 }
 
 // Split-K of the N = 1 kernel summed in the same launch (tiled_csl_spmm_<dtype>_n1r / _n1rs, kernels.N1_FUSED): each
@@ -1680,35 +1644,27 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 // - RED_SILU: the reduction of a merged gate / up projection ([2 M, K], M a multiple of 64, no bias) that writes
 //   silu(gate) x up [N, M] instead of [N, 2 M]: its grid covers the gate rows' tiles; each group also sums the up row
 //   M + m, which sits M / 64 row tiles further in the partial sums.
-// - RED_RMS: the sums of token n are multiplied by its RMSNorm factor rsqrt(mean(x^2) + eps) before anything else:
-//   with the norm's weight folded into X before the spmm, the product of the normalized X.  The mean comes from
-//   `parts` partial sums of squares of the token's row of X, rin[n * parts + p] (p < parts): the n1s kernel's one per
-//   split (N = 1), or a RED_NORM_OUT reduction's one per 16 rows of its output (any N).  Every block sums a token's
-//   parts in the same order (fp32), so every block applies the same factor.
+// - RED_RMS (N = 1, after the n1s kernel): the sums are multiplied by the token's RMSNorm factor rsqrt(mean(x^2) +
+//   eps) before anything else: with the norm's weight folded into X by the spmm, the product of the normalized X.
+//   The n1s kernel leaves each split's sum of squares of X after the partial tiles (`splits` floats); every warp
+//   sums them in the same order (fp32).
 // - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
-// - RED_NORM_OUT (with RED_RESID, NT <= 2): the next RMSNorm's input side as well, for a following RED_RMS
-//   reduction: xs[n, m] = y[n, m] * g[m] rounded to the dtype (the norm's weight, as torch's product), and
-//   rout[n * ceil(M / 16) + m / 16] = the sum of y[n, m]^2 (fp32, y rounded) over the 16 rows of m's 16-row group.  The
-//   16 rows x 8 tokens of a warp's 32 groups give those sums by shuffles alone: no shared memory, no barrier.
-constexpr int RED_NORM_OUT = 8;
 template <bool BF16, int NT, int MODE = 0>
 DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, int M,
-                             int N, int splits, int tiles, int n_chunks, int ways, int K, float eps,
-                             const float* __restrict__ rin, int parts, const u16* __restrict__ g, u16* __restrict__ xs,
-                             float* __restrict__ rout) {
-  constexpr bool SILU = MODE & RED_SILU, RMS = MODE & RED_RMS, NORM_OUT = MODE & RED_NORM_OUT;
-  static_assert(!NORM_OUT || ((MODE & RED_RESID) && !SILU && !RMS && NT <= 2), "RED_NORM_OUT goes with RED_RESID");
+                             int N, int splits, int tiles, int n_chunks, int ways, int K, float eps) {
+  constexpr bool SILU = MODE & RED_SILU, RMS = MODE & RED_RMS;
   __shared__ float4 part[WARPS][32];
   __shared__ float4 part_up[SILU ? WARPS : 1][32];
-  __shared__ float factor[RMS ? 8 * NT : 1];  // RMS: the factors of the tile's 8 NT tokens
   pdl_launch_dependents();  // the next kernel, if launched programmatically, may load its weights meanwhile
   pdl_wait();  // the spmm grid's partials (a no-op without programmatic launch)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tile = blockIdx.x;
-  const int n0 = tile % n_chunks * NT * 8;  // the tile's first token
+  float ssq = 0.f;  // RMS: this lane's share of the spmm's per-split sums of squares of X (after the partial tiles)
+  if (RMS)
+    for (int i = lane; i < splits; i += 32) ssq += __ldcg(ws + (long long)splits * tiles * 512 * NT + i);
   const int way = warp % ways;                                   // which share of the splits
   const int q = (blockIdx.y * WARPS + warp) / ways * 32 + lane;  // the group
   int m, n;
-  group_row_col<NT>(q, tile / n_chunks * (WARPS * 16), n0, m, n);
+  group_row_col<NT>(q, tile / n_chunks * (WARPS * 16), tile % n_chunks * NT * 8, m, n);
   const bool live = q < 128 * NT && m < M && n < N;
   float4 v = make_float4(0.f, 0.f, 0.f, 0.f), vu = v;
   float4 old = v;  // RED_RESID: Y before the add, asked for before the partial sums
@@ -1719,7 +1675,6 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
     old.z = n + 4 < N ? to_float<BF16>(src[4LL * M]) : 0.f;
     old.w = n + 6 < N ? to_float<BF16>(src[6LL * M]) : 0.f;
   }
-  const float gm = NORM_OUT && live ? to_float<BF16>(g[m]) : 0.f;
   if (live) {
     const long long stride = (long long)tiles * 128 * NT;
     const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
@@ -1728,31 +1683,13 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
       vu = sum_splits(src + (long long)(M / 64) * n_chunks * 128 * NT, stride, way * splits / ways,
                       (way + 1) * splits / ways);
   }
-  if (RMS) {  // warp w: the tile's tokens w + WARPS j (j < 2 NT); lane l sums each token's parts l, l + 32, ... in
-              // order (the first 256 of every token in flight together, coalesced), then a butterfly: the same sum in
-              // every block (and at N = 1 the order of before)
-    float fa[2 * NT][8];
+  float rms = 0.f;
+  if (RMS) {  // every warp the same factor: the same sums in the same order (N = 1 only: NaN otherwise, never a
+              // silently wrong number)
 #pragma unroll
-    for (int j = 0; j < 2 * NT; ++j) {
-      const int tok = n0 + warp + WARPS * j;
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        fa[j][u] = tok < N && lane + 32 * u < parts ? __ldcg(rin + (long long)tok * parts + lane + 32 * u) : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < 2 * NT; ++j) {
-      const int t = warp + WARPS * j, tok = n0 + t;
-      float r = 0.f;
-#pragma unroll
-      for (int u = 0; u < 8; ++u) r += fa[j][u];
-      if (tok < N)
-        for (int i = lane + 256; i < parts; i += 32) r += __ldcg(rin + (long long)tok * parts + i);  // past 256 parts
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
-      if (lane == 0) factor[t] = rsqrtf(r * __fdividef(1.f, (float)K) + eps);  // sum x (1 / K), as torch's mean
-    }
-    __syncthreads();  // the factors (uniform over the block)
-  }
+    for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+    rms = N == 1 ? rsqrtf(ssq * __fdividef(1.f, (float)K) + eps) : __int_as_float(0x7fc00000);  // sum x (1 / K), as
+  }                                                                                                // torch's mean
   if (ways > 1) {  // uniform over the block
     if (way > 0) {
       part[warp][lane] = v;
@@ -1769,93 +1706,50 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
       }
     }
   }
-  float4 out = make_float4(0.f, 0.f, 0.f, 0.f);  // NORM_OUT: the values written (0 where not live)
   if (live) {
-    if (RMS) {  // tokens n, n + 2, n + 4, n + 6 (the factors of tokens past N are never used)
-      const int t = n - n0;  // (n + 6 stays in n's 8-token tile)
-      const float f0 = factor[t], f1 = factor[t + 2], f2 = factor[t + 4], f3 = factor[t + 6];
-      v.x *= f0; v.y *= f1; v.z *= f2; v.w *= f3;
-      vu.x *= f0; vu.y *= f1; vu.z *= f2; vu.w *= f3;
+    if (RMS) {  // N = 1: token 0 only
+      v.x *= rms; v.y *= rms; v.z *= rms; v.w *= rms;
+      vu.x *= rms; vu.y *= rms; vu.z *= rms; vu.w *= rms;
     }
     if (SILU)
       store_silu_group<BF16>(v, vu, y, M, N, m, n);
     else if (MODE & RED_RESID)
-      out = add_group<BF16>(v, old, y, bias, M, N, m, n);
+      add_group<BF16>(v, old, y, bias, M, N, m, n);
     else
       store_group<BF16>(v, y, bias, M, N, m, n);
   }
-  if (NORM_OUT) {  // every lane of the warp is here (ways > 1: the way-0 warp of its groups)
-    const float o4[4] = {out.x, out.y, out.z, out.w};
-    float sq[4];
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      if (live && n + 2 * t < N) xs[(long long)(n + 2 * t) * M + m] = from_float<BF16>(o4[t] * gm);
-      sq[t] = o4[t] * o4[t];
-    }
-    // a warp's 32 groups: lane bits 0-2 and 4 the row (16 rows), bit 3 the token's parity
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      sq[t] += __shfl_xor_sync(0xffffffffu, sq[t], 1);
-      sq[t] += __shfl_xor_sync(0xffffffffu, sq[t], 2);
-      sq[t] += __shfl_xor_sync(0xffffffffu, sq[t], 4);
-      sq[t] += __shfl_xor_sync(0xffffffffu, sq[t], 16);
-    }
-    const int mw = __shfl_sync(0xffffffffu, m, 0);  // the warp's first row (a multiple of 16)
-    if ((lane & ~8) == 0 && q < 128 * NT && mw < M) {
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-        if (n + 2 * t < N) rout[(long long)(n + 2 * t) * ((M + 15) >> 4) + (mw >> 4)] = sq[t];
-    }
-  }
 }
 
-// splitk_reduce[_<mode>]_<dtype>_nt<NT>: mode silu, rms, rms_silu, resid or resid_norm (the last four at NT = 1 and
-// 2: after the n1 / n1s kernels at N = 1 and the one-warp kernels at N = 2-16; kernels.spmm_cuda)
+// splitk_reduce[_<mode>]_<dtype>_nt<NT>: mode silu, rms, rms_silu or resid (the last three only at NT = 1, after the
+// n1 / n1s kernels at N = 1; kernels.spmm_cuda)
 #define REDUCE_ARGS                                                                                          \
   const float *__restrict__ ws, u16 *__restrict__ y, const u16 *__restrict__ bias, int M, int N, int splits, \
-      int tiles, int n_chunks, int ways, int K, float eps, const float *__restrict__ rin, int parts,         \
-      const u16 *__restrict__ g, u16 *__restrict__ xs, float *__restrict__ rout
-// (BOUNDS: the RMS modes ask for 8 blocks per SM (4 at NT = 2, whose 32 parts in flight need more), so ptxas may use
-// 64 (128) registers; left alone it took 32 and spilled)
+      int tiles, int n_chunks, int ways, int K, float eps
+// (BOUNDS: the RMS modes ask for 8 blocks per SM, so ptxas may use 64 registers; left alone it took 32 and spilled)
 #define REDUCE_KERNEL(KNAME, BF16, NT, MODE, BOUNDS)                                                     \
   extern "C" __global__ void __launch_bounds__ BOUNDS KNAME(REDUCE_ARGS) {                              \
-    splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, K, eps, rin, parts, g, \
-                                       xs, rout);                                                       \
+    splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, K, eps);       \
   }
 #define INSTANTIATE_REDUCE(NAME, BF16, NT)                                   \
   REDUCE_KERNEL(splitk_reduce_##NAME##_nt##NT, BF16, NT, 0, (THREADS))               \
   REDUCE_KERNEL(splitk_reduce_silu_##NAME##_nt##NT, BF16, NT, RED_SILU, (THREADS))
-#define INSTANTIATE_REDUCE_EPI(NAME, BF16, NT)                                                  \
-  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt##NT, BF16, NT, RED_RMS, (THREADS, NT == 1 ? 8 : 4))                 \
-  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt##NT, BF16, NT, RED_RMS | RED_SILU, (THREADS, NT == 1 ? 8 : 4)) \
-  REDUCE_KERNEL(splitk_reduce_resid_##NAME##_nt##NT, BF16, NT, RED_RESID, (THREADS))               \
-  REDUCE_KERNEL(splitk_reduce_resid_norm_##NAME##_nt##NT, BF16, NT, RED_RESID | RED_NORM_OUT, (THREADS))
+#define INSTANTIATE_REDUCE_N1(NAME, BF16)                                            \
+  REDUCE_KERNEL(splitk_reduce_rms_##NAME##_nt1, BF16, 1, RED_RMS, (THREADS, 8))                 \
+  REDUCE_KERNEL(splitk_reduce_rms_silu_##NAME##_nt1, BF16, 1, RED_RMS | RED_SILU, (THREADS, 8)) \
+  REDUCE_KERNEL(splitk_reduce_resid_##NAME##_nt1, BF16, 1, RED_RESID, (THREADS))
 INSTANTIATE_REDUCE(f16, false, 1)
 INSTANTIATE_REDUCE(f16, false, 2)
 INSTANTIATE_REDUCE(f16, false, 4)
 INSTANTIATE_REDUCE(bf16, true, 1)
 INSTANTIATE_REDUCE(bf16, true, 2)
 INSTANTIATE_REDUCE(bf16, true, 4)
-INSTANTIATE_REDUCE_EPI(f16, false, 1)
-INSTANTIATE_REDUCE_EPI(f16, false, 2)
-INSTANTIATE_REDUCE_EPI(bf16, true, 1)
-INSTANTIATE_REDUCE_EPI(bf16, true, 2)
+INSTANTIATE_REDUCE_N1(f16, false)
+INSTANTIATE_REDUCE_N1(bf16, true)
 
 INSTANTIATE_ALL(bitmap)
 INSTANTIATE(bitmap, f16, false, 8)
 INSTANTIATE(bitmap, bf16, true, 8)
 INSTANTIATE_ALL(tiled_csl)
-// tiled_csl_spmm_<dtype>_nt<NT>q: with the RMSNorm's per-token sums of squares (SUMSQ above), NT = 1 and 2
-#define INSTANTIATE_SUMSQ(NAME, BF16, NT)                                                                \
-  extern "C" __global__ void __launch_bounds__(tiled_csl_threads, tiled_csl_min_blocks<NT>::value - 4 * (NT - 1)) \
-  tiled_csl_spmm_##NAME##_nt##NT##q(SPMM_ARGS, const float* __restrict__ rin, int parts) {                \
-    pdl_launch_dependents();                                                                              \
-    tiled_csl_spmm_body<BF16, NT, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, rin, parts); \
-  }
-INSTANTIATE_SUMSQ(f16, false, 1)
-INSTANTIATE_SUMSQ(f16, false, 2)
-INSTANTIATE_SUMSQ(bf16, true, 1)
-INSTANTIATE_SUMSQ(bf16, true, 2)
 
 // The Tiled-CSL kernels for N > 32.  tiled_csl_spmm_<dtype>_w<W>: W warps of 32 tokens each share every tile's decode.
 // tiled_csl_spmm_<dtype>_wg<NB>x<R> (sm_90a; a trap elsewhere): NB tokens and R warpgroups (64 R weight rows) per

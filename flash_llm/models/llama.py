@@ -28,10 +28,6 @@ from .config import ModelConfig
 #: ``FLASH_LLM_FUSE_NORMS=0``: the fused model never runs :meth:`LlamaDecoderLayer.forward_one_token` (the RMSNorms
 #: and residual adds inside the sparse projections at one token) and keeps :meth:`~LlamaDecoderLayer.forward_deferred`
 FUSE_NORMS = os.environ.get("FLASH_LLM_FUSE_NORMS", "1") != "0"
-#: The largest decode batch (one new token per sequence) :meth:`LlamaDecoderLayer.forward_tokens` takes (the one-warp
-#: Tiled-CSL kernels' range, whose reductions do the norms' work); ``FLASH_LLM_FUSED_TOKENS_MAX=1`` keeps the fused
-#: layers to one token.
-FUSED_TOKENS_MAX = int(os.environ.get("FLASH_LLM_FUSED_TOKENS_MAX", "16"))
 #: ``FLASH_LLM_SILU_REDUCE=0``: the fused MLP runs ``silu(gate) * up`` as its own compiled kernel even where the merged
 #: gate / up projection is sparse (else inside its split-K reduction, :func:`flash_llm.ops.spmm_silu_mul`)
 SILU_REDUCE = os.environ.get("FLASH_LLM_SILU_REDUCE", "1") != "0"
@@ -200,13 +196,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def sparse_projections(self, x: torch.Tensor) -> tuple | None:
         """The layer's ``(qkv, o, gate_up, down)`` :class:`~flash_llm.SparseLinear` layers when
-        :meth:`forward_one_token` (one token in all, ``x [1, 1, H]``) or :meth:`forward_tokens` (a decode step of 2 to
-        :data:`FUSED_TOKENS_MAX` sequences, ``x [B, 1, H]``) may run it for ``x`` (contiguous),
+        :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``, contiguous),
         :data:`FUSE_NORMS`, no autograd, q / k / v and gate / up merged, all four sparse without bias and both norms'
         weights in ``x``'s dtype, SiLU, and on CUDA the kernels able to do the elementwise work (:func:`_kernels_fuse`:
-        Tiled-CSL with split-K at that many tokens); else None (the layer then runs :meth:`forward_deferred`)."""
-        if (not FUSE_NORMS or x.shape[1] != 1 or x.shape[0] > FUSED_TOKENS_MAX or torch.is_grad_enabled()
-                or self.mlp.act is not F.silu):
+        Tiled-CSL with split-K); else None (the layer then runs :meth:`forward_deferred`)."""
+        if not FUSE_NORMS or x.shape[0] * x.shape[1] != 1 or torch.is_grad_enabled() or self.mlp.act is not F.silu:
             return None
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
         if not x.is_contiguous() or any(w.dtype != x.dtype or w.device != x.device for w in norms):
@@ -232,59 +226,25 @@ class LlamaDecoderLayer(nn.Module):
         ops.spmm_add_(x, ops.spmm_rms_norm(x, post.weight, post.eps, gate_up.weight, act="silu_mul"), down.weight)
         return x
 
-    def forward_tokens(self, x: torch.Tensor, pre: tuple | None, cos, sin, attend: Attend, layers: tuple,
-                       next_norm: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
-        """The fused layer for 2 to :data:`FUSED_TOKENS_MAX` tokens on sparse projections (``layers`` from
-        :meth:`sparse_projections`).  Each RMSNorm is split in two: its input side (the input times the norm's
-        weight, and partial sums of squares) runs in the split-K reduction of the residual add before it
-        (:func:`flash_llm.ops.spmm_add_norm_`), its per-token factor in the reduction of the projection after it
-        (:func:`flash_llm.ops.spmm_rms_scaled`).  So a layer is 4 spmm launches and their 4 reductions, and the
-        attention, with no norm kernel.
-
-        ``x [B, T, H]``, the residual stream, is updated in place; ``pre`` is the input side of this layer's input
-        norm (``None``: computed here, :func:`flash_llm.ops.rms_prescale`); ``next_norm`` the next layer's input
-        norm weight when that layer runs this method too (else ``None``).  Returns ``(x, pre)`` for the next layer.
-        The same as :meth:`forward_deferred` to rounding."""
-        qkv, o, gate_up, down = layers
-        a, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
-        lead = x.shape[:-1]
-        if pre is None:
-            pre = ops.rms_prescale(x, norm.weight)
-        q, k, v = ops.spmm_rms_scaled(*pre, norm.eps, qkv.weight).view(*lead, -1).split(a.qkv_proj.sizes, dim=-1)
-        pre = ops.spmm_add_norm_(x, a.attend_heads(q, k, v, cos, sin, attend), o.weight, post.weight)
-        h = ops.spmm_rms_scaled(*pre, post.eps, gate_up.weight, act="silu_mul").view(*lead, -1)
-        if next_norm is None:
-            ops.spmm_add_(x, h, down.weight)
-            return x, None
-        return x, ops.spmm_add_norm_(x, h, down.weight, next_norm)
-
 
 _FUSES: dict[tuple, bool] = {}
 
 
 def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
     """Whether, on ``x``'s device, the kernels do the elementwise work of :meth:`LlamaDecoderLayer.forward_one_token`
-    (one token) or :meth:`~LlamaDecoderLayer.forward_tokens` (more) for these ``(qkv, o, gate_up, down)`` layers at
-    ``x``'s number of tokens (:func:`flash_llm.kernels.epilogue_fusable`: Tiled-CSL with split-K, the ``_n1`` kernel
-    at N = 1, the one-warp kernels at N = 2-16).  Elsewhere those ops would run it as separate operations, slower than
-    the compiled norms of ``forward_deferred``.  The CPU runs the reference either way: True.  Cached per weights,
-    device, dtype and number of tokens."""
+    for these ``(qkv, o, gate_up, down)`` layers (:func:`flash_llm.kernels.epilogue_fusable`: Tiled-CSL with split-K at
+    N = 1).  Elsewhere the one-token ops would run it as separate operations, slower than the compiled norms of
+    ``forward_deferred``.  The CPU runs the reference either way: True.  Cached per weights, device and dtype."""
     if not x.is_cuda:
         return True
     from .. import kernels
     from ..reference import FORMAT_IDS
 
-    n = x.numel() // x.shape[-1]
-    key = (x.device, x.dtype, n) + tuple((p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape)
-                                         for p in layers)
+    key = (x.device, x.dtype) + tuple((p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape) for p in layers)
     if key not in _FUSES:
-        if n == 1:
-            wants = ({"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True})
-        else:
-            wants = ({"rms": True}, {"add": True, "norm_out": True}, {"rms": True, "act": "silu_mul"},
-                     {"add": True, "norm_out": True})
+        wants = ({"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True})
         _FUSES[key] = kernels.supported(x.device)[0] and all(
-            kernels.epilogue_fusable(FORMAT_IDS[type(p.weight)], p.weight.data, *p.weight.shape, n, x.dtype, x.device,
+            kernels.epilogue_fusable(FORMAT_IDS[type(p.weight)], p.weight.data, *p.weight.shape, 1, x.dtype, x.device,
                                      **want) for p, want in zip(layers, wants))
     return _FUSES[key]
 
@@ -307,21 +267,14 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(x, attend.positions)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
-            pre = None  # forward_tokens: the input side of the next layer's input norm
-            one = x.numel() == x.shape[-1]
-            sparse = [layer.sparse_projections(x) for layer in self.layers]
-            for i, layer in enumerate(self.layers):
-                if sparse[i] is None:
+            for layer in self.layers:
+                sparse = layer.sparse_projections(x)
+                if sparse is None:
                     x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
                     continue
                 if delta is not None:
                     x, delta = x + delta, None
-                if one:
-                    x = layer.forward_one_token(x, cos, sin, attend, sparse[i])
-                    continue
-                fused_next = i + 1 < len(self.layers) and sparse[i + 1] is not None
-                x, pre = layer.forward_tokens(x, pre, cos, sin, attend, sparse[i],
-                                              self.layers[i + 1].input_layernorm.weight if fused_next else None)
+                x = layer.forward_one_token(x, cos, sin, attend, sparse)
             if delta is None:
                 return _fused.op("rms_norm", True)(x, self.norm.weight, self.norm.eps)
             return _fused.op("add_rms_norm", True)(x, delta, self.norm.weight, self.norm.eps)[1]
