@@ -2210,3 +2210,110 @@ INSTANTIATE_DA(f16, false, 64)
 INSTANTIATE_DA(f16, false, 128)
 INSTANTIATE_DA(bf16, true, 64)
 INSTANTIATE_DA(bf16, true, 128)
+
+// ------------------------------------------------------------------------------------------------
+// Residual add and RMSNorm (add_rms_norm_<dtype>; kernels.add_rms_norm_cuda, the engine's norms above one token):
+// row n of x_out = x + delta (rounded to the dtype; without delta nothing is written there) and
+// h = w * round(x_out * rsqrt(mean(x_out^2) + eps)) (rounded), in reference.rms_norm's steps.  One block of 256
+// threads per row.  With 16-byte rows and H <= 8192 each thread keeps its (up to 4) 8-element chunks in registers;
+// otherwise it walks the row twice, reading back what it wrote.  The sum of squares: each thread's in element order,
+// warp butterflies, then the 8 warps' sums in order by every thread (deterministic).  The block lets the next
+// kernel launch at once and waits for the one before (a no-op unless launched programmatically, under
+// kernels.static_weights): the Tiled-CSL spmm after a norm loads its first weight entries while the norm runs, which
+// a compiled norm kernel does not allow.
+// ------------------------------------------------------------------------------------------------
+constexpr int NORM_THREADS = 256, NORM_CHUNKS = 4;
+
+DEVI float norm_block_sum(float s, float* part) {  // every thread gets the block's sum, in a fixed order
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+  __syncthreads();
+  float t = 0.f;
+#pragma unroll
+  for (int i = 0; i < NORM_THREADS / 32; ++i) t += part[i];
+  return t;
+}
+
+template <bool BF16>
+DEVI void add_rms_norm_body(const u16* __restrict__ x, const u16* __restrict__ delta, const u16* __restrict__ w,
+                            u16* __restrict__ x_out, u16* __restrict__ h, int H, float eps, int vec) {
+  __shared__ float part[NORM_THREADS / 32];
+  pdl_launch_dependents();
+  pdl_wait();  // x and delta come from the kernels before
+  const long long row = (long long)blockIdx.x * H;
+  const int tid = threadIdx.x;
+  const float inv_h = __fdividef(1.f, (float)H);  // sum x (1 / H), as torch's mean
+  float ssq = 0.f;
+  if (vec && H <= NORM_THREADS * 8 * NORM_CHUNKS) {
+    u32 v[NORM_CHUNKS][4];  // x_out's chunks, two values a word
+#pragma unroll
+    for (int c = 0; c < NORM_CHUNKS; ++c) {
+      const int e = (tid + c * NORM_THREADS) * 8;
+      if (e >= H) break;
+      const uint4 a = *reinterpret_cast<const uint4*>(x + row + e);
+      u32 r[4] = {a.x, a.y, a.z, a.w};
+      if (delta) {
+        const uint4 d = *reinterpret_cast<const uint4*>(delta + row + e);
+        const u32 dd[4] = {d.x, d.y, d.z, d.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const u32 lo = from_float<BF16>(to_float<BF16>((u16)r[i]) + to_float<BF16>((u16)dd[i]));
+          const u32 hi = from_float<BF16>(to_float<BF16>((u16)(r[i] >> 16)) + to_float<BF16>((u16)(dd[i] >> 16)));
+          r[i] = lo | (hi << 16);
+        }
+        *reinterpret_cast<uint4*>(x_out + row + e) = make_uint4(r[0], r[1], r[2], r[3]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float f0 = to_float<BF16>((u16)r[i]), f1 = to_float<BF16>((u16)(r[i] >> 16));
+        ssq = fmaf(f0, f0, ssq);
+        ssq = fmaf(f1, f1, ssq);
+        v[c][i] = r[i];
+      }
+    }
+    const float f = rsqrtf(norm_block_sum(ssq, part) * inv_h + eps);
+#pragma unroll
+    for (int c = 0; c < NORM_CHUNKS; ++c) {
+      const int e = (tid + c * NORM_THREADS) * 8;
+      if (e >= H) break;
+      const uint4 g = *reinterpret_cast<const uint4*>(w + e);
+      const u32 gg[4] = {g.x, g.y, g.z, g.w};
+      u32 o[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float y0 = to_float<BF16>(from_float<BF16>(to_float<BF16>((u16)v[c][i]) * f));
+        const float y1 = to_float<BF16>(from_float<BF16>(to_float<BF16>((u16)(v[c][i] >> 16)) * f));
+        o[i] = (u32)from_float<BF16>(to_float<BF16>((u16)gg[i]) * y0) |
+               ((u32)from_float<BF16>(to_float<BF16>((u16)(gg[i] >> 16)) * y1) << 16);
+      }
+      *reinterpret_cast<uint4*>(h + row + e) = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+    return;
+  }
+  const u16* src = delta ? x_out : x;  // pass 2 reads back this thread's own x_out
+#pragma unroll 1
+  for (int e = tid; e < H; e += NORM_THREADS) {
+    float f0 = to_float<BF16>(x[row + e]);
+    if (delta) {
+      const u16 s = from_float<BF16>(f0 + to_float<BF16>(delta[row + e]));
+      x_out[row + e] = s;
+      f0 = to_float<BF16>(s);
+    }
+    ssq = fmaf(f0, f0, ssq);
+  }
+  const float f = rsqrtf(norm_block_sum(ssq, part) * inv_h + eps);
+#pragma unroll 1
+  for (int e = tid; e < H; e += NORM_THREADS) {
+    const float y = to_float<BF16>(from_float<BF16>(to_float<BF16>(src[row + e]) * f));
+    h[row + e] = from_float<BF16>(to_float<BF16>(w[e]) * y);
+  }
+}
+
+#define INSTANTIATE_NORM(NAME, BF16)                                                                      \
+  extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                              \
+  add_rms_norm_##NAME(const u16* x, const u16* delta, const u16* w, u16* x_out, u16* h, int H, float eps, int vec) { \
+    add_rms_norm_body<BF16>(x, delta, w, x_out, h, H, eps, vec);                                          \
+  }
+INSTANTIATE_NORM(f16, false)
+INSTANTIATE_NORM(bf16, true)
