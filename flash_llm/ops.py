@@ -125,51 +125,6 @@ def _(acc, x, data, offsets, fmt, m, k):
     return None
 
 
-def _add_rms_norm_reference(x, delta, weight, eps):
-    if delta is not None:
-        x = x + delta
-    return x, rms_norm(x, weight, eps)
-
-
-@torch.library.custom_op("flash_llm::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _add_rms_norm_reference(x, delta, weight, eps)
-
-
-@_add_rms_norm_op.register_kernel("cuda")
-def _add_rms_norm_cuda(x, delta, weight, eps):
-    from . import kernels
-
-    if _no_kernels(x.device):
-        return _add_rms_norm_reference(x, delta, weight, eps)
-    return kernels.add_rms_norm_cuda(x, delta, weight, eps)
-
-
-@_add_rms_norm_op.register_fake
-def _(x, delta, weight, eps):
-    return torch.empty_like(x), torch.empty_like(x)
-
-
-@torch.library.custom_op("flash_llm::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return rms_norm(x, weight, eps)
-
-
-@_rms_norm_op.register_kernel("cuda")
-def _rms_norm_cuda(x, weight, eps):
-    from . import kernels
-
-    if _no_kernels(x.device):
-        return rms_norm(x, weight, eps)
-    return kernels.add_rms_norm_cuda(x, None, weight, eps)[1]
-
-
-@_rms_norm_op.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x)
-
-
 # ---- gradients: d/dx (x W^T + b) = grad W, d/db = sum of grad over rows; the compressed weight itself
 # is a constant (no gradient).  The transposed product is its own op so that it traces as well.
 @torch.library.custom_op("flash_llm::spmm_t", mutates_args=())
@@ -323,43 +278,3 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat) -> torch.Tens
                          f"contiguous, on {acc.device})")
     _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k)
     return acc
-
-
-def _checked_norm(x: torch.Tensor, weight: torch.Tensor) -> int:
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dim() < 1:
-        raise ValueError(f"x must be a floating tensor [..., H], got {getattr(x, 'dtype', type(x).__name__)}")
-    h = x.shape[-1]
-    if (not isinstance(weight, torch.Tensor) or weight.shape != (h,) or weight.dtype != x.dtype
-            or weight.device != x.device):
-        raise ValueError(f"weight must be a [{h}] {x.dtype} tensor on {x.device}, got "
-                         f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
-    return h
-
-
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder layer's residual add and the RMSNorm after it: ``(x + delta, rms_norm(x + delta, weight, eps))``.
-
-    Args:
-        x, delta: ``[..., H]``, one dtype (fp16, bf16 or fp32) and device.
-        weight: the norm's ``[H]`` weight, same dtype.
-        eps: the norm's epsilon.
-
-    Returns two new ``[..., H]`` tensors.  On CUDA (fp16 / bf16) one kernel does both (``kernels.add_rms_norm_cuda``:
-    the add rounded as torch's, the norm :func:`~flash_llm.reference.rms_norm`'s steps with its mean summed in
-    another order, so the same to rounding); elsewhere the reference."""
-    h = _checked_norm(x, weight)
-    if not isinstance(delta, torch.Tensor) or delta.shape != x.shape or delta.dtype != x.dtype \
-            or delta.device != x.device:
-        raise ValueError(f"delta must be a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
-    lead = x.shape[:-1]
-    a, b = _add_rms_norm_op(x.reshape(-1, h).contiguous(), delta.reshape(-1, h).contiguous(), weight.contiguous(),
-                            float(eps))
-    return a.view(*lead, h), b.view(*lead, h)
-
-
-def rms_norm_(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:func:`~flash_llm.reference.rms_norm` of ``x [..., H]``, on CUDA (fp16 / bf16) by the kernel of
-    :func:`add_rms_norm` (the same to rounding).  Returns a new tensor."""
-    h = _checked_norm(x, weight)
-    return _rms_norm_op(x.reshape(-1, h).contiguous(), weight.contiguous(), float(eps)).view(x.shape)

@@ -113,8 +113,7 @@ def test_cuda_graph_decode_equals_eager_sparse(family):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_fused_elementwise_kernels_keep_the_logits(dtype, family):
-    """Engine(fuse=True): the norms (with the residual adds; Llama's by flash-llm's add_rms_norm kernel, OPT's
-    LayerNorms torch.compile'd), RoPE or OPT's query scaling with the
+    """Engine(fuse=True): torch.compile'd norms (with the residual adds), RoPE or OPT's query scaling with the
     cache write, SiLU x up inside the CUDA graphs.  Logits against the fp32 transformers model within the same
     bound as the eager engine's (2 x its error + 1 ulp), graph replay equal to the fused eager decode, and fused
     graphs captured for every batch size."""

@@ -209,29 +209,6 @@ def test_spmm_rms_norm_and_spmm_add_on_the_cpu(fmt, dtype):
     assert torch.equal(acc, want)  # nothing written by the refused calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_add_rms_norm_ops_on_the_cpu(dtype):
-    """ops.add_rms_norm and ops.rms_norm_ are the eager fused functions (the reference) on the CPU, bit for bit, for any
-    leading shape; the fused engine's norms go through them on CUDA only (the CPU keeps the compiled functions); bad
-    arguments are refused by name."""
-    from flash_llm.models import _fused
-
-    x = (3 * torch.randn(2, 5, 100)).to(dtype)
-    d = torch.randn(2, 5, 100).to(dtype)
-    g = (torch.rand(100) + 0.5).to(dtype)
-    a, b = flash_llm.ops.add_rms_norm(x, d, g, 1e-5)
-    want_a, want_b = _fused.add_rms_norm(x, d, g, 1e-5)
-    assert a.shape == (2, 5, 100) and torch.equal(a, want_a) and torch.equal(b, want_b)
-    assert torch.equal(flash_llm.ops.rms_norm_(x, g, 1e-5), _fused.rms_norm(x, g, 1e-5))
-    assert torch.equal(flash_llm.ops.rms_norm_(x.transpose(0, 1), g, 1e-5), _fused.rms_norm(x.transpose(0, 1), g, 1e-5))
-    with pytest.raises(ValueError, match=r"weight must be a \[100\]"):
-        flash_llm.ops.add_rms_norm(x, d, g[:99], 1e-5)
-    with pytest.raises(ValueError, match="weight must be"):
-        flash_llm.ops.rms_norm_(x, g.double(), 1e-5)
-    with pytest.raises(ValueError, match="delta must be"):
-        flash_llm.ops.add_rms_norm(x, d[:1], g, 1e-5)
-
-
 @pytest.fixture
 def dynamo_reset_after():
     """Clear torch.compile's caches after the test: its compiles of the fused functions at new shapes would otherwise

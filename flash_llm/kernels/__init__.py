@@ -646,43 +646,6 @@ def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return y if out is None else out.copy_(y)
 
 
-#: ``FLASH_LLM_NORM_KERNEL=0``: the engine's fused residual add + RMSNorm stay compiled (Triton) kernels on CUDA
-#: instead of ``add_rms_norm_<dtype>`` (:func:`add_rms_norm_cuda`)
-NORM_KERNEL = os.environ.get("FLASH_LLM_NORM_KERNEL", "1") != "0"
-NORM_THREADS = 256  # NORM_THREADS in spmm.cu
-
-
-def add_rms_norm_cuda(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The residual add and the RMSNorm after it in one launch: ``x, delta [N, H]`` (CUDA, fp16 / bf16, contiguous,
-    one dtype) and the norm's ``weight [H]`` -> ``(x + delta, rms_norm(x + delta, weight, eps))``, each ``[N, H]``;
-    without ``delta``, ``(None, rms_norm(x, weight, eps))``.  The add is rounded as torch's; the norm takes
-    :func:`~flash_llm.reference.rms_norm`'s steps (its mean summed in another order: the same to rounding).  Launched
-    programmatically under :func:`static_weights` (``add_rms_norm_<dtype>``, spmm.cu): the spmm after it may load its
-    first weight entries while it runs."""
-    if x.dim() != 2 or not x.is_contiguous() or x.dtype not in (torch.float16, torch.bfloat16) or not x.is_cuda:
-        raise ValueError(f"x must be a contiguous [N, H] fp16 / bf16 CUDA tensor, got {x.dtype} {tuple(x.shape)}")
-    n, h = x.shape
-    if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype or not delta.is_contiguous()
-                              or delta.device != x.device):
-        raise ValueError(f"delta must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
-    if weight.shape != (h,) or weight.dtype != x.dtype or not weight.is_contiguous() or weight.device != x.device:
-        raise ValueError(f"weight must be a contiguous [{h}] {x.dtype} tensor on {x.device}")
-    x_out = torch.empty_like(x) if delta is not None else None
-    out = torch.empty_like(x)
-    if n == 0 or h == 0:
-        return x_out, out
-    ptrs = [x, out, weight] + ([delta, x_out] if delta is not None else [])
-    vec = int(h % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in ptrs))
-    dev = x.device
-    launch(f"add_rms_norm_{_dtype_suffix(x.dtype)}", (n, 1, 1), NORM_THREADS,
-           [(x.data_ptr(), P), (delta.data_ptr() if delta is not None else 0, P), (weight.data_ptr(), P),
-            (x_out.data_ptr() if x_out is not None else 0, P), (out.data_ptr(), P), (h, I),
-            (float(eps), ctypes.c_float), (vec, I)],
-           torch.cuda.current_stream(dev).cuda_stream, dev.index, pdl=getattr(_static, "on", False))
-    return x_out, out
-
-
 # ------------------------------------------------------------------------------------------------
 # decode attention (one query token per sequence, the KV-cache write included): decode_attn_<dtype>_d<D>
 # ------------------------------------------------------------------------------------------------

@@ -85,36 +85,8 @@ def op(name: str, fused: bool):
         return _EAGER[name]
     fn = _COMPILED.get(name)
     if fn is None:
-        fn = _with_fallback(name, torch.compile(_EAGER[name], dynamic=True, fullgraph=True))
-        if name in _NORM_KERNEL_OPS:
-            fn = _norm_kernel_first(name, fn)
-        _COMPILED[name] = fn
+        fn = _COMPILED[name] = _with_fallback(name, torch.compile(_EAGER[name], dynamic=True, fullgraph=True))
     return fn
-
-
-#: the fused functions flash-llm's own CUDA kernel runs (``ops.add_rms_norm`` / ``ops.rms_norm_``,
-#: ``kernels.NORM_KERNEL``) where it can: fp16 / bf16 on a GPU the kernels support
-_NORM_KERNEL_OPS = ("rms_norm", "add_rms_norm")
-
-
-def _norm_kernel_first(name: str, compiled):
-    """``compiled`` (the torch.compile'd norm), but flash-llm's norm kernel for fp16 / bf16 CUDA tensors: launched
-    programmatically inside the engine's graphs, it lets the sparse projection after it start loading its weights
-    while the norm runs (a compiled kernel does not)."""
-    from .. import kernels, ops
-
-    kernel = ops.add_rms_norm if name == "add_rms_norm" else ops.rms_norm_
-    ok: dict = {}
-
-    def call(x, *args):
-        if kernels.NORM_KERNEL and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            if x.device not in ok:
-                ok[x.device] = kernels.supported(x.device)[0]
-            if ok[x.device]:
-                return kernel(x, *args)
-        return compiled(x, *args)
-
-    return call
 
 
 def _with_fallback(name: str, compiled):
