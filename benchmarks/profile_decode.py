@@ -54,15 +54,35 @@ def group_of(name: str) -> str:
 
 
 def replay_kernels(prof, replays: int) -> list[list[dict]]:
-    """The kernels of each replay, in start order (split at the gaps between replays' launches)."""
+    """The kernels of each replay, in start order (:func:`split_replays`)."""
     ks = sorted(({"name": e.name, "start": e.time_range.start, "end": e.time_range.end}
                  for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                 key=lambda k: k["start"])
-    ks = [k for k in ks if not k["name"].startswith(("Memcpy", "Memset"))]
+    return split_replays([k for k in ks if not k["name"].startswith(("Memcpy", "Memset"))], replays)
+
+
+#: the smallest gap (us) taken for the host's synchronize and relaunch between two profiled replays
+REPLAY_GAP_MIN_US = 50.0
+
+
+def split_replays(ks: list[dict], replays: int) -> list[list[dict]]:
+    """Kernels ``ks`` (sorted by start) of ``replays`` graph replays run one after another with a host synchronize
+    between them -> the last ``replays`` runs of kernels separated by such a gap: gaps (start after every kernel
+    before it ended) of at least half the ``replays - 1``-th largest and at least :data:`REPLAY_GAP_MIN_US`.  Kernels
+    before the first replay (a fill before the loop) form a run of their own and are dropped.  (Until session 22 the
+    kernels were cut into equal counts: one kernel off, each "replay" began with the last kernel of the one before
+    and the host's gap, 300-600 us counted as idle.)"""
     if not ks:
         return []
-    per = len(ks) // replays
-    return [ks[i * per:(i + 1) * per] for i in range(replays)] if per else [ks]
+    gaps, frontier = [], ks[0]["end"]
+    for i in range(1, len(ks)):
+        gaps.append((ks[i]["start"] - frontier, i))
+        frontier = max(frontier, ks[i]["end"])
+    sizes = sorted((g for g, _ in gaps), reverse=True)
+    cut = max(REPLAY_GAP_MIN_US, 0.5 * sizes[replays - 2]) if 2 <= replays <= len(sizes) + 1 else REPLAY_GAP_MIN_US
+    bounds = [0] + [i for g, i in gaps if g >= cut] + [len(ks)]
+    runs = [ks[a:b] for a, b in zip(bounds, bounds[1:])]
+    return runs[-replays:]
 
 
 def critical_times(ks: list[dict]) -> tuple[list[float], float]:

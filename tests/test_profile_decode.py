@@ -29,3 +29,37 @@ def test_critical_times_of_a_chain_with_early_starts_and_gaps():
 def test_critical_times_of_no_or_one_kernel(ks):
     crit, idle = profile_decode.critical_times(ks)
     assert crit == [k["end"] - k["start"] for k in ks] and idle == 0
+
+
+def _run(t0, names, step=10.0):
+    """One replay starting at t0: kernels of 8 us, each starting 10 us after the one before (programmatic overlap
+    shown by the next test's negative gaps)."""
+    return [{"name": n, "start": t0 + step * i, "end": t0 + step * i + 8.0} for i, n in enumerate(names)]
+
+
+def test_split_replays_at_the_host_gaps():
+    """Replays are cut at the host's gaps, not by equal counts: a kernel before the loop (its own run, dropped), three
+    replays of 4 kernels with 2 us gaps and an early start inside, 300-500 us between replays; every replay keeps its
+    own first and last kernel, and the middle one's idle is only its own gaps."""
+    names = ["add_slot", "embed", "spmm", "reduce"]
+    ks = [{"name": "fill", "start": 0.0, "end": 1.0}]
+    for t0 in (400.0, 800.0, 1300.0):
+        run = _run(t0, names)
+        run[3]["start"] -= 5.0  # starts before the kernel before it ends (programmatic launch)
+        ks += run
+    ks.sort(key=lambda k: k["start"])
+    reps = profile_decode.split_replays(ks, 3)
+    assert [[k["name"] for k in r] for r in reps] == [names] * 3
+    assert [r[0]["start"] for r in reps] == [400.0, 800.0, 1300.0]
+    crit, idle = profile_decode.critical_times(reps[1])
+    assert idle == 4.0  # two 2-us gaps; the early start is not idle
+    # equal counts (the old split) would have begun the middle replay with the first replay's last kernel
+    per = len(ks) // 3
+    assert ks[per]["name"] != "add_slot"
+
+
+def test_split_replays_of_one_replay_and_of_nothing():
+    assert profile_decode.split_replays([], 3) == []
+    run = _run(100.0, ["a", "b", "c"])
+    assert profile_decode.split_replays(run, 1) == [run]
+    assert profile_decode.split_replays([{"name": "fill", "start": 0.0, "end": 1.0}] + run, 1) == [run]
