@@ -33,7 +33,7 @@
 #             both, then bench_decode_attention.py --rope (ATTN_SLOTS default 256,2048; ATTN_BATCHES 1,16,64), base and
 #             patch interleaved, twice (about 3 minutes)
 #   e2eab     an engine or kernel patch benchmarks/ab/$E2E_PATCH against the tree end to end: its GPU tests ($E2E_TESTS,
-#             default the kernel and engine suites), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
+#             default the kernel and engine suites; E2E_K=<pytest -k expression> for a subset), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
 #             80), batches $E2E_BATCHES (default 1,16), base and patch interleaved, twice (about 6 minutes)
 #   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
 #             setting of E2E_ENVS (";A=1 B=0;A=0": settings separated by ';', an empty one for the defaults), in order,
@@ -114,7 +114,7 @@ for stage in "${@:-tests ab}"; do
                 fi; } 2>&1 | tee "$OUT/attnab.log" ;;
       e2eab) { if two_trees /tmp/e2eab "${E2E_PATCH:?E2E_PATCH=<file in benchmarks/ab>}"; then
                  (cd /tmp/e2eab/patch && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_patch timeout 200 python3 -m pytest -q -x --tb=short \
-                   ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} 2>&1 | grep -v "^\.*\s*\[" | tail -40)
+                   ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | grep -v "^\.*\s*\[" | tail -40)
                  for r in 1 2; do for v in base patch; do (cd /tmp/e2eab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_$v \
                    llama_e2e 150 --format tiled-csl --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} \
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done

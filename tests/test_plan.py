@@ -238,3 +238,21 @@ def test_an_unknown_pdl_reduce_setting_warns_and_keeps_the_default():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "wg" and "FLASH_LLM_PDL_REDUCE='1' is not one of" in r.stderr
+
+
+def test_split_overrides_parse_and_replace_the_plans_choice(monkeypatch):
+    """FLASH_LLM_SPLITS: ``MxKxN=S`` entries replace plan()'s split count for those shapes only; an entry that does not
+    parse warns, naming it, and the others still apply."""
+    from flash_llm import kernels
+
+    with pytest.warns(RuntimeWarning, match="'4096x14336=32'"):
+        got = kernels.parse_split_overrides("28672x4096x8=8, 4096x14336=32,4096X14336x8=32,,1x2x3=0")
+    assert got == {(28672, 4096, 8): 8, (4096, 14336, 8): 32}
+    base = kernels.plan(28672, 4096, 8, 0.2, 132, 20, fmt=kernels.TILED_CSL)
+    monkeypatch.setattr(kernels, "SPLIT_OVERRIDES", got)
+    p = kernels.plan(28672, 4096, 8, 0.2, 132, 20, fmt=kernels.TILED_CSL)
+    assert p.splits == 8 != base.splits
+    assert kernels.plan(4096, 14336, 8, 0.2, 132, 20, fmt=kernels.TILED_CSL).splits == 32
+    assert kernels.plan(28672, 4096, 16, 0.2, 132, 20, fmt=kernels.TILED_CSL).splits == \
+        kernels.plan(28672, 4096, 16, 0.2, 132, 20, fmt=kernels.TILED_CSL, splits=None).splits  # other N: the plan's
+    assert kernels.plan(28672, 4096, 8, 0.2, 132, 20, splits=3, fmt=kernels.TILED_CSL).splits == 3  # explicit wins

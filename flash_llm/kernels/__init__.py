@@ -259,9 +259,16 @@ def _weight_bytes_per_element(fmt: int, density: float) -> float:
     return 0.125 + 2 * density if fmt == BITMAP else 4 * density + 4 / 4096
 
 
-@functools.lru_cache(maxsize=4096)
 def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
+    if splits is None:
+        splits = SPLIT_OVERRIDES.get((m, k, n))
+    return _plan(m, k, n, density, sms, blocks_per_sm, splits, fmt, wgmma)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
+          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
     """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density`` in format ``fmt``.
 
     Split-K heuristic (no per-shape tables): with ``C = sms * blocks_per_sm`` resident blocks, pick the
@@ -269,7 +276,8 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     slots over the waves of ``B = row_blocks * n_chunks * s`` equal blocks (under one wave, the
     unused SMs) -- times ``1 + ws``, where ``ws`` is the fp32 partial-sum traffic
     (``s * n * m * 8`` bytes, L2-resident) relative to the weight's bytes in its format, plus a
-    small cost per split for the reduction.  Every split keeps at least 4 strips per warp (the Tiled-CSL N = 1
+    small cost per split for the reduction (``FLASH_LLM_SPLITS`` overrides the choice for given shapes:
+    :data:`SPLIT_OVERRIDES`).  Every split keeps at least 4 strips per warp (the Tiled-CSL N = 1
     kernel ``_n1``: 2 tiles, :data:`N1_MIN_TILES`; session 14, Llama-3-8B o at N = 1: 32 splits 10.7 us against 11.4
     for 16; ``_nt1`` and ``_nt2`` at N = 2-16: 2 tiles too, :data:`NT_MIN_TILES`).  A block covers
     ``block_tokens`` tokens and ``block_rows`` weight rows (:func:`tcsl_block`; ``wgmma`` as there).
@@ -315,6 +323,9 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     splits = max(1, min(splits, kt))
     kt_per_split = ceil_div(kt, splits)
     return LaunchPlan(nt, n_chunks, row_blocks, ceil_div(kt, kt_per_split), kt_per_split, block_tokens, block_rows)
+
+
+plan.__doc__ = _plan.__doc__  # (the cached body; the overrides are looked up outside the cache)
 
 
 class _Scratch:
@@ -369,6 +380,32 @@ if PDL_REDUCE not in ("wg", "nt1", "all", "0"):
     warnings.warn(f"FLASH_LLM_PDL_REDUCE={PDL_REDUCE!r} is not one of wg, nt1, all, 0; using wg", RuntimeWarning,
                   stacklevel=1)
     PDL_REDUCE = "wg"
+
+
+
+def parse_split_overrides(text: str) -> dict[tuple[int, int, int], int]:
+    """``FLASH_LLM_SPLITS``: ``MxKxN=S`` entries separated by commas (``28672x4096x8=8,4096x14336x8=32``): launch
+    ``Y[N, M] = X[N, K] W[M, K]^T`` with ``S`` K splits instead of :func:`plan`'s choice (a tuning and diagnostic aid
+    for measuring a split count end to end; ``M`` is the merged weight's rows where projections are merged).  An entry
+    that does not parse is left out with a warning that names it."""
+    out: dict[tuple[int, int, int], int] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        try:
+            shape, s = entry.split("=")
+            m, k, n = (int(v) for v in shape.lower().split("x"))
+            splits = int(s)
+            if min(m, k, n, splits) < 1:
+                raise ValueError
+        except ValueError:
+            warnings.warn(f"FLASH_LLM_SPLITS: {entry!r} is not MxKxN=S with positive integers; ignored",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        out[(m, k, n)] = splits
+    return out
+
+
+#: Split counts that replace :func:`plan`'s choice for given shapes (``FLASH_LLM_SPLITS``, :func:`parse_split_overrides`)
+SPLIT_OVERRIDES = parse_split_overrides(os.environ.get("FLASH_LLM_SPLITS", ""))
 
 
 @contextlib.contextmanager
