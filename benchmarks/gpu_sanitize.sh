@@ -4,7 +4,7 @@
 # CFGS (default "bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3") picks the spmm runs: format:splits[:N[:VAR=value]]
 # (without N: N = 17 at 50 % and 3 at 90 %; VAR=value is set for that run, e.g. FLASH_LLM_WGMMA=0).  DECODERS=0
 # skips the decoder runs.  EPILOGUES (default "norm norm_silu resid") picks the one-token epilogue runs (Tiled-CSL, N = 1,
-# K = 1016, 3 splits; EPILOGUES="" for none).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py
+# K = 1016, 3 splits; EPILOGUES="" for none; "silu": SiLU x up alone; EPILOGUE_N=8: at N = 8, `_nt1` and splitk_reduce).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py
 # --check-only, only the decode_attn kernels instrumented).  Output under $OUT/sanitize.log.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
@@ -26,9 +26,9 @@ for tool in memcheck racecheck; do
   for ep in ${EPILOGUES-norm norm_silu resid}; do  # the one-token epilogues (n1s, splitk_reduce_{rms,rms_silu,resid})
     for sp in 0.5 0.9; do
       r=$(timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 \
-          benchmarks/profile_kernel.py --fmt tiled-csl --m 256 --k 1016 --n 1 --sparsity $sp --splits 3 --iters 2 \
-          --epilogue $ep 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
-      echo "$tool tiled-csl epilogue=$ep splits=3 sparsity=$sp N=1: $r" | tee -a "$OUT/sanitize.log"
+          benchmarks/profile_kernel.py --fmt tiled-csl --m 256 --k 1016 --n ${EPILOGUE_N:-1} --sparsity $sp --splits 3 \
+          --iters 2 --epilogue $ep 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
+      echo "$tool tiled-csl epilogue=$ep splits=3 sparsity=$sp N=${EPILOGUE_N:-1}: $r" | tee -a "$OUT/sanitize.log"
     done
   done
   if [ "${ATTN:-1}" != 0 ]; then  # the decode attention (RoPE, the cache write, 4 and 40 chunks; batch 1 and 3)

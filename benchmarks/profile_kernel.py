@@ -21,7 +21,7 @@ ap.add_argument("--sparsity", type=float, default=0.9)
 ap.add_argument("--splits", type=int, default=None)
 ap.add_argument("--iters", type=int, default=5)
 ap.add_argument("--decode", action="store_true", help="run the decoder to dense (the large-N path) instead")
-ap.add_argument("--epilogue", default="none", choices=["none", "norm", "norm_silu", "resid"],
+ap.add_argument("--epilogue", default="none", choices=["none", "norm", "norm_silu", "silu", "resid"],
                 help="what runs around the product (kernels.spmm_cuda's norm / act / add_to; fused at N = 1, Tiled-CSL)")
 a = ap.parse_args()
 cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
@@ -37,7 +37,7 @@ if a.decode:
     raise SystemExit(0)
 g = (torch.rand(a.k, device="cuda") + 0.5).half()
 extra = {"none": {}, "norm": {"norm": (g, 1e-5)}, "norm_silu": {"norm": (g, 1e-5), "act": "silu_mul"},
-         "resid": {}}[a.epilogue]
+         "silu": {"act": "silu_mul"}, "resid": {}}[a.epilogue]
 acc = torch.randn(a.n, a.m, device="cuda").half()
 acc0 = acc.clone()
 launched = []  # the kernels spmm_cuda launches (the one-launch split-K kernels included), named in the report
@@ -53,7 +53,7 @@ kernels.launch = real_launch
 torch.cuda.synchronize()
 xin = flash_llm.reference.rms_norm(x, g, 1e-5) if a.epilogue.startswith("norm") else x
 want = xin.float() @ w.float().t()
-if a.epilogue == "norm_silu":
+if a.epilogue.endswith("silu"):
     want = torch.nn.functional.silu(want[:, :a.m // 2]) * want[:, a.m // 2:]
 elif a.epilogue == "resid":
     want += acc0.float()

@@ -278,6 +278,19 @@ DEVI float4 sum_split_pairs(const float2* src, long long off, long long split_st
   }, s_begin, s_end);
 }
 
+// sum_splits of two float4 groups `off` apart (a gate group and its up group) in the same rounds, so the up rows' loads
+// do not wait for the gate rows' sums: the same sums in the same order as two sum_splits
+struct float4x2 {
+  float4 a, b;
+};
+DEVI void add_into(float4x2& v, const float4x2& w) { add_into(v.a, w.a); add_into(v.b, w.b); }
+template <int U = 4>
+DEVI float4x2 sum_split_pairs4(const float4* src, long long off, long long split_stride, int s_begin, int s_end) {
+  return sum_rounds<U, float4x2>([&](int s) {
+    return float4x2{__ldcg(src + s * split_stride), __ldcg(src + off + s * split_stride)};
+  }, s_begin, s_end);
+}
+
 // Y at row m, columns n, n + 2, n + 4, n + 6 (those below N): a group's sums plus the bias.
 template <bool BF16>
 DEVI void store_group(const float4& v, u16* y, const u16* bias, int M, int N, int m, int n) {
@@ -1678,10 +1691,18 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
   if (live) {
     const long long stride = (long long)tiles * 128 * NT;
     const float4* src = reinterpret_cast<const float4*>(ws) + (long long)tile * 128 * NT + q;
-    v = sum_splits(src, stride, way * splits / ways, (way + 1) * splits / ways);
-    if (SILU)
-      vu = sum_splits(src + (long long)(M / 64) * n_chunks * 128 * NT, stride, way * splits / ways,
-                      (way + 1) * splits / ways);
+    const int s_begin = way * splits / ways, s_end = (way + 1) * splits / ways;
+    // the gate and up rows' splits in the same rounds; 16 loads in flight (one round for up to 64 splits over 4 ways),
+    // 8 under the RMS modes' 64-register bound
+    if (SILU) {
+      const long long up = (long long)(M / 64) * n_chunks * 128 * NT;
+      const float4x2 gu = RMS ? sum_split_pairs4<4>(src, up, stride, s_begin, s_end)
+                              : sum_split_pairs4<8>(src, up, stride, s_begin, s_end);
+      v = gu.a;
+      vu = gu.b;
+    } else {
+      v = RMS ? sum_splits<8>(src, stride, s_begin, s_end) : sum_splits<16>(src, stride, s_begin, s_end);
+    }
   }
   float rms = 0.f;
   if (RMS) {  // every warp the same factor: the same sums in the same order (N = 1 only: NaN otherwise, never a
