@@ -219,7 +219,7 @@ def test_which_reductions_launch_programmatically(monkeypatch):
     cases = [(1, 1, "tiled_csl_spmm_f16_n1s"), (2, 16, "tiled_csl_spmm_f16_nt2"), (4, 32, "tiled_csl_spmm_f16_wg32x2"),
              (4, 64, "tiled_csl_spmm_f16_wg64x2"), (4, 300, "tiled_csl_spmm_f16_wg128x4"),
              (4, 100, "tiled_csl_spmm_f16_w4"), (4, 64, "bitmap_spmm_bf16_wg64")]
-    want = {"wg": [True, False, False, True, True, False, True], "nt1": [True] + [False] * 6,
+    want = {"wg": [True, True, False, True, True, False, True], "nt1": [True] + [False] * 6,
             "all": [True] * 7, "0": [False] * 7}
     for mode, expected in want.items():
         monkeypatch.setattr(kernels, "PDL_REDUCE", mode)

@@ -371,10 +371,13 @@ PDL_ATTN = os.environ.get("FLASH_LLM_PDL_ATTN", "1") != "0"
 #: token launched programmatically, 6.284 plainly; at batch 1-16 the programmatic launch took 0.8 % off, session 15)
 DECODE_ATTN_PDL_MAX_WORK = 8192
 #: Which split-K reductions are launched programmatically (their blocks resident, waiting, while the spmm runs):
-#: ``FLASH_LLM_PDL_REDUCE=wg`` (the default) after the N <= 8 kernels and the warpgroup kernels above 32 tokens,
-#: ``nt1`` after the N <= 8 kernels only (sessions 7-15), ``all`` after every kernel, ``0`` none.  H200, session 16
-#: (Llama-3-8B at 80 %, ``bench_e2e.py``, one process each): ``all`` against ``nt1`` took batch 64 (``_wg64x2``) from
-#: 6.381 to 6.327 ms per token but batch 16 (``_nt2``) from 4.275 to 4.457.
+#: ``FLASH_LLM_PDL_REDUCE=wg`` (the default) after the N <= 16 one-warp kernels (``_nt1``, ``_nt2``) and the warpgroup
+#: kernels above 32 tokens, ``nt1`` after the N <= 8 kernels only (sessions 7-15), ``all`` after every kernel, ``0``
+#: none.  H200, session 16 (Llama-3-8B at 80 %, ``bench_e2e.py``, one process each): ``all`` against ``nt1`` took
+#: batch 64 (``_wg64x2``) from 6.381 to 6.327 ms per token but batch 16 (``_nt2``) from 4.275 to 4.457, while ``_nt2``
+#: still let its dependents launch at its start.  Since session 23 it does so once its product is done (spmm.cu,
+#: ``tiled_csl_trigger_at_start``), and its programmatic reduction took batch 16 from 4.074-4.088 to 4.005-4.006 ms at
+#: 80 % and from 4.907 to 4.825 at 70 % (same run).
 PDL_REDUCE = os.environ.get("FLASH_LLM_PDL_REDUCE", "wg")
 if PDL_REDUCE not in ("wg", "nt1", "all", "0"):
     warnings.warn(f"FLASH_LLM_PDL_REDUCE={PDL_REDUCE!r} is not one of wg, nt1, all, 0; using wg", RuntimeWarning,
@@ -580,9 +583,9 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
            pdl=fmt == TILED_CSL and PDL_SPMM and getattr(_static, "on", False))
     if p.splits > 1 and (fmt == TILED_CSL or bw) and not spread:
         w = ways or reduce_ways(tiles, p.nt, sm_count(dev.index))
-        # Programmatic launch (the reduction's blocks wait resident for the spmm) at N <= 8 only.  H200, session 7:
-        # Llama-3-8B decode at 80 % 1.1-1.3 % faster per token; but 4096 x 14336 at N = 16 25 -> 27 us (its
-        # blocks take SM room from the spmm's later waves), so not at NT >= 2.
+        # Programmatic launch (the reduction's blocks wait resident for the spmm; _pdl_reduce).  H200, session 7:
+        # Llama-3-8B decode at 80 % 1.1-1.3 % faster per token at N <= 8; at N = 9-16 (_nt2) since session 23, whose
+        # blocks let it launch only once their product is done, so its blocks take no room from the spmm's waves.
         mode = ("rms_" if norm is not None else "") + ("silu_" if act else "") + ("resid_" if add_to is not None else "")
         launch(f"splitk_reduce_{mode}{_dtype_suffix(x.dtype)}_nt{p.nt}",
                (tiles // 2 if act else tiles, w * p.nt, 1), THREADS,
@@ -637,7 +640,7 @@ def _pdl_reduce(nt: int, n: int, name: str) -> bool:
         return True
     if PDL_REDUCE not in ("nt1", "wg"):
         return False
-    return nt == 1 or (PDL_REDUCE == "wg" and n > 32 and "_wg" in name)
+    return nt == 1 or (PDL_REDUCE == "wg" and ((n > 32 and "_wg" in name) or name.endswith("_nt2")))
 
 
 def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
