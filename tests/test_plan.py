@@ -204,11 +204,15 @@ def test_one_warp_splits_near_the_best_launched_as_the_engine_does():
     the decode engine runs it (``splits_sweep.py --pdl``, session 21, ``tests/data/splits_h200_s21_pdl.json``): the plan
     picks the fastest count on 9 of the 12 and is within 14 % on the rest (down at N = 8, 38 splits 25.9 us against
     22.9 at 32, in a row whose times are not monotone).  With 4 tiles per split, as ``_nt4`` keeps, q/k/v and o at N = 8
-    / 16 could not pass 16 splits: 1.13-1.36x the fastest."""
-    rows = _sweep_rows("splits_h200_s21_pdl.json")
-    assert len(rows) == 12
-    ratios = _tcsl_plan_ratios(rows, {"n1": 24, "nt1": 20, "nt2": 20})
-    assert max(ratios) <= 1.14 and sum(r == 1.0 for r in ratios) >= 9, ratios
+    / 16 could not pass 16 splits: 1.13-1.36x the fastest.  Session 23 swept gate / up and down again
+    (``splits_h200_s23_pdl.json``) with the same two misses at N = 8 (forcing the sweep's counts end to end gained 0.6 %
+    at 80 % and lost 2.3 % at 70 %, benchmarks/RESULTS.md), so the plan stays."""
+    blocks = {"n1": 24, "nt1": 20, "nt2": 20}
+    for file, count, exact in (("splits_h200_s21_pdl.json", 12, 9), ("splits_h200_s23_pdl.json", 6, 3)):
+        rows = _sweep_rows(file)
+        assert len(rows) == count
+        ratios = _tcsl_plan_ratios(rows, blocks)
+        assert max(ratios) <= 1.14 and sum(r == 1.0 for r in ratios) >= exact, (file, ratios)
 
 
 def test_which_reductions_launch_programmatically(monkeypatch):

@@ -375,9 +375,10 @@ DECODE_ATTN_PDL_MAX_WORK = 8192
 #: kernels above 32 tokens, ``nt1`` after the N <= 8 kernels only (sessions 7-15), ``all`` after every kernel, ``0``
 #: none.  H200, session 16 (Llama-3-8B at 80 %, ``bench_e2e.py``, one process each): ``all`` against ``nt1`` took
 #: batch 64 (``_wg64x2``) from 6.381 to 6.327 ms per token but batch 16 (``_nt2``) from 4.275 to 4.457, while ``_nt2``
-#: still let its dependents launch at its start.  Since session 23 it does so once its product is done (spmm.cu,
-#: ``tiled_csl_trigger_at_start``), and its programmatic reduction took batch 16 from 4.074-4.088 to 4.005-4.006 ms at
-#: 80 % and from 4.907 to 4.825 at 70 % (same run).
+#: still let its dependents launch at its start.  Since session 23 the one-warp kernels do so once their product is
+#: done (spmm.cu, ``tiled_csl_trigger_at_start``): ``_nt2``'s programmatic reduction took batch 16 from 4.074-4.088 to
+#: 4.005-4.006 ms at 80 % and from 4.907 to 4.825 at 70 %, and ``_nt1``'s late trigger batch 8 from 3.725-3.728 to
+#: 3.589 at 80 % and from 4.592-4.595 to 4.424-4.425 at 70 % (each the same run, dense unchanged).
 PDL_REDUCE = os.environ.get("FLASH_LLM_PDL_REDUCE", "wg")
 if PDL_REDUCE not in ("wg", "nt1", "all", "0"):
     warnings.warn(f"FLASH_LLM_PDL_REDUCE={PDL_REDUCE!r} is not one of wg, nt1, all, 0; using wg", RuntimeWarning,
