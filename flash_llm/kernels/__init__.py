@@ -261,14 +261,6 @@ def _weight_bytes_per_element(fmt: int, density: float) -> float:
 
 def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
-    if splits is None:
-        splits = SPLIT_OVERRIDES.get((m, k, n))
-    return _plan(m, k, n, density, sms, blocks_per_sm, splits, fmt, wgmma)
-
-
-@functools.lru_cache(maxsize=4096)
-def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
-          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
     """Launch configuration for ``Y[n, m] = X[n, k] W[m, k]^T`` at weight ``density`` in format ``fmt``.
 
     Split-K heuristic (no per-shape tables): with ``C = sms * blocks_per_sm`` resident blocks, pick the
@@ -288,6 +280,15 @@ def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int =
     block-times (a lone block still takes ``WG_LATENCY_SHARE`` of a full SM's round), against ``B / sms`` if the
     work were even; and their partial-sum traffic weighs half as much (``WG_WS_WEIGHT``).
     """
+    if splits is None:
+        splits = SPLIT_OVERRIDES.get((m, k, n))
+    return _plan(m, k, n, density, sms, blocks_per_sm, splits, fmt, wgmma)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
+          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
+    """:func:`plan` after its overrides (``SPLIT_OVERRIDES`` is looked up outside this cache)."""
     nt = _nt(n, fmt)
     kernel, block_tokens, block_rows = (tcsl_block(n, wgmma, density) if fmt == TILED_CSL
                                         else ("", 8 * nt, ROWS_PER_BLOCK))
@@ -323,9 +324,6 @@ def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int =
     splits = max(1, min(splits, kt))
     kt_per_split = ceil_div(kt, splits)
     return LaunchPlan(nt, n_chunks, row_blocks, ceil_div(kt, kt_per_split), kt_per_split, block_tokens, block_rows)
-
-
-plan.__doc__ = _plan.__doc__  # (the cached body; the overrides are looked up outside the cache)
 
 
 class _Scratch:

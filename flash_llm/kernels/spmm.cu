@@ -269,25 +269,18 @@ DEVI V sum_splits(const V* src, long long split_stride, int s_begin, int s_end) 
   return sum_rounds<U, V>([&](int s) { return __ldcg(src + s * split_stride); }, s_begin, s_end);
 }
 
-// sum_splits of two float2 groups `off` apart in the same rounds: (x, y) the first's sums, (z, w) the second's
-template <int U>
-DEVI float4 sum_split_pairs(const float2* src, long long off, long long split_stride, int s_begin, int s_end) {
-  return sum_rounds<U, float4>([&](int s) {
-    const float2 a = __ldcg(src + s * split_stride), b = __ldcg(src + off + s * split_stride);
-    return make_float4(a.x, a.y, b.x, b.y);
-  }, s_begin, s_end);
-}
-
-// sum_splits of two float4 groups `off` apart (a gate group and its up group) in the same rounds, so the up rows' loads
-// do not wait for the gate rows' sums: the same sums in the same order as two sum_splits
-struct float4x2 {
-  float4 a, b;
+// sum_splits of two groups `off` apart (a gate group and its up group) in the same rounds, so the second's loads do not
+// wait for the first's sums: the same sums in the same order as two sum_splits (a: the first's, b: the second's)
+template <typename V>
+struct SplitPair {
+  V a, b;
 };
-DEVI void add_into(float4x2& v, const float4x2& w) { add_into(v.a, w.a); add_into(v.b, w.b); }
-template <int U = 4>
-DEVI float4x2 sum_split_pairs4(const float4* src, long long off, long long split_stride, int s_begin, int s_end) {
-  return sum_rounds<U, float4x2>([&](int s) {
-    return float4x2{__ldcg(src + s * split_stride), __ldcg(src + off + s * split_stride)};
+template <typename V>
+DEVI void add_into(SplitPair<V>& v, const SplitPair<V>& w) { add_into(v.a, w.a); add_into(v.b, w.b); }
+template <int U, typename V>
+DEVI SplitPair<V> sum_split_pairs(const V* src, long long off, long long split_stride, int s_begin, int s_end) {
+  return sum_rounds<U, SplitPair<V>>([&](int s) {
+    return SplitPair<V>{__ldcg(src + s * split_stride), __ldcg(src + off + s * split_stride)};
   }, s_begin, s_end);
 }
 
@@ -893,10 +886,9 @@ DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, f
   const long long stride = (long long)blocks * 32;  // float2s per split
   const float2* src = reinterpret_cast<const float2*>(p.ws) + (long long)group * 32 + lane;
   // 24 loads in flight (72 registers); with SiLU the gate and up rows' splits in the same rounds
-  const float4 vu = silu ? sum_split_pairs<12>(src, (long long)half * 32, stride, 0, p.splits)
-                         : make_float4(0.f, 0.f, 0.f, 0.f);
-  const float2 v = silu ? make_float2(vu.x, vu.y) : sum_splits<24>(src, stride, 0, p.splits);
-  const float2 u = make_float2(vu.z, vu.w);
+  const SplitPair<float2> gu = silu ? sum_split_pairs<12>(src, (long long)half * 32, stride, 0, p.splits)
+                                    : SplitPair<float2>{};
+  const float2 v = silu ? gu.a : sum_splits<24>(src, stride, 0, p.splits), u = gu.b;
   if (lane == 0) p.tickets[group] = 0;  // every block of the group has taken its ticket
   float rms = 1.f;
   if (mode & RED_RMS) {  // every lane the same factor: the same sums in the same order (as splitk_reduce)
@@ -1638,13 +1630,12 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 // loop, so its waiting blocks never take SM room from the spmm's blocks, while its launch overlaps the last blocks'
 // stores.  Session 23 (H200, Llama-3-8B decode): batch 16 1.7 % faster at 70 / 80 % with _nt2's reduction launched so,
 // batch 8 3.7 % faster with _nt1's trigger moved from its start to here.
-template <int NT> struct bitmap_trigger_at_start { static constexpr bool value = true; };
-template <int NT> struct tiled_csl_trigger_at_start { static constexpr bool value = false; };
+constexpr bool bitmap_trigger_at_start = true, tiled_csl_trigger_at_start = false;
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(FMT##_threads, FMT##_min_blocks<NT>::value)                \
   FMT##_spmm_##NAME##_nt##NT(SPMM_ARGS) {                                                            \
-    if (FMT##_trigger_at_start<NT>::value) pdl_launch_dependents();                               \
+    if (FMT##_trigger_at_start) pdl_launch_dependents();                                          \
     FMT##_spmm_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);           \
   }
 
@@ -1706,8 +1697,8 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
     // 8 under the RMS modes' 64-register bound
     if (SILU) {
       const long long up = (long long)(M / 64) * n_chunks * 128 * NT;
-      const float4x2 gu = RMS ? sum_split_pairs4<4>(src, up, stride, s_begin, s_end)
-                              : sum_split_pairs4<8>(src, up, stride, s_begin, s_end);
+      const SplitPair<float4> gu = RMS ? sum_split_pairs<4>(src, up, stride, s_begin, s_end)
+                                       : sum_split_pairs<8>(src, up, stride, s_begin, s_end);
       v = gu.a;
       vu = gu.b;
     } else {
