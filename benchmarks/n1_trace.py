@@ -33,10 +33,32 @@ def launch_phases(r: torch.Tensor) -> dict:
     ent, wait, walk, pre, post, end = (r[:, i] for i in range(6))
     act = wait > 0
     last = end[end > 0]
-    return {"entry0": int(ent.min()), "entry1": int(ent.max()), "wait0": int(wait[act].min()),
+    # per SM: its blocks and the time its last walk ended (from the first release): balanced work ends together
+    sm = r[:, 15][act]
+    w0 = int(wait[act].min())
+    per_sm = {}
+    for s_, t in zip(sm.tolist(), (walk[act] - w0).tolist()):
+        c, m = per_sm.get(s_, (0, 0))
+        per_sm[s_] = (c + 1, max(m, t))
+    counts = sorted(c for c, _ in per_sm.values())
+    ends = sorted(m for _, m in per_sm.values())
+    return {"sm_blocks_min": counts[0], "sm_blocks_max": counts[-1], "sm_end_min": ends[0],
+            "sm_end_med": ends[len(ends) // 2], "sm_end_max": ends[-1],
+            "sm_end_corr": _corr([c for c, _ in per_sm.values()], [m for _, m in per_sm.values()]), "entry0": int(ent.min()), "entry1": int(ent.max()), "wait0": int(wait[act].min()),
             "wait1": int(wait[act].max()), "walk_med": int(walk[act].median()), "walk_max": int(walk[act].max()),
             "ticket_max": int(post[act].max()), "end": int(last.max()) if last.numel() else int(post[act].max()),
             "sms": len(set(r[:, 15].tolist())), "blocks": r.shape[0]}
+
+
+def _corr(a: list, b: list) -> float:
+    """Pearson correlation of two equal-length lists (0 when either is constant)."""
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    va = sum((x - ma) ** 2 for x in a)
+    vb = sum((y - mb) ** 2 for y in b)
+    if va == 0 or vb == 0:
+        return 0.0
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb) ** 0.5
 
 
 def kind_of(name: str, m: int, k: int, cfg) -> str:
@@ -117,6 +139,16 @@ def main(argv=None) -> int:
             xs = [f(L) for L in Ls if f(L) == f(L)]
             vals.append(f"{statistics.median(xs) * us:.2f}" if xs else "-")
         print(f"| {kind} | {Ls[0]['splits']} | {Ls[0]['blocks']} | {Ls[0]['sms']} | " + " | ".join(vals) + " |")
+    print("\nper SM (median over the layers): blocks on an SM, and when its last walk ended (us from the release); corr:"
+          " the correlation of an SM's blocks with its end")
+    print("| projection | blocks / SM min | max | SM end min | median | max | corr |\n|---|---|---|---|---|---|---|")
+    for kind in ("qkv", "o", "gate/up", "down"):
+        Ls = [L for L in launches if L["kind"] == kind]
+        if Ls:
+            med = {c: statistics.median(L[c] for L in Ls) for c in ("sm_blocks_min", "sm_blocks_max", "sm_end_min",
+                                                                      "sm_end_med", "sm_end_max", "sm_end_corr")}
+            print(f"| {kind} | {med['sm_blocks_min']:.0f} | {med['sm_blocks_max']:.0f} | {med['sm_end_min'] * us:.2f} | "
+                  f"{med['sm_end_med'] * us:.2f} | {med['sm_end_max'] * us:.2f} | {med['sm_end_corr']:.2f} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"replay_us": times, "launches": launches}, f, indent=1)

@@ -336,21 +336,6 @@ class _Scratch:
     def __init__(self):
         self.lock = threading.Lock()
         self.tickets: dict[tuple[int, int], torch.Tensor] = {}
-        self.chain: dict[tuple[int, int], list] = {}
-
-    def chain_region(self, device: torch.device, stream: int, count: int) -> int:
-        """The address of ``count`` zeroed int32 counters for one chained launch (:func:`n1_chain`), never handed out
-        again: a region holds that launch's tickets, flags and pass count, which its kernels leave zeroed except for
-        flags no chained launch consumes.  Blocks of 1 Mi counters per device and stream, kept for the process."""
-        key = (device.index, stream)
-        with self.lock:
-            bufs = self.chain.setdefault(key, [])
-            if not bufs or bufs[-1][1] + count > bufs[-1][0].numel():
-                bufs.append([torch.zeros(max(count, 1 << 20), dtype=torch.int32, device=device), 0])
-            buf = bufs[-1]
-            addr = buf[0].data_ptr() + 4 * buf[1]
-            buf[1] += (count + 31) // 32 * 32  # 128-byte aligned regions
-            return addr
 
     def get_tickets(self, device: torch.device, stream: int, count: int) -> torch.Tensor:
         """At least ``count`` zeroed tickets for launches on ``stream`` (a ``cuda_stream`` handle) of ``device``."""
@@ -442,66 +427,6 @@ def static_weights():
         yield
     finally:
         _static.on = before
-
-
-#: ``FLASH_LLM_N1_CHAIN=1`` turns :func:`n1_chain` on (off by default: session 24, a first version ran batch 1 16 % slower)
-N1_CHAIN = os.environ.get("FLASH_LLM_N1_CHAIN", "0") == "1"
-#: ``FLASH_LLM_N1_CHAIN_POLL_NS``: nanoseconds between a chained block's polls of its flags
-N1_CHAIN_POLL_NS = int(os.environ.get("FLASH_LLM_N1_CHAIN_POLL_NS", "1000"))
-#: a chain flag's stride in int32s: one 128-byte line each (``CHAIN_STRIDE`` in spmm.cu)
-_CHAIN_STRIDE = 32
-
-
-class _N1Link:
-    """One chained launch: its output's address, its flags' address and count, and the tensors its kernel uses."""
-
-    def __init__(self, y_ptr: int, flags: int, groups: int, tensors: tuple):
-        self.y_ptr, self.flags, self.groups, self.tensors = y_ptr, flags, groups, tensors
-
-
-@contextlib.contextmanager
-def n1_chain():
-    """Inside the block, while a CUDA graph is captured under :func:`static_weights`, the fused N = 1 Tiled-CSL
-    launches (``_n1r`` / ``_n1rs``) hand their outputs on by row group: a launch whose ``x`` is the previous such
-    launch's output waits, block by block, for the row groups its split's columns come from (flags the previous
-    launch's last blocks set once they have stored them) instead of for the previous kernel's whole grid.  The caller
-    promises that between two launches in the block nothing else writes the first one's output (the Llama one-token
-    layers: :meth:`~flash_llm.models.llama.LlamaModel.forward`; :func:`n1_chain_break` where other work comes between).
-    The three most recent launches' tensors are kept referenced until the block ends, so the graph's allocator gives
-    no later tensor their memory while a chained kernel may still read it.  Only with ``FLASH_LLM_N1_CHAIN=1``."""
-    before = getattr(_static, "chain", None)
-    _static.chain = [] if N1_CHAIN else None
-    try:
-        yield
-    finally:
-        _static.chain = before
-
-
-def n1_chain_break() -> None:
-    """The next launch in the :func:`n1_chain` block waits for the whole kernel before it, whatever its ``x``."""
-    chain = getattr(_static, "chain", None)
-    if chain:
-        chain.append(None)
-        del chain[:-3]
-
-
-def _chain_link(x: torch.Tensor, k: int, stream: int, dev: torch.device, blocks: int, groups: int, tensors: tuple
-                ) -> tuple[int, int, int, int] | None:
-    """For a fused N = 1 launch: ``(tickets, wait flags, wait groups, own flags)`` addresses when it runs chained
-    (:func:`n1_chain`; the wait flags 0 when its ``x`` is not the previous chained launch's output), else None."""
-    chain = getattr(_static, "chain", None)
-    if chain is None or not (getattr(_static, "on", False) and PDL_SPMM and torch.cuda.is_current_stream_capturing()):
-        return None
-    region = _scratch.chain_region(dev, stream, ceil_div(blocks, _CHAIN_STRIDE) * _CHAIN_STRIDE
-                                   + _CHAIN_STRIDE * (groups + 1))  # tickets | flags | pass count
-    prev = chain[-1] if chain else None
-    wait, wait_groups = 0, 0
-    if prev is not None and prev.y_ptr == x.data_ptr() and prev.groups == ceil_div(k, STRIP_K):
-        wait, wait_groups = prev.flags, prev.groups
-    chain.append(_N1Link(tensors[1].data_ptr(), region + 4 * ceil_div(blocks, _CHAIN_STRIDE) * _CHAIN_STRIDE, groups,
-                         tensors))
-    del chain[:-3]
-    return region, wait, wait_groups, region + 4 * ceil_div(blocks, _CHAIN_STRIDE) * _CHAIN_STRIDE
 
 
 #: Tiled-CSL with its warpgroup kernels runs the sparse kernel for N = 129-256 at densities up to this (80 % sparsity
@@ -680,15 +605,12 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
     """N = 1 with split-K in one launch (:data:`N1_FUSED`): ``tiled_csl_spmm_<dtype>_n1r`` (``_n1rs`` with ``norm``),
     whose last block per row group (of gate and up rows together with ``act``) sums the splits into ``y``."""
     ws = torch.empty(p.splits * blocks * (ROWS_PER_BLOCK + 1), dtype=torch.float32, device=x.device)
-    link = _chain_link(x, k, stream, dev, blocks, blocks // 2 if act else blocks, (x, y, ws))
-    tk_ptr = link[0] if link else _scratch.get_tickets(x.device, stream, blocks).data_ptr()
+    tickets = _scratch.get_tickets(x.device, stream, blocks)
     mode = (_RED_SILU if act else 0) | (_RED_RMS if norm is not None else 0) | (_RED_RESID if add_to is not None else 0)
     name = f"tiled_csl_spmm_{_dtype_suffix(x.dtype)}_n1r" + ("s" if norm is not None else "")
-    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tk_ptr, m, k, 1, p, vec)
+    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, 1, p, vec)
     args += [(norm[0].data_ptr() if norm is not None else 0, P), (mode, I),
-             (float(norm[1]) if norm is not None else 0.0, ctypes.c_float),
-             (link[1] if link else 0, P), (link[2] if link else 0, I), (link[3] if link else 0, P),
-             (N1_CHAIN_POLL_NS, I)]
+             (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
     launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
            pdl=PDL_SPMM and getattr(_static, "on", False))
 
@@ -870,5 +792,5 @@ def _pdl_attention(batch: int, kv_len: int) -> bool:
     return PDL_ATTN and getattr(_static, "on", False) and batch * kv_len <= DECODE_ATTN_PDL_MAX_WORK
 
 
-__all__ = ["spmm_cuda", "epilogue_fusable", "static_weights", "n1_chain", "n1_chain_break", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError",
+__all__ = ["spmm_cuda", "epilogue_fusable", "static_weights", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError",
            "decode_attention_cuda", "decode_attention_ok"]

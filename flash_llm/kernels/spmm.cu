@@ -69,47 +69,6 @@ DEVI int ld_acquire(const int* t) {
   return v;
 }
 
-// The N = 1 chain (kernels.n1_chain): the fused N = 1 kernels of one decode step hand their outputs on by row group.
-// A producer's last block of row group g stores its 64 outputs, then sets flags[g] (release); a consumer launched right
-// after it, whose X is those outputs, waits for the flags of its own tiles' columns only (64 columns = one producer row
-// group) instead of for the producer's whole grid (griddepcontrol.wait): its blocks start while the producer's last
-// row groups are summed.  Lane i polls flag g0 + i (acquire), 32 at a time.
-// Each flag has its own 128-byte line (CHAIN_STRIDE ints), so the waiting blocks' polls spread over the L2 slices; a
-// poll is a relaxed load (no L1 invalidation per poll), `poll` ns apart, and one acquire fence follows the last.
-constexpr int CHAIN_STRIDE = 32;
-struct Chain {
-  const int* wait;  // the producer's flags, or null: griddepcontrol.wait instead
-  int wait_groups;  // their count (the producer's row groups = this kernel's K tiles)
-  int* set;         // this launch's flags (its row groups, gate groups with SiLU), then its pass counter; or null
-  int poll;         // ns between polls
-};
-DEVI int ld_relaxed(const int* t) {
-  int v;
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(t) : "memory");
-  return v;
-}
-DEVI void chain_wait(const int* flags, int g0, int g1, int lane, int poll) {
-  for (int base = g0; base < g1; base += 32) {
-    const int g = base + lane;
-    while (!__all_sync(FULL_MASK, g >= g1 || ld_relaxed(flags + CHAIN_STRIDE * g) != 0)) __nanosleep(poll);
-  }
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");  // the flags' release before this lane's loads of X
-  __syncwarp();
-}
-// A consumer block that has passed its wait counts itself; the last of the grid clears the producer's flags and the
-// count for the next replay (every block of this grid has read them by then).  Returns this block's count (lane 0).
-DEVI int chain_pass(const Chain& c, int groups, int lane) {
-  int prev = 0;
-  if (c.wait && c.set && lane == 0) prev = atomicAdd(c.set + CHAIN_STRIDE * groups, 1);
-  return prev;
-}
-DEVI void chain_clear(const Chain& c, int groups, int prev, int lane) {
-  prev = __shfl_sync(FULL_MASK, prev, 0);
-  if (!(c.wait && c.set) || prev != (int)(gridDim.x * gridDim.y) - 1) return;
-  for (int g = lane; g < c.wait_groups; g += 32) const_cast<int*>(c.wait)[CHAIN_STRIDE * g] = 0;
-  if (lane == 0) c.set[CHAIN_STRIDE * groups] = 0;
-}
-
 DEVI u32 smem_addr(const void* p) {
   u32 r;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -905,14 +864,10 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
 
 template <bool BF16, bool SCALE>
-DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane, const Chain& chain,
-                    int passed) {
+DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane) {
   const int rb = blockIdx.x, blocks = gridDim.x, split = blockIdx.y;  // n_chunks = 1 at N = 1
   const bool silu = mode & RED_SILU;
-  const int half = blocks / 2;  // RED_SILU: the up rows' first row block (M / 2 is a multiple of 64)
-  const int groups = silu ? half : blocks;  // this launch's row groups (its chain flags)
-  if (!chain.wait) pdl_wait();  // (an inactive split waits here before its writes; a no-op after the kernel's wait)
-  chain_clear(chain, groups, passed, lane);
+  pdl_wait();  // (an inactive split waits here before its writes; a no-op after the kernel's wait)
   reinterpret_cast<float2*>(p.ws + ((long long)split * blocks + rb) * 64)[lane] = make_float2(s0, s1);
   float* ssq_ws = p.ws + (long long)p.splits * blocks * 64;  // [split][row block]
   if (SCALE) {
@@ -920,6 +875,7 @@ DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, f
     for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
     if (lane == 0) ssq_ws[(long long)split * blocks + rb] = ssq;
   }
+  const int half = blocks / 2;  // RED_SILU: the up rows' first row block (M / 2 is a multiple of 64)
   const int group = silu ? rb % half : rb;
   __syncwarp();  // orders every lane's stores before lane 0's release
   int prev = 0;
@@ -956,11 +912,6 @@ DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, f
     else
       store_group<BF16>(g4, p.y, p.bias, M, 1, m + i, 0);
   }
-  if (chain.set) {  // the group's outputs are stored: a chained consumer may read them
-    __syncwarp();  // orders every lane's stores before lane 0's release
-    if (lane == 0)
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(chain.set + CHAIN_STRIDE * group), "r"(1) : "memory");
-  }
 }
 
 // N = 1 (tiled_csl_spmm_<dtype>_n1): the one-warp kernel's walk over a tile row and its entries, but no dense tile, no
@@ -995,7 +946,7 @@ DEVI void csl_fma4_n1(u32 pbase, u32 xs, const uint4& e4) {
 template <bool BF16, bool SCALE = false, bool FUSE = false>
 DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                             int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr, int mode = 0,
-                            float eps = 0.f, Chain chain = Chain{nullptr, 0, nullptr, 0}) {
+                            float eps = 0.f) {
   __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
   __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
   const int lane = threadIdx.x & 31;
@@ -1012,17 +963,11 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
   zero_acc<1>(acc);
   float s0 = 0.f, s1 = 0.f;  // this lane's rows 2 lane and 2 lane + 1, summed over the split
   float ssq = 0.f;  // SCALE: this lane's sum of squares of X's raw values over the split's columns
-  if (FUSE && chain.wait && !active) chain_wait(chain.wait, 0, chain.wait_groups, lane, chain.poll);  // (writes come after)
-  int passed = 0;
   if (active) {
     constexpr int PF = csl_pf_units<1>::value;
     CslTiles<PF, 1> st(data, offsets, row_block, true, kt, kb, ke, 0, lane);
     st.prefetch();
-    if (FUSE && chain.wait)
-      chain_wait(chain.wait, kb, ke, lane, chain.poll);  // X's columns of this split: the producer's row groups kb .. ke - 1
-    else
-      pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
-    if (FUSE) passed = chain_pass(chain, (mode & RED_SILU) ? gridDim.x / 2 : gridDim.x, lane);
+    pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
     load_x(kb, 0);
     const int sc = 64 * kb + 2 * lane;  // this lane's first column of the tile (SCALE)
     u32 gs = SCALE && sc < p.K ? *reinterpret_cast<const u32*>(colscale + sc) : 0u;
@@ -1081,8 +1026,7 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
     }
   }
   if constexpr (FUSE) {
-    if (!active) passed = chain_pass(chain, (mode & RED_SILU) ? gridDim.x / 2 : gridDim.x, lane);
-    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, lane, chain, passed);
+    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, lane);
   } else {
 #pragma unroll
     for (int s = 0; s < 4; ++s)
@@ -1863,11 +1807,10 @@ INSTANTIATE_N1S(bf16, true)
 // mode: the RED_* bits of the reduction it replaces, eps: RED_RMS's)
 #define INSTANTIATE_N1R(NAME, BF16, SUFFIX, SCALE)                                                       \
   extern "C" __global__ void __launch_bounds__(32, 24)                                                    \
-  tiled_csl_spmm_##NAME##_##SUFFIX(SPMM_ARGS, const u16* __restrict__ colscale, int mode, float eps,      \
-                                   const int* chain_wait, int chain_groups, int* chain_set, int chain_poll) { \
+  tiled_csl_spmm_##NAME##_##SUFFIX(SPMM_ARGS, const u16* __restrict__ colscale, int mode, float eps) {    \
     pdl_launch_dependents();                                                                              \
     tiled_csl_n1_body<BF16, SCALE, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, colscale, \
-                                         mode, eps, Chain{chain_wait, chain_groups, chain_set, chain_poll}); \
+                                         mode, eps);                                                      \
   }
 INSTANTIATE_N1R(f16, false, n1r, false)
 INSTANTIATE_N1R(f16, false, n1rs, true)

@@ -230,30 +230,6 @@ class LlamaDecoderLayer(nn.Module):
 _FUSES: dict[tuple, bool] = {}
 
 
-class _n1_chain:
-    """``kernels.n1_chain`` around the one-token layers on CUDA (their spmm launches write nothing but their outputs
-    between two of them, except where ``brk`` says so); nothing on the CPU."""
-
-    def __init__(self, x: torch.Tensor):
-        self.ctx = None
-        if x.is_cuda:
-            from .. import kernels
-
-            self.kernels, self.ctx = kernels, kernels.n1_chain()
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx is not None else False
-
-    def brk(self) -> None:
-        if self.ctx is not None:
-            self.kernels.n1_chain_break()
-
-
 def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
     """Whether, on ``x``'s device, the kernels do the elementwise work of :meth:`LlamaDecoderLayer.forward_one_token`
     for these ``(qkv, o, gate_up, down)`` layers (:func:`flash_llm.kernels.epilogue_fusable`: Tiled-CSL with split-K at
@@ -291,17 +267,14 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(x, attend.positions)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
-            with _n1_chain(x) as chain:  # the one-token layers' projections hand their outputs on by row group
-                for layer in self.layers:
-                    sparse = layer.sparse_projections(x)
-                    if sparse is None:
-                        chain.brk()
-                        x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
-                        continue
-                    if delta is not None:
-                        chain.brk()
-                        x, delta = x + delta, None
-                    x = layer.forward_one_token(x, cos, sin, attend, sparse)
+            for layer in self.layers:
+                sparse = layer.sparse_projections(x)
+                if sparse is None:
+                    x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
+                    continue
+                if delta is not None:
+                    x, delta = x + delta, None
+                x = layer.forward_one_token(x, cos, sin, attend, sparse)
             if delta is None:
                 return _fused.op("rms_norm", True)(x, self.norm.weight, self.norm.eps)
             return _fused.op("add_rms_norm", True)(x, delta, self.norm.weight, self.norm.eps)[1]
