@@ -951,8 +951,9 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
   __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
   const int lane = threadIdx.x & 31;
   const int row_block = row_block_of(p);
-  const int kb = blockIdx.y * kt_per_split;
-  const int ke = min(kt, kb + kt_per_split);
+  // kt_per_split 0 (kernels.N1_EVEN): split s of p.splits takes tiles s kt / splits .. (s + 1) kt / splits - 1
+  const int kb = kt_per_split ? blockIdx.y * kt_per_split : (int)((long long)blockIdx.y * kt / p.splits);
+  const int ke = kt_per_split ? min(kt, kb + kt_per_split) : (int)((long long)(blockIdx.y + 1) * kt / p.splits);
   const bool active = kb < ke;
   const u32 pbase = smem_addr(part) + 4 * lane, xs0 = smem_addr(xrow);
 #pragma unroll
