@@ -99,13 +99,9 @@ TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
 N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
 #: The fused N = 1 kernels' tiles shared evenly among the splits (split ``s`` of ``S`` takes tiles ``s K_t / S`` to
 #: ``(s + 1) K_t / S``) instead of ``ceil(K_t / S)`` each and the rest to the last (Llama-3-8B gate / up, 64 tiles in 7
-#: splits: six of 10 and one of 4, where an SM holding more 10-tile blocks ends later): ``FLASH_LLM_N1_EVEN=1``.
+#: splits: six of 10 and one of 4, where an SM holding more 10-tile blocks ends later): ``FLASH_LLM_N1_EVEN=1``.  Off
+#: until measured twice: session 24 (H200, one round) Llama-3-8B at 80 %, batch 1, 2.884 -> 2.866 ms per token.
 N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "0") == "1"
-#: The fused N = 1 kernels' blocks per SM capped at ``ceil(blocks / SMs)`` (dynamic shared memory asked for only to
-#: lower the occupancy), so that the programmatic launch, which places blocks wherever the kernel before frees room,
-#: cannot pile them on some SMs (session 24's trace: Llama-3-8B o, 2048 blocks, 8 to 23 per SM, the SMs' ends
-#: correlated 0.91 with their counts): ``FLASH_LLM_N1_CAP=1``.
-N1_CAP = os.environ.get("FLASH_LLM_N1_CAP", "0") == "1"
 #: The warpgroup kernels' split-K summed in the same launch (``_wg<NB>x<R>r``: every block of a row group, once all
 #: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
@@ -622,25 +618,8 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
              (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
     if N1_EVEN:
         args[14] = (0, I)  # kt_per_split 0: the kernel shares the tiles evenly among p.splits
-    shared = _shared_for_blocks(name, dev.index, ceil_div(blocks * p.splits, sm_count(dev.index))) if N1_CAP else 0
-    launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, shared,
+    launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
            pdl=PDL_SPMM and getattr(_static, "on", False))
-
-
-@functools.lru_cache(maxsize=256)
-def _shared_for_blocks(name: str, device_index: int, want: int) -> int:
-    """The fewest bytes of dynamic shared memory (a multiple of 256) that hold one-warp kernel ``name`` to at most
-    ``want`` blocks per SM; 0 when it holds no more than that anyway."""
-    if blocks_per_sm(name, device_index, 32, 0) <= want:
-        return 0
-    lo, hi = 0, 211 * 1024 // 256  # in 256-byte steps; hi (with the kernel's own 8.25 KiB): one block per SM
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if blocks_per_sm(name, device_index, 32, 256 * mid) <= want:
-            hi = mid
-        else:
-            lo = mid
-    return 256 * hi
 
 
 def _wg_spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, threads: int, shared: int,
