@@ -29,36 +29,22 @@ from flash_llm.models.synthetic import build_synthetic
 
 
 def launch_phases(r: torch.Tensor) -> dict:
-    """Stamps ``r`` [blocks, 16] (int64 ns; 0 where not written) of one launch -> its phase times (ns, absolute)."""
-    ent, wait, walk, pre, post, end = (r[:, i] for i in range(6))
+    """Stamps ``r`` [blocks, 16] (int64 ns; 0 where not written) of one launch -> its phase times (ns, absolute), and
+    per SM its blocks and when its last walk ended (from the first release: balanced work ends together)."""
+    ent, wait, walk, post, end = r[:, 0], r[:, 1], r[:, 2], r[:, 4], r[:, 5]
     act = wait > 0
     last = end[end > 0]
-    # per SM: its blocks and the time its last walk ended (from the first release): balanced work ends together
-    sm = r[:, 15][act]
     w0 = int(wait[act].min())
-    per_sm = {}
-    for s_, t in zip(sm.tolist(), (walk[act] - w0).tolist()):
-        c, m = per_sm.get(s_, (0, 0))
-        per_sm[s_] = (c + 1, max(m, t))
-    counts = sorted(c for c, _ in per_sm.values())
-    ends = sorted(m for _, m in per_sm.values())
-    return {"sm_blocks_min": counts[0], "sm_blocks_max": counts[-1], "sm_end_min": ends[0],
-            "sm_end_med": ends[len(ends) // 2], "sm_end_max": ends[-1],
-            "sm_end_corr": _corr([c for c, _ in per_sm.values()], [m for _, m in per_sm.values()]), "entry0": int(ent.min()), "entry1": int(ent.max()), "wait0": int(wait[act].min()),
+    sm_ids, sm_of = torch.unique(r[act, 15], return_inverse=True)
+    counts = torch.bincount(sm_of).double()
+    ends = torch.zeros(len(sm_ids), dtype=torch.float64).scatter_reduce(0, sm_of, (walk[act] - w0).double(), "amax")
+    corr = torch.corrcoef(torch.stack([counts, ends]))[0, 1].nan_to_num(0.0)  # (0 when either is constant)
+    return {"sm_blocks_min": int(counts.min()), "sm_blocks_max": int(counts.max()), "sm_end_min": float(ends.min()),
+            "sm_end_med": float(ends.sort().values[len(ends) // 2]), "sm_end_max": float(ends.max()),
+            "sm_end_corr": float(corr), "entry0": int(ent.min()), "entry1": int(ent.max()), "wait0": w0,
             "wait1": int(wait[act].max()), "walk_med": int(walk[act].median()), "walk_max": int(walk[act].max()),
             "ticket_max": int(post[act].max()), "end": int(last.max()) if last.numel() else int(post[act].max()),
             "sms": len(set(r[:, 15].tolist())), "blocks": r.shape[0]}
-
-
-def _corr(a: list, b: list) -> float:
-    """Pearson correlation of two equal-length lists (0 when either is constant)."""
-    n = len(a)
-    ma, mb = sum(a) / n, sum(b) / n
-    va = sum((x - ma) ** 2 for x in a)
-    vb = sum((y - mb) ** 2 for y in b)
-    if va == 0 or vb == 0:
-        return 0.0
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb) ** 0.5
 
 
 def kind_of(name: str, m: int, k: int, cfg) -> str:

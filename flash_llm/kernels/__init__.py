@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import os
 import threading
@@ -389,7 +390,6 @@ if PDL_REDUCE not in ("wg", "nt1", "all", "0"):
     PDL_REDUCE = "wg"
 
 
-
 def parse_split_overrides(text: str) -> dict[tuple[int, int, int], int]:
     """``FLASH_LLM_SPLITS``: ``MxKxN=S`` entries separated by commas (``28672x4096x8=8,4096x14336x8=32``): launch
     ``Y[N, M] = X[N, K] W[M, K]^T`` with ``S`` K splits instead of :func:`plan`'s choice (a tuning and diagnostic aid
@@ -613,11 +613,11 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
     tickets = _scratch.get_tickets(x.device, stream, blocks)
     mode = (_RED_SILU if act else 0) | (_RED_RMS if norm is not None else 0) | (_RED_RESID if add_to is not None else 0)
     name = f"tiled_csl_spmm_{_dtype_suffix(x.dtype)}_n1r" + ("s" if norm is not None else "")
-    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, 1, p, vec)
+    # (N1_EVEN: kt_per_split 0, the kernel shares the tiles evenly among p.splits)
+    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, 1,
+                      dataclasses.replace(p, kt_per_split=0) if N1_EVEN else p, vec)
     args += [(norm[0].data_ptr() if norm is not None else 0, P), (mode, I),
              (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
-    if N1_EVEN:
-        args[14] = (0, I)  # kt_per_split 0: the kernel shares the tiles evenly among p.splits
     launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
            pdl=PDL_SPMM and getattr(_static, "on", False))
 
