@@ -238,6 +238,48 @@ def test_n1_even_splits(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_n1_staged_sums_are_the_same_bits(dtype, monkeypatch):
+    """kernels.N1_STAGE (the fused N = 1 kernels' last block copies the split partials into shared memory, 32 rows a
+    round, and loads the residual, bias and sums of squares earlier) adds the same fp32 numbers in the same order as
+    the register rounds: plain with a bias, norm, norm + SiLU x up and the residual add with a bias at 7, 22 (SiLU: two
+    rounds of 16 splits), 43 (two rounds of 32; SiLU three) and the plan's splits (64) give the default's bits, into
+    poisoned outputs."""
+    k = _kernels()
+    fmt = FORMAT_IDS[flash_llm.TiledCSL]
+    gen = torch.Generator(device="cuda").manual_seed(53)
+    m, k_in = 1024, 8192
+    w = flash_llm.TiledCSL.from_dense(sparse_weight(m, k_in, 0.2, dtype, gen))
+    w2 = flash_llm.TiledCSL.from_dense(sparse_weight(k_in, m // 2, 0.3, dtype, gen))
+    bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    x = torch.randn(1, k_in, generator=gen, device="cuda").to(dtype)
+    resid0 = torch.randn(1, k_in, generator=gen, device="cuda").to(dtype)
+
+    def run(splits):
+        def nan(cols):
+            return torch.full((1, cols), float("nan"), dtype=dtype, device="cuda")
+        outs = [k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=splits, force_sparse=True, out=nan(m)),
+                k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, None, splits=splits, force_sparse=True,
+                            norm=(g, 1e-5), out=nan(m)),
+                k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, None, splits=splits, force_sparse=True,
+                            norm=(g, 1e-5), act="silu_mul", out=nan(m // 2))]
+        resid, resid2 = resid0[:, :m].clone(), resid0.clone()
+        k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=splits, force_sparse=True, add_to=resid)
+        k.spmm_cuda(outs[2], w2.data, w2.offsets, fmt, k_in, m // 2, None, force_sparse=True, add_to=resid2)
+        return outs + [resid, resid2]
+
+    monkeypatch.setattr(k, "N1_FUSED", True)
+    for splits in (7, 22, 43, None):
+        monkeypatch.setattr(k, "N1_STAGE", False)
+        base = run(splits)
+        monkeypatch.setattr(k, "N1_STAGE", True)
+        staged = run(splits)
+        for a, b in zip(staged, base):
+            assert not torch.isnan(b).any()
+            assert torch.equal(a, b), splits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_n1_one_launch_agrees_with_two(dtype, monkeypatch):
     """At N = 1 with up to 64 splits (the ``_n1r`` / ``_n1rs`` kernels sum them themselves, 16 loads per round, ticket
     per row group), plain with a bias, with the norm, norm + SiLU x up, and the residual add: the one-launch result is
