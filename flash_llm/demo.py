@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -238,12 +238,12 @@ def test_n1_even_splits(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_n1_staged_sums_are_the_same_bits(dtype, monkeypatch):
+def test_n1_staged_sums_and_l2_prefetch_are_the_same_bits(dtype, monkeypatch):
     """kernels.N1_STAGE (the fused N = 1 kernels' last block copies the split partials into shared memory, 32 rows a
     round, and loads the residual, bias and sums of squares earlier) adds the same fp32 numbers in the same order as
     the register rounds: plain with a bias, norm, norm + SiLU x up and the residual add with a bias at 7, 22 (SiLU: two
     rounds of 16 splits), 43 (two rounds of 32; SiLU three) and the plan's splits (64) give the default's bits, into
-    poisoned outputs."""
+    poisoned outputs; so do they with kernels.N1_L2PF's prefetches (3 and 15 tiles ahead)."""
     k = _kernels()
     fmt = FORMAT_IDS[flash_llm.TiledCSL]
     gen = torch.Generator(device="cuda").manual_seed(53)
@@ -271,12 +271,14 @@ def test_n1_staged_sums_are_the_same_bits(dtype, monkeypatch):
     monkeypatch.setattr(k, "N1_FUSED", True)
     for splits in (7, 22, 43, None):
         monkeypatch.setattr(k, "N1_STAGE", False)
+        monkeypatch.setattr(k, "N1_L2PF", 0)
         base = run(splits)
-        monkeypatch.setattr(k, "N1_STAGE", True)
-        staged = run(splits)
-        for a, b in zip(staged, base):
-            assert not torch.isnan(b).any()
-            assert torch.equal(a, b), splits
+        for stage, l2pf in ((True, 0), (False, 3), (True, 15)):  # kernels.N1_L2PF: a prefetch changes no bits either
+            monkeypatch.setattr(k, "N1_STAGE", stage)
+            monkeypatch.setattr(k, "N1_L2PF", l2pf)
+            for a, b in zip(run(splits), base):
+                assert not torch.isnan(b).any()
+                assert torch.equal(a, b), (splits, stage, l2pf)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -100,15 +100,21 @@ TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
 N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
 #: The fused N = 1 kernels' tiles shared evenly among the splits (split ``s`` of ``S`` takes tiles ``s K_t / S`` to
 #: ``(s + 1) K_t / S``) instead of ``ceil(K_t / S)`` each and the rest to the last (Llama-3-8B gate / up, 64 tiles in 7
-#: splits: six of 10 and one of 4, where an SM holding more 10-tile blocks ends later): ``FLASH_LLM_N1_EVEN=1``.  Off
-#: until measured twice: session 24 (H200, one round) Llama-3-8B at 80 %, batch 1, 2.884 -> 2.866 ms per token.
-N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "0") == "1"
+#: splits: six of 10 and one of 4, where an SM holding more 10-tile blocks ends later); ``FLASH_LLM_N1_EVEN=0`` for the
+#: ceil split.  H200, Llama-3-8B at 80 %, batch 1, ms per token: session 24 2.884 -> 2.866, session 25 (two rounds)
+#: 2.942 / 2.937 -> 2.905 / 2.906.
+N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "1") != "0"
 #: The fused N = 1 kernels' last block of a row group copies the group's split partials into shared memory with
 #: ``cp.async`` (up to 32 rows in one round trip, the sums of squares' loads in the same round, the residual and bias
 #: loaded by every block before its ticket) instead of loading them into registers, 24 at a time, and the sums of
 #: squares and residual after them (session 24's trace: 1.3-3.4 us from the last ticket to the last store):
 #: ``FLASH_LLM_N1_STAGE=1``.  Off until measured.
 N1_STAGE = os.environ.get("FLASH_LLM_N1_STAGE", "0") == "1"
+#: The fused N = 1 kernels request the entries of the tile this many tiles after the next one into L2
+#: (``prefetch.global.L2``), and the blocks resident before the previous kernel ends request that many tiles after
+#: their first (0-15; session 24's trace: the walks stream 2.9-3.1 TB/s with one tile of registers ahead per warp, copy
+#: 4.16): ``FLASH_LLM_N1_L2PF=2``.  0 (off) until measured.
+N1_L2PF = min(15, max(0, int(os.environ.get("FLASH_LLM_N1_L2PF", "0"))))
 #: The warpgroup kernels' split-K summed in the same launch (``_wg<NB>x<R>r``: every block of a row group, once all
 #: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
@@ -618,7 +624,7 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
     ws = torch.empty(p.splits * blocks * (ROWS_PER_BLOCK + 1), dtype=torch.float32, device=x.device)
     tickets = _scratch.get_tickets(x.device, stream, blocks)
     mode = (_RED_SILU if act else 0) | (_RED_RMS if norm is not None else 0) | (_RED_RESID if add_to is not None else 0)
-    mode |= _RED_STAGE if N1_STAGE else 0
+    mode |= (_RED_STAGE if N1_STAGE else 0) | (N1_L2PF << 4)
     name = f"tiled_csl_spmm_{_dtype_suffix(x.dtype)}_n1r" + ("s" if norm is not None else "")
     # (N1_EVEN: kt_per_split 0, the kernel shares the tiles evenly among p.splits)
     args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, 1,

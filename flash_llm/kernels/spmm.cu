@@ -938,23 +938,16 @@ DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, f
     n1_store<BF16>(p, v, gu.b, mode & RED_RMS ? n1_ssq(p, group, lane) : 0.f, mode, eps, M, m, nullptr, p.bias);
     return;
   }
-  // RED_STAGE (kernels.N1_STAGE): the residual rows and the bias (earlier kernels' outputs, visible since the wait) are
-  // loaded by every block before its ticket, so the last block does not wait for them after its sums; the bias is
-  // added to the sums before the epilogue (the same fp32 sum as store_group's and add_group's)
-  float old[2] = {0.f, 0.f}, bias[2] = {0.f, 0.f};
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-    if (m + i < M) {
-      if (mode & RED_RESID) old[i] = to_float<BF16>(p.y[m + i]);
-      if (p.bias && !silu) bias[i] = to_float<BF16>(p.bias[m + i]);
-    }
+  // RED_STAGE (kernels.N1_STAGE): the group's partials copied into `stage` (the lanes' 8 KiB of partial sums, summed
+  // already) by cp.async, up to 32 rows of 64 floats (with SiLU 16 splits' gate and up rows) in one round trip, the
+  // sums of squares', residual rows' and bias's loads in the same round; then summed in split order: the same sums as
+  // the register rounds above.  (Session 25: loading the residual and bias before the ticket made every block's
+  // release wait for those loads: 2.7 % slower at batch 1.)  The bias is added to the sums before the epilogue, the
+  // same fp32 sum as store_group's and add_group's.
   if (!n1_arrive<SCALE>(p, s0, s1, ssq, silu, group, lane)) return;
-  // the group's partials copied into `stage` (the lanes' 8 KiB of partial sums, summed already) by cp.async, up to 32
-  // rows of 64 floats (with SiLU 16 splits' gate and up rows) in one round trip, the sums of squares' loads in the same
-  // round; then summed in split order: the same sums as the register rounds above
   const int per = silu ? 2 : 1, chunk = 32 / per;  // rows per split; splits per round
   float2 v = make_float2(0.f, 0.f), u = make_float2(0.f, 0.f);
-  float q = 0.f;
+  float q = 0.f, old[2] = {0.f, 0.f}, bias[2] = {0.f, 0.f};
 #pragma unroll 1
   for (int s0 = 0; s0 < p.splits; s0 += chunk) {
     const int ns = min(chunk, p.splits - s0);
@@ -966,7 +959,15 @@ DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, f
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(stage + 16 * c), "l"(src));
     }
     cp_async_commit();
-    if (s0 == 0 && (mode & RED_RMS)) q = n1_ssq(p, group, lane);
+    if (s0 == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        if (m + i < M) {
+          if (mode & RED_RESID) old[i] = to_float<BF16>(p.y[m + i]);
+          if (p.bias && !silu) bias[i] = to_float<BF16>(p.bias[m + i]);
+        }
+      if (mode & RED_RMS) q = n1_ssq(p, group, lane);
+    }
     cp_async_wait<0>();
     __syncwarp();
 #pragma unroll 1
@@ -1014,6 +1015,16 @@ DEVI void csl_fma4_n1(u32 pbase, u32 xs, const uint4& e4) {
 // SCALE (tiled_csl_spmm_<dtype>_n1s): X's column c is first multiplied by colscale[c], rounded to the dtype once (the
 // RMSNorm weight of kernels.spmm_cuda(norm=...); the norm's per-token factor is applied by the reduction).  Each lane
 // scales its own two columns of the tile's X row after it lands; the scale's load is issued with the previous tile.
+// kernels.N1_L2PF (the fused kernels' mode >> 4): tile t's entries requested into L2 (prefetch.global.L2, a 128-byte
+// line per lane), some tiles before the walk loads them into registers, so that more of the weight is in flight than
+// the one tile of registers a warp holds ahead, and the blocks resident before the previous kernel ends ask for more
+// than their first tile
+DEVI void csl_l2_prefetch(const int* data, const int* tile_off, int t, int lane) {
+  const long long b = 4LL * tile_off[t], e = 4LL * tile_off[t + 1];  // bytes (offsets count 4-byte entries)
+  for (long long a = (b & ~127LL) + 128 * lane; a < e; a += 32 * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(data) + a));
+}
+
 template <bool BF16, bool SCALE = false, bool FUSE = false>
 DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                             int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr, int mode = 0,
@@ -1039,12 +1050,15 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
     constexpr int PF = csl_pf_units<1>::value;
     CslTiles<PF, 1> st(data, offsets, row_block, true, kt, kb, ke, 0, lane);
     st.prefetch();
+    const int dist = FUSE ? (mode >> 4) & 15 : 0;  // N1_L2PF: tiles ahead of the registers' one
+    for (int t = kb + 1; t < min(ke, kb + 1 + dist); ++t) csl_l2_prefetch(data, st.tile_off, t, lane);
     pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
     load_x(kb, 0);
     const int sc = 64 * kb + 2 * lane;  // this lane's first column of the tile (SCALE)
     u32 gs = SCALE && sc < p.K ? *reinterpret_cast<const u32*>(colscale + sc) : 0u;
     for (int j = kb; j < ke; ++j) {
       const int b = (j - kb) & 1;
+      if (dist && j + 1 + dist < ke) csl_l2_prefetch(data, st.tile_off, j + 1 + dist, lane);
       if (j + 1 < ke) {
         load_x(j + 1, b ^ 1);  // the next tile's X row, in flight during this tile
         cp_async_wait<1>();
