@@ -238,12 +238,14 @@ def test_n1_even_splits(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_n1_staged_sums_and_l2_prefetch_are_the_same_bits(dtype, monkeypatch):
+def test_n1_staged_and_handed_out_items_are_the_same_bits(dtype, monkeypatch):
     """kernels.N1_STAGE (the fused N = 1 kernels' last block copies the split partials into shared memory, 32 rows a
-    round, and loads the residual, bias and sums of squares earlier) adds the same fp32 numbers in the same order as
-    the register rounds: plain with a bias, norm, norm + SiLU x up and the residual add with a bias at 7, 22 (SiLU: two
-    rounds of 16 splits), 43 (two rounds of 32; SiLU three) and the plan's splits (64) give the default's bits, into
-    poisoned outputs; so do they with kernels.N1_L2PF's prefetches (3 and 15 tiles ahead)."""
+    round, with the residual, bias and sums of squares loaded in the same round) adds the same fp32 numbers in the same
+    order as the register rounds, and kernels.N1_DYN (a smaller grid whose blocks take their items (row block, split)
+    from a counter) computes every item as its own block would: plain with a bias, norm, norm + SiLU x up and the
+    residual add with a bias, at 7, 22 (SiLU: two rounds of 16 splits), 43 (two rounds of 32; SiLU three) and the plan's
+    splits (64), give the default's bits into poisoned outputs; with N1_DYN_SPLITS (more splits) within rounding; and a
+    captured chain with the counters replays on fresh inputs to the eager bits (the last block resets them)."""
     k = _kernels()
     fmt = FORMAT_IDS[flash_llm.TiledCSL]
     gen = torch.Generator(device="cuda").manual_seed(53)
@@ -268,17 +270,35 @@ def test_n1_staged_sums_and_l2_prefetch_are_the_same_bits(dtype, monkeypatch):
         k.spmm_cuda(outs[2], w2.data, w2.offsets, fmt, k_in, m // 2, None, force_sparse=True, add_to=resid2)
         return outs + [resid, resid2]
 
+    def use(stage, dyn, dyn_splits=1):
+        monkeypatch.setattr(k, "N1_STAGE", stage)
+        monkeypatch.setattr(k, "N1_DYN", dyn)
+        monkeypatch.setattr(k, "N1_DYN_SPLITS", dyn_splits)
+
     monkeypatch.setattr(k, "N1_FUSED", True)
     for splits in (7, 22, 43, None):
-        monkeypatch.setattr(k, "N1_STAGE", False)
-        monkeypatch.setattr(k, "N1_L2PF", 0)
+        use(False, 0)
         base = run(splits)
-        for stage, l2pf in ((True, 0), (False, 3), (True, 15)):  # kernels.N1_L2PF: a prefetch changes no bits either
-            monkeypatch.setattr(k, "N1_STAGE", stage)
-            monkeypatch.setattr(k, "N1_L2PF", l2pf)
+        for setting in ((True, 0), (False, 1), (True, 2), (False, 24)):  # 24 per SM: one item per block here
+            use(*setting)
             for a, b in zip(run(splits), base):
                 assert not torch.isnan(b).any()
-                assert torch.equal(a, b), (splits, stage, l2pf)
+                assert torch.equal(a, b), (splits, setting)
+        use(True, 2, 3)
+        for a, b in zip(run(splits), base):
+            tol = 4 * ULP[dtype] * (1 + b.float().abs().max().item())
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol)
+    use(True, 1, 2)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr), k.static_weights():
+        out = run(None)
+    for _ in range(3):
+        x.copy_(torch.randn(1, k_in, generator=gen, device="cuda").to(dtype))
+        for t in out:
+            t.fill_(float("nan"))
+        gr.replay()
+        for a, b in zip(out, run(None)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
