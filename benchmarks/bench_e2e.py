@@ -625,7 +625,7 @@ def summarize(rows, env) -> str:
                     cells.append(f"{r['decode_tok_s']:.0f} ({r['speedup_vs_dense']:.2f}x)")
             p("| " + " | ".join(cells) + " |")
         p()
-        p(f"{model}: memory and latency (batch 1 unless noted)")
+        p(f"{model}: memory and latency (batch {batches[0]}, the smallest run, unless noted)")
         p()
         p("| sparsity | weights | / formula | peak GPU mem (largest batch) | TTFT ms | TPOT ms | floor ms "
           "| % of floor |")

@@ -353,6 +353,7 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
     assert sparse["speedup_vs_dense"] > 0 and sparse["read_bytes"] < data["rows"][0]["read_bytes"]
     summary = (tmp_path / "summary.md").read_text()
     assert "### tiny-llama: decode tokens/s" in summary and "| 2 |" in summary and "Targets:" in summary
+    assert "memory and latency (batch 2, the smallest run, unless noted)" in summary  # not "batch 1": none ran
     assert (tmp_path / "results.csv").read_text().startswith("model,")
     assert bench.main(argv) == 2  # refuses to overwrite
     assert "pass --overwrite" in capsys.readouterr().err

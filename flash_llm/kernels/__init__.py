@@ -104,19 +104,6 @@ N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
 #: ceil split.  H200, Llama-3-8B at 80 %, batch 1, ms per token: session 24 2.884 -> 2.866, session 25 (two rounds)
 #: 2.942 / 2.937 -> 2.905 / 2.906.
 N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "1") != "0"
-#: The fused N = 1 kernels' last block of a row group copies the group's split partials into shared memory with
-#: ``cp.async`` (up to 32 rows in one round trip, the sums of squares' loads in the same round, the residual and bias
-#: loaded by every block before its ticket) instead of loading them into registers, 24 at a time, and the sums of
-#: squares and residual after them (session 24's trace: 1.3-3.4 us from the last ticket to the last store):
-#: ``FLASH_LLM_N1_STAGE=1``.  Off until measured.
-N1_STAGE = os.environ.get("FLASH_LLM_N1_STAGE", "0") == "1"
-#: The fused N = 1 kernels hand out their items (row block, split) through a counter: a grid of this many blocks per
-#: SM (at most one per item), block b takes item b and then the next free one, so an SM that holds fewer blocks, or
-#: whose walks run faster, takes more (session 24's trace: the programmatic launch places o's blocks 8-23 to an SM, and
-#: the slowest walk ends 1.3-6 us after the median one).  ``FLASH_LLM_N1_DYN_SPLITS`` multiplies the plan's splits for
-#: it (more, shorter items).  0 (off) until measured.
-N1_DYN = max(0, int(os.environ.get("FLASH_LLM_N1_DYN", "0")))
-N1_DYN_SPLITS = max(1, int(os.environ.get("FLASH_LLM_N1_DYN_SPLITS", "1")))
 #: The warpgroup kernels' split-K summed in the same launch (``_wg<NB>x<R>r``: every block of a row group, once all
 #: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
@@ -623,23 +610,17 @@ def _spmm_args(data, offsets, x, y_ptr, bias_ptr, ws_ptr, tk_ptr, m, k, n, p, ve
 def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec) -> None:
     """N = 1 with split-K in one launch (:data:`N1_FUSED`): ``tiled_csl_spmm_<dtype>_n1r`` (``_n1rs`` with ``norm``),
     whose last block per row group (of gate and up rows together with ``act``) sums the splits into ``y``."""
-    mode = (_RED_SILU if act else 0) | (_RED_RMS if norm is not None else 0) | (_RED_RESID if add_to is not None else 0)
-    mode |= _RED_STAGE if N1_STAGE else 0
-    grid = (blocks, p.splits, 1)
-    if N1_DYN:  # the items handed out by a counter (tickets[blocks], tickets[blocks + 1]); tiles shared evenly
-        assert blocks == ceil_div(m, ROWS_PER_BLOCK), (blocks, m)  # the kernel counts the row blocks from mt
-        p = dataclasses.replace(p, splits=min(ceil_div(k, STRIP_K), p.splits * N1_DYN_SPLITS), kt_per_split=0)
-        grid = (min(blocks * p.splits, sm_count(dev.index) * N1_DYN), 1, 1)
-        mode |= _RED_DYN
     ws = torch.empty(p.splits * blocks * (ROWS_PER_BLOCK + 1), dtype=torch.float32, device=x.device)
-    tickets = _scratch.get_tickets(x.device, stream, blocks + 2)
+    tickets = _scratch.get_tickets(x.device, stream, blocks)
+    mode = (_RED_SILU if act else 0) | (_RED_RMS if norm is not None else 0) | (_RED_RESID if add_to is not None else 0)
     name = f"tiled_csl_spmm_{_dtype_suffix(x.dtype)}_n1r" + ("s" if norm is not None else "")
     # (N1_EVEN: kt_per_split 0, the kernel shares the tiles evenly among p.splits)
     args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, 1,
                       dataclasses.replace(p, kt_per_split=0) if N1_EVEN else p, vec)
     args += [(norm[0].data_ptr() if norm is not None else 0, P), (mode, I),
              (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
-    launch(name, grid, 32, args, stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
+    launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
+           pdl=PDL_SPMM and getattr(_static, "on", False))
 
 
 def _wg_spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, threads: int, shared: int,
@@ -657,7 +638,6 @@ def _wg_spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, 
 
 #: the epilogue bits of the split-K reductions (``RED_*`` in spmm.cu)
 _RED_SILU, _RED_RMS, _RED_RESID = 1, 2, 4
-_RED_STAGE, _RED_DYN = 8, 16  # the fused N = 1 kernels only (N1_STAGE, N1_DYN)
 
 
 def _pdl_reduce(nt: int, n: int, name: str) -> bool:

@@ -862,48 +862,44 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 // ticket counts both; RED_RMS; RED_RESID) with splitk_reduce's rounding steps.  No second launch: at batch 1 the
 // reductions' launches cost 10-12 % of a decode step (session 17's what-if).
 constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
-constexpr int RED_STAGE = 8;  // n1_finish only: the partials summed through shared memory (kernels.N1_STAGE)
-constexpr int RED_DYN = 16;   // the fused N = 1 kernels only: items handed out by a counter (kernels.N1_DYN)
 
-// n1_finish's first half: the block's row sums (and sum of squares) to the workspace, then its ticket; true in the last
-// block of the row group to arrive, after its acquire
-template <bool SCALE>
-DEVI bool n1_arrive(const Problem& p, float s0, float s1, float ssq, bool silu, int rb, int split, int blocks, int group,
-                    int lane) {
+template <bool BF16, bool SCALE>
+DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane) {
+  const int rb = blockIdx.x, blocks = gridDim.x, split = blockIdx.y;  // n_chunks = 1 at N = 1
+  const bool silu = mode & RED_SILU;
+  pdl_wait();  // (an inactive split waits here before its writes; a no-op after the kernel's wait)
   reinterpret_cast<float2*>(p.ws + ((long long)split * blocks + rb) * 64)[lane] = make_float2(s0, s1);
+  float* ssq_ws = p.ws + (long long)p.splits * blocks * 64;  // [split][row block]
   if (SCALE) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
-    if (lane == 0) p.ws[(long long)p.splits * blocks * 64 + (long long)split * blocks + rb] = ssq;
+    if (lane == 0) ssq_ws[(long long)split * blocks + rb] = ssq;
   }
+  const int half = blocks / 2;  // RED_SILU: the up rows' first row block (M / 2 is a multiple of 64)
+  const int group = silu ? rb % half : rb;
   __syncwarp();  // orders every lane's stores before lane 0's release
   int prev = 0;
   if (lane == 0) prev = ticket_acq_rel(p.tickets + group);
   prev = __shfl_sync(0xffffffffu, prev, 0);
-  if (prev != (silu ? 2 : 1) * p.splits - 1) return false;
+  if (prev != (silu ? 2 : 1) * p.splits - 1) return;
   __syncwarp();  // lane 0's acquire before every lane's loads
+  const long long stride = (long long)blocks * 32;  // float2s per split
+  const float2* src = reinterpret_cast<const float2*>(p.ws) + (long long)group * 32 + lane;
+  // 24 loads in flight (72 registers); with SiLU the gate and up rows' splits in the same rounds
+  const SplitPair<float2> gu = silu ? sum_split_pairs<12>(src, (long long)half * 32, stride, 0, p.splits)
+                                    : SplitPair<float2>{};
+  const float2 v = silu ? gu.a : sum_splits<24>(src, stride, 0, p.splits), u = gu.b;
   if (lane == 0) p.tickets[group] = 0;  // every block of the group has taken its ticket
-  return true;
-}
-
-// RED_RMS: the sum over the splits of the group's sums of squares, every lane the same (the same sums in the same
-// order as splitk_reduce)
-DEVI float n1_ssq(const Problem& p, int blocks, int group, int lane) {
-  const float* ssq_ws = p.ws + (long long)p.splits * blocks * 64;  // [split][row block]
-  float q = 0.f;
-  for (int i = lane; i < p.splits; i += 32) q += __ldcg(ssq_ws + (long long)i * blocks + group);
+  float rms = 1.f;
+  if (mode & RED_RMS) {  // every lane the same factor: the same sums in the same order (as splitk_reduce)
+    float q = 0.f;
+    for (int i = lane; i < p.splits; i += 32) q += __ldcg(ssq_ws + (long long)i * blocks + group);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-  return q;
-}
-
-// n1_finish's last half: rows m and m + 1, token 0 only (N = 1): splitk_reduce's group stores with one live column.
-// `old`: RED_RESID's residual rows, or (has_old false) loaded here; `bias` as store_group / add_group take it.
-template <bool BF16>
-DEVI void n1_store(const Problem& p, float2 v, float2 u, float q, int mode, float eps, int M, int m, const float* old,
-                   const u16* bias) {
-  const bool silu = mode & RED_SILU;
-  const float rms = mode & RED_RMS ? rsqrtf(q * __fdividef(1.f, (float)p.K) + eps) : 1.f;
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    rms = rsqrtf(q * __fdividef(1.f, (float)p.K) + eps);
+  }
+  // rows m and m + 1, token 0 only (N = 1): splitk_reduce's group stores with one live column
+  const int M = silu ? p.M / 2 : p.M, m = group * 64 + 2 * lane;
   const float r[2] = {v.x * rms, v.y * rms}, up[2] = {u.x * rms, u.y * rms};
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -912,79 +908,10 @@ DEVI void n1_store(const Problem& p, float2 v, float2 u, float q, int mode, floa
     if (silu)
       store_silu_group<BF16>(g4, make_float4(up[i], 0.f, 0.f, 0.f), p.y, M, 1, m + i, 0);
     else if (mode & RED_RESID)
-      add_group<BF16>(g4, make_float4(old ? old[i] : to_float<BF16>(p.y[m + i]), 0.f, 0.f, 0.f), p.y, bias, M, 1,
-                      m + i, 0);
+      add_group<BF16>(g4, make_float4(to_float<BF16>(p.y[m + i]), 0.f, 0.f, 0.f), p.y, p.bias, M, 1, m + i, 0);
     else
-      store_group<BF16>(g4, p.y, bias, M, 1, m + i, 0);
+      store_group<BF16>(g4, p.y, p.bias, M, 1, m + i, 0);
   }
-}
-
-// rb, split: the block's item (kernels.N1_DYN: the item it took), of `blocks` row blocks
-template <bool BF16, bool SCALE>
-DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane, u32 stage, int rb,
-                    int split, int blocks) {
-  const bool silu = mode & RED_SILU;
-  const int half = blocks / 2;  // RED_SILU: the up rows' first row block (M / 2 is a multiple of 64)
-  const int group = silu ? rb % half : rb;
-  const int M = silu ? p.M / 2 : p.M, m = group * 64 + 2 * lane;
-  pdl_wait();  // (an inactive split waits here before its writes; a no-op after the kernel's wait)
-  if (!(mode & RED_STAGE)) {
-    if (!n1_arrive<SCALE>(p, s0, s1, ssq, silu, rb, split, blocks, group, lane)) return;
-    const long long stride = (long long)blocks * 32;  // float2s per split
-    const float2* src = reinterpret_cast<const float2*>(p.ws) + (long long)group * 32 + lane;
-    // 24 loads in flight (72 registers); with SiLU the gate and up rows' splits in the same rounds
-    const SplitPair<float2> gu = silu ? sum_split_pairs<12>(src, (long long)half * 32, stride, 0, p.splits)
-                                      : SplitPair<float2>{};
-    const float2 v = silu ? gu.a : sum_splits<24>(src, stride, 0, p.splits);
-    n1_store<BF16>(p, v, gu.b, mode & RED_RMS ? n1_ssq(p, blocks, group, lane) : 0.f, mode, eps, M, m, nullptr, p.bias);
-    return;
-  }
-  // RED_STAGE (kernels.N1_STAGE): the group's partials copied into `stage` (the lanes' 8 KiB of partial sums, summed
-  // already) by cp.async, up to 32 rows of 64 floats (with SiLU 16 splits' gate and up rows) in one round trip, the
-  // sums of squares', residual rows' and bias's loads in the same round; then summed in split order: the same sums as
-  // the register rounds above.  (Session 25: loading the residual and bias before the ticket made every block's
-  // release wait for those loads: 2.7 % slower at batch 1.)  The bias is added to the sums before the epilogue, the
-  // same fp32 sum as store_group's and add_group's.
-  if (!n1_arrive<SCALE>(p, s0, s1, ssq, silu, rb, split, blocks, group, lane)) return;
-  const int per = silu ? 2 : 1, chunk = 32 / per;  // rows per split; splits per round
-  float2 v = make_float2(0.f, 0.f), u = make_float2(0.f, 0.f);
-  float q = 0.f, old[2] = {0.f, 0.f}, bias[2] = {0.f, 0.f};
-#pragma unroll 1
-  for (int s0 = 0; s0 < p.splits; s0 += chunk) {
-    const int ns = min(chunk, p.splits - s0);
-    if (s0 > 0) __syncwarp();  // every lane has read the previous round
-#pragma unroll 4
-    for (int c = lane; c < 16 * per * ns; c += 32) {  // 16-byte chunk c % 16 of row c / 16 (split, gate / up)
-      const int r = c >> 4, h = r % per;
-      const float* src = p.ws + ((long long)(s0 + r / per) * blocks + group + h * half) * 64 + 4 * (c & 15);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(stage + 16 * c), "l"(src));
-    }
-    cp_async_commit();
-    if (s0 == 0) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        if (m + i < M) {
-          if (mode & RED_RESID) old[i] = to_float<BF16>(p.y[m + i]);
-          if (p.bias && !silu) bias[i] = to_float<BF16>(p.bias[m + i]);
-        }
-      if (mode & RED_RMS) q = n1_ssq(p, blocks, group, lane);
-    }
-    cp_async_wait<0>();
-    __syncwarp();
-#pragma unroll 8  // (unroll 1 left each load's latency in the chain: session 25's first two versions, 2-3 % slower)
-    for (int r = 0; r < per * ns; r += per) {
-      float2 a;
-      asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(a.x), "=f"(a.y) : "r"(stage + 256 * r + 8 * lane));
-      add_into(v, a);
-      if (silu) {
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(a.x), "=f"(a.y) : "r"(stage + 256 * (r + 1) + 8 * lane));
-        add_into(u, a);
-      }
-    }
-  }
-  v.x += bias[0];
-  v.y += bias[1];
-  n1_store<BF16>(p, v, u, q, mode, eps, M, m, old, nullptr);
 }
 
 // N = 1 (tiled_csl_spmm_<dtype>_n1): the one-warp kernel's walk over a tile row and its entries, but no dense tile, no
@@ -1023,24 +950,12 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
   __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
   __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
   const int lane = threadIdx.x & 31;
-  const u32 pbase = smem_addr(part) + 4 * lane, xs0 = smem_addr(xrow);
-  // RED_DYN (kernels.N1_DYN, the fused kernels): the grid holds fewer blocks than there are items (row block, split),
-  // numbered row block first; block b takes item b, then the items that a counter (tickets[row blocks]) hands out, so
-  // an SM holding fewer blocks or faster walks takes more items; the last block to leave (tickets[row blocks + 1])
-  // resets both counters.  Otherwise one item per block: blockIdx.x, blockIdx.y.
-  const bool dyn = FUSE && (mode & RED_DYN);
-  const int blocks = dyn ? (mt + 3) / 4 : gridDim.x;  // row blocks (n_chunks = 1 at N = 1)
-  const int items = dyn ? blocks * p.splits : 1;
-  int item = dyn ? blockIdx.x : 0;
-#pragma unroll 1
-  for (;;) {
-  const int row_block = dyn ? item / p.splits : row_block_of(p);
-  const int split = dyn ? item % p.splits : blockIdx.y;
+  const int row_block = row_block_of(p);
   // kt_per_split 0 (kernels.N1_EVEN): split s of p.splits takes tiles s kt / splits .. (s + 1) kt / splits - 1
-  const int kb = kt_per_split ? split * kt_per_split : (int)((long long)split * kt / p.splits);
-  const int ke = kt_per_split ? min(kt, kb + kt_per_split) : (int)((long long)(split + 1) * kt / p.splits);
+  const int kb = kt_per_split ? blockIdx.y * kt_per_split : (int)((long long)blockIdx.y * kt / p.splits);
+  const int ke = kt_per_split ? min(kt, kb + kt_per_split) : (int)((long long)(blockIdx.y + 1) * kt / p.splits);
   const bool active = kb < ke;
-  if (dyn) __syncwarp();  // every lane is done with `part` (the previous item's sums)
+  const u32 pbase = smem_addr(part) + 4 * lane, xs0 = smem_addr(xrow);
 #pragma unroll
   for (int r = 0; r < 64; ++r) part[32 * r + lane] = 0.f;
   // token 0's columns 64 j .. 64 j + 63 -> xrow[b]: csl_load_x's row 0, which is not swizzled
@@ -1049,13 +964,11 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
   zero_acc<1>(acc);
   float s0 = 0.f, s1 = 0.f;  // this lane's rows 2 lane and 2 lane + 1, summed over the split
   float ssq = 0.f;  // SCALE: this lane's sum of squares of X's raw values over the split's columns
-  int next = items;  // RED_DYN: the next item, asked for once the wait has passed (the counters are this launch's)
   if (active) {
     constexpr int PF = csl_pf_units<1>::value;
     CslTiles<PF, 1> st(data, offsets, row_block, true, kt, kb, ke, 0, lane);
     st.prefetch();
     pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
-    if (dyn && lane == 0) next = atomicAdd(p.tickets + blocks, 1) + gridDim.x;
     load_x(kb, 0);
     const int sc = 64 * kb + 2 * lane;  // this lane's first column of the tile (SCALE)
     u32 gs = SCALE && sc < p.K ? *reinterpret_cast<const u32*>(colscale + sc) : 0u;
@@ -1114,14 +1027,7 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
     }
   }
   if constexpr (FUSE) {
-    if (dyn && !active) {
-      pdl_wait();
-      if (lane == 0) next = atomicAdd(p.tickets + blocks, 1) + gridDim.x;
-    }
-    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, lane, smem_addr(part), row_block, split, blocks);
-    if (!dyn) break;
-    item = __shfl_sync(FULL_MASK, next, 0);
-    if (item >= items) break;
+    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, lane);
   } else {
 #pragma unroll
     for (int s = 0; s < 4; ++s)
@@ -1133,12 +1039,6 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
       for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
       if (row_block == 0 && lane == 0) p.ws[(long long)p.splits * gridDim.x * 512 + blockIdx.y] = ssq;
     }
-    break;
-  }
-  }
-  if (dyn && lane == 0 && atomicAdd(p.tickets + blocks + 1, 1) == gridDim.x - 1) {  // every block has its last item
-    p.tickets[blocks] = 0;
-    p.tickets[blocks + 1] = 0;
   }
 }
 
