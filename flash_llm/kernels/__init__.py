@@ -104,13 +104,6 @@ N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
 #: ceil split.  H200, Llama-3-8B at 80 %, batch 1, ms per token: session 24 2.884 -> 2.866, session 25 (two rounds)
 #: 2.942 / 2.937 -> 2.905 / 2.906.
 N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "1") != "0"
-#: The fused N = 1 kernels with this many warps per block (``_n1rw`` / ``_n1rsw``; 1-24), launched as exactly as many
-#: blocks as the SMs hold at once, so that every SM gets the same number of blocks and items (the one-warp grid's blocks
-#: land 8-23 to an SM under a programmatic launch, and an SM's end follows its count: session 24).  0 (off) until
-#: measured: ``FLASH_LLM_N1_WIDE=24``.
-N1_WIDE = min(24, max(0, int(os.environ.get("FLASH_LLM_N1_WIDE", "0"))))
-#: shared memory per warp of the wide N = 1 kernels (``N1_WARP_SMEM`` in spmm.cu: the partial sums and X's row)
-N1_WARP_SMEM = 64 * 32 * 4 + 2 * 64 * 2
 #: The warpgroup kernels' split-K summed in the same launch (``_wg<NB>x<R>r``: every block of a row group, once all
 #: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
@@ -626,15 +619,8 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
                       dataclasses.replace(p, kt_per_split=0) if N1_EVEN else p, vec)
     args += [(norm[0].data_ptr() if norm is not None else 0, P), (mode, I),
              (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
-    pdl = PDL_SPMM and getattr(_static, "on", False)
-    if N1_WIDE:  # W warps per block, as many blocks as the SMs hold at once (at most one per item)
-        assert blocks == ceil_div(m, ROWS_PER_BLOCK), (blocks, m)  # the kernel counts the row blocks from mt
-        name, shared = name + "w", N1_WIDE * N1_WARP_SMEM
-        per_sm = blocks_per_sm(name, dev.index, 32 * N1_WIDE, shared)
-        launch(name, (min(sm_count(dev.index) * per_sm, blocks * p.splits), 1, 1), 32 * N1_WIDE, args, stream,
-               dev.index, shared, pdl=pdl)
-        return
-    launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0, pdl=pdl)
+    launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
+           pdl=PDL_SPMM and getattr(_static, "on", False))
 
 
 def _wg_spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, threads: int, shared: int,

@@ -863,11 +863,9 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 // reductions' launches cost 10-12 % of a decode step (session 17's what-if).
 constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
 
-// rb, split: the item (row block, split) of `blocks` row blocks (one block's: blockIdx.x, blockIdx.y, gridDim.x; the
-// wide kernels' warps have their own; n_chunks = 1 at N = 1)
 template <bool BF16, bool SCALE>
-DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane, int rb, int split,
-                    int blocks) {
+DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane) {
+  const int rb = blockIdx.x, blocks = gridDim.x, split = blockIdx.y;  // n_chunks = 1 at N = 1
   const bool silu = mode & RED_SILU;
   pdl_wait();  // (an inactive split waits here before its writes; a no-op after the kernel's wait)
   reinterpret_cast<float2*>(p.ws + ((long long)split * blocks + rb) * 64)[lane] = make_float2(s0, s1);
@@ -945,17 +943,17 @@ DEVI void csl_fma4_n1(u32 pbase, u32 xs, const uint4& e4) {
 // SCALE (tiled_csl_spmm_<dtype>_n1s): X's column c is first multiplied by colscale[c], rounded to the dtype once (the
 // RMSNorm weight of kernels.spmm_cuda(norm=...); the norm's per-token factor is applied by the reduction).  Each lane
 // scales its own two columns of the tile's X row after it lands; the scale's load is issued with the previous tile.
-// One item (row block, split) of the N = 1 kernels, by one warp, with its own `part` (64 x 32 floats) and `xrow` (2 x 64
-// u16) in shared memory: tiled_csl_n1_body (a block per item) and tiled_csl_n1_wide_body (W warps per block, items
-// dealt to them) call it.
 template <bool BF16, bool SCALE = false, bool FUSE = false>
-DEVI void tiled_csl_n1_item(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                            int kt_per_split, const Problem& p, const u16* __restrict__ colscale, int mode, float eps,
-                            float* part, u16* xrow, int row_block, int split, int blocks) {
+DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                            int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr, int mode = 0,
+                            float eps = 0.f) {
+  __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
+  __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
   const int lane = threadIdx.x & 31;
+  const int row_block = row_block_of(p);
   // kt_per_split 0 (kernels.N1_EVEN): split s of p.splits takes tiles s kt / splits .. (s + 1) kt / splits - 1
-  const int kb = kt_per_split ? split * kt_per_split : (int)((long long)split * kt / p.splits);
-  const int ke = kt_per_split ? min(kt, kb + kt_per_split) : (int)((long long)(split + 1) * kt / p.splits);
+  const int kb = kt_per_split ? blockIdx.y * kt_per_split : (int)((long long)blockIdx.y * kt / p.splits);
+  const int ke = kt_per_split ? min(kt, kb + kt_per_split) : (int)((long long)(blockIdx.y + 1) * kt / p.splits);
   const bool active = kb < ke;
   const u32 pbase = smem_addr(part) + 4 * lane, xs0 = smem_addr(xrow);
 #pragma unroll
@@ -1029,7 +1027,7 @@ DEVI void tiled_csl_n1_item(const int* __restrict__ data, const int* __restrict_
     }
   }
   if constexpr (FUSE) {
-    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, lane, row_block, split, blocks);
+    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, lane);
   } else {
 #pragma unroll
     for (int s = 0; s < 4; ++s)
@@ -1039,41 +1037,8 @@ DEVI void tiled_csl_n1_item(const int* __restrict__ data, const int* __restrict_
       pdl_wait();  // (an inactive split waits here before its write; a no-op after the wait above)
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
-      if (row_block == 0 && lane == 0) p.ws[(long long)p.splits * blocks * 512 + split] = ssq;
+      if (row_block == 0 && lane == 0) p.ws[(long long)p.splits * gridDim.x * 512 + blockIdx.y] = ssq;
     }
-  }
-}
-
-template <bool BF16, bool SCALE = false, bool FUSE = false>
-DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                            int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr, int mode = 0,
-                            float eps = 0.f) {
-  __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
-  __shared__ __align__(128) u16 xrow[2 * 64];      // token 0's 64 columns of the tile, double-buffered
-  tiled_csl_n1_item<BF16, SCALE, FUSE>(data, offsets, mt, kt, kt_per_split, p, colscale, mode, eps, part, xrow,
-                                       row_block_of(p), blockIdx.y, gridDim.x);
-}
-
-// The fused N = 1 kernels with W warps per block (tiled_csl_spmm_<dtype>_n1rw / _n1rsw, kernels.N1_WIDE): each warp has
-// the one-warp kernel's 8.25 KiB of shared memory in the block's dynamic shared memory, and the launch asks for
-// exactly as many blocks as the SMs hold at once (24 / W per SM), so every SM gets the same number of blocks, whatever
-// the kernel before leaves where (the one-warp grid's blocks land 8-23 to an SM under a programmatic launch: session 24).
-// Items (row block, split; row block first) are dealt round-robin over the blocks first, then over their warps (item
-// i of round k: warp (i / G) % W of block i % G), so every block, and so every SM, has the same number within one.
-constexpr int N1_WARP_SMEM = 64 * 32 * 4 + 2 * 64 * 2;  // part + xrow per warp (kernels.N1_WARP_SMEM)
-template <bool BF16, bool SCALE>
-DEVI void tiled_csl_n1_wide_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                                 int kt_per_split, Problem p, const u16* __restrict__ colscale, int mode, float eps) {
-  extern __shared__ __align__(128) unsigned char n1_smem[];
-  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, G = gridDim.x;
-  float* part = reinterpret_cast<float*>(n1_smem + warp * N1_WARP_SMEM);
-  u16* xrow = reinterpret_cast<u16*>(n1_smem + warp * N1_WARP_SMEM + 64 * 32 * 4);
-  const int blocks = (mt + 3) / 4, items = blocks * p.splits;  // row blocks, items
-#pragma unroll 1
-  for (int i = warp * G + blockIdx.x; i < items; i += warps * G) {
-    tiled_csl_n1_item<BF16, SCALE, true>(data, offsets, mt, kt, kt_per_split, p, colscale, mode, eps, part, xrow,
-                                         i / p.splits, i % p.splits, blocks);
-    __syncwarp();  // every lane is done with `part` and `xrow` before the next item zeroes them
   }
 }
 
@@ -1852,19 +1817,6 @@ INSTANTIATE_N1R(f16, false, n1r, false)
 INSTANTIATE_N1R(f16, false, n1rs, true)
 INSTANTIATE_N1R(bf16, true, n1r, false)
 INSTANTIATE_N1R(bf16, true, n1rs, true)
-// tiled_csl_spmm_<dtype>_n1rw / _n1rsw: the same with W warps per block (tiled_csl_n1_wide_body; dynamic shared
-// memory N1_WARP_SMEM per warp; up to 24 warps)
-#define INSTANTIATE_N1RW(NAME, BF16, SUFFIX, SCALE)                                                      \
-  extern "C" __global__ void __launch_bounds__(768, 1)                                                    \
-  tiled_csl_spmm_##NAME##_##SUFFIX(SPMM_ARGS, const u16* __restrict__ colscale, int mode, float eps) {    \
-    pdl_launch_dependents();                                                                              \
-    tiled_csl_n1_wide_body<BF16, SCALE>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, colscale, \
-                                        mode, eps);                                                       \
-  }
-INSTANTIATE_N1RW(f16, false, n1rw, false)
-INSTANTIATE_N1RW(f16, false, n1rsw, true)
-INSTANTIATE_N1RW(bf16, true, n1rw, false)
-INSTANTIATE_N1RW(bf16, true, n1rsw, true)
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)                                                        \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
   tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
