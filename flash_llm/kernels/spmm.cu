@@ -784,6 +784,14 @@ DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, u32 xs, int lane, 
   }
 }
 
+// Where a block lets the next kernel launch (griddepcontrol.launch_dependents, when that kernel is launched
+// programmatically): at its start (the bitmap kernels), or (the one-warp Tiled-CSL kernels) once its product is done,
+// before its partial tiles: the reduction after them is then dispatched only when every spmm block is past its main
+// loop, so its waiting blocks never take SM room from the spmm's blocks, while its launch overlaps the last blocks'
+// stores.  Session 23 (H200, Llama-3-8B decode): batch 16 1.7 % faster at 70 / 80 % with _nt2's reduction launched so,
+// batch 8 3.7 % faster with _nt1's trigger moved from its start to here.
+constexpr bool bitmap_trigger_at_start = true, tiled_csl_trigger_at_start = false;
+
 template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                              int kt_per_split, Problem p) {
@@ -848,7 +856,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
   }
   // with split-K, the partials are summed by a second launch (splitk_reduce): the last 32-thread block of a row
   // group would sum them with 32 threads, a long tail at N >= 16
-  pdl_launch_dependents();  // late trigger: tiled_csl_trigger_at_start (INSTANTIATE)
+  if (!tiled_csl_trigger_at_start) pdl_launch_dependents();  // the late trigger (INSTANTIATE: else at the start)
 #pragma unroll
   for (int s = 0; s < 4; ++s)
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
@@ -1624,14 +1632,6 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 #else
 template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT == 1 ? 20 : NT == 2 ? 20 : 10; };
 #endif
-
-// Where a block lets the next kernel launch (griddepcontrol.launch_dependents, when that kernel is launched
-// programmatically): at its start (the bitmap kernels), or (the one-warp Tiled-CSL kernels) once its product is done,
-// before its partial tiles: the reduction after them is then dispatched only when every spmm block is past its main
-// loop, so its waiting blocks never take SM room from the spmm's blocks, while its launch overlaps the last blocks'
-// stores.  Session 23 (H200, Llama-3-8B decode): batch 16 1.7 % faster at 70 / 80 % with _nt2's reduction launched so,
-// batch 8 3.7 % faster with _nt1's trigger moved from its start to here.
-constexpr bool bitmap_trigger_at_start = true, tiled_csl_trigger_at_start = false;
 
 #define INSTANTIATE(FMT, NAME, BF16, NT)                                                           \
   extern "C" __global__ void __launch_bounds__(FMT##_threads, FMT##_min_blocks<NT>::value)                \
