@@ -99,7 +99,7 @@ def main(argv=None):
                         err = (out.float() - ref).abs().max().item()
                         err_fmt = (out.float() - yref).abs().max().item()
                         ok = bool(torch.isfinite(out).all()) and err <= tol
-                        t = T.time_calls([lambda e=e: D.launch(e, x, sc, out, pf=pf) for e in encs])
+                        t = T.time_calls([lambda e=e, sc=sc, pf=pf: D.launch(e, x, sc, out, pf=pf) for e in encs])
                         row = dict(base, splits=s, pf=pf, blocks=slices * s, bytes=enc.nbytes,
                                    B_per_elem=enc.nbytes / m / k, max_window=enc.max_window,
                                    mean_window=float(enc.win[..., 1].float().mean()), t_us=t * 1e6,
