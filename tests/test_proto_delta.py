@@ -48,3 +48,10 @@ def test_bad_input_is_refused():
         D.encode(torch.ones(4, 16, dtype=torch.float16), 0)
     with pytest.raises(ValueError, match="fp16"):
         D.encode(torch.ones(4, 16), 1)
+
+
+def test_every_tensor_is_contiguous():  # the kernel reads them by raw pointer
+    w = torch.randn(70, 256).half() * (torch.rand(70, 256) < 0.3)
+    enc = D.encode(w, 3)
+    for t in (enc.data, enc.off, enc.starts, enc.win, enc.perm):
+        assert t.is_contiguous()

@@ -149,7 +149,8 @@ def encode(w: torch.Tensor, splits: int) -> DeltaRows:
     data = full[keep].reshape(-1)
     off = torch.zeros(slices + 1, dtype=torch.int64, device=dev)
     off[1:] = torch.cumsum(groups * GROUP_BYTES, 0)
-    return DeltaRows((m, k), w.dtype, splits, data.contiguous(), off, start.to(torch.int16), win, perm.to(torch.int32), nnz)
+    return DeltaRows((m, k), w.dtype, splits, data.contiguous(), off.contiguous(),
+                     start.to(torch.int16).contiguous(), win.contiguous(), perm.to(torch.int32).contiguous(), nnz)
 
 
 def _lanes(enc: DeltaRows):
@@ -253,6 +254,9 @@ def launch(enc: DeltaRows, x: torch.Tensor, scratch: Scratch, out: torch.Tensor,
 
     dev = x.device.index or 0
     name = f"delta_rows_n1_{'bf16' if enc.dtype == torch.bfloat16 else 'f16'}_pf{pf}"
+    for t in (enc.data, enc.off, enc.starts, enc.win, enc.perm, x, out):
+        if not t.is_contiguous() or t.device != x.device:
+            raise ValueError("every tensor of the launch must be contiguous and on x's device")
     fn = _function(name, dev)
     shared = 4 * enc.max_window
     if shared > 48 * 1024:
