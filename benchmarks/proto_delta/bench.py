@@ -38,7 +38,7 @@ def split_candidates(slices: int, sms: int) -> list[int]:
 
 def clone(enc: D.DeltaRows) -> D.DeltaRows:
     return D.DeltaRows(enc.shape, enc.dtype, enc.splits, enc.data.clone(), enc.off.clone(), enc.starts.clone(),
-                       enc.win.clone(), enc.perm.clone(), enc.nnz)
+                       enc.win.clone(), enc.perm.clone(), enc.nnz, enc.max_window)
 
 
 def main(argv=None):

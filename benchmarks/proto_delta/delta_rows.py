@@ -38,6 +38,7 @@ class DeltaRows:
     win: torch.Tensor  # int32 [slices, splits, 2]: (a0, w) of the split's X window, multiples of 8
     perm: torch.Tensor  # int32 [slices * 32]: rank -> row, -1 for padding ranks
     nnz: int
+    max_window: int = 0  # the widest split window (columns): 4 x this is the kernel's dynamic shared memory
 
     @property
     def slices(self) -> int:
@@ -48,13 +49,9 @@ class DeltaRows:
         """Bytes the kernel reads per product, X excluded (perm is read by the last blocks only)."""
         return sum(t.numel() * t.element_size() for t in (self.data, self.off, self.starts, self.win, self.perm))
 
-    @property
-    def max_window(self) -> int:
-        return int(self.win[..., 1].max()) if self.win.numel() else 0
-
     def to(self, device) -> "DeltaRows":
         return DeltaRows(self.shape, self.dtype, self.splits, *(t.to(device) for t in (
-            self.data, self.off, self.starts, self.win, self.perm)), self.nnz)
+            self.data, self.off, self.starts, self.win, self.perm)), self.nnz, self.max_window)
 
 
 def _streams(w: torch.Tensor):
@@ -150,7 +147,8 @@ def encode(w: torch.Tensor, splits: int) -> DeltaRows:
     off = torch.zeros(slices + 1, dtype=torch.int64, device=dev)
     off[1:] = torch.cumsum(groups * GROUP_BYTES, 0)
     return DeltaRows((m, k), w.dtype, splits, data.contiguous(), off.contiguous(),
-                     start.to(torch.int16).contiguous(), win.contiguous(), perm.to(torch.int32).contiguous(), nnz)
+                     start.to(torch.int16).contiguous(), win.contiguous(), perm.to(torch.int32).contiguous(), nnz,
+                     int(wlen.max()) if wlen.numel() else 0)
 
 
 def _lanes(enc: DeltaRows):
