@@ -41,6 +41,11 @@ DEVI int ticket_acq_rel(int* t) {
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(t) : "memory");
   return prev;
 }
+DEVI void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 DEVI void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -85,8 +90,8 @@ DEVI void delta_rows_n1_body(const unsigned char* __restrict__ data, const long 
   const int lane = threadIdx.x & 31, slice = blockIdx.x, s = blockIdx.y;
   const int mp = gridDim.x * 32;
   const long long o0 = off[slice];
-  const int G = (int)((off[slice + 1] - o0) / 640);
-  const int g0 = (int)((long long)s * G / S), g1 = (int)((long long)(s + 1) * G / S);
+  const int G = (int)((u32)(off[slice + 1] - o0) / 640u);  // (a slice's groups are far below 2^32 bytes)
+  const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
   const unsigned char* base = data + o0 + 16 * lane;
   uint4 pv[PF];
   u32 pd[PF];
@@ -96,6 +101,7 @@ DEVI void delta_rows_n1_body(const unsigned char* __restrict__ data, const long 
       pv[i] = __ldg(reinterpret_cast<const uint4*>(base + (long long)(g0 + i) * 640));
       pd[i] = __ldg(reinterpret_cast<const u32*>(base + (long long)(g0 + i) * 640 + 512 - 12 * lane));
     }
+  pdl_launch_dependents();  // the next kernel's blocks may become resident now (programmatic launch; else a no-op)
   const int2 wv = win[(long long)slice * S + s];  // (a0, w)
   const int start = starts[((long long)slice * S + s) * 32 + lane];
   pdl_wait();
@@ -151,11 +157,17 @@ DEVI void delta_rows_n1_body(const unsigned char* __restrict__ data, const long 
       const int2 *__restrict__ win, const u16 *__restrict__ x, u16 *__restrict__ y,                         \
       const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets,                       \
       const int *__restrict__ perm, int S
-#define DR_INST(NAME, BF16, PF)                                                                            \
-  extern "C" __global__ void __launch_bounds__(32, 24) delta_rows_n1_##NAME##_pf##PF(DR_ARGS) {            \
+#define DR_INST(NAME, BF16, PF, MINB)                                                                      \
+  extern "C" __global__ void __launch_bounds__(32, MINB) delta_rows_n1_##NAME##_pf##PF##_b##MINB(DR_ARGS) { \
     delta_rows_n1_body<BF16, PF>(data, off, starts, win, x, y, bias, ws, tickets, perm, S);                \
   }
-DR_INST(f16, false, 2)
-DR_INST(f16, false, 4)
-DR_INST(bf16, true, 2)
-DR_INST(bf16, true, 4)
+DR_INST(f16, false, 2, 24)
+DR_INST(f16, false, 4, 24)
+DR_INST(f16, false, 8, 24)
+DR_INST(f16, false, 2, 32)
+DR_INST(f16, false, 4, 32)
+DR_INST(bf16, true, 2, 24)
+DR_INST(bf16, true, 4, 24)
+DR_INST(bf16, true, 8, 24)
+DR_INST(bf16, true, 2, 32)
+DR_INST(bf16, true, 4, 32)

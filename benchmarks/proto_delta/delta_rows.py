@@ -246,12 +246,14 @@ class Scratch:
 
 
 def launch(enc: DeltaRows, x: torch.Tensor, scratch: Scratch, out: torch.Tensor, bias: torch.Tensor | None = None,
-           pf: int = 2) -> torch.Tensor:
-    """``out[M] = W @ x`` (+ bias) on the current stream; x: [K] contiguous, 16-byte aligned, w's dtype."""
+           pf: int = 2, minb: int = 24, pdl: bool = False) -> torch.Tensor:
+    """``out[M] = W @ x`` (+ bias) on the current stream; x: [K] contiguous, 16-byte aligned, w's dtype.
+    ``pf``: groups prefetched per lane (2, 4, 8); ``minb``: the kernel's blocks per SM bound (24, 32; pf 8: 24);
+    ``pdl``: programmatic dependent launch (sm_90: the blocks load their weight before the previous kernel ends)."""
     from flash_llm.kernels import _build as B
 
     dev = x.device.index or 0
-    name = f"delta_rows_n1_{'bf16' if enc.dtype == torch.bfloat16 else 'f16'}_pf{pf}"
+    name = f"delta_rows_n1_{'bf16' if enc.dtype == torch.bfloat16 else 'f16'}_pf{pf}_b{minb}"
     for t in (enc.data, enc.off, enc.starts, enc.win, enc.perm, x, out):
         if not t.is_contiguous() or t.device != x.device:
             raise ValueError("every tensor of the launch must be contiguous and on x's device")
@@ -269,6 +271,20 @@ def launch(enc: DeltaRows, x: torch.Tensor, scratch: Scratch, out: torch.Tensor,
     holders = [ctype(value) for value, ctype in args]
     ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    B._check_cu((B._driver().cuLaunchKernel(fn, enc.slices, enc.splits, 1, 32, 1, 1, shared, stream,
-                                            ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
+    drv = B._driver()
+    if pdl:
+        cfg = drv.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = enc.slices, enc.splits, 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = 32, 1, 1
+        cfg.sharedMemBytes = shared
+        cfg.hStream = drv.CUstream(stream)
+        attr = drv.CUlaunchAttribute()
+        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs = [attr]
+        cfg.numAttrs = 1
+        B._check_cu((drv.cuLaunchKernelEx(cfg, fn, ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
+        return out
+    B._check_cu((drv.cuLaunchKernel(fn, enc.slices, enc.splits, 1, 32, 1, 1, shared, stream,
+                                    ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
     return out
