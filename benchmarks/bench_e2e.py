@@ -705,7 +705,7 @@ def parse_args(argv):
     ap.add_argument("--new", type=int, help="new tokens per prompt (default 128)")
     ap.add_argument("--repeats", type=int, help="timed generations per point, median reported (default 3)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    ap.add_argument("--format", choices=["bitmap", "tiled-csl"], default="bitmap",
+    ap.add_argument("--format", choices=["bitmap", "tiled-csl", "delta-rows"], default="bitmap",
                     help="compressed format of the sparse models (default bitmap)")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face generate baseline")
     ap.add_argument("--fuse", action="store_true",

@@ -2,14 +2,14 @@
 
 Public API::
 
-    w = flash_llm.BitmapTiles.from_dense(weight)   # or TiledCSL; weight [M, K] fp16/bf16
+    w = flash_llm.BitmapTiles.from_dense(weight)   # or TiledCSL, DeltaRows; weight [M, K] fp16/bf16
     y = flash_llm.spmm(x, w, bias)                 # x [..., K] -> y [..., M]
     report = flash_llm.sparsify_(model)            # nn.Linear -> flash_llm.SparseLinear, in place
     model = flash_llm.from_pretrained(path)        # a pruned HF checkpoint directory, sparse layers compressed
     flash_llm.save_pretrained(model, path)         # flash-llm checkpoint (transformers reads it too)
 """
 
-from .formats import BitmapTiles, FormatError, TiledCSL, load, save
+from .formats import BitmapTiles, DeltaRows, FormatError, TiledCSL, load, save
 from .nn import SparseLinear, SparsifyConfig, sparsify_
 from .ops import spmm
 
@@ -20,5 +20,5 @@ from .checkpoint.hf_quantizer import install as _install_hf_quantizer  # noqa: E
 
 _install_hf_quantizer()  # registers with transformers when (and only if) it gets imported
 
-__all__ = ["BitmapTiles", "TiledCSL", "FormatError", "spmm", "load", "save", "SparseLinear", "SparsifyConfig",
+__all__ = ["BitmapTiles", "TiledCSL", "DeltaRows", "FormatError", "spmm", "load", "save", "SparseLinear", "SparsifyConfig",
            "sparsify_", "from_pretrained", "save_pretrained", "__version__"]

@@ -501,7 +501,7 @@ def add_layer_demo_arguments(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flash-llm",
-        description="flash-llm: unstructured-sparse LLM weights kept compressed (BitmapTiles, TiledCSL) and "
+        description="flash-llm: unstructured-sparse LLM weights kept compressed (BitmapTiles, TiledCSL, DeltaRows) and "
                     "multiplied on tensor cores.",
         epilog="Run `flash-llm COMMAND --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"flash-llm {flash_llm.__version__}")

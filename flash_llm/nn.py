@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .formats import FORMATS, BitmapTiles, FormatError, SparseFormat, TiledCSL
+from .formats import FORMATS, BitmapTiles, DeltaRows, FormatError, SparseFormat, TiledCSL
 from .formats._base import METADATA_KEY, VALUE_DTYPES, check_dense_weight, dtype_name
 from .ops import spmm
 
 #: Format names accepted by ``fmt=`` and :attr:`SparsifyConfig.format`.
-FORMAT_NAMES = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL}
+FORMAT_NAMES = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL, "delta-rows": DeltaRows}
 
 
 def _format_class(fmt, name: str = "fmt") -> type[SparseFormat]:
@@ -35,7 +35,7 @@ def _format_class(fmt, name: str = "fmt") -> type[SparseFormat]:
     if isinstance(fmt, str) and fmt in FORMAT_NAMES:
         return FORMAT_NAMES[fmt]
     raise ValueError(f"{name} must be one of {sorted(FORMAT_NAMES)} or a format class "
-                     f"(BitmapTiles, TiledCSL); got {fmt!r}")
+                     f"(BitmapTiles, TiledCSL, DeltaRows); got {fmt!r}")
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
@@ -79,7 +79,7 @@ class SparseLinear(nn.Module):
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(weight, SparseFormat):
-            raise TypeError(f"weight must be a flash_llm compressed weight (BitmapTiles or TiledCSL), got "
+            raise TypeError(f"weight must be a flash_llm compressed weight (BitmapTiles, TiledCSL or DeltaRows), got "
                             f"{type(weight).__name__}; use SparseLinear.from_dense for a dense tensor")
         m, k = weight.shape
         if bias is not None:
@@ -288,7 +288,8 @@ class SparsifyConfig:
     """What :func:`sparsify_` converts, and to which format.
 
     Attributes:
-        format: ``"bitmap"`` (default; :class:`~flash_llm.BitmapTiles`) or ``"tiled-csl"``.
+        format: ``"bitmap"`` (default; :class:`~flash_llm.BitmapTiles`), ``"tiled-csl"`` or ``"delta-rows"``
+            (:class:`~flash_llm.DeltaRows`: the fastest at batch 1 on a GPU; above one token it expands to dense).
         min_sparsity: layers whose weight has a smaller fraction of zeros stay dense (default 0.3).
             Why: a bitmap weight costs 1 bit per element plus 2 bytes per nonzero, so it is smaller
             than fp16 only above ~6 % zeros, and at 30 % it takes ~0.77x the dense bytes; the kernels

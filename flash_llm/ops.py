@@ -161,7 +161,7 @@ def _checked(x, w, bias):
     """The argument checks of :func:`spmm`: ``(m, k, bias)`` with the bias made contiguous, or an error that names
     the argument."""
     if not isinstance(w, SparseFormat):
-        raise TypeError(f"w must be a flash_llm compressed weight (BitmapTiles or TiledCSL), got "
+        raise TypeError(f"w must be a flash_llm compressed weight (BitmapTiles, TiledCSL or DeltaRows), got "
                         f"{type(w).__name__}")
     m, k = w.shape
     if not isinstance(x, torch.Tensor):

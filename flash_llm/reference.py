@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .formats import BitmapTiles, SparseFormat, TiledCSL
+from .formats import BitmapTiles, DeltaRows, SparseFormat, TiledCSL
 
 # Format classes by the integer id the custom op carries (ops cannot take Python objects).
-FORMAT_CLASSES = (BitmapTiles, TiledCSL)
+FORMAT_CLASSES = (BitmapTiles, TiledCSL, DeltaRows)
 FORMAT_IDS = {cls: i for i, cls in enumerate(FORMAT_CLASSES)}
 
 

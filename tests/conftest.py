@@ -12,13 +12,13 @@ import pytest
 import torch
 from hypothesis import settings
 
-from flash_llm import BitmapTiles, TiledCSL
+from flash_llm import BitmapTiles, DeltaRows, TiledCSL
 
 # No example database written into the repository; no per-example deadline (first calls warm up torch).
 settings.register_profile("flash_llm", database=None, deadline=None, print_blob=True)
 settings.load_profile("flash_llm")
 
-FORMATS = (BitmapTiles, TiledCSL)
+FORMATS = (BitmapTiles, TiledCSL, DeltaRows)
 DTYPES = (torch.float16, torch.bfloat16)
 
 STRIP_M, STRIP_K = 16, 64  # BitmapTiles record = one 16x64 strip
@@ -90,8 +90,9 @@ def record_nnz(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return padded.view(mp // rows, rows, kp // cols, cols).sum((1, 3)).reshape(-1)
 
 
-def expected_nbytes(fmt_cls, mask: torch.Tensor) -> int:
-    """The closed-form byte count of each format's module docstring, from the dense mask."""
+def expected_nbytes(fmt_cls, mask: torch.Tensor, splits: int | None = None) -> int:
+    """The closed-form byte count of each format's module docstring, from the dense mask (DeltaRows: and the split
+    count the encoder chose, which its byte count includes)."""
     if fmt_cls is BitmapTiles:
         n = record_nnz(mask, STRIP_M, STRIP_K)
         t = n.numel()
@@ -100,7 +101,29 @@ def expected_nbytes(fmt_cls, mask: torch.Tensor) -> int:
         n = record_nnz(mask, TILE_M, TILE_K)
         t = n.numel()
         return 4 * int(((n + 3) // 4 * 4).sum()) + 4 * (t + 1)
+    if fmt_cls is DeltaRows:
+        return delta_rows_nbytes(mask, splits)
     raise AssertionError(f"unknown format {fmt_cls}")
+
+
+def delta_rows_nbytes(mask: torch.Tensor, splits: int) -> int:
+    """DeltaRows' byte count from its docstring: per row, one entry per nonzero plus floor((gap - 1) / 15) escapes per
+    gap over 15 columns (the first gap counted from column 0); rows ranked by entries, 32 to a slice, each slice padded
+    to whole groups of 8 entries of its longest row; 640 bytes a group, then 4 (slices + 1) + 72 slices S + 4 Mp."""
+    m, k = mask.shape
+    ents = []
+    for r in range(m):
+        cols = mask[r].nonzero().flatten().tolist()
+        prev, e = 0, 0
+        for c in cols:
+            gap = c - prev
+            e += 1 + (max(gap - 1, 0) // 15 if gap > 15 else 0)
+            prev = c
+        ents.append(e)
+    ents.sort(reverse=True)
+    slices = math.ceil(m / 32)
+    groups = sum(math.ceil(max(ents[32 * i: 32 * i + 32]) / 8) for i in range(slices))
+    return 640 * groups + 4 * (slices + 1) + 72 * slices * splits + 4 * 32 * slices
 
 
 def fragment_lane_bit(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -258,7 +258,7 @@ def test_synthetic_model_in_tiled_csl():
     assert torch.equal(model.model.layers[1].mlp.up_proj.to_dense(), bitmap.model.layers[1].mlp.up_proj.to_dense())
     out = Engine(model, max_batch=2, max_seq=32).generate([[1, 2, 3], [4]], 4, eos_token_id=None)
     assert out.tokens.shape == (2, 4)
-    with pytest.raises(ValueError, match=r"fmt must be one of \['bitmap', 'tiled-csl'\], got 'csr'"):
+    with pytest.raises(ValueError, match=r"fmt must be one of \['bitmap', 'delta-rows', 'tiled-csl'\], got 'csr'"):
         build_synthetic(cfg, 0.8, device="cpu", progress=False, fmt="csr")
 
 

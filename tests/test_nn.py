@@ -13,7 +13,7 @@ import torch.nn.utils.prune
 from torch import nn
 
 import flash_llm
-from flash_llm import BitmapTiles, SparseLinear, SparsifyConfig, TiledCSL, sparsify_
+from flash_llm import BitmapTiles, DeltaRows, SparseLinear, SparsifyConfig, TiledCSL, sparsify_
 from flash_llm.nn import SparsifyReport
 from conftest import assert_bit_equal, max_abs_err, random_values, sparse_weight, ulp
 
@@ -21,7 +21,7 @@ from conftest import assert_bit_equal, max_abs_err, random_values, sparse_weight
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 M, K = 100, 200  # not multiples of 16/64: exercises the padding of both formats
-FMT_NAMES = {BitmapTiles: "bitmap", TiledCSL: "tiled-csl"}
+FMT_NAMES = {BitmapTiles: "bitmap", TiledCSL: "tiled-csl", DeltaRows: "delta-rows"}
 
 
 def _sparse_linear_pair(fmt, dtype, bias=True, density=0.3, m=M, k=K, seed=0):
@@ -483,7 +483,7 @@ def test_sparsified_model_compiles_fullgraph():
 
 def test_public_names():
     assert {"SparseLinear", "SparsifyConfig", "sparsify_"} <= set(flash_llm.__all__)
-    assert len(flash_llm.__all__) <= 12  # 10, plus from_pretrained / save_pretrained (checkpoints)
+    assert len(flash_llm.__all__) <= 13  # 11 (three formats), plus from_pretrained / save_pretrained (checkpoints)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def _bad_calls():
         ("bias-not-tensor", lambda: flash_llm.spmm(x, c16, [0.0] * M), TypeError,
          r"bias must be a torch\.Tensor or None, got list"),
         ("w-dense-tensor", lambda: flash_llm.spmm(x, torch.ones(M, K, dtype=torch.float16)), TypeError,
-         r"w must be a flash_llm compressed weight \(BitmapTiles or TiledCSL\), got Tensor"),
+         r"w must be a flash_llm compressed weight \(BitmapTiles, TiledCSL or DeltaRows\), got Tensor"),
         ("w-none", lambda: flash_llm.spmm(x, None), TypeError, r"w must be a flash_llm compressed weight .*got NoneType"),
     ]
 

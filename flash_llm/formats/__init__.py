@@ -3,8 +3,9 @@ safetensors (de)serialization.  ``docs/formats.md`` describes the layouts."""
 
 from ._base import FormatError, SparseFormat, load, save
 from .bitmap import BitmapTiles
+from .delta_rows import DeltaRows
 from .tiled_csl import TiledCSL
 
-FORMATS = {cls.FORMAT_NAME: cls for cls in (BitmapTiles, TiledCSL)}
+FORMATS = {cls.FORMAT_NAME: cls for cls in (BitmapTiles, TiledCSL, DeltaRows)}
 
-__all__ = ["BitmapTiles", "TiledCSL", "SparseFormat", "FormatError", "FORMATS", "load", "save"]
+__all__ = ["BitmapTiles", "TiledCSL", "DeltaRows", "SparseFormat", "FormatError", "FORMATS", "load", "save"]

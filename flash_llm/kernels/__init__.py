@@ -23,8 +23,8 @@ from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch  # 
 WARPS = 4
 THREADS = 32 * WARPS
 ROWS_PER_BLOCK = WARPS * STRIP_M  # 64 output features per block, for both formats
-BITMAP, TILED_CSL = 0, 1
-_FORMAT_PREFIX = {BITMAP: "bitmap", TILED_CSL: "tiled_csl"}
+BITMAP, TILED_CSL, DELTA_ROWS = 0, 1, 2  # reference.FORMAT_IDS
+_FORMAT_PREFIX = {BITMAP: "bitmap", TILED_CSL: "tiled_csl", DELTA_ROWS: "delta_rows"}
 
 P = ctypes.c_void_p
 I = ctypes.c_int
@@ -463,6 +463,10 @@ def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k:
     """Expand a compressed weight to dense ``[m, k]`` with one CUDA kernel; with ``rows=(r0, r1)`` (``r0`` a
     multiple of 64) only those rows, as ``[r1 - r0, k]``."""
     dev = data.device
+    if fmt == DELTA_ROWS:
+        if rows is not None and tuple(rows) != (0, m):
+            raise ValueError(f"rows {rows}: a DeltaRows weight expands whole (its rows are stored in their own order)")
+        return _delta_rows_to_dense(data, offsets, m, k, dtype, out)
     r0, r1 = (0, m) if rows is None else rows
     if r0 % 64 or not 0 <= r0 < r1 <= m:
         raise ValueError(f"rows {r0}:{r1}: the start must be a multiple of 64 inside the {m} rows")
@@ -483,6 +487,47 @@ def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k:
                [(data.data_ptr(), P), (first, P), (out.data_ptr(), P), (m, I), (k, I), (kt, I)],
                stream, dev.index)
     return out
+
+
+def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
+    from ..formats.delta_rows import _sections
+
+    dev = data.device
+    slices, _, s = _sections(m, offsets.numel())
+    out = torch.zeros(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k).zero_()
+    launch("delta_rows_to_dense", (slices, s, 1), 32, [(data.data_ptr(), P), (offsets.data_ptr(), P),
+                                                        (out.data_ptr(), P), (k, I), (s, I)],
+           torch.cuda.current_stream(dev).cuda_stream, dev.index)
+    return out
+
+
+def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> torch.Tensor:
+    """:func:`spmm_cuda` for a DeltaRows weight: the one-row-per-lane kernel at N = 1 (with the bias and ``add_to``
+    inside), else the expansion and cuBLAS; ``act`` and ``norm`` as separate operations."""
+    from ..formats.delta_rows import _sections
+
+    n = x.shape[0]
+    dev = x.device
+    if act is not None or norm is not None or n != 1:
+        if act is not None or norm is not None:
+            return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
+        if n == 0:
+            return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
+        y = _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, None if add_to is not None else out)
+        return add_to.add_(y) if add_to is not None else y
+    x = x.contiguous()
+    slices, mp, s = _sections(m, offsets.numel())
+    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    y = add_to if add_to is not None else torch.empty(1, m, dtype=x.dtype, device=dev) if out is None else out
+    ws = torch.empty(s * mp, dtype=torch.float32, device=dev)
+    tickets = _scratch.get_tickets(dev, stream, slices)
+    launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1", (slices, s, 1), 32,
+           [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
+            (bias.data_ptr() if bias is not None else 0, P), (ws.data_ptr(), P), (tickets.data_ptr(), P), (s, I),
+            (vec, I), (1 if add_to is not None else 0, I)],
+           stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
+    return y
 
 
 def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
@@ -532,6 +577,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         if add_to.shape != (x.shape[0], m) or add_to.dtype != x.dtype or not add_to.is_contiguous():
             raise ValueError(f"add_to must be a contiguous {x.dtype} tensor of shape {(x.shape[0], m)}, got "
                              f"{add_to.dtype} {tuple(add_to.shape)}")
+    if fmt == DELTA_ROWS:
+        return _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to)
     n = x.shape[0]
     dev = x.device
     density = _density(fmt, data, m, k)
@@ -657,6 +704,8 @@ def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype
     sparse kernel runs (not the expansion) with split-K and its reduction is ``splitk_reduce``; SiLU x up (``act``):
     Tiled-CSL or the bitmap warpgroup kernels, ``m`` a multiple of 128; ``norm`` and ``add``: the Tiled-CSL kernel of
     N = 1 (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned).  Shapes only: no launch, no sync."""
+    if fmt == DELTA_ROWS:  # the residual add only, at N = 1 (the kernel's last blocks add into Y)
+        return n == 1 and add and not norm and act is None
     density = _density(fmt, data, m, k)
     if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(device.index), m * k):
         return False

@@ -1817,6 +1817,174 @@ INSTANTIATE_N1R(f16, false, n1r, false)
 INSTANTIATE_N1R(f16, false, n1rs, true)
 INSTANTIATE_N1R(bf16, true, n1r, false)
 INSTANTIATE_N1R(bf16, true, n1rs, true)
+
+// ------------------------------------------------------------------------------------------------
+// DeltaRows (flash_llm/formats/delta_rows.py): N = 1 on the CUDA cores, one weight row per lane
+// ------------------------------------------------------------------------------------------------
+// delta_rows_spmm_<dtype>_n1: grid (slices, S), one warp per block.  Lane l walks rank 32 slice + l's entries of
+// split s (groups s G / S .. (s + 1) G / S - 1 of the slice): per entry its column steps on (LOP3 + LEA.HI on a byte
+// offset), X's element there is read from the split's window, staged once per block in shared memory as fp32, and
+// the value (HADD2.F32 / a shift for bf16) is added in by one FFMA into one of two register sums.  Groups are loaded
+// DR_PF ahead in registers (16 + 4 bytes a lane each).  Each block stores its 32 sums to ws[s][rank]; the last block
+// of a slice to arrive (an acquire-release ticket, as n1_finish) sums the S partials in split order and writes
+// Y[perm[rank]] (+ bias; DR_RESID: added into Y, rounded as add_group).  A window wider than DR_WMAX columns (rows of
+// one slice far apart in K) or X without 16-byte rows is read from global memory instead: slower, same sums.
+// Per entry: LOP3, LEA.HI, LDS, HADD2.F32, FFMA (Tiled-CSL's _n1 walk: about 13).  Session 26 prototype
+// (benchmarks/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than _n1r on Llama-3-8B's layers at 70-80 %.
+constexpr int DR_WMAX = 1536;  // delta_rows.WINDOW_MAX
+constexpr int DR_PF = 4;
+constexpr int DR_RESID = 1;
+
+template <bool BF16>
+DEVI void dr_unpack(u32 w, float& lo, float& hi) {
+  if (BF16) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+  } else {
+    asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+        : "=f"(lo), "=f"(hi) : "r"(w));
+  }
+}
+
+// 8 entries: values v (two a word), steps d (4 bits each); `off` is 4 x (the lane's column - a0)
+template <bool BF16, bool STAGED>
+DEVI void dr_group(u32& off, float& a0, float& a1, const uint4& v, u32 d, const float* xs, const u16* xg) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+  auto xat = [&](u32 o) {
+    if (STAGED) return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(xs) + o);
+    return to_float<BF16>(__ldg(xg + (o >> 2)));
+  };
+#pragma unroll
+  for (int h = 0; h < 4; ++h) {
+    float f0, f1;
+    dr_unpack<BF16>(w[h], f0, f1);
+    const int k0 = 2 * h, k1 = 2 * h + 1;
+    const u32 m0 = d & (0xFu << (4 * k0));
+    off += k0 == 0 ? m0 << 2 : m0 >> (4 * k0 - 2);
+    a0 = fmaf(f0, xat(off), a0);
+    const u32 m1 = d & (0xFu << (4 * k1));
+    off += m1 >> (4 * k1 - 2);
+    a1 = fmaf(f1, xat(off), a1);
+  }
+}
+
+template <bool BF16, bool STAGED>
+DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg, uint4 (&pv)[DR_PF],
+                   u32 (&pd)[DR_PF]) {
+  float a0 = 0.f, a1 = 0.f;
+  for (int g = g0; g < g1; g += DR_PF) {
+#pragma unroll
+    for (int i = 0; i < DR_PF; ++i) {
+      if (g + i < g1) {
+        const uint4 v = pv[i];
+        const u32 d = pd[i];
+        if (g + i + DR_PF < g1) {
+          const unsigned char* p = base + (long long)(g + i + DR_PF) * 640;
+          pv[i] = __ldg(reinterpret_cast<const uint4*>(p));
+          pd[i] = __ldg(reinterpret_cast<const u32*>(p + 512 - 12 * (threadIdx.x & 31)));
+        }
+        dr_group<BF16, STAGED>(off, a0, a1, v, d, xs, xg);
+      }
+    }
+  }
+  return a0 + a1;
+}
+
+template <bool BF16>
+DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
+                             u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
+                             int* __restrict__ tickets, int S, int vec, int mode) {
+  __shared__ __align__(16) float xs[DR_WMAX];
+  const int lane = threadIdx.x & 31, slice = blockIdx.x, s = blockIdx.y, slices = gridDim.x;
+  const int goff = offsets[slice], G = offsets[slice + 1] - goff;
+  const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
+  const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
+  uint4 pv[DR_PF];
+  u32 pd[DR_PF];
+#pragma unroll
+  for (int i = 0; i < DR_PF; ++i)
+    if (g0 + i < g1) {
+      const unsigned char* p = base + (long long)(g0 + i) * 640;
+      pv[i] = __ldg(reinterpret_cast<const uint4*>(p));
+      pd[i] = __ldg(reinterpret_cast<const u32*>(p + 512 - 12 * lane));
+    }
+  pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
+  const int* win = offsets + slices + 1 + 2 * (slice * S + s);
+  const int a0 = win[0], w = win[1];
+  const int start = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
+  const int rank = slice * 32 + lane;
+  const int row = offsets[slices + 1 + 18 * slices * S + rank];
+  pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
+  const u32 off = 4u * (u32)(start - a0);
+  float acc;
+  if (vec && w <= DR_WMAX) {
+    for (int c = 8 * lane; c < w; c += 256) {  // X[a0 + c .. + 7] -> xs[c .. + 7] as fp32
+      const uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
+      float f[8];
+      dr_unpack<BF16>(r.x, f[0], f[1]);
+      dr_unpack<BF16>(r.y, f[2], f[3]);
+      dr_unpack<BF16>(r.z, f[4], f[5]);
+      dr_unpack<BF16>(r.w, f[6], f[7]);
+      float4* dst = reinterpret_cast<float4*>(xs + c);
+      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+      dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+    }
+    __syncwarp();
+    acc = dr_walk<BF16, true>(base, g0, g1, off, xs, x + a0, pv, pd);
+  } else {
+    acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, pv, pd);
+  }
+  const int mp = slices * 32;
+  ws[(long long)s * mp + rank] = acc;
+  __syncwarp();  // orders every lane's store before lane 0's release
+  int prev = 0;
+  if (lane == 0) prev = ticket_acq_rel(tickets + slice);
+  prev = __shfl_sync(0xffffffffu, prev, 0);
+  if (prev != S - 1) return;
+  __syncwarp();  // lane 0's acquire before every lane's loads
+  float sum = 0.f;
+#pragma unroll 8
+  for (int t = 0; t < S; ++t) sum += __ldcg(ws + (long long)t * mp + rank);
+  if (lane == 0) tickets[slice] = 0;  // every block of the slice has taken its ticket
+  if (row >= 0) {
+    const float r = sum + (bias ? to_float<BF16>(bias[row]) : 0.f);
+    y[row] = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(y[row]) + to_float<BF16>(from_float<BF16>(r)))
+                               : from_float<BF16>(r);
+  }
+}
+
+#define DR_ARGS                                                                                                \
+  const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
+      const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets, int S, int vec, int mode
+#define INSTANTIATE_DR(NAME, BF16)                                                                           \
+  extern "C" __global__ void __launch_bounds__(32, 32) delta_rows_spmm_##NAME##_n1(DR_ARGS) {                \
+    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode);                           \
+  }
+INSTANTIATE_DR(f16, false)
+INSTANTIATE_DR(bf16, true)
+
+// delta_rows_to_dense: the nonzeros of split s of slice `slice` written into the zeroed out[M][K] (grid (slices, S)).
+extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* __restrict__ data,
+                                                                     const int* __restrict__ offsets,
+                                                                     u16* __restrict__ out, int K, int S) {
+  const int lane = threadIdx.x & 31, slice = blockIdx.x, s = blockIdx.y, slices = gridDim.x;
+  const int goff = offsets[slice], G = offsets[slice + 1] - goff;
+  const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
+  const int row = offsets[slices + 1 + 18 * slices * S + slice * 32 + lane];
+  int col = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
+  const int* base = data + (long long)goff * 160;
+  for (int g = g0; g < g1; ++g) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g * 160 + 4 * lane));
+    const u32 d = (u32)__ldg(base + (long long)g * 160 + 128 + lane);
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      col += (d >> (4 * k)) & 15;
+      const u16 h = (u16)(w[k >> 1] >> (16 * (k & 1)));
+      if (row >= 0 && (h & 0x7fff)) out[(long long)row * K + col] = h;
+    }
+  }
+}
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)                                                        \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
   tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \

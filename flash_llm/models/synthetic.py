@@ -59,7 +59,23 @@ def tiled_csl_formula_bytes(m: int, k: int, nnz: float) -> float:
     return 4 * nnz + 4 * (t + 1)
 
 
-_FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_bytes}  # keyed like nn.FORMAT_NAMES
+def delta_rows_formula_bytes(m: int, k: int, nnz: float) -> float:
+    """The DeltaRows size of an ``[m, k]`` weight with ``nnz`` nonzeros placed at random, from its format description:
+    2.5 bytes per entry (the nonzeros, plus the escapes of gaps over 15 columns: ``q^15 / (1 - q^15)`` per nonzero at
+    zero fraction ``q``), each row's padding to whole groups of 8 entries (3.5 entries on average), the split headers
+    (72 bytes per slice and split, at the encoder's default split count) and the offsets and row order.  It leaves out
+    the padding of a slice's rows to its longest (rows are ranked by length, so neighbours differ little)."""
+    from ..formats.delta_rows import GROUP, LANES, default_splits
+
+    q = min(max(1.0 - nnz / (m * k), 0.0), 1.0 - 1e-12)
+    entries = nnz * (1.0 + q ** 15 / (1.0 - q ** 15))
+    slices = math.ceil(m / LANES)
+    splits = default_splits(m, math.ceil(entries / m / GROUP))
+    return 2.5 * (entries + 3.5 * m) + 4 * (slices + 1) + 72 * slices * splits + 4 * slices * LANES
+
+
+_FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_bytes,
+             "delta-rows": delta_rows_formula_bytes}  # keyed like nn.FORMAT_NAMES
 
 
 def _check_fmt(fmt) -> str:
@@ -114,7 +130,7 @@ class SyntheticReport:
         name, sparsity, dtype, device: as requested (``sparsity`` None for dense).
         achieved_sparsity: zeros / elements over all decoder projections.
         projection_bytes: bytes of the decoder projections' weights as stored (compressed arrays, or dense).
-        fmt: the compressed format (``"bitmap"`` or ``"tiled-csl"``).
+        fmt: the compressed format (``"bitmap"``, ``"tiled-csl"`` or ``"delta-rows"``).
         formula_bytes: the same from the format's formula (:func:`bitmap_formula_bytes`,
             :func:`tiled_csl_formula_bytes`) at the achieved nonzero counts (dense: M*K*2).
         other_bytes: every other parameter and buffer (embeddings, norms, biases, dense ``lm_head``).
@@ -225,7 +241,7 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
             whole (the same random stream as without ``tp``, so the same model for a given seed) and only this
             rank's slice is kept and compressed; ``device`` should be ``tp.device``.  The memory check and the
             report are per rank.
-        fmt: the compressed format of the sparse projections, ``"bitmap"`` (default) or ``"tiled-csl"``.
+        fmt: the compressed format of the sparse projections, ``"bitmap"`` (default), ``"tiled-csl"`` or ``"delta-rows"``.
 
     Returns:
         ``(model, report)``: a :mod:`flash_llm.models` causal LM in eval mode whose projections are

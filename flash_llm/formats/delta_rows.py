@@ -1,0 +1,353 @@
+"""DeltaRows: each nonzero as a 16-bit value and a 4-bit column step, one row per lane (the N = 1 format).
+
+Layout (version 1; ``docs/formats.md``):
+
+* Rows are ranked by their entry count (descending, stable); ``perm[rank]`` is the row, ``-1`` for the padding ranks
+  that fill the last *slice* (32 ranks: one warp, lane ``l`` owns rank ``32 slice + l``).
+* A row is a stream of *entries*: a value and a step (0..15); the kernel adds the step to its running column, then
+  multiplies the value by X's element there.  A gap of more than 15 columns takes *escape* entries (value 0, step 15)
+  first; a row's first step counts from column 0.  The 32 streams of a slice are padded (value 0, step 0) to the same
+  whole number of *groups* of 8 entries.
+* ``data`` (int32): the groups, slice after slice.  A group is 160 words: 32 lanes x 4 words of values (two 16-bit
+  values a word, the first in the low half), then 32 lanes x 1 word of steps (entry ``i`` in bits ``4i .. 4i + 3``).
+* ``offsets`` (int32), four sections: ``goff[slices + 1]`` (each slice's first group); ``win[slices][S][2]`` (the
+  column window ``(a0, w)`` of split ``s`` of the slice: multiples of 8, every column its lanes visit lies in
+  ``a0 .. a0 + w - 1``); ``starts[slices][S][32]`` (16-bit: each lane's column before the split, two a word);
+  ``perm[32 slices]``.  ``S`` (the split count, fixed at encoding) follows from the sizes.
+* Split ``s`` of a slice with ``G`` groups holds groups ``s G / S .. (s + 1) G / S - 1`` (integer division).
+
+Bytes: ``2.5`` per entry (nonzeros, escapes and pads) plus ``4 (slices + 1) + 72 slices S + 4 Mp``.  At 80 % random
+sparsity about 0.53 bytes per element (BitmapTiles 0.525, TiledCSL 0.80).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import FormatError, SparseFormat, check_dense_weight
+from ._layout import ceil_div
+
+LANES = 32  # ranks per slice
+GROUP = 8  # entries per lane per group
+GROUP_WORDS = LANES * GROUP // 2 + LANES  # 160
+MAX_STEP = 15
+MAX_K = 1 << 16  # columns are 16-bit
+#: split counts aim at about this many one-warp blocks (24-32 per SM on a 132-SM H100 / H200 were fastest, session 26)
+TARGET_BLOCKS = 3600
+#: the kernel stages a split's X window in shared memory up to this many columns (fp32); wider windows read X from
+#: global memory (slower, same result), and the encoder raises the split count to avoid them (``DR_WMAX`` in spmm.cu)
+WINDOW_MAX = 1536
+
+
+def _sections(m: int, n_off: int) -> tuple[int, int, int]:
+    """(slices, Mp, S) from the shape and the length of ``offsets``; S = 0 when the length does not fit."""
+    slices = ceil_div(m, LANES)
+    mp = slices * LANES
+    rest = n_off - (slices + 1) - mp
+    if rest <= 0 or rest % (18 * slices):
+        return slices, mp, 0
+    return slices, mp, rest // (18 * slices)
+
+
+def _streams(w: torch.Tensor):
+    """Each rank's stream: values int16 ``[Mp, L]``, steps uint8 ``[Mp, L]`` (``L`` = 8 x the most groups of a slice),
+    groups per slice int64 ``[slices]`` and perm int64 ``[Mp]``."""
+    m, k = w.shape
+    dev = w.device
+    bits = w.view(torch.int16)
+    rows, cols = (w != 0).nonzero(as_tuple=True)
+    nnz = rows.numel()
+    vals = bits[rows, cols]
+    first = torch.ones(nnz, dtype=torch.bool, device=dev)
+    first[1:] = rows[1:] != rows[:-1]
+    prev = torch.zeros_like(cols)
+    prev[1:] = cols[:-1]
+    prev[first] = 0
+    gap = cols - prev  # a row's first step counts from column 0 (so it may be 0)
+    esc = torch.where(gap > MAX_STEP, torch.div(gap - 1, MAX_STEP, rounding_mode="floor"), torch.zeros_like(gap))
+    span = esc + 1
+    ent = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, rows, span)
+    perm = torch.sort(ent, descending=True, stable=True).indices
+    slices = ceil_div(m, LANES)
+    mp = slices * LANES
+    rank = torch.empty(m, dtype=torch.int64, device=dev)
+    rank[perm] = torch.arange(m, device=dev)
+    ent_rank = torch.zeros(mp, dtype=torch.int64, device=dev)
+    ent_rank[:m] = ent[perm]
+    groups = (ent_rank.view(slices, LANES).amax(1) + GROUP - 1) // GROUP
+    length = int(groups.max()) * GROUP
+    csum = torch.cumsum(span, 0) - span
+    row_base = torch.zeros(m, dtype=torch.int64, device=dev)
+    row_base[rows[first]] = csum[first]
+    pos = csum - row_base[rows] + esc  # the entry's place in its row's stream, after its escapes
+    r = rank[rows]
+    vals2 = torch.zeros(mp, length, dtype=torch.int16, device=dev)
+    steps2 = torch.zeros(mp, length, dtype=torch.uint8, device=dev)
+    vals2[r, pos] = vals
+    steps2[r, pos] = (gap - MAX_STEP * esc).to(torch.uint8)
+    n_esc = int(esc.sum())
+    if n_esc:
+        owner = torch.repeat_interleave(torch.arange(nnz, device=dev), esc, output_size=n_esc)
+        j = torch.arange(n_esc, device=dev) - torch.repeat_interleave(torch.cumsum(esc, 0) - esc, esc,
+                                                                      output_size=n_esc)
+        steps2[r[owner], pos[owner] - esc[owner] + j] = MAX_STEP
+    perm_full = torch.full((mp,), -1, dtype=torch.int64, device=dev)
+    perm_full[:m] = perm
+    return vals2, steps2, groups, perm_full, nnz, ent_rank
+
+
+def _windows(colpos: torch.Tensor, groups: torch.Tensor, splits: int, ent: torch.Tensor):
+    """Per (slice, split): each lane's start column ``[slices, S, 32]`` and the window ``(a0, w)`` ``[slices, S, 2]``.
+    Lanes without entries (empty rows, padding ranks) take the window's first column, so they do not widen it."""
+    slices = groups.numel()
+    dev = groups.device
+    length = colpos.shape[1]
+    cp = colpos.view(slices, LANES, length)
+    s_idx = torch.arange(splits + 1, device=dev)
+    bounds = (s_idx[None, :] * groups[:, None]) // splits * GROUP  # [slices, S + 1]: first entry of each split
+    t0, t1 = bounds[:, :-1], bounds[:, 1:]
+
+    def col_before(t):  # the column after entry t - 1 (0 before the first), [slices, S, 32]
+        idx = (t - 1).clamp(min=0)[:, None, :].expand(slices, LANES, splits)
+        c = torch.gather(cp, 2, idx).permute(0, 2, 1) if length else torch.zeros(
+            slices, splits, LANES, dtype=colpos.dtype, device=dev)
+        return torch.where((t > 0)[:, :, None], c, torch.zeros_like(c))
+
+    start = col_before(t0)
+    last = col_before(t1)  # the column of each lane's last entry of the split (its start when the split is empty)
+    live = (ent.view(slices, LANES) > 0)[:, None, :]  # [slices, 1, 32]
+    big = torch.iinfo(start.dtype).max
+    lo = torch.where(live, start, torch.full_like(start, big)).amin(2)
+    lo = torch.where(lo == big, torch.zeros_like(lo), lo)  # a slice without entries: column 0
+    hi = torch.where(live, last, torch.zeros_like(last)).amax(2)
+    start = torch.where(live, start, lo[:, :, None])
+    a0 = lo // 8 * 8
+    w = (torch.maximum(hi, lo) + 1 - a0 + 7) // 8 * 8
+    return start, torch.stack([a0, w], 2)
+
+
+def default_splits(m: int, max_groups: int) -> int:
+    """The split count the encoder starts from: about :data:`TARGET_BLOCKS` one-warp blocks, at least 2 groups a split
+    where the slices allow it."""
+    slices = ceil_div(m, LANES)
+    return int(max(1, min(round(TARGET_BLOCKS / slices), max(1, max_groups // 2), 4096)))
+
+
+class DeltaRows(SparseFormat):
+    """An ``[M, K]`` fp16/bf16 weight as rows of (16-bit value, 4-bit column step) entries, 32 rows a warp.
+
+    Built for the N = 1 product (decode at batch 1): a lane walks one row and keeps its sum in a register.  ``K`` must
+    be below 65536.  The split count (``splits``) is fixed when encoding; :meth:`resplit` re-encodes.
+    """
+
+    FORMAT_NAME = "flash_llm.delta_rows"
+    FORMAT_VERSION = 1
+    READ_VERSIONS = (1,)
+    TILE_ROWS = LANES
+    _UNIT_WORDS = GROUP_WORDS
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None, splits: int | None = None
+                   ) -> "DeltaRows":
+        """Compress a dense ``[M, K]`` weight (zeros, including -0.0, are dropped), on ``w``'s device.
+
+        ``splits``: the K-splits of the N = 1 kernel (default: :func:`default_splits`, raised until every split's
+        X window fits :data:`WINDOW_MAX` columns where possible)."""
+        w = check_dense_weight(w, dtype)
+        m, k = w.shape
+        if k >= MAX_K:
+            raise ValueError(f"w has K = {k} columns; DeltaRows stores 16-bit columns (K < {MAX_K})")
+        if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
+            raise ValueError(f"splits must be a positive int, got {splits!r}")
+        vals, steps, groups, perm, nnz, ent = _streams(w)
+        colpos = torch.cumsum(steps.to(torch.int32), 1)
+        gmax = int(groups.max())
+        s = splits or default_splits(m, gmax)
+        start, win = _windows(colpos, groups, s, ent)
+        while splits is None and s < max(1, gmax) and int(win[..., 1].max()) > WINDOW_MAX:
+            s = min(max(1, gmax), ceil_div(s * 3, 2))
+            start, win = _windows(colpos, groups, s, ent)
+        return cls._pack(vals, steps, groups, perm, start, win, (m, k), w.dtype, nnz)
+
+    @classmethod
+    def _pack(cls, vals, steps, groups, perm, start, win, shape, dtype, nnz) -> "DeltaRows":
+        slices = groups.numel()
+        dev = vals.device
+        gmax = vals.shape[1] // GROUP
+        v = vals.view(slices, LANES, gmax, GROUP).permute(0, 2, 1, 3).reshape(slices, gmax, LANES * GROUP)
+        v = v.contiguous().view(torch.int32)  # [slices, G, 128]
+        sh = 4 * torch.arange(GROUP, device=dev, dtype=torch.int64)
+        d = (steps.view(slices, LANES, gmax, GROUP).to(torch.int64) << sh).sum(3)  # [slices, 32, G]
+        d = torch.where(d >= 1 << 31, d - (1 << 32), d).to(torch.int32).permute(0, 2, 1)  # [slices, G, 32]
+        full = torch.cat([v, d], 2)
+        keep = torch.arange(gmax, device=dev)[None, :] < groups[:, None]
+        data = full[keep].reshape(-1).contiguous()
+        goff = torch.zeros(slices + 1, dtype=torch.int64, device=dev)
+        goff[1:] = torch.cumsum(groups, 0)
+        st = start.to(torch.int32).to(torch.int16).reshape(-1).view(torch.int32)
+        offsets = torch.cat([goff.to(torch.int32), win.to(torch.int32).reshape(-1), st, perm.to(torch.int32)])
+        return cls._from_parts({"data": data, "offsets": offsets.contiguous()}, shape, dtype, nnz)
+
+    @classmethod
+    def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "DeltaRows":
+        """The all-zero ``[m, k]`` weight (one split, no groups), built without a dense matrix (``device="meta"``
+        allocates nothing)."""
+        if k >= MAX_K:
+            raise ValueError(f"K = {k} does not fit DeltaRows' 16-bit columns (K < {MAX_K})")
+        slices = ceil_div(m, LANES)
+        mp = slices * LANES
+        win = torch.zeros(slices, 2, dtype=torch.int32, device=device)
+        win[:, 1] = 8
+        perm = torch.full((mp,), -1, dtype=torch.int32, device=device)
+        perm[:m] = torch.arange(m, dtype=torch.int32, device=device)
+        offsets = torch.cat([torch.zeros(slices + 1, dtype=torch.int32, device=device), win.reshape(-1),
+                             torch.zeros(16 * slices, dtype=torch.int32, device=device), perm])
+        return cls._from_parts({"data": torch.zeros(0, dtype=torch.int32, device=device), "offsets": offsets},
+                               (m, k), dtype, 0)
+
+    # ---- structure ----------------------------------------------------------------------------------------
+    @property
+    def splits(self) -> int:
+        return _sections(self.shape[0], self.offsets.numel())[2]
+
+    def resplit(self, splits: int) -> "DeltaRows":
+        """The same weight encoded for ``splits`` K-splits."""
+        return type(self).from_dense(self.to_dense(), splits=splits)
+
+    def _parts(self):
+        """(goff int64, win [slices, S, 2], starts [slices, S, 32] int64, perm int64)."""
+        m = self.shape[0]
+        slices, mp, s = _sections(m, self.offsets.numel())
+        return _split_offsets(self.offsets, slices, mp, s)
+
+    def entries(self):
+        """Every stored entry: ``(rank, value bits int16, column int64)`` in storage order (pads and escapes
+        included), each column from its split's start."""
+        return _entries(self.data, self.offsets, self.shape[0])
+
+    def to_dense(self) -> torch.Tensor:
+        m, k = self.shape
+        rank, vals, cols = self.entries()
+        perm = self._parts()[3]
+        row = perm[rank]
+        keep = (vals.view(self.dtype) != 0) & (row >= 0)
+        out = torch.zeros(m * k, dtype=torch.int16, device=self.data.device)
+        out[row[keep] * k + cols[keep]] = vals[keep]
+        return out.view(m, k).view(self.dtype)
+
+    # ---- merging and slicing: through the dense weight (row order and splits are per weight) ------------------
+    def slice(self, rows=None, cols=None) -> "DeltaRows":
+        m, k = self.shape
+        r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
+        c0, c1 = (0, k) if cols is None else (int(cols[0]), int(cols[1]))
+        if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= k):
+            raise ValueError(f"slice rows {r0}:{r1}, cols {c0}:{c1} is empty or outside the {m}x{k} matrix")
+        if (r0, r1, c0, c1) == (0, m, 0, k):
+            return self
+        return type(self).from_dense(self.to_dense()[r0:r1, c0:c1].contiguous())
+
+    @classmethod
+    def concat(cls, parts) -> "DeltaRows":
+        parts = list(parts)
+        if not parts:
+            raise ValueError("parts is empty: nothing to concatenate")
+        first = parts[0]
+        for i, p in enumerate(parts):
+            if type(p) is not cls:
+                raise TypeError(f"parts[{i}] is a {type(p).__name__}; expected {cls.__name__}")
+            if (p.shape[1], p.dtype, p.device) != (first.shape[1], first.dtype, first.device):
+                raise ValueError(f"parts[{i}] is {p.shape[0]}x{p.shape[1]} {p.dtype} on {p.device}; parts[0] is "
+                                 f"{first.shape[0]}x{first.shape[1]} {first.dtype} on {first.device} (K, dtype "
+                                 "and device must agree)")
+        if len(parts) == 1:
+            return first
+        return cls.from_dense(torch.cat([p.to_dense() for p in parts]))
+
+    # ---- validation --------------------------------------------------------------------------------------
+    @classmethod
+    def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
+        m, k = shape
+        data, offsets = arrays["data"], arrays["offsets"]
+        label = prefix[:-1] if prefix.endswith(".") else (prefix or "weight")
+        if k >= MAX_K:
+            raise FormatError(f"{where}'{label}': K = {k} does not fit DeltaRows' 16-bit columns")
+        slices, mp, s = _sections(m, offsets.numel())
+        if s < 1:
+            raise FormatError(f"{where}tensor '{prefix}offsets' has {offsets.numel()} words, which is not "
+                              f"{slices + 1} + 18 x {slices} x S + {mp} for any split count S >= 1")
+        goff, win, starts, perm = _split_offsets(offsets, slices, mp, s)
+        if int(goff[0]) != 0 or bool((goff[1:] < goff[:-1]).any()):
+            raise FormatError(f"{where}'{label}': the slices' group offsets do not start at 0 and rise")
+        if int(goff[-1]) * GROUP_WORDS != data.numel():
+            raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words; the offsets describe "
+                              f"{int(goff[-1])} groups of {GROUP_WORDS}")
+        valid = perm[perm >= 0]
+        if bool((perm < -1).any()) or bool((perm >= m).any()) or valid.numel() != m or \
+                bool((torch.bincount(valid, minlength=m) != 1).any()):
+            raise FormatError(f"{where}'{label}': the row order is not a permutation of the {m} rows")
+        a0, w = win[..., 0], win[..., 1]
+        if bool(((a0 % 8) != 0).any()) or bool(((w % 8) != 0).any()) or bool((a0 < 0).any()) or \
+                bool((w < 8).any()) or bool((a0 + w > ceil_div(k, 8) * 8).any()):
+            raise FormatError(f"{where}'{label}': a split's column window is not 8-aligned inside the {k} columns")
+        rank, vals, cols = _entries(data, offsets, m)
+        g = torch.arange(data.numel() // GROUP_WORDS, device=data.device).repeat_interleave(LANES * GROUP)
+        slice_of = torch.searchsorted(goff, g, right=True) - 1
+        gsize = goff[slice_of + 1] - goff[slice_of]
+        split = ((g - goff[slice_of] + 1) * s - 1) // gsize.clamp(min=1)
+        lo, width = a0[slice_of, split], w[slice_of, split]
+        if bool(((cols < lo) | (cols >= lo + width) | (cols >= k)).any()):
+            raise FormatError(f"{where}'{label}': an entry's column leaves its split's window or the matrix")
+        nz = (vals != 0) & (vals != -32768)  # any bit pattern but +-0.0 (fp16 and bf16 alike)
+        if bool((nz & (perm[rank] < 0)).any()):
+            raise FormatError(f"{where}'{label}': a padding rank holds a nonzero value")
+        # nonzeros of a rank: strictly rising columns in stream order (no element twice)
+        rr, order = torch.sort(rank[nz], stable=True)  # a rank's entries are stored in its stream's order
+        cc = cols[nz][order]
+        if rr.numel() > 1 and bool(((rr[1:] == rr[:-1]) & (cc[1:] <= cc[:-1])).any()):
+            raise FormatError(f"{where}'{label}': a row holds one column twice or out of order")
+        return int(nz.sum())
+
+
+def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
+    o = offsets.to(torch.int64)
+    goff = o[: slices + 1]
+    win = o[slices + 1: slices + 1 + 2 * slices * s].view(slices, s, 2)
+    st32 = offsets[slices + 1 + 2 * slices * s: slices + 1 + 18 * slices * s].contiguous()
+    starts = st32.view(torch.int16).to(torch.int64).view(slices, s, LANES) & 0xFFFF
+    perm = o[slices + 1 + 18 * slices * s:]
+    return goff, win, starts, perm
+
+
+def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int):
+    """(rank, value bits, column) of every stored entry in storage order, columns from each split's start."""
+    slices, mp, s = _sections(m, offsets.numel())
+    goff, win, starts, perm = _split_offsets(offsets, slices, mp, s)
+    dev = data.device
+    ng = data.numel() // GROUP_WORDS
+    grp = data.view(ng, GROUP_WORDS)
+    vals = grp[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(ng, LANES, GROUP)
+    sw = grp[:, LANES * GROUP // 2:].to(torch.int64) & 0xFFFFFFFF  # [ng, 32]
+    steps = (sw[:, :, None] >> (4 * torch.arange(GROUP, device=dev))) & 15  # [ng, 32, 8]
+    g = torch.arange(ng, device=dev)
+    sl = torch.searchsorted(goff, g, right=True) - 1  # each group's slice
+    gs = goff[sl + 1] - goff[sl]
+    gi = g - goff[sl]
+    split = ((gi + 1) * s - 1) // gs.clamp(min=1)
+    g0 = (split * gs) // s  # the split's first group
+    lane = torch.arange(LANES, device=dev)
+    k8 = torch.arange(GROUP, device=dev)
+    # a segmented cumsum over (slice, lane, group, entry): keys give each entry its place in that order
+    key = (goff[sl] * LANES * GROUP)[:, None, None] + (lane[None, :] * gs[:, None] * GROUP)[:, :, None] \
+        + (gi * GROUP)[:, None, None] + k8[None, None, :]
+    seg = (goff[sl] * LANES * GROUP)[:, None, None] + (lane[None, :] * gs[:, None] * GROUP)[:, :, None] \
+        + (g0 * GROUP)[:, None, None] + torch.zeros_like(k8)[None, None, :]
+    total = ng * LANES * GROUP
+    seq = torch.zeros(total, dtype=torch.int64, device=dev)
+    seq[key.reshape(-1)] = steps.reshape(-1)
+    cs = torch.cumsum(seq, 0)
+    seg = seg.reshape(-1)
+    before = cs[seg] - seq[seg]  # the sum up to the split's first entry of the lane
+    st = starts[sl[:, None].expand(ng, LANES), split[:, None].expand(ng, LANES), lane[None, :].expand(ng, LANES)]
+    cols = st[:, :, None].expand(ng, LANES, GROUP).reshape(-1) + cs[key.reshape(-1)] - before
+    rank = (sl[:, None] * LANES + lane[None, :])[:, :, None].expand(ng, LANES, GROUP).reshape(-1)
+    return rank, vals.reshape(-1), cols

@@ -1,0 +1,179 @@
+"""DeltaRows beyond the generic format tests (which run it through test_formats.py / test_serialization.py): split
+counts and windows, refusal of what it cannot store, validation of damaged arrays, slicing and merging, the CPU
+product, and its use through SparseLinear / sparsify_."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm import DeltaRows, FormatError
+from flash_llm.formats import delta_rows as D
+
+
+def _w(m, k, density, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, k, generator=g)
+    return torch.where(torch.rand(m, k, generator=g) < density, w, 0.0).to(dtype)
+
+
+def _windows_ok(c: DeltaRows) -> None:
+    """Every entry's column lies in its split's window (what the kernel's shared-memory X relies on)."""
+    DeltaRows._validate(c.tensors(), c.shape, "", "")
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, 64, 300])
+def test_explicit_split_counts_round_trip(splits):
+    w = _w(100, 512, 0.3)
+    c = DeltaRows.from_dense(w, splits=splits)
+    assert c.splits == splits
+    assert torch.equal(c.to_dense(), w)
+    _windows_ok(c)
+    r = c.resplit(3)
+    assert r.splits == 3 and torch.equal(r.to_dense(), w)
+
+
+def test_default_split_count_aims_at_the_block_target():
+    w = _w(4096, 1024, 0.2)
+    c = DeltaRows.from_dense(w)
+    slices = 4096 // 32
+    assert c.splits == D.default_splits(4096, int(((c.offsets[1:slices + 1] - c.offsets[:slices]).max())))
+    assert c.splits * slices <= 2 * D.TARGET_BLOCKS
+
+
+def test_windows_are_narrowed_by_more_splits_when_they_can_be():
+    w = _w(64, 16384, 0.2, seed=3)  # 2 slices: few splits by the block target, windows of thousands of columns
+    c = DeltaRows.from_dense(w)
+    win = c._parts()[1]
+    assert int(win[..., 1].max()) <= D.WINDOW_MAX
+    assert torch.equal(c.to_dense(), w)
+
+
+def test_rows_far_apart_keep_a_wide_window_and_stay_exact():
+    """Rows of one slice whose nonzeros lie at opposite ends of K: no split count narrows the window below
+    WINDOW_MAX (the kernel then reads X from global memory); the weight is still stored exactly."""
+    k = 8192
+    w = torch.zeros(32, k, dtype=torch.float16)
+    g = torch.Generator().manual_seed(1)
+    for r in range(32):
+        cols = torch.randperm(1024, generator=g)[:200] + (0 if r < 16 else k - 1024)
+        w[r, cols] = torch.randn(200, generator=g).half()
+    c = DeltaRows.from_dense(w)
+    assert int(c._parts()[1][..., 1].max()) > D.WINDOW_MAX
+    assert torch.equal(c.to_dense(), w)
+    x = torch.randn(3, k).half()
+    torch.testing.assert_close(flash_llm.spmm(x, c), torch.nn.functional.linear(x.float(), w.float()).half(),
+                               atol=2e-2, rtol=2e-3)
+
+
+def test_what_it_cannot_store_is_refused():
+    with pytest.raises(ValueError, match="K = 65536"):
+        DeltaRows.from_dense(torch.zeros(2, 65536, dtype=torch.float16))
+    with pytest.raises(ValueError, match="splits"):
+        DeltaRows.from_dense(torch.ones(2, 8, dtype=torch.float16), splits=0)
+    with pytest.raises(ValueError, match="splits"):
+        DeltaRows.from_dense(torch.ones(2, 8, dtype=torch.float16), splits=True)
+
+
+def test_largest_k_that_fits():
+    w = torch.zeros(3, 65535, dtype=torch.bfloat16)
+    w[0, 65534] = 1.0
+    w[2, 0] = -3.0
+    w[1, 40000] = 0.5
+    c = DeltaRows.from_dense(w)
+    assert torch.equal(c.to_dense(), w)
+
+
+def _damaged(c: DeltaRows, what: str) -> dict:
+    data, off = c.data.clone(), c.offsets.clone()
+    slices, mp, s = D._sections(c.shape[0], off.numel())
+    win0 = slices + 1
+    st0 = win0 + 2 * slices * s
+    perm0 = st0 + 16 * slices * s
+    if what == "window":  # split 0 of slice 0 shrunk to 8 columns
+        off[win0 + 1] = 8
+    elif what == "window-unaligned":
+        off[win0] = 3
+    elif what == "start":  # a lane's start far outside its window
+        off[st0 + 3] = 0x7FFF7FFF
+    elif what == "perm-duplicate":
+        off[perm0 + 1] = off[perm0]
+    elif what == "perm-range":
+        off[perm0] = c.shape[0]
+    elif what == "pad-rank-nonzero":  # a value in the last lane (a padding rank) of the last slice's first group
+        data[int(off[slices - 1]) * D.GROUP_WORDS + 4 * 31] = 0x3C00
+    elif what == "repeated-column":  # lane 0's second entry steps 0 onto the first's column with a value
+        data[0] = 0x3C003C00
+        data[128] = data[128] & ~0xF0
+    elif what == "goff":
+        off[0] = 1
+    elif what == "length":
+        off = off[:-1]
+    return {"data": data, "offsets": off}
+
+
+@pytest.mark.parametrize("what", ["window", "window-unaligned", "start", "perm-duplicate", "perm-range",
+                                  "pad-rank-nonzero", "repeated-column", "goff", "length"])
+def test_damaged_arrays_are_refused(what):
+    w = _w(40, 256, 0.4, seed=5)
+    c = DeltaRows.from_dense(w, splits=2)
+    with pytest.raises(FormatError):
+        DeltaRows._validate(_damaged(c, what), c.shape, "", "")
+
+
+def test_damaged_file_is_refused(tmp_path):
+    c = DeltaRows.from_dense(_w(40, 256, 0.4, seed=6), splits=2)
+    tensors, meta = c.state()
+    bad = _damaged(c, "window")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "w.safetensors"), metadata=meta)
+    with pytest.raises(FormatError, match="window"):
+        flash_llm.load(tmp_path / "w.safetensors")
+
+
+def test_slice_and_concat_match_the_dense_weight():
+    w = _w(150, 320, 0.3, seed=7)
+    c = DeltaRows.from_dense(w)
+    for rows, cols in (((0, 150), (0, 320)), ((10, 97), (0, 320)), ((0, 64), (64, 200)), ((149, 150), (5, 6))):
+        s = c.slice(rows, cols)
+        assert torch.equal(s.to_dense(), w[rows[0]:rows[1], cols[0]:cols[1]])
+    parts = [DeltaRows.from_dense(w[:70]), DeltaRows.from_dense(w[70:])]
+    assert torch.equal(DeltaRows.concat(parts).to_dense(), w)
+    with pytest.raises(TypeError, match="DeltaRows"):
+        DeltaRows.concat([parts[0], flash_llm.TiledCSL.from_dense(w[70:])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_product_and_sparse_linear(dtype):
+    w = _w(96, 200, 0.25, dtype, seed=8)
+    bias = torch.randn(96).to(dtype)
+    x = torch.randn(5, 200).to(dtype)
+    ref = (x.float() @ w.float().t() + bias.float()).to(dtype)
+    assert torch.equal(flash_llm.spmm(x, DeltaRows.from_dense(w), bias), ref)
+    layer = flash_llm.SparseLinear.from_dense(w, bias, fmt="delta-rows")
+    assert isinstance(layer.weight, DeltaRows) and "DeltaRows" in repr(layer)
+    assert torch.equal(layer(x), ref)
+
+
+def test_sparsify_to_delta_rows():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32)).half()
+    with torch.no_grad():
+        for lin in (model[0], model[2]):
+            lin.weight.mul_(torch.rand_like(lin.weight.float()).lt(0.3).half())
+    x = torch.randn(4, 64).half()
+    want = model(x)
+    report = flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format="delta-rows"))
+    assert len(report.converted) == 2 and isinstance(model[0].weight, DeltaRows)
+    torch.testing.assert_close(model(x), want, atol=2e-3, rtol=2e-3)
+
+
+def test_synthetic_formula_is_close_to_the_stored_bytes():
+    from flash_llm.models.synthetic import delta_rows_formula_bytes
+
+    for density in (0.2, 0.3, 0.5):
+        w = _w(1024, 1024, density, seed=9)
+        c = DeltaRows.from_dense(w)
+        ratio = c.nbytes / delta_rows_formula_bytes(1024, 1024, c.nnz)
+        assert abs(ratio - 1) < 0.03, (density, ratio)

@@ -1,0 +1,145 @@
+"""DeltaRows on a CUDA GPU: its N = 1 kernel (shared-memory and global X paths, bias, the residual add, every split
+count), the expansion above one token, its decode kernel, CUDA graphs with the programmatic launch, and the engine.
+Fresh random inputs, outputs poisoned with NaN, tolerance from PyTorch's own error (test_kernels_gpu.check).
+Skipped cleanly where there is no CUDA GPU."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm import DeltaRows
+from flash_llm.formats import delta_rows as D
+from flash_llm.reference import FORMAT_IDS
+from test_kernels_gpu import DTYPES, SHAPES, check, run_kernel, sparse_weight
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, cuda]
+
+
+def _kernels():
+    from flash_llm import kernels
+
+    return kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(4096, 4096), (300, 14336)], ids=str)
+def test_delta_rows_shapes_densities_and_n(dtype, shape):
+    gen = torch.Generator(device="cuda").manual_seed(hash((str(dtype), shape)) % 2**31)
+    m, k = shape
+    for density in (0.0, 0.01, 0.2, 0.5, 0.95, 1.0):
+        w_dense = sparse_weight(m, k, density, dtype, gen)
+        w = DeltaRows.from_dense(w_dense)
+        for n in (1, 2, 17):
+            x = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
+            bias = torch.randn(m, generator=gen, device="cuda").to(dtype) if density != 0.5 else None
+            check(run_kernel(x, w, bias), x, w_dense, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_delta_rows_every_split_count(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    w_dense = sparse_weight(200, 2048, 0.2, dtype, gen)
+    x = torch.randn(1, 2048, generator=gen, device="cuda").to(dtype)
+    for s in (1, 2, 3, 16, 64, 200):
+        check(run_kernel(x, DeltaRows.from_dense(w_dense, splits=s), None), x, w_dense, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("unaligned", [False, True], ids=["aligned", "x-offset"])
+def test_delta_rows_wide_windows_and_unaligned_x_read_x_from_global_memory(dtype, unaligned):
+    """Rows of a slice at opposite ends of K (a window wider than the shared-memory X), and X not 16-byte aligned:
+    both take the kernel's global-memory path."""
+    k = 8192
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    w_dense = torch.zeros(64, k, dtype=dtype, device="cuda")
+    for r in range(64):
+        cols = torch.randperm(1024, generator=gen, device="cuda")[:200] + (0 if r % 32 < 16 else k - 1024)
+        w_dense[r, cols] = torch.randn(200, generator=gen, device="cuda").to(dtype)
+    w = DeltaRows.from_dense(w_dense)
+    assert int(w._parts()[1][..., 1].max()) > D.WINDOW_MAX
+    buf = torch.randn(k + 1, generator=gen, device="cuda").to(dtype)
+    x = (buf[1:] if unaligned else buf[:k])[None]
+    bias = torch.randn(64, generator=gen, device="cuda").to(dtype)
+    check(run_kernel(x, w, bias), x, w_dense, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 3])
+def test_delta_rows_residual_add(dtype, n):
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    w_dense = sparse_weight(500, 1024, 0.2, dtype, gen)
+    w = DeltaRows.from_dense(w_dense)
+    x = torch.randn(n, 1024, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(500, generator=gen, device="cuda").to(dtype)
+    acc = torch.randn(n, 500, generator=gen, device="cuda").to(dtype)
+    want = acc.float() + torch.nn.functional.linear(x, w_dense, bias).float()
+    got = _kernels().spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[DeltaRows], 500, 1024, bias, add_to=acc.clone())
+    err = (got.float() - want).abs().max().item()
+    assert err <= 4 * {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype] * (1 + want.abs().max().item()), err
+
+
+def test_delta_rows_decode_kernel_is_exact():
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    for dtype in DTYPES:
+        for density in (0.0, 0.3, 1.0):
+            w_dense = sparse_weight(333, 520, density, dtype, gen)
+            w = DeltaRows.from_dense(w_dense)
+            got = _kernels().decode_dense(FORMAT_IDS[DeltaRows], w.data, w.offsets, 333, 520, dtype)
+            assert torch.equal(got.view(torch.int16), w.to_dense().view(torch.int16))
+
+
+def test_delta_rows_graph_under_static_weights_equals_eager():
+    """Captured with the programmatic launch (static_weights), replayed twice: the eager result's bits."""
+    gen = torch.Generator(device="cuda").manual_seed(15)
+    w_dense = sparse_weight(1024, 4096, 0.2, torch.float16, gen)
+    w = DeltaRows.from_dense(w_dense)
+    x = torch.randn(1, 4096, generator=gen, device="cuda").half()
+    eager = flash_llm.spmm(x, w)
+    check(eager, x, w_dense, None)
+    kernels = _kernels()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), kernels.static_weights():
+        flash_llm.spmm(x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with kernels.static_weights(), torch.cuda.graph(g):
+        out = flash_llm.spmm(x, w)
+    for _ in range(2):
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros():
+    from test_engine_gpu import ULP, _graph_vs_eager, _hf, _ours, _prompts
+
+    from flash_llm.engine import Engine
+    from flash_llm.prune import magnitude_prune_
+
+    dense = _ours(_hf("llama").cuda(), torch.float16)
+    magnitude_prune_(dense, 0.8, filter_fn=lambda m, fqn: fqn != "lm_head")
+    sparse = copy.deepcopy(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        report = flash_llm.sparsify_(sparse, flash_llm.SparsifyConfig(format="delta-rows"))
+    assert report.converted and all(isinstance(sparse.get_submodule(c.fqn).weight, DeltaRows)
+                                    for c in report.converted)
+    _graph_vs_eager(sparse, [1, 4, 1])
+    ref = copy.deepcopy(dense).float()
+    prompts = _prompts(4, 5)
+    outs = [Engine(m, max_batch=4, max_seq=64).generate(prompts, 3, output_logits=True).logits for m in
+            (ref, dense, sparse)]
+    err_dense = (outs[1][:, 0] - outs[0][:, 0]).abs().max().item()
+    err_sparse = (outs[2][:, 0] - outs[0][:, 0]).abs().max().item()
+    assert err_sparse <= 2 * err_dense + ULP[torch.float16] * outs[0][:, 0].abs().max().item()
