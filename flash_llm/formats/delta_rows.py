@@ -273,14 +273,17 @@ class DeltaRows(SparseFormat):
             raise FormatError(f"{where}'{label}': K = {k} does not fit DeltaRows' 16-bit columns")
         slices, mp, s = _sections(m, offsets.numel())
         if s < 1:
-            raise FormatError(f"{where}tensor '{prefix}offsets' has {offsets.numel()} words, which is not "
-                              f"{slices + 1} + 18 x {slices} x S + {mp} for any split count S >= 1")
+            raise FormatError(f"{where}tensor '{prefix}offsets' has {offsets.numel()} entries, which is not "
+                              f"{slices + 1} + 18 x {slices} x S + {mp} for any split count S >= 1 (a {m}x{k} "
+                              f"matrix has {slices} slices of 32 rows)")
         goff, win, starts, perm = _split_offsets(offsets, slices, mp, s)
         if int(goff[0]) != 0 or bool((goff[1:] < goff[:-1]).any()):
-            raise FormatError(f"{where}'{label}': the slices' group offsets do not start at 0 and rise")
+            raise FormatError(f"{where}tensor '{prefix}offsets': the slices' group offsets do not start at 0 and "
+                              "rise")
         if int(goff[-1]) * GROUP_WORDS != data.numel():
             raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words; the offsets describe "
-                              f"{int(goff[-1])} groups of {GROUP_WORDS}")
+                              f"{int(goff[-1]) * GROUP_WORDS} (truncated or inconsistent), {int(goff[-1])} groups "
+                              f"of {GROUP_WORDS}")
         valid = perm[perm >= 0]
         if bool((perm < -1).any()) or bool((perm >= m).any()) or valid.numel() != m or \
                 bool((torch.bincount(valid, minlength=m) != 1).any()):
@@ -296,7 +299,8 @@ class DeltaRows(SparseFormat):
         split = ((g - goff[slice_of] + 1) * s - 1) // gsize.clamp(min=1)
         lo, width = a0[slice_of, split], w[slice_of, split]
         if bool(((cols < lo) | (cols >= lo + width) | (cols >= k)).any()):
-            raise FormatError(f"{where}'{label}': an entry's column leaves its split's window or the matrix")
+            raise FormatError(f"{where}tensor '{prefix}data': an entry's column leaves its split's window or lies "
+                              f"outside the logical {m}x{k} matrix")
         nz = (vals != 0) & (vals != -32768)  # any bit pattern but +-0.0 (fp16 and bf16 alike)
         if bool((nz & (perm[rank] < 0)).any()):
             raise FormatError(f"{where}'{label}': a padding rank holds a nonzero value")
