@@ -177,3 +177,40 @@ def test_synthetic_formula_is_close_to_the_stored_bytes():
         c = DeltaRows.from_dense(w)
         ratio = c.nbytes / delta_rows_formula_bytes(1024, 1024, c.nnz)
         assert abs(ratio - 1) < 0.03, (density, ratio)
+
+
+def test_paired_halves_round_trip_and_validation():
+    w = _w(128, 300, 0.3, seed=10)
+    c = DeltaRows.from_dense(w, pair_halves=True)
+    assert c.paired and not DeltaRows.from_dense(w).paired
+    assert torch.equal(c.to_dense(), w)
+    perm = c._parts()[3]
+    assert torch.equal(perm[64:], perm[:64] + 64)  # rank r of the up half holds the up row of rank r's gate row
+    assert c.resplit(5).paired and c.resplit(5).splits == 5
+    assert DeltaRows.concat([DeltaRows.from_dense(w[:64]), DeltaRows.from_dense(w[64:])], pair_halves=True).paired
+    with pytest.raises(ValueError, match="pair_halves"):
+        DeltaRows.from_dense(_w(96, 64, 0.5), pair_halves=True)  # halves of 48 rows: not whole slices
+    bad = c.offsets.clone()
+    slices, mp, s = D._sections(128, bad.numel())
+    p0 = slices + 1 + 18 * slices * s
+    bad[p0 + 64], bad[p0 + 65] = bad[p0 + 65].clone(), bad[p0 + 64].clone()  # two up rows swapped: unpaired
+    with pytest.raises(FormatError, match="paired"):
+        DeltaRows._validate({"data": c.data, "offsets": bad}, c.shape, "", "")
+
+
+def test_merged_gate_up_is_paired():
+    from flash_llm.models import preset
+    from flash_llm.models._merge import merge_projections
+    from flash_llm.models.synthetic import build_synthetic
+
+    cfg = preset("llama-3-8b").replace(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4,
+                                       num_kv_heads=2, vocab_size=64, name="tiny")
+    model, _ = build_synthetic(cfg, 0.8, device="cpu", progress=False, fmt="delta-rows")
+    merge_projections(model)
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_up_proj.layer.weight.paired
+    assert not model.model.layers[0].self_attn.qkv_proj.layer.weight.paired
+    x = torch.randn(1, 128).half()
+    g, u = (x.float() @ mlp.gate_up_proj.layer.weight.to_dense().float().t()).half().chunk(2, -1)
+    want = (torch.nn.functional.silu(g.float()) * u.float()).half()
+    torch.testing.assert_close(flash_llm.ops.spmm_silu_mul(x, mlp.gate_up_proj.layer.weight), want)

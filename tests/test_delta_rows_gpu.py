@@ -15,7 +15,7 @@ import flash_llm
 from flash_llm import DeltaRows
 from flash_llm.formats import delta_rows as D
 from flash_llm.reference import FORMAT_IDS
-from test_kernels_gpu import DTYPES, SHAPES, check, run_kernel, sparse_weight
+from test_kernels_gpu import DTYPES, SHAPES, ULP, check, run_kernel, sparse_weight
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytestmark = [pytest.mark.gpu, cuda]
@@ -57,15 +57,15 @@ def test_delta_rows_wide_windows_and_unaligned_x_read_x_from_global_memory(dtype
     both take the kernel's global-memory path."""
     k = 8192
     gen = torch.Generator(device="cuda").manual_seed(12)
-    w_dense = torch.zeros(64, k, dtype=dtype, device="cuda")
-    for r in range(64):
-        cols = torch.randperm(1024, generator=gen, device="cuda")[:200] + (0 if r % 32 < 16 else k - 1024)
+    w_dense = torch.zeros(32, k, dtype=dtype, device="cuda")  # one slice: its rows share every split
+    for r in range(32):
+        cols = torch.randperm(1024, generator=gen, device="cuda")[:200] + (0 if r < 16 else k - 1024)
         w_dense[r, cols] = torch.randn(200, generator=gen, device="cuda").to(dtype)
     w = DeltaRows.from_dense(w_dense)
     assert int(w._parts()[1][..., 1].max()) > D.WINDOW_MAX
     buf = torch.randn(k + 1, generator=gen, device="cuda").to(dtype)
     x = (buf[1:] if unaligned else buf[:k])[None]
-    bias = torch.randn(64, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(32, generator=gen, device="cuda").to(dtype)
     check(run_kernel(x, w, bias), x, w_dense, bias)
 
 
@@ -82,6 +82,51 @@ def test_delta_rows_residual_add(dtype, n):
     got = _kernels().spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[DeltaRows], 500, 1024, bias, add_to=acc.clone())
     err = (got.float() - want).abs().max().item()
     assert err <= 4 * {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype] * (1 + want.abs().max().item()), err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k_in", [2048, 2056])  # 2056: K % 8 != 0, X read from global memory
+def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in):
+    """norm=(g, eps), act="silu_mul" (a weight with paired halves) and both, at N = 1 inside the kernel: within 4-8
+    ulp of the output's scale of the reference composition (RMSNorm in PyTorch, the product in float64, silu x up of
+    the rounded halves); outputs poisoned; the same bits on a second call (tickets reset).  An unpaired weight's
+    act and N = 2 run as separate operations, also checked."""
+    from flash_llm.reference import rms_norm, silu_mul_halves
+
+    k = _kernels()
+    gen = torch.Generator(device="cuda").manual_seed(k_in + 1)
+    m = 256
+    w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
+    paired = DeltaRows.from_dense(w_dense, pair_halves=True)
+    plain = DeltaRows.from_dense(w_dense)
+    assert paired.paired and not plain.paired
+    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    fid = FORMAT_IDS[DeltaRows]
+    for n in (1, 2):
+        x = (3 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
+        h = rms_norm(x, g, 1e-5)
+        ref = h.double() @ w_dense.double().t()
+        for w in (paired, plain):
+            out = torch.full((n, m), float("nan"), dtype=dtype, device="cuda")
+            got = k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, None, out=out, norm=(g, 1e-5))
+            assert not torch.isnan(got).any()
+            err = (got.double() - ref).abs().max().item()
+            assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (n, err)
+            assert torch.equal(k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, None, norm=(g, 1e-5)), got)
+            want = silu_mul_halves(ref.to(dtype))
+            for norm in ((g, 1e-5), None):
+                out = torch.full((n, m // 2), float("nan"), dtype=dtype, device="cuda")
+                act = k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, None, out=out, norm=norm, act="silu_mul")
+                expect = want if norm else silu_mul_halves((x.double() @ w_dense.double().t()).to(dtype))
+                assert not torch.isnan(act).any()
+                torch.testing.assert_close(act.float(), expect.float(), rtol=0,
+                                           atol=8 * ULP[dtype] * (1 + expect.float().abs().max().item()))
+                again = k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, None, norm=norm, act="silu_mul")
+                assert torch.equal(again, act)
+    assert k.epilogue_fusable(fid, paired.data, m, k_in, 1, dtype, paired.data.device, act="silu_mul", norm=True,
+                              offsets=paired.offsets)
+    assert not k.epilogue_fusable(fid, plain.data, m, k_in, 1, dtype, plain.data.device, act="silu_mul",
+                                  offsets=plain.offsets)
 
 
 def test_delta_rows_decode_kernel_is_exact():
@@ -136,10 +181,23 @@ def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros():
     assert report.converted and all(isinstance(sparse.get_submodule(c.fqn).weight, DeltaRows)
                                     for c in report.converted)
     _graph_vs_eager(sparse, [1, 4, 1])
+    merged = Engine(copy.deepcopy(sparse), max_batch=4, max_seq=64, merge=True)
+    layer = merged.model.model.layers[0]
+    assert layer.mlp.gate_up_proj.layer.weight.paired  # so the one-token layers run inside the kernels
+    x = torch.zeros(1, 1, dense.config.hidden_size, dtype=torch.float16, device="cuda")
+    with torch.no_grad():
+        assert layer.sparse_projections(x) is not None
     ref = copy.deepcopy(dense).float()
     prompts = _prompts(4, 5)
     outs = [Engine(m, max_batch=4, max_seq=64).generate(prompts, 3, output_logits=True).logits for m in
             (ref, dense, sparse)]
+    outs.append(merged.generate(prompts, 3, output_logits=True).logits)  # merged: the fused one-token layers
+    one = [Engine(m, max_batch=1, max_seq=64, merge=True).generate(prompts[:1], 3, output_logits=True).logits
+           for m in (copy.deepcopy(dense), copy.deepcopy(sparse))]
+    assert (one[1][:, 0] - one[0][:, 0]).abs().max().item() <= 16 * ULP[torch.float16] * (
+        1 + one[0][:, 0].abs().max().item())
     err_dense = (outs[1][:, 0] - outs[0][:, 0]).abs().max().item()
     err_sparse = (outs[2][:, 0] - outs[0][:, 0]).abs().max().item()
     assert err_sparse <= 2 * err_dense + ULP[torch.float16] * outs[0][:, 0].abs().max().item()
+    err_merged = (outs[3][:, 0] - outs[0][:, 0]).abs().max().item()
+    assert err_merged <= 2 * err_dense + ULP[torch.float16] * outs[0][:, 0].abs().max().item()

@@ -44,14 +44,25 @@ def _sections(m: int, n_off: int) -> tuple[int, int, int]:
     slices = ceil_div(m, LANES)
     mp = slices * LANES
     rest = n_off - (slices + 1) - mp
+    rest -= rest % (18 * slices) == 1  # a paired weight's last word (see paired_halves)
     if rest <= 0 or rest % (18 * slices):
         return slices, mp, 0
     return slices, mp, rest // (18 * slices)
 
 
-def _streams(w: torch.Tensor):
+def paired_halves(m: int, n_off: int) -> bool:
+    """Whether a DeltaRows weight of ``m`` rows whose ``offsets`` has ``n_off`` words pairs its halves: rank ``r`` of
+    the second half holds row ``perm[r] + m / 2`` (the up row of a merged gate / up weight beside its gate row), so
+    its offsets end with one more word, ``m / 2``.  From sizes alone (no device sync)."""
+    slices = ceil_div(m, LANES)
+    rest = n_off - (slices + 1) - slices * LANES
+    return rest > 0 and rest % (18 * slices) == 1
+
+
+def _streams(w: torch.Tensor, pair: bool = False):
     """Each rank's stream: values int16 ``[Mp, L]``, steps uint8 ``[Mp, L]`` (``L`` = 8 x the most groups of a slice),
-    groups per slice int64 ``[slices]`` and perm int64 ``[Mp]``."""
+    groups per slice int64 ``[slices]`` and perm int64 ``[Mp]``.  ``pair``: rows ``r`` and ``r + M / 2`` ranked
+    together (by their summed entries), the second half's ranks ``M / 2`` after the first's."""
     m, k = w.shape
     dev = w.device
     bits = w.view(torch.int16)
@@ -67,7 +78,12 @@ def _streams(w: torch.Tensor):
     esc = torch.where(gap > MAX_STEP, torch.div(gap - 1, MAX_STEP, rounding_mode="floor"), torch.zeros_like(gap))
     span = esc + 1
     ent = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, rows, span)
-    perm = torch.sort(ent, descending=True, stable=True).indices
+    if pair:
+        h = m // 2
+        half = torch.sort(ent[:h] + ent[h:], descending=True, stable=True).indices
+        perm = torch.cat([half, half + h])
+    else:
+        perm = torch.sort(ent, descending=True, stable=True).indices
     slices = ceil_div(m, LANES)
     mp = slices * LANES
     rank = torch.empty(m, dtype=torch.int64, device=dev)
@@ -147,19 +163,23 @@ class DeltaRows(SparseFormat):
     _UNIT_WORDS = GROUP_WORDS
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None, splits: int | None = None
-                   ) -> "DeltaRows":
+    def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None, splits: int | None = None,
+                   pair_halves: bool = False) -> "DeltaRows":
         """Compress a dense ``[M, K]`` weight (zeros, including -0.0, are dropped), on ``w``'s device.
 
         ``splits``: the K-splits of the N = 1 kernel (default: :func:`default_splits`, raised until every split's
-        X window fits :data:`WINDOW_MAX` columns where possible)."""
+        X window fits :data:`WINDOW_MAX` columns where possible).  ``pair_halves``: a merged gate / up weight (``M / 2``
+        a multiple of 32), its rows ``r`` and ``r + M / 2`` kept in matching lanes, so the kernel can apply
+        ``silu(gate) * up`` (:func:`paired_halves`)."""
         w = check_dense_weight(w, dtype)
         m, k = w.shape
         if k >= MAX_K:
             raise ValueError(f"w has K = {k} columns; DeltaRows stores 16-bit columns (K < {MAX_K})")
         if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
             raise ValueError(f"splits must be a positive int, got {splits!r}")
-        vals, steps, groups, perm, nnz, ent = _streams(w)
+        if pair_halves and (m % (2 * LANES)):
+            raise ValueError(f"pair_halves needs M a multiple of {2 * LANES} (two halves of whole slices), got {m}")
+        vals, steps, groups, perm, nnz, ent = _streams(w, pair_halves)
         colpos = torch.cumsum(steps.to(torch.int32), 1)
         gmax = int(groups.max())
         s = splits or default_splits(m, gmax)
@@ -167,10 +187,10 @@ class DeltaRows(SparseFormat):
         while splits is None and s < max(1, gmax) and int(win[..., 1].max()) > WINDOW_MAX:
             s = min(max(1, gmax), ceil_div(s * 3, 2))
             start, win = _windows(colpos, groups, s, ent)
-        return cls._pack(vals, steps, groups, perm, start, win, (m, k), w.dtype, nnz)
+        return cls._pack(vals, steps, groups, perm, start, win, (m, k), w.dtype, nnz, pair_halves)
 
     @classmethod
-    def _pack(cls, vals, steps, groups, perm, start, win, shape, dtype, nnz) -> "DeltaRows":
+    def _pack(cls, vals, steps, groups, perm, start, win, shape, dtype, nnz, pair=False) -> "DeltaRows":
         slices = groups.numel()
         dev = vals.device
         gmax = vals.shape[1] // GROUP
@@ -185,7 +205,8 @@ class DeltaRows(SparseFormat):
         goff = torch.zeros(slices + 1, dtype=torch.int64, device=dev)
         goff[1:] = torch.cumsum(groups, 0)
         st = start.to(torch.int32).to(torch.int16).reshape(-1).view(torch.int32)
-        offsets = torch.cat([goff.to(torch.int32), win.to(torch.int32).reshape(-1), st, perm.to(torch.int32)])
+        tail = [torch.tensor([shape[0] // 2], dtype=torch.int32, device=dev)] if pair else []
+        offsets = torch.cat([goff.to(torch.int32), win.to(torch.int32).reshape(-1), st, perm.to(torch.int32)] + tail)
         return cls._from_parts({"data": data, "offsets": offsets.contiguous()}, shape, dtype, nnz)
 
     @classmethod
@@ -210,9 +231,14 @@ class DeltaRows(SparseFormat):
     def splits(self) -> int:
         return _sections(self.shape[0], self.offsets.numel())[2]
 
+    @property
+    def paired(self) -> bool:
+        """Whether the halves are paired (:func:`paired_halves`)."""
+        return paired_halves(self.shape[0], self.offsets.numel())
+
     def resplit(self, splits: int) -> "DeltaRows":
         """The same weight encoded for ``splits`` K-splits."""
-        return type(self).from_dense(self.to_dense(), splits=splits)
+        return type(self).from_dense(self.to_dense(), splits=splits, pair_halves=self.paired)
 
     def _parts(self):
         """(goff int64, win [slices, S, 2], starts [slices, S, 32] int64, perm int64)."""
@@ -247,7 +273,9 @@ class DeltaRows(SparseFormat):
         return type(self).from_dense(self.to_dense()[r0:r1, c0:c1].contiguous())
 
     @classmethod
-    def concat(cls, parts) -> "DeltaRows":
+    def concat(cls, parts, pair_halves: bool = False) -> "DeltaRows":
+        """The parts stacked along M (through the dense weight).  ``pair_halves`` (two parts of equal rows, a
+        multiple of 32 each): encoded with paired halves, for ``silu(gate) * up`` inside the kernel."""
         parts = list(parts)
         if not parts:
             raise ValueError("parts is empty: nothing to concatenate")
@@ -259,9 +287,11 @@ class DeltaRows(SparseFormat):
                 raise ValueError(f"parts[{i}] is {p.shape[0]}x{p.shape[1]} {p.dtype} on {p.device}; parts[0] is "
                                  f"{first.shape[0]}x{first.shape[1]} {first.dtype} on {first.device} (K, dtype "
                                  "and device must agree)")
-        if len(parts) == 1:
+        pair = pair_halves and len(parts) == 2 and parts[0].shape[0] == parts[1].shape[0] \
+            and parts[0].shape[0] % LANES == 0
+        if len(parts) == 1 and not pair:
             return first
-        return cls.from_dense(torch.cat([p.to_dense() for p in parts]))
+        return cls.from_dense(torch.cat([p.to_dense() for p in parts]), pair_halves=pair)
 
     # ---- validation --------------------------------------------------------------------------------------
     @classmethod
@@ -288,6 +318,11 @@ class DeltaRows(SparseFormat):
         if bool((perm < -1).any()) or bool((perm >= m).any()) or valid.numel() != m or \
                 bool((torch.bincount(valid, minlength=m) != 1).any()):
             raise FormatError(f"{where}'{label}': the row order is not a permutation of the {m} rows")
+        if paired_halves(m, offsets.numel()):
+            h = m // 2
+            if m % (2 * LANES) or int(offsets[-1]) != h or not torch.equal(perm[mp // 2:], perm[: mp // 2] + h):
+                raise FormatError(f"{where}tensor '{prefix}offsets': the paired halves' row order does not pair row "
+                                  f"r with row r + {h}")
         a0, w = win[..., 0], win[..., 1]
         if bool(((a0 % 8) != 0).any()) or bool(((w % 8) != 0).any()) or bool((a0 < 0).any()) or \
                 bool((w < 8).any()) or bool((a0 + w > ceil_div(k, 8) * 8).any()):
@@ -318,7 +353,7 @@ def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
     win = o[slices + 1: slices + 1 + 2 * slices * s].view(slices, s, 2)
     st32 = offsets[slices + 1 + 2 * slices * s: slices + 1 + 18 * slices * s].contiguous()
     starts = st32.view(torch.int16).to(torch.int64).view(slices, s, LANES) & 0xFFFF
-    perm = o[slices + 1 + 18 * slices * s:]
+    perm = o[slices + 1 + 18 * slices * s: slices + 1 + 18 * slices * s + mp]
     return goff, win, starts, perm
 
 

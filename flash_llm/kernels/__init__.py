@@ -501,14 +501,20 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     return out
 
 
+_DR_RESID, _DR_RMS, _DR_SILU = 1, 2, 4  # spmm.cu: DR_RESID, DR_RMS, DR_SILU
+
+
 def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> torch.Tensor:
-    """:func:`spmm_cuda` for a DeltaRows weight: the one-row-per-lane kernel at N = 1 (with the bias and ``add_to``
-    inside), else the expansion and cuBLAS; ``act`` and ``norm`` as separate operations."""
-    from ..formats.delta_rows import _sections
+    """:func:`spmm_cuda` for a DeltaRows weight: the one-row-per-lane kernel at N = 1, with the bias, ``add_to``,
+    ``norm`` and (for a weight with paired halves) ``act`` inside; else the expansion and cuBLAS, ``act`` and ``norm``
+    as separate operations."""
+    from ..formats.delta_rows import _sections, paired_halves
 
     n = x.shape[0]
     dev = x.device
-    if act is not None or norm is not None or n != 1:
+    fused = n == 1 and (act is None or paired_halves(m, offsets.numel())) and (
+        norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0))
+    if not fused:
         if act is not None or norm is not None:
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
         if n == 0:
@@ -517,15 +523,18 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
         return add_to.add_(y) if add_to is not None else y
     x = x.contiguous()
     slices, mp, s = _sections(m, offsets.numel())
-    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
+    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (norm is None or norm[0].data_ptr() % 16 == 0))
     stream = torch.cuda.current_stream(dev).cuda_stream
-    y = add_to if add_to is not None else torch.empty(1, m, dtype=x.dtype, device=dev) if out is None else out
-    ws = torch.empty(s * mp, dtype=torch.float32, device=dev)
+    m_out = m // 2 if act else m
+    y = add_to if add_to is not None else torch.empty(1, m_out, dtype=x.dtype, device=dev) if out is None else out
+    ws = torch.empty(s * mp + slices * s, dtype=torch.float32, device=dev)
     tickets = _scratch.get_tickets(dev, stream, slices)
+    mode = (_DR_RESID if add_to is not None else 0) | (_DR_RMS if norm is not None else 0) | (_DR_SILU if act else 0)
     launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1", (slices, s, 1), 32,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (ws.data_ptr(), P), (tickets.data_ptr(), P), (s, I),
-            (vec, I), (1 if add_to is not None else 0, I)],
+            (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P),
+            (float(norm[1]) if norm is not None else 0.0, ctypes.c_float), (k, I)],
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
 
@@ -699,13 +708,15 @@ def _pdl_reduce(nt: int, n: int, name: str) -> bool:
 
 def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
                      vec: bool = True, splits: int | None = None, force_sparse: bool = False, act: str | None = None,
-                     norm: bool = False, add: bool = False) -> bool:
+                     norm: bool = False, add: bool = False, offsets: torch.Tensor | None = None) -> bool:
     """Whether the split-K reduction of ``x [n, k] @ W [m, k]^T`` can do :func:`spmm_cuda`'s elementwise work: the
     sparse kernel runs (not the expansion) with split-K and its reduction is ``splitk_reduce``; SiLU x up (``act``):
     Tiled-CSL or the bitmap warpgroup kernels, ``m`` a multiple of 128; ``norm`` and ``add``: the Tiled-CSL kernel of
     N = 1 (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned).  Shapes only: no launch, no sync."""
-    if fmt == DELTA_ROWS:  # the residual add only, at N = 1 (the kernel's last blocks add into Y)
-        return n == 1 and add and not norm and act is None
+    if fmt == DELTA_ROWS:  # at N = 1 the kernel does all three; SiLU x up on a weight with paired halves only
+        from ..formats.delta_rows import paired_halves
+
+        return n == 1 and (act is None or (offsets is not None and paired_halves(m, offsets.numel())))
     density = _density(fmt, data, m, k)
     if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(device.index), m * k):
         return False

@@ -1827,13 +1827,21 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 // the value (HADD2.F32 / a shift for bf16) is added in by one FFMA into one of two register sums.  Groups are loaded
 // DR_PF ahead in registers (16 + 4 bytes a lane each).  Each block stores its 32 sums to ws[s][rank]; the last block
 // of a slice to arrive (an acquire-release ticket, as n1_finish) sums the S partials in split order and writes
-// Y[perm[rank]] (+ bias; DR_RESID: added into Y, rounded as add_group).  A window wider than DR_WMAX columns (rows of
-// one slice far apart in K) or X without 16-byte rows is read from global memory instead: slower, same sums.
-// Per entry: LOP3, LEA.HI, LDS, HADD2.F32, FFMA (Tiled-CSL's _n1 walk: about 13).  Session 26 prototype
-// (benchmarks/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than _n1r on Llama-3-8B's layers at 70-80 %.
+// Y[perm[rank]].  The modes (the N = 1 epilogues of the Tiled-CSL n1r kernel, with its rounding steps):
+// - plain: + bias; DR_RESID: the rounded sum (+ bias) added into Y, rounded (add_group);
+// - DR_RMS: X's columns scaled by colscale (the RMSNorm weight) while staged, rounded to the dtype once (as n1s); each
+//   block also sums the squares of X's raw values over its share of K (columns s K / S .. (s + 1) K / S - 1, every
+//   slice the same), and the last block multiplies its sums by rsqrt(sum / K + eps);
+// - DR_SILU (a paired weight: formats/delta_rows.py paired_halves, slices 0 .. hs - 1 the gate rows, hs .. the up
+//   rows of the same ranks): one ticket per gate slice and its up slice (2 S arrivals); the last block writes
+//   silu(g) u of the rounded sums (store_silu_group) to Y[perm[rank]] (M / 2 outputs).
+// A window wider than DR_WMAX columns (rows of one slice far apart in K) or X without 16-byte rows is read from global
+// memory instead: slower, same sums.  Per entry: LOP3, LEA.HI, LDS, HADD2.F32, FFMA (Tiled-CSL's _n1 walk: about 13).
+// Session 26 prototype (benchmarks/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than _n1r on Llama-3-8B's
+// layers at 70-80 %.
 constexpr int DR_WMAX = 1536;  // delta_rows.WINDOW_MAX
 constexpr int DR_PF = 4;
-constexpr int DR_RESID = 1;
+constexpr int DR_RESID = 1, DR_RMS = 2, DR_SILU = 4;  // kernels.__init__: _DR_RESID, _DR_RMS, _DR_SILU
 
 template <bool BF16>
 DEVI void dr_unpack(u32 w, float& lo, float& hi) {
@@ -1846,13 +1854,21 @@ DEVI void dr_unpack(u32 w, float& lo, float& hi) {
   }
 }
 
+// X's column c as the kernel multiplies it: scaled by colscale[c] and rounded to the dtype when gs is given
+template <bool BF16>
+DEVI float dr_x(const u16* xg, const u16* gs, u32 i) {
+  const float v = to_float<BF16>(__ldg(xg + i));
+  return gs ? to_float<BF16>(from_float<BF16>(v * to_float<BF16>(__ldg(gs + i)))) : v;
+}
+
 // 8 entries: values v (two a word), steps d (4 bits each); `off` is 4 x (the lane's column - a0)
 template <bool BF16, bool STAGED>
-DEVI void dr_group(u32& off, float& a0, float& a1, const uint4& v, u32 d, const float* xs, const u16* xg) {
+DEVI void dr_group(u32& off, float& a0, float& a1, const uint4& v, u32 d, const float* xs, const u16* xg,
+                   const u16* gs) {
   const u32 w[4] = {v.x, v.y, v.z, v.w};
   auto xat = [&](u32 o) {
     if (STAGED) return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(xs) + o);
-    return to_float<BF16>(__ldg(xg + (o >> 2)));
+    return dr_x<BF16>(xg, gs, o >> 2);
   };
 #pragma unroll
   for (int h = 0; h < 4; ++h) {
@@ -1869,8 +1885,8 @@ DEVI void dr_group(u32& off, float& a0, float& a1, const uint4& v, u32 d, const 
 }
 
 template <bool BF16, bool STAGED>
-DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg, uint4 (&pv)[DR_PF],
-                   u32 (&pd)[DR_PF]) {
+DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg, const u16* gs,
+                   uint4 (&pv)[DR_PF], u32 (&pd)[DR_PF]) {
   float a0 = 0.f, a1 = 0.f;
   for (int g = g0; g < g1; g += DR_PF) {
 #pragma unroll
@@ -1883,7 +1899,7 @@ DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const flo
           pv[i] = __ldg(reinterpret_cast<const uint4*>(p));
           pd[i] = __ldg(reinterpret_cast<const u32*>(p + 512 - 12 * (threadIdx.x & 31)));
         }
-        dr_group<BF16, STAGED>(off, a0, a1, v, d, xs, xg);
+        dr_group<BF16, STAGED>(off, a0, a1, v, d, xs, xg, gs);
       }
     }
   }
@@ -1893,9 +1909,11 @@ DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const flo
 template <bool BF16>
 DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
-                             int* __restrict__ tickets, int S, int vec, int mode) {
+                             int* __restrict__ tickets, int S, int vec, int mode, const u16* __restrict__ colscale,
+                             float eps, int K) {
   __shared__ __align__(16) float xs[DR_WMAX];
   const int lane = threadIdx.x & 31, slice = blockIdx.x, s = blockIdx.y, slices = gridDim.x;
+  const bool rms = mode & DR_RMS;
   const int goff = offsets[slice], G = offsets[slice + 1] - goff;
   const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
   const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
@@ -1912,42 +1930,97 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   const int* win = offsets + slices + 1 + 2 * (slice * S + s);
   const int a0 = win[0], w = win[1];
   const int start = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
-  const int rank = slice * 32 + lane;
-  const int row = offsets[slices + 1 + 18 * slices * S + rank];
+  const int* perm = offsets + slices + 1 + 18 * slices * S;
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
+  const int mp = slices * 32;
+  float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
+  if (rms) {  // this block's share of sum(x^2) over K
+    float q = 0.f;
+    if (vec) {
+      const int u0 = (int)((long long)s * (K >> 3) / S), u1 = (int)((long long)(s + 1) * (K >> 3) / S);
+      for (int u = u0 + lane; u < u1; u += 32) {
+        const uint4 r = __ldg(reinterpret_cast<const uint4*>(x) + u);
+        const u32 rw[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          float f0, f1;
+          dr_unpack<BF16>(rw[h], f0, f1);
+          q = fmaf(f0, f0, fmaf(f1, f1, q));
+        }
+      }
+    } else {
+      const int c0 = (int)((long long)s * K / S), c1 = (int)((long long)(s + 1) * K / S);
+      for (int c = c0 + lane; c < c1; c += 32) {
+        const float f = to_float<BF16>(x[c]);
+        q = fmaf(f, f, q);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    if (lane == 0) ssq_ws[slice * S + s] = q;
+  }
   const u32 off = 4u * (u32)(start - a0);
+  const u16* gs = rms ? colscale + a0 : nullptr;
   float acc;
   if (vec && w <= DR_WMAX) {
-    for (int c = 8 * lane; c < w; c += 256) {  // X[a0 + c .. + 7] -> xs[c .. + 7] as fp32
+    for (int c = 8 * lane; c < w; c += 256) {  // X[a0 + c .. + 7] (x colscale) -> xs[c .. + 7] as fp32
       const uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
       float f[8];
       dr_unpack<BF16>(r.x, f[0], f[1]);
       dr_unpack<BF16>(r.y, f[2], f[3]);
       dr_unpack<BF16>(r.z, f[4], f[5]);
       dr_unpack<BF16>(r.w, f[6], f[7]);
+      if (rms) {
+        const uint4 g = __ldg(reinterpret_cast<const uint4*>(gs + c));
+        float e[8];
+        dr_unpack<BF16>(g.x, e[0], e[1]);
+        dr_unpack<BF16>(g.y, e[2], e[3]);
+        dr_unpack<BF16>(g.z, e[4], e[5]);
+        dr_unpack<BF16>(g.w, e[6], e[7]);
+#pragma unroll
+        for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
+      }
       float4* dst = reinterpret_cast<float4*>(xs + c);
       dst[0] = make_float4(f[0], f[1], f[2], f[3]);
       dst[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
     __syncwarp();
-    acc = dr_walk<BF16, true>(base, g0, g1, off, xs, x + a0, pv, pd);
+    acc = dr_walk<BF16, true>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
   } else {
-    acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, pv, pd);
+    acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
   }
-  const int mp = slices * 32;
-  ws[(long long)s * mp + rank] = acc;
-  __syncwarp();  // orders every lane's store before lane 0's release
+  ws[(long long)s * mp + slice * 32 + lane] = acc;
+  const bool silu = mode & DR_SILU;
+  const int hs = slices >> 1, group = silu ? slice % hs : slice;
+  __syncwarp();  // orders every lane's stores before lane 0's release
   int prev = 0;
-  if (lane == 0) prev = ticket_acq_rel(tickets + slice);
+  if (lane == 0) prev = ticket_acq_rel(tickets + group);
   prev = __shfl_sync(0xffffffffu, prev, 0);
-  if (prev != S - 1) return;
+  if (prev != (silu ? 2 : 1) * S - 1) return;
   __syncwarp();  // lane 0's acquire before every lane's loads
-  float sum = 0.f;
+  const int grank = group * 32 + lane;
+  float v = 0.f, u = 0.f;
 #pragma unroll 8
-  for (int t = 0; t < S; ++t) sum += __ldcg(ws + (long long)t * mp + rank);
-  if (lane == 0) tickets[slice] = 0;  // every block of the slice has taken its ticket
-  if (row >= 0) {
-    const float r = sum + (bias ? to_float<BF16>(bias[row]) : 0.f);
+  for (int t = 0; t < S; ++t) v += __ldcg(ws + (long long)t * mp + grank);
+  if (silu) {
+#pragma unroll 8
+    for (int t = 0; t < S; ++t) u += __ldcg(ws + (long long)t * mp + grank + hs * 32);
+  }
+  if (lane == 0) tickets[group] = 0;  // every block of the group has taken its ticket
+  if (rms) {  // every lane the same factor: the same sums in the same order
+    float q = 0.f;
+    for (int t = 0; t < S; ++t) q += __ldcg(ssq_ws + group * S + t);
+    const float f = rsqrtf(q * __fdividef(1.f, (float)K) + eps);
+    v *= f;
+    u *= f;
+  }
+  const int row = perm[grank];
+  if (row < 0) return;
+  if (silu) {
+    const float gr = to_float<BF16>(from_float<BF16>(v)), ur = to_float<BF16>(from_float<BF16>(u));
+    y[row] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
+  } else {
+    const float r = v + (bias ? to_float<BF16>(bias[row]) : 0.f);
     y[row] = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(y[row]) + to_float<BF16>(from_float<BF16>(r)))
                                : from_float<BF16>(r);
   }
@@ -1955,10 +2028,11 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 
 #define DR_ARGS                                                                                                \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
-      const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets, int S, int vec, int mode
+      const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets, int S, int vec, int mode,  \
+      const u16 *__restrict__ colscale, float eps, int K
 #define INSTANTIATE_DR(NAME, BF16)                                                                           \
   extern "C" __global__ void __launch_bounds__(32, 32) delta_rows_spmm_##NAME##_n1(DR_ARGS) {                \
-    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode);                           \
+    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K);         \
   }
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..formats import DeltaRows
 from ..nn import SparseLinear
 
 
@@ -93,10 +94,12 @@ def _why_not(layers: list[nn.Module]) -> str | None:
 
 
 @torch.no_grad()
-def _stack(layers: list[nn.Module]) -> nn.Module:
+def _stack(layers: list[nn.Module], pair_halves: bool = False) -> nn.Module:
     first = layers[0]
     bias = None if first.bias is None else torch.cat([m.bias for m in layers])
     if isinstance(first, SparseLinear):
+        if pair_halves and first.weight_format is DeltaRows:  # gate / up: rows kept beside each other (SiLU x up)
+            return SparseLinear(DeltaRows.concat([m.weight for m in layers], pair_halves=True), bias)
         return SparseLinear(first.weight_format.concat([m.weight for m in layers]), bias)
     w = torch.cat([m.weight for m in layers])
     out = nn.Linear(first.in_features, w.shape[0], bias=bias is not None, device="meta", dtype=w.dtype)
@@ -145,7 +148,8 @@ def merge_projections(model: nn.Module) -> dict[str, str]:
             layers = [getattr(module, n) for n in names]
             why = _why_not(layers)
             if why is None:
-                merged = MergedLinear(_stack(layers), [m.out_features for m in layers], names, list(module._modules))
+                merged = MergedLinear(_stack(layers, target == "gate_up_proj"), [m.out_features for m in layers],
+                                      names, list(module._modules))
                 for n in names:
                     delattr(module, n)
                 setattr(module, target, merged)

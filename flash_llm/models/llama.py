@@ -233,8 +233,8 @@ _FUSES: dict[tuple, bool] = {}
 def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
     """Whether, on ``x``'s device, the kernels do the elementwise work of :meth:`LlamaDecoderLayer.forward_one_token`
     for these ``(qkv, o, gate_up, down)`` layers (:func:`flash_llm.kernels.epilogue_fusable`: Tiled-CSL with split-K at
-    N = 1).  Elsewhere the one-token ops would run it as separate operations, slower than the compiled norms of
-    ``forward_deferred``.  The CPU runs the reference either way: True.  Cached per weights, device and dtype."""
+    N = 1, or DeltaRows with gate / up paired).  Elsewhere the one-token ops would run it as separate operations,
+    slower than the compiled norms of ``forward_deferred``.  The CPU runs the reference either way: True.  Cached per weights, device and dtype."""
     if not x.is_cuda:
         return True
     from .. import kernels
@@ -245,7 +245,7 @@ def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
         wants = ({"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True})
         _FUSES[key] = kernels.supported(x.device)[0] and all(
             kernels.epilogue_fusable(FORMAT_IDS[type(p.weight)], p.weight.data, *p.weight.shape, 1, x.dtype, x.device,
-                                     **want) for p, want in zip(layers, wants))
+                                     offsets=p.weight.offsets, **want) for p, want in zip(layers, wants))
     return _FUSES[key]
 
 
