@@ -13,7 +13,7 @@
 #             land?; PROBE_FMT=bitmap probes that format, PROBE_NS="1 8 64" other N); if it fails, a later ab stage
 #             is skipped
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
-#   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL 80 % (PROFILE_SPARSITIES),
+#   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL (PROFILE_FORMAT) 80 % (PROFILE_SPARSITIES),
 #             batch $PROFILE_BATCH (default 1)
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL (E2E_FORMAT=bitmap: BitmapTiles) 0 / 80 / 90 % (E2E_SPARSITIES),
 #             batch 1 / 8 / 16 (E2E_BATCHES), fused and merged (3 minutes)
@@ -80,7 +80,7 @@ for stage in "${@:-tests ab}"; do
                 for sp in 0.8 0.9; do timeout 100 python3 benchmarks/time_across_n.py --fmt tiled-csl --m $M --k $K \
                   --sparsity $sp --ns 1,8,16,32; done; done 2>&1 | tee "$OUT/across.log" ;;
       profile) for sp in ${PROFILE_SPARSITIES:-0 0.8}; do timeout 150 python3 benchmarks/profile_decode.py --model llama-3-8b \
-                 --format tiled-csl --sparsity $sp --batch ${PROFILE_BATCH:-1} --fuse --merge --out "$OUT/profile_$sp.json"; done \
+                 --format ${PROFILE_FORMAT:-tiled-csl} --sparsity $sp --batch ${PROFILE_BATCH:-1} --fuse --merge --out "$OUT/profile_$sp.json"; done \
                  2>&1 | tee "$OUT/profile.log" ;;
       e2e) llama_e2e 280 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-0,80,90} \
              --batches ${E2E_BATCHES:-1,8,16} --out "$OUT/e2e_tcsl" 2>&1 | tee "$OUT/e2e_tcsl.log" | grep -v "^{" ;;

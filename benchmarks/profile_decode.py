@@ -35,7 +35,7 @@ from flash_llm.models.synthetic import build_synthetic
 
 # kernel name -> group (first match wins); names are demangled CUDA symbols
 GROUPS = [
-    ("sparse matmul", r"bitmap_spmm|tiled_csl_spmm"),
+    ("sparse matmul", r"bitmap_spmm|tiled_csl_spmm|delta_rows_spmm"),
     ("split-K reduce", r"splitk_reduce"),
     ("dense matmul (cuBLAS)", r"gemm|gemv|sm90_xmma|cutlass|cublas|nvjet"),
     ("attention", r"fmha|attention|flash|softmax|efficient|decode_attn"),
@@ -106,7 +106,7 @@ _SDPA = None
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3-8b")
-    ap.add_argument("--format", default="tiled-csl", choices=("bitmap", "tiled-csl"))
+    ap.add_argument("--format", default="tiled-csl", choices=("bitmap", "tiled-csl", "delta-rows"))
     ap.add_argument("--sparsity", type=float, default=0.8, help="0 for the dense model")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=None, help="build only this many decoder layers")

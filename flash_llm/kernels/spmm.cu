@@ -1934,30 +1934,15 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const int mp = slices * 32;
   float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
-  if (rms) {  // this block's share of sum(x^2) over K
-    float q = 0.f;
-    if (vec) {
-      const int u0 = (int)((long long)s * (K >> 3) / S), u1 = (int)((long long)(s + 1) * (K >> 3) / S);
-      for (int u = u0 + lane; u < u1; u += 32) {
-        const uint4 r = __ldg(reinterpret_cast<const uint4*>(x) + u);
-        const u32 rw[4] = {r.x, r.y, r.z, r.w};
+  // DR_RMS: this block's share of sum(x^2) over K, its first 4 x 16 bytes a lane loaded with the window's X (one round
+  // trip for both), the rest (K / S above 1024 columns) after
+  float q = 0.f;
+  uint4 qv[4];
+  const int u0 = (int)((long long)s * (K >> 3) / S), u1 = (int)((long long)(s + 1) * (K >> 3) / S);
+  if (rms && vec) {
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          float f0, f1;
-          dr_unpack<BF16>(rw[h], f0, f1);
-          q = fmaf(f0, f0, fmaf(f1, f1, q));
-        }
-      }
-    } else {
-      const int c0 = (int)((long long)s * K / S), c1 = (int)((long long)(s + 1) * K / S);
-      for (int c = c0 + lane; c < c1; c += 32) {
-        const float f = to_float<BF16>(x[c]);
-        q = fmaf(f, f, q);
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-    if (lane == 0) ssq_ws[slice * S + s] = q;
+    for (int i = 0; i < 4; ++i)
+      if (u0 + lane + 32 * i < u1) qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + lane + 32 * i);
   }
   const u32 off = 4u * (u32)(start - a0);
   const u16* gs = rms ? colscale + a0 : nullptr;
@@ -1985,6 +1970,34 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       dst[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
     __syncwarp();
+  }
+  if (rms) {
+    auto sq = [&](const uint4& r) {
+      const u32 rw[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        float f0, f1;
+        dr_unpack<BF16>(rw[h], f0, f1);
+        q = fmaf(f0, f0, fmaf(f1, f1, q));
+      }
+    };
+    if (vec) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (u0 + lane + 32 * i < u1) sq(qv[i]);
+      for (int u = u0 + lane + 128; u < u1; u += 32) sq(__ldg(reinterpret_cast<const uint4*>(x) + u));
+    } else {
+      const int c0 = (int)((long long)s * K / S), c1 = (int)((long long)(s + 1) * K / S);
+      for (int c = c0 + lane; c < c1; c += 32) {
+        const float f = to_float<BF16>(x[c]);
+        q = fmaf(f, f, q);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    if (lane == 0) ssq_ws[slice * S + s] = q;
+  }
+  if (vec && w <= DR_WMAX) {
     acc = dr_walk<BF16, true>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
   } else {
     acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
