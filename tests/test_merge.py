@@ -289,12 +289,14 @@ def test_one_token_layers_need_the_kernels_to_fuse_on_cuda(monkeypatch):
     answer = {"ok": True}
     monkeypatch.setattr(kernels, "supported", lambda dev: (True, ""))
     monkeypatch.setattr(kernels, "epilogue_fusable",
-                        lambda fmt, data, m_, k_, n, dtype, dev, **kw: asked.append((m_, k_, n, kw)) or answer["ok"])
+                        lambda fmt, data, m_, k_, n, dtype, dev, offsets=None, **kw:
+                        asked.append((m_, k_, n, kw, offsets)) or answer["ok"])
     monkeypatch.setattr(llama, "_FUSES", {})
     x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16)
     assert llama._kernels_fuse(layers, x) is True
     assert [a[3] for a in asked] == [{"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True}]
     assert all(a[2] == 1 for a in asked) and asked[0][:2] == tuple(layers[0].weight.shape)
+    assert all(a[4] is p.weight.offsets for a, p in zip(asked, layers))  # (DeltaRows' pairing is read from it)
     assert llama._kernels_fuse(layers, x) is True and len(asked) == 4  # cached
     monkeypatch.setattr(llama, "_FUSES", {})
     answer["ok"] = False

@@ -22,6 +22,8 @@ sparsity about 0.53 bytes per element (BitmapTiles 0.525, TiledCSL 0.80).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._base import FormatError, SparseFormat, check_dense_weight
@@ -32,8 +34,9 @@ GROUP = 8  # entries per lane per group
 GROUP_WORDS = LANES * GROUP // 2 + LANES  # 160
 MAX_STEP = 15
 MAX_K = 1 << 16  # columns are 16-bit
-#: split counts aim at about this many one-warp blocks (24-32 per SM on a 132-SM H100 / H200 were fastest, session 26)
-TARGET_BLOCKS = 3600
+#: split counts aim at about this many one-warp blocks (24-32 per SM on a 132-SM H100 / H200 were fastest, session 26;
+#: ``FLASH_LLM_DELTA_BLOCKS`` overrides it for tuning runs)
+TARGET_BLOCKS = int(os.environ.get("FLASH_LLM_DELTA_BLOCKS", "3600"))
 #: the kernel stages a split's X window in shared memory up to this many columns (fp32); wider windows read X from
 #: global memory (slower, same result), and the encoder raises the split count to avoid them (``DR_WMAX`` in spmm.cu)
 WINDOW_MAX = 1536
@@ -320,7 +323,11 @@ class DeltaRows(SparseFormat):
             raise FormatError(f"{where}'{label}': the row order is not a permutation of the {m} rows")
         if paired_halves(m, offsets.numel()):
             h = m // 2
-            if m % (2 * LANES) or int(offsets[-1]) != h or not torch.equal(perm[mp // 2:], perm[: mp // 2] + h):
+            if m % (2 * LANES) or int(offsets[-1]) != h:  # not a paired weight's last word: a length that fits nothing
+                raise FormatError(f"{where}tensor '{prefix}offsets' has {offsets.numel()} entries, which is not "
+                                  f"{slices + 1} + 18 x {slices} x S + {mp} for any split count S >= 1, nor one more "
+                                  f"holding M / 2 of a weight with paired halves")
+            if not torch.equal(perm[mp // 2:], perm[: mp // 2] + h):
                 raise FormatError(f"{where}tensor '{prefix}offsets': the paired halves' row order does not pair row "
                                   f"r with row r + {h}")
         a0, w = win[..., 0], win[..., 1]

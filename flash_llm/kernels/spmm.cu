@@ -1937,11 +1937,11 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   // DR_RMS: this block's share of sum(x^2) over K, its first 4 x 16 bytes a lane loaded with the window's X (one round
   // trip for both), the rest (K / S above 1024 columns) after
   float q = 0.f;
-  uint4 qv[4];
+  uint4 qv[2];
   const int u0 = (int)((long long)s * (K >> 3) / S), u1 = (int)((long long)(s + 1) * (K >> 3) / S);
   if (rms && vec) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 2; ++i)
       if (u0 + lane + 32 * i < u1) qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + lane + 32 * i);
   }
   const u32 off = 4u * (u32)(start - a0);
@@ -1983,9 +1983,9 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     };
     if (vec) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 2; ++i)
         if (u0 + lane + 32 * i < u1) sq(qv[i]);
-      for (int u = u0 + lane + 128; u < u1; u += 32) sq(__ldg(reinterpret_cast<const uint4*>(x) + u));
+      for (int u = u0 + lane + 64; u < u1; u += 32) sq(__ldg(reinterpret_cast<const uint4*>(x) + u));
     } else {
       const int c0 = (int)((long long)s * K / S), c1 = (int)((long long)(s + 1) * K / S);
       for (int c = c0 + lane; c < c1; c += 32) {
