@@ -40,6 +40,8 @@ TARGET_BLOCKS = int(os.environ.get("FLASH_LLM_DELTA_BLOCKS", "3600"))
 #: the kernel stages a split's X window in shared memory up to this many columns (fp32); wider windows read X from
 #: global memory (slower, same result), and the encoder raises the split count to avoid them (``DR_WMAX`` in spmm.cu)
 WINDOW_MAX = 1536
+#: paired halves (gate / up): gate rows ranked by their entries, then each run of this many by their up rows'
+PAIR_BUCKET = 1024
 
 
 def _sections(m: int, n_off: int) -> tuple[int, int, int]:
@@ -81,9 +83,12 @@ def _streams(w: torch.Tensor, pair: bool = False):
     esc = torch.where(gap > MAX_STEP, torch.div(gap - 1, MAX_STEP, rounding_mode="floor"), torch.zeros_like(gap))
     span = esc + 1
     ent = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, rows, span)
-    if pair:
-        h = m // 2
-        half = torch.sort(ent[:h] + ent[h:], descending=True, stable=True).indices
+    if pair:  # gate rows by entries, then each run of PAIR_BUCKET of them by their up rows' entries: both halves'
+        h = m // 2  # slices then hold rows of nearly one length (random 80 %: 0.9 % padding, against 5 % by the sum)
+        by_gate = torch.sort(ent[:h], descending=True, stable=True).indices
+        up = ent[h:][by_gate]
+        key = torch.arange(h, device=dev) // PAIR_BUCKET * (int(up.max()) + 1 if h else 1) + (up.max() - up if h else up)
+        half = by_gate[torch.sort(key, stable=True).indices]
         perm = torch.cat([half, half + h])
     else:
         perm = torch.sort(ent, descending=True, stable=True).indices

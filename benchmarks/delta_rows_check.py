@@ -1,0 +1,73 @@
+"""Small runs of every DeltaRows kernel path, checked against the reference: for compute-sanitizer (memcheck,
+racecheck), which makes the GPU test suite too slow.  Prints one line per case and "fails N" last.
+
+    compute-sanitizer --tool memcheck python benchmarks/delta_rows_check.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flash_llm import DeltaRows, kernels
+from flash_llm.reference import FORMAT_IDS, rms_norm, silu_mul_halves
+
+FID = FORMAT_IDS[DeltaRows]
+
+
+def weight(m, k, density, gen, far=False):
+    if far:  # one slice whose rows sit at opposite ends of K: a window wider than the shared-memory X
+        w = torch.zeros(m, k, device="cuda")
+        for r in range(m):
+            cols = torch.randperm(256, generator=gen, device="cuda")[:60] + (0 if r < m // 2 else k - 256)
+            w[r, cols] = torch.randn(60, generator=gen, device="cuda")
+        return w.half()
+    w = torch.randn(m, k, generator=gen, device="cuda")
+    return torch.where(torch.rand(m, k, generator=gen, device="cuda") < density, w, 0.0).half()
+
+
+def main() -> int:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    fails = 0
+    cases = [(64, 1024, 0.2, None, False), (96, 1016, 0.5, 3, False), (33, 512, 0.05, 2, False),
+             (32, 4096, 0.0, None, True), (128, 2048, 1.0, 5, False)]
+    for m, k, density, splits, far in cases:
+        wd = weight(m, k, density, gen, far)
+        g = (torch.rand(k, generator=gen, device="cuda") + 0.5).half()
+        x = torch.randn(1, k, generator=gen, device="cuda").half()
+        bias = torch.randn(m, generator=gen, device="cuda").half()
+        for paired in (False, True):
+            if paired and m % 64:
+                continue
+            w = DeltaRows.from_dense(wd, splits=splits, pair_halves=paired)
+            ref = x.double() @ wd.double().t()
+            h = rms_norm(x, g, 1e-5).double() @ wd.double().t()
+            scale = 1 + max(ref.abs().max().item(), h.abs().max().item())
+            runs = {"bias": (dict(), ref + bias.double()), "norm": (dict(norm=(g, 1e-5)), h)}
+            if paired:
+                runs["norm+silu"] = (dict(norm=(g, 1e-5), act="silu_mul"), silu_mul_halves(h.half()).double())
+            for name, (kw, want) in runs.items():
+                b = bias if name == "bias" else None
+                got = kernels.spmm_cuda(x, w.data, w.offsets, FID, m, k, b, **kw)
+                err = (got.double() - want).abs().max().item()
+                ok = bool(torch.isfinite(got).all()) and err <= 8 * 2**-10 * scale
+                fails += not ok
+                print(f"{m}x{k} density {density} splits {w.splits} paired {int(paired)} {name}: err {err:.2e} "
+                      f"{'ok' if ok else 'WRONG'}", flush=True)
+            acc = torch.randn(1, m, generator=gen, device="cuda").half()
+            want = acc.double() + ref
+            got = kernels.spmm_cuda(x, w.data, w.offsets, FID, m, k, None, add_to=acc)
+            err = (got.double() - want).abs().max().item()
+            ok = err <= 8 * 2**-10 * (scale + want.abs().max().item())
+            fails += not ok
+            print(f"{m}x{k} resid: err {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+            dense = kernels.decode_dense(FID, w.data, w.offsets, m, k, torch.float16)
+            ok = torch.equal(dense, wd)
+            fails += not ok
+            print(f"{m}x{k} decode: {'ok' if ok else 'WRONG'}", flush=True)
+    torch.cuda.synchronize()
+    print(f"fails {fails}")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
