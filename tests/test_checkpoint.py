@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 import flash_llm
-from flash_llm import BitmapTiles, SparseLinear, SparsifyConfig, TiledCSL
+from flash_llm import BitmapTiles, DeltaRows, SparseLinear, SparsifyConfig, TiledCSL
 from flash_llm.checkpoint import convert, load_checkpoint
 from flash_llm.checkpoint.pretrained import FORMAT_VERSION
 from flash_llm.models import CausalLM
@@ -82,10 +82,10 @@ def test_dense_checkpoint_loads_compressed(pruned, backend):
         assert_logits_as_accurate_as_torch(logits(model, ids), hf, ids)
 
 
-@pytest.mark.parametrize("fmt", ["bitmap", "tiled-csl"])
+@pytest.mark.parametrize("fmt", ["bitmap", "tiled-csl", "delta-rows"])
 def test_save_reload_round_trip_is_exact(pruned, fmt, tmp_path):
     family, hf, path = pruned
-    cls = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL}[fmt]
+    cls = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL, "delta-rows": DeltaRows}[fmt]
     model = flash_llm.from_pretrained(path, sparsify=SparsifyConfig(format=fmt, min_sparsity=0.5))
     out = tmp_path / "flash"
     flash_llm.save_pretrained(model, out, max_shard_size="16KB")

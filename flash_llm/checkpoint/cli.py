@@ -289,7 +289,7 @@ def register_cli(sub) -> None:
                     "2 for a missing, inconsistent or unsupported input (naming the file and tensor).")
     p.add_argument("input", metavar="IN", help="checkpoint directory to read")
     p.add_argument("output", metavar="OUT", help="directory to write")
-    p.add_argument("--format", choices=["bitmap", "tiled-csl", sb.FORMAT], default="bitmap",
+    p.add_argument("--format", choices=["bitmap", "tiled-csl", "delta-rows", sb.FORMAT], default="bitmap",
                    help="bitmap (BitmapTiles, default) or tiled-csl (TiledCSL): a flash-llm checkpoint; "
                         "sparse-bitmask: a compressed-tensors checkpoint")
     p.add_argument("--min-sparsity", type=_fraction, default=0.3, metavar="S",

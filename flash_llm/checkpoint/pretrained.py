@@ -725,8 +725,8 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float = 0.3, dtyp
             progress: bool = True) -> SparsifyReport:
     """Convert checkpoint directory ``src`` (dense, sparse-bitmask or flash-llm) into ``dst``.
 
-    ``format``: ``"bitmap"`` / ``"tiled-csl"`` write a flash-llm checkpoint whose linear layers with at least
-    ``min_sparsity`` zeros are compressed in that format (``lm_head`` and tied weights stay dense);
+    ``format``: ``"bitmap"`` / ``"tiled-csl"`` / ``"delta-rows"`` write a flash-llm checkpoint whose linear layers
+    with at least ``min_sparsity`` zeros are compressed in that format (``lm_head`` and tied weights stay dense);
     ``"sparse-bitmask"`` writes a compressed-tensors sparse-bitmask checkpoint (every linear layer but
     ``lm_head``).  The source's tokenizer and other non-weight files are copied; ``config.json`` is the
     source's with its quantization section replaced.  Written atomically (see :func:`save_pretrained`).
