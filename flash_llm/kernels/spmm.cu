@@ -1837,7 +1837,7 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 //   silu(g) u of the rounded sums (store_silu_group) to Y[perm[rank]] (M / 2 outputs).
 // A window wider than DR_WMAX columns (rows of one slice far apart in K) or X without 16-byte rows is read from global
 // memory instead: slower, same sums.  Per entry: LOP3, LEA.HI, LDS, HADD2.F32, FFMA (Tiled-CSL's _n1 walk: about 13).
-// Session 26 prototype (benchmarks/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than _n1r on Llama-3-8B's
+// Session 26 prototype (benchmarks/results/2026-12-01-s26/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than _n1r on Llama-3-8B's
 // layers at 70-80 %.
 constexpr int DR_WMAX = 1536;  // delta_rows.WINDOW_MAX
 constexpr int DR_PF = 4;

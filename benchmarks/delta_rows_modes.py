@@ -2,14 +2,14 @@
 qkv (6144 x 4096) at 80 %, plain / RMSNorm / RMSNorm + SiLU x up, unpaired and paired, and the split counts around the
 encoder's.  CUDA-graph replays over copies rotated beyond 3x L2, events, median.
 
-    python benchmarks/proto_delta/modes.py
+    python benchmarks/delta_rows_modes.py
 """
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 from flash_llm import DeltaRows, kernels  # noqa: E402
