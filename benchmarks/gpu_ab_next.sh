@@ -15,7 +15,7 @@
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL (PROFILE_FORMAT) 80 % (PROFILE_SPARSITIES),
 #             batch $PROFILE_BATCH (default 1)
-#   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL (E2E_FORMAT=bitmap: BitmapTiles) 0 / 80 / 90 % (E2E_SPARSITIES),
+#   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL (E2E_FORMAT=bitmap or delta-rows for the others; also in e2eab, e2eenv) 0 / 80 / 90 % (E2E_SPARSITIES),
 #             batch 1 / 8 / 16 (E2E_BATCHES), fused and merged (3 minutes)
 #   pdl       time_across_n.py on 4096 x 14336 (Tiled-CSL 80 %) with FLASH_LLM_PDL=0 and 1 (1 minute)
 #   sdpa      profile_decode.py, Tiled-CSL 80 %, batch 1, with SDPA's default backend, efficient and math
@@ -116,12 +116,12 @@ for stage in "${@:-tests ab}"; do
                  (cd /tmp/e2eab/patch && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_patch timeout 200 python3 -m pytest -q -x --tb=short \
                    ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | grep -v "^\.*\s*\[" | tail -40)
                  for r in 1 2; do for v in base patch; do (cd /tmp/e2eab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_$v \
-                   llama_e2e 150 --format tiled-csl --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} \
+                   llama_e2e 150 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} \
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
                fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
-                  (for v in $e; do export "$v"; done; llama_e2e 200 --format tiled-csl --sparsities ${E2E_SPARSITIES:-80} \
+                  (for v in $e; do export "$v"; done; llama_e2e 200 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
                     --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2eenv_r${r}_$i" 2>&1 | grep "b=\|rror\|already")
                 done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
