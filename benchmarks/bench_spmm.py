@@ -38,7 +38,7 @@ LAYERS = {  # model: {layer: (M, K)}
     "Llama-3-70B": {"qkv": (10240, 8192), "o": (8192, 8192), "up": (57344, 8192), "down": (8192, 28672)},
 }
 NS = [1, 8, 16, 32, 64, 128, 256, 512, 2048]
-FORMATS = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL}
+FORMATS = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL, "delta-rows": flash_llm.DeltaRows}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SPARSE_KERNEL_MAX_N = 128  # the sparse kernel is also timed up to here where dense is dispatched
 
@@ -98,7 +98,7 @@ def main(argv=None):
                             sparse = kernels.use_sparse_kernel(n, w.density, fid, kernels.wgmma_ok(0), m * k)
                             if sparse:
                                 t_kernel = t_spmm  # the dispatcher runs the sparse kernel itself
-                            elif n <= SPARSE_KERNEL_MAX_N:
+                            elif n <= SPARSE_KERNEL_MAX_N and fname != "delta-rows":  # (no kernel above N = 1)
                                 t_kernel = T.time_calls([
                                     lambda c=c: kernels.spmm_cuda(x, c.data, c.offsets, fid, m, k, None,
                                                                   force_sparse=True) for c in copies])
@@ -154,6 +154,9 @@ def summarize(rows) -> str:
         large = [r["pct_copy_bw"] for n in ns if n <= 32 for r in groups[(f, d, s, n)] if r["M"] * r["K"] >= 2.5e8]
         lines.append(f"| {f} | {d} | {int(s * 100)}% | {statistics.median(small):.2f} | " + " | ".join(per_n) +
                      f" | {worst:.2f} | {statistics.median(large) if large else float('nan'):.0f} |")
+    if any(f == "delta-rows" for f, _, _ in keys):
+        lines.append("\ndelta-rows runs a sparse kernel at N = 1 only (its kernel median is N = 1's; above, the spmm "
+                     "expands to dense).")
     return "\n".join(lines) + "\n"
 
 

@@ -451,7 +451,9 @@ def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = F
     where its kernels for N > 64 (warpgroup MMA, or four warps sharing each tile's decode) beat the expansion (same
     shape, N = 128: 284 and 360 us against about 435), and up to N = 256 where its warpgroup kernel runs on a large,
     at least 80 % sparse weight (``TCSL_WG_MAX_DENSITY_ABOVE_128``, ``TCSL_WG_MIN_ELEMENTS``; session 13, same shape at
-    80 %: N = 256 in 416-428 us; the expansion took 473 us in session 12's bench_spmm.py)."""
+    80 %: N = 256 in 416-428 us; the expansion took 473 us in session 12's bench_spmm.py).  DeltaRows: N = 1 only."""
+    if fmt == DELTA_ROWS:
+        return n == 1
     if fmt == TILED_CSL:
         return n <= 128 or (wgmma and n <= 256 and density <= TCSL_WG_MAX_DENSITY_ABOVE_128
                             and elements >= TCSL_WG_MIN_ELEMENTS)
