@@ -1,7 +1,7 @@
 """The ``flash-llm`` command line: one subcommand per workflow.
 
 * ``flash-llm demo``: prune the bundled model and compare it with the dense one (:mod:`flash_llm.demo`);
-  ``flash-llm demo --layer``: prune a synthetic layer, compress it to both formats, check and time them.
+  ``flash-llm demo --layer``: prune a synthetic layer, compress it to each format, check and time them.
 * ``flash-llm info``: versions, the GPU, whether the CUDA kernels can run, NVRTC, the cubin cache.
 * ``flash-llm build``: compile the CUDA kernels ahead of time and report registers / spills / smem.
 * ``flash-llm inspect``: what a saved weight file or checkpoint directory holds (format, shape, density, bytes).
@@ -28,11 +28,12 @@ import torch
 from tqdm import tqdm
 
 import flash_llm
-from flash_llm import BitmapTiles, FormatError, TiledCSL
+from flash_llm import BitmapTiles, DeltaRows, FormatError, TiledCSL
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEMO_SPARSITIES = (50.0, 70.0, 80.0, 90.0)
 DEMO_MAX_REL_ERR = 1e-2
+LAYER_FORMATS = (BitmapTiles, TiledCSL, DeltaRows)  # what `demo --layer` compresses to
 _SLEEP_CYCLES = 1_000_000  # about 0.5 ms of GPU clock: longer than Python takes to queue one call
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Modules that define more subcommands through a ``register_cli(subparsers)`` function, in help order.
@@ -226,14 +227,14 @@ def cmd_demo(args) -> int:
     x = torch.randn(args.tokens, k, generator=g).to(dtype).to(device)
     order = torch.argsort(w.abs().float().view(-1), descending=True, stable=True)
     dense_bytes = m * k * w.element_size()
-    for cls in (BitmapTiles, TiledCSL):  # first calls pay one-time costs (CUDA init, kernel loads): not timed
+    for cls in LAYER_FORMATS:  # first calls pay one-time costs (CUDA init, kernel loads): not timed
         flash_llm.spmm(x[:1, :64], cls.from_dense(w[:64, :64]))
 
     headers = ["sparsity", "weight", "bytes", "bytes/elem", "vs dense", "compress", "rel. error", "round trip"]
     rows: list[list[str] | None] = []
     timing_rows: list[list[str] | None] = []
     failures: list[str] = []
-    steps_per_level = 1 + 2 * (2 if timing_ok else 1)
+    steps_per_level = 1 + len(LAYER_FORMATS) * (2 if timing_ok else 1)
     bar = _progress(total=len(sparsities) * steps_per_level, desc="demo", unit="step")
     for level, s in enumerate(sparsities):
         bar.set_description(f"{_pct(s)} prune")
@@ -246,7 +247,7 @@ def cmd_demo(args) -> int:
                      f"{_rel_err(y_dense, ref):.2e}", "-"])
         bar.update()
         compressed = []
-        for cls in (BitmapTiles, TiledCSL):
+        for cls in LAYER_FORMATS:
             name = cls.__name__
             bar.set_description(f"{_pct(s)} {name}")
             _sync(device)

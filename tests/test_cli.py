@@ -21,7 +21,7 @@ from _kernel_names import EXPECTED_KERNELS
 from conftest import sparse_weight
 
 # One row of the demo table: sparsity, weight, bytes, bytes/elem, vs dense, compress, rel. error, round trip.
-DEMO_ROW = re.compile(r"^\s*(?P<sparsity>[\d.]+)%\s+(?P<weight>dense \w+|BitmapTiles|TiledCSL)\s+"
+DEMO_ROW = re.compile(r"^\s*(?P<sparsity>[\d.]+)%\s+(?P<weight>dense \w+|BitmapTiles|TiledCSL|DeltaRows)\s+"
                       r"(?P<bytes>[\d,]+)\s+(?P<bpe>[\d.]+)\s+(?P<ratio>[\d.]+)x\s+(?P<time>-|[\d.]+ s)\s+"
                       r"(?P<err>[\d.e+-]+)\s+(?P<trip>\S+)$")
 # One row of the build report: kernel, registers, spill stores, spill loads, stack, static smem.
@@ -83,8 +83,11 @@ def test_demo_end_to_end(capsys):
             assert r["err"] < 1e-2, (s, name, r)
             assert r["trip"] == "exact"
             assert r["time"].endswith(" s")
+        r = rows[(s, "DeltaRows")]  # 2.5 bytes an entry at least, plus headers (the split count is the encoder's)
+        assert 2.5 * nnz <= r["bytes"] <= 2.5 * nnz * 1.4 + 4096, (s, r)
+        assert r["err"] < 1e-2 and r["trip"] == "exact" and r["time"].endswith(" s"), (s, r)
     assert rows[(50.0, "BitmapTiles")]["bpe"] < rows[(50.0, "TiledCSL")]["bpe"]
-    for name in ("BitmapTiles", "TiledCSL"):
+    for name in ("BitmapTiles", "TiledCSL", "DeltaRows"):
         sizes = [rows[(s, name)]["bytes"] for s in (50.0, 70.0, 80.0, 90.0)]
         assert sizes == sorted(sizes, reverse=True), (name, sizes)
     assert "kernel timings need a CUDA GPU" in out
@@ -102,7 +105,7 @@ def test_demo_options_awkward_shape_bf16(capsys):
     for (s, name), r in rows.items():
         if name == "dense bfloat16":
             continue
-        assert name in ("BitmapTiles", "TiledCSL")
+        assert name in ("BitmapTiles", "TiledCSL", "DeltaRows")
         assert r["trip"] == "exact" and r["err"] < 1e-2, (s, name, r)
     assert "100x200 bfloat16" in out
 
