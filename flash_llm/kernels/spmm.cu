@@ -1934,8 +1934,8 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const int mp = slices * 32;
   float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
-  // DR_RMS: this block's share of sum(x^2) over K, its first 4 x 16 bytes a lane loaded with the window's X (one round
-  // trip for both), the rest (K / S above 1024 columns) after
+  // DR_RMS: this block's share of sum(x^2) over K, its first 2 x 16 bytes a lane loaded with the window's X (one round
+  // trip for both), the rest (K / S above 512 columns) after
   float q = 0.f;
   uint4 qv[2];
   const int u0 = (int)((long long)s * (K >> 3) / S), u1 = (int)((long long)(s + 1) * (K >> 3) / S);
