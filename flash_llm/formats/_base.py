@@ -138,10 +138,7 @@ class SparseFormat:
         Used to shard compressed weights for tensor parallelism.
         """
         m, k = self.shape
-        r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
-        c0, c1 = (0, k) if cols is None else (int(cols[0]), int(cols[1]))
-        if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= k):
-            raise ValueError(f"slice rows {r0}:{r1}, cols {c0}:{c1} is empty or outside the {m}x{k} matrix")
+        r0, r1, c0, c1 = self._slice_bounds(rows, cols)
         tr = self.TILE_ROWS
         aligned = (r0 % tr == 0 and (r1 % tr == 0 or r1 == m) and c0 % STRIP_K == 0
                    and (c1 % STRIP_K == 0 or c1 == k))
@@ -170,16 +167,18 @@ class SparseFormat:
         nnz = self._validate(arrays, shape, "", f"{self.FORMAT_NAME} slice: ")
         return self._from_parts(arrays, shape, self.dtype, nnz)
 
-    @classmethod
-    def concat(cls, parts: "list[SparseFormat] | tuple[SparseFormat, ...]") -> "SparseFormat":
-        """The weights of ``parts`` stacked along M (``torch.cat([p.to_dense() for p in parts])``), in this format.
+    def _slice_bounds(self, rows, cols) -> tuple[int, int, int, int]:
+        """``(r0, r1, c0, c1)`` of :meth:`slice`'s arguments (``None``: all); ValueError if empty or outside."""
+        m, k = self.shape
+        r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
+        c0, c1 = (0, k) if cols is None else (int(cols[0]), int(cols[1]))
+        if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= k):
+            raise ValueError(f"slice rows {r0}:{r1}, cols {c0}:{c1} is empty or outside the {m}x{k} matrix")
+        return r0, r1, c0, c1
 
-        Every part must be of this format with the same K, dtype and device.  When every part but the last
-        has a multiple of ``TILE_ROWS`` rows, the records are joined as they are (no decode: records are
-        numbered row-major); otherwise the stack is expanded and compressed again.  Both give the same arrays
-        as ``from_dense`` of the stacked dense weight.  Used to merge projections that read the same input
-        (q, k, v) into one matmul.
-        """
+    @classmethod
+    def _check_parts(cls, parts) -> list:
+        """:meth:`concat`'s parts as a list: at least one, all of this format, with one K, dtype and device."""
         parts = list(parts)
         if not parts:
             raise ValueError("parts is empty: nothing to concatenate")
@@ -191,6 +190,22 @@ class SparseFormat:
                 raise ValueError(f"parts[{i}] is {p.shape[0]}x{p.shape[1]} {p.dtype} on {p.device}; parts[0] is "
                                  f"{first.shape[0]}x{first.shape[1]} {first.dtype} on {first.device} (K, dtype "
                                  "and device must agree)")
+        return parts
+
+    @classmethod
+    def concat(cls, parts: "list[SparseFormat] | tuple[SparseFormat, ...]", pair_halves: bool = False
+               ) -> "SparseFormat":
+        """The weights of ``parts`` stacked along M (``torch.cat([p.to_dense() for p in parts])``), in this format.
+
+        Every part must be of this format with the same K, dtype and device.  When every part but the last
+        has a multiple of ``TILE_ROWS`` rows, the records are joined as they are (no decode: records are
+        numbered row-major); otherwise the stack is expanded and compressed again.  Both give the same arrays
+        as ``from_dense`` of the stacked dense weight.  Used to merge projections that read the same input
+        (q, k, v) into one matmul.  ``pair_halves`` says the two parts are a gate and its up projection; a format
+        whose kernel needs them paired (DeltaRows) encodes for it, the others ignore it.
+        """
+        parts = cls._check_parts(parts)
+        first = parts[0]
         if len(parts) == 1:
             return first
         m = sum(p.shape[0] for p in parts)

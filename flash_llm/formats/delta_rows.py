@@ -257,7 +257,7 @@ class DeltaRows(SparseFormat):
     def entries(self):
         """Every stored entry: ``(rank, value bits int16, column int64)`` in storage order (pads and escapes
         included), each column from its split's start."""
-        return _entries(self.data, self.offsets, self.shape[0])
+        return _entries(self.data, self.offsets, self.shape[0])[:3]
 
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape
@@ -272,10 +272,7 @@ class DeltaRows(SparseFormat):
     # ---- merging and slicing: through the dense weight (row order and splits are per weight) ------------------
     def slice(self, rows=None, cols=None) -> "DeltaRows":
         m, k = self.shape
-        r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
-        c0, c1 = (0, k) if cols is None else (int(cols[0]), int(cols[1]))
-        if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= k):
-            raise ValueError(f"slice rows {r0}:{r1}, cols {c0}:{c1} is empty or outside the {m}x{k} matrix")
+        r0, r1, c0, c1 = self._slice_bounds(rows, cols)
         if (r0, r1, c0, c1) == (0, m, 0, k):
             return self
         return type(self).from_dense(self.to_dense()[r0:r1, c0:c1].contiguous())
@@ -284,17 +281,8 @@ class DeltaRows(SparseFormat):
     def concat(cls, parts, pair_halves: bool = False) -> "DeltaRows":
         """The parts stacked along M (through the dense weight).  ``pair_halves`` (two parts of equal rows, a
         multiple of 32 each): encoded with paired halves, for ``silu(gate) * up`` inside the kernel."""
-        parts = list(parts)
-        if not parts:
-            raise ValueError("parts is empty: nothing to concatenate")
+        parts = cls._check_parts(parts)
         first = parts[0]
-        for i, p in enumerate(parts):
-            if type(p) is not cls:
-                raise TypeError(f"parts[{i}] is a {type(p).__name__}; expected {cls.__name__}")
-            if (p.shape[1], p.dtype, p.device) != (first.shape[1], first.dtype, first.device):
-                raise ValueError(f"parts[{i}] is {p.shape[0]}x{p.shape[1]} {p.dtype} on {p.device}; parts[0] is "
-                                 f"{first.shape[0]}x{first.shape[1]} {first.dtype} on {first.device} (K, dtype "
-                                 "and device must agree)")
         pair = pair_halves and len(parts) == 2 and parts[0].shape[0] == parts[1].shape[0] \
             and parts[0].shape[0] % LANES == 0
         if len(parts) == 1 and not pair:
@@ -339,12 +327,8 @@ class DeltaRows(SparseFormat):
         if bool(((a0 % 8) != 0).any()) or bool(((w % 8) != 0).any()) or bool((a0 < 0).any()) or \
                 bool((w < 8).any()) or bool((a0 + w > ceil_div(k, 8) * 8).any()):
             raise FormatError(f"{where}'{label}': a split's column window is not 8-aligned inside the {k} columns")
-        rank, vals, cols = _entries(data, offsets, m)
-        g = torch.arange(data.numel() // GROUP_WORDS, device=data.device).repeat_interleave(LANES * GROUP)
-        slice_of = torch.searchsorted(goff, g, right=True) - 1
-        gsize = goff[slice_of + 1] - goff[slice_of]
-        split = ((g - goff[slice_of] + 1) * s - 1) // gsize.clamp(min=1)
-        lo, width = a0[slice_of, split], w[slice_of, split]
+        rank, vals, cols, where_split = _entries(data, offsets, m)
+        lo, width = a0.reshape(-1)[where_split], w.reshape(-1)[where_split]
         if bool(((cols < lo) | (cols >= lo + width) | (cols >= k)).any()):
             raise FormatError(f"{where}tensor '{prefix}data': an entry's column leaves its split's window or lies "
                               f"outside the logical {m}x{k} matrix")
@@ -370,7 +354,8 @@ def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
 
 
 def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int):
-    """(rank, value bits, column) of every stored entry in storage order, columns from each split's start."""
+    """(rank, value bits, column, slice x S + split) of every stored entry in storage order, columns from each split's
+    start."""
     slices, mp, s = _sections(m, offsets.numel())
     goff, win, starts, perm = _split_offsets(offsets, slices, mp, s)
     dev = data.device
@@ -401,4 +386,5 @@ def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int):
     st = starts[sl[:, None].expand(ng, LANES), split[:, None].expand(ng, LANES), lane[None, :].expand(ng, LANES)]
     cols = st[:, :, None].expand(ng, LANES, GROUP).reshape(-1) + cs[key.reshape(-1)] - before
     rank = (sl[:, None] * LANES + lane[None, :])[:, :, None].expand(ng, LANES, GROUP).reshape(-1)
-    return rank, vals.reshape(-1), cols
+    where_split = (sl * s + split).repeat_interleave(LANES * GROUP)
+    return rank, vals.reshape(-1), cols, where_split

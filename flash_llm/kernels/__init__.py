@@ -517,12 +517,11 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     fused = n == 1 and (act is None or paired_halves(m, offsets.numel())) and (
         norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0))
     if not fused:
-        if act is not None or norm is not None:
+        if act is not None or norm is not None or add_to is not None:
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
         if n == 0:
             return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
-        y = _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, None if add_to is not None else out)
-        return add_to.add_(y) if add_to is not None else y
+        return _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, out)
     x = x.contiguous()
     slices, mp, s = _sections(m, offsets.numel())
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (norm is None or norm[0].data_ptr() % 16 == 0))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import DeltaRows
 from ..nn import SparseLinear
 
 
@@ -97,10 +96,8 @@ def _why_not(layers: list[nn.Module]) -> str | None:
 def _stack(layers: list[nn.Module], pair_halves: bool = False) -> nn.Module:
     first = layers[0]
     bias = None if first.bias is None else torch.cat([m.bias for m in layers])
-    if isinstance(first, SparseLinear):
-        if pair_halves and first.weight_format is DeltaRows:  # gate / up: rows kept beside each other (SiLU x up)
-            return SparseLinear(DeltaRows.concat([m.weight for m in layers], pair_halves=True), bias)
-        return SparseLinear(first.weight_format.concat([m.weight for m in layers]), bias)
+    if isinstance(first, SparseLinear):  # (pair_halves: gate / up, kept beside each other where a format asks)
+        return SparseLinear(first.weight_format.concat([m.weight for m in layers], pair_halves=pair_halves), bias)
     w = torch.cat([m.weight for m in layers])
     out = nn.Linear(first.in_features, w.shape[0], bias=bias is not None, device="meta", dtype=w.dtype)
     out.weight = nn.Parameter(w, requires_grad=first.weight.requires_grad)
