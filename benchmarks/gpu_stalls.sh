@@ -2,7 +2,9 @@
 # Why the sparse kernels' warps wait: Nsight Compute's stall reasons per issued instruction, one launch each of the
 # bitmap and Tiled-CSL kernels (9216 x 36864 fp16, OPT-66B down), at the given sparsity and N.  One GPU.
 #   FLASH_LLM_COMMIT=<sha> [FMTS="bitmap tiled-csl"] [NCU_CLOCK=base] bash benchmarks/gpu_stalls.sh [SPARSITY=0.8] [N...=1 16]
-#   (outputs under $OUT).  NCU_CLOCK=none profiles at the clocks the card runs (boost, as the benchmarks time it);
+#   (outputs under $OUT).  STALLS_ARGS="--m 28672 --k 4096 --epilogue norm_silu" passes other shapes / epilogues to
+#   profile_kernel.py (STALLS_TAG names its logs); FMTS=delta-rows profiles DeltaRows (N = 1 only).
+#   NCU_CLOCK=none profiles at the clocks the card runs (boost, as the benchmarks time it);
 #   Nsight Compute's default, base, locks the SM clock at about 1.34 GHz on an H200, so a unit's busy percentage
 #   there overstates how busy it is at 1.98 GHz: compare the two durations before calling a kernel SM-bound.
 # Prints, per configuration, the stall reasons sorted by cycles per issued instruction (the WarpStateStats
@@ -15,16 +17,16 @@ sp=${1:-0.8}; shift || true
 ns=${*:-1 16}
 for fmt in ${FMTS:-bitmap tiled-csl}; do
   for n in $ns; do
-    log="$OUT/stalls_${fmt}_${sp}_n${n}_${NCU_CLOCK:-base}.txt"
+    log="$OUT/stalls_${fmt}_${sp}_n${n}_${NCU_CLOCK:-base}${STALLS_TAG:+_$STALLS_TAG}.txt"
     for metrics in 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
                    'regex:smsp__pcsamp_warps_issue_stalled_.*'; do
       timeout 240 ncu --clock-control "${NCU_CLOCK:-base}" --target-processes all --kernel-name regex:"_spmm_" --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         --section LaunchStats --section MemoryWorkloadAnalysis \
-        --metrics "$metrics" python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" \
+        --metrics "$metrics" python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" ${STALLS_ARGS:-} \
         > "$log" 2>&1 && grep -aq "stalled" "$log" && break
     done
-    echo "=== $fmt, sparsity $sp, N = $n ($log)"
+    echo "=== $fmt, sparsity $sp, N = $n ${STALLS_ARGS:-} ($log)"
     grep -aE "^\s+Duration|SM Frequency|L1/TEX Cache Throughput|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Waves Per SM|Grid Size|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Mem Busy|Max Bandwidth|L1/TEX Hit Rate|^plan|^kernel" "$log" | head -20
     grep -aE "stalled" "$log" | awk '{v=$NF; gsub(",","",v); print v, $1}' | sort -gr | head -12
   done

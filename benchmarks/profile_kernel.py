@@ -13,21 +13,25 @@ from flash_llm import kernels
 from flash_llm.reference import FORMAT_IDS
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--fmt", default="bitmap", choices=["bitmap", "tiled-csl"])
+ap.add_argument("--fmt", default="bitmap", choices=["bitmap", "tiled-csl", "delta-rows"])
 ap.add_argument("--m", type=int, default=9216)
 ap.add_argument("--k", type=int, default=36864)
 ap.add_argument("--n", type=int, default=16)
 ap.add_argument("--sparsity", type=float, default=0.9)
-ap.add_argument("--splits", type=int, default=None)
+ap.add_argument("--splits", type=int, default=None, help="split-K (DeltaRows: the split count it is encoded with)")
 ap.add_argument("--iters", type=int, default=5)
 ap.add_argument("--decode", action="store_true", help="run the decoder to dense (the large-N path) instead")
 ap.add_argument("--epilogue", default="none", choices=["none", "norm", "norm_silu", "silu", "resid"],
                 help="what runs around the product (kernels.spmm_cuda's norm / act / add_to; fused at N = 1, Tiled-CSL)")
 a = ap.parse_args()
-cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
+cls = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL, "delta-rows": flash_llm.DeltaRows}[a.fmt]
 w = torch.randn(a.m, a.k, device="cuda").half()
 w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
-f = cls.from_dense(w)
+if cls is flash_llm.DeltaRows:  # split count fixed when encoding; gate / up paired for SiLU x up inside the kernel
+    f = cls.from_dense(w, splits=a.splits, pair_halves=a.epilogue.endswith("silu"))
+    a.splits = None
+else:
+    f = cls.from_dense(w)
 x = torch.randn(a.n, a.k, device="cuda").half()
 if a.decode:
     for _ in range(a.iters):
@@ -58,11 +62,14 @@ if a.epilogue.endswith("silu"):
 elif a.epilogue == "resid":
     want += acc0.float()
 err = (y.float() - want).abs().max().item()
-name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0, f.density)  # as spmm_cuda
-print("kernel", name, "launches", "+".join(dict.fromkeys(launched)),
-      "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
-                           kernels.blocks_per_sm(name, 0, kernels.block_threads(name), shared),
-                           a.splits, FORMAT_IDS[cls], wg), "max err", err)
+if cls is flash_llm.DeltaRows:
+    print("kernel delta_rows launches", "+".join(dict.fromkeys(launched)), "splits", f.splits, "max err", err)
+else:
+    name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0, f.density)  # as spmm_cuda
+    print("kernel", name, "launches", "+".join(dict.fromkeys(launched)),
+          "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
+                               kernels.blocks_per_sm(name, 0, kernels.block_threads(name), shared),
+                               a.splits, FORMAT_IDS[cls], wg), "max err", err)
 
 # Host-side cost of one eager call (Python checks, op dispatch, launch), against F.linear: wall clock
 # of many back-to-back calls on a small layer, where the GPU finishes each call before the next launch.

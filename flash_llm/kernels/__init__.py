@@ -504,6 +504,7 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
 
 
 _DR_RESID, _DR_RMS, _DR_SILU = 1, 2, 4  # spmm.cu: DR_RESID, DR_RMS, DR_SILU
+DR_WARPS = 4  # spmm.cu: slices per block of the DeltaRows kernel, sharing one staged X window
 
 
 def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> torch.Tensor:
@@ -531,11 +532,11 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     ws = torch.empty(s * mp + slices * s, dtype=torch.float32, device=dev)
     tickets = _scratch.get_tickets(dev, stream, slices)
     mode = (_DR_RESID if add_to is not None else 0) | (_DR_RMS if norm is not None else 0) | (_DR_SILU if act else 0)
-    launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1", (slices, s, 1), 32,
+    launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (ws.data_ptr(), P), (tickets.data_ptr(), P), (s, I),
             (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P),
-            (float(norm[1]) if norm is not None else 0.0, ctypes.c_float), (k, I)],
+            (float(norm[1]) if norm is not None else 0.0, ctypes.c_float), (k, I), (slices, I)],
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
 

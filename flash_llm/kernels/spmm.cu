@@ -1821,11 +1821,13 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 // ------------------------------------------------------------------------------------------------
 // DeltaRows (flash_llm/formats/delta_rows.py): N = 1 on the CUDA cores, one weight row per lane
 // ------------------------------------------------------------------------------------------------
-// delta_rows_spmm_<dtype>_n1: grid (slices, S), one warp per block.  Lane l walks rank 32 slice + l's entries of
+// delta_rows_spmm_<dtype>_n1: grid (ceil(slices / DR_WARPS), S), DR_WARPS warps a block, warp i on slice
+// DR_WARPS blockIdx.x + i, the block's X window the union of its warps' (staged once, by every thread; session 27: 4 %
+// faster end to end at batch 1 than a warp a block staging its own).  Lane l walks rank 32 slice + l's entries of
 // split s (groups s G / S .. (s + 1) G / S - 1 of the slice): per entry its column steps on (LOP3 + LEA.HI on a byte
 // offset), X's element there is read from the split's window, staged once per block in shared memory as fp32, and
 // the value (HADD2.F32 / a shift for bf16) is added in by one FFMA into one of two register sums.  Groups are loaded
-// DR_PF ahead in registers (16 + 4 bytes a lane each).  Each block stores its 32 sums to ws[s][rank]; the last block
+// DR_PF ahead in registers (16 + 4 bytes a lane each).  Each warp stores its 32 sums to ws[s][rank]; the last warp
 // of a slice to arrive (an acquire-release ticket, as n1_finish) sums the S partials in split order and writes
 // Y[perm[rank]].  The modes (the N = 1 epilogues of the Tiled-CSL n1r kernel, with its rounding steps):
 // - plain: + bias; DR_RESID: the rounded sum (+ bias) added into Y, rounded (add_group);
@@ -1840,6 +1842,7 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 // Session 26 prototype (benchmarks/results/2026-12-01-s26/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than _n1r on Llama-3-8B's
 // layers at 70-80 %.
 constexpr int DR_WMAX = 1536;  // delta_rows.WINDOW_MAX
+constexpr int DR_WARPS = 4;     // slices per block (the same split), sharing one staged X window; kernels.DR_WARPS
 constexpr int DR_PF = 4;
 constexpr int DR_RESID = 1, DR_RMS = 2, DR_SILU = 4;  // kernels.__init__: _DR_RESID, _DR_RMS, _DR_SILU
 
@@ -1910,9 +1913,12 @@ template <bool BF16>
 DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
                              int* __restrict__ tickets, int S, int vec, int mode, const u16* __restrict__ colscale,
-                             float eps, int K) {
+                             float eps, int K, int slices) {
   __shared__ __align__(16) float xs[DR_WMAX];
-  const int lane = threadIdx.x & 31, slice = blockIdx.x, s = blockIdx.y, slices = gridDim.x;
+  __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
+  const int slice = min(blockIdx.x * DR_WARPS + warp, slices - 1);  // (a warp past the last slice repeats it, unstored)
+  const bool live = blockIdx.x * DR_WARPS + warp < slices;
   const bool rms = mode & DR_RMS;
   const int goff = offsets[slice], G = offsets[slice + 1] - goff;
   const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
@@ -1928,9 +1934,20 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     }
   pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
   const int* win = offsets + slices + 1 + 2 * (slice * S + s);
-  const int a0 = win[0], w = win[1];
+  if (lane == 0) {  // the block's window: the union of its warps' (DR_WARPS slices, the same split)
+    win_lo[warp] = win[0];
+    win_hi[warp] = win[0] + win[1];
+  }
   const int start = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
   const int* perm = offsets + slices + 1 + 18 * slices * S;
+  __syncthreads();
+  int a0 = win_lo[0], hi = win_hi[0];
+#pragma unroll
+  for (int i = 1; i < DR_WARPS; ++i) {
+    a0 = min(a0, win_lo[i]);
+    hi = max(hi, win_hi[i]);
+  }
+  const int w = hi - a0;  // (multiples of 8, as every window's ends)
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const int mp = slices * 32;
   float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
@@ -1947,8 +1964,9 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   const u32 off = 4u * (u32)(start - a0);
   const u16* gs = rms ? colscale + a0 : nullptr;
   float acc;
-  if (vec && w <= DR_WMAX) {
-    for (int c = 8 * lane; c < w; c += 256) {  // X[a0 + c .. + 7] (x colscale) -> xs[c .. + 7] as fp32
+  const bool staged = vec && w <= DR_WMAX;  // the same for every warp of the block
+  if (staged) {
+    for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {  // X[a0 + c .. + 7] (x colscale) -> xs[c .. + 7]
       const uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
       float f[8];
       dr_unpack<BF16>(r.x, f[0], f[1]);
@@ -1969,8 +1987,9 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       dst[0] = make_float4(f[0], f[1], f[2], f[3]);
       dst[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
-    __syncwarp();
+    __syncthreads();  // the last barrier: from here each warp runs on its own
   }
+  if (!live) return;
   if (rms) {
     auto sq = [&](const uint4& r) {
       const u32 rw[4] = {r.x, r.y, r.z, r.w};
@@ -1997,7 +2016,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     if (lane == 0) ssq_ws[slice * S + s] = q;
   }
-  if (vec && w <= DR_WMAX) {
+  if (staged) {
     acc = dr_walk<BF16, true>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
   } else {
     acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
@@ -2042,10 +2061,10 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #define DR_ARGS                                                                                                \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
       const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets, int S, int vec, int mode,  \
-      const u16 *__restrict__ colscale, float eps, int K
+      const u16 *__restrict__ colscale, float eps, int K, int slices
 #define INSTANTIATE_DR(NAME, BF16)                                                                           \
-  extern "C" __global__ void __launch_bounds__(32, 32) delta_rows_spmm_##NAME##_n1(DR_ARGS) {                \
-    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K);         \
+  extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS) delta_rows_spmm_##NAME##_n1(DR_ARGS) { \
+    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices); \
   }
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)
