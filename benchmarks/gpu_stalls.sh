@@ -18,7 +18,7 @@ ns=${*:-1 16}
 for fmt in ${FMTS:-bitmap tiled-csl}; do
   for n in $ns; do
     log="$OUT/stalls_${fmt}_${sp}_n${n}_${NCU_CLOCK:-base}${STALLS_TAG:+_$STALLS_TAG}.txt"
-    for metrics in 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    for metrics in 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum' \
                    'regex:smsp__pcsamp_warps_issue_stalled_.*'; do
       timeout 240 ncu --clock-control "${NCU_CLOCK:-base}" --target-processes all --kernel-name regex:"_spmm_" --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
@@ -27,7 +27,7 @@ for fmt in ${FMTS:-bitmap tiled-csl}; do
         > "$log" 2>&1 && grep -aq "stalled" "$log" && break
     done
     echo "=== $fmt, sparsity $sp, N = $n ${STALLS_ARGS:-} ($log)"
-    grep -aE "^\s+Duration|SM Frequency|L1/TEX Cache Throughput|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Waves Per SM|Grid Size|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Mem Busy|Max Bandwidth|L1/TEX Hit Rate|^plan|^kernel" "$log" | head -20
+    grep -aE "^\s+Duration|SM Frequency|L1/TEX Cache Throughput|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Waves Per SM|Grid Size|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Mem Busy|Max Bandwidth|L1/TEX Hit Rate|^plan|^kernel|bank_conflicts|wavefronts_mem_shared|op_shared_ld" "$log" | head -24
     grep -aE "stalled" "$log" | awk '{v=$NF; gsub(",","",v); print v, $1}' | sort -gr | head -12
   done
 done
