@@ -1909,6 +1909,29 @@ DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const flo
   return a0 + a1;
 }
 
+// the last block's sums over the S splits: v of pw[t mp], u of pu[t mp] (SILU), q of pq[t] (RMS), each in split
+// order, T splits' loads in flight at once (one round trip each T splits instead of one a split)
+template <int T, bool SILU, bool RMS>
+DEVI void dr_tail(const float* pw, const float* pu, const float* pq, int mp, int S, float& v, float& u, float& q) {
+  for (int t0 = 0; t0 < S; t0 += T) {
+    float a[T], b[T], c[T];
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+      const bool in = t0 + i < S;
+      a[i] = in ? __ldcg(pw + (long long)(t0 + i) * mp) : 0.f;
+      if (SILU) b[i] = in ? __ldcg(pu + (long long)(t0 + i) * mp) : 0.f;
+      if (RMS) c[i] = in ? __ldcg(pq + t0 + i) : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+      if (t0 + i < S) {
+        v += a[i];
+        if (SILU) u += b[i];
+        if (RMS) q += c[i];
+      }
+  }
+}
+
 template <bool BF16>
 DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
@@ -2031,18 +2054,22 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   if (prev != (silu ? 2 : 1) * S - 1) return;
   __syncwarp();  // lane 0's acquire before every lane's loads
   const int grank = group * 32 + lane;
-  float v = 0.f, u = 0.f;
-#pragma unroll 8
-  for (int t = 0; t < S; ++t) v += __ldcg(ws + (long long)t * mp + grank);
-  if (silu) {
-#pragma unroll 8
-    for (int t = 0; t < S; ++t) u += __ldcg(ws + (long long)t * mp + grank + hs * 32);
+  // the S partials (and the up half's, and the sums of squares), loaded T splits a round trip, summed in split order
+  float v = 0.f, u = 0.f, qs = 0.f;
+  const float* pw = ws + grank;
+  const float* pq = ssq_ws + group * S;
+  if (!silu && !rms) {
+    dr_tail<16, false, false>(pw, pw, pq, mp, S, v, u, qs);
+  } else if (!silu) {
+    dr_tail<12, false, true>(pw, pw, pq, mp, S, v, u, qs);
+  } else if (!rms) {
+    dr_tail<8, true, false>(pw, pw + hs * 32, pq, mp, S, v, u, qs);
+  } else {
+    dr_tail<8, true, true>(pw, pw + hs * 32, pq, mp, S, v, u, qs);
   }
   if (lane == 0) tickets[group] = 0;  // every block of the group has taken its ticket
   if (rms) {  // every lane the same factor: the same sums in the same order
-    float q = 0.f;
-    for (int t = 0; t < S; ++t) q += __ldcg(ssq_ws + group * S + t);
-    const float f = rsqrtf(q * __fdividef(1.f, (float)K) + eps);
+    const float f = rsqrtf(qs * __fdividef(1.f, (float)K) + eps);
     v *= f;
     u *= f;
   }
