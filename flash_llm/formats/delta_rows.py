@@ -34,8 +34,9 @@ GROUP = 8  # entries per lane per group
 GROUP_WORDS = LANES * GROUP // 2 + LANES  # 160
 MAX_STEP = 15
 MAX_K = 1 << 16  # columns are 16-bit
-#: split counts aim at about this many one-warp blocks (24-32 per SM on a 132-SM H100 / H200 were fastest, session 26;
-#: ``FLASH_LLM_DELTA_BLOCKS`` overrides it for tuning runs)
+#: split counts aim at about this many warps (slices x splits; 24-32 per SM on a 132-SM H100 / H200 were fastest,
+#: session 26).  The kernel's blocks of 4 warps fit 8 to an SM, so this must stay under one wave (1056 blocks on 132
+#: SMs): 4224 or 2800 ran batch 1 11 % slower (session 27).  ``FLASH_LLM_DELTA_BLOCKS`` overrides it for tuning runs
 TARGET_BLOCKS = int(os.environ.get("FLASH_LLM_DELTA_BLOCKS", "3600"))
 #: the kernel stages a split's X window in shared memory up to this many columns (fp32); wider windows read X from
 #: global memory (slower, same result), and the encoder raises the split count to avoid them (``DR_WMAX`` in spmm.cu)

@@ -1939,6 +1939,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
                              float eps, int K, int slices) {
   __shared__ __align__(16) float xs[DR_WMAX];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
+  __shared__ float qpart[DR_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
   const int slice = min(blockIdx.x * DR_WARPS + warp, slices - 1);  // (a warp past the last slice repeats it, unstored)
   const bool live = blockIdx.x * DR_WARPS + warp < slices;
@@ -1963,6 +1964,9 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   }
   const int start = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
   const int* perm = offsets + slices + 1 + 18 * slices * S;
+  const bool silu = mode & DR_SILU;
+  const int hs = slices >> 1, group = silu ? slice % hs : slice;
+  const int grank = group * 32 + lane;
   __syncthreads();
   int a0 = win_lo[0], hi = win_hi[0];
 #pragma unroll
@@ -1974,15 +1978,17 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const int mp = slices * 32;
   float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
-  // DR_RMS: this block's share of sum(x^2) over K, its first 2 x 16 bytes a lane loaded with the window's X (one round
-  // trip for both), the rest (K / S above 512 columns) after
+  // DR_RMS: split s's share of sum(x^2) over K, by the block's threads together (the same for every slice), their
+  // first 2 x 16 bytes loaded with the window's X (one round trip for both), the rest (K / S above 2048 columns) after
   float q = 0.f;
   uint4 qv[2];
   const int u0 = (int)((long long)s * (K >> 3) / S), u1 = (int)((long long)(s + 1) * (K >> 3) / S);
+  constexpr int NT = 32 * DR_WARPS;
   if (rms && vec) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
-      if (u0 + lane + 32 * i < u1) qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + lane + 32 * i);
+      if (u0 + (int)threadIdx.x + NT * i < u1)
+        qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i);
   }
   const u32 off = 4u * (u32)(start - a0);
   const u16* gs = rms ? colscale + a0 : nullptr;
@@ -2010,9 +2016,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       dst[0] = make_float4(f[0], f[1], f[2], f[3]);
       dst[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
-    __syncthreads();  // the last barrier: from here each warp runs on its own
   }
-  if (!live) return;
   if (rms) {
     auto sq = [&](const uint4& r) {
       const u32 rw[4] = {r.x, r.y, r.z, r.w};
@@ -2026,17 +2030,25 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     if (vec) {
 #pragma unroll
       for (int i = 0; i < 2; ++i)
-        if (u0 + lane + 32 * i < u1) sq(qv[i]);
-      for (int u = u0 + lane + 64; u < u1; u += 32) sq(__ldg(reinterpret_cast<const uint4*>(x) + u));
+        if (u0 + (int)threadIdx.x + NT * i < u1) sq(qv[i]);
+      for (int u = u0 + threadIdx.x + 2 * NT; u < u1; u += NT) sq(__ldg(reinterpret_cast<const uint4*>(x) + u));
     } else {
       const int c0 = (int)((long long)s * K / S), c1 = (int)((long long)(s + 1) * K / S);
-      for (int c = c0 + lane; c < c1; c += 32) {
+      for (int c = c0 + threadIdx.x; c < c1; c += NT) {
         const float f = to_float<BF16>(x[c]);
         q = fmaf(f, f, q);
       }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    if (lane == 0) qpart[warp] = q;
+  }
+  if (staged || rms) __syncthreads();  // (the same for every warp) the last barrier: from here each warp runs alone
+  if (!live) return;
+  if (rms) {  // every warp the same sum, in the same order
+    q = qpart[0];
+#pragma unroll
+    for (int i = 1; i < DR_WARPS; ++i) q += qpart[i];
     if (lane == 0) ssq_ws[slice * S + s] = q;
   }
   if (staged) {
@@ -2045,15 +2057,18 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
   }
   ws[(long long)s * mp + slice * 32 + lane] = acc;
-  const bool silu = mode & DR_SILU;
-  const int hs = slices >> 1, group = silu ? slice % hs : slice;
+  // the epilogue's inputs, asked for by every warp before its ticket so the last one does not wait for them after it:
+  // the row, its bias and Y's old value there (DR_RESID; only this slice's last warp writes it, and only after this)
+  const int row = perm[grank];
+  const bool keep = row >= 0 && !silu;
+  const float bv = bias && keep ? to_float<BF16>(bias[row]) : 0.f;
+  const float yv = (mode & DR_RESID) && keep ? to_float<BF16>(y[row]) : 0.f;
   __syncwarp();  // orders every lane's stores before lane 0's release
   int prev = 0;
   if (lane == 0) prev = ticket_acq_rel(tickets + group);
   prev = __shfl_sync(0xffffffffu, prev, 0);
   if (prev != (silu ? 2 : 1) * S - 1) return;
   __syncwarp();  // lane 0's acquire before every lane's loads
-  const int grank = group * 32 + lane;
   // the S partials (and the up half's, and the sums of squares), loaded T splits a round trip, summed in split order
   float v = 0.f, u = 0.f, qs = 0.f;
   const float* pw = ws + grank;
@@ -2073,15 +2088,13 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     v *= f;
     u *= f;
   }
-  const int row = perm[grank];
   if (row < 0) return;
   if (silu) {
     const float gr = to_float<BF16>(from_float<BF16>(v)), ur = to_float<BF16>(from_float<BF16>(u));
     y[row] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
   } else {
-    const float r = v + (bias ? to_float<BF16>(bias[row]) : 0.f);
-    y[row] = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(y[row]) + to_float<BF16>(from_float<BF16>(r)))
-                               : from_float<BF16>(r);
+    const float r = v + bv;
+    y[row] = (mode & DR_RESID) ? from_float<BF16>(yv + to_float<BF16>(from_float<BF16>(r))) : from_float<BF16>(r);
   }
 }
 
