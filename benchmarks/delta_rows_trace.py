@@ -1,5 +1,6 @@
 """Where a DeltaRows N = 1 launch's time goes: phase stamps of every warp, from a kernel built with a tracing patch.
 
+    # in a copy of the tree at commit 7fb70b8 (the kernel before session 27's ring; rebase the patch for later ones):
     git apply benchmarks/results/2026-12-01-s27/dr_trace.patch   # adds a trace pointer to delta_rows_spmm_*_n1
     python benchmarks/delta_rows_trace.py [--sparsity 0.8]
 

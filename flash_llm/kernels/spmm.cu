@@ -1826,10 +1826,10 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 // faster end to end at batch 1 than a warp a block staging its own).  Lane l walks rank 32 slice + l's entries of
 // split s (groups s G / S .. (s + 1) G / S - 1 of the slice): per entry its column steps on (LOP3 + LEA.HI on a byte
 // offset), X's element there is read from the split's window, staged once per block in shared memory as fp32, and
-// the value (HADD2.F32 / a shift for bf16) is added in by one FFMA into one of two register sums.  Groups are loaded
-// DR_PF ahead in registers (16 + 4 bytes a lane each).  Each warp stores its 32 sums to ws[s][rank]; the last warp
-// of a slice to arrive (an acquire-release ticket, as n1_finish) sums the S partials in split order and writes
-// Y[perm[rank]].  The modes (the N = 1 epilogues of the Tiled-CSL n1r kernel, with its rounding steps):
+// the value (HADD2.F32 / a shift for bf16) is added in by one FFMA into one of two register sums.  Groups are copied
+// DR_RING ahead into shared memory by cp.async (16 + 4 bytes a lane each; each lane reads back only its own).  Each
+// warp stores its 32 sums to ws[s][rank]; the last warp of a slice to arrive (an acquire-release ticket, as
+// n1_finish) sums the S partials in split order and writes Y[perm[rank]].  The modes (the N = 1 epilogues of the Tiled-CSL n1r kernel, with its rounding steps):
 // - plain: + bias; DR_RESID: the rounded sum (+ bias) added into Y, rounded (add_group);
 // - DR_RMS: X's columns scaled by colscale (the RMSNorm weight) while staged, rounded to the dtype once (as n1s); each
 //   block also sums the squares of X's raw values over its share of K (columns s K / S .. (s + 1) K / S - 1, every
@@ -1843,7 +1843,7 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 // layers at 70-80 %.
 constexpr int DR_WMAX = 1536;  // delta_rows.WINDOW_MAX
 constexpr int DR_WARPS = 4;     // slices per block (the same split), sharing one staged X window; kernels.DR_WARPS
-constexpr int DR_PF = 4;
+constexpr int DR_RING = 8;  // groups a warp copies ahead into shared memory (cp.async), 640 bytes each
 constexpr int DR_RESID = 1, DR_RMS = 2, DR_SILU = 4;  // kernels.__init__: _DR_RESID, _DR_RMS, _DR_SILU
 
 template <bool BF16>
@@ -1887,24 +1887,31 @@ DEVI void dr_group(u32& off, float& a0, float& a1, const uint4& v, u32 d, const 
   }
 }
 
+// lane l's part of group g (its 16 bytes of values, its 4-byte steps word) copied into ring slot `slot` at rs (the
+// warp's ring, shared-memory address): the same offsets as in the group.  The "memory" clobbers keep the compiler
+// from moving the slot's earlier reads past the copy that refills it.
+DEVI void dr_copy(u32 rs, int slot, const unsigned char* base, int g) {
+  const int lane = threadIdx.x & 31;
+  const unsigned char* p = base + (long long)g * 640;  // (base: the slice's first group + 16 lane)
+  const u32 d = rs + slot * 640;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d + 16 * lane), "l"(p) : "memory");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d + 512 + 4 * lane), "l"(p + 512 - 12 * lane)
+               : "memory");
+}
+
 template <bool BF16, bool STAGED>
 DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg, const u16* gs,
-                   uint4 (&pv)[DR_PF], u32 (&pd)[DR_PF]) {
+                   const unsigned char* ring, u32 rs) {
   float a0 = 0.f, a1 = 0.f;
-  for (int g = g0; g < g1; g += DR_PF) {
-#pragma unroll
-    for (int i = 0; i < DR_PF; ++i) {
-      if (g + i < g1) {
-        const uint4 v = pv[i];
-        const u32 d = pd[i];
-        if (g + i + DR_PF < g1) {
-          const unsigned char* p = base + (long long)(g + i + DR_PF) * 640;
-          pv[i] = __ldg(reinterpret_cast<const uint4*>(p));
-          pd[i] = __ldg(reinterpret_cast<const u32*>(p + 512 - 12 * (threadIdx.x & 31)));
-        }
-        dr_group<BF16, STAGED>(off, a0, a1, v, d, xs, xg, gs);
-      }
-    }
+  const int lane = threadIdx.x & 31;
+  for (int g = g0; g < g1; ++g) {
+    const int slot = (g - g0) & (DR_RING - 1);
+    cp_async_wait<DR_RING - 1>();  // this lane's copy of group g is in (one commit a group, DR_RING ahead)
+    const uint4 v = *reinterpret_cast<const uint4*>(ring + slot * 640 + 16 * lane);
+    const u32 d = *reinterpret_cast<const u32*>(ring + slot * 640 + 512 + 4 * lane);
+    if (g + DR_RING < g1) dr_copy(rs, slot, base, g + DR_RING);
+    cp_async_commit();  // (empty past the end, so the count stays one a group)
+    dr_group<BF16, STAGED>(off, a0, a1, v, d, xs, xg, gs);
   }
   return a0 + a1;
 }
@@ -1938,6 +1945,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
                              int* __restrict__ tickets, int S, int vec, int mode, const u16* __restrict__ colscale,
                              float eps, int K, int slices) {
   __shared__ __align__(16) float xs[DR_WMAX];
+  __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING * 640];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
   __shared__ float qpart[DR_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
@@ -1947,15 +1955,12 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   const int goff = offsets[slice], G = offsets[slice + 1] - goff;
   const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
   const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
-  uint4 pv[DR_PF];
-  u32 pd[DR_PF];
+  const u32 rs = smem_addr(ring[warp]);
 #pragma unroll
-  for (int i = 0; i < DR_PF; ++i)
-    if (g0 + i < g1) {
-      const unsigned char* p = base + (long long)(g0 + i) * 640;
-      pv[i] = __ldg(reinterpret_cast<const uint4*>(p));
-      pd[i] = __ldg(reinterpret_cast<const u32*>(p + 512 - 12 * lane));
-    }
+  for (int i = 0; i < DR_RING; ++i) {  // the first DR_RING groups (a warp past the last slice copies nothing)
+    if (live && g0 + i < g1) dr_copy(rs, i, base, g0 + i);
+    cp_async_commit();
+  }
   pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
   const int* win = offsets + slices + 1 + 2 * (slice * S + s);
   if (lane == 0) {  // the block's window: the union of its warps' (DR_WARPS slices, the same split)
@@ -2052,9 +2057,9 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     if (lane == 0) ssq_ws[slice * S + s] = q;
   }
   if (staged) {
-    acc = dr_walk<BF16, true>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
+    acc = dr_walk<BF16, true>(base, g0, g1, off, xs, x + a0, gs, ring[warp], rs);
   } else {
-    acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, gs, pv, pd);
+    acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, gs, ring[warp], rs);
   }
   ws[(long long)s * mp + slice * 32 + lane] = acc;
   // the epilogue's inputs, asked for by every warp before its ticket so the last one does not wait for them after it:
