@@ -42,6 +42,34 @@ def test_default_split_count_aims_at_the_block_target():
     assert c.splits * slices <= 2 * D.TARGET_BLOCKS
 
 
+def test_split_target_follows_the_device_wave(monkeypatch):
+    """Encoding on a CUDA device aims at WAVE_SHARE of one wave of the N = 1 kernel there (H200: 8 blocks of 4 warps
+    on 132 SMs -> 3590 warps, the split counts of the 3600 default); on the CPU, or where the kernels cannot say,
+    TARGET_BLOCKS; FLASH_LLM_DELTA_BLOCKS wins over both."""
+    from flash_llm import kernels
+
+    monkeypatch.delenv("FLASH_LLM_DELTA_BLOCKS", raising=False)
+    monkeypatch.setattr(kernels, "sm_count", lambda index: 132)
+    monkeypatch.setattr(kernels, "blocks_per_sm", lambda name, index, block, shared=0: 8)
+    cuda0 = torch.device("cuda", 0)
+    assert D.target_warps(cuda0) == int(D.WAVE_SHARE * 8 * 132 * 4) == 3590
+    for m, s in ((28672, 4), (6144, 19), (4096, 28)):  # Llama-3-8B gate / up, qkv, o: as with 3600
+        assert D.default_splits(m, 1000, cuda0) == D.default_splits(m, 1000) == s
+    monkeypatch.setattr(kernels, "sm_count", lambda index: 108)  # an A100: 6 blocks an SM (164 KB of shared memory)
+    monkeypatch.setattr(kernels, "blocks_per_sm", lambda name, index, block, shared=0: 6)
+    assert D.target_warps("cuda:0") == int(0.85 * 6 * 108 * 4)
+    assert D.default_splits(28672, 1000, "cuda:0") == 2  # 896 slices: 2 splits, 448 blocks of 648
+    assert D.target_warps("cpu") == D.target_warps(None) == D.TARGET_BLOCKS
+
+    def broken(*a, **k):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(kernels, "blocks_per_sm", broken)
+    assert D.target_warps(cuda0) == D.TARGET_BLOCKS
+    monkeypatch.setenv("FLASH_LLM_DELTA_BLOCKS", "1234")
+    assert D.target_warps(cuda0) == D.TARGET_BLOCKS  # (read at import: the override in force then)
+
+
 def test_windows_are_narrowed_by_more_splits_when_they_can_be():
     w = _w(64, 16384, 0.2, seed=3)  # 2 slices: few splits by the block target, windows of thousands of columns
     c = DeltaRows.from_dense(w)

@@ -35,9 +35,12 @@ GROUP_WORDS = LANES * GROUP // 2 + LANES  # 160
 MAX_STEP = 15
 MAX_K = 1 << 16  # columns are 16-bit
 #: split counts aim at about this many warps (slices x splits; 24-32 per SM on a 132-SM H100 / H200 were fastest,
-#: session 26).  The kernel's blocks of 4 warps fit 8 to an SM, so this must stay under one wave (1056 blocks on 132
-#: SMs): 4224 or 2800 ran batch 1 11 % slower (session 27).  ``FLASH_LLM_DELTA_BLOCKS`` overrides it for tuning runs
+#: session 26) when encoding off the GPU.  The kernel's blocks of 4 warps fit 8 to an SM there, so this must stay under
+#: one wave (1056 blocks on 132 SMs): 4224 or 2800 ran batch 1 11 % slower (session 27).  ``FLASH_LLM_DELTA_BLOCKS``
+#: overrides it for tuning runs; encoding on a CUDA device, :func:`target_warps` takes that device's wave
 TARGET_BLOCKS = int(os.environ.get("FLASH_LLM_DELTA_BLOCKS", "3600"))
+#: on a CUDA device the split counts aim at this share of one wave of the N = 1 kernel (3600 warps of 4224 on an H200)
+WAVE_SHARE = 0.85
 #: the kernel stages a split's X window in shared memory up to this many columns (fp32); wider windows read X from
 #: global memory (slower, same result), and the encoder raises the split count to avoid them (``DR_WMAX`` in spmm.cu)
 WINDOW_MAX = 1536
@@ -151,11 +154,31 @@ def _windows(colpos: torch.Tensor, groups: torch.Tensor, splits: int, ent: torch
     return start, torch.stack([a0, w], 2)
 
 
-def default_splits(m: int, max_groups: int) -> int:
-    """The split count the encoder starts from: about :data:`TARGET_BLOCKS` one-warp blocks, at least 2 groups a split
-    where the slices allow it."""
+def target_warps(device: torch.device | str | None = None) -> int:
+    """The warps (slices x splits) the encoder's split counts aim at: ``FLASH_LLM_DELTA_BLOCKS`` when set; on a CUDA
+    device, :data:`WAVE_SHARE` of one wave of the N = 1 kernel there (its resident blocks per SM x SMs x 4 warps: 3590
+    on a 132-SM H200, so a GPU with fewer SMs or less shared memory per SM does not get a second wave); else (encoding
+    on the CPU, or the kernels unavailable) :data:`TARGET_BLOCKS`."""
+    if os.environ.get("FLASH_LLM_DELTA_BLOCKS"):
+        return TARGET_BLOCKS
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        try:
+            from .. import kernels
+
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            per_sm = kernels.blocks_per_sm("delta_rows_spmm_f16_n1", index, 32 * kernels.DR_WARPS)
+            return max(1, int(WAVE_SHARE * per_sm * kernels.sm_count(index) * kernels.DR_WARPS))
+        except Exception:  # (no driver / NVRTC, an unsupported GPU: the default below)
+            pass
+    return TARGET_BLOCKS
+
+
+def default_splits(m: int, max_groups: int, device: torch.device | str | None = None) -> int:
+    """The split count the encoder starts from: about :func:`target_warps` warps for ``device`` (where the weight is
+    encoded), at least 2 groups a split where the slices allow it."""
     slices = ceil_div(m, LANES)
-    return int(max(1, min(round(TARGET_BLOCKS / slices), max(1, max_groups // 2), 4096)))
+    return int(max(1, min(round(target_warps(device) / slices), max(1, max_groups // 2), 4096)))
 
 
 class DeltaRows(SparseFormat):
@@ -176,10 +199,10 @@ class DeltaRows(SparseFormat):
                    pair_halves: bool = False) -> "DeltaRows":
         """Compress a dense ``[M, K]`` weight (zeros, including -0.0, are dropped), on ``w``'s device.
 
-        ``splits``: the K-splits of the N = 1 kernel (default: :func:`default_splits`, raised until every split's
-        X window fits :data:`WINDOW_MAX` columns where possible).  ``pair_halves``: a merged gate / up weight (``M / 2``
-        a multiple of 32), its rows ``r`` and ``r + M / 2`` kept in matching lanes, so the kernel can apply
-        ``silu(gate) * up`` (:func:`paired_halves`)."""
+        ``splits``: the K-splits of the N = 1 kernel (default: :func:`default_splits` for ``w``'s device, raised until
+        every split's X window fits :data:`WINDOW_MAX` columns where possible).  ``pair_halves``: a merged gate / up
+        weight (``M / 2`` a multiple of 32), its rows ``r`` and ``r + M / 2`` kept in matching lanes, so the kernel can
+        apply ``silu(gate) * up`` (:func:`paired_halves`)."""
         w = check_dense_weight(w, dtype)
         m, k = w.shape
         if k >= MAX_K:
@@ -191,7 +214,7 @@ class DeltaRows(SparseFormat):
         vals, steps, groups, perm, nnz, ent = _streams(w, pair_halves)
         colpos = torch.cumsum(steps.to(torch.int32), 1)
         gmax = int(groups.max())
-        s = splits or default_splits(m, gmax)
+        s = splits or default_splits(m, gmax, w.device)
         start, win = _windows(colpos, groups, s, ent)
         while splits is None and s < max(1, gmax) and int(win[..., 1].max()) > WINDOW_MAX:
             s = min(max(1, gmax), ceil_div(s * 3, 2))
