@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -127,6 +128,24 @@ class Generation:
 FUSE_MIN_PARAMETERS = 10**9
 
 
+def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_batch: int) -> str | None:
+    """A warning for an engine whose DeltaRows layers would run above the batch their CUDA kernels take (they expand
+    each weight to dense there, slower than the dense model); ``None`` when there is nothing to say."""
+    if device.type != "cuda":
+        return None
+    from . import kernels
+    from .formats import DeltaRows
+    from .nn import SparseLinear
+
+    n = sum(isinstance(m, SparseLinear) and m.weight_format is DeltaRows for m in model.modules())
+    if not n or kernels.use_sparse_kernel(max_batch, 0.2, kernels.DELTA_ROWS):
+        return None
+    first = next(b for b in range(1, max_batch + 1) if not kernels.use_sparse_kernel(b, 0.2, kernels.DELTA_ROWS))
+    return (f"max_batch={max_batch}: {n} DeltaRows layer(s) run their sparse kernel up to batch {first - 1} only; from "
+            f"batch {first} on each call expands the weight to dense, slower than the dense model (format='tiled-csl' "
+            f"serves every batch; DeltaRows is the fastest at batch 1)")
+
+
 class Engine:
     """Generation with a preallocated KV cache for ``max_batch x max_seq`` tokens.
 
@@ -195,6 +214,9 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs NCCL collectives to capture; this tensor-parallel group uses "
                              f"{self.tp.backend}")
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
+        note = _delta_rows_batch_note(model, self.device, max_batch)
+        if note:
+            warnings.warn(note, stacklevel=2)
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         dev = self.device
         self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)

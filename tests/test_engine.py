@@ -444,3 +444,34 @@ def test_fused_path_falls_back_to_eager_when_compiling_fails(monkeypatch):
                                                                              eos_token_id=None)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
     assert all(_fused._COMPILED[n] is _fused._EAGER[n] for n in _fused._COMPILED)
+
+
+def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):
+    """An engine on CUDA whose DeltaRows layers would run above the batch their kernels take (each call would expand
+    the weight to dense, slower than dense) says so when it is built; at batch 1, on the CPU, or without DeltaRows
+    layers it says nothing.  (The check itself is pure Python: the device is only looked at.)"""
+    from flash_llm.engine import _delta_rows_batch_note
+
+    hm, _ = pair
+    ours = _ours(hm, torch.float16)
+    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    plain = copy.deepcopy(ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
+        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+        flash_llm.sparsify_(plain)
+    cuda = torch.device("cuda")
+    n = sum(isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows for m in ours.modules())
+    assert n > 0
+    from flash_llm import kernels
+
+    first = next(b for b in range(1, 65) if not kernels.use_sparse_kernel(b, 0.2, kernels.DELTA_ROWS))  # (today 2)
+    assert _delta_rows_batch_note(ours, cuda, first - 1) is None
+    note = _delta_rows_batch_note(ours, cuda, first + 2)
+    assert note is not None and f"{n} DeltaRows layer(s)" in note and f"max_batch={first + 2}" in note
+    assert f"up to batch {first - 1} only" in note and f"from batch {first} on" in note
+    assert _delta_rows_batch_note(ours, torch.device("cpu"), first + 2) is None
+    assert _delta_rows_batch_note(plain, cuda, first + 2) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CPU engine: no warning
+        Engine(ours, max_batch=first + 2, max_seq=32)
