@@ -22,6 +22,12 @@ def copies_needed(nbytes: int, min_total: int | None = None, cap: int = 64) -> i
     return max(1, min(cap, -(-min_total // max(1, nbytes))))
 
 
+def weight_copies(w) -> list:
+    """A compressed weight and as many clones as :func:`copies_needed` rotates through (their arrays cloned)."""
+    return [w] + [type(w)._from_parts({n: t.clone() for n, t in w.tensors().items()}, w.shape, w.dtype, w.nnz)
+                  for _ in range(copies_needed(w.nbytes) - 1)]
+
+
 def time_calls(fns: list, replays: int = 10, warmup: int = 2) -> float:
     """Median time (seconds) of one call, from CUDA-graph replays of ``fns`` called in turn.
 

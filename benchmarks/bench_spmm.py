@@ -49,10 +49,6 @@ def random_sparse(m, k, sparsity, dtype, gen):
     return w.mul_(keep)
 
 
-def clone_format(w):
-    return type(w)._from_parts({n: t.clone() for n, t in w.tensors().items()}, w.shape, w.dtype, w.nnz)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and N (a smoke run)")
@@ -89,7 +85,7 @@ def main(argv=None):
                     wd = random_sparse(m, k, sp, dtype, gen)
                     for fname in args.formats.split(","):
                         w = FORMATS[fname].from_dense(wd)
-                        copies = [w] + [clone_format(w) for _ in range(T.copies_needed(w.nbytes) - 1)]
+                        copies = T.weight_copies(w)
                         fid = FORMAT_IDS[type(w)]
                         for n in ns:
                             x = xs[n]

@@ -30,8 +30,7 @@ def main():
         for splits in sorted({max(1, base.splits // 2), base.splits, 2 * base.splits}):
             for paired in (False, True):
                 w = DeltaRows.from_dense(wd, splits=splits, pair_halves=paired)
-                ws = [w] + [DeltaRows._from_parts({"data": w.data.clone(), "offsets": w.offsets.clone()}, w.shape,
-                                                  w.dtype, w.nnz) for _ in range(T.copies_needed(w.nbytes) - 1)]
+                ws = T.weight_copies(w)
                 for mode in ("plain", "rms", "rms+silu"):
                     if mode == "rms+silu" and not paired:
                         continue

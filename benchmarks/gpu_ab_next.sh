@@ -47,10 +47,14 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 export OUT PYTHONPATH=$PWD
 ROOT=$PWD
+# copy_tree DIR: a copy of the tree (without .git, .venv and the benchmarks' outputs) in DIR
+copy_tree() {
+  mkdir -p "$1" && tar --exclude=./.git --exclude=./.venv --exclude=./benchmarks/out --exclude=./benchmarks/results \
+    -cf - . | tar -C "$1" -xf -
+}
 # two_trees DIR PATCH: copies of the tree in DIR/base and DIR/patch, benchmarks/ab/PATCH applied to the second
 two_trees() {
-  rm -rf "$1" && for v in base patch; do mkdir -p "$1/$v" && tar --exclude=./.git --exclude=./.venv \
-    --exclude=./benchmarks/out --exclude=./benchmarks/results -cf - . | tar -C "$1/$v" -xf -; done
+  rm -rf "$1" && for v in base patch; do copy_tree "$1/$v"; done
   (cd "$1/patch" && git apply "$ROOT/benchmarks/ab/$2") || { echo "$2 does not apply"; return 1; }
 }
 # llama_e2e SECONDS ARGS...: bench_e2e.py on Llama-3-8B, fused and merged, no HF baseline, 2 repeats (ARGS: --format,
@@ -122,8 +126,7 @@ for stage in "${@:-tests ab}"; do
                    --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
                fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
       e2emulti) { rm -rf /tmp/e2em; i=0  # base and one tree per patch of E2E_PATCHES (each applied alone to the base)
-                 for v in base ${E2E_PATCHES:?E2E_PATCHES=<files in benchmarks/ab>}; do mkdir -p /tmp/e2em/$i && tar --exclude=./.git \
-                   --exclude=./.venv --exclude=./benchmarks/out --exclude=./benchmarks/results -cf - . | tar -C /tmp/e2em/$i -xf -
+                 for v in base ${E2E_PATCHES:?E2E_PATCHES=<files in benchmarks/ab>}; do copy_tree /tmp/e2em/$i
                    if [ $v != base ]; then (cd /tmp/e2em/$i && git apply "$ROOT/benchmarks/ab/$v" && echo "--- tests: $v" && \
                      PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2em_$i timeout 200 python3 -m pytest -q -x --tb=short \
                      ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | tail -3); fi

@@ -1829,7 +1829,8 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 // the value (HADD2.F32 / a shift for bf16) is added in by one FFMA into one of two register sums.  Groups are copied
 // DR_RING ahead into shared memory by cp.async (16 + 4 bytes a lane each; each lane reads back only its own).  Each
 // warp stores its 32 sums to ws[s][rank]; the last warp of a slice to arrive (an acquire-release ticket, as
-// n1_finish) sums the S partials in split order and writes Y[perm[rank]].  The modes (the N = 1 epilogues of the Tiled-CSL n1r kernel, with its rounding steps):
+// n1_finish) sums the S partials in split order and writes Y[perm[rank]].  The modes (the N = 1 epilogues of the
+// Tiled-CSL n1r kernel, with its rounding steps):
 // - plain: + bias; DR_RESID: the rounded sum (+ bias) added into Y, rounded (add_group);
 // - DR_RMS: X's columns scaled by colscale (the RMSNorm weight) while staged, rounded to the dtype once (as n1s); each
 //   block also sums the squares of X's raw values over its share of K (columns s K / S .. (s + 1) K / S - 1, every
@@ -1839,8 +1840,8 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 //   silu(g) u of the rounded sums (store_silu_group) to Y[perm[rank]] (M / 2 outputs).
 // A window wider than DR_WMAX columns (rows of one slice far apart in K) or X without 16-byte rows is read from global
 // memory instead: slower, same sums.  Per entry: LOP3, LEA.HI, LDS, HADD2.F32, FFMA (Tiled-CSL's _n1 walk: about 13).
-// Session 26 prototype (benchmarks/results/2026-12-01-s26/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than _n1r on Llama-3-8B's
-// layers at 70-80 %.
+// Session 26 prototype (benchmarks/results/2026-12-01-s26/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than
+// _n1r on Llama-3-8B's layers at 70-80 %.
 constexpr int DR_WMAX = 1536;  // delta_rows.WINDOW_MAX
 constexpr int DR_WARPS = 4;     // slices per block (the same split), sharing one staged X window; kernels.DR_WARPS
 constexpr int DR_RING = 8;  // groups a warp copies ahead into shared memory (cp.async), 640 bytes each

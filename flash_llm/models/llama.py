@@ -234,7 +234,8 @@ def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
     """Whether, on ``x``'s device, the kernels do the elementwise work of :meth:`LlamaDecoderLayer.forward_one_token`
     for these ``(qkv, o, gate_up, down)`` layers (:func:`flash_llm.kernels.epilogue_fusable`: Tiled-CSL with split-K at
     N = 1, or DeltaRows with gate / up paired).  Elsewhere the one-token ops would run it as separate operations,
-    slower than the compiled norms of ``forward_deferred``.  The CPU runs the reference either way: True.  Cached per weights, device and dtype."""
+    slower than the compiled norms of ``forward_deferred``.  The CPU runs the reference either way: True.  Cached per
+    weights, device and dtype."""
     if not x.is_cuda:
         return True
     from .. import kernels

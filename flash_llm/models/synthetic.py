@@ -132,7 +132,8 @@ class SyntheticReport:
         projection_bytes: bytes of the decoder projections' weights as stored (compressed arrays, or dense).
         fmt: the compressed format (``"bitmap"``, ``"tiled-csl"`` or ``"delta-rows"``).
         formula_bytes: the same from the format's formula (:func:`bitmap_formula_bytes`,
-            :func:`tiled_csl_formula_bytes`) at the achieved nonzero counts (dense: M*K*2).
+            :func:`tiled_csl_formula_bytes`, :func:`delta_rows_formula_bytes`) at the achieved nonzero counts
+            (dense: M*K*2).
         other_bytes: every other parameter and buffer (embeddings, norms, biases, dense ``lm_head``).
         allocated_bytes: growth of ``torch.cuda.memory_allocated`` over the build (CUDA only, else 0).
         peak_bytes: ``torch.cuda.max_memory_allocated`` during the build minus the memory in use before it.
@@ -241,7 +242,8 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
             whole (the same random stream as without ``tp``, so the same model for a given seed) and only this
             rank's slice is kept and compressed; ``device`` should be ``tp.device``.  The memory check and the
             report are per rank.
-        fmt: the compressed format of the sparse projections, ``"bitmap"`` (default), ``"tiled-csl"`` or ``"delta-rows"``.
+        fmt: the compressed format of the sparse projections, ``"bitmap"`` (default), ``"tiled-csl"`` or
+            ``"delta-rows"``.
 
     Returns:
         ``(model, report)``: a :mod:`flash_llm.models` causal LM in eval mode whose projections are
