@@ -36,7 +36,8 @@
 #             default the kernel and engine suites; E2E_K=<pytest -k expression> for a subset), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
 #             80), batches $E2E_BATCHES (default 1,16), base and patch interleaved, twice (about 6 minutes)
 #   e2emulti  the base tree and one tree per patch of E2E_PATCHES ("a.patch b.patch", each applied alone): each patched
-#             tree's tests ($E2E_TESTS, E2E_K), then bench_e2e.py on every tree in turn, E2E_ROUNDS times (default 1)
+#             tree's tests ($E2E_TESTS, E2E_K), then bench_e2e.py on every tree in turn, E2E_ROUNDS times (default 1),
+#             each run under E2E_TIMEOUT seconds (default 150)
 #   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
 #             setting of E2E_ENVS (";A=1 B=0;A=0": settings separated by ';', an empty one for the defaults), in order,
 #             E2E_ROUNDS times (default 1): switches of the checked-out tree A/B'd end to end in one process each
@@ -129,10 +130,10 @@ for stage in "${@:-tests ab}"; do
                  for v in base ${E2E_PATCHES:?E2E_PATCHES=<files in benchmarks/ab>}; do copy_tree /tmp/e2em/$i
                    if [ $v != base ]; then (cd /tmp/e2em/$i && git apply "$ROOT/benchmarks/ab/$v" && echo "--- tests: $v" && \
                      PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2em_$i timeout 200 python3 -m pytest -q -x --tb=short \
-                     ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | tail -3); fi
+                     ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | tail -12); fi
                    i=$((i + 1)); done
                  for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for v in base ${E2E_PATCHES}; do (cd /tmp/e2em/$i && PYTHONPATH=$PWD \
-                   FLASH_LLM_CACHE=/tmp/flc_e2em_$i llama_e2e 150 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
+                   FLASH_LLM_CACHE=/tmp/flc_e2em_$i llama_e2e ${E2E_TIMEOUT:-150} --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
                    --batches ${E2E_BATCHES:-1,16} --out /tmp/e2em/out_${i}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); i=$((i + 1)); done; done
                } 2>&1 | tee "$OUT/e2emulti.log" ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
