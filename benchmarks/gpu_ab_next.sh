@@ -19,7 +19,8 @@
 #             batch 1 / 8 / 16 (E2E_BATCHES), fused and merged (3 minutes)
 #   pdl       time_across_n.py on 4096 x 14336 (Tiled-CSL 80 %) with FLASH_LLM_PDL=0 and 1 (1 minute)
 #   sdpa      profile_decode.py, Tiled-CSL 80 %, batch 1, with SDPA's default backend, efficient and math
-#   e2eopt    bench_e2e.py on OPT-30B, Tiled-CSL 0 / 80 %, batch 1 / 8 / 16, fused and merged (the fused OPT path)
+#   e2eopt    bench_e2e.py on OPT-30B, Tiled-CSL (E2E_FORMAT) 0 / 80 % (E2E_SPARSITIES), batch 1 / 8 / 16 (E2E_BATCHES), fused
+#             and merged (the fused OPT path), under E2E_TIMEOUT seconds (default 400)
 #   e2epdl    bench_e2e.py on Llama-3-8B, Tiled-CSL 80 %, batch 1 / 8, with $PDL_VAR (default FLASH_LLM_PDL) = 0 and 1,
 #             twice (PDL_VAR=FLASH_LLM_PDL_SPMM: the spmm's own programmatic launch under static_weights)
 #   spmm      bench_spmm.py --dtypes fp16 (both formats, 20 shapes; 3 minutes; SPMM_DTYPES="fp16 bf16" for both, one run each)
@@ -97,8 +98,8 @@ for stage in "${@:-tests ab}"; do
       sdpa) for be in default efficient math; do timeout 100 python3 benchmarks/profile_decode.py --model llama-3-8b \
               --format tiled-csl --sparsity 0.8 --batch 1 --fuse --merge --sdpa $be --out "$OUT/sdpa_$be.json" 2>&1 | \
               grep -v "^ *[0-9]* us\|Warn\|warn"; done 2>&1 | tee "$OUT/sdpa.log" ;;
-      e2eopt) timeout 400 python3 benchmarks/bench_e2e.py --models opt-30b --no-progress --format tiled-csl \
-                --sparsities 0,80 --batches 1,8,16 --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_opt" \
+      e2eopt) timeout ${E2E_TIMEOUT:-400} python3 benchmarks/bench_e2e.py --models opt-30b --no-progress --format ${E2E_FORMAT:-tiled-csl} \
+                --sparsities ${E2E_SPARSITIES:-0,80} --batches ${E2E_BATCHES:-1,8,16} --fuse --merge --no-hf --repeats 2 --out "$OUT/e2e_opt" \
                 2>&1 | tee "$OUT/e2e_opt.log" | grep -v "^{" ;;
       e2epdl) for pdl in 0 1 0 1; do (export "${PDL_VAR:-FLASH_LLM_PDL}=$pdl"; llama_e2e 150 --format tiled-csl \
                 --sparsities 0,80 --batches 1,8 --out "$OUT/e2e_pdl$pdl" 2>&1 | grep "b=" | sed "s/^/${PDL_VAR:-FLASH_LLM_PDL}=$pdl /")
