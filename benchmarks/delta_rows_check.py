@@ -1,5 +1,6 @@
-"""Small runs of every DeltaRows kernel path, checked against the reference: for compute-sanitizer (memcheck,
-racecheck), which makes the GPU test suite too slow.  Prints one line per case and "fails N" last.
+"""Small runs of every DeltaRows kernel path (N = 1, and 2-8 tokens), checked against the reference: for
+compute-sanitizer (memcheck, racecheck), which makes the GPU test suite too slow.  Prints one line per case and
+"fails N" last.
 
     compute-sanitizer --tool memcheck python benchmarks/delta_rows_check.py
 """
@@ -61,6 +62,26 @@ def main() -> int:
             ok = err <= 8 * 2**-10 * (scale + want.abs().max().item())
             fails += not ok
             print(f"{m}x{k} resid: err {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+            for n in (2, 5, 8):  # the multi-token kernels (nt2, nt8) and their reduction
+                xn = torch.randn(n, k, generator=gen, device="cuda").half()
+                refn = xn.double() @ wd.double().t()
+                sn = 1 + refn.abs().max().item()
+                tol = 8 * 2**-10 * sn
+                got = kernels.spmm_cuda(xn, w.data, w.offsets, FID, m, k, bias)
+                accn = torch.randn(n, m, generator=gen, device="cuda").half()
+                got_r = kernels.spmm_cuda(xn, w.data, w.offsets, FID, m, k, None, add_to=accn.clone())
+                errs = {"bias": (got.double() - refn - bias.double()).abs().max().item(),
+                        "resid": (got_r.double() - refn - accn.double()).abs().max().item()}
+                if paired:
+                    got_s = kernels.spmm_cuda(xn, w.data, w.offsets, FID, m, k, None, act="silu_mul")
+                    want_s = silu_mul_halves(refn.half()).double()
+                    errs["silu"] = (got_s.double() - want_s).abs().max().item()
+                    tol = 8 * 2**-10 * max(sn, 1 + want_s.abs().max().item())
+                for name, err in errs.items():
+                    ok = err <= tol  # (a NaN fails too)
+                    fails += not ok
+                    print(f"{m}x{k} N={n} paired {int(paired)} {name}: err {err:.2e} {'ok' if ok else 'WRONG'}",
+                          flush=True)
             dense = kernels.decode_dense(FID, w.data, w.offsets, m, k, torch.float16)
             ok = torch.equal(dense, wd)
             fails += not ok

@@ -289,7 +289,8 @@ class SparsifyConfig:
 
     Attributes:
         format: ``"bitmap"`` (default; :class:`~flash_llm.BitmapTiles`), ``"tiled-csl"`` or ``"delta-rows"``
-            (:class:`~flash_llm.DeltaRows`: the fastest at batch 1 on a GPU; above one token it expands to dense).
+            (:class:`~flash_llm.DeltaRows`: the fastest at batch 1 on a GPU, multi-token kernels up to 8 tokens, above
+            that it expands to dense).
         min_sparsity: layers whose weight has a smaller fraction of zeros stay dense (default 0.3).
             Why: a bitmap weight costs 1 bit per element plus 2 bytes per nonzero, so it is smaller
             than fp16 only above ~6 % zeros, and at 30 % it takes ~0.77x the dense bytes; the kernels

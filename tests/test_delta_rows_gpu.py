@@ -35,24 +35,26 @@ def test_delta_rows_shapes_densities_and_n(dtype, shape):
     for density in (0.0, 0.01, 0.2, 0.5, 0.95, 1.0):
         w_dense = sparse_weight(m, k, density, dtype, gen)
         w = DeltaRows.from_dense(w_dense)
-        for n in (1, 2, 17):
+        for n in (1, 2, 3, 8, 17):  # 2-8: the multi-token kernels (nt2, nt4, nt8); 17: the expansion
             x = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
             bias = torch.randn(m, generator=gen, device="cuda").to(dtype) if density != 0.5 else None
             check(run_kernel(x, w, bias), x, w_dense, bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_delta_rows_every_split_count(dtype):
+@pytest.mark.parametrize("n", [1, 5])
+def test_delta_rows_every_split_count(dtype, n):
     gen = torch.Generator(device="cuda").manual_seed(11)
     w_dense = sparse_weight(200, 2048, 0.2, dtype, gen)
-    x = torch.randn(1, 2048, generator=gen, device="cuda").to(dtype)
+    x = torch.randn(n, 2048, generator=gen, device="cuda").to(dtype)
     for s in (1, 2, 3, 16, 64, 200):
         check(run_kernel(x, DeltaRows.from_dense(w_dense, splits=s), None), x, w_dense, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("unaligned", [False, True], ids=["aligned", "x-offset"])
-def test_delta_rows_wide_windows_and_unaligned_x_read_x_from_global_memory(dtype, unaligned):
+@pytest.mark.parametrize("n", [1, 4])
+def test_delta_rows_wide_windows_and_unaligned_x_read_x_from_global_memory(dtype, unaligned, n):
     """Rows of a slice at opposite ends of K (a window wider than the shared-memory X), and X not 16-byte aligned:
     both take the kernel's global-memory path."""
     k = 8192
@@ -63,8 +65,8 @@ def test_delta_rows_wide_windows_and_unaligned_x_read_x_from_global_memory(dtype
         w_dense[r, cols] = torch.randn(200, generator=gen, device="cuda").to(dtype)
     w = DeltaRows.from_dense(w_dense)
     assert int(w._parts()[1][..., 1].max()) > D.WINDOW_MAX
-    buf = torch.randn(k + 1, generator=gen, device="cuda").to(dtype)
-    x = (buf[1:] if unaligned else buf[:k])[None]
+    buf = torch.randn(n * k + 1, generator=gen, device="cuda").to(dtype)
+    x = (buf[1:] if unaligned else buf[:n * k]).view(n, k)
     bias = torch.randn(32, generator=gen, device="cuda").to(dtype)
     check(run_kernel(x, w, bias), x, w_dense, bias)
 
@@ -139,12 +141,13 @@ def test_delta_rows_decode_kernel_is_exact():
             assert torch.equal(got.view(torch.int16), w.to_dense().view(torch.int16))
 
 
-def test_delta_rows_graph_under_static_weights_equals_eager():
+@pytest.mark.parametrize("n", [1, 4])
+def test_delta_rows_graph_under_static_weights_equals_eager(n):
     """Captured with the programmatic launch (static_weights), replayed twice: the eager result's bits."""
     gen = torch.Generator(device="cuda").manual_seed(15)
     w_dense = sparse_weight(1024, 4096, 0.2, torch.float16, gen)
     w = DeltaRows.from_dense(w_dense)
-    x = torch.randn(1, 4096, generator=gen, device="cuda").half()
+    x = torch.randn(n, 4096, generator=gen, device="cuda").half()
     eager = flash_llm.spmm(x, w)
     check(eager, x, w_dense, None)
     kernels = _kernels()

@@ -2,9 +2,9 @@
 
 import pytest
 
-from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, TCSL_WG32_MIN_DENSITY, THREADS, TILED_CSL, _MAX_NT, _nt,
-                               bitmap_wg_tokens, block_threads, kernel_name, plan, reduce_ways, tcsl_block,
-                               use_sparse_kernel)
+from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, DELTA_ROWS, TCSL_WG32_MIN_DENSITY, THREADS, TILED_CSL,
+                               _MAX_NT, _nt, bitmap_wg_tokens, block_threads, kernel_name, plan, reduce_ways,
+                               tcsl_block, use_sparse_kernel)
 
 SHAPES = [(1, 1), (257, 1000), (4096, 4096), (9216, 36864), (28672, 8192)]
 
@@ -99,6 +99,8 @@ def test_dispatch_crossovers():
     assert not use_sparse_kernel(256, 0.3, TILED_CSL, True, big)  # 70 %: the expansion
     assert not use_sparse_kernel(256, 0.2, TILED_CSL, True, 4096 * 4096)  # small: the expansion, its weight in L2
     assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
+    assert use_sparse_kernel(1, 0.2, DELTA_ROWS) and use_sparse_kernel(8, 0.2, DELTA_ROWS)  # nt8
+    assert not use_sparse_kernel(9, 0.2, DELTA_ROWS)  # the expansion
     assert use_sparse_kernel(128, 0.2, BITMAP, True) and not use_sparse_kernel(129, 0.2, BITMAP, True)
     p = plan(9216, 36864, 300, 0.2, 132, 1, None, TILED_CSL, True)
     assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (3, 36, 128, 256)

@@ -451,9 +451,10 @@ def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = F
     where its kernels for N > 64 (warpgroup MMA, or four warps sharing each tile's decode) beat the expansion (same
     shape, N = 128: 284 and 360 us against about 435), and up to N = 256 where its warpgroup kernel runs on a large,
     at least 80 % sparse weight (``TCSL_WG_MAX_DENSITY_ABOVE_128``, ``TCSL_WG_MIN_ELEMENTS``; session 13, same shape at
-    80 %: N = 256 in 416-428 us; the expansion took 473 us in session 12's bench_spmm.py).  DeltaRows: N = 1 only."""
+    80 %: N = 256 in 416-428 us; the expansion took 473 us in session 12's bench_spmm.py).  DeltaRows: N = 1 and its
+    multi-token kernels up to :data:`DELTA_MULTI_MAX`."""
     if fmt == DELTA_ROWS:
-        return n == 1
+        return 1 <= n <= max(1, DELTA_MULTI_MAX)
     if fmt == TILED_CSL:
         return n <= 128 or (wgmma and n <= 256 and density <= TCSL_WG_MAX_DENSITY_ABOVE_128
                             and elements >= TCSL_WG_MIN_ELEMENTS)
@@ -507,14 +508,24 @@ _DR_RESID, _DR_RMS, _DR_SILU = 1, 2, 4  # spmm.cu: DR_RESID, DR_RMS, DR_SILU
 DR_WARPS = 4  # spmm.cu: slices per block of the DeltaRows kernel, sharing one staged X window
 
 
+#: DeltaRows runs its multi-token kernels (``delta_rows_spmm_<dtype>_nt<2|4|8>``) for 2 <= N <= this; above, the
+#: expansion and cuBLAS (``FLASH_LLM_DELTA_MULTI_MAX=1``: the expansion from N = 2)
+DELTA_MULTI_MAX = int(os.environ.get("FLASH_LLM_DELTA_MULTI_MAX", "8"))
+
+
 def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> torch.Tensor:
     """:func:`spmm_cuda` for a DeltaRows weight: the one-row-per-lane kernel at N = 1, with the bias, ``add_to``,
-    ``norm`` and (for a weight with paired halves) ``act`` inside; else the expansion and cuBLAS, ``act`` and ``norm``
-    as separate operations."""
+    ``norm`` and (for a weight with paired halves) ``act`` inside; at 2 <= N <= :data:`DELTA_MULTI_MAX` the
+    multi-token kernel and its reduction (bias, ``add_to`` and, paired, ``act`` in the reduction; ``norm`` before, as
+    a separate operation); else the expansion and cuBLAS, ``act`` and ``norm`` as separate operations."""
     from ..formats.delta_rows import _sections, paired_halves
 
     n = x.shape[0]
     dev = x.device
+    if 2 <= n <= DELTA_MULTI_MAX:
+        if norm is not None or (act is not None and not paired_halves(m, offsets.numel())):
+            return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
+        return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to)
     fused = n == 1 and (act is None or paired_halves(m, offsets.numel())) and (
         norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0))
     if not fused:
@@ -538,6 +549,32 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
             (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P),
             (float(norm[1]) if norm is not None else 0.0, ctypes.c_float), (k, I), (slices, I)],
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
+    return y
+
+
+def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
+    """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up)
+    stores each split's partials, ``delta_rows_reduce_<dtype>`` sums them in split order with the epilogue."""
+    from ..formats.delta_rows import _sections
+
+    n = x.shape[0]
+    dev = x.device
+    x = x.contiguous()
+    slices, _, s = _sections(m, offsets.numel())
+    nt = 2 if n <= 2 else 4 if n <= 4 else 8
+    m_out = m // 2 if act else m
+    y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
+    ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    suffix = _dtype_suffix(x.dtype)
+    pdl = PDL_SPMM and getattr(_static, "on", False)
+    launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
+           [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
+            (k, I), (m, I), (slices, I)], stream, dev.index, 0, pdl=pdl)
+    mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
+    launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
+           [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
+            (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)
     return y
 
 

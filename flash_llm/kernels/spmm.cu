@@ -2115,6 +2115,195 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)
 
+// delta_rows_spmm_<dtype>_nt<NT>: 2 <= N <= NT tokens (NT = 2, 4, 8), the same blocks as _n1 (4 warps, 4 slices of
+// one split, one X window) and the same walk, each entry's value multiplied into NT sums: X's window is staged as
+// 16-bit, column-major by token (NT values a column, 4-16 bytes, read by one LDS), so a lane reads its column's
+// tokens at once.  Groups are copied DR_RING_NT ahead (a smaller ring: the window takes NT x 3 KB).  No split-K sum
+// in the launch: each warp stores its NT x 32 partials at ws[s][t][row] (the weight's own row order), and
+// delta_rows_reduce_<dtype> sums them in split order and applies the epilogue.  Windows wider than DR_WMAX read X from
+// global memory (slower, same sums).  Bound by the shared-memory reads at NT = 8 (16 bytes of X at a random column an
+// entry), so it pays most at small N.
+constexpr int DR_RING_NT = 4;
+
+template <bool BF16, int NT>
+DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the NT tokens of one staged column
+  if (NT == 8) {
+    const uint4 r = *reinterpret_cast<const uint4*>(xsb + off);
+    dr_unpack<BF16>(r.x, xv[0], xv[1]);
+    dr_unpack<BF16>(r.y, xv[2], xv[3]);
+    dr_unpack<BF16>(r.z, xv[4], xv[5]);
+    dr_unpack<BF16>(r.w, xv[6], xv[7]);
+  } else if (NT == 4) {
+    const uint2 r = *reinterpret_cast<const uint2*>(xsb + off);
+    dr_unpack<BF16>(r.x, xv[0], xv[1]);
+    dr_unpack<BF16>(r.y, xv[2], xv[3]);
+  } else {
+    dr_unpack<BF16>(*reinterpret_cast<const u32*>(xsb + off), xv[0], xv[1]);
+  }
+}
+
+template <bool BF16, int NT>
+DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
+                             float* __restrict__ ws, int S, int N, int K, int M, int slices) {
+  constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
+  __shared__ __align__(16) u16 xs[DR_WMAX * NT];
+  __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING_NT * 640];
+  __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
+  const int slice = min(blockIdx.x * DR_WARPS + warp, slices - 1);  // (a warp past the last slice repeats it, unstored)
+  const bool live = blockIdx.x * DR_WARPS + warp < slices;
+  const int goff = offsets[slice], G = offsets[slice + 1] - goff;
+  const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
+  const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
+  const u32 rs = smem_addr(ring[warp]);
+#pragma unroll
+  for (int i = 0; i < DR_RING_NT; ++i) {
+    if (live && g0 + i < g1) dr_copy(rs, i, base, g0 + i);
+    cp_async_commit();
+  }
+  pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
+  const int* win = offsets + slices + 1 + 2 * (slice * S + s);
+  if (lane == 0) {
+    win_lo[warp] = win[0];
+    win_hi[warp] = win[0] + win[1];
+  }
+  const int start = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
+  const int row = offsets[slices + 1 + 18 * slices * S + slice * 32 + lane];
+  __syncthreads();
+  int a0 = win_lo[0], hi = win_hi[0];
+#pragma unroll
+  for (int i = 1; i < DR_WARPS; ++i) {
+    a0 = min(a0, win_lo[i]);
+    hi = max(hi, win_hi[i]);
+  }
+  const int w = hi - a0;
+  pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
+  const bool staged = w <= DR_WMAX;  // (the same for the whole block)
+  if (staged) {
+    for (int c = threadIdx.x; c < w; c += 32 * DR_WARPS) {  // column a0 + c of every token (0 past N or K)
+      u32 h[NT / 2];
+#pragma unroll
+      for (int t = 0; t < NT; t += 2) {
+        const u32 lo = t < N && a0 + c < K ? (u32)x[(long long)t * K + a0 + c] : 0u;
+        const u32 up = t + 1 < N && a0 + c < K ? (u32)x[(long long)(t + 1) * K + a0 + c] : 0u;
+        h[t / 2] = lo | (up << 16);
+      }
+      if (NT == 8) {
+        *reinterpret_cast<uint4*>(xs + c * NT) = make_uint4(h[0], h[1], h[2 % (NT / 2)], h[3 % (NT / 2)]);
+      } else if (NT == 4) {
+        *reinterpret_cast<uint2*>(xs + c * NT) = make_uint2(h[0], h[1 % (NT / 2)]);
+      } else {
+        *reinterpret_cast<u32*>(xs + c * NT) = h[0];
+      }
+    }
+    __syncthreads();
+  }
+  if (!live) return;
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.f;
+  const unsigned char* xsb = reinterpret_cast<const unsigned char*>(xs);
+  const unsigned char* rg = ring[warp];
+  u32 off = (u32)(start - a0) << LG;  // the running column's byte offset in the window
+  for (int g = g0; g < g1; ++g) {
+    const int slot = (g - g0) & (DR_RING_NT - 1);
+    cp_async_wait<DR_RING_NT - 1>();
+    const uint4 v = *reinterpret_cast<const uint4*>(rg + slot * 640 + 16 * lane);
+    const u32 d = *reinterpret_cast<const u32*>(rg + slot * 640 + 512 + 4 * lane);
+    if (g + DR_RING_NT < g1) dr_copy(rs, slot, base, g + DR_RING_NT);
+    cp_async_commit();
+    const u32 vw[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      off += ((d >> (4 * e)) & 15u) << LG;
+      float f0, f1;
+      dr_unpack<BF16>(vw[e >> 1], f0, f1);
+      const float f = e & 1 ? f1 : f0;
+      float xv[NT];
+      if (staged) {
+        dr_xcol<BF16, NT>(xsb, off, xv);
+      } else {
+        const long long col = a0 + (off >> LG);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) xv[t] = t < N ? to_float<BF16>(__ldg(x + (long long)t * K + col)) : 0.f;
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) acc[t] = fmaf(f, xv[t], acc[t]);
+    }
+  }
+  if (row >= 0) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+      if (t < N) ws[((long long)s * N + t) * M + row] = acc[t];
+  }
+}
+
+// (NT = 8: no occupancy bound; asking for 4-5 blocks an SM made ptxas spill, left alone it takes 94 registers on sm_90)
+#define DR_NT_ARGS                                                                                           \
+  const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, float *__restrict__ ws, \
+      int S, int N, int K, int M, int slices
+#define INSTANTIATE_DR_NT(NAME, BF16, NT, BOUNDS)                                                           \
+  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_##NAME##_nt##NT(DR_NT_ARGS) {         \
+    delta_rows_nt_body<BF16, NT>(data, offsets, x, ws, S, N, K, M, slices);                                    \
+  }
+INSTANTIATE_DR_NT(f16, false, 2, (32 * DR_WARPS, 8))
+INSTANTIATE_DR_NT(f16, false, 4, (32 * DR_WARPS, 8))
+INSTANTIATE_DR_NT(f16, false, 8, (32 * DR_WARPS))
+INSTANTIATE_DR_NT(bf16, true, 2, (32 * DR_WARPS, 8))
+INSTANTIATE_DR_NT(bf16, true, 4, (32 * DR_WARPS, 8))
+INSTANTIATE_DR_NT(bf16, true, 8, (32 * DR_WARPS))
+
+// delta_rows_reduce_<dtype>: y[t][m] from the _nt kernels' partials ws[s][t][m] (M weight rows, N tokens), summed in
+// split order, 16 splits' loads in flight; one thread an output.  mode (DR_RESID, DR_SILU) as the _n1 kernel's, with
+// its rounding steps: + bias; DR_RESID: added into Y; DR_SILU (a paired weight, M even, no bias): silu(g) u of rows m
+// and m + M / 2, written to y[t][m] (M / 2 outputs a token).
+template <bool BF16>
+DEVI void delta_rows_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias,
+                                 int S, int N, int M, int mode) {
+  pdl_launch_dependents();
+  pdl_wait();  // the _nt kernel's partials
+  const bool silu = mode & DR_SILU;
+  const int mo = silu ? M / 2 : M;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)N * mo) return;
+  const int t = (int)(i / mo), m = (int)(i % mo);
+  const float* p = ws + (long long)t * M + m;
+  const long long stride = (long long)N * M;
+  float v = 0.f, u = 0.f;
+  for (int s0 = 0; s0 < S; s0 += 16) {
+    float a[16], b[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const bool in = s0 + j < S;
+      a[j] = in ? __ldcg(p + (s0 + j) * stride) : 0.f;
+      b[j] = in && silu ? __ldcg(p + (s0 + j) * stride + mo) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      if (s0 + j < S) {
+        v += a[j];
+        u += b[j];
+      }
+  }
+  u16* dst = y + (long long)t * mo + m;
+  if (silu) {
+    const float gr = to_float<BF16>(from_float<BF16>(v)), ur = to_float<BF16>(from_float<BF16>(u));
+    *dst = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
+  } else {
+    const float r = v + (bias ? to_float<BF16>(bias[m]) : 0.f);
+    *dst = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r)))
+                             : from_float<BF16>(r);
+  }
+}
+extern "C" __global__ void __launch_bounds__(256, 4) delta_rows_reduce_f16(const float* __restrict__ ws,
+    u16* __restrict__ y, const u16* __restrict__ bias, int S, int N, int M, int mode) {
+  delta_rows_reduce_body<false>(ws, y, bias, S, N, M, mode);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) delta_rows_reduce_bf16(const float* __restrict__ ws,
+    u16* __restrict__ y, const u16* __restrict__ bias, int S, int N, int M, int mode) {
+  delta_rows_reduce_body<true>(ws, y, bias, S, N, M, mode);
+}
+
 // delta_rows_to_dense: the nonzeros of split s of slice `slice` written into the zeroed out[M][K] (grid (slices, S)).
 extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* __restrict__ data,
                                                                      const int* __restrict__ offsets,
