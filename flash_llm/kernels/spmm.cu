@@ -1973,6 +1973,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   const bool silu = mode & DR_SILU;
   const int hs = slices >> 1, group = silu ? slice % hs : slice;
   const int grank = group * 32 + lane;
+  const int row = perm[grank];  // (static: asked for with the header, so the ticket's fence does not wait for it)
   __syncthreads();
   int a0 = win_lo[0], hi = win_hi[0];
 #pragma unroll
@@ -1981,6 +1982,16 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     hi = max(hi, win_hi[i]);
   }
   const int w = hi - a0;  // (multiples of 8, as every window's ends)
+  const u16* gs = rms ? colscale + a0 : nullptr;
+  const bool staged = vec && w <= DR_WMAX;  // the same for every warp of the block
+  // DR_RMS: the norm's weight over the window (static), asked for before the wait: the staging's two rounds at most
+  uint4 gv[2];
+  if (rms && staged) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (8 * (int)threadIdx.x + 256 * DR_WARPS * i < w)
+        gv[i] = __ldg(reinterpret_cast<const uint4*>(gs + 8 * threadIdx.x + 256 * DR_WARPS * i));
+  }
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const int mp = slices * 32;
   float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
@@ -1997,11 +2008,13 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
         qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i);
   }
   const u32 off = 4u * (u32)(start - a0);
-  const u16* gs = rms ? colscale + a0 : nullptr;
   float acc;
-  const bool staged = vec && w <= DR_WMAX;  // the same for every warp of the block
+  static_assert(DR_WMAX <= 2 * 256 * DR_WARPS, "the staging's rounds: gv holds two");
   if (staged) {
-    for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {  // X[a0 + c .. + 7] (x colscale) -> xs[c .. + 7]
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // X[a0 + c .. + 7] (x colscale) -> xs[c .. + 7]
+      const int c = 8 * threadIdx.x + 256 * DR_WARPS * i;
+      if (c >= w) break;
       const uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
       float f[8];
       dr_unpack<BF16>(r.x, f[0], f[1]);
@@ -2009,7 +2022,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       dr_unpack<BF16>(r.z, f[4], f[5]);
       dr_unpack<BF16>(r.w, f[6], f[7]);
       if (rms) {
-        const uint4 g = __ldg(reinterpret_cast<const uint4*>(gs + c));
+        const uint4 g = gv[i];
         float e[8];
         dr_unpack<BF16>(g.x, e[0], e[1]);
         dr_unpack<BF16>(g.y, e[2], e[3]);
@@ -2065,7 +2078,6 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   ws[(long long)s * mp + slice * 32 + lane] = acc;
   // the epilogue's inputs, asked for by every warp before its ticket so the last one does not wait for them after it:
   // the row, its bias and Y's old value there (DR_RESID; only this slice's last warp writes it, and only after this)
-  const int row = perm[grank];
   const bool keep = row >= 0 && !silu;
   const float bv = bias && keep ? to_float<BF16>(bias[row]) : 0.f;
   const float yv = (mode & DR_RESID) && keep ? to_float<BF16>(y[row]) : 0.f;
