@@ -78,6 +78,33 @@ def test_windows_are_narrowed_by_more_splits_when_they_can_be():
     assert torch.equal(c.to_dense(), w)
 
 
+def test_block_window_max_is_the_union_of_a_blocks_slices_per_split():
+    win = torch.tensor([[[0, 8], [100, 16]],     # slice 0: split 0 columns 0-7, split 1 100-115
+                        [[40, 24], [96, 8]],     # slice 1
+                        [[8, 8], [200, 40]],     # slice 2
+                        [[16, 8], [120, 8]],     # slice 3
+                        [[1000, 8], [0, 8]]])    # slice 4: a block of its own (the kernel repeats it, no widening)
+    assert D.block_window_max(win) == 240 - 96  # split 1 of slices 0-3: 96 .. 239
+    assert D.block_window_max(win, block=1) == 40
+    assert D.block_window_max(win[:0]) == 0
+    assert D.BLOCK_SLICES == 4
+
+
+def test_encoder_fits_each_blocks_window_and_wide_k_takes_few_splits(monkeypatch):
+    """A wide-K weight (OPT-30B's fc2, K = 28672, shrunk in M with the warp target to match): the encoder raises the
+    split count from the target's only until every block's union window fits WINDOW_MAX (3072: the kernel stages up
+    to 1536 columns as fp32, up to 3072 as 16-bit)."""
+    monkeypatch.setattr(D, "TARGET_BLOCKS", 64)  # 8 slices: 8 splits to start from, windows of some 6000 columns
+    w = _w(256, 28672, 0.2, seed=4)
+    c = DeltaRows.from_dense(w)
+    bw = D.block_window_max(c._parts()[1])
+    assert 1536 < bw <= D.WINDOW_MAX == 3072, bw  # (the 16-bit staging's range: 1536 would have taken more splits)
+    assert c.splits > D.default_splits(256, 10**9) == 8
+    fewer = DeltaRows.from_dense(w, splits=c.splits * 2 // 3)  # the encoder's previous step
+    assert D.block_window_max(fewer._parts()[1]) > D.WINDOW_MAX
+    assert torch.equal(c.to_dense(), w)
+
+
 def test_rows_far_apart_keep_a_wide_window_and_stay_exact():
     """Rows of one slice whose nonzeros lie at opposite ends of K: no split count narrows the window below
     WINDOW_MAX (the kernel then reads X from global memory); the weight is still stored exactly."""

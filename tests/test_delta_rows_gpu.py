@@ -88,20 +88,24 @@ def test_delta_rows_residual_add(dtype, n):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k_in", [2048, 2056])  # 2056: K % 8 != 0, X read from global memory
-def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in):
+@pytest.mark.parametrize("splits", [None, 1], ids=["default", "one-split"])  # one split of 2048: X staged as 16-bit
+def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in, splits):
     """norm=(g, eps), act="silu_mul" (a weight with paired halves) and both, at N = 1 inside the kernel: within 4-8
     ulp of the output's scale of the reference composition (RMSNorm in PyTorch, the product in float64, silu x up of
     the rounded halves); outputs poisoned; the same bits on a second call (tickets reset).  An unpaired weight's
-    act and N = 2 run as separate operations, also checked."""
+    act and N = 2 run as separate operations, also checked.  With one split the windows take 1536-3072 columns: the
+    kernel stages X as 16-bit."""
     from flash_llm.reference import rms_norm, silu_mul_halves
 
     k = _kernels()
     gen = torch.Generator(device="cuda").manual_seed(k_in + 1)
     m = 256
     w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
-    paired = DeltaRows.from_dense(w_dense, pair_halves=True)
-    plain = DeltaRows.from_dense(w_dense)
+    paired = DeltaRows.from_dense(w_dense, pair_halves=True, splits=splits)
+    plain = DeltaRows.from_dense(w_dense, splits=splits)
     assert paired.paired and not plain.paired
+    if splits == 1 and k_in == 2048:
+        assert D.WINDOW_MAX >= D.block_window_max(plain._parts()[1]) > 1536
     g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
     fid = FORMAT_IDS[DeltaRows]
     for n in (1, 2):

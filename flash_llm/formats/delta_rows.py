@@ -30,6 +30,7 @@ from ._base import FormatError, SparseFormat, check_dense_weight
 from ._layout import ceil_div
 
 LANES = 32  # ranks per slice
+BLOCK_SLICES = 4  # slices per block of the N = 1 kernel, which stages the union of their windows (kernels.DR_WARPS)
 GROUP = 8  # entries per lane per group
 GROUP_WORDS = LANES * GROUP // 2 + LANES  # 160
 MAX_STEP = 15
@@ -41,9 +42,12 @@ MAX_K = 1 << 16  # columns are 16-bit
 TARGET_BLOCKS = int(os.environ.get("FLASH_LLM_DELTA_BLOCKS", "3600"))
 #: on a CUDA device the split counts aim at this share of one wave of the N = 1 kernel (3600 warps of 4224 on an H200)
 WAVE_SHARE = 0.85
-#: the kernel stages a split's X window in shared memory up to this many columns (fp32); wider windows read X from
-#: global memory (slower, same result), and the encoder raises the split count to avoid them (``DR_WMAX`` in spmm.cu)
-WINDOW_MAX = 1536
+#: the N = 1 kernel stages a split's X window in shared memory up to this many columns (as fp32 up to 1536, as 16-bit
+#: above); wider windows read X from global memory (slower, same result), and the encoder raises the split count to
+#: avoid them (``DR_WMAX16`` in spmm.cu).  Until session 28 1536: OPT-30B's q/k/v, fc1 and fc2 (K = 7168 / 28672) then
+#: took 2.3-2.4x the splits of one wave.  (The multi-token kernels stage 1536 columns, and read wider windows from
+#: global memory.)
+WINDOW_MAX = 3072
 #: paired halves (gate / up): gate rows ranked by their entries, then each run of this many by their up rows'
 PAIR_BUCKET = 1024
 
@@ -154,6 +158,19 @@ def _windows(colpos: torch.Tensor, groups: torch.Tensor, splits: int, ent: torch
     return start, torch.stack([a0, w], 2)
 
 
+def block_window_max(win: torch.Tensor, block: int = BLOCK_SLICES) -> int:
+    """The widest X window the N = 1 kernel stages: the union of the windows of ``block`` consecutive slices (a
+    block's warps) for one split, over ``win [slices, S, 2]`` (``(a0, w)`` per slice and split)."""
+    slices, s, _ = win.shape
+    if slices == 0:
+        return 0
+    pad = -slices % block  # (the kernel's warps past the last slice repeat it)
+    lo = torch.cat([win[..., 0], win[-1:, :, 0].expand(pad, s)]).view(-1, block, s).amin(1)
+    hi = (win[..., 0] + win[..., 1])
+    hi = torch.cat([hi, hi[-1:].expand(pad, s)]).view(-1, block, s).amax(1)
+    return int((hi - lo).max())
+
+
 def target_warps(device: torch.device | str | None = None) -> int:
     """The warps (slices x splits) the encoder's split counts aim at: ``FLASH_LLM_DELTA_BLOCKS`` when set; on a CUDA
     device, :data:`WAVE_SHARE` of one wave of the N = 1 kernel there (its resident blocks per SM x SMs x 4 warps: 3590
@@ -200,7 +217,7 @@ class DeltaRows(SparseFormat):
         """Compress a dense ``[M, K]`` weight (zeros, including -0.0, are dropped), on ``w``'s device.
 
         ``splits``: the K-splits of the N = 1 kernel (default: :func:`default_splits` for ``w``'s device, raised until
-        every split's X window fits :data:`WINDOW_MAX` columns where possible).  ``pair_halves``: a merged gate / up
+        every block's X window fits :data:`WINDOW_MAX` columns where possible: :func:`block_window_max`).  ``pair_halves``: a merged gate / up
         weight (``M / 2`` a multiple of 32), its rows ``r`` and ``r + M / 2`` kept in matching lanes, so the kernel can
         apply ``silu(gate) * up`` (:func:`paired_halves`)."""
         w = check_dense_weight(w, dtype)
@@ -216,7 +233,7 @@ class DeltaRows(SparseFormat):
         gmax = int(groups.max())
         s = splits or default_splits(m, gmax, w.device)
         start, win = _windows(colpos, groups, s, ent)
-        while splits is None and s < max(1, gmax) and int(win[..., 1].max()) > WINDOW_MAX:
+        while splits is None and s < max(1, gmax) and block_window_max(win) > WINDOW_MAX:
             s = min(max(1, gmax), ceil_div(s * 3, 2))
             start, win = _windows(colpos, groups, s, ent)
         return cls._pack(vals, steps, groups, perm, start, win, (m, k), w.dtype, nnz, pair_halves)

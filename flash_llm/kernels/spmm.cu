@@ -1838,11 +1838,13 @@ INSTANTIATE_N1R(bf16, true, n1rs, true)
 // - DR_SILU (a paired weight: formats/delta_rows.py paired_halves, slices 0 .. hs - 1 the gate rows, hs .. the up
 //   rows of the same ranks): one ticket per gate slice and its up slice (2 S arrivals); the last block writes
 //   silu(g) u of the rounded sums (store_silu_group) to Y[perm[rank]] (M / 2 outputs).
-// A window wider than DR_WMAX columns (rows of one slice far apart in K) or X without 16-byte rows is read from global
-// memory instead: slower, same sums.  Per entry: LOP3, LEA.HI, LDS, HADD2.F32, FFMA (Tiled-CSL's _n1 walk: about 13).
+// A window of DR_WMAX .. DR_WMAX16 columns (wide K: the encoder then needs fewer splits, so fewer waves) is staged as
+// 16-bit (the dtype's bits: the same sums, one more instruction an entry); a wider one (rows of one slice far apart in
+// K) or X without 16-byte rows is read from global memory instead: slower, same sums.  Per entry: LOP3, LEA.HI, LDS, HADD2.F32, FFMA (Tiled-CSL's _n1 walk: about 13).
 // Session 26 prototype (benchmarks/results/2026-12-01-s26/proto_delta/, benchmarks/RESULTS.md): 1.21-1.56x faster than
 // _n1r on Llama-3-8B's layers at 70-80 %.
-constexpr int DR_WMAX = 1536;  // delta_rows.WINDOW_MAX
+constexpr int DR_WMAX = 1536;     // the widest window staged as fp32 (6 KiB)
+constexpr int DR_WMAX16 = 3072;   // the widest staged at all, as 16-bit in the same 6 KiB; delta_rows.WINDOW_MAX
 constexpr int DR_WARPS = 4;     // slices per block (the same split), sharing one staged X window; kernels.DR_WARPS
 constexpr int DR_RING = 8;  // groups a warp copies ahead into shared memory (cp.async), 640 bytes each
 constexpr int DR_RESID = 1, DR_RMS = 2, DR_SILU = 4;  // kernels.__init__: _DR_RESID, _DR_RMS, _DR_SILU
@@ -1865,13 +1867,17 @@ DEVI float dr_x(const u16* xg, const u16* gs, u32 i) {
   return gs ? to_float<BF16>(from_float<BF16>(v * to_float<BF16>(__ldg(gs + i)))) : v;
 }
 
-// 8 entries: values v (two a word), steps d (4 bits each); `off` is 4 x (the lane's column - a0)
-template <bool BF16, bool STAGED>
+// 8 entries: values v (two a word), steps d (4 bits each); `off` is (the lane's column - a0) << LG.  STAGE: 0 X
+// read from global memory (LG = 2), 1 staged as fp32 (LG = 2), 2 staged as 16-bit (LG = 1: one more instruction an
+// entry, the conversion)
+template <bool BF16, int STAGE>
 DEVI void dr_group(u32& off, float& a0, float& a1, const uint4& v, u32 d, const float* xs, const u16* xg,
                    const u16* gs) {
+  constexpr int LG = STAGE == 2 ? 1 : 2;
   const u32 w[4] = {v.x, v.y, v.z, v.w};
   auto xat = [&](u32 o) {
-    if (STAGED) return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(xs) + o);
+    if (STAGE == 1) return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(xs) + o);
+    if (STAGE == 2) return to_float<BF16>(*reinterpret_cast<const u16*>(reinterpret_cast<const char*>(xs) + o));
     return dr_x<BF16>(xg, gs, o >> 2);
   };
 #pragma unroll
@@ -1880,10 +1886,10 @@ DEVI void dr_group(u32& off, float& a0, float& a1, const uint4& v, u32 d, const 
     dr_unpack<BF16>(w[h], f0, f1);
     const int k0 = 2 * h, k1 = 2 * h + 1;
     const u32 m0 = d & (0xFu << (4 * k0));
-    off += k0 == 0 ? m0 << 2 : m0 >> (4 * k0 - 2);
+    off += k0 == 0 ? m0 << LG : m0 >> (4 * k0 - LG);
     a0 = fmaf(f0, xat(off), a0);
     const u32 m1 = d & (0xFu << (4 * k1));
-    off += m1 >> (4 * k1 - 2);
+    off += m1 >> (4 * k1 - LG);
     a1 = fmaf(f1, xat(off), a1);
   }
 }
@@ -1900,7 +1906,7 @@ DEVI void dr_copy(u32 rs, int slot, const unsigned char* base, int g) {
                : "memory");
 }
 
-template <bool BF16, bool STAGED>
+template <bool BF16, int STAGE>
 DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg, const u16* gs,
                    const unsigned char* ring, u32 rs) {
   float a0 = 0.f, a1 = 0.f;
@@ -1912,7 +1918,7 @@ DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const flo
     const u32 d = *reinterpret_cast<const u32*>(ring + slot * 640 + 512 + 4 * lane);
     if (g + DR_RING < g1) dr_copy(rs, slot, base, g + DR_RING);
     cp_async_commit();  // (empty past the end, so the count stays one a group)
-    dr_group<BF16, STAGED>(off, a0, a1, v, d, xs, xg, gs);
+    dr_group<BF16, STAGE>(off, a0, a1, v, d, xs, xg, gs);
   }
   return a0 + a1;
 }
@@ -1983,10 +1989,12 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   }
   const int w = hi - a0;  // (multiples of 8, as every window's ends)
   const u16* gs = rms ? colscale + a0 : nullptr;
-  const bool staged = vec && w <= DR_WMAX;  // the same for every warp of the block
-  // DR_RMS: the norm's weight over the window (static), asked for before the wait: the staging's two rounds at most
+  // the same for every warp of the block: 1 fp32, 2 16-bit (windows over DR_WMAX columns), 0 X from global memory
+  const int stage = !vec || w > DR_WMAX16 ? 0 : w > DR_WMAX ? 2 : 1;
+  const bool staged = stage != 0;
+  // DR_RMS, fp32 staging: the norm's weight over the window (static), asked for before the wait (two rounds at most)
   uint4 gv[2];
-  if (rms && staged) {
+  if (rms && stage == 1) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
       if (8 * (int)threadIdx.x + 256 * DR_WARPS * i < w)
@@ -2007,10 +2015,28 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       if (u0 + (int)threadIdx.x + NT * i < u1)
         qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i);
   }
-  const u32 off = 4u * (u32)(start - a0);
   float acc;
-  static_assert(DR_WMAX <= 2 * 256 * DR_WARPS, "the staging's rounds: gv holds two");
-  if (staged) {
+  static_assert(DR_WMAX <= 2 * 256 * DR_WARPS, "the fp32 staging's rounds: gv holds two");
+  if (stage == 2) {  // X[a0 + c .. + 7] (x colscale, rounded to the dtype) -> xs16[c .. + 7], the dtype's bits
+    u16* xs16 = reinterpret_cast<u16*>(xs);
+    for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {
+      uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
+      if (rms) {
+        const uint4 g = __ldg(reinterpret_cast<const uint4*>(gs + c));
+        u32 rw[4] = {r.x, r.y, r.z, r.w};
+        const u32 gw[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          float f0, f1, e0, e1;
+          dr_unpack<BF16>(rw[t], f0, f1);
+          dr_unpack<BF16>(gw[t], e0, e1);
+          rw[t] = (u32)from_float<BF16>(f0 * e0) | ((u32)from_float<BF16>(f1 * e1) << 16);
+        }
+        r = make_uint4(rw[0], rw[1], rw[2], rw[3]);
+      }
+      *reinterpret_cast<uint4*>(xs16 + c) = r;
+    }
+  } else if (stage == 1) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {  // X[a0 + c .. + 7] (x colscale) -> xs[c .. + 7]
       const int c = 8 * threadIdx.x + 256 * DR_WARPS * i;
@@ -2070,10 +2096,13 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     for (int i = 1; i < DR_WARPS; ++i) q += qpart[i];
     if (lane == 0) ssq_ws[slice * S + s] = q;
   }
-  if (staged) {
-    acc = dr_walk<BF16, true>(base, g0, g1, off, xs, x + a0, gs, ring[warp], rs);
+  const u32 rel = (u32)(start - a0);  // the lane's first column in the window
+  if (stage == 1) {
+    acc = dr_walk<BF16, 1>(base, g0, g1, rel << 2, xs, x + a0, gs, ring[warp], rs);
+  } else if (stage == 2) {
+    acc = dr_walk<BF16, 2>(base, g0, g1, rel << 1, xs, x + a0, gs, ring[warp], rs);
   } else {
-    acc = dr_walk<BF16, false>(base, g0, g1, off, xs, x + a0, gs, ring[warp], rs);
+    acc = dr_walk<BF16, 0>(base, g0, g1, rel << 2, xs, x + a0, gs, ring[warp], rs);
   }
   ws[(long long)s * mp + slice * 32 + lane] = acc;
   // the epilogue's inputs, asked for by every warp before its ticket so the last one does not wait for them after it:
