@@ -1849,6 +1849,35 @@ constexpr int DR_WARPS = 4;     // slices per block (the same split), sharing on
 constexpr int DR_RING = 8;  // groups a warp copies ahead into shared memory (cp.async), 640 bytes each
 constexpr int DR_RESID = 1, DR_RMS = 2, DR_SILU = 4;  // kernels.__init__: _DR_RESID, _DR_RMS, _DR_SILU
 
+// A DeltaRows weight's offsets (formats/delta_rows.py): goff[slices + 1] (each slice's first group),
+// win[slices][S][2] (a0, w), starts[slices][S][32] (16-bit), perm[32 slices].  Split s of a slice holds its groups
+// s G / S .. (s + 1) G / S - 1.
+DEVI void dr_split(const int* offsets, int slice, int s, int S, int& goff, int& g0, int& g1) {
+  goff = offsets[slice];
+  const int G = offsets[slice + 1] - goff;
+  g0 = (int)((u32)(s * G) / (u32)S);
+  g1 = (int)((u32)((s + 1) * G) / (u32)S);
+}
+DEVI const int* dr_win(const int* offsets, int slices, int S, int slice, int s) {
+  return offsets + slices + 1 + 2 * (slice * S + s);
+}
+DEVI int dr_start(const int* offsets, int slices, int S, int slice, int s, int lane) {  // the lane's column before
+  return reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
+}
+DEVI const int* dr_perm(const int* offsets, int slices, int S) { return offsets + slices + 1 + 18 * slices * S; }
+
+// the block's X window (a0, w): the union of its DR_WARPS warps' (each warp's posted in lo / hi, then a barrier);
+// a0 and w are multiples of 8, as every window's ends
+DEVI int2 dr_union(const int* lo, const int* hi) {
+  int a0 = lo[0], h = hi[0];
+#pragma unroll
+  for (int i = 1; i < DR_WARPS; ++i) {
+    a0 = min(a0, lo[i]);
+    h = max(h, hi[i]);
+  }
+  return make_int2(a0, h - a0);
+}
+
 template <bool BF16>
 DEVI void dr_unpack(u32 w, float& lo, float& hi) {
   if (BF16) {
@@ -1959,8 +1988,8 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   const int slice = min(blockIdx.x * DR_WARPS + warp, slices - 1);  // (a warp past the last slice repeats it, unstored)
   const bool live = blockIdx.x * DR_WARPS + warp < slices;
   const bool rms = mode & DR_RMS;
-  const int goff = offsets[slice], G = offsets[slice + 1] - goff;
-  const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
+  int goff, g0, g1;
+  dr_split(offsets, slice, s, S, goff, g0, g1);
   const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
   const u32 rs = smem_addr(ring[warp]);
 #pragma unroll
@@ -1969,25 +1998,20 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     cp_async_commit();
   }
   pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
-  const int* win = offsets + slices + 1 + 2 * (slice * S + s);
+  const int* win = dr_win(offsets, slices, S, slice, s);
   if (lane == 0) {  // the block's window: the union of its warps' (DR_WARPS slices, the same split)
     win_lo[warp] = win[0];
     win_hi[warp] = win[0] + win[1];
   }
-  const int start = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
-  const int* perm = offsets + slices + 1 + 18 * slices * S;
+  const int start = dr_start(offsets, slices, S, slice, s, lane);
+  const int* perm = dr_perm(offsets, slices, S);
   const bool silu = mode & DR_SILU;
   const int hs = slices >> 1, group = silu ? slice % hs : slice;
   const int grank = group * 32 + lane;
   const int row = perm[grank];  // (static: asked for with the header, so the ticket's fence does not wait for it)
   __syncthreads();
-  int a0 = win_lo[0], hi = win_hi[0];
-#pragma unroll
-  for (int i = 1; i < DR_WARPS; ++i) {
-    a0 = min(a0, win_lo[i]);
-    hi = max(hi, win_hi[i]);
-  }
-  const int w = hi - a0;  // (multiples of 8, as every window's ends)
+  const int2 bw = dr_union(win_lo, win_hi);
+  const int a0 = bw.x, w = bw.y;
   const u16* gs = rms ? colscale + a0 : nullptr;
   // the same for every warp of the block: 1 fp32, 2 16-bit (windows over DR_WMAX columns), 0 X from global memory
   const int stage = !vec || w > DR_WMAX16 ? 0 : w > DR_WMAX ? 2 : 1;
@@ -2193,8 +2217,8 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
   const int slice = min(blockIdx.x * DR_WARPS + warp, slices - 1);  // (a warp past the last slice repeats it, unstored)
   const bool live = blockIdx.x * DR_WARPS + warp < slices;
-  const int goff = offsets[slice], G = offsets[slice + 1] - goff;
-  const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
+  int goff, g0, g1;
+  dr_split(offsets, slice, s, S, goff, g0, g1);
   const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
   const u32 rs = smem_addr(ring[warp]);
 #pragma unroll
@@ -2203,21 +2227,16 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
     cp_async_commit();
   }
   pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
-  const int* win = offsets + slices + 1 + 2 * (slice * S + s);
+  const int* win = dr_win(offsets, slices, S, slice, s);
   if (lane == 0) {
     win_lo[warp] = win[0];
     win_hi[warp] = win[0] + win[1];
   }
-  const int start = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
-  const int row = offsets[slices + 1 + 18 * slices * S + slice * 32 + lane];
+  const int start = dr_start(offsets, slices, S, slice, s, lane);
+  const int row = dr_perm(offsets, slices, S)[slice * 32 + lane];
   __syncthreads();
-  int a0 = win_lo[0], hi = win_hi[0];
-#pragma unroll
-  for (int i = 1; i < DR_WARPS; ++i) {
-    a0 = min(a0, win_lo[i]);
-    hi = max(hi, win_hi[i]);
-  }
-  const int w = hi - a0;
+  const int2 bw = dr_union(win_lo, win_hi);
+  const int a0 = bw.x, w = bw.y;
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const bool staged = w <= DR_WMAX;  // (the same for the whole block)
   if (staged) {
@@ -2350,10 +2369,10 @@ extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* 
                                                                      const int* __restrict__ offsets,
                                                                      u16* __restrict__ out, int K, int S) {
   const int lane = threadIdx.x & 31, slice = blockIdx.x, s = blockIdx.y, slices = gridDim.x;
-  const int goff = offsets[slice], G = offsets[slice + 1] - goff;
-  const int g0 = (int)((u32)(s * G) / (u32)S), g1 = (int)((u32)((s + 1) * G) / (u32)S);
-  const int row = offsets[slices + 1 + 18 * slices * S + slice * 32 + lane];
-  int col = reinterpret_cast<const u16*>(offsets + slices + 1 + 2 * slices * S)[(slice * S + s) * 32 + lane];
+  int goff, g0, g1;
+  dr_split(offsets, slice, s, S, goff, g0, g1);
+  const int row = dr_perm(offsets, slices, S)[slice * 32 + lane];
+  int col = dr_start(offsets, slices, S, slice, s, lane);
   const int* base = data + (long long)goff * 160;
   for (int g = g0; g < g1; ++g) {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g * 160 + 4 * lane));
