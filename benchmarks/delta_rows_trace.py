@@ -1,6 +1,6 @@
 """Where a DeltaRows N = 1 launch's time goes: phase stamps of every warp, from a kernel built with a tracing patch.
 
-    # in a copy of the tree at commit 9a7e188 (session 28's kernel; at 7fb70b8, before the ring, the patch
+    # in a copy of the tree at commit 9938e1e (session 28's kernel; at 7fb70b8, before the ring, the patch
     # benchmarks/results/2026-12-01-s27/dr_trace.patch):
     git apply benchmarks/results/2026-12-01-s28/dr_trace.patch   # adds a trace pointer to delta_rows_spmm_*_n1
     python benchmarks/delta_rows_trace.py [--sparsity 0.8] [--graph-layers 3]
