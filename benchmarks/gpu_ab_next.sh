@@ -59,10 +59,11 @@ two_trees() {
   rm -rf "$1" && for v in base patch; do copy_tree "$1/$v"; done
   (cd "$1/patch" && git apply "$ROOT/benchmarks/ab/$2") || { echo "$2 does not apply"; return 1; }
 }
-# llama_e2e SECONDS ARGS...: bench_e2e.py on Llama-3-8B, fused and merged, no HF baseline, 2 repeats (ARGS: --format,
-# --sparsities, --batches, --out...), under a time limit; variables set before it reach bench_e2e.py
+# llama_e2e SECONDS ARGS...: bench_e2e.py on Llama-3-8B (E2E_MODEL=opt-30b etc. for another model; e2eab, e2emulti and
+# e2eenv run through it), fused and merged, no HF baseline, 2 repeats (ARGS: --format, --sparsities, --batches,
+# --out...), under a time limit; variables set before it reach bench_e2e.py
 llama_e2e() {
-  timeout "$1" python3 benchmarks/bench_e2e.py --models llama-3-8b --no-progress --fuse --merge --no-hf --repeats 2 "${@:2}"
+  timeout "$1" python3 benchmarks/bench_e2e.py --models "${E2E_MODEL:-llama-3-8b}" --no-progress --fuse --merge --no-hf --repeats 2 "${@:2}"
 }
 for stage in "${@:-tests ab}"; do
   for s in $stage; do
