@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from flash_llm import DeltaRows, kernels
-from flash_llm.reference import FORMAT_IDS, rms_norm, silu_mul_halves
+from flash_llm.reference import FORMAT_IDS, layer_norm, rms_norm, silu_mul_halves
 
 FID = FORMAT_IDS[DeltaRows]
 
@@ -62,6 +62,14 @@ def main() -> int:
             ok = err <= 8 * 2**-10 * (scale + want.abs().max().item())
             fails += not ok
             print(f"{m}x{k} resid: err {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+            gb = torch.randn(k, generator=gen, device="cuda").half()  # LayerNorm (OPT) with ReLU, in the N = 1 kernel
+            xl = (x.float() + 3).half()
+            want_l = (layer_norm(xl, g, gb, 1e-5).double() @ wd.double().t() + bias.double()).clamp(min=0)
+            got_l = kernels.spmm_cuda(xl, w.data, w.offsets, FID, m, k, bias, norm=(g, gb, 1e-5), act="relu")
+            err = (got_l.double() - want_l).abs().max().item()
+            ok = bool(torch.isfinite(got_l).all()) and err <= 8 * 2**-10 * (1 + want_l.abs().max().item())
+            fails += not ok
+            print(f"{m}x{k} layer_norm+relu: err {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
             for n in (2, 5, 8):  # the multi-token kernels (nt2, nt8) and their reduction
                 xn = torch.randn(n, k, generator=gen, device="cuda").half()
                 refn = xn.double() @ wd.double().t()

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from .formats import SparseFormat
-from .reference import FORMAT_IDS, as_format, rms_norm, silu_mul_halves, spmm_reference
+from .reference import FORMAT_IDS, as_format, layer_norm, rms_norm, silu_mul_halves, spmm_reference
 
 
 @torch.library.custom_op("flash_llm::spmm", mutates_args=())
@@ -100,28 +100,55 @@ def _(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
     return x.new_empty((x.shape[0], m // 2 if silu_mul else m))
 
 
-def _add_reference(acc, x, data, offsets, fmt, m, k):
-    acc.add_(spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), None))
+def _layer_norm_reference(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
+    y = spmm_reference(layer_norm(x, weight, ln_bias, eps), as_format(fmt, data, offsets, m, k, x.dtype), bias)
+    return torch.relu_(y) if relu else y
+
+
+@torch.library.custom_op("flash_llm::spmm_layer_norm", mutates_args=())
+def _spmm_layer_norm_op(x: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor | None, eps: float,
+                        data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
+                        bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    return _layer_norm_reference(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu)
+
+
+@_spmm_layer_norm_op.register_kernel("cuda")
+def _spmm_layer_norm_cuda(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
+    from . import kernels
+
+    if _no_kernels(x.device):
+        return _layer_norm_reference(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu)
+    return kernels.spmm_cuda(x, data, offsets, fmt, m, k, bias, act="relu" if relu else None,
+                             norm=(weight, ln_bias, eps))
+
+
+@_spmm_layer_norm_op.register_fake
+def _(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
+    return x.new_empty((x.shape[0], m))
+
+
+def _add_reference(acc, x, data, offsets, fmt, m, k, bias):
+    acc.add_(spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), bias))
 
 
 @torch.library.custom_op("flash_llm::spmm_add_", mutates_args=("acc",))
 def _spmm_add_op(acc: torch.Tensor, x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
-                 k: int) -> None:
-    _add_reference(acc, x, data, offsets, fmt, m, k)
+                 k: int, bias: torch.Tensor | None = None) -> None:
+    _add_reference(acc, x, data, offsets, fmt, m, k, bias)
 
 
 @_spmm_add_op.register_kernel("cuda")
-def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k):
+def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k, bias=None):
     from . import kernels
 
     if _no_kernels(x.device):
-        _add_reference(acc, x, data, offsets, fmt, m, k)
+        _add_reference(acc, x, data, offsets, fmt, m, k, bias)
     else:
-        kernels.spmm_cuda(x, data, offsets, fmt, m, k, None, add_to=acc)
+        kernels.spmm_cuda(x, data, offsets, fmt, m, k, bias, add_to=acc)
 
 
 @_spmm_add_op.register_fake
-def _(acc, x, data, offsets, fmt, m, k):
+def _(acc, x, data, offsets, fmt, m, k, bias=None):
     return None
 
 
@@ -258,23 +285,64 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
     return y.reshape(*lead, y.shape[-1])
 
 
-def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
-    """``acc += x @ w^T`` in place (a decoder layer's projection and the residual add after it); returns ``acc``.
+def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``acc += x @ w^T (+ bias)`` in place (a decoder layer's projection and the residual add after it); returns
+    ``acc``.
 
     Args:
         acc: ``[..., M]``, contiguous, the dtype and device of ``x`` (the residual stream).
         x: ``[..., K]`` activations, fp16 or bf16 (the dtype of ``w``), any strides.
         w: compressed weight of logical shape ``[M, K]``.
+        bias: optional ``[M]``, the dtype and device of ``x``.
 
-    The product is rounded to the dtype, then added (rounded again), as ``acc + spmm(x, w)`` would; on CUDA at one
-    token with split-K (Tiled-CSL) the add happens in the split-K reduction.  Not differentiable.
+    The product (+ bias) is rounded to the dtype, then added (rounded again), as ``acc + spmm(x, w, bias)`` would; on
+    CUDA at one token with split-K (Tiled-CSL, DeltaRows) the add happens in the split-K reduction.  Not
+    differentiable.
     """
-    m, k, _ = _checked(x, w, None)
+    m, k, bias = _checked(x, w, bias)
     if not isinstance(acc, torch.Tensor) or acc.shape != (*x.shape[:-1], m) or acc.dtype != x.dtype:
         raise ValueError(f"acc must be a {x.dtype} tensor of shape {(*x.shape[:-1], m)}, got "
                          f"{getattr(acc, 'dtype', type(acc).__name__)} {tuple(getattr(acc, 'shape', ()))}")
     if acc.device != x.device or not acc.is_contiguous():
         raise ValueError(f"acc must be contiguous and on {x.device} (it is {'' if acc.is_contiguous() else 'not '}"
                          f"contiguous, on {acc.device})")
-    _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k)
+    _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k, bias)
     return acc
+
+
+def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float,
+                    w: SparseFormat, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+    """``layer_norm(x) @ w^T (+ bias)``, then ``act``: an OPT layer's LayerNorm and the projection after it, in one
+    call.
+
+    Args:
+        x: ``[..., K]`` activations (the residual stream), fp16 or bf16 (the dtype of ``w``), any strides.
+        norm_weight, norm_bias: the LayerNorm's ``[K]`` weight and bias (or ``None``), same dtype and device.
+        eps: the LayerNorm's epsilon.
+        w: compressed weight of logical shape ``[M, K]``, on the device of ``x``.
+        bias: optional ``[M]``, same dtype and device.
+        act: ``None`` or ``"relu"``.
+
+    Returns:
+        ``[..., M]`` in ``x.dtype``: :func:`~flash_llm.reference.layer_norm` (fp32, rounded once to the dtype), the
+        product accumulated in fp32 (+ bias, rounded), then ReLU.  On CUDA at one token with a DeltaRows weight the
+        whole of it runs in the spmm's launch: each block takes X's mean and variance itself and normalizes its
+        window while staging it (the same to rounding, not bit for bit: another summation order for the statistics).
+        Not differentiable.
+    """
+    m, k, bias = _checked(x, w, bias)
+    if act not in (None, "relu"):
+        raise ValueError(f"act must be None or 'relu', got {act!r}")
+    for t, what in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
+        if t is None and what == "norm_bias":
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (k,) or t.dtype != x.dtype:
+            raise ValueError(f"{what} must be a [{k}] {x.dtype} tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != x.device:
+            raise ValueError(f"{what} is on {t.device} but x is on {x.device}")
+    lead = x.shape[:-1]
+    y = _spmm_layer_norm_op(x.reshape(-1, k), norm_weight.contiguous(),
+                            None if norm_bias is None else norm_bias.contiguous(), float(eps), w.data, w.offsets,
+                            FORMAT_IDS[type(w)], m, k, bias, act == "relu")
+    return y.reshape(*lead, m)

@@ -38,6 +38,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``nn.LayerNorm`` of ``x [..., K]`` with ``weight [K]`` and ``bias [K]`` (or ``None``), computed in fp32 and
+    rounded once to ``x``'s dtype (as PyTorch's CUDA kernel does for fp16 / bf16)."""
+    return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight.float(),
+                                          None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+def apply_norm(x: torch.Tensor, norm: tuple) -> torch.Tensor:
+    """``norm=(weight, eps)``: :func:`rms_norm`; ``norm=(weight, bias, eps)``: :func:`layer_norm`."""
+    return rms_norm(x, norm[0], norm[1]) if len(norm) == 2 else layer_norm(x, norm[0], norm[1], norm[2])
+
+
 def silu_mul_halves(y: torch.Tensor) -> torch.Tensor:
     """``y [..., 2 H]`` (a merged gate / up projection's output) -> ``silu(y[..., :H]) * y[..., H:]`` ``[..., H]``,
     computed in fp32 and rounded once to ``y``'s dtype (as the engine's compiled ``silu_mul`` does)."""

@@ -89,6 +89,50 @@ def test_delta_rows_residual_add(dtype, n):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k_in", [2048, 2056])  # 2056: K % 8 != 0, X read from global memory
 @pytest.mark.parametrize("splits", [None, 1], ids=["default", "one-split"])  # one split of 2048: X staged as 16-bit
+def test_delta_rows_layer_norm_bias_and_relu_inside_the_kernel(dtype, k_in, splits):
+    """norm=(g, b, eps) (LayerNorm), the bias, act="relu" and the residual add at N = 1 inside the kernel: within 4
+    ulp of the output's scale of the reference composition (LayerNorm in fp32 rounded once, the product in float64,
+    + bias rounded, ReLU); X with a mean far from 0 (the shifted statistics); outputs poisoned; the same bits on a
+    second call.  N = 3 runs the LayerNorm and ReLU as separate operations, also checked."""
+    from flash_llm.reference import layer_norm
+
+    k = _kernels()
+    gen = torch.Generator(device="cuda").manual_seed(k_in + 7)
+    m = 256
+    w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
+    w = DeltaRows.from_dense(w_dense, splits=splits)
+    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    b = torch.randn(k_in, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+    fid = FORMAT_IDS[DeltaRows]
+    assert k.epilogue_fusable(fid, w.data, m, k_in, 1, dtype, w.data.device, act="relu", norm=True, layer_norm=True,
+                              offsets=w.offsets)
+    for n in (1, 3):
+        x = (3 * torch.randn(n, k_in, generator=gen, device="cuda") + 20).to(dtype)
+        for ln_bias in (b, None):
+            h = layer_norm(x, g, ln_bias, 1e-5)
+            ref = h.double() @ w_dense.double().t() + bias.double()
+            tol = 4 * ULP[dtype] * (1 + ref.abs().max().item())
+            for act in (None, "relu"):
+                want = ref.clamp(min=0) if act else ref
+                out = torch.full((n, m), float("nan"), dtype=dtype, device="cuda")
+                got = k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, bias, out=out, norm=(g, ln_bias, 1e-5), act=act)
+                assert not torch.isnan(got).any()
+                err = (got.double() - want).abs().max().item()
+                assert err <= tol, (n, act, err, tol)
+                if act:
+                    assert (got >= 0).all()
+                assert torch.equal(k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, bias, norm=(g, ln_bias, 1e-5),
+                                               act=act), got)
+        acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
+        want = acc.double() + x.double() @ w_dense.double().t() + bias.double()
+        got = k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, bias, add_to=acc.clone())
+        assert (got.double() - want).abs().max().item() <= 4 * ULP[dtype] * (1 + want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k_in", [2048, 2056])  # 2056: K % 8 != 0, X read from global memory
+@pytest.mark.parametrize("splits", [None, 1], ids=["default", "one-split"])  # one split of 2048: X staged as 16-bit
 def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in, splits):
     """norm=(g, eps), act="silu_mul" (a weight with paired halves) and both, at N = 1 inside the kernel: within 4-8
     ulp of the output's scale of the reference composition (RMSNorm in PyTorch, the product in float64, silu x up of
@@ -173,13 +217,16 @@ def test_delta_rows_graph_under_static_weights_equals_eager(n):
 transformers = pytest.importorskip("transformers")
 
 
-def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros():
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros(family):
+    """Llama: RMSNorm, SiLU x up and the residual adds inside the kernels at one token; OPT: LayerNorm, ReLU, the
+    biases and the residual adds."""
     from test_engine_gpu import ULP, _graph_vs_eager, _hf, _ours, _prompts
 
     from flash_llm.engine import Engine
     from flash_llm.prune import magnitude_prune_
 
-    dense = _ours(_hf("llama").cuda(), torch.float16)
+    dense = _ours(_hf(family).cuda(), torch.float16)
     magnitude_prune_(dense, 0.8, filter_fn=lambda m, fqn: fqn != "lm_head")
     sparse = copy.deepcopy(dense)
     with warnings.catch_warnings():
@@ -189,8 +236,11 @@ def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros():
                                     for c in report.converted)
     _graph_vs_eager(sparse, [1, 4, 1])
     merged = Engine(copy.deepcopy(sparse), max_batch=4, max_seq=64, merge=True)
-    layer = merged.model.model.layers[0]
-    assert layer.mlp.gate_up_proj.layer.weight.paired  # so the one-token layers run inside the kernels
+    if family == "llama":
+        layer = merged.model.model.layers[0]
+        assert layer.mlp.gate_up_proj.layer.weight.paired  # so the one-token layers run inside the kernels
+    else:
+        layer = merged.model.model.decoder.layers[0]
     x = torch.zeros(1, 1, dense.config.hidden_size, dtype=torch.float16, device="cuda")
     with torch.no_grad():
         assert layer.sparse_projections(x) is not None

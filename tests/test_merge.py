@@ -209,6 +209,40 @@ def test_spmm_rms_norm_and_spmm_add_on_the_cpu(fmt, dtype):
     assert torch.equal(acc, want)  # nothing written by the refused calls
 
 
+@pytest.mark.parametrize("fmt", FORMATS + [flash_llm.DeltaRows], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_spmm_layer_norm_and_spmm_add_with_bias_on_the_cpu(fmt, dtype):
+    """ops.spmm_layer_norm is spmm of the reference LayerNorm (fp32, rounded once) with the bias, then ReLU with
+    act; ops.spmm_add_ adds the rounded product + bias in place; bad arguments are refused by name, nothing written."""
+    from flash_llm.reference import layer_norm
+
+    w = fmt.from_dense(_sparse(144, 96, 0.3, dtype, 3))
+    x = (4 * torch.randn(3, 5, 96) + 1).to(dtype)
+    g, b = (torch.rand(96) + 0.5).to(dtype), torch.randn(96).to(dtype)
+    bias = torch.randn(144).to(dtype)
+    h = layer_norm(x, g, b, 1e-5)
+    assert torch.equal(h, torch.nn.functional.layer_norm(x.float(), (96,), g.float(), b.float(), 1e-5).to(dtype))
+    got = flash_llm.ops.spmm_layer_norm(x, g, b, 1e-5, w, bias)
+    assert got.shape == (3, 5, 144) and got.dtype == dtype
+    assert torch.equal(got, flash_llm.spmm(h, w, bias))
+    assert torch.equal(flash_llm.ops.spmm_layer_norm(x, g, b, 1e-5, w, bias, act="relu"), torch.relu(got))
+    assert (flash_llm.ops.spmm_layer_norm(x, g, b, 1e-5, w, bias, act="relu") >= 0).all()
+    assert torch.equal(flash_llm.ops.spmm_layer_norm(x, g, None, 1e-5, w),
+                       flash_llm.spmm(layer_norm(x, g, None, 1e-5), w))
+    acc = torch.randn(3, 5, 144).to(dtype)
+    want = acc + flash_llm.spmm(x, w, bias)
+    assert flash_llm.ops.spmm_add_(acc, x, w, bias) is acc and torch.equal(acc, want)
+    with pytest.raises(ValueError, match=r"norm_bias must be a \[96\]"):
+        flash_llm.ops.spmm_layer_norm(x, g, b[:95], 1e-5, w)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        flash_llm.ops.spmm_layer_norm(x, g.float(), b, 1e-5, w)
+    with pytest.raises(ValueError, match="act must be None or 'relu'"):
+        flash_llm.ops.spmm_layer_norm(x, g, b, 1e-5, w, act="silu_mul")
+    with pytest.raises(ValueError, match="bias"):
+        flash_llm.ops.spmm_add_(acc, x, w, bias[:10])
+    assert torch.equal(acc, want)  # nothing written by the refused calls
+
+
 @pytest.fixture
 def dynamo_reset_after():
     """Clear torch.compile's caches after the test: its compiles of the fused functions at new shapes would otherwise
@@ -238,6 +272,56 @@ def test_fused_llama_runs_one_token_through_the_sparse_projections(kind, monkeyp
     assert len(calls) == 10
     torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)
     assert torch.equal(got.tokens, want.tokens)
+
+
+@pytest.mark.parametrize("kind", ["tiled-csl", "delta-rows"])
+def test_fused_opt_runs_one_token_through_the_sparse_projections(kind, monkeypatch, dynamo_reset_after):
+    """Fused and merged, a sparse pre-LN OPT decodes one sequence with each layer's LayerNorms inside the projections
+    after them, ReLU inside fc1's and the residual adds inside out_proj's and fc2's (forward_one_token, once per
+    layer and decode step), and generates what forward_deferred does (FLASH_LLM_FUSE_NORMS=0)."""
+    from flash_llm.models import llama, opt
+
+    calls = []
+    real = opt.OPTDecoderLayer.forward_one_token
+    monkeypatch.setattr(opt.OPTDecoderLayer, "forward_one_token",
+                        lambda self, *a: calls.append(self.self_attn.layer_idx) or real(self, *a))
+    got = Engine(_model("opt", kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
+        [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
+    assert calls == [0, 1] * 5  # 5 decode steps after the prefill's token
+    monkeypatch.setattr(llama, "FUSE_NORMS", False)
+    want = Engine(_model("opt", kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
+        [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
+    assert len(calls) == 10
+    torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)
+    assert torch.equal(got.tokens, want.tokens)
+
+
+def test_opt_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
+    """OPTDecoderLayer.sparse_projections: the four sparse layers (with their biases) for one contiguous token
+    without autograd, q / k / v merged; None for two tokens, autograd, a LayerNorm in another dtype, a dense
+    projection, or FLASH_LLM_FUSE_NORMS=0."""
+    from flash_llm.models import llama
+
+    m = _model("opt", "delta-rows")
+    layer = m.model.decoder.layers[0]
+    h = m.config.hidden_size
+    x = torch.randn(1, 1, h).to(torch.float16)
+    with torch.no_grad():
+        assert layer.sparse_projections(x) is None  # q / k / v not merged yet
+        merge_projections(m)
+        got = layer.sparse_projections(x)
+        assert got is not None and got[0] is layer.self_attn.qkv_proj.layer and got[3] is layer.fc2
+        assert got[0].bias is not None  # (OPT's projections keep their biases)
+        assert layer.sparse_projections(torch.randn(2, 1, h).to(torch.float16)) is None
+        layer.final_layer_norm.bias.data = layer.final_layer_norm.bias.data.float()
+        assert layer.sparse_projections(x) is None
+        layer.final_layer_norm.bias.data = layer.final_layer_norm.bias.data.half()
+        monkeypatch.setattr(llama, "FUSE_NORMS", False)
+        assert layer.sparse_projections(x) is None
+        monkeypatch.setattr(llama, "FUSE_NORMS", True)
+        layer.fc1 = layer.fc1.to_linear()
+        assert layer.sparse_projections(x) is None
+    assert m.model.decoder.layers[1].sparse_projections(x) is None  # autograd on
 
 
 def test_sparse_projections_says_when_one_token_layers_apply(monkeypatch):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
-from ..reference import rms_norm, silu_mul_halves
+from ..reference import apply_norm, silu_mul_halves
 from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch  # noqa: F401
 
 WARPS = 4
@@ -504,7 +504,7 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     return out
 
 
-_DR_RESID, _DR_RMS, _DR_SILU = 1, 2, 4  # spmm.cu: DR_RESID, DR_RMS, DR_SILU
+_DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)
 DR_WARPS = 4  # spmm.cu: slices per block of the DeltaRows kernel, sharing one staged X window
 
 
@@ -523,11 +523,12 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     n = x.shape[0]
     dev = x.device
     if 2 <= n <= DELTA_MULTI_MAX:
-        if norm is not None or (act is not None and not paired_halves(m, offsets.numel())):
+        if norm is not None or act == "relu" or (act is not None and not paired_halves(m, offsets.numel())):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
         return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to)
-    fused = n == 1 and (act is None or paired_halves(m, offsets.numel())) and (
-        norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0))
+    ln_bias = norm[1] if norm is not None and len(norm) == 3 else None
+    fused = n == 1 and (act in (None, "relu") or paired_halves(m, offsets.numel())) and (
+        norm is None or all(t is None or (t.is_contiguous() and t.data_ptr() % 4 == 0) for t in (norm[0], ln_bias)))
     if not fused:
         if act is not None or norm is not None or add_to is not None:
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
@@ -536,18 +537,22 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
         return _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, out)
     x = x.contiguous()
     slices, mp, s = _sections(m, offsets.numel())
-    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (norm is None or norm[0].data_ptr() % 16 == 0))
+    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (norm is None or norm[0].data_ptr() % 16 == 0)
+              and (ln_bias is None or ln_bias.data_ptr() % 16 == 0))
     stream = torch.cuda.current_stream(dev).cuda_stream
-    m_out = m // 2 if act else m
+    silu = act == "silu_mul"
+    m_out = m // 2 if silu else m
     y = add_to if add_to is not None else torch.empty(1, m_out, dtype=x.dtype, device=dev) if out is None else out
     ws = torch.empty(s * mp + slices * s, dtype=torch.float32, device=dev)
     tickets = _scratch.get_tickets(dev, stream, slices)
-    mode = (_DR_RESID if add_to is not None else 0) | (_DR_RMS if norm is not None else 0) | (_DR_SILU if act else 0)
+    mode = ((_DR_RESID if add_to is not None else 0) | (_DR_SILU if silu else 0) | (_DR_RELU if act == "relu" else 0)
+            | (0 if norm is None else _DR_RMS if len(norm) == 2 else _DR_LN))
+    eps = 0.0 if norm is None else float(norm[-1])
     launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (ws.data_ptr(), P), (tickets.data_ptr(), P), (s, I),
-            (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P),
-            (float(norm[1]) if norm is not None else 0.0, ctypes.c_float), (k, I), (slices, I)],
+            (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P), (eps, ctypes.c_float), (k, I),
+            (slices, I), (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
 
@@ -590,7 +595,7 @@ def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
 def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
               bias: torch.Tensor | None, splits: int | None = None, force_sparse: bool = False,
               out: torch.Tensor | None = None, ways: int | None = None, act: str | None = None,
-              norm: tuple[torch.Tensor, float] | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
+              norm: tuple | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``x [N, K]`` (CUDA, fp16/bf16) times the compressed ``W [m, k]`` transposed -> ``[N, m]``.
 
     ``splits`` overrides the split-K heuristic, ``force_sparse`` the large-N dispatch, ``ways`` (1 or 4) the
@@ -602,23 +607,30 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     the norm's weight is contiguous; else by separate operations with the same rounding steps):
     - ``act="silu_mul"`` (``W`` a merged gate / up weight, ``m`` even, no bias): returns
       :func:`~flash_llm.reference.silu_mul_halves` of the product, ``[N, m / 2]``.
+    - ``act="relu"``: ``relu`` of the product (+ bias), ``[N, m]`` (inside the kernel: DeltaRows at N = 1).
     - ``norm=(weight [K], eps)``: the product of :func:`~flash_llm.reference.rms_norm` ``(x, weight, eps)`` instead
-      of ``x``.  Fused (Tiled-CSL at N = 1 with split-K), ``x``'s columns are scaled by ``weight`` in the spmm and
-      the token's factor ``rsqrt(mean(x^2) + eps)`` (its sum of squares taken by the spmm, per split) multiplies the
-      sums in the reduction: the same to rounding,
-      not bit for bit.
+      of ``x``; ``norm=(weight [K], bias [K] or None, eps)``: of :func:`~flash_llm.reference.layer_norm` (inside the
+      kernel: DeltaRows at N = 1, where each block takes X's mean and variance and normalizes its window while
+      staging it, rounded to the dtype as the separate LayerNorm would).  RMSNorm fused (Tiled-CSL at N = 1 with
+      split-K): ``x``'s columns are scaled by ``weight`` in the spmm and the token's factor ``rsqrt(mean(x^2) +
+      eps)`` (its sum of squares taken by the spmm, per split) multiplies the sums in the reduction: the same to
+      rounding, not bit for bit.
     - ``add_to`` (``[N, m]``, contiguous, the dtype of ``x``): the product (+ bias), rounded, is added into it in
       place (the residual add of a layer); ``add_to`` is returned.  Not with ``act``, ``norm`` or ``out``.
     """
     if ways not in (None, 1, 4):
         raise ValueError(f"ways must be 1 or 4, got {ways!r}")
-    if act not in (None, "silu_mul"):
-        raise ValueError(f"act must be None or 'silu_mul', got {act!r}")
-    if act is not None and (m % 2 or bias is not None):
+    if act not in (None, "silu_mul", "relu"):
+        raise ValueError(f"act must be None, 'silu_mul' or 'relu', got {act!r}")
+    if act == "silu_mul" and (m % 2 or bias is not None):
         raise ValueError(f"act='silu_mul' needs an even m and no bias (m={m}, bias given: {bias is not None})")
-    if norm is not None and (norm[0].shape != (k,) or norm[0].dtype != x.dtype or norm[0].device != x.device):
-        raise ValueError(f"norm's weight must be [{k}] in {x.dtype} on {x.device}, got {norm[0].dtype} "
-                         f"{tuple(norm[0].shape)} on {norm[0].device}")
+    if norm is not None:
+        if not isinstance(norm, tuple) or len(norm) not in (2, 3):
+            raise ValueError("norm must be (weight, eps) for RMSNorm or (weight, bias, eps) for LayerNorm")
+        for t, what in ((norm[0], "weight"), (norm[1] if len(norm) == 3 else None, "bias")):
+            if t is not None and (t.shape != (k,) or t.dtype != x.dtype or t.device != x.device):
+                raise ValueError(f"norm's {what} must be [{k}] in {x.dtype} on {x.device}, got {t.dtype} "
+                                 f"{tuple(t.shape)} on {t.device}")
     if add_to is not None:
         if act is not None or norm is not None or out is not None:
             raise ValueError("add_to goes with none of act, norm and out")
@@ -631,6 +643,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     dev = x.device
     density = _density(fmt, data, m, k)
     extra = act is not None or norm is not None or add_to is not None
+    if act == "relu" or (norm is not None and len(norm) == 3):  # (DeltaRows' kernel only)
+        return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
     if n == 0 or (not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k)):
         if extra:
             return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
@@ -747,15 +761,19 @@ def _pdl_reduce(nt: int, n: int, name: str) -> bool:
 
 def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
                      vec: bool = True, splits: int | None = None, force_sparse: bool = False, act: str | None = None,
-                     norm: bool = False, add: bool = False, offsets: torch.Tensor | None = None) -> bool:
+                     norm: bool = False, add: bool = False, offsets: torch.Tensor | None = None,
+                     layer_norm: bool = False) -> bool:
     """Whether the split-K reduction of ``x [n, k] @ W [m, k]^T`` can do :func:`spmm_cuda`'s elementwise work: the
     sparse kernel runs (not the expansion) with split-K and its reduction is ``splitk_reduce``; SiLU x up (``act``):
     Tiled-CSL or the bitmap warpgroup kernels, ``m`` a multiple of 128; ``norm`` and ``add``: the Tiled-CSL kernel of
-    N = 1 (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned).  Shapes only: no launch, no sync."""
-    if fmt == DELTA_ROWS:  # at N = 1 the kernel does all three; SiLU x up on a weight with paired halves only
+    N = 1 (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned); ``act="relu"`` and ``layer_norm`` (a
+    LayerNorm as the norm): DeltaRows only.  Shapes only: no launch, no sync."""
+    if fmt == DELTA_ROWS:  # at N = 1 the kernel does them all; SiLU x up on a weight with paired halves only
         from ..formats.delta_rows import paired_halves
 
-        return n == 1 and (act is None or (offsets is not None and paired_halves(m, offsets.numel())))
+        return n == 1 and (act in (None, "relu") or (offsets is not None and paired_halves(m, offsets.numel())))
+    if act == "relu" or layer_norm:
+        return False
     density = _density(fmt, data, m, k)
     if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(device.index), m * k):
         return False
@@ -779,10 +797,12 @@ def _epilogue_ok(fmt: int, name: str, shared: int, p: LaunchPlan, m: int, vec: b
 def _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to):
     """:func:`spmm_cuda`'s ``act`` / ``norm`` / ``add_to`` as separate operations around the plain product."""
     if norm is not None:
-        x = rms_norm(x, norm[0], norm[1])
+        x = apply_norm(x, norm)
     y = spmm_cuda(x, data, offsets, fmt, m, k, bias, splits, force_sparse, None, ways)
-    if act is not None:
+    if act == "silu_mul":
         y = silu_mul_halves(y)
+    elif act == "relu":
+        y = torch.relu_(y)
     if add_to is not None:
         return add_to.add_(y)
     return _into(y, out)

@@ -1847,7 +1847,7 @@ constexpr int DR_WMAX = 1536;     // the widest window staged as fp32 (6 KiB)
 constexpr int DR_WMAX16 = 3072;   // the widest staged at all, as 16-bit in the same 6 KiB; delta_rows.WINDOW_MAX
 constexpr int DR_WARPS = 4;     // slices per block (the same split), sharing one staged X window; kernels.DR_WARPS
 constexpr int DR_RING = 8;  // groups a warp copies ahead into shared memory (cp.async), 640 bytes each
-constexpr int DR_RESID = 1, DR_RMS = 2, DR_SILU = 4;  // kernels.__init__: _DR_RESID, _DR_RMS, _DR_SILU
+constexpr int DR_RESID = 1, DR_RMS = 2, DR_SILU = 4, DR_LN = 8, DR_RELU = 16;  // kernels.__init__: _DR_RESID, ...
 
 // A DeltaRows weight's offsets (formats/delta_rows.py): goff[slices + 1] (each slice's first group),
 // win[slices][S][2] (a0, w), starts[slices][S][32] (16-bit), perm[32 slices].  Split s of a slice holds its groups
@@ -1889,11 +1889,26 @@ DEVI void dr_unpack(u32 w, float& lo, float& hi) {
   }
 }
 
-// X's column c as the kernel multiplies it: scaled by colscale[c] and rounded to the dtype when gs is given
+// what the kernel multiplies X's columns by (the norm before the projection, from the window's first column a0)
+struct DrNorm {
+  const u16* gs;    // the norm's weight (RMSNorm, LayerNorm), or null: X as it is
+  const u16* gb;    // LayerNorm's bias, or null
+  float mu, rstd;   // LayerNorm: X's mean and 1 / sqrt(var + eps)
+  bool ln;
+};
+
+// X's column i (of the window) as the kernel multiplies it: with a norm, rounded to the dtype once (RMSNorm: x g;
+// LayerNorm: (x - mu) rstd g + b)
 template <bool BF16>
-DEVI float dr_x(const u16* xg, const u16* gs, u32 i) {
+DEVI float dr_x(const u16* xg, const DrNorm& nm, u32 i) {
   const float v = to_float<BF16>(__ldg(xg + i));
-  return gs ? to_float<BF16>(from_float<BF16>(v * to_float<BF16>(__ldg(gs + i)))) : v;
+  if (!nm.gs) return v;
+  const float g = to_float<BF16>(__ldg(nm.gs + i));
+  if (nm.ln) {
+    const float b = nm.gb ? to_float<BF16>(__ldg(nm.gb + i)) : 0.f;
+    return to_float<BF16>(from_float<BF16>(fmaf((v - nm.mu) * nm.rstd, g, b)));
+  }
+  return to_float<BF16>(from_float<BF16>(v * g));
 }
 
 // 8 entries: values v (two a word), steps d (4 bits each); `off` is (the lane's column - a0) << LG.  STAGE: 0 X
@@ -1901,13 +1916,13 @@ DEVI float dr_x(const u16* xg, const u16* gs, u32 i) {
 // entry, the conversion)
 template <bool BF16, int STAGE>
 DEVI void dr_group(u32& off, float& a0, float& a1, const uint4& v, u32 d, const float* xs, const u16* xg,
-                   const u16* gs) {
+                   const DrNorm& nm) {
   constexpr int LG = STAGE == 2 ? 1 : 2;
   const u32 w[4] = {v.x, v.y, v.z, v.w};
   auto xat = [&](u32 o) {
     if (STAGE == 1) return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(xs) + o);
     if (STAGE == 2) return to_float<BF16>(*reinterpret_cast<const u16*>(reinterpret_cast<const char*>(xs) + o));
-    return dr_x<BF16>(xg, gs, o >> 2);
+    return dr_x<BF16>(xg, nm, o >> 2);
   };
 #pragma unroll
   for (int h = 0; h < 4; ++h) {
@@ -1936,8 +1951,8 @@ DEVI void dr_copy(u32 rs, int slot, const unsigned char* base, int g) {
 }
 
 template <bool BF16, int STAGE>
-DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg, const u16* gs,
-                   const unsigned char* ring, u32 rs) {
+DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg,
+                   const DrNorm& nm, const unsigned char* ring, u32 rs) {
   float a0 = 0.f, a1 = 0.f;
   const int lane = threadIdx.x & 31;
   for (int g = g0; g < g1; ++g) {
@@ -1947,7 +1962,7 @@ DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const flo
     const u32 d = *reinterpret_cast<const u32*>(ring + slot * 640 + 512 + 4 * lane);
     if (g + DR_RING < g1) dr_copy(rs, slot, base, g + DR_RING);
     cp_async_commit();  // (empty past the end, so the count stays one a group)
-    dr_group<BF16, STAGE>(off, a0, a1, v, d, xs, xg, gs);
+    dr_group<BF16, STAGE>(off, a0, a1, v, d, xs, xg, nm);
   }
   return a0 + a1;
 }
@@ -1979,15 +1994,15 @@ template <bool BF16>
 DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
                              int* __restrict__ tickets, int S, int vec, int mode, const u16* __restrict__ colscale,
-                             float eps, int K, int slices) {
+                             float eps, int K, int slices, const u16* __restrict__ colbias) {
   __shared__ __align__(16) float xs[DR_WMAX];
   __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING * 640];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
-  __shared__ float qpart[DR_WARPS];
+  __shared__ float qpart[DR_WARPS], qpart2[DR_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
   const int slice = min(blockIdx.x * DR_WARPS + warp, slices - 1);  // (a warp past the last slice repeats it, unstored)
   const bool live = blockIdx.x * DR_WARPS + warp < slices;
-  const bool rms = mode & DR_RMS;
+  const bool rms = mode & DR_RMS, ln = mode & DR_LN;
   int goff, g0, g1;
   dr_split(offsets, slice, s, S, goff, g0, g1);
   const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
@@ -2012,7 +2027,8 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   __syncthreads();
   const int2 bw = dr_union(win_lo, win_hi);
   const int a0 = bw.x, w = bw.y;
-  const u16* gs = rms ? colscale + a0 : nullptr;
+  DrNorm nm{rms || ln ? colscale + a0 : nullptr, ln && colbias ? colbias + a0 : nullptr, 0.f, 1.f, ln};
+  const u16* gs = nm.gs;
   // the same for every warp of the block: 1 fp32, 2 16-bit (windows over DR_WMAX columns), 0 X from global memory
   const int stage = !vec || w > DR_WMAX16 ? 0 : w > DR_WMAX ? 2 : 1;
   const bool staged = stage != 0;
@@ -2023,6 +2039,12 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     for (int i = 0; i < 2; ++i)
       if (8 * (int)threadIdx.x + 256 * DR_WARPS * i < w)
         gv[i] = __ldg(reinterpret_cast<const uint4*>(gs + 8 * threadIdx.x + 256 * DR_WARPS * i));
+  }
+  if (ln && staged) {  // DR_LN: the norm's weight and bias over the window (static) into L2 before the wait
+    for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(gs + c));
+      if (nm.gb) asm volatile("prefetch.global.L2 [%0];" ::"l"(nm.gb + c));
+    }
   }
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const int mp = slices * 32;
@@ -2038,6 +2060,51 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     for (int i = 0; i < 2; ++i)
       if (u0 + (int)threadIdx.x + NT * i < u1)
         qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i);
+  }
+  // DR_LN: X's sum and sum of squares over all K (each block: its walk needs the mean and the deviation), about x[0]
+  // (shifted sums: less cancellation in var = E[d^2] - E[d]^2), 4 loads a thread in flight
+  float lsum = 0.f, lsq = 0.f, c0 = 0.f;
+  if (ln) {
+    c0 = to_float<BF16>(__ldg(x));
+    auto acc8 = [&](const uint4& r) {
+      const u32 rw[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        float f0, f1;
+        dr_unpack<BF16>(rw[h], f0, f1);
+        f0 -= c0;
+        f1 -= c0;
+        lsum += f0 + f1;
+        lsq = fmaf(f0, f0, fmaf(f1, f1, lsq));
+      }
+    };
+    if (vec) {
+      const int units = K >> 3;
+      for (int u = threadIdx.x; u < units; u += 4 * NT) {
+        uint4 r[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (u + NT * i < units) r[i] = __ldg(reinterpret_cast<const uint4*>(x) + u + NT * i);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (u + NT * i < units) acc8(r[i]);
+      }
+    } else {
+      for (int c = threadIdx.x; c < K; c += NT) {
+        const float f = to_float<BF16>(x[c]) - c0;
+        lsum += f;
+        lsq = fmaf(f, f, lsq);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, o);
+      lsq += __shfl_xor_sync(0xffffffffu, lsq, o);
+    }
+    if (lane == 0) {
+      qpart[warp] = lsum;
+      qpart2[warp] = lsq;
+    }
   }
   float acc;
   static_assert(DR_WMAX <= 2 * 256 * DR_WARPS, "the fp32 staging's rounds: gv holds two");
@@ -2086,6 +2153,54 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       dst[1] = make_float4(f[4], f[5], f[6], f[7]);
     }
   }
+  if (ln) {  // (block-uniform) the statistics, then each thread normalizes the columns it staged, in place
+    __syncthreads();
+    float t1 = qpart[0], t2 = qpart2[0];
+#pragma unroll
+    for (int i = 1; i < DR_WARPS; ++i) {
+      t1 += qpart[i];
+      t2 += qpart2[i];
+    }
+    const float md = t1 * __fdividef(1.f, (float)K);
+    nm.mu = c0 + md;
+    nm.rstd = rsqrtf(fmaxf(t2 * __fdividef(1.f, (float)K) - md * md, 0.f) + eps);
+    for (int c = 8 * threadIdx.x; staged && c < w; c += 256 * DR_WARPS) {
+      const uint4 g = __ldg(reinterpret_cast<const uint4*>(gs + c));
+      const uint4 b = nm.gb ? __ldg(reinterpret_cast<const uint4*>(nm.gb + c)) : make_uint4(0, 0, 0, 0);
+      const u32 gw[4] = {g.x, g.y, g.z, g.w}, bw[4] = {b.x, b.y, b.z, b.w};
+      float f[8];
+      if (stage == 1) {
+        const float4* src = reinterpret_cast<const float4*>(xs + c);
+        const float4 p0 = src[0], p1 = src[1];
+        f[0] = p0.x, f[1] = p0.y, f[2] = p0.z, f[3] = p0.w, f[4] = p1.x, f[5] = p1.y, f[6] = p1.z, f[7] = p1.w;
+      } else {
+        const uint4 r = *reinterpret_cast<const uint4*>(reinterpret_cast<const u16*>(xs) + c);
+        dr_unpack<BF16>(r.x, f[0], f[1]);
+        dr_unpack<BF16>(r.y, f[2], f[3]);
+        dr_unpack<BF16>(r.z, f[4], f[5]);
+        dr_unpack<BF16>(r.w, f[6], f[7]);
+      }
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        float e0, e1, b0, b1;
+        dr_unpack<BF16>(gw[h], e0, e1);
+        dr_unpack<BF16>(bw[h], b0, b1);
+        f[2 * h] = to_float<BF16>(from_float<BF16>(fmaf((f[2 * h] - nm.mu) * nm.rstd, e0, b0)));
+        f[2 * h + 1] = to_float<BF16>(from_float<BF16>(fmaf((f[2 * h + 1] - nm.mu) * nm.rstd, e1, b1)));
+      }
+      if (stage == 1) {
+        float4* dst = reinterpret_cast<float4*>(xs + c);
+        dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+        dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+      } else {
+        u32 o[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h)
+          o[h] = (u32)from_float<BF16>(f[2 * h]) | ((u32)from_float<BF16>(f[2 * h + 1]) << 16);
+        *reinterpret_cast<uint4*>(reinterpret_cast<u16*>(xs) + c) = make_uint4(o[0], o[1], o[2], o[3]);
+      }
+    }
+  }
   if (rms) {
     auto sq = [&](const uint4& r) {
       const u32 rw[4] = {r.x, r.y, r.z, r.w};
@@ -2112,7 +2227,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     if (lane == 0) qpart[warp] = q;
   }
-  if (staged || rms) __syncthreads();  // (the same for every warp) the last barrier: from here each warp runs alone
+  if (staged || rms || ln) __syncthreads();  // (the same for every warp) the last barrier: from here each warp runs alone
   if (!live) return;
   if (rms) {  // every warp the same sum, in the same order
     q = qpart[0];
@@ -2122,11 +2237,11 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   }
   const u32 rel = (u32)(start - a0);  // the lane's first column in the window
   if (stage == 1) {
-    acc = dr_walk<BF16, 1>(base, g0, g1, rel << 2, xs, x + a0, gs, ring[warp], rs);
+    acc = dr_walk<BF16, 1>(base, g0, g1, rel << 2, xs, x + a0, nm, ring[warp], rs);
   } else if (stage == 2) {
-    acc = dr_walk<BF16, 2>(base, g0, g1, rel << 1, xs, x + a0, gs, ring[warp], rs);
+    acc = dr_walk<BF16, 2>(base, g0, g1, rel << 1, xs, x + a0, nm, ring[warp], rs);
   } else {
-    acc = dr_walk<BF16, 0>(base, g0, g1, rel << 2, xs, x + a0, gs, ring[warp], rs);
+    acc = dr_walk<BF16, 0>(base, g0, g1, rel << 2, xs, x + a0, nm, ring[warp], rs);
   }
   ws[(long long)s * mp + slice * 32 + lane] = acc;
   // the epilogue's inputs, asked for by every warp before its ticket so the last one does not wait for them after it:
@@ -2164,7 +2279,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     const float gr = to_float<BF16>(from_float<BF16>(v)), ur = to_float<BF16>(from_float<BF16>(u));
     y[row] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
   } else {
-    const float r = v + bv;
+    const float r = (mode & DR_RELU) ? fmaxf(v + bv, 0.f) : v + bv;
     y[row] = (mode & DR_RESID) ? from_float<BF16>(yv + to_float<BF16>(from_float<BF16>(r))) : from_float<BF16>(r);
   }
 }
@@ -2172,10 +2287,11 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #define DR_ARGS                                                                                                \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
       const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets, int S, int vec, int mode,  \
-      const u16 *__restrict__ colscale, float eps, int K, int slices
+      const u16 *__restrict__ colscale, float eps, int K, int slices, const u16 *__restrict__ colbias
 #define INSTANTIATE_DR(NAME, BF16)                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS) delta_rows_spmm_##NAME##_n1(DR_ARGS) { \
-    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices); \
+    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices,  \
+                             colbias);                                                                   \
   }
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)

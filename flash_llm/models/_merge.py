@@ -54,13 +54,13 @@ def project(module: nn.Module, target: str, x: torch.Tensor) -> tuple[torch.Tens
     return tuple(getattr(module, n)(x) for n in module._merge_groups[target])
 
 
-def sparse_layer(module: nn.Module, name: str) -> SparseLinear | None:
-    """``module.<name>`` as one :class:`~flash_llm.SparseLinear` without a bias (the layer itself, or the stacked layer
-    of a :class:`MergedLinear`); else None."""
+def sparse_layer(module: nn.Module, name: str, bias_ok: bool = False) -> SparseLinear | None:
+    """``module.<name>`` as one :class:`~flash_llm.SparseLinear` (the layer itself, or the stacked layer of a
+    :class:`MergedLinear`), without a bias unless ``bias_ok``; else None."""
     layer = getattr(module, name, None)
     if isinstance(layer, MergedLinear):
         layer = layer.layer
-    if not isinstance(layer, SparseLinear) or layer.bias is not None:
+    if not isinstance(layer, SparseLinear) or (layer.bias is not None and not bias_ok):
         return None
     return layer
 

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from . import _fused
+from . import llama as _llama
 from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
-from ._merge import project
+from ._merge import project, sparse_layer
 from .config import ModelConfig
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -50,13 +52,18 @@ class OPTAttention(nn.Module):
         self.fused = False  # the query scaling and the cache write as one compiled function (set_fused)
 
     def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
-        b, t, _ = x.shape
         q, k, v = project(self, "qkv_proj", x)
+        return self.out_proj(self.attend_heads(q, k, v, attend))
+
+    def attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The attention of the projected ``q, k, v [B, T, H * D]`` (the query scaling and the cache write included),
+        before ``out_proj``: ``[B, T, H * D]``."""
+        b, t, _ = q.shape
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if use_decode_attention(q, attend):  # the cache write, the query scaling and the attention in one kernel
-            return self.out_proj(decode_attention(q, k, v, attend, self.layer_idx, self.scaling))
+            return decode_attention(q, k, v, attend, self.layer_idx, self.scaling)
         if self.fused and attend.cache is not None:
             kc, vc = attend.cache.rows(self.layer_idx, b)
             q = _fused.op("scale_cache", True)(q, self.scaling, k, v, kc, vc, attend.slots)
@@ -65,7 +72,7 @@ class OPTAttention(nn.Module):
             q = q * self.scaling
             if attend.cache is not None:
                 k, v = attend.cache.update(self.layer_idx, k, v, attend.slots, attend.kv_len)
-        return self.out_proj(attention(q, k, v, attend.mask, 1.0))
+        return attention(q, k, v, attend.mask, 1.0)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -95,6 +102,42 @@ class OPTDecoderLayer(nn.Module):
         x, h = _fused.op("add_layer_norm", True)(x, self.self_attn(h, attend), ln2.weight, ln2.bias, ln2.eps)
         return x, self.fc2(self.act(self.fc1(h)))
 
+    def sparse_projections(self, x: torch.Tensor) -> tuple | None:
+        """The layer's ``(qkv, out, fc1, fc2)`` :class:`~flash_llm.SparseLinear` layers when
+        :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``, contiguous), pre-LN,
+        ``FLASH_LLM_FUSE_NORMS`` on (:data:`flash_llm.models.llama.FUSE_NORMS`), no autograd, ReLU, q / k / v merged,
+        all four sparse (biases allowed), both LayerNorms affine in ``x``'s dtype, and on CUDA the kernels able to do
+        the LayerNorms, ReLU and residual adds (:func:`flash_llm.kernels.epilogue_fusable`: DeltaRows); else None
+        (the layer then runs :meth:`forward_deferred`)."""
+        if (not _llama.FUSE_NORMS or not self.do_layer_norm_before or x.shape[0] * x.shape[1] != 1
+                or torch.is_grad_enabled() or self.act is not F.relu or not x.is_contiguous()):
+            return None
+        lns = (self.self_attn_layer_norm, self.final_layer_norm)
+        if any(ln.weight is None or any(t is not None and (t.dtype != x.dtype or t.device != x.device)
+                                        for t in (ln.weight, ln.bias)) for ln in lns):
+            return None
+        a = self.self_attn
+        layers = (sparse_layer(a, "qkv_proj", True) if a.qkv_proj is not None else None,
+                  sparse_layer(a, "out_proj", True), sparse_layer(self, "fc1", True), sparse_layer(self, "fc2", True))
+        if any(p is None or p.weight_dtype != x.dtype for p in layers):
+            return None
+        return layers if _kernels_fuse(layers, x) else None
+
+    def forward_one_token(self, x: torch.Tensor, attend: Attend, layers: tuple) -> torch.Tensor:
+        """The fused pre-LN layer for one token on sparse projections (``layers`` from :meth:`sparse_projections`):
+        each LayerNorm runs inside the projection after it (:func:`flash_llm.ops.spmm_layer_norm`, ReLU inside fc1's),
+        each residual add inside the projection before it (:func:`flash_llm.ops.spmm_add_`): 4 spmm launches and the
+        attention, against 8 launches for :meth:`forward_deferred`.  ``x [1, 1, H]``, the residual stream, is updated
+        in place and returned."""
+        qkv, out, fc1, fc2 = layers
+        a, ln1, ln2 = self.self_attn, self.self_attn_layer_norm, self.final_layer_norm
+        q, k, v = ops.spmm_layer_norm(x, ln1.weight, ln1.bias, ln1.eps, qkv.weight, qkv.bias).split(
+            a.qkv_proj.sizes, dim=-1)
+        ops.spmm_add_(x, a.attend_heads(q, k, v, attend), out.weight, out.bias)
+        h = ops.spmm_layer_norm(x, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, act="relu")
+        ops.spmm_add_(x, h, fc2.weight, fc2.bias)
+        return x
+
     def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         if self.fused and self.do_layer_norm_before:
             x, delta = self.forward_deferred(x, None, attend)
@@ -107,6 +150,28 @@ class OPTDecoderLayer(nn.Module):
         h = self.fc2(self.act(self.fc1(self.final_layer_norm(x) if pre else x)))
         x = x + h
         return x if pre else self.final_layer_norm(x)
+
+
+_FUSES: dict[tuple, bool] = {}
+
+
+def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
+    """Whether, on ``x``'s device, the kernels do the elementwise work of :meth:`OPTDecoderLayer.forward_one_token`
+    for these ``(qkv, out, fc1, fc2)`` layers (DeltaRows at N = 1: LayerNorm, ReLU, bias and residual add inside).
+    The CPU runs the reference either way: True.  Cached per weights, device and dtype."""
+    if not x.is_cuda:
+        return True
+    from .. import kernels
+    from ..reference import FORMAT_IDS
+
+    key = (x.device, x.dtype) + tuple((p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape) for p in layers)
+    if key not in _FUSES:
+        wants = ({"norm": True, "layer_norm": True}, {"add": True},
+                 {"norm": True, "layer_norm": True, "act": "relu"}, {"add": True})
+        _FUSES[key] = kernels.supported(x.device)[0] and all(
+            kernels.epilogue_fusable(FORMAT_IDS[type(p.weight)], p.weight.data, *p.weight.shape, 1, x.dtype, x.device,
+                                     offsets=p.weight.offsets, **want) for p, want in zip(layers, wants))
+    return _FUSES[key]
 
 
 class OPTDecoder(nn.Module):
@@ -138,10 +203,18 @@ class OPTDecoder(nn.Module):
             x = self.project_in(x)
         x = x + self.embed_positions(attend.positions)
         if self.fused and len(self.layers) and all(la.fused and la.do_layer_norm_before for la in self.layers):
-            delta = None
+            delta = None  # the last layer's MLP output, not yet added to x
             for layer in self.layers:
-                x, delta = layer.forward_deferred(x, delta, attend)
-            if self.final_layer_norm is not None:
+                sparse = layer.sparse_projections(x)
+                if sparse is None:
+                    x, delta = layer.forward_deferred(x, delta, attend)
+                    continue
+                if delta is not None:
+                    x, delta = x + delta, None
+                x = layer.forward_one_token(x, attend, sparse)
+            if delta is None:
+                x = x if self.final_layer_norm is None else self.final_layer_norm(x)
+            elif self.final_layer_norm is not None:
                 ln = self.final_layer_norm
                 x = _fused.op("add_layer_norm", True)(x, delta, ln.weight, ln.bias, ln.eps)[1]
             else:
