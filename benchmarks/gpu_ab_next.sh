@@ -36,9 +36,10 @@
 #   e2eab     an engine or kernel patch benchmarks/ab/$E2E_PATCH against the tree end to end: its GPU tests ($E2E_TESTS,
 #             default the kernel and engine suites; E2E_K=<pytest -k expression> for a subset), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
 #             80), batches $E2E_BATCHES (default 1,16), base and patch interleaved, twice (about 6 minutes)
-#   e2emulti  the base tree and one tree per patch of E2E_PATCHES ("a.patch b.patch", each applied alone): each patched
-#             tree's tests ($E2E_TESTS, E2E_K), then bench_e2e.py on every tree in turn, E2E_ROUNDS times (default 1),
-#             each run under E2E_TIMEOUT seconds (default 150)
+#   e2emulti  the base tree and one tree per patch of E2E_PATCHES ("a.patch b.patch", paths under benchmarks/ab/, each
+#             applied alone): each patched tree's tests ($E2E_TESTS, E2E_K), then bench_e2e.py on every tree in turn,
+#             E2E_ROUNDS times (default 1), each run under E2E_TIMEOUT seconds (default 150), its lines labelled with
+#             the patch's file name, its outputs in $OUT/e2em_<tree>_r<round>/ (tree 0 the base)
 #   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
 #             setting of E2E_ENVS (";A=1 B=0;A=0": settings separated by ';', an empty one for the defaults), in order,
 #             E2E_ROUNDS times (default 1): switches of the checked-out tree A/B'd end to end in one process each
@@ -46,7 +47,7 @@
 #             nt4) and = 0 (always wg32x2), 9216 x 36864 at CROSS_SPARSITIES (default "0.7 0.8 0.9"), 4096 x 14336 at 80 %
 # Outputs (logs) under $OUT; the A/B tables are printed.
 set -uo pipefail
-OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
+OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # (absolute: stages run in copies of the tree)
 export OUT PYTHONPATH=$PWD
 ROOT=$PWD
 # copy_tree DIR: a copy of the tree (without .git, .venv and the benchmarks' outputs) in DIR
@@ -126,7 +127,7 @@ for stage in "${@:-tests ab}"; do
                    ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | grep -v "^\.*\s*\[" | tail -40)
                  for r in 1 2; do for v in base patch; do (cd /tmp/e2eab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2e_$v \
                    llama_e2e 150 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,16} \
-                   --out /tmp/e2eab/out_${v}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); done; done
+                   --out "$OUT/e2eab_${v}_r$r" 2>&1 | grep "b=" | sed "s|^|$v r$r |"); done; done
                fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
       e2emulti) { rm -rf /tmp/e2em; i=0  # base and one tree per patch of E2E_PATCHES (each applied alone to the base)
                  for v in base ${E2E_PATCHES:?E2E_PATCHES=<files in benchmarks/ab>}; do copy_tree /tmp/e2em/$i
@@ -136,7 +137,8 @@ for stage in "${@:-tests ab}"; do
                    i=$((i + 1)); done
                  for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for v in base ${E2E_PATCHES}; do (cd /tmp/e2em/$i && PYTHONPATH=$PWD \
                    FLASH_LLM_CACHE=/tmp/flc_e2em_$i llama_e2e ${E2E_TIMEOUT:-150} --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
-                   --batches ${E2E_BATCHES:-1,16} --out /tmp/e2em/out_${i}_$r 2>&1 | grep "b=" | sed "s/^/$v r$r /"); i=$((i + 1)); done; done
+                   --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2em_${i}_r$r" 2>&1 | grep "b=" | sed "s|^|$(basename "$v") r$r |")
+                   i=$((i + 1)); done; done
                } 2>&1 | tee "$OUT/e2emulti.log" ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
