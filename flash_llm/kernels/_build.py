@@ -221,7 +221,13 @@ def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream
     ``pdl``: launch with programmatic stream serialization (sm_90+, unless ``FLASH_LLM_PDL=0``): the kernel may
     start before the previous kernel in the stream has finished, so it must wait for it (``griddepcontrol.wait``)
     before reading its results."""
-    fn = _function(device_index, name)
+    launch_function(_function(device_index, name), name, grid, block, args, stream, device_index, shared, pdl)
+
+
+def launch_function(fn, name: str, grid: tuple[int, int, int], block: int, args: list, stream: int,
+                    device_index: int, shared: int = 0, pdl: bool = False) -> None:
+    """:func:`launch` of a function handle ``fn`` (``CUfunction``) from any module (a benchmark's prototype
+    compiled with :func:`compile_kernels` ``source=``); ``name`` names it in errors and the shared-memory cache."""
     _allow_shared(fn, device_index, name, shared)
     holders = [ctype(value) for value, ctype in args]
     ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])

@@ -1,0 +1,419 @@
+"""Prototype (session 29): DeltaRows with P lanes a row and no split-K (``dr_parts_proto.cu``) against the library's
+DeltaRows N = 1 kernel, on Llama-3-8B's decoder layers at batch 1.
+
+    python benchmarks/dr_parts_proto.py --cpu-check          # no GPU: the encoder's round trip, the kernels' ptxas
+    python benchmarks/dr_parts_proto.py [--sparsity 0.8] [--layers 8] [--parts qkv=16,o=16,gate_up=4,down=16]
+                                        [--sweep] [--replays 30]
+
+Why: inside the decode step's CUDA graph each DeltaRows launch ends in a ticket and the last warp's sum over the
+splits, 2-3.5 us a launch (session 29's graph trace, ``benchmarks/RESULTS.md``), 4 launches a layer.  Here a row's
+entries are cut into P parts of equal count (contiguous column ranges), walked by P adjacent lanes of one warp, so no
+launch waits on another block: the parts meet by shuffles and part 0's lane writes the row, with the epilogue
+(RMSNorm's factor, SiLU x up, the residual add).  Every block stages all of X instead of a split's window.
+
+On a GPU it first checks each projection kind (q/k/v with RMSNorm, o with the residual add, gate / up with RMSNorm
+and SiLU x up, down with the residual add) against an fp32 product of the dense weight, outputs poisoned, tolerance
+from the library kernel's own error there (the same inputs; at least 2 units of the dtype's rounding at the output's
+scale); then it times, in CUDA graphs of ``--layers`` layers (each its own weights, so the weight bytes pass L2),
+programmatic launches under ``static_weights`` as the engine's decode step (no attention between q/k/v and o):
+each projection kind alone, then the four in a layer's order, library against prototype, median us a layer over
+the replays, two rounds.  ``--sweep`` times every P for each projection kind alone as well.  fp16 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from flash_llm import DeltaRows, kernels
+from flash_llm.formats._layout import ceil_div
+from flash_llm.kernels import _build as B
+from flash_llm.reference import FORMAT_IDS
+
+HERE = Path(__file__).resolve().parent
+FID = FORMAT_IDS[DeltaRows]
+H, I, QKV = 4096, 14336, 6144  # Llama-3-8B
+EPS = 1e-5
+KINDS = {"qkv": (QKV, H, "norm"), "o": (H, H, "resid"), "gate_up": (2 * I, H, "norm_silu"), "down": (H, I, "resid")}
+DEFAULT_PARTS = {"qkv": 16, "o": 16, "gate_up": 4, "down": 16}
+GROUP, LANES, MAX_STEP = 8, 32, 15
+DRP_WARPS = 4
+_DR_RESID, _DR_RMS, _DR_SILU = 1, 2, 4  # spmm.cu's mode bits
+
+
+# ---- the format ------------------------------------------------------------------------------------------------
+def encode(w: torch.Tensor, parts: int, pair: bool = False) -> dict:
+    """``w [M, K]`` fp16 -> the prototype's arrays (``data``, ``goff``, ``starts``, ``rows``; ``dr_parts_proto.cu``).
+    Rows are ranked by their nonzeros (descending; paired: gate rows by gate + up nonzeros, each slice's second half
+    their up rows); each row's nonzeros are cut into ``parts`` runs of equal count."""
+    m, k = w.shape
+    dev = w.device
+    R = LANES // parts
+    cnt = (w != 0).sum(1)
+    if pair:
+        h, hs = m // 2, R // 2
+        order = torch.sort(cnt[:h] + cnt[h:], descending=True, stable=True).indices
+        slices = ceil_div(h, hs)
+        gate = torch.full((slices * hs,), -1, dtype=torch.int64, device=dev)
+        gate[:h] = order
+        gate = gate.view(slices, hs)
+        rows = torch.cat([gate, torch.where(gate >= 0, gate + h, gate)], 1).reshape(-1)
+    else:
+        slices = ceil_div(m, R)
+        rows = torch.full((slices * R,), -1, dtype=torch.int64, device=dev)
+        rows[:m] = torch.sort(cnt, descending=True, stable=True).indices
+    slot = torch.empty(m, dtype=torch.int64, device=dev)
+    valid = rows >= 0
+    slot[rows[valid]] = torch.arange(rows.numel(), device=dev)[valid]
+    r, c = (w != 0).nonzero(as_tuple=True)  # row-major: each row's columns rise
+    vals = w.view(torch.int16)[r, c]
+    nnz = r.numel()
+    # parts of equal stream length (escapes counted, from the row's own gaps): each nonzero's part is where the
+    # stream before it falls among the row's P equal shares
+    rfirst = torch.ones(nnz, dtype=torch.bool, device=dev)
+    rfirst[1:] = r[1:] != r[:-1]
+    rgap = c.clone()
+    rgap[1:] -= c[:-1]
+    rgap[rfirst] = 0
+    rspan = 1 + torch.where(rgap > MAX_STEP, torch.div(rgap - 1, MAX_STEP, rounding_mode="floor"),
+                            torch.zeros_like(rgap))
+    before = torch.cumsum(rspan, 0) - rspan
+    rbase = torch.zeros(m, dtype=torch.int64, device=dev)
+    rbase[r[rfirst]] = before[rfirst]
+    rtotal = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, r, rspan)
+    part = (before - rbase[r]) * parts // rtotal[r].clamp(min=1)
+    lane_of = slot[r] * parts + part  # = slice * 32 + (slot % R) * parts + part
+    order = torch.sort(lane_of, stable=True).indices  # (a lane's entries keep their rising columns)
+    lg, cc, vv = lane_of[order], c[order], vals[order]
+    nl = slices * LANES
+    first = torch.ones(nnz, dtype=torch.bool, device=dev)
+    first[1:] = lg[1:] != lg[:-1]
+    prev = torch.empty_like(cc)
+    prev[1:] = cc[:-1]
+    prev[first] = cc[first]  # a lane's first step is 0, from its start column
+    starts = torch.zeros(nl, dtype=torch.int64, device=dev)
+    starts[lg[first]] = cc[first]
+    gap = cc - prev
+    esc = torch.where(gap > MAX_STEP, torch.div(gap - 1, MAX_STEP, rounding_mode="floor"), torch.zeros_like(gap))
+    span = esc + 1
+    ent = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, lg, span)
+    groups = (ent.view(slices, LANES).amax(1) + GROUP - 1) // GROUP
+    length = max(int(groups.max()) if slices else 0, 0) * GROUP
+    csum = torch.cumsum(span, 0) - span
+    lane_base = torch.zeros(nl, dtype=torch.int64, device=dev)
+    lane_base[lg[first]] = csum[first]
+    pos = csum - lane_base[lg] + esc
+    vals2 = torch.zeros(nl, length, dtype=torch.int16, device=dev)
+    steps2 = torch.zeros(nl, length, dtype=torch.uint8, device=dev)
+    vals2[lg, pos] = vv
+    steps2[lg, pos] = (gap - MAX_STEP * esc).to(torch.uint8)
+    n_esc = int(esc.sum())
+    if n_esc:
+        owner = torch.repeat_interleave(torch.arange(nnz, device=dev), esc, output_size=n_esc)
+        j = torch.arange(n_esc, device=dev) - torch.repeat_interleave(torch.cumsum(esc, 0) - esc, esc,
+                                                                      output_size=n_esc)
+        steps2[lg[owner], pos[owner] - esc[owner] + j] = MAX_STEP
+    gmax = length // GROUP
+    v = vals2.view(slices, LANES, gmax, GROUP).permute(0, 2, 1, 3).reshape(slices, gmax, LANES * GROUP)
+    v = v.contiguous().view(torch.int32)
+    sh = 4 * torch.arange(GROUP, device=dev, dtype=torch.int64)
+    d = (steps2.view(slices, LANES, gmax, GROUP).to(torch.int64) << sh).sum(3)
+    d = torch.where(d >= 1 << 31, d - (1 << 32), d).to(torch.int32).permute(0, 2, 1)
+    keep = torch.arange(gmax, device=dev)[None, :] < groups[:, None]
+    data = torch.cat([v, d], 2)[keep].reshape(-1).contiguous()
+    goff = torch.zeros(slices + 1, dtype=torch.int64, device=dev)
+    goff[1:] = torch.cumsum(groups, 0)
+    return {"data": data, "goff": goff.to(torch.int32), "starts": starts.to(torch.int32),
+            "rows": rows.to(torch.int32), "m": m, "k": k, "parts": parts, "slices": slices, "pair": pair,
+            "entries": int(ent.sum()), "padded": int(groups.sum()) * GROUP * LANES}
+
+
+def decode(enc: dict) -> torch.Tensor:
+    """The dense ``[M, K]`` fp16 weight back from the prototype's arrays (every entry walked as the kernel does)."""
+    m, k, parts, slices = enc["m"], enc["k"], enc["parts"], enc["slices"]
+    dev = enc["data"].device
+    goff = enc["goff"].long()
+    out = torch.zeros(m, k, dtype=torch.int16, device=dev)
+    grp = enc["data"].view(-1, LANES * GROUP // 2 + LANES)
+    for t in range(slices):
+        g = grp[goff[t]: goff[t + 1]]  # [G, 160]
+        if g.shape[0] == 0:
+            continue
+        vals = g[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(-1, LANES, GROUP)
+        sw = g[:, LANES * GROUP // 2:].long() & 0xFFFFFFFF
+        steps = (sw[:, :, None] >> (4 * torch.arange(GROUP, device=dev))) & 15  # [G, 32, 8]
+        steps = steps.permute(1, 0, 2).reshape(LANES, -1)
+        vals = vals.permute(1, 0, 2).reshape(LANES, -1)
+        cols = enc["starts"][t * LANES: (t + 1) * LANES].long()[:, None] + torch.cumsum(steps, 1)
+        row = enc["rows"][t * (LANES // parts) + torch.arange(LANES, device=dev) // parts].long()
+        nz = (vals != 0) & (row[:, None] >= 0)
+        rr = row[:, None].expand_as(vals)[nz]
+        if bool((cols[nz] >= k).any()):
+            raise AssertionError(f"slice {t}: an entry past column {k}")
+        out[rr, cols[nz]] = vals[nz]
+    return out.view(torch.float16)
+
+
+# ---- the kernels ---------------------------------------------------------------------------------------------------
+def compile_source(arch: str, use_cache: bool = True) -> B.Compiled:
+    """spmm.cu with the prototype's kernels appended, compiled by NVRTC (``use_cache=False``: fresh, with ptxas's
+    resource report in the log)."""
+    return B.compile_kernels(arch, use_cache=use_cache,
+                             source=B.SOURCE.read_bytes() + b"\n" + (HERE / "dr_parts_proto.cu").read_bytes())
+
+
+_fns: dict[str, object] = {}
+
+
+def _fn(name: str):
+    if not _fns:
+        compiled = compile_source(B.device_arch(torch.cuda.current_device()))
+        _fns["module"] = B._check_cu(B._driver().cuModuleLoadData(compiled.cubin), "cuModuleLoadData")
+    if name not in _fns:
+        _fns[name] = B._check_cu(B._driver().cuModuleGetFunction(_fns["module"], name.encode()), name)
+    return _fns[name]
+
+
+STAGE = 0  # --stage: X staged as fp32 (1) or 16-bit (2) everywhere; 0: default_stage
+
+
+def default_stage(enc: dict, device_index: int) -> int:
+    """fp32 X (one instruction less an entry) where the grid still fits one wave with its 4 K bytes a block, else
+    16-bit (2 K bytes)."""
+    blocks = ceil_div(enc["slices"], DRP_WARPS)
+    per_sm = min(32 // DRP_WARPS, (228 * 1024) // (20 * 1024 + 512 + 4 * enc["k"] + 1024))
+    return 1 if ceil_div(blocks, kernels.sm_count(device_index)) <= per_sm else 2
+
+
+def launch(enc: dict, x: torch.Tensor, y: torch.Tensor, mode: int = 0, colscale=None, stage: int | None = None,
+           pdl: bool = True) -> None:
+    """``y`` (``[M]``, or ``[M / 2]`` with SiLU x up; with the residual add it is read first) from ``x [K]`` fp16."""
+    k = enc["k"]
+    if k % 8 or x.data_ptr() % 16 or x.dtype != torch.float16:
+        raise ValueError("the prototype needs K % 8 == 0 and fp16 X on 16 bytes")
+    stage = stage or STAGE or default_stage(enc, x.device.index)
+    name = f"drp_f16_p{enc['parts']}_s{stage}"
+    P = ctypes.c_void_p
+    args = [(enc["data"].data_ptr(), P), (enc["goff"].data_ptr(), P), (enc["starts"].data_ptr(), P),
+            (enc["rows"].data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P), (0, P), (mode, ctypes.c_int),
+            (colscale.data_ptr() if colscale is not None else 0, P), (EPS, ctypes.c_float), (k, ctypes.c_int),
+            (enc["slices"], ctypes.c_int)]
+    dev = x.device.index
+    B.launch_function(_fn(name), name, (ceil_div(enc["slices"], DRP_WARPS), 1, 1), 32 * DRP_WARPS, args,
+                      torch.cuda.current_stream().cuda_stream, dev, k * (4 if stage == 1 else 2), pdl)
+
+
+# ---- Llama-3-8B layers ---------------------------------------------------------------------------------------------
+def weight(m, k, sparsity, gen):
+    w = torch.randn(m, k, device="cuda", generator=gen) / (k * (1 - sparsity)) ** 0.5
+    return torch.where(torch.rand(m, k, device="cuda", generator=gen) >= sparsity, w, 0.0).half()
+
+
+def build(sparsity, gen, parts):
+    lay = {}
+    for kind, (m, k, epi) in KINDS.items():
+        wd = weight(m, k, sparsity, gen)
+        pair = epi == "norm_silu"
+        lay[kind] = (DeltaRows.from_dense(wd, pair_halves=pair), encode(wd, parts[kind], pair))
+    lay["g_in"] = (torch.rand(H, device="cuda", generator=gen) + 0.5).half()
+    lay["g_post"] = (torch.rand(H, device="cuda", generator=gen) + 0.5).half()
+    lay["attn"] = torch.randn(1, H, device="cuda", generator=gen).half()
+    lay["h"] = torch.randn(1, H, device="cuda", generator=gen).half()
+    lay["act"] = torch.empty(1, I, device="cuda", dtype=torch.float16)
+    lay["q"] = torch.empty(1, QKV, device="cuda", dtype=torch.float16)
+    return lay
+
+
+def lib_step(lay, kind):
+    w = lay[kind][0]
+
+    def call(x, **kw):
+        kernels.spmm_cuda(x, w.data, w.offsets, FID, w.shape[0], w.shape[1], None, **kw)
+
+    if kind == "qkv":
+        call(lay["h"], out=lay["q"], norm=(lay["g_in"], EPS))
+    elif kind == "o":
+        call(lay["attn"], add_to=lay["h"])
+    elif kind == "gate_up":
+        call(lay["h"], out=lay["act"], norm=(lay["g_post"], EPS), act="silu_mul")
+    else:
+        call(lay["act"], add_to=lay["h"])
+
+
+def proto_step(lay, kind):
+    enc = lay[kind][1]
+    if kind == "qkv":
+        launch(enc, lay["h"].view(-1), lay["q"].view(-1), _DR_RMS, lay["g_in"])
+    elif kind == "o":
+        launch(enc, lay["attn"].view(-1), lay["h"].view(-1), _DR_RESID)
+    elif kind == "gate_up":
+        launch(enc, lay["h"].view(-1), lay["act"].view(-1), _DR_RMS | _DR_SILU, lay["g_post"])
+    else:
+        launch(enc, lay["act"].view(-1), lay["h"].view(-1), _DR_RESID)
+
+
+def reference(lay, kind) -> torch.Tensor:
+    """The kind's output in fp32 from the dense weight (the inputs as the layer holds them now)."""
+    wd = lay[kind][0].to_dense().float()
+
+    def rms(x, g):
+        xf = x.float()
+        return (xf * g.float()).half().float() * torch.rsqrt(xf.pow(2).mean() + EPS)
+
+    if kind == "qkv":
+        return rms(lay["h"], lay["g_in"]) @ wd.T
+    if kind == "o":
+        return lay["h"].float() + lay["attn"].float() @ wd.T
+    if kind == "gate_up":
+        y = rms(lay["h"], lay["g_post"]) @ wd.T
+        g, u = y[..., :I], y[..., I:]
+        return torch.nn.functional.silu(g) * u
+    return lay["h"].float() + lay["act"].float() @ wd.T
+
+
+OUT_OF = {"qkv": "q", "o": "h", "gate_up": "act", "down": "h"}
+
+
+def check(lay) -> bool:
+    """Each kind once from the same inputs: the prototype against the fp32 product, the library's error the bar."""
+    ok = True
+    h0 = lay["h"].clone()
+    lay["act"].copy_(torch.randn_like(lay["act"]))
+    for kind in KINDS:
+        errs = []
+        for step in (lib_step, proto_step):
+            lay["h"].copy_(h0)
+            ref = reference(lay, kind)
+            out = lay[OUT_OF[kind]]
+            if kind not in ("o", "down"):
+                out.fill_(float("nan"))
+            step(lay, kind)
+            torch.cuda.synchronize()
+            errs.append(((out.float() - ref).abs().max().item(), bool(torch.isfinite(out).all()),
+                         ref.abs().max().item()))
+        (e_lib, _, scale), (e_new, fin, _) = errs
+        bar = max(2 * e_lib, 2 * scale * 2.0 ** -10)
+        good = fin and e_new <= bar
+        ok &= good
+        print(f"  {kind:8s} max |err| library {e_lib:.3e}, prototype {e_new:.3e} (bar {bar:.3e}) "
+              f"{'ok' if good else 'WRONG'}")
+    lay["h"].copy_(h0)
+    return ok
+
+
+def timed(fn, layers, replays) -> float:
+    stream = torch.cuda.Stream()
+    with kernels.static_weights():
+        with torch.cuda.stream(stream):
+            for lay in layers:
+                fn(lay)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            for lay in layers:
+                fn(lay)
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / len(layers))
+    return statistics.median(times)
+
+
+def chain(step, kinds):
+    def run(lay):
+        for kind in kinds:
+            step(lay, kind)
+    return run
+
+
+def parse_parts(text: str) -> dict:
+    parts = dict(DEFAULT_PARTS)
+    for item in filter(None, text.split(",")):
+        kind, p = item.split("=")
+        if kind not in parts or int(p) not in (2, 4, 8, 16):
+            raise SystemExit(f"--parts: {item!r} (kinds {', '.join(parts)}; P of 2, 4, 8, 16)")
+        parts[kind] = int(p)
+    return parts
+
+
+def cpu_check() -> int:
+    torch.manual_seed(0)
+    fails = 0
+    for m, k, dens, parts, pair in [(64, 64, 0.5, 2, False), (100, 512, 0.2, 4, False), (128, 4096, 0.2, 16, True),
+                                    (96, 1000, 0.01, 8, False), (64, 64, 1.0, 16, False), (32, 64, 0.0, 4, False),
+                                    (64, 2048, 0.05, 16, True), (256, 14336, 0.2, 16, False)]:
+        w = (torch.randn(m, k) * (torch.rand(m, k) < dens)).half()
+        enc = encode(w, parts, pair)
+        same = torch.equal(decode(enc).view(torch.int16), w.view(torch.int16).masked_fill(w == 0, 0))
+        fails += not same
+        print(f"  {m}x{k} density {dens} P={parts} pair={pair}: {enc['entries']} entries, "
+              f"{enc['padded']} with padding, round trip {'ok' if same else 'WRONG'}")
+    for arch in ("sm_80", "sm_90"):
+        res = compile_source(arch, use_cache=False).resources()
+        for name, r in sorted(res.items()):
+            if name.startswith("drp_"):
+                bad = r["spill_stores"] or r["spill_loads"]
+                fails += bool(bad)
+                print(f"  {arch} {name}: {r['registers']} registers, {r['smem']} bytes static shared, "
+                      f"spills {r['spill_stores']} / {r['spill_loads']}")
+    print("fails", fails)
+    return fails
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-check", action="store_true", help="the encoder's round trip and the kernels' ptxas only")
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--parts", default="", help="P per kind, e.g. qkv=16,o=16,gate_up=4,down=16 (the default)")
+    ap.add_argument("--sweep", action="store_true", help="each kind alone at every P (2, 4, 8, 16)")
+    ap.add_argument("--replays", type=int, default=30)
+    ap.add_argument("--stage", type=int, default=0, choices=(0, 1, 2), help="X as fp32 (1) or 16-bit (2); 0: "
+                    "fp32 where the grid fits one wave with it")
+    a = ap.parse_args()
+    global STAGE
+    STAGE = a.stage
+    if a.cpu_check:
+        sys.exit(1 if cpu_check() else 0)
+    parts = parse_parts(a.parts)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = [build(a.sparsity, gen, parts) for _ in range(a.layers)]
+    enc_bytes = sum(lay[k][1]["data"].numel() * 4 for lay in layers for k in KINDS) / len(layers)
+    lib_bytes = sum(lay[k][0].data.numel() * 4 for lay in layers for k in KINDS) / len(layers)
+    print(f"Llama-3-8B layers at {a.sparsity:.0%}, fp16, N = 1, on {torch.cuda.get_device_name()}; parts {parts}; "
+          f"bytes a layer: library {lib_bytes / 1e6:.1f} MB, prototype {enc_bytes / 1e6:.1f} MB")
+    if not check(layers[0]):
+        raise SystemExit("the prototype's outputs are wrong")
+    for rnd in (1, 2):
+        for kinds in [[k] for k in KINDS] + [list(KINDS)]:
+            t_lib = timed(chain(lib_step, kinds), layers, a.replays)
+            t_new = timed(chain(proto_step, kinds), layers, a.replays)
+            print(f"round {rnd}: {'+'.join(kinds):22s} library {t_lib:7.2f} us a layer, prototype {t_new:7.2f} "
+                  f"({t_lib / t_new:.3f}x)")
+    if a.sweep:
+        for kind, (m, k, epi) in KINDS.items():
+            for p in (2, 4, 8, 16):
+                if p == parts[kind] or (epi == "norm_silu" and p > 16):
+                    continue
+                for lay in layers:
+                    lay[kind] = (lay[kind][0], encode(lay[kind][0].to_dense(), p, epi == "norm_silu"))
+                if not check(layers[0]):
+                    print(f"  {kind} P={p}: WRONG, not timed")
+                    continue
+                t = timed(chain(proto_step, [kind]), layers, a.replays)
+                print(f"sweep: {kind:8s} P={p:2d} prototype {t:7.2f} us a layer")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/dr_parts_proto.py (session 29 prototype, timed on a GPU by the script): its encoder walked back to the
+dense weight, and its kernels compiled for sm_80 / sm_90 without spills (NVRTC needs no GPU)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "dr_parts_proto.py")
+_spec = importlib.util.spec_from_file_location("dr_parts_proto", _path)
+proto = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(proto)
+
+
+@pytest.mark.parametrize("m, k, density, parts, pair", [
+    (64, 64, 0.5, 2, False), (100, 520, 0.2, 4, False), (128, 4096, 0.2, 16, True), (96, 1000, 0.01, 8, False),
+    (64, 64, 1.0, 16, False), (32, 64, 0.0, 4, False), (64, 2048, 0.03, 16, True), (40, 3000, 0.2, 8, False)])
+def test_encoding_walks_back_to_the_weight(m, k, density, parts, pair):
+    gen = torch.Generator().manual_seed(m * k + parts)
+    w = (torch.randn(m, k, generator=gen) * (torch.rand(m, k, generator=gen) < density)).half()
+    w[0, k - 1] = 3.0  # the last column, and a gap of K - 1 from the row's previous entry (escapes)
+    w = w.masked_fill(w == 0, 0)  # (-0.0 is dropped as a zero)
+    enc = proto.encode(w, parts, pair)
+    assert torch.equal(proto.decode(enc).view(torch.int16), w.view(torch.int16))
+    assert enc["entries"] >= int((w != 0).sum()) and enc["padded"] % (proto.GROUP * proto.LANES) == 0
+    lanes = enc["slices"] * proto.LANES
+    assert enc["starts"].numel() == lanes and enc["rows"].numel() == lanes // parts
+    valid = enc["rows"][enc["rows"] >= 0].long()
+    assert torch.equal(torch.sort(valid).values, torch.arange(m))  # every row once
+    if pair:  # each slice's second half holds the up rows of its first half
+        r = enc["rows"].view(enc["slices"], -1).long()
+        half = r.shape[1] // 2
+        g, u = r[:, :half], r[:, half:]
+        assert torch.equal(torch.where(g >= 0, g + m // 2, g), u)
+
+
+def test_kernels_compile_without_spills():
+    for arch in ("sm_80", "sm_90"):
+        res = {n: r for n, r in proto.compile_source(arch, use_cache=False).resources().items() if n.startswith("drp_")}
+        assert len(res) == 8
+        for name, r in res.items():
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["registers"] <= 64, (arch, name, r)
