@@ -1,25 +1,25 @@
 """Prototype (session 29): DeltaRows with P lanes a row and no split-K (``dr_parts_proto.cu``) against the library's
-DeltaRows N = 1 kernel, on Llama-3-8B's decoder layers at batch 1.
+DeltaRows N = 1 kernel, on a model's decoder layers at batch 1 (Llama-3-8B, or OPT-30B's shapes).
 
     python benchmarks/dr_parts_proto.py --cpu-check          # no GPU: the encoder's round trip, the kernels' ptxas
-    python benchmarks/dr_parts_proto.py [--sparsity 0.8] [--layers 8] [--parts qkv=16,o=16,gate_up=4,down=16]
-                                        [--sweep] [--replays 30]
+    python benchmarks/dr_parts_proto.py [--model llama-3-8b|opt-30b] [--sparsity 0.8] [--layers 8]
+                                        [--parts qkv=8,down=8] [--stage 0|1|2] [--sweep] [--replays 30]
 
 Why: inside the decode step's CUDA graph each DeltaRows launch ends in a ticket and the last warp's sum over the
 splits, 2-3.5 us a launch (session 29's graph trace, ``benchmarks/RESULTS.md``), 4 launches a layer.  Here a row's
-entries are cut into P parts of equal count (contiguous column ranges), walked by P adjacent lanes of one warp, so no
-launch waits on another block: the parts meet by shuffles and part 0's lane writes the row, with the epilogue
-(RMSNorm's factor, SiLU x up, the residual add).  Every block stages all of X instead of a split's window.
+entries are cut into P parts of equal stream length (contiguous column ranges), walked by P adjacent lanes of one
+warp, so no launch waits on another block: the parts meet by shuffles and part 0's lane writes the row, with the
+epilogue (RMSNorm's factor, SiLU x up, the residual add).  Every block stages all of X instead of a split's window.
 
-On a GPU it first checks each projection kind (q/k/v with RMSNorm, o with the residual add, gate / up with RMSNorm
-and SiLU x up, down with the residual add) against an fp32 product of the dense weight, outputs poisoned, tolerance
-from the library kernel's own error there (the same inputs; at least 2 units of the dtype's rounding at the output's
-scale); then it times, in CUDA graphs of ``--layers`` layers (each its own weights, so the weight bytes pass L2),
-programmatic launches under ``static_weights`` as the engine's decode step (no attention between q/k/v and o):
-each projection kind alone, then the four in a layer's order, library against prototype, median us a layer over
-the replays, two rounds.  ``--sweep`` times every P for each projection kind alone as well.  fp16 only.
+On a GPU it first checks each projection kind (Llama: q/k/v with RMSNorm, o with the residual add, gate / up with
+RMSNorm and SiLU x up, down with the residual add; OPT: plain and residual epilogues, its LayerNorms and biases left
+out on both sides) against an fp32 product of the dense weight, outputs poisoned, tolerance from the library
+kernel's own error there (the same inputs; at least 2 units of the dtype's rounding at the output's scale).  Then it
+times, in CUDA graphs of ``--layers`` layers (each its own weights, so the weight bytes pass L2), programmatic
+launches under ``static_weights`` as the engine's decode step (no attention between q/k/v and o): each projection
+kind alone, then the four in a layer's order, library against prototype, median us a layer over the replays, two
+rounds.  ``--sweep`` then times every other P for each kind alone.  fp16 only.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -37,10 +37,20 @@ from flash_llm.reference import FORMAT_IDS
 
 HERE = Path(__file__).resolve().parent
 FID = FORMAT_IDS[DeltaRows]
-H, I, QKV = 4096, 14336, 6144  # Llama-3-8B
 EPS = 1e-5
-KINDS = {"qkv": (QKV, H, "norm"), "o": (H, H, "resid"), "gate_up": (2 * I, H, "norm_silu"), "down": (H, I, "resid")}
-DEFAULT_PARTS = {"qkv": 16, "o": 16, "gate_up": 4, "down": 16}
+DEVICE = "cuda"  # (the CPU test of the harness sets "cpu")
+# a decoder layer's projections in order: (kind, M, K, epilogue, input buffer, output buffer, default P).  Epilogues:
+# "norm" RMSNorm before (the g_in weight), "norm_silu" RMSNorm (g_post) and SiLU x up on paired halves, "resid" the
+# residual add into h, "plain" none.  OPT's LayerNorms and biases are left out (the prototype has neither): its
+# layers compare the kernels' chains with plain and residual epilogues on both sides.
+MODELS = {
+    "llama-3-8b": {"H": 4096, "kinds": [
+        ("qkv", 6144, 4096, "norm", "h", "q", 16), ("o", 4096, 4096, "resid", "attn", "h", 16),
+        ("gate_up", 28672, 4096, "norm_silu", "h", "act", 4), ("down", 4096, 14336, "resid", "act", "h", 16)]},
+    "opt-30b": {"H": 7168, "kinds": [
+        ("qkv", 21504, 7168, "plain", "h", "q", 4), ("o", 7168, 7168, "resid", "attn", "h", 8),
+        ("fc1", 28672, 7168, "plain", "h", "act", 2), ("fc2", 7168, 28672, "resid", "act", "h", 4)]},
+}
 GROUP, LANES, MAX_STEP = 8, 32, 15
 DRP_WARPS = 4
 _DR_RESID, _DR_RMS, _DR_SILU = 1, 2, 4  # spmm.cu's mode bits
@@ -208,92 +218,77 @@ def launch(enc: dict, x: torch.Tensor, y: torch.Tensor, mode: int = 0, colscale=
                       torch.cuda.current_stream().cuda_stream, dev, k * (4 if stage == 1 else 2), pdl)
 
 
-# ---- Llama-3-8B layers ---------------------------------------------------------------------------------------------
+# ---- the layers ----------------------------------------------------------------------------------------------------
 def weight(m, k, sparsity, gen):
-    w = torch.randn(m, k, device="cuda", generator=gen) / (k * (1 - sparsity)) ** 0.5
-    return torch.where(torch.rand(m, k, device="cuda", generator=gen) >= sparsity, w, 0.0).half()
+    w = torch.randn(m, k, device=DEVICE, generator=gen) / (k * (1 - sparsity)) ** 0.5
+    return torch.where(torch.rand(m, k, device=DEVICE, generator=gen) >= sparsity, w, 0.0).half()
 
 
-def build(sparsity, gen, parts):
-    lay = {}
-    for kind, (m, k, epi) in KINDS.items():
+def build(model: dict, sparsity: float, gen, parts: dict) -> dict:
+    """One layer: per kind (library DeltaRows, prototype arrays), the norms' weights and the activation buffers."""
+    lay = {"model": model}
+    hsz = model["H"]
+    for kind, m, k, epi, xin, yout, _ in model["kinds"]:
         wd = weight(m, k, sparsity, gen)
         pair = epi == "norm_silu"
         lay[kind] = (DeltaRows.from_dense(wd, pair_halves=pair), encode(wd, parts[kind], pair))
-    lay["g_in"] = (torch.rand(H, device="cuda", generator=gen) + 0.5).half()
-    lay["g_post"] = (torch.rand(H, device="cuda", generator=gen) + 0.5).half()
-    lay["attn"] = torch.randn(1, H, device="cuda", generator=gen).half()
-    lay["h"] = torch.randn(1, H, device="cuda", generator=gen).half()
-    lay["act"] = torch.empty(1, I, device="cuda", dtype=torch.float16)
-    lay["q"] = torch.empty(1, QKV, device="cuda", dtype=torch.float16)
+        lay.setdefault(xin, torch.randn(1, k, device=DEVICE, generator=gen).half())
+        lay.setdefault(yout, torch.randn(1, m // 2 if pair else m, device=DEVICE, generator=gen).half())
+    lay["g_in"] = (torch.rand(hsz, device=DEVICE, generator=gen) + 0.5).half()
+    lay["g_post"] = (torch.rand(hsz, device=DEVICE, generator=gen) + 0.5).half()
     return lay
 
 
+def spec(lay, kind):
+    return next(t for t in lay["model"]["kinds"] if t[0] == kind)
+
+
 def lib_step(lay, kind):
+    _, _, _, epi, xin, yout, _ = spec(lay, kind)
     w = lay[kind][0]
-
-    def call(x, **kw):
-        kernels.spmm_cuda(x, w.data, w.offsets, FID, w.shape[0], w.shape[1], None, **kw)
-
-    if kind == "qkv":
-        call(lay["h"], out=lay["q"], norm=(lay["g_in"], EPS))
-    elif kind == "o":
-        call(lay["attn"], add_to=lay["h"])
-    elif kind == "gate_up":
-        call(lay["h"], out=lay["act"], norm=(lay["g_post"], EPS), act="silu_mul")
-    else:
-        call(lay["act"], add_to=lay["h"])
+    kw = {"norm": {"out": lay[yout], "norm": (lay["g_in"], EPS)},
+          "norm_silu": {"out": lay[yout], "norm": (lay["g_post"], EPS), "act": "silu_mul"},
+          "resid": {"add_to": lay[yout]}, "plain": {"out": lay[yout]}}[epi]
+    kernels.spmm_cuda(lay[xin], w.data, w.offsets, FID, w.shape[0], w.shape[1], None, **kw)
 
 
 def proto_step(lay, kind):
-    enc = lay[kind][1]
-    if kind == "qkv":
-        launch(enc, lay["h"].view(-1), lay["q"].view(-1), _DR_RMS, lay["g_in"])
-    elif kind == "o":
-        launch(enc, lay["attn"].view(-1), lay["h"].view(-1), _DR_RESID)
-    elif kind == "gate_up":
-        launch(enc, lay["h"].view(-1), lay["act"].view(-1), _DR_RMS | _DR_SILU, lay["g_post"])
-    else:
-        launch(enc, lay["act"].view(-1), lay["h"].view(-1), _DR_RESID)
+    _, _, _, epi, xin, yout, _ = spec(lay, kind)
+    mode, g = {"norm": (_DR_RMS, lay["g_in"]), "norm_silu": (_DR_RMS | _DR_SILU, lay["g_post"]),
+               "resid": (_DR_RESID, None), "plain": (0, None)}[epi]
+    launch(lay[kind][1], lay[xin].view(-1), lay[yout].view(-1), mode, g)
 
 
 def reference(lay, kind) -> torch.Tensor:
     """The kind's output in fp32 from the dense weight (the inputs as the layer holds them now)."""
+    _, m, _, epi, xin, yout, _ = spec(lay, kind)
     wd = lay[kind][0].to_dense().float()
-
-    def rms(x, g):
-        xf = x.float()
-        return (xf * g.float()).half().float() * torch.rsqrt(xf.pow(2).mean() + EPS)
-
-    if kind == "qkv":
-        return rms(lay["h"], lay["g_in"]) @ wd.T
-    if kind == "o":
-        return lay["h"].float() + lay["attn"].float() @ wd.T
-    if kind == "gate_up":
-        y = rms(lay["h"], lay["g_post"]) @ wd.T
-        g, u = y[..., :I], y[..., I:]
-        return torch.nn.functional.silu(g) * u
-    return lay["h"].float() + lay["act"].float() @ wd.T
-
-
-OUT_OF = {"qkv": "q", "o": "h", "gate_up": "act", "down": "h"}
+    x = lay[xin].float()
+    if epi in ("norm", "norm_silu"):
+        g = lay["g_in" if epi == "norm" else "g_post"]
+        x = (x * g.float()).half().float() * torch.rsqrt(x.pow(2).mean() + EPS)
+    y = x @ wd.T
+    if epi == "norm_silu":
+        return torch.nn.functional.silu(y[..., : m // 2]) * y[..., m // 2:]
+    return lay[yout].float() + y if epi == "resid" else y
 
 
 def check(lay) -> bool:
     """Each kind once from the same inputs: the prototype against the fp32 product, the library's error the bar."""
     ok = True
-    h0 = lay["h"].clone()
-    lay["act"].copy_(torch.randn_like(lay["act"]))
-    for kind in KINDS:
+    saved = {k: v.clone() for k, v in lay.items() if isinstance(v, torch.Tensor)}
+    for kind, *_ in lay["model"]["kinds"]:
+        yout = spec(lay, kind)[5]
         errs = []
         for step in (lib_step, proto_step):
-            lay["h"].copy_(h0)
+            for k, v in saved.items():
+                lay[k].copy_(v)
             ref = reference(lay, kind)
-            out = lay[OUT_OF[kind]]
-            if kind not in ("o", "down"):
-                out.fill_(float("nan"))
+            if spec(lay, kind)[3] != "resid":
+                lay[yout].fill_(float("nan"))
             step(lay, kind)
             torch.cuda.synchronize()
+            out = lay[yout]
             errs.append(((out.float() - ref).abs().max().item(), bool(torch.isfinite(out).all()),
                          ref.abs().max().item()))
         (e_lib, _, scale), (e_new, fin, _) = errs
@@ -302,7 +297,8 @@ def check(lay) -> bool:
         ok &= good
         print(f"  {kind:8s} max |err| library {e_lib:.3e}, prototype {e_new:.3e} (bar {bar:.3e}) "
               f"{'ok' if good else 'WRONG'}")
-    lay["h"].copy_(h0)
+    for k, v in saved.items():
+        lay[k].copy_(v)
     return ok
 
 
@@ -337,11 +333,11 @@ def chain(step, kinds):
     return run
 
 
-def parse_parts(text: str) -> dict:
-    parts = dict(DEFAULT_PARTS)
+def parse_parts(model: dict, text: str) -> dict:
+    parts = {kind: p for kind, *_, p in model["kinds"]}
     for item in filter(None, text.split(",")):
-        kind, p = item.split("=")
-        if kind not in parts or int(p) not in (2, 4, 8, 16):
+        kind, _, p = item.partition("=")
+        if kind not in parts or p not in ("2", "4", "8", "16"):
             raise SystemExit(f"--parts: {item!r} (kinds {', '.join(parts)}; P of 2, 4, 8, 16)")
         parts[kind] = int(p)
     return parts
@@ -374,9 +370,10 @@ def cpu_check() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-check", action="store_true", help="the encoder's round trip and the kernels' ptxas only")
+    ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS))
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--parts", default="", help="P per kind, e.g. qkv=16,o=16,gate_up=4,down=16 (the default)")
+    ap.add_argument("--parts", default="", help="P per kind, e.g. qkv=8,down=8 (defaults: MODELS)")
     ap.add_argument("--sweep", action="store_true", help="each kind alone at every P (2, 4, 8, 16)")
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--stage", type=int, default=0, choices=(0, 1, 2), help="X as fp32 (1) or 16-bit (2); 0: "
@@ -386,25 +383,27 @@ def main() -> None:
     STAGE = a.stage
     if a.cpu_check:
         sys.exit(1 if cpu_check() else 0)
-    parts = parse_parts(a.parts)
+    model = MODELS[a.model]
+    parts = parse_parts(model, a.parts)
+    names = [kind for kind, *_ in model["kinds"]]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    layers = [build(a.sparsity, gen, parts) for _ in range(a.layers)]
-    enc_bytes = sum(lay[k][1]["data"].numel() * 4 for lay in layers for k in KINDS) / len(layers)
-    lib_bytes = sum(lay[k][0].data.numel() * 4 for lay in layers for k in KINDS) / len(layers)
-    print(f"Llama-3-8B layers at {a.sparsity:.0%}, fp16, N = 1, on {torch.cuda.get_device_name()}; parts {parts}; "
+    layers = [build(model, a.sparsity, gen, parts) for _ in range(a.layers)]
+    enc_bytes = sum(lay[k][1]["data"].numel() * 4 for lay in layers for k in names) / len(layers)
+    lib_bytes = sum(lay[k][0].data.numel() * 4 for lay in layers for k in names) / len(layers)
+    print(f"{a.model} layers at {a.sparsity:.0%}, fp16, N = 1, on {torch.cuda.get_device_name()}; parts {parts}; "
           f"bytes a layer: library {lib_bytes / 1e6:.1f} MB, prototype {enc_bytes / 1e6:.1f} MB")
     if not check(layers[0]):
         raise SystemExit("the prototype's outputs are wrong")
     for rnd in (1, 2):
-        for kinds in [[k] for k in KINDS] + [list(KINDS)]:
+        for kinds in [[k] for k in names] + [names]:
             t_lib = timed(chain(lib_step, kinds), layers, a.replays)
             t_new = timed(chain(proto_step, kinds), layers, a.replays)
             print(f"round {rnd}: {'+'.join(kinds):22s} library {t_lib:7.2f} us a layer, prototype {t_new:7.2f} "
                   f"({t_lib / t_new:.3f}x)")
     if a.sweep:
-        for kind, (m, k, epi) in KINDS.items():
+        for kind, m, k, epi, *_ in model["kinds"]:
             for p in (2, 4, 8, 16):
-                if p == parts[kind] or (epi == "norm_silu" and p > 16):
+                if p == parts[kind]:
                     continue
                 for lay in layers:
                     lay[kind] = (lay[kind][0], encode(lay[kind][0].to_dense(), p, epi == "norm_silu"))

@@ -41,3 +41,28 @@ def test_kernels_compile_without_spills():
         assert len(res) == 8
         for name, r in res.items():
             assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["registers"] <= 64, (arch, name, r)
+
+
+@pytest.mark.parametrize("model", sorted(proto.MODELS))
+def test_harness_check_passes_right_outputs_and_catches_wrong_ones(model, monkeypatch):
+    """The script's check on the CPU at 1/16 of the shapes, the launches replaced by the fp32 reference rounded to
+    fp16 (right) or shifted by 1 (wrong): the bar passes the one and fails the other, per projection kind."""
+    spec = dict(proto.MODELS[model])
+    spec["H"] //= 16
+    spec["kinds"] = [(k, m // 16, kk // 16, e, x, y, p) for k, m, kk, e, x, y, p in spec["kinds"]]
+    monkeypatch.setattr(proto, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def fake(shift):
+        def step(lay, kind):
+            lay[proto.spec(lay, kind)[5]].copy_((proto.reference(lay, kind) + shift).half())
+        return step
+
+    lay = proto.build(spec, 0.8, torch.Generator().manual_seed(0), proto.parse_parts(spec, ""))
+    monkeypatch.setattr(proto, "lib_step", fake(0.0))
+    monkeypatch.setattr(proto, "proto_step", fake(0.0))
+    assert proto.check(lay)
+    monkeypatch.setattr(proto, "proto_step", fake(1.0))
+    assert not proto.check(lay)
+    with pytest.raises(SystemExit):
+        proto.parse_parts(spec, "qkv=3")
