@@ -21,12 +21,12 @@ template <bool BF16, int P, int STAGE>
 DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, const int* __restrict__ starts,
                    const int* __restrict__ rows, const u16* __restrict__ x, u16* __restrict__ y,
                    const u16* __restrict__ bias, int mode, const u16* __restrict__ colscale, float eps, int K,
-                   int slices) {
+                   int slices, const u16* __restrict__ colbias) {
   static_assert(P >= 2 && P <= 16 && (P & (P - 1)) == 0, "P: 2, 4, 8 or 16 lanes a row");
   static_assert(STAGE == 1 || STAGE == 2, "X staged as fp32 (1) or 16-bit (2)");
   extern __shared__ __align__(16) unsigned char drp_x[];  // X, all K columns
   __shared__ __align__(16) unsigned char ring[DRP_WARPS][DR_RING * 640];
-  __shared__ float qpart[DRP_WARPS];
+  __shared__ float qpart[DRP_WARPS], qpart2[DRP_WARPS];
   constexpr int R = 32 / P;  // rows a warp
   constexpr int NT = 32 * DRP_WARPS;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -41,18 +41,23 @@ DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, c
     cp_async_commit();
   }
   pdl_launch_dependents();
-  const bool rms = mode & DR_RMS, silu = mode & DR_SILU, resid = mode & DR_RESID;
+  const bool rms = mode & DR_RMS, silu = mode & DR_SILU, resid = mode & DR_RESID, ln = mode & DR_LN;
   const int start = starts[slice * 32 + lane];
   const int row = rows[slice * R + lane / P];
   const bool writer = lane % P == 0 && row >= 0 && (!silu || lane < 16);
   const float bv = bias && writer && !silu ? to_float<BF16>(bias[row]) : 0.f;
-  if (rms)  // the norm's weight into L2 before the wait (static)
-    for (int c = 8 * threadIdx.x; c < K; c += 8 * NT) asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
+  if (rms || ln)  // the norm's weight (and LayerNorm's bias) into L2 before the wait (static)
+    for (int c = 8 * threadIdx.x; c < K; c += 8 * NT) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
+      if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
+    }
   pdl_wait();  // X, Y and every write after the previous kernel
   const float yv = resid && writer ? to_float<BF16>(y[row]) : 0.f;
   // all of X staged (K % 8 == 0, X 16-byte aligned: the launcher checks), 4 loads a thread in flight; RMSNorm's sum
-  // of squares of the raw values on the way, X times the norm's weight rounded to the dtype once
-  float q = 0.f;
+  // of squares of the raw values on the way, X times the norm's weight rounded to the dtype once.  LayerNorm (DR_LN):
+  // X staged raw with its sums shifted by x[0] on the way, then normalized in place after a barrier
+  float q = 0.f, q2 = 0.f;
+  const float c0 = ln ? to_float<BF16>(__ldg(x)) : 0.f;
   const int units = K >> 3;
   for (int u0 = threadIdx.x; u0 < units; u0 += 4 * NT) {
     uint4 r[4], g[4];
@@ -82,6 +87,13 @@ DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, c
           q = fmaf(f[t], f[t], q);
           f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
         }
+      } else if (ln) {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          const float dv = f[t] - c0;
+          q += dv;
+          q2 = fmaf(dv, dv, q2);
+        }
       }
       if (STAGE == 1) {
         float4* dst = reinterpret_cast<float4*>(drp_x) + 2 * u;
@@ -96,12 +108,68 @@ DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, c
       }
     }
   }
-  if (rms) {
+  if (rms || ln) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-    if (lane == 0) qpart[warp] = q;
+    for (int o = 16; o > 0; o >>= 1) {
+      q += __shfl_xor_sync(0xffffffffu, q, o);
+      q2 += __shfl_xor_sync(0xffffffffu, q2, o);
+    }
+    if (lane == 0) {
+      qpart[warp] = q;
+      qpart2[warp] = q2;
+    }
   }
-  __syncthreads();  // the last barrier: from here each warp runs alone
+  __syncthreads();
+  if (ln) {  // mean and 1 / std over K (every thread the same sums in the same order), then X normalized in place:
+    // (x - mu) rstd g + b rounded to the dtype once, as the separate LayerNorm
+    float t1 = qpart[0], t2 = qpart2[0];
+#pragma unroll
+    for (int i = 1; i < DRP_WARPS; ++i) {
+      t1 += qpart[i];
+      t2 += qpart2[i];
+    }
+    const float md = t1 * __fdividef(1.f, (float)K);
+    const float mu = c0 + md, rstd = rsqrtf(fmaxf(t2 * __fdividef(1.f, (float)K) - md * md, 0.f) + eps);
+    for (int u = threadIdx.x; u < units; u += NT) {
+      const uint4 g = __ldg(reinterpret_cast<const uint4*>(colscale) + u);
+      const uint4 bb = colbias ? __ldg(reinterpret_cast<const uint4*>(colbias) + u) : make_uint4(0, 0, 0, 0);
+      float f[8], e[8], b8[8];
+      if (STAGE == 1) {
+        const float4* src = reinterpret_cast<const float4*>(drp_x) + 2 * u;
+        const float4 p0 = src[0], p1 = src[1];
+        f[0] = p0.x, f[1] = p0.y, f[2] = p0.z, f[3] = p0.w, f[4] = p1.x, f[5] = p1.y, f[6] = p1.z, f[7] = p1.w;
+      } else {
+        const uint4 r = reinterpret_cast<const uint4*>(drp_x)[u];
+        dr_unpack<BF16>(r.x, f[0], f[1]);
+        dr_unpack<BF16>(r.y, f[2], f[3]);
+        dr_unpack<BF16>(r.z, f[4], f[5]);
+        dr_unpack<BF16>(r.w, f[6], f[7]);
+      }
+      dr_unpack<BF16>(g.x, e[0], e[1]);
+      dr_unpack<BF16>(g.y, e[2], e[3]);
+      dr_unpack<BF16>(g.z, e[4], e[5]);
+      dr_unpack<BF16>(g.w, e[6], e[7]);
+      dr_unpack<BF16>(bb.x, b8[0], b8[1]);
+      dr_unpack<BF16>(bb.y, b8[2], b8[3]);
+      dr_unpack<BF16>(bb.z, b8[4], b8[5]);
+      dr_unpack<BF16>(bb.w, b8[6], b8[7]);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(fmaf((f[t] - mu) * rstd, e[t], b8[t])));
+      if (STAGE == 1) {
+        float4* dst = reinterpret_cast<float4*>(drp_x) + 2 * u;
+        dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+        dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+      } else {
+        u32 o[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h)
+          o[h] = (u32)from_float<BF16>(f[2 * h]) | ((u32)from_float<BF16>(f[2 * h + 1]) << 16);
+        reinterpret_cast<uint4*>(drp_x)[u] = make_uint4(o[0], o[1], o[2], o[3]);
+      }
+    }
+    __syncthreads();
+  }
+  // from here each warp runs alone
   if (!live) return;
   if (rms) {
     q = qpart[0];
@@ -122,7 +190,7 @@ DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, c
       y[row] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
     }
   } else if (writer) {
-    const float r = acc + bv;
+    const float r = (mode & DR_RELU) ? fmaxf(acc + bv, 0.f) : acc + bv;
     y[row] = resid ? from_float<BF16>(yv + to_float<BF16>(from_float<BF16>(r))) : from_float<BF16>(r);
   }
 }
@@ -130,10 +198,10 @@ DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, c
 #define DRP_ARGS                                                                                                  \
   const int *__restrict__ data, const int *__restrict__ goff, const int *__restrict__ starts,                     \
       const int *__restrict__ rows, const u16 *__restrict__ x, u16 *__restrict__ y, const u16 *__restrict__ bias, \
-      int mode, const u16 *__restrict__ colscale, float eps, int K, int slices
+      int mode, const u16 *__restrict__ colscale, float eps, int K, int slices, const u16 *__restrict__ colbias
 #define INSTANTIATE_DRP(P, STAGE)                                                                                 \
   extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 32 / DRP_WARPS) drp_f16_p##P##_s##STAGE(DRP_ARGS) { \
-    drp_body<false, P, STAGE>(data, goff, starts, rows, x, y, bias, mode, colscale, eps, K, slices);             \
+    drp_body<false, P, STAGE>(data, goff, starts, rows, x, y, bias, mode, colscale, eps, K, slices, colbias);    \
   }
 INSTANTIATE_DRP(2, 1)
 INSTANTIATE_DRP(2, 2)

@@ -9,17 +9,20 @@ Why: inside the decode step's CUDA graph each DeltaRows launch ends in a ticket 
 splits, 2-3.5 us a launch (session 29's graph trace, ``benchmarks/RESULTS.md``), 4 launches a layer.  Here a row's
 entries are cut into P parts of equal stream length (contiguous column ranges), walked by P adjacent lanes of one
 warp, so no launch waits on another block: the parts meet by shuffles and part 0's lane writes the row, with the
-epilogue (RMSNorm's factor, SiLU x up, the residual add).  Every block stages all of X instead of a split's window.
+epilogue (RMSNorm's factor, SiLU x up, bias, ReLU, the residual add).  Every block stages all of X instead of a
+split's window (LayerNorm: X staged raw, its statistics taken on the way, then normalized in place).
 
 On a GPU it first checks each projection kind (Llama: q/k/v with RMSNorm, o with the residual add, gate / up with
-RMSNorm and SiLU x up, down with the residual add; OPT: plain and residual epilogues, its LayerNorms and biases left
-out on both sides) against an fp32 product of the dense weight, outputs poisoned, tolerance from the library
-kernel's own error there (the same inputs; at least 2 units of the dtype's rounding at the output's scale).  Then it
-times, in CUDA graphs of ``--layers`` layers (each its own weights, so the weight bytes pass L2), programmatic
-launches under ``static_weights`` as the engine's decode step (no attention between q/k/v and o): each projection
-kind alone, then the four in a layer's order, library against prototype, median us a layer over the replays, two
-rounds.  ``--sweep`` then times every other P for each kind alone.  fp16 only.
+RMSNorm and SiLU x up, down with the residual add; OPT: LayerNorm before q/k/v, LayerNorm and ReLU around fc1, the
+residual add after out and fc2, a bias on every projection) against an fp32 product of the dense weight, outputs
+poisoned, tolerance from the library kernel's own error there (the same inputs; at least 2 units of the dtype's
+rounding at the output's scale).  Then it times, in CUDA graphs of ``--layers`` layers (each its own weights, so the
+weight bytes pass L2), programmatic launches under ``static_weights`` as the engine's decode step (no attention
+between q/k/v and o): each projection kind alone, then the four in a layer's order, library against prototype,
+median us a layer over the replays, two rounds.  ``--sweep`` then times every other P for each kind alone.  fp16
+only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,27 +36,27 @@ import torch
 from flash_llm import DeltaRows, kernels
 from flash_llm.formats._layout import ceil_div
 from flash_llm.kernels import _build as B
-from flash_llm.reference import FORMAT_IDS
+from flash_llm.reference import FORMAT_IDS, layer_norm
 
 HERE = Path(__file__).resolve().parent
 FID = FORMAT_IDS[DeltaRows]
 EPS = 1e-5
 DEVICE = "cuda"  # (the CPU test of the harness sets "cpu")
 # a decoder layer's projections in order: (kind, M, K, epilogue, input buffer, output buffer, default P).  Epilogues:
-# "norm" RMSNorm before (the g_in weight), "norm_silu" RMSNorm (g_post) and SiLU x up on paired halves, "resid" the
-# residual add into h, "plain" none.  OPT's LayerNorms and biases are left out (the prototype has neither): its
-# layers compare the kernels' chains with plain and residual epilogues on both sides.
+# "norm" RMSNorm before (weight g_in), "norm_silu" RMSNorm (g_post) and SiLU x up on paired halves, "ln" LayerNorm
+# before (g_in, b_in), "ln_relu" LayerNorm (g_post, b_post) and ReLU after, "resid" the residual add into h, "plain"
+# none.  "bias": every projection has one (OPT).
 MODELS = {
-    "llama-3-8b": {"H": 4096, "kinds": [
+    "llama-3-8b": {"H": 4096, "bias": False, "kinds": [
         ("qkv", 6144, 4096, "norm", "h", "q", 16), ("o", 4096, 4096, "resid", "attn", "h", 16),
         ("gate_up", 28672, 4096, "norm_silu", "h", "act", 4), ("down", 4096, 14336, "resid", "act", "h", 16)]},
-    "opt-30b": {"H": 7168, "kinds": [
-        ("qkv", 21504, 7168, "plain", "h", "q", 4), ("o", 7168, 7168, "resid", "attn", "h", 8),
-        ("fc1", 28672, 7168, "plain", "h", "act", 2), ("fc2", 7168, 28672, "resid", "act", "h", 4)]},
+    "opt-30b": {"H": 7168, "bias": True, "kinds": [
+        ("qkv", 21504, 7168, "ln", "h", "q", 4), ("o", 7168, 7168, "resid", "attn", "h", 8),
+        ("fc1", 28672, 7168, "ln_relu", "h", "act", 2), ("fc2", 7168, 28672, "resid", "act", "h", 4)]},
 }
 GROUP, LANES, MAX_STEP = 8, 32, 15
 DRP_WARPS = 4
-_DR_RESID, _DR_RMS, _DR_SILU = 1, 2, 4  # spmm.cu's mode bits
+_DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu's mode bits
 
 
 # ---- the format ------------------------------------------------------------------------------------------------
@@ -201,8 +204,9 @@ def default_stage(enc: dict, device_index: int) -> int:
 
 
 def launch(enc: dict, x: torch.Tensor, y: torch.Tensor, mode: int = 0, colscale=None, stage: int | None = None,
-           pdl: bool = True) -> None:
-    """``y`` (``[M]``, or ``[M / 2]`` with SiLU x up; with the residual add it is read first) from ``x [K]`` fp16."""
+           pdl: bool = True, bias=None, colbias=None) -> None:
+    """``y`` (``[M]``, or ``[M / 2]`` with SiLU x up; with the residual add it is read first) from ``x [K]`` fp16;
+    ``colscale``: the norm's weight (RMSNorm, LayerNorm), ``colbias``: LayerNorm's bias, ``bias``: the output's."""
     k = enc["k"]
     if k % 8 or x.data_ptr() % 16 or x.dtype != torch.float16:
         raise ValueError("the prototype needs K % 8 == 0 and fp16 X on 16 bytes")
@@ -210,9 +214,10 @@ def launch(enc: dict, x: torch.Tensor, y: torch.Tensor, mode: int = 0, colscale=
     name = f"drp_f16_p{enc['parts']}_s{stage}"
     P = ctypes.c_void_p
     args = [(enc["data"].data_ptr(), P), (enc["goff"].data_ptr(), P), (enc["starts"].data_ptr(), P),
-            (enc["rows"].data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P), (0, P), (mode, ctypes.c_int),
+            (enc["rows"].data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
+            (bias.data_ptr() if bias is not None else 0, P), (mode, ctypes.c_int),
             (colscale.data_ptr() if colscale is not None else 0, P), (EPS, ctypes.c_float), (k, ctypes.c_int),
-            (enc["slices"], ctypes.c_int)]
+            (enc["slices"], ctypes.c_int), (colbias.data_ptr() if colbias is not None else 0, P)]
     dev = x.device.index
     B.launch_function(_fn(name), name, (ceil_div(enc["slices"], DRP_WARPS), 1, 1), 32 * DRP_WARPS, args,
                       torch.cuda.current_stream().cuda_stream, dev, k * (4 if stage == 1 else 2), pdl)
@@ -234,8 +239,12 @@ def build(model: dict, sparsity: float, gen, parts: dict) -> dict:
         lay[kind] = (DeltaRows.from_dense(wd, pair_halves=pair), encode(wd, parts[kind], pair))
         lay.setdefault(xin, torch.randn(1, k, device=DEVICE, generator=gen).half())
         lay.setdefault(yout, torch.randn(1, m // 2 if pair else m, device=DEVICE, generator=gen).half())
-    lay["g_in"] = (torch.rand(hsz, device=DEVICE, generator=gen) + 0.5).half()
-    lay["g_post"] = (torch.rand(hsz, device=DEVICE, generator=gen) + 0.5).half()
+        if model["bias"]:
+            lay["bias_" + kind] = (0.1 * torch.randn(m, device=DEVICE, generator=gen)).half()
+    for name in ("g_in", "g_post"):
+        lay[name] = (torch.rand(hsz, device=DEVICE, generator=gen) + 0.5).half()
+    for name in ("b_in", "b_post"):
+        lay[name] = (0.1 * torch.randn(hsz, device=DEVICE, generator=gen)).half()
     return lay
 
 
@@ -248,15 +257,19 @@ def lib_step(lay, kind):
     w = lay[kind][0]
     kw = {"norm": {"out": lay[yout], "norm": (lay["g_in"], EPS)},
           "norm_silu": {"out": lay[yout], "norm": (lay["g_post"], EPS), "act": "silu_mul"},
+          "ln": {"out": lay[yout], "norm": (lay["g_in"], lay["b_in"], EPS)},
+          "ln_relu": {"out": lay[yout], "norm": (lay["g_post"], lay["b_post"], EPS), "act": "relu"},
           "resid": {"add_to": lay[yout]}, "plain": {"out": lay[yout]}}[epi]
-    kernels.spmm_cuda(lay[xin], w.data, w.offsets, FID, w.shape[0], w.shape[1], None, **kw)
+    kernels.spmm_cuda(lay[xin], w.data, w.offsets, FID, w.shape[0], w.shape[1], lay.get("bias_" + kind), **kw)
 
 
 def proto_step(lay, kind):
     _, _, _, epi, xin, yout, _ = spec(lay, kind)
-    mode, g = {"norm": (_DR_RMS, lay["g_in"]), "norm_silu": (_DR_RMS | _DR_SILU, lay["g_post"]),
-               "resid": (_DR_RESID, None), "plain": (0, None)}[epi]
-    launch(lay[kind][1], lay[xin].view(-1), lay[yout].view(-1), mode, g)
+    mode, g, b = {"norm": (_DR_RMS, lay["g_in"], None), "norm_silu": (_DR_RMS | _DR_SILU, lay["g_post"], None),
+                  "ln": (_DR_LN, lay["g_in"], lay["b_in"]),
+                  "ln_relu": (_DR_LN | _DR_RELU, lay["g_post"], lay["b_post"]),
+                  "resid": (_DR_RESID, None, None), "plain": (0, None, None)}[epi]
+    launch(lay[kind][1], lay[xin].view(-1), lay[yout].view(-1), mode, g, bias=lay.get("bias_" + kind), colbias=b)
 
 
 def reference(lay, kind) -> torch.Tensor:
@@ -267,9 +280,16 @@ def reference(lay, kind) -> torch.Tensor:
     if epi in ("norm", "norm_silu"):
         g = lay["g_in" if epi == "norm" else "g_post"]
         x = (x * g.float()).half().float() * torch.rsqrt(x.pow(2).mean() + EPS)
+    elif epi in ("ln", "ln_relu"):
+        post = epi == "ln_relu"
+        x = layer_norm(lay[xin], lay["g_post" if post else "g_in"], lay["b_post" if post else "b_in"], EPS).float()
     y = x @ wd.T
+    if "bias_" + kind in lay:
+        y = y + lay["bias_" + kind].float()
     if epi == "norm_silu":
         return torch.nn.functional.silu(y[..., : m // 2]) * y[..., m // 2:]
+    if epi == "ln_relu":
+        return torch.relu(y)
     return lay[yout].float() + y if epi == "resid" else y
 
 
