@@ -66,3 +66,54 @@ def test_harness_check_passes_right_outputs_and_catches_wrong_ones(model, monkey
     assert not proto.check(lay)
     with pytest.raises(SystemExit):
         proto.parse_parts(spec, "qkv=3")
+
+
+def _kernel_model(enc, x, silu):
+    """What drp_body computes, lane by lane, in float64: each lane walks its stream from its start column, the P
+    lanes of a row are summed, part 0's lane writes ``rows[slot]`` (with SiLU x up, lanes below 16 pair with lane + 16,
+    the up row's)."""
+    parts, slices = enc["parts"], enc["slices"]
+    R = proto.LANES // parts
+    goff = enc["goff"].long()
+    grp = enc["data"].view(-1, proto.LANES * proto.GROUP // 2 + proto.LANES)
+    m_out = enc["m"] // 2 if silu else enc["m"]
+    y = torch.full((m_out,), float("nan"), dtype=torch.float64)
+    for t in range(slices):
+        g = grp[goff[t]: goff[t + 1]]
+        acc = torch.zeros(proto.LANES, dtype=torch.float64)
+        if g.shape[0]:
+            vals = g[:, : proto.LANES * proto.GROUP // 2].contiguous().view(torch.float16).view(-1, proto.LANES, 8)
+            steps = (g[:, proto.LANES * proto.GROUP // 2:].long()[:, :, None] & 0xFFFFFFFF) >> (4 * torch.arange(8))
+            steps = (steps & 15).permute(1, 0, 2).reshape(proto.LANES, -1)
+            vals = vals.permute(1, 0, 2).reshape(proto.LANES, -1).double()
+            cols = enc["starts"][t * 32: (t + 1) * 32].long()[:, None] + torch.cumsum(steps, 1)
+            assert int(cols.max()) < x.numel()  # (the kernel reads X's staged copy there: pads included)
+            acc = (vals * x.double()[cols]).sum(1)
+        tot = acc.view(R, parts).sum(1)  # the butterfly: every lane of a row holds its row's sum
+        for i in range(R):
+            lane = i * parts
+            row = int(enc["rows"][t * R + i])
+            if row < 0 or (silu and lane >= 16):
+                continue
+            if silu:
+                up = tot[(lane + 16) // parts]
+                y[row] = torch.nn.functional.silu(tot[i]) * up
+            else:
+                y[row] = tot[i]
+    return y
+
+
+@pytest.mark.parametrize("m, k, parts, pair", [(96, 512, 16, False), (128, 1024, 4, True), (64, 256, 8, True),
+                                               (100, 2048, 2, False)])
+def test_the_kernels_lane_indexing_computes_the_product(m, k, parts, pair):
+    """The layout read as drp_body reads it (rows[slice R + lane / P], starts[32 slice + lane], the P-lane sums, the
+    SiLU pairing across the warp's halves) gives x @ W^T (silu(gate) * up when paired), every output written."""
+    gen = torch.Generator().manual_seed(m + k + parts)
+    w = (torch.randn(m, k, generator=gen) * (torch.rand(m, k, generator=gen) < 0.2)).half()
+    x = torch.randn(k, generator=gen).half()
+    y = _kernel_model(proto.encode(w, parts, pair), x, pair)
+    ref = w.double() @ x.double()
+    if pair:
+        ref = torch.nn.functional.silu(ref[: m // 2]) * ref[m // 2:]
+    assert not torch.isnan(y).any()
+    assert torch.allclose(y, ref, rtol=1e-9, atol=1e-9)
