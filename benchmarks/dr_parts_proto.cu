@@ -72,16 +72,10 @@ DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, c
       const int u = u0 + NT * i;
       if (u >= units) break;
       float f[8];
-      dr_unpack<BF16>(r[i].x, f[0], f[1]);
-      dr_unpack<BF16>(r[i].y, f[2], f[3]);
-      dr_unpack<BF16>(r[i].z, f[4], f[5]);
-      dr_unpack<BF16>(r[i].w, f[6], f[7]);
+      unpack8<BF16>(r[i], f);
       if (rms) {
         float e[8];
-        dr_unpack<BF16>(g[i].x, e[0], e[1]);
-        dr_unpack<BF16>(g[i].y, e[2], e[3]);
-        dr_unpack<BF16>(g[i].z, e[4], e[5]);
-        dr_unpack<BF16>(g[i].w, e[6], e[7]);
+        unpack8<BF16>(g[i], e);
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           q = fmaf(f[t], f[t], q);
@@ -95,17 +89,7 @@ DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, c
           q2 = fmaf(dv, dv, q2);
         }
       }
-      if (STAGE == 1) {
-        float4* dst = reinterpret_cast<float4*>(drp_x) + 2 * u;
-        dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-        dst[1] = make_float4(f[4], f[5], f[6], f[7]);
-      } else {
-        u32 o[4];
-#pragma unroll
-        for (int h = 0; h < 4; ++h)
-          o[h] = (u32)from_float<BF16>(f[2 * h]) | ((u32)from_float<BF16>(f[2 * h + 1]) << 16);
-        reinterpret_cast<uint4*>(drp_x)[u] = make_uint4(o[0], o[1], o[2], o[3]);
-      }
+      dr_xs_store8<BF16>(reinterpret_cast<float*>(drp_x), 8 * u, STAGE == 1, f);
     }
   }
   if (rms || ln) {
@@ -122,50 +106,16 @@ DEVI void drp_body(const int* __restrict__ data, const int* __restrict__ goff, c
   __syncthreads();
   if (ln) {  // mean and 1 / std over K (every thread the same sums in the same order), then X normalized in place:
     // (x - mu) rstd g + b rounded to the dtype once, as the separate LayerNorm
-    float t1 = qpart[0], t2 = qpart2[0];
-#pragma unroll
-    for (int i = 1; i < DRP_WARPS; ++i) {
-      t1 += qpart[i];
-      t2 += qpart2[i];
-    }
-    const float md = t1 * __fdividef(1.f, (float)K);
-    const float mu = c0 + md, rstd = rsqrtf(fmaxf(t2 * __fdividef(1.f, (float)K) - md * md, 0.f) + eps);
+    float mu, rstd;
+    dr_ln_stats<DRP_WARPS>(qpart, qpart2, c0, K, eps, mu, rstd);
     for (int u = threadIdx.x; u < units; u += NT) {
-      const uint4 g = __ldg(reinterpret_cast<const uint4*>(colscale) + u);
-      const uint4 bb = colbias ? __ldg(reinterpret_cast<const uint4*>(colbias) + u) : make_uint4(0, 0, 0, 0);
       float f[8], e[8], b8[8];
-      if (STAGE == 1) {
-        const float4* src = reinterpret_cast<const float4*>(drp_x) + 2 * u;
-        const float4 p0 = src[0], p1 = src[1];
-        f[0] = p0.x, f[1] = p0.y, f[2] = p0.z, f[3] = p0.w, f[4] = p1.x, f[5] = p1.y, f[6] = p1.z, f[7] = p1.w;
-      } else {
-        const uint4 r = reinterpret_cast<const uint4*>(drp_x)[u];
-        dr_unpack<BF16>(r.x, f[0], f[1]);
-        dr_unpack<BF16>(r.y, f[2], f[3]);
-        dr_unpack<BF16>(r.z, f[4], f[5]);
-        dr_unpack<BF16>(r.w, f[6], f[7]);
-      }
-      dr_unpack<BF16>(g.x, e[0], e[1]);
-      dr_unpack<BF16>(g.y, e[2], e[3]);
-      dr_unpack<BF16>(g.z, e[4], e[5]);
-      dr_unpack<BF16>(g.w, e[6], e[7]);
-      dr_unpack<BF16>(bb.x, b8[0], b8[1]);
-      dr_unpack<BF16>(bb.y, b8[2], b8[3]);
-      dr_unpack<BF16>(bb.z, b8[4], b8[5]);
-      dr_unpack<BF16>(bb.w, b8[6], b8[7]);
+      dr_xs_load8<BF16>(reinterpret_cast<const float*>(drp_x), 8 * u, STAGE == 1, f);
+      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(colscale) + u), e);
+      unpack8<BF16>(colbias ? __ldg(reinterpret_cast<const uint4*>(colbias) + u) : make_uint4(0, 0, 0, 0), b8);
 #pragma unroll
       for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(fmaf((f[t] - mu) * rstd, e[t], b8[t])));
-      if (STAGE == 1) {
-        float4* dst = reinterpret_cast<float4*>(drp_x) + 2 * u;
-        dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-        dst[1] = make_float4(f[4], f[5], f[6], f[7]);
-      } else {
-        u32 o[4];
-#pragma unroll
-        for (int h = 0; h < 4; ++h)
-          o[h] = (u32)from_float<BF16>(f[2 * h]) | ((u32)from_float<BF16>(f[2 * h + 1]) << 16);
-        reinterpret_cast<uint4*>(drp_x)[u] = make_uint4(o[0], o[1], o[2], o[3]);
-      }
+      dr_xs_store8<BF16>(reinterpret_cast<float*>(drp_x), 8 * u, STAGE == 1, f);
     }
     __syncthreads();
   }

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
+import functools
 import sys
 from pathlib import Path
 
@@ -35,10 +35,14 @@ import torch
 
 from flash_llm import DeltaRows, kernels
 from flash_llm.formats._layout import ceil_div
+from flash_llm.formats.delta_rows import GROUP, LANES, _escapes, _groups, _lay_streams
 from flash_llm.kernels import _build as B
 from flash_llm.reference import FORMAT_IDS, layer_norm
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _timing import time_calls  # noqa: E402
+
 FID = FORMAT_IDS[DeltaRows]
 EPS = 1e-5
 DEVICE = "cuda"  # (the CPU test of the harness sets "cpu")
@@ -54,7 +58,6 @@ MODELS = {
         ("qkv", 21504, 7168, "ln", "h", "q", 4), ("o", 7168, 7168, "resid", "attn", "h", 8),
         ("fc1", 28672, 7168, "ln_relu", "h", "act", 2), ("fc2", 7168, 28672, "resid", "act", "h", 4)]},
 }
-GROUP, LANES, MAX_STEP = 8, 32, 15
 DRP_WARPS = 4
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu's mode bits
 
@@ -63,7 +66,8 @@ _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu's mod
 def encode(w: torch.Tensor, parts: int, pair: bool = False) -> dict:
     """``w [M, K]`` fp16 -> the prototype's arrays (``data``, ``goff``, ``starts``, ``rows``; ``dr_parts_proto.cu``).
     Rows are ranked by their nonzeros (descending; paired: gate rows by gate + up nonzeros, each slice's second half
-    their up rows); each row's nonzeros are cut into ``parts`` runs of equal count."""
+    their up rows); each row's nonzeros are cut into ``parts`` runs of equal stream length (escapes counted), each
+    walked from its first column.  The streams are laid out and packed as DeltaRows' (``_lay_streams``, ``_groups``)."""
     m, k = w.shape
     dev = w.device
     R = LANES // parts
@@ -93,8 +97,7 @@ def encode(w: torch.Tensor, parts: int, pair: bool = False) -> dict:
     rgap = c.clone()
     rgap[1:] -= c[:-1]
     rgap[rfirst] = 0
-    rspan = 1 + torch.where(rgap > MAX_STEP, torch.div(rgap - 1, MAX_STEP, rounding_mode="floor"),
-                            torch.zeros_like(rgap))
+    rspan = 1 + _escapes(rgap)
     before = torch.cumsum(rspan, 0) - rspan
     rbase = torch.zeros(m, dtype=torch.int64, device=dev)
     rbase[r[rfirst]] = before[rfirst]
@@ -112,63 +115,43 @@ def encode(w: torch.Tensor, parts: int, pair: bool = False) -> dict:
     starts = torch.zeros(nl, dtype=torch.int64, device=dev)
     starts[lg[first]] = cc[first]
     gap = cc - prev
-    esc = torch.where(gap > MAX_STEP, torch.div(gap - 1, MAX_STEP, rounding_mode="floor"), torch.zeros_like(gap))
-    span = esc + 1
-    ent = torch.zeros(nl, dtype=torch.int64, device=dev).index_add_(0, lg, span)
-    groups = (ent.view(slices, LANES).amax(1) + GROUP - 1) // GROUP
-    length = max(int(groups.max()) if slices else 0, 0) * GROUP
-    csum = torch.cumsum(span, 0) - span
-    lane_base = torch.zeros(nl, dtype=torch.int64, device=dev)
-    lane_base[lg[first]] = csum[first]
-    pos = csum - lane_base[lg] + esc
-    vals2 = torch.zeros(nl, length, dtype=torch.int16, device=dev)
-    steps2 = torch.zeros(nl, length, dtype=torch.uint8, device=dev)
-    vals2[lg, pos] = vv
-    steps2[lg, pos] = (gap - MAX_STEP * esc).to(torch.uint8)
-    n_esc = int(esc.sum())
-    if n_esc:
-        owner = torch.repeat_interleave(torch.arange(nnz, device=dev), esc, output_size=n_esc)
-        j = torch.arange(n_esc, device=dev) - torch.repeat_interleave(torch.cumsum(esc, 0) - esc, esc,
-                                                                      output_size=n_esc)
-        steps2[lg[owner], pos[owner] - esc[owner] + j] = MAX_STEP
-    gmax = length // GROUP
-    v = vals2.view(slices, LANES, gmax, GROUP).permute(0, 2, 1, 3).reshape(slices, gmax, LANES * GROUP)
-    v = v.contiguous().view(torch.int32)
-    sh = 4 * torch.arange(GROUP, device=dev, dtype=torch.int64)
-    d = (steps2.view(slices, LANES, gmax, GROUP).to(torch.int64) << sh).sum(3)
-    d = torch.where(d >= 1 << 31, d - (1 << 32), d).to(torch.int32).permute(0, 2, 1)
-    keep = torch.arange(gmax, device=dev)[None, :] < groups[:, None]
-    data = torch.cat([v, d], 2)[keep].reshape(-1).contiguous()
-    goff = torch.zeros(slices + 1, dtype=torch.int64, device=dev)
-    goff[1:] = torch.cumsum(groups, 0)
+    vals2, steps2, groups, ent = _lay_streams(lg, first, vv, gap, _escapes(gap), nl)
+    data, goff = _groups(vals2, steps2, groups)
     return {"data": data, "goff": goff.to(torch.int32), "starts": starts.to(torch.int32),
             "rows": rows.to(torch.int32), "m": m, "k": k, "parts": parts, "slices": slices, "pair": pair,
             "entries": int(ent.sum()), "padded": int(groups.sum()) * GROUP * LANES}
 
 
-def decode(enc: dict) -> torch.Tensor:
-    """The dense ``[M, K]`` fp16 weight back from the prototype's arrays (every entry walked as the kernel does)."""
-    m, k, parts, slices = enc["m"], enc["k"], enc["parts"], enc["slices"]
+def lane_streams(enc: dict, t: int):
+    """Slice ``t``'s 32 lanes as the kernel walks them: value bits int16 and columns int64 ``[32, L]`` (each lane from
+    its start column, pads included), and each lane's row (``rows[t R + lane / P]``, -1 for padding); None for a slice
+    without groups."""
     dev = enc["data"].device
     goff = enc["goff"].long()
-    out = torch.zeros(m, k, dtype=torch.int16, device=dev)
-    grp = enc["data"].view(-1, LANES * GROUP // 2 + LANES)
-    for t in range(slices):
-        g = grp[goff[t]: goff[t + 1]]  # [G, 160]
-        if g.shape[0] == 0:
+    g = enc["data"].view(-1, LANES * GROUP // 2 + LANES)[goff[t]: goff[t + 1]]  # [G, 160]
+    if g.shape[0] == 0:
+        return None
+    vals = g[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(-1, LANES, GROUP)
+    steps = ((g[:, LANES * GROUP // 2:].long()[:, :, None] & 0xFFFFFFFF) >> (4 * torch.arange(GROUP, device=dev))) & 15
+    steps = steps.permute(1, 0, 2).reshape(LANES, -1)
+    cols = enc["starts"][t * LANES: (t + 1) * LANES].long()[:, None] + torch.cumsum(steps, 1)
+    row = enc["rows"][t * (LANES // enc["parts"]) + torch.arange(LANES, device=dev) // enc["parts"]].long()
+    return vals.permute(1, 0, 2).reshape(LANES, -1), cols, row
+
+
+def decode(enc: dict) -> torch.Tensor:
+    """The dense ``[M, K]`` fp16 weight back from the prototype's arrays (every entry walked as the kernel does)."""
+    m, k = enc["m"], enc["k"]
+    out = torch.zeros(m, k, dtype=torch.int16, device=enc["data"].device)
+    for t in range(enc["slices"]):
+        lanes = lane_streams(enc, t)
+        if lanes is None:
             continue
-        vals = g[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(-1, LANES, GROUP)
-        sw = g[:, LANES * GROUP // 2:].long() & 0xFFFFFFFF
-        steps = (sw[:, :, None] >> (4 * torch.arange(GROUP, device=dev))) & 15  # [G, 32, 8]
-        steps = steps.permute(1, 0, 2).reshape(LANES, -1)
-        vals = vals.permute(1, 0, 2).reshape(LANES, -1)
-        cols = enc["starts"][t * LANES: (t + 1) * LANES].long()[:, None] + torch.cumsum(steps, 1)
-        row = enc["rows"][t * (LANES // parts) + torch.arange(LANES, device=dev) // parts].long()
+        vals, cols, row = lanes
         nz = (vals != 0) & (row[:, None] >= 0)
-        rr = row[:, None].expand_as(vals)[nz]
         if bool((cols[nz] >= k).any()):
             raise AssertionError(f"slice {t}: an entry past column {k}")
-        out[rr, cols[nz]] = vals[nz]
+        out[row[:, None].expand_as(vals)[nz], cols[nz]] = vals[nz]
     return out.view(torch.float16)
 
 
@@ -323,27 +306,10 @@ def check(lay) -> bool:
 
 
 def timed(fn, layers, replays) -> float:
-    stream = torch.cuda.Stream()
+    """us a layer: ``fn`` on every layer, captured in one CUDA graph under ``static_weights`` (programmatic launches,
+    as the decode step), median of the replays (``_timing.time_calls``)."""
     with kernels.static_weights():
-        with torch.cuda.stream(stream):
-            for lay in layers:
-                fn(lay)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=stream):
-            for lay in layers:
-                fn(lay)
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / len(layers))
-    return statistics.median(times)
+        return time_calls([functools.partial(fn, lay) for lay in layers], replays=replays, warmup=3) * 1e6
 
 
 def chain(step, kinds):

@@ -69,37 +69,26 @@ def test_harness_check_passes_right_outputs_and_catches_wrong_ones(model, monkey
 
 
 def _kernel_model(enc, x, silu):
-    """What drp_body computes, lane by lane, in float64: each lane walks its stream from its start column, the P
-    lanes of a row are summed, part 0's lane writes ``rows[slot]`` (with SiLU x up, lanes below 16 pair with lane + 16,
-    the up row's)."""
-    parts, slices = enc["parts"], enc["slices"]
+    """What drp_body computes, lane by lane, in float64: each lane walks its stream from its start column
+    (proto.lane_streams), the P lanes of a row are summed, part 0's lane writes its row (with SiLU x up, lanes below
+    16 pair with lane + 16, the up row's)."""
+    parts = enc["parts"]
     R = proto.LANES // parts
-    goff = enc["goff"].long()
-    grp = enc["data"].view(-1, proto.LANES * proto.GROUP // 2 + proto.LANES)
-    m_out = enc["m"] // 2 if silu else enc["m"]
-    y = torch.full((m_out,), float("nan"), dtype=torch.float64)
-    for t in range(slices):
-        g = grp[goff[t]: goff[t + 1]]
+    y = torch.full((enc["m"] // 2 if silu else enc["m"],), float("nan"), dtype=torch.float64)
+    for t in range(enc["slices"]):
         acc = torch.zeros(proto.LANES, dtype=torch.float64)
-        if g.shape[0]:
-            vals = g[:, : proto.LANES * proto.GROUP // 2].contiguous().view(torch.float16).view(-1, proto.LANES, 8)
-            steps = (g[:, proto.LANES * proto.GROUP // 2:].long()[:, :, None] & 0xFFFFFFFF) >> (4 * torch.arange(8))
-            steps = (steps & 15).permute(1, 0, 2).reshape(proto.LANES, -1)
-            vals = vals.permute(1, 0, 2).reshape(proto.LANES, -1).double()
-            cols = enc["starts"][t * 32: (t + 1) * 32].long()[:, None] + torch.cumsum(steps, 1)
+        lanes = proto.lane_streams(enc, t)
+        if lanes is not None:
+            vals, cols, _ = lanes
             assert int(cols.max()) < x.numel()  # (the kernel reads X's staged copy there: pads included)
-            acc = (vals * x.double()[cols]).sum(1)
+            acc = (vals.view(torch.float16).double() * x.double()[cols]).sum(1)
         tot = acc.view(R, parts).sum(1)  # the butterfly: every lane of a row holds its row's sum
         for i in range(R):
             lane = i * parts
             row = int(enc["rows"][t * R + i])
             if row < 0 or (silu and lane >= 16):
                 continue
-            if silu:
-                up = tot[(lane + 16) // parts]
-                y[row] = torch.nn.functional.silu(tot[i]) * up
-            else:
-                y[row] = tot[i]
+            y[row] = torch.nn.functional.silu(tot[i]) * tot[(lane + 16) // parts] if silu else tot[i]
     return y
 
 

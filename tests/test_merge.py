@@ -252,44 +252,25 @@ def dynamo_reset_after():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("kind", ["bitmap", "tiled-csl"])
-def test_fused_llama_runs_one_token_through_the_sparse_projections(kind, monkeypatch, dynamo_reset_after):
-    """Fused and merged, a sparse Llama decodes one sequence with each layer's norms and residual adds inside its
-    projections (forward_one_token, once per layer and decode step; the prefill and FLASH_LLM_FUSE_NORMS=0 keep
-    forward_deferred), and generates what forward_deferred does."""
-    from flash_llm.models import llama
-
-    calls = []
-    real = llama.LlamaDecoderLayer.forward_one_token
-    monkeypatch.setattr(llama.LlamaDecoderLayer, "forward_one_token",
-                        lambda self, *a: calls.append(self.self_attn.layer_idx) or real(self, *a))
-    got = Engine(_model("llama", kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
-        [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
-    assert calls == [0, 1] * 5  # 5 decode steps after the prefill's token
-    monkeypatch.setattr(llama, "FUSE_NORMS", False)
-    want = Engine(_model("llama", kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
-        [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
-    assert len(calls) == 10
-    torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)
-    assert torch.equal(got.tokens, want.tokens)
-
-
-@pytest.mark.parametrize("kind", ["tiled-csl", "delta-rows"])
-def test_fused_opt_runs_one_token_through_the_sparse_projections(kind, monkeypatch, dynamo_reset_after):
-    """Fused and merged, a sparse pre-LN OPT decodes one sequence with each layer's LayerNorms inside the projections
-    after them, ReLU inside fc1's and the residual adds inside out_proj's and fc2's (forward_one_token, once per
-    layer and decode step), and generates what forward_deferred does (FLASH_LLM_FUSE_NORMS=0)."""
+@pytest.mark.parametrize("family, kind", [("llama", "bitmap"), ("llama", "tiled-csl"), ("opt", "tiled-csl"),
+                                          ("opt", "delta-rows")])
+def test_fused_model_runs_one_token_through_the_sparse_projections(family, kind, monkeypatch, dynamo_reset_after):
+    """Fused and merged, a sparse Llama or pre-LN OPT decodes one sequence through forward_one_token (once per layer
+    and decode step; the prefill and FLASH_LLM_FUSE_NORMS=0 keep forward_deferred): Llama with each layer's norms and
+    residual adds inside its projections, OPT with its LayerNorms inside the projections after them, ReLU inside fc1's
+    and the residual adds inside out_proj's and fc2's; and it generates what forward_deferred does."""
     from flash_llm.models import llama, opt
 
+    layer_cls = llama.LlamaDecoderLayer if family == "llama" else opt.OPTDecoderLayer
     calls = []
-    real = opt.OPTDecoderLayer.forward_one_token
-    monkeypatch.setattr(opt.OPTDecoderLayer, "forward_one_token",
+    real = layer_cls.forward_one_token
+    monkeypatch.setattr(layer_cls, "forward_one_token",
                         lambda self, *a: calls.append(self.self_attn.layer_idx) or real(self, *a))
-    got = Engine(_model("opt", kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
+    got = Engine(_model(family, kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
         [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
     assert calls == [0, 1] * 5  # 5 decode steps after the prefill's token
     monkeypatch.setattr(llama, "FUSE_NORMS", False)
-    want = Engine(_model("opt", kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
+    want = Engine(_model(family, kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
         [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
     assert len(calls) == 10
     torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)

@@ -88,9 +88,8 @@ def _streams(w: torch.Tensor, pair: bool = False):
     prev[1:] = cols[:-1]
     prev[first] = 0
     gap = cols - prev  # a row's first step counts from column 0 (so it may be 0)
-    esc = torch.where(gap > MAX_STEP, torch.div(gap - 1, MAX_STEP, rounding_mode="floor"), torch.zeros_like(gap))
-    span = esc + 1
-    ent = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, rows, span)
+    esc = _escapes(gap)
+    ent = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, rows, esc + 1)
     if pair:  # gate rows by entries, then each run of PAIR_BUCKET of them by their up rows' entries: both halves'
         h = m // 2  # slices then hold rows of nearly one length (random 80 %: 0.9 % padding, against 5 % by the sum)
         by_gate = torch.sort(ent[:h], descending=True, stable=True).indices
@@ -104,28 +103,62 @@ def _streams(w: torch.Tensor, pair: bool = False):
     mp = slices * LANES
     rank = torch.empty(m, dtype=torch.int64, device=dev)
     rank[perm] = torch.arange(m, device=dev)
-    ent_rank = torch.zeros(mp, dtype=torch.int64, device=dev)
-    ent_rank[:m] = ent[perm]
-    groups = (ent_rank.view(slices, LANES).amax(1) + GROUP - 1) // GROUP
-    length = int(groups.max()) * GROUP
-    csum = torch.cumsum(span, 0) - span
-    row_base = torch.zeros(m, dtype=torch.int64, device=dev)
-    row_base[rows[first]] = csum[first]
-    pos = csum - row_base[rows] + esc  # the entry's place in its row's stream, after its escapes
-    r = rank[rows]
-    vals2 = torch.zeros(mp, length, dtype=torch.int16, device=dev)
-    steps2 = torch.zeros(mp, length, dtype=torch.uint8, device=dev)
-    vals2[r, pos] = vals
-    steps2[r, pos] = (gap - MAX_STEP * esc).to(torch.uint8)
-    n_esc = int(esc.sum())
-    if n_esc:
-        owner = torch.repeat_interleave(torch.arange(nnz, device=dev), esc, output_size=n_esc)
-        j = torch.arange(n_esc, device=dev) - torch.repeat_interleave(torch.cumsum(esc, 0) - esc, esc,
-                                                                      output_size=n_esc)
-        steps2[r[owner], pos[owner] - esc[owner] + j] = MAX_STEP
+    vals2, steps2, groups, ent_rank = _lay_streams(rank[rows], first, vals, gap, esc, mp)
     perm_full = torch.full((mp,), -1, dtype=torch.int64, device=dev)
     perm_full[:m] = perm
     return vals2, steps2, groups, perm_full, nnz, ent_rank
+
+
+def _escapes(gap: torch.Tensor) -> torch.Tensor:
+    """The escape entries (value 0, step :data:`MAX_STEP`) a step of ``gap`` columns needs before its entry."""
+    return torch.where(gap > MAX_STEP, torch.div(gap - 1, MAX_STEP, rounding_mode="floor"), torch.zeros_like(gap))
+
+
+def _lay_streams(lane: torch.Tensor, first: torch.Tensor, vals: torch.Tensor, gap: torch.Tensor, esc: torch.Tensor,
+                 lanes: int):
+    """The streams of ``lanes`` lanes (:data:`LANES` a slice) from their nonzeros, each lane's together and in column
+    order: ``lane`` int64, ``first`` (a lane's first nonzero), value bits ``vals`` int16, ``gap`` (the columns stepped
+    to it) and ``esc`` (its escapes, ``gap > MAX_STEP``).  Returns values int16 and steps uint8 ``[lanes, L]`` (each
+    nonzero after its escapes of step 15; pads of step 0 to the slice's whole groups), groups per slice and entries
+    per lane (int64)."""
+    dev = lane.device
+    span = esc + 1
+    ent = torch.zeros(lanes, dtype=torch.int64, device=dev).index_add_(0, lane, span)
+    groups = (ent.view(-1, LANES).amax(1) + GROUP - 1) // GROUP
+    length = int(groups.max()) * GROUP if groups.numel() else 0
+    csum = torch.cumsum(span, 0) - span
+    base = torch.zeros(lanes, dtype=torch.int64, device=dev)
+    base[lane[first]] = csum[first]
+    pos = csum - base[lane] + esc  # the entry's place in its lane's stream, after its escapes
+    vals2 = torch.zeros(lanes, length, dtype=torch.int16, device=dev)
+    steps2 = torch.zeros(lanes, length, dtype=torch.uint8, device=dev)
+    vals2[lane, pos] = vals
+    steps2[lane, pos] = (gap - MAX_STEP * esc).to(torch.uint8)
+    n_esc = int(esc.sum())
+    if n_esc:
+        owner = torch.repeat_interleave(torch.arange(lane.numel(), device=dev), esc, output_size=n_esc)
+        j = torch.arange(n_esc, device=dev) - torch.repeat_interleave(torch.cumsum(esc, 0) - esc, esc,
+                                                                      output_size=n_esc)
+        steps2[lane[owner], pos[owner] - esc[owner] + j] = MAX_STEP
+    return vals2, steps2, groups, ent
+
+
+def _groups(vals: torch.Tensor, steps: torch.Tensor, groups: torch.Tensor):
+    """The streams ``[slices x 32, L]`` packed as groups (``data`` int32, slice after slice, each slice's first
+    ``groups`` of them) and each slice's first group ``goff`` int64 ``[slices + 1]``."""
+    slices = groups.numel()
+    dev = vals.device
+    gmax = vals.shape[1] // GROUP
+    v = vals.view(slices, LANES, gmax, GROUP).permute(0, 2, 1, 3).reshape(slices, gmax, LANES * GROUP)
+    v = v.contiguous().view(torch.int32)  # [slices, G, 128]
+    sh = 4 * torch.arange(GROUP, device=dev, dtype=torch.int64)
+    d = (steps.view(slices, LANES, gmax, GROUP).to(torch.int64) << sh).sum(3)  # [slices, 32, G]
+    d = torch.where(d >= 1 << 31, d - (1 << 32), d).to(torch.int32).permute(0, 2, 1)  # [slices, G, 32]
+    keep = torch.arange(gmax, device=dev)[None, :] < groups[:, None]
+    data = torch.cat([v, d], 2)[keep].reshape(-1).contiguous()
+    goff = torch.zeros(slices + 1, dtype=torch.int64, device=dev)
+    goff[1:] = torch.cumsum(groups, 0)
+    return data, goff
 
 
 def _windows(colpos: torch.Tensor, groups: torch.Tensor, splits: int, ent: torch.Tensor):
@@ -240,19 +273,8 @@ class DeltaRows(SparseFormat):
 
     @classmethod
     def _pack(cls, vals, steps, groups, perm, start, win, shape, dtype, nnz, pair=False) -> "DeltaRows":
-        slices = groups.numel()
         dev = vals.device
-        gmax = vals.shape[1] // GROUP
-        v = vals.view(slices, LANES, gmax, GROUP).permute(0, 2, 1, 3).reshape(slices, gmax, LANES * GROUP)
-        v = v.contiguous().view(torch.int32)  # [slices, G, 128]
-        sh = 4 * torch.arange(GROUP, device=dev, dtype=torch.int64)
-        d = (steps.view(slices, LANES, gmax, GROUP).to(torch.int64) << sh).sum(3)  # [slices, 32, G]
-        d = torch.where(d >= 1 << 31, d - (1 << 32), d).to(torch.int32).permute(0, 2, 1)  # [slices, G, 32]
-        full = torch.cat([v, d], 2)
-        keep = torch.arange(gmax, device=dev)[None, :] < groups[:, None]
-        data = full[keep].reshape(-1).contiguous()
-        goff = torch.zeros(slices + 1, dtype=torch.int64, device=dev)
-        goff[1:] = torch.cumsum(groups, 0)
+        data, goff = _groups(vals, steps, groups)
         st = start.to(torch.int32).to(torch.int16).reshape(-1).view(torch.int32)
         tail = [torch.tensor([shape[0] // 2], dtype=torch.int32, device=dev)] if pair else []
         offsets = torch.cat([goff.to(torch.int32), win.to(torch.int32).reshape(-1), st, perm.to(torch.int32)] + tail)

@@ -1889,6 +1889,64 @@ DEVI void dr_unpack(u32 w, float& lo, float& hi) {
   }
 }
 
+template <bool BF16>
+DEVI void unpack8(const uint4& v, float (&f)[8]) {  // eight halves, low half of each word first
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (BF16) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+          : "=f"(f[2 * i]), "=f"(f[2 * i + 1]) : "r"(w[i]));
+    }
+  }
+}
+
+template <bool BF16>
+DEVI uint4 pack8(const float (&f)[8]) {  // eight values rounded to the dtype, low half of each word first
+  u32 o[4];
+#pragma unroll
+  for (int h = 0; h < 4; ++h) o[h] = (u32)from_float<BF16>(f[2 * h]) | ((u32)from_float<BF16>(f[2 * h + 1]) << 16);
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// columns c .. c + 7 of an X window staged in shared memory as fp32 (32 bytes) or as the dtype's bits (16 bytes)
+template <bool BF16>
+DEVI void dr_xs_load8(const float* xs, int c, bool fp32, float (&f)[8]) {
+  if (fp32) {
+    const float4 p0 = reinterpret_cast<const float4*>(xs + c)[0], p1 = reinterpret_cast<const float4*>(xs + c)[1];
+    f[0] = p0.x, f[1] = p0.y, f[2] = p0.z, f[3] = p0.w, f[4] = p1.x, f[5] = p1.y, f[6] = p1.z, f[7] = p1.w;
+  } else {
+    unpack8<BF16>(*reinterpret_cast<const uint4*>(reinterpret_cast<const u16*>(xs) + c), f);
+  }
+}
+template <bool BF16>
+DEVI void dr_xs_store8(float* xs, int c, bool fp32, const float (&f)[8]) {
+  if (fp32) {
+    reinterpret_cast<float4*>(xs + c)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(xs + c)[1] = make_float4(f[4], f[5], f[6], f[7]);
+  } else {
+    *reinterpret_cast<uint4*>(reinterpret_cast<u16*>(xs) + c) = pack8<BF16>(f);
+  }
+}
+
+// LayerNorm's mean and 1 / sqrt(var + eps) over K from W warps' sums of d = x - c0 and of d^2 (shifted sums: less
+// cancellation in var = E[d^2] - E[d]^2), added in warp order so every thread gets the same bits
+template <int W>
+DEVI void dr_ln_stats(const float* s1, const float* s2, float c0, int K, float eps, float& mu, float& rstd) {
+  float t1 = s1[0], t2 = s2[0];
+#pragma unroll
+  for (int i = 1; i < W; ++i) {
+    t1 += s1[i];
+    t2 += s2[i];
+  }
+  const float md = t1 * __fdividef(1.f, (float)K);
+  mu = c0 + md;
+  rstd = rsqrtf(fmaxf(t2 * __fdividef(1.f, (float)K) - md * md, 0.f) + eps);
+}
+
 // what the kernel multiplies X's columns by (the norm before the projection, from the window's first column a0)
 struct DrNorm {
   const u16* gs;    // the norm's weight (RMSNorm, LayerNorm), or null: X as it is
@@ -2113,17 +2171,12 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {
       uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
       if (rms) {
-        const uint4 g = __ldg(reinterpret_cast<const uint4*>(gs + c));
-        u32 rw[4] = {r.x, r.y, r.z, r.w};
-        const u32 gw[4] = {g.x, g.y, g.z, g.w};
+        float f[8], e[8];
+        unpack8<BF16>(r, f);
+        unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(gs + c)), e);
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          float f0, f1, e0, e1;
-          dr_unpack<BF16>(rw[t], f0, f1);
-          dr_unpack<BF16>(gw[t], e0, e1);
-          rw[t] = (u32)from_float<BF16>(f0 * e0) | ((u32)from_float<BF16>(f1 * e1) << 16);
-        }
-        r = make_uint4(rw[0], rw[1], rw[2], rw[3]);
+        for (int t = 0; t < 8; ++t) f[t] *= e[t];
+        r = pack8<BF16>(f);
       }
       *reinterpret_cast<uint4*>(xs16 + c) = r;
     }
@@ -2132,73 +2185,29 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     for (int i = 0; i < 2; ++i) {  // X[a0 + c .. + 7] (x colscale) -> xs[c .. + 7]
       const int c = 8 * threadIdx.x + 256 * DR_WARPS * i;
       if (c >= w) break;
-      const uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
       float f[8];
-      dr_unpack<BF16>(r.x, f[0], f[1]);
-      dr_unpack<BF16>(r.y, f[2], f[3]);
-      dr_unpack<BF16>(r.z, f[4], f[5]);
-      dr_unpack<BF16>(r.w, f[6], f[7]);
+      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(x + a0 + c)), f);
       if (rms) {
-        const uint4 g = gv[i];
         float e[8];
-        dr_unpack<BF16>(g.x, e[0], e[1]);
-        dr_unpack<BF16>(g.y, e[2], e[3]);
-        dr_unpack<BF16>(g.z, e[4], e[5]);
-        dr_unpack<BF16>(g.w, e[6], e[7]);
+        unpack8<BF16>(gv[i], e);
 #pragma unroll
         for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
       }
-      float4* dst = reinterpret_cast<float4*>(xs + c);
-      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-      dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+      dr_xs_store8<BF16>(xs, c, true, f);
     }
   }
   if (ln) {  // (block-uniform) the statistics, then each thread normalizes the columns it staged, in place
     __syncthreads();
-    float t1 = qpart[0], t2 = qpart2[0];
-#pragma unroll
-    for (int i = 1; i < DR_WARPS; ++i) {
-      t1 += qpart[i];
-      t2 += qpart2[i];
-    }
-    const float md = t1 * __fdividef(1.f, (float)K);
-    nm.mu = c0 + md;
-    nm.rstd = rsqrtf(fmaxf(t2 * __fdividef(1.f, (float)K) - md * md, 0.f) + eps);
+    dr_ln_stats<DR_WARPS>(qpart, qpart2, c0, K, eps, nm.mu, nm.rstd);
     for (int c = 8 * threadIdx.x; staged && c < w; c += 256 * DR_WARPS) {
-      const uint4 g = __ldg(reinterpret_cast<const uint4*>(gs + c));
-      const uint4 b = nm.gb ? __ldg(reinterpret_cast<const uint4*>(nm.gb + c)) : make_uint4(0, 0, 0, 0);
-      const u32 gw[4] = {g.x, g.y, g.z, g.w}, bw[4] = {b.x, b.y, b.z, b.w};
-      float f[8];
-      if (stage == 1) {
-        const float4* src = reinterpret_cast<const float4*>(xs + c);
-        const float4 p0 = src[0], p1 = src[1];
-        f[0] = p0.x, f[1] = p0.y, f[2] = p0.z, f[3] = p0.w, f[4] = p1.x, f[5] = p1.y, f[6] = p1.z, f[7] = p1.w;
-      } else {
-        const uint4 r = *reinterpret_cast<const uint4*>(reinterpret_cast<const u16*>(xs) + c);
-        dr_unpack<BF16>(r.x, f[0], f[1]);
-        dr_unpack<BF16>(r.y, f[2], f[3]);
-        dr_unpack<BF16>(r.z, f[4], f[5]);
-        dr_unpack<BF16>(r.w, f[6], f[7]);
-      }
+      float f[8], e[8], b[8];
+      dr_xs_load8<BF16>(xs, c, stage == 1, f);
+      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(gs + c)), e);
+      unpack8<BF16>(nm.gb ? __ldg(reinterpret_cast<const uint4*>(nm.gb + c)) : make_uint4(0, 0, 0, 0), b);
 #pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        float e0, e1, b0, b1;
-        dr_unpack<BF16>(gw[h], e0, e1);
-        dr_unpack<BF16>(bw[h], b0, b1);
-        f[2 * h] = to_float<BF16>(from_float<BF16>(fmaf((f[2 * h] - nm.mu) * nm.rstd, e0, b0)));
-        f[2 * h + 1] = to_float<BF16>(from_float<BF16>(fmaf((f[2 * h + 1] - nm.mu) * nm.rstd, e1, b1)));
-      }
-      if (stage == 1) {
-        float4* dst = reinterpret_cast<float4*>(xs + c);
-        dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-        dst[1] = make_float4(f[4], f[5], f[6], f[7]);
-      } else {
-        u32 o[4];
-#pragma unroll
-        for (int h = 0; h < 4; ++h)
-          o[h] = (u32)from_float<BF16>(f[2 * h]) | ((u32)from_float<BF16>(f[2 * h + 1]) << 16);
-        *reinterpret_cast<uint4*>(reinterpret_cast<u16*>(xs) + c) = make_uint4(o[0], o[1], o[2], o[3]);
-      }
+      for (int t = 0; t < 8; ++t)
+        f[t] = to_float<BF16>(from_float<BF16>(fmaf((f[t] - nm.mu) * nm.rstd, e[t], b[t])));
+      dr_xs_store8<BF16>(xs, c, stage == 1, f);
     }
   }
   if (rms) {
@@ -2227,7 +2236,8 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     if (lane == 0) qpart[warp] = q;
   }
-  if (staged || rms || ln) __syncthreads();  // (the same for every warp) the last barrier: from here each warp runs alone
+  // (the same for every warp) the last barrier: from here each warp runs alone
+  if (staged || rms || ln) __syncthreads();
   if (!live) return;
   if (rms) {  // every warp the same sum, in the same order
     q = qpart[0];
@@ -2605,21 +2615,6 @@ DEVI float rope_val(u16 x, u16 p, u16 c, u16 s, bool low) {
   const float a = to_float<BF16>(from_float<BF16>(to_float<BF16>(x) * to_float<BF16>(c)));
   const float b = to_float<BF16>(from_float<BF16>(r * to_float<BF16>(s)));
   return to_float<BF16>(from_float<BF16>(a + b));
-}
-
-template <bool BF16>
-DEVI void unpack8(const uint4& v, float (&f)[8]) {  // eight halves, low half of each word first
-  const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (BF16) {
-      f[2 * i] = __uint_as_float(w[i] << 16);
-      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    } else {
-      asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
-          : "=f"(f[2 * i]), "=f"(f[2 * i + 1]) : "r"(w[i]));
-    }
-  }
 }
 
 DEVI float warp_max(float v) {
