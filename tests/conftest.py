@@ -90,9 +90,9 @@ def record_nnz(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return padded.view(mp // rows, rows, kp // cols, cols).sum((1, 3)).reshape(-1)
 
 
-def expected_nbytes(fmt_cls, mask: torch.Tensor, splits: int | None = None) -> int:
+def expected_nbytes(fmt_cls, mask: torch.Tensor, splits: int | None = None, parts: int = 1) -> int:
     """The closed-form byte count of each format's module docstring, from the dense mask (DeltaRows: and the split
-    count the encoder chose, which its byte count includes)."""
+    count and lanes a row the encoder chose, which its byte count includes)."""
     if fmt_cls is BitmapTiles:
         n = record_nnz(mask, STRIP_M, STRIP_K)
         t = n.numel()
@@ -102,14 +102,45 @@ def expected_nbytes(fmt_cls, mask: torch.Tensor, splits: int | None = None) -> i
         t = n.numel()
         return 4 * int(((n + 3) // 4 * 4).sum()) + 4 * (t + 1)
     if fmt_cls is DeltaRows:
-        return delta_rows_nbytes(mask, splits)
+        return delta_rows_nbytes(mask, splits, parts)
     raise AssertionError(f"unknown format {fmt_cls}")
 
 
-def delta_rows_nbytes(mask: torch.Tensor, splits: int) -> int:
+def delta_rows_parts_nbytes(mask: torch.Tensor, parts: int) -> int:
+    """DeltaRows' byte count in the parts layout (version 2, ``parts`` lanes a row, one split), from its docstring:
+    rows ranked by nonzeros, 32 / parts to a slice; a row's stream (escapes from its own gaps, the first nonzero none)
+    cut into parts of equal length: nonzero j of a row of T stream entries, with B entries before it, goes to part
+    floor(B parts / T); each part walked from its first column (escapes only for gaps inside the part); each slice
+    padded to whole groups of its longest part; then the parts trailer, 4 (slices + 1) + 72 slices + 4 x 32 slices."""
+    m, k = mask.shape
+    lanes = []
+    for r in range(m):
+        cols = mask[r].nonzero().flatten().tolist()
+        spans = [1] + [1 + ((c - p) - 1) // 15 if c - p > 15 else 1 for p, c in zip(cols, cols[1:])]
+        total, before, ents, last = sum(spans), 0, [0] * parts, [None] * parts
+        for c, sp in zip(cols, spans):
+            j = before * parts // total
+            gap = 0 if last[j] is None else c - last[j]
+            ents[j] += 1 + ((gap - 1) // 15 if gap > 15 else 0)
+            last[j] = c
+            before += sp
+        lanes.append((len(cols), ents))
+    order = sorted(range(m), key=lambda r: -lanes[r][0])  # (stable: ties keep row order)
+    per_slice = 32 // parts
+    slices = math.ceil(m / per_slice)
+    groups = 0
+    for i in range(slices):
+        rows = order[per_slice * i: per_slice * (i + 1)]
+        groups += math.ceil(max(max(lanes[r][1]) for r in rows) / 8)
+    return 640 * groups + 4 * parts + 4 * (slices + 1) + 72 * slices + 4 * 32 * slices
+
+
+def delta_rows_nbytes(mask: torch.Tensor, splits: int, parts: int = 1) -> int:
     """DeltaRows' byte count from its docstring: per row, one entry per nonzero plus floor((gap - 1) / 15) escapes per
     gap over 15 columns (the first gap counted from column 0); rows ranked by entries, 32 to a slice, each slice padded
     to whole groups of 8 entries of its longest row; 640 bytes a group, then 4 (slices + 1) + 72 slices S + 4 Mp."""
+    if parts > 1:
+        return delta_rows_parts_nbytes(mask, parts)
     m, k = mask.shape
     ents = []
     for r in range(m):

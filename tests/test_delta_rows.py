@@ -36,7 +36,7 @@ def test_explicit_split_counts_round_trip(splits):
 
 def test_default_split_count_aims_at_the_block_target():
     w = _w(4096, 1024, 0.2)
-    c = DeltaRows.from_dense(w)
+    c = DeltaRows.from_dense(w, parts=1)
     slices = 4096 // 32
     assert c.splits == D.default_splits(4096, int(((c.offsets[1:slices + 1] - c.offsets[:slices]).max())))
     assert c.splits * slices <= 2 * D.TARGET_BLOCKS
@@ -72,7 +72,7 @@ def test_split_target_follows_the_device_wave(monkeypatch):
 
 def test_windows_are_narrowed_by_more_splits_when_they_can_be():
     w = _w(64, 16384, 0.2, seed=3)  # 2 slices: few splits by the block target, windows of thousands of columns
-    c = DeltaRows.from_dense(w)
+    c = DeltaRows.from_dense(w, parts=1)
     win = c._parts()[1]
     assert int(win[..., 1].max()) <= D.WINDOW_MAX
     assert torch.equal(c.to_dense(), w)

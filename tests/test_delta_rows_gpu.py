@@ -63,12 +63,85 @@ def test_delta_rows_wide_windows_and_unaligned_x_read_x_from_global_memory(dtype
     for r in range(32):
         cols = torch.randperm(1024, generator=gen, device="cuda")[:200] + (0 if r < 16 else k - 1024)
         w_dense[r, cols] = torch.randn(200, generator=gen, device="cuda").to(dtype)
-    w = DeltaRows.from_dense(w_dense)
+    w = DeltaRows.from_dense(w_dense, parts=1)
     assert int(w._parts()[1][..., 1].max()) > D.WINDOW_MAX
     buf = torch.randn(n * k + 1, generator=gen, device="cuda").to(dtype)
     x = (buf[1:] if unaligned else buf[:n * k]).view(n, k)
     bias = torch.randn(32, generator=gen, device="cuda").to(dtype)
     check(run_kernel(x, w, bias), x, w_dense, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("parts", [2, 4, 8, 16])
+@pytest.mark.parametrize("stage", [1, 2], ids=["x-fp32", "x-16bit"])
+def test_delta_rows_parts_layout_every_lane_count(dtype, parts, stage, monkeypatch):
+    """The parts layout (P lanes a row, one split): every density from empty to full, N = 1 (its own kernel, X staged
+    as fp32 or as 16-bit) and N = 2-8 (the multi-token kernels summing a row's lanes), bias or none, X at an offset
+    not on 16 bytes (copied by the launcher), rows of one slice far apart in K; outputs poisoned."""
+    k = _kernels()
+    monkeypatch.setattr(k, "PARTS_STAGE", stage)
+    gen = torch.Generator(device="cuda").manual_seed(parts + 100 * (dtype == torch.bfloat16))
+    for m, kk in ((64, 64), (333, 1024), (96, 8192), (3000, 4096)):
+        for density in (0.0, 0.01, 0.2, 1.0):
+            w_dense = sparse_weight(m, kk, density, dtype, gen)
+            if m == 96:  # half the rows in the first 1024 columns, half in the last
+                w_dense[::2, 1024:] = 0
+                w_dense[1::2, :-1024] = 0
+            w = DeltaRows.from_dense(w_dense, parts=parts)
+            assert w.parts == parts
+            for n in (1, 2, 5, 8):
+                buf = torch.randn(n * kk + 1, generator=gen, device="cuda").to(dtype)
+                x = (buf[1:] if n == 1 else buf[: n * kk]).view(n, kk)
+                bias = torch.randn(m, generator=gen, device="cuda").to(dtype) if density != 0.2 else None
+                check(run_kernel(x, w, bias), x, w_dense, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_delta_rows_parts_epilogues_match_the_split_layout(dtype):
+    """Every N = 1 epilogue (RMSNorm, SiLU x up on paired halves, LayerNorm with and without its bias, ReLU, the bias,
+    the residual add) on the parts layout gives the split layout's result within 2 ulp of the output's scale (the same
+    rounding steps; only the summation order differs), and the same bits twice."""
+    k = _kernels()
+    assert k.parts_stage(8, 4096, dtype, 0) == 1 and k.parts_stage(10**6, 4096, dtype, 0) == 2  # (one wave or not)
+    fid = FORMAT_IDS[DeltaRows]
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    m, kk = 512, 4096
+    w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
+    g = (torch.rand(kk, generator=gen, device="cuda") + 0.5).to(dtype)
+    b = torch.randn(kk, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+    xn = (3 * torch.randn(1, kk, generator=gen, device="cuda") + 5).to(dtype)  # (normed: the shifted statistics)
+    xp = (0.25 * torch.randn(1, kk, generator=gen, device="cuda")).to(dtype)  # (not normed: no overflow)
+    acc = torch.randn(1, m, generator=gen, device="cuda").to(dtype)
+    cases = [dict(norm=(g, 1e-5)), dict(norm=(g, 1e-5), act="silu_mul", pair=True), dict(act="silu_mul", pair=True),
+             dict(norm=(g, b, 1e-5), act="relu", bias=bias), dict(norm=(g, None, 1e-5)), dict(bias=bias),
+             dict(add_to=acc, bias=bias), dict(act="relu")]
+    for parts in (2, 16):
+        for case in cases:
+            case = dict(case)
+            x = xn if "norm" in case else xp
+            pair = case.pop("pair", False)
+            cb = case.pop("bias", None)
+            outs = []
+            for p in (1, parts):
+                w = DeltaRows.from_dense(w_dense, parts=p, pair_halves=pair)
+                kw = dict(case)
+                if "add_to" in kw:
+                    kw["add_to"] = kw["add_to"].clone()
+                else:
+                    kw["out"] = torch.full((1, m // 2 if pair else m), float("nan"), dtype=dtype, device="cuda")
+                got = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, cb, **kw).clone()
+                assert bool(torch.isfinite(got).all()), (parts, case)
+                if p > 1:
+                    kw2 = dict(kw)
+                    if "add_to" in kw2:
+                        kw2["add_to"] = acc.clone()
+                    else:
+                        kw2.pop("out")
+                    assert torch.equal(k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, cb, **kw2), got)
+                outs.append(got)
+            tol = 2 * ULP[dtype] * (1 + outs[0].float().abs().max().item())
+            assert (outs[1].float() - outs[0].float()).abs().max().item() <= tol, (parts, case)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -184,9 +257,10 @@ def test_delta_rows_decode_kernel_is_exact():
     for dtype in DTYPES:
         for density in (0.0, 0.3, 1.0):
             w_dense = sparse_weight(333, 520, density, dtype, gen)
-            w = DeltaRows.from_dense(w_dense)
-            got = _kernels().decode_dense(FORMAT_IDS[DeltaRows], w.data, w.offsets, 333, 520, dtype)
-            assert torch.equal(got.view(torch.int16), w.to_dense().view(torch.int16))
+            for parts in (1, 4, 16):
+                w = DeltaRows.from_dense(w_dense, parts=parts)
+                got = _kernels().decode_dense(FORMAT_IDS[DeltaRows], w.data, w.offsets, 333, 520, dtype)
+                assert torch.equal(got.view(torch.int16), w.to_dense().view(torch.int16))
 
 
 @pytest.mark.parametrize("n", [1, 4])

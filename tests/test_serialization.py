@@ -404,10 +404,18 @@ PINNED = {
     TiledCSL: (3, {0: 0x3C00, 1: 0x3C76400, 2: 0x1795D48, 3: 0x26060D2, 4: 0x24200, 5: 0x2216044, 6: 0x14000,
                    7: 0x4154A0}, 8, [0, 8]),
     # one slice, one split, one group: rows ranked 15 (5 entries: 4 escapes), 0, 8, 9, 5, 1, then the empty rows
-    DeltaRows: (1, {2: 0x6400, 4: 0x40003C00, 5: 0x4200, 9: 0x6044, 13: 0x60D2, 16: 0x5D480000, 20: 0x54A0,
+    DeltaRows: (2, {2: 0x6400, 4: 0x40003C00, 5: 0x4200, 9: 0x6044, 13: 0x60D2, 16: 0x5D480000, 20: 0x54A0,
                     128: 0x3FFFF, 129: 0x110, 130: 0x3FF, 131: 0xAFF, 132: 0x2F, 133: 0x9}, 160,
                 [0, 1, 0, 64] + [0] * 16 + [15, 0, 8, 9, 5, 1, 2, 3, 4, 6, 7, 10, 11, 12, 13, 14] + [-1] * 16),
 }
+# DeltaRows version 2's parts layout, 2 lanes a row (``from_dense(..., parts=2)``): one slice of 16 rows ranked 0 (3
+# nonzeros), 1, 5, 8, 9, 15 (one each), then the empty rows, each on two lanes; row 0's stream of 3 cut at 3 x 1 / 2:
+# lane 0 walks columns 0 and 1 (step 1), lane 1 column 2; each lane starts at its first column (step 0); the window
+# (0, 64); data ends with the trailer [2, 2]
+PINNED_DR_PARTS2 = ({0: 0x40003C00, 4: 0x4200, 8: 0x54A0, 16: 0x5D48, 24: 0x6044, 32: 0x60D2, 40: 0x6400, 128: 0x10,
+                     160: 2, 161: 2}, 162,
+                    [0, 1, 0, 64, 2 << 16, 9, 17, 33, 40, 63] + [0] * 10
+                    + [r for r in (0, 1, 5, 8, 9, 15, 2, 3, 4, 6, 7, 10, 11, 12, 13, 14) for _ in range(2)])
 # TiledCSL version 2: positions in fragment order (1024 (r // 16) + 32 lane + bit), bank order for that layout;
 # converted on load.
 PINNED_TCSL_V2 = {0: 0x3C00, 1: 0x436044, 2: 0x2A15D48, 3: 0xD260D2, 4: 0x44200, 5: 0x3FF6400, 6: 0x14000,
@@ -446,6 +454,17 @@ def test_current_layout_is_pinned(tmp_path, fmt):
     w = fmt.from_dense(expected)
     assert torch.equal(w.data, data) and w.offsets.tolist() == offsets
     assert torch.equal(flash_llm.load(path).to_dense(), expected)
+
+
+def test_delta_rows_parts_layout_is_pinned(tmp_path):
+    words, n, offsets = PINNED_DR_PARTS2
+    path, data = _pinned_file(tmp_path, DeltaRows, 2, words, n, offsets)
+    w = DeltaRows.from_dense(_pinned_expected(), parts=2)
+    assert w.parts == 2 and w.splits == 1
+    assert torch.equal(w.data, data) and w.offsets.tolist() == offsets
+    assert torch.equal(flash_llm.load(path).to_dense(), _pinned_expected())
+    with pytest.raises(FormatError, match="162 words; the offsets describe 160"):  # version 1: no parts layout
+        flash_llm.load(_pinned_file(tmp_path, DeltaRows, 1, words, n, offsets)[0])
 
 
 def test_bitmap_version_1_files_are_converted(tmp_path):

@@ -16,13 +16,25 @@ Layout (version 1; ``docs/formats.md``):
   ``perm[32 slices]``.  ``S`` (the split count, fixed at encoding) follows from the sizes.
 * Split ``s`` of a slice with ``G`` groups holds groups ``s G / S .. (s + 1) G / S - 1`` (integer division).
 
+Version 2 (session 30) adds the *parts* layout, ``P`` lanes a row (``P`` = 2, 4, 8 or 16; version 1 is ``P = 1``):
+
+* A slice holds ``32 / P`` rows; a row's entries are cut into ``P`` runs of equal stream length (escapes counted),
+  each a contiguous range of its columns, walked by ``P`` adjacent lanes (lane ``l`` walks part ``l % P``), each lane
+  from its own start column (its first step 0).  ``perm`` holds each lane's row (``P`` equal neighbours); paired
+  halves: lanes 16-31 of a slice hold the up rows of lanes 0-15's gate rows.
+* One split (``S = 1``), its window all of K: the N = 1 kernel (``delta_rows_parts_*``) stages all of X in every block
+  and sums a row's parts by shuffles, so no launch waits on another block (no split-K partials, no ticket).
+* ``data`` ends with ``P`` words holding ``P``: ``len(data) % 160`` gives ``P`` from the sizes alone (0: ``P = 1``).
+
 Bytes: ``2.5`` per entry (nonzeros, escapes and pads) plus ``4 (slices + 1) + 72 slices S + 4 Mp``.  At 80 % random
-sparsity about 0.53 bytes per element (BitmapTiles 0.525, TiledCSL 0.80).
+sparsity about 0.53 bytes per element (BitmapTiles 0.525, TiledCSL 0.80); the parts layout pads each part to whole
+groups (about 4-7 % more at ``P`` = 8-16 on Llama-3-8B's layers).
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -50,26 +62,59 @@ WAVE_SHARE = 0.85
 WINDOW_MAX = 3072
 #: paired halves (gate / up): gate rows ranked by their entries, then each run of this many by their up rows'
 PAIR_BUCKET = 1024
+#: lanes a row the parts layout may take (version 2); 1 is the split layout
+PARTS = (1, 2, 4, 8, 16)
+#: the encoder's default takes the parts layout only up to this K (16-byte rows, ``K % 8 == 0``): every block of its
+#: N = 1 kernel stages all of X (and with a norm reads its weight, LayerNorm also its bias, and normalizes in place).
+#: Session 30 (H200, ``benchmarks/dr_layouts.py``, 80 %): Llama-3-8B's q/k/v, o, gate / up (K = 4096) 1.06-1.18x the
+#: split layout's speed, down (K = 14336) 1.02-1.03x; OPT-30B (K = 7168, LayerNorms) 0.79-0.90x at the default P
+#: (its o alone 1.13x at P = 8), fc2 (K = 28672) 0.90x
+PARTS_MAX_K = 4096
+#: ... with the fewest lanes a row that give at least this share of :func:`target_warps` warps (slices; session 30's
+#: sweep: q/k/v best at 3072 warps, gate / up at 3584, down at 1792-3584, o at 512-2048 within 4 %)
+PARTS_SHARE = 0.8
+#: ... and at least this many entries a part (fewer: each part's padding to whole groups costs too many bytes)
+PARTS_MIN_ENTRIES = 48
+#: ``FLASH_LLM_DELTA_PARTS``: ``auto`` (the rule above, default), ``1`` (always the split layout) or 2 / 4 / 8 / 16
+PARTS_ENV = os.environ.get("FLASH_LLM_DELTA_PARTS", "auto")
 
 
-def _sections(m: int, n_off: int) -> tuple[int, int, int]:
-    """(slices, Mp, S) from the shape and the length of ``offsets``; S = 0 when the length does not fit."""
-    slices = ceil_div(m, LANES)
+class Layout(NamedTuple):
+    """A DeltaRows weight's layout, from its sizes alone (no device sync): lanes a row, slices, ``Mp`` (lanes:
+    ``32 slices``), split count (0 when the sizes fit nothing) and whether the halves are paired."""
+    parts: int
+    slices: int
+    mp: int
+    splits: int
+    paired: bool
+
+
+def layout(m: int, n_off: int, n_data: int) -> Layout:
+    """The :class:`Layout` of an ``m``-row weight whose ``offsets`` has ``n_off`` words and ``data`` ``n_data``."""
+    p = n_data % GROUP_WORDS or 1
+    if p not in PARTS:
+        return Layout(p, 0, 0, 0, False)
+    slices = ceil_div(m, LANES // p)
     mp = slices * LANES
     rest = n_off - (slices + 1) - mp
-    rest -= rest % (18 * slices) == 1  # a paired weight's last word (see paired_halves)
-    if rest <= 0 or rest % (18 * slices):
-        return slices, mp, 0
-    return slices, mp, rest // (18 * slices)
+    paired = rest > 0 and rest % (18 * slices) == 1  # a paired weight's last word, m / 2
+    rest -= paired
+    s = rest // (18 * slices) if rest > 0 and rest % (18 * slices) == 0 else 0
+    return Layout(p, slices, mp, s if p == 1 or s == 1 else 0, paired)
 
 
-def paired_halves(m: int, n_off: int) -> bool:
-    """Whether a DeltaRows weight of ``m`` rows whose ``offsets`` has ``n_off`` words pairs its halves: rank ``r`` of
-    the second half holds row ``perm[r] + m / 2`` (the up row of a merged gate / up weight beside its gate row), so
-    its offsets end with one more word, ``m / 2``.  From sizes alone (no device sync)."""
-    slices = ceil_div(m, LANES)
-    rest = n_off - (slices + 1) - slices * LANES
-    return rest > 0 and rest % (18 * slices) == 1
+def _sections(m: int, n_off: int, n_data: int = 0) -> tuple[int, int, int]:
+    """(slices, Mp, S) of :func:`layout`."""
+    lay = layout(m, n_off, n_data)
+    return lay.slices, lay.mp, lay.splits
+
+
+def paired_halves(m: int, n_off: int, n_data: int = 0) -> bool:
+    """Whether a DeltaRows weight of ``m`` rows whose ``offsets`` has ``n_off`` words (``data`` ``n_data``) pairs its
+    halves: rank ``r`` of the second half holds row ``perm[r] + m / 2`` (the up row of a merged gate / up weight
+    beside its gate row; parts layout: lane ``l + 16`` of each slice beside lane ``l``), so its offsets end with one
+    more word, ``m / 2``.  From sizes alone (no device sync)."""
+    return layout(m, n_off, n_data).paired
 
 
 def _streams(w: torch.Tensor, pair: bool = False):
@@ -107,6 +152,85 @@ def _streams(w: torch.Tensor, pair: bool = False):
     perm_full = torch.full((mp,), -1, dtype=torch.int64, device=dev)
     perm_full[:m] = perm
     return vals2, steps2, groups, perm_full, nnz, ent_rank
+
+
+def _parts_streams(w: torch.Tensor, parts: int, pair: bool = False):
+    """The parts layout's streams (``parts`` lanes a row): as :func:`_streams`, plus each lane's start column int64
+    ``[slices, 1, 32]``; ``perm`` holds each lane's row.  Rows are ranked by their nonzeros (descending, stable;
+    paired: gate rows by gate + up nonzeros, each slice's lanes 16-31 their up rows); each row's nonzeros are cut
+    into ``parts`` runs of equal stream length (escapes counted), each walked from its first column."""
+    m, k = w.shape
+    dev = w.device
+    r_slice = LANES // parts  # rows a slice
+    cnt = (w != 0).sum(1)
+    if pair:
+        h, hs = m // 2, r_slice // 2
+        order = torch.sort(cnt[:h] + cnt[h:], descending=True, stable=True).indices
+        slices = ceil_div(h, hs)
+        gate = torch.full((slices * hs,), -1, dtype=torch.int64, device=dev)
+        gate[:h] = order
+        gate = gate.view(slices, hs)
+        rows = torch.cat([gate, torch.where(gate >= 0, gate + h, gate)], 1).reshape(-1)
+    else:
+        slices = ceil_div(m, r_slice)
+        rows = torch.full((slices * r_slice,), -1, dtype=torch.int64, device=dev)
+        rows[:m] = torch.sort(cnt, descending=True, stable=True).indices
+    slot = torch.empty(m, dtype=torch.int64, device=dev)
+    valid = rows >= 0
+    slot[rows[valid]] = torch.arange(rows.numel(), device=dev)[valid]
+    r, c = (w != 0).nonzero(as_tuple=True)  # row-major: each row's columns rise
+    vals = w.view(torch.int16)[r, c]
+    nnz = r.numel()
+    # each nonzero's part: where the row's stream before it (escapes from the row's own gaps) falls among P shares
+    rfirst = torch.ones(nnz, dtype=torch.bool, device=dev)
+    rfirst[1:] = r[1:] != r[:-1]
+    rgap = c.clone()
+    rgap[1:] -= c[:-1]
+    rgap[rfirst] = 0
+    rspan = 1 + _escapes(rgap)
+    before = torch.cumsum(rspan, 0) - rspan
+    rbase = torch.zeros(m, dtype=torch.int64, device=dev)
+    rbase[r[rfirst]] = before[rfirst]
+    rtotal = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, r, rspan)
+    before -= rbase[r]
+    del rgap, rspan, rbase, rfirst  # (the encoder's peak memory: a handful of int64 arrays over the nonzeros)
+    lane_of = slot[r] * parts + before * parts // rtotal[r].clamp(min=1)
+    del before, r
+    order = torch.sort(lane_of, stable=True).indices  # (a lane's entries keep their rising columns)
+    lg, cc, vv = lane_of[order], c[order], vals[order]
+    del lane_of, c, vals, order
+    nl = slices * LANES
+    first = torch.ones(nnz, dtype=torch.bool, device=dev)
+    first[1:] = lg[1:] != lg[:-1]
+    prev = torch.empty_like(cc)
+    prev[1:] = cc[:-1]
+    prev[first] = cc[first]  # a lane's first step is 0, from its start column
+    starts = torch.zeros(nl, dtype=torch.int64, device=dev)
+    starts[lg[first]] = cc[first]
+    gap = cc - prev
+    vals2, steps2, groups, _ = _lay_streams(lg, first, vv, gap, _escapes(gap), nl)
+    perm = rows.repeat_interleave(parts)
+    return vals2, steps2, groups, perm, starts.view(slices, 1, LANES), nnz
+
+
+def default_parts(m: int, k: int, nnz: int, device: torch.device | str | None = None) -> int:
+    """The lanes a row the encoder gives an ``[m, k]`` weight of ``nnz`` nonzeros by default: 1 (the split layout)
+    above :data:`PARTS_MAX_K` columns or with ``K % 8 != 0``; else the fewest of 2, 4, 8, 16 whose slices reach
+    :data:`PARTS_SHARE` of :func:`target_warps` (16 at most), fewer while a part would hold under
+    :data:`PARTS_MIN_ENTRIES` entries (1 when even 2 parts would).  ``FLASH_LLM_DELTA_PARTS`` overrides it."""
+    if PARTS_ENV != "auto":
+        p = int(PARTS_ENV)
+        if p not in PARTS:
+            raise ValueError(f"FLASH_LLM_DELTA_PARTS must be auto or one of {PARTS}, got {PARTS_ENV!r}")
+        return p if p == 1 or k % 8 == 0 else 1
+    if k % 8 or k > PARTS_MAX_K or m == 0:
+        return 1
+    want = PARTS_SHARE * target_warps(device)
+    p = next((p for p in PARTS[1:] if ceil_div(m * p, LANES) >= want), PARTS[-1])
+    per_row = nnz / m
+    while p > 1 and per_row / p < PARTS_MIN_ENTRIES:
+        p //= 2
+    return p
 
 
 def _escapes(gap: torch.Tensor) -> torch.Tensor:
@@ -234,23 +358,26 @@ def default_splits(m: int, max_groups: int, device: torch.device | str | None = 
 class DeltaRows(SparseFormat):
     """An ``[M, K]`` fp16/bf16 weight as rows of (16-bit value, 4-bit column step) entries, 32 rows a warp.
 
-    Built for the N = 1 product (decode at batch 1): a lane walks one row and keeps its sum in a register.  ``K`` must
-    be below 65536.  The split count (``splits``) is fixed when encoding; :meth:`resplit` re-encodes.
+    Built for the N = 1 product (decode at batch 1): a lane walks one row (or one of its ``parts``) and keeps its sum
+    in a register.  ``K`` must be below 65536.  The split count (``splits``) and the lanes a row (``parts``) are fixed
+    when encoding; :meth:`resplit` re-encodes.
     """
 
     FORMAT_NAME = "flash_llm.delta_rows"
-    FORMAT_VERSION = 1
-    READ_VERSIONS = (1,)
+    FORMAT_VERSION = 2
+    READ_VERSIONS = (1, 2)
     TILE_ROWS = LANES
     _UNIT_WORDS = GROUP_WORDS
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, *, dtype: torch.dtype | None = None, splits: int | None = None,
-                   pair_halves: bool = False) -> "DeltaRows":
+                   pair_halves: bool = False, parts: int | None = None) -> "DeltaRows":
         """Compress a dense ``[M, K]`` weight (zeros, including -0.0, are dropped), on ``w``'s device.
 
-        ``splits``: the K-splits of the N = 1 kernel (default: :func:`default_splits` for ``w``'s device, raised until
-        every block's X window fits :data:`WINDOW_MAX` columns where possible: :func:`block_window_max`).  ``pair_halves``: a merged gate / up
+        ``parts``: the lanes a row (1, 2, 4, 8 or 16; more than 1: the parts layout, one split, ``K % 8 == 0``).
+        Default: 1 when ``splits`` is given, else :func:`default_parts`.  ``splits`` (the split layout): the K-splits
+        of the N = 1 kernel (default: :func:`default_splits` for ``w``'s device, raised until every block's X window
+        fits :data:`WINDOW_MAX` columns where possible: :func:`block_window_max`).  ``pair_halves``: a merged gate / up
         weight (``M / 2`` a multiple of 32), its rows ``r`` and ``r + M / 2`` kept in matching lanes, so the kernel can
         apply ``silu(gate) * up`` (:func:`paired_halves`)."""
         w = check_dense_weight(w, dtype)
@@ -259,8 +386,20 @@ class DeltaRows(SparseFormat):
             raise ValueError(f"w has K = {k} columns; DeltaRows stores 16-bit columns (K < {MAX_K})")
         if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
             raise ValueError(f"splits must be a positive int, got {splits!r}")
+        if parts is not None and (not isinstance(parts, int) or isinstance(parts, bool) or parts not in PARTS):
+            raise ValueError(f"parts must be one of {PARTS}, got {parts!r}")
+        if parts is not None and parts > 1 and (k % 8 or (splits or 1) != 1):
+            raise ValueError(f"parts={parts} (the parts layout) needs K % 8 == 0 and one split; got K = {k}, "
+                             f"splits={splits}")
         if pair_halves and (m % (2 * LANES)):
             raise ValueError(f"pair_halves needs M a multiple of {2 * LANES} (two halves of whole slices), got {m}")
+        if parts is None:
+            parts = 1 if splits is not None else default_parts(m, k, int((w != 0).sum()), w.device)
+        if parts > 1:
+            vals, steps, groups, perm, start, nnz = _parts_streams(w, parts, pair_halves)
+            win = torch.zeros(groups.numel(), 1, 2, dtype=torch.int64, device=w.device)
+            win[..., 1] = ceil_div(max(k, 1), 8) * 8
+            return cls._pack(vals, steps, groups, perm, start, win, (m, k), w.dtype, nnz, pair_halves, parts)
         vals, steps, groups, perm, nnz, ent = _streams(w, pair_halves)
         colpos = torch.cumsum(steps.to(torch.int32), 1)
         gmax = int(groups.max())
@@ -272,9 +411,11 @@ class DeltaRows(SparseFormat):
         return cls._pack(vals, steps, groups, perm, start, win, (m, k), w.dtype, nnz, pair_halves)
 
     @classmethod
-    def _pack(cls, vals, steps, groups, perm, start, win, shape, dtype, nnz, pair=False) -> "DeltaRows":
+    def _pack(cls, vals, steps, groups, perm, start, win, shape, dtype, nnz, pair=False, parts=1) -> "DeltaRows":
         dev = vals.device
         data, goff = _groups(vals, steps, groups)
+        if parts > 1:  # the trailer that gives P from the sizes
+            data = torch.cat([data, torch.full((parts,), parts, dtype=torch.int32, device=dev)])
         st = start.to(torch.int32).to(torch.int16).reshape(-1).view(torch.int32)
         tail = [torch.tensor([shape[0] // 2], dtype=torch.int32, device=dev)] if pair else []
         offsets = torch.cat([goff.to(torch.int32), win.to(torch.int32).reshape(-1), st, perm.to(torch.int32)] + tail)
@@ -299,23 +440,31 @@ class DeltaRows(SparseFormat):
 
     # ---- structure ----------------------------------------------------------------------------------------
     @property
+    def layout(self) -> Layout:
+        return layout(self.shape[0], self.offsets.numel(), self.data.numel())
+
+    @property
     def splits(self) -> int:
-        return _sections(self.shape[0], self.offsets.numel())[2]
+        return self.layout.splits
+
+    @property
+    def parts(self) -> int:
+        """Lanes a row: 1 (the split layout) or 2, 4, 8, 16 (the parts layout)."""
+        return self.layout.parts
 
     @property
     def paired(self) -> bool:
         """Whether the halves are paired (:func:`paired_halves`)."""
-        return paired_halves(self.shape[0], self.offsets.numel())
+        return self.layout.paired
 
-    def resplit(self, splits: int) -> "DeltaRows":
-        """The same weight encoded for ``splits`` K-splits."""
-        return type(self).from_dense(self.to_dense(), splits=splits, pair_halves=self.paired)
+    def resplit(self, splits: int, parts: int = 1) -> "DeltaRows":
+        """The same weight encoded for ``splits`` K-splits (``parts`` > 1: the parts layout, ``splits`` 1)."""
+        return type(self).from_dense(self.to_dense(), splits=splits, pair_halves=self.paired, parts=parts)
 
     def _parts(self):
-        """(goff int64, win [slices, S, 2], starts [slices, S, 32] int64, perm int64)."""
-        m = self.shape[0]
-        slices, mp, s = _sections(m, self.offsets.numel())
-        return _split_offsets(self.offsets, slices, mp, s)
+        """(goff int64, win [slices, S, 2], starts [slices, S, 32] int64, perm int64: each lane's row)."""
+        lay = self.layout
+        return _split_offsets(self.offsets, lay.slices, lay.mp, lay.splits)
 
     def entries(self):
         """Every stored entry: ``(rank, value bits int16, column int64)`` in storage order (pads and escapes
@@ -360,30 +509,55 @@ class DeltaRows(SparseFormat):
         label = prefix[:-1] if prefix.endswith(".") else (prefix or "weight")
         if k >= MAX_K:
             raise FormatError(f"{where}'{label}': K = {k} does not fit DeltaRows' 16-bit columns")
-        slices, mp, s = _sections(m, offsets.numel())
+        lay = layout(m, offsets.numel(), data.numel())
+        p, slices, mp, s = lay.parts, lay.slices, lay.mp, lay.splits
+        ok_p = p in PARTS and (version != 1 or p == 1)
+        if not ok_p or s < 1:
+            # data's length names another layout than the offsets' length fits: data was cut or grown
+            fits = [q for q in (PARTS if version != 1 else (1,)) if layout(m, offsets.numel(), q % GROUP_WORDS).splits]
+            if len(fits) == 1 and fits[0] != p:
+                q = fits[0]
+                sl = layout(m, offsets.numel(), q % GROUP_WORDS).slices
+                want = int(offsets[sl]) * GROUP_WORDS + (q if q > 1 else 0)
+                raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words; the offsets describe "
+                                  f"{want} (truncated or inconsistent): "
+                                  + (f"{want - q} in groups of {GROUP_WORDS} and the parts trailer of {q} words "
+                                     f"({q} lanes a row)" if q > 1 else f"groups of {GROUP_WORDS}"))
+        if not ok_p:
+            raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words, {data.numel() % GROUP_WORDS} "
+                              f"past whole groups of {GROUP_WORDS}: not a lane count a row of "
+                              f"{PARTS if version != 1 else (1,)} (format version {version or cls.FORMAT_VERSION})")
+        if p > 1 and k % 8:
+            raise FormatError(f"{where}'{label}': the parts layout ({p} lanes a row) needs K % 8 == 0, got K = {k}")
         if s < 1:
             raise FormatError(f"{where}tensor '{prefix}offsets' has {offsets.numel()} entries, which is not "
                               f"{slices + 1} + 18 x {slices} x S + {mp} for any split count S >= 1 (a {m}x{k} "
-                              f"matrix has {slices} slices of 32 rows)")
+                              f"matrix has {slices} slices of {LANES // p} rows{'' if p == 1 else ', one split'})")
         goff, win, starts, perm = _split_offsets(offsets, slices, mp, s)
         if int(goff[0]) != 0 or bool((goff[1:] < goff[:-1]).any()):
             raise FormatError(f"{where}tensor '{prefix}offsets': the slices' group offsets do not start at 0 and "
                               "rise")
-        if int(goff[-1]) * GROUP_WORDS != data.numel():
+        if int(goff[-1]) * GROUP_WORDS != data.numel() - (p if p > 1 else 0):
             raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words; the offsets describe "
                               f"{int(goff[-1]) * GROUP_WORDS} (truncated or inconsistent), {int(goff[-1])} groups "
-                              f"of {GROUP_WORDS}")
-        valid = perm[perm >= 0]
+                              f"of {GROUP_WORDS}" + (f" and the {p} words of the parts trailer" if p > 1 else ""))
+        if p > 1 and bool((data[data.numel() - p:] != p).any()):
+            raise FormatError(f"{where}tensor '{prefix}data': the parts trailer does not hold {p}")
+        lanes = perm.view(-1, p)  # each row's P lanes
+        valid = lanes[:, 0][lanes[:, 0] >= 0]
         if bool((perm < -1).any()) or bool((perm >= m).any()) or valid.numel() != m or \
-                bool((torch.bincount(valid, minlength=m) != 1).any()):
-            raise FormatError(f"{where}'{label}': the row order is not a permutation of the {m} rows")
-        if paired_halves(m, offsets.numel()):
+                bool((lanes != lanes[:, :1]).any()) or bool((torch.bincount(valid, minlength=m) != 1).any()):
+            raise FormatError(f"{where}'{label}': the row order is not a permutation of the {m} rows"
+                              + (f", each on {p} adjacent lanes" if p > 1 else ""))
+        if lay.paired:
             h = m // 2
             if m % (2 * LANES) or int(offsets[-1]) != h:  # not a paired weight's last word: a length that fits nothing
                 raise FormatError(f"{where}tensor '{prefix}offsets' has {offsets.numel()} entries, which is not "
                                   f"{slices + 1} + 18 x {slices} x S + {mp} for any split count S >= 1, nor one more "
                                   f"holding M / 2 of a weight with paired halves")
-            if not torch.equal(perm[mp // 2:], perm[: mp // 2] + h):
+            # split layout: rank r of the second half beside rank r of the first; parts: lane l + 16 beside lane l
+            a, b = (perm[: mp // 2], perm[mp // 2:]) if p == 1 else (perm.view(-1, 2, 16)[:, 0], perm.view(-1, 2, 16)[:, 1])
+            if not torch.equal(b, torch.where(a >= 0, a + h, a)) or bool(((a >= h)).any()):
                 raise FormatError(f"{where}tensor '{prefix}offsets': the paired halves' row order does not pair row "
                                   f"r with row r + {h}")
         a0, w = win[..., 0], win[..., 1]
@@ -398,11 +572,15 @@ class DeltaRows(SparseFormat):
         nz = (vals != 0) & (vals != -32768)  # any bit pattern but +-0.0 (fp16 and bf16 alike)
         if bool((nz & (perm[rank] < 0)).any()):
             raise FormatError(f"{where}'{label}': a padding rank holds a nonzero value")
-        # nonzeros of a rank: strictly rising columns in stream order (no element twice)
+        # nonzeros of a rank: strictly rising columns in stream order; of a row (its parts too): no element twice
         rr, order = torch.sort(rank[nz], stable=True)  # a rank's entries are stored in its stream's order
         cc = cols[nz][order]
         if rr.numel() > 1 and bool(((rr[1:] == rr[:-1]) & (cc[1:] <= cc[:-1])).any()):
             raise FormatError(f"{where}'{label}': a row holds one column twice or out of order")
+        if p > 1 and rr.numel() > 1:
+            key = torch.sort(perm[rr] * k + cc).values
+            if bool((key[1:] == key[:-1]).any()):
+                raise FormatError(f"{where}'{label}': a row holds one column twice (in two of its parts)")
         return int(nz.sum())
 
 
@@ -419,11 +597,11 @@ def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
 def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int):
     """(rank, value bits, column, slice x S + split) of every stored entry in storage order, columns from each split's
     start."""
-    slices, mp, s = _sections(m, offsets.numel())
+    slices, mp, s = _sections(m, offsets.numel(), data.numel())
     goff, win, starts, perm = _split_offsets(offsets, slices, mp, s)
     dev = data.device
     ng = data.numel() // GROUP_WORDS
-    grp = data.view(ng, GROUP_WORDS)
+    grp = data[: ng * GROUP_WORDS].view(ng, GROUP_WORDS)
     vals = grp[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(ng, LANES, GROUP)
     sw = grp[:, LANES * GROUP // 2:].to(torch.int64) & 0xFFFFFFFF  # [ng, 32]
     steps = (sw[:, :, None] >> (4 * torch.arange(GROUP, device=dev))) & 15  # [ng, 32, 8]

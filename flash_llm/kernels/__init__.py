@@ -496,7 +496,7 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     from ..formats.delta_rows import _sections
 
     dev = data.device
-    slices, _, s = _sections(m, offsets.numel())
+    slices, _, s = _sections(m, offsets.numel(), data.numel())
     out = torch.zeros(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k).zero_()
     launch("delta_rows_to_dense", (slices, s, 1), 32, [(data.data_ptr(), P), (offsets.data_ptr(), P),
                                                         (out.data_ptr(), P), (k, I), (s, I)],
@@ -514,20 +514,22 @@ DELTA_MULTI_MAX = int(os.environ.get("FLASH_LLM_DELTA_MULTI_MAX", "8"))
 
 
 def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> torch.Tensor:
-    """:func:`spmm_cuda` for a DeltaRows weight: the one-row-per-lane kernel at N = 1, with the bias, ``add_to``,
-    ``norm`` and (for a weight with paired halves) ``act`` inside; at 2 <= N <= :data:`DELTA_MULTI_MAX` the
-    multi-token kernel and its reduction (bias, ``add_to`` and, paired, ``act`` in the reduction; ``norm`` before, as
-    a separate operation); else the expansion and cuBLAS, ``act`` and ``norm`` as separate operations."""
-    from ..formats.delta_rows import _sections, paired_halves
+    """:func:`spmm_cuda` for a DeltaRows weight: the one-row-per-lane kernel at N = 1 (the parts layout's kernel for
+    a weight of P > 1 lanes a row), with the bias, ``add_to``, ``norm`` and (for a weight with paired halves) ``act``
+    inside; at 2 <= N <= :data:`DELTA_MULTI_MAX` the multi-token kernel and its reduction (bias, ``add_to`` and,
+    paired, ``act`` in the reduction; ``norm`` before, as a separate operation); else the expansion and cuBLAS,
+    ``act`` and ``norm`` as separate operations."""
+    from ..formats.delta_rows import layout
 
     n = x.shape[0]
     dev = x.device
+    lay = layout(m, offsets.numel(), data.numel())
     if 2 <= n <= DELTA_MULTI_MAX:
-        if norm is not None or act == "relu" or (act is not None and not paired_halves(m, offsets.numel())):
+        if norm is not None or act == "relu" or (act is not None and not lay.paired):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
         return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to)
     ln_bias = norm[1] if norm is not None and len(norm) == 3 else None
-    fused = n == 1 and (act in (None, "relu") or paired_halves(m, offsets.numel())) and (
+    fused = n == 1 and (act in (None, "relu") or lay.paired) and (
         norm is None or all(t is None or (t.is_contiguous() and t.data_ptr() % 4 == 0) for t in (norm[0], ln_bias)))
     if not fused:
         if act is not None or norm is not None or add_to is not None:
@@ -536,7 +538,9 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
             return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
         return _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, out)
     x = x.contiguous()
-    slices, mp, s = _sections(m, offsets.numel())
+    if lay.parts > 1:
+        return _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
+    slices, mp, s = lay.slices, lay.mp, lay.splits
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (norm is None or norm[0].data_ptr() % 16 == 0)
               and (ln_bias is None or ln_bias.data_ptr() % 16 == 0))
     stream = torch.cuda.current_stream(dev).cuda_stream
@@ -557,15 +561,59 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     return y
 
 
+def _aligned16(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` (contiguous), or a fresh copy where its start is not on 16 bytes (the parts kernel reads 16-byte rows)."""
+    return t if t is None or t.data_ptr() % 16 == 0 else t.clone()
+
+
+#: ``FLASH_LLM_DELTA_PARTS_STAGE``: 1 or 2 forces how the parts layout's kernel stages X (tests, tuning); 0: parts_stage
+PARTS_STAGE = int(os.environ.get("FLASH_LLM_DELTA_PARTS_STAGE", "0"))
+
+
+def parts_stage(slices: int, k: int, dtype: torch.dtype, device_index: int) -> int:
+    """How the parts layout's N = 1 kernel stages X: 1 (fp32, one instruction less an entry) where its grid still
+    fits one wave with ``4 K`` bytes a block, else 2 (16-bit, ``2 K`` bytes); :data:`PARTS_STAGE` overrides it."""
+    if PARTS_STAGE in (1, 2):
+        return PARTS_STAGE
+    name = f"delta_rows_parts_{_dtype_suffix(dtype)}_p2_s1"
+    per_sm = blocks_per_sm(name, device_index, 32 * DR_WARPS, 4 * k)
+    return 1 if ceil_div(slices, DR_WARPS) <= per_sm * sm_count(device_index) else 2
+
+
+def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay) -> torch.Tensor:
+    """N = 1 on a DeltaRows weight of the parts layout: ``delta_rows_parts_<dtype>_p<P>_s<1|2>`` (one launch, no
+    split-K, every epilogue inside)."""
+    dev = x.device
+    x = _aligned16(x)
+    ln_bias = _aligned16(norm[1]) if norm is not None and len(norm) == 3 else None
+    scale = _aligned16(norm[0]) if norm is not None else None
+    silu = act == "silu_mul"
+    y = add_to if add_to is not None else torch.empty(1, m // 2 if silu else m, dtype=x.dtype, device=dev) \
+        if out is None else out
+    mode = ((_DR_RESID if add_to is not None else 0) | (_DR_SILU if silu else 0) | (_DR_RELU if act == "relu" else 0)
+            | (0 if norm is None else _DR_RMS if len(norm) == 2 else _DR_LN))
+    stage = parts_stage(lay.slices, k, x.dtype, dev.index)
+    launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}", (ceil_div(lay.slices, DR_WARPS), 1, 1),
+           32 * DR_WARPS,
+           [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
+            (bias.data_ptr() if bias is not None else 0, P), (mode, I), (scale.data_ptr() if scale is not None else 0, P),
+            (0.0 if norm is None else float(norm[-1]), ctypes.c_float), (k, I), (lay.slices, I),
+            (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
+           torch.cuda.current_stream(dev).cuda_stream, dev.index, k * (4 if stage == 1 else 2),
+           pdl=PDL_SPMM and getattr(_static, "on", False))
+    return y
+
+
 def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
     """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up)
     stores each split's partials, ``delta_rows_reduce_<dtype>`` sums them in split order with the epilogue."""
-    from ..formats.delta_rows import _sections
+    from ..formats.delta_rows import layout
 
     n = x.shape[0]
     dev = x.device
     x = x.contiguous()
-    slices, _, s = _sections(m, offsets.numel())
+    lay = layout(m, offsets.numel(), data.numel())
+    slices, s = lay.slices, lay.splits
     nt = 2 if n <= 2 else 4 if n <= 4 else 8
     m_out = m // 2 if act else m
     y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
@@ -575,7 +623,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     pdl = PDL_SPMM and getattr(_static, "on", False)
     launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
-            (k, I), (m, I), (slices, I)], stream, dev.index, 0, pdl=pdl)
+            (k, I), (m, I), (slices, I), (lay.parts, I)], stream, dev.index, 0, pdl=pdl)
     mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
     launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
            [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
@@ -771,7 +819,8 @@ def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype
     if fmt == DELTA_ROWS:  # at N = 1 the kernel does them all; SiLU x up on a weight with paired halves only
         from ..formats.delta_rows import paired_halves
 
-        return n == 1 and (act in (None, "relu") or (offsets is not None and paired_halves(m, offsets.numel())))
+        return n == 1 and (act in (None, "relu") or (offsets is not None and paired_halves(m, offsets.numel(),
+                                                                                             data.numel())))
     if act == "relu" or layer_norm:
         return False
     density = _density(fmt, data, m, k)

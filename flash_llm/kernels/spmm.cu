@@ -2306,12 +2306,173 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)
 
+// delta_rows_parts_<dtype>_p<P>_s<STAGE>: N = 1 on a DeltaRows weight of the parts layout (formats/delta_rows.py,
+// version 2: P lanes a row, one split), grid ceil(slices / DR_WARPS), DR_WARPS warps a block, warp i on slice
+// DR_WARPS blockIdx.x + i.  Lane l walks part l % P of row perm[32 slice + l] from its start column, as the _n1
+// kernel's walk; the P parts of a row (adjacent lanes) meet by an xor butterfly (every lane the same sum), and the
+// lane of part 0 applies the epilogue and writes the row.  No launch waits on another block: no split-K partials, no
+// ticket, no last-warp sum (2-3.5 us a launch inside the decode step's graph, session 29's trace).  The price: every
+// block stages all of X (K columns, dynamic shared memory: fp32 for STAGE 1, 16-bit for STAGE 2; the launcher picks
+// fp32 where the grid still fits one wave), and parts pad to whole groups (4-7 % more bytes at P = 8-16).  The modes
+// as the _n1 kernel's, with its rounding steps: DR_RMS (X times the norm's weight rounded once while staged, the
+// sum of squares of the raw values over all of K by the block), DR_LN (X staged raw with its sums shifted by x[0],
+// then normalized in place after a barrier, as the separate LayerNorm), DR_SILU (a paired weight: lanes 16-31 hold the
+// up rows of lanes 0-15's gate rows), DR_RESID, DR_RELU, the bias.  Needs K % 8 == 0 and X on 16 bytes (the
+// launcher copies X otherwise).  Session 30 prototype (benchmarks/RESULTS.md): 1.13x the _n1 kernel's speed on
+// Llama-3-8B's four projections at 80 % in CUDA graphs of 8 layers (H200).
+template <bool BF16, int P, int STAGE>
+DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restrict__ offsets,
+                                const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias, int mode,
+                                const u16* __restrict__ colscale, float eps, int K, int slices,
+                                const u16* __restrict__ colbias) {
+  static_assert(P >= 2 && P <= 16 && (P & (P - 1)) == 0, "P: 2, 4, 8 or 16 lanes a row");
+  static_assert(STAGE == 1 || STAGE == 2, "X staged as fp32 (1) or 16-bit (2)");
+  extern __shared__ __align__(16) unsigned char drp_x[];  // X, all K columns
+  __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING * 640];
+  __shared__ float qpart[DR_WARPS], qpart2[DR_WARPS];
+  constexpr int NT = 32 * DR_WARPS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slice = min(blockIdx.x * DR_WARPS + warp, slices - 1);  // (a warp past the last slice repeats it, idle)
+  const bool live = blockIdx.x * DR_WARPS + warp < slices;
+  int goff, g0, g1;
+  dr_split(offsets, slice, 0, 1, goff, g0, g1);
+  const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
+  const u32 rs = smem_addr(ring[warp]);
+#pragma unroll
+  for (int i = 0; i < DR_RING; ++i) {  // the first DR_RING groups, before the wait (the weight is static)
+    if (live && g0 + i < g1) dr_copy(rs, i, base, g0 + i);
+    cp_async_commit();
+  }
+  pdl_launch_dependents();
+  const bool rms = mode & DR_RMS, silu = mode & DR_SILU, resid = mode & DR_RESID, ln = mode & DR_LN;
+  const int start = dr_start(offsets, slices, 1, slice, 0, lane);
+  const int row = dr_perm(offsets, slices, 1)[slice * 32 + lane];
+  const bool writer = lane % P == 0 && row >= 0 && (!silu || lane < 16);
+  const float bv = bias && writer && !silu ? to_float<BF16>(bias[row]) : 0.f;
+  if (rms || ln)  // the norm's weight (and LayerNorm's bias) into L2 before the wait (static)
+    for (int c = 8 * threadIdx.x; c < K; c += 8 * NT) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
+      if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
+    }
+  pdl_wait();  // X, Y and every write after the previous kernel
+  const float yv = resid && writer ? to_float<BF16>(y[row]) : 0.f;
+  // all of X staged, 4 loads a thread in flight; RMSNorm's sum of squares of the raw values on the way, X times the
+  // norm's weight rounded to the dtype once.  LayerNorm: X staged raw with its sums shifted by x[0] on the way
+  float q = 0.f, q2 = 0.f;
+  const float c0 = ln ? to_float<BF16>(__ldg(x)) : 0.f;
+  const int units = K >> 3;
+  for (int u0 = threadIdx.x; u0 < units; u0 += 4 * NT) {
+    uint4 r[4], g[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (u0 + NT * i < units) {
+        r[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
+        if (rms) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + u0 + NT * i);
+      }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int u = u0 + NT * i;
+      if (u >= units) break;
+      float f[8];
+      unpack8<BF16>(r[i], f);
+      if (rms) {
+        float e[8];
+        unpack8<BF16>(g[i], e);
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          q = fmaf(f[t], f[t], q);
+          f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
+        }
+      } else if (ln) {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          const float dv = f[t] - c0;
+          q += dv;
+          q2 = fmaf(dv, dv, q2);
+        }
+      }
+      dr_xs_store8<BF16>(reinterpret_cast<float*>(drp_x), 8 * u, STAGE == 1, f);
+    }
+  }
+  if (rms || ln) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      q += __shfl_xor_sync(0xffffffffu, q, o);
+      q2 += __shfl_xor_sync(0xffffffffu, q2, o);
+    }
+    if (lane == 0) {
+      qpart[warp] = q;
+      qpart2[warp] = q2;
+    }
+  }
+  __syncthreads();
+  if (ln) {  // mean and 1 / std over K (every thread the same sums in the same order), then X normalized in place
+    float mu, rstd;
+    dr_ln_stats<DR_WARPS>(qpart, qpart2, c0, K, eps, mu, rstd);
+    for (int u = threadIdx.x; u < units; u += NT) {
+      float f[8], e[8], b8[8];
+      dr_xs_load8<BF16>(reinterpret_cast<const float*>(drp_x), 8 * u, STAGE == 1, f);
+      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(colscale) + u), e);
+      unpack8<BF16>(colbias ? __ldg(reinterpret_cast<const uint4*>(colbias) + u) : make_uint4(0, 0, 0, 0), b8);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(fmaf((f[t] - mu) * rstd, e[t], b8[t])));
+      dr_xs_store8<BF16>(reinterpret_cast<float*>(drp_x), 8 * u, STAGE == 1, f);
+    }
+    __syncthreads();
+  }
+  // from here each warp runs alone
+  if (!live) return;
+  if (rms) {
+    q = qpart[0];
+#pragma unroll
+    for (int i = 1; i < DR_WARPS; ++i) q += qpart[i];
+  }
+  const DrNorm nm{nullptr, nullptr, 0.f, 1.f, false};
+  float acc = dr_walk<BF16, STAGE>(base, g0, g1, (u32)start << (STAGE == 2 ? 1 : 2),
+                                   reinterpret_cast<const float*>(drp_x), x, nm, ring[warp], rs);
+#pragma unroll
+  for (int o = 1; o < P; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);  // (a + b == b + a: one sum a row)
+  if (rms) acc *= rsqrtf(q * __fdividef(1.f, (float)K) + eps);
+  if (silu) {
+    const float u = __shfl_down_sync(0xffffffffu, acc, 16);  // the up row of the gate row in lane - 16
+    if (writer) {
+      const float gr = to_float<BF16>(from_float<BF16>(acc)), ur = to_float<BF16>(from_float<BF16>(u));
+      y[row] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
+    }
+  } else if (writer) {
+    const float r = (mode & DR_RELU) ? fmaxf(acc + bv, 0.f) : acc + bv;
+    y[row] = resid ? from_float<BF16>(yv + to_float<BF16>(from_float<BF16>(r))) : from_float<BF16>(r);
+  }
+}
+
+#define DR_PARTS_ARGS                                                                                          \
+  const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
+      const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps, int K, int slices,     \
+      const u16 *__restrict__ colbias
+#define INSTANTIATE_DR_PARTS(NAME, BF16, P, STAGE)                                                             \
+  extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS)                                  \
+      delta_rows_parts_##NAME##_p##P##_s##STAGE(DR_PARTS_ARGS) {                                              \
+    delta_rows_parts_body<BF16, P, STAGE>(data, offsets, x, y, bias, mode, colscale, eps, K, slices, colbias); \
+  }
+#define INSTANTIATE_DR_PARTS_P(NAME, BF16, P) \
+  INSTANTIATE_DR_PARTS(NAME, BF16, P, 1)      \
+  INSTANTIATE_DR_PARTS(NAME, BF16, P, 2)
+INSTANTIATE_DR_PARTS_P(f16, false, 2)
+INSTANTIATE_DR_PARTS_P(f16, false, 4)
+INSTANTIATE_DR_PARTS_P(f16, false, 8)
+INSTANTIATE_DR_PARTS_P(f16, false, 16)
+INSTANTIATE_DR_PARTS_P(bf16, true, 2)
+INSTANTIATE_DR_PARTS_P(bf16, true, 4)
+INSTANTIATE_DR_PARTS_P(bf16, true, 8)
+INSTANTIATE_DR_PARTS_P(bf16, true, 16)
+
 // delta_rows_spmm_<dtype>_nt<NT>: 2 <= N <= NT tokens (NT = 2, 4, 8), the same blocks as _n1 (4 warps, 4 slices of
 // one split, one X window) and the same walk, each entry's value multiplied into NT sums: X's window is staged as
 // 16-bit, column-major by token (NT values a column, 4-16 bytes, read by one LDS), so a lane reads its column's
 // tokens at once.  Groups are copied DR_RING_NT ahead (a smaller ring: the window takes NT x 3 KB).  No split-K sum
 // in the launch: each warp stores its NT x 32 partials at ws[s][t][row] (the weight's own row order), and
-// delta_rows_reduce_<dtype> sums them in split order and applies the epilogue.  Windows wider than DR_WMAX read X from
+// delta_rows_reduce_<dtype> sums them in split order and applies the epilogue (the parts layout, P > 1 lanes a row:
+// a row's P lanes summed by shuffles first, part 0's lane stores).  Windows wider than DR_WMAX read X from
 // global memory (slower, same sums).  Bound by the shared-memory reads at NT = 8 (16 bytes of X at a random column an
 // entry), so it pays most at small N.
 constexpr int DR_RING_NT = 4;
@@ -2335,7 +2496,7 @@ DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the 
 
 template <bool BF16, int NT>
 DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
-                             float* __restrict__ ws, int S, int N, int K, int M, int slices) {
+                             float* __restrict__ ws, int S, int N, int K, int M, int slices, int P) {
   constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
   __shared__ __align__(16) u16 xs[DR_WMAX * NT];
   __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING_NT * 640];
@@ -2417,7 +2578,11 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
       for (int t = 0; t < NT; ++t) acc[t] = fmaf(f, xv[t], acc[t]);
     }
   }
-  if (row >= 0) {
+  for (int o = 1; o < P; o <<= 1) {  // the parts layout: a row's P adjacent lanes summed (P = 1: none)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
+  }
+  if (row >= 0 && lane % P == 0) {
 #pragma unroll
     for (int t = 0; t < NT; ++t)
       if (t < N) ws[((long long)s * N + t) * M + row] = acc[t];
@@ -2427,10 +2592,10 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
 // (NT = 8: no occupancy bound; asking for 4-5 blocks an SM made ptxas spill, left alone it takes 94 registers on sm_90)
 #define DR_NT_ARGS                                                                                           \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, float *__restrict__ ws, \
-      int S, int N, int K, int M, int slices
+      int S, int N, int K, int M, int slices, int P
 #define INSTANTIATE_DR_NT(NAME, BF16, NT, BOUNDS)                                                           \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_##NAME##_nt##NT(DR_NT_ARGS) {         \
-    delta_rows_nt_body<BF16, NT>(data, offsets, x, ws, S, N, K, M, slices);                                    \
+    delta_rows_nt_body<BF16, NT>(data, offsets, x, ws, S, N, K, M, slices, P);                                 \
   }
 INSTANTIATE_DR_NT(f16, false, 2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(f16, false, 4, (32 * DR_WARPS, 8))

@@ -64,14 +64,18 @@ def delta_rows_formula_bytes(m: int, k: int, nnz: float) -> float:
     2.5 bytes per entry (the nonzeros, plus the escapes of gaps over 15 columns: ``q^15 / (1 - q^15)`` per nonzero at
     zero fraction ``q``), each row's padding to whole groups of 8 entries (3.5 entries on average), the split headers
     (72 bytes per slice and split, at the encoder's default split count) and the offsets and row order.  It leaves out
-    the padding of a slice's rows to its longest (rows are ranked by length, so neighbours differ little)."""
-    from ..formats.delta_rows import GROUP, LANES, default_splits
+    the padding of a slice's rows to its longest (rows are ranked by length, so neighbours differ little).  With the
+    parts layout (:func:`~flash_llm.formats.delta_rows.default_parts`: ``P`` lanes a row, one split) each of the
+    ``m P`` lanes pads to whole groups, and ``data`` ends with ``P`` words."""
+    from ..formats.delta_rows import GROUP, LANES, default_parts, default_splits
 
     q = min(max(1.0 - nnz / (m * k), 0.0), 1.0 - 1e-12)
     entries = nnz * (1.0 + q ** 15 / (1.0 - q ** 15))
-    slices = math.ceil(m / LANES)
-    splits = default_splits(m, math.ceil(entries / m / GROUP))
-    return 2.5 * (entries + 3.5 * m) + 4 * (slices + 1) + 72 * slices * splits + 4 * slices * LANES
+    p = default_parts(m, k, int(nnz))
+    slices = math.ceil(m * p / LANES)
+    splits = 1 if p > 1 else default_splits(m, math.ceil(entries / m / GROUP))
+    return (2.5 * (entries + 3.5 * m * p) + 4 * (slices + 1) + 72 * slices * splits + 4 * slices * LANES
+            + (4 * p if p > 1 else 0))
 
 
 _FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_bytes,
