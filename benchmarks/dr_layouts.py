@@ -1,6 +1,6 @@
 """DeltaRows' two layouts on a model's decoder layers at batch 1 (Llama-3-8B, or OPT-30B's shapes): the split layout
-(32 rows a warp, split-K: ``from_dense(..., parts=1)``) against the parts layout (P lanes a row, one split; the
-encoder's default P, or ``--parts``), both through the library's kernels.
+(32 rows a warp, split-K: ``from_dense(..., parts=1)``) against the parts layout (P lanes a row, one split;
+``delta_rows.auto_parts``'s P, or ``--parts``), both through the library's kernels.
 
     python benchmarks/dr_layouts.py [--model llama-3-8b|opt-30b] [--sparsity 0.8] [--layers 8] [--parts qkv=8,down=8]
                                     [--sweep] [--replays 30]
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from flash_llm import DeltaRows, kernels
+from flash_llm.formats.delta_rows import auto_parts
 from flash_llm.reference import FORMAT_IDS, layer_norm
 
 HERE = Path(__file__).resolve().parent
@@ -62,14 +63,15 @@ def weight(m, k, sparsity, gen):
 
 def build(model: dict, sparsity: float, gen, parts: dict) -> dict:
     """One layer: per kind (split layout, parts layout), the norms' weights and the activation buffers.  ``parts``:
-    P per kind (None: the encoder's default, which is 1 for a K it leaves to the split layout)."""
+    P per kind (absent: ``auto_parts``, which is 1 for a K it leaves to the split layout)."""
     lay = {"model": model}
     hsz = model["H"]
     for kind, m, k, epi, xin, yout in model["kinds"]:
         wd = weight(m, k, sparsity, gen)
         pair = epi == "norm_silu"
+        p = parts.get(kind) or auto_parts(m, k, int((wd != 0).sum()), wd.device)
         lay[kind] = (DeltaRows.from_dense(wd, pair_halves=pair, parts=1),
-                     DeltaRows.from_dense(wd, pair_halves=pair, parts=parts.get(kind)))
+                     DeltaRows.from_dense(wd, pair_halves=pair, parts=p))
         lay.setdefault(xin, torch.randn(1, k, device=DEVICE, generator=gen).half())
         lay.setdefault(yout, torch.randn(1, m // 2 if pair else m, device=DEVICE, generator=gen).half())
         if model["bias"]:
@@ -167,7 +169,7 @@ def chain(step, kinds):
 
 
 def parse_parts(model: dict, text: str) -> dict:
-    """``qkv=8,down=16`` -> P per kind (kinds not named: the encoder's default)."""
+    """``qkv=8,down=16`` -> P per kind (kinds not named: ``auto_parts``)."""
     kinds = [kind for kind, *_ in model["kinds"]]
     parts = {}
     for item in filter(None, text.split(",")):
@@ -183,7 +185,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS))
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--parts", default="", help="P per kind, e.g. qkv=8,down=8 (default: the encoder's)")
+    ap.add_argument("--parts", default="", help="P per kind, e.g. qkv=8,down=8 (default: auto_parts)")
     ap.add_argument("--sweep", action="store_true", help="each kind alone at every other P (2, 4, 8, 16)")
     ap.add_argument("--replays", type=int, default=30)
     a = ap.parse_args()

@@ -264,11 +264,12 @@ def test_delta_rows_decode_kernel_is_exact():
 
 
 @pytest.mark.parametrize("n", [1, 4])
-def test_delta_rows_graph_under_static_weights_equals_eager(n):
+@pytest.mark.parametrize("parts", [1, 16])
+def test_delta_rows_graph_under_static_weights_equals_eager(n, parts):
     """Captured with the programmatic launch (static_weights), replayed twice: the eager result's bits."""
     gen = torch.Generator(device="cuda").manual_seed(15)
     w_dense = sparse_weight(1024, 4096, 0.2, torch.float16, gen)
-    w = DeltaRows.from_dense(w_dense)
+    w = DeltaRows.from_dense(w_dense, parts=parts)
     x = torch.randn(n, 4096, generator=gen, device="cuda").half()
     eager = flash_llm.spmm(x, w)
     check(eager, x, w_dense, None)

@@ -64,7 +64,7 @@ WINDOW_MAX = 3072
 PAIR_BUCKET = 1024
 #: lanes a row the parts layout may take (version 2); 1 is the split layout
 PARTS = (1, 2, 4, 8, 16)
-#: the encoder's default takes the parts layout only up to this K (16-byte rows, ``K % 8 == 0``): every block of its
+#: :func:`auto_parts` takes the parts layout only up to this K (16-byte rows, ``K % 8 == 0``): every block of its
 #: N = 1 kernel stages all of X (and with a norm reads its weight, LayerNorm also its bias, and normalizes in place).
 #: Session 30 (H200, ``benchmarks/dr_layouts.py``, 80 %): Llama-3-8B's q/k/v, o, gate / up (K = 4096) 1.06-1.18x the
 #: split layout's speed, down (K = 14336) 1.02-1.03x; OPT-30B (K = 7168, LayerNorms) 0.79-0.90x at the default P
@@ -75,8 +75,11 @@ PARTS_MAX_K = 4096
 PARTS_SHARE = 0.8
 #: ... and at least this many entries a part (fewer: each part's padding to whole groups costs too many bytes)
 PARTS_MIN_ENTRIES = 48
-#: ``FLASH_LLM_DELTA_PARTS``: ``auto`` (the rule above, default), ``1`` (always the split layout) or 2 / 4 / 8 / 16
-PARTS_ENV = os.environ.get("FLASH_LLM_DELTA_PARTS", "auto")
+#: ``FLASH_LLM_DELTA_PARTS``: the encoder's default lanes a row: ``1`` (the split layout, default), ``auto``
+#: (:func:`auto_parts`) or 2 / 4 / 8 / 16.  The parts layout is not the default: end to end on Llama-3-8B at batch 1 it
+#: gained 0.1-1 % (session 30, calls D and F), and its multi-token kernels read X from global memory (batch 4: 2.9x
+#: slower, call F)
+PARTS_ENV = os.environ.get("FLASH_LLM_DELTA_PARTS", "1")
 
 
 class Layout(NamedTuple):
@@ -214,15 +217,21 @@ def _parts_streams(w: torch.Tensor, parts: int, pair: bool = False):
 
 
 def default_parts(m: int, k: int, nnz: int, device: torch.device | str | None = None) -> int:
-    """The lanes a row the encoder gives an ``[m, k]`` weight of ``nnz`` nonzeros by default: 1 (the split layout)
-    above :data:`PARTS_MAX_K` columns or with ``K % 8 != 0``; else the fewest of 2, 4, 8, 16 whose slices reach
+    """The lanes a row the encoder gives an ``[m, k]`` weight of ``nnz`` nonzeros when ``parts`` is not given:
+    :data:`PARTS_ENV` (``FLASH_LLM_DELTA_PARTS``; 1 unless set, 1 where ``K % 8 != 0``), or :func:`auto_parts`."""
+    if PARTS_ENV == "auto":
+        return auto_parts(m, k, nnz, device)
+    p = int(PARTS_ENV) if PARTS_ENV.isdigit() else 0
+    if p not in PARTS:
+        raise ValueError(f"FLASH_LLM_DELTA_PARTS must be auto or one of {PARTS}, got {PARTS_ENV!r}")
+    return p if p == 1 or k % 8 == 0 else 1
+
+
+def auto_parts(m: int, k: int, nnz: int, device: torch.device | str | None = None) -> int:
+    """The lanes a row for an ``[m, k]`` weight of ``nnz`` nonzeros by session 30's measurements: 1 (the split
+    layout) above :data:`PARTS_MAX_K` columns or with ``K % 8 != 0``; else the fewest of 2, 4, 8, 16 whose slices reach
     :data:`PARTS_SHARE` of :func:`target_warps` (16 at most), fewer while a part would hold under
-    :data:`PARTS_MIN_ENTRIES` entries (1 when even 2 parts would).  ``FLASH_LLM_DELTA_PARTS`` overrides it."""
-    if PARTS_ENV != "auto":
-        p = int(PARTS_ENV)
-        if p not in PARTS:
-            raise ValueError(f"FLASH_LLM_DELTA_PARTS must be auto or one of {PARTS}, got {PARTS_ENV!r}")
-        return p if p == 1 or k % 8 == 0 else 1
+    :data:`PARTS_MIN_ENTRIES` entries (1 when even 2 parts would)."""
     if k % 8 or k > PARTS_MAX_K or m == 0:
         return 1
     want = PARTS_SHARE * target_warps(device)
