@@ -142,7 +142,7 @@ def test_largest_k_that_fits():
 
 def _damaged(c: DeltaRows, what: str) -> dict:
     data, off = c.data.clone(), c.offsets.clone()
-    slices, mp, s = D._sections(c.shape[0], off.numel())
+    slices, mp, s = D._sections(c.shape[0], off.numel(), data.numel())
     win0 = slices + 1
     st0 = win0 + 2 * slices * s
     perm0 = st0 + 16 * slices * s
@@ -246,7 +246,7 @@ def test_paired_halves_round_trip_and_validation():
     with pytest.raises(ValueError, match="pair_halves"):
         DeltaRows.from_dense(_w(96, 64, 0.5), pair_halves=True)  # halves of 48 rows: not whole slices
     bad = c.offsets.clone()
-    slices, mp, s = D._sections(128, bad.numel())
+    slices, mp, s = D._sections(128, bad.numel(), c.data.numel())
     p0 = slices + 1 + 18 * slices * s
     bad[p0 + 64], bad[p0 + 65] = bad[p0 + 65].clone(), bad[p0 + 64].clone()  # two up rows swapped: unpaired
     with pytest.raises(FormatError, match="paired"):

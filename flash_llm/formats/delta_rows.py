@@ -106,13 +106,13 @@ def layout(m: int, n_off: int, n_data: int) -> Layout:
     return Layout(p, slices, mp, s if p == 1 or s == 1 else 0, paired)
 
 
-def _sections(m: int, n_off: int, n_data: int = 0) -> tuple[int, int, int]:
+def _sections(m: int, n_off: int, n_data: int) -> tuple[int, int, int]:
     """(slices, Mp, S) of :func:`layout`."""
     lay = layout(m, n_off, n_data)
     return lay.slices, lay.mp, lay.splits
 
 
-def paired_halves(m: int, n_off: int, n_data: int = 0) -> bool:
+def paired_halves(m: int, n_off: int, n_data: int) -> bool:
     """Whether a DeltaRows weight of ``m`` rows whose ``offsets`` has ``n_off`` words (``data`` ``n_data``) pairs its
     halves: rank ``r`` of the second half holds row ``perm[r] + m / 2`` (the up row of a merged gate / up weight
     beside its gate row; parts layout: lane ``l + 16`` of each slice beside lane ``l``), so its offsets end with one
