@@ -575,6 +575,8 @@ def parts_stage(slices: int, k: int, dtype: torch.dtype, device_index: int) -> i
     fits one wave with ``4 K`` bytes a block, else 2 (16-bit, ``2 K`` bytes); :data:`PARTS_STAGE` overrides it."""
     if PARTS_STAGE in (1, 2):
         return PARTS_STAGE
+    if 4 * k > 96 * 1024:  # (fp32 X of a wide K would not leave a second block an SM, or not fit at all)
+        return 2
     name = f"delta_rows_parts_{_dtype_suffix(dtype)}_p2_s1"
     per_sm = blocks_per_sm(name, device_index, 32 * DR_WARPS, 4 * k)
     return 1 if ceil_div(slices, DR_WARPS) <= per_sm * sm_count(device_index) else 2
