@@ -472,6 +472,15 @@ def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):
     assert f"up to batch {first - 1} only" in note and f"from batch {first} on" in note
     assert _delta_rows_batch_note(ours, torch.device("cpu"), first + 2) is None
     assert _delta_rows_batch_note(plain, cuda, first + 2) is None
+    assert "parts layout" not in note
+    for mod in ours.modules():  # the parts layout: slow above one token, so any batched engine hears of it
+        if isinstance(mod, flash_llm.SparseLinear) and mod.weight_format is flash_llm.DeltaRows:
+            w = flash_llm.DeltaRows.from_dense(mod.weight.to_dense(), parts=2)
+            mod.weight_data, mod.weight_offsets = w.data, w.offsets
+            assert mod.weight.parts == 2
+    assert _delta_rows_batch_note(ours, cuda, 1) is None
+    note = _delta_rows_batch_note(ours, cuda, 2)
+    assert note is not None and f"{n} DeltaRows layer(s) in the parts layout" in note and "parts=1" in note
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CPU engine: no warning
         Engine(ours, max_batch=first + 2, max_seq=32)
