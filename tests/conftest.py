@@ -106,6 +106,12 @@ def expected_nbytes(fmt_cls, mask: torch.Tensor, splits: int | None = None, part
     raise AssertionError(f"unknown format {fmt_cls}")
 
 
+def _delta_span(gap: int) -> int:
+    """Entries a DeltaRows stream spends on a nonzero ``gap`` columns after the previous one: the nonzero, after
+    floor((gap - 1) / 15) escapes when the gap is over 15."""
+    return 1 + ((gap - 1) // 15 if gap > 15 else 0)
+
+
 def delta_rows_parts_nbytes(mask: torch.Tensor, parts: int) -> int:
     """DeltaRows' byte count in the parts layout (version 2, ``parts`` lanes a row, one split), from its docstring:
     rows ranked by nonzeros, 32 / parts to a slice; a row's stream (escapes from its own gaps, the first nonzero none)
@@ -116,12 +122,12 @@ def delta_rows_parts_nbytes(mask: torch.Tensor, parts: int) -> int:
     lanes = []
     for r in range(m):
         cols = mask[r].nonzero().flatten().tolist()
-        spans = [1] + [1 + ((c - p) - 1) // 15 if c - p > 15 else 1 for p, c in zip(cols, cols[1:])]
+        spans = [1] + [_delta_span(c - p) for p, c in zip(cols, cols[1:])]
         total, before, ents, last = sum(spans), 0, [0] * parts, [None] * parts
         for c, sp in zip(cols, spans):
             j = before * parts // total
             gap = 0 if last[j] is None else c - last[j]
-            ents[j] += 1 + ((gap - 1) // 15 if gap > 15 else 0)
+            ents[j] += _delta_span(gap)
             last[j] = c
             before += sp
         lanes.append((len(cols), ents))
@@ -148,7 +154,7 @@ def delta_rows_nbytes(mask: torch.Tensor, splits: int, parts: int = 1) -> int:
         prev, e = 0, 0
         for c in cols:
             gap = c - prev
-            e += 1 + (max(gap - 1, 0) // 15 if gap > 15 else 0)
+            e += _delta_span(gap)
             prev = c
         ents.append(e)
     ents.sort(reverse=True)

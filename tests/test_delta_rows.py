@@ -73,7 +73,7 @@ def test_split_target_follows_the_device_wave(monkeypatch):
 def test_windows_are_narrowed_by_more_splits_when_they_can_be():
     w = _w(64, 16384, 0.2, seed=3)  # 2 slices: few splits by the block target, windows of thousands of columns
     c = DeltaRows.from_dense(w, parts=1)
-    win = c._parts()[1]
+    win = c._offset_arrays()[1]
     assert int(win[..., 1].max()) <= D.WINDOW_MAX
     assert torch.equal(c.to_dense(), w)
 
@@ -97,11 +97,11 @@ def test_encoder_fits_each_blocks_window_and_wide_k_takes_few_splits(monkeypatch
     monkeypatch.setattr(D, "TARGET_BLOCKS", 64)  # 8 slices: 8 splits to start from, windows of some 6000 columns
     w = _w(256, 28672, 0.2, seed=4)
     c = DeltaRows.from_dense(w)
-    bw = D.block_window_max(c._parts()[1])
+    bw = D.block_window_max(c._offset_arrays()[1])
     assert 1536 < bw <= D.WINDOW_MAX == 3072, bw  # (the 16-bit staging's range: 1536 would have taken more splits)
     assert c.splits > D.default_splits(256, 10**9) == 8
     fewer = DeltaRows.from_dense(w, splits=c.splits * 2 // 3)  # the encoder's previous step
-    assert D.block_window_max(fewer._parts()[1]) > D.WINDOW_MAX
+    assert D.block_window_max(fewer._offset_arrays()[1]) > D.WINDOW_MAX
     assert torch.equal(c.to_dense(), w)
 
 
@@ -115,7 +115,7 @@ def test_rows_far_apart_keep_a_wide_window_and_stay_exact():
         cols = torch.randperm(1024, generator=g)[:200] + (0 if r < 16 else k - 1024)
         w[r, cols] = torch.randn(200, generator=g).half()
     c = DeltaRows.from_dense(w)
-    assert int(c._parts()[1][..., 1].max()) > D.WINDOW_MAX
+    assert int(c._offset_arrays()[1][..., 1].max()) > D.WINDOW_MAX
     assert torch.equal(c.to_dense(), w)
     x = torch.randn(3, k).half()
     torch.testing.assert_close(flash_llm.spmm(x, c), torch.nn.functional.linear(x.float(), w.float()).half(),
@@ -142,7 +142,8 @@ def test_largest_k_that_fits():
 
 def _damaged(c: DeltaRows, what: str) -> dict:
     data, off = c.data.clone(), c.offsets.clone()
-    slices, mp, s = D._sections(c.shape[0], off.numel(), data.numel())
+    lay = D.layout(c.shape[0], off.numel(), data.numel())
+    slices, s = lay.slices, lay.splits
     win0 = slices + 1
     st0 = win0 + 2 * slices * s
     perm0 = st0 + 16 * slices * s
@@ -239,14 +240,15 @@ def test_paired_halves_round_trip_and_validation():
     c = DeltaRows.from_dense(w, pair_halves=True)
     assert c.paired and not DeltaRows.from_dense(w).paired
     assert torch.equal(c.to_dense(), w)
-    perm = c._parts()[3]
+    perm = c._offset_arrays()[3]
     assert torch.equal(perm[64:], perm[:64] + 64)  # rank r of the up half holds the up row of rank r's gate row
     assert c.resplit(5).paired and c.resplit(5).splits == 5
     assert DeltaRows.concat([DeltaRows.from_dense(w[:64]), DeltaRows.from_dense(w[64:])], pair_halves=True).paired
     with pytest.raises(ValueError, match="pair_halves"):
         DeltaRows.from_dense(_w(96, 64, 0.5), pair_halves=True)  # halves of 48 rows: not whole slices
     bad = c.offsets.clone()
-    slices, mp, s = D._sections(128, bad.numel(), c.data.numel())
+    lay = D.layout(128, bad.numel(), c.data.numel())
+    slices, s = lay.slices, lay.splits
     p0 = slices + 1 + 18 * slices * s
     bad[p0 + 64], bad[p0 + 65] = bad[p0 + 65].clone(), bad[p0 + 64].clone()  # two up rows swapped: unpaired
     with pytest.raises(FormatError, match="paired"):

@@ -64,7 +64,7 @@ def test_delta_rows_wide_windows_and_unaligned_x_read_x_from_global_memory(dtype
         cols = torch.randperm(1024, generator=gen, device="cuda")[:200] + (0 if r < 16 else k - 1024)
         w_dense[r, cols] = torch.randn(200, generator=gen, device="cuda").to(dtype)
     w = DeltaRows.from_dense(w_dense, parts=1)
-    assert int(w._parts()[1][..., 1].max()) > D.WINDOW_MAX
+    assert int(w._offset_arrays()[1][..., 1].max()) > D.WINDOW_MAX
     buf = torch.randn(n * k + 1, generator=gen, device="cuda").to(dtype)
     x = (buf[1:] if unaligned else buf[:n * k]).view(n, k)
     bias = torch.randn(32, generator=gen, device="cuda").to(dtype)
@@ -222,7 +222,7 @@ def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in, splits):
     plain = DeltaRows.from_dense(w_dense, splits=splits)
     assert paired.paired and not plain.paired
     if splits == 1 and k_in == 2048:
-        assert D.WINDOW_MAX >= D.block_window_max(plain._parts()[1]) > 1536
+        assert D.WINDOW_MAX >= D.block_window_max(plain._offset_arrays()[1]) > 1536
     g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
     fid = FORMAT_IDS[DeltaRows]
     for n in (1, 2):

@@ -36,7 +36,7 @@ def test_round_trip_every_lane_count(m, k, density, parts, pair):
     assert torch.equal(c.to_dense().view(torch.int16), w.view(torch.int16))
     assert DeltaRows._validate(c.tensors(), c.shape, "", "") == int((w != 0).sum()) == c.nnz
     assert c.data.numel() % D.GROUP_WORDS == parts and bool((c.data[-parts:] == parts).all())
-    perm = c._parts()[3].view(-1, parts)
+    perm = c._offset_arrays()[3].view(-1, parts)
     assert bool((perm == perm[:, :1]).all())  # a row's lanes are adjacent
     valid = perm[:, 0][perm[:, 0] >= 0]
     assert torch.equal(torch.sort(valid).values, torch.arange(m))  # every row once
@@ -140,7 +140,7 @@ def _kernel_model(c: DeltaRows, x: torch.Tensor, silu: bool) -> torch.Tensor:
     assert int(cols.max()) < x.numel()
     acc = torch.zeros(lay.mp, dtype=torch.float64).index_add_(0, rank, vals.view(c.dtype).double() * x.double()[cols])
     tot = acc.view(-1, p).sum(1).repeat_interleave(p)  # every lane of a row holds its row's sum
-    perm = c._parts()[3]
+    perm = c._offset_arrays()[3]
     y = torch.full((c.shape[0] // 2 if silu else c.shape[0],), float("nan"), dtype=torch.float64)
     for lane in range(lay.mp):
         row = int(perm[lane])

@@ -106,10 +106,9 @@ def layout(m: int, n_off: int, n_data: int) -> Layout:
     return Layout(p, slices, mp, s if p == 1 or s == 1 else 0, paired)
 
 
-def _sections(m: int, n_off: int, n_data: int) -> tuple[int, int, int]:
-    """(slices, Mp, S) of :func:`layout`."""
-    lay = layout(m, n_off, n_data)
-    return lay.slices, lay.mp, lay.splits
+def _trailer(p: int) -> int:
+    """The words ``data`` ends with past its groups for ``p`` lanes a row (``p`` words holding ``p``; none for 1)."""
+    return p if p > 1 else 0
 
 
 def paired_halves(m: int, n_off: int, n_data: int) -> bool:
@@ -424,7 +423,7 @@ class DeltaRows(SparseFormat):
         dev = vals.device
         data, goff = _groups(vals, steps, groups)
         if parts > 1:  # the trailer that gives P from the sizes
-            data = torch.cat([data, torch.full((parts,), parts, dtype=torch.int32, device=dev)])
+            data = torch.cat([data, torch.full((_trailer(parts),), parts, dtype=torch.int32, device=dev)])
         st = start.to(torch.int32).to(torch.int16).reshape(-1).view(torch.int32)
         tail = [torch.tensor([shape[0] // 2], dtype=torch.int32, device=dev)] if pair else []
         offsets = torch.cat([goff.to(torch.int32), win.to(torch.int32).reshape(-1), st, perm.to(torch.int32)] + tail)
@@ -470,7 +469,7 @@ class DeltaRows(SparseFormat):
         """The same weight encoded for ``splits`` K-splits (``parts`` > 1: the parts layout, ``splits`` 1)."""
         return type(self).from_dense(self.to_dense(), splits=splits, pair_halves=self.paired, parts=parts)
 
-    def _parts(self):
+    def _offset_arrays(self):
         """(goff int64, win [slices, S, 2], starts [slices, S, 32] int64, perm int64: each lane's row)."""
         lay = self.layout
         return _split_offsets(self.offsets, lay.slices, lay.mp, lay.splits)
@@ -483,7 +482,7 @@ class DeltaRows(SparseFormat):
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape
         rank, vals, cols = self.entries()
-        perm = self._parts()[3]
+        perm = self._offset_arrays()[3]
         row = perm[rank]
         keep = (vals.view(self.dtype) != 0) & (row >= 0)
         out = torch.zeros(m * k, dtype=torch.int16, device=self.data.device)
@@ -523,11 +522,11 @@ class DeltaRows(SparseFormat):
         ok_p = p in PARTS and (version != 1 or p == 1)
         if not ok_p or s < 1:
             # data's length names another layout than the offsets' length fits: data was cut or grown
-            fits = [q for q in (PARTS if version != 1 else (1,)) if layout(m, offsets.numel(), q % GROUP_WORDS).splits]
+            fits = [q for q in (PARTS if version != 1 else (1,)) if layout(m, offsets.numel(), _trailer(q)).splits]
             if len(fits) == 1 and fits[0] != p:
                 q = fits[0]
-                sl = layout(m, offsets.numel(), q % GROUP_WORDS).slices
-                want = int(offsets[sl]) * GROUP_WORDS + (q if q > 1 else 0)
+                sl = layout(m, offsets.numel(), _trailer(q)).slices
+                want = int(offsets[sl]) * GROUP_WORDS + _trailer(q)
                 raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words; the offsets describe "
                                   f"{want} (truncated or inconsistent): "
                                   + (f"{want - q} in groups of {GROUP_WORDS} and the parts trailer of {q} words "
@@ -546,7 +545,7 @@ class DeltaRows(SparseFormat):
         if int(goff[0]) != 0 or bool((goff[1:] < goff[:-1]).any()):
             raise FormatError(f"{where}tensor '{prefix}offsets': the slices' group offsets do not start at 0 and "
                               "rise")
-        if int(goff[-1]) * GROUP_WORDS != data.numel() - (p if p > 1 else 0):
+        if int(goff[-1]) * GROUP_WORDS != data.numel() - _trailer(p):
             raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words; the offsets describe "
                               f"{int(goff[-1]) * GROUP_WORDS} (truncated or inconsistent), {int(goff[-1])} groups "
                               f"of {GROUP_WORDS}" + (f" and the {p} words of the parts trailer" if p > 1 else ""))
@@ -606,8 +605,9 @@ def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
 def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int):
     """(rank, value bits, column, slice x S + split) of every stored entry in storage order, columns from each split's
     start."""
-    slices, mp, s = _sections(m, offsets.numel(), data.numel())
-    goff, win, starts, perm = _split_offsets(offsets, slices, mp, s)
+    lay = layout(m, offsets.numel(), data.numel())
+    slices, s = lay.slices, lay.splits
+    goff, win, starts, perm = _split_offsets(offsets, slices, lay.mp, s)
     dev = data.device
     ng = data.numel() // GROUP_WORDS
     grp = data[: ng * GROUP_WORDS].view(ng, GROUP_WORDS)

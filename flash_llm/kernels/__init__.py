@@ -493,10 +493,11 @@ def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k:
 
 
 def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
-    from ..formats.delta_rows import _sections
+    from ..formats.delta_rows import layout
 
     dev = data.device
-    slices, _, s = _sections(m, offsets.numel(), data.numel())
+    lay = layout(m, offsets.numel(), data.numel())
+    slices, s = lay.slices, lay.splits
     out = torch.zeros(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k).zero_()
     launch("delta_rows_to_dense", (slices, s, 1), 32, [(data.data_ptr(), P), (offsets.data_ptr(), P),
                                                         (out.data_ptr(), P), (k, I), (s, I)],
@@ -544,13 +545,9 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (norm is None or norm[0].data_ptr() % 16 == 0)
               and (ln_bias is None or ln_bias.data_ptr() % 16 == 0))
     stream = torch.cuda.current_stream(dev).cuda_stream
-    silu = act == "silu_mul"
-    m_out = m // 2 if silu else m
-    y = add_to if add_to is not None else torch.empty(1, m_out, dtype=x.dtype, device=dev) if out is None else out
+    y, mode = _dr_n1_out(x, m, out, act, norm, add_to)
     ws = torch.empty(s * mp + slices * s, dtype=torch.float32, device=dev)
     tickets = _scratch.get_tickets(dev, stream, slices)
-    mode = ((_DR_RESID if add_to is not None else 0) | (_DR_SILU if silu else 0) | (_DR_RELU if act == "relu" else 0)
-            | (0 if norm is None else _DR_RMS if len(norm) == 2 else _DR_LN))
     eps = 0.0 if norm is None else float(norm[-1])
     launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
@@ -559,6 +556,17 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
             (slices, I), (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
+
+
+def _dr_n1_out(x, m, out, act, norm, add_to) -> tuple[torch.Tensor, int]:
+    """The N = 1 DeltaRows kernels' output (``add_to``, ``out`` or a fresh ``[1, m]``, ``[1, m / 2]`` with SiLU x up)
+    and their mode bits (``DR_*`` in spmm.cu)."""
+    silu = act == "silu_mul"
+    y = add_to if add_to is not None else torch.empty(1, m // 2 if silu else m, dtype=x.dtype, device=x.device) \
+        if out is None else out
+    mode = ((_DR_RESID if add_to is not None else 0) | (_DR_SILU if silu else 0) | (_DR_RELU if act == "relu" else 0)
+            | (0 if norm is None else _DR_RMS if len(norm) == 2 else _DR_LN))
+    return y, mode
 
 
 def _aligned16(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -589,11 +597,7 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     x = _aligned16(x)
     ln_bias = _aligned16(norm[1]) if norm is not None and len(norm) == 3 else None
     scale = _aligned16(norm[0]) if norm is not None else None
-    silu = act == "silu_mul"
-    y = add_to if add_to is not None else torch.empty(1, m // 2 if silu else m, dtype=x.dtype, device=dev) \
-        if out is None else out
-    mode = ((_DR_RESID if add_to is not None else 0) | (_DR_SILU if silu else 0) | (_DR_RELU if act == "relu" else 0)
-            | (0 if norm is None else _DR_RMS if len(norm) == 2 else _DR_LN))
+    y, mode = _dr_n1_out(x, m, out, act, norm, add_to)
     stage = parts_stage(lay.slices, k, x.dtype, dev.index)
     launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}", (ceil_div(lay.slices, DR_WARPS), 1, 1),
            32 * DR_WARPS,

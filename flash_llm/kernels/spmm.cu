@@ -1889,6 +1889,17 @@ DEVI void dr_unpack(u32 w, float& lo, float& hi) {
   }
 }
 
+DEVI float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+DEVI float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+
 template <bool BF16>
 DEVI void unpack8(const uint4& v, float (&f)[8]) {  // eight halves, low half of each word first
   const u32 w[4] = {v.x, v.y, v.z, v.w};
@@ -1945,6 +1956,29 @@ DEVI void dr_ln_stats(const float* s1, const float* s2, float c0, int K, float e
   const float md = t1 * __fdividef(1.f, (float)K);
   mu = c0 + md;
   rstd = rsqrtf(fmaxf(t2 * __fdividef(1.f, (float)K) - md * md, 0.f) + eps);
+}
+
+// two sums over the warp's lanes (every lane the same), posted by lane 0 at s1[warp], s2[warp]
+DEVI void dr_post_sums(float a, float b, float* s1, float* s2) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if ((threadIdx.x & 31) == 0) {
+    s1[threadIdx.x >> 5] = a;
+    s2[threadIdx.x >> 5] = b;
+  }
+}
+
+// LayerNorm of staged columns c .. c + 7 in place, as the separate LayerNorm rounds it: (x - mu) rstd g + b, rounded
+// to the dtype once; g and b: the norm's weight and bias at those columns (b zeros without a bias)
+template <bool BF16>
+DEVI void dr_ln8(float* xs, int c, bool fp32, const uint4& g, const uint4& b, float mu, float rstd) {
+  float f[8], e[8], b8[8];
+  dr_xs_load8<BF16>(xs, c, fp32, f);
+  unpack8<BF16>(g, e);
+  unpack8<BF16>(b, b8);
+#pragma unroll
+  for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(fmaf((f[t] - mu) * rstd, e[t], b8[t])));
+  dr_xs_store8<BF16>(xs, c, fp32, f);
 }
 
 // what the kernel multiplies X's columns by (the norm before the projection, from the window's first column a0)
@@ -2154,15 +2188,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
         lsq = fmaf(f, f, lsq);
       }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, o);
-      lsq += __shfl_xor_sync(0xffffffffu, lsq, o);
-    }
-    if (lane == 0) {
-      qpart[warp] = lsum;
-      qpart2[warp] = lsq;
-    }
+    dr_post_sums(lsum, lsq, qpart, qpart2);
   }
   float acc;
   static_assert(DR_WMAX <= 2 * 256 * DR_WARPS, "the fp32 staging's rounds: gv holds two");
@@ -2199,16 +2225,9 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   if (ln) {  // (block-uniform) the statistics, then each thread normalizes the columns it staged, in place
     __syncthreads();
     dr_ln_stats<DR_WARPS>(qpart, qpart2, c0, K, eps, nm.mu, nm.rstd);
-    for (int c = 8 * threadIdx.x; staged && c < w; c += 256 * DR_WARPS) {
-      float f[8], e[8], b[8];
-      dr_xs_load8<BF16>(xs, c, stage == 1, f);
-      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(gs + c)), e);
-      unpack8<BF16>(nm.gb ? __ldg(reinterpret_cast<const uint4*>(nm.gb + c)) : make_uint4(0, 0, 0, 0), b);
-#pragma unroll
-      for (int t = 0; t < 8; ++t)
-        f[t] = to_float<BF16>(from_float<BF16>(fmaf((f[t] - nm.mu) * nm.rstd, e[t], b[t])));
-      dr_xs_store8<BF16>(xs, c, stage == 1, f);
-    }
+    for (int c = 8 * threadIdx.x; staged && c < w; c += 256 * DR_WARPS)
+      dr_ln8<BF16>(xs, c, stage == 1, __ldg(reinterpret_cast<const uint4*>(gs + c)),
+                   nm.gb ? __ldg(reinterpret_cast<const uint4*>(nm.gb + c)) : make_uint4(0, 0, 0, 0), nm.mu, nm.rstd);
   }
   if (rms) {
     auto sq = [&](const uint4& r) {
@@ -2394,30 +2413,14 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       dr_xs_store8<BF16>(reinterpret_cast<float*>(drp_x), 8 * u, STAGE == 1, f);
     }
   }
-  if (rms || ln) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      q += __shfl_xor_sync(0xffffffffu, q, o);
-      q2 += __shfl_xor_sync(0xffffffffu, q2, o);
-    }
-    if (lane == 0) {
-      qpart[warp] = q;
-      qpart2[warp] = q2;
-    }
-  }
+  if (rms || ln) dr_post_sums(q, q2, qpart, qpart2);
   __syncthreads();
   if (ln) {  // mean and 1 / std over K (every thread the same sums in the same order), then X normalized in place
     float mu, rstd;
     dr_ln_stats<DR_WARPS>(qpart, qpart2, c0, K, eps, mu, rstd);
-    for (int u = threadIdx.x; u < units; u += NT) {
-      float f[8], e[8], b8[8];
-      dr_xs_load8<BF16>(reinterpret_cast<const float*>(drp_x), 8 * u, STAGE == 1, f);
-      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(colscale) + u), e);
-      unpack8<BF16>(colbias ? __ldg(reinterpret_cast<const uint4*>(colbias) + u) : make_uint4(0, 0, 0, 0), b8);
-#pragma unroll
-      for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(fmaf((f[t] - mu) * rstd, e[t], b8[t])));
-      dr_xs_store8<BF16>(reinterpret_cast<float*>(drp_x), 8 * u, STAGE == 1, f);
-    }
+    for (int u = threadIdx.x; u < units; u += NT)
+      dr_ln8<BF16>(reinterpret_cast<float*>(drp_x), 8 * u, STAGE == 1, __ldg(reinterpret_cast<const uint4*>(colscale) + u),
+                   colbias ? __ldg(reinterpret_cast<const uint4*>(colbias) + u) : make_uint4(0, 0, 0, 0), mu, rstd);
     __syncthreads();
   }
   // from here each warp runs alone
@@ -2780,17 +2783,6 @@ DEVI float rope_val(u16 x, u16 p, u16 c, u16 s, bool low) {
   const float a = to_float<BF16>(from_float<BF16>(to_float<BF16>(x) * to_float<BF16>(c)));
   const float b = to_float<BF16>(from_float<BF16>(r * to_float<BF16>(s)));
   return to_float<BF16>(from_float<BF16>(a + b));
-}
-
-DEVI float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
-  return v;
-}
-DEVI float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-  return v;
 }
 
 template <bool BF16, int D>
