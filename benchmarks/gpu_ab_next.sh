@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [cross]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [profenv] [cross]
 #   tests     the GPU kernel, engine and decode-attention tests on the checked-out tree (about 2 minutes; TESTS_K=<pytest -k
 #             expression> for a subset); the whole pytest output, tracebacks included, in $OUT/tests.log
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
@@ -15,6 +15,9 @@
 #   across    time_across_n.py, Tiled-CSL at 80 and 90 %, N = 1-32, on 9216 x 36864 and 4096 x 14336 (2 minutes)
 #   profile   profile_decode.py: the kernels of one Llama-3-8B decode step, dense and Tiled-CSL (PROFILE_FORMAT) 80 % (PROFILE_SPARSITIES),
 #             batch $PROFILE_BATCH (default 1)
+#   profenv   profile_decode.py once per setting of PROFILE_ENVS (as E2E_ENVS: ";A=1" is the defaults, then A=1), on
+#             $PROFILE_MODEL (default llama-3-8b), $PROFILE_FORMAT (default tiled-csl) at $PROFILE_SPARSITY (default 0.8),
+#             batch $PROFILE_BATCH (default 1), fused and merged: the groups, the layer timeline, $OUT/profenv_<i>.json
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL (E2E_FORMAT=bitmap or delta-rows for the others; also in e2eab, e2eenv) 0 / 80 / 90 % (E2E_SPARSITIES),
 #             batch 1 / 8 / 16 (E2E_BATCHES), fused and merged (3 minutes)
 #   pdl       time_across_n.py on 4096 x 14336 (Tiled-CSL 80 %) with FLASH_LLM_PDL=0 and 1 (1 minute)
@@ -92,6 +95,12 @@ for stage in "${@:-tests ab}"; do
       profile) for sp in ${PROFILE_SPARSITIES:-0 0.8}; do timeout 150 python3 benchmarks/profile_decode.py --model llama-3-8b \
                  --format ${PROFILE_FORMAT:-tiled-csl} --sparsity $sp --batch ${PROFILE_BATCH:-1} --fuse --merge --out "$OUT/profile_$sp.json"; done \
                  2>&1 | tee "$OUT/profile.log" ;;
+      profenv) { IFS=';' read -ra envs <<< "${PROFILE_ENVS:-};"; i=0
+                 for e in "${envs[@]}"; do i=$((i + 1)); echo "--- ${PROFILE_MODEL:-llama-3-8b}: ${e:-defaults}"
+                   (for v in $e; do export "$v"; done; timeout 200 python3 benchmarks/profile_decode.py --model \
+                     ${PROFILE_MODEL:-llama-3-8b} --format ${PROFILE_FORMAT:-tiled-csl} --sparsity ${PROFILE_SPARSITY:-0.8} \
+                     --batch ${PROFILE_BATCH:-1} --fuse --merge --out "$OUT/profenv_$i.json" 2>&1 | grep -v "^ *[0-9]* us \|arn")
+                 done; } 2>&1 | tee "$OUT/profenv.log" ;;
       e2e) llama_e2e 280 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-0,80,90} \
              --batches ${E2E_BATCHES:-1,8,16} --out "$OUT/e2e_tcsl" 2>&1 | tee "$OUT/e2e_tcsl.log" | grep -v "^{" ;;
       pdl) for pdl in 0 1 0 1; do echo "FLASH_LLM_PDL=$pdl"; FLASH_LLM_PDL=$pdl timeout 100 python3 \
@@ -154,7 +163,7 @@ for stage in "${@:-tests ab}"; do
                  timeout 60 python3 benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 17,24,32
                done; } 2>&1 | tee "$OUT/cross.log" ;;
       splits) (cd benchmarks && timeout 300 python3 splits_sweep.py ${SPLITS_ARGS:-}) 2>&1 | tee "$OUT/splits.log" ;;
-      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab e2emulti e2eenv cross)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab e2emulti e2eenv profenv cross)" >&2; exit 2 ;;
     esac
   done
 done

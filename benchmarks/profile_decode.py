@@ -100,6 +100,26 @@ def critical_times(ks: list[dict]) -> tuple[list[float], float]:
     return out, idle
 
 
+def layer_timeline(ks: list[dict]) -> list[tuple[str, float, float]]:
+    """The decoder layer's timeline from kernels ``ks`` (dicts with ``name``, ``start``, ``end``, sorted by start) of
+    one replay: the kernels between one attention launch and the next (the attention, o, the MLP, the next layer's
+    q/k/v), each with its median start and end over the layers, in us from its segment's attention start.  Only the
+    segments of the most common kernel count are used (the first and last layers differ); ``[]`` without two
+    attention kernels."""
+    at = [i for i, k in enumerate(ks) if group_of(k["name"]) == "attention"]
+    segs = [ks[a:b] for a, b in zip(at, at[1:])]
+    if not segs:
+        return []
+    n = statistics.mode(len(s) for s in segs)
+    segs = [s for s in segs if len(s) == n]
+    out = []
+    for j in range(n):
+        starts = [s[j]["start"] - s[0]["start"] for s in segs]
+        ends = [s[j]["end"] - s[0]["start"] for s in segs]
+        out.append((segs[0][j]["name"], statistics.median(starts), statistics.median(ends)))
+    return out
+
+
 _SDPA = None
 
 
@@ -196,6 +216,11 @@ def main(argv=None) -> int:
     print("\ntop kernels by time:")
     for nm, (c, t) in sorted(names.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"  {t:8.0f} us {c:5d}x  {nm}")
+    tl = layer_timeline(ks)
+    if tl:
+        print("\nlayer timeline (us from the attention's start, medians over the layers):")
+        for nm, t0, t1 in tl:
+            print(f"  {t0:7.1f} .. {t1:7.1f}  {nm[:60]}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"setup": head, "step_us": step_us, "replays": rows, "groups": groups, "idle_us": idle,

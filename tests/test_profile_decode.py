@@ -63,3 +63,20 @@ def test_split_replays_of_one_replay_and_of_nothing():
     run = _run(100.0, ["a", "b", "c"])
     assert profile_decode.split_replays(run, 1) == [run]
     assert profile_decode.split_replays([{"name": "fill", "start": 0.0, "end": 1.0}] + run, 1) == [run]
+
+
+def test_layer_timeline_takes_medians_from_each_attention_start():
+    ks = []
+    t = 0.0
+    for layer in range(5):  # attention, o, mlp; o is 2 us late in the middle layer
+        late = 2.0 if layer == 2 else 0.0
+        ks += [{"name": "decode_attn_f16_d128", "start": t, "end": t + 10},
+               {"name": "delta_rows_spmm_f16_n1", "start": t + 1, "end": t + 15 + late},
+               {"name": "delta_rows_spmm_f16_n1", "start": t + 5, "end": t + 40 + late}]
+        t += 50
+    ks.append({"name": "nvjet_lm_head", "start": t, "end": t + 200})  # after the last attention: its own count
+    tl = profile_decode.layer_timeline(ks)
+    assert [n for n, _, _ in tl] == ["decode_attn_f16_d128", "delta_rows_spmm_f16_n1", "delta_rows_spmm_f16_n1"]
+    assert tl[1] == ("delta_rows_spmm_f16_n1", 1.0, 15.0)  # the late layer moves no median
+    assert tl[2][2] == 40.0
+    assert profile_decode.layer_timeline(ks[:3]) == []
