@@ -189,3 +189,17 @@ def test_harness_check_passes_right_outputs_and_catches_wrong_ones(model, monkey
     assert not bench.check(lay)
     with pytest.raises(SystemExit):
         bench.parse_parts(spec, "qkv=3")
+
+
+def test_parts_kernels_stage_choices(monkeypatch):
+    """The parts layout's N = 1 kernel stages 16-bit X unless fp32 is asked for and fits; its multi-token kernel
+    stages all of K (rounded up to 8) while NT x 2 bytes a column fit 96 KB, else reads X from global memory."""
+    from flash_llm import kernels as kern
+
+    monkeypatch.setattr(kern, "PARTS_STAGE", 0)
+    assert [kern.parts_stage(k) for k in (64, 4096, 28672)] == [2, 2, 2]
+    monkeypatch.setattr(kern, "PARTS_STAGE", 1)
+    assert [kern.parts_stage(k) for k in (64, 4096, 24576, 24584)] == [1, 1, 1, 2]
+    assert kern.parts_nt_window(4096, 8) == 4096 and kern.parts_nt_window(4092, 2) == 4096
+    assert kern.parts_nt_window(6144, 8) == 6144 and kern.parts_nt_window(6152, 8) == 0  # 96 KB at NT = 8
+    assert kern.parts_nt_window(24576, 2) == 24576 and kern.parts_nt_window(24584, 2) == 0

@@ -68,8 +68,8 @@ PARTS = (1, 2, 4, 8, 16)
 #: N = 1 kernel stages all of X (and with a norm reads its weight, LayerNorm also its bias, and normalizes in place).
 #: Session 30 (H200, ``benchmarks/dr_layouts.py``, 80 %): Llama-3-8B's q/k/v, o, gate / up (K = 4096) 1.06-1.18x the
 #: split layout's speed, down (K = 14336) 1.02-1.03x; OPT-30B (K = 7168, LayerNorms) 0.79-0.90x at the default P
-#: (its o alone 1.13x at P = 8), fc2 (K = 28672) 0.90x
-PARTS_MAX_K = 4096
+#: (its o alone 1.13x at P = 8), fc2 (K = 28672) 0.90x.  ``FLASH_LLM_DELTA_PARTS_MAX_K`` overrides it (for measuring).
+PARTS_MAX_K = int(os.environ.get("FLASH_LLM_DELTA_PARTS_MAX_K", "4096"))
 #: ... with the fewest lanes a row that give at least this share of :func:`target_warps` warps (slices; session 30's
 #: sweep: q/k/v best at 3072 warps, gate / up at 3584, down at 1792-3584, o at 512-2048 within 4 %)
 PARTS_SHARE = 0.8

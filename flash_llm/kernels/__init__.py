@@ -574,20 +574,18 @@ def _aligned16(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.data_ptr() % 16 == 0 else t.clone()
 
 
-#: ``FLASH_LLM_DELTA_PARTS_STAGE``: 1 or 2 forces how the parts layout's kernel stages X (tests, tuning); 0: parts_stage
+#: ``FLASH_LLM_DELTA_PARTS_STAGE``: 1 stages X as fp32 in the parts layout's N = 1 kernel where it fits (tests, tuning); else 16-bit
 PARTS_STAGE = int(os.environ.get("FLASH_LLM_DELTA_PARTS_STAGE", "0"))
 
 
-def parts_stage(slices: int, k: int, dtype: torch.dtype, device_index: int) -> int:
-    """How the parts layout's N = 1 kernel stages X: 1 (fp32, one instruction less an entry) where its grid still
-    fits one wave with ``4 K`` bytes a block, else 2 (16-bit, ``2 K`` bytes); :data:`PARTS_STAGE` overrides it."""
-    if PARTS_STAGE in (1, 2):
-        return PARTS_STAGE
-    if 4 * k > 96 * 1024:  # (fp32 X of a wide K would not leave a second block an SM, or not fit at all)
-        return 2
-    name = f"delta_rows_parts_{_dtype_suffix(dtype)}_p2_s1"
-    per_sm = blocks_per_sm(name, device_index, 32 * DR_WARPS, 4 * k)
-    return 1 if ceil_div(slices, DR_WARPS) <= per_sm * sm_count(device_index) else 2
+def parts_stage(k: int) -> int:
+    """How the parts layout's N = 1 kernel stages X: 2 (16-bit, ``2 K`` bytes a block), or 1 (fp32, one instruction
+    less an entry) where :data:`PARTS_STAGE` asks for it and ``4 K`` bytes fit 96 KB.
+
+    Session 30 took fp32 where the grid still fit one wave; in a decode step, where each launch's blocks become
+    resident while the launch before runs, the smaller blocks won (session 31, H200, Llama-3-8B at 80 %, batch 1: a
+    step 2175 -> 2067 us; OPT-30B with its K = 7168 projections in the parts layout 6938 -> 6596 us)."""
+    return 1 if PARTS_STAGE == 1 and 4 * k <= 96 * 1024 else 2
 
 
 def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay) -> torch.Tensor:
@@ -598,7 +596,7 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     ln_bias = _aligned16(norm[1]) if norm is not None and len(norm) == 3 else None
     scale = _aligned16(norm[0]) if norm is not None else None
     y, mode = _dr_n1_out(x, m, out, act, norm, add_to)
-    stage = parts_stage(lay.slices, k, x.dtype, dev.index)
+    stage = parts_stage(k)
     launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}", (ceil_div(lay.slices, DR_WARPS), 1, 1),
            32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
@@ -608,6 +606,18 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
            torch.cuda.current_stream(dev).cuda_stream, dev.index, k * (4 if stage == 1 else 2),
            pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
+
+
+#: the most bytes of X a parts-layout multi-token block stages (``NT x 2 K``; K = 4096 at NT = 8 takes 64 KB)
+DR_NT_STAGE_MAX = 96 * 1024
+
+
+def parts_nt_window(k: int, nt: int) -> int:
+    """The columns of X that ``delta_rows_parts_<dtype>_nt<NT>`` stages for a parts-layout weight of ``k`` columns: all
+    of K (rounded up to 8) while ``NT x 2`` bytes a column fit :data:`DR_NT_STAGE_MAX`, else 0 (X read from global
+    memory: slower, the same sums)."""
+    w = ceil_div(k, 8) * 8
+    return w if w * nt * 2 <= DR_NT_STAGE_MAX else 0
 
 
 def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
@@ -627,9 +637,15 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     stream = torch.cuda.current_stream(dev).cuda_stream
     suffix = _dtype_suffix(x.dtype)
     pdl = PDL_SPMM and getattr(_static, "on", False)
-    launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
-           [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
-            (k, I), (m, I), (slices, I), (lay.parts, I)], stream, dev.index, 0, pdl=pdl)
+    args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
+            (k, I), (m, I), (slices, I), (lay.parts, I)]
+    if lay.parts == 1:  # the split layout: windows of up to 1536 columns, staged in static shared memory
+        launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS, args, stream,
+               dev.index, 0, pdl=pdl)
+    else:  # the parts layout's one window, all of K, staged in dynamic shared memory where it fits
+        wmax = parts_nt_window(k, nt)
+        launch(f"delta_rows_parts_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
+               args + [(wmax, I)], stream, dev.index, wmax * nt * 2, pdl=pdl)
     mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
     launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
            [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),

@@ -2497,11 +2497,16 @@ DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the 
   }
 }
 
-template <bool BF16, int NT>
+// WIDE: the parts layout's kernel (delta_rows_parts_<dtype>_nt<NT>), whose one window is all of K: X staged in dynamic
+// shared memory, wmax columns (the launcher's: all of K while NT x 2 K bytes fit DR_NT_STAGE_MAX); else the split
+// layout's, with its DR_WMAX columns in static shared memory (wmax = DR_WMAX).
+template <bool BF16, int NT, bool WIDE>
 DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
-                             float* __restrict__ ws, int S, int N, int K, int M, int slices, int P) {
+                             float* __restrict__ ws, int S, int N, int K, int M, int slices, int P, int wmax) {
   constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
-  __shared__ __align__(16) u16 xs[DR_WMAX * NT];
+  extern __shared__ __align__(16) u16 drnt_x[];
+  __shared__ __align__(16) u16 xs_static[WIDE ? 8 : DR_WMAX * NT];
+  u16* const xs = WIDE ? drnt_x : xs_static;
   __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING_NT * 640];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
@@ -2528,7 +2533,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const int2 bw = dr_union(win_lo, win_hi);
   const int a0 = bw.x, w = bw.y;
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
-  const bool staged = w <= DR_WMAX;  // (the same for the whole block)
+  const bool staged = w <= (WIDE ? wmax : DR_WMAX);  // (the same for the whole block)
   if (staged) {
     for (int c = threadIdx.x; c < w; c += 32 * DR_WARPS) {  // column a0 + c of every token (0 past N or K)
       u32 h[NT / 2];
@@ -2598,7 +2603,10 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
       int S, int N, int K, int M, int slices, int P
 #define INSTANTIATE_DR_NT(NAME, BF16, NT, BOUNDS)                                                           \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_##NAME##_nt##NT(DR_NT_ARGS) {         \
-    delta_rows_nt_body<BF16, NT>(data, offsets, x, ws, S, N, K, M, slices, P);                                 \
+    delta_rows_nt_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, P, DR_WMAX);                 \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_##NAME##_nt##NT(DR_NT_ARGS, int wmax) { \
+    delta_rows_nt_body<BF16, NT, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax);                     \
   }
 INSTANTIATE_DR_NT(f16, false, 2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(f16, false, 4, (32 * DR_WARPS, 8))
