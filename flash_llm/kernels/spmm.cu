@@ -2368,8 +2368,10 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
   const int row = dr_perm(offsets, slices, 1)[slice * 32 + lane];
   const bool writer = lane % P == 0 && row >= 0 && (!silu || lane < 16);
   const float bv = bias && writer && !silu ? to_float<BF16>(bias[row]) : 0.f;
-  if (rms || ln)  // the norm's weight (and LayerNorm's bias) into L2 before the wait (static)
-    for (int c = 8 * threadIdx.x; c < K; c += 8 * NT) {
+  if (rms || ln)  // the norm's weight (and LayerNorm's bias) into L2 before the wait (static): each 128-byte line
+    // asked for once by the whole grid, not by every block (which would send blocks x K / 64 requests to the same
+    // few L2 lines while the previous kernel, the attention say, still runs)
+    for (int c = 64 * (threadIdx.x + NT * blockIdx.x); c < K; c += 64 * NT * gridDim.x) {
       asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
       if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
     }
