@@ -480,7 +480,48 @@ def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):
             assert mod.weight.parts == 2
     assert _delta_rows_batch_note(ours, cuda, 1) is None
     note = _delta_rows_batch_note(ours, cuda, 2)
-    assert note is not None and f"{n} DeltaRows layer(s) in the parts layout" in note and "parts=1" in note
+    assert note is not None and f"{n} DeltaRows layer(s) in the parts layout" in note and "delta_layout='auto'" in note
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CPU engine: no warning
         Engine(ours, max_batch=first + 2, max_seq=32)
+
+
+def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair):
+    """relayout_delta_rows re-encodes DeltaRows layers in place into the lanes a row asked for (and back): the same
+    generations and logits (the CPU reference computes through the dense weight), nothing to do the second time.
+    The engine drops graphs captured over tensors that have since moved (checked on the CPU through the bookkeeping:
+    graphs are CUDA only).  Engine(delta_layout=) takes "auto" or "keep"."""
+    from flash_llm.engine import _batch_parts, relayout_delta_rows
+    from flash_llm.formats.delta_rows import auto_parts
+
+    hm, _ = pair
+    ours = _ours(hm, torch.float16)
+    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
+        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+    layers = {p: m for p, m in ours.named_modules()
+              if isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows}
+    assert layers and all(m.weight.parts == 1 for m in layers.values())
+    dense = {p: m.to_dense() for p, m in layers.items()}
+    eng = Engine(ours, max_batch=2, max_seq=32)
+    assert eng.relayout == {}  # (CPU: nothing re-encoded)
+    want = eng.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)
+    eng._graphs[2] = object()  # as if captured
+    eng._check_graphs()
+    assert 2 in eng._graphs  # the weights have not moved
+    assert relayout_delta_rows(ours, lambda m: 4) == {p: 4 for p in layers}
+    assert all(m.weight.parts == 4 and torch.equal(m.to_dense(), dense[p]) for p, m in layers.items())
+    eng._check_graphs()
+    assert eng._graphs == {}  # captured over the old arrays: dropped
+    got = eng.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+    assert relayout_delta_rows(ours, lambda m: 4) == {}
+    assert relayout_delta_rows(ours, lambda m: 1) == {p: 1 for p in layers}
+    assert all(m.weight.parts == 1 and torch.equal(m.to_dense(), dense[p]) for p, m in layers.items())
+    lay = next(iter(layers.values()))
+    cpu = torch.device("cpu")
+    assert _batch_parts(2, cpu)(lay) == 1
+    assert _batch_parts(1, cpu)(lay) == auto_parts(lay.out_features, lay.in_features, lay.nnz, cpu)
+    with pytest.raises(ValueError, match="delta_layout must be one of"):
+        Engine(ours, max_batch=1, max_seq=32, delta_layout="parts")

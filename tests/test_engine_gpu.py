@@ -280,3 +280,26 @@ def test_small_synthetic_model_builds_and_runs(sparsity):
     assert out.tokens.shape == (8, 32) and out.ttft_s > 0 and out.tpot_s > 0
     eager = Engine(model, max_batch=8, max_seq=160, cuda_graphs=False).generate(prompts, 32, eos_token_id=None)
     assert torch.equal(out.tokens, eager.tokens)
+
+
+def test_delta_layout_follows_the_batch():
+    """Engine(delta_layout="auto") re-encodes a DeltaRows model into the parts layout for max_batch 1 and back into
+    the split layout for a batched engine: the prefill's logits (expanded weights) equal the kept layout's, the first
+    decode step's within rounding; an engine whose graphs were captured before another engine re-encoded the model
+    captures again and gives the split layout's bits."""
+    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
+                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
+    model, _ = build_synthetic(cfg, 0.8, fmt="delta-rows", device="cuda", progress=False)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(4))]]
+    keep = Engine(model, max_batch=1, max_seq=128, delta_layout="keep").generate(prompts, 8, output_logits=True,
+                                                                               eos_token_id=None)
+    eng = Engine(model, max_batch=1, max_seq=128)
+    assert eng.relayout and all(p > 1 for p in eng.relayout.values()), eng.relayout
+    got = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.logits[:, 0], keep.logits[:, 0])  # the prefill expands the same weights
+    scale = keep.logits[:, 1].abs().max().item()
+    assert (got.logits[:, 1] - keep.logits[:, 1]).abs().max().item() <= 16 * ULP[torch.float16] * scale
+    batched = Engine(model, max_batch=2, max_seq=128)
+    assert set(batched.relayout) == set(eng.relayout) and set(batched.relayout.values()) == {1}
+    again = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)  # its graph is captured again
+    assert torch.equal(again.logits, keep.logits) and torch.equal(again.tokens, keep.tokens)
