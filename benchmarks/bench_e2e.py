@@ -118,10 +118,11 @@ def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=gen).tolist()
 
 
-def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False, merge: bool = False) -> dict:
+def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False, merge: bool = False,
+                   delta_layout: str = "auto") -> dict:
     device = next(model.parameters()).device
     _reset_peak(device)
-    eng = Engine(model, max_batch=batch, max_seq=prompt_len + new, fuse=fuse, merge=merge)
+    eng = Engine(model, max_batch=batch, max_seq=prompt_len + new, fuse=fuse, merge=merge, delta_layout=delta_layout)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
     runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]
@@ -133,6 +134,7 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
         "ttft_ms": 1e3 * statistics.median(r.ttft_s for r in runs),
         "peak_mem_bytes": _peak(device),
         "cache_bytes": eng.cache_bytes,
+        "read_bytes": bytes_read_per_step(model),  # (after the engine's merge and DeltaRows layout)
     }
     del eng
     return row
@@ -231,15 +233,16 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                 row = {**base, "impl": "flash-llm", "batch": b, **mem, "read_bytes": read, "floor_ms": floor_ms}
                 try:
                     row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse,
-                                              args.merge))
+                                              args.merge, args.delta_layout))
+                    row["floor_ms"] = 1e3 * row["read_bytes"] / env["copy_bw_Bps"]
                     row["status"] = "ok"
-                    row["floor_pct"] = 100 * floor_ms / row["tpot_ms"]
+                    row["floor_pct"] = 100 * row["floor_ms"] / row["tpot_ms"]
                     if sp == 0:
                         dense_tok[b] = row["decode_tok_s"]
                     if b in dense_tok:
                         row["speedup_vs_dense"] = row["decode_tok_s"] / dense_tok[b]
                     log(f"{name} {sp:>3}% b={b:<3} decode {row['decode_tok_s']:9.1f} tok/s  tpot "
-                        f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms  floor {floor_ms:6.3f} ms "
+                        f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms  floor {row['floor_ms']:6.3f} ms "
                         f"({row['floor_pct']:.0f} %)  peak {row['peak_mem_bytes'] / 2**30:.1f} GiB"
                         + (f"  x{row['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in row else ""))
                 except torch.cuda.OutOfMemoryError as e:
@@ -357,7 +360,8 @@ def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
         row = {**base, "batch": b, "achieved_sparsity": report.achieved_sparsity}
         gen = torch.Generator().manual_seed(b)  # the same prompts on every rank
         try:
-            m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge)
+            m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge,
+                               args.delta_layout)
             ok = True
         except torch.cuda.OutOfMemoryError as e:
             m, ok = {"error": str(e).splitlines()[0][:120]}, False
@@ -592,6 +596,7 @@ def summarize(rows, env) -> str:
       + (f"; GPU memory capped at {env['memory_limit_gb']} GB" if env.get("memory_limit_gb") else "")
       + ("; fused elementwise kernels (--fuse)" if env.get("fuse") else "")
       + ("; merged q/k/v and gate/up projections (--merge)" if env.get("merge") else "")
+      + ("; DeltaRows weights kept as encoded (--delta-layout keep)" if env.get("delta_layout") == "keep" else "")
       + (f"; decode-attention kernel: FLASH_LLM_DECODE_ATTENTION={env['decode_attention']}"
          if env.get("decode_attention") not in (None, False, "0") else "") + ".")
     p()
@@ -713,6 +718,9 @@ def parse_args(argv):
                          "SiLU x up; Llama family)")
     ap.add_argument("--merge", action="store_true",
                     help="the engine's merged projections (Engine(merge=True): q/k/v and gate/up as one matmul each)")
+    ap.add_argument("--delta-layout", default="auto", choices=("auto", "keep"),
+                    help="Engine(delta_layout=): DeltaRows weights re-encoded for each batch (auto: the parts layout "
+                         "at batch 1, the split layout above) or kept as encoded")
     ap.add_argument("--memory-limit-gb", type=float, help="cap this process' GPU memory (e.g. 80 for an H100)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
     ap.add_argument("--out", default="benchmarks/out/e2e")
@@ -796,6 +804,7 @@ def main(argv=None) -> int:
     env["memory_limit_gb"] = args.memory_limit_gb
     env["fuse"] = args.fuse
     env["merge"] = args.merge
+    env["delta_layout"] = args.delta_layout
     env["decode_attention"] = _common.DECODE_ATTENTION  # FLASH_LLM_DECODE_ATTENTION
     try:
         import transformers
