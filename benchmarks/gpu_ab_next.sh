@@ -65,9 +65,11 @@ two_trees() {
 }
 # llama_e2e SECONDS ARGS...: bench_e2e.py on Llama-3-8B (E2E_MODEL=opt-30b etc. for another model; e2eab, e2emulti and
 # e2eenv run through it), fused and merged, no HF baseline, 2 repeats (ARGS: --format, --sparsities, --batches,
-# --out...), under a time limit; variables set before it reach bench_e2e.py
+# --out...), under a time limit; variables set before it reach bench_e2e.py, and E2E_EXTRA's words its command line
+# (E2E_EXTRA="--delta-layout keep": DeltaRows weights as encoded, whatever the batch)
 llama_e2e() {
-  timeout "$1" python3 benchmarks/bench_e2e.py --models "${E2E_MODEL:-llama-3-8b}" --no-progress --fuse --merge --no-hf --repeats 2 "${@:2}"
+  # shellcheck disable=SC2086
+  timeout "$1" python3 benchmarks/bench_e2e.py --models "${E2E_MODEL:-llama-3-8b}" --no-progress --fuse --merge --no-hf --repeats 2 "${@:2}" ${E2E_EXTRA:-}
 }
 for stage in "${@:-tests ab}"; do
   for s in $stage; do

@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                f"kernels overlapping by {busy - span:.0f} us (programmatic launches waiting resident)")
         print(f"profiled replay: {n} kernels, busy {busy:.0f} us, span {span:.0f} us, {gap}")
     print(f"critical path of the middle replay: {sum(crit):.0f} us in kernels, {idle:.0f} us idle")
-    print(f"\n| group | kernels | device us | us per kernel | critical us |\n|---|---|---|---|---|")
+    print("\n| group | kernels | device us | us per kernel | critical us |\n|---|---|---|---|---|")
     for g, (c, t, cr) in sorted(groups.items(), key=lambda kv: -kv[1][2]):
         print(f"| {g} | {c} | {t:.0f} | {t / c:.1f} | {cr:.0f} |")
     print(f"| (idle) | | | | {idle:.0f} |")
