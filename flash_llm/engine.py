@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -132,23 +133,29 @@ FUSE_MIN_PARAMETERS = 10**9
 DELTA_LAYOUTS = ("auto", "keep")
 
 
-def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int]) -> dict[str, int]:
+def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int],
+                        progress: bool = True) -> dict[str, int]:
     """Re-encode, in place, every DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` whose lanes a row differ
     from ``parts(layer)`` (1: the split layout; 2, 4, 8, 16: the parts layout; ``docs/formats.md`` section 4b).  The
     same nonzeros, bias and paired halves; one layer at a time, through its dense weight (the peak grows by one dense
-    weight and the encoder's temporaries).  Returns ``{layer path: new lanes a row}`` for the layers re-encoded.
-    Captured CUDA graphs of the old arrays go stale: :class:`Engine` notices and captures again."""
+    weight and the encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more.  Returns
+    ``{layer path: new lanes a row}`` for the layers re-encoded.  Captured CUDA graphs of the old arrays go stale:
+    :class:`Engine` notices and captures again."""
+    from tqdm import tqdm
+
     from .formats import DeltaRows
     from .nn import SparseLinear
 
-    done = {}
+    todo = []
     for path, m in model.named_modules():
-        if not (isinstance(m, SparseLinear) and m.weight_format is DeltaRows):
-            continue
+        if isinstance(m, SparseLinear) and m.weight_format is DeltaRows:
+            want = int(parts(m))
+            if want != m.weight.parts:
+                todo.append((path, m, want))
+    done = {}
+    for path, m, want in tqdm(todo, desc="DeltaRows layout", unit="layer", file=sys.stderr, leave=False,
+                              disable=not progress or len(todo) < 2, dynamic_ncols=True):
         w = m.weight
-        want = int(parts(m))
-        if want == w.parts:
-            continue
         new = DeltaRows.from_dense(w.to_dense(), pair_halves=w.paired, parts=want)
         for n, t in new.tensors().items():
             setattr(m, "weight_" + n, t)
