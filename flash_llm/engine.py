@@ -131,6 +131,8 @@ FUSE_MIN_PARAMETERS = 10**9
 
 #: what ``Engine(delta_layout=)`` accepts
 DELTA_LAYOUTS = ("auto", "keep")
+#: ``delta_layout="auto"`` takes the parts layout up to this ``max_batch``, the split layout above (session 31)
+DELTA_PARTS_MAX_BATCH = 1
 
 
 def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int],
@@ -165,12 +167,13 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
 
 def _batch_parts(max_batch: int, device: torch.device) -> Callable[[torch.nn.Module], int]:
     """``Engine(delta_layout="auto")``'s choice for a layer: the parts layout's lanes by
-    :func:`~flash_llm.formats.delta_rows.auto_parts` at ``max_batch`` 1 (its N = 1 kernel needs no split-K; session 31,
-    H200, Llama-3-8B at 80 %: 2.281 -> 2.061 ms per token), the split layout above (its multi-token kernels stage a
-    window, not all of K: batch 2 / 4 / 8 2.94 / 3.82 / 6.36 against 3.02 / 4.45 / 9.55 ms)."""
+    :func:`~flash_llm.formats.delta_rows.auto_parts` up to :data:`DELTA_PARTS_MAX_BATCH` (its N = 1 kernel needs no
+    split-K; session 31, H200, Llama-3-8B at 80 %: 2.281 -> 2.061 ms per token), the split layout above (its
+    multi-token kernels stage a window, not all of K: batch 2 / 4 / 8 2.94 / 3.82 / 6.36 against 3.02 / 4.45 / 9.55
+    ms)."""
     from .formats.delta_rows import auto_parts
 
-    if max_batch > 1:
+    if max_batch > DELTA_PARTS_MAX_BATCH:
         return lambda m: 1
     return lambda m: auto_parts(m.out_features, m.in_features, m.nnz, device)
 

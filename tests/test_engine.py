@@ -519,6 +519,16 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     assert relayout_delta_rows(ours, lambda m: 4) == {}
     assert relayout_delta_rows(ours, lambda m: 1) == {p: 1 for p in layers}
     assert all(m.weight.parts == 1 and torch.equal(m.to_dense(), dense[p]) for p, m in layers.items())
+    merged = Engine(ours, max_batch=2, max_seq=32, merge=True)  # (Llama's gate / up: paired halves)
+    want = merged.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)
+    mods = {p: m for p, m in ours.named_modules()
+            if isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows}
+    paired = {p: m.weight.paired for p, m in mods.items()}
+    assert any(paired.values()) == (ours.config.family == "llama"), paired
+    assert relayout_delta_rows(ours, lambda m: 4) == {p: 4 for p in mods}
+    assert {p: m.weight.paired for p, m in mods.items()} == paired
+    got = merged.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
     lay = next(iter(layers.values()))
     cpu = torch.device("cpu")
     assert _batch_parts(2, cpu)(lay) == 1
