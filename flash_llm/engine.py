@@ -319,13 +319,10 @@ class Engine:
 
     def _check_graphs(self) -> None:
         """Drop the graphs when the model's tensors moved since they were captured."""
-        if self._graphs:
-            key = self._weights_key()
-            if key != self._captured_over:
-                self.clear_graphs()
-                self._captured_over = key
-        else:
-            self._captured_over = self._weights_key()
+        key = self._weights_key()
+        if key != self._captured_over:
+            self.clear_graphs()
+            self._captured_over = key
 
     # ---- inputs ----------------------------------------------------------------------------------------
     def _prepare(self, prompts, attention_mask, max_new_tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

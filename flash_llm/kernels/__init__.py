@@ -576,16 +576,19 @@ def _aligned16(t: torch.Tensor | None) -> torch.Tensor | None:
 
 #: ``FLASH_LLM_DELTA_PARTS_STAGE``: 1 stages X as fp32 in the parts layout's N = 1 kernel where it fits (tests, tuning); else 16-bit
 PARTS_STAGE = int(os.environ.get("FLASH_LLM_DELTA_PARTS_STAGE", "0"))
+#: the most bytes of X a parts-layout block stages in dynamic shared memory (N = 1 as fp32: ``4 K``; 2-8 tokens:
+#: ``NT x 2 K``, K = 4096 at NT = 8 takes 64 KB)
+DR_NT_STAGE_MAX = 96 * 1024
 
 
 def parts_stage(k: int) -> int:
     """How the parts layout's N = 1 kernel stages X: 2 (16-bit, ``2 K`` bytes a block), or 1 (fp32, one instruction
-    less an entry) where :data:`PARTS_STAGE` asks for it and ``4 K`` bytes fit 96 KB.
+    less an entry) where :data:`PARTS_STAGE` asks for it and ``4 K`` bytes fit :data:`DR_NT_STAGE_MAX`.
 
     Session 30 took fp32 where the grid still fit one wave; in a decode step, where each launch's blocks become
     resident while the launch before runs, the smaller blocks won (session 31, H200, Llama-3-8B at 80 %, batch 1: a
     step 2175 -> 2067 us; OPT-30B with its K = 7168 projections in the parts layout 6938 -> 6596 us)."""
-    return 1 if PARTS_STAGE == 1 and 4 * k <= 96 * 1024 else 2
+    return 1 if PARTS_STAGE == 1 and 4 * k <= DR_NT_STAGE_MAX else 2
 
 
 def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay) -> torch.Tensor:
@@ -606,10 +609,6 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
            torch.cuda.current_stream(dev).cuda_stream, dev.index, k * (4 if stage == 1 else 2),
            pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
-
-
-#: the most bytes of X a parts-layout multi-token block stages (``NT x 2 K``; K = 4096 at NT = 8 takes 64 KB)
-DR_NT_STAGE_MAX = 96 * 1024
 
 
 def parts_nt_window(k: int, nt: int) -> int:

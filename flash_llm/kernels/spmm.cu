@@ -2535,7 +2535,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const int2 bw = dr_union(win_lo, win_hi);
   const int a0 = bw.x, w = bw.y;
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
-  const bool staged = w <= (WIDE ? wmax : DR_WMAX);  // (the same for the whole block)
+  const bool staged = w <= wmax;  // (the same for the whole block)
   if (staged) {
     for (int c = threadIdx.x; c < w; c += 32 * DR_WARPS) {  // column a0 + c of every token (0 past N or K)
       u32 h[NT / 2];
