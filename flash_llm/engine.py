@@ -402,6 +402,9 @@ class Engine:
         self._slot += 1
 
     def _capture(self, b: int) -> torch.cuda.CUDAGraph:
+        # the key of the tensors this graph reads: a forward may have moved some since the generate began (a model
+        # built on meta computes its RoPE frequencies at its first forward), so graphs over the old ones go now
+        self._check_graphs()
         saved = (self._slot.clone(), self._pos[:b].clone(), self._valid[:b].clone())
 
         def restore():

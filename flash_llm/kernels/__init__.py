@@ -621,7 +621,8 @@ def parts_nt_window(k: int, nt: int) -> int:
 
 def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
     """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up)
-    stores each split's partials, ``delta_rows_reduce_<dtype>`` sums them in split order with the epilogue."""
+    stores each split's partials, ``delta_rows_reduce_<dtype>`` sums them in split order with the epilogue; on the
+    parts layout (one split) ``delta_rows_parts_<dtype>_nt<NT>`` applies the epilogue and writes ``y`` itself."""
     from ..formats.delta_rows import layout
 
     n = x.shape[0]
@@ -632,20 +633,24 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     nt = 2 if n <= 2 else 4 if n <= 4 else 8
     m_out = m // 2 if act else m
     y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
-    ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream
     suffix = _dtype_suffix(x.dtype)
     pdl = PDL_SPMM and getattr(_static, "on", False)
-    args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
-            (k, I), (m, I), (slices, I), (lay.parts, I)]
-    if lay.parts == 1:  # the split layout: windows of up to 1536 columns, staged in static shared memory
-        launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS, args, stream,
-               dev.index, 0, pdl=pdl)
-    else:  # the parts layout's one window, all of K, staged in dynamic shared memory where it fits
+    mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
+    if lay.parts > 1:  # one split and one window, all of K, staged in dynamic shared memory where it fits; the
+        # kernel applies the epilogue and writes y itself (no partials, no reduction)
         wmax = parts_nt_window(k, nt)
         launch(f"delta_rows_parts_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
-               args + [(wmax, I)], stream, dev.index, wmax * nt * 2, pdl=pdl)
-    mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
+               [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (0, P), (s, I), (n, I), (k, I),
+                (m, I), (slices, I), (lay.parts, I), (wmax, I), (y.data_ptr(), P),
+                (bias.data_ptr() if bias is not None else 0, P), (mode, I)],
+               stream, dev.index, wmax * nt * 2, pdl=pdl)
+        return y
+    # the split layout: windows of up to 1536 columns, staged in static shared memory; partials, then the reduction
+    ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
+    launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
+           [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
+            (k, I), (m, I), (slices, I), (lay.parts, I)], stream, dev.index, 0, pdl=pdl)
     launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
            [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
             (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)

@@ -2502,9 +2502,13 @@ DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the 
 // WIDE: the parts layout's kernel (delta_rows_parts_<dtype>_nt<NT>), whose one window is all of K: X staged in dynamic
 // shared memory, wmax columns (the launcher's: all of K while NT x 2 K bytes fit DR_NT_STAGE_MAX); else the split
 // layout's, with its DR_WMAX columns in static shared memory (wmax = DR_WMAX).
+// WIDE also means one split (the parts layout has one): the kernel applies the epilogue itself and writes y
+// ([N, M], or [N, M / 2] for SiLU x up; mode DR_SILU / DR_RESID and the bias as delta_rows_reduce_<dtype>, with its
+// rounding steps, so the same bits), and no reduction is launched; ws is unused.
 template <bool BF16, int NT, bool WIDE>
 DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
-                             float* __restrict__ ws, int S, int N, int K, int M, int slices, int P, int wmax) {
+                             float* __restrict__ ws, int S, int N, int K, int M, int slices, int P, int wmax,
+                             u16* __restrict__ y = nullptr, const u16* __restrict__ bias = nullptr, int mode = 0) {
   constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
   extern __shared__ __align__(16) u16 drnt_x[];
   __shared__ __align__(16) u16 xs_static[WIDE ? 8 : DR_WMAX * NT];
@@ -2592,6 +2596,29 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
   }
+  if (WIDE) {  // one split: the epilogue here (SiLU x up: lanes 16-31 hold the up rows of lanes 0-15)
+    const bool silu = mode & DR_SILU;
+    float up[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) up[t] = __shfl_down_sync(0xffffffffu, acc[t], 16);
+    if (row < 0 || lane % P != 0 || (silu && lane >= 16)) return;
+    const int mo = silu ? M / 2 : M;
+    const float bv = bias && !silu ? to_float<BF16>(bias[row]) : 0.f;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t >= N) break;
+      u16* dst = y + (long long)t * mo + row;
+      if (silu) {
+        const float gr = to_float<BF16>(from_float<BF16>(acc[t])), ur = to_float<BF16>(from_float<BF16>(up[t]));
+        *dst = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
+      } else {
+        const float r = acc[t] + bv;
+        *dst = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r)))
+                                 : from_float<BF16>(r);
+      }
+    }
+    return;
+  }
   if (row >= 0 && lane % P == 0) {
 #pragma unroll
     for (int t = 0; t < NT; ++t)
@@ -2607,8 +2634,9 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_##NAME##_nt##NT(DR_NT_ARGS) {         \
     delta_rows_nt_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, P, DR_WMAX);                 \
   }                                                                                                          \
-  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_##NAME##_nt##NT(DR_NT_ARGS, int wmax) { \
-    delta_rows_nt_body<BF16, NT, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax);                     \
+  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_##NAME##_nt##NT(DR_NT_ARGS, int wmax,   \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode) {                                          \
+    delta_rows_nt_body<BF16, NT, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, mode);     \
   }
 INSTANTIATE_DR_NT(f16, false, 2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(f16, false, 4, (32 * DR_WARPS, 8))
