@@ -203,3 +203,28 @@ def test_parts_kernels_stage_choices(monkeypatch):
     assert kern.parts_nt_window(4096, 8) == 4096 and kern.parts_nt_window(4092, 2) == 4096
     assert kern.parts_nt_window(6144, 8) == 6144 and kern.parts_nt_window(6152, 8) == 0  # 96 KB at NT = 8
     assert kern.parts_nt_window(24576, 2) == 24576 and kern.parts_nt_window(24584, 2) == 0
+
+
+def test_split_layout_multi_token_window_is_the_weights_widest(monkeypatch):
+    """The split layout's multi-token kernels stage the weight's widest block window, rounded up to 8 and capped at
+    DR_NT_WINDOW_BYTES (NT x 2 bytes a column), read from the offsets once and remembered by address and size."""
+    from flash_llm import DeltaRows
+    from flash_llm import kernels as kern
+    from flash_llm.formats import delta_rows as D
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 6144, generator=g).half()
+    w[torch.rand(300, 6144, generator=g) < 0.8] = 0
+    d = DeltaRows.from_dense(w, splits=3)
+    lay = D.layout(300, d.offsets.numel(), d.data.numel())
+    widest = D.block_window_max(d._offset_arrays()[1])
+    assert widest % 8 == 0 and 1536 < widest <= 3072
+    monkeypatch.setattr(kern, "_split_windows", {})
+    got = [kern.split_nt_window(d.offsets, lay.slices, lay.splits, nt) for nt in (2, 4, 8)]
+    assert got == [widest, widest, 1536]
+    assert list(kern._split_windows.values()) == [widest]  # read once
+    kern._split_windows[next(iter(kern._split_windows))] = 100
+    assert kern.split_nt_window(d.offsets, lay.slices, lay.splits, 2) == 104  # remembered, not read again
+    monkeypatch.setattr(kern, "DR_NT_WINDOW_BYTES", 4096)
+    assert kern.split_nt_window(d.offsets, lay.slices, lay.splits, 8) == 104 and \
+        kern.split_nt_window(DeltaRows.from_dense(w, splits=3).offsets.clone(), lay.slices, lay.splits, 8) == 256

@@ -507,6 +507,7 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)
 DR_WARPS = 4  # spmm.cu: slices per block of the DeltaRows kernel, sharing one staged X window
+DR_WMAX = 1536  # spmm.cu: the widest X window the split layout's _n1 kernel stages as fp32, its _nt2 / _nt4 as 16-bit
 
 
 #: DeltaRows runs its multi-token kernels (``delta_rows_spmm_<dtype>_nt<2|4|8>``) for 2 <= N <= this; above, the
@@ -619,9 +620,37 @@ def parts_nt_window(k: int, nt: int) -> int:
     return w if w * nt * 2 <= DR_NT_STAGE_MAX else 0
 
 
+#: the most bytes of X a split-layout multi-token block stages (``NT x 2`` a column: 1536 columns at NT = 8, 3072 at
+#: 4, 6144 at 2); a block whose window is wider reads X from global memory
+DR_NT_WINDOW_BYTES = 24 * 1024
+_split_windows: dict[tuple, int] = {}
+
+
+def split_nt_window(offsets: torch.Tensor, slices: int, splits: int, nt: int) -> int:
+    """The columns of X that ``delta_rows_spmm_<dtype>_nt8`` stages (its dynamic shared memory) for a split-layout
+    weight: the widest block window of the weight (``delta_rows.block_window_max``), capped at
+    :data:`DR_NT_WINDOW_BYTES`.  Read from ``offsets`` once per weight (a device sync) and remembered by its address
+    and size; while a CUDA graph is being captured and the weight is not known yet, the cap itself.  The kernel checks
+    every block's window against it, so a wrong value (a freed weight's address reused) costs speed, never a result."""
+    from ..formats.delta_rows import block_window_max
+
+    cap = DR_NT_WINDOW_BYTES // (2 * nt) // 8 * 8
+    key = (offsets.device, offsets.data_ptr(), offsets.numel(), slices, splits)
+    widest = _split_windows.get(key)
+    if widest is None:
+        if offsets.is_cuda and torch.cuda.is_current_stream_capturing():
+            return cap
+        win = offsets[slices + 1: slices + 1 + 2 * slices * splits].view(slices, splits, 2)
+        widest = block_window_max(win)
+        if len(_split_windows) >= 1 << 14:
+            _split_windows.clear()
+        _split_windows[key] = widest
+    return min(ceil_div(widest, 8) * 8, cap)
+
+
 def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
-    """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up)
-    stores each split's partials, ``delta_rows_reduce_<dtype>`` sums them in split order with the epilogue; on the
+    """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up;
+    at NT = 8 its X window :func:`split_nt_window`) stores each split's partials, ``delta_rows_reduce_<dtype>`` sums them in split order with the epilogue; on the
     parts layout (one split) ``delta_rows_parts_<dtype>_nt<NT>`` applies the epilogue and writes ``y`` itself."""
     from ..formats.delta_rows import layout
 
@@ -646,11 +675,14 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
                 (bias.data_ptr() if bias is not None else 0, P), (mode, I)],
                stream, dev.index, wmax * nt * 2, pdl=pdl)
         return y
-    # the split layout: windows of up to 1536 columns, staged in static shared memory; partials, then the reduction
+    # the split layout: partials, then the reduction; at NT = 8 the weight's widest block window staged in dynamic
+    # shared memory, at NT = 2, 4 windows of up to 1536 columns in static shared memory
+    wmax = split_nt_window(offsets, slices, s, nt) if nt == 8 else DR_WMAX
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
-            (k, I), (m, I), (slices, I), (lay.parts, I)], stream, dev.index, 0, pdl=pdl)
+            (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I)], stream, dev.index,
+           wmax * nt * 2 if nt == 8 else 0, pdl=pdl)
     launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
            [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
             (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)

@@ -2474,13 +2474,18 @@ INSTANTIATE_DR_PARTS_P(bf16, true, 16)
 // delta_rows_spmm_<dtype>_nt<NT>: 2 <= N <= NT tokens (NT = 2, 4, 8), the same blocks as _n1 (4 warps, 4 slices of
 // one split, one X window) and the same walk, each entry's value multiplied into NT sums: X's window is staged as
 // 16-bit, column-major by token (NT values a column, 4-16 bytes, read by one LDS), so a lane reads its column's
-// tokens at once.  Groups are copied DR_RING_NT ahead (a smaller ring: the window takes NT x 3 KB).  No split-K sum
-// in the launch: each warp stores its NT x 32 partials at ws[s][t][row] (the weight's own row order), and
-// delta_rows_reduce_<dtype> sums them in split order and applies the epilogue (the parts layout, P > 1 lanes a row:
-// a row's P lanes summed by shuffles first, part 0's lane stores).  Windows wider than DR_WMAX read X from
-// global memory (slower, same sums).  Bound by the shared-memory reads at NT = 8 (16 bytes of X at a random column an
-// entry), so it pays most at small N.
+// tokens at once.  No split-K sum in the launch: each warp stores its NT x 32 partials at ws[s][t][row] (the weight's
+// own row order), and delta_rows_reduce_<dtype> sums them in split order and applies the epilogue.  Windows wider than
+// wmax read X from global memory (slower, the same sums).  Bound by the shared-memory reads at NT = 8 (16 bytes of X at
+// a random column an entry), so it pays most at small N.
+// - NT = 2, 4: the window in static shared memory (DR_WMAX columns, NT x 3 KB; wmax = DR_WMAX), groups copied
+//   DR_RING_NT = 4 ahead.
+// - NT = 8 (session 32): the window in dynamic shared memory, wmax columns (the launcher's: the weight's widest block
+//   window, at most 1536), and a ring of 2 groups: 56 registers instead of 94 (the static window held them), and 5 KB
+//   less a block, so the grid the encoder sized for the N = 1 kernel fits one wave on Llama-3-8B's gate / up (7 blocks
+//   an SM; 5 before).
 constexpr int DR_RING_NT = 4;
+constexpr int dr_ring_nt(int nt) { return nt == 8 ? 2 : DR_RING_NT; }
 
 template <bool BF16, int NT>
 DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the NT tokens of one staged column
@@ -2499,21 +2504,22 @@ DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the 
   }
 }
 
-// WIDE: the parts layout's kernel (delta_rows_parts_<dtype>_nt<NT>), whose one window is all of K: X staged in dynamic
-// shared memory, wmax columns (the launcher's: all of K while NT x 2 K bytes fit DR_NT_STAGE_MAX); else the split
-// layout's, with its DR_WMAX columns in static shared memory (wmax = DR_WMAX).
-// WIDE also means one split (the parts layout has one): the kernel applies the epilogue itself and writes y
+// ONE: the parts layout's kernel (delta_rows_parts_<dtype>_nt<NT>, P > 1 lanes a row: a row's P lanes summed by
+// shuffles), whose one window is all of K (wmax: all of K while NT x 2 K bytes fit DR_NT_STAGE_MAX).
+// It has one split, so the kernel applies the epilogue itself and writes y
 // ([N, M], or [N, M / 2] for SiLU x up; mode DR_SILU / DR_RESID and the bias as delta_rows_reduce_<dtype>, with its
 // rounding steps, so the same bits), and no reduction is launched; ws is unused.
-template <bool BF16, int NT, bool WIDE>
+template <bool BF16, int NT, bool ONE>
 DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              float* __restrict__ ws, int S, int N, int K, int M, int slices, int P, int wmax,
                              u16* __restrict__ y = nullptr, const u16* __restrict__ bias = nullptr, int mode = 0) {
   constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
   extern __shared__ __align__(16) u16 drnt_x[];
-  __shared__ __align__(16) u16 xs_static[WIDE ? 8 : DR_WMAX * NT];
-  u16* const xs = WIDE ? drnt_x : xs_static;
-  __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING_NT * 640];
+  constexpr bool DYN = ONE || NT == 8;  // the window in dynamic shared memory (else DR_WMAX columns, static)
+  __shared__ __align__(16) u16 xs_static[DYN ? 8 : DR_WMAX * NT];
+  u16* const xs = DYN ? drnt_x : xs_static;  // wmax x NT 16-bit values
+  constexpr int RING = ONE ? DR_RING_NT : dr_ring_nt(NT);
+  __shared__ __align__(16) unsigned char ring[DR_WARPS][RING * 640];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
   const int slice = min(blockIdx.x * DR_WARPS + warp, slices - 1);  // (a warp past the last slice repeats it, unstored)
@@ -2523,7 +2529,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
   const u32 rs = smem_addr(ring[warp]);
 #pragma unroll
-  for (int i = 0; i < DR_RING_NT; ++i) {
+  for (int i = 0; i < RING; ++i) {
     if (live && g0 + i < g1) dr_copy(rs, i, base, g0 + i);
     cp_async_commit();
   }
@@ -2539,7 +2545,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const int2 bw = dr_union(win_lo, win_hi);
   const int a0 = bw.x, w = bw.y;
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
-  const bool staged = w <= wmax;  // (the same for the whole block)
+  const bool staged = w <= (DYN ? wmax : DR_WMAX);  // (the same for the whole block)
   if (staged) {
     for (int c = threadIdx.x; c < w; c += 32 * DR_WARPS) {  // column a0 + c of every token (0 past N or K)
       u32 h[NT / 2];
@@ -2567,11 +2573,11 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const unsigned char* rg = ring[warp];
   u32 off = (u32)(start - a0) << LG;  // the running column's byte offset in the window
   for (int g = g0; g < g1; ++g) {
-    const int slot = (g - g0) & (DR_RING_NT - 1);
-    cp_async_wait<DR_RING_NT - 1>();
+    const int slot = (g - g0) & (RING - 1);
+    cp_async_wait<RING - 1>();
     const uint4 v = *reinterpret_cast<const uint4*>(rg + slot * 640 + 16 * lane);
     const u32 d = *reinterpret_cast<const u32*>(rg + slot * 640 + 512 + 4 * lane);
-    if (g + DR_RING_NT < g1) dr_copy(rs, slot, base, g + DR_RING_NT);
+    if (g + RING < g1) dr_copy(rs, slot, base, g + RING);
     cp_async_commit();
     const u32 vw[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -2596,7 +2602,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
   }
-  if (WIDE) {  // one split: the epilogue here (SiLU x up: lanes 16-31 hold the up rows of lanes 0-15)
+  if (ONE) {  // one split: the epilogue here (SiLU x up: lanes 16-31 hold the up rows of lanes 0-15)
     const bool silu = mode & DR_SILU;
     float up[NT];
 #pragma unroll
@@ -2626,15 +2632,15 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   }
 }
 
-// (NT = 8: no occupancy bound; asking for 4-5 blocks an SM made ptxas spill, left alone it takes 94 registers on sm_90)
+// (NT = 8: no occupancy bound; 54-56 registers on sm_80 and sm_90 since session 32's dynamic window, 94-148 before)
 #define DR_NT_ARGS                                                                                           \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, float *__restrict__ ws, \
-      int S, int N, int K, int M, int slices, int P
+      int S, int N, int K, int M, int slices, int P, int wmax
 #define INSTANTIATE_DR_NT(NAME, BF16, NT, BOUNDS)                                                           \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_##NAME##_nt##NT(DR_NT_ARGS) {         \
-    delta_rows_nt_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, P, DR_WMAX);                 \
+    delta_rows_nt_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, P, wmax);                    \
   }                                                                                                          \
-  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_##NAME##_nt##NT(DR_NT_ARGS, int wmax,   \
+  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_##NAME##_nt##NT(DR_NT_ARGS,              \
       u16 *__restrict__ y, const u16 *__restrict__ bias, int mode) {                                          \
     delta_rows_nt_body<BF16, NT, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, mode);     \
   }
