@@ -228,3 +228,20 @@ def test_split_layout_multi_token_window_is_the_weights_widest(monkeypatch):
     monkeypatch.setattr(kern, "DR_NT_WINDOW_BYTES", 4096)
     assert kern.split_nt_window(d.offsets, lay.slices, lay.splits, 8) == 104 and \
         kern.split_nt_window(DeltaRows.from_dense(w, splits=3).offsets.clone(), lay.slices, lay.splits, 8) == 256
+
+
+def test_python_mirrors_of_the_delta_rows_kernel_constants():
+    """kernels.DR_WARPS / DR_WMAX and the mode bits are spmm.cu's (the launchers size grids and windows by them)."""
+    import re
+    from pathlib import Path
+
+    from flash_llm import kernels as kern
+
+    src = (Path(kern.__file__).parent / "spmm.cu").read_text()
+
+    def const(name):
+        return int(re.search(rf"constexpr int [^;]*\b{name} = (\d+)", src).group(1))
+
+    assert (const("DR_WARPS"), const("DR_WMAX")) == (kern.DR_WARPS, kern.DR_WMAX)
+    assert [const(n) for n in ("DR_RESID", "DR_RMS", "DR_SILU", "DR_LN", "DR_RELU")] == [
+        kern._DR_RESID, kern._DR_RMS, kern._DR_SILU, kern._DR_LN, kern._DR_RELU]

@@ -650,8 +650,9 @@ def split_nt_window(offsets: torch.Tensor, slices: int, splits: int, nt: int) ->
 
 def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
     """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up;
-    at NT = 8 its X window :func:`split_nt_window`) stores each split's partials, ``delta_rows_reduce_<dtype>`` sums them in split order with the epilogue; on the
-    parts layout (one split) ``delta_rows_parts_<dtype>_nt<NT>`` applies the epilogue and writes ``y`` itself."""
+    at NT = 8 its X window :func:`split_nt_window`) stores each split's partials, ``delta_rows_reduce_<dtype>`` sums
+    them in split order with the epilogue; on the parts layout (one split) ``delta_rows_parts_<dtype>_nt<NT>``
+    applies the epilogue and writes ``y`` itself."""
     from ..formats.delta_rows import layout
 
     n = x.shape[0]
