@@ -48,7 +48,8 @@
 #             E2E_ROUNDS times (default 1): switches of the checked-out tree A/B'd end to end in one process each
 #   cross     the wg32x2 / nt4 crossover at N = 17-32: time_across_n.py with FLASH_LLM_TCSL_WG32_MIN_DENSITY = 1 (always
 #             nt4) and = 0 (always wg32x2), 9216 x 36864 at CROSS_SPARSITIES (default "0.7 0.8 0.9"), 4096 x 14336 at 80 %
-# Outputs (logs) under $OUT; the A/B tables are printed.
+# Outputs (logs) under $OUT; the A/B tables are printed. bench_e2e's plots, CSVs and summaries are deleted at the end
+# (GPU_AB_KEEP_ALL=1 keeps them): the device tool brings back only a few files.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # (absolute: stages run in copies of the tree)
 export OUT PYTHONPATH=$PWD
@@ -169,3 +170,8 @@ for stage in "${@:-tests ab}"; do
     esac
   done
 done
+# The device tool brings back only a few files of $OUT: unless GPU_AB_KEEP_ALL=1, drop bench_e2e's plots, CSVs and
+# summaries (their numbers are in results.json and the logs)
+if [ "${GPU_AB_KEEP_ALL:-0}" != 1 ]; then
+  find "$OUT" \( -name e2e.png -o -name results.csv -o -name summary.md \) -delete 2>/dev/null || true
+fi
