@@ -9,7 +9,8 @@ For every (model, sparsity, batch): a synthetic model (random weights, each deco
 sparsity and compressed as it is drawn; sparsity 0 = dense), random prompts of ``--prompt`` tokens, ``--new``
 new tokens, greedy, no early stop.  Reported: decode tokens/s (batch x decode steps / their time), tokens per
 GPU-second end to end (prefill included), time per output token (median step), time to first token (prefill
-plus the first token), weight bytes and their ratio to the format's formula, peak GPU memory, and the
+plus the first token), weight bytes and their ratio to the format's formula (as each run's engine had them: after
+its merge and DeltaRows layout; ``flash_llm.models.synthetic.projection_bytes``), peak GPU memory, and the
 bandwidth floor of one decode step (bytes of weights read per step / measured copy bandwidth) with the share of
 it a batch-1 step reaches.  Times are CUDA events, the median over ``--repeats`` generations after a warm-up
 that also captures the decode graph.  ``--memory-limit-gb`` caps the process' GPU memory
@@ -54,7 +55,7 @@ from flash_llm.engine import Engine  # noqa: E402
 from flash_llm.models import preset, unmerge_projections  # noqa: E402
 from flash_llm.models import _common  # noqa: E402
 from flash_llm.models.config import PRESETS  # noqa: E402
-from flash_llm.models.synthetic import DoesNotFit, build_synthetic  # noqa: E402
+from flash_llm.models.synthetic import DoesNotFit, build_synthetic, projection_bytes  # noqa: E402
 from flash_llm.parallel import ShardReport, TensorParallel, check_divisible, init_tensor_parallel  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -136,6 +137,11 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
         "cache_bytes": eng.cache_bytes,
         "read_bytes": bytes_read_per_step(model),  # (after the engine's merge and DeltaRows layout)
     }
+    stored, formula = projection_bytes(model)  # the weights this engine ran on (the build's report is before it)
+    if formula:
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+        row.update(projection_bytes=stored, formula_ratio=stored / formula,
+                   weight_bytes=sum(t.numel() * t.element_size() for t in tensors))
     del eng
     return row
 

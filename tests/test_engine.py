@@ -493,6 +493,7 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     graphs are CUDA only).  Engine(delta_layout=) takes "auto" or "keep"."""
     from flash_llm.engine import _batch_parts, relayout_delta_rows
     from flash_llm.formats.delta_rows import auto_parts
+    from flash_llm.models.synthetic import projection_bytes
 
     hm, _ = pair
     ours = _ours(hm, torch.float16)
@@ -510,8 +511,12 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     eng._graphs[2] = object()  # as if captured
     eng._check_graphs()
     assert 2 in eng._graphs  # the weights have not moved
+    split_bytes = projection_bytes(ours)
+    assert split_bytes[0] == sum(m.nbytes for m in layers.values())
     assert relayout_delta_rows(ours, lambda m: 4) == {p: 4 for p in layers}
     assert all(m.weight.parts == 4 and torch.equal(m.to_dense(), dense[p]) for p, m in layers.items())
+    parts_bytes = projection_bytes(ours)  # (the formula follows each weight's lanes a row: more padding)
+    assert parts_bytes[0] > split_bytes[0] and parts_bytes[1] > split_bytes[1]
     eng._check_graphs()
     assert eng._graphs == {}  # captured over the old arrays: dropped
     got = eng.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)

@@ -59,19 +59,19 @@ def tiled_csl_formula_bytes(m: int, k: int, nnz: float) -> float:
     return 4 * nnz + 4 * (t + 1)
 
 
-def delta_rows_formula_bytes(m: int, k: int, nnz: float) -> float:
+def delta_rows_formula_bytes(m: int, k: int, nnz: float, parts: int | None = None) -> float:
     """The DeltaRows size of an ``[m, k]`` weight with ``nnz`` nonzeros placed at random, from its format description:
     2.5 bytes per entry (the nonzeros, plus the escapes of gaps over 15 columns: ``q^15 / (1 - q^15)`` per nonzero at
     zero fraction ``q``), each row's padding to whole groups of 8 entries (3.5 entries on average), the split headers
     (72 bytes per slice and split, at the encoder's default split count) and the offsets and row order.  It leaves out
     the padding of a slice's rows to its longest (rows are ranked by length, so neighbours differ little).  With the
-    parts layout (:func:`~flash_llm.formats.delta_rows.default_parts`: ``P`` lanes a row, one split) each of the
-    ``m P`` lanes pads to whole groups, and ``data`` ends with ``P`` words."""
+    parts layout (``parts``, else :func:`~flash_llm.formats.delta_rows.default_parts`: ``P`` lanes a row, one split)
+    each of the ``m P`` lanes pads to whole groups, and ``data`` ends with ``P`` words."""
     from ..formats.delta_rows import GROUP, LANES, default_parts, default_splits
 
     q = min(max(1.0 - nnz / (m * k), 0.0), 1.0 - 1e-12)
     entries = nnz * (1.0 + q ** 15 / (1.0 - q ** 15))
-    p = default_parts(m, k, int(nnz))
+    p = default_parts(m, k, int(nnz)) if parts is None else parts
     slices = math.ceil(m * p / LANES)
     splits = 1 if p > 1 else default_splits(m, math.ceil(entries / m / GROUP))
     return (2.5 * (entries + 3.5 * m * p) + 4 * (slices + 1) + 72 * slices * splits + 4 * slices * LANES
@@ -80,6 +80,23 @@ def delta_rows_formula_bytes(m: int, k: int, nnz: float) -> float:
 
 _FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_bytes,
              "delta-rows": delta_rows_formula_bytes}  # keyed like nn.FORMAT_NAMES
+
+
+def projection_bytes(model: torch.nn.Module) -> tuple[int, float]:
+    """``(stored, formula)``: the bytes of ``model``'s :class:`~flash_llm.SparseLinear` weights as they stand (after
+    a merge, or an engine's DeltaRows layout), and the same from their formats' formulas at their nonzero counts (a
+    DeltaRows weight at its own lanes a row).  Dense projections are not counted."""
+    from ..formats import DeltaRows
+
+    stored, formula = 0, 0.0
+    for mod in model.modules():
+        if isinstance(mod, SparseLinear):
+            fmt = next(n for n, c in FORMAT_NAMES.items() if c is mod.weight_format)
+            m, k = mod.out_features, mod.in_features
+            stored += mod.nbytes
+            formula += (delta_rows_formula_bytes(m, k, mod.nnz, mod.weight.parts) if mod.weight_format is DeltaRows
+                        else _FORMULAS[fmt](m, k, mod.nnz))
+    return stored, formula
 
 
 def _check_fmt(fmt) -> str:
