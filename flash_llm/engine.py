@@ -199,7 +199,7 @@ def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_bat
     if parts and max_batch > 1:
         notes.append(f"max_batch={max_batch}: {parts} DeltaRows layer(s) in the parts layout (FLASH_LLM_DELTA_PARTS / "
                      f"parts=, kept by delta_layout='keep') run 2 or more tokens slower than the split layout "
-                     f"(their multi-token kernels stage all of K: Llama-3-8B at batch 4 1.16x, at batch 8 1.5x "
+                     f"(their multi-token kernels stage all of K: Llama-3-8B at batch 4 1.07x, at batch 8 1.7x "
                      f"slower); delta_layout='auto' re-encodes them for batched serving")
     return "; ".join(notes) or None
 
@@ -230,8 +230,8 @@ class Engine:
         delta_layout: ``"auto"`` (default) re-encodes the model's DeltaRows weights on a CUDA device, in place (after
             ``merge``; :func:`relayout_delta_rows`), into the layout fastest at ``max_batch``: the parts layout where
             :func:`~flash_llm.formats.delta_rows.auto_parts` takes it at ``max_batch`` 1 (Llama-3-8B at 80 % on an
-            H200: 1.107x faster at batch 1), the split layout above (the parts layout's multi-token kernels are
-            1.03-1.5x slower at batch 2-8).  The values do not change (the sums' order does, within rounding).
+            H200: 1.09-1.11x faster at batch 1), the split layout above (the parts layout's multi-token kernels tie
+            it at batch 2 and are 1.07x slower at batch 4, 1.7x at 8; session 32).  The values do not change (the sums' order does, within rounding).
             ``"keep"`` leaves the weights as they are.  On other devices nothing is re-encoded.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
