@@ -109,10 +109,15 @@ def _free(device):
 def bytes_read_per_step(model) -> int:
     """Weight bytes one decode step reads: every parameter and buffer once, except embedding tables that are
     only indexed (the input embedding when it is not the tied ``lm_head``, OPT's positions)."""
-    stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     head = getattr(model.lm_head, "weight", None)
     indexed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
-    return sum(t.numel() * t.element_size() for i, t in stored.items() if i not in indexed)
+    return _stored_bytes(model, skip=indexed)
+
+
+def _stored_bytes(model, skip=frozenset()) -> int:
+    """Bytes of the model's parameters and buffers, each tensor once, but those whose ``id`` is in ``skip``."""
+    stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for i, t in stored.items() if i not in skip)
 
 
 def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
@@ -139,9 +144,7 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
     }
     stored, formula = projection_bytes(model)  # the weights this engine ran on (the build's report is before it)
     if formula:
-        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-        row.update(projection_bytes=stored, formula_ratio=stored / formula,
-                   weight_bytes=sum(t.numel() * t.element_size() for t in tensors))
+        row.update(projection_bytes=stored, formula_ratio=stored / formula, weight_bytes=_stored_bytes(model))
     del eng
     return row
 

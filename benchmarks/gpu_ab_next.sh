@@ -173,5 +173,5 @@ done
 # The device tool brings back only a few files of $OUT: unless GPU_AB_KEEP_ALL=1, drop bench_e2e's plots, CSVs and
 # summaries (their numbers are in results.json and the logs)
 if [ "${GPU_AB_KEEP_ALL:-0}" != 1 ]; then
-  find "$OUT" \( -name e2e.png -o -name results.csv -o -name summary.md \) -delete 2>/dev/null || true
+  find "$OUT" \( -name e2e.png -o -name results.csv -o -name summary.md \) -delete
 fi

@@ -231,8 +231,9 @@ class Engine:
             ``merge``; :func:`relayout_delta_rows`), into the layout fastest at ``max_batch``: the parts layout where
             :func:`~flash_llm.formats.delta_rows.auto_parts` takes it at ``max_batch`` 1 (Llama-3-8B at 80 % on an
             H200: 1.09-1.11x faster at batch 1), the split layout above (the parts layout's multi-token kernels tie
-            it at batch 2 and are 1.07x slower at batch 4, 1.7x at 8; session 32).  The values do not change (the sums' order does, within rounding).
-            ``"keep"`` leaves the weights as they are.  On other devices nothing is re-encoded.
+            it at batch 2 and are 1.07x slower at batch 4, 1.7x at 8; session 32).  The values do not change (the
+            sums' order does, within rounding).  ``"keep"`` leaves the weights as they are.  On other devices nothing
+            is re-encoded.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).

@@ -679,11 +679,11 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     # the split layout: partials, then the reduction; at NT = 8 the weight's widest block window staged in dynamic
     # shared memory, at NT = 2, 4 windows of up to 1536 columns in static shared memory
     wmax = split_nt_window(offsets, slices, s, nt) if nt == 8 else DR_WMAX
+    shared = 2 * nt * wmax if nt == 8 else 0  # (the static window of NT = 2, 4 needs no dynamic bytes)
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
-            (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I)], stream, dev.index,
-           wmax * nt * 2 if nt == 8 else 0, pdl=pdl)
+            (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I)], stream, dev.index, shared, pdl=pdl)
     launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
            [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
             (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)

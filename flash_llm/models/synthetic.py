@@ -88,14 +88,14 @@ def projection_bytes(model: torch.nn.Module) -> tuple[int, float]:
     DeltaRows weight at its own lanes a row).  Dense projections are not counted."""
     from ..formats import DeltaRows
 
+    by_class = {FORMAT_NAMES[name]: f for name, f in _FORMULAS.items()}
     stored, formula = 0, 0.0
     for mod in model.modules():
         if isinstance(mod, SparseLinear):
-            fmt = next(n for n, c in FORMAT_NAMES.items() if c is mod.weight_format)
             m, k = mod.out_features, mod.in_features
             stored += mod.nbytes
             formula += (delta_rows_formula_bytes(m, k, mod.nnz, mod.weight.parts) if mod.weight_format is DeltaRows
-                        else _FORMULAS[fmt](m, k, mod.nnz))
+                        else by_class[mod.weight_format](m, k, mod.nnz))
     return stored, formula
 
 
