@@ -35,12 +35,12 @@
 #   splits    benchmarks/splits_sweep.py $SPLITS_ARGS: every split count against the heuristic's on Llama-3-8B's layers
 #   attnab    the decode-attention prototype benchmarks/ab/$ATTN_PATCH against the tree: tests/test_decode_attention.py on
 #             both, then bench_decode_attention.py --rope (ATTN_SLOTS default 256,2048; ATTN_BATCHES 1,16,64), base and
-#             patch interleaved, twice (about 3 minutes)
+#             patch interleaved, twice (about 3 minutes); ATTN_TEST_TREES="patch" tests only the patched tree ("" neither)
 #   e2eab     an engine or kernel patch benchmarks/ab/$E2E_PATCH against the tree end to end: its GPU tests ($E2E_TESTS,
 #             default the kernel and engine suites; E2E_K=<pytest -k expression> for a subset), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
 #             80), batches $E2E_BATCHES (default 1,16), base and patch interleaved, twice (about 6 minutes)
 #   e2emulti  the base tree and one tree per patch of E2E_PATCHES ("a.patch b.patch", paths under benchmarks/ab/, each
-#             applied alone): each patched tree's tests ($E2E_TESTS, E2E_K), then bench_e2e.py on every tree in turn,
+#             applied alone): each patched tree's tests ($E2E_TESTS, E2E_K; E2E_TESTS=- none), then bench_e2e.py on every tree in turn,
 #             E2E_ROUNDS times (default 1), each run under E2E_TIMEOUT seconds (default 150), its lines labelled with
 #             the patch's file name, its outputs in $OUT/e2em_<tree>_r<round>/ (tree 0 the base)
 #   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
@@ -128,7 +128,7 @@ for stage in "${@:-tests ab}"; do
               --batches ${E2E_BATCHES:-1,16,64} --out "$OUT/e2e_attn$on" 2>&1 | grep "b=" | sed "s/^/DECODE_ATTENTION=$on /"
             done 2>&1 | tee "$OUT/attn.log" ;;
       attnab) { if two_trees /tmp/attnab "${ATTN_PATCH:?ATTN_PATCH=<file in benchmarks/ab>}"; then
-                  for v in patch base; do echo "--- tests: $v"; (cd /tmp/attnab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_attn_$v \
+                  for v in ${ATTN_TEST_TREES-patch base}; do echo "--- tests: $v"; (cd /tmp/attnab/$v && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_attn_$v \
                     timeout 120 python3 -m pytest -q -x tests/test_decode_attention.py 2>&1 | tail -2); done
                   for r in 1 2; do for v in base patch; do echo "--- $v, round $r"; (cd /tmp/attnab/$v && PYTHONPATH=$PWD \
                     FLASH_LLM_CACHE=/tmp/flc_attn_$v timeout 90 python3 benchmarks/bench_decode_attention.py --rope \
@@ -143,7 +143,7 @@ for stage in "${@:-tests ab}"; do
                fi; } 2>&1 | tee "$OUT/e2eab.log" ;;
       e2emulti) { rm -rf /tmp/e2em; i=0  # base and one tree per patch of E2E_PATCHES (each applied alone to the base)
                  for v in base ${E2E_PATCHES:?E2E_PATCHES=<files in benchmarks/ab>}; do copy_tree /tmp/e2em/$i
-                   if [ $v != base ]; then (cd /tmp/e2em/$i && git apply "$ROOT/benchmarks/ab/$v" && echo "--- tests: $v" && \
+                   if [ $v != base ]; then (cd /tmp/e2em/$i && git apply "$ROOT/benchmarks/ab/$v" && [ "${E2E_TESTS:-}" != - ] && echo "--- tests: $v" && \
                      PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2em_$i timeout 200 python3 -m pytest -q -x --tb=short \
                      ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | tail -12); fi
                    i=$((i + 1)); done
