@@ -5,6 +5,7 @@ and whole models with it against the same models without it.  GPU tests skip cle
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -225,6 +226,66 @@ def test_kernel_with_rope(dtype, b, h, hkv, d, kv_len, slot):
     assert (out.double() - want).abs().max().item() <= tol
     assert not kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, kv_len, cos, None)
     assert not kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, kv_len, cos.float(), sin.float())
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,h,hkv,d", [(1, 32, 8, 128), (3, 8, 8, 64), (2, 16, 2, 128), (2, 12, 2, 64)])
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+def test_chunks_combined_in_a_cluster_give_the_global_combines_bits(dtype, b, h, hkv, d, rope, monkeypatch):
+    """With 2-8 chunks (65-512 slots) on sm_90 the blocks of a (sequence, kv head, head group) run as one cluster and
+    block 0 combines the chunks from the others' shared memory (kernels.DECODE_ATTN_CLUSTER): the same outputs and
+    cache as the combine through global memory, bit for bit, for 1 to 8 chunks and past 8 (600 slots: the global
+    combine either way); under a programmatic launch too.  (Every grid here may take the cluster: the limit on the
+    grid is policy, tested below.)"""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1 << 20)
+    for kv_len, slot in ((64, 10), (65, 64), (129, 100), (256, 255), (300, 17), (512, 500), (600, 599)):
+        slots = max(kv_len, slot + 1) + 64
+        q, k, v, cache, mask, st = _case(b, h, hkv, d, slots, kv_len, slot, dtype, "cuda", seed=kv_len + b,
+                                         masked=(kv_len - 1,) if slot != kv_len - 1 else ())
+        cos, sin = _rope_tables(b, d, dtype, "cuda", kv_len) if rope else (None, None)
+        outs, caches = [], []
+        for on, pdl in ((False, False), (True, False), (True, True)):
+            monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER", on)
+            kc, vc = cache.k[0].clone(), cache.v[0].clone()
+            out = torch.full((b, 1, h * d), float("nan"), dtype=dtype, device="cuda")
+            with kernels.static_weights() if pdl else contextlib.nullcontext():
+                kernels.decode_attention_cuda(q, k, v, kc, vc, st, mask, kv_len, d ** -0.5, out=out, cos=cos, sin=sin)
+            torch.cuda.synchronize()
+            outs.append(out)
+            caches.append((kc, vc))
+        assert not outs[0].isnan().any()
+        for i in (1, 2):
+            assert torch.equal(outs[i], outs[0]), (kv_len, i, (outs[i].float() - outs[0].float()).abs().max().item())
+            assert torch.equal(caches[i][0], caches[0][0]) and torch.equal(caches[i][1], caches[0][1])
+
+
+@cuda
+@pytest.mark.gpu
+def test_cluster_combine_only_for_grids_within_the_sms(monkeypatch):
+    """The cluster combine runs where the grid has at most DECODE_ATTN_CLUSTER_GRID blocks an SM (batch 1 of
+    Llama-3-8B's heads at 256 slots: 64 blocks) and 2-8 chunks; batch 16 (1024 blocks) keeps the global combine."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    seen = []
+    real = kernels.launch
+
+    def spy(name, grid, *args, **kw):
+        if name.startswith("decode_attn"):
+            seen.append((grid, kw.get("cluster")))
+        return real(name, grid, *args, **kw)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    for b in (1, 16):
+        q, k, v, cache, mask, st = _case(b, 32, 8, 128, 320, 256, 255, torch.float16, "cuda", seed=b)
+        kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, 256, 128 ** -0.5)
+    torch.cuda.synchronize()
+    (g1, c1), (g16, c16) = seen
+    assert g1[1] == 4 and g1[0] * g1[1] * g1[2] <= kernels.sm_count(0) and c1 == (1, 4, 1)
+    assert g16[0] * g16[1] * g16[2] > kernels.sm_count(0) and c16 is None
 
 
 @cuda

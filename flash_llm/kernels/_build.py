@@ -214,35 +214,46 @@ def _allow_shared(fn, device_index: int, name: str, shared: int) -> None:
 
 
 def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream: int, device_index: int,
-           shared: int = 0, pdl: bool = False) -> None:
+           shared: int = 0, pdl: bool = False, cluster: tuple[int, int, int] | None = None) -> None:
     """Launch kernel ``name`` with ``args`` (ints for pointers/ints, as ``(value, ctype)`` pairs) and ``shared``
     bytes of dynamic shared memory.
 
     ``pdl``: launch with programmatic stream serialization (sm_90+, unless ``FLASH_LLM_PDL=0``): the kernel may
     start before the previous kernel in the stream has finished, so it must wait for it (``griddepcontrol.wait``)
-    before reading its results."""
-    launch_function(_function(device_index, name), name, grid, block, args, stream, device_index, shared, pdl)
+    before reading its results.  ``cluster``: thread-block cluster dimensions (sm_90+; the caller checks), each
+    dividing the grid's."""
+    launch_function(_function(device_index, name), name, grid, block, args, stream, device_index, shared, pdl,
+                    cluster)
 
 
 def launch_function(fn, name: str, grid: tuple[int, int, int], block: int, args: list, stream: int,
-                    device_index: int, shared: int = 0, pdl: bool = False) -> None:
+                    device_index: int, shared: int = 0, pdl: bool = False,
+                    cluster: tuple[int, int, int] | None = None) -> None:
     """:func:`launch` of a function handle ``fn`` (``CUfunction``) from any module (a benchmark's prototype
     compiled with :func:`compile_kernels` ``source=``); ``name`` names it in errors and the shared-memory cache."""
     _allow_shared(fn, device_index, name, shared)
     holders = [ctype(value) for value, ctype in args]
     ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
     drv = _driver()
+    attrs = []
     if pdl and PDL and _pdl_supported(device_index):
+        attr = drv.CUlaunchAttribute()
+        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        attrs.append(attr)
+    if cluster is not None:
+        attr = drv.CUlaunchAttribute()
+        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster
+        attrs.append(attr)
+    if attrs:
         cfg = drv.CUlaunchConfig()
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
         cfg.sharedMemBytes = shared
         cfg.hStream = drv.CUstream(stream)
-        attr = drv.CUlaunchAttribute()
-        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.programmaticStreamSerializationAllowed = 1
-        cfg.attrs = [attr]
-        cfg.numAttrs = 1
+        cfg.attrs = attrs
+        cfg.numAttrs = len(attrs)
         _check_cu((drv.cuLaunchKernelEx(cfg, fn, ctypes.addressof(ptrs), 0)[0], None), f"launch of {name}")
         return
     _check_cu((drv.cuLaunchKernel(fn, grid[0], grid[1], grid[2], block, 1, 1, shared, stream,

@@ -2778,9 +2778,10 @@ INSTANTIATE_BW(bf16, true, 128)
 // - Every block rotates the new key into shared memory (kn); the block of head group 0 whose chunk holds the slot
 //   (the last chunk if the slot is past S) writes it and the new value into the cache.  Every block reads that
 //   slot's key and value from kn and v_new, never from the cache, so no block waits for another.
-// - At batch 1 thread 0 first asks L2 for the chunk's cached key and value rows, before the programmatic wait.
-// - A block issues all its first loads at once, none waiting for another (session 16): the slot, the mask, its key
-//   rows (the slot's row too, then replaced from kn), the new value, the queries, the new key and cos / sin.  The value
+// - Before the programmatic wait every thread loads its key rows (the cache is static until this launch writes the
+//   slot, whose stale row is replaced from kn), and at batch 1 thread 0 asks L2 for the chunk's value rows.
+// - After it a block issues all its other first loads at once, none waiting for another (session 16): the slot, the
+//   mask, the new value, the queries, the new key and cos / sin.  The value
 //   rows are asked for right after the scores, so they are in flight during the softmax statistics.
 //   - scores: two threads per slot, each with half the key row (D / 16 16-byte loads); dot products with the group's
 //     queries (fp32, shared memory), summed over the pair by one shuffle; masked slots and slots past S score -inf;
@@ -2795,9 +2796,11 @@ INSTANTIATE_BW(bf16, true, 128)
 //   comes out NaN, as scaled_dot_product_attention's.
 // ------------------------------------------------------------------------------------------------
 constexpr int DA_THREADS = 128, DA_CHUNK = 64, DA_MAX_REP = 8, DA_HEADS = 4;
+constexpr int DA_CLUSTER_MAX = 8;  // the most chunks combined inside a cluster (the portable cluster size)
 #define DA_NEG_INF __int_as_float(0xff800000)
 static_assert(2 * DA_CHUNK == DA_THREADS, "decode attention: two threads per slot of the chunk");
 static_assert(DA_MAX_REP <= 2 * DA_HEADS, "decode attention: at most two head groups (tickets per kv head)");
+static_assert(DA_CLUSTER_MAX <= 32, "decode attention: a cluster's chunks are weighed one per lane");
 
 struct DecodeAttn {
   const u16* q;
@@ -2815,7 +2818,27 @@ struct DecodeAttn {
   long long q_b, k_b, v_b, mask_b, cs_b;
   int heads, kv_heads, slots, S, splits;
   float scale;
+  int cluster;  // 1: launched as clusters of the splits blocks of a (sequence, kv head, head group): they combine there
 };
+
+// Thread-block clusters (sm_90): the address of a variable of this block's shared memory in block `rank` of the
+// cluster, a load from it, and a barrier of every thread of the cluster (release / acquire: each block's shared
+// memory writes before it are seen by the others' reads after it).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+DEVI u32 cluster_addr(const void* p, u32 rank) {
+  u32 r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(smem_addr(p)), "r"(rank));
+  return r;
+}
+DEVI float cluster_ld(u32 addr) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
+DEVI void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+#endif
 
 // Element d of a D-vector rotated as transformers' apply_rotary_pos_emb does it in the tensors' dtype, from the raw
 // element x = v[d], its partner p = v[d + D / 2] (d < D / 2) or v[d - D / 2], and cos / sin at d:
@@ -2863,8 +2886,16 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   // 80 %: batch 1 2.908 -> 2.884 ms per token; at batch 16, asked by every block, 4.23 -> 4.27 ms, so batch 1 only.)
   if (tid == 0 && s0 < a.S && gridDim.x == a.kv_heads) {
     const u32 bytes = 2u * D * (u32)min(DA_CHUNK, a.S - s0);
-    l2_prefetch(a.kc + cache0 + (long long)s0 * D, bytes);
     l2_prefetch(a.vc + cache0 + (long long)s0 * D, bytes);
+  }
+  // The chunk's key rows (static: only this launch writes the cache, at the slot, whose stale row is replaced below
+  // from kn), loaded before the wait so their latency hides behind the projection's end.
+  uint4 kr[HALF / 8];
+  {
+    const u16* krow = a.kc + cache0 + (long long)s * D + half * HALF;
+#pragma unroll
+    for (int c = 0; c < HALF / 8; ++c)
+      kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
   pdl_wait();
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
@@ -2876,13 +2907,6 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   // the RoPE tables.  So the block pays one memory latency before it computes.
   const long long slot64 = *a.slot;
   const u16 mraw = s < a.S && a.mask ? a.mask[b * a.mask_b + s] : (u16)0;
-  uint4 kr[HALF / 8];
-  {
-    const u16* krow = a.kc + cache0 + (long long)s * D + half * HALF;
-#pragma unroll
-    for (int c = 0; c < HALF / 8; ++c)
-      kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
-  }
   const uint4 vn = *reinterpret_cast<const uint4*>(vnew + 8 * cg);
   u16 qx[QPT], qp[QPT];
 #pragma unroll
@@ -3027,10 +3051,47 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     for (int g = 0; g < SG; ++g) acc += os[g][h][dd];
     if (a.splits == 1)  // (a reciprocal: the IEEE division's slow path is a call, which costs a stack frame)
       ob[i] = from_float<BF16>(acc * __frcp_rn(stat[1][h]));
+    else if (a.cluster)
+      os[0][h][dd] = acc;  // (in place: only this thread reads os[.][h][dd])
     else
       wb[h * (D + 2) + dd] = acc;
   }
   if (a.splits == 1) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (a.cluster) {  // the cluster's blocks are its chunks, block rank = split; block 0 combines them from their
+    // shared memory (os[0], stat) with the global combine's weights and order (the same bits), then every block waits
+    // until it has: a block's shared memory must outlive the reads of the others
+    cluster_sync();
+    if (split == 0) {
+      if (warp < nh) {
+        const bool in = lane < a.splits;
+        const float mj = in ? cluster_ld(cluster_addr(&stat[0][warp], lane)) : DA_NEG_INF;
+        const float lj = in ? cluster_ld(cluster_addr(&stat[1][warp], lane)) : 0.f;
+        const float mnew = warp_max(mj);
+        const float w = mj == DA_NEG_INF ? 0.f : __expf(mj - mnew);
+        cw[warp][lane] = w;
+        const float lsum = warp_sum(w * lj);
+        if (lane == 0) cr[warp] = lsum;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < QPT; ++j) {
+        const int i = tid + DA_THREADS * j, h = i / D;
+        if (h >= nh) continue;
+        float v[DA_CLUSTER_MAX];
+#pragma unroll
+        for (int c = 0; c < DA_CLUSTER_MAX; ++c)
+          v[c] = c < a.splits ? cluster_ld(cluster_addr(&os[0][h][d], c)) : 0.f;
+        float num = 0.f;
+#pragma unroll
+        for (int c = 0; c < DA_CLUSTER_MAX; ++c) num += cw[h][c] * v[c];
+        ob[i] = from_float<BF16>(num * __frcp_rn(cr[h]));
+      }
+    }
+    cluster_sync();
+    return;
+  }
+#endif
   if (tid < nh) {
     wb[tid * (D + 2) + D] = stat[0][tid];
     wb[tid * (D + 2) + D + 1] = stat[1][tid];
@@ -3103,9 +3164,9 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
       u16 *out, float *ws, int *tickets, const u16 *cos, const u16 *sin, long long q_b, long long k_b,          \
       long long v_b, long long mask_b, long long cs_b, int heads, int kv_heads, int slots, int S, int splits,   \
-      float scale
+      float scale, int cluster
 #define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, cos, sin, q_b, k_b, v_b, mask_b, cs_b,  \
-                   heads, kv_heads, slots, S, splits, scale}
+                   heads, kv_heads, slots, S, splits, scale, cluster}
 #define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
     decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \
