@@ -729,7 +729,8 @@ def parse_args(argv):
                     help="the engine's merged projections (Engine(merge=True): q/k/v and gate/up as one matmul each)")
     ap.add_argument("--delta-layout", default="auto", choices=("auto", "keep"),
                     help="Engine(delta_layout=): DeltaRows weights re-encoded for each batch (auto: the parts layout "
-                         "at batch 1, the split layout above) or kept as encoded")
+                         "at batch 1, the split layout at 2-3, Tiled-CSL from 4 where the memory holds it) or kept "
+                         "as encoded")
     ap.add_argument("--memory-limit-gb", type=float, help="cap this process' GPU memory (e.g. 80 for an H100)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
     ap.add_argument("--out", default="benchmarks/out/e2e")

@@ -17,6 +17,7 @@ token-by-token decode whose step is captured in a CUDA graph per batch size.  De
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -133,49 +134,88 @@ FUSE_MIN_PARAMETERS = 10**9
 DELTA_LAYOUTS = ("auto", "keep")
 #: ``delta_layout="auto"`` takes the parts layout up to this ``max_batch``, the split layout above (session 31)
 DELTA_PARTS_MAX_BATCH = 1
+#: ... and from this ``max_batch`` on re-encodes DeltaRows weights as Tiled-CSL where the device has the memory
+#: (1.5x the bytes at 80 %).  Session 33 (H200, Llama-3-8B at 80 %, speedup over dense in each run): Tiled-CSL at batch
+#: 2 / 4 / 8 / 16 1.35x / 1.35x / 1.37x / 1.26x; DeltaRows' split layout 1.60x / 1.24x / 0.89x (its multi-token
+#: kernels multiply on CUDA cores, one column gathered per entry) and from batch 9 the expansion to dense
+DELTA_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DELTA_TCSL_MIN_BATCH", "4"))
+#: what a layout choice returns for "re-encode as Tiled-CSL" (else the DeltaRows lanes a row)
+TILED_CSL = "tiled-csl"
+#: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights and the engine's cache
+RELAYOUT_MARGIN_BYTES = 1 << 30
 
 
-def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int],
-                        progress: bool = True) -> dict[str, int]:
-    """Re-encode, in place, every DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` whose lanes a row differ
-    from ``parts(layer)`` (1: the split layout; 2, 4, 8, 16: the parts layout; ``docs/formats.md`` section 4b).  The
-    same nonzeros, bias and paired halves; one layer at a time, through its dense weight (the peak grows by one dense
-    weight and the encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more.  Returns
-    ``{layer path: new lanes a row}`` for the layers re-encoded.  Captured CUDA graphs of the old arrays go stale:
+def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int | str],
+                        progress: bool = True) -> dict[str, int | str]:
+    """Re-encode, in place, every DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` (and every layer an earlier
+    call turned from DeltaRows into Tiled-CSL) whose layout differs from ``parts(layer)``: 1 for the split layout; 2,
+    4, 8, 16 for the parts layout (``docs/formats.md`` section 4b); :data:`TILED_CSL` for a Tiled-CSL weight (the
+    layer remembers it was DeltaRows, and whether its halves were paired, so a later call can turn it back).  The
+    same nonzeros and bias; one layer at a time, through its dense weight (the peak grows by one dense weight and the
+    encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more.  Returns ``{layer path: new
+    lanes a row, or TILED_CSL}`` for the layers re-encoded.  Captured CUDA graphs of the old arrays go stale:
     :class:`Engine` notices and captures again."""
     from tqdm import tqdm
 
-    from .formats import DeltaRows
+    from .formats import DeltaRows, TiledCSL
     from .nn import SparseLinear
 
     todo = []
     for path, m in model.named_modules():
-        if isinstance(m, SparseLinear) and m.weight_format is DeltaRows:
-            want = int(parts(m))
-            if want != m.weight.parts:
+        if not isinstance(m, SparseLinear):
+            continue
+        was_delta = m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is not None
+        if m.weight_format is DeltaRows or was_delta:
+            want = parts(m)
+            now = TILED_CSL if was_delta else m.weight.parts
+            if want != now:
                 todo.append((path, m, want))
     done = {}
     for path, m, want in tqdm(todo, desc="DeltaRows layout", unit="layer", file=sys.stderr, leave=False,
                               disable=not progress or len(todo) < 2, dynamic_ncols=True):
         w = m.weight
-        new = DeltaRows.from_dense(w.to_dense(), pair_halves=w.paired, parts=want)
-        for n, t in new.tensors().items():
-            setattr(m, "weight_" + n, t)
+        if want == TILED_CSL:
+            paired = w.paired
+            new = TiledCSL.from_dense(w.to_dense())
+        else:
+            paired = w.paired if m.weight_format is DeltaRows else m._delta_rows_paired
+            new = DeltaRows.from_dense(w.to_dense(), pair_halves=paired, parts=int(want))
+        m._replace_weight(new)
+        m._delta_rows_paired = paired if want == TILED_CSL else None
         done[path] = want
     return done
 
 
-def _batch_parts(max_batch: int, device: torch.device) -> Callable[[torch.nn.Module], int]:
+def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True
+                 ) -> Callable[[torch.nn.Module], int | str]:
     """``Engine(delta_layout="auto")``'s choice for a layer: the parts layout's lanes by
     :func:`~flash_llm.formats.delta_rows.auto_parts` up to :data:`DELTA_PARTS_MAX_BATCH` (its N = 1 kernel needs no
     split-K; session 31, H200, Llama-3-8B at 80 %: 2.281 -> 2.061 ms per token), the split layout above (its
     multi-token kernels stage a window, not all of K: batch 2 / 4 / 8 2.94 / 3.82 / 6.36 against 3.02 / 4.45 / 9.55
-    ms)."""
+    ms), Tiled-CSL from :data:`DELTA_TCSL_MIN_BATCH` where ``tiled_csl`` (the memory is there)."""
     from .formats.delta_rows import auto_parts
 
+    if tiled_csl and max_batch >= DELTA_TCSL_MIN_BATCH:
+        return lambda m: TILED_CSL
     if max_batch > DELTA_PARTS_MAX_BATCH:
         return lambda m: 1
     return lambda m: auto_parts(m.out_features, m.in_features, m.nnz, device)
+
+
+def _tiled_csl_growth(model: torch.nn.Module) -> tuple[int, int]:
+    """``(bytes, largest dense layer)``: how much more the model's DeltaRows weights take as Tiled-CSL (its formula;
+    0 or less: no growth), and the bytes of its largest such layer expanded to dense (the re-encoding's temporary)."""
+    from .formats import DeltaRows
+    from .models.synthetic import tiled_csl_formula_bytes
+    from .nn import SparseLinear
+
+    grow, largest = 0, 0
+    for m in model.modules():
+        if isinstance(m, SparseLinear) and m.weight_format is DeltaRows:
+            tiles = math.ceil(m.out_features / 64) * math.ceil(m.in_features / 64)
+            grow += int(tiled_csl_formula_bytes(m.out_features, m.in_features, m.nnz)) + 8 * tiles - m.nbytes
+            largest = max(largest, m.out_features * m.in_features * m.weight_dtype.itemsize)
+    return grow, largest
 
 
 def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_batch: int) -> str | None:
@@ -230,10 +270,12 @@ class Engine:
         delta_layout: ``"auto"`` (default) re-encodes the model's DeltaRows weights on a CUDA device, in place (after
             ``merge``; :func:`relayout_delta_rows`), into the layout fastest at ``max_batch``: the parts layout where
             :func:`~flash_llm.formats.delta_rows.auto_parts` takes it at ``max_batch`` 1 (Llama-3-8B at 80 % on an
-            H200: 1.09-1.11x faster at batch 1), the split layout above (the parts layout's multi-token kernels tie
-            it at batch 2 and are 1.07x slower at batch 4, 1.7x at 8; session 32).  The values do not change (the
-            sums' order does, within rounding).  ``"keep"`` leaves the weights as they are.  On other devices nothing
-            is re-encoded.
+            H200: 1.09-1.11x faster at batch 1), the split layout at 2-3 (the parts layout's multi-token kernels tie
+            it at batch 2 and are 1.07x slower at batch 4, 1.7x at 8; session 32), and Tiled-CSL from
+            :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
+            the DeltaRows bytes at 80 %; else a warning and the split layout).  A later engine at a smaller
+            ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums' order does,
+            within rounding).  ``"keep"`` leaves the weights as they are.  On other devices nothing is re-encoded.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
@@ -282,10 +324,11 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs NCCL collectives to capture; this tensor-parallel group uses "
                              f"{self.tp.backend}")
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
-        #: what delta_layout="auto" re-encoded: {layer path: lanes a row} (empty when nothing was)
-        self.relayout: dict[str, int] = {}
+        #: what delta_layout="auto" re-encoded: {layer path: lanes a row, or TILED_CSL} (empty when nothing was)
+        self.relayout: dict[str, int | str] = {}
         if delta_layout == "auto" and self.device.type == "cuda":
-            self.relayout = relayout_delta_rows(model, _batch_parts(max_batch, self.device))
+            tcsl = max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads)
+            self.relayout = relayout_delta_rows(model, _batch_parts(max_batch, self.device, tcsl))
         note = _delta_rows_batch_note(model, self.device, max_batch)
         if note:
             warnings.warn(note, stacklevel=2)
@@ -302,6 +345,25 @@ class Engine:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._captured_over = self._weights_key()
+
+    def _tiled_csl_fits(self, kv_heads: int) -> bool:
+        """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL beside the cache
+        this engine is about to allocate (and :data:`RELAYOUT_MARGIN_BYTES`); warns when it has not."""
+        grow, largest = _tiled_csl_growth(self.model)
+        if largest == 0:
+            return True  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so)
+        cfg = self.config
+        slots = -(-self.max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
+        cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        need = max(grow, 0) + 3 * largest + cache + RELAYOUT_MARGIN_BYTES
+        if need <= free:
+            return True
+        warnings.warn(f"max_batch={self.max_batch}: the DeltaRows weights stay DeltaRows (slower than Tiled-CSL from "
+                      f"batch {DELTA_TCSL_MIN_BATCH}): as Tiled-CSL they would take {grow / 2**30:.2f} GiB more, and "
+                      f"with the cache ({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
+                      f"{free / 2**30:.2f} GiB free on {self.device}", stacklevel=3)
+        return False
 
     @property
     def cache_bytes(self) -> int:

@@ -166,6 +166,23 @@ class SparseLinear(nn.Module):
         """Bytes of the compressed weight's arrays (the bias not included)."""
         return sum(_tensor_bytes(getattr(self, "weight_" + n)) for n in self.weight_format._arrays)
 
+    def _replace_weight(self, weight: SparseFormat) -> None:
+        """Hold ``weight`` (any format, the same shape, dtype and device) in place of the present one: the same
+        module, its arrays' buffers replaced (the engine's re-encoding; the bias is kept)."""
+        if not isinstance(weight, SparseFormat):
+            raise TypeError(f"weight must be a flash_llm compressed weight, got {type(weight).__name__}")
+        if (tuple(weight.shape) != (self.out_features, self.in_features) or weight.dtype != self.weight_dtype
+                or weight.device != self.weight_data.device):
+            raise ValueError(f"weight is {weight.dtype} {tuple(weight.shape)} on {weight.device}; this layer holds "
+                             f"{self.weight_dtype} {(self.out_features, self.in_features)} on "
+                             f"{self.weight_data.device}")
+        for n in self.weight_format._arrays:
+            if n not in weight._arrays:
+                del self._buffers["weight_" + n]
+        for n, t in weight.tensors().items():
+            self._buffers["weight_" + n] = t  # (the same names keep their places in the state dict)
+        self.weight_format, self._nnz = type(weight), weight.nnz
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``."""
         if x.dtype != self.weight_dtype:

@@ -491,7 +491,8 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     generations and logits (the CPU reference computes through the dense weight), nothing to do the second time.
     The engine drops graphs captured over tensors that have since moved (checked on the CPU through the bookkeeping:
     graphs are CUDA only).  Engine(delta_layout=) takes "auto" or "keep"."""
-    from flash_llm.engine import _batch_parts, relayout_delta_rows
+    from flash_llm.engine import (DELTA_TCSL_MIN_BATCH, TILED_CSL, _batch_parts, _tiled_csl_growth,
+                                  relayout_delta_rows)
     from flash_llm.formats.delta_rows import auto_parts
     from flash_llm.models.synthetic import projection_bytes
 
@@ -534,9 +535,39 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     assert {p: m.weight.paired for p, m in mods.items()} == paired
     got = merged.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+    # Tiled-CSL (an engine's choice from DELTA_TCSL_MIN_BATCH) and back: the layers remember their pairing
+    mods = {p: m for p, m in ours.named_modules() if isinstance(m, flash_llm.SparseLinear)
+            and m.weight_format is flash_llm.DeltaRows}
+    dense = {p: m.to_dense() for p, m in mods.items()}
+    grow, largest = _tiled_csl_growth(ours)
+    assert largest == max(m.out_features * m.in_features * 2 for m in mods.values())
+    before = sum(m.nbytes for m in mods.values())
+    assert relayout_delta_rows(ours, lambda m: TILED_CSL) == {p: TILED_CSL for p in mods}
+    after = sum(m.nbytes for m in mods.values())
+    assert abs(after - before - grow) <= 0.02 * after, (before, after, grow)  # (the formula, per-tile rounding)
+    assert all(m.weight_format is flash_llm.TiledCSL and torch.equal(m.to_dense(), dense[p]) for p, m in mods.items())
+    assert _tiled_csl_growth(ours) == (0, 0)
+    got = merged.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+    assert relayout_delta_rows(ours, lambda m: TILED_CSL) == {}
+    assert relayout_delta_rows(ours, lambda m: 2) == {p: 2 for p in mods}
+    assert all(m.weight_format is flash_llm.DeltaRows and m.weight.parts == 2 and m.weight.paired == paired[p]
+               and torch.equal(m.to_dense(), dense[p]) for p, m in mods.items())
+    # a Tiled-CSL model of the user's own is not DeltaRows' to re-encode
+    own = _ours(hm, torch.float16)
+    magnitude_prune_(own, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(own, flash_llm.SparsifyConfig(format="tiled-csl"))
+    assert relayout_delta_rows(own, lambda m: 1) == {} and _tiled_csl_growth(own) == (0, 0)
     lay = next(iter(layers.values()))
     cpu = torch.device("cpu")
     assert _batch_parts(2, cpu)(lay) == 1
     assert _batch_parts(1, cpu)(lay) == auto_parts(lay.out_features, lay.in_features, lay.nnz, cpu)
+    assert _batch_parts(DELTA_TCSL_MIN_BATCH, cpu)(lay) == TILED_CSL
+    assert _batch_parts(DELTA_TCSL_MIN_BATCH, cpu, tiled_csl=False)(lay) == 1
+    with pytest.raises(ValueError, match="this layer holds"):
+        lay._replace_weight(flash_llm.TiledCSL.from_dense(torch.zeros(lay.out_features, lay.in_features + 8,
+                                                                      dtype=torch.float16)))
     with pytest.raises(ValueError, match="delta_layout must be one of"):
         Engine(ours, max_batch=1, max_seq=32, delta_layout="parts")

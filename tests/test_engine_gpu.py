@@ -286,7 +286,9 @@ def test_delta_layout_follows_the_batch():
     """Engine(delta_layout="auto") re-encodes a DeltaRows model into the parts layout for max_batch 1 and back into
     the split layout for a batched engine: the prefill's logits (expanded weights) equal the kept layout's, the first
     decode step's within rounding; an engine whose graphs were captured before another engine re-encoded the model
-    captures again and gives the split layout's bits."""
+    captures again and gives the split layout's bits.  From DELTA_TCSL_MIN_BATCH the weights become Tiled-CSL (the
+    first two steps' logits within rounding) and a batch-1 engine turns them back (its bits again); without the
+    memory for Tiled-CSL the engine warns and keeps DeltaRows."""
     cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
                                        num_kv_heads=2, vocab_size=4096, name="small-llama")
     model, _ = build_synthetic(cfg, 0.8, fmt="delta-rows", device="cuda", progress=False)
@@ -303,3 +305,22 @@ def test_delta_layout_follows_the_batch():
     assert set(batched.relayout) == set(eng.relayout) and set(batched.relayout.values()) == {1}
     again = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)  # its graph is captured again
     assert torch.equal(again.logits, keep.logits) and torch.equal(again.tokens, keep.tokens)
+    # from DELTA_TCSL_MIN_BATCH: Tiled-CSL (the device has the memory), and back to DeltaRows for batch 1
+    from flash_llm import engine as E
+    wide = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=128)
+    assert set(wide.relayout) == set(eng.relayout) and set(wide.relayout.values()) == {E.TILED_CSL}
+    assert all(m.weight_format is not flash_llm.DeltaRows for m in model.modules()
+               if isinstance(m, flash_llm.SparseLinear))
+    tc = wide.generate(prompts, 8, output_logits=True, eos_token_id=None)
+    for i in (0, 1):
+        bound = 16 * ULP[torch.float16] * keep.logits[:, i].abs().max().item()
+        assert (tc.logits[:, i] - keep.logits[:, i]).abs().max().item() <= bound, i
+    back = Engine(model, max_batch=1, max_seq=128)
+    assert set(back.relayout) == set(eng.relayout) and all(p > 1 for p in back.relayout.values())
+    assert torch.equal(back.generate(prompts, 8, output_logits=True, eos_token_id=None).logits, got.logits)
+    # too little memory for Tiled-CSL: a warning, and the split layout
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E, "RELAYOUT_MARGIN_BYTES", 1 << 50)
+        with pytest.warns(UserWarning, match="stay DeltaRows"):
+            tight = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=128)
+    assert set(tight.relayout.values()) == {1}
