@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 from flash_llm.engine import Engine  # noqa: E402
+from flash_llm.nn import FORMAT_NAMES, SparseLinear  # noqa: E402
 from flash_llm.models import preset, unmerge_projections  # noqa: E402
 from flash_llm.models import _common  # noqa: E402
 from flash_llm.models.config import PRESETS  # noqa: E402
@@ -145,8 +146,19 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
     stored, formula = projection_bytes(model)  # the weights this engine ran on (the build's report is before it)
     if formula:
         row.update(projection_bytes=stored, formula_ratio=stored / formula, weight_bytes=_stored_bytes(model))
+        row["ran_formats"] = _ran_formats(model)
     del eng
     return row
+
+
+def _ran_formats(model) -> dict[str, int]:
+    """``{format class name: layers}`` of ``model``'s sparse layers as an engine left them (``Engine(delta_layout=
+    "auto")`` re-encodes DeltaRows weights as Tiled-CSL from batch 4)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            counts[m.weight_format.__name__] = counts.get(m.weight_format.__name__, 0) + 1
+    return counts
 
 
 def hf_twin(model):
@@ -253,7 +265,9 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                     log(f"{name} {sp:>3}% b={b:<3} decode {row['decode_tok_s']:9.1f} tok/s  tpot "
                         f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms  floor {row['floor_ms']:6.3f} ms "
                         f"({row['floor_pct']:.0f} %)  peak {row['peak_mem_bytes'] / 2**30:.1f} GiB"
-                        + (f"  x{row['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in row else ""))
+                        + (f"  x{row['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in row else "")
+                        + "".join(f"  (ran as {f})" for f in row.get("ran_formats", {})
+                                  if f != FORMAT_NAMES[args.format].__name__))
                 except torch.cuda.OutOfMemoryError as e:
                     row["status"] = f"out of memory: {str(e).splitlines()[0][:120]}"
                     log(f"{name} {sp}% b={b}: {row['status']}")

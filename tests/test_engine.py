@@ -350,6 +350,8 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
     assert all(r["status"] == "ok" and r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 for r in data["rows"])
     sparse = data["rows"][-1]
     assert abs(sparse["achieved_sparsity"] - 0.8) < 0.01 and 1.0 <= sparse["formula_ratio"] < 1.03
+    layers = bench._config("tiny-llama").num_layers  # merged: q/k/v, o, gate/up, down a layer
+    assert sparse["ran_formats"] == {"BitmapTiles": 4 * layers}
     assert sparse["speedup_vs_dense"] > 0 and sparse["read_bytes"] < data["rows"][0]["read_bytes"]
     summary = (tmp_path / "summary.md").read_text()
     assert "### tiny-llama: decode tokens/s" in summary and "| 2 |" in summary and "Targets:" in summary
