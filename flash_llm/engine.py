@@ -356,7 +356,7 @@ class Engine:
         slots = -(-self.max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
         free, _ = torch.cuda.mem_get_info(self.device)
-        need = max(grow, 0) + 3 * largest + cache + RELAYOUT_MARGIN_BYTES
+        need = max(grow, 0) + 4 * largest + cache + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:
             return True
         warnings.warn(f"max_batch={self.max_batch}: the DeltaRows weights stay DeltaRows (slower than Tiled-CSL from "
