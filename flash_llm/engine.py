@@ -234,7 +234,8 @@ def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_bat
         first = next(b for b in range(1, max_batch + 1) if not kernels.use_sparse_kernel(b, 0.2, kernels.DELTA_ROWS))
         notes.append(f"max_batch={max_batch}: {n} DeltaRows layer(s) run their sparse kernel up to batch {first - 1} "
                      f"only; from batch {first} on each call expands the weight to dense, slower than the dense model "
-                     f"(format='tiled-csl' serves every batch; DeltaRows is the fastest at batch 1)")
+                     f"(delta_layout='auto' re-encodes them as Tiled-CSL from batch {DELTA_TCSL_MIN_BATCH} where the "
+                     f"GPU has the memory; DeltaRows is the fastest at batch 1-3)")
     parts = sum(m.weight.parts > 1 for m in layers)
     if parts and max_batch > 1:
         notes.append(f"max_batch={max_batch}: {parts} DeltaRows layer(s) in the parts layout (FLASH_LLM_DELTA_PARTS / "
