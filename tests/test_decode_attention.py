@@ -267,7 +267,7 @@ def test_chunks_combined_in_a_cluster_give_the_global_combines_bits(dtype, b, h,
 @pytest.mark.gpu
 def test_cluster_combine_only_for_grids_within_the_sms(monkeypatch):
     """The cluster combine runs where the grid has at most DECODE_ATTN_CLUSTER_GRID blocks an SM (batch 1 of
-    Llama-3-8B's heads at 256 slots: 64 blocks) and 2-8 chunks; batch 16 (1024 blocks) keeps the global combine."""
+    Llama-3-8B's heads at 256 slots: 32 blocks) and 2-8 chunks; batch 16 (512 blocks) keeps the global combine."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
     seen = []
