@@ -66,6 +66,9 @@ def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch)
     assert files, f"{patch} is not a git diff"
     for d in ("flash_llm", "tests"):
         shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "benchmarks").mkdir()
+    for f in (ROOT / "benchmarks").glob("*.py"):  # (the scripts some tests run; not their results)
+        shutil.copy(f, tmp_path / "benchmarks" / f.name)
     for f in files:
         if (ROOT / f).exists() and not (tmp_path / f).exists():
             (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
