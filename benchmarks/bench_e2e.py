@@ -44,6 +44,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -154,11 +155,7 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
 def _ran_formats(model) -> dict[str, int]:
     """``{format class name: layers}`` of ``model``'s sparse layers as an engine left them (``Engine(delta_layout=
     "auto")`` re-encodes DeltaRows weights as Tiled-CSL from batch 4)."""
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, SparseLinear):
-            counts[m.weight_format.__name__] = counts.get(m.weight_format.__name__, 0) + 1
-    return counts
+    return dict(Counter(m.weight_format.__name__ for m in model.modules() if isinstance(m, SparseLinear)))
 
 
 def hf_twin(model):

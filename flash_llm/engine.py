@@ -174,12 +174,9 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     for path, m, want in tqdm(todo, desc="DeltaRows layout", unit="layer", file=sys.stderr, leave=False,
                               disable=not progress or len(todo) < 2, dynamic_ncols=True):
         w = m.weight
-        if want == TILED_CSL:
-            paired = w.paired
-            new = TiledCSL.from_dense(w.to_dense())
-        else:
-            paired = w.paired if m.weight_format is DeltaRows else m._delta_rows_paired
-            new = DeltaRows.from_dense(w.to_dense(), pair_halves=paired, parts=int(want))
+        paired = w.paired if m.weight_format is DeltaRows else m._delta_rows_paired
+        new = (TiledCSL.from_dense(w.to_dense()) if want == TILED_CSL
+               else DeltaRows.from_dense(w.to_dense(), pair_halves=paired, parts=int(want)))
         m._replace_weight(new)
         m._delta_rows_paired = paired if want == TILED_CSL else None
         done[path] = want
@@ -327,13 +324,13 @@ class Engine:
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
         #: what delta_layout="auto" re-encoded: {layer path: lanes a row, or TILED_CSL} (empty when nothing was)
         self.relayout: dict[str, int | str] = {}
+        slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         if delta_layout == "auto" and self.device.type == "cuda":
-            tcsl = max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads)
+            tcsl = max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots)
             self.relayout = relayout_delta_rows(model, _batch_parts(max_batch, self.device, tcsl))
         note = _delta_rows_batch_note(model, self.device, max_batch)
         if note:
             warnings.warn(note, stacklevel=2)
-        slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         dev = self.device
         self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
         self._slots = slots
@@ -347,14 +344,14 @@ class Engine:
         self._pool = None
         self._captured_over = self._weights_key()
 
-    def _tiled_csl_fits(self, kv_heads: int) -> bool:
+    def _tiled_csl_fits(self, kv_heads: int, slots: int) -> bool:
         """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL beside the cache
-        this engine is about to allocate (and :data:`RELAYOUT_MARGIN_BYTES`); warns when it has not."""
+        this engine is about to allocate (``kv_heads`` x ``slots`` a layer and sequence) and
+        :data:`RELAYOUT_MARGIN_BYTES`; warns when it has not."""
         grow, largest = _tiled_csl_growth(self.model)
         if largest == 0:
             return True  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so)
         cfg = self.config
-        slots = -(-self.max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
         free, _ = torch.cuda.mem_get_info(self.device)
         need = max(grow, 0) + 4 * largest + cache + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
