@@ -183,20 +183,30 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     return done
 
 
-def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True
+#: the projections whose input comes from no norm (the attention's output, the MLP's activation): their attribute names
+PLAIN_INPUT_PROJECTIONS = frozenset({"o_proj", "out_proj", "down_proj", "fc2"})
+
+
+def _plain_input_layers(model: torch.nn.Module) -> set[int]:
+    """The ``id`` of every module of ``model`` held under a name of :data:`PLAIN_INPUT_PROJECTIONS`."""
+    return {id(m) for path, m in model.named_modules() if path.rsplit(".", 1)[-1] in PLAIN_INPUT_PROJECTIONS}
+
+
+def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True, plain: frozenset | set = frozenset()
                  ) -> Callable[[torch.nn.Module], int | str]:
     """``Engine(delta_layout="auto")``'s choice for a layer: the parts layout's lanes by
     :func:`~flash_llm.formats.delta_rows.auto_parts` up to :data:`DELTA_PARTS_MAX_BATCH` (its N = 1 kernel needs no
     split-K; session 31, H200, Llama-3-8B at 80 %: 2.281 -> 2.061 ms per token), the split layout above (its
     multi-token kernels stage a window, not all of K: batch 2 / 4 / 8 2.94 / 3.82 / 6.36 against 3.02 / 4.45 / 9.55
-    ms), Tiled-CSL from :data:`DELTA_TCSL_MIN_BATCH` where ``tiled_csl`` (the memory is there)."""
+    ms), Tiled-CSL from :data:`DELTA_TCSL_MIN_BATCH` where ``tiled_csl`` (the memory is there).  ``plain``: the ids of
+    the layers whose input comes from no norm (:func:`_plain_input_layers`; ``auto_parts(normed=False)``)."""
     from .formats.delta_rows import auto_parts
 
     if tiled_csl and max_batch >= DELTA_TCSL_MIN_BATCH:
         return lambda m: TILED_CSL
     if max_batch > DELTA_PARTS_MAX_BATCH:
         return lambda m: 1
-    return lambda m: auto_parts(m.out_features, m.in_features, m.nnz, device)
+    return lambda m: auto_parts(m.out_features, m.in_features, m.nnz, device, normed=id(m) not in plain)
 
 
 def _tiled_csl_growth(model: torch.nn.Module) -> tuple[int, int]:
@@ -327,7 +337,8 @@ class Engine:
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         if delta_layout == "auto" and self.device.type == "cuda":
             tcsl = max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots)
-            self.relayout = relayout_delta_rows(model, _batch_parts(max_batch, self.device, tcsl))
+            self.relayout = relayout_delta_rows(model, _batch_parts(max_batch, self.device, tcsl,
+                                                                    _plain_input_layers(model)))
         note = _delta_rows_batch_note(model, self.device, max_batch)
         if note:
             warnings.warn(note, stacklevel=2)

@@ -70,6 +70,11 @@ PARTS = (1, 2, 4, 8, 16)
 #: split layout's speed, down (K = 14336) 1.02-1.03x; OPT-30B (K = 7168, LayerNorms) 0.79-0.90x at the default P
 #: (its o alone 1.13x at P = 8), fc2 (K = 28672) 0.90x.  ``FLASH_LLM_DELTA_PARTS_MAX_K`` overrides it (for measuring).
 PARTS_MAX_K = int(os.environ.get("FLASH_LLM_DELTA_PARTS_MAX_K", "4096"))
+#: ... and up to this K for a layer whose input comes from no norm (``auto_parts(normed=False)``: o, down, fc2), whose
+#: kernel stages X as it is.  Session 33 (H200, call G, one round): Llama-3-8B's down (K = 14336) in the parts layout,
+#: batch 1 at 80 % 2.027 -> 2.005 ms per token; session 30 had OPT-30B's LayerNorm layers (K = 7168) losing there.
+#: ``FLASH_LLM_DELTA_PARTS_MAX_K_PLAIN`` overrides it
+PARTS_MAX_K_PLAIN = int(os.environ.get("FLASH_LLM_DELTA_PARTS_MAX_K_PLAIN", "16384"))
 #: ... with the fewest lanes a row that give at least this share of :func:`target_warps` warps (slices; session 30's
 #: sweep: q/k/v best at 3072 warps, gate / up at 3584, down at 1792-3584, o at 512-2048 within 4 %)
 PARTS_SHARE = 0.8
@@ -226,12 +231,13 @@ def default_parts(m: int, k: int, nnz: int, device: torch.device | str | None = 
     return p if p == 1 or k % 8 == 0 else 1
 
 
-def auto_parts(m: int, k: int, nnz: int, device: torch.device | str | None = None) -> int:
+def auto_parts(m: int, k: int, nnz: int, device: torch.device | str | None = None, normed: bool = True) -> int:
     """The lanes a row for an ``[m, k]`` weight of ``nnz`` nonzeros by session 30's measurements: 1 (the split
-    layout) above :data:`PARTS_MAX_K` columns or with ``K % 8 != 0``; else the fewest of 2, 4, 8, 16 whose slices reach
-    :data:`PARTS_SHARE` of :func:`target_warps` (16 at most), fewer while a part would hold under
-    :data:`PARTS_MIN_ENTRIES` entries (1 when even 2 parts would)."""
-    if k % 8 or k > PARTS_MAX_K or m == 0:
+    layout) above :data:`PARTS_MAX_K` columns (:data:`PARTS_MAX_K_PLAIN` where the layer's input comes from no norm:
+    ``normed=False``) or with ``K % 8 != 0``; else the fewest of 2, 4, 8, 16 whose slices reach :data:`PARTS_SHARE` of
+    :func:`target_warps` (16 at most), fewer while a part would hold under :data:`PARTS_MIN_ENTRIES` entries (1 when
+    even 2 parts would)."""
+    if k % 8 or k > (PARTS_MAX_K if normed else max(PARTS_MAX_K, PARTS_MAX_K_PLAIN)) or m == 0:
         return 1
     want = PARTS_SHARE * target_warps(device)
     p = next((p for p in PARTS[1:] if ceil_div(m * p, LANES) >= want), PARTS[-1])
