@@ -72,29 +72,31 @@ def test_delta_rows_wide_windows_and_unaligned_x_read_x_from_global_memory(dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_delta_rows_multi_token_window_comes_from_the_weight(dtype):
-    """The split layout's 8-token kernel stages the weight's widest block window (``kernels.split_nt_window``, read
-    once from the offsets and remembered), at most 1536 columns (``DR_NT_WINDOW_BYTES``), wider blocks reading X from
-    global memory; a remembered value too small (a freed weight's address reused) sends more blocks there: the same
-    bits.  2 and 4 tokens (static windows of 1536 columns) on the same weight against the reference."""
+def test_delta_rows_multi_token_window_comes_from_the_weight(dtype, monkeypatch):
+    """The split layout's multi-token kernels stage the weight's widest block window (``kernels.split_nt_window``, read
+    once from the offsets and remembered), up to ``DR_NT_WINDOW_BYTES``, wider blocks reading X from global memory;
+    a remembered value too small (a freed weight's address reused) sends more blocks there: the same bits.  Windows of
+    1537-3072 columns (OPT-30B's) are staged at 2, 4 and 8 tokens; under a cap of 1536 columns some blocks are not."""
     k = _kernels()
     gen = torch.Generator(device="cuda").manual_seed(13)
     m, kk = 1000, 6144
     w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
-    w = DeltaRows.from_dense(w_dense, splits=3)  # windows of some 2400 columns: some blocks staged, some not
+    w = DeltaRows.from_dense(w_dense, splits=3)  # windows of some 2400 columns
     lay = D.layout(m, w.offsets.numel(), w.data.numel())
     widest = D.block_window_max(w._offset_arrays()[1])
     assert 1536 < widest <= 3072
-    assert k.split_nt_window(w.offsets, lay.slices, lay.splits, 8) == 1536
-    for n in (2, 4, 5, 8):
-        x = torch.randn(n, kk, generator=gen, device="cuda").to(dtype)
-        got = run_kernel(x, w, None).clone()
-        check(got, x, w_dense, None)
-        if n > 4:
+    for cap in (48 * 1024, 24 * 1024):  # every block staged; at 8 tokens some read X from global memory
+        monkeypatch.setattr(k, "DR_NT_WINDOW_BYTES", cap)
+        monkeypatch.setattr(k, "_split_windows", {})
+        assert k.split_nt_window(w.offsets, lay.slices, lay.splits, 8) == (widest if cap > 24 * 1024 else 1536)
+        for n in (2, 3, 4, 5, 8):
+            x = torch.randn(n, kk, generator=gen, device="cuda").to(dtype)
+            got = run_kernel(x, w, None).clone()
+            check(got, x, w_dense, None)
             key = next(key for key in k._split_windows if key[1] == w.offsets.data_ptr())
-            k._split_windows[key] = 8  # as if another weight had lived at this address
+            k._split_windows[key] = 8  # as if another weight had lived at this address: every block unstaged
             try:
-                assert torch.equal(run_kernel(x, w, None), got), n
+                assert torch.equal(run_kernel(x, w, None), got), (cap, n)
             finally:
                 k._split_windows.pop(key)
     small = DeltaRows.from_dense(w_dense[:, :1024])  # every window staged at 8 tokens

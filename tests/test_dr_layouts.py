@@ -221,7 +221,11 @@ def test_split_layout_multi_token_window_is_the_weights_widest(monkeypatch):
     assert widest % 8 == 0 and 1536 < widest <= 3072
     monkeypatch.setattr(kern, "_split_windows", {})
     got = [kern.split_nt_window(d.offsets, lay.slices, lay.splits, nt) for nt in (2, 4, 8)]
-    assert got == [widest, widest, 1536]
+    assert got == [widest, widest, widest]  # (up to 3072 columns at NT = 8: 48 KB)
+    monkeypatch.setattr(kern, "_split_windows", {})
+    monkeypatch.setattr(kern, "DR_NT_WINDOW_BYTES", 24 * 1024)
+    assert [kern.split_nt_window(d.offsets, lay.slices, lay.splits, nt) for nt in (2, 4, 8)] == [widest, widest, 1536]
+    monkeypatch.setattr(kern, "DR_NT_WINDOW_BYTES", 48 * 1024)
     assert list(kern._split_windows.values()) == [widest]  # read once
     kern._split_windows[next(iter(kern._split_windows))] = 100
     assert kern.split_nt_window(d.offsets, lay.slices, lay.splits, 2) == 104  # remembered, not read again

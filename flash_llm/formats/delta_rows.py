@@ -57,8 +57,8 @@ WAVE_SHARE = 0.85
 #: the N = 1 kernel stages a split's X window in shared memory up to this many columns (as fp32 up to 1536, as 16-bit
 #: above); wider windows read X from global memory (slower, same result), and the encoder raises the split count to
 #: avoid them (``DR_WMAX16`` in spmm.cu).  Until session 28 1536: OPT-30B's q/k/v, fc1 and fc2 (K = 7168 / 28672) then
-#: took 2.3-2.4x the splits of one wave.  (The multi-token kernels stage 1536 columns, and read wider windows from
-#: global memory.)
+#: took 2.3-2.4x the splits of one wave.  (The multi-token kernels stage the weight's widest window too, up to 3072
+#: columns at 8 tokens, since session 34; 1536 before.)
 WINDOW_MAX = 3072
 #: paired halves (gate / up): gate rows ranked by their entries, then each run of this many by their up rows'
 PAIR_BUCKET = 1024

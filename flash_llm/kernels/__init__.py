@@ -508,7 +508,7 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)
 DR_WARPS = 4  # spmm.cu: slices per block of the DeltaRows kernel, sharing one staged X window
-DR_WMAX = 1536  # spmm.cu: the widest X window the split layout's _n1 kernel stages as fp32, its _nt2 / _nt4 as 16-bit
+DR_WMAX = 1536  # spmm.cu: the widest X window the split layout's _n1 kernel stages as fp32
 
 
 #: DeltaRows runs its multi-token kernels (``delta_rows_spmm_<dtype>_nt<2|4|8>``) for 2 <= N <= this; above, the
@@ -621,14 +621,16 @@ def parts_nt_window(k: int, nt: int) -> int:
     return w if w * nt * 2 <= DR_NT_STAGE_MAX else 0
 
 
-#: the most bytes of X a split-layout multi-token block stages (``NT x 2`` a column: 1536 columns at NT = 8, 3072 at
-#: 4, 6144 at 2); a block whose window is wider reads X from global memory
-DR_NT_WINDOW_BYTES = 24 * 1024
+#: the most bytes of X a split-layout multi-token block stages (``NT x 2`` a column: 3072 columns at NT = 8, the
+#: encoder's ``delta_rows.WINDOW_MAX``; 6144 at 4, 12288 at 2); a block whose window is wider reads X from global
+#: memory.  (24 KB until session 34, and 1536 columns at NT = 2, 4: OPT-30B's blocks, up to 3072 wide, read X from
+#: global memory: batch 2 ran at 0.91x of dense, 2.05x staged; session 34, call F.)
+DR_NT_WINDOW_BYTES = 48 * 1024
 _split_windows: dict[tuple, int] = {}
 
 
 def split_nt_window(offsets: torch.Tensor, slices: int, splits: int, nt: int) -> int:
-    """The columns of X that ``delta_rows_spmm_<dtype>_nt8`` stages (its dynamic shared memory) for a split-layout
+    """The columns of X that ``delta_rows_spmm_<dtype>_nt<NT>`` stages (its dynamic shared memory) for a split-layout
     weight: the widest block window of the weight (``delta_rows.block_window_max``), capped at
     :data:`DR_NT_WINDOW_BYTES`.  Read from ``offsets`` once per weight (a device sync) and remembered by its address
     and size; while a CUDA graph is being captured and the weight is not known yet, the cap itself.  The kernel checks
@@ -651,7 +653,7 @@ def split_nt_window(offsets: torch.Tensor, slices: int, splits: int, nt: int) ->
 
 def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
     """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up;
-    at NT = 8 its X window :func:`split_nt_window`) stores each split's partials, ``delta_rows_reduce_<dtype>`` sums
+    its X window :func:`split_nt_window`) stores each split's partials, ``delta_rows_reduce_<dtype>`` sums
     them in split order with the epilogue; on the parts layout (one split) ``delta_rows_parts_<dtype>_nt<NT>``
     applies the epilogue and writes ``y`` itself."""
     from ..formats.delta_rows import layout
@@ -677,10 +679,10 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
                 (bias.data_ptr() if bias is not None else 0, P), (mode, I)],
                stream, dev.index, wmax * nt * 2, pdl=pdl)
         return y
-    # the split layout: partials, then the reduction; at NT = 8 the weight's widest block window staged in dynamic
-    # shared memory, at NT = 2, 4 windows of up to 1536 columns in static shared memory
-    wmax = split_nt_window(offsets, slices, s, nt) if nt == 8 else DR_WMAX
-    shared = 2 * nt * wmax if nt == 8 else 0  # (the static window of NT = 2, 4 needs no dynamic bytes)
+    # the split layout: partials, then the reduction; the weight's widest block window staged in dynamic shared
+    # memory
+    wmax = split_nt_window(offsets, slices, s, nt)
+    shared = 2 * nt * wmax
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),

@@ -2478,12 +2478,14 @@ INSTANTIATE_DR_PARTS_P(bf16, true, 16)
 // own row order), and delta_rows_reduce_<dtype> sums them in split order and applies the epilogue.  Windows wider than
 // wmax read X from global memory (slower, the same sums).  Bound by the shared-memory reads at NT = 8 (16 bytes of X at
 // a random column an entry), so it pays most at small N.
-// - NT = 2, 4: the window in static shared memory (DR_WMAX columns, NT x 3 KB; wmax = DR_WMAX), groups copied
-//   DR_RING_NT = 4 ahead.
-// - NT = 8 (session 32): the window in dynamic shared memory, wmax columns (the launcher's: the weight's widest block
-//   window, at most 1536), and a ring of 2 groups: 56 registers instead of 94 (the static window held them), and 5 KB
-//   less a block, so the grid the encoder sized for the N = 1 kernel fits one wave on Llama-3-8B's gate / up (7 blocks
-//   an SM; 5 before).
+// - The window in dynamic shared memory, wmax columns (the launcher's kernels.split_nt_window: the weight's widest
+//   block window, at most 48 KB: 3072 columns at NT = 8).  Until session 34 NT = 2, 4 had a static window of DR_WMAX =
+//   1536 columns, narrower than the encoder's windows of up to 3072 (delta_rows.WINDOW_MAX since session 28), so on
+//   OPT-30B (K = 7168, 28672) most blocks read X from global memory: batch 2 / 3 ran at 0.91x / 0.82x of dense, staged
+//   2.05x / 1.53x (H200, session 34 call F; Llama-3-8B, windows within 1536: 2.912 -> 2.942 ms a batch-2 token).
+// - NT = 2, 4: groups copied DR_RING_NT = 4 ahead.  NT = 8 (session 32): a ring of 2 groups: 56 registers instead of
+//   94, and 5 KB less a block, so the grid the encoder sized for the N = 1 kernel fits one wave on Llama-3-8B's gate /
+//   up (7 blocks an SM; 5 before).
 constexpr int DR_RING_NT = 4;
 constexpr int dr_ring_nt(int nt) { return nt == 8 ? 2 : DR_RING_NT; }
 
@@ -2515,9 +2517,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
                              u16* __restrict__ y = nullptr, const u16* __restrict__ bias = nullptr, int mode = 0) {
   constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
   extern __shared__ __align__(16) u16 drnt_x[];
-  constexpr bool DYN = ONE || NT == 8;  // the window in dynamic shared memory (else DR_WMAX columns, static)
-  __shared__ __align__(16) u16 xs_static[DYN ? 8 : DR_WMAX * NT];
-  u16* const xs = DYN ? drnt_x : xs_static;  // wmax x NT 16-bit values
+  u16* const xs = drnt_x;  // wmax x NT 16-bit values (dynamic shared memory)
   constexpr int RING = ONE ? DR_RING_NT : dr_ring_nt(NT);
   __shared__ __align__(16) unsigned char ring[DR_WARPS][RING * 640];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
@@ -2545,7 +2545,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const int2 bw = dr_union(win_lo, win_hi);
   const int a0 = bw.x, w = bw.y;
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
-  const bool staged = w <= (DYN ? wmax : DR_WMAX);  // (the same for the whole block)
+  const bool staged = w <= wmax;  // (the same for the whole block)
   if (staged) {
     for (int c = threadIdx.x; c < w; c += 32 * DR_WARPS) {  // column a0 + c of every token (0 past N or K)
       u32 h[NT / 2];
