@@ -127,10 +127,12 @@ def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
 
 
 def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False, merge: bool = False,
-                   delta_layout: str = "auto") -> dict:
+                   delta_layout: str = "auto", max_batch: int | None = None) -> dict:
+    """One engine (``max_batch``: default ``batch``) generating ``batch`` prompts: the medians of ``repeats`` runs."""
     device = next(model.parameters()).device
     _reset_peak(device)
-    eng = Engine(model, max_batch=batch, max_seq=prompt_len + new, fuse=fuse, merge=merge, delta_layout=delta_layout)
+    eng = Engine(model, max_batch=max_batch or batch, max_seq=prompt_len + new, fuse=fuse, merge=merge,
+                 delta_layout=delta_layout)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
     runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]
@@ -142,6 +144,8 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
         "ttft_ms": 1e3 * statistics.median(r.ttft_s for r in runs),
         "peak_mem_bytes": _peak(device),
         "cache_bytes": eng.cache_bytes,
+        "max_batch": eng.max_batch,
+        "copies_bytes": eng.copies_bytes,  # (delta_layout="dual": the Tiled-CSL copies beside the weights)
         "read_bytes": bytes_read_per_step(model),  # (after the engine's merge and DeltaRows layout)
     }
     stored, formula = projection_bytes(model)  # the weights this engine ran on (the build's report is before it)
@@ -251,7 +255,7 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                 row = {**base, "impl": "flash-llm", "batch": b, **mem, "read_bytes": read, "floor_ms": floor_ms}
                 try:
                     row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse,
-                                              args.merge, args.delta_layout))
+                                              args.merge, args.delta_layout, args.max_batch))
                     row["floor_ms"] = 1e3 * row["read_bytes"] / env["copy_bw_Bps"]
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * row["floor_ms"] / row["tpot_ms"]
@@ -738,10 +742,13 @@ def parse_args(argv):
                          "SiLU x up; Llama family)")
     ap.add_argument("--merge", action="store_true",
                     help="the engine's merged projections (Engine(merge=True): q/k/v and gate/up as one matmul each)")
-    ap.add_argument("--delta-layout", default="auto", choices=("auto", "keep"),
+    ap.add_argument("--delta-layout", default="auto", choices=("auto", "keep", "dual"),
                     help="Engine(delta_layout=): DeltaRows weights re-encoded for each batch (auto: the parts layout "
-                         "at batch 1, the split layout at 2-3, Tiled-CSL from 4 where the memory holds it) or kept "
-                         "as encoded")
+                         "at batch 1, the split layout at 2-3, Tiled-CSL from 4 where the memory holds it), kept "
+                         "as encoded, or (dual) DeltaRows for steps of 1-3 tokens and Tiled-CSL copies for the rest")
+    ap.add_argument("--max-batch", type=int,
+                    help="every engine's max_batch (default: each batch its own); at least the largest of --batches "
+                         "(one engine serving smaller batches, as a server does)")
     ap.add_argument("--memory-limit-gb", type=float, help="cap this process' GPU memory (e.g. 80 for an H100)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
     ap.add_argument("--out", default="benchmarks/out/e2e")
@@ -800,6 +807,8 @@ def parse_args(argv):
     args.sparsities = sorted(set(args.sparsities))
     if any(b < 1 for b in args.batches) or args.prompt < 1 or args.new < 2 or args.repeats < 1:
         ap.error("--batches and --prompt must be >= 1, --new >= 2, --repeats >= 1")
+    if args.max_batch is not None and args.max_batch < max(args.batches):
+        ap.error(f"--max-batch {args.max_batch} is below the largest of --batches ({max(args.batches)})")
     return args
 
 
@@ -826,6 +835,7 @@ def main(argv=None) -> int:
     env["fuse"] = args.fuse
     env["merge"] = args.merge
     env["delta_layout"] = args.delta_layout
+    env["max_batch"] = args.max_batch
     env["decode_attention"] = _common.DECODE_ATTENTION  # FLASH_LLM_DECODE_ATTENTION
     try:
         import transformers

@@ -131,7 +131,7 @@ FUSE_MIN_PARAMETERS = 10**9
 
 
 #: what ``Engine(delta_layout=)`` accepts
-DELTA_LAYOUTS = ("auto", "keep")
+DELTA_LAYOUTS = ("auto", "keep", "dual")
 #: ``delta_layout="auto"`` takes the parts layout up to this ``max_batch``, the split layout above (session 31)
 DELTA_PARTS_MAX_BATCH = 1
 #: ... and from this ``max_batch`` on re-encodes DeltaRows weights as Tiled-CSL where the device has the memory
@@ -183,6 +183,42 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     return done
 
 
+class _TwoLayouts:
+    """``Engine(delta_layout="dual")``'s two encodings of a model's DeltaRows layers: the layers' own DeltaRows
+    weights for steps of fewer than ``min_tokens`` tokens, Tiled-CSL copies (made here, one layer at a time through
+    its dense weight) from ``min_tokens`` on.  :meth:`install` puts one set into the layers (their buffers: no copy);
+    both stay alive here, so a CUDA graph captured over either keeps reading valid memory."""
+
+    def __init__(self, model: torch.nn.Module, min_tokens: int, progress: bool = True):
+        from tqdm import tqdm
+
+        from .formats import DeltaRows, TiledCSL
+        from .nn import SparseLinear
+
+        self.min_tokens = min_tokens
+        layers = [(p, m) for p, m in model.named_modules()
+                  if isinstance(m, SparseLinear) and m.weight_format is DeltaRows]
+        self.paths = [p for p, _ in layers]
+        self.small = {m: m.weight for _, m in layers}  # DeltaRows (over the layers' own arrays)
+        self.large = {}
+        for _, m in tqdm(layers, desc="Tiled-CSL copies", unit="layer", file=sys.stderr, leave=False,
+                         disable=not progress or len(layers) < 2, dynamic_ncols=True):
+            self.large[m] = TiledCSL.from_dense(self.small[m].to_dense())
+        self.nbytes = sum(t.numel() * t.element_size() for w in self.large.values() for t in w.tensors().values())
+
+    def install(self, tokens: int) -> None:
+        """Put the set for a step of ``tokens`` tokens into the layers (nothing to do when it is there)."""
+        want = self.large if tokens >= self.min_tokens else self.small
+        for m, w in want.items():
+            if m.weight_data is not w.tensors()["data"]:
+                m._replace_weight(w)
+                m._delta_rows_paired = self.small[m].paired if want is self.large else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every array of both sets."""
+        return [t for ws in (self.small, self.large) for w in ws.values() for t in w.tensors().values()]
+
+
 #: the projections whose input comes from no norm (the attention's output, the MLP's activation): their attribute names
 PLAIN_INPUT_PROJECTIONS = frozenset({"o_proj", "out_proj", "down_proj", "fc2"})
 
@@ -209,18 +245,24 @@ def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True, p
     return lambda m: auto_parts(m.out_features, m.in_features, m.nnz, device, normed=id(m) not in plain)
 
 
-def _tiled_csl_growth(model: torch.nn.Module) -> tuple[int, int]:
+def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int, int]:
     """``(bytes, largest dense layer)``: how much more the model's DeltaRows weights take as Tiled-CSL (its formula;
-    0 or less: no growth), and the bytes of its largest such layer expanded to dense (the re-encoding's temporary)."""
-    from .formats import DeltaRows
+    0 or less: no growth), and the bytes of its largest such layer expanded to dense (the re-encoding's temporary).
+    ``copies``: the bytes of Tiled-CSL copies beside them (``delta_layout="dual"``), the layers an earlier engine
+    turned from DeltaRows into Tiled-CSL counted too (at their Tiled-CSL size: an upper bound of their DeltaRows one)."""
+    from .formats import DeltaRows, TiledCSL
     from .models.synthetic import tiled_csl_formula_bytes
     from .nn import SparseLinear
 
     grow, largest = 0, 0
     for m in model.modules():
-        if isinstance(m, SparseLinear) and m.weight_format is DeltaRows:
+        if not isinstance(m, SparseLinear):
+            continue
+        was_delta = m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is not None
+        if m.weight_format is DeltaRows or (copies and was_delta):
             tiles = math.ceil(m.out_features / 64) * math.ceil(m.in_features / 64)
-            grow += int(tiled_csl_formula_bytes(m.out_features, m.in_features, m.nnz)) + 8 * tiles - m.nbytes
+            tcsl = int(tiled_csl_formula_bytes(m.out_features, m.in_features, m.nnz)) + 8 * tiles
+            grow += tcsl - (0 if copies else m.nbytes)
             largest = max(largest, m.out_features * m.in_features * m.weight_dtype.itemsize)
     return grow, largest
 
@@ -283,7 +325,12 @@ class Engine:
             :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
             the DeltaRows bytes at 80 %; else a warning and the split layout).  A later engine at a smaller
             ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums' order does,
-            within rounding).  ``"keep"`` leaves the weights as they are.  On other devices nothing is re-encoded.
+            within rounding).  ``"keep"`` leaves the weights as they are.  ``"dual"``: from ``max_batch``
+            :data:`DELTA_TCSL_MIN_BATCH` on, where the memory holds both (else a warning and ``"auto"``'s choice),
+            the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the engine
+            adds Tiled-CSL copies for the larger steps and the prefill (:attr:`copies_bytes`: about 1.5x the
+            DeltaRows bytes at 80 %), so one engine serves batch 1 at DeltaRows' speed and batch 4 and more at
+            Tiled-CSL's; each step swaps the set into the layers (no copy).  On other devices nothing is re-encoded.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
@@ -335,11 +382,18 @@ class Engine:
         #: what delta_layout="auto" re-encoded: {layer path: lanes a row, or TILED_CSL} (empty when nothing was)
         self.relayout: dict[str, int | str] = {}
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
-        if delta_layout == "auto" and self.device.type == "cuda":
-            tcsl = max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots)
-            self.relayout = relayout_delta_rows(model, _batch_parts(max_batch, self.device, tcsl,
-                                                                    _plain_input_layers(model)))
-        note = _delta_rows_batch_note(model, self.device, max_batch)
+        #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
+        self._two: _TwoLayouts | None = None
+        if delta_layout != "keep" and self.device.type == "cuda":
+            plain = _plain_input_layers(model)
+            dual = (delta_layout == "dual" and max_batch >= DELTA_TCSL_MIN_BATCH
+                    and self._tiled_csl_fits(kv_heads, slots, dual=True))
+            tcsl = not dual and max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots)
+            self.relayout = relayout_delta_rows(model, _batch_parts(1 if dual else max_batch, self.device, tcsl,
+                                                                    plain))
+            if dual:
+                self._two = _TwoLayouts(model, DELTA_TCSL_MIN_BATCH)
+        note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch)
         if note:
             warnings.warn(note, stacklevel=2)
         dev = self.device
@@ -355,12 +409,13 @@ class Engine:
         self._pool = None
         self._captured_over = self._weights_key()
 
-    def _tiled_csl_fits(self, kv_heads: int, slots: int) -> bool:
-        """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL beside the cache
+    def _tiled_csl_fits(self, kv_heads: int, slots: int, dual: bool = False) -> bool:
+        """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL (``dual``: as
+        Tiled-CSL copies beside them, also counting the layers an earlier engine made Tiled-CSL) beside the cache
         this engine is about to allocate (``kv_heads`` x ``slots`` a layer and sequence) and
         :data:`RELAYOUT_MARGIN_BYTES`; warns when it has not."""
-        grow, largest = _tiled_csl_growth(self.model)
-        if largest == 0:
+        grow, largest = _tiled_csl_growth(self.model, copies=dual)
+        if largest == 0 and not dual:
             return True  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so)
         cfg = self.config
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
@@ -368,6 +423,12 @@ class Engine:
         need = max(grow, 0) + 4 * largest + cache + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:
             return True
+        if dual:
+            warnings.warn(f"max_batch={self.max_batch}: no Tiled-CSL copies beside the DeltaRows weights "
+                          f"(delta_layout='dual'): they would take {grow / 2**30:.2f} GiB, and with the cache "
+                          f"({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the {free / 2**30:.2f} GiB "
+                          f"free on {self.device}; one layout as under delta_layout='auto'", stacklevel=3)
+            return False
         warnings.warn(f"max_batch={self.max_batch}: the DeltaRows weights stay DeltaRows (slower than Tiled-CSL from "
                       f"batch {DELTA_TCSL_MIN_BATCH}): as Tiled-CSL they would take {grow / 2**30:.2f} GiB more, and "
                       f"with the cache ({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
@@ -379,6 +440,11 @@ class Engine:
         """Bytes of the KV cache."""
         return self.cache.nbytes
 
+    @property
+    def copies_bytes(self) -> int:
+        """Bytes of the Tiled-CSL copies ``delta_layout="dual"`` holds beside the model's weights (0 without)."""
+        return 0 if self._two is None else self._two.nbytes
+
     def clear_graphs(self) -> None:
         """Drop the captured decode graphs (and their memory pool); they are captured again when needed."""
         self._graphs.clear()
@@ -387,7 +453,13 @@ class Engine:
     def _weights_key(self) -> tuple:
         """Where the model's tensors live: a graph captured over other storage (the model merged or re-encoded by
         another engine, a state dict loaded with ``assign=True``) would read freed memory."""
-        return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        if self._two is None:
+            return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        # delta_layout="dual": the layers swap their arrays between the two sets this engine holds (either set's
+        # graphs stay valid), so the key takes both sets and leaves those layers' present arrays out
+        swapped = {id(t) for m in self._two.small for n, t in m._buffers.items() if n.startswith("weight_")}
+        own = [t for t in (*self.model.parameters(), *self.model.buffers()) if id(t) not in swapped]
+        return tuple(t.data_ptr() for t in (*own, *self._two.tensors()))
 
     def _check_graphs(self) -> None:
         """Drop the graphs when the model's tensors moved since they were captured."""
@@ -451,6 +523,8 @@ class Engine:
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts ``[B, P]`` through the model, filling cache slots ``0..P-1``; last logits ``[B, V]``."""
         b, p = ids.shape
+        if self._two is not None:
+            self._two.install(b * p)
         self._valid[:b].zero_()
         self._valid[:b, :p] = mask
         attend = Attend(positions=padded_positions(mask), mask=padding_mask(mask), cache=self.cache,
@@ -477,6 +551,8 @@ class Engine:
         # the key of the tensors this graph reads: a forward may have moved some since the generate began (a model
         # built on meta computes its RoPE frequencies at its first forward), so graphs over the old ones go now
         self._check_graphs()
+        if self._two is not None:
+            self._two.install(b)
         saved = (self._slot.clone(), self._pos[:b].clone(), self._valid[:b].clone())
 
         def restore():
@@ -512,6 +588,8 @@ class Engine:
             graph = self._graphs.get(b) or self._capture(b)
             graph.replay()
         else:
+            if self._two is not None:
+                self._two.install(b)
             self._step(b)
         return self._logits[:b]
 

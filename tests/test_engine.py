@@ -326,7 +326,8 @@ def test_bench_e2e_tp_filters_are_checked(capsys):
     assert a.tp_dense == a.tp_sparse == [2]
     for argv, msg in ((["--tp", "2", "--tp-sparse", "1"], "--tp-sparse 1 names world sizes that are not in --tp 2"),
                       (["--tp-dense", "2"], "--tp-dense and --tp-sparse need --tp"),
-                      (["--tp", "2", "--tp-dense", "x"], "--tp-dense takes comma-separated integers")):
+                      (["--tp", "2", "--tp-dense", "x"], "--tp-dense takes comma-separated integers"),
+                      (["--batches", "1,8", "--max-batch", "4"], "--max-batch 4 is below the largest of --batches (8)")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert msg in capsys.readouterr().err
@@ -342,7 +343,7 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--device", "cpu", "--models", "tiny-llama", "--sparsities", "80", "--batches", "2", "--prompt", "4",
-            "--new", "3", "--repeats", "1", "--no-progress", "--merge", "--out", str(tmp_path)]
+            "--new", "3", "--repeats", "1", "--no-progress", "--merge", "--max-batch", "3", "--out", str(tmp_path)]
     assert bench.main(argv) == 0  # --merge: the HF twin of the dense model needs its projections split back
     data = json.loads((tmp_path / "results.json").read_text())
     rows = [(r["impl"], r["sparsity"], r["batch"]) for r in data["rows"]]
@@ -353,6 +354,7 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
     layers = bench._config("tiny-llama").num_layers  # merged: q/k/v, o, gate/up, down a layer
     assert sparse["ran_formats"] == {"BitmapTiles": 4 * layers}
     assert sparse["speedup_vs_dense"] > 0 and sparse["read_bytes"] < data["rows"][0]["read_bytes"]
+    assert sparse["max_batch"] == 3 and sparse["copies_bytes"] == 0 and data["env"]["max_batch"] == 3
     summary = (tmp_path / "summary.md").read_text()
     assert "### tiny-llama: decode tokens/s" in summary and "| 2 |" in summary and "Targets:" in summary
     assert "memory and latency (batch 2, the smallest run, unless noted)" in summary  # not "batch 1": none ran
@@ -488,11 +490,65 @@ def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):
         Engine(ours, max_batch=first + 2, max_seq=32)
 
 
+def test_dual_layout_swaps_the_sets_by_step_size(pair):
+    """Engine(delta_layout="dual")'s two sets (_TwoLayouts): the layers' own DeltaRows weights below min_tokens,
+    Tiled-CSL copies from it (the same dense weights, the pairing remembered), swapped into the layers without a copy
+    (the DeltaRows arrays are the very tensors again); the engine's graph key does not move with the swaps; the
+    prefill runs on the copies and each step on its batch's set, with the generations and logits of the engine
+    without copies (the CPU reference computes through the dense weight).  On the CPU no copies are made."""
+    from flash_llm.engine import _tiled_csl_growth, _TwoLayouts
+
+    hm, _ = pair
+    ours = _ours(hm, torch.float16)
+    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
+        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+    eng = Engine(ours, max_batch=2, max_seq=32, merge=True, delta_layout="dual")
+    assert eng.relayout == {} and eng.copies_bytes == 0 and eng._two is None  # (CPU)
+    want = [eng.generate(PROMPTS[:b], 4, output_logits=True, eos_token_id=None) for b in (1, 2)]
+    small = {m: m.weight for m in ours.modules()
+             if isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows}
+    dense = {m: w.to_dense() for m, w in small.items()}
+    grow, largest = _tiled_csl_growth(ours, copies=True)
+    assert largest == max(m.out_features * m.in_features * 2 for m in small)
+    two = _TwoLayouts(ours, 2, progress=False)
+    assert two.paths and len(two.paths) == len(small)
+    tcsl_bytes = sum(t.numel() * t.element_size() for w in two.large.values() for t in w.tensors().values())
+    assert two.nbytes == tcsl_bytes and abs(tcsl_bytes - grow) <= 0.02 * tcsl_bytes, (tcsl_bytes, grow)
+    eng._two = two
+    eng._captured_over = key = eng._weights_key()
+    eng._graphs[1] = object()  # as if captured
+    two.install(2)
+    assert all(m.weight_format is flash_llm.TiledCSL and m._delta_rows_paired == w.paired
+               and torch.equal(m.to_dense(), dense[m]) for m, w in small.items())
+    assert any(w.paired for w in small.values()) == (ours.config.family == "llama")
+    assert _tiled_csl_growth(ours, copies=True) == (grow, largest)  # (the copies counted as they are now)
+    assert eng._weights_key() == key
+    eng._check_graphs()
+    assert 1 in eng._graphs  # a swap does not drop graphs: both sets stay alive in the engine
+    eng._graphs.clear()
+    two.install(1)
+    assert all(m.weight_format is flash_llm.DeltaRows and m.weight_data is w.data and m._delta_rows_paired is None
+               for m, w in small.items())
+    assert eng._weights_key() == key
+    seen = []
+    hook = next(iter(small)).register_forward_pre_hook(lambda m, args: seen.append((m.weight_format, args[0].shape)))
+    for b, w in zip((1, 2), want):
+        got = eng.generate(PROMPTS[:b], 4, output_logits=True, eos_token_id=None)
+        assert torch.equal(got.tokens, w.tokens) and torch.equal(got.logits, w.logits), b
+    hook.remove()
+    for fmt, shape in seen:  # the prefill (more than 2 tokens) and the batch-2 steps on the copies
+        tokens = math.prod(shape[:-1])
+        assert fmt is (flash_llm.TiledCSL if tokens >= 2 else flash_llm.DeltaRows), (fmt, shape)
+    assert {f for f, _ in seen} == {flash_llm.TiledCSL, flash_llm.DeltaRows}
+
+
 def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair):
     """relayout_delta_rows re-encodes DeltaRows layers in place into the lanes a row asked for (and back): the same
     generations and logits (the CPU reference computes through the dense weight), nothing to do the second time.
     The engine drops graphs captured over tensors that have since moved (checked on the CPU through the bookkeeping:
-    graphs are CUDA only).  Engine(delta_layout=) takes "auto" or "keep"."""
+    graphs are CUDA only).  Engine(delta_layout=) takes "auto", "keep" or "dual"."""
     from types import SimpleNamespace
 
     from flash_llm.engine import (DELTA_TCSL_MIN_BATCH, TILED_CSL, _batch_parts, _plain_input_layers,
