@@ -137,7 +137,9 @@ DELTA_PARTS_MAX_BATCH = 1
 #: ... and from this ``max_batch`` on re-encodes DeltaRows weights as Tiled-CSL where the device has the memory
 #: (1.5x the bytes at 80 %).  Session 33 (H200, Llama-3-8B at 80 %, speedup over dense in each run): Tiled-CSL at batch
 #: 2 / 4 / 8 / 16 1.35x / 1.35x / 1.37x / 1.26x; DeltaRows' split layout 1.60x / 1.24x / 0.89x (its multi-token
-#: kernels multiply on CUDA cores, one column gathered per entry) and from batch 9 the expansion to dense
+#: kernels multiply on CUDA cores, one column gathered per entry) and from batch 9 the expansion to dense.  Session 34
+#: (H200, OPT-30B at 80 %): DeltaRows 2.05x / 1.53x / 1.50x / 0.84x at batch 2 / 3 / 4 / 8, Tiled-CSL 1.53x at 2 and 3,
+#: 1.56x / 1.48x at 4 / 8 (calls D, F, G)
 DELTA_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DELTA_TCSL_MIN_BATCH", "4"))
 #: what a layout choice returns for "re-encode as Tiled-CSL" (else the DeltaRows lanes a row)
 TILED_CSL = "tiled-csl"
