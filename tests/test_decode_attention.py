@@ -91,6 +91,23 @@ def test_policy_takes_the_kernel_where_it_measured_faster():
     assert not decode_attention_wanted(1, 1, "0") and not decode_attention_wanted(1, 1, False)
 
 
+def test_launcher_constants_are_the_kernels():
+    """The launcher sizes the attention's grid and clusters by spmm.cu's DA_CHUNK, DA_MAX_REP, DA_HEADS and
+    DA_CLUSTER_MAX (a cluster larger than the kernel's combine would leave chunks out)."""
+    import re
+    from pathlib import Path
+
+    from flash_llm import kernels as kern
+
+    src = (Path(kern.__file__).parent / "spmm.cu").read_text()
+
+    def const(name):
+        return int(re.search(rf"constexpr int [^;]*\b{name} = (\d+)", src).group(1))
+
+    assert [const(n) for n in ("DA_CHUNK", "DA_MAX_REP", "DA_HEADS", "DA_CLUSTER_MAX")] == [
+        kern.DECODE_ATTN_CHUNK, kern.DECODE_ATTN_MAX_REP, kern.DECODE_ATTN_HEADS, kern.DECODE_ATTN_CLUSTER_MAX]
+
+
 def test_programmatic_launch_of_the_attention_only_for_small_work(monkeypatch):
     """The decode attention is launched programmatically under static_weights (and FLASH_LLM_PDL_ATTN) only up to
     DECODE_ATTN_PDL_MAX_WORK = batch x slots (batch 16 at 256 slots, not batch 64 at 256), never outside it."""
