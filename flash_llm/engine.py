@@ -417,8 +417,8 @@ class Engine:
         this engine is about to allocate (``kv_heads`` x ``slots`` a layer and sequence) and
         :data:`RELAYOUT_MARGIN_BYTES`; warns when it has not."""
         grow, largest = _tiled_csl_growth(self.model, copies=dual)
-        if largest == 0 and not dual:
-            return True  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so)
+        if largest == 0:  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so): nothing to copy
+            return not dual
         cfg = self.config
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
         free, _ = torch.cuda.mem_get_info(self.device)
