@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [profenv] [cross]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [profenv] [dual] [cross]
 #   tests     the GPU kernel, engine and decode-attention tests on the checked-out tree (about 2 minutes; TESTS_K=<pytest -k
 #             expression> for a subset); the whole pytest output, tracebacks included, in $OUT/tests.log
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
@@ -46,6 +46,9 @@
 #   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
 #             setting of E2E_ENVS (";A=1 B=0;A=0": settings separated by ';', an empty one for the defaults), in order,
 #             E2E_ROUNDS times (default 1): switches of the checked-out tree A/B'd end to end in one process each
+#   dual      Engine(delta_layout="dual") against "auto", one engine of max_batch $DUAL_MAX (default 16) a batch: the GPU
+#             tests of both (-k "dual or delta_layout"), then bench_e2e.py on $E2E_MODEL (default Llama-3-8B), DeltaRows
+#             $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,2,4,16), each layout in turn (about 4 minutes)
 #   cross     the wg32x2 / nt4 crossover at N = 17-32: time_across_n.py with FLASH_LLM_TCSL_WG32_MIN_DENSITY = 1 (always
 #             nt4) and = 0 (always wg32x2), 9216 x 36864 at CROSS_SPARSITIES (default "0.7 0.8 0.9"), 4096 x 14336 at 80 %
 # Outputs (logs) under $OUT; the A/B tables are printed. bench_e2e's plots, CSVs and summaries are deleted at the end
@@ -159,6 +162,10 @@ for stage in "${@:-tests ab}"; do
                 done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs
+      dual) { timeout 200 python3 -m pytest -q --tb=short tests/test_engine_gpu.py -k "dual or delta_layout" 2>&1 | tail -8
+              for l in dual auto; do echo "--- delta_layout=$l"; llama_e2e 250 --format delta-rows --sparsities \
+                ${E2E_SPARSITIES:-80} --batches ${E2E_BATCHES:-1,2,4,16} --max-batch ${DUAL_MAX:-16} --delta-layout $l \
+                --out "$OUT/dual_$l" 2>&1 | grep "b=\|rror"; done; } 2>&1 | tee "$OUT/dual.log" ;;
       cross) { for sp in ${CROSS_SPARSITIES:-0.7 0.8 0.9}; do for v in 1 0; do echo "sparsity $sp, WG32_MIN_DENSITY=$v"
                  FLASH_LLM_TCSL_WG32_MIN_DENSITY=$v timeout 60 python3 benchmarks/time_across_n.py --fmt tiled-csl --m 9216 \
                    --k 36864 --sparsity $sp --ns 17,24,32; done; done
@@ -166,7 +173,7 @@ for stage in "${@:-tests ab}"; do
                  timeout 60 python3 benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 17,24,32
                done; } 2>&1 | tee "$OUT/cross.log" ;;
       splits) (cd benchmarks && timeout 300 python3 splits_sweep.py ${SPLITS_ARGS:-}) 2>&1 | tee "$OUT/splits.log" ;;
-      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab e2emulti e2eenv profenv cross)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab e2emulti e2eenv profenv dual cross)" >&2; exit 2 ;;
     esac
   done
 done
