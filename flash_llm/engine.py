@@ -145,6 +145,14 @@ DELTA_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DELTA_TCSL_MIN_BATCH", "4")
 TILED_CSL = "tiled-csl"
 #: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights and the engine's cache
 RELAYOUT_MARGIN_BYTES = 1 << 30
+#: the device types on which ``delta_layout="auto"`` / ``"dual"`` re-encode (the CPU reference computes through the
+#: dense weight, so no layout is faster there; the tests add "cpu" to run the same path)
+RELAYOUT_DEVICES = ("cuda",)
+
+
+def _free_memory(device: torch.device) -> int:
+    """Free bytes on ``device`` (CUDA: ``torch.cuda.mem_get_info``)."""
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int | str],
@@ -386,7 +394,7 @@ class Engine:
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
         self._two: _TwoLayouts | None = None
-        if delta_layout != "keep" and self.device.type == "cuda":
+        if delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES:
             plain = _plain_input_layers(model)
             dual = (delta_layout == "dual" and max_batch >= DELTA_TCSL_MIN_BATCH
                     and self._tiled_csl_fits(kv_heads, slots, dual=True))
@@ -421,7 +429,7 @@ class Engine:
             return not dual
         cfg = self.config
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free = _free_memory(self.device)
         need = max(grow, 0) + 4 * largest + cache + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:
             return True

@@ -544,6 +544,50 @@ def test_dual_layout_swaps_the_sets_by_step_size(pair):
     assert {f for f, _ in seen} == {flash_llm.TiledCSL, flash_llm.DeltaRows}
 
 
+def test_dual_layout_engine_path(pair, monkeypatch):
+    """Engine(delta_layout="dual")'s own path, run on the CPU as on a GPU (engine.RELAYOUT_DEVICES, the free memory
+    stubbed): from max_batch DELTA_TCSL_MIN_BATCH the layers take the batch-1 layout and the engine holds Tiled-CSL
+    copies (copies_bytes); batch 1 steps on DeltaRows, batch 4 and the prefill on the copies, with the generations
+    and logits of an engine that keeps the weights; below that max_batch, or without the memory (a warning), no
+    copies."""
+    from flash_llm import engine as E
+
+    hm, _ = pair
+    ours = _ours(hm, torch.float16)
+    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
+        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+    big = E.DELTA_TCSL_MIN_BATCH
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
+    keep = Engine(ours, max_batch=big, max_seq=32, merge=True, delta_layout="keep")
+    want = {b: keep.generate(prompts[:b], 4, output_logits=True, eos_token_id=None) for b in (1, big)}
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    small = Engine(ours, max_batch=big - 1, max_seq=32, delta_layout="dual")  # below: the split layout, no copies
+    assert small.copies_bytes == 0 and small._two is None
+    eng = Engine(ours, max_batch=big, max_seq=32, delta_layout="dual")
+    sparse = [m for m in ours.modules() if isinstance(m, flash_llm.SparseLinear)]
+    assert eng.copies_bytes == eng._two.nbytes > 0 and len(eng._two.small) == len(sparse)
+    assert all(m.weight_format is flash_llm.DeltaRows for m in sparse)
+    one = E._batch_parts(1, torch.device("cpu"), False, E._plain_input_layers(ours))  # (the batch-1 layout)
+    assert all(m.weight.parts == one(m) for m in sparse)
+    seen = []
+    hook = sparse[0].register_forward_pre_hook(lambda m, args: seen.append((m.weight_format, args[0].shape)))
+    for b in (1, big, 1):
+        got = eng.generate(prompts[:b], 4, output_logits=True, eos_token_id=None)
+        assert torch.equal(got.tokens, want[b].tokens) and torch.equal(got.logits, want[b].logits), b
+    hook.remove()
+    for fmt, shape in seen:
+        assert fmt is (flash_llm.TiledCSL if math.prod(shape[:-1]) >= big else flash_llm.DeltaRows), (fmt, shape)
+    assert {f for f, _ in seen} == {flash_llm.TiledCSL, flash_llm.DeltaRows}
+    monkeypatch.setattr(E, "_free_memory", lambda device: 0)
+    with pytest.warns(UserWarning, match="no Tiled-CSL copies"):
+        tight = Engine(ours, max_batch=big, max_seq=32, delta_layout="dual")
+    assert tight.copies_bytes == 0
+    assert all(m.weight_format is flash_llm.DeltaRows and m.weight.parts == 1 for m in sparse)  # the split layout
+
+
 def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair):
     """relayout_delta_rows re-encodes DeltaRows layers in place into the lanes a row asked for (and back): the same
     generations and logits (the CPU reference computes through the dense weight), nothing to do the second time.
