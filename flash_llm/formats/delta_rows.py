@@ -73,7 +73,8 @@ PARTS_MAX_K = int(os.environ.get("FLASH_LLM_DELTA_PARTS_MAX_K", "4096"))
 #: ... and up to this K for a layer whose input comes from no norm (``auto_parts(normed=False)``: o, down, fc2), whose
 #: kernel stages X as it is.  Session 33 (H200, call G, one round): Llama-3-8B's down (K = 14336) in the parts layout,
 #: batch 1 at 80 % 2.027 -> 2.005 ms per token; session 30 had OPT-30B's LayerNorm layers (K = 7168) losing there.
-#: ``FLASH_LLM_DELTA_PARTS_MAX_K_PLAIN`` overrides it
+#: Session 34 (calls B-C, o / down / fc2 up to this K): Llama-3-8B 2.024 -> 2.003 ms, OPT-30B (its out_proj, K = 7168;
+#: fc2, K = 28672, above) 6.090 -> 6.013 ms.  ``FLASH_LLM_DELTA_PARTS_MAX_K_PLAIN`` overrides it
 PARTS_MAX_K_PLAIN = int(os.environ.get("FLASH_LLM_DELTA_PARTS_MAX_K_PLAIN", "16384"))
 #: ... with the fewest lanes a row that give at least this share of :func:`target_warps` warps (slices; session 30's
 #: sweep: q/k/v best at 3072 warps, gate / up at 3584, down at 1792-3584, o at 512-2048 within 4 %)
