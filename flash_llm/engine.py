@@ -155,6 +155,14 @@ def _free_memory(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0]
 
 
+def _was_delta_rows(m: torch.nn.Module) -> bool:
+    """Whether ``m`` (a :class:`~flash_llm.SparseLinear`) holds a Tiled-CSL weight an engine re-encoded from
+    DeltaRows (it remembers the pairing in ``_delta_rows_paired``)."""
+    from .formats import TiledCSL
+
+    return m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is not None
+
+
 def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int | str],
                         progress: bool = True) -> dict[str, int | str]:
     """Re-encode, in place, every DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` (and every layer an earlier
@@ -174,7 +182,7 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     for path, m in model.named_modules():
         if not isinstance(m, SparseLinear):
             continue
-        was_delta = m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is not None
+        was_delta = _was_delta_rows(m)
         if m.weight_format is DeltaRows or was_delta:
             want = parts(m)
             now = TILED_CSL if was_delta else m.weight.parts
@@ -206,12 +214,10 @@ class _TwoLayouts:
         from .nn import SparseLinear
 
         self.min_tokens = min_tokens
-        layers = [(p, m) for p, m in model.named_modules()
-                  if isinstance(m, SparseLinear) and m.weight_format is DeltaRows]
-        self.paths = [p for p, _ in layers]
-        self.small = {m: m.weight for _, m in layers}  # DeltaRows (over the layers' own arrays)
+        layers = [m for m in model.modules() if isinstance(m, SparseLinear) and m.weight_format is DeltaRows]
+        self.small = {m: m.weight for m in layers}  # DeltaRows (over the layers' own arrays)
         self.large = {}
-        for _, m in tqdm(layers, desc="Tiled-CSL copies", unit="layer", file=sys.stderr, leave=False,
+        for m in tqdm(layers, desc="Tiled-CSL copies", unit="layer", file=sys.stderr, leave=False,
                          disable=not progress or len(layers) < 2, dynamic_ncols=True):
             self.large[m] = TiledCSL.from_dense(self.small[m].to_dense())
         self.nbytes = sum(t.numel() * t.element_size() for w in self.large.values() for t in w.tensors().values())
@@ -260,7 +266,7 @@ def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int
     0 or less: no growth), and the bytes of its largest such layer expanded to dense (the re-encoding's temporary).
     ``copies``: the bytes of Tiled-CSL copies beside them (``delta_layout="dual"``), the layers an earlier engine
     turned from DeltaRows into Tiled-CSL counted too (at their Tiled-CSL size: an upper bound of their DeltaRows one)."""
-    from .formats import DeltaRows, TiledCSL
+    from .formats import DeltaRows
     from .models.synthetic import tiled_csl_formula_bytes
     from .nn import SparseLinear
 
@@ -268,7 +274,7 @@ def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int
     for m in model.modules():
         if not isinstance(m, SparseLinear):
             continue
-        was_delta = m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is not None
+        was_delta = _was_delta_rows(m)
         if m.weight_format is DeltaRows or (copies and was_delta):
             tiles = math.ceil(m.out_features / 64) * math.ceil(m.in_features / 64)
             tcsl = int(tiled_csl_formula_bytes(m.out_features, m.in_features, m.nnz)) + 8 * tiles

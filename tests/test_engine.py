@@ -33,6 +33,16 @@ def _ours(hm, dtype=torch.float32):
     return m.eval()
 
 
+def _delta_rows_ours(hm):
+    """Our fp16 twin of ``hm``, 70 % magnitude-pruned, its projections as DeltaRows (lm_head dense)."""
+    ours = _ours(hm, torch.float16)
+    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
+        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+    return ours
+
+
 @pytest.fixture(scope="module", params=["llama", "opt"])
 def pair(request):
     hm = _hf(request.param)
@@ -498,12 +508,7 @@ def test_dual_layout_swaps_the_sets_by_step_size(pair):
     without copies (the CPU reference computes through the dense weight).  On the CPU no copies are made."""
     from flash_llm.engine import _tiled_csl_growth, _TwoLayouts
 
-    hm, _ = pair
-    ours = _ours(hm, torch.float16)
-    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
-        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+    ours = _delta_rows_ours(pair[0])
     eng = Engine(ours, max_batch=2, max_seq=32, merge=True, delta_layout="dual")
     assert eng.relayout == {} and eng.copies_bytes == 0 and eng._two is None  # (CPU)
     want = [eng.generate(PROMPTS[:b], 4, output_logits=True, eos_token_id=None) for b in (1, 2)]
@@ -513,7 +518,7 @@ def test_dual_layout_swaps_the_sets_by_step_size(pair):
     grow, largest = _tiled_csl_growth(ours, copies=True)
     assert largest == max(m.out_features * m.in_features * 2 for m in small)
     two = _TwoLayouts(ours, 2, progress=False)
-    assert two.paths and len(two.paths) == len(small)
+    assert two.small and len(two.small) == len(small)
     tcsl_bytes = sum(t.numel() * t.element_size() for w in two.large.values() for t in w.tensors().values())
     assert two.nbytes == tcsl_bytes and abs(tcsl_bytes - grow) <= 0.02 * tcsl_bytes, (tcsl_bytes, grow)
     eng._two = two
@@ -552,12 +557,7 @@ def test_dual_layout_engine_path(pair, monkeypatch):
     copies."""
     from flash_llm import engine as E
 
-    hm, _ = pair
-    ours = _ours(hm, torch.float16)
-    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
-        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+    ours = _delta_rows_ours(pair[0])
     big = E.DELTA_TCSL_MIN_BATCH
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
     keep = Engine(ours, max_batch=big, max_seq=32, merge=True, delta_layout="keep")
@@ -600,12 +600,7 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     from flash_llm.formats.delta_rows import auto_parts
     from flash_llm.models.synthetic import projection_bytes
 
-    hm, _ = pair
-    ours = _ours(hm, torch.float16)
-    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
-        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+    ours = _delta_rows_ours(pair[0])
     layers = {p: m for p, m in ours.named_modules()
               if isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows}
     assert layers and all(m.weight.parts == 1 for m in layers.values())
@@ -658,7 +653,7 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     assert all(m.weight_format is flash_llm.DeltaRows and m.weight.parts == 2 and m.weight.paired == paired[p]
                and torch.equal(m.to_dense(), dense[p]) for p, m in mods.items())
     # a Tiled-CSL model of the user's own is not DeltaRows' to re-encode
-    own = _ours(hm, torch.float16)
+    own = _ours(pair[0], torch.float16)
     magnitude_prune_(own, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
