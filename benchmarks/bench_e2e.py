@@ -44,7 +44,6 @@ import os
 import statistics
 import sys
 import time
-from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -151,15 +150,9 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
     stored, formula = projection_bytes(model)  # the weights this engine ran on (the build's report is before it)
     if formula:
         row.update(projection_bytes=stored, formula_ratio=stored / formula, weight_bytes=_stored_bytes(model))
-        row["ran_formats"] = _ran_formats(model)
+        row["ran_formats"] = eng.step_formats(batch)
     del eng
     return row
-
-
-def _ran_formats(model) -> dict[str, int]:
-    """``{format class name: layers}`` of ``model``'s sparse layers as an engine left them (``Engine(delta_layout=
-    "auto")`` re-encodes DeltaRows weights as Tiled-CSL from batch 4)."""
-    return dict(Counter(m.weight_format.__name__ for m in model.modules() if isinstance(m, SparseLinear)))
 
 
 def hf_twin(model):

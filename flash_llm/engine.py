@@ -461,6 +461,21 @@ class Engine:
         """Bytes of the Tiled-CSL copies ``delta_layout="dual"`` holds beside the model's weights (0 without)."""
         return 0 if self._two is None else self._two.nbytes
 
+    def step_formats(self, batch: int) -> dict[str, int]:
+        """``{format class name: layers}``: the weight formats a decode step of ``batch`` rows runs on
+        (``delta_layout="dual"`` swaps its layers' sets by batch; a step's CUDA graph keeps the set it was captured
+        over, so the layers' present format need not be the last step's)."""
+        from collections import Counter
+
+        from .nn import SparseLinear
+
+        def name(m):
+            if self._two is not None and m in self._two.small:
+                return (self._two.large if batch >= self._two.min_tokens else self._two.small)[m].__class__.__name__
+            return m.weight_format.__name__
+
+        return dict(Counter(name(m) for m in self.model.modules() if isinstance(m, SparseLinear)))
+
     def clear_graphs(self) -> None:
         """Drop the captured decode graphs (and their memory pool); they are captured again when needed."""
         self._graphs.clear()

@@ -581,6 +581,9 @@ def test_dual_layout_engine_path(pair, monkeypatch):
     for fmt, shape in seen:
         assert fmt is (flash_llm.TiledCSL if math.prod(shape[:-1]) >= big else flash_llm.DeltaRows), (fmt, shape)
     assert {f for f, _ in seen} == {flash_llm.TiledCSL, flash_llm.DeltaRows}
+    n = len(sparse)  # step_formats: what a step of that size runs on, whichever set the last forward left in
+    assert eng.step_formats(1) == {"DeltaRows": n} and eng.step_formats(big) == {"TiledCSL": n}
+    assert keep.step_formats(big) == {"DeltaRows": n}
     monkeypatch.setattr(E, "_free_memory", lambda device: 0)
     with pytest.warns(UserWarning, match="no Tiled-CSL copies"):
         tight = Engine(ours, max_batch=big, max_seq=32, delta_layout="dual")
