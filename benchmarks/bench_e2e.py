@@ -44,6 +44,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -136,6 +137,7 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
     runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]
     _sync(device)
+    eng.use_layout(batch)
     row = {
         "decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
         "tok_per_gpu_s": statistics.median(batch * new / r.total_s for r in runs),
@@ -145,14 +147,20 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
         "cache_bytes": eng.cache_bytes,
         "max_batch": eng.max_batch,
         "copies_bytes": eng.copies_bytes,  # (delta_layout="dual": the Tiled-CSL copies beside the weights)
+        # (below: the weights this batch's steps ran on: delta_layout="dual" holds two sets and swaps them by batch)
         "read_bytes": bytes_read_per_step(model),  # (after the engine's merge and DeltaRows layout)
     }
     stored, formula = projection_bytes(model)  # the weights this engine ran on (the build's report is before it)
     if formula:
         row.update(projection_bytes=stored, formula_ratio=stored / formula, weight_bytes=_stored_bytes(model))
-        row["ran_formats"] = eng.step_formats(batch)
+        row["ran_formats"] = _ran_formats(model)
     del eng
     return row
+
+
+def _ran_formats(model) -> dict[str, int]:
+    """``{format class name: layers}`` of ``model``'s sparse layers as they stand (``Engine.use_layout`` first)."""
+    return dict(Counter(m.weight_format.__name__ for m in model.modules() if isinstance(m, SparseLinear)))
 
 
 def hf_twin(model):

@@ -141,6 +141,13 @@ DELTA_PARTS_MAX_BATCH = 1
 #: (H200, OPT-30B at 80 %): DeltaRows 2.05x / 1.53x / 1.50x / 0.84x at batch 2 / 3 / 4 / 8, Tiled-CSL 1.53x at 2 and 3,
 #: 1.56x / 1.48x at 4 / 8 (calls D, F, G)
 DELTA_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DELTA_TCSL_MIN_BATCH", "4"))
+#: ``delta_layout="dual"`` serves steps of this many tokens and more on its Tiled-CSL copies, fewer on DeltaRows in the
+#: batch-1 layout without the parts layout on the plain-input layers above ``PARTS_MAX_K`` (Llama-3-8B's down: its
+#: multi-token parts kernels stage all of K, 57 KB at 2 tokens, and at 3-4 tokens no longer fit and read X from
+#: global memory).  Session 35 (H200, Llama-3-8B at 80 %, one engine of max_batch 16, ms per token, dense 4.63 / 4.67
+#: / 4.70): with down in the parts layout batch 1 / 2 / 3 2.000 / 3.563 / 11.922; without 2.030 / 2.935 / 4.049; the
+#: split layout (max_batch 2, 3) 2.939 / 3.437, Tiled-CSL at 3 about 3.57 (session 33)
+DUAL_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DUAL_TCSL_MIN_BATCH", "3"))
 #: what a layout choice returns for "re-encode as Tiled-CSL" (else the DeltaRows lanes a row)
 TILED_CSL = "tiled-csl"
 #: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights and the engine's cache
@@ -342,11 +349,11 @@ class Engine:
             the DeltaRows bytes at 80 %; else a warning and the split layout).  A later engine at a smaller
             ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums' order does,
             within rounding).  ``"keep"`` leaves the weights as they are.  ``"dual"``: from ``max_batch``
-            :data:`DELTA_TCSL_MIN_BATCH` on, where the memory holds both (else a warning and ``"auto"``'s choice),
-            the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the engine
-            adds Tiled-CSL copies for the larger steps and the prefill (:attr:`copies_bytes`: about 1.5x the
-            DeltaRows bytes at 80 %), so one engine serves batch 1 at DeltaRows' speed and batch 4 and more at
-            Tiled-CSL's; each step swaps the set into the layers (no copy).  On other devices nothing is re-encoded.
+            :data:`DUAL_TCSL_MIN_BATCH` (3) on, where the memory holds both (else a warning and ``"auto"``'s
+            choice), the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the
+            engine adds Tiled-CSL copies for the larger steps and the prefill (:attr:`copies_bytes`: about 1.5x the
+            DeltaRows bytes at 80 %), so one engine serves batch 1-2 at DeltaRows' speed and batch 3 and more at
+            Tiled-CSL's; each step swaps the set into the layers (no copy; :meth:`use_layout`).  On other devices nothing is re-encoded.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
@@ -402,13 +409,14 @@ class Engine:
         self._two: _TwoLayouts | None = None
         if delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES:
             plain = _plain_input_layers(model)
-            dual = (delta_layout == "dual" and max_batch >= DELTA_TCSL_MIN_BATCH
+            dual = (delta_layout == "dual" and max_batch >= DUAL_TCSL_MIN_BATCH
                     and self._tiled_csl_fits(kv_heads, slots, dual=True))
             tcsl = not dual and max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots)
-            self.relayout = relayout_delta_rows(model, _batch_parts(1 if dual else max_batch, self.device, tcsl,
-                                                                    plain))
+            # (dual: the batch-1 layout as for normed inputs everywhere, since its DeltaRows serve 2 tokens too)
+            choose = _batch_parts(1, self.device, False) if dual else _batch_parts(max_batch, self.device, tcsl, plain)
+            self.relayout = relayout_delta_rows(model, choose)
             if dual:
-                self._two = _TwoLayouts(model, DELTA_TCSL_MIN_BATCH)
+                self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)
         note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch)
         if note:
             warnings.warn(note, stacklevel=2)
@@ -461,20 +469,12 @@ class Engine:
         """Bytes of the Tiled-CSL copies ``delta_layout="dual"`` holds beside the model's weights (0 without)."""
         return 0 if self._two is None else self._two.nbytes
 
-    def step_formats(self, batch: int) -> dict[str, int]:
-        """``{format class name: layers}``: the weight formats a decode step of ``batch`` rows runs on
-        (``delta_layout="dual"`` swaps its layers' sets by batch; a step's CUDA graph keeps the set it was captured
-        over, so the layers' present format need not be the last step's)."""
-        from collections import Counter
-
-        from .nn import SparseLinear
-
-        def name(m):
-            if self._two is not None and m in self._two.small:
-                return (self._two.large if batch >= self._two.min_tokens else self._two.small)[m].__class__.__name__
-            return m.weight_format.__name__
-
-        return dict(Counter(name(m) for m in self.model.modules() if isinstance(m, SparseLinear)))
+    def use_layout(self, batch: int) -> None:
+        """Put into the model's layers the weights a decode step of ``batch`` rows runs on (``delta_layout="dual"``
+        swaps its two sets by step size; nothing to do otherwise): to read the model's formats or bytes as that step
+        sees them (a captured graph keeps the set it was captured over, whatever the layers hold later)."""
+        if self._two is not None:
+            self._two.install(batch)
 
     def clear_graphs(self) -> None:
         """Drop the captured decode graphs (and their memory pool); they are captured again when needed."""

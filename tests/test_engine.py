@@ -551,27 +551,36 @@ def test_dual_layout_swaps_the_sets_by_step_size(pair):
 
 def test_dual_layout_engine_path(pair, monkeypatch):
     """Engine(delta_layout="dual")'s own path, run on the CPU as on a GPU (engine.RELAYOUT_DEVICES, the free memory
-    stubbed): from max_batch DELTA_TCSL_MIN_BATCH the layers take the batch-1 layout and the engine holds Tiled-CSL
-    copies (copies_bytes); batch 1 steps on DeltaRows, batch 4 and the prefill on the copies, with the generations
-    and logits of an engine that keeps the weights; below that max_batch, or without the memory (a warning), no
-    copies."""
+    stubbed): from max_batch DUAL_TCSL_MIN_BATCH the layers take the batch-1 layout (as for normed inputs: no parts
+    layout above PARTS_MAX_K) and the engine holds Tiled-CSL copies (copies_bytes); batch 1 steps on DeltaRows,
+    batch DUAL_TCSL_MIN_BATCH and the prefill on the copies, with the generations and logits of an engine that
+    keeps the weights; use_layout(batch) puts a step's set in the layers; below that max_batch, or without the
+    memory (a warning), no copies."""
     from flash_llm import engine as E
+    from flash_llm.formats import delta_rows as D
 
     ours = _delta_rows_ours(pair[0])
-    big = E.DELTA_TCSL_MIN_BATCH
+    big = E.DUAL_TCSL_MIN_BATCH
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
     keep = Engine(ours, max_batch=big, max_seq=32, merge=True, delta_layout="keep")
     want = {b: keep.generate(prompts[:b], 4, output_logits=True, eos_token_id=None) for b in (1, big)}
     monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    # the tiny layers as a real model's: parts from few entries, K = 64 within PARTS_MAX_K and the plain inputs'
+    # K = 96 (down / fc2) above it but within PARTS_MAX_K_PLAIN, which "auto" at max_batch 1 would put in parts
+    monkeypatch.setattr(D, "PARTS_MIN_ENTRIES", 1)
+    monkeypatch.setattr(D, "PARTS_MAX_K", 64)
+    monkeypatch.setattr(D, "PARTS_MAX_K_PLAIN", 128)
     small = Engine(ours, max_batch=big - 1, max_seq=32, delta_layout="dual")  # below: the split layout, no copies
     assert small.copies_bytes == 0 and small._two is None
     eng = Engine(ours, max_batch=big, max_seq=32, delta_layout="dual")
     sparse = [m for m in ours.modules() if isinstance(m, flash_llm.SparseLinear)]
     assert eng.copies_bytes == eng._two.nbytes > 0 and len(eng._two.small) == len(sparse)
     assert all(m.weight_format is flash_llm.DeltaRows for m in sparse)
-    one = E._batch_parts(1, torch.device("cpu"), False, E._plain_input_layers(ours))  # (the batch-1 layout)
+    one = E._batch_parts(1, torch.device("cpu"), False)  # (the batch-1 layout, every input as if normed)
     assert all(m.weight.parts == one(m) for m in sparse)
+    assert {m.weight.parts > 1 for m in sparse} == {True, False}
+    assert all(m.weight.parts == 1 for m in sparse if m.in_features > 64)  # down / fc2: the split layout
     seen = []
     hook = sparse[0].register_forward_pre_hook(lambda m, args: seen.append((m.weight_format, args[0].shape)))
     for b in (1, big, 1):
@@ -581,9 +590,9 @@ def test_dual_layout_engine_path(pair, monkeypatch):
     for fmt, shape in seen:
         assert fmt is (flash_llm.TiledCSL if math.prod(shape[:-1]) >= big else flash_llm.DeltaRows), (fmt, shape)
     assert {f for f, _ in seen} == {flash_llm.TiledCSL, flash_llm.DeltaRows}
-    n = len(sparse)  # step_formats: what a step of that size runs on, whichever set the last forward left in
-    assert eng.step_formats(1) == {"DeltaRows": n} and eng.step_formats(big) == {"TiledCSL": n}
-    assert keep.step_formats(big) == {"DeltaRows": n}
+    for b, fmt in ((1, flash_llm.DeltaRows), (big, flash_llm.TiledCSL), (big - 1, flash_llm.DeltaRows)):
+        eng.use_layout(b)  # (the set a step of b rows runs on, into the layers)
+        assert all(m.weight_format is fmt for m in sparse), b
     monkeypatch.setattr(E, "_free_memory", lambda device: 0)
     with pytest.warns(UserWarning, match="no Tiled-CSL copies"):
         tight = Engine(ours, max_batch=big, max_seq=32, delta_layout="dual")

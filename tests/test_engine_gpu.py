@@ -327,37 +327,41 @@ def test_delta_layout_follows_the_batch():
 
 
 def test_dual_layout_serves_each_batch_with_its_format():
-    """Engine(delta_layout="dual") at max_batch DELTA_TCSL_MIN_BATCH: DeltaRows in the batch-1 layout plus Tiled-CSL
-    copies; batch 1 decodes on DeltaRows (its graph replays after a batch-4 graph was captured over the copies, with
-    the same bits, and equals eager decoding), batch 4 and the prefill on Tiled-CSL, each within rounding of the
-    model's own DeltaRows; without the memory for the copies, a warning and one layout."""
+    """Engine(delta_layout="dual") at max_batch DUAL_TCSL_MIN_BATCH: DeltaRows in the batch-1 layout plus Tiled-CSL
+    copies; batch 1 decodes on DeltaRows (its graph replays after a larger batch's graph was captured over the
+    copies, with the same bits, and equals eager decoding), that batch and the prefill on Tiled-CSL, each within
+    rounding of the model's own DeltaRows; use_layout puts a step's set in the layers; without the memory for the
+    copies, a warning and one layout."""
     from flash_llm import engine as E
 
+    big = E.DUAL_TCSL_MIN_BATCH
     cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
                                        num_kv_heads=2, vocab_size=4096, name="small-llama")
     model, _ = build_synthetic(cfg, 0.8, fmt="delta-rows", device="cuda", progress=False)
     gen = torch.Generator().manual_seed(5)
-    prompts = [[int(t) for t in torch.randint(0, 4096, (64,), generator=gen)] for _ in range(E.DELTA_TCSL_MIN_BATCH)]
+    prompts = [[int(t) for t in torch.randint(0, 4096, (64,), generator=gen)] for _ in range(big)]
     keep = {b: Engine(model, max_batch=b, max_seq=128, delta_layout="keep").generate(
-        prompts[:b], 8, output_logits=True, eos_token_id=None) for b in (1, E.DELTA_TCSL_MIN_BATCH)}
-    eng = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=128, delta_layout="dual")
+        prompts[:b], 8, output_logits=True, eos_token_id=None) for b in (1, big)}
+    eng = Engine(model, max_batch=big, max_seq=128, delta_layout="dual")
     sparse = [m for m in model.modules() if isinstance(m, flash_llm.SparseLinear)]
     assert eng.copies_bytes > 0 and eng.relayout and all(p > 1 for p in eng.relayout.values()), eng.relayout
     one = eng.generate(prompts[:1], 8, output_logits=True, eos_token_id=None)
     assert all(m.weight_format is flash_llm.DeltaRows for m in sparse)  # (the last step's set)
     four = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)
     assert all(m.weight_format is flash_llm.TiledCSL for m in sparse)
+    eng.use_layout(big - 1)
+    assert all(m.weight_format is flash_llm.DeltaRows for m in sparse)
     graph = eng._graphs[1]
     again = eng.generate(prompts[:1], 8, output_logits=True, eos_token_id=None)
     assert eng._graphs[1] is graph and torch.equal(again.logits, one.logits)  # replayed, not captured again
-    eager = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=128, delta_layout="dual", cuda_graphs=False)
+    eager = Engine(model, max_batch=big, max_seq=128, delta_layout="dual", cuda_graphs=False)
     assert torch.equal(eager.generate(prompts[:1], 8, output_logits=True, eos_token_id=None).logits, one.logits)
-    for got, b in ((one, 1), (four, E.DELTA_TCSL_MIN_BATCH)):
+    for got, b in ((one, 1), (four, big)):
         for i in (0, 1):  # the prefill (the copies against the expanded DeltaRows) and the first step
             bound = 16 * ULP[torch.float16] * keep[b].logits[:, i].abs().max().item()
             assert (got.logits[:, i] - keep[b].logits[:, i]).abs().max().item() <= bound, (b, i)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(E, "RELAYOUT_MARGIN_BYTES", 1 << 50)
         with pytest.warns(UserWarning, match="no Tiled-CSL copies"):
-            tight = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=128, delta_layout="dual")
+            tight = Engine(model, max_batch=big, max_seq=128, delta_layout="dual")
     assert tight.copies_bytes == 0
