@@ -117,7 +117,8 @@ def test_delta_rows_parts_layout_every_lane_count(dtype, parts, stage, monkeypat
     k = _kernels()
     monkeypatch.setattr(k, "PARTS_STAGE", stage)
     gen = torch.Generator(device="cuda").manual_seed(parts + 100 * (dtype == torch.bfloat16))
-    for m, kk in ((64, 64), (333, 1024), (96, 8192), (3000, 4096)):
+    # (96, 8192): 5-8 tokens in chunks of 4 (all of K fits 4 tokens, not 8); (64, 24584): X from global memory at 2-8
+    for m, kk in ((64, 64), (333, 1024), (96, 8192), (3000, 4096), (64, 24584)):
         for density in (0.0, 0.01, 0.2, 1.0):
             w_dense = sparse_weight(m, kk, density, dtype, gen)
             if m == 96:  # half the rows in the first 1024 columns, half in the last
@@ -375,14 +376,15 @@ def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros(family):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_delta_rows_parts_multi_token_epilogues_match_the_split_layout(dtype):
     """At 2-8 tokens the parts layout's kernel applies the bias, the residual add and SiLU x up (paired halves) itself:
-    the split layout's results (partials and the reduction) within 2 ulp of the output's scale, every row written."""
+    the split layout's results (partials and the reduction) within 2 ulp of the output's scale, every row written;
+    also where all of K fits only 4 tokens (K = 8192: 5 and 8 tokens run in chunks of 4)."""
     k = _kernels()
     fid = FORMAT_IDS[DeltaRows]
     gen = torch.Generator(device="cuda").manual_seed(22)
-    m, kk = 512, 2048
-    w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
-    bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-    for n in (2, 5, 8):
+    m = 512
+    for kk, n in ((2048, 2), (2048, 5), (2048, 8), (8192, 5), (8192, 8)):
+        w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
+        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
         x = (0.25 * torch.randn(n, kk, generator=gen, device="cuda")).to(dtype)
         acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
         for case in (dict(), dict(bias=bias), dict(add_to=acc, bias=bias), dict(act="silu_mul", pair=True)):

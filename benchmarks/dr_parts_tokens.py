@@ -1,0 +1,89 @@
+"""DeltaRows' parts layout against its split layout at 1-8 tokens, per projection shape (the op alone, in CUDA graphs,
+weights rotated beyond L2, cuBLAS on the dense weight in the same run).
+
+    python benchmarks/dr_parts_tokens.py [--model llama-3-8b|opt-30b] [--sparsity 0.8] [--ns 1,2,3,4,5,8]
+
+Why: the parts layout's multi-token kernels (``delta_rows_parts_<dtype>_nt<NT>``) stage all of K for NT tokens; where
+that does not fit ``kernels.DR_NT_STAGE_MAX`` (Llama-3-8B's down, K = 14336, at 3-8 tokens) the launcher runs the
+tokens in chunks that fit (session 35; before, X came from global memory: an engine serving 3 tokens on that
+layout ran 0.39x of dense).  The parts layout is the batch-1 layout; this shows what it costs at a few tokens.
+fp16; prints us a call and the speedup over cuBLAS ("global": the same weight with ``kernels.PARTS_NT_CHUNKS`` empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from flash_llm import DeltaRows, kernels, spmm
+from flash_llm.formats.delta_rows import auto_parts
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _timing import time_calls, weight_copies  # noqa: E402
+
+#: projection shapes [M, K] (merged as the engine runs them)
+MODELS = {
+    "llama-3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "opt-30b": {"qkv": (21504, 7168), "o": (7168, 7168), "fc1": (28672, 7168), "fc2": (7168, 28672)},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS))
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--ns", default="1,2,3,4,5,8")
+    ap.add_argument("--replays", type=int, default=20)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("dr_parts_tokens.py times CUDA kernels: no GPU here")
+    ns = [int(v) for v in args.ns.split(",")]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev, dt = torch.device("cuda"), torch.float16
+    rows = []
+    for kind, (m, k) in MODELS[args.model].items():
+        dense = torch.randn(m, k, generator=gen, device=dev).to(dt)
+        dense *= torch.rand(m, k, generator=gen, device=dev) >= args.sparsity
+        ws = {"split": DeltaRows.from_dense(dense, parts=1)}
+        p = auto_parts(m, k, int((dense != 0).sum()), dev, normed=False)
+        if p > 1:
+            ws[f"parts {p}"] = DeltaRows.from_dense(dense, parts=p)
+        copies = {name: weight_copies(w) for name, w in ws.items()}
+        dcopies = [dense] + [dense.clone() for _ in range(len(copies["split"]) - 1)]
+        for n in ns:
+            x = torch.randn(n, k, generator=gen, device=dev).to(dt)
+            want = x.float() @ dense.float().t()
+            row = {"kind": kind, "n": n}
+            row["cublas"] = 1e6 * time_calls([lambda d=d: torch.nn.functional.linear(x, d) for d in dcopies],
+                                             replays=args.replays)
+            for name, cs in copies.items():
+                got = spmm(x, cs[0]).float()
+                err = (got - want).abs().max().item()
+                if err > 4 * 2**-10 * (1 + want.abs().max().item()):
+                    sys.exit(f"{kind} {name} n={n}: max error {err} against the fp32 product")
+                row[name] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs], replays=args.replays)
+                if name != "split" and n > 1 and not kernels.parts_nt_window(k, 2 if n <= 2 else 4 if n <= 4 else 8):
+                    saved, kernels.PARTS_NT_CHUNKS = kernels.PARTS_NT_CHUNKS, ()  # (X from global memory)
+                    try:
+                        row[name + " global"] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs],
+                                                                 replays=args.replays)
+                    finally:
+                        kernels.PARTS_NT_CHUNKS = saved
+            rows.append(row)
+            print("  ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
+                  flush=True)
+        del copies, dcopies
+        torch.cuda.empty_cache()
+    print(f"\n{args.model} at {args.sparsity:.0%}, us a call (speedup over cuBLAS)")
+    for r in rows:
+        cells = [f"{key} {v:.1f} ({r['cublas'] / v:.2f}x)" for key, v in r.items()
+                 if key not in ("kind", "n", "cublas")]
+        print(f"{r['kind']:8s} N={r['n']}  cublas {r['cublas']:.1f}  " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
