@@ -3,11 +3,13 @@ weights rotated beyond L2, cuBLAS on the dense weight in the same run).
 
     python benchmarks/dr_parts_tokens.py [--model llama-3-8b|opt-30b] [--sparsity 0.8] [--ns 1,2,3,4,5,8]
 
-Why: the parts layout's multi-token kernels (``delta_rows_parts_<dtype>_nt<NT>``) stage all of K for NT tokens; where
-that does not fit ``kernels.DR_NT_STAGE_MAX`` (Llama-3-8B's down, K = 14336, at 3-8 tokens) the launcher runs the
-tokens in chunks that fit (session 35; before, X came from global memory: an engine serving 3 tokens on that
-layout ran 0.39x of dense).  The parts layout is the batch-1 layout; this shows what it costs at a few tokens.
-fp16; prints us a call and the speedup over cuBLAS ("global": the same weight with ``kernels.PARTS_NT_CHUNKS`` empty).
+Why: the parts layout's multi-token kernels (``delta_rows_parts_<dtype>_nt<NT>``) stage all of K for NT tokens in
+every block (``kernels.parts_nt_window``), where the split layout's stage their block's window; where all of K does not
+fit ``kernels.DR_NT_STAGE_MAX`` (Llama-3-8B's down, K = 14336, from 3 tokens) they read X from global memory.  The
+parts layout is the batch-1 layout (``Engine(delta_layout="auto")`` at ``max_batch`` 1; ``"dual"``'s DeltaRows set
+serves 1-2 tokens); this shows what it costs at a few tokens.  Session 35 (H200, 80 %): Llama-3-8B's down 41.9 us in
+the parts layout at 2 tokens against 21.7 split, q/k/v and o faster in parts (11.5 / 10.0 against 14.3 / 13.0);
+OPT-30B's every kind slower in parts from 2 tokens.  fp16; prints us a call and the speedup over cuBLAS.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from flash_llm import DeltaRows, kernels, spmm
+from flash_llm import DeltaRows, spmm
 from flash_llm.formats.delta_rows import auto_parts
 
 HERE = Path(__file__).resolve().parent
@@ -66,13 +68,6 @@ def main() -> None:
                 if err > 4 * 2**-10 * (1 + want.abs().max().item()):
                     sys.exit(f"{kind} {name} n={n}: max error {err} against the fp32 product")
                 row[name] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs], replays=args.replays)
-                if name != "split" and n > 1 and not kernels.parts_nt_window(k, 2 if n <= 2 else 4 if n <= 4 else 8):
-                    saved, kernels.PARTS_NT_CHUNKS = kernels.PARTS_NT_CHUNKS, ()  # (X from global memory)
-                    try:
-                        row[name + " global"] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs],
-                                                                 replays=args.replays)
-                    finally:
-                        kernels.PARTS_NT_CHUNKS = saved
             rows.append(row)
             print("  ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
                   flush=True)

@@ -117,7 +117,7 @@ def test_delta_rows_parts_layout_every_lane_count(dtype, parts, stage, monkeypat
     k = _kernels()
     monkeypatch.setattr(k, "PARTS_STAGE", stage)
     gen = torch.Generator(device="cuda").manual_seed(parts + 100 * (dtype == torch.bfloat16))
-    # (96, 8192): 5-8 tokens in chunks of 4 (all of K fits 4 tokens, not 8); (64, 24584): X from global memory at 2-8
+    # (96, 8192): X from global memory at 5-8 tokens (all of K fits 4 tokens, not 8); (64, 24584): at 2-8
     for m, kk in ((64, 64), (333, 1024), (96, 8192), (3000, 4096), (64, 24584)):
         for density in (0.0, 0.01, 0.2, 1.0):
             w_dense = sparse_weight(m, kk, density, dtype, gen)
@@ -377,7 +377,7 @@ def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros(family):
 def test_delta_rows_parts_multi_token_epilogues_match_the_split_layout(dtype):
     """At 2-8 tokens the parts layout's kernel applies the bias, the residual add and SiLU x up (paired halves) itself:
     the split layout's results (partials and the reduction) within 2 ulp of the output's scale, every row written;
-    also where all of K fits only 4 tokens (K = 8192: 5 and 8 tokens run in chunks of 4)."""
+    also where all of K fits only 4 tokens (K = 8192: at 5 and 8 tokens X comes from global memory)."""
     k = _kernels()
     fid = FORMAT_IDS[DeltaRows]
     gen = torch.Generator(device="cuda").manual_seed(22)

@@ -613,16 +613,10 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     return y
 
 
-#: the token chunks (largest first) ``_delta_rows_multi`` runs a parts-layout weight's tokens in where all of K does not
-#: fit :data:`DR_NT_STAGE_MAX` at the tokens' NT (empty: X from global memory instead, as before session 35)
-PARTS_NT_CHUNKS = (4, 2)
-
-
 def parts_nt_window(k: int, nt: int) -> int:
     """The columns of X that ``delta_rows_parts_<dtype>_nt<NT>`` stages for a parts-layout weight of ``k`` columns: all
     of K (rounded up to 8) while ``NT x 2`` bytes a column fit :data:`DR_NT_STAGE_MAX`, else 0 (X read from global
-    memory: slower, the same sums; :func:`_delta_rows_multi` runs the tokens in chunks of 4 or 2 where those fit, and
-    reads X from global memory only above K = 24576)."""
+    memory: slower, the same sums)."""
     w = ceil_div(k, 8) * 8
     return w if w * nt * 2 <= DR_NT_STAGE_MAX else 0
 
@@ -679,14 +673,6 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     if lay.parts > 1:  # one split and one window, all of K, staged in dynamic shared memory where it fits; the
         # kernel applies the epilogue and writes y itself (no partials, no reduction)
         wmax = parts_nt_window(k, nt)
-        fit = next((c for c in PARTS_NT_CHUNKS if c < nt and parts_nt_window(k, c)), 0) if wmax == 0 else 0
-        if fit:  # all of K does not fit at NT tokens: the rows in chunks of the most tokens it fits, each a launch
-            # (the weight read once a chunk; X from global memory, one load an entry and token, cost far more)
-            for i in range(0, n, fit):
-                part = y[i: i + fit]
-                _delta_rows_multi(x[i: i + fit], data, offsets, m, k, bias, part, act,
-                                  part if add_to is not None else None)
-            return y
         launch(f"delta_rows_parts_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
                [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (0, P), (s, I), (n, I), (k, I),
                 (m, I), (slices, I), (lay.parts, I), (wmax, I), (y.data_ptr(), P),
