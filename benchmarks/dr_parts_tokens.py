@@ -2,6 +2,7 @@
 weights rotated beyond L2, cuBLAS on the dense weight in the same run).
 
     python benchmarks/dr_parts_tokens.py [--model llama-3-8b|opt-30b] [--sparsity 0.8] [--ns 1,2,3,4,5,8]
+                                         [--l2-resident]
 
 Why: the parts layout's multi-token kernels (``delta_rows_parts_<dtype>_nt<NT>``) stage all of K for NT tokens in
 every block (``kernels.parts_nt_window``), where the split layout's stage their block's window; where all of K does not
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--ns", default="1,2,3,4,5,8")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--l2-resident", action="store_true",
+                    help="also time each layout on one copy of its weight, no rotation (read from L2 where it fits)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("dr_parts_tokens.py times CUDA kernels: no GPU here")
@@ -68,6 +71,8 @@ def main() -> None:
                 if err > 4 * 2**-10 * (1 + want.abs().max().item()):
                     sys.exit(f"{kind} {name} n={n}: max error {err} against the fp32 product")
                 row[name] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs], replays=args.replays)
+                if args.l2_resident:
+                    row[name + " L2"] = 1e6 * time_calls([lambda: spmm(x, cs[0])], replays=args.replays)
             rows.append(row)
             print("  ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
                   flush=True)

@@ -312,8 +312,9 @@ def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_bat
     if parts and max_batch > 1:
         notes.append(f"max_batch={max_batch}: {parts} DeltaRows layer(s) in the parts layout (FLASH_LLM_DELTA_PARTS / "
                      f"parts=, kept by delta_layout='keep') run 2 or more tokens slower than the split layout "
-                     f"(their multi-token kernels stage all of K: Llama-3-8B at batch 4 1.07x, at batch 8 1.7x "
-                     f"slower); delta_layout='auto' re-encodes them for batched serving")
+                     f"(their multi-token kernels stage all of K in every block: Llama-3-8B's down, K = 14336, 1.9x "
+                     f"slower at 2 tokens and 2.4x at 3, where X no longer fits and comes from global memory); "
+                     f"delta_layout='auto' or 'dual' re-encodes them for batched serving")
     return "; ".join(notes) or None
 
 
