@@ -72,7 +72,7 @@ def main() -> None:
                     sys.exit(f"{kind} {name} n={n}: max error {err} against the fp32 product")
                 row[name] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs], replays=args.replays)
                 if args.l2_resident:
-                    row[name + " L2"] = 1e6 * time_calls([lambda: spmm(x, cs[0])], replays=args.replays)
+                    row[name + " L2"] = 1e6 * time_calls([lambda: spmm(x, cs[0])] * len(cs), replays=args.replays)
             rows.append(row)
             print("  ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
                   flush=True)
