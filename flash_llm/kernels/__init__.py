@@ -18,8 +18,7 @@ import torch
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
 from ..reference import apply_norm, silu_mul_halves
-from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch  # noqa: F401
-from ._build import _pdl_supported as _sm90  # (compute capability 9.0 or more: clusters, as programmatic launches)
+from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch, sm90  # noqa: F401
 
 WARPS = 4
 THREADS = 32 * WARPS
@@ -1016,7 +1015,7 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     # (o, m, l) per (sequence, kv head, head group (two places), chunk, head of the group).  Held until after the
     # launch: freed before it, its block could be handed to an allocation the kernel itself uses (session 11: the
     # tickets, allocated on first use, aliased it and the chunks never combined).
-    cluster = (2 <= splits <= DECODE_ATTN_CLUSTER_MAX and DECODE_ATTN_CLUSTER and _sm90(dev.index)
+    cluster = (2 <= splits <= DECODE_ATTN_CLUSTER_MAX and DECODE_ATTN_CLUSTER and sm90(dev.index)
                and b * hkv * splits * groups <= DECODE_ATTN_CLUSTER_GRID * sm_count(dev.index))
     ws = None
     if splits > 1 and not cluster:

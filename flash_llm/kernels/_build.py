@@ -186,15 +186,16 @@ def _function(device_index: int, name: str):
 #: programmatic dependent launch for the launches that ask for it (``launch(pdl=True)``) on sm_90 and newer;
 #: ``FLASH_LLM_PDL=0`` turns it off (the kernels then run strictly one after the other, as without it)
 PDL = os.environ.get("FLASH_LLM_PDL", "1") != "0"
-_pdl_ok: dict[int, bool] = {}
+_sm90: dict[int, bool] = {}
 
 
-def _pdl_supported(device_index: int) -> bool:
-    ok = _pdl_ok.get(device_index)
+def sm90(device_index: int) -> bool:
+    """Whether the device has compute capability 9.0 or more (programmatic launches, thread-block clusters)."""
+    ok = _sm90.get(device_index)
     if ok is None:
         import torch
 
-        ok = _pdl_ok[device_index] = torch.cuda.get_device_capability(device_index)[0] >= 9
+        ok = _sm90[device_index] = torch.cuda.get_device_capability(device_index)[0] >= 9
     return ok
 
 
@@ -236,7 +237,7 @@ def launch_function(fn, name: str, grid: tuple[int, int, int], block: int, args:
     ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
     drv = _driver()
     attrs = []
-    if pdl and PDL and _pdl_supported(device_index):
+    if pdl and PDL and sm90(device_index):
         attr = drv.CUlaunchAttribute()
         attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         attr.value.programmaticStreamSerializationAllowed = 1
