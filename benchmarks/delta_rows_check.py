@@ -1,4 +1,4 @@
-"""Small runs of every DeltaRows kernel path (N = 1, and 2-8 tokens), checked against the reference: for
+"""Small runs of every DeltaRows kernel path (N = 1, and 2-8 tokens; both layouts), checked against the reference: for
 compute-sanitizer (memcheck, racecheck), which makes the GPU test suite too slow.  Prints one line per case and
 "fails N" last.
 
@@ -29,9 +29,12 @@ def weight(m, k, density, gen, far=False):
 def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     fails = 0
-    cases = [(64, 1024, 0.2, None, False), (96, 1016, 0.5, 3, False), (33, 512, 0.05, 2, False),
-             (32, 4096, 0.0, None, True), (128, 2048, 1.0, 5, False)]
-    for m, k, density, splits, far in cases:
+    # (m, k, density, splits, far, parts): 7168 columns in 3 splits take windows of up to 2800 columns
+    # (the multi-token kernels' dynamic window, session 34); parts > 1 the parts layout's kernels
+    cases = [(64, 1024, 0.2, None, False, 1), (96, 1016, 0.5, 3, False, 1), (33, 512, 0.05, 2, False, 1),
+             (32, 4096, 0.0, None, True, 1), (128, 2048, 1.0, 5, False, 1), (256, 7168, 0.2, 3, False, 1),
+             (192, 2048, 0.2, None, False, 4), (64, 1024, 0.5, None, False, 16)]
+    for m, k, density, splits, far, parts in cases:
         wd = weight(m, k, density, gen, far)
         g = (torch.rand(k, generator=gen, device="cuda") + 0.5).half()
         x = torch.randn(1, k, generator=gen, device="cuda").half()
@@ -39,7 +42,8 @@ def main() -> int:
         for paired in (False, True):
             if paired and m % 64:
                 continue
-            w = DeltaRows.from_dense(wd, splits=splits, pair_halves=paired)
+            lay = dict(parts=parts) if parts > 1 else dict(splits=splits)
+            w = DeltaRows.from_dense(wd, pair_halves=paired, **lay)
             ref = x.double() @ wd.double().t()
             h = rms_norm(x, g, 1e-5).double() @ wd.double().t()
             scale = 1 + max(ref.abs().max().item(), h.abs().max().item())
@@ -53,8 +57,8 @@ def main() -> int:
                 # (8 fp16 ulp of the larger of the inputs' and the output's scale: silu(g) x up grows as g x up)
                 ok = bool(torch.isfinite(got).all()) and err <= 8 * 2**-10 * max(scale, 1 + want.abs().max().item())
                 fails += not ok
-                print(f"{m}x{k} density {density} splits {w.splits} paired {int(paired)} {name}: err {err:.2e} "
-                      f"{'ok' if ok else 'WRONG'}", flush=True)
+                print(f"{m}x{k} density {density} splits {w.splits} parts {w.parts} paired {int(paired)} {name}: "
+                      f"err {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
             acc = torch.randn(1, m, generator=gen, device="cuda").half()
             want = acc.double() + ref
             got = kernels.spmm_cuda(x, w.data, w.offsets, FID, m, k, None, add_to=acc)

@@ -5,7 +5,8 @@
 # (without N: N = 17 at 50 % and 3 at 90 %; VAR=value is set for that run, e.g. FLASH_LLM_WGMMA=0).  DECODERS=0
 # skips the decoder runs.  EPILOGUES (default "norm norm_silu resid") picks the one-token epilogue runs (Tiled-CSL, N = 1,
 # K = 1016, 3 splits; EPILOGUES="" for none; "silu": SiLU x up alone; EPILOGUE_N=8: at N = 8, `_nt1` and splitk_reduce).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py
-# --check-only, only the decode_attn kernels instrumented).  Output under $OUT/sanitize.log.
+# --check-only, only the decode_attn kernels instrumented).  DR=0 skips the DeltaRows runs (benchmarks/delta_rows_check.py:
+# both layouts, 1-8 tokens, every epilogue, only the delta_rows kernels instrumented).  Output under $OUT/sanitize.log.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -36,6 +37,12 @@ for tool in memcheck racecheck; do
         --kernel-name kns=decode_attn python3 benchmarks/bench_decode_attention.py --check-only --rope --batches 1,3 \
         --slots 256,2500 --layers 1 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Invalid" | tr '\n' ' ')
     echo "$tool decode attention: $r" | tee -a "$OUT/sanitize.log"
+  fi
+  if [ "${DR:-1}" != 0 ]; then  # DeltaRows: N = 1 and 2-8 tokens, split and parts layouts, windows up to 3072 columns
+    r=$(timeout 300 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 \
+        --kernel-name kns=delta_rows python3 benchmarks/delta_rows_check.py 2>&1 | \
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|WRONG|^fails" | tr '\n' ' ')
+    echo "$tool delta-rows (delta_rows_check.py): $r" | tee -a "$OUT/sanitize.log"
   fi
   [ "${DECODERS:-1}" = 0 ] && continue
   for fmt in bitmap tiled-csl; do  # the decoders of the large-N path
