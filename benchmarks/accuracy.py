@@ -194,7 +194,7 @@ def render(results, dense, env, args, targets) -> str:
     def table(title, fmt, dense_cell):
         lines = [f"### {title}", "", "| method | kind | " + " | ".join(cols) + " |",
                  "|---|---|" + "---:|" * len(cols)]
-        lines.append(f"| dense | - | " + " | ".join(dense_cell for _ in cols) + " |")
+        lines.append("| dense | - | " + " | ".join(dense_cell for _ in cols) + " |")
         for m in methods:
             kind = "one-shot" if m in ONE_SHOT else "retrained"
             cells = [fmt(by[m, s]) if (m, s) in by else "-" for s in sparsities]
