@@ -146,7 +146,7 @@ DELTA_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DELTA_TCSL_MIN_BATCH", "4")
 #: multi-token parts kernels stage all of K, 57 KB at 2 tokens, and at 3-4 tokens no longer fit and read X from
 #: global memory).  Session 35 (H200, Llama-3-8B at 80 %, one engine of max_batch 16, ms per token, dense 4.63 / 4.67
 #: / 4.70): with down in the parts layout batch 1 / 2 / 3 2.000 / 3.563 / 11.922; without 2.030 / 2.935 / 4.049; the
-#: split layout (max_batch 2, 3) 2.939 / 3.437, Tiled-CSL at 3 about 3.57 (session 33)
+#: split layout (max_batch 2, 3) 2.939 / 3.437; as chosen here (call C, another card) 2.029 / 2.899 / 3.525
 DUAL_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DUAL_TCSL_MIN_BATCH", "3"))
 #: what a layout choice returns for "re-encode as Tiled-CSL" (else the DeltaRows lanes a row)
 TILED_CSL = "tiled-csl"
@@ -354,7 +354,8 @@ class Engine:
             choice), the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the
             engine adds Tiled-CSL copies for the larger steps and the prefill (:attr:`copies_bytes`: about 1.5x the
             DeltaRows bytes at 80 %), so one engine serves batch 1-2 at DeltaRows' speed and batch 3 and more at
-            Tiled-CSL's; each step swaps the set into the layers (no copy; :meth:`use_layout`).  On other devices nothing is re-encoded.
+            Tiled-CSL's; each step swaps the set into the layers (no copy; :meth:`use_layout`).  On other devices
+            nothing is re-encoded.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
