@@ -132,8 +132,11 @@ FUSE_MIN_PARAMETERS = 10**9
 
 #: what ``Engine(delta_layout=)`` accepts
 DELTA_LAYOUTS = ("auto", "keep", "dual")
-#: ``delta_layout="auto"`` takes the parts layout up to this ``max_batch``, the split layout above (session 31)
-DELTA_PARTS_MAX_BATCH = 1
+#: ``delta_layout="auto"`` takes the parts layout up to this ``max_batch``, the split layout above (session 31); at
+#: ``max_batch`` 2 only where the input is normed or K is within ``PARTS_MAX_K`` (session 35, H200, Llama-3-8B at 80 %:
+#: Llama-3-8B's down, K = 14336, 41.9 us a call at 2 tokens in the parts layout against 21.7 split; so laid out, batch
+#: 1 / 2 2.030 / 2.935 ms per token, the split layout's 2.939 at batch 2, its batch 1 about 2.2 since session 31)
+DELTA_PARTS_MAX_BATCH = 2
 #: ... and from this ``max_batch`` on re-encodes DeltaRows weights as Tiled-CSL where the device has the memory
 #: (1.5x the bytes at 80 %).  Session 33 (H200, Llama-3-8B at 80 %, speedup over dense in each run): Tiled-CSL at batch
 #: 2 / 4 / 8 / 16 1.35x / 1.35x / 1.37x / 1.26x; DeltaRows' split layout 1.60x / 1.24x / 0.89x (its multi-token
@@ -258,13 +261,15 @@ def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True, p
     split-K; session 31, H200, Llama-3-8B at 80 %: 2.281 -> 2.061 ms per token), the split layout above (its
     multi-token kernels stage a window, not all of K: batch 2 / 4 / 8 2.94 / 3.82 / 6.36 against 3.02 / 4.45 / 9.55
     ms), Tiled-CSL from :data:`DELTA_TCSL_MIN_BATCH` where ``tiled_csl`` (the memory is there).  ``plain``: the ids of
-    the layers whose input comes from no norm (:func:`_plain_input_layers`; ``auto_parts(normed=False)``)."""
+    the layers whose input comes from no norm (:func:`_plain_input_layers`; ``auto_parts(normed=False)``), taken
+    at ``max_batch`` 1 only (the wider K it allows loses from 2 tokens)."""
     from .formats.delta_rows import auto_parts
 
     if tiled_csl and max_batch >= DELTA_TCSL_MIN_BATCH:
         return lambda m: TILED_CSL
     if max_batch > DELTA_PARTS_MAX_BATCH:
         return lambda m: 1
+    plain = plain if max_batch == 1 else frozenset()
     return lambda m: auto_parts(m.out_features, m.in_features, m.nnz, device, normed=id(m) not in plain)
 
 
@@ -344,8 +349,9 @@ class Engine:
         delta_layout: ``"auto"`` (default) re-encodes the model's DeltaRows weights on a CUDA device, in place (after
             ``merge``; :func:`relayout_delta_rows`), into the layout fastest at ``max_batch``: the parts layout where
             :func:`~flash_llm.formats.delta_rows.auto_parts` takes it at ``max_batch`` 1 (Llama-3-8B at 80 % on an
-            H200: 1.09-1.11x faster at batch 1), the split layout at 2-3 (the parts layout's multi-token kernels tie
-            it at batch 2 and are 1.07x slower at batch 4, 1.7x at 8; session 32), and Tiled-CSL from
+            H200: 1.09-1.11x faster at batch 1), at ``max_batch`` 2 the parts layout for the normed inputs and K
+            within ``PARTS_MAX_K`` only (:data:`DELTA_PARTS_MAX_BATCH`), the split layout at 3 (the parts layout's
+            multi-token kernels are 1.07x slower at batch 4, 1.7x at 8; session 32), and Tiled-CSL from
             :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
             the DeltaRows bytes at 80 %; else a warning and the split layout).  A later engine at a smaller
             ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums' order does,
@@ -414,8 +420,8 @@ class Engine:
             dual = (delta_layout == "dual" and max_batch >= DUAL_TCSL_MIN_BATCH
                     and self._tiled_csl_fits(kv_heads, slots, dual=True))
             tcsl = not dual and max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots)
-            # (dual: the batch-1 layout as for normed inputs everywhere, since its DeltaRows serve 2 tokens too)
-            choose = _batch_parts(1, self.device, False) if dual else _batch_parts(max_batch, self.device, tcsl, plain)
+            # (dual: its DeltaRows serve up to DUAL_TCSL_MIN_BATCH - 1 tokens, so the layout for that max_batch)
+            choose = _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl and not dual, plain)
             self.relayout = relayout_delta_rows(model, choose)
             if dual:
                 self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)

@@ -673,14 +673,16 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     assert relayout_delta_rows(own, lambda m: 1) == {} and _tiled_csl_growth(own) == (0, 0)
     lay = next(iter(layers.values()))
     cpu = torch.device("cpu")
-    assert _batch_parts(2, cpu)(lay) == 1
+    assert _batch_parts(3, cpu)(lay) == 1
     assert _batch_parts(1, cpu)(lay) == auto_parts(lay.out_features, lay.in_features, lay.nnz, cpu)
+    assert _batch_parts(2, cpu)(lay) == auto_parts(lay.out_features, lay.in_features, lay.nnz, cpu)
     assert _batch_parts(DELTA_TCSL_MIN_BATCH, cpu)(lay) == TILED_CSL
     plain = _plain_input_layers(ours)  # (o / out_proj and down / fc2 of every layer)
     assert len(plain) == 2 * ours.config.num_layers
     wide = SimpleNamespace(out_features=4096, in_features=14336, nnz=4096 * 14336 // 5)
     assert _batch_parts(1, cpu)(wide) == 1  # a normed input: the split layout above PARTS_MAX_K
     assert _batch_parts(1, cpu, plain={id(wide)})(wide) == auto_parts(4096, 14336, wide.nnz, cpu, normed=False) > 1
+    assert _batch_parts(2, cpu, plain={id(wide)})(wide) == 1  # (from 2 tokens the plain rule's wide K loses)
     assert _batch_parts(DELTA_TCSL_MIN_BATCH, cpu, tiled_csl=False)(lay) == 1
     with pytest.raises(ValueError, match="this layer holds"):
         lay._replace_weight(flash_llm.TiledCSL.from_dense(torch.zeros(lay.out_features, lay.in_features + 8,
