@@ -295,9 +295,12 @@ def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int
     return grow, largest
 
 
-def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_batch: int) -> str | None:
+def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_batch: int, chosen: bool = False
+                           ) -> str | None:
     """A warning for an engine whose DeltaRows layers would run above the batch their CUDA kernels take (they expand
-    each weight to dense there, slower than the dense model); ``None`` when there is nothing to say."""
+    each weight to dense there, slower than the dense model), or a batched engine over parts-layout weights unless
+    ``chosen`` (the engine chose the layout itself, ``delta_layout="auto"``: the parts layout at ``max_batch`` 2 only
+    where it pays); ``None`` when there is nothing to say."""
     if device.type != "cuda":
         return None
     from . import kernels
@@ -314,7 +317,7 @@ def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_bat
                      f"(delta_layout='auto' re-encodes them as Tiled-CSL from batch {DELTA_TCSL_MIN_BATCH} where the "
                      f"GPU has the memory; DeltaRows is the fastest at batch 1-3)")
     parts = sum(m.weight.parts > 1 for m in layers)
-    if parts and max_batch > 1:
+    if parts and max_batch > 1 and not chosen:
         notes.append(f"max_batch={max_batch}: {parts} DeltaRows layer(s) in the parts layout (FLASH_LLM_DELTA_PARTS / "
                      f"parts=, kept by delta_layout='keep') run 2 or more tokens slower than the split layout "
                      f"(their multi-token kernels stage all of K in every block: Llama-3-8B's down, K = 14336, 1.9x "
@@ -425,7 +428,8 @@ class Engine:
             self.relayout = relayout_delta_rows(model, choose)
             if dual:
                 self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)
-        note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch)
+        chosen = delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES
+        note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch, chosen)
         if note:
             warnings.warn(note, stacklevel=2)
         dev = self.device

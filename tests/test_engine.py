@@ -463,7 +463,8 @@ def test_fused_path_falls_back_to_eager_when_compiling_fails(monkeypatch):
 def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):
     """An engine on CUDA whose DeltaRows layers would run above the batch their kernels take (each call would expand
     the weight to dense, slower than dense) says so when it is built; at batch 1, on the CPU, or without DeltaRows
-    layers it says nothing.  (The check itself is pure Python: the device is only looked at.)"""
+    layers it says nothing; of the parts layout only where the engine did not choose it.  (The check itself is pure
+    Python: the device is only looked at.)"""
     from flash_llm.engine import _delta_rows_batch_note
 
     hm, _ = pair
@@ -495,6 +496,7 @@ def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):
     assert _delta_rows_batch_note(ours, cuda, 1) is None
     note = _delta_rows_batch_note(ours, cuda, 2)
     assert note is not None and f"{n} DeltaRows layer(s) in the parts layout" in note and "delta_layout='auto'" in note
+    assert _delta_rows_batch_note(ours, cuda, 2, chosen=True) is None  # (auto's own choice at max_batch 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CPU engine: no warning
         Engine(ours, max_batch=first + 2, max_seq=32)
