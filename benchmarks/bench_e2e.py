@@ -745,8 +745,9 @@ def parse_args(argv):
                     help="the engine's merged projections (Engine(merge=True): q/k/v and gate/up as one matmul each)")
     ap.add_argument("--delta-layout", default="auto", choices=("auto", "keep", "dual"),
                     help="Engine(delta_layout=): DeltaRows weights re-encoded for each batch (auto: the parts layout "
-                         "at batch 1, the split layout at 2-3, Tiled-CSL from 4 where the memory holds it), kept "
-                         "as encoded, or (dual) DeltaRows for steps of 1-3 tokens and Tiled-CSL copies for the rest")
+                         "at batch 1, at 2 where K <= 4096, the split layout at 3, Tiled-CSL from 4 where the memory "
+                         "holds it), kept as encoded, or (dual) DeltaRows for steps of 1-2 tokens and Tiled-CSL copies "
+                         "for the rest")
     ap.add_argument("--max-batch", type=int,
                     help="every engine's max_batch (default: each batch its own); at least the largest of --batches "
                          "(one engine serving smaller batches, as a server does)")

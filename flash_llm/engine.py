@@ -228,9 +228,9 @@ class _TwoLayouts:
         self.small = {m: m.weight for m in layers}  # DeltaRows (over the layers' own arrays)
         self.large = {}
         for m in tqdm(layers, desc="Tiled-CSL copies", unit="layer", file=sys.stderr, leave=False,
-                         disable=not progress or len(layers) < 2, dynamic_ncols=True):
+                      disable=not progress or len(layers) < 2, dynamic_ncols=True):
             self.large[m] = TiledCSL.from_dense(self.small[m].to_dense())
-        self.nbytes = sum(t.numel() * t.element_size() for w in self.large.values() for t in w.tensors().values())
+        self.nbytes = sum(w.nbytes for w in self.large.values())
 
     def install(self, tokens: int) -> None:
         """Put the set for a step of ``tokens`` tokens into the layers (nothing to do when it is there)."""
@@ -418,17 +418,17 @@ class Engine:
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
         self._two: _TwoLayouts | None = None
-        if delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES:
+        chosen = delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES  # (the engine lays the weights out)
+        if chosen:
             plain = _plain_input_layers(model)
             dual = (delta_layout == "dual" and max_batch >= DUAL_TCSL_MIN_BATCH
                     and self._tiled_csl_fits(kv_heads, slots, dual=True))
             tcsl = not dual and max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots)
             # (dual: its DeltaRows serve up to DUAL_TCSL_MIN_BATCH - 1 tokens, so the layout for that max_batch)
-            choose = _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl and not dual, plain)
+            choose = _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain)
             self.relayout = relayout_delta_rows(model, choose)
             if dual:
                 self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)
-        chosen = delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES
         note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch, chosen)
         if note:
             warnings.warn(note, stacklevel=2)
@@ -566,8 +566,7 @@ class Engine:
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts ``[B, P]`` through the model, filling cache slots ``0..P-1``; last logits ``[B, V]``."""
         b, p = ids.shape
-        if self._two is not None:
-            self._two.install(b * p)
+        self.use_layout(b * p)
         self._valid[:b].zero_()
         self._valid[:b, :p] = mask
         attend = Attend(positions=padded_positions(mask), mask=padding_mask(mask), cache=self.cache,
@@ -594,8 +593,7 @@ class Engine:
         # the key of the tensors this graph reads: a forward may have moved some since the generate began (a model
         # built on meta computes its RoPE frequencies at its first forward), so graphs over the old ones go now
         self._check_graphs()
-        if self._two is not None:
-            self._two.install(b)
+        self.use_layout(b)
         saved = (self._slot.clone(), self._pos[:b].clone(), self._valid[:b].clone())
 
         def restore():
@@ -631,8 +629,7 @@ class Engine:
             graph = self._graphs.get(b) or self._capture(b)
             graph.replay()
         else:
-            if self._two is not None:
-                self._two.install(b)
+            self.use_layout(b)
             self._step(b)
         return self._logits[:b]
 

@@ -284,11 +284,11 @@ def test_small_synthetic_model_builds_and_runs(sparsity):
 
 def test_delta_layout_follows_the_batch():
     """Engine(delta_layout="auto") re-encodes a DeltaRows model into the parts layout for max_batch 1 and back into
-    the split layout for an engine of max_batch 3: the prefill's logits (expanded weights) equal the kept layout's, the first
-    decode step's within rounding; an engine whose graphs were captured before another engine re-encoded the model
-    captures again and gives the split layout's bits.  From DELTA_TCSL_MIN_BATCH the weights become Tiled-CSL (the
-    first two steps' logits within rounding) and a batch-1 engine turns them back (its bits again); without the
-    memory for Tiled-CSL the engine warns and keeps DeltaRows."""
+    the split layout for an engine of max_batch 3: the prefill's logits (expanded weights) equal the kept layout's,
+    the first decode step's within rounding; an engine whose graphs were captured before another engine re-encoded
+    the model captures again and gives the split layout's bits.  From DELTA_TCSL_MIN_BATCH the weights become
+    Tiled-CSL (the first two steps' logits within rounding) and a batch-1 engine turns them back (its bits again);
+    without the memory for Tiled-CSL the engine warns and keeps DeltaRows."""
     cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
                                        num_kv_heads=2, vocab_size=4096, name="small-llama")
     model, _ = build_synthetic(cfg, 0.8, fmt="delta-rows", device="cuda", progress=False)
