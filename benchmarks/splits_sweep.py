@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                 variants.append(2.0)  # no density reaches 2: the one-warp kernel
             for dens in variants:
                 K.TCSL_WG32_MIN_DENSITY = dens
-                K.plan.cache_clear()
+                K._plan.cache_clear()
                 density = K._density(fmt, fs[0].data, m, k)
                 name, wg, shared = K.kernel_config(fmt, x.dtype, n, True, dev, density)
                 threads = K.block_threads(name)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                 print(f"| {shape} | {n} | {name.split('_spmm_')[1]} | {chosen}: {times[chosen]:.1f} | "
                       f"{best}: {times[best]:.1f} | {dense_us:.1f} | {by} |", flush=True)
     K.TCSL_WG32_MIN_DENSITY = default_density
-    K.plan.cache_clear()
+    K._plan.cache_clear()
     return 0
 
 
