@@ -126,27 +126,33 @@ NT_MIN_TILES = int(os.environ.get("FLASH_LLM_NT_MIN_TILES", "2"))
 #: ``FLASH_LLM_WG_LATENCY_SHARE`` overrides the share.  Session 20: 0.55, fitted on a sweep of plain launches, ran
 #: Llama-3-8B's decode 5-8 % slower at batch 32 / 64; swept as the engine launches the spmm (programmatically,
 #: ``splits_sweep.py --pdl``), 0.8 picks the fastest count on 7 of those 8 layers (``tests/test_plan.py``).
-#: Session 36: the share grows with the weight's density, to WG_LATENCY_SHARE_DENSE from density 0.29 (linearly from
-#: 0.21: a Tiled-CSL weight's density counts its pads, 0.2004 at 80 % sparsity, 0.3004 at 70 %), since a denser tile's
-#: scatter keeps a lone block as busy as a full round.  The sweep at 70 % sparsity
-#: (``tests/data/splits_h200_s36_pdl_70.json``) has merged gate / up at N = 64 in 86.1 / 95.8 / 89.3 us at 3 / 4 / 5
-#: splits (seven blocks an SM at 4: rounds of 3, 3 and a lone 1) where 80 % ran 71.1 / 71.8 / 71.7; 0.9 takes 5 there
-#: and leaves the other seven layers' counts: Llama-3-8B's decode at 70 %, batch 64, 7.198 -> 7.025 ms per token,
-#: batch 32 unchanged (H200, ``benchmarks/RESULTS.md``).  ``FLASH_LLM_WG_LATENCY_SHARE`` sets one share for all.
+#: Session 36: both grow with the weight's density, to WG_LATENCY_SHARE_DENSE and WG_WS_WEIGHT_DENSE from density
+#: 0.29 (linearly from 0.21: a Tiled-CSL weight's density counts its pads, 0.2004 at 80 % sparsity, 0.3004 at 70 %):
+#: a denser tile's scatter keeps a lone block as busy as a full round.  The sweeps at 70 % sparsity, launched as the
+#: engine does (``tests/data/splits_h200_s36_pdl_70.json``, ``..._70_opt.json``), have Llama-3-8B's merged gate / up at
+#: N = 64 in 86.1 / 95.8 / 89.3 us at 3 / 4 / 5 splits (seven blocks an SM at 4: rounds of 3, 3 and a lone 1) where
+#: 80 % ran 71.1 / 71.8 / 71.7.  The session-20 model picked 4 there, 1.11x the fastest, and 1.13x on OPT-30B's o at
+#: N = 32; with 0.9 and 0.75 it picks the fastest count on 15 of the 16 layers and N, 1.022x on the last (any weight
+#: of 0.5-1.0 stays within 1.022x), and every 80 % choice as before.  End to end, Llama-3-8B at 70 %, batch 64 (H200,
+#: ``benchmarks/RESULTS.md``): 7.17-7.20 ms per token with 4 splits for gate / up, 7.03 with 5, 6.89 with 3 (what this
+#: model takes).  ``FLASH_LLM_WG_LATENCY_SHARE`` sets one share for all densities and the weight at WG_WS_WEIGHT.
 WG_LATENCY_SHARE_DENSE = 0.9
+WG_WS_WEIGHT_DENSE = 0.75
 _WG_SHARE_ENV = os.environ.get("FLASH_LLM_WG_LATENCY_SHARE")
 WG_LATENCY_SHARE = float(_WG_SHARE_ENV or "0.8")
 WG_WS_WEIGHT = 0.25
 
 
-def wg_latency_share(density: float) -> float:
-    """:func:`plan`'s lone-block share for the Tiled-CSL warpgroup kernels at weight ``density`` (0-1):
-    ``WG_LATENCY_SHARE`` up to density 0.21, ``WG_LATENCY_SHARE_DENSE`` from 0.29, linear between (one value for all
-    densities when ``FLASH_LLM_WG_LATENCY_SHARE`` is set)."""
-    if _WG_SHARE_ENV:
-        return WG_LATENCY_SHARE
-    t = min(1.0, max(0.0, (density - 0.21) / 0.08))
-    return WG_LATENCY_SHARE + t * (WG_LATENCY_SHARE_DENSE - WG_LATENCY_SHARE)
+def wg_split_model(density: float) -> tuple[float, float]:
+    """:func:`plan`'s (lone-block share, partial-sum weight) for the Tiled-CSL warpgroup kernels at weight ``density``
+    (0-1): ``WG_LATENCY_SHARE`` / ``WG_WS_WEIGHT`` up to density 0.21, ``WG_LATENCY_SHARE_DENSE`` /
+    ``WG_WS_WEIGHT_DENSE`` from 0.29, linear between (the low ends at every density when ``FLASH_LLM_WG_LATENCY_SHARE``
+    is set, with that share)."""
+    t = 0.0 if _WG_SHARE_ENV else min(1.0, max(0.0, (density - 0.21) / 0.08))
+    return (WG_LATENCY_SHARE + t * (WG_LATENCY_SHARE_DENSE - WG_LATENCY_SHARE),
+            WG_WS_WEIGHT + t * (WG_WS_WEIGHT_DENSE - WG_WS_WEIGHT))
+
+
 #: The same for the bitmap warpgroup kernels (``bitmap_spmm_*_wg<NB>``), fitted on their own sweep (session 10,
 #: 28672 x 4096, 4096 x 14336, 9216 x 36864 and 36864 x 12288 at N = 32 / 64 / 128, 80 %): 1.00-1.05x the best split
 #: (mean 1.011) against up to 1.16x (mean 1.041) for the slot model.  Their partial sums weigh less: the kernel
@@ -303,9 +309,10 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     The Tiled-CSL warpgroup kernels (:func:`tcsl_block`: ``_wg<NB>x2``) are bound by the SM's throughput, not by each
     block's latency: an SM that holds fewer blocks runs each faster.  So their idle share counts work per SM: an SM
     with ``b = ceil(B / sms)`` blocks takes ``max(b, ceil(b / blocks_per_sm) * share * blocks_per_sm)``
-    block-times (a lone block still takes ``share`` of a full SM's round, :func:`wg_latency_share`: 0.8 up to density
+    block-times (a lone block still takes ``share`` of a full SM's round, :func:`wg_split_model`: 0.8 up to density
     0.21, 0.9 from 0.29), against ``B / sms`` if the
-    work were even; and their partial-sum traffic weighs half as much (``WG_WS_WEIGHT``).
+    work were even; and their partial-sum traffic weighs less (``WG_WS_WEIGHT``, growing with density as the share
+    does).
     """
     if splits is None:
         splits = SPLIT_OVERRIDES.get((m, k, n))
@@ -329,8 +336,9 @@ def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int =
         slots = sms * blocks_per_sm
         weight_bytes = m * k * _weight_bytes_per_element(fmt, density) * n_chunks
         per_sm = wgmma and (kernel.startswith("wg") if fmt == TILED_CSL else n >= BITMAP_WG_MIN_N)  # warpgroup
-        share = wg_latency_share(density) if fmt == TILED_CSL else BITMAP_WG_LATENCY_SHARE
-        ws_weight = (WG_WS_WEIGHT if fmt == TILED_CSL else BITMAP_WG_WS_WEIGHT) if per_sm else 0.5
+        share, ws_weight = (wg_split_model(density) if fmt == TILED_CSL
+                            else (BITMAP_WG_LATENCY_SHARE, BITMAP_WG_WS_WEIGHT))
+        ws_weight = ws_weight if per_sm else 0.5
         best = None
         min_tiles = N1_MIN_TILES if kernel == "n1" else NT_MIN_TILES if kernel in ("nt1", "nt2") else 4
         for s in range(1, max(1, min(64, kt // min_tiles)) + 1):
