@@ -4,7 +4,8 @@ and cuBLAS, all in one process (CUDA-graph replays, weights rotated beyond L2; `
 ``--wg32 both`` the Tiled-CSL N = 17-32 points are timed with and without the warpgroup kernel ``_wg32x2``.
 
     python benchmarks/splits_sweep.py [--fmt tiled-csl] [--shapes 6144x4096,4096x4096,28672x4096,4096x14336]
-                                      [--ns 16,32,64] [--sparsity 0.8] [--max-splits 16] [--wg32 both] [--pdl]
+                                      [--ns 16,32,64] [--sparsity 0.8[,0.7,...]] [--max-splits 16] [--wg32 both]
+                                      [--pdl] [--json PATH]
 
 Default shapes: Llama-3-8B's merged q/k/v, o, merged gate/up and down, the layers of the end-to-end decode.  Prints
 one markdown row per (shape, N, kernel): the heuristic's splits and time, the best splits and time, cuBLAS, and the
@@ -12,12 +13,17 @@ time at every split count (microseconds; absolute times hold for the card it ran
 kernels under ``kernels.static_weights()``, launched programmatically as the decode engine runs them (each spmm's blocks
 load their first weight entries while the one before finishes).  Session 20 found the engine disagreeing with the plain
 sweep: split counts the plain sweep timed as fast or faster ran Llama-3-8B's decode 5-8 % slower at batch 32 / 64.
+``--sparsity`` takes several values (one table each); ``--json PATH`` also writes the rows in ``tests/data``'s form
+(``{"source": ..., "rows": {"sp<sparsity>": [[m, k, n, kernel, {splits: us}], ...]}}``, what ``tests/test_plan.py``
+reads).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import sys
 
 import torch
 from _timing import copies_needed, time_calls
@@ -27,32 +33,17 @@ from flash_llm import kernels as K
 from flash_llm.reference import FORMAT_IDS
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fmt", choices=["bitmap", "tiled-csl"], default="tiled-csl")
-    ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
-    ap.add_argument("--ns", default="16,32,64")
-    ap.add_argument("--sparsity", type=float, default=0.8)
-    ap.add_argument("--max-splits", type=int, default=16)
-    ap.add_argument("--wg32", choices=["on", "both"], default="both",
-                    help="both: Tiled-CSL N = 17-32 also without the warpgroup kernel (TCSL_WG32_MIN_DENSITY = 2)")
-    ap.add_argument("--pdl", action="store_true",
-                    help="time the sparse kernels under kernels.static_weights() (programmatic launches, as the engine)")
-    a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("splits_sweep.py needs a CUDA GPU")
-    cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
-    fmt = FORMAT_IDS[cls]
-    dev = torch.cuda.current_device()
-    print(f"{torch.cuda.get_device_name()}: {a.fmt} at {a.sparsity:.0%}, fp16" +
+def sweep(a, cls, fmt, dev, sparsity, default_density) -> list:
+    """One table: every shape and N of ``a`` at ``sparsity``; returns its rows ``[m, k, n, kernel, {splits: us}]``."""
+    print(f"{torch.cuda.get_device_name()}: {a.fmt} at {sparsity:.0%}, fp16" +
           (", programmatic launches (static_weights)" if a.pdl else ""))
     print("| shape | N | kernel | heuristic splits: us | best splits: us | cuBLAS us | us by splits |")
     print("|---|---|---|---|---|---|---|")
-    default_density = K.TCSL_WG32_MIN_DENSITY
+    rows = []
     for shape in a.shapes.split(","):
         m, k = (int(v) for v in shape.split("x"))
         w = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        w.mul_(torch.rand(m, k, device="cuda") >= a.sparsity)
+        w.mul_(torch.rand(m, k, device="cuda") >= sparsity)
         fs = [cls.from_dense(w)]
         fs += [cls.from_dense(w) for _ in range(copies_needed(fs[0].nbytes) - 1)]
         ws = [w] + [w.clone() for _ in range(copies_needed(w.numel() * 2) - 1)]
@@ -86,8 +77,46 @@ def main(argv=None) -> int:
                         times[chosen] = time_calls([lambda c=c: run(c, chosen) for c in fs]) * 1e6
                 best = min(times, key=times.get)
                 by = " ".join(f"{s}:{times[s]:.1f}" for s in sorted(times))
+                kernel = name.split("_spmm_")[1].split("_", 1)[1]  # wg64x2, nt4, ...
+                rows.append([m, k, n, kernel, {str(s): round(times[s], 1) for s in sorted(times)}])
                 print(f"| {shape} | {n} | {name.split('_spmm_')[1]} | {chosen}: {times[chosen]:.1f} | "
                       f"{best}: {times[best]:.1f} | {dense_us:.1f} | {by} |", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fmt", choices=["bitmap", "tiled-csl"], default="tiled-csl")
+    ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336")
+    ap.add_argument("--ns", default="16,32,64")
+    ap.add_argument("--sparsity", default="0.8", help="one or more sparsities, comma-separated")
+    ap.add_argument("--max-splits", type=int, default=16)
+    ap.add_argument("--wg32", choices=["on", "both"], default="both",
+                    help="both: Tiled-CSL N = 17-32 also without the warpgroup kernel (TCSL_WG32_MIN_DENSITY = 2)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="time the sparse kernels under kernels.static_weights() (programmatic launches, as the engine)")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as tests/data's split sweeps")
+    a = ap.parse_args(argv)
+    try:
+        sparsities = [float(v) for v in a.sparsity.split(",")]
+        if not all(0.0 <= v < 1.0 for v in sparsities):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--sparsity {a.sparsity!r}: comma-separated values in [0, 1)") from None
+    if not torch.cuda.is_available():
+        raise SystemExit("splits_sweep.py needs a CUDA GPU")
+    cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
+    fmt = FORMAT_IDS[cls]
+    dev = torch.cuda.current_device()
+    default_density = K.TCSL_WG32_MIN_DENSITY
+    out = {}
+    for sparsity in sparsities:
+        out[f"sp{sparsity:g}"] = sweep(a, cls, fmt, dev, sparsity, default_density)
+    if a.json:
+        src = (f"benchmarks/splits_sweep.py {' '.join(sys.argv[1:] if argv is None else argv)} on one "
+               f"{torch.cuda.get_device_name()} (flash_llm {flash_llm.__version__}), {a.fmt}, fp16, us by split count")
+        with open(a.json, "w") as f:
+            json.dump({"source": src, "rows": out}, f)
     K.TCSL_WG32_MIN_DENSITY = default_density
     K._plan.cache_clear()
     return 0
