@@ -305,3 +305,20 @@ def test_warpgroup_splits_at_70_percent_near_the_best():
     assert wg_split_model(0.3004) == pytest.approx((0.9, 0.75))
     share, ws = wg_split_model(0.25)
     assert 0.8 < share < 0.9 and 0.25 < ws < 0.75
+
+
+def test_splits_sweep_refuses_a_bad_sparsity_before_looking_for_a_gpu():
+    """``benchmarks/splits_sweep.py --sparsity`` takes several values; one outside [0, 1) is named and refused (on any
+    machine: it is checked before the GPU)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "splits_sweep.py"
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, str(script), "--sparsity", "0.5,1.2"], capture_output=True, text=True,
+                       timeout=120, cwd=script.parents[1], env=env)
+    assert r.returncode != 0 and "--sparsity '0.5,1.2'" in r.stderr, (r.returncode, r.stderr[-500:])
