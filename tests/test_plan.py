@@ -163,13 +163,14 @@ def test_warpgroup_splits_land_near_the_measured_best(fmt, calls, count, blocks)
         assert times[p.splits] <= 1.06 * min(times.values()), (m, k, n, p.splits, times)
 
 
-def _tcsl_plan_ratios(rows, blocks):
-    """For each swept row (Tiled-CSL, 80 %, 132 SMs), the time at the split count ``plan`` picks over the fastest time,
-    with the kernel's blocks per SM as the H200's occupancy API gave them (``blocks``, by kernel)."""
+def _tcsl_plan_ratios(rows, blocks, density=0.2):
+    """For each swept row (Tiled-CSL at ``density``, by default 80 % sparsity's; 132 SMs), the time at the split count
+    ``plan`` picks over the fastest time, with the kernel's blocks per SM as the H200's occupancy API gave them
+    (``blocks``, by kernel)."""
     ratios = []
     for m, k, n, kernel, times in rows:
-        assert kernel_name(TILED_CSL, None, n, True, 0.2).endswith("_" + kernel)
-        s = plan(m, k, n, 0.2, 132, blocks[kernel], None, TILED_CSL, True).splits
+        assert kernel_name(TILED_CSL, None, n, True, density).endswith("_" + kernel)
+        s = plan(m, k, n, density, 132, blocks[kernel], None, TILED_CSL, True).splits
         assert s in times, (m, k, n, s)
         ratios.append(times[s] / min(times.values()))
     return ratios
@@ -274,12 +275,7 @@ def _plan_ratios_70(file, old_model=False):
         kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE = kernels.WG_LATENCY_SHARE, kernels.WG_WS_WEIGHT
     kernels._plan.cache_clear()
     try:
-        ratios = []
-        for m, k, n, kernel, times in _sweep_rows(file):
-            assert kernel_name(TILED_CSL, None, n, True, 0.3004).endswith("_" + kernel)
-            s = plan(m, k, n, 0.3004, 132, {"wg32x2": 4, "wg64x2": 3}[kernel], None, TILED_CSL, True).splits
-            ratios.append(times[s] / min(times.values()))
-        return ratios
+        return _tcsl_plan_ratios(_sweep_rows(file), {"wg32x2": 4, "wg64x2": 3}, 0.3004)
     finally:
         kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE = saved
         kernels._plan.cache_clear()
@@ -310,13 +306,12 @@ def test_warpgroup_splits_at_70_percent_near_the_best():
 def test_splits_sweep_refuses_a_bad_sparsity_before_looking_for_a_gpu():
     """``benchmarks/splits_sweep.py --sparsity`` takes several values; one outside [0, 1) is named and refused (on any
     machine: it is checked before the GPU)."""
+    import os
     import pathlib
     import subprocess
     import sys
 
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "splits_sweep.py"
-    import os
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parents[1]),
                                                                      os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, str(script), "--sparsity", "0.5,1.2"], capture_output=True, text=True,

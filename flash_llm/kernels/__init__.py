@@ -308,11 +308,9 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
 
     The Tiled-CSL warpgroup kernels (:func:`tcsl_block`: ``_wg<NB>x2``) are bound by the SM's throughput, not by each
     block's latency: an SM that holds fewer blocks runs each faster.  So their idle share counts work per SM: an SM
-    with ``b = ceil(B / sms)`` blocks takes ``max(b, ceil(b / blocks_per_sm) * share * blocks_per_sm)``
-    block-times (a lone block still takes ``share`` of a full SM's round, :func:`wg_split_model`: 0.8 up to density
-    0.21, 0.9 from 0.29), against ``B / sms`` if the
-    work were even; and their partial-sum traffic weighs less (``WG_WS_WEIGHT``, growing with density as the share
-    does).
+    with ``b = ceil(B / sms)`` blocks takes ``max(b, ceil(b / blocks_per_sm) * share * blocks_per_sm)`` block-times
+    (a lone block still takes ``share`` of a full SM's round), against ``B / sms`` if the work were even; and their
+    partial-sum traffic weighs less.  Both constants come from :func:`wg_split_model` and grow with the density.
     """
     if splits is None:
         splits = SPLIT_OVERRIDES.get((m, k, n))
