@@ -2,9 +2,9 @@
 
 import pytest
 
-from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, DELTA_ROWS, TCSL_WG32_MIN_DENSITY, THREADS, TILED_CSL,
-                               _MAX_NT, _nt, bitmap_wg_tokens, block_threads, kernel_name, plan, reduce_ways,
-                               tcsl_block, use_sparse_kernel)
+from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, DELTA_ROWS, TCSL_WG32_MIN_DENSITY, TCSL_WG64_S2_MIN_DENSITY,
+                               THREADS, TILED_CSL, _MAX_NT, _nt, bitmap_wg_tokens, block_threads, kernel_name, plan,
+                               reduce_ways, tcsl_block, use_sparse_kernel)
 
 SHAPES = [(1, 1), (257, 1000), (4096, 4096), (9216, 36864), (28672, 8192)]
 
@@ -75,7 +75,9 @@ def test_tcsl_kernel_choice():
     assert tcsl_block(32, False, 0.5) == ("nt4", 32, 64)
     assert tcsl_block(33) == tcsl_block(64) == ("w2", 64, 64)
     assert block_threads(kernel_name(TILED_CSL, None, 50)) == 64
-    assert tcsl_block(33, True) == tcsl_block(64, True) == ("wg64x2", 64, 128)
+    assert tcsl_block(33, True, 0.2) == tcsl_block(64, True, 0.2) == ("wg64x2", 64, 128)  # three stages
+    assert tcsl_block(33, True) == tcsl_block(64, True, 0.3) == ("wg64x2s2", 64, 128)  # denser: two, 4 blocks an SM
+    assert tcsl_block(64, True, TCSL_WG64_S2_MIN_DENSITY) == ("wg64x2s2", 64, 128)
     assert tcsl_block(65) == tcsl_block(1000) == ("w4", 128, 64)
     assert tcsl_block(65, True) == tcsl_block(128, True) == ("wg128x2", 128, 128)
     assert tcsl_block(129, True) == tcsl_block(1000, True) == ("wg128x4", 128, 256)
@@ -270,14 +272,15 @@ def _plan_ratios_70(file, old_model=False):
     reports it); ``old_model``: with session 20's model (the density-0.2 constants at every density)."""
     from flash_llm import kernels
 
-    saved = kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE
+    saved = kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE, kernels.TCSL_WG64_S2_MIN_DENSITY
+    kernels.TCSL_WG64_S2_MIN_DENSITY = 1.0  # the sweep's kernel: three stages at 64 tokens (before session 37)
     if old_model:
         kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE = kernels.WG_LATENCY_SHARE, kernels.WG_WS_WEIGHT
     kernels._plan.cache_clear()
     try:
         return _tcsl_plan_ratios(_sweep_rows(file), {"wg32x2": 4, "wg64x2": 3}, 0.3004)
     finally:
-        kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE = saved
+        kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE, kernels.TCSL_WG64_S2_MIN_DENSITY = saved
         kernels._plan.cache_clear()
 
 
@@ -301,6 +304,26 @@ def test_warpgroup_splits_at_70_percent_near_the_best():
     assert wg_split_model(0.3004) == pytest.approx((0.9, 0.75))
     share, ws = wg_split_model(0.25)
     assert 0.8 < share < 0.9 and 0.25 < ws < 0.75
+
+
+def test_64_token_kernels_splits_near_the_best_at_their_densities():
+    """N = 64 on Llama-3-8B's four layers, launched as the engine does (session 37,
+    ``tests/data/splits_h200_s37_pdl_wg64.json``): at 70 % sparsity the two-stage ``_wg64x2s2`` (4 blocks an SM) at the
+    split count the plan picks ran at the fastest of every count on all four layers, and in less time in all than the
+    three-stage kernel at its best (154.4 against 165.4 us, the same call); at 80 % the three-stage ``_wg64x2`` within
+    6 % (o: 8 splits, 16.1 us, against 15.2 at 11)."""
+    import json
+    import pathlib
+
+    rows = json.loads((pathlib.Path(__file__).resolve().parent / "data" / "splits_h200_s37_pdl_wg64.json").read_text())
+    swept = {sp: [(m, k, n, kernel, {int(s): t for s, t in times.items()}) for m, k, n, kernel, times in r]
+             for sp, r in rows["rows"].items()}
+    dense = _tcsl_plan_ratios(swept["sp0.7"], {"wg64x2s2": 4}, 0.3004)
+    assert dense == [1.0] * 4, dense
+    three = [min(t.values()) for *_, t in swept["sp0.7_s3"]]  # the three-stage kernel's best, the same layers and call
+    assert sum(min(t.values()) for *_, t in swept["sp0.7"]) < 0.95 * sum(three), three
+    sparse = _tcsl_plan_ratios(swept["sp0.8"], {"wg64x2": 3}, 0.2004)
+    assert len(sparse) == 4 and max(sparse) <= 1.06 and sum(r == 1.0 for r in sparse) == 3, sparse
 
 
 def test_splits_sweep_refuses_a_bad_sparsity_before_looking_for_a_gpu():

@@ -10,6 +10,7 @@ import ctypes
 import dataclasses
 import functools
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -91,6 +92,14 @@ WG_TOKENS, WG_ROWS = 128, 2
 #: 90 % (its entry loads are one tile ahead for 8 warpgroups per SM: latency-bound when the tiles are short).
 TCSL_WG32_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_N", "17"))
 TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", "0.17"))
+#: N = 33-64 on sm_90 at weight densities from this up run ``_wg64x2s2`` (two pipeline stages, 4 blocks an SM of 49 KiB
+#: in 64 registers), below it ``_wg64x2`` (three stages, 3 blocks of 73 KiB): a denser tile keeps its block longer per
+#: tile, and a fourth block an SM hides more of that latency than a third stage does.  H200, session 37, Llama-3-8B
+#: (``bench_e2e.py``, one run each, ms per token): at 70 % sparsity batch 48 / 64 6.438 / 6.888 -> 6.250 / 6.711 and
+#: OPT-30B batch 64 27.51 -> 26.87; at 80 % the two-stage kernel lost (Llama-3-8B batch 64 6.110 -> 6.188-6.205, OPT-30B
+#: 24.15 -> 24.70).  ``FLASH_LLM_TCSL_WG64_S2_MIN_DENSITY`` overrides it (a Tiled-CSL weight's density counts its pads:
+#: 0.2004 at 80 % sparsity, 0.3004 at 70 %).
+TCSL_WG64_S2_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG64_S2_MIN_DENSITY", "0.25"))
 #: N = 1 on the CUDA cores (``tiled_csl_spmm_<dtype>_n1``: no dense tile, no MMA); ``FLASH_LLM_TCSL_N1=0`` for nt1.
 #: H200, session 14: 9216 x 36864 at 80 % 93-98 -> 80-81 us, at 90 % 70 -> 49-53 us
 TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
@@ -168,7 +177,8 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
       ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens.
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
-      (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64, ``_wg128x2`` up to 128; above, ``_wg128x4``: four
+      (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64 (``_wg64x2s2``, two stages, at ``density`` >=
+      :data:`TCSL_WG64_S2_MIN_DENSITY`), ``_wg128x2`` up to 128; above, ``_wg128x4``: four
       warpgroups (256 rows) share each X tile (H200, session 17, 9216 x 36864 at 80 %, N = 200-512: 5-11 % faster).
     - Elsewhere: ``_w2`` (N = 33-64), two warps of 32 tokens each sharing every tile's decode; ``_w4`` above, four.
     """
@@ -180,7 +190,9 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
         nt = _nt(n, TILED_CSL)
         return f"nt{nt}", 8 * nt, ROWS_PER_BLOCK
     if n <= 64:
-        return ("wg64x2", 64, 64 * WG_ROWS) if wgmma else ("w2", 64, ROWS_PER_BLOCK)
+        if not wgmma:
+            return "w2", 64, ROWS_PER_BLOCK
+        return ("wg64x2s2" if density >= TCSL_WG64_S2_MIN_DENSITY else "wg64x2"), 64, 64 * WG_ROWS
     if wgmma and n > WG_TOKENS:  # four warpgroups (256 rows) share each X tile: half the X copies per weight row
         return f"wg{WG_TOKENS}x4", WG_TOKENS, 64 * 4
     if wgmma:
@@ -188,17 +200,20 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     return "w4", 128, ROWS_PER_BLOCK
 
 
-def wg_stages(nb: int) -> int:
-    """Pipeline stages of the Tiled-CSL warpgroup kernel with ``nb`` tokens per block (``INSTANTIATE_WG`` in spmm.cu):
-    three from 64 tokens, so that a proxy fence every other tile suffices (session 14: 3-7 % faster at N = 64 / 128);
-    two for ``_wg32x2``, where a third would cost a block per SM."""
-    return 3 if nb >= 64 else 2
+def wg_stages(kernel: str) -> int:
+    """Pipeline stages of the Tiled-CSL warpgroup kernel ``kernel`` (:func:`tcsl_block`'s suffix, ``wg<NB>x<R>[s2]``;
+    ``INSTANTIATE_WG`` in spmm.cu): three from 64 tokens, so that a proxy fence every other tile suffices (session 14:
+    3-7 % faster at N = 64 / 128); two for ``_wg32x2``, where a third would cost a block per SM, and ``_wg64x2s2``
+    (:data:`TCSL_WG64_S2_MIN_DENSITY`)."""
+    nb = int(re.match(r"wg(\d+)x", kernel).group(1))
+    return 2 if kernel.endswith("s2") or nb < 64 else 3
 
 
-def wg_shared_bytes(nb: int, rows: int) -> int:
-    """Dynamic shared memory of the warpgroup kernel with ``nb`` tokens and ``rows`` warpgroups per block
-    (``wg_smem_bytes`` in spmm.cu)."""
-    s = wg_stages(nb)
+def wg_shared_bytes(kernel: str) -> int:
+    """Dynamic shared memory of the Tiled-CSL warpgroup kernel ``kernel`` (``wg<NB>x<R>[s2]``: ``NB`` tokens, ``R``
+    warpgroups per block; ``wg_smem_bytes`` in spmm.cu)."""
+    nb, rows = (int(v) for v in re.match(r"wg(\d+)x(\d+)", kernel).groups())
+    s = wg_stages(kernel)
     return rows * s * 8192 + s * nb * 128 + 1024
 
 
@@ -219,8 +234,7 @@ def kernel_config(fmt: int, dtype: torch.dtype, n: int, vec: bool, device_index:
     if fmt == BITMAP and "_wg" in name:
         return name, wg, bitmap_wg_shared_bytes(bitmap_wg_tokens(n))
     if fmt == TILED_CSL and "_wg" in name:
-        _, tokens, rows = tcsl_block(n, True, density)
-        return name, wg, wg_shared_bytes(tokens, rows // 64)
+        return name, wg, wg_shared_bytes(tcsl_block(n, True, density)[0])
     return name, wg, 0
 
 
@@ -230,7 +244,7 @@ def block_threads(name: str) -> int:
     if name.startswith("tiled_csl_spmm"):
         suffix = name.rsplit("_", 1)[1]
         if suffix.startswith("wg"):
-            return 128 * int(suffix.split("x")[1])
+            return 128 * int(re.match(r"wg\d+x(\d+)", suffix).group(1))
         return 32 * int(suffix[1:]) if suffix.startswith("w") else 32
     return THREADS
 

@@ -1202,8 +1202,11 @@ template <bool BF16, int NT, int R, int CPB, int T>
 DEVI void spread_sum(const Problem& p, int mode, int row_tiles, int nl) {
   constexpr int Q = 128 * NT, ITEMS = R * CPB * Q;  // float4 groups per partial tile; per group of blocks
   const bool silu = mode & RED_SILU;
-  const int rb = blockIdx.x / p.n_chunks, nc = blockIdx.x % p.n_chunks;
-  const int rbs = gridDim.x / p.n_chunks, half = rbs / 2;  // row blocks; RED_SILU: the first up row block
+  u32 bx, gx;  // read here, not hoisted above the main loop (where _wg64x2s2r's 64 registers would spill them)
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(bx));
+  asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(gx));
+  const int rb = (int)bx / p.n_chunks, nc = (int)bx % p.n_chunks;
+  const int rbs = (int)gx / p.n_chunks, half = rbs / 2;  // row blocks; RED_SILU: the first up row block
   const int grb = silu ? rb % half : rb;
   const int groups = (silu ? half : rbs) * p.n_chunks, group = grb * p.n_chunks + nc;
   const int parts = (silu ? 2 : 1) * p.splits, me = (silu && rb >= half ? p.splits : 0) + (int)blockIdx.y;
@@ -2724,31 +2727,35 @@ extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* 
     }
   }
 }
-#define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)                                                        \
+#define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S, SUF)                                                   \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
-  tiled_csl_spmm_##NAME##_wg##NB##x##R(SPMM_ARGS) {                                                       \
+  tiled_csl_spmm_##NAME##_wg##NB##x##R##SUF(SPMM_ARGS) {                                                       \
     pdl_launch_dependents();                                                                              \
     tiled_csl_wg_body<BF16, NB, R, S>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);          \
   }
 // tiled_csl_spmm_<dtype>_wg<NB>x<R>r: the same with the split-K summed in the launch (spread_sum; mode: 0 or RED_SILU)
-#define INSTANTIATE_WGR(NAME, BF16, NB, R, MINB, S)                                                       \
+#define INSTANTIATE_WGR(NAME, BF16, NB, R, MINB, S, SUF)                                                  \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
-  tiled_csl_spmm_##NAME##_wg##NB##x##R##r(SPMM_ARGS, int mode) {                                          \
+  tiled_csl_spmm_##NAME##_wg##NB##x##R##SUF##r(SPMM_ARGS, int mode) {                                          \
     pdl_launch_dependents();                                                                              \
     tiled_csl_wg_body<BF16, NB, R, S, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, mode); \
   }
-#define INSTANTIATE_WG2(NAME, BF16, NB, R, MINB, S) \
-  INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S)        \
-  INSTANTIATE_WGR(NAME, BF16, NB, R, MINB, S)
-// S = 3 where three stages keep the blocks per SM (wg32x2 would drop from 4 to 3); kernels.wg_shared_bytes
-INSTANTIATE_WG2(f16, false, 32, 2, 4, 2)
-INSTANTIATE_WG2(f16, false, 64, 2, 3, 3)
-INSTANTIATE_WG2(f16, false, 128, 2, 2, 3)
-INSTANTIATE_WG2(f16, false, 128, 4, 1, 3)
-INSTANTIATE_WG2(bf16, true, 32, 2, 4, 2)
-INSTANTIATE_WG2(bf16, true, 64, 2, 3, 3)
-INSTANTIATE_WG2(bf16, true, 128, 2, 2, 3)
-INSTANTIATE_WG2(bf16, true, 128, 4, 1, 3)
+#define INSTANTIATE_WG2(NAME, BF16, NB, R, MINB, S, SUF) \
+  INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S, SUF)        \
+  INSTANTIATE_WGR(NAME, BF16, NB, R, MINB, S, SUF)
+// S = 3 where three stages keep the blocks per SM (wg32x2 would drop from 4 to 3); kernels.wg_stages.
+// wg64x2s2: wg64x2 with S = 2 for 4 blocks an SM (49 KiB, 64 registers; wg64x2: 3 blocks of 73 KiB), from density
+// kernels.TCSL_WG64_S2_MIN_DENSITY
+INSTANTIATE_WG2(f16, false, 32, 2, 4, 2, )
+INSTANTIATE_WG2(f16, false, 64, 2, 3, 3, )
+INSTANTIATE_WG2(f16, false, 64, 2, 4, 2, s2)
+INSTANTIATE_WG2(f16, false, 128, 2, 2, 3, )
+INSTANTIATE_WG2(f16, false, 128, 4, 1, 3, )
+INSTANTIATE_WG2(bf16, true, 32, 2, 4, 2, )
+INSTANTIATE_WG2(bf16, true, 64, 2, 3, 3, )
+INSTANTIATE_WG2(bf16, true, 64, 2, 4, 2, s2)
+INSTANTIATE_WG2(bf16, true, 128, 2, 2, 3, )
+INSTANTIATE_WG2(bf16, true, 128, 4, 1, 3, )
 // bitmap_spmm_<dtype>_wg<NB>: BitmapTiles with warpgroup MMA, A from the decoded registers (sm_90a; from N = 17)
 #define INSTANTIATE_BW(NAME, BF16, NB)                                                                    \
   extern "C" __global__ void __launch_bounds__(128, 3) bitmap_spmm_##NAME##_wg##NB(SPMM_ARGS) {            \
