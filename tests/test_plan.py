@@ -340,3 +340,33 @@ def test_splits_sweep_refuses_a_bad_sparsity_before_looking_for_a_gpu():
     r = subprocess.run([sys.executable, str(script), "--sparsity", "0.5,1.2"], capture_output=True, text=True,
                        timeout=120, cwd=script.parents[1], env=env)
     assert r.returncode != 0 and "--sparsity '0.5,1.2'" in r.stderr, (r.returncode, r.stderr[-500:])
+
+
+def test_fit_split_model_reproduces_the_fits(capsys):
+    """``benchmarks/fit_split_model.py`` on the recorded sweeps (CPU only): the model as it is picks the fastest count on
+    all of session 37's ``_wg64x2s2`` rows at 70 % and on 15 of session 36's 16 three-stage rows at 70 %, and the grid's
+    best pair matches it there; on the 80 % sweeps launched as the engine does (sessions 20 and 37) the partial sums at
+    0.1 pick the fastest on all 12 where the model as it is misses two (``benchmarks/ab/wg_ws_weight_01.patch``)."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("fit_split_model", root.parent / "benchmarks" / "fit_split_model.py")
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    data = root / "data"
+
+    best = fit.main([f"{data / 'splits_h200_s37_pdl_wg64.json'}:sp0.7", "--top", "1"])
+    assert "| as it is | 1.0000 | 1.0000 | 4 / 4 |" in capsys.readouterr().out
+    assert best[0][:2] == (1.0, 1.0)
+    best = fit.main([str(data / "splits_h200_s36_pdl_70.json"), str(data / "splits_h200_s36_pdl_70_opt.json"),
+                     "--density", "0.3004", "--top", "1"])
+    assert capsys.readouterr().out.splitlines()[3].startswith("| as it is | 1.0014 | 1.0220 | 15 / 16 |")
+    assert best[0][1] < 1.022
+    res = fit.main([str(data / "splits_h200_s20_pdl.json"), f"{data / 'splits_h200_s37_pdl_wg64.json'}:sp0.8",
+                    "--shares", "0.8", "--weights", "0.1,0.25"])
+    out = capsys.readouterr().out
+    assert "| share 0.8, weight 0.1 | 1.0000 | 1.0000 | 12 / 12 |" in out and "| as it is |" in out
+    assert {r[3]: sum(x == 1.0 for x in r[4]) for r in res} == {0.1: 12, 0.25: 10}
+    with pytest.raises(SystemExit, match="no group"):
+        fit.main([f"{data / 'splits_h200_s37_pdl_wg64.json'}:sp0.9"])
