@@ -130,7 +130,8 @@ def test_fragment_columns_puts_x_in_the_fragment_k_order():
 
 def _sweep_rows(file, calls=None):
     """Rows ``(m, k, n, kernel, {splits: us})`` of a split sweep in ``tests/data/`` (``benchmarks/splits_sweep.py``
-    on one H200 at 80 %): of the given calls where the file groups its rows by call (session 10), else all."""
+    on one H200): of the given groups where the file groups its rows (by call, session 10; by sparsity, ``sp0.7``),
+    else all."""
     import json
     import pathlib
 
@@ -312,12 +313,7 @@ def test_64_token_kernels_splits_near_the_best_at_their_densities():
     split count the plan picks ran at the fastest of every count on all four layers, and in less time in all than the
     three-stage kernel at its best (154.4 against 165.4 us, the same call); at 80 % the three-stage ``_wg64x2`` within
     6 % (o: 8 splits, 16.1 us, against 15.2 at 11)."""
-    import json
-    import pathlib
-
-    rows = json.loads((pathlib.Path(__file__).resolve().parent / "data" / "splits_h200_s37_pdl_wg64.json").read_text())
-    swept = {sp: [(m, k, n, kernel, {int(s): t for s, t in times.items()}) for m, k, n, kernel, times in r]
-             for sp, r in rows["rows"].items()}
+    swept = {sp: _sweep_rows("splits_h200_s37_pdl_wg64.json", [sp]) for sp in ("sp0.7", "sp0.7_s3", "sp0.8")}
     dense = _tcsl_plan_ratios(swept["sp0.7"], {"wg64x2s2": 4}, 0.3004)
     assert dense == [1.0] * 4, dense
     three = [min(t.values()) for *_, t in swept["sp0.7_s3"]]  # the three-stage kernel's best, the same layers and call

@@ -10,7 +10,6 @@ import ctypes
 import dataclasses
 import functools
 import os
-import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -205,16 +204,13 @@ def wg_stages(kernel: str) -> int:
     ``INSTANTIATE_WG`` in spmm.cu): three from 64 tokens, so that a proxy fence every other tile suffices (session 14:
     3-7 % faster at N = 64 / 128); two for ``_wg32x2``, where a third would cost a block per SM, and ``_wg64x2s2``
     (:data:`TCSL_WG64_S2_MIN_DENSITY`)."""
-    nb = int(re.match(r"wg(\d+)x", kernel).group(1))
-    return 2 if kernel.endswith("s2") or nb < 64 else 3
+    return 2 if kernel.endswith("s2") or kernel.startswith("wg32") else 3
 
 
-def wg_shared_bytes(kernel: str) -> int:
-    """Dynamic shared memory of the Tiled-CSL warpgroup kernel ``kernel`` (``wg<NB>x<R>[s2]``: ``NB`` tokens, ``R``
-    warpgroups per block; ``wg_smem_bytes`` in spmm.cu)."""
-    nb, rows = (int(v) for v in re.match(r"wg(\d+)x(\d+)", kernel).groups())
-    s = wg_stages(kernel)
-    return rows * s * 8192 + s * nb * 128 + 1024
+def wg_shared_bytes(nb: int, rows: int, stages: int) -> int:
+    """Dynamic shared memory of the Tiled-CSL warpgroup kernel with ``nb`` tokens, ``rows`` warpgroups per block and
+    ``stages`` pipeline stages (:func:`wg_stages`; ``wg_smem_bytes`` in spmm.cu)."""
+    return rows * stages * 8192 + stages * nb * 128 + 1024
 
 
 def wgmma_ok(device_index: int) -> bool:
@@ -234,7 +230,8 @@ def kernel_config(fmt: int, dtype: torch.dtype, n: int, vec: bool, device_index:
     if fmt == BITMAP and "_wg" in name:
         return name, wg, bitmap_wg_shared_bytes(bitmap_wg_tokens(n))
     if fmt == TILED_CSL and "_wg" in name:
-        return name, wg, wg_shared_bytes(tcsl_block(n, True, density)[0])
+        kernel, tokens, rows = tcsl_block(n, True, density)
+        return name, wg, wg_shared_bytes(tokens, rows // 64, wg_stages(kernel))
     return name, wg, 0
 
 
@@ -244,7 +241,7 @@ def block_threads(name: str) -> int:
     if name.startswith("tiled_csl_spmm"):
         suffix = name.rsplit("_", 1)[1]
         if suffix.startswith("wg"):
-            return 128 * int(re.match(r"wg\d+x(\d+)", suffix).group(1))
+            return 128 * int(suffix.split("x")[1].removesuffix("s2"))
         return 32 * int(suffix[1:]) if suffix.startswith("w") else 32
     return THREADS
 
