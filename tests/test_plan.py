@@ -156,14 +156,18 @@ SWEEPS = [(TILED_CSL, ("callE", "callF"), 23, {"wg32x2": 4, "wg64x2": 3, "wg128x
 def test_warpgroup_splits_land_near_the_measured_best(fmt, calls, count, blocks):
     """On every layer swept (Llama-3-8B, OPT-30B/66B/175B and Llama-3-70B shapes at N = 32 / 64 / 128), the split
     count ``plan`` picks for the warpgroup kernels ran within 6 % of the fastest one measured (the slot model used
-    before was up to 12 % off for Tiled-CSL, merged gate/up at N = 32, and 16 % for the bitmap kernel)."""
+    before was up to 12 % off for Tiled-CSL, merged gate/up at N = 32, and 16 % for the bitmap kernel).  These launches
+    were plain; since the engine launches programmatically (session 20) the Tiled-CSL partial sums weigh less
+    (``WG_WS_WEIGHT`` 0.1, the test below): o at N = 64 takes 11 splits, 1.098x the fastest plain launch (16.4 us at 8),
+    the fastest programmatic one."""
     rows = _swept_splits(calls)
     assert len(rows) == count
+    bound = {(TILED_CSL, 4096, 4096, 64): 1.10}
     for m, k, n, kernel, times in rows:
         p = plan(m, k, n, 0.2, 132, blocks[kernel], None, fmt, True)
         assert kernel_name(fmt, None, n, True, 0.2).endswith("_" + kernel)
         assert p.splits in times, (m, k, n, p.splits)
-        assert times[p.splits] <= 1.06 * min(times.values()), (m, k, n, p.splits, times)
+        assert times[p.splits] <= bound.get((fmt, m, k, n), 1.06) * min(times.values()), (m, k, n, p.splits, times)
 
 
 def _tcsl_plan_ratios(rows, blocks, density=0.2):
@@ -182,13 +186,14 @@ def _tcsl_plan_ratios(rows, blocks, density=0.2):
 def test_warpgroup_splits_near_the_best_launched_as_the_engine_does():
     """Llama-3-8B's four layers at N = 32 / 64, the spmm launched programmatically as the decode engine runs it
     (``splits_sweep.py --pdl``, session 20, ``tests/data/splits_h200_s20_pdl.json``): the plan picks the fastest split
-    count on 7 of the 8 and is within 12 % on o at N = 64 (8 splits, 16.0 us, against 14.3 at 11).  A share of 0.55,
+    count on all 8 (with the partial sums at 0.25, not 0.1, o at N = 64 took 8 splits, 16.0 us, against 14.3 at 11).
+    A share of 0.55,
     fitted on the same layers launched plainly (unsplit merged gate / up at N = 64: 63.4 us plainly, 78.5 here),
     would pick 15 % off here and ran the end-to-end decode 5-8 % slower."""
     rows = _sweep_rows("splits_h200_s20_pdl.json")
     assert len(rows) == 8
     ratios = _tcsl_plan_ratios(rows, {"wg32x2": 4, "wg64x2": 3})
-    assert max(ratios) <= 1.12 and sum(r == 1.0 for r in ratios) >= 7, ratios
+    assert ratios == [1.0] * 8, ratios
 
 
 def test_n1_splits_land_near_the_measured_best():
@@ -270,18 +275,20 @@ def test_split_overrides_parse_and_replace_the_plans_choice(monkeypatch):
 
 def _plan_ratios_70(file, old_model=False):
     """Time at ``plan``'s count over the fastest, per row of a 70 % sweep (density 0.3004, as a Tiled-CSL weight of 70 %
-    reports it); ``old_model``: with session 20's model (the density-0.2 constants at every density)."""
+    reports it); ``old_model``: with session 20's model (share 0.8, partial sums 0.25, at every density)."""
     from flash_llm import kernels
 
-    saved = kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE, kernels.TCSL_WG64_S2_MIN_DENSITY
+    names = ("WG_LATENCY_SHARE_DENSE", "WG_WS_WEIGHT_DENSE", "WG_WS_WEIGHT", "TCSL_WG64_S2_MIN_DENSITY")
+    saved = [getattr(kernels, n) for n in names]
     kernels.TCSL_WG64_S2_MIN_DENSITY = 1.0  # the sweep's kernel: three stages at 64 tokens (before session 37)
     if old_model:
-        kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE = kernels.WG_LATENCY_SHARE, kernels.WG_WS_WEIGHT
+        kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE, kernels.WG_WS_WEIGHT = 0.8, 0.25, 0.25
     kernels._plan.cache_clear()
     try:
         return _tcsl_plan_ratios(_sweep_rows(file), {"wg32x2": 4, "wg64x2": 3}, 0.3004)
     finally:
-        kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE, kernels.TCSL_WG64_S2_MIN_DENSITY = saved
+        for n, v in zip(names, saved):
+            setattr(kernels, n, v)
         kernels._plan.cache_clear()
 
 
@@ -301,10 +308,10 @@ def test_warpgroup_splits_at_70_percent_near_the_best():
         assert all(r <= o for r, o in zip(ratios, old)) and max(old) > 1.09, (file, ratios, old)
         exact += sum(r == 1.0 for r in ratios)
     assert exact >= 15
-    assert wg_split_model(0.2004) == pytest.approx((0.8, 0.25))
+    assert wg_split_model(0.2004) == pytest.approx((0.8, 0.1))
     assert wg_split_model(0.3004) == pytest.approx((0.9, 0.75))
     share, ws = wg_split_model(0.25)
-    assert 0.8 < share < 0.9 and 0.25 < ws < 0.75
+    assert 0.8 < share < 0.9 and 0.1 < ws < 0.75
 
 
 def test_64_token_kernels_splits_near_the_best_at_their_densities():
@@ -319,7 +326,7 @@ def test_64_token_kernels_splits_near_the_best_at_their_densities():
     three = [min(t.values()) for *_, t in swept["sp0.7_s3"]]  # the three-stage kernel's best, the same layers and call
     assert sum(min(t.values()) for *_, t in swept["sp0.7"]) < 0.95 * sum(three), three
     sparse = _tcsl_plan_ratios(swept["sp0.8"], {"wg64x2": 3}, 0.2004)
-    assert len(sparse) == 4 and max(sparse) <= 1.06 and sum(r == 1.0 for r in sparse) == 3, sparse
+    assert sparse == [1.0] * 4, sparse
 
 
 def test_splits_sweep_refuses_a_bad_sparsity_before_looking_for_a_gpu():
