@@ -369,7 +369,7 @@ def test_wg_spread_agrees_with_the_reduction(dtype, density, monkeypatch):
     (all four warpgroup kernels), split counts that leave a short last split; a poisoned output; repeated eager calls
     and a graph captured under static_weights (programmatic launch) replay to the same bits on fresh inputs (the kernels
     reset their counters).  Density 0.2 and 0.3: N = 33-64 runs ``_wg64x2`` at the first, ``_wg64x2s2`` at the
-    second."""
+    second; N = 17-32 ``_wg32x2`` and ``_wg32x2p3``."""
     k = _kernels()
     if not k.wgmma_ok(0):
         pytest.skip("needs sm_90 (warpgroup MMA)")
@@ -397,6 +397,8 @@ def test_wg_spread_agrees_with_the_reduction(dtype, density, monkeypatch):
             assert any(name.endswith("r") and "_wg" in name for name in launched), launched
             if n in (40, 64):
                 assert any(name.endswith("_wg64x2s2r" if density > 0.25 else "_wg64x2r") for name in launched), launched
+            if n == 17:
+                assert any(name.endswith("_wg32x2p3r" if density > 0.25 else "_wg32x2r") for name in launched), launched
             assert not any("splitk_reduce" in name for name in launched), launched
             reduced = both(x, splits, 1)
             assert any("splitk_reduce" in name for name in launched), launched

@@ -30,7 +30,7 @@ def test_plan_covers_the_problem(fmt, density, m, k):
             if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # the warpgroup kernel: partials of <= 32 tokens
                 assert name.endswith(f"_wg{p.block_tokens}") and p.block_tokens in (8, 16, 32, 64, 128)
                 assert p.nt == min(4, p.block_tokens // 8)
-            elif fmt == BITMAP or (n <= 32 and not name.endswith("_wg32x2")):
+            elif fmt == BITMAP or (n <= 32 and "_wg32x2" not in name):
                 suffix = "_n1" if fmt == TILED_CSL and n == 1 else f"_nt{p.nt}"  # the N = 1 kernel runs nt1's plan
                 assert name.endswith(suffix) and p.block_tokens == 8 * p.nt and p.block_rows == 64
                 assert block_threads(name) == (THREADS if fmt == BITMAP else 32)
@@ -69,7 +69,9 @@ def test_tcsl_kernel_choice():
     block) where it runs, else four warps."""
     assert tcsl_block(32) == ("nt4", 32, 64) and tcsl_block(8, True) == ("nt1", 8, 64)
     assert tcsl_block(1) == tcsl_block(1, True) == ("n1", 8, 64)  # N = 1: the CUDA-core kernel
-    assert tcsl_block(17, True) == tcsl_block(32, True, 0.2) == ("wg32x2", 32, 128)
+    assert tcsl_block(17, True, 0.2) == tcsl_block(32, True, 0.2) == ("wg32x2", 32, 128)
+    assert tcsl_block(17, True) == tcsl_block(32, True, 0.3) == ("wg32x2p3", 32, 128)  # denser: three rounds ahead
+    assert block_threads("tiled_csl_spmm_f16_wg32x2p3r") == block_threads("tiled_csl_spmm_bf16_wg64x2s2") == 256
     assert tcsl_block(16, True) == ("nt2", 16, 64)
     assert tcsl_block(32, True, TCSL_WG32_MIN_DENSITY - 0.01) == ("nt4", 32, 64)  # sparser: the one-warp kernel
     assert tcsl_block(32, False, 0.5) == ("nt4", 32, 64)
@@ -278,9 +280,11 @@ def _plan_ratios_70(file, old_model=False):
     reports it); ``old_model``: with session 20's model (share 0.8, partial sums 0.25, at every density)."""
     from flash_llm import kernels
 
-    names = ("WG_LATENCY_SHARE_DENSE", "WG_WS_WEIGHT_DENSE", "WG_WS_WEIGHT", "TCSL_WG64_S2_MIN_DENSITY")
+    names = ("WG_LATENCY_SHARE_DENSE", "WG_WS_WEIGHT_DENSE", "WG_WS_WEIGHT", "TCSL_WG64_S2_MIN_DENSITY",
+             "TCSL_WG32_PF3_MIN_DENSITY")
     saved = [getattr(kernels, n) for n in names]
     kernels.TCSL_WG64_S2_MIN_DENSITY = 1.0  # the sweep's kernel: three stages at 64 tokens (before session 37)
+    kernels.TCSL_WG32_PF3_MIN_DENSITY = 1.0  # and two prefetched rounds at 32 (before session 38)
     if old_model:
         kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE, kernels.WG_WS_WEIGHT = 0.8, 0.25, 0.25
     kernels._plan.cache_clear()

@@ -91,6 +91,14 @@ WG_TOKENS, WG_ROWS = 128, 2
 #: 90 % (its entry loads are one tile ahead for 8 warpgroups per SM: latency-bound when the tiles are short).
 TCSL_WG32_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_N", "17"))
 TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", "0.17"))
+#: N = 17-32 at weight densities from this up run ``_wg32x2p3``: ``_wg32x2`` with three rounds of entries a warp
+#: prefetched a tile ahead (37.5 % density) instead of two (25 %), so that a 70 % tile's last round is not a load waited
+#: on at once by two of the four warps while the others wait at the block barrier.  Below it the third round would
+#: hold only pads.  H200, session 38 (``benchmarks/results/2026-12-02-s38/callC-D``, ``bench_e2e.py``, ms per token):
+#: Llama-3-8B at 70 %, batch 32, 5.337 -> 5.063 and, on another card, 5.363 -> 5.098 (1.02x -> 1.07x of dense); with
+#: the third round at every density, 80 % went 4.751 -> 4.795.  The same for ``_wg64x2s2`` gained nothing (batch 64
+#: 6.719 -> 6.744).  ``FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY`` overrides it.
+TCSL_WG32_PF3_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY", "0.25"))
 #: N = 33-64 on sm_90 at weight densities from this up run ``_wg64x2s2`` (two pipeline stages, 4 blocks an SM of 49 KiB
 #: in 64 registers), below it ``_wg64x2`` (three stages, 3 blocks of 73 KiB): a denser tile keeps its block longer per
 #: tile, and a fourth block an SM hides more of that latency than a third stage does.  H200, session 37, Llama-3-8B
@@ -179,7 +187,8 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
 
     - N = 1: ``_n1``, on the CUDA cores (one warp per block, 64 rows; ``FLASH_LLM_TCSL_N1=0``: ``_nt1``).
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
-      ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens.
+      ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens (``_wg32x2p3``, three prefetched rounds, at
+      ``density`` >= :data:`TCSL_WG32_PF3_MIN_DENSITY`).
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
       (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64 (``_wg64x2s2``, two stages, at ``density`` >=
       :data:`TCSL_WG64_S2_MIN_DENSITY`), ``_wg128x2`` up to 128; above, ``_wg128x4``: four
@@ -189,7 +198,7 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     if n == 1 and TCSL_N1:  # the CUDA-core kernel, with nt1's blocks and split-K
         return "n1", 8, ROWS_PER_BLOCK
     if wgmma and TCSL_WG32_MIN_N <= n <= 32 and density >= TCSL_WG32_MIN_DENSITY:
-        return "wg32x2", 32, 64 * WG_ROWS
+        return ("wg32x2p3" if density >= TCSL_WG32_PF3_MIN_DENSITY else "wg32x2"), 32, 64 * WG_ROWS
     if n <= 32:
         nt = _nt(n, TILED_CSL)
         return f"nt{nt}", 8 * nt, ROWS_PER_BLOCK
@@ -205,7 +214,7 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
 
 
 def wg_stages(kernel: str) -> int:
-    """Pipeline stages of the Tiled-CSL warpgroup kernel ``kernel`` (:func:`tcsl_block`'s suffix, ``wg<NB>x<R>[s2]``;
+    """Pipeline stages of the Tiled-CSL warpgroup kernel ``kernel`` (:func:`tcsl_block`'s suffix, ``wg<NB>x<R>[s2|p3]``;
     ``INSTANTIATE_WG`` in spmm.cu): three from 64 tokens, so that a proxy fence every other tile suffices (session 14:
     3-7 % faster at N = 64 / 128); two for ``_wg32x2``, where a third would cost a block per SM, and ``_wg64x2s2``
     (:data:`TCSL_WG64_S2_MIN_DENSITY`)."""
@@ -246,7 +255,7 @@ def block_threads(name: str) -> int:
     if name.startswith("tiled_csl_spmm"):
         suffix = name.rsplit("_", 1)[1]
         if suffix.startswith("wg"):
-            return 128 * int(suffix.split("x")[1].removesuffix("s2"))
+            return 128 * int(suffix.split("x")[1][:1])  # R, one digit, then the variant (s2, p3) if any
         return 32 * int(suffix[1:]) if suffix.startswith("w") else 32
     return THREADS
 
