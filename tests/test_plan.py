@@ -189,9 +189,8 @@ def test_warpgroup_splits_near_the_best_launched_as_the_engine_does():
     """Llama-3-8B's four layers at N = 32 / 64, the spmm launched programmatically as the decode engine runs it
     (``splits_sweep.py --pdl``, session 20, ``tests/data/splits_h200_s20_pdl.json``): the plan picks the fastest split
     count on all 8 (with the partial sums at 0.25, not 0.1, o at N = 64 took 8 splits, 16.0 us, against 14.3 at 11).
-    A share of 0.55,
-    fitted on the same layers launched plainly (unsplit merged gate / up at N = 64: 63.4 us plainly, 78.5 here),
-    would pick 15 % off here and ran the end-to-end decode 5-8 % slower."""
+    A share of 0.55, fitted on the same layers launched plainly (unsplit merged gate / up at N = 64: 63.4 us plainly,
+    78.5 here), would pick 15 % off here and ran the end-to-end decode 5-8 % slower."""
     rows = _sweep_rows("splits_h200_s20_pdl.json")
     assert len(rows) == 8
     ratios = _tcsl_plan_ratios(rows, {"wg32x2": 4, "wg64x2": 3})
@@ -353,7 +352,7 @@ def test_fit_split_model_reproduces_the_fits(capsys):
     """``benchmarks/fit_split_model.py`` on the recorded sweeps (CPU only): the model as it is picks the fastest count on
     all of session 37's ``_wg64x2s2`` rows at 70 % and on 15 of session 36's 16 three-stage rows at 70 %, and the grid's
     best pair matches it there; on the 80 % sweeps launched as the engine does (sessions 20 and 37) the partial sums at
-    0.1 pick the fastest on all 12 where the model as it is misses two (``benchmarks/ab/wg_ws_weight_01.patch``)."""
+    0.1 (the model since session 38) pick the fastest on all 12 where 0.25 (before) missed two."""
     import importlib.util
     import pathlib
 

@@ -156,7 +156,7 @@ WG_LATENCY_SHARE_DENSE = 0.9
 WG_WS_WEIGHT_DENSE = 0.75
 _WG_SHARE_ENV = os.environ.get("FLASH_LLM_WG_LATENCY_SHARE")
 WG_LATENCY_SHARE = float(_WG_SHARE_ENV or "0.8")
-#: Session 38 (``wg_ws_weight_01.patch``, session 37's fit): 0.1, not 0.25, up to density 0.21, where the sweeps
+#: Session 38 (session 37's fit, ``benchmarks/fit_split_model.py``): 0.1, not 0.25, up to density 0.21, where the sweeps
 #: launched as the engine does (sessions 20 and 37, ``tests/data/splits_h200_s20_pdl.json``, ``..._s37_pdl_wg64.json``)
 #: have the counts that fill every block slot fastest: o at N = 64 14.3 us at 11 splits against 16.0 at 8.  End to end
 #: at 80 % (one H200, ``benchmarks/results/2026-12-02-s38/callA-B``): Llama-3-8B batch 48 / 64 5.627 / 6.078 ->
