@@ -27,7 +27,7 @@ import re
 
 from flash_llm import kernels as K
 
-DEFAULT_BLOCKS = "wg32x2=4,wg32x2p3=4,wg64x2=3,wg64x2s2=4,wg128x2=2,wg128x4=1"
+DEFAULT_BLOCKS = "wg32x2=4,wg32x2p3=4,wg32x2p4=4,wg64x2=3,wg64x2s2=4,wg128x2=2,wg128x4=1"
 _CONSTANTS = ("WG_LATENCY_SHARE", "WG_LATENCY_SHARE_DENSE", "WG_WS_WEIGHT", "WG_WS_WEIGHT_DENSE")
 
 

@@ -70,7 +70,8 @@ def test_tcsl_kernel_choice():
     assert tcsl_block(32) == ("nt4", 32, 64) and tcsl_block(8, True) == ("nt1", 8, 64)
     assert tcsl_block(1) == tcsl_block(1, True) == ("n1", 8, 64)  # N = 1: the CUDA-core kernel
     assert tcsl_block(17, True, 0.2) == tcsl_block(32, True, 0.2) == ("wg32x2", 32, 128)
-    assert tcsl_block(17, True) == tcsl_block(32, True, 0.3) == ("wg32x2p3", 32, 128)  # denser: three rounds ahead
+    assert tcsl_block(17, True, 0.3) == tcsl_block(32, True, 0.3) == ("wg32x2p3", 32, 128)  # denser: three rounds ahead
+    assert tcsl_block(17, True) == tcsl_block(32, True, 0.4004) == ("wg32x2p4", 32, 128)  # 60 %: four
     assert block_threads("tiled_csl_spmm_f16_wg32x2p3r") == block_threads("tiled_csl_spmm_bf16_wg64x2s2") == 256
     assert tcsl_block(16, True) == ("nt2", 16, 64)
     assert tcsl_block(32, True, TCSL_WG32_MIN_DENSITY - 0.01) == ("nt4", 32, 64)  # sparser: the one-warp kernel
@@ -280,10 +281,10 @@ def _plan_ratios_70(file, old_model=False):
     from flash_llm import kernels
 
     names = ("WG_LATENCY_SHARE_DENSE", "WG_WS_WEIGHT_DENSE", "WG_WS_WEIGHT", "TCSL_WG64_S2_MIN_DENSITY",
-             "TCSL_WG32_PF3_MIN_DENSITY")
+             "TCSL_WG32_PF3_MIN_DENSITY", "TCSL_WG32_PF4_MIN_DENSITY")
     saved = [getattr(kernels, n) for n in names]
     kernels.TCSL_WG64_S2_MIN_DENSITY = 1.0  # the sweep's kernel: three stages at 64 tokens (before session 37)
-    kernels.TCSL_WG32_PF3_MIN_DENSITY = 1.0  # and two prefetched rounds at 32 (before session 38)
+    kernels.TCSL_WG32_PF3_MIN_DENSITY = kernels.TCSL_WG32_PF4_MIN_DENSITY = 1.0  # two prefetched rounds (< session 38)
     if old_model:
         kernels.WG_LATENCY_SHARE_DENSE, kernels.WG_WS_WEIGHT_DENSE, kernels.WG_WS_WEIGHT = 0.8, 0.25, 0.25
     kernels._plan.cache_clear()

@@ -99,6 +99,8 @@ TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", 
 #: the third round at every density, 80 % went 4.751 -> 4.795.  The same for ``_wg64x2s2`` gained nothing (batch 64
 #: 6.719 -> 6.744).  ``FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY`` overrides it.
 TCSL_WG32_PF3_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY", "0.25"))
+#: And ``_wg32x2p4`` (four rounds, 50 % density) from this density up (past what three rounds hold).
+TCSL_WG32_PF4_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF4_MIN_DENSITY", "0.375"))
 #: N = 33-64 on sm_90 at weight densities from this up run ``_wg64x2s2`` (two pipeline stages, 4 blocks an SM of 49 KiB
 #: in 64 registers), below it ``_wg64x2`` (three stages, 3 blocks of 73 KiB): a denser tile keeps its block longer per
 #: tile, and a fourth block an SM hides more of that latency than a third stage does.  H200, session 37, Llama-3-8B
@@ -198,7 +200,8 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     if n == 1 and TCSL_N1:  # the CUDA-core kernel, with nt1's blocks and split-K
         return "n1", 8, ROWS_PER_BLOCK
     if wgmma and TCSL_WG32_MIN_N <= n <= 32 and density >= TCSL_WG32_MIN_DENSITY:
-        return ("wg32x2p3" if density >= TCSL_WG32_PF3_MIN_DENSITY else "wg32x2"), 32, 64 * WG_ROWS
+        pf = 4 if density >= TCSL_WG32_PF4_MIN_DENSITY else 3 if density >= TCSL_WG32_PF3_MIN_DENSITY else 2
+        return ("wg32x2" if pf == 2 else f"wg32x2p{pf}"), 32, 64 * WG_ROWS
     if n <= 32:
         nt = _nt(n, TILED_CSL)
         return f"nt{nt}", 8 * nt, ROWS_PER_BLOCK

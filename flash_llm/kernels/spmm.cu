@@ -2748,15 +2748,17 @@ extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* 
 // S = 3 where three stages keep the blocks per SM (wg32x2 would drop from 4 to 3); kernels.wg_stages.
 // wg64x2s2: wg64x2 with S = 2 for 4 blocks an SM (49 KiB, 64 registers; wg64x2: 3 blocks of 73 KiB), from density
 // kernels.TCSL_WG64_S2_MIN_DENSITY.  wg32x2p3: wg32x2 with three rounds of entries prefetched a tile ahead (PF = 3),
-// from density kernels.TCSL_WG32_PF3_MIN_DENSITY
+// from density kernels.TCSL_WG32_PF3_MIN_DENSITY; wg32x2p4 four (50 %) from kernels.TCSL_WG32_PF4_MIN_DENSITY
 INSTANTIATE_WG2(f16, false, 32, 2, 4, 2, 2, )
 INSTANTIATE_WG2(f16, false, 32, 2, 4, 2, 3, p3)
+INSTANTIATE_WG2(f16, false, 32, 2, 4, 2, 4, p4)
 INSTANTIATE_WG2(f16, false, 64, 2, 3, 3, 2, )
 INSTANTIATE_WG2(f16, false, 64, 2, 4, 2, 2, s2)
 INSTANTIATE_WG2(f16, false, 128, 2, 2, 3, 2, )
 INSTANTIATE_WG2(f16, false, 128, 4, 1, 3, 2, )
 INSTANTIATE_WG2(bf16, true, 32, 2, 4, 2, 2, )
 INSTANTIATE_WG2(bf16, true, 32, 2, 4, 2, 3, p3)
+INSTANTIATE_WG2(bf16, true, 32, 2, 4, 2, 4, p4)
 INSTANTIATE_WG2(bf16, true, 64, 2, 3, 3, 2, )
 INSTANTIATE_WG2(bf16, true, 64, 2, 4, 2, 2, s2)
 INSTANTIATE_WG2(bf16, true, 128, 2, 2, 3, 2, )
