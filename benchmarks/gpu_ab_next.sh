@@ -40,7 +40,8 @@
 #             default the kernel and engine suites; E2E_K=<pytest -k expression> for a subset), then bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default
 #             80), batches $E2E_BATCHES (default 1,16), base and patch interleaved, twice (about 6 minutes)
 #   e2emulti  the base tree and one tree per patch of E2E_PATCHES ("a.patch b.patch", paths under benchmarks/ab/, each
-#             applied alone): each patched tree's tests ($E2E_TESTS, E2E_K; E2E_TESTS=- none), then bench_e2e.py on every tree in turn,
+#             applied alone): each patched tree's tests ($E2E_TESTS, E2E_K; E2E_TESTS=- none) and every tree's `flash-llm build`
+#             (the kernels compiled before any timing), then bench_e2e.py on every tree in turn,
 #             E2E_ROUNDS times (default 1), each run under E2E_TIMEOUT seconds (default 150), its lines labelled with
 #             the patch's file name, its outputs in $OUT/e2em_<tree>_r<round>/ (tree 0 the base)
 #   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
@@ -149,6 +150,10 @@ for stage in "${@:-tests ab}"; do
                    if [ $v != base ]; then (cd /tmp/e2em/$i && git apply "$ROOT/benchmarks/ab/$v" && [ "${E2E_TESTS:-}" != - ] && echo "--- tests: $v" && \
                      PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2em_$i timeout 200 python3 -m pytest -q -x --tb=short \
                      ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | tail -12); fi
+                   # every tree's kernels compiled before the timed runs (session 39: the base tree's first run, compiling,
+                   # passed E2E_TIMEOUT and lost its last batch)
+                   (cd /tmp/e2em/$i && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2em_$i timeout 200 python3 -m flash_llm.cli build \
+                     > /dev/null 2>&1 || echo "--- flash-llm build failed in tree $i ($v)")
                    i=$((i + 1)); done
                  for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for v in base ${E2E_PATCHES}; do (cd /tmp/e2em/$i && PYTHONPATH=$PWD \
                    FLASH_LLM_CACHE=/tmp/flc_e2em_$i llama_e2e ${E2E_TIMEOUT:-150} --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
