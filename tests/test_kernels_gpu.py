@@ -340,7 +340,8 @@ def test_tiled_csl_reduce_ways_agree(n):
 @pytest.mark.parametrize("density", [0.2, 0.3, 0.4])
 def test_tiled_csl_kernels_above_32_tokens(dtype, wgmma, density, monkeypatch):
     """N > 16 at density 0.2, 0.3 and 0.4: on sm_90 (FLASH_LLM_WGMMA=1) the warpgroup-MMA kernels (32, 64 or 128 tokens and
-    128 rows per block; N = 33-64 with three stages at 0.2, ``_wg64x2s2``'s two at 0.3); else the one-warp kernel (N <= 32), two warps sharing each tile's decode (N <= 64) or four warps (FLASH_LLM_WGMMA=0, and x that forbids 16-byte copies).
+    128 rows per block; N = 33-64 with three stages at 0.2, ``_wg64x2s2``'s two above; N = 17-32 two, three or four
+    prefetched rounds); else the one-warp kernel (N <= 32), two warps sharing each tile's decode (N <= 64) or four warps (FLASH_LLM_WGMMA=0, and x that forbids 16-byte copies).
     Chunk counts that leave warps idle (N = 72), several blocks along N (N = 300), split-K on and off, 300 rows (the
     last warpgroup block has one idle warpgroup), a ragged K (the X copy zero-fills past K)."""
     from flash_llm import kernels

@@ -1247,7 +1247,7 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
   static_assert(S == 2 || S == 3, "two or three stages");
   constexpr int AHEAD = S - 1;
   // PF rounds per warp prefetched in registers a tile ahead, 4 PF rounds of 32 units in all: 25 % density at PF = 2,
-  // 37.5 % at 3 (_wg32x2p3); the units past them (the rest) are loaded when the tile is scattered, a wait on DRAM
+  // 37.5 % at 3 (_wg32x2p3), 50 % at 4 (_wg32x2p4); the units past them (the rest) are loaded when the tile is scattered, a wait on DRAM
   constexpr int T = 128 * R;
   extern __shared__ unsigned char wg_smem[];
   const u32 sbase = (smem_addr(wg_smem) + 1023u) & ~1023u;
