@@ -192,7 +192,7 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     - N = 1: ``_n1``, on the CUDA cores (one warp per block, 64 rows; ``FLASH_LLM_TCSL_N1=0``: ``_nt1``).
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
       ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens (``_wg32x2p3``, three prefetched rounds, at
-      ``density`` >= :data:`TCSL_WG32_PF3_MIN_DENSITY`).
+      ``density`` >= :data:`TCSL_WG32_PF3_MIN_DENSITY`; ``_wg32x2p4``, four, at :data:`TCSL_WG32_PF4_MIN_DENSITY`).
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
       (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64 (``_wg64x2s2``, two stages, at ``density`` >=
       :data:`TCSL_WG64_S2_MIN_DENSITY`), ``_wg128x2`` up to 128; above, ``_wg128x4``: four
