@@ -2730,14 +2730,14 @@ extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* 
 }
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S, PF, SUF)                                               \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
-  tiled_csl_spmm_##NAME##_wg##NB##x##R##SUF(SPMM_ARGS) {                                                       \
+  tiled_csl_spmm_##NAME##_wg##NB##x##R##SUF(SPMM_ARGS) {                                                  \
     pdl_launch_dependents();                                                                              \
     tiled_csl_wg_body<BF16, NB, R, S, false, PF>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM); \
   }
 // tiled_csl_spmm_<dtype>_wg<NB>x<R>r: the same with the split-K summed in the launch (spread_sum; mode: 0 or RED_SILU)
 #define INSTANTIATE_WGR(NAME, BF16, NB, R, MINB, S, PF, SUF)                                              \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
-  tiled_csl_spmm_##NAME##_wg##NB##x##R##SUF##r(SPMM_ARGS, int mode) {                                          \
+  tiled_csl_spmm_##NAME##_wg##NB##x##R##SUF##r(SPMM_ARGS, int mode) {                                     \
     pdl_launch_dependents();                                                                              \
     tiled_csl_wg_body<BF16, NB, R, S, true, PF>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM,  \
                                                mode);                                                     \
@@ -2745,24 +2745,22 @@ extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* 
 #define INSTANTIATE_WG2(NAME, BF16, NB, R, MINB, S, PF, SUF) \
   INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S, PF, SUF)        \
   INSTANTIATE_WGR(NAME, BF16, NB, R, MINB, S, PF, SUF)
+// Both dtypes of one configuration: tokens NB, warpgroups R, blocks an SM MINB, stages S, prefetched rounds PF, and
+// the name's variant suffix SUF.
+#define INSTANTIATE_WG_DTYPES(NB, R, MINB, S, PF, SUF)   \
+  INSTANTIATE_WG2(f16, false, NB, R, MINB, S, PF, SUF)  \
+  INSTANTIATE_WG2(bf16, true, NB, R, MINB, S, PF, SUF)
 // S = 3 where three stages keep the blocks per SM (wg32x2 would drop from 4 to 3); kernels.wg_stages.
 // wg64x2s2: wg64x2 with S = 2 for 4 blocks an SM (49 KiB, 64 registers; wg64x2: 3 blocks of 73 KiB), from density
 // kernels.TCSL_WG64_S2_MIN_DENSITY.  wg32x2p3: wg32x2 with three rounds of entries prefetched a tile ahead (PF = 3),
 // from density kernels.TCSL_WG32_PF3_MIN_DENSITY; wg32x2p4 four (50 %) from kernels.TCSL_WG32_PF4_MIN_DENSITY
-INSTANTIATE_WG2(f16, false, 32, 2, 4, 2, 2, )
-INSTANTIATE_WG2(f16, false, 32, 2, 4, 2, 3, p3)
-INSTANTIATE_WG2(f16, false, 32, 2, 4, 2, 4, p4)
-INSTANTIATE_WG2(f16, false, 64, 2, 3, 3, 2, )
-INSTANTIATE_WG2(f16, false, 64, 2, 4, 2, 2, s2)
-INSTANTIATE_WG2(f16, false, 128, 2, 2, 3, 2, )
-INSTANTIATE_WG2(f16, false, 128, 4, 1, 3, 2, )
-INSTANTIATE_WG2(bf16, true, 32, 2, 4, 2, 2, )
-INSTANTIATE_WG2(bf16, true, 32, 2, 4, 2, 3, p3)
-INSTANTIATE_WG2(bf16, true, 32, 2, 4, 2, 4, p4)
-INSTANTIATE_WG2(bf16, true, 64, 2, 3, 3, 2, )
-INSTANTIATE_WG2(bf16, true, 64, 2, 4, 2, 2, s2)
-INSTANTIATE_WG2(bf16, true, 128, 2, 2, 3, 2, )
-INSTANTIATE_WG2(bf16, true, 128, 4, 1, 3, 2, )
+INSTANTIATE_WG_DTYPES(32, 2, 4, 2, 2, )
+INSTANTIATE_WG_DTYPES(32, 2, 4, 2, 3, p3)
+INSTANTIATE_WG_DTYPES(32, 2, 4, 2, 4, p4)
+INSTANTIATE_WG_DTYPES(64, 2, 3, 3, 2, )
+INSTANTIATE_WG_DTYPES(64, 2, 4, 2, 2, s2)
+INSTANTIATE_WG_DTYPES(128, 2, 2, 3, 2, )
+INSTANTIATE_WG_DTYPES(128, 4, 1, 3, 2, )
 // bitmap_spmm_<dtype>_wg<NB>: BitmapTiles with warpgroup MMA, A from the decoded registers (sm_90a; from N = 17)
 #define INSTANTIATE_BW(NAME, BF16, NB)                                                                    \
   extern "C" __global__ void __launch_bounds__(128, 3) bitmap_spmm_##NAME##_wg##NB(SPMM_ARGS) {            \
