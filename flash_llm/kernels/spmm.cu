@@ -1269,12 +1269,17 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
   for (int i = 0; i < NB / 2; ++i) d[i] = 0.f;
   if (active) {
     CslTiles<PF, 4> st(data, offsets, tile_row, row_ok, kt, kb, ke, warp, lane);
-    // scatter tile j's entries (the first PF rounds prefetched) into A buffer `abuf`, then step to tile j + 1
-    auto scatter_and_advance = [&](int j, u32 abuf) {
+    // scatter the current tile's entries (the first PF rounds prefetched) into A buffer `abuf`; then, apart, step
+    // from tile j to tile j + 1, loading its first PF rounds.  The step comes after the proxy fence that follows a
+    // scatter: the fence (a MEMBAR in SASS) waits for this thread's loads in flight, so rounds asked for before it
+    // would be waited for there, a DRAM round trip a fenced tile, instead of during the next tile's MMA
+    auto scatter = [&](u32 abuf) {
 #pragma unroll
       for (int r = 0; r < PF; ++r)  // warp-uniform: a round that starts past the tile's units holds only pads
         if (st.lo + 32 * (4 * r + warp) < st.hi) csl_scatter4(abuf, st.pf[r]);
       st.rest([&](const uint4& e) { csl_scatter4(abuf, e); });
+    };
+    auto advance = [&](int j) {
       if (j + 1 < ke) st.next(j);
     };
     // X rows n0 .. n0 + NB - 1, columns k0 .. k0 + 63 -> the swizzled X tile at `xb` (NB rows of 128 bytes) with
@@ -1301,10 +1306,12 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
     for (int a = 0; a < AHEAD; ++a)  // tiles kb .. kb + AHEAD - 1 into buffers 0 .. AHEAD - 1
       if (kb + a < ke) {
         load_x(x_base + a * (NB * 128), (kb + a) * 64);
-        scatter_and_advance(kb + a, a_base + a * 8192);
+        scatter(a_base + a * 8192);
+        if (a + 1 < AHEAD) advance(kb + a);
       }
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy writes -> wgmma reads
+    if (kb + AHEAD - 1 < ke) advance(kb + AHEAD - 1);  // tile kb + AHEAD's first rounds, after the fence
     __syncthreads();
     // descriptors of buffer 0; the address field counts 16 bytes, so the other buffers and the k16 steps are additions
     const u64 da0 = sw128_desc(a_base), dx0 = sw128_desc(x_base);
@@ -1321,18 +1328,22 @@ DEVI void tiled_csl_wg_body(const int* __restrict__ data, const int* __restrict_
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       if (j + AHEAD < ke) {  // tile j + AHEAD into free buffers while the tensor cores run
         load_x(x_base + ahead * (NB * 128), (j + AHEAD) * 64);
-        scatter_and_advance(j + AHEAD, a_base + ahead * 8192);
+        scatter(a_base + ahead * 8192);
       }
+      // S = 3: the writes of this tile and the one before are read from tile j + 1 on.  The fence also covers the
+      // clear of the A tile an earlier tile read (below, after it): that buffer is scattered next at the tile after
+      // this one and read after that tile's fence.
+      if (S == 2 || ((j - kb) & 1)) {
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      }
+      if (j + AHEAD < ke) advance(j + AHEAD);  // tile j + AHEAD + 1's first rounds, in flight through the barrier
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
       wg_fence_acc<NB>(d);
 #pragma unroll
       for (int i = 0; i < 4; ++i)  // clear the A tile just read (this warpgroup's own), for tile j + S
         asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(abuf + 16 * (i * 128 + wtid)), "r"(0), "r"(0),
                      "r"(0), "r"(0));
-      if (S == 2 || ((j - kb) & 1)) {  // S = 3: the writes of this tile and the one before are read from tile j + 1 on
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      }
       __syncthreads();  // every warpgroup is done with tile j's buffers; the next tile's are complete
       buf = buf + 1 == S ? 0 : buf + 1;
     }
