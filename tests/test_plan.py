@@ -88,6 +88,22 @@ def test_tcsl_kernel_choice():
     assert block_threads(kernel_name(TILED_CSL, None, 100, True)) == 256
     assert block_threads(kernel_name(TILED_CSL, None, 100, False)) == 128
     assert kernel_name(BITMAP, None, 100, True).endswith("_wg128")
+
+
+def test_tcsl_warpgroup_partial_tiles_are_nt4(monkeypatch):
+    """A Tiled-CSL warpgroup kernel writes its split-K partial tiles as NT = 4 (every 32-token slice), so the plan's
+    ``nt`` (the reduction's) is 4 whatever N, also where ``FLASH_LLM_TCSL_WG32_MIN_N`` lets ``_wg32x2`` run below 17
+    tokens (session 40: N = 9 with 3 splits summed NT = 2 tiles of NT = 4 partials, a wrong answer)."""
+    import flash_llm.kernels as kern
+    monkeypatch.setattr(kern, "TCSL_WG32_MIN_N", 5)
+    kern._plan.cache_clear()
+    try:
+        for n in (5, 9, 16, 17, 32, 33, 64, 100, 200):
+            p = plan(4096, 4096, n, 0.3, 132, 4, 3, TILED_CSL, True)
+            assert tcsl_block(n, True, 0.3)[0].startswith("wg") and p.nt == 4, (n, p)
+        assert plan(4096, 4096, 4, 0.3, 132, 4, 3, TILED_CSL, True).nt == 1  # below it: `_nt1`
+    finally:
+        kern._plan.cache_clear()
     assert kernel_name(BITMAP, None, 100, False).endswith("_nt8")
     assert kernel_name(BITMAP, None, 32, True).endswith("_wg32")
     assert kernel_name(BITMAP, None, BITMAP_WG_MIN_N - 1, True).endswith(f"_nt{_nt(BITMAP_WG_MIN_N - 1, BITMAP)}")

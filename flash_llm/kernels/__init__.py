@@ -357,6 +357,8 @@ def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int =
     if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # split-K partial tiles as NT = 1, 2 or 4
         block_tokens = bitmap_wg_tokens(n)
         nt = min(4, block_tokens // 8)
+    elif kernel.startswith("wg"):  # every 32-token slice of a warpgroup tile is an NT = 4 partial tile, at any n
+        nt = 4
     n_chunks = ceil_div(n, block_tokens)
     row_blocks = ceil_div(m, block_rows)
     kt = ceil_div(k, STRIP_K)
