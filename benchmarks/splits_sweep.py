@@ -54,7 +54,7 @@ def sweep(a, cls, fmt, dev, sparsity, default_density) -> list:
             ref = torch.nn.functional.linear(x, w).float()
             dense_us = time_calls([lambda c=c: torch.nn.functional.linear(x, c) for c in ws]) * 1e6
             variants = [default_density]
-            if a.fmt == "tiled-csl" and a.wg32 == "both" and K.TCSL_WG32_MIN_N <= n <= 32:
+            if a.fmt == "tiled-csl" and a.wg32 == "both" and K.tcsl_wg32_runs(n, 1 - sparsity):
                 variants.append(2.0)  # no density reaches 2: the one-warp kernel
             for dens in variants:
                 K.TCSL_WG32_MIN_DENSITY = dens
