@@ -347,9 +347,10 @@ def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros(family):
         report = flash_llm.sparsify_(sparse, flash_llm.SparsifyConfig(format="delta-rows"))
     assert report.converted and all(isinstance(sparse.get_submodule(c.fqn).weight, DeltaRows)
                                     for c in report.converted)
-    _graph_vs_eager(sparse, [1, 4, 1])
-    # "keep": DeltaRows at every batch (delta_layout="auto" re-encodes as Tiled-CSL from max_batch 4 since session 33)
+    # "keep": DeltaRows at every batch (delta_layout="auto" re-encodes as Tiled-CSL from max_batch 4 since session 33,
+    # in place: so the copy is taken before _graph_vs_eager's engines)
     merged = Engine(copy.deepcopy(sparse), max_batch=4, max_seq=64, merge=True, delta_layout="keep")
+    _graph_vs_eager(sparse, [1, 4, 1])
     if family == "llama":
         layer = merged.model.model.layers[0]
         assert layer.mlp.gate_up_proj.layer.weight.paired  # so the one-token layers run inside the kernels
