@@ -74,8 +74,8 @@ def test_tcsl_kernel_choice():
     assert tcsl_block(17, True) == tcsl_block(32, True, 0.4004) == ("wg32x2p4", 32, 128)  # 60 %: four
     assert block_threads("tiled_csl_spmm_f16_wg32x2p3r") == block_threads("tiled_csl_spmm_bf16_wg64x2s2") == 256
     assert tcsl_block(16, True, 0.2) == ("nt2", 16, 64) and tcsl_block(8, True, 0.3) == ("nt1", 8, 64)
-    assert tcsl_block(9, True, 0.3) == tcsl_block(16, True, 0.3) == ("wg32x2p3", 32, 128)  # 70 %: from 9 tokens
-    assert tcsl_block(16, True) == ("wg32x2p4", 32, 128)
+    assert tcsl_block(9, True, 0.4) == tcsl_block(16, True) == ("wg32x2p4", 32, 128)  # 60 %: from 9 tokens
+    assert tcsl_block(16, True, 0.3) == ("nt2", 16, 64)  # 70 %: from 17
     assert tcsl_block(32, True, TCSL_WG32_MIN_DENSITY - 0.01) == ("nt4", 32, 64)  # sparser: the one-warp kernel
     assert tcsl_block(32, False, 0.5) == ("nt4", 32, 64)
     assert tcsl_block(33) == tcsl_block(64) == ("w2", 64, 64)

@@ -99,17 +99,18 @@ TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", 
 #: the third round at every density, 80 % went 4.751 -> 4.795.  The same for ``_wg64x2s2`` gained nothing (batch 64
 #: 6.719 -> 6.744).  ``FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY`` overrides it.
 TCSL_WG32_PF3_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY", "0.25"))
-#: From that density up ``_wg32x2p3`` / ``_wg32x2p4`` run from N = TCSL_WG32_DENSE_MIN_N (not TCSL_WG32_MIN_N) on, in
-#: place of ``_nt2``: one decode of a tile per 128 rows, read by the tensor cores, against one per 64 rows read back by
-#: ldmatrix.  H200, session 40 (``benchmarks/results/2026-12-02-s40/callD``, ``bench_e2e.py``, Llama-3-8B, ms per token,
-#: two rounds each): 70 % batch 16 4.807 / 4.803 -> 4.594 / 4.599 (1.05x -> 1.10x of dense), batch 8 (``_nt1``) 4.437 /
-#: 4.434 -> 4.453 / 4.463; at 80 % (``_wg32x2``) it lost, batch 16 4.000 / 3.992 -> 4.266 / 4.274, batch 8 3.592 / 3.600
-#: -> 4.144 / 4.145.  ``FLASH_LLM_TCSL_WG32_DENSE_MIN_N`` overrides it.
-TCSL_WG32_DENSE_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_DENSE_MIN_N", "9"))
 #: And ``_wg32x2p4`` (four rounds, 50 % density) from this density up: a 60 % tile holds about 410 units, past three
 #: rounds' 384.  H200, session 39, Llama-3-8B batch 32 end to end: 60 % 5.795 -> 5.386 ms per token (0.93x -> 1.00x of
 #: dense), 50 % 6.421 -> 6.094.  ``FLASH_LLM_TCSL_WG32_PF4_MIN_DENSITY`` overrides it.
 TCSL_WG32_PF4_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF4_MIN_DENSITY", "0.375"))
+#: From that density up ``_wg32x2p4`` runs from N = TCSL_WG32_DENSE_MIN_N (not TCSL_WG32_MIN_N) on, in place of
+#: ``_nt2``: one decode of a tile per 128 rows, read by the tensor cores, against one per 64 rows read back by ldmatrix.
+#: H200, session 40 (``benchmarks/results/2026-12-02-s40/callD-G``, ``bench_e2e.py``, ms per token, dense-end setting
+#: against the old 17): Llama-3-8B 60 % batch 12 / 16 +16 % / 5.766 -> 4.921 (0.88x -> 1.03x of dense); OPT-30B 60 %
+#: batch 16 20.576 -> 18.666 (0.88x -> 0.97x).  At 70 % (``_wg32x2p3``) mixed: Llama-3-8B batch 16 4.807 / 4.803 -> 4.594
+#: / 4.599 (two rounds), OPT-30B 16.347 -> 16.697; at 80 % (``_wg32x2``) it lost (Llama-3-8B batch 16 3.99-4.00 ->
+#: 4.27, batch 8 3.60 -> 4.14).  ``FLASH_LLM_TCSL_WG32_DENSE_MIN_N`` overrides it.
+TCSL_WG32_DENSE_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_DENSE_MIN_N", "9"))
 #: N = 33-64 on sm_90 at weight densities from this up run ``_wg64x2s2`` (two pipeline stages, 4 blocks an SM of 49 KiB
 #: in 64 registers), below it ``_wg64x2`` (three stages, 3 blocks of 73 KiB): a denser tile keeps its block longer per
 #: tile, and a fourth block an SM hides more of that latency than a third stage does.  H200, session 37, Llama-3-8B
@@ -196,10 +197,10 @@ BITMAP_WG_WS_WEIGHT = 0.1
 def tcsl_wg32_runs(n: int, density: float) -> bool:
     """Whether ``n`` tokens at weight ``density`` take the 32-token Tiled-CSL warpgroup kernel where ``wgmma`` runs:
     N = :data:`TCSL_WG32_MIN_N` (17) .. 32 from density :data:`TCSL_WG32_MIN_DENSITY`, and from
-    :data:`TCSL_WG32_DENSE_MIN_N` (9) at densities from :data:`TCSL_WG32_PF3_MIN_DENSITY`."""
+    :data:`TCSL_WG32_DENSE_MIN_N` (9) at densities from :data:`TCSL_WG32_PF4_MIN_DENSITY`."""
     if n > 32 or density < TCSL_WG32_MIN_DENSITY:
         return False
-    return n >= TCSL_WG32_MIN_N or (n >= TCSL_WG32_DENSE_MIN_N and density >= TCSL_WG32_PF3_MIN_DENSITY)
+    return n >= TCSL_WG32_MIN_N or (n >= TCSL_WG32_DENSE_MIN_N and density >= TCSL_WG32_PF4_MIN_DENSITY)
 
 
 def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, int, int]:
@@ -208,8 +209,8 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     - N = 1: ``_n1``, on the CUDA cores (one warp per block, 64 rows; ``FLASH_LLM_TCSL_N1=0``: ``_nt1``).
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
       ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens (``_wg32x2p3``, three prefetched rounds, at
-      ``density`` >= :data:`TCSL_WG32_PF3_MIN_DENSITY`, from N = 9; ``_wg32x2p4``, four, at
-      :data:`TCSL_WG32_PF4_MIN_DENSITY`; :func:`tcsl_wg32_runs`).
+      ``density`` >= :data:`TCSL_WG32_PF3_MIN_DENSITY`; ``_wg32x2p4``, four, at :data:`TCSL_WG32_PF4_MIN_DENSITY`,
+      from N = 9; :func:`tcsl_wg32_runs`).
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
       (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64 (``_wg64x2s2``, two stages, at ``density`` >=
       :data:`TCSL_WG64_S2_MIN_DENSITY`), ``_wg128x2`` up to 128; above, ``_wg128x4``: four
