@@ -1,7 +1,8 @@
 """Is the split-K heuristic (``flash_llm.kernels.plan``) right on a given layer?  Times the sparse kernel at every
 split count from 1 up (those ``plan`` can produce: ``ceil(kt / ceil(kt / s)) == s``), against the heuristic's choice
 and cuBLAS, all in one process (CUDA-graph replays, weights rotated beyond L2; ``_timing.time_calls``).  With
-``--wg32 both`` the Tiled-CSL N = 17-32 points are timed with and without the warpgroup kernel ``_wg32x2``.
+``--wg32 both`` the Tiled-CSL N = 9-32 points (``TCSL_WG32_DENSE_MIN_N`` .. 32) are timed with and without the warpgroup
+kernel ``_wg32x2`` (``_wg32x2p3`` / ``_wg32x2p4`` by density), whatever ``kernels.tcsl_wg32_runs`` picks.
 
     python benchmarks/splits_sweep.py [--fmt tiled-csl] [--shapes 6144x4096,4096x4096,28672x4096,4096x14336]
                                       [--ns 16,32,64] [--sparsity 0.8[,0.7,...]] [--max-splits 16] [--wg32 both]
@@ -33,7 +34,7 @@ from flash_llm import kernels as K
 from flash_llm.reference import FORMAT_IDS
 
 
-def sweep(a, cls, fmt, dev, sparsity, default_density) -> list:
+def sweep(a, cls, fmt, dev, sparsity, default_density, default_min_n) -> list:
     """One table: every shape and N of ``a`` at ``sparsity``; returns its rows ``[m, k, n, kernel, {splits: us}]``."""
     print(f"{torch.cuda.get_device_name()}: {a.fmt} at {sparsity:.0%}, fp16" +
           (", programmatic launches (static_weights)" if a.pdl else ""))
@@ -53,11 +54,15 @@ def sweep(a, cls, fmt, dev, sparsity, default_density) -> list:
             x = torch.randn(n, k, device="cuda", dtype=torch.float16)
             ref = torch.nn.functional.linear(x, w).float()
             dense_us = time_calls([lambda c=c: torch.nn.functional.linear(x, c) for c in ws]) * 1e6
-            variants = [default_density]
-            if a.fmt == "tiled-csl" and a.wg32 == "both" and K.tcsl_wg32_runs(n, 1 - sparsity):
-                variants.append(2.0)  # no density reaches 2: the one-warp kernel
-            for dens in variants:
-                K.TCSL_WG32_MIN_DENSITY = dens
+            variants = [{}]  # module settings a variant runs with: none, the library's own choice
+            if (a.fmt == "tiled-csl" and a.wg32 == "both" and K.TCSL_WG32_DENSE_MIN_N <= n <= 32
+                    and 1 - sparsity >= K.TCSL_WG32_MIN_DENSITY):
+                # the warpgroup kernel from this N on, and no density reaching 2: the one-warp kernel
+                variants = [{"TCSL_WG32_MIN_N": min(n, default_min_n)}, {"TCSL_WG32_MIN_DENSITY": 2.0}]
+            for settings in variants:
+                K.TCSL_WG32_MIN_DENSITY, K.TCSL_WG32_MIN_N = default_density, default_min_n
+                for key, value in settings.items():
+                    setattr(K, key, value)
                 K._plan.cache_clear()
                 density = K._density(fmt, fs[0].data, m, k)
                 name, wg, shared = K.kernel_config(fmt, x.dtype, n, True, dev, density)
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", default="0.8", help="one or more sparsities, comma-separated")
     ap.add_argument("--max-splits", type=int, default=16)
     ap.add_argument("--wg32", choices=["on", "both"], default="both",
-                    help="both: Tiled-CSL N = 17-32 also without the warpgroup kernel (TCSL_WG32_MIN_DENSITY = 2)")
+                    help="both: Tiled-CSL N = 9-32 with the warpgroup kernel and without it (TCSL_WG32_MIN_DENSITY = 2)")
     ap.add_argument("--pdl", action="store_true",
                     help="time the sparse kernels under kernels.static_weights() (programmatic launches, as the engine)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as tests/data's split sweeps")
@@ -108,17 +113,19 @@ def main(argv=None) -> int:
     cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
     fmt = FORMAT_IDS[cls]
     dev = torch.cuda.current_device()
-    default_density = K.TCSL_WG32_MIN_DENSITY
+    default_density, default_min_n = K.TCSL_WG32_MIN_DENSITY, K.TCSL_WG32_MIN_N
     out = {}
-    for sparsity in sparsities:
-        out[f"sp{sparsity:g}"] = sweep(a, cls, fmt, dev, sparsity, default_density)
+    try:
+        for sparsity in sparsities:
+            out[f"sp{sparsity:g}"] = sweep(a, cls, fmt, dev, sparsity, default_density, default_min_n)
+    finally:
+        K.TCSL_WG32_MIN_DENSITY, K.TCSL_WG32_MIN_N = default_density, default_min_n
+        K._plan.cache_clear()
     if a.json:
         src = (f"benchmarks/splits_sweep.py {' '.join(sys.argv[1:] if argv is None else argv)} on one "
                f"{torch.cuda.get_device_name()} (flash_llm {flash_llm.__version__}), {a.fmt}, fp16, us by split count")
         with open(a.json, "w") as f:
             json.dump({"source": src, "rows": out}, f)
-    K.TCSL_WG32_MIN_DENSITY = default_density
-    K._plan.cache_clear()
     return 0
 
 
