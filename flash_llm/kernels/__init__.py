@@ -372,18 +372,18 @@ def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int =
     nt = _nt(n, fmt)
     kernel, block_tokens, block_rows = (tcsl_block(n, wgmma, density) if fmt == TILED_CSL
                                         else ("", 8 * nt, ROWS_PER_BLOCK))
-    if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # split-K partial tiles as NT = 1, 2 or 4
+    if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # the bitmap warpgroup kernel
         block_tokens = bitmap_wg_tokens(n)
+        kernel = f"wg{block_tokens}"
+    if kernel.startswith("wg"):  # split-K partial tiles of the block's tokens, 32 at most (NT = 1, 2 or 4), at any n
         nt = min(4, block_tokens // 8)
-    elif kernel.startswith("wg"):  # every 32-token slice of a warpgroup tile is an NT = 4 partial tile, at any n
-        nt = 4
     n_chunks = ceil_div(n, block_tokens)
     row_blocks = ceil_div(m, block_rows)
     kt = ceil_div(k, STRIP_K)
     if splits is None:
         slots = sms * blocks_per_sm
         weight_bytes = m * k * _weight_bytes_per_element(fmt, density) * n_chunks
-        per_sm = wgmma and (kernel.startswith("wg") if fmt == TILED_CSL else n >= BITMAP_WG_MIN_N)  # warpgroup
+        per_sm = kernel.startswith("wg")  # the warpgroup kernels
         share, ws_weight = (wg_split_model(density) if fmt == TILED_CSL
                             else (BITMAP_WG_LATENCY_SHARE, BITMAP_WG_WS_WEIGHT))
         ws_weight = ws_weight if per_sm else 0.5
