@@ -65,7 +65,8 @@ err = (y.float() - want).abs().max().item()
 if cls is flash_llm.DeltaRows:
     print("kernel delta_rows launches", "+".join(dict.fromkeys(launched)), "splits", f.splits, "max err", err)
 else:
-    name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0, f.density)  # as spmm_cuda
+    name, wg, shared = kernels.kernel_config(FORMAT_IDS[cls], x.dtype, a.n, a.k % 8 == 0, 0, f.density,
+                                             a.m * a.k)  # as spmm_cuda
     print("kernel", name, "launches", "+".join(dict.fromkeys(launched)),
           "plan", kernels.plan(a.m, a.k, a.n, f.density, kernels.sm_count(0),
                                kernels.blocks_per_sm(name, 0, kernels.block_threads(name), shared),

@@ -56,7 +56,7 @@ def sweep(a, cls, fmt, dev, sparsity, default_density, default_min_n) -> list:
             dense_us = time_calls([lambda c=c: torch.nn.functional.linear(x, c) for c in ws]) * 1e6
             variants = [{}]  # module settings a variant runs with: none, the library's own choice
             if (a.fmt == "tiled-csl" and a.wg32 == "both" and K.TCSL_WG32_DENSE_MIN_N <= n <= 32
-                    and 1 - sparsity >= K.TCSL_WG32_MIN_DENSITY):
+                    and 1 - sparsity >= default_density):  # (not K's: the last variant left it at 2)
                 # the warpgroup kernel from this N on, and no density reaching 2: the one-warp kernel
                 variants = [{"TCSL_WG32_MIN_N": min(n, default_min_n)}, {"TCSL_WG32_MIN_DENSITY": 2.0}]
             for settings in variants:
@@ -65,7 +65,7 @@ def sweep(a, cls, fmt, dev, sparsity, default_density, default_min_n) -> list:
                     setattr(K, key, value)
                 K._plan.cache_clear()
                 density = K._density(fmt, fs[0].data, m, k)
-                name, wg, shared = K.kernel_config(fmt, x.dtype, n, True, dev, density)
+                name, wg, shared = K.kernel_config(fmt, x.dtype, n, True, dev, density, m * k)
                 threads = K.block_threads(name)
                 chosen = K.plan(m, k, n, density, K.sm_count(dev), K.blocks_per_sm(name, dev, threads, shared),
                                 None, fmt, wg).splits

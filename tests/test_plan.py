@@ -76,6 +76,11 @@ def test_tcsl_kernel_choice():
     assert tcsl_block(16, True, 0.2) == ("nt2", 16, 64) and tcsl_block(8, True, 0.3) == ("nt1", 8, 64)
     assert tcsl_block(9, True, 0.4) == tcsl_block(16, True) == ("wg32x2p4", 32, 128)  # 60 %: from 9 tokens
     assert tcsl_block(16, True, 0.3) == ("nt2", 16, 64)  # 70 %: from 17
+    # ... but from 9 on a weight of at most TCSL_WG32_MID_MAX_ELEMENTS (Llama-3-8B's layers, OPT-30B's o)
+    assert tcsl_block(9, True, 0.3, 4096 * 4096) == tcsl_block(16, True, 0.3, 2 * 14336 * 4096) == ("wg32x2p3", 32, 128)
+    assert tcsl_block(16, True, 0.3, 21504 * 7168) == ("nt2", 16, 64)  # OPT-30B q/k/v: larger
+    assert tcsl_block(16, True, 0.2, 4096 * 4096) == ("nt2", 16, 64)  # 80 %: from 17 at any size
+    assert tcsl_block(8, True, 0.3, 4096 * 4096) == ("nt1", 8, 64)
     assert tcsl_block(32, True, TCSL_WG32_MIN_DENSITY - 0.01) == ("nt4", 32, 64)  # sparser: the one-warp kernel
     assert tcsl_block(32, False, 0.5) == ("nt4", 32, 64)
     assert tcsl_block(33) == tcsl_block(64) == ("w2", 64, 64)

@@ -111,6 +111,15 @@ TCSL_WG32_PF4_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF4_MIN_DE
 #: / 4.599 (two rounds), OPT-30B 16.347 -> 16.697; at 80 % (``_wg32x2``) it lost (Llama-3-8B batch 16 3.99-4.00 ->
 #: 4.27, batch 8 3.60 -> 4.14).  ``FLASH_LLM_TCSL_WG32_DENSE_MIN_N`` overrides it.
 TCSL_WG32_DENSE_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_DENSE_MIN_N", "9"))
+#: Between the two (``_wg32x2p3``'s densities, 70 % sparsity) the warpgroup kernel runs N = 9-16 on weights of at most
+#: this many elements (M x K).  H200, session 41 (``benchmarks/results/2026-12-02-s41/callD-E``, ``splits_sweep.py
+#: --pdl``, N = 12 and 16 at 70 %, us at the plan's splits, ``_wg32x2p3`` against ``_nt2``): Llama-3-8B q/k/v (25 M
+#: elements) 15.8 / 20.3, o (17 M) 12.3 / 15.7, down (59 M) 30.8 / 33.6, merged gate / up (117 M) 58.0 / 59.4; OPT-30B o
+#: (51 M) 28.6 / 30.4, but q/k/v (154 M) 73.4 / 72.5, fc1 and fc2 (205 M) 95.5 / 92.6 and 97.4 / 94.6.
+#: End to end (``callF``, ``bench_e2e.py``, ms per token at batch 12 / 16, one round): Llama-3-8B 4.723 / 4.801 ->
+#: 4.550 / 4.597 (1.04x -> 1.08x / 1.09x of dense), OPT-30B 16.598 / 16.562 -> 16.614 / 16.488.
+#: ``FLASH_LLM_TCSL_WG32_MID_MAX_ELEMENTS`` overrides it (0: never).
+TCSL_WG32_MID_MAX_ELEMENTS = int(os.environ.get("FLASH_LLM_TCSL_WG32_MID_MAX_ELEMENTS", str(1 << 27)))
 #: N = 33-64 on sm_90 at weight densities from this up run ``_wg64x2s2`` (two pipeline stages, 4 blocks an SM of 49 KiB
 #: in 64 registers), below it ``_wg64x2`` (three stages, 3 blocks of 73 KiB): a denser tile keeps its block longer per
 #: tile, and a fourth block an SM hides more of that latency than a third stage does.  H200, session 37, Llama-3-8B
@@ -194,23 +203,31 @@ BITMAP_WG_LATENCY_SHARE = 0.9
 BITMAP_WG_WS_WEIGHT = 0.1
 
 
-def tcsl_wg32_runs(n: int, density: float) -> bool:
+def tcsl_wg32_runs(n: int, density: float, elements: int = 0) -> bool:
     """Whether ``n`` tokens at weight ``density`` take the 32-token Tiled-CSL warpgroup kernel where ``wgmma`` runs:
     N = :data:`TCSL_WG32_MIN_N` (17) .. 32 from density :data:`TCSL_WG32_MIN_DENSITY`, and from
-    :data:`TCSL_WG32_DENSE_MIN_N` (9) at densities from :data:`TCSL_WG32_PF4_MIN_DENSITY`."""
+    :data:`TCSL_WG32_DENSE_MIN_N` (9) at densities from :data:`TCSL_WG32_PF4_MIN_DENSITY`, or from
+    :data:`TCSL_WG32_PF3_MIN_DENSITY` on a weight of ``elements`` (M x K; 0: not known) up to
+    :data:`TCSL_WG32_MID_MAX_ELEMENTS`."""
     if n > 32 or density < TCSL_WG32_MIN_DENSITY:
         return False
-    return n >= TCSL_WG32_MIN_N or (n >= TCSL_WG32_DENSE_MIN_N and density >= TCSL_WG32_PF4_MIN_DENSITY)
+    if n >= TCSL_WG32_MIN_N:
+        return True
+    if n < TCSL_WG32_DENSE_MIN_N:
+        return False
+    return density >= TCSL_WG32_PF4_MIN_DENSITY or (
+        density >= TCSL_WG32_PF3_MIN_DENSITY and 0 < elements <= TCSL_WG32_MID_MAX_ELEMENTS)
 
 
-def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, int, int]:
+def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0, elements: int = 0) -> tuple[str, int, int]:
     """The Tiled-CSL kernel for ``n`` tokens: (name suffix, tokens per block, weight rows per block).
 
     - N = 1: ``_n1``, on the CUDA cores (one warp per block, 64 rows; ``FLASH_LLM_TCSL_N1=0``: ``_nt1``).
     - N <= 32: one warp per block, ``_nt<NT>`` (8 NT tokens, 64 rows); but N = 17-32 at ``density`` >= 0.17 where
       ``wgmma``: ``_wg32x2``, the warpgroup kernel below with 32 tokens (``_wg32x2p3``, three prefetched rounds, at
       ``density`` >= :data:`TCSL_WG32_PF3_MIN_DENSITY`; ``_wg32x2p4``, four, at :data:`TCSL_WG32_PF4_MIN_DENSITY`,
-      from N = 9; :func:`tcsl_wg32_runs`).
+      from N = 9, and ``_wg32x2p3`` from N = 9 on weights of at most ``elements`` (M x K)
+      :data:`TCSL_WG32_MID_MAX_ELEMENTS`; :func:`tcsl_wg32_runs`).
     - N > 32 where ``wgmma`` (:func:`wgmma_ok`, and ``x`` allows 16-byte copies): warpgroup MMA, two warpgroups
       (128 rows) per block, ``_wg64x2`` (64 tokens) up to N = 64 (``_wg64x2s2``, two stages, at ``density`` >=
       :data:`TCSL_WG64_S2_MIN_DENSITY`), ``_wg128x2`` up to 128; above, ``_wg128x4``: four
@@ -219,7 +236,7 @@ def tcsl_block(n: int, wgmma: bool = False, density: float = 1.0) -> tuple[str, 
     """
     if n == 1 and TCSL_N1:  # the CUDA-core kernel, with nt1's blocks and split-K
         return "n1", 8, ROWS_PER_BLOCK
-    if wgmma and tcsl_wg32_runs(n, density):
+    if wgmma and tcsl_wg32_runs(n, density, elements):
         pf = 4 if density >= TCSL_WG32_PF4_MIN_DENSITY else 3 if density >= TCSL_WG32_PF3_MIN_DENSITY else 2
         return ("wg32x2" if pf == 2 else f"wg32x2p{pf}"), 32, 64 * WG_ROWS
     if n <= 32:
@@ -258,16 +275,16 @@ def wgmma_ok(device_index: int) -> bool:
 
 
 def kernel_config(fmt: int, dtype: torch.dtype, n: int, vec: bool, device_index: int,
-                  density: float = 1.0) -> tuple[str, bool, int]:
+                  density: float = 1.0, elements: int = 0) -> tuple[str, bool, int]:
     """``(name, wgmma, shared)``: the kernel ``spmm_cuda`` launches for ``n`` tokens at weight ``density``, whether
     warpgroup kernels may run (compute capability 9.0 and, for Tiled-CSL, X rows 16-byte aligned: ``vec``; the bitmap
     one copies X anyway), and its dynamic shared memory in bytes (0: static only)."""
     wg = (fmt == BITMAP or vec) and wgmma_ok(device_index)
-    name = kernel_name(fmt, dtype, n, wg, density)
+    name = kernel_name(fmt, dtype, n, wg, density, elements)
     if fmt == BITMAP and "_wg" in name:
         return name, wg, bitmap_wg_shared_bytes(bitmap_wg_tokens(n))
     if fmt == TILED_CSL and "_wg" in name:
-        kernel, tokens, rows = tcsl_block(n, True, density)
+        kernel, tokens, rows = tcsl_block(n, True, density, elements)
         return name, wg, wg_shared_bytes(tokens, rows // 64, wg_stages(kernel))
     return name, wg, 0
 
@@ -287,11 +304,12 @@ def _dtype_suffix(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "f16"
 
 
-def kernel_name(fmt: int, dtype: torch.dtype, n: int, wgmma: bool = False, density: float = 1.0) -> str:
+def kernel_name(fmt: int, dtype: torch.dtype, n: int, wgmma: bool = False, density: float = 1.0,
+                elements: int = 0) -> str:
     """The spmm kernel that ``spmm_cuda`` launches for ``n`` tokens of ``dtype`` (``wgmma``, ``density``: see
     :func:`tcsl_block`)."""
     if fmt == TILED_CSL:
-        return f"tiled_csl_spmm_{_dtype_suffix(dtype)}_{tcsl_block(n, wgmma, density)[0]}"
+        return f"tiled_csl_spmm_{_dtype_suffix(dtype)}_{tcsl_block(n, wgmma, density, elements)[0]}"
     if wgmma and n >= BITMAP_WG_MIN_N:
         return f"bitmap_spmm_{_dtype_suffix(dtype)}_wg{bitmap_wg_tokens(n)}"
     return f"{_FORMAT_PREFIX[fmt]}_spmm_{_dtype_suffix(dtype)}_nt{_nt(n, fmt)}"
@@ -370,7 +388,7 @@ def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int =
           splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
     """:func:`plan` after its overrides (``SPLIT_OVERRIDES`` is looked up outside this cache)."""
     nt = _nt(n, fmt)
-    kernel, block_tokens, block_rows = (tcsl_block(n, wgmma, density) if fmt == TILED_CSL
+    kernel, block_tokens, block_rows = (tcsl_block(n, wgmma, density, m * k) if fmt == TILED_CSL
                                         else ("", 8 * nt, ROWS_PER_BLOCK))
     if fmt == BITMAP and wgmma and n >= BITMAP_WG_MIN_N:  # the bitmap warpgroup kernel
         block_tokens = bitmap_wg_tokens(n)
@@ -838,7 +856,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
     x = x.contiguous()
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
-    name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index, density)
+    name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index, density, m * k)
     threads = block_threads(name)
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads, shared), splits, fmt,
              wg)
@@ -963,7 +981,7 @@ def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype
     density = _density(fmt, data, m, k)
     if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(device.index), m * k):
         return False
-    name, wg, shared = kernel_config(fmt, dtype, n, vec, device.index, density)
+    name, wg, shared = kernel_config(fmt, dtype, n, vec, device.index, density, m * k)
     p = plan(m, k, n, density, sm_count(device.index), blocks_per_sm(name, device.index, block_threads(name), shared),
              splits, fmt, wg)
     return _epilogue_ok(fmt, name, shared, p, m, vec, act, norm, add)
