@@ -391,7 +391,7 @@ def test_wg_spread_agrees_with_the_reduction(dtype, density, monkeypatch):
         return plain, act
 
     for n in (9, 17, 40, 64, 100, 300):
-        if n <= 32 and not k.tcsl_wg32_runs(n, density, m * k_in):  # (N = 9 on the warpgroup kernel from density 0.375)
+        if n <= 32 and not k.tcsl_wg32_runs(n, density, m * k_in):  # (N = 9: from density 0.25 on this size)
             continue
         x = torch.randn(n, k_in, generator=gen, device="cuda").to(dtype)
         for splits in (3, 7, None):
