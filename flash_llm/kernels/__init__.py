@@ -748,9 +748,7 @@ def _l2_prefetch_args(weight) -> tuple[list, int]:
 def l2_prefetch_ok(device: torch.device) -> bool:
     """Whether L2 prefetches launch here: sm_90, under :func:`static_weights` (the weights must not change while their
     bytes are in flight)."""
-    from . import _build
-
-    return device.type == "cuda" and _build.PDL and getattr(_static, "on", False) and sm90(device.index or 0)
+    return device.type == "cuda" and PDL and getattr(_static, "on", False) and sm90(device.index)
 
 
 def l2_prefetch(weights: list, device: torch.device) -> bool:
