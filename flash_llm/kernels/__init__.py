@@ -726,45 +726,30 @@ def parse_l2_prefetch(text: str) -> dict[str, float]:
 
 #: where the one-token Llama layer may ask L2 for a later projection's weight (DeltaRows, sm_90, under
 #: :func:`static_weights`): ``gu`` the gate / up weight and ``o`` the o weight, asked before the attention (the memory
-#: idles there) by a launch of their own; ``gu_attn`` the gate / up weight asked by the attention's own blocks;
-#: ``qkv`` the next layer's q / k / v weight, asked before down
-L2_PREFETCH_POINTS = ("gu", "o", "qkv", "gu_attn")
+#: idles there); ``qkv`` the next layer's q / k / v weight, asked before down
+L2_PREFETCH_POINTS = ("gu", "o", "qkv")
 L2_PREFETCH = parse_l2_prefetch(os.environ.get("FLASH_LLM_L2_PF", ""))
-
-
-def _l2_prefetch_args(weight) -> tuple[list, int]:
-    """The kernels' ``DrPf`` arguments (data, offsets, slices, splits, share) for ``weight`` = ``(data, offsets, m,
-    share)`` of a DeltaRows weight, or ``None`` (no prefetch), and its unit count (slices x splits)."""
-    from ..formats.delta_rows import layout
-
-    if weight is None:
-        return [(0, P), (0, P), (0, I), (1, I), (0.0, ctypes.c_float)], 0
-    data, offsets, m, share = weight
-    lay = layout(m, offsets.numel(), data.numel())
-    sl, sp = lay.slices, max(lay.splits, 1)
-    return [(data.data_ptr(), P), (offsets.data_ptr(), P), (sl, I), (sp, I), (float(share), ctypes.c_float)], sl * sp
-
-
-def l2_prefetch_ok(device: torch.device) -> bool:
-    """Whether L2 prefetches launch here: sm_90, under :func:`static_weights` (the weights must not change while their
-    bytes are in flight)."""
-    return device.type == "cuda" and PDL and getattr(_static, "on", False) and sm90(device.index)
 
 
 def l2_prefetch(weights: list, device: torch.device) -> bool:
     """Ask L2 for the first ``share`` of every split of up to two DeltaRows weights (``weights``: ``(data, offsets, m,
     share)`` tuples), in one launch between the kernel before and the next (programmatic: it waits for the kernel
     before, so a kernel after it still sees that one's writes).  A hint: the next kernels read the same bytes either
-    way.  Only where :func:`l2_prefetch_ok`; returns whether it launched."""
+    way.  Only on sm_90 and under :func:`static_weights` (the weights must not change while the bytes are in flight);
+    returns whether it launched."""
+    if not (device.type == "cuda" and PDL and getattr(_static, "on", False) and sm90(device.index)):
+        return False
     if not 1 <= len(weights) <= 2:
         raise ValueError(f"l2_prefetch takes 1 or 2 weights, got {len(weights)}")
-    if not l2_prefetch_ok(device):
-        return False
+    from ..formats.delta_rows import layout
+
     args, total = [], 0
-    for w in list(weights) + [None] * (2 - len(weights)):
-        a, n = _l2_prefetch_args(w)
-        args += a
-        total += n
+    for data, offsets, m, share in list(weights) + [(None, None, 0, 0.0)] * (2 - len(weights)):
+        lay = layout(m, offsets.numel(), data.numel()) if data is not None else None
+        sl, sp = (lay.slices, max(lay.splits, 1)) if lay is not None else (0, 1)
+        total += sl * sp
+        args += [(0 if data is None else data.data_ptr(), P), (0 if offsets is None else offsets.data_ptr(), P),
+                 (sl, I), (sp, I), (float(share), ctypes.c_float)]
     if total == 0:
         return False
     launch("delta_rows_l2_prefetch", (ceil_div(total, 128), 1, 1), 128, args,
@@ -1141,7 +1126,7 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
                           scale: float, out: torch.Tensor | None = None, cos: torch.Tensor | None = None,
-                          sin: torch.Tensor | None = None, prefetch: tuple | None = None) -> torch.Tensor:
+                          sin: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step's attention, with the cache write, in one launch (tensors as :func:`decode_attention_ok`
     accepts them; the caller checks).
 
@@ -1156,9 +1141,6 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
         scale: the softmax scale.
         cos, sin: ``[B, 1, D]`` to rotate ``q`` and ``k`` first (RoPE, transformers' convention and rounding: the
             cache receives the bits ``models._fused.rope`` would give), or ``None``: ``q, k`` are used as they are.
-        prefetch: ``(data, offsets, m, share)`` of a DeltaRows weight a later launch reads: the grid asks L2 for the
-            first ``share`` of each of its splits before it waits for the projection before it (where
-            :func:`l2_prefetch_ok`; else ignored).
 
     Returns ``[B, 1, H * D]`` in the dtype of ``q`` (written into ``out`` if given: contiguous, that shape; tests
     poison it first).
@@ -1192,7 +1174,6 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (0 if sin is None else sin.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L),
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32), (int(cluster), I)]
-    args += _l2_prefetch_args(prefetch if prefetch is not None and l2_prefetch_ok(dev) else None)[0]
     launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args, stream, dev.index,
            pdl=_pdl_attention(b, kv_len), cluster=(1, splits, 1) if cluster else None)
     return out

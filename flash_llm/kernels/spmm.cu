@@ -2739,35 +2739,28 @@ extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* 
     }
   }
 }
-// An L2 prefetch of a DeltaRows weight: the first `f` share of every split's groups, one bulk prefetch a (slice, split),
-// unit i taken by thread i0 + k stride.  Used by delta_rows_l2_prefetch and inside the decode attention.
-struct DrPf {
-  const int* data;
-  const int* offsets;
-  int slices, S;
-  float f;
-};
-DEVI void dr_l2_prefetch(const DrPf& p, int i0, int stride) {
-  for (int i = i0; i < p.slices * p.S; i += stride) {
-    int goff, g0, g1;
-    dr_split(p.offsets, i / p.S, i % p.S, p.S, goff, g0, g1);
-    const int n = min(g1 - g0, (int)ceilf(p.f * (float)(g1 - g0)));
-    if (n > 0) l2_prefetch(reinterpret_cast<const unsigned char*>(p.data) + ((long long)goff + g0) * 640, (u32)n * 640);
-  }
-}
-
-// delta_rows_l2_prefetch: asks L2 for shares of up to two DeltaRows weights (DrPf; slices 0 for none), for a later
-// launch of the same decode step, while the kernels between run with the memory idle (the attention).  Launched
-// programmatically between two kernels: it lets the next one launch at once, asks for the bytes (the weights are
-// static: no wait for that), then waits for the kernel before it, so the next kernel's wait covers that one too.
-// Nothing before sm_90.
+// delta_rows_l2_prefetch: asks L2 for the first `f` share of every split's groups of up to two DeltaRows weights (one
+// thread a (slice, split) of weight 0, then of weight 1: one bulk prefetch each), for a later launch of the same decode
+// step, while the kernels between run with the memory idle (the attention).  Launched programmatically between two
+// kernels: it lets the next one launch at once, asks for the bytes (the weights are static: no wait for that), then
+// waits for the kernel before it, so the next kernel's wait covers that one too.  Nothing before sm_90.
 extern "C" __global__ void __launch_bounds__(128) delta_rows_l2_prefetch(const int* __restrict__ d0,
     const int* __restrict__ o0, int sl0, int S0, float f0, const int* __restrict__ d1, const int* __restrict__ o1,
     int sl1, int S1, float f1) {
   pdl_launch_dependents();
-  const int i = blockIdx.x * 128 + threadIdx.x, n = gridDim.x * 128;
-  dr_l2_prefetch(DrPf{d0, o0, sl0, S0, f0}, i, n);
-  dr_l2_prefetch(DrPf{d1, o1, sl1, S1, f1}, i, n);
+  int i = blockIdx.x * 128 + threadIdx.x;
+  const bool second = i >= sl0 * S0;
+  if (second) i -= sl0 * S0;
+  const int S = second ? S1 : S0;
+  if (i < (second ? sl1 : sl0) * S) {
+    const int* off = second ? o1 : o0;
+    const float f = second ? f1 : f0;
+    int goff, g0, g1;
+    dr_split(off, i / S, i % S, S, goff, g0, g1);
+    const int n = min(g1 - g0, (int)ceilf(f * (float)(g1 - g0)));
+    if (n > 0)
+      l2_prefetch(reinterpret_cast<const unsigned char*>(second ? d1 : d0) + ((long long)goff + g0) * 640, (u32)n * 640);
+  }
   pdl_wait();
 }
 
@@ -2874,7 +2867,6 @@ struct DecodeAttn {
   int heads, kv_heads, slots, S, splits;
   float scale;
   int cluster;  // 1: launched as clusters of the splits blocks of a (sequence, kv head, head group): they combine there
-  DrPf pf;      // a later projection's weight asked of L2 by the whole grid before the wait (slices 0: none)
 };
 
 // Thread-block clusters (sm_90): the address of a variable of this block's shared memory in block `rank` of the
@@ -2935,8 +2927,6 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   // wrote q, k_new and v_new (and reads nothing before), and lets the next kernel (the o projection, whose blocks only
   // load their weights before their own wait) launch at once.  Both are no-ops for a plain launch.
   pdl_launch_dependents();
-  dr_l2_prefetch(a.pf, ((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * DA_THREADS + tid,
-                 gridDim.x * gridDim.y * gridDim.z * DA_THREADS);
   const long long cache0 = ((long long)b * a.kv_heads + kvh) * a.slots * D;
   // At batch 1, the chunk's cached key and value rows (the slot's row among them: stale, replaced below) asked of L2
   // before the wait, so a programmatically launched block streams them while the projection finishes.  Only a hint:
@@ -3222,9 +3212,9 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
       u16 *out, float *ws, int *tickets, const u16 *cos, const u16 *sin, long long q_b, long long k_b,          \
       long long v_b, long long mask_b, long long cs_b, int heads, int kv_heads, int slots, int S, int splits,   \
-      float scale, int cluster, const int *pf_data, const int *pf_offsets, int pf_slices, int pf_S, float pf_f
+      float scale, int cluster
 #define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, cos, sin, q_b, k_b, v_b, mask_b, cs_b,  \
-                   heads, kv_heads, slots, S, splits, scale, cluster, DrPf{pf_data, pf_offsets, pf_slices, pf_S, pf_f}}
+                   heads, kv_heads, slots, S, splits, scale, cluster}
 #define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
     decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \

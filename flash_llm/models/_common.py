@@ -176,14 +176,13 @@ def decode_attention_wanted(batch: int, kv_len: int, mode: str | bool | None = N
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: Attend, layer: int,
-                     scale: float | None, rope: "tuple[torch.Tensor, torch.Tensor, bool] | None" = None,
-                     prefetch: tuple | None = None) -> torch.Tensor:
+                     scale: float | None, rope: "tuple[torch.Tensor, torch.Tensor, bool] | None" = None
+                     ) -> torch.Tensor:
     """Write ``k, v [B, Hkv, 1, D]`` into ``attend.cache`` at ``attend.slots`` and attend ``q [B, H, 1, D]`` over the
     first ``attend.kv_len`` slots: one kernel launch where :func:`flash_llm.kernels.decode_attention_ok` accepts the
     tensors, else :meth:`KVCache.update` and :func:`attention`.  ``scale`` as in :func:`attention`.  ``rope``
     ``(cos, sin, fused)``: ``q`` and ``k`` are rotated first (inside the kernel, else by ``_fused.rope``, compiled when
-    ``fused``).  ``prefetch``: a later projection's DeltaRows weight for the kernel's blocks to ask L2 for
-    (:func:`flash_llm.kernels.decode_attention_cuda`).  Returns ``[B, 1, H * D]``."""
+    ``fused``).  Returns ``[B, 1, H * D]``."""
     cache, slots = attend.cache, attend.slots
     cos, sin = (None, None) if rope is None else rope[:2]
     if slots.numel() == 1 and slots.dtype == torch.int64 and slots.device == q.device:
@@ -193,7 +192,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: 
         if kernels.decode_attention_ok(q, k, v, kc, vc, attend.mask, attend.kv_len, cos, sin):
             s = q.shape[-1] ** -0.5 if scale is None else scale
             return kernels.decode_attention_cuda(q, k, v, kc, vc, slots, attend.mask, attend.kv_len, s, cos=cos,
-                                                 sin=sin, prefetch=prefetch)
+                                                 sin=sin)
     if rope is not None:
         from . import _fused
 

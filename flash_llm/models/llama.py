@@ -120,16 +120,15 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attend_heads(*project(self, "qkv_proj", x), cos, sin, attend))
 
     def attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attend: Attend, prefetch: tuple | None = None) -> torch.Tensor:
+                     attend: Attend) -> torch.Tensor:
         """The attention between the projections: ``q, k, v [B, T, heads * D]`` (the q / k / v projections'
-        outputs) -> ``[B, T, heads * D]``, the o projection's input; writes the cache.  ``prefetch``: see
-        :func:`~flash_llm.models._common.decode_attention`."""
+        outputs) -> ``[B, T, heads * D]``, the o projection's input; writes the cache."""
         b, t, _ = q.shape
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if use_decode_attention(q, attend):  # RoPE, the cache write and the attention in one kernel
-            return decode_attention(q, k, v, attend, self.layer_idx, None, (cos, sin, self.fused), prefetch)
+            return decode_attention(q, k, v, attend, self.layer_idx, None, (cos, sin, self.fused))
         if self.fused and attend.cache is not None:  # RoPE and the cache write in one compiled function
             kc, vc = attend.cache.rows(self.layer_idx, b)
             q = _fused.op("rope_cache", True)(q, k, v, cos, sin, kc, vc, attend.slots)
@@ -226,33 +225,25 @@ class LlamaDecoderLayer(nn.Module):
         a, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
         q, k, v = ops.spmm_rms_norm(x, norm.weight, norm.eps, qkv.weight).split(a.qkv_proj.sizes, dim=-1)
         _l2_prefetch(x, [(gate_up, "gu"), (o, "o")])
-        ops.spmm_add_(x, a.attend_heads(q, k, v, cos, sin, attend, _l2_share(x, gate_up, "gu_attn")), o.weight)
+        ops.spmm_add_(x, a.attend_heads(q, k, v, cos, sin, attend), o.weight)
         h = ops.spmm_rms_norm(x, post.weight, post.eps, gate_up.weight, act="silu_mul")
         _l2_prefetch(x, [(next_qkv, "qkv")])
         ops.spmm_add_(x, h, down.weight)
         return x
 
 
-def _l2_share(x: torch.Tensor, layer, point: str) -> tuple | None:
-    """``(data, offsets, m, share)`` of ``layer``'s DeltaRows weight with the share ``flash_llm.kernels.L2_PREFETCH``
-    names for ``point``, or None (none named, not DeltaRows, or not on CUDA)."""
-    if not x.is_cuda or layer is None:
-        return None
-    from .. import kernels
-    from ..formats import DeltaRows
-
-    share = kernels.L2_PREFETCH.get(point, 0.0)
-    w = layer.weight
-    return (w.data, w.offsets, w.shape[0], share) if share > 0.0 and isinstance(w, DeltaRows) else None
-
-
 def _l2_prefetch(x: torch.Tensor, layers: list) -> None:
     """Ask L2 for the shares ``flash_llm.kernels.L2_PREFETCH`` names of these ``(SparseLinear or None, point)`` layers'
     DeltaRows weights, in one launch (CUDA only; a hint: nothing changes but where the bytes come from)."""
-    ws = [w for w in (_l2_share(x, p, point) for p, point in layers) if w is not None]
-    if ws:
-        from .. import kernels
+    if not x.is_cuda:
+        return
+    from .. import kernels
+    from ..formats import DeltaRows
 
+    pf = kernels.L2_PREFETCH
+    ws = [(p.weight.data, p.weight.offsets, p.weight.shape[0], pf[point]) for p, point in layers
+          if p is not None and pf.get(point, 0.0) > 0.0 and isinstance(p.weight, DeltaRows)]
+    if ws:
         kernels.l2_prefetch(ws, x.device)
 
 
