@@ -271,20 +271,3 @@ def test_merged_gate_up_is_paired():
     g, u = (x.float() @ mlp.gate_up_proj.layer.weight.to_dense().float().t()).half().chunk(2, -1)
     want = (torch.nn.functional.silu(g.float()) * u.float()).half()
     torch.testing.assert_close(flash_llm.ops.spmm_silu_mul(x, mlp.gate_up_proj.layer.weight), want)
-
-
-def test_l2_prefetch_setting_parses_and_warns():
-    from flash_llm.kernels import parse_l2_prefetch
-
-    assert parse_l2_prefetch("") == {}
-    assert parse_l2_prefetch("gu=0.5, qkv=1") == {"gu": 0.5, "qkv": 1.0}
-    for bad in ("gu=2", "xx=0.5", "gu=half", "gu"):
-        with pytest.warns(UserWarning, match="FLASH_LLM_L2_PF"):
-            assert parse_l2_prefetch(bad) == {}
-
-
-def test_l2_prefetch_is_a_no_op_off_the_gpu():
-    from flash_llm import kernels
-
-    w = DeltaRows.from_dense((torch.randn(64, 64) * (torch.rand(64, 64) > 0.8)).half())
-    assert not kernels.l2_prefetch([(w.data, w.offsets, 64, 0.5)], torch.device("cpu"))

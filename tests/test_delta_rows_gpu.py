@@ -375,33 +375,6 @@ def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros(family):
     assert err_merged <= 2 * err_dense + ULP[torch.float16] * outs[0][:, 0].abs().max().item()
 
 
-def test_l2_prefetch_changes_no_bits(monkeypatch):
-    """``FLASH_LLM_L2_PF``'s prefetch launches (gate / up and o before the attention, the next q / k / v before down)
-    run in the one-token Llama layers, inside the engine's CUDA graphs, and the logits are the same bits as without."""
-    from test_engine_gpu import _hf, _ours, _prompts
-
-    from flash_llm import kernels
-    from flash_llm.engine import Engine
-    from flash_llm.prune import magnitude_prune_
-
-    model = _ours(_hf("llama").cuda(), torch.float16)
-    magnitude_prune_(model, 0.8, filter_fn=lambda m, fqn: fqn != "lm_head")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format="delta-rows"))
-    prompts = _prompts(1, 5)
-    launched = []
-    real = kernels.l2_prefetch
-    monkeypatch.setattr(kernels, "l2_prefetch", lambda *a, **kw: launched.append(real(*a, **kw)) or launched[-1])
-    outs = []
-    for pf in ({}, {"gu": 0.5, "o": 1.0, "qkv": 1.0}):
-        monkeypatch.setattr(kernels, "L2_PREFETCH", pf)
-        outs.append(Engine(copy.deepcopy(model), max_batch=1, max_seq=64, merge=True, delta_layout="keep")
-                    .generate(prompts, 4, output_logits=True).logits)
-    assert torch.equal(outs[0], outs[1])
-    assert launched and any(launched) == kernels.sm90(0)  # (launched in the graphs, under static_weights)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_delta_rows_parts_multi_token_epilogues_match_the_split_layout(dtype):
     """At 2-8 tokens the parts layout's kernel applies the bias, the residual add and SiLU x up (paired halves) itself:

@@ -706,57 +706,6 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     return y
 
 
-def parse_l2_prefetch(text: str) -> dict[str, float]:
-    """``FLASH_LLM_L2_PF``'s setting (``"gu=0.5,qkv=1"``: each name's share of its weight's groups) as a dict; a part
-    that does not parse, or a share outside 0..1, is ignored with a warning."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, val = part.partition("=")
-        try:
-            f = float(val)
-        except ValueError:
-            f = -1.0
-        if name.strip() not in L2_PREFETCH_POINTS or not 0.0 <= f <= 1.0:
-            warnings.warn(f"FLASH_LLM_L2_PF: ignoring {part!r} (want NAME=SHARE, NAME one of {L2_PREFETCH_POINTS}, "
-                          f"SHARE in 0..1)", stacklevel=2)
-            continue
-        out[name.strip()] = f
-    return out
-
-
-#: where the one-token Llama layer may ask L2 for a later projection's weight (DeltaRows, sm_90, under
-#: :func:`static_weights`): ``gu`` the gate / up weight and ``o`` the o weight, asked before the attention (the memory
-#: idles there); ``qkv`` the next layer's q / k / v weight, asked before down
-L2_PREFETCH_POINTS = ("gu", "o", "qkv")
-L2_PREFETCH = parse_l2_prefetch(os.environ.get("FLASH_LLM_L2_PF", ""))
-
-
-def l2_prefetch(weights: list, device: torch.device) -> bool:
-    """Ask L2 for the first ``share`` of every split of up to two DeltaRows weights (``weights``: ``(data, offsets, m,
-    share)`` tuples), in one launch between the kernel before and the next (programmatic: it waits for the kernel
-    before, so a kernel after it still sees that one's writes).  A hint: the next kernels read the same bytes either
-    way.  Only on sm_90 and under :func:`static_weights` (the weights must not change while the bytes are in flight);
-    returns whether it launched."""
-    if not (device.type == "cuda" and PDL and getattr(_static, "on", False) and sm90(device.index)):
-        return False
-    if not 1 <= len(weights) <= 2:
-        raise ValueError(f"l2_prefetch takes 1 or 2 weights, got {len(weights)}")
-    from ..formats.delta_rows import layout
-
-    args, total = [], 0
-    for data, offsets, m, share in list(weights) + [(None, None, 0, 0.0)] * (2 - len(weights)):
-        lay = layout(m, offsets.numel(), data.numel()) if data is not None else None
-        sl, sp = (lay.slices, max(lay.splits, 1)) if lay is not None else (0, 1)
-        total += sl * sp
-        args += [(0 if data is None else data.data_ptr(), P), (0 if offsets is None else offsets.data_ptr(), P),
-                 (sl, I), (sp, I), (float(share), ctypes.c_float)]
-    if total == 0:
-        return False
-    launch("delta_rows_l2_prefetch", (ceil_div(total, 128), 1, 1), 128, args,
-           torch.cuda.current_stream(device).cuda_stream, device.index, pdl=True)
-    return True
-
-
 def parts_nt_window(k: int, nt: int) -> int:
     """The columns of X that ``delta_rows_parts_<dtype>_nt<NT>`` stages for a parts-layout weight of ``k`` columns: all
     of K (rounded up to 8) while ``NT x 2`` bytes a column fit :data:`DR_NT_STAGE_MAX`, else 0 (X read from global

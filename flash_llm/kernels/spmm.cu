@@ -2739,31 +2739,6 @@ extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* 
     }
   }
 }
-// delta_rows_l2_prefetch: asks L2 for the first `f` share of every split's groups of up to two DeltaRows weights (one
-// thread a (slice, split) of weight 0, then of weight 1: one bulk prefetch each), for a later launch of the same decode
-// step, while the kernels between run with the memory idle (the attention).  Launched programmatically between two
-// kernels: it lets the next one launch at once, asks for the bytes (the weights are static: no wait for that), then
-// waits for the kernel before it, so the next kernel's wait covers that one too.  Nothing before sm_90.
-extern "C" __global__ void __launch_bounds__(128) delta_rows_l2_prefetch(const int* __restrict__ d0,
-    const int* __restrict__ o0, int sl0, int S0, float f0, const int* __restrict__ d1, const int* __restrict__ o1,
-    int sl1, int S1, float f1) {
-  pdl_launch_dependents();
-  int i = blockIdx.x * 128 + threadIdx.x;
-  const bool second = i >= sl0 * S0;
-  if (second) i -= sl0 * S0;
-  const int S = second ? S1 : S0;
-  if (i < (second ? sl1 : sl0) * S) {
-    const int* off = second ? o1 : o0;
-    const float f = second ? f1 : f0;
-    int goff, g0, g1;
-    dr_split(off, i / S, i % S, S, goff, g0, g1);
-    const int n = min(g1 - g0, (int)ceilf(f * (float)(g1 - g0)));
-    if (n > 0)
-      l2_prefetch(reinterpret_cast<const unsigned char*>(second ? d1 : d0) + ((long long)goff + g0) * 640, (u32)n * 640);
-  }
-  pdl_wait();
-}
-
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S, PF, SUF)                                               \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \
   tiled_csl_spmm_##NAME##_wg##NB##x##R##SUF(SPMM_ARGS) {                                                  \

@@ -212,39 +212,19 @@ class LlamaDecoderLayer(nn.Module):
             return None
         return layers if _kernels_fuse(layers, x) else None
 
-    def forward_one_token(self, x: torch.Tensor, cos, sin, attend: Attend, layers: tuple,
-                          next_qkv=None) -> torch.Tensor:
+    def forward_one_token(self, x: torch.Tensor, cos, sin, attend: Attend, layers: tuple) -> torch.Tensor:
         """The fused layer for one token on sparse projections (``layers`` from :meth:`sparse_projections`): each
         RMSNorm runs inside the projection after it (:func:`flash_llm.ops.spmm_rms_norm`), each residual add inside
         the projection before it (:func:`flash_llm.ops.spmm_add_`), SiLU x up inside the gate / up projection.  With
         the Tiled-CSL kernels a layer is then 4 spmm launches that sum their own splits (``kernels.N1_FUSED``; else
         4 split-K reductions more) and the attention, against 12 launches for :meth:`forward_deferred`.  ``x [1, 1, H]``, the residual stream, is updated in place and
-        returned.  ``next_qkv``: the next layer's q / k / v layer, whose weight L2 may be asked for before down
-        (``FLASH_LLM_L2_PF``, :func:`_l2_prefetch`)."""
+        returned."""
         qkv, o, gate_up, down = layers
         a, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
         q, k, v = ops.spmm_rms_norm(x, norm.weight, norm.eps, qkv.weight).split(a.qkv_proj.sizes, dim=-1)
-        _l2_prefetch(x, [(gate_up, "gu"), (o, "o")])
         ops.spmm_add_(x, a.attend_heads(q, k, v, cos, sin, attend), o.weight)
-        h = ops.spmm_rms_norm(x, post.weight, post.eps, gate_up.weight, act="silu_mul")
-        _l2_prefetch(x, [(next_qkv, "qkv")])
-        ops.spmm_add_(x, h, down.weight)
+        ops.spmm_add_(x, ops.spmm_rms_norm(x, post.weight, post.eps, gate_up.weight, act="silu_mul"), down.weight)
         return x
-
-
-def _l2_prefetch(x: torch.Tensor, layers: list) -> None:
-    """Ask L2 for the shares ``flash_llm.kernels.L2_PREFETCH`` names of these ``(SparseLinear or None, point)`` layers'
-    DeltaRows weights, in one launch (CUDA only; a hint: nothing changes but where the bytes come from)."""
-    if not x.is_cuda:
-        return
-    from .. import kernels
-    from ..formats import DeltaRows
-
-    pf = kernels.L2_PREFETCH
-    ws = [(p.weight.data, p.weight.offsets, p.weight.shape[0], pf[point]) for p, point in layers
-          if p is not None and pf.get(point, 0.0) > 0.0 and isinstance(p.weight, DeltaRows)]
-    if ws:
-        kernels.l2_prefetch(ws, x.device)
 
 
 _FUSES: dict[tuple, bool] = {}
@@ -288,16 +268,14 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(x, attend.positions)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
-            for i, layer in enumerate(self.layers):
+            for layer in self.layers:
                 sparse = layer.sparse_projections(x)
                 if sparse is None:
                     x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
                     continue
                 if delta is not None:
                     x, delta = x + delta, None
-                nxt = self.layers[i + 1].self_attn if i + 1 < len(self.layers) else None
-                nxt = sparse_layer(nxt, "qkv_proj") if nxt is not None and nxt.qkv_proj is not None else None
-                x = layer.forward_one_token(x, cos, sin, attend, sparse, nxt)
+                x = layer.forward_one_token(x, cos, sin, attend, sparse)
             if delta is None:
                 return _fused.op("rms_norm", True)(x, self.norm.weight, self.norm.eps)
             return _fused.op("add_rms_norm", True)(x, delta, self.norm.weight, self.norm.eps)[1]
