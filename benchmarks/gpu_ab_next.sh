@@ -151,10 +151,10 @@ for stage in "${@:-tests ab}"; do
                      PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2em_$i timeout 200 python3 -m pytest -q -x --tb=short \
                      ${E2E_TESTS:-tests/test_kernels_gpu.py tests/test_engine_gpu.py} ${E2E_K:+-k "$E2E_K"} 2>&1 | tail -12); fi
                    # every tree's kernels compiled before the timed runs (session 39: the base tree's first run, compiling,
-                   # passed E2E_TIMEOUT and lost its last batch)
+                   # passed E2E_TIMEOUT and lost its last batch), the trees at once (NVRTC is one thread a build)
                    (cd /tmp/e2em/$i && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_e2em_$i timeout 200 python3 -m flash_llm.cli build \
-                     > /dev/null 2>&1 || echo "--- flash-llm build failed in tree $i ($v)")
-                   i=$((i + 1)); done
+                     > /dev/null 2>&1 || echo "--- flash-llm build failed in tree $i ($v)") &
+                   i=$((i + 1)); done; wait
                  for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for v in base ${E2E_PATCHES}; do (cd /tmp/e2em/$i && PYTHONPATH=$PWD \
                    FLASH_LLM_CACHE=/tmp/flc_e2em_$i llama_e2e ${E2E_TIMEOUT:-150} --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
                    --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2em_${i}_r$r" 2>&1 | grep "b=" | sed "s|^|$(basename "$v") r$r |")
