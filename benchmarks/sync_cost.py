@@ -1,0 +1,157 @@
+"""What one dependency between two steps of the decode costs: a kernel boundary against a grid-wide barrier.
+
+    python benchmarks/sync_cost.py [--steps 160] [--grids 132,264,528] [--n 4096] [--replays 20]
+
+Why (issue 4, batch 1): a Llama-3-8B layer at batch 1 is 5 dependent launches (q/k/v, attention, o, gate / up, down);
+session 43's profile put each projection 2-6 us past its bytes, and the step at 58 % of the bandwidth floor. How much
+of that is the boundary itself decides between making each kernel cheaper and one persistent kernel a layer (or a
+step) whose phases meet at a barrier. This times ``--steps`` dependent steps of the same small work (every block reads
+all ``--n`` floats the step before wrote, from L2, as a projection stages X, and writes its slice of the next buffer),
+in one CUDA graph, four ways:
+
+* ``plain``: one launch a step, no programmatic launch (each launch waits for the one before to finish);
+* ``pdl``: programmatic launches, every block waiting in ``griddepcontrol.wait`` (the engine's way: the kernel before
+  must complete and flush);
+* ``flag``: programmatic launches, every block waiting instead for a counter the blocks of the step before bump after
+  their writes (release / acquire at gpu scope): no wait for the grid's completion.  Safe from deadlock: a programmatic
+  launch starts only once every block of the kernel before has started;
+* ``persist``: one launch of all steps, the grid meeting at a barrier on the same kind of counter between steps (every
+  block resident: the grid is capped at what fits).
+
+Prints us a step for each grid size (median of ``--replays`` graph replays), the work alone being the same in every
+column.  fp32 buffers; nothing here is part of the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+SOURCE = r"""
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void add_release(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// thread 0 waits until *counter >= target, then the block goes on (its loads after the barrier see what the blocks
+// that counted wrote before counting)
+__device__ __forceinline__ void block_wait(const unsigned* counter, unsigned target) {
+  if (threadIdx.x == 0)
+    while (ld_acquire(counter) < target) __nanosleep(32);
+  __syncthreads();
+}
+// every thread's writes of the block done, then one count for the block
+__device__ __forceinline__ void block_count(unsigned* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) add_release(counter, 1u);
+}
+// the step's work: read all n floats of `in` (from L2: __ldcg), a block sum, this block's slice of `out`
+__device__ __forceinline__ void step_work(const float* __restrict__ in, float* __restrict__ out, int n) {
+  __shared__ float red[4];
+  float acc = 0.f;
+  for (int i = 4 * threadIdx.x; i < n; i += 4 * blockDim.x) {
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(in + i));
+    acc += v.x + v.y + v.z + v.w;
+  }
+  for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  const float s = red[0] + red[1] + red[2] + red[3];
+  const int per = (n + gridDim.x - 1) / gridDim.x, lo = blockIdx.x * per, hi = min(n, lo + per);
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) out[i] = 0.5f * __ldcg(in + i) + 1e-6f * s;
+}
+// mode 0: plain / pdl (griddepcontrol.wait; a no-op for a plain launch), mode 1: flag (wait for step's count)
+extern "C" __global__ void __launch_bounds__(128) chain_step(const float* __restrict__ in, float* __restrict__ out,
+                                                             int n, int mode, unsigned* counter, int step) {
+  pdl_trigger();
+  if (mode == 0) pdl_wait();
+  else block_wait(counter, (unsigned)step * gridDim.x);
+  step_work(in, out, n);
+  if (mode == 1) block_count(counter);
+}
+extern "C" __global__ void __launch_bounds__(128) persist(float* __restrict__ bufs, int n, int steps,
+                                                          unsigned* counter) {
+  for (int s = 0; s < steps; ++s) {
+    if (s) block_wait(counter, (unsigned)s * gridDim.x);
+    step_work(bufs + (s & 1) * n, bufs + ((s + 1) & 1) * n, n);
+    block_count(counter);
+  }
+}
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=160, help="dependent steps a graph (5 a layer x 32 layers)")
+    ap.add_argument("--grids", default="132,264,528", help="blocks a step (128 threads each)")
+    ap.add_argument("--n", type=int, default=4096, help="floats every block reads a step (a multiple of 4)")
+    ap.add_argument("--replays", type=int, default=20)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sync_cost.py needs a CUDA device")
+        return 1
+    from flash_llm.kernels._build import _check_cu, _driver, compile_kernels, device_arch, launch_function, sm90
+    from _timing import time_calls
+
+    dev = torch.cuda.current_device()
+    if not sm90(dev):
+        print("sync_cost.py needs sm_90 (programmatic launches)")
+        return 1
+    if a.n % 4 or a.n < 4:
+        raise SystemExit(f"--n must be a positive multiple of 4, got {a.n}")
+    compiled = compile_kernels(device_arch(dev), use_cache=False, source=SOURCE.encode())
+    drv = _driver()
+    module = _check_cu(drv.cuModuleLoadData(compiled.cubin), "cuModuleLoadData")
+    fn = {k: _check_cu(drv.cuModuleGetFunction(module, k.encode()), k) for k in ("chain_step", "persist")}
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    P, I = __import__("ctypes").c_void_p, __import__("ctypes").c_int
+    bufs = torch.randn(2 * a.n, device="cuda")
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def chain(grid: int, mode: str):
+        def run():
+            counter.zero_()
+            stream = torch.cuda.current_stream().cuda_stream
+            for s in range(a.steps):
+                args = [(bufs.data_ptr() + 4 * a.n * (s & 1), P), (bufs.data_ptr() + 4 * a.n * ((s + 1) & 1), P),
+                        (a.n, I), (int(mode == "flag"), I), (counter.data_ptr(), P), (s, I)]
+                # (the first step plainly: it must not start before the counter's reset)
+                launch_function(fn["chain_step"], "chain_step", (grid, 1, 1), 128, args, stream, dev,
+                                pdl=mode != "plain" and s > 0)
+        return run
+
+    def persist(grid: int):
+        def run():
+            counter.zero_()
+            launch_function(fn["persist"], "persist", (grid, 1, 1), 128,
+                            [(bufs.data_ptr(), P), (a.n, I), (a.steps, I), (counter.data_ptr(), P)],
+                            torch.cuda.current_stream().cuda_stream, dev)
+        return run
+
+    resident = sms * _check_cu(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn["persist"], 128, 0), "occupancy")
+    print(f"{torch.cuda.get_device_name(dev)}, {sms} SMs; {a.steps} dependent steps a graph, {a.n} floats read by every "
+          f"block a step; us a step (median of {a.replays} replays)")
+    print(f"{'blocks':>7} {'plain':>8} {'pdl':>8} {'flag':>8} {'persist':>8}")
+    for grid in (int(g) for g in a.grids.split(",")):
+        row = [time_calls([chain(grid, m)], replays=a.replays) / a.steps * 1e6 for m in ("plain", "pdl", "flag")]
+        # (every block of the persistent grid must be resident, or its barrier never opens)
+        row.append(time_calls([persist(grid)], replays=a.replays) / a.steps * 1e6 if grid <= resident
+                   else float("nan"))
+        print(f"{grid:>7} " + " ".join(f"{t:8.2f}" for t in row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
