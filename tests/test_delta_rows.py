@@ -271,3 +271,48 @@ def test_merged_gate_up_is_paired():
     g, u = (x.float() @ mlp.gate_up_proj.layer.weight.to_dense().float().t()).half().chunk(2, -1)
     want = (torch.nn.functional.silu(g.float()) * u.float()).half()
     torch.testing.assert_close(flash_llm.ops.spmm_silu_mul(x, mlp.gate_up_proj.layer.weight), want)
+
+
+def test_counter_chain_links_only_launches_that_follow_each_other(monkeypatch):
+    """kernels.counter_chain's bookkeeping, with the capture's frontier faked: outside a capture (or switched off) no
+    chain; inside, the first launch waits in griddepcontrol.wait (target CHAIN_NONE), a launch whose capture depends
+    on the last chained launch alone waits for the count of every block launched before it, and one after anything
+    else falls back to griddepcontrol.wait (the count still grows)."""
+    import types
+
+    from flash_llm import kernels
+
+    frontier = {"now": None}
+    monkeypatch.setattr(kernels, "_frontier", lambda stream: frontier["now"])
+    monkeypatch.setattr(kernels, "sm90", lambda i: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: types.SimpleNamespace(cuda_stream=7))
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **kw: real_zeros(*a, **{**kw, "device": "cpu"}))
+    cuda = torch.device("cuda", 0)
+    none = kernels.CHAIN_NONE
+
+    def target(blocks):
+        return kernels._chain_args(blocks, 7)[1][0]
+
+    monkeypatch.setattr(kernels, "COUNTER_WAIT", True)
+    with kernels.static_weights():
+        with kernels.counter_chain(cuda) as on:  # not capturing
+            assert not on and target(10) == none
+        frontier["now"] = ("graph start",)
+        with kernels.counter_chain(cuda) as on:
+            assert on
+            assert target(10) == none  # the first: after the counter's reset
+            frontier["now"] = ("A",)
+            kernels._chain_launched(7)
+            assert target(20) == 10  # right after A: A's 10 blocks
+            frontier["now"] = ("B",)
+            kernels._chain_launched(7)
+            frontier["now"] = ("a copy",)  # something captured after B
+            assert target(5) == none
+            frontier["now"] = ("C",)
+            kernels._chain_launched(7)
+            assert target(1) == 35 and kernels._chain_args(1, 8)[1][0] == none  # (another stream: no chain)
+        assert target(1) == none  # (the context closed)
+    monkeypatch.setattr(kernels, "COUNTER_WAIT", False)
+    with kernels.static_weights(), kernels.counter_chain(cuda) as on:
+        assert not on and target(1) == none

@@ -660,6 +660,33 @@ DEVI void pdl_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// Counter chains (kernels.counter_chain, opt-in: FLASH_LLM_COUNTER_WAIT=1): in the batch-1 decode step captured in a
+// CUDA graph, a kernel whose launch follows a chained kernel directly waits until `*ctr` reaches `target`, the count of
+// every block of the chain's kernels before it, instead of in griddepcontrol.wait (which waits for the kernel before
+// to complete and flush); each block of a chained kernel counts once, last, after its writes (release; the wait is an
+// acquire).  target CHAIN_NONE (or ctr null): griddepcontrol.wait.  A chained kernel still launches programmatically,
+// so only once every block of the kernel before has started: no block can wait for one that is not resident.
+constexpr unsigned CHAIN_NONE = 0xffffffffu;
+DEVI void chain_wait(const unsigned* ctr, unsigned target) {
+  if (ctr == nullptr || target == CHAIN_NONE) {
+    pdl_wait();
+    return;
+  }
+  if (threadIdx.x == 0)
+    for (;;) {
+      unsigned v;
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
+      if (v >= target) break;
+      __nanosleep(20);
+    }
+  __syncthreads();
+}
+DEVI void chain_count(unsigned* ctr) {
+  if (ctr == nullptr) return;
+  __syncthreads();  // every thread's writes before the count
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(ctr) : "memory");
+}
+
 // Asks L2 for `bytes` (a multiple of 16) from the 16-byte aligned `src` (sm_90 bulk prefetch; nothing before sm_90).
 DEVI void l2_prefetch(const void* src, u32 bytes) {
 #if __CUDA_ARCH__ >= 900
@@ -2358,7 +2385,7 @@ template <bool BF16, int P, int STAGE>
 DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restrict__ offsets,
                                 const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias, int mode,
                                 const u16* __restrict__ colscale, float eps, int K, int slices,
-                                const u16* __restrict__ colbias) {
+                                const u16* __restrict__ colbias, const unsigned* chain_ctr, unsigned chain_target) {
   static_assert(P >= 2 && P <= 16 && (P & (P - 1)) == 0, "P: 2, 4, 8 or 16 lanes a row");
   static_assert(STAGE == 1 || STAGE == 2, "X staged as fp32 (1) or 16-bit (2)");
   extern __shared__ __align__(16) unsigned char drp_x[];  // X, all K columns
@@ -2390,19 +2417,19 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
       if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
     }
-  pdl_wait();  // X, Y and every write after the previous kernel
-  const float yv = resid && writer ? to_float<BF16>(y[row]) : 0.f;
+  chain_wait(chain_ctr, chain_target);  // X, Y and every write after the previous kernel
+  const float yv = resid && writer ? to_float<BF16>(__ldcg(y + row)) : 0.f;
   // all of X staged, 4 loads a thread in flight; RMSNorm's sum of squares of the raw values on the way, X times the
   // norm's weight rounded to the dtype once.  LayerNorm: X staged raw with its sums shifted by x[0] on the way
   float q = 0.f, q2 = 0.f;
-  const float c0 = ln ? to_float<BF16>(__ldg(x)) : 0.f;
+  const float c0 = ln ? to_float<BF16>(__ldcg(x)) : 0.f;  // (X: written by a kernel that may still run: not __ldg)
   const int units = K >> 3;
   for (int u0 = threadIdx.x; u0 < units; u0 += 4 * NT) {
     uint4 r[4], g[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       if (u0 + NT * i < units) {
-        r[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
+        r[i] = __ldcg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
         if (rms) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + u0 + NT * i);
       }
 #pragma unroll
@@ -2468,11 +2495,13 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
 #define DR_PARTS_ARGS                                                                                          \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
       const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps, int K, int slices,     \
-      const u16 *__restrict__ colbias
+      const u16 *__restrict__ colbias, unsigned *chain_ctr, unsigned chain_target
 #define INSTANTIATE_DR_PARTS(NAME, BF16, P, STAGE)                                                             \
   extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS)                                  \
       delta_rows_parts_##NAME##_p##P##_s##STAGE(DR_PARTS_ARGS) {                                              \
-    delta_rows_parts_body<BF16, P, STAGE>(data, offsets, x, y, bias, mode, colscale, eps, K, slices, colbias); \
+    delta_rows_parts_body<BF16, P, STAGE>(data, offsets, x, y, bias, mode, colscale, eps, K, slices, colbias,   \
+                                          chain_ctr, chain_target);                                           \
+    chain_count(chain_ctr);                                                                                   \
   }
 #define INSTANTIATE_DR_PARTS_P(NAME, BF16, P) \
   INSTANTIATE_DR_PARTS(NAME, BF16, P, 1)      \
@@ -2842,6 +2871,8 @@ struct DecodeAttn {
   int heads, kv_heads, slots, S, splits;
   float scale;
   int cluster;  // 1: launched as clusters of the splits blocks of a (sequence, kv head, head group): they combine there
+  const unsigned* chain_ctr;  // the counter chain (chain_wait), or null
+  unsigned chain_target;
 };
 
 // Thread-block clusters (sm_90): the address of a variable of this block's shared memory in block `rank` of the
@@ -2920,7 +2951,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     for (int c = 0; c < HALF / 8; ++c)
       kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
-  pdl_wait();
+  chain_wait(a.chain_ctr, a.chain_target);
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
   const u16* vnew = a.v_new + b * a.v_b + kvh * D;
   const u16* cs = a.cos ? a.cos + b * a.cs_b : nullptr;
@@ -2930,17 +2961,18 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   // the RoPE tables.  So the block pays one memory latency before it computes.
   const long long slot64 = *a.slot;
   const u16 mraw = s < a.S && a.mask ? a.mask[b * a.mask_b + s] : (u16)0;
-  const uint4 vn = *reinterpret_cast<const uint4*>(vnew + 8 * cg);
+  // (q, k_new, v_new by __ldcg: written by the kernel before, which, chained, may still be running; see chain_wait)
+  const uint4 vn = __ldcg(reinterpret_cast<const uint4*>(vnew + 8 * cg));
   u16 qx[QPT], qp[QPT];
 #pragma unroll
   for (int j = 0; j < QPT; ++j) {
     const int h = (tid + DA_THREADS * j) / D;
     const u16* qh = a.q + b * a.q_b + (long long)(kvh * rep + h0 + min(h, nh - 1)) * D;
-    qx[j] = qh[d];
-    qp[j] = cs ? qh[dp] : (u16)0;
+    qx[j] = __ldcg(qh + d);
+    qp[j] = cs ? __ldcg(qh + dp) : (u16)0;
   }
   const bool kt = tid < D;  // the threads that rotate the new key, one column each
-  const u16 kx = kt ? knew[d] : (u16)0, kp = kt && cs ? knew[dp] : (u16)0;
+  const u16 kx = kt ? __ldcg(knew + d) : (u16)0, kp = kt && cs ? __ldcg(knew + dp) : (u16)0;
   const u16 cd = cs ? cs[d] : (u16)0, sd = cs ? sn[d] : (u16)0;
 
   const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
@@ -3187,12 +3219,13 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
       u16 *out, float *ws, int *tickets, const u16 *cos, const u16 *sin, long long q_b, long long k_b,          \
       long long v_b, long long mask_b, long long cs_b, int heads, int kv_heads, int slots, int S, int splits,   \
-      float scale, int cluster
+      float scale, int cluster, unsigned *chain_ctr, unsigned chain_target
 #define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, cos, sin, q_b, k_b, v_b, mask_b, cs_b,  \
-                   heads, kv_heads, slots, S, splits, scale, cluster}
+                   heads, kv_heads, slots, S, splits, scale, cluster, chain_ctr, chain_target}
 #define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
     decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \
+    chain_count(chain_ctr);                                                                               \
   }
 INSTANTIATE_DA(f16, false, 64)
 INSTANTIATE_DA(f16, false, 128)

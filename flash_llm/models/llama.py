@@ -227,6 +227,17 @@ class LlamaDecoderLayer(nn.Module):
         return x
 
 
+def _counter_chain(x: torch.Tensor):
+    """:func:`flash_llm.kernels.counter_chain` on ``x``'s device (a no-op context off CUDA)."""
+    if not x.is_cuda:
+        import contextlib
+
+        return contextlib.nullcontext(False)
+    from .. import kernels
+
+    return kernels.counter_chain(x.device)
+
+
 _FUSES: dict[tuple, bool] = {}
 
 
@@ -268,14 +279,15 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(x, attend.positions)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
-            for layer in self.layers:
-                sparse = layer.sparse_projections(x)
-                if sparse is None:
-                    x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
-                    continue
-                if delta is not None:
-                    x, delta = x + delta, None
-                x = layer.forward_one_token(x, cos, sin, attend, sparse)
+            with _counter_chain(x):  # (FLASH_LLM_COUNTER_WAIT: the one-token layers' kernels wait by a counter)
+                for layer in self.layers:
+                    sparse = layer.sparse_projections(x)
+                    if sparse is None:
+                        x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
+                        continue
+                    if delta is not None:
+                        x, delta = x + delta, None
+                    x = layer.forward_one_token(x, cos, sin, attend, sparse)
             if delta is None:
                 return _fused.op("rms_norm", True)(x, self.norm.weight, self.norm.eps)
             return _fused.op("add_rms_norm", True)(x, delta, self.norm.weight, self.norm.eps)[1]
