@@ -2418,18 +2418,22 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
     }
   chain_wait(chain_ctr, chain_target);  // X, Y and every write after the previous kernel
-  const float yv = resid && writer ? to_float<BF16>(__ldcg(y + row)) : 0.f;
+  const float yv = resid && writer ? to_float<BF16>(y[row]) : 0.f;
   // all of X staged, 4 loads a thread in flight; RMSNorm's sum of squares of the raw values on the way, X times the
   // norm's weight rounded to the dtype once.  LayerNorm: X staged raw with its sums shifted by x[0] on the way
   float q = 0.f, q2 = 0.f;
-  const float c0 = ln ? to_float<BF16>(__ldcg(x)) : 0.f;  // (X: written by a kernel that may still run: not __ldg)
+  // X through L2 when chained (chain_wait: the kernel that wrote it may still be running, so not by the non-coherent
+  // path, which the memory model does not order), else by __ldg as before
+  const bool chained = chain_ctr != nullptr && chain_target != CHAIN_NONE;
+  const float c0 = ln ? to_float<BF16>(chained ? __ldcg(x) : __ldg(x)) : 0.f;
   const int units = K >> 3;
   for (int u0 = threadIdx.x; u0 < units; u0 += 4 * NT) {
     uint4 r[4], g[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       if (u0 + NT * i < units) {
-        r[i] = __ldcg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
+        r[i] = chained ? __ldcg(reinterpret_cast<const uint4*>(x) + u0 + NT * i)
+                       : __ldg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
         if (rms) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + u0 + NT * i);
       }
 #pragma unroll
@@ -2961,18 +2965,17 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   // the RoPE tables.  So the block pays one memory latency before it computes.
   const long long slot64 = *a.slot;
   const u16 mraw = s < a.S && a.mask ? a.mask[b * a.mask_b + s] : (u16)0;
-  // (q, k_new, v_new by __ldcg: written by the kernel before, which, chained, may still be running; see chain_wait)
-  const uint4 vn = __ldcg(reinterpret_cast<const uint4*>(vnew + 8 * cg));
+  const uint4 vn = *reinterpret_cast<const uint4*>(vnew + 8 * cg);
   u16 qx[QPT], qp[QPT];
 #pragma unroll
   for (int j = 0; j < QPT; ++j) {
     const int h = (tid + DA_THREADS * j) / D;
     const u16* qh = a.q + b * a.q_b + (long long)(kvh * rep + h0 + min(h, nh - 1)) * D;
-    qx[j] = __ldcg(qh + d);
-    qp[j] = cs ? __ldcg(qh + dp) : (u16)0;
+    qx[j] = qh[d];
+    qp[j] = cs ? qh[dp] : (u16)0;
   }
   const bool kt = tid < D;  // the threads that rotate the new key, one column each
-  const u16 kx = kt ? __ldcg(knew + d) : (u16)0, kp = kt && cs ? __ldcg(knew + dp) : (u16)0;
+  const u16 kx = kt ? knew[d] : (u16)0, kp = kt && cs ? knew[dp] : (u16)0;
   const u16 cd = cs ? cs[d] : (u16)0, sd = cs ? sn[d] : (u16)0;
 
   const int slot = slot64 < 0 || slot64 >= a.slots ? -1 : (int)slot64;  // -1: outside the cache, nothing written
