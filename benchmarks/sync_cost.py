@@ -47,9 +47,10 @@ __device__ __forceinline__ void add_release(unsigned* p, unsigned v) {
 }
 // thread 0 waits until *counter >= target, then the block goes on (its loads after the barrier see what the blocks
 // that counted wrote before counting)
-__device__ __forceinline__ void block_wait(const unsigned* counter, unsigned target) {
+__device__ __forceinline__ void block_wait(const unsigned* counter, unsigned target, unsigned sleep_ns) {
   if (threadIdx.x == 0)
-    while (ld_acquire(counter) < target) __nanosleep(32);
+    while (ld_acquire(counter) < target)
+      if (sleep_ns) __nanosleep(sleep_ns);
   __syncthreads();
 }
 // every thread's writes of the block done, then one count for the block
@@ -74,17 +75,18 @@ __device__ __forceinline__ void step_work(const float* __restrict__ in, float* _
 }
 // mode 0: plain / pdl (griddepcontrol.wait; a no-op for a plain launch), mode 1: flag (wait for step's count)
 extern "C" __global__ void __launch_bounds__(128) chain_step(const float* __restrict__ in, float* __restrict__ out,
-                                                             int n, int mode, unsigned* counter, int step) {
+                                                             int n, int mode, unsigned* counter, int step,
+                                                             unsigned sleep_ns) {
   pdl_trigger();
   if (mode == 0) pdl_wait();
-  else block_wait(counter, (unsigned)step * gridDim.x);
+  else block_wait(counter, (unsigned)step * gridDim.x, sleep_ns);
   step_work(in, out, n);
   if (mode == 1) block_count(counter);
 }
 extern "C" __global__ void __launch_bounds__(128) persist(float* __restrict__ bufs, int n, int steps,
-                                                          unsigned* counter) {
+                                                          unsigned* counter, unsigned sleep_ns) {
   for (int s = 0; s < steps; ++s) {
-    if (s) block_wait(counter, (unsigned)s * gridDim.x);
+    if (s) block_wait(counter, (unsigned)s * gridDim.x, sleep_ns);
     step_work(bufs + (s & 1) * n, bufs + ((s + 1) & 1) * n, n);
     block_count(counter);
   }
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grids", default="132,264,528", help="blocks a step (128 threads each)")
     ap.add_argument("--n", type=int, default=4096, help="floats every block reads a step (a multiple of 4)")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--sleeps", default="20,200", help="ns the polling thread sleeps between loads of the counter "
+                    "(flag and persist columns, one pair each; 0: no sleep; the engine's chain_wait sleeps 20)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sync_cost.py needs a CUDA device")
@@ -120,36 +124,41 @@ def main(argv=None) -> int:
     bufs = torch.randn(2 * a.n, device="cuda")
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
 
-    def chain(grid: int, mode: str):
+    U = __import__("ctypes").c_uint
+
+    def chain(grid: int, mode: str, sleep: int = 0):
         def run():
             counter.zero_()
             stream = torch.cuda.current_stream().cuda_stream
             for s in range(a.steps):
                 args = [(bufs.data_ptr() + 4 * a.n * (s & 1), P), (bufs.data_ptr() + 4 * a.n * ((s + 1) & 1), P),
-                        (a.n, I), (int(mode == "flag"), I), (counter.data_ptr(), P), (s, I)]
+                        (a.n, I), (int(mode == "flag"), I), (counter.data_ptr(), P), (s, I), (sleep, U)]
                 # (the first step plainly: it must not start before the counter's reset)
                 launch_function(fn["chain_step"], "chain_step", (grid, 1, 1), 128, args, stream, dev,
                                 pdl=mode != "plain" and s > 0)
         return run
 
-    def persist(grid: int):
+    def persist(grid: int, sleep: int):
         def run():
             counter.zero_()
             launch_function(fn["persist"], "persist", (grid, 1, 1), 128,
-                            [(bufs.data_ptr(), P), (a.n, I), (a.steps, I), (counter.data_ptr(), P)],
+                            [(bufs.data_ptr(), P), (a.n, I), (a.steps, I), (counter.data_ptr(), P), (sleep, U)],
                             torch.cuda.current_stream().cuda_stream, dev)
         return run
 
     resident = sms * _check_cu(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn["persist"], 128, 0), "occupancy")
     print(f"{torch.cuda.get_device_name(dev)}, {sms} SMs; {a.steps} dependent steps a graph, {a.n} floats read by every "
           f"block a step; us a step (median of {a.replays} replays)")
-    print(f"{'blocks':>7} {'plain':>8} {'pdl':>8} {'flag':>8} {'persist':>8}")
+    sleeps = [int(x) for x in a.sleeps.split(",")]
+    heads = ["plain", "pdl"] + [f"flag/{z}" for z in sleeps] + [f"persist/{z}" for z in sleeps]
+    print(f"{'blocks':>7} " + " ".join(f"{h:>11}" for h in heads) + "   (flag / persist: ns slept between polls)")
     for grid in (int(g) for g in a.grids.split(",")):
-        row = [time_calls([chain(grid, m)], replays=a.replays) / a.steps * 1e6 for m in ("plain", "pdl", "flag")]
+        row = [time_calls([chain(grid, m)], replays=a.replays) / a.steps * 1e6 for m in ("plain", "pdl")]
+        row += [time_calls([chain(grid, "flag", z)], replays=a.replays) / a.steps * 1e6 for z in sleeps]
         # (every block of the persistent grid must be resident, or its barrier never opens)
-        row.append(time_calls([persist(grid)], replays=a.replays) / a.steps * 1e6 if grid <= resident
-                   else float("nan"))
-        print(f"{grid:>7} " + " ".join(f"{t:8.2f}" for t in row))
+        row += [time_calls([persist(grid, z)], replays=a.replays) / a.steps * 1e6 if grid <= resident
+                else float("nan") for z in sleeps]
+        print(f"{grid:>7} " + " ".join(f"{t:11.2f}" for t in row))
     return 0
 
 
