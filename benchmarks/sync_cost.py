@@ -49,8 +49,10 @@ __device__ __forceinline__ void add_release(unsigned* p, unsigned v) {
 // that counted wrote before counting)
 __device__ __forceinline__ void block_wait(const unsigned* counter, unsigned target, unsigned sleep_ns) {
   if (threadIdx.x == 0)
-    while (ld_acquire(counter) < target)
+    for (unsigned polls = 0; ld_acquire(counter) < target; ++polls) {
+      if (polls == (1u << 24)) __trap();  // (seconds: a bug, not a wait)
       if (sleep_ns) __nanosleep(sleep_ns);
+    }
   __syncthreads();
 }
 // every thread's writes of the block done, then one count for the block

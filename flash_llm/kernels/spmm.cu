@@ -673,10 +673,11 @@ DEVI void chain_wait(const unsigned* ctr, unsigned target) {
     return;
   }
   if (threadIdx.x == 0)
-    for (;;) {
+    for (unsigned polls = 0;; ++polls) {
       unsigned v;
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
       if (v >= target) break;
+      if (polls == (1u << 22)) __trap();  // seconds without the count: a broken chain fails the launch, never hangs
       __nanosleep(20);
     }
   __syncthreads();
