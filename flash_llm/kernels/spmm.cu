@@ -672,7 +672,7 @@ DEVI void chain_wait(const unsigned* ctr, unsigned target) {
     pdl_wait();
     return;
   }
-  if (threadIdx.x == 0)
+  if (threadIdx.x == 0) {
     for (unsigned polls = 0;; ++polls) {
       unsigned v;
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
@@ -680,6 +680,8 @@ DEVI void chain_wait(const unsigned* ctr, unsigned target) {
       if (polls == (1u << 22)) __trap();  // seconds without the count: a broken chain fails the launch, never hangs
       __nanosleep(20);
     }
+    __threadfence();  // (as cooperative groups' grid barrier does before its block barrier)
+  }
   __syncthreads();
 }
 DEVI void chain_count(unsigned* ctr) {
