@@ -648,8 +648,10 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (ws.data_ptr(), P), (tickets.data_ptr(), P), (s, I),
             (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P), (eps, ctypes.c_float), (k, I),
-            (slices, I), (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
+            (slices, I), (ln_bias.data_ptr() if ln_bias is not None else 0, P)]
+           + _chain_args(ceil_div(slices, DR_WARPS) * s, stream),
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
+    _chain_launched(stream)
     return y
 
 
@@ -708,9 +710,9 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
 
 
 #: ``FLASH_LLM_COUNTER_WAIT=1`` (opt-in; session 44, not yet measured on a GPU): inside :func:`counter_chain` (the
-#: one-token Llama layers of a captured decode step), a DeltaRows parts kernel or the decode attention launched right
-#: after another of them waits for a counter the blocks of the chain's kernels bump when done, instead of in
-#: ``griddepcontrol.wait`` for the kernel before to complete (``chain_wait`` in spmm.cu)
+#: one-token Llama and OPT layers of a captured decode step), a DeltaRows N = 1 kernel (either layout) or the decode
+#: attention launched right after another of them waits for a counter the blocks of the chain's kernels bump when done,
+#: instead of in ``griddepcontrol.wait`` for the kernel before to complete (``chain_wait`` in spmm.cu)
 COUNTER_WAIT = os.environ.get("FLASH_LLM_COUNTER_WAIT", "0") == "1"
 CHAIN_NONE = 0xFFFFFFFF  # spmm.cu's CHAIN_NONE: wait in griddepcontrol.wait
 _chain = threading.local()
@@ -739,7 +741,7 @@ def _frontier(stream: int) -> tuple | None:
 
 @contextlib.contextmanager
 def counter_chain(device: torch.device):
-    """Let the DeltaRows parts kernels and the decode attention launched inside wait for each other by a counter
+    """Let the DeltaRows N = 1 kernels and the decode attention launched inside wait for each other by a counter
     (:data:`COUNTER_WAIT`; sm_90, under :func:`static_weights`, while a CUDA graph is captured on the current stream;
     else nothing changes).  A launch is chained only when the capture shows it depends on the last chained launch
     alone: anything captured in between (a PyTorch kernel, a copy) puts the next one back on ``griddepcontrol.wait``.

@@ -2032,13 +2032,14 @@ struct DrNorm {
   const u16* gb;    // LayerNorm's bias, or null
   float mu, rstd;   // LayerNorm: X's mean and 1 / sqrt(var + eps)
   bool ln;
+  bool cg = false;  // X read through L2 (__ldcg), not by __ldg: a chained launch (chain_wait)
 };
 
 // X's column i (of the window) as the kernel multiplies it: with a norm, rounded to the dtype once (RMSNorm: x g;
 // LayerNorm: (x - mu) rstd g + b)
 template <bool BF16>
 DEVI float dr_x(const u16* xg, const DrNorm& nm, u32 i) {
-  const float v = to_float<BF16>(__ldg(xg + i));
+  const float v = to_float<BF16>(nm.cg ? __ldcg(xg + i) : __ldg(xg + i));
   if (!nm.gs) return v;
   const float g = to_float<BF16>(__ldg(nm.gs + i));
   if (nm.ln) {
@@ -2131,7 +2132,8 @@ template <bool BF16>
 DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
                              int* __restrict__ tickets, int S, int vec, int mode, const u16* __restrict__ colscale,
-                             float eps, int K, int slices, const u16* __restrict__ colbias) {
+                             float eps, int K, int slices, const u16* __restrict__ colbias,
+                             const unsigned* chain_ctr = nullptr, unsigned chain_target = CHAIN_NONE) {
   __shared__ __align__(16) float xs[DR_WMAX];
   __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING * 640];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
@@ -2183,7 +2185,11 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       if (nm.gb) asm volatile("prefetch.global.L2 [%0];" ::"l"(nm.gb + c));
     }
   }
-  pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
+  chain_wait(chain_ctr, chain_target);  // X and every global write come after the previous kernel
+  // chained, X through L2 (the kernel that wrote it may still be running: not by the non-coherent path)
+  const bool chained = chain_ctr != nullptr && chain_target != CHAIN_NONE;
+  nm.cg = chained;
+  auto ldx = [&](const uint4* p) { return chained ? __ldcg(p) : __ldg(p); };
   const int mp = slices * 32;
   float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
   // DR_RMS: split s's share of sum(x^2) over K, by the block's threads together (the same for every slice), their
@@ -2196,13 +2202,13 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
     for (int i = 0; i < 2; ++i)
       if (u0 + (int)threadIdx.x + NT * i < u1)
-        qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i);
+        qv[i] = ldx(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i);
   }
   // DR_LN: X's sum and sum of squares over all K (each block: its walk needs the mean and the deviation), about x[0]
   // (shifted sums: less cancellation in var = E[d^2] - E[d]^2), 4 loads a thread in flight
   float lsum = 0.f, lsq = 0.f, c0 = 0.f;
   if (ln) {
-    c0 = to_float<BF16>(__ldg(x));
+    c0 = to_float<BF16>(chained ? __ldcg(x) : __ldg(x));
     auto acc8 = [&](const uint4& r) {
       const u32 rw[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
@@ -2221,7 +2227,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
         uint4 r[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          if (u + NT * i < units) r[i] = __ldg(reinterpret_cast<const uint4*>(x) + u + NT * i);
+          if (u + NT * i < units) r[i] = ldx(reinterpret_cast<const uint4*>(x) + u + NT * i);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
           if (u + NT * i < units) acc8(r[i]);
@@ -2240,7 +2246,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   if (stage == 2) {  // X[a0 + c .. + 7] (x colscale, rounded to the dtype) -> xs16[c .. + 7], the dtype's bits
     u16* xs16 = reinterpret_cast<u16*>(xs);
     for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {
-      uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
+      uint4 r = ldx(reinterpret_cast<const uint4*>(x + a0 + c));
       if (rms) {
         float f[8], e[8];
         unpack8<BF16>(r, f);
@@ -2257,7 +2263,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       const int c = 8 * threadIdx.x + 256 * DR_WARPS * i;
       if (c >= w) break;
       float f[8];
-      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(x + a0 + c)), f);
+      unpack8<BF16>(ldx(reinterpret_cast<const uint4*>(x + a0 + c)), f);
       if (rms) {
         float e[8];
         unpack8<BF16>(gv[i], e);
@@ -2288,7 +2294,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
       for (int i = 0; i < 2; ++i)
         if (u0 + (int)threadIdx.x + NT * i < u1) sq(qv[i]);
-      for (int u = u0 + threadIdx.x + 2 * NT; u < u1; u += NT) sq(__ldg(reinterpret_cast<const uint4*>(x) + u));
+      for (int u = u0 + threadIdx.x + 2 * NT; u < u1; u += NT) sq(ldx(reinterpret_cast<const uint4*>(x) + u));
     } else {
       const int c0 = (int)((long long)s * K / S), c1 = (int)((long long)(s + 1) * K / S);
       for (int c = c0 + threadIdx.x; c < c1; c += NT) {
@@ -2361,11 +2367,13 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #define DR_ARGS                                                                                                \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
       const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets, int S, int vec, int mode,  \
-      const u16 *__restrict__ colscale, float eps, int K, int slices, const u16 *__restrict__ colbias
+      const u16 *__restrict__ colscale, float eps, int K, int slices, const u16 *__restrict__ colbias,            \
+      unsigned *chain_ctr, unsigned chain_target
 #define INSTANTIATE_DR(NAME, BF16)                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS) delta_rows_spmm_##NAME##_n1(DR_ARGS) { \
     delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices,  \
-                             colbias);                                                                   \
+                             colbias, chain_ctr, chain_target);                                          \
+    chain_count(chain_ctr);                                                                              \
   }
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)

@@ -22,7 +22,7 @@ from . import _fused
 from .. import ops
 from ..ops import spmm_silu_mul
 from ._merge import project, sparse_gate_up, sparse_layer
-from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
+from ._common import Attend, CausalLM, attention, counter_chain, decode_attention, use_decode_attention
 from .config import ModelConfig
 
 #: ``FLASH_LLM_FUSE_NORMS=0``: the fused model never runs :meth:`LlamaDecoderLayer.forward_one_token` (the RMSNorms
@@ -227,17 +227,6 @@ class LlamaDecoderLayer(nn.Module):
         return x
 
 
-def _counter_chain(x: torch.Tensor):
-    """:func:`flash_llm.kernels.counter_chain` on ``x``'s device (a no-op context off CUDA)."""
-    if not x.is_cuda:
-        import contextlib
-
-        return contextlib.nullcontext(False)
-    from .. import kernels
-
-    return kernels.counter_chain(x.device)
-
-
 _FUSES: dict[tuple, bool] = {}
 
 
@@ -279,7 +268,7 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(x, attend.positions)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
-            with _counter_chain(x):  # (FLASH_LLM_COUNTER_WAIT: the one-token layers' kernels wait by a counter)
+            with counter_chain(x):  # (FLASH_LLM_COUNTER_WAIT: the one-token layers' kernels wait by a counter)
                 for layer in self.layers:
                     sparse = layer.sparse_projections(x)
                     if sparse is None:
