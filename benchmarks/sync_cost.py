@@ -25,6 +25,7 @@ column.  fp32 buffers; nothing here is part of the library.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 from pathlib import Path
 
@@ -122,11 +123,9 @@ def main(argv=None) -> int:
     module = _check_cu(drv.cuModuleLoadData(compiled.cubin), "cuModuleLoadData")
     fn = {k: _check_cu(drv.cuModuleGetFunction(module, k.encode()), k) for k in ("chain_step", "persist")}
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    P, I = __import__("ctypes").c_void_p, __import__("ctypes").c_int
+    P, I, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
     bufs = torch.randn(2 * a.n, device="cuda")
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-
-    U = __import__("ctypes").c_uint
 
     def chain(grid: int, mode: str, sleep: int = 0):
         def run():

@@ -715,6 +715,7 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
 #: instead of in ``griddepcontrol.wait`` for the kernel before to complete (``chain_wait`` in spmm.cu)
 COUNTER_WAIT = os.environ.get("FLASH_LLM_COUNTER_WAIT", "0") == "1"
 CHAIN_NONE = 0xFFFFFFFF  # spmm.cu's CHAIN_NONE: wait in griddepcontrol.wait
+_NO_CHAIN = [(0, P), (CHAIN_NONE, ctypes.c_uint)]  # the chain arguments of an unchained launch
 _chain = threading.local()
 
 
@@ -730,10 +731,7 @@ def _frontier(stream: int) -> tuple | None:
     """The nodes the next operation captured on ``stream`` will depend on (their handles), or None when ``stream`` is
     not capturing (or the driver does not say)."""
     drv = _driver()
-    try:
-        r = drv.cuStreamGetCaptureInfo(drv.CUstream(stream))
-    except Exception:  # noqa: BLE001  (a binding without this call: no chains)
-        return None
+    r = drv.cuStreamGetCaptureInfo(drv.CUstream(stream))
     if int(r[0]) != 0 or int(r[1]) != int(drv.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_ACTIVE) or len(r) < 5:
         return None
     return tuple(sorted(int(d.getPtr()) if hasattr(d, "getPtr") else int(d) for d in (r[4] or ())))
@@ -764,7 +762,7 @@ def _chain_args(blocks: int, stream: int) -> list:
     """The ``chain_ctr, chain_target`` arguments of a chainable launch of ``blocks`` blocks on ``stream``."""
     st = getattr(_chain, "state", None)
     if st is None or st.stream != stream:
-        return [(0, P), (CHAIN_NONE, ctypes.c_uint)]
+        return _NO_CHAIN
     target = st.total if st.last is not None and _frontier(stream) == st.last else CHAIN_NONE
     st.total += blocks
     return [(st.ctr.data_ptr(), P), (target, ctypes.c_uint)]
@@ -1195,7 +1193,7 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32), (int(cluster), I)]
     pdl = _pdl_attention(b, kv_len)
-    args += _chain_args(b * hkv * splits * groups, stream) if pdl else [(0, P), (CHAIN_NONE, ctypes.c_uint)]
+    args += _chain_args(b * hkv * splits * groups, stream) if pdl else _NO_CHAIN
     launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args, stream, dev.index,
            pdl=pdl, cluster=(1, splits, 1) if cluster else None)
     if pdl:

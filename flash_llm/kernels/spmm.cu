@@ -666,11 +666,12 @@ DEVI void pdl_wait() {
 // to complete and flush); each block of a chained kernel counts once, last, after its writes (release; the wait is an
 // acquire).  target CHAIN_NONE (or ctr null): griddepcontrol.wait.  A chained kernel still launches programmatically,
 // so only once every block of the kernel before has started: no block can wait for one that is not resident.
+// Returns whether it waited for the counter (then what the kernel before wrote must be read through L2: ld_x).
 constexpr unsigned CHAIN_NONE = 0xffffffffu;
-DEVI void chain_wait(const unsigned* ctr, unsigned target) {
+DEVI bool chain_wait(const unsigned* ctr, unsigned target) {
   if (ctr == nullptr || target == CHAIN_NONE) {
     pdl_wait();
-    return;
+    return false;
   }
   if (threadIdx.x == 0) {
     for (unsigned polls = 0;; ++polls) {
@@ -683,6 +684,13 @@ DEVI void chain_wait(const unsigned* ctr, unsigned target) {
     __threadfence();  // (as cooperative groups' grid barrier does before its block barrier)
   }
   __syncthreads();
+  return true;
+}
+// A load of what the kernel before wrote: by __ldg, or through L2 after a chained wait (that kernel may still be
+// running, and the non-coherent path is outside the memory model's ordering)
+template <class T>
+DEVI T ld_x(const T* p, bool chained) {
+  return chained ? __ldcg(p) : __ldg(p);
 }
 DEVI void chain_count(unsigned* ctr) {
   if (ctr == nullptr) return;
@@ -2039,7 +2047,7 @@ struct DrNorm {
 // LayerNorm: (x - mu) rstd g + b)
 template <bool BF16>
 DEVI float dr_x(const u16* xg, const DrNorm& nm, u32 i) {
-  const float v = to_float<BF16>(nm.cg ? __ldcg(xg + i) : __ldg(xg + i));
+  const float v = to_float<BF16>(ld_x(xg + i, nm.cg));
   if (!nm.gs) return v;
   const float g = to_float<BF16>(__ldg(nm.gs + i));
   if (nm.ln) {
@@ -2185,11 +2193,9 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       if (nm.gb) asm volatile("prefetch.global.L2 [%0];" ::"l"(nm.gb + c));
     }
   }
-  chain_wait(chain_ctr, chain_target);  // X and every global write come after the previous kernel
-  // chained, X through L2 (the kernel that wrote it may still be running: not by the non-coherent path)
-  const bool chained = chain_ctr != nullptr && chain_target != CHAIN_NONE;
+  // X and every global write come after the previous kernel; chained, X through L2 (ld_x)
+  const bool chained = chain_wait(chain_ctr, chain_target);
   nm.cg = chained;
-  auto ldx = [&](const uint4* p) { return chained ? __ldcg(p) : __ldg(p); };
   const int mp = slices * 32;
   float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
   // DR_RMS: split s's share of sum(x^2) over K, by the block's threads together (the same for every slice), their
@@ -2202,13 +2208,13 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
     for (int i = 0; i < 2; ++i)
       if (u0 + (int)threadIdx.x + NT * i < u1)
-        qv[i] = ldx(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i);
+        qv[i] = ld_x(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i, chained);
   }
   // DR_LN: X's sum and sum of squares over all K (each block: its walk needs the mean and the deviation), about x[0]
   // (shifted sums: less cancellation in var = E[d^2] - E[d]^2), 4 loads a thread in flight
   float lsum = 0.f, lsq = 0.f, c0 = 0.f;
   if (ln) {
-    c0 = to_float<BF16>(chained ? __ldcg(x) : __ldg(x));
+    c0 = to_float<BF16>(ld_x(x, chained));
     auto acc8 = [&](const uint4& r) {
       const u32 rw[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
@@ -2227,7 +2233,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
         uint4 r[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          if (u + NT * i < units) r[i] = ldx(reinterpret_cast<const uint4*>(x) + u + NT * i);
+          if (u + NT * i < units) r[i] = ld_x(reinterpret_cast<const uint4*>(x) + u + NT * i, chained);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
           if (u + NT * i < units) acc8(r[i]);
@@ -2246,7 +2252,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   if (stage == 2) {  // X[a0 + c .. + 7] (x colscale, rounded to the dtype) -> xs16[c .. + 7], the dtype's bits
     u16* xs16 = reinterpret_cast<u16*>(xs);
     for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {
-      uint4 r = ldx(reinterpret_cast<const uint4*>(x + a0 + c));
+      uint4 r = ld_x(reinterpret_cast<const uint4*>(x + a0 + c), chained);
       if (rms) {
         float f[8], e[8];
         unpack8<BF16>(r, f);
@@ -2263,7 +2269,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       const int c = 8 * threadIdx.x + 256 * DR_WARPS * i;
       if (c >= w) break;
       float f[8];
-      unpack8<BF16>(ldx(reinterpret_cast<const uint4*>(x + a0 + c)), f);
+      unpack8<BF16>(ld_x(reinterpret_cast<const uint4*>(x + a0 + c), chained), f);
       if (rms) {
         float e[8];
         unpack8<BF16>(gv[i], e);
@@ -2294,7 +2300,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
       for (int i = 0; i < 2; ++i)
         if (u0 + (int)threadIdx.x + NT * i < u1) sq(qv[i]);
-      for (int u = u0 + threadIdx.x + 2 * NT; u < u1; u += NT) sq(ldx(reinterpret_cast<const uint4*>(x) + u));
+      for (int u = u0 + threadIdx.x + 2 * NT; u < u1; u += NT) sq(ld_x(reinterpret_cast<const uint4*>(x) + u, chained));
     } else {
       const int c0 = (int)((long long)s * K / S), c1 = (int)((long long)(s + 1) * K / S);
       for (int c = c0 + threadIdx.x; c < c1; c += NT) {
@@ -2428,23 +2434,19 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
       if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
     }
-  chain_wait(chain_ctr, chain_target);  // X, Y and every write after the previous kernel
+  const bool chained = chain_wait(chain_ctr, chain_target);  // X, Y and every write after the previous kernel
   const float yv = resid && writer ? to_float<BF16>(y[row]) : 0.f;
   // all of X staged, 4 loads a thread in flight; RMSNorm's sum of squares of the raw values on the way, X times the
   // norm's weight rounded to the dtype once.  LayerNorm: X staged raw with its sums shifted by x[0] on the way
   float q = 0.f, q2 = 0.f;
-  // X through L2 when chained (chain_wait: the kernel that wrote it may still be running, so not by the non-coherent
-  // path, which the memory model does not order), else by __ldg as before
-  const bool chained = chain_ctr != nullptr && chain_target != CHAIN_NONE;
-  const float c0 = ln ? to_float<BF16>(chained ? __ldcg(x) : __ldg(x)) : 0.f;
+  const float c0 = ln ? to_float<BF16>(ld_x(x, chained)) : 0.f;
   const int units = K >> 3;
   for (int u0 = threadIdx.x; u0 < units; u0 += 4 * NT) {
     uint4 r[4], g[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       if (u0 + NT * i < units) {
-        r[i] = chained ? __ldcg(reinterpret_cast<const uint4*>(x) + u0 + NT * i)
-                       : __ldg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
+        r[i] = ld_x(reinterpret_cast<const uint4*>(x) + u0 + NT * i, chained);
         if (rms) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + u0 + NT * i);
       }
 #pragma unroll
