@@ -118,14 +118,14 @@ def main(argv=None) -> int:
         return 1
     if a.n % 4 or a.n < 4:
         raise SystemExit(f"--n must be a positive multiple of 4, got {a.n}")
+    bufs = torch.randn(2 * a.n, device="cuda")  # (first: PyTorch makes its context current, the module loads into it)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
     compiled = compile_kernels(device_arch(dev), use_cache=False, source=SOURCE.encode())
     drv = _driver()
     module = _check_cu(drv.cuModuleLoadData(compiled.cubin), "cuModuleLoadData")
     fn = {k: _check_cu(drv.cuModuleGetFunction(module, k.encode()), k) for k in ("chain_step", "persist")}
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     P, I, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
-    bufs = torch.randn(2 * a.n, device="cuda")
-    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def chain(grid: int, mode: str, sleep: int = 0):
         def run():

@@ -402,7 +402,7 @@ def test_counter_chain_changes_no_bits(family, layout, monkeypatch):
     outs = []
     for on in (False, True):
         monkeypatch.setattr(kernels, "COUNTER_WAIT", on)
-        engine = Engine(copy.deepcopy(model), max_batch=1, max_seq=64, merge=True, fuse=True, delta_layout="keep")
+        engine = Engine(copy.deepcopy(model), max_batch=1, max_seq=64, merge=True, fuse=True)  # (auto: the layout)
         layer = (engine.model.model.layers if family == "llama" else engine.model.model.decoder.layers)[0]
         x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16, device="cuda")
         with torch.no_grad():
