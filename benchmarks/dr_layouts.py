@@ -3,7 +3,7 @@
 ``delta_rows.auto_parts``'s P, or ``--parts``), both through the library's kernels.
 
     python benchmarks/dr_layouts.py [--model llama-3-8b|opt-30b] [--sparsity 0.8] [--layers 8] [--parts qkv=8,down=8]
-                                    [--sweep] [--replays 30] [--chain]
+                                    [--sweep] [--replays 30]
 
 Why: inside the decode step's CUDA graph each split-layout launch ends in a ticket and the last warp's sum over the
 splits, 2-3.5 us a launch (session 29's graph trace, ``benchmarks/RESULTS.md``), 4 launches a layer; the parts
@@ -161,21 +161,6 @@ def timed(fn, layers, replays) -> float:
         return time_calls([functools.partial(fn, lay) for lay in layers], replays=replays, warmup=3) * 1e6
 
 
-def timed_chained(fn, layers, replays) -> float:
-    """:func:`timed` with the layers' launches waiting for each other by a counter (``kernels.counter_chain``, as
-    ``FLASH_LLM_COUNTER_WAIT=1`` does in the engine): one function runs every layer inside the chain."""
-    def all_layers():
-        with kernels.counter_chain(torch.device("cuda", torch.cuda.current_device())):
-            for lay in layers:
-                fn(lay)
-    was, kernels.COUNTER_WAIT = kernels.COUNTER_WAIT, True
-    try:
-        with kernels.static_weights():
-            return time_calls([all_layers], replays=replays, warmup=3) * 1e6 / len(layers)
-    finally:
-        kernels.COUNTER_WAIT = was
-
-
 def chain(step, kinds):
     def run(lay):
         for kind in kinds:
@@ -203,8 +188,6 @@ def main() -> None:
     ap.add_argument("--parts", default="", help="P per kind, e.g. qkv=8,down=8 (default: auto_parts)")
     ap.add_argument("--sweep", action="store_true", help="each kind alone at every other P (2, 4, 8, 16)")
     ap.add_argument("--replays", type=int, default=30)
-    ap.add_argument("--chain", action="store_true", help="also the parts layout with its launches chained by a "
-                    "counter (kernels.counter_chain), each layer's launches one chain")
     a = ap.parse_args()
     model = MODELS[a.model]
     parts = parse_parts(model, a.parts)
@@ -221,12 +204,8 @@ def main() -> None:
         for kinds in [[k] for k in names] + [names]:
             t_split = timed(chain(split_step, kinds), layers, a.replays)
             t_parts = timed(chain(parts_step, kinds), layers, a.replays)
-            line = (f"round {rnd}: {'+'.join(kinds):22s} split {t_split:7.2f} us a layer, parts {t_parts:7.2f} "
-                    f"({t_split / t_parts:.3f}x)")
-            if a.chain:
-                t_chain = timed_chained(chain(parts_step, kinds), layers, a.replays)
-                line += f", parts chained {t_chain:7.2f} ({t_parts / t_chain:.3f}x the parts)"
-            print(line)
+            print(f"round {rnd}: {'+'.join(kinds):22s} split {t_split:7.2f} us a layer, parts {t_parts:7.2f} "
+                  f"({t_split / t_parts:.3f}x)")
     if a.sweep:
         for kind, m, k, epi, *_ in model["kinds"]:
             for p in (2, 4, 8, 16):

@@ -375,52 +375,6 @@ def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros(family):
     assert err_merged <= 2 * err_dense + ULP[torch.float16] * outs[0][:, 0].abs().max().item()
 
 
-@pytest.mark.parametrize("family, layout", [("llama", "parts"), ("llama", "split"), ("opt", "split"), ("opt", "parts")])
-def test_counter_chain_changes_no_bits(family, layout, monkeypatch):
-    """``FLASH_LLM_COUNTER_WAIT``: the one-token layers (fused, merged, DeltaRows in the parts or the split layout)
-    captured in the engine's CUDA graph with their kernels waiting for each other by a counter give the same logits,
-    bit for bit, as with ``griddepcontrol.wait``; and on sm_90 some launches were chained."""
-    if layout == "parts":  # (the tiny models' rows are too short for auto_parts' parts)
-        monkeypatch.setattr(D, "PARTS_MIN_ENTRIES", 0)
-    else:
-        monkeypatch.setattr(D, "PARTS_MAX_K", 0)
-        monkeypatch.setattr(D, "PARTS_MAX_K_PLAIN", 0)
-    from test_engine_gpu import _hf, _ours, _prompts
-
-    from flash_llm import kernels
-    from flash_llm.engine import Engine
-    from flash_llm.prune import magnitude_prune_
-
-    model = _ours(_hf(family).cuda(), torch.float16)
-    magnitude_prune_(model, 0.8, filter_fn=lambda m, fqn: fqn != "lm_head")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format="delta-rows"))
-    targets = []
-    real = kernels._chain_args
-    monkeypatch.setattr(kernels, "_chain_args", lambda blocks, stream: _record(targets, real(blocks, stream)))
-    outs = []
-    for on in (False, True):
-        monkeypatch.setattr(kernels, "COUNTER_WAIT", on)
-        engine = Engine(copy.deepcopy(model), max_batch=1, max_seq=64, merge=True, fuse=True)  # (auto: the layout)
-        layer = (engine.model.model.layers if family == "llama" else engine.model.model.decoder.layers)[0]
-        x = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.float16, device="cuda")
-        with torch.no_grad():
-            sparse = layer.sparse_projections(x)
-        assert sparse is not None  # so the one-token layers run
-        parts = [p.weight.parts for p in sparse]
-        assert all(p > 1 for p in parts) if layout == "parts" else all(p == 1 for p in parts), parts
-        outs.append(engine.generate(_prompts(1, 5), 6, output_logits=True).logits)
-    assert torch.equal(outs[0], outs[1])
-    chained = [t for t in targets if t != kernels.CHAIN_NONE]
-    assert bool(chained) == kernels.sm90(0), (len(targets), len(chained))
-
-
-def _record(into: list, args: list) -> list:
-    into.append(args[1][0])
-    return args
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_delta_rows_parts_multi_token_epilogues_match_the_split_layout(dtype):
     """At 2-8 tokens the parts layout's kernel applies the bias, the residual add and SiLU x up (paired halves) itself:

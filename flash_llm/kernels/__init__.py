@@ -18,7 +18,7 @@ import torch
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
 from ..reference import apply_norm, silu_mul_halves
-from ._build import KernelBuildError, _driver, blocks_per_sm, compile_kernels, launch, sm90  # noqa: F401
+from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch, sm90  # noqa: F401
 
 WARPS = 4
 THREADS = 32 * WARPS
@@ -648,10 +648,8 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (ws.data_ptr(), P), (tickets.data_ptr(), P), (s, I),
             (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P), (eps, ctypes.c_float), (k, I),
-            (slices, I), (ln_bias.data_ptr() if ln_bias is not None else 0, P)]
-           + _chain_args(ceil_div(slices, DR_WARPS) * s, stream),
+            (slices, I), (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
-    _chain_launched(stream)
     return y
 
 
@@ -697,82 +695,15 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     scale = _aligned16(norm[0]) if norm is not None else None
     y, mode = _dr_n1_out(x, m, out, act, norm, add_to)
     stage = parts_stage(k)
-    stream, blocks = torch.cuda.current_stream(dev).cuda_stream, ceil_div(lay.slices, DR_WARPS)
-    launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}", (blocks, 1, 1),
+    launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}", (ceil_div(lay.slices, DR_WARPS), 1, 1),
            32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (mode, I), (scale.data_ptr() if scale is not None else 0, P),
             (0.0 if norm is None else float(norm[-1]), ctypes.c_float), (k, I), (lay.slices, I),
-            (ln_bias.data_ptr() if ln_bias is not None else 0, P)] + _chain_args(blocks, stream),
-           stream, dev.index, k * (4 if stage == 1 else 2), pdl=PDL_SPMM and getattr(_static, "on", False))
-    _chain_launched(stream)
+            (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
+           torch.cuda.current_stream(dev).cuda_stream, dev.index, k * (4 if stage == 1 else 2),
+           pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
-
-
-#: ``FLASH_LLM_COUNTER_WAIT=1`` (opt-in; session 44, not yet measured on a GPU): inside :func:`counter_chain` (the
-#: one-token Llama and OPT layers of a captured decode step), a DeltaRows N = 1 kernel (either layout) or the decode
-#: attention launched right after another of them waits for a counter the blocks of the chain's kernels bump when done,
-#: instead of in ``griddepcontrol.wait`` for the kernel before to complete (``chain_wait`` in spmm.cu)
-COUNTER_WAIT = os.environ.get("FLASH_LLM_COUNTER_WAIT", "0") == "1"
-CHAIN_NONE = 0xFFFFFFFF  # spmm.cu's CHAIN_NONE: wait in griddepcontrol.wait
-_NO_CHAIN = [(0, P), (CHAIN_NONE, ctypes.c_uint)]  # the chain arguments of an unchained launch
-_chain = threading.local()
-
-
-@dataclass
-class _ChainState:
-    ctr: torch.Tensor
-    stream: int
-    total: int = 0  # blocks of the chain's kernels launched so far (what the counter reaches once they are done)
-    last: tuple | None = None  # the capture's frontier right after the last chained launch
-
-
-def _frontier(stream: int) -> tuple | None:
-    """The nodes the next operation captured on ``stream`` will depend on (their handles), or None when ``stream`` is
-    not capturing (or the driver does not say)."""
-    drv = _driver()
-    r = drv.cuStreamGetCaptureInfo(drv.CUstream(stream))
-    if int(r[0]) != 0 or int(r[1]) != int(drv.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_ACTIVE) or len(r) < 5:
-        return None
-    return tuple(sorted(int(d.getPtr()) if hasattr(d, "getPtr") else int(d) for d in (r[4] or ())))
-
-
-@contextlib.contextmanager
-def counter_chain(device: torch.device):
-    """Let the DeltaRows N = 1 kernels and the decode attention launched inside wait for each other by a counter
-    (:data:`COUNTER_WAIT`; sm_90, under :func:`static_weights`, while a CUDA graph is captured on the current stream;
-    else nothing changes).  A launch is chained only when the capture shows it depends on the last chained launch
-    alone: anything captured in between (a PyTorch kernel, a copy) puts the next one back on ``griddepcontrol.wait``.
-    The counter is the graph's own (allocated in the capture, from its pool, and zeroed by it at every replay), so
-    graphs that share a pool must not replay at once, as PyTorch requires anyway.  Yields whether the chain is on."""
-    st = None
-    if COUNTER_WAIT and device.type == "cuda" and getattr(_static, "on", False) and sm90(device.index or 0):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        if _frontier(stream) is not None:
-            st = _ChainState(torch.zeros(1, dtype=torch.int32, device=device), stream)
-    prev = getattr(_chain, "state", None)
-    _chain.state = st
-    try:
-        yield st is not None
-    finally:
-        _chain.state = prev
-
-
-def _chain_args(blocks: int, stream: int) -> list:
-    """The ``chain_ctr, chain_target`` arguments of a chainable launch of ``blocks`` blocks on ``stream``."""
-    st = getattr(_chain, "state", None)
-    if st is None or st.stream != stream:
-        return _NO_CHAIN
-    target = st.total if st.last is not None and _frontier(stream) == st.last else CHAIN_NONE
-    st.total += blocks
-    return [(st.ctr.data_ptr(), P), (target, ctypes.c_uint)]
-
-
-def _chain_launched(stream: int) -> None:
-    """After a chainable launch on ``stream``: remember the capture's frontier (that launch)."""
-    st = getattr(_chain, "state", None)
-    if st is not None and st.stream == stream:
-        st.last = _frontier(stream)
 
 
 def parts_nt_window(k: int, nt: int) -> int:
@@ -1192,12 +1123,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (0 if sin is None else sin.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L),
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32), (int(cluster), I)]
-    pdl = _pdl_attention(b, kv_len)
-    args += _chain_args(b * hkv * splits * groups, stream) if pdl else _NO_CHAIN
     launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args, stream, dev.index,
-           pdl=pdl, cluster=(1, splits, 1) if cluster else None)
-    if pdl:
-        _chain_launched(stream)
+           pdl=_pdl_attention(b, kv_len), cluster=(1, splits, 1) if cluster else None)
     return out
 
 

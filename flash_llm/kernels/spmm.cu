@@ -660,44 +660,6 @@ DEVI void pdl_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-// Counter chains (kernels.counter_chain, opt-in: FLASH_LLM_COUNTER_WAIT=1): in the batch-1 decode step captured in a
-// CUDA graph, a kernel whose launch follows a chained kernel directly waits until `*ctr` reaches `target`, the count of
-// every block of the chain's kernels before it, instead of in griddepcontrol.wait (which waits for the kernel before
-// to complete and flush); each block of a chained kernel counts once, last, after its writes (release; the wait is an
-// acquire).  target CHAIN_NONE (or ctr null): griddepcontrol.wait.  A chained kernel still launches programmatically,
-// so only once every block of the kernel before has started: no block can wait for one that is not resident.
-// Returns whether it waited for the counter (then what the kernel before wrote must be read through L2: ld_x).
-constexpr unsigned CHAIN_NONE = 0xffffffffu;
-DEVI bool chain_wait(const unsigned* ctr, unsigned target) {
-  if (ctr == nullptr || target == CHAIN_NONE) {
-    pdl_wait();
-    return false;
-  }
-  if (threadIdx.x == 0) {
-    for (unsigned polls = 0;; ++polls) {
-      unsigned v;
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
-      if (v >= target) break;
-      if (polls == (1u << 22)) __trap();  // seconds without the count: a broken chain fails the launch, never hangs
-      __nanosleep(20);
-    }
-    __threadfence();  // (as cooperative groups' grid barrier does before its block barrier)
-  }
-  __syncthreads();
-  return true;
-}
-// A load of what the kernel before wrote: by __ldg, or through L2 after a chained wait (that kernel may still be
-// running, and the non-coherent path is outside the memory model's ordering)
-template <class T>
-DEVI T ld_x(const T* p, bool chained) {
-  return chained ? __ldcg(p) : __ldg(p);
-}
-DEVI void chain_count(unsigned* ctr) {
-  if (ctr == nullptr) return;
-  __syncthreads();  // every thread's writes before the count
-  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(ctr) : "memory");
-}
-
 // Asks L2 for `bytes` (a multiple of 16) from the 16-byte aligned `src` (sm_90 bulk prefetch; nothing before sm_90).
 DEVI void l2_prefetch(const void* src, u32 bytes) {
 #if __CUDA_ARCH__ >= 900
@@ -2040,14 +2002,13 @@ struct DrNorm {
   const u16* gb;    // LayerNorm's bias, or null
   float mu, rstd;   // LayerNorm: X's mean and 1 / sqrt(var + eps)
   bool ln;
-  bool cg = false;  // X read through L2 (__ldcg), not by __ldg: a chained launch (chain_wait)
 };
 
 // X's column i (of the window) as the kernel multiplies it: with a norm, rounded to the dtype once (RMSNorm: x g;
 // LayerNorm: (x - mu) rstd g + b)
 template <bool BF16>
 DEVI float dr_x(const u16* xg, const DrNorm& nm, u32 i) {
-  const float v = to_float<BF16>(ld_x(xg + i, nm.cg));
+  const float v = to_float<BF16>(__ldg(xg + i));
   if (!nm.gs) return v;
   const float g = to_float<BF16>(__ldg(nm.gs + i));
   if (nm.ln) {
@@ -2140,8 +2101,7 @@ template <bool BF16>
 DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
                              int* __restrict__ tickets, int S, int vec, int mode, const u16* __restrict__ colscale,
-                             float eps, int K, int slices, const u16* __restrict__ colbias,
-                             const unsigned* chain_ctr = nullptr, unsigned chain_target = CHAIN_NONE) {
+                             float eps, int K, int slices, const u16* __restrict__ colbias) {
   __shared__ __align__(16) float xs[DR_WMAX];
   __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING * 640];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
@@ -2193,9 +2153,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       if (nm.gb) asm volatile("prefetch.global.L2 [%0];" ::"l"(nm.gb + c));
     }
   }
-  // X and every global write come after the previous kernel; chained, X through L2 (ld_x)
-  const bool chained = chain_wait(chain_ctr, chain_target);
-  nm.cg = chained;
+  pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const int mp = slices * 32;
   float* ssq_ws = ws + (long long)S * mp;  // DR_RMS: [slice][s]
   // DR_RMS: split s's share of sum(x^2) over K, by the block's threads together (the same for every slice), their
@@ -2208,13 +2166,13 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
     for (int i = 0; i < 2; ++i)
       if (u0 + (int)threadIdx.x + NT * i < u1)
-        qv[i] = ld_x(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i, chained);
+        qv[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + threadIdx.x + NT * i);
   }
   // DR_LN: X's sum and sum of squares over all K (each block: its walk needs the mean and the deviation), about x[0]
   // (shifted sums: less cancellation in var = E[d^2] - E[d]^2), 4 loads a thread in flight
   float lsum = 0.f, lsq = 0.f, c0 = 0.f;
   if (ln) {
-    c0 = to_float<BF16>(ld_x(x, chained));
+    c0 = to_float<BF16>(__ldg(x));
     auto acc8 = [&](const uint4& r) {
       const u32 rw[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
@@ -2233,7 +2191,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
         uint4 r[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          if (u + NT * i < units) r[i] = ld_x(reinterpret_cast<const uint4*>(x) + u + NT * i, chained);
+          if (u + NT * i < units) r[i] = __ldg(reinterpret_cast<const uint4*>(x) + u + NT * i);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
           if (u + NT * i < units) acc8(r[i]);
@@ -2252,7 +2210,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   if (stage == 2) {  // X[a0 + c .. + 7] (x colscale, rounded to the dtype) -> xs16[c .. + 7], the dtype's bits
     u16* xs16 = reinterpret_cast<u16*>(xs);
     for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {
-      uint4 r = ld_x(reinterpret_cast<const uint4*>(x + a0 + c), chained);
+      uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
       if (rms) {
         float f[8], e[8];
         unpack8<BF16>(r, f);
@@ -2269,7 +2227,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       const int c = 8 * threadIdx.x + 256 * DR_WARPS * i;
       if (c >= w) break;
       float f[8];
-      unpack8<BF16>(ld_x(reinterpret_cast<const uint4*>(x + a0 + c), chained), f);
+      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(x + a0 + c)), f);
       if (rms) {
         float e[8];
         unpack8<BF16>(gv[i], e);
@@ -2300,7 +2258,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
       for (int i = 0; i < 2; ++i)
         if (u0 + (int)threadIdx.x + NT * i < u1) sq(qv[i]);
-      for (int u = u0 + threadIdx.x + 2 * NT; u < u1; u += NT) sq(ld_x(reinterpret_cast<const uint4*>(x) + u, chained));
+      for (int u = u0 + threadIdx.x + 2 * NT; u < u1; u += NT) sq(__ldg(reinterpret_cast<const uint4*>(x) + u));
     } else {
       const int c0 = (int)((long long)s * K / S), c1 = (int)((long long)(s + 1) * K / S);
       for (int c = c0 + threadIdx.x; c < c1; c += NT) {
@@ -2373,13 +2331,11 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #define DR_ARGS                                                                                                \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
       const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets, int S, int vec, int mode,  \
-      const u16 *__restrict__ colscale, float eps, int K, int slices, const u16 *__restrict__ colbias,            \
-      unsigned *chain_ctr, unsigned chain_target
+      const u16 *__restrict__ colscale, float eps, int K, int slices, const u16 *__restrict__ colbias
 #define INSTANTIATE_DR(NAME, BF16)                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS) delta_rows_spmm_##NAME##_n1(DR_ARGS) { \
     delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices,  \
-                             colbias, chain_ctr, chain_target);                                          \
-    chain_count(chain_ctr);                                                                              \
+                             colbias);                                                                   \
   }
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)
@@ -2402,7 +2358,7 @@ template <bool BF16, int P, int STAGE>
 DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restrict__ offsets,
                                 const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias, int mode,
                                 const u16* __restrict__ colscale, float eps, int K, int slices,
-                                const u16* __restrict__ colbias, const unsigned* chain_ctr, unsigned chain_target) {
+                                const u16* __restrict__ colbias) {
   static_assert(P >= 2 && P <= 16 && (P & (P - 1)) == 0, "P: 2, 4, 8 or 16 lanes a row");
   static_assert(STAGE == 1 || STAGE == 2, "X staged as fp32 (1) or 16-bit (2)");
   extern __shared__ __align__(16) unsigned char drp_x[];  // X, all K columns
@@ -2434,19 +2390,19 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
       if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
     }
-  const bool chained = chain_wait(chain_ctr, chain_target);  // X, Y and every write after the previous kernel
+  pdl_wait();  // X, Y and every write after the previous kernel
   const float yv = resid && writer ? to_float<BF16>(y[row]) : 0.f;
   // all of X staged, 4 loads a thread in flight; RMSNorm's sum of squares of the raw values on the way, X times the
   // norm's weight rounded to the dtype once.  LayerNorm: X staged raw with its sums shifted by x[0] on the way
   float q = 0.f, q2 = 0.f;
-  const float c0 = ln ? to_float<BF16>(ld_x(x, chained)) : 0.f;
+  const float c0 = ln ? to_float<BF16>(__ldg(x)) : 0.f;
   const int units = K >> 3;
   for (int u0 = threadIdx.x; u0 < units; u0 += 4 * NT) {
     uint4 r[4], g[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       if (u0 + NT * i < units) {
-        r[i] = ld_x(reinterpret_cast<const uint4*>(x) + u0 + NT * i, chained);
+        r[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
         if (rms) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + u0 + NT * i);
       }
 #pragma unroll
@@ -2512,13 +2468,11 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
 #define DR_PARTS_ARGS                                                                                          \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
       const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps, int K, int slices,     \
-      const u16 *__restrict__ colbias, unsigned *chain_ctr, unsigned chain_target
+      const u16 *__restrict__ colbias
 #define INSTANTIATE_DR_PARTS(NAME, BF16, P, STAGE)                                                             \
   extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS)                                  \
       delta_rows_parts_##NAME##_p##P##_s##STAGE(DR_PARTS_ARGS) {                                              \
-    delta_rows_parts_body<BF16, P, STAGE>(data, offsets, x, y, bias, mode, colscale, eps, K, slices, colbias,   \
-                                          chain_ctr, chain_target);                                           \
-    chain_count(chain_ctr);                                                                                   \
+    delta_rows_parts_body<BF16, P, STAGE>(data, offsets, x, y, bias, mode, colscale, eps, K, slices, colbias); \
   }
 #define INSTANTIATE_DR_PARTS_P(NAME, BF16, P) \
   INSTANTIATE_DR_PARTS(NAME, BF16, P, 1)      \
@@ -2888,8 +2842,6 @@ struct DecodeAttn {
   int heads, kv_heads, slots, S, splits;
   float scale;
   int cluster;  // 1: launched as clusters of the splits blocks of a (sequence, kv head, head group): they combine there
-  const unsigned* chain_ctr;  // the counter chain (chain_wait), or null
-  unsigned chain_target;
 };
 
 // Thread-block clusters (sm_90): the address of a variable of this block's shared memory in block `rank` of the
@@ -2968,7 +2920,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     for (int c = 0; c < HALF / 8; ++c)
       kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
-  chain_wait(a.chain_ctr, a.chain_target);
+  pdl_wait();
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
   const u16* vnew = a.v_new + b * a.v_b + kvh * D;
   const u16* cs = a.cos ? a.cos + b * a.cs_b : nullptr;
@@ -3235,13 +3187,12 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
       u16 *out, float *ws, int *tickets, const u16 *cos, const u16 *sin, long long q_b, long long k_b,          \
       long long v_b, long long mask_b, long long cs_b, int heads, int kv_heads, int slots, int S, int splits,   \
-      float scale, int cluster, unsigned *chain_ctr, unsigned chain_target
+      float scale, int cluster
 #define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, cos, sin, q_b, k_b, v_b, mask_b, cs_b,  \
-                   heads, kv_heads, slots, S, splits, scale, cluster, chain_ctr, chain_target}
+                   heads, kv_heads, slots, S, splits, scale, cluster}
 #define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
     decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \
-    chain_count(chain_ctr);                                                                               \
   }
 INSTANTIATE_DA(f16, false, 64)
 INSTANTIATE_DA(f16, false, 128)

@@ -157,18 +157,6 @@ DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "auto")
 DECODE_ATTENTION_MAX_WORK = 32768
 
 
-def counter_chain(x: torch.Tensor):
-    """:func:`flash_llm.kernels.counter_chain` on ``x``'s device, around a fused model's one-token layers (a no-op
-    context off CUDA)."""
-    if not x.is_cuda:
-        import contextlib
-
-        return contextlib.nullcontext(False)
-    from .. import kernels
-
-    return kernels.counter_chain(x.device)
-
-
 def use_decode_attention(q: torch.Tensor, attend: Attend) -> bool:
     """Whether this forward's attention may go through :func:`decode_attention`'s kernel: a cached decode step (one
     query token) on a CUDA device, and :data:`DECODE_ATTENTION` ``"1"``, or ``"auto"`` with batch x ``kv_len`` at

@@ -22,7 +22,7 @@ from . import _fused
 from .. import ops
 from ..ops import spmm_silu_mul
 from ._merge import project, sparse_gate_up, sparse_layer
-from ._common import Attend, CausalLM, attention, counter_chain, decode_attention, use_decode_attention
+from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
 from .config import ModelConfig
 
 #: ``FLASH_LLM_FUSE_NORMS=0``: the fused model never runs :meth:`LlamaDecoderLayer.forward_one_token` (the RMSNorms
@@ -268,15 +268,14 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(x, attend.positions)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
-            with counter_chain(x):  # (FLASH_LLM_COUNTER_WAIT: the one-token layers' kernels wait by a counter)
-                for layer in self.layers:
-                    sparse = layer.sparse_projections(x)
-                    if sparse is None:
-                        x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
-                        continue
-                    if delta is not None:
-                        x, delta = x + delta, None
-                    x = layer.forward_one_token(x, cos, sin, attend, sparse)
+            for layer in self.layers:
+                sparse = layer.sparse_projections(x)
+                if sparse is None:
+                    x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
+                    continue
+                if delta is not None:
+                    x, delta = x + delta, None
+                x = layer.forward_one_token(x, cos, sin, attend, sparse)
             if delta is None:
                 return _fused.op("rms_norm", True)(x, self.norm.weight, self.norm.eps)
             return _fused.op("add_rms_norm", True)(x, delta, self.norm.weight, self.norm.eps)[1]

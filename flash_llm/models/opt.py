@@ -17,7 +17,7 @@ from torch import nn
 from .. import ops
 from . import _fused
 from . import llama as _llama
-from ._common import Attend, CausalLM, attention, counter_chain, decode_attention, use_decode_attention
+from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
 from ._merge import project, sparse_layer
 from .config import ModelConfig
 
@@ -204,15 +204,14 @@ class OPTDecoder(nn.Module):
         x = x + self.embed_positions(attend.positions)
         if self.fused and len(self.layers) and all(la.fused and la.do_layer_norm_before for la in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
-            with counter_chain(x):  # (FLASH_LLM_COUNTER_WAIT: the one-token layers' kernels wait by a counter)
-                for layer in self.layers:
-                    sparse = layer.sparse_projections(x)
-                    if sparse is None:
-                        x, delta = layer.forward_deferred(x, delta, attend)
-                        continue
-                    if delta is not None:
-                        x, delta = x + delta, None
-                    x = layer.forward_one_token(x, attend, sparse)
+            for layer in self.layers:
+                sparse = layer.sparse_projections(x)
+                if sparse is None:
+                    x, delta = layer.forward_deferred(x, delta, attend)
+                    continue
+                if delta is not None:
+                    x, delta = x + delta, None
+                x = layer.forward_one_token(x, attend, sparse)
             if delta is None:
                 x = x if self.final_layer_norm is None else self.final_layer_norm(x)
             elif self.final_layer_norm is not None:
