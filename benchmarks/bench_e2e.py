@@ -52,7 +52,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
-from flash_llm.engine import Engine  # noqa: E402
+from flash_llm.engine import Engine, _dense_from_delta_rows  # noqa: E402
 from flash_llm.nn import FORMAT_NAMES, SparseLinear  # noqa: E402
 from flash_llm.models import preset, unmerge_projections  # noqa: E402
 from flash_llm.models import _common  # noqa: E402
@@ -151,16 +151,21 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
         "read_bytes": bytes_read_per_step(model),  # (after the engine's merge and DeltaRows layout)
     }
     stored, formula = projection_bytes(model)  # the weights this engine ran on (the build's report is before it)
-    if formula:
-        row.update(projection_bytes=stored, formula_ratio=stored / formula, weight_bytes=_stored_bytes(model))
-        row["ran_formats"] = _ran_formats(model)
+    ran = _ran_formats(model)
+    if ran:  # (a sparse model: the weights as this engine held them)
+        row.update(weight_bytes=_stored_bytes(model), ran_formats=ran)
+    if formula:  # (none where the engine held every projection dense: 50 % sparsity from batch 4)
+        row.update(projection_bytes=stored, formula_ratio=stored / formula)
     del eng
     return row
 
 
 def _ran_formats(model) -> dict[str, int]:
-    """``{format class name: layers}`` of ``model``'s sparse layers as they stand (``Engine.use_layout`` first)."""
-    return dict(Counter(m.weight_format.__name__ for m in model.modules() if isinstance(m, SparseLinear)))
+    """``{format class name: layers}`` of ``model``'s sparse layers as they stand (``Engine.use_layout`` first), and
+    ``"dense"``: the layers an engine holds dense in place of DeltaRows ones (``flash_llm.engine.DENSE``)."""
+    ran = Counter(m.weight_format.__name__ for m in model.modules() if isinstance(m, SparseLinear))
+    ran.update("dense" for m in model.modules() if _dense_from_delta_rows(m))
+    return dict(ran)
 
 
 def hf_twin(model):

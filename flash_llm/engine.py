@@ -153,6 +153,14 @@ DELTA_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DELTA_TCSL_MIN_BATCH", "4")
 DUAL_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DUAL_TCSL_MIN_BATCH", "3"))
 #: what a layout choice returns for "re-encode as Tiled-CSL" (else the DeltaRows lanes a row)
 TILED_CSL = "tiled-csl"
+#: ... and for "hold the weight dense" (the layer becomes an ``nn.Linear``, cuBLAS): from
+#: :data:`DELTA_TCSL_MIN_BATCH` on, where Tiled-CSL would take at least :data:`RELAYOUT_DENSE_SHARE` of the dense
+#: weight's bytes (4 bytes a nonzero: 50 % sparsity and denser), so the dense weight costs no more memory and runs
+#: faster (session 39, H200, Llama-3-8B at 50 %, batch 32: Tiled-CSL 0.88x of dense; ``bench_spmm.py``'s Tiled-CSL
+#: at 50 % 0.64-0.85x of cuBLAS at N = 8-64)
+DENSE = "dense"
+#: ``FLASH_LLM_RELAYOUT_DENSE_SHARE``: above 1, dense only where Tiled-CSL is that much larger (a large value: never)
+RELAYOUT_DENSE_SHARE = float(os.environ.get("FLASH_LLM_RELAYOUT_DENSE_SHARE", "1"))
 #: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights and the engine's cache
 RELAYOUT_MARGIN_BYTES = 1 << 30
 #: the device types on which ``delta_layout="auto"`` / ``"dual"`` re-encode (the CPU reference computes through the
@@ -170,19 +178,55 @@ def _was_delta_rows(m: torch.nn.Module) -> bool:
     DeltaRows (it remembers the pairing in ``_delta_rows_paired``)."""
     from .formats import TiledCSL
 
-    return m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is not None
+    return getattr(m, "weight_format", None) is TiledCSL and getattr(m, "_delta_rows_paired", None) is not None
+
+
+def _dense_from_delta_rows(m: torch.nn.Module) -> bool:
+    """Whether ``m`` is an ``nn.Linear`` an engine made from a DeltaRows layer (:data:`DENSE`; it remembers the
+    pairing in ``_delta_rows_paired``)."""
+    return isinstance(m, torch.nn.Linear) and getattr(m, "_delta_rows_paired", None) is not None
+
+
+def _nnz(m: torch.nn.Module) -> int:
+    """The nonzeros of a :class:`~flash_llm.SparseLinear`'s weight, or of an ``nn.Linear``'s (counted)."""
+    return m.nnz if hasattr(m, "nnz") else int(torch.count_nonzero(m.weight))
+
+
+def _weight_itemsize(m: torch.nn.Module) -> int:
+    return (m.weight_dtype if hasattr(m, "weight_dtype") else m.weight.dtype).itemsize
+
+
+def _tiled_csl_bytes(m: torch.nn.Module) -> int:
+    """The Tiled-CSL bytes of layer ``m``'s weight (its formula, with the tiles' rounding of their entries)."""
+    from .models.synthetic import tiled_csl_formula_bytes
+
+    tiles = math.ceil(m.out_features / 64) * math.ceil(m.in_features / 64)
+    return int(tiled_csl_formula_bytes(m.out_features, m.in_features, _nnz(m))) + 8 * tiles
+
+
+def _large_batch_format(m: torch.nn.Module) -> str:
+    """:data:`TILED_CSL`, or :data:`DENSE` where Tiled-CSL would take :data:`RELAYOUT_DENSE_SHARE` of the dense
+    weight's bytes or more."""
+    dense = m.out_features * m.in_features * _weight_itemsize(m)
+    return DENSE if _tiled_csl_bytes(m) >= RELAYOUT_DENSE_SHARE * dense else TILED_CSL
+
+
+def _set_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
 def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int | str],
                         progress: bool = True) -> dict[str, int | str]:
     """Re-encode, in place, every DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` (and every layer an earlier
-    call turned from DeltaRows into Tiled-CSL) whose layout differs from ``parts(layer)``: 1 for the split layout; 2,
-    4, 8, 16 for the parts layout (``docs/formats.md`` section 4b); :data:`TILED_CSL` for a Tiled-CSL weight (the
-    layer remembers it was DeltaRows, and whether its halves were paired, so a later call can turn it back).  The
-    same nonzeros and bias; one layer at a time, through its dense weight (the peak grows by one dense weight and the
-    encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more.  Returns ``{layer path: new
-    lanes a row, or TILED_CSL}`` for the layers re-encoded.  Captured CUDA graphs of the old arrays go stale:
-    :class:`Engine` notices and captures again."""
+    call turned from DeltaRows into Tiled-CSL or dense) whose layout differs from ``parts(layer)``: 1 for the split
+    layout; 2, 4, 8, 16 for the parts layout (``docs/formats.md`` section 4b); :data:`TILED_CSL` for a Tiled-CSL
+    weight; :data:`DENSE` for an ``nn.Linear`` put in the layer's place (the layer remembers it was DeltaRows, and
+    whether its halves were paired, so a later call can turn it back).  The same nonzeros and bias; one layer at a
+    time, through its dense weight (the peak grows by one dense weight and the encoder's temporaries); ``progress``: a
+    tqdm bar (stderr) when there are two or more.  Returns ``{layer path: new lanes a row, TILED_CSL or DENSE}`` for
+    the layers re-encoded.  Captured CUDA graphs of the old arrays go stale: :class:`Engine` notices and captures
+    again."""
     from tqdm import tqdm
 
     from .formats import DeltaRows, TiledCSL
@@ -190,23 +234,35 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
 
     todo = []
     for path, m in model.named_modules():
-        if not isinstance(m, SparseLinear):
+        if _dense_from_delta_rows(m):
+            now = DENSE
+        elif isinstance(m, SparseLinear) and (m.weight_format is DeltaRows or _was_delta_rows(m)):
+            now = m.weight.parts if m.weight_format is DeltaRows else TILED_CSL
+        else:
             continue
-        was_delta = _was_delta_rows(m)
-        if m.weight_format is DeltaRows or was_delta:
-            want = parts(m)
-            now = TILED_CSL if was_delta else m.weight.parts
-            if want != now:
-                todo.append((path, m, want))
+        want = parts(m)
+        if want != now:
+            todo.append((path, m, want))
     done = {}
     for path, m, want in tqdm(todo, desc="DeltaRows layout", unit="layer", file=sys.stderr, leave=False,
                               disable=not progress or len(todo) < 2, dynamic_ncols=True):
-        w = m.weight
-        paired = w.paired if m.weight_format is DeltaRows else m._delta_rows_paired
-        new = (TiledCSL.from_dense(w.to_dense()) if want == TILED_CSL
-               else DeltaRows.from_dense(w.to_dense(), pair_halves=paired, parts=int(want)))
-        m._replace_weight(new)
-        m._delta_rows_paired = paired if want == TILED_CSL else None
+        sparse = isinstance(m, SparseLinear)
+        paired = m.weight.paired if sparse and m.weight_format is DeltaRows else m._delta_rows_paired
+        if want == DENSE:
+            new = m.to_linear()
+            new.requires_grad_(False)
+        else:
+            w = m.to_dense() if sparse else m.weight.detach()
+            fmt = (TiledCSL.from_dense(w) if want == TILED_CSL
+                   else DeltaRows.from_dense(w, pair_halves=paired, parts=int(want)))
+            if sparse:
+                m._replace_weight(fmt)
+                new = m
+            else:
+                new = SparseLinear(fmt, None if m.bias is None else m.bias.detach())
+        new._delta_rows_paired = paired if want in (TILED_CSL, DENSE) else None
+        if new is not m:
+            _set_module(model, path, new)
         done[path] = want
     return done
 
@@ -260,26 +316,28 @@ def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True, p
     :func:`~flash_llm.formats.delta_rows.auto_parts` up to :data:`DELTA_PARTS_MAX_BATCH` (its N = 1 kernel needs no
     split-K; session 31, H200, Llama-3-8B at 80 %: 2.281 -> 2.061 ms per token), the split layout above (its
     multi-token kernels stage a window, not all of K: batch 2 / 4 / 8 2.94 / 3.82 / 6.36 against 3.02 / 4.45 / 9.55
-    ms), Tiled-CSL from :data:`DELTA_TCSL_MIN_BATCH` where ``tiled_csl`` (the memory is there).  ``plain``: the ids of
+    ms), Tiled-CSL from :data:`DELTA_TCSL_MIN_BATCH` where ``tiled_csl`` (the memory is there; dense where Tiled-CSL
+    would be no smaller: :func:`_large_batch_format`).  ``plain``: the ids of
     the layers whose input comes from no norm (:func:`_plain_input_layers`; ``auto_parts(normed=False)``), taken
     at ``max_batch`` 1 only (the wider K it allows loses from 2 tokens)."""
     from .formats.delta_rows import auto_parts
 
     if tiled_csl and max_batch >= DELTA_TCSL_MIN_BATCH:
-        return lambda m: TILED_CSL
+        return _large_batch_format
     if max_batch > DELTA_PARTS_MAX_BATCH:
         return lambda m: 1
     plain = plain if max_batch == 1 else frozenset()
-    return lambda m: auto_parts(m.out_features, m.in_features, m.nnz, device, normed=id(m) not in plain)
+    return lambda m: auto_parts(m.out_features, m.in_features, _nnz(m), device, normed=id(m) not in plain)
 
 
 def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int, int]:
-    """``(bytes, largest dense layer)``: how much more the model's DeltaRows weights take as Tiled-CSL (its formula;
-    0 or less: no growth), and the bytes of its largest such layer expanded to dense (the re-encoding's temporary).
-    ``copies``: the bytes of Tiled-CSL copies beside them (``delta_layout="dual"``), the layers an earlier engine
-    turned from DeltaRows into Tiled-CSL counted too (at their Tiled-CSL size: an upper bound of their DeltaRows one)."""
+    """``(bytes, largest dense layer)``: how much more the model's DeltaRows weights take as the batched engine holds
+    them (Tiled-CSL by its formula, or dense where :func:`_large_batch_format` says so; 0 or less: no growth), and the
+    bytes of its largest such layer expanded to dense (the re-encoding's temporary).  ``copies``: the bytes of
+    Tiled-CSL copies beside them (``delta_layout="dual"``, which makes no dense copies), the layers an earlier engine
+    turned from DeltaRows into Tiled-CSL counted too (at their Tiled-CSL size: an upper bound of their DeltaRows
+    one)."""
     from .formats import DeltaRows
-    from .models.synthetic import tiled_csl_formula_bytes
     from .nn import SparseLinear
 
     grow, largest = 0, 0
@@ -288,10 +346,10 @@ def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int
             continue
         was_delta = _was_delta_rows(m)
         if m.weight_format is DeltaRows or (copies and was_delta):
-            tiles = math.ceil(m.out_features / 64) * math.ceil(m.in_features / 64)
-            tcsl = int(tiled_csl_formula_bytes(m.out_features, m.in_features, m.nnz)) + 8 * tiles
-            grow += tcsl - (0 if copies else m.nbytes)
-            largest = max(largest, m.out_features * m.in_features * m.weight_dtype.itemsize)
+            dense = m.out_features * m.in_features * m.weight_dtype.itemsize
+            held = _tiled_csl_bytes(m) if copies or _large_batch_format(m) == TILED_CSL else dense
+            grow += held - (0 if copies else m.nbytes)
+            largest = max(largest, dense)
     return grow, largest
 
 
@@ -356,8 +414,9 @@ class Engine:
             within ``PARTS_MAX_K`` only (:data:`DELTA_PARTS_MAX_BATCH`), the split layout at 3 (the parts layout's
             multi-token kernels are 1.07x slower at batch 4, 1.7x at 8; session 32), and Tiled-CSL from
             :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
-            the DeltaRows bytes at 80 %; else a warning and the split layout).  A later engine at a smaller
-            ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums' order does,
+            the DeltaRows bytes at 80 %; else a warning and the split layout), or as dense ``nn.Linear`` layers
+            where Tiled-CSL would be no smaller than dense (50 % sparsity and denser: the same memory, cuBLAS's
+            speed; :data:`DENSE`).  A later engine at a smaller ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums' order does,
             within rounding).  ``"keep"`` leaves the weights as they are.  ``"dual"``: from ``max_batch``
             :data:`DUAL_TCSL_MIN_BATCH` (3) on, where the memory holds both (else a warning and ``"auto"``'s
             choice), the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the

@@ -33,10 +33,10 @@ def _ours(hm, dtype=torch.float32):
     return m.eval()
 
 
-def _delta_rows_ours(hm):
-    """Our fp16 twin of ``hm``, 70 % magnitude-pruned, its projections as DeltaRows (lm_head dense)."""
+def _delta_rows_ours(hm, sparsity: float = 0.7):
+    """Our fp16 twin of ``hm``, magnitude-pruned (70 %), its projections as DeltaRows (lm_head dense)."""
     ours = _ours(hm, torch.float16)
-    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    magnitude_prune_(ours, sparsity, filter_fn=lambda m, fqn: fqn != "lm_head")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
         flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
@@ -549,6 +549,58 @@ def test_dual_layout_swaps_the_sets_by_step_size(pair):
         tokens = math.prod(shape[:-1])
         assert fmt is (flash_llm.TiledCSL if tokens >= 2 else flash_llm.DeltaRows), (fmt, shape)
     assert {f for f, _ in seen} == {flash_llm.TiledCSL, flash_llm.DeltaRows}
+
+
+def test_batched_engine_holds_dense_where_tiled_csl_is_no_smaller(pair, monkeypatch):
+    """At 50 % sparsity Tiled-CSL (4 bytes a nonzero) is no smaller than the dense weight: an engine of max_batch
+    DELTA_TCSL_MIN_BATCH (run on the CPU as on a GPU) puts dense nn.Linear layers in the DeltaRows layers' places,
+    with the same weights and generations as an engine that keeps them (logits within rounding), counting their dense bytes for the
+    memory check; a batch-1 engine turns them back into DeltaRows (pairing kept); at 70 %, or with
+    RELAYOUT_DENSE_SHARE raised, the layers become Tiled-CSL as before."""
+    from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    ours = _delta_rows_ours(pair[0], 0.5)
+    big = E.DELTA_TCSL_MIN_BATCH
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
+    keep = Engine(copy.deepcopy(ours), max_batch=big, max_seq=32, merge=True, delta_layout="keep")
+    want = keep.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    want1 = keep.generate(prompts[:1], 4, output_logits=True, eos_token_id=None)
+    layers = {p: m for p, m in keep.model.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    assert layers and all(m.weight_format is flash_llm.DeltaRows for m in layers.values())
+    paired = {p: m.weight.paired for p, m in layers.items()}
+    dense = {p: m.to_dense() for p, m in layers.items()}
+    grow, _ = E._tiled_csl_growth(keep.model)
+    assert grow == sum(d.numel() * 2 - layers[p].nbytes for p, d in dense.items())  # (dense bytes, not Tiled-CSL's)
+    eng = Engine(ours, max_batch=big, max_seq=32, merge=True)
+    assert eng.relayout == {p: E.DENSE for p in layers}
+    mods = dict(ours.named_modules())
+    for p, d in dense.items():
+        assert type(mods[p]) is torch.nn.Linear and torch.equal(mods[p].weight, d), p
+        assert mods[p]._delta_rows_paired == paired[p]
+    assert not any(isinstance(m, flash_llm.SparseLinear) for m in ours.modules())
+    got = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    # (cuBLAS-like rounding on the CPU too: F.linear in fp16 against the reference's fp32 sums, OPT's biases)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=8 * ulp(torch.float16, want.logits.abs().max()))
+    assert E._tiled_csl_growth(ours) == (0, 0)
+    one = Engine(ours, max_batch=1, max_seq=32)  # back to DeltaRows, in the batch-1 layout
+    assert set(one.relayout) == set(layers)
+    mods = dict(ours.named_modules())
+    for p, d in dense.items():
+        m = mods[p]
+        assert isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows, p
+        assert m.weight.paired == paired[p] and torch.equal(m.to_dense(), d), p
+        assert m._delta_rows_paired is None and m.weight.parts == one.relayout[p]
+    got = one.generate(prompts[:1], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want1.tokens) and torch.equal(got.logits, want1.logits)
+    monkeypatch.setattr(E, "RELAYOUT_DENSE_SHARE", 1.5)  # (Tiled-CSL at 50 %: about 1.0 of dense)
+    again = Engine(ours, max_batch=big, max_seq=32)
+    assert again.relayout == {p: E.TILED_CSL for p in layers}
+    monkeypatch.setattr(E, "RELAYOUT_DENSE_SHARE", 1.0)
+    seventy = _delta_rows_ours(pair[0], 0.7)
+    assert set(Engine(seventy, max_batch=big, max_seq=32).relayout.values()) == {E.TILED_CSL}
 
 
 def test_dual_layout_engine_path(pair, monkeypatch):

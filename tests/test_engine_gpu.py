@@ -326,6 +326,36 @@ def test_delta_layout_follows_the_batch():
     assert set(tight.relayout.values()) == {1}
 
 
+def test_batched_engine_at_50_percent_runs_dense_layers():
+    """At 50 % sparsity an engine of max_batch DELTA_TCSL_MIN_BATCH holds the DeltaRows layers as dense nn.Linear
+    (Tiled-CSL would be no smaller): captured decode within rounding of the kept DeltaRows weights (their expansion
+    to dense at 4 tokens), eager decode the same tokens as the graphs; a batch-1 engine turns them back, the bits of
+    the first batch-1 engine."""
+    from flash_llm import engine as E
+
+    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
+                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
+    model, _ = build_synthetic(cfg, 0.5, fmt="delta-rows", device="cuda", progress=False)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (32,), generator=gen)] for _ in range(E.DELTA_TCSL_MIN_BATCH)]
+    keep = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=64, delta_layout="keep").generate(
+        prompts, 6, output_logits=True, eos_token_id=None)
+    one = Engine(model, max_batch=1, max_seq=64)
+    first = one.generate(prompts[:1], 6, output_logits=True, eos_token_id=None)
+    wide = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=64)
+    assert wide.relayout and set(wide.relayout.values()) == {E.DENSE}, wide.relayout
+    assert not any(isinstance(m, flash_llm.SparseLinear) for m in model.modules())
+    got = wide.generate(prompts, 6, output_logits=True, eos_token_id=None)
+    for i in (0, 1):
+        bound = 16 * ULP[torch.float16] * keep.logits[:, i].abs().max().item()
+        assert (got.logits[:, i] - keep.logits[:, i]).abs().max().item() <= bound, i
+    eager = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=64, cuda_graphs=False)
+    assert torch.equal(eager.generate(prompts, 6, eos_token_id=None).tokens, got.tokens)
+    back = Engine(model, max_batch=1, max_seq=64)
+    assert set(back.relayout) == set(wide.relayout)
+    assert torch.equal(back.generate(prompts[:1], 6, output_logits=True, eos_token_id=None).logits, first.logits)
+
+
 def test_dual_layout_serves_each_batch_with_its_format():
     """Engine(delta_layout="dual") at max_batch DUAL_TCSL_MIN_BATCH: DeltaRows in the batch-1 layout plus Tiled-CSL
     copies; batch 1 decodes on DeltaRows (its graph replays after a larger batch's graph was captured over the
