@@ -159,8 +159,10 @@ TILED_CSL = "tiled-csl"
 #: faster (session 39, H200, Llama-3-8B at 50 %, batch 32: Tiled-CSL 0.88x of dense; ``bench_spmm.py``'s Tiled-CSL
 #: at 50 % 0.64-0.85x of cuBLAS at N = 8-64)
 DENSE = "dense"
-#: ``FLASH_LLM_RELAYOUT_DENSE_SHARE``: above 1, dense only where Tiled-CSL is that much larger (a large value: never)
-RELAYOUT_DENSE_SHARE = float(os.environ.get("FLASH_LLM_RELAYOUT_DENSE_SHARE", "1"))
+#: (0.9: at 50 % Tiled-CSL's bytes are within 0.1 % of dense, either side, so 1.0 would be a coin toss; 0.9 holds
+#: dense up to about 55 % sparsity, at most 1.11x Tiled-CSL's bytes; ``FLASH_LLM_RELAYOUT_DENSE_SHARE``, a large
+#: value: never)
+RELAYOUT_DENSE_SHARE = float(os.environ.get("FLASH_LLM_RELAYOUT_DENSE_SHARE", "0.9"))
 #: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights and the engine's cache
 RELAYOUT_MARGIN_BYTES = 1 << 30
 #: the device types on which ``delta_layout="auto"`` / ``"dual"`` re-encode (the CPU reference computes through the
