@@ -531,59 +531,6 @@ def test_decode_dense_of_a_row_range(fmt):
         kern.decode_dense(FORMAT_IDS[fmt], w.data, w.offsets, m, k, torch.float16, rows=(10, 20))
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
-def test_decode_dense_of_a_column_range(fmt):
-    """decode_dense(cols=(c0, c1)), with and without rows: exactly those columns into a poisoned buffer (the last
-    strip cut at K too); a start off the strips, a cut end inside K or an empty range refused."""
-    kern = _kernels()
-    gen = torch.Generator(device="cuda").manual_seed(17)
-    m, k = 1000, 700
-    w_dense = sparse_weight(m, k, 0.3, torch.float16, gen)
-    w = fmt.from_dense(w_dense)
-    fid = FORMAT_IDS[fmt]
-    for r0, r1 in ((0, m), (64, 389)):
-        for c0, c1 in ((0, 64), (128, 448), (640, 700), (0, 700), (576, 700)):
-            out = torch.full(((r1 - r0) * (c1 - c0),), float("nan"), dtype=torch.float16, device="cuda")
-            part = kern.decode_dense(fid, w.data, w.offsets, m, k, torch.float16, out=out, rows=(r0, r1),
-                                     cols=(c0, c1))
-            assert part.shape == (r1 - r0, c1 - c0) and part.data_ptr() == out.data_ptr()
-            assert torch.equal(part.view(torch.int16), w_dense[r0:r1, c0:c1].view(torch.int16)), (r0, c0, c1)
-    for cols in ((10, 64), (64, 100), (128, 64), (0, 701)):
-        with pytest.raises(ValueError, match="cols"):
-            kern.decode_dense(fid, w.data, w.offsets, m, k, torch.float16, cols=cols)
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_expansion_in_column_chunks_matches_the_whole(fmt, dtype):
-    """The large-N path in column chunks (fp32 sums, bias added once): within PyTorch's own error of the dense
-    product, whatever the chunk (one strip, several, a cut last one, the whole weight), with and without bias, into a
-    poisoned ``out``; captured in a CUDA graph, the same bits as eager."""
-    kern = _kernels()
-    gen = torch.Generator(device="cuda").manual_seed(19)
-    m, k, n = 333, 1000, 130
-    w_dense = sparse_weight(m, k, 0.4, dtype, gen)
-    w = fmt.from_dense(w_dense)
-    fid = FORMAT_IDS[fmt]
-    x = torch.randn(n, k, generator=gen, device="cuda").to(dtype)
-    bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-    for b in (None, bias):
-        for budget in (1, m * 64 * 2, m * 300 * 2, 0):
-            cols = kern.expand_chunk_cols(fid, m, k, 2, budget)
-            assert cols == (k if budget == 0 else 64 if budget <= m * 128 else 256), (budget, cols)
-            out = torch.full((n, m), float("nan"), dtype=dtype, device="cuda")
-            got = kern._expand_and_gemm(x, w.data, w.offsets, fid, m, k, b, out, budget=budget)
-            assert got.data_ptr() == out.data_ptr()
-            check(got, x, w_dense, b)
-    g = torch.cuda.CUDAGraph()
-    eager = kern._expand_and_gemm(x, w.data, w.offsets, fid, m, k, bias, None, budget=m * 64 * 2)
-    with torch.cuda.graph(g):
-        captured = kern._expand_and_gemm(x, w.data, w.offsets, fid, m, k, bias, None, budget=m * 64 * 2)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
-
-
 def test_public_spmm_noncontiguous_graph_and_compile():
     gen = torch.Generator(device="cuda").manual_seed(5)
     w_dense = sparse_weight(300, 512, 0.2, torch.bfloat16, gen)

@@ -400,24 +400,3 @@ def test_fit_split_model_reproduces_the_fits(capsys):
     assert {r[3]: sum(x == 1.0 for x in r[4]) for r in res} == {0.1: 12, 0.25: 10}
     with pytest.raises(SystemExit, match="no group"):
         fit.main([f"{data / 'splits_h200_s37_pdl_wg64.json'}:sp0.9"])
-
-
-def test_expansion_chunks_and_column_ranges_are_checked():
-    """The large-N path's column chunks (``expand_chunk_cols``): whole strips within the budget, one at least; the
-    whole weight without a budget, where it fits, and for DeltaRows.  ``decode_dense`` refuses a column range off
-    the strips, empty or outside K, and any range of a DeltaRows weight, before touching a device."""
-    import torch
-
-    from flash_llm.kernels import decode_dense, expand_chunk_cols
-
-    assert expand_chunk_cols(BITMAP, 9216, 36864, 2, 16 << 20) == 896  # (16 MiB / (9216 rows x 2 B) = 910 columns)
-    assert expand_chunk_cols(TILED_CSL, 9216, 36864, 2, 1) == 64
-    assert expand_chunk_cols(BITMAP, 9216, 36864, 2, 0) == 36864
-    assert expand_chunk_cols(BITMAP, 64, 64, 2, 1 << 20) == 64  # (fits whole)
-    assert expand_chunk_cols(DELTA_ROWS, 9216, 36864, 2, 1) == 36864
-    data, offsets = torch.zeros(4, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
-    for cols in ((10, 64), (64, 100), (128, 64), (0, 701), (-64, 64)):
-        with pytest.raises(ValueError, match="cols"):
-            decode_dense(BITMAP, data, offsets, 100, 700, torch.float16, cols=cols)
-    with pytest.raises(ValueError, match="expands whole"):
-        decode_dense(DELTA_ROWS, data, offsets, 100, 700, torch.float16, cols=(0, 64))

@@ -556,40 +556,32 @@ def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = F
 
 
 def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
-                 out: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
-                 cols: tuple[int, int] | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Expand a compressed weight to dense ``[m, k]`` with one CUDA kernel; with ``rows=(r0, r1)`` (``r0`` a
-    multiple of 64) only those rows, with ``cols=(c0, c1)`` (``c0`` a multiple of 64; bitmap and Tiled-CSL) only
-    those columns: ``[r1 - r0, c1 - c0]``, row-major (``out``: that many elements, contiguous)."""
+    multiple of 64) only those rows, as ``[r1 - r0, k]``."""
     dev = data.device
     if fmt == DELTA_ROWS:
-        if (rows is not None and tuple(rows) != (0, m)) or (cols is not None and tuple(cols) != (0, k)):
-            raise ValueError(f"rows {rows}, cols {cols}: a DeltaRows weight expands whole (its rows are stored in "
-                             "their own order)")
+        if rows is not None and tuple(rows) != (0, m):
+            raise ValueError(f"rows {rows}: a DeltaRows weight expands whole (its rows are stored in their own order)")
         return _delta_rows_to_dense(data, offsets, m, k, dtype, out)
     r0, r1 = (0, m) if rows is None else rows
     if r0 % 64 or not 0 <= r0 < r1 <= m:
         raise ValueError(f"rows {r0}:{r1}: the start must be a multiple of 64 inside the {m} rows")
-    c0, c1 = (0, k) if cols is None else cols
-    kt = ceil_div(k, STRIP_K)
-    if c0 % STRIP_K or not 0 <= c0 < c1 <= k or (c1 % STRIP_K and c1 != k):
-        raise ValueError(f"cols {c0}:{c1}: both ends must be multiples of {STRIP_K} (or the end {k}) inside the {k} "
-                         "columns")
     m = r1 - r0
-    out = torch.empty(m, c1 - c0, dtype=dtype, device=dev) if out is None else out.view(m, c1 - c0)
-    ct, kc = c0 // STRIP_K, ceil_div(c1 - c0, STRIP_K)
+    out = torch.empty(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k)
+    kt = ceil_div(k, STRIP_K)
     stream = torch.cuda.current_stream(dev).cuda_stream
     if fmt == BITMAP:
         mt = ceil_div(m, STRIP_M)
         first = offsets.data_ptr() + (r0 // STRIP_M) * kt * offsets.element_size()  # offsets are absolute
-        launch("bitmap_to_dense", (ceil_div(mt * kc, WARPS), 1, 1), THREADS,
+        launch("bitmap_to_dense", (ceil_div(mt * kt, WARPS), 1, 1), THREADS,
                [(data.data_ptr(), P), (first, P), (out.data_ptr(), P), (m, I), (k, I), (mt, I),
-                (kt, I), (ct, I), (kc, I)], stream, dev.index)
+                (kt, I)], stream, dev.index)
     else:
-        tiles = ceil_div(m, 64) * kc
+        tiles = ceil_div(m, 64) * kt
         first = offsets.data_ptr() + (r0 // 64) * kt * offsets.element_size()
         launch("tiled_csl_to_dense", (tiles, 1, 1), THREADS,
-               [(data.data_ptr(), P), (first, P), (out.data_ptr(), P), (m, I), (k, I), (kt, I), (ct, I), (kc, I)],
+               [(data.data_ptr(), P), (first, P), (out.data_ptr(), P), (m, I), (k, I), (kt, I)],
                stream, dev.index)
     return out
 
@@ -794,45 +786,13 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     return y
 
 
-#: the large-N path (:func:`_expand_and_gemm`) expands a bitmap or Tiled-CSL weight in column chunks of at most this
-#: many bytes (``FLASH_LLM_EXPAND_CHUNK_MB``; 0: whole), each multiplied as soon as it is expanded into the fp32 sums,
-#: so the dense chunk is read back from L2 rather than written to and read from device memory
-EXPAND_CHUNK_BYTES = int(float(os.environ.get("FLASH_LLM_EXPAND_CHUNK_MB", "0")) * 2**20)
-
-
-def expand_chunk_cols(fmt: int, m: int, k: int, itemsize: int, budget: int | None = None) -> int:
-    """The columns a chunk of :func:`_expand_and_gemm` expands: ``k`` (the whole weight) for DeltaRows, without a
-    budget (``budget`` default :data:`EXPAND_CHUNK_BYTES`) or where the whole weight fits it; else the most whole
-    strips of 64 columns whose ``m`` rows fit the budget (one strip at least)."""
-    budget = EXPAND_CHUNK_BYTES if budget is None else budget
-    if fmt == DELTA_ROWS or budget <= 0 or m * k * itemsize <= budget:
-        return k
-    return max(1, budget // (m * itemsize * STRIP_K)) * STRIP_K
-
-
-def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out, budget: int | None = None):
-    """The large-N path: expand the weight into a scratch buffer and call cuBLAS; in column chunks where
-    :func:`expand_chunk_cols` says so (fp32 sums across the chunks, the bias added to them, one rounding at the end).
-    (Expanding in row chunks small enough to stay in L2 was measured 2.5-3x slower on an H200: too few output tiles
-    a GEMM; benchmarks/RESULTS.md.)"""
-    # (fresh buffers from PyTorch's caching allocator, which orders their reuse across streams and graphs)
-    cols = expand_chunk_cols(fmt, m, k, x.dtype.itemsize, budget)
-    if cols >= k:
-        w = decode_dense(fmt, data, offsets, m, k, x.dtype)
-        r = torch.nn.functional.linear(x, w, bias)
-        return r if out is None else out.copy_(r)
-    acc = torch.empty(x.shape[0], m, dtype=torch.float32, device=x.device)
-    scratch = torch.empty(m * cols, dtype=x.dtype, device=x.device)
-    for c0 in range(0, k, cols):
-        c1 = min(k, c0 + cols)
-        w = decode_dense(fmt, data, offsets, m, k, x.dtype, out=scratch[: m * (c1 - c0)], cols=(c0, c1))
-        if c0 == 0:
-            torch.mm(x[:, c0:c1], w.t(), out_dtype=torch.float32, out=acc)
-        else:
-            torch.addmm(acc, x[:, c0:c1], w.t(), out_dtype=torch.float32, out=acc)
-    if bias is not None:
-        acc += bias
-    return acc.to(x.dtype) if out is None else out.copy_(acc)
+def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
+    """The large-N path: expand the whole weight into a scratch buffer and call cuBLAS.  (Expanding in
+    row chunks small enough to stay in L2 was measured 2.5-3x slower on an H200: benchmarks/RESULTS.md.)"""
+    # (a fresh buffer from PyTorch's caching allocator, which orders its reuse across streams and graphs)
+    w = decode_dense(fmt, data, offsets, m, k, x.dtype)
+    r = torch.nn.functional.linear(x, w, bias)
+    return r if out is None else out.copy_(r)
 
 
 def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,

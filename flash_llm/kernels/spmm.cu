@@ -1532,20 +1532,17 @@ DEVI void bitmap_wg_body(const int* __restrict__ data, const int* __restrict__ o
 // ------------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(THREADS)
 bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
-                int M, int K, int mt, int kt, int c0, int kc) {
+                int M, int K, int mt, int kt) {
   // One warp per strip, decoded like the spmm kernel: the record is copied into shared memory (16-byte loads),
   // its values staged as window words and gathered into the 16 A-fragment registers of every lane; the
   // registers are stored as a row-major 16x64 tile over the record's buffer and written out as whole rows
   // (128 bytes, 16-byte stores) when K allows it.  In the tile, 16-byte chunk c of row r sits at chunk c ^ (r % 8),
-  // so that the lanes of one register store (same column, eight rows) hit different banks.  Strip columns c0 ..
-  // c0 + kc - 1 only (of kt), into out[M, ld]: columns 64 c0 .. min(K, 64 (c0 + kc)) - 1 of W (the whole weight: 0, kt).
+  // so that the lanes of one register store (same column, eight rows) hit different banks.
   __shared__ __align__(16) u32 buf_all[WARPS][RING_UNITS * 4];
   __shared__ __align__(16) u32 stage_all[WARPS][STAGE_WORDS];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const long long local = (long long)blockIdx.x * WARPS + warp;
-  if (local >= (long long)mt * kc) return;  // whole warps only: nothing below synchronizes the block
-  const long long strip = local / kc * kt + c0 + local % kc;
-  const int ld = min(K - 64 * c0, 64 * kc), K0 = 64 * c0;
+  const long long strip = (long long)blockIdx.x * WARPS + warp;
+  if (strip >= (long long)mt * kt) return;  // whole warps only: nothing below synchronizes the block
   const u32 buf = smem_addr(buf_all[warp]), stage = smem_addr(stage_all[warp]);
   const long long r0 = offsets[strip];
   const int units = (int)(offsets[strip + 1] - r0);
@@ -1575,33 +1572,32 @@ bitmap_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u
   __syncwarp();
   const u16* tile = reinterpret_cast<const u16*>(buf_all[warp]);
   auto at = [](int rr, int cc) { return rr * 64 + (((cc >> 3) ^ (rr & 7)) << 3) + (cc & 7); };  // tile index
-  const int row0 = (int)(strip / kt) * 16, col0 = (int)(strip % kt) * 64 - K0;  // (col0: in the output)
-  if ((ld & 7) == 0 && col0 + 64 <= ld) {
+  const int row0 = (int)(strip / kt) * 16, col0 = (int)(strip % kt) * 64;
+  if ((K & 7) == 0 && col0 + 64 <= K) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int rr = i * 4 + (lane >> 3), cc = (lane & 7) * 8;
       if (row0 + rr < M)
-        *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * ld + col0 + cc) =
+        *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * K + col0 + cc) =
             *reinterpret_cast<const uint4*>(tile + at(rr, cc));
     }
   } else {
     for (int i = lane; i < 16 * 64; i += 32) {
       const int rr = i >> 6, cc = i & 63;
-      if (row0 + rr < M && col0 + cc < ld) out[(long long)(row0 + rr) * ld + col0 + cc] = tile[at(rr, cc)];
+      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = tile[at(rr, cc)];
     }
   }
 }
 
 // One block per 64x64 tile: the entries are scattered into a zeroed tile in shared memory at their positions (the
 // spmm kernels' swizzled row-major layout), which is then written out as whole 128-byte rows (16-byte stores) when K
-// allows it.  `out` needs no zeroing.  Tile columns c0 .. c0 + kc - 1 only, as bitmap_to_dense's strips.
+// allows it.  `out` needs no zeroing.
 extern "C" __global__ void __launch_bounds__(THREADS)
 tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
-                   int M, int K, int kt, int c0, int kc) {
+                   int M, int K, int kt) {
   __shared__ __align__(16) u16 stage[64 * 64];
-  const long long t = (long long)blockIdx.x / kc * kt + c0 + blockIdx.x % kc;
-  const int ld = min(K - 64 * c0, 64 * kc);
-  const int row0 = (int)(t / kt) * 64, col0 = (int)(t % kt) * 64 - 64 * c0;  // (col0: in the output)
+  const long long t = blockIdx.x;
+  const int row0 = (int)(t / kt) * 64, col0 = (int)(t % kt) * 64;
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(stage)[threadIdx.x + i * THREADS] = zero4;
@@ -1614,18 +1610,18 @@ tiled_csl_to_dense(const int* __restrict__ data, const int* __restrict__ offsets
   }
   __syncthreads();
   auto at = [](int rr, int cc) { return rr * 64 + (((cc >> 3) ^ (rr & 7)) << 3) + (cc & 7); };  // (r, c) -> position
-  if ((ld & 7) == 0 && col0 + 64 <= ld) {
+  if ((K & 7) == 0 && col0 + 64 <= K) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int idx = threadIdx.x + i * THREADS, rr = idx >> 3, cc = (idx & 7) * 8;
       if (row0 + rr < M)
-        *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * ld + col0 + cc) =
+        *reinterpret_cast<uint4*>(out + (long long)(row0 + rr) * K + col0 + cc) =
             *reinterpret_cast<const uint4*>(stage + at(rr, cc));
     }
   } else {
     for (int i = threadIdx.x; i < 64 * 64; i += THREADS) {
       const int rr = i >> 6, cc = i & 63;
-      if (row0 + rr < M && col0 + cc < ld) out[(long long)(row0 + rr) * ld + col0 + cc] = stage[at(rr, cc)];
+      if (row0 + rr < M && col0 + cc < K) out[(long long)(row0 + rr) * K + col0 + cc] = stage[at(rr, cc)];
     }
   }
 }
