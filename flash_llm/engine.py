@@ -474,7 +474,7 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs NCCL collectives to capture; this tensor-parallel group uses "
                              f"{self.tp.backend}")
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
-        #: what delta_layout="auto" re-encoded: {layer path: lanes a row, or TILED_CSL} (empty when nothing was)
+        #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL or DENSE} (empty when nothing was)
         self.relayout: dict[str, int | str] = {}
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
