@@ -554,8 +554,9 @@ def test_dual_layout_swaps_the_sets_by_step_size(pair):
 def test_batched_engine_holds_dense_where_tiled_csl_is_no_smaller(pair, monkeypatch):
     """At 50 % sparsity Tiled-CSL (4 bytes a nonzero) is no smaller than the dense weight: an engine of max_batch
     DELTA_TCSL_MIN_BATCH (run on the CPU as on a GPU) puts dense nn.Linear layers in the DeltaRows layers' places,
-    with the same weights and generations as an engine that keeps them (logits within rounding), counting their dense bytes for the
-    memory check; a batch-1 engine turns them back into DeltaRows (pairing kept); at 70 %, or with
+    with the same weights and generations as an engine that keeps them (logits within rounding), counting their
+    dense bytes for the memory check; unmerged and merged again, a batch-1 engine turns them back into DeltaRows
+    (pairing kept); at 70 %, or with
     RELAYOUT_DENSE_SHARE raised, the layers become Tiled-CSL as before."""
     from flash_llm import engine as E
 
@@ -585,7 +586,14 @@ def test_batched_engine_holds_dense_where_tiled_csl_is_no_smaller(pair, monkeypa
     assert torch.equal(got.tokens, want.tokens)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=8 * ulp(torch.float16, want.logits.abs().max()))
     assert E._tiled_csl_growth(ours) == (0, 0)
-    one = Engine(ours, max_batch=1, max_seq=32)  # back to DeltaRows, in the batch-1 layout
+    # split back into q, k, v, ... the dense layers still remember they were DeltaRows (unpaired), and merged again
+    # they take the pairing of the merge (gate / up)
+    from flash_llm.models import unmerge_projections
+
+    unmerge_projections(ours)
+    parts = [m for m in ours.modules() if E._dense_from_delta_rows(m)]
+    assert len(parts) > len(layers) and all(m._delta_rows_paired is False for m in parts)
+    one = Engine(ours, max_batch=1, max_seq=32, merge=True)  # back to DeltaRows, in the batch-1 layout
     assert set(one.relayout) == set(layers)
     mods = dict(ours.named_modules())
     for p, d in dense.items():

@@ -92,8 +92,20 @@ def _why_not(layers: list[nn.Module]) -> str | None:
     return None
 
 
+def _was_delta_rows(layers: list[nn.Module], into: nn.Module, paired: bool) -> nn.Module:
+    """``into``, marked as an engine's re-encoding of DeltaRows (``_delta_rows_paired``: Tiled-CSL or dense, which a
+    later engine turns back into DeltaRows with that pairing) when every one of ``layers`` was one."""
+    if all(getattr(m, "_delta_rows_paired", None) is not None for m in layers):
+        into._delta_rows_paired = paired
+    return into
+
+
 @torch.no_grad()
 def _stack(layers: list[nn.Module], pair_halves: bool = False) -> nn.Module:
+    return _was_delta_rows(layers, _stacked(layers, pair_halves), pair_halves)
+
+
+def _stacked(layers: list[nn.Module], pair_halves: bool) -> nn.Module:
     first = layers[0]
     bias = None if first.bias is None else torch.cat([m.bias for m in layers])
     if isinstance(first, SparseLinear):  # (pair_halves: gate / up, kept beside each other where a format asks)
@@ -120,6 +132,7 @@ def _split(layer: nn.Module, sizes: tuple[int, ...]) -> list[nn.Module]:
             if bias is not None:
                 lin.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
             parts.append(lin)
+        _was_delta_rows([layer], parts[-1], False)
         r0 = r1
     return parts
 
