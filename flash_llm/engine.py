@@ -155,9 +155,9 @@ DUAL_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DUAL_TCSL_MIN_BATCH", "3"))
 TILED_CSL = "tiled-csl"
 #: ... and for "hold the weight dense" (the layer becomes an ``nn.Linear``, cuBLAS): from
 #: :data:`DELTA_TCSL_MIN_BATCH` on, where Tiled-CSL would take at least :data:`RELAYOUT_DENSE_SHARE` of the dense
-#: weight's bytes (4 bytes a nonzero: 50 % sparsity and denser), so the dense weight costs no more memory and runs
-#: faster (session 39, H200, Llama-3-8B at 50 %, batch 32: Tiled-CSL 0.88x of dense; ``bench_spmm.py``'s Tiled-CSL
-#: at 50 % 0.64-0.85x of cuBLAS at N = 8-64)
+#: weight's bytes (4 bytes a nonzero: about 55 % sparsity and denser), so the dense weight costs at most 1.11x
+#: Tiled-CSL's memory (none more at 50 %) and runs at cuBLAS's speed (session 45, H200, Llama-3-8B at 50 %, batch 8 /
+#: 32 / 64: Tiled-CSL 0.75x / 0.88x / 0.74x of dense, dense layers 1.00x / 1.00x / 1.01x)
 DENSE = "dense"
 #: (0.9: at 50 % Tiled-CSL's bytes are within 0.1 % of dense, either side, so 1.0 would be a coin toss; 0.9 holds
 #: dense up to about 55 % sparsity, at most 1.11x Tiled-CSL's bytes; ``FLASH_LLM_RELAYOUT_DENSE_SHARE``, a large
