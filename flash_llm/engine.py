@@ -527,7 +527,8 @@ class Engine:
                           f"free on {self.device}; one layout as under delta_layout='auto'", stacklevel=3)
             return False
         warnings.warn(f"max_batch={self.max_batch}: the DeltaRows weights stay DeltaRows (slower than Tiled-CSL from "
-                      f"batch {DELTA_TCSL_MIN_BATCH}): as Tiled-CSL they would take {grow / 2**30:.2f} GiB more, and "
+                      f"batch {DELTA_TCSL_MIN_BATCH}): as Tiled-CSL (dense where that would be no smaller) they would "
+                      f"take {grow / 2**30:.2f} GiB more, and "
                       f"with the cache ({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
                       f"{free / 2**30:.2f} GiB free on {self.device}", stacklevel=3)
         return False
