@@ -194,8 +194,10 @@ def _nnz(m: torch.nn.Module) -> int:
     return m.nnz if hasattr(m, "nnz") else int(torch.count_nonzero(m.weight))
 
 
-def _weight_itemsize(m: torch.nn.Module) -> int:
-    return (m.weight_dtype if hasattr(m, "weight_dtype") else m.weight.dtype).itemsize
+def _dense_bytes(m: torch.nn.Module) -> int:
+    """The bytes of layer ``m``'s weight dense (a :class:`~flash_llm.SparseLinear` or an ``nn.Linear``)."""
+    dtype = m.weight_dtype if hasattr(m, "weight_dtype") else m.weight.dtype
+    return m.out_features * m.in_features * dtype.itemsize
 
 
 def _tiled_csl_bytes(m: torch.nn.Module) -> int:
@@ -209,8 +211,7 @@ def _tiled_csl_bytes(m: torch.nn.Module) -> int:
 def _large_batch_format(m: torch.nn.Module) -> str:
     """:data:`TILED_CSL`, or :data:`DENSE` where Tiled-CSL would take :data:`RELAYOUT_DENSE_SHARE` of the dense
     weight's bytes or more."""
-    dense = m.out_features * m.in_features * _weight_itemsize(m)
-    return DENSE if _tiled_csl_bytes(m) >= RELAYOUT_DENSE_SHARE * dense else TILED_CSL
+    return DENSE if _tiled_csl_bytes(m) >= RELAYOUT_DENSE_SHARE * _dense_bytes(m) else TILED_CSL
 
 
 def _set_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
@@ -348,7 +349,7 @@ def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int
             continue
         was_delta = _was_delta_rows(m)
         if m.weight_format is DeltaRows or (copies and was_delta):
-            dense = m.out_features * m.in_features * m.weight_dtype.itemsize
+            dense = _dense_bytes(m)
             held = _tiled_csl_bytes(m) if copies or _large_batch_format(m) == TILED_CSL else dense
             grow += held - (0 if copies else m.nbytes)
             largest = max(largest, dense)
@@ -417,9 +418,9 @@ class Engine:
             multi-token kernels are 1.07x slower at batch 4, 1.7x at 8; session 32), and Tiled-CSL from
             :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
             the DeltaRows bytes at 80 %; else a warning and the split layout), or as dense ``nn.Linear`` layers
-            where Tiled-CSL would be no smaller than dense (50 % sparsity and denser: the same memory, cuBLAS's
-            speed; :data:`DENSE`).  A later engine at a smaller ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums' order does,
-            within rounding).  ``"keep"`` leaves the weights as they are.  ``"dual"``: from ``max_batch``
+            where Tiled-CSL would take :data:`RELAYOUT_DENSE_SHARE` (0.9) of the dense bytes or more (about 55 %
+            sparsity and denser: at most 1.11x Tiled-CSL's memory, cuBLAS's speed; :data:`DENSE`).  A later engine at a smaller ``max_batch`` turns such layers back into DeltaRows.
+            The values do not change (the sums' order does, within rounding).  ``"keep"`` leaves the weights as they are.  ``"dual"``: from ``max_batch``
             :data:`DUAL_TCSL_MIN_BATCH` (3) on, where the memory holds both (else a warning and ``"auto"``'s
             choice), the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the
             engine adds Tiled-CSL copies for the larger steps and the prefill (:attr:`copies_bytes`: about 1.5x the

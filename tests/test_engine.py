@@ -556,8 +556,7 @@ def test_batched_engine_holds_dense_where_tiled_csl_is_no_smaller(pair, monkeypa
     DELTA_TCSL_MIN_BATCH (run on the CPU as on a GPU) puts dense nn.Linear layers in the DeltaRows layers' places,
     with the same weights and generations as an engine that keeps them (logits within rounding), counting their
     dense bytes for the memory check; unmerged and merged again, a batch-1 engine turns them back into DeltaRows
-    (pairing kept); at 70 %, or with
-    RELAYOUT_DENSE_SHARE raised, the layers become Tiled-CSL as before."""
+    (pairing kept); at 70 %, or with RELAYOUT_DENSE_SHARE raised, the layers become Tiled-CSL as before."""
     from flash_llm import engine as E
 
     monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))

@@ -92,7 +92,7 @@ def _why_not(layers: list[nn.Module]) -> str | None:
     return None
 
 
-def _was_delta_rows(layers: list[nn.Module], into: nn.Module, paired: bool) -> nn.Module:
+def _carry_mark(layers: list[nn.Module], into: nn.Module, paired: bool) -> nn.Module:
     """``into``, marked as an engine's re-encoding of DeltaRows (``_delta_rows_paired``: Tiled-CSL or dense, which a
     later engine turns back into DeltaRows with that pairing) when every one of ``layers`` was one."""
     if all(getattr(m, "_delta_rows_paired", None) is not None for m in layers):
@@ -102,7 +102,7 @@ def _was_delta_rows(layers: list[nn.Module], into: nn.Module, paired: bool) -> n
 
 @torch.no_grad()
 def _stack(layers: list[nn.Module], pair_halves: bool = False) -> nn.Module:
-    return _was_delta_rows(layers, _stacked(layers, pair_halves), pair_halves)
+    return _carry_mark(layers, _stacked(layers, pair_halves), pair_halves)
 
 
 def _stacked(layers: list[nn.Module], pair_halves: bool) -> nn.Module:
@@ -132,7 +132,7 @@ def _split(layer: nn.Module, sizes: tuple[int, ...]) -> list[nn.Module]:
             if bias is not None:
                 lin.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
             parts.append(lin)
-        _was_delta_rows([layer], parts[-1], False)
+        _carry_mark([layer], parts[-1], False)
         r0 = r1
     return parts
 
