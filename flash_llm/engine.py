@@ -419,8 +419,9 @@ class Engine:
             :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
             the DeltaRows bytes at 80 %; else a warning and the split layout), or as dense ``nn.Linear`` layers
             where Tiled-CSL would take :data:`RELAYOUT_DENSE_SHARE` (0.9) of the dense bytes or more (about 55 %
-            sparsity and denser: at most 1.11x Tiled-CSL's memory, cuBLAS's speed; :data:`DENSE`).  A later engine at a smaller ``max_batch`` turns such layers back into DeltaRows.
-            The values do not change (the sums' order does, within rounding).  ``"keep"`` leaves the weights as they are.  ``"dual"``: from ``max_batch``
+            sparsity and denser: at most 1.11x Tiled-CSL's memory, cuBLAS's speed; :data:`DENSE`).  A later engine
+            at a smaller ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums'
+            order does, within rounding).  ``"keep"`` leaves the weights as they are.  ``"dual"``: from ``max_batch``
             :data:`DUAL_TCSL_MIN_BATCH` (3) on, where the memory holds both (else a warning and ``"auto"``'s
             choice), the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the
             engine adds Tiled-CSL copies for the larger steps and the prefill (:attr:`copies_bytes`: about 1.5x the
