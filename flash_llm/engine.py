@@ -247,8 +247,13 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
         if want != now:
             todo.append((path, m, want))
     done = {}
-    for path, m, want in tqdm(todo, desc="DeltaRows layout", unit="layer", file=sys.stderr, leave=False,
-                              disable=not progress or len(todo) < 2, dynamic_ncols=True):
+    bar = tqdm(total=len(todo), desc="DeltaRows layout", unit="layer", file=sys.stderr, leave=False,
+               disable=not progress or len(todo) < 2, dynamic_ncols=True)
+    todo.reverse()
+    while todo:
+        # (popped: once a layer is replaced nothing here holds its old weight, so the peak grows by one layer's
+        # temporaries, not by every old weight at once, as the memory check counts)
+        path, m, want = todo.pop()
         sparse = isinstance(m, SparseLinear)
         paired = m.weight.paired if sparse and m.weight_format is DeltaRows else m._delta_rows_paired
         if want == DENSE:
@@ -267,14 +272,20 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
         if new is not m:
             _set_module(model, path, new)
         done[path] = want
+        del m, new
+        w = fmt = None
+        bar.update()
+    bar.close()
     return done
 
 
 class _TwoLayouts:
     """``Engine(delta_layout="dual")``'s two encodings of a model's DeltaRows layers: the layers' own DeltaRows
-    weights for steps of fewer than ``min_tokens`` tokens, Tiled-CSL copies (made here, one layer at a time through
-    its dense weight) from ``min_tokens`` on.  :meth:`install` puts one set into the layers (their buffers: no copy);
-    both stay alive here, so a CUDA graph captured over either keeps reading valid memory."""
+    weights for steps of fewer than ``min_tokens`` tokens, copies (made here, one layer at a time through its dense
+    weight) from ``min_tokens`` on: Tiled-CSL, or a dense ``nn.Linear`` put in the layer's place where Tiled-CSL
+    would be no smaller (:func:`_large_batch_format`, as ``"auto"`` holds them: about 55 % sparsity and denser).
+    :meth:`install` puts one set into the model (the layers' buffers, or the modules at their paths: no copy); both
+    stay alive here, so a CUDA graph captured over either keeps reading valid memory."""
 
     def __init__(self, model: torch.nn.Module, min_tokens: int, progress: bool = True):
         from tqdm import tqdm
@@ -282,26 +293,60 @@ class _TwoLayouts:
         from .formats import DeltaRows, TiledCSL
         from .nn import SparseLinear
 
-        self.min_tokens = min_tokens
-        layers = [m for m in model.modules() if isinstance(m, SparseLinear) and m.weight_format is DeltaRows]
-        self.small = {m: m.weight for m in layers}  # DeltaRows (over the layers' own arrays)
-        self.large = {}
-        for m in tqdm(layers, desc="Tiled-CSL copies", unit="layer", file=sys.stderr, leave=False,
-                      disable=not progress or len(layers) < 2, dynamic_ncols=True):
-            self.large[m] = TiledCSL.from_dense(self.small[m].to_dense())
-        self.nbytes = sum(w.nbytes for w in self.large.values())
+        self.min_tokens, self.model = min_tokens, model
+        #: {layer: its path in the model}
+        self.paths = {m: p for p, m in model.named_modules()
+                      if isinstance(m, SparseLinear) and m.weight_format is DeltaRows}
+        self.small = {m: m.weight for m in self.paths}  # DeltaRows (over the layers' own arrays)
+        #: {layer: its Tiled-CSL copy, or the nn.Linear that takes its place}
+        self.large: dict[torch.nn.Module, object] = {}
+        for m in tqdm(list(self.paths), desc="Tiled-CSL copies", unit="layer", file=sys.stderr, leave=False,
+                      disable=not progress or len(self.paths) < 2, dynamic_ncols=True):
+            if _large_batch_format(m) == DENSE:
+                lin = m.to_linear()
+                lin.requires_grad_(False)
+                lin._delta_rows_paired = self.small[m].paired
+                self.large[m] = lin
+            else:
+                self.large[m] = TiledCSL.from_dense(self.small[m].to_dense())
+        self.nbytes = sum(_dense_bytes(m) if isinstance(w, torch.nn.Linear) else w.nbytes
+                          for m, w in self.large.items())
 
     def install(self, tokens: int) -> None:
-        """Put the set for a step of ``tokens`` tokens into the layers (nothing to do when it is there)."""
-        want = self.large if tokens >= self.min_tokens else self.small
-        for m, w in want.items():
+        """Put the set for a step of ``tokens`` tokens into the model (nothing to do when it is there)."""
+        large = tokens >= self.min_tokens
+        for m, w in self.large.items():
+            if isinstance(w, torch.nn.Linear):
+                parent, _, name = self.paths[m].rpartition(".")
+                holder = self.model.get_submodule(parent) if parent else self.model
+                now, want = getattr(holder, name, None), w if large else m
+                if now is not want and (now is m or now is w):  # (else the model changed under the engine)
+                    setattr(holder, name, want)
+                continue
+            w = w if large else self.small[m]
             if m.weight_data is not w.tensors()["data"]:
                 m._replace_weight(w)
-                m._delta_rows_paired = self.small[m].paired if want is self.large else None
+                m._delta_rows_paired = self.small[m].paired if large else None
+
+    def _arrays(self, m: torch.nn.Module, w) -> list[torch.Tensor]:
+        """The tensors of layer ``m``'s large copy ``w`` (an ``nn.Linear``'s parameters, or the format's arrays)."""
+        return list(w.parameters()) if isinstance(w, torch.nn.Linear) else list(w.tensors().values())
+
+    def swapped(self) -> set[int]:
+        """The ``id`` of every tensor an :meth:`install` moves in or out of the model: the DeltaRows layers' arrays,
+        and where a dense copy takes a layer's place, the layer's bias and the copy's parameters."""
+        ids = {id(t) for m in self.small for n, t in m._buffers.items() if n.startswith("weight_")}
+        for m, w in self.large.items():
+            if isinstance(w, torch.nn.Linear):
+                ids.update(id(t) for t in (m.bias, *w.parameters()) if t is not None)
+        return ids
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every array of both sets."""
-        return [t for ws in (self.small, self.large) for w in ws.values() for t in w.tensors().values()]
+        """Every array of both sets (and the biases of the layers whose dense copy takes their place)."""
+        out = [t for w in self.small.values() for t in w.tensors().values()]
+        for m, w in self.large.items():
+            out += self._arrays(m, w) + ([m.bias] if isinstance(w, torch.nn.Linear) and m.bias is not None else [])
+        return out
 
 
 #: the projections whose input comes from no norm (the attention's output, the MLP's activation): their attribute names
@@ -336,21 +381,21 @@ def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True, p
 def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int, int]:
     """``(bytes, largest dense layer)``: how much more the model's DeltaRows weights take as the batched engine holds
     them (Tiled-CSL by its formula, or dense where :func:`_large_batch_format` says so; 0 or less: no growth), and the
-    bytes of its largest such layer expanded to dense (the re-encoding's temporary).  ``copies``: the bytes of
-    Tiled-CSL copies beside them (``delta_layout="dual"``, which makes no dense copies), the layers an earlier engine
-    turned from DeltaRows into Tiled-CSL counted too (at their Tiled-CSL size: an upper bound of their DeltaRows
-    one)."""
+    bytes of its largest such layer expanded to dense (the re-encoding's temporary).  ``copies``: the bytes of the
+    copies beside them (``delta_layout="dual"``: Tiled-CSL, or dense where :func:`_large_batch_format` says so), the
+    layers an earlier engine turned from DeltaRows into Tiled-CSL or dense counted too (the engine turns them back
+    first; their present bytes, an upper bound of their DeltaRows ones, are not subtracted)."""
     from .formats import DeltaRows
     from .nn import SparseLinear
 
     grow, largest = 0, 0
     for m in model.modules():
-        if not isinstance(m, SparseLinear):
+        if not isinstance(m, SparseLinear) and not (copies and _dense_from_delta_rows(m)):
             continue
-        was_delta = _was_delta_rows(m)
-        if m.weight_format is DeltaRows or (copies and was_delta):
+        was_delta = _was_delta_rows(m) or _dense_from_delta_rows(m)
+        if getattr(m, "weight_format", None) is DeltaRows or (copies and was_delta):
             dense = _dense_bytes(m)
-            held = _tiled_csl_bytes(m) if copies or _large_batch_format(m) == TILED_CSL else dense
+            held = _tiled_csl_bytes(m) if _large_batch_format(m) == TILED_CSL else dense
             grow += held - (0 if copies else m.nbytes)
             largest = max(largest, dense)
     return grow, largest
@@ -425,7 +470,7 @@ class Engine:
             :data:`DUAL_TCSL_MIN_BATCH` (3) on, where the memory holds both (else a warning and ``"auto"``'s
             choice), the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the
             engine adds Tiled-CSL copies for the larger steps and the prefill (:attr:`copies_bytes`: about 1.5x the
-            DeltaRows bytes at 80 %), so one engine serves batch 1-2 at DeltaRows' speed and batch 3 and more at
+            DeltaRows bytes at 80 %; dense ``nn.Linear`` copies where Tiled-CSL would be no smaller, as above), so one engine serves batch 1-2 at DeltaRows' speed and batch 3 and more at
             Tiled-CSL's; each step swaps the set into the layers (no copy; :meth:`use_layout`).  On other devices
             nothing is re-encoded.
 
@@ -542,7 +587,8 @@ class Engine:
 
     @property
     def copies_bytes(self) -> int:
-        """Bytes of the Tiled-CSL copies ``delta_layout="dual"`` holds beside the model's weights (0 without)."""
+        """Bytes of the copies ``delta_layout="dual"`` holds beside the model's weights (Tiled-CSL, or dense where
+        that would be no larger; 0 without)."""
         return 0 if self._two is None else self._two.nbytes
 
     def use_layout(self, batch: int) -> None:
@@ -564,7 +610,7 @@ class Engine:
             return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
         # delta_layout="dual": the layers swap their arrays between the two sets this engine holds (either set's
         # graphs stay valid), so the key takes both sets and leaves those layers' present arrays out
-        swapped = {id(t) for m in self._two.small for n, t in m._buffers.items() if n.startswith("weight_")}
+        swapped = self._two.swapped()
         own = [t for t in (*self.model.parameters(), *self.model.buffers()) if id(t) not in swapped]
         return tuple(t.data_ptr() for t in (*own, *self._two.tensors()))
 

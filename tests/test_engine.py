@@ -610,6 +610,62 @@ def test_batched_engine_holds_dense_where_tiled_csl_is_no_smaller(pair, monkeypa
     assert set(Engine(seventy, max_batch=big, max_seq=32).relayout.values()) == {E.TILED_CSL}
 
 
+def test_relayout_frees_each_old_weight_as_it_goes(pair, monkeypatch):
+    """relayout_delta_rows holds no replaced layer: when it expands layer i, the old modules of layers 0 .. i - 1
+    are gone (their weights freed), so the peak grows by one layer's temporaries, as the engine's memory check
+    counts, and not by the whole model's old weights (session 45: OPT-30B at 50 %, batch 8, peaked at 97.4 GiB
+    against the dense model's 69.6).  Both ways: DeltaRows to dense and back."""
+    import gc
+    import weakref
+
+    from flash_llm import engine as E
+    from flash_llm.formats import DeltaRows
+
+    ours = _delta_rows_ours(pair[0], 0.5)
+    paths = [p for p, m in ours.named_modules() if isinstance(m, flash_llm.SparseLinear)]
+    assert len(paths) >= 4
+    order, alive = [], []
+
+    def watch(cls, name):
+        orig = getattr(cls, name)
+
+        def wrapped(*args, **kwargs):
+            gc.collect()  # (only what is still referenced stays)
+            alive.append(sum(r() is not None for r in order))
+            return orig(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    mods = dict(ours.named_modules())
+    order.extend(weakref.ref(mods[p]) for p in paths)
+    del mods
+    watch(flash_llm.SparseLinear, "to_linear")
+    done = E.relayout_delta_rows(ours, lambda m: E.DENSE, progress=False)
+    assert set(done) == set(paths) and all(v == E.DENSE for v in done.values())
+    # (at layer i's expansion: layer i and the ones after it alive, those before it freed)
+    assert alive == [len(paths) - i for i in range(len(paths))], alive
+    gc.collect()
+    assert all(r() is None for r in order)
+    monkeypatch.undo()
+    order.clear()
+    alive.clear()
+    mods = dict(ours.named_modules())
+    order.extend(weakref.ref(mods[p]) for p in paths)
+    del mods
+    orig = DeltaRows.from_dense.__func__
+
+    def counted(cls, *a, **k):
+        gc.collect()
+        alive.append(sum(r() is not None for r in order))
+        return orig(cls, *a, **k)
+
+    monkeypatch.setattr(DeltaRows, "from_dense", classmethod(counted))
+    done = E.relayout_delta_rows(ours, lambda m: 1, progress=False)
+    assert set(done) == set(paths)
+    assert alive == [len(paths) - i for i in range(len(paths))], alive
+    assert all(isinstance(dict(ours.named_modules())[p], flash_llm.SparseLinear) for p in paths)
+
+
 def test_dual_layout_engine_path(pair, monkeypatch):
     """Engine(delta_layout="dual")'s own path, run on the CPU as on a GPU (engine.RELAYOUT_DEVICES, the free memory
     stubbed): from max_batch DUAL_TCSL_MIN_BATCH the layers take the batch-1 layout (as for normed inputs: no parts
@@ -659,6 +715,53 @@ def test_dual_layout_engine_path(pair, monkeypatch):
         tight = Engine(ours, max_batch=big, max_seq=32, delta_layout="dual")
     assert tight.copies_bytes == 0
     assert all(m.weight_format is flash_llm.DeltaRows and m.weight.parts == 1 for m in sparse)  # the split layout
+
+
+def test_dual_layout_holds_dense_copies_where_tiled_csl_is_no_smaller(pair, monkeypatch):
+    """At 50 % sparsity Engine(delta_layout="dual") (run on the CPU as on a GPU) copies each DeltaRows layer as a dense
+    nn.Linear, not as Tiled-CSL (as large, slower): the copy takes the layer's place for steps of
+    DUAL_TCSL_MIN_BATCH tokens and more, the DeltaRows layer comes back for smaller ones; generations and logits as
+    an engine that keeps the weights (within rounding where the copies ran); the graph key does not move with the
+    swaps; copies_bytes counts the dense weights, as the memory check does."""
+    from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    ours = _delta_rows_ours(pair[0], 0.5)
+    big = E.DUAL_TCSL_MIN_BATCH
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
+    keep = Engine(copy.deepcopy(ours), max_batch=big, max_seq=32, delta_layout="keep")
+    want = {b: keep.generate(prompts[:b], 4, output_logits=True, eos_token_id=None) for b in (1, big)}
+    layers = {p: m for p, m in ours.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    dense = {p: m.to_dense() for p, m in layers.items()}
+    grow, _ = E._tiled_csl_growth(ours, copies=True)
+    assert grow == sum(d.numel() * 2 for d in dense.values())
+    eng = Engine(ours, max_batch=big, max_seq=32, delta_layout="dual")
+    assert all(isinstance(w, torch.nn.Linear) for w in eng._two.large.values())
+    assert eng.copies_bytes == grow
+    key = eng._weights_key()
+    for b, kind in ((big, torch.nn.Linear), (1, flash_llm.SparseLinear), (big, torch.nn.Linear)):
+        eng.use_layout(b)
+        mods = dict(ours.named_modules())
+        for p, d in dense.items():
+            assert type(mods[p]) is kind, (b, p)
+            assert torch.equal(mods[p].weight if kind is torch.nn.Linear else mods[p].to_dense(), d)
+        assert eng._weights_key() == key, b
+    eng.use_layout(1)
+    assert all(dict(ours.named_modules())[p] is m for p, m in layers.items())  # (the layers themselves, back)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((type(m), args[0].shape)))
+             for m in (next(iter(layers.values())), eng._two.large[next(iter(layers.values()))])]
+    for b in (1, big, 1):
+        got = eng.generate(prompts[:b], 4, output_logits=True, eos_token_id=None)
+        assert torch.equal(got.tokens, want[b].tokens), b
+        torch.testing.assert_close(got.logits, want[b].logits, rtol=0,
+                                   atol=8 * ulp(torch.float16, want[b].logits.abs().max()))
+    for h in hooks:
+        h.remove()
+    for kind, shape in seen:  # the prefill and the batch-big steps on the dense copies, batch 1 on DeltaRows
+        assert kind is (torch.nn.Linear if math.prod(shape[:-1]) >= big else flash_llm.SparseLinear), (kind, shape)
+    assert {k for k, _ in seen} == {torch.nn.Linear, flash_llm.SparseLinear}
 
 
 def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair):
