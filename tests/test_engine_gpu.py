@@ -395,3 +395,35 @@ def test_dual_layout_serves_each_batch_with_its_format():
         with pytest.warns(UserWarning, match="no Tiled-CSL copies"):
             tight = Engine(model, max_batch=big, max_seq=128, delta_layout="dual")
     assert tight.copies_bytes == 0
+
+
+def test_dual_layout_at_50_percent_swaps_in_dense_copies():
+    """Engine(delta_layout="dual") at 50 % sparsity holds dense nn.Linear copies (Tiled-CSL would be no smaller):
+    batch 1 decodes on DeltaRows, its graph replayed with the same bits after the batch-DUAL_TCSL_MIN_BATCH graph was
+    captured over the dense copies; that batch and the prefill within rounding of the kept DeltaRows weights; eager
+    decoding the same tokens as the graphs."""
+    from flash_llm import engine as E
+
+    big = E.DUAL_TCSL_MIN_BATCH
+    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
+                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
+    model, _ = build_synthetic(cfg, 0.5, fmt="delta-rows", device="cuda", progress=False)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (48,), generator=gen)] for _ in range(big)]
+    keep = {b: Engine(model, max_batch=b, max_seq=128, delta_layout="keep").generate(
+        prompts[:b], 8, output_logits=True, eos_token_id=None) for b in (1, big)}
+    eng = Engine(model, max_batch=big, max_seq=128, delta_layout="dual")
+    assert eng._two is not None and all(isinstance(w, torch.nn.Linear) for w in eng._two.large.values())
+    one = eng.generate(prompts[:1], 8, output_logits=True, eos_token_id=None)
+    assert any(isinstance(m, flash_llm.SparseLinear) for m in model.modules())  # (the last step's set)
+    many = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)
+    assert not any(isinstance(m, flash_llm.SparseLinear) for m in model.modules())
+    graph = eng._graphs[1]
+    again = eng.generate(prompts[:1], 8, output_logits=True, eos_token_id=None)
+    assert eng._graphs[1] is graph and torch.equal(again.logits, one.logits)
+    eager = Engine(model, max_batch=big, max_seq=128, delta_layout="dual", cuda_graphs=False)
+    assert torch.equal(eager.generate(prompts, 8, eos_token_id=None).tokens, many.tokens)
+    for got, b in ((one, 1), (many, big)):
+        for i in (0, 1):
+            bound = 16 * ULP[torch.float16] * keep[b].logits[:, i].abs().max().item()
+            assert (got.logits[:, i] - keep[b].logits[:, i]).abs().max().item() <= bound, (b, i)
