@@ -447,10 +447,11 @@ class Engine:
             on CUDA devices); ``False`` runs it eagerly.
         fuse: run the elementwise parts of each layer (the norms with the residual adds before them, RoPE or
             OPT's query scaling together with the KV-cache write, SiLU x up) as ``torch.compile``d single kernels
-            (:func:`flash_llm.models.set_fused`, applied to ``model`` in place).  The first generation compiles them (tens of seconds; torch's
-            compile cache shortens later processes).  Default (``None``): on for CUDA models of at least
-            ``FUSE_MIN_PARAMETERS`` (1 B) parameters, where it decodes Llama-3-8B 1.3x faster at batch 1 on an
-            H200 (``docs/engine.md``); off for smaller or CPU models, where the compile time would dominate.
+            (:func:`flash_llm.models.set_fused`, applied to ``model`` in place).  The first generation compiles
+            them (tens of seconds; torch's compile cache shortens later processes).  Default (``None``): on for
+            CUDA models of at least ``FUSE_MIN_PARAMETERS`` (1 B) parameters, where it decodes Llama-3-8B 1.3x
+            faster at batch 1 on an H200 (``docs/engine.md``); off for smaller or CPU models, where the compile
+            time would dominate.
         merge: stack the projections that read the same input (q, k, v; Llama's gate and up) into one matmul
             each (:func:`flash_llm.models.merge_projections`, applied to ``model`` in place: its ``state_dict``
             keys change until :func:`flash_llm.models.unmerge_projections`).  Fewer, larger kernels per decode
@@ -470,8 +471,9 @@ class Engine:
             :data:`DUAL_TCSL_MIN_BATCH` (3) on, where the memory holds both (else a warning and ``"auto"``'s
             choice), the layers keep DeltaRows in the batch-1 layout for steps of fewer than that many tokens and the
             engine adds Tiled-CSL copies for the larger steps and the prefill (:attr:`copies_bytes`: about 1.5x the
-            DeltaRows bytes at 80 %; dense ``nn.Linear`` copies where Tiled-CSL would be no smaller, as above), so one engine serves batch 1-2 at DeltaRows' speed and batch 3 and more at
-            Tiled-CSL's; each step swaps the set into the layers (no copy; :meth:`use_layout`).  On other devices
+            DeltaRows bytes at 80 %; dense ``nn.Linear`` copies where Tiled-CSL would be no smaller, as above), so
+            one engine serves batch 1-2 at DeltaRows' speed and batch 3 and more at Tiled-CSL's (or cuBLAS's); each
+            step swaps the set into the model (no copy; :meth:`use_layout`).  On other devices
             nothing is re-encoded.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
