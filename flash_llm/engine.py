@@ -549,7 +549,12 @@ class Engine:
         self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step
         self._pos = torch.zeros(max_batch, dtype=torch.long, device=dev)  # its position
         self._slot = torch.zeros(1, dtype=torch.long, device=dev)  # its cache slot
-        self._valid = torch.zeros(max_batch, slots, dtype=torch.bool, device=dev)  # cache slots holding tokens
+        # the additive attention mask over the cache slots: 0 where a slot holds a token of the row, -inf where not
+        # (kept additive, so a step does not convert a bool mask: three kernels less)
+        self._mask = torch.full((max_batch, slots), float("-inf"), dtype=self.dtype, device=dev)
+        # RoPE's cos / sin at every slot's position (Llama): a step indexes them instead of computing them
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        self._rope = rotary.tables(slots, self.dtype, dev) if hasattr(rotary, "tables") else None
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -679,10 +684,10 @@ class Engine:
         """Run the prompts ``[B, P]`` through the model, filling cache slots ``0..P-1``; last logits ``[B, V]``."""
         b, p = ids.shape
         self.use_layout(b * p)
-        self._valid[:b].zero_()
-        self._valid[:b, :p] = mask
+        self._mask[:b].fill_(float("-inf"))
+        self._mask[:b, :p].masked_fill_(mask, 0.0)
         attend = Attend(positions=padded_positions(mask), mask=padding_mask(mask), cache=self.cache,
-                        slots=torch.arange(p, device=self.device), kv_len=p)
+                        slots=torch.arange(p, device=self.device), kv_len=p, rope=self._rope)
         logits = self.model(ids, attend=attend, last_only=True)[:, -1]
         self._pos[:b] = mask.sum(1)
         self._slot.fill_(p)
@@ -692,26 +697,25 @@ class Engine:
     def _step(self, b: int) -> None:
         """One decode step for rows ``0..b-1``: feed ``_tok`` at ``_pos`` into cache slot ``_slot``, write the
         next logits to ``_logits``, advance position and slot.  Fixed shapes, no host synchronization."""
-        valid = self._valid[:b]
-        valid.index_fill_(1, self._slot, True)
-        attend = Attend(positions=self._pos[:b, None], mask=valid[:, None, None, :], cache=self.cache,
-                        slots=self._slot, kv_len=self._slots)
+        mask = self._mask[:b]
+        mask.index_fill_(1, self._slot, 0.0)
+        attend = Attend(positions=self._pos[:b, None], mask=mask[:, None, None, :], cache=self.cache,
+                        slots=self._slot, kv_len=self._slots, rope=self._rope)
         logits = self.model(self._tok[:b], attend=attend)
         self._logits[:b].copy_(logits[:, 0])
-        self._pos[:b] += 1
-        self._slot += 1
+        torch._foreach_add_([self._pos[:b], self._slot], 1)  # (one kernel for both)
 
     def _capture(self, b: int) -> torch.cuda.CUDAGraph:
         # the key of the tensors this graph reads: a forward may have moved some since the generate began (a model
         # built on meta computes its RoPE frequencies at its first forward), so graphs over the old ones go now
         self._check_graphs()
         self.use_layout(b)
-        saved = (self._slot.clone(), self._pos[:b].clone(), self._valid[:b].clone())
+        saved = (self._slot.clone(), self._pos[:b].clone(), self._mask[:b].clone())
 
         def restore():
             self._slot.copy_(saved[0])
             self._pos[:b].copy_(saved[1])
-            self._valid[:b].copy_(saved[2])
+            self._mask[:b].copy_(saved[2])
 
         # Warm-up on a side stream (kernel loading, cuBLAS workspaces), state restored after each run: the
         # cache slot it wrote is written again by the real step.

@@ -93,6 +93,31 @@ def test_cache_decode_equals_full_forward(pair):
         torch.testing.assert_close(out.logits[i], full, rtol=0, atol=2e-5)
 
 
+def test_step_bookkeeping_gives_the_bits_of_the_plain_forward(pair):
+    """The engine's per-step shortcuts change no bit: its RoPE tables (Llama: cos / sin indexed by position instead of
+    computed) hold what RotaryEmbedding computes at those positions, and its additive slot mask is what the model
+    would make of the bool mask; decoding with the tables and without (the model computing cos / sin) gives the same
+    logits."""
+    from flash_llm.models._common import additive_mask
+
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=32)
+    rotary = getattr(ours.model, "rotary_emb", None)
+    assert (eng._rope is not None) == (rotary is not None) == (ours.config.family == "llama")
+    with_tables = eng.generate(PROMPTS, 6, output_logits=True, eos_token_id=None)
+    valid = eng._mask == 0  # (rows 0-2 after the generation: prompt slots and the decoded ones)
+    assert valid.sum() > 0 and torch.equal(eng._mask, additive_mask(valid, eng.dtype))
+    assert bool(torch.isneginf(eng._mask[~valid]).all())
+    if rotary is not None:
+        pos = torch.tensor([[0, 5, 31], [7, 7, 2]])
+        cos, sin = rotary(torch.empty(0, dtype=eng.dtype), pos)
+        assert torch.equal(eng._rope[0][pos], cos) and torch.equal(eng._rope[1][pos], sin)
+        assert eng._rope[0].shape == (eng._slots, ours.config.head_dim)
+        eng._rope = None  # the model computes them again
+        plain = eng.generate(PROMPTS, 6, output_logits=True, eos_token_id=None)
+        assert torch.equal(plain.logits, with_tables.logits) and torch.equal(plain.tokens, with_tables.tokens)
+
+
 def test_engine_is_reusable_across_batches_and_lengths(pair):
     _, ours = pair
     eng = Engine(ours, max_batch=3, max_seq=40)

@@ -54,6 +54,9 @@ class Attend:
         cache: the :class:`KVCache` to write to and read from, or ``None`` (keys are the inputs' own).
         slots: ``[T]`` int64 cache slots the inputs' keys/values go to (with ``cache``).
         kv_len: how many leading cache slots the queries attend over (``S``; with ``cache``).
+        rope: ``(cos, sin)`` tables ``[rows, head_dim]`` of the model's RoPE at positions ``0 .. rows - 1``
+            (``RotaryEmbedding.tables``, every ``positions`` below ``rows``), or ``None``: a Llama model then
+            indexes them (one kernel each, the same bits) instead of computing cos / sin (seven kernels).
     """
 
     positions: torch.Tensor
@@ -61,6 +64,7 @@ class Attend:
     cache: KVCache | None = None
     slots: torch.Tensor | None = None
     kv_len: int = 0
+    rope: "tuple[torch.Tensor, torch.Tensor] | None" = None
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:

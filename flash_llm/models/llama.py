@@ -79,12 +79,23 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
         return self
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                tables: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [*positions.shape, head_dim]`` in ``x``'s dtype; from ``tables`` (:meth:`tables`, rows by
+        position) where given."""
+        if tables is not None:
+            return tables[0][positions], tables[1][positions]
         if self.inv_freq.device != positions.device:  # built on meta and loaded with assign=True
             self.inv_freq = rope_inv_freq(self.config).to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    def tables(self, rows: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [rows, head_dim]`` in ``dtype`` on ``device`` at positions ``0 .. rows - 1``, computed as
+        :meth:`forward` computes them (the same bits), for :attr:`Attend.rope`."""
+        cos, sin = self(torch.empty(0, dtype=dtype, device=device), torch.arange(rows, device=device)[None])
+        return cos[0], sin[0]
 
 
 class LlamaRMSNorm(nn.Module):
@@ -265,7 +276,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(x, attend.positions)
+        cos, sin = self.rotary_emb(x, attend.positions, attend.rope)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
             for layer in self.layers:
