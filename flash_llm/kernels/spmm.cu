@@ -2875,17 +2875,6 @@ DEVI float rope_val(u16 x, u16 p, u16 c, u16 s, bool low) {
   return to_float<BF16>(from_float<BF16>(a + b));
 }
 
-// The value rows of thread (sg, cg) in the chunk from slot s0: slots s0 + sg + SG u, columns 8 cg .. + 7 (zeros past S).
-template <int D>
-DEVI void load_value_rows(uint4* vv, const u16* vc, int s0, int sg, int cg, int S) {
-  constexpr int SG = DA_THREADS / (D / 8), PER = DA_CHUNK / SG;
-#pragma unroll
-  for (int u = 0; u < PER; ++u) {
-    const int sv = s0 + sg + SG * u;
-    vv[u] = sv < S ? *reinterpret_cast<const uint4*>(vc + (long long)sv * D + 8 * cg) : make_uint4(0, 0, 0, 0);
-  }
-}
-
 template <bool BF16, int D>
 DEVI void decode_attn_body(const DecodeAttn a) {
   constexpr int WARPS_DA = DA_THREADS / 32, HALF = D / 2;
@@ -2931,11 +2920,6 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     for (int c = 0; c < HALF / 8; ++c)
       kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
-  // At batch 1 the chunk's value rows too (static as the key rows; the slot's stale row is replaced by the new value
-  // below), so the value phase does not wait for them after the scores.
-  uint4 vv[PER];
-  const bool v_early = gridDim.x == a.kv_heads;
-  if (v_early) load_value_rows<D>(vv, a.vc + cache0, s0, sg, cg, a.S);
   pdl_wait();
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
   const u16* vnew = a.v_new + b * a.v_b + kvh * D;
@@ -3002,7 +2986,13 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     }
   }
   // the value rows, in flight during the softmax statistics (the key rows' registers are free by now)
-  if (!v_early) load_value_rows<D>(vv, a.vc + cache0, s0, sg, cg, a.S);
+  uint4 vv[PER];
+#pragma unroll
+  for (int u = 0; u < PER; ++u) {
+    const int sv = s0 + sg + SG * u;
+    vv[u] = sv < a.S ? *reinterpret_cast<const uint4*>(a.vc + cache0 + (long long)sv * D + 8 * cg)
+                     : make_uint4(0, 0, 0, 0);
+  }
   // softmax statistics of the chunk, per head: m = max, p = exp(score - m) (0 where masked), l = sum p
   float m[DA_HEADS];
 #pragma unroll
