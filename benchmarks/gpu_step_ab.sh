@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # An end-to-end A/B of two package trees, interleaved, one process each (session 46: the step's bookkeeping):
-#   rm -rf ab_base && mkdir ab_base && git archive <base sha> flash_llm | tar -x -C ab_base   (untracked, not committed)
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_step_ab.sh
+#   rm -rf ab_base && mkdir ab_base && git archive <base sha> flash_llm | tar -x -C ab_base   (git ignores /ab_base/)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_step_ab.sh      (device tool: carry ["ab_base"])
 # Each round runs bench_e2e.py (Llama-3-8B, DeltaRows, $AB_SPARSITIES at $AB_BATCHES) on ab_base/ and on this tree.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
