@@ -328,10 +328,6 @@ class _TwoLayouts:
                 m._replace_weight(w)
                 m._delta_rows_paired = self.small[m].paired if large else None
 
-    def _arrays(self, m: torch.nn.Module, w) -> list[torch.Tensor]:
-        """The tensors of layer ``m``'s large copy ``w`` (an ``nn.Linear``'s parameters, or the format's arrays)."""
-        return list(w.parameters()) if isinstance(w, torch.nn.Linear) else list(w.tensors().values())
-
     def swapped(self) -> set[int]:
         """The ``id`` of every tensor an :meth:`install` moves in or out of the model: the DeltaRows layers' arrays,
         and where a dense copy takes a layer's place, the layer's bias and the copy's parameters."""
@@ -345,7 +341,10 @@ class _TwoLayouts:
         """Every array of both sets (and the biases of the layers whose dense copy takes their place)."""
         out = [t for w in self.small.values() for t in w.tensors().values()]
         for m, w in self.large.items():
-            out += self._arrays(m, w) + ([m.bias] if isinstance(w, torch.nn.Linear) and m.bias is not None else [])
+            if isinstance(w, torch.nn.Linear):
+                out += [t for t in (*w.parameters(), m.bias) if t is not None]
+            else:
+                out += w.tensors().values()
         return out
 
 
@@ -386,14 +385,11 @@ def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int
     layers an earlier engine turned from DeltaRows into Tiled-CSL or dense counted too (the engine turns them back
     first; their present bytes, an upper bound of their DeltaRows ones, are not subtracted)."""
     from .formats import DeltaRows
-    from .nn import SparseLinear
 
     grow, largest = 0, 0
     for m in model.modules():
-        if not isinstance(m, SparseLinear) and not (copies and _dense_from_delta_rows(m)):
-            continue
-        was_delta = _was_delta_rows(m) or _dense_from_delta_rows(m)
-        if getattr(m, "weight_format", None) is DeltaRows or (copies and was_delta):
+        if getattr(m, "weight_format", None) is DeltaRows or (
+                copies and (_was_delta_rows(m) or _dense_from_delta_rows(m))):
             dense = _dense_bytes(m)
             held = _tiled_csl_bytes(m) if _large_batch_format(m) == TILED_CSL else dense
             grow += held - (0 if copies else m.nbytes)

@@ -651,20 +651,20 @@ def test_relayout_frees_each_old_weight_as_it_goes(pair, monkeypatch):
     assert len(paths) >= 4
     order, alive = [], []
 
-    def watch(cls, name):
-        orig = getattr(cls, name)
+    def track():  # weak references to the layers as they stand now
+        mods = dict(ours.named_modules())
+        order[:] = [weakref.ref(mods[p]) for p in paths]
+        alive.clear()
 
+    def counting(orig):  # orig, counting first the tracked layers still alive
         def wrapped(*args, **kwargs):
             gc.collect()  # (only what is still referenced stays)
             alive.append(sum(r() is not None for r in order))
             return orig(*args, **kwargs)
+        return wrapped
 
-        monkeypatch.setattr(cls, name, wrapped)
-
-    mods = dict(ours.named_modules())
-    order.extend(weakref.ref(mods[p]) for p in paths)
-    del mods
-    watch(flash_llm.SparseLinear, "to_linear")
+    track()
+    monkeypatch.setattr(flash_llm.SparseLinear, "to_linear", counting(flash_llm.SparseLinear.to_linear))
     done = E.relayout_delta_rows(ours, lambda m: E.DENSE, progress=False)
     assert set(done) == set(paths) and all(v == E.DENSE for v in done.values())
     # (at layer i's expansion: layer i and the ones after it alive, those before it freed)
@@ -672,19 +672,8 @@ def test_relayout_frees_each_old_weight_as_it_goes(pair, monkeypatch):
     gc.collect()
     assert all(r() is None for r in order)
     monkeypatch.undo()
-    order.clear()
-    alive.clear()
-    mods = dict(ours.named_modules())
-    order.extend(weakref.ref(mods[p]) for p in paths)
-    del mods
-    orig = DeltaRows.from_dense.__func__
-
-    def counted(cls, *a, **k):
-        gc.collect()
-        alive.append(sum(r() is not None for r in order))
-        return orig(cls, *a, **k)
-
-    monkeypatch.setattr(DeltaRows, "from_dense", classmethod(counted))
+    track()
+    monkeypatch.setattr(DeltaRows, "from_dense", classmethod(counting(DeltaRows.from_dense.__func__)))
     done = E.relayout_delta_rows(ours, lambda m: 1, progress=False)
     assert set(done) == set(paths)
     assert alive == [len(paths) - i for i in range(len(paths))], alive

@@ -25,6 +25,25 @@ DTYPES = [torch.float16, torch.bfloat16]
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
+def _small_llama(layers: int = 2):
+    """A Llama-3-8B-shaped config small enough for a test (1024 wide, 8 heads over 2 KV heads, 4096 tokens)."""
+    return preset("llama-3-8b").replace(num_layers=layers, hidden_size=1024, intermediate_size=3584, num_heads=8,
+                                        num_kv_heads=2, vocab_size=4096, name="small-llama")
+
+
+def _small_delta_rows_llama(sparsity: float):
+    """:func:`_small_llama`'s two layers, built on the GPU at ``sparsity`` with DeltaRows weights."""
+    return build_synthetic(_small_llama(), sparsity, fmt="delta-rows", device="cuda", progress=False)[0]
+
+
+def _assert_first_steps_close(got, want, label=None):
+    """The logits of the prefill and the first decode step (columns 0, 1) within 16 fp16 ulps of ``want``'s largest
+    magnitude."""
+    for i in (0, 1):
+        bound = 16 * ULP[torch.float16] * want.logits[:, i].abs().max().item()
+        assert (got.logits[:, i] - want.logits[:, i]).abs().max().item() <= bound, (label, i)
+
+
 def _hf(family: str, seed: int = 0):
     torch.manual_seed(seed)
     if family == "llama":
@@ -263,8 +282,7 @@ def test_seeded_sampling_on_gpu_with_graphs():
 
 @pytest.mark.parametrize("sparsity", [None, 0.8], ids=["dense", "sparse80"])
 def test_small_synthetic_model_builds_and_runs(sparsity):
-    cfg = preset("llama-3-8b").replace(num_layers=4, hidden_size=1024, intermediate_size=3584, num_heads=8,
-                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
+    cfg = _small_llama(4)
     torch.cuda.empty_cache()
     model, report = build_synthetic(cfg, sparsity, device="cuda", progress=False)
     assert report.allocated_bytes > 0
@@ -289,9 +307,7 @@ def test_delta_layout_follows_the_batch():
     the model captures again and gives the split layout's bits.  From DELTA_TCSL_MIN_BATCH the weights become
     Tiled-CSL (the first two steps' logits within rounding) and a batch-1 engine turns them back (its bits again);
     without the memory for Tiled-CSL the engine warns and keeps DeltaRows."""
-    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
-                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
-    model, _ = build_synthetic(cfg, 0.8, fmt="delta-rows", device="cuda", progress=False)
+    model = _small_delta_rows_llama(0.8)
     prompts = [[int(t) for t in torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(4))]]
     keep = Engine(model, max_batch=1, max_seq=128, delta_layout="keep").generate(prompts, 8, output_logits=True,
                                                                                eos_token_id=None)
@@ -312,9 +328,7 @@ def test_delta_layout_follows_the_batch():
     assert all(m.weight_format is not flash_llm.DeltaRows for m in model.modules()
                if isinstance(m, flash_llm.SparseLinear))
     tc = wide.generate(prompts, 8, output_logits=True, eos_token_id=None)
-    for i in (0, 1):
-        bound = 16 * ULP[torch.float16] * keep.logits[:, i].abs().max().item()
-        assert (tc.logits[:, i] - keep.logits[:, i]).abs().max().item() <= bound, i
+    _assert_first_steps_close(tc, keep)
     back = Engine(model, max_batch=1, max_seq=128)
     assert set(back.relayout) == set(eng.relayout) and all(p > 1 for p in back.relayout.values())
     assert torch.equal(back.generate(prompts, 8, output_logits=True, eos_token_id=None).logits, got.logits)
@@ -333,9 +347,7 @@ def test_batched_engine_at_50_percent_runs_dense_layers():
     the first batch-1 engine."""
     from flash_llm import engine as E
 
-    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
-                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
-    model, _ = build_synthetic(cfg, 0.5, fmt="delta-rows", device="cuda", progress=False)
+    model = _small_delta_rows_llama(0.5)
     gen = torch.Generator().manual_seed(5)
     prompts = [[int(t) for t in torch.randint(0, 4096, (32,), generator=gen)] for _ in range(E.DELTA_TCSL_MIN_BATCH)]
     keep = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=64, delta_layout="keep").generate(
@@ -346,9 +358,7 @@ def test_batched_engine_at_50_percent_runs_dense_layers():
     assert wide.relayout and set(wide.relayout.values()) == {E.DENSE}, wide.relayout
     assert not any(isinstance(m, flash_llm.SparseLinear) for m in model.modules())
     got = wide.generate(prompts, 6, output_logits=True, eos_token_id=None)
-    for i in (0, 1):
-        bound = 16 * ULP[torch.float16] * keep.logits[:, i].abs().max().item()
-        assert (got.logits[:, i] - keep.logits[:, i]).abs().max().item() <= bound, i
+    _assert_first_steps_close(got, keep)
     eager = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=64, cuda_graphs=False)
     assert torch.equal(eager.generate(prompts, 6, eos_token_id=None).tokens, got.tokens)
     back = Engine(model, max_batch=1, max_seq=64)
@@ -365,9 +375,7 @@ def test_dual_layout_serves_each_batch_with_its_format():
     from flash_llm import engine as E
 
     big = E.DUAL_TCSL_MIN_BATCH
-    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
-                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
-    model, _ = build_synthetic(cfg, 0.8, fmt="delta-rows", device="cuda", progress=False)
+    model = _small_delta_rows_llama(0.8)
     gen = torch.Generator().manual_seed(5)
     prompts = [[int(t) for t in torch.randint(0, 4096, (64,), generator=gen)] for _ in range(big)]
     keep = {b: Engine(model, max_batch=b, max_seq=128, delta_layout="keep").generate(
@@ -386,10 +394,8 @@ def test_dual_layout_serves_each_batch_with_its_format():
     assert eng._graphs[1] is graph and torch.equal(again.logits, one.logits)  # replayed, not captured again
     eager = Engine(model, max_batch=big, max_seq=128, delta_layout="dual", cuda_graphs=False)
     assert torch.equal(eager.generate(prompts[:1], 8, output_logits=True, eos_token_id=None).logits, one.logits)
-    for got, b in ((one, 1), (four, big)):
-        for i in (0, 1):  # the prefill (the copies against the expanded DeltaRows) and the first step
-            bound = 16 * ULP[torch.float16] * keep[b].logits[:, i].abs().max().item()
-            assert (got.logits[:, i] - keep[b].logits[:, i]).abs().max().item() <= bound, (b, i)
+    for got, b in ((one, 1), (four, big)):  # the prefill (the copies against the expanded DeltaRows), the first step
+        _assert_first_steps_close(got, keep[b], b)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(E, "RELAYOUT_MARGIN_BYTES", 1 << 50)
         with pytest.warns(UserWarning, match="no Tiled-CSL copies"):
@@ -405,9 +411,7 @@ def test_dual_layout_at_50_percent_swaps_in_dense_copies():
     from flash_llm import engine as E
 
     big = E.DUAL_TCSL_MIN_BATCH
-    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
-                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
-    model, _ = build_synthetic(cfg, 0.5, fmt="delta-rows", device="cuda", progress=False)
+    model = _small_delta_rows_llama(0.5)
     gen = torch.Generator().manual_seed(6)
     prompts = [[int(t) for t in torch.randint(0, 4096, (48,), generator=gen)] for _ in range(big)]
     keep = {b: Engine(model, max_batch=b, max_seq=128, delta_layout="keep").generate(
@@ -424,6 +428,4 @@ def test_dual_layout_at_50_percent_swaps_in_dense_copies():
     eager = Engine(model, max_batch=big, max_seq=128, delta_layout="dual", cuda_graphs=False)
     assert torch.equal(eager.generate(prompts, 8, eos_token_id=None).tokens, many.tokens)
     for got, b in ((one, 1), (many, big)):
-        for i in (0, 1):
-            bound = 16 * ULP[torch.float16] * keep[b].logits[:, i].abs().max().item()
-            assert (got.logits[:, i] - keep[b].logits[:, i]).abs().max().item() <= bound, (b, i)
+        _assert_first_steps_close(got, keep[b], b)

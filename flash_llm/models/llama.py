@@ -85,17 +85,19 @@ class RotaryEmbedding(nn.Module):
         position) where given."""
         if tables is not None:
             return tables[0][positions], tables[1][positions]
+        return self._cos_sin(positions, x.dtype)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:  # built on meta and loaded with assign=True
             self.inv_freq = rope_inv_freq(self.config).to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def tables(self, rows: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin [rows, head_dim]`` in ``dtype`` on ``device`` at positions ``0 .. rows - 1``, computed as
         :meth:`forward` computes them (the same bits), for :attr:`Attend.rope`."""
-        cos, sin = self(torch.empty(0, dtype=dtype, device=device), torch.arange(rows, device=device)[None])
-        return cos[0], sin[0]
+        return self._cos_sin(torch.arange(rows, device=device), dtype)
 
 
 class LlamaRMSNorm(nn.Module):
