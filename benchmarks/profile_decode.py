@@ -123,6 +123,13 @@ def layer_timeline(ks: list[dict]) -> list[tuple[str, float, float]]:
 _SDPA = None
 
 
+def restart(eng: Engine, slot: int = 64) -> None:
+    """Put every row of ``eng``'s captured decode back at cache slot and position ``slot``: each graph replay advances
+    both, and a position past the cache would index the RoPE tables (``max_seq`` rows) out of bounds."""
+    eng._slot.fill_(slot)
+    eng._pos.fill_(slot)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3-8b")
@@ -157,13 +164,13 @@ def main(argv=None) -> int:
     eng.generate(prompts, 4, eos_token_id=None)  # compiles, captures the graph of this batch size
     graph = eng._graphs[a.batch]
 
-    eng._slot.fill_(64)  # warm-up replays; every timed batch restarts at slot 64, inside the cache
+    restart(eng)  # warm-up replays; every timed batch restarts at slot 64, inside the cache
     for _ in range(20):
         graph.replay()
     times = []
     for _ in range(30):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        eng._slot.fill_(64)
+        restart(eng)
         e0.record()
         for _ in range(10):
             graph.replay()
@@ -174,7 +181,7 @@ def main(argv=None) -> int:
 
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        eng._slot.fill_(64)
+        restart(eng)
         torch.cuda.synchronize()
         for _ in range(a.replays):
             graph.replay()

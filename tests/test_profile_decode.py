@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 _path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "profile_decode.py")
 _spec = importlib.util.spec_from_file_location("profile_decode", _path)
@@ -80,3 +81,29 @@ def test_layer_timeline_takes_medians_from_each_attention_start():
     assert tl[1] == ("delta_rows_spmm_f16_n1", 1.0, 15.0)  # the late layer moves no median
     assert tl[2][2] == 40.0
     assert profile_decode.layer_timeline(ks[:3]) == []
+
+
+def test_restart_keeps_replayed_steps_inside_the_rope_tables():
+    """The tool replays the captured step hundreds of times; :func:`restart` puts cache slot and position back, so a
+    Llama's position never passes its RoPE tables' ``max_seq`` rows (session 47: resetting only the slot, the batch-8
+    profile indexed the tables out of bounds on the GPU)."""
+    from conftest import tiny_hf_model
+    from flash_llm.engine import Engine
+    from flash_llm.models import from_config
+
+    hm = tiny_hf_model("llama")
+    ours = from_config(hm.config, dtype=torch.float32, device="meta")
+    ours.load_state_dict(hm.state_dict(), assign=True)
+    eng = Engine(ours.eval(), max_batch=2, max_seq=12)
+    eng.generate([[5, 6, 7], [1, 2, 3, 4]], 2, eos_token_id=None)
+    rows = eng._slots  # (max_seq rounded up)
+    assert eng._rope is not None and eng._rope[0].shape[0] == rows
+    for _ in range(3):  # three rounds from slot 4 to the cache's end: about 3x the steps the cache holds
+        profile_decode.restart(eng, 4)
+        assert eng._slot.tolist() == [4] and eng._pos[:2].tolist() == [4, 4]
+        for _ in range(rows - 4):
+            eng._step(2)
+    assert eng._slot.tolist() == [rows] and eng._pos[:2].tolist() == [rows, rows]
+    eng._slot.fill_(4)  # the slot alone put back: the next position is past the tables
+    with pytest.raises(IndexError):
+        eng._step(2)
