@@ -425,6 +425,77 @@ def test_wg_spread_agrees_with_the_reduction(dtype, density, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [0.2, 0.4])
+def test_nt_spread_agrees_with_the_reduction(dtype, density, monkeypatch):
+    """At 2-16 tokens (the one-warp Tiled-CSL kernels ``_nt1`` / ``_nt2``) with split-K: summed in the spmm's own
+    launch (``_nt<NT>r``, kernels.NT_SPREAD) with the bits of the ``splitk_reduce`` launch with one way, plain with a
+    bias and SiLU x up; rows past a 64-row block (m = 300, where SiLU's up rows do not start on a block and the
+    reduction runs), K past a tile (1000), split counts that leave a short last split, a poisoned output; repeated
+    eager calls and a graph captured under static_weights (programmatic launch) replay to the same bits on fresh
+    inputs; a grid the SMs cannot hold at once, and ``NT_SPREAD`` off, take the reduction."""
+    k = _kernels()
+    fmt = FORMAT_IDS[flash_llm.TiledCSL]
+    gen = torch.Generator(device="cuda").manual_seed(47)
+    launched = []
+    real_launch = k.launch
+    monkeypatch.setattr(k, "launch", lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw))
+    for m, k_in in ((1024, 4096), (300, 1000)):
+        w = flash_llm.TiledCSL.from_dense(sparse_weight(m, k_in, density, dtype, gen))
+        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+        silu_spread = (m // 2) % 64 == 0
+
+        def both(x, splits, ways):
+            plain = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=splits, force_sparse=True, ways=ways,
+                                out=torch.full((x.shape[0], m), float("nan"), dtype=dtype, device="cuda"))
+            act = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, None, splits=splits, force_sparse=True, ways=ways,
+                              act="silu_mul",
+                              out=torch.full((x.shape[0], m // 2), float("nan"), dtype=dtype, device="cuda"))
+            return plain, act
+
+        for n in (2, 3, 8, 9, 16):
+            if n > 8 and k.wgmma_ok(0) and k.tcsl_wg32_runs(n, density, m * k_in):
+                continue  # (the warpgroup kernel runs there)
+            want = "_nt1r" if n <= 8 else "_nt2r"
+            x = torch.randn(n, k_in, generator=gen, device="cuda").to(dtype)
+            for splits in (3, 5, None):
+                launched.clear()
+                spread = both(x, splits, None)
+                ran = [name for name in launched if name.endswith(want)]
+                assert len(ran) == (2 if silu_spread else 1), launched
+                assert sum("splitk_reduce" in name for name in launched) == (0 if silu_spread else 1), launched
+                reduced = both(x, splits, 1)
+                assert any("splitk_reduce" in name for name in launched[len(launched) - 2:]), launched
+                for a, b in zip(spread, reduced):
+                    assert not torch.isnan(a).any()
+                    assert torch.equal(a, b), (m, n, splits)
+                assert all(torch.equal(a, b) for a, b in zip(both(x, splits, None), spread))
+            check(spread[0], x, w.to_dense(), bias)
+    # the last weight (300 x 1000) at N = 8: a grid wider than one SM's room, then NT_SPREAD off, run the reduction
+    x = torch.randn(8, k_in, generator=gen, device="cuda").to(dtype)
+    want = both(x, 5, None)
+    for patch in (("sm_count", lambda index: 1), ("NT_SPREAD", False)):
+        with monkeypatch.context() as mp:
+            mp.setattr(k, *patch)
+            launched.clear()
+            got = both(x, 5, None)
+        assert not any(name.endswith("_nt1r") for name in launched) and "splitk_reduce" in launched[1], launched
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    w = flash_llm.TiledCSL.from_dense(sparse_weight(1024, 4096, density, dtype, gen))
+    src = torch.randn(8, 4096, generator=gen, device="cuda").to(dtype)
+    m, k_in, bias = 1024, 4096, torch.randn(1024, generator=gen, device="cuda").to(dtype)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr), k.static_weights():
+        out = both(src * 2, 5, None)
+    for _ in range(3):
+        src.copy_(torch.randn(8, 4096, generator=gen, device="cuda").to(dtype))
+        for t in out:
+            t.fill_(float("nan"))
+        gr.replay()
+        for a, b in zip(out, both(src * 2, 5, 1)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("wgmma,min_n", [("1", 17), ("1", 1), ("0", 17)])
 def test_bitmap_kernels_above_32_tokens(dtype, wgmma, min_n, monkeypatch):
     """On sm_90 the bitmap warpgroup kernel (A from the decoded registers, X in fragment column order; 8 to 128
