@@ -9,7 +9,7 @@ EXPECTED_KERNELS = (
     | {f"tiled_csl_spmm_{dt}_{v}" for dt in ("f16", "bf16")
        for v in ("n1", "n1s", "n1r", "n1rs", "w2", "w4", "wg32x2", "wg32x2p3", "wg32x2p3r", "wg32x2p4", "wg32x2p4r",
                  "wg64x2", "wg64x2s2", "wg128x2", "wg128x4", "wg32x2r",
-                 "wg64x2r", "wg64x2s2r", "wg128x2r", "wg128x4r", "nt1r", "nt2r")}
+                 "wg64x2r", "wg64x2s2r", "wg128x2r", "wg128x4r")}
     | {f"bitmap_spmm_{dt}_wg{nb}" for dt in ("f16", "bf16") for nb in (8, 16, 32, 64, 128)}
     | {f"decode_attn_{dt}_d{d}" for dt in ("f16", "bf16") for d in (64, 128)}
     | {f"delta_rows_spmm_{dt}_n1" for dt in ("f16", "bf16")} | {"delta_rows_to_dense"}

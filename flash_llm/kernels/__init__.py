@@ -142,12 +142,9 @@ N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
 #: 2.942 / 2.937 -> 2.905 / 2.906.
 N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "1") != "0"
 #: The warpgroup kernels' split-K summed in the same launch (``_wg<NB>x<R>r``: every block of a row group, once all
-#: the group's partial sums are stored, sums its share of them; see :func:`_spread_ok` for when), not by a
+#: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
 WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
-#: The same for the one-warp Tiled-CSL kernels at N = 2-16 (``_nt1r`` / ``_nt2r``, session 47);
-#: ``FLASH_LLM_NT_SPREAD=0`` for the ``splitk_reduce_*`` launch after them.
-NT_SPREAD = os.environ.get("FLASH_LLM_NT_SPREAD", "1") != "0"
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -806,7 +803,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
 
     ``splits`` overrides the split-K heuristic, ``force_sparse`` the large-N dispatch, ``ways`` (1 or 4) the
     Tiled-CSL reduction's :func:`reduce_ways` (given, the warpgroup kernels' split-K goes to that reduction, not
-    :data:`WG_SPREAD` / :data:`NT_SPREAD`'s), and ``out`` (contiguous, ``[N, m]``, or ``[N, m / 2]`` with ``act``)
+    :data:`WG_SPREAD`'s), and ``out`` (contiguous, ``[N, m]``, or ``[N, m / 2]`` with ``act``)
     receives the result (tests poison it first).
 
     Around the product (each computed inside the kernels where :func:`epilogue_fusable` says so for the launch, and
@@ -881,10 +878,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
         _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
         return y
-    # the ``_wg<NB>x<R>r`` / ``_nt<NT>r`` kernels sum their split-K themselves (two counters per row group), else
-    # splitk_reduce, below
-    spread = ways is None and norm is None and add_to is None and _spread_ok(fmt, name, p, m, act, blocks, threads,
-                                                                              shared, dev)
+    # the ``_wg<NB>x<R>r`` kernel sums its split-K itself (two counters per row group), else splitk_reduce, below
+    spread = ways is None and _wg_spread_ok(fmt, name, p, m, act, blocks, threads, shared, dev)
     if p.splits > 1:
         # (norm: then one sum of squares of X per split, from the n1s kernel to the reduction)
         ws = torch.empty(p.splits * tiles * ROWS_PER_BLOCK * 8 * p.nt + (p.splits if norm is not None else 0),
@@ -940,16 +935,13 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
            pdl=PDL_SPMM and getattr(_static, "on", False))
 
 
-def _spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, threads: int, shared: int,
-               dev: torch.device) -> bool:
-    """Whether :func:`spmm_cuda` sums the split-K of Tiled-CSL kernel ``name`` in its own launch: a warpgroup kernel
-    (:data:`WG_SPREAD`) or a one-warp kernel of N = 2-16 (``_nt1`` / ``_nt2``, :data:`NT_SPREAD`).  The blocks of a row
-    group wait for each other there, so only when the whole grid is resident at once (``blocks x splits`` within the
-    SMs' room for the ``r`` kernel) and, with SiLU x up, when the up rows start on a block (``m / 2`` a multiple of the
-    block's rows)."""
-    if not (p.splits > 1 and fmt == TILED_CSL):
-        return False
-    if not ((WG_SPREAD and "_wg" in name) or (NT_SPREAD and name.endswith(("_nt1", "_nt2")))):
+def _wg_spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, threads: int, shared: int,
+                  dev: torch.device) -> bool:
+    """Whether :func:`spmm_cuda` sums the split-K of Tiled-CSL warpgroup kernel ``name`` in its own launch
+    (:data:`WG_SPREAD`): the blocks of a row group wait for each other there, so only when the whole grid is resident
+    at once (``blocks x splits`` within the SMs' room for the ``r`` kernel) and, with SiLU x up, when the up rows
+    start on a block (``m / 2`` a multiple of the block's rows)."""
+    if not (WG_SPREAD and p.splits > 1 and fmt == TILED_CSL and "_wg" in name):
         return False
     if act is not None and (m // 2) % p.block_rows:
         return False

@@ -792,14 +792,9 @@ DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, u32 xs, int lane, 
 // batch 8 3.7 % faster with _nt1's trigger moved from its start to here.
 constexpr bool bitmap_trigger_at_start = true, tiled_csl_trigger_at_start = false;
 
-template <bool BF16, int NT, int R, int CPB, int T>
-DEVI void spread_sum(const Problem& p, int mode, int row_tiles, int nl);  // (below, with the warpgroup kernels)
-
-// SPREAD (tiled_csl_spmm_<dtype>_nt<NT>r, kernels.NT_SPREAD): the split-K summed in the launch by spread_sum, as the
-// warpgroup kernels' _r do (a group: the splits of one 64-row block and N chunk; mode 0 or RED_SILU).
-template <bool BF16, int NT, bool SPREAD = false>
+template <bool BF16, int NT>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                             int kt_per_split, Problem p, int mode = 0) {
+                             int kt_per_split, Problem p) {
   __shared__ __align__(128) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, swizzled row-major (csl_tile_byte)
   __shared__ __align__(128) u32 xtile[NT * 8 * 32];     // the X tile, NT KiB (csl_load_x)
   const int lane = threadIdx.x & 31;
@@ -859,14 +854,12 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
       __syncwarp();
     }
   }
-  // with split-K, the partials are summed by a second launch (splitk_reduce), or (SPREAD) by every block of the
-  // row group, a share each, once all have stored: the last 32-thread block alone would sum them with 32 threads, a
-  // long tail at N >= 16
+  // with split-K, the partials are summed by a second launch (splitk_reduce): the last 32-thread block of a row
+  // group would sum them with 32 threads, a long tail at N >= 16
   if (!tiled_csl_trigger_at_start) pdl_launch_dependents();  // the late trigger (INSTANTIATE: else at the start)
 #pragma unroll
   for (int s = 0; s < 4; ++s)
     store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
-  if (SPREAD && p.splits > 1) spread_sum<BF16, NT, 1, 1, 32>(p, mode, (mt + 3) >> 2, p.n_chunks);
 }
 
 // Split-K of the N = 1 kernel summed in the same launch (tiled_csl_spmm_<dtype>_n1r / _n1rs, kernels.N1_FUSED): each
@@ -1662,13 +1655,6 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
     FMT##_spmm_body<BF16, NT>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM);           \
   }
 
-// tiled_csl_spmm_<dtype>_nt<NT>r: the one-warp kernel with its split-K summed in the launch (spread_sum)
-#define INSTANTIATE_NTR(NAME, BF16, NT)                                                                   \
-  extern "C" __global__ void __launch_bounds__(tiled_csl_threads, tiled_csl_min_blocks<NT>::value)        \
-  tiled_csl_spmm_##NAME##_nt##NT##r(SPMM_ARGS, int mode) {                                                \
-    tiled_csl_spmm_body<BF16, NT, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, mode);   \
-  }
-
 #define INSTANTIATE_ALL(FMT)                                                                      \
   INSTANTIATE(FMT, f16, false, 1)                                                                 \
   INSTANTIATE(FMT, f16, false, 2)                                                                 \
@@ -1802,10 +1788,6 @@ INSTANTIATE_ALL(bitmap)
 INSTANTIATE(bitmap, f16, false, 8)
 INSTANTIATE(bitmap, bf16, true, 8)
 INSTANTIATE_ALL(tiled_csl)
-INSTANTIATE_NTR(f16, false, 1)
-INSTANTIATE_NTR(f16, false, 2)
-INSTANTIATE_NTR(bf16, true, 1)
-INSTANTIATE_NTR(bf16, true, 2)
 
 // The Tiled-CSL kernels for N > 32.  tiled_csl_spmm_<dtype>_w<W>: W warps of 32 tokens each share every tile's decode.
 // tiled_csl_spmm_<dtype>_wg<NB>x<R> (sm_90a; a trap elsewhere): NB tokens and R warpgroups (64 R weight rows) per
