@@ -20,5 +20,5 @@ from .checkpoint.hf_quantizer import install as _install_hf_quantizer  # noqa: E
 
 _install_hf_quantizer()  # registers with transformers when (and only if) it gets imported
 
-__all__ = ["BitmapTiles", "TiledCSL", "DeltaRows", "FormatError", "spmm", "load", "save", "SparseLinear", "SparsifyConfig",
-           "sparsify_", "from_pretrained", "save_pretrained", "__version__"]
+__all__ = ["BitmapTiles", "TiledCSL", "DeltaRows", "FormatError", "spmm", "load", "save", "SparseLinear",
+           "SparsifyConfig", "sparsify_", "from_pretrained", "save_pretrained", "__version__"]

@@ -263,10 +263,11 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
         act: ``None``, or ``"silu_mul"`` for a merged gate / up weight (as :func:`spmm_silu_mul`).
 
     Returns:
-        ``[..., M]`` (``[..., M / 2]`` with ``act``) in ``x.dtype``: :func:`~flash_llm.reference.rms_norm` (transformers'
-        LlamaRMSNorm), then the product accumulated in fp32.  On CUDA at one token with split-K (Tiled-CSL), the
-        norm's weight scales ``x`` inside the spmm and each token's factor is applied in the split-K reduction, so
-        the norm has no kernel of its own; the result is the same to rounding, not bit for bit.  Not differentiable.
+        ``[..., M]`` (``[..., M / 2]`` with ``act``) in ``x.dtype``: :func:`~flash_llm.reference.rms_norm`
+        (transformers' LlamaRMSNorm), then the product accumulated in fp32.  On CUDA at one token with split-K
+        (Tiled-CSL), the norm's weight scales ``x`` inside the spmm and each token's factor is applied in the split-K
+        reduction, so the norm has no kernel of its own; the result is the same to rounding, not bit for bit.  Not
+        differentiable.
     """
     m, k, _ = _checked(x, w, None)
     if act not in (None, "silu_mul"):

@@ -347,7 +347,8 @@ def magnitude_prune_(model: nn.Module, sparsity: float, *, scope: str = "layer",
 
 # ---- Wanda ------------------------------------------------------------------------------------------
 
-def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *, filter_fn: FilterFn | None = None) -> PruneReport:
+def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
+                 filter_fn: FilterFn | None = None) -> PruneReport:
     """Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"), in place.
 
     Weight ``W_ij`` of a layer ``[M, K]`` scores ``|W_ij| * ||X_j||_2``, with ``X_j`` input feature ``j``
@@ -454,8 +455,8 @@ def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blo
     return out, err
 
 
-def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *, blocksize: int = 128, percdamp: float = 0.01,
-                     filter_fn: FilterFn | None = None) -> PruneReport:
+def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *, blocksize: int = 128,
+                     percdamp: float = 0.01, filter_fn: FilterFn | None = None) -> PruneReport:
     """SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
     One-Shot"), in place: prune each layer and update its remaining weights to compensate (OBS).
 

@@ -147,7 +147,8 @@ def _streams(w: torch.Tensor, pair: bool = False):
         h = m // 2  # slices then hold rows of nearly one length (random 80 %: 0.9 % padding, against 5 % by the sum)
         by_gate = torch.sort(ent[:h], descending=True, stable=True).indices
         up = ent[h:][by_gate]
-        key = torch.arange(h, device=dev) // PAIR_BUCKET * (int(up.max()) + 1 if h else 1) + (up.max() - up if h else up)
+        key = (torch.arange(h, device=dev) // PAIR_BUCKET * (int(up.max()) + 1 if h else 1)
+               + (up.max() - up if h else up))
         half = by_gate[torch.sort(key, stable=True).indices]
         perm = torch.cat([half, half + h])
     else:
@@ -571,7 +572,8 @@ class DeltaRows(SparseFormat):
                                   f"{slices + 1} + 18 x {slices} x S + {mp} for any split count S >= 1, nor one more "
                                   f"holding M / 2 of a weight with paired halves")
             # split layout: rank r of the second half beside rank r of the first; parts: lane l + 16 beside lane l
-            a, b = (perm[: mp // 2], perm[mp // 2:]) if p == 1 else (perm.view(-1, 2, 16)[:, 0], perm.view(-1, 2, 16)[:, 1])
+            a, b = ((perm[: mp // 2], perm[mp // 2:]) if p == 1
+                    else (perm.view(-1, 2, 16)[:, 0], perm.view(-1, 2, 16)[:, 1]))
             if not torch.equal(b, torch.where(a >= 0, a + h, a)) or bool(((a >= h)).any()):
                 raise FormatError(f"{where}tensor '{prefix}offsets': the paired halves' row order does not pair row "
                                   f"r with row r + {h}")

@@ -116,7 +116,8 @@ def _bank_order_tiles(data: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
     group = tile_of * 33 + bank
     key_sorted, order = torch.sort((group << 12) | pos, stable=True)
     group_sorted = key_sorted >> 12
-    rank_sorted = torch.arange(n, device=dev, dtype=i32) - torch.searchsorted(group_sorted, group_sorted, out_int32=True)
+    rank_sorted = (torch.arange(n, device=dev, dtype=i32)
+                   - torch.searchsorted(group_sorted, group_sorted, out_int32=True))
     del group, group_sorted, key_sorted
     rank = torch.empty_like(rank_sorted)
     rank[order] = rank_sorted

@@ -107,8 +107,8 @@ TCSL_WG32_PF4_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF4_MIN_DE
 #: ``_nt2``: one decode of a tile per 128 rows, read by the tensor cores, against one per 64 rows read back by ldmatrix.
 #: H200, session 40 (``benchmarks/results/2026-12-02-s40/callD-G``, ``bench_e2e.py``, ms per token, dense-end setting
 #: against the old 17): Llama-3-8B 60 % batch 12 / 16 +16 % / 5.766 -> 4.921 (0.88x -> 1.03x of dense); OPT-30B 60 %
-#: batch 16 20.576 -> 18.666 (0.88x -> 0.97x).  At 70 % (``_wg32x2p3``) mixed: Llama-3-8B batch 16 4.807 / 4.803 -> 4.594
-#: / 4.599 (two rounds), OPT-30B 16.347 -> 16.697; at 80 % (``_wg32x2``) it lost (Llama-3-8B batch 16 3.99-4.00 ->
+#: batch 16 20.576 -> 18.666 (0.88x -> 0.97x).  At 70 % (``_wg32x2p3``) mixed: Llama-3-8B batch 16 4.807 / 4.803 ->
+#: 4.594 / 4.599 (two rounds), OPT-30B 16.347 -> 16.697; at 80 % (``_wg32x2``) it lost (Llama-3-8B batch 16 3.99-4.00 ->
 #: 4.27, batch 8 3.60 -> 4.14).  ``FLASH_LLM_TCSL_WG32_DENSE_MIN_N`` overrides it.
 TCSL_WG32_DENSE_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_DENSE_MIN_N", "9"))
 #: Between the two (``_wg32x2p3``'s densities, 70 % sparsity) the warpgroup kernel runs N = 9-16 on weights of at most
@@ -506,7 +506,8 @@ def parse_split_overrides(text: str) -> dict[tuple[int, int, int], int]:
     return out
 
 
-#: Split counts that replace :func:`plan`'s choice for given shapes (``FLASH_LLM_SPLITS``, :func:`parse_split_overrides`)
+#: Split counts that replace :func:`plan`'s choice for given shapes (``FLASH_LLM_SPLITS``,
+#: :func:`parse_split_overrides`)
 SPLIT_OVERRIDES = parse_split_overrides(os.environ.get("FLASH_LLM_SPLITS", ""))
 
 
@@ -669,7 +670,8 @@ def _aligned16(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.data_ptr() % 16 == 0 else t.clone()
 
 
-#: ``FLASH_LLM_DELTA_PARTS_STAGE``: 1 stages X as fp32 in the parts layout's N = 1 kernel where it fits (tests, tuning); else 16-bit
+#: ``FLASH_LLM_DELTA_PARTS_STAGE``: 1 stages X as fp32 in the parts layout's N = 1 kernel where it fits (tests,
+#: tuning); else 16-bit
 PARTS_STAGE = int(os.environ.get("FLASH_LLM_DELTA_PARTS_STAGE", "0"))
 #: the most bytes of X a parts-layout block stages in dynamic shared memory (N = 1 as fp32: ``4 K``; 2-8 tokens:
 #: ``NT x 2 K``, K = 4096 at NT = 8 takes 64 KB)
@@ -698,7 +700,8 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}", (ceil_div(lay.slices, DR_WARPS), 1, 1),
            32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
-            (bias.data_ptr() if bias is not None else 0, P), (mode, I), (scale.data_ptr() if scale is not None else 0, P),
+            (bias.data_ptr() if bias is not None else 0, P), (mode, I),
+            (scale.data_ptr() if scale is not None else 0, P),
             (0.0 if norm is None else float(norm[-1]), ctypes.c_float), (k, I), (lay.slices, I),
             (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
            torch.cuda.current_stream(dev).cuda_stream, dev.index, k * (4 if stage == 1 else 2),
@@ -903,7 +906,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         # Programmatic launch (the reduction's blocks wait resident for the spmm; _pdl_reduce).  H200, session 7:
         # Llama-3-8B decode at 80 % 1.1-1.3 % faster per token at N <= 8; at N = 9-16 (_nt2) since session 23, whose
         # blocks let it launch only once their product is done, so its blocks take no room from the spmm's waves.
-        mode = ("rms_" if norm is not None else "") + ("silu_" if act else "") + ("resid_" if add_to is not None else "")
+        mode = (("rms_" if norm is not None else "") + ("silu_" if act else "")
+                + ("resid_" if add_to is not None else ""))
         launch(f"splitk_reduce_{mode}{_dtype_suffix(x.dtype)}_nt{p.nt}",
                (tiles // 2 if act else tiles, w * p.nt, 1), THREADS,
                [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m_out, I), (n, I), (p.splits, I), (tiles, I),
@@ -1134,5 +1138,5 @@ def _pdl_attention(batch: int, kv_len: int) -> bool:
     return PDL_ATTN and getattr(_static, "on", False) and batch * kv_len <= DECODE_ATTN_PDL_MAX_WORK
 
 
-__all__ = ["spmm_cuda", "epilogue_fusable", "static_weights", "decode_dense", "plan", "supported", "compile_kernels", "KernelBuildError",
-           "decode_attention_cuda", "decode_attention_ok"]
+__all__ = ["spmm_cuda", "epilogue_fusable", "static_weights", "decode_dense", "plan", "supported", "compile_kernels",
+           "KernelBuildError", "decode_attention_cuda", "decode_attention_ok"]

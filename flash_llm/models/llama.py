@@ -230,8 +230,8 @@ class LlamaDecoderLayer(nn.Module):
         RMSNorm runs inside the projection after it (:func:`flash_llm.ops.spmm_rms_norm`), each residual add inside
         the projection before it (:func:`flash_llm.ops.spmm_add_`), SiLU x up inside the gate / up projection.  With
         the Tiled-CSL kernels a layer is then 4 spmm launches that sum their own splits (``kernels.N1_FUSED``; else
-        4 split-K reductions more) and the attention, against 12 launches for :meth:`forward_deferred`.  ``x [1, 1, H]``, the residual stream, is updated in place and
-        returned."""
+        4 split-K reductions more) and the attention, against 12 launches for :meth:`forward_deferred`.  ``x [1, 1,
+        H]``, the residual stream, is updated in place and returned."""
         qkv, o, gate_up, down = layers
         a, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
         q, k, v = ops.spmm_rms_norm(x, norm.weight, norm.eps, qkv.weight).split(a.qkv_proj.sizes, dim=-1)

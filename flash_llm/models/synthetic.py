@@ -7,8 +7,8 @@ layer directly on the target device, for throughput and memory measurements.
     print(report)
 
 The skeleton is built on ``meta``; each projection is then drawn on the device (normal values, each kept with
-probability ``1 - sparsity``), compressed (``BitmapTiles``, or ``TiledCSL`` with ``fmt="tiled-csl"``) and swapped in as a
-``SparseLinear`` before the next is drawn, so peak memory is the compressed model plus one dense projection
+probability ``1 - sparsity``), compressed (``BitmapTiles``, or ``TiledCSL`` with ``fmt="tiled-csl"``) and swapped in
+as a ``SparseLinear`` before the next is drawn, so peak memory is the compressed model plus one dense projection
 and the compression temporaries.  ``sparsity=None`` builds the dense model the same way (baselines).
 What cannot fit in the device's free memory is refused before anything is allocated.
 """

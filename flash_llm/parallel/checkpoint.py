@@ -136,8 +136,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     if sparsify is not None and not isinstance(sparsify, SparsifyConfig):
         raise TypeError(f"sparsify must be a flash_llm.SparsifyConfig or None, got {type(sparsify).__name__}")
     if sparsify is not None and sparsify.dtype not in (None, dtype):
-        raise ValueError(f"sparsify.dtype ({sparsify.dtype}) differs from dtype ({dtype}): the whole model is loaded in "
-                         "dtype; leave SparsifyConfig.dtype unset")
+        raise ValueError(f"sparsify.dtype ({sparsify.dtype}) differs from dtype ({dtype}): the whole model is loaded "
+                         "in dtype; leave SparsifyConfig.dtype unset")
     device = tp.device
     model = from_config(cfg, dtype=dtype, device="meta")
     from ..checkpoint import _files
