@@ -36,6 +36,21 @@ def _small_delta_rows_llama(sparsity: float):
     return build_synthetic(_small_llama(), sparsity, fmt="delta-rows", device="cuda", progress=False)[0]
 
 
+def _dual_case(sparsity: float, seed: int, length: int):
+    """``(model, prompts, keep, eng)`` for the ``delta_layout="dual"`` tests: :func:`_small_delta_rows_llama` at
+    ``sparsity``, ``DUAL_TCSL_MIN_BATCH`` random prompts of ``length`` tokens, ``keep[b]`` the 8-token generation of
+    the first ``b`` of them (b = 1 and that batch) on the model's own DeltaRows weights, and a ``"dual"`` engine."""
+    from flash_llm import engine as E
+
+    big = E.DUAL_TCSL_MIN_BATCH
+    model = _small_delta_rows_llama(sparsity)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (length,), generator=gen)] for _ in range(big)]
+    keep = {b: Engine(model, max_batch=b, max_seq=128, delta_layout="keep").generate(
+        prompts[:b], 8, output_logits=True, eos_token_id=None) for b in (1, big)}
+    return model, prompts, keep, Engine(model, max_batch=big, max_seq=128, delta_layout="dual")
+
+
 def _assert_first_steps_close(got, want, label=None):
     """The logits of the prefill and the first decode step (columns 0, 1) within 16 fp16 ulps of ``want``'s largest
     magnitude."""
@@ -375,12 +390,7 @@ def test_dual_layout_serves_each_batch_with_its_format():
     from flash_llm import engine as E
 
     big = E.DUAL_TCSL_MIN_BATCH
-    model = _small_delta_rows_llama(0.8)
-    gen = torch.Generator().manual_seed(5)
-    prompts = [[int(t) for t in torch.randint(0, 4096, (64,), generator=gen)] for _ in range(big)]
-    keep = {b: Engine(model, max_batch=b, max_seq=128, delta_layout="keep").generate(
-        prompts[:b], 8, output_logits=True, eos_token_id=None) for b in (1, big)}
-    eng = Engine(model, max_batch=big, max_seq=128, delta_layout="dual")
+    model, prompts, keep, eng = _dual_case(0.8, 5, 64)
     sparse = [m for m in model.modules() if isinstance(m, flash_llm.SparseLinear)]
     assert eng.copies_bytes > 0 and eng.relayout and all(p > 1 for p in eng.relayout.values()), eng.relayout
     one = eng.generate(prompts[:1], 8, output_logits=True, eos_token_id=None)
@@ -411,12 +421,7 @@ def test_dual_layout_at_50_percent_swaps_in_dense_copies():
     from flash_llm import engine as E
 
     big = E.DUAL_TCSL_MIN_BATCH
-    model = _small_delta_rows_llama(0.5)
-    gen = torch.Generator().manual_seed(6)
-    prompts = [[int(t) for t in torch.randint(0, 4096, (48,), generator=gen)] for _ in range(big)]
-    keep = {b: Engine(model, max_batch=b, max_seq=128, delta_layout="keep").generate(
-        prompts[:b], 8, output_logits=True, eos_token_id=None) for b in (1, big)}
-    eng = Engine(model, max_batch=big, max_seq=128, delta_layout="dual")
+    model, prompts, keep, eng = _dual_case(0.5, 6, 48)
     assert eng._two is not None and all(isinstance(w, torch.nn.Linear) for w in eng._two.large.values())
     one = eng.generate(prompts[:1], 8, output_logits=True, eos_token_id=None)
     assert any(isinstance(m, flash_llm.SparseLinear) for m in model.modules())  # (the last step's set)
