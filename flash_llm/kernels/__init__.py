@@ -145,6 +145,11 @@ N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "1") != "0"
 #: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
 WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
+#: The one-warp MMA kernels of 2-16 tokens (``_nt1`` / ``_nt2``) sum their split-K by fp32 atomics into zeroed sums and
+#: the last block of each row group writes Y (``_nt<NT>a``), not by a ``splitk_reduce_*`` launch after them;
+#: ``FLASH_LLM_NT_ATOMIC=1`` turns it on (off by default: the sums' order is the atomics', so the last bits of a result
+#: may change from launch to launch).
+NT_ATOMIC = os.environ.get("FLASH_LLM_NT_ATOMIC", "0") == "1"
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -436,17 +441,23 @@ class _Scratch:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.tickets: dict[tuple[int, int], torch.Tensor] = {}
+        self.buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+
+    def get(self, device: torch.device, stream: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """At least ``count`` zeroed elements of ``dtype`` for launches on ``stream`` (a ``cuda_stream`` handle) of
+        ``device``: the kernels leave them zeroed (int32: split-K tickets; float32: the atomically summed split-K of
+        :data:`NT_ATOMIC`)."""
+        key = (device.index, stream, dtype)
+        with self.lock:
+            t = self.buffers.get(key)
+            if t is None or t.numel() < count:
+                t = torch.zeros(max(count, 4096), dtype=dtype, device=device)
+                self.buffers[key] = t
+            return t
 
     def get_tickets(self, device: torch.device, stream: int, count: int) -> torch.Tensor:
         """At least ``count`` zeroed tickets for launches on ``stream`` (a ``cuda_stream`` handle) of ``device``."""
-        key = (device.index, stream)
-        with self.lock:
-            t = self.tickets.get(key)
-            if t is None or t.numel() < count:
-                t = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-                self.tickets[key] = t
-            return t
+        return self.get(device, stream, count, torch.int32)
 
 
 _scratch = _Scratch()
@@ -881,6 +892,10 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
         _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
         return y
+    if (NT_ATOMIC and ways is None and p.splits > 1 and fmt == TILED_CSL and name[-4:] in ("_nt1", "_nt2") and p.n_chunks == 1
+            and norm is None and add_to is None):
+        _launch_nt_atomic(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, act, stream, dev, vec, name)
+        return y
     # the ``_wg<NB>x<R>r`` kernel sums its split-K itself (two counters per row group), else splitk_reduce, below
     spread = ways is None and _wg_spread_ok(fmt, name, p, m, act, blocks, threads, shared, dev)
     if p.splits > 1:
@@ -936,6 +951,18 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
     args += [(norm[0].data_ptr() if norm is not None else 0, P), (mode, I),
              (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
     launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
+           pdl=PDL_SPMM and getattr(_static, "on", False))
+
+
+def _launch_nt_atomic(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, act, stream, dev, vec, name) -> None:
+    """The one-warp kernel ``name`` (``_nt1`` / ``_nt2``) with its split-K summed by atomics (:data:`NT_ATOMIC`):
+    ``<name>a`` adds each block's accumulators into zeroed fp32 sums (``[row block][512 nt]``), and the last block of
+    each row group (of gate and up rows together with ``act``) writes ``y`` and zeroes its sums again."""
+    sums = _scratch.get(dev, stream, blocks * ROWS_PER_BLOCK * 8 * p.nt, torch.float32)
+    tickets = _scratch.get_tickets(dev, stream, blocks)
+    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, sums.data_ptr(), tickets.data_ptr(), m, k, n, p, vec)
+    args.append((_RED_SILU if act else 0, I))
+    launch(name + "a", (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
            pdl=PDL_SPMM and getattr(_static, "on", False))
 
 

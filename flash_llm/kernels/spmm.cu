@@ -792,9 +792,75 @@ DEVI void csl_multiply_tile(float (&acc)[4][NT][4], u32 base, u32 xs, int lane, 
 // batch 8 3.7 % faster with _nt1's trigger moved from its start to here.
 constexpr bool bitmap_trigger_at_start = true, tiled_csl_trigger_at_start = false;
 
+constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
+
+// Split-K of the one-warp kernels summed by atomics (tiled_csl_spmm_<dtype>_nt<NT>a, kernels.NT_ATOMIC): each block
+// adds its four strips' accumulators into `p.ws`, fp32 sums kept zeroed between launches ([row block][strip][nt][lane]
+// x 4 floats, one red.global.add.v4.f32 per strip and 8 tokens), then lane 0 takes its row group's ticket (acquire-
+// release after a __syncwarp, as _n1r); the last block to arrive reads the group's sums, zeroes them and its ticket, and
+// writes Y (plain + bias, or with RED_SILU silu(gate) x up of a gate row block and its up row block gridDim.x / 2
+// further, the ticket counting both).  No partial tiles and no second launch; the sums' order is the atomics' (fp32
+// results may differ in the last bits from launch to launch).  n_chunks is 1 (N <= 16).
+DEVI void red_add_v4(float* dst, const float (&v)[4]) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+               : "memory");
+#else
+#pragma unroll
+  for (int i = 0; i < 4; ++i) atomicAdd(dst + i, v[i]);
+#endif
+}
+
 template <bool BF16, int NT>
+DEVI void csl_atomic_finish(const Problem& p, float (&acc)[4][NT][4], int row_block, int lane, int mode) {
+  pdl_wait();  // (a block with no tiles waits here before its writes; a no-op after the kernel's wait)
+  float* sums = p.ws + (long long)row_block * 512 * NT + 4 * lane;
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      if (nt * 8 < p.N) red_add_v4(sums + (s * NT + nt) * 128, acc[s][nt]);
+  const bool silu = mode & RED_SILU;
+  const int half = gridDim.x / 2, group = silu ? row_block % half : row_block;
+  __syncwarp();  // every lane's adds before lane 0's release
+  int prev = 0;
+  if (lane == 0) prev = ticket_acq_rel(p.tickets + group);
+  prev = __shfl_sync(FULL_MASK, prev, 0);
+  if (prev != (silu ? 2 : 1) * p.splits - 1) return;
+  __syncwarp();  // lane 0's acquire before every lane's loads
+  if (lane == 0) p.tickets[group] = 0;
+  float* g = p.ws + (long long)group * 512 * NT + 4 * lane;
+  float* u = g + (long long)half * 512 * NT;
+  const int M = silu ? p.M / 2 : p.M, gr = lane >> 2, t = lane & 3;
+  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (nt * 8 >= p.N) continue;
+      float4* gs = reinterpret_cast<float4*>(g + (s * NT + nt) * 128);
+      float4* us = reinterpret_cast<float4*>(u + (s * NT + nt) * 128);
+      const float4 a = __ldcg(gs), b = silu ? __ldcg(us) : zero;
+      __stcg(gs, zero);
+      if (silu) __stcg(us, zero);
+      const float va[4] = {a.x, a.y, a.z, a.w}, vb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = (group * 4 + s) * 16 + gr + (i >= 2 ? 8 : 0), n = nt * 8 + 2 * t + (i & 1);
+        if (m >= M || n >= p.N) continue;
+        if (silu) {
+          const float gv = to_float<BF16>(from_float<BF16>(va[i])), uv = to_float<BF16>(from_float<BF16>(vb[i]));
+          p.y[(long long)n * M + m] = from_float<BF16>(__fdividef(gv, 1.f + expf(-gv)) * uv);
+        } else {
+          p.y[(long long)n * M + m] = from_float<BF16>(va[i] + (p.bias ? to_float<BF16>(p.bias[m]) : 0.f));
+        }
+      }
+    }
+}
+
+template <bool BF16, int NT, bool ATOMIC = false>
 DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                             int kt_per_split, Problem p) {
+                             int kt_per_split, Problem p, int mode = 0) {
   __shared__ __align__(128) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, swizzled row-major (csl_tile_byte)
   __shared__ __align__(128) u32 xtile[NT * 8 * 32];     // the X tile, NT KiB (csl_load_x)
   const int lane = threadIdx.x & 31;
@@ -857,9 +923,13 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
   // with split-K, the partials are summed by a second launch (splitk_reduce): the last 32-thread block of a row
   // group would sum them with 32 threads, a long tail at N >= 16
   if (!tiled_csl_trigger_at_start) pdl_launch_dependents();  // the late trigger (INSTANTIATE: else at the start)
+  if (ATOMIC) {
+    csl_atomic_finish<BF16, NT>(p, acc, row_block, lane, mode);
+  } else {
 #pragma unroll
-  for (int s = 0; s < 4; ++s)
-    store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
+    for (int s = 0; s < 4; ++s)
+      store_acc<BF16, NT>(p, acc[s], row_block * 4 + s, s, active && row_block * 4 + s < mt, n0, lane);
+  }
 }
 
 // Split-K of the N = 1 kernel summed in the same launch (tiled_csl_spmm_<dtype>_n1r / _n1rs, kernels.N1_FUSED): each
@@ -869,8 +939,6 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 // applies the reduction's mode (RED_SILU: the group is a gate row block and its up row block M / 128 further, the
 // ticket counts both; RED_RMS; RED_RESID) with splitk_reduce's rounding steps.  No second launch: at batch 1 the
 // reductions' launches cost 10-12 % of a decode step (session 17's what-if).
-constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_reduce_body
-
 template <bool BF16, bool SCALE>
 DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane) {
   const int rb = blockIdx.x, blocks = gridDim.x, split = blockIdx.y;  // n_chunks = 1 at N = 1
@@ -1788,6 +1856,16 @@ INSTANTIATE_ALL(bitmap)
 INSTANTIATE(bitmap, f16, false, 8)
 INSTANTIATE(bitmap, bf16, true, 8)
 INSTANTIATE_ALL(tiled_csl)
+// tiled_csl_spmm_<dtype>_nt<1|2>a: the one-warp kernels with their split-K summed by atomics (csl_atomic_finish)
+#define INSTANTIATE_ATOMIC(NAME, BF16, NT)                                                                    \
+  extern "C" __global__ void __launch_bounds__(tiled_csl_threads, tiled_csl_min_blocks<NT>::value)             \
+  tiled_csl_spmm_##NAME##_nt##NT##a(SPMM_ARGS, int mode) {                                                  \
+    tiled_csl_spmm_body<BF16, NT, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, mode);   \
+  }
+INSTANTIATE_ATOMIC(f16, false, 1)
+INSTANTIATE_ATOMIC(f16, false, 2)
+INSTANTIATE_ATOMIC(bf16, true, 1)
+INSTANTIATE_ATOMIC(bf16, true, 2)
 
 // The Tiled-CSL kernels for N > 32.  tiled_csl_spmm_<dtype>_w<W>: W warps of 32 tokens each share every tile's decode.
 // tiled_csl_spmm_<dtype>_wg<NB>x<R> (sm_90a; a trap elsewhere): NB tokens and R warpgroups (64 R weight rows) per
