@@ -210,8 +210,8 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeyp
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nt_atomic_split_k(dtype, monkeypatch):
-    """kernels.NT_ATOMIC: the one-warp kernels of 2-16 tokens sum their split-K by atomics (``_nt1a`` / ``_nt2a``) and
-    give the reduction's result within rounding (another order of the fp32 sums), plain with a bias (rows and columns
+    """kernels.NT_ATOMIC = 2: the one-warp kernels of 2-16 tokens sum their split-K by atomics (``_nt1a`` /
+    ``_nt2a``) and give the reduction's result within rounding (another order of the fp32 sums), plain with a bias (rows and columns
     past a 64-row block or 8 tokens cut off) and with SiLU x up, into poisoned outputs, launched twice (so the sums and
     tickets are zeroed again), with no reduction launched."""
     from flash_llm.reference import silu_mul_halves
@@ -230,11 +230,11 @@ def test_nt_atomic_split_k(dtype, monkeypatch):
             for n in (2, 3, 8, 9, 16):
                 x = torch.randn(n, k_in, generator=gen, device="cuda").to(dtype)
                 for splits in (3, 7):
-                    monkeypatch.setattr(k, "NT_ATOMIC", False)
+                    monkeypatch.setattr(k, "NT_ATOMIC", 0)
                     want = run_kernel(x, w, bias, splits=splits, force_sparse=True)
                     want_silu = (silu_mul_halves(run_kernel(x, w, None, splits=splits, force_sparse=True))
                                  if m % 128 == 0 else None)
-                    monkeypatch.setattr(k, "NT_ATOMIC", True)
+                    monkeypatch.setattr(k, "NT_ATOMIC", 2)
                     for _ in range(2):
                         launched.clear()
                         got = run_kernel(x, w, bias, splits=splits, force_sparse=True)

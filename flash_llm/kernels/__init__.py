@@ -145,11 +145,14 @@ N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "1") != "0"
 #: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
 WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
-#: The one-warp MMA kernels of 2-16 tokens (``_nt1`` / ``_nt2``) sum their split-K by fp32 atomics into zeroed sums and
-#: the last block of each row group writes Y (``_nt<NT>a``), not by a ``splitk_reduce_*`` launch after them;
-#: ``FLASH_LLM_NT_ATOMIC=1`` turns it on (off by default: the sums' order is the atomics', so the last bits of a result
-#: may change from launch to launch).
-NT_ATOMIC = os.environ.get("FLASH_LLM_NT_ATOMIC", "0") == "1"
+#: The one-warp MMA kernels up to ``NT_ATOMIC`` x 8 tokens sum their split-K by fp32 atomics into zeroed sums, and the
+#: last block of each row group writes Y (``_nt<NT>a``), not a ``splitk_reduce_*`` launch after them: ``1`` (the
+#: default) for ``_nt1`` (N = 2-8), ``2`` for ``_nt2`` (N = 9-16) too, ``FLASH_LLM_NT_ATOMIC=0`` for none.  The sums'
+#: order is then the atomics', so a result's last bits may change from launch to launch (within rounding of the
+#: deterministic reduction's).  H200, session 48, Llama-3-8B at 80 % (``bench_e2e.py``, two rounds, ms per token):
+#: batch 8 3.579 / 3.582 -> 3.455 / 3.458 with ``_nt1a``; batch 16 3.966 / 3.973 -> 4.231 / 4.232 with ``_nt2a`` (twice
+#: the atomics a block), so ``_nt2`` keeps its reduction.
+NT_ATOMIC = int(os.environ.get("FLASH_LLM_NT_ATOMIC", "1"))
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -892,8 +895,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
         _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
         return y
-    if (NT_ATOMIC and ways is None and p.splits > 1 and fmt == TILED_CSL and name[-4:] in ("_nt1", "_nt2") and p.n_chunks == 1
-            and norm is None and add_to is None):
+    if (ways is None and p.splits > 1 and fmt == TILED_CSL and name[-4:] in ("_nt1", "_nt2") and p.nt <= NT_ATOMIC
+            and p.n_chunks == 1 and norm is None and add_to is None):
         _launch_nt_atomic(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, act, stream, dev, vec, name)
         return y
     # the ``_wg<NB>x<R>r`` kernel sums its split-K itself (two counters per row group), else splitk_reduce, below

@@ -797,8 +797,8 @@ constexpr int RED_SILU = 1, RED_RMS = 2, RED_RESID = 4;  // the modes: splitk_re
 // Split-K of the one-warp kernels summed by atomics (tiled_csl_spmm_<dtype>_nt<NT>a, kernels.NT_ATOMIC): each block
 // adds its four strips' accumulators into `p.ws`, fp32 sums kept zeroed between launches ([row block][strip][nt][lane]
 // x 4 floats, one red.global.add.v4.f32 per strip and 8 tokens), then lane 0 takes its row group's ticket (acquire-
-// release after a __syncwarp, as _n1r); the last block to arrive reads the group's sums, zeroes them and its ticket, and
-// writes Y (plain + bias, or with RED_SILU silu(gate) x up of a gate row block and its up row block gridDim.x / 2
+// release after a __syncwarp, as _n1r); the last block to arrive reads the group's sums, zeroes them and its ticket,
+// and writes Y (plain + bias, or with RED_SILU silu(gate) x up of a gate row block and its up row block gridDim.x / 2
 // further, the ticket counting both).  No partial tiles and no second launch; the sums' order is the atomics' (fp32
 // results may differ in the last bits from launch to launch).  n_chunks is 1 (N <= 16).
 DEVI void red_add_v4(float* dst, const float (&v)[4]) {
