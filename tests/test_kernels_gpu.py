@@ -494,10 +494,13 @@ def test_bitmap_kernels_above_32_tokens(dtype, wgmma, min_n, monkeypatch):
 
 
 def test_tiled_csl_reduce_with_and_without_programmatic_launch(monkeypatch):
-    """The split-K reduction launched to overlap the spmm (PDL) gives the same bits as a plain launch, also when
-    captured in a CUDA graph and replayed on fresh inputs."""
+    """The split-K reduction launched to overlap the spmm (PDL) gives the same bits as a plain launch (kernels.NT_ATOMIC
+    off: the atomics' sums have no fixed order), also when captured in a CUDA graph and replayed on fresh inputs; so
+    does the atomics' split-K (``_nt1a``), whose sums and tickets the replays find zeroed again."""
     from flash_llm.kernels import _build
 
+    k = _kernels()
+    monkeypatch.setattr(k, "NT_ATOMIC", 0)
     gen = torch.Generator(device="cuda").manual_seed(21)
     w_dense = sparse_weight(4096, 4096, 0.2, torch.float16, gen)
     w = flash_llm.TiledCSL.from_dense(w_dense)
@@ -509,17 +512,18 @@ def test_tiled_csl_reduce_with_and_without_programmatic_launch(monkeypatch):
         check(outs[pdl], x, w_dense, None)
     assert torch.equal(outs[True], outs[False])
     out = torch.empty_like(outs[True])
-    k = _kernels()
     fmt = FORMAT_IDS[flash_llm.TiledCSL]
-    k.spmm_cuda(x, w.data, w.offsets, fmt, 4096, 4096, None, splits=8, force_sparse=True, out=out)  # warm
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        k.spmm_cuda(x, w.data, w.offsets, fmt, 4096, 4096, None, splits=8, force_sparse=True, out=out)
-    for _ in range(3):
-        x.copy_(torch.randn(3, 4096, generator=gen, device="cuda").half())
-        out.fill_(float("nan"))
-        g.replay()
-        check(out, x, w_dense, None)
+    for atomic in (0, 1):
+        monkeypatch.setattr(k, "NT_ATOMIC", atomic)
+        k.spmm_cuda(x, w.data, w.offsets, fmt, 4096, 4096, None, splits=8, force_sparse=True, out=out)  # warm
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            k.spmm_cuda(x, w.data, w.offsets, fmt, 4096, 4096, None, splits=8, force_sparse=True, out=out)
+        for _ in range(3):
+            x.copy_(torch.randn(3, 4096, generator=gen, device="cuda").half())
+            out.fill_(float("nan"))
+            g.replay()
+            check(out, x, w_dense, None)
 
 
 @pytest.mark.parametrize("n", [1, 16, 40])
