@@ -235,6 +235,7 @@ def test_nt_atomic_split_k(dtype, monkeypatch):
                     want_silu = (silu_mul_halves(run_kernel(x, w, None, splits=splits, force_sparse=True))
                                  if m % 128 == 0 else None)
                     monkeypatch.setattr(k, "NT_ATOMIC", 2)
+                    monkeypatch.setattr(k, "NT_ATOMIC_MIN_SPLITS", 2)
                     for _ in range(2):
                         launched.clear()
                         got = run_kernel(x, w, bias, splits=splits, force_sparse=True)
@@ -513,6 +514,7 @@ def test_tiled_csl_reduce_with_and_without_programmatic_launch(monkeypatch):
     assert torch.equal(outs[True], outs[False])
     out = torch.empty_like(outs[True])
     fmt = FORMAT_IDS[flash_llm.TiledCSL]
+    monkeypatch.setattr(k, "NT_ATOMIC_MIN_SPLITS", 2)
     for atomic in (0, 1):
         monkeypatch.setattr(k, "NT_ATOMIC", atomic)
         k.spmm_cuda(x, w.data, w.offsets, fmt, 4096, 4096, None, splits=8, force_sparse=True, out=out)  # warm

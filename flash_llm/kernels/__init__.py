@@ -153,6 +153,13 @@ WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
 #: batch 8 3.579 / 3.582 -> 3.455 / 3.458 with ``_nt1a``; batch 16 3.966 / 3.973 -> 4.231 / 4.232 with ``_nt2a`` (twice
 #: the atomics a block), so ``_nt2`` keeps its reduction.
 NT_ATOMIC = int(os.environ.get("FLASH_LLM_NT_ATOMIC", "1"))
+#: ... and only from this many splits (``FLASH_LLM_NT_ATOMIC_MIN_SPLITS``): the reduction reads every split's partial
+#: tile, so it costs more the more splits there are, while few splits on many row blocks ran faster with it (H200,
+#: session 48, ``splits_sweep.py --pdl`` at N = 8, 80 %, us at the plan's splits, reduction / atomics: 6144 x 4096 (22
+#: splits) 14.5 / 12.8, 4096 x 4096 (32) 11.7 / 10.5, 4096 x 14336 (38) 23.4 / 22.2, 7168 x 7168 (23) 23.4 / 20.0,
+#: 7168 x 28672 (23) 63.8 / 62.7, 28672 x 4096 (5) 41.7 / 41.1, 21504 x 7168 (7) 51.0 / 52.1, 28672 x 7168 (11)
+#: 65.9 / 66.8).
+NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_NT_ATOMIC_MIN_SPLITS", "16"))
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -895,7 +902,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
         _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
         return y
-    if (ways is None and p.splits > 1 and fmt == TILED_CSL and name[-4:] in ("_nt1", "_nt2") and p.nt <= NT_ATOMIC
+    if (ways is None and p.splits >= max(2, NT_ATOMIC_MIN_SPLITS) and fmt == TILED_CSL and name[-4:] in ("_nt1", "_nt2") and p.nt <= NT_ATOMIC
             and p.n_chunks == 1 and norm is None and add_to is None):
         _launch_nt_atomic(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, act, stream, dev, vec, name)
         return y
