@@ -400,3 +400,26 @@ def test_fit_split_model_reproduces_the_fits(capsys):
     assert {r[3]: sum(x == 1.0 for x in r[4]) for r in res} == {0.1: 12, 0.25: 10}
     with pytest.raises(SystemExit, match="no group"):
         fit.main([f"{data / 'splits_h200_s37_pdl_wg64.json'}:sp0.9"])
+
+
+def test_which_one_warp_launches_sum_their_split_k_by_atomics(monkeypatch):
+    """kernels.nt_atomic_ok (FLASH_LLM_NT_ATOMIC, NT_ATOMIC_MIN_SPLITS): at N = 8 on an H200's 132 SMs and 20 one-warp
+    blocks an SM, the plan's splits of the layers session 48 swept (``benchmarks/results/2026-12-03-s48/callE``) take
+    the atomics where they ran faster (q/k/v 22 splits, o 32, down 38 on Llama-3-8B; OPT-30B's o and fc2 23) and keep the
+    reduction where it did (OPT-30B's q/k/v 7 and fc1 11, Llama-3-8B's gate / up 5); never at N = 9-16 (``_nt2``) unless
+    asked, nor for other kernels, nor with one split."""
+    from flash_llm import kernels
+
+    def ok(m, k, n, name="tiled_csl_spmm_f16_nt1", fmt=TILED_CSL):
+        return kernels.nt_atomic_ok(fmt, name, plan(m, k, n, 0.2004, 132, 20, None, fmt))
+
+    layers = {(6144, 4096): True, (4096, 4096): True, (4096, 14336): True, (28672, 4096): False,
+              (21504, 7168): False, (7168, 7168): True, (28672, 7168): False, (7168, 28672): True}
+    assert {mk: ok(*mk, 8) for mk in layers} == layers
+    assert not ok(4096, 4096, 16, "tiled_csl_spmm_f16_nt2")
+    monkeypatch.setattr(kernels, "NT_ATOMIC", 2)
+    assert ok(4096, 4096, 16, "tiled_csl_spmm_f16_nt2")
+    assert not ok(4096, 4096, 16, "tiled_csl_spmm_f16_nt4") and not ok(4096, 4096, 8, "bitmap_spmm_f16_nt1", BITMAP)
+    assert not ok(64, 128, 8)  # one split
+    monkeypatch.setattr(kernels, "NT_ATOMIC", 0)
+    assert not any(ok(*mk, 8) for mk in layers)

@@ -149,9 +149,11 @@ WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
 #: last block of each row group writes Y (``_nt<NT>a``), not a ``splitk_reduce_*`` launch after them: ``1`` (the
 #: default) for ``_nt1`` (N = 2-8), ``2`` for ``_nt2`` (N = 9-16) too, ``FLASH_LLM_NT_ATOMIC=0`` for none.  The sums'
 #: order is then the atomics', so a result's last bits may change from launch to launch (within rounding of the
-#: deterministic reduction's).  H200, session 48, Llama-3-8B at 80 % (``bench_e2e.py``, two rounds, ms per token):
-#: batch 8 3.579 / 3.582 -> 3.455 / 3.458 with ``_nt1a``; batch 16 3.966 / 3.973 -> 4.231 / 4.232 with ``_nt2a`` (twice
-#: the atomics a block), so ``_nt2`` keeps its reduction.
+#: deterministic reduction's).  H200, session 48, Llama-3-8B (``bench_e2e.py``, ms per token, reduction -> atomics):
+#: at every split count, 80 % batch 8 3.579 / 3.582 -> 3.455 / 3.458 (two rounds), batch 4 3.553 -> 3.436, 70 % batch
+#: 4 / 8 4.337 / 4.406 -> 4.194 / 4.264, but OPT-30B at 80 % batch 8 11.495 -> 11.641 and ``_nt2a`` at batch 16 3.966 /
+#: 3.973 -> 4.231 / 4.232; from NT_ATOMIC_MIN_SPLITS splits, Llama-3-8B batch 8 3.568 -> 3.450, OPT-30B 11.500 ->
+#: 11.463, and ``_nt2a`` at batch 16 still 3.968 / 3.984 -> 4.093 / 4.093: so ``_nt2`` keeps its reduction.
 NT_ATOMIC = int(os.environ.get("FLASH_LLM_NT_ATOMIC", "1"))
 #: ... and only from this many splits (``FLASH_LLM_NT_ATOMIC_MIN_SPLITS``): the reduction reads every split's partial
 #: tile, so it costs more the more splits there are, while few splits on many row blocks ran faster with it (H200,
@@ -902,8 +904,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
         _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
         return y
-    if (ways is None and p.splits >= max(2, NT_ATOMIC_MIN_SPLITS) and fmt == TILED_CSL and name[-4:] in ("_nt1", "_nt2") and p.nt <= NT_ATOMIC
-            and p.n_chunks == 1 and norm is None and add_to is None):
+    if ways is None and norm is None and add_to is None and nt_atomic_ok(fmt, name, p):
         _launch_nt_atomic(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, act, stream, dev, vec, name)
         return y
     # the ``_wg<NB>x<R>r`` kernel sums its split-K itself (two counters per row group), else splitk_reduce, below
@@ -962,6 +963,14 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
              (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
     launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
            pdl=PDL_SPMM and getattr(_static, "on", False))
+
+
+def nt_atomic_ok(fmt: int, name: str, p: LaunchPlan) -> bool:
+    """Whether :func:`spmm_cuda` sums the split-K of kernel ``name`` under plan ``p`` by atomics (``<name>a``): a
+    one-warp Tiled-CSL kernel of at most :data:`NT_ATOMIC` 8-token tiles, one block along N, at least
+    :data:`NT_ATOMIC_MIN_SPLITS` (and 2) splits.  (Not with ``ways`` given, a norm or a residual add: the caller.)"""
+    return (fmt == TILED_CSL and name[-4:] in ("_nt1", "_nt2") and p.nt <= NT_ATOMIC and p.n_chunks == 1
+            and p.splits >= max(2, NT_ATOMIC_MIN_SPLITS))
 
 
 def _launch_nt_atomic(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, act, stream, dev, vec, name) -> None:
