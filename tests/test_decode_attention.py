@@ -165,7 +165,7 @@ def test_kernel_on_a_full_cache_with_a_masked_tail(b, slots, monkeypatch):
     slot written this step masked (whole chunks of them at 2048), Llama-3-8B's heads.  The split-K tickets are
     allocated by this very call, as in a fresh process (session 11: the partial sums' buffer, freed before the
     launch, was handed to the tickets, and every output came out NaN)."""
-    monkeypatch.setattr(kernels._scratch, "tickets", {})
+    monkeypatch.setattr(kernels._scratch, "buffers", {})
     h, hkv, d, dtype = 32, 8, 128, torch.float16
     pos = slots * 3 // 4
     g = torch.Generator(device="cpu").manual_seed(slots + b)

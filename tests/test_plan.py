@@ -423,3 +423,21 @@ def test_which_one_warp_launches_sum_their_split_k_by_atomics(monkeypatch):
     assert not ok(64, 128, 8)  # one split
     monkeypatch.setattr(kernels, "NT_ATOMIC", 0)
     assert not any(ok(*mk, 8) for mk in layers)
+
+
+def test_scratch_buffers_are_zeroed_per_stream_and_never_freed_when_outgrown():
+    """kernels._Scratch: zeroed buffers per (device, stream, dtype), at least the count asked for; one outgrown by a
+    larger request is kept (a CUDA graph captured before it grew still launches with its address), not freed."""
+    import torch
+
+    from flash_llm.kernels import _Scratch
+
+    s = _Scratch()
+    cpu = torch.device("cpu")
+    t = s.get(cpu, 1, 10, torch.float32)
+    assert t.dtype == torch.float32 and t.numel() >= 10 and not t.any()
+    assert s.get(cpu, 1, 5, torch.float32) is t and s.get_tickets(cpu, 1, 5) is not t
+    assert s.get_tickets(cpu, 1, 5).dtype == torch.int32 and s.get(cpu, 2, 5, torch.float32) is not t
+    big = s.get(cpu, 1, t.numel() + 1, torch.float32)
+    assert big.numel() > t.numel() and not big.any() and any(r is t for r in s.retired)
+    assert s.get(cpu, 1, 3, torch.float32) is big

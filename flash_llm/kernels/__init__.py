@@ -454,6 +454,8 @@ class _Scratch:
     def __init__(self):
         self.lock = threading.Lock()
         self.buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        # buffers outgrown by a larger request: a CUDA graph captured before may still use one, so none is freed
+        self.retired: list[torch.Tensor] = []
 
     def get(self, device: torch.device, stream: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         """At least ``count`` zeroed elements of ``dtype`` for launches on ``stream`` (a ``cuda_stream`` handle) of
@@ -463,6 +465,8 @@ class _Scratch:
         with self.lock:
             t = self.buffers.get(key)
             if t is None or t.numel() < count:
+                if t is not None:
+                    self.retired.append(t)
                 t = torch.zeros(max(count, 4096), dtype=dtype, device=device)
                 self.buffers[key] = t
             return t
