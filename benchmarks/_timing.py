@@ -98,4 +98,7 @@ def environment() -> dict:
         # the device machine gets the working tree without .git: pass FLASH_LLM_COMMIT there
         "commit": os.environ.get("FLASH_LLM_COMMIT")
         or git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
+        # the library's switches set for this run (A/B runs of one tree differ only here)
+        "settings": {k: v for k, v in sorted(os.environ.items())
+                     if k.startswith("FLASH_LLM_") and k not in ("FLASH_LLM_COMMIT", "FLASH_LLM_CACHE")},
     }

@@ -631,6 +631,9 @@ def summarize(rows, env) -> str:
          if env.get("decode_attention") not in (None, False, "0") else "") + ".")
     p()
     p(f"Command: `{env['command']}`")
+    if env.get("settings"):
+        p()
+        p("Settings: " + " ".join(f"`{k}={v}`" for k, v in env["settings"].items()))
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         sps = sorted({r["sparsity"] for r in mrows})

@@ -368,10 +368,12 @@ def test_bench_e2e_tp_filters_are_checked(capsys):
         assert msg in capsys.readouterr().err
 
 
-def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
+def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys, monkeypatch):
     import importlib.util
     import json
     import os
+
+    monkeypatch.setenv("FLASH_LLM_NT_ATOMIC", "1")  # only recorded here: the library read its switches at import
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_e2e.py")
     spec = importlib.util.spec_from_file_location("bench_e2e", path)
@@ -390,7 +392,9 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys):
     assert sparse["ran_formats"] == {"BitmapTiles": 4 * layers}
     assert sparse["speedup_vs_dense"] > 0 and sparse["read_bytes"] < data["rows"][0]["read_bytes"]
     assert sparse["max_batch"] == 3 and sparse["copies_bytes"] == 0 and data["env"]["max_batch"] == 3
+    assert data["env"]["settings"]["FLASH_LLM_NT_ATOMIC"] == "1" and "FLASH_LLM_COMMIT" not in data["env"]["settings"]
     summary = (tmp_path / "summary.md").read_text()
+    assert "Settings: " in summary and "`FLASH_LLM_NT_ATOMIC=1`" in summary
     assert "### tiny-llama: decode tokens/s" in summary and "| 2 |" in summary and "Targets:" in summary
     assert "memory and latency (batch 2, the smallest run, unless noted)" in summary  # not "batch 1": none ran
     assert (tmp_path / "results.csv").read_text().startswith("model,")
