@@ -921,7 +921,8 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
     }
   }
   // with split-K, the partials are summed by a second launch (splitk_reduce): the last 32-thread block of a row
-  // group would sum them with 32 threads, a long tail at N >= 16
+  // group would sum them with 32 threads, a long tail at N >= 16; or (ATOMIC, _nt<NT>a) added by atomics, whose sums
+  // the last block reads in one round trip (csl_atomic_finish)
   if (!tiled_csl_trigger_at_start) pdl_launch_dependents();  // the late trigger (INSTANTIATE: else at the start)
   if (ATOMIC) {
     csl_atomic_finish<BF16, NT>(p, acc, row_block, lane, mode);
