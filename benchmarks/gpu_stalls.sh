@@ -4,6 +4,8 @@
 #   FLASH_LLM_COMMIT=<sha> [FMTS="bitmap tiled-csl"] [NCU_CLOCK=base] bash benchmarks/gpu_stalls.sh [SPARSITY=0.8] [N...=1 16]
 #   (outputs under $OUT).  STALLS_ARGS="--m 28672 --k 4096 --epilogue norm_silu" passes other shapes / epilogues to
 #   profile_kernel.py (STALLS_TAG names its logs); FMTS=delta-rows profiles DeltaRows (N = 1 only).
+#   NCU_BREAKDOWN=1 adds a run per configuration for L1/TEX's throughput broken into its sub-metrics (which pipe or
+#   stage is busy) and the shared-memory tables (wavefronts and bank conflicts by instruction).
 #   NCU_CLOCK=none profiles at the clocks the card runs (boost, as the benchmarks time it);
 #   Nsight Compute's default, base, locks the SM clock at about 1.34 GHz on an H200, so a unit's busy percentage
 #   there overstates how busy it is at 1.98 GHz: compare the two durations before calling a kernel SM-bound.
@@ -29,5 +31,14 @@ for fmt in ${FMTS:-bitmap tiled-csl}; do
     echo "=== $fmt, sparsity $sp, N = $n ${STALLS_ARGS:-} ($log)"
     grep -aE "^\s+Duration|SM Frequency|L1/TEX Cache Throughput|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Waves Per SM|Grid Size|Issued Warp Per Scheduler|No Eligible|Warp Cycles Per Issued|Mem Busy|Max Bandwidth|L1/TEX Hit Rate|^plan|^kernel|bank_conflicts|wavefronts_mem_shared|op_shared_ld" "$log" | head -24
     grep -aE "stalled" "$log" | awk '{v=$NF; gsub(",","",v); print v, $1}' | sort -gr | head -12
+    if [ "${NCU_BREAKDOWN:-0}" = 1 ]; then  # which part of L1/TEX is busy: its throughput's sub-metrics, own run
+      blog="${log%.txt}_l1.txt"
+      timeout 240 ncu --clock-control "${NCU_CLOCK:-base}" --target-processes all --kernel-name regex:"_spmm_" \
+        --launch-skip 3 --launch-count 1 --section MemoryWorkloadAnalysis_Tables \
+        --metrics breakdown:l1tex__throughput.avg.pct_of_peak_sustained_elapsed \
+        python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" ${STALLS_ARGS:-} > "$blog" 2>&1
+      echo "--- L1/TEX breakdown ($blog)"
+      grep -aE "^\s+l1tex__|Shared (Load|Store)|Bank|Wavefronts|==ERROR" "$blog" | head -40
+    fi
   done
 done
