@@ -32,6 +32,15 @@ def test_critical_times_of_no_or_one_kernel(ks):
     assert crit == [k["end"] - k["start"] for k in ks] and idle == 0
 
 
+def test_kernel_groups():
+    """Each of the library's kernels lands in its group: the atomics' split-K kernels (``_nt1a``) with the sparse
+    matmuls, both formats' separate reductions with the split-K reductions."""
+    g = profile_decode.group_of
+    assert g("tiled_csl_spmm_f16_nt1a") == g("delta_rows_spmm_bf16_nt4") == "sparse matmul"
+    assert g("splitk_reduce_silu_f16_nt1") == g("delta_rows_reduce_f16") == "split-K reduce"
+    assert g("decode_attn_f16_d128") == "attention" and g("triton_poi_fused_add_0") == "compiled elementwise (Triton)"
+
+
 def _run(t0, names, step=10.0):
     """One replay starting at t0: kernels of 8 us, each starting 10 us after the one before (programmatic overlap
     shown by the next test's negative gaps)."""
