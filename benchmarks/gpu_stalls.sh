@@ -17,15 +17,20 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=${FLASH_LLM_CACHE:-/tm
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 sp=${1:-0.8}; shift || true
 ns=${*:-1 16}
+# one launch of the configuration ($fmt, $n, $sp) under Nsight Compute, with the sections / metrics given
+ncu_one() {
+  # shellcheck disable=SC2086
+  timeout 240 ncu --clock-control "${NCU_CLOCK:-base}" --target-processes all --kernel-name regex:"_spmm_" \
+    --launch-skip 3 --launch-count 1 "$@" \
+    python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" ${STALLS_ARGS:-}
+}
 for fmt in ${FMTS:-bitmap tiled-csl}; do
   for n in $ns; do
     log="$OUT/stalls_${fmt}_${sp}_n${n}_${NCU_CLOCK:-base}${STALLS_TAG:+_$STALLS_TAG}.txt"
     for metrics in 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum' \
                    'regex:smsp__pcsamp_warps_issue_stalled_.*'; do
-      timeout 240 ncu --clock-control "${NCU_CLOCK:-base}" --target-processes all --kernel-name regex:"_spmm_" --launch-skip 3 --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-        --section LaunchStats --section MemoryWorkloadAnalysis \
-        --metrics "$metrics" python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" ${STALLS_ARGS:-} \
+      ncu_one --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats --section MemoryWorkloadAnalysis --metrics "$metrics" \
         > "$log" 2>&1 && grep -aq "stalled" "$log" && break
     done
     echo "=== $fmt, sparsity $sp, N = $n ${STALLS_ARGS:-} ($log)"
@@ -33,10 +38,8 @@ for fmt in ${FMTS:-bitmap tiled-csl}; do
     grep -aE "stalled" "$log" | awk '{v=$NF; gsub(",","",v); print v, $1}' | sort -gr | head -12
     if [ "${NCU_BREAKDOWN:-0}" = 1 ]; then  # which part of L1/TEX is busy: its throughput's sub-metrics, own run
       blog="${log%.txt}_l1.txt"
-      timeout 240 ncu --clock-control "${NCU_CLOCK:-base}" --target-processes all --kernel-name regex:"_spmm_" \
-        --launch-skip 3 --launch-count 1 --section MemoryWorkloadAnalysis_Tables \
-        --metrics breakdown:l1tex__throughput.avg.pct_of_peak_sustained_elapsed \
-        python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" ${STALLS_ARGS:-} > "$blog" 2>&1
+      ncu_one --section MemoryWorkloadAnalysis_Tables \
+        --metrics breakdown:l1tex__throughput.avg.pct_of_peak_sustained_elapsed > "$blog" 2>&1
       echo "--- L1/TEX breakdown ($blog)"
       grep -aE "^\s+l1tex__|Shared (Load|Store)|Bank|Wavefronts|==ERROR" "$blog" | head -40
     fi

@@ -55,6 +55,14 @@ DEVI u16 from_float(float f) {
   return r;
 }
 
+// silu(g) x u of a gate sum g and an up sum u: each rounded to the dtype first (the merged projection's output), then
+// silu(g) u in fp32, rounded once (as the fused silu_mul kernel of the engine)
+template <bool BF16>
+DEVI u16 silu_mul_rounded(float g, float u) {
+  const float gr = to_float<BF16>(from_float<BF16>(g)), ur = to_float<BF16>(from_float<BF16>(u));
+  return from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);  // no division call
+}
+
 // One ticket of a split-K group: an acquire-release add at GPU scope by one thread, after a barrier that orders the
 // other threads' partial sums before it (the release is cumulative), instead of a fence in every thread.
 DEVI int ticket_acq_rel(int* t) {
@@ -204,10 +212,36 @@ DEVI float* ws_tile(const Problem& p, int split, int tile, int tiles) {
   return p.ws + ((long long)split * tiles + tile) * (512 * NT);
 }
 
+// Y from a strip's accumulators in the m16n8 fragment layout (rows of `strip`, tokens from n0; those past M or N not
+// written): plus the bias, or with SILU silu(gate) x up of the gate rows `acc` and their up rows `up` into Y's M / 2
+// columns (silu_mul_rounded)
+template <bool BF16, int NT, bool SILU = false>
+DEVI void store_frag(const Problem& p, const float (&acc)[NT][4], const float (&up)[NT][4], int strip, int n0,
+                     int lane) {
+  const int g = lane >> 2, t = lane & 3, M = SILU ? p.M / 2 : p.M;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = strip * 16 + g + (i >= 2 ? 8 : 0);
+      const int n = n0 + nt * 8 + 2 * t + (i & 1);
+      if (m < M && n < p.N) {
+        if (SILU) {
+          p.y[(long long)n * M + m] = silu_mul_rounded<BF16>(acc[nt][i], up[nt][i]);
+        } else {
+          float v = acc[nt][i];
+          if (p.bias) v += to_float<BF16>(p.bias[m]);
+          p.y[(long long)n * M + m] = from_float<BF16>(v);
+        }
+      }
+    }
+  }
+}
+
 template <bool BF16, int NT>
 DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, int sib, bool active, int n0, int lane,
                     int tile = -1, int tiles = 0) {
-  const int g = lane >> 2, t = lane & 3;
+  const int t = lane & 3;
   if (!active) return;
   if (p.splits > 1) {
     float* dst = ws_tile<NT>(p, blockIdx.y, tile < 0 ? (int)blockIdx.x : tile, tile < 0 ? (int)gridDim.x : tiles) +
@@ -219,19 +253,7 @@ DEVI void store_acc(const Problem& p, float (&acc)[NT][4], int strip, int sib, b
         if (n0 + nt * 8 + 2 * t + (i & 1) < p.N) dst[(nt * 4 + i) * 32] = acc[nt][i];
     return;
   }
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = strip * 16 + g + (i >= 2 ? 8 : 0);
-      const int n = n0 + nt * 8 + 2 * t + (i & 1);
-      if (m < p.M && n < p.N) {
-        float v = acc[nt][i];
-        if (p.bias) v += to_float<BF16>(p.bias[m]);
-        p.y[(long long)n * p.M + m] = from_float<BF16>(v);
-      }
-    }
-  }
+  store_frag<BF16, NT>(p, acc, acc, strip, n0, lane);
 }
 
 // Group q of a partial tile (512 NT floats, fragment order) is four lanes (t = 0..3) of one (strip, nt, i): one row
@@ -295,17 +317,13 @@ DEVI void store_group(const float4& v, u16* y, const u16* bias, int M, int N, in
 }
 
 // Y at row m (of the M = H outputs), columns n, n + 2, n + 4, n + 6 (those below N) of silu(gate) x up, from the sums
-// of gate row m (g) and up row H + m (u) of the merged [2 H, K] weight: each sum rounded to the dtype first (the
-// merged projection's output), then silu(g) u in fp32, rounded once (as the fused silu_mul kernel of the engine).
+// of gate row m (g) and up row H + m (u) of the merged [2 H, K] weight (silu_mul_rounded).
 template <bool BF16>
 DEVI void store_silu_group(const float4& g4, const float4& u4, u16* y, int M, int N, int m, int n) {
   const float g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
 #pragma unroll
   for (int t = 0; t < 4; ++t)
-    if (n + 2 * t < N) {
-      const float gr = to_float<BF16>(from_float<BF16>(g[t])), ur = to_float<BF16>(from_float<BF16>(u[t]));
-      y[(long long)(n + 2 * t) * M + m] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);  // no division call
-    }
+    if (n + 2 * t < N) y[(long long)(n + 2 * t) * M + m] = silu_mul_rounded<BF16>(g[t], u[t]);
 }
 
 // Y at row m, columns n, n + 2, n + 4, n + 6 (those below N) <- `old` (Y's values there, loaded before the sums) +
@@ -831,31 +849,26 @@ DEVI void csl_atomic_finish(const Problem& p, float (&acc)[4][NT][4], int row_bl
   if (lane == 0) p.tickets[group] = 0;
   float* g = p.ws + (long long)group * 512 * NT + 4 * lane;
   float* u = g + (long long)half * 512 * NT;
-  const int M = silu ? p.M / 2 : p.M, gr = lane >> 2, t = lane & 3;
   const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-  for (int s = 0; s < 4; ++s)
+  for (int s = 0; s < 4; ++s) {
+    float a[NT][4], b[NT][4];  // the strip's sums (and its up rows') in the fragment layout, zeroed behind
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      if (nt * 8 >= p.N) continue;
+      const bool live = nt * 8 < p.N;
       float4* gs = reinterpret_cast<float4*>(g + (s * NT + nt) * 128);
       float4* us = reinterpret_cast<float4*>(u + (s * NT + nt) * 128);
-      const float4 a = __ldcg(gs), b = silu ? __ldcg(us) : zero;
-      __stcg(gs, zero);
-      if (silu) __stcg(us, zero);
-      const float va[4] = {a.x, a.y, a.z, a.w}, vb[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = (group * 4 + s) * 16 + gr + (i >= 2 ? 8 : 0), n = nt * 8 + 2 * t + (i & 1);
-        if (m >= M || n >= p.N) continue;
-        if (silu) {
-          const float gv = to_float<BF16>(from_float<BF16>(va[i])), uv = to_float<BF16>(from_float<BF16>(vb[i]));
-          p.y[(long long)n * M + m] = from_float<BF16>(__fdividef(gv, 1.f + expf(-gv)) * uv);
-        } else {
-          p.y[(long long)n * M + m] = from_float<BF16>(va[i] + (p.bias ? to_float<BF16>(p.bias[m]) : 0.f));
-        }
-      }
+      const float4 va = live ? __ldcg(gs) : zero, vb = live && silu ? __ldcg(us) : zero;
+      if (live) __stcg(gs, zero);
+      if (live && silu) __stcg(us, zero);
+      a[nt][0] = va.x; a[nt][1] = va.y; a[nt][2] = va.z; a[nt][3] = va.w;
+      b[nt][0] = vb.x; b[nt][1] = vb.y; b[nt][2] = vb.z; b[nt][3] = vb.w;
     }
+    if (silu)
+      store_frag<BF16, NT, true>(p, a, b, group * 4 + s, 0, lane);
+    else
+      store_frag<BF16, NT>(p, a, b, group * 4 + s, 0, lane);
+  }
 }
 
 template <bool BF16, int NT, bool ATOMIC = false>
@@ -2399,8 +2412,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   }
   if (row < 0) return;
   if (silu) {
-    const float gr = to_float<BF16>(from_float<BF16>(v)), ur = to_float<BF16>(from_float<BF16>(u));
-    y[row] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
+    y[row] = silu_mul_rounded<BF16>(v, u);
   } else {
     const float r = (mode & DR_RELU) ? fmaxf(v + bv, 0.f) : v + bv;
     y[row] = (mode & DR_RESID) ? from_float<BF16>(yv + to_float<BF16>(from_float<BF16>(r))) : from_float<BF16>(r);
@@ -2535,8 +2547,7 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
   if (silu) {
     const float u = __shfl_down_sync(0xffffffffu, acc, 16);  // the up row of the gate row in lane - 16
     if (writer) {
-      const float gr = to_float<BF16>(from_float<BF16>(acc)), ur = to_float<BF16>(from_float<BF16>(u));
-      y[row] = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
+      y[row] = silu_mul_rounded<BF16>(acc, u);
     }
   } else if (writer) {
     const float r = (mode & DR_RELU) ? fmaxf(acc + bv, 0.f) : acc + bv;
@@ -2709,8 +2720,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
       if (t >= N) break;
       u16* dst = y + (long long)t * mo + row;
       if (silu) {
-        const float gr = to_float<BF16>(from_float<BF16>(acc[t])), ur = to_float<BF16>(from_float<BF16>(up[t]));
-        *dst = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
+        *dst = silu_mul_rounded<BF16>(acc[t], up[t]);
       } else {
         const float r = acc[t] + bv;
         *dst = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r)))
@@ -2779,8 +2789,7 @@ DEVI void delta_rows_reduce_body(const float* __restrict__ ws, u16* __restrict__
   }
   u16* dst = y + (long long)t * mo + m;
   if (silu) {
-    const float gr = to_float<BF16>(from_float<BF16>(v)), ur = to_float<BF16>(from_float<BF16>(u));
-    *dst = from_float<BF16>(__fdividef(gr, 1.f + expf(-gr)) * ur);
+    *dst = silu_mul_rounded<BF16>(v, u);
   } else {
     const float r = v + (bias ? to_float<BF16>(bias[m]) : 0.f);
     *dst = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r)))
