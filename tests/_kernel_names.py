@@ -14,6 +14,7 @@ EXPECTED_KERNELS = (
     | {f"decode_attn_{dt}_d{d}" for dt in ("f16", "bf16") for d in (64, 128)}
     | {f"delta_rows_spmm_{dt}_n1" for dt in ("f16", "bf16")} | {"delta_rows_to_dense"}
     | {f"delta_rows_{v}_{dt}_nt{nt}" for v in ("spmm", "parts") for dt in ("f16", "bf16") for nt in (2, 4, 8)}
+    | {f"delta_rows_spmm_{dt}_nt{nt}a" for dt in ("f16", "bf16") for nt in (2, 4, 8)}
     | {f"delta_rows_reduce_{dt}" for dt in ("f16", "bf16")}
     | {f"delta_rows_parts_{dt}_p{p}_s{st}" for dt in ("f16", "bf16") for p in (2, 4, 8, 16) for st in (1, 2)}
 )

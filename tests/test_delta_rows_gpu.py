@@ -21,6 +21,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 pytestmark = [pytest.mark.gpu, cuda]
 
 
+def _same_again(again, got, n, tol):
+    """A second launch's output: the same bits at one token, or with DeltaRows' multi-token atomics on
+    (kernels.DR_NT_ATOMIC; their order of the splits' sums varies) within ``tol`` of the first."""
+    if n == 1 or not _kernels().DR_NT_ATOMIC:
+        assert torch.equal(again, got), n
+    else:
+        err = (again.double() - got.double()).abs().max().item()
+        assert err <= tol, (n, err, tol)
+
+
 def _kernels():
     from flash_llm import kernels
 
@@ -78,6 +88,7 @@ def test_delta_rows_multi_token_window_comes_from_the_weight(dtype, monkeypatch)
     a remembered value too small (a freed weight's address reused) sends more blocks there: the same bits.  Windows of
     1537-3072 columns (OPT-30B's) are staged at 2, 4 and 8 tokens; under a cap of 1536 columns some blocks are not."""
     k = _kernels()
+    monkeypatch.setattr(k, "DR_NT_ATOMIC", False)  # (bit-for-bit checks: the reduction's fixed order of the splits)
     gen = torch.Generator(device="cuda").manual_seed(13)
     m, kk = 1000, 6144
     w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
@@ -203,8 +214,8 @@ def test_delta_rows_residual_add(dtype, n):
 def test_delta_rows_layer_norm_bias_and_relu_inside_the_kernel(dtype, k_in, splits):
     """norm=(g, b, eps) (LayerNorm), the bias, act="relu" and the residual add at N = 1 inside the kernel: within 4
     ulp of the output's scale of the reference composition (LayerNorm in fp32 rounded once, the product in float64,
-    + bias rounded, ReLU); X with a mean far from 0 (the shifted statistics); outputs poisoned; the same bits on a
-    second call.  N = 3 runs the LayerNorm and ReLU as separate operations, also checked."""
+    + bias rounded, ReLU); X with a mean far from 0 (the shifted statistics); outputs poisoned; a second call the same (the
+    same bits at one token: _same_again).  N = 3 runs the LayerNorm and ReLU as separate operations, also checked."""
     from flash_llm.reference import layer_norm
 
     k = _kernels()
@@ -233,8 +244,8 @@ def test_delta_rows_layer_norm_bias_and_relu_inside_the_kernel(dtype, k_in, spli
                 assert err <= tol, (n, act, err, tol)
                 if act:
                     assert (got >= 0).all()
-                assert torch.equal(k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, bias, norm=(g, ln_bias, 1e-5),
-                                               act=act), got)
+                _same_again(k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, bias, norm=(g, ln_bias, 1e-5), act=act),
+                            got, n, tol)
         acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
         want = acc.double() + x.double() @ w_dense.double().t() + bias.double()
         got = k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, bias, add_to=acc.clone())
@@ -247,7 +258,7 @@ def test_delta_rows_layer_norm_bias_and_relu_inside_the_kernel(dtype, k_in, spli
 def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in, splits):
     """norm=(g, eps), act="silu_mul" (a weight with paired halves) and both, at N = 1 inside the kernel: within 4-8
     ulp of the output's scale of the reference composition (RMSNorm in PyTorch, the product in float64, silu x up of
-    the rounded halves); outputs poisoned; the same bits on a second call (tickets reset).  An unpaired weight's
+    the rounded halves); outputs poisoned; a second call the same (tickets reset; _same_again).  An unpaired weight's
     act and N = 2 run as separate operations, also checked.  With one split the windows take 1536-3072 columns: the
     kernel stages X as 16-bit."""
     from flash_llm.reference import rms_norm, silu_mul_halves
@@ -273,7 +284,8 @@ def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in, splits):
             assert not torch.isnan(got).any()
             err = (got.double() - ref).abs().max().item()
             assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (n, err)
-            assert torch.equal(k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, None, norm=(g, 1e-5)), got)
+            _same_again(k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, None, norm=(g, 1e-5)), got, n,
+                        4 * ULP[dtype] * (1 + ref.abs().max().item()))
             want = silu_mul_halves(ref.to(dtype))
             for norm in ((g, 1e-5), None):
                 out = torch.full((n, m // 2), float("nan"), dtype=dtype, device="cuda")
@@ -283,7 +295,7 @@ def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in, splits):
                 torch.testing.assert_close(act.float(), expect.float(), rtol=0,
                                            atol=8 * ULP[dtype] * (1 + expect.float().abs().max().item()))
                 again = k.spmm_cuda(x, w.data, w.offsets, fid, m, k_in, None, norm=norm, act="silu_mul")
-                assert torch.equal(again, act)
+                _same_again(again, act, n, 8 * ULP[dtype] * (1 + expect.float().abs().max().item()))
     assert k.epilogue_fusable(fid, paired.data, m, k_in, 1, dtype, paired.data.device, act="silu_mul", norm=True,
                               offsets=paired.offsets)
     assert not k.epilogue_fusable(fid, plain.data, m, k_in, 1, dtype, plain.data.device, act="silu_mul",
@@ -303,15 +315,28 @@ def test_delta_rows_decode_kernel_is_exact():
 
 @pytest.mark.parametrize("n", [1, 4])
 @pytest.mark.parametrize("parts", [1, 16])
-def test_delta_rows_graph_under_static_weights_equals_eager(n, parts):
-    """Captured with the programmatic launch (static_weights), replayed twice: the eager result's bits."""
+def test_delta_rows_graph_under_static_weights_equals_eager(n, parts, monkeypatch):
+    """Captured with the programmatic launch (static_weights), replayed twice: the eager result's bits (with the
+    reduction's fixed order of the splits, kernels.DR_NT_ATOMIC off), and with the atomics' split-K the reference's
+    result within tolerance."""
     gen = torch.Generator(device="cuda").manual_seed(15)
     w_dense = sparse_weight(1024, 4096, 0.2, torch.float16, gen)
     w = DeltaRows.from_dense(w_dense, parts=parts)
     x = torch.randn(n, 4096, generator=gen, device="cuda").half()
+    kernels = _kernels()
+    if n > 1 and parts == 1:
+        monkeypatch.setattr(kernels, "DR_NT_ATOMIC", True)
+        g = torch.cuda.CUDAGraph()
+        flash_llm.spmm(x, w)  # (warm)
+        with kernels.static_weights(), torch.cuda.graph(g):
+            out = flash_llm.spmm(x, w)
+        for _ in range(3):
+            out.fill_(float("nan"))
+            g.replay()
+            check(out, x, w_dense, None)
+        monkeypatch.setattr(kernels, "DR_NT_ATOMIC", False)
     eager = flash_llm.spmm(x, w)
     check(eager, x, w_dense, None)
-    kernels = _kernels()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s), kernels.static_weights():
@@ -331,10 +356,12 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros(family):
+def test_delta_rows_engine_graph_equals_eager_and_dense_with_zeros(family, monkeypatch):
     """Llama: RMSNorm, SiLU x up and the residual adds inside the kernels at one token; OPT: LayerNorm, ReLU, the
-    biases and the residual adds."""
+    biases and the residual adds.  (kernels.DR_NT_ATOMIC off: graph and eager bit for bit at batch 4.)"""
     from test_engine_gpu import ULP, _graph_vs_eager, _hf, _ours, _prompts
+
+    monkeypatch.setattr(_kernels(), "DR_NT_ATOMIC", False)
 
     from flash_llm.engine import Engine
     from flash_llm.prune import magnitude_prune_
@@ -406,3 +433,52 @@ def test_delta_rows_parts_multi_token_epilogues_match_the_split_layout(dtype):
                 outs.append(got)
             tol = 2 * ULP[dtype] * (1 + outs[0].float().abs().max().item())
             assert (outs[1].float() - outs[0].float()).abs().max().item() <= tol, (n, case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_delta_rows_multi_token_atomics_match_the_reduction(dtype, monkeypatch):
+    """kernels.DR_NT_ATOMIC: at 2-8 tokens the split layout's kernel sums its splits by atomics and its last warp of a
+    slice writes y (``delta_rows_spmm_<dtype>_nt<NT>a``, no ``delta_rows_reduce``): the reduction's results within
+    2 ulp of the output's scale (another order of the fp32 sums), plain, with the bias, the residual add and SiLU x up
+    (paired halves), into poisoned outputs, twice (so the sums and tickets are zeroed again)."""
+    k = _kernels()
+    fid = FORMAT_IDS[DeltaRows]
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    launched = []
+    real_launch = k.launch
+    k.launch = lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw)
+    try:
+        m = 512
+        for kk, n, splits in ((2048, 2, 5), (2048, 3, 3), (4096, 8, 7), (2056, 5, 4)):
+            w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
+            bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+            x = (0.25 * torch.randn(n, kk, generator=gen, device="cuda")).to(dtype)
+            acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
+            for case in (dict(), dict(bias=bias), dict(add_to=acc, bias=bias), dict(act="silu_mul", pair=True)):
+                case = dict(case)
+                w = DeltaRows.from_dense(w_dense, splits=splits, pair_halves=case.pop("pair", False))
+                cb = case.pop("bias", None)
+                outs = []
+                for atomic in (False, True, True):
+                    monkeypatch.setattr(k, "DR_NT_ATOMIC", atomic)
+                    kw = dict(case)
+                    if "add_to" in kw:
+                        kw["add_to"] = acc.clone()
+                    else:
+                        kw["out"] = torch.full((n, m // 2 if "act" in kw else m), float("nan"), dtype=dtype,
+                                               device="cuda")
+                    launched.clear()
+                    got = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, cb, **kw).clone()
+                    assert bool(torch.isfinite(got).all()), (n, atomic, case)
+                    assert any(s.endswith("a") and "_nt" in s for s in launched) == atomic, launched
+                    assert any("delta_rows_reduce" in s for s in launched) != atomic, launched
+                    outs.append(got)
+                tol = 2 * ULP[dtype] * (1 + outs[0].float().abs().max().item())
+                for o in outs[1:]:
+                    assert (o.float() - outs[0].float()).abs().max().item() <= tol, (n, case)
+        stream = torch.cuda.current_stream().cuda_stream
+        torch.cuda.synchronize()
+        assert not k._scratch.get(x.device, stream, 1, torch.float32).any(), "sums not zeroed again"
+        assert not k._scratch.get_tickets(x.device, stream, 1).any(), "tickets not reset"
+    finally:
+        k.launch = real_launch

@@ -162,6 +162,10 @@ NT_ATOMIC = int(os.environ.get("FLASH_LLM_NT_ATOMIC", "1"))
 #: 7168 x 28672 (23) 63.8 / 62.7, 28672 x 4096 (5) 41.7 / 41.1, 21504 x 7168 (7) 51.0 / 52.1, 28672 x 7168 (11)
 #: 65.9 / 66.8).
 NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_NT_ATOMIC_MIN_SPLITS", "16"))
+#: DeltaRows' multi-token kernels (2-8 tokens, the split layout) sum their splits by fp32 atomics, the last warp of each
+#: slice writing Y (``delta_rows_spmm_<dtype>_nt<NT>a``), not ``delta_rows_reduce_<dtype>`` after them;
+#: ``FLASH_LLM_DR_NT_ATOMIC=0`` for the reduction (bit for bit repeatable).
+DR_NT_ATOMIC = os.environ.get("FLASH_LLM_DR_NT_ATOMIC", "1") != "0"
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -806,6 +810,15 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     # memory
     wmax = split_nt_window(offsets, slices, s, nt)
     shared = 2 * nt * wmax
+    if DR_NT_ATOMIC and s > 1:  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
+        sums = _scratch.get(dev, stream, n * slices * 32, torch.float32)
+        tickets = _scratch.get_tickets(dev, stream, slices)
+        launch(f"delta_rows_spmm_{suffix}_nt{nt}a", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
+               [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (sums.data_ptr(), P), (s, I),
+                (n, I), (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I), (y.data_ptr(), P),
+                (bias.data_ptr() if bias is not None else 0, P), (mode, I), (tickets.data_ptr(), P)],
+               stream, dev.index, shared, pdl=pdl)
+        return y
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),

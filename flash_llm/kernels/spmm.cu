@@ -2611,15 +2611,75 @@ DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the 
   }
 }
 
+// Y at weight row `row`, token t, from its sum `acc` (DeltaRows' 2-8 token kernels and delta_rows_reduce): plus the
+// bias `bv`, added into Y with DR_RESID (the sum rounded to the dtype first), or with DR_SILU silu(acc) x `up` (the up
+// row's sum) into Y's M / 2 columns (silu_mul_rounded)
+template <bool BF16>
+DEVI void dr_nt_store1(float acc, float up, float bv, int row, int t, int M, u16* y, int mode) {
+  const bool silu = mode & DR_SILU;
+  u16* dst = y + (long long)t * (silu ? M / 2 : M) + row;
+  if (silu) {
+    *dst = silu_mul_rounded<BF16>(acc, up);
+  } else {
+    const float r = acc + bv;
+    *dst = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r)))
+                             : from_float<BF16>(r);
+  }
+}
+template <bool BF16, int NT>
+DEVI void dr_nt_store(const float (&acc)[NT], const float (&up)[NT], int row, int N, int M, u16* y, const u16* bias,
+                      int mode) {
+  const float bv = bias && !(mode & DR_SILU) ? to_float<BF16>(bias[row]) : 0.f;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    if (t >= N) break;
+    dr_nt_store1<BF16>(acc[t], up[t], bv, row, t, M, y, mode);
+  }
+}
+
+// The multi-token kernels' split-K summed by atomics (ATOMIC below), after a warp's adds: lane 0 takes the ticket of
+// `group` (a slice, or a gate slice and its up slice with DR_SILU), and the last warp reads the group's sums, zeroes
+// them and the ticket and writes y.  Not inlined: inlined, it cost the 64-register _nt4 kernel 4-12 bytes of spills in
+// its walk.
+template <bool BF16>
+__device__ __noinline__ void dr_nt_atomic_tail(const int* __restrict__ offsets, float* __restrict__ ws,
+                                               int* __restrict__ tickets, u16* __restrict__ y,
+                                               const u16* __restrict__ bias, int S, int N, int M, int slices,
+                                               int group, int lane, int mode) {
+  const bool silu = mode & DR_SILU;
+  const int hs = slices >> 1, mp = slices * 32;
+  int prev = 0;
+  if (lane == 0) prev = ticket_acq_rel(tickets + group);
+  prev = __shfl_sync(0xffffffffu, prev, 0);
+  if (prev != (silu ? 2 : 1) * S - 1) return;
+  __syncwarp();  // lane 0's acquire before every lane's loads
+  if (lane == 0) tickets[group] = 0;
+  const int grank = group * 32 + lane;
+  const int orow = dr_perm(offsets, slices, S)[grank];
+  const float bv = bias && !silu && orow >= 0 ? to_float<BF16>(bias[orow]) : 0.f;
+  for (int t = 0; t < N; ++t) {
+    float* g = ws + (long long)t * mp + grank;
+    const float v = __ldcg(g), u = silu ? __ldcg(g + hs * 32) : 0.f;
+    __stcg(g, 0.f);
+    if (silu) __stcg(g + hs * 32, 0.f);
+    if (orow >= 0) dr_nt_store1<BF16>(v, u, bv, orow, t, M, y, mode);
+  }
+}
+
 // ONE: the parts layout's kernel (delta_rows_parts_<dtype>_nt<NT>, P > 1 lanes a row: a row's P lanes summed by
 // shuffles), whose one window is all of K (wmax: all of K while NT x 2 K bytes fit DR_NT_STAGE_MAX).
 // It has one split, so the kernel applies the epilogue itself and writes y
 // ([N, M], or [N, M / 2] for SiLU x up; mode DR_SILU / DR_RESID and the bias as delta_rows_reduce_<dtype>, with its
 // rounding steps, so the same bits), and no reduction is launched; ws is unused.
-template <bool BF16, int NT, bool ONE>
+// ATOMIC (delta_rows_spmm_<dtype>_nt<NT>a, the split layout, P = 1): each lane adds its sums into `ws`, fp32 sums kept
+// zeroed between launches ([token][rank], rank = 32 slice + lane), lane 0 takes the slice's ticket (gate and up
+// slices one ticket for DR_SILU, as the _n1 kernel), and the last warp reads its slice's sums, zeroes them and its
+// ticket and writes y as ONE does: no partials and no delta_rows_reduce launch; the sums' order is the atomics'.
+template <bool BF16, int NT, bool ONE, bool ATOMIC = false>
 DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              float* __restrict__ ws, int S, int N, int K, int M, int slices, int P, int wmax,
-                             u16* __restrict__ y = nullptr, const u16* __restrict__ bias = nullptr, int mode = 0) {
+                             u16* __restrict__ y = nullptr, const u16* __restrict__ bias = nullptr, int mode = 0,
+                             int* __restrict__ tickets = nullptr) {
   constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
   extern __shared__ __align__(16) u16 drnt_x[];
   u16* const xs = drnt_x;  // wmax x NT 16-bit values (dynamic shared memory)
@@ -2713,20 +2773,18 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
 #pragma unroll
     for (int t = 0; t < NT; ++t) up[t] = __shfl_down_sync(0xffffffffu, acc[t], 16);
     if (row < 0 || lane % P != 0 || (silu && lane >= 16)) return;
-    const int mo = silu ? M / 2 : M;
-    const float bv = bias && !silu ? to_float<BF16>(bias[row]) : 0.f;
+    dr_nt_store<BF16, NT>(acc, up, row, N, M, y, bias, mode);
+    return;
+  }
+  if (ATOMIC) {
+    const bool silu = mode & DR_SILU;
+    const int mp = slices * 32;
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      if (t >= N) break;
-      u16* dst = y + (long long)t * mo + row;
-      if (silu) {
-        *dst = silu_mul_rounded<BF16>(acc[t], up[t]);
-      } else {
-        const float r = acc[t] + bv;
-        *dst = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r)))
-                                 : from_float<BF16>(r);
-      }
-    }
+    for (int t = 0; t < NT; ++t)
+      if (t < N) atomicAdd(ws + (long long)t * mp + slice * 32 + lane, acc[t]);
+    __syncwarp();  // every lane's adds before lane 0's release
+    dr_nt_atomic_tail<BF16>(offsets, ws, tickets, y, bias, S, N, M, slices, silu ? slice % (slices >> 1) : slice,
+                            lane, mode);
     return;
   }
   if (row >= 0 && lane % P == 0) {
@@ -2747,6 +2805,11 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_##NAME##_nt##NT(DR_NT_ARGS,              \
       u16 *__restrict__ y, const u16 *__restrict__ bias, int mode) {                                          \
     delta_rows_nt_body<BF16, NT, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, mode);     \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_##NAME##_nt##NT##a(DR_NT_ARGS,           \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, int *__restrict__ tickets) {                \
+    delta_rows_nt_body<BF16, NT, false, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, mode, \
+                                              tickets);                                                      \
   }
 INSTANTIATE_DR_NT(f16, false, 2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(f16, false, 4, (32 * DR_WARPS, 8))
@@ -2787,14 +2850,7 @@ DEVI void delta_rows_reduce_body(const float* __restrict__ ws, u16* __restrict__
         u += b[j];
       }
   }
-  u16* dst = y + (long long)t * mo + m;
-  if (silu) {
-    *dst = silu_mul_rounded<BF16>(v, u);
-  } else {
-    const float r = v + (bias ? to_float<BF16>(bias[m]) : 0.f);
-    *dst = (mode & DR_RESID) ? from_float<BF16>(to_float<BF16>(*dst) + to_float<BF16>(from_float<BF16>(r)))
-                             : from_float<BF16>(r);
-  }
+  dr_nt_store1<BF16>(v, u, bias && !silu ? to_float<BF16>(bias[m]) : 0.f, m, t, M, y, mode);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) delta_rows_reduce_f16(const float* __restrict__ ws,
     u16* __restrict__ y, const u16* __restrict__ bias, int S, int N, int M, int mode) {
