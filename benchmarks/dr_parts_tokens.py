@@ -2,7 +2,7 @@
 weights rotated beyond L2, cuBLAS on the dense weight in the same run).
 
     python benchmarks/dr_parts_tokens.py [--model llama-3-8b|opt-30b] [--sparsity 0.8] [--ns 1,2,3,4,5,8]
-                                         [--l2-resident]
+                                         [--l2-resident] [--atomics]
 
 Why: the parts layout's multi-token kernels (``delta_rows_parts_<dtype>_nt<NT>``) stage all of K for NT tokens in
 every block (``kernels.parts_nt_window``), where the split layout's stage their block's window; where all of K does not
@@ -11,6 +11,10 @@ parts layout is the batch-1 layout (``Engine(delta_layout="auto")`` at ``max_bat
 serves 1-2 tokens); this shows what it costs at a few tokens.  Session 35 (H200, 80 %): Llama-3-8B's down 41.9 us in
 the parts layout at 2 tokens against 21.7 split, q/k/v and o faster in parts (11.5 / 10.0 against 14.3 / 13.0);
 OPT-30B's every kind slower in parts from 2 tokens.  fp16; prints us a call and the speedup over cuBLAS.
+
+``--atomics`` times the split layout twice at 2-8 tokens, its splits summed by ``delta_rows_reduce`` ("split red",
+``kernels.DR_NT_ATOMIC`` off) and by the kernel's fp32 atomics ("split atomic"), and prints each kind's split count:
+where the atomics gain, by the split count (``kernels.DR_NT_ATOMIC_MIN_SPLITS``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from flash_llm import DeltaRows, spmm
+from flash_llm import DeltaRows, kernels, spmm
 from flash_llm.formats.delta_rows import auto_parts
 
 HERE = Path(__file__).resolve().parent
@@ -43,6 +47,8 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--l2-resident", action="store_true",
                     help="also time each layout on one copy of its weight, no rotation (read from L2 where it fits)")
+    ap.add_argument("--atomics", action="store_true",
+                    help="the split layout's splits summed by the reduction and by atomics, both timed (2-8 tokens)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("dr_parts_tokens.py times CUDA kernels: no GPU here")
@@ -54,6 +60,7 @@ def main() -> None:
         dense = torch.randn(m, k, generator=gen, device=dev).to(dt)
         dense *= torch.rand(m, k, generator=gen, device=dev) >= args.sparsity
         ws = {"split": DeltaRows.from_dense(dense, parts=1)}
+        print(f"{kind} [{m}, {k}]: {ws['split'].splits} splits in the split layout", flush=True)
         p = auto_parts(m, k, int((dense != 0).sum()), dev, normed=False)
         if p > 1:
             ws[f"parts {p}"] = DeltaRows.from_dense(dense, parts=p)
@@ -65,14 +72,22 @@ def main() -> None:
             row = {"kind": kind, "n": n}
             row["cublas"] = 1e6 * time_calls([lambda d=d: torch.nn.functional.linear(x, d) for d in dcopies],
                                              replays=args.replays)
-            for name, cs in copies.items():
-                got = spmm(x, cs[0]).float()
-                err = (got - want).abs().max().item()
-                if err > 4 * 2**-10 * (1 + want.abs().max().item()):
-                    sys.exit(f"{kind} {name} n={n}: max error {err} against the fp32 product")
-                row[name] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs], replays=args.replays)
-                if args.l2_resident:
-                    row[name + " L2"] = 1e6 * time_calls([lambda: spmm(x, cs[0])] * len(cs), replays=args.replays)
+            runs = [(name, cs, None) for name, cs in copies.items()]
+            if args.atomics and n > 1:
+                runs[0:1] = [("split red", copies["split"], False), ("split atomic", copies["split"], True)]
+            for name, cs, atomic in runs:
+                saved = kernels.DR_NT_ATOMIC
+                kernels.DR_NT_ATOMIC = saved if atomic is None else atomic
+                try:
+                    got = spmm(x, cs[0]).float()
+                    err = (got - want).abs().max().item()
+                    if err > 4 * 2**-10 * (1 + want.abs().max().item()):
+                        sys.exit(f"{kind} {name} n={n}: max error {err} against the fp32 product")
+                    row[name] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs], replays=args.replays)
+                    if args.l2_resident:
+                        row[name + " L2"] = 1e6 * time_calls([lambda: spmm(x, cs[0])] * len(cs), replays=args.replays)
+                finally:
+                    kernels.DR_NT_ATOMIC = saved
             rows.append(row)
             print("  ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
                   flush=True)
