@@ -166,6 +166,8 @@ NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_NT_ATOMIC_MIN_SPLITS", "16"
 #: slice writing Y (``delta_rows_spmm_<dtype>_nt<NT>a``), not ``delta_rows_reduce_<dtype>`` after them;
 #: ``FLASH_LLM_DR_NT_ATOMIC=0`` for the reduction (bit for bit repeatable).
 DR_NT_ATOMIC = os.environ.get("FLASH_LLM_DR_NT_ATOMIC", "1") != "0"
+#: ... on weights of at least this many splits (``FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS``)
+DR_NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS", "2"))
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -810,7 +812,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     # memory
     wmax = split_nt_window(offsets, slices, s, nt)
     shared = 2 * nt * wmax
-    if DR_NT_ATOMIC and s > 1:  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
+    if DR_NT_ATOMIC and s >= max(2, DR_NT_ATOMIC_MIN_SPLITS):  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
         sums = _scratch.get(dev, stream, n * slices * 32, torch.float32)
         tickets = _scratch.get_tickets(dev, stream, slices)
         launch(f"delta_rows_spmm_{suffix}_nt{nt}a", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
