@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck over flash-llm's own kernels only (benchmarks/profile_kernel.py:
 # both formats, split-K off and on, both decoders to dense), small shapes.
-# CFGS (default "bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3") picks the spmm runs: format:splits[:N[:VAR=value]]
+# CFGS (default "bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3"; "" for none) picks the spmm runs: format:splits[:N[:VAR=value]]
 # (without N: N = 17 at 50 % and 3 at 90 %; VAR=value is set for that run, e.g. FLASH_LLM_WGMMA=0).  DECODERS=0
 # skips the decoder runs.  EPILOGUES (default "norm norm_silu resid") picks the one-token epilogue runs (Tiled-CSL, N = 1,
 # K = 1016, 3 splits; EPILOGUES="" for none; "silu": SiLU x up alone; EPILOGUE_N=8: at N = 8, `_nt1` and splitk_reduce).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py
@@ -14,7 +14,7 @@ OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 # an empty memcheck line)
 python3 benchmarks/profile_kernel.py --fmt bitmap --m 200 --k 1000 --n 3 --sparsity 0.9 --iters 1 >/dev/null 2>&1
 for tool in memcheck racecheck; do
-  for cfg in ${CFGS:-bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3}; do
+  for cfg in ${CFGS-bitmap:1 bitmap:3 tiled-csl:1 tiled-csl:3}; do
     IFS=: read -r fmt splits cfg_n cfg_env <<< "$cfg"
     for sp in 0.5 0.9; do
       n=${cfg_n:-$([ $sp = 0.5 ] && echo 17 || echo 3)}  # default: NT = 4 and NT = 1

@@ -425,6 +425,20 @@ def test_which_one_warp_launches_sum_their_split_k_by_atomics(monkeypatch):
     assert not any(ok(*mk, 8) for mk in layers)
 
 
+def test_which_delta_rows_weights_sum_their_splits_by_atomics(monkeypatch):
+    """kernels.dr_nt_atomic_ok (FLASH_LLM_DR_NT_ATOMIC, DR_NT_ATOMIC_MIN_SPLITS): at 2-8 tokens the split counts
+    DeltaRows' encoder gives on an H200 (about 3590 warps: Llama-3-8B's q/k/v 19, o and down 28) take the atomics,
+    the 4-16-split layers where session 49 measured them slower end to end (Llama-3-8B's gate / up 4; OPT-30B's q/k/v
+    5, fc1 4, out and fc2 16) keep the reduction; one split never; off with DR_NT_ATOMIC."""
+    from flash_llm import kernels
+
+    assert [kernels.dr_nt_atomic_ok(s) for s in (19, 28, 4, 5, 16, 1)] == [True, True, False, False, False, False]
+    monkeypatch.setattr(kernels, "DR_NT_ATOMIC_MIN_SPLITS", 1)
+    assert kernels.dr_nt_atomic_ok(2) and not kernels.dr_nt_atomic_ok(1)
+    monkeypatch.setattr(kernels, "DR_NT_ATOMIC", False)
+    assert not kernels.dr_nt_atomic_ok(28)
+
+
 def test_scratch_buffers_are_zeroed_per_stream_and_never_freed_when_outgrown():
     """kernels._Scratch: zeroed buffers per (device, stream, dtype), at least the count asked for; one outgrown by a
     larger request is kept (a CUDA graph captured before it grew still launches with its address), not freed."""

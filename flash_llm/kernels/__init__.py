@@ -166,8 +166,13 @@ NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_NT_ATOMIC_MIN_SPLITS", "16"
 #: slice writing Y (``delta_rows_spmm_<dtype>_nt<NT>a``), not ``delta_rows_reduce_<dtype>`` after them;
 #: ``FLASH_LLM_DR_NT_ATOMIC=0`` for the reduction (bit for bit repeatable).
 DR_NT_ATOMIC = os.environ.get("FLASH_LLM_DR_NT_ATOMIC", "1") != "0"
-#: ... on weights of at least this many splits (``FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS``)
-DR_NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS", "2"))
+#: ... on weights of at least this many splits (``FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS``).  Session 49 (H200, 80 %, ms per
+#: token at batch 2 / 3, DeltaRows engines): every split count from 2: Llama-3-8B 2.821 / 3.293, from 17: 2.816 / 3.185
+#: (its gate / up, 4 splits, back on the reduction); OPT-30B (q/k/v 5 splits, fc1 4, out and fc2 16) with the
+#: reduction everywhere 7.674 / 10.317, atomics everywhere 7.854 / 10.360, from 16 7.766 / 10.276, from 17 (none)
+#: 7.687 / 10.307.  Alone (``dr_parts_tokens.py --atomics``) the atomics are within 0.4 us of the reduction on the
+#: 4-5-split layers and 2-3 us faster on Llama-3-8B's 19-28-split q/k/v, o and down.
+DR_NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS", "17"))
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -780,6 +785,13 @@ def split_nt_window(offsets: torch.Tensor, slices: int, splits: int, nt: int) ->
     return min(ceil_div(widest, 8) * 8, cap)
 
 
+def dr_nt_atomic_ok(splits: int) -> bool:
+    """Whether DeltaRows' multi-token kernel of a split-layout weight of ``splits`` splits sums them by atomics
+    (``delta_rows_spmm_<dtype>_nt<NT>a``): :data:`DR_NT_ATOMIC` on and at least :data:`DR_NT_ATOMIC_MIN_SPLITS` (and
+    2) splits."""
+    return bool(DR_NT_ATOMIC) and splits >= max(2, DR_NT_ATOMIC_MIN_SPLITS)
+
+
 def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
     """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up;
     its X window :func:`split_nt_window`) stores each split's partials, ``delta_rows_reduce_<dtype>`` sums
@@ -812,7 +824,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     # memory
     wmax = split_nt_window(offsets, slices, s, nt)
     shared = 2 * nt * wmax
-    if DR_NT_ATOMIC and s >= max(2, DR_NT_ATOMIC_MIN_SPLITS):  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
+    if dr_nt_atomic_ok(s):  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
         sums = _scratch.get(dev, stream, n * slices * 32, torch.float32)
         tickets = _scratch.get_tickets(dev, stream, slices)
         launch(f"delta_rows_spmm_{suffix}_nt{nt}a", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
