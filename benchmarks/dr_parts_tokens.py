@@ -2,7 +2,7 @@
 weights rotated beyond L2, cuBLAS on the dense weight in the same run).
 
     python benchmarks/dr_parts_tokens.py [--model llama-3-8b|opt-30b] [--sparsity 0.8] [--ns 1,2,3,4,5,8]
-                                         [--l2-resident] [--atomics]
+                                         [--l2-resident] [--atomics] [--pdl]
 
 Why: the parts layout's multi-token kernels (``delta_rows_parts_<dtype>_nt<NT>``) stage all of K for NT tokens in
 every block (``kernels.parts_nt_window``), where the split layout's stage their block's window; where all of K does not
@@ -14,12 +14,16 @@ OPT-30B's every kind slower in parts from 2 tokens.  fp16; prints us a call and 
 
 ``--atomics`` times the split layout twice at 2-8 tokens, its splits summed by ``delta_rows_reduce`` ("split red",
 ``kernels.DR_NT_ATOMIC`` off) and by the kernel's fp32 atomics ("split atomic"), and prints each kind's split count:
-where the atomics gain, by the split count (``kernels.DR_NT_ATOMIC_MIN_SPLITS``).
+where the atomics gain, by the split count (``kernels.DR_NT_ATOMIC_MIN_SPLITS``).  ``--pdl`` times the sparse calls
+under ``kernels.static_weights()``, launched programmatically as the engine launches them: there the reduction's
+launch overlaps the kernel before it, which plain launches do not show (session 49: the atomics ran even alone on
+OPT-30B's 4-16-split layers, yet its decode step at batch 2 was 2 % slower with them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,6 +53,7 @@ def main() -> None:
                     help="also time each layout on one copy of its weight, no rotation (read from L2 where it fits)")
     ap.add_argument("--atomics", action="store_true",
                     help="the split layout's splits summed by the reduction and by atomics, both timed (2-8 tokens)")
+    ap.add_argument("--pdl", action="store_true", help="the sparse calls under kernels.static_weights() (as the engine)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("dr_parts_tokens.py times CUDA kernels: no GPU here")
@@ -83,9 +88,11 @@ def main() -> None:
                     err = (got - want).abs().max().item()
                     if err > 4 * 2**-10 * (1 + want.abs().max().item()):
                         sys.exit(f"{kind} {name} n={n}: max error {err} against the fp32 product")
-                    row[name] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs], replays=args.replays)
-                    if args.l2_resident:
-                        row[name + " L2"] = 1e6 * time_calls([lambda: spmm(x, cs[0])] * len(cs), replays=args.replays)
+                    with kernels.static_weights() if args.pdl else contextlib.nullcontext():
+                        row[name] = 1e6 * time_calls([lambda w=w: spmm(x, w) for w in cs], replays=args.replays)
+                        if args.l2_resident:
+                            row[name + " L2"] = 1e6 * time_calls([lambda: spmm(x, cs[0])] * len(cs),
+                                                                 replays=args.replays)
                 finally:
                     kernels.DR_NT_ATOMIC = saved
             rows.append(row)
@@ -93,7 +100,8 @@ def main() -> None:
                   flush=True)
         del copies, dcopies
         torch.cuda.empty_cache()
-    print(f"\n{args.model} at {args.sparsity:.0%}, us a call (speedup over cuBLAS)")
+    print(f"\n{args.model} at {args.sparsity:.0%}, us a call (speedup over cuBLAS)"
+          + (", sparse calls under static_weights" if args.pdl else ""))
     for r in rows:
         cells = [f"{key} {v:.1f} ({r['cublas'] / v:.2f}x)" for key, v in r.items()
                  if key not in ("kind", "n", "cublas")]
