@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [profenv] [dual] [cross]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [profenv] [dual] [cross] [drtok]
 #   tests     the GPU kernel, engine and decode-attention tests on the checked-out tree (about 2 minutes; TESTS_K=<pytest -k
 #             expression> for a subset); the whole pytest output, tracebacks included, in $OUT/tests.log
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
@@ -52,6 +52,9 @@
 #             $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,2,4,16), each layout in turn (about 4 minutes)
 #   cross     the wg32x2 / nt4 crossover at N = 17-32: time_across_n.py with FLASH_LLM_TCSL_WG32_MIN_DENSITY = 1 (always
 #             nt4) and = 0 (always wg32x2), 9216 x 36864 at CROSS_SPARSITIES (default "0.7 0.8 0.9"), 4096 x 14336 at 80 %
+#   drtok     benchmarks/dr_parts_tokens.py on DeltaRows' layers of $DRTOK_MODELS (default "llama-3-8b opt-30b") at
+#             $DRTOK_SPARSITY (default 0.8), N = $DRTOK_NS (default 2,3), with $DRTOK_ARGS (default "--atomics --pdl": the
+#             split layout's reduction against its atomics, launched as the engine launches them; about 30 s a model)
 # Outputs (logs) under $OUT; the A/B tables are printed. bench_e2e's plots, CSVs and summaries are deleted at the end
 # (GPU_AB_KEEP_ALL=1 keeps them): the device tool brings back only a few files.
 set -uo pipefail
@@ -160,6 +163,9 @@ for stage in "${@:-tests ab}"; do
                    --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2em_${i}_r$r" 2>&1 | grep "b=" | sed "s|^|$(basename "$v") r$r |")
                    i=$((i + 1)); done; done
                } 2>&1 | tee "$OUT/e2emulti.log" ;;
+      drtok) for m in ${DRTOK_MODELS:-llama-3-8b opt-30b}; do (cd benchmarks && timeout 150 python3 dr_parts_tokens.py \
+               --model "$m" --sparsity ${DRTOK_SPARSITY:-0.8} --ns ${DRTOK_NS:-2,3} ${DRTOK_ARGS:---atomics --pdl}); done 2>&1 | \
+               tee "$OUT/drtok.log" | grep -v "^kind " ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
                   (for v in $e; do export "$v"; done; llama_e2e 200 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
