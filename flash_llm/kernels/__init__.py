@@ -824,19 +824,21 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     # memory
     wmax = split_nt_window(offsets, slices, s, nt)
     shared = 2 * nt * wmax
+    grid = (ceil_div(slices, DR_WARPS), s, 1)
+
+    def walk_args(sums):  # DR_NT_ARGS: the kernel's leading arguments, ``sums`` its fp32 partials or atomic sums
+        return [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (sums.data_ptr(), P), (s, I),
+                (n, I), (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I)]
+
     if dr_nt_atomic_ok(s):  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
         sums = _scratch.get(dev, stream, n * slices * 32, torch.float32)
         tickets = _scratch.get_tickets(dev, stream, slices)
-        launch(f"delta_rows_spmm_{suffix}_nt{nt}a", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
-               [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (sums.data_ptr(), P), (s, I),
-                (n, I), (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I), (y.data_ptr(), P),
-                (bias.data_ptr() if bias is not None else 0, P), (mode, I), (tickets.data_ptr(), P)],
-               stream, dev.index, shared, pdl=pdl)
+        launch(f"delta_rows_spmm_{suffix}_nt{nt}a", grid, 32 * DR_WARPS,
+               walk_args(sums) + [(y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (mode, I),
+                                  (tickets.data_ptr(), P)], stream, dev.index, shared, pdl=pdl)
         return y
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
-    launch(f"delta_rows_spmm_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
-           [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
-            (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I)], stream, dev.index, shared, pdl=pdl)
+    launch(f"delta_rows_spmm_{suffix}_nt{nt}", grid, 32 * DR_WARPS, walk_args(ws), stream, dev.index, shared, pdl=pdl)
     launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
            [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
             (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)
