@@ -16,6 +16,7 @@ token-by-token decode whose step is captured in a CUDA graph per batch size.  De
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -163,6 +164,14 @@ DENSE = "dense"
 #: dense up to about 55 % sparsity, at most 1.11x Tiled-CSL's bytes; ``FLASH_LLM_RELAYOUT_DENSE_SHARE``, a large
 #: value: never)
 RELAYOUT_DENSE_SHARE = float(os.environ.get("FLASH_LLM_RELAYOUT_DENSE_SHARE", "0.9"))
+#: ... and also, for an engine of at least this ``max_batch``, where the weight's density is at least
+#: :data:`DENSE_FAST_MIN_DENSITY`: there the Tiled-CSL kernels run slower than cuBLAS on the dense weight, so the
+#: engine holds the layer dense when the device has the memory (1.67x Tiled-CSL's bytes at 70 %), else Tiled-CSL.
+#: Session 41's table of record (H200, Llama-3-8B / OPT-30B, Tiled-CSL against dense at batch 64): 80 % 1.01x / 1.01x,
+#: 70 % 0.92x / 0.92x; session 41 / 37, 60 %: 0.84-0.85x.  ``FLASH_LLM_DENSE_FAST_MIN_BATCH``, a large value: never
+DENSE_FAST_MIN_BATCH = int(os.environ.get("FLASH_LLM_DENSE_FAST_MIN_BATCH", "64"))
+#: (0.22: between 80 % (density 0.2, 1.01x) and 70 % (0.3, 0.92x) the ratio crosses 1.0 at about 0.21)
+DENSE_FAST_MIN_DENSITY = float(os.environ.get("FLASH_LLM_DENSE_FAST_MIN_DENSITY", "0.22"))
 #: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights and the engine's cache
 RELAYOUT_MARGIN_BYTES = 1 << 30
 #: the device types on which ``delta_layout="auto"`` / ``"dual"`` re-encode (the CPU reference computes through the
@@ -208,9 +217,12 @@ def _tiled_csl_bytes(m: torch.nn.Module) -> int:
     return int(tiled_csl_formula_bytes(m.out_features, m.in_features, _nnz(m))) + 8 * tiles
 
 
-def _large_batch_format(m: torch.nn.Module) -> str:
+def _large_batch_format(m: torch.nn.Module, max_batch: int = 0) -> str:
     """:data:`TILED_CSL`, or :data:`DENSE` where Tiled-CSL would take :data:`RELAYOUT_DENSE_SHARE` of the dense
-    weight's bytes or more."""
+    weight's bytes or more, or, for an engine of ``max_batch`` :data:`DENSE_FAST_MIN_BATCH` or more, where the weight's
+    density is :data:`DENSE_FAST_MIN_DENSITY` or more (there cuBLAS on the dense weight is the faster)."""
+    if max_batch >= DENSE_FAST_MIN_BATCH and _nnz(m) >= DENSE_FAST_MIN_DENSITY * m.out_features * m.in_features:
+        return DENSE
     return DENSE if _tiled_csl_bytes(m) >= RELAYOUT_DENSE_SHARE * _dense_bytes(m) else TILED_CSL
 
 
@@ -357,42 +369,49 @@ def _plain_input_layers(model: torch.nn.Module) -> set[int]:
     return {id(m) for path, m in model.named_modules() if path.rsplit(".", 1)[-1] in PLAIN_INPUT_PROJECTIONS}
 
 
-def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True, plain: frozenset | set = frozenset()
-                 ) -> Callable[[torch.nn.Module], int | str]:
+def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True, plain: frozenset | set = frozenset(),
+                 dense_fast: bool = False) -> Callable[[torch.nn.Module], int | str]:
     """``Engine(delta_layout="auto")``'s choice for a layer: the parts layout's lanes by
     :func:`~flash_llm.formats.delta_rows.auto_parts` up to :data:`DELTA_PARTS_MAX_BATCH` (its N = 1 kernel needs no
     split-K; session 31, H200, Llama-3-8B at 80 %: 2.281 -> 2.061 ms per token), the split layout above (its
     multi-token kernels stage a window, not all of K: batch 2 / 4 / 8 2.94 / 3.82 / 6.36 against 3.02 / 4.45 / 9.55
     ms), Tiled-CSL from :data:`DELTA_TCSL_MIN_BATCH` where ``tiled_csl`` (the memory is there; dense where Tiled-CSL
-    would be no smaller: :func:`_large_batch_format`).  ``plain``: the ids of
+    would be no smaller: :func:`_large_batch_format`; with ``dense_fast`` also where cuBLAS would be the faster at
+    ``max_batch``).  ``plain``: the ids of
     the layers whose input comes from no norm (:func:`_plain_input_layers`; ``auto_parts(normed=False)``), taken
     at ``max_batch`` 1 only (the wider K it allows loses from 2 tokens)."""
     from .formats.delta_rows import auto_parts
 
     if tiled_csl and max_batch >= DELTA_TCSL_MIN_BATCH:
-        return _large_batch_format
+        return functools.partial(_large_batch_format, max_batch=max_batch if dense_fast else 0)
     if max_batch > DELTA_PARTS_MAX_BATCH:
         return lambda m: 1
     plain = plain if max_batch == 1 else frozenset()
     return lambda m: auto_parts(m.out_features, m.in_features, _nnz(m), device, normed=id(m) not in plain)
 
 
-def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False) -> tuple[int, int]:
+def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False, max_batch: int = 0) -> tuple[int, int]:
     """``(bytes, largest dense layer)``: how much more the model's DeltaRows weights take as the batched engine holds
     them (Tiled-CSL by its formula, or dense where :func:`_large_batch_format` says so; 0 or less: no growth), and the
     bytes of its largest such layer expanded to dense (the re-encoding's temporary).  ``copies``: the bytes of the
     copies beside them (``delta_layout="dual"``: Tiled-CSL, or dense where :func:`_large_batch_format` says so), the
     layers an earlier engine turned from DeltaRows into Tiled-CSL or dense counted too (the engine turns them back
-    first; their present bytes, an upper bound of their DeltaRows ones, are not subtracted)."""
+    first; their present bytes, an upper bound of their DeltaRows ones, are not subtracted).  ``max_batch``: the
+    engine's, for :func:`_large_batch_format`'s speed rule; without ``copies`` the layers an earlier engine made
+    Tiled-CSL or dense count too where this one holds them otherwise (Tiled-CSL turned dense, or back)."""
     from .formats import DeltaRows
 
     grow, largest = 0, 0
     for m in model.modules():
-        if getattr(m, "weight_format", None) is DeltaRows or (
-                copies and (_was_delta_rows(m) or _dense_from_delta_rows(m))):
+        was = _was_delta_rows(m) or _dense_from_delta_rows(m)
+        if getattr(m, "weight_format", None) is DeltaRows or (copies and was):
             dense = _dense_bytes(m)
-            held = _tiled_csl_bytes(m) if _large_batch_format(m) == TILED_CSL else dense
+            held = _tiled_csl_bytes(m) if _large_batch_format(m, max_batch) == TILED_CSL else dense
             grow += held - (0 if copies else m.nbytes)
+            largest = max(largest, dense)
+        elif was and (_large_batch_format(m, max_batch) == DENSE) != _dense_from_delta_rows(m):
+            dense = _dense_bytes(m)
+            grow += dense - m.nbytes if _was_delta_rows(m) else _tiled_csl_bytes(m) - dense
             largest = max(largest, dense)
     return grow, largest
 
@@ -461,7 +480,10 @@ class Engine:
             :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
             the DeltaRows bytes at 80 %; else a warning and the split layout), or as dense ``nn.Linear`` layers
             where Tiled-CSL would take :data:`RELAYOUT_DENSE_SHARE` (0.9) of the dense bytes or more (about 55 %
-            sparsity and denser: at most 1.11x Tiled-CSL's memory, cuBLAS's speed; :data:`DENSE`).  A later engine
+            sparsity and denser: at most 1.11x Tiled-CSL's memory, cuBLAS's speed; :data:`DENSE`); from ``max_batch``
+            :data:`DENSE_FAST_MIN_BATCH` (64) also at density :data:`DENSE_FAST_MIN_DENSITY` (0.22, about 78 %
+            sparsity) and denser, where cuBLAS on the dense weight is the faster, if the memory holds them dense (1.67x
+            Tiled-CSL's bytes at 70 %; else Tiled-CSL, no warning).  A later engine
             at a smaller ``max_batch`` turns such layers back into DeltaRows.  The values do not change (the sums'
             order does, within rounding).  ``"keep"`` leaves the weights as they are.  ``"dual"``: from ``max_batch``
             :data:`DUAL_TCSL_MIN_BATCH` (3) on, where the memory holds both (else a warning and ``"auto"``'s
@@ -529,9 +551,12 @@ class Engine:
             plain = _plain_input_layers(model)
             dual = (delta_layout == "dual" and max_batch >= DUAL_TCSL_MIN_BATCH
                     and self._tiled_csl_fits(kv_heads, slots, dual=True))
-            tcsl = not dual and max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots)
+            # (from DENSE_FAST_MIN_BATCH the denser layers dense where the memory allows, else as below)
+            fast = (not dual and max_batch >= DENSE_FAST_MIN_BATCH
+                    and self._tiled_csl_fits(kv_heads, slots, fast=True))
+            tcsl = fast or (not dual and max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots))
             # (dual: its DeltaRows serve up to DUAL_TCSL_MIN_BATCH - 1 tokens, so the layout for that max_batch)
-            choose = _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain)
+            choose = _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain, fast)
             self.relayout = relayout_delta_rows(model, choose)
             if dual:
                 self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)
@@ -556,12 +581,13 @@ class Engine:
         self._pool = None
         self._captured_over = self._weights_key()
 
-    def _tiled_csl_fits(self, kv_heads: int, slots: int, dual: bool = False) -> bool:
+    def _tiled_csl_fits(self, kv_heads: int, slots: int, dual: bool = False, fast: bool = False) -> bool:
         """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL (``dual``: as
-        Tiled-CSL copies beside them, also counting the layers an earlier engine made Tiled-CSL) beside the cache
+        Tiled-CSL copies beside them, also counting the layers an earlier engine made Tiled-CSL; ``fast``: dense
+        where :func:`_large_batch_format` at this ``max_batch`` says cuBLAS is the faster) beside the cache
         this engine is about to allocate (``kv_heads`` x ``slots`` a layer and sequence) and
-        :data:`RELAYOUT_MARGIN_BYTES`; warns when it has not."""
-        grow, largest = _tiled_csl_growth(self.model, copies=dual)
+        :data:`RELAYOUT_MARGIN_BYTES`; warns when it has not (not for ``fast``: the engine tries without it)."""
+        grow, largest = _tiled_csl_growth(self.model, copies=dual, max_batch=self.max_batch if fast else 0)
         if largest == 0:  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so): nothing to copy
             return not dual
         cfg = self.config
@@ -570,6 +596,8 @@ class Engine:
         need = max(grow, 0) + 4 * largest + cache + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:
             return True
+        if fast:
+            return False
         if dual:
             warnings.warn(f"max_batch={self.max_batch}: no Tiled-CSL copies beside the DeltaRows weights "
                           f"(delta_layout='dual'): they would take {grow / 2**30:.2f} GiB, and with the cache "

@@ -639,6 +639,60 @@ def test_batched_engine_holds_dense_where_tiled_csl_is_no_smaller(pair, monkeypa
     assert set(Engine(seventy, max_batch=big, max_seq=32).relayout.values()) == {E.TILED_CSL}
 
 
+def test_large_batch_engine_holds_denser_layers_dense_where_cublas_is_faster(pair, monkeypatch):
+    """From DENSE_FAST_MIN_BATCH (lowered here to 5; run on the CPU as on a GPU) an engine holds DeltaRows layers of
+    density DENSE_FAST_MIN_DENSITY or more dense (70 %: all of them), the same generations as the kept weights, while
+    an engine below it makes them Tiled-CSL, and at 80 % (density 0.2) they become Tiled-CSL at any batch.  The memory
+    check counts the dense bytes (also of layers an earlier engine made Tiled-CSL); without the memory for them the
+    layers become Tiled-CSL, with no warning."""
+    from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    monkeypatch.setattr(E, "DENSE_FAST_MIN_BATCH", E.DELTA_TCSL_MIN_BATCH + 1)
+    big = E.DENSE_FAST_MIN_BATCH
+    ours = _delta_rows_ours(pair[0], 0.7)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
+    keep = Engine(copy.deepcopy(ours), max_batch=big, max_seq=32, delta_layout="keep")
+    want = keep.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    layers = {p: m for p, m in keep.model.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    dense_bytes = {p: m.out_features * m.in_features * 2 for p, m in layers.items()}
+    assert E._tiled_csl_growth(ours, max_batch=big)[0] == sum(dense_bytes[p] - m.nbytes for p, m in layers.items())
+    below = Engine(ours, max_batch=big - 1, max_seq=32)  # Tiled-CSL, as before
+    assert below.relayout == {p: E.TILED_CSL for p in layers}
+    tcsl = {p: m.nbytes for p, m in ours.named_modules() if p in layers}
+    # the layers an earlier engine made Tiled-CSL count too: their growth to dense
+    assert E._tiled_csl_growth(ours, max_batch=big) == (sum(dense_bytes[p] - tcsl[p] for p in layers),
+                                                        max(dense_bytes.values()))
+    assert E._tiled_csl_growth(ours) == (0, 0)
+    eng = Engine(ours, max_batch=big, max_seq=32)
+    assert eng.relayout == {p: E.DENSE for p in layers}
+    assert not any(isinstance(m, flash_llm.SparseLinear) for m in ours.modules())
+    got = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=8 * ulp(torch.float16, want.logits.abs().max()))
+    # back below: Tiled-CSL again (a negative growth: dense to Tiled-CSL)
+    mods = dict(ours.named_modules())
+    assert E._tiled_csl_growth(ours)[0] == sum(E._tiled_csl_bytes(mods[p]) - dense_bytes[p] for p in layers)
+    assert all(abs(E._tiled_csl_bytes(mods[p]) - tcsl[p]) <= 0.02 * tcsl[p] for p in layers)  # (the formula)
+    assert Engine(ours, max_batch=big - 1, max_seq=32).relayout == {p: E.TILED_CSL for p in layers}
+    # too little memory for dense but enough for Tiled-CSL: Tiled-CSL, no warning
+    fresh = _delta_rows_ours(pair[0], 0.7)
+    cache = keep.cache_bytes
+    grow_fast, largest = E._tiled_csl_growth(fresh, max_batch=big)
+    grow_tcsl, _ = E._tiled_csl_growth(fresh)
+    free = grow_tcsl + 4 * largest + cache + E.RELAYOUT_MARGIN_BYTES + (grow_fast - grow_tcsl) // 2
+    monkeypatch.setattr(E, "_free_memory", lambda device: free)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tight = Engine(fresh, max_batch=big, max_seq=32)
+    assert tight.relayout == {p: E.TILED_CSL for p in layers}
+    # at 80 % (density 0.2, below DENSE_FAST_MIN_DENSITY) Tiled-CSL at any batch
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    eighty = _delta_rows_ours(pair[0], 0.8)
+    assert set(Engine(eighty, max_batch=big, max_seq=32).relayout.values()) == {E.TILED_CSL}
+
+
 def test_relayout_frees_each_old_weight_as_it_goes(pair, monkeypatch):
     """relayout_delta_rows holds no replaced layer: when it expands layer i, the old modules of layers 0 .. i - 1
     are gone (their weights freed), so the peak grows by one layer's temporaries, as the engine's memory check
