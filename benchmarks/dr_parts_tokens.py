@@ -13,8 +13,8 @@ the parts layout at 2 tokens against 21.7 split, q/k/v and o faster in parts (11
 OPT-30B's every kind slower in parts from 2 tokens.  fp16; prints us a call and the speedup over cuBLAS.
 
 ``--atomics`` times the split layout twice at 2-8 tokens, its splits summed by ``delta_rows_reduce`` ("split red",
-``kernels.DR_NT_ATOMIC`` off) and by the kernel's fp32 atomics ("split atomic"), and prints each kind's split count:
-where the atomics gain, by the split count (``kernels.DR_NT_ATOMIC_MIN_SPLITS``).  ``--pdl`` times the sparse calls
+``kernels.DR_NT_ATOMIC`` off) and by the kernel's fp32 atomics ("split atomic", at any split count), and prints
+each kind's split count: where the atomics gain, by the split count (``kernels.DR_NT_ATOMIC_MIN_SPLITS``).  ``--pdl`` times the sparse calls
 under ``kernels.static_weights()``, launched programmatically as the engine launches them: there the reduction's
 launch overlaps the kernel before it, which plain launches do not show (session 49: the atomics ran even alone on
 OPT-30B's 4-16-split layers, yet its decode step at batch 2 was 2 % slower with them).
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -81,9 +82,10 @@ def main() -> None:
             if args.atomics and n > 1:
                 runs[0:1] = [("split red", copies["split"], False), ("split atomic", copies["split"], True)]
             for name, cs, atomic in runs:
-                saved = kernels.DR_NT_ATOMIC
-                kernels.DR_NT_ATOMIC = saved if atomic is None else atomic
-                try:
+                # (the atomics on or off at every split count, kernels.DR_NT_ATOMIC_MIN_SPLITS included)
+                switch = (contextlib.nullcontext() if atomic is None
+                          else mock.patch.multiple(kernels, DR_NT_ATOMIC=atomic, DR_NT_ATOMIC_MIN_SPLITS=2))
+                with switch:
                     got = spmm(x, cs[0]).float()
                     err = (got - want).abs().max().item()
                     if err > 4 * 2**-10 * (1 + want.abs().max().item()):
@@ -93,8 +95,6 @@ def main() -> None:
                         if args.l2_resident:
                             row[name + " L2"] = 1e6 * time_calls([lambda: spmm(x, cs[0])] * len(cs),
                                                                  replays=args.replays)
-                finally:
-                    kernels.DR_NT_ATOMIC = saved
             rows.append(row)
             print("  ".join(f"{key} {v:.1f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()),
                   flush=True)

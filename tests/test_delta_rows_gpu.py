@@ -15,7 +15,8 @@ import flash_llm
 from flash_llm import DeltaRows
 from flash_llm.formats import delta_rows as D
 from flash_llm.reference import FORMAT_IDS
-from test_kernels_gpu import DTYPES, SHAPES, ULP, check, run_kernel, sparse_weight
+from test_kernels_gpu import (DTYPES, SHAPES, ULP, assert_scratch_zeroed, check, record_launches, run_kernel,
+                              sparse_weight)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytestmark = [pytest.mark.gpu, cuda]
@@ -29,6 +30,17 @@ def _same_again(again, got, n, tol):
     else:
         err = (again.double() - got.double()).abs().max().item()
         assert err <= tol, (n, err, tol)
+
+
+def _epilogue_kwargs(case, acc, n, m, dtype):
+    """``spmm_cuda``'s keywords for an epilogue ``case``: its ``add_to`` a fresh copy of ``acc``, else a poisoned
+    ``out`` (``M / 2`` columns with ``act``)."""
+    kw = dict(case)
+    if "add_to" in kw:
+        kw["add_to"] = acc.clone()
+    else:
+        kw["out"] = torch.full((n, m // 2 if "act" in kw else m), float("nan"), dtype=dtype, device="cuda")
+    return kw
 
 
 def _kernels():
@@ -214,8 +226,9 @@ def test_delta_rows_residual_add(dtype, n):
 def test_delta_rows_layer_norm_bias_and_relu_inside_the_kernel(dtype, k_in, splits):
     """norm=(g, b, eps) (LayerNorm), the bias, act="relu" and the residual add at N = 1 inside the kernel: within 4
     ulp of the output's scale of the reference composition (LayerNorm in fp32 rounded once, the product in float64,
-    + bias rounded, ReLU); X with a mean far from 0 (the shifted statistics); outputs poisoned; a second call the same (the
-    same bits at one token: _same_again).  N = 3 runs the LayerNorm and ReLU as separate operations, also checked."""
+    + bias rounded, ReLU); X with a mean far from 0 (the shifted statistics); outputs poisoned; a second call the
+    same (the same bits at one token: _same_again).  N = 3 runs the LayerNorm and ReLU as separate operations, also
+    checked."""
     from flash_llm.reference import layer_norm
 
     k = _kernels()
@@ -424,11 +437,7 @@ def test_delta_rows_parts_multi_token_epilogues_match_the_split_layout(dtype):
             outs = []
             for p in (1, 4):
                 w = DeltaRows.from_dense(w_dense, parts=p, pair_halves=pair)
-                kw = dict(case)
-                if "add_to" in kw:
-                    kw["add_to"] = acc.clone()
-                else:
-                    kw["out"] = torch.full((n, m // 2 if pair else m), float("nan"), dtype=dtype, device="cuda")
+                kw = _epilogue_kwargs(case, acc, n, m, dtype)
                 got = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, cb, **kw).clone()
                 assert bool(torch.isfinite(got).all()), (n, p, case)
                 outs.append(got)
@@ -446,41 +455,28 @@ def test_delta_rows_multi_token_atomics_match_the_reduction(dtype, monkeypatch):
     monkeypatch.setattr(k, "DR_NT_ATOMIC_MIN_SPLITS", 2)  # (the weights below have 3-7 splits)
     fid = FORMAT_IDS[DeltaRows]
     gen = torch.Generator(device="cuda").manual_seed(23)
-    launched = []
-    real_launch = k.launch
-    k.launch = lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw)
-    try:
-        m = 512
-        for kk, n, splits in ((2048, 2, 5), (2048, 3, 3), (4096, 8, 7), (2056, 5, 4)):
-            w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
-            bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-            x = (0.25 * torch.randn(n, kk, generator=gen, device="cuda")).to(dtype)
-            acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
-            for case in (dict(), dict(bias=bias), dict(add_to=acc, bias=bias), dict(act="silu_mul", pair=True)):
-                case = dict(case)
-                w = DeltaRows.from_dense(w_dense, splits=splits, pair_halves=case.pop("pair", False))
-                cb = case.pop("bias", None)
-                outs = []
-                for atomic in (False, True, True):
-                    monkeypatch.setattr(k, "DR_NT_ATOMIC", atomic)
-                    kw = dict(case)
-                    if "add_to" in kw:
-                        kw["add_to"] = acc.clone()
-                    else:
-                        kw["out"] = torch.full((n, m // 2 if "act" in kw else m), float("nan"), dtype=dtype,
-                                               device="cuda")
-                    launched.clear()
-                    got = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, cb, **kw).clone()
-                    assert bool(torch.isfinite(got).all()), (n, atomic, case)
-                    assert any(s.endswith("a") and "_nt" in s for s in launched) == atomic, launched
-                    assert any("delta_rows_reduce" in s for s in launched) != atomic, launched
-                    outs.append(got)
-                tol = 2 * ULP[dtype] * (1 + outs[0].float().abs().max().item())
-                for o in outs[1:]:
-                    assert (o.float() - outs[0].float()).abs().max().item() <= tol, (n, case)
-        stream = torch.cuda.current_stream().cuda_stream
-        torch.cuda.synchronize()
-        assert not k._scratch.get(x.device, stream, 1, torch.float32).any(), "sums not zeroed again"
-        assert not k._scratch.get_tickets(x.device, stream, 1).any(), "tickets not reset"
-    finally:
-        k.launch = real_launch
+    launched = record_launches(k, monkeypatch)
+    m = 512
+    for kk, n, splits in ((2048, 2, 5), (2048, 3, 3), (4096, 8, 7), (2056, 5, 4)):
+        w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
+        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+        x = (0.25 * torch.randn(n, kk, generator=gen, device="cuda")).to(dtype)
+        acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
+        for case in (dict(), dict(bias=bias), dict(add_to=acc, bias=bias), dict(act="silu_mul", pair=True)):
+            case = dict(case)
+            w = DeltaRows.from_dense(w_dense, splits=splits, pair_halves=case.pop("pair", False))
+            cb = case.pop("bias", None)
+            outs = []
+            for atomic in (False, True, True):
+                monkeypatch.setattr(k, "DR_NT_ATOMIC", atomic)
+                launched.clear()
+                kw = _epilogue_kwargs(case, acc, n, m, dtype)
+                got = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, cb, **kw).clone()
+                assert bool(torch.isfinite(got).all()), (n, atomic, case)
+                assert any(s.endswith("a") and "_nt" in s for s in launched) == atomic, launched
+                assert any("delta_rows_reduce" in s for s in launched) != atomic, launched
+                outs.append(got)
+            tol = 2 * ULP[dtype] * (1 + outs[0].float().abs().max().item())
+            for o in outs[1:]:
+                assert (o.float() - outs[0].float()).abs().max().item() <= tol, (n, case)
+    assert_scratch_zeroed(k, x.device)

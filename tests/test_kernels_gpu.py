@@ -60,6 +60,22 @@ def run_kernel(x, w, bias, **kw):
     return _kernels().spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, k, bias, out=out, **kw)
 
 
+def record_launches(k, monkeypatch) -> list:
+    """The names of the kernels ``k.launch`` (``flash_llm.kernels``) starts from now until the test ends, in order."""
+    launched = []
+    real_launch = k.launch
+    monkeypatch.setattr(k, "launch", lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw))
+    return launched
+
+
+def assert_scratch_zeroed(k, device):
+    """The split-K sums and tickets of the current stream, zeroed again by the kernels that used them."""
+    stream = torch.cuda.current_stream().cuda_stream
+    torch.cuda.synchronize()
+    assert not k._scratch.get(device, stream, 1, torch.float32).any(), "sums not zeroed again"
+    assert not k._scratch.get_tickets(device, stream, 1).any(), "tickets not reset"
+
+
 SHAPES = [(1, 1), (7, 13), (64, 64), (100, 300), (257, 1000), (1024, 4096), (4097, 4095)]
 NS = [1, 2, 3, 8, 17, 64, 100, 256, 1000]
 
@@ -211,52 +227,44 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeyp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nt_atomic_split_k(dtype, monkeypatch):
     """kernels.NT_ATOMIC = 2: the one-warp kernels of 2-16 tokens sum their split-K by atomics (``_nt1a`` /
-    ``_nt2a``) and give the reduction's result within rounding (another order of the fp32 sums), plain with a bias (rows and columns
-    past a 64-row block or 8 tokens cut off) and with SiLU x up, into poisoned outputs, launched twice (so the sums and
-    tickets are zeroed again), with no reduction launched."""
+    ``_nt2a``) and give the reduction's result within rounding (another order of the fp32 sums), plain with a bias
+    (rows and columns past a 64-row block or 8 tokens cut off) and with SiLU x up, into poisoned outputs, launched
+    twice (so the sums and tickets are zeroed again), with no reduction launched."""
     from flash_llm.reference import silu_mul_halves
 
     k = _kernels()
     fmt = FORMAT_IDS[flash_llm.TiledCSL]
     gen = torch.Generator(device="cuda").manual_seed(47)
-    launched = []
-    real_launch = k.launch
-    k.launch = lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw)
-    try:
-        for m, k_in, density in ((200, 1000, 0.2), (256, 4096, 0.05), (1024, 2048, 0.12)):
-            w_dense = sparse_weight(m, k_in, density, dtype, gen)
-            w = flash_llm.TiledCSL.from_dense(w_dense)
-            bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-            for n in (2, 3, 8, 9, 16):
-                x = torch.randn(n, k_in, generator=gen, device="cuda").to(dtype)
-                for splits in (3, 7):
-                    monkeypatch.setattr(k, "NT_ATOMIC", 0)
-                    want = run_kernel(x, w, bias, splits=splits, force_sparse=True)
-                    want_silu = (silu_mul_halves(run_kernel(x, w, None, splits=splits, force_sparse=True))
-                                 if m % 128 == 0 else None)
-                    monkeypatch.setattr(k, "NT_ATOMIC", 2)
-                    monkeypatch.setattr(k, "NT_ATOMIC_MIN_SPLITS", 2)
-                    for _ in range(2):
-                        launched.clear()
-                        got = run_kernel(x, w, bias, splits=splits, force_sparse=True)
-                        assert launched == [f"tiled_csl_spmm_{k._dtype_suffix(dtype)}_nt{1 if n <= 8 else 2}a"]
-                        check(got, x, w_dense, bias)
-                        tol = 2 * ULP[dtype] * (1 + want.float().abs().max().item())
-                        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
-                        if want_silu is None:
-                            continue
-                        out = torch.full((n, m // 2), float("nan"), dtype=dtype, device="cuda")
-                        got = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, None, splits=splits, force_sparse=True,
-                                          out=out, act="silu_mul")
-                        assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
-                        tol = 4 * ULP[dtype] * (1 + want_silu.float().abs().max().item())
-                        torch.testing.assert_close(got.float(), want_silu.float(), rtol=0, atol=tol)
-        stream = torch.cuda.current_stream().cuda_stream
-        torch.cuda.synchronize()
-        assert not k._scratch.get(x.device, stream, 1, torch.float32).any(), "sums not zeroed again"
-        assert not k._scratch.get_tickets(x.device, stream, 1).any(), "tickets not reset"
-    finally:
-        k.launch = real_launch
+    launched = record_launches(k, monkeypatch)
+    for m, k_in, density in ((200, 1000, 0.2), (256, 4096, 0.05), (1024, 2048, 0.12)):
+        w_dense = sparse_weight(m, k_in, density, dtype, gen)
+        w = flash_llm.TiledCSL.from_dense(w_dense)
+        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+        for n in (2, 3, 8, 9, 16):
+            x = torch.randn(n, k_in, generator=gen, device="cuda").to(dtype)
+            for splits in (3, 7):
+                monkeypatch.setattr(k, "NT_ATOMIC", 0)
+                want = run_kernel(x, w, bias, splits=splits, force_sparse=True)
+                want_silu = (silu_mul_halves(run_kernel(x, w, None, splits=splits, force_sparse=True))
+                             if m % 128 == 0 else None)
+                monkeypatch.setattr(k, "NT_ATOMIC", 2)
+                monkeypatch.setattr(k, "NT_ATOMIC_MIN_SPLITS", 2)
+                for _ in range(2):
+                    launched.clear()
+                    got = run_kernel(x, w, bias, splits=splits, force_sparse=True)
+                    assert launched == [f"tiled_csl_spmm_{k._dtype_suffix(dtype)}_nt{1 if n <= 8 else 2}a"]
+                    check(got, x, w_dense, bias)
+                    tol = 2 * ULP[dtype] * (1 + want.float().abs().max().item())
+                    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
+                    if want_silu is None:
+                        continue
+                    out = torch.full((n, m // 2), float("nan"), dtype=dtype, device="cuda")
+                    got = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, None, splits=splits, force_sparse=True,
+                                      out=out, act="silu_mul")
+                    assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
+                    tol = 4 * ULP[dtype] * (1 + want_silu.float().abs().max().item())
+                    torch.testing.assert_close(got.float(), want_silu.float(), rtol=0, atol=tol)
+    assert_scratch_zeroed(k, x.device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
