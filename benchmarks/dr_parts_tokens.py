@@ -14,10 +14,10 @@ OPT-30B's every kind slower in parts from 2 tokens.  fp16; prints us a call and 
 
 ``--atomics`` times the split layout twice at 2-8 tokens, its splits summed by ``delta_rows_reduce`` ("split red",
 ``kernels.DR_NT_ATOMIC`` off) and by the kernel's fp32 atomics ("split atomic", at any split count), and prints
-each kind's split count: where the atomics gain, by the split count (``kernels.DR_NT_ATOMIC_MIN_SPLITS``).  ``--pdl`` times the sparse calls
-under ``kernels.static_weights()``, launched programmatically as the engine launches them: there the reduction's
-launch overlaps the kernel before it, which plain launches do not show (session 49: the atomics ran even alone on
-OPT-30B's 4-16-split layers, yet its decode step at batch 2 was 2 % slower with them).
+each kind's split count: where the atomics gain, by the split count (``kernels.DR_NT_ATOMIC_MIN_SPLITS``).
+``--pdl`` times the sparse calls under ``kernels.static_weights()``, launched programmatically as the engine launches
+them: there the reduction's launch overlaps the kernel before it, which plain launches do not show (session 49: the
+atomics ran even alone on OPT-30B's 4-16-split layers, yet its decode step at batch 2 was 2 % slower with them).
 """
 
 from __future__ import annotations
