@@ -46,7 +46,7 @@
 #             the patch's file name, its outputs in $OUT/e2em_<tree>_r<round>/ (tree 0 the base)
 #   e2eenv    bench_e2e.py on Llama-3-8B, Tiled-CSL $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,16), once per
 #             setting of E2E_ENVS (";A=1 B=0;A=0": settings separated by ';', an empty one for the defaults), in order,
-#             E2E_ROUNDS times (default 1): switches of the checked-out tree A/B'd end to end in one process each
+#             E2E_ROUNDS times (default 1), each run under E2E_TIMEOUT seconds (default 200): switches of the checked-out tree A/B'd end to end in one process each
 #   dual      Engine(delta_layout="dual") against "auto", one engine of max_batch $DUAL_MAX (default 16) a batch: the GPU
 #             tests of both (-k "dual or delta_layout"), then bench_e2e.py on $E2E_MODEL (default Llama-3-8B), DeltaRows
 #             $E2E_SPARSITIES (default 80), batches $E2E_BATCHES (default 1,2,4,16), each layout in turn (about 4 minutes)
@@ -168,7 +168,7 @@ for stage in "${@:-tests ab}"; do
                tee "$OUT/drtok.log" | grep -v "^kind " ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
-                  (for v in $e; do export "$v"; done; llama_e2e 200 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
+                  (for v in $e; do export "$v"; done; llama_e2e ${E2E_TIMEOUT:-200} --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
                     --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2eenv_${E2E_MODEL:-llama-3-8b}_r${r}_$i" 2>&1 | grep "b=\|rror\|already")
                 done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
