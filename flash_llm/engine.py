@@ -180,8 +180,10 @@ RELAYOUT_DEVICES = ("cuda",)
 
 
 def _free_memory(device: torch.device) -> int:
-    """Free bytes on ``device`` (CUDA: ``torch.cuda.mem_get_info``)."""
-    return torch.cuda.mem_get_info(device)[0]
+    """Bytes this process can still allocate on ``device`` (:func:`~flash_llm.models.synthetic.available_memory`)."""
+    from .models.synthetic import available_memory
+
+    return available_memory(device)
 
 
 def _was_delta_rows(m: torch.nn.Module) -> bool:

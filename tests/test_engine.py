@@ -693,6 +693,20 @@ def test_large_batch_engine_holds_denser_layers_dense_where_cublas_is_faster(pai
     assert set(Engine(eighty, max_batch=big, max_seq=32).relayout.values()) == {E.TILED_CSL}
 
 
+@pytest.mark.parametrize("fraction, want", [(1.0, 150), (0.5, 150), (0.4, 100), (0.3, 0), (0.2, 0)])
+def test_free_memory_counts_the_allocators_cache_and_the_process_cap(fraction, want, monkeypatch):
+    """The memory an engine or a synthetic build plans with (engine._free_memory, synthetic.available_memory): the card's free bytes plus what PyTorch's allocator
+    holds unused (reserved 350, allocated 300 of a card of 1000 with 100 free: 150), never more than a
+    ``set_per_process_memory_fraction`` cap leaves (total x fraction - allocated), never below 0."""
+    import flash_llm.engine as E
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100, 1000))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 300)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 350)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
+    assert E._free_memory(torch.device("cuda")) == want
+
+
 def test_relayout_frees_each_old_weight_as_it_goes(pair, monkeypatch):
     """relayout_delta_rows holds no replaced layer: when it expands layer i, the old modules of layers 0 .. i - 1
     are gone (their weights freed), so the peak grows by one layer's temporaries, as the engine's memory check

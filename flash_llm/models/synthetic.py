@@ -241,6 +241,18 @@ def _materialize_(module: nn.Module, device, gen) -> None:
                 p.fill_(1.0)
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate on CUDA ``device``: the card's free memory (``torch.cuda.mem_get_info``)
+    plus what PyTorch's caching allocator holds unused, and no more than a cap set by
+    ``torch.cuda.set_per_process_memory_fraction`` allows (``bench_e2e.py --memory-limit-gb 80`` plays an H100 on an
+    H200: the card's free memory alone would let a plan count on more than the cap, and run out of memory)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+    return max(0, min(free, int(total * fraction) - allocated))
+
+
 def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, dtype: torch.dtype = torch.float16,
                     device="cuda", seed: int = 0, progress: bool = True,
                     memory_limit: int | None = None, tp=None, fmt: str = "bitmap") -> tuple[nn.Module, SyntheticReport]:
@@ -296,7 +308,7 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
     fmt_cls, formula_bytes = FORMAT_NAMES[_check_fmt(fmt)], _FORMULAS[fmt]
     est = estimate_bytes(cfg, sparsity, dtype, tp_size, fmt)
     if memory_limit is None and device.type == "cuda":
-        memory_limit = torch.cuda.mem_get_info(device)[0]
+        memory_limit = available_memory(device)
     if memory_limit is not None and est["total"] + est["transient"] > memory_limit:
         kind = "dense" if sparsity is None else f"at {sparsity:.0%} sparsity"
         per = f" per rank over {tp_size} ranks" if tp_size > 1 else ""
