@@ -541,7 +541,8 @@ def _main_tp(args, argv, world) -> int:
     device = world.device
     if args.memory_limit_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 1e9 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 1e9 / total),
+                                                   device.index if device.index is not None else torch.cuda.current_device())
     env = T.environment()
     env.update({"world_size": world.world_size, "backend": world.backend, "tp": args.tp,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
@@ -838,7 +839,8 @@ def main(argv=None) -> int:
         return 2
     if args.memory_limit_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 1e9 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 1e9 / total),
+                                                   device.index if device.index is not None else torch.cuda.current_device())
     env = T.environment()
     env["copy_bw_Bps"] = copy_bandwidth(device)
     env["memory_limit_gb"] = args.memory_limit_gb

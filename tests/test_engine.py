@@ -704,6 +704,7 @@ def test_free_memory_counts_the_allocators_cache_and_the_process_cap(fraction, w
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 300)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 350)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert E._free_memory(torch.device("cuda")) == want
 
 

@@ -246,10 +246,11 @@ def available_memory(device: torch.device) -> int:
     plus what PyTorch's caching allocator holds unused, and no more than a cap set by
     ``torch.cuda.set_per_process_memory_fraction`` allows (``bench_e2e.py --memory-limit-gb 80`` plays an H100 on an
     H200: the card's free memory alone would let a plan count on more than the cap, and run out of memory)."""
-    free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    free += torch.cuda.memory_reserved(device) - allocated
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    free += torch.cuda.memory_reserved(index) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
     return max(0, min(free, int(total * fraction) - allocated))
 
 
