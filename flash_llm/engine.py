@@ -172,8 +172,18 @@ RELAYOUT_DENSE_SHARE = float(os.environ.get("FLASH_LLM_RELAYOUT_DENSE_SHARE", "0
 DENSE_FAST_MIN_BATCH = int(os.environ.get("FLASH_LLM_DENSE_FAST_MIN_BATCH", "64"))
 #: (0.22: between 80 % (density 0.2, 1.01x) and 70 % (0.3, 0.92x) the ratio crosses 1.0 at about 0.21)
 DENSE_FAST_MIN_DENSITY = float(os.environ.get("FLASH_LLM_DENSE_FAST_MIN_DENSITY", "0.22"))
-#: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights and the engine's cache
+#: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights, the engine's cache and its prefill's
+#: activations (:func:`_prefill_bytes`)
 RELAYOUT_MARGIN_BYTES = 1 << 30
+
+
+def _prefill_bytes(cfg, max_batch: int, max_seq: int) -> int:
+    """An upper bound of a prefill's activations (bytes) in an engine of ``max_batch`` x ``max_seq`` tokens: 4 bytes
+    a token for each of the MLP's intermediate columns and four times the hidden size.  (Session 50, H200: OPT-30B
+    dense at batch 64, prompt 128, peaked 1.5 GiB above its weights and cache, about 190 KB a token against this
+    bound's 229; the relayout's memory check had left it 1 GiB, so under an H100's 79.6 GiB its 70 % weights made
+    dense ran out of memory in the prefill.)"""
+    return max_batch * max_seq * (cfg.intermediate_size + 4 * cfg.hidden_size) * 4
 #: the device types on which ``delta_layout="auto"`` / ``"dual"`` re-encode (the CPU reference computes through the
 #: dense weight, so no layout is faster there; the tests add "cpu" to run the same path)
 RELAYOUT_DEVICES = ("cuda",)
@@ -587,14 +597,16 @@ class Engine:
         """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL (``dual``: as
         Tiled-CSL copies beside them, also counting the layers an earlier engine made Tiled-CSL; ``fast``: dense
         where :func:`_large_batch_format` at this ``max_batch`` says cuBLAS is the faster) beside the cache
-        this engine is about to allocate (``kv_heads`` x ``slots`` a layer and sequence) and
-        :data:`RELAYOUT_MARGIN_BYTES`; warns when it has not (not for ``fast``: the engine tries without it)."""
+        this engine is about to allocate (``kv_heads`` x ``slots`` a layer and sequence), its prefill's activations
+        (:func:`_prefill_bytes`) and :data:`RELAYOUT_MARGIN_BYTES`; warns when it has not (not for ``fast``: the
+        engine tries without it)."""
         grow, largest = _tiled_csl_growth(self.model, copies=dual, max_batch=self.max_batch if fast else 0)
         if largest == 0:  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so): nothing to copy
             return not dual
         cfg = self.config
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
         free = _free_memory(self.device)
+        cache += _prefill_bytes(cfg, self.max_batch, self.max_seq)  # (the cache and the prefill's activations)
         need = max(grow, 0) + 4 * largest + cache + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:
             return True
@@ -603,13 +615,14 @@ class Engine:
         if dual:
             warnings.warn(f"max_batch={self.max_batch}: no Tiled-CSL copies beside the DeltaRows weights "
                           f"(delta_layout='dual'): they would take {grow / 2**30:.2f} GiB, and with the cache "
-                          f"({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the {free / 2**30:.2f} GiB "
-                          f"free on {self.device}; one layout as under delta_layout='auto'", stacklevel=3)
+                          f"and the prefill ({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
+                          f"{free / 2**30:.2f} GiB free on {self.device}; one layout as under delta_layout='auto'",
+                          stacklevel=3)
             return False
         warnings.warn(f"max_batch={self.max_batch}: the DeltaRows weights stay DeltaRows (slower than Tiled-CSL from "
                       f"batch {DELTA_TCSL_MIN_BATCH}): as Tiled-CSL (dense where that would be no smaller) they would "
-                      f"take {grow / 2**30:.2f} GiB more, and "
-                      f"with the cache ({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
+                      f"take {grow / 2**30:.2f} GiB more, and with the cache and the prefill "
+                      f"({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
                       f"{free / 2**30:.2f} GiB free on {self.device}", stacklevel=3)
         return False
 

@@ -681,12 +681,21 @@ def test_large_batch_engine_holds_denser_layers_dense_where_cublas_is_faster(pai
     cache = keep.cache_bytes
     grow_fast, largest = E._tiled_csl_growth(fresh, max_batch=big)
     grow_tcsl, _ = E._tiled_csl_growth(fresh)
+    cache += E._prefill_bytes(fresh.config, big, 32)
     free = grow_tcsl + 4 * largest + cache + E.RELAYOUT_MARGIN_BYTES + (grow_fast - grow_tcsl) // 2
     monkeypatch.setattr(E, "_free_memory", lambda device: free)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tight = Engine(fresh, max_batch=big, max_seq=32)
     assert tight.relayout == {p: E.TILED_CSL for p in layers}
+    # the prefill's activations counted: with room for Tiled-CSL and the cache but not the prefill, DeltaRows stays,
+    # and the warning says why
+    prefill = E._prefill_bytes(fresh.config, big, 32)
+    assert prefill == big * 32 * (fresh.config.intermediate_size + 4 * fresh.config.hidden_size) * 4
+    short = _delta_rows_ours(pair[0], 0.7)
+    monkeypatch.setattr(E, "_free_memory", lambda device: free - (grow_fast - grow_tcsl) // 2 - prefill // 2)
+    with pytest.warns(UserWarning, match="stay DeltaRows.*the prefill"):
+        assert Engine(short, max_batch=big, max_seq=32).relayout == {}
     # at 80 % (density 0.2, below DENSE_FAST_MIN_DENSITY) Tiled-CSL at any batch
     monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
     eighty = _delta_rows_ours(pair[0], 0.8)
@@ -695,9 +704,10 @@ def test_large_batch_engine_holds_denser_layers_dense_where_cublas_is_faster(pai
 
 @pytest.mark.parametrize("fraction, want", [(1.0, 150), (0.5, 150), (0.4, 100), (0.3, 0), (0.2, 0)])
 def test_free_memory_counts_the_allocators_cache_and_the_process_cap(fraction, want, monkeypatch):
-    """The memory an engine or a synthetic build plans with (engine._free_memory, synthetic.available_memory): the card's free bytes plus what PyTorch's allocator
-    holds unused (reserved 350, allocated 300 of a card of 1000 with 100 free: 150), never more than a
-    ``set_per_process_memory_fraction`` cap leaves (total x fraction - allocated), never below 0."""
+    """The memory an engine or a synthetic build plans with (engine._free_memory, synthetic.available_memory): the
+    card's free bytes plus what PyTorch's allocator holds unused (reserved 350, allocated 300 of a card of 1000 with 100
+    free: 150), never more than a ``set_per_process_memory_fraction`` cap leaves (total x fraction - allocated), never
+    below 0; a device without an index is the current one."""
     import flash_llm.engine as E
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100, 1000))
