@@ -138,11 +138,6 @@ DELTA_LAYOUTS = ("auto", "keep", "dual")
 #: Llama-3-8B's down, K = 14336, 41.9 us a call at 2 tokens in the parts layout against 21.7 split; so laid out, batch
 #: 1 / 2 2.030 / 2.935 ms per token, the split layout's 2.939 at batch 2, its batch 1 about 2.2 since session 31)
 DELTA_PARTS_MAX_BATCH = 2
-#: ... and up to this ``max_batch`` for the layers whose input comes from no norm (``PLAIN_INPUT_PROJECTIONS``) and K
-#: within ``PARTS_MAX_K``: Llama's o.  Session 50 (H200, Llama-3-8B at 80 %, `dr_parts_tokens.py --atomics --pdl`, us a
-#: call at 3 tokens): o 9.8 in the parts layout against 11.5 split (with atomics), while q/k/v ran 19.1 against 14.5.
-#: ``FLASH_LLM_DELTA_PARTS_PLAIN_MAX_BATCH=2``: the split layout for every layer at ``max_batch`` 3
-DELTA_PARTS_PLAIN_MAX_BATCH = int(os.environ.get("FLASH_LLM_DELTA_PARTS_PLAIN_MAX_BATCH", "3"))
 #: ... and from this ``max_batch`` on re-encodes DeltaRows weights as Tiled-CSL where the device has the memory
 #: (1.5x the bytes at 80 %).  Session 33 (H200, Llama-3-8B at 80 %, speedup over dense in each run): Tiled-CSL at batch
 #: 2 / 4 / 8 / 16 1.35x / 1.35x / 1.37x / 1.26x; DeltaRows' split layout 1.60x / 1.24x / 0.89x (its multi-token
@@ -396,15 +391,12 @@ def _batch_parts(max_batch: int, device: torch.device, tiled_csl: bool = True, p
     would be no smaller: :func:`_large_batch_format`; with ``dense_fast`` also where cuBLAS would be the faster at
     ``max_batch``).  ``plain``: the ids of
     the layers whose input comes from no norm (:func:`_plain_input_layers`; ``auto_parts(normed=False)``), taken
-    at ``max_batch`` 1 only (the wider K it allows loses from 2 tokens); above :data:`DELTA_PARTS_MAX_BATCH` and up to
-    :data:`DELTA_PARTS_PLAIN_MAX_BATCH` these layers alone take the parts layout, within ``PARTS_MAX_K``."""
+    at ``max_batch`` 1 only (the wider K it allows loses from 2 tokens)."""
     from .formats.delta_rows import auto_parts
 
     if tiled_csl and max_batch >= DELTA_TCSL_MIN_BATCH:
         return functools.partial(_large_batch_format, max_batch=max_batch if dense_fast else 0)
     if max_batch > DELTA_PARTS_MAX_BATCH:
-        if max_batch <= DELTA_PARTS_PLAIN_MAX_BATCH:  # (the plain-input layers within PARTS_MAX_K: o)
-            return lambda m: auto_parts(m.out_features, m.in_features, _nnz(m), device) if id(m) in plain else 1
         return lambda m: 1
     plain = plain if max_batch == 1 else frozenset()
     return lambda m: auto_parts(m.out_features, m.in_features, _nnz(m), device, normed=id(m) not in plain)
@@ -495,8 +487,7 @@ class Engine:
             ``merge``; :func:`relayout_delta_rows`), into the layout fastest at ``max_batch``: the parts layout where
             :func:`~flash_llm.formats.delta_rows.auto_parts` takes it at ``max_batch`` 1 (Llama-3-8B at 80 % on an
             H200: 1.09-1.11x faster at batch 1), at ``max_batch`` 2 the parts layout for the normed inputs and K
-            within ``PARTS_MAX_K`` only (:data:`DELTA_PARTS_MAX_BATCH`), the split layout at 3 but for the inputs
-            from no norm within ``PARTS_MAX_K`` (Llama's o: :data:`DELTA_PARTS_PLAIN_MAX_BATCH`; the parts layout's
+            within ``PARTS_MAX_K`` only (:data:`DELTA_PARTS_MAX_BATCH`), the split layout at 3 (the parts layout's
             multi-token kernels are 1.07x slower at batch 4, 1.7x at 8; session 32), and Tiled-CSL from
             :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
             the DeltaRows bytes at 80 %; else a warning and the split layout), or as dense ``nn.Linear`` layers

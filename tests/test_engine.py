@@ -811,12 +811,7 @@ def test_dual_layout_engine_path(pair, monkeypatch):
     with pytest.warns(UserWarning, match="no Tiled-CSL copies"):
         tight = Engine(ours, max_batch=big, max_seq=32, delta_layout="dual")
     assert tight.copies_bytes == 0
-    # "auto"'s layout at max_batch DUAL_TCSL_MIN_BATCH (3): the split layout, but the parts layout for o / out_proj
-    # (plain inputs, K = 64 within PARTS_MAX_K; DELTA_PARTS_PLAIN_MAX_BATCH)
-    plain = E._plain_input_layers(ours)
-    assert big <= E.DELTA_PARTS_PLAIN_MAX_BATCH and all(m.weight_format is flash_llm.DeltaRows for m in sparse)
-    assert all(m.weight.parts == (one(m) if id(m) in plain and m.in_features <= 64 else 1) for m in sparse)
-    assert {m.weight.parts > 1 for m in sparse} == {True, False}
+    assert all(m.weight_format is flash_llm.DeltaRows and m.weight.parts == 1 for m in sparse)  # the split layout
 
 
 def test_dual_layout_holds_dense_copies_where_tiled_csl_is_no_smaller(pair, monkeypatch):
@@ -949,10 +944,6 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
     assert _batch_parts(1, cpu)(wide) == 1  # a normed input: the split layout above PARTS_MAX_K
     assert _batch_parts(1, cpu, plain={id(wide)})(wide) == auto_parts(4096, 14336, wide.nnz, cpu, normed=False) > 1
     assert _batch_parts(2, cpu, plain={id(wide)})(wide) == 1  # (from 2 tokens the plain rule's wide K loses)
-    # at max_batch 3 (DELTA_PARTS_PLAIN_MAX_BATCH) the parts layout for the plain-input layers within PARTS_MAX_K only
-    assert _batch_parts(3, cpu, plain={id(lay)})(lay) == auto_parts(lay.out_features, lay.in_features, lay.nnz, cpu)
-    assert _batch_parts(3, cpu, plain={id(wide)})(wide) == 1 and _batch_parts(3, cpu, plain={id(wide)})(lay) == 1
-    assert _batch_parts(4, cpu, tiled_csl=False, plain={id(lay)})(lay) == 1
     assert _batch_parts(DELTA_TCSL_MIN_BATCH, cpu, tiled_csl=False)(lay) == 1
     with pytest.raises(ValueError, match="this layer holds"):
         lay._replace_weight(flash_llm.TiledCSL.from_dense(torch.zeros(lay.out_features, lay.in_features + 8,
