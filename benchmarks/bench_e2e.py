@@ -14,7 +14,8 @@ its merge and DeltaRows layout; ``flash_llm.models.synthetic.projection_bytes``)
 bandwidth floor of one decode step (bytes of weights read per step / measured copy bandwidth) with the share of
 it a batch-1 step reaches.  Times are CUDA events, the median over ``--repeats`` generations after a warm-up
 that also captures the decode graph.  ``--memory-limit-gb`` caps the process' GPU memory
-(``set_per_process_memory_fraction``), e.g. 80 to ask what fits on an 80 GB H100 while running on an H200.
+(``set_per_process_memory_fraction``; in 10^9 bytes), e.g. 85.5 to ask what fits on an 80 GB H100 (81559 MiB, 79.6
+GiB) while running on an H200, or 80 for a margin below it.
 
 Writes ``results.json``, ``results.csv``, ``e2e.png`` and ``summary.md`` (a table for benchmarks/RESULTS.md
 with card, versions, commit and command) under ``--out``; prints the summary.  ``--device cpu`` with the
@@ -760,7 +761,7 @@ def parse_args(argv):
     ap.add_argument("--max-batch", type=int,
                     help="every engine's max_batch (default: each batch its own); at least the largest of --batches "
                          "(one engine serving smaller batches, as a server does)")
-    ap.add_argument("--memory-limit-gb", type=float, help="cap this process' GPU memory (e.g. 80 for an H100)")
+    ap.add_argument("--memory-limit-gb", type=float, help="cap this process' GPU memory, in 10^9 bytes (85.5: an 80 GB H100's 79.6 GiB)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
     ap.add_argument("--out", default="benchmarks/out/e2e")
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
