@@ -76,6 +76,13 @@ SPEEDUP_TARGETS = {0.8: 3.0, 0.7: 2.3}
 TARGET_MODELS = ("llama-3-8b", "opt-30b")
 
 
+def _cap_memory(device: torch.device, gb: float) -> None:
+    """Cap this process' allocations on CUDA ``device`` (the current one without an index) at ``gb`` x 10^9 bytes."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1e9 / total), index)
+
+
 def _config(name):
     if name in TINY:
         return TINY[name]
@@ -541,9 +548,7 @@ def _main_tp(args, argv, world) -> int:
         return 2
     device = world.device
     if args.memory_limit_gb and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 1e9 / total),
-                                                   device.index if device.index is not None else torch.cuda.current_device())
+        _cap_memory(device, args.memory_limit_gb)
     env = T.environment()
     env.update({"world_size": world.world_size, "backend": world.backend, "tp": args.tp,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
@@ -761,7 +766,8 @@ def parse_args(argv):
     ap.add_argument("--max-batch", type=int,
                     help="every engine's max_batch (default: each batch its own); at least the largest of --batches "
                          "(one engine serving smaller batches, as a server does)")
-    ap.add_argument("--memory-limit-gb", type=float, help="cap this process' GPU memory, in 10^9 bytes (85.5: an 80 GB H100's 79.6 GiB)")
+    ap.add_argument("--memory-limit-gb", type=float,
+                    help="cap this process' GPU memory, in 10^9 bytes (85.5: an 80 GB H100's 79.6 GiB)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
     ap.add_argument("--out", default="benchmarks/out/e2e")
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
@@ -839,9 +845,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.memory_limit_gb and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 1e9 / total),
-                                                   device.index if device.index is not None else torch.cuda.current_device())
+        _cap_memory(device, args.memory_limit_gb)
     env = T.environment()
     env["copy_bw_Bps"] = copy_bandwidth(device)
     env["memory_limit_gb"] = args.memory_limit_gb
