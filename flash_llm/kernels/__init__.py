@@ -182,12 +182,6 @@ N1_MIN_TILES = int(os.environ.get("FLASH_LLM_N1_MIN_TILES", "2"))
 #: ``tests/data/splits_h200_s21_pdl.json``): Llama-3-8B q/k/v and o at N = 8 / 16 ran 11.9 / 16.3 and 10.8 / 13.1 us at
 #: 22 and 32 splits, against 16.2 / 18.4 and 14.7 / 17.5 at the 16 that 4 tiles allowed.
 NT_MIN_TILES = int(os.environ.get("FLASH_LLM_NT_MIN_TILES", "2"))
-#: ... but ``_nt1`` with its split-K summed by atomics (:data:`NT_ATOMIC`, from :data:`NT_ATOMIC_MIN_SPLITS`) keeps at
-#: least this many (``FLASH_LLM_NT_ATOMIC_MIN_TILES``): its blocks each add their sums and take a ticket, so fewer,
-#: longer splits pay.  Session 48's sweep with the atomics (H200, N = 8, launched as the engine does,
-#: ``benchmarks/results/2026-12-03-s48/callE/sweep_1.log``): Llama-3-8B o 9.7 us at 16 splits against 10.5 at the 32
-#: that 2 tiles allowed, q/k/v 12.8 at 16 as at 22
-NT_ATOMIC_MIN_TILES = int(os.environ.get("FLASH_LLM_NT_ATOMIC_MIN_TILES", "4"))
 
 #: The split-K model of the Tiled-CSL warpgroup kernels (:func:`plan`): a lone block on an SM takes this share of a
 #: full SM's round of ``blocks_per_sm`` blocks, and the partial sums weigh WG_WS_WEIGHT of their bytes against the
@@ -414,15 +408,13 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     """
     if splits is None:
         splits = SPLIT_OVERRIDES.get((m, k, n))
-    atomic_tiles = NT_ATOMIC_MIN_TILES if NT_ATOMIC >= 1 else 0
-    return _plan(m, k, n, density, sms, blocks_per_sm, splits, fmt, wgmma, atomic_tiles)
+    return _plan(m, k, n, density, sms, blocks_per_sm, splits, fmt, wgmma)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
-          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False, atomic_tiles: int = 0) -> LaunchPlan:
-    """:func:`plan` after its overrides (``SPLIT_OVERRIDES`` is looked up outside this cache; ``atomic_tiles``: the
-    fewest tiles a split of ``_nt1`` from :data:`NT_ATOMIC_MIN_SPLITS` splits, 0 without the atomics)."""
+          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
+    """:func:`plan` after its overrides (``SPLIT_OVERRIDES`` is looked up outside this cache)."""
     nt = _nt(n, fmt)
     kernel, block_tokens, block_rows = (tcsl_block(n, wgmma, density, m * k) if fmt == TILED_CSL
                                         else ("", 8 * nt, ROWS_PER_BLOCK))
@@ -447,8 +439,6 @@ def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int =
             kps = ceil_div(kt, s)
             if ceil_div(kt, kps) != s:
                 continue
-            if kernel == "nt1" and s >= max(2, NT_ATOMIC_MIN_SPLITS) and kps < atomic_tiles:
-                continue  # (the atomics' splits: at least NT_ATOMIC_MIN_TILES tiles)
             blocks = row_blocks * n_chunks * s
             if per_sm:
                 b = ceil_div(blocks, sms)
