@@ -184,6 +184,8 @@ def _prefill_bytes(cfg, max_batch: int, max_seq: int) -> int:
     bound's 229; the relayout's memory check had left it 1 GiB, so under an H100's 79.6 GiB its 70 % weights made
     dense ran out of memory in the prefill.)"""
     return max_batch * max_seq * (cfg.intermediate_size + 4 * cfg.hidden_size) * 4
+
+
 #: the device types on which ``delta_layout="auto"`` / ``"dual"`` re-encode (the CPU reference computes through the
 #: dense weight, so no layout is faster there; the tests add "cpu" to run the same path)
 RELAYOUT_DEVICES = ("cuda",)
@@ -605,8 +607,8 @@ class Engine:
             return not dual
         cfg = self.config
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
-        free = _free_memory(self.device)
         cache += _prefill_bytes(cfg, self.max_batch, self.max_seq)  # (the cache and the prefill's activations)
+        free = _free_memory(self.device)
         need = max(grow, 0) + 4 * largest + cache + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:
             return True

@@ -244,7 +244,7 @@ def _materialize_(module: nn.Module, device, gen) -> None:
 def available_memory(device: torch.device) -> int:
     """Bytes this process can still allocate on CUDA ``device``: the card's free memory (``torch.cuda.mem_get_info``)
     plus what PyTorch's caching allocator holds unused, and no more than a cap set by
-    ``torch.cuda.set_per_process_memory_fraction`` allows (``bench_e2e.py --memory-limit-gb 80`` plays an H100 on an
+    ``torch.cuda.set_per_process_memory_fraction`` allows (``bench_e2e.py --memory-limit-gb 85.5`` plays an H100 on an
     H200: the card's free memory alone would let a plan count on more than the cap, and run out of memory)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
