@@ -180,10 +180,9 @@ RELAYOUT_MARGIN_BYTES = 1 << 30
 def _prefill_bytes(cfg, max_batch: int, max_seq: int) -> int:
     """An upper bound of a prefill's activations (bytes) in an engine of ``max_batch`` x ``max_seq`` tokens (the
     largest prefill it accepts, run in one forward): 4 bytes a token for each of the MLP's intermediate columns and four
-    times the hidden size.  (Session 50, H200: OPT-30B
-    dense at batch 64, prompt 128, peaked 1.5 GiB above its weights and cache, about 190 KB a token against this
-    bound's 229; the relayout's memory check had left it 1 GiB, so under an H100's 79.6 GiB its 70 % weights made
-    dense ran out of memory in the prefill.)"""
+    times the hidden size.  (Session 50, H200: OPT-30B dense at batch 64, prompt 128, peaked 1.5 GiB above its weights
+    and cache, about 190 KB a token against this bound's 229; the relayout's memory check had left it 1 GiB, so under
+    an H100's 79.6 GiB its 70 % weights made dense ran out of memory in the prefill.)"""
     return max_batch * max_seq * (cfg.intermediate_size + 4 * cfg.hidden_size) * 4
 
 
