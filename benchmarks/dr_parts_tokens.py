@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 

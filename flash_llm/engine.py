@@ -607,9 +607,9 @@ class Engine:
             return not dual
         cfg = self.config
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
-        cache += _prefill_bytes(cfg, self.max_batch, self.max_seq)  # (the cache and the prefill's activations)
+        beside = cache + _prefill_bytes(cfg, self.max_batch, self.max_seq)  # (and the prefill's activations)
         free = _free_memory(self.device)
-        need = max(grow, 0) + 4 * largest + cache + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
+        need = max(grow, 0) + 4 * largest + beside + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:
             return True
         if fast:
@@ -617,14 +617,14 @@ class Engine:
         if dual:
             warnings.warn(f"max_batch={self.max_batch}: no Tiled-CSL copies beside the DeltaRows weights "
                           f"(delta_layout='dual'): they would take {grow / 2**30:.2f} GiB, and with the cache "
-                          f"and the prefill ({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
+                          f"and the prefill ({beside / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
                           f"{free / 2**30:.2f} GiB free on {self.device}; one layout as under delta_layout='auto'",
                           stacklevel=3)
             return False
         warnings.warn(f"max_batch={self.max_batch}: the DeltaRows weights stay DeltaRows (slower than Tiled-CSL from "
                       f"batch {DELTA_TCSL_MIN_BATCH}): as Tiled-CSL (dense where that would be no smaller) they would "
                       f"take {grow / 2**30:.2f} GiB more, and with the cache and the prefill "
-                      f"({cache / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
+                      f"({beside / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
                       f"{free / 2**30:.2f} GiB free on {self.device}", stacklevel=3)
         return False
 

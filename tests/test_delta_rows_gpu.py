@@ -43,6 +43,18 @@ def _epilogue_kwargs(case, acc, n, m, dtype):
     return kw
 
 
+def _epilogue_cases(m, k_in, n, dtype, gen):
+    """``(w_dense, x, acc, cases)``: a random ``[m, k_in]`` weight at density 0.2, X ``[n, k_in]``, an accumulator
+    ``[n, m]``, and the epilogues as ``(keywords, bias, pair_halves)``: plain, the bias, the residual add with the bias,
+    SiLU x up of paired halves."""
+    w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
+    bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+    x = (0.25 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
+    acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
+    return w_dense, x, acc, (({}, None, False), ({}, bias, False), ({"add_to": acc}, bias, False),
+                             ({"act": "silu_mul"}, None, True))
+
+
 def _kernels():
     from flash_llm import kernels
 
@@ -426,14 +438,8 @@ def test_delta_rows_parts_multi_token_epilogues_match_the_split_layout(dtype):
     gen = torch.Generator(device="cuda").manual_seed(22)
     m = 512
     for kk, n in ((2048, 2), (2048, 5), (2048, 8), (8192, 5), (8192, 8)):
-        w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
-        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-        x = (0.25 * torch.randn(n, kk, generator=gen, device="cuda")).to(dtype)
-        acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
-        for case in (dict(), dict(bias=bias), dict(add_to=acc, bias=bias), dict(act="silu_mul", pair=True)):
-            case = dict(case)
-            pair = case.pop("pair", False)
-            cb = case.pop("bias", None)
+        w_dense, x, acc, cases = _epilogue_cases(m, kk, n, dtype, gen)
+        for case, cb, pair in cases:
             outs = []
             for p in (1, 4):
                 w = DeltaRows.from_dense(w_dense, parts=p, pair_halves=pair)
@@ -458,14 +464,9 @@ def test_delta_rows_multi_token_atomics_match_the_reduction(dtype, monkeypatch):
     launched = record_launches(k, monkeypatch)
     m = 512
     for kk, n, splits in ((2048, 2, 5), (2048, 3, 3), (4096, 8, 7), (2056, 5, 4)):
-        w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
-        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-        x = (0.25 * torch.randn(n, kk, generator=gen, device="cuda")).to(dtype)
-        acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
-        for case in (dict(), dict(bias=bias), dict(add_to=acc, bias=bias), dict(act="silu_mul", pair=True)):
-            case = dict(case)
-            w = DeltaRows.from_dense(w_dense, splits=splits, pair_halves=case.pop("pair", False))
-            cb = case.pop("bias", None)
+        w_dense, x, acc, cases = _epilogue_cases(m, kk, n, dtype, gen)
+        for case, cb, pair in cases:
+            w = DeltaRows.from_dense(w_dense, splits=splits, pair_halves=pair)
             outs = []
             for atomic in (False, True, True):
                 monkeypatch.setattr(k, "DR_NT_ATOMIC", atomic)

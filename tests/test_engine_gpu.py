@@ -15,6 +15,7 @@ from flash_llm.engine import Engine
 from flash_llm.models import from_config, preset
 from flash_llm.models.synthetic import build_synthetic
 from flash_llm.prune import magnitude_prune_
+from test_kernels_gpu import record_launches
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytestmark = [pytest.mark.gpu, cuda]
@@ -195,9 +196,7 @@ def test_one_token_layers_inside_the_sparse_projections(dtype, one_launch, monke
             flash_llm.sparsify_(m, flash_llm.SparsifyConfig(format="tiled-csl"))
         return m
 
-    launched = []
-    real_launch = kernels.launch
-    monkeypatch.setattr(kernels, "launch", lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw))
+    launched = record_launches(kernels, monkeypatch)
     model = sparse_model()
     got = Engine(model, max_batch=1, max_seq=96, fuse=True, merge=True).generate(prompts, 12, output_logits=True)
     if one_launch:

@@ -176,49 +176,44 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeyp
     w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
     w = flash_llm.TiledCSL.from_dense(w_dense)
     g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
-    launched = []
-    real_launch = k.launch
-    k.launch = lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw)
-    try:
-        for n in (1, 2):
-            x = (3 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
-            h = rms_norm(x, g, 1e-5)
-            ref = h.double() @ w_dense.double().t()
-            for splits in (1, 3, 32, None):
-                launched.clear()
-                out = torch.full((n, m), float("nan"), dtype=dtype, device="cuda")
-                got = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
-                                  force_sparse=True, out=out, norm=(g, 1e-5))
-                fused = n == 1 and splits != 1
-                assert any(s.endswith(norm_kernel) for s in launched) == fused, launched
-                assert not (one_launch and fused and any("splitk_reduce" in s for s in launched)), launched
-                assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
-                err = (got.double() - ref).abs().max().item()
-                assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (n, splits, err)
-                if not fused:
-                    assert torch.equal(got, run_kernel(h, w, None, splits=splits, force_sparse=True))
-                again = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None,
-                                    splits=splits, force_sparse=True, norm=(g, 1e-5))
-                assert torch.equal(again, got)
-                launched.clear()
-                act = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None,
-                                  splits=splits, force_sparse=True, norm=(g, 1e-5), act="silu_mul")
-                assert any(silu_kernel in s for s in launched) == fused, launched
-                want = silu_mul_halves(ref.to(dtype))
-                torch.testing.assert_close(act.float(), want.float(), rtol=0,
-                                           atol=8 * ULP[dtype] * (1 + want.float().abs().max().item()))
-                launched.clear()
-                acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
-                plain = acc + run_kernel(x, w, None, splits=splits, force_sparse=True)
-                assert k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
-                                   force_sparse=True, add_to=acc) is acc
-                assert any(s.endswith(resid_kernel) if one_launch else resid_kernel in s for s in launched) == fused, \
-                    launched
-                assert torch.equal(acc, plain)
-        y = flash_llm.ops.spmm_rms_norm(x[:1], g, 1e-5, w)
-        assert (y.double() - ref[:1]).abs().max().item() <= 4 * ULP[dtype] * (1 + ref.abs().max().item())
-    finally:
-        k.launch = real_launch
+    launched = record_launches(k, monkeypatch)
+    for n in (1, 2):
+        x = (3 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
+        h = rms_norm(x, g, 1e-5)
+        ref = h.double() @ w_dense.double().t()
+        for splits in (1, 3, 32, None):
+            launched.clear()
+            out = torch.full((n, m), float("nan"), dtype=dtype, device="cuda")
+            got = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
+                              force_sparse=True, out=out, norm=(g, 1e-5))
+            fused = n == 1 and splits != 1
+            assert any(s.endswith(norm_kernel) for s in launched) == fused, launched
+            assert not (one_launch and fused and any("splitk_reduce" in s for s in launched)), launched
+            assert got.data_ptr() == out.data_ptr() and not torch.isnan(got).any()
+            err = (got.double() - ref).abs().max().item()
+            assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (n, splits, err)
+            if not fused:
+                assert torch.equal(got, run_kernel(h, w, None, splits=splits, force_sparse=True))
+            again = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None,
+                                splits=splits, force_sparse=True, norm=(g, 1e-5))
+            assert torch.equal(again, got)
+            launched.clear()
+            act = k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None,
+                              splits=splits, force_sparse=True, norm=(g, 1e-5), act="silu_mul")
+            assert any(silu_kernel in s for s in launched) == fused, launched
+            want = silu_mul_halves(ref.to(dtype))
+            torch.testing.assert_close(act.float(), want.float(), rtol=0,
+                                       atol=8 * ULP[dtype] * (1 + want.float().abs().max().item()))
+            launched.clear()
+            acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
+            plain = acc + run_kernel(x, w, None, splits=splits, force_sparse=True)
+            assert k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=splits,
+                               force_sparse=True, add_to=acc) is acc
+            assert any(s.endswith(resid_kernel) if one_launch else resid_kernel in s for s in launched) == fused, \
+                launched
+            assert torch.equal(acc, plain)
+    y = flash_llm.ops.spmm_rms_norm(x[:1], g, 1e-5, w)
+    assert (y.double() - ref[:1]).abs().max().item() <= 4 * ULP[dtype] * (1 + ref.abs().max().item())
     with pytest.raises(ValueError, match="add_to goes with none"):
         k.spmm_cuda(x, w.data, w.offsets, 1, m, k_in, None, add_to=acc, norm=(g, 1e-5))
     with pytest.raises(ValueError, match=r"norm's weight must be \[%d\]" % k_in):
@@ -439,9 +434,7 @@ def test_wg_spread_agrees_with_the_reduction(dtype, density, monkeypatch):
     m, k_in = 1024, 4096  # SiLU: m / 2 = 512, a multiple of every block's rows (128, 256)
     w = flash_llm.TiledCSL.from_dense(sparse_weight(m, k_in, density, dtype, gen))
     bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-    launched = []
-    real_launch = k.launch
-    monkeypatch.setattr(k, "launch", lambda name, *a, **kw: launched.append(name) or real_launch(name, *a, **kw))
+    launched = record_launches(k, monkeypatch)
 
     def both(x, splits, ways):
         plain = k.spmm_cuda(x, w.data, w.offsets, fmt, m, k_in, bias, splits=splits, force_sparse=True, ways=ways,

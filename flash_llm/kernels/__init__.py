@@ -811,37 +811,37 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     suffix = _dtype_suffix(x.dtype)
     pdl = PDL_SPMM and getattr(_static, "on", False)
     mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
+    bias_ptr = bias.data_ptr() if bias is not None else 0
+    grid = (ceil_div(slices, DR_WARPS), s, 1)
+
+    def walk_args(sums_ptr, wmax):  # DR_NT_ARGS: the kernels' leading arguments, ``sums_ptr`` the fp32 partials or sums
+        return [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (sums_ptr, P), (s, I), (n, I),
+                (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I)]
+
     if lay.parts > 1:  # one split and one window, all of K, staged in dynamic shared memory where it fits; the
         # kernel applies the epilogue and writes y itself (no partials, no reduction)
         wmax = parts_nt_window(k, nt)
-        launch(f"delta_rows_parts_{suffix}_nt{nt}", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
-               [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (0, P), (s, I), (n, I), (k, I),
-                (m, I), (slices, I), (lay.parts, I), (wmax, I), (y.data_ptr(), P),
-                (bias.data_ptr() if bias is not None else 0, P), (mode, I)],
+        launch(f"delta_rows_parts_{suffix}_nt{nt}", grid, 32 * DR_WARPS,
+               walk_args(0, wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I)],
                stream, dev.index, wmax * nt * 2, pdl=pdl)
         return y
     # the split layout: partials, then the reduction; the weight's widest block window staged in dynamic shared
     # memory
     wmax = split_nt_window(offsets, slices, s, nt)
     shared = 2 * nt * wmax
-    grid = (ceil_div(slices, DR_WARPS), s, 1)
-
-    def walk_args(sums):  # DR_NT_ARGS: the kernel's leading arguments, ``sums`` its fp32 partials or atomic sums
-        return [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (sums.data_ptr(), P), (s, I),
-                (n, I), (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I)]
-
     if dr_nt_atomic_ok(s):  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
         sums = _scratch.get(dev, stream, n * slices * 32, torch.float32)
         tickets = _scratch.get_tickets(dev, stream, slices)
         launch(f"delta_rows_spmm_{suffix}_nt{nt}a", grid, 32 * DR_WARPS,
-               walk_args(sums) + [(y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (mode, I),
-                                  (tickets.data_ptr(), P)], stream, dev.index, shared, pdl=pdl)
+               walk_args(sums.data_ptr(), wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I),
+                                                   (tickets.data_ptr(), P)], stream, dev.index, shared, pdl=pdl)
         return y
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
-    launch(f"delta_rows_spmm_{suffix}_nt{nt}", grid, 32 * DR_WARPS, walk_args(ws), stream, dev.index, shared, pdl=pdl)
+    launch(f"delta_rows_spmm_{suffix}_nt{nt}", grid, 32 * DR_WARPS, walk_args(ws.data_ptr(), wmax), stream, dev.index,
+           shared, pdl=pdl)
     launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
-           [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
-            (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)
+           [(ws.data_ptr(), P), (y.data_ptr(), P), (bias_ptr, P), (s, I), (n, I), (m, I), (mode, I)],
+           stream, dev.index, 0, pdl=pdl)
     return y
 
 
