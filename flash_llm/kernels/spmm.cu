@@ -2576,6 +2576,168 @@ INSTANTIATE_DR_PARTS_P(bf16, true, 4)
 INSTANTIATE_DR_PARTS_P(bf16, true, 8)
 INSTANTIATE_DR_PARTS_P(bf16, true, 16)
 
+// delta_rows_mlp_<dtype>_p<P>: a Llama MLP at N = 1 in one launch, x += down(silu(gate(n)) x up(n)), n = rms_norm(x),
+// without a kernel boundary between gate / up and down.  gate / up is a paired DeltaRows weight of the parts layout
+// (P lanes a row, formats/delta_rows.py); down is laid out by owner (formats/delta_mlp.py): block b of the grid (B
+// blocks of W warps) walks gate / up slices b + B w (warp w, one slice each), so it owns the C = W 16 / P intermediate
+// columns those slices produce (column w 16 / P + j: the gate row of the slice's lane P j), and walks down's entries of
+// exactly those columns, for all H rows: ns = H / 32 slices of 32 rows (one row a lane, S = 1, columns local 0 .. C - 1,
+// each row's first step from column 0), warp w taking a run of them.  Phases:
+// 1. every block stages all of X (fp32, times the norm's weight, rounded to the dtype once) and sums the squares of X's
+//    raw values over K (the same sum in every block, in the same order);
+// 2. warp w walks its gate / up slice as the parts kernel does (P lanes a row summed by shuffles, the norm's factor,
+//    silu(gate) x up rounded to the dtype) and posts its 16 / P intermediate values in shared memory;
+// 3. after a block barrier each warp walks its down slices over those C values, each lane's row sum into a block
+//    vector of H fp32 (every row once a block);
+// 4. the block adds its vector into zeroed fp32 sums by red.global.add.v4.f32, takes a ticket (acquire-release after a
+//    barrier), and the last block writes x[r] = x[r] + (sum rounded to the dtype), rounded, zeroing the sums and the
+//    ticket.  The sums' order is the atomics' (the last bits of a sum may differ from launch to launch).
+// One ring of DRM_RING groups a warp streams both walks: the first down groups are copied while the gate / up walk
+// ends.  Needs K % 8 == 0, x and the norm's weight on 16 bytes, H % 32 == 0 (the launcher checks).
+// Dynamic shared memory: xs [K] fp32 | rings [W][DRM_RING 640] | h [C, rounded up to 4] fp32 | rows [H] fp32 | qpart [W]
+// (kernels.mlp_shared_bytes).
+constexpr int DRM_RING = 4;
+template <bool BF16, int P>
+DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __restrict__ gu_offsets,
+                              u16* __restrict__ x, const u16* __restrict__ colscale, float eps, int K, int gu_slices,
+                              const int* __restrict__ dn_data, const int* __restrict__ dn_goff,
+                              const int* __restrict__ dn_perm, int H, int ns, int C, float* __restrict__ sums,
+                              int* __restrict__ ticket) {
+  static_assert(P >= 2 && P <= 16 && (P & (P - 1)) == 0, "P: 2, 4, 8 or 16 lanes a row");
+  extern __shared__ __align__(16) unsigned char drm_smem[];
+  __shared__ int last;
+  const int W = blockDim.x >> 5, NT = blockDim.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, b = blockIdx.x, B = gridDim.x;
+  float* xs = reinterpret_cast<float*>(drm_smem);
+  unsigned char* ring = drm_smem + 4 * K + warp * (DRM_RING * 640);
+  float* hv = reinterpret_cast<float*>(drm_smem + 4 * K + W * (DRM_RING * 640));
+  float* rows = hv + ((C + 3) & ~3);  // (16 bytes aligned: read as float4)
+  float* qpart = rows + H;
+  const u32 rs = smem_addr(ring);
+  // the warp's gate / up slice (a warp past the last one walks nothing and posts zeros)
+  const int sa = b + B * warp;
+  const bool live = sa < gu_slices;
+  const int slice = min(sa, gu_slices - 1);
+  int goff, g0, g1;
+  dr_split(gu_offsets, slice, 0, 1, goff, g0, g1);
+  const unsigned char* base_a = reinterpret_cast<const unsigned char*>(gu_data) + (long long)goff * 640 + 16 * lane;
+  const int na = live ? g1 - g0 : 0;
+  // the warp's down slices: a run of ns / W (+ 1 for the first ns % W warps) of the block's ns
+  const int q0 = ns / W, q1 = ns % W;
+  const int nb = q0 + (warp < q1), sb0 = b * ns + warp * q0 + min(warp, q1);
+  const int G0 = dn_goff[sb0], G1 = dn_goff[sb0 + nb];
+  const unsigned char* base_b = reinterpret_cast<const unsigned char*>(dn_data) + 16 * lane;
+  const int n = na + (G1 - G0);
+  auto copy = [&](int i) {  // stream entry i: gate / up group g0 + i, then down group G0 + i - na
+    if (i < n) dr_copy(rs, i & (DRM_RING - 1), i < na ? base_a : base_b, i < na ? g0 + i : G0 + i - na);
+    cp_async_commit();  // (empty past the end, so the count stays one an entry)
+  };
+#pragma unroll
+  for (int i = 0; i < DRM_RING; ++i) copy(i);  // before the wait: the weights are static
+  pdl_launch_dependents();
+  const int start = dr_start(gu_offsets, gu_slices, 1, slice, 0, lane);
+  const int row = dr_perm(gu_offsets, gu_slices, 1)[slice * 32 + lane];
+  for (int c = 64 * (threadIdx.x + NT * b); c < K; c += 64 * NT * B)  // the norm's weight into L2, once a grid
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
+  pdl_wait();  // X and every write after the previous kernel
+  float q = 0.f;
+  const int units = K >> 3;
+  for (int u0 = threadIdx.x; u0 < units; u0 += 2 * NT) {
+    uint4 r[2], g[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (u0 + NT * i < units) {
+        r[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
+        g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + u0 + NT * i);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int u = u0 + NT * i;
+      if (u >= units) break;
+      float f[8], e[8];
+      unpack8<BF16>(r[i], f);
+      unpack8<BF16>(g[i], e);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        q = fmaf(f[t], f[t], q);
+        f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
+      }
+      dr_xs_store8<BF16>(xs, 8 * u, true, f);
+    }
+  }
+  q = warp_sum(q);
+  if (lane == 0) qpart[warp] = q;
+  __syncthreads();
+  q = qpart[0];
+  for (int i = 1; i < W; ++i) q += qpart[i];
+  const DrNorm nm{nullptr, nullptr, 0.f, 1.f, false};
+  float a0 = 0.f, a1 = 0.f;
+  u32 off = (u32)start << 2;
+  int i = 0;
+  auto step = [&](const float* src) {  // stream entry i, from the ring
+    const int slot = i & (DRM_RING - 1);
+    cp_async_wait<DRM_RING - 1>();
+    const uint4 v = *reinterpret_cast<const uint4*>(ring + slot * 640 + 16 * lane);
+    const u32 d = *reinterpret_cast<const u32*>(ring + slot * 640 + 512 + 4 * lane);
+    copy(i + DRM_RING);
+    dr_group<BF16, 1>(off, a0, a1, v, d, src, nullptr, nm);
+    ++i;
+  };
+  while (i < na) step(xs);
+  float acc = a0 + a1;
+#pragma unroll
+  for (int o = 1; o < P; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  acc *= rsqrtf(q * __fdividef(1.f, (float)K) + eps);
+  const float up = __shfl_down_sync(0xffffffffu, acc, 16);
+  if (lane < 16 && lane % P == 0)
+    hv[warp * (16 / P) + lane / P] = live && row >= 0 ? to_float<BF16>(silu_mul_rounded<BF16>(acc, up)) : 0.f;
+  __syncthreads();  // every warp's intermediate values
+  for (int j = 0; j < nb; ++j) {
+    const int sj = sb0 + j, end = na + dn_goff[sj + 1] - G0;
+    const int r = dn_perm[sj * 32 + lane];
+    a0 = a1 = 0.f;
+    off = 0;
+    while (i < end) step(hv);
+    if (r >= 0) rows[r] = a0 + a1;
+  }
+  __syncthreads();  // the block's row sums
+  for (int r4 = threadIdx.x; r4 < (H >> 2); r4 += NT) {
+    const float4 v = reinterpret_cast<const float4*>(rows)[r4];
+    const float vv[4] = {v.x, v.y, v.z, v.w};
+    red_add_v4(sums + 4 * r4, vv);
+  }
+  __syncthreads();  // orders every thread's adds before thread 0's release
+  if (threadIdx.x == 0) last = ticket_acq_rel(ticket) == B - 1;
+  __syncthreads();
+  if (!last) return;
+  for (int r = threadIdx.x; r < H; r += NT) {
+    const float s = __ldcg(sums + r);
+    __stcg(sums + r, 0.f);
+    const float xv = to_float<BF16>(__ldcg(x + r));
+    x[r] = from_float<BF16>(xv + to_float<BF16>(from_float<BF16>(s)));
+  }
+  if (threadIdx.x == 0) *ticket = 0;
+}
+
+#define DR_MLP_ARGS                                                                                             \
+  const int *__restrict__ gu_data, const int *__restrict__ gu_offsets, u16 *__restrict__ x,                     \
+      const u16 *__restrict__ colscale, float eps, int K, int gu_slices, const int *__restrict__ dn_data,        \
+      const int *__restrict__ dn_goff, const int *__restrict__ dn_perm, int H, int ns, int C,                   \
+      float *__restrict__ sums, int *__restrict__ ticket
+#define INSTANTIATE_DR_MLP(NAME, BF16, P)                                                                       \
+  extern "C" __global__ void __launch_bounds__(1024, 1) delta_rows_mlp_##NAME##_p##P(DR_MLP_ARGS) {             \
+    delta_rows_mlp_body<BF16, P>(gu_data, gu_offsets, x, colscale, eps, K, gu_slices, dn_data, dn_goff, dn_perm, \
+                                 H, ns, C, sums, ticket);                                                       \
+  }
+INSTANTIATE_DR_MLP(f16, false, 2)
+INSTANTIATE_DR_MLP(f16, false, 4)
+INSTANTIATE_DR_MLP(f16, false, 8)
+INSTANTIATE_DR_MLP(f16, false, 16)
+INSTANTIATE_DR_MLP(bf16, true, 2)
+INSTANTIATE_DR_MLP(bf16, true, 4)
+INSTANTIATE_DR_MLP(bf16, true, 8)
+INSTANTIATE_DR_MLP(bf16, true, 16)
+
 // delta_rows_spmm_<dtype>_nt<NT>: 2 <= N <= NT tokens (NT = 2, 4, 8), the same blocks as _n1 (4 warps, 4 slices of
 // one split, one X window) and the same walk, each entry's value multiplied into NT sums: X's window is staged as
 // 16-bit, column-major by token (NT values a column, 4-16 bytes, read by one LDS), so a lane reads its column's
