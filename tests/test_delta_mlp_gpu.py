@@ -23,8 +23,9 @@ def _kernels():
 
 
 def _case(h, inter, parts, dtype, gen, density=0.2):
-    gu_dense = sparse_weight(2 * inter, h, density, dtype, gen)
-    down_dense = sparse_weight(h, inter, density, dtype, gen)
+    # (scaled so the sums stay near 1: fp16 overflows at Llama-3-8B's sizes otherwise)
+    gu_dense = (sparse_weight(2 * inter, h, density, dtype, gen).float() / (density * h) ** 0.5).to(dtype)
+    down_dense = (sparse_weight(h, inter, density, dtype, gen).float() / (density * inter) ** 0.5).to(dtype)
     gu = DeltaRows.from_dense(gu_dense, pair_halves=True, parts=parts)
     down = DeltaRows.from_dense(down_dense, splits=1)
     norm = (1 + 0.1 * torch.randn(h, generator=gen, device="cuda")).to(dtype)
