@@ -756,8 +756,9 @@ DRM_RING = 4  # spmm.cu: groups a warp of the MLP kernel copies ahead
 
 def mlp_shared_bytes(k: int, warps: int, cols: int, rows: int) -> int:
     """Dynamic shared memory of ``delta_rows_mlp_<dtype>_p<P>``: X as fp32, the warps' rings, the block's
-    intermediate values (rounded up to 4) and row sums, the warps' sums of squares."""
-    return 4 * k + warps * DRM_RING * 640 + 4 * ceil_div(cols, 4) * 4 + 4 * rows + 4 * warps
+    intermediate values (rounded up to 4) and row sums, the warps' sums of squares, the block's down perm and goff."""
+    return (4 * k + warps * DRM_RING * 640 + 4 * ceil_div(cols, 4) * 4 + 4 * rows + 4 * warps
+            + 4 * (rows + rows // 32 + 1))
 
 
 def delta_rows_mlp_(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up, od) -> torch.Tensor:

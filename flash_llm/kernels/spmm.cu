@@ -2595,7 +2595,7 @@ INSTANTIATE_DR_PARTS_P(bf16, true, 16)
 // One ring of DRM_RING groups a warp streams both walks: the first down groups are copied while the gate / up walk
 // ends.  Needs K % 8 == 0, x and the norm's weight on 16 bytes, H % 32 == 0 (the launcher checks).
 // Dynamic shared memory: xs [K] fp32 | rings [W][DRM_RING 640] | h [C, rounded up to 4] fp32 | rows [H] fp32 | qpart [W]
-// (kernels.mlp_shared_bytes).
+// | the block's down perm [H] and goff [H / 32 + 1] (kernels.mlp_shared_bytes).
 constexpr int DRM_RING = 4;
 template <bool BF16, int P>
 DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __restrict__ gu_offsets,
@@ -2613,6 +2613,8 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
   float* hv = reinterpret_cast<float*>(drm_smem + 4 * K + W * (DRM_RING * 640));
   float* rows = hv + ((C + 3) & ~3);  // (16 bytes aligned: read as float4)
   float* qpart = rows + H;
+  int* bperm = reinterpret_cast<int*>(qpart + W);  // the block's down perm [ns 32] and goff [ns + 1]: static, staged
+  int* bgoff = bperm + ns * 32;                      // before the wait (no global load inside the down walk)
   const u32 rs = smem_addr(ring);
   // the warp's gate / up slice (a warp past the last one walks nothing and posts zeros)
   const int sa = b + B * warp;
@@ -2637,6 +2639,8 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
   pdl_launch_dependents();
   const int start = dr_start(gu_offsets, gu_slices, 1, slice, 0, lane);
   const int row = dr_perm(gu_offsets, gu_slices, 1)[slice * 32 + lane];
+  for (int t = threadIdx.x; t < ns * 32; t += NT) bperm[t] = __ldg(dn_perm + (long long)b * ns * 32 + t);
+  for (int t = threadIdx.x; t <= ns; t += NT) bgoff[t] = __ldg(dn_goff + b * ns + t);
   for (int c = 64 * (threadIdx.x + NT * b); c < K; c += 64 * NT * B)  // the norm's weight into L2, once a grid
     asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
   pdl_wait();  // X and every write after the previous kernel
@@ -2693,15 +2697,17 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
     hv[warp * (16 / P) + lane / P] = live && row >= 0 ? to_float<BF16>(silu_mul_rounded<BF16>(acc, up)) : 0.f;
   __syncthreads();  // every warp's intermediate values
   for (int j = 0; j < nb; ++j) {
-    const int sj = sb0 + j, end = na + dn_goff[sj + 1] - G0;
-    const int r = dn_perm[sj * 32 + lane];
+    const int sj = sb0 + j - b * ns, end = na + bgoff[sj + 1] - G0;  // (the block's slice sj)
+    const int r = bperm[sj * 32 + lane];
     a0 = a1 = 0.f;
     off = 0;
     while (i < end) step(hv);
     if (r >= 0) rows[r] = a0 + a1;
   }
   __syncthreads();  // the block's row sums
-  for (int r4 = threadIdx.x; r4 < (H >> 2); r4 += NT) {
+  const int h4 = H >> 2, rot = (int)((long long)b * h4 / B);  // each block from its own row: fewer blocks at once
+  for (int t = threadIdx.x; t < h4; t += NT) {                  // on one line
+    const int r4 = t + rot < h4 ? t + rot : t + rot - h4;
     const float4 v = reinterpret_cast<const float4*>(rows)[r4];
     const float vv[4] = {v.x, v.y, v.z, v.w};
     red_add_v4(sums + 4 * r4, vv);
