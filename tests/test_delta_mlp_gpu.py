@@ -107,3 +107,32 @@ def test_mlp_kernel_refuses_bad_arguments():
         k.delta_rows_mlp_(x.to(torch.bfloat16), norm, 1e-5, gu, od)
     with pytest.raises(ValueError, match="x must be"):
         k.delta_rows_mlp_(x.cpu(), norm, 1e-5, gu, od)
+
+
+def test_engine_runs_the_one_launch_mlp(monkeypatch):
+    """An engine of max_batch 1 with FLASH_LLM_FUSED_MLP lays each Llama layer's down out by owner and runs the MLP
+    kernel (eager and in its CUDA graph), its logits within rounding of the engine without; after another engine
+    re-encodes the weights the stale owner layout is left unused."""
+    from flash_llm import kernels
+    from flash_llm.engine import Engine
+    from test_engine_gpu import _assert_first_steps_close, _small_delta_rows_llama
+    from test_kernels_gpu import record_launches
+
+    model = _small_delta_rows_llama(0.8)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (40,), generator=torch.Generator().manual_seed(3))]]
+    base = Engine(model, max_batch=1, max_seq=128).generate(prompts, 8, output_logits=True, eos_token_id=None)
+    monkeypatch.setattr(kernels, "FUSED_MLP", 1)
+    eng = Engine(model, max_batch=1, max_seq=128)
+    assert eng.owned_mlp == 2
+    launched = record_launches(kernels, monkeypatch)
+    eager = Engine(model, max_batch=1, max_seq=128, cuda_graphs=False).generate(prompts, 8, output_logits=True,
+                                                                                eos_token_id=None)
+    assert sum(n.startswith("delta_rows_mlp_") for n in launched) == 2 * 7  # two layers, seven decode steps
+    _assert_first_steps_close(eager, base)
+    got = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)
+    _assert_first_steps_close(got, base)
+    monkeypatch.setattr(kernels, "FUSED_MLP", 0)
+    Engine(model, max_batch=3, max_seq=128)  # re-encodes gate / up and down in the split layout
+    launched.clear()
+    Engine(model, max_batch=3, max_seq=128, cuda_graphs=False).generate(prompts, 4, eos_token_id=None)
+    assert not any(n.startswith("delta_rows_mlp_") for n in launched)
