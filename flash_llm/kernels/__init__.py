@@ -751,7 +751,8 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
 #: an engine of ``max_batch`` 1 lays each layer's down out by owner (:mod:`flash_llm.formats.delta_mlp`): 0 (default)
 #: none, 1 the SM count, else that many
 FUSED_MLP = int(os.environ.get("FLASH_LLM_FUSED_MLP", "0"))
-DRM_RING = 4  # spmm.cu: groups a warp of the MLP kernel copies ahead
+#: ``FLASH_LLM_FUSED_MLP_RING``: groups a warp of the MLP kernel copies ahead, 4 or 8 (``delta_rows_mlp_*_r8``)
+DRM_RING = 8 if os.environ.get("FLASH_LLM_FUSED_MLP_RING", "4") == "8" else 4
 
 
 def mlp_shared_bytes(k: int, warps: int, cols: int, rows: int) -> int:
@@ -783,7 +784,8 @@ def delta_rows_mlp_(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate
     stream = torch.cuda.current_stream(dev).cuda_stream
     sums = _scratch.get(dev, stream, od.rows, torch.float32)
     ticket = _scratch.get_tickets(dev, stream, 1)
-    launch(f"delta_rows_mlp_{_dtype_suffix(x.dtype)}_p{lay.parts}", (od.blocks, 1, 1), 32 * od.warps,
+    launch(f"delta_rows_mlp_{_dtype_suffix(x.dtype)}_p{lay.parts}{'_r8' if DRM_RING == 8 else ''}", (od.blocks, 1, 1),
+           32 * od.warps,
            [(gate_up.data.data_ptr(), P), (gate_up.offsets.data_ptr(), P), (x.data_ptr(), P),
             (norm_weight.data_ptr(), P), (float(eps), ctypes.c_float), (k, I), (lay.slices, I),
             (od.data.data_ptr(), P), (od.goff.data_ptr(), P), (od.perm.data_ptr(), P), (od.rows, I),

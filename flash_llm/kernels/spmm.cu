@@ -2592,12 +2592,11 @@ INSTANTIATE_DR_PARTS_P(bf16, true, 16)
 // 4. the block adds its vector into zeroed fp32 sums by red.global.add.v4.f32, takes a ticket (acquire-release after a
 //    barrier), and the last block writes x[r] = x[r] + (sum rounded to the dtype), rounded, zeroing the sums and the
 //    ticket.  The sums' order is the atomics' (the last bits of a sum may differ from launch to launch).
-// One ring of DRM_RING groups a warp streams both walks: the first down groups are copied while the gate / up walk
+// One ring of DRM_RING (4 or 8: the kernel's name ends in _r8 for 8) groups a warp streams both walks: the first down groups are copied while the gate / up walk
 // ends.  Needs K % 8 == 0, x and the norm's weight on 16 bytes, H % 32 == 0 (the launcher checks).
 // Dynamic shared memory: xs [K] fp32 | rings [W][DRM_RING 640] | h [C, rounded up to 4] fp32 | rows [H] fp32 | qpart [W]
 // | the block's down perm [H] and goff [H / 32 + 1] (kernels.mlp_shared_bytes).
-constexpr int DRM_RING = 4;
-template <bool BF16, int P>
+template <bool BF16, int P, int DRM_RING>
 DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __restrict__ gu_offsets,
                               u16* __restrict__ x, const u16* __restrict__ colscale, float eps, int K, int gu_slices,
                               const int* __restrict__ dn_data, const int* __restrict__ dn_goff,
@@ -2732,8 +2731,12 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
       float *__restrict__ sums, int *__restrict__ ticket
 #define INSTANTIATE_DR_MLP(NAME, BF16, P)                                                                       \
   extern "C" __global__ void __launch_bounds__(1024, 1) delta_rows_mlp_##NAME##_p##P(DR_MLP_ARGS) {             \
-    delta_rows_mlp_body<BF16, P>(gu_data, gu_offsets, x, colscale, eps, K, gu_slices, dn_data, dn_goff, dn_perm, \
-                                 H, ns, C, sums, ticket);                                                       \
+    delta_rows_mlp_body<BF16, P, 4>(gu_data, gu_offsets, x, colscale, eps, K, gu_slices, dn_data, dn_goff,      \
+                                    dn_perm, H, ns, C, sums, ticket);                                           \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(1024, 1) delta_rows_mlp_##NAME##_p##P##_r8(DR_MLP_ARGS) {        \
+    delta_rows_mlp_body<BF16, P, 8>(gu_data, gu_offsets, x, colscale, eps, K, gu_slices, dn_data, dn_goff,      \
+                                    dn_perm, H, ns, C, sums, ticket);                                           \
   }
 INSTANTIATE_DR_MLP(f16, false, 2)
 INSTANTIATE_DR_MLP(f16, false, 4)
