@@ -38,6 +38,9 @@ def test_owned_down_round_trip(dtype, parts, blocks, density):
     assert od.goff.numel() == blocks * ns + 1 and od.perm.numel() == blocks * h
     per_block = od.perm.view(blocks, h).to(torch.int64)
     assert all(torch.equal(r.sort().values, torch.arange(h)) for r in per_block), "each row once a block"
+    runs = od.runs.to(torch.int64)
+    assert runs.shape == (blocks, od.warps + 1) and (runs[:, 0] == 0).all() and (runs[:, -1] == ns).all()
+    assert (runs[:, 1:] >= runs[:, :-1]).all()
 
 
 def test_owner_columns_follow_the_slices():

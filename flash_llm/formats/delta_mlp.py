@@ -9,10 +9,13 @@ No block waits for another until the end, where the blocks' row sums meet by ato
 
 :class:`OwnedDown` holds down that way: for each block, ``H / 32`` slices of 32 rows (one row a lane, each row's
 entries over the block's local columns ``0 .. cols - 1``, a value and a 4-bit step from column 0, as DeltaRows' split
-layout with one split), rows ranked by their entries within the block, and the ranked slices dealt to the warps in
-turn (warp ``w`` holds ranked slices ``w, w + warps, ...``, stored as one run, so its runs are about equally long).
+layout with one split), rows ranked by their entries within the block.  The ranked slices go to the block's warps
+longest first, each to the warp with the least work so far (its gate / up groups, plus the down groups it holds, plus
+:data:`SLICE_COST` a slice), and each warp's slices are stored as one run: the warps then reach the end together,
+although their gate / up slices span the whole ranking of gate / up (warp 0 of every block the longest).
 Arrays: ``data`` (int32 groups of 160 words, as DeltaRows), ``goff`` (int32, each slice's first group, ``blocks x ns +
-1``), ``perm`` (int32, each lane's row of down, -1 for none).  Derived data: it is built from the dense down weight and
+1``), ``perm`` (int32, each lane's row of down, -1 for none), ``runs`` (int32 ``[blocks, warps + 1]``: warp ``w``'s
+run is the block's slices ``runs[b, w] .. runs[b, w + 1] - 1``).  Derived data: it is built from the dense down weight and
 the gate / up weight's row order, and not serialized (a checkpoint holds the DeltaRows weights).
 """
 
@@ -23,7 +26,10 @@ from typing import NamedTuple
 import torch
 
 from ._layout import ceil_div
-from .delta_rows import GROUP_WORDS, LANES, DeltaRows, _entries, _escapes, _groups, _lay_streams
+from .delta_rows import GROUP, GROUP_WORDS, LANES, DeltaRows, _entries, _escapes, _groups, _lay_streams
+
+#: what a down slice costs a warp beyond its groups, in groups (its row's store, the next slice's start)
+SLICE_COST = 0.5
 
 
 class OwnedDown(NamedTuple):
@@ -31,6 +37,7 @@ class OwnedDown(NamedTuple):
     data: torch.Tensor   # int32, groups
     goff: torch.Tensor   # int32 [blocks * ns + 1]
     perm: torch.Tensor   # int32 [blocks * ns * 32]: each lane's row of down (-1: none)
+    runs: torch.Tensor   # int32 [blocks, warps + 1]: each warp's run of the block's slices
     columns: torch.Tensor  # int64 [blocks, cols]: each block's intermediate columns (-1: none)
     blocks: int
     warps: int
@@ -46,7 +53,7 @@ class OwnedDown(NamedTuple):
         return self.rows // LANES
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.goff, self.perm))
+        return sum(t.numel() * t.element_size() for t in (self.data, self.goff, self.perm, self.runs))
 
 
 def owner_columns(gate_up: DeltaRows, blocks: int) -> tuple[torch.Tensor, int]:
@@ -100,15 +107,14 @@ def owned_down(gate_up: DeltaRows, down: torch.Tensor, blocks: int) -> OwnedDown
     gap = cols - prev
     esc = _escapes(gap)
     ent = torch.zeros(blocks * h, dtype=torch.int64, device=dev).index_add_(0, rows, esc + 1)
-    # rank within each block by entries (descending, stable); ranked slice k goes to warp k % W, run position k // W
+    # rank within each block by entries (descending, stable): ranked slice k holds ranks 32 k .. 32 k + 31
     top = int(ent.max()) + 1 if ent.numel() else 1
     blk = torch.arange(blocks * h, device=dev) // h
     order = torch.sort(blk * top + (top - 1 - ent), stable=True).indices
     r_in = torch.arange(blocks * h, device=dev) % h  # the rank within the block at each place of `order`
     k = r_in // LANES
-    q0, q1 = divmod(ns, warps)
-    wk = k % warps
-    pos = wk * q0 + torch.minimum(wk, torch.full_like(wk, q1)) + k // warps
+    pos, runs = _deal(gate_up, blocks, warps, ent[order].view(blocks, ns, LANES).amax(2))
+    pos = pos.view(-1)[(blk * ns + k)]
     lane_of = torch.empty(blocks * h, dtype=torch.int64, device=dev)
     lane_of[order] = (blk * ns + pos) * LANES + r_in % LANES
     vals2, steps2, groups, _ = _lay_streams(lane_of[rows], first, vals, gap, esc, blocks * h)
@@ -116,7 +122,33 @@ def owned_down(gate_up: DeltaRows, down: torch.Tensor, blocks: int) -> OwnedDown
     perm = torch.empty(blocks * h, dtype=torch.int64, device=dev)
     perm[lane_of] = torch.arange(blocks * h, device=dev) % h
     return OwnedDown(data.to(torch.int32).contiguous(), goff.to(torch.int32).contiguous(),
-                     perm.to(torch.int32).contiguous(), columns, blocks, warps, h)
+                     perm.to(torch.int32).contiguous(), runs.to(torch.int32).contiguous(), columns, blocks, warps, h)
+
+
+def _deal(gate_up: DeltaRows, blocks: int, warps: int, longest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's ranked down slices dealt to its warps (module docstring): ``longest [blocks, ns]`` the longest
+    lane's entries of each ranked slice (descending).  Returns each ranked slice's place in the block's stored order
+    ``[blocks, ns]`` and the warps' runs ``[blocks, warps + 1]`` (int64)."""
+    dev = longest.device
+    ns = longest.shape[1]
+    goff = gate_up._offset_arrays()[0].to(dev)
+    sg = goff.numel() - 1
+    s = torch.arange(blocks, device=dev)[:, None] + blocks * torch.arange(warps, device=dev)[None, :]
+    load = torch.where(s < sg, (goff[1:] - goff[:-1])[s.clamp(max=sg - 1)], torch.zeros_like(s)).double()
+    cost = (longest + GROUP - 1).div(GROUP, rounding_mode="floor").double() + SLICE_COST
+    owner = torch.empty(blocks, ns, dtype=torch.int64, device=dev)
+    rows = torch.arange(blocks, device=dev)
+    for j in range(ns):  # longest first (the ranking's order), each to the least loaded warp of its block
+        w = load.argmin(1)
+        owner[:, j] = w
+        load[rows, w] += cost[:, j]
+    key = owner * ns + torch.arange(ns, device=dev)[None, :]  # by warp, then in ranked order
+    place = torch.empty_like(owner)
+    place.scatter_(1, key.argsort(1), torch.arange(ns, device=dev).expand(blocks, ns).contiguous())
+    counts = torch.zeros(blocks, warps, dtype=torch.int64, device=dev).scatter_add_(1, owner, torch.ones_like(owner))
+    runs = torch.zeros(blocks, warps + 1, dtype=torch.int64, device=dev)
+    runs[:, 1:] = counts.cumsum(1)
+    return place, runs
 
 
 def owned_to_dense(od: OwnedDown, inter: int, dtype: torch.dtype) -> torch.Tensor:

@@ -788,7 +788,8 @@ def delta_rows_mlp_(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate
            32 * od.warps,
            [(gate_up.data.data_ptr(), P), (gate_up.offsets.data_ptr(), P), (x.data_ptr(), P),
             (norm_weight.data_ptr(), P), (float(eps), ctypes.c_float), (k, I), (lay.slices, I),
-            (od.data.data_ptr(), P), (od.goff.data_ptr(), P), (od.perm.data_ptr(), P), (od.rows, I),
+            (od.data.data_ptr(), P), (od.goff.data_ptr(), P), (od.perm.data_ptr(), P), (od.runs.data_ptr(), P),
+            (od.rows, I),
             (od.slices, I), (od.cols, I), (sums.data_ptr(), P), (ticket.data_ptr(), P)],
            stream, dev.index, mlp_shared_bytes(k, od.warps, od.cols, od.rows),
            pdl=PDL_SPMM and getattr(_static, "on", False))

@@ -2582,7 +2582,8 @@ INSTANTIATE_DR_PARTS_P(bf16, true, 16)
 // blocks of W warps) walks gate / up slices b + B w (warp w, one slice each), so it owns the C = W 16 / P intermediate
 // columns those slices produce (column w 16 / P + j: the gate row of the slice's lane P j), and walks down's entries of
 // exactly those columns, for all H rows: ns = H / 32 slices of 32 rows (one row a lane, S = 1, columns local 0 .. C - 1,
-// each row's first step from column 0), warp w taking a run of them.  Phases:
+// each row's first step from column 0), warp w taking the run runs[b][w] .. runs[b][w + 1] - 1 of them (the encoder
+// deals the slices so that each warp's gate / up and down groups add up to about the same).  Phases:
 // 1. every block stages all of X (fp32, times the norm's weight, rounded to the dtype once) and sums the squares of X's
 //    raw values over K (the same sum in every block, in the same order);
 // 2. warp w walks its gate / up slice as the parts kernel does (P lanes a row summed by shuffles, the norm's factor,
@@ -2600,8 +2601,8 @@ template <bool BF16, int P, int DRM_RING>
 DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __restrict__ gu_offsets,
                               u16* __restrict__ x, const u16* __restrict__ colscale, float eps, int K, int gu_slices,
                               const int* __restrict__ dn_data, const int* __restrict__ dn_goff,
-                              const int* __restrict__ dn_perm, int H, int ns, int C, float* __restrict__ sums,
-                              int* __restrict__ ticket) {
+                              const int* __restrict__ dn_perm, const int* __restrict__ dn_runs, int H, int ns, int C,
+                              float* __restrict__ sums, int* __restrict__ ticket) {
   static_assert(P >= 2 && P <= 16 && (P & (P - 1)) == 0, "P: 2, 4, 8 or 16 lanes a row");
   extern __shared__ __align__(16) unsigned char drm_smem[];
   __shared__ int last;
@@ -2623,9 +2624,9 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
   dr_split(gu_offsets, slice, 0, 1, goff, g0, g1);
   const unsigned char* base_a = reinterpret_cast<const unsigned char*>(gu_data) + (long long)goff * 640 + 16 * lane;
   const int na = live ? g1 - g0 : 0;
-  // the warp's down slices: a run of ns / W (+ 1 for the first ns % W warps) of the block's ns
-  const int q0 = ns / W, q1 = ns % W;
-  const int nb = q0 + (warp < q1), sb0 = b * ns + warp * q0 + min(warp, q1);
+  // the warp's down slices: its run of the block's ns
+  const int r0 = __ldg(dn_runs + b * (W + 1) + warp), nb = __ldg(dn_runs + b * (W + 1) + warp + 1) - r0;
+  const int sb0 = b * ns + r0;
   const int G0 = dn_goff[sb0], G1 = dn_goff[sb0 + nb];
   const unsigned char* base_b = reinterpret_cast<const unsigned char*>(dn_data) + 16 * lane;
   const int n = na + (G1 - G0);
@@ -2727,16 +2728,17 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
 #define DR_MLP_ARGS                                                                                             \
   const int *__restrict__ gu_data, const int *__restrict__ gu_offsets, u16 *__restrict__ x,                     \
       const u16 *__restrict__ colscale, float eps, int K, int gu_slices, const int *__restrict__ dn_data,        \
-      const int *__restrict__ dn_goff, const int *__restrict__ dn_perm, int H, int ns, int C,                   \
+      const int *__restrict__ dn_goff, const int *__restrict__ dn_perm, const int *__restrict__ dn_runs, int H,   \
+      int ns, int C,                                                                                            \
       float *__restrict__ sums, int *__restrict__ ticket
 #define INSTANTIATE_DR_MLP(NAME, BF16, P)                                                                       \
   extern "C" __global__ void __launch_bounds__(1024, 1) delta_rows_mlp_##NAME##_p##P(DR_MLP_ARGS) {             \
     delta_rows_mlp_body<BF16, P, 4>(gu_data, gu_offsets, x, colscale, eps, K, gu_slices, dn_data, dn_goff,      \
-                                    dn_perm, H, ns, C, sums, ticket);                                           \
+                                    dn_perm, dn_runs, H, ns, C, sums, ticket);                                  \
   }                                                                                                             \
   extern "C" __global__ void __launch_bounds__(1024, 1) delta_rows_mlp_##NAME##_p##P##_r8(DR_MLP_ARGS) {        \
     delta_rows_mlp_body<BF16, P, 8>(gu_data, gu_offsets, x, colscale, eps, K, gu_slices, dn_data, dn_goff,      \
-                                    dn_perm, H, ns, C, sums, ticket);                                           \
+                                    dn_perm, dn_runs, H, ns, C, sums, ticket);                                  \
   }
 INSTANTIATE_DR_MLP(f16, false, 2)
 INSTANTIATE_DR_MLP(f16, false, 4)
