@@ -2613,7 +2613,7 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
   float* hv = reinterpret_cast<float*>(drm_smem + 4 * K + W * (DRM_RING * 640));
   float* rows = hv + ((C + 3) & ~3);  // (16 bytes aligned: read as float4)
   float* qpart = rows + H;
-  int* bperm = reinterpret_cast<int*>(qpart + W);  // the block's down perm [ns 32] and goff [ns + 1]: static, staged
+  int* bperm = reinterpret_cast<int*>(qpart + W);  // the block's down perm [ns 32] and goff [ns + 1]: static, copied
   int* bgoff = bperm + ns * 32;                      // before the wait (no global load inside the down walk)
   const u32 rs = smem_addr(ring);
   // the warp's gate / up slice (a warp past the last one walks nothing and posts zeros)
@@ -2630,6 +2630,14 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
   const int G0 = dn_goff[sb0], G1 = dn_goff[sb0 + nb];
   const unsigned char* base_b = reinterpret_cast<const unsigned char*>(dn_data) + 16 * lane;
   const int n = na + (G1 - G0);
+  // the block's down perm and goff into shared memory by cp.async, committed with the first ring entry (so waited for
+  // with it; every thread waits for it before the barrier after the gate / up walk)
+  for (int t = threadIdx.x; t < ns * 32; t += NT)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(bperm + t)),
+                 "l"(dn_perm + (long long)b * ns * 32 + t) : "memory");
+  for (int t = threadIdx.x; t <= ns; t += NT)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(bgoff + t)), "l"(dn_goff + b * ns + t)
+                 : "memory");
   auto copy = [&](int i) {  // stream entry i: gate / up group g0 + i, then down group G0 + i - na
     if (i < n) dr_copy(rs, i & (DRM_RING - 1), i < na ? base_a : base_b, i < na ? g0 + i : G0 + i - na);
     cp_async_commit();  // (empty past the end, so the count stays one an entry)
@@ -2639,8 +2647,6 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
   pdl_launch_dependents();
   const int start = dr_start(gu_offsets, gu_slices, 1, slice, 0, lane);
   const int row = dr_perm(gu_offsets, gu_slices, 1)[slice * 32 + lane];
-  for (int t = threadIdx.x; t < ns * 32; t += NT) bperm[t] = __ldg(dn_perm + (long long)b * ns * 32 + t);
-  for (int t = threadIdx.x; t <= ns; t += NT) bgoff[t] = __ldg(dn_goff + b * ns + t);
   for (int c = 64 * (threadIdx.x + NT * b); c < K; c += 64 * NT * B)  // the norm's weight into L2, once a grid
     asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
   pdl_wait();  // X and every write after the previous kernel
@@ -2695,7 +2701,8 @@ DEVI void delta_rows_mlp_body(const int* __restrict__ gu_data, const int* __rest
   const float up = __shfl_down_sync(0xffffffffu, acc, 16);
   if (lane < 16 && lane % P == 0)
     hv[warp * (16 / P) + lane / P] = live && row >= 0 ? to_float<BF16>(silu_mul_rounded<BF16>(acc, up)) : 0.f;
-  __syncthreads();  // every warp's intermediate values
+  cp_async_wait<DRM_RING - 1>();  // this thread's copies of the perm and goff (the first entry's group)
+  __syncthreads();  // every warp's intermediate values, the block's perm and goff
   for (int j = 0; j < nb; ++j) {
     const int sj = sb0 + j - b * ns, end = na + bgoff[sj + 1] - G0;  // (the block's slice sj)
     const int r = bperm[sj * 32 + lane];
