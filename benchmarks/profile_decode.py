@@ -35,7 +35,7 @@ from flash_llm.models.synthetic import build_synthetic
 
 # kernel name -> group (first match wins); names are demangled CUDA symbols
 GROUPS = [
-    ("sparse matmul", r"bitmap_spmm|tiled_csl_spmm|delta_rows_spmm|delta_rows_parts|delta_rows_mlp"),
+    ("sparse matmul", r"bitmap_spmm|tiled_csl_spmm|delta_rows_spmm|delta_rows_parts"),
     ("split-K reduce", r"splitk_reduce|delta_rows_reduce"),
     ("dense matmul (cuBLAS)", r"gemm|gemv|sm90_xmma|cutlass|cublas|nvjet"),
     ("attention", r"fmha|attention|flash|softmax|efficient|decode_attn"),

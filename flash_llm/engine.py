@@ -574,7 +574,6 @@ class Engine:
             self.relayout = relayout_delta_rows(model, choose)
             if dual:
                 self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)
-        self.owned_mlp = self._attach_owned_mlp(model) if max_batch == 1 and self.device.type == "cuda" else 0
         note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch, chosen)
         if note:
             warnings.warn(note, stacklevel=2)
@@ -595,22 +594,6 @@ class Engine:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._captured_over = self._weights_key()
-
-    def _attach_owned_mlp(self, model: torch.nn.Module) -> int:
-        """With ``kernels.FUSED_MLP`` (``FLASH_LLM_FUSED_MLP``), each Llama layer's down laid out by owner for the
-        one-launch MLP kernel at batch 1 (``LlamaDecoderLayer.attach_owned_mlp``); returns the layers attached."""
-        from . import kernels
-
-        if not kernels.FUSED_MLP:
-            return 0
-        blocks = kernels.sm_count(self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-            if kernels.FUSED_MLP == 1 else kernels.FUSED_MLP
-        from tqdm import tqdm
-
-        layers = [m for m in model.modules() if hasattr(m, "attach_owned_mlp")]
-        return sum(bool(m.attach_owned_mlp(blocks)) for m in tqdm(layers, desc="MLP owner layout", unit="layer",
-                                                                   file=sys.stderr, leave=False,
-                                                                   disable=len(layers) < 2))
 
     def _tiled_csl_fits(self, kv_heads: int, slots: int, dual: bool = False, fast: bool = False) -> bool:
         """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL (``dual``: as

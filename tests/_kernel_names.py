@@ -17,5 +17,4 @@ EXPECTED_KERNELS = (
     | {f"delta_rows_spmm_{dt}_nt{nt}a" for dt in ("f16", "bf16") for nt in (2, 4, 8)}
     | {f"delta_rows_reduce_{dt}" for dt in ("f16", "bf16")}
     | {f"delta_rows_parts_{dt}_p{p}_s{st}" for dt in ("f16", "bf16") for p in (2, 4, 8, 16) for st in (1, 2)}
-    | {f"delta_rows_mlp_{dt}_p{p}{r}" for dt in ("f16", "bf16") for p in (2, 4, 8, 16) for r in ("", "_r8")}
 )

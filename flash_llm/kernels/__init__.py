@@ -747,55 +747,6 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     return y
 
 
-#: ``FLASH_LLM_FUSED_MLP``: the blocks of the one-launch Llama MLP kernel (``delta_rows_mlp_<dtype>_p<P>``) for which
-#: an engine of ``max_batch`` 1 lays each layer's down out by owner (:mod:`flash_llm.formats.delta_mlp`): 0 (default)
-#: none, 1 the SM count, else that many
-FUSED_MLP = int(os.environ.get("FLASH_LLM_FUSED_MLP", "0"))
-#: ``FLASH_LLM_FUSED_MLP_RING``: groups a warp of the MLP kernel copies ahead, 4 or 8 (``delta_rows_mlp_*_r8``)
-DRM_RING = 8 if os.environ.get("FLASH_LLM_FUSED_MLP_RING", "4") == "8" else 4
-
-
-def mlp_shared_bytes(k: int, warps: int, cols: int, rows: int) -> int:
-    """Dynamic shared memory of ``delta_rows_mlp_<dtype>_p<P>``: X as fp32, the warps' rings, the block's
-    intermediate values (rounded up to 4) and row sums, the warps' sums of squares, the block's down perm and goff."""
-    return (4 * k + warps * DRM_RING * 640 + 4 * ceil_div(cols, 4) * 4 + 4 * rows + 4 * warps
-            + 4 * (rows + rows // 32 + 1))
-
-
-def delta_rows_mlp_(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up, od) -> torch.Tensor:
-    """``x += down(silu(gate(n)) * up(n))``, ``n = rms_norm(x) * norm_weight``, in one launch
-    (``delta_rows_mlp_<dtype>_p<P>``): ``x`` ``[H]`` (or any shape of ``H`` elements, contiguous), fp16 / bf16 on
-    CUDA, updated in place and returned; ``gate_up`` a paired parts-layout :class:`~flash_llm.formats.DeltaRows`
-    ``[2 I, H]``; ``od`` its down laid out by owner (:func:`flash_llm.formats.delta_mlp.owned_down`).  Rounded as the
-    unfused ops (:func:`flash_llm.ops.spmm_rms_norm` with ``act="silu_mul"``, then :func:`flash_llm.ops.spmm_add_`);
-    the row sums' order is the atomics'."""
-    lay = gate_up.layout
-    k = gate_up.shape[1]
-    if not x.is_cuda or not x.is_contiguous() or x.numel() != od.rows or x.dtype != gate_up.dtype:
-        raise ValueError(f"x must be a contiguous CUDA {gate_up.dtype} tensor of {od.rows} elements, got "
-                         f"{x.dtype} {tuple(x.shape)} on {x.device}")
-    if od.rows != k:
-        raise ValueError(f"down's {od.rows} rows must equal gate_up's K = {k}")
-    if k % 8 or x.data_ptr() % 16 or norm_weight.data_ptr() % 16 or not norm_weight.is_contiguous():
-        raise ValueError("the MLP kernel needs K % 8 == 0 and x, norm_weight contiguous on 16 bytes")
-    if od.blocks * od.warps < lay.slices or od.warps * 32 > 1024:
-        raise ValueError(f"od ({od.blocks} blocks x {od.warps} warps) does not cover gate_up's {lay.slices} slices")
-    dev = x.device
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    sums = _scratch.get(dev, stream, od.rows, torch.float32)
-    ticket = _scratch.get_tickets(dev, stream, 1)
-    launch(f"delta_rows_mlp_{_dtype_suffix(x.dtype)}_p{lay.parts}{'_r8' if DRM_RING == 8 else ''}", (od.blocks, 1, 1),
-           32 * od.warps,
-           [(gate_up.data.data_ptr(), P), (gate_up.offsets.data_ptr(), P), (x.data_ptr(), P),
-            (norm_weight.data_ptr(), P), (float(eps), ctypes.c_float), (k, I), (lay.slices, I),
-            (od.data.data_ptr(), P), (od.goff.data_ptr(), P), (od.perm.data_ptr(), P), (od.runs.data_ptr(), P),
-            (od.rows, I),
-            (od.slices, I), (od.cols, I), (sums.data_ptr(), P), (ticket.data_ptr(), P)],
-           stream, dev.index, mlp_shared_bytes(k, od.warps, od.cols, od.rows),
-           pdl=PDL_SPMM and getattr(_static, "on", False))
-    return x
-
-
 def parts_nt_window(k: int, nt: int) -> int:
     """The columns of X that ``delta_rows_parts_<dtype>_nt<NT>`` stages for a parts-layout weight of ``k`` columns: all
     of K (rounded up to 8) while ``NT x 2`` bytes a column fit :data:`DR_NT_STAGE_MAX`, else 0 (X read from global

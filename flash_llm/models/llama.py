@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -237,48 +236,8 @@ class LlamaDecoderLayer(nn.Module):
         a, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
         q, k, v = ops.spmm_rms_norm(x, norm.weight, norm.eps, qkv.weight).split(a.qkv_proj.sizes, dim=-1)
         ops.spmm_add_(x, a.attend_heads(q, k, v, cos, sin, attend), o.weight)
-        od = _owned_mlp(gate_up, down)  # down laid out by owner (attach_owned_mlp): the MLP in one launch
-        if od is not None and x.is_cuda:
-            from .. import kernels
-
-            kernels.delta_rows_mlp_(x, post.weight, post.eps, gate_up.weight, od)
-        else:
-            ops.spmm_add_(x, ops.spmm_rms_norm(x, post.weight, post.eps, gate_up.weight, act="silu_mul"),
-                          down.weight)
+        ops.spmm_add_(x, ops.spmm_rms_norm(x, post.weight, post.eps, gate_up.weight, act="silu_mul"), down.weight)
         return x
-
-    def attach_owned_mlp(self, blocks: int) -> bool:
-        """Lay the MLP's down out by owner for ``blocks`` blocks of the one-launch MLP kernel
-        (:func:`flash_llm.kernels.delta_rows_mlp_`), kept beside the DeltaRows down as ``down_proj.owned_mlp`` and
-        run by :meth:`forward_one_token` while both weights are the ones it was built from (a later re-encoding, say
-        by an engine of another ``max_batch``, leaves it unused); only for a merged paired parts-layout DeltaRows gate /
-        up, a DeltaRows down and SiLU.  Returns whether it was attached."""
-        from ..formats.delta_mlp import owned_down
-        from ..formats.delta_rows import DeltaRows
-
-        gu, down = sparse_gate_up(self.mlp), sparse_layer(self.mlp, "down_proj")
-        if gu is None or down is None or self.mlp.act is not F.silu:
-            return False
-        if not (isinstance(gu.weight, DeltaRows) and isinstance(down.weight, DeltaRows)):
-            return False
-        lay = gu.weight.layout
-        if lay.parts < 2 or not lay.paired or down.weight.shape[0] % 32 or gu.weight.shape[1] % 8:
-            return False
-        if -(-lay.slices // blocks) > 32:
-            return False
-        down.owned_mlp = (owned_down(gu.weight, down.weight.to_dense(), blocks), weakref.ref(gu.weight.data),
-                          weakref.ref(down.weight.data))
-        return True
-
-
-def _owned_mlp(gate_up, down):
-    """``down``'s owner layout (:meth:`LlamaDecoderLayer.attach_owned_mlp`) while ``gate_up`` and ``down`` still hold
-    the weights it was built from; else None."""
-    held = getattr(down, "owned_mlp", None)
-    if held is None:
-        return None
-    od, gu_ref, down_ref = held
-    return od if gu_ref() is gate_up.weight.data and down_ref() is down.weight.data else None
 
 
 _FUSES: dict[tuple, bool] = {}
