@@ -177,13 +177,28 @@ DENSE_FAST_MIN_DENSITY = float(os.environ.get("FLASH_LLM_DENSE_FAST_MIN_DENSITY"
 RELAYOUT_MARGIN_BYTES = 1 << 30
 
 
+#: ``FLASH_LLM_PREFILL_TOKENS``: the most prompt tokens one prefill forward takes.  A larger batch of prompts runs in
+#: chunks of whole rows (:func:`_prefill_rows`; a row longer than this alone), so the prefill's activations stay within
+#: about this many tokens' (a batch of 64 prompts of 2048 tokens would otherwise hold Llama-3-8B's gate / up output of
+#: 7.5 GB at once).  Each chunk writes its rows of the cache; the logits are the same to rounding.
+PREFILL_TOKENS = int(os.environ.get("FLASH_LLM_PREFILL_TOKENS", "8192"))
+
+
+def _prefill_rows(batch: int, prompt_len: int) -> int:
+    """The prompts (rows) one prefill forward takes for ``batch`` prompts of ``prompt_len`` tokens: as many as fit
+    :data:`PREFILL_TOKENS`, at least one."""
+    return max(1, min(batch, PREFILL_TOKENS // max(1, prompt_len)))
+
+
 def _prefill_bytes(cfg, max_batch: int, max_seq: int) -> int:
-    """An upper bound of a prefill's activations (bytes) in an engine of ``max_batch`` x ``max_seq`` tokens (the
-    largest prefill it accepts, run in one forward): 4 bytes a token for each of the MLP's intermediate columns and four
-    times the hidden size.  (Session 50, H200: OPT-30B dense at batch 64, prompt 128, peaked 1.5 GiB above its weights
-    and cache, about 190 KB a token against this bound's 229; the relayout's memory check had left it 1 GiB, so under
-    an H100's 79.6 GiB its 70 % weights made dense ran out of memory in the prefill.)"""
-    return max_batch * max_seq * (cfg.intermediate_size + 4 * cfg.hidden_size) * 4
+    """An upper bound of a prefill's activations (bytes) in an engine of ``max_batch`` x ``max_seq`` tokens: the
+    largest forward it runs (a chunk of :func:`_prefill_rows`, at most ``max(PREFILL_TOKENS, max_seq)`` tokens), 4
+    bytes a token for each of the MLP's intermediate columns and four times the hidden size.  (Session 50, H200:
+    OPT-30B dense at batch 64, prompt 128, peaked 1.5 GiB above its weights and cache, about 190 KB a token against
+    this bound's 229; the relayout's memory check had left it 1 GiB, so under an H100's 79.6 GiB its 70 % weights made
+    dense ran out of memory in the prefill.)"""
+    tokens = min(max_batch * max_seq, max(PREFILL_TOKENS, max_seq))
+    return tokens * (cfg.intermediate_size + 4 * cfg.hidden_size) * 4
 
 
 #: the device types on which ``delta_layout="auto"`` / ``"dual"`` re-encode (the CPU reference computes through the
@@ -722,17 +737,22 @@ class Engine:
 
     # ---- the two phases ---------------------------------------------------------------------------------
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Run the prompts ``[B, P]`` through the model, filling cache slots ``0..P-1``; last logits ``[B, V]``."""
+        """Run the prompts ``[B, P]`` through the model, filling cache slots ``0..P-1``; last logits ``[B, V]``.  At
+        most :func:`_prefill_rows` prompts a forward (each chunk its own rows of the cache)."""
         b, p = ids.shape
-        self.use_layout(b * p)
+        rows = _prefill_rows(b, p)
+        self.use_layout(rows * p)
         self._mask[:b].fill_(float("-inf"))
         self._mask[:b, :p].masked_fill_(mask, 0.0)
-        attend = Attend(positions=padded_positions(mask), mask=padding_mask(mask), cache=self.cache,
-                        slots=torch.arange(p, device=self.device), kv_len=p, rope=self._rope)
-        logits = self.model(ids, attend=attend, last_only=True)[:, -1]
+        slots = torch.arange(p, device=self.device)
+        for r0 in range(0, b, rows):
+            r1 = min(b, r0 + rows)
+            m = mask[r0:r1]
+            attend = Attend(positions=padded_positions(m), mask=padding_mask(m), cache=self.cache.view(r0, r1),
+                            slots=slots, kv_len=p, rope=self._rope)
+            self._logits[r0:r1].copy_(self.model(ids[r0:r1], attend=attend, last_only=True)[:, -1])
         self._pos[:b] = mask.sum(1)
         self._slot.fill_(p)
-        self._logits[:b].copy_(logits)
         return self._logits[:b]
 
     def _step(self, b: int) -> None:

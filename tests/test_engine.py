@@ -129,6 +129,37 @@ def test_engine_is_reusable_across_batches_and_lengths(pair):
     assert solo.tokens[0].tolist() == first.tokens[1].tolist()
 
 
+
+def test_prefill_in_chunks_of_rows_gives_the_same_generation(pair, monkeypatch):
+    """A batch of prompts larger than PREFILL_TOKENS runs its prefill in chunks of whole rows (one row alone when it
+    is longer), each writing its rows of the cache: the same logits to rounding and the same tokens as one forward;
+    the engine's memory bound counts one chunk."""
+    from flash_llm import engine as E
+
+    _, ours = pair
+    prompts = [[5, 6, 7], [9] * 11, [3, 4], [8, 1, 2, 7, 7], [2] * 9]
+    whole = Engine(ours, max_batch=5, max_seq=40).generate(prompts, 6, output_logits=True, eos_token_id=None)
+    forwards = []
+    real = ours.forward
+    monkeypatch.setattr(ours, "forward", lambda ids, *a, **kw: forwards.append(ids.shape) or real(ids, *a, **kw))
+    for tokens, rows in ((22, 2), (5, 1)):  # (the prompts are padded to 11: 2 rows a forward, then one a forward)
+        monkeypatch.setattr(E, "PREFILL_TOKENS", tokens)
+        forwards.clear()
+        got = Engine(ours, max_batch=5, max_seq=40).generate(prompts, 6, output_logits=True, eos_token_id=None)
+        assert [f[0] for f in forwards[:-(6 - 1)]] == [rows] * (5 // rows) + ([5 % rows] if 5 % rows else [])
+        assert torch.equal(got.tokens, whole.tokens)
+        scale = whole.logits.abs().max().item()
+        assert (got.logits - whole.logits).abs().max().item() <= 1e-5 * scale
+    monkeypatch.setattr(E, "PREFILL_TOKENS", 8192)
+    assert E._prefill_rows(64, 128) == 64 and E._prefill_rows(64, 2048) == 4 and E._prefill_rows(3, 10**5) == 1
+    cfg = ours.config
+    per = (cfg.intermediate_size + 4 * cfg.hidden_size) * 4
+    assert E._prefill_bytes(cfg, 64, 2048) == 8192 * per and E._prefill_bytes(cfg, 2, 100) == 200 * per
+    assert E._prefill_bytes(cfg, 4, 10000) == 10000 * per  # (one row alone)
+    with pytest.raises(ValueError, match="rows"):
+        Engine(ours, max_batch=2, max_seq=8).cache.view(1, 3)
+
+
 # ---------------------------------------------------------------------------------------------------
 # stopping, streaming, timings
 # ---------------------------------------------------------------------------------------------------

@@ -433,3 +433,22 @@ def test_dual_layout_at_50_percent_swaps_in_dense_copies():
     assert torch.equal(eager.generate(prompts, 8, eos_token_id=None).tokens, many.tokens)
     for got, b in ((one, 1), (many, big)):
         _assert_first_steps_close(got, keep[b], b)
+
+
+def test_prefill_in_chunks_of_rows_on_gpu(monkeypatch):
+    """The prefill in chunks of rows (engine.PREFILL_TOKENS) on a DeltaRows model with merged, fused layers: the
+    same tokens as one forward, logits within rounding (the chunks' expansions and kernels see fewer tokens), the
+    graph-captured decode after it included."""
+    from flash_llm import engine as E
+
+    model = _small_delta_rows_llama(0.8)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (n,), generator=gen)] for n in (1, 30, 17, 30, 5)]
+    whole = Engine(model, max_batch=5, max_seq=64, merge=True).generate(prompts, 6, output_logits=True,
+                                                                       eos_token_id=None)
+    monkeypatch.setattr(E, "PREFILL_TOKENS", 60)  # two rows of 30 a forward
+    got = Engine(model, max_batch=5, max_seq=64, merge=True).generate(prompts, 6, output_logits=True,
+                                                                     eos_token_id=None)
+    _assert_first_steps_close(got, whole)
+    assert torch.equal(got.tokens[:, :2], whole.tokens[:, :2])
+

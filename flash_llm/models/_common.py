@@ -28,6 +28,17 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
+    def view(self, r0: int, r1: int) -> "KVCache":
+        """Rows ``r0..r1-1`` as a cache of ``r1 - r0`` rows (views: what a forward writes there lands here)."""
+        if not 0 <= r0 < r1 <= self.max_batch:
+            raise ValueError(f"rows {r0}..{r1 - 1} are not within the cache's {self.max_batch}")
+        if (r0, r1) == (0, self.max_batch):
+            return self
+        c = KVCache.__new__(KVCache)
+        c.k, c.v = [t[r0:r1] for t in self.k], [t[r0:r1] for t in self.v]
+        c.max_batch, c.max_seq = r1 - r0, self.max_seq
+        return c
+
     def rows(self, layer: int, b: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k, v`` cache of ``layer`` for rows ``0..b-1`` and its first ``kv_len`` slots (default all):
         ``[b, kv_heads, kv_len, head_dim]`` views."""
