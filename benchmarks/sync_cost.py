@@ -16,7 +16,13 @@ in one CUDA graph, four ways:
   their writes (release / acquire at gpu scope): no wait for the grid's completion.  Safe from deadlock: a programmatic
   launch starts only once every block of the kernel before has started;
 * ``persist``: one launch of all steps, the grid meeting at a barrier on the same kind of counter between steps (every
-  block resident: the grid is capped at what fits).
+  block resident: the grid is capped at what fits);
+* ``combine`` (``--combine``, session 51): programmatic launches as ``pdl``, but every block also adds a vector of all
+  ``--n`` floats into zeroed fp32 sums by ``red.global.add.v4.f32`` and takes a ticket, and the last block writes the
+  step's output from the sums and zeroes them: the all-to-all sum that a one-launch MLP by ownership of the
+  intermediate columns needs instead of a boundary (``benchmarks/ab/README.md`` item 2).  ``combine/<c>``: launched in
+  clusters of ``c`` blocks, which first sum their vectors through distributed shared memory (``c`` times fewer
+  atomics).  ``combine - pdl`` is what the sum costs beyond a boundary.
 
 Prints us a step for each grid size (median of ``--replays`` graph replays), the work alone being the same in every
 column.  fp32 buffers; nothing here is part of the library.
@@ -86,6 +92,66 @@ extern "C" __global__ void __launch_bounds__(128) chain_step(const float* __rest
   step_work(in, out, n);
   if (mode == 1) block_count(counter);
 }
+// combine: the step's input read as every step reads it, then every block's vector of n floats (the input scaled) added
+// into `sums` (zeroed) by 16-byte atomics, a ticket, and the last block writes all of `out` and zeroes the sums; cl > 1:
+// clusters of cl blocks, block rank c adding slice c of the cluster's summed vectors (distributed shared memory)
+__device__ __forceinline__ void red4(float* p, float4 v) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+extern "C" __global__ void __launch_bounds__(128) combine_step(const float* __restrict__ in, float* __restrict__ out,
+                                                               int n, float* __restrict__ sums,
+                                                               unsigned* __restrict__ ticket, int cl) {
+  extern __shared__ float4 vec[];  // n / 4
+  __shared__ int last;
+  pdl_trigger();
+  pdl_wait();
+  const int n4 = n >> 2;
+  for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(in) + i);
+    vec[i] = make_float4(1e-3f * v.x, 1e-3f * v.y, 1e-3f * v.z, 1e-3f * v.w);
+  }
+  __syncthreads();
+  if (cl > 1) {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    unsigned c;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(c));
+    const int lo = (int)c * n4 / cl, hi = ((int)c + 1) * n4 / cl;
+    unsigned base;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(base) : "l"(vec));
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int j = 0; j < cl; ++j) {
+        unsigned r;
+        float4 v;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(base + 16u * i), "r"(j));
+        asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z),
+                     "=f"(v.w) : "r"(r) : "memory");
+        a.x += v.x;
+        a.y += v.y;
+        a.z += v.z;
+        a.w += v.w;
+      }
+      red4(sums + 4 * i, a);
+    }
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  } else {
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) red4(sums + 4 * i, vec[i]);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned prev;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(ticket) : "memory");
+    last = prev == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    out[i] = 0.5f * __ldcg(in + i) + 1e-6f * __ldcg(sums + i);
+    __stcg(sums + i, 0.f);
+  }
+  if (threadIdx.x == 0) *ticket = 0u;
+}
 extern "C" __global__ void __launch_bounds__(128) persist(float* __restrict__ bufs, int n, int steps,
                                                           unsigned* counter, unsigned sleep_ns) {
   for (int s = 0; s < steps; ++s) {
@@ -103,6 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grids", default="132,264,528", help="blocks a step (128 threads each)")
     ap.add_argument("--n", type=int, default=4096, help="floats every block reads a step (a multiple of 4)")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--combine", default="",
+                    help="cluster sizes for the combine columns, e.g. '1,4,8' (1: atomics only; empty: none)")
     ap.add_argument("--sleeps", default="20,200", help="ns the polling thread sleeps between loads of the counter "
                     "(flag and persist columns, one pair each; 0: no sleep; the engine's chain_wait sleeps 20)")
     a = ap.parse_args(argv)
@@ -123,7 +191,10 @@ def main(argv=None) -> int:
     compiled = compile_kernels(device_arch(dev), use_cache=False, source=SOURCE.encode())
     drv = _driver()
     module = _check_cu(drv.cuModuleLoadData(compiled.cubin), "cuModuleLoadData")
-    fn = {k: _check_cu(drv.cuModuleGetFunction(module, k.encode()), k) for k in ("chain_step", "persist")}
+    fn = {k: _check_cu(drv.cuModuleGetFunction(module, k.encode()), k)
+          for k in ("chain_step", "persist", "combine_step")}
+    combine = [int(c) for c in a.combine.split(",") if c]
+    sums = torch.zeros(a.n, device="cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     P, I, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
 
@@ -147,11 +218,22 @@ def main(argv=None) -> int:
                             torch.cuda.current_stream().cuda_stream, dev)
         return run
 
+    def combined(grid: int, cl: int):
+        def run():
+            stream = torch.cuda.current_stream().cuda_stream
+            for s in range(a.steps):
+                args = [(bufs.data_ptr() + 4 * a.n * (s & 1), P), (bufs.data_ptr() + 4 * a.n * ((s + 1) & 1), P),
+                        (a.n, I), (sums.data_ptr(), P), (counter.data_ptr(), P), (cl, I)]
+                launch_function(fn["combine_step"], "combine_step", (grid, 1, 1), 128, args, stream, dev, 4 * a.n,
+                                pdl=s > 0, cluster=(cl, 1, 1) if cl > 1 else None)
+        return run
+
     resident = sms * _check_cu(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn["persist"], 128, 0), "occupancy")
     print(f"{torch.cuda.get_device_name(dev)}, {sms} SMs; {a.steps} dependent steps a graph, {a.n} floats read by every "
           f"block a step; us a step (median of {a.replays} replays)")
     sleeps = [int(x) for x in a.sleeps.split(",")]
-    heads = ["plain", "pdl"] + [f"flag/{z}" for z in sleeps] + [f"persist/{z}" for z in sleeps]
+    heads = (["plain", "pdl"] + [f"flag/{z}" for z in sleeps] + [f"persist/{z}" for z in sleeps]
+             + [f"combine/{c}" if c > 1 else "combine" for c in combine])
     print(f"{'blocks':>7} " + " ".join(f"{h:>11}" for h in heads) + "   (flag / persist: ns slept between polls)")
     for grid in (int(g) for g in a.grids.split(",")):
         row = [time_calls([chain(grid, m)], replays=a.replays) / a.steps * 1e6 for m in ("plain", "pdl")]
@@ -159,6 +241,9 @@ def main(argv=None) -> int:
         # (every block of the persistent grid must be resident, or its barrier never opens)
         row += [time_calls([persist(grid, z)], replays=a.replays) / a.steps * 1e6 if grid <= resident
                 else float("nan") for z in sleeps]
+        counter.zero_()
+        row += [time_calls([combined(grid, c)], replays=a.replays) / a.steps * 1e6 if grid % c == 0 else float("nan")
+                for c in combine]
         print(f"{grid:>7} " + " ".join(f"{t:11.2f}" for t in row))
     return 0
 
