@@ -95,6 +95,9 @@ extern "C" __global__ void __launch_bounds__(128) chain_step(const float* __rest
 // combine: the step's input read as every step reads it, then every block's vector of n floats (the input scaled) added
 // into `sums` (zeroed) by 16-byte atomics, a ticket, and the last block writes all of `out` and zeroes the sums; cl > 1:
 // clusters of cl blocks, block rank c adding slice c of the cluster's summed vectors (distributed shared memory)
+__device__ __forceinline__ void cluster_sync() {  // every thread of the cluster; shared-memory writes seen after it
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void red4(float* p, float4 v) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                : "memory");
@@ -113,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(128) combine_step(const float* __re
   }
   __syncthreads();
   if (cl > 1) {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    cluster_sync();
     unsigned c;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(c));
     const int lo = (int)c * n4 / cl, hi = ((int)c + 1) * n4 / cl;
@@ -134,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(128) combine_step(const float* __re
       }
       red4(sums + 4 * i, a);
     }
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    cluster_sync();
   } else {
     for (int i = threadIdx.x; i < n4; i += blockDim.x) red4(sums + 4 * i, vec[i]);
   }
