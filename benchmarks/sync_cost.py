@@ -22,7 +22,10 @@ in one CUDA graph, four ways:
   step's output from the sums and zeroes them: the all-to-all sum that a one-launch MLP by ownership of the
   intermediate columns needs instead of a boundary (``benchmarks/ab/README.md`` item 2).  ``combine/<c>``: launched in
   clusters of ``c`` blocks, which first sum their vectors through distributed shared memory (``c`` times fewer
-  atomics).  ``combine - pdl`` is what the sum costs beyond a boundary.
+  atomics).  ``combine - pdl`` is what the sum costs beyond a boundary.  ``comb-nt`` (session 52): the same adds
+  without the ticket and the last block's pass over the sums (the next step reads the fp32 sums itself, and each
+  step zeroes its share of the buffer the step after adds into, three buffers in turn): what the atomics alone cost,
+  for a design whose consumer finishes the sum.
 
 Prints us a step for each grid size (median of ``--replays`` graph replays), the work alone being the same in every
 column.  fp32 buffers; nothing here is part of the library.
@@ -94,7 +97,9 @@ extern "C" __global__ void __launch_bounds__(128) chain_step(const float* __rest
 }
 // combine: the step's input read as every step reads it, then every block's vector of n floats (the input scaled) added
 // into `sums` (zeroed) by 16-byte atomics, a ticket, and the last block writes all of `out` and zeroes the sums; cl > 1:
-// clusters of cl blocks, block rank c adding slice c of the cluster's summed vectors (distributed shared memory)
+// clusters of cl blocks, block rank c adding slice c of the cluster's summed vectors (distributed shared memory).
+// zero != null: no ticket and no last block; the step reads the sums the step before added (in = those sums), and
+// zeroes its share of the buffer the step after adds into (three buffers in turn), so only the atomics remain
 __device__ __forceinline__ void cluster_sync() {  // every thread of the cluster; shared-memory writes seen after it
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
@@ -104,7 +109,8 @@ __device__ __forceinline__ void red4(float* p, float4 v) {
 }
 extern "C" __global__ void __launch_bounds__(128) combine_step(const float* __restrict__ in, float* __restrict__ out,
                                                                int n, float* __restrict__ sums,
-                                                               unsigned* __restrict__ ticket, int cl) {
+                                                               unsigned* __restrict__ ticket, int cl,
+                                                               float* __restrict__ zero) {
   extern __shared__ float4 vec[];  // n / 4
   __shared__ int last;
   pdl_trigger();
@@ -140,6 +146,11 @@ extern "C" __global__ void __launch_bounds__(128) combine_step(const float* __re
     cluster_sync();
   } else {
     for (int i = threadIdx.x; i < n4; i += blockDim.x) red4(sums + 4 * i, vec[i]);
+  }
+  if (zero) {  // no tail: the next step reads the sums; this one zeroes its slice of the buffer after next
+    const int per = (n + gridDim.x - 1) / gridDim.x, lo = blockIdx.x * per, hi = min(n, lo + per);
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) __stcg(zero + i, 0.f);
+    return;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -198,6 +209,7 @@ def main(argv=None) -> int:
           for k in ("chain_step", "persist", "combine_step")}
     combine = [int(c) for c in a.combine.split(",") if c]
     sums = torch.zeros(a.n, device="cuda")
+    sums3 = torch.zeros(3 * a.n, device="cuda")  # combine-nt's three buffers
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     P, I, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
 
@@ -221,12 +233,19 @@ def main(argv=None) -> int:
                             torch.cuda.current_stream().cuda_stream, dev)
         return run
 
-    def combined(grid: int, cl: int):
+    def combined(grid: int, cl: int, tail: bool = True):
         def run():
             stream = torch.cuda.current_stream().cuda_stream
+            if not tail:
+                sums3[:a.n].zero_()  # (step 0 adds into buffer 0)
             for s in range(a.steps):
-                args = [(bufs.data_ptr() + 4 * a.n * (s & 1), P), (bufs.data_ptr() + 4 * a.n * ((s + 1) & 1), P),
-                        (a.n, I), (sums.data_ptr(), P), (counter.data_ptr(), P), (cl, I)]
+                if tail:
+                    args = [(bufs.data_ptr() + 4 * a.n * (s & 1), P), (bufs.data_ptr() + 4 * a.n * ((s + 1) & 1), P),
+                            (a.n, I), (sums.data_ptr(), P), (counter.data_ptr(), P), (cl, I), (0, P)]
+                else:  # reads buffer s - 1, adds into s, zeroes s + 1 (mod 3)
+                    b3 = [sums3.data_ptr() + 4 * a.n * ((s + d) % 3) for d in (2, 0, 1)]
+                    args = [(b3[0], P), (bufs.data_ptr(), P), (a.n, I), (b3[1], P), (counter.data_ptr(), P),
+                            (cl, I), (b3[2], P)]
                 launch_function(fn["combine_step"], "combine_step", (grid, 1, 1), 128, args, stream, dev, 4 * a.n,
                                 pdl=s > 0, cluster=(cl, 1, 1) if cl > 1 else None)
         return run
@@ -236,7 +255,8 @@ def main(argv=None) -> int:
           f"block a step; us a step (median of {a.replays} replays)")
     sleeps = [int(x) for x in a.sleeps.split(",")]
     heads = (["plain", "pdl"] + [f"flag/{z}" for z in sleeps] + [f"persist/{z}" for z in sleeps]
-             + [f"combine/{c}" if c > 1 else "combine" for c in combine])
+             + [f"combine/{c}" if c > 1 else "combine" for c in combine]
+             + [f"comb-nt/{c}" if c > 1 else "comb-nt" for c in combine])
     print(f"{'blocks':>7} " + " ".join(f"{h:>11}" for h in heads) + "   (flag / persist: ns slept between polls)")
     for grid in (int(g) for g in a.grids.split(",")):
         row = [time_calls([chain(grid, m)], replays=a.replays) / a.steps * 1e6 for m in ("plain", "pdl")]
@@ -247,6 +267,8 @@ def main(argv=None) -> int:
         counter.zero_()
         row += [time_calls([combined(grid, c)], replays=a.replays) / a.steps * 1e6 if grid % c == 0 else float("nan")
                 for c in combine]
+        row += [time_calls([combined(grid, c, tail=False)], replays=a.replays) / a.steps * 1e6 if grid % c == 0
+                else float("nan") for c in combine]
         print(f"{grid:>7} " + " ".join(f"{t:11.2f}" for t in row))
     return 0
 
