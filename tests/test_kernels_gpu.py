@@ -221,52 +221,6 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nt_cluster_split_k(dtype, monkeypatch):
-    """kernels.NT_CLUSTER = {1, 2}: the one-warp kernels of 2-16 tokens run as ``_nt1c`` / ``_nt2c`` (4 warps a block,
-    each its own split, a row block's blocks one cluster summing through distributed shared memory) on sm_90, and give
-    the reduction's result within rounding, with a bias, rows and tokens cut off past a 64-row block or 8 tokens, into
-    poisoned outputs, at split counts that leave warps without tiles, launched twice, in a CUDA graph too, with no
-    reduction launched; SiLU x up keeps the reduction."""
-    k = _kernels()
-    if not k.sm90(torch.cuda.current_device()):
-        pytest.skip("thread-block clusters need sm_90")
-    gen = torch.Generator(device="cuda").manual_seed(52)
-    launched = record_launches(k, monkeypatch)
-    for m, k_in, density in ((200, 1000, 0.2), (256, 4096, 0.05), (1024, 2048, 0.12), (4096, 4096, 0.2)):
-        w_dense = sparse_weight(m, k_in, density, dtype, gen)
-        w = flash_llm.TiledCSL.from_dense(w_dense)
-        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-        for n in (2, 3, 8, 9, 16):
-            x = torch.randn(n, k_in, generator=gen, device="cuda").to(dtype)
-            for splits in (2, 7, 40):
-                monkeypatch.setattr(k, "NT_CLUSTER", set())
-                monkeypatch.setattr(k, "NT_ATOMIC", 0)
-                want = run_kernel(x, w, bias, splits=splits, force_sparse=True)
-                monkeypatch.setattr(k, "NT_CLUSTER", {1, 2})
-                name = f"tiled_csl_spmm_{k._dtype_suffix(dtype)}_nt{1 if n <= 8 else 2}c"
-                for _ in range(2):
-                    launched.clear()
-                    got = run_kernel(x, w, bias, splits=splits, force_sparse=True)
-                    assert launched == [name]
-                    check(got, x, w_dense, bias)
-                    tol = 2 * ULP[dtype] * (1 + want.float().abs().max().item())
-                    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
-            out = torch.full((n, m), float("nan"), dtype=dtype, device="cuda")
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, bias, splits=7,
-                            force_sparse=True, out=out)
-            graph.replay()
-            torch.cuda.synchronize()
-            check(out, x, w_dense, bias)
-        if m % 128 == 0:
-            launched.clear()
-            k.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[flash_llm.TiledCSL], m, k_in, None, splits=7,
-                        force_sparse=True, act="silu_mul")
-            assert not any(v.endswith("c") for v in launched), launched
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nt_atomic_split_k(dtype, monkeypatch):
     """kernels.NT_ATOMIC = 2: the one-warp kernels of 2-16 tokens sum their split-K by atomics (``_nt1a`` /
     ``_nt2a``) and give the reduction's result within rounding (another order of the fp32 sums), plain with a bias

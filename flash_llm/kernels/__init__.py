@@ -162,13 +162,6 @@ NT_ATOMIC = int(os.environ.get("FLASH_LLM_NT_ATOMIC", "1"))
 #: 7168 x 28672 (23) 63.8 / 62.7, 28672 x 4096 (5) 41.7 / 41.1, 21504 x 7168 (7) 51.0 / 52.1, 28672 x 7168 (11)
 #: 65.9 / 66.8).
 NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_NT_ATOMIC_MIN_SPLITS", "16"))
-#: ``FLASH_LLM_NT_CLUSTER``: the one-warp kernels of these 8-token tile counts (``"2"``: ``_nt2``, N = 9-16; ``"1,2"``:
-#: also ``_nt1``) run as ``tiled_csl_spmm_<dtype>_nt<NT>c`` where :func:`nt_cluster_ok`: :data:`NT_CLUSTER_WARPS` warps
-#: a block, each its own split of one row block, the blocks of a row block one thread-block cluster of at most
-#: :data:`NT_CLUSTER_MAX` (sm_90), their split-K summed in shared memory and across the cluster: no partial tiles and
-#: no reduction launch (session 52, opt-in: what the reductions cost at batch 16, ``benchmarks/RESULTS.md``).
-NT_CLUSTER = {int(v) for v in os.environ.get("FLASH_LLM_NT_CLUSTER", "").split(",") if v.strip()}
-NT_CLUSTER_WARPS, NT_CLUSTER_MAX = 4, 8  # CSL_CW in spmm.cu; the portable cluster size
 #: DeltaRows' multi-token kernels (2-8 tokens, the split layout) sum their splits by fp32 atomics, the last warp of each
 #: slice writing Y (``delta_rows_spmm_<dtype>_nt<NT>a``), not ``delta_rows_reduce_<dtype>`` after them;
 #: ``FLASH_LLM_DR_NT_ATOMIC=0`` for the reduction (bit for bit repeatable).
@@ -944,9 +937,6 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if p.splits > 1 and N1_FUSED and fmt == TILED_CSL and name.endswith("_n1"):
         _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, add_to, stream, dev, vec)
         return y
-    if ways is None and not extra and nt_cluster_ok(fmt, name, p, dev):
-        _launch_nt_cluster(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, stream, dev, vec, name)
-        return y
     if ways is None and norm is None and add_to is None and nt_atomic_ok(fmt, name, p):
         _launch_nt_atomic(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, act, stream, dev, vec, name)
         return y
@@ -1026,32 +1016,6 @@ def _launch_nt_atomic(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, act, st
     args.append((_RED_SILU if act else 0, I))
     launch(name + "a", (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
            pdl=PDL_SPMM and getattr(_static, "on", False))
-
-
-def nt_cluster_ok(fmt: int, name: str, p: LaunchPlan, dev: torch.device) -> bool:
-    """Whether :func:`spmm_cuda` runs one-warp kernel ``name`` under plan ``p`` as its cluster variant (``<name>c``,
-    :data:`NT_CLUSTER`): Tiled-CSL ``_nt1`` / ``_nt2`` with its NT in :data:`NT_CLUSTER`, one block along N, split-K,
-    sm_90.  (Plain products only: not with ``ways``, ``act``, a norm or a residual add; the caller.)"""
-    return (fmt == TILED_CSL and name[-4:] in ("_nt1", "_nt2") and p.nt in NT_CLUSTER and p.n_chunks == 1
-            and p.splits > 1 and sm90(dev.index))
-
-
-def _launch_nt_cluster(x, data, offsets, m, k, n, bias_ptr, y, p, blocks, stream, dev, vec, name) -> None:
-    """The cluster variant of one-warp kernel ``name`` (:func:`nt_cluster_ok`): the plan's splits rounded up to whole
-    blocks of :data:`NT_CLUSTER_WARPS` warps, at most :data:`NT_CLUSTER_MAX` blocks (one cluster) a row block, and
-    fewer where the grid would not be resident at once."""
-    w, kt = NT_CLUSTER_WARPS, ceil_div(k, STRIP_K)
-    cname = name + "c"
-    shared = w * (8192 + 1024 * p.nt)
-    slots = sm_count(dev.index) * blocks_per_sm(cname, dev.index, 32 * w, shared)
-    c = max(1, min(NT_CLUSTER_MAX, ceil_div(p.splits, w), ceil_div(kt, w)))
-    while c > 1 and blocks * c > slots:
-        c -= 1
-    per = ceil_div(kt, w * c)
-    q = dataclasses.replace(p, splits=w * c, kt_per_split=per)
-    args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, 0, 0, m, k, n, q, vec)
-    launch(cname, (blocks, c, 1), 32 * w, args, stream, dev.index, shared,
-           pdl=PDL_SPMM and getattr(_static, "on", False), cluster=(1, c, 1))
 
 
 def _wg_spread_ok(fmt: int, name: str, p: LaunchPlan, m: int, act, blocks: int, threads: int, shared: int,

@@ -871,13 +871,16 @@ DEVI void csl_atomic_finish(const Problem& p, float (&acc)[4][NT][4], int row_bl
   }
 }
 
-// The one-warp Tiled-CSL product of one warp: row block `row_block`, tokens n0 .. n0 + 8 NT - 1, tiles kb .. ke - 1,
-// into `acc` (zeroed here), with the warp's 8 KiB weight tile `dense` (swizzled row-major, csl_tile_byte) and NT KiB X
-// tile `xtile` (csl_load_x) in shared memory.  Waits for the kernel before (pdl_wait) only where the warp has tiles.
-template <bool BF16, int NT>
-DEVI void csl_warp_product(const int* __restrict__ data, const int* __restrict__ offsets, int kt, int kb, int ke,
-                           int row_block, int n0, const Problem& p, u32* dense, u32* xtile, float (&acc)[4][NT][4],
-                           int lane) {
+template <bool BF16, int NT, bool ATOMIC = false>
+DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
+                             int kt_per_split, Problem p, int mode = 0) {
+  __shared__ __align__(128) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, swizzled row-major (csl_tile_byte)
+  __shared__ __align__(128) u32 xtile[NT * 8 * 32];     // the X tile, NT KiB (csl_load_x)
+  const int lane = threadIdx.x & 31;
+  const int row_block = row_block_of(p);
+  const int n0 = n_chunk_of(p) * NT * 8;
+  const int kb = blockIdx.y * kt_per_split;
+  const int ke = min(kt, kb + kt_per_split);
   const bool active = kb < ke;
   const u32 dense_base = smem_addr(dense), xs = smem_addr(xtile);
   const uint4 zero4 = make_uint4(0, 0, 0, 0);
@@ -886,6 +889,8 @@ DEVI void csl_warp_product(const int* __restrict__ data, const int* __restrict__
 #pragma unroll
   for (int i = 0; i < 2 * NT; ++i) reinterpret_cast<uint4*>(xtile)[i * 32 + lane] = zero4;  // rows past N stay zero
   __syncwarp();
+
+  float acc[4][NT][4];
   zero_acc<NT>(acc);
 
   if (active) {
@@ -928,21 +933,6 @@ DEVI void csl_warp_product(const int* __restrict__ data, const int* __restrict__
       __syncwarp();
     }
   }
-}
-
-template <bool BF16, int NT, bool ATOMIC = false>
-DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
-                             int kt_per_split, Problem p, int mode = 0) {
-  __shared__ __align__(128) u32 dense[4 * 1024 / 2];  // 8 KiB: the tile, swizzled row-major (csl_tile_byte)
-  __shared__ __align__(128) u32 xtile[NT * 8 * 32];     // the X tile, NT KiB (csl_load_x)
-  const int lane = threadIdx.x & 31;
-  const int row_block = row_block_of(p);
-  const int n0 = n_chunk_of(p) * NT * 8;
-  const int kb = blockIdx.y * kt_per_split;
-  const int ke = min(kt, kb + kt_per_split);
-  const bool active = kb < ke;
-  float acc[4][NT][4];
-  csl_warp_product<BF16, NT>(data, offsets, kt, kb, ke, row_block, n0, p, dense, xtile, acc, lane);
   // with split-K, the partials are summed by a second launch (splitk_reduce): the last 32-thread block of a row
   // group would sum them with 32 threads, a long tail at N >= 16; or (ATOMIC, _nt<NT>a) added by atomics, whose sums
   // the last block reads in one round trip (csl_atomic_finish)
@@ -3016,76 +3006,6 @@ DEVI void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 #endif
-
-// tiled_csl_spmm_<dtype>_nt<NT>c (sm_90; kernels.NT_CLUSTER, session 52): the one-warp product with its split-K summed
-// on chip, no partial tiles in global memory and no reduction launch.  A block is CSL_CW warps of one row block, warp
-// w taking split CSL_CW * blockIdx.y + w (each warp its own tile and X buffers: CSL_CW (8 + NT) KiB of dynamic shared
-// memory), and the gridDim.y blocks of a row block are one thread-block cluster.  Each warp leaves its accumulators in
-// its tile buffer ([strip][lane][nt][i]); the block sums its warps' in warp order into warp 0's buffer; after a cluster
-// barrier warp w of cluster rank r takes strip r + gridDim.y w (if any) and sums the cluster's block sums of it in rank
-// order through distributed shared memory, adds the bias and writes Y; a second barrier keeps every block's shared
-// memory until its peers have read it.  Plain products only (no SiLU, norm or residual): kernels.nt_cluster_ok.
-constexpr int CSL_CW = 4;
-template <bool BF16, int NT>
-DEVI void tiled_csl_cluster_body(const int* __restrict__ data, const int* __restrict__ offsets, int kt,
-                                 int kt_per_split, const Problem& p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  extern __shared__ __align__(16) u32 csl_smem[];  // (16: a larger alignment pads every kernel's static shared memory)
-  constexpr int WORDS = 2048 + 256 * NT;  // a warp's buffers: the 8 KiB tile, then the NT KiB X tile
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  u32* dense = csl_smem + warp * WORDS;
-  const int kb = (blockIdx.y * CSL_CW + warp) * kt_per_split, ke = min(kt, kb + kt_per_split);
-  float acc[4][NT][4];
-  csl_warp_product<BF16, NT>(data, offsets, kt, kb, ke, blockIdx.x, 0, p, dense, dense + 2048, acc, lane);
-  pdl_launch_dependents();
-  float4* mine = reinterpret_cast<float4*>(dense);  // (the tile is done with: the product's last __syncwarp)
-#pragma unroll
-  for (int s = 0; s < 4; ++s)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      mine[(s * 32 + lane) * NT + nt] = make_float4(acc[s][nt][0], acc[s][nt][1], acc[s][nt][2], acc[s][nt][3]);
-  __syncthreads();
-  float* sums = reinterpret_cast<float*>(csl_smem);
-  for (int e = threadIdx.x; e < 512 * NT; e += 32 * CSL_CW) {  // the block's sum, in warp order
-    float v = sums[e];
-#pragma unroll
-    for (int w = 1; w < CSL_CW; ++w) v += sums[w * WORDS + e];
-    sums[e] = v;
-  }
-  cluster_sync();  // every block's sum written, and seen by its peers
-  const int ranks = gridDim.y, s = blockIdx.y + ranks * warp;  // (the cluster is the gridDim.y blocks of a row block)
-  if (s < 4) {
-    float a[NT][4] = {};
-    for (int r = 0; r < ranks; ++r) {
-      const u32 src = cluster_addr(sums + 4 * ((s * 32 + lane) * NT), (u32)r);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        float4 v;
-        asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                     : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(src + 16u * nt) : "memory");
-        a[nt][0] += v.x;
-        a[nt][1] += v.y;
-        a[nt][2] += v.z;
-        a[nt][3] += v.w;
-      }
-    }
-    pdl_wait();  // (a warp with no tiles has not waited yet; Y after the kernel before)
-    store_frag<BF16, NT>(p, a, a, blockIdx.x * 4 + s, 0, lane);
-  }
-  cluster_sync();  // no block leaves while a peer may still read its sums
-#else
-  __trap();
-#endif
-}
-#define INSTANTIATE_CLUSTER(NAME, BF16, NT)                                                                 \
-  extern "C" __global__ void __launch_bounds__(32 * CSL_CW, NT == 1 ? 5 : 4)                           \
-  tiled_csl_spmm_##NAME##_nt##NT##c(SPMM_ARGS) {                                                            \
-    tiled_csl_cluster_body<BF16, NT>(data, offsets, kt, kt_per_split, Problem SPMM_PROBLEM);                 \
-  }
-INSTANTIATE_CLUSTER(f16, false, 1)
-INSTANTIATE_CLUSTER(f16, false, 2)
-INSTANTIATE_CLUSTER(bf16, true, 1)
-INSTANTIATE_CLUSTER(bf16, true, 2)
 
 // Element d of a D-vector rotated as transformers' apply_rotary_pos_emb does it in the tensors' dtype, from the raw
 // element x = v[d], its partner p = v[d + D / 2] (d < D / 2) or v[d - D / 2], and cos / sin at d:
