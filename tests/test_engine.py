@@ -129,7 +129,6 @@ def test_engine_is_reusable_across_batches_and_lengths(pair):
     assert solo.tokens[0].tolist() == first.tokens[1].tolist()
 
 
-
 def test_prefill_in_chunks_of_rows_gives_the_same_generation(pair, monkeypatch):
     """A batch of prompts larger than PREFILL_TOKENS runs its prefill in chunks of whole rows (one row alone when it
     is longer), each writing its rows of the cache: the same logits to rounding and the same tokens as one forward;

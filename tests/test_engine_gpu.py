@@ -451,4 +451,3 @@ def test_prefill_in_chunks_of_rows_on_gpu(monkeypatch):
                                                                      eos_token_id=None)
     _assert_first_steps_close(got, whole)
     assert torch.equal(got.tokens[:, :2], whole.tokens[:, :2])
-
