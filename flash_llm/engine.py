@@ -320,6 +320,29 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     return done
 
 
+#: ``FLASH_LLM_DELTA_CODED=1``: at ``max_batch`` 1 ``Engine(delta_layout="auto")`` also codes the values of its bf16
+#: DeltaRows layers (:meth:`~flash_llm.DeltaRows.code_values`: 2 bytes an entry instead of 2.5, the same bits) where
+#: every row allows it.  Off by default: a prototype until measured end to end (``benchmarks/dr_coded.py``)
+DELTA_CODED = os.environ.get("FLASH_LLM_DELTA_CODED", "0") == "1"
+
+
+def code_delta_rows(model: torch.nn.Module) -> list[str]:
+    """Code the values of every bf16 DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` in place
+    (:meth:`~flash_llm.DeltaRows.code_values`), where possible; returns the paths of the layers coded.  Coded weights
+    run the N = 1 kernels; other token counts expand them (prefill), so this is for ``max_batch`` 1."""
+    from .formats import DeltaRows
+    from .nn import SparseLinear
+
+    done = []
+    for path, m in model.named_modules():
+        if isinstance(m, SparseLinear) and m.weight_format is DeltaRows and not m.weight.coded:
+            coded = m.weight.code_values()
+            if coded is not None:
+                m._replace_weight(coded)
+                done.append(path)
+    return done
+
+
 class _TwoLayouts:
     """``Engine(delta_layout="dual")``'s two encodings of a model's DeltaRows layers: the layers' own DeltaRows
     weights for steps of fewer than ``min_tokens`` tokens, copies (made here, one layer at a time through its dense
@@ -572,6 +595,8 @@ class Engine:
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
         #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL or DENSE} (empty when nothing was)
         self.relayout: dict[str, int | str] = {}
+        #: the layers whose values code_delta_rows coded (FLASH_LLM_DELTA_CODED=1 at max_batch 1)
+        self.coded: list[str] = []
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
         self._two: _TwoLayouts | None = None
@@ -587,6 +612,8 @@ class Engine:
             # (dual: its DeltaRows serve up to DUAL_TCSL_MIN_BATCH - 1 tokens, so the layout for that max_batch)
             choose = _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain, fast)
             self.relayout = relayout_delta_rows(model, choose)
+            if DELTA_CODED and max_batch == 1:
+                self.coded = code_delta_rows(model)
             if dual:
                 self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)
         note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch, chosen)

@@ -481,3 +481,88 @@ def test_delta_rows_multi_token_atomics_match_the_reduction(dtype, monkeypatch):
             for o in outs[1:]:
                 assert (o.float() - outs[0].float()).abs().max().item() <= tol, (n, case)
     assert_scratch_zeroed(k, x.device)
+
+
+def _magnitude_pruned(m, k, density, gen):
+    """bf16 normal values pruned by magnitude (``DeltaRows.code_values`` needs each row's kept values within 7
+    binades, as in a pruned model; a random mask keeps tiny values)"""
+    w = torch.randn(m, k, generator=gen, device="cuda")
+    t = float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
+    return w.masked_fill_(w.abs() < t, 0.0).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4, 8, 16])
+def test_delta_rows_coded_values_give_the_plain_weights_bits(parts, monkeypatch):
+    """Coded values (``DeltaRows.code_values``): the N = 1 kernels (``delta_rows_spmm_bf16_n1c``,
+    ``delta_rows_parts_bf16_p<P>_s2c``) give the plain weight's kernel's bits for every epilogue (the same values in
+    the same order); other N expand the weight (``delta_rows_to_dense`` decoding the codes) and match the reference;
+    the expansion gives the dense weight's bits.  Outputs poisoned, densities from empty to full."""
+    k = _kernels()
+    monkeypatch.setattr(k, "PARTS_STAGE", 2)
+    fid = FORMAT_IDS[DeltaRows]
+    gen = torch.Generator(device="cuda").manual_seed(parts + 300)
+    launched = record_launches(k, monkeypatch)
+    for m, kk, density in ((128, 4096, 0.2), (64, 64, 1.0), (192, 1024, 0.0), (256, 2048, 0.5), (64, 8192, 0.01)):
+        w_dense = _magnitude_pruned(m, kk, density, gen)
+        g = (torch.rand(kk, generator=gen, device="cuda") + 0.5).to(torch.bfloat16)
+        bias = torch.randn(m, generator=gen, device="cuda").to(torch.bfloat16)
+        acc = torch.randn(1, m, generator=gen, device="cuda").to(torch.bfloat16)
+        x = (0.25 * torch.randn(1, kk, generator=gen, device="cuda")).to(torch.bfloat16)
+        for case in (dict(), dict(bias=bias), dict(norm=(g, 1e-5)), dict(add_to=acc, bias=bias),
+                     dict(act="silu_mul", pair=True), dict(norm=(g, 1e-5), act="silu_mul", pair=True),
+                     dict(act="relu", bias=bias)):
+            case = dict(case)
+            pair = case.pop("pair", False)
+            cb = case.pop("bias", None)
+            plain = DeltaRows.from_dense(w_dense, pair_halves=pair,
+                                         **({"parts": parts} if parts > 1 else {"splits": 3}))
+            coded = plain.code_values()
+            assert coded is not None and coded.coded and coded.parts == parts
+            outs = []
+            for w in (plain, coded):
+                kw = dict(case)
+                if "add_to" in kw:
+                    kw["add_to"] = acc.clone()
+                else:
+                    kw["out"] = torch.full((1, m // 2 if pair else m), float("nan"), dtype=torch.bfloat16,
+                                           device="cuda")
+                launched.clear()
+                outs.append(k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, cb, **kw).clone())
+                if w is coded:
+                    assert launched[-1] == ("delta_rows_spmm_bf16_n1c" if parts == 1
+                                            else f"delta_rows_parts_bf16_p{parts}_s2c"), launched
+            assert not torch.isnan(outs[1]).any(), (m, kk, case)
+            assert torch.equal(outs[1], outs[0]), (m, kk, parts, case)
+        coded = DeltaRows.from_dense(w_dense, **({"parts": parts} if parts > 1 else {"splits": 3})).code_values()
+        assert torch.equal(k.decode_dense(fid, coded.data, coded.offsets, m, kk, torch.bfloat16).view(torch.int16),
+                           w_dense.view(torch.int16))
+        for n in (2, 5, 17):
+            xn = torch.randn(n, kk, generator=gen, device="cuda").to(torch.bfloat16)
+            check(run_kernel(xn, coded, bias), xn, w_dense, bias)
+    with pytest.raises(ValueError, match="x: "):
+        k.spmm_cuda(x.half(), coded.data, coded.offsets, fid, m, kk, None)
+
+
+def test_engine_codes_the_values_at_batch_1(monkeypatch):
+    """``FLASH_LLM_DELTA_CODED=1`` at ``max_batch`` 1: a bf16 Llama-shaped DeltaRows model's layers coded, and greedy
+    decode in CUDA graphs gives the plain engine's tokens and last logits, bit for bit."""
+    from flash_llm import engine as E
+    from flash_llm.models import preset
+    from flash_llm.models.synthetic import build_synthetic
+
+    cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=1024, intermediate_size=3584, num_heads=8,
+                                       num_kv_heads=2, vocab_size=4096, name="small-llama")
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(E, "DELTA_CODED", on)
+        model, _ = build_synthetic(cfg, 0.8, dtype=torch.bfloat16, device="cuda", seed=3, fmt="delta-rows",
+                                   progress=False)
+        eng = E.Engine(model, max_batch=1, max_seq=64, cuda_graphs=True)
+        layers = [n for n, mod in model.named_modules()
+                  if isinstance(mod, flash_llm.SparseLinear) and mod.weight_format is DeltaRows]
+        assert len(layers) >= 8 and eng.coded == (layers if on else [])  # (four or more projections a layer)
+        ids = torch.tensor([[1, 5, 9, 2, 7]], device="cuda")
+        seqs = eng.generate(ids, max_new_tokens=8).sequences
+        outs.append((seqs, eng._logits.clone()))
+    assert outs[0][0] == outs[1][0]
+    assert torch.equal(outs[0][1], outs[1][1])

@@ -90,17 +90,28 @@ PARTS_ENV = os.environ.get("FLASH_LLM_DELTA_PARTS", "1")
 
 class Layout(NamedTuple):
     """A DeltaRows weight's layout, from its sizes alone (no device sync): lanes a row, slices, ``Mp`` (lanes:
-    ``32 slices``), split count (0 when the sizes fit nothing) and whether the halves are paired."""
+    ``32 slices``), split count (0 when the sizes fit nothing), whether the halves are paired and whether the values
+    are coded (:func:`code_values`)."""
     parts: int
     slices: int
     mp: int
     splits: int
     paired: bool
+    coded: bool = False
+
+
+#: coded values (:func:`code_values`): a lane's 8 entries in 16 bytes (a group 128 words, not 160), and ``data`` ends
+#: with ``parts + CODED_TRAILER`` words holding that number, its length that many past a multiple of 160
+CODED_GROUP_WORDS = LANES * 4
+CODED_TRAILER = 16
 
 
 def layout(m: int, n_off: int, n_data: int) -> Layout:
     """The :class:`Layout` of an ``m``-row weight whose ``offsets`` has ``n_off`` words and ``data`` ``n_data``."""
     p = n_data % GROUP_WORDS or 1
+    coded = p - CODED_TRAILER in PARTS
+    if coded:
+        p -= CODED_TRAILER
     if p not in PARTS:
         return Layout(p, 0, 0, 0, False)
     slices = ceil_div(m, LANES // p)
@@ -109,7 +120,83 @@ def layout(m: int, n_off: int, n_data: int) -> Layout:
     paired = rest > 0 and rest % (18 * slices) == 1  # a paired weight's last word, m / 2
     rest -= paired
     s = rest // (18 * slices) if rest > 0 and rest % (18 * slices) == 0 else 0
-    return Layout(p, slices, mp, s if p == 1 or s == 1 else 0, paired)
+    return Layout(p, slices, mp, s if p == 1 or s == 1 else 0, paired, coded)
+
+
+def code_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tensor | None:
+    """``data`` of a bf16 DeltaRows weight with its values coded: 2 bytes an entry instead of 2.5, or None where a
+    lane holds nonzero values whose 8-bit exponents span more than 7 (then the weight stays as it is).
+
+    A lane's group becomes 16 bytes: the 8 values' low bytes (sign, 7 mantissa bits), their 3-bit exponent codes
+    (entry ``i`` in bits ``4 i .. 4 i + 2``) and the steps word.  Code 0 is the value 0 (pads, escapes); code ``c``
+    the exponent ``base + c - 1`` of the row's table (two words a row rank, ``32 slices / parts`` of them, after the
+    groups: byte ``c`` of the table is that exponent, byte 0 is 0), which the kernels look up four at a time with one ``PRMT``.  Exact: every
+    value's bits come back (:func:`uncode_values`).  Pruned weights keep few binades: on the bundled model at 50-90 %
+    magnitude pruning, every row's nonzero exponents span at most 5."""
+    lay = layout(m, offsets.numel(), data.numel())
+    if lay.coded or not lay.splits:
+        raise ValueError("code_values: 'data' must be a plain DeltaRows weight's")
+    dev = data.device
+    goff = offsets[: lay.slices + 1].to(torch.int64)
+    ng = int(goff[-1])
+    grp = data[: ng * GROUP_WORDS].view(ng, GROUP_WORDS)
+    vals = grp[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(ng, LANES, GROUP).to(torch.int64) & 0xFFFF
+    sl = torch.searchsorted(goff, torch.arange(ng, device=dev), right=True) - 1
+    rank = (sl[:, None] * LANES + torch.arange(LANES, device=dev))[:, :, None].expand(ng, LANES, GROUP)
+    e = (vals >> 7) & 0xFF
+    nz = (vals & 0x7FFF) != 0
+    emin = torch.full((lay.mp,), 255, dtype=torch.int64, device=dev)
+    emax = torch.full((lay.mp,), -1, dtype=torch.int64, device=dev)
+    emin.scatter_reduce_(0, rank[nz], e[nz], "amin")
+    emax.scatter_reduce_(0, rank[nz], e[nz], "amax")
+    # one table a row: its parts' lanes (adjacent) share it
+    emin = emin.view(-1, lay.parts).amin(1)
+    emax = emax.view(-1, lay.parts).amax(1)
+    if bool(((emax - emin) > 6).any()):
+        return None
+    base = emin.clamp(max=249)  # (empty rows: 249, unused)
+    nr = base.numel()
+    code = torch.where(nz, e - base[rank // lay.parts] + 1, 0)
+    lo = torch.where(nz, ((vals >> 8) & 0x80) | (vals & 0x7F), 0)
+    sh8 = 8 * torch.arange(4, device=dev)
+    w0 = (lo[:, :, :4] << sh8).sum(-1)
+    w1 = (lo[:, :, 4:] << sh8).sum(-1)
+    w2 = (code << (4 * torch.arange(GROUP, device=dev))).sum(-1)
+    w3 = grp[:, LANES * GROUP // 2:].to(torch.int64) & 0xFFFFFFFF
+    groups = torch.stack([w0, w1, w2, w3], -1).reshape(-1)
+    lut = torch.cat([torch.zeros_like(base)[:, None], base[:, None] + torch.arange(7, device=dev)], 1)  # [mp, 8]
+    lut = (lut.view(nr, 2, 4) << sh8).sum(-1).reshape(-1)
+    head = ng * CODED_GROUP_WORDS + 2 * nr
+    pad = -head % GROUP_WORDS
+    tail = lay.parts + CODED_TRAILER
+    words = torch.cat([groups, lut, torch.zeros(pad, dtype=torch.int64, device=dev),
+                       torch.full((tail,), tail, dtype=torch.int64, device=dev)])
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # (two's complement: each word's low 32 bits)
+
+
+def uncode_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tensor:
+    """The plain ``data`` of a weight whose values :func:`code_values` coded (the same bits)."""
+    lay = layout(m, offsets.numel(), data.numel())
+    if not lay.coded:
+        return data
+    dev = data.device
+    goff = offsets[: lay.slices + 1].to(torch.int64)
+    ng = int(goff[-1])
+    q = data[: ng * CODED_GROUP_WORDS].to(torch.int64).view(ng, LANES, 4) & 0xFFFFFFFF
+    nr = lay.mp // lay.parts
+    lutw = data[ng * CODED_GROUP_WORDS: ng * CODED_GROUP_WORDS + 2 * nr].to(torch.int64).view(nr, 2) & 0xFFFFFFFF
+    lut = ((lutw[:, :, None] >> (8 * torch.arange(4, device=dev))) & 0xFF).reshape(nr, 8)
+    sl = torch.searchsorted(goff, torch.arange(ng, device=dev), right=True) - 1
+    rank = (sl[:, None] * LANES + torch.arange(LANES, device=dev))[:, :, None].expand(ng, LANES, GROUP)
+    sh8 = 8 * torch.arange(4, device=dev)
+    lo = torch.cat([(q[:, :, 0:1] >> sh8) & 0xFF, (q[:, :, 1:2] >> sh8) & 0xFF], -1)  # [ng, 32, 8]
+    code = (q[:, :, 2:3] >> (4 * torch.arange(GROUP, device=dev))) & 7
+    ex = lut[rank // lay.parts, code]
+    vals = ((lo & 0x80) << 8) | (ex << 7) | (lo & 0x7F)
+    words = (vals[:, :, 0::2] | (vals[:, :, 1::2] << 16)).reshape(ng, LANES * GROUP // 2)
+    words = torch.cat([words, q[:, :, 3]], 1).reshape(-1)
+    words = torch.cat([words, torch.full((_trailer(lay.parts),), lay.parts, dtype=torch.int64, device=dev)])
+    return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
 def _trailer(p: int) -> int:
@@ -473,6 +560,29 @@ class DeltaRows(SparseFormat):
         """Whether the halves are paired (:func:`paired_halves`)."""
         return self.layout.paired
 
+    @property
+    def coded(self) -> bool:
+        """Whether the values are coded (:meth:`code_values`)."""
+        return self.layout.coded
+
+    def code_values(self) -> "DeltaRows | None":
+        """This weight with its values coded (:func:`code_values`: 2 bytes an entry instead of 2.5, the same bits;
+        the N = 1 kernels read it, other token counts expand it), or None where that is not possible: not bf16, or a
+        lane whose nonzero exponents span more than 7.  In memory only: :meth:`state` writes the plain values."""
+        if self.dtype != torch.bfloat16 or self.coded:
+            return self if self.coded else None
+        data = code_values(self.data, self.offsets, self.shape[0])
+        if data is None:
+            return None
+        return type(self)._from_parts({"data": data, "offsets": self.offsets}, self.shape, self.dtype, self.nnz)
+
+    def state(self, prefix: str = ""):
+        if not self.coded:
+            return super().state(prefix)
+        plain = type(self)._from_parts({"data": uncode_values(self.data, self.offsets, self.shape[0]),
+                                        "offsets": self.offsets}, self.shape, self.dtype, self.nnz)
+        return plain.state(prefix)
+
     def resplit(self, splits: int, parts: int = 1) -> "DeltaRows":
         """The same weight encoded for ``splits`` K-splits (``parts`` > 1: the parts layout, ``splits`` 1)."""
         return type(self).from_dense(self.to_dense(), splits=splits, pair_halves=self.paired, parts=parts)
@@ -614,6 +724,7 @@ def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
 def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int):
     """(rank, value bits, column, slice x S + split) of every stored entry in storage order, columns from each split's
     start."""
+    data = uncode_values(data, offsets, m)
     lay = layout(m, offsets.numel(), data.numel())
     slices, s = lay.slices, lay.splits
     goff, win, starts, perm = _split_offsets(offsets, slices, lay.mp, s)

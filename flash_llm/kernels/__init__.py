@@ -633,7 +633,8 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     slices, s = lay.slices, lay.splits
     out = torch.zeros(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k).zero_()
     launch("delta_rows_to_dense", (slices, s, 1), 32, [(data.data_ptr(), P), (offsets.data_ptr(), P),
-                                                        (out.data_ptr(), P), (k, I), (s, I)],
+                                                        (out.data_ptr(), P), (k, I), (s, I),
+                                                        (lay.parts if lay.coded else 0, I)],
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
     return out
 
@@ -659,6 +660,14 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     n = x.shape[0]
     dev = x.device
     lay = layout(m, offsets.numel(), data.numel())
+    if lay.coded and (n != 1 or x.dtype != torch.bfloat16):  # coded values: the N = 1 kernels only (bf16)
+        if x.dtype != torch.bfloat16:
+            raise ValueError(f"x: a DeltaRows weight with coded values is bf16, got x in {x.dtype}")
+        if act is not None or norm is not None or add_to is not None:
+            return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
+        if n == 0:
+            return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
+        return _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, out)
     if 2 <= n <= DELTA_MULTI_MAX:
         if norm is not None or act == "relu" or (act is not None and not lay.paired):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
@@ -683,7 +692,8 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     ws = torch.empty(s * mp + slices * s, dtype=torch.float32, device=dev)
     tickets = _scratch.get_tickets(dev, stream, slices)
     eps = 0.0 if norm is None else float(norm[-1])
-    launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1", (ceil_div(slices, DR_WARPS), s, 1), 32 * DR_WARPS,
+    launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1{'c' if lay.coded else ''}", (ceil_div(slices, DR_WARPS), s, 1),
+           32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (ws.data_ptr(), P), (tickets.data_ptr(), P), (s, I),
             (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P), (eps, ctypes.c_float), (k, I),
@@ -734,8 +744,9 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     ln_bias = _aligned16(norm[1]) if norm is not None and len(norm) == 3 else None
     scale = _aligned16(norm[0]) if norm is not None else None
     y, mode = _dr_n1_out(x, m, out, act, norm, add_to)
-    stage = parts_stage(k)
-    launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}", (ceil_div(lay.slices, DR_WARPS), 1, 1),
+    stage = 2 if lay.coded else parts_stage(k)  # (coded: X staged 16-bit only)
+    launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}{'c' if lay.coded else ''}",
+           (ceil_div(lay.slices, DR_WARPS), 1, 1),
            32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (mode, I),

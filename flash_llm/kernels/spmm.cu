@@ -2149,17 +2149,57 @@ DEVI void dr_copy(u32 rs, int slot, const unsigned char* base, int g) {
                : "memory");
 }
 
-template <bool BF16, int STAGE>
+// Coded values (bf16 only; formats/delta_rows.py, code_values): a lane's group is 16 bytes, [the low bytes of entries
+// 0-3][of 4-7][3-bit exponent codes, entry i in bits 4 i .. 4 i + 2][steps], one 16-byte copy (512 bytes a group).
+// A value's low byte is its sign and 7 mantissa bits; its 8-bit exponent is byte `code` of the lane's table `lut`
+// (byte 0 zero: code 0 is the value 0; bytes 1-7 the row's exponents base .. base + 6).  One PRMT looks up four
+// exponents; the bf16 bits [s e7..e1][e0 m6..m0] are assembled byte-wise, then paired as the plain group's words.
+DEVI uint4 dr_decode_coded(const uint4& q, uint2 lut) {
+  auto four = [&](u32 lo, u32 codes, u32& w01, u32& w23) {
+    const u32 e = __byte_perm(lut.x, lut.y, codes);                    // four exponents (code 0: 0)
+    const u32 b2 = ((e << 7) & 0x80808080u) | (lo & 0x7f7f7f7fu);     // [e0 m6..m0]
+    const u32 b3 = (lo & 0x80808080u) | ((e >> 1) & 0x7f7f7f7fu);     // [s e7..e1]
+    w01 = __byte_perm(b2, b3, 0x5140);
+    w23 = __byte_perm(b2, b3, 0x7362);
+  };
+  uint4 v;
+  four(q.x, q.z, v.x, v.y);
+  four(q.y, q.z >> 16, v.z, v.w);
+  return v;
+}
+DEVI void dr_copy_coded(u32 rs, int slot, const unsigned char* base, int g) {
+  const int lane = threadIdx.x & 31;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(rs + slot * 640 + 16 * lane),
+               "l"(base + (long long)g * 512) : "memory");
+}
+// the row's exponent table: after the groups (offsets[slices] of them, 128 words each), two words a row rank (lane
+// rank / P: a row's P lanes are adjacent)
+DEVI uint2 dr_lut(const int* data, const int* offsets, int slices, int row_rank) {
+  return __ldg(reinterpret_cast<const uint2*>(data + (long long)offsets[slices] * 128) + row_rank);
+}
+
+template <bool BF16, int STAGE, bool CODED = false>
 DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg,
-                   const DrNorm& nm, const unsigned char* ring, u32 rs) {
+                   const DrNorm& nm, const unsigned char* ring, u32 rs, const uint2* lut = nullptr) {
   float a0 = 0.f, a1 = 0.f;
   const int lane = threadIdx.x & 31;
   for (int g = g0; g < g1; ++g) {
     const int slot = (g - g0) & (DR_RING - 1);
     cp_async_wait<DR_RING - 1>();  // this lane's copy of group g is in (one commit a group, DR_RING ahead)
-    const uint4 v = *reinterpret_cast<const uint4*>(ring + slot * 640 + 16 * lane);
-    const u32 d = *reinterpret_cast<const u32*>(ring + slot * 640 + 512 + 4 * lane);
-    if (g + DR_RING < g1) dr_copy(rs, slot, base, g + DR_RING);
+    uint4 v = *reinterpret_cast<const uint4*>(ring + slot * 640 + 16 * lane);
+    u32 d;
+    if (CODED) {
+      d = v.w;
+      v = dr_decode_coded(v, *lut);  // (from shared memory each group: a register less for the walk)
+    } else {
+      d = *reinterpret_cast<const u32*>(ring + slot * 640 + 512 + 4 * lane);
+    }
+    if (g + DR_RING < g1) {
+      if (CODED)
+        dr_copy_coded(rs, slot, base, g + DR_RING);
+      else
+        dr_copy(rs, slot, base, g + DR_RING);
+    }
     cp_async_commit();  // (empty past the end, so the count stays one a group)
     dr_group<BF16, STAGE>(off, a0, a1, v, d, xs, xg, nm);
   }
@@ -2189,7 +2229,7 @@ DEVI void dr_tail(const float* pw, const float* pu, const float* pq, int mp, int
   }
 }
 
-template <bool BF16>
+template <bool BF16, bool CODED = false>
 DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
                              int* __restrict__ tickets, int S, int vec, int mode, const u16* __restrict__ colscale,
@@ -2204,13 +2244,22 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   const bool rms = mode & DR_RMS, ln = mode & DR_LN;
   int goff, g0, g1;
   dr_split(offsets, slice, s, S, goff, g0, g1);
-  const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
+  const unsigned char* base =
+      reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
   const u32 rs = smem_addr(ring[warp]);
 #pragma unroll
   for (int i = 0; i < DR_RING; ++i) {  // the first DR_RING groups (a warp past the last slice copies nothing)
-    if (live && g0 + i < g1) dr_copy(rs, i, base, g0 + i);
+    if (live && g0 + i < g1) {
+      if (CODED)
+        dr_copy_coded(rs, i, base, g0 + i);
+      else
+        dr_copy(rs, i, base, g0 + i);
+    }
     cp_async_commit();
   }
+  __shared__ uint2 lut_s[CODED ? 32 * DR_WARPS : 1];  // the lanes' exponent tables
+  if (CODED) lut_s[threadIdx.x] = dr_lut(data, offsets, slices, slice * 32 + lane);
+  const uint2* lut = lut_s + (CODED ? threadIdx.x : 0);
   pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
   const int* win = dr_win(offsets, slices, S, slice, s);
   if (lane == 0) {  // the block's window: the union of its warps' (DR_WARPS slices, the same split)
@@ -2373,11 +2422,11 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   }
   const u32 rel = (u32)(start - a0);  // the lane's first column in the window
   if (stage == 1) {
-    acc = dr_walk<BF16, 1>(base, g0, g1, rel << 2, xs, x + a0, nm, ring[warp], rs);
+    acc = dr_walk<BF16, 1, CODED>(base, g0, g1, rel << 2, xs, x + a0, nm, ring[warp], rs, lut);
   } else if (stage == 2) {
-    acc = dr_walk<BF16, 2>(base, g0, g1, rel << 1, xs, x + a0, nm, ring[warp], rs);
+    acc = dr_walk<BF16, 2, CODED>(base, g0, g1, rel << 1, xs, x + a0, nm, ring[warp], rs, lut);
   } else {
-    acc = dr_walk<BF16, 0>(base, g0, g1, rel << 2, xs, x + a0, nm, ring[warp], rs);
+    acc = dr_walk<BF16, 0, CODED>(base, g0, g1, rel << 2, xs, x + a0, nm, ring[warp], rs, lut);
   }
   ws[(long long)s * mp + slice * 32 + lane] = acc;
   // the epilogue's inputs, asked for by every warp before its ticket so the last one does not wait for them after it:
@@ -2428,6 +2477,11 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices,  \
                              colbias);                                                                   \
   }
+// the coded-values variant (bf16 only): delta_rows_spmm_bf16_n1c
+extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS) delta_rows_spmm_bf16_n1c(DR_ARGS) {
+  delta_rows_n1_body<true, true>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices,
+                                 colbias);
+}
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)
 
@@ -2445,7 +2499,7 @@ INSTANTIATE_DR(bf16, true)
 // up rows of lanes 0-15's gate rows), DR_RESID, DR_RELU, the bias.  Needs K % 8 == 0 and X on 16 bytes (the
 // launcher copies X otherwise).  Session 30 prototype (benchmarks/RESULTS.md): 1.13x the _n1 kernel's speed on
 // Llama-3-8B's four projections at 80 % in CUDA graphs of 8 layers (H200).
-template <bool BF16, int P, int STAGE>
+template <bool BF16, int P, int STAGE, bool CODED = false>
 DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restrict__ offsets,
                                 const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias, int mode,
                                 const u16* __restrict__ colscale, float eps, int K, int slices,
@@ -2461,13 +2515,22 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
   const bool live = blockIdx.x * DR_WARPS + warp < slices;
   int goff, g0, g1;
   dr_split(offsets, slice, 0, 1, goff, g0, g1);
-  const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
+  const unsigned char* base =
+      reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
   const u32 rs = smem_addr(ring[warp]);
 #pragma unroll
   for (int i = 0; i < DR_RING; ++i) {  // the first DR_RING groups, before the wait (the weight is static)
-    if (live && g0 + i < g1) dr_copy(rs, i, base, g0 + i);
+    if (live && g0 + i < g1) {
+      if (CODED)
+        dr_copy_coded(rs, i, base, g0 + i);
+      else
+        dr_copy(rs, i, base, g0 + i);
+    }
     cp_async_commit();
   }
+  __shared__ uint2 lut_s[CODED ? 32 * DR_WARPS : 1];  // the lanes' exponent tables
+  if (CODED) lut_s[threadIdx.x] = dr_lut(data, offsets, slices, (slice * 32 + lane) / P);
+  const uint2* lut = lut_s + (CODED ? threadIdx.x : 0);
   pdl_launch_dependents();
   const bool rms = mode & DR_RMS, silu = mode & DR_SILU, resid = mode & DR_RESID, ln = mode & DR_LN;
   const int start = dr_start(offsets, slices, 1, slice, 0, lane);
@@ -2539,8 +2602,8 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
     for (int i = 1; i < DR_WARPS; ++i) q += qpart[i];
   }
   const DrNorm nm{nullptr, nullptr, 0.f, 1.f, false};
-  float acc = dr_walk<BF16, STAGE>(base, g0, g1, (u32)start << (STAGE == 2 ? 1 : 2),
-                                   reinterpret_cast<const float*>(drp_x), x, nm, ring[warp], rs);
+  float acc = dr_walk<BF16, STAGE, CODED>(base, g0, g1, (u32)start << (STAGE == 2 ? 1 : 2),
+                                          reinterpret_cast<const float*>(drp_x), x, nm, ring[warp], rs, lut);
 #pragma unroll
   for (int o = 1; o < P; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);  // (a + b == b + a: one sum a row)
   if (rms) acc *= rsqrtf(q * __fdividef(1.f, (float)K) + eps);
@@ -2567,6 +2630,12 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
 #define INSTANTIATE_DR_PARTS_P(NAME, BF16, P) \
   INSTANTIATE_DR_PARTS(NAME, BF16, P, 1)      \
   INSTANTIATE_DR_PARTS(NAME, BF16, P, 2)
+// the coded-values variants (bf16 only, X staged 16-bit): delta_rows_parts_bf16_p<P>_s2c
+#define INSTANTIATE_DR_PARTS_CODED(P)                                                                          \
+  extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS)                                  \
+      delta_rows_parts_bf16_p##P##_s2c(DR_PARTS_ARGS) {                                                       \
+    delta_rows_parts_body<true, P, 2, true>(data, offsets, x, y, bias, mode, colscale, eps, K, slices, colbias); \
+  }
 INSTANTIATE_DR_PARTS_P(f16, false, 2)
 INSTANTIATE_DR_PARTS_P(f16, false, 4)
 INSTANTIATE_DR_PARTS_P(f16, false, 8)
@@ -2575,6 +2644,10 @@ INSTANTIATE_DR_PARTS_P(bf16, true, 2)
 INSTANTIATE_DR_PARTS_P(bf16, true, 4)
 INSTANTIATE_DR_PARTS_P(bf16, true, 8)
 INSTANTIATE_DR_PARTS_P(bf16, true, 16)
+INSTANTIATE_DR_PARTS_CODED(2)
+INSTANTIATE_DR_PARTS_CODED(4)
+INSTANTIATE_DR_PARTS_CODED(8)
+INSTANTIATE_DR_PARTS_CODED(16)
 
 // delta_rows_spmm_<dtype>_nt<NT>: 2 <= N <= NT tokens (NT = 2, 4, 8), the same blocks as _n1 (4 warps, 4 slices of
 // one split, one X window) and the same walk, each entry's value multiplied into NT sums: X's window is staged as
@@ -2862,18 +2935,28 @@ extern "C" __global__ void __launch_bounds__(256, 4) delta_rows_reduce_bf16(cons
 }
 
 // delta_rows_to_dense: the nonzeros of split s of slice `slice` written into the zeroed out[M][K] (grid (slices, S)).
+// `coded`: 0, or the values are coded (dr_decode_coded) and it is the lanes a row
 extern "C" __global__ void __launch_bounds__(32) delta_rows_to_dense(const int* __restrict__ data,
                                                                      const int* __restrict__ offsets,
-                                                                     u16* __restrict__ out, int K, int S) {
+                                                                     u16* __restrict__ out, int K, int S,
+                                                                     int coded) {
   const int lane = threadIdx.x & 31, slice = blockIdx.x, s = blockIdx.y, slices = gridDim.x;
   int goff, g0, g1;
   dr_split(offsets, slice, s, S, goff, g0, g1);
   const int row = dr_perm(offsets, slices, S)[slice * 32 + lane];
   int col = dr_start(offsets, slices, S, slice, s, lane);
-  const int* base = data + (long long)goff * 160;
+  const int gw = coded ? 128 : 160;
+  const int* base = data + (long long)goff * gw;
+  const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
   for (int g = g0; g < g1; ++g) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g * 160 + 4 * lane));
-    const u32 d = (u32)__ldg(base + (long long)g * 160 + 128 + lane);
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g * gw + 4 * lane));
+    u32 d;
+    if (coded) {
+      d = v.w;
+      v = dr_decode_coded(v, lut);
+    } else {
+      d = (u32)__ldg(base + (long long)g * 160 + 128 + lane);
+    }
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int k = 0; k < 8; ++k) {

@@ -206,15 +206,19 @@ class SyntheticReport:
 
 
 def _draw(m: int, k: int, density: float, dtype, device, gen: torch.Generator) -> torch.Tensor:
-    """``[m, k]`` of ``dtype``: normal(0, INIT_STD) values, each kept with probability ``density``; drawn in row
-    chunks so the float32 temporaries stay small."""
+    """``[m, k]`` of ``dtype``: normal(0, INIT_STD) values pruned by magnitude, those below the threshold that keeps
+    a share ``density`` of them in expectation zeroed (so each element is kept with probability ``density``,
+    independently, as a random mask would, and the kept values are the large ones, as in a pruned model:
+    ``DeltaRows.code_values`` depends on that); drawn in row chunks so the float32 temporaries stay small."""
     w = torch.empty(m, k, dtype=dtype, device=device)
     rows = max(1, _CHUNK // k)
+    # P(|v| >= t) = density for v ~ N(0, INIT_STD^2)
+    t = INIT_STD * float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
     for r in range(0, m, rows):
         n = min(rows, m - r)
         v = torch.randn(n, k, generator=gen, device=device) * INIT_STD
         if density < 1.0:
-            v.masked_fill_(torch.rand(n, k, generator=gen, device=device) >= density, 0.0)
+            v.masked_fill_(v.abs() < t, 0.0)
         w[r:r + n] = v
     return w
 

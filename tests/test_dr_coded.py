@@ -1,0 +1,145 @@
+"""DeltaRows with coded values (``DeltaRows.code_values``): exact round trips at every lane count, what it refuses,
+the kernels' decode (``dr_decode_coded`` in spmm.cu) mirrored bit for bit, serialization of the plain values, the
+CPU product, and the engine's opt-in coding.  The GPU kernels are checked in ``tests/test_delta_rows_gpu.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm import DeltaRows
+from flash_llm.formats.delta_rows import (CODED_GROUP_WORDS, GROUP_WORDS, LANES, code_values, layout,
+                                          uncode_values)
+
+
+def _pruned(m: int, k: int, density: float, seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    """normal values pruned by magnitude (the large ones kept, as in a pruned model), in ``dtype``"""
+    w = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    t = float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
+    w[w.abs() < t] = 0.0
+    return w.to(dtype)
+
+
+def _encode(w: torch.Tensor, parts: int, pair: bool = False) -> DeltaRows:
+    return DeltaRows.from_dense(w, pair_halves=pair, **({"parts": parts} if parts > 1 else {"splits": 3}))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("density", [0.5, 0.2, 0.05])
+def test_round_trip_every_lane_count(parts, pair, density):
+    w = _pruned(128, 512, density, seed=parts * 7 + pair)
+    w[3, 5] = -w[3, 5].abs() - 1  # negative values keep their sign
+    plain = _encode(w, parts, pair)
+    c = plain.code_values()
+    assert c is not None and c.coded and not plain.coded
+    assert (c.parts, c.splits, c.paired) == (plain.parts, plain.splits, plain.paired)
+    assert torch.equal(c.to_dense().view(torch.int16), w.view(torch.int16))
+    assert torch.equal(uncode_values(c.data, c.offsets, 128), plain.data)
+    # 2 bytes an entry instead of 2.5, plus a table of 8 bytes a row and the trailer
+    groups = int(plain.offsets[plain.layout.slices])
+    assert c.data.numel() * 4 <= groups * CODED_GROUP_WORDS * 4 + 8 * plain.layout.mp // parts + 4 * (GROUP_WORDS + 32)
+    assert c.nbytes < plain.nbytes
+
+
+def test_layout_tells_coded_from_plain_by_sizes():
+    for parts in (1, 2, 4, 8, 16):
+        plain = _encode(_pruned(64, 256, 0.3, seed=parts), parts)
+        c = plain.code_values()
+        assert not layout(64, plain.offsets.numel(), plain.data.numel()).coded
+        lay = layout(64, c.offsets.numel(), c.data.numel())
+        assert lay.coded and lay.parts == parts and lay.splits == plain.splits
+        assert c.data.numel() % GROUP_WORDS == parts + 16
+        assert bool((c.data[-(parts + 16):] == parts + 16).all())
+
+
+def test_what_cannot_be_coded_is_left_plain():
+    assert _encode(_pruned(64, 256, 0.3, seed=1, dtype=torch.float16), 1).code_values() is None  # fp16
+    w = _pruned(64, 256, 0.3, seed=2)
+    w[7, 9] = 2.0 ** -20  # row 7 spans more than 7 exponents
+    assert _encode(w, 1).code_values() is None
+    assert _encode(w, 2).code_values() is None
+    w[7, 9] = 0.0
+    assert _encode(w, 1).code_values() is not None
+    # values spanning exactly 7 exponents in one row, and extremes of the range (a subnormal, the largest finite)
+    w = torch.zeros(64, 256, dtype=torch.bfloat16)
+    w[0, :7] = torch.tensor([2.0 ** e for e in range(-3, 4)], dtype=torch.bfloat16)
+    w[1, 0] = torch.finfo(torch.bfloat16).max
+    w[1, 1] = -torch.finfo(torch.bfloat16).max
+    w[2, 0] = torch.finfo(torch.bfloat16).smallest_normal / 4  # subnormal
+    c = _encode(w, 1).code_values()
+    assert c is not None and torch.equal(c.to_dense().view(torch.int16), w.view(torch.int16))
+    with pytest.raises(ValueError, match="plain"):
+        code_values(c.data, c.offsets, 64)
+
+
+def _prmt(x: int, y: int, sel: int) -> int:
+    """PTX ``prmt.b32`` (default mode, selector bit 3 of each nibble clear), as ``__byte_perm``"""
+    b = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(b[(sel >> (4 * n)) & 7] << (8 * n) for n in range(4))
+
+
+def _decode_like_the_kernel(q: list[int], lut: tuple[int, int]) -> list[int]:
+    """spmm.cu's dr_decode_coded on one lane's 16 bytes: the plain group's four value words"""
+    out = []
+    for lo, codes in ((q[0], q[2] & 0xFFFF), (q[1], q[2] >> 16)):
+        e = _prmt(lut[0], lut[1], codes)
+        b2 = ((e << 7) & 0x80808080) | (lo & 0x7F7F7F7F)
+        b3 = (lo & 0x80808080) | ((e >> 1) & 0x7F7F7F7F)
+        out += [_prmt(b2, b3, 0x5140), _prmt(b2, b3, 0x7362)]
+    return out
+
+
+@pytest.mark.parametrize("parts", [1, 4])
+def test_the_kernels_decode_gives_the_plain_words(parts):
+    w = _pruned(64, 384, 0.3, seed=11 + parts)
+    w[5, :3] = torch.tensor([-1.5, 0.3, -0.2])  # (within 7 exponents of the row's largest)
+    plain = _encode(w, parts)
+    c = plain.code_values()
+    lay = c.layout
+    groups = int(c.offsets[lay.slices])
+    goff = [int(v) for v in c.offsets[: lay.slices + 1]]
+    coded = [int(v) & 0xFFFFFFFF for v in c.data]
+    ref = [int(v) & 0xFFFFFFFF for v in plain.data]
+    luts = coded[groups * CODED_GROUP_WORDS:]
+    for g in range(groups):
+        sl = max(i for i in range(lay.slices) if goff[i] <= g)
+        for lane in range(LANES):
+            q = coded[g * CODED_GROUP_WORDS + 4 * lane: g * CODED_GROUP_WORDS + 4 * lane + 4]
+            r = (sl * LANES + lane) // parts
+            words = _decode_like_the_kernel(q, (luts[2 * r], luts[2 * r + 1]))
+            assert words == ref[g * GROUP_WORDS + 4 * lane: g * GROUP_WORDS + 4 * lane + 4], (g, lane)
+            assert q[3] == ref[g * GROUP_WORDS + 128 + lane]  # the steps word
+
+
+def test_state_writes_the_plain_values(tmp_path):
+    plain = _encode(_pruned(128, 256, 0.2, seed=5), 2, pair=True)
+    c = plain.code_values()
+    tensors, meta = c.state("w.")
+    assert torch.equal(tensors["w.data"], plain.data)
+    c.save(tmp_path / "w.safetensors")
+    back = flash_llm.load(tmp_path / "w.safetensors")
+    assert not back.coded and torch.equal(back.to_dense().view(torch.int16), c.to_dense().view(torch.int16))
+
+
+def test_cpu_product_matches_the_plain_weight():
+    w = _pruned(64, 256, 0.25, seed=9)
+    plain = _encode(w, 2)
+    c = plain.code_values()
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert torch.equal(flash_llm.spmm(x, c), flash_llm.spmm(x, plain))
+
+
+def test_code_delta_rows_codes_the_bf16_layers_in_place():
+    from flash_llm.engine import code_delta_rows
+    from flash_llm.nn import SparseLinear
+
+    model = torch.nn.Sequential(SparseLinear(_encode(_pruned(64, 128, 0.2, seed=1), 2)),
+                                SparseLinear(_encode(_pruned(64, 64, 0.2, seed=2, dtype=torch.float16), 1)))
+    before = [m.to_dense().clone() for m in model]
+    assert code_delta_rows(model) == ["0"]
+    assert model[0].weight.coded and not model[1].weight.coded
+    for m, d in zip(model, before):
+        assert torch.equal(m.to_dense().view(torch.int16), d.view(torch.int16))
+    assert code_delta_rows(model) == []
