@@ -487,6 +487,8 @@ def _magnitude_pruned(m, k, density, gen):
     """bf16 normal values pruned by magnitude (``DeltaRows.code_values`` needs each row's kept values within 7
     binades, as in a pruned model; a random mask keeps tiny values)"""
     w = torch.randn(m, k, generator=gen, device="cuda")
+    if density >= 1.0:  # (all kept: values of magnitude 0.5 to 8)
+        return (w.sign() * (0.5 + 7.5 * torch.rand(m, k, generator=gen, device="cuda"))).to(torch.bfloat16)
     t = float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
     return w.masked_fill_(w.abs() < t, 0.0).to(torch.bfloat16)
 
@@ -545,7 +547,9 @@ def test_delta_rows_coded_values_give_the_plain_weights_bits(parts, monkeypatch)
 
 def test_engine_codes_the_values_at_batch_1(monkeypatch):
     """``FLASH_LLM_DELTA_CODED=1`` at ``max_batch`` 1: a bf16 Llama-shaped DeltaRows model's layers coded, and greedy
-    decode in CUDA graphs gives the plain engine's tokens and last logits, bit for bit."""
+    decode in CUDA graphs gives the plain engine's tokens and last logits, bit for bit, after prompts whose prefill
+    takes the same path in both (1 token: the N = 1 kernels; 12: the expansion.  At 2-8 tokens the plain weights run
+    the multi-token kernels and the coded ones the expansion: the same to rounding)."""
     from flash_llm import engine as E
     from flash_llm.models import preset
     from flash_llm.models.synthetic import build_synthetic
@@ -561,8 +565,11 @@ def test_engine_codes_the_values_at_batch_1(monkeypatch):
         layers = [n for n, mod in model.named_modules()
                   if isinstance(mod, flash_llm.SparseLinear) and mod.weight_format is DeltaRows]
         assert len(layers) >= 8 and eng.coded == (layers if on else [])  # (four or more projections a layer)
-        ids = torch.tensor([[1, 5, 9, 2, 7]], device="cuda")
-        seqs = eng.generate(ids, max_new_tokens=8).sequences
-        outs.append((seqs, eng._logits.clone()))
-    assert outs[0][0] == outs[1][0]
-    assert torch.equal(outs[0][1], outs[1][1])
+        got = []
+        for ids in ([[7]], [[1, 5, 9, 2, 7, 3, 8, 4, 6, 10, 11, 12]]):
+            seqs = eng.generate(torch.tensor(ids, device="cuda"), max_new_tokens=8).sequences
+            got.append((seqs, eng._logits.clone()))
+        outs.append(got)
+    for (s0, l0), (s1, l1) in zip(*outs):
+        assert s0 == s1
+        assert torch.equal(l0, l1)
