@@ -496,9 +496,11 @@ def _magnitude_pruned(m, k, density, gen):
 @pytest.mark.parametrize("parts", [1, 2, 4, 8, 16])
 def test_delta_rows_coded_values_give_the_plain_weights_bits(parts, monkeypatch):
     """Coded values (``DeltaRows.code_values``): the N = 1 kernels (``delta_rows_spmm_bf16_n1c``,
-    ``delta_rows_parts_bf16_p<P>_s2c``) give the plain weight's kernel's bits for every epilogue (the same values in
-    the same order); other N expand the weight (``delta_rows_to_dense`` decoding the codes) and match the reference;
-    the expansion gives the dense weight's bits.  Outputs poisoned, densities from empty to full."""
+    ``delta_rows_parts_bf16_p<P>_s2c``) and at 2-8 tokens the multi-token ones (``delta_rows_spmm_bf16_nt<NT>c``
+    with the plain reduction, ``delta_rows_parts_bf16_nt<NT>c``) give the plain weight's kernels' bits for every
+    epilogue (the same values in the same order); above 8 tokens the expansion (``delta_rows_to_dense`` decoding
+    the codes) matches the reference, and gives the dense weight's bits.  Outputs poisoned, densities from empty to
+    full."""
     k = _kernels()
     monkeypatch.setattr(k, "PARTS_STAGE", 2)
     fid = FORMAT_IDS[DeltaRows]
@@ -508,11 +510,12 @@ def test_delta_rows_coded_values_give_the_plain_weights_bits(parts, monkeypatch)
         w_dense = _magnitude_pruned(m, kk, density, gen)
         g = (torch.rand(kk, generator=gen, device="cuda") + 0.5).to(torch.bfloat16)
         bias = torch.randn(m, generator=gen, device="cuda").to(torch.bfloat16)
-        acc = torch.randn(1, m, generator=gen, device="cuda").to(torch.bfloat16)
-        x = (0.25 * torch.randn(1, kk, generator=gen, device="cuda")).to(torch.bfloat16)
-        for case in (dict(), dict(bias=bias), dict(norm=(g, 1e-5)), dict(add_to=acc, bias=bias),
-                     dict(act="silu_mul", pair=True), dict(norm=(g, 1e-5), act="silu_mul", pair=True),
-                     dict(act="relu", bias=bias)):
+        for n, case in ((n, case) for n in (1, 2, 5) for case in (
+                dict(), dict(bias=bias), dict(norm=(g, 1e-5)), dict(add_to=True, bias=bias),
+                dict(act="silu_mul", pair=True), dict(norm=(g, 1e-5), act="silu_mul", pair=True),
+                dict(act="relu", bias=bias))):
+            acc = torch.randn(n, m, generator=gen, device="cuda").to(torch.bfloat16)
+            x = (0.25 * torch.randn(n, kk, generator=gen, device="cuda")).to(torch.bfloat16)
             case = dict(case)
             pair = case.pop("pair", False)
             cb = case.pop("bias", None)
@@ -526,15 +529,17 @@ def test_delta_rows_coded_values_give_the_plain_weights_bits(parts, monkeypatch)
                 if "add_to" in kw:
                     kw["add_to"] = acc.clone()
                 else:
-                    kw["out"] = torch.full((1, m // 2 if pair else m), float("nan"), dtype=torch.bfloat16,
+                    kw["out"] = torch.full((n, m // 2 if pair else m), float("nan"), dtype=torch.bfloat16,
                                            device="cuda")
                 launched.clear()
                 outs.append(k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, cb, **kw).clone())
                 if w is coded:
-                    assert launched[-1] == ("delta_rows_spmm_bf16_n1c" if parts == 1
-                                            else f"delta_rows_parts_bf16_p{parts}_s2c"), launched
-            assert not torch.isnan(outs[1]).any(), (m, kk, case)
-            assert torch.equal(outs[1], outs[0]), (m, kk, parts, case)
+                    nt = 2 if n == 2 else 8
+                    want = ("delta_rows_spmm_bf16_n1c" if parts == 1 else f"delta_rows_parts_bf16_p{parts}_s2c") \
+                        if n == 1 else f"delta_rows_{'spmm' if parts == 1 else 'parts'}_bf16_nt{nt}c"
+                    assert want in launched, (n, launched)
+            assert not torch.isnan(outs[1]).any(), (m, kk, n, case)
+            assert torch.equal(outs[1], outs[0]), (m, kk, parts, n, case)
         coded = DeltaRows.from_dense(w_dense, **({"parts": parts} if parts > 1 else {"splits": 3})).code_values()
         assert torch.equal(k.decode_dense(fid, coded.data, coded.offsets, m, kk, torch.bfloat16).view(torch.int16),
                            w_dense.view(torch.int16))
@@ -547,9 +552,8 @@ def test_delta_rows_coded_values_give_the_plain_weights_bits(parts, monkeypatch)
 
 def test_engine_codes_the_values_at_batch_1(monkeypatch):
     """``FLASH_LLM_DELTA_CODED=1`` at ``max_batch`` 1: a bf16 Llama-shaped DeltaRows model's layers coded, and greedy
-    decode in CUDA graphs gives the plain engine's tokens and last logits, bit for bit, after prompts whose prefill
-    takes the same path in both (1 token: the N = 1 kernels; 12: the expansion.  At 2-8 tokens the plain weights run
-    the multi-token kernels and the coded ones the expansion: the same to rounding)."""
+    decode in CUDA graphs gives the plain engine's tokens and last logits, bit for bit, after prompts of 1, 5 and 12
+    tokens (the N = 1, multi-token and expansion paths of the prefill)."""
     from flash_llm import engine as E
     from flash_llm.models import preset
     from flash_llm.models.synthetic import build_synthetic
@@ -566,7 +570,7 @@ def test_engine_codes_the_values_at_batch_1(monkeypatch):
                   if isinstance(mod, flash_llm.SparseLinear) and mod.weight_format is DeltaRows]
         assert len(layers) >= 8 and eng.coded == (layers if on else [])  # (four or more projections a layer)
         got = []
-        for ids in ([[7]], [[1, 5, 9, 2, 7, 3, 8, 4, 6, 10, 11, 12]]):
+        for ids in ([[7]], [[3, 1, 4, 1, 5]], [[1, 5, 9, 2, 7, 3, 8, 4, 6, 10, 11, 12]]):
             seqs = eng.generate(torch.tensor(ids, device="cuda"), max_new_tokens=8).sequences
             got.append((seqs, eng._logits.clone()))
         outs.append(got)

@@ -57,14 +57,15 @@ def test_layout_tells_coded_from_plain_by_sizes():
 def test_what_cannot_be_coded_is_left_plain():
     assert _encode(_pruned(64, 256, 0.3, seed=1, dtype=torch.float16), 1).code_values() is None  # fp16
     w = _pruned(64, 256, 0.3, seed=2)
-    w[7, 9] = 2.0 ** -20  # row 7 spans more than 7 exponents
+    w[7, 9] = 2.0 ** -20  # row 7 spans more than 7 steps of e7..e1 (14 binades)
     assert _encode(w, 1).code_values() is None
     assert _encode(w, 2).code_values() is None
     w[7, 9] = 0.0
     assert _encode(w, 1).code_values() is not None
-    # values spanning exactly 7 exponents in one row, and extremes of the range (a subnormal, the largest finite)
+    # values spanning exactly 7 steps in one row (14 binades), and extremes of the range (a subnormal, the largest
+    # finite)
     w = torch.zeros(64, 256, dtype=torch.bfloat16)
-    w[0, :7] = torch.tensor([2.0 ** e for e in range(-3, 4)], dtype=torch.bfloat16)
+    w[0, :14] = torch.tensor([(-1) ** e * 2.0 ** e for e in range(-7, 7)], dtype=torch.bfloat16)
     w[1, 0] = torch.finfo(torch.bfloat16).max
     w[1, 1] = -torch.finfo(torch.bfloat16).max
     w[2, 0] = torch.finfo(torch.bfloat16).smallest_normal / 4  # subnormal
@@ -75,20 +76,23 @@ def test_what_cannot_be_coded_is_left_plain():
 
 
 def _prmt(x: int, y: int, sel: int) -> int:
-    """PTX ``prmt.b32`` (default mode, selector bit 3 of each nibble clear), as ``__byte_perm``"""
+    """PTX ``prmt.b32`` (default mode: a selector nibble's bit 3 replicates the chosen byte's sign), as
+    ``__byte_perm``; the low 16 bits of ``sel`` select"""
     b = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
-    return sum(b[(sel >> (4 * n)) & 7] << (8 * n) for n in range(4))
+    out = 0
+    for n in range(4):
+        nib = (sel >> (4 * n)) & 15
+        v = b[nib & 7]
+        out |= ((0xFF if v & 0x80 else 0) if nib & 8 else v) << (8 * n)
+    return out
 
 
 def _decode_like_the_kernel(q: list[int], lut: tuple[int, int]) -> list[int]:
     """spmm.cu's dr_decode_coded on one lane's 16 bytes: the plain group's four value words"""
-    out = []
-    for lo, codes in ((q[0], q[2] & 0xFFFF), (q[1], q[2] >> 16)):
-        e = _prmt(lut[0], lut[1], codes)
-        b2 = ((e << 7) & 0x80808080) | (lo & 0x7F7F7F7F)
-        b3 = (lo & 0x80808080) | ((e >> 1) & 0x7F7F7F7F)
-        out += [_prmt(b2, b3, 0x5140), _prmt(b2, b3, 0x7362)]
-    return out
+    sel = q[2] & 0x77777777
+    h03 = _prmt(lut[0], lut[1], sel & 0xFFFF) | (q[2] & 0x80808080)
+    h47 = _prmt(lut[0], lut[1], sel >> 16) | ((q[2] << 4) & 0x80808080)
+    return [_prmt(q[0], h03, 0x5140), _prmt(q[0], h03, 0x7362), _prmt(q[1], h47, 0x5140), _prmt(q[1], h47, 0x7362)]
 
 
 @pytest.mark.parametrize("parts", [1, 4])

@@ -127,12 +127,14 @@ def code_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tens
     """``data`` of a bf16 DeltaRows weight with its values coded: 2 bytes an entry instead of 2.5, or None where a
     lane holds nonzero values whose 8-bit exponents span more than 7 (then the weight stays as it is).
 
-    A lane's group becomes 16 bytes: the 8 values' low bytes (sign, 7 mantissa bits), their 3-bit exponent codes
-    (entry ``i`` in bits ``4 i .. 4 i + 2``) and the steps word.  Code 0 is the value 0 (pads, escapes); code ``c``
-    the exponent ``base + c - 1`` of the row's table (two words a row rank, ``32 slices / parts`` of them, after the
-    groups: byte ``c`` of the table is that exponent, byte 0 is 0), which the kernels look up four at a time with one ``PRMT``.  Exact: every
-    value's bits come back (:func:`uncode_values`).  Pruned weights keep few binades: on the bundled model at 50-90 %
-    magnitude pruning, every row's nonzero exponents span at most 5."""
+    A lane's group becomes 16 bytes: the 8 values' low bytes as they are (``e0``, 7 mantissa bits), a word of their
+    3-bit codes (entry ``i`` in bits ``4 i .. 4 i + 2``) and signs (bit ``8 i + 7`` for entries 0-3, ``8 (i - 4) + 3``
+    for 4-7), and the steps word.  A value's high byte is its sign and the 7 exponent bits ``e7..e1`` looked up by its
+    code in its row's table (two words a row rank, ``32 slices / parts`` of them, after the groups): byte 0 is 0
+    (code 0: the value 0, pads and escapes), byte ``c`` is ``base + c - 1``, ``base`` the row's least ``e7..e1``.
+    The kernels look up four high bytes with one ``PRMT`` (spmm.cu, ``dr_decode_coded``).  Exact: every value's bits
+    come back (:func:`uncode_values`).  So a row's nonzero values must lie within 7 steps of ``e7..e1`` (14 binades).
+    Pruned weights keep few: on the bundled model at 50-90 % magnitude pruning, each row's span at most 2."""
     lay = layout(m, offsets.numel(), data.numel())
     if lay.coded or not lay.splits:
         raise ValueError("code_values: 'data' must be a plain DeltaRows weight's")
@@ -143,9 +145,9 @@ def code_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tens
     vals = grp[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(ng, LANES, GROUP).to(torch.int64) & 0xFFFF
     sl = torch.searchsorted(goff, torch.arange(ng, device=dev), right=True) - 1
     rank = (sl[:, None] * LANES + torch.arange(LANES, device=dev))[:, :, None].expand(ng, LANES, GROUP)
-    e = (vals >> 7) & 0xFF
+    e = (vals >> 8) & 0x7F  # e7..e1
     nz = (vals & 0x7FFF) != 0
-    emin = torch.full((lay.mp,), 255, dtype=torch.int64, device=dev)
+    emin = torch.full((lay.mp,), 127, dtype=torch.int64, device=dev)
     emax = torch.full((lay.mp,), -1, dtype=torch.int64, device=dev)
     emin.scatter_reduce_(0, rank[nz], e[nz], "amin")
     emax.scatter_reduce_(0, rank[nz], e[nz], "amax")
@@ -154,14 +156,16 @@ def code_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tens
     emax = emax.view(-1, lay.parts).amax(1)
     if bool(((emax - emin) > 6).any()):
         return None
-    base = emin.clamp(max=249)  # (empty rows: 249, unused)
+    base = emin.clamp(max=121)  # (empty rows: 121, unused)
     nr = base.numel()
     code = torch.where(nz, e - base[rank // lay.parts] + 1, 0)
-    lo = torch.where(nz, ((vals >> 8) & 0x80) | (vals & 0x7F), 0)
+    lo = torch.where(nz, vals & 0xFF, 0)
+    sign = torch.where(nz, vals >> 15, 0)
     sh8 = 8 * torch.arange(4, device=dev)
     w0 = (lo[:, :, :4] << sh8).sum(-1)
     w1 = (lo[:, :, 4:] << sh8).sum(-1)
-    w2 = (code << (4 * torch.arange(GROUP, device=dev))).sum(-1)
+    w2 = (code << (4 * torch.arange(GROUP, device=dev))).sum(-1) + (sign[:, :, :4] << (sh8 + 7)).sum(-1) \
+        + (sign[:, :, 4:] << (sh8 + 3)).sum(-1)
     w3 = grp[:, LANES * GROUP // 2:].to(torch.int64) & 0xFFFFFFFF
     groups = torch.stack([w0, w1, w2, w3], -1).reshape(-1)
     lut = torch.cat([torch.zeros_like(base)[:, None], base[:, None] + torch.arange(7, device=dev)], 1)  # [mp, 8]
@@ -191,8 +195,8 @@ def uncode_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Te
     sh8 = 8 * torch.arange(4, device=dev)
     lo = torch.cat([(q[:, :, 0:1] >> sh8) & 0xFF, (q[:, :, 1:2] >> sh8) & 0xFF], -1)  # [ng, 32, 8]
     code = (q[:, :, 2:3] >> (4 * torch.arange(GROUP, device=dev))) & 7
-    ex = lut[rank // lay.parts, code]
-    vals = ((lo & 0x80) << 8) | (ex << 7) | (lo & 0x7F)
+    sign = torch.cat([(q[:, :, 2:3] >> (sh8 + 7)) & 1, (q[:, :, 2:3] >> (sh8 + 3)) & 1], -1)
+    vals = (sign << 15) | (lut[rank // lay.parts, code] << 8) | lo
     words = (vals[:, :, 0::2] | (vals[:, :, 1::2] << 16)).reshape(ng, LANES * GROUP // 2)
     words = torch.cat([words, q[:, :, 3]], 1).reshape(-1)
     words = torch.cat([words, torch.full((_trailer(lay.parts),), lay.parts, dtype=torch.int64, device=dev)])

@@ -660,14 +660,8 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     n = x.shape[0]
     dev = x.device
     lay = layout(m, offsets.numel(), data.numel())
-    if lay.coded and (n != 1 or x.dtype != torch.bfloat16):  # coded values: the N = 1 kernels only (bf16)
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"x: a DeltaRows weight with coded values is bf16, got x in {x.dtype}")
-        if act is not None or norm is not None or add_to is not None:
-            return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
-        if n == 0:
-            return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
-        return _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, out)
+    if lay.coded and x.dtype != torch.bfloat16:  # (coded values: bf16 kernels only; the expansion decodes them too)
+        raise ValueError(f"x: a DeltaRows weight with coded values is bf16, got x in {x.dtype}")
     if 2 <= n <= DELTA_MULTI_MAX:
         if norm is not None or act == "relu" or (act is not None and not lay.paired):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
@@ -820,6 +814,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
     stream = torch.cuda.current_stream(dev).cuda_stream
     suffix = _dtype_suffix(x.dtype)
+    coded = "c" if lay.coded else ""  # (coded values: their kernels; the reduction after them is the plain one)
     pdl = PDL_SPMM and getattr(_static, "on", False)
     mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
     bias_ptr = bias.data_ptr() if bias is not None else 0
@@ -832,7 +827,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     if lay.parts > 1:  # one split and one window, all of K, staged in dynamic shared memory where it fits; the
         # kernel applies the epilogue and writes y itself (no partials, no reduction)
         wmax = parts_nt_window(k, nt)
-        launch(f"delta_rows_parts_{suffix}_nt{nt}", grid, 32 * DR_WARPS,
+        launch(f"delta_rows_parts_{suffix}_nt{nt}{coded}", grid, 32 * DR_WARPS,
                walk_args(0, wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I)],
                stream, dev.index, wmax * nt * 2, pdl=pdl)
         return y
@@ -840,7 +835,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     # memory
     wmax = split_nt_window(offsets, slices, s, nt)
     shared = 2 * nt * wmax
-    if dr_nt_atomic_ok(s):  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
+    if dr_nt_atomic_ok(s) and not coded:  # the splits summed by atomics, the last warp of a slice writes y
         sums = _scratch.get(dev, stream, n * slices * 32, torch.float32)
         tickets = _scratch.get_tickets(dev, stream, slices)
         launch(f"delta_rows_spmm_{suffix}_nt{nt}a", grid, 32 * DR_WARPS,
@@ -848,8 +843,8 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
                                                    (tickets.data_ptr(), P)], stream, dev.index, shared, pdl=pdl)
         return y
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
-    launch(f"delta_rows_spmm_{suffix}_nt{nt}", grid, 32 * DR_WARPS, walk_args(ws.data_ptr(), wmax), stream, dev.index,
-           shared, pdl=pdl)
+    launch(f"delta_rows_spmm_{suffix}_nt{nt}{coded}", grid, 32 * DR_WARPS, walk_args(ws.data_ptr(), wmax), stream,
+           dev.index, shared, pdl=pdl)
     launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
            [(ws.data_ptr(), P), (y.data_ptr(), P), (bias_ptr, P), (s, I), (n, I), (m, I), (mode, I)],
            stream, dev.index, 0, pdl=pdl)

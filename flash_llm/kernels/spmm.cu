@@ -2150,21 +2150,21 @@ DEVI void dr_copy(u32 rs, int slot, const unsigned char* base, int g) {
 }
 
 // Coded values (bf16 only; formats/delta_rows.py, code_values): a lane's group is 16 bytes, [the low bytes of entries
-// 0-3][of 4-7][3-bit exponent codes, entry i in bits 4 i .. 4 i + 2][steps], one 16-byte copy (512 bytes a group).
-// A value's low byte is its sign and 7 mantissa bits; its 8-bit exponent is byte `code` of the lane's table `lut`
-// (byte 0 zero: code 0 is the value 0; bytes 1-7 the row's exponents base .. base + 6).  One PRMT looks up four
-// exponents; the bf16 bits [s e7..e1][e0 m6..m0] are assembled byte-wise, then paired as the plain group's words.
+// 0-3][of 4-7][codes and signs][steps], one 16-byte copy (512 bytes a group).  A value's low byte is stored as it is
+// ([e0 m6..m0]); its high byte [s e7..e1] is its sign and byte `code` of the row's table `lut` (byte 0 zero: code 0
+// is the value 0; bytes 1-7 the row's e7..e1 values base .. base + 6).  The codes word holds entry i's 3-bit code in
+// bits 4 i .. 4 i + 2 and its sign in bit 8 i + 7 (entries 0-3) or 8 (i - 4) + 3 (entries 4-7), so one PRMT looks up
+// four high bytes, one LOP3 puts their signs in, and two PRMTs pair low and high bytes as the plain group's words:
+// 11 instructions for 8 entries.
 DEVI uint4 dr_decode_coded(const uint4& q, uint2 lut) {
-  auto four = [&](u32 lo, u32 codes, u32& w01, u32& w23) {
-    const u32 e = __byte_perm(lut.x, lut.y, codes);                    // four exponents (code 0: 0)
-    const u32 b2 = ((e << 7) & 0x80808080u) | (lo & 0x7f7f7f7fu);     // [e0 m6..m0]
-    const u32 b3 = (lo & 0x80808080u) | ((e >> 1) & 0x7f7f7f7fu);     // [s e7..e1]
-    w01 = __byte_perm(b2, b3, 0x5140);
-    w23 = __byte_perm(b2, b3, 0x7362);
-  };
+  const u32 sel = q.z & 0x77777777u;  // the codes, signs cleared (PRMT reads bit 3 of a selector as sign-extend)
+  const u32 h03 = __byte_perm(lut.x, lut.y, sel) | (q.z & 0x80808080u);
+  const u32 h47 = __byte_perm(lut.x, lut.y, sel >> 16) | ((q.z << 4) & 0x80808080u);
   uint4 v;
-  four(q.x, q.z, v.x, v.y);
-  four(q.y, q.z >> 16, v.z, v.w);
+  v.x = __byte_perm(q.x, h03, 0x5140);
+  v.y = __byte_perm(q.x, h03, 0x7362);
+  v.z = __byte_perm(q.y, h47, 0x5140);
+  v.w = __byte_perm(q.y, h47, 0x7362);
   return v;
 }
 DEVI void dr_copy_coded(u32 rs, int slot, const unsigned char* base, int g) {
@@ -2748,7 +2748,7 @@ __device__ __noinline__ void dr_nt_atomic_tail(const int* __restrict__ offsets, 
 // zeroed between launches ([token][rank], rank = 32 slice + lane), lane 0 takes the slice's ticket (gate and up
 // slices one ticket for DR_SILU, as the _n1 kernel), and the last warp reads its slice's sums, zeroes them and its
 // ticket and writes y as ONE does: no partials and no delta_rows_reduce launch; the sums' order is the atomics'.
-template <bool BF16, int NT, bool ONE, bool ATOMIC = false>
+template <bool BF16, int NT, bool ONE, bool ATOMIC = false, bool CODED = false>
 DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              float* __restrict__ ws, int S, int N, int K, int M, int slices, int P, int wmax,
                              u16* __restrict__ y = nullptr, const u16* __restrict__ bias = nullptr, int mode = 0,
@@ -2764,13 +2764,21 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const bool live = blockIdx.x * DR_WARPS + warp < slices;
   int goff, g0, g1;
   dr_split(offsets, slice, s, S, goff, g0, g1);
-  const unsigned char* base = reinterpret_cast<const unsigned char*>(data) + (long long)goff * 640 + 16 * lane;
+  const unsigned char* base =
+      reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
   const u32 rs = smem_addr(ring[warp]);
 #pragma unroll
   for (int i = 0; i < RING; ++i) {
-    if (live && g0 + i < g1) dr_copy(rs, i, base, g0 + i);
+    if (live && g0 + i < g1) {
+      if (CODED)
+        dr_copy_coded(rs, i, base, g0 + i);
+      else
+        dr_copy(rs, i, base, g0 + i);
+    }
     cp_async_commit();
   }
+  __shared__ uint2 lut_s[CODED ? 32 * DR_WARPS : 1];  // the rows' exponent tables (coded values)
+  if (CODED) lut_s[threadIdx.x] = dr_lut(data, offsets, slices, (slice * 32 + lane) / P);
   pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
   const int* win = dr_win(offsets, slices, S, slice, s);
   if (lane == 0) {
@@ -2813,9 +2821,20 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   for (int g = g0; g < g1; ++g) {
     const int slot = (g - g0) & (RING - 1);
     cp_async_wait<RING - 1>();
-    const uint4 v = *reinterpret_cast<const uint4*>(rg + slot * 640 + 16 * lane);
-    const u32 d = *reinterpret_cast<const u32*>(rg + slot * 640 + 512 + 4 * lane);
-    if (g + RING < g1) dr_copy(rs, slot, base, g + RING);
+    uint4 v = *reinterpret_cast<const uint4*>(rg + slot * 640 + 16 * lane);
+    u32 d;
+    if (CODED) {
+      d = v.w;
+      v = dr_decode_coded(v, lut_s[threadIdx.x]);
+    } else {
+      d = *reinterpret_cast<const u32*>(rg + slot * 640 + 512 + 4 * lane);
+    }
+    if (g + RING < g1) {
+      if (CODED)
+        dr_copy_coded(rs, slot, base, g + RING);
+      else
+        dr_copy(rs, slot, base, g + RING);
+    }
     cp_async_commit();
     const u32 vw[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -2890,6 +2909,20 @@ INSTANTIATE_DR_NT(f16, false, 8, (32 * DR_WARPS))
 INSTANTIATE_DR_NT(bf16, true, 2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(bf16, true, 4, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(bf16, true, 8, (32 * DR_WARPS))
+// coded values (bf16): delta_rows_spmm_bf16_nt<NT>c (the split layout, partials and the reduction) and
+// delta_rows_parts_bf16_nt<NT>c
+#define INSTANTIATE_DR_NT_CODED(NT, BOUNDS)                                                                     \
+  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_bf16_nt##NT##c(DR_NT_ARGS) {             \
+    delta_rows_nt_body<true, NT, false, false, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax);        \
+  }                                                                                                           \
+  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_bf16_nt##NT##c(DR_NT_ARGS,                \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode) {                                           \
+    delta_rows_nt_body<true, NT, true, false, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, \
+                                                    mode);                                                    \
+  }
+INSTANTIATE_DR_NT_CODED(2, (32 * DR_WARPS, 8))
+INSTANTIATE_DR_NT_CODED(4, (32 * DR_WARPS, 8))
+INSTANTIATE_DR_NT_CODED(8, (32 * DR_WARPS))
 
 // delta_rows_reduce_<dtype>: y[t][m] from the _nt kernels' partials ws[s][t][m] (M weight rows, N tokens), summed in
 // split order, 16 splits' loads in flight; one thread an output.  mode (DR_RESID, DR_SILU) as the _n1 kernel's, with
