@@ -552,8 +552,8 @@ def test_delta_rows_coded_values_give_the_plain_weights_bits(parts, monkeypatch)
 
 def test_engine_codes_the_values_at_batch_1(monkeypatch):
     """``FLASH_LLM_DELTA_CODED=1`` at ``max_batch`` 1: a bf16 Llama-shaped DeltaRows model's layers coded, and greedy
-    decode in CUDA graphs gives the plain engine's tokens and last logits, bit for bit, after prompts of 1, 5 and 12
-    tokens (the N = 1, multi-token and expansion paths of the prefill)."""
+    decode in CUDA graphs gives the plain engine's tokens and every token's logits, bit for bit, after prompts of 1,
+    5 and 12 tokens (the N = 1, multi-token and expansion paths of the prefill)."""
     from flash_llm import engine as E
     from flash_llm.models import preset
     from flash_llm.models.synthetic import build_synthetic
@@ -571,9 +571,9 @@ def test_engine_codes_the_values_at_batch_1(monkeypatch):
         assert len(layers) >= 8 and eng.coded == (layers if on else [])  # (four or more projections a layer)
         got = []
         for ids in ([[7]], [[3, 1, 4, 1, 5]], [[1, 5, 9, 2, 7, 3, 8, 4, 6, 10, 11, 12]]):
-            seqs = eng.generate(torch.tensor(ids, device="cuda"), max_new_tokens=8).sequences
-            got.append((seqs, eng._logits.clone()))
+            r = eng.generate(torch.tensor(ids, device="cuda"), max_new_tokens=8, output_logits=True)
+            got.append((r.sequences(), r.logits))
         outs.append(got)
     for (s0, l0), (s1, l1) in zip(*outs):
-        assert s0 == s1
-        assert torch.equal(l0, l1)
+        assert s0 == s1 and len(s0[0]) == 8
+        assert l0 is not None and torch.equal(l0, l1)
