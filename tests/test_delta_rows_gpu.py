@@ -571,7 +571,7 @@ def test_engine_codes_the_values_at_batch_1(monkeypatch):
         assert len(layers) >= 8 and eng.coded == (layers if on else [])  # (four or more projections a layer)
         got = []
         for ids in ([[7]], [[3, 1, 4, 1, 5]], [[1, 5, 9, 2, 7, 3, 8, 4, 6, 10, 11, 12]]):
-            r = eng.generate(torch.tensor(ids, device="cuda"), max_new_tokens=8, output_logits=True)
+            r = eng.generate(torch.tensor(ids, device="cuda"), max_new_tokens=8, output_logits=True, eos_token_id=None)
             got.append((r.sequences(), r.logits))
         outs.append(got)
     for (s0, l0), (s1, l1) in zip(*outs):
