@@ -320,10 +320,12 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     return done
 
 
-#: ``FLASH_LLM_DELTA_CODED=1``: at ``max_batch`` 1 ``Engine(delta_layout="auto")`` also codes the values of its bf16
-#: DeltaRows layers (:meth:`~flash_llm.DeltaRows.code_values`: 2 bytes an entry instead of 2.5, the same bits) where
-#: every row allows it.  Off by default: a prototype until measured end to end (``benchmarks/dr_coded.py``)
-DELTA_CODED = os.environ.get("FLASH_LLM_DELTA_CODED", "0") == "1"
+#: at ``max_batch`` 1 ``Engine(delta_layout="auto")`` also codes the values of its bf16 DeltaRows layers
+#: (:meth:`~flash_llm.DeltaRows.code_values`: 2 bytes an entry instead of 2.5, the same bits) where every row allows
+#: it; ``FLASH_LLM_DELTA_CODED=0`` keeps the plain values.  Session 54 (H200, Llama-3-8B bf16, batch 1, one run):
+#: 80 % 2.000 -> 1.927 ms per token, 70 % 2.448 -> 2.346, weights 5.54 -> 4.85 GiB at 80 %
+#: (``benchmarks/RESULTS.md``; per layer ``benchmarks/dr_coded.py``: 47.5 -> 45.2 us)
+DELTA_CODED = os.environ.get("FLASH_LLM_DELTA_CODED", "1") != "0"
 
 
 def code_delta_rows(model: torch.nn.Module) -> list[str]:
@@ -595,7 +597,7 @@ class Engine:
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
         #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL or DENSE} (empty when nothing was)
         self.relayout: dict[str, int | str] = {}
-        #: the layers whose values code_delta_rows coded (FLASH_LLM_DELTA_CODED=1 at max_batch 1)
+        #: the layers whose values code_delta_rows coded (bf16 DeltaRows at max_batch 1: DELTA_CODED)
         self.coded: list[str] = []
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
