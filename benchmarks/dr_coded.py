@@ -2,7 +2,7 @@
 on Llama-3-8B's decoder projections at batch 1, bf16, laid out as ``Engine(delta_layout="auto")`` lays them out at
 ``max_batch`` 1 (the parts layout's lanes by ``auto_parts``).
 
-    PYTHONPATH=$PWD python benchmarks/dr_coded.py [--sparsities 0.7,0.8] [--layers 8] [--replays 30]
+    PYTHONPATH=$PWD python benchmarks/dr_coded.py [--sparsities 0.7,0.8] [--layers 8] [--replays 30] [--check-only]
 
 Weights: normal values pruned by magnitude (as ``build_synthetic`` draws them).  Each projection kind runs with the
 engine's epilogue (q/k/v after RMSNorm, o adding into the residual, gate / up after RMSNorm with SiLU x up, down adding
@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--check-only", action="store_true", help="the check, no timing (for compute-sanitizer)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     b = Bufs(gen)
@@ -121,7 +122,7 @@ def main() -> None:
     for sp in (float(s) for s in args.sparsities.split(",")):
         ws = build(sp, args.layers, gen)
         check(ws, b)
-        for rnd in range(2):
+        for rnd in range(0 if args.check_only else 2):
             for kind, (plain, coded) in ws.items():
                 t = [timed([functools.partial(call, kind, w, b) for w in v], args.replays) for v in (plain, coded)]
                 nb = [v[0].nbytes for v in (plain, coded)]
@@ -137,6 +138,8 @@ def main() -> None:
             rows.append({"sparsity": sp, "round": rnd, "kind": "layer", "parts": 0, "bytes": nb, "us": t})
         del ws
         torch.cuda.empty_cache()
+    if args.check_only:
+        return
     env = environment()
     print(f"\n{env.get('gpu', torch.cuda.get_device_name())}; us a call (median of {args.replays} replays of "
           f"{args.layers} layers), plain / coded")
