@@ -824,6 +824,12 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
         return [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (sums_ptr, P), (s, I), (n, I),
                 (k, I), (m, I), (slices, I), (lay.parts, I), (wmax, I)]
 
+    if coded and lay.parts > 1 and n > 4:  # (no parts _nt8c, spmm.cu): tokens 0-3, then the rest; each token's sums
+        # are its own, in the same order, so the same bits
+        for i, j in ((0, 4), (4, n)):
+            _delta_rows_multi(x[i:j], data, offsets, m, k, bias, None if add_to is not None else y[i:j], act,
+                              y[i:j] if add_to is not None else None)
+        return y
     if lay.parts > 1:  # one split and one window, all of K, staged in dynamic shared memory where it fits; the
         # kernel applies the epilogue and writes y itself (no partials, no reduction)
         wmax = parts_nt_window(k, nt)

@@ -2156,7 +2156,7 @@ DEVI void dr_copy(u32 rs, int slot, const unsigned char* base, int g) {
 // bits 4 i .. 4 i + 2 and its sign in bit 8 i + 7 (entries 0-3) or 8 (i - 4) + 3 (entries 4-7), so one PRMT looks up
 // four high bytes, one LOP3 puts their signs in, and two PRMTs pair low and high bytes as the plain group's words:
 // 11 instructions for 8 entries.
-DEVI uint4 dr_decode_coded(const uint4& q, uint2 lut) {
+DEVI uint4 dr_decode_coded(uint4 q, uint2 lut) {
   const u32 sel = q.z & 0x77777777u;  // the codes, signs cleared (PRMT reads bit 3 of a selector as sign-extend)
   const u32 h03 = __byte_perm(lut.x, lut.y, sel) | (q.z & 0x80808080u);
   const u32 h47 = __byte_perm(lut.x, lut.y, sel >> 16) | ((q.z << 4) & 0x80808080u);
@@ -2836,12 +2836,11 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
         dr_copy(rs, slot, base, g + RING);
     }
     cp_async_commit();
-    const u32 vw[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       off += ((d >> (4 * e)) & 15u) << LG;
       float f0, f1;
-      dr_unpack<BF16>(vw[e >> 1], f0, f1);
+      dr_unpack<BF16>(e < 2 ? v.x : e < 4 ? v.y : e < 6 ? v.z : v.w, f0, f1);
       const float f = e & 1 ? f1 : f0;
       float xv[NT];
       if (staged) {
@@ -2910,11 +2909,13 @@ INSTANTIATE_DR_NT(bf16, true, 2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(bf16, true, 4, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(bf16, true, 8, (32 * DR_WARPS))
 // coded values (bf16): delta_rows_spmm_bf16_nt<NT>c (the split layout, partials and the reduction) and
-// delta_rows_parts_bf16_nt<NT>c
+// delta_rows_parts_bf16_nt<NT>c (NT = 2, 4: 5-8 tokens run as 4 and the rest, kernels.py; an _nt8c of the parts
+// layout took 48 registers and a 24-byte stack on sm_80 under any bound)
 #define INSTANTIATE_DR_NT_CODED(NT, BOUNDS)                                                                     \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_bf16_nt##NT##c(DR_NT_ARGS) {             \
     delta_rows_nt_body<true, NT, false, false, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax);        \
-  }                                                                                                           \
+  }
+#define INSTANTIATE_DR_PARTS_NT_CODED(NT, BOUNDS)                                                               \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_bf16_nt##NT##c(DR_NT_ARGS,                \
       u16 *__restrict__ y, const u16 *__restrict__ bias, int mode) {                                           \
     delta_rows_nt_body<true, NT, true, false, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, \
@@ -2923,6 +2924,8 @@ INSTANTIATE_DR_NT(bf16, true, 8, (32 * DR_WARPS))
 INSTANTIATE_DR_NT_CODED(2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT_CODED(4, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT_CODED(8, (32 * DR_WARPS))
+INSTANTIATE_DR_PARTS_NT_CODED(2, (32 * DR_WARPS, 8))
+INSTANTIATE_DR_PARTS_NT_CODED(4, (32 * DR_WARPS, 8))
 
 // delta_rows_reduce_<dtype>: y[t][m] from the _nt kernels' partials ws[s][t][m] (M weight rows, N tokens), summed in
 // split order, 16 splits' loads in flight; one thread an output.  mode (DR_RESID, DR_SILU) as the _n1 kernel's, with
