@@ -141,7 +141,7 @@ def main() -> None:
     if args.check_only:
         return
     env = environment()
-    print(f"\n{env.get('gpu', torch.cuda.get_device_name())}; us a call (median of {args.replays} replays of "
+    print(f"\n{env.get('card', torch.cuda.get_device_name())}; us a call (median of {args.replays} replays of "
           f"{args.layers} layers), plain / coded")
     print("| sparsity | round | kind | P | MB plain / coded | us plain | us coded | coded / plain |")
     print("|---|---|---|---|---|---|---|---|")
