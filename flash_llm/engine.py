@@ -326,6 +326,8 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
 #: 80 % 2.000 -> 1.927 ms per token, 70 % 2.448 -> 2.346, weights 5.54 -> 4.85 GiB at 80 %
 #: (``benchmarks/RESULTS.md``; per layer ``benchmarks/dr_coded.py``: 47.5 -> 45.2 us)
 DELTA_CODED = os.environ.get("FLASH_LLM_DELTA_CODED", "1") != "0"
+#: ... up to this ``max_batch`` (``FLASH_LLM_DELTA_CODED_MAX_BATCH``)
+DELTA_CODED_MAX_BATCH = int(os.environ.get("FLASH_LLM_DELTA_CODED_MAX_BATCH", "1"))
 
 
 def code_delta_rows(model: torch.nn.Module) -> list[str]:
@@ -614,7 +616,7 @@ class Engine:
             # (dual: its DeltaRows serve up to DUAL_TCSL_MIN_BATCH - 1 tokens, so the layout for that max_batch)
             choose = _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain, fast)
             self.relayout = relayout_delta_rows(model, choose)
-            if DELTA_CODED and max_batch == 1:
+            if DELTA_CODED and max_batch <= DELTA_CODED_MAX_BATCH:
                 self.coded = code_delta_rows(model)
             if dual:
                 self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)

@@ -546,6 +546,13 @@ def test_delta_rows_coded_values_give_the_plain_weights_bits(parts, monkeypatch)
         for n in (2, 5, 17):
             xn = torch.randn(n, kk, generator=gen, device="cuda").to(torch.bfloat16)
             check(run_kernel(xn, coded, bias), xn, w_dense, bias)
+        if parts == 1 and density == 0.2:  # 20 splits: the multi-token kernels' atomics (_nt<NT>ac), in their order
+            many = DeltaRows.from_dense(w_dense, splits=20).code_values()
+            for n in (2, 5):
+                xn = torch.randn(n, kk, generator=gen, device="cuda").to(torch.bfloat16)
+                launched.clear()
+                check(run_kernel(xn, many, bias), xn, w_dense, bias)
+                assert k.dr_nt_atomic_ok(20) == (f"delta_rows_spmm_bf16_nt{2 if n == 2 else 8}ac" in launched), launched
     with pytest.raises(ValueError, match="x: "):
         k.spmm_cuda(x.half(), coded.data, coded.offsets, fid, m, kk, None)
 

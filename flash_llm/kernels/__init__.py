@@ -841,10 +841,10 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     # memory
     wmax = split_nt_window(offsets, slices, s, nt)
     shared = 2 * nt * wmax
-    if dr_nt_atomic_ok(s) and not coded:  # the splits summed by atomics, the last warp of a slice writes y
+    if dr_nt_atomic_ok(s):  # the splits summed by atomics, the last warp of a slice writes y (no reduction)
         sums = _scratch.get(dev, stream, n * slices * 32, torch.float32)
         tickets = _scratch.get_tickets(dev, stream, slices)
-        launch(f"delta_rows_spmm_{suffix}_nt{nt}a", grid, 32 * DR_WARPS,
+        launch(f"delta_rows_spmm_{suffix}_nt{nt}a{coded}", grid, 32 * DR_WARPS,
                walk_args(sums.data_ptr(), wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I),
                                                    (tickets.data_ptr(), P)], stream, dev.index, shared, pdl=pdl)
         return y

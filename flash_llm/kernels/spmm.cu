@@ -2908,12 +2908,18 @@ INSTANTIATE_DR_NT(f16, false, 8, (32 * DR_WARPS))
 INSTANTIATE_DR_NT(bf16, true, 2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(bf16, true, 4, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT(bf16, true, 8, (32 * DR_WARPS))
-// coded values (bf16): delta_rows_spmm_bf16_nt<NT>c (the split layout, partials and the reduction) and
+// coded values (bf16): delta_rows_spmm_bf16_nt<NT>c (the split layout, partials and the reduction), _nt<NT>ac (its
+// atomics) and
 // delta_rows_parts_bf16_nt<NT>c (NT = 2, 4: 5-8 tokens run as 4 and the rest, kernels.py; an _nt8c of the parts
 // layout took 48 registers and a 24-byte stack on sm_80 under any bound)
 #define INSTANTIATE_DR_NT_CODED(NT, BOUNDS)                                                                     \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_bf16_nt##NT##c(DR_NT_ARGS) {             \
     delta_rows_nt_body<true, NT, false, false, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax);        \
+  }                                                                                                           \
+  extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_bf16_nt##NT##ac(DR_NT_ARGS,               \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, int *__restrict__ tickets) {                \
+    delta_rows_nt_body<true, NT, false, true, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, \
+                                                    mode, tickets);                                           \
   }
 #define INSTANTIATE_DR_PARTS_NT_CODED(NT, BOUNDS)                                                               \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_bf16_nt##NT##c(DR_NT_ARGS,                \
