@@ -320,20 +320,22 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     return done
 
 
-#: at ``max_batch`` 1 ``Engine(delta_layout="auto")`` also codes the values of its bf16 DeltaRows layers
+#: up to ``max_batch`` 3 ``Engine(delta_layout="auto")`` also codes the values of its bf16 DeltaRows layers
 #: (:meth:`~flash_llm.DeltaRows.code_values`: 2 bytes an entry instead of 2.5, the same bits) where every row allows
 #: it; ``FLASH_LLM_DELTA_CODED=0`` keeps the plain values.  Session 54 (H200, Llama-3-8B bf16, batch 1, one run):
 #: 80 % 2.000 -> 1.927 ms per token, 70 % 2.448 -> 2.346, weights 5.54 -> 4.85 GiB at 80 %
 #: (``benchmarks/RESULTS.md``; per layer ``benchmarks/dr_coded.py``: 47.5 -> 45.2 us)
 DELTA_CODED = os.environ.get("FLASH_LLM_DELTA_CODED", "1") != "0"
-#: ... up to this ``max_batch`` (``FLASH_LLM_DELTA_CODED_MAX_BATCH``)
-DELTA_CODED_MAX_BATCH = int(os.environ.get("FLASH_LLM_DELTA_CODED_MAX_BATCH", "1"))
+#: ... up to this ``max_batch`` (``FLASH_LLM_DELTA_CODED_MAX_BATCH``; DeltaRows serves batches 1-3, Tiled-CSL from 4).
+#: Session 54 (H200, Llama-3-8B bf16, one run, ms per token plain -> coded): batch 2 80 % 2.864 -> 2.806, 70 % 3.452
+#: -> 3.381; batch 3 80 % 3.214 -> 3.181, 70 % 3.840 -> 3.819
+DELTA_CODED_MAX_BATCH = int(os.environ.get("FLASH_LLM_DELTA_CODED_MAX_BATCH", "3"))
 
 
 def code_delta_rows(model: torch.nn.Module) -> list[str]:
     """Code the values of every bf16 DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` in place
     (:meth:`~flash_llm.DeltaRows.code_values`), where possible; returns the paths of the layers coded.  Coded weights
-    run the N = 1 kernels; other token counts expand them (prefill), so this is for ``max_batch`` 1."""
+    run DeltaRows' kernels of 1-8 tokens (the same bits as the plain values); more tokens expand them (prefill)."""
     from .formats import DeltaRows
     from .nn import SparseLinear
 
@@ -599,7 +601,7 @@ class Engine:
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
         #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL or DENSE} (empty when nothing was)
         self.relayout: dict[str, int | str] = {}
-        #: the layers whose values code_delta_rows coded (bf16 DeltaRows at max_batch 1: DELTA_CODED)
+        #: the layers whose values code_delta_rows coded (bf16 DeltaRows up to DELTA_CODED_MAX_BATCH)
         self.coded: list[str] = []
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
