@@ -43,6 +43,19 @@ def test_round_trip_every_lane_count(parts, pair, density):
     assert c.nbytes < plain.nbytes
 
 
+def test_coding_in_chunks_gives_the_same_words(monkeypatch):
+    from flash_llm.formats import delta_rows as D
+
+    plain = _encode(_pruned(256, 1024, 0.3, seed=4), 4, pair=True)
+    whole = code_values(plain.data, plain.offsets, 256)
+    groups = int(plain.offsets[plain.layout.slices])
+    monkeypatch.setattr(D, "CODE_CHUNK_GROUPS", 7)
+    assert groups > 7 * 3 and torch.equal(code_values(plain.data, plain.offsets, 256), whole)
+    w = _pruned(256, 1024, 0.3, seed=4)
+    w[200, 3] = 2.0 ** -30  # (in the last chunks: the span check sees every chunk)
+    assert code_values(*(lambda d: (d.data, d.offsets))(_encode(w, 4, pair=True)), 256) is None
+
+
 def test_layout_tells_coded_from_plain_by_sizes():
     for parts in (1, 2, 4, 8, 16):
         plain = _encode(_pruned(64, 256, 0.3, seed=parts), parts)

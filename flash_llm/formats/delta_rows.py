@@ -142,40 +142,57 @@ def code_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tens
     goff = offsets[: lay.slices + 1].to(torch.int64)
     ng = int(goff[-1])
     grp = data[: ng * GROUP_WORDS].view(ng, GROUP_WORDS)
-    vals = grp[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(ng, LANES, GROUP).to(torch.int64) & 0xFFFF
-    sl = torch.searchsorted(goff, torch.arange(ng, device=dev), right=True) - 1
-    rank = (sl[:, None] * LANES + torch.arange(LANES, device=dev))[:, :, None].expand(ng, LANES, GROUP)
-    e = (vals >> 8) & 0x7F  # e7..e1
-    nz = (vals & 0x7FFF) != 0
-    emin = torch.full((lay.mp,), 127, dtype=torch.int64, device=dev)
-    emax = torch.full((lay.mp,), -1, dtype=torch.int64, device=dev)
-    emin.scatter_reduce_(0, rank[nz], e[nz], "amin")
-    emax.scatter_reduce_(0, rank[nz], e[nz], "amax")
-    # one table a row: its parts' lanes (adjacent) share it
-    emin = emin.view(-1, lay.parts).amin(1)
-    emax = emax.view(-1, lay.parts).amax(1)
+    nr = lay.mp // lay.parts  # one table a row: its parts' lanes (adjacent) share it
+    sh8 = 8 * torch.arange(4, device=dev)
+
+    def chunk(g0: int, g1: int):
+        """groups g0 .. g1 - 1: values [n, 32, 8] (int64, the bits), e7..e1, nonzero, each entry's row rank"""
+        vals = grp[g0:g1, : LANES * GROUP // 2].contiguous().view(torch.int16).view(-1, LANES, GROUP)
+        vals = vals.to(torch.int64) & 0xFFFF
+        sl = torch.searchsorted(goff, torch.arange(g0, g1, device=dev), right=True) - 1
+        row = ((sl[:, None] * LANES + torch.arange(LANES, device=dev)) // lay.parts)[:, :, None].expand_as(vals)
+        return vals, (vals >> 8) & 0x7F, (vals & 0x7FFF) != 0, row
+
+    # (in chunks of CODE_CHUNK_GROUPS groups: the int64 temporaries of a whole large layer would take GBs)
+    bounds = [(g, min(ng, g + CODE_CHUNK_GROUPS)) for g in range(0, ng, CODE_CHUNK_GROUPS)]
+    emin = torch.full((nr,), 127, dtype=torch.int64, device=dev)
+    emax = torch.full((nr,), -1, dtype=torch.int64, device=dev)
+    for g0, g1 in bounds:
+        _, e, nz, row = chunk(g0, g1)
+        emin.scatter_reduce_(0, row[nz], e[nz], "amin")
+        emax.scatter_reduce_(0, row[nz], e[nz], "amax")
     if bool(((emax - emin) > 6).any()):
         return None
     base = emin.clamp(max=121)  # (empty rows: 121, unused)
-    nr = base.numel()
-    code = torch.where(nz, e - base[rank // lay.parts] + 1, 0)
-    lo = torch.where(nz, vals & 0xFF, 0)
-    sign = torch.where(nz, vals >> 15, 0)
-    sh8 = 8 * torch.arange(4, device=dev)
-    w0 = (lo[:, :, :4] << sh8).sum(-1)
-    w1 = (lo[:, :, 4:] << sh8).sum(-1)
-    w2 = (code << (4 * torch.arange(GROUP, device=dev))).sum(-1) + (sign[:, :, :4] << (sh8 + 7)).sum(-1) \
-        + (sign[:, :, 4:] << (sh8 + 3)).sum(-1)
-    w3 = grp[:, LANES * GROUP // 2:].to(torch.int64) & 0xFFFFFFFF
-    groups = torch.stack([w0, w1, w2, w3], -1).reshape(-1)
-    lut = torch.cat([torch.zeros_like(base)[:, None], base[:, None] + torch.arange(7, device=dev)], 1)  # [mp, 8]
-    lut = (lut.view(nr, 2, 4) << sh8).sum(-1).reshape(-1)
     head = ng * CODED_GROUP_WORDS + 2 * nr
     pad = -head % GROUP_WORDS
     tail = lay.parts + CODED_TRAILER
-    words = torch.cat([groups, lut, torch.zeros(pad, dtype=torch.int64, device=dev),
-                       torch.full((tail,), tail, dtype=torch.int64, device=dev)])
-    return (words - ((words >> 31) << 32)).to(torch.int32)  # (two's complement: each word's low 32 bits)
+    out = torch.empty(head + pad + tail, dtype=torch.int32, device=dev)
+    for g0, g1 in bounds:
+        vals, e, nz, row = chunk(g0, g1)
+        code = torch.where(nz, e - base[row] + 1, 0)
+        lo = torch.where(nz, vals & 0xFF, 0)
+        sign = torch.where(nz, vals >> 15, 0)
+        w0 = (lo[:, :, :4] << sh8).sum(-1)
+        w1 = (lo[:, :, 4:] << sh8).sum(-1)
+        w2 = (code << (4 * torch.arange(GROUP, device=dev))).sum(-1) + (sign[:, :, :4] << (sh8 + 7)).sum(-1) \
+            + (sign[:, :, 4:] << (sh8 + 3)).sum(-1)
+        w3 = grp[g0:g1, LANES * GROUP // 2:].to(torch.int64) & 0xFFFFFFFF
+        out[g0 * CODED_GROUP_WORDS: g1 * CODED_GROUP_WORDS] = _low32(torch.stack([w0, w1, w2, w3], -1).reshape(-1))
+    lut = torch.cat([torch.zeros_like(base)[:, None], base[:, None] + torch.arange(7, device=dev)], 1)  # [nr, 8]
+    out[ng * CODED_GROUP_WORDS: head] = _low32((lut.view(nr, 2, 4) << sh8).sum(-1).reshape(-1))
+    out[head: head + pad] = 0
+    out[head + pad:] = tail
+    return out
+
+
+#: groups :func:`code_values` codes at a time (about 140 MB of int64 temporaries each)
+CODE_CHUNK_GROUPS = 1 << 16
+
+
+def _low32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in 0 .. 2^32 - 1 as int32 (two's complement: their low 32 bits)"""
+    return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
 def uncode_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tensor:
@@ -200,7 +217,7 @@ def uncode_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Te
     words = (vals[:, :, 0::2] | (vals[:, :, 1::2] << 16)).reshape(ng, LANES * GROUP // 2)
     words = torch.cat([words, q[:, :, 3]], 1).reshape(-1)
     words = torch.cat([words, torch.full((_trailer(lay.parts),), lay.parts, dtype=torch.int64, device=dev)])
-    return (words - ((words >> 31) << 32)).to(torch.int32)
+    return _low32(words)
 
 
 def _trailer(p: int) -> int:
