@@ -237,6 +237,12 @@ class SparseLinear(nn.Module):
     def set_extra_state(self, state) -> None:
         pass  # read together with the arrays in _load_from_state_dict
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if getattr(self.weight, "coded", False):  # in-memory coding (DeltaRows.code_values): saved as plain values
+            for n, t in self.weight.state("weight_")[0].items():  # a copy; the buffers stay coded
+                destination[prefix + n] = t if keep_vars else t.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # All or nothing per layer: the arrays are validated together with the metadata, and unless they

@@ -160,3 +160,33 @@ def test_code_delta_rows_codes_the_bf16_layers_in_place():
     for m, d in zip(model, before):
         assert torch.equal(m.to_dense().view(torch.int16), d.view(torch.int16))
     assert code_delta_rows(model) == []
+
+
+def test_a_coded_models_state_dict_and_checkpoint_hold_the_plain_values(tmp_path):
+    """The engine codes its layers in place; saving such a model writes the plain values (the files' format), and
+    they load back into a fresh model, a coded one included, as the same weights."""
+    from flash_llm.engine import code_delta_rows
+    from flash_llm.nn import SparseLinear
+
+    def model():
+        return torch.nn.Sequential(SparseLinear(_encode(_pruned(64, 128, 0.2, seed=1), 2), bias=None),
+                                   SparseLinear(_encode(_pruned(96, 64, 0.3, seed=2), 1), bias=None))
+
+    src = model()
+    plain = {k: v.clone() for k, v in src.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert code_delta_rows(src) == ["0", "1"]
+    sd = src.state_dict()
+    for k, v in plain.items():
+        assert torch.equal(sd[k], v), k
+    assert src[0].weight.coded  # saving left the buffers coded
+    dst = model()
+    code_delta_rows(dst)
+    dst.load_state_dict(sd)
+    for a, b in zip(src, dst):
+        assert not b.weight.coded and torch.equal(a.to_dense().view(torch.int16), b.to_dense().view(torch.int16))
+    flash_llm.save_pretrained(src, tmp_path / "ckpt", config={"model_type": "toy"})
+    back = model()
+    from flash_llm.checkpoint import load_checkpoint
+    load_checkpoint(back, tmp_path / "ckpt", progress=False)
+    for a, b in zip(src, back):
+        assert torch.equal(a.to_dense().view(torch.int16), b.to_dense().view(torch.int16))
