@@ -5,7 +5,7 @@
 # `git apply`.  First every variant's GPU tests ($LAB_TESTS, default the DeltaRows GPU tests matching $LAB_K, default
 # "parts"), all variants at once (compiles on the CPUs, one GPU), then dr_layouts.py on the base tree and each variant
 # in turn, $LAB_ROUNDS times (default 2), --layers $LAB_LAYERS (default 8), $LAB_MODEL (default llama-3-8b).  Logs in
-# $OUT (tests_<name>.log, layouts_<name>_r<round>.log) and the parts column of every run printed as one table last.
+# $OUT (tests_<name>.log, layouts_<name>_r<round>.log; $LAB_ARGS more dr_layouts.py options, e.g. --skip-check) and the parts column of every run printed as one table last.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 ROOT=$PWD
@@ -26,7 +26,7 @@ for r in $(seq 1 "${LAB_ROUNDS:-2}"); do
   for v in $variants; do
     name=${v%%:*}
     (cd /tmp/lab/$name && PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_lab_$name timeout "${LAB_TIMEOUT:-120}" python3 \
-      benchmarks/dr_layouts.py --model "${LAB_MODEL:-llama-3-8b}" --layers "${LAB_LAYERS:-8}" > "$OUT/layouts_${name}_r$r.log" 2>&1)
+      benchmarks/dr_layouts.py --model "${LAB_MODEL:-llama-3-8b}" --layers "${LAB_LAYERS:-8}" ${LAB_ARGS:-} > "$OUT/layouts_${name}_r$r.log" 2>&1)
     echo "--- $name r$r: $(grep -c ' ok$' "$OUT/layouts_${name}_r$r.log") kinds checked ok"
   done
 done
