@@ -2030,6 +2030,24 @@ DEVI uint4 pack8(const float (&f)[8]) {  // eight values rounded to the dtype, l
   return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
+// eight products a b of the dtype, each rounded once to the dtype (packed: one instruction for two).  The product of
+// two fp16 / bf16 values is exact in fp32, so these are the bits of from_float(to_float(a) * to_float(b)) wherever
+// that product is a normal fp32 number (bf16 products below 2^-126 may differ in their last bit).  bf16 as an fma
+// with -0 (a b + -0 == a b, signed zeros included): mul.bf16x2 needs sm_90, fma.rn.bf16x2 sm_80.
+template <bool BF16>
+DEVI uint4 mul8_rn(const uint4& a, const uint4& b) {
+  const u32 x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
+  u32 o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (BF16)
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(o[i]) : "r"(x[i]), "r"(y[i]), "r"(0x80008000u));
+    else
+      asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(o[i]) : "r"(x[i]), "r"(y[i]));
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // columns c .. c + 7 of an X window staged in shared memory as fp32 (32 bytes) or as the dtype's bits (16 bytes)
 template <bool BF16>
 DEVI void dr_xs_load8(const float* xs, int c, bool fp32, float (&f)[8]) {
@@ -2352,14 +2370,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
     u16* xs16 = reinterpret_cast<u16*>(xs);
     for (int c = 8 * threadIdx.x; c < w; c += 256 * DR_WARPS) {
       uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
-      if (rms) {
-        float f[8], e[8];
-        unpack8<BF16>(r, f);
-        unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(gs + c)), e);
-#pragma unroll
-        for (int t = 0; t < 8; ++t) f[t] *= e[t];
-        r = pack8<BF16>(f);
-      }
+      if (rms) r = mul8_rn<BF16>(r, __ldg(reinterpret_cast<const uint4*>(gs + c)));
       *reinterpret_cast<uint4*>(xs16 + c) = r;
     }
   } else if (stage == 1) {
@@ -2566,13 +2577,16 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       float f[8];
       unpack8<BF16>(r[i], f);
       if (rms) {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) q = fmaf(f[t], f[t], q);
+        if (STAGE == 2) {  // X times the norm's weight, packed (4 instructions for 8 columns, not 40)
+          *reinterpret_cast<uint4*>(reinterpret_cast<u16*>(drp_x) + 8 * u) = mul8_rn<BF16>(r[i], g[i]);
+          continue;
+        }
         float e[8];
         unpack8<BF16>(g[i], e);
 #pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          q = fmaf(f[t], f[t], q);
-          f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
-        }
+        for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
       } else if (ln) {
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
