@@ -7,7 +7,7 @@ OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 ROOT=$PWD; T=/tmp/clstage
 rm -rf $T && mkdir -p $T && tar --exclude=./.git --exclude=./.venv --exclude=./benchmarks/out --exclude=./benchmarks/results \
   -cf - . | tar -C $T -xf - && (cd $T && git apply "$ROOT/benchmarks/ab/drp_cluster_stage.patch") || { echo "patch"; exit 1; }
-for cl in 8 4; do (cd $T && FLASH_LLM_DELTA_PARTS_CLUSTER=$cl PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_cl timeout 200 python3 -m pytest \
+for cl in ${CL_TEST:-8}; do (cd $T && FLASH_LLM_DELTA_PARTS_CLUSTER=$cl PYTHONPATH=$PWD FLASH_LLM_CACHE=/tmp/flc_cl timeout 200 python3 -m pytest \
   -q -x --tb=short tests/test_delta_rows_gpu.py -k "${CL_K:-parts or coded or static_weights}" 2>&1 | tail -3 | sed "s/^/tests x$cl: /"); done
 for r in 1 2; do
   for v in base:0 cl:0 cl:4 cl:8; do
