@@ -2555,6 +2555,12 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       asm volatile("prefetch.global.L2 [%0];" ::"l"(colscale + c));
       if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
     }
+  // the norm's weight for the staging's first round, before the wait (static): after it only X crosses from L2
+  uint4 g[4];
+  if (rms)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if ((int)threadIdx.x + NT * i < (K >> 3)) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + threadIdx.x + NT * i);
   pdl_wait();  // X, Y and every write after the previous kernel
   const float yv = resid && writer ? to_float<BF16>(y[row]) : 0.f;
   // all of X staged, 4 loads a thread in flight; RMSNorm's sum of squares of the raw values on the way, X times the
@@ -2563,12 +2569,12 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
   const float c0 = ln ? to_float<BF16>(__ldg(x)) : 0.f;
   const int units = K >> 3;
   for (int u0 = threadIdx.x; u0 < units; u0 += 4 * NT) {
-    uint4 r[4], g[4];
+    uint4 r[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       if (u0 + NT * i < units) {
         r[i] = __ldg(reinterpret_cast<const uint4*>(x) + u0 + NT * i);
-        if (rms) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + u0 + NT * i);
+        if (rms && u0 != (int)threadIdx.x) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + u0 + NT * i);
       }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
