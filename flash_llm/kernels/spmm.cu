@@ -2379,13 +2379,8 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
       const int c = 8 * threadIdx.x + 256 * DR_WARPS * i;
       if (c >= w) break;
       float f[8];
-      unpack8<BF16>(__ldg(reinterpret_cast<const uint4*>(x + a0 + c)), f);
-      if (rms) {
-        float e[8];
-        unpack8<BF16>(gv[i], e);
-#pragma unroll
-        for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
-      }
+      const uint4 r = __ldg(reinterpret_cast<const uint4*>(x + a0 + c));
+      unpack8<BF16>(rms ? mul8_rn<BF16>(r, gv[i]) : r, f);
       dr_xs_store8<BF16>(xs, c, true, f);
     }
   }
@@ -2556,18 +2551,18 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       if (ln && colbias) asm volatile("prefetch.global.L2 [%0];" ::"l"(colbias + c));
     }
   // the norm's weight for the staging's first round, before the wait (static): after it only X crosses from L2
+  const int units = K >> 3;
   uint4 g[4];
   if (rms)
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      if ((int)threadIdx.x + NT * i < (K >> 3)) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + threadIdx.x + NT * i);
+      if ((int)threadIdx.x + NT * i < units) g[i] = __ldg(reinterpret_cast<const uint4*>(colscale) + threadIdx.x + NT * i);
   pdl_wait();  // X, Y and every write after the previous kernel
   const float yv = resid && writer ? to_float<BF16>(y[row]) : 0.f;
   // all of X staged, 4 loads a thread in flight; RMSNorm's sum of squares of the raw values on the way, X times the
   // norm's weight rounded to the dtype once.  LayerNorm: X staged raw with its sums shifted by x[0] on the way
   float q = 0.f, q2 = 0.f;
   const float c0 = ln ? to_float<BF16>(__ldg(x)) : 0.f;
-  const int units = K >> 3;
   for (int u0 = threadIdx.x; u0 < units; u0 += 4 * NT) {
     uint4 r[4];
 #pragma unroll
@@ -2585,14 +2580,12 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
       if (rms) {
 #pragma unroll
         for (int t = 0; t < 8; ++t) q = fmaf(f[t], f[t], q);
-        if (STAGE == 2) {  // X times the norm's weight, packed (4 instructions for 8 columns, not 40)
-          *reinterpret_cast<uint4*>(reinterpret_cast<u16*>(drp_x) + 8 * u) = mul8_rn<BF16>(r[i], g[i]);
+        const uint4 v = mul8_rn<BF16>(r[i], g[i]);  // X times the norm's weight, packed
+        if (STAGE == 2) {
+          *reinterpret_cast<uint4*>(reinterpret_cast<u16*>(drp_x) + 8 * u) = v;
           continue;
         }
-        float e[8];
-        unpack8<BF16>(g[i], e);
-#pragma unroll
-        for (int t = 0; t < 8; ++t) f[t] = to_float<BF16>(from_float<BF16>(f[t] * e[t]));
+        unpack8<BF16>(v, f);
       } else if (ln) {
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
