@@ -143,6 +143,49 @@ def test_delta_rows_multi_token_window_comes_from_the_weight(dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("parts", [1, 4])
+def test_delta_rows_two_token_staging_gives_the_column_loops_bits(dtype, parts, monkeypatch):
+    """At 2 tokens the multi-token kernels stage X by 16-byte loads where X's rows lie on 16 bytes and K % 8 == 0
+    (spmm.cu ``dr_nt_stage_vec``), else a column a thread (X one element off 16 bytes): the same window, so the same
+    bits, on the split and the parts layout, plain and coded (bf16; 5 tokens of a coded parts weight run as 4 and 1,
+    the 1 in a 2-token kernel), with the residual add and with SiLU x up; and they match the reference.  Outputs
+    poisoned."""
+    k = _kernels()
+    monkeypatch.setattr(k, "DR_NT_ATOMIC", False)  # (bit-for-bit: the reduction's fixed order of the splits)
+    gen = torch.Generator(device="cuda").manual_seed(parts + 400)
+    fid = FORMAT_IDS[DeltaRows]
+    launched = record_launches(k, monkeypatch)
+    shapes = ((256, 4096), (160, 2056)) + (((96, 1000),) if parts == 1 else ())  # (the parts layout: K % 8 == 0)
+    for m, kk in shapes:
+        w_dense = _magnitude_pruned(m, kk, 0.2, gen).to(dtype)
+        bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+        for pair in (False, True):
+            w = DeltaRows.from_dense(w_dense, pair_halves=pair, **({"parts": parts} if parts > 1 else {"splits": 3}))
+            for wt in [w] + ([w.code_values()] if dtype == torch.bfloat16 else []):
+                for n in (2, 5) if wt.coded and parts > 1 else (2,):
+                    buf = (0.25 * torch.randn(n * kk + 8, generator=gen, device="cuda")).to(dtype)
+                    acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
+                    outs = []
+                    for off in (0, 1):  # X on 16 bytes, then one element off
+                        kw = {"out": torch.full((n, m // 2), float("nan"), dtype=dtype, device="cuda"),
+                              "act": "silu_mul"} if pair else {"add_to": acc.clone()}
+                        launched.clear()
+                        outs.append(k.spmm_cuda(buf[off:off + n * kk].view(n, kk), wt.data, wt.offsets, fid, m, kk,
+                                                None if pair else bias, **kw).clone())
+                        assert any("_nt2" in name for name in launched), launched
+                    assert not torch.isnan(outs[0]).any(), (m, kk, pair, n)
+                    assert torch.equal(outs[0], outs[1]), (m, kk, pair, n, wt.coded)
+                    x = buf[:n * kk].view(n, kk).double()
+                    if pair:
+                        h = x @ w_dense.double().t()
+                        ref = torch.nn.functional.silu(h[:, :m // 2]) * h[:, m // 2:]
+                    else:
+                        ref = x @ w_dense.double().t() + bias.double() + acc.double()
+                    err = (outs[0].double() - ref).abs().max().item()
+                    assert err <= 4 * ULP[dtype] * (1 + ref.abs().max().item()), (m, kk, pair, n, err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("parts", [2, 4, 8, 16])
 @pytest.mark.parametrize("stage", [1, 2], ids=["x-fp32", "x-16bit"])
 def test_delta_rows_parts_layout_every_lane_count(dtype, parts, stage, monkeypatch):
