@@ -163,19 +163,23 @@ def test_delta_rows_two_token_staging_gives_the_column_loops_bits(dtype, parts, 
             w = DeltaRows.from_dense(w_dense, pair_halves=pair, **({"parts": parts} if parts > 1 else {"splits": 3}))
             for wt in [w] + ([w.code_values()] if dtype == torch.bfloat16 else []):
                 for n in (2, 5) if wt.coded and parts > 1 else (2,):
-                    buf = (0.25 * torch.randn(n * kk + 8, generator=gen, device="cuda")).to(dtype)
+                    x = (0.25 * torch.randn(n, kk, generator=gen, device="cuda")).to(dtype)
+                    buf = torch.empty(n * kk + 8, dtype=dtype, device="cuda")
+                    x_off = buf[1:1 + n * kk].view(n, kk)  # the same values one element off 16 bytes
+                    x_off.copy_(x)
+                    assert x.data_ptr() % 16 == 0 and x_off.data_ptr() % 16 != 0
                     acc = torch.randn(n, m, generator=gen, device="cuda").to(dtype)
                     outs = []
-                    for off in (0, 1):  # X on 16 bytes, then one element off
+                    for xin in (x, x_off):
                         kw = {"out": torch.full((n, m // 2), float("nan"), dtype=dtype, device="cuda"),
                               "act": "silu_mul"} if pair else {"add_to": acc.clone()}
                         launched.clear()
-                        outs.append(k.spmm_cuda(buf[off:off + n * kk].view(n, kk), wt.data, wt.offsets, fid, m, kk,
-                                                None if pair else bias, **kw).clone())
+                        outs.append(k.spmm_cuda(xin, wt.data, wt.offsets, fid, m, kk, None if pair else bias,
+                                                **kw).clone())
                         assert any("_nt2" in name for name in launched), launched
                     assert not torch.isnan(outs[0]).any(), (m, kk, pair, n)
                     assert torch.equal(outs[0], outs[1]), (m, kk, pair, n, wt.coded)
-                    x = buf[:n * kk].view(n, kk).double()
+                    x = x.double()
                     if pair:
                         h = x @ w_dense.double().t()
                         ref = torch.nn.functional.silu(h[:, :m // 2]) * h[:, m // 2:]

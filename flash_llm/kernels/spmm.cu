@@ -2697,6 +2697,49 @@ DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the 
   }
 }
 
+// The 2-token kernels' X window (columns a0 .. a0 + w - 1 of the N <= 2 tokens, w a multiple of 8 within K, X rows
+// on 16 bytes) staged as two 16-bit values a column (token 0 in a word's low half, token 1 in its high half): each
+// thread 8 columns of both tokens a unit, 16-byte loads, U units' loads in flight, paired by PRMT and stored as two
+// 16-byte words.  A token past N is zeros.  One L2 round trip for all of K on Llama's parts layout (512 units), where
+// the column-a-thread loop took one a 8 columns (four).  Session 56 (H200, Llama-3-8B bf16 80 %): batch 2 2.820 ->
+// 2.647 ms a token.  The same for NT = 4 (one unit a thread in flight: more registers spilled the split kernel) ran
+// batch 3 2.4 % slower, so NT = 4 and 8 keep the column loop.
+DEVI void dr_nt_stage_vec(const u16* __restrict__ x, u16* xs, int a0, int w, int N, int K) {
+  constexpr int NT = 2;
+  constexpr int T = 32 * DR_WARPS, U = 4;
+  const int units = w >> 3;
+  for (int u0 = threadIdx.x; u0 < units; u0 += U * T) {
+    uint4 r[U][NT];
+#pragma unroll
+    for (int i = 0; i < U; ++i)
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+        r[i][t] = u0 + i * T < units && t < N
+                      ? __ldg(reinterpret_cast<const uint4*>(x + (long long)t * K + a0) + u0 + i * T)
+                      : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (u0 + i * T >= units) break;
+      u16* dst = xs + (long long)(u0 + i * T) * 8 * NT;
+      u32 out[4 * NT];  // the unit's 8 columns, NT / 2 words each
+#pragma unroll
+      for (int j = 0; j < 4; ++j)  // columns 2 j and 2 j + 1
+#pragma unroll
+        for (int p = 0; p < NT / 2; ++p) {
+          const uint4& ra = r[i][2 * p];
+          const uint4& rb = r[i][2 * p + 1];
+          const u32 a = j == 0 ? ra.x : j == 1 ? ra.y : j == 2 ? ra.z : ra.w;
+          const u32 b = j == 0 ? rb.x : j == 1 ? rb.y : j == 2 ? rb.z : rb.w;
+          out[2 * j * (NT / 2) + p] = __byte_perm(a, b, 0x5410);
+          out[(2 * j + 1) * (NT / 2) + p] = __byte_perm(a, b, 0x7632);
+        }
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+        reinterpret_cast<uint4*>(dst)[q] = make_uint4(out[4 * q], out[4 * q + 1], out[4 * q + 2], out[4 * q + 3]);
+    }
+  }
+}
+
 // Y at weight row `row`, token t, from its sum `acc` (DeltaRows' 2-8 token kernels and delta_rows_reduce): plus the
 // bias `bv`, added into Y with DR_RESID (the sum rounded to the dtype first), or with DR_SILU silu(acc) x `up` (the up
 // row's sum) into Y's M / 2 columns (silu_mul_rounded)
@@ -2805,7 +2848,10 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const int a0 = bw.x, w = bw.y;
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const bool staged = w <= wmax;  // (the same for the whole block)
-  if (staged) {
+  if (NT == 2 && staged && (K & 7) == 0 && (reinterpret_cast<size_t>(x) & 15) == 0) {  // (a0, w: 8-aligned, in K)
+    dr_nt_stage_vec(x, xs, a0, w, N, K);
+    __syncthreads();
+  } else if (staged) {
     for (int c = threadIdx.x; c < w; c += 32 * DR_WARPS) {  // column a0 + c of every token (0 past N or K)
       u32 h[NT / 2];
 #pragma unroll
