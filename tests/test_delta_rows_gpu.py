@@ -375,6 +375,62 @@ def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in, splits):
                                   offsets=plain.offsets)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("parts", [2, 4, 16])
+def test_delta_rows_two_token_rms_norm_inside_the_parts_kernel(dtype, parts, monkeypatch):
+    """With ``kernels.DR_NT_NORM`` the parts layout's 2-token kernel takes norm=(g, eps) inside (each token's sum of
+    squares and X times g while staging; ``delta_rows_parts_<dtype>_nt2``): one launch, no separate norm, within 4-8
+    ulp of the output's scale of the reference composition (RMSNorm in PyTorch, the product in float64), alone and
+    with SiLU x up of paired halves, plain and coded (bf16) values, X on 16 bytes or not (the launcher copies it), one
+    token of a coded 5-token call; a second call the same bits.  Outputs poisoned.  Without the switch, the separate
+    norm: the same within rounding."""
+    from flash_llm.reference import rms_norm, silu_mul_halves
+
+    k = _kernels()
+    monkeypatch.setattr(k, "DR_NT_NORM", True)
+    gen = torch.Generator(device="cuda").manual_seed(parts + 500)
+    fid = FORMAT_IDS[DeltaRows]
+    launched = record_launches(k, monkeypatch)
+    for m, kk in ((256, 4096), (128, 1032)):
+        w_dense = _magnitude_pruned(m, kk, 0.2, gen).to(dtype)
+        g = (torch.rand(kk, generator=gen, device="cuda") + 0.5).to(dtype)
+        for pair in (False, True):
+            w = DeltaRows.from_dense(w_dense, parts=parts, pair_halves=pair)
+            for wt in [w] + ([w.code_values()] if dtype == torch.bfloat16 else []):
+                for off in (0, 1):
+                    buf = torch.empty(2 * kk + 8, dtype=dtype, device="cuda")
+                    x = buf[off:off + 2 * kk].view(2, kk)
+                    x.copy_((3 * torch.randn(2, kk, generator=gen, device="cuda")).to(dtype))
+                    ref = rms_norm(x, g, 1e-5).double() @ w_dense.double().t()
+                    want = silu_mul_halves(ref.to(dtype)).double() if pair else ref
+                    kw = {"act": "silu_mul"} if pair else {}
+                    out = torch.full((2, m // 2 if pair else m), float("nan"), dtype=dtype, device="cuda")
+                    launched.clear()
+                    got = k.spmm_cuda(x, wt.data, wt.offsets, fid, m, kk, None, out=out, norm=(g, 1e-5), **kw).clone()
+                    assert launched == [f"delta_rows_parts_{'bf16' if dtype == torch.bfloat16 else 'f16'}_nt2"
+                                        f"{'c' if wt.coded else ''}"], launched
+                    assert not torch.isnan(got).any()
+                    tol = (8 if pair else 4) * ULP[dtype] * (1 + want.abs().max().item())
+                    err = (got.double() - want).abs().max().item()
+                    assert err <= tol, (m, kk, pair, wt.coded, off, err, tol)
+                    again = k.spmm_cuda(x, wt.data, wt.offsets, fid, m, kk, None, norm=(g, 1e-5), **kw)
+                    assert torch.equal(again, got)
+                    monkeypatch.setattr(k, "DR_NT_NORM", False)
+                    sep = k.spmm_cuda(x, wt.data, wt.offsets, fid, m, kk, None, norm=(g, 1e-5), **kw)
+                    monkeypatch.setattr(k, "DR_NT_NORM", True)
+                    assert (sep.double() - got.double()).abs().max().item() <= 2 * tol
+            if dtype == torch.bfloat16:  # 5 tokens of a coded parts weight: 4, then 1 in the 2-token kernel (no norm
+                # inside: the separate norm first)
+                c = w.code_values()
+                x5 = (3 * torch.randn(5, kk, generator=gen, device="cuda")).to(dtype)
+                ref = rms_norm(x5, g, 1e-5).double() @ w_dense.double().t()
+                want = silu_mul_halves(ref.to(dtype)).double() if pair else ref
+                got = k.spmm_cuda(x5, c.data, c.offsets, fid, m, kk, None, norm=(g, 1e-5),
+                                  **({"act": "silu_mul"} if pair else {}))
+                err = (got.double() - want).abs().max().item()
+                assert err <= 8 * ULP[dtype] * (1 + want.abs().max().item()), (m, kk, pair, err)
+
+
 def test_delta_rows_decode_kernel_is_exact():
     gen = torch.Generator(device="cuda").manual_seed(14)
     for dtype in DTYPES:

@@ -354,6 +354,35 @@ def test_delta_layout_follows_the_batch():
     assert set(tight.relayout.values()) == {1}
 
 
+def test_two_sequences_decode_with_the_norms_inside_the_two_token_kernels(monkeypatch):
+    """``kernels.DR_NT_NORM``: an engine of max_batch 2 on a fused, merged DeltaRows Llama (the parts layout for q/k/v,
+    o and gate / up, down split) decodes steps of 2 sequences through forward_one_token (each RMSNorm inside the
+    2-token kernel after it, the residual adds inside o's and down's): the prefill's and the first decode step's
+    logits within rounding of the separate norms' engine's; graph replay equals eager decode bit for bit (the
+    multi-token atomics off, so the split layout's sums repeat)."""
+    from flash_llm import kernels
+    from flash_llm.models import llama
+
+    monkeypatch.setattr(kernels, "DR_NT_ATOMIC", False)  # (down's splits summed in a fixed order: bits repeat)
+    model = _small_delta_rows_llama(0.8)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (n,), generator=gen)] for n in (64, 40)]
+    want = Engine(model, max_batch=2, max_seq=128, fuse=True, merge=True).generate(prompts, 8, output_logits=True,
+                                                                                     eos_token_id=None)
+    calls = []
+    real = llama.LlamaDecoderLayer.forward_one_token
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "forward_one_token",
+                        lambda self, x, *a: calls.append(x.shape[0]) or real(self, x, *a))
+    monkeypatch.setattr(kernels, "DR_NT_NORM", True)
+    got = Engine(model, max_batch=2, max_seq=128, fuse=True, merge=True).generate(prompts, 8, output_logits=True,
+                                                                                    eos_token_id=None)
+    assert calls and set(calls) == {2}, calls
+    _assert_first_steps_close(got, want)
+    eager = Engine(model, max_batch=2, max_seq=128, fuse=True, merge=True, cuda_graphs=False).generate(
+        prompts, 8, output_logits=True, eos_token_id=None)
+    assert torch.equal(eager.logits, got.logits) and torch.equal(eager.tokens, got.tokens)
+
+
 def test_batched_engine_at_50_percent_runs_dense_layers():
     """At 50 % sparsity an engine of max_batch DELTA_TCSL_MIN_BATCH holds the DeltaRows layers as dense nn.Linear
     (Tiled-CSL would be no smaller): captured decode within rounding of the kept DeltaRows weights (their expansion

@@ -277,6 +277,67 @@ def test_fused_model_runs_one_token_through_the_sparse_projections(family, kind,
     assert torch.equal(got.tokens, want.tokens)
 
 
+def test_two_sequences_take_the_one_token_layers_with_dr_nt_norm(monkeypatch, dynamo_reset_after):
+    """With ``kernels.DR_NT_NORM`` (off by default) a fused, merged Llama decodes steps of 2 sequences through
+    forward_one_token too (the norms and residual adds inside the projections; on the CPU the reference), 3 sequences
+    and the default keep forward_deferred; both generate the same tokens, the logits within rounding."""
+    from flash_llm import kernels
+    from flash_llm.models import llama
+
+    calls = []
+    real = llama.LlamaDecoderLayer.forward_one_token
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "forward_one_token",
+                        lambda self, x, *a: calls.append((self.self_attn.layer_idx, x.shape[0])) or real(self, x, *a))
+    prompts = [PROMPTS[0], PROMPTS[2]]
+
+    def run():
+        return Engine(_model("llama", "delta-rows"), max_batch=2, max_seq=32, fuse=True, merge=True).generate(
+            prompts, 6, output_logits=True, eos_token_id=None)
+
+    want = run()
+    assert calls == []  # (the default: 2 sequences take forward_deferred)
+    monkeypatch.setattr(kernels, "DR_NT_NORM", True)
+    got = run()
+    assert calls == [(0, 2), (1, 2)] * 5  # 5 decode steps of both sequences after the prefill's token
+    torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)
+    assert torch.equal(got.tokens, want.tokens)
+    m = _model("llama", "delta-rows")
+    merge_projections(m)
+    h = m.config.hidden_size
+    with torch.no_grad():
+        layer = m.model.layers[0]
+        assert layer.sparse_projections(torch.randn(2, 1, h).to(torch.float16)) is not None
+        assert layer.sparse_projections(torch.randn(3, 1, h).to(torch.float16)) is None
+        assert layer.sparse_projections(torch.randn(1, 2, h).to(torch.float16)) is None  # (a 2-token prefill)
+
+
+def test_delta_rows_two_token_fusable_needs_the_parts_layout_and_the_switch(monkeypatch):
+    """``kernels.epilogue_fusable`` for a DeltaRows weight at 2 tokens (shapes only, so on the CPU too): with
+    ``DR_NT_NORM`` the bias, the residual add and SiLU x up of paired halves on either layout, an RMSNorm only on the
+    parts layout with K % 8 == 0, never a LayerNorm or ReLU; without it nothing above one token."""
+    from flash_llm import DeltaRows, kernels
+    from flash_llm.reference import FORMAT_IDS
+
+    fid, dev = FORMAT_IDS[DeltaRows], torch.device("cpu")
+    w = _sparse(128, 256, 0.2, torch.float16, 3)
+    parts, split = DeltaRows.from_dense(w, parts=4), DeltaRows.from_dense(w, splits=2)
+    paired = DeltaRows.from_dense(w, parts=4, pair_halves=True)
+
+    def fusable(dw, n=2, **kw):
+        return kernels.epilogue_fusable(fid, dw.data, 128, 256, n, torch.float16, dev, offsets=dw.offsets, **kw)
+
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "DR_NT_NORM", on)
+        assert fusable(parts, n=1, norm=True) and fusable(split, n=1, add=True)  # (one token: always)
+        assert fusable(parts, norm=True) == on and fusable(parts, add=True) == on and fusable(split, add=True) == on
+        assert fusable(paired, norm=True, act="silu_mul") == on
+        assert not fusable(split, norm=True) and not fusable(parts, act="silu_mul")  # (not paired)
+        assert not fusable(parts, act="relu") and not fusable(parts, norm=True, layer_norm=True)
+        assert not fusable(parts, n=3, add=True)
+        assert kernels.dr_nt_norm_ok(2, 256, 4) == on and not kernels.dr_nt_norm_ok(2, 252, 4)
+        assert not kernels.dr_nt_norm_ok(2, 256, 1) and not kernels.dr_nt_norm_ok(2, 256, 4, (None, 0.0, 1e-5))
+
+
 def test_opt_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
     """OPTDecoderLayer.sparse_projections: the four sparse layers (with their biases) for one contiguous token
     without autograd, q / k / v merged; None for two tokens, autograd, a LayerNorm in another dtype, a dense

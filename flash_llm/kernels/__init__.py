@@ -173,6 +173,12 @@ DR_NT_ATOMIC = os.environ.get("FLASH_LLM_DR_NT_ATOMIC", "1") != "0"
 #: 7.687 / 10.307.  Alone (``dr_parts_tokens.py --atomics``) the atomics are within 0.4 us of the reduction on the
 #: 4-5-split layers and 2-3 us faster on Llama-3-8B's 19-28-split q/k/v, o and down.
 DR_NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS", "17"))
+#: RMSNorm inside DeltaRows' 2-token kernel of the parts layout (``delta_rows_parts_<dtype>_nt2``: each token's sum of
+#: squares and X times the norm's weight while staging, as the N = 1 kernel does), and with it the Llama engine's
+#: one-token path (norms and residual adds inside the projections) for decode steps of 2 sequences.  Off by default
+#: (``FLASH_LLM_DR_NT_NORM=1`` turns it on): written in session 56 without a GPU to run it on, so neither checked on
+#: one nor timed; the GPU tests that cover it set it themselves.
+DR_NT_NORM = os.environ.get("FLASH_LLM_DR_NT_NORM", "0") == "1"
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -663,9 +669,12 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     if lay.coded and x.dtype != torch.bfloat16:  # (coded values: bf16 kernels only; the expansion decodes them too)
         raise ValueError(f"x: a DeltaRows weight with coded values is bf16, got x in {x.dtype}")
     if 2 <= n <= DELTA_MULTI_MAX:
-        if norm is not None or act == "relu" or (act is not None and not lay.paired):
+        nt_norm = norm is not None and dr_nt_norm_ok(n, k, lay.parts, norm)
+        if (norm is not None and not nt_norm) or act == "relu" or (act is not None and not lay.paired):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
-        return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to)
+        if nt_norm:  # (the kernel stages X and the norm's weight by 16-byte loads)
+            x, norm = _aligned16(x.contiguous()), (_aligned16(norm[0].contiguous()), norm[1])
+        return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm if nt_norm else None)
     ln_bias = norm[1] if norm is not None and len(norm) == 3 else None
     fused = n == 1 and (act in (None, "relu") or lay.paired) and (
         norm is None or all(t is None or (t.is_contiguous() and t.data_ptr() % 4 == 0) for t in (norm[0], ln_bias)))
@@ -694,6 +703,14 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
             (slices, I), (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
+
+
+def dr_nt_norm_ok(n: int, k: int, parts: int, norm: tuple | None = None) -> bool:
+    """Whether DeltaRows' multi-token kernels take an RMSNorm ``norm = (weight, eps)`` inside (:data:`DR_NT_NORM`): 2
+    tokens on the parts layout (its window is all of K) with ``K % 8 == 0`` and a parts window that fits shared
+    memory; not a LayerNorm."""
+    return (DR_NT_NORM and n == 2 and parts > 1 and k % 8 == 0 and parts_nt_window(k, 2) > 0
+            and (norm is None or len(norm) == 2))
 
 
 def _dr_n1_out(x, m, out, act, norm, add_to) -> tuple[torch.Tensor, int]:
@@ -797,11 +814,12 @@ def dr_nt_atomic_ok(splits: int) -> bool:
     return bool(DR_NT_ATOMIC) and splits >= max(2, DR_NT_ATOMIC_MIN_SPLITS)
 
 
-def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
+def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None) -> torch.Tensor:
     """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up;
     its X window :func:`split_nt_window`) stores each split's partials, ``delta_rows_reduce_<dtype>`` sums
     them in split order with the epilogue; on the parts layout (one split) ``delta_rows_parts_<dtype>_nt<NT>``
-    applies the epilogue and writes ``y`` itself."""
+    applies the epilogue and writes ``y`` itself, and at 2 tokens an RMSNorm ``norm`` too (:func:`dr_nt_norm_ok`; X and
+    its weight on 16 bytes)."""
     from ..formats.delta_rows import layout
 
     n = x.shape[0]
@@ -816,7 +834,11 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
     suffix = _dtype_suffix(x.dtype)
     coded = "c" if lay.coded else ""  # (coded values: their kernels; the reduction after them is the plain one)
     pdl = PDL_SPMM and getattr(_static, "on", False)
-    mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
+    mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0) | (_DR_RMS if norm is not None else 0)
+    if norm is not None and not (dr_nt_norm_ok(n, k, lay.parts, norm) and x.data_ptr() % 16 == 0
+                                 and norm[0].data_ptr() % 16 == 0):
+        raise ValueError(f"norm inside the multi-token kernel needs 2 tokens on the parts layout with 16-byte rows "
+                         f"(n={n}, parts={lay.parts}, k={k})")
     bias_ptr = bias.data_ptr() if bias is not None else 0
     grid = (ceil_div(slices, DR_WARPS), s, 1)
 
@@ -834,7 +856,9 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to) -> torch.T
         # kernel applies the epilogue and writes y itself (no partials, no reduction)
         wmax = parts_nt_window(k, nt)
         launch(f"delta_rows_parts_{suffix}_nt{nt}{coded}", grid, 32 * DR_WARPS,
-               walk_args(0, wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I)],
+               walk_args(0, wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I),
+                                     (norm[0].data_ptr() if norm is not None else 0, P),
+                                     (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)],
                stream, dev.index, wmax * nt * 2, pdl=pdl)
         return y
     # the split layout: partials, then the reduction; the weight's widest block window staged in dynamic shared
@@ -1066,11 +1090,17 @@ def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype
     Tiled-CSL or the bitmap warpgroup kernels, ``m`` a multiple of 128; ``norm`` and ``add``: the Tiled-CSL kernel of
     N = 1 (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned); ``act="relu"`` and ``layer_norm`` (a
     LayerNorm as the norm): DeltaRows only.  Shapes only: no launch, no sync."""
-    if fmt == DELTA_ROWS:  # at N = 1 the kernel does them all; SiLU x up on a weight with paired halves only
-        from ..formats.delta_rows import paired_halves
+    if fmt == DELTA_ROWS:  # at N = 1 the kernel does them all; SiLU x up on a weight with paired halves only; at 2
+        # tokens (DR_NT_NORM) the multi-token kernels: the bias, the residual add, SiLU x up, and an RMSNorm on the
+        # parts layout (dr_nt_norm_ok)
+        from ..formats.delta_rows import layout, paired_halves
 
-        return n == 1 and (act in (None, "relu") or (offsets is not None and paired_halves(m, offsets.numel(),
-                                                                                             data.numel())))
+        paired = offsets is not None and paired_halves(m, offsets.numel(), data.numel())
+        if n == 1:
+            return act in (None, "relu") or paired
+        if n != 2 or not DR_NT_NORM or offsets is None or act == "relu" or layer_norm or (act and not paired):
+            return False
+        return not norm or dr_nt_norm_ok(n, k, layout(m, offsets.numel(), data.numel()).parts)
     if act == "relu" or layer_norm:
         return False
     density = _density(fmt, data, m, k)

@@ -2704,22 +2704,43 @@ DEVI void dr_xcol(const unsigned char* xsb, u32 off, float (&xv)[NT]) {  // the 
 // the column-a-thread loop took one a 8 columns (four).  Session 56 (H200, Llama-3-8B bf16 80 %): batch 2 2.820 ->
 // 2.647 ms a token.  The same for NT = 4 (one unit a thread in flight: more registers spilled the split kernel) ran
 // batch 3 2.4 % slower, so NT = 4 and 8 keep the column loop.
-DEVI void dr_nt_stage_vec(const u16* __restrict__ x, u16* xs, int a0, int w, int N, int K) {
+// RMS (the parts layout's DR_RMS, kernels.DR_NT_NORM; g the norm's weight on 16 bytes): as the N = 1 parts kernel's
+// staging, each token's columns times the norm's weight rounded once (mul8_rn) and its sum of squares of the raw
+// values added into q0 / q1 (this thread's columns in order; dr_post_sums then sums the block's), 2 units in flight.
+template <bool BF16, bool RMS>
+DEVI void dr_nt_stage_vec(const u16* __restrict__ x, u16* xs, int a0, int w, int N, int K, const u16* __restrict__ g,
+                          float& q0, float& q1) {
   constexpr int NT = 2;
-  constexpr int T = 32 * DR_WARPS, U = 4;
+  constexpr int T = 32 * DR_WARPS, U = RMS ? 2 : 4;
   const int units = w >> 3;
   for (int u0 = threadIdx.x; u0 < units; u0 += U * T) {
-    uint4 r[U][NT];
+    uint4 r[U][NT], gw[RMS ? U : 1];
 #pragma unroll
-    for (int i = 0; i < U; ++i)
+    for (int i = 0; i < U; ++i) {
 #pragma unroll
       for (int t = 0; t < NT; ++t)
         r[i][t] = u0 + i * T < units && t < N
                       ? __ldg(reinterpret_cast<const uint4*>(x + (long long)t * K + a0) + u0 + i * T)
                       : make_uint4(0u, 0u, 0u, 0u);
+      if (RMS)
+        gw[i] = u0 + i * T < units ? __ldg(reinterpret_cast<const uint4*>(g + a0) + u0 + i * T)
+                                   : make_uint4(0u, 0u, 0u, 0u);
+    }
 #pragma unroll
     for (int i = 0; i < U; ++i) {
       if (u0 + i * T >= units) break;
+      if (RMS) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          if (t >= N) break;
+          float f[8];
+          unpack8<BF16>(r[i][t], f);
+          float& q = t == 0 ? q0 : q1;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) q = fmaf(f[c], f[c], q);
+          r[i][t] = mul8_rn<BF16>(r[i][t], gw[RMS ? i : 0]);
+        }
+      }
       u16* dst = xs + (long long)(u0 + i * T) * 8 * NT;
       u32 out[4 * NT];  // the unit's 8 columns, NT / 2 words each
 #pragma unroll
@@ -2808,7 +2829,8 @@ template <bool BF16, int NT, bool ONE, bool ATOMIC = false, bool CODED = false>
 DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              float* __restrict__ ws, int S, int N, int K, int M, int slices, int P, int wmax,
                              u16* __restrict__ y = nullptr, const u16* __restrict__ bias = nullptr, int mode = 0,
-                             int* __restrict__ tickets = nullptr) {
+                             int* __restrict__ tickets = nullptr, const u16* __restrict__ colscale = nullptr,
+                             float eps = 0.f) {
   constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
   extern __shared__ __align__(16) u16 drnt_x[];
   u16* const xs = drnt_x;  // wmax x NT 16-bit values (dynamic shared memory)
@@ -2848,9 +2870,22 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const int a0 = bw.x, w = bw.y;
   pdl_wait();  // X and every global write come after the previous kernel (programmatic launch; else a no-op)
   const bool staged = w <= wmax;  // (the same for the whole block)
+  // DR_RMS: the parts layout at 2 tokens only, X and the norm's weight on 16 bytes, K % 8 == 0 (the launcher's
+  // _delta_rows_cuda takes it only so; anything else would be a wrong answer, so it traps)
+  const bool rms = ONE && NT == 2 && (mode & DR_RMS);
+  __shared__ float qpart[DR_WARPS], qpart2[DR_WARPS];
   if (NT == 2 && staged && (K & 7) == 0 && (reinterpret_cast<size_t>(x) & 15) == 0) {  // (a0, w: 8-aligned, in K)
-    dr_nt_stage_vec(x, xs, a0, w, N, K);
+    float q0 = 0.f, q1 = 0.f;
+    if (rms) {
+      if (reinterpret_cast<size_t>(colscale) & 15) __trap();
+      dr_nt_stage_vec<BF16, true>(x, xs, a0, w, N, K, colscale, q0, q1);
+      dr_post_sums(q0, q1, qpart, qpart2);
+    } else {
+      dr_nt_stage_vec<BF16, false>(x, xs, a0, w, N, K, nullptr, q0, q1);
+    }
     __syncthreads();
+  } else if (rms) {
+    __trap();
   } else if (staged) {
     for (int c = threadIdx.x; c < w; c += 32 * DR_WARPS) {  // column a0 + c of every token (0 past N or K)
       u32 h[NT / 2];
@@ -2918,6 +2953,16 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
     for (int t = 0; t < NT; ++t) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
   }
   if (ONE) {  // one split: the epilogue here (SiLU x up: lanes 16-31 hold the up rows of lanes 0-15)
+    if (NT == 2 && rms) {  // each token's RMSNorm factor, from the block's sums of squares (in warp order)
+      float s0 = qpart[0], s1 = qpart2[0];
+#pragma unroll
+      for (int i = 1; i < DR_WARPS; ++i) {
+        s0 += qpart[i];
+        s1 += qpart2[i];
+      }
+      acc[0] *= rsqrtf(s0 * __fdividef(1.f, (float)K) + eps);
+      acc[NT - 1] *= rsqrtf(s1 * __fdividef(1.f, (float)K) + eps);
+    }
     const bool silu = mode & DR_SILU;
     float up[NT];
 #pragma unroll
@@ -2953,8 +2998,9 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
     delta_rows_nt_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, P, wmax);                    \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_##NAME##_nt##NT(DR_NT_ARGS,              \
-      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode) {                                          \
-    delta_rows_nt_body<BF16, NT, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, mode);     \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps) { \
+    delta_rows_nt_body<BF16, NT, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, mode, nullptr, \
+                                       colscale, eps);                                                       \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_##NAME##_nt##NT##a(DR_NT_ARGS,           \
       u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, int *__restrict__ tickets) {                \
@@ -2982,9 +3028,9 @@ INSTANTIATE_DR_NT(bf16, true, 8, (32 * DR_WARPS))
   }
 #define INSTANTIATE_DR_PARTS_NT_CODED(NT, BOUNDS)                                                               \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_bf16_nt##NT##c(DR_NT_ARGS,                \
-      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode) {                                           \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps) { \
     delta_rows_nt_body<true, NT, true, false, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, \
-                                                    mode);                                                    \
+                                                    mode, nullptr, colscale, eps);                           \
   }
 INSTANTIATE_DR_NT_CODED(2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT_CODED(4, (32 * DR_WARPS, 8))

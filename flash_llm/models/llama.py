@@ -209,11 +209,13 @@ class LlamaDecoderLayer(nn.Module):
 
     def sparse_projections(self, x: torch.Tensor) -> tuple | None:
         """The layer's ``(qkv, o, gate_up, down)`` :class:`~flash_llm.SparseLinear` layers when
-        :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``, contiguous),
+        :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``, contiguous; or a decode step
+        of 2 sequences, ``x [2, 1, H]``, with :data:`flash_llm.kernels.DR_NT_NORM`),
         :data:`FUSE_NORMS`, no autograd, q / k / v and gate / up merged, all four sparse without bias and both norms'
         weights in ``x``'s dtype, SiLU, and on CUDA the kernels able to do the elementwise work (:func:`_kernels_fuse`:
         Tiled-CSL with split-K); else None (the layer then runs :meth:`forward_deferred`)."""
-        if not FUSE_NORMS or x.shape[0] * x.shape[1] != 1 or torch.is_grad_enabled() or self.mlp.act is not F.silu:
+        if not FUSE_NORMS or x.shape[1] != 1 or x.shape[0] > _one_token_batch() or torch.is_grad_enabled() \
+                or self.mlp.act is not F.silu:
             return None
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
         if not x.is_contiguous() or any(w.dtype != x.dtype or w.device != x.device for w in norms):
@@ -231,7 +233,8 @@ class LlamaDecoderLayer(nn.Module):
         the projection before it (:func:`flash_llm.ops.spmm_add_`), SiLU x up inside the gate / up projection.  With
         the Tiled-CSL kernels a layer is then 4 spmm launches that sum their own splits (``kernels.N1_FUSED``; else
         4 split-K reductions more) and the attention, against 12 launches for :meth:`forward_deferred`.  ``x [1, 1,
-        H]``, the residual stream, is updated in place and returned."""
+        H]`` (``[2, 1, H]``: a step of 2 sequences, :data:`flash_llm.kernels.DR_NT_NORM`), the residual stream, is
+        updated in place and returned."""
         qkv, o, gate_up, down = layers
         a, norm, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
         q, k, v = ops.spmm_rms_norm(x, norm.weight, norm.eps, qkv.weight).split(a.qkv_proj.sizes, dim=-1)
@@ -241,6 +244,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 _FUSES: dict[tuple, bool] = {}
+
+
+def _one_token_batch() -> int:
+    """The most sequences a decode step may run :meth:`LlamaDecoderLayer.forward_one_token` on: 2 with
+    :data:`flash_llm.kernels.DR_NT_NORM` (DeltaRows' 2-token kernel takes the RMSNorm), else 1."""
+    from .. import kernels
+
+    return 2 if kernels.DR_NT_NORM else 1
 
 
 def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
@@ -254,11 +265,13 @@ def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
     from .. import kernels
     from ..reference import FORMAT_IDS
 
-    key = (x.device, x.dtype) + tuple((p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape) for p in layers)
+    n = x.shape[0] * x.shape[1]
+    key = (x.device, x.dtype, n, kernels.DR_NT_NORM) + tuple(
+        (p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape) for p in layers)
     if key not in _FUSES:
         wants = ({"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True})
         _FUSES[key] = kernels.supported(x.device)[0] and all(
-            kernels.epilogue_fusable(FORMAT_IDS[type(p.weight)], p.weight.data, *p.weight.shape, 1, x.dtype, x.device,
+            kernels.epilogue_fusable(FORMAT_IDS[type(p.weight)], p.weight.data, *p.weight.shape, n, x.dtype, x.device,
                                      offsets=p.weight.offsets, **want) for p, want in zip(layers, wants))
     return _FUSES[key]
 
