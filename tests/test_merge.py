@@ -399,7 +399,8 @@ def test_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
 def test_one_token_layers_need_the_kernels_to_fuse_on_cuda(monkeypatch):
     """On CUDA a layer takes forward_one_token only where kernels.epilogue_fusable says the reductions do the norms,
     SiLU x up and residual adds for all four projections (else the separate operations would be slower than
-    forward_deferred); asked once per weights, device and dtype.  On the CPU the reference runs either way."""
+    forward_deferred); asked once per weights, device, dtype and token count.  On the CPU the reference runs either
+    way."""
     from types import SimpleNamespace
 
     from flash_llm import kernels
@@ -418,7 +419,7 @@ def test_one_token_layers_need_the_kernels_to_fuse_on_cuda(monkeypatch):
                         lambda fmt, data, m_, k_, n, dtype, dev, offsets=None, **kw:
                         asked.append((m_, k_, n, kw, offsets)) or answer["ok"])
     monkeypatch.setattr(llama, "_FUSES", {})
-    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16)
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16, shape=(1, 1, 64))
     assert llama._kernels_fuse(layers, x) is True
     assert [a[3] for a in asked] == [{"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True}]
     assert all(a[2] == 1 for a in asked) and asked[0][:2] == tuple(layers[0].weight.shape)
@@ -428,3 +429,6 @@ def test_one_token_layers_need_the_kernels_to_fuse_on_cuda(monkeypatch):
     answer["ok"] = False
     assert llama._kernels_fuse(layers, x) is False
     assert llama._kernels_fuse(layers, torch.zeros(1)) is True  # the CPU
+    answer["ok"] = True
+    two = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16, shape=(2, 1, 64))
+    assert llama._kernels_fuse(layers, two) is True and [a[2] for a in asked[-4:]] == [2] * 4  # (asked per count)

@@ -259,7 +259,7 @@ def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
     for these ``(qkv, o, gate_up, down)`` layers (:func:`flash_llm.kernels.epilogue_fusable`: Tiled-CSL with split-K at
     N = 1, or DeltaRows with gate / up paired).  Elsewhere the one-token ops would run it as separate operations,
     slower than the compiled norms of ``forward_deferred``.  The CPU runs the reference either way: True.  Cached per
-    weights, device and dtype."""
+    weights, device, dtype, token count (1, or 2 with :data:`flash_llm.kernels.DR_NT_NORM`) and that switch."""
     if not x.is_cuda:
         return True
     from .. import kernels
