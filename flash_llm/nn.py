@@ -12,7 +12,9 @@ Inference only: a :class:`SparseLinear` holds no parameters and no gradient flow
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -27,6 +29,22 @@ from .ops import spmm
 
 #: Format names accepted by ``fmt=`` and :attr:`SparsifyConfig.format`.
 FORMAT_NAMES = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL, "delta-rows": DeltaRows}
+
+_SAVING = threading.local()  # .on: coded weights' plain copies in state_dict() go to the CPU (plain_state_on_cpu)
+
+
+@contextlib.contextmanager
+def plain_state_on_cpu():
+    """Inside, a :class:`SparseLinear` whose weight the engine coded (``DeltaRows.code_values``) puts the plain copies
+    it writes into ``state_dict()`` on the CPU, each moved there (and its device copy freed) before the next layer's
+    is made.  The checkpoint writers use it, so saving a coded model from a GPU takes one layer's plain copy of device
+    memory at a time, not every layer's at once.  Elsewhere ``state_dict()`` keeps them on the weight's device."""
+    before = getattr(_SAVING, "on", False)
+    _SAVING.on = True
+    try:
+        yield
+    finally:
+        _SAVING.on = before
 
 
 def _format_class(fmt, name: str = "fmt") -> type[SparseFormat]:
@@ -241,6 +259,8 @@ class SparseLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if getattr(self.weight, "coded", False):  # in-memory coding (DeltaRows.code_values): saved as plain values
             for n, t in self.weight.state("weight_")[0].items():  # a copy; the buffers stay coded
+                if getattr(_SAVING, "on", False):  # (plain_state_on_cpu: the checkpoint writers)
+                    t = t.to("cpu")
                 destination[prefix + n] = t if keep_vars else t.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

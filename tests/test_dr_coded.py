@@ -162,6 +162,35 @@ def test_code_delta_rows_codes_the_bf16_layers_in_place():
     assert code_delta_rows(model) == []
 
 
+def test_checkpoint_writers_take_the_coded_layers_plain_copies_on_the_cpu(monkeypatch):
+    """state_to_save (save_pretrained, the sparse-bitmask writer) asks state_dict() under plain_state_on_cpu, where a
+    coded layer's plain copies are moved to the CPU as each is made (so a GPU holds one layer's at a time); the switch
+    is per thread and put back after, nested or not, and state_dict() outside it is unchanged."""
+    from flash_llm import nn as fnn
+    from flash_llm.checkpoint import _model
+    from flash_llm.engine import code_delta_rows
+    from flash_llm.nn import SparseLinear, plain_state_on_cpu
+
+    src = torch.nn.Sequential(SparseLinear(_encode(_pruned(64, 128, 0.2, seed=1), 2), bias=None))
+    code_delta_rows(src)
+    seen = []
+    real = SparseLinear._save_to_state_dict
+    monkeypatch.setattr(SparseLinear, "_save_to_state_dict",
+                        lambda self, *a: seen.append(getattr(fnn._SAVING, "on", False)) or real(self, *a))
+    state, sparse = _model.state_to_save(src)
+    assert seen == [True] and list(sparse) == ["0"] and not fnn._SAVING.on
+    assert torch.equal(state["0.weight_data"], src.state_dict()["0.weight_data"]) and seen == [True, False]
+    moved = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(a) or real_to(self, *a, **k))
+    with plain_state_on_cpu():
+        with plain_state_on_cpu():
+            assert fnn._SAVING.on
+        assert fnn._SAVING.on
+        src.state_dict()
+    assert not fnn._SAVING.on and ("cpu",) in moved
+
+
 def test_a_coded_models_state_dict_and_checkpoint_hold_the_plain_values(tmp_path):
     """The engine codes its layers in place; saving such a model writes the plain values (the files' format), and
     they load back into a fresh model, a coded one included, as the same weights."""

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..nn import SparseLinear
+from ..nn import SparseLinear, plain_state_on_cpu
 
 EXTRA_STATE = "_extra_state"
 
@@ -100,14 +100,17 @@ def state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     """The tensors a checkpoint of ``model`` stores, by state-dict name, and its SparseLinear layers by name.
 
     SparseLinear ``_extra_state`` entries are left out (their format metadata goes into the file header);
-    of tensors that are the same view of the same memory (tied weights) only the first name is kept.
+    of tensors that are the same view of the same memory (tied weights) only the first name is kept.  The plain
+    copies of coded weights (an engine's model) come on the CPU (:func:`flash_llm.nn.plain_state_on_cpu`).
     Raises for tensors on ``meta``, partially overlapping tensors and other modules' extra state.
     """
     sparse = {fqn: m for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
     seen: dict[tuple, str] = {}
     storages: dict[tuple, str] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    with plain_state_on_cpu():  # (a coded layer's plain copy leaves the GPU before the next one is made)
+        state = model.state_dict()
+    for name, t in state.items():
         owner, _, attr = name.rpartition(".")
         if attr == EXTRA_STATE and owner in sparse:
             continue
