@@ -367,6 +367,7 @@ def test_two_sequences_decode_with_the_norms_inside_the_two_token_kernels(monkey
     model = _small_delta_rows_llama(0.8)
     gen = torch.Generator().manual_seed(6)
     prompts = [[int(t) for t in torch.randint(0, 4096, (n,), generator=gen)] for n in (64, 40)]
+    monkeypatch.setattr(kernels, "DR_NT_NORM", False)  # (the separate norms' engine)
     want = Engine(model, max_batch=2, max_seq=128, fuse=True, merge=True).generate(prompts, 8, output_logits=True,
                                                                                      eos_token_id=None)
     calls = []

@@ -278,9 +278,9 @@ def test_fused_model_runs_one_token_through_the_sparse_projections(family, kind,
 
 
 def test_two_sequences_take_the_one_token_layers_with_dr_nt_norm(monkeypatch, dynamo_reset_after):
-    """With ``kernels.DR_NT_NORM`` (off by default) a fused, merged Llama decodes steps of 2 sequences through
+    """With ``kernels.DR_NT_NORM`` (the default) a fused, merged Llama decodes steps of 2 sequences through
     forward_one_token too (the norms and residual adds inside the projections; on the CPU the reference), 3 sequences
-    and the default keep forward_deferred; both generate the same tokens, the logits within rounding."""
+    and the switch off keep forward_deferred; both generate the same tokens, the logits within rounding."""
     from flash_llm import kernels
     from flash_llm.models import llama
 
@@ -294,8 +294,9 @@ def test_two_sequences_take_the_one_token_layers_with_dr_nt_norm(monkeypatch, dy
         return Engine(_model("llama", "delta-rows"), max_batch=2, max_seq=32, fuse=True, merge=True).generate(
             prompts, 6, output_logits=True, eos_token_id=None)
 
+    monkeypatch.setattr(kernels, "DR_NT_NORM", False)
     want = run()
-    assert calls == []  # (the default: 2 sequences take forward_deferred)
+    assert calls == []  # (the switch off: 2 sequences take forward_deferred)
     monkeypatch.setattr(kernels, "DR_NT_NORM", True)
     got = run()
     assert calls == [(0, 2), (1, 2)] * 5  # 5 decode steps of both sequences after the prefill's token
@@ -368,8 +369,9 @@ def test_opt_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
 
 def test_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
     """LlamaDecoderLayer.sparse_projections: the four sparse layers for one contiguous token without autograd; None
-    (forward_deferred) for two tokens, autograd, a non-contiguous x, norms in another dtype, unmerged projections, a
-    dense projection, or FLASH_LLM_FUSE_NORMS=0."""
+    (forward_deferred) for three tokens (two without ``kernels.DR_NT_NORM``), autograd, a non-contiguous x, norms in
+    another dtype, unmerged projections, a dense projection, or FLASH_LLM_FUSE_NORMS=0."""
+    from flash_llm import kernels
     from flash_llm.models import llama
 
     m = _model("llama", "tiled-csl")
@@ -382,7 +384,11 @@ def test_sparse_projections_says_when_one_token_layers_apply(monkeypatch):
         got = layer.sparse_projections(x)
         assert got is not None and all(isinstance(p, flash_llm.SparseLinear) for p in got)
         assert got[0] is layer.self_attn.qkv_proj.layer and got[3] is layer.mlp.down_proj
+        assert layer.sparse_projections(torch.randn(3, 1, h).to(torch.float16)) is None
+        monkeypatch.setattr(kernels, "DR_NT_NORM", False)
         assert layer.sparse_projections(torch.randn(2, 1, h).to(torch.float16)) is None
+        monkeypatch.setattr(kernels, "DR_NT_NORM", True)  # (2 sequences; on CUDA _kernels_fuse decides per format)
+        assert layer.sparse_projections(torch.randn(2, 1, h).to(torch.float16)) is not None
         assert layer.sparse_projections(torch.randn(1, 1, 2 * h).to(torch.float16)[..., ::2]) is None
         layer.post_attention_layernorm.weight.data = layer.post_attention_layernorm.weight.data.float()
         assert layer.sparse_projections(x) is None

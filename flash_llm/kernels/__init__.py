@@ -175,10 +175,13 @@ DR_NT_ATOMIC = os.environ.get("FLASH_LLM_DR_NT_ATOMIC", "1") != "0"
 DR_NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS", "17"))
 #: RMSNorm inside DeltaRows' 2-token kernel of the parts layout (``delta_rows_parts_<dtype>_nt2``: each token's sum of
 #: squares and X times the norm's weight while staging, as the N = 1 kernel does), and with it the Llama engine's
-#: one-token path (norms and residual adds inside the projections) for decode steps of 2 sequences.  Off by default
-#: (``FLASH_LLM_DR_NT_NORM=1`` turns it on): written in session 56 without a GPU to run it on, so neither checked on
-#: one nor timed; the GPU tests that cover it set it themselves.
-DR_NT_NORM = os.environ.get("FLASH_LLM_DR_NT_NORM", "0") == "1"
+#: one-token path (norms and residual adds inside the projections) for decode steps of 2 sequences.  On by default
+#: (``FLASH_LLM_DR_NT_NORM=0`` turns it off).  H200, session 57 (Llama-3-8B bf16, 80 %, coded DeltaRows, batch 2, ms a
+#: token, two rounds of one call): without it 2.651 / 2.650; with it 2.610 / 2.608 when the norm kernels are launched
+#: after their predecessor has finished (no programmatic launch, as here), 2.705 / 2.705 when they are launched
+#: programmatically: then their blocks wait resident through the o projection and down, which slow by 2-3 us each
+#: (``profile_decode.py``), more than the two norm launches a layer cost.
+DR_NT_NORM = os.environ.get("FLASH_LLM_DR_NT_NORM", "1") == "1"
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
@@ -859,7 +862,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None)
                walk_args(0, wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I),
                                      (norm[0].data_ptr() if norm is not None else 0, P),
                                      (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)],
-               stream, dev.index, wmax * nt * 2, pdl=pdl)
+               stream, dev.index, wmax * nt * 2, pdl=pdl and norm is None)  # (DR_NT_NORM: why not programmatic)
         return y
     # the split layout: partials, then the reduction; the weight's widest block window staged in dynamic shared
     # memory
