@@ -282,6 +282,74 @@ def test_chunks_combined_in_a_cluster_give_the_global_combines_bits(dtype, b, h,
 
 @cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,h,hkv,d", [(1, 32, 8, 128), (3, 8, 8, 64), (2, 16, 2, 128), (2, 12, 2, 64)])
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+def test_small_chunks_match_float64(dtype, b, h, hkv, d, rope, monkeypatch):
+    """kernels.DECODE_ATTN_C32: chunks of 32 slots (``decode_attn_<dtype>_d<D>_c32``, four threads a key row) where
+    2-8 of them combine in a cluster (33-256 slots), else the 64-slot kernel (32 slots: one chunk; 300: ten): each
+    output within 2x PyTorch's own error of float64 (with RoPE: of the rotated query and key), the cache written at
+    the slot and nowhere else, the same bits again and under a programmatic launch.  Outputs poisoned."""
+    from flash_llm.models import _fused
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    monkeypatch.setattr(kernels, "DECODE_ATTN_C32", True)
+    monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1 << 20)
+    names = []
+    real = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda name, *a, **kw: names.append(name) or real(name, *a, **kw))
+    for kv_len, slot in ((32, 31), (33, 32), (64, 10), (100, 99), (129, 100), (256, 255), (256, 3), (300, 17)):
+        slots = max(kv_len, slot + 1) + 64
+        q, k, v, cache, mask, st = _case(b, h, hkv, d, slots, kv_len, slot, dtype, "cuda", seed=kv_len + 3 * b,
+                                         masked=(kv_len - 1,) if slot != kv_len - 1 else ())
+        cos, sin = _rope_tables(b, d, dtype, "cuda", kv_len) if rope else (None, None)
+        qr, kr = _fused.rope(q, k, cos, sin) if rope else (q, k)
+        scale = d ** -0.5
+        want, kc, vc = _reference(qr, kr, v, cache, mask, st, kv_len, scale)
+        before = cache.k[0].clone(), cache.v[0].clone()
+        names.clear()
+        out = torch.full((b, 1, h * d), float("nan"), dtype=dtype, device="cuda")
+        kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, kv_len, scale, out=out, cos=cos,
+                                      sin=sin)
+        torch.cuda.synchronize()
+        assert names[-1].endswith("_c32") == (33 <= kv_len <= 256), (kv_len, names)
+        assert torch.equal(cache.k[0][:b].double(), kc) and torch.equal(cache.v[0][:b].double(), vc)
+        assert torch.equal(cache.k[0][b:], before[0][b:]) and torch.equal(cache.v[0][b:], before[1][b:])
+        kk, vv = cache.rows(0, b, kv_len)
+        tol = _tolerance(attention(qr, kk, vv, mask, scale), want, dtype)
+        assert not out.isnan().any()
+        err = (out.double() - want).abs().max().item()
+        assert err <= tol, (kv_len, slot, err, tol)
+        for pdl in (False, True):
+            kc2, vc2 = before[0].clone(), before[1].clone()
+            with kernels.static_weights() if pdl else contextlib.nullcontext():
+                again = kernels.decode_attention_cuda(q, k, v, kc2, vc2, st, mask, kv_len, scale, cos=cos, sin=sin)
+            torch.cuda.synchronize()
+            assert torch.equal(again, out) and torch.equal(kc2, cache.k[0]) and torch.equal(vc2, cache.v[0])
+
+
+def test_small_chunks_only_where_they_combine_in_a_cluster(monkeypatch):
+    """kernels._decode_attn_chunk (no launch, so on the CPU too): with DECODE_ATTN_C32, 32 slots a chunk where 2-8
+    chunks of 32 fit a cluster within the grid limit (Llama-3-8B's heads at batch 1: 33-256 slots), else 64; off by
+    default (not yet timed) and without sm_90 always 64."""
+    monkeypatch.setattr(kernels, "sm90", lambda i: True)
+    monkeypatch.setattr(kernels, "sm_count", lambda i: 132)
+    monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER", True)
+    monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1)
+    chunk = kernels._decode_attn_chunk
+    monkeypatch.setattr(kernels, "DECODE_ATTN_C32", False)
+    assert chunk(1, 8, 1, 256, 0) == kernels.DECODE_ATTN_CHUNK == 64
+    monkeypatch.setattr(kernels, "DECODE_ATTN_C32", True)
+    assert [chunk(1, 8, 1, n, 0) for n in (32, 33, 129, 256, 257, 512)] == [64, 32, 32, 32, 64, 64]
+    assert chunk(2, 8, 1, 256, 0) == 32  # 2 x 8 x 8 = 128 blocks fit 132 SMs
+    assert chunk(3, 8, 1, 256, 0) == 64  # 192 blocks: more than the SMs
+    monkeypatch.setattr(kernels, "sm90", lambda i: False)
+    assert chunk(1, 8, 1, 256, 0) == 64
+
+
+@cuda
+@pytest.mark.gpu
 def test_cluster_combine_only_for_grids_within_the_sms(monkeypatch):
     """The cluster combine runs where the grid has at most DECODE_ATTN_CLUSTER_GRID blocks an SM (batch 1 of
     Llama-3-8B's heads at 256 slots: 32 blocks) and 2-8 chunks; batch 16 (512 blocks) keeps the global combine."""

@@ -1158,6 +1158,12 @@ DECODE_ATTN_CHUNK, DECODE_ATTN_MAX_REP, DECODE_ATTN_HEADS = 64, 8, 4  # DA_CHUNK
 DECODE_ATTN_CLUSTER_MAX = 8
 DECODE_ATTN_CLUSTER = os.environ.get("FLASH_LLM_DECODE_ATTN_CLUSTER", "1") != "0"
 DECODE_ATTN_CLUSTER_GRID = 1
+#: Chunks of 32 slots (``decode_attn_<dtype>_d<D>_c32``: four threads a key row, half the scores' and the values' work a
+#: thread, twice the blocks) where they still combine in one cluster (2-8 chunks: 33-256 slots) within the grid limit
+#: above; else chunks of :data:`DECODE_ATTN_CHUNK`.  At batch 1 the 64-slot chunks leave most SMs idle (Llama-3-8B at
+#: 256 slots: 32 blocks of 4 warps) and each block's phases are chains of dependent shared-memory reads.  Written in
+#: session 57 without a GPU to run it on: off until timed (``FLASH_LLM_DECODE_ATTN_C32=1`` turns it on).
+DECODE_ATTN_C32 = os.environ.get("FLASH_LLM_DECODE_ATTN_C32", "0") == "1"
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -1225,20 +1231,20 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     b, h, _, d = q.shape
     hkv = k.shape[1]
     dev = q.device
-    splits = ceil_div(kv_len, DECODE_ATTN_CHUNK)
+    groups = ceil_div(h // hkv, DECODE_ATTN_HEADS)  # blocks per (sequence, kv head, chunk): query heads in fours
+    chunk = _decode_attn_chunk(b, hkv, groups, kv_len, dev.index)
+    splits = ceil_div(kv_len, chunk)
     if out is None:
         out = torch.empty(b, 1, h * d, dtype=q.dtype, device=dev)
     elif out.shape != (b, 1, h * d) or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
-    groups = ceil_div(h // hkv, DECODE_ATTN_HEADS)  # blocks per (sequence, kv head, chunk): query heads in fours
     stream = torch.cuda.current_stream(dev).cuda_stream
     tickets = _scratch.get_tickets(dev, stream, b * hkv * 2)  # each launch resets the ones it used, as the spmm's do
     # (o, m, l) per (sequence, kv head, head group (two places), chunk, head of the group).  Held until after the
     # launch: freed before it, its block could be handed to an allocation the kernel itself uses (session 11: the
     # tickets, allocated on first use, aliased it and the chunks never combined).
-    cluster = (2 <= splits <= DECODE_ATTN_CLUSTER_MAX and DECODE_ATTN_CLUSTER and sm90(dev.index)
-               and b * hkv * splits * groups <= DECODE_ATTN_CLUSTER_GRID * sm_count(dev.index))
+    cluster = _decode_attn_cluster(b, hkv, groups, splits, dev.index)
     ws = None
     if splits > 1 and not cluster:
         ws = torch.empty(b * hkv * 2 * splits * DECODE_ATTN_HEADS * (d + 2), dtype=torch.float32, device=dev)
@@ -1251,9 +1257,25 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (0 if sin is None else sin.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L),
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32), (int(cluster), I)]
-    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}", (b * hkv, splits, groups), 128, args, stream, dev.index,
-           pdl=_pdl_attention(b, kv_len), cluster=(1, splits, 1) if cluster else None)
+    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}{'_c32' if chunk == 32 else ''}", (b * hkv, splits, groups), 128,
+           args, stream, dev.index, pdl=_pdl_attention(b, kv_len), cluster=(1, splits, 1) if cluster else None)
     return out
+
+
+def _decode_attn_cluster(b: int, hkv: int, groups: int, splits: int, device_index: int) -> bool:
+    """Whether the decode attention's ``splits`` chunks combine inside a thread-block cluster: 2 to
+    :data:`DECODE_ATTN_CLUSTER_MAX` of them, sm_90, :data:`DECODE_ATTN_CLUSTER`, and a grid of at most
+    :data:`DECODE_ATTN_CLUSTER_GRID` blocks an SM."""
+    return (2 <= splits <= DECODE_ATTN_CLUSTER_MAX and DECODE_ATTN_CLUSTER and sm90(device_index)
+            and b * hkv * splits * groups <= DECODE_ATTN_CLUSTER_GRID * sm_count(device_index))
+
+
+def _decode_attn_chunk(b: int, hkv: int, groups: int, kv_len: int, device_index: int) -> int:
+    """The slots a decode-attention block attends: 32 (:data:`DECODE_ATTN_C32`) where 32-slot chunks still combine in a
+    cluster, else :data:`DECODE_ATTN_CHUNK`."""
+    if DECODE_ATTN_C32 and _decode_attn_cluster(b, hkv, groups, ceil_div(kv_len, 32), device_index):
+        return 32
+    return DECODE_ATTN_CHUNK
 
 
 def _pdl_attention(batch: int, kv_len: int) -> bool:

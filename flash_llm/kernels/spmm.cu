@@ -3164,8 +3164,8 @@ INSTANTIATE_BW(bf16, true, 128)
 
 // ------------------------------------------------------------------------------------------------
 // Decode attention: one query token per sequence against a static KV cache, with the cache write, in one launch
-// (flash-decoding: the slots are cut into chunks of DA_CHUNK, one block per (sequence, kv head, chunk, group of up
-// to DA_HEADS of the kv head's query heads)).
+// (flash-decoding: the slots are cut into chunks of DA_CHUNK (32 in the `_c32` kernels), one block per (sequence, kv
+// head, chunk, group of up to DA_HEADS of the kv head's query heads)).
 //   q [B, H, D] (batch stride q_b, heads D apart), the new key and value k_new, v_new [B, Hkv, D] (batch strides
 //   k_b, v_b), the cache kc, vc [*, Hkv, slots, D] (contiguous), *slot: where the new key and value go, an additive
 //   mask [B, S] (batch stride mask_b; -inf where a query may not look) or null, S: the slots attended (0 .. S - 1).
@@ -3180,8 +3180,9 @@ INSTANTIATE_BW(bf16, true, 128)
 // - After it a block issues all its other first loads at once, none waiting for another (session 16): the slot, the
 //   mask, the new value, the queries, the new key and cos / sin.  The value
 //   rows are asked for right after the scores, so they are in flight during the softmax statistics.
-//   - scores: two threads per slot, each with half the key row (D / 16 16-byte loads); dot products with the group's
-//     queries (fp32, shared memory), summed over the pair by one shuffle; masked slots and slots past S score -inf;
+//   - scores: two threads per slot, each with half the key row (D / 16 16-byte loads; `_c32`: four threads, a quarter
+//     each); dot products with the group's queries (fp32, shared memory), summed over the slot's threads by shuffles;
+//     masked slots and slots past S score -inf;
 //   - softmax statistics per head by block reduction;
 //   - values: thread t takes the 8 columns 8 (t % (D / 8)) .. + 7 of the slots t / (D / 8) + 128 / (D / 8) i
 //     (16-byte loads); a slot without weight in any head adds nothing (its row may hold anything), and the slot
@@ -3249,15 +3250,19 @@ DEVI float rope_val(u16 x, u16 p, u16 c, u16 s, bool low) {
   return to_float<BF16>(from_float<BF16>(a + b));
 }
 
-template <bool BF16, int D>
+// CHUNK: the slots a block attends, DA_CHUNK (64: two threads a slot's key row) or 32 (four threads a row, half the
+// scores' and the values' work a thread, twice the blocks: `_c32`, kernels.DECODE_ATTN_C32, where the grid is small)
+template <bool BF16, int D, int CHUNK = DA_CHUNK>
 DEVI void decode_attn_body(const DecodeAttn a) {
   constexpr int WARPS_DA = DA_THREADS / 32, HALF = D / 2;
-  constexpr int CG = D / 8, SG = DA_THREADS / CG, PER = DA_CHUNK / SG;  // value phase: column groups, slot groups
+  constexpr int TPS = DA_THREADS / CHUNK, QD = D / TPS;  // scores: threads a slot, the dimensions each takes
+  constexpr int CG = D / 8, SG = DA_THREADS / CG, PER = CHUNK / SG;  // value phase: column groups, slot groups
   constexpr int QPT = DA_HEADS * D / DA_THREADS;  // query elements per thread (the thread's column d, heads apart)
   static_assert(WARPS_DA == DA_HEADS, "decode attention: the combine gives each head of a group one warp");
   static_assert(DA_THREADS % D == 0, "decode attention: a thread's query elements share one column");
+  static_assert(TPS * CHUNK == DA_THREADS && (TPS == 2 || TPS == 4) && PER >= 1, "decode attention: chunk");
   __shared__ __align__(16) float qs[DA_HEADS][D];
-  __shared__ float ps[DA_HEADS][DA_CHUNK];
+  __shared__ float ps[DA_HEADS][CHUNK];
   __shared__ float red[DA_HEADS][WARPS_DA];
   __shared__ __align__(16) float os[SG][DA_HEADS][D];
   __shared__ float stat[2][DA_HEADS];  // the chunk's m and l per head; in the combine, the running max and sum
@@ -3268,8 +3273,8 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y, hg = blockIdx.z;
   const int rep = a.heads / a.kv_heads, h0 = hg * DA_HEADS, nh = min(DA_HEADS, rep - h0);
-  const int s0 = split * DA_CHUNK;
-  const int sl = tid >> 1, half = tid & 1, s = s0 + sl;  // scores: slot s, dimensions half * HALF .. + HALF - 1
+  const int s0 = split * CHUNK;
+  const int sl = tid / TPS, part = tid % TPS, s = s0 + sl;  // scores: slot s, dimensions part * QD .. + QD - 1
   const int cg = tid % CG, sg = tid / CG;                 // values: columns 8 cg .. + 7 of slots s0 + sg + SG u
   const int d = tid % D, dp = d < HALF ? d + HALF : d - HALF;  // the thread's query column and its RoPE partner
   // Under kernels.static_weights the kernel is launched programmatically: it waits here for the projection that
@@ -3282,16 +3287,16 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   // L2 is where every write lands, so no block can read a stale line through it.  (Session 19, H200, Llama-3-8B at
   // 80 %: batch 1 2.908 -> 2.884 ms per token; at batch 16, asked by every block, 4.23 -> 4.27 ms, so batch 1 only.)
   if (tid == 0 && s0 < a.S && gridDim.x == a.kv_heads) {
-    const u32 bytes = 2u * D * (u32)min(DA_CHUNK, a.S - s0);
+    const u32 bytes = 2u * D * (u32)min(CHUNK, a.S - s0);
     l2_prefetch(a.vc + cache0 + (long long)s0 * D, bytes);
   }
   // The chunk's key rows (static: only this launch writes the cache, at the slot, whose stale row is replaced below
   // from kn), loaded before the wait so their latency hides behind the projection's end.
-  uint4 kr[HALF / 8];
+  uint4 kr[QD / 8];
   {
-    const u16* krow = a.kc + cache0 + (long long)s * D + half * HALF;
+    const u16* krow = a.kc + cache0 + (long long)s * D + part * QD;
 #pragma unroll
-    for (int c = 0; c < HALF / 8; ++c)
+    for (int c = 0; c < QD / 8; ++c)
       kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
   pdl_wait();
@@ -3329,8 +3334,8 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   __syncthreads();  // qs, kn
   if (s == slot)
 #pragma unroll
-    for (int c = 0; c < HALF / 8; ++c) kr[c] = *reinterpret_cast<const uint4*>(kn + half * HALF + 8 * c);
-  if (hg == 0 && slot >= 0 && split == min(slot / DA_CHUNK, a.splits - 1) && tid < D / 8) {
+    for (int c = 0; c < QD / 8; ++c) kr[c] = *reinterpret_cast<const uint4*>(kn + part * QD + 8 * c);
+  if (hg == 0 && slot >= 0 && split == min(slot / CHUNK, a.splits - 1) && tid < D / 8) {
     *reinterpret_cast<uint4*>(a.kc + cache0 + (long long)slot * D + 8 * tid) =
         *reinterpret_cast<const uint4*>(kn + 8 * tid);
     *reinterpret_cast<uint4*>(a.vc + cache0 + (long long)slot * D + 8 * tid) = vn;  // (cg == tid here)
@@ -3341,14 +3346,14 @@ DEVI void decode_attn_body(const DecodeAttn a) {
 #pragma unroll
     for (int h = 0; h < DA_HEADS; ++h) acc[h] = 0.f;
 #pragma unroll
-    for (int c = 0; c < HALF / 8; ++c) {
+    for (int c = 0; c < QD / 8; ++c) {
       float kf[8];
       unpack8<BF16>(kr[c], kf);
 #pragma unroll
       for (int h = 0; h < DA_HEADS; ++h)
         if (h < nh) {
-          const float4 q0 = *reinterpret_cast<const float4*>(&qs[h][half * HALF + 8 * c]);
-          const float4 q1 = *reinterpret_cast<const float4*>(&qs[h][half * HALF + 8 * c + 4]);
+          const float4 q0 = *reinterpret_cast<const float4*>(&qs[h][part * QD + 8 * c]);
+          const float4 q1 = *reinterpret_cast<const float4*>(&qs[h][part * QD + 8 * c + 4]);
           acc[h] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
                     q1.z * kf[6] + q1.w * kf[7];
         }
@@ -3356,6 +3361,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
 #pragma unroll
     for (int h = 0; h < DA_HEADS; ++h) {
       acc[h] += __shfl_xor_sync(FULL_MASK, acc[h], 1);
+      if (TPS == 4) acc[h] += __shfl_xor_sync(FULL_MASK, acc[h], 2);
       sc[h] = live ? acc[h] + mk : DA_NEG_INF;
     }
   }
@@ -3389,8 +3395,8 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   for (int h = 0; h < DA_HEADS; ++h) {
     if (h >= nh) break;
     const float p = sc[h] == DA_NEG_INF ? 0.f : __expf(sc[h] - m[h]);
-    if (half == 0) ps[h][sl] = p;
-    const float ws = warp_sum(half == 0 ? p : 0.f);
+    if (part == 0) ps[h][sl] = p;
+    const float ws = warp_sum(part == 0 ? p : 0.f);
     if (lane == 0) red[h][warp] = ws;
   }
   __syncthreads();
@@ -3567,6 +3573,9 @@ DEVI void decode_attn_body(const DecodeAttn a) {
 #define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
     decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D##_c32(DA_ARGS) {     \
+    decode_attn_body<BF16, D, 32>(DecodeAttn DA_STRUCT);                                                  \
   }
 INSTANTIATE_DA(f16, false, 64)
 INSTANTIATE_DA(f16, false, 128)
