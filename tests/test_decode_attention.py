@@ -255,10 +255,11 @@ def test_chunks_combined_in_a_cluster_give_the_global_combines_bits(dtype, b, h,
     block 0 combines the chunks from the others' shared memory (kernels.DECODE_ATTN_CLUSTER): the same outputs and
     cache as the combine through global memory, bit for bit, for 1 to 8 chunks and past 8 (600 slots: the global
     combine either way); under a programmatic launch too.  (Every grid here may take the cluster: the limit on the
-    grid is policy, tested below.)"""
+    grid is policy, tested below; 64-slot chunks throughout: the 32-slot ones only combine in a cluster.)"""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
     monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1 << 20)
+    monkeypatch.setattr(kernels, "DECODE_ATTN_C32", False)
     for kv_len, slot in ((64, 10), (65, 64), (129, 100), (256, 255), (300, 17), (512, 500), (600, 599)):
         slots = max(kv_len, slot + 1) + 64
         q, k, v, cache, mask, st = _case(b, h, hkv, d, slots, kv_len, slot, dtype, "cuda", seed=kv_len + b,
@@ -295,6 +296,7 @@ def test_small_chunks_match_float64(dtype, b, h, hkv, d, rope, monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32", True)
+    monkeypatch.setattr(kernels, "DECODE_ATTN_C32_MIN_BATCH", 1)
     monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1 << 20)
     names = []
     real = kernels.launch
@@ -331,16 +333,20 @@ def test_small_chunks_match_float64(dtype, b, h, hkv, d, rope, monkeypatch):
 
 def test_small_chunks_only_where_they_combine_in_a_cluster(monkeypatch):
     """kernels._decode_attn_chunk (no launch, so on the CPU too): with DECODE_ATTN_C32, 32 slots a chunk where 2-8
-    chunks of 32 fit a cluster within the grid limit (Llama-3-8B's heads at batch 1: 33-256 slots), else 64; off by
-    default (not yet timed) and without sm_90 always 64."""
+    chunks of 32 fit a cluster within the grid limit (Llama-3-8B's heads at batch 1: 33-256 slots), else 64; by
+    default from batch 2 only (batch 1 lost on an H200, session 58) and without sm_90 always 64."""
     monkeypatch.setattr(kernels, "sm90", lambda i: True)
     monkeypatch.setattr(kernels, "sm_count", lambda i: 132)
     monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER", True)
     monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1)
     chunk = kernels._decode_attn_chunk
-    monkeypatch.setattr(kernels, "DECODE_ATTN_C32", False)
+    assert kernels.DECODE_ATTN_C32 and kernels.DECODE_ATTN_C32_MIN_BATCH == 2  # the defaults
     assert chunk(1, 8, 1, 256, 0) == kernels.DECODE_ATTN_CHUNK == 64
+    assert chunk(2, 8, 1, 256, 0) == 32
+    monkeypatch.setattr(kernels, "DECODE_ATTN_C32", False)
+    assert chunk(2, 8, 1, 256, 0) == 64
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32", True)
+    monkeypatch.setattr(kernels, "DECODE_ATTN_C32_MIN_BATCH", 1)
     assert [chunk(1, 8, 1, n, 0) for n in (32, 33, 129, 256, 257, 512)] == [64, 32, 32, 32, 64, 64]
     assert chunk(2, 8, 1, 256, 0) == 32  # 2 x 8 x 8 = 128 blocks fit 132 SMs
     assert chunk(3, 8, 1, 256, 0) == 64  # 192 blocks: more than the SMs

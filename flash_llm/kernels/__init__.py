@@ -1162,8 +1162,11 @@ DECODE_ATTN_CLUSTER_GRID = 1
 #: thread, twice the blocks) where they still combine in one cluster (2-8 chunks: 33-256 slots) within the grid limit
 #: above; else chunks of :data:`DECODE_ATTN_CHUNK`.  At batch 1 the 64-slot chunks leave most SMs idle (Llama-3-8B at
 #: 256 slots: 32 blocks of 4 warps) and each block's phases are chains of dependent shared-memory reads.  Written in
-#: session 57 without a GPU to run it on: off until timed (``FLASH_LLM_DECODE_ATTN_C32=1`` turns it on).
-DECODE_ATTN_C32 = os.environ.get("FLASH_LLM_DECODE_ATTN_C32", "0") == "1"
+#: session 57; session 58 (H200, Llama-3-8B bf16 at 80 %, coded DeltaRows, two rounds): batch 2 2.610 -> 2.590 / 2.593
+#: ms per token, but batch 1 1.889 -> 1.925 (dense batch 1 4.643 -> 4.616), so from :data:`DECODE_ATTN_C32_MIN_BATCH`
+#: sequences only (``FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH``; ``FLASH_LLM_DECODE_ATTN_C32=0`` turns it off).
+DECODE_ATTN_C32 = os.environ.get("FLASH_LLM_DECODE_ATTN_C32", "1") != "0"
+DECODE_ATTN_C32_MIN_BATCH = int(os.environ.get("FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH", "2"))
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -1271,9 +1274,11 @@ def _decode_attn_cluster(b: int, hkv: int, groups: int, splits: int, device_inde
 
 
 def _decode_attn_chunk(b: int, hkv: int, groups: int, kv_len: int, device_index: int) -> int:
-    """The slots a decode-attention block attends: 32 (:data:`DECODE_ATTN_C32`) where 32-slot chunks still combine in a
-    cluster, else :data:`DECODE_ATTN_CHUNK`."""
-    if DECODE_ATTN_C32 and _decode_attn_cluster(b, hkv, groups, ceil_div(kv_len, 32), device_index):
+    """The slots a decode-attention block attends: 32 (:data:`DECODE_ATTN_C32`, from
+    :data:`DECODE_ATTN_C32_MIN_BATCH` sequences) where 32-slot chunks still combine in a cluster, else
+    :data:`DECODE_ATTN_CHUNK`."""
+    if (DECODE_ATTN_C32 and b >= DECODE_ATTN_C32_MIN_BATCH
+            and _decode_attn_cluster(b, hkv, groups, ceil_div(kv_len, 32), device_index)):
         return 32
     return DECODE_ATTN_CHUNK
 
