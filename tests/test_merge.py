@@ -243,6 +243,14 @@ def test_spmm_layer_norm_and_spmm_add_with_bias_on_the_cpu(fmt, dtype):
     assert torch.equal(acc, want)  # nothing written by the refused calls
 
 
+def _assert_rounding_order_close(got, want):
+    """``got`` and ``want``: fp16 logits of the same model whose norms and adds rounded in another order (inside the
+    projections or apart): within 4 fp16 ulps of the largest logit.  (2e-3 held with torch 2.13's CPU kernels but not
+    2.11's: 0.0037 at logits up to 2.7, 2 ulps, session 58.)"""
+    tol = 4 * torch.finfo(torch.float16).eps * want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
+
+
 @pytest.fixture
 def dynamo_reset_after():
     """Clear torch.compile's caches after the test: its compiles of the fused functions at new shapes would otherwise
@@ -273,7 +281,7 @@ def test_fused_model_runs_one_token_through_the_sparse_projections(family, kind,
     want = Engine(_model(family, kind), max_batch=1, max_seq=32, fuse=True, merge=True).generate(
         [PROMPTS[2]], 6, output_logits=True, eos_token_id=None)
     assert len(calls) == 10
-    torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)
+    _assert_rounding_order_close(got.logits, want.logits)
     assert torch.equal(got.tokens, want.tokens)
 
 
@@ -300,7 +308,7 @@ def test_two_sequences_take_the_one_token_layers_with_dr_nt_norm(monkeypatch, dy
     monkeypatch.setattr(kernels, "DR_NT_NORM", True)
     got = run()
     assert calls == [(0, 2), (1, 2)] * 5  # 5 decode steps of both sequences after the prefill's token
-    torch.testing.assert_close(got.logits, want.logits, rtol=2e-3, atol=2e-3)
+    _assert_rounding_order_close(got.logits, want.logits)
     assert torch.equal(got.tokens, want.tokens)
     m = _model("llama", "delta-rows")
     merge_projections(m)
