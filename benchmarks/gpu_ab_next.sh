@@ -18,7 +18,8 @@
 #             batch $PROFILE_BATCH (default 1)
 #   profenv   profile_decode.py once per setting of PROFILE_ENVS (as E2E_ENVS: ";A=1" is the defaults, then A=1), on
 #             $PROFILE_MODEL (default llama-3-8b), $PROFILE_FORMAT (default tiled-csl) at $PROFILE_SPARSITY (default 0.8),
-#             batch $PROFILE_BATCH (default 1), fused and merged: the groups, the layer timeline, $OUT/profenv_<i>.json
+#             batch $PROFILE_BATCH (default 1), $PROFILE_EXTRA (e.g. "--dtype bf16"; default fp16), fused and merged: the
+#             groups, the layer timeline, $OUT/profenv_<i>.json
 #   e2e       bench_e2e.py on Llama-3-8B, Tiled-CSL (E2E_FORMAT=bitmap or delta-rows for the others; also in e2eab, e2eenv) 0 / 80 / 90 % (E2E_SPARSITIES),
 #             batch 1 / 8 / 16 (E2E_BATCHES), fused and merged (3 minutes)
 #   pdl       time_across_n.py on 4096 x 14336 (Tiled-CSL 80 %) with FLASH_LLM_PDL=0 and 1 (1 minute)
@@ -110,7 +111,7 @@ for stage in "${@:-tests ab}"; do
                  for e in "${envs[@]}"; do i=$((i + 1)); echo "--- ${PROFILE_MODEL:-llama-3-8b}: ${e:-defaults}"
                    (for v in $e; do export "$v"; done; timeout 200 python3 benchmarks/profile_decode.py --model \
                      ${PROFILE_MODEL:-llama-3-8b} --format ${PROFILE_FORMAT:-tiled-csl} --sparsity ${PROFILE_SPARSITY:-0.8} \
-                     --batch ${PROFILE_BATCH:-1} --fuse --merge --out "$OUT/profenv_$i.json" 2>&1 | grep -v "^ *[0-9]* us \|arn")
+                     --batch ${PROFILE_BATCH:-1} ${PROFILE_EXTRA:-} --fuse --merge --out "$OUT/profenv_$i.json" 2>&1 | grep -v "^ *[0-9]* us \|arn")
                  done; } 2>&1 | tee "$OUT/profenv.log" ;;
       e2e) llama_e2e 280 --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-0,80,90} \
              --batches ${E2E_BATCHES:-1,8,16} --out "$OUT/e2e_tcsl" 2>&1 | tee "$OUT/e2e_tcsl.log" | grep -v "^{" ;;

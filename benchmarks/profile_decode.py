@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="tiled-csl", choices=("bitmap", "tiled-csl", "delta-rows"))
     ap.add_argument("--sparsity", type=float, default=0.8, help="0 for the dense model")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16",
+                    help="the model's dtype (bf16 DeltaRows weights get coded values, as in bench_e2e.py)")
     ap.add_argument("--layers", type=int, default=None, help="build only this many decoder layers")
     ap.add_argument("--fuse", action="store_true")
     ap.add_argument("--merge", action="store_true")
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
         global _SDPA  # kept referenced: a collected context manager restores the backends (session 7's bug)
         _SDPA = sdpa_kernel(backend)
         _SDPA.__enter__()  # for the whole process: capture and replays
-    model, _ = build_synthetic(cfg, a.sparsity or None, fmt=a.format, progress=False)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    model, _ = build_synthetic(cfg, a.sparsity or None, dtype=dtype, fmt=a.format, progress=False)
     eng = Engine(model, max_batch=a.batch, max_seq=256, fuse=a.fuse, merge=a.merge)
     prompts = torch.randint(3, cfg.vocab_size, (a.batch, 64)).tolist()
     eng.generate(prompts, 4, eos_token_id=None)  # compiles, captures the graph of this batch size
