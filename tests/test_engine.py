@@ -516,7 +516,61 @@ def test_fused_path_falls_back_to_eager_when_compiling_fails(monkeypatch):
         got = Engine(_ours(hm), max_batch=3, max_seq=32, fuse=True).generate(PROMPTS, 4, output_logits=True,
                                                                              eos_token_id=None)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
-    assert all(_fused._COMPILED[n] is _fused._EAGER[n] for n in _fused._COMPILED)
+    assert _fused._COMPILED and all(fn is _fused._EAGER[key[0]] for key, fn in _fused._COMPILED.items())
+
+
+def test_fused_functions_compile_per_device_and_dtype(monkeypatch):
+    """Each device type and dtype compiles its own copy of a fused function (dynamo counts recompilations per code
+    object): fp32, fp16 and bf16 at two batch sizes each, under a recompile limit of 2, all stay compiled (one shared
+    copy would fail at the third dtype and fall back to eager with a warning), equal to the eager function, and a
+    compile failing for one dtype leaves the others compiled.  (Dynamo's eager backend: no C compiler needed.)"""
+    from flash_llm.models import _fused
+
+    real = torch.compile
+    compiled_codes = []
+
+    def eager_backend(fn, **kw):
+        compiled_codes.append(fn.__code__)
+        return real(fn, backend="eager", **kw)
+
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    try:
+        fn = _fused.op("silu_mul", True)
+        assert _fused.op("silu_mul", True) is fn and _fused.op("silu_mul", False) is _fused.silu_mul
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to eager warns: an error here
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                for rows in (3, 5):
+                    g, u = torch.randn(rows, 8).to(dtype), torch.randn(rows, 8).to(dtype)
+                    assert torch.equal(fn(g, u), _fused.silu_mul(g, u))
+        assert len(compiled_codes) == 3 and len(set(map(id, compiled_codes))) == 3
+        assert all(c is not _fused.silu_mul.__code__ for c in compiled_codes)  # (copies compare equal)
+        assert all(_fused._COMPILED[("silu_mul", "cpu", dt)] is not _fused.silu_mul
+                   for dt in (torch.float32, torch.float16, torch.bfloat16))
+
+        def broken_for_fp16(f, **kw):
+            run = eager_backend(f, **kw)
+
+            def call(*args):
+                if args[0].dtype == torch.float16:
+                    raise RuntimeError("no fp16 here")
+                return run(*args)
+            return call
+
+        monkeypatch.setattr(_fused, "_COMPILED", {})
+        monkeypatch.setattr(torch, "compile", broken_for_fp16)
+        g, u = torch.randn(4, 8), torch.randn(4, 8)
+        with pytest.warns(RuntimeWarning, match=r"fused silu_mul failed \(RuntimeError: no fp16 here\); using the "
+                                                r"eager version for cpu float16"):
+            assert torch.equal(fn(g.half(), u.half()), _fused.silu_mul(g.half(), u.half()))
+        assert _fused._COMPILED[("silu_mul", "cpu", torch.float16)] is _fused.silu_mul
+        assert torch.equal(fn(g, u), _fused.silu_mul(g, u))
+        assert _fused._COMPILED[("silu_mul", "cpu", torch.float32)] is not _fused.silu_mul
+    finally:
+        torch._dynamo.reset()
 
 
 def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):

@@ -10,6 +10,7 @@ transformers' order and precision and are what runs unless a model is switched w
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
@@ -72,24 +73,49 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 _EAGER = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "rope": rope, "rope_cache": rope_cache,
           "silu_mul": silu_mul, "add_layer_norm": add_layer_norm, "scale_cache": scale_cache}
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple[str, str, torch.dtype], object] = {}  # (name, device type, dtype): compiled, or eager
+_FUSED: dict[str, object] = {}
 
 
 def op(name: str, fused: bool):
-    """The function ``name``: eager, or (``fused``) compiled once per process with ``torch.compile``
-    (``dynamic=True``: one compilation serves every batch size and sequence length).
+    """The function ``name``: eager, or (``fused``) compiled with ``torch.compile`` (``dynamic=True``: one
+    compilation serves every batch size and sequence length) once per process for each device type and dtype of its
+    first argument.
 
-    If compiling fails (no C compiler or Triton, an unsupported backend...), a warning says why and the eager
-    function is used from then on: the results are the same, only slower."""
+    Each device type and dtype compiles its own copy of the function: dynamo counts recompilations per code object,
+    and past its limit (``torch._dynamo.config.recompile_limit``, 8) a ``fullgraph`` function fails; one copy for
+    fp16, bf16 and fp32 on the GPU and the CPU, at one and at several tokens, would reach it.  If compiling fails (no
+    C compiler or Triton, an unsupported backend...), a warning says why and the eager function is used from then on
+    for that device type and dtype: the results are the same, only slower."""
     if not fused:
         return _EAGER[name]
-    fn = _COMPILED.get(name)
+    fn = _FUSED.get(name)
     if fn is None:
-        fn = _COMPILED[name] = _with_fallback(name, torch.compile(_EAGER[name], dynamic=True, fullgraph=True))
+        fn = _FUSED[name] = _keyed(name)
     return fn
 
 
-def _with_fallback(name: str, compiled):
+def _keyed(name: str):
+    def call(*args):
+        x = args[0]
+        key = (name, x.device.type, x.dtype)
+        fn = _COMPILED.get(key)
+        if fn is None:
+            fn = _COMPILED[key] = _with_fallback(key, torch.compile(_copy(_EAGER[name]), dynamic=True, fullgraph=True))
+        return fn(*args)
+
+    return call
+
+
+def _copy(fn):
+    """``fn`` with a code object of its own (so dynamo keeps its compilations apart from ``fn``'s)."""
+    g = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    g.__kwdefaults__, g.__qualname__, g.__doc__ = fn.__kwdefaults__, fn.__qualname__, fn.__doc__
+    return g
+
+
+def _with_fallback(key: tuple[str, str, torch.dtype], compiled):
+    name = key[0]
     eager = _EAGER[name]
     failed = False
 
@@ -101,10 +127,11 @@ def _with_fallback(name: str, compiled):
             return compiled(*args)
         except Exception as e:  # compilation (or its toolchain) failed: the eager function gives the same result
             failed = True
-            _COMPILED[name] = eager
+            _COMPILED[key] = eager
             first = str(e).splitlines()[0][:200] if str(e) else ""
             warnings.warn(f"flash_llm: compiling the fused {name} failed ({type(e).__name__}: {first}); using the "
-                          "eager version", RuntimeWarning, stacklevel=2)
+                          f"eager version for {key[1]} {str(key[2]).removeprefix('torch.')}", RuntimeWarning,
+                          stacklevel=3)
             return eager(*args)
 
     return call
