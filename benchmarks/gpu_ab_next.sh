@@ -2,8 +2,8 @@
 # The next device call (one H200):
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [profenv] [dual] [cross] [drtok]
 #   tests     the GPU kernel, engine and decode-attention tests on the checked-out tree (about 2 minutes; TESTS_K=<pytest -k
-#             expression> for a subset, TESTS_FILES=<test files> for others); the whole pytest output, tracebacks included,
-#             in $OUT/tests.log
+#             expression> for a subset, TESTS_FILES=<test files> for others, under TESTS_TIMEOUT seconds, default 300);
+#             the whole pytest output, tracebacks included, in $OUT/tests.log
 #   ab        the prototypes waiting in benchmarks/ab/ (about 3 minutes each): Tiled-CSL on 9216 x 36864 at 80 and
 #             90 %, then on 4096 x 14336 (Llama-3-8B down), at N = $NS (default 1,8,16,32); AB_FORCE=1 times the
 #             sparse kernel at every N (tcsl_multiwarp: NS=32,64,128,256 AB_FORCE=1); AB_SPARSITIES (default "0.8 0.9"),
@@ -129,7 +129,7 @@ for stage in "${@:-tests ab}"; do
               done 2>&1 | tee "$OUT/e2epdl.log" ;;
       spmm) for dt in ${SPMM_DTYPES:-fp16}; do timeout 200 python3 benchmarks/bench_spmm.py --dtypes $dt --out "$OUT/spmm_$dt" \
               > "$OUT/spmm_$dt.log" 2>&1; tail -40 "$OUT/spmm_$dt.log"; done ;;
-      tests) timeout 240 python3 -m pytest -q ${TESTS_FILES:-tests/test_kernels_gpu.py tests/test_engine_gpu.py tests/test_decode_attention.py} \
+      tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q ${TESTS_FILES:-tests/test_kernels_gpu.py tests/test_engine_gpu.py tests/test_decode_attention.py} \
                ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -12 ;;
       attn) timeout 120 python3 -m pytest -q -x tests/test_decode_attention.py 2>&1 | tee "$OUT/attn_tests.log" | tail -3
             { timeout 60 python3 benchmarks/bench_decode_attention.py; timeout 60 python3 benchmarks/bench_decode_attention.py --rope --slots 256; } 2>&1 | tee "$OUT/attn_bench.log"

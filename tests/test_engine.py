@@ -527,38 +527,37 @@ def test_fused_functions_compile_per_device_and_dtype(monkeypatch):
     from flash_llm.models import _fused
 
     real = torch.compile
-    compiled_codes = []
+    codes = []
 
     def eager_backend(fn, **kw):
-        compiled_codes.append(fn.__code__)
+        codes.append(fn.__code__)
         return real(fn, backend="eager", **kw)
 
+    def broken_for_fp16(f, **kw):
+        run = eager_backend(f, **kw)
+
+        def call(*args):
+            if args[0].dtype == torch.float16:
+                raise RuntimeError("no fp16 here")
+            return run(*args)
+        return call
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
     monkeypatch.setattr(_fused, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", eager_backend)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     torch._dynamo.reset()
     try:
-        fn = _fused.op("silu_mul", True)
-        assert _fused.op("silu_mul", True) is fn and _fused.op("silu_mul", False) is _fused.silu_mul
-        with warnings.catch_warnings():
+        with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings():
             warnings.simplefilter("error")  # a fallback to eager warns: an error here
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            fn = _fused.op("silu_mul", True)
+            assert _fused.op("silu_mul", True) is fn and _fused.op("silu_mul", False) is _fused.silu_mul
+            for dtype in dtypes:
                 for rows in (3, 5):
                     g, u = torch.randn(rows, 8).to(dtype), torch.randn(rows, 8).to(dtype)
                     assert torch.equal(fn(g, u), _fused.silu_mul(g, u))
-        assert len(compiled_codes) == 3 and len(set(map(id, compiled_codes))) == 3
-        assert all(c is not _fused.silu_mul.__code__ for c in compiled_codes)  # (copies compare equal)
-        assert all(_fused._COMPILED[("silu_mul", "cpu", dt)] is not _fused.silu_mul
-                   for dt in (torch.float32, torch.float16, torch.bfloat16))
-
-        def broken_for_fp16(f, **kw):
-            run = eager_backend(f, **kw)
-
-            def call(*args):
-                if args[0].dtype == torch.float16:
-                    raise RuntimeError("no fp16 here")
-                return run(*args)
-            return call
+        assert len(codes) == 3 and len(set(map(id, codes))) == 3
+        assert all(c is not _fused.silu_mul.__code__ for c in codes)  # (copies: `in` would compare them equal)
+        assert all(_fused._COMPILED[("silu_mul", "cpu", dt)] is not _fused.silu_mul for dt in dtypes)
 
         monkeypatch.setattr(_fused, "_COMPILED", {})
         monkeypatch.setattr(torch, "compile", broken_for_fp16)
