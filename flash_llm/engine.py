@@ -349,6 +349,21 @@ def code_delta_rows(model: torch.nn.Module) -> list[str]:
     return done
 
 
+def _small_chunks_from(model: torch.nn.Module) -> int | None:
+    """The batch from which the decode attention of an engine over ``model`` attends in 32-slot chunks
+    (``Attend.small_chunks_from``): 1 where every projection is dense or DeltaRows with plain values, else ``None``
+    (the kernel's default, ``kernels.DECODE_ATTN_C32_MIN_BATCH``).  Session 58 (H200, Llama-3-8B at 80 %, batch 1,
+    ms per token): beside plain DeltaRows values 1.937 -> 1.901 (fp16) and 1.939 -> 1.920 (bf16), dense 4.583 ->
+    4.560; beside coded values 1.881 -> 1.917; Bitmap and Tiled-CSL not measured."""
+    from .formats import DeltaRows
+    from .nn import SparseLinear
+
+    for m in model.modules():
+        if isinstance(m, SparseLinear) and (m.weight_format is not DeltaRows or m.weight.coded):
+            return None
+    return 1
+
+
 class _TwoLayouts:
     """``Engine(delta_layout="dual")``'s two encodings of a model's DeltaRows layers: the layers' own DeltaRows
     weights for steps of fewer than ``min_tokens`` tokens, copies (made here, one layer at a time through its dense
@@ -638,6 +653,8 @@ class Engine:
         # RoPE's cos / sin at every slot's position (Llama): a step indexes them instead of computing them
         rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
         self._rope = rotary.tables(slots, self.dtype, dev) if hasattr(rotary, "tables") else None
+        #: the batch from which a decode step's attention takes 32-slot chunks (None: the kernel's default)
+        self._small_chunks_from = _small_chunks_from(model)
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -794,7 +811,8 @@ class Engine:
         mask = self._mask[:b]
         mask.index_fill_(1, self._slot, 0.0)
         attend = Attend(positions=self._pos[:b, None], mask=mask[:, None, None, :], cache=self.cache,
-                        slots=self._slot, kv_len=self._slots, rope=self._rope)
+                        slots=self._slot, kv_len=self._slots, rope=self._rope,
+                        small_chunks_from=self._small_chunks_from)
         logits = self.model(self._tok[:b], attend=attend)
         self._logits[:b].copy_(logits[:, 0])
         torch._foreach_add_([self._pos[:b], self._slot], 1)  # (one kernel for both)

@@ -343,8 +343,9 @@ def test_small_chunks_only_where_they_combine_in_a_cluster(monkeypatch):
     assert kernels.DECODE_ATTN_C32 and kernels.DECODE_ATTN_C32_MIN_BATCH == 2  # the defaults
     assert chunk(1, 8, 1, 256, 0) == kernels.DECODE_ATTN_CHUNK == 64
     assert chunk(2, 8, 1, 256, 0) == 32
+    assert chunk(1, 8, 1, 256, 0, 1) == 32 and chunk(2, 8, 1, 256, 0, 3) == 64  # (an engine's small_chunks_from)
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32", False)
-    assert chunk(2, 8, 1, 256, 0) == 64
+    assert chunk(2, 8, 1, 256, 0) == 64 and chunk(1, 8, 1, 256, 0, 1) == 64
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32", True)
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32_MIN_BATCH", 1)
     assert [chunk(1, 8, 1, n, 0) for n in (32, 33, 129, 256, 257, 512)] == [64, 32, 32, 32, 64, 64]

@@ -33,9 +33,9 @@ def _ours(hm, dtype=torch.float32):
     return m.eval()
 
 
-def _delta_rows_ours(hm, sparsity: float = 0.7):
-    """Our fp16 twin of ``hm``, magnitude-pruned (70 %), its projections as DeltaRows (lm_head dense)."""
-    ours = _ours(hm, torch.float16)
+def _delta_rows_ours(hm, sparsity: float = 0.7, dtype=torch.float16):
+    """Our fp16 (``dtype``) twin of ``hm``, magnitude-pruned (70 %), its projections as DeltaRows (lm_head dense)."""
+    ours = _ours(hm, dtype)
     magnitude_prune_(ours, sparsity, filter_fn=lambda m, fqn: fqn != "lm_head")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
@@ -570,6 +570,37 @@ def test_fused_functions_compile_per_device_and_dtype(monkeypatch):
         assert _fused._COMPILED[("silu_mul", "cpu", torch.float32)] is not _fused.silu_mul
     finally:
         torch._dynamo.reset()
+
+
+def test_engine_asks_for_small_attention_chunks_at_batch_1_only_beside_plain_projections(monkeypatch):
+    """An engine's decode steps pass Attend.small_chunks_from (on CUDA the decode attention's 32-slot chunks from that
+    batch): 1 for a dense model and DeltaRows with plain values, None (the kernel's default, batch 2) once a layer
+    holds coded DeltaRows values (batch 1 lost there, session 58) or Bitmap / Tiled-CSL (not measured)."""
+    from flash_llm.engine import _small_chunks_from, code_delta_rows
+    from flash_llm.models import _common
+
+    hm = _hf("llama", seed=5)
+    seen = []
+
+    def spy(**kw):
+        seen.append(kw.get("small_chunks_from"))
+        return _common.Attend(**kw)
+
+    monkeypatch.setattr(flash_llm.engine, "Attend", spy)
+    eng = Engine(_delta_rows_ours(hm), max_batch=1, max_seq=32)
+    eng.generate([PROMPTS[0]], 3, eos_token_id=None)
+    assert eng._small_chunks_from == 1 and seen[0] is None and seen[1:] == [1, 1]  # (the prefill, two steps)
+    assert _small_chunks_from(_ours(hm)) == 1
+    coded = _delta_rows_ours(hm, dtype=torch.bfloat16)
+    assert _small_chunks_from(coded) == 1
+    assert code_delta_rows(coded) and _small_chunks_from(coded) is None
+    for fmt in ("bitmap", "tiled-csl"):
+        m = _ours(hm, torch.float16)
+        magnitude_prune_(m, 0.7, filter_fn=lambda mod, fqn: fqn != "lm_head")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flash_llm.sparsify_(m, flash_llm.SparsifyConfig(format=fmt))
+        assert _small_chunks_from(m) is None, fmt
 
 
 def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):

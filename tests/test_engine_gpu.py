@@ -481,3 +481,19 @@ def test_prefill_in_chunks_of_rows_on_gpu(monkeypatch):
                                                                      eos_token_id=None)
     _assert_first_steps_close(got, whole)
     assert torch.equal(got.tokens[:, :2], whole.tokens[:, :2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_batch_1_attention_takes_small_chunks_beside_plain_delta_rows(dtype, monkeypatch):
+    """An engine of max_batch 1 over DeltaRows weights decodes with the 32-slot attention chunks
+    (``decode_attn_<dtype>_d128_c32``) where the values stay plain (fp16), with the 64-slot ones where the engine codes
+    them (bf16): batch 1 lost beside the coded kernels (session 58)."""
+    from flash_llm import kernels
+
+    model = build_synthetic(_small_llama(), 0.8, dtype=dtype, fmt="delta-rows", device="cuda", progress=False)[0]
+    eng = Engine(model, max_batch=1, max_seq=64)
+    assert bool(eng.coded) == (dtype == torch.bfloat16)
+    launched = record_launches(kernels, monkeypatch)
+    eng.generate([[5, 6, 7]], 4, eos_token_id=None)
+    attn = [n for n in launched if n.startswith("decode_attn")]
+    assert attn and all(n.endswith("_c32") == (dtype == torch.float16) for n in attn), attn

@@ -1164,7 +1164,10 @@ DECODE_ATTN_CLUSTER_GRID = 1
 #: 256 slots: 32 blocks of 4 warps) and each block's phases are chains of dependent shared-memory reads.  Written in
 #: session 57; session 58 (H200, Llama-3-8B bf16 at 80 %, coded DeltaRows, two rounds): batch 2 2.610 -> 2.590 / 2.593
 #: ms per token, but batch 1 1.889 -> 1.925 (dense batch 1 4.643 -> 4.616), so from :data:`DECODE_ATTN_C32_MIN_BATCH`
-#: sequences only (``FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH``; ``FLASH_LLM_DECODE_ATTN_C32=0`` turns it off).
+#: sequences only (``FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH``; ``FLASH_LLM_DECODE_ATTN_C32=0`` turns it off).  Batch 1
+#: lost only beside the coded DeltaRows kernels (calls 5-7: uncoded fp16 1.937 -> 1.901, bf16 1.939 -> 1.920; coded
+#: 1.881 -> 1.917), so an :class:`~flash_llm.engine.Engine` whose projections are dense or uncoded DeltaRows asks for
+#: them from batch 1 (``small_chunks_from`` of :func:`decode_attention_cuda`).
 DECODE_ATTN_C32 = os.environ.get("FLASH_LLM_DECODE_ATTN_C32", "1") != "0"
 DECODE_ATTN_C32_MIN_BATCH = int(os.environ.get("FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH", "2"))
 
@@ -1212,7 +1215,7 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
                           scale: float, out: torch.Tensor | None = None, cos: torch.Tensor | None = None,
-                          sin: torch.Tensor | None = None) -> torch.Tensor:
+                          sin: torch.Tensor | None = None, small_chunks_from: int | None = None) -> torch.Tensor:
     """One decode step's attention, with the cache write, in one launch (tensors as :func:`decode_attention_ok`
     accepts them; the caller checks).
 
@@ -1227,6 +1230,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
         scale: the softmax scale.
         cos, sin: ``[B, 1, D]`` to rotate ``q`` and ``k`` first (RoPE, transformers' convention and rounding: the
             cache receives the bits ``models._fused.rope`` would give), or ``None``: ``q, k`` are used as they are.
+        small_chunks_from: the batch from which 32-slot chunks may be taken (:data:`DECODE_ATTN_C32`; ``None``:
+            :data:`DECODE_ATTN_C32_MIN_BATCH`).
 
     Returns ``[B, 1, H * D]`` in the dtype of ``q`` (written into ``out`` if given: contiguous, that shape; tests
     poison it first).
@@ -1235,7 +1240,7 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     hkv = k.shape[1]
     dev = q.device
     groups = ceil_div(h // hkv, DECODE_ATTN_HEADS)  # blocks per (sequence, kv head, chunk): query heads in fours
-    chunk = _decode_attn_chunk(b, hkv, groups, kv_len, dev.index)
+    chunk = _decode_attn_chunk(b, hkv, groups, kv_len, dev.index, small_chunks_from)
     splits = ceil_div(kv_len, chunk)
     if out is None:
         out = torch.empty(b, 1, h * d, dtype=q.dtype, device=dev)
@@ -1273,11 +1278,12 @@ def _decode_attn_cluster(b: int, hkv: int, groups: int, splits: int, device_inde
             and b * hkv * splits * groups <= DECODE_ATTN_CLUSTER_GRID * sm_count(device_index))
 
 
-def _decode_attn_chunk(b: int, hkv: int, groups: int, kv_len: int, device_index: int) -> int:
-    """The slots a decode-attention block attends: 32 (:data:`DECODE_ATTN_C32`, from
-    :data:`DECODE_ATTN_C32_MIN_BATCH` sequences) where 32-slot chunks still combine in a cluster, else
+def _decode_attn_chunk(b: int, hkv: int, groups: int, kv_len: int, device_index: int,
+                       from_batch: int | None = None) -> int:
+    """The slots a decode-attention block attends: 32 (:data:`DECODE_ATTN_C32`, from ``from_batch`` sequences, by
+    default :data:`DECODE_ATTN_C32_MIN_BATCH`) where 32-slot chunks still combine in a cluster, else
     :data:`DECODE_ATTN_CHUNK`."""
-    if (DECODE_ATTN_C32 and b >= DECODE_ATTN_C32_MIN_BATCH
+    if (DECODE_ATTN_C32 and b >= (DECODE_ATTN_C32_MIN_BATCH if from_batch is None else from_batch)
             and _decode_attn_cluster(b, hkv, groups, ceil_div(kv_len, 32), device_index)):
         return 32
     return DECODE_ATTN_CHUNK

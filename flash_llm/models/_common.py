@@ -68,6 +68,8 @@ class Attend:
         rope: ``(cos, sin)`` tables ``[rows, head_dim]`` of the model's RoPE at positions ``0 .. rows - 1``
             (``RotaryEmbedding.tables``, every ``positions`` below ``rows``), or ``None``: a Llama model then
             indexes them (one kernel each, the same bits) instead of computing cos / sin (seven kernels).
+        small_chunks_from: the batch from which the decode-attention kernel may attend in 32-slot chunks
+            (``small_chunks_from`` of :func:`flash_llm.kernels.decode_attention_cuda`; ``None``: its default).
     """
 
     positions: torch.Tensor
@@ -76,6 +78,7 @@ class Attend:
     slots: torch.Tensor | None = None
     kv_len: int = 0
     rope: "tuple[torch.Tensor, torch.Tensor] | None" = None
+    small_chunks_from: int | None = None
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -207,7 +210,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: 
         if kernels.decode_attention_ok(q, k, v, kc, vc, attend.mask, attend.kv_len, cos, sin):
             s = q.shape[-1] ** -0.5 if scale is None else scale
             return kernels.decode_attention_cuda(q, k, v, kc, vc, slots, attend.mask, attend.kv_len, s, cos=cos,
-                                                 sin=sin)
+                                                 sin=sin, small_chunks_from=attend.small_chunks_from)
     if rope is not None:
         from . import _fused
 
