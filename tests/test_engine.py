@@ -33,14 +33,20 @@ def _ours(hm, dtype=torch.float32):
     return m.eval()
 
 
-def _delta_rows_ours(hm, sparsity: float = 0.7, dtype=torch.float16):
-    """Our fp16 (``dtype``) twin of ``hm``, magnitude-pruned (70 %), its projections as DeltaRows (lm_head dense)."""
+def _sparse_ours(hm, fmt: str, sparsity: float = 0.7, dtype=torch.float16):
+    """Our fp16 (``dtype``) twin of ``hm``, magnitude-pruned (70 %), its projections in format ``fmt`` (lm_head
+    dense)."""
     ours = _ours(hm, dtype)
     magnitude_prune_(ours, sparsity, filter_fn=lambda m, fqn: fqn != "lm_head")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # lm_head stays dense: expected
-        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format=fmt))
     return ours
+
+
+def _delta_rows_ours(hm, sparsity: float = 0.7, dtype=torch.float16):
+    """:func:`_sparse_ours` in DeltaRows."""
+    return _sparse_ours(hm, "delta-rows", sparsity, dtype)
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
@@ -595,12 +601,7 @@ def test_engine_asks_for_small_attention_chunks_at_batch_1_only_beside_plain_pro
     assert _small_chunks_from(coded) == 1
     assert code_delta_rows(coded) and _small_chunks_from(coded) is None
     for fmt in ("bitmap", "tiled-csl"):
-        m = _ours(hm, torch.float16)
-        magnitude_prune_(m, 0.7, filter_fn=lambda mod, fqn: fqn != "lm_head")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            flash_llm.sparsify_(m, flash_llm.SparsifyConfig(format=fmt))
-        assert _small_chunks_from(m) is None, fmt
+        assert _small_chunks_from(_sparse_ours(hm, fmt)) is None, fmt
 
 
 def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):

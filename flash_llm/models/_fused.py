@@ -115,18 +115,14 @@ def _copy(fn):
 
 
 def _with_fallback(key: tuple[str, str, torch.dtype], compiled):
+    """``compiled``, or where it raises: a warning, and the eager function from then on (``_COMPILED[key]``)."""
     name = key[0]
     eager = _EAGER[name]
-    failed = False
 
     def call(*args):
-        nonlocal failed
-        if failed:
-            return eager(*args)
         try:
             return compiled(*args)
         except Exception as e:  # compilation (or its toolchain) failed: the eager function gives the same result
-            failed = True
             _COMPILED[key] = eager
             first = str(e).splitlines()[0][:200] if str(e) else ""
             warnings.warn(f"flash_llm: compiling the fused {name} failed ({type(e).__name__}: {first}); using the "
