@@ -59,23 +59,28 @@ def tiled_csl_formula_bytes(m: int, k: int, nnz: float) -> float:
     return 4 * nnz + 4 * (t + 1)
 
 
-def delta_rows_formula_bytes(m: int, k: int, nnz: float, parts: int | None = None) -> float:
+def delta_rows_formula_bytes(m: int, k: int, nnz: float, parts: int | None = None, coded: bool = False) -> float:
     """The DeltaRows size of an ``[m, k]`` weight with ``nnz`` nonzeros placed at random, from its format description:
     2.5 bytes per entry (the nonzeros, plus the escapes of gaps over 15 columns: ``q^15 / (1 - q^15)`` per nonzero at
     zero fraction ``q``), each row's padding to whole groups of 8 entries (3.5 entries on average), the split headers
     (72 bytes per slice and split, at the encoder's default split count) and the offsets and row order.  It leaves out
     the padding of a slice's rows to its longest (rows are ranked by length, so neighbours differ little).  With the
     parts layout (``parts``, else :func:`~flash_llm.formats.delta_rows.default_parts`: ``P`` lanes a row, one split)
-    each of the ``m P`` lanes pads to whole groups, and ``data`` ends with ``P`` words."""
-    from ..formats.delta_rows import GROUP, LANES, default_parts, default_splits
+    each of the ``m P`` lanes pads to whole groups, and ``data`` ends with ``P`` words.  ``coded`` (bf16 values coded,
+    :meth:`~flash_llm.formats.DeltaRows.code_values`): 2 bytes per entry, plus each row's table of high bytes (8
+    bytes), ``data``'s padding to whole groups (half a group on average) and its ``P + 16`` trailing words."""
+    from ..formats.delta_rows import CODED_TRAILER, GROUP, GROUP_WORDS, LANES, default_parts, default_splits
 
     q = min(max(1.0 - nnz / (m * k), 0.0), 1.0 - 1e-12)
     entries = nnz * (1.0 + q ** 15 / (1.0 - q ** 15))
     p = default_parts(m, k, int(nnz)) if parts is None else parts
     slices = math.ceil(m * p / LANES)
     splits = 1 if p > 1 else default_splits(m, math.ceil(entries / m / GROUP))
-    return (2.5 * (entries + 3.5 * m * p) + 4 * (slices + 1) + 72 * slices * splits + 4 * slices * LANES
-            + (4 * p if p > 1 else 0))
+    if coded:
+        values = 2.0 * (entries + 3.5 * m * p) + 8 * (slices * LANES // p) + 2 * GROUP_WORDS + 4 * (p + CODED_TRAILER)
+    else:
+        values = 2.5 * (entries + 3.5 * m * p) + (4 * p if p > 1 else 0)
+    return values + 4 * (slices + 1) + 72 * slices * splits + 4 * slices * LANES
 
 
 _FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_bytes,
@@ -85,7 +90,7 @@ _FORMULAS = {"bitmap": bitmap_formula_bytes, "tiled-csl": tiled_csl_formula_byte
 def projection_bytes(model: torch.nn.Module) -> tuple[int, float]:
     """``(stored, formula)``: the bytes of ``model``'s :class:`~flash_llm.SparseLinear` weights as they stand (after
     a merge, or an engine's DeltaRows layout), and the same from their formats' formulas at their nonzero counts (a
-    DeltaRows weight at its own lanes a row).  Dense projections are not counted."""
+    DeltaRows weight at its own lanes a row, its values coded or plain).  Dense projections are not counted."""
     from ..formats import DeltaRows
 
     by_class = {FORMAT_NAMES[name]: f for name, f in _FORMULAS.items()}
@@ -94,7 +99,8 @@ def projection_bytes(model: torch.nn.Module) -> tuple[int, float]:
         if isinstance(mod, SparseLinear):
             m, k = mod.out_features, mod.in_features
             stored += mod.nbytes
-            formula += (delta_rows_formula_bytes(m, k, mod.nnz, mod.weight.parts) if mod.weight_format is DeltaRows
+            formula += (delta_rows_formula_bytes(m, k, mod.nnz, mod.weight.parts, mod.weight.coded)
+                        if mod.weight_format is DeltaRows
                         else by_class[mod.weight_format](m, k, mod.nnz))
     return stored, formula
 
