@@ -641,11 +641,17 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     lay = layout(m, offsets.numel(), data.numel())
     slices, s = lay.slices, lay.splits
     out = torch.zeros(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k).zero_()
-    launch("delta_rows_to_dense", (slices, s, 1), 32, [(data.data_ptr(), P), (offsets.data_ptr(), P),
-                                                        (out.data_ptr(), P), (k, I), (s, I),
-                                                        (lay.parts if lay.coded else 0, I)],
+    launch("delta_rows_to_dense", (ceil_div(slices, DR_DENSE_WARPS), s, 1), 32 * DR_DENSE_WARPS,
+           [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I), (s, I),
+            (lay.parts if lay.coded else 0, I), (slices, I)],
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
     return out
+
+
+#: warps (slices) a block of ``delta_rows_to_dense`` (1-4; ``FLASH_LLM_DR_DENSE_WARPS``)
+DR_DENSE_WARPS = int(os.environ.get("FLASH_LLM_DR_DENSE_WARPS", "4"))
+if DR_DENSE_WARPS not in (1, 2, 3, 4):
+    raise ValueError(f"FLASH_LLM_DR_DENSE_WARPS must be 1, 2, 3 or 4, got {DR_DENSE_WARPS}")
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)

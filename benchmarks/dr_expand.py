@@ -1,0 +1,98 @@
+"""What the large-N path costs a DeltaRows weight: ``kernels.decode_dense`` (the expansion into a zeroed dense
+buffer, ``delta_rows_to_dense``) against the zero fill alone and cuBLAS at ``--n`` tokens, on OPT-30B's and
+Llama-3-8B's layer shapes as the batch-1 engine lays them out (split layout above K = 4096, else the parts layout;
+bf16 values coded where ``--dtype bf16``).  A prompt's prefill runs this path on every projection.
+
+    python benchmarks/dr_expand.py [--sparsity 0.8] [--n 128] [--dtype bf16] [--kernels NAME,...]
+
+``--kernels``: the expansion kernels to time, ``name:warps`` (``delta_rows_to_dense`` and any variant spmm.cu defines
+with the same arguments, at that many warps a block); each is checked bit for bit against the CPU reference (``DeltaRows.to_dense``) before it is timed.
+Prints us a call (CUDA-graph replays, weights rotated beyond L2) and the GB/s of the dense bytes written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing as T  # noqa: E402
+
+from flash_llm import kernels as K  # noqa: E402
+from flash_llm.formats import DeltaRows  # noqa: E402
+from flash_llm.formats.delta_rows import auto_parts, layout  # noqa: E402
+
+SHAPES = [("opt-30b qkv", 21504, 7168), ("opt-30b o", 7168, 7168), ("opt-30b fc1", 28672, 7168),
+          ("opt-30b fc2", 7168, 28672), ("llama-3-8b qkv", 6144, 4096), ("llama-3-8b gate/up", 28672, 4096),
+          ("llama-3-8b down", 4096, 14336)]
+
+
+def expand(name: str, w: DeltaRows) -> torch.Tensor:
+    """``name``: ``kernel`` or ``kernel:warps`` (warps a block; 1 by default)."""
+    kernel, _, warps = name.partition(":")
+    warps = int(warps or 1)
+    m, k = w.shape
+    lay = layout(m, w.offsets.numel(), w.data.numel())
+    out = torch.zeros(m, k, dtype=w.dtype, device=w.data.device)
+    K.launch(kernel, (-(-lay.slices // warps), lay.splits, 1), 32 * warps,
+             [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),
+              (lay.splits, K.I), (lay.parts if lay.coded else 0, K.I), (lay.slices, K.I)],
+             torch.cuda.current_stream().cuda_stream, w.data.device.index)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
+    ap.add_argument("--kernels", default="delta_rows_to_dense:1,delta_rows_to_dense:4")
+    a = ap.parse_args()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    names = a.kernels.split(",")
+    print(T.environment())
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for label, m, k in SHAPES:
+        mag = 0.25 * torch.pow(16.0, torch.rand(m, k, generator=g, device="cuda"))
+        keep = torch.rand(m, k, generator=g, device="cuda") >= a.sparsity
+        dense = torch.where(keep, mag, 0.0).to(dtype)
+        del mag, keep
+        nnz = int((dense != 0).sum())
+        w = DeltaRows.from_dense(dense, parts=auto_parts(m, k, nnz, dense.device))
+        if dtype == torch.bfloat16:
+            w = w.code_values() or w
+        ok = []
+        for name in names:
+            got = expand(name, w)
+            if torch.equal(got.view(torch.int16), dense.view(torch.int16)):
+                ok.append(name)
+            else:
+                bad = int((got.view(torch.int16) != dense.view(torch.int16)).sum())
+                print(f"WRONG: {name} on {label}: {bad} elements differ from the dense weight (not timed)")
+        ws = T.weight_copies(w)
+        x = torch.randn(a.n, k, device="cuda", dtype=dtype)
+        dws = [dense] + [dense.clone() for _ in range(T.copies_needed(dense.numel() * 2) - 1)]
+        t = {name: T.time_calls([lambda v=v, name=name: expand(name, v) for v in ws]) if name in ok else float("nan")
+             for name in names}
+        t["zeros"] = T.time_calls([lambda: torch.zeros(m, k, dtype=dtype, device="cuda")])
+        t["cuBLAS"] = T.time_calls([lambda d=d: torch.nn.functional.linear(x, d) for d in dws])
+        del dws
+        mb = m * k * 2 / 1e6
+        rows.append((label, w.parts, w.coded, w.nbytes / 1e6, mb, t))
+        del dense, ws
+        torch.cuda.empty_cache()
+    cols = names + ["zeros", "cuBLAS"]
+    print(f"\nus a call (N = {a.n} for cuBLAS), {a.dtype}, sparsity {a.sparsity}; GB/s of the dense bytes in brackets")
+    print("| shape | parts | coded | MB stored / dense | " + " | ".join(cols) + " |")
+    print("|---" * (4 + len(cols)) + "|")
+    for label, p, coded, mbs, mb, t in rows:
+        cells = [f"{t[c] * 1e6:.1f} ({mb / 1e3 / t[c]:.0f})" for c in cols]
+        print(f"| {label} | {p} | {int(coded)} | {mbs:.0f} / {mb:.0f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
