@@ -648,10 +648,9 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     return out
 
 
-#: warps (slices) a block of ``delta_rows_to_dense`` (1-4; ``FLASH_LLM_DR_DENSE_WARPS``)
-DR_DENSE_WARPS = int(os.environ.get("FLASH_LLM_DR_DENSE_WARPS", "4"))
-if DR_DENSE_WARPS not in (1, 2, 3, 4):
-    raise ValueError(f"FLASH_LLM_DR_DENSE_WARPS must be 1, 2, 3 or 4, got {DR_DENSE_WARPS}")
+#: warps (slices) a block of ``delta_rows_to_dense`` (at most 4, its launch bound; session 59: 1 and 4 time the same,
+#: ``benchmarks/dr_expand.py --kernels delta_rows_to_dense:1,delta_rows_to_dense:4``)
+DR_DENSE_WARPS = 4
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)
