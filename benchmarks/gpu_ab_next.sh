@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device call (one H200):
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [profenv] [dual] [cross] [drtok] [drexpand]
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_ab_next.sh [tests] [ab] [probe] [across] [pdl] [profile] [sdpa] [e2e] [e2eopt] [e2epdl] [spmm] [stalls] [sanitize] [splits] [attn] [attnab] [e2eab] [e2eenv] [profenv] [dual] [cross] [drtok] [drexpand] [drmma]
 #   tests     the GPU kernel, engine and decode-attention tests on the checked-out tree (about 2 minutes; TESTS_K=<pytest -k
 #             expression> for a subset, TESTS_FILES=<test files> for others, under TESTS_TIMEOUT seconds, default 300);
 #             the whole pytest output, tracebacks included, in $OUT/tests.log
@@ -60,6 +60,9 @@
 #   drexpand  benchmarks/dr_expand.py: the DeltaRows expansion (the prefill's large-N path) on OPT-30B's and Llama-3-8B's
 #             layers against the zero fill and cuBLAS at N = 128, $DREXP_DTYPE (default bf16), $DREXP_KERNELS (default
 #             the applied kernel at 1 and 4 warps a block; "name:warps,..." for variants in spmm.cu; about 40 s)
+#   drmma     benchmarks/dr_mma.py: DeltaRows' tensor-core kernel at N = $DRMMA_NS (default 8,16,32) against the multi-token
+#             kernel, Tiled-CSL and cuBLAS on Llama-3-8B's and OPT-30B's layers ($DRMMA_SHAPES, default llama,opt),
+#             $DRMMA_DTYPE (default bf16), sparsity $DRMMA_SP (default 0.8)
 # Outputs (logs) under $OUT; the A/B tables are printed. bench_e2e's plots, CSVs and summaries are deleted at the end
 # (GPU_AB_KEEP_ALL=1 keeps them): the device tool brings back only a few files.
 set -uo pipefail
@@ -173,6 +176,8 @@ for stage in "${@:-tests ab}"; do
                tee "$OUT/drtok.log" | grep -v "^kind " ;;
       drexpand) timeout 200 python3 benchmarks/dr_expand.py --dtype ${DREXP_DTYPE:-bf16} ${DREXP_KERNELS:+--kernels "$DREXP_KERNELS"} \
                   2>&1 | tee "$OUT/dr_expand.log" ;;
+      drmma) timeout ${DRMMA_TIMEOUT:-300} python3 benchmarks/dr_mma.py --dtype ${DRMMA_DTYPE:-bf16} --ns ${DRMMA_NS:-8,16,32} \
+                  --shapes ${DRMMA_SHAPES:-llama,opt} --sparsity ${DRMMA_SP:-0.8} 2>&1 | tee -a "$OUT/dr_mma.log" ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
                   (for v in $e; do export "$v"; done; llama_e2e ${E2E_TIMEOUT:-200} --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
@@ -191,7 +196,7 @@ for stage in "${@:-tests ab}"; do
                  timeout 60 python3 benchmarks/time_across_n.py --fmt tiled-csl --m 4096 --k 14336 --sparsity 0.8 --ns 17,24,32
                done; } 2>&1 | tee "$OUT/cross.log" ;;
       splits) (cd benchmarks && timeout 300 python3 splits_sweep.py ${SPLITS_ARGS:-}) 2>&1 | tee "$OUT/splits.log" ;;
-      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab e2emulti e2eenv profenv dual cross drtok drexpand)" >&2; exit 2 ;;
+      *) echo "unknown stage $s (tests ab probe across pdl profile sdpa e2e e2eopt e2epdl spmm stalls sanitize splits attn attnab e2eab e2emulti e2eenv profenv dual cross drtok drexpand drmma)" >&2; exit 2 ;;
     esac
   done
 done

@@ -701,3 +701,61 @@ def test_engine_codes_the_values_at_batch_1(monkeypatch):
     for (s0, l0), (s1, l1) in zip(*outs):
         assert s0 == s1 and len(s0[0]) == 8
         assert l0 is not None and torch.equal(l0, l1)
+
+
+@pytest.mark.parametrize("coded", [False, True], ids=["plain", "coded"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_delta_rows_tensor_core_kernel(dtype, coded, monkeypatch):
+    """The tensor-core kernel (``delta_rows_spmm_<dtype>_mma<8|16|32>[c]``, session 60) against the reference: every
+    density from empty to full, K odd and not a multiple of 16 (the ring's last block past K), 1-32 tokens (forced down
+    to 1 through ``DR_MMA_MIN``), split counts 1 / 7 / the default, X off its 4-byte alignment (2-byte loads), the
+    bias, the residual add and SiLU x up of paired halves, poisoned outputs; a second launch gives the same bits."""
+    if coded and dtype != torch.bfloat16:
+        pytest.skip("coded values are bf16 only")
+    k = _kernels()
+    monkeypatch.setattr(k, "DR_MMA_MIN", 1)
+    launched = record_launches(k, monkeypatch)
+    gen = torch.Generator(device="cuda").manual_seed(600 + int(coded) + (dtype == torch.bfloat16))
+    for (m, kk), density in (((64, 64), 1.0), ((96, 4096), 0.2), ((70, 517), 0.5), ((128, 2056), 0.01),
+                             ((32, 1000), 0.0), ((300, 14336), 0.2), ((64, 4104), 0.95)):
+        w_dense = _magnitude_pruned(m, kk, density, gen).to(dtype) if coded else sparse_weight(m, kk, density, dtype,
+                                                                                                 gen)
+        for splits in (None, 1, 7):
+            w = DeltaRows.from_dense(w_dense, **({} if splits is None else {"splits": splits}))
+            if w.parts != 1:
+                w = DeltaRows.from_dense(w_dense, splits=3)
+            if coded:
+                w = w.code_values()
+                assert w is not None and w.coded
+            for n in (1, 3, 8, 9, 16, 17, 32):
+                for unaligned in (False, True):
+                    xb = torch.randn(n * kk + 1, generator=gen, device="cuda").to(dtype)
+                    x = (xb[1:] if unaligned else xb[:-1]).view(n, kk)
+                    bias = torch.randn(m, generator=gen, device="cuda").to(dtype) if n % 2 else None
+                    launched.clear()
+                    y = run_kernel(x, w, bias)
+                    nt = 8 if n <= 8 else 16 if n <= 16 else 32
+                    assert f"delta_rows_spmm_{'bf16' if dtype == torch.bfloat16 else 'f16'}_mma{nt}" \
+                        f"{'c' if coded else ''}" in launched, launched
+                    check(y, x, w_dense, bias)
+                    assert torch.equal(run_kernel(x, w, bias), y)
+    # the epilogues: the residual add, SiLU x up of paired halves (into poisoned outputs)
+    m, kk, n = 128, 2048, 12
+    w_dense, x, acc, cases = _epilogue_cases(m, kk, n, dtype, gen)
+    if coded:
+        w_dense = _magnitude_pruned(m, kk, 0.2, gen).to(dtype)
+    fid = FORMAT_IDS[DeltaRows]
+    for case, bias, pair in cases:
+        w = DeltaRows.from_dense(w_dense, splits=5, pair_halves=pair)
+        w = w.code_values() if coded else w
+        kw = _epilogue_kwargs(case, acc, n, m, dtype)
+        launched.clear()
+        got = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, bias, **kw)
+        assert any("_mma16" in name for name in launched), launched
+        monkeypatch.setattr(k, "DR_MMA_MIN", 33)  # the same through the expansion and cuBLAS
+        kw2 = _epilogue_kwargs(case, acc, n, m, dtype)
+        want = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, bias, **kw2)
+        monkeypatch.setattr(k, "DR_MMA_MIN", 1)
+        assert not torch.isnan(got).any(), case
+        tol = 4 * ULP[dtype] * (1 + want.double().abs().max().item())
+        assert (got.double() - want.double()).abs().max().item() <= tol, case

@@ -663,6 +663,50 @@ DR_WMAX = 1536  # spmm.cu: the widest X window the split layout's _n1 kernel sta
 DELTA_MULTI_MAX = int(os.environ.get("FLASH_LLM_DELTA_MULTI_MAX", "8"))
 
 
+#: DeltaRows runs its tensor-core kernel (``delta_rows_spmm_<dtype>_mma<8|16|32>``, the split layout) for
+#: ``DR_MMA_MIN <= N <= DR_MMA_MAX`` tokens (``FLASH_LLM_DR_MMA_MIN`` / ``FLASH_LLM_DR_MMA_MAX``; session 60); the
+#: parts layout, and N past the range, take the multi-token kernels or the expansion as before
+DR_MMA_MIN = int(os.environ.get("FLASH_LLM_DR_MMA_MIN", "9"))
+DR_MMA_MAX = int(os.environ.get("FLASH_LLM_DR_MMA_MAX", "32"))
+DRM_WARPS = 2  # spmm.cu: warps (slices) a block of the tensor-core kernel
+
+
+def dr_mma_ok(n: int, parts: int) -> bool:
+    """Whether ``n`` tokens on a DeltaRows weight of ``parts`` lanes a row run the tensor-core kernel."""
+    return parts == 1 and max(DR_MMA_MIN, 1) <= n <= min(DR_MMA_MAX, 32)
+
+
+def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
+    """``DR_MMA_MIN <= N <= 32`` tokens on a split-layout DeltaRows weight: ``delta_rows_spmm_<dtype>_mma<NT>``
+    (NT = 8, 16 or 32: N rounded up) expands each warp's 32 rows into a ring of columns in shared memory and multiplies
+    the finished 16-column blocks on the tensor cores, storing each split's partials ``[S, N, M]`` (fp32);
+    ``delta_rows_reduce_<dtype>`` sums them in split order with the bias, ``add_to`` or (paired) SiLU x up."""
+    from ..formats.delta_rows import layout
+
+    n = x.shape[0]
+    dev = x.device
+    x = x.contiguous()
+    lay = layout(m, offsets.numel(), data.numel())
+    slices, s = lay.slices, lay.splits
+    nt = 8 if n <= 8 else 16 if n <= 16 else 32
+    m_out = m // 2 if act else m
+    y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    suffix = _dtype_suffix(x.dtype)
+    pdl = PDL_SPMM and getattr(_static, "on", False)
+    mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
+    ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
+    vec = int(k % 2 == 0 and x.data_ptr() % 4 == 0)
+    launch(f"delta_rows_spmm_{suffix}_mma{nt}{'c' if lay.coded else ''}", (ceil_div(slices, DRM_WARPS), s, 1),
+           32 * DRM_WARPS,
+           [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
+            (k, I), (m, I), (slices, I), (vec, I)], stream, dev.index, 0, pdl=pdl)
+    launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
+           [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
+            (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)
+    return y
+
+
 def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> torch.Tensor:
     """:func:`spmm_cuda` for a DeltaRows weight: the one-row-per-lane kernel at N = 1 (the parts layout's kernel for
     a weight of P > 1 lanes a row), with the bias, ``add_to``, ``norm`` and (for a weight with paired halves) ``act``
@@ -676,6 +720,10 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     lay = layout(m, offsets.numel(), data.numel())
     if lay.coded and x.dtype != torch.bfloat16:  # (coded values: bf16 kernels only; the expansion decodes them too)
         raise ValueError(f"x: a DeltaRows weight with coded values is bf16, got x in {x.dtype}")
+    if dr_mma_ok(n, lay.parts):
+        if norm is not None or act == "relu" or (act is not None and not lay.paired):
+            return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
+        return _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to)
     if 2 <= n <= DELTA_MULTI_MAX:
         nt_norm = norm is not None and dr_nt_norm_ok(n, k, lay.parts, norm)
         if (norm is not None and not nt_norm) or act == "relu" or (act is not None and not lay.paired):

@@ -3038,6 +3038,188 @@ INSTANTIATE_DR_NT_CODED(8, (32 * DR_WARPS))
 INSTANTIATE_DR_PARTS_NT_CODED(2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_PARTS_NT_CODED(4, (32 * DR_WARPS, 8))
 
+// delta_rows_spmm_<dtype>_mma<NT>[c]: 9 <= N <= NT tokens (NT = 16, 32; 8 too, for tests and tuning) on a DeltaRows
+// weight of the split layout (P = 1) with the tensor cores (session 60).  Grid (ceil(slices / DRM_WARPS), S), a warp a
+// slice and split, nothing shared between warps.  Each warp keeps its slice's 32 rows as a ring of DRM_RC columns in
+// shared memory (16-bit, zeroed): every lane walks its row's groups and stores each nonzero at (its row, column mod
+// DRM_RC) -- a column step, an LDS-free 2-byte store an entry, no product.  After each round the warp's smallest
+// running column (one REDUX) says which columns every lane is past: those 16-column blocks are final, and the warp
+// multiplies them on the tensor cores (ldmatrix.x4 of the two 16-row halves, X's columns from global memory through
+// L1 as the B fragments, mma.m16n8k16 with fp32 sums), then zeroes them for reuse.  A lane whose next group would
+// reach past the ring's end waits that round (its group stays in the copy ring); the lane with the smallest column
+// always fits (a group spans at most 120 columns), so every round moves.  Groups come DRM_RING ahead by cp.async, as
+// the other kernels' (each lane its own, at its own pace).  The partials go to ws[s][t][row] as the _nt kernels', and
+// delta_rows_reduce_<dtype> sums them with the epilogue.  Values -- plain or coded -- are stored as their bits, so
+// the products and sums are the tensor cores': exact products, fp32 sums in the MMA's order.
+constexpr int DRM_WARPS = 2;                 // warps (slices) a block; kernels.DRM_WARPS
+constexpr int DRM_RC = 256;                  // the ring's columns (a power of 2, > 120 + 16)
+constexpr int DRM_PITCH = 2 * DRM_RC + 16;   // bytes a ring row (+16: ldmatrix's 8 rows in 8 distinct bank quads)
+constexpr int DRM_RING = 4;                  // groups copied ahead (640-byte slots)
+
+template <bool BF16, int NT, bool CODED>
+DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restrict__ offsets,
+                              const u16* __restrict__ x, float* __restrict__ ws, int S, int N, int K, int M,
+                              int slices, int vec) {
+  __shared__ __align__(16) unsigned char tile[DRM_WARPS][32 * DRM_PITCH];
+  __shared__ __align__(16) unsigned char ring[DRM_WARPS][DRM_RING * 640];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
+  const int slice = blockIdx.x * DRM_WARPS + warp;
+  pdl_launch_dependents();
+  if (slice >= slices) return;
+  int goff, g0, g1;
+  dr_split(offsets, slice, s, S, goff, g0, g1);
+  const unsigned char* base =
+      reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
+  const u32 rs = smem_addr(ring[warp]);
+#pragma unroll
+  for (int i = 0; i < DRM_RING; ++i) {
+    if (g0 + i < g1) {
+      if (CODED)
+        dr_copy_coded(rs, i, base, g0 + i);
+      else
+        dr_copy(rs, i, base, g0 + i);
+    }
+    cp_async_commit();
+  }
+  const uint2 lut = CODED ? dr_lut(data, offsets, slices, slice * 32 + lane) : make_uint2(0, 0);
+  unsigned char* const trow = tile[warp] + lane * DRM_PITCH;  // this lane's row of the ring
+#pragma unroll
+  for (int c = 0; c < 2 * DRM_RC; c += 16) *reinterpret_cast<uint4*>(trow + c) = make_uint4(0, 0, 0, 0);
+  const int* win = dr_win(offsets, slices, S, slice, s);
+  const int a0 = win[0], wend = win[0] + win[1];
+  int col = dr_start(offsets, slices, S, slice, s, lane);  // the lane's column before its next entry
+  const u32 tb = smem_addr(tile[warp]);
+  // ldmatrix.x4 addresses (lanes 0-7 / 8-15 / 16-23 / 24-31: rows +0 / +8, columns +0 / +8) of the two 16-row halves
+  const u32 la = tb + ((lane & 7) + ((lane >> 3) & 1) * 8) * DRM_PITCH + (lane >> 4) * 16;
+  float acc[2][NT / 8][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  // B fragments: token nt 8 + lane / 4, columns k + 2 (lane % 4) (+1) and + 8 (+1)
+  const int tq = lane >> 2, kq = 2 * (lane & 3);
+  pdl_wait();  // X after the previous kernel
+  int drained = a0 & ~15;  // columns below are multiplied (and zeroed in the ring)
+  int g = g0;
+  __syncwarp();
+  for (;;) {
+    if (g < g1) {
+      const int slot = (g - g0) & (DRM_RING - 1);
+      cp_async_wait<DRM_RING - 1>();
+      uint4 v = *reinterpret_cast<const uint4*>(ring[warp] + slot * 640 + 16 * lane);
+      u32 d;
+      if (CODED) {
+        d = v.w;
+        v = dr_decode_coded(v, lut);
+      } else {
+        d = *reinterpret_cast<const u32*>(ring[warp] + slot * 640 + 512 + 4 * lane);
+      }
+      const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
+      const int last = col + (int)((t * 0x01010101u) >> 24);
+      if (last < drained + DRM_RC) {  // the group fits the ring: store its nonzeros
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+        int c = col;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          c += (d >> (4 * e)) & 15u;
+          const u16 h = (u16)(w[e >> 1] >> (16 * (e & 1)));
+          if (h & 0x7fff) *reinterpret_cast<u16*>(trow + 2 * (c & (DRM_RC - 1))) = h;
+        }
+        col = last;
+        if (g + DRM_RING < g1) {
+          if (CODED)
+            dr_copy_coded(rs, slot, base, g + DRM_RING);
+          else
+            dr_copy(rs, slot, base, g + DRM_RING);
+        }
+        cp_async_commit();
+        ++g;
+      }
+    }
+    // columns below every lane's running column are final (a lane's next entries lie at or past it)
+    const int front = (int)__reduce_min_sync(0xffffffffu, g < g1 ? (u32)col : 0x7fffffffu);
+    const int lim = front == 0x7fffffff ? wend : front & ~15;
+    if (drained >= lim) {
+      if (front == 0x7fffffff) break;
+      continue;
+    }
+    __syncwarp();  // the lanes' stores before the other lanes' ldmatrix
+    const int d0 = drained;
+    for (; drained < lim; drained += 16) {
+      const u32 cb = 2 * (drained & (DRM_RC - 1));
+      u32 a[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(a[h][0]), "=r"(a[h][1]), "=r"(a[h][2]), "=r"(a[h][3])
+                     : "r"(la + h * 16 * DRM_PITCH + cb));
+      const int k0 = drained + kq, k1 = k0 + 8;
+#pragma unroll
+      for (int j = 0; j < NT / 8; ++j) {
+        const int tk = 8 * j + tq;
+        u32 b[2] = {0u, 0u};
+        if (tk < N) {
+          const u16* xr = x + (long long)tk * K;
+          if (vec) {
+            if (k0 < K) b[0] = __ldg(reinterpret_cast<const u32*>(xr + k0));
+            if (k1 < K) b[1] = __ldg(reinterpret_cast<const u32*>(xr + k1));
+          } else {
+            if (k0 < K) b[0] = (u32)__ldg(xr + k0) | (k0 + 1 < K ? (u32)__ldg(xr + k0 + 1) << 16 : 0u);
+            if (k1 < K) b[1] = (u32)__ldg(xr + k1) | (k1 + 1 < K ? (u32)__ldg(xr + k1 + 1) << 16 : 0u);
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) mma16816<BF16>(acc[h][j], a[h], b);
+      }
+    }
+    __syncwarp();  // every lane's ldmatrix before the zeroing
+    for (int c = d0; c < drained; c += 16) {
+      uint4* z = reinterpret_cast<uint4*>(trow + 2 * (c & (DRM_RC - 1)));
+      z[0] = make_uint4(0, 0, 0, 0);
+      z[1] = make_uint4(0, 0, 0, 0);
+    }
+    if (front == 0x7fffffff) break;
+  }
+  // the partials: acc[h][j][e] is row 16 h + lane / 4 (+ 8 for e >= 2), token 8 j + 2 (lane % 4) (+ 1 for odd e)
+  const int* perm = dr_perm(offsets, slices, S) + slice * 32;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int row = __ldg(perm + 16 * h + tq + 8 * e2);
+      if (row < 0) continue;
+#pragma unroll
+      for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int t = 8 * j + kq + e1;
+          if (t < N) ws[((long long)s * N + t) * M + row] = acc[h][j][2 * e2 + e1];
+        }
+    }
+}
+#define DR_MMA_ARGS                                                                                             \
+  const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, float *__restrict__ ws, \
+      int S, int N, int K, int M, int slices, int vec
+#define INSTANTIATE_DR_MMA(NAME, BF16, NT)                                                                      \
+  extern "C" __global__ void __launch_bounds__(32 * DRM_WARPS) delta_rows_spmm_##NAME##_mma##NT(DR_MMA_ARGS) {  \
+    delta_rows_mma_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, vec);                       \
+  }
+INSTANTIATE_DR_MMA(f16, false, 8)
+INSTANTIATE_DR_MMA(f16, false, 16)
+INSTANTIATE_DR_MMA(f16, false, 32)
+INSTANTIATE_DR_MMA(bf16, true, 8)
+INSTANTIATE_DR_MMA(bf16, true, 16)
+INSTANTIATE_DR_MMA(bf16, true, 32)
+#define INSTANTIATE_DR_MMA_CODED(NT)                                                                            \
+  extern "C" __global__ void __launch_bounds__(32 * DRM_WARPS) delta_rows_spmm_bf16_mma##NT##c(DR_MMA_ARGS) {   \
+    delta_rows_mma_body<true, NT, true>(data, offsets, x, ws, S, N, K, M, slices, vec);                        \
+  }
+INSTANTIATE_DR_MMA_CODED(8)
+INSTANTIATE_DR_MMA_CODED(16)
+INSTANTIATE_DR_MMA_CODED(32)
+
 // delta_rows_reduce_<dtype>: y[t][m] from the _nt kernels' partials ws[s][t][m] (M weight rows, N tokens), summed in
 // split order, 16 splits' loads in flight; one thread an output.  mode (DR_RESID, DR_SILU) as the _n1 kernel's, with
 // its rounding steps: + bias; DR_RESID: added into Y; DR_SILU (a paired weight, M even, no bias): silu(g) u of rows m

@@ -1,0 +1,98 @@
+"""DeltaRows at 8-32 tokens: the tensor-core kernel (``delta_rows_spmm_<dtype>_mma<NT>``, session 60) against the
+CUDA-core multi-token kernel (N <= 8), Tiled-CSL's kernels and cuBLAS on the dense weight, all in one run, on
+Llama-3-8B's and OPT-30B's layer shapes in the split layout (DeltaRows' layout for batches above 2; bf16 values coded
+where ``--dtype bf16``).
+
+    python benchmarks/dr_mma.py [--sparsity 0.8] [--ns 8,16,32] [--dtype bf16] [--shapes llama]
+
+Each path is first checked against float64 (error at most twice cuBLAS's own plus an ulp); a wrong one is not timed.
+Prints us a call (CUDA-graph replays, weights rotated beyond L2), each path's speedup over cuBLAS, and the GB/s of
+DeltaRows' bytes for the tensor-core kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing as T  # noqa: E402
+
+from flash_llm import kernels as K  # noqa: E402
+from flash_llm.formats import DeltaRows, TiledCSL  # noqa: E402
+from flash_llm.reference import FORMAT_IDS  # noqa: E402
+
+SHAPES = {"llama": [("llama-3-8b qkv", 6144, 4096), ("llama-3-8b o", 4096, 4096),
+                    ("llama-3-8b gate/up", 28672, 4096), ("llama-3-8b down", 4096, 14336)],
+          "opt": [("opt-30b qkv", 21504, 7168), ("opt-30b o", 7168, 7168), ("opt-30b fc1", 28672, 7168),
+                  ("opt-30b fc2", 7168, 28672)]}
+
+
+def call(w, x, mma: bool):
+    """spmm on ``w`` with DeltaRows' tensor-core kernel on (``mma``) or off (N <= 8: the multi-token kernel)."""
+    K.DR_MMA_MIN = 1 if mma else 33
+    m, k = w.shape
+    return K.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, k, None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--ns", default="8,16,32")
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
+    ap.add_argument("--shapes", default="llama,opt")
+    a = ap.parse_args()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    ns = [int(v) for v in a.ns.split(",")]
+    print(T.environment())
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for label, m, k in [s for key in a.shapes.split(",") for s in SHAPES[key]]:
+        v = torch.randn(m, k, generator=g, device="cuda")
+        thr = float(torch.special.ndtri(torch.tensor(0.5 + a.sparsity / 2, dtype=torch.float64)))
+        dense = v.masked_fill_(v.abs() < thr, 0.0).to(dtype)  # (pruned by magnitude, so bf16 values code)
+        del v
+        w = DeltaRows.from_dense(dense, splits=None, parts=1)
+        if dtype == torch.bfloat16:
+            w = w.code_values() or w
+        tc = TiledCSL.from_dense(dense)
+        ws, tcs = T.weight_copies(w), T.weight_copies(tc)
+        dws = [dense] + [dense.clone() for _ in range(T.copies_needed(dense.numel() * 2) - 1)]
+        for n in ns:
+            x = torch.randn(n, k, device="cuda", dtype=dtype)
+            ref = x.double() @ dense.double().t()
+            err_t = (torch.nn.functional.linear(x, dense).double() - ref).abs().max().item()
+            tol = 2 * err_t + 2 ** -8 * (1 + ref.abs().max().item())
+            t = {}
+            paths = {"mma": lambda ww: call(ww, x, True), "tiled-csl": lambda ww: call(ww, x, False)}
+            if n <= 8:
+                paths["nt8"] = lambda ww: call(ww, x, False)
+            for name, f in paths.items():
+                src = tcs if name == "tiled-csl" else ws
+                err = (f(src[0]).double() - ref).abs().max().item()
+                if not err <= tol:
+                    print(f"WRONG: {name} on {label} at N = {n}: error {err:.3g} > {tol:.3g} (not timed)")
+                    t[name] = float("nan")
+                    continue
+                t[name] = T.time_calls([lambda ww=ww, f=f: f(ww) for ww in src])
+            t["cuBLAS"] = T.time_calls([lambda d=d: torch.nn.functional.linear(x, d) for d in dws])
+            rows.append((label, n, w.splits, w.coded, w.nbytes / 1e6, t))
+            print(label, n, {c: round(v * 1e6, 1) for c, v in t.items()}, flush=True)
+        del dense, ws, tcs, dws
+        torch.cuda.empty_cache()
+    K.DR_MMA_MIN = 9
+    print(f"\nus a call, {a.dtype}, sparsity {a.sparsity}; speedup over cuBLAS in brackets; mma's GB/s of its bytes")
+    cols = ["mma", "nt8", "tiled-csl", "cuBLAS"]
+    print("| shape | N | splits | coded | MB | " + " | ".join(cols) + " | mma GB/s |")
+    print("|---" * (6 + len(cols)) + "|")
+    for label, n, s, coded, mb, t in rows:
+        cells = [f"{t[c] * 1e6:.1f} ({t['cuBLAS'] / t[c]:.2f}x)" if c in t else "-" for c in cols]
+        print(f"| {label} | {n} | {s} | {int(coded)} | {mb:.0f} | " + " | ".join(cells)
+              + f" | {mb / 1e3 / t['mma']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
