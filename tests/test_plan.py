@@ -128,7 +128,8 @@ def test_dispatch_crossovers():
     assert not use_sparse_kernel(256, 0.2, TILED_CSL, True, 4096 * 4096)  # small: the expansion, its weight in L2
     assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
     assert use_sparse_kernel(1, 0.2, DELTA_ROWS) and use_sparse_kernel(8, 0.2, DELTA_ROWS)  # nt8
-    assert not use_sparse_kernel(9, 0.2, DELTA_ROWS)  # the expansion
+    assert use_sparse_kernel(9, 0.2, DELTA_ROWS) and use_sparse_kernel(32, 0.2, DELTA_ROWS)  # the tensor-core kernel
+    assert not use_sparse_kernel(33, 0.2, DELTA_ROWS)  # the expansion
     assert use_sparse_kernel(128, 0.2, BITMAP, True) and not use_sparse_kernel(129, 0.2, BITMAP, True)
     p = plan(9216, 36864, 300, 0.2, 132, 1, None, TILED_CSL, True)
     assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (3, 36, 128, 256)

@@ -594,9 +594,10 @@ def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = F
     shape, N = 128: 284 and 360 us against about 435), and up to N = 256 where its warpgroup kernel runs on a large,
     at least 80 % sparse weight (``TCSL_WG_MAX_DENSITY_ABOVE_128``, ``TCSL_WG_MIN_ELEMENTS``; session 13, same shape at
     80 %: N = 256 in 416-428 us; the expansion took 473 us in session 12's bench_spmm.py).  DeltaRows: N = 1 and its
-    multi-token kernels up to :data:`DELTA_MULTI_MAX`."""
+    multi-token kernels up to :data:`DELTA_MULTI_MAX`, and its tensor-core kernel where :func:`dr_mma_ok` (the split
+    layout)."""
     if fmt == DELTA_ROWS:
-        return 1 <= n <= max(1, DELTA_MULTI_MAX)
+        return 1 <= n <= max(1, DELTA_MULTI_MAX) or dr_mma_ok(n, 1)
     if fmt == TILED_CSL:
         return n <= 128 or (wgmma and n <= 256 and density <= TCSL_WG_MAX_DENSITY_ABOVE_128
                             and elements >= TCSL_WG_MIN_ELEMENTS)
