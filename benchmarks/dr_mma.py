@@ -31,9 +31,11 @@ SHAPES = {"llama": [("llama-3-8b qkv", 6144, 4096), ("llama-3-8b o", 4096, 4096)
                   ("opt-30b fc2", 7168, 28672)]}
 
 
-def call(w, x, mma: bool):
-    """spmm on ``w`` with DeltaRows' tensor-core kernel on (``mma``) or off (N <= 8: the multi-token kernel)."""
+def call(w, x, mma: bool, xring: bool = True):
+    """spmm on ``w`` with DeltaRows' tensor-core kernel on (``mma``; X through its ring where ``xring``) or off (N <=
+    8: the multi-token kernel)."""
     K.DR_MMA_MIN = 1 if mma else 33
+    K.DR_MMA_XRING = xring
     m, k = w.shape
     return K.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, k, None)
 
@@ -67,7 +69,8 @@ def main() -> None:
             err_t = (torch.nn.functional.linear(x, dense).double() - ref).abs().max().item()
             tol = 2 * err_t + 2 ** -8 * (1 + ref.abs().max().item())
             t = {}
-            paths = {"mma": lambda ww: call(ww, x, True), "tiled-csl": lambda ww: call(ww, x, False)}
+            paths = {"mma": lambda ww: call(ww, x, True, False), "mma-x": lambda ww: call(ww, x, True),
+                     "tiled-csl": lambda ww: call(ww, x, False)}
             if n <= 8:
                 paths["nt8"] = lambda ww: call(ww, x, False)
             for name, f in paths.items():
@@ -83,15 +86,15 @@ def main() -> None:
             print(label, n, {c: round(v * 1e6, 1) for c, v in t.items()}, flush=True)
         del dense, ws, tcs, dws
         torch.cuda.empty_cache()
-    K.DR_MMA_MIN = 9
+    K.DR_MMA_MIN, K.DR_MMA_XRING = 9, True
     print(f"\nus a call, {a.dtype}, sparsity {a.sparsity}; speedup over cuBLAS in brackets; mma's GB/s of its bytes")
-    cols = ["mma", "nt8", "tiled-csl", "cuBLAS"]
+    cols = ["mma", "mma-x", "nt8", "tiled-csl", "cuBLAS"]
     print("| shape | N | splits | coded | MB | " + " | ".join(cols) + " | mma GB/s |")
     print("|---" * (6 + len(cols)) + "|")
     for label, n, s, coded, mb, t in rows:
         cells = [f"{t[c] * 1e6:.1f} ({t['cuBLAS'] / t[c]:.2f}x)" if c in t else "-" for c in cols]
         print(f"| {label} | {n} | {s} | {int(coded)} | {mb:.0f} | " + " | ".join(cells)
-              + f" | {mb / 1e3 / t['mma']:.0f} |")
+              + f" | {mb / 1e3 / min(t['mma'], t['mma-x']):.0f} |")
 
 
 if __name__ == "__main__":

@@ -708,7 +708,8 @@ def test_engine_codes_the_values_at_batch_1(monkeypatch):
 def test_delta_rows_tensor_core_kernel(dtype, coded, monkeypatch):
     """The tensor-core kernel (``delta_rows_spmm_<dtype>_mma<8|16|32>[c]``, session 60) against the reference: every
     density from empty to full, K odd and not a multiple of 16 (the ring's last block past K), 1-32 tokens (forced down
-    to 1 through ``DR_MMA_MIN``), split counts 1 / 7 / the default, X off its 4-byte alignment (2-byte loads), the
+    to 1 through ``DR_MMA_MIN``), split counts 1 / 7 / the default, X staged through its ring (``_mma<NT>x``) or read
+    from global memory (K % 8 != 0, 32 tokens, X off its 4-byte alignment: 2-byte loads), the
     bias, the residual add and SiLU x up of paired halves, poisoned outputs; a second launch gives the same bits."""
     if coded and dtype != torch.bfloat16:
         pytest.skip("coded values are bf16 only")
@@ -735,8 +736,9 @@ def test_delta_rows_tensor_core_kernel(dtype, coded, monkeypatch):
                     launched.clear()
                     y = run_kernel(x, w, bias)
                     nt = 8 if n <= 8 else 16 if n <= 16 else 32
+                    xring = k.DR_MMA_XRING and nt <= 16 and kk % 8 == 0 and not unaligned  # (X's ring: _mma<NT>x)
                     assert f"delta_rows_spmm_{'bf16' if dtype == torch.bfloat16 else 'f16'}_mma{nt}" \
-                        f"{'c' if coded else ''}" in launched, launched
+                        f"{'c' if coded else ''}{'x' if xring else ''}" in launched, launched
                     check(y, x, w_dense, bias)
                     assert torch.equal(run_kernel(x, w, bias), y)
     # the epilogues: the residual add, SiLU x up of paired halves (into poisoned outputs)

@@ -670,6 +670,9 @@ DELTA_MULTI_MAX = int(os.environ.get("FLASH_LLM_DELTA_MULTI_MAX", "8"))
 DR_MMA_MIN = int(os.environ.get("FLASH_LLM_DR_MMA_MIN", "9"))
 DR_MMA_MAX = int(os.environ.get("FLASH_LLM_DR_MMA_MAX", "32"))
 DRM_WARPS = 2  # spmm.cu: warps (slices) a block of the tensor-core kernel
+#: the tensor-core kernel stages X through a ring in shared memory a round ahead (``_mma<NT>x``; NT = 8, 16, K % 8 ==
+#: 0, X on 16 bytes) instead of loading its B fragments from global memory in the drain (``FLASH_LLM_DR_MMA_XRING=0``)
+DR_MMA_XRING = os.environ.get("FLASH_LLM_DR_MMA_XRING", "1") != "0"
 
 
 def dr_mma_ok(n: int, parts: int) -> bool:
@@ -698,7 +701,9 @@ def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Ten
     mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     vec = int(k % 2 == 0 and x.data_ptr() % 4 == 0)
-    launch(f"delta_rows_spmm_{suffix}_mma{nt}{'c' if lay.coded else ''}", (ceil_div(slices, DRM_WARPS), s, 1),
+    xring = DR_MMA_XRING and nt <= 16 and k % 8 == 0 and x.data_ptr() % 16 == 0
+    launch(f"delta_rows_spmm_{suffix}_mma{nt}{'c' if lay.coded else ''}{'x' if xring else ''}",
+           (ceil_div(slices, DRM_WARPS), s, 1),
            32 * DRM_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
             (k, I), (m, I), (slices, I), (vec, I)], stream, dev.index, 0, pdl=pdl)

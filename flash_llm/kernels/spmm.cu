@@ -3056,12 +3056,20 @@ constexpr int DRM_RC = 256;                  // the ring's columns (a power of 2
 constexpr int DRM_PITCH = 2 * DRM_RC + 16;   // bytes a ring row (+16: ldmatrix's 8 rows in 8 distinct bank quads)
 constexpr int DRM_RING = 4;                  // groups copied ahead (640-byte slots)
 
-template <bool BF16, int NT, bool CODED>
+constexpr int DRM_XRC = 128;                // XR: X's ring, columns (a power of 2)
+constexpr int DRM_XPITCH = 2 * DRM_XRC + 16;  // bytes a token's row of it
+constexpr int DRM_XC = 64;                  // XR: columns of X loaded a round (into registers, stored after the drain)
+
+template <bool BF16, int NT, bool CODED, bool XR = false>
 DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restrict__ offsets,
                               const u16* __restrict__ x, float* __restrict__ ws, int S, int N, int K, int M,
                               int slices, int vec) {
   __shared__ __align__(16) unsigned char tile[DRM_WARPS][32 * DRM_PITCH];
   __shared__ __align__(16) unsigned char ring[DRM_WARPS][DRM_RING * 640];
+  // XR (K % 8 == 0, X on 16 bytes: vec == 2): X's columns staged a round ahead in a ring [NT][DRM_XRC] a warp, read
+  // by ldmatrix as the B fragments (instead of 4-byte loads from global memory in the drain)
+  __shared__ __align__(16) unsigned char xring[XR ? DRM_WARPS : 1][XR ? NT * DRM_XPITCH : 16];
+  constexpr int XU = XR ? NT * DRM_XC / 8 / 32 : 1;  // 16-byte units of X a lane a round
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
   const int slice = blockIdx.x * DRM_WARPS + warp;
   pdl_launch_dependents();
@@ -3103,8 +3111,22 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
   pdl_wait();  // X after the previous kernel
   int drained = a0 & ~15;  // columns below are multiplied (and zeroed in the ring)
   int g = g0;
+  // XR: columns below xl are in X's ring; xv holds columns xl .. xl + DRM_XC - 1 while xpend
+  int xl = drained;
+  uint4 xv[XU];
+  bool xpend = false;
+  const u32 xb = smem_addr(xring[XR ? warp : 0]);
   __syncwarp();
   for (;;) {
+    if (XR && !xpend && xl + DRM_XC - DRM_XRC <= drained && xl < wend) {  // the next columns, where the ring has room
+#pragma unroll
+      for (int u = 0; u < XU; ++u) {
+        const int p = lane + 32 * u, t = p / (DRM_XC / 8), c = xl + 8 * (p % (DRM_XC / 8));
+        xv[u] = t < N && c < K ? __ldg(reinterpret_cast<const uint4*>(x + (long long)t * K + c))
+                               : make_uint4(0, 0, 0, 0);
+      }
+      xpend = true;
+    }
     if (g < g1) {
       const int slot = (g - g0) & (DRM_RING - 1);
       cp_async_wait<DRM_RING - 1>();
@@ -3140,9 +3162,20 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
     }
     // columns below every lane's running column are final (a lane's next entries lie at or past it)
     const int front = (int)__reduce_min_sync(0xffffffffu, g < g1 ? (u32)col : 0x7fffffffu);
-    const int lim = front == 0x7fffffff ? wend : front & ~15;
+    const int lim = min(front == 0x7fffffff ? wend : front & ~15, XR ? xl : 0x7fffffff);
     if (drained >= lim) {
-      if (front == 0x7fffffff) break;
+      if (XR && xpend) {  // X's next columns into its ring (the columns they replace are multiplied)
+#pragma unroll
+        for (int u = 0; u < XU; ++u) {
+          const int p = lane + 32 * u, t = p / (DRM_XC / 8), c = xl + 8 * (p % (DRM_XC / 8));
+          asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(xb + t * DRM_XPITCH + 2 * (c & (DRM_XRC - 1))),
+                       "r"(xv[u].x), "r"(xv[u].y), "r"(xv[u].z), "r"(xv[u].w) : "memory");
+        }
+        xl += DRM_XC;
+        xpend = false;
+        continue;
+      }
+      if (front == 0x7fffffff && drained >= wend) break;
       continue;
     }
     __syncwarp();  // the lanes' stores before the other lanes' ldmatrix
@@ -3155,6 +3188,31 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                      : "=r"(a[h][0]), "=r"(a[h][1]), "=r"(a[h][2]), "=r"(a[h][3])
                      : "r"(la + h * 16 * DRM_PITCH + cb));
+      if (XR) {  // B from X's ring: ldmatrix.x4 of tokens 16 i .. 16 i + 15, columns + 0 / + 8
+        const u32 xa = xb + ((lane & 7) + 8 * (lane >> 4)) * DRM_XPITCH + 2 * (drained & (DRM_XRC - 1)) +
+                       16 * ((lane >> 3) & 1);
+#pragma unroll
+        for (int i = 0; i < (NT + 15) / 16; ++i) {
+          u32 b[4];
+          if (NT == 8) {
+            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                         : "=r"(b[0]), "=r"(b[1]) : "r"(xa));
+          } else {
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(xa + i * 16 * DRM_XPITCH));
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const u32 b0[2] = {b[0], b[1]};
+            mma16816<BF16>(acc[h][(2 * i) % (NT / 8)], a[h], b0);
+            if (NT > 8) {
+              const u32 b1[2] = {b[2], b[3]};
+              mma16816<BF16>(acc[h][(2 * i + 1) % (NT / 8)], a[h], b1);
+            }
+          }
+        }
+        continue;
+      }
       const int k0 = drained + kq, k1 = k0 + 8;
 #pragma unroll
       for (int j = 0; j < NT / 8; ++j) {
@@ -3180,7 +3238,17 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
       z[0] = make_uint4(0, 0, 0, 0);
       z[1] = make_uint4(0, 0, 0, 0);
     }
-    if (front == 0x7fffffff) break;
+    if (XR && xpend && xl + DRM_XC - DRM_XRC <= drained) {  // X's next columns into its ring (as above)
+#pragma unroll
+      for (int u = 0; u < XU; ++u) {
+        const int p = lane + 32 * u, t = p / (DRM_XC / 8), c = xl + 8 * (p % (DRM_XC / 8));
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(xb + t * DRM_XPITCH + 2 * (c & (DRM_XRC - 1))),
+                     "r"(xv[u].x), "r"(xv[u].y), "r"(xv[u].z), "r"(xv[u].w) : "memory");
+      }
+      xl += DRM_XC;
+      xpend = false;
+    }
+    if (front == 0x7fffffff && drained >= wend) break;
   }
   // the partials: acc[h][j][e] is row 16 h + lane / 4 (+ 8 for e >= 2), token 8 j + 2 (lane % 4) (+ 1 for odd e)
   const int* perm = dr_perm(offsets, slices, S) + slice * 32;
@@ -3216,9 +3284,23 @@ INSTANTIATE_DR_MMA(bf16, true, 32)
   extern "C" __global__ void __launch_bounds__(32 * DRM_WARPS) delta_rows_spmm_bf16_mma##NT##c(DR_MMA_ARGS) {   \
     delta_rows_mma_body<true, NT, true>(data, offsets, x, ws, S, N, K, M, slices, vec);                        \
   }
+#define INSTANTIATE_DR_MMA_X(NAME, BF16, NT)                                                                    \
+  extern "C" __global__ void __launch_bounds__(32 * DRM_WARPS) delta_rows_spmm_##NAME##_mma##NT##x(DR_MMA_ARGS) { \
+    delta_rows_mma_body<BF16, NT, false, true>(data, offsets, x, ws, S, N, K, M, slices, vec);                 \
+  }
+INSTANTIATE_DR_MMA_X(f16, false, 8)
+INSTANTIATE_DR_MMA_X(f16, false, 16)
+INSTANTIATE_DR_MMA_X(bf16, true, 8)
+INSTANTIATE_DR_MMA_X(bf16, true, 16)
+#define INSTANTIATE_DR_MMA_CODED_X(NT)                                                                          \
+  extern "C" __global__ void __launch_bounds__(32 * DRM_WARPS) delta_rows_spmm_bf16_mma##NT##cx(DR_MMA_ARGS) {  \
+    delta_rows_mma_body<true, NT, true, true>(data, offsets, x, ws, S, N, K, M, slices, vec);                  \
+  }
 INSTANTIATE_DR_MMA_CODED(8)
 INSTANTIATE_DR_MMA_CODED(16)
 INSTANTIATE_DR_MMA_CODED(32)
+INSTANTIATE_DR_MMA_CODED_X(8)
+INSTANTIATE_DR_MMA_CODED_X(16)
 
 // delta_rows_reduce_<dtype>: y[t][m] from the _nt kernels' partials ws[s][t][m] (M weight rows, N tokens), summed in
 // split order, 16 splits' loads in flight; one thread an output.  mode (DR_RESID, DR_SILU) as the _n1 kernel's, with
