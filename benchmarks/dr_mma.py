@@ -49,6 +49,7 @@ def main() -> None:
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     ns = [int(v) for v in a.ns.split(",")]
+    saved = K.DR_MMA_MIN, K.DR_MMA_XRING
     print(T.environment())
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -86,7 +87,7 @@ def main() -> None:
             print(label, n, {c: round(v * 1e6, 1) for c, v in t.items()}, flush=True)
         del dense, ws, tcs, dws
         torch.cuda.empty_cache()
-    K.DR_MMA_MIN, K.DR_MMA_XRING = 9, True
+    K.DR_MMA_MIN, K.DR_MMA_XRING = saved
     print(f"\nus a call, {a.dtype}, sparsity {a.sparsity}; speedup over cuBLAS in brackets; mma's GB/s of its bytes")
     cols = ["mma", "mma-x", "nt8", "tiled-csl", "cuBLAS"]
     print("| shape | N | splits | coded | MB | " + " | ".join(cols) + " | mma GB/s |")

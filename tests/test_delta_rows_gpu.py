@@ -710,7 +710,9 @@ def test_delta_rows_tensor_core_kernel(dtype, coded, monkeypatch):
     density from empty to full, K odd and not a multiple of 16 (the ring's last block past K), 1-32 tokens (forced down
     to 1 through ``DR_MMA_MIN``), split counts 1 / 7 / the default, X staged through its ring (``_mma<NT>x``) or read
     from global memory (K % 8 != 0, 32 tokens, X off its 4-byte alignment: 2-byte loads), the
-    bias, the residual add and SiLU x up of paired halves, poisoned outputs; a second launch gives the same bits."""
+    bias, the residual add and SiLU x up of paired halves, poisoned outputs; a second launch gives the same bits.
+    (Session 60's one GPU run failed on fp16, bf16 and bf16 coded; the fault found since -- a drain pass wider than the
+    ring -- is fixed, and this test has not run on a GPU after it: the kernel is off by default, ``DR_MMA_MIN``.)"""
     if coded and dtype != torch.bfloat16:
         pytest.skip("coded values are bf16 only")
     k = _kernels()

@@ -624,7 +624,7 @@ def test_delta_rows_above_its_kernels_batch_is_a_warning(pair):
     assert n > 0
     from flash_llm import kernels
 
-    first = next(b for b in range(1, 65) if not kernels.use_sparse_kernel(b, 0.2, kernels.DELTA_ROWS))  # (today 33)
+    first = next(b for b in range(1, 65) if not kernels.use_sparse_kernel(b, 0.2, kernels.DELTA_ROWS))  # (today 9)
     assert _delta_rows_batch_note(ours, cuda, first - 1) is None
     note = _delta_rows_batch_note(ours, cuda, first + 2)
     assert note is not None and f"{n} DeltaRows layer(s)" in note and f"max_batch={first + 2}" in note

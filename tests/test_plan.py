@@ -128,8 +128,20 @@ def test_dispatch_crossovers():
     assert not use_sparse_kernel(256, 0.2, TILED_CSL, True, 4096 * 4096)  # small: the expansion, its weight in L2
     assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
     assert use_sparse_kernel(1, 0.2, DELTA_ROWS) and use_sparse_kernel(8, 0.2, DELTA_ROWS)  # nt8
-    assert use_sparse_kernel(9, 0.2, DELTA_ROWS) and use_sparse_kernel(32, 0.2, DELTA_ROWS)  # the tensor-core kernel
-    assert not use_sparse_kernel(33, 0.2, DELTA_ROWS)  # the expansion
+    assert not use_sparse_kernel(9, 0.2, DELTA_ROWS)  # the expansion (the tensor-core kernel is off by default)
+
+
+def test_delta_rows_tensor_core_dispatch(monkeypatch):
+    """DeltaRows' tensor-core kernel, where switched on (``DR_MMA_MIN``): the split layout from that N up to 32, never
+    the parts layout; off by default (session 60: not yet verified on a GPU)."""
+    from flash_llm import kernels as k
+
+    assert not k.dr_mma_ok(9, 1) and not k.dr_mma_ok(32, 1)  # off by default
+    monkeypatch.setattr(k, "DR_MMA_MIN", 9)
+    assert k.dr_mma_ok(9, 1) and k.dr_mma_ok(32, 1) and not k.dr_mma_ok(8, 1) and not k.dr_mma_ok(33, 1)
+    assert not k.dr_mma_ok(16, 4)  # the parts layout: the expansion
+    assert use_sparse_kernel(9, 0.2, DELTA_ROWS) and use_sparse_kernel(32, 0.2, DELTA_ROWS)
+    assert not use_sparse_kernel(33, 0.2, DELTA_ROWS)
     assert use_sparse_kernel(128, 0.2, BITMAP, True) and not use_sparse_kernel(129, 0.2, BITMAP, True)
     p = plan(9216, 36864, 300, 0.2, 132, 1, None, TILED_CSL, True)
     assert (p.n_chunks, p.row_blocks, p.block_tokens, p.block_rows) == (3, 36, 128, 256)

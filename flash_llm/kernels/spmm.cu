@@ -3162,7 +3162,9 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
     }
     // columns below every lane's running column are final (a lane's next entries lie at or past it)
     const int front = (int)__reduce_min_sync(0xffffffffu, g < g1 ? (u32)col : 0x7fffffffu);
-    const int lim = min(front == 0x7fffffff ? wend : front & ~15, XR ? xl : 0x7fffffff);
+    // (at most DRM_RC columns a pass: past that the ring's slots alias blocks read in this pass but not yet zeroed --
+    // a lane holding only pads, or the last lane's end, can put `front` or wend that far ahead)
+    const int lim = min(min(front == 0x7fffffff ? wend : front & ~15, XR ? xl : 0x7fffffff), drained + DRM_RC);
     if (drained >= lim) {
       if (XR && xpend) {  // X's next columns into its ring (the columns they replace are multiplied)
 #pragma unroll
