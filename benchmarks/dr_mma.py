@@ -1,5 +1,6 @@
 """DeltaRows at 8-32 tokens: the tensor-core kernel (``delta_rows_spmm_<dtype>_mma<NT>``, session 60) against the
-CUDA-core multi-token kernel (N <= 8), Tiled-CSL's kernels and cuBLAS on the dense weight, all in one run, on
+CUDA-core multi-token kernel (N <= 8) or the expansion and cuBLAS (N > 8; DeltaRows' path without it), Tiled-CSL's
+kernels and cuBLAS on the dense weight, all in one run, on
 Llama-3-8B's and OPT-30B's layer shapes in the split layout (DeltaRows' layout for batches above 2; bf16 values coded
 where ``--dtype bf16``).
 
@@ -74,6 +75,8 @@ def main() -> None:
                      "tiled-csl": lambda ww: call(ww, x, False)}
             if n <= 8:
                 paths["nt8"] = lambda ww: call(ww, x, False)
+            else:  # DeltaRows' path there today: the expansion and cuBLAS
+                paths["expand"] = lambda ww: call(ww, x, False)
             for name, f in paths.items():
                 src = tcs if name == "tiled-csl" else ws
                 err = (f(src[0]).double() - ref).abs().max().item()
@@ -89,7 +92,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     K.DR_MMA_MIN, K.DR_MMA_XRING = saved
     print(f"\nus a call, {a.dtype}, sparsity {a.sparsity}; speedup over cuBLAS in brackets; mma's GB/s of its bytes")
-    cols = ["mma", "mma-x", "nt8", "tiled-csl", "cuBLAS"]
+    cols = ["mma", "mma-x", "nt8", "expand", "tiled-csl", "cuBLAS"]
     print("| shape | N | splits | coded | MB | " + " | ".join(cols) + " | mma GB/s |")
     print("|---" * (6 + len(cols)) + "|")
     for label, n, s, coded, mb, t in rows:

@@ -62,7 +62,8 @@
 #             the applied kernel at 1 and 4 warps a block; "name:warps,..." for variants in spmm.cu; about 40 s)
 #   drmma     benchmarks/dr_mma.py: DeltaRows' tensor-core kernel at N = $DRMMA_NS (default 8,16,32) against the multi-token
 #             kernel, Tiled-CSL and cuBLAS on Llama-3-8B's and OPT-30B's layers ($DRMMA_SHAPES, default llama,opt),
-#             $DRMMA_DTYPE (default bf16), sparsity $DRMMA_SP (default 0.8)
+#             $DRMMA_DTYPE (default bf16), sparsity $DRMMA_SP (default 0.8); first (DRMMA_DIAG=0: not)
+#             benchmarks/diag/dr_mma_diag.py, every wrong case of the kernel listed
 # Outputs (logs) under $OUT; the A/B tables are printed. bench_e2e's plots, CSVs and summaries are deleted at the end
 # (GPU_AB_KEEP_ALL=1 keeps them): the device tool brings back only a few files.
 set -uo pipefail
@@ -176,7 +177,8 @@ for stage in "${@:-tests ab}"; do
                tee "$OUT/drtok.log" | grep -v "^kind " ;;
       drexpand) timeout 200 python3 benchmarks/dr_expand.py --dtype ${DREXP_DTYPE:-bf16} ${DREXP_KERNELS:+--kernels "$DREXP_KERNELS"} \
                   2>&1 | tee "$OUT/dr_expand.log" ;;
-      drmma) timeout ${DRMMA_TIMEOUT:-300} python3 benchmarks/dr_mma.py --dtype ${DRMMA_DTYPE:-bf16} --ns ${DRMMA_NS:-8,16,32} \
+      drmma) [ "${DRMMA_DIAG:-1}" = 1 ] && timeout 300 python3 benchmarks/diag/dr_mma_diag.py 2>&1 | tail -45 | tee "$OUT/dr_mma_diag.log"
+             timeout ${DRMMA_TIMEOUT:-300} python3 benchmarks/dr_mma.py --dtype ${DRMMA_DTYPE:-bf16} --ns ${DRMMA_NS:-8,16,32} \
                   --shapes ${DRMMA_SHAPES:-llama,opt} --sparsity ${DRMMA_SP:-0.8} 2>&1 | tee -a "$OUT/dr_mma.log" ;;
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"

@@ -3038,8 +3038,9 @@ INSTANTIATE_DR_NT_CODED(8, (32 * DR_WARPS))
 INSTANTIATE_DR_PARTS_NT_CODED(2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_PARTS_NT_CODED(4, (32 * DR_WARPS, 8))
 
-// delta_rows_spmm_<dtype>_mma<NT>[c]: 9 <= N <= NT tokens (NT = 16, 32; 8 too, for tests and tuning) on a DeltaRows
-// weight of the split layout (P = 1) with the tensor cores (session 60).  Grid (ceil(slices / DRM_WARPS), S), a warp a
+// delta_rows_spmm_<dtype>_mma<NT>[c][x]: N <= NT tokens (NT = 8, 16, 32) on a DeltaRows weight of the split layout
+// (P = 1) with the tensor cores (session 60; off by default, kernels.DR_MMA_MIN: measured 0.24-0.84x of cuBLAS at
+// 8-16 tokens, docs/kernels.md "DeltaRows on the tensor cores").  Grid (ceil(slices / DRM_WARPS), S), a warp a
 // slice and split, nothing shared between warps.  Each warp keeps its slice's 32 rows as a ring of DRM_RC columns in
 // shared memory (16-bit, zeroed): every lane walks its row's groups and stores each nonzero at (its row, column mod
 // DRM_RC) -- a column step, an LDS-free 2-byte store an entry, no product.  After each round the warp's smallest
@@ -3047,7 +3048,8 @@ INSTANTIATE_DR_PARTS_NT_CODED(4, (32 * DR_WARPS, 8))
 // multiplies them on the tensor cores (ldmatrix.x4 of the two 16-row halves, X's columns from global memory through
 // L1 as the B fragments, mma.m16n8k16 with fp32 sums), then zeroes them for reuse.  A lane whose next group would
 // reach past the ring's end waits that round (its group stays in the copy ring); the lane with the smallest column
-// always fits (a group spans at most 120 columns), so every round moves.  Groups come DRM_RING ahead by cp.async, as
+// always fits (a group spans at most 120 columns), so every round moves.  A pass drains at most DRM_RC columns: past
+// that its slots alias blocks read in the same pass and not yet zeroed.  Groups come DRM_RING ahead by cp.async, as
 // the other kernels' (each lane its own, at its own pace).  The partials go to ws[s][t][row] as the _nt kernels', and
 // delta_rows_reduce_<dtype> sums them with the epilogue.  Values -- plain or coded -- are stored as their bits, so
 // the products and sums are the tensor cores': exact products, fp32 sums in the MMA's order.
