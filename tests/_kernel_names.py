@@ -19,4 +19,7 @@ EXPECTED_KERNELS = (
     | {f"delta_rows_parts_{dt}_p{p}_s{st}" for dt in ("f16", "bf16") for p in (2, 4, 8, 16) for st in (1, 2)}
     | {"delta_rows_spmm_bf16_n1c"} | {f"delta_rows_parts_bf16_p{p}_s2c" for p in (2, 4, 8, 16)}
     | {f"delta_rows_spmm_bf16_nt{nt}{a}c" for nt in (2, 4, 8) for a in ("", "a")} | {f"delta_rows_parts_bf16_nt{nt}c" for nt in (2, 4)}
+    | {f"delta_rows_spmm_{dt}_mma{nt}" for dt in ("f16", "bf16") for nt in (8, 16, 32)}
+    | {f"delta_rows_spmm_{dt}_mma{nt}x" for dt in ("f16", "bf16") for nt in (8, 16)}
+    | {f"delta_rows_spmm_bf16_mma{nt}c" for nt in (8, 16, 32)} | {f"delta_rows_spmm_bf16_mma{nt}cx" for nt in (8, 16)}
 )
