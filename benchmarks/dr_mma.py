@@ -1,8 +1,8 @@
 """DeltaRows at 8-32 tokens: the tensor-core kernel (``delta_rows_spmm_<dtype>_mma<NT>``, session 60) against the
-CUDA-core multi-token kernel (N <= 8) or the expansion and cuBLAS (N > 8; DeltaRows' path without it), Tiled-CSL's
-kernels and cuBLAS on the dense weight, all in one run, on
-Llama-3-8B's and OPT-30B's layer shapes in the split layout (DeltaRows' layout for batches above 2; bf16 values coded
-where ``--dtype bf16``).
+CUDA-core multi-token kernel (N <= 8), or above 8 tokens the expansion and cuBLAS (DeltaRows' path without it) and the
+multi-token kernels in chunks of 8 tokens at most (``kernels.DELTA_CHUNK_MAX``), Tiled-CSL's kernels and cuBLAS on the
+dense weight, all in one run, on Llama-3-8B's and OPT-30B's layer shapes in the split layout (DeltaRows' layout for
+batches above 2; bf16 values coded where ``--dtype bf16``).
 
     python benchmarks/dr_mma.py [--sparsity 0.8] [--ns 8,16,32] [--dtype bf16] [--shapes llama]
 
@@ -32,11 +32,13 @@ SHAPES = {"llama": [("llama-3-8b qkv", 6144, 4096), ("llama-3-8b o", 4096, 4096)
                   ("opt-30b fc2", 7168, 28672)]}
 
 
-def call(w, x, mma: bool, xring: bool = True):
+def call(w, x, mma: bool, xring: bool = True, chunks: bool = False):
     """spmm on ``w`` with DeltaRows' tensor-core kernel on (``mma``; X through its ring where ``xring``) or off (N <=
-    8: the multi-token kernel)."""
+    8: the multi-token kernel; above, the expansion, or with ``chunks`` the multi-token kernels 8 tokens at most a
+    launch, ``kernels.DELTA_CHUNK_MAX``)."""
     K.DR_MMA_MIN = 1 if mma else 33
     K.DR_MMA_XRING = xring
+    K.DELTA_CHUNK_MAX = 4096 if chunks else 8
     m, k = w.shape
     return K.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, k, None)
 
@@ -50,7 +52,7 @@ def main() -> None:
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     ns = [int(v) for v in a.ns.split(",")]
-    saved = K.DR_MMA_MIN, K.DR_MMA_XRING
+    saved = K.DR_MMA_MIN, K.DR_MMA_XRING, K.DELTA_CHUNK_MAX
     print(T.environment())
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -75,8 +77,9 @@ def main() -> None:
                      "tiled-csl": lambda ww: call(ww, x, False)}
             if n <= 8:
                 paths["nt8"] = lambda ww: call(ww, x, False)
-            else:  # DeltaRows' path there today: the expansion and cuBLAS
+            else:  # DeltaRows' path there today: the expansion and cuBLAS; or chunks of 8 tokens at most
                 paths["expand"] = lambda ww: call(ww, x, False)
+                paths["chunks"] = lambda ww: call(ww, x, False, chunks=True)
             for name, f in paths.items():
                 src = tcs if name == "tiled-csl" else ws
                 err = (f(src[0]).double() - ref).abs().max().item()
@@ -90,9 +93,9 @@ def main() -> None:
             print(label, n, {c: round(v * 1e6, 1) for c, v in t.items()}, flush=True)
         del dense, ws, tcs, dws
         torch.cuda.empty_cache()
-    K.DR_MMA_MIN, K.DR_MMA_XRING = saved
+    K.DR_MMA_MIN, K.DR_MMA_XRING, K.DELTA_CHUNK_MAX = saved
     print(f"\nus a call, {a.dtype}, sparsity {a.sparsity}; speedup over cuBLAS in brackets; mma's GB/s of its bytes")
-    cols = ["mma", "mma-x", "nt8", "expand", "tiled-csl", "cuBLAS"]
+    cols = ["mma", "mma-x", "nt8", "chunks", "expand", "tiled-csl", "cuBLAS"]
     print("| shape | N | splits | coded | MB | " + " | ".join(cols) + " | mma GB/s |")
     print("|---" * (6 + len(cols)) + "|")
     for label, n, s, coded, mb, t in rows:

@@ -763,3 +763,45 @@ def test_delta_rows_tensor_core_kernel(dtype, coded, monkeypatch):
         assert not torch.isnan(got).any(), case
         tol = 4 * ULP[dtype] * (1 + want.double().abs().max().item())
         assert (got.double() - want.double()).abs().max().item() <= tol, case
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_delta_rows_token_chunks(dtype, monkeypatch):
+    """``DELTA_CHUNK_MAX`` (off by default; session 60): 9-64 tokens on a DeltaRows weight as chunks of 2-8 through the
+    multi-token kernels, never the expansion; plain, the bias, the residual add, SiLU x up of paired halves and an
+    RMSNorm before, into poisoned outputs; coded values too (bf16), split and parts layouts."""
+    k = _kernels()
+    monkeypatch.setattr(k, "DELTA_CHUNK_MAX", 64)
+    launched = record_launches(k, monkeypatch)
+    gen = torch.Generator(device="cuda").manual_seed(660 + (dtype == torch.bfloat16))
+    fid = FORMAT_IDS[DeltaRows]
+    for m, kk, density in ((128, 2048, 0.2), (96, 517, 0.5), (64, 4096, 0.01)):
+        w_dense = sparse_weight(m, kk, density, dtype, gen)
+        layouts = [dict(splits=5)] + ([dict(parts=4)] if kk % 8 == 0 else [])
+        for lay in layouts:
+            w = DeltaRows.from_dense(w_dense, **lay)
+            for n in (9, 16, 17, 33, 64):
+                x = torch.randn(n, kk, generator=gen, device="cuda").to(dtype)
+                bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
+                launched.clear()
+                check(run_kernel(x, w, bias), x, w_dense, bias)
+                assert "delta_rows_to_dense" not in launched and any("_nt" in name for name in launched), launched
+    m, kk, n = 128, 2048, 20
+    w_dense, x, acc, cases = _epilogue_cases(m, kk, n, dtype, gen)
+    g = (torch.rand(kk, generator=gen, device="cuda") + 0.5).to(dtype)
+    for case, bias, pair in cases + (({"norm": (g, 1e-5)}, None, False),):
+        w = DeltaRows.from_dense(w_dense, splits=5, pair_halves=pair)
+        got = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, bias, **_epilogue_kwargs(case, acc, n, m, dtype))
+        monkeypatch.setattr(k, "DELTA_CHUNK_MAX", 8)  # the same through the expansion and cuBLAS
+        want = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, bias, **_epilogue_kwargs(case, acc, n, m, dtype))
+        monkeypatch.setattr(k, "DELTA_CHUNK_MAX", 64)
+        assert not torch.isnan(got).any(), case
+        tol = 4 * ULP[dtype] * (1 + want.double().abs().max().item())
+        assert (got.double() - want.double()).abs().max().item() <= tol, case
+    if dtype == torch.bfloat16:  # coded values: the same bits as the plain weight, chunk by chunk
+        wd = _magnitude_pruned(128, 2048, 0.2, gen)
+        plain = DeltaRows.from_dense(wd, splits=5)
+        coded = plain.code_values()
+        xb = torch.randn(17, 2048, generator=gen, device="cuda").to(dtype)
+        monkeypatch.setattr(k, "DR_NT_ATOMIC", False)  # (bit for bit: the reduction's fixed order of the splits)
+        assert torch.equal(run_kernel(xb, coded, None), run_kernel(xb, plain, None))

@@ -468,3 +468,19 @@ def test_scratch_buffers_are_zeroed_per_stream_and_never_freed_when_outgrown():
     big = s.get(cpu, 1, t.numel() + 1, torch.float32)
     assert big.numel() > t.numel() and not big.any() and any(r is t for r in s.retired)
     assert s.get(cpu, 1, 3, torch.float32) is big
+
+
+def test_delta_rows_token_chunks(monkeypatch):
+    """``DELTA_CHUNK_MAX``: N past the multi-token kernels' 8 runs as ceil(N / 8) even chunks of 2-8 tokens that cover
+    every token once, in order; off by default (the expansion from 9 tokens)."""
+    from flash_llm import kernels as k
+
+    assert k.DELTA_CHUNK_MAX <= k.DELTA_MULTI_MAX and not use_sparse_kernel(9, 0.2, DELTA_ROWS)
+    for n in range(9, 200):
+        chunks = k.dr_token_chunks(n)
+        assert len(chunks) == -(-n // 8) and chunks[0][0] == 0 and chunks[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(2 <= j - i <= 8 for i, j in chunks), (n, chunks)
+    assert k.dr_token_chunks(17) == [(0, 5), (5, 11), (11, 17)]
+    monkeypatch.setattr(k, "DELTA_CHUNK_MAX", 32)
+    assert use_sparse_kernel(32, 0.2, DELTA_ROWS) and not use_sparse_kernel(33, 0.2, DELTA_ROWS)

@@ -594,10 +594,10 @@ def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = F
     shape, N = 128: 284 and 360 us against about 435), and up to N = 256 where its warpgroup kernel runs on a large,
     at least 80 % sparse weight (``TCSL_WG_MAX_DENSITY_ABOVE_128``, ``TCSL_WG_MIN_ELEMENTS``; session 13, same shape at
     80 %: N = 256 in 416-428 us; the expansion took 473 us in session 12's bench_spmm.py).  DeltaRows: N = 1 and its
-    multi-token kernels up to :data:`DELTA_MULTI_MAX`, and its tensor-core kernel where :func:`dr_mma_ok` (the split
-    layout)."""
+    multi-token kernels up to :data:`DELTA_MULTI_MAX` (in chunks up to :data:`DELTA_CHUNK_MAX`), and its tensor-core
+    kernel where :func:`dr_mma_ok` (the split layout)."""
     if fmt == DELTA_ROWS:
-        return 1 <= n <= max(1, DELTA_MULTI_MAX) or dr_mma_ok(n, 1)
+        return 1 <= n <= max(1, DELTA_MULTI_MAX, DELTA_CHUNK_MAX if DELTA_MULTI_MAX >= 2 else 0) or dr_mma_ok(n, 1)
     if fmt == TILED_CSL:
         return n <= 128 or (wgmma and n <= 256 and density <= TCSL_WG_MAX_DENSITY_ABOVE_128
                             and elements >= TCSL_WG_MIN_ELEMENTS)
@@ -677,6 +677,24 @@ DRM_WARPS = 2  # spmm.cu: warps (slices) a block of the tensor-core kernel
 DR_MMA_XRING = os.environ.get("FLASH_LLM_DR_MMA_XRING", "1") != "0"
 
 
+#: DeltaRows runs ``DELTA_MULTI_MAX < N <= DELTA_CHUNK_MAX`` tokens as chunks of at most ``DELTA_MULTI_MAX`` through
+#: its multi-token kernels (:func:`dr_token_chunks`) instead of expanding the weight (``FLASH_LLM_DELTA_CHUNK_MAX``;
+#: session 60).  **Off by default** (8): not yet timed against the expansion in one run.  Session 60's 8-token times
+#: and session 59's expansion times (two machines) suggest 1.8-2.8x faster at 16 tokens on most of Llama-3-8B's and
+#: OPT-30B's layers, but slower on OPT-30B's fc2, whose block windows are too wide for the 8-token kernel's staging.
+DELTA_CHUNK_MAX = int(os.environ.get("FLASH_LLM_DELTA_CHUNK_MAX", "8"))
+
+
+def dr_token_chunks(n: int) -> list[tuple[int, int]]:
+    """The token ranges ``[(i, j), ...]`` that :data:`DELTA_CHUNK_MAX` runs ``n`` tokens in: ``ceil(n /
+    DELTA_MULTI_MAX)`` chunks as even as possible (so from ``n = DELTA_MULTI_MAX + 1`` each holds 2 tokens or more
+    and runs a multi-token kernel). Each token's sums are its own, so the chunks change no token's value."""
+    c = max(1, DELTA_MULTI_MAX)
+    parts = -(-n // c)
+    edges = [n * p // parts for p in range(parts + 1)]
+    return [(edges[p], edges[p + 1]) for p in range(parts)]
+
+
 def dr_mma_ok(n: int, parts: int) -> bool:
     """Whether ``n`` tokens on a DeltaRows weight of ``parts`` lanes a row run the tensor-core kernel."""
     return parts == 1 and max(DR_MMA_MIN, 1) <= n <= min(DR_MMA_MAX, 32)
@@ -732,6 +750,13 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
         if norm is not None or act == "relu" or (act is not None and not lay.paired):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
         return _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to)
+    if DELTA_MULTI_MAX >= 2 and DELTA_MULTI_MAX < n <= DELTA_CHUNK_MAX:  # chunks through the multi-token kernels
+        y = add_to if add_to is not None else torch.empty(n, m // 2 if act else m, dtype=x.dtype, device=dev) \
+            if out is None else out
+        for i, j in dr_token_chunks(n):
+            _delta_rows_cuda(x[i:j], data, offsets, m, k, bias, None if add_to is not None else y[i:j], act, norm,
+                             y[i:j] if add_to is not None else None)
+        return y
     if 2 <= n <= DELTA_MULTI_MAX:
         nt_norm = norm is not None and dr_nt_norm_ok(n, k, lay.parts, norm)
         if (norm is not None and not nt_norm) or act == "relu" or (act is not None and not lay.paired):
