@@ -700,6 +700,15 @@ def dr_mma_ok(n: int, parts: int) -> bool:
     return parts == 1 and max(DR_MMA_MIN, 1) <= n <= min(DR_MMA_MAX, 32)
 
 
+def _dr_reduce(ws, y, bias, s, n, m, mode, stream, dev, pdl) -> None:
+    """``delta_rows_reduce_<dtype>``: ``y`` (``[n, m]``, or ``[n, m / 2]`` with ``DR_SILU``) from the fp32 partials
+    ``ws [s, n, m]``, summed in split order with the bias and the ``mode``'s epilogue."""
+    m_out = m // 2 if mode & _DR_SILU else m
+    launch(f"delta_rows_reduce_{_dtype_suffix(y.dtype)}", (ceil_div(n * m_out, 256), 1, 1), 256,
+           [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
+            (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)
+
+
 def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Tensor:
     """``DR_MMA_MIN <= N <= 32`` tokens on a split-layout DeltaRows weight: ``delta_rows_spmm_<dtype>_mma<NT>``
     (NT = 8, 16 or 32: N rounded up) expands each warp's 32 rows into a ring of columns in shared memory and multiplies
@@ -713,12 +722,10 @@ def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Ten
     lay = layout(m, offsets.numel(), data.numel())
     slices, s = lay.slices, lay.splits
     nt = 8 if n <= 8 else 16 if n <= 16 else 32
-    m_out = m // 2 if act else m
-    y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
+    y, mode = _dr_out(x, m, out, act, None, add_to)
     stream = torch.cuda.current_stream(dev).cuda_stream
     suffix = _dtype_suffix(x.dtype)
     pdl = PDL_SPMM and getattr(_static, "on", False)
-    mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0)
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     vec = int(k % 2 == 0 and x.data_ptr() % 4 == 0)
     xring = DR_MMA_XRING and nt <= 16 and k % 8 == 0 and x.data_ptr() % 16 == 0
@@ -727,9 +734,7 @@ def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Ten
            32 * DRM_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
             (k, I), (m, I), (slices, I), (vec, I)], stream, dev.index, 0, pdl=pdl)
-    launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
-           [(ws.data_ptr(), P), (y.data_ptr(), P), (bias.data_ptr() if bias is not None else 0, P), (s, I), (n, I),
-            (m, I), (mode, I)], stream, dev.index, 0, pdl=pdl)
+    _dr_reduce(ws, y, bias, s, n, m, mode, stream, dev, pdl)
     return y
 
 
@@ -751,8 +756,7 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
         return _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to)
     if DELTA_MULTI_MAX >= 2 and DELTA_MULTI_MAX < n <= DELTA_CHUNK_MAX:  # chunks through the multi-token kernels
-        y = add_to if add_to is not None else torch.empty(n, m // 2 if act else m, dtype=x.dtype, device=dev) \
-            if out is None else out
+        y = _dr_out(x, m, out, act, None, add_to)[0]
         for i, j in dr_token_chunks(n):
             _delta_rows_cuda(x[i:j], data, offsets, m, k, bias, None if add_to is not None else y[i:j], act, norm,
                              y[i:j] if add_to is not None else None)
@@ -780,7 +784,7 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (norm is None or norm[0].data_ptr() % 16 == 0)
               and (ln_bias is None or ln_bias.data_ptr() % 16 == 0))
     stream = torch.cuda.current_stream(dev).cuda_stream
-    y, mode = _dr_n1_out(x, m, out, act, norm, add_to)
+    y, mode = _dr_out(x, m, out, act, norm, add_to)
     ws = torch.empty(s * mp + slices * s, dtype=torch.float32, device=dev)
     tickets = _scratch.get_tickets(dev, stream, slices)
     eps = 0.0 if norm is None else float(norm[-1])
@@ -802,12 +806,12 @@ def dr_nt_norm_ok(n: int, k: int, parts: int, norm: tuple | None = None) -> bool
             and (norm is None or len(norm) == 2))
 
 
-def _dr_n1_out(x, m, out, act, norm, add_to) -> tuple[torch.Tensor, int]:
-    """The N = 1 DeltaRows kernels' output (``add_to``, ``out`` or a fresh ``[1, m]``, ``[1, m / 2]`` with SiLU x up)
-    and their mode bits (``DR_*`` in spmm.cu)."""
+def _dr_out(x, m, out, act, norm, add_to) -> tuple[torch.Tensor, int]:
+    """The DeltaRows kernels' output for ``x``'s N tokens (``add_to``, ``out`` or a fresh ``[N, m]``, ``[N, m / 2]``
+    with SiLU x up) and their mode bits (``DR_*`` in spmm.cu)."""
     silu = act == "silu_mul"
-    y = add_to if add_to is not None else torch.empty(1, m // 2 if silu else m, dtype=x.dtype, device=x.device) \
-        if out is None else out
+    y = add_to if add_to is not None else out if out is not None else \
+        torch.empty(x.shape[0], m // 2 if silu else m, dtype=x.dtype, device=x.device)
     mode = ((_DR_RESID if add_to is not None else 0) | (_DR_SILU if silu else 0) | (_DR_RELU if act == "relu" else 0)
             | (0 if norm is None else _DR_RMS if len(norm) == 2 else _DR_LN))
     return y, mode
@@ -843,7 +847,7 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     x = _aligned16(x)
     ln_bias = _aligned16(norm[1]) if norm is not None and len(norm) == 3 else None
     scale = _aligned16(norm[0]) if norm is not None else None
-    y, mode = _dr_n1_out(x, m, out, act, norm, add_to)
+    y, mode = _dr_out(x, m, out, act, norm, add_to)
     stage = 2 if lay.coded else parts_stage(k)  # (coded: X staged 16-bit only)
     launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}{'c' if lay.coded else ''}",
            (ceil_div(lay.slices, DR_WARPS), 1, 1),
@@ -917,13 +921,11 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None)
     lay = layout(m, offsets.numel(), data.numel())
     slices, s = lay.slices, lay.splits
     nt = 2 if n <= 2 else 4 if n <= 4 else 8
-    m_out = m // 2 if act else m
-    y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
+    y, mode = _dr_out(x, m, out, act, norm, add_to)
     stream = torch.cuda.current_stream(dev).cuda_stream
     suffix = _dtype_suffix(x.dtype)
     coded = "c" if lay.coded else ""  # (coded values: their kernels; the reduction after them is the plain one)
     pdl = PDL_SPMM and getattr(_static, "on", False)
-    mode = (_DR_RESID if add_to is not None else 0) | (_DR_SILU if act else 0) | (_DR_RMS if norm is not None else 0)
     if norm is not None and not (dr_nt_norm_ok(n, k, lay.parts, norm) and x.data_ptr() % 16 == 0
                                  and norm[0].data_ptr() % 16 == 0):
         raise ValueError(f"norm inside the multi-token kernel needs 2 tokens on the parts layout with 16-byte rows "
@@ -964,9 +966,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None)
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     launch(f"delta_rows_spmm_{suffix}_nt{nt}{coded}", grid, 32 * DR_WARPS, walk_args(ws.data_ptr(), wmax), stream,
            dev.index, shared, pdl=pdl)
-    launch(f"delta_rows_reduce_{suffix}", (ceil_div(n * m_out, 256), 1, 1), 256,
-           [(ws.data_ptr(), P), (y.data_ptr(), P), (bias_ptr, P), (s, I), (n, I), (m, I), (mode, I)],
-           stream, dev.index, 0, pdl=pdl)
+    _dr_reduce(ws, y, bias, s, n, m, mode, stream, dev, pdl)
     return y
 
 

@@ -3118,6 +3118,16 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
   uint4 xv[XU];
   bool xpend = false;
   const u32 xb = smem_addr(xring[XR ? warp : 0]);
+  auto xstore = [&]() {  // xv (X's columns xl ..) into its ring: the columns they replace are multiplied
+#pragma unroll
+    for (int u = 0; u < XU; ++u) {
+      const int p = lane + 32 * u, t = p / (DRM_XC / 8), c = xl + 8 * (p % (DRM_XC / 8));
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(xb + t * DRM_XPITCH + 2 * (c & (DRM_XRC - 1))),
+                   "r"(xv[u].x), "r"(xv[u].y), "r"(xv[u].z), "r"(xv[u].w) : "memory");
+    }
+    xl += DRM_XC;
+    xpend = false;
+  };
   __syncwarp();
   for (;;) {
     if (XR && !xpend && xl + DRM_XC - DRM_XRC <= drained && xl < wend) {  // the next columns, where the ring has room
@@ -3168,15 +3178,8 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
     // a lane holding only pads, or the last lane's end, can put `front` or wend that far ahead)
     const int lim = min(min(front == 0x7fffffff ? wend : front & ~15, XR ? xl : 0x7fffffff), drained + DRM_RC);
     if (drained >= lim) {
-      if (XR && xpend) {  // X's next columns into its ring (the columns they replace are multiplied)
-#pragma unroll
-        for (int u = 0; u < XU; ++u) {
-          const int p = lane + 32 * u, t = p / (DRM_XC / 8), c = xl + 8 * (p % (DRM_XC / 8));
-          asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(xb + t * DRM_XPITCH + 2 * (c & (DRM_XRC - 1))),
-                       "r"(xv[u].x), "r"(xv[u].y), "r"(xv[u].z), "r"(xv[u].w) : "memory");
-        }
-        xl += DRM_XC;
-        xpend = false;
+      if (XR && xpend) {
+        xstore();
         continue;
       }
       if (front == 0x7fffffff && drained >= wend) break;
@@ -3242,16 +3245,7 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
       z[0] = make_uint4(0, 0, 0, 0);
       z[1] = make_uint4(0, 0, 0, 0);
     }
-    if (XR && xpend && xl + DRM_XC - DRM_XRC <= drained) {  // X's next columns into its ring (as above)
-#pragma unroll
-      for (int u = 0; u < XU; ++u) {
-        const int p = lane + 32 * u, t = p / (DRM_XC / 8), c = xl + 8 * (p % (DRM_XC / 8));
-        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(xb + t * DRM_XPITCH + 2 * (c & (DRM_XRC - 1))),
-                     "r"(xv[u].x), "r"(xv[u].y), "r"(xv[u].z), "r"(xv[u].w) : "memory");
-      }
-      xl += DRM_XC;
-      xpend = false;
-    }
+    if (XR && xpend && xl + DRM_XC - DRM_XRC <= drained) xstore();
     if (front == 0x7fffffff && drained >= wend) break;
   }
   // the partials: acc[h][j][e] is row 16 h + lane / 4 (+ 8 for e >= 2), token 8 j + 2 (lane % 4) (+ 1 for odd e)
