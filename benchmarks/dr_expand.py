@@ -6,7 +6,9 @@ bf16 values coded where ``--dtype bf16``).  A prompt's prefill runs this path on
     python benchmarks/dr_expand.py [--sparsity 0.8] [--n 128] [--dtype bf16] [--kernels NAME,...]
 
 ``--kernels``: the expansion kernels to time, ``name:warps`` (``delta_rows_to_dense`` and any variant spmm.cu defines
-with the same arguments, at that many warps a block); each is checked bit for bit against the CPU reference (``DeltaRows.to_dense``) before it is timed.
+with the same arguments, at that many warps a block; a name ending in ``_nf`` takes the lanes a row as one more
+argument and writes every element itself, so its output is not zeroed, and is checked in an output of -1s); each is
+checked bit for bit against the CPU reference (``DeltaRows.to_dense``) before it is timed.
 Prints us a call (CUDA-graph replays, weights rotated beyond L2) and the GB/s of the dense bytes written.
 """
 
@@ -30,17 +32,25 @@ SHAPES = [("opt-30b qkv", 21504, 7168), ("opt-30b o", 7168, 7168), ("opt-30b fc1
           ("llama-3-8b down", 4096, 14336)]
 
 
-def expand(name: str, w: DeltaRows) -> torch.Tensor:
-    """``name``: ``kernel`` or ``kernel:warps`` (warps a block; 1 by default)."""
+def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
+    """``name``: ``kernel`` or ``kernel:warps`` (warps a block; 1 by default).  A ``_nf`` kernel gets an output it
+    does not find zeroed: uninitialised, or -1s where ``poison``."""
     kernel, _, warps = name.partition(":")
     warps = int(warps or 1)
     m, k = w.shape
     lay = layout(m, w.offsets.numel(), w.data.numel())
-    out = torch.zeros(m, k, dtype=w.dtype, device=w.data.device)
+    dev = w.data.device
+    nofill = kernel.endswith("_nf")
+    if nofill:
+        out = (torch.full((m, k), -1, dtype=torch.int16, device=dev).view(w.dtype) if poison
+               else torch.empty(m, k, dtype=w.dtype, device=dev))
+    else:
+        out = torch.zeros(m, k, dtype=w.dtype, device=dev)
     K.launch(kernel, (-(-lay.slices // warps), lay.splits, 1), 32 * warps,
              [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),
-              (lay.splits, K.I), (lay.parts if lay.coded else 0, K.I), (lay.slices, K.I)],
-             torch.cuda.current_stream().cuda_stream, w.data.device.index)
+              (lay.splits, K.I), (lay.parts if lay.coded else 0, K.I), (lay.slices, K.I)]
+             + ([(lay.parts, K.I)] if nofill else []),
+             torch.cuda.current_stream().cuda_stream, dev.index)
     return out
 
 
@@ -49,7 +59,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
-    ap.add_argument("--kernels", default="delta_rows_to_dense:1,delta_rows_to_dense:4")
+    ap.add_argument("--kernels", default="delta_rows_to_dense:4,delta_rows_to_dense_nf:4,delta_rows_to_dense_nf:1")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     names = a.kernels.split(",")
@@ -67,7 +77,7 @@ def main() -> None:
             w = w.code_values() or w
         ok = []
         for name in names:
-            got = expand(name, w)
+            got = expand(name, w, poison=True)
             if torch.equal(got.view(torch.int16), dense.view(torch.int16)):
                 ok.append(name)
             else:

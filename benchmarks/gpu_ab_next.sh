@@ -59,7 +59,8 @@
 #             split layout's reduction against its atomics, launched as the engine launches them; about 30 s a model)
 #   drexpand  benchmarks/dr_expand.py: the DeltaRows expansion (the prefill's large-N path) on OPT-30B's and Llama-3-8B's
 #             layers against the zero fill and cuBLAS at N = 128, $DREXP_DTYPE (default bf16), $DREXP_KERNELS (default
-#             the applied kernel at 1 and 4 warps a block; "name:warps,..." for variants in spmm.cu; about 40 s)
+#             the applied kernel at 4 warps a block and delta_rows_to_dense_nf at 4 and 1; "name:warps,..." for variants
+#             in spmm.cu; about 40 s)
 #   drmma     benchmarks/dr_mma.py: DeltaRows' tensor-core kernel at N = $DRMMA_NS (default 8,16,32) against the multi-token
 #             kernel, Tiled-CSL and cuBLAS on Llama-3-8B's and OPT-30B's layers ($DRMMA_SHAPES, default llama,opt),
 #             $DRMMA_DTYPE (default bf16), sparsity $DRMMA_SP (default 0.8); first (DRMMA_DIAG=0: not)

@@ -431,12 +431,16 @@ def test_delta_rows_two_token_rms_norm_inside_the_parts_kernel(dtype, parts, mon
                 assert err <= 8 * ULP[dtype] * (1 + want.abs().max().item()), (m, kk, pair, err)
 
 
-def test_delta_rows_decode_kernel_is_exact():
+@pytest.mark.parametrize("nofill", [False, True], ids=["zeroed", "nofill"])
+def test_delta_rows_decode_kernel_is_exact(nofill, monkeypatch):
     """The expansion (whole 16-element chunks between a lane's nonzeros, the rest one by one) gives the weight's bits
     at every density, lanes a row and split count, K not a multiple of 16 (chunks across rows), -0.0 dropped, into a
-    poisoned ``out``."""
+    poisoned ``out``; ``nofill`` (``delta_rows_to_dense_nf``, session 61): the kernel writes every element itself,
+    so an element it misses keeps the poison (the output is not zeroed first)."""
     gen = torch.Generator(device="cuda").manual_seed(14)
     k = _kernels()
+    monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
+    launched = record_launches(k, monkeypatch)
     for dtype in DTYPES:
         for (m, kk) in ((333, 520), (70, 517), (64, 4104)):
             for density in (0.0, 0.02, 0.3, 0.8, 1.0):
@@ -448,7 +452,9 @@ def test_delta_rows_decode_kernel_is_exact():
                 for lay in layouts:
                     w = DeltaRows.from_dense(w_dense, **lay)
                     out = torch.full((m, kk), -1, dtype=torch.int16, device="cuda").view(dtype)  # poisoned
+                    launched.clear()
                     got = k.decode_dense(FORMAT_IDS[DeltaRows], w.data, w.offsets, m, kk, dtype, out=out)
+                    assert launched == ["delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense"], launched
                     assert torch.equal(got.view(torch.int16), want), (dtype, m, kk, density, lay)
 
 

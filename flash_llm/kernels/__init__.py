@@ -641,10 +641,16 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     dev = data.device
     lay = layout(m, offsets.numel(), data.numel())
     slices, s = lay.slices, lay.splits
-    out = torch.zeros(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k).zero_()
-    launch("delta_rows_to_dense", (ceil_div(slices, DR_DENSE_WARPS), s, 1), 32 * DR_DENSE_WARPS,
-           [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I), (s, I),
-            (lay.parts if lay.coded else 0, I), (slices, I)],
+    args = [(data.data_ptr(), P), (offsets.data_ptr(), P), None, (k, I), (s, I), (lay.parts if lay.coded else 0, I),
+            (slices, I)]
+    if DR_DENSE_NOFILL:  # every element written by the kernel: no zero fill
+        out = torch.empty(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k)
+        name, args = "delta_rows_to_dense_nf", args + [(lay.parts, I)]
+    else:
+        out = torch.zeros(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k).zero_()
+        name = "delta_rows_to_dense"
+    args[2] = (out.data_ptr(), P)
+    launch(name, (ceil_div(slices, DR_DENSE_WARPS), s, 1), 32 * DR_DENSE_WARPS, args,
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
     return out
 
@@ -652,6 +658,11 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
 #: warps (slices) a block of ``delta_rows_to_dense`` (at most 4, its launch bound; session 59: 1 and 4 time the same,
 #: ``benchmarks/dr_expand.py --kernels delta_rows_to_dense:1,delta_rows_to_dense:4``)
 DR_DENSE_WARPS = 4
+#: ``delta_rows_to_dense_nf`` (session 61): the expansion writes every element of its output, zeros included, so the
+#: output is not zeroed first (the zero fill took a quarter of the expansion's time, session 59). Its ownership rule was
+#: checked on the CPU (``benchmarks/diag/dr_dense_emulate.py``) but it has not run on a GPU, so it is off by default
+#: (``FLASH_LLM_DR_DENSE_NOFILL=1`` turns it on; ``benchmarks/dr_expand.py`` times it beside the applied kernel)
+DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "0") == "1"
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)

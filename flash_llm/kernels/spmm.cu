@@ -3351,6 +3351,17 @@ extern "C" __global__ void __launch_bounds__(256, 4) delta_rows_reduce_bf16(cons
 // columns, so they are disjoint runs in column order). Its first and last chunks store their nonzeros one by one.
 // The next group's loads are issued before this group's stores. Session 59 (H200, 80 %, OPT-30B / Llama-3-8B layer
 // shapes, benchmarks/dr_expand.py): 750-820 GB/s of dense bytes, 2-3x the one-store-a-nonzero kernel's 260-400.
+//
+// delta_rows_to_dense_nf (session 61, kernels.DR_DENSE_NOFILL; not yet timed): the same into an out that need not be
+// zeroed (the zero fill took 126 of OPT-30B fc1's 512 us). Every element of out is written once, zeros included, by
+// the lane and split that own its column: in the split layout split s owns the row's columns start_s + 1 ..
+// start_{s + 1} (start_s is the column of split s - 1's last entry, so split s's nonzeros lie inside; the split of
+// the slice's first group from column 0, splits before it (more splits than groups) nothing, the last split to K - 1;
+// a lane without entries has the splits' window starts, which rise with s); in the
+// parts layout part p owns start_p .. (the next part with entries' start) - 1 (part 0 from column 0, the last such
+// part to K - 1; a part p >= 1 of start 0 has no entries, since the row's first nonzero is part 0's). A chunk inside
+// the lane's columns is written whole, a chunk at their ends element by element (only its owned elements), the chunks
+// between two of the lane's nonzeros as zeros. benchmarks/diag/dr_dense_emulate.py checks the cover on the CPU.
 DEVI void dr_dense_flush(u16* out, long long q, const u32 (&b)[8], bool whole) {
   if (whole) {
     uint4* o = reinterpret_cast<uint4*>(out + q * 16);
@@ -3364,10 +3375,21 @@ DEVI void dr_dense_flush(u16* out, long long q, const u32 (&b)[8], bool whole) {
     if (b[t] >> 16) out[q * 16 + 2 * t + 1] = (u16)(b[t] >> 16);
   }
 }
-extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
-                                                                      const int* __restrict__ offsets,
-                                                                      u16* __restrict__ out, int K, int S,
-                                                                      int coded, int slices) {
+// (_nf) chunk q of out, its elements e0 .. e1 only: whole where it lies inside them, else element by element
+DEVI void dr_dense_flush_owned(u16* out, long long q, const u32 (&b)[8], long long e0, long long e1) {
+  if (q * 16 >= e0 && q * 16 + 15 <= e1) {
+    dr_dense_flush(out, q, b, true);
+    return;
+  }
+#pragma unroll
+  for (int t = 0; t < 16; ++t) {
+    const long long e = q * 16 + t;
+    if (e >= e0 && e <= e1) out[e] = (u16)(b[t >> 1] >> (16 * (t & 1)));
+  }
+}
+template <bool NOFILL>
+DEVI void dr_dense_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
+                        int S, int coded, int slices, int parts) {
   const int lane = threadIdx.x & 31, slice = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), s = blockIdx.y;
   if (slice >= slices) return;
   int goff, g0, g1;
@@ -3378,6 +3400,29 @@ extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int*
   const int* base = data + (long long)goff * gw;
   const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
   const long long rowbase = (long long)max(row, 0) * K;
+  long long e0 = 0, e1 = -1;  // NOFILL: the elements of out this lane writes (its row's owned columns)
+  if (NOFILL) {
+    int lo, hi;
+    if (parts > 1) {  // (warp-uniform: every lane takes part in the shuffles)
+      const int p = lane & (parts - 1);
+      const int mine = p == 0 || col > 0 ? col : 0x7fffffff;  // the part's first column, or none (no entries)
+      const int up = __shfl_down_sync(0xffffffffu, mine, 1);
+      int nxt = p + 1 < parts ? up : 0x7fffffff;
+      for (int off = 1; off < parts; off <<= 1) {  // the smallest first column of the row's later parts
+        const int o = __shfl_down_sync(0xffffffffu, nxt, off);
+        if (p + off < parts) nxt = min(nxt, o);
+      }
+      lo = p == 0 ? 0 : col;
+      hi = mine == 0x7fffffff ? -1 : nxt == 0x7fffffff ? K - 1 : nxt - 1;
+    } else {  // (a split before the slice's first group owns nothing: the split of its first group owns column 0)
+      lo = g0 == 0 ? 0 : col + 1;
+      hi = s + 1 < S ? (g1 == 0 ? -1 : dr_start(offsets, slices, S, slice, s + 1, lane)) : K - 1;
+    }
+    if (row >= 0 && lo <= hi) {
+      e0 = rowbase + lo;
+      e1 = rowbase + hi;
+    }
+  }
   uint4 v = make_uint4(0, 0, 0, 0);
   u32 d = 0;
   if (g0 < g1) {
@@ -3387,6 +3432,7 @@ extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int*
   long long cur = -1, first = -1;  // the chunk being gathered; the first nonzero's element
   bool from_first = false;         // whether that chunk starts at or after the first nonzero
   u32 b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const u32 zero[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int g = g0; g < g1; ++g) {
     uint4 vn = make_uint4(0, 0, 0, 0);
     u32 dn = 0;
@@ -3404,7 +3450,12 @@ extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int*
         const long long e = rowbase + col, q = e >> 4;
         if (first < 0) first = e;
         if (q != cur) {
-          if (cur >= 0) dr_dense_flush(out, cur, b, from_first);  // (an entry past its end: covered)
+          if (NOFILL) {  // the chunk gathered, then zeros up to this one (the lane's columns between)
+            if (cur >= 0) dr_dense_flush_owned(out, cur, b, e0, e1);
+            for (long long z = cur >= 0 ? cur + 1 : e0 >> 4; z < q; ++z) dr_dense_flush_owned(out, z, zero, e0, e1);
+          } else if (cur >= 0) {
+            dr_dense_flush(out, cur, b, from_first);  // (an entry past its end: covered)
+          }
 #pragma unroll
           for (int j = 0; j < 8; ++j) b[j] = 0;
           cur = q;
@@ -3419,7 +3470,25 @@ extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int*
     v = vn;
     d = dn;
   }
-  if (cur >= 0) dr_dense_flush(out, cur, b, false);
+  if (NOFILL) {  // the last chunk gathered, then zeros to the lane's last column
+    if (cur >= 0) dr_dense_flush_owned(out, cur, b, e0, e1);
+    if (e0 <= e1)
+      for (long long z = cur >= 0 ? cur + 1 : e0 >> 4; z <= e1 >> 4; ++z) dr_dense_flush_owned(out, z, zero, e0, e1);
+  } else if (cur >= 0) {
+    dr_dense_flush(out, cur, b, false);
+  }
+}
+extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
+                                                                      const int* __restrict__ offsets,
+                                                                      u16* __restrict__ out, int K, int S,
+                                                                      int coded, int slices) {
+  dr_dense_body<false>(data, offsets, out, K, S, coded, slices, 1);
+}
+extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense_nf(const int* __restrict__ data,
+                                                                         const int* __restrict__ offsets,
+                                                                         u16* __restrict__ out, int K, int S,
+                                                                         int coded, int slices, int parts) {
+  dr_dense_body<true>(data, offsets, out, K, S, coded, slices, parts);
 }
 #define INSTANTIATE_WG(NAME, BF16, NB, R, MINB, S, PF, SUF)                                               \
   extern "C" __global__ void __launch_bounds__(128 * R, MINB)                                             \

@@ -1,0 +1,174 @@
+"""CPU emulation of ``delta_rows_to_dense_nf`` (spmm.cu, session 61): DeltaRows' expansion into an output that is not
+zeroed first, so every element must be written by exactly one lane and split.  The emulator runs the kernel's
+ownership rule (each lane's columns from the starts of its split and the next, or of its row's later parts), its walk
+and its chunk writes (whole 16-element chunks inside the lane's columns, element by element at their ends, zeros
+between) over the encoded arrays, counting the writes of every element:
+
+    python3 benchmarks/diag/dr_dense_emulate.py          # every layout of a set of shapes and densities
+
+It fails on an element written twice, one never written, or a wrong value.  Keep it in step with ``dr_dense_body``.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from flash_llm import DeltaRows
+from flash_llm.formats.delta_rows import layout, uncode_values
+
+INF = 0x7FFFFFFF
+
+
+#: rules the kernel does not use, each wrong somewhere (the tests check that the emulator sees it): ``first_draft``,
+#: split 0 from column 0 and every later split from its start + 1 (a slice of fewer groups than splits puts its first
+#: entries in a later split); ``empty_parts_own``, a part without entries taken as starting at column 0
+VARIANTS = ("first_draft", "empty_parts_own")
+
+
+def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the int16 bits of out [M, K], the number of writes of every element) as ``delta_rows_to_dense_nf`` leaves an
+    output that held ``-1`` everywhere (``variant``: one of :data:`VARIANTS` instead of the kernel's rule)."""
+    m, K = w.shape
+    offsets = w.offsets.cpu().numpy().astype(np.int32)
+    data = w.data.cpu()
+    lay = layout(m, offsets.size, data.numel())
+    if lay.coded:
+        data = uncode_values(data, w.offsets.cpu(), m)
+    data = data.numpy().astype(np.int32)
+    slices, S, parts = lay.slices, lay.splits, lay.parts
+    starts16 = offsets.view(np.uint16)[2 * (slices + 1 + 2 * slices * S):]
+    perm = offsets[slices + 1 + 18 * slices * S:]
+    out = np.full(m * K, -1, dtype=np.int16)
+    count = np.zeros(m * K, dtype=np.int64)
+
+    def write(e, v):
+        out[e] = v
+        count[e] += 1
+
+    def flush_owned(q, b, e0, e1):
+        if q * 16 >= e0 and q * 16 + 15 <= e1:  # whole: every element of the chunk (they are all in out)
+            for t in range(16):
+                write(q * 16 + t, b[t])
+        else:
+            for t in range(16):
+                e = q * 16 + t
+                if e0 <= e <= e1:
+                    write(e, b[t])
+
+    for slice_ in range(slices):
+        for s in range(S):
+            goff = int(offsets[slice_])
+            G = int(offsets[slice_ + 1]) - goff
+            g0, g1 = (s * G) // S, ((s + 1) * G) // S
+            col0 = [int(starts16[(slice_ * S + s) * 32 + ln]) for ln in range(32)]
+            rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
+            # each lane's owned columns lo .. hi (the shuffles of the parts layout done over the list)
+            spans = []
+            for ln in range(32):
+                col = col0[ln]
+                if parts > 1:
+                    p = ln % parts
+                    mine = [c if (q == 0 or c > 0 or variant == "empty_parts_own") else INF
+                            for q, c in ((ln2 % parts, col0[ln2]) for ln2 in range(32))]
+                    later = [mine[ln + j] for j in range(1, parts - p)]
+                    nxt = min(later) if later else INF
+                    lo = 0 if p == 0 else col
+                    hi = -1 if mine[ln] == INF else (K - 1 if nxt == INF else nxt - 1)
+                else:
+                    nxt = int(starts16[(slice_ * S + s + 1) * 32 + ln]) if s + 1 < S else K - 1
+                    if variant == "first_draft":
+                        lo, hi = (0 if s == 0 else col + 1), nxt
+                    else:
+                        lo, hi = (0 if g0 == 0 else col + 1), (-1 if g1 == 0 and s + 1 < S else nxt)
+                rowbase = max(rows[ln], 0) * K
+                spans.append((rowbase + lo, rowbase + hi) if rows[ln] >= 0 and lo <= hi else (0, -1))
+            for ln in range(32):
+                row, (e0, e1) = rows[ln], spans[ln]
+                rowbase = max(row, 0) * K
+                col = col0[ln]
+                cur = -1
+                b = [0] * 16
+                for g in range(g0, g1):
+                    grp = data[(goff + g) * 160: (goff + g + 1) * 160]
+                    vals = grp[4 * ln: 4 * ln + 4].view(np.int16)  # 8 values, the first in the low half
+                    d = int(grp[128 + ln]) & 0xFFFFFFFF
+                    for k in range(8):
+                        col += (d >> (4 * k)) & 15
+                        h = int(vals[k])
+                        if row >= 0 and (h & 0x7FFF):
+                            e = rowbase + col
+                            q = e >> 4
+                            if q != cur:
+                                if cur >= 0:
+                                    flush_owned(cur, b, e0, e1)
+                                for z in range(cur + 1 if cur >= 0 else e0 >> 4, q):
+                                    flush_owned(z, [0] * 16, e0, e1)
+                                b = [0] * 16
+                                cur = q
+                            b[e & 15] = h
+                if cur >= 0:
+                    flush_owned(cur, b, e0, e1)
+                if e0 <= e1:
+                    for z in range(cur + 1 if cur >= 0 else e0 >> 4, (e1 >> 4) + 1):
+                        flush_owned(z, [0] * 16, e0, e1)
+    return out.reshape(m, K), count.reshape(m, K)
+
+
+def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str | None:
+    """None, or what is wrong with the emulated expansion of ``w`` against ``want`` (int16 bits [M, K])."""
+    out, count = emulate(w, variant)
+    if (count != 1).any():
+        twice, never = int((count > 1).sum()), int((count == 0).sum())
+        return f"{twice} elements written more than once, {never} never"
+    bad = int((out != want.numpy()).sum())
+    return f"{bad} elements wrong" if bad else None
+
+
+def cases():
+    gen = torch.Generator().manual_seed(61)
+    for m, k in ((333, 520), (70, 517), (64, 4104), (40, 96), (96, 1000)):
+        for density in (0.0, 0.003, 0.02, 0.3, 0.8, 1.0):
+            w = torch.randn(m, k, generator=gen)
+            w = torch.where(torch.rand(m, k, generator=gen) < density, w, 0.0).to(torch.bfloat16)
+            w[0, : k // 3] = -0.0  # (a zero: not stored, written as +0)
+            w[min(5, m - 1)] = 0.0  # an empty row
+            if m > 9:  # a row of one far nonzero (escapes) and one of two, far apart
+                w[7] = 0.0
+                w[7, k - 1] = 1.0
+                w[9] = 0.0
+                w[9, 0] = 2.0
+                w[9, k - 2] = 3.0
+            if m > 11 and k > 210:  # a row whose middle parts are empty: 3 nonzeros, the last two after a long gap
+                w[11] = 0.0
+                w[11, 0], w[11, 200], w[11, 201] = 1.0, 2.0, 3.0
+            want = DeltaRows.from_dense(w).to_dense().view(torch.int16)
+            lays = [dict(splits=s) for s in (1, 2, 7, 64)] + ([dict(parts=p) for p in (2, 4, 8, 16)] if k % 8 == 0
+                                                             else [])
+            for lay in lays:
+                dr = DeltaRows.from_dense(w, **lay)
+                yield (m, k, density, lay), dr, want
+                if lay.get("splits") == 7 or lay.get("parts") == 4:
+                    coded = dr.code_values()
+                    if coded is not None and coded.coded:
+                        yield (m, k, density, lay, "coded"), coded, want
+            if m % 64 == 0 and k % 8 == 0:  # paired halves (gate / up)
+                for lay in (dict(splits=3), dict(parts=4)):
+                    yield (m, k, density, lay, "paired"), DeltaRows.from_dense(w, pair_halves=True, **lay), want
+
+
+def main() -> int:
+    bad = total = 0
+    for label, w, want in cases():
+        total += 1
+        err = check(w, want)
+        if err:
+            bad += 1
+            print(f"FAIL {label}: {err}", flush=True)
+    print(f"{total - bad} of {total} weights expanded exactly, every element written once; {bad} wrong")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The CPU emulation of ``delta_rows_to_dense_nf`` (``benchmarks/diag/dr_dense_emulate.py``, session 61): DeltaRows'
+expansion into an output that is not zeroed first writes every element exactly once, with the weight's bits, for the
+split layout (one split, several, more splits than a slice has groups), the parts layout (rows whose middle parts are
+empty), coded values and paired halves, at densities from empty to full; and the emulator fails the two wrong rules
+it knows."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from flash_llm import DeltaRows
+
+_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "diag", "dr_dense_emulate.py")
+_spec = importlib.util.spec_from_file_location("dr_dense_emulate", _path)
+emu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emu)
+
+
+def test_every_element_written_once():
+    seen = set()
+    for label, w, want in emu.cases():
+        m, k = label[0], label[1]
+        if (m, k) not in ((70, 517), (40, 96), (333, 520)):  # (a reduced set: the script runs them all)
+            continue
+        seen.add(label[3].get("parts", 1) > 1)
+        assert emu.check(w, want) is None, label
+    assert seen == {False, True}
+
+
+@pytest.mark.parametrize("variant", ["first_draft", "empty_parts_own"])
+def test_emulator_sees_a_wrong_rule(variant):
+    """The two rules the kernel does not use (emulated as ``variant``) each lose or double elements somewhere: a
+    slice with fewer groups than splits whose first entry is at column 0, a row whose middle parts are empty."""
+    w = torch.zeros(64, 256, dtype=torch.float16)
+    w[3, 0], w[3, 200], w[3, 201] = 1.0, 2.0, 3.0
+    w[10, 5::9] = 4.0
+    lay = dict(splits=7) if variant == "first_draft" else dict(parts=4)
+    dr = DeltaRows.from_dense(w, **lay)
+    want = dr.to_dense().view(torch.int16)
+    assert emu.check(dr, want) is None
+    assert emu.check(dr, want, variant) is not None
+
+
+@pytest.mark.parametrize("nofill", [False, True])
+def test_expansion_dispatch(nofill, monkeypatch):
+    """``kernels.DR_DENSE_NOFILL`` picks ``delta_rows_to_dense_nf`` (one more argument: the lanes a row) and leaves
+    ``out`` as it is; off (the default), ``delta_rows_to_dense`` into a zeroed ``out`` (launches faked: no GPU)."""
+    from flash_llm import kernels as k
+    from flash_llm.reference import FORMAT_IDS
+
+    assert not k.DR_DENSE_NOFILL or os.environ.get("FLASH_LLM_DR_DENSE_NOFILL") == "1"
+    calls = []
+    monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
+    monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args)))
+    monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
+    w = torch.zeros(64, 256, dtype=torch.float16)
+    w[3, 7] = 1.0
+    for lay, parts in ((dict(splits=3), 1), (dict(parts=4), 4)):
+        dr = DeltaRows.from_dense(w, **lay)
+        out = torch.full((64, 256), 7.0, dtype=torch.float16)
+        calls.clear()
+        got = k.decode_dense(FORMAT_IDS[DeltaRows], dr.data, dr.offsets, 64, 256, torch.float16, out=out)
+        (name, grid, args), = calls
+        assert name == ("delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense")
+        assert grid == (-(-dr.layout.slices // k.DR_DENSE_WARPS), dr.layout.splits, 1)
+        assert len(args) == (8 if nofill else 7) and args[2][0] == out.data_ptr()
+        if nofill:
+            assert args[7][0] == parts and bool((got == 7.0).all())  # (not zeroed: the kernel writes every element)
+        else:
+            assert not got.any()
