@@ -21,16 +21,7 @@ _spec.loader.exec_module(emu)
 
 def _weight(m, k, density, dtype, seed, coded=False):
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(m, k, generator=gen)
-    if coded:  # by magnitude (code_values needs a row's values within 7 binades)
-        if density < 1:
-            t = float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
-            w = w.masked_fill(w.abs() < t, 0.0)
-        else:
-            w = w.sign() * (0.5 + 7.5 * torch.rand(m, k, generator=gen))
-    else:
-        w = torch.where(torch.rand(m, k, generator=gen) < density, w, 0.0)
-    return w.to(dtype), gen
+    return emu.weight(m, k, density, dtype, gen, by_magnitude=coded), gen
 
 
 def _err(w_dense, w, x, **kw):

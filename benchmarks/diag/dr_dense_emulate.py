@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flash_llm import DeltaRows
-from flash_llm.formats.delta_rows import layout, uncode_values
+from flash_llm.formats.delta_rows import _split_offsets, layout, uncode_values
 
 INF = 0x7FFFFFFF
 
@@ -31,15 +31,13 @@ def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.nd
     """(the int16 bits of out [M, K], the number of writes of every element) as ``delta_rows_to_dense_nf`` leaves an
     output that held ``-1`` everywhere (``variant``: one of :data:`VARIANTS` instead of the kernel's rule)."""
     m, K = w.shape
-    offsets = w.offsets.cpu().numpy().astype(np.int32)
     data = w.data.cpu()
-    lay = layout(m, offsets.size, data.numel())
+    lay = layout(m, w.offsets.numel(), data.numel())
     if lay.coded:
         data = uncode_values(data, w.offsets.cpu(), m)
     data = data.numpy().astype(np.int32)
     slices, S, parts = lay.slices, lay.splits, lay.parts
-    starts16 = offsets.view(np.uint16)[2 * (slices + 1 + 2 * slices * S):]
-    perm = offsets[slices + 1 + 18 * slices * S:]
+    goffs, _, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), slices, lay.mp, S))
     out = np.full(m * K, -1, dtype=np.int16)
     count = np.zeros(m * K, dtype=np.int64)
 
@@ -59,10 +57,10 @@ def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.nd
 
     for slice_ in range(slices):
         for s in range(S):
-            goff = int(offsets[slice_])
-            G = int(offsets[slice_ + 1]) - goff
+            goff = int(goffs[slice_])
+            G = int(goffs[slice_ + 1]) - goff
             g0, g1 = (s * G) // S, ((s + 1) * G) // S
-            col0 = [int(starts16[(slice_ * S + s) * 32 + ln]) for ln in range(32)]
+            col0 = [int(c) for c in starts[slice_, s]]
             rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
             # each lane's owned columns lo .. hi (the shuffles of the parts layout done over the list)
             spans = []
@@ -77,7 +75,7 @@ def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.nd
                     lo = 0 if p == 0 else col
                     hi = -1 if mine[ln] == INF else (K - 1 if nxt == INF else nxt - 1)
                 else:
-                    nxt = int(starts16[(slice_ * S + s + 1) * 32 + ln]) if s + 1 < S else K - 1
+                    nxt = int(starts[slice_, s + 1, ln]) if s + 1 < S else K - 1
                     if variant == "first_draft":
                         lo, hi = (0 if s == 0 else col + 1), nxt
                     else:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from flash_llm import DeltaRows
-from flash_llm.formats.delta_rows import layout
+from flash_llm.formats.delta_rows import _split_offsets, layout
 
 RC, RING, XRC, XC = 256, 4, 128, 64  # DRM_RC, DRM_RING, DRM_XRC, DRM_XC
 PITCH, XPITCH = 2 * RC + 16, 2 * XRC + 16
@@ -121,16 +121,14 @@ def emulate(w: DeltaRows, x: torch.Tensor, xr: bool, vec: bool, cap: bool = True
     assert N <= 32 and (not xr or (NT <= 16 and K % 8 == 0)) and (not vec or K % 2 == 0)
     bf16 = x.dtype == torch.bfloat16
     data = w.data.cpu().numpy().astype(np.int32)
-    offsets = w.offsets.cpu().numpy().astype(np.int32)
-    lay = layout(m, offsets.size, data.size)
+    lay = layout(m, w.offsets.numel(), data.size)
     assert lay.parts == 1
     coded, slices, S = lay.coded, lay.slices, lay.splits
     dbytes = data.view(np.uint8)
     dwords = data.view(np.uint32)
     xb = x.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(N, K)
     gbytes = 512 if coded else 640
-    starts16 = offsets.view(np.uint16)[2 * (slices + 1 + 2 * slices * S):]
-    perm = offsets[slices + 1 + 18 * slices * S:]
+    goffs, win, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), slices, lay.mp, S))
     ws = np.zeros((S, N, m), dtype=np.float32)
     written = np.zeros((S, N, m), dtype=bool)
     lane = np.arange(32)
@@ -143,14 +141,14 @@ def emulate(w: DeltaRows, x: torch.Tensor, xr: bool, vec: bool, cap: bool = True
     for slice_ in (range(slices) if only is None else only):
         for s in range(S):
             count("warps")
-            goff = int(offsets[slice_])
-            G = int(offsets[slice_ + 1]) - goff
+            goff = int(goffs[slice_])
+            G = int(goffs[slice_ + 1]) - goff
             g0, g1 = (s * G) // S, ((s + 1) * G) // S
-            a0, wd = int(offsets[slices + 1 + 2 * (slice_ * S + s)]), int(offsets[slices + 2 + 2 * (slice_ * S + s)])
+            a0, wd = (int(v) for v in win[slice_, s])
             wend = a0 + wd
-            col = [int(starts16[(slice_ * S + s) * 32 + ln]) for ln in range(32)]
-            lut = [(int(dwords[int(offsets[slices]) * 128 + 2 * (slice_ * 32 + ln)]),
-                    int(dwords[int(offsets[slices]) * 128 + 2 * (slice_ * 32 + ln) + 1])) if coded else (0, 0)
+            col = [int(c) for c in starts[slice_, s]]
+            lut = [(int(dwords[int(goffs[-1]) * 128 + 2 * (slice_ * 32 + ln)]),  # (dr_lut: after the groups)
+                    int(dwords[int(goffs[-1]) * 128 + 2 * (slice_ * 32 + ln) + 1])) if coded else (0, 0)
                    for ln in range(32)]
             tile = Smem(32 * PITCH)
             xring = Smem(NT * XPITCH)
@@ -288,6 +286,19 @@ def emulate(w: DeltaRows, x: torch.Tensor, xr: bool, vec: bool, cap: bool = True
     return ws.astype(np.float64).sum(0)
 
 
+def weight(m: int, k: int, density: float, dtype: torch.dtype, gen: torch.Generator,
+           by_magnitude: bool = False) -> torch.Tensor:
+    """A random ``[m, k]`` weight of about ``density``: normal values kept by a random mask, or (``by_magnitude``, as
+    the GPU test for coded values: ``code_values`` needs a row's kept values within 7 binades) the largest ones."""
+    w = torch.randn(m, k, generator=gen)
+    if not by_magnitude:
+        return torch.where(torch.rand(m, k, generator=gen) < density, w, 0.0).to(dtype)
+    if density >= 1:  # (all kept: magnitudes 0.5 to 8)
+        return (w.sign() * (0.5 + 7.5 * torch.rand(m, k, generator=gen))).to(dtype)
+    t = float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
+    return w.masked_fill_(w.abs() < t, 0.0).to(dtype)
+
+
 def _cases(quick: bool):
     shapes = (((64, 64), 1.0), ((96, 4096), 0.2), ((70, 517), 0.5), ((128, 2056), 0.01), ((32, 1000), 0.0),
               ((300, 14336), 0.2), ((64, 4104), 0.95))
@@ -315,7 +326,7 @@ def stats_main(args) -> int:
     m, k = (int(v) for v in args.shape.split(","))
     gen = torch.Generator().manual_seed(61)
     dtype = torch.bfloat16 if args.dtypes.startswith("bf16") else torch.float16
-    wd = torch.randn(m, k, generator=gen)
+    wd = torch.randn(m, k, generator=gen)  # (the mask drawn as in the counts docs/kernels.md quotes)
     wd = torch.where(torch.rand(m, k, generator=gen) >= args.sparsity, wd, 0.0).to(dtype)
     w = DeltaRows.from_dense(wd, **({} if args.splits is None else {"splits": args.splits}))
     slices = w.layout.slices
@@ -353,14 +364,7 @@ def main(argv=None) -> int:
         for m, k, density, splits, n in _cases(args.quick):
             key = (m, k, density, splits)
             if key not in cache:
-                wd = torch.randn(m, k, generator=gen)
-                if coded:  # (pruned by magnitude, as the GPU test: code_values needs a row's values within 7 binades)
-                    t = float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
-                    wd = wd.masked_fill_(wd.abs() < t, 0.0) if density < 1 else wd.sign() * (0.5 + 7.5 * torch.rand(
-                        m, k, generator=gen))
-                else:
-                    wd = torch.where(torch.rand(m, k, generator=gen) < density, wd, 0.0)
-                wd = wd.to(dtype)
+                wd = weight(m, k, density, dtype, gen, by_magnitude=coded)
                 w = DeltaRows.from_dense(wd, **({} if splits is None else {"splits": splits}))
                 if w.parts != 1:
                     w = DeltaRows.from_dense(wd, splits=3)

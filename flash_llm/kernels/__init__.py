@@ -641,16 +641,15 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     dev = data.device
     lay = layout(m, offsets.numel(), data.numel())
     slices, s = lay.slices, lay.splits
-    args = [(data.data_ptr(), P), (offsets.data_ptr(), P), None, (k, I), (s, I), (lay.parts if lay.coded else 0, I),
-            (slices, I)]
-    if DR_DENSE_NOFILL:  # every element written by the kernel: no zero fill
-        out = torch.empty(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k)
-        name, args = "delta_rows_to_dense_nf", args + [(lay.parts, I)]
+    nofill = DR_DENSE_NOFILL  # (the _nf kernel writes every element itself: no zero fill, and the lanes a row)
+    if out is None:
+        out = (torch.empty if nofill else torch.zeros)(m, k, dtype=dtype, device=dev)
     else:
-        out = torch.zeros(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k).zero_()
-        name = "delta_rows_to_dense"
-    args[2] = (out.data_ptr(), P)
-    launch(name, (ceil_div(slices, DR_DENSE_WARPS), s, 1), 32 * DR_DENSE_WARPS, args,
+        out = out.view(m, k) if nofill else out.view(m, k).zero_()
+    launch("delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense", (ceil_div(slices, DR_DENSE_WARPS), s, 1),
+           32 * DR_DENSE_WARPS,
+           [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I), (s, I),
+            (lay.parts if lay.coded else 0, I), (slices, I)] + ([(lay.parts, I)] if nofill else []),
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
     return out
 
@@ -692,7 +691,8 @@ DR_MMA_XRING = os.environ.get("FLASH_LLM_DR_MMA_XRING", "1") != "0"
 #: its multi-token kernels (:func:`dr_token_chunks`) instead of expanding the weight (``FLASH_LLM_DELTA_CHUNK_MAX``;
 #: session 60).  **Off by default** (8): not yet timed against the expansion in one run.  Session 60's 8-token times
 #: and session 59's expansion times (two machines) suggest 1.8-2.8x faster at 16 tokens on most of Llama-3-8B's and
-#: OPT-30B's layers, but slower on OPT-30B's fc2, whose block windows are too wide for the 8-token kernel's staging.
+#: OPT-30B's layers, but slower on OPT-30B's fc2, where the 8-token kernel is slow for a reason not yet known (its
+#: block windows fit the staging: ``benchmarks/ab/README.md`` item 31).
 DELTA_CHUNK_MAX = int(os.environ.get("FLASH_LLM_DELTA_CHUNK_MAX", "8"))
 
 

@@ -2196,6 +2196,42 @@ DEVI uint2 dr_lut(const int* data, const int* offsets, int slices, int row_rank)
   return __ldg(reinterpret_cast<const uint2*>(data + (long long)offsets[slices] * 128) + row_rank);
 }
 
+// lane's first byte of the groups of a slice that starts at group goff (plain groups 640 bytes, coded 512)
+template <bool CODED>
+DEVI const unsigned char* dr_lane_base(const int* data, int goff, int lane) {
+  return reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
+}
+// lane's part of group g into ring slot `slot`: dr_copy_coded or dr_copy
+template <bool CODED>
+DEVI void dr_fetch(u32 rs, int slot, const unsigned char* base, int g) {
+  if (CODED)
+    dr_copy_coded(rs, slot, base, g);
+  else
+    dr_copy(rs, slot, base, g);
+}
+// the first RING groups g0 .. of a split into slots 0 .., one commit a slot (empty ones too, so that the count stays
+// one a group); a warp that is not `live` copies nothing
+template <bool CODED, int RING>
+DEVI void dr_prime(u32 rs, const unsigned char* base, int g0, int g1, bool live = true) {
+#pragma unroll
+  for (int i = 0; i < RING; ++i) {
+    if (live && g0 + i < g1) dr_fetch<CODED>(rs, i, base, g0 + i);
+    cp_async_commit();
+  }
+}
+// lane's group in ring slot `slot` (`rg`: the warp's ring): its four value words (coded values decoded with the
+// row's table `*lut`, read after the group; unused for plain values) and its steps word
+template <bool CODED>
+DEVI uint4 dr_read(const unsigned char* rg, int slot, int lane, const uint2* lut, u32& d) {
+  uint4 v = *reinterpret_cast<const uint4*>(rg + slot * 640 + 16 * lane);
+  if (CODED) {
+    d = v.w;
+    return dr_decode_coded(v, *lut);
+  }
+  d = *reinterpret_cast<const u32*>(rg + slot * 640 + 512 + 4 * lane);
+  return v;
+}
+
 template <bool BF16, int STAGE, bool CODED = false>
 DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const float* xs, const u16* xg,
                    const DrNorm& nm, const unsigned char* ring, u32 rs, const uint2* lut = nullptr) {
@@ -2204,20 +2240,9 @@ DEVI float dr_walk(const unsigned char* base, int g0, int g1, u32 off, const flo
   for (int g = g0; g < g1; ++g) {
     const int slot = (g - g0) & (DR_RING - 1);
     cp_async_wait<DR_RING - 1>();  // this lane's copy of group g is in (one commit a group, DR_RING ahead)
-    uint4 v = *reinterpret_cast<const uint4*>(ring + slot * 640 + 16 * lane);
-    u32 d;
-    if (CODED) {
-      d = v.w;
-      v = dr_decode_coded(v, *lut);  // (from shared memory each group: a register less for the walk)
-    } else {
-      d = *reinterpret_cast<const u32*>(ring + slot * 640 + 512 + 4 * lane);
-    }
-    if (g + DR_RING < g1) {
-      if (CODED)
-        dr_copy_coded(rs, slot, base, g + DR_RING);
-      else
-        dr_copy(rs, slot, base, g + DR_RING);
-    }
+    u32 d;  // (coded: the table from shared memory each group, a register less for the walk)
+    uint4 v = dr_read<CODED>(ring, slot, lane, lut, d);
+    if (g + DR_RING < g1) dr_fetch<CODED>(rs, slot, base, g + DR_RING);
     cp_async_commit();  // (empty past the end, so the count stays one a group)
     dr_group<BF16, STAGE>(off, a0, a1, v, d, xs, xg, nm);
   }
@@ -2262,19 +2287,10 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   const bool rms = mode & DR_RMS, ln = mode & DR_LN;
   int goff, g0, g1;
   dr_split(offsets, slice, s, S, goff, g0, g1);
-  const unsigned char* base =
-      reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
+  const unsigned char* base = dr_lane_base<CODED>(data, goff, lane);
   const u32 rs = smem_addr(ring[warp]);
-#pragma unroll
-  for (int i = 0; i < DR_RING; ++i) {  // the first DR_RING groups (a warp past the last slice copies nothing)
-    if (live && g0 + i < g1) {
-      if (CODED)
-        dr_copy_coded(rs, i, base, g0 + i);
-      else
-        dr_copy(rs, i, base, g0 + i);
-    }
-    cp_async_commit();
-  }
+  // the first DR_RING groups (a warp past the last slice copies nothing)
+  dr_prime<CODED, DR_RING>(rs, base, g0, g1, live);
   __shared__ uint2 lut_s[CODED ? 32 * DR_WARPS : 1];  // the lanes' exponent tables
   if (CODED) lut_s[threadIdx.x] = dr_lut(data, offsets, slices, slice * 32 + lane);
   const uint2* lut = lut_s + (CODED ? threadIdx.x : 0);
@@ -2521,17 +2537,13 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
   const bool live = blockIdx.x * DR_WARPS + warp < slices;
   int goff, g0, g1;
   dr_split(offsets, slice, 0, 1, goff, g0, g1);
-  const unsigned char* base =
-      reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
+  const unsigned char* base = dr_lane_base<CODED>(data, goff, lane);
   const u32 rs = smem_addr(ring[warp]);
+  // the first DR_RING groups, before the wait (the weight is static); written out, not dr_prime: through the helper
+  // NVRTC schedules this kernel's prologue differently (session 61's SASS), and the batch-1 kernel is timed as it is
 #pragma unroll
-  for (int i = 0; i < DR_RING; ++i) {  // the first DR_RING groups, before the wait (the weight is static)
-    if (live && g0 + i < g1) {
-      if (CODED)
-        dr_copy_coded(rs, i, base, g0 + i);
-      else
-        dr_copy(rs, i, base, g0 + i);
-    }
+  for (int i = 0; i < DR_RING; ++i) {
+    if (live && g0 + i < g1) dr_fetch<CODED>(rs, i, base, g0 + i);
     cp_async_commit();
   }
   __shared__ uint2 lut_s[CODED ? 32 * DR_WARPS : 1];  // the lanes' exponent tables
@@ -2842,19 +2854,9 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   const bool live = blockIdx.x * DR_WARPS + warp < slices;
   int goff, g0, g1;
   dr_split(offsets, slice, s, S, goff, g0, g1);
-  const unsigned char* base =
-      reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
+  const unsigned char* base = dr_lane_base<CODED>(data, goff, lane);
   const u32 rs = smem_addr(ring[warp]);
-#pragma unroll
-  for (int i = 0; i < RING; ++i) {
-    if (live && g0 + i < g1) {
-      if (CODED)
-        dr_copy_coded(rs, i, base, g0 + i);
-      else
-        dr_copy(rs, i, base, g0 + i);
-    }
-    cp_async_commit();
-  }
+  dr_prime<CODED, RING>(rs, base, g0, g1, live);
   __shared__ uint2 lut_s[CODED ? 32 * DR_WARPS : 1];  // the rows' exponent tables (coded values)
   if (CODED) lut_s[threadIdx.x] = dr_lut(data, offsets, slices, (slice * 32 + lane) / P);
   pdl_launch_dependents();  // the next kernel's blocks may become resident (programmatic launch; else a no-op)
@@ -2915,20 +2917,9 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
   for (int g = g0; g < g1; ++g) {
     const int slot = (g - g0) & (RING - 1);
     cp_async_wait<RING - 1>();
-    uint4 v = *reinterpret_cast<const uint4*>(rg + slot * 640 + 16 * lane);
     u32 d;
-    if (CODED) {
-      d = v.w;
-      v = dr_decode_coded(v, lut_s[threadIdx.x]);
-    } else {
-      d = *reinterpret_cast<const u32*>(rg + slot * 640 + 512 + 4 * lane);
-    }
-    if (g + RING < g1) {
-      if (CODED)
-        dr_copy_coded(rs, slot, base, g + RING);
-      else
-        dr_copy(rs, slot, base, g + RING);
-    }
+    uint4 v = dr_read<CODED>(rg, slot, lane, lut_s + threadIdx.x, d);
+    if (g + RING < g1) dr_fetch<CODED>(rs, slot, base, g + RING);
     cp_async_commit();
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -3078,19 +3069,9 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
   if (slice >= slices) return;
   int goff, g0, g1;
   dr_split(offsets, slice, s, S, goff, g0, g1);
-  const unsigned char* base =
-      reinterpret_cast<const unsigned char*>(data) + (long long)goff * (CODED ? 512 : 640) + 16 * lane;
+  const unsigned char* base = dr_lane_base<CODED>(data, goff, lane);
   const u32 rs = smem_addr(ring[warp]);
-#pragma unroll
-  for (int i = 0; i < DRM_RING; ++i) {
-    if (g0 + i < g1) {
-      if (CODED)
-        dr_copy_coded(rs, i, base, g0 + i);
-      else
-        dr_copy(rs, i, base, g0 + i);
-    }
-    cp_async_commit();
-  }
+  dr_prime<CODED, DRM_RING>(rs, base, g0, g1);
   const uint2 lut = CODED ? dr_lut(data, offsets, slices, slice * 32 + lane) : make_uint2(0, 0);
   unsigned char* const trow = tile[warp] + lane * DRM_PITCH;  // this lane's row of the ring
 #pragma unroll
@@ -3142,14 +3123,8 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
     if (g < g1) {
       const int slot = (g - g0) & (DRM_RING - 1);
       cp_async_wait<DRM_RING - 1>();
-      uint4 v = *reinterpret_cast<const uint4*>(ring[warp] + slot * 640 + 16 * lane);
       u32 d;
-      if (CODED) {
-        d = v.w;
-        v = dr_decode_coded(v, lut);
-      } else {
-        d = *reinterpret_cast<const u32*>(ring[warp] + slot * 640 + 512 + 4 * lane);
-      }
+      uint4 v = dr_read<CODED>(ring[warp], slot, lane, &lut, d);
       const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
       const int last = col + (int)((t * 0x01010101u) >> 24);
       if (last < drained + DRM_RC) {  // the group fits the ring: store its nonzeros
@@ -3162,12 +3137,7 @@ DEVI void delta_rows_mma_body(const int* __restrict__ data, const int* __restric
           if (h & 0x7fff) *reinterpret_cast<u16*>(trow + 2 * (c & (DRM_RC - 1))) = h;
         }
         col = last;
-        if (g + DRM_RING < g1) {
-          if (CODED)
-            dr_copy_coded(rs, slot, base, g + DRM_RING);
-          else
-            dr_copy(rs, slot, base, g + DRM_RING);
-        }
+        if (g + DRM_RING < g1) dr_fetch<CODED>(rs, slot, base, g + DRM_RING);
         cp_async_commit();
         ++g;
       }
