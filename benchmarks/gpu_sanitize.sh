@@ -6,7 +6,9 @@
 # skips the decoder runs.  EPILOGUES (default "norm norm_silu resid") picks the one-token epilogue runs (Tiled-CSL, N = 1,
 # K = 1016, 3 splits; EPILOGUES="" for none; "silu": SiLU x up alone; EPILOGUE_N=8: at N = 8, `_nt1` and splitk_reduce).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py
 # --check-only, only the decode_attn kernels instrumented).  DR=0 skips the DeltaRows runs (benchmarks/delta_rows_check.py:
-# both layouts, 1-8 tokens, every epilogue, only the delta_rows kernels instrumented).  Output under $OUT/sanitize.log.
+# both layouts, 1-8 tokens, every epilogue, only the delta_rows kernels instrumented).  DR_MMA=0 skips DeltaRows' tensor-core
+# kernel (forced on at N = 16, X's ring on and off).  The decoder runs include DeltaRows' (split and parts layouts, with
+# and without its zero fill).  Output under $OUT/sanitize.log.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -44,11 +46,28 @@ for tool in memcheck racecheck; do
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|WRONG|^fails" | tr '\n' ' ')
     echo "$tool delta-rows (delta_rows_check.py): $r" | tee -a "$OUT/sanitize.log"
   fi
+  if [ "${DR_MMA:-1}" != 0 ]; then  # DeltaRows on the tensor cores (off by default: forced here), X's ring on / off
+    for env in FLASH_LLM_DR_MMA_XRING=1 FLASH_LLM_DR_MMA_XRING=0; do
+      r=$(env FLASH_LLM_DR_MMA_MIN=1 $env timeout 120 compute-sanitizer --tool $tool --report-api-errors no \
+          --error-exitcode 9 python3 benchmarks/profile_kernel.py --fmt delta-rows --m 200 --k 1000 --n 16 \
+          --sparsity 0.7 --parts 1 --iters 2 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
+      echo "$tool delta-rows mma N=16 $env: $r" | tee -a "$OUT/sanitize.log"
+    done
+  fi
   [ "${DECODERS:-1}" = 0 ] && continue
   for fmt in bitmap tiled-csl; do  # the decoders of the large-N path
     r=$(timeout 120 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 \
         python3 benchmarks/profile_kernel.py --fmt $fmt --m 200 --k 1000 --sparsity 0.7 --decode --iters 2 2>&1 | \
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
     echo "$tool $fmt decode sparsity=0.7: $r" | tee -a "$OUT/sanitize.log"
+  done
+  # DeltaRows' decoder, with its zero fill and without (delta_rows_to_dense_nf), split and parts layouts
+  for nf in 0 1; do
+    for parts in 1 4; do
+      r=$(env FLASH_LLM_DR_DENSE_NOFILL=$nf timeout 120 compute-sanitizer --tool $tool --report-api-errors no \
+          --error-exitcode 9 python3 benchmarks/profile_kernel.py --fmt delta-rows --m 200 --k 1000 --sparsity 0.7 \
+          --parts $parts --decode --iters 2 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')
+      echo "$tool delta-rows decode parts=$parts nofill=$nf sparsity=0.7: $r" | tee -a "$OUT/sanitize.log"
+    done
   done
 done

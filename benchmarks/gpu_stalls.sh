@@ -3,7 +3,9 @@
 # bitmap and Tiled-CSL kernels (9216 x 36864 fp16, OPT-66B down), at the given sparsity and N.  One GPU.
 #   FLASH_LLM_COMMIT=<sha> [FMTS="bitmap tiled-csl"] [NCU_CLOCK=base] bash benchmarks/gpu_stalls.sh [SPARSITY=0.8] [N...=1 16]
 #   (outputs under $OUT).  STALLS_ARGS="--m 28672 --k 4096 --epilogue norm_silu" passes other shapes / epilogues to
-#   profile_kernel.py (STALLS_TAG names its logs); FMTS=delta-rows profiles DeltaRows (N = 1 only).
+#   profile_kernel.py (STALLS_TAG names its logs); FMTS=delta-rows profiles DeltaRows (its split layout's kernels,
+#   any N: STALLS_ARGS="--parts 1 --dtype bf16 --coded ..."; STALLS_KERNEL=<regex> profiles other kernel names, e.g.
+#   delta_rows_parts for the parts layout; default "_spmm_").
 #   NCU_BREAKDOWN=1 adds a run per configuration for L1/TEX's throughput broken into its sub-metrics (which pipe or
 #   stage is busy) and the shared-memory tables (wavefronts and bank conflicts by instruction).
 #   NCU_CLOCK=none profiles at the clocks the card runs (boost, as the benchmarks time it);
@@ -20,7 +22,7 @@ ns=${*:-1 16}
 # one launch of the configuration ($fmt, $n, $sp) under Nsight Compute, with the sections / metrics given
 ncu_one() {
   # shellcheck disable=SC2086
-  timeout 240 ncu --clock-control "${NCU_CLOCK:-base}" --target-processes all --kernel-name regex:"_spmm_" \
+  timeout 240 ncu --clock-control "${NCU_CLOCK:-base}" --target-processes all --kernel-name regex:"${STALLS_KERNEL:-_spmm_}" \
     --launch-skip 3 --launch-count 1 "$@" \
     python3 benchmarks/profile_kernel.py --fmt "$fmt" --n "$n" --sparsity "$sp" ${STALLS_ARGS:-}
 }
