@@ -140,7 +140,7 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
     device = next(model.parameters()).device
     _reset_peak(device)
     eng = Engine(model, max_batch=max_batch or batch, max_seq=prompt_len + new, fuse=fuse, merge=merge,
-                 delta_layout=delta_layout)
+                 delta_layout=delta_layout, formats="keep")  # (the format --format asked for)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
     runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]

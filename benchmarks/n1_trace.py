@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     model, _ = build_synthetic(cfg, a.sparsity, fmt="tiled-csl", progress=False)
     buf = torch.zeros(1 << 26, dtype=torch.int64, device="cuda")
     kernels._trace = {"buf": buf, "next": 0, "log": []}
-    eng = Engine(model, max_batch=1, max_seq=256, fuse=True, merge=True)
+    eng = Engine(model, max_batch=1, max_seq=256, fuse=True, merge=True, formats="keep")
     prompts = torch.randint(3, cfg.vocab_size, (1, 64)).tolist()
     eng.generate(prompts, 4, eos_token_id=None)  # compiles, captures the batch-1 graph
     graph = eng._graphs[1]

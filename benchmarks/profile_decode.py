@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         _SDPA.__enter__()  # for the whole process: capture and replays
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     model, _ = build_synthetic(cfg, a.sparsity or None, dtype=dtype, fmt=a.format, progress=False)
-    eng = Engine(model, max_batch=a.batch, max_seq=256, fuse=a.fuse, merge=a.merge)
+    eng = Engine(model, max_batch=a.batch, max_seq=256, fuse=a.fuse, merge=a.merge, formats="keep")
     prompts = torch.randint(3, cfg.vocab_size, (a.batch, 64)).tolist()
     eng.generate(prompts, 4, eos_token_id=None)  # compiles, captures the graph of this batch size
     graph = eng._graphs[a.batch]

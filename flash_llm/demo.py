@@ -393,8 +393,9 @@ def cmd_demo(args) -> int:
               f"dense {tps_dense:.0f} tokens/s ({ms_dense:.3f} ms/token), sparse {tps_sparse:.0f} tokens/s "
               f"({ms_sparse:.3f} ms/token), {tps_sparse / tps_dense:.2f}x"
               f"{'' if ok else f' (sparse kernels not used: {why})'}")
-        print("(a model this small is bound by kernel launches, not by weight bytes: the speed-up of the sparse "
-              "kernels shows on large layers, see benchmarks/RESULTS.md)")
+        print("(the engine decodes the BitmapTiles layers as DeltaRows, Engine(formats='auto'); a model this small is "
+              "bound by kernel launches, not by weight bytes: the speed-up of the sparse kernels shows on large "
+              "layers, see benchmarks/RESULTS.md)")
     else:
         print("decode speed: needs a CUDA GPU (on CPU flash_llm.spmm runs the PyTorch reference).")
     if device.type == "cuda":

@@ -133,6 +133,9 @@ FUSE_MIN_PARAMETERS = 10**9
 
 #: what ``Engine(delta_layout=)`` accepts
 DELTA_LAYOUTS = ("auto", "keep", "dual")
+#: what ``Engine(formats=)`` accepts: "auto" lays out every sparse layer (BitmapTiles ones re-encoded as DeltaRows,
+#: Tiled-CSL ones taken into ``delta_layout``'s choice), "keep" only the DeltaRows ones
+ENGINE_FORMATS = ("auto", "keep")
 #: ``delta_layout="auto"`` takes the parts layout up to this ``max_batch``, the split layout above (session 31); at
 #: ``max_batch`` 2 only where the input is normed or K is within ``PARTS_MAX_K`` (session 35, H200, Llama-3-8B at 80 %:
 #: Llama-3-8B's down, K = 14336, 41.9 us a call at 2 tokens in the parts layout against 21.7 split; so laid out, batch
@@ -258,6 +261,81 @@ def _large_batch_format(m: torch.nn.Module, max_batch: int = 0) -> str:
 def _set_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def _gate_up_layers(model: torch.nn.Module) -> set[int]:
+    """The ``id`` of the stacked layer of every merged gate / up projection of ``model`` (``merge_projections``
+    pairs its halves: DeltaRows encodes them so for the SiLU x up inside its kernels)."""
+    from .models._merge import MergedLinear
+
+    return {id(m.layer) for path, m in model.named_modules()
+            if isinstance(m, MergedLinear) and path.rsplit(".", 1)[-1] == "gate_up_proj"}
+
+
+def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: int | None = None,
+                  progress: bool = True) -> tuple[dict[str, str], list[str]]:
+    """Make every sparse layer of ``model`` one that :func:`relayout_delta_rows` lays out (``Engine(formats="auto")``),
+    in place: each Tiled-CSL :class:`~flash_llm.SparseLinear` is marked as a layout an engine may change
+    (``_delta_rows_paired``, as the Tiled-CSL layers an engine makes from DeltaRows), and each
+    :class:`~flash_llm.BitmapTiles` one is re-encoded as ``target``: ``"delta-rows"`` (the format of batch 1-3; its
+    halves paired where it is a merged gate / up) or ``"tiled-csl"`` (of batch 4 and more; marked so), the same
+    nonzeros and bias, one layer at a time through its dense weight.  ``budget``: the bytes the re-encoding may add
+    (the target's formula bytes, DeltaRows at its widest parts layout, against the layers' present bytes, plus the
+    largest layer's temporaries: 4x its dense weight); ``None``: no limit.  Over it the BitmapTiles layers stay as
+    they are.  Returns ``({layer path: "bitmap" or "tiled-csl"}`` for the layers taken over, ``[why BitmapTiles
+    layers were left as they are]``)."""
+    from tqdm import tqdm
+
+    from .formats import BitmapTiles, DeltaRows, FormatError, TiledCSL
+    from .formats.delta_rows import LANES
+    from .models.synthetic import delta_rows_formula_bytes
+    from .nn import SparseLinear
+
+    if target not in ("delta-rows", TILED_CSL):
+        raise ValueError(f"target must be 'delta-rows' or {TILED_CSL!r}, got {target!r}")
+    pairs = _gate_up_layers(model)
+
+    def paired(m) -> bool:  # (as DeltaRows.concat pairs a merged gate / up: halves of whole slices)
+        return id(m) in pairs and m.out_features % (2 * LANES) == 0
+
+    taken, bitmap = {}, []
+    for path, m in model.named_modules():
+        if not isinstance(m, SparseLinear):
+            continue
+        if m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is None:
+            m._delta_rows_paired = paired(m)
+            taken[path] = "tiled-csl"
+        elif m.weight_format is BitmapTiles:
+            bitmap.append((path, m))
+    if not bitmap:
+        return taken, []
+    if target == TILED_CSL:
+        grow = sum(_tiled_csl_bytes(m) - m.nbytes for _, m in bitmap)
+    else:
+        grow = sum(max(delta_rows_formula_bytes(m.out_features, m.in_features, m.nnz, p) for p in (1, 16))
+                   - m.nbytes for _, m in bitmap)
+    need = max(grow, 0) + 4 * max(_dense_bytes(m) for _, m in bitmap)
+    name = "Tiled-CSL" if target == TILED_CSL else "DeltaRows"
+    if budget is not None and need > budget:
+        return taken, [f"{len(bitmap)} BitmapTiles layer(s) stay BitmapTiles: as {name} they would need "
+                       f"{need / 2**30:.2f} GiB more, of {budget / 2**30:.2f} GiB to spare"]
+    left = []
+    bar = tqdm(total=len(bitmap), desc=f"BitmapTiles to {name}", unit="layer", file=sys.stderr, leave=False,
+               disable=not progress or len(bitmap) < 2, dynamic_ncols=True)
+    for path, m in bitmap:
+        try:
+            w = m.to_dense()
+            m._replace_weight(TiledCSL.from_dense(w) if target == TILED_CSL
+                              else DeltaRows.from_dense(w, pair_halves=paired(m)))
+            if target == TILED_CSL:
+                m._delta_rows_paired = paired(m)
+            taken[path] = "bitmap"
+        except (FormatError, ValueError) as e:  # (a shape the format does not take: the layer keeps its weight)
+            left.append(f"{path}: {e}")
+        w = None
+        bar.update()
+    bar.close()
+    return taken, left
 
 
 def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int | str],
@@ -566,6 +644,16 @@ class Engine:
             one engine serves batch 1-2 at DeltaRows' speed and batch 3 and more at Tiled-CSL's (or cuBLAS's); each
             step swaps the set into the model (no copy; :meth:`use_layout`).  On other devices
             nothing is re-encoded.
+        formats: ``"auto"`` (default): on a CUDA device, where ``delta_layout`` is not ``"keep"``, the model's other
+            sparse layers are laid out too, in place, before ``delta_layout`` applies (:func:`adopt_formats`;
+            :attr:`adopted`): BitmapTiles layers are re-encoded as DeltaRows up to ``max_batch`` 3 (about the same
+            bytes: plain values 2.5 bytes an entry, coded bf16 2) and as Tiled-CSL from 4 (1.5x the bytes at 80 %;
+            from 3 with ``"dual"``), the same values (every format round-trips exactly), and Tiled-CSL layers join
+            the choice above (DeltaRows at ``max_batch`` 1-3, Tiled-CSL or dense from 4).  So a model converted with
+            the defaults (BitmapTiles: about dense speed in decode) runs at DeltaRows' or Tiled-CSL's (Llama-3-8B at
+            80 % on an H200, batch 1: 2.4x dense in DeltaRows, 1.6x in Tiled-CSL, about 1.0x in BitmapTiles;
+            ``docs/engine.md``).  Where the device lacks the memory for the re-encoding the BitmapTiles layers stay
+            (a warning).  ``"keep"``: only DeltaRows layers are laid out (the formats a benchmark asked for stay).
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
@@ -573,7 +661,7 @@ class Engine:
 
     def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, merge: bool = False,
-                 delta_layout: str = "auto"):
+                 delta_layout: str = "auto", formats: str = "auto"):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
                             f"{type(model).__name__}")
@@ -583,6 +671,8 @@ class Engine:
             raise ValueError("the model is on the meta device; load its weights first")
         if delta_layout not in DELTA_LAYOUTS:
             raise ValueError(f"delta_layout must be one of {DELTA_LAYOUTS}, got {delta_layout!r}")
+        if formats not in ENGINE_FORMATS:
+            raise ValueError(f"formats must be one of {ENGINE_FORMATS}, got {formats!r}")
         self.model = model.eval()
         if fuse is None:
             fuse = emb.device.type == "cuda" and cfg.num_parameters() >= FUSE_MIN_PARAMETERS
@@ -618,11 +708,21 @@ class Engine:
         self.relayout: dict[str, int | str] = {}
         #: the layers whose values code_delta_rows coded (bf16 DeltaRows up to DELTA_CODED_MAX_BATCH)
         self.coded: list[str] = []
+        #: what formats="auto" took over (adopt_formats): {layer path: "bitmap" (re-encoded as DeltaRows) or
+        #: "tiled-csl" (laid out as the DeltaRows ones)}; empty when nothing was
+        self.adopted: dict[str, str] = {}
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
         self._two: _TwoLayouts | None = None
         chosen = delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES  # (the engine lays the weights out)
         if chosen:
+            if formats == "auto":  # (BitmapTiles layers as the format this engine's largest steps run on)
+                large = max_batch >= (DUAL_TCSL_MIN_BATCH if delta_layout == "dual" else DELTA_TCSL_MIN_BATCH)
+                free = _free_memory(self.device) - self._beside_bytes(kv_heads, slots) - RELAYOUT_MARGIN_BYTES
+                self.adopted, left = adopt_formats(model, TILED_CSL if large else "delta-rows", max(free, 0))
+                if left:
+                    warnings.warn(f"formats='auto': {'; '.join(left)}; they run their own kernels (BitmapTiles: "
+                                  f"about dense speed)", stacklevel=2)
             plain = _plain_input_layers(model)
             dual = (delta_layout == "dual" and max_batch >= DUAL_TCSL_MIN_BATCH
                     and self._tiled_csl_fits(kv_heads, slots, dual=True))
@@ -660,6 +760,13 @@ class Engine:
         self._pool = None
         self._captured_over = self._weights_key()
 
+    def _beside_bytes(self, kv_heads: int, slots: int) -> int:
+        """Bytes this engine will take beside the weights: its cache (``kv_heads`` x ``slots`` a layer and sequence)
+        and its prefill's activations (:func:`_prefill_bytes`)."""
+        cfg = self.config
+        cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
+        return cache + _prefill_bytes(cfg, self.max_batch, self.max_seq)
+
     def _tiled_csl_fits(self, kv_heads: int, slots: int, dual: bool = False, fast: bool = False) -> bool:
         """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL (``dual``: as
         Tiled-CSL copies beside them, also counting the layers an earlier engine made Tiled-CSL; ``fast``: dense
@@ -670,9 +777,7 @@ class Engine:
         grow, largest = _tiled_csl_growth(self.model, copies=dual, max_batch=self.max_batch if fast else 0)
         if largest == 0:  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so): nothing to copy
             return not dual
-        cfg = self.config
-        cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
-        beside = cache + _prefill_bytes(cfg, self.max_batch, self.max_seq)  # (and the prefill's activations)
+        beside = self._beside_bytes(kv_heads, slots)
         free = _free_memory(self.device)
         need = max(grow, 0) + 4 * largest + beside + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:

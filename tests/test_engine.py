@@ -1065,3 +1065,126 @@ def test_relayout_delta_rows_keeps_the_outputs_and_stale_graphs_are_dropped(pair
                                                                       dtype=torch.float16)))
     with pytest.raises(ValueError, match="delta_layout must be one of"):
         Engine(ours, max_batch=1, max_seq=32, delta_layout="parts")
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "tiled-csl"])
+def test_engine_lays_out_bitmap_and_tiled_csl_layers(pair, fmt, monkeypatch):
+    """Engine(formats="auto") (run on the CPU as on a GPU): a model sparsified with BitmapTiles or Tiled-CSL is laid
+    out as a DeltaRows one would be, in place: at max_batch 1 every projection becomes DeltaRows (the same dense
+    weight, a merged gate / up paired), listed in `adopted`, and generates the same tokens and logits as the
+    formats kept (the CPU reference computes through the dense weight); formats="keep" changes nothing."""
+    from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    cls = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL}[fmt]
+    ours = _sparse_ours(pair[0], fmt)
+    keep = Engine(copy.deepcopy(ours), max_batch=1, max_seq=32, merge=True, formats="keep")
+    assert keep.adopted == {} and keep.relayout == {}
+    layers = {p: m for p, m in keep.model.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    assert layers and all(m.weight_format is cls for m in layers.values())
+    dense = {p: m.to_dense() for p, m in layers.items()}
+    want = keep.generate(PROMPTS[:1], 4, output_logits=True, eos_token_id=None)
+    eng = Engine(ours, max_batch=1, max_seq=32, merge=True)
+    assert eng.adopted == {p: fmt for p in layers}
+    mods = dict(ours.named_modules())
+    for p, d in dense.items():
+        m = mods[p]
+        assert isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows, p
+        assert torch.equal(m.to_dense(), d), p
+        assert m.weight.paired == (p.endswith("gate_up_proj.layer") and m.out_features % 64 == 0), p
+        assert getattr(m, "_delta_rows_paired", None) is None, p
+    assert any(m.weight.paired for p, m in mods.items() if p in dense) == (ours.config.family == "llama")
+    if fmt == "tiled-csl":  # (BitmapTiles: re-encoded before the layout, so in relayout only where it moved them)
+        assert set(eng.relayout) == set(layers)
+    got = eng.generate(PROMPTS[:1], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+
+
+def test_batched_engine_keeps_tiled_csl_and_makes_bitmap_tiled_csl(pair, monkeypatch):
+    """From DELTA_TCSL_MIN_BATCH a Tiled-CSL model stays Tiled-CSL (taken over, nothing re-encoded), and a BitmapTiles
+    one is re-encoded as Tiled-CSL (marked as the engine's, so a batch-1 engine makes it DeltaRows), the same weights
+    and generations as kept; without the memory for Tiled-CSL the BitmapTiles layers stay (DeltaRows would expand
+    every weight above 8 tokens)."""
+    from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    big = E.DELTA_TCSL_MIN_BATCH
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
+    tcsl = _sparse_ours(pair[0], "tiled-csl", 0.8)
+    paths = [p for p, m in tcsl.named_modules() if isinstance(m, flash_llm.SparseLinear)]
+    eng = Engine(tcsl, max_batch=big, max_seq=32)
+    assert eng.adopted == {p: "tiled-csl" for p in paths} and eng.relayout == {}
+    assert all(m.weight_format is flash_llm.TiledCSL for p, m in tcsl.named_modules() if p in paths)
+    bitmap = _sparse_ours(pair[0], "bitmap", 0.8)
+    keep = Engine(copy.deepcopy(bitmap), max_batch=big, max_seq=32, formats="keep")
+    want = keep.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    dense = {p: m.to_dense() for p, m in bitmap.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    tight = copy.deepcopy(bitmap)
+    eng = Engine(bitmap, max_batch=big, max_seq=32)
+    assert eng.adopted == {p: "bitmap" for p in dense} and eng.relayout == {}
+    mods = dict(bitmap.named_modules())
+    assert all(mods[p].weight_format is flash_llm.TiledCSL and torch.equal(mods[p].to_dense(), d)
+               for p, d in dense.items())
+    got = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+    one = Engine(bitmap, max_batch=1, max_seq=32)  # (taken over: a batch-1 engine makes them DeltaRows)
+    assert one.adopted == {} and set(one.relayout) == set(dense)
+    assert all(mods[p].weight_format is flash_llm.DeltaRows and torch.equal(mods[p].to_dense(), d)
+               for p, d in dense.items())
+    # too little memory for Tiled-CSL (1.5x BitmapTiles' bytes at 80 %), enough for DeltaRows: BitmapTiles stays
+    grow = sum(E._tiled_csl_bytes(m) - m.nbytes for p, m in tight.named_modules() if p in dense)
+    largest = max(d.numel() * 2 for d in dense.values())
+    spare = keep.cache_bytes + E._prefill_bytes(tight.config, big, 32) + E.RELAYOUT_MARGIN_BYTES
+    monkeypatch.setattr(E, "_free_memory", lambda device: spare + grow + 4 * largest - 1)
+    with pytest.warns(UserWarning, match="stay BitmapTiles: as Tiled-CSL they would need"):
+        eng = Engine(tight, max_batch=big, max_seq=32)
+    assert eng.adopted == {} and eng.relayout == {}
+    assert all(m.weight_format is flash_llm.BitmapTiles for p, m in tight.named_modules() if p in dense)
+    monkeypatch.setattr(E, "_free_memory", lambda device: spare + grow + 4 * largest)  # (just enough)
+    assert Engine(tight, max_batch=big, max_seq=32).adopted == {p: "bitmap" for p in dense}
+
+
+def test_engine_formats_without_memory_or_encoding_leave_layers_working(pair, monkeypatch):
+    """Without the memory for DeltaRows the BitmapTiles layers stay (a warning naming the bytes) and the engine
+    generates as with formats="keep"; a layer DeltaRows refuses stays BitmapTiles (named in the warning) while the
+    others are re-encoded; on a device the engine does not lay out (here the CPU) nothing changes; a bad `formats`
+    is refused by name."""
+    from flash_llm import engine as E
+
+    ours = _sparse_ours(pair[0], "bitmap")
+    want = Engine(copy.deepcopy(ours), max_batch=1, max_seq=32, formats="keep").generate(
+        PROMPTS[:1], 4, output_logits=True, eos_token_id=None)
+    assert Engine(ours, max_batch=1, max_seq=32).adopted == {}  # (the CPU: not laid out)
+    with pytest.raises(ValueError, match="formats must be one of"):
+        Engine(ours, max_batch=1, max_seq=32, formats="delta-rows")
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 20)
+    with pytest.warns(UserWarning, match="stay BitmapTiles: as DeltaRows they would need"):
+        eng = Engine(ours, max_batch=1, max_seq=32)
+    assert eng.adopted == {}
+    assert all(m.weight_format is flash_llm.BitmapTiles for m in ours.modules() if isinstance(m, flash_llm.SparseLinear))
+    got = eng.generate(PROMPTS[:1], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+    # one layer DeltaRows refuses: it stays, the rest are re-encoded
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    paths = [p for p, m in ours.named_modules() if isinstance(m, flash_llm.SparseLinear)]
+    real = flash_llm.DeltaRows.from_dense
+    calls = []
+
+    def refuse_first(w, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("not this one")
+        return real(w, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(flash_llm.DeltaRows, "from_dense", staticmethod(refuse_first))
+        taken, left = E.adopt_formats(ours, progress=False)
+    assert taken == {p: "bitmap" for p in paths[1:]} and left == [f"{paths[0]}: not this one"]
+    kinds = {p: m.weight_format for p, m in ours.named_modules() if p in paths}
+    assert kinds[paths[0]] is flash_llm.BitmapTiles and all(kinds[p] is flash_llm.DeltaRows for p in paths[1:])
+    got = Engine(ours, max_batch=1, max_seq=32, delta_layout="keep").generate(
+        PROMPTS[:1], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
