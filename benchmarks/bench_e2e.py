@@ -135,12 +135,14 @@ def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
 
 
 def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False, merge: bool = False,
-                   delta_layout: str = "auto", max_batch: int | None = None) -> dict:
-    """One engine (``max_batch``: default ``batch``) generating ``batch`` prompts: the medians of ``repeats`` runs."""
+                   delta_layout: str = "auto", max_batch: int | None = None, formats: str = "keep") -> dict:
+    """One engine (``max_batch``: default ``batch``) generating ``batch`` prompts: the medians of ``repeats`` runs.
+    ``formats``: ``Engine(formats=)``: "keep" (the format --format asked for) or "auto" (the engine re-encodes
+    BitmapTiles / Tiled-CSL layers for its max_batch, as it does by default)."""
     device = next(model.parameters()).device
     _reset_peak(device)
     eng = Engine(model, max_batch=max_batch or batch, max_seq=prompt_len + new, fuse=fuse, merge=merge,
-                 delta_layout=delta_layout, formats="keep")  # (the format --format asked for)
+                 delta_layout=delta_layout, formats=formats)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
     runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]
@@ -269,7 +271,7 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                 row = {**base, "impl": "flash-llm", "batch": b, **mem, "read_bytes": read, "floor_ms": floor_ms}
                 try:
                     row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse,
-                                              args.merge, args.delta_layout, args.max_batch))
+                                              args.merge, args.delta_layout, args.max_batch, args.engine_formats))
                     row["floor_ms"] = 1e3 * row["read_bytes"] / env["copy_bw_Bps"]
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * row["floor_ms"] / row["tpot_ms"]
@@ -399,7 +401,7 @@ def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
         gen = torch.Generator().manual_seed(b)  # the same prompts on every rank
         try:
             m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge,
-                               args.delta_layout)
+                               args.delta_layout, formats=args.engine_formats)
             ok = True
         except torch.cuda.OutOfMemoryError as e:
             m, ok = {"error": str(e).splitlines()[0][:120]}, False
@@ -634,6 +636,8 @@ def summarize(rows, env) -> str:
       + ("; fused elementwise kernels (--fuse)" if env.get("fuse") else "")
       + ("; merged q/k/v and gate/up projections (--merge)" if env.get("merge") else "")
       + ("; DeltaRows weights kept as encoded (--delta-layout keep)" if env.get("delta_layout") == "keep" else "")
+      + ("; the engine re-encodes BitmapTiles / Tiled-CSL layers for each batch (--engine-formats auto)"
+         if env.get("engine_formats") == "auto" else "")
       + (f"; decode-attention kernel: FLASH_LLM_DECODE_ATTENTION={env['decode_attention']}"
          if env.get("decode_attention") not in (None, False, "0") else "") + ".")
     p()
@@ -763,6 +767,10 @@ def parse_args(argv):
                          "at batch 1, at 2 where K <= 4096, the split layout at 3, Tiled-CSL from 4 where the memory "
                          "holds it), kept as encoded, or (dual) DeltaRows for steps of 1-2 tokens and Tiled-CSL copies "
                          "for the rest")
+    ap.add_argument("--engine-formats", default="keep", choices=("keep", "auto"),
+                    help="Engine(formats=): keep the --format weights as built (default), or let the engine re-encode "
+                         "BitmapTiles / Tiled-CSL layers for each batch as it does by default (auto: DeltaRows up to "
+                         "batch 3, Tiled-CSL from 4; the rows' ran_formats say what ran)")
     ap.add_argument("--max-batch", type=int,
                     help="every engine's max_batch (default: each batch its own); at least the largest of --batches "
                          "(one engine serving smaller batches, as a server does)")
@@ -852,6 +860,7 @@ def main(argv=None) -> int:
     env["fuse"] = args.fuse
     env["merge"] = args.merge
     env["delta_layout"] = args.delta_layout
+    env["engine_formats"] = args.engine_formats
     env["max_batch"] = args.max_batch
     env["decode_attention"] = _common.DECODE_ATTENTION  # FLASH_LLM_DECODE_ATTENTION
     try:

@@ -198,7 +198,8 @@ def test_one_token_layers_inside_the_sparse_projections(dtype, one_launch, monke
 
     launched = record_launches(kernels, monkeypatch)
     model = sparse_model()
-    got = Engine(model, max_batch=1, max_seq=96, fuse=True, merge=True).generate(prompts, 12, output_logits=True)
+    got = Engine(model, max_batch=1, max_seq=96, fuse=True, merge=True, formats="keep").generate(
+        prompts, 12, output_logits=True)
     if one_launch:
         assert any(n.endswith("_n1rs") for n in launched) and any(n.endswith("_n1r") for n in launched)
         # (the prefill's N > 1 products keep their reductions)
@@ -206,12 +207,13 @@ def test_one_token_layers_inside_the_sparse_projections(dtype, one_launch, monke
     else:
         assert any(n.endswith("_n1s") for n in launched) and any("reduce_rms_silu_" in n for n in launched)
         assert any("reduce_resid_" in n for n in launched), sorted(set(launched))
-    eager = Engine(model, max_batch=1, max_seq=96, cuda_graphs=False).generate(prompts, 12, output_logits=True)
+    eager = Engine(model, max_batch=1, max_seq=96, cuda_graphs=False, formats="keep").generate(
+        prompts, 12, output_logits=True)
     assert (got.logits - eager.logits).abs().max().item() == 0.0, "graph replay differs from eager decode"
     monkeypatch.setattr(llama, "FUSE_NORMS", False)
     launched.clear()
-    deferred = Engine(sparse_model(), max_batch=1, max_seq=96, fuse=True, merge=True).generate(prompts, 12,
-                                                                                            output_logits=True)
+    deferred = Engine(sparse_model(), max_batch=1, max_seq=96, fuse=True, merge=True, formats="keep").generate(
+        prompts, 12, output_logits=True)
     assert not any(n.endswith(("_n1s", "_n1rs")) for n in launched)
     # the pruned model in fp32 (the same zeros) is the reference
     ref_model = sparse_model()
@@ -242,7 +244,7 @@ def test_bitmap_layers_keep_the_deferred_path_at_one_token(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format="bitmap"))
-    out = Engine(model, max_batch=1, max_seq=64, fuse=True, merge=True).generate(_prompts(1, 4), 4)
+    out = Engine(model, max_batch=1, max_seq=64, fuse=True, merge=True, formats="keep").generate(_prompts(1, 4), 4)
     assert out.tokens.shape == (1, 4) and calls == []
 
 
@@ -258,11 +260,13 @@ def test_merged_projections_keep_the_logits(kind):
             warnings.simplefilter("ignore", UserWarning)
             flash_llm.sparsify_(model)
     prompts = _prompts(4, 11)
-    sep = Engine(copy.deepcopy(model), max_batch=4, max_seq=96).generate(prompts, 12, output_logits=True)
-    eng = Engine(model, max_batch=4, max_seq=96, merge=True)
+    sep = Engine(copy.deepcopy(model), max_batch=4, max_seq=96, formats="keep").generate(prompts, 12,
+                                                                                        output_logits=True)
+    eng = Engine(model, max_batch=4, max_seq=96, merge=True, formats="keep")  # (BitmapTiles: as sparsified)
     assert set(eng.merged.values()) == {"merged"} and len(eng.merged) == 2 * model.config.num_layers
     got = eng.generate(prompts, 12, output_logits=True)
-    eager = Engine(model, max_batch=4, max_seq=96, cuda_graphs=False).generate(prompts, 12, output_logits=True)
+    eager = Engine(model, max_batch=4, max_seq=96, cuda_graphs=False, formats="keep").generate(prompts, 12,
+                                                                                             output_logits=True)
     assert (got.logits - eager.logits).abs().max().item() == 0.0, "merged graph replay differs from merged eager"
     first = (got.logits[:, 0] - sep.logits[:, 0]).abs().max().item()
     assert first <= 8 * ULP[torch.float16] * sep.logits[:, 0].abs().max().item(), first
@@ -497,3 +501,37 @@ def test_batch_1_attention_takes_small_chunks_beside_plain_delta_rows(dtype, mon
     eng.generate([[5, 6, 7]], 4, eos_token_id=None)
     attn = [n for n in launched if n.startswith("decode_attn")]
     assert attn and all(n.endswith("_c32") == (dtype == torch.float16) for n in attn), attn
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "tiled-csl"])
+def test_engine_lays_out_bitmap_and_tiled_csl_models(fmt):
+    """Engine(formats="auto") on the GPU: a fused, merged Llama sparsified as BitmapTiles or Tiled-CSL decodes at
+    batch 1 on DeltaRows (every projection re-encoded, the same dense weights, DeltaRows kernels launched), its
+    first two steps' logits within rounding of the kept format's and graph replay equal to eager decode; an engine of
+    max_batch DELTA_TCSL_MIN_BATCH then holds them as Tiled-CSL, the first steps again within rounding."""
+    from flash_llm import engine as E
+    from flash_llm import kernels
+
+    model = _ours(_hf("llama").cuda(), torch.float16)
+    magnitude_prune_(model, 0.8, filter_fn=lambda mod, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format=fmt))
+    prompts = _prompts(1, 5)
+    keep = Engine(copy.deepcopy(model), max_batch=1, max_seq=96, fuse=True, merge=True, formats="keep").generate(
+        prompts, 8, output_logits=True, eos_token_id=None)
+    with pytest.MonkeyPatch.context() as mp:
+        launched = record_launches(kernels, mp)
+        eng = Engine(model, max_batch=1, max_seq=96, fuse=True, merge=True)
+        got = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)
+    layers = [m for m in model.modules() if isinstance(m, flash_llm.SparseLinear)]
+    assert eng.adopted and len(eng.adopted) == len(layers)
+    assert all(m.weight_format is flash_llm.DeltaRows for m in layers)
+    assert any(n.startswith("delta_rows_") for n in launched), sorted(set(launched))
+    _assert_first_steps_close(got, keep, fmt)
+    eager = Engine(model, max_batch=1, max_seq=96, cuda_graphs=False).generate(prompts, 8, output_logits=True,
+                                                                               eos_token_id=None)
+    assert torch.equal(got.logits, eager.logits), "graph replay differs from eager decode"
+    wide = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=96)
+    assert all(m.weight_format is flash_llm.TiledCSL for m in model.modules() if isinstance(m, flash_llm.SparseLinear))
+    _assert_first_steps_close(wide.generate(prompts, 8, output_logits=True, eos_token_id=None), keep, fmt)
