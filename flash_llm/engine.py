@@ -273,7 +273,8 @@ def _gate_up_layers(model: torch.nn.Module) -> set[int]:
 
 
 def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: int | None = None,
-                  progress: bool = True) -> tuple[dict[str, str], list[str]]:
+                  progress: bool = True, parts: Callable[[torch.nn.Module], int] | None = None
+                  ) -> tuple[dict[str, str], list[str]]:
     """Make every sparse layer of ``model`` one that :func:`relayout_delta_rows` lays out (``Engine(formats="auto")``),
     in place: each Tiled-CSL :class:`~flash_llm.SparseLinear` is marked as a layout an engine may change
     (``_delta_rows_paired``, as the Tiled-CSL layers an engine makes from DeltaRows), and each
@@ -282,7 +283,8 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
     nonzeros and bias, one layer at a time through its dense weight.  ``budget``: the bytes the re-encoding may add
     (the target's formula bytes, DeltaRows at its widest parts layout, against the layers' present bytes, plus the
     largest layer's temporaries: 4x its dense weight); ``None``: no limit.  Over it the BitmapTiles layers stay as
-    they are.  Returns ``({layer path: "bitmap" or "tiled-csl"}`` for the layers taken over, ``[why BitmapTiles
+    they are.  ``parts``: DeltaRows' lanes a row for a layer (the engine's layout, so :func:`relayout_delta_rows`
+    need not encode it again; default: the encoder's).  Returns ``({layer path: "bitmap" or "tiled-csl"}`` for the layers taken over, ``[why BitmapTiles
     layers were left as they are]``)."""
     from tqdm import tqdm
 
@@ -325,8 +327,8 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
     for path, m in bitmap:
         try:
             w = m.to_dense()
-            m._replace_weight(TiledCSL.from_dense(w) if target == TILED_CSL
-                              else DeltaRows.from_dense(w, pair_halves=paired(m)))
+            m._replace_weight(TiledCSL.from_dense(w) if target == TILED_CSL else DeltaRows.from_dense(
+                w, pair_halves=paired(m), parts=None if parts is None else int(parts(m))))
             if target == TILED_CSL:
                 m._delta_rows_paired = paired(m)
             taken[path] = "bitmap"
@@ -716,14 +718,15 @@ class Engine:
         self._two: _TwoLayouts | None = None
         chosen = delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES  # (the engine lays the weights out)
         if chosen:
+            plain = _plain_input_layers(model)
             if formats == "auto":  # (BitmapTiles layers as the format this engine's largest steps run on)
                 large = max_batch >= (DUAL_TCSL_MIN_BATCH if delta_layout == "dual" else DELTA_TCSL_MIN_BATCH)
                 free = _free_memory(self.device) - self._beside_bytes(kv_heads, slots) - RELAYOUT_MARGIN_BYTES
-                self.adopted, left = adopt_formats(model, TILED_CSL if large else "delta-rows", max(free, 0))
+                self.adopted, left = adopt_formats(model, TILED_CSL if large else "delta-rows", max(free, 0),
+                                                   parts=_batch_parts(max_batch, self.device, False, plain))
                 if left:
                     warnings.warn(f"formats='auto': {'; '.join(left)}; they run their own kernels (BitmapTiles: "
                                   f"about dense speed)", stacklevel=2)
-            plain = _plain_input_layers(model)
             dual = (delta_layout == "dual" and max_batch >= DUAL_TCSL_MIN_BATCH
                     and self._tiled_csl_fits(kv_heads, slots, dual=True))
             # (from DENSE_FAST_MIN_BATCH the denser layers dense where the memory allows, else as below)

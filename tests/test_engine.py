@@ -1072,7 +1072,8 @@ def test_engine_lays_out_bitmap_and_tiled_csl_layers(pair, fmt, monkeypatch):
     """Engine(formats="auto") (run on the CPU as on a GPU): a model sparsified with BitmapTiles or Tiled-CSL is laid
     out as a DeltaRows one would be, in place: at max_batch 1 every projection becomes DeltaRows (the same dense
     weight, a merged gate / up paired), listed in `adopted`, and generates the same tokens and logits as the
-    formats kept (the CPU reference computes through the dense weight); formats="keep" changes nothing."""
+    formats kept (the CPU reference computes through the dense weight); formats="keep" changes nothing.  BitmapTiles
+    layers are encoded in the engine's layout at once (nothing left for relayout_delta_rows)."""
     from flash_llm import engine as E
 
     monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
@@ -1095,8 +1096,8 @@ def test_engine_lays_out_bitmap_and_tiled_csl_layers(pair, fmt, monkeypatch):
         assert m.weight.paired == (p.endswith("gate_up_proj.layer") and m.out_features % 64 == 0), p
         assert getattr(m, "_delta_rows_paired", None) is None, p
     assert any(m.weight.paired for p, m in mods.items() if p in dense) == (ours.config.family == "llama")
-    if fmt == "tiled-csl":  # (BitmapTiles: re-encoded before the layout, so in relayout only where it moved them)
-        assert set(eng.relayout) == set(layers)
+    # (Tiled-CSL: laid out by relayout_delta_rows; BitmapTiles: encoded in the engine's layout at once, not twice)
+    assert set(eng.relayout) == (set(layers) if fmt == "tiled-csl" else set())
     got = eng.generate(PROMPTS[:1], 4, output_logits=True, eos_token_id=None)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
 
