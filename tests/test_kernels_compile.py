@@ -95,3 +95,15 @@ def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch)
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *changed_tests],
                              cwd=tmp_path, env=env, capture_output=True, text=True)
         assert run.returncode == 0, f"{patch}: its tests fail:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
+
+
+def test_compiling_says_so_once_on_stderr(tmp_path, monkeypatch, capsys):
+    """With ``notify`` (the first launch on a device) a compile says on stderr that it compiles and how long it took;
+    a cubin from the disk cache says nothing."""
+    monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path))
+    small = b'extern "C" __global__ void k(int* p) { p[0] = 1; }\n'
+    first = compile_kernels("sm_80", source=small, notify=True)
+    err = capsys.readouterr().err
+    assert not first.cached and "compiling the CUDA kernels for sm_80" in err and "compiled in" in err
+    again = compile_kernels("sm_80", source=small, notify=True)
+    assert again.cached and capsys.readouterr().err == ""

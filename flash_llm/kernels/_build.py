@@ -14,7 +14,9 @@ import ctypes
 import hashlib
 import os
 import re
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +93,10 @@ class Compiled:
 
 
 def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[str, ...] = (),
-                    source: bytes | None = None) -> Compiled:
+                    source: bytes | None = None, notify: bool = False) -> Compiled:
     """Compile ``spmm.cu`` (or ``source``) for ``arch`` (e.g. ``"sm_90"``) with NVRTC; return the cubin
-    and log.
+    and log.  ``notify``: say on stderr, before and after, when it compiles (not when the cubin comes from the
+    cache): the first ``spmm`` call on a device waits for it (about a minute for the whole ``spmm.cu``).
 
     Raises :class:`KernelBuildError` with NVRTC's log when compilation fails.
     """
@@ -112,6 +115,10 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
     if use_cache and path.exists():
         return Compiled(arch, path.read_bytes(), "", True)
 
+    if notify:
+        print(f"flash-llm: compiling the CUDA kernels for {arch} with NVRTC (first use; about a minute; cached "
+              f"in {cache_dir()}; `flash-llm build` compiles them ahead of time) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     prog = _check_nvrtc(nvrtc.nvrtcCreateProgram(source, b"spmm.cu", 0, [], []), "nvrtcCreateProgram")
     try:
         opts = [o.encode() for o in options]
@@ -127,6 +134,8 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         _check_nvrtc((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None), "nvrtcGetCUBIN")
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+    if notify:
+        print(f"flash-llm: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +181,7 @@ def _function(device_index: int, name: str):
         entry = _modules.get(device_index)
         if entry is None:
             arch = device_arch(device_index)
-            compiled = compile_kernels(arch)
+            compiled = compile_kernels(arch, notify=True)
             module = _check_cu(_driver().cuModuleLoadData(compiled.cubin), "cuModuleLoadData")
             entry = _modules[device_index] = (module, {})
         module, funcs = entry
