@@ -1189,3 +1189,27 @@ def test_engine_formats_without_memory_or_encoding_leave_layers_working(pair, mo
     got = Engine(ours, max_batch=1, max_seq=32, delta_layout="keep").generate(
         PROMPTS[:1], 4, output_logits=True, eos_token_id=None)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
+
+
+def test_dual_layout_over_a_bitmap_model(pair, monkeypatch):
+    """Engine(formats="auto", delta_layout="dual") (on the CPU as on a GPU) over a BitmapTiles model: the layers end
+    as DeltaRows for the small steps with Tiled-CSL copies for the rest, the same generations as the kept format."""
+    from flash_llm import engine as E
+
+    ours = _sparse_ours(pair[0], "bitmap")
+    big = E.DUAL_TCSL_MIN_BATCH
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
+    keep = Engine(copy.deepcopy(ours), max_batch=big, max_seq=32, merge=True, formats="keep")
+    want = {b: keep.generate(prompts[:b], 4, output_logits=True, eos_token_id=None) for b in (1, big)}
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    eng = Engine(ours, max_batch=big, max_seq=32, merge=True, delta_layout="dual")
+    sparse = [m for m in ours.modules() if isinstance(m, flash_llm.SparseLinear)]
+    assert set(eng.adopted.values()) == {"bitmap"} and len(eng.adopted) == len(sparse)
+    assert eng._two is not None and len(eng._two.small) == len(sparse)
+    assert all(m.weight_format is flash_llm.DeltaRows for m in sparse)
+    for b in (1, big):
+        got = eng.generate(prompts[:b], 4, output_logits=True, eos_token_id=None)
+        assert torch.equal(got.tokens, want[b].tokens) and torch.equal(got.logits, want[b].logits), b
+    eng.use_layout(big)
+    assert all(m.weight_format is flash_llm.TiledCSL for m in sparse)
