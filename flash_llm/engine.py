@@ -284,8 +284,8 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
     (the target's formula bytes, DeltaRows at its widest parts layout, against the layers' present bytes, plus the
     largest layer's temporaries: 4x its dense weight); ``None``: no limit.  Over it the BitmapTiles layers stay as
     they are.  ``parts``: DeltaRows' lanes a row for a layer (the engine's layout, so :func:`relayout_delta_rows`
-    need not encode it again; default: the encoder's).  Returns ``({layer path: "bitmap" or "tiled-csl"}`` for the layers taken over, ``[why BitmapTiles
-    layers were left as they are]``)."""
+    need not encode it again; default: the encoder's).  Returns ``({layer path: "bitmap" or "tiled-csl"}`` for the
+    layers taken over, ``[why BitmapTiles layers were left as they are]``)."""
     from tqdm import tqdm
 
     from .formats import BitmapTiles, DeltaRows, FormatError, TiledCSL
@@ -710,8 +710,8 @@ class Engine:
         self.relayout: dict[str, int | str] = {}
         #: the layers whose values code_delta_rows coded (bf16 DeltaRows up to DELTA_CODED_MAX_BATCH)
         self.coded: list[str] = []
-        #: what formats="auto" took over (adopt_formats): {layer path: "bitmap" (re-encoded as DeltaRows) or
-        #: "tiled-csl" (laid out as the DeltaRows ones)}; empty when nothing was
+        #: what formats="auto" took over (adopt_formats): {layer path: "bitmap" (re-encoded as DeltaRows up to
+        #: max_batch 3, as Tiled-CSL from 4) or "tiled-csl" (laid out as the DeltaRows ones)}; empty when nothing was
         self.adopted: dict[str, str] = {}
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
