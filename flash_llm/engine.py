@@ -134,8 +134,9 @@ FUSE_MIN_PARAMETERS = 10**9
 #: what ``Engine(delta_layout=)`` accepts
 DELTA_LAYOUTS = ("auto", "keep", "dual")
 #: what ``Engine(formats=)`` accepts: "auto" lays out every sparse layer (BitmapTiles ones re-encoded as DeltaRows,
-#: Tiled-CSL ones taken into ``delta_layout``'s choice), "keep" only the DeltaRows ones
-ENGINE_FORMATS = ("auto", "keep")
+#: Tiled-CSL ones taken into ``delta_layout``'s choice), "keep" only the DeltaRows ones, "dense" expands them all (the
+#: fastest where there are no sparse kernels: the CPU)
+ENGINE_FORMATS = ("auto", "keep", "dense")
 #: ``delta_layout="auto"`` takes the parts layout up to this ``max_batch``, the split layout above (session 31); at
 #: ``max_batch`` 2 only where the input is normed or K is within ``PARTS_MAX_K`` (session 35, H200, Llama-3-8B at 80 %:
 #: Llama-3-8B's down, K = 14336, 41.9 us a call at 2 tokens in the parts layout against 21.7 split; so laid out, batch
@@ -338,6 +339,39 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
         bar.update()
     bar.close()
     return taken, left
+
+
+def expand_sparse_(model: torch.nn.Module, budget: int | None = None) -> tuple[list[str], list[str]]:
+    """Put a dense ``nn.Linear`` (the same weight and bias, no gradient) in the place of every
+    :class:`~flash_llm.SparseLinear` of ``model``, in place (``Engine(formats="dense")``): on a CPU, where
+    ``flash_llm.spmm``'s reference expands the weight on every call, a decode step runs tens of times faster so.  Each
+    dense layer remembers its DeltaRows pairing (``_delta_rows_paired``), so an engine on a GPU later makes it sparse
+    again (:func:`relayout_delta_rows`).  ``budget``: the bytes the expansion may add (the dense weights less the
+    compressed ones); over it nothing is expanded.  Returns ``([the layers expanded], [why none was])``."""
+    from .formats import DeltaRows
+    from .formats.delta_rows import LANES
+    from .nn import SparseLinear
+
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear)]
+    if not layers:
+        return [], []
+    pairs = _gate_up_layers(model)
+    grow = sum(_dense_bytes(m) - m.nbytes for _, m in layers)
+    if budget is not None and grow > budget:
+        return [], [f"{len(layers)} sparse layer(s) stay compressed: dense they would take {grow / 2**30:.2f} GiB "
+                    f"more, of {budget / 2**30:.2f} GiB to spare"]
+    for path, m in layers:
+        if m.weight_format is DeltaRows:
+            paired = m.weight.paired
+        elif getattr(m, "_delta_rows_paired", None) is not None:  # (Tiled-CSL an engine made from DeltaRows)
+            paired = m._delta_rows_paired
+        else:  # (as DeltaRows.concat pairs a merged gate / up)
+            paired = id(m) in pairs and m.out_features % (2 * LANES) == 0
+        new = m.to_linear()
+        new.requires_grad_(False)
+        new._delta_rows_paired = bool(paired)
+        _set_module(model, path, new)
+    return [p for p, _ in layers], []
 
 
 def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int | str],
@@ -656,6 +690,11 @@ class Engine:
             80 % on an H200, batch 1: 2.4x dense in DeltaRows, 1.6x in Tiled-CSL, about 1.0x in BitmapTiles;
             ``docs/engine.md``).  Where the device lacks the memory for the re-encoding the BitmapTiles layers stay
             (a warning).  ``"keep"``: only DeltaRows layers are laid out (the formats a benchmark asked for stay).
+            ``"dense"``: every sparse layer becomes a dense ``nn.Linear`` (:func:`expand_sparse_`, in place, where the
+            memory holds it, else a warning), for a device without the sparse kernels: on a CPU, where
+            ``flash_llm.spmm``'s reference expands each weight on every call, decode runs 23-37x faster so (a 4-layer
+            Llama-3-8B-shaped model at 80 %, bf16, on the dev machine's 2 cores); ``delta_layout`` then has nothing to lay
+            out.  (``flash-llm generate`` on a CPU asks for it.)
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
@@ -713,10 +752,18 @@ class Engine:
         #: what formats="auto" took over (adopt_formats): {layer path: "bitmap" (re-encoded as DeltaRows up to
         #: max_batch 3, as Tiled-CSL from 4) or "tiled-csl" (laid out as the DeltaRows ones)}; empty when nothing was
         self.adopted: dict[str, str] = {}
+        #: what formats="dense" expanded (expand_sparse_): the layer paths
+        self.expanded: list[str] = []
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
         self._two: _TwoLayouts | None = None
-        chosen = delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES  # (the engine lays the weights out)
+        if formats == "dense":
+            free = _free_memory(self.device) - self._beside_bytes(kv_heads, slots) - RELAYOUT_MARGIN_BYTES
+            self.expanded, left = expand_sparse_(model, max(free, 0))
+            if left:
+                warnings.warn(f"formats='dense': {left[0]}; they run flash_llm.spmm as they are", stacklevel=2)
+        # (the engine lays the weights out; not over layers formats="dense" has just expanded)
+        chosen = delta_layout != "keep" and self.device.type in RELAYOUT_DEVICES and formats != "dense"
         if chosen:
             plain = _plain_input_layers(model)
             if formats == "auto":  # (BitmapTiles layers as the format this engine's largest steps run on)

@@ -73,6 +73,7 @@ def test_convert_inspect_generate(dense, tmp_path, capsys):
                           "--ignore-eos")
     assert rc == 0, err
     assert "12 new tokens; time to first token" in err
+    assert re.search(r"\(on the CPU: [1-9]\d* compressed layer\(s\) expanded to dense for decoding\)", err)  # (merged)
     loaded = flash_llm.from_pretrained(out)
     want = Engine(loaded, max_seq=len(prompt) + 12).generate([list(prompt.encode())], 12, eos_token_id=None)
     assert stdout == prompt + bytes(want.sequences()[0]).decode("utf-8", errors="replace") + "\n"

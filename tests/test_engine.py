@@ -1213,3 +1213,46 @@ def test_dual_layout_over_a_bitmap_model(pair, monkeypatch):
         assert torch.equal(got.tokens, want[b].tokens) and torch.equal(got.logits, want[b].logits), b
     eng.use_layout(big)
     assert all(m.weight_format is flash_llm.TiledCSL for m in sparse)
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "delta-rows"])
+def test_engine_dense_formats_expands_the_sparse_layers(pair, fmt, monkeypatch):
+    """Engine(formats="dense") (flash-llm generate on a CPU): every SparseLinear becomes an nn.Linear of the same
+    weights (no gradient), listed in `expanded`, generating the tokens of the compressed layers (logits within
+    rounding: F.linear against the reference's fp32 sums); each remembers its DeltaRows pairing (a merged gate / up),
+    so an engine laying the weights out (the CPU run as a GPU) makes them DeltaRows again; without the memory the
+    layers stay compressed, with a warning."""
+    from flash_llm import engine as E
+
+    ours = _sparse_ours(pair[0], fmt)
+    keep = Engine(copy.deepcopy(ours), max_batch=2, max_seq=32, merge=True, formats="keep")
+    want = keep.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)
+    layers = {p: m for p, m in keep.model.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    dense = {p: m.to_dense() for p, m in layers.items()}
+    monkeypatch.setattr(E, "_free_memory", lambda device: 0)
+    with pytest.warns(UserWarning, match="stay compressed: dense they would take"):
+        tight = Engine(copy.deepcopy(ours), max_batch=2, max_seq=32, merge=True, formats="dense")
+    assert tight.expanded == [] and sum(isinstance(m, flash_llm.SparseLinear) for m in tight.model.modules()) == \
+        len(layers)
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    eng = Engine(ours, max_batch=2, max_seq=32, merge=True, formats="dense")
+    assert sorted(eng.expanded) == sorted(layers)
+    assert not any(isinstance(m, flash_llm.SparseLinear) for m in ours.modules())
+    mods = dict(ours.named_modules())
+    for p, d in dense.items():
+        m = mods[p]
+        assert type(m) is torch.nn.Linear and not m.weight.requires_grad and torch.equal(m.weight, d), p
+        assert m._delta_rows_paired == (fmt == "delta-rows" and layers[p].weight.paired
+                                        or p.endswith("gate_up_proj.layer") and m.out_features % 64 == 0), p
+    got = eng.generate(PROMPTS[:2], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=8 * ulp(torch.float16, want.logits.abs().max()))
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    back = Engine(ours, max_batch=1, max_seq=32, merge=True)  # (a GPU engine: DeltaRows again, pairing kept)
+    assert set(back.relayout) == set(dense)
+    mods = dict(ours.named_modules())
+    for p, d in dense.items():
+        m = mods[p]
+        assert isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows, p
+        assert torch.equal(m.to_dense(), d) and m.weight.paired == (p.endswith("gate_up_proj.layer")
+                                                                    and m.out_features % 64 == 0), p

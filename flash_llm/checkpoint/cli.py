@@ -201,8 +201,14 @@ def cmd_generate(args) -> int:
         if bad:
             raise ValueError(f"the prompt has token id {bad[0]} outside the model's vocabulary "
                              f"({model.config.vocab_size}); wrong --tokenizer?")
+        # (on a CPU the compressed layers run expanded: flash_llm.spmm's CPU reference would expand every weight for
+        # every token; where the memory does not hold them dense the engine warns and keeps them)
+        on_cpu = model.input_embeddings().weight.device.type == "cpu"
         engine = Engine(model, max_batch=1, max_seq=len(ids) + args.max_new_tokens, fuse=args.fuse,
-                        merge=args.merge)
+                        merge=args.merge, formats="dense" if on_cpu else "auto")
+        if engine.expanded and (tp is None or tp.rank == 0):
+            print(f"(on the CPU: {len(engine.expanded)} compressed layer(s) expanded to dense for decoding)",
+                  file=sys.stderr)
     except _INPUT_ERRORS as e:
         _err(str(e))
         if tp is not None:

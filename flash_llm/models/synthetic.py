@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -251,11 +252,31 @@ def _materialize_(module: nn.Module, device, gen) -> None:
                 p.fill_(1.0)
 
 
+def host_available_memory() -> int:
+    """Bytes of host memory available to new allocations: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the
+    free physical pages (``os.sysconf``), else 0 (unknown: callers then plan for none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes this process can still allocate on CUDA ``device``: the card's free memory (``torch.cuda.mem_get_info``)
     plus what PyTorch's caching allocator holds unused, and no more than a cap set by
     ``torch.cuda.set_per_process_memory_fraction`` allows (``bench_e2e.py --memory-limit-gb 85.5`` plays an H100 on an
-    H200: the card's free memory alone would let a plan count on more than the cap, and run out of memory)."""
+    H200: the card's free memory alone would let a plan count on more than the cap, and run out of memory).  On the
+    CPU: :func:`host_available_memory`."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host_available_memory()
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     allocated = torch.cuda.memory_allocated(index)
