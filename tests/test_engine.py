@@ -1256,3 +1256,25 @@ def test_engine_dense_formats_expands_the_sparse_layers(pair, fmt, monkeypatch):
         assert isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows, p
         assert torch.equal(m.to_dense(), d) and m.weight.paired == (p.endswith("gate_up_proj.layer")
                                                                     and m.out_features % 64 == 0), p
+
+
+def test_host_memory_is_read_from_meminfo_or_sysconf(monkeypatch):
+    """available_memory on the CPU: /proc/meminfo's MemAvailable, else the free physical pages, else 0."""
+    import builtins
+    import os
+
+    from flash_llm.models import synthetic as S
+
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo here")
+    with open("/proc/meminfo") as f:
+        want = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    got = S.available_memory(torch.device("cpu"))
+    assert abs(got - want) < 0.1 * want  # (read a moment apart)
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: (_ for _ in ()).throw(OSError("no")) if
+                        str(p) == "/proc/meminfo" else real_open(p, *a, **k))
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}[name])
+    assert S.host_available_memory() == 4096 * 1000
+    monkeypatch.setattr(os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert S.host_available_memory() == 0
