@@ -1278,3 +1278,27 @@ def test_host_memory_is_read_from_meminfo_or_sysconf(monkeypatch):
     assert S.host_available_memory() == 4096 * 1000
     monkeypatch.setattr(os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))
     assert S.host_available_memory() == 0
+
+
+def test_expand_sparse_works_on_a_transformers_model():
+    """expand_sparse_ on a transformers model sparsified in place: no SparseLinear left, the same weights, the same
+    logits to rounding (F.linear against the reference's fp32 sums); a budget too small expands nothing."""
+    from flash_llm.engine import expand_sparse_
+
+    hm = _hf("llama").to(torch.float16)
+    magnitude_prune_(hm, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(hm)
+    ids = torch.tensor([PROMPTS[0]])
+    sparse = {p: m.to_dense() for p, m in hm.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    with torch.no_grad():
+        want = hm(ids).logits.float()
+    assert sparse and expand_sparse_(hm, budget=0)[0] == []
+    done, why = expand_sparse_(hm)
+    assert sorted(done) == sorted(sparse) and why == []
+    mods = dict(hm.named_modules())
+    assert all(type(mods[p]) is torch.nn.Linear and torch.equal(mods[p].weight, d) for p, d in sparse.items())
+    with torch.no_grad():
+        got = hm(ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=0, atol=8 * ulp(torch.float16, want.abs().max()))
