@@ -396,20 +396,33 @@ def cmd_build(args) -> int:
               "anyway", file=sys.stderr)
     need_log = args.report or args.strict
     print(f"NVRTC {nvrtc}; cubin cache {_build.cache_dir()}")
-    all_warnings = 0
-    for arch in _progress(iterable=archs, desc="compiling", unit="arch", disable=len(archs) < 2 or None):
+
+    def build(arch):  # (compiled, seconds); NVRTC releases the GIL, so the archs compile at the same time
         t0 = time.perf_counter()
+        compiled = _build.compile_kernels(arch)  # fills the cache when the cubin is not there yet
+        if need_log and compiled.cached:  # cached cubins carry no ptxas log: compile again for it
+            compiled = _build.compile_kernels(arch, use_cache=False)
+        return compiled, time.perf_counter() - t0
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(archs)) as pool:
+        futures = [pool.submit(build, arch) for arch in archs]
+        bar = _progress(total=len(archs), desc="compiling", unit="arch", disable=len(archs) < 2 or None)
+        for f in futures:
+            f.exception()  # (waits)
+            bar.update()
+        bar.close()
+    all_warnings = 0
+    for arch, f in zip(archs, futures):
         try:
-            compiled = _build.compile_kernels(arch)  # fills the cache when the cubin is not there yet
-            if need_log and compiled.cached:  # cached cubins carry no ptxas log: compile again for it
-                compiled = _build.compile_kernels(arch, use_cache=False)
+            compiled, elapsed = f.result()
         except _build.KernelBuildError as e:
             _err(str(e))
             return EXIT_FAILURE
         except ValueError as e:
             _err(str(e))
             return EXIT_USAGE
-        elapsed = time.perf_counter() - t0
         how = "from the cache" if compiled.cached else f"compiled in {elapsed:.1f} s"
         print()
         print(f"{arch}: {how}, cubin {_int(len(compiled.cubin))} bytes")

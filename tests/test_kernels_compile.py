@@ -12,11 +12,28 @@ from _kernel_names import EXPECTED_KERNELS  # noqa: E402
 EXPECTED = EXPECTED_KERNELS
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernels_compile_clean(arch, tmp_path, monkeypatch):
-    monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path))
-    compiled = compile_kernels(arch, use_cache=False)
-    assert compiled.cubin[:4] == b"\x7fELF"
+ARCHS = ("sm_80", "sm_90")
+
+
+@pytest.fixture(scope="module")
+def compiled_archs(tmp_path_factory):
+    """``(cache dir, {arch: Compiled})``: every arch compiled once into a fresh disk cache, the archs at the same time
+    (NVRTC releases the GIL: two compiles in two threads take the time of one on two cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = tmp_path_factory.mktemp("cubins")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASH_LLM_CACHE", str(cache))
+        with ThreadPoolExecutor(len(ARCHS)) as pool:
+            return cache, dict(zip(ARCHS, pool.map(compile_kernels, ARCHS)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kernels_compile_clean(arch, compiled_archs, monkeypatch):
+    cache, done = compiled_archs
+    monkeypatch.setenv("FLASH_LLM_CACHE", str(cache))
+    compiled = done[arch]
+    assert not compiled.cached and compiled.cubin[:4] == b"\x7fELF"
     assert compiled.warnings() == [], compiled.log
     res = compiled.resources()
     if not res and "ptxas info" not in compiled.log:
@@ -28,9 +45,8 @@ def test_kernels_compile_clean(arch, tmp_path, monkeypatch):
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (name, r)
         assert r["registers"] <= 255, (name, r)
     # the disk cache returns the same cubin without recompiling
-    compile_kernels(arch)
     again = compile_kernels(arch)
-    assert again.cached and again.cubin == compile_kernels(arch, use_cache=False).cubin
+    assert again.cached and again.cubin == compiled.cubin
 
 
 def test_bad_arch_rejected():
