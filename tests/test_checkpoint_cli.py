@@ -179,3 +179,23 @@ def test_generate_tensor_parallel_prints_what_one_process_does(tmp_path, capsys)
     rc, _, err = run(capsys, "generate", str(tmp_path / "nope"), "--prompt", "x", "--tp")
     assert rc == 2 and "nope" in err
     assert not torch.distributed.is_initialized()
+
+
+def test_generate_says_what_the_engine_laid_out(dense, tmp_path, capsys, monkeypatch):
+    """generate names the layers the engine took over (Engine.adopted, a GPU's formats="auto"), by their format; here
+    the engine is wrapped to report some, since on this CPU it expands them instead."""
+    from flash_llm import engine as E
+
+    _, _, path = dense
+    out = tmp_path / "flash"
+    assert run(capsys, "convert", path, out, "--min-sparsity", "50%")[0] == 0
+
+    class Reporting(E.Engine):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.adopted = {"x": "bitmap", "y": "bitmap", "z": "tiled-csl"}
+
+    monkeypatch.setattr(E, "Engine", Reporting)
+    rc, _, err = run(capsys, "generate", out, "--prompt", "AB", "--max-new-tokens", 2, "--device", "cpu")
+    assert rc == 0, err
+    assert "(laid out for decoding: 2 bitmap, 1 tiled-csl layer(s) as DeltaRows, the fastest format at batch 1)" in err

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -206,9 +207,14 @@ def cmd_generate(args) -> int:
         on_cpu = model.input_embeddings().weight.device.type == "cpu"
         engine = Engine(model, max_batch=1, max_seq=len(ids) + args.max_new_tokens, fuse=args.fuse,
                         merge=args.merge, formats="dense" if on_cpu else "auto")
-        if engine.expanded and (tp is None or tp.rank == 0):
-            print(f"(on the CPU: {len(engine.expanded)} compressed layer(s) expanded to dense for decoding)",
-                  file=sys.stderr)
+        if tp is None or tp.rank == 0:
+            if engine.expanded:
+                print(f"(on the CPU: {len(engine.expanded)} compressed layer(s) expanded to dense for decoding)",
+                      file=sys.stderr)
+            if engine.adopted:  # (Engine(formats="auto") on a GPU: BitmapTiles / Tiled-CSL laid out for batch 1)
+                kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(engine.adopted.values()).items()))
+                print(f"(laid out for decoding: {kinds} layer(s) as DeltaRows, the fastest format at batch 1)",
+                      file=sys.stderr)
     except _INPUT_ERRORS as e:
         _err(str(e))
         if tp is not None:
