@@ -46,11 +46,12 @@ def test_emulator_sees_a_wrong_rule(variant):
 @pytest.mark.parametrize("nofill", [False, True])
 def test_expansion_dispatch(nofill, monkeypatch):
     """``kernels.DR_DENSE_NOFILL`` picks ``delta_rows_to_dense_nf`` (one more argument: the lanes a row) and leaves
-    ``out`` as it is; off (the default), ``delta_rows_to_dense`` into a zeroed ``out`` (launches faked: no GPU)."""
+    ``out`` as it is (on by default since session 62), one warp a block; off, ``delta_rows_to_dense`` into a zeroed
+    ``out`` (launches faked: no GPU)."""
     from flash_llm import kernels as k
     from flash_llm.reference import FORMAT_IDS
 
-    assert not k.DR_DENSE_NOFILL or os.environ.get("FLASH_LLM_DR_DENSE_NOFILL") == "1"
+    assert k.DR_DENSE_NOFILL or os.environ.get("FLASH_LLM_DR_DENSE_NOFILL") == "0"
     calls = []
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
     monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args)))
@@ -64,7 +65,8 @@ def test_expansion_dispatch(nofill, monkeypatch):
         got = k.decode_dense(FORMAT_IDS[DeltaRows], dr.data, dr.offsets, 64, 256, torch.float16, out=out)
         (name, grid, args), = calls
         assert name == ("delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense")
-        assert grid == (-(-dr.layout.slices // k.DR_DENSE_WARPS), dr.layout.splits, 1)
+        warps = k.DR_DENSE_NF_WARPS if nofill else k.DR_DENSE_WARPS
+        assert grid == (-(-dr.layout.slices // warps), dr.layout.splits, 1)
         assert len(args) == (8 if nofill else 7) and args[2][0] == out.data_ptr()
         if nofill:
             assert args[7][0] == parts and bool((got == 7.0).all())  # (not zeroed: the kernel writes every element)

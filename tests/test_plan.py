@@ -128,7 +128,8 @@ def test_dispatch_crossovers():
     assert not use_sparse_kernel(256, 0.2, TILED_CSL, True, 4096 * 4096)  # small: the expansion, its weight in L2
     assert use_sparse_kernel(64, 0.2, BITMAP) and not use_sparse_kernel(65, 0.2, BITMAP)
     assert use_sparse_kernel(1, 0.2, DELTA_ROWS) and use_sparse_kernel(8, 0.2, DELTA_ROWS)  # nt8
-    assert not use_sparse_kernel(9, 0.2, DELTA_ROWS)  # the expansion (the tensor-core kernel is off by default)
+    assert use_sparse_kernel(16, 0.2, DELTA_ROWS)  # two chunks of 8 (kernels.DELTA_CHUNK_MAX, session 62)
+    assert not use_sparse_kernel(17, 0.2, DELTA_ROWS)  # the expansion (the tensor-core kernel is off by default)
 
 
 def test_delta_rows_tensor_core_dispatch(monkeypatch):
@@ -472,10 +473,12 @@ def test_scratch_buffers_are_zeroed_per_stream_and_never_freed_when_outgrown():
 
 def test_delta_rows_token_chunks(monkeypatch):
     """``DELTA_CHUNK_MAX``: N past the multi-token kernels' 8 runs as ceil(N / 8) even chunks of 2-8 tokens that cover
-    every token once, in order; off by default (the expansion from 9 tokens)."""
+    every token once, in order; by default up to 16 tokens (session 62), the expansion from 17."""
     from flash_llm import kernels as k
 
-    assert k.DELTA_CHUNK_MAX <= k.DELTA_MULTI_MAX and not use_sparse_kernel(9, 0.2, DELTA_ROWS)
+    assert k.DELTA_CHUNK_MAX == 16 or "FLASH_LLM_DELTA_CHUNK_MAX" in __import__("os").environ
+    assert use_sparse_kernel(16, 0.2, DELTA_ROWS) == (k.DELTA_CHUNK_MAX >= 16)
+    assert not use_sparse_kernel(k.DELTA_CHUNK_MAX + 1, 0.2, DELTA_ROWS)
     for n in range(9, 200):
         chunks = k.dr_token_chunks(n)
         assert len(chunks) == -(-n // 8) and chunks[0][0] == 0 and chunks[-1][1] == n

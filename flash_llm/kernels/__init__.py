@@ -646,8 +646,8 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
         out = (torch.empty if nofill else torch.zeros)(m, k, dtype=dtype, device=dev)
     else:
         out = out.view(m, k) if nofill else out.view(m, k).zero_()
-    launch("delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense", (ceil_div(slices, DR_DENSE_WARPS), s, 1),
-           32 * DR_DENSE_WARPS,
+    warps = DR_DENSE_NF_WARPS if nofill else DR_DENSE_WARPS
+    launch("delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense", (ceil_div(slices, warps), s, 1), 32 * warps,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I), (s, I),
             (lay.parts if lay.coded else 0, I), (slices, I)] + ([(lay.parts, I)] if nofill else []),
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
@@ -658,10 +658,14 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
 #: ``benchmarks/dr_expand.py --kernels delta_rows_to_dense:1,delta_rows_to_dense:4``)
 DR_DENSE_WARPS = 4
 #: ``delta_rows_to_dense_nf`` (session 61): the expansion writes every element of its output, zeros included, so the
-#: output is not zeroed first (the zero fill took a quarter of the expansion's time, session 59). Its ownership rule was
-#: checked on the CPU (``benchmarks/diag/dr_dense_emulate.py``) but it has not run on a GPU, so it is off by default
-#: (``FLASH_LLM_DR_DENSE_NOFILL=1`` turns it on; ``benchmarks/dr_expand.py`` times it beside the applied kernel)
-DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "0") == "1"
+#: output is not zeroed first (the zero fill took a quarter of the expansion's time, session 59).  Its ownership rule
+#: was checked on the CPU (``benchmarks/diag/dr_dense_emulate.py``); session 62 ran it on an H200: bit for bit
+#: (``benchmarks/dr_expand.py``, the GPU test), compute-sanitizer clean, 1.4-1.8x faster than the kernel with the fill
+#: (OPT-30B fc1 512 -> 366 us, Llama-3-8B gate / up 291 -> 162).  On by default (``FLASH_LLM_DR_DENSE_NOFILL=0``:
+#: the zero fill and ``delta_rows_to_dense``)
+DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") == "1"
+#: ... its warps a block (session 62: one ran OPT-30B's layers up to 7 % faster than four, Llama-3-8B's the same)
+DR_DENSE_NF_WARPS = 1
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)
@@ -677,8 +681,10 @@ DELTA_MULTI_MAX = int(os.environ.get("FLASH_LLM_DELTA_MULTI_MAX", "8"))
 #: DeltaRows runs its tensor-core kernel (``delta_rows_spmm_<dtype>_mma<8|16|32>``, the split layout) for
 #: ``DR_MMA_MIN <= N <= DR_MMA_MAX`` tokens (``FLASH_LLM_DR_MMA_MIN`` / ``FLASH_LLM_DR_MMA_MAX``; session 60); the
 #: parts layout, and N past the range, take the multi-token kernels or the expansion as before.  **Off by default**
-#: (``DR_MMA_MIN`` 33): its first GPU test failed in session 60 on the version before the drain's cap at ``DRM_RC``
-#: columns a pass, and the fix has not run on a GPU yet (``docs/kernels.md``, "DeltaRows on the tensor cores").
+#: (``DR_MMA_MIN`` 33): correct since session 61's fix (its GPU test passed in session 62, compute-sanitizer clean),
+#: but slower than the token chunks (:data:`DELTA_CHUNK_MAX`) on 6 of 8 layer shapes at 16 tokens and 8 of 8 at 32, and
+#: 2-3x slower than Tiled-CSL, which an engine holds from batch 4 (session 62, H200, ``benchmarks/dr_mma.py``:
+#: Llama-3-8B gate / up at 16 tokens 119.9 us, chunks 124.5, Tiled-CSL 44.2, cuBLAS 62.4; ``docs/kernels.md``).
 DR_MMA_MIN = int(os.environ.get("FLASH_LLM_DR_MMA_MIN", "33"))
 DR_MMA_MAX = int(os.environ.get("FLASH_LLM_DR_MMA_MAX", "32"))
 DRM_WARPS = 2  # spmm.cu: warps (slices) a block of the tensor-core kernel
@@ -689,11 +695,11 @@ DR_MMA_XRING = os.environ.get("FLASH_LLM_DR_MMA_XRING", "1") != "0"
 
 #: DeltaRows runs ``DELTA_MULTI_MAX < N <= DELTA_CHUNK_MAX`` tokens as chunks of at most ``DELTA_MULTI_MAX`` through
 #: its multi-token kernels (:func:`dr_token_chunks`) instead of expanding the weight (``FLASH_LLM_DELTA_CHUNK_MAX``;
-#: session 60).  **Off by default** (8): not yet timed against the expansion in one run.  Session 60's 8-token times
-#: and session 59's expansion times (two machines) suggest 1.8-2.8x faster at 16 tokens on most of Llama-3-8B's and
-#: OPT-30B's layers, but slower on OPT-30B's fc2, where the 8-token kernel is slow for a reason not yet known (its
-#: block windows fit the staging: ``benchmarks/ab/README.md`` item 31).
-DELTA_CHUNK_MAX = int(os.environ.get("FLASH_LLM_DELTA_CHUNK_MAX", "8"))
+#: session 60).  Session 62 (H200, ``benchmarks/dr_mma.py`` and ``dr_expand.py`` in one session, bf16 coded, 80 %): at
+#: 16 tokens two chunks beat the expansion on every Llama-3-8B and OPT-30B layer, 1.5-2.4x even against the expansion
+#: without its zero fill (gate / up 124.5 us against about 162 + 62, OPT-30B fc1 248 against about 366 + 102); at 32
+#: the expansion without the fill wins on OPT-30B's q/k/v and ties elsewhere.  So 16 (8: no chunks)
+DELTA_CHUNK_MAX = int(os.environ.get("FLASH_LLM_DELTA_CHUNK_MAX", "16"))
 
 
 def dr_token_chunks(n: int) -> list[tuple[int, int]]:
