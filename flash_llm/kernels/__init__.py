@@ -661,9 +661,11 @@ DR_DENSE_WARPS = 4
 #: output is not zeroed first (the zero fill took a quarter of the expansion's time, session 59).  Its ownership rule
 #: was checked on the CPU (``benchmarks/diag/dr_dense_emulate.py``); session 62 ran it on an H200: bit for bit
 #: (``benchmarks/dr_expand.py``, the GPU test), compute-sanitizer clean, 1.4-1.8x faster than the kernel with the fill
-#: (OPT-30B fc1 512 -> 366 us, Llama-3-8B gate / up 291 -> 162).  On by default (``FLASH_LLM_DR_DENSE_NOFILL=0``:
-#: the zero fill and ``delta_rows_to_dense``)
-DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") == "1"
+#: (OPT-30B fc1 512 -> 366 us, Llama-3-8B gate / up 291 -> 162).  But OPT-30B's time to first token, which the
+#: expansion serves, was not shorter with it in two rounds (132.5 / 143.4 ms against 118.2 / 134.7 with the fill, the
+#: dense model's own TTFT 47-74 ms in the same runs: noise this size), so it stays off by default until a cleaner A/B
+#: (``FLASH_LLM_DR_DENSE_NOFILL=1`` turns it on; ``benchmarks/RESULTS.md`` session 62)
+DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "0") == "1"
 #: ... its warps a block (session 62: one ran OPT-30B's layers up to 7 % faster than four, Llama-3-8B's the same)
 DR_DENSE_NF_WARPS = 1
 
