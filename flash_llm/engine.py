@@ -273,6 +273,20 @@ def _gate_up_layers(model: torch.nn.Module) -> set[int]:
             if isinstance(m, MergedLinear) and path.rsplit(".", 1)[-1] == "gate_up_proj"}
 
 
+def _pairing(m: torch.nn.Module, gate_up: set[int]) -> bool:
+    """Whether sparse layer ``m`` holds (or, in DeltaRows, would hold) paired halves: a DeltaRows weight's own pairing;
+    the pairing a layer an engine re-encoded remembers (``_delta_rows_paired``); else, as ``DeltaRows.concat`` pairs
+    them, a merged gate / up (``gate_up``: :func:`_gate_up_layers`) of halves of whole slices."""
+    from .formats import DeltaRows
+    from .formats.delta_rows import LANES
+
+    if getattr(m, "weight_format", None) is DeltaRows:
+        return m.weight.paired
+    if getattr(m, "_delta_rows_paired", None) is not None:
+        return m._delta_rows_paired
+    return id(m) in gate_up and m.out_features % (2 * LANES) == 0
+
+
 def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: int | None = None,
                   progress: bool = True, parts: Callable[[torch.nn.Module], int] | None = None
                   ) -> tuple[dict[str, str], list[str]]:
@@ -289,24 +303,19 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
     layers taken over, ``[why BitmapTiles layers were left as they are]``)."""
     from tqdm import tqdm
 
-    from .formats import BitmapTiles, DeltaRows, FormatError, TiledCSL
-    from .formats.delta_rows import LANES
+    from .formats import BitmapTiles, DeltaRows, TiledCSL
     from .models.synthetic import delta_rows_formula_bytes
     from .nn import SparseLinear
 
     if target not in ("delta-rows", TILED_CSL):
         raise ValueError(f"target must be 'delta-rows' or {TILED_CSL!r}, got {target!r}")
     pairs = _gate_up_layers(model)
-
-    def paired(m) -> bool:  # (as DeltaRows.concat pairs a merged gate / up: halves of whole slices)
-        return id(m) in pairs and m.out_features % (2 * LANES) == 0
-
     taken, bitmap = {}, []
     for path, m in model.named_modules():
         if not isinstance(m, SparseLinear):
             continue
         if m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is None:
-            m._delta_rows_paired = paired(m)
+            m._delta_rows_paired = _pairing(m, pairs)
             taken[path] = "tiled-csl"
         elif m.weight_format is BitmapTiles:
             bitmap.append((path, m))
@@ -326,14 +335,15 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
     bar = tqdm(total=len(bitmap), desc=f"BitmapTiles to {name}", unit="layer", file=sys.stderr, leave=False,
                disable=not progress or len(bitmap) < 2, dynamic_ncols=True)
     for path, m in bitmap:
+        paired = _pairing(m, pairs)
         try:
             w = m.to_dense()
             m._replace_weight(TiledCSL.from_dense(w) if target == TILED_CSL else DeltaRows.from_dense(
-                w, pair_halves=paired(m), parts=None if parts is None else int(parts(m))))
+                w, pair_halves=paired, parts=None if parts is None else int(parts(m))))
             if target == TILED_CSL:
-                m._delta_rows_paired = paired(m)
+                m._delta_rows_paired = paired
             taken[path] = "bitmap"
-        except (FormatError, ValueError) as e:  # (a shape the format does not take: the layer keeps its weight)
+        except ValueError as e:  # (FormatError too: a shape the format refuses; the layer keeps its weight, named)
             left.append(f"{path}: {e}")
         w = None
         bar.update()
@@ -348,8 +358,6 @@ def expand_sparse_(model: torch.nn.Module, budget: int | None = None) -> tuple[l
     dense layer remembers its DeltaRows pairing (``_delta_rows_paired``), so an engine on a GPU later makes it sparse
     again (:func:`relayout_delta_rows`).  ``budget``: the bytes the expansion may add (the dense weights less the
     compressed ones); over it nothing is expanded.  Returns ``([the layers expanded], [why none was])``."""
-    from .formats import DeltaRows
-    from .formats.delta_rows import LANES
     from .nn import SparseLinear
 
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear)]
@@ -361,15 +369,9 @@ def expand_sparse_(model: torch.nn.Module, budget: int | None = None) -> tuple[l
         return [], [f"{len(layers)} sparse layer(s) stay compressed: dense they would take {grow / 2**30:.2f} GiB "
                     f"more, of {budget / 2**30:.2f} GiB to spare"]
     for path, m in layers:
-        if m.weight_format is DeltaRows:
-            paired = m.weight.paired
-        elif getattr(m, "_delta_rows_paired", None) is not None:  # (Tiled-CSL an engine made from DeltaRows)
-            paired = m._delta_rows_paired
-        else:  # (as DeltaRows.concat pairs a merged gate / up)
-            paired = id(m) in pairs and m.out_features % (2 * LANES) == 0
         new = m.to_linear()
         new.requires_grad_(False)
-        new._delta_rows_paired = bool(paired)
+        new._delta_rows_paired = bool(_pairing(m, pairs))
         _set_module(model, path, new)
     return [p for p, _ in layers], []
 
@@ -758,8 +760,7 @@ class Engine:
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
         self._two: _TwoLayouts | None = None
         if formats == "dense":
-            free = _free_memory(self.device) - self._beside_bytes(kv_heads, slots) - RELAYOUT_MARGIN_BYTES
-            self.expanded, left = expand_sparse_(model, max(free, 0))
+            self.expanded, left = expand_sparse_(model, self._spare_bytes(kv_heads, slots))
             if left:
                 warnings.warn(f"formats='dense': {left[0]}; they run flash_llm.spmm as they are", stacklevel=2)
         # (the engine lays the weights out; not over layers formats="dense" has just expanded)
@@ -768,8 +769,8 @@ class Engine:
             plain = _plain_input_layers(model)
             if formats == "auto":  # (BitmapTiles layers as the format this engine's largest steps run on)
                 large = max_batch >= (DUAL_TCSL_MIN_BATCH if delta_layout == "dual" else DELTA_TCSL_MIN_BATCH)
-                free = _free_memory(self.device) - self._beside_bytes(kv_heads, slots) - RELAYOUT_MARGIN_BYTES
-                self.adopted, left = adopt_formats(model, TILED_CSL if large else "delta-rows", max(free, 0),
+                self.adopted, left = adopt_formats(model, TILED_CSL if large else "delta-rows",
+                                                   self._spare_bytes(kv_heads, slots),
                                                    parts=_batch_parts(max_batch, self.device, False, plain))
                 if left:
                     warnings.warn(f"formats='auto': {'; '.join(left)}; they run their own kernels (BitmapTiles: "
@@ -816,6 +817,11 @@ class Engine:
         cfg = self.config
         cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
         return cache + _prefill_bytes(cfg, self.max_batch, self.max_seq)
+
+    def _spare_bytes(self, kv_heads: int, slots: int) -> int:
+        """The device's free memory less what this engine will take beside the weights and
+        :data:`RELAYOUT_MARGIN_BYTES`: what re-encoding its layers may add (0 at least)."""
+        return max(_free_memory(self.device) - self._beside_bytes(kv_heads, slots) - RELAYOUT_MARGIN_BYTES, 0)
 
     def _tiled_csl_fits(self, kv_heads: int, slots: int, dual: bool = False, fast: bool = False) -> bool:
         """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL (``dual``: as
