@@ -1,0 +1,150 @@
+"""Time to first token of one engine, switches of the package A/B'd inside one process (session 63).
+
+End-to-end runs of ``bench_e2e.py`` compare settings across processes, where the time to first token moves by tens
+of milliseconds between runs (session 62: dense OPT-30B 47-74 ms).  Here one model and one engine serve every
+setting, the settings interleaved round by round, so the card, the clocks and the allocator are the same for all.
+A setting is a module attribute of :mod:`flash_llm.kernels` read at launch time (e.g. ``DR_DENSE_NOFILL``).
+
+    python3 benchmarks/prefill_ab.py --model opt-30b --format delta-rows --sparsity 80 --dtype bf16 \\
+        --settings "base:;nofill:DR_DENSE_NOFILL=1" --rounds 8
+
+Per setting it prints the median time to first token (``Generation.ttft_s``: the prefill of the batch's prompts and
+the first sampling) and, once each, the prefill's CUDA kernel time by kernel name under ``torch.profiler`` (top
+``--top``), so a kernel's gain can be followed into the prefill.  ``--json`` writes all of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from flash_llm import kernels  # noqa: E402
+from flash_llm.engine import Engine  # noqa: E402
+from flash_llm.models.synthetic import build_synthetic  # noqa: E402
+
+
+def parse_settings(text: str) -> list[tuple[str, dict[str, object]]]:
+    """``"name:A=1,B=0;other:"`` -> ``[(name, {A: 1, B: 0}), (other, {})]``; values are Python literals
+    (``1``, ``0.5``, ``True``) or else strings; every name must be an attribute of :mod:`flash_llm.kernels`."""
+    out = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, assigns = part.partition(":")
+        values: dict[str, object] = {}
+        for a in filter(None, (s.strip() for s in assigns.split(","))):
+            key, eq, val = a.partition("=")
+            if not eq:
+                raise ValueError(f"--settings: {a!r} is not NAME=VALUE")
+            if not hasattr(kernels, key):
+                raise ValueError(f"--settings: flash_llm.kernels has no attribute {key!r}")
+            try:
+                values[key] = json.loads(val.lower() if val.lower() in ("true", "false") else val)
+            except json.JSONDecodeError:
+                values[key] = val
+        out.append((name.strip() or f"setting{len(out)}", values))
+    if not out:
+        raise ValueError("--settings: no setting given")
+    return out
+
+
+class applied:
+    """Context manager: set ``kernels``' attributes, restore them on exit."""
+
+    def __init__(self, values: dict[str, object]):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        for k, v in self.values.items():
+            self.saved[k] = getattr(kernels, k)
+            setattr(kernels, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(kernels, k, v)
+
+
+def kernel_times(eng: Engine, prompts, top: int) -> list[tuple[str, float, int]]:
+    """``[(kernel name, total us, calls)]`` of one ``generate(prompts, 1)`` under ``torch.profiler``, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.generate(prompts, 1, eos_token_id=None)
+        torch.cuda.synchronize()
+    sums: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            s = sums.setdefault(ev.name, [0.0, 0])
+            s[0] += ev.device_time
+            s[1] += 1
+    rows = sorted(((n[:70], t, c) for n, (t, c) in sums.items()), key=lambda r: -r[1])
+    return rows[:top] + [("(all kernels)", sum(t for _, t, _ in rows), sum(c for _, _, c in rows))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="opt-30b")
+    p.add_argument("--format", default="delta-rows", choices=("bitmap", "tiled-csl", "delta-rows"))
+    p.add_argument("--sparsity", type=float, default=80.0, help="percent")
+    p.add_argument("--dtype", default="bf16", choices=("fp16", "bf16"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--settings", default="base:;nofill:DR_DENSE_NOFILL=1",
+                   help='"name:ATTR=V,...;name2:..." (attributes of flash_llm.kernels; an empty list is the defaults)')
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("prefill_ab.py: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    settings = parse_settings(args.settings)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dev = torch.device("cuda")
+    model, report = build_synthetic(args.model, args.sparsity / 100 or None, dtype=dtype, device=dev, seed=1,
+                                    progress=False, fmt=args.format)
+    print(report, flush=True)
+    eng = Engine(model, max_batch=args.batch, max_seq=args.prompt + 4, fuse=True, merge=True)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=gen).tolist()
+    for _, values in settings:  # warm-up: each setting's kernels compiled and loaded, the graphs captured
+        with applied(values):
+            eng.generate(prompts, 2, eos_token_id=None)
+    times: dict[str, list[float]] = {n: [] for n, _ in settings}
+    for _ in range(args.rounds):
+        for name, values in settings:
+            with applied(values):
+                times[name].append(1e3 * eng.generate(prompts, 1, eos_token_id=None).ttft_s)
+    prof = {}
+    for name, values in settings:
+        with applied(values):
+            prof[name] = kernel_times(eng, prompts, args.top)
+    card = torch.cuda.get_device_name(dev)
+    print(f"\n{args.model} {args.format} {args.sparsity:g} % {args.dtype}, batch {args.batch}, prompt {args.prompt}, "
+          f"{card}, torch {torch.__version__}")
+    for name, _ in settings:
+        print(f"\n{name}: prefill kernels (one generate of one token, us, calls)")
+        for n, t, c in prof[name]:
+            print(f"  {t:10.1f} {c:5d}  {n}")
+    print("\nsetting | TTFT median ms | min | max | rounds")
+    print("---|---|---|---|---")
+    for name, _ in settings:
+        t = times[name]
+        print(f"{name} | {statistics.median(t):.2f} | {min(t):.2f} | {max(t):.2f} | {len(t)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "card": card, "torch": torch.__version__,
+                       "commit": os.environ.get("FLASH_LLM_COMMIT"), "ttft_ms": times,
+                       "kernels": {n: [list(r) for r in rows] for n, rows in prof.items()}}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
