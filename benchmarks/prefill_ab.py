@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -88,6 +89,50 @@ def kernel_times(eng: Engine, prompts, top: int) -> list[tuple[str, float, int]]
     return rows[:top] + [("(all kernels)", sum(t for _, t, _ in rows), sum(c for _, _, c in rows))]
 
 
+def _event_ms(fn) -> tuple[float, float]:
+    """(GPU ms between events around ``fn()``, host ms of the call itself)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    t0 = time.perf_counter()
+    fn()
+    host = 1e3 * (time.perf_counter() - t0)
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b), host
+
+
+def prefill_graph(eng: Engine, prompts, rounds: int) -> dict:
+    """The engine's prefill (``Engine._prefill``, the first sampling left out) run eagerly and replayed from a CUDA graph
+    captured over it, in turn: medians of GPU ms (events) and the eager call's host ms, and whether the graph's logits
+    are the eager ones bit for bit.  A what-if for capturing the prefill (session 63); an error in the capture is
+    returned, not raised."""
+    ids, mask, _ = eng._prepare(prompts, None, 1)
+    out: dict = {}
+    eager = [_event_ms(lambda: eng._prefill(ids, mask)) for _ in range(rounds)]
+    ref = eng._logits[: ids.shape[0]].clone()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eng._prefill(ids, mask)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            eng._prefill(ids, mask)
+    except Exception as e:  # noqa: BLE001 (a what-if: say why the capture failed)
+        out["capture_error"] = f"{type(e).__name__}: {e}"[:300]
+        return out
+    g.replay()
+    torch.cuda.synchronize()
+    out["graph_logits_equal"] = bool(torch.equal(eng._logits[: ids.shape[0]], ref))
+    graph = [_event_ms(g.replay) for _ in range(rounds)]
+    out.update(eager_gpu_ms=statistics.median(t for t, _ in eager), eager_host_ms=statistics.median(h for _, h in eager),
+               graph_gpu_ms=statistics.median(t for t, _ in graph))
+    del g
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="opt-30b")
@@ -100,6 +145,7 @@ def main(argv=None) -> int:
                    help='"name:ATTR=V,...;name2:..." (attributes of flash_llm.kernels; an empty list is the defaults)')
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--graph", action="store_true", help="also time the prefill captured in a CUDA graph (a what-if)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -126,6 +172,7 @@ def main(argv=None) -> int:
     for name, values in settings:
         with applied(values):
             prof[name] = kernel_times(eng, prompts, args.top)
+    graph = prefill_graph(eng, prompts, args.rounds) if args.graph else None
     card = torch.cuda.get_device_name(dev)
     print(f"\n{args.model} {args.format} {args.sparsity:g} % {args.dtype}, batch {args.batch}, prompt {args.prompt}, "
           f"{card}, torch {torch.__version__}")
@@ -138,11 +185,14 @@ def main(argv=None) -> int:
     for name, _ in settings:
         t = times[name]
         print(f"{name} | {statistics.median(t):.2f} | {min(t):.2f} | {max(t):.2f} | {len(t)}")
+    if graph is not None:
+        print(f"\nprefill eager / CUDA graph (defaults): {json.dumps(graph)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "card": card, "torch": torch.__version__,
                        "commit": os.environ.get("FLASH_LLM_COMMIT"), "ttft_ms": times,
-                       "kernels": {n: [list(r) for r in rows] for n, rows in prof.items()}}, f, indent=1)
+                       "kernels": {n: [list(r) for r in rows] for n, rows in prof.items()},
+                       "graph": graph}, f, indent=1)
     return 0
 
 

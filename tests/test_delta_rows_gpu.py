@@ -122,18 +122,19 @@ def test_delta_rows_multi_token_window_comes_from_the_weight(dtype, monkeypatch)
     assert 1536 < widest <= 3072
     for cap in (48 * 1024, 24 * 1024):  # every block staged; at 8 tokens some read X from global memory
         monkeypatch.setattr(k, "DR_NT_WINDOW_BYTES", cap)
-        monkeypatch.setattr(k, "_split_windows", {})
+        getattr(w.offsets, k._WINDOW_ATTR, {}).clear()
         assert k.split_nt_window(w.offsets, lay.slices, lay.splits, 8) == (widest if cap > 24 * 1024 else 1536)
         for n in (2, 3, 4, 5, 8):
             x = torch.randn(n, kk, generator=gen, device="cuda").to(dtype)
             got = run_kernel(x, w, None).clone()
             check(got, x, w_dense, None)
-            key = next(key for key in k._split_windows if key[1] == w.offsets.data_ptr())
-            k._split_windows[key] = 8  # as if another weight had lived at this address: every block unstaged
+            memo = getattr(w.offsets, k._WINDOW_ATTR)
+            key = (lay.slices, lay.splits)
+            memo[key] = 8  # as if the window were wrong: every block unstaged
             try:
                 assert torch.equal(run_kernel(x, w, None), got), (cap, n)
             finally:
-                k._split_windows.pop(key)
+                memo.pop(key)
     small = DeltaRows.from_dense(w_dense[:, :1024])  # every window staged at 8 tokens
     widest = D.block_window_max(small._offset_arrays()[1])
     lay = D.layout(m, small.offsets.numel(), small.data.numel())

@@ -46,12 +46,12 @@ def test_emulator_sees_a_wrong_rule(variant):
 @pytest.mark.parametrize("nofill", [False, True])
 def test_expansion_dispatch(nofill, monkeypatch):
     """``kernels.DR_DENSE_NOFILL`` picks ``delta_rows_to_dense_nf`` (one more argument: the lanes a row) and leaves
-    ``out`` as it is, one warp a block; off (the default), ``delta_rows_to_dense`` into a zeroed ``out`` (launches
-    faked: no GPU)."""
+    ``out`` as it is, one warp a block (the default since session 63); off, ``delta_rows_to_dense`` into a zeroed
+    ``out`` (launches faked: no GPU)."""
     from flash_llm import kernels as k
     from flash_llm.reference import FORMAT_IDS
 
-    assert not k.DR_DENSE_NOFILL or os.environ.get("FLASH_LLM_DR_DENSE_NOFILL") == "1"
+    assert k.DR_DENSE_NOFILL or os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") != "1"
     calls = []
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
     monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args)))

@@ -207,7 +207,7 @@ def test_parts_kernels_stage_choices(monkeypatch):
 
 def test_split_layout_multi_token_window_is_the_weights_widest(monkeypatch):
     """The split layout's multi-token kernels stage the weight's widest block window, rounded up to 8 and capped at
-    DR_NT_WINDOW_BYTES (NT x 2 bytes a column), read from the offsets once and remembered by address and size."""
+    DR_NT_WINDOW_BYTES (NT x 2 bytes a column), read from the offsets once and remembered on the tensor itself."""
     from flash_llm import DeltaRows
     from flash_llm import kernels as kern
     from flash_llm.formats import delta_rows as D
@@ -219,19 +219,40 @@ def test_split_layout_multi_token_window_is_the_weights_widest(monkeypatch):
     lay = D.layout(300, d.offsets.numel(), d.data.numel())
     widest = D.block_window_max(d._offset_arrays()[1])
     assert widest % 8 == 0 and 1536 < widest <= 3072
-    monkeypatch.setattr(kern, "_split_windows", {})
     got = [kern.split_nt_window(d.offsets, lay.slices, lay.splits, nt) for nt in (2, 4, 8)]
     assert got == [widest, widest, widest]  # (up to 3072 columns at NT = 8: 48 KB)
-    monkeypatch.setattr(kern, "_split_windows", {})
     monkeypatch.setattr(kern, "DR_NT_WINDOW_BYTES", 24 * 1024)
     assert [kern.split_nt_window(d.offsets, lay.slices, lay.splits, nt) for nt in (2, 4, 8)] == [widest, widest, 1536]
     monkeypatch.setattr(kern, "DR_NT_WINDOW_BYTES", 48 * 1024)
-    assert list(kern._split_windows.values()) == [widest]  # read once
-    kern._split_windows[next(iter(kern._split_windows))] = 100
+    memo = getattr(d.offsets, kern._WINDOW_ATTR)
+    assert memo == {(lay.slices, lay.splits): widest}  # read once
+    memo[(lay.slices, lay.splits)] = 100
     assert kern.split_nt_window(d.offsets, lay.slices, lay.splits, 2) == 104  # remembered, not read again
     monkeypatch.setattr(kern, "DR_NT_WINDOW_BYTES", 4096)
     assert kern.split_nt_window(d.offsets, lay.slices, lay.splits, 8) == 104 and \
         kern.split_nt_window(DeltaRows.from_dense(w, splits=3).offsets.clone(), lay.slices, lay.splits, 8) == 256
+
+
+def test_split_layout_window_is_not_taken_from_a_freed_tensor_at_the_same_address():
+    """Another tensor at a remembered tensor's address, of the same size (a freed weight's memory reused by the next
+    one), reads its own window: until session 63 the window was remembered by address and size, and OPT-30B's fc2
+    took o's (most blocks then read X from global memory, 2.8x slower)."""
+    from flash_llm import DeltaRows
+    from flash_llm import kernels as kern
+    from flash_llm.formats import delta_rows as D
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(300, 6144, generator=g).half()
+    w[torch.rand(300, 6144, generator=g) < 0.8] = 0
+    d = DeltaRows.from_dense(w, splits=3)
+    lay = D.layout(300, d.offsets.numel(), d.data.numel())
+    widest = D.block_window_max(d._offset_arrays()[1])
+    getattr(d.offsets, kern._WINDOW_ATTR, {}).clear()
+    setattr(d.offsets, kern._WINDOW_ATTR, {(lay.slices, lay.splits): 8})  # as if an older weight's
+    assert kern.split_nt_window(d.offsets, lay.slices, lay.splits, 2) == 8
+    again = d.offsets.view_as(d.offsets)  # the same address and size, another tensor
+    assert again.data_ptr() == d.offsets.data_ptr() and again.numel() == d.offsets.numel()
+    assert kern.split_nt_window(again, lay.slices, lay.splits, 2) == widest
 
 
 def test_python_mirrors_of_the_delta_rows_kernel_constants():

@@ -657,15 +657,16 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
 #: warps (slices) a block of ``delta_rows_to_dense`` (at most 4, its launch bound; session 59: 1 and 4 time the same,
 #: ``benchmarks/dr_expand.py --kernels delta_rows_to_dense:1,delta_rows_to_dense:4``)
 DR_DENSE_WARPS = 4
-#: ``delta_rows_to_dense_nf`` (session 61): the expansion writes every element of its output, zeros included, so the
-#: output is not zeroed first (the zero fill took a quarter of the expansion's time, session 59).  Its ownership rule
-#: was checked on the CPU (``benchmarks/diag/dr_dense_emulate.py``); session 62 ran it on an H200: bit for bit
-#: (``benchmarks/dr_expand.py``, the GPU test), compute-sanitizer clean, 1.4-1.8x faster than the kernel with the fill
-#: (OPT-30B fc1 512 -> 366 us, Llama-3-8B gate / up 291 -> 162).  But OPT-30B's time to first token, which the
-#: expansion serves, was not shorter with it in two rounds (132.5 / 143.4 ms against 118.2 / 134.7 with the fill, the
-#: dense model's own TTFT 47-74 ms in the same runs: noise this size), so it stays off by default until a cleaner A/B
-#: (``FLASH_LLM_DR_DENSE_NOFILL=1`` turns it on; ``benchmarks/RESULTS.md`` session 62)
-DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "0") == "1"
+#: ``delta_rows_to_dense_nf`` (session 61; the default since session 63): the expansion writes every element of its
+#: output, zeros included, so the output is not zeroed first (the zero fill took a quarter of the expansion's time,
+#: session 59).  Its ownership rule was checked on the CPU (``benchmarks/diag/dr_dense_emulate.py``); session 62 ran it
+#: on an H200: bit for bit (``benchmarks/dr_expand.py``, the GPU test), compute-sanitizer clean, 1.4-1.8x faster than
+#: the kernel with the fill alone (OPT-30B fc1 512 -> 366 us, Llama-3-8B gate / up 291 -> 162).  Session 63 timed the
+#: prefill's kernels with and without it in one process (``benchmarks/prefill_ab.py``, H200, bf16, 80 %, a prompt of
+#: 128): OPT-30B 93.0 -> 71.5 ms of kernels (the fill's 17.6 ms gone, the expansion 56.0 -> 52.0), time to first token
+#: 120.0 -> 112.7 ms (medians of 6 interleaved rounds); Llama-3-8B 22.9 -> 18.9 ms of kernels (its time to first
+#: token, 49-87 ms either way, is bound by the host's launches).  ``FLASH_LLM_DR_DENSE_NOFILL=0`` gives the fill back.
+DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") == "1"
 #: ... its warps a block (session 62: one ran OPT-30B's layers up to 7 % faster than four, Llama-3-8B's the same)
 DR_DENSE_NF_WARPS = 1
 
@@ -894,28 +895,35 @@ def parts_nt_window(k: int, nt: int) -> int:
 #: memory.  (24 KB until session 34, and 1536 columns at NT = 2, 4: OPT-30B's blocks, up to 3072 wide, read X from
 #: global memory: batch 2 ran at 0.91x of dense, 2.05x staged; session 34, call F.)
 DR_NT_WINDOW_BYTES = 48 * 1024
-_split_windows: dict[tuple, int] = {}
+#: the attribute of a split-layout weight's offsets tensor under which :func:`split_nt_window` remembers its widest
+#: block window, ``{(slices, splits): columns}``
+_WINDOW_ATTR = "_flash_llm_nt_windows"
 
 
 def split_nt_window(offsets: torch.Tensor, slices: int, splits: int, nt: int) -> int:
     """The columns of X that ``delta_rows_spmm_<dtype>_nt<NT>`` stages (its dynamic shared memory) for a split-layout
     weight: the widest block window of the weight (``delta_rows.block_window_max``), capped at
-    :data:`DR_NT_WINDOW_BYTES`.  Read from ``offsets`` once per weight (a device sync) and remembered by its address
-    and size; while a CUDA graph is being captured and the weight is not known yet, the cap itself.  The kernel checks
-    every block's window against it, so a wrong value (a freed weight's address reused) costs speed, never a result."""
+    :data:`DR_NT_WINDOW_BYTES`.  Read from ``offsets`` once per weight (a device sync) and remembered on the tensor
+    object itself; while a CUDA graph is being captured and the weight is not known yet, the cap itself.  The kernel
+    checks every block's window against it, so a wrong value costs speed, never a result.
+
+    (Until session 63 the value was remembered by the tensor's address and size, so a weight allocated where a freed
+    one of the same size and split count had lived took the old weight's window: on OPT-30B's fc2 (K = 28672), after
+    o's (K = 7168: the same offsets' size), most blocks read X from global memory, 348 us at 8 tokens against 125.)"""
     from ..formats.delta_rows import block_window_max
 
     cap = DR_NT_WINDOW_BYTES // (2 * nt) // 8 * 8
-    key = (offsets.device, offsets.data_ptr(), offsets.numel(), slices, splits)
-    widest = _split_windows.get(key)
+    memo = getattr(offsets, _WINDOW_ATTR, None)
+    widest = memo.get((slices, splits)) if memo is not None else None
     if widest is None:
         if offsets.is_cuda and torch.cuda.is_current_stream_capturing():
             return cap
         win = offsets[slices + 1: slices + 1 + 2 * slices * splits].view(slices, splits, 2)
         widest = block_window_max(win)
-        if len(_split_windows) >= 1 << 14:
-            _split_windows.clear()
-        _split_windows[key] = widest
+        if memo is None:
+            memo = {}
+            setattr(offsets, _WINDOW_ATTR, memo)
+        memo[(slices, splits)] = widest
     return min(ceil_div(widest, 8) * 8, cap)
 
 

@@ -3322,7 +3322,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) delta_rows_reduce_bf16(cons
 // The next group's loads are issued before this group's stores. Session 59 (H200, 80 %, OPT-30B / Llama-3-8B layer
 // shapes, benchmarks/dr_expand.py): 750-820 GB/s of dense bytes, 2-3x the one-store-a-nonzero kernel's 260-400.
 //
-// delta_rows_to_dense_nf (session 61, kernels.DR_DENSE_NOFILL; not yet timed): the same into an out that need not be
+// delta_rows_to_dense_nf (session 61, kernels.DR_DENSE_NOFILL, on since session 63): into an out that need not be
 // zeroed (the zero fill took 126 of OPT-30B fc1's 512 us). Every element of out is written once, zeros included, by
 // the lane and split that own its column: in the split layout split s owns the row's columns start_s + 1 ..
 // start_{s + 1} (start_s is the column of split s - 1's last entry, so split s's nonzeros lie inside; the split of
