@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from flash_llm import kernels  # noqa: E402
+from flash_llm import engine as engine_mod  # noqa: E402
 from flash_llm.engine import Engine  # noqa: E402
 from flash_llm.models.synthetic import build_synthetic  # noqa: E402
 
@@ -146,6 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--graph", action="store_true", help="also time the prefill captured in a CUDA graph (a what-if)")
+    p.add_argument("--engine-graphs", action="store_true",
+                   help="let the engine capture its prefill (engine.PREFILL_GRAPHS; off here by default: a graph keeps the "
+                        "switches it was captured under, so the settings would not differ)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -157,6 +161,7 @@ def main(argv=None) -> int:
     model, report = build_synthetic(args.model, args.sparsity / 100 or None, dtype=dtype, device=dev, seed=1,
                                     progress=False, fmt=args.format)
     print(report, flush=True)
+    engine_mod.PREFILL_GRAPHS = args.engine_graphs
     eng = Engine(model, max_batch=args.batch, max_seq=args.prompt + 4, fuse=True, merge=True)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=gen).tolist()

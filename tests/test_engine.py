@@ -1302,3 +1302,69 @@ def test_expand_sparse_works_on_a_transformers_model():
     with torch.no_grad():
         got = hm(ids).logits.float()
     torch.testing.assert_close(got, want, rtol=0, atol=8 * ulp(torch.float16, want.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the prefill's CUDA graphs, their bookkeeping on the CPU (a fake capture whose replay runs the recorded call)
+# ---------------------------------------------------------------------------------------------------
+class _FakeGraph:
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+def _fake_capture(eng):
+    from flash_llm.engine import _PrefillGraph
+
+    def capture(ids, mask):
+        # a replay reads the static inputs as they are then, as a graph's kernels would
+        return _PrefillGraph(_FakeGraph(lambda: eng._prefill(ids, mask)), ids, mask)
+    return capture
+
+
+def test_prefill_graphs_replay_the_new_prompts_of_a_shape(pair, monkeypatch):
+    """A prompt batch of a captured shape replays its graph with the new prompts copied into the graph's inputs (the
+    same tokens and logits as an eager engine); a new shape runs eagerly and is captured; at most
+    PREFILL_GRAPHS_MAX graphs are kept, the least recently used dropped; clear_graphs drops them."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    eager = Engine(ours, max_batch=3, max_seq=32)
+    assert eager._prefills is None  # (CPU: no CUDA graphs)
+    eng = Engine(ours, max_batch=3, max_seq=32)
+    eng._prefills = {}
+    monkeypatch.setattr(eng, "_capture_prefill", _fake_capture(eng))
+    monkeypatch.setattr(E, "PREFILL_GRAPHS_MAX", 2)
+    batches = [PROMPTS[:2], [[3, 4, 5, 6, 7], [9, 9, 9]], PROMPTS, [[1, 2, 3, 4, 5, 6, 7]], PROMPTS[:2]]
+    for prompts in batches:
+        a = eng.generate(prompts, 3, output_logits=True, eos_token_id=None)
+        b = eager.generate(prompts, 3, output_logits=True, eos_token_id=None)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logits, b.logits)
+    # shapes (2, 5) x2, (3, 7), (1, 7), (2, 5): (2, 5) dropped when (1, 7) came (two kept), captured again
+    assert list(eng._prefills) == [(1, 7), (2, 5)]
+    assert [g.graph.replays for g in eng._prefills.values()] == [0, 0]
+    again = eng.generate(PROMPTS[:2], 2, eos_token_id=None)
+    assert eng._prefills[(2, 5)].graph.replays == 1
+    assert torch.equal(again.tokens, eager.generate(PROMPTS[:2], 2, eos_token_id=None).tokens)
+    eng.clear_graphs()
+    assert eng._prefills == {}
+
+
+def test_prefill_graph_capture_failure_falls_back_to_eager(pair, monkeypatch):
+    """A capture that fails warns once and leaves every later prefill eager, with the right results."""
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=32)
+    eng._prefills = {}
+
+    def fail(ids, mask):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(eng, "_capture_prefill", fail)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        a = eng.generate(PROMPTS, 3, eos_token_id=None)
+    assert eng._prefills is None
+    b = eng.generate(PROMPTS, 3, eos_token_id=None)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(b.tokens, Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 3, eos_token_id=None).tokens)

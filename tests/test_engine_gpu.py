@@ -535,3 +535,27 @@ def test_engine_lays_out_bitmap_and_tiled_csl_models(fmt):
     wide = Engine(model, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=96)
     assert all(m.weight_format is flash_llm.TiledCSL for m in model.modules() if isinstance(m, flash_llm.SparseLinear))
     _assert_first_steps_close(wide.generate(prompts, 8, output_logits=True, eos_token_id=None), keep, fmt)
+
+
+@pytest.mark.parametrize("kind", ["dense", "delta-rows"])
+def test_prefill_graphs_equal_the_eager_prefill(kind, monkeypatch):
+    """The prefill replayed from its CUDA graph, with new prompts of a captured shape, gives the eager prefill's
+    tokens and logits bit for bit (the same kernels on the same shapes), on a dense model and on a DeltaRows one
+    (its expansion and cuBLAS); a capture error would have warned and left it eager, which the test refuses."""
+    from flash_llm import engine as E
+
+    model = build_synthetic(_small_llama(), None if kind == "dense" else 0.8, fmt="delta-rows", device="cuda",
+                            progress=False)[0]
+    eng = Engine(model, max_batch=3, max_seq=96)
+    monkeypatch.setattr(E, "PREFILL_GRAPHS", False)
+    eager = Engine(model, max_batch=3, max_seq=96)
+    assert eng._prefills == {} and eager._prefills is None
+    gen = torch.Generator().manual_seed(9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for b, n in [(2, 40), (2, 40), (3, 17), (2, 40), (3, 17)]:
+            prompts = [[int(t) for t in torch.randint(0, 4096, (n,), generator=gen)] for _ in range(b)]
+            g = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
+            e = eager.generate(prompts, 4, output_logits=True, eos_token_id=None)
+            assert torch.equal(g.tokens, e.tokens) and torch.equal(g.logits[:, 0], e.logits[:, 0]), (b, n)
+    assert sorted(eng._prefills) == [(2, 40), (3, 17)]
