@@ -40,7 +40,7 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
     m, k = w.shape
     lay = layout(m, w.offsets.numel(), w.data.numel())
     dev = w.data.device
-    nofill = kernel.endswith("_nf")
+    nofill = "_nf" in kernel  # (delta_rows_to_dense_nf, _nft)
     if nofill:
         out = (torch.full((m, k), -1, dtype=torch.int16, device=dev).view(w.dtype) if poison
                else torch.empty(m, k, dtype=w.dtype, device=dev))
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
-    ap.add_argument("--kernels", default="delta_rows_to_dense:4,delta_rows_to_dense_nf:4,delta_rows_to_dense_nf:1")
+    ap.add_argument("--kernels", default="delta_rows_to_dense:4,delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     names = a.kernels.split(",")

@@ -432,15 +432,19 @@ def test_delta_rows_two_token_rms_norm_inside_the_parts_kernel(dtype, parts, mon
                 assert err <= 8 * ULP[dtype] * (1 + want.abs().max().item()), (m, kk, pair, err)
 
 
-@pytest.mark.parametrize("nofill", [False, True], ids=["zeroed", "nofill"])
-def test_delta_rows_decode_kernel_is_exact(nofill, monkeypatch):
+@pytest.mark.parametrize("mode", ["zeroed", "nofill", "tiled"])
+def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     """The expansion (whole 16-element chunks between a lane's nonzeros, the rest one by one) gives the weight's bits
     at every density, lanes a row and split count, K not a multiple of 16 (chunks across rows), -0.0 dropped, into a
-    poisoned ``out``; ``nofill`` (``delta_rows_to_dense_nf``, session 61): the kernel writes every element itself,
-    so an element it misses keeps the poison (the output is not zeroed first)."""
+    poisoned ``out``, plain and (bf16) coded values; ``nofill`` (``delta_rows_to_dense_nf``, session 61) and
+    ``tiled`` (``delta_rows_to_dense_nft``, session 63): the kernel writes every element itself, so an element it
+    misses keeps the poison (the output is not zeroed first)."""
     gen = torch.Generator(device="cuda").manual_seed(14)
     k = _kernels()
+    nofill = mode != "zeroed"
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
+    monkeypatch.setattr(k, "DR_DENSE_TILED", mode == "tiled")
+    name = {"zeroed": "delta_rows_to_dense", "nofill": "delta_rows_to_dense_nf", "tiled": "delta_rows_to_dense_nft"}
     launched = record_launches(k, monkeypatch)
     for dtype in DTYPES:
         for (m, kk) in ((333, 520), (70, 517), (64, 4104)):
@@ -452,11 +456,12 @@ def test_delta_rows_decode_kernel_is_exact(nofill, monkeypatch):
                 layouts += [dict(parts=p) for p in (4, 16)] if kk % 8 == 0 else []
                 for lay in layouts:
                     w = DeltaRows.from_dense(w_dense, **lay)
-                    out = torch.full((m, kk), -1, dtype=torch.int16, device="cuda").view(dtype)  # poisoned
-                    launched.clear()
-                    got = k.decode_dense(FORMAT_IDS[DeltaRows], w.data, w.offsets, m, kk, dtype, out=out)
-                    assert launched == ["delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense"], launched
-                    assert torch.equal(got.view(torch.int16), want), (dtype, m, kk, density, lay)
+                    for ww in [w] + ([w.code_values()] if dtype == torch.bfloat16 and w.code_values() else []):
+                        out = torch.full((m, kk), -1, dtype=torch.int16, device="cuda").view(dtype)  # poisoned
+                        launched.clear()
+                        got = k.decode_dense(FORMAT_IDS[DeltaRows], ww.data, ww.offsets, m, kk, dtype, out=out)
+                        assert launched == [name[mode]], launched
+                        assert torch.equal(got.view(torch.int16), want), (mode, dtype, m, kk, density, lay, ww.coded)
 
 
 @pytest.mark.parametrize("n", [1, 4])

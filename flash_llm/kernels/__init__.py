@@ -646,8 +646,10 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
         out = (torch.empty if nofill else torch.zeros)(m, k, dtype=dtype, device=dev)
     else:
         out = out.view(m, k) if nofill else out.view(m, k).zero_()
-    warps = DR_DENSE_NF_WARPS if nofill else DR_DENSE_WARPS
-    launch("delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense", (ceil_div(slices, warps), s, 1), 32 * warps,
+    tiled = nofill and DR_DENSE_TILED
+    warps = DR_DENSE_T_WARPS if tiled else DR_DENSE_NF_WARPS if nofill else DR_DENSE_WARPS
+    name = "delta_rows_to_dense_nft" if tiled else "delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense"
+    launch(name, (ceil_div(slices, warps), s, 1), 32 * warps,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I), (s, I),
             (lay.parts if lay.coded else 0, I), (slices, I)] + ([(lay.parts, I)] if nofill else []),
            torch.cuda.current_stream(dev).cuda_stream, dev.index)
@@ -669,6 +671,11 @@ DR_DENSE_WARPS = 4
 DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") == "1"
 #: ... its warps a block (session 62: one ran OPT-30B's layers up to 7 % faster than four, Llama-3-8B's the same)
 DR_DENSE_NF_WARPS = 1
+#: with :data:`DR_DENSE_NOFILL`: ``delta_rows_to_dense_nft`` (session 63), the same ownership written through a
+#: shared-memory tile a lane, whole 128-byte lines a store (``FLASH_LLM_DR_DENSE_TILED=1``)
+DR_DENSE_TILED = os.environ.get("FLASH_LLM_DR_DENSE_TILED", "0") == "1"
+#: ... its warps a block (at most 4: its shared memory and launch bound)
+DR_DENSE_T_WARPS = 4
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)

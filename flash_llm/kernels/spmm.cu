@@ -3448,6 +3448,110 @@ DEVI void dr_dense_body(const int* __restrict__ data, const int* __restrict__ of
     dr_dense_flush(out, cur, b, false);
   }
 }
+// delta_rows_to_dense_nft (session 63): the _nf kernel's ownership, written through shared memory.  Each lane owns the
+// elements e0 .. e1 of out (its row's owned columns, as _nf) and walks them in tiles of DRT_COLS elements from
+// e0 rounded down to 8: per tile it zeroes its tile row in shared memory, stores its nonzeros of the tile there (the
+// group's values and steps shifted out as they are taken: no indexing by entry), and then the warp writes 4 lanes'
+// tiles an instruction, 8 lanes a tile, 16 bytes a lane: whole 128-byte lines where a lane owns the tile's elements,
+// element by element at its two ends.  The _nf kernel writes 32 rows a store, 32 bytes each, its lanes flushing at
+// different entries (about 1.1-1.2 TB/s of dense bytes on an H200).
+constexpr int DRT_COLS = 64;             // elements a lane's tile (128 bytes)
+constexpr int DRT_STRIDE = DRT_COLS + 8;  // 16-bit words a lane's tile row (144 bytes: a lane's 16-byte quads rotate)
+constexpr int DRT_WARPS = 4;             // the most warps a block (kernels.DR_DENSE_T_WARPS)
+DEVI void dr_dense_group(const int* base, int g, int gw, int lane, int coded, uint2 lut, uint4& v, u32& d) {
+  v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g * gw + 4 * lane));
+  d = coded ? v.w : (u32)__ldg(base + (long long)g * 160 + 128 + lane);
+  if (coded) v = dr_decode_coded(v, lut);
+}
+extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense_nft(const int* __restrict__ data,
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int parts) {
+  __shared__ __align__(16) u16 tile[DRT_WARPS][32 * DRT_STRIDE];
+  __shared__ long long own_b[DRT_WARPS][32], own_0[DRT_WARPS][32], own_1[DRT_WARPS][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
+  const int slice = blockIdx.x * (blockDim.x >> 5) + warp;
+  if (slice >= slices) return;  // (warp-uniform; no block barrier below)
+  int goff, g0, g1;
+  dr_split(offsets, slice, s, S, goff, g0, g1);
+  const int row = dr_perm(offsets, slices, S)[slice * 32 + lane];
+  int col = dr_start(offsets, slices, S, slice, s, lane);
+  const int gw = coded ? 128 : 160;
+  const int* base = data + (long long)goff * gw;
+  const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
+  const long long rowbase = (long long)max(row, 0) * K;
+  int lo, hi;  // the lane's owned columns (as delta_rows_to_dense_nf)
+  if (parts > 1) {
+    const int p = lane & (parts - 1);
+    const int mine = p == 0 || col > 0 ? col : 0x7fffffff;
+    const int up = __shfl_down_sync(0xffffffffu, mine, 1);
+    int nxt = p + 1 < parts ? up : 0x7fffffff;
+    for (int off = 1; off < parts; off <<= 1) {
+      const int o = __shfl_down_sync(0xffffffffu, nxt, off);
+      if (p + off < parts) nxt = min(nxt, o);
+    }
+    lo = p == 0 ? 0 : col;
+    hi = mine == 0x7fffffff ? -1 : nxt == 0x7fffffff ? K - 1 : nxt - 1;
+  } else {
+    lo = g0 == 0 ? 0 : col + 1;
+    hi = s + 1 < S ? (g1 == 0 ? -1 : dr_start(offsets, slices, S, slice, s + 1, lane)) : K - 1;
+  }
+  const bool owns = row >= 0 && lo <= hi;
+  const long long e0 = owns ? rowbase + lo : 0, e1 = owns ? rowbase + hi : -1;
+  const long long b0 = e0 & ~7LL;  // the lane's first tile (16-byte aligned)
+  own_b[warp][lane] = b0;
+  own_0[warp][lane] = e0;
+  own_1[warp][lane] = e1;
+  // the walk: the next entry's column `nc` (INT_MAX: none), its value in the low half of v.x
+  uint4 v = make_uint4(0, 0, 0, 0);
+  u32 d = 0;
+  int g = g0, k = 0;
+  if (owns && g < g1) dr_dense_group(base, g, gw, lane, coded, lut, v, d);
+  int nc = owns && g < g1 ? col + (int)(d & 15u) : 0x7fffffff;
+  u16* const mine = tile[warp] + lane * DRT_STRIDE;
+  const u16* const tw = tile[warp];
+  for (long long t0 = 0;; t0 += DRT_COLS) {
+    const long long tb = b0 + t0;  // this lane's tile: elements tb .. tb + DRT_COLS - 1
+    if (!__any_sync(0xffffffffu, owns && tb <= e1)) break;
+#pragma unroll
+    for (int i = 0; i < DRT_COLS / 8; ++i) reinterpret_cast<uint4*>(mine)[i] = make_uint4(0, 0, 0, 0);
+    const int end = (int)min(tb + DRT_COLS - rowbase, (long long)0x7fffffff);  // the tile's end as a column
+    while (true) {
+      const bool take = nc < end;
+      if (!__any_sync(0xffffffffu, take)) break;
+      if (take) {
+        col = nc;
+        const u16 h = (u16)v.x;
+        if (h & 0x7fff) mine[rowbase + col - tb] = h;
+        v.x = __funnelshift_r(v.x, v.y, 16);
+        v.y = __funnelshift_r(v.y, v.z, 16);
+        v.z = __funnelshift_r(v.z, v.w, 16);
+        v.w >>= 16;
+        d >>= 4;
+        if (++k == 8) {
+          k = 0;
+          if (++g < g1) dr_dense_group(base, g, gw, lane, coded, lut, v, d);
+        }
+        nc = g < g1 ? col + (int)(d & 15u) : 0x7fffffff;
+      }
+    }
+    __syncwarp();
+#pragma unroll 2
+    for (int j = 0; j < 8; ++j) {  // lanes 8 i .. 8 i + 7 write lane 4 j + i's tile, 16 bytes each
+      const int src = 4 * j + (lane >> 3), c = (lane & 7) * 8;
+      const long long e = own_b[warp][src] + t0 + c, a = own_0[warp][src], z = own_1[warp][src];
+      if (e > z || e + 7 < a) continue;
+      const uint4 q = *reinterpret_cast<const uint4*>(tw + src * DRT_STRIDE + c);
+      if (e >= a && e + 7 <= z) {
+        *reinterpret_cast<uint4*>(out + e) = q;
+      } else {
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (e + i >= a && e + i <= z) out[e + i] = (u16)(w[i >> 1] >> (16 * (i & 1)));
+      }
+    }
+    __syncwarp();
+  }
+}
 extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
                                                                       const int* __restrict__ offsets,
                                                                       u16* __restrict__ out, int K, int S,
