@@ -832,6 +832,7 @@ class Engine:
         self._prefills: dict[tuple[int, int], _PrefillGraph] | None = (
             {} if self.cuda_graphs and self.tp is None and PREFILL_GRAPHS else None)
         self._prefill_pool = None
+        self._prefill_scratch: int | None = None  # the largest sparse layer's dense bytes (_prefill_graph_fits)
         self._captured_over = self._weights_key()
 
     def _beside_bytes(self, kv_heads: int, slots: int) -> int:
@@ -1005,6 +1006,8 @@ class Engine:
             entry.graph.replay()
             return self._logits[: key[0]]
         logits = self._prefill(ids, mask)  # (this call's result; also the capture's warm-up)
+        if not self._prefill_graph_fits(*key):
+            return logits  # (eager this time; asked again at the next prompt of this shape)
         try:
             self._prefills[key] = self._capture_prefill(ids.clone(), mask.clone())
         except RuntimeError as e:  # (a capture error leaves the eager path, which just ran, to every later prefill)
@@ -1018,15 +1021,30 @@ class Engine:
             self._prefills.pop(next(iter(self._prefills)))
         return logits
 
+    def _prefill_graph_fits(self, b: int, p: int) -> bool:
+        """Whether the device's free memory, less :data:`RELAYOUT_MARGIN_BYTES`, holds what a prefill graph of ``b``
+        prompts of ``p`` tokens keeps in its pool: the activations of its largest forward (as :func:`_prefill_bytes`)
+        and the largest sparse layer expanded to dense (the large-N path's scratch); counted once, as the graphs share
+        their pool.  Else the prefill stays eager (the memory is the model's and the cache's to use)."""
+        from .nn import SparseLinear
+
+        if self._prefill_scratch is None:
+            self._prefill_scratch = max((_dense_bytes(m) for m in self.model.modules()
+                                         if isinstance(m, SparseLinear)), default=0)
+        cfg = self.config
+        tokens = min(b * p, max(PREFILL_TOKENS, p))
+        need = tokens * (cfg.intermediate_size + 4 * cfg.hidden_size) * 4 + self._prefill_scratch
+        torch.cuda.empty_cache()  # (the eager prefill's activations, cached by the allocator, are free memory)
+        return _free_memory(self.device) - RELAYOUT_MARGIN_BYTES >= need
+
     def _capture_prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> _PrefillGraph:
         """A graph of :meth:`_prefill` over the static inputs ``ids`` / ``mask`` (recorded, not run)."""
         from . import kernels  # (CUDA only, like the graphs)
 
         if self._prefill_pool is None:
             self._prefill_pool = torch.cuda.graph_pool_handle()
-        # the eager prefill's activations, cached by the allocator, cannot serve the graph's own pool: give them back
-        # first, so the prefill's memory is not held twice
-        torch.cuda.empty_cache()
+        # (the eager prefill's activations, cached by the allocator, cannot serve the graph's own pool: the caller's
+        # _prefill_graph_fits gave them back first, so the prefill's memory is not held twice)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._prefill_pool), kernels.static_weights():
             self._prefill(ids, mask)

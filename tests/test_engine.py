@@ -1368,3 +1368,25 @@ def test_prefill_graph_capture_failure_falls_back_to_eager(pair, monkeypatch):
     b = eng.generate(PROMPTS, 3, eos_token_id=None)
     assert torch.equal(a.tokens, b.tokens)
     assert torch.equal(b.tokens, Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 3, eos_token_id=None).tokens)
+
+
+def test_prefill_graph_not_captured_where_the_memory_lacks(pair, monkeypatch):
+    """Where the free memory (less the margin) does not hold a prefill graph's activations and the largest layer
+    expanded, the prefill stays eager, without a warning, and is asked again at the next prompt of that shape."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=32)
+    eng._prefills = {}
+    captured = []
+    monkeypatch.setattr(eng, "_capture_prefill", lambda ids, mask: captured.append(ids.shape) or None)
+    monkeypatch.setattr(E, "_free_memory", lambda device: E.RELAYOUT_MARGIN_BYTES + 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = eng.generate(PROMPTS, 3, eos_token_id=None)
+        eng.generate(PROMPTS, 3, eos_token_id=None)
+    assert captured == [] and eng._prefills == {}
+    assert torch.equal(a.tokens, Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 3, eos_token_id=None).tokens)
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 50)
+    eng.generate(PROMPTS, 3, eos_token_id=None)
+    assert captured == [(3, 7)]
