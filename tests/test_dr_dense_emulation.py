@@ -43,17 +43,19 @@ def test_emulator_sees_a_wrong_rule(variant):
     assert emu.check(dr, want, variant) is not None
 
 
-@pytest.mark.parametrize("nofill", [False, True])
-def test_expansion_dispatch(nofill, monkeypatch):
+@pytest.mark.parametrize("nofill, tiled", [(False, False), (True, False), (True, True), (False, True)])
+def test_expansion_dispatch(nofill, tiled, monkeypatch):
     """``kernels.DR_DENSE_NOFILL`` picks ``delta_rows_to_dense_nf`` (one more argument: the lanes a row) and leaves
-    ``out`` as it is, one warp a block (the default since session 63); off, ``delta_rows_to_dense`` into a zeroed
-    ``out`` (launches faked: no GPU)."""
+    ``out`` as it is, one warp a block (the default since session 63), or with ``DR_DENSE_TILED``
+    ``delta_rows_to_dense_nft`` (the same arguments, ``DR_DENSE_T_WARPS`` warps a block); off,
+    ``delta_rows_to_dense`` into a zeroed ``out``, whatever ``DR_DENSE_TILED`` says (launches faked: no GPU)."""
     from flash_llm import kernels as k
     from flash_llm.reference import FORMAT_IDS
 
     assert k.DR_DENSE_NOFILL or os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") != "1"
     calls = []
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
+    monkeypatch.setattr(k, "DR_DENSE_TILED", tiled)
     monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args)))
     monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
     w = torch.zeros(64, 256, dtype=torch.float16)
@@ -64,8 +66,9 @@ def test_expansion_dispatch(nofill, monkeypatch):
         calls.clear()
         got = k.decode_dense(FORMAT_IDS[DeltaRows], dr.data, dr.offsets, 64, 256, torch.float16, out=out)
         (name, grid, args), = calls
-        assert name == ("delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense")
-        warps = k.DR_DENSE_NF_WARPS if nofill else k.DR_DENSE_WARPS
+        assert name == ("delta_rows_to_dense_nft" if nofill and tiled else "delta_rows_to_dense_nf" if nofill
+                        else "delta_rows_to_dense")
+        warps = k.DR_DENSE_T_WARPS if nofill and tiled else k.DR_DENSE_NF_WARPS if nofill else k.DR_DENSE_WARPS
         assert grid == (-(-dr.layout.slices // warps), dr.layout.splits, 1)
         assert len(args) == (8 if nofill else 7) and args[2][0] == out.data_ptr()
         if nofill:
