@@ -1,4 +1,5 @@
-"""The CPU emulation of ``delta_rows_to_dense_nf`` (``benchmarks/diag/dr_dense_emulate.py``, session 61): DeltaRows'
+"""The CPU emulation of ``delta_rows_to_dense_nf`` and ``_nft`` (``benchmarks/diag/dr_dense_emulate.py``, sessions 61,
+63): DeltaRows'
 expansion into an output that is not zeroed first writes every element exactly once, with the weight's bits, for the
 split layout (one split, several, more splits than a slice has groups), the parts layout (rows whose middle parts are
 empty), coded values and paired halves, at densities from empty to full; and the emulator fails the two wrong rules
@@ -26,6 +27,7 @@ def test_every_element_written_once():
             continue
         seen.add(label[3].get("parts", 1) > 1)
         assert emu.check(w, want) is None, label
+        assert emu.check(w, want, "tiled") is None, label  # (delta_rows_to_dense_nft, session 63)
     assert seen == {False, True}
 
 

@@ -1,4 +1,4 @@
-"""CPU emulation of ``delta_rows_to_dense_nf`` (spmm.cu, session 61): DeltaRows' expansion into an output that is not
+"""CPU emulation of ``delta_rows_to_dense_nf`` (spmm.cu, session 61; and ``_nft``, session 63, ``emulate_tiled``): DeltaRows' expansion into an output that is not
 zeroed first, so every element must be written by exactly one lane and split.  The emulator runs the kernel's
 ownership rule (each lane's columns from the starts of its split and the next, or of its row's later parts), its walk
 and its chunk writes (whole 16-element chunks inside the lane's columns, element by element at their ends, zeros
@@ -25,6 +25,31 @@ INF = 0x7FFFFFFF
 #: split 0 from column 0 and every later split from its start + 1 (a slice of fewer groups than splits puts its first
 #: entries in a later split); ``empty_parts_own``, a part without entries taken as starting at column 0
 VARIANTS = ("first_draft", "empty_parts_own")
+
+
+def _spans(col0, rows, starts, slice_, s, S, g0, g1, parts, K, variant=None) -> list[tuple[int, int]]:
+    """Each lane's owned elements (e0, e1) of out (e1 < e0: none), by the kernels' rule: its columns lo .. hi (the
+    shuffles of the parts layout done over the list)."""
+    spans = []
+    for ln in range(32):
+        col = col0[ln]
+        if parts > 1:
+            p = ln % parts
+            mine = [c if (q == 0 or c > 0 or variant == "empty_parts_own") else INF
+                    for q, c in ((ln2 % parts, col0[ln2]) for ln2 in range(32))]
+            later = [mine[ln + j] for j in range(1, parts - p)]
+            nxt = min(later) if later else INF
+            lo = 0 if p == 0 else col
+            hi = -1 if mine[ln] == INF else (K - 1 if nxt == INF else nxt - 1)
+        else:
+            nxt = int(starts[slice_, s + 1, ln]) if s + 1 < S else K - 1
+            if variant == "first_draft":
+                lo, hi = (0 if s == 0 else col + 1), nxt
+            else:
+                lo, hi = (0 if g0 == 0 else col + 1), (-1 if g1 == 0 and s + 1 < S else nxt)
+        rowbase = max(rows[ln], 0) * K
+        spans.append((rowbase + lo, rowbase + hi) if rows[ln] >= 0 and lo <= hi else (0, -1))
+    return spans
 
 
 def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -62,26 +87,7 @@ def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.nd
             g0, g1 = (s * G) // S, ((s + 1) * G) // S
             col0 = [int(c) for c in starts[slice_, s]]
             rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
-            # each lane's owned columns lo .. hi (the shuffles of the parts layout done over the list)
-            spans = []
-            for ln in range(32):
-                col = col0[ln]
-                if parts > 1:
-                    p = ln % parts
-                    mine = [c if (q == 0 or c > 0 or variant == "empty_parts_own") else INF
-                            for q, c in ((ln2 % parts, col0[ln2]) for ln2 in range(32))]
-                    later = [mine[ln + j] for j in range(1, parts - p)]
-                    nxt = min(later) if later else INF
-                    lo = 0 if p == 0 else col
-                    hi = -1 if mine[ln] == INF else (K - 1 if nxt == INF else nxt - 1)
-                else:
-                    nxt = int(starts[slice_, s + 1, ln]) if s + 1 < S else K - 1
-                    if variant == "first_draft":
-                        lo, hi = (0 if s == 0 else col + 1), nxt
-                    else:
-                        lo, hi = (0 if g0 == 0 else col + 1), (-1 if g1 == 0 and s + 1 < S else nxt)
-                rowbase = max(rows[ln], 0) * K
-                spans.append((rowbase + lo, rowbase + hi) if rows[ln] >= 0 and lo <= hi else (0, -1))
+            spans = _spans(col0, rows, starts, slice_, s, S, g0, g1, parts, K, variant)
             for ln in range(32):
                 row, (e0, e1) = rows[ln], spans[ln]
                 rowbase = max(row, 0) * K
@@ -114,9 +120,81 @@ def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.nd
     return out.reshape(m, K), count.reshape(m, K)
 
 
+#: ``delta_rows_to_dense_nft``'s tile: elements a lane's tile
+TILE = 64
+
+
+def emulate_tiled(w: DeltaRows) -> tuple[np.ndarray, np.ndarray]:
+    """The same for ``delta_rows_to_dense_nft`` (session 63): each lane's owned elements in tiles of :data:`TILE` from
+    its first owned element rounded down to 8, the warp's tiles in lockstep (a tile zeroed, the lane's entries below
+    its end stored, then 4 lanes' tiles written a round, 16 bytes (8 elements) a lane, whole where the source lane owns
+    them, else element by element)."""
+    m, K = w.shape
+    data = w.data.cpu()
+    lay = layout(m, w.offsets.numel(), data.numel())
+    if lay.coded:
+        data = uncode_values(data, w.offsets.cpu(), m)
+    data = data.numpy().astype(np.int32)
+    slices, S, parts = lay.slices, lay.splits, lay.parts
+    goffs, _, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), slices, lay.mp, S))
+    out = np.full(m * K, -1, dtype=np.int16)
+    count = np.zeros(m * K, dtype=np.int64)
+    for slice_ in range(slices):
+        for s in range(S):
+            goff = int(goffs[slice_])
+            G = int(goffs[slice_ + 1]) - goff
+            g0, g1 = (s * G) // S, ((s + 1) * G) // S
+            col0 = [int(c) for c in starts[slice_, s]]
+            rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
+            spans = _spans(col0, rows, starts, slice_, s, S, g0, g1, parts, K)
+            owns = [rows[ln] >= 0 and spans[ln][0] <= spans[ln][1] for ln in range(32)]
+            b0 = [spans[ln][0] & ~7 for ln in range(32)]
+            # each lane's entries in walk order: (column, value), as the kernel takes them
+            walks = []
+            for ln in range(32):
+                col, ent = col0[ln], []
+                if owns[ln]:
+                    for g in range(g0, g1):
+                        grp = data[(goff + g) * 160: (goff + g + 1) * 160]
+                        vals = grp[4 * ln: 4 * ln + 4].view(np.int16)
+                        d = int(grp[128 + ln]) & 0xFFFFFFFF
+                        for k in range(8):
+                            col += (d >> (4 * k)) & 15
+                            ent.append((col, int(vals[k])))
+                walks.append(ent)
+            pos = [0] * 32
+            t0 = 0
+            while any(owns[ln] and b0[ln] + t0 <= spans[ln][1] for ln in range(32)):
+                tile = np.zeros((32, TILE), dtype=np.int16)
+                for ln in range(32):
+                    tb = b0[ln] + t0
+                    rowbase = max(rows[ln], 0) * K
+                    while pos[ln] < len(walks[ln]) and walks[ln][pos[ln]][0] < tb + TILE - rowbase:
+                        col, h = walks[ln][pos[ln]]
+                        pos[ln] += 1
+                        if h & 0x7FFF:
+                            off = rowbase + col - tb
+                            assert 0 <= off < TILE, (slice_, s, ln, col, tb)  # (the kernel's shared-memory bounds)
+                            tile[ln, off] = h
+                for j in range(8):  # lanes 8 i + c write lane 4 j + i's tile, 8 elements each
+                    for lane in range(32):
+                        src, c = 4 * j + lane // 8, (lane % 8) * 8
+                        e = b0[src] + t0 + c
+                        a, z = spans[src]
+                        if e > z or e + 7 < a:
+                            continue
+                        for i in range(8):
+                            if a <= e + i <= z:
+                                out[e + i] = tile[src, c + i]
+                                count[e + i] += 1
+                t0 += TILE
+    return out.reshape(m, K), count.reshape(m, K)
+
+
 def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str | None:
-    """None, or what is wrong with the emulated expansion of ``w`` against ``want`` (int16 bits [M, K])."""
-    out, count = emulate(w, variant)
+    """None, or what is wrong with the emulated expansion of ``w`` against ``want`` (int16 bits [M, K]);
+    ``variant`` "tiled": ``delta_rows_to_dense_nft``'s."""
+    out, count = emulate_tiled(w) if variant == "tiled" else emulate(w, variant)
     if (count != 1).any():
         twice, never = int((count > 1).sum()), int((count == 0).sum())
         return f"{twice} elements written more than once, {never} never"
@@ -160,7 +238,7 @@ def main() -> int:
     bad = total = 0
     for label, w, want in cases():
         total += 1
-        err = check(w, want)
+        err = check(w, want) or check(w, want, "tiled")
         if err:
             bad += 1
             print(f"FAIL {label}: {err}", flush=True)
