@@ -1,8 +1,8 @@
 """CPU emulation of ``delta_rows_to_dense_nf`` (spmm.cu, session 61; and ``_nft``, session 63: ``emulate_tiled``):
 DeltaRows' expansion into an output that is not zeroed first, so every element must be written by exactly one lane
-and split.  The emulator runs the kernel's ownership rule (each lane's columns from the starts of its split and the next, or of its row's later parts), its walk
-and its chunk writes (whole 16-element chunks inside the lane's columns, element by element at their ends, zeros
-between) over the encoded arrays, counting the writes of every element:
+and split. The emulator runs the kernel's ownership rule (each lane's columns from the starts of its split and the
+next, or of its row's later parts), its walk and its chunk writes (whole 16-element chunks inside the lane's columns,
+element by element at their ends, zeros between) over the encoded arrays, counting the writes of every element:
 
     python3 benchmarks/diag/dr_dense_emulate.py          # every layout of a set of shapes and densities
 
