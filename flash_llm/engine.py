@@ -1031,9 +1031,7 @@ class Engine:
         if self._prefill_scratch is None:
             self._prefill_scratch = max((_dense_bytes(m) for m in self.model.modules()
                                          if isinstance(m, SparseLinear)), default=0)
-        cfg = self.config
-        tokens = min(b * p, max(PREFILL_TOKENS, p))
-        need = tokens * (cfg.intermediate_size + 4 * cfg.hidden_size) * 4 + self._prefill_scratch
+        need = _prefill_bytes(self.config, b, p) + self._prefill_scratch  # (b prompts of p tokens: its largest forward)
         torch.cuda.empty_cache()  # (the eager prefill's activations, cached by the allocator, are free memory)
         return _free_memory(self.device) - RELAYOUT_MARGIN_BYTES >= need
 

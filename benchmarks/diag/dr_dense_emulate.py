@@ -52,9 +52,10 @@ def _spans(col0, rows, starts, slice_, s, S, g0, g1, parts, K, variant=None) -> 
     return spans
 
 
-def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(the int16 bits of out [M, K], the number of writes of every element) as ``delta_rows_to_dense_nf`` leaves an
-    output that held ``-1`` everywhere (``variant``: one of :data:`VARIANTS` instead of the kernel's rule)."""
+def _warps(w: DeltaRows, variant: str | None = None):
+    """Yields, for every warp (slice and split) of ``w``'s expansion, ``(walk, rows, spans)``: ``walk(ln)`` the
+    lane's entries in walk order as ``(column, value bits)`` (pads and escapes included), ``rows`` the lanes' rows,
+    ``spans`` their owned elements (:func:`_spans`)."""
     m, K = w.shape
     data = w.data.cpu()
     lay = layout(m, w.offsets.numel(), data.numel())
@@ -63,6 +64,31 @@ def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.nd
     data = data.numpy().astype(np.int32)
     slices, S, parts = lay.slices, lay.splits, lay.parts
     goffs, _, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), slices, lay.mp, S))
+    for slice_ in range(slices):
+        for s in range(S):
+            goff = int(goffs[slice_])
+            G = int(goffs[slice_ + 1]) - goff
+            g0, g1 = (s * G) // S, ((s + 1) * G) // S
+            col0 = [int(c) for c in starts[slice_, s]]
+            rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
+
+            def walk(ln, goff=goff, g0=g0, g1=g1, col=col0):
+                c = col[ln]
+                for g in range(g0, g1):
+                    grp = data[(goff + g) * 160: (goff + g + 1) * 160]
+                    vals = grp[4 * ln: 4 * ln + 4].view(np.int16)  # 8 values, the first in the low half
+                    d = int(grp[128 + ln]) & 0xFFFFFFFF
+                    for k in range(8):
+                        c += (d >> (4 * k)) & 15
+                        yield c, int(vals[k])
+
+            yield walk, rows, _spans(col0, rows, starts, slice_, s, S, g0, g1, parts, K, variant)
+
+
+def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the int16 bits of out [M, K], the number of writes of every element) as ``delta_rows_to_dense_nf`` leaves an
+    output that held ``-1`` everywhere (``variant``: one of :data:`VARIANTS` instead of the kernel's rule)."""
+    m, K = w.shape
     out = np.full(m * K, -1, dtype=np.int16)
     count = np.zeros(m * K, dtype=np.int64)
 
@@ -80,43 +106,29 @@ def emulate(w: DeltaRows, variant: str | None = None) -> tuple[np.ndarray, np.nd
                 if e0 <= e <= e1:
                     write(e, b[t])
 
-    for slice_ in range(slices):
-        for s in range(S):
-            goff = int(goffs[slice_])
-            G = int(goffs[slice_ + 1]) - goff
-            g0, g1 = (s * G) // S, ((s + 1) * G) // S
-            col0 = [int(c) for c in starts[slice_, s]]
-            rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
-            spans = _spans(col0, rows, starts, slice_, s, S, g0, g1, parts, K, variant)
-            for ln in range(32):
-                row, (e0, e1) = rows[ln], spans[ln]
-                rowbase = max(row, 0) * K
-                col = col0[ln]
-                cur = -1
-                b = [0] * 16
-                for g in range(g0, g1):
-                    grp = data[(goff + g) * 160: (goff + g + 1) * 160]
-                    vals = grp[4 * ln: 4 * ln + 4].view(np.int16)  # 8 values, the first in the low half
-                    d = int(grp[128 + ln]) & 0xFFFFFFFF
-                    for k in range(8):
-                        col += (d >> (4 * k)) & 15
-                        h = int(vals[k])
-                        if row >= 0 and (h & 0x7FFF):
-                            e = rowbase + col
-                            q = e >> 4
-                            if q != cur:
-                                if cur >= 0:
-                                    flush_owned(cur, b, e0, e1)
-                                for z in range(cur + 1 if cur >= 0 else e0 >> 4, q):
-                                    flush_owned(z, [0] * 16, e0, e1)
-                                b = [0] * 16
-                                cur = q
-                            b[e & 15] = h
-                if cur >= 0:
-                    flush_owned(cur, b, e0, e1)
-                if e0 <= e1:
-                    for z in range(cur + 1 if cur >= 0 else e0 >> 4, (e1 >> 4) + 1):
-                        flush_owned(z, [0] * 16, e0, e1)
+    for walk, rows, spans in _warps(w, variant):
+        for ln in range(32):
+            row, (e0, e1) = rows[ln], spans[ln]
+            rowbase = max(row, 0) * K
+            cur = -1
+            b = [0] * 16
+            for col, h in walk(ln):
+                if row >= 0 and (h & 0x7FFF):
+                    e = rowbase + col
+                    q = e >> 4
+                    if q != cur:
+                        if cur >= 0:
+                            flush_owned(cur, b, e0, e1)
+                        for z in range(cur + 1 if cur >= 0 else e0 >> 4, q):
+                            flush_owned(z, [0] * 16, e0, e1)
+                        b = [0] * 16
+                        cur = q
+                    b[e & 15] = h
+            if cur >= 0:
+                flush_owned(cur, b, e0, e1)
+            if e0 <= e1:
+                for z in range(cur + 1 if cur >= 0 else e0 >> 4, (e1 >> 4) + 1):
+                    flush_owned(z, [0] * 16, e0, e1)
     return out.reshape(m, K), count.reshape(m, K)
 
 
@@ -130,64 +142,38 @@ def emulate_tiled(w: DeltaRows) -> tuple[np.ndarray, np.ndarray]:
     its end stored, then 4 lanes' tiles written a round, 16 bytes (8 elements) a lane, whole where the source lane owns
     them, else element by element)."""
     m, K = w.shape
-    data = w.data.cpu()
-    lay = layout(m, w.offsets.numel(), data.numel())
-    if lay.coded:
-        data = uncode_values(data, w.offsets.cpu(), m)
-    data = data.numpy().astype(np.int32)
-    slices, S, parts = lay.slices, lay.splits, lay.parts
-    goffs, _, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), slices, lay.mp, S))
     out = np.full(m * K, -1, dtype=np.int16)
     count = np.zeros(m * K, dtype=np.int64)
-    for slice_ in range(slices):
-        for s in range(S):
-            goff = int(goffs[slice_])
-            G = int(goffs[slice_ + 1]) - goff
-            g0, g1 = (s * G) // S, ((s + 1) * G) // S
-            col0 = [int(c) for c in starts[slice_, s]]
-            rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
-            spans = _spans(col0, rows, starts, slice_, s, S, g0, g1, parts, K)
-            owns = [rows[ln] >= 0 and spans[ln][0] <= spans[ln][1] for ln in range(32)]
-            b0 = [spans[ln][0] & ~7 for ln in range(32)]
-            # each lane's entries in walk order: (column, value), as the kernel takes them
-            walks = []
+    for walk, rows, spans in _warps(w):
+        owns = [rows[ln] >= 0 and spans[ln][0] <= spans[ln][1] for ln in range(32)]
+        b0 = [spans[ln][0] & ~7 for ln in range(32)]
+        walks = [list(walk(ln)) if owns[ln] else [] for ln in range(32)]  # (column, value), as the kernel takes them
+        pos = [0] * 32
+        t0 = 0
+        while any(owns[ln] and b0[ln] + t0 <= spans[ln][1] for ln in range(32)):
+            tile = np.zeros((32, TILE), dtype=np.int16)
             for ln in range(32):
-                col, ent = col0[ln], []
-                if owns[ln]:
-                    for g in range(g0, g1):
-                        grp = data[(goff + g) * 160: (goff + g + 1) * 160]
-                        vals = grp[4 * ln: 4 * ln + 4].view(np.int16)
-                        d = int(grp[128 + ln]) & 0xFFFFFFFF
-                        for k in range(8):
-                            col += (d >> (4 * k)) & 15
-                            ent.append((col, int(vals[k])))
-                walks.append(ent)
-            pos = [0] * 32
-            t0 = 0
-            while any(owns[ln] and b0[ln] + t0 <= spans[ln][1] for ln in range(32)):
-                tile = np.zeros((32, TILE), dtype=np.int16)
-                for ln in range(32):
-                    tb = b0[ln] + t0
-                    rowbase = max(rows[ln], 0) * K
-                    while pos[ln] < len(walks[ln]) and walks[ln][pos[ln]][0] < tb + TILE - rowbase:
-                        col, h = walks[ln][pos[ln]]
-                        pos[ln] += 1
-                        if h & 0x7FFF:
-                            off = rowbase + col - tb
-                            assert 0 <= off < TILE, (slice_, s, ln, col, tb)  # (the kernel's shared-memory bounds)
-                            tile[ln, off] = h
-                for j in range(8):  # lanes 8 i + c write lane 4 j + i's tile, 8 elements each
-                    for lane in range(32):
-                        src, c = 4 * j + lane // 8, (lane % 8) * 8
-                        e = b0[src] + t0 + c
-                        a, z = spans[src]
-                        if e > z or e + 7 < a:
-                            continue
-                        for i in range(8):
-                            if a <= e + i <= z:
-                                out[e + i] = tile[src, c + i]
-                                count[e + i] += 1
-                t0 += TILE
+                tb = b0[ln] + t0
+                rowbase = max(rows[ln], 0) * K
+                while pos[ln] < len(walks[ln]) and walks[ln][pos[ln]][0] < tb + TILE - rowbase:
+                    col, h = walks[ln][pos[ln]]
+                    pos[ln] += 1
+                    if h & 0x7FFF:
+                        off = rowbase + col - tb
+                        assert 0 <= off < TILE, (ln, col, tb)  # (the kernel's shared-memory bounds)
+                        tile[ln, off] = h
+            for j in range(8):  # lanes 8 i + c write lane 4 j + i's tile, 8 elements each
+                for lane in range(32):
+                    src, c = 4 * j + lane // 8, (lane % 8) * 8
+                    e = b0[src] + t0 + c
+                    a, z = spans[src]
+                    if e > z or e + 7 < a:
+                        continue
+                    for i in range(8):
+                        if a <= e + i <= z:
+                            out[e + i] = tile[src, c + i]
+                            count[e + i] += 1
+            t0 += TILE
     return out.reshape(m, K), count.reshape(m, K)
 
 

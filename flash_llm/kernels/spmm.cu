@@ -3357,6 +3357,35 @@ DEVI void dr_dense_flush_owned(u16* out, long long q, const u32 (&b)[8], long lo
     if (e >= e0 && e <= e1) out[e] = (u16)(b[t >> 1] >> (16 * (t & 1)));
   }
 }
+// The elements e0 .. e1 of out that a lane of delta_rows_to_dense_nf / _nft writes (none: e0 = 0, e1 = -1): its row's
+// columns by the ownership rule above (`col`: the lane's start; g0 .. g1: its split's groups).  With parts > 1 the
+// lanes of a row exchange their starts by shuffles, so every lane of the warp calls it.
+DEVI void dr_dense_owned(const int* offsets, int slices, int S, int slice, int s, int lane, int row, int col, int g0,
+                         int g1, int K, int parts, long long& e0, long long& e1) {
+  int lo, hi;
+  if (parts > 1) {  // (warp-uniform: every lane takes part in the shuffles)
+    const int p = lane & (parts - 1);
+    const int mine = p == 0 || col > 0 ? col : 0x7fffffff;  // the part's first column, or none (no entries)
+    const int up = __shfl_down_sync(0xffffffffu, mine, 1);
+    int nxt = p + 1 < parts ? up : 0x7fffffff;
+    for (int off = 1; off < parts; off <<= 1) {  // the smallest first column of the row's later parts
+      const int o = __shfl_down_sync(0xffffffffu, nxt, off);
+      if (p + off < parts) nxt = min(nxt, o);
+    }
+    lo = p == 0 ? 0 : col;
+    hi = mine == 0x7fffffff ? -1 : nxt == 0x7fffffff ? K - 1 : nxt - 1;
+  } else {  // (a split before the slice's first group owns nothing: the split of its first group owns column 0)
+    lo = g0 == 0 ? 0 : col + 1;
+    hi = s + 1 < S ? (g1 == 0 ? -1 : dr_start(offsets, slices, S, slice, s + 1, lane)) : K - 1;
+  }
+  e0 = 0;
+  e1 = -1;
+  if (row >= 0 && lo <= hi) {
+    const long long rowbase = (long long)row * K;
+    e0 = rowbase + lo;
+    e1 = rowbase + hi;
+  }
+}
 template <bool NOFILL>
 DEVI void dr_dense_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
                         int S, int coded, int slices, int parts) {
@@ -3371,28 +3400,7 @@ DEVI void dr_dense_body(const int* __restrict__ data, const int* __restrict__ of
   const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
   const long long rowbase = (long long)max(row, 0) * K;
   long long e0 = 0, e1 = -1;  // NOFILL: the elements of out this lane writes (its row's owned columns)
-  if (NOFILL) {
-    int lo, hi;
-    if (parts > 1) {  // (warp-uniform: every lane takes part in the shuffles)
-      const int p = lane & (parts - 1);
-      const int mine = p == 0 || col > 0 ? col : 0x7fffffff;  // the part's first column, or none (no entries)
-      const int up = __shfl_down_sync(0xffffffffu, mine, 1);
-      int nxt = p + 1 < parts ? up : 0x7fffffff;
-      for (int off = 1; off < parts; off <<= 1) {  // the smallest first column of the row's later parts
-        const int o = __shfl_down_sync(0xffffffffu, nxt, off);
-        if (p + off < parts) nxt = min(nxt, o);
-      }
-      lo = p == 0 ? 0 : col;
-      hi = mine == 0x7fffffff ? -1 : nxt == 0x7fffffff ? K - 1 : nxt - 1;
-    } else {  // (a split before the slice's first group owns nothing: the split of its first group owns column 0)
-      lo = g0 == 0 ? 0 : col + 1;
-      hi = s + 1 < S ? (g1 == 0 ? -1 : dr_start(offsets, slices, S, slice, s + 1, lane)) : K - 1;
-    }
-    if (row >= 0 && lo <= hi) {
-      e0 = rowbase + lo;
-      e1 = rowbase + hi;
-    }
-  }
+  if (NOFILL) dr_dense_owned(offsets, slices, S, slice, s, lane, row, col, g0, g1, K, parts, e0, e1);
   uint4 v = make_uint4(0, 0, 0, 0);
   u32 d = 0;
   if (g0 < g1) {
@@ -3478,24 +3486,9 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
   const int* base = data + (long long)goff * gw;
   const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
   const long long rowbase = (long long)max(row, 0) * K;
-  int lo, hi;  // the lane's owned columns (as delta_rows_to_dense_nf)
-  if (parts > 1) {
-    const int p = lane & (parts - 1);
-    const int mine = p == 0 || col > 0 ? col : 0x7fffffff;
-    const int up = __shfl_down_sync(0xffffffffu, mine, 1);
-    int nxt = p + 1 < parts ? up : 0x7fffffff;
-    for (int off = 1; off < parts; off <<= 1) {
-      const int o = __shfl_down_sync(0xffffffffu, nxt, off);
-      if (p + off < parts) nxt = min(nxt, o);
-    }
-    lo = p == 0 ? 0 : col;
-    hi = mine == 0x7fffffff ? -1 : nxt == 0x7fffffff ? K - 1 : nxt - 1;
-  } else {
-    lo = g0 == 0 ? 0 : col + 1;
-    hi = s + 1 < S ? (g1 == 0 ? -1 : dr_start(offsets, slices, S, slice, s + 1, lane)) : K - 1;
-  }
-  const bool owns = row >= 0 && lo <= hi;
-  const long long e0 = owns ? rowbase + lo : 0, e1 = owns ? rowbase + hi : -1;
+  long long e0, e1;  // the lane's owned elements (as delta_rows_to_dense_nf)
+  dr_dense_owned(offsets, slices, S, slice, s, lane, row, col, g0, g1, K, parts, e0, e1);
+  const bool owns = e0 <= e1;
   const long long b0 = e0 & ~7LL;  // the lane's first tile (16-byte aligned)
   own_b[warp][lane] = b0;
   own_0[warp][lane] = e0;
