@@ -3474,7 +3474,7 @@ DEVI void dr_dense_group(const int* base, int g, int gw, int lane, int coded, ui
 extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense_nft(const int* __restrict__ data,
     const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int parts) {
   __shared__ __align__(16) u16 tile[DRT_WARPS][32 * DRT_STRIDE];
-  __shared__ long long own_b[DRT_WARPS][32], own_0[DRT_WARPS][32], own_1[DRT_WARPS][32];
+  __shared__ long long own_0[DRT_WARPS][32], own_1[DRT_WARPS][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
   const int slice = blockIdx.x * (blockDim.x >> 5) + warp;
   if (slice >= slices) return;  // (warp-uniform; no block barrier below)
@@ -3490,7 +3490,6 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
   dr_dense_owned(offsets, slices, S, slice, s, lane, row, col, g0, g1, K, parts, e0, e1);
   const bool owns = e0 <= e1;
   const long long b0 = e0 & ~7LL;  // the lane's first tile (16-byte aligned)
-  own_b[warp][lane] = b0;
   own_0[warp][lane] = e0;
   own_1[warp][lane] = e1;
   // the walk: the next entry's column `nc` (INT_MAX: none), its value in the low half of v.x
@@ -3530,7 +3529,7 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
 #pragma unroll 2
     for (int j = 0; j < 8; ++j) {  // lanes 8 i .. 8 i + 7 write lane 4 j + i's tile, 16 bytes each
       const int src = 4 * j + (lane >> 3), c = (lane & 7) * 8;
-      const long long e = own_b[warp][src] + t0 + c, a = own_0[warp][src], z = own_1[warp][src];
+      const long long a = own_0[warp][src], z = own_1[warp][src], e = (a & ~7LL) + t0 + c;
       if (e > z || e + 7 < a) continue;
       const uint4 q = *reinterpret_cast<const uint4*>(tw + src * DRT_STRIDE + c);
       if (e >= a && e + 7 <= z) {
