@@ -1353,6 +1353,51 @@ def test_prefill_graphs_replay_the_new_prompts_of_a_shape(pair, monkeypatch):
     assert eng._prefills == {}
 
 
+def test_prefill_bucket_lengths():
+    """Prompts up to PREFILL_BUCKET_FROM tokens keep their length; longer ones pad to four lengths an octave (at most
+    25 % more), never beyond the limit the cache allows."""
+    from flash_llm.engine import PREFILL_BUCKET_FROM, prefill_bucket
+
+    assert [prefill_bucket(p) for p in range(1, PREFILL_BUCKET_FROM + 1)] == list(range(1, PREFILL_BUCKET_FROM + 1))
+    assert [prefill_bucket(p) for p in (33, 40, 41, 64, 65, 100, 128, 129, 257, 1000, 2047)] == \
+        [40, 40, 48, 64, 80, 112, 128, 160, 320, 1024, 2048]
+    for p in range(PREFILL_BUCKET_FROM + 1, 5000):
+        q = prefill_bucket(p)
+        assert p <= q < 1.25 * p and prefill_bucket(q) == q, p
+    assert len({prefill_bucket(p) for p in range(1025, 2049)}) == 4
+    assert prefill_bucket(100, limit=111) == 100 and prefill_bucket(100, limit=112) == 112
+
+
+def test_prefill_graphs_share_a_bucket_of_prompt_lengths(pair, monkeypatch):
+    """Prompts of 37 and 38 tokens pad to 40 on the left and replay one graph, giving an eager engine's tokens (the
+    logits the same to rounding: the padding only changes the shapes); a prompt whose bucket would not leave the cache
+    room for the new tokens, or any prompt with FLASH_LLM_PREFILL_BUCKETS=0, keeps its length."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    eager = Engine(ours, max_batch=2, max_seq=48)
+    eng = Engine(ours, max_batch=2, max_seq=48)
+    eng._prefills = {}
+    monkeypatch.setattr(eng, "_capture_prefill", _fake_capture(eng))
+    gen = torch.Generator().manual_seed(5)
+    vocab = ours.config.vocab_size
+    for n in (37, 38, 37):
+        prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist(), torch.randint(0, vocab, (n - 4,),
+                                                                                    generator=gen).tolist()]
+        a = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
+        b = eager.generate(prompts, 4, output_logits=True, eos_token_id=None)
+        assert a.prompt_lengths == b.prompt_lengths == [n, n - 4]
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+        if _min_margin(b.logits) > 10 * float((a.logits - b.logits).abs().max()):  # (greedy choices well defined)
+            assert torch.equal(a.tokens, b.tokens), n
+    assert list(eng._prefills) == [(2, 40)] and eng._prefills[(2, 40)].graph.replays == 2
+    eng.generate([list(range(1, 38))], 12, eos_token_id=None)  # (40 + 12 - 1 > 48: keeps 37)
+    assert list(eng._prefills) == [(2, 40), (1, 37)]
+    monkeypatch.setattr(E, "PREFILL_BUCKETS", False)
+    eng.generate([list(range(1, 39))], 4, eos_token_id=None)
+    assert list(eng._prefills) == [(2, 40), (1, 37), (1, 38)]
+
+
 def test_prefill_graph_capture_failure_falls_back_to_eager(pair, monkeypatch):
     """A capture that fails warns once and leaves every later prefill eager, with the right results."""
     _, ours = pair
