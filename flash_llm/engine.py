@@ -667,11 +667,12 @@ def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_bat
 
 @dataclass
 class _PrefillGraph:
-    """A captured prefill and the static inputs it reads (``ids`` / ``mask`` ``[B, P]``)."""
+    """A captured prefill, the static inputs it reads (``ids`` / ``mask`` ``[B, P]``) and how often it was replayed."""
 
     graph: "torch.cuda.CUDAGraph"
     ids: torch.Tensor
     mask: torch.Tensor
+    replays: int = 0
 
 
 class Engine:
@@ -1039,6 +1040,7 @@ class Engine:
             entry.ids.copy_(ids)
             entry.mask.copy_(mask)
             entry.graph.replay()
+            entry.replays += 1
             return self._logits[: key[0]]
         logits = self._prefill(ids, mask)  # (this call's result; also the capture's warm-up)
         if not self._prefill_graph_fits(*key):
