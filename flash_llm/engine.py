@@ -858,6 +858,8 @@ class Engine:
             {} if self.cuda_graphs and self.tp is None and PREFILL_GRAPHS else None)
         self._prefill_pool = None
         self._prefill_scratch: int | None = None  # the largest sparse layer's dense bytes (_prefill_graph_fits)
+        # the static inputs of the prefill this generation ran eagerly, captured when its tokens are out
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._captured_over = self._weights_key()
 
     def _beside_bytes(self, kv_heads: int, slots: int) -> int:
@@ -1032,7 +1034,8 @@ class Engine:
 
     def _prefill_replayed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """:meth:`_prefill` from a CUDA graph of its batch size and prompt length: replayed if captured, else run
-        eagerly once (the result of this call) and captured for the next prompts of that shape."""
+        eagerly (the result of this call, and the capture's warm-up) and kept for :meth:`_capture_pending`, which
+        captures it once the generation's tokens are out, so the capture does not delay this prompt's first token."""
         key = tuple(ids.shape)
         entry = self._prefills.pop(key, None)
         if entry is not None:
@@ -1042,21 +1045,31 @@ class Engine:
             entry.graph.replay()
             entry.replays += 1
             return self._logits[: key[0]]
-        logits = self._prefill(ids, mask)  # (this call's result; also the capture's warm-up)
+        logits = self._prefill(ids, mask)
+        self._pending = (ids.clone(), mask.clone())
+        return logits
+
+    def _capture_pending(self) -> None:
+        """Capture the prefill that the current generation ran eagerly (:meth:`_prefill_replayed`) for the next prompts
+        of its shape, where the memory allows (:meth:`_prefill_graph_fits`; else asked again at the next prompt of that
+        shape).  A capture error warns and leaves every later prefill eager."""
+        pending, self._pending = self._pending, None
+        if pending is None or self._prefills is None:
+            return
+        key = tuple(pending[0].shape)
         if not self._prefill_graph_fits(*key):
-            return logits  # (eager this time; asked again at the next prompt of this shape)
+            return
         try:
-            self._prefills[key] = self._capture_prefill(ids.clone(), mask.clone())
-        except RuntimeError as e:  # (a capture error leaves the eager path, which just ran, to every later prefill)
+            self._prefills[key] = self._capture_prefill(*pending)
+        except RuntimeError as e:
             warnings.warn(f"flash_llm.Engine: the prefill could not be captured in a CUDA graph, so it runs "
                           f"eagerly from now on ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             self._prefills = None
             self._prefill_pool = None
-            return logits
+            return
         while len(self._prefills) > PREFILL_GRAPHS_MAX:
             self._prefills.pop(next(iter(self._prefills)))
-        return logits
 
     def _prefill_graph_fits(self, b: int, p: int) -> bool:
         """Whether the device's free memory, less :data:`RELAYOUT_MARGIN_BYTES`, holds what a prefill graph of ``b``
@@ -1187,6 +1200,7 @@ class Engine:
              per_step_sync: bool, output_logits: bool = False) -> Iterator[tuple[torch.Tensor, Generation | None]]:
         """Yields ``(tokens [B] on the device, None)`` per step, then ``(None, Generation)`` once."""
         self._check_graphs()
+        self._pending = None  # (a generation left unfinished does not capture its prefill)
         sampler = self._sampler(temperature, top_k, top_p, generator)
         eos = self._eos(eos_token_id)
         if self.tp is not None:  # every rank takes rank 0's tokens, so all run the same steps
@@ -1236,6 +1250,7 @@ class Engine:
             if self.device.type == "cuda":
                 marks[-1].synchronize()
             secs = [self._seconds(x, y) for x, y in zip(marks, marks[1:])]
+            self._capture_pending()  # (after the last step's time is taken)
             yield None, Generation(tokens=tokens.cpu(), lengths=lens.cpu(), prompt_lengths=lengths, ttft_s=secs[0],
                                    step_s=secs[1:], logits=torch.stack(kept, 1).cpu() if output_logits else None)
 

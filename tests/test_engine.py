@@ -1398,6 +1398,28 @@ def test_prefill_graphs_share_a_bucket_of_prompt_lengths(pair, monkeypatch):
     assert list(eng._prefills) == [(2, 40), (1, 37), (1, 38)]
 
 
+def test_prefill_graph_captured_after_the_generation(pair, monkeypatch):
+    """The prefill a generation ran eagerly is captured once its last step has run (the capture does not delay the
+    first token); a stream left before its end captures nothing, and the next prompt of that shape is eager again."""
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=32)
+    eng._prefills = {}
+    steps, at_capture = [], []
+    decode = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda b: steps.append(b) or decode(b))
+    fake = _fake_capture(eng)
+    monkeypatch.setattr(eng, "_capture_prefill", lambda ids, mask: at_capture.append(len(steps)) or fake(ids, mask))
+    eng.generate(PROMPTS, 4, eos_token_id=None)
+    assert at_capture == [3] and list(eng._prefills) == [(3, 7)]
+    it = eng.stream(PROMPTS[:2], 4, eos_token_id=None)
+    next(it), next(it)
+    it.close()
+    assert at_capture == [3] and list(eng._prefills) == [(3, 7)] and eng._pending is not None
+    eng.generate(PROMPTS[:2], 2, eos_token_id=None)  # ((2, 5) eager again, then captured)
+    assert at_capture == [3, 3 + 1 + 1] and list(eng._prefills) == [(3, 7), (2, 5)]
+    assert eng._pending is None
+
+
 def test_prefill_graph_capture_failure_falls_back_to_eager(pair, monkeypatch):
     """A capture that fails warns once and leaves every later prefill eager, with the right results."""
     _, ours = pair
