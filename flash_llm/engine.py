@@ -1286,6 +1286,46 @@ class Engine:
                 on_token(step, tok.cpu())
         raise AssertionError("unreachable: _run always ends with a result")
 
+    def warmup(self, batches=(1,), prompt_lengths=(128,), *, progress: bool = False) -> list[tuple[int, int]]:
+        """Run a short generation of each shape before the first requests, so they find it ready: the kernels loaded,
+        the fused functions compiled (``fuse``: tens of seconds the first time), and with CUDA graphs each batch
+        size's decode graph and each ``(batch, prefill_bucket(length))``'s prefill graph captured.
+
+        Args:
+            batches: batch sizes (each ``1 .. max_batch``).
+            prompt_lengths: prompt lengths in tokens; lengths of one bucket (:func:`prefill_bucket`) warm one graph.
+            progress: a progress bar over the shapes.
+
+        Returns:
+            The ``(batch, padded prompt length)`` shapes run, in order.  At most :data:`PREFILL_GRAPHS_MAX` prefill
+            graphs are kept (a warning says so where more shapes are given: the first ones are dropped).  A request
+            whose prompt and new tokens leave no room in the cache for its bucket keeps its own length, and so
+            another graph.
+        """
+        batches, lengths = list(batches), list(prompt_lengths)
+        for b in batches:
+            if not _is_int(b) or not 1 <= b <= self.max_batch:
+                raise ValueError(f"batches: {b!r} is not a batch size of this engine (1 to max_batch={self.max_batch})")
+        for n in lengths:
+            if not _is_int(n) or not 1 <= n <= self.max_seq - 1:
+                raise ValueError(f"prompt_lengths: {n!r} is not a prompt length this engine can extend (1 to "
+                                 f"max_seq - 1 = {self.max_seq - 1})")
+        if not batches or not lengths:
+            raise ValueError("warmup needs at least one batch size and one prompt length")
+        limit = self.max_seq - 1  # (a prompt, then 2 new tokens)
+        padded = sorted({prefill_bucket(n, limit) if PREFILL_BUCKETS and self._prefills is not None else n
+                         for n in lengths})
+        shapes = [(b, n) for b in batches for n in padded]
+        if self._prefills is not None and len(shapes) > PREFILL_GRAPHS_MAX:
+            warnings.warn(f"Engine.warmup: {len(shapes)} prefill shapes, but the engine keeps {PREFILL_GRAPHS_MAX} "
+                          f"prefill graphs (PREFILL_GRAPHS_MAX); the first {len(shapes) - PREFILL_GRAPHS_MAX} are "
+                          f"dropped again", RuntimeWarning, stacklevel=2)
+        from tqdm import tqdm
+
+        for b, n in tqdm(shapes, desc="warm-up", unit="shape", disable=not progress):
+            self.generate([[0] * n for _ in range(b)], 2, eos_token_id=None)
+        return shapes
+
     def stream(self, prompts, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
         """Like :meth:`generate` (same keyword arguments except ``on_token``), but yields each step's tokens
         ``[B]`` (int64, CPU) as they come; the :class:`Generation` is :attr:`last` when the iteration ends."""

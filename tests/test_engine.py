@@ -1420,6 +1420,34 @@ def test_prefill_graph_captured_after_the_generation(pair, monkeypatch):
     assert eng._pending is None
 
 
+def test_warmup_captures_the_shapes_before_the_requests(pair, monkeypatch):
+    """warmup runs each (batch, bucket) once, so a later request of that bucket replays its prefill graph with the
+    tokens of an engine that was never warmed; bad shapes are refused naming the argument, and more shapes than the
+    engine keeps graphs warn."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    eng = Engine(ours, max_batch=2, max_seq=64)
+    eng._prefills = {}
+    monkeypatch.setattr(eng, "_capture_prefill", _fake_capture(eng))
+    assert eng.warmup(batches=(1, 2), prompt_lengths=(33, 38, 50)) == [(1, 40), (1, 56), (2, 40), (2, 56)]
+    assert sorted(eng._prefills) == [(1, 40), (1, 56), (2, 40), (2, 56)]
+    assert all(g.graph.replays == 0 for g in eng._prefills.values())
+    prompts = [list(range(1, 38)), list(range(3, 38))]
+    got = eng.generate(prompts, 3, output_logits=True, eos_token_id=None)
+    assert eng._prefills[(2, 40)].graph.replays == 1
+    want = Engine(ours, max_batch=2, max_seq=64).generate(prompts, 3, output_logits=True, eos_token_id=None)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    for bad, word in [(dict(batches=(3,)), "batches"), (dict(batches=(0,)), "batches"),
+                      (dict(prompt_lengths=(64,)), "prompt_lengths"), (dict(prompt_lengths=(2.5,)), "prompt_lengths"),
+                      (dict(prompt_lengths=()), "at least one")]:
+        with pytest.raises(ValueError, match=word):
+            eng.warmup(**bad)
+    monkeypatch.setattr(E, "PREFILL_GRAPHS_MAX", 3)
+    with pytest.warns(RuntimeWarning, match="keeps 3 prefill graphs"):
+        eng.warmup(batches=(1, 2), prompt_lengths=(40, 56))
+
+
 def test_prefill_graph_capture_failure_falls_back_to_eager(pair, monkeypatch):
     """A capture that fails warns once and leaves every later prefill eager, with the right results."""
     _, ours = pair
