@@ -563,8 +563,9 @@ def test_prefill_graphs_equal_the_eager_prefill(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["dense", "delta-rows"])
 def test_prefill_graphs_bucket_nearby_prompt_lengths(kind):
-    """Prompts of 37 and 39 tokens replay one graph of 40 (padded on the left, engine.prefill_bucket): the prefill's
-    and the first step's logits within rounding of an eager engine's, which keeps their lengths."""
+    """After Engine.warmup, prompts of 37 and 39 tokens replay one graph of 40 (padded on the left,
+    engine.prefill_bucket): the prefill's and the first step's logits within rounding of an eager engine's, which keeps
+    their lengths."""
     model = build_synthetic(_small_llama(), None if kind == "dense" else 0.8, fmt="delta-rows", device="cuda",
                             progress=False)[0]
     eng = Engine(model, max_batch=2, max_seq=96)
@@ -572,9 +573,10 @@ def test_prefill_graphs_bucket_nearby_prompt_lengths(kind):
     gen = torch.Generator().manual_seed(11)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
+        assert eng.warmup(batches=(2,), prompt_lengths=(38,)) == [(2, 40)]
         for n in (37, 39, 37):
             prompts = [[int(t) for t in torch.randint(0, 4096, (n - i,), generator=gen)] for i in (0, 3)]
             g = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
             e = eager.generate(prompts, 4, output_logits=True, eos_token_id=None)
             _assert_first_steps_close(g, e, (kind, n))
-    assert list(eng._prefills) == [(2, 40)]
+    assert list(eng._prefills) == [(2, 40)] and eng._prefills[(2, 40)].replays == 3
