@@ -2,7 +2,8 @@
 # The waiting calls of sessions 63-64 (benchmarks/ab/README.md, top), with a time limit a step:
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tests expand prefill      (about 8 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh memory lengths            (about 5 minutes)
-# tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs and their buckets);
+# tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
+#          Engine.warmup, and the tensor-parallel prefill graphs at world size 1);
 # expand:  the expansion kernels alone (dr_expand.py);
 # prefill: the same in the prefill (prefill_ab.py, OPT-30B and Llama-3-8B, nf against nft, and the graph what-if);
 # memory:  what the prefill graphs hold (diag/prefill_graph_memory.py);
@@ -21,8 +22,8 @@ timeout 300 python3 -m flash_llm.cli build > "$OUT/build.log" 2>&1 || echo "--- 
 groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(tests expand prefill memory lengths)
 for group in "${groups[@]}"; do
   case $group in
-    tests) step tests 200 python3 -m pytest -q tests/test_delta_rows_gpu.py tests/test_engine_gpu.py \
-             -k "decode_kernel_is_exact or prefill_graphs" ;;
+    tests) step tests 240 python3 -m pytest -q tests/test_delta_rows_gpu.py tests/test_engine_gpu.py \
+             tests/test_parallel_gpu.py -k "decode_kernel_is_exact or prefill_graphs" ;;
     expand) step dr_expand 120 python3 benchmarks/dr_expand.py \
               --kernels delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,delta_rows_to_dense_nft:2 ;;
     prefill) for m in opt-30b llama-3-8b; do

@@ -38,6 +38,9 @@ WARMUP_STEPS = 2
 #: eager).  An eager prefill is bound by the host's launches: Llama-3-8B at 80 %, a prompt of 128 on an H200, 19-23 ms
 #: of kernels in a time to first token of 49-87 ms (session 63, ``benchmarks/prefill_ab.py``).
 PREFILL_GRAPHS = os.environ.get("FLASH_LLM_PREFILL_GRAPHS", "1") == "1"
+#: ... for tensor-parallel models too (NCCL: the all-reduces captured, as the decode graphs do; every rank captures
+#: the same shapes, by agreement).  Off until it is run on GPUs (session 64, ``FLASH_LLM_PREFILL_GRAPHS_TP=1``)
+PREFILL_GRAPHS_TP = os.environ.get("FLASH_LLM_PREFILL_GRAPHS_TP", "0") == "1"
 #: the most prefill graphs an engine keeps (the least recently used is dropped; they share one memory pool)
 PREFILL_GRAPHS_MAX = 8
 #: where the prefill runs from graphs, pad the prompts on the left to the next length of :func:`prefill_bucket`, so
@@ -689,7 +692,8 @@ class Engine:
         cuda_graphs: capture the decode step in CUDA graphs, one per batch size, at its first use (default:
             on CUDA devices); ``False`` runs it eagerly.  The prefill too, one graph per batch size and padded prompt
             length (the first prompt of a shape runs eagerly, later ones replay; at most :data:`PREFILL_GRAPHS_MAX`
-            kept; not for tensor-parallel models; ``FLASH_LLM_PREFILL_GRAPHS=0`` keeps it eager); prompts longer
+            kept; tensor-parallel models only with :data:`PREFILL_GRAPHS_TP`; ``FLASH_LLM_PREFILL_GRAPHS=0`` keeps it
+            eager); prompts longer
             than :data:`PREFILL_BUCKET_FROM` tokens are then padded on the left to the next length of
             :func:`prefill_bucket`, so nearby lengths share a graph (the logits the same to rounding).
         fuse: run the elementwise parts of each layer (the norms with the residual adds before them, RoPE or
@@ -855,7 +859,7 @@ class Engine:
         # the prefill's graphs ((batch, padded prompt length) -> _PrefillGraph), most recently used last, in a pool
         # of their own; None: the prefill runs eagerly (no CUDA graphs, tensor parallelism, or a capture that failed)
         self._prefills: dict[tuple[int, int], _PrefillGraph] | None = (
-            {} if self.cuda_graphs and self.tp is None and PREFILL_GRAPHS else None)
+            {} if self.cuda_graphs and PREFILL_GRAPHS and (self.tp is None or PREFILL_GRAPHS_TP) else None)
         self._prefill_pool = None
         self._prefill_scratch: int | None = None  # the largest sparse layer's dense bytes (_prefill_graph_fits)
         # the static inputs of the prefill this generation ran eagerly, captured when its tokens are out
@@ -1057,17 +1061,25 @@ class Engine:
         if pending is None or self._prefills is None:
             return
         key = tuple(pending[0].shape)
-        if not self._prefill_graph_fits(*key):
+        fits = self._prefill_graph_fits(*key)
+        if not (fits if self.tp is None else self.tp.all_true(fits)):  # (tensor-parallel: all ranks or none)
             return
+        entry, error = None, None
         try:
-            self._prefills[key] = self._capture_prefill(*pending)
+            entry = self._capture_prefill(*pending)
         except RuntimeError as e:
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if self.tp is not None and not self.tp.all_true(error is None) and error is None:
+            error = "another tensor-parallel rank's capture failed"
+        if error is not None:
             warnings.warn(f"flash_llm.Engine: the prefill could not be captured in a CUDA graph, so it runs "
-                          f"eagerly from now on ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                          RuntimeWarning, stacklevel=4)
+                          f"eagerly from now on ({error})", RuntimeWarning, stacklevel=4)
             self._prefills = None
             self._prefill_pool = None
             return
+        self._prefills[key] = entry
+        if self.tp is not None:
+            self.tp.track_graph(entry.graph)  # (reset when the group is closed: NCCL work captured in it)
         while len(self._prefills) > PREFILL_GRAPHS_MAX:
             self._prefills.pop(next(iter(self._prefills)))
 

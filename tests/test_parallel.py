@@ -265,6 +265,16 @@ def test_cache_holds_this_ranks_kv_heads_and_bad_calls_are_refused(tp_run, famil
         assert torch.equal(out[f"{family}/after_error"], out[f"{family}/dense/tokens"][:, :2])
 
 
+def test_prefill_graphs_are_captured_by_every_rank_or_none(tp_run):
+    """engine.PREFILL_GRAPHS_TP: a shape that one rank has no room to capture is captured by no rank (its prefill stays
+    eager everywhere); one that all can is captured by all and replayed, with the eager engine's tokens."""
+    for o in tp_run["outs"]:
+        assert o["prefill_graphs/keys"] == [(2, 5)] and o["prefill_graphs/replays"] == [1], o["rank"]
+        assert torch.equal(o["prefill_graphs/a"], o["synth/tokens"]) and torch.equal(o["prefill_graphs/d"],
+                                                                                       o["synth/tokens"])
+        assert torch.equal(o["prefill_graphs/b"], o["prefill_graphs/c"])
+
+
 def test_world_size_not_dividing_heads_is_refused_on_every_rank(tp_run):
     for out in tp_run["outs"]:
         for key in ("divisible_error", "divisible_error_synthetic"):

@@ -88,6 +88,28 @@ def test_tensor_parallel_decode_with_graphs_equals_single_process(tp, family, sp
     assert torch.equal(g.tokens, s.tokens) and float((g.logits - s.logits).abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_tensor_parallel_prefill_graphs_equal_the_eager_prefill(tp, sparse, monkeypatch):
+    """engine.PREFILL_GRAPHS_TP: the prefill (its NCCL all-reduces captured) replayed from its graph for new prompts of
+    a captured shape gives the eager engine's tokens and logits bit for bit; a capture error would have warned."""
+    from flash_llm import engine as E
+
+    model = copy.deepcopy(_ours(_hf("llama").cuda(), torch.float16, sparse))
+    tensor_parallel_(model, tp)
+    monkeypatch.setattr(E, "PREFILL_GRAPHS_TP", True)
+    eng = Engine(model, max_batch=3, max_seq=96)
+    assert eng._prefills == {}
+    eager = Engine(model, max_batch=3, max_seq=96, cuda_graphs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for seed in (1, 2, 3):
+            prompts = [p[:30] + [7] * (30 - len(p[:30])) for p in _prompts(3, seed)]  # (3 x 30: one shape)
+            g = eng.generate(prompts, 6, output_logits=True, eos_token_id=None)
+            e = eager.generate(prompts, 6, output_logits=True, eos_token_id=None)
+            assert torch.equal(g.tokens, e.tokens) and torch.equal(g.logits[:, 0], e.logits[:, 0]), seed
+    assert list(eng._prefills) == [(3, 30)] and eng._prefills[(3, 30)].replays == 2
+
+
 def test_checkpoint_slices_load_onto_the_gpu(tp, tmp_path):
     from safetensors.torch import save_file
 

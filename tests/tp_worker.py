@@ -56,6 +56,42 @@ def run_model(out, key, model, device):
     out[f"{key}/tokens"], out[f"{key}/step_logits"] = g.tokens, g.logits
 
 
+def prefill_graphs(out, model, tp, step) -> None:
+    """Prefill graphs on a tensor-parallel engine (engine.PREFILL_GRAPHS_TP): rank 1 alone finds no room for the 3 x 7
+    shape, so no rank captures it; the 2 x 5 shape is captured by both and replayed.  On CUDA the graphs are real (the
+    all-reduces captured); on gloo a capture is a stand-in whose replay runs the eager prefill."""
+    import flash_llm.engine as E
+
+    step("prefill graphs")
+    E.PREFILL_GRAPHS_TP = True
+    try:
+        eng = Engine(model, max_batch=3, max_seq=32)
+    finally:
+        E.PREFILL_GRAPHS_TP = False
+    cuda = tp.device.type == "cuda"
+    if not cuda:
+        eng._prefills = {}
+
+        class Replay:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def replay(self):
+                self.fn()
+
+            def reset(self):  # (TensorParallel.close resets the graphs the engine tracked)
+                self.fn = None
+
+        eng._capture_prefill = lambda ids, mask: E._PrefillGraph(Replay(lambda: eng._prefill(ids, mask)), ids, mask)
+    fits = eng._prefill_graph_fits
+    eng._prefill_graph_fits = lambda b, p: (tp.rank == 0 or (b, p) != (3, 7)) and (not cuda or fits(b, p))
+    runs = [(PROMPTS, "a"), (PROMPTS[:2], "b"), (PROMPTS[:2], "c"), (PROMPTS, "d")]
+    for prompts, key in runs:
+        out[f"prefill_graphs/{key}"] = eng.generate(prompts, NEW, eos_token_id=None).tokens
+    out["prefill_graphs/keys"] = sorted(eng._prefills)
+    out["prefill_graphs/replays"] = [g.replays for g in eng._prefills.values()]
+
+
 def main(folder: str, bench_out: str, device: str) -> None:
     # FLASH_LLM_TP_WORKER_DUMP_S=S: after S seconds, print every thread's stack and exit (to see where a run hangs)
     if os.environ.get("FLASH_LLM_TP_WORKER_DUMP_S"):
@@ -126,6 +162,7 @@ def main(folder: str, bench_out: str, device: str) -> None:
         out["synth/logits"] = model(ids.to(dev), attention_mask=mask.to(dev)).float().cpu()
     out["synth/layers"] = srep.layers
     out["synth/tokens"] = Engine(model, max_batch=3, max_seq=32).generate(PROMPTS, NEW, eos_token_id=None).tokens
+    prefill_graphs(out, model, tp, step)
     # a world size that does not divide the heads: the same clear error on every rank, before any collective
     bad = preset("llama-3-8b").replace(num_layers=1, hidden_size=48, intermediate_size=64, num_heads=3,
                                        num_kv_heads=3, vocab_size=50, name="three-heads")

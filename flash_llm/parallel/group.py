@@ -143,6 +143,13 @@ class TensorParallel:
                              f"{self.rank}: {mine}; the ranks' minimum {lo.tolist()}, maximum {hi.tolist()}); every "
                              "rank must make the same call with the same inputs")
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (a collective: one small all-reduce and a host synchronization), so
+        that the ranks take the same branch where each decides from its own state (e.g. its free memory)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
+
     def all_gather_object(self, obj) -> list:
         """``obj`` of every rank, in rank order (pickled; for reports, not for tensors on a hot path)."""
         out = [None] * self.world_size
