@@ -59,7 +59,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
-    ap.add_argument("--kernels", default="delta_rows_to_dense:4,delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4")
+    ap.add_argument("--kernels", default="delta_rows_to_dense:4,delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,"
+                                         "delta_rows_to_dense_nftp:4")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     names = a.kernels.split(",")

@@ -62,10 +62,12 @@ for tool in memcheck racecheck; do
     echo "$tool $fmt decode sparsity=0.7: $r" | tee -a "$OUT/sanitize.log"
   done
   # DeltaRows' decoder, with its zero fill and without (delta_rows_to_dense_nf; "t": through a tile a lane,
-  # delta_rows_to_dense_nft), split and parts layouts
-  for nf in 0 1 t; do
+  # delta_rows_to_dense_nft; "p": that with its groups asked for a group ahead, _nftp), split and parts layouts
+  for nf in 0 1 t p; do
     for parts in 1 4; do
-      r=$(env FLASH_LLM_DR_DENSE_NOFILL=${nf/t/1} FLASH_LLM_DR_DENSE_TILED=$([ $nf = t ] && echo 1 || echo 0) \
+      r=$(env FLASH_LLM_DR_DENSE_NOFILL=$([ $nf = 0 ] && echo 0 || echo 1) \
+          FLASH_LLM_DR_DENSE_TILED=$([ $nf = t ] || [ $nf = p ] && echo 1 || echo 0) \
+          FLASH_LLM_DR_DENSE_T_PF=$([ $nf = p ] && echo 1 || echo 0) \
           timeout 120 compute-sanitizer --tool $tool --report-api-errors no \
           --error-exitcode 9 python3 benchmarks/profile_kernel.py --fmt delta-rows --m 200 --k 1000 --sparsity 0.7 \
           --parts $parts --decode --iters 2 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')

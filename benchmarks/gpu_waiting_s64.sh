@@ -2,12 +2,15 @@
 # The waiting calls of sessions 63-64 (benchmarks/ab/README.md, top), with a time limit a step:
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tests expand prefill      (about 8 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh memory lengths            (about 5 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh sanitize                  (about 5 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, and the tensor-parallel prefill graphs at world size 1);
 # expand:  the expansion kernels alone (dr_expand.py);
 # prefill: the same in the prefill (prefill_ab.py, OPT-30B and Llama-3-8B, nf against nft, and the graph what-if);
 # memory:  what the prefill graphs hold (diag/prefill_graph_memory.py);
-# lengths: time to first token over varied prompt lengths (ttft_lengths.py, Llama-3-8B at 80 % and dense).
+# lengths: time to first token over varied prompt lengths (ttft_lengths.py, Llama-3-8B at 80 % and dense);
+# sanitize: compute-sanitizer memcheck and racecheck over the decoders to dense only (gpu_sanitize.sh), the tiled
+#          DeltaRows expansions (_nft, _nftp) among them.
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -19,22 +22,24 @@ step() {  # step <name> <seconds> <command...>
   tail -n "${TAIL:-16}" "$OUT/$name.log"
 }
 timeout 300 python3 -m flash_llm.cli build > "$OUT/build.log" 2>&1 || echo "--- flash-llm build failed (see build.log)"
-groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(tests expand prefill memory lengths)
+groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(tests expand prefill memory lengths sanitize)
 for group in "${groups[@]}"; do
   case $group in
     tests) step tests 240 python3 -m pytest -q tests/test_delta_rows_gpu.py tests/test_engine_gpu.py \
              tests/test_parallel_gpu.py -k "decode_kernel_is_exact or prefill_graphs" ;;
     expand) step dr_expand 120 python3 benchmarks/dr_expand.py \
-              --kernels delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,delta_rows_to_dense_nft:2 ;;
+              --kernels delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,delta_rows_to_dense_nftp:4,delta_rows_to_dense_nftp:2 ;;
     prefill) for m in opt-30b llama-3-8b; do
                step "prefill_ab_$m" 150 python3 benchmarks/prefill_ab.py --model "$m" --rounds 4 --graph \
-                 --settings "nf:;nft:DR_DENSE_TILED=1"
+                 --settings "nf:;nft:DR_DENSE_TILED=1;nftp:DR_DENSE_TILED=1,DR_DENSE_T_PF=1"
              done ;;
     memory) step prefill_graph_memory 90 python3 benchmarks/diag/prefill_graph_memory.py ;;
     lengths) for s in 80 0; do
                step "ttft_lengths_$s" 150 python3 benchmarks/ttft_lengths.py --model llama-3-8b --sparsity "$s" \
                  --lengths 64-192 --count 32
              done ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths)" ;;
+    sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
+                > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize)" ;;
   esac
 done

@@ -432,19 +432,22 @@ def test_delta_rows_two_token_rms_norm_inside_the_parts_kernel(dtype, parts, mon
                 assert err <= 8 * ULP[dtype] * (1 + want.abs().max().item()), (m, kk, pair, err)
 
 
-@pytest.mark.parametrize("mode", ["zeroed", "nofill", "tiled"])
+@pytest.mark.parametrize("mode", ["zeroed", "nofill", "tiled", "tiled_pf"])
 def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     """The expansion (whole 16-element chunks between a lane's nonzeros, the rest one by one) gives the weight's bits
     at every density, lanes a row and split count, K not a multiple of 16 (chunks across rows), -0.0 dropped, into a
     poisoned ``out``, plain and (bf16) coded values; ``nofill`` (``delta_rows_to_dense_nf``, session 61) and
-    ``tiled`` (``delta_rows_to_dense_nft``, session 63): the kernel writes every element itself, so an element it
-    misses keeps the poison (the output is not zeroed first)."""
+    ``tiled`` (``delta_rows_to_dense_nft``, session 63) and ``tiled_pf`` (``_nftp``, its groups asked for a group
+    ahead, session 64): the kernel writes every element itself, so an element it misses keeps the poison (the output
+    is not zeroed first)."""
     gen = torch.Generator(device="cuda").manual_seed(14)
     k = _kernels()
     nofill = mode != "zeroed"
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
-    monkeypatch.setattr(k, "DR_DENSE_TILED", mode == "tiled")
-    name = {"zeroed": "delta_rows_to_dense", "nofill": "delta_rows_to_dense_nf", "tiled": "delta_rows_to_dense_nft"}
+    monkeypatch.setattr(k, "DR_DENSE_TILED", mode.startswith("tiled"))
+    monkeypatch.setattr(k, "DR_DENSE_T_PF", mode == "tiled_pf")
+    name = {"zeroed": "delta_rows_to_dense", "nofill": "delta_rows_to_dense_nf", "tiled": "delta_rows_to_dense_nft",
+            "tiled_pf": "delta_rows_to_dense_nftp"}
     launched = record_launches(k, monkeypatch)
     for dtype in DTYPES:
         for (m, kk) in ((333, 520), (70, 517), (64, 4104)):

@@ -648,7 +648,8 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
         out = out.view(m, k) if nofill else out.view(m, k).zero_()
     tiled = nofill and DR_DENSE_TILED
     warps = DR_DENSE_T_WARPS if tiled else DR_DENSE_NF_WARPS if nofill else DR_DENSE_WARPS
-    name = "delta_rows_to_dense_nft" if tiled else "delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense"
+    name = (("delta_rows_to_dense_nftp" if DR_DENSE_T_PF else "delta_rows_to_dense_nft") if tiled
+            else "delta_rows_to_dense_nf" if nofill else "delta_rows_to_dense")
     launch(name, (ceil_div(slices, warps), s, 1), 32 * warps,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I), (s, I),
             (lay.parts if lay.coded else 0, I), (slices, I)] + ([(lay.parts, I)] if nofill else []),
@@ -676,6 +677,9 @@ DR_DENSE_NF_WARPS = 1
 DR_DENSE_TILED = os.environ.get("FLASH_LLM_DR_DENSE_TILED", "0") == "1"
 #: ... its warps a block (at most 4: its shared memory and launch bound)
 DR_DENSE_T_WARPS = 4
+#: ... with each lane's next group asked for a group ahead by ``cp.async`` (``delta_rows_to_dense_nftp``, session 64;
+#: ``FLASH_LLM_DR_DENSE_T_PF=1``; neither it nor the plain tiled kernel has run on a GPU yet)
+DR_DENSE_T_PF = os.environ.get("FLASH_LLM_DR_DENSE_T_PF", "0") == "1"
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)

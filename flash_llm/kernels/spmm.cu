@@ -3471,10 +3471,18 @@ DEVI void dr_dense_group(const int* base, int g, int gw, int lane, int coded, ui
   d = coded ? v.w : (u32)__ldg(base + (long long)g * 160 + 128 + lane);
   if (coded) v = dr_decode_coded(v, lut);
 }
-extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense_nft(const int* __restrict__ data,
-    const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int parts) {
+// PF (delta_rows_to_dense_nftp, session 64): a lane asks for its next group by cp.async into a ring of two slots in
+// shared memory when it moves on to a group, so the load has a group of the walk to arrive; without PF a lane loads
+// each group when it reaches it and waits for it there.  (The next group kept in registers instead gained nothing:
+// ptxas copied the loaded registers right after the load, which waits for it.)
+template <bool PF>
+DEVI void dr_dense_tiled_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out,
+                              int K, int S, int coded, int slices, int parts) {
   __shared__ __align__(16) u16 tile[DRT_WARPS][32 * DRT_STRIDE];
   __shared__ long long own_0[DRT_WARPS][32], own_1[DRT_WARPS][32];
+  // (PF) group g's values in slot g & 1, and (plain values) its steps; one element without PF
+  __shared__ __align__(16) uint4 ring_v[PF ? DRT_WARPS : 1][PF ? 2 : 1][PF ? 32 : 1];
+  __shared__ u32 ring_d[PF ? DRT_WARPS : 1][PF ? 2 : 1][PF ? 32 : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
   const int slice = blockIdx.x * (blockDim.x >> 5) + warp;
   if (slice >= slices) return;  // (warp-uniform; no block barrier below)
@@ -3496,7 +3504,18 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
   uint4 v = make_uint4(0, 0, 0, 0);
   u32 d = 0;
   int g = g0, k = 0;
-  if (owns && g < g1) dr_dense_group(base, g, gw, lane, coded, lut, v, d);
+  // (PF) ask for group h into its slot: one cp.async group a call
+  auto ask = [&](int h) {
+    cp_async16(smem_addr(&ring_v[PF ? warp : 0][h & 1][lane]), base + (long long)h * gw + 4 * lane);
+    if (!coded)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(&ring_d[PF ? warp : 0][h & 1][lane])),
+                   "l"(base + (long long)h * 160 + 128 + lane));
+    cp_async_commit();
+  };
+  if (owns && g < g1) {
+    dr_dense_group(base, g, gw, lane, coded, lut, v, d);
+    if (PF && g + 1 < g1) ask(g + 1);
+  }
   int nc = owns && g < g1 ? col + (int)(d & 15u) : 0x7fffffff;
   u16* const mine = tile[warp] + lane * DRT_STRIDE;
   const u16* const tw = tile[warp];
@@ -3520,7 +3539,17 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
         d >>= 4;
         if (++k == 8) {
           k = 0;
-          if (++g < g1) dr_dense_group(base, g, gw, lane, coded, lut, v, d);
+          if (++g < g1) {
+            if (PF) {  // (the slot asked for a group ago; the other slot, group g - 1's, is free for g + 1)
+              cp_async_wait<0>();
+              v = ring_v[warp][g & 1][lane];
+              d = coded ? v.w : ring_d[warp][g & 1][lane];
+              if (coded) v = dr_decode_coded(v, lut);
+              if (g + 1 < g1) ask(g + 1);
+            } else {
+              dr_dense_group(base, g, gw, lane, coded, lut, v, d);
+            }
+          }
         }
         nc = g < g1 ? col + (int)(d & 15u) : 0x7fffffff;
       }
@@ -3543,6 +3572,15 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
     }
     __syncwarp();
   }
+  if (PF) cp_async_wait<0>();  // (a group asked for past the lane's last owned column: landed before the block ends)
+}
+extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense_nft(const int* __restrict__ data,
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int parts) {
+  dr_dense_tiled_body<false>(data, offsets, out, K, S, coded, slices, parts);
+}
+extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense_nftp(const int* __restrict__ data,
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int parts) {
+  dr_dense_tiled_body<true>(data, offsets, out, K, S, coded, slices, parts);
 }
 extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
                                                                       const int* __restrict__ offsets,
