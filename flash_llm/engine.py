@@ -691,7 +691,7 @@ class Engine:
             ``max_position_embeddings``, at most 2048).
         cuda_graphs: capture the decode step in CUDA graphs, one per batch size, at its first use (default:
             on CUDA devices); ``False`` runs it eagerly.  The prefill too, one graph per batch size and padded prompt
-            length (the first prompt of a shape runs eagerly, later ones replay; at most :data:`PREFILL_GRAPHS_MAX`
+            length (the first prompt of a shape runs eagerly, later ones replay; at most ``prefill_graphs``
             kept; tensor-parallel models only with :data:`PREFILL_GRAPHS_TP`; ``FLASH_LLM_PREFILL_GRAPHS=0`` keeps it
             eager); prompts longer
             than :data:`PREFILL_BUCKET_FROM` tokens are then padded on the left to the next length of
@@ -744,6 +744,9 @@ class Engine:
             ``flash_llm.spmm``'s reference expands each weight on every call, decode runs 23-37x faster so (a 4-layer
             Llama-3-8B-shaped model at 80 %, bf16, on the dev machine's 2 cores); ``delta_layout`` then has nothing to lay
             out.  (``flash-llm generate`` on a CPU asks for it.)
+        prefill_graphs: the most prefill graphs kept (the least recently used dropped; they share one memory pool,
+            so a graph costs little beyond the largest); ``0`` keeps the prefill eager.  Default (``None``):
+            :data:`PREFILL_GRAPHS_MAX`, or ``0`` where ``FLASH_LLM_PREFILL_GRAPHS=0``.
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
@@ -751,7 +754,7 @@ class Engine:
 
     def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, merge: bool = False,
-                 delta_layout: str = "auto", formats: str = "auto"):
+                 delta_layout: str = "auto", formats: str = "auto", prefill_graphs: int | None = None):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
                             f"{type(model).__name__}")
@@ -763,6 +766,9 @@ class Engine:
             raise ValueError(f"delta_layout must be one of {DELTA_LAYOUTS}, got {delta_layout!r}")
         if formats not in ENGINE_FORMATS:
             raise ValueError(f"formats must be one of {ENGINE_FORMATS}, got {formats!r}")
+        if prefill_graphs is not None and (not _is_int(prefill_graphs) or prefill_graphs < 0):
+            raise ValueError(f"prefill_graphs must be an int >= 0 (0: an eager prefill) or None, got {prefill_graphs!r}")
+        self._prefill_max = prefill_graphs  # (None: PREFILL_GRAPHS_MAX, read when used)
         self.model = model.eval()
         if fuse is None:
             fuse = emb.device.type == "cuda" and cfg.num_parameters() >= FUSE_MIN_PARAMETERS
@@ -859,7 +865,8 @@ class Engine:
         # the prefill's graphs ((batch, padded prompt length) -> _PrefillGraph), most recently used last, in a pool
         # of their own; None: the prefill runs eagerly (no CUDA graphs, tensor parallelism, or a capture that failed)
         self._prefills: dict[tuple[int, int], _PrefillGraph] | None = (
-            {} if self.cuda_graphs and PREFILL_GRAPHS and (self.tp is None or PREFILL_GRAPHS_TP) else None)
+            {} if self.cuda_graphs and (PREFILL_GRAPHS if prefill_graphs is None else prefill_graphs > 0)
+            and (self.tp is None or PREFILL_GRAPHS_TP) else None)
         self._prefill_pool = None
         self._prefill_scratch: int | None = None  # the largest sparse layer's dense bytes (_prefill_graph_fits)
         # the static inputs of the prefill this generation ran eagerly, captured when its tokens are out
@@ -926,6 +933,11 @@ class Engine:
         sees them (a captured graph keeps the set it was captured over, whatever the layers hold later)."""
         if self._two is not None:
             self._two.install(batch)
+
+    @property
+    def prefill_graphs_max(self) -> int:
+        """The most prefill graphs this engine keeps (``Engine(prefill_graphs=...)``, else :data:`PREFILL_GRAPHS_MAX`)."""
+        return PREFILL_GRAPHS_MAX if self._prefill_max is None else self._prefill_max
 
     def clear_graphs(self) -> None:
         """Drop the captured decode and prefill graphs (and their memory pools); they are captured again when
@@ -1080,7 +1092,7 @@ class Engine:
         self._prefills[key] = entry
         if self.tp is not None:
             self.tp.track_graph(entry.graph)  # (reset when the group is closed: NCCL work captured in it)
-        while len(self._prefills) > PREFILL_GRAPHS_MAX:
+        while len(self._prefills) > self.prefill_graphs_max:
             self._prefills.pop(next(iter(self._prefills)))
 
     def _prefill_graph_fits(self, b: int, p: int) -> bool:
@@ -1309,7 +1321,7 @@ class Engine:
             progress: a progress bar over the shapes.
 
         Returns:
-            The ``(batch, padded prompt length)`` shapes run, in order.  At most :data:`PREFILL_GRAPHS_MAX` prefill
+            The ``(batch, padded prompt length)`` shapes run, in order.  At most :attr:`prefill_graphs_max` prefill
             graphs are kept (a warning says so where more shapes are given: the first ones are dropped).  A request
             whose prompt and new tokens leave no room in the cache for its bucket keeps its own length, and so
             another graph.
@@ -1328,10 +1340,11 @@ class Engine:
         padded = sorted({prefill_bucket(n, limit) if PREFILL_BUCKETS and self._prefills is not None else n
                          for n in lengths})
         shapes = [(b, n) for b in batches for n in padded]
-        if self._prefills is not None and len(shapes) > PREFILL_GRAPHS_MAX:
-            warnings.warn(f"Engine.warmup: {len(shapes)} prefill shapes, but the engine keeps {PREFILL_GRAPHS_MAX} "
-                          f"prefill graphs (PREFILL_GRAPHS_MAX); the first {len(shapes) - PREFILL_GRAPHS_MAX} are "
-                          f"dropped again", RuntimeWarning, stacklevel=2)
+        keep = self.prefill_graphs_max
+        if self._prefills is not None and len(shapes) > keep:
+            warnings.warn(f"Engine.warmup: {len(shapes)} prefill shapes, but the engine keeps {keep} prefill graphs "
+                          f"(Engine(prefill_graphs=...)); the first {len(shapes) - keep} are dropped again",
+                          RuntimeWarning, stacklevel=2)
         from tqdm import tqdm
 
         for b, n in tqdm(shapes, desc="warm-up", unit="shape", disable=not progress):

@@ -1448,6 +1448,25 @@ def test_warmup_captures_the_shapes_before_the_requests(pair, monkeypatch):
         eng.warmup(batches=(1, 2), prompt_lengths=(40, 56))
 
 
+def test_prefill_graphs_argument_bounds_the_graphs_kept(pair, monkeypatch):
+    """Engine(prefill_graphs=N) keeps at most N prefill graphs (the least recently used dropped), whatever
+    PREFILL_GRAPHS_MAX says; a negative or non-int N is refused naming the argument."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=32, prefill_graphs=2)
+    assert eng.prefill_graphs_max == 2 and Engine(ours, max_batch=1, max_seq=8).prefill_graphs_max == E.PREFILL_GRAPHS_MAX
+    eng._prefills = {}
+    monkeypatch.setattr(eng, "_capture_prefill", _fake_capture(eng))
+    monkeypatch.setattr(E, "PREFILL_GRAPHS_MAX", 1)
+    for prompts in ([[1, 2, 3]], [[1, 2, 3, 4]], [[1, 2, 3, 4, 5]]):
+        eng.generate(prompts, 2, eos_token_id=None)
+    assert list(eng._prefills) == [(1, 4), (1, 5)]
+    for bad in (-1, 1.5, "8"):
+        with pytest.raises(ValueError, match="prefill_graphs"):
+            Engine(ours, max_batch=1, max_seq=8, prefill_graphs=bad)
+
+
 def test_prefill_graph_capture_failure_falls_back_to_eager(pair, monkeypatch):
     """A capture that fails warns once and leaves every later prefill eager, with the right results."""
     _, ours = pair
