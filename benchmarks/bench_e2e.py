@@ -135,14 +135,16 @@ def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
 
 
 def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False, merge: bool = False,
-                   delta_layout: str = "auto", max_batch: int | None = None, formats: str = "keep") -> dict:
+                   delta_layout: str = "auto", max_batch: int | None = None, formats: str = "keep",
+                   prefill_dense: bool = False) -> dict:
     """One engine (``max_batch``: default ``batch``) generating ``batch`` prompts: the medians of ``repeats`` runs.
     ``formats``: ``Engine(formats=)``: "keep" (the format --format asked for) or "auto" (the engine re-encodes
-    BitmapTiles / Tiled-CSL layers for its max_batch, as it does by default)."""
+    BitmapTiles / Tiled-CSL layers for its max_batch, as it does by default); ``prefill_dense``: ``Engine``'s (dense
+    copies for the prefill, their bytes in ``prefill_dense_bytes``)."""
     device = next(model.parameters()).device
     _reset_peak(device)
     eng = Engine(model, max_batch=max_batch or batch, max_seq=prompt_len + new, fuse=fuse, merge=merge,
-                 delta_layout=delta_layout, formats=formats)
+                 delta_layout=delta_layout, formats=formats, prefill_dense=prefill_dense)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
     runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]
@@ -157,6 +159,7 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
         "cache_bytes": eng.cache_bytes,
         "max_batch": eng.max_batch,
         "copies_bytes": eng.copies_bytes,  # (delta_layout="dual": the Tiled-CSL copies beside the weights)
+        "prefill_dense_bytes": eng.prefill_dense_bytes,  # (prefill_dense: the dense copies the prefill ran on)
         # (below: the weights this batch's steps ran on: delta_layout="dual" holds two sets and swaps them by batch)
         "read_bytes": bytes_read_per_step(model),  # (after the engine's merge and DeltaRows layout)
     }
@@ -271,7 +274,8 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                 row = {**base, "impl": "flash-llm", "batch": b, **mem, "read_bytes": read, "floor_ms": floor_ms}
                 try:
                     row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse,
-                                              args.merge, args.delta_layout, args.max_batch, args.engine_formats))
+                                              args.merge, args.delta_layout, args.max_batch, args.engine_formats,
+                                              args.prefill_dense and sp > 0))
                     row["floor_ms"] = 1e3 * row["read_bytes"] / env["copy_bw_Bps"]
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * row["floor_ms"] / row["tpot_ms"]
@@ -771,6 +775,9 @@ def parse_args(argv):
                     help="Engine(formats=): keep the --format weights as built (default), or let the engine re-encode "
                          "BitmapTiles / Tiled-CSL layers for each batch as it does by default (auto: DeltaRows up to "
                          "batch 3, Tiled-CSL from 4; the rows' ran_formats say what ran)")
+    ap.add_argument("--prefill-dense", action="store_true",
+                    help="Engine(prefill_dense=True) for the sparse models: dense copies of the sparse layers for the "
+                         "prefill (time to first token as dense, for their memory; the rows' prefill_dense_bytes)")
     ap.add_argument("--max-batch", type=int,
                     help="every engine's max_batch (default: each batch its own); at least the largest of --batches "
                          "(one engine serving smaller batches, as a server does)")
@@ -789,6 +796,8 @@ def parse_args(argv):
                     help="timeout of the process group's collectives, minutes (default 30: ranks outside a "
                          "smaller --tp size wait while it builds and runs)")
     args = ap.parse_args(argv)
+    if args.tp is not None and args.prefill_dense:
+        ap.error("--prefill-dense is for a model on one GPU, not with --tp")
     if args.tp is not None:
         try:
             args.tp = [int(v) for v in args.tp.split(",")]

@@ -3,6 +3,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tests expand prefill      (about 8 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh memory lengths            (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh sanitize                  (about 5 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh dense                     (about 5 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, and the tensor-parallel prefill graphs at world size 1);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -10,7 +11,9 @@
 # memory:  what the prefill graphs hold (diag/prefill_graph_memory.py);
 # lengths: time to first token over varied prompt lengths (ttft_lengths.py, Llama-3-8B at 80 % and dense);
 # sanitize: compute-sanitizer memcheck and racecheck over the decoders to dense only (gpu_sanitize.sh), the tiled
-#          DeltaRows expansions (_nft, _nftp) among them.
+#          DeltaRows expansions (_nft, _nftp) among them;
+# dense:   Engine(prefill_dense=True): bench_e2e.py's time to first token and peak memory, Llama-3-8B bf16 at 80 %, batch
+#          1 and 8, with the dense copies and without (two runs, each with its dense baseline).
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -22,7 +25,7 @@ step() {  # step <name> <seconds> <command...>
   tail -n "${TAIL:-16}" "$OUT/$name.log"
 }
 timeout 300 python3 -m flash_llm.cli build > "$OUT/build.log" 2>&1 || echo "--- flash-llm build failed (see build.log)"
-groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(tests expand prefill memory lengths sanitize)
+groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(tests expand prefill memory lengths sanitize dense)
 for group in "${groups[@]}"; do
   case $group in
     tests) step tests 240 python3 -m pytest -q tests/test_delta_rows_gpu.py tests/test_engine_gpu.py \
@@ -38,8 +41,13 @@ for group in "${groups[@]}"; do
                step "ttft_lengths_$s" 150 python3 benchmarks/ttft_lengths.py --model llama-3-8b --sparsity "$s" \
                  --lengths 64-192 --count 32
              done ;;
+    dense) for pd in "--prefill-dense" ""; do
+             step "e2e${pd:+_prefill_dense}" 240 python3 benchmarks/bench_e2e.py --models llama-3-8b --sparsities 0,80 \
+               --batches 1,8 --format delta-rows --dtype bf16 --fuse --merge --no-hf --repeats 2 --new 32 --no-progress \
+               --out "$OUT/e2e${pd:+_prefill_dense}" $pd
+           done ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense)" ;;
   esac
 done

@@ -581,6 +581,63 @@ class _TwoLayouts:
         return out
 
 
+#: ``Engine(prefill_dense=True)`` runs a prefill forward of at least this many tokens on the dense copies (below it
+#: the sparse kernels run: DeltaRows' multi-token kernels take up to 16 tokens, :data:`kernels.DELTA_CHUNK_MAX`)
+PREFILL_DENSE_MIN_TOKENS = 17
+
+
+class _DenseCopies:
+    """``Engine(prefill_dense=True)``: a dense ``nn.Linear`` copy of the model's sparse layers, put in each layer's
+    place for the prefill's forwards of at least ``min_tokens`` tokens, so the prompt runs on cuBLAS as a dense model
+    does instead of expanding every weight (the sparse prefill's cost: Llama-3-8B at 80 % 19.0 against 6.2 ms dense,
+    session 63).  Made one layer at a time, largest first, while they fit in ``budget`` bytes; the layers left keep
+    the expansion.  :meth:`install` swaps the modules at their paths (no copy); both stay alive here, so a graph
+    captured over either keeps reading valid memory."""
+
+    def __init__(self, model: torch.nn.Module, min_tokens: int, budget: int, progress: bool = True):
+        from tqdm import tqdm
+
+        from .nn import SparseLinear
+
+        self.model, self.min_tokens = model, min_tokens
+        layers = sorted(((p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear)),
+                        key=lambda pm: -_dense_bytes(pm[1]))
+        #: {layer: its path}, {layer: its dense copy}; the layers left without one (their paths)
+        self.paths: dict[torch.nn.Module, str] = {}
+        self.copies: dict[torch.nn.Module, torch.nn.Linear] = {}
+        self.left: list[str] = []
+        for path, m in tqdm(layers, desc="dense prefill copies", unit="layer", file=sys.stderr, leave=False,
+                            disable=not progress or len(layers) < 2, dynamic_ncols=True):
+            need = _dense_bytes(m)
+            if need > budget:
+                self.left.append(path)
+                continue
+            lin = m.to_linear()
+            lin.requires_grad_(False)
+            self.paths[m], self.copies[m] = path, lin
+            budget -= need
+        self.nbytes = sum(t.numel() * t.element_size() for lin in self.copies.values() for t in lin.parameters())
+
+    def install(self, dense: bool) -> None:
+        """Put the copies (``dense``) or the sparse layers back at their paths (nothing to do when they are there)."""
+        for m, lin in self.copies.items():
+            parent, _, name = self.paths[m].rpartition(".")
+            holder = self.model.get_submodule(parent) if parent else self.model
+            now, want = getattr(holder, name, None), lin if dense else m
+            if now is not want and (now is m or now is lin):  # (else the model changed under the engine)
+                setattr(holder, name, want)
+
+    def swapped(self) -> set[int]:
+        """The ``id`` of every tensor an :meth:`install` moves in or out of the model."""
+        return {id(t) for m, lin in self.copies.items() for t in (*m.parameters(), *m.buffers(), *lin.parameters())}
+
+    def tensors(self, moving: set[int] = frozenset()) -> list[torch.Tensor]:
+        """The copies' tensors and the layers' own (but those whose ``id`` is in ``moving``: a layer's arrays that
+        ``delta_layout="dual"`` swaps, which its own set counts)."""
+        return [t for m, lin in self.copies.items()
+                for t in (*lin.parameters(), *(u for u in (*m.parameters(), *m.buffers()) if id(u) not in moving))]
+
+
 #: the projections whose input comes from no norm (the attention's output, the MLP's activation): their attribute names
 PLAIN_INPUT_PROJECTIONS = frozenset({"o_proj", "out_proj", "down_proj", "fc2"})
 
@@ -744,6 +801,12 @@ class Engine:
             ``flash_llm.spmm``'s reference expands each weight on every call, decode runs 23-37x faster so (a 4-layer
             Llama-3-8B-shaped model at 80 %, bf16, on the dev machine's 2 cores); ``delta_layout`` then has nothing to lay
             out.  (``flash-llm generate`` on a CPU asks for it.)
+        prefill_dense: hold a dense copy of every sparse layer (``nn.Linear``, made here where the memory allows
+            beside the cache and the prefill, else a warning) and run the prefill's forwards of at least
+            :data:`PREFILL_DENSE_MIN_TOKENS` tokens on them: a prompt then costs what it costs the dense model
+            (cuBLAS) instead of expanding every weight, for :attr:`prefill_dense_bytes` more memory (the dense
+            model's projections).  Decode steps keep the sparse layers.  Not for tensor-parallel models.  Default
+            ``False``: the memory stays free.
         prefill_graphs: the most prefill graphs kept (the least recently used dropped; they share one memory pool,
             so a graph costs little beyond the largest); ``0`` keeps the prefill eager.  Default (``None``):
             :data:`PREFILL_GRAPHS_MAX`, or ``0`` where ``FLASH_LLM_PREFILL_GRAPHS=0``.
@@ -754,7 +817,8 @@ class Engine:
 
     def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, merge: bool = False,
-                 delta_layout: str = "auto", formats: str = "auto", prefill_graphs: int | None = None):
+                 delta_layout: str = "auto", formats: str = "auto", prefill_graphs: int | None = None,
+                 prefill_dense: bool = False):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
                             f"{type(model).__name__}")
@@ -769,6 +833,8 @@ class Engine:
         if prefill_graphs is not None and (not _is_int(prefill_graphs) or prefill_graphs < 0):
             raise ValueError(f"prefill_graphs must be an int >= 0 (0: an eager prefill) or None, got {prefill_graphs!r}")
         self._prefill_max = prefill_graphs  # (None: PREFILL_GRAPHS_MAX, read when used)
+        if not isinstance(prefill_dense, bool):
+            raise ValueError(f"prefill_dense must be True or False, got {prefill_dense!r}")
         self.model = model.eval()
         if fuse is None:
             fuse = emb.device.type == "cuda" and cfg.num_parameters() >= FUSE_MIN_PARAMETERS
@@ -844,6 +910,16 @@ class Engine:
         note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch, chosen)
         if note:
             warnings.warn(note, stacklevel=2)
+        #: prefill_dense=True: the dense copies the prefill runs on (None without them)
+        self._dense: _DenseCopies | None = None
+        if prefill_dense:
+            if self.tp is not None:
+                raise ValueError("prefill_dense=True is for a model on one device, not a tensor-parallel one")
+            self._dense = _DenseCopies(model, PREFILL_DENSE_MIN_TOKENS, self._spare_bytes(kv_heads, slots))
+            if self._dense.left:
+                warnings.warn(f"prefill_dense=True: no room for the dense copies of {len(self._dense.left)} of the "
+                              f"sparse layers (the first: {self._dense.left[0]}) beside the cache and the prefill on "
+                              f"{self.device}; their prefill expands them, as without", stacklevel=2)
         dev = self.device
         self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
         self._slots = slots
@@ -927,12 +1003,23 @@ class Engine:
         that would be no larger; 0 without)."""
         return 0 if self._two is None else self._two.nbytes
 
-    def use_layout(self, batch: int) -> None:
+    def use_layout(self, batch: int, prefill: bool = False) -> None:
         """Put into the model's layers the weights a decode step of ``batch`` rows runs on (``delta_layout="dual"``
-        swaps its two sets by step size; nothing to do otherwise): to read the model's formats or bytes as that step
-        sees them (a captured graph keeps the set it was captured over, whatever the layers hold later)."""
+        swaps its two sets by step size; nothing to do otherwise), or with ``prefill`` a prefill forward of ``batch``
+        tokens (``prefill_dense=True``: the dense copies from :data:`PREFILL_DENSE_MIN_TOKENS`): to read the model's
+        formats or bytes as that step sees them (a captured graph keeps the set it was captured over, whatever the
+        layers hold later)."""
+        if self._dense is not None:
+            self._dense.install(False)
         if self._two is not None:
             self._two.install(batch)
+        if self._dense is not None and prefill and batch >= self._dense.min_tokens:
+            self._dense.install(True)
+
+    @property
+    def prefill_dense_bytes(self) -> int:
+        """Bytes of the dense copies ``prefill_dense=True`` holds for the prefill (0 without)."""
+        return 0 if self._dense is None else self._dense.nbytes
 
     @property
     def prefill_graphs_max(self) -> int:
@@ -951,13 +1038,17 @@ class Engine:
     def _weights_key(self) -> tuple:
         """Where the model's tensors live: a graph captured over other storage (the model merged or re-encoded by
         another engine, a state dict loaded with ``assign=True``) would read freed memory."""
-        if self._two is None:
+        if self._two is None and self._dense is None:
             return tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
-        # delta_layout="dual": the layers swap their arrays between the two sets this engine holds (either set's
-        # graphs stay valid), so the key takes both sets and leaves those layers' present arrays out
-        swapped = self._two.swapped()
+        # delta_layout="dual" / prefill_dense=True: the layers swap their arrays or modules between the sets this
+        # engine holds (either set's graphs stay valid), so the key takes every set and leaves the layers' present
+        # arrays out
+        moving = self._two.swapped() if self._two is not None else set()
+        swapped = moving | (self._dense.swapped() if self._dense is not None else set())
         own = [t for t in (*self.model.parameters(), *self.model.buffers()) if id(t) not in swapped]
-        return tuple(t.data_ptr() for t in (*own, *self._two.tensors()))
+        sets = [*(self._two.tensors() if self._two is not None else ()),
+                *(self._dense.tensors(moving) if self._dense is not None else ())]
+        return tuple(t.data_ptr() for t in (*own, *sets))
 
     def _check_graphs(self) -> None:
         """Drop the graphs when the model's tensors moved since they were captured."""
@@ -1023,7 +1114,7 @@ class Engine:
         most :func:`_prefill_rows` prompts a forward (each chunk its own rows of the cache)."""
         b, p = ids.shape
         rows = _prefill_rows(b, p)
-        self.use_layout(rows * p)
+        self.use_layout(rows * p, prefill=True)
         self._mask[:b].fill_(float("-inf"))
         self._mask[:b, :p].masked_fill_(mask, 0.0)
         slots = torch.arange(p, device=self.device)
@@ -1102,9 +1193,10 @@ class Engine:
         their pool.  Else the prefill stays eager (the memory is the model's and the cache's to use)."""
         from .nn import SparseLinear
 
-        if self._prefill_scratch is None:
+        if self._prefill_scratch is None:  # (the layers with a dense copy are not expanded)
+            copied = self._dense.copies if self._dense is not None else {}
             self._prefill_scratch = max((_dense_bytes(m) for m in self.model.modules()
-                                         if isinstance(m, SparseLinear)), default=0)
+                                         if isinstance(m, SparseLinear) and m not in copied), default=0)
         need = _prefill_bytes(self.config, b, p) + self._prefill_scratch  # (b prompts of p tokens: its largest forward)
         torch.cuda.empty_cache()  # (the eager prefill's activations, cached by the allocator, are free memory)
         return _free_memory(self.device) - RELAYOUT_MARGIN_BYTES >= need

@@ -398,7 +398,8 @@ def test_bench_e2e_tp_filters_are_checked(capsys):
     for argv, msg in ((["--tp", "2", "--tp-sparse", "1"], "--tp-sparse 1 names world sizes that are not in --tp 2"),
                       (["--tp-dense", "2"], "--tp-dense and --tp-sparse need --tp"),
                       (["--tp", "2", "--tp-dense", "x"], "--tp-dense takes comma-separated integers"),
-                      (["--batches", "1,8", "--max-batch", "4"], "--max-batch 4 is below the largest of --batches (8)")):
+                      (["--batches", "1,8", "--max-batch", "4"], "--max-batch 4 is below the largest of --batches (8)"),
+                      (["--tp", "2", "--prefill-dense"], "--prefill-dense is for a model on one GPU")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert msg in capsys.readouterr().err
@@ -416,7 +417,8 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--device", "cpu", "--models", "tiny-llama", "--sparsities", "80", "--batches", "2", "--prompt", "4",
-            "--new", "3", "--repeats", "1", "--no-progress", "--merge", "--max-batch", "3", "--out", str(tmp_path)]
+            "--new", "3", "--repeats", "1", "--no-progress", "--merge", "--max-batch", "3", "--out", str(tmp_path),
+            "--prefill-dense"]
     assert bench.main(argv) == 0  # --merge: the HF twin of the dense model needs its projections split back
     data = json.loads((tmp_path / "results.json").read_text())
     rows = [(r["impl"], r["sparsity"], r["batch"]) for r in data["rows"]]
@@ -428,6 +430,8 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys, monkeypatch):
     assert sparse["ran_formats"] == {"BitmapTiles": 4 * layers}
     assert sparse["speedup_vs_dense"] > 0 and sparse["read_bytes"] < data["rows"][0]["read_bytes"]
     assert sparse["max_batch"] == 3 and sparse["copies_bytes"] == 0 and data["env"]["max_batch"] == 3
+    # --prefill-dense: the sparse model's engine held dense copies of its projections (bf16 / fp16: 2 bytes a weight)
+    assert data["rows"][0]["prefill_dense_bytes"] == 0 and sparse["prefill_dense_bytes"] > 2 * sparse["projection_bytes"]
     assert data["env"]["settings"]["FLASH_LLM_NT_ATOMIC"] == "1" and "FLASH_LLM_COMMIT" not in data["env"]["settings"]
     summary = (tmp_path / "summary.md").read_text()
     assert "Settings: " in summary and "`FLASH_LLM_NT_ATOMIC=1`" in summary
@@ -1504,3 +1508,98 @@ def test_prefill_graph_not_captured_where_the_memory_lacks(pair, monkeypatch):
     monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 50)
     eng.generate(PROMPTS, 3, eos_token_id=None)
     assert captured == [(3, 7)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# prefill_dense=True: dense copies for the prefill, the sparse layers for the decode steps
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["delta-rows", "tiled-csl"])
+def test_prefill_dense_copies_serve_the_prefill_only(fmt, monkeypatch):
+    """The prefill's forwards of PREFILL_DENSE_MIN_TOKENS tokens or more run on dense nn.Linear copies, shorter ones
+    and every decode step on the sparse layers; the tokens and logits are an engine's without copies (to rounding);
+    the copies' bytes are the dense projections'; the weights key does not move with the swaps (no graph dropped)."""
+    import flash_llm.engine as E
+
+    ours = _sparse_ours(_hf("llama"), fmt)
+    n_sparse = sum(isinstance(m, flash_llm.SparseLinear) for m in ours.modules())
+    assert n_sparse == 7 * ours.config.num_layers
+    eng = Engine(ours, max_batch=2, max_seq=64, prefill_dense=True)
+    plain = Engine(ours, max_batch=2, max_seq=64)
+    assert len(eng._dense.copies) == n_sparse and not eng._dense.left
+    assert eng.prefill_dense_bytes == sum(2 * m.out_features * (m.in_features + (m.bias is not None))
+                                          for m in eng._dense.copies)
+    seen = []
+    forward = E.Engine._prefill
+
+    def spy(self, ids, mask):
+        out = forward(self, ids, mask)
+        seen.append((ids.numel(), {type(m).__name__ for m in ours.modules()
+                                   if isinstance(m, (torch.nn.Linear, flash_llm.SparseLinear)) and m is not ours.lm_head}))
+        return out
+    monkeypatch.setattr(E.Engine, "_prefill", spy)
+    key = eng._weights_key()
+    gen = torch.Generator().manual_seed(3)
+    for n in (20, 5):
+        prompts = [torch.randint(0, ours.config.vocab_size, (n,), generator=gen).tolist() for _ in range(2)]
+        a = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
+        b = plain.generate(prompts, 4, output_logits=True, eos_token_id=None)
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=8 * ulp(torch.float16, b.logits.abs().max()))
+        if _min_margin(b.logits) > 2 * float((a.logits - b.logits).abs().max()):
+            assert torch.equal(a.tokens, b.tokens)
+        # (after the generation the decode steps' layers are in the model again)
+        assert sum(isinstance(m, flash_llm.SparseLinear) for m in ours.modules()) == n_sparse
+    assert seen[0] == (40, {"Linear"}) and seen[2] == (10, {"SparseLinear"}), seen
+    assert eng._weights_key() == key
+    eng.use_layout(40, prefill=True)
+    assert eng._weights_key() == key and not any(isinstance(m, flash_llm.SparseLinear) for m in ours.modules())
+    eng.use_layout(2)
+    assert sum(isinstance(m, flash_llm.SparseLinear) for m in ours.modules()) == n_sparse
+
+
+def test_prefill_dense_copies_only_where_the_memory_allows(monkeypatch):
+    """Without room for a layer's dense copy beside the cache and the prefill, the layer keeps the expansion and a
+    warning names how many; prefill_dense must be a bool."""
+    import flash_llm.engine as E
+
+    ours = _sparse_ours(_hf("opt"), "delta-rows")
+    biggest = max(E._dense_bytes(m) for m in ours.modules() if isinstance(m, flash_llm.SparseLinear))
+    spare = {"bytes": biggest}  # (room for exactly one of the largest layers)
+    monkeypatch.setattr(Engine, "_spare_bytes", lambda self, kv_heads, slots: spare["bytes"])
+    with pytest.warns(UserWarning, match="no room for the dense copies of"):
+        eng = Engine(ours, max_batch=1, max_seq=32, prefill_dense=True)
+    assert len(eng._dense.copies) == 1 and E._dense_bytes(next(iter(eng._dense.copies))) == biggest
+    assert len(eng._dense.left) == sum(isinstance(m, flash_llm.SparseLinear) for m in ours.modules()) - 1
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="prefill_dense"):
+            Engine(ours, max_batch=1, max_seq=32, prefill_dense=bad)
+
+
+def test_prefill_dense_copies_compose_with_the_dual_layouts():
+    """With delta_layout="dual"'s two sets (built here on the CPU) and the dense copies: small steps run the
+    DeltaRows layers, larger steps the Tiled-CSL copies (a dense nn.Linear where Tiled-CSL would be no smaller), the
+    prefill's forwards the dense copies; every set computes the same logits to rounding, and the weights key stays."""
+    import flash_llm.engine as E
+    from flash_llm.formats import TiledCSL
+
+    ours = _sparse_ours(_hf("llama"), "delta-rows")
+    eng = Engine(ours, max_batch=4, max_seq=64)
+    eng._two = E._TwoLayouts(ours, 3, progress=False)
+    eng._dense = E._DenseCopies(ours, E.PREFILL_DENSE_MIN_TOKENS, 1 << 40, progress=False)
+    key = eng._weights_key()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def kinds():
+        return sorted({m.weight_format.__name__ if isinstance(m, flash_llm.SparseLinear) else type(m).__name__
+                       for n, m in ours.named_modules() if n.endswith("_proj")})
+    got = {}
+    for tokens, prefill, want in [(1, False, ["DeltaRows"]), (8, False, ["TiledCSL"]), (40, True, ["Linear"]),
+                                  (8, True, ["TiledCSL"]), (2, False, ["DeltaRows"])]:
+        eng.use_layout(tokens, prefill=prefill)
+        assert kinds() == want, (tokens, prefill, kinds())
+        assert eng._weights_key() == key
+        with torch.no_grad():
+            got[tokens, prefill] = ours(ids).float()
+    ref = got[1, False]
+    for k, v in got.items():
+        torch.testing.assert_close(v, ref, rtol=0, atol=16 * ulp(torch.float16, ref.abs().max()), msg=str(k))
+    assert eng._two.large and all(isinstance(w, TiledCSL) for w in eng._two.large.values())
