@@ -594,13 +594,15 @@ class _DenseCopies:
     the expansion.  :meth:`install` swaps the modules at their paths (no copy); both stay alive here, so a graph
     captured over either keeps reading valid memory."""
 
-    def __init__(self, model: torch.nn.Module, min_tokens: int, budget: int, progress: bool = True):
+    def __init__(self, model: torch.nn.Module, min_tokens: int, budget: int, progress: bool = True,
+                 skip: frozenset | set = frozenset()):
         from tqdm import tqdm
 
         from .nn import SparseLinear
 
         self.model, self.min_tokens = model, min_tokens
-        layers = sorted(((p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear)),
+        # (skip: layers that hold a dense copy already, delta_layout="dual"'s for its larger steps)
+        layers = sorted(((p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear) and m not in skip),
                         key=lambda pm: -_dense_bytes(pm[1]))
         #: {layer: its path}, {layer: its dense copy}; the layers left without one (their paths)
         self.paths: dict[torch.nn.Module, str] = {}
@@ -915,7 +917,10 @@ class Engine:
         if prefill_dense:
             if self.tp is not None:
                 raise ValueError("prefill_dense=True is for a model on one device, not a tensor-parallel one")
-            self._dense = _DenseCopies(model, PREFILL_DENSE_MIN_TOKENS, self._spare_bytes(kv_heads, slots))
+            dense_already = ({m for m, w in self._two.large.items() if isinstance(w, torch.nn.Linear)}
+                             if self._two is not None else set())  # (those serve the prefill as its larger steps)
+            self._dense = _DenseCopies(model, PREFILL_DENSE_MIN_TOKENS, self._spare_bytes(kv_heads, slots),
+                                       skip=dense_already)
             if self._dense.left:
                 warnings.warn(f"prefill_dense=True: no room for the dense copies of {len(self._dense.left)} of the "
                               f"sparse layers (the first: {self._dense.left[0]}) beside the cache and the prefill on "
@@ -1367,6 +1372,8 @@ class Engine:
                 marks[-1].synchronize()
             secs = [self._seconds(x, y) for x, y in zip(marks, marks[1:])]
             self._capture_pending()  # (after the last step's time is taken)
+            if self._dense is not None:  # (the model's own sparse layers back in place, also after a prefill alone)
+                self._dense.install(False)
             yield None, Generation(tokens=tokens.cpu(), lengths=lens.cpu(), prompt_lengths=lengths, ttft_s=secs[0],
                                    step_s=secs[1:], logits=torch.stack(kept, 1).cpu() if output_logits else None)
 

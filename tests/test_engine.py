@@ -1549,6 +1549,8 @@ def test_prefill_dense_copies_serve_the_prefill_only(fmt, monkeypatch):
         # (after the generation the decode steps' layers are in the model again)
         assert sum(isinstance(m, flash_llm.SparseLinear) for m in ours.modules()) == n_sparse
     assert seen[0] == (40, {"Linear"}) and seen[2] == (10, {"SparseLinear"}), seen
+    eng.generate([list(range(1, 21))], 1, eos_token_id=None)  # (a prefill alone: its copies put back after it)
+    assert seen[-1] == (20, {"Linear"}) and sum(isinstance(m, flash_llm.SparseLinear) for m in ours.modules()) == n_sparse
     assert eng._weights_key() == key
     eng.use_layout(40, prefill=True)
     assert eng._weights_key() == key and not any(isinstance(m, flash_llm.SparseLinear) for m in ours.modules())
@@ -1603,3 +1605,6 @@ def test_prefill_dense_copies_compose_with_the_dual_layouts():
     for k, v in got.items():
         torch.testing.assert_close(v, ref, rtol=0, atol=16 * ulp(torch.float16, ref.abs().max()), msg=str(k))
     assert eng._two.large and all(isinstance(w, TiledCSL) for w in eng._two.large.values())
+    first = next(iter(eng._two.large))
+    skipping = E._DenseCopies(ours, E.PREFILL_DENSE_MIN_TOKENS, 1 << 40, progress=False, skip={first})
+    assert first not in skipping.copies and len(skipping.copies) == len(eng._dense.copies) - 1
