@@ -512,6 +512,17 @@ def _small_chunks_from(model: torch.nn.Module) -> int | None:
     return 1
 
 
+def _swap_module(model: torch.nn.Module, path: str, layer: torch.nn.Module, copy: torch.nn.Module,
+                 to_copy: bool) -> None:
+    """Put ``copy`` (``to_copy``) or ``layer`` at ``path`` in ``model``, where one of the two is there (else the
+    model changed under the engine, and nothing is touched)."""
+    parent, _, name = path.rpartition(".")
+    holder = model.get_submodule(parent) if parent else model
+    now, want = getattr(holder, name, None), copy if to_copy else layer
+    if now is not want and (now is layer or now is copy):
+        setattr(holder, name, want)
+
+
 class _TwoLayouts:
     """``Engine(delta_layout="dual")``'s two encodings of a model's DeltaRows layers: the layers' own DeltaRows
     weights for steps of fewer than ``min_tokens`` tokens, copies (made here, one layer at a time through its dense
@@ -550,11 +561,7 @@ class _TwoLayouts:
         large = tokens >= self.min_tokens
         for m, w in self.large.items():
             if isinstance(w, torch.nn.Linear):
-                parent, _, name = self.paths[m].rpartition(".")
-                holder = self.model.get_submodule(parent) if parent else self.model
-                now, want = getattr(holder, name, None), w if large else m
-                if now is not want and (now is m or now is w):  # (else the model changed under the engine)
-                    setattr(holder, name, want)
+                _swap_module(self.model, self.paths[m], m, w, large)
                 continue
             w = w if large else self.small[m]
             if m.weight_data is not w.tensors()["data"]:
@@ -623,11 +630,7 @@ class _DenseCopies:
     def install(self, dense: bool) -> None:
         """Put the copies (``dense``) or the sparse layers back at their paths (nothing to do when they are there)."""
         for m, lin in self.copies.items():
-            parent, _, name = self.paths[m].rpartition(".")
-            holder = self.model.get_submodule(parent) if parent else self.model
-            now, want = getattr(holder, name, None), lin if dense else m
-            if now is not want and (now is m or now is lin):  # (else the model changed under the engine)
-                setattr(holder, name, want)
+            _swap_module(self.model, self.paths[m], m, lin, dense)
 
     def swapped(self) -> set[int]:
         """The ``id`` of every tensor an :meth:`install` moves in or out of the model."""
