@@ -29,7 +29,7 @@ groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(tests expand prefill memory le
 for group in "${groups[@]}"; do
   case $group in
     tests) step tests 240 python3 -m pytest -q tests/test_delta_rows_gpu.py tests/test_engine_gpu.py \
-             tests/test_parallel_gpu.py -k "decode_kernel_is_exact or prefill_graphs" ;;
+             tests/test_parallel_gpu.py -k "decode_kernel_is_exact or prefill_graphs or prefill_dense" ;;
     expand) step dr_expand 120 python3 benchmarks/dr_expand.py \
               --kernels delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,delta_rows_to_dense_nftp:4,delta_rows_to_dense_nftp:2 ;;
     prefill) for m in opt-30b llama-3-8b; do

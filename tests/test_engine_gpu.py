@@ -580,3 +580,24 @@ def test_prefill_graphs_bucket_nearby_prompt_lengths(kind):
             e = eager.generate(prompts, 4, output_logits=True, eos_token_id=None)
             _assert_first_steps_close(g, e, (kind, n))
     assert list(eng._prefills) == [(2, 40)] and eng._prefills[(2, 40)].replays == 3
+
+
+def test_prefill_dense_copies_on_the_gpu():
+    """Engine(prefill_dense=True) on the GPU: the prefill (eager, then replayed from its graph, captured over the dense
+    copies) gives the logits of an engine without copies to rounding, the decode steps run the DeltaRows kernels, and
+    after each generation the model holds its sparse layers again."""
+    model = build_synthetic(_small_llama(), 0.8, fmt="delta-rows", device="cuda", progress=False)[0]
+    n_sparse = sum(isinstance(m, flash_llm.SparseLinear) for m in model.modules())
+    eng = Engine(model, max_batch=2, max_seq=96, prefill_dense=True)
+    plain = Engine(model, max_batch=2, max_seq=96)
+    assert len(eng._dense.copies) == n_sparse and eng.prefill_dense_bytes > 0
+    gen = torch.Generator().manual_seed(12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(3):
+            prompts = [[int(t) for t in torch.randint(0, 4096, (40,), generator=gen)] for _ in range(2)]
+            g = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
+            e = plain.generate(prompts, 4, output_logits=True, eos_token_id=None)
+            _assert_first_steps_close(g, e, "prefill_dense")
+            assert sum(isinstance(m, flash_llm.SparseLinear) for m in model.modules()) == n_sparse
+    assert list(eng._prefills) == [(2, 40)] and eng._prefills[(2, 40)].replays == 2
