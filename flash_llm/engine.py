@@ -1320,8 +1320,17 @@ class Engine:
                              f"size {self.config.vocab_size}; got {eos_token_id!r}")
         return ids
 
-    def _run(self, prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator, eos_token_id,
-             per_step_sync: bool, output_logits: bool = False) -> Iterator[tuple[torch.Tensor, Generation | None]]:
+    def _run(self, *args, **kwargs) -> Iterator[tuple[torch.Tensor, Generation | None]]:
+        """:meth:`_steps`, with the model's own sparse layers put back in place however it ends (a stream left early
+        may stop it right after a prefill on ``prefill_dense``'s copies)."""
+        try:
+            yield from self._steps(*args, **kwargs)
+        finally:
+            if self._dense is not None:
+                self._dense.install(False)
+
+    def _steps(self, prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator, eos_token_id,
+               per_step_sync: bool, output_logits: bool = False) -> Iterator[tuple[torch.Tensor, Generation | None]]:
         """Yields ``(tokens [B] on the device, None)`` per step, then ``(None, Generation)`` once."""
         self._check_graphs()
         self._pending = None  # (a generation left unfinished does not capture its prefill)

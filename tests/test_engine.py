@@ -1551,6 +1551,10 @@ def test_prefill_dense_copies_serve_the_prefill_only(fmt, monkeypatch):
     assert seen[0] == (40, {"Linear"}) and seen[2] == (10, {"SparseLinear"}), seen
     eng.generate([list(range(1, 21))], 1, eos_token_id=None)  # (a prefill alone: its copies put back after it)
     assert seen[-1] == (20, {"Linear"}) and sum(isinstance(m, flash_llm.SparseLinear) for m in ours.modules()) == n_sparse
+    it = eng.stream([list(range(1, 21))], 4, eos_token_id=None)
+    next(it)  # (the prefill's token; the stream is left here)
+    it.close()
+    assert sum(isinstance(m, flash_llm.SparseLinear) for m in ours.modules()) == n_sparse
     assert eng._weights_key() == key
     eng.use_layout(40, prefill=True)
     assert eng._weights_key() == key and not any(isinstance(m, flash_llm.SparseLinear) for m in ours.modules())
