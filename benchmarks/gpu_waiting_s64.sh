@@ -9,7 +9,8 @@
 # expand:  the expansion kernels alone (dr_expand.py);
 # prefill: the same in the prefill (prefill_ab.py, OPT-30B and Llama-3-8B, nf against nft, and the graph what-if);
 # memory:  what the prefill graphs hold (diag/prefill_graph_memory.py);
-# lengths: time to first token over varied prompt lengths (ttft_lengths.py, Llama-3-8B at 80 % and dense);
+# lengths: time to first token over varied prompt lengths (ttft_lengths.py, Llama-3-8B at 80 %, with the dense
+#          prefill copies as a fourth mode, and dense);
 # sanitize: compute-sanitizer memcheck and racecheck over the decoders to dense only (gpu_sanitize.sh), the tiled
 #          DeltaRows expansions (_nft, _nftp) among them;
 # dense:   Engine(prefill_dense=True): bench_e2e.py's time to first token and peak memory, Llama-3-8B bf16 at 80 %, batch
@@ -38,8 +39,8 @@ for group in "${groups[@]}"; do
              done ;;
     memory) step prefill_graph_memory 90 python3 benchmarks/diag/prefill_graph_memory.py ;;
     lengths) for s in 80 0; do
-               step "ttft_lengths_$s" 150 python3 benchmarks/ttft_lengths.py --model llama-3-8b --sparsity "$s" \
-                 --lengths 64-192 --count 32
+               step "ttft_lengths_$s" 180 python3 benchmarks/ttft_lengths.py --model llama-3-8b --sparsity "$s" \
+                 --lengths 64-192 --count 32 $([ "$s" = 0 ] || echo --prefill-dense)
              done ;;
     dense) for pd in "--prefill-dense" ""; do
              step "e2e${pd:+_prefill_dense}" 240 python3 benchmarks/bench_e2e.py --models llama-3-8b --sparsities 0,80 \

@@ -7,7 +7,9 @@ same stream of prompts (lengths drawn uniformly from ``--lengths``, seeded) goes
 
 - ``eager``: ``engine.PREFILL_GRAPHS`` off (every prefill eager);
 - ``exact``: graphs, ``engine.PREFILL_BUCKETS`` off (a graph per prompt length);
-- ``buckets``: graphs over the bucketed lengths (the default).
+- ``buckets``: graphs over the bucketed lengths (the default);
+- ``dense`` (with ``--prefill-dense``): ``buckets`` on an engine holding dense copies of the sparse layers for the
+  prefill (``Engine(prefill_dense=True)``).
 
     python3 benchmarks/ttft_lengths.py --model llama-3-8b --sparsity 80 --lengths 64-192 --count 32
 
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from flash_llm import engine as E  # noqa: E402
 
 MODES = ("eager", "exact", "buckets")
+DENSE_MODE = "dense"
 
 
 def parse_lengths(text: str) -> tuple[int, int]:
@@ -54,14 +57,15 @@ def draw_prompts(count: int, batch: int, lengths: tuple[int, int], vocab: int, s
     return out
 
 
-def engines(model, batch: int, max_seq: int, **kwargs) -> dict[str, E.Engine]:
-    """The three modes' engines over ``model`` (on a CPU, or with ``cuda_graphs=False``, all three run eagerly)."""
+def engines(model, batch: int, max_seq: int, dense: bool = False, **kwargs) -> dict[str, E.Engine]:
+    """The modes' engines over ``model`` (the three of :data:`MODES`, and with ``dense`` the ``dense`` one; on a CPU,
+    or with ``cuda_graphs=False``, all run eagerly)."""
     saved = E.PREFILL_GRAPHS
     out = {}
     try:
-        for mode in MODES:
+        for mode in MODES + ((DENSE_MODE,) if dense else ()):
             E.PREFILL_GRAPHS = mode != "eager"
-            out[mode] = E.Engine(model, max_batch=batch, max_seq=max_seq, **kwargs)
+            out[mode] = E.Engine(model, max_batch=batch, max_seq=max_seq, prefill_dense=mode == DENSE_MODE, **kwargs)
     finally:
         E.PREFILL_GRAPHS = saved
     return out
@@ -77,7 +81,7 @@ def run_modes(engs: dict[str, E.Engine], stream: list[list[list[int]]]) -> dict[
         for i, prompts in enumerate(stream):
             for mode in names[i % len(names):] + names[:i % len(names)]:
                 eng = engs[mode]
-                E.PREFILL_BUCKETS = mode == "buckets"
+                E.PREFILL_BUCKETS = mode in ("buckets", DENSE_MODE)
                 before = _replays(eng)
                 g = eng.generate(prompts, 1, eos_token_id=None)
                 out[mode]["ttft_ms"].append(1e3 * g.ttft_s)
@@ -117,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="64-192", help="LO-HI: each prompt batch's length, uniform, inclusive")
     p.add_argument("--count", type=int, default=32, help="prompt batches")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-dense", action="store_true",
+                   help="a fourth mode: buckets on an engine with dense copies of the sparse layers for the prefill")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     lengths = parse_lengths(args.lengths)
@@ -128,7 +134,8 @@ def main(argv=None) -> int:
                                     progress=False, fmt=args.format)
     print(report, flush=True)
     # max_seq: the longest bucket and the new token, in the cache's slots
-    engs = engines(model, args.batch, E.prefill_bucket(lengths[1]) + 1, fuse=True, merge=True)
+    engs = engines(model, args.batch, E.prefill_bucket(lengths[1]) + 1, dense=args.prefill_dense, fuse=True,
+                   merge=True)
     warm = draw_prompts(1, args.batch, (lengths[0], lengths[0]), model.config.vocab_size, seed=args.seed + 1)
     for eng in engs.values():  # (kernels compiled and loaded, the decode graph captured: not what is timed)
         eng.generate(warm[0], 2, eos_token_id=None)

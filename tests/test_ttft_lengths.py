@@ -48,8 +48,10 @@ def test_modes_replay_as_their_graphs_allow(monkeypatch):
     cfg = preset("llama-3-8b").replace(num_layers=2, hidden_size=128, intermediate_size=320, num_heads=4,
                                        num_kv_heads=2, vocab_size=300, name="tiny-llama")
     model, _ = build_synthetic(cfg, 0.8, device="cpu", progress=False, fmt="delta-rows")
-    engs = ttft_lengths.engines(model, 1, 49)
-    for mode in ("exact", "buckets"):  # (CPU: no CUDA graphs; a capture whose replay runs the eager prefill)
+    engs = ttft_lengths.engines(model, 1, 49, dense=True)
+    assert list(engs) == [*ttft_lengths.MODES, "dense"] and engs["dense"].prefill_dense_bytes > 0
+    assert all(engs[m].prefill_dense_bytes == 0 for m in ttft_lengths.MODES)
+    for mode in ("exact", "buckets", "dense"):  # (CPU: no CUDA graphs; a capture whose replay runs the eager prefill)
         eng = engs[mode]
         eng._prefills = {}
         monkeypatch.setattr(eng, "_capture_prefill", lambda ids, mask, eng=eng: _PrefillGraph(
@@ -63,8 +65,10 @@ def test_modes_replay_as_their_graphs_allow(monkeypatch):
     assert res["buckets"]["graphs"] == sorted({(1, 40 if n <= 40 else 48) for n in lengths})
     assert res["buckets"]["replayed"] == len(lengths) - len(res["buckets"]["graphs"])
     assert res["buckets"]["replayed"] > res["exact"]["replayed"]
+    assert res["dense"]["graphs"] == res["buckets"]["graphs"] and res["dense"]["replayed"] == res["buckets"]["replayed"]
     assert res["eager"]["tokens"] == res["exact"]["tokens"]  # (same shapes: bit for bit)
     assert res["eager"]["tokens"] == res["buckets"]["tokens"]  # (fp32: the padding moves the logits by ~1e-6)
+    assert res["dense"]["tokens"] == res["buckets"]["tokens"]
     rows = ttft_lengths.summary(res)
-    assert [r[0] for r in rows] == list(ttft_lengths.MODES)
+    assert [r[0] for r in rows] == [*ttft_lengths.MODES, "dense"]
     assert all(r[1] > 0 and r[3] >= r[1] for r in rows)
