@@ -1612,3 +1612,20 @@ def test_prefill_dense_copies_compose_with_the_dual_layouts():
     first = next(iter(eng._two.large))
     skipping = E._DenseCopies(ours, E.PREFILL_DENSE_MIN_TOKENS, 1 << 40, progress=False, skip={first})
     assert first not in skipping.copies and len(skipping.copies) == len(eng._dense.copies) - 1
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_prefill_dense_copies_of_merged_projections(family):
+    """With merge=True the copies are of the merged q/k/v (and Llama's gate / up, DeltaRows' paired halves): the same
+    logits as a merged engine without copies."""
+    import copy
+
+    base = _sparse_ours(_hf(family), "delta-rows")
+    a = Engine(copy.deepcopy(base), max_batch=2, max_seq=64, merge=True, prefill_dense=True)
+    b = Engine(copy.deepcopy(base), max_batch=2, max_seq=64, merge=True)
+    assert a.merged and len(a._dense.copies) == sum(isinstance(m, flash_llm.SparseLinear) for m in b.model.modules())
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, base.config.vocab_size, (25,), generator=gen).tolist() for _ in range(2)]
+    ga = a.generate(prompts, 3, output_logits=True, eos_token_id=None)
+    gb = b.generate(prompts, 3, output_logits=True, eos_token_id=None)
+    torch.testing.assert_close(ga.logits, gb.logits, rtol=0, atol=8 * ulp(torch.float16, gb.logits.abs().max()))
