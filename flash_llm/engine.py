@@ -1059,9 +1059,14 @@ class Engine:
         return tuple(t.data_ptr() for t in (*own, *sets))
 
     def _check_graphs(self) -> None:
-        """Drop the graphs when the model's tensors moved since they were captured."""
+        """Drop the graphs when the model's tensors moved since they were captured.  Tensor-parallel with graphs: on
+        every rank when they moved on any (a collective), since a rank capturing again alone would run its warm-up's
+        all-reduces while the others replay theirs."""
         key = self._weights_key()
-        if key != self._captured_over:
+        moved = key != self._captured_over
+        if self.tp is not None and self.cuda_graphs:
+            moved = not self.tp.all_true(not moved)
+        if moved:
             self.clear_graphs()
             self._captured_over = key
 

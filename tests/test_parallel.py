@@ -273,6 +273,8 @@ def test_prefill_graphs_are_captured_by_every_rank_or_none(tp_run):
         assert torch.equal(o["prefill_graphs/a"], o["synth/tokens"]) and torch.equal(o["prefill_graphs/d"],
                                                                                        o["synth/tokens"])
         assert torch.equal(o["prefill_graphs/b"], o["prefill_graphs/c"])
+        if tp_run["device"].type == "cuda":  # (graphs: the weights moved on rank 1 alone, both ranks dropped theirs)
+            assert o["prefill_graphs/cleared"] == 1, o["rank"]
 
 
 def test_world_size_not_dividing_heads_is_refused_on_every_rank(tp_run):
