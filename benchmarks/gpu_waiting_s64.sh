@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The waiting calls of sessions 63-64 (benchmarks/ab/README.md, top), with a time limit a step:
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tests expand prefill      (about 8 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tests                     (about 7 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh expand prefill            (about 7 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh memory lengths            (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh sanitize                  (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh dense                     (about 5 minutes)
@@ -29,8 +30,9 @@ timeout 300 python3 -m flash_llm.cli build > "$OUT/build.log" 2>&1 || echo "--- 
 groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(tests expand prefill memory lengths sanitize dense)
 for group in "${groups[@]}"; do
   case $group in
-    tests) step tests 240 python3 -m pytest -q tests/test_delta_rows_gpu.py tests/test_engine_gpu.py \
-             tests/test_parallel_gpu.py -k "decode_kernel_is_exact or prefill_graphs or prefill_dense" ;;
+    tests) step tests_expansion 240 python3 -m pytest -q tests/test_delta_rows_gpu.py -k decode_kernel_is_exact
+           step tests_engine 200 python3 -m pytest -q tests/test_engine_gpu.py tests/test_parallel_gpu.py \
+             -k "prefill_graphs or prefill_dense or graph_decode_equals_eager or decode_with_graphs" ;;
     expand) step dr_expand 120 python3 benchmarks/dr_expand.py \
               --kernels delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,delta_rows_to_dense_nftp:4,delta_rows_to_dense_nftp:2 ;;
     prefill) for m in opt-30b llama-3-8b; do
