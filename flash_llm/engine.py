@@ -516,11 +516,9 @@ def _swap_module(model: torch.nn.Module, path: str, layer: torch.nn.Module, copy
                  to_copy: bool) -> None:
     """Put ``copy`` (``to_copy``) or ``layer`` at ``path`` in ``model``, where one of the two is there (else the
     model changed under the engine, and nothing is touched)."""
-    parent, _, name = path.rpartition(".")
-    holder = model.get_submodule(parent) if parent else model
-    now, want = getattr(holder, name, None), copy if to_copy else layer
+    now, want = model.get_submodule(path), copy if to_copy else layer
     if now is not want and (now is layer or now is copy):
-        setattr(holder, name, want)
+        _set_module(model, path, want)
 
 
 class _TwoLayouts:
@@ -753,11 +751,10 @@ class Engine:
             ``max_position_embeddings``, at most 2048).
         cuda_graphs: capture the decode step in CUDA graphs, one per batch size, at its first use (default:
             on CUDA devices); ``False`` runs it eagerly.  The prefill too, one graph per batch size and padded prompt
-            length (the first prompt of a shape runs eagerly, later ones replay; at most ``prefill_graphs``
-            kept; tensor-parallel models only with :data:`PREFILL_GRAPHS_TP`; ``FLASH_LLM_PREFILL_GRAPHS=0`` keeps it
-            eager); prompts longer
-            than :data:`PREFILL_BUCKET_FROM` tokens are then padded on the left to the next length of
-            :func:`prefill_bucket`, so nearby lengths share a graph (the logits the same to rounding).
+            length (the first prompt of a shape runs eagerly, later ones replay; at most ``prefill_graphs`` kept;
+            tensor-parallel models only with :data:`PREFILL_GRAPHS_TP`; ``FLASH_LLM_PREFILL_GRAPHS=0`` keeps it
+            eager); prompts longer than :data:`PREFILL_BUCKET_FROM` tokens are then padded on the left to the next
+            length of :func:`prefill_bucket`, so nearby lengths share a graph (the logits the same to rounding).
         fuse: run the elementwise parts of each layer (the norms with the residual adds before them, RoPE or
             OPT's query scaling together with the KV-cache write, SiLU x up) as ``torch.compile``d single kernels
             (:func:`flash_llm.models.set_fused`, applied to ``model`` in place).  The first generation compiles
@@ -1058,15 +1055,18 @@ class Engine:
                 *(self._dense.tensors(moving) if self._dense is not None else ())]
         return tuple(t.data_ptr() for t in (*own, *sets))
 
+    def _on_every_rank(self, flag: bool) -> bool:
+        """``flag``, or for a tensor-parallel model whether it holds on every rank (a collective: every rank calls it),
+        so that ranks deciding from their own state take the same branch."""
+        return flag if self.tp is None else self.tp.all_true(flag)
+
     def _check_graphs(self) -> None:
         """Drop the graphs when the model's tensors moved since they were captured.  Tensor-parallel with graphs: on
         every rank when they moved on any (a collective), since a rank capturing again alone would run its warm-up's
         all-reduces while the others replay theirs."""
         key = self._weights_key()
-        moved = key != self._captured_over
-        if self.tp is not None and self.cuda_graphs:
-            moved = not self.tp.all_true(not moved)
-        if moved:
+        same = key == self._captured_over
+        if not (self._on_every_rank(same) if self.cuda_graphs else same):
             self.clear_graphs()
             self._captured_over = key
 
@@ -1177,15 +1177,14 @@ class Engine:
         if pending is None or self._prefills is None:
             return
         key = tuple(pending[0].shape)
-        fits = self._prefill_graph_fits(*key)
-        if not (fits if self.tp is None else self.tp.all_true(fits)):  # (tensor-parallel: all ranks or none)
+        if not self._on_every_rank(self._prefill_graph_fits(*key)):  # (tensor-parallel: all ranks or none)
             return
         entry, error = None, None
         try:
             entry = self._capture_prefill(*pending)
         except RuntimeError as e:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if self.tp is not None and not self.tp.all_true(error is None) and error is None:
+        if not self._on_every_rank(error is None) and error is None:
             error = "another tensor-parallel rank's capture failed"
         if error is not None:
             warnings.warn(f"flash_llm.Engine: the prefill could not be captured in a CUDA graph, so it runs "
