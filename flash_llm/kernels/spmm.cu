@@ -3386,27 +3386,44 @@ DEVI void dr_dense_owned(const int* offsets, int slices, int S, int slice, int s
     e1 = rowbase + hi;
   }
 }
+// A lane of an expansion kernel: its split's groups g0 .. g1 of the slice's stream at `base` (`gw` ints a group), its
+// row (-1: none) and the element where that row starts in out, the column before its first entry, its coded values'
+// table (`coded`: the lanes a row, or 0).
+struct DrDenseLane {
+  int g0, g1, row, col, gw;
+  const int* base;
+  uint2 lut;
+  long long rowbase;
+};
+DEVI DrDenseLane dr_dense_lane(const int* data, const int* offsets, int K, int S, int coded, int slices, int slice,
+                               int s, int lane) {
+  DrDenseLane l;
+  int goff;
+  dr_split(offsets, slice, s, S, goff, l.g0, l.g1);
+  l.row = dr_perm(offsets, slices, S)[slice * 32 + lane];
+  l.col = dr_start(offsets, slices, S, slice, s, lane);
+  l.gw = coded ? 128 : 160;
+  l.base = data + (long long)goff * l.gw;
+  l.lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
+  l.rowbase = (long long)max(l.row, 0) * K;
+  return l;
+}
+// Group g of a lane: its 8 values as stored (coded: not yet decoded) and its 8 column steps.
+DEVI void dr_dense_load(const int* base, int g, int gw, int lane, int coded, uint4& v, u32& d) {
+  v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g * gw + 4 * lane));
+  d = coded ? v.w : (u32)__ldg(base + (long long)g * 160 + 128 + lane);
+}
 template <bool NOFILL>
 DEVI void dr_dense_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
                         int S, int coded, int slices, int parts) {
   const int lane = threadIdx.x & 31, slice = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), s = blockIdx.y;
   if (slice >= slices) return;
-  int goff, g0, g1;
-  dr_split(offsets, slice, s, S, goff, g0, g1);
-  const int row = dr_perm(offsets, slices, S)[slice * 32 + lane];
-  int col = dr_start(offsets, slices, S, slice, s, lane);
-  const int gw = coded ? 128 : 160;
-  const int* base = data + (long long)goff * gw;
-  const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
-  const long long rowbase = (long long)max(row, 0) * K;
+  auto [g0, g1, row, col, gw, base, lut, rowbase] = dr_dense_lane(data, offsets, K, S, coded, slices, slice, s, lane);
   long long e0 = 0, e1 = -1;  // NOFILL: the elements of out this lane writes (its row's owned columns)
   if (NOFILL) dr_dense_owned(offsets, slices, S, slice, s, lane, row, col, g0, g1, K, parts, e0, e1);
   uint4 v = make_uint4(0, 0, 0, 0);
   u32 d = 0;
-  if (g0 < g1) {
-    v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g0 * gw + 4 * lane));
-    d = coded ? v.w : (u32)__ldg(base + (long long)g0 * 160 + 128 + lane);
-  }
+  if (g0 < g1) dr_dense_load(base, g0, gw, lane, coded, v, d);
   long long cur = -1, first = -1;  // the chunk being gathered; the first nonzero's element
   bool from_first = false;         // whether that chunk starts at or after the first nonzero
   u32 b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -3414,10 +3431,7 @@ DEVI void dr_dense_body(const int* __restrict__ data, const int* __restrict__ of
   for (int g = g0; g < g1; ++g) {
     uint4 vn = make_uint4(0, 0, 0, 0);
     u32 dn = 0;
-    if (g + 1 < g1) {
-      vn = __ldg(reinterpret_cast<const uint4*>(base + (long long)(g + 1) * gw + 4 * lane));
-      dn = coded ? vn.w : (u32)__ldg(base + (long long)(g + 1) * 160 + 128 + lane);
-    }
+    if (g + 1 < g1) dr_dense_load(base, g + 1, gw, lane, coded, vn, dn);
     if (coded) v = dr_decode_coded(v, lut);
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -3467,8 +3481,7 @@ constexpr int DRT_COLS = 64;             // elements a lane's tile (128 bytes)
 constexpr int DRT_STRIDE = DRT_COLS + 8;  // 16-bit words a lane's tile row (144 bytes: a lane's 16-byte quads rotate)
 constexpr int DRT_WARPS = 4;             // the most warps a block (kernels.DR_DENSE_T_WARPS)
 DEVI void dr_dense_group(const int* base, int g, int gw, int lane, int coded, uint2 lut, uint4& v, u32& d) {
-  v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g * gw + 4 * lane));
-  d = coded ? v.w : (u32)__ldg(base + (long long)g * 160 + 128 + lane);
+  dr_dense_load(base, g, gw, lane, coded, v, d);
   if (coded) v = dr_decode_coded(v, lut);
 }
 // PF (delta_rows_to_dense_nftp, session 64): a lane asks for its next group by cp.async into a ring of two slots in
@@ -3486,14 +3499,7 @@ DEVI void dr_dense_tiled_body(const int* __restrict__ data, const int* __restric
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, s = blockIdx.y;
   const int slice = blockIdx.x * (blockDim.x >> 5) + warp;
   if (slice >= slices) return;  // (warp-uniform; no block barrier below)
-  int goff, g0, g1;
-  dr_split(offsets, slice, s, S, goff, g0, g1);
-  const int row = dr_perm(offsets, slices, S)[slice * 32 + lane];
-  int col = dr_start(offsets, slices, S, slice, s, lane);
-  const int gw = coded ? 128 : 160;
-  const int* base = data + (long long)goff * gw;
-  const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
-  const long long rowbase = (long long)max(row, 0) * K;
+  auto [g0, g1, row, col, gw, base, lut, rowbase] = dr_dense_lane(data, offsets, K, S, coded, slices, slice, s, lane);
   long long e0, e1;  // the lane's owned elements (as delta_rows_to_dense_nf)
   dr_dense_owned(offsets, slices, S, slice, s, lane, row, col, g0, g1, K, parts, e0, e1);
   const bool owns = e0 <= e1;
@@ -3505,7 +3511,7 @@ DEVI void dr_dense_tiled_body(const int* __restrict__ data, const int* __restric
   u32 d = 0;
   int g = g0, k = 0;
   // (PF) ask for group h into its slot: one cp.async group a call
-  auto ask = [&](int h) {
+  auto ask = [&, base = base, gw = gw](int h) {  // (structured bindings are captured by copy in C++17)
     cp_async16(smem_addr(&ring_v[PF ? warp : 0][h & 1][lane]), base + (long long)h * gw + 4 * lane);
     if (!coded)
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(&ring_d[PF ? warp : 0][h & 1][lane])),
