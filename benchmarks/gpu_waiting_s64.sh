@@ -5,6 +5,8 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh memory lengths            (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh sanitize                  (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh dense                     (about 5 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100llama                 (about 5 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100opt                   (about 5 minutes, an H100)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, and the tensor-parallel prefill graphs at world size 1);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -16,6 +18,10 @@
 #          DeltaRows expansions (_nft, _nftp) among them;
 # dense:   Engine(prefill_dense=True): bench_e2e.py's time to first token and peak memory, Llama-3-8B bf16 at 80 %, batch
 #          1 and 8, with the dense copies and without (two runs, each with its dense baseline).
+# h100llama, h100opt: issue 4's table on the card its targets name (every run since 2026-11-29 was on an H200):
+#          bench_e2e.py, bf16, dense / 70 / 80 %, batch 1-64, the Hugging Face baseline, one model a group.  Run them
+#          in a device call that names kind nvidia-h100-x1 (a call without a kind mostly gets an H200);
+#          docs/engine.md ("On an H100") says what to expect.
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -49,8 +55,13 @@ for group in "${groups[@]}"; do
                --batches 1,8 --format delta-rows --dtype bf16 --fuse --merge --no-hf --repeats 2 --new 32 --no-progress \
                --out "$OUT/e2e${pd:+_prefill_dense}" $pd
            done ;;
+    h100llama|h100opt) m=$([ "$group" = h100llama ] && echo llama-3-8b || echo opt-30b)
+             nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card_$group.txt" 2>&1
+             step "e2e_$group" 290 python3 benchmarks/bench_e2e.py --models "$m" --sparsities 0,70,80 \
+               --batches 1,8,16,32,64 --format delta-rows --dtype bf16 --fuse --merge --repeats 2 --no-progress \
+               --out "$OUT/e2e_$group" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt)" ;;
   esac
 done
