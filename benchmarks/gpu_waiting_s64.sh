@@ -7,6 +7,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh dense                     (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100llama                 (about 5 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100opt                   (about 5 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100spmm                  (about 3 minutes, an H100)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, and the tensor-parallel prefill graphs at world size 1);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -21,7 +22,8 @@
 # h100llama, h100opt: issue 4's table on the card its targets name (every run since 2026-11-29 was on an H200):
 #          bench_e2e.py, bf16, dense / 70 / 80 %, batch 1-64, the Hugging Face baseline, one model a group.  Run them
 #          in a device call that names kind nvidia-h100-x1 (a call without a kind mostly gets an H200);
-#          docs/engine.md ("On an H100") says what to expect.
+#          docs/engine.md ("On an H100") says what to expect.  h100spmm: issue 3's bench_spmm.py on the same card
+#          (both formats, fp16 and bf16).
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -60,8 +62,9 @@ for group in "${groups[@]}"; do
              step "e2e_$group" 290 python3 benchmarks/bench_e2e.py --models "$m" --sparsities 0,70,80 \
                --batches 1,8,16,32,64 --format delta-rows --dtype bf16 --fuse --merge --repeats 2 --no-progress \
                --out "$OUT/e2e_$group" ;;
+    h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm)" ;;
   esac
 done
