@@ -14,7 +14,10 @@ same stream of prompts (lengths drawn uniformly from ``--lengths``, seeded) goes
     python3 benchmarks/ttft_lengths.py --model llama-3-8b --sparsity 80 --lengths 64-192 --count 32
 
 It prints, per mode, the median / mean / 90th percentile of ``Generation.ttft_s`` (the prefill and the first
-sampling), the prefills replayed from a graph, and the graphs held at the end; ``--json`` writes every time.
+sampling), the prefills replayed from a graph, and the graphs held at the end; and the median / total of each whole
+``generate`` call's wall time (synchronized), which also holds what the time to first token leaves out: the capture of
+a new shape's prefill graph after the generation (session 65: the cost a server pays at every new shape, and what
+would decide capturing only shapes seen twice).  ``--json`` writes every time.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -73,9 +77,10 @@ def engines(model, batch: int, max_seq: int, dense: bool = False, **kwargs) -> d
 
 def run_modes(engs: dict[str, E.Engine], stream: list[list[list[int]]]) -> dict[str, dict]:
     """Each prompt batch of ``stream`` through every mode (the modes' order rotated prompt by prompt), one new token:
-    ``{mode: {"ttft_ms": [...], "replayed": n, "graphs": [(batch, length), ...], "tokens": [...]}}``."""
+    ``{mode: {"ttft_ms": [...], "call_ms": [...], "replayed": n, "graphs": [(batch, length), ...], "tokens": [...]}}``
+    (``call_ms``: each ``generate`` call's wall time, the device synchronized at its end)."""
     saved = E.PREFILL_BUCKETS
-    out = {m: {"ttft_ms": [], "replayed": 0, "tokens": []} for m in engs}
+    out = {m: {"ttft_ms": [], "call_ms": [], "replayed": 0, "tokens": []} for m in engs}
     names = list(engs)
     try:
         for i, prompts in enumerate(stream):
@@ -83,7 +88,11 @@ def run_modes(engs: dict[str, E.Engine], stream: list[list[list[int]]]) -> dict[
                 eng = engs[mode]
                 E.PREFILL_BUCKETS = mode in ("buckets", DENSE_MODE)
                 before = _replays(eng)
+                t0 = time.perf_counter()
                 g = eng.generate(prompts, 1, eos_token_id=None)
+                if eng.device.type == "cuda":
+                    torch.cuda.synchronize(eng.device)
+                out[mode]["call_ms"].append(1e3 * (time.perf_counter() - t0))
                 out[mode]["ttft_ms"].append(1e3 * g.ttft_s)
                 out[mode]["replayed"] += _replays(eng) - before
                 out[mode]["tokens"].append(g.tokens[:, 0].tolist())
@@ -99,13 +108,14 @@ def _replays(eng: E.Engine) -> int:
     return sum(g.replays for g in eng._prefills.values()) if eng._prefills else 0
 
 
-def summary(res: dict[str, dict]) -> list[tuple[str, float, float, float, int, int]]:
-    """``[(mode, median ms, mean ms, p90 ms, prefills replayed, graphs held)]``."""
+def summary(res: dict[str, dict]) -> list[tuple[str, float, float, float, int, int, float, float]]:
+    """``[(mode, TTFT median ms, mean ms, p90 ms, prefills replayed, graphs held, call median ms, calls' total ms)]``."""
     rows = []
     for mode, r in res.items():
         t = sorted(r["ttft_ms"])
         p90 = t[min(len(t) - 1, int(0.9 * len(t)))]
-        rows.append((mode, statistics.median(t), statistics.fmean(t), p90, r["replayed"], len(r["graphs"])))
+        rows.append((mode, statistics.median(t), statistics.fmean(t), p90, r["replayed"], len(r["graphs"]),
+                     statistics.median(r["call_ms"]), sum(r["call_ms"])))
     return rows
 
 
@@ -149,10 +159,10 @@ def main(argv=None) -> int:
           f"{torch.__version__}, commit {os.environ.get('FLASH_LLM_COMMIT', '?')}")
     agree = sum(a == b for a, b in zip(res["eager"]["tokens"], res["buckets"]["tokens"]))
     print(f"first tokens of buckets equal to eager's: {agree} of {len(stream)} (greedy; the padding changes rounding)")
-    print("\nmode | TTFT median ms | mean | p90 | prefills replayed | graphs held")
-    print("---|---|---|---|---|---")
-    for mode, med, mean, p90, rep, held in summary(res):
-        print(f"{mode} | {med:.2f} | {mean:.2f} | {p90:.2f} | {rep} | {held}")
+    print("\nmode | TTFT median ms | mean | p90 | prefills replayed | graphs held | call median ms | calls' total ms")
+    print("---|---|---|---|---|---|---|---")
+    for mode, med, mean, p90, rep, held, call, total in summary(res):
+        print(f"{mode} | {med:.2f} | {mean:.2f} | {p90:.2f} | {rep} | {held} | {call:.2f} | {total:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "card": card, "torch": torch.__version__,

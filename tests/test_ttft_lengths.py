@@ -72,3 +72,7 @@ def test_modes_replay_as_their_graphs_allow(monkeypatch):
     rows = ttft_lengths.summary(res)
     assert [r[0] for r in rows] == [*ttft_lengths.MODES, "dense"]
     assert all(r[1] > 0 and r[3] >= r[1] for r in rows)
+    # each call's wall time holds its time to first token (and, where a new shape ran eagerly, the capture after it)
+    assert all(len(res[m]["call_ms"]) == len(stream) for m in res)
+    assert all(c >= t for m in res for c, t in zip(res[m]["call_ms"], res[m]["ttft_ms"]))
+    assert all(r[6] > 0 and abs(r[7] - sum(res[r[0]]["call_ms"])) < 1e-9 for r in rows)
