@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     eng = Engine(model, max_batch=1, max_seq=256, fuse=True, merge=True, formats="keep")
     prompts = torch.randint(3, cfg.vocab_size, (1, 64)).tolist()
     eng.generate(prompts, 4, eos_token_id=None)  # compiles, captures the batch-1 graph
-    graph = eng._graphs[1]
+    graph = eng._decode_graph(1)
     log = list(kernels._trace["log"])
     kernels._trace = None
     times = []

@@ -48,6 +48,13 @@ PREFILL_GRAPHS_MAX = 8
 PREFILL_BUCKETS = os.environ.get("FLASH_LLM_PREFILL_BUCKETS", "1") == "1"
 #: prompts up to this many tokens keep their length (below it the sparse kernels change with the token count)
 PREFILL_BUCKET_FROM = 32
+#: a decode step attends only the leading cache slots that can hold its sequence so far, rounded up by
+#: :func:`decode_kv_len` (one decode graph a batch size and rounded length), instead of all ``max_seq`` of them: the
+#: attention's work and the cache it reads grow with the tokens there are, not with the cache's size (session 65;
+#: ``FLASH_LLM_DECODE_KV_BUCKETS=0``: every step attends the whole cache).  The slots left out are masked anyway.
+DECODE_KV_BUCKETS = os.environ.get("FLASH_LLM_DECODE_KV_BUCKETS", "1") == "1"
+#: the fewest slots a decode step attends with :data:`DECODE_KV_BUCKETS` (then twice as many, four times, ...)
+DECODE_KV_MIN = 256
 #: Without streaming, the host checks whether every row has finished (one synchronization) this often.
 EOS_CHECK_EVERY = 16
 _CACHE_ALIGN = 64  # cache slots allocated in multiples of this (aligned attention masks)
@@ -218,6 +225,18 @@ def prefill_bucket(p: int, limit: int | None = None) -> int:
     step = 1 << max(0, (p - 1).bit_length() - 3)
     q = -(-p // step) * step
     return p if limit is not None and q > limit else q
+
+
+def decode_kv_len(n: int, slots: int) -> int:
+    """The cache slots a decode step attends when its sequences hold ``n`` tokens (the step's own included) in a cache
+    of ``slots``: with :data:`DECODE_KV_BUCKETS`, ``n`` rounded up to :data:`DECODE_KV_MIN` or the power of two above
+    it, at most ``slots``; else ``slots``.  A decode graph serves every ``n`` of its length."""
+    if not DECODE_KV_BUCKETS:
+        return slots
+    kv = DECODE_KV_MIN
+    while kv < n:
+        kv *= 2
+    return min(kv, slots)
 
 
 def _prefill_rows(batch: int, prompt_len: int) -> int:
@@ -749,8 +768,10 @@ class Engine:
         max_batch: the largest batch :meth:`generate` accepts.
         max_seq: the longest padded prompt plus new tokens (default: the model's
             ``max_position_embeddings``, at most 2048).
-        cuda_graphs: capture the decode step in CUDA graphs, one per batch size, at its first use (default:
-            on CUDA devices); ``False`` runs it eagerly.  The prefill too, one graph per batch size and padded prompt
+        cuda_graphs: capture the decode step in CUDA graphs, one per batch size and attended length, at its first
+            use (default: on CUDA devices); ``False`` runs it eagerly.  A step attends the cache slots its sequences
+            can fill so far, rounded up by :func:`decode_kv_len` (256, 512, 1024, ...: :data:`DECODE_KV_BUCKETS`), so
+            a large ``max_seq`` costs a short generation no attention work.  The prefill too, one graph per batch size and padded prompt
             length (the first prompt of a shape runs eagerly, later ones replay; at most ``prefill_graphs`` kept;
             tensor-parallel models only with :data:`PREFILL_GRAPHS_TP`; ``FLASH_LLM_PREFILL_GRAPHS=0`` keeps it
             eager); prompts longer than :data:`PREFILL_BUCKET_FROM` tokens are then padded on the left to the next
@@ -941,7 +962,7 @@ class Engine:
         #: the batch from which a decode step's attention takes 32-slot chunks (None: the kernel's default)
         self._small_chunks_from = _small_chunks_from(model)
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, attended slots) -> decode graph
         self._pool = None
         # the prefill's graphs ((batch, padded prompt length) -> _PrefillGraph), most recently used last, in a pool
         # of their own; None: the prefill runs eagerly (no CUDA graphs, tensor parallelism, or a capture that failed)
@@ -1226,19 +1247,20 @@ class Engine:
             self._prefill(ids, mask)
         return _PrefillGraph(graph, ids, mask)
 
-    def _step(self, b: int) -> None:
-        """One decode step for rows ``0..b-1``: feed ``_tok`` at ``_pos`` into cache slot ``_slot``, write the
-        next logits to ``_logits``, advance position and slot.  Fixed shapes, no host synchronization."""
+    def _step(self, b: int, kv: int | None = None) -> None:
+        """One decode step for rows ``0..b-1``: feed ``_tok`` at ``_pos`` into cache slot ``_slot``, attend the first
+        ``kv`` slots (default all; they must include ``_slot``), write the next logits to ``_logits``, advance
+        position and slot.  Fixed shapes, no host synchronization."""
+        kv = self._slots if kv is None else kv
         mask = self._mask[:b]
         mask.index_fill_(1, self._slot, 0.0)
-        attend = Attend(positions=self._pos[:b, None], mask=mask[:, None, None, :], cache=self.cache,
-                        slots=self._slot, kv_len=self._slots, rope=self._rope,
-                        small_chunks_from=self._small_chunks_from)
+        attend = Attend(positions=self._pos[:b, None], mask=mask[:, None, None, :kv], cache=self.cache,
+                        slots=self._slot, kv_len=kv, rope=self._rope, small_chunks_from=self._small_chunks_from)
         logits = self.model(self._tok[:b], attend=attend)
         self._logits[:b].copy_(logits[:, 0])
         torch._foreach_add_([self._pos[:b], self._slot], 1)  # (one kernel for both)
 
-    def _capture(self, b: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, b: int, kv: int) -> torch.cuda.CUDAGraph:
         # the key of the tensors this graph reads: a forward may have moved some since the generate began (a model
         # built on meta computes its RoPE frequencies at its first forward), so graphs over the old ones go now
         self._check_graphs()
@@ -1256,7 +1278,7 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self._step(b)
+                self._step(b, kv)
                 restore()
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
@@ -1267,20 +1289,29 @@ class Engine:
         # the weights are fixed while the graph runs: the spmm kernels may load theirs before the previous kernel
         # finishes (kernels.static_weights)
         with torch.cuda.graph(graph, pool=self._pool), kernels.static_weights():
-            self._step(b)  # recorded, not run
-        self._graphs[b] = graph
+            self._step(b, kv)  # recorded, not run
+        self._graphs[(b, kv)] = graph
         if self.tp is not None:
             self.tp.track_graph(graph)  # reset when the group is closed (NCCL work captured in it)
         return graph
 
-    def _decode(self, b: int) -> torch.Tensor:
+    def _decode(self, b: int, kv: int) -> torch.Tensor:
+        """A decode step of rows ``0..b-1`` attending the first ``kv`` cache slots (:meth:`_step`), from its graph
+        where ``cuda_graphs`` (captured at its first use); the logits ``[b, V]``."""
         if self.cuda_graphs:
-            graph = self._graphs.get(b) or self._capture(b)
+            graph = self._graphs.get((b, kv)) or self._capture(b, kv)
             graph.replay()
         else:
             self.use_layout(b)
-            self._step(b)
+            self._step(b, kv)
         return self._logits[:b]
+
+    def _decode_graph(self, b: int) -> torch.cuda.CUDAGraph:
+        """The captured decode graph of batch ``b`` that attends the most slots (benchmarks and tests replay it)."""
+        keys = [key for key in self._graphs if key[0] == b]
+        if not keys:
+            raise KeyError(f"no decode graph of batch {b} captured")
+        return self._graphs[max(keys)]
 
     def _mark(self):
         if self.device.type == "cuda":
@@ -1351,10 +1382,10 @@ class Engine:
             eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
             pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
             marks = [self._mark()]
-            if self._prefills is None:
-                logits = self._prefill(ids, mask)
-            else:
-                logits = self._prefill_replayed(*self._bucketed(ids, mask, max_new_tokens))
+            if self._prefills is not None:
+                ids, mask = self._bucketed(ids, mask, max_new_tokens)
+            p = ids.shape[1]  # (the padded prompt: step i writes cache slot p + i - 1 and attends slots 0 .. p + i - 1)
+            logits = self._prefill(ids, mask) if self._prefills is None else self._prefill_replayed(ids, mask)
             kept = [logits.clone()] if output_logits else None
             tok = sampler(logits)
             done = torch.isin(tok, eos_t) if eos else None
@@ -1365,7 +1396,7 @@ class Engine:
             for i in range(1, max_new_tokens):
                 if eos and (per_step_sync or i % EOS_CHECK_EVERY == 0) and bool(done.all()):
                     break
-                logits = self._decode(b)
+                logits = self._decode(b, decode_kv_len(p + i, self._slots))
                 if output_logits:
                     kept.append(logits.clone())
                 tok = sampler(logits)
@@ -1427,8 +1458,9 @@ class Engine:
 
     def warmup(self, batches=(1,), prompt_lengths=(128,), *, progress: bool = False) -> list[tuple[int, int]]:
         """Run a short generation of each shape before the first requests, so they find it ready: the kernels loaded,
-        the fused functions compiled (``fuse``: tens of seconds the first time), and with CUDA graphs each batch
-        size's decode graph and each ``(batch, prefill_bucket(length))``'s prefill graph captured.
+        the fused functions compiled (``fuse``: tens of seconds the first time), and with CUDA graphs each
+        ``(batch, prefill_bucket(length))``'s prefill graph and each batch size's decode graphs captured (one for each
+        length the steps may attend, :func:`decode_kv_len`, from the shortest prompt's up to ``max_seq``).
 
         Args:
             batches: batch sizes (each ``1 .. max_batch``).
@@ -1464,7 +1496,20 @@ class Engine:
 
         for b, n in tqdm(shapes, desc="warm-up", unit="shape", disable=not progress):
             self.generate([[0] * n for _ in range(b)], 2, eos_token_id=None)
+        if self.cuda_graphs:  # (the decode graphs of the longer lengths, which a long generation would capture midway)
+            for b in batches:
+                for kv in self._kv_lengths(padded[0] + 1):
+                    if (b, kv) not in self._graphs:
+                        self._capture(b, kv)
         return shapes
+
+    def _kv_lengths(self, n: int) -> list[int]:
+        """The lengths decode steps attend (:func:`decode_kv_len`) from sequences of ``n`` tokens up to the cache's
+        end, in order."""
+        out = [decode_kv_len(n, self._slots)]
+        while out[-1] < self._slots:
+            out.append(decode_kv_len(out[-1] + 1, self._slots))
+        return out
 
     def stream(self, prompts, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
         """Like :meth:`generate` (same keyword arguments except ``on_token``), but yields each step's tokens

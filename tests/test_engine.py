@@ -1410,7 +1410,7 @@ def test_prefill_graph_captured_after_the_generation(pair, monkeypatch):
     eng._prefills = {}
     steps, at_capture = [], []
     decode = eng._decode
-    monkeypatch.setattr(eng, "_decode", lambda b: steps.append(b) or decode(b))
+    monkeypatch.setattr(eng, "_decode", lambda b, kv: steps.append(b) or decode(b, kv))
     fake = _fake_capture(eng)
     monkeypatch.setattr(eng, "_capture_prefill", lambda ids, mask: at_capture.append(len(steps)) or fake(ids, mask))
     eng.generate(PROMPTS, 4, eos_token_id=None)
@@ -1450,6 +1450,66 @@ def test_warmup_captures_the_shapes_before_the_requests(pair, monkeypatch):
     monkeypatch.setattr(E, "PREFILL_GRAPHS_MAX", 3)
     with pytest.warns(RuntimeWarning, match="keeps 3 prefill graphs"):
         eng.warmup(batches=(1, 2), prompt_lengths=(40, 56))
+
+
+def test_decode_kv_len_rounds_up_to_powers_of_two_within_the_cache(monkeypatch):
+    import flash_llm.engine as E
+
+    assert [E.decode_kv_len(n, 2048) for n in (1, 255, 256, 257, 512, 513, 1500, 2048)] == \
+        [256, 256, 256, 512, 512, 1024, 2048, 2048]
+    assert [E.decode_kv_len(n, 192) for n in (1, 100, 192)] == [192, 192, 192]  # (never past the cache)
+    monkeypatch.setattr(E, "DECODE_KV_BUCKETS", False)
+    assert E.decode_kv_len(3, 2048) == 2048
+
+
+def test_decode_steps_attend_only_the_slots_their_tokens_can_fill(pair, monkeypatch):
+    """Each decode step attends the first decode_kv_len(tokens so far) cache slots, never fewer than it holds, and
+    decodes what an engine attending its whole cache decodes (the slots left out are masked there)."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    monkeypatch.setattr(E, "DECODE_KV_MIN", 8)  # (these models' 64 positions: lengths 8, 16, 32, 64)
+    eng = Engine(ours, max_batch=3, max_seq=64)
+    seen = []
+    decode = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda b, kv: seen.append(kv) or decode(b, kv))
+    n = 40
+    got = eng.generate(PROMPTS, n, output_logits=True, eos_token_id=None)
+    p = max(map(len, PROMPTS))
+    assert seen == [E.decode_kv_len(p + i, 64) for i in range(1, n)]
+    assert seen[0] == 8 and seen[-1] == 64 and sorted(set(seen)) == [8, 16, 32, 64]
+    assert all(kv >= p + i for i, kv in enumerate(seen, 1))  # (the step's own slot among them)
+    monkeypatch.setattr(E, "DECODE_KV_BUCKETS", False)
+    whole = Engine(ours, max_batch=3, max_seq=64).generate(PROMPTS, n, output_logits=True, eos_token_id=None)
+    assert got.tokens.tolist() == whole.tokens.tolist()
+    torch.testing.assert_close(got.logits, whole.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_captures_every_decode_length(pair, monkeypatch):
+    """With CUDA graphs, warmup captures each batch size's decode graph of every length its steps may attend (from
+    the shortest prompt's to the cache's end), so a long generation captures nothing midway; its steps replay them."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    monkeypatch.setattr(E, "DECODE_KV_MIN", 8)
+    eng = Engine(ours, max_batch=2, max_seq=64)
+    eng.cuda_graphs = True  # (a stand-in capture: each graph's replay runs its step eagerly)
+    captured = []
+
+    def capture(b, kv):
+        captured.append((b, kv))
+        eng._graphs[(b, kv)] = g = _FakeGraph(lambda: (eng.use_layout(b), eng._step(b, kv)))
+        return g
+    monkeypatch.setattr(eng, "_capture", capture)
+    eng.warmup(batches=(1, 2), prompt_lengths=(5, 9))
+    assert sorted(captured) == [(b, kv) for b in (1, 2) for kv in (8, 16, 32, 64)]
+    assert eng._kv_lengths(6) == [8, 16, 32, 64] and eng._kv_lengths(17) == [32, 64]
+    before = len(captured)
+    got = eng.generate(PROMPTS[:2], 50, output_logits=True, eos_token_id=None)
+    assert len(captured) == before and eng._graphs[(2, 64)].replays > 0
+    assert eng._decode_graph(2) is eng._graphs[(2, 64)]
+    want = Engine(ours, max_batch=2, max_seq=64).generate(PROMPTS[:2], 50, output_logits=True, eos_token_id=None)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_prefill_graphs_argument_bounds_the_graphs_kept(pair, monkeypatch):

@@ -132,7 +132,40 @@ def _graph_vs_eager(model, batches, n=24):
             assert diff == 0.0, f"batch {b}: graph replay logits differ from eager by {diff}"
     finally:
         E.PREFILL_BUCKETS = saved
-    assert sorted(graph_eng._graphs) == sorted(set(batches)), "one graph per batch size"
+    assert sorted(graph_eng._graphs) == [(b, graph_eng._slots) for b in sorted(set(batches))], \
+        "one graph per batch size (these caches are shorter than the least length a step attends)"
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.8], ids=["dense", "delta-rows-80"])
+def test_decode_attends_the_slots_in_use(sparsity, monkeypatch):
+    """In a cache of 640 slots, a 240-token prompt's steps attend 256 slots, then 512 (a decode graph each, through the
+    decode attention kernel: head size 128), the graphs' logits bit for bit the eager engine's at those lengths, and
+    within 16 fp16 ulps of an engine attending the whole cache while the tokens agree (the 256 -> 512 step among
+    them)."""
+    from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "PREFILL_BUCKETS", False)  # (the eager engines keep the prompt's length)
+    model = (_small_delta_rows_llama(sparsity) if sparsity else
+             build_synthetic(_small_llama(), None, device="cuda", progress=False)[0])
+    gen = torch.Generator().manual_seed(5)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (240,), generator=gen)]]
+    n = 40
+    graph_eng = Engine(model, max_batch=1, max_seq=600, cuda_graphs=True, delta_layout="keep", formats="keep")
+    got = graph_eng.generate(prompts, n, output_logits=True, eos_token_id=None)
+    assert graph_eng._slots == 640 and sorted(graph_eng._graphs) == [(1, 256), (1, 512)]
+    eager = Engine(model, max_batch=1, max_seq=600, cuda_graphs=False, delta_layout="keep", formats="keep")
+    same = eager.generate(prompts, n, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.logits, same.logits), "graph replay differs from eager at the same lengths"
+    monkeypatch.setattr(E, "DECODE_KV_BUCKETS", False)
+    whole = Engine(model, max_batch=1, max_seq=600, cuda_graphs=False, delta_layout="keep", formats="keep").generate(
+        prompts, n, output_logits=True, eos_token_id=None)
+    agree = 0
+    while agree < n and got.tokens[0, agree] == whole.tokens[0, agree]:
+        agree += 1
+    assert agree >= 20, f"the tokens part after {agree} steps"
+    for i in range(agree):  # (logits i come from the tokens before i)
+        bound = 16 * ULP[torch.float16] * whole.logits[:, i].abs().max().item()
+        assert (got.logits[:, i] - whole.logits[:, i]).abs().max().item() <= bound, i
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -175,7 +208,7 @@ def test_fused_elementwise_kernels_keep_the_logits(dtype, family):
         err_plain = (plain.logits[i] - ref.logits[i]).abs().max().item()
         err_fused = (got.logits[i] - ref.logits[i]).abs().max().item()
         assert err_fused <= 2 * err_plain + ULP[dtype] * ref.logits[i].abs().max().item(), (i, err_fused, err_plain)
-    assert sorted(fused._graphs) == [4]
+    assert [b for b, _ in fused._graphs] == [4]
     Engine(fused_model, max_batch=4, max_seq=96, fuse=True).generate(prompts[:1], 4)  # batch 1: another graph
 
 
@@ -439,9 +472,9 @@ def test_dual_layout_serves_each_batch_with_its_format():
     assert all(m.weight_format is flash_llm.TiledCSL for m in sparse)
     eng.use_layout(big - 1)
     assert all(m.weight_format is flash_llm.DeltaRows for m in sparse)
-    graph = eng._graphs[1]
+    graph = eng._decode_graph(1)
     again = eng.generate(prompts[:1], 8, output_logits=True, eos_token_id=None)
-    assert eng._graphs[1] is graph and torch.equal(again.logits, one.logits)  # replayed, not captured again
+    assert eng._decode_graph(1) is graph and torch.equal(again.logits, one.logits)  # replayed, not captured again
     eager = Engine(model, max_batch=big, max_seq=128, delta_layout="dual", cuda_graphs=False)
     assert torch.equal(eager.generate(prompts[:1], 8, output_logits=True, eos_token_id=None).logits, one.logits)
     for got, b in ((one, 1), (four, big)):  # the prefill (the copies against the expanded DeltaRows), the first step
@@ -467,9 +500,9 @@ def test_dual_layout_at_50_percent_swaps_in_dense_copies():
     assert any(isinstance(m, flash_llm.SparseLinear) for m in model.modules())  # (the last step's set)
     many = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)
     assert not any(isinstance(m, flash_llm.SparseLinear) for m in model.modules())
-    graph = eng._graphs[1]
+    graph = eng._decode_graph(1)
     again = eng.generate(prompts[:1], 8, output_logits=True, eos_token_id=None)
-    assert eng._graphs[1] is graph and torch.equal(again.logits, one.logits)
+    assert eng._decode_graph(1) is graph and torch.equal(again.logits, one.logits)
     eager = Engine(model, max_batch=big, max_seq=128, delta_layout="dual", cuda_graphs=False)
     assert torch.equal(eager.generate(prompts, 8, eos_token_id=None).tokens, many.tokens)
     for got, b in ((one, 1), (many, big)):
