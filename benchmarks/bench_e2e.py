@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 from flash_llm.engine import Engine, _dense_from_delta_rows  # noqa: E402
+from flash_llm import engine as engine_mod  # noqa: E402
 from flash_llm.nn import FORMAT_NAMES, SparseLinear  # noqa: E402
 from flash_llm.models import preset, unmerge_projections  # noqa: E402
 from flash_llm.models import _common  # noqa: E402
@@ -136,14 +137,15 @@ def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
 
 def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False, merge: bool = False,
                    delta_layout: str = "auto", max_batch: int | None = None, formats: str = "keep",
-                   prefill_dense: bool = False) -> dict:
+                   prefill_dense: bool = False, max_seq: int | None = None) -> dict:
     """One engine (``max_batch``: default ``batch``) generating ``batch`` prompts: the medians of ``repeats`` runs.
     ``formats``: ``Engine(formats=)``: "keep" (the format --format asked for) or "auto" (the engine re-encodes
     BitmapTiles / Tiled-CSL layers for its max_batch, as it does by default); ``prefill_dense``: ``Engine``'s (dense
-    copies for the prefill, their bytes in ``prefill_dense_bytes``)."""
+    copies for the prefill, their bytes in ``prefill_dense_bytes``); ``max_seq``: the engine's cache (default: the
+    prompt and the new tokens)."""
     device = next(model.parameters()).device
     _reset_peak(device)
-    eng = Engine(model, max_batch=max_batch or batch, max_seq=prompt_len + new, fuse=fuse, merge=merge,
+    eng = Engine(model, max_batch=max_batch or batch, max_seq=max_seq or prompt_len + new, fuse=fuse, merge=merge,
                  delta_layout=delta_layout, formats=formats, prefill_dense=prefill_dense)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
@@ -158,6 +160,7 @@ def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = Fal
         "peak_mem_bytes": _peak(device),
         "cache_bytes": eng.cache_bytes,
         "max_batch": eng.max_batch,
+        "max_seq": eng.max_seq,
         "copies_bytes": eng.copies_bytes,  # (delta_layout="dual": the Tiled-CSL copies beside the weights)
         "prefill_dense_bytes": eng.prefill_dense_bytes,  # (prefill_dense: the dense copies the prefill ran on)
         # (below: the weights this batch's steps ran on: delta_layout="dual" holds two sets and swaps them by batch)
@@ -275,7 +278,7 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                 try:
                     row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse,
                                               args.merge, args.delta_layout, args.max_batch, args.engine_formats,
-                                              args.prefill_dense and sp > 0))
+                                              args.prefill_dense and sp > 0, args.max_seq))
                     row["floor_ms"] = 1e3 * row["read_bytes"] / env["copy_bw_Bps"]
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * row["floor_ms"] / row["tpot_ms"]
@@ -405,7 +408,7 @@ def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
         gen = torch.Generator().manual_seed(b)  # the same prompts on every rank
         try:
             m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge,
-                               args.delta_layout, formats=args.engine_formats)
+                               args.delta_layout, formats=args.engine_formats, max_seq=args.max_seq)
             ok = True
         except torch.cuda.OutOfMemoryError as e:
             m, ok = {"error": str(e).splitlines()[0][:120]}, False
@@ -781,6 +784,9 @@ def parse_args(argv):
     ap.add_argument("--max-batch", type=int,
                     help="every engine's max_batch (default: each batch its own); at least the largest of --batches "
                          "(one engine serving smaller batches, as a server does)")
+    ap.add_argument("--max-seq", type=int,
+                    help="every engine's cache in tokens (default: --prompt + --new), e.g. 2048 to time an engine sized "
+                         "for longer requests than it serves (FLASH_LLM_DECODE_KV_BUCKETS=0: its steps attend it all)")
     ap.add_argument("--memory-limit-gb", type=float,
                     help="cap this process' GPU memory, in 10^9 bytes (85.5: an 80 GB H100's 79.6 GiB)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
@@ -842,6 +848,8 @@ def parse_args(argv):
     args.sparsities = sorted(set(args.sparsities))
     if any(b < 1 for b in args.batches) or args.prompt < 1 or args.new < 2 or args.repeats < 1:
         ap.error("--batches and --prompt must be >= 1, --new >= 2, --repeats >= 1")
+    if args.max_seq is not None and args.max_seq < args.prompt + args.new:
+        ap.error(f"--max-seq {args.max_seq} is below --prompt + --new ({args.prompt + args.new})")
     if args.max_batch is not None and args.max_batch < max(args.batches):
         ap.error(f"--max-batch {args.max_batch} is below the largest of --batches ({max(args.batches)})")
     return args
@@ -871,6 +879,8 @@ def main(argv=None) -> int:
     env["delta_layout"] = args.delta_layout
     env["engine_formats"] = args.engine_formats
     env["max_batch"] = args.max_batch
+    env["max_seq"] = args.max_seq
+    env["decode_kv_buckets"] = engine_mod.DECODE_KV_BUCKETS
     env["decode_attention"] = _common.DECODE_ATTENTION  # FLASH_LLM_DECODE_ATTENTION
     try:
         import transformers

@@ -8,8 +8,9 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100llama                 (about 5 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100opt                   (about 5 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100spmm                  (about 3 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh kvlen                     (about 6 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
-#          Engine.warmup, and the tensor-parallel prefill graphs at world size 1);
+#          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
 # prefill: the same in the prefill (prefill_ab.py, OPT-30B and Llama-3-8B, nf against nft, and the graph what-if);
 # memory:  what the prefill graphs hold (diag/prefill_graph_memory.py);
@@ -24,6 +25,9 @@
 #          in a device call that names kind nvidia-h100-x1 (a call without a kind mostly gets an H200);
 #          docs/engine.md ("On an H100") says what to expect.  h100spmm: issue 3's bench_spmm.py on the same card
 #          (both formats, fp16 and bf16).
+# kvlen:   decode steps attending the slots in use (session 65, engine.DECODE_KV_BUCKETS): bench_e2e.py with a cache of
+#          2048 slots for a 128 + 128 token request, Llama-3-8B bf16 dense and 80 %, batch 1 and 16, with the lengths
+#          in buckets and without (FLASH_LLM_DECODE_KV_BUCKETS=0, every step attends all 2048 slots).
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -40,7 +44,7 @@ for group in "${groups[@]}"; do
   case $group in
     tests) step tests_expansion 240 python3 -m pytest -q tests/test_delta_rows_gpu.py -k decode_kernel_is_exact
            step tests_engine 200 python3 -m pytest -q tests/test_engine_gpu.py tests/test_parallel_gpu.py \
-             -k "prefill_graphs or prefill_dense or graph_decode_equals_eager or decode_with_graphs" ;;
+             -k "prefill_graphs or prefill_dense or graph_decode_equals_eager or decode_with_graphs or slots_in_use" ;;
     expand) step dr_expand 120 python3 benchmarks/dr_expand.py \
               --kernels delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,delta_rows_to_dense_nftp:4,delta_rows_to_dense_nftp:2 ;;
     prefill) for m in opt-30b llama-3-8b; do
@@ -62,9 +66,14 @@ for group in "${groups[@]}"; do
              step "e2e_$group" 290 python3 benchmarks/bench_e2e.py --models "$m" --sparsities 0,70,80 \
                --batches 1,8,16,32,64 --format delta-rows --dtype bf16 --fuse --merge --repeats 2 --no-progress \
                --out "$OUT/e2e_$group" ;;
+    kvlen) for kvb in 1 0; do
+             FLASH_LLM_DECODE_KV_BUCKETS=$kvb step "e2e_kvlen_$kvb" 270 python3 benchmarks/bench_e2e.py --models llama-3-8b \
+               --sparsities 0,80 --batches 1,16 --format delta-rows --dtype bf16 --fuse --merge --no-hf --repeats 2 \
+               --max-seq 2048 --no-progress --out "$OUT/e2e_kvlen_$kvb"
+           done ;;
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen)" ;;
   esac
 done
