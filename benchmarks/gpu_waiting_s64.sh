@@ -5,8 +5,8 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh memory lengths            (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh sanitize                  (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh dense                     (about 5 minutes)
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100llama                 (about 5 minutes, an H100)
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100opt                   (about 5 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100llama                 (5-7 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100opt                   (5-7 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100spmm                  (about 3 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh kvlen                     (about 6 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
@@ -63,7 +63,7 @@ for group in "${groups[@]}"; do
            done ;;
     h100llama|h100opt) m=$([ "$group" = h100llama ] && echo llama-3-8b || echo opt-30b)
              nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card_$group.txt" 2>&1
-             step "e2e_$group" 290 python3 benchmarks/bench_e2e.py --models "$m" --sparsities 0,70,80 \
+             step "e2e_$group" 420 python3 benchmarks/bench_e2e.py --models "$m" --sparsities 0,70,80 \
                --batches 1,8,16,32,64 --format delta-rows --dtype bf16 --fuse --merge --repeats 2 --no-progress \
                --out "$OUT/e2e_$group" ;;
     kvlen) for kvb in 1 0; do
