@@ -191,9 +191,44 @@ def test_generation_ends_when_every_row_stopped(pair):
     free = eng.generate([PROMPTS[0]], 5, eos_token_id=None)
     out = eng.generate([PROMPTS[0]], 50, eos_token_id=int(free.tokens[0, 0]))
     assert out.lengths.tolist() == [1]
-    assert out.tokens.shape[1] <= 1 + 16  # the host checks every 16 steps without streaming
+    assert out.tokens.shape[1] == 1  # (on a CPU the host reads the flag every step; a GPU's EOS_LAG steps late)
     streamed = list(eng.stream([PROMPTS[0]], 50, eos_token_id=int(free.tokens[0, 0])))
     assert len(streamed) == 1  # streaming checks every step
+
+
+def test_generation_learns_of_the_stop_eos_lag_steps_late(pair, monkeypatch):
+    """As on a GPU (the flag read EOS_LAG steps late, _StopWatch): a generation runs exactly EOS_LAG steps past its
+    last row's EOS (or to its end), with the streamed generation's tokens, lengths and padding."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    monkeypatch.setattr(E, "_lagged_stop", lambda device: True)
+    eng = Engine(ours, max_batch=3, max_seq=64)
+    free = eng.generate(PROMPTS, 30, eos_token_id=None)
+    for at in ((0, 0, 0), (2, 5, 9), (20, 3, 11), (26, 27, 28)):  # (each row's EOS among the ids)
+        eos = sorted({int(free.tokens[r, a]) for r, a in enumerate(at)})
+        hit = torch.isin(free.tokens, torch.tensor(eos))
+        firsts = [int(hit[r].nonzero()[0]) for r in range(3)]
+        out = eng.generate(PROMPTS, 30, eos_token_id=eos)
+        streamed = torch.stack(list(eng.stream(PROMPTS, 30, eos_token_id=eos)), 1)
+        assert streamed.shape[1] == max(firsts) + 1
+        assert out.tokens.shape[1] == min(30, max(firsts) + E.EOS_LAG), (at, firsts)
+        assert out.lengths.tolist() == [f + 1 for f in firsts]
+        assert torch.equal(out.tokens[:, :streamed.shape[1]], streamed)
+        assert (out.tokens[:, streamed.shape[1]:] == ours.config.pad_token_id).all()
+
+
+def test_stop_watch_reads_each_step_eos_lag_late():
+    from flash_llm.engine import EOS_LAG, _StopWatch
+
+    watch = _StopWatch(torch.device("cpu"))
+    flags = [False, False, True, True, True, True, True, True]
+    for i, f in enumerate(flags):
+        assert watch.stopped(i) == (i >= EOS_LAG and flags[i - EOS_LAG])  # (what step i - EOS_LAG left)
+        watch.add(i, torch.tensor([f, True]))
+    assert watch.stopped(len(flags)) and len(watch.pending) == EOS_LAG - 1
+    watch.close()
+    assert not watch.pending
 
 
 def test_stream_and_on_token_give_the_same_tokens(pair):

@@ -136,6 +136,30 @@ def _graph_vs_eager(model, batches, n=24):
         "one graph per batch size (these caches are shorter than the least length a step attends)"
 
 
+def test_generation_stops_eos_lag_steps_after_every_row_stopped():
+    """Without streaming the host reads each step's "every row stopped" flag EOS_LAG steps late, without a
+    synchronization of its own: a generation ends at most EOS_LAG steps past its last row's EOS, with the tokens and
+    lengths of the streamed generation (which checks every step)."""
+    from flash_llm import engine as E
+
+    model = build_synthetic(_small_llama(), None, device="cuda", progress=False)[0]
+    eng = Engine(model, max_batch=3, max_seq=128)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (12,), generator=gen)] for _ in range(3)]
+    free = eng.generate(prompts, 40, eos_token_id=None)
+    for at in ((0, 0, 0), (2, 5, 9), (20, 3, 11)):  # (each row's EOS among the ids: a token it emits at that step)
+        eos = sorted({int(free.tokens[r, a]) for r, a in enumerate(at)})
+        hit = torch.isin(free.tokens, torch.tensor(eos))
+        firsts = [int(hit[r].nonzero()[0]) for r in range(3)]  # (at or before the step chosen)
+        out = eng.generate(prompts, 40, eos_token_id=eos)
+        streamed = torch.stack(list(eng.stream(prompts, 40, eos_token_id=eos)), 1).cpu()
+        assert streamed.shape[1] == max(firsts) + 1 <= 21
+        assert max(firsts) + 1 <= out.tokens.shape[1] <= max(firsts) + 1 + E.EOS_LAG, (eos, firsts, out.tokens.shape)
+        assert out.lengths.tolist() == [f + 1 for f in firsts]
+        assert torch.equal(out.tokens[:, :streamed.shape[1]], streamed)  # (padded after each row's EOS)
+        assert out.sequences() == [free.tokens[r, :f + 1].tolist() for r, f in enumerate(firsts)]
+
+
 @pytest.mark.parametrize("sparsity", [None, 0.8], ids=["dense", "delta-rows-80"])
 def test_decode_attends_the_slots_in_use(sparsity, monkeypatch):
     """In a cache of 640 slots, a 240-token prompt's steps attend 256 slots, then 512 (a decode graph each, through the
