@@ -159,6 +159,47 @@ class _StopWatch:
         self.pending.clear()
 
 
+class _Handover:
+    """Streaming: each step's tokens ``[B]`` and "every row stopped" copied into fresh pinned host memory on a side
+    stream, so that the host hands step ``i - 1``'s tokens over while step ``i`` runs on the device (until session 65
+    each step's tokens were copied after it, with the device idle until the host had handed them over and launched the
+    next step).  On a CPU, plain copies."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pending: dict[int, tuple] = {}
+
+    def add(self, i: int, tok: torch.Tensor, done: torch.Tensor | None) -> None:
+        """Step ``i``'s tokens and ``done [B]`` (or None: no EOS), on the device."""
+        flag = done.all() if done is not None else None
+        if not self.cuda:
+            self.pending[i] = (None, tok.clone(), flag)
+            return
+        host = torch.empty(tok.shape, dtype=tok.dtype, pin_memory=True)  # (the consumer's to keep: never reused)
+        hflag = torch.zeros((), dtype=torch.bool, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(tok.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(tok, non_blocking=True)
+            if flag is not None:
+                hflag.copy_(flag, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self.pending[i] = (copied, host, hflag, tok, flag)  # (the device tensors kept alive until copied)
+
+    def take(self, i: int) -> tuple[torch.Tensor, bool]:
+        """Step ``i``'s tokens on the CPU, and whether every row had stopped by then."""
+        entry = self.pending.pop(i)
+        if entry[0] is None:
+            return entry[1], bool(entry[2]) if entry[2] is not None else False
+        entry[0].synchronize()
+        return entry[1], bool(entry[2])
+
+    def drop(self, i: int) -> None:
+        """Forget step ``i`` (its copy waited for, so its buffers outlive it)."""
+        self.take(i)
+
+
 @dataclass
 class Generation:
     """What :meth:`Engine.generate` returns.
@@ -1417,7 +1458,10 @@ class Engine:
 
     def _steps(self, prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator, eos_token_id,
                per_step_sync: bool, output_logits: bool = False) -> Iterator[tuple[torch.Tensor, Generation | None]]:
-        """Yields ``(tokens [B] on the device, None)`` per step, then ``(None, Generation)`` once."""
+        """Yields ``(tokens [B], None)`` per step, then ``(None, Generation)`` once.  Without ``per_step_sync`` the
+        tokens stay on the device, yielded as each step is launched; with it (streaming) they come on the CPU, each
+        step's once the next is launched (:class:`_Handover`), so the device never waits for the consumer.  A step
+        launched after every row had stopped is dropped (its tokens neither yielded nor kept)."""
         self._check_graphs()
         self._pending = None  # (a generation left unfinished does not capture its prefill)
         sampler = self._sampler(temperature, top_k, top_p, generator)
@@ -1444,12 +1488,16 @@ class Engine:
             watch = _StopWatch(self.device) if eos and not per_step_sync and _lagged_stop(self.device) else None
             if watch is not None:
                 watch.add(0, done)
+            hand = _Handover(self.device) if per_step_sync else None
             self._tok[:b, 0].copy_(tok)
             marks.append(self._mark())
             out = [tok]
-            yield tok, None
+            if hand is None:
+                yield tok, None
+            else:
+                hand.add(0, tok, done)
             for i in range(1, max_new_tokens):
-                if eos and (watch.stopped(i) if watch is not None else bool(done.all())):
+                if eos and hand is None and (watch.stopped(i) if watch is not None else bool(done.all())):
                     break
                 logits = self._decode(b, decode_kv_len(p + i, self._slots))
                 if output_logits:
@@ -1463,7 +1511,21 @@ class Engine:
                 self._tok[:b, 0].copy_(tok)
                 marks.append(self._mark())
                 out.append(tok)
-                yield tok, None
+                if hand is None:
+                    yield tok, None
+                    continue
+                hand.add(i, tok, done)
+                prev, stopped = hand.take(i - 1)  # (step i runs meanwhile)
+                yield prev, None
+                if stopped:  # every row had stopped at step i - 1: step i ran past the end, dropped
+                    hand.drop(i)
+                    out.pop()
+                    marks.pop()
+                    if output_logits:
+                        kept.pop()
+                    break
+            if hand is not None and hand.pending:  # (the last step's tokens, where the steps ran to the end)
+                yield hand.take(len(out) - 1)[0], None
             tokens = torch.stack(out, 1)
             if eos:  # length up to and including the first EOS of each row
                 hit = torch.isin(tokens, eos_t)
@@ -1500,7 +1562,8 @@ class Engine:
             eos_token_id: stop a row at this token (an int or a list); default the config's
                 ``eos_token_id``; ``None`` never stops early.  Generation ends when every row has stopped.
             on_token: called as ``on_token(step, tokens)`` with ``tokens [B]`` int64 on the CPU as soon as
-                each step's tokens exist (one host synchronization per step).
+                each step's tokens exist on the host (copied while the next step runs: the device does not wait for
+                the callback).
             output_logits: keep every step's logits in :attr:`Generation.logits` (a copy per step).
 
         Returns:
@@ -1572,7 +1635,8 @@ class Engine:
 
     def stream(self, prompts, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
         """Like :meth:`generate` (same keyword arguments except ``on_token``), but yields each step's tokens
-        ``[B]`` (int64, CPU) as they come; the :class:`Generation` is :attr:`last` when the iteration ends."""
+        ``[B]`` (int64, CPU) as they come (each once the next step is launched, so the device does not wait for the
+        consumer); the :class:`Generation` is :attr:`last` when the iteration ends."""
         if "on_token" in kwargs:
             raise TypeError("stream() yields the tokens; on_token belongs to generate()")
         self.last = None

@@ -218,6 +218,32 @@ def test_generation_learns_of_the_stop_eos_lag_steps_late(pair, monkeypatch):
         assert (out.tokens[:, streamed.shape[1]:] == ours.config.pad_token_id).all()
 
 
+def test_streaming_hands_each_step_over_once_the_next_is_launched(pair, monkeypatch):
+    """stream() yields step i - 1's tokens after step i is launched (the device busy while the consumer takes them);
+    where every row has stopped, the one step launched past the end is neither yielded nor kept, and the tokens,
+    lengths and Generation are those of generate()."""
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=64)
+    free = eng.generate(PROMPTS, 12, eos_token_id=None)
+    log = []
+    decode = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda b, kv: log.append("launch") or decode(b, kv))
+    for eos in (None, sorted({int(free.tokens[r, a]) for r, a in enumerate((1, 4, 2))})):
+        want = eng.generate(PROMPTS, 12, eos_token_id=eos)
+        log.clear()
+        got = []
+        for toks in eng.stream(PROMPTS, 12, eos_token_id=eos):
+            log.append("got")
+            got.append(toks)
+        n = len(got)
+        assert torch.equal(torch.stack(got, 1), want.tokens[:, :n]) and torch.equal(eng.last.tokens, torch.stack(got, 1))
+        assert eng.last.lengths.tolist() == want.lengths.tolist() and len(eng.last.step_s) == n - 1
+        # launch 1, got 0, launch 2, got 1, ..., then the last step's tokens (ran to the end), or (EOS) the launch
+        # past the stop before the last tokens, dropped after them
+        assert log == (["launch", "got"] * (n - 1) + ["got"] if eos is None else ["launch", "got"] * n)
+        assert (n == 12) == (eos is None) and (eos is None or max(want.lengths.tolist()) == n)
+
+
 def test_stop_watch_reads_each_step_eos_lag_late():
     from flash_llm.engine import EOS_LAG, _StopWatch
 
@@ -1455,7 +1481,8 @@ def test_prefill_graph_captured_after_the_generation(pair, monkeypatch):
     it.close()
     assert at_capture == [3] and list(eng._prefills) == [(3, 7)] and eng._pending is not None
     eng.generate(PROMPTS[:2], 2, eos_token_id=None)  # ((2, 5) eager again, then captured)
-    assert at_capture == [3, 3 + 1 + 1] and list(eng._prefills) == [(3, 7), (2, 5)]
+    # (the stream's two tokens: steps 1 and 2 launched, each before the tokens of the one before are handed over)
+    assert at_capture == [3, 3 + 2 + 1] and list(eng._prefills) == [(3, 7), (2, 5)]
     assert eng._pending is None
 
 
