@@ -56,9 +56,14 @@ DECODE_KV_BUCKETS = os.environ.get("FLASH_LLM_DECODE_KV_BUCKETS", "1") == "1"
 #: the fewest slots a decode step attends with :data:`DECODE_KV_BUCKETS` (then twice as many, four times, ...)
 DECODE_KV_MIN = 256
 #: Without streaming, on a CUDA device, the host learns that every row has stopped this many steps late (the steps
-#: between are queued on the device, so none waits for the host; :class:`_StopWatch`).  Until session 65 it checked
+#: between are queued on the device, so none waits for the host; :class:`_HostCopies`).  Until session 65 it checked
 #: every 16 steps with a synchronization: 7.5 steps past the end on average.  On a CPU it checks every step.
 EOS_LAG = 3
+#: where the rows of a generation stop at different steps, decode the rows still going as a smaller batch, a power of
+#: two, once they fit one smaller than the batch decoded (:meth:`Engine._compacted`; session 65): a batch no longer
+#: runs at its full size to its longest row's end (``FLASH_LLM_COMPACT_ROWS=0``: it does).  Not with
+#: ``output_logits``.
+COMPACT_ROWS = os.environ.get("FLASH_LLM_COMPACT_ROWS", "1") == "1"
 _CACHE_ALIGN = 64  # cache slots allocated in multiples of this (aligned attention masks)
 _FROM_CONFIG = "config"
 
@@ -112,92 +117,54 @@ def _fingerprint(ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos
 
 def _lagged_stop(device: torch.device) -> bool:
     """Whether a generation without streaming on ``device`` learns of its rows' stop :data:`EOS_LAG` steps late
-    (:class:`_StopWatch`; CUDA), or reads it every step (a CPU: no synchronization to save)."""
+    (:class:`_HostCopies`; CUDA), or reads it every step (a CPU: no synchronization to save)."""
     return device.type == "cuda"
 
 
-class _StopWatch:
-    """Whether every row of a generation has stopped, read on the host :data:`EOS_LAG` steps late without stalling
-    the device: each step's flag (``done.all()``, computed on the current stream) is copied into pinned memory on a
-    side stream, and before step ``i`` the host waits only for the copy of step ``i - EOS_LAG``.  (On a CPU, for the
-    tests, the same lag over plain copies.)"""
+class _HostCopies:
+    """Device tensors of a generation's steps, copied to the host without stalling the device: at step ``i``
+    :meth:`add` snapshots them (a copy on the current stream, so later in-place updates do not reach it) and copies
+    the snapshots into fresh pinned memory on a side stream; :meth:`take` waits for step ``i``'s copies only.  Used
+    for the rows' stop flags ``done [B]`` (read :data:`EOS_LAG` steps late: the device keeps the steps between
+    queued) and, when streaming, each step's tokens (handed over once the next step is launched).  Until session 65
+    the host synchronized with the device for both (every 16 steps / every step).  On a CPU, plain copies."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.host = torch.zeros(EOS_LAG + 1, dtype=torch.bool, pin_memory=self.cuda)
-        self.pending: dict[int, tuple[torch.cuda.Event | None, torch.Tensor]] = {}  # step -> (copied, its flag)
+        self.pending: dict[int, tuple] = {}  # step -> (copied event or None, host tensors, device snapshots)
 
-    def add(self, i: int, done: torch.Tensor) -> None:
-        """Step ``i``'s ``done [B]`` (bool, on the device)."""
-        flag = done.all()
-        slot = self.host[i % (EOS_LAG + 1)]  # (read before step i + EOS_LAG + 1 writes it)
-        copied = None
-        if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream(done.device))
-            with torch.cuda.stream(self.stream):
-                slot.copy_(flag, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(self.stream)
-        else:
-            slot.copy_(flag)
-        self.pending[i] = (copied, flag)  # (the flag kept alive until its copy is read)
+    def add(self, i: int, *tensors: torch.Tensor | None) -> None:
+        """Step ``i``'s tensors (on the device; ``None`` passes through)."""
+        snaps = [None if t is None else t.clone() for t in tensors]
+        if not self.cuda:
+            self.pending[i] = (None, snaps, None)
+            return
+        hosts = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in snaps]
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            for h, t in zip(hosts, snaps):
+                if t is not None:
+                    h.copy_(t, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self.pending[i] = (copied, hosts, snaps)  # (the snapshots kept alive until copied)
 
-    def stopped(self, i: int) -> bool:
-        """Before step ``i``: whether every row had stopped by step ``i - EOS_LAG`` (False while that is not known)."""
-        entry = self.pending.pop(i - EOS_LAG, None)
+    def take(self, i: int) -> list[torch.Tensor | None] | None:
+        """Step ``i``'s tensors on the host (the caller's to keep), or None where step ``i`` was not added or was
+        taken already."""
+        entry = self.pending.pop(i, None)
         if entry is None:
-            return False
+            return None
         if entry[0] is not None:
             entry[0].synchronize()
-        return bool(self.host[(i - EOS_LAG) % (EOS_LAG + 1)])
+        return entry[1]
 
     def close(self) -> None:
-        """Wait for the copies still in flight (the pinned buffer outlives them)."""
+        """Wait for the copies still in flight, and forget them."""
         if self.cuda:
             self.stream.synchronize()
         self.pending.clear()
-
-
-class _Handover:
-    """Streaming: each step's tokens ``[B]`` and "every row stopped" copied into fresh pinned host memory on a side
-    stream, so that the host hands step ``i - 1``'s tokens over while step ``i`` runs on the device (until session 65
-    each step's tokens were copied after it, with the device idle until the host had handed them over and launched the
-    next step).  On a CPU, plain copies."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.pending: dict[int, tuple] = {}
-
-    def add(self, i: int, tok: torch.Tensor, done: torch.Tensor | None) -> None:
-        """Step ``i``'s tokens and ``done [B]`` (or None: no EOS), on the device."""
-        flag = done.all() if done is not None else None
-        if not self.cuda:
-            self.pending[i] = (None, tok.clone(), flag)
-            return
-        host = torch.empty(tok.shape, dtype=tok.dtype, pin_memory=True)  # (the consumer's to keep: never reused)
-        hflag = torch.zeros((), dtype=torch.bool, pin_memory=True)
-        self.stream.wait_stream(torch.cuda.current_stream(tok.device))
-        with torch.cuda.stream(self.stream):
-            host.copy_(tok, non_blocking=True)
-            if flag is not None:
-                hflag.copy_(flag, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self.stream)
-        self.pending[i] = (copied, host, hflag, tok, flag)  # (the device tensors kept alive until copied)
-
-    def take(self, i: int) -> tuple[torch.Tensor, bool]:
-        """Step ``i``'s tokens on the CPU, and whether every row had stopped by then."""
-        entry = self.pending.pop(i)
-        if entry[0] is None:
-            return entry[1], bool(entry[2]) if entry[2] is not None else False
-        entry[0].synchronize()
-        return entry[1], bool(entry[2])
-
-    def drop(self, i: int) -> None:
-        """Forget step ``i`` (its copy waited for, so its buffers outlive it)."""
-        self.take(i)
 
 
 @dataclass
@@ -1398,6 +1365,28 @@ class Engine:
             self._step(b, kv)
         return self._logits[:b]
 
+    def _compacted(self, known: torch.Tensor, b: int, rows: torch.Tensor | None, used: int
+                   ) -> tuple[int, torch.Tensor | None]:
+        """The decode's batch size and rows after dropping rows that ``known`` (the prompts' stop flags ``[B]`` of a
+        recent step, on the host) says have stopped: the decode shrinks to the power of two at or above the rows still
+        going (stopped rows fill it up, their tokens padding as before), where that is smaller than ``b``, so its batch
+        sizes stay few (:meth:`warmup` captures them).  The rows kept move to rows ``0 .. n - 1`` of the cache (their
+        first ``used`` slots), positions, mask and next tokens, in order.  Else ``(b, rows)`` unchanged.  ``rows``:
+        the prompts' rows of the decode's rows (None: all)."""
+        cur = list(range(b)) if rows is None else rows.tolist()
+        live = [j for j, r in enumerate(cur) if not bool(known[r])]
+        n = 1 << max(0, len(live) - 1).bit_length()  # (1, 2, 4, 8, ...)
+        if not live or n >= b:
+            return b, rows
+        keep = sorted(live + [j for j in range(b) if j not in set(live)][: n - len(live)])
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for t in (*self.cache.k, *self.cache.v):  # (advanced indexing gathers a copy first)
+            t[:n, :, :used] = t[idx, :, :used]
+        self._pos[:n] = self._pos[idx]
+        self._mask[:n] = self._mask[idx]
+        self._tok[:n] = self._tok[idx]  # (the token each row feeds next)
+        return n, torch.tensor([cur[j] for j in keep], dtype=torch.long, device=self.device)
+
     def _decode_graph(self, b: int) -> torch.cuda.CUDAGraph:
         """The captured decode graph of batch ``b`` that attends the most slots (benchmarks and tests replay it)."""
         keys = [key for key in self._graphs if key[0] == b]
@@ -1460,8 +1449,10 @@ class Engine:
                per_step_sync: bool, output_logits: bool = False) -> Iterator[tuple[torch.Tensor, Generation | None]]:
         """Yields ``(tokens [B], None)`` per step, then ``(None, Generation)`` once.  Without ``per_step_sync`` the
         tokens stay on the device, yielded as each step is launched; with it (streaming) they come on the CPU, each
-        step's once the next is launched (:class:`_Handover`), so the device never waits for the consumer.  A step
-        launched after every row had stopped is dropped (its tokens neither yielded nor kept)."""
+        step's once the next is launched (:class:`_HostCopies`), so the device never waits for the consumer.  A step
+        launched after every row had stopped is dropped (its tokens neither yielded nor kept).  Where the rows still
+        going fit a smaller power of two than the batch decoded, they move to the first rows and decode as that batch
+        (:meth:`_compacted`, :data:`COMPACT_ROWS`)."""
         self._check_graphs()
         self._pending = None  # (a generation left unfinished does not capture its prefill)
         sampler = self._sampler(temperature, top_k, top_p, generator)
@@ -1484,11 +1475,11 @@ class Engine:
             kept = [logits.clone()] if output_logits else None
             tok = sampler(logits)
             done = torch.isin(tok, eos_t) if eos else None
-            # (streaming synchronizes every step anyway, and a CPU's flag costs nothing to read)
-            watch = _StopWatch(self.device) if eos and not per_step_sync and _lagged_stop(self.device) else None
+            # rows' stop flags read EOS_LAG steps late (a CPU reads them every step); streaming: tokens handed over
+            watch = _HostCopies(self.device) if eos and not per_step_sync and _lagged_stop(self.device) else None
+            hand = _HostCopies(self.device) if per_step_sync else None
             if watch is not None:
                 watch.add(0, done)
-            hand = _Handover(self.device) if per_step_sync else None
             self._tok[:b, 0].copy_(tok)
             marks.append(self._mark())
             out = [tok]
@@ -1496,29 +1487,39 @@ class Engine:
                 yield tok, None
             else:
                 hand.add(0, tok, done)
+            b0, rows = b, None  # the decode runs rows 0 .. b - 1, which are the prompts' rows `rows` (None: all)
+            known = None  # the rows' stop flags [B] of a recent step, on the host (EOS ids given)
             for i in range(1, max_new_tokens):
-                if eos and hand is None and (watch.stopped(i) if watch is not None else bool(done.all())):
-                    break
+                if eos and hand is None:
+                    seen = (watch.take(i - EOS_LAG) or [None])[0] if watch is not None else done
+                    known = known if seen is None else seen
+                    if known is not None and bool(known.all()):
+                        break
+                if known is not None and COMPACT_ROWS and not output_logits:
+                    b, rows = self._compacted(known, b, rows, p + i - 1)
                 logits = self._decode(b, decode_kv_len(p + i, self._slots))
                 if output_logits:
                     kept.append(logits.clone())
                 tok = sampler(logits)
+                if rows is not None:  # (the rows stopped and dropped from the decode get the padding)
+                    tok = torch.full((b0,), pad, dtype=tok.dtype, device=tok.device).index_copy_(0, rows, tok)
                 if eos:
                     tok = tok.masked_fill(done, pad)
                     done |= torch.isin(tok, eos_t)
                     if watch is not None:
                         watch.add(i, done)
-                self._tok[:b, 0].copy_(tok)
+                self._tok[:b, 0].copy_(tok if rows is None else tok[rows])
                 marks.append(self._mark())
                 out.append(tok)
                 if hand is None:
                     yield tok, None
                     continue
                 hand.add(i, tok, done)
-                prev, stopped = hand.take(i - 1)  # (step i runs meanwhile)
+                prev, prev_done = hand.take(i - 1)  # (step i runs meanwhile)
                 yield prev, None
-                if stopped:  # every row had stopped at step i - 1: step i ran past the end, dropped
-                    hand.drop(i)
+                known = prev_done
+                if prev_done is not None and bool(prev_done.all()):  # step i ran past the end: dropped
+                    hand.close()
                     out.pop()
                     marks.pop()
                     if output_logits:
@@ -1526,6 +1527,7 @@ class Engine:
                     break
             if hand is not None and hand.pending:  # (the last step's tokens, where the steps ran to the end)
                 yield hand.take(len(out) - 1)[0], None
+            b = b0
             tokens = torch.stack(out, 1)
             if eos:  # length up to and including the first EOS of each row
                 hit = torch.isin(tokens, eos_t)
@@ -1536,8 +1538,9 @@ class Engine:
                 lens = torch.full((b,), tokens.shape[1], dtype=torch.long, device=self.device)
             if self.device.type == "cuda":
                 marks[-1].synchronize()
-            if watch is not None:
-                watch.close()
+            for copies in (watch, hand):
+                if copies is not None:
+                    copies.close()
             secs = [self._seconds(x, y) for x, y in zip(marks, marks[1:])]
             self._capture_pending()  # (after the last step's time is taken)
             if self._dense is not None:  # (the model's own sparse layers back in place, also after a prefill alone)
@@ -1582,7 +1585,8 @@ class Engine:
         """Run a short generation of each shape before the first requests, so they find it ready: the kernels loaded,
         the fused functions compiled (``fuse``: tens of seconds the first time), and with CUDA graphs each
         ``(batch, prefill_bucket(length))``'s prefill graph and each batch size's decode graphs captured (one for each
-        length the steps may attend, :func:`decode_kv_len`, from the shortest prompt's up to ``max_seq``).
+        length the steps may attend, :func:`decode_kv_len`, from the shortest prompt's up to ``max_seq``; and the
+        powers of two below each batch size, which a batch whose rows stop shrinks to: :data:`COMPACT_ROWS`).
 
         Args:
             batches: batch sizes (each ``1 .. max_batch``).
@@ -1618,8 +1622,11 @@ class Engine:
 
         for b, n in tqdm(shapes, desc="warm-up", unit="shape", disable=not progress):
             self.generate([[0] * n for _ in range(b)], 2, eos_token_id=None)
-        if self.cuda_graphs:  # (the decode graphs of the longer lengths, which a long generation would capture midway)
-            for b in batches:
+        if self.cuda_graphs:  # (the decode graphs of the longer lengths, which a long generation would capture midway,
+            # and of the batches its rows' stops shrink it to: COMPACT_ROWS)
+            sizes = {b for b in batches} | ({1 << k for b in batches for k in range(b.bit_length()) if 1 << k < b}
+                                            if COMPACT_ROWS else set())
+            for b in sorted(sizes):
                 for kv in self._kv_lengths(padded[0] + 1):
                     if (b, kv) not in self._graphs:
                         self._capture(b, kv)

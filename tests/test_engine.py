@@ -197,7 +197,7 @@ def test_generation_ends_when_every_row_stopped(pair):
 
 
 def test_generation_learns_of_the_stop_eos_lag_steps_late(pair, monkeypatch):
-    """As on a GPU (the flag read EOS_LAG steps late, _StopWatch): a generation runs exactly EOS_LAG steps past its
+    """As on a GPU (the flags read EOS_LAG steps late, _HostCopies): a generation runs exactly EOS_LAG steps past its
     last row's EOS (or to its end), with the streamed generation's tokens, lengths and padding."""
     import flash_llm.engine as E
 
@@ -216,6 +216,76 @@ def test_generation_learns_of_the_stop_eos_lag_steps_late(pair, monkeypatch):
         assert out.lengths.tolist() == [f + 1 for f in firsts]
         assert torch.equal(out.tokens[:, :streamed.shape[1]], streamed)
         assert (out.tokens[:, streamed.shape[1]:] == ours.config.pad_token_id).all()
+
+
+@pytest.mark.parametrize("how", ["plain", "lagged", "stream"])
+def test_rows_still_going_decode_as_a_smaller_batch(pair, monkeypatch, how):
+    """Once the rows still going fit a smaller power of two than the batch decoded, they move to the first rows and
+    decode as that batch (4 -> 2 -> 1 here), with the tokens and lengths of a generation that keeps every row to the
+    end; the same where the flags come late (a GPU's way) and when streaming."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    prompts = PROMPTS + [[20, 21, 22, 23]]
+    eng = Engine(ours, max_batch=4, max_seq=64)
+    free = eng.generate(prompts, 24, eos_token_id=None)
+    for at in ((1, 12, 2, 6), (2, 14, 4, 8), (3, 16, 1, 9), (0, 10, 5, 18), (4, 1, 11, 7)):
+        eos = sorted({int(free.tokens[r, a]) for r, a in enumerate(at)})
+        hit = torch.isin(free.tokens, torch.tensor(eos))
+        firsts = [int(hit[r].nonzero()[0]) for r in range(4)]
+        if len(set(firsts)) == 4:  # (the rows stop at four different steps)
+            break
+    assert len(set(firsts)) == 4, firsts
+    if how == "lagged":
+        monkeypatch.setattr(E, "_lagged_stop", lambda device: True)
+
+    def run(compact):
+        monkeypatch.setattr(E, "COMPACT_ROWS", compact)
+        sizes = []
+        decode = eng._decode
+        monkeypatch.setattr(eng, "_decode", lambda b, kv: sizes.append(b) or decode(b, kv))
+        if how == "stream":
+            got = torch.stack(list(eng.stream(prompts, 24, eos_token_id=eos)), 1)
+            g = eng.last
+            assert torch.equal(got, g.tokens)
+        else:
+            g = eng.generate(prompts, 24, eos_token_id=eos)
+        monkeypatch.setattr(eng, "_decode", decode)
+        return g, sizes
+
+    whole, sizes_whole = run(False)
+    got, sizes = run(True)
+    assert set(sizes_whole) == {4} and sorted(set(sizes), reverse=True) == [4, 2, 1], sizes
+    assert got.lengths.tolist() == whole.lengths.tolist() == [f + 1 for f in firsts]
+    assert got.sequences() == whole.sequences() == [free.tokens[r, :f + 1].tolist() for r, f in enumerate(firsts)]
+    assert torch.equal(got.tokens, whole.tokens)  # (the padding after each row's EOS too)
+
+
+def test_compaction_moves_the_rows_kept_and_fills_up_to_a_power_of_two(pair):
+    """_compacted: rows 1 and 3 of 5 stopped -> a batch of 4 (the 3 rows going and stopped row 1 to fill it), their
+    cache (the slots used), positions, mask and next tokens moved to rows 0-3 in order; nothing where the rows going
+    need the batch as it is."""
+    _, ours = pair
+    eng = Engine(ours, max_batch=6, max_seq=32)
+    g = torch.Generator().manual_seed(3)
+    for t in (*eng.cache.k, *eng.cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    eng._pos.copy_(torch.arange(6) * 10)
+    eng._mask.copy_(torch.randn(eng._mask.shape, generator=g))
+    eng._tok[:, 0] = torch.arange(6) + 100
+    before = ([t.clone() for t in eng.cache.k], eng._pos.clone(), eng._mask.clone(), eng._tok.clone())
+    known = torch.tensor([False, True, False, True, False])
+    n, rows = eng._compacted(known, 5, None, 7)
+    assert n == 4 and rows.tolist() == [0, 1, 2, 4]
+    for t, old in zip(eng.cache.k, before[0]):
+        assert torch.equal(t[:4, :, :7], old[[0, 1, 2, 4], :, :7])
+    assert eng._pos[:4].tolist() == [0, 10, 20, 40] and torch.equal(eng._mask[:4], before[2][[0, 1, 2, 4]])
+    assert eng._tok[:4, 0].tolist() == [100, 101, 102, 104]
+    # the prompts' rows carry through a second compaction: rows 0 and 2 of the prompts stop
+    n2, rows2 = eng._compacted(torch.tensor([True, True, True, True, False]), n, rows, 8)
+    assert n2 == 1 and rows2.tolist() == [4] and eng._tok[0, 0] == 104 and eng._pos[0] == 40
+    assert eng._compacted(torch.tensor([False, False, True, False]), 4, None, 7) == (4, None)  # (3 going: 4 rows)
+    assert eng._compacted(torch.tensor([True, True]), 2, None, 7) == (2, None)  # (none going: the stop comes first)
 
 
 def test_streaming_hands_each_step_over_once_the_next_is_launched(pair, monkeypatch):
@@ -244,17 +314,21 @@ def test_streaming_hands_each_step_over_once_the_next_is_launched(pair, monkeypa
         assert (n == 12) == (eos is None) and (eos is None or max(want.lengths.tolist()) == n)
 
 
-def test_stop_watch_reads_each_step_eos_lag_late():
-    from flash_llm.engine import EOS_LAG, _StopWatch
+def test_host_copies_hand_each_step_over_once():
+    from flash_llm.engine import _HostCopies
 
-    watch = _StopWatch(torch.device("cpu"))
-    flags = [False, False, True, True, True, True, True, True]
-    for i, f in enumerate(flags):
-        assert watch.stopped(i) == (i >= EOS_LAG and flags[i - EOS_LAG])  # (what step i - EOS_LAG left)
-        watch.add(i, torch.tensor([f, True]))
-    assert watch.stopped(len(flags)) and len(watch.pending) == EOS_LAG - 1
-    watch.close()
-    assert not watch.pending
+    copies = _HostCopies(torch.device("cpu"))
+    done = torch.tensor([False, False])
+    for i in range(4):
+        done[i % 2] = i >= 2
+        copies.add(i, torch.tensor([i, 10 * i]), done, None)
+    assert copies.take(5) is None and copies.take(1)[0].tolist() == [1, 10]
+    assert copies.take(1) is None  # (taken already)
+    tok, flags, nothing = copies.take(2)  # (snapshots: the in-place updates after step 2 do not reach them)
+    assert tok.tolist() == [2, 20] and flags.tolist() == [True, False] and nothing is None
+    assert copies.take(3)[1].tolist() == [True, True]
+    copies.close()
+    assert not copies.pending
 
 
 def test_stream_and_on_token_give_the_same_tokens(pair):
