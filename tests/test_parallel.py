@@ -312,6 +312,17 @@ def test_synthetic_model_built_per_rank_is_the_single_process_one(tp_run):
     _check_error(tp_run["outs"][0]["synth/logits"][real], want[real], want64[real], torch.float16, "synthetic")
     g = Engine(one, max_batch=3, max_seq=32).generate(PROMPTS, NEW, eos_token_id=None, output_logits=True)
     assert torch.equal(tp_run["outs"][0]["synth/tokens"], g.tokens)
+    # rows stopping at different steps: every rank the single-process engine's tokens and lengths, streamed alike
+    eos, free, tokens, lengths, streamed = tp_run["outs"][0]["synth/eos"]
+    for o in tp_run["outs"][1:]:
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(o["synth/eos"],
+                                                                                             (eos, free, tokens,
+                                                                                              lengths, streamed)))
+    want = Engine(one, max_batch=3, max_seq=32).generate(PROMPTS, 16, eos_token_id=eos)
+    hit = torch.isin(free, torch.tensor(eos))
+    firsts = [int(hit[r].nonzero()[0]) for r in range(3)]
+    assert lengths.tolist() == want.lengths.tolist() == [f + 1 for f in firsts]
+    assert torch.equal(tokens, want.tokens) and torch.equal(streamed, tokens[:, :streamed.shape[1]])
 
 
 def test_bench_tensor_parallel_mode_smoke(tp_run):

@@ -172,6 +172,13 @@ def main(folder: str, bench_out: str, device: str) -> None:
         out["synth/logits"] = model(ids.to(dev), attention_mask=mask.to(dev)).float().cpu()
     out["synth/layers"] = srep.layers
     out["synth/tokens"] = Engine(model, max_batch=3, max_seq=32).generate(PROMPTS, NEW, eos_token_id=None).tokens
+    # rows stopping at different steps (the batch shrinks as they stop: engine.COMPACT_ROWS), generated and streamed
+    step("synthetic: EOS")
+    eng = Engine(model, max_batch=3, max_seq=32)
+    free = eng.generate(PROMPTS, 16, eos_token_id=None).tokens
+    eos = sorted({int(free[r, a]) for r, a in enumerate((1, 9, 4))})
+    g = eng.generate(PROMPTS, 16, eos_token_id=eos)
+    out["synth/eos"] = (eos, free, g.tokens, g.lengths, torch.stack(list(eng.stream(PROMPTS, 16, eos_token_id=eos)), 1))
     prefill_graphs(out, model, tp, step)
     # a world size that does not divide the heads: the same clear error on every rank, before any collective
     bad = preset("llama-3-8b").replace(num_layers=1, hidden_size=48, intermediate_size=64, num_heads=3,
