@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -109,10 +109,12 @@ def _from_rank0(sampler: Callable[[torch.Tensor], torch.Tensor], tp) -> Callable
     return lambda logits: tp.broadcast_(sampler(logits).contiguous())
 
 
-def _fingerprint(ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: tuple[int, ...]) -> list[int]:
+def _fingerprint(ids: torch.Tensor, mask: torch.Tensor, max_new_tokens, eos: tuple[int, ...]) -> list[int]:
     """A few ints that differ when two ranks were given different prompts or stopping rules."""
     w = torch.arange(1, ids.numel() + 1, device=ids.device).view_as(ids)
-    return [*ids.shape, int((ids * w).sum()), int((mask.long() * w).sum()), max_new_tokens, len(eos), sum(eos)]
+    limits = [max_new_tokens] if _is_int(max_new_tokens) else list(max_new_tokens)
+    return [*ids.shape, int((ids * w).sum()), int((mask.long() * w).sum()), len(limits), sum(limits),
+            sum((k + 1) * n for k, n in enumerate(limits)), len(eos), sum(eos)]
 
 
 def _lagged_stop(device: torch.device) -> bool:
@@ -172,8 +174,8 @@ class Generation:
     """What :meth:`Engine.generate` returns.
 
     Attributes:
-        tokens: ``[B, n]`` int64 (CPU) new tokens; after a row's end-of-sequence token the row holds the pad
-            token (``n`` is ``max_new_tokens`` unless every row stopped earlier).
+        tokens: ``[B, n]`` int64 (CPU) new tokens; after a row's end-of-sequence token (or its own token limit)
+            the row holds the pad token (``n`` is the largest ``max_new_tokens`` unless every row stopped earlier).
         lengths: ``[B]`` int64 new tokens per row, its end-of-sequence token included.
         prompt_lengths: the real (unpadded) length of every prompt.
         ttft_s: time to first token: prefill plus the first sampling, seconds.
@@ -1152,9 +1154,17 @@ class Engine:
 
     # ---- inputs ----------------------------------------------------------------------------------------
     def _prepare(self, prompts, attention_mask, max_new_tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Left-padded ``ids [B, P]`` int64 and ``mask [B, P]`` bool on the device, and the prompt lengths."""
+        """Left-padded ``ids [B, P]`` int64 and ``mask [B, P]`` bool on the device, and the prompt lengths.
+        ``max_new_tokens``: an int, or a list of one limit a prompt."""
+        if isinstance(max_new_tokens, (list, tuple)):
+            if not max_new_tokens or not all(_is_int(n) and n >= 1 for n in max_new_tokens):
+                raise ValueError(f"max_new_tokens as a list must hold one int >= 1 a prompt, got {max_new_tokens!r}")
+            limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens)
+        else:
+            limits = None
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} (or a list of them, one a "
+                             f"prompt)")
         if isinstance(prompts, torch.Tensor):
             if prompts.ndim != 2 or prompts.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"prompts as a tensor must be [batch, seq] int64; got shape {tuple(prompts.shape)} "
@@ -1190,6 +1200,8 @@ class Engine:
         b, p = ids.shape
         if not 1 <= b <= self.max_batch:
             raise ValueError(f"batch of {b} prompts; this engine takes 1 to max_batch={self.max_batch}")
+        if limits is not None and len(limits) != b:
+            raise ValueError(f"max_new_tokens as a list has {len(limits)} limits for {b} prompts")
         if min(lengths) < 1:
             raise ValueError(f"prompt {lengths.index(min(lengths))} is empty; every prompt needs at least one token")
         if p + max_new_tokens - 1 > self.max_seq:
@@ -1461,9 +1473,12 @@ class Engine:
             sampler = _from_rank0(sampler, self.tp)
         with torch.no_grad():
             ids, mask, lengths = self._prepare(prompts, attention_mask, max_new_tokens)
+            limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else None
+            if limits is not None:  # (one limit a row: the steps run to the largest, a row stops at its own)
+                max_new_tokens = max(limits)
             if self.tp is not None:
-                self.tp.check_same("prompts, max_new_tokens or eos_token_id", _fingerprint(ids, mask, max_new_tokens,
-                                                                                          eos))
+                self.tp.check_same("prompts, max_new_tokens or eos_token_id",
+                                   _fingerprint(ids, mask, max_new_tokens if limits is None else limits, eos))
             b = ids.shape[0]
             eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
             pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
@@ -1474,9 +1489,13 @@ class Engine:
             logits = self._prefill(ids, mask) if self._prefills is None else self._prefill_replayed(ids, mask)
             kept = [logits.clone()] if output_logits else None
             tok = sampler(logits)
-            done = torch.isin(tok, eos_t) if eos else None
+            limit_t = torch.tensor(limits, dtype=torch.long, device=self.device) if limits is not None else None
+            stops = bool(eos) or limits is not None  # (rows may stop before the last step)
+            done = torch.isin(tok, eos_t) if eos else torch.zeros_like(tok, dtype=torch.bool) if stops else None
+            if limit_t is not None:
+                done |= limit_t <= 1
             # rows' stop flags read EOS_LAG steps late (a CPU reads them every step); streaming: tokens handed over
-            watch = _HostCopies(self.device) if eos and not per_step_sync and _lagged_stop(self.device) else None
+            watch = _HostCopies(self.device) if stops and not per_step_sync and _lagged_stop(self.device) else None
             hand = _HostCopies(self.device) if per_step_sync else None
             if watch is not None:
                 watch.add(0, done)
@@ -1490,7 +1509,7 @@ class Engine:
             b0, rows = b, None  # the decode runs rows 0 .. b - 1, which are the prompts' rows `rows` (None: all)
             known = None  # the rows' stop flags [B] of a recent step, on the host (EOS ids given)
             for i in range(1, max_new_tokens):
-                if eos and hand is None:
+                if stops and hand is None:
                     seen = (watch.take(i - EOS_LAG) or [None])[0] if watch is not None else done
                     known = known if seen is None else seen
                     if known is not None and bool(known.all()):
@@ -1503,9 +1522,12 @@ class Engine:
                 tok = sampler(logits)
                 if rows is not None:  # (the rows stopped and dropped from the decode get the padding)
                     tok = torch.full((b0,), pad, dtype=tok.dtype, device=tok.device).index_copy_(0, rows, tok)
-                if eos:
+                if stops:
                     tok = tok.masked_fill(done, pad)
-                    done |= torch.isin(tok, eos_t)
+                    if eos:
+                        done |= torch.isin(tok, eos_t)
+                    if limit_t is not None:
+                        done |= limit_t <= i + 1  # (the row's token i was its last)
                     if watch is not None:
                         watch.add(i, done)
                 self._tok[:b, 0].copy_(tok if rows is None else tok[rows])
@@ -1536,6 +1558,8 @@ class Engine:
                 lens = torch.clamp(first + 1, max=n)
             else:
                 lens = torch.full((b,), tokens.shape[1], dtype=torch.long, device=self.device)
+            if limit_t is not None:
+                lens = torch.minimum(lens, limit_t)
             if self.device.type == "cuda":
                 marks[-1].synchronize()
             for copies in (watch, hand):
@@ -1548,7 +1572,7 @@ class Engine:
             yield None, Generation(tokens=tokens.cpu(), lengths=lens.cpu(), prompt_lengths=lengths, ttft_s=secs[0],
                                    step_s=secs[1:], logits=torch.stack(kept, 1).cpu() if output_logits else None)
 
-    def generate(self, prompts, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+    def generate(self, prompts, max_new_tokens: int | Sequence[int], *, attention_mask: torch.Tensor | None = None,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, eos_token_id=_FROM_CONFIG,
                  on_token: Callable[[int, torch.Tensor], None] | None = None,
@@ -1559,7 +1583,9 @@ class Engine:
             prompts: a list of token-id lists (any lengths, left-padded here), or a ``[B, P]`` int64 tensor
                 (left-padded, with ``attention_mask``).  ``1 <= B <= max_batch``; ``P + max_new_tokens - 1
                 <= max_seq``.
-            max_new_tokens: tokens to generate per prompt (>= 1).
+            max_new_tokens: tokens to generate per prompt (>= 1), or a list of one limit a prompt: the steps run to
+                the largest, and a row stops at its own (padded after it, and dropped from the decode as a row that
+                stopped at its EOS is: :data:`COMPACT_ROWS`).
             attention_mask: ``[B, P]`` 0/1 or bool (1 = token) for a tensor of prompts.
             temperature, top_k, top_p, generator: see :func:`sample_tokens`; ``temperature=0`` is greedy.
             eos_token_id: stop a row at this token (an int or a list); default the config's
@@ -1640,7 +1666,7 @@ class Engine:
             out.append(decode_kv_len(out[-1] + 1, self._slots))
         return out
 
-    def stream(self, prompts, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
+    def stream(self, prompts, max_new_tokens: int | Sequence[int], **kwargs) -> Iterator[torch.Tensor]:
         """Like :meth:`generate` (same keyword arguments except ``on_token``), but yields each step's tokens
         ``[B]`` (int64, CPU) as they come (each once the next step is launched, so the device does not wait for the
         consumer); the :class:`Generation` is :attr:`last` when the iteration ends."""

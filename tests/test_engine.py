@@ -261,6 +261,46 @@ def test_rows_still_going_decode_as_a_smaller_batch(pair, monkeypatch, how):
     assert torch.equal(got.tokens, whole.tokens)  # (the padding after each row's EOS too)
 
 
+@pytest.mark.parametrize("how", ["plain", "lagged", "stream"])
+def test_max_new_tokens_a_row(pair, monkeypatch, how):
+    """max_new_tokens as a list: each row gets its own count of tokens (the ones it gets with the largest limit), then
+    the padding; the batch shrinks as rows reach theirs; an EOS earlier still ends a row; bad lists are refused
+    naming the argument."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    prompts = PROMPTS + [[20, 21, 22, 23]]
+    eng = Engine(ours, max_batch=4, max_seq=64)
+    if how == "lagged":
+        monkeypatch.setattr(E, "_lagged_stop", lambda device: True)
+    free = eng.generate(prompts, 20, eos_token_id=None)
+    limits = [3, 20, 1, 9]
+    sizes = []
+    decode = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda b, kv: sizes.append(b) or decode(b, kv))
+    if how == "stream":
+        got = torch.stack(list(eng.stream(prompts, limits, eos_token_id=None)), 1)
+        g = eng.last
+        assert torch.equal(got, g.tokens)
+    else:
+        g = eng.generate(prompts, limits, eos_token_id=None)
+    pad = ours.config.pad_token_id
+    assert g.lengths.tolist() == limits and g.tokens.shape[1] == 20
+    for r, n in enumerate(limits):
+        assert g.tokens[r, :n].tolist() == free.tokens[r, :n].tolist() and (g.tokens[r, n:] == pad).all()
+    assert sorted(set(sizes), reverse=True) == [4, 2, 1], sizes  # (2 rows going from token 3 on, 1 from token 9)
+    eos = int(free.tokens[1, 4])  # row 1 stops at its EOS before its limit of 20
+    monkeypatch.setattr(eng, "_decode", decode)
+    h = eng.generate(prompts, limits, eos_token_id=eos)
+    hits = [(free.tokens[r] == eos).nonzero() for r in range(4)]
+    want = [min(n, int(hit[0]) + 1) if len(hit) else n for n, hit in zip(limits, hits)]
+    assert h.lengths.tolist() == want and h.tokens.shape[1] <= max(want) + E.EOS_LAG
+    for bad, word in [([3, 0, 1, 2], "int >= 1"), ([3, 2], "2 limits for 4 prompts"), ([], "int >= 1"),
+                      ([3, 2.5, 1, 1], "int >= 1"), ([3, 70, 1, 1], "exceed the cache")]:
+        with pytest.raises(ValueError, match=word):
+            eng.generate(prompts, bad)
+
+
 def test_compaction_moves_the_rows_kept_and_fills_up_to_a_power_of_two(pair):
     """_compacted: rows 1 and 3 of 5 stopped -> a batch of 4 (the 3 rows going and stopped row 1 to fill it), their
     cache (the slots used), positions, mask and next tokens moved to rows 0-3 in order; nothing where the rows going
