@@ -9,6 +9,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100opt                   (5-7 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100spmm                  (about 3 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh kvlen                     (about 6 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh uneven                    (about 3 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -28,6 +29,9 @@
 # kvlen:   decode steps attending the slots in use (session 65, engine.DECODE_KV_BUCKETS): bench_e2e.py with a cache of
 #          2048 slots for a 128 + 128 token request, Llama-3-8B bf16 dense and 80 %, batch 1 and 16, with the lengths
 #          in buckets and without (FLASH_LLM_DECODE_KV_BUCKETS=0, every step attends all 2048 slots).
+# uneven:  a batch of 16 requests wanting 16-256 new tokens each, the batch shrinking as rows stop (session 65,
+#          engine.COMPACT_ROWS) and not, interleaved in one process (uneven_rows.py, Llama-3-8B bf16 80 %, dual layout
+#          off: the engine's default for max_batch 16).
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -71,9 +75,11 @@ for group in "${groups[@]}"; do
                --sparsities 0,80 --batches 1,16 --format delta-rows --dtype bf16 --fuse --merge --no-hf --repeats 2 \
                --max-seq 2048 --no-progress --out "$OUT/e2e_kvlen_$kvb"
            done ;;
+    uneven) step uneven_rows 240 python3 benchmarks/uneven_rows.py --model llama-3-8b --sparsity 80 --batch 16 \
+              --limits 16-256 --rounds 3 --json "$OUT/uneven_rows.json" ;;
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven)" ;;
   esac
 done
