@@ -201,9 +201,11 @@ class Generation:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens produced per second by the decode steps (batch x steps / their time); NaN with one token."""
+        """Tokens the decode steps produced per second: every row's tokens after its first, up to its end (EOS or
+        its limit; the padding after it not counted), over the steps' time.  Where no row stopped early, batch x
+        steps / their time.  NaN with one token."""
         t = sum(self.step_s)
-        return self.tokens.shape[0] * len(self.step_s) / t if t > 0 else math.nan
+        return (int(self.lengths.sum()) - len(self.lengths)) / t if t > 0 else math.nan
 
     @property
     def total_s(self) -> float:

@@ -389,7 +389,11 @@ def test_timings_are_reported(pair):
     out = Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 5)
     assert out.ttft_s > 0 and len(out.step_s) == 4 and all(s > 0 for s in out.step_s)
     assert math.isclose(out.tpot_s, sum(sorted(out.step_s)[1:3]) / 2)  # median of 4
-    assert math.isclose(out.decode_tokens_per_s, 3 * 4 / sum(out.step_s))
+    assert math.isclose(out.decode_tokens_per_s, (int(out.lengths.sum()) - 3) / sum(out.step_s))
+    free = Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 5, eos_token_id=None)
+    assert math.isclose(free.decode_tokens_per_s, 3 * 4 / sum(free.step_s))  # (no row stops early: batch x steps)
+    short = Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, [5, 2, 3], eos_token_id=None)
+    assert math.isclose(short.decode_tokens_per_s, (4 + 1 + 2) / sum(short.step_s))  # (not the padding)
     one = Engine(ours, max_batch=3, max_seq=32).generate(PROMPTS, 1)
     assert one.step_s == [] and math.isnan(one.tpot_s)
 
