@@ -59,6 +59,9 @@ DECODE_KV_MIN = 256
 #: between are queued on the device, so none waits for the host; :class:`_HostCopies`).  Until session 65 it checked
 #: every 16 steps with a synchronization: 7.5 steps past the end on average.  On a CPU it checks every step.
 EOS_LAG = 3
+#: the stop flags (and, streaming, the tokens) copied to the host on a side stream (:class:`_HostCopies`, session 65);
+#: ``FLASH_LLM_HOST_COPIES=0``: read with a synchronization every step, the tokens handed over after each step
+HOST_COPIES = os.environ.get("FLASH_LLM_HOST_COPIES", "1") == "1"
 #: where the rows of a generation stop at different steps, decode the rows still going as a smaller batch, a power of
 #: two, once they fit one smaller than the batch decoded (:meth:`Engine._compacted`; session 65): a batch no longer
 #: runs at its full size to its longest row's end (``FLASH_LLM_COMPACT_ROWS=0``: it does).  Not with
@@ -120,7 +123,7 @@ def _fingerprint(ids: torch.Tensor, mask: torch.Tensor, max_new_tokens, eos: tup
 def _lagged_stop(device: torch.device) -> bool:
     """Whether a generation without streaming on ``device`` learns of its rows' stop :data:`EOS_LAG` steps late
     (:class:`_HostCopies`; CUDA), or reads it every step (a CPU: no synchronization to save)."""
-    return device.type == "cuda"
+    return device.type == "cuda" and HOST_COPIES
 
 
 class _HostCopies:
@@ -1498,7 +1501,7 @@ class Engine:
                 done |= limit_t <= 1
             # rows' stop flags read EOS_LAG steps late (a CPU reads them every step); streaming: tokens handed over
             watch = _HostCopies(self.device) if stops and not per_step_sync and _lagged_stop(self.device) else None
-            hand = _HostCopies(self.device) if per_step_sync else None
+            hand = _HostCopies(self.device) if per_step_sync and HOST_COPIES else None
             if watch is not None:
                 watch.add(0, done)
             self._tok[:b, 0].copy_(tok)

@@ -354,6 +354,26 @@ def test_streaming_hands_each_step_over_once_the_next_is_launched(pair, monkeypa
         assert (n == 12) == (eos is None) and (eos is None or max(want.lengths.tolist()) == n)
 
 
+def test_without_host_copies_streaming_hands_each_step_over_at_once(pair, monkeypatch):
+    """engine.HOST_COPIES off: a step's tokens are handed over before the next step is launched (the stop read every
+    step), with the same tokens."""
+    import flash_llm.engine as E
+
+    _, ours = pair
+    eng = Engine(ours, max_batch=3, max_seq=64)
+    want = eng.generate(PROMPTS, 12, eos_token_id=None)
+    eos = sorted({int(want.tokens[r, a]) for r, a in enumerate((1, 4, 2))})
+    want_eos = eng.generate(PROMPTS, 12, eos_token_id=eos)
+    monkeypatch.setattr(E, "HOST_COPIES", False)
+    log = []
+    decode = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda b, kv: log.append("launch") or decode(b, kv))
+    got = [log.append("got") or t for t in eng.stream(PROMPTS, 12, eos_token_id=None)]
+    assert log == ["got"] + ["launch", "got"] * 11 and torch.equal(torch.stack(got, 1), want.tokens)
+    streamed = torch.stack(list(eng.stream(PROMPTS, 12, eos_token_id=eos)), 1)
+    assert torch.equal(streamed, want_eos.tokens[:, :streamed.shape[1]]) and streamed.shape[1] == max(want_eos.lengths)
+
+
 def test_host_copies_hand_each_step_over_once():
     from flash_llm.engine import _HostCopies
 
