@@ -48,7 +48,7 @@ for group in "${groups[@]}"; do
   case $group in
     tests) step tests_expansion 240 python3 -m pytest -q tests/test_delta_rows_gpu.py -k decode_kernel_is_exact
            step tests_engine 200 python3 -m pytest -q tests/test_engine_gpu.py tests/test_parallel_gpu.py \
-             -k "prefill_graphs or prefill_dense or graph_decode_equals_eager or decode_with_graphs or slots_in_use or eos_lag" ;;
+             -k "prefill_graphs or prefill_dense or graph_decode_equals_eager or decode_with_graphs or slots_in_use or eos_lag or rows_still_going" ;;
     expand) step dr_expand 120 python3 benchmarks/dr_expand.py \
               --kernels delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,delta_rows_to_dense_nftp:4,delta_rows_to_dense_nftp:2 ;;
     prefill) for m in opt-30b llama-3-8b; do

@@ -136,11 +136,14 @@ def _graph_vs_eager(model, batches, n=24):
         "one graph per batch size (these caches are shorter than the least length a step attends)"
 
 
-def test_generation_stops_eos_lag_steps_after_every_row_stopped():
-    """Without streaming the host reads each step's "every row stopped" flag EOS_LAG steps late, without a
-    synchronization of its own: a generation ends at most EOS_LAG steps past its last row's EOS, with the tokens and
-    lengths of the streamed generation (which checks every step)."""
+def test_generation_stops_eos_lag_steps_after_every_row_stopped(monkeypatch):
+    """Without streaming the host reads each step's stop flags EOS_LAG steps late, without a synchronization of its
+    own: a generation ends at most EOS_LAG steps past its last row's EOS, with the tokens and lengths of the streamed
+    generation (which hands each step over once the next is launched).  The batch keeps its size here (COMPACT_ROWS
+    off: a smaller batch's fp16 sums may round otherwise, and the two would shrink at different steps)."""
     from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "COMPACT_ROWS", False)
 
     model = build_synthetic(_small_llama(), None, device="cuda", progress=False)[0]
     eng = Engine(model, max_batch=3, max_seq=128)
@@ -158,6 +161,31 @@ def test_generation_stops_eos_lag_steps_after_every_row_stopped():
         assert out.lengths.tolist() == [f + 1 for f in firsts]
         assert torch.equal(out.tokens[:, :streamed.shape[1]], streamed)  # (padded after each row's EOS)
         assert out.sequences() == [free.tokens[r, :f + 1].tolist() for r, f in enumerate(firsts)]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_rows_still_going_decode_as_a_smaller_batch_on_gpu(family, monkeypatch):
+    """A limit a prompt (3, 20, 1, 9 tokens): the decode shrinks 4 -> 2 -> 1 as rows reach theirs, through CUDA graphs
+    of each batch (captured midway), with the tokens of the batch kept whole (fp32: the smaller batches' sums agree to
+    far below the logits' gaps), generated and streamed."""
+    from flash_llm import engine as E
+
+    model = _ours(_hf(family), torch.float32)
+    prompts = _prompts(4, 11)
+    eng = Engine(model, max_batch=4, max_seq=128)
+    limits = [3, 20, 1, 9]
+    monkeypatch.setattr(E, "COMPACT_ROWS", False)
+    whole = eng.generate(prompts, limits, eos_token_id=None)
+    monkeypatch.setattr(E, "COMPACT_ROWS", True)
+    sizes = []
+    decode = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda b, kv: sizes.append(b) or decode(b, kv))
+    got = eng.generate(prompts, limits, eos_token_id=None)
+    streamed = torch.stack(list(eng.stream(prompts, limits, eos_token_id=None)), 1)
+    assert sorted(set(sizes), reverse=True) == [4, 2, 1], sizes
+    assert {b for b, _ in eng._graphs} == {1, 2, 4}
+    assert got.lengths.tolist() == whole.lengths.tolist() == limits
+    assert torch.equal(got.tokens, whole.tokens) and torch.equal(streamed, whole.tokens)
 
 
 @pytest.mark.parametrize("sparsity", [None, 0.8], ids=["dense", "delta-rows-80"])
