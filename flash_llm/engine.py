@@ -1390,6 +1390,7 @@ class Engine:
         sizes stay few (:meth:`warmup` captures them).  The rows kept move to rows ``0 .. n - 1`` of the cache (their
         first ``used`` slots), positions, mask and next tokens, in order.  Else ``(b, rows)`` unchanged.  ``rows``:
         the prompts' rows of the decode's rows (None: all)."""
+        known = known.cpu()  # (one copy, where the flags are read on the device: FLASH_LLM_HOST_COPIES=0)
         cur = list(range(b)) if rows is None else rows.tolist()
         live = [j for j, r in enumerate(cur) if not bool(known[r])]
         n = 1 << max(0, len(live) - 1).bit_length()  # (1, 2, 4, 8, ...)
@@ -1512,7 +1513,7 @@ class Engine:
             else:
                 hand.add(0, tok, done)
             b0, rows = b, None  # the decode runs rows 0 .. b - 1, which are the prompts' rows `rows` (None: all)
-            known = None  # the rows' stop flags [B] of a recent step, on the host (EOS ids given)
+            known = None  # the rows' stop flags [B] of a recent step, on the host (where rows may stop early)
             for i in range(1, max_new_tokens):
                 if stops and hand is None:
                     seen = (watch.take(i - EOS_LAG) or [None])[0] if watch is not None else done
