@@ -108,7 +108,7 @@ def prefill_graph(eng: Engine, prompts, rounds: int) -> dict:
     captured over it, in turn: medians of GPU ms (events) and the eager call's host ms, and whether the graph's logits
     are the eager ones bit for bit.  A what-if for capturing the prefill (session 63); an error in the capture is
     returned, not raised."""
-    ids, mask, _ = eng._prepare(prompts, None, 1)
+    ids, mask, _, _ = eng._prepare(prompts, None, 1)
     out: dict = {}
     eager = [_event_ms(lambda: eng._prefill(ids, mask)) for _ in range(rounds)]
     ref = eng._logits[: ids.shape[0]].clone()

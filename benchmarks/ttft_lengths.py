@@ -38,15 +38,15 @@ MODES = ("eager", "exact", "buckets")
 DENSE_MODE = "dense"
 
 
-def parse_lengths(text: str) -> tuple[int, int]:
-    """``"64-192"`` -> ``(64, 192)``; ``"128"`` -> ``(128, 128)``."""
+def parse_lengths(text: str, option: str = "--lengths") -> tuple[int, int]:
+    """``"64-192"`` -> ``(64, 192)``; ``"128"`` -> ``(128, 128)`` (errors name ``option``)."""
     lo, _, hi = text.partition("-")
     try:
         a, b = int(lo), int(hi or lo)
     except ValueError:
-        raise ValueError(f"--lengths: {text!r} is not LO-HI (two ints) or one int") from None
+        raise ValueError(f"{option}: {text!r} is not LO-HI (two ints) or one int") from None
     if not 1 <= a <= b:
-        raise ValueError(f"--lengths: need 1 <= LO <= HI, got {a}-{b}")
+        raise ValueError(f"{option}: need 1 <= LO <= HI, got {a}-{b}")
     return a, b
 
 

@@ -26,14 +26,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_e2e import TINY as E2E_TINY  # noqa: E402
 from flash_llm import engine as engine_mod  # noqa: E402
 from flash_llm.engine import Engine  # noqa: E402
-from flash_llm.models import preset  # noqa: E402
+from ttft_lengths import parse_lengths  # noqa: E402
 
-#: a smoke-run shape (``--model tiny-llama``, for ``--device cpu``)
-TINY = preset("llama-3-8b").replace(num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2,
-                                    vocab_size=300, name="tiny-llama")
+#: a smoke-run shape (``--model tiny-llama``, for ``--device cpu``): bench_e2e.py's
+TINY = E2E_TINY["tiny-llama"]
 
 SETTINGS = (("shrink", True), ("full", False))
 
@@ -83,13 +84,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    lo, _, hi = args.limits.partition("-")
     try:
-        lo, hi = int(lo), int(hi or lo)
-    except ValueError:
-        ap.error(f"--limits: {args.limits!r} is not LO-HI")
-    if not 1 <= lo <= hi or args.batch < 1 or args.rounds < 1 or args.prompt < 1:
-        ap.error("need 1 <= LO <= HI, --batch, --rounds and --prompt >= 1")
+        lo, hi = parse_lengths(args.limits, "--limits")
+    except ValueError as e:
+        ap.error(str(e))
+    if args.batch < 1 or args.rounds < 1 or args.prompt < 1:
+        ap.error("need --batch, --rounds and --prompt >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("uneven_rows.py: needs a CUDA GPU (--device cpu with a tiny-* model for a smoke run)", file=sys.stderr)
         return 2

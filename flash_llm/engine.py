@@ -1158,9 +1158,10 @@ class Engine:
             self._captured_over = key
 
     # ---- inputs ----------------------------------------------------------------------------------------
-    def _prepare(self, prompts, attention_mask, max_new_tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Left-padded ``ids [B, P]`` int64 and ``mask [B, P]`` bool on the device, and the prompt lengths.
-        ``max_new_tokens``: an int, or a list of one limit a prompt."""
+    def _prepare(self, prompts, attention_mask, max_new_tokens
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int] | None]:
+        """Left-padded ``ids [B, P]`` int64 and ``mask [B, P]`` bool on the device, the prompt lengths, and the limits
+        a prompt (``max_new_tokens`` as a list; None for an int)."""
         if isinstance(max_new_tokens, (list, tuple)):
             if not max_new_tokens or not all(_is_int(n) and n >= 1 for n in max_new_tokens):
                 raise ValueError(f"max_new_tokens as a list must hold one int >= 1 a prompt, got {max_new_tokens!r}")
@@ -1216,7 +1217,7 @@ class Engine:
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
             bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}")
-        return ids.masked_fill(~mask, 0), mask, lengths
+        return ids.masked_fill(~mask, 0), mask, lengths, limits
 
     # ---- the two phases ---------------------------------------------------------------------------------
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1396,7 +1397,8 @@ class Engine:
         n = 1 << max(0, len(live) - 1).bit_length()  # (1, 2, 4, 8, ...)
         if not live or n >= b:
             return b, rows
-        keep = sorted(live + [j for j in range(b) if j not in set(live)][: n - len(live)])
+        going = set(live)
+        keep = sorted(live + [j for j in range(b) if j not in going][: n - len(live)])
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         for t in (*self.cache.k, *self.cache.v):  # (advanced indexing gathers a copy first)
             t[:n, :, :used] = t[idx, :, :used]
@@ -1478,8 +1480,7 @@ class Engine:
         if self.tp is not None:  # every rank takes rank 0's tokens, so all run the same steps
             sampler = _from_rank0(sampler, self.tp)
         with torch.no_grad():
-            ids, mask, lengths = self._prepare(prompts, attention_mask, max_new_tokens)
-            limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else None
+            ids, mask, lengths, limits = self._prepare(prompts, attention_mask, max_new_tokens)
             if limits is not None:  # (one limit a row: the steps run to the largest, a row stops at its own)
                 max_new_tokens = max(limits)
             if self.tp is not None:
@@ -1555,7 +1556,6 @@ class Engine:
                     break
             if hand is not None and hand.pending:  # (the last step's tokens, where the steps ran to the end)
                 yield hand.take(len(out) - 1)[0], None
-            b = b0
             tokens = torch.stack(out, 1)
             if eos:  # length up to and including the first EOS of each row
                 hit = torch.isin(tokens, eos_t)
@@ -1563,7 +1563,7 @@ class Engine:
                 first = torch.where(hit, torch.arange(n, device=self.device), n).min(1).values
                 lens = torch.clamp(first + 1, max=n)
             else:
-                lens = torch.full((b,), tokens.shape[1], dtype=torch.long, device=self.device)
+                lens = torch.full((b0,), tokens.shape[1], dtype=torch.long, device=self.device)
             if limit_t is not None:
                 lens = torch.minimum(lens, limit_t)
             if self.device.type == "cuda":
@@ -1656,7 +1656,7 @@ class Engine:
             self.generate([[0] * n for _ in range(b)], 2, eos_token_id=None)
         if self.cuda_graphs:  # (the decode graphs of the longer lengths, which a long generation would capture midway,
             # and of the batches its rows' stops shrink it to: COMPACT_ROWS)
-            sizes = {b for b in batches} | ({1 << k for b in batches for k in range(b.bit_length()) if 1 << k < b}
+            sizes = set(batches) | ({1 << k for b in batches for k in range(b.bit_length()) if 1 << k < b}
                                             if COMPACT_ROWS else set())
             for b in sorted(sizes):
                 for kv in self._kv_lengths(padded[0] + 1):
