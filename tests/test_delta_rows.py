@@ -171,7 +171,10 @@ def _damaged(c: DeltaRows, what: str) -> dict:
 
 @pytest.mark.parametrize("what", ["window", "window-unaligned", "start", "perm-duplicate", "perm-range",
                                   "pad-rank-nonzero", "repeated-column", "goff", "length"])
-def test_damaged_arrays_are_refused(what):
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_damaged_arrays_are_refused(what, chunk, monkeypatch):
+    if chunk:  # (validation reads a run of slices at a time: the damage in the last slice or the first is seen)
+        monkeypatch.setattr(D, "ENTRY_CHUNK_GROUPS", chunk)
     w = _w(40, 256, 0.4, seed=5)
     c = DeltaRows.from_dense(w, splits=2)
     with pytest.raises(FormatError):
@@ -292,3 +295,70 @@ def test_merged_gate_up_is_paired():
     g, u = (x.float() @ mlp.gate_up_proj.layer.weight.to_dense().float().t()).half().chunk(2, -1)
     want = (torch.nn.functional.silu(g.float()) * u.float()).half()
     torch.testing.assert_close(flash_llm.ops.spmm_silu_mul(x, mlp.gate_up_proj.layer.weight), want)
+
+
+def _awkward(m: int, k: int, density: float, dtype, seed: int) -> torch.Tensor:
+    """a random weight with an empty row, a row whose only nonzero is its last column (escapes) and a full row; its
+    magnitudes in 0.25 .. 3.9, so a bf16 one's values can be coded"""
+    w = _w(m, k, density, torch.float32, seed)
+    w[5] = 0
+    w[2] = 0
+    w[2, -1] = 1.0
+    w[7] = torch.randn(k, generator=torch.Generator().manual_seed(seed))
+    return torch.where(w != 0, w.sign() * w.abs().clamp(0.25, 3.9), 0.0).to(dtype)
+
+
+@pytest.mark.parametrize("kw", [{}, {"splits": 3}, {"pair_halves": True}, {"parts": 2}, {"parts": 8, "pair_halves": True}],
+                         ids=["auto", "splits3", "paired", "parts2", "parts8-paired"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_encoding_a_run_of_slices_at_a_time_gives_the_same_arrays(kw, dtype, monkeypatch):
+    w = _awkward(320, 520, 0.3, dtype, seed=11)
+    whole = DeltaRows.from_dense(w, **kw)
+    assert torch.equal(whole.to_dense().view(torch.int16), w.view(torch.int16))
+    for entries, elements in [(1, 1), (300, 1 << 26), (1 << 22, 3000)]:
+        monkeypatch.setattr(D, "ENCODE_CHUNK_ENTRIES", entries)
+        monkeypatch.setattr(D, "ENCODE_CHUNK_ELEMENTS", elements)
+        runs = D._slice_runs(torch.full((10,), 100, dtype=torch.int64), 32, 520)
+        assert len(runs) > 1  # (these settings do cut a weight into runs)
+        part = DeltaRows.from_dense(w, **kw)
+        assert torch.equal(part.data, whole.data) and torch.equal(part.offsets, whole.offsets)
+        assert part.nnz == whole.nnz == int(torch.count_nonzero(w))
+
+
+@pytest.mark.parametrize("coded", [False, True])
+@pytest.mark.parametrize("parts", [1, 4])
+def test_decoding_a_run_of_slices_at_a_time_gives_the_same_weight(coded, parts, monkeypatch):
+    w = _awkward(320, 512, 0.3, torch.bfloat16, seed=12)
+    plain = DeltaRows.from_dense(w, **({"parts": parts} if parts > 1 else {"splits": 3}))
+    c = plain.code_values() if coded else plain
+    assert c is not None and c.coded == coded
+    whole = c.entries()
+    nnz = DeltaRows._validate(plain.tensors(), c.shape, "", "")  # (files hold plain values: state() uncodes)
+    monkeypatch.setattr(D, "ENTRY_CHUNK_GROUPS", 3)
+    goff = c._offset_arrays()[0]
+    chunks = D._slice_chunks(goff, 3)
+    assert len(chunks) > 2
+    got = [D._entries(c.data, c.offsets, 320, s0, s1)[:3] for s0, s1 in chunks]
+    for a, b in zip(whole, (torch.cat([g[i] for g in got]) for i in range(3))):
+        assert torch.equal(a, b)
+    assert torch.equal(c.to_dense().view(torch.int16), w.view(torch.int16))
+    assert DeltaRows._validate(plain.tensors(), c.shape, "", "") == nnz == int(torch.count_nonzero(w))
+    monkeypatch.setattr(D, "CODE_CHUNK_GROUPS", 5)
+    assert torch.equal(D.uncode_values(c.data, c.offsets, 320), plain.data)
+
+
+def test_slice_runs_and_chunks_cover_every_slice_within_their_bounds(monkeypatch):
+    goff = torch.tensor([0, 4, 4, 9, 30, 31, 40])  # slices of 4, 0, 5, 21, 1, 9 groups
+    for most in (1, 5, 9, 21, 100):
+        chunks = D._slice_chunks(goff, most)
+        assert chunks[0][0] == 0 and chunks[-1][1] == 6
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        g = goff.tolist()
+        assert all(s1 - s0 == 1 or g[s1] - g[s0] <= most for s0, s1 in chunks)
+    assert D._slice_chunks(goff, 100) == [(0, 6)]
+    assert D._slice_chunks(torch.tensor([0]), 5) == []
+    monkeypatch.setattr(D, "ENCODE_CHUNK_ENTRIES", 10)
+    monkeypatch.setattr(D, "ENCODE_CHUNK_ELEMENTS", 32 * 64 * 3)
+    cost = torch.tensor([4, 5, 2, 30, 1, 1, 1, 1])
+    runs = D._slice_runs(cost, 32, 64)
+    assert runs == [(0, 2), (2, 3), (3, 4), (4, 7), (7, 8)]  # at most 10 entries and 3 slices, or one slice alone

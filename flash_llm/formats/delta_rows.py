@@ -196,28 +196,42 @@ def _low32(words: torch.Tensor) -> torch.Tensor:
 
 
 def uncode_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tensor:
-    """The plain ``data`` of a weight whose values :func:`code_values` coded (the same bits)."""
+    """The plain ``data`` of a weight whose values :func:`code_values` coded (the same bits), decoded
+    :data:`CODE_CHUNK_GROUPS` groups at a time (:func:`_plain_groups`)."""
     lay = layout(m, offsets.numel(), data.numel())
     if not lay.coded:
         return data
-    dev = data.device
     goff = offsets[: lay.slices + 1].to(torch.int64)
     ng = int(goff[-1])
-    q = data[: ng * CODED_GROUP_WORDS].to(torch.int64).view(ng, LANES, 4) & 0xFFFFFFFF
+    out = torch.empty(ng * GROUP_WORDS + _trailer(lay.parts), dtype=torch.int32, device=data.device)
+    for g0 in range(0, ng, CODE_CHUNK_GROUPS):
+        g1 = min(ng, g0 + CODE_CHUNK_GROUPS)
+        out[g0 * GROUP_WORDS: g1 * GROUP_WORDS] = _plain_groups(data, goff, lay, g0, g1).reshape(-1)
+    out[ng * GROUP_WORDS:] = lay.parts
+    return out
+
+
+def _plain_groups(data: torch.Tensor, goff: torch.Tensor, lay: Layout, g0: int, g1: int) -> torch.Tensor:
+    """Groups ``g0 .. g1 - 1`` of a weight's ``data`` as plain groups, int32 ``[g1 - g0, GROUP_WORDS]`` (coded
+    values decoded; ``goff``: the slices' first groups, int64; ``lay``: the weight's :class:`Layout`).  The int64
+    temporaries grow with ``g1 - g0`` only (about 60 bytes an entry)."""
+    if not lay.coded:
+        return data[g0 * GROUP_WORDS: g1 * GROUP_WORDS].view(g1 - g0, GROUP_WORDS)
+    dev = data.device
+    ng, n = int(goff[-1]), g1 - g0
+    q = data[g0 * CODED_GROUP_WORDS: g1 * CODED_GROUP_WORDS].to(torch.int64).view(n, LANES, 4) & 0xFFFFFFFF
     nr = lay.mp // lay.parts
     lutw = data[ng * CODED_GROUP_WORDS: ng * CODED_GROUP_WORDS + 2 * nr].to(torch.int64).view(nr, 2) & 0xFFFFFFFF
     lut = ((lutw[:, :, None] >> (8 * torch.arange(4, device=dev))) & 0xFF).reshape(nr, 8)
-    sl = torch.searchsorted(goff, torch.arange(ng, device=dev), right=True) - 1
-    rank = (sl[:, None] * LANES + torch.arange(LANES, device=dev))[:, :, None].expand(ng, LANES, GROUP)
+    sl = torch.searchsorted(goff, torch.arange(g0, g1, device=dev), right=True) - 1
+    rank = (sl[:, None] * LANES + torch.arange(LANES, device=dev))[:, :, None].expand(n, LANES, GROUP)
     sh8 = 8 * torch.arange(4, device=dev)
-    lo = torch.cat([(q[:, :, 0:1] >> sh8) & 0xFF, (q[:, :, 1:2] >> sh8) & 0xFF], -1)  # [ng, 32, 8]
+    lo = torch.cat([(q[:, :, 0:1] >> sh8) & 0xFF, (q[:, :, 1:2] >> sh8) & 0xFF], -1)  # [n, 32, 8]
     code = (q[:, :, 2:3] >> (4 * torch.arange(GROUP, device=dev))) & 7
     sign = torch.cat([(q[:, :, 2:3] >> (sh8 + 7)) & 1, (q[:, :, 2:3] >> (sh8 + 3)) & 1], -1)
     vals = (sign << 15) | (lut[rank // lay.parts, code] << 8) | lo
-    words = (vals[:, :, 0::2] | (vals[:, :, 1::2] << 16)).reshape(ng, LANES * GROUP // 2)
-    words = torch.cat([words, q[:, :, 3]], 1).reshape(-1)
-    words = torch.cat([words, torch.full((_trailer(lay.parts),), lay.parts, dtype=torch.int64, device=dev)])
-    return _low32(words)
+    words = (vals[:, :, 0::2] | (vals[:, :, 1::2] << 16)).reshape(n, LANES * GROUP // 2)
+    return _low32(torch.cat([words, q[:, :, 3]], 1))
 
 
 def _trailer(p: int) -> int:
@@ -233,24 +247,75 @@ def paired_halves(m: int, n_off: int, n_data: int) -> bool:
     return layout(m, n_off, n_data).paired
 
 
-def _streams(w: torch.Tensor, pair: bool = False):
-    """Each rank's stream: values int16 ``[Mp, L]``, steps uint8 ``[Mp, L]`` (``L`` = 8 x the most groups of a slice),
-    groups per slice int64 ``[slices]`` and perm int64 ``[Mp]``.  ``pair``: rows ``r`` and ``r + M / 2`` ranked
-    together (by their summed entries), the second half's ranks ``M / 2`` after the first's."""
+#: the encoder lays out a run of slices at a time (:func:`_slice_runs`): at most about this many entries (its int64
+#: temporaries take some 100 bytes an entry) and this many dense elements of the rows gathered for it.  Until session
+#: 66 it laid out a whole weight at once, peaking near 10x the weight's dense bytes (a Llama-3-8B gate / up at 80 %:
+#: 2.1 GB more for a 235 MB weight, on the CPU; the Engine's re-encoding of that model peaked 4.5 GiB above its weights)
+ENCODE_CHUNK_ENTRIES = 1 << 22
+ENCODE_CHUNK_ELEMENTS = 1 << 26
+
+
+def _row_entries(w: torch.Tensor, escapes: bool = True) -> torch.Tensor:
+    """Each row's entries, int64 ``[M]``: its nonzeros, plus (``escapes``) the escapes of its gaps (a row's first
+    step counts from column 0); a run of rows at a time."""
     m, k = w.shape
-    dev = w.device
-    bits = w.view(torch.int16)
-    rows, cols = (w != 0).nonzero(as_tuple=True)
-    nnz = rows.numel()
-    vals = bits[rows, cols]
-    first = torch.ones(nnz, dtype=torch.bool, device=dev)
+    ent = torch.zeros(m, dtype=torch.int64, device=w.device)
+    step = max(1, (ENCODE_CHUNK_ELEMENTS >> 2) // max(k, 1))  # (a row count casts its mask to int64 on the CPU)
+    for r0 in range(0, m, step):
+        nz = w[r0: r0 + step] != 0
+        if not escapes:
+            ent[r0: r0 + step] = nz.sum(1)
+            continue
+        rows, cols = nz.nonzero(as_tuple=True)
+        del nz
+        ent[r0: r0 + step].index_add_(0, rows, _escapes(_row_gaps(rows, cols)) + 1)
+    return ent
+
+
+def _row_gaps(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The columns each nonzero steps from the one before it in its row (row-major order; a row's first from column
+    0, so it may be 0)."""
+    first = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
     first[1:] = rows[1:] != rows[:-1]
     prev = torch.zeros_like(cols)
     prev[1:] = cols[:-1]
     prev[first] = 0
-    gap = cols - prev  # a row's first step counts from column 0 (so it may be 0)
-    esc = _escapes(gap)
-    ent = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, rows, esc + 1)
+    return cols - prev
+
+
+def _slice_runs(cost: torch.Tensor, rows_per_slice: int, k: int) -> list[tuple[int, int]]:
+    """Runs of whole slices ``(s0, s1)`` covering ``cost.numel()`` slices, each of at most
+    :data:`ENCODE_CHUNK_ENTRIES` entries (``cost``: each slice's) and :data:`ENCODE_CHUNK_ELEMENTS` dense elements
+    (``rows_per_slice x k`` a slice); a slice over either is a run of its own."""
+    most = max(1, ENCODE_CHUNK_ELEMENTS // max(1, rows_per_slice * k))
+    out, s0, acc = [], 0, 0
+    for j, c in enumerate(cost.tolist()):
+        if j > s0 and (acc + c > ENCODE_CHUNK_ENTRIES or j - s0 >= most):
+            out.append((s0, j))
+            s0, acc = j, 0
+        acc += c
+    if cost.numel():
+        out.append((s0, cost.numel()))
+    return out
+
+
+def _gather_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``w``'s rows ``rows`` (``-1``: a row of zeros), ``[len(rows), K]``."""
+    out = w[rows.clamp(min=0)]
+    out[rows < 0] = 0
+    return out
+
+
+def _streams(w: torch.Tensor, pair: bool = False):
+    """The split layout's streams, a run of slices at a time: ``(perm, runs)``, ``perm`` int64 ``[Mp]`` (each
+    rank's row, ``-1`` for padding) and ``runs`` yielding ``(s0, s1, streams)`` for each run of slices
+    (:func:`_slice_runs`), ``streams`` its ranks' values int16 and steps uint8 ``[32 (s1 - s0), L]`` (``L`` = 8 x
+    the most groups of a slice of the run), groups per slice int64, entries per rank and its nonzeros.  Rows are ranked by their entries (descending, stable).  ``pair``: rows ``r``
+    and ``r + M / 2`` ranked together (by their summed entries), the second half's ranks ``M / 2`` after the
+    first's."""
+    m, k = w.shape
+    dev = w.device
+    ent = _row_entries(w)
     if pair:  # gate rows by entries, then each run of PAIR_BUCKET of them by their up rows' entries: both halves'
         h = m // 2  # slices then hold rows of nearly one length (random 80 %: 0.9 % padding, against 5 % by the sum)
         by_gate = torch.sort(ent[:h], descending=True, stable=True).indices
@@ -263,23 +328,36 @@ def _streams(w: torch.Tensor, pair: bool = False):
         perm = torch.sort(ent, descending=True, stable=True).indices
     slices = ceil_div(m, LANES)
     mp = slices * LANES
-    rank = torch.empty(m, dtype=torch.int64, device=dev)
-    rank[perm] = torch.arange(m, device=dev)
-    vals2, steps2, groups, ent_rank = _lay_streams(rank[rows], first, vals, gap, esc, mp)
     perm_full = torch.full((mp,), -1, dtype=torch.int64, device=dev)
     perm_full[:m] = perm
-    return vals2, steps2, groups, perm_full, nnz, ent_rank
+    cost = torch.zeros(mp, dtype=torch.int64, device=dev)
+    cost[:m] = ent[perm]
+    runs = _slice_runs(cost.view(slices, LANES).sum(1), LANES, k)
+
+    def lay(s0: int, s1: int):
+        wc = _gather_rows(w, perm_full[s0 * LANES: s1 * LANES])  # (its rows in rank order: a row's lane is its index)
+        rows, cols = (wc != 0).nonzero(as_tuple=True)
+        vals = wc.view(torch.int16)[rows, cols]
+        del wc
+        first = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
+        first[1:] = rows[1:] != rows[:-1]
+        gap = _row_gaps(rows, cols)
+        del cols
+        return (*_lay_streams(rows, first, vals, gap, _escapes(gap), (s1 - s0) * LANES), rows.numel())
+
+    return perm_full, ((s0, s1, lay(s0, s1)) for s0, s1 in runs)
 
 
 def _parts_streams(w: torch.Tensor, parts: int, pair: bool = False):
-    """The parts layout's streams (``parts`` lanes a row): as :func:`_streams`, plus each lane's start column int64
-    ``[slices, 1, 32]``; ``perm`` holds each lane's row.  Rows are ranked by their nonzeros (descending, stable;
-    paired: gate rows by gate + up nonzeros, each slice's lanes 16-31 their up rows); each row's nonzeros are cut
-    into ``parts`` runs of equal stream length (escapes counted), each walked from its first column."""
+    """The parts layout's streams (``parts`` lanes a row), a run of slices at a time: ``(perm, runs)``, ``perm``
+    int64 ``[Mp]`` (each lane's row) and ``runs`` yielding, for each run of slices, as :func:`_streams`' and each
+    lane's start column int64 ``[32 (s1 - s0)]`` after them.  Rows are ranked by their nonzeros (descending, stable; paired: gate
+    rows by gate + up nonzeros, each slice's lanes 16-31 their up rows); each row's nonzeros are cut into ``parts``
+    runs of equal stream length (escapes counted), each walked from its first column."""
     m, k = w.shape
     dev = w.device
     r_slice = LANES // parts  # rows a slice
-    cnt = (w != 0).sum(1)
+    cnt = _row_entries(w, escapes=False)
     if pair:
         h, hs = m // 2, r_slice // 2
         order = torch.sort(cnt[:h] + cnt[h:], descending=True, stable=True).indices
@@ -292,42 +370,48 @@ def _parts_streams(w: torch.Tensor, parts: int, pair: bool = False):
         slices = ceil_div(m, r_slice)
         rows = torch.full((slices * r_slice,), -1, dtype=torch.int64, device=dev)
         rows[:m] = torch.sort(cnt, descending=True, stable=True).indices
-    slot = torch.empty(m, dtype=torch.int64, device=dev)
-    valid = rows >= 0
-    slot[rows[valid]] = torch.arange(rows.numel(), device=dev)[valid]
-    r, c = (w != 0).nonzero(as_tuple=True)  # row-major: each row's columns rise
-    vals = w.view(torch.int16)[r, c]
-    nnz = r.numel()
-    # each nonzero's part: where the row's stream before it (escapes from the row's own gaps) falls among P shares
-    rfirst = torch.ones(nnz, dtype=torch.bool, device=dev)
-    rfirst[1:] = r[1:] != r[:-1]
-    rgap = c.clone()
-    rgap[1:] -= c[:-1]
-    rgap[rfirst] = 0
-    rspan = 1 + _escapes(rgap)
-    before = torch.cumsum(rspan, 0) - rspan
-    rbase = torch.zeros(m, dtype=torch.int64, device=dev)
-    rbase[r[rfirst]] = before[rfirst]
-    rtotal = torch.zeros(m, dtype=torch.int64, device=dev).index_add_(0, r, rspan)
-    before -= rbase[r]
-    del rgap, rspan, rbase, rfirst  # (the encoder's peak memory: a handful of int64 arrays over the nonzeros)
-    lane_of = slot[r] * parts + before * parts // rtotal[r].clamp(min=1)
-    del before, r
-    order = torch.sort(lane_of, stable=True).indices  # (a lane's entries keep their rising columns)
-    lg, cc, vv = lane_of[order], c[order], vals[order]
-    del lane_of, c, vals, order
-    nl = slices * LANES
-    first = torch.ones(nnz, dtype=torch.bool, device=dev)
-    first[1:] = lg[1:] != lg[:-1]
-    prev = torch.empty_like(cc)
-    prev[1:] = cc[:-1]
-    prev[first] = cc[first]  # a lane's first step is 0, from its start column
-    starts = torch.zeros(nl, dtype=torch.int64, device=dev)
-    starts[lg[first]] = cc[first]
-    gap = cc - prev
-    vals2, steps2, groups, _ = _lay_streams(lg, first, vv, gap, _escapes(gap), nl)
-    perm = rows.repeat_interleave(parts)
-    return vals2, steps2, groups, perm, starts.view(slices, 1, LANES), nnz
+    cost = torch.where(rows >= 0, cnt[rows.clamp(min=0)], 0).view(slices, r_slice).sum(1) if m else \
+        torch.zeros(slices, dtype=torch.int64, device=dev)
+    runs = _slice_runs(cost, r_slice, k)
+
+    def lay(s0: int, s1: int):
+        wc = _gather_rows(w, rows[s0 * r_slice: s1 * r_slice])  # (a row's slot is its index)
+        r, c = (wc != 0).nonzero(as_tuple=True)  # row-major: each row's columns rise
+        vals = wc.view(torch.int16)[r, c]
+        del wc
+        nnz = r.numel()
+        # each nonzero's part: where the row's stream before it (escapes from the row's own gaps) falls among P shares
+        rfirst = torch.ones(nnz, dtype=torch.bool, device=dev)
+        rfirst[1:] = r[1:] != r[:-1]
+        rgap = c.clone()
+        rgap[1:] -= c[:-1]
+        rgap[rfirst] = 0
+        rspan = 1 + _escapes(rgap)
+        before = torch.cumsum(rspan, 0) - rspan
+        nr = (s1 - s0) * r_slice
+        rbase = torch.zeros(nr, dtype=torch.int64, device=dev)
+        rbase[r[rfirst]] = before[rfirst]
+        rtotal = torch.zeros(nr, dtype=torch.int64, device=dev).index_add_(0, r, rspan)
+        before -= rbase[r]
+        del rgap, rspan, rbase, rfirst
+        lane_of = r * parts + before * parts // rtotal[r].clamp(min=1)
+        del before, r
+        order = torch.sort(lane_of, stable=True).indices  # (a lane's entries keep their rising columns)
+        lg, cc, vv = lane_of[order], c[order], vals[order]
+        del lane_of, c, vals, order
+        nl = (s1 - s0) * LANES
+        first = torch.ones(nnz, dtype=torch.bool, device=dev)
+        first[1:] = lg[1:] != lg[:-1]
+        prev = torch.empty_like(cc)
+        prev[1:] = cc[:-1]
+        prev[first] = cc[first]  # a lane's first step is 0, from its start column
+        starts = torch.zeros(nl, dtype=torch.int64, device=dev)
+        starts[lg[first]] = cc[first]
+        gap = cc - prev
+        del prev
+        return (*_lay_streams(lg, first, vv, gap, _escapes(gap), nl), nnz, starts)
+
+    return rows.repeat_interleave(parts), ((s0, s1, lay(s0, s1)) for s0, s1 in runs)
 
 
 def default_parts(m: int, k: int, nnz: int, device: torch.device | str | None = None) -> int:
@@ -409,21 +493,22 @@ def _groups(vals: torch.Tensor, steps: torch.Tensor, groups: torch.Tensor):
     return data, goff
 
 
-def _windows(colpos: torch.Tensor, groups: torch.Tensor, splits: int, ent: torch.Tensor):
-    """Per (slice, split): each lane's start column ``[slices, S, 32]`` and the window ``(a0, w)`` ``[slices, S, 2]``.
+def _windows(gend: torch.Tensor, groups: torch.Tensor, splits: int, ent: torch.Tensor):
+    """Per (slice, split): each lane's start column ``[slices, S, 32]`` and the window ``(a0, w)`` ``[slices, S, 2]``,
+    from ``gend`` ``[32 slices, G]``, each lane's column after each of its groups (splits start at whole groups).
     Lanes without entries (empty rows, padding ranks) take the window's first column, so they do not widen it."""
     slices = groups.numel()
     dev = groups.device
-    length = colpos.shape[1]
-    cp = colpos.view(slices, LANES, length)
+    length = gend.shape[1]
+    cp = gend.view(slices, LANES, length)
     s_idx = torch.arange(splits + 1, device=dev)
     bounds = (s_idx[None, :] * groups[:, None]) // splits * GROUP  # [slices, S + 1]: first entry of each split
     t0, t1 = bounds[:, :-1], bounds[:, 1:]
 
-    def col_before(t):  # the column after entry t - 1 (0 before the first), [slices, S, 32]
-        idx = (t - 1).clamp(min=0)[:, None, :].expand(slices, LANES, splits)
+    def col_before(t):  # the column after entry t - 1 (0 before the first), [slices, S, 32]; t: whole groups
+        idx = (t // GROUP - 1).clamp(min=0)[:, None, :].expand(slices, LANES, splits)
         c = torch.gather(cp, 2, idx).permute(0, 2, 1) if length else torch.zeros(
-            slices, splits, LANES, dtype=colpos.dtype, device=dev)
+            slices, splits, LANES, dtype=gend.dtype, device=dev)
         return torch.where((t > 0)[:, :, None], c, torch.zeros_like(c))
 
     start = col_before(t0)
@@ -518,26 +603,55 @@ class DeltaRows(SparseFormat):
         if pair_halves and (m % (2 * LANES)):
             raise ValueError(f"pair_halves needs M a multiple of {2 * LANES} (two halves of whole slices), got {m}")
         if parts is None:
-            parts = 1 if splits is not None else default_parts(m, k, int((w != 0).sum()), w.device)
+            parts = 1 if splits is not None else default_parts(m, k, int(torch.count_nonzero(w)), w.device)
+        dev = w.device
         if parts > 1:
-            vals, steps, groups, perm, start, nnz = _parts_streams(w, parts, pair_halves)
-            win = torch.zeros(groups.numel(), 1, 2, dtype=torch.int64, device=w.device)
+            perm, runs = _parts_streams(w, parts, pair_halves)
+            data, groups, start, nnz = [], [], [], 0
+            for _, _, (vals, steps, g, _, n, st) in runs:
+                data.append(_groups(vals, steps, g)[0])
+                groups.append(g)
+                start.append(st)
+                nnz += n
+                del vals, steps
+            groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64, device=dev)
+            start = (torch.cat(start) if start else torch.zeros(0, dtype=torch.int64, device=dev)).view(-1, 1, LANES)
+            win = torch.zeros(groups.numel(), 1, 2, dtype=torch.int64, device=dev)
             win[..., 1] = ceil_div(max(k, 1), 8) * 8
-            return cls._pack(vals, steps, groups, perm, start, win, (m, k), w.dtype, nnz, pair_halves, parts)
-        vals, steps, groups, perm, nnz, ent = _streams(w, pair_halves)
-        colpos = torch.cumsum(steps.to(torch.int32), 1)
-        gmax = int(groups.max())
+            return cls._pack(data, groups, perm, start, win, (m, k), w.dtype, nnz, pair_halves, parts)
+        perm, runs = _streams(w, pair_halves)
+        # per run: its packed groups, and what the windows need (each lane's column after each group, its entries)
+        data, groups, ends, nnz = [], [], [], 0
+        for _, _, (vals, steps, g, ent, n) in runs:
+            data.append(_groups(vals, steps, g)[0])
+            groups.append(g)
+            ends.append((torch.cumsum(steps.to(torch.int32), 1)[:, GROUP - 1::GROUP], g, ent))
+            nnz += n
+            del vals, steps
+        groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64, device=dev)
+        gmax = int(groups.max()) if groups.numel() else 0
+
+        def windows(splits: int):
+            parts_ = [_windows(e, g, splits, n) for e, g, n in ends]
+            return (torch.cat([p[0] for p in parts_]), torch.cat([p[1] for p in parts_])) if parts_ else (
+                torch.zeros(0, splits, LANES, dtype=torch.int32, device=dev),
+                torch.zeros(0, splits, 2, dtype=torch.int32, device=dev))
+
         s = splits or default_splits(m, gmax, w.device)
-        start, win = _windows(colpos, groups, s, ent)
+        start, win = windows(s)
         while splits is None and s < max(1, gmax) and block_window_max(win) > WINDOW_MAX:
             s = min(max(1, gmax), ceil_div(s * 3, 2))
-            start, win = _windows(colpos, groups, s, ent)
-        return cls._pack(vals, steps, groups, perm, start, win, (m, k), w.dtype, nnz, pair_halves)
+            start, win = windows(s)
+        return cls._pack(data, groups, perm, start, win, (m, k), w.dtype, nnz, pair_halves)
 
     @classmethod
-    def _pack(cls, vals, steps, groups, perm, start, win, shape, dtype, nnz, pair=False, parts=1) -> "DeltaRows":
-        dev = vals.device
-        data, goff = _groups(vals, steps, groups)
+    def _pack(cls, data, groups, perm, start, win, shape, dtype, nnz, pair=False, parts=1) -> "DeltaRows":
+        """The weight from its runs' packed groups (``data``: a list of int32 arrays, :func:`_groups`), the groups
+        per slice, ``perm``, the starts and windows."""
+        dev = perm.device
+        data = torch.cat(data) if data else torch.zeros(0, dtype=torch.int32, device=dev)
+        goff = torch.zeros(groups.numel() + 1, dtype=torch.int64, device=dev)
+        goff[1:] = torch.cumsum(groups, 0)
         if parts > 1:  # the trailer that gives P from the sizes
             data = torch.cat([data, torch.full((_trailer(parts),), parts, dtype=torch.int32, device=dev)])
         st = start.to(torch.int32).to(torch.int16).reshape(-1).view(torch.int32)
@@ -619,13 +733,17 @@ class DeltaRows(SparseFormat):
         return _entries(self.data, self.offsets, self.shape[0])[:3]
 
     def to_dense(self) -> torch.Tensor:
+        """The dense ``[M, K]`` weight, decoded a run of slices at a time (:data:`ENTRY_CHUNK_GROUPS` groups: the
+        peak is the output and about 200 MB, whatever the weight's size)."""
         m, k = self.shape
-        rank, vals, cols = self.entries()
-        perm = self._offset_arrays()[3]
-        row = perm[rank]
-        keep = (vals.view(self.dtype) != 0) & (row >= 0)
+        goff, _, _, perm = self._offset_arrays()
         out = torch.zeros(m * k, dtype=torch.int16, device=self.data.device)
-        out[row[keep] * k + cols[keep]] = vals[keep]
+        for s0, s1 in _slice_chunks(goff, ENTRY_CHUNK_GROUPS):
+            rank, vals, cols, _ = _entries(self.data, self.offsets, m, s0, s1)
+            row = perm[rank]
+            keep = (vals.view(self.dtype) != 0) & (row >= 0)
+            out[row[keep] * k + cols[keep]] = vals[keep]
+            del rank, vals, cols, row, keep
         return out.view(m, k).view(self.dtype)
 
     # ---- merging and slicing: through the dense weight (row order and splits are per weight) ------------------
@@ -646,7 +764,13 @@ class DeltaRows(SparseFormat):
             and parts[0].shape[0] % LANES == 0
         if len(parts) == 1 and not pair:
             return first
-        return cls.from_dense(torch.cat([p.to_dense() for p in parts]), pair_halves=pair)
+        # (each part decoded into its rows of the stack: the peak is the stack, not the stack and every part)
+        w = torch.empty(sum(p.shape[0] for p in parts), first.shape[1], dtype=first.dtype, device=first.data.device)
+        r = 0
+        for p in parts:
+            w[r: r + p.shape[0]] = p.to_dense()
+            r += p.shape[0]
+        return cls.from_dense(w, pair_halves=pair)
 
     # ---- validation --------------------------------------------------------------------------------------
     @classmethod
@@ -712,24 +836,27 @@ class DeltaRows(SparseFormat):
         if bool(((a0 % 8) != 0).any()) or bool(((w % 8) != 0).any()) or bool((a0 < 0).any()) or \
                 bool((w < 8).any()) or bool((a0 + w > ceil_div(k, 8) * 8).any()):
             raise FormatError(f"{where}'{label}': a split's column window is not 8-aligned inside the {k} columns")
-        rank, vals, cols, where_split = _entries(data, offsets, m)
-        lo, width = a0.reshape(-1)[where_split], w.reshape(-1)[where_split]
-        if bool(((cols < lo) | (cols >= lo + width) | (cols >= k)).any()):
-            raise FormatError(f"{where}tensor '{prefix}data': an entry's column leaves its split's window or lies "
-                              f"outside the logical {m}x{k} matrix")
-        nz = (vals != 0) & (vals != -32768)  # any bit pattern but +-0.0 (fp16 and bf16 alike)
-        if bool((nz & (perm[rank] < 0)).any()):
-            raise FormatError(f"{where}'{label}': a padding rank holds a nonzero value")
-        # nonzeros of a rank: strictly rising columns in stream order; of a row (its parts too): no element twice
-        rr, order = torch.sort(rank[nz], stable=True)  # a rank's entries are stored in its stream's order
-        cc = cols[nz][order]
-        if rr.numel() > 1 and bool(((rr[1:] == rr[:-1]) & (cc[1:] <= cc[:-1])).any()):
-            raise FormatError(f"{where}'{label}': a row holds one column twice or out of order")
-        if p > 1 and rr.numel() > 1:
-            key = torch.sort(perm[rr] * k + cc).values
-            if bool((key[1:] == key[:-1]).any()):
-                raise FormatError(f"{where}'{label}': a row holds one column twice (in two of its parts)")
-        return int(nz.sum())
+        nnz = 0  # (a run of slices at a time: every check below is within a slice)
+        for s0, s1 in _slice_chunks(goff, ENTRY_CHUNK_GROUPS):
+            rank, vals, cols, where_split = _entries(data, offsets, m, s0, s1)
+            lo, width = a0.reshape(-1)[where_split], w.reshape(-1)[where_split]
+            if bool(((cols < lo) | (cols >= lo + width) | (cols >= k)).any()):
+                raise FormatError(f"{where}tensor '{prefix}data': an entry's column leaves its split's window or lies "
+                                  f"outside the logical {m}x{k} matrix")
+            nz = (vals != 0) & (vals != -32768)  # any bit pattern but +-0.0 (fp16 and bf16 alike)
+            if bool((nz & (perm[rank] < 0)).any()):
+                raise FormatError(f"{where}'{label}': a padding rank holds a nonzero value")
+            # nonzeros of a rank: strictly rising columns in stream order; of a row (its parts too): no element twice
+            rr, order = torch.sort(rank[nz], stable=True)  # a rank's entries are stored in its stream's order
+            cc = cols[nz][order]
+            if rr.numel() > 1 and bool(((rr[1:] == rr[:-1]) & (cc[1:] <= cc[:-1])).any()):
+                raise FormatError(f"{where}'{label}': a row holds one column twice or out of order")
+            if p > 1 and rr.numel() > 1:
+                key = torch.sort(perm[rr] * k + cc).values
+                if bool((key[1:] == key[:-1]).any()):
+                    raise FormatError(f"{where}'{label}': a row holds one column twice (in two of its parts)")
+            nnz += int(nz.sum())
+        return nnz
 
 
 def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
@@ -742,20 +869,42 @@ def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
     return goff, win, starts, perm
 
 
-def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int):
-    """(rank, value bits, column, slice x S + split) of every stored entry in storage order, columns from each split's
-    start."""
-    data = uncode_values(data, offsets, m)
+#: groups :func:`_entries` reads at a time (:func:`_slice_chunks`; its int64 temporaries take about 100 bytes an
+#: entry, so about 200 MB at this many): ``to_dense``, validation and re-encoding a large layer peak at that much, not
+#: at some 2 GB per 100 M elements of weight
+ENTRY_CHUNK_GROUPS = 1 << 13
+
+
+def _slice_chunks(goff: torch.Tensor, max_groups: int) -> list[tuple[int, int]]:
+    """Runs of whole slices ``(s0, s1)`` that cover every slice, each of at most ``max_groups`` groups (a slice of
+    more is a run of its own); ``goff``: the slices' first groups (``[slices + 1]``, rising from 0)."""
+    g = goff.tolist()
+    out, s0 = [], 0
+    for s1 in range(1, len(g)):
+        if s1 - 1 > s0 and g[s1] - g[s0] > max_groups:
+            out.append((s0, s1 - 1))
+            s0 = s1 - 1
+    if len(g) > 1:
+        out.append((s0, len(g) - 1))
+    return out
+
+
+def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int, s0: int = 0, s1: int | None = None):
+    """(rank, value bits, column, slice x S + split) of every stored entry of slices ``s0 .. s1 - 1`` (default: all)
+    in storage order, columns from each split's start.  Temporaries grow with those slices' groups
+    (:func:`_slice_chunks` gives runs of a bounded size)."""
     lay = layout(m, offsets.numel(), data.numel())
     slices, s = lay.slices, lay.splits
     goff, win, starts, perm = _split_offsets(offsets, slices, lay.mp, s)
+    s1 = slices if s1 is None else s1
     dev = data.device
-    ng = data.numel() // GROUP_WORDS
-    grp = data[: ng * GROUP_WORDS].view(ng, GROUP_WORDS)
+    gb, ge = (int(goff[s0]), int(goff[s1])) if slices else (0, 0)
+    ng = ge - gb
+    grp = _plain_groups(data, goff, lay, gb, ge)
     vals = grp[:, : LANES * GROUP // 2].contiguous().view(torch.int16).view(ng, LANES, GROUP)
     sw = grp[:, LANES * GROUP // 2:].to(torch.int64) & 0xFFFFFFFF  # [ng, 32]
     steps = (sw[:, :, None] >> (4 * torch.arange(GROUP, device=dev))) & 15  # [ng, 32, 8]
-    g = torch.arange(ng, device=dev)
+    g = torch.arange(gb, ge, device=dev)
     sl = torch.searchsorted(goff, g, right=True) - 1  # each group's slice
     gs = goff[sl + 1] - goff[sl]
     gi = g - goff[sl]
@@ -764,18 +913,21 @@ def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int):
     lane = torch.arange(LANES, device=dev)
     k8 = torch.arange(GROUP, device=dev)
     # a segmented cumsum over (slice, lane, group, entry): keys give each entry its place in that order
-    key = (goff[sl] * LANES * GROUP)[:, None, None] + (lane[None, :] * gs[:, None] * GROUP)[:, :, None] \
-        + (gi * GROUP)[:, None, None] + k8[None, None, :]
-    seg = (goff[sl] * LANES * GROUP)[:, None, None] + (lane[None, :] * gs[:, None] * GROUP)[:, :, None] \
-        + (g0 * GROUP)[:, None, None] + torch.zeros_like(k8)[None, None, :]
+    first = ((goff[sl] - gb) * LANES * GROUP)[:, None, None] + (lane[None, :] * gs[:, None] * GROUP)[:, :, None]
+    key = first + (gi * GROUP)[:, None, None] + k8[None, None, :]
+    seg = first + (g0 * GROUP)[:, None, None] + torch.zeros_like(k8)[None, None, :]
+    del first
     total = ng * LANES * GROUP
     seq = torch.zeros(total, dtype=torch.int64, device=dev)
     seq[key.reshape(-1)] = steps.reshape(-1)
+    del steps
     cs = torch.cumsum(seq, 0)
     seg = seg.reshape(-1)
     before = cs[seg] - seq[seg]  # the sum up to the split's first entry of the lane
+    del seq, seg
     st = starts[sl[:, None].expand(ng, LANES), split[:, None].expand(ng, LANES), lane[None, :].expand(ng, LANES)]
     cols = st[:, :, None].expand(ng, LANES, GROUP).reshape(-1) + cs[key.reshape(-1)] - before
+    del cs, key, before
     rank = (sl[:, None] * LANES + lane[None, :])[:, :, None].expand(ng, LANES, GROUP).reshape(-1)
     where_split = (sl * s + split).repeat_interleave(LANES * GROUP)
     return rank, vals.reshape(-1), cols, where_split
