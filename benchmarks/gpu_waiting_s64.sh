@@ -12,6 +12,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh uneven                    (about 3 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh opt66                     (about 6 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh opt175                    (about 8 minutes, an H200)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh encmem                    (about 1 minute)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -38,6 +39,8 @@
 #          engine (DeltaRows at batch 1, Tiled-CSL from 4 where the memory holds it): bench_e2e.py bf16, dense (refused:
 #          it does not fit) and 80 %, batch 1-32, then 70 % at batch 1.  Name kind nvidia-h100-x1.
 # opt175:  issue 4's "OPT-175B at 80 % on one H200": bench_e2e.py bf16 80 %, batch 1, 8, 16 (a call with needs_h200).
+# encmem:  the encoders' and decoders' peak device memory on Llama-3-8B's gate / up and OPT-175B's fc1 (session 66's
+#          DeltaRows runs of slices), the device's arrays against the CPU's (diag/encode_memory.py).
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -91,9 +94,10 @@ for group in "${groups[@]}"; do
     opt175) nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card_opt175.txt" 2>&1
             step e2e_opt175 480 python3 benchmarks/bench_e2e.py --models opt-175b --sparsities 80 --batches 1,8,16 \
               --format delta-rows --dtype bf16 --fuse --merge --no-hf --repeats 2 --no-progress --out "$OUT/e2e_opt175" ;;
+    encmem) step encode_memory 200 python3 benchmarks/diag/encode_memory.py ;;
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem)" ;;
   esac
 done
