@@ -557,3 +557,22 @@ def test_slice_cuts_records_without_decoding(monkeypatch):
     monkeypatch.setattr(BitmapTiles, "to_dense", lambda self: (_ for _ in ()).throw(AssertionError("decoded")))
     part = c.slice((16, 48), (64, 192))
     assert part.shape == (32, 128) and part.nnz > 0
+
+
+@pytest.mark.parametrize("shape", [(64 * 5 + 3, 200), (64 * 4, 128), (70, 4100)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_csl_in_bands_of_tile_rows_gives_the_same_arrays(shape, dtype, monkeypatch):
+    from flash_llm.formats import tiled_csl as T
+
+    g = torch.Generator().manual_seed(shape[0])
+    w = torch.randn(shape, generator=g)
+    w = torch.where(torch.rand(shape, generator=g) < 0.3, w, 0.0).to(dtype)
+    w[3] = 1.0  # a full row
+    whole = TiledCSL.from_dense(w)
+    for band_elements in (1, 4096 * 3):  # one tile row a band, or a few
+        monkeypatch.setattr(T, "BAND_ELEMENTS", band_elements)
+        part = TiledCSL.from_dense(w)
+        assert torch.equal(part.data, whole.data) and torch.equal(part.offsets, whole.offsets)
+        assert part.nnz == whole.nnz == int(torch.count_nonzero(w))
+        assert_bit_equal(part.to_dense(), w)
+        assert_bit_equal(whole.to_dense(), w)
