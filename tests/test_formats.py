@@ -561,17 +561,20 @@ def test_slice_cuts_records_without_decoding(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(64 * 5 + 3, 200), (64 * 4, 128), (70, 4100)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tiled_csl_in_bands_of_tile_rows_gives_the_same_arrays(shape, dtype, monkeypatch):
-    from flash_llm.formats import tiled_csl as T
+@pytest.mark.parametrize("fmt_cls", [TiledCSL, BitmapTiles])
+def test_in_bands_of_record_rows_gives_the_same_arrays(shape, dtype, fmt_cls, monkeypatch):
+    from flash_llm.formats import _base
 
     g = torch.Generator().manual_seed(shape[0])
     w = torch.randn(shape, generator=g)
     w = torch.where(torch.rand(shape, generator=g) < 0.3, w, 0.0).to(dtype)
     w[3] = 1.0  # a full row
-    whole = TiledCSL.from_dense(w)
-    for band_elements in (1, 4096 * 3):  # one tile row a band, or a few
-        monkeypatch.setattr(T, "BAND_ELEMENTS", band_elements)
-        part = TiledCSL.from_dense(w)
+    whole = fmt_cls.from_dense(w)
+    assert len(fmt_cls._record_bands(*shape)) == 1
+    for band_elements in (1, 4096 * 3):  # one record row a band, or a few
+        monkeypatch.setattr(_base, "BAND_ELEMENTS", band_elements)
+        assert len(fmt_cls._record_bands(*shape)) > 1
+        part = fmt_cls.from_dense(w)
         assert torch.equal(part.data, whole.data) and torch.equal(part.offsets, whole.offsets)
         assert part.nnz == whole.nnz == int(torch.count_nonzero(w))
         assert_bit_equal(part.to_dense(), w)

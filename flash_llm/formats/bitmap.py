@@ -66,6 +66,9 @@ class BitmapTiles(SparseFormat):
         """
         w = check_dense_weight(w, dtype)
         m, k = w.shape
+        banded = cls._from_dense_in_bands(w)
+        if banded is not None:
+            return banded
         frag = L.to_fragment_order(w.view(torch.int16))  # [Mt, Kt, 1024]
         t = frag.shape[0] * frag.shape[1]
         frag = frag.view(t, L.STRIP_ELEMS)
@@ -97,22 +100,25 @@ class BitmapTiles(SparseFormat):
                                           dtype=torch.int32, device=device)}
         return cls._from_parts(arrays, (m, k), dtype, 0)
 
-    def _words_and_counts(self):
-        off = self.offsets.to(torch.int64)
-        word_idx = off[:-1, None] * 4 + torch.arange(32, device=off.device)
-        words = self.data[word_idx]  # [T, 32]
-        return off, words, L.popcount32(words).sum(1)
-
     def to_dense(self) -> torch.Tensor:
-        """The dense ``[M, K]`` weight, on this weight's device."""
+        """The dense ``[M, K]`` weight, on this weight's device (decoded a band of whole strip rows at a time,
+        ``_record_bands``: the peak is the output and a band's temporaries)."""
         m, k = self.shape
-        mt, kt = self.grid
-        off, words, counts = self._words_and_counts()
-        t = mt * kt
-        mask = L.unpack_bits(words)[..., L.BITMAP_BIT].view(t, 32, 4, 8).transpose(1, 2)  # step order, as stored
-        frag = torch.zeros(t, 4, 32, 8, dtype=torch.int16, device=self.device)
-        frag[mask] = self.data.view(torch.int16)[_value_starts(off, counts)]
-        return L.from_fragment_order(frag.transpose(1, 2).reshape(mt, kt, -1), m, k).view(self.dtype)
+        kt = self.grid[1]
+        off = self.offsets.to(torch.int64)
+        out = torch.empty(m, k, dtype=torch.int16, device=self.device)
+        for b0, b1 in self._record_bands(m, k):
+            t = (b1 - b0) * kt
+            ob = off[b0 * kt: b1 * kt + 1]
+            words = self.data[ob[:-1, None] * 4 + torch.arange(32, device=off.device)]  # [t, 32]
+            counts = L.popcount32(words).sum(1)
+            mask = L.unpack_bits(words)[..., L.BITMAP_BIT].view(t, 32, 4, 8).transpose(1, 2)  # step order, as stored
+            frag = torch.zeros(t, 4, 32, 8, dtype=torch.int16, device=self.device)
+            frag[mask] = self.data.view(torch.int16)[_value_starts(ob, counts)]
+            del words, mask
+            r0, r1 = b0 * self.TILE_ROWS, min(m, b1 * self.TILE_ROWS)
+            out[r0:r1] = L.from_fragment_order(frag.transpose(1, 2).reshape(b1 - b0, kt, -1), r1 - r0, k)
+        return out.view(self.dtype)
 
     @classmethod
     def _upgrade(cls, arrays: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:

@@ -32,10 +32,6 @@ TILE_M = 64
 TILE_ELEMS = TILE_M * L.STRIP_K
 PAD_POSITION = 0xFFFF
 PAD_ENTRY = -(1 << 16)  # 0xFFFF0000 as int32
-#: :meth:`TiledCSL.from_dense` and :meth:`TiledCSL.to_dense` work on bands of whole tile rows of at most about this
-#: many elements (their temporaries take some 6 bytes an element: a Llama-3-8B gate / up at once took 1.3 GB above its
-#: 235 MB on the CPU until session 66); tiles are numbered row-major, so the bands' arrays joined are the whole's
-BAND_ELEMENTS = 1 << 25
 
 
 def swizzled_position(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -159,9 +155,9 @@ class TiledCSL(SparseFormat):
         w = check_dense_weight(w, dtype)
         m, k = w.shape
         mt64, kt = cls.grid_of(m, k)
-        band = max(1, BAND_ELEMENTS // (TILE_ELEMS * kt)) * TILE_M  # (rows a band)
-        if m > band:  # (bands of whole tile rows, joined without a decode: the same arrays)
-            return cls.concat([cls.from_dense(w[r: r + band]) for r in range(0, m, band)])
+        banded = cls._from_dense_in_bands(w)
+        if banded is not None:
+            return banded
         tiles = _tiles(L.pad(w.view(torch.int16), TILE_M), mt64, kt)
         t = tiles.shape[0]
         mask = (tiles & 0x7FFF) != 0
@@ -192,15 +188,13 @@ class TiledCSL(SparseFormat):
         return cls._from_parts(arrays, (m, k), dtype, 0)
 
     def to_dense(self) -> torch.Tensor:
-        """The dense ``[M, K]`` weight, on this weight's device (decoded in bands of whole tile rows of at most
-        :data:`BAND_ELEMENTS` elements: the peak is the output and a band's temporaries)."""
+        """The dense ``[M, K]`` weight, on this weight's device (decoded a band of whole tile rows at a time,
+        ``_record_bands``: the peak is the output and a band's temporaries)."""
         m, k = self.shape
-        mt64, kt = self.grid
+        kt = self.grid[1]
         off = self.offsets.to(torch.int64)
         out = torch.empty(m, k, dtype=torch.int16, device=self.device)
-        step = max(1, BAND_ELEMENTS // (TILE_ELEMS * kt))  # tile rows a band
-        for b0 in range(0, mt64, step):
-            b1 = min(mt64, b0 + step)
+        for b0, b1 in self._record_bands(m, k):
             e0, e1 = int(off[b0 * kt]), int(off[b1 * kt])
             data = self.data[e0:e1]
             sizes = off[b0 * kt + 1: b1 * kt + 1] - off[b0 * kt: b1 * kt]
