@@ -321,6 +321,15 @@ def test_bitmap_zero_value_in_a_dense_file_and_nonzero_padding(tmp_path, dtype):
 # ---------------------------------------------------------------------------------------------------
 # TiledCSL: entries
 # ---------------------------------------------------------------------------------------------------
+@pytest.fixture(params=["whole", "bands"])
+def tcsl_bands(request, monkeypatch):
+    """Tiled-CSL validation over the whole weight, or a band of one tile row at a time (``_base.BAND_ELEMENTS``)."""
+    if request.param == "bands":
+        from flash_llm.formats import _base
+
+        monkeypatch.setattr(_base, "BAND_ELEMENTS", 1)
+
+
 def _entry(pos, value_bits):
     """A TiledCSL entry: position in the high half, value bits in the low half (as a signed int32)."""
     return _i32((pos << 16) | (value_bits & 0xFFFF))
@@ -331,7 +340,7 @@ def _tile_entries(tensors, tile):
     return tensors["data"][int(off[tile]):int(off[tile + 1])]
 
 
-def test_tiled_csl_any_order_but_no_repeated_position(tmp_path, dtype):
+def test_tiled_csl_any_order_but_no_repeated_position(tmp_path, dtype, tcsl_bands):
     """Version 2 reads entries in any order inside a tile (they land by position), but refuses a position twice."""
     w = _weight(TiledCSL, dtype)
     path, tensors, meta = saved(tmp_path, w)
@@ -343,7 +352,7 @@ def test_tiled_csl_any_order_but_no_repeated_position(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("pos", [4096, 5000, 65534])
-def test_tiled_csl_position_out_of_range(tmp_path, dtype, pos):
+def test_tiled_csl_position_out_of_range(tmp_path, dtype, pos, tcsl_bands):
     c = TiledCSL.from_dense(torch.where(torch.arange(K) == K - 1, 1.0, 0.0).repeat(M, 1).to(dtype))
     path, tensors, meta = saved(tmp_path, c)
     d = tensors["data"]
@@ -353,7 +362,7 @@ def test_tiled_csl_position_out_of_range(tmp_path, dtype, pos):
                rf"tensor 'data': entry {last_real} has position {pos}, outside the 4096-element tile")
 
 
-def test_tiled_csl_position_in_padding(tmp_path, dtype):
+def test_tiled_csl_position_in_padding(tmp_path, dtype, tcsl_bands):
     """An entry moved to a tile position that lies outside the logical matrix (row 127, col 191)."""
     w = torch.zeros(M, K, dtype=dtype)
     w[M - 1, K - 1] = 3.0  # the only nonzero: last tile (rows 64..127, cols 128..191)
@@ -369,21 +378,21 @@ def test_tiled_csl_position_in_padding(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("zero_bits", [0x0000, 0x8000], ids=["+0.0", "-0.0"])
-def test_tiled_csl_stored_zero_value(tmp_path, dtype, zero_bits):
+def test_tiled_csl_stored_zero_value(tmp_path, dtype, zero_bits, tcsl_bands):
     path, tensors, meta = saved(tmp_path, _weight(TiledCSL, dtype))
     e = _tile_entries(tensors, 0)
     e[2] = _entry((int(e[2]) >> 16) & 0xFFFF, zero_bits)
     load_fails(write(path, tensors, meta), r"tensor 'data': an entry stores a zero value")
 
 
-def test_tiled_csl_pad_entry_with_value(tmp_path, dtype):
+def test_tiled_csl_pad_entry_with_value(tmp_path, dtype, tcsl_bands):
     c = TiledCSL.from_dense(torch.ones(1, 1, dtype=dtype))  # one real entry + three pads
     path, tensors, meta = saved(tmp_path, c)
     tensors["data"][3] = _entry(0xFFFF, 0x3C00)
     load_fails(write(path, tensors, meta), r"tensor 'data': a pad entry \(position 65535\) carries a nonzero value")
 
 
-def test_tiled_csl_too_much_padding(tmp_path, dtype):
+def test_tiled_csl_too_much_padding(tmp_path, dtype, tcsl_bands):
     c = TiledCSL.from_dense(torch.ones(1, 1, dtype=dtype))
     path, tensors, meta = saved(tmp_path, c)
     tensors["data"] = torch.cat([tensors["data"], torch.full((4,), -(1 << 16), dtype=torch.int32)])
@@ -475,7 +484,7 @@ def test_bitmap_version_1_files_are_converted(tmp_path):
 
 
 @pytest.mark.parametrize("version,words", [(1, PINNED_TCSL_V1), (2, PINNED_TCSL_V2)], ids=["v1", "v2"])
-def test_tiled_csl_old_files_are_converted(tmp_path, version, words):
+def test_tiled_csl_old_files_are_converted(tmp_path, version, words, tcsl_bands):
     """Versions 1 and 2 (fragment-order positions) load as the version-3 weight: same matrix, same arrays as
     ``from_dense`` writes now."""
     path, _ = _pinned_file(tmp_path, TiledCSL, version, words, 8, [0, 8])
@@ -484,7 +493,7 @@ def test_tiled_csl_old_files_are_converted(tmp_path, version, words):
     assert torch.equal(w.data, TiledCSL.from_dense(_pinned_expected()).data)  # version-3 positions, bank order
 
 
-def test_tiled_csl_entry_order_rules_per_version(tmp_path):
+def test_tiled_csl_entry_order_rules_per_version(tmp_path, tcsl_bands):
     # version 1 still requires its sorted order; versions 2 and 3 accept any order but no repeated position
     swapped = {**PINNED_TCSL_V1, 1: PINNED_TCSL_V1[2], 2: PINNED_TCSL_V1[1]}
     load_fails(_pinned_file(tmp_path, TiledCSL, 1, swapped, 8, [0, 8])[0],
@@ -501,7 +510,7 @@ def test_tiled_csl_entry_order_rules_per_version(tmp_path):
     load_fails(_pinned_file(tmp_path, TiledCSL, 3, twice3, 8, [0, 8])[0], r"tensor 'data': tile 0 holds a position twice")
 
 
-def test_tiled_csl_version_3_padding_checked_in_its_own_layout(tmp_path):
+def test_tiled_csl_version_3_padding_checked_in_its_own_layout(tmp_path, tcsl_bands):
     """Position 63 is element (0, 63) in version 3, inside a 16x63 matrix's padding; in version 2 the same number
     is fragment lane 1, bit 31: element (8, 31), inside the matrix."""
     path, _ = _pinned_file(tmp_path, TiledCSL, 3, {0: (63 << 16) | 0x3C00, 1: -(1 << 16), 2: -(1 << 16),

@@ -239,23 +239,39 @@ class TiledCSL(SparseFormat):
         if data.numel() != int(off[-1]):
             raise FormatError(f"{name('data')} has {data.numel()} entries; the offsets describe "
                               f"{int(off[-1])} (truncated or inconsistent)")
+        nnz = 0
+        kt = kp // L.STRIP_K
+        for b0, b1 in cls._record_bands(m, k):  # (a band of whole tile rows at a time: every check is within a tile)
+            t0, t1 = b0 * kt, b1 * kt
+            e0, e1 = int(off[t0]), int(off[t1])
+            nnz += cls._validate_tiles(data[e0:e1], sizes[t0:t1], e0, t0, (b0, b1), (m, k), (mp, kp), name, version)
+        return nnz
+
+    @classmethod
+    def _validate_tiles(cls, data, sizes, e0, t0, band, shape, padded, name, version) -> int:
+        """:meth:`_validate`'s checks of the entries ``data`` of tiles ``t0 ..`` (their sizes ``sizes``; the first
+        entry is number ``e0`` of the weight's), the tile rows ``band`` of an ``[m, k]`` weight padded to ``padded``;
+        returns their nonzeros."""
+        m, k = shape
+        mp, kp = padded
         pos = (data.to(torch.int64) >> 16) & 0xFFFF
         pad = pos == PAD_POSITION
         if bool((pad & (data != PAD_ENTRY)).any()):
             raise FormatError(f"{name('data')}: a pad entry (position 65535) carries a nonzero value")
         if bool(((pos >= TILE_ELEMS) & ~pad).any()):
             i = int(torch.nonzero((pos >= TILE_ELEMS) & ~pad)[0])
-            raise FormatError(f"{name('data')}: entry {i} has position {int(pos[i])}, outside the "
+            raise FormatError(f"{name('data')}: entry {e0 + i} has position {int(pos[i])}, outside the "
                               f"{TILE_ELEMS}-element tile")
         if bool(((data & 0x7FFF) == 0)[~pad].any()):
             raise FormatError(f"{name('data')}: an entry stores a zero value (entries hold nonzeros only)")
         dev = data.device
+        t = sizes.numel()
         counts = torch.zeros(t, dtype=torch.int64, device=dev)
         tile_of = torch.repeat_interleave(torch.arange(t, device=dev), sizes, output_size=data.numel())
         counts.index_add_(0, tile_of, (~pad).to(torch.int64))
         if bool(((counts + 3) // 4 * 4 != sizes).any()):
             i = int(torch.nonzero((counts + 3) // 4 * 4 != sizes)[0])
-            raise FormatError(f"{name('data')}: tile {i} has {int(counts[i])} nonzeros in {int(sizes[i])} "
+            raise FormatError(f"{name('data')}: tile {t0 + i} has {int(counts[i])} nonzeros in {int(sizes[i])} "
                               "entries; expected padding to the next multiple of 4 only")
         if (version or cls.FORMAT_VERSION) == 1:
             # version 1: strictly increasing positions inside each tile (pads, position 65535, only at the end)
@@ -263,18 +279,19 @@ class TiledCSL(SparseFormat):
             ok = (pos[1:] > pos[:-1]) | (pad[1:] & pad[:-1])
             if bool((same_tile & ~ok).any()):
                 i = int(tile_of[1:][same_tile & ~ok][0])
-                raise FormatError(f"{name('data')}: tile {i} has positions out of order or repeated")
+                raise FormatError(f"{name('data')}: tile {t0 + i} has positions out of order or repeated")
         else:  # versions 2 and 3: any order, but no position twice in a tile
             flat = torch.sort((tile_of * TILE_ELEMS + pos)[~pad]).values  # real positions are < 4096 (checked above)
             if bool((flat[1:] == flat[:-1]).any()):
                 i = int(flat[1:][flat[1:] == flat[:-1]][0]) // TILE_ELEMS
-                raise FormatError(f"{name('data')}: tile {i} holds a position twice")
+                raise FormatError(f"{name('data')}: tile {t0 + i} holds a position twice")
         if (mp, kp) != (m, k):
+            r0, r1 = band[0] * TILE_M, min(m, band[1] * TILE_M)  # (the band's rows of the logical matrix)
+            ones = torch.ones(r1 - r0, k, dtype=torch.bool, device=dev)
             if (version or cls.FORMAT_VERSION) >= 3:
-                ones = L.pad(torch.ones(m, k, dtype=torch.bool, device=dev), TILE_M)
-                inside = _tiles(ones, mp // TILE_M, kp // L.STRIP_K)
+                inside = _tiles(L.pad(ones, TILE_M), band[1] - band[0], kp // L.STRIP_K)
             else:
-                frag = L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=dev), m_multiple=TILE_M)
+                frag = L.to_fragment_order(ones, m_multiple=TILE_M)
                 mt16, kt16, _ = frag.shape
                 inside = frag.view(mt16 // 4, 4, kt16, L.STRIP_ELEMS).permute(0, 2, 1, 3).reshape(-1, TILE_ELEMS)
             flat = (tile_of * TILE_ELEMS + pos.clamp(max=TILE_ELEMS - 1))[~pad]
