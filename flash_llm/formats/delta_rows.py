@@ -186,8 +186,9 @@ def code_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tens
     return out
 
 
-#: groups :func:`code_values` codes at a time (about 140 MB of int64 temporaries each)
-CODE_CHUNK_GROUPS = 1 << 16
+#: groups :func:`code_values` codes (and :func:`uncode_values` decodes) at a time: some 60 bytes of int64 temporaries an
+#: entry, about 250 MB at this many (1 << 16 until session 66: 1 GB above its input on a 28672 x 4096 weight, CPU)
+CODE_CHUNK_GROUPS = 1 << 14
 
 
 def _low32(words: torch.Tensor) -> torch.Tensor:
