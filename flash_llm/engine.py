@@ -350,7 +350,9 @@ def _dense_from_delta_rows(m: torch.nn.Module) -> bool:
 
 def _nnz(m: torch.nn.Module) -> int:
     """The nonzeros of a :class:`~flash_llm.SparseLinear`'s weight, or of an ``nn.Linear``'s (counted)."""
-    return m.nnz if hasattr(m, "nnz") else int(torch.count_nonzero(m.weight))
+    from .formats._base import count_nonzero
+
+    return m.nnz if hasattr(m, "nnz") else count_nonzero(m.weight)
 
 
 def _dense_bytes(m: torch.nn.Module) -> int:

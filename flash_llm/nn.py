@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .formats import FORMATS, BitmapTiles, DeltaRows, FormatError, SparseFormat, TiledCSL
-from .formats._base import METADATA_KEY, VALUE_DTYPES, check_dense_weight, dtype_name
+from .formats._base import METADATA_KEY, VALUE_DTYPES, check_dense_weight, count_nonzero, dtype_name
 from .ops import spmm
 
 #: Format names accepted by ``fmt=`` and :attr:`SparsifyConfig.format`.
@@ -524,7 +524,7 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
         if reason is None:
             with torch.no_grad():
                 w = check_dense_weight(module.weight.detach(), config.dtype, name=f"{fqn}.weight")
-                sparsity = 1.0 - int(torch.count_nonzero(w)) / w.numel()
+                sparsity = 1.0 - count_nonzero(w) / w.numel()
                 if sparsity < config.min_sparsity:
                     reason = f"sparsity {sparsity:.4f} < min_sparsity {config.min_sparsity}"
                 else:

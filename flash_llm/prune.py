@@ -300,7 +300,9 @@ def _lowest_per_row(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _layer_sparsity(w: torch.Tensor) -> float:
-    return (w.numel() - int(torch.count_nonzero(w))) / w.numel()
+    from .formats._base import count_nonzero
+
+    return (w.numel() - count_nonzero(w)) / w.numel()
 
 
 def _finish_zero_masks(method, target, model, layers, masks, batches) -> PruneReport:

@@ -579,3 +579,19 @@ def test_in_bands_of_record_rows_gives_the_same_arrays(shape, dtype, fmt_cls, mo
         assert part.nnz == whole.nnz == int(torch.count_nonzero(w))
         assert_bit_equal(part.to_dense(), w)
         assert_bit_equal(whole.to_dense(), w)
+
+
+def test_count_nonzero_in_chunks_counts_what_torch_does(monkeypatch):
+    from flash_llm.formats import _base
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(300, 70, generator=g)
+    t[t.abs() < 0.7] = 0.0
+    t[1, :5] = -0.0  # a zero too
+    want = int(torch.count_nonzero(t))
+    for chunk in (1, 7, 1000, 1 << 24):
+        monkeypatch.setattr(_base, "COUNT_CHUNK", chunk)
+        assert _base.count_nonzero(t) == want
+        assert _base.count_nonzero(t.t()) == want  # (not contiguous)
+        assert _base.count_nonzero(t.to(torch.bfloat16)) == int(torch.count_nonzero(t.to(torch.bfloat16)))
+    assert _base.count_nonzero(torch.zeros(0, 5)) == 0

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..formats import FORMATS, FormatError, SparseFormat
-from ..formats._base import METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, dtype_name, parse_metadata
+from ..formats._base import METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, count_nonzero, dtype_name, parse_metadata
 from ..nn import (ConvertedLayer, SkippedLayer, SparseLinear, SparsifyConfig, SparsifyReport, _format_class,
                   _human, _tensor_bytes)
 from . import _files, _model
@@ -361,7 +361,7 @@ class _Loader:
         if slot.keep_dense is not None:
             self.report.skipped.append(SkippedLayer(slot.fqn, slot.keep_dense))
             return w.to_dense().to(slot.dtype) if isinstance(w, SparseFormat) else w
-        nnz = w.nnz if isinstance(w, SparseFormat) else int(torch.count_nonzero(w))
+        nnz = w.nnz if isinstance(w, SparseFormat) else count_nonzero(w)
         sparsity = 1.0 - nnz / (slot.out_features * slot.in_features)
         if sparsity < config.min_sparsity:
             self.report.skipped.append(SkippedLayer(slot.fqn, f"sparsity {sparsity:.4f} < min_sparsity "

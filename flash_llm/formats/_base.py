@@ -20,6 +20,23 @@ class FormatError(ValueError):
     """A serialized weight is truncated, inconsistent or of an unsupported version."""
 
 
+#: :func:`count_nonzero` counts this many elements at a time
+COUNT_CHUNK = 1 << 24
+
+
+def count_nonzero(t: torch.Tensor) -> int:
+    """The elements of ``t`` that compare unequal to zero (``-0.0`` counts as zero), :data:`COUNT_CHUNK` at a time:
+    ``torch.count_nonzero`` of a whole CUDA tensor allocates about 9 bytes an element (4.5x a bf16 weight, measured on
+    an H100 in session 66), which a large layer's re-encoding could not afford."""
+    flat = t.reshape(-1)
+    if flat.numel() <= COUNT_CHUNK:
+        return int(torch.count_nonzero(flat))
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for i in range(0, flat.numel(), COUNT_CHUNK):
+        total += torch.count_nonzero(flat[i: i + COUNT_CHUNK])
+    return int(total)
+
+
 def check_dense_weight(w, dtype: torch.dtype | None = None, name: str = "w") -> torch.Tensor:
     """Validate a dense weight ``[M, K]`` and return it as a contiguous fp16/bf16 tensor.
 

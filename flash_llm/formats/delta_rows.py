@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._base import FormatError, SparseFormat, check_dense_weight
+from ._base import FormatError, SparseFormat, check_dense_weight, count_nonzero
 from ._layout import ceil_div
 
 LANES = 32  # ranks per slice
@@ -604,7 +604,7 @@ class DeltaRows(SparseFormat):
         if pair_halves and (m % (2 * LANES)):
             raise ValueError(f"pair_halves needs M a multiple of {2 * LANES} (two halves of whole slices), got {m}")
         if parts is None:
-            parts = 1 if splits is not None else default_parts(m, k, int(torch.count_nonzero(w)), w.device)
+            parts = 1 if splits is not None else default_parts(m, k, count_nonzero(w), w.device)
         dev = w.device
         if parts > 1:
             perm, runs = _parts_streams(w, parts, pair_halves)

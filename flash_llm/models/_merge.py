@@ -144,13 +144,13 @@ def merge_projections(model: nn.Module) -> dict[str, str]:
     Returns ``{group path: "merged" or why it was left alone}``, e.g.
     ``{"model.layers.0.self_attn.qkv_proj": "merged", ...}``.  Groups already merged are skipped.  The outputs
     equal the separate layers' to rounding (the sparse kernel's split-K choice depends on the stacked shape).
-    Memory: each group's stacked weight is built before its parts are freed, so the peak grows by one group.
+    Memory: each group's stacked weight is built before its parts are freed, so the peak grows by one group.  (Only
+    the modules that hold groups are listed up front: a list of every module kept every replaced layer alive to the
+    end, which took Llama-3-8B's engine build at 80 % 3.4 GiB above its weights; session 66.)
     """
     report = {}
-    for path, module in list(model.named_modules()):
-        groups = getattr(module, "_merge_groups", None)
-        if not groups:
-            continue
+    for path, module in [(p, m) for p, m in model.named_modules() if getattr(m, "_merge_groups", None)]:
+        groups = module._merge_groups
         for target, names in groups.items():
             where = f"{path}.{target}" if path else target
             if isinstance(getattr(module, target, None), MergedLinear):
@@ -163,6 +163,7 @@ def merge_projections(model: nn.Module) -> dict[str, str]:
                 for n in names:
                     delattr(module, n)
                 setattr(module, target, merged)
+            del layers  # (the parts go now, not when the next group is stacked)
             report[where] = why or "merged"
     return report
 
@@ -172,8 +173,8 @@ def unmerge_projections(model: nn.Module) -> list[str]:
     weights, biases and formats; compressed weights cut with :meth:`~flash_llm.formats.SparseFormat.slice`).
     Returns the paths of the groups split."""
     done = []
-    for path, module in list(model.named_modules()):
-        for target in list(getattr(module, "_merge_groups", None) or ()):
+    for path, module in [(p, m) for p, m in model.named_modules() if getattr(m, "_merge_groups", None)]:
+        for target in list(module._merge_groups):
             merged = getattr(module, target, None)
             if not isinstance(merged, MergedLinear):
                 continue

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..formats._base import VALUE_DTYPES, SparseFormat
+from ..formats._base import VALUE_DTYPES, SparseFormat, count_nonzero
 from ..models import CausalLM
 from ..models.config import ModelConfig
 from ..models.llama import LlamaAttention
@@ -91,7 +91,7 @@ def _dense_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def _local_nnz(layer: nn.Module) -> int:
     if isinstance(layer, SparseLinear):
         return layer.nnz
-    return int(torch.count_nonzero(layer.weight))
+    return count_nonzero(layer.weight)
 
 
 def _local_nbytes(layer: nn.Module) -> int:
@@ -214,7 +214,7 @@ def local_layer(w: torch.Tensor, bias: torch.Tensor | None, fqn: str, *, fmt=Non
     if dtype not in VALUE_DTYPES:
         raise TypeError(f"{fqn}: compressed weights hold fp16/bf16, but the weight slice is {w.dtype}; load in "
                         "torch.float16 or torch.bfloat16, or set SparsifyConfig(dtype=...)")
-    zeros = w.numel() - int(torch.count_nonzero(w))
+    zeros = w.numel() - count_nonzero(w)
     sparsity = zeros / w.numel()
     if sparsity < sparsify.min_sparsity:
         return _dense_linear(w, bias), f"sparsity {sparsity:.4f} < min_sparsity {sparsify.min_sparsity}"
