@@ -246,6 +246,15 @@ DELTA_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DELTA_TCSL_MIN_BATCH", "4")
 DUAL_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DUAL_TCSL_MIN_BATCH", "3"))
 #: what a layout choice returns for "re-encode as Tiled-CSL" (else the DeltaRows lanes a row)
 TILED_CSL = "tiled-csl"
+#: ... and for "re-encode as BitmapTiles": where the device lacks the memory for Tiled-CSL, an engine of at least
+#: :data:`BITMAP_FALLBACK_MIN_BATCH` holds its DeltaRows layers as BitmapTiles (about the same bytes as plain DeltaRows
+#: values: 0.54 against 0.52 bytes an element at 80 %), whose kernels take any batch in one pass, where DeltaRows'
+#: multi-token kernels take 8 tokens a pass (``kernels.DELTA_MULTI_MAX``; up to ``DELTA_CHUNK_MAX`` in chunks) and
+#: expand the weight above.  Session 66 (H200, OPT-175B at 80 %, whose Tiled-CSL needs 62 GiB more than the card has
+#: beside the cache): batch 16 172.1 ms a token as DeltaRows, 102.4 as BitmapTiles (1.68x); batch 8 86.4 / 86.6
+BITMAP = "bitmap"
+#: (``FLASH_LLM_BITMAP_FALLBACK_MIN_BATCH``; a large value: never, the layers stay DeltaRows with a warning)
+BITMAP_FALLBACK_MIN_BATCH = int(os.environ.get("FLASH_LLM_BITMAP_FALLBACK_MIN_BATCH", "9"))
 #: ... and for "hold the weight dense" (the layer becomes an ``nn.Linear``, cuBLAS): from
 #: :data:`DELTA_TCSL_MIN_BATCH` on, where Tiled-CSL would take at least :data:`RELAYOUT_DENSE_SHARE` of the dense
 #: weight's bytes (4 bytes a nonzero: about 55 % sparsity and denser), so the dense weight costs at most 1.11x
@@ -342,6 +351,14 @@ def _was_delta_rows(m: torch.nn.Module) -> bool:
     return getattr(m, "weight_format", None) is TiledCSL and getattr(m, "_delta_rows_paired", None) is not None
 
 
+def _bitmap_from_delta_rows(m: torch.nn.Module) -> bool:
+    """Whether ``m`` (a :class:`~flash_llm.SparseLinear`) holds a BitmapTiles weight an engine re-encoded from
+    DeltaRows (:data:`BITMAP`; it remembers the pairing in ``_delta_rows_paired``)."""
+    from .formats import BitmapTiles
+
+    return getattr(m, "weight_format", None) is BitmapTiles and getattr(m, "_delta_rows_paired", None) is not None
+
+
 def _dense_from_delta_rows(m: torch.nn.Module) -> bool:
     """Whether ``m`` is an ``nn.Linear`` an engine made from a DeltaRows layer (:data:`DENSE`; it remembers the
     pairing in ``_delta_rows_paired``)."""
@@ -367,6 +384,26 @@ def _tiled_csl_bytes(m: torch.nn.Module) -> int:
 
     tiles = math.ceil(m.out_features / 64) * math.ceil(m.in_features / 64)
     return int(tiled_csl_formula_bytes(m.out_features, m.in_features, _nnz(m))) + 8 * tiles
+
+
+def _to_bitmap(m: torch.nn.Module) -> str:
+    """The layout choice of an engine that holds its DeltaRows layers as BitmapTiles (:data:`BITMAP`)."""
+    return BITMAP
+
+
+def _delta_multi_max() -> int:
+    """The most tokens one pass of DeltaRows' multi-token kernels takes (``kernels.DELTA_MULTI_MAX``)."""
+    from . import kernels
+
+    return kernels.DELTA_MULTI_MAX
+
+
+def _bitmap_bytes(m: torch.nn.Module) -> int:
+    """The BitmapTiles bytes of layer ``m``'s weight (its formula, with each strip's values rounded to 16 bytes)."""
+    from .models.synthetic import bitmap_formula_bytes
+
+    strips = math.ceil(m.out_features / 16) * math.ceil(m.in_features / 64)
+    return int(bitmap_formula_bytes(m.out_features, m.in_features, _nnz(m))) + 16 * strips
 
 
 def _large_batch_format(m: torch.nn.Module, max_batch: int = 0) -> str:
@@ -459,8 +496,8 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
             w = m.to_dense()
             m._replace_weight(TiledCSL.from_dense(w) if target == TILED_CSL else DeltaRows.from_dense(
                 w, pair_halves=paired, parts=None if parts is None else int(parts(m))))
-            if target == TILED_CSL:
-                m._delta_rows_paired = paired
+            # (marked as an engine's Tiled-CSL; a DeltaRows layer carries no mark, whatever the BitmapTiles one had)
+            m._delta_rows_paired = paired if target == TILED_CSL else None
             taken[path] = "bitmap"
         except ValueError as e:  # (FormatError too: a shape the format refuses; the layer keeps its weight, named)
             left.append(f"{path}: {e}")
@@ -498,23 +535,25 @@ def expand_sparse_(model: torch.nn.Module, budget: int | None = None) -> tuple[l
 def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int | str],
                         progress: bool = True) -> dict[str, int | str]:
     """Re-encode, in place, every DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` (and every layer an earlier
-    call turned from DeltaRows into Tiled-CSL or dense) whose layout differs from ``parts(layer)``: 1 for the split
-    layout; 2, 4, 8, 16 for the parts layout (``docs/formats.md`` section 4b); :data:`TILED_CSL` for a Tiled-CSL
-    weight; :data:`DENSE` for an ``nn.Linear`` put in the layer's place (the layer remembers it was DeltaRows, and
+    call turned from DeltaRows into Tiled-CSL, BitmapTiles or dense) whose layout differs from ``parts(layer)``: 1 for
+    the split layout; 2, 4, 8, 16 for the parts layout (``docs/formats.md`` section 4b); :data:`TILED_CSL` for a
+    Tiled-CSL weight; :data:`BITMAP` for a BitmapTiles one; :data:`DENSE` for an ``nn.Linear`` put in the layer's place (the layer remembers it was DeltaRows, and
     whether its halves were paired, so a later call can turn it back).  The same nonzeros and bias; one layer at a
     time, through its dense weight (the peak grows by one dense weight and the encoder's temporaries); ``progress``: a
-    tqdm bar (stderr) when there are two or more.  Returns ``{layer path: new lanes a row, TILED_CSL or DENSE}`` for
-    the layers re-encoded.  Captured CUDA graphs of the old arrays go stale: :class:`Engine` notices and captures
+    tqdm bar (stderr) when there are two or more.  Returns ``{layer path: new lanes a row, TILED_CSL, BITMAP or
+    DENSE}`` for the layers re-encoded.  Captured CUDA graphs of the old arrays go stale: :class:`Engine` notices and captures
     again."""
     from tqdm import tqdm
 
-    from .formats import DeltaRows, TiledCSL
+    from .formats import BitmapTiles, DeltaRows, TiledCSL
     from .nn import SparseLinear
 
     todo = []
     for path, m in model.named_modules():
         if _dense_from_delta_rows(m):
             now = DENSE
+        elif _bitmap_from_delta_rows(m):
+            now = BITMAP
         elif isinstance(m, SparseLinear) and (m.weight_format is DeltaRows or _was_delta_rows(m)):
             now = m.weight.parts if m.weight_format is DeltaRows else TILED_CSL
         else:
@@ -537,14 +576,14 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
             new.requires_grad_(False)
         else:
             w = m.to_dense() if sparse else m.weight.detach()
-            fmt = (TiledCSL.from_dense(w) if want == TILED_CSL
+            fmt = (TiledCSL.from_dense(w) if want == TILED_CSL else BitmapTiles.from_dense(w) if want == BITMAP
                    else DeltaRows.from_dense(w, pair_halves=paired, parts=int(want)))
             if sparse:
                 m._replace_weight(fmt)
                 new = m
             else:
                 new = SparseLinear(fmt, None if m.bias is None else m.bias.detach())
-        new._delta_rows_paired = paired if want in (TILED_CSL, DENSE) else None
+        new._delta_rows_paired = paired if want in (TILED_CSL, BITMAP, DENSE) else None
         if new is not m:
             _set_module(model, path, new)
         done[path] = want
@@ -772,7 +811,8 @@ def _tiled_csl_growth(model: torch.nn.Module, copies: bool = False, max_batch: i
     grow, largest = 0, 0
     for m in model.modules():
         was = _was_delta_rows(m) or _dense_from_delta_rows(m)
-        if getattr(m, "weight_format", None) is DeltaRows or (copies and was):
+        # (BitmapTiles an earlier engine made from DeltaRows: about its bytes, so counted as DeltaRows)
+        if getattr(m, "weight_format", None) is DeltaRows or _bitmap_from_delta_rows(m) or (copies and was):
             dense = _dense_bytes(m)
             held = _tiled_csl_bytes(m) if _large_batch_format(m, max_batch) == TILED_CSL else dense
             grow += held - (0 if copies else m.nbytes)
@@ -862,7 +902,9 @@ class Engine:
             within ``PARTS_MAX_K`` only (:data:`DELTA_PARTS_MAX_BATCH`), the split layout at 3 (the parts layout's
             multi-token kernels are 1.07x slower at batch 4, 1.7x at 8; session 32), and Tiled-CSL from
             :data:`DELTA_TCSL_MIN_BATCH` (4) where the device's free memory holds it beside the cache (about 1.5x
-            the DeltaRows bytes at 80 %; else a warning and the split layout), or as dense ``nn.Linear`` layers
+            the DeltaRows bytes at 80 %; else, from ``max_batch`` :data:`BITMAP_FALLBACK_MIN_BATCH` (9), BitmapTiles,
+            about DeltaRows' bytes, whose kernels take any batch in one pass, where that fits; else a warning and the
+            split layout), or as dense ``nn.Linear`` layers
             where Tiled-CSL would take :data:`RELAYOUT_DENSE_SHARE` (0.9) of the dense bytes or more (about 55 %
             sparsity and denser: at most 1.11x Tiled-CSL's memory, cuBLAS's speed; :data:`DENSE`); from ``max_batch``
             :data:`DENSE_FAST_MIN_BATCH` (64) also at density :data:`DENSE_FAST_MIN_DENSITY` (0.22, about 78 %
@@ -990,9 +1032,16 @@ class Engine:
             # (from DENSE_FAST_MIN_BATCH the denser layers dense where the memory allows, else as below)
             fast = (not dual and max_batch >= DENSE_FAST_MIN_BATCH
                     and self._tiled_csl_fits(kv_heads, slots, fast=True))
-            tcsl = fast or (not dual and max_batch >= DELTA_TCSL_MIN_BATCH and self._tiled_csl_fits(kv_heads, slots))
+            # (where Tiled-CSL does not fit, from BITMAP_FALLBACK_MIN_BATCH BitmapTiles where that does)
+            fallback = not dual and max_batch >= max(DELTA_TCSL_MIN_BATCH, BITMAP_FALLBACK_MIN_BATCH)
+            tcsl = fast or (not dual and max_batch >= DELTA_TCSL_MIN_BATCH
+                            and self._tiled_csl_fits(kv_heads, slots, warn=not fallback))
+            bitmap = fallback and not tcsl and self._bitmap_fits(kv_heads, slots)
+            if fallback and not tcsl and not bitmap:
+                self._tiled_csl_fits(kv_heads, slots)  # (its warning: the layers stay DeltaRows)
             # (dual: its DeltaRows serve up to DUAL_TCSL_MIN_BATCH - 1 tokens, so the layout for that max_batch)
-            choose = _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain, fast)
+            choose = (_to_bitmap if bitmap else
+                      _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain, fast))
             self.relayout = relayout_delta_rows(model, choose)
             if DELTA_CODED and max_batch <= DELTA_CODED_MAX_BATCH:
                 self.coded = code_delta_rows(model)
@@ -1055,13 +1104,14 @@ class Engine:
         :data:`RELAYOUT_MARGIN_BYTES`: what re-encoding its layers may add (0 at least)."""
         return max(_free_memory(self.device) - self._beside_bytes(kv_heads, slots) - RELAYOUT_MARGIN_BYTES, 0)
 
-    def _tiled_csl_fits(self, kv_heads: int, slots: int, dual: bool = False, fast: bool = False) -> bool:
+    def _tiled_csl_fits(self, kv_heads: int, slots: int, dual: bool = False, fast: bool = False,
+                        warn: bool = True) -> bool:
         """Whether the device has the memory to hold the model's DeltaRows weights as Tiled-CSL (``dual``: as
         Tiled-CSL copies beside them, also counting the layers an earlier engine made Tiled-CSL; ``fast``: dense
         where :func:`_large_batch_format` at this ``max_batch`` says cuBLAS is the faster) beside the cache
         this engine is about to allocate (``kv_heads`` x ``slots`` a layer and sequence), its prefill's activations
         (:func:`_prefill_bytes`) and :data:`RELAYOUT_MARGIN_BYTES`; warns when it has not (not for ``fast``: the
-        engine tries without it)."""
+        engine tries without it; nor without ``warn``: the caller tries BitmapTiles first)."""
         grow, largest = _tiled_csl_growth(self.model, copies=dual, max_batch=self.max_batch if fast else 0)
         if largest == 0:  # no DeltaRows layer (layers an earlier engine made Tiled-CSL stay so): nothing to copy
             return not dual
@@ -1070,7 +1120,7 @@ class Engine:
         need = max(grow, 0) + 4 * largest + beside + RELAYOUT_MARGIN_BYTES  # (dense, mask, indices, entries)
         if need <= free:
             return True
-        if fast:
+        if fast or not warn:
             return False
         if dual:
             warnings.warn(f"max_batch={self.max_batch}: no Tiled-CSL copies beside the DeltaRows weights "
@@ -1085,6 +1135,32 @@ class Engine:
                       f"({beside / 2**30:.2f} GiB) that needs {need / 2**30:.2f} GiB of the "
                       f"{free / 2**30:.2f} GiB free on {self.device}", stacklevel=3)
         return False
+
+    def _bitmap_fits(self, kv_heads: int, slots: int) -> bool:
+        """Whether the device has the memory to hold the model's DeltaRows layers (and those an earlier engine made
+        Tiled-CSL or dense) as BitmapTiles beside the cache, the prefill and :data:`RELAYOUT_MARGIN_BYTES` (as
+        :meth:`_tiled_csl_fits` counts); warns that they run as BitmapTiles when it has."""
+        from .formats import DeltaRows
+
+        grow, largest, n = 0, 0, 0
+        for m in self.model.modules():
+            if getattr(m, "weight_format", None) is DeltaRows or _was_delta_rows(m) or _dense_from_delta_rows(m):
+                grow += _bitmap_bytes(m) - (_dense_bytes(m) if _dense_from_delta_rows(m) else m.nbytes)
+                largest = max(largest, _dense_bytes(m))
+                n += 1
+        if n == 0:
+            return False
+        tgrow, _ = _tiled_csl_growth(self.model)
+        beside = self._beside_bytes(kv_heads, slots)
+        free = _free_memory(self.device)
+        if max(grow, 0) + 4 * largest + beside + RELAYOUT_MARGIN_BYTES > free:
+            return False
+        warnings.warn(f"max_batch={self.max_batch}: the {n} DeltaRows layer(s) run as BitmapTiles (their kernels take "
+                      f"any batch in one pass; DeltaRows' take {_delta_multi_max()} tokens a pass): as Tiled-CSL, "
+                      f"the faster from batch {DELTA_TCSL_MIN_BATCH}, they would take {tgrow / 2**30:.2f} GiB more, "
+                      f"more than the {free / 2**30:.2f} GiB free on {self.device} beside the cache and the prefill "
+                      f"({beside / 2**30:.2f} GiB)", stacklevel=3)
+        return True
 
     @property
     def cache_bytes(self) -> int:

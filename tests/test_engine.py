@@ -1020,6 +1020,72 @@ def test_large_batch_engine_holds_denser_layers_dense_where_cublas_is_faster(pai
     assert set(Engine(eighty, max_batch=big, max_seq=32).relayout.values()) == {E.TILED_CSL}
 
 
+def test_engine_without_memory_for_tiled_csl_holds_bitmap_from_batch_9(pair, monkeypatch):
+    """Where Tiled-CSL does not fit, an engine of max_batch BITMAP_FALLBACK_MIN_BATCH or more (run on the CPU as on a
+    GPU) re-encodes its DeltaRows layers as BitmapTiles, which say they were DeltaRows (pairing kept), with a warning
+    that says so, and generates the kept weights' tokens (logits within rounding); below that max_batch, or without
+    the memory for BitmapTiles either, the layers stay DeltaRows with the Tiled-CSL warning; a batch-1 engine turns
+    them back into DeltaRows."""
+    from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "RELAYOUT_MARGIN_BYTES", 0)
+    monkeypatch.setattr(Engine, "_beside_bytes", lambda self, kv_heads, slots: 0)
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    # (Tiled-CSL's bytes as at real sizes, 0.8 of dense at 80 %: on these small shapes DeltaRows' row order and
+    # windows weigh more, and Tiled-CSL would be no larger than DeltaRows)
+    monkeypatch.setattr(E, "_tiled_csl_bytes", lambda m: int(0.8 * E._dense_bytes(m)))
+    ours = _delta_rows_ours(pair[0], 0.8)
+    big = E.BITMAP_FALLBACK_MIN_BATCH
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
+    keep = Engine(copy.deepcopy(ours), max_batch=big, max_seq=32, merge=True, delta_layout="keep")
+    want = keep.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    want1 = keep.generate(prompts[:1], 4, output_logits=True, eos_token_id=None)
+    layers = {p: m for p, m in keep.model.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    assert layers and all(m.weight_format is flash_llm.DeltaRows for m in layers.values())
+    paired = {p: m.weight.paired for p, m in layers.items()}
+    assert any(paired.values()) == (pair[0].config.model_type == "llama")  # (gate / up)
+    dense = {p: m.to_dense() for p, m in layers.items()}
+    grow_tcsl, largest = E._tiled_csl_growth(keep.model)
+    grow_bitmap = sum(E._bitmap_bytes(m) - m.nbytes for m in layers.values())
+    assert grow_bitmap < grow_tcsl // 2  # (on these small shapes BitmapTiles is even the smaller)
+    free = 4 * largest + grow_tcsl // 2  # (room for BitmapTiles, not for Tiled-CSL)
+    monkeypatch.setattr(E, "_free_memory", lambda device: free)
+    with pytest.warns(UserWarning, match="run as BitmapTiles"):
+        eng = Engine(ours, max_batch=big, max_seq=32, merge=True)
+    assert eng.relayout == {p: E.BITMAP for p in layers}
+    mods = dict(ours.named_modules())
+    for p, d in dense.items():
+        m = mods[p]
+        assert isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.BitmapTiles, p
+        assert torch.equal(m.to_dense(), d) and m._delta_rows_paired == paired[p], p
+    assert sum(m.nbytes for p, m in mods.items() if p in layers) <= sum(E._bitmap_bytes(m) for m in
+                                                                        (mods[p] for p in layers))
+    got = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=8 * ulp(torch.float16, want.logits.abs().max()))
+    # the BitmapTiles count as DeltaRows in the next engine's memory check, and a batch-1 engine turns them back
+    assert E._tiled_csl_growth(ours)[1] == largest
+    one = Engine(ours, max_batch=1, max_seq=32, merge=True)
+    assert set(one.relayout) == set(layers)
+    mods = dict(ours.named_modules())
+    for p, d in dense.items():
+        m = mods[p]
+        assert m.weight_format is flash_llm.DeltaRows and m.weight.paired == paired[p], p
+        assert torch.equal(m.to_dense(), d) and m._delta_rows_paired is None, p
+    got1 = one.generate(prompts[:1], 4, output_logits=True, eos_token_id=None)
+    assert torch.equal(got1.tokens, want1.tokens)
+    # below BITMAP_FALLBACK_MIN_BATCH, and without the memory for BitmapTiles: DeltaRows, the Tiled-CSL warning
+    for max_batch, room in ((big - 1, free), (big, 4 * largest + max(grow_bitmap, 0) - 1)):
+        fresh = _delta_rows_ours(pair[0], 0.8)
+        monkeypatch.setattr(E, "_free_memory", lambda device: room)
+        with pytest.warns(UserWarning, match="stay DeltaRows") as record:
+            e = Engine(fresh, max_batch=max_batch, max_seq=32, merge=True)
+        assert not any("BitmapTiles" in str(w.message) for w in record)
+        assert E.BITMAP not in e.relayout.values() and all(
+            m.weight_format is flash_llm.DeltaRows for m in fresh.modules() if isinstance(m, flash_llm.SparseLinear))
+
+
 @pytest.mark.parametrize("fraction, want", [(1.0, 150), (0.5, 150), (0.4, 100), (0.3, 0), (0.2, 0)])
 def test_free_memory_counts_the_allocators_cache_and_the_process_cap(fraction, want, monkeypatch):
     """The memory an engine or a synthetic build plans with (engine._free_memory, synthetic.available_memory): the
