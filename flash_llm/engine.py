@@ -1144,7 +1144,9 @@ class Engine:
 
         grow, largest, n = 0, 0, 0
         for m in self.model.modules():
-            if getattr(m, "weight_format", None) is DeltaRows or _was_delta_rows(m) or _dense_from_delta_rows(m):
+            if _bitmap_from_delta_rows(m):  # (an earlier engine's: they stay)
+                n += 1
+            elif getattr(m, "weight_format", None) is DeltaRows or _was_delta_rows(m) or _dense_from_delta_rows(m):
                 grow += _bitmap_bytes(m) - (_dense_bytes(m) if _dense_from_delta_rows(m) else m.nbytes)
                 largest = max(largest, _dense_bytes(m))
                 n += 1

@@ -1064,7 +1064,10 @@ def test_engine_without_memory_for_tiled_csl_holds_bitmap_from_batch_9(pair, mon
     got = eng.generate(prompts, 4, output_logits=True, eos_token_id=None)
     assert torch.equal(got.tokens, want.tokens)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=8 * ulp(torch.float16, want.logits.abs().max()))
-    # the BitmapTiles count as DeltaRows in the next engine's memory check, and a batch-1 engine turns them back
+    # another engine of that batch keeps them (nothing re-encoded); they count as DeltaRows in the next engine's
+    # memory check, and a batch-1 engine turns them back
+    with pytest.warns(UserWarning, match="run as BitmapTiles"):
+        assert Engine(ours, max_batch=big, max_seq=32, merge=True).relayout == {}
     assert E._tiled_csl_growth(ours)[1] == largest
     one = Engine(ours, max_batch=1, max_seq=32, merge=True)
     assert set(one.relayout) == set(layers)

@@ -450,6 +450,45 @@ def test_delta_layout_follows_the_batch():
     assert set(tight.relayout.values()) == {1}
 
 
+def test_engine_without_memory_for_tiled_csl_runs_bitmap_from_batch_9(monkeypatch):
+    """Session 66's fallback on the GPU: an engine of max_batch BITMAP_FALLBACK_MIN_BATCH whose device (as the memory
+    check is told) lacks the memory for Tiled-CSL but not for BitmapTiles re-encodes the DeltaRows layers as
+    BitmapTiles and runs their kernels (merged, gate / up paired): the prefill's and first decode step's logits within
+    rounding of the kept DeltaRows weights', graph replay equal to eager decode; a batch-1 engine turns them back."""
+    from flash_llm import engine as E
+
+    model = _small_delta_rows_llama(0.8)
+    big = E.BITMAP_FALLBACK_MIN_BATCH
+    gen = torch.Generator().manual_seed(9)
+    prompts = [[int(t) for t in torch.randint(0, 4096, (48,), generator=gen)] for _ in range(big)]
+    keep = Engine(model, max_batch=big, max_seq=128, merge=True, delta_layout="keep").generate(
+        prompts, 8, output_logits=True, eos_token_id=None)
+    layers = [p for p, m in model.named_modules() if isinstance(m, flash_llm.SparseLinear)]
+    grow_tcsl, largest = E._tiled_csl_growth(model)
+    grow_bitmap = sum(E._bitmap_bytes(m) - m.nbytes for m in model.modules() if isinstance(m, flash_llm.SparseLinear))
+    assert grow_bitmap < grow_tcsl // 2
+    monkeypatch.setattr(E, "RELAYOUT_MARGIN_BYTES", 0)
+    monkeypatch.setattr(Engine, "_beside_bytes", lambda self, kv_heads, slots: 0)
+    monkeypatch.setattr(E, "_free_memory", lambda device: 4 * largest + grow_tcsl // 2)
+    with pytest.warns(UserWarning, match="run as BitmapTiles"):
+        eng = Engine(model, max_batch=big, max_seq=128, merge=True)
+    assert set(eng.relayout.values()) == {E.BITMAP} and set(eng.relayout) == set(layers)
+    assert all(m.weight_format is flash_llm.BitmapTiles for m in model.modules()
+               if isinstance(m, flash_llm.SparseLinear))
+    got = eng.generate(prompts, 8, output_logits=True, eos_token_id=None)
+    _assert_first_steps_close(got, keep)
+    with pytest.warns(UserWarning, match="run as BitmapTiles"):  # (an engine of that batch keeps them)
+        again = Engine(model, max_batch=big, max_seq=128, cuda_graphs=False)
+    assert again.relayout == {}
+    eager = again.generate(prompts, 8, output_logits=True, eos_token_id=None)
+    assert torch.equal(got.tokens, eager.tokens)
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    back = Engine(model, max_batch=1, max_seq=128)
+    assert set(back.relayout) == set(layers)
+    assert all(m.weight_format is flash_llm.DeltaRows for m in model.modules()
+               if isinstance(m, flash_llm.SparseLinear))
+
+
 def test_two_sequences_decode_with_the_norms_inside_the_two_token_kernels(monkeypatch):
     """``kernels.DR_NT_NORM``: an engine of max_batch 2 on a fused, merged DeltaRows Llama (the parts layout for q/k/v,
     o and gate / up, down split) decodes steps of 2 sequences through forward_one_token (each RMSNorm inside the
