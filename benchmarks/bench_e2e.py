@@ -137,16 +137,17 @@ def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
 
 def measure_engine(model, batch, prompt_len, new, repeats, gen, fuse: bool = False, merge: bool = False,
                    delta_layout: str = "auto", max_batch: int | None = None, formats: str = "keep",
-                   prefill_dense: bool = False, max_seq: int | None = None) -> dict:
+                   prefill_dense: bool = False, max_seq: int | None = None, progress: bool = True) -> dict:
     """One engine (``max_batch``: default ``batch``) generating ``batch`` prompts: the medians of ``repeats`` runs.
     ``formats``: ``Engine(formats=)``: "keep" (the format --format asked for) or "auto" (the engine re-encodes
     BitmapTiles / Tiled-CSL layers for its max_batch, as it does by default); ``prefill_dense``: ``Engine``'s (dense
     copies for the prefill, their bytes in ``prefill_dense_bytes``); ``max_seq``: the engine's cache (default: the
-    prompt and the new tokens)."""
+    prompt and the new tokens); ``progress``: the engine's bars while it re-encodes layers (off: the log's lines stay
+    whole)."""
     device = next(model.parameters()).device
     _reset_peak(device)
     eng = Engine(model, max_batch=max_batch or batch, max_seq=max_seq or prompt_len + new, fuse=fuse, merge=merge,
-                 delta_layout=delta_layout, formats=formats, prefill_dense=prefill_dense)
+                 delta_layout=delta_layout, formats=formats, prefill_dense=prefill_dense, progress=progress)
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size, gen)
     eng.generate(prompts, min(new, 4), eos_token_id=None)  # warm-up: kernels, the graph of this batch size
     runs = [eng.generate(prompts, new, eos_token_id=None) for _ in range(repeats)]
@@ -278,7 +279,8 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                 try:
                     row.update(measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse,
                                               args.merge, args.delta_layout, args.max_batch, args.engine_formats,
-                                              args.prefill_dense and sp > 0, args.max_seq))
+                                              args.prefill_dense and sp > 0, args.max_seq,
+                                              progress=not args.no_progress))
                     row["floor_ms"] = 1e3 * row["read_bytes"] / env["copy_bw_Bps"]
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * row["floor_ms"] / row["tpot_ms"]
@@ -408,7 +410,8 @@ def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
         gen = torch.Generator().manual_seed(b)  # the same prompts on every rank
         try:
             m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge,
-                               args.delta_layout, formats=args.engine_formats, max_seq=args.max_seq)
+                               args.delta_layout, formats=args.engine_formats, max_seq=args.max_seq,
+                               progress=not args.no_progress and tp.rank == 0)
             ok = True
         except torch.cuda.OutOfMemoryError as e:
             m, ok = {"error": str(e).splitlines()[0][:120]}, False

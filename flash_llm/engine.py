@@ -943,6 +943,7 @@ class Engine:
         prefill_graphs: the most prefill graphs kept (the least recently used dropped; they share one memory pool,
             so a graph costs little beyond the largest); ``0`` keeps the prefill eager.  Default (``None``):
             :data:`PREFILL_GRAPHS_MAX`, or ``0`` where ``FLASH_LLM_PREFILL_GRAPHS=0``.
+        progress: progress bars (tqdm, stderr) while the layers are re-encoded or copied (default ``True``).
 
     The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`).
@@ -951,7 +952,7 @@ class Engine:
     def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
                  cuda_graphs: bool | None = None, fuse: bool | None = None, merge: bool = False,
                  delta_layout: str = "auto", formats: str = "auto", prefill_graphs: int | None = None,
-                 prefill_dense: bool = False):
+                 prefill_dense: bool = False, progress: bool = True):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
                             f"{type(model).__name__}")
@@ -1022,7 +1023,7 @@ class Engine:
             if formats == "auto":  # (BitmapTiles layers as the format this engine's largest steps run on)
                 large = max_batch >= (DUAL_TCSL_MIN_BATCH if delta_layout == "dual" else DELTA_TCSL_MIN_BATCH)
                 self.adopted, left = adopt_formats(model, TILED_CSL if large else "delta-rows",
-                                                   self._spare_bytes(kv_heads, slots),
+                                                   self._spare_bytes(kv_heads, slots), progress=progress,
                                                    parts=_batch_parts(max_batch, self.device, False, plain))
                 if left:
                     warnings.warn(f"formats='auto': {'; '.join(left)}; they run their own kernels (BitmapTiles: "
@@ -1042,11 +1043,11 @@ class Engine:
             # (dual: its DeltaRows serve up to DUAL_TCSL_MIN_BATCH - 1 tokens, so the layout for that max_batch)
             choose = (_to_bitmap if bitmap else
                       _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain, fast))
-            self.relayout = relayout_delta_rows(model, choose)
+            self.relayout = relayout_delta_rows(model, choose, progress=progress)
             if DELTA_CODED and max_batch <= DELTA_CODED_MAX_BATCH:
                 self.coded = code_delta_rows(model)
             if dual:
-                self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH)
+                self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH, progress=progress)
         note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch, chosen)
         if note:
             warnings.warn(note, stacklevel=2)
@@ -1058,7 +1059,7 @@ class Engine:
             dense_already = ({m for m, w in self._two.large.items() if isinstance(w, torch.nn.Linear)}
                              if self._two is not None else set())  # (those serve the prefill as its larger steps)
             self._dense = _DenseCopies(model, PREFILL_DENSE_MIN_TOKENS, self._spare_bytes(kv_heads, slots),
-                                       skip=dense_already)
+                                       progress=progress, skip=dense_already)
             if self._dense.left:
                 warnings.warn(f"prefill_dense=True: no room for the dense copies of {len(self._dense.left)} of the "
                               f"sparse layers (the first: {self._dense.left[0]}) beside the cache and the prefill on "

@@ -1958,3 +1958,19 @@ def test_prefill_dense_copies_of_merged_projections(family):
     ga = a.generate(prompts, 3, output_logits=True, eos_token_id=None)
     gb = b.generate(prompts, 3, output_logits=True, eos_token_id=None)
     torch.testing.assert_close(ga.logits, gb.logits, rtol=0, atol=8 * ulp(torch.float16, gb.logits.abs().max()))
+
+
+def test_engine_progress_bars_can_be_turned_off(pair, monkeypatch, capsys):
+    """Engine(progress=False) re-encodes without tqdm bars on stderr (a benchmark's log keeps whole lines); the
+    default shows them."""
+    from flash_llm import engine as E
+
+    monkeypatch.setattr(E, "RELAYOUT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
+    for progress in (False, True):
+        ours = _delta_rows_ours(pair[0], 0.8)
+        capsys.readouterr()
+        eng = Engine(ours, max_batch=E.DELTA_TCSL_MIN_BATCH, max_seq=32, progress=progress)
+        assert len(eng.relayout) >= 2
+        err = capsys.readouterr().err
+        assert ("DeltaRows layout" in err) == progress, err
