@@ -1000,7 +1000,7 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs NCCL collectives to capture; this tensor-parallel group uses "
                              f"{self.tp.backend}")
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
-        #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL or DENSE} (empty when nothing was)
+        #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL, BITMAP or DENSE} (empty when nothing was)
         self.relayout: dict[str, int | str] = {}
         #: the layers whose values code_delta_rows coded (bf16 DeltaRows up to DELTA_CODED_MAX_BATCH)
         self.coded: list[str] = []
