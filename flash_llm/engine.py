@@ -537,12 +537,12 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     """Re-encode, in place, every DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` (and every layer an earlier
     call turned from DeltaRows into Tiled-CSL, BitmapTiles or dense) whose layout differs from ``parts(layer)``: 1 for
     the split layout; 2, 4, 8, 16 for the parts layout (``docs/formats.md`` section 4b); :data:`TILED_CSL` for a
-    Tiled-CSL weight; :data:`BITMAP` for a BitmapTiles one; :data:`DENSE` for an ``nn.Linear`` put in the layer's place (the layer remembers it was DeltaRows, and
-    whether its halves were paired, so a later call can turn it back).  The same nonzeros and bias; one layer at a
-    time, through its dense weight (the peak grows by one dense weight and the encoder's temporaries); ``progress``: a
-    tqdm bar (stderr) when there are two or more.  Returns ``{layer path: new lanes a row, TILED_CSL, BITMAP or
-    DENSE}`` for the layers re-encoded.  Captured CUDA graphs of the old arrays go stale: :class:`Engine` notices and captures
-    again."""
+    Tiled-CSL weight; :data:`BITMAP` for a BitmapTiles one; :data:`DENSE` for an ``nn.Linear`` put in the layer's place
+    (the layer remembers it was DeltaRows, and whether its halves were paired, so a later call can turn it back). The
+    same nonzeros and bias; one layer at a time, through its dense weight (the peak grows by one dense weight and the
+    encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more. Returns ``{layer path: new
+    lanes a row, TILED_CSL, BITMAP or DENSE}`` for the layers re-encoded. Captured CUDA graphs of the old arrays go
+    stale: :class:`Engine` notices and captures again."""
     from tqdm import tqdm
 
     from .formats import BitmapTiles, DeltaRows, TiledCSL
@@ -1000,7 +1000,8 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs NCCL collectives to capture; this tensor-parallel group uses "
                              f"{self.tp.backend}")
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
-        #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL, BITMAP or DENSE} (empty when nothing was)
+        #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL, BITMAP or DENSE} (empty when
+        #: nothing was)
         self.relayout: dict[str, int | str] = {}
         #: the layers whose values code_delta_rows coded (bf16 DeltaRows up to DELTA_CODED_MAX_BATCH)
         self.coded: list[str] = []

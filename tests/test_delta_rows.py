@@ -308,7 +308,8 @@ def _awkward(m: int, k: int, density: float, dtype, seed: int) -> torch.Tensor:
     return torch.where(w != 0, w.sign() * w.abs().clamp(0.25, 3.9), 0.0).to(dtype)
 
 
-@pytest.mark.parametrize("kw", [{}, {"splits": 3}, {"pair_halves": True}, {"parts": 2}, {"parts": 8, "pair_halves": True}],
+@pytest.mark.parametrize("kw", [{}, {"splits": 3}, {"pair_halves": True}, {"parts": 2},
+                                {"parts": 8, "pair_halves": True}],
                          ids=["auto", "splits3", "paired", "parts2", "parts8-paired"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_encoding_a_run_of_slices_at_a_time_gives_the_same_arrays(kw, dtype, monkeypatch):

@@ -308,12 +308,12 @@ def _gather_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _streams(w: torch.Tensor, pair: bool = False):
-    """The split layout's streams, a run of slices at a time: ``(perm, runs)``, ``perm`` int64 ``[Mp]`` (each
-    rank's row, ``-1`` for padding) and ``runs`` yielding ``(s0, s1, streams)`` for each run of slices
-    (:func:`_slice_runs`), ``streams`` its ranks' values int16 and steps uint8 ``[32 (s1 - s0), L]`` (``L`` = 8 x
-    the most groups of a slice of the run), groups per slice int64, entries per rank and its nonzeros.  Rows are ranked by their entries (descending, stable).  ``pair``: rows ``r``
-    and ``r + M / 2`` ranked together (by their summed entries), the second half's ranks ``M / 2`` after the
-    first's."""
+    """The split layout's streams, a run of slices at a time: ``(perm, runs)``, ``perm`` int64 ``[Mp]`` (each rank's
+    row, ``-1`` for padding) and ``runs`` yielding ``(s0, s1, streams)`` for each run of slices (:func:`_slice_runs`),
+    ``streams`` its ranks' values int16 and steps uint8 ``[32 (s1 - s0), L]`` (``L`` = 8 x the most groups of a slice of
+    the run), groups per slice int64, entries per rank and its nonzeros. Rows are ranked by their entries (descending,
+    stable). ``pair``: rows ``r`` and ``r + M / 2`` ranked together (by their summed entries), the second half's ranks
+    ``M / 2`` after the first's."""
     m, k = w.shape
     dev = w.device
     ent = _row_entries(w)
@@ -350,11 +350,11 @@ def _streams(w: torch.Tensor, pair: bool = False):
 
 
 def _parts_streams(w: torch.Tensor, parts: int, pair: bool = False):
-    """The parts layout's streams (``parts`` lanes a row), a run of slices at a time: ``(perm, runs)``, ``perm``
-    int64 ``[Mp]`` (each lane's row) and ``runs`` yielding, for each run of slices, as :func:`_streams`' and each
-    lane's start column int64 ``[32 (s1 - s0)]`` after them.  Rows are ranked by their nonzeros (descending, stable; paired: gate
-    rows by gate + up nonzeros, each slice's lanes 16-31 their up rows); each row's nonzeros are cut into ``parts``
-    runs of equal stream length (escapes counted), each walked from its first column."""
+    """The parts layout's streams (``parts`` lanes a row), a run of slices at a time: ``(perm, runs)``, ``perm`` int64
+    ``[Mp]`` (each lane's row) and ``runs`` yielding, for each run of slices, as :func:`_streams`' and each lane's start
+    column int64 ``[32 (s1 - s0)]`` after them. Rows are ranked by their nonzeros (descending, stable; paired: gate rows
+    by gate + up nonzeros, each slice's lanes 16-31 their up rows); each row's nonzeros are cut into ``parts`` runs of
+    equal stream length (escapes counted), each walked from its first column."""
     m, k = w.shape
     dev = w.device
     r_slice = LANES // parts  # rows a slice
