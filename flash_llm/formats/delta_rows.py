@@ -626,7 +626,7 @@ class DeltaRows(SparseFormat):
         for _, _, (vals, steps, g, ent, n) in runs:
             data.append(_groups(vals, steps, g)[0])
             groups.append(g)
-            ends.append((torch.cumsum(steps.to(torch.int32), 1)[:, GROUP - 1::GROUP], g, ent))
+            ends.append((torch.cumsum(steps.to(torch.int32), 1)[:, GROUP - 1::GROUP].contiguous(), g, ent))
             nnz += n
             del vals, steps
         groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64, device=dev)
