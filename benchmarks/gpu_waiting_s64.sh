@@ -14,6 +14,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh opt175                    (about 8 minutes, an H200)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh encmem                    (about 1 minute)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh fallback                  (about 6 minutes, an H200)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh buildtime                 (about 2 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -44,6 +45,8 @@
 #          DeltaRows runs of slices), the device's arrays against the CPU's (diag/encode_memory.py).
 # fallback: session 66's BitmapTiles where Tiled-CSL does not fit: its GPU test, then OPT-175B at 80 % (DeltaRows
 #          model) at batch 16, where the engine should now run BitmapTiles (about 102 ms a token, not 172).
+# buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default) and with one run a
+#          layer (as before session 66), two rounds each: time and peak memory (diag/build_time.py).
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
@@ -101,10 +104,13 @@ for group in "${groups[@]}"; do
               step e2e_opt175_fallback 420 python3 benchmarks/bench_e2e.py --models opt-175b --sparsities 80 --batches 16 \
                 --format delta-rows --dtype bf16 --fuse --merge --no-hf --repeats 2 --no-progress \
                 --out "$OUT/e2e_opt175_fallback" ;;
+    buildtime) step build_time_runs 150 python3 benchmarks/diag/build_time.py
+               FLASH_LLM_ENCODE_CHUNK_ENTRIES=134217728 FLASH_LLM_ENCODE_CHUNK_ELEMENTS=2147483648 \
+                 step build_time_whole 150 python3 benchmarks/diag/build_time.py ;;
     encmem) step encode_memory 200 python3 benchmarks/diag/encode_memory.py ;;
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, buildtime)" ;;
   esac
 done

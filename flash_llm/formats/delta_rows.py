@@ -252,8 +252,10 @@ def paired_halves(m: int, n_off: int, n_data: int) -> bool:
 #: temporaries take some 100 bytes an entry) and this many dense elements of the rows gathered for it.  Until session
 #: 66 it laid out a whole weight at once, peaking near 10x the weight's dense bytes (a Llama-3-8B gate / up at 80 %:
 #: 2.1 GB more for a 235 MB weight, on the CPU; the Engine's re-encoding of that model peaked 4.5 GiB above its weights)
-ENCODE_CHUNK_ENTRIES = 1 << 22
-ENCODE_CHUNK_ELEMENTS = 1 << 26
+#: (``FLASH_LLM_ENCODE_CHUNK_ENTRIES`` / ``FLASH_LLM_ENCODE_CHUNK_ELEMENTS`` override them, for measuring the build's
+#: time against its memory: ``benchmarks/diag/build_time.py``)
+ENCODE_CHUNK_ENTRIES = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ENTRIES", str(1 << 22)))
+ENCODE_CHUNK_ELEMENTS = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", str(1 << 26)))
 
 
 def _row_entries(w: torch.Tensor, escapes: bool = True) -> torch.Tensor:
