@@ -391,13 +391,6 @@ def _to_bitmap(m: torch.nn.Module) -> str:
     return BITMAP
 
 
-def _delta_multi_max() -> int:
-    """The most tokens one pass of DeltaRows' multi-token kernels takes (``kernels.DELTA_MULTI_MAX``)."""
-    from . import kernels
-
-    return kernels.DELTA_MULTI_MAX
-
-
 def _bitmap_bytes(m: torch.nn.Module) -> int:
     """The BitmapTiles bytes of layer ``m``'s weight (its formula, with each strip's values rounded to 16 bytes)."""
     from .models.synthetic import bitmap_formula_bytes
@@ -1142,6 +1135,7 @@ class Engine:
         """Whether the device has the memory to hold the model's DeltaRows layers (and those an earlier engine made
         Tiled-CSL or dense) as BitmapTiles beside the cache, the prefill and :data:`RELAYOUT_MARGIN_BYTES` (as
         :meth:`_tiled_csl_fits` counts); warns that they run as BitmapTiles when it has."""
+        from . import kernels
         from .formats import DeltaRows
 
         grow, largest, n = 0, 0, 0
@@ -1160,7 +1154,7 @@ class Engine:
         if max(grow, 0) + 4 * largest + beside + RELAYOUT_MARGIN_BYTES > free:
             return False
         warnings.warn(f"max_batch={self.max_batch}: the {n} DeltaRows layer(s) run as BitmapTiles (their kernels take "
-                      f"any batch in one pass; DeltaRows' take {_delta_multi_max()} tokens a pass): as Tiled-CSL, "
+                      f"any batch in one pass; DeltaRows' take {kernels.DELTA_MULTI_MAX} tokens a pass): as Tiled-CSL, "
                       f"the faster from batch {DELTA_TCSL_MIN_BATCH}, they would take {tgrow / 2**30:.2f} GiB more, "
                       f"more than the {free / 2**30:.2f} GiB free on {self.device} beside the cache and the prefill "
                       f"({beside / 2**30:.2f} GiB)", stacklevel=3)

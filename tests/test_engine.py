@@ -898,6 +898,19 @@ def test_dual_layout_swaps_the_sets_by_step_size(pair):
     assert {f for f, _ in seen} == {flash_llm.TiledCSL, flash_llm.DeltaRows}
 
 
+def _kept_merged(ours, big: int):
+    """``(prompts, keep, want, want1, layers, paired)``: ``big`` prompts, an engine of ``max_batch`` ``big`` over a
+    merged copy of the DeltaRows model ``ours`` kept as it is, its 4-token generations of them and of the first alone
+    (logits too), its merged layers by path (all DeltaRows) and whether each pairs its halves."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
+    keep = Engine(copy.deepcopy(ours), max_batch=big, max_seq=32, merge=True, delta_layout="keep")
+    want = keep.generate(prompts, 4, output_logits=True, eos_token_id=None)
+    want1 = keep.generate(prompts[:1], 4, output_logits=True, eos_token_id=None)
+    layers = {p: m for p, m in keep.model.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    assert layers and all(m.weight_format is flash_llm.DeltaRows for m in layers.values())
+    return prompts, keep, want, want1, layers, {p: m.weight.paired for p, m in layers.items()}
+
+
 def test_batched_engine_holds_dense_where_tiled_csl_is_no_smaller(pair, monkeypatch):
     """At 50 % sparsity Tiled-CSL (4 bytes a nonzero) is no smaller than the dense weight: an engine of max_batch
     DELTA_TCSL_MIN_BATCH (run on the CPU as on a GPU) puts dense nn.Linear layers in the DeltaRows layers' places,
@@ -910,13 +923,7 @@ def test_batched_engine_holds_dense_where_tiled_csl_is_no_smaller(pair, monkeypa
     monkeypatch.setattr(E, "_free_memory", lambda device: 1 << 40)
     ours = _delta_rows_ours(pair[0], 0.5)
     big = E.DELTA_TCSL_MIN_BATCH
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
-    keep = Engine(copy.deepcopy(ours), max_batch=big, max_seq=32, merge=True, delta_layout="keep")
-    want = keep.generate(prompts, 4, output_logits=True, eos_token_id=None)
-    want1 = keep.generate(prompts[:1], 4, output_logits=True, eos_token_id=None)
-    layers = {p: m for p, m in keep.model.named_modules() if isinstance(m, flash_llm.SparseLinear)}
-    assert layers and all(m.weight_format is flash_llm.DeltaRows for m in layers.values())
-    paired = {p: m.weight.paired for p, m in layers.items()}
+    prompts, keep, want, want1, layers, paired = _kept_merged(ours, big)
     dense = {p: m.to_dense() for p, m in layers.items()}
     grow, _ = E._tiled_csl_growth(keep.model)
     assert grow == sum(d.numel() * 2 - layers[p].nbytes for p, d in dense.items())  # (dense bytes, not Tiled-CSL's)
@@ -1037,13 +1044,7 @@ def test_engine_without_memory_for_tiled_csl_holds_bitmap_from_batch_9(pair, mon
     monkeypatch.setattr(E, "_tiled_csl_bytes", lambda m: int(0.8 * E._dense_bytes(m)))
     ours = _delta_rows_ours(pair[0], 0.8)
     big = E.BITMAP_FALLBACK_MIN_BATCH
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(big)]
-    keep = Engine(copy.deepcopy(ours), max_batch=big, max_seq=32, merge=True, delta_layout="keep")
-    want = keep.generate(prompts, 4, output_logits=True, eos_token_id=None)
-    want1 = keep.generate(prompts[:1], 4, output_logits=True, eos_token_id=None)
-    layers = {p: m for p, m in keep.model.named_modules() if isinstance(m, flash_llm.SparseLinear)}
-    assert layers and all(m.weight_format is flash_llm.DeltaRows for m in layers.values())
-    paired = {p: m.weight.paired for p, m in layers.items()}
+    prompts, keep, want, want1, layers, paired = _kept_merged(ours, big)
     assert any(paired.values()) == (pair[0].config.model_type == "llama")  # (gate / up)
     dense = {p: m.to_dense() for p, m in layers.items()}
     grow_tcsl, largest = E._tiled_csl_growth(keep.model)

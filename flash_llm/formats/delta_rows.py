@@ -271,34 +271,39 @@ def _row_entries(w: torch.Tensor, escapes: bool = True) -> torch.Tensor:
             continue
         rows, cols = nz.nonzero(as_tuple=True)
         del nz
-        ent[r0: r0 + step].index_add_(0, rows, _escapes(_row_gaps(rows, cols)) + 1)
+        ent[r0: r0 + step].index_add_(0, rows, _escapes(_row_gaps(rows, cols)[1]) + 1)
     return ent
 
 
-def _row_gaps(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The columns each nonzero steps from the one before it in its row (row-major order; a row's first from column
-    0, so it may be 0)."""
+def _row_gaps(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, gap)`` of nonzeros in row-major order: whether each is its row's first, and the columns it steps from
+    the one before it in its row (a row's first from column 0, so it may be 0)."""
     first = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
     first[1:] = rows[1:] != rows[:-1]
     prev = torch.zeros_like(cols)
     prev[1:] = cols[:-1]
     prev[first] = 0
-    return cols - prev
+    return first, cols - prev
 
 
 def _slice_runs(cost: torch.Tensor, rows_per_slice: int, k: int) -> list[tuple[int, int]]:
     """Runs of whole slices ``(s0, s1)`` covering ``cost.numel()`` slices, each of at most
     :data:`ENCODE_CHUNK_ENTRIES` entries (``cost``: each slice's) and :data:`ENCODE_CHUNK_ELEMENTS` dense elements
     (``rows_per_slice x k`` a slice); a slice over either is a run of its own."""
-    most = max(1, ENCODE_CHUNK_ELEMENTS // max(1, rows_per_slice * k))
+    return _runs(cost.tolist(), ENCODE_CHUNK_ENTRIES, max(1, ENCODE_CHUNK_ELEMENTS // max(1, rows_per_slice * k)))
+
+
+def _runs(cost: list[int], budget: int, most: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive runs ``(s0, s1)`` covering ``len(cost)`` items, greedily as long as their costs sum to at most
+    ``budget`` and (``most``) they hold at most that many items; an item over the budget is a run of its own."""
     out, s0, acc = [], 0, 0
-    for j, c in enumerate(cost.tolist()):
-        if j > s0 and (acc + c > ENCODE_CHUNK_ENTRIES or j - s0 >= most):
+    for j, c in enumerate(cost):
+        if j > s0 and (acc + c > budget or (most is not None and j - s0 >= most)):
             out.append((s0, j))
             s0, acc = j, 0
         acc += c
-    if cost.numel():
-        out.append((s0, cost.numel()))
+    if cost:
+        out.append((s0, len(cost)))
     return out
 
 
@@ -342,9 +347,7 @@ def _streams(w: torch.Tensor, pair: bool = False):
         rows, cols = (wc != 0).nonzero(as_tuple=True)
         vals = wc.view(torch.int16)[rows, cols]
         del wc
-        first = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
-        first[1:] = rows[1:] != rows[:-1]
-        gap = _row_gaps(rows, cols)
+        first, gap = _row_gaps(rows, cols)
         del cols
         return (*_lay_streams(rows, first, vals, gap, _escapes(gap), (s1 - s0) * LANES), rows.numel())
 
@@ -881,15 +884,7 @@ ENTRY_CHUNK_GROUPS = 1 << 13
 def _slice_chunks(goff: torch.Tensor, max_groups: int) -> list[tuple[int, int]]:
     """Runs of whole slices ``(s0, s1)`` that cover every slice, each of at most ``max_groups`` groups (a slice of
     more is a run of its own); ``goff``: the slices' first groups (``[slices + 1]``, rising from 0)."""
-    g = goff.tolist()
-    out, s0 = [], 0
-    for s1 in range(1, len(g)):
-        if s1 - 1 > s0 and g[s1] - g[s0] > max_groups:
-            out.append((s0, s1 - 1))
-            s0 = s1 - 1
-    if len(g) > 1:
-        out.append((s0, len(g) - 1))
-    return out
+    return _runs(torch.diff(goff).tolist(), max_groups)
 
 
 def _entries(data: torch.Tensor, offsets: torch.Tensor, m: int, s0: int = 0, s1: int | None = None):
