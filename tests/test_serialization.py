@@ -239,8 +239,18 @@ def _strip_weight(dtype, nnz_first_strip):
     return w
 
 
+@pytest.fixture(params=["whole", "bands"])
+def bands(request, monkeypatch):
+    """BitmapTiles' and Tiled-CSL's validation over the whole weight, or a band of one record row (a strip row, a
+    tile row) at a time (``_base.BAND_ELEMENTS``)."""
+    if request.param == "bands":
+        from flash_llm.formats import _base
+
+        monkeypatch.setattr(_base, "BAND_ELEMENTS", 1)
+
+
 @pytest.mark.parametrize("action", ["set", "clear"])
-def test_bitmap_bit_flip_changes_record_length(tmp_path, dtype, action):
+def test_bitmap_bit_flip_changes_record_length(tmp_path, dtype, action, bands):
     # strip 0 holds 16 nonzeros (2 value units; one more bit needs 3) or 17 (3 units; one fewer needs 2)
     n = 16 if action == "set" else 17
     c = BitmapTiles.from_dense(_strip_weight(dtype, n))
@@ -257,7 +267,23 @@ def test_bitmap_bit_flip_changes_record_length(tmp_path, dtype, action):
                rf"be {8 + (3 if action == 'set' else 2)} units long, but the offsets give {8 + (2 if n == 16 else 3)}")
 
 
-def test_bitmap_bit_in_padding_region(tmp_path, dtype):
+def test_bitmap_bit_flip_in_a_later_strip_row_names_its_record(tmp_path, dtype, bands):
+    """A set bit in a strip of the last strip row (8 nonzeros, one value unit; 9 need two): the error names the
+    record by its number in the whole weight, also when the records are checked a strip row at a time."""
+    w = torch.zeros(M, K, dtype=dtype)
+    w[64, :8] = 1.25  # strip (4, 0): record 4 * 3 = 12
+    c = BitmapTiles.from_dense(w)
+    path, tensors, meta = saved(tmp_path, c)
+    rec = 4 * c.grid[1]
+    lane, bit = fragment_lane_bit(torch.tensor(0), torch.tensor(8))  # (row 64, col 8): a zero of that strip
+    word, bit = _bitmap_word(tensors, rec, int(lane)), int(bitmap_word_bit(bit))
+    assert not (int(tensors["data"][word]) >> bit) & 1
+    tensors["data"][word] = _i32(int(tensors["data"][word]) | (1 << bit))
+    load_fails(write(path, tensors, meta),
+               rf"tensor 'data': record {rec} has 9 nonzero bits, so it should be 10 units long, but the offsets give 9")
+
+
+def test_bitmap_bit_in_padding_region(tmp_path, dtype, bands):
     """A bit moved (count unchanged) from a real element to a padding element of the last strip."""
     w = torch.zeros(M, K, dtype=dtype)
     w[M - 1, K - 1] = 2.0  # the only nonzero, in the last strip (rows 64..79, cols 128..191)
@@ -279,7 +305,7 @@ def test_bitmap_bit_in_padding_region(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("zero_bits", [0x0000, 0x8000], ids=["+0.0", "-0.0"])
-def test_bitmap_set_bit_with_zero_value(tmp_path, dtype, zero_bits):
+def test_bitmap_set_bit_with_zero_value(tmp_path, dtype, zero_bits, bands):
     """A set bit must carry a nonzero value: ``nnz`` counts set bits, and the format promises that
     -0.0 never comes back.  TiledCSL rejects stored zeros; BitmapTiles must too."""
     w = torch.zeros(M, K, dtype=dtype)
@@ -293,7 +319,7 @@ def test_bitmap_set_bit_with_zero_value(tmp_path, dtype, zero_bits):
     load_fails(write(path, tensors, meta), r"tensor 'data'.*zero")
 
 
-def test_bitmap_zero_value_in_a_dense_file_and_nonzero_padding(tmp_path, dtype):
+def test_bitmap_zero_value_in_a_dense_file_and_nonzero_padding(tmp_path, dtype, bands):
     """The load check counts nonzero halves outside the bitmaps (one pass over ``data``): a stored zero in a
     half-full matrix is still named by record, and a nonzero in a record's padding is refused too."""
     c = _weight(BitmapTiles, dtype, density=0.5)
@@ -304,7 +330,7 @@ def test_bitmap_zero_value_in_a_dense_file_and_nonzero_padding(tmp_path, dtype):
     def values_in(r):  # set bits of record r
         return sum(bin(int(x) & 0xFFFFFFFF).count("1") for x in tensors["data"][int(off[r]) * 4:int(off[r]) * 4 + 32])
 
-    rec = 2
+    rec = 4  # (in the second strip row: a band of its own when validated in bands)
     zeroed = d16.clone()
     zeroed[8 * int(off[rec]) + 64 + values_in(rec) - 1] = 0  # the record's last value
     load_fails(write(tmp_path / "z.safetensors", {**tensors, "data": zeroed.view(torch.int32)}, meta),
@@ -321,15 +347,6 @@ def test_bitmap_zero_value_in_a_dense_file_and_nonzero_padding(tmp_path, dtype):
 # ---------------------------------------------------------------------------------------------------
 # TiledCSL: entries
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(params=["whole", "bands"])
-def tcsl_bands(request, monkeypatch):
-    """Tiled-CSL validation over the whole weight, or a band of one tile row at a time (``_base.BAND_ELEMENTS``)."""
-    if request.param == "bands":
-        from flash_llm.formats import _base
-
-        monkeypatch.setattr(_base, "BAND_ELEMENTS", 1)
-
-
 def _entry(pos, value_bits):
     """A TiledCSL entry: position in the high half, value bits in the low half (as a signed int32)."""
     return _i32((pos << 16) | (value_bits & 0xFFFF))
@@ -340,7 +357,7 @@ def _tile_entries(tensors, tile):
     return tensors["data"][int(off[tile]):int(off[tile + 1])]
 
 
-def test_tiled_csl_any_order_but_no_repeated_position(tmp_path, dtype, tcsl_bands):
+def test_tiled_csl_any_order_but_no_repeated_position(tmp_path, dtype, bands):
     """Version 2 reads entries in any order inside a tile (they land by position), but refuses a position twice."""
     w = _weight(TiledCSL, dtype)
     path, tensors, meta = saved(tmp_path, w)
@@ -352,7 +369,7 @@ def test_tiled_csl_any_order_but_no_repeated_position(tmp_path, dtype, tcsl_band
 
 
 @pytest.mark.parametrize("pos", [4096, 5000, 65534])
-def test_tiled_csl_position_out_of_range(tmp_path, dtype, pos, tcsl_bands):
+def test_tiled_csl_position_out_of_range(tmp_path, dtype, pos, bands):
     c = TiledCSL.from_dense(torch.where(torch.arange(K) == K - 1, 1.0, 0.0).repeat(M, 1).to(dtype))
     path, tensors, meta = saved(tmp_path, c)
     d = tensors["data"]
@@ -362,7 +379,7 @@ def test_tiled_csl_position_out_of_range(tmp_path, dtype, pos, tcsl_bands):
                rf"tensor 'data': entry {last_real} has position {pos}, outside the 4096-element tile")
 
 
-def test_tiled_csl_position_in_padding(tmp_path, dtype, tcsl_bands):
+def test_tiled_csl_position_in_padding(tmp_path, dtype, bands):
     """An entry moved to a tile position that lies outside the logical matrix (row 127, col 191)."""
     w = torch.zeros(M, K, dtype=dtype)
     w[M - 1, K - 1] = 3.0  # the only nonzero: last tile (rows 64..127, cols 128..191)
@@ -378,21 +395,21 @@ def test_tiled_csl_position_in_padding(tmp_path, dtype, tcsl_bands):
 
 
 @pytest.mark.parametrize("zero_bits", [0x0000, 0x8000], ids=["+0.0", "-0.0"])
-def test_tiled_csl_stored_zero_value(tmp_path, dtype, zero_bits, tcsl_bands):
+def test_tiled_csl_stored_zero_value(tmp_path, dtype, zero_bits, bands):
     path, tensors, meta = saved(tmp_path, _weight(TiledCSL, dtype))
     e = _tile_entries(tensors, 0)
     e[2] = _entry((int(e[2]) >> 16) & 0xFFFF, zero_bits)
     load_fails(write(path, tensors, meta), r"tensor 'data': an entry stores a zero value")
 
 
-def test_tiled_csl_pad_entry_with_value(tmp_path, dtype, tcsl_bands):
+def test_tiled_csl_pad_entry_with_value(tmp_path, dtype, bands):
     c = TiledCSL.from_dense(torch.ones(1, 1, dtype=dtype))  # one real entry + three pads
     path, tensors, meta = saved(tmp_path, c)
     tensors["data"][3] = _entry(0xFFFF, 0x3C00)
     load_fails(write(path, tensors, meta), r"tensor 'data': a pad entry \(position 65535\) carries a nonzero value")
 
 
-def test_tiled_csl_too_much_padding(tmp_path, dtype, tcsl_bands):
+def test_tiled_csl_too_much_padding(tmp_path, dtype, bands):
     c = TiledCSL.from_dense(torch.ones(1, 1, dtype=dtype))
     path, tensors, meta = saved(tmp_path, c)
     tensors["data"] = torch.cat([tensors["data"], torch.full((4,), -(1 << 16), dtype=torch.int32)])
@@ -476,7 +493,7 @@ def test_delta_rows_parts_layout_is_pinned(tmp_path):
         flash_llm.load(_pinned_file(tmp_path, DeltaRows, 1, words, n, offsets)[0])
 
 
-def test_bitmap_version_1_files_are_converted(tmp_path):
+def test_bitmap_version_1_files_are_converted(tmp_path, bands):
     path, _ = _pinned_file(tmp_path, BitmapTiles, 1, PINNED_BITMAP_V1, 36, [0, 9])
     w = flash_llm.load(path)
     assert torch.equal(w.to_dense(), _pinned_expected())
@@ -484,7 +501,7 @@ def test_bitmap_version_1_files_are_converted(tmp_path):
 
 
 @pytest.mark.parametrize("version,words", [(1, PINNED_TCSL_V1), (2, PINNED_TCSL_V2)], ids=["v1", "v2"])
-def test_tiled_csl_old_files_are_converted(tmp_path, version, words, tcsl_bands):
+def test_tiled_csl_old_files_are_converted(tmp_path, version, words, bands):
     """Versions 1 and 2 (fragment-order positions) load as the version-3 weight: same matrix, same arrays as
     ``from_dense`` writes now."""
     path, _ = _pinned_file(tmp_path, TiledCSL, version, words, 8, [0, 8])
@@ -493,7 +510,7 @@ def test_tiled_csl_old_files_are_converted(tmp_path, version, words, tcsl_bands)
     assert torch.equal(w.data, TiledCSL.from_dense(_pinned_expected()).data)  # version-3 positions, bank order
 
 
-def test_tiled_csl_entry_order_rules_per_version(tmp_path, tcsl_bands):
+def test_tiled_csl_entry_order_rules_per_version(tmp_path, bands):
     # version 1 still requires its sorted order; versions 2 and 3 accept any order but no repeated position
     swapped = {**PINNED_TCSL_V1, 1: PINNED_TCSL_V1[2], 2: PINNED_TCSL_V1[1]}
     load_fails(_pinned_file(tmp_path, TiledCSL, 1, swapped, 8, [0, 8])[0],
@@ -510,7 +527,7 @@ def test_tiled_csl_entry_order_rules_per_version(tmp_path, tcsl_bands):
     load_fails(_pinned_file(tmp_path, TiledCSL, 3, twice3, 8, [0, 8])[0], r"tensor 'data': tile 0 holds a position twice")
 
 
-def test_tiled_csl_version_3_padding_checked_in_its_own_layout(tmp_path, tcsl_bands):
+def test_tiled_csl_version_3_padding_checked_in_its_own_layout(tmp_path, bands):
     """Position 63 is element (0, 63) in version 3, inside a 16x63 matrix's padding; in version 2 the same number
     is fragment lane 1, bit 31: element (8, 31), inside the matrix."""
     path, _ = _pinned_file(tmp_path, TiledCSL, 3, {0: (63 << 16) | 0x3C00, 1: -(1 << 16), 2: -(1 << 16),
@@ -523,7 +540,7 @@ def test_tiled_csl_version_3_padding_checked_in_its_own_layout(tmp_path, tcsl_ba
     assert torch.equal(flash_llm.load(path).to_dense(), expected)
 
 
-def test_bitmap_version_1_padding_bits_checked_in_its_own_order(tmp_path):
+def test_bitmap_version_1_padding_bits_checked_in_its_own_order(tmp_path, bands):
     """Version 1 puts fragment bit b at word bit b: its bits are read in that order, for the padding check
     and for the matrix (read in the version-2 order, both would go wrong)."""
     # (7, 63) is padding of a 16x63 matrix: lane 31, fragment bit 29; read as a version-2 word, bit 29

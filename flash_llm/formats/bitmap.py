@@ -153,38 +153,54 @@ class BitmapTiles(SparseFormat):
         if data.numel() != 4 * int(off[-1]):
             raise FormatError(f"{name('data')} has {data.numel()} words; the offsets describe "
                               f"{4 * int(off[-1])} (truncated or inconsistent)")
-        word_idx = off[:-1, None] * 4 + torch.arange(32, device=off.device)
-        words = data[word_idx]
+        nnz = 0
+        kt = kp // L.STRIP_K
+        for b0, b1 in cls._record_bands(m, k):  # (a band of whole strip rows at a time: every check is within a record)
+            nnz += cls._validate_records(data, off, b0 * kt, b1 * kt, (b0, b1), (m, k), name, version)
+        return nnz
+
+    @classmethod
+    def _validate_records(cls, data, off, t0, t1, band, shape, name, version) -> int:
+        """:meth:`_validate`'s checks of records ``t0 .. t1 - 1`` (the strip rows ``band`` of an ``[m, k]`` weight),
+        whose offsets ``off`` (int64, the whole weight's) are known to be consistent; returns their nonzeros."""
+        m, k = shape
+        mp, kp = L.padded_shape(m, k)
+        base = int(off[t0])
+        part = data[4 * base:4 * int(off[t1])]  # (the band's records, one contiguous run)
+        rel = off[t0:t1 + 1] - base
+        sizes = rel[1:] - rel[:-1]
+        words = part[rel[:-1, None] * 4 + torch.arange(32, device=off.device)]
         counts = L.popcount32(words).sum(1)
         expected = RECORD_HEADER_UNITS + (counts + 7) // 8
         bad = torch.nonzero(expected != sizes)
         if bad.numel():
             i = int(bad[0])
-            raise FormatError(f"{name('data')}: record {i} has {int(counts[i])} nonzero bits, so it should be "
+            raise FormatError(f"{name('data')}: record {t0 + i} has {int(counts[i])} nonzero bits, so it should be "
                               f"{int(expected[i])} units long, but the offsets give {int(sizes[i])}")
-        # Values hold nonzeros only and the padding after them is zero: then the nonzero halves of ``data``
-        # outside the bitmaps are exactly the ``nnz`` values.  One pass over ``data`` checks that; only a file
-        # that fails it pays for gathering every value to name the record.
+        # Values hold nonzeros only and the padding after them is zero: then the nonzero halves of the band's data
+        # outside the bitmaps are exactly its ``nnz`` values.  One pass over them checks that; only a file that fails
+        # it pays for gathering every value to name the record.
         nnz = int(counts.sum())
-        halves_nonzero = int(((data.view(torch.int16) & 0x7FFF) != 0).sum())
+        halves_nonzero = int(((part.view(torch.int16) & 0x7FFF) != 0).sum())
         header_nonzero = int(((words.view(torch.int16) & 0x7FFF) != 0).sum())
         if halves_nonzero - header_nonzero != nnz:
-            values = data.view(torch.int16)[_value_starts(off, counts)]
+            values = part.view(torch.int16)[_value_starts(rel, counts)]
             zero = (values & 0x7FFF) == 0
             if bool(zero.any()):
                 i = int(torch.searchsorted(torch.cumsum(counts, 0), int(torch.nonzero(zero)[0]), right=True))
-                raise FormatError(f"{name('data')}: record {i} stores a zero value under a set bit "
+                raise FormatError(f"{name('data')}: record {t0 + i} stores a zero value under a set bit "
                                   "(values hold nonzeros only)")
             raise FormatError(f"{name('data')}: {halves_nonzero - header_nonzero - nnz} nonzero 16-bit words "
                               "lie in the padding after the records' values (padding must be zero)")
         if (mp, kp) != (m, k):  # bits of the padding must be clear
-            pad = L.to_fragment_order(torch.ones(m, k, dtype=torch.bool, device=off.device)).logical_not_()
+            r0, r1 = band[0] * L.STRIP_M, min(m, band[1] * L.STRIP_M)  # (the band's rows of the logical matrix)
+            pad = L.to_fragment_order(torch.ones(r1 - r0, k, dtype=torch.bool, device=off.device)).logical_not_()
             mask = L.unpack_bits(words)
             if (version or cls.FORMAT_VERSION) >= 2:
                 mask = mask[..., L.BITMAP_BIT]  # to fragment order (version 1 words are in it already)
             mask = mask.view(pad.shape)
             if bool((mask & pad).any()):
                 i = int(torch.nonzero((mask & pad).view(-1, L.STRIP_ELEMS).any(1))[0])
-                raise FormatError(f"{name('data')}: record {i} has nonzero bits outside the logical "
+                raise FormatError(f"{name('data')}: record {t0 + i} has nonzero bits outside the logical "
                                   f"{m}x{k} matrix")
         return nnz
