@@ -15,6 +15,8 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh encmem                    (about 1 minute)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh fallback                  (about 6 minutes, an H200)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh buildtime                 (about 2 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh fallbacktest              (about 2 minutes, any card)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh switches                  (about 8 minutes, an H100)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -45,9 +47,14 @@
 #          DeltaRows runs of slices), the device's arrays against the CPU's (diag/encode_memory.py).
 # fallback: session 66's BitmapTiles where Tiled-CSL does not fit: its GPU test, then OPT-175B at 80 % (DeltaRows
 #          model) at batch 16, where the engine should now run BitmapTiles (about 102 ms a token, not 172).
+# fallbacktest: fallback's GPU test alone (any card: OPT-175B's run needs an H200).
+# switches: the H200-tuned switches A/B'd end to end on an H100 (Llama-3-8B bf16 80 %, DeltaRows, two rounds each,
+#          interleaved): batch 1 with the attention's 32-slot chunks (DECODE_ATTN_C32_MIN_BATCH=1) and with the parts
+#          kernel's fp32 staging (DELTA_PARTS_STAGE=1); batch 16 with _nt2's split-K summed by atomics (NT_ATOMIC=2).
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default) and with one run a
 #          layer (as before session 66), two rounds each: time and peak memory (diag/build_time.py).
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
+# NO_BUILD=1 skips the `flash-llm build` that comes first (the kernels then compile at first use).
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD FLASH_LLM_CACHE=${FLASH_LLM_CACHE:-/tmp/flc}
@@ -57,7 +64,7 @@ step() {  # step <name> <seconds> <command...>
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "(rc $?)" >> "$OUT/$name.log"
   tail -n "${TAIL:-16}" "$OUT/$name.log"
 }
-timeout 300 python3 -m flash_llm.cli build > "$OUT/build.log" 2>&1 || echo "--- flash-llm build failed (see build.log)"
+[ "${NO_BUILD:-0}" = 1 ] || timeout 300 python3 -m flash_llm.cli build > "$OUT/build.log" 2>&1 || echo "--- flash-llm build failed (see build.log)"
 groups=("$@"); [ ${#groups[@]} -gt 0 ] || groups=(tests expand prefill memory lengths sanitize dense)
 for group in "${groups[@]}"; do
   case $group in
@@ -107,10 +114,19 @@ for group in "${groups[@]}"; do
     buildtime) step build_time_runs 150 python3 benchmarks/diag/build_time.py
                FLASH_LLM_ENCODE_CHUNK_ENTRIES=134217728 FLASH_LLM_ENCODE_CHUNK_ELEMENTS=2147483648 \
                  step build_time_whole 150 python3 benchmarks/diag/build_time.py ;;
+    fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
+    switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
+                E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
+                timeout 330 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/switches_b1.log" 2>&1
+              tail -n 12 "$OUT/switches_b1.log"
+              E2E_ENVS=";FLASH_LLM_NT_ATOMIC=2" E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=16 \
+                E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
+                timeout 240 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/switches_b16.log" 2>&1
+              tail -n 8 "$OUT/switches_b16.log" ;;
     encmem) step encode_memory 200 python3 benchmarks/diag/encode_memory.py ;;
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, buildtime)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, buildtime)" ;;
   esac
 done
