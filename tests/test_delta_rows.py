@@ -70,6 +70,25 @@ def test_split_target_follows_the_device_wave(monkeypatch):
     assert D.target_warps(cuda0) == D.TARGET_BLOCKS  # (read at import: the override in force then)
 
 
+@pytest.mark.parametrize("runs", [False, True], ids=["whole", "runs"])
+def test_empty_rows_do_not_widen_their_slices_window(runs, monkeypatch):
+    """A slice of 31 empty rows and one row of nonzeros in columns 400-410 (the 32 shortest rows: the second slice), two
+    splits: the second split's window starts at the row's own column, not at column 0 (where an empty lane would start
+    it), as when that slice is encoded alone, whether the weight is encoded whole or a slice a run (the lanes' entry counts carried into the
+    joined windows)."""
+    if runs:
+        monkeypatch.setattr(D, "ENCODE_CHUNK_ENTRIES", 1)
+    w = torch.zeros(64, 520, dtype=torch.float16)
+    w[:32] = _w(32, 520, 0.5, torch.float16, seed=4)
+    w[40, 400:411] = 1.5
+    c = DeltaRows.from_dense(w, splits=2)
+    assert len(D._slice_runs(torch.tensor([300, 11]), 32, 520)) == (2 if runs else 1)
+    win = c._offset_arrays()[1]
+    alone = DeltaRows.from_dense(w[32:], splits=2)._offset_arrays()[1]  # (the slice encoded by itself)
+    assert alone[0, 1, 0] > 0 and torch.equal(win[1], alone[0])  # split 1 starts at the row's own column (240)
+    assert torch.equal(c.to_dense(), w)
+
+
 def test_windows_are_narrowed_by_more_splits_when_they_can_be():
     w = _w(64, 16384, 0.2, seed=3)  # 2 slices: few splits by the block target, windows of thousands of columns
     c = DeltaRows.from_dense(w, parts=1)

@@ -636,12 +636,19 @@ class DeltaRows(SparseFormat):
             del vals, steps
         groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64, device=dev)
         gmax = int(groups.max()) if groups.numel() else 0
+        # the runs' group-end columns joined (0.5 bytes an entry; a run's rows padded to the longest's groups, which
+        # _windows never reads), so each split count tried is one _windows over the weight, not one a run (on a GPU
+        # each of its some 50 operations is a launch: 18 runs of OPT-66B's fc1 and three tries took 2900 of them)
+        gend = torch.zeros(groups.numel() * LANES, gmax, dtype=torch.int32, device=dev)
+        ent, r0 = torch.zeros(groups.numel() * LANES, dtype=torch.int64, device=dev), 0
+        for e, _, n in ends:
+            gend[r0:r0 + e.shape[0], :e.shape[1]] = e
+            ent[r0:r0 + e.shape[0]] = n
+            r0 += e.shape[0]
+        del ends
 
         def windows(splits: int):
-            parts_ = [_windows(e, g, splits, n) for e, g, n in ends]
-            return (torch.cat([p[0] for p in parts_]), torch.cat([p[1] for p in parts_])) if parts_ else (
-                torch.zeros(0, splits, LANES, dtype=torch.int32, device=dev),
-                torch.zeros(0, splits, 2, dtype=torch.int32, device=dev))
+            return _windows(gend, groups, splits, ent)
 
         s = splits or default_splits(m, gmax, w.device)
         start, win = windows(s)
