@@ -51,9 +51,9 @@
 # switches: the H200-tuned switches A/B'd end to end on an H100 (Llama-3-8B bf16 80 %, DeltaRows, two rounds each,
 #          interleaved): batch 1 with the attention's 32-slot chunks (DECODE_ATTN_C32_MIN_BATCH=1) and with the parts
 #          kernel's fp32 staging (DELTA_PARTS_STAGE=1); batch 16 with _nt2's split-K summed by atomics (NT_ATOMIC=2).
-# buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default), with one run a
-#          layer (as before session 66) and with runs 4x larger (2^24 entries), two rounds each: time and peak memory
-#          (diag/build_time.py).
+# buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
+#          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
+#          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
 # Each step's log in $OUT/<step>.log, its tail printed; a step that fails or times out does not stop the next.
 # NO_BUILD=1 skips the `flash-llm build` that comes first (the kernels then compile at first use).
 set -uo pipefail
@@ -115,8 +115,8 @@ for group in "${groups[@]}"; do
     buildtime) step build_time_runs 150 python3 benchmarks/diag/build_time.py
                FLASH_LLM_ENCODE_CHUNK_ENTRIES=134217728 FLASH_LLM_ENCODE_CHUNK_ELEMENTS=2147483648 \
                  step build_time_whole 150 python3 benchmarks/diag/build_time.py
-               FLASH_LLM_ENCODE_CHUNK_ENTRIES=16777216 FLASH_LLM_ENCODE_CHUNK_ELEMENTS=268435456 \
-                 step build_time_runs24 150 python3 benchmarks/diag/build_time.py ;;
+               FLASH_LLM_ENCODE_CHUNK_ENTRIES=4194304 FLASH_LLM_ENCODE_CHUNK_ELEMENTS=67108864 \
+                 step build_time_runs22 150 python3 benchmarks/diag/build_time.py ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \

@@ -367,6 +367,23 @@ def test_decoding_a_run_of_slices_at_a_time_gives_the_same_weight(coded, parts, 
     assert torch.equal(D.uncode_values(c.data, c.offsets, 320), plain.data)
 
 
+def test_runs_are_larger_on_a_gpu_with_free_memory(monkeypatch):
+    """``_encode_budget``: the constants on the CPU and where an environment variable fixes them; on a GPU an eighth
+    of its free memory at 100 bytes an entry and 4 a gathered element, within [constants, 2^25 / 2^29]."""
+    free = {"v": 8 * 10**9}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["v"], 80 * 10**9))
+    cuda = torch.device("cuda", 0)
+    assert D._encode_budget(torch.device("cpu")) == (D.ENCODE_CHUNK_ENTRIES, D.ENCODE_CHUNK_ELEMENTS)
+    assert D._encode_budget(cuda) == (10**7, 25 * 10**7)  # (1 GB: 10^7 entries, 2.5 x 10^8 elements)
+    free["v"] = 80 * 10**9
+    assert D._encode_budget(cuda) == (1 << 25, 1 << 29)
+    free["v"] = 10**6
+    assert D._encode_budget(cuda) == (D.ENCODE_CHUNK_ENTRIES, D.ENCODE_CHUNK_ELEMENTS)
+    free["v"] = 8 * 10**9
+    monkeypatch.setattr(D, "_ENCODE_FIXED", True)
+    assert D._encode_budget(cuda) == (D.ENCODE_CHUNK_ENTRIES, D.ENCODE_CHUNK_ELEMENTS)
+
+
 def test_slice_runs_and_chunks_cover_every_slice_within_their_bounds(monkeypatch):
     goff = torch.tensor([0, 4, 4, 9, 30, 31, 40])  # slices of 4, 0, 5, 21, 1, 9 groups
     for most in (1, 5, 9, 21, 100):

@@ -1,7 +1,8 @@
 """How long a synthetic model takes to build, and its build's peak device memory (session 66: OPT-66B's DeltaRows
 build took 2.5x OPT-30B's time per parameter after the encoder began working a run of slices at a time; is it the
 runs?).  Run it once per setting of ``FLASH_LLM_ENCODE_CHUNK_ENTRIES`` and ``FLASH_LLM_ENCODE_CHUNK_ELEMENTS`` (2^22 /
-2^26 the defaults; 2^27 / 2^31 lay out each layer in one run, as before session 66), each in its own process:
+2^26 the least; on a GPU without them set, runs up to an eighth of its free memory since session 67; 2^27 / 2^31 lay
+out each layer in one run, as before session 66), each in its own process:
 
     python3 benchmarks/diag/build_time.py [--model opt-30b] [--layers N]
     FLASH_LLM_ENCODE_CHUNK_ENTRIES=134217728 FLASH_LLM_ENCODE_CHUNK_ELEMENTS=2147483648 python3 benchmarks/diag/build_time.py

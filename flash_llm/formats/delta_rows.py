@@ -256,6 +256,27 @@ def paired_halves(m: int, n_off: int, n_data: int) -> bool:
 #: time against its memory: ``benchmarks/diag/build_time.py``)
 ENCODE_CHUNK_ENTRIES = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ENTRIES", str(1 << 22)))
 ENCODE_CHUNK_ELEMENTS = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", str(1 << 26)))
+#: ... on a GPU, larger runs where its free memory allows (each run costs the encoder some 130 operations, each a
+#: launch there; OPT-66B built 2.5x slower per parameter in runs than OPT-30B had whole, session 66, not yet traced
+#: to them: ``benchmarks/diag/build_time.py``): up to ``ENCODE_FREE_SHARE`` of the free memory for a run's temporaries (about
+#: ``ENCODE_ENTRY_BYTES`` an entry, ``ENCODE_ELEMENT_BYTES`` a gathered dense element), at most ``2^25`` entries and
+#: ``2^29`` elements a run, never less than the constants above; not where either is set by its environment variable
+ENCODE_FREE_SHARE = 1 / 8
+ENCODE_ENTRY_BYTES = 100
+ENCODE_ELEMENT_BYTES = 4
+_ENCODE_FIXED = any(v in os.environ for v in ("FLASH_LLM_ENCODE_CHUNK_ENTRIES", "FLASH_LLM_ENCODE_CHUNK_ELEMENTS"))
+
+
+def _encode_budget(device: torch.device) -> tuple[int, int]:
+    """``(entries, elements)``: the most of each a run of slices holds when encoding on ``device``
+    (:data:`ENCODE_CHUNK_ENTRIES`, :data:`ENCODE_CHUNK_ELEMENTS`; on a GPU more where its free memory allows:
+    :data:`ENCODE_FREE_SHARE`)."""
+    entries, elements = ENCODE_CHUNK_ENTRIES, ENCODE_CHUNK_ELEMENTS
+    if device.type != "cuda" or _ENCODE_FIXED:
+        return entries, elements
+    free = torch.cuda.mem_get_info(device)[0] * ENCODE_FREE_SHARE
+    return (max(entries, min(1 << 25, int(free // ENCODE_ENTRY_BYTES))),
+            max(elements, min(1 << 29, int(free // ENCODE_ELEMENT_BYTES))))
 
 
 def _row_entries(w: torch.Tensor, escapes: bool = True) -> torch.Tensor:
@@ -289,8 +310,10 @@ def _row_gaps(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, tor
 def _slice_runs(cost: torch.Tensor, rows_per_slice: int, k: int) -> list[tuple[int, int]]:
     """Runs of whole slices ``(s0, s1)`` covering ``cost.numel()`` slices, each of at most
     :data:`ENCODE_CHUNK_ENTRIES` entries (``cost``: each slice's) and :data:`ENCODE_CHUNK_ELEMENTS` dense elements
-    (``rows_per_slice x k`` a slice); a slice over either is a run of its own."""
-    return _runs(cost.tolist(), ENCODE_CHUNK_ENTRIES, max(1, ENCODE_CHUNK_ELEMENTS // max(1, rows_per_slice * k)))
+    (``rows_per_slice x k`` a slice; on a GPU up to :func:`_encode_budget`'s); a slice over either is a run of its
+    own."""
+    entries, elements = _encode_budget(cost.device)
+    return _runs(cost.tolist(), entries, max(1, elements // max(1, rows_per_slice * k)))
 
 
 def _runs(cost: list[int], budget: int, most: int | None = None) -> list[tuple[int, int]]:
