@@ -74,8 +74,8 @@ def test_split_target_follows_the_device_wave(monkeypatch):
 def test_empty_rows_do_not_widen_their_slices_window(runs, monkeypatch):
     """A slice of 31 empty rows and one row of nonzeros in columns 400-410 (the 32 shortest rows: the second slice), two
     splits: the second split's window starts at the row's own column, not at column 0 (where an empty lane would start
-    it), as when that slice is encoded alone, whether the weight is encoded whole or a slice a run (the lanes' entry counts carried into the
-    joined windows)."""
+    it), as when that slice is encoded alone, whether the weight is encoded whole or a slice a run (the lanes' entry
+    counts carried into the joined windows)."""
     if runs:
         monkeypatch.setattr(D, "ENCODE_CHUNK_ENTRIES", 1)
     w = torch.zeros(64, 520, dtype=torch.float16)

@@ -280,7 +280,8 @@ def test_bitmap_bit_flip_in_a_later_strip_row_names_its_record(tmp_path, dtype, 
     assert not (int(tensors["data"][word]) >> bit) & 1
     tensors["data"][word] = _i32(int(tensors["data"][word]) | (1 << bit))
     load_fails(write(path, tensors, meta),
-               rf"tensor 'data': record {rec} has 9 nonzero bits, so it should be 10 units long, but the offsets give 9")
+               rf"tensor 'data': record {rec} has 9 nonzero bits, so it should be 10 units long, but the offsets "
+               rf"give 9")
 
 
 def test_bitmap_bit_in_padding_region(tmp_path, dtype, bands):

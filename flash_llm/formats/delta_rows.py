@@ -258,9 +258,10 @@ ENCODE_CHUNK_ENTRIES = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ENTRIES", str(
 ENCODE_CHUNK_ELEMENTS = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", str(1 << 26)))
 #: ... on a GPU, larger runs where its free memory allows (each run costs the encoder some 130 operations, each a
 #: launch there; OPT-66B built 2.5x slower per parameter in runs than OPT-30B had whole, session 66, not yet traced
-#: to them: ``benchmarks/diag/build_time.py``): up to ``ENCODE_FREE_SHARE`` of the free memory for a run's temporaries (about
-#: ``ENCODE_ENTRY_BYTES`` an entry, ``ENCODE_ELEMENT_BYTES`` a gathered dense element), at most ``2^25`` entries and
-#: ``2^29`` elements a run, never less than the constants above; not where either is set by its environment variable
+#: to them: ``benchmarks/diag/build_time.py``): up to ``ENCODE_FREE_SHARE`` of the free memory for a run's
+#: temporaries (about ``ENCODE_ENTRY_BYTES`` an entry, ``ENCODE_ELEMENT_BYTES`` a gathered dense element), at most
+#: ``2^25`` entries and ``2^29`` elements a run, never less than the constants above; not where either is set by its
+#: environment variable
 ENCODE_FREE_SHARE = 1 / 8
 ENCODE_ENTRY_BYTES = 100
 ENCODE_ELEMENT_BYTES = 4
@@ -659,8 +660,8 @@ class DeltaRows(SparseFormat):
             del vals, steps
         groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64, device=dev)
         gmax = int(groups.max()) if groups.numel() else 0
-        # the runs' group-end columns joined (0.5 bytes an entry; a run's rows padded to the longest's groups, which
-        # _windows never reads), so each split count tried is one _windows over the weight, not one a run (on a GPU
+        # the runs' group-end columns joined (0.5 bytes an entry; each row padded to the longest row's groups, which
+        # _windows never reads: at most a quarter of the dense weight's bytes), so each split count tried is one _windows over the weight, not one a run (on a GPU
         # each of its some 50 operations is a launch: 18 runs of OPT-66B's fc1 and three tries took 2900 of them)
         gend = torch.zeros(groups.numel() * LANES, gmax, dtype=torch.int32, device=dev)
         ent, r0 = torch.zeros(groups.numel() * LANES, dtype=torch.int64, device=dev), 0
