@@ -661,8 +661,9 @@ class DeltaRows(SparseFormat):
         groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64, device=dev)
         gmax = int(groups.max()) if groups.numel() else 0
         # the runs' group-end columns joined (0.5 bytes an entry; each row padded to the longest row's groups, which
-        # _windows never reads: at most a quarter of the dense weight's bytes), so each split count tried is one _windows over the weight, not one a run (on a GPU
-        # each of its some 50 operations is a launch: 18 runs of OPT-66B's fc1 and three tries took 2900 of them)
+        # _windows never reads: at most a quarter of the dense weight's bytes), so each split count tried is one
+        # _windows over the weight, not one a run (on a GPU each of its some 50 operations is a launch: 18 runs of
+        # OPT-66B's fc1 and three tries took 2900 of them)
         gend = torch.zeros(groups.numel() * LANES, gmax, dtype=torch.int32, device=dev)
         ent, r0 = torch.zeros(groups.numel() * LANES, dtype=torch.int64, device=dev), 0
         for e, _, n in ends:
