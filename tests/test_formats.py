@@ -581,6 +581,26 @@ def test_in_bands_of_record_rows_gives_the_same_arrays(shape, dtype, fmt_cls, mo
         assert_bit_equal(whole.to_dense(), w)
 
 
+def test_bands_are_larger_on_a_gpu_with_free_memory(monkeypatch):
+    """``_base.band_elements``: BAND_ELEMENTS on the CPU and where FLASH_LLM_BAND_FIXED; on a GPU an eighth of its
+    free memory at 6 bytes an element, within [BAND_ELEMENTS, 2^28]; the record bands follow it."""
+    from flash_llm.formats import _base
+
+    free = {"v": 12 * 10**9}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["v"], 80 * 10**9))
+    cuda = torch.device("cuda", 0)
+    assert _base.band_elements("cpu") == _base.band_elements(None) == _base.BAND_ELEMENTS
+    assert _base.band_elements(cuda) == 25 * 10**7  # (1.5 GB at 6 bytes an element)
+    assert len(TiledCSL._record_bands(9216, 36864, cuda)) == 2 < len(TiledCSL._record_bands(9216, 36864)) == 11
+    free["v"] = 80 * 10**9
+    assert _base.band_elements(cuda) == 1 << 28
+    free["v"] = 10**6
+    assert _base.band_elements(cuda) == _base.BAND_ELEMENTS
+    free["v"] = 12 * 10**9
+    monkeypatch.setattr(_base, "BAND_FIXED", True)
+    assert _base.band_elements(cuda) == _base.BAND_ELEMENTS
+
+
 def test_count_nonzero_in_chunks_counts_what_torch_does(monkeypatch):
     from flash_llm.formats import _base
 

@@ -96,6 +96,22 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 #: many elements (``SparseFormat._record_bands``).  At once, a Llama-3-8B gate / up (28672 x 4096) at 80 % took
 #: 1.0-1.3 GB above its 235 MB on the CPU (session 66); a band's temporaries stay near 200 MB whatever the weight
 BAND_ELEMENTS = 1 << 25
+#: ... on a GPU, bands as large as ``BAND_FREE_SHARE`` of its free memory holds at ``BAND_ELEMENT_BYTES`` an element,
+#: up to 2^28 elements (each band costs a few hundred operations, each a launch there: a 9216 x 36864 Tiled-CSL
+#: ``from_dense`` took 2574 in 11 bands); the constant where ``FLASH_LLM_BAND_FIXED=1`` (for measuring)
+BAND_FREE_SHARE = 1 / 8
+BAND_ELEMENT_BYTES = 6
+BAND_FIXED = os.environ.get("FLASH_LLM_BAND_FIXED", "0") == "1"
+
+
+def band_elements(device) -> int:
+    """The most elements a band of the BitmapTiles / Tiled-CSL encoders and decoders takes on ``device``:
+    :data:`BAND_ELEMENTS`, or on a GPU more where its free memory allows (:data:`BAND_FREE_SHARE`)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda" or BAND_FIXED:
+        return BAND_ELEMENTS
+    free = torch.cuda.mem_get_info(device)[0] * BAND_FREE_SHARE
+    return max(BAND_ELEMENTS, min(1 << 28, int(free // BAND_ELEMENT_BYTES)))
 
 
 class SparseFormat:
@@ -116,20 +132,20 @@ class SparseFormat:
     nnz: int
 
     @classmethod
-    def _record_bands(cls, m: int, k: int) -> list[tuple[int, int]]:
+    def _record_bands(cls, m: int, k: int, device=None) -> list[tuple[int, int]]:
         """Runs of whole record rows ``(r0, r1)`` (record-row indices) covering an ``[m, k]`` weight's
-        ``ceil(m / TILE_ROWS)`` of them, each of at most :data:`BAND_ELEMENTS` elements (one at least).  Records
-        are numbered row-major, so a band's records are one contiguous run of them: the encoders and decoders work
-        a band at a time to bound their temporaries (some 5-6 bytes an element at once)."""
+        ``ceil(m / TILE_ROWS)`` of them, each of at most :func:`band_elements` elements on ``device`` (one at least).
+        Records are numbered row-major, so a band's records are one contiguous run of them: the encoders and decoders
+        work a band at a time to bound their temporaries (some 5-6 bytes an element at once)."""
         mt, kt = cls.grid_of(m, k)
-        step = max(1, BAND_ELEMENTS // (cls.TILE_ROWS * kt * STRIP_K))
+        step = max(1, band_elements(device) // (cls.TILE_ROWS * kt * STRIP_K))
         return [(r, min(mt, r + step)) for r in range(0, mt, step)]
 
     @classmethod
     def _from_dense_in_bands(cls, w: torch.Tensor) -> "SparseFormat | None":
         """``from_dense(w)`` as bands of whole record rows joined by :meth:`concat` (no decode: the same arrays), or
         None where one band holds the whole weight."""
-        bands = cls._record_bands(*w.shape)
+        bands = cls._record_bands(*w.shape, w.device)
         if len(bands) < 2:
             return None
         tr = cls.TILE_ROWS

@@ -107,7 +107,7 @@ class BitmapTiles(SparseFormat):
         kt = self.grid[1]
         off = self.offsets.to(torch.int64)
         out = torch.empty(m, k, dtype=torch.int16, device=self.device)
-        for b0, b1 in self._record_bands(m, k):
+        for b0, b1 in self._record_bands(m, k, self.device):
             t = (b1 - b0) * kt
             ob = off[b0 * kt: b1 * kt + 1]
             words = self.data[ob[:-1, None] * 4 + torch.arange(32, device=off.device)]  # [t, 32]
@@ -155,7 +155,8 @@ class BitmapTiles(SparseFormat):
                               f"{4 * int(off[-1])} (truncated or inconsistent)")
         nnz = 0
         kt = kp // L.STRIP_K
-        for b0, b1 in cls._record_bands(m, k):  # (a band of whole strip rows at a time: every check is within a record)
+        # (a band of whole strip rows at a time: every check is within a record)
+        for b0, b1 in cls._record_bands(m, k, data.device):
             nnz += cls._validate_records(data, off, b0 * kt, b1 * kt, (b0, b1), (m, k), name, version)
         return nnz
 

@@ -194,7 +194,7 @@ class TiledCSL(SparseFormat):
         kt = self.grid[1]
         off = self.offsets.to(torch.int64)
         out = torch.empty(m, k, dtype=torch.int16, device=self.device)
-        for b0, b1 in self._record_bands(m, k):
+        for b0, b1 in self._record_bands(m, k, self.device):
             e0, e1 = int(off[b0 * kt]), int(off[b1 * kt])
             data = self.data[e0:e1]
             sizes = off[b0 * kt + 1: b1 * kt + 1] - off[b0 * kt: b1 * kt]
@@ -241,7 +241,8 @@ class TiledCSL(SparseFormat):
                               f"{int(off[-1])} (truncated or inconsistent)")
         nnz = 0
         kt = kp // L.STRIP_K
-        for b0, b1 in cls._record_bands(m, k):  # (a band of whole tile rows at a time: every check is within a tile)
+        # (a band of whole tile rows at a time: every check is within a tile)
+        for b0, b1 in cls._record_bands(m, k, data.device):
             t0, t1 = b0 * kt, b1 * kt
             e0, e1 = int(off[t0]), int(off[t1])
             nnz += cls._validate_tiles(data[e0:e1], sizes[t0:t1], e0, t0, (b0, b1), (m, k), (mp, kp), name, version)
