@@ -17,6 +17,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh buildtime                 (about 2 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh fallbacktest              (about 2 minutes, any card)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh switches                  (about 8 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100profile               (about 5 minutes, an H100)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -51,6 +52,9 @@
 # switches: the H200-tuned switches A/B'd end to end on an H100 (Llama-3-8B bf16 80 %, DeltaRows, two rounds each,
 #          interleaved): batch 1 with the attention's 32-slot chunks (DECODE_ATTN_C32_MIN_BATCH=1) and with the parts
 #          kernel's fp32 staging (DELTA_PARTS_STAGE=1); batch 16 with _nt2's split-K summed by atomics (NT_ATOMIC=2).
+# h100profile: where a decode step's time goes on the H100, the card of issue 4's targets (profile_decode.py: kernel
+#          groups and critical times, the layer timeline): Llama-3-8B bf16 at 80 % (DeltaRows model, the engine's
+#          layout for the batch) at batch 1, 8 and 16, dense at 8; for the batch 8-16 gap (1.5-1.65x against 3x).
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -126,10 +130,15 @@ for group in "${groups[@]}"; do
                 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
                 timeout 240 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/switches_b16.log" 2>&1
               tail -n 8 "$OUT/switches_b16.log" ;;
+    h100profile) for b in 1 8 16; do step "profile_b$b" 150 python3 benchmarks/profile_decode.py --model llama-3-8b \
+                   --format delta-rows --sparsity 0.8 --batch $b --dtype bf16 --fuse --merge --out "$OUT/profile_b$b.json"
+                 done
+                 step profile_dense_b8 150 python3 benchmarks/profile_decode.py --model llama-3-8b --sparsity 0 --batch 8 \
+                   --dtype bf16 --fuse --merge --out "$OUT/profile_dense_b8.json" ;;
     encmem) step encode_memory 200 python3 benchmarks/diag/encode_memory.py ;;
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, buildtime)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime)" ;;
   esac
 done
