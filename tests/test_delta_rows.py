@@ -368,8 +368,9 @@ def test_decoding_a_run_of_slices_at_a_time_gives_the_same_weight(coded, parts, 
 
 
 def test_runs_are_larger_on_a_gpu_with_free_memory(monkeypatch):
-    """``_encode_budget``: the constants on the CPU and where an environment variable fixes them; on a GPU an eighth
-    of its free memory at 100 bytes an entry and 4 a gathered element, within [constants, 2^25 / 2^29]."""
+    """``_encode_budget`` and ``_entry_groups`` (the encoder's and the decoder's runs): the constants on the CPU and
+    where an environment variable fixes them; on a GPU an eighth of its free memory at 100 bytes an entry and 4 a
+    gathered element, within [constants, 2^25 entries / 2^29 elements / 2^17 groups]."""
     free = {"v": 8 * 10**9}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["v"], 80 * 10**9))
     cuda = torch.device("cuda", 0)
@@ -379,9 +380,15 @@ def test_runs_are_larger_on_a_gpu_with_free_memory(monkeypatch):
     assert D._encode_budget(cuda) == (1 << 25, 1 << 29)
     free["v"] = 10**6
     assert D._encode_budget(cuda) == (D.ENCODE_CHUNK_ENTRIES, D.ENCODE_CHUNK_ELEMENTS)
+    assert D._entry_groups(cuda) == D.ENTRY_CHUNK_GROUPS == D._entry_groups(torch.device("cpu"))
+    free["v"] = 8 * 10**9
+    assert D._entry_groups(cuda) == 10**9 // (256 * 100)  # (1 GB at 100 bytes an entry, 256 entries a group)
+    free["v"] = 80 * 10**9
+    assert D._entry_groups(cuda) == 1 << 17
     free["v"] = 8 * 10**9
     monkeypatch.setattr(D, "_ENCODE_FIXED", True)
     assert D._encode_budget(cuda) == (D.ENCODE_CHUNK_ENTRIES, D.ENCODE_CHUNK_ELEMENTS)
+    assert D._entry_groups(cuda) == D.ENTRY_CHUNK_GROUPS
 
 
 def test_slice_runs_and_chunks_cover_every_slice_within_their_bounds(monkeypatch):

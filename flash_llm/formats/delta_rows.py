@@ -772,11 +772,11 @@ class DeltaRows(SparseFormat):
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[M, K]`` weight, decoded a run of slices at a time (:data:`ENTRY_CHUNK_GROUPS` groups: the
-        peak is the output and about 200 MB, whatever the weight's size)."""
+        peak is the output and about 200 MB, whatever the weight's size; on a GPU :func:`_entry_groups`)."""
         m, k = self.shape
         goff, _, _, perm = self._offset_arrays()
         out = torch.zeros(m * k, dtype=torch.int16, device=self.data.device)
-        for s0, s1 in _slice_chunks(goff, ENTRY_CHUNK_GROUPS):
+        for s0, s1 in _slice_chunks(goff, _entry_groups(self.data.device)):
             rank, vals, cols, _ = _entries(self.data, self.offsets, m, s0, s1)
             row = perm[rank]
             keep = (vals.view(self.dtype) != 0) & (row >= 0)
@@ -875,7 +875,7 @@ class DeltaRows(SparseFormat):
                 bool((w < 8).any()) or bool((a0 + w > ceil_div(k, 8) * 8).any()):
             raise FormatError(f"{where}'{label}': a split's column window is not 8-aligned inside the {k} columns")
         nnz = 0  # (a run of slices at a time: every check below is within a slice)
-        for s0, s1 in _slice_chunks(goff, ENTRY_CHUNK_GROUPS):
+        for s0, s1 in _slice_chunks(goff, _entry_groups(data.device)):
             rank, vals, cols, where_split = _entries(data, offsets, m, s0, s1)
             lo, width = a0.reshape(-1)[where_split], w.reshape(-1)[where_split]
             if bool(((cols < lo) | (cols >= lo + width) | (cols >= k)).any()):
@@ -911,6 +911,17 @@ def _split_offsets(offsets: torch.Tensor, slices: int, mp: int, s: int):
 #: entry, so about 200 MB at this many): ``to_dense``, validation and re-encoding a large layer peak at that much, not
 #: at some 2 GB per 100 M elements of weight
 ENTRY_CHUNK_GROUPS = 1 << 13
+
+
+def _entry_groups(device: torch.device) -> int:
+    """The most groups :func:`_entries` reads at a time on ``device``: :data:`ENTRY_CHUNK_GROUPS`, on a GPU more
+    where its free memory allows (:data:`ENCODE_FREE_SHARE` of it at :data:`ENCODE_ENTRY_BYTES` an entry, 256 entries
+    a group, up to 2^17 groups; not where ``FLASH_LLM_ENCODE_CHUNK_*`` is set): fewer runs, each some 130 launches there
+    (a 9216 x 36864 weight's ``to_dense`` took 4554 operations in runs of 2^13 groups)."""
+    if device.type != "cuda" or _ENCODE_FIXED:
+        return ENTRY_CHUNK_GROUPS
+    free = torch.cuda.mem_get_info(device)[0] * ENCODE_FREE_SHARE
+    return max(ENTRY_CHUNK_GROUPS, min(1 << 17, int(free // (LANES * GROUP * ENCODE_ENTRY_BYTES))))
 
 
 def _slice_chunks(goff: torch.Tensor, max_groups: int) -> list[tuple[int, int]]:
