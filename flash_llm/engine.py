@@ -442,9 +442,10 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
     """Make every sparse layer of ``model`` one that :func:`relayout_delta_rows` lays out (``Engine(formats="auto")``),
     in place: each Tiled-CSL :class:`~flash_llm.SparseLinear` is marked as a layout an engine may change
     (``_delta_rows_paired``, as the Tiled-CSL layers an engine makes from DeltaRows), and each
-    :class:`~flash_llm.BitmapTiles` one is re-encoded as ``target``: ``"delta-rows"`` (the format of batch 1-3; its
-    halves paired where it is a merged gate / up) or ``"tiled-csl"`` (of batch 4 and more; marked so), the same
-    nonzeros and bias, one layer at a time through its dense weight.  ``budget``: the bytes the re-encoding may add
+    :class:`~flash_llm.BitmapTiles` one (not those an engine made from DeltaRows, :data:`BITMAP`:
+    :func:`relayout_delta_rows` lays them out as the DeltaRows layers they were) is re-encoded as ``target``:
+    ``"delta-rows"`` (the format of batch 1-3; its halves paired where it is a merged gate / up) or ``"tiled-csl"``
+    (of batch 4 and more; marked so), the same nonzeros and bias, one layer at a time through its dense weight.  ``budget``: the bytes the re-encoding may add
     (the target's formula bytes, DeltaRows at its widest parts layout, against the layers' present bytes, plus the
     largest layer's temporaries: 4x its dense weight); ``None``: no limit.  Over it the BitmapTiles layers stay as
     they are.  ``parts``: DeltaRows' lanes a row for a layer (the engine's layout, so :func:`relayout_delta_rows`
@@ -466,7 +467,7 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
         if m.weight_format is TiledCSL and getattr(m, "_delta_rows_paired", None) is None:
             m._delta_rows_paired = _pairing(m, pairs)
             taken[path] = "tiled-csl"
-        elif m.weight_format is BitmapTiles:
+        elif m.weight_format is BitmapTiles and not _bitmap_from_delta_rows(m):  # (an engine's: relayout's to lay out)
             bitmap.append((path, m))
     if not bitmap:
         return taken, []
