@@ -285,7 +285,8 @@ def _row_entries(w: torch.Tensor, escapes: bool = True) -> torch.Tensor:
     step counts from column 0); a run of rows at a time."""
     m, k = w.shape
     ent = torch.zeros(m, dtype=torch.int64, device=w.device)
-    step = max(1, (ENCODE_CHUNK_ELEMENTS >> 2) // max(k, 1))  # (a row count casts its mask to int64 on the CPU)
+    # (a row count casts its mask to int64 on the CPU; on a GPU each run's nonzero() is a synchronization)
+    step = max(1, (_encode_budget(w.device)[1] >> 2) // max(k, 1))
     for r0 in range(0, m, step):
         nz = w[r0: r0 + step] != 0
         if not escapes:
