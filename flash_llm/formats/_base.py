@@ -96,22 +96,30 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 #: many elements (``SparseFormat._record_bands``).  At once, a Llama-3-8B gate / up (28672 x 4096) at 80 % took
 #: 1.0-1.3 GB above its 235 MB on the CPU (session 66); a band's temporaries stay near 200 MB whatever the weight
 BAND_ELEMENTS = 1 << 25
-#: ... on a GPU, bands as large as ``BAND_FREE_SHARE`` of its free memory holds at ``BAND_ELEMENT_BYTES`` an element,
-#: up to 2^28 elements (each band costs a few hundred operations, each a launch there: a 9216 x 36864 Tiled-CSL
-#: ``from_dense`` took 2574 in 11 bands); the constant where ``FLASH_LLM_BAND_FIXED=1`` (for measuring)
-BAND_FREE_SHARE = 1 / 8
+#: ... on a GPU, bands as large as :func:`gpu_run_size` allows at ``BAND_ELEMENT_BYTES`` an element, up to 2^28
+#: elements (each band costs a few hundred operations, each a launch there: a 9216 x 36864 Tiled-CSL ``from_dense``
+#: took 2574 in 11 bands); the constant where ``FLASH_LLM_BAND_FIXED=1`` (for measuring)
 BAND_ELEMENT_BYTES = 6
 BAND_FIXED = os.environ.get("FLASH_LLM_BAND_FIXED", "0") == "1"
+#: the share of a GPU's free memory one run (band) of the formats' encoders and decoders may take for its temporaries
+GPU_FREE_SHARE = 1 / 8
+
+
+def gpu_run_size(device, least: int, most: int, unit_bytes: int, fixed: bool = False) -> int:
+    """How many units (elements, entries, groups) one run of an encoder or decoder takes on ``device``: ``least`` on
+    the CPU (or where ``fixed``); on a GPU as many as :data:`GPU_FREE_SHARE` of its free memory holds at
+    ``unit_bytes`` a unit, within ``[least, most]`` (fewer runs: each is some hundreds of launches there)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda" or fixed:
+        return least
+    free = torch.cuda.mem_get_info(device)[0] * GPU_FREE_SHARE
+    return max(least, min(most, int(free // unit_bytes)))
 
 
 def band_elements(device) -> int:
     """The most elements a band of the BitmapTiles / Tiled-CSL encoders and decoders takes on ``device``:
-    :data:`BAND_ELEMENTS`, or on a GPU more where its free memory allows (:data:`BAND_FREE_SHARE`)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type != "cuda" or BAND_FIXED:
-        return BAND_ELEMENTS
-    free = torch.cuda.mem_get_info(device)[0] * BAND_FREE_SHARE
-    return max(BAND_ELEMENTS, min(1 << 28, int(free // BAND_ELEMENT_BYTES)))
+    :data:`BAND_ELEMENTS`, or on a GPU more where its free memory allows (:func:`gpu_run_size`)."""
+    return gpu_run_size(device, BAND_ELEMENTS, 1 << 28, BAND_ELEMENT_BYTES, BAND_FIXED)
 
 
 class SparseFormat:

@@ -43,6 +43,13 @@ def _value_starts(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         nnz, device=counts.device)
 
 
+def _bitmaps(data: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The records' 32 bitmap words int32 ``[T, 32]`` and their set bits int64 ``[T]``; ``off``: the records' starts in
+    16-byte units into ``data`` (int64, ``T + 1``)."""
+    words = data[off[:-1, None] * 4 + torch.arange(32, device=off.device)]
+    return words, L.popcount32(words).sum(1)
+
+
 class BitmapTiles(SparseFormat):
     """A sparse fp16/bf16 weight ``W[M, K]`` as 16x64 bitmap strips (flash-llm's main format).
 
@@ -110,8 +117,7 @@ class BitmapTiles(SparseFormat):
         for b0, b1 in self._record_bands(m, k, self.device):
             t = (b1 - b0) * kt
             ob = off[b0 * kt: b1 * kt + 1]
-            words = self.data[ob[:-1, None] * 4 + torch.arange(32, device=off.device)]  # [t, 32]
-            counts = L.popcount32(words).sum(1)
+            words, counts = _bitmaps(self.data, ob)
             mask = L.unpack_bits(words)[..., L.BITMAP_BIT].view(t, 32, 4, 8).transpose(1, 2)  # step order, as stored
             frag = torch.zeros(t, 4, 32, 8, dtype=torch.int16, device=self.device)
             frag[mask] = self.data.view(torch.int16)[_value_starts(ob, counts)]
@@ -170,8 +176,7 @@ class BitmapTiles(SparseFormat):
         part = data[4 * base:4 * int(off[t1])]  # (the band's records, one contiguous run)
         rel = off[t0:t1 + 1] - base
         sizes = rel[1:] - rel[:-1]
-        words = part[rel[:-1, None] * 4 + torch.arange(32, device=off.device)]
-        counts = L.popcount32(words).sum(1)
+        words, counts = _bitmaps(part, rel)
         expected = RECORD_HEADER_UNITS + (counts + 7) // 8
         bad = torch.nonzero(expected != sizes)
         if bad.numel():

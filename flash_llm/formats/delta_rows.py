@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._base import FormatError, SparseFormat, check_dense_weight, count_nonzero
+from ._base import FormatError, SparseFormat, check_dense_weight, count_nonzero, gpu_run_size
 from ._layout import ceil_div
 
 LANES = 32  # ranks per slice
@@ -258,11 +258,9 @@ ENCODE_CHUNK_ENTRIES = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ENTRIES", str(
 ENCODE_CHUNK_ELEMENTS = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", str(1 << 26)))
 #: ... on a GPU, larger runs where its free memory allows (each run costs the encoder some 130 operations, each a
 #: launch there; session 67, H100, OPT-30B at 80 %: its 288 encodes 7.0 -> 5.4 s, the build's peak +1.6 GiB,
-#: ``benchmarks/diag/build_time.py``): up to ``ENCODE_FREE_SHARE`` of the free memory for a run's
-#: temporaries (about ``ENCODE_ENTRY_BYTES`` an entry, ``ENCODE_ELEMENT_BYTES`` a gathered dense element), at most
-#: ``2^25`` entries and ``2^29`` elements a run, never less than the constants above; not where either is set by its
-#: environment variable
-ENCODE_FREE_SHARE = 1 / 8
+#: ``benchmarks/diag/build_time.py``): as :func:`~flash_llm.formats._base.gpu_run_size` allows at about
+#: ``ENCODE_ENTRY_BYTES`` an entry and ``ENCODE_ELEMENT_BYTES`` a gathered dense element, at most ``2^25`` entries and
+#: ``2^29`` elements a run, never less than the constants above; not where either is set by its environment variable
 ENCODE_ENTRY_BYTES = 100
 ENCODE_ELEMENT_BYTES = 4
 _ENCODE_FIXED = any(v in os.environ for v in ("FLASH_LLM_ENCODE_CHUNK_ENTRIES", "FLASH_LLM_ENCODE_CHUNK_ELEMENTS"))
@@ -270,14 +268,9 @@ _ENCODE_FIXED = any(v in os.environ for v in ("FLASH_LLM_ENCODE_CHUNK_ENTRIES", 
 
 def _encode_budget(device: torch.device) -> tuple[int, int]:
     """``(entries, elements)``: the most of each a run of slices holds when encoding on ``device``
-    (:data:`ENCODE_CHUNK_ENTRIES`, :data:`ENCODE_CHUNK_ELEMENTS`; on a GPU more where its free memory allows:
-    :data:`ENCODE_FREE_SHARE`)."""
-    entries, elements = ENCODE_CHUNK_ENTRIES, ENCODE_CHUNK_ELEMENTS
-    if device.type != "cuda" or _ENCODE_FIXED:
-        return entries, elements
-    free = torch.cuda.mem_get_info(device)[0] * ENCODE_FREE_SHARE
-    return (max(entries, min(1 << 25, int(free // ENCODE_ENTRY_BYTES))),
-            max(elements, min(1 << 29, int(free // ENCODE_ELEMENT_BYTES))))
+    (:data:`ENCODE_CHUNK_ENTRIES`, :data:`ENCODE_CHUNK_ELEMENTS`; on a GPU more where its free memory allows)."""
+    return (gpu_run_size(device, ENCODE_CHUNK_ENTRIES, 1 << 25, ENCODE_ENTRY_BYTES, _ENCODE_FIXED),
+            gpu_run_size(device, ENCODE_CHUNK_ELEMENTS, 1 << 29, ENCODE_ELEMENT_BYTES, _ENCODE_FIXED))
 
 
 def _row_entries(w: torch.Tensor, escapes: bool = True) -> torch.Tensor:
@@ -656,7 +649,7 @@ class DeltaRows(SparseFormat):
         for _, _, (vals, steps, g, ent, n) in runs:
             data.append(_groups(vals, steps, g)[0])
             groups.append(g)
-            ends.append((torch.cumsum(steps.to(torch.int32), 1)[:, GROUP - 1::GROUP].contiguous(), g, ent))
+            ends.append((torch.cumsum(steps.to(torch.int32), 1)[:, GROUP - 1::GROUP].contiguous(), ent))
             nnz += n
             del vals, steps
         groups = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int64, device=dev)
@@ -667,7 +660,7 @@ class DeltaRows(SparseFormat):
         # OPT-66B's fc1 and three tries took 2900 of them)
         gend = torch.zeros(groups.numel() * LANES, gmax, dtype=torch.int32, device=dev)
         ent, r0 = torch.zeros(groups.numel() * LANES, dtype=torch.int64, device=dev), 0
-        for e, _, n in ends:
+        for e, n in ends:
             gend[r0:r0 + e.shape[0], :e.shape[1]] = e
             ent[r0:r0 + e.shape[0]] = n
             r0 += e.shape[0]
@@ -916,13 +909,10 @@ ENTRY_CHUNK_GROUPS = 1 << 13
 
 def _entry_groups(device: torch.device) -> int:
     """The most groups :func:`_entries` reads at a time on ``device``: :data:`ENTRY_CHUNK_GROUPS`, on a GPU more
-    where its free memory allows (:data:`ENCODE_FREE_SHARE` of it at :data:`ENCODE_ENTRY_BYTES` an entry, 256 entries
-    a group, up to 2^17 groups; not where ``FLASH_LLM_ENCODE_CHUNK_*`` is set): fewer runs, each some 130 launches there
-    (a 9216 x 36864 weight's ``to_dense`` took 4554 operations in runs of 2^13 groups)."""
-    if device.type != "cuda" or _ENCODE_FIXED:
-        return ENTRY_CHUNK_GROUPS
-    free = torch.cuda.mem_get_info(device)[0] * ENCODE_FREE_SHARE
-    return max(ENTRY_CHUNK_GROUPS, min(1 << 17, int(free // (LANES * GROUP * ENCODE_ENTRY_BYTES))))
+    where its free memory allows (at :data:`ENCODE_ENTRY_BYTES` an entry, 256 entries a group, up to 2^17 groups; not
+    where ``FLASH_LLM_ENCODE_CHUNK_*`` is set): fewer runs, each some 130 launches there (a 9216 x 36864 weight's
+    ``to_dense`` took 4554 operations in runs of 2^13 groups)."""
+    return gpu_run_size(device, ENTRY_CHUNK_GROUPS, 1 << 17, LANES * GROUP * ENCODE_ENTRY_BYTES, _ENCODE_FIXED)
 
 
 def _slice_chunks(goff: torch.Tensor, max_groups: int) -> list[tuple[int, int]]:
