@@ -184,7 +184,7 @@ for stage in "${@:-tests ab}"; do
       e2eenv) { IFS=';' read -ra envs <<< "${E2E_ENVS:?E2E_ENVS=<settings; settings; ...>};"  # (the ';' keeps a trailing empty one)
                 for r in $(seq "${E2E_ROUNDS:-1}"); do i=0; for e in "${envs[@]}"; do i=$((i + 1)); echo "--- round $r: ${e:-defaults}"
                   (for v in $e; do export "$v"; done; llama_e2e ${E2E_TIMEOUT:-200} --format ${E2E_FORMAT:-tiled-csl} --sparsities ${E2E_SPARSITIES:-80} \
-                    --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2eenv_${E2E_MODEL:-llama-3-8b}_r${r}_$i" 2>&1 | grep "b=\|rror\|already")
+                    --batches ${E2E_BATCHES:-1,16} --out "$OUT/e2eenv_${E2E_MODEL:-llama-3-8b}${E2E_TAG:+_$E2E_TAG}_r${r}_$i" 2>&1 | grep "b=\|rror\|already")
                 done; done; } 2>&1 | tee "$OUT/e2eenv.log" ;;
       stalls) bash benchmarks/gpu_stalls.sh ${STALLS_SP:-0.8} ${STALLS_NS:-1 16} 2>&1 | tee "$OUT/stalls.log" ;;
       sanitize) bash benchmarks/gpu_sanitize.sh 2>&1 | tail -20 ;;  # CFGS=... picks the runs

@@ -126,7 +126,7 @@ for group in "${groups[@]}"; do
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
                 timeout 330 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/switches_b1.log" 2>&1
               tail -n 12 "$OUT/switches_b1.log"
-              E2E_ENVS=";FLASH_LLM_NT_ATOMIC=2" E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=16 \
+              E2E_ENVS=";FLASH_LLM_NT_ATOMIC=2" E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=16 E2E_TAG=b16 \
                 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
                 timeout 240 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/switches_b16.log" 2>&1
               tail -n 8 "$OUT/switches_b16.log" ;;
