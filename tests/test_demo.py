@@ -57,9 +57,10 @@ def test_demo_bundled_end_to_end(capsys):
     assert set(rows) == {"pruned layers", "their weight bytes", "whole model bytes", "val loss (nats/token)",
                          "val perplexity"}, out
     assert "sparsity 50.0%" in rows["pruned layers"]["note"]
+    assert "bfloat16 on CPU" in out  # the CPU's default: float16 matmuls there have no fast kernel
 
     # independent: the same model, calibration and pruning, evaluated with the weights kept dense
-    model = bundled.load(dtype=torch.float16)
+    model = bundled.load(dtype=torch.bfloat16)
     train, val = data.split(data.load_tokens(data.corpus_path()))
     val = val[:n_eval + 1]
     dense_loss = evaluate(model, val, seq_len=seq, batch_size=64, progress=False).loss
