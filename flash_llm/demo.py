@@ -556,7 +556,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--speed-tokens", type=_positive, default=128, help="tokens timed for decode speed on a GPU")
     p.add_argument("--layer", action="store_true", help="run the synthetic-layer demo instead")
     p.add_argument("--seed", type=int, default=None, help="seed of calibration sampling and generation (default: 0)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="value dtype (default: float16; bfloat16 for a bundled model on a CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="value dtype (default: float16; bfloat16 for a bundled model on a CPU)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)")
     g = p.add_argument_group("synthetic-layer demo (with --layer)")
