@@ -153,7 +153,8 @@ WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
 #: at every split count, 80 % batch 8 3.579 / 3.582 -> 3.455 / 3.458 (two rounds), batch 4 3.553 -> 3.436, 70 % batch
 #: 4 / 8 4.337 / 4.406 -> 4.194 / 4.264, but OPT-30B at 80 % batch 8 11.495 -> 11.641 and ``_nt2a`` at batch 16 3.966 /
 #: 3.973 -> 4.231 / 4.232; from NT_ATOMIC_MIN_SPLITS splits, Llama-3-8B batch 8 3.568 -> 3.450, OPT-30B 11.500 ->
-#: 11.463, and ``_nt2a`` at batch 16 still 3.968 / 3.984 -> 4.093 / 4.093: so ``_nt2`` keeps its reduction.
+#: 11.463, and ``_nt2a`` at batch 16 still 3.968 / 3.984 -> 4.093 / 4.093: so ``_nt2`` keeps its reduction (H100,
+#: session 68, Llama-3-8B bf16 at 80 %, batch 16: 4.318 / 4.317 -> 4.541 / 4.535).
 NT_ATOMIC = int(os.environ.get("FLASH_LLM_NT_ATOMIC", "1"))
 #: ... and only from this many splits (``FLASH_LLM_NT_ATOMIC_MIN_SPLITS``): the reduction reads every split's partial
 #: tile, so it costs more the more splits there are, while few splits on many row blocks ran faster with it (H200,
@@ -673,12 +674,15 @@ DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") == "1"
 #: ... its warps a block (session 62: one ran OPT-30B's layers up to 7 % faster than four, Llama-3-8B's the same)
 DR_DENSE_NF_WARPS = 1
 #: with :data:`DR_DENSE_NOFILL`: ``delta_rows_to_dense_nft`` (session 63), the same ownership written through a
-#: shared-memory tile a lane, whole 128-byte lines a store (``FLASH_LLM_DR_DENSE_TILED=1``)
+#: shared-memory tile a lane, whole 128-byte lines a store (``FLASH_LLM_DR_DENSE_TILED=1``).  Exact on an H100 (session
+#: 65) but not faster: time to first token with the prefill's graph (``prefill_ab.py``, H100, session 68, median of 4,
+#: ms, ``_nf`` / this / with the prefetch below) OPT-30B 93.9 / 95.7 / 94.3, Llama-3-8B 54.7 / 51.9 / 51.7 (each
+#: spread 5-6 ms), so off
 DR_DENSE_TILED = os.environ.get("FLASH_LLM_DR_DENSE_TILED", "0") == "1"
 #: ... its warps a block (at most 4: its shared memory and launch bound)
 DR_DENSE_T_WARPS = 4
 #: ... with each lane's next group asked for a group ahead by ``cp.async`` (``delta_rows_to_dense_nftp``, session 64;
-#: ``FLASH_LLM_DR_DENSE_T_PF=1``; neither it nor the plain tiled kernel has run on a GPU yet)
+#: ``FLASH_LLM_DR_DENSE_T_PF=1``; timed above)
 DR_DENSE_T_PF = os.environ.get("FLASH_LLM_DR_DENSE_T_PF", "0") == "1"
 
 
@@ -854,7 +858,7 @@ def _aligned16(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 #: ``FLASH_LLM_DELTA_PARTS_STAGE``: 1 stages X as fp32 in the parts layout's N = 1 kernel where it fits (tests,
-#: tuning); else 16-bit
+#: tuning); else 16-bit (H100, session 68, Llama-3-8B bf16 at 80 %, batch 1: 2.042 / 2.044 -> 2.043 / 2.048 ms)
 PARTS_STAGE = int(os.environ.get("FLASH_LLM_DELTA_PARTS_STAGE", "0"))
 #: the most bytes of X a parts-layout block stages in dynamic shared memory (N = 1 as fp32: ``4 K``; 2-8 tokens:
 #: ``NT x 2 K``, K = 4096 at NT = 8 takes 64 KB)
@@ -1292,6 +1296,7 @@ DECODE_ATTN_CLUSTER_GRID = 1
 #: lost only beside the coded DeltaRows kernels (calls 5-7: uncoded fp16 1.937 -> 1.901, bf16 1.939 -> 1.920; coded
 #: 1.881 -> 1.917), so an :class:`~flash_llm.engine.Engine` whose projections are dense or uncoded DeltaRows asks for
 #: them from batch 1 (``small_chunks_from`` of :func:`decode_attention_cuda`; session 59, fp16 at 80 %: 1.945 -> 1.906).
+#: On an H100 too (session 68, bf16 coded at 80 %, batch 1 from 1: 2.042 / 2.044 -> 2.092 / 2.091 ms per token).
 DECODE_ATTN_C32 = os.environ.get("FLASH_LLM_DECODE_ATTN_C32", "1") != "0"
 DECODE_ATTN_C32_MIN_BATCH = int(os.environ.get("FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH", "2"))
 
