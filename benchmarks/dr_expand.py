@@ -8,7 +8,9 @@ bf16 values coded where ``--dtype bf16``).  A prompt's prefill runs this path on
 ``--kernels``: the expansion kernels to time, ``name:warps`` (``delta_rows_to_dense`` and any variant spmm.cu defines
 with the same arguments, at that many warps a block; a name ending in ``_nf`` takes the lanes a row as one more
 argument and writes every element itself, so its output is not zeroed, and is checked in an output of -1s); each is
-checked bit for bit against the CPU reference (``DeltaRows.to_dense``) before it is timed.
+checked bit for bit against the CPU reference (``DeltaRows.to_dense``) before it is timed.  ``delta_rows_to_dense_pr``
+(session 68) takes its own arguments and shared memory; where its tile does not fit (the split layout, or K too
+large for the lanes a row) it runs ``_nf``, as the engine would.
 Prints us a call (CUDA-graph replays, weights rotated beyond L2) and the GB/s of the dense bytes written.
 """
 
@@ -40,12 +42,20 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
     m, k = w.shape
     lay = layout(m, w.offsets.numel(), w.data.numel())
     dev = w.data.device
-    nofill = "_nf" in kernel  # (delta_rows_to_dense_nf, _nft)
+    nofill = "_nf" in kernel or kernel == "delta_rows_to_dense_pr"  # (_nf, _nft, _pr write every element)
     if nofill:
         out = (torch.full((m, k), -1, dtype=torch.int16, device=dev).view(w.dtype) if poison
                else torch.empty(m, k, dtype=w.dtype, device=dev))
     else:
         out = torch.zeros(m, k, dtype=w.dtype, device=dev)
+    if kernel == "delta_rows_to_dense_pr":  # (the parts layout only; its tile of rows in dynamic shared memory)
+        if lay.parts == 1 or (32 // lay.parts) * k * 2 > K.DR_DENSE_ROWS_SMEM:
+            return expand("delta_rows_to_dense_nf", w, poison)
+        K.launch(kernel, (lay.slices, 1, 1), 32 * K.DR_DENSE_ROWS_WARPS,
+                 [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),
+                  (lay.parts if lay.coded else 0, K.I), (lay.slices, K.I), (lay.parts, K.I)],
+                 torch.cuda.current_stream().cuda_stream, dev.index, (32 // lay.parts) * k * 2)
+        return out
     K.launch(kernel, (-(-lay.slices // warps), lay.splits, 1), 32 * warps,
              [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),
               (lay.splits, K.I), (lay.parts if lay.coded else 0, K.I), (lay.slices, K.I)]
@@ -59,8 +69,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
-    ap.add_argument("--kernels", default="delta_rows_to_dense:4,delta_rows_to_dense_nf:1,delta_rows_to_dense_nft:4,"
-                                         "delta_rows_to_dense_nftp:4")
+    ap.add_argument("--kernels", default="delta_rows_to_dense_nf:1,delta_rows_to_dense_pr")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     names = a.kernels.split(",")

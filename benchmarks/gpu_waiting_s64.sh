@@ -18,6 +18,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh fallbacktest              (about 2 minutes, any card)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh switches                  (about 8 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100profile               (about 5 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh rows                      (about 5 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -55,6 +56,11 @@
 # h100profile: where a decode step's time goes on the H100, the card of issue 4's targets (profile_decode.py: kernel
 #          groups and critical times, the layer timeline): Llama-3-8B bf16 at 80 % (DeltaRows model, the engine's
 #          layout for the batch) at batch 1, 8 and 16, dense at 8; for the batch 8-16 gap (1.5-1.65x against 3x).
+# rows:    session 68's delta_rows_to_dense_pr (the parts layout expanded a slice a block through its rows in shared
+#          memory, FLASH_LLM_DR_DENSE_ROWS): its GPU test (every expansion mode, paired halves added), the expansion
+#          kernels alone (dr_expand.py, _nf against _pr) and Llama-3-8B's prefill (prefill_ab.py, nf against pr;
+#          OPT-30B's layers are all split layouts at batch 1, so _pr does not run there); then compute-sanitizer's
+#          memcheck and racecheck over its test.  If exact and faster, DR_DENSE_ROWS on by default.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -121,6 +127,14 @@ for group in "${groups[@]}"; do
                  step build_time_whole 150 python3 benchmarks/diag/build_time.py
                FLASH_LLM_ENCODE_CHUNK_ENTRIES=4194304 FLASH_LLM_ENCODE_CHUNK_ELEMENTS=67108864 \
                  step build_time_runs22 150 python3 benchmarks/diag/build_time.py ;;
+    rows) step tests_rows 240 python3 -m pytest -q tests/test_delta_rows_gpu.py -k decode_kernel_is_exact
+          step dr_expand_rows 150 python3 benchmarks/dr_expand.py --dtype bf16
+          step prefill_ab_rows 150 python3 benchmarks/prefill_ab.py --model llama-3-8b --rounds 6 --graph \
+            --settings "nf:;pr:DR_DENSE_ROWS=1"
+          for tool in memcheck racecheck; do
+            step "sanitize_rows_$tool" 240 compute-sanitizer --tool "$tool" --target-processes all python3 -m pytest -q \
+              tests/test_delta_rows_gpu.py -k "decode_kernel_is_exact and rows"
+          done ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
@@ -139,6 +153,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows)" ;;
   esac
 done

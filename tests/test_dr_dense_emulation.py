@@ -1,9 +1,8 @@
-"""The CPU emulation of ``delta_rows_to_dense_nf`` and ``_nft`` (``benchmarks/diag/dr_dense_emulate.py``, sessions 61,
-63): DeltaRows'
-expansion into an output that is not zeroed first writes every element exactly once, with the weight's bits, for the
-split layout (one split, several, more splits than a slice has groups), the parts layout (rows whose middle parts are
-empty), coded values and paired halves, at densities from empty to full; and the emulator fails the two wrong rules
-it knows."""
+"""The CPU emulation of ``delta_rows_to_dense_nf``, ``_nft`` and ``_pr`` (``benchmarks/diag/dr_dense_emulate.py``,
+sessions 61, 63, 68): DeltaRows' expansion into an output that is not zeroed first writes every element exactly once,
+with the weight's bits, for the split layout (one split, several, more splits than a slice has groups), the parts
+layout (rows whose middle parts are empty), coded values and paired halves, at densities from empty to full; and the
+emulator fails the wrong rules it knows."""
 
 import importlib.util
 import os
@@ -25,9 +24,12 @@ def test_every_element_written_once():
         m, k = label[0], label[1]
         if (m, k) not in ((70, 517), (40, 96), (333, 520)):  # (a reduced set: the script runs them all)
             continue
-        seen.add(label[3].get("parts", 1) > 1)
+        parts = label[3].get("parts", 1) > 1
+        seen.add(parts)
         assert emu.check(w, want) is None, label
         assert emu.check(w, want, "tiled") is None, label  # (delta_rows_to_dense_nft, session 63)
+        if parts:
+            assert emu.check(w, want, "rows") is None, label  # (delta_rows_to_dense_pr, session 68)
     assert seen == {False, True}
 
 
@@ -77,3 +79,17 @@ def test_expansion_dispatch(nofill, tiled, monkeypatch):
             assert args[7][0] == parts and bool((got == 7.0).all())  # (not zeroed: the kernel writes every element)
         else:
             assert not got.any()
+
+
+
+def test_rows_emulator_sees_a_wrong_prefix():
+    """``emulate_rows`` with each warp's own step sum counted in its entries' start (an inclusive scan over the chunk's
+    warps: one way to get the kernel's prefix wrong) fails on a weight whose lanes hold several groups."""
+    w = torch.zeros(64, 512, dtype=torch.bfloat16)
+    w[:, ::3] = 1.5
+    w[:, 1::7] = -2.0
+    dr = DeltaRows.from_dense(w, parts=4)
+    want = dr.to_dense().view(torch.int16)
+    assert emu.check(dr, want, "rows") is None
+    with pytest.raises(AssertionError):  # (entries pushed past the row's end: the tile's bounds)
+        emu.check(dr, want, "rows_inclusive")

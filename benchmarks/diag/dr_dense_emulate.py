@@ -1,4 +1,5 @@
-"""CPU emulation of ``delta_rows_to_dense_nf`` (spmm.cu, session 61; and ``_nft``, session 63: ``emulate_tiled``):
+"""CPU emulation of ``delta_rows_to_dense_nf`` (spmm.cu, session 61; ``_nft``, session 63: ``emulate_tiled``; ``_pr``,
+session 68: ``emulate_rows``):
 DeltaRows' expansion into an output that is not zeroed first, so every element must be written by exactly one lane
 and split. The emulator runs the kernel's ownership rule (each lane's columns from the starts of its split and the
 next, or of its row's later parts), its walk and its chunk writes (whole 16-element chunks inside the lane's columns,
@@ -177,10 +178,70 @@ def emulate_tiled(w: DeltaRows) -> tuple[np.ndarray, np.ndarray]:
     return out.reshape(m, K), count.reshape(m, K)
 
 
+ROWS_WARPS = 8  # DRP_WARPS
+
+
+def emulate_rows(w: DeltaRows, inclusive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The same for ``delta_rows_to_dense_pr`` (session 68; the parts layout only): a block a slice, its tile of the
+    slice's ``32 / P`` rows zeroed; per chunk of :data:`ROWS_WARPS` groups, warp ``w`` takes group ``8 c + w`` of
+    every lane, sums its 8 steps in bytes as the kernel does, and starts its entries at the lane's running column plus
+    the sums of the warps before it (``inclusive``: and its own, a wrong rule the tests check the emulator sees);
+    nonzeros go into the tile (its bounds asserted); then the tile's rows of real rows are written whole."""
+    m, K = w.shape
+    out = np.full(m * K, -1, dtype=np.int16)
+    count = np.zeros(m * K, dtype=np.int64)
+    data = w.data.cpu()
+    lay = layout(m, w.offsets.numel(), data.numel())
+    assert lay.parts > 1 and lay.splits == 1, "delta_rows_to_dense_pr takes the parts layout"
+    if lay.coded:
+        data = uncode_values(data, w.offsets.cpu(), m)
+    data = data.numpy().astype(np.int32)
+    P = lay.parts
+    goffs, _, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), lay.slices, lay.mp, 1))
+    for slice_ in range(lay.slices):
+        goff, G = int(goffs[slice_]), int(goffs[slice_ + 1]) - int(goffs[slice_])
+        rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
+        tile = np.zeros((32 // P, K), dtype=np.int16)
+        run = [int(c) for c in starts[slice_, 0]]
+        for c in range(-(-G // ROWS_WARPS)):
+            sums, groups = np.zeros((ROWS_WARPS, 32), dtype=np.int64), {}
+            for wp in range(ROWS_WARPS):
+                g = c * ROWS_WARPS + wp
+                for ln in range(32):
+                    if g < G:
+                        grp = data[(goff + g) * 160: (goff + g + 1) * 160]
+                        vals, d = grp[4 * ln: 4 * ln + 4].view(np.int16), int(grp[128 + ln]) & 0xFFFFFFFF
+                    else:
+                        vals, d = np.zeros(8, dtype=np.int16), 0
+                    t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
+                    sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
+                    groups[wp, ln] = vals, d
+            for wp in range(ROWS_WARPS):
+                for ln in range(32):
+                    vals, d = groups[wp, ln]
+                    col = run[ln] + int(sums[:wp + inclusive, ln].sum())
+                    for k in range(8):
+                        col += (d >> (4 * k)) & 15
+                        h = int(vals[k])
+                        if rows[ln] >= 0 and h & 0x7FFF:
+                            assert 0 <= col < K, (slice_, ln, col)  # (the tile's bounds)
+                            tile[ln // P, col] = h
+            for ln in range(32):
+                run[ln] += int(sums[:, ln].sum())
+        for r in range(32 // P):
+            row = rows[r * P]
+            if row >= 0:
+                out[row * K: (row + 1) * K] = tile[r]
+                count[row * K: (row + 1) * K] += 1
+    return out.reshape(m, K), count.reshape(m, K)
+
+
 def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str | None:
     """None, or what is wrong with the emulated expansion of ``w`` against ``want`` (int16 bits [M, K]);
-    ``variant`` "tiled": ``delta_rows_to_dense_nft``'s."""
-    out, count = emulate_tiled(w) if variant == "tiled" else emulate(w, variant)
+    ``variant`` "tiled": ``delta_rows_to_dense_nft``'s; "rows": ``delta_rows_to_dense_pr``'s (the parts layout)."""
+    out, count = (emulate_tiled(w) if variant == "tiled"
+                  else emulate_rows(w, variant == "rows_inclusive") if variant in ("rows", "rows_inclusive")
+                  else emulate(w, variant))
     if (count != 1).any():
         twice, never = int((count > 1).sum()), int((count == 0).sum())
         return f"{twice} elements written more than once, {never} never"
@@ -225,6 +286,8 @@ def main() -> int:
     for label, w, want in cases():
         total += 1
         err = check(w, want) or check(w, want, "tiled")
+        if not err and label[3].get("parts", 1) > 1:
+            err = check(w, want, "rows")
         if err:
             bad += 1
             print(f"FAIL {label}: {err}", flush=True)

@@ -647,6 +647,13 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
         out = (torch.empty if nofill else torch.zeros)(m, k, dtype=dtype, device=dev)
     else:
         out = out.view(m, k) if nofill else out.view(m, k).zero_()
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    shared = (32 // lay.parts) * k * 2  # delta_rows_to_dense_pr's tile: the slice's rows
+    if DR_DENSE_ROWS and lay.parts > 1 and s == 1 and shared <= DR_DENSE_ROWS_SMEM and out.data_ptr() % 16 == 0:
+        launch("delta_rows_to_dense_pr", (slices, 1, 1), 32 * DR_DENSE_ROWS_WARPS,
+               [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I),
+                (lay.parts if lay.coded else 0, I), (slices, I), (lay.parts, I)], stream, dev.index, shared)
+        return out
     tiled = nofill and DR_DENSE_TILED
     warps = DR_DENSE_T_WARPS if tiled else DR_DENSE_NF_WARPS if nofill else DR_DENSE_WARPS
     name = (("delta_rows_to_dense_nftp" if DR_DENSE_T_PF else "delta_rows_to_dense_nft") if tiled
@@ -654,7 +661,7 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     launch(name, (ceil_div(slices, warps), s, 1), 32 * warps,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I), (s, I),
             (lay.parts if lay.coded else 0, I), (slices, I)] + ([(lay.parts, I)] if nofill else []),
-           torch.cuda.current_stream(dev).cuda_stream, dev.index)
+           stream, dev.index)
     return out
 
 
@@ -684,6 +691,16 @@ DR_DENSE_T_WARPS = 4
 #: ... with each lane's next group asked for a group ahead by ``cp.async`` (``delta_rows_to_dense_nftp``, session 64;
 #: ``FLASH_LLM_DR_DENSE_T_PF=1``; timed above)
 DR_DENSE_T_PF = os.environ.get("FLASH_LLM_DR_DENSE_T_PF", "0") == "1"
+#: The parts layout (2-16 lanes a row, one split) expanded a slice a block through a tile of its whole rows in shared
+#: memory, the lanes' groups placed in parallel (``delta_rows_to_dense_pr``, session 68; ``FLASH_LLM_DR_DENSE_ROWS=1``;
+#: off until a GPU times it against ``_nf``, whose lanes walk their entries one after another at 0.7-1.1 TB/s of dense
+#: bytes), where the tile, ``32 / P`` rows of K, fits :data:`DR_DENSE_ROWS_SMEM` bytes (Llama-3-8B at batch 1: q/k/v
+#: and o at 16 lanes a row 16 KiB, gate / up at 4 lanes 64 KiB); its zeros are written with the rows, so ``out`` is
+#: not zeroed first either.
+DR_DENSE_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_ROWS", "0") == "1"
+DR_DENSE_ROWS_SMEM = 64 * 1024
+#: ... its warps a block (``DRP_WARPS`` in spmm.cu: each takes a group of every lane at a time)
+DR_DENSE_ROWS_WARPS = 8
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)

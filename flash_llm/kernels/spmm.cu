@@ -3588,6 +3588,72 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
     const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int parts) {
   dr_dense_tiled_body<true>(data, offsets, out, K, S, coded, slices, parts);
 }
+// delta_rows_to_dense_pr (session 68, kernels.DR_DENSE_ROWS, off until timed): the parts layout (P >= 2 lanes a row,
+// one split) expanded a slice a block, through a tile of the slice's 32 / P whole rows in shared memory.  The _nf
+// kernels walk each lane's entries one after another (a column sum, a branch to flush a chunk, 16-byte stores of 32
+// rows a warp store) and write 0.7-1.1 TB/s of dense bytes; here the 8 warps of a block take 8 consecutive groups at a
+// time (warp w group c * 8 + w of every lane: one coalesced 512- or 640-byte load a warp), so a lane's entries are
+// placed in parallel: each thread sums its group's 8 steps, the 8 warps post the sums (double-buffered by chunk, one
+// barrier a chunk), and each thread adds those of the warps before it to its lane's running column (kept by every
+// thread of the lane: it reads the chunk's 8 sums anyway).  Its nonzeros go into the zeroed tile (16-bit stores), and
+// once every group is placed the block writes its rows whole, 16 bytes a thread, consecutive threads consecutive
+// bytes.  Padding ranks (row -1) are placed nowhere and written nowhere.  `coded`: 0, or the lanes a row (the values
+// coded, dr_decode_coded).  Dynamic shared memory: (32 / P) K 2 bytes (the launcher keeps it within
+// kernels.DR_DENSE_ROWS_SMEM).  benchmarks/diag/dr_dense_emulate.py (emulate_rows) runs these steps on the CPU.
+constexpr int DRP_WARPS = 8;
+extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_pr(const int* __restrict__ data,
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts) {
+  extern __shared__ __align__(16) unsigned char drp_smem[];
+  __shared__ int sums[2][DRP_WARPS][32];
+  u16* tile = reinterpret_cast<u16*>(drp_smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, slice = blockIdx.x;
+  const int rows = 32 / parts, rl = lane / parts;  // the slice's rows; this lane's row in the tile
+  const int goff = offsets[slice], G = offsets[slice + 1] - goff;
+  const int* perm = dr_perm(offsets, slices, 1);
+  const int row = perm[slice * 32 + lane];
+  const int gw = coded ? 128 : 160;
+  const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
+  int run = dr_start(offsets, slices, 1, slice, 0, lane);  // the lane's column before its chunk's first group
+  const int k8 = K >> 3;                                   // 16-byte words a row (K % 8 == 0 in the parts layout)
+  for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
+  u16* trow = tile + rl * K;
+  for (int c = 0; c * DRP_WARPS < G; ++c) {
+    const int g = c * DRP_WARPS + warp;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    u32 d = 0;
+    if (g < G) {
+      const int* gp = data + (long long)(goff + g) * gw;
+      v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
+      d = coded ? v.w : (u32)__ldg(gp + 128 + lane);
+      if (coded) v = dr_decode_coded(v, lut);
+    }
+    const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);  // the 8 steps summed in bytes, then in the top byte
+    sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
+    __syncthreads();  // (the first also orders the tile's zeroing before every placement)
+    int col = run, total = 0;
+#pragma unroll
+    for (int w = 0; w < DRP_WARPS; ++w) {
+      const int sw = sums[c & 1][w][lane];
+      col += w < warp ? sw : 0;
+      total += sw;
+    }
+    run += total;
+    const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      col += (d >> (4 * k)) & 15;
+      const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
+      if (row >= 0 && (h & 0x7fff)) trow[col] = h;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) {
+    const int r = i / k8, q = i - r * k8;
+    const int orow = perm[slice * 32 + r * parts];
+    if (orow >= 0)
+      reinterpret_cast<uint4*>(out + (long long)orow * K)[q] = reinterpret_cast<const uint4*>(tile)[i];
+  }
+}
 extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
                                                                       const int* __restrict__ offsets,
                                                                       u16* __restrict__ out, int K, int S,
