@@ -3617,16 +3617,25 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense
   const int k8 = K >> 3;                                   // 16-byte words a row (K % 8 == 0 in the parts layout)
   for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
   u16* trow = tile + rl * K;
-  for (int c = 0; c * DRP_WARPS < G; ++c) {
-    const int g = c * DRP_WARPS + warp;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    u32 d = 0;
+  // the warp's group of a chunk (zeros past the slice's last: no steps, no nonzeros), the next chunk's asked for
+  // before this one's barrier so its latency hides behind the placement
+  auto load = [&](int g, uint4& v, u32& d) {
+    v = make_uint4(0, 0, 0, 0);
+    d = 0;
     if (g < G) {
       const int* gp = data + (long long)(goff + g) * gw;
       v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
       d = coded ? v.w : (u32)__ldg(gp + 128 + lane);
-      if (coded) v = dr_decode_coded(v, lut);
     }
+  };
+  uint4 vn;
+  u32 dn;
+  load(warp, vn, dn);
+  for (int c = 0; c * DRP_WARPS < G; ++c) {
+    uint4 v = vn;
+    const u32 d = dn;
+    load((c + 1) * DRP_WARPS + warp, vn, dn);
+    if (coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
     const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);  // the 8 steps summed in bytes, then in the top byte
     sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
     __syncthreads();  // (the first also orders the tile's zeroing before every placement)
