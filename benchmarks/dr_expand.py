@@ -49,12 +49,9 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
     else:
         out = torch.zeros(m, k, dtype=w.dtype, device=dev)
     if kernel == "delta_rows_to_dense_pr":  # (the parts layout only; its tile of rows in dynamic shared memory)
-        if lay.parts == 1 or (32 // lay.parts) * k * 2 > K.DR_DENSE_ROWS_SMEM:
+        if not K.dr_dense_rows_ok(lay, k, out):
             return expand("delta_rows_to_dense_nf", w, poison)
-        K.launch(kernel, (lay.slices, 1, 1), 32 * K.DR_DENSE_ROWS_WARPS,
-                 [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),
-                  (lay.parts if lay.coded else 0, K.I), (lay.slices, K.I), (lay.parts, K.I)],
-                 torch.cuda.current_stream().cuda_stream, dev.index, (32 // lay.parts) * k * 2)
+        K.launch_dr_dense_rows(w.data, w.offsets, out, k, lay, torch.cuda.current_stream().cuda_stream, dev.index)
         return out
     K.launch(kernel, (-(-lay.slices // warps), lay.splits, 1), 32 * warps,
              [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),

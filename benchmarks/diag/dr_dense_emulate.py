@@ -53,18 +53,31 @@ def _spans(col0, rows, starts, slice_, s, S, g0, g1, parts, K, variant=None) -> 
     return spans
 
 
-def _warps(w: DeltaRows, variant: str | None = None):
-    """Yields, for every warp (slice and split) of ``w``'s expansion, ``(walk, rows, spans)``: ``walk(ln)`` the
-    lane's entries in walk order as ``(column, value bits)`` (pads and escapes included), ``rows`` the lanes' rows,
-    ``spans`` their owned elements (:func:`_spans`)."""
-    m, K = w.shape
+def _arrays(w: DeltaRows):
+    """``(lay, data, goffs, starts, perm)`` of ``w`` on the CPU as numpy arrays, its values plain (uncoded)."""
+    m = w.shape[0]
     data = w.data.cpu()
     lay = layout(m, w.offsets.numel(), data.numel())
     if lay.coded:
         data = uncode_values(data, w.offsets.cpu(), m)
-    data = data.numpy().astype(np.int32)
+    goffs, _, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), lay.slices, lay.mp, lay.splits))
+    return lay, data.numpy().astype(np.int32), goffs, starts, perm
+
+
+def _group(data: np.ndarray, g: int, ln: int) -> tuple[np.ndarray, int]:
+    """Lane ``ln``'s part of (plain) group ``g``: its 8 values' bits (int16, the first in the low half of a word) and
+    its steps word."""
+    grp = data[g * 160: (g + 1) * 160]
+    return grp[4 * ln: 4 * ln + 4].view(np.int16), int(grp[128 + ln]) & 0xFFFFFFFF
+
+
+def _warps(w: DeltaRows, variant: str | None = None):
+    """Yields, for every warp (slice and split) of ``w``'s expansion, ``(walk, rows, spans)``: ``walk(ln)`` the
+    lane's entries in walk order as ``(column, value bits)`` (pads and escapes included), ``rows`` the lanes' rows,
+    ``spans`` their owned elements (:func:`_spans`)."""
+    K = w.shape[1]
+    lay, data, goffs, starts, perm = _arrays(w)
     slices, S, parts = lay.slices, lay.splits, lay.parts
-    goffs, _, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), slices, lay.mp, S))
     for slice_ in range(slices):
         for s in range(S):
             goff = int(goffs[slice_])
@@ -76,9 +89,7 @@ def _warps(w: DeltaRows, variant: str | None = None):
             def walk(ln, goff=goff, g0=g0, g1=g1, col=col0):
                 c = col[ln]
                 for g in range(g0, g1):
-                    grp = data[(goff + g) * 160: (goff + g + 1) * 160]
-                    vals = grp[4 * ln: 4 * ln + 4].view(np.int16)  # 8 values, the first in the low half
-                    d = int(grp[128 + ln]) & 0xFFFFFFFF
+                    vals, d = _group(data, goff + g, ln)
                     for k in range(8):
                         c += (d >> (4 * k)) & 15
                         yield c, int(vals[k])
@@ -190,14 +201,9 @@ def emulate_rows(w: DeltaRows, inclusive: bool = False) -> tuple[np.ndarray, np.
     m, K = w.shape
     out = np.full(m * K, -1, dtype=np.int16)
     count = np.zeros(m * K, dtype=np.int64)
-    data = w.data.cpu()
-    lay = layout(m, w.offsets.numel(), data.numel())
+    lay, data, goffs, starts, perm = _arrays(w)
     assert lay.parts > 1 and lay.splits == 1, "delta_rows_to_dense_pr takes the parts layout"
-    if lay.coded:
-        data = uncode_values(data, w.offsets.cpu(), m)
-    data = data.numpy().astype(np.int32)
     P = lay.parts
-    goffs, _, starts, perm = (t.numpy() for t in _split_offsets(w.offsets.cpu(), lay.slices, lay.mp, 1))
     for slice_ in range(lay.slices):
         goff, G = int(goffs[slice_]), int(goffs[slice_ + 1]) - int(goffs[slice_])
         rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
@@ -208,11 +214,7 @@ def emulate_rows(w: DeltaRows, inclusive: bool = False) -> tuple[np.ndarray, np.
             for wp in range(ROWS_WARPS):
                 g = c * ROWS_WARPS + wp
                 for ln in range(32):
-                    if g < G:
-                        grp = data[(goff + g) * 160: (goff + g + 1) * 160]
-                        vals, d = grp[4 * ln: 4 * ln + 4].view(np.int16), int(grp[128 + ln]) & 0xFFFFFFFF
-                    else:
-                        vals, d = np.zeros(8, dtype=np.int16), 0
+                    vals, d = _group(data, goff + g, ln) if g < G else (np.zeros(8, dtype=np.int16), 0)
                     t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
                     sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
                     groups[wp, ln] = vals, d

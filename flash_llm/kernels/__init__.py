@@ -648,11 +648,8 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     else:
         out = out.view(m, k) if nofill else out.view(m, k).zero_()
     stream = torch.cuda.current_stream(dev).cuda_stream
-    shared = (32 // lay.parts) * k * 2  # delta_rows_to_dense_pr's tile: the slice's rows
-    if DR_DENSE_ROWS and lay.parts > 1 and s == 1 and shared <= DR_DENSE_ROWS_SMEM and out.data_ptr() % 16 == 0:
-        launch("delta_rows_to_dense_pr", (slices, 1, 1), 32 * DR_DENSE_ROWS_WARPS,
-               [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I),
-                (lay.parts if lay.coded else 0, I), (slices, I), (lay.parts, I)], stream, dev.index, shared)
+    if DR_DENSE_ROWS and dr_dense_rows_ok(lay, k, out):
+        launch_dr_dense_rows(data, offsets, out, k, lay, stream, dev.index)
         return out
     tiled = nofill and DR_DENSE_TILED
     warps = DR_DENSE_T_WARPS if tiled else DR_DENSE_NF_WARPS if nofill else DR_DENSE_WARPS
@@ -701,6 +698,23 @@ DR_DENSE_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_ROWS", "0") == "1"
 DR_DENSE_ROWS_SMEM = 64 * 1024
 #: ... its warps a block (``DRP_WARPS`` in spmm.cu: each takes a group of every lane at a time)
 DR_DENSE_ROWS_WARPS = 8
+
+
+def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
+    """Whether ``delta_rows_to_dense_pr`` takes a DeltaRows weight of layout ``lay`` (``delta_rows.layout``) and K
+    ``k`` into ``out``: the parts layout, its tile of ``32 / P`` rows within :data:`DR_DENSE_ROWS_SMEM`, ``out`` on 16
+    bytes."""
+    return (lay.parts > 1 and lay.splits == 1 and (32 // lay.parts) * k * 2 <= DR_DENSE_ROWS_SMEM
+            and out.data_ptr() % 16 == 0)
+
+
+def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_index: int) -> None:
+    """``delta_rows_to_dense_pr`` into ``out`` (where :func:`dr_dense_rows_ok`): a block a slice, its rows' tile in
+    dynamic shared memory."""
+    launch("delta_rows_to_dense_pr", (lay.slices, 1, 1), 32 * DR_DENSE_ROWS_WARPS,
+           [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I),
+            (lay.parts if lay.coded else 0, I), (lay.slices, I), (lay.parts, I)], stream, device_index,
+           (32 // lay.parts) * k * 2)
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)
