@@ -689,12 +689,14 @@ DR_DENSE_T_WARPS = 4
 #: ``FLASH_LLM_DR_DENSE_T_PF=1``; timed above)
 DR_DENSE_T_PF = os.environ.get("FLASH_LLM_DR_DENSE_T_PF", "0") == "1"
 #: The parts layout (2-16 lanes a row, one split) expanded a slice a block through a tile of its whole rows in shared
-#: memory, the lanes' groups placed in parallel (``delta_rows_to_dense_pr``, session 68; ``FLASH_LLM_DR_DENSE_ROWS=1``;
-#: off until a GPU times it against ``_nf``, whose lanes walk their entries one after another at 0.7-1.1 TB/s of dense
+#: memory, the lanes' groups placed in parallel (``delta_rows_to_dense_pr``, session 68; the default since session 69,
+#: ``FLASH_LLM_DR_DENSE_ROWS=0`` for ``_nf``, whose lanes walk their entries one after another at 0.7-1.1 TB/s of dense
 #: bytes), where the tile, ``32 / P`` rows of K, fits :data:`DR_DENSE_ROWS_SMEM` bytes (Llama-3-8B at batch 1: q/k/v
 #: and o at 16 lanes a row 16 KiB, gate / up at 4 lanes 64 KiB); its zeros are written with the rows, so ``out`` is
-#: not zeroed first either.
-DR_DENSE_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_ROWS", "0") == "1"
+#: not zeroed first either.  Session 69 on an H100 (bf16, 80 %): exact (the GPU test), Llama-3-8B q/k/v 68.2 -> 26.1
+#: us and gate / up 236.2 -> 125.5 us (``benchmarks/dr_expand.py``; 1.9 TB/s of dense bytes, cuBLAS at N = 128 reads
+#: them at 2.2-2.5), and the prefill's kernels 23.6 -> 15.7 ms (``benchmarks/prefill_ab.py``)
+DR_DENSE_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_ROWS", "1") == "1"
 DR_DENSE_ROWS_SMEM = 64 * 1024
 #: ... its warps a block (``DRP_WARPS`` in spmm.cu: each takes a group of every lane at a time)
 DR_DENSE_ROWS_WARPS = 8
