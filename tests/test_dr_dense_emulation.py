@@ -47,20 +47,26 @@ def test_emulator_sees_a_wrong_rule(variant):
     assert emu.check(dr, want, variant) is not None
 
 
-@pytest.mark.parametrize("nofill, tiled", [(False, False), (True, False), (True, True), (False, True)])
-def test_expansion_dispatch(nofill, tiled, monkeypatch):
+@pytest.mark.parametrize("nofill, tiled, rows", [(False, False, False), (True, False, False), (True, True, False),
+                                                 (False, True, False), (True, False, True), (False, False, True)])
+def test_expansion_dispatch(nofill, tiled, rows, monkeypatch):
     """``kernels.DR_DENSE_NOFILL`` picks ``delta_rows_to_dense_nf`` (one more argument: the lanes a row) and leaves
     ``out`` as it is, one warp a block (the default since session 63), or with ``DR_DENSE_TILED``
     ``delta_rows_to_dense_nft`` (the same arguments, ``DR_DENSE_T_WARPS`` warps a block); off,
-    ``delta_rows_to_dense`` into a zeroed ``out``, whatever ``DR_DENSE_TILED`` says (launches faked: no GPU)."""
+    ``delta_rows_to_dense`` into a zeroed ``out``, whatever ``DR_DENSE_TILED`` says.  ``DR_DENSE_ROWS`` (the default
+    since session 69) takes the parts layout to ``delta_rows_to_dense_pr`` first, a block a slice with its rows' tile
+    in dynamic shared memory, whatever the others say; the split layout keeps the others' choice (launches faked: no
+    GPU)."""
     from flash_llm import kernels as k
     from flash_llm.reference import FORMAT_IDS
 
     assert k.DR_DENSE_NOFILL or os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") != "1"
+    assert k.DR_DENSE_ROWS or os.environ.get("FLASH_LLM_DR_DENSE_ROWS", "1") != "1"
     calls = []
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
     monkeypatch.setattr(k, "DR_DENSE_TILED", tiled)
-    monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args)))
+    monkeypatch.setattr(k, "DR_DENSE_ROWS", rows)
+    monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args, a)))
     monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
     w = torch.zeros(64, 256, dtype=torch.float16)
     w[3, 7] = 1.0
@@ -69,7 +75,12 @@ def test_expansion_dispatch(nofill, tiled, monkeypatch):
         out = torch.full((64, 256), 7.0, dtype=torch.float16)
         calls.clear()
         got = k.decode_dense(FORMAT_IDS[DeltaRows], dr.data, dr.offsets, 64, 256, torch.float16, out=out)
-        (name, grid, args), = calls
+        (name, grid, args, rest), = calls
+        if rows and parts > 1:
+            assert name == "delta_rows_to_dense_pr" and grid == (dr.layout.slices, 1, 1)
+            assert args[2][0] == out.data_ptr() and args[6][0] == parts and rest[-1] == (32 // parts) * 256 * 2
+            assert bool((got == 7.0).all())  # (not zeroed: the block writes its rows whole)
+            continue
         assert name == ("delta_rows_to_dense_nft" if nofill and tiled else "delta_rows_to_dense_nf" if nofill
                         else "delta_rows_to_dense")
         warps = k.DR_DENSE_T_WARPS if nofill and tiled else k.DR_DENSE_NF_WARPS if nofill else k.DR_DENSE_WARPS
@@ -79,7 +90,6 @@ def test_expansion_dispatch(nofill, tiled, monkeypatch):
             assert args[7][0] == parts and bool((got == 7.0).all())  # (not zeroed: the kernel writes every element)
         else:
             assert not got.any()
-
 
 
 def test_rows_emulator_sees_a_wrong_prefix():

@@ -642,15 +642,13 @@ def _delta_rows_to_dense(data, offsets, m, k, dtype, out=None) -> torch.Tensor:
     dev = data.device
     lay = layout(m, offsets.numel(), data.numel())
     slices, s = lay.slices, lay.splits
-    nofill = DR_DENSE_NOFILL  # (the _nf kernel writes every element itself: no zero fill, and the lanes a row)
-    if out is None:
-        out = (torch.empty if nofill else torch.zeros)(m, k, dtype=dtype, device=dev)
-    else:
-        out = out.view(m, k) if nofill else out.view(m, k).zero_()
     stream = torch.cuda.current_stream(dev).cuda_stream
-    if DR_DENSE_ROWS and dr_dense_rows_ok(lay, k, out):
-        launch_dr_dense_rows(data, offsets, out, k, lay, stream, dev.index)
-        return out
+    rows_out = torch.empty(m, k, dtype=dtype, device=dev) if out is None else out.view(m, k)
+    if DR_DENSE_ROWS and dr_dense_rows_ok(lay, k, rows_out):  # (writes every element: never zeroed first)
+        launch_dr_dense_rows(data, offsets, rows_out, k, lay, stream, dev.index)
+        return rows_out
+    nofill = DR_DENSE_NOFILL  # (the _nf kernel writes every element itself: no zero fill, and the lanes a row)
+    out = rows_out if nofill else rows_out.zero_()
     tiled = nofill and DR_DENSE_TILED
     warps = DR_DENSE_T_WARPS if tiled else DR_DENSE_NF_WARPS if nofill else DR_DENSE_WARPS
     name = (("delta_rows_to_dense_nftp" if DR_DENSE_T_PF else "delta_rows_to_dense_nft") if tiled
