@@ -19,6 +19,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh switches                  (about 8 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100profile               (about 5 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh rows                      (about 5 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh splitrows                 (about 7 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -61,6 +62,11 @@
 #          kernels alone (dr_expand.py, _nf against _pr) and Llama-3-8B's prefill (prefill_ab.py, nf against pr;
 #          OPT-30B's layers are all split layouts at batch 1, so _pr does not run there); then compute-sanitizer's
 #          memcheck and racecheck over its test.  If exact and faster, DR_DENSE_ROWS on by default.
+# splitrows: session 69's delta_rows_to_dense_sr (the split layout expanded a (slice, split) a block through bands of
+#          its window in shared memory, FLASH_LLM_DR_DENSE_SPLIT_ROWS): its GPU test modes (one pass and 64-column
+#          passes), dr_expand.py (_nf, _pr, _sr at bands of 1024 / 512 / 2048), OPT-30B's prefill (prefill_ab.py, nf
+#          against sr: all its layers are split layouts) and compute-sanitizer over it.  If exact and faster,
+#          DR_DENSE_SPLIT_ROWS on by default.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -135,6 +141,13 @@ for group in "${groups[@]}"; do
             step "sanitize_rows_$tool" 240 compute-sanitizer --tool "$tool" --target-processes all python3 -m pytest -q \
               tests/test_delta_rows_gpu.py -k "decode_kernel_is_exact and rows"
           done ;;
+    splitrows) step tests_split_rows 300 python3 -m pytest -q tests/test_delta_rows_gpu.py -k "decode_kernel_is_exact and split_rows"
+               step dr_expand_sr 150 python3 benchmarks/dr_expand.py --dtype bf16
+               step prefill_ab_sr 200 python3 benchmarks/prefill_ab.py --model opt-30b --rounds 4 --graph \
+                 --settings "nf:;sr:DR_DENSE_SPLIT_ROWS=1"
+               DR_DECODERS=s DR_DECODE_PARTS=1 CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
+                 timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_sr_run.log" 2>&1
+               grep "nofill=s" "$OUT/sanitize.log" ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
@@ -153,6 +166,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows)" ;;
   esac
 done

@@ -432,7 +432,7 @@ def test_delta_rows_two_token_rms_norm_inside_the_parts_kernel(dtype, parts, mon
                 assert err <= 8 * ULP[dtype] * (1 + want.abs().max().item()), (m, kk, pair, err)
 
 
-@pytest.mark.parametrize("mode", ["zeroed", "nofill", "tiled", "tiled_pf", "rows"])
+@pytest.mark.parametrize("mode", ["zeroed", "nofill", "tiled", "tiled_pf", "rows", "split_rows", "split_rows_b64"])
 def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     """The expansion (whole 16-element chunks between a lane's nonzeros, the rest one by one) gives the weight's bits
     at every density, lanes a row and split count, K not a multiple of 16 (chunks across rows), -0.0 dropped, into a
@@ -440,16 +440,20 @@ def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     ``tiled`` (``delta_rows_to_dense_nft``, session 63) and ``tiled_pf`` (``_nftp``, its groups asked for a group
     ahead, session 64): the kernel writes every element itself, so an element it misses keeps the poison (the output
     is not zeroed first); ``rows`` (``delta_rows_to_dense_pr``, session 68): the parts layout a slice a block through
-    its rows in shared memory, the split layout still ``_nf``."""
+    its rows in shared memory, the split layout still ``_nf``; ``split_rows`` (with ``delta_rows_to_dense_sr``, session
+    69, for the split layout where ``K % 8 == 0``: a (slice, split) a block through a band of its window, one split's
+    window of 4104 columns in five passes) and ``split_rows_b64`` (its bands 64 columns: many passes)."""
     gen = torch.Generator(device="cuda").manual_seed(14)
     k = _kernels()
     nofill = mode != "zeroed"
+    split_rows = mode.startswith("split_rows")
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
     monkeypatch.setattr(k, "DR_DENSE_TILED", mode.startswith("tiled"))
     monkeypatch.setattr(k, "DR_DENSE_T_PF", mode == "tiled_pf")
-    monkeypatch.setattr(k, "DR_DENSE_ROWS", mode == "rows")
-    name = {"zeroed": "delta_rows_to_dense", "nofill": "delta_rows_to_dense_nf", "tiled": "delta_rows_to_dense_nft",
-            "tiled_pf": "delta_rows_to_dense_nftp", "rows": "delta_rows_to_dense_nf"}
+    monkeypatch.setattr(k, "DR_DENSE_ROWS", mode == "rows" or split_rows)
+    monkeypatch.setattr(k, "DR_DENSE_SPLIT_ROWS", split_rows)
+    if mode == "split_rows_b64":
+        monkeypatch.setattr(k, "DR_DENSE_SR_BAND", 64)
     launched = record_launches(k, monkeypatch)
     for dtype in DTYPES:
         for (m, kk) in ((333, 520), (70, 517), (64, 4104)):
@@ -459,17 +463,28 @@ def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
                 want = DeltaRows.from_dense(w_dense).to_dense().view(torch.int16)
                 layouts = [dict(splits=s) for s in (1, 7, 64)]
                 layouts += [dict(parts=p) for p in (4, 16)] if kk % 8 == 0 else []
-                layouts += [dict(parts=16, pair_halves=True)] if kk % 8 == 0 and m % 64 == 0 else []
+                layouts += ([dict(parts=16, pair_halves=True), dict(splits=3, pair_halves=True)]
+                            if kk % 8 == 0 and m % 64 == 0 else [])
                 for lay in layouts:
                     w = DeltaRows.from_dense(w_dense, **lay)
                     for ww in [w] + ([w.code_values()] if dtype == torch.bfloat16 and w.code_values() else []):
                         out = torch.full((m, kk), -1, dtype=torch.int16, device="cuda").view(dtype)  # poisoned
                         launched.clear()
                         got = k.decode_dense(FORMAT_IDS[DeltaRows], ww.data, ww.offsets, m, kk, dtype, out=out)
-                        rows = (mode == "rows" and "parts" in lay  # (a tile within its shared-memory bound)
-                                and (32 // lay["parts"]) * kk * 2 <= k.DR_DENSE_ROWS_SMEM)
-                        assert launched == ["delta_rows_to_dense_pr" if rows else name[mode]], launched
+                        assert launched == [_expansion_kernel(k, mode, lay, kk)], (launched, mode, lay)
                         assert torch.equal(got.view(torch.int16), want), (mode, dtype, m, kk, density, lay, ww.coded)
+
+
+def _expansion_kernel(k, mode: str, lay: dict, kk: int) -> str:
+    """The kernel that ``kernels.decode_dense`` launches for a DeltaRows weight of layout ``lay`` and K ``kk`` in the
+    test mode ``mode`` of :func:`test_delta_rows_decode_kernel_is_exact`."""
+    if mode in ("rows", "split_rows", "split_rows_b64") and "parts" in lay:
+        if (32 // lay["parts"]) * kk * 2 <= k.DR_DENSE_ROWS_SMEM:  # (a tile within its shared-memory bound)
+            return "delta_rows_to_dense_pr"
+    if mode.startswith("split_rows") and "parts" not in lay and kk % 8 == 0:
+        return "delta_rows_to_dense_sr"
+    return {"zeroed": "delta_rows_to_dense", "tiled": "delta_rows_to_dense_nft",
+            "tiled_pf": "delta_rows_to_dense_nftp"}.get(mode, "delta_rows_to_dense_nf")
 
 
 @pytest.mark.parametrize("n", [1, 4])

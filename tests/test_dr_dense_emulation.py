@@ -1,5 +1,5 @@
-"""The CPU emulation of ``delta_rows_to_dense_nf``, ``_nft`` and ``_pr`` (``benchmarks/diag/dr_dense_emulate.py``,
-sessions 61, 63, 68): DeltaRows' expansion into an output that is not zeroed first writes every element exactly once,
+"""The CPU emulation of ``delta_rows_to_dense_nf``, ``_nft``, ``_pr`` and ``_sr``
+(``benchmarks/diag/dr_dense_emulate.py``, sessions 61, 63, 68, 69): DeltaRows' expansion into an output that is not zeroed first writes every element exactly once,
 with the weight's bits, for the split layout (one split, several, more splits than a slice has groups), the parts
 layout (rows whose middle parts are empty), coded values and paired halves, at densities from empty to full; and the
 emulator fails the wrong rules it knows."""
@@ -30,7 +30,23 @@ def test_every_element_written_once():
         assert emu.check(w, want, "tiled") is None, label  # (delta_rows_to_dense_nft, session 63)
         if parts:
             assert emu.check(w, want, "rows") is None, label  # (delta_rows_to_dense_pr, session 68)
+        elif k % 8 == 0:  # (delta_rows_to_dense_sr, session 69: a pass, and passes of 64 columns)
+            assert emu.check(w, want, "split_rows") is None, label
+            assert m != 333 or emu.check(w, want, "split_rows_b64") is None, label
     assert seen == {False, True}
+
+
+def test_split_rows_emulator_sees_whole_chunks():
+    """``emulate_split_rows`` writing whole 8-column chunks at the ends of a lane's owned columns (not only its own
+    elements) writes elements twice where two splits meet inside a chunk, and passes of 64 columns give the one pass's
+    result."""
+    gen = torch.Generator().manual_seed(69)
+    w = torch.where(torch.rand(96, 512, generator=gen) < 0.3, torch.randn(96, 512, generator=gen), 0.0)
+    dr = DeltaRows.from_dense(w.to(torch.bfloat16), splits=5)
+    want = dr.to_dense().view(torch.int16)
+    assert emu.check(dr, want, "split_rows") is None
+    assert emu.check(dr, want, "split_rows_b64") is None
+    assert "more than once" in emu.check(dr, want, "split_rows_whole")
 
 
 @pytest.mark.parametrize("variant", ["first_draft", "empty_parts_own"])
@@ -47,16 +63,18 @@ def test_emulator_sees_a_wrong_rule(variant):
     assert emu.check(dr, want, variant) is not None
 
 
-@pytest.mark.parametrize("nofill, tiled, rows", [(False, False, False), (True, False, False), (True, True, False),
-                                                 (False, True, False), (True, False, True), (False, False, True)])
-def test_expansion_dispatch(nofill, tiled, rows, monkeypatch):
+@pytest.mark.parametrize("nofill, tiled, rows, split", [
+    (False, False, False, False), (True, False, False, False), (True, True, False, False), (False, True, False, False),
+    (True, False, True, False), (False, False, True, False), (True, False, True, True), (False, True, False, True)])
+def test_expansion_dispatch(nofill, tiled, rows, split, monkeypatch):
     """``kernels.DR_DENSE_NOFILL`` picks ``delta_rows_to_dense_nf`` (one more argument: the lanes a row) and leaves
     ``out`` as it is, one warp a block (the default since session 63), or with ``DR_DENSE_TILED``
     ``delta_rows_to_dense_nft`` (the same arguments, ``DR_DENSE_T_WARPS`` warps a block); off,
     ``delta_rows_to_dense`` into a zeroed ``out``, whatever ``DR_DENSE_TILED`` says.  ``DR_DENSE_ROWS`` (the default
     since session 69) takes the parts layout to ``delta_rows_to_dense_pr`` first, a block a slice with its rows' tile
-    in dynamic shared memory, whatever the others say; the split layout keeps the others' choice (launches faked: no
-    GPU)."""
+    in dynamic shared memory, whatever the others say; the split layout keeps the others' choice, or with
+    ``DR_DENSE_SPLIT_ROWS`` too goes to ``delta_rows_to_dense_sr``, a block a (slice, split) with a band of
+    ``DR_DENSE_SR_BAND`` window columns in dynamic shared memory (K here: 256) (launches faked: no GPU)."""
     from flash_llm import kernels as k
     from flash_llm.reference import FORMAT_IDS
 
@@ -66,6 +84,7 @@ def test_expansion_dispatch(nofill, tiled, rows, monkeypatch):
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
     monkeypatch.setattr(k, "DR_DENSE_TILED", tiled)
     monkeypatch.setattr(k, "DR_DENSE_ROWS", rows)
+    monkeypatch.setattr(k, "DR_DENSE_SPLIT_ROWS", split)
     monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args, a)))
     monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
     w = torch.zeros(64, 256, dtype=torch.float16)
@@ -76,6 +95,11 @@ def test_expansion_dispatch(nofill, tiled, rows, monkeypatch):
         calls.clear()
         got = k.decode_dense(FORMAT_IDS[DeltaRows], dr.data, dr.offsets, 64, 256, torch.float16, out=out)
         (name, grid, args, rest), = calls
+        if rows and split and parts == 1:
+            assert name == "delta_rows_to_dense_sr" and grid == (dr.layout.slices, 3, 1) and len(args) == 8
+            assert args[2][0] == out.data_ptr() and [a[0] for a in args[3:]] == [256, 3, 0, dr.layout.slices, 256]
+            assert rest[-1] == 32 * 256 * 2 and bool((got == 7.0).all())
+            continue
         if rows and parts > 1:
             assert name == "delta_rows_to_dense_pr" and grid == (dr.layout.slices, 1, 1)
             assert args[2][0] == out.data_ptr() and args[6][0] == parts and rest[-1] == (32 // parts) * 256 * 2

@@ -1,5 +1,5 @@
 """CPU emulation of ``delta_rows_to_dense_nf`` (spmm.cu, session 61; ``_nft``, session 63: ``emulate_tiled``; ``_pr``,
-session 68: ``emulate_rows``):
+session 68: ``emulate_rows``; ``_sr``, session 69: ``emulate_split_rows``):
 DeltaRows' expansion into an output that is not zeroed first, so every element must be written by exactly one lane
 and split. The emulator runs the kernel's ownership rule (each lane's columns from the starts of its split and the
 next, or of its row's later parts), its walk and its chunk writes (whole 16-element chunks inside the lane's columns,
@@ -238,17 +238,95 @@ def emulate_rows(w: DeltaRows, inclusive: bool = False) -> tuple[np.ndarray, np.
     return out.reshape(m, K), count.reshape(m, K)
 
 
+def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The same for ``delta_rows_to_dense_sr`` (session 69; the split layout, ``K % 8 == 0``): a block a (slice, split),
+    its window ``a0 .. a0 + w - 1`` in passes of ``band`` columns.  Each pass zeroes a tile of 32 rows of the band,
+    places the split's nonzeros whose columns fall in the band (every lane's groups by the step sums, as
+    :func:`emulate_rows`; every nonzero asserted inside the window), and writes each lane's owned columns
+    (:func:`_spans`) of the band by 8-column chunks; the last split then writes its rows' zeros past the window.
+    ``owned_only=False`` writes whole chunks whatever the owner (a wrong rule the tests check the emulator sees)."""
+    m, K = w.shape
+    out = np.full(m * K, -1, dtype=np.int16)
+    count = np.zeros(m * K, dtype=np.int64)
+    lay, data, goffs, starts, perm = _arrays(w)
+    assert lay.parts == 1 and K % 8 == 0, "delta_rows_to_dense_sr takes the split layout, K % 8 == 0"
+    S = lay.splits
+    win = _split_offsets(w.offsets.cpu(), lay.slices, lay.mp, S)[1].numpy()
+
+    def put(row, c0, vals, lo, hi):  # drs_put: chunk c0 .. c0 + 7 of a row, its owned columns
+        for t in range(8):
+            if owned_only and not lo <= c0 + t <= hi:
+                continue
+            out[row * K + c0 + t] = vals[t]
+            count[row * K + c0 + t] += 1
+
+    for slice_ in range(lay.slices):
+        goff, G = int(goffs[slice_]), int(goffs[slice_ + 1]) - int(goffs[slice_])
+        rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
+        for s in range(S):
+            g0, g1 = (s * G) // S, ((s + 1) * G) // S
+            a0, wd = int(win[slice_, s, 0]), int(win[slice_, s, 1])
+            assert a0 % 8 == 0 and wd % 8 == 0 and wd > 0 and a0 + wd <= K, (slice_, s, a0, wd)
+            col0 = [int(c) for c in starts[slice_, s]]
+            own = [(e0 - max(r, 0) * K, e1 - max(r, 0) * K) for (e0, e1), r in
+                   zip(_spans(col0, rows, starts, slice_, s, S, g0, g1, 1, K), rows)]
+            for b0 in range(0, wd, band):
+                nb, c0 = min(band, wd - b0), a0 + b0
+                tile = np.zeros((32, nb), dtype=np.int16)
+                run = list(col0)
+                for c in range(-(-(g1 - g0) // ROWS_WARPS)):
+                    sums, groups = np.zeros((ROWS_WARPS, 32), dtype=np.int64), {}
+                    for wp in range(ROWS_WARPS):
+                        g = c * ROWS_WARPS + wp
+                        for ln in range(32):
+                            vals, d = (_group(data, goff + g0 + g, ln) if g < g1 - g0
+                                       else (np.zeros(8, dtype=np.int16), 0))
+                            t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
+                            sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
+                            groups[wp, ln] = vals, d
+                    for wp in range(ROWS_WARPS):
+                        for ln in range(32):
+                            vals, d = groups[wp, ln]
+                            col = run[ln] + int(sums[:wp, ln].sum())
+                            for k in range(8):
+                                col += (d >> (4 * k)) & 15
+                                h = int(vals[k])
+                                if rows[ln] >= 0 and h & 0x7FFF:
+                                    assert a0 <= col < a0 + wd, (slice_, s, ln, col, a0, wd)  # (inside the window)
+                                    if 0 <= col - c0 < nb:
+                                        tile[ln, col - c0] = h
+                    for ln in range(32):
+                        run[ln] += int(sums[:, ln].sum())
+                for ln in range(32):
+                    if rows[ln] >= 0:
+                        for q in range(nb // 8):
+                            put(rows[ln], c0 + 8 * q, tile[ln, 8 * q: 8 * q + 8], *own[ln])
+            if s + 1 == S:
+                for ln in range(32):
+                    if rows[ln] >= 0:
+                        for c in range(a0 + wd, K, 8):
+                            put(rows[ln], c, np.zeros(8, dtype=np.int16), *own[ln])
+    return out.reshape(m, K), count.reshape(m, K)
+
+
 def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str | None:
     """None, or what is wrong with the emulated expansion of ``w`` against ``want`` (int16 bits [M, K]);
-    ``variant`` "tiled": ``delta_rows_to_dense_nft``'s; "rows": ``delta_rows_to_dense_pr``'s (the parts layout)."""
+    ``variant`` "tiled": ``delta_rows_to_dense_nft``'s; "rows": ``delta_rows_to_dense_pr``'s (the parts layout);
+    "split_rows" (bands of 1024 columns) and "split_rows_b64" (of 64: many passes): ``delta_rows_to_dense_sr``'s (the
+    split layout)."""
     out, count = (emulate_tiled(w) if variant == "tiled"
                   else emulate_rows(w, variant == "rows_inclusive") if variant in ("rows", "rows_inclusive")
+                  else emulate_split_rows(w, *SPLIT_ROWS_VARIANTS[variant]) if variant in SPLIT_ROWS_VARIANTS
                   else emulate(w, variant))
     if (count != 1).any():
         twice, never = int((count > 1).sum()), int((count == 0).sum())
         return f"{twice} elements written more than once, {never} never"
     bad = int((out != want.numpy()).sum())
     return f"{bad} elements wrong" if bad else None
+
+
+#: :func:`emulate_split_rows`'s settings by variant name: (band, owned_only); "split_rows_whole" is wrong somewhere
+SPLIT_ROWS_VARIANTS = {"split_rows": (1024, True), "split_rows_b64": (64, True), "split_rows_whole": (1024, False)}
 
 
 def cases():
@@ -290,6 +368,8 @@ def main() -> int:
         err = check(w, want) or check(w, want, "tiled")
         if not err and label[3].get("parts", 1) > 1:
             err = check(w, want, "rows")
+        elif not err and w.shape[1] % 8 == 0:
+            err = check(w, want, "split_rows") or check(w, want, "split_rows_b64")
         if err:
             bad += 1
             print(f"FAIL {label}: {err}", flush=True)

@@ -698,23 +698,46 @@ DR_DENSE_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_ROWS", "1") == "1"
 DR_DENSE_ROWS_SMEM = 64 * 1024
 #: ... its warps a block (``DRP_WARPS`` in spmm.cu: each takes a group of every lane at a time)
 DR_DENSE_ROWS_WARPS = 8
+#: with :data:`DR_DENSE_ROWS`: the split layout (one lane a row; OPT's weights, Llama's down) the same way, a block a
+#: (slice, split) through a band of its window's columns in shared memory (``delta_rows_to_dense_sr``, session 69;
+#: ``FLASH_LLM_DR_DENSE_SPLIT_ROWS=1``; off until a GPU times it against ``_nf``); K a multiple of 8
+DR_DENSE_SPLIT_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_SPLIT_ROWS", "0") == "1"
+#: ... the window columns a pass holds (32 rows of them: 64 KiB at 1024, three blocks an SM as ``_pr``'s largest
+#: tile); a wider window (OPT-30B's q/k/v and fc2 at 80 %: 1700-2800 columns) takes more passes, each walking the
+#: split's groups again (the walk is some 8x under the bytes' time)
+DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "1024"))
 
 
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
     """Whether ``delta_rows_to_dense_pr`` takes a DeltaRows weight of layout ``lay`` (``delta_rows.layout``) and K
     ``k`` into ``out``: the parts layout, its tile of ``32 / P`` rows within :data:`DR_DENSE_ROWS_SMEM`, ``out`` on 16
-    bytes."""
-    return (lay.parts > 1 and lay.splits == 1 and (32 // lay.parts) * k * 2 <= DR_DENSE_ROWS_SMEM
-            and out.data_ptr() % 16 == 0)
+    bytes; or, with :data:`DR_DENSE_SPLIT_ROWS`, ``delta_rows_to_dense_sr`` the split layout (``k % 8 == 0``)."""
+    if out.data_ptr() % 16 or not lay.splits:
+        return False
+    if lay.parts == 1:
+        return DR_DENSE_SPLIT_ROWS and k % 8 == 0
+    return lay.splits == 1 and (32 // lay.parts) * k * 2 <= DR_DENSE_ROWS_SMEM
 
 
 def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_index: int) -> None:
     """``delta_rows_to_dense_pr`` into ``out`` (where :func:`dr_dense_rows_ok`): a block a slice, its rows' tile in
-    dynamic shared memory."""
+    dynamic shared memory; for the split layout ``delta_rows_to_dense_sr``: a block a (slice, split), a band of its
+    window in shared memory."""
+    args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I)]
+    if lay.parts == 1:
+        band = dr_dense_sr_band(k)
+        launch("delta_rows_to_dense_sr", (lay.slices, lay.splits, 1), 32 * DR_DENSE_ROWS_WARPS,
+               args + [(lay.splits, I), (1 if lay.coded else 0, I), (lay.slices, I), (band, I)], stream,
+               device_index, 32 * band * 2)
+        return
     launch("delta_rows_to_dense_pr", (lay.slices, 1, 1), 32 * DR_DENSE_ROWS_WARPS,
-           [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I),
-            (lay.parts if lay.coded else 0, I), (lay.slices, I), (lay.parts, I)], stream, device_index,
+           args + [(lay.parts if lay.coded else 0, I), (lay.slices, I), (lay.parts, I)], stream, device_index,
            (32 // lay.parts) * k * 2)
+
+
+def dr_dense_sr_band(k: int) -> int:
+    """The window columns a pass of ``delta_rows_to_dense_sr`` holds: :data:`DR_DENSE_SR_BAND`, or K where less."""
+    return max(8, min(DR_DENSE_SR_BAND // 8 * 8, ceil_div(k, 8) * 8))
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)

@@ -3663,6 +3663,112 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense
       reinterpret_cast<uint4*>(out + (long long)orow * K)[q] = reinterpret_cast<const uint4*>(tile)[i];
   }
 }
+// delta_rows_to_dense_sr (session 69, kernels.DR_DENSE_SPLIT_ROWS): the split layout (one lane a row, S splits)
+// expanded as _pr expands the parts layout, a block a (slice, split), so that OPT's weights and Llama's down (K > 4096)
+// leave _nf's serial walks too.  The split's lanes visit only its window's columns a0 .. a0 + w - 1 (the encoder's
+// win[slice][s]), so the tile holds the slice's 32 rows over a band of `band` window columns (dynamic shared memory,
+// 32 band 2 bytes; a window wider than the band takes more passes, each walking the split's groups again and keeping
+// the band's nonzeros).  Each pass: the tile zeroed; the 8 warps place 8 groups at a time as _pr does (warp w group
+// c * 8 + w of every lane, the step sums posted double-buffered, one barrier a chunk); then every lane's owned
+// columns within the band are written from the tile, 16 bytes a thread, consecutive threads consecutive bytes (an
+// edge chunk element by element).  Ownership is _nf's (dr_dense_owned): lane l of split s owns start_s + 1 ..
+// start_{s + 1}, inside the window, except that the split of the slice's first group owns from column 0 (its window
+// starts at 0) and the last split up to K - 1: after the passes it writes the zeros past its window (whole chunks:
+// a0 + w and K are multiples of 8).  K % 8 == 0 (the launcher's condition).  `coded`: 0, or 1 (the values coded).
+// benchmarks/diag/dr_dense_emulate.py (emulate_split_rows) runs these steps on the CPU.
+DEVI void drs_put(u16* orow, int c0, uint4 v, int lo, int hi) {  // chunk c0 .. c0 + 7 of a row, its owned columns
+  if (c0 >= lo && c0 + 7 <= hi) {
+    *reinterpret_cast<uint4*>(orow + c0) = v;
+    return;
+  }
+  if (c0 + 7 < lo || c0 > hi) return;
+  const u32 b[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int t = 0; t < 8; ++t)
+    if (c0 + t >= lo && c0 + t <= hi) orow[c0 + t] = (u16)(b[t >> 1] >> (16 * (t & 1)));
+}
+extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_sr(const int* __restrict__ data,
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int band) {
+  extern __shared__ __align__(16) unsigned char drs_smem[];
+  __shared__ int sums[2][DRP_WARPS][32];
+  __shared__ int own_lo[32], own_hi[32], own_row[32];
+  u16* tile = reinterpret_cast<u16*>(drs_smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, slice = blockIdx.x, s = blockIdx.y;
+  int goff, g0, g1;
+  dr_split(offsets, slice, s, S, goff, g0, g1);
+  const int row = dr_perm(offsets, slices, S)[slice * 32 + lane];
+  const int start = dr_start(offsets, slices, S, slice, s, lane);  // the lane's column before the split
+  const int* win = dr_win(offsets, slices, S, slice, s);
+  const int a0 = win[0], w = win[1];
+  if (warp == 0) {  // the lane's owned columns lo .. hi (none: hi < lo), as dr_dense_owned
+    const int lo = g0 == 0 ? 0 : start + 1;
+    const int hi = row < 0 ? -1 : s + 1 < S ? (g1 == 0 ? -1 : dr_start(offsets, slices, S, slice, s + 1, lane)) : K - 1;
+    own_lo[lane] = lo;
+    own_hi[lane] = hi;
+    own_row[lane] = row;
+  }
+  const int gw = coded ? 128 : 160, G = g1 - g0;
+  const uint2 lut = coded ? dr_lut(data, offsets, slices, slice * 32 + lane) : make_uint2(0, 0);
+  const int* gbase = data + (long long)(goff + g0) * gw;
+  auto load = [&](int g, uint4& v, u32& d) {
+    v = make_uint4(0, 0, 0, 0);
+    d = 0;
+    if (g < G) {
+      const int* gp = gbase + (long long)g * gw;
+      v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
+      d = coded ? v.w : (u32)__ldg(gp + 128 + lane);
+    }
+  };
+  for (int b0 = 0; b0 < w; b0 += band) {  // window columns a0 + b0 .. a0 + b0 + nb - 1
+    const int nb = min(band, w - b0), nb8 = nb >> 3, c0 = a0 + b0;
+    for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
+    u16* trow = tile + lane * nb;
+    int run = start;
+    uint4 vn;
+    u32 dn;
+    load(warp, vn, dn);
+    for (int c = 0; c * DRP_WARPS < G; ++c) {
+      uint4 v = vn;
+      const u32 d = dn;
+      load((c + 1) * DRP_WARPS + warp, vn, dn);
+      if (coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
+      const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
+      sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
+      __syncthreads();  // (the first also orders the tile's zeroing before every placement)
+      int col = run, total = 0;
+#pragma unroll
+      for (int q = 0; q < DRP_WARPS; ++q) {
+        const int sq = sums[c & 1][q][lane];
+        col += q < warp ? sq : 0;
+        total += sq;
+      }
+      run += total;
+      const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        col += (d >> (4 * k)) & 15;
+        const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
+        const int j = col - c0;
+        if (row >= 0 && (h & 0x7fff) && (unsigned)j < (unsigned)nb) trow[j] = h;
+      }
+    }
+    __syncthreads();  // (also orders own_* and, without groups, the zeroing before the writes)
+    for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) {
+      const int r = i / nb8, q = i - r * nb8, orow = own_row[r];
+      if (orow >= 0)
+        drs_put(out + (long long)orow * K, c0 + 8 * q, reinterpret_cast<const uint4*>(tile)[i], own_lo[r], own_hi[r]);
+    }
+    __syncthreads();  // (before the next pass zeroes the tile)
+  }
+  if (s + 1 == S) {  // the last split: its rows' zeros past the window
+    __syncthreads();  // (own_*: a window is never empty, so a pass's barriers ordered them already)
+    const int t0 = a0 + w, t8 = (K - t0) >> 3;
+    for (int i = tid; i < 32 * t8; i += 32 * DRP_WARPS) {
+      const int r = i / t8, q = i - r * t8, orow = own_row[r];
+      if (orow >= 0) drs_put(out + (long long)orow * K, t0 + 8 * q, make_uint4(0, 0, 0, 0), own_lo[r], own_hi[r]);
+    }
+  }
+}
 extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
                                                                       const int* __restrict__ offsets,
                                                                       u16* __restrict__ out, int K, int S,
