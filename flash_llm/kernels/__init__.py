@@ -701,7 +701,7 @@ DR_DENSE_ROWS_WARPS = 8
 #: with :data:`DR_DENSE_ROWS`: the split layout (one lane a row; OPT's weights, Llama's down) the same way, a block a
 #: (slice, split) through a band of its window's columns in shared memory (``delta_rows_to_dense_sr``, session 69;
 #: ``FLASH_LLM_DR_DENSE_SPLIT_ROWS=1``; off until a GPU times it against ``_nf``); K a multiple of 8
-DR_DENSE_SPLIT_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_SPLIT_ROWS", "0") == "1"
+DR_DENSE_SPLIT_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_SPLIT_ROWS", "1") == "1"
 #: ... the window columns a pass holds (32 rows of them: 64 KiB at 1024, three blocks an SM as ``_pr``'s largest
 #: tile); a wider window (OPT-30B's q/k/v and fc2 at 80 %: 1700-2800 columns) takes more passes, each walking the
 #: split's groups again (the walk is some 8x under the bytes' time)
