@@ -699,12 +699,15 @@ DR_DENSE_ROWS_SMEM = 64 * 1024
 #: ... its warps a block (``DRP_WARPS`` in spmm.cu: each takes a group of every lane at a time)
 DR_DENSE_ROWS_WARPS = 8
 #: with :data:`DR_DENSE_ROWS`: the split layout (one lane a row; OPT's weights, Llama's down) the same way, a block a
-#: (slice, split) through a band of its window's columns in shared memory (``delta_rows_to_dense_sr``, session 69;
-#: ``FLASH_LLM_DR_DENSE_SPLIT_ROWS=1``; off until a GPU times it against ``_nf``); K a multiple of 8
+#: (slice, split) through a band of its window's columns in shared memory (``delta_rows_to_dense_sr``, session 69; the
+#: default, ``FLASH_LLM_DR_DENSE_SPLIT_ROWS=0`` for ``_nf``); K a multiple of 8.  Session 69 on an H100 (bf16, 80 %,
+#: ``dr_expand.py``): exact, OPT-30B's expansions 1.34-1.79x faster (fc1 422 -> 305 us), Llama-3-8B's down 151 -> 80
+#: us; OPT-30B's time to first token 83.3 -> 68.2 ms
 DR_DENSE_SPLIT_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_SPLIT_ROWS", "1") == "1"
 #: ... the window columns a pass holds (32 rows of them: 64 KiB at 1024, three blocks an SM as ``_pr``'s largest
 #: tile); a wider window (OPT-30B's q/k/v and fc2 at 80 %: 1700-2800 columns) takes more passes, each walking the
-#: split's groups again (the walk is some 8x under the bytes' time)
+#: split's groups again (the walk is some 8x under the bytes' time).  Session 69: 512 as fast, 2048 (one block an SM)
+#: 1.3-1.9x slower
 DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "1024"))
 
 
