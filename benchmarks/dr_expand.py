@@ -10,7 +10,8 @@ with the same arguments, at that many warps a block; a name ending in ``_nf`` ta
 argument and writes every element itself, so its output is not zeroed, and is checked in an output of -1s); each is
 checked bit for bit against the CPU reference (``DeltaRows.to_dense``) before it is timed.  ``delta_rows_to_dense_pr``
 (session 68) takes its own arguments and shared memory; where its tile does not fit (the split layout, or K too
-large for the lanes a row) it runs ``_nf``, as the engine would; ``delta_rows_to_dense_sr[:band]`` (session 69)
+large for the lanes a row) it runs ``_nf``, as the engine would (``delta_rows_to_dense_pr:band``: blocks of ``band``
+columns of the rows, session 69); ``delta_rows_to_dense_sr[:band]`` (session 69)
 runs ``_pr`` on the parts layout and ``_sr`` on the split layout (``K % 8 == 0``), its passes ``band`` window columns
 (``kernels.DR_DENSE_SR_BAND`` by default).
 Prints us a call (CUDA-graph replays, weights rotated beyond L2) and the GB/s of the dense bytes written.
@@ -51,18 +52,23 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
                else torch.empty(m, k, dtype=w.dtype, device=dev))
     else:
         out = torch.zeros(m, k, dtype=w.dtype, device=dev)
-    if rows:  # (_pr: the parts layout, its tile of rows in dynamic shared memory; _sr: also the split layout, a band
-        # of `warps` columns of a split's window, kernels.DR_DENSE_SR_BAND by default)
-        split, band = K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND
+    if rows:  # (_pr[:band]: the parts layout, its tile of rows (of `band` columns a block: kernels.DR_DENSE_ROWS_BAND)
+        # in dynamic shared memory; _sr[:band]: also the split layout, passes of `band` columns of a split's window,
+        # kernels.DR_DENSE_SR_BAND by default)
+        saved = K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND, K.DR_DENSE_ROWS_BAND
         try:
             K.DR_DENSE_SPLIT_ROWS = kernel == "delta_rows_to_dense_sr"
-            K.DR_DENSE_SR_BAND = int(name.partition(":")[2] or band)
+            band = name.partition(":")[2]
+            if band and K.DR_DENSE_SPLIT_ROWS:
+                K.DR_DENSE_SR_BAND = int(band)
+            elif band:
+                K.DR_DENSE_ROWS_BAND = int(band)
             if not K.dr_dense_rows_ok(lay, k, out):
                 return expand("delta_rows_to_dense_nf", w, poison)
             K.launch_dr_dense_rows(w.data, w.offsets, out, k, lay, torch.cuda.current_stream().cuda_stream,
                                    dev.index)
         finally:
-            K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND = split, band
+            K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND, K.DR_DENSE_ROWS_BAND = saved
         return out
     K.launch(kernel, (-(-lay.slices // warps), lay.splits, 1), 32 * warps,
              [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),
@@ -77,8 +83,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
-    ap.add_argument("--kernels", default="delta_rows_to_dense_nf:1,delta_rows_to_dense_pr,delta_rows_to_dense_sr,"
-                    "delta_rows_to_dense_sr:512,delta_rows_to_dense_sr:2048")
+    ap.add_argument("--kernels", default="delta_rows_to_dense_nf:1,delta_rows_to_dense_pr,delta_rows_to_dense_pr:2048,"
+                    "delta_rows_to_dense_pr:1024,delta_rows_to_dense_sr,delta_rows_to_dense_sr:512")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     names = a.kernels.split(",")

@@ -20,6 +20,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh h100profile               (about 5 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh rows                      (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh splitrows                 (about 7 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh bands                     (about 4 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -67,6 +68,11 @@
 #          passes), dr_expand.py (_nf, _pr, _sr at bands of 1024 / 512 / 2048), OPT-30B's prefill (prefill_ab.py, nf
 #          against sr: all its layers are split layouts) and compute-sanitizer over it.  If exact and faster,
 #          DR_DENSE_SPLIT_ROWS on by default.
+# bands:   session 69's band for _pr (its blocks a band of their rows' columns, FLASH_LLM_DR_DENSE_ROWS_BAND, for more
+#          blocks an SM than gate / up's 64 KiB tiles allow): the GPU test modes rows, rows_b64 (and split_rows*, "rows"
+#          matches them: _pr's code changed after session 69 timed it), dr_expand.py with _pr whole and at bands of
+#          2048 / 1024 and _sr at bands of 512 / 768 / 1024, compute-sanitizer over _pr at 64 columns.  If a band wins
+#          on gate / up, set DR_DENSE_ROWS_BAND; if _sr gains at a smaller band, make kernels.dr_dense_sr_band follow.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -148,6 +154,12 @@ for group in "${groups[@]}"; do
                DR_DECODERS=s DR_DECODE_PARTS=1 CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
                  timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_sr_run.log" 2>&1
                grep "nofill=s" "$OUT/sanitize.log" ;;
+    bands) step tests_bands 300 python3 -m pytest -q tests/test_delta_rows_gpu.py -k "decode_kernel_is_exact and rows"
+           step dr_expand_bands 200 python3 benchmarks/dr_expand.py --dtype bf16 --kernels \
+             "delta_rows_to_dense_nf:1,delta_rows_to_dense_pr,delta_rows_to_dense_pr:2048,delta_rows_to_dense_pr:1024,delta_rows_to_dense_sr:512,delta_rows_to_dense_sr:768,delta_rows_to_dense_sr"
+           DR_DECODERS="b" DR_DECODE_PARTS="4 16" CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
+             timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_b_run.log" 2>&1
+           grep "nofill=b" "$OUT/sanitize.log" ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
@@ -166,6 +178,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands)" ;;
   esac
 done

@@ -432,7 +432,8 @@ def test_delta_rows_two_token_rms_norm_inside_the_parts_kernel(dtype, parts, mon
                 assert err <= 8 * ULP[dtype] * (1 + want.abs().max().item()), (m, kk, pair, err)
 
 
-@pytest.mark.parametrize("mode", ["zeroed", "nofill", "tiled", "tiled_pf", "rows", "split_rows", "split_rows_b64"])
+@pytest.mark.parametrize("mode", ["zeroed", "nofill", "tiled", "tiled_pf", "rows", "rows_b64", "split_rows",
+                                  "split_rows_b64"])
 def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     """The expansion (whole 16-element chunks between a lane's nonzeros, the rest one by one) gives the weight's bits
     at every density, lanes a row and split count, K not a multiple of 16 (chunks across rows), -0.0 dropped, into a
@@ -442,7 +443,9 @@ def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     is not zeroed first); ``rows`` (``delta_rows_to_dense_pr``, session 68): the parts layout a slice a block through
     its rows in shared memory, the split layout still ``_nf``; ``split_rows`` (with ``delta_rows_to_dense_sr``, session
     69, for the split layout where ``K % 8 == 0``: a (slice, split) a block through a band of its window, one split's
-    window of 4104 columns in five passes) and ``split_rows_b64`` (its bands 64 columns: many passes)."""
+    window of 4104 columns in five passes) and ``split_rows_b64`` (its bands 64 columns: many passes); ``rows_b64``:
+    ``_pr``'s blocks 64 columns of their rows (``DR_DENSE_ROWS_BAND``, session 69), so K = 4104 at 4 lanes a row fits
+    too."""
     gen = torch.Generator(device="cuda").manual_seed(14)
     k = _kernels()
     nofill = mode != "zeroed"
@@ -450,8 +453,9 @@ def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     monkeypatch.setattr(k, "DR_DENSE_NOFILL", nofill)
     monkeypatch.setattr(k, "DR_DENSE_TILED", mode.startswith("tiled"))
     monkeypatch.setattr(k, "DR_DENSE_T_PF", mode == "tiled_pf")
-    monkeypatch.setattr(k, "DR_DENSE_ROWS", mode == "rows" or split_rows)
+    monkeypatch.setattr(k, "DR_DENSE_ROWS", mode.startswith("rows") or split_rows)
     monkeypatch.setattr(k, "DR_DENSE_SPLIT_ROWS", split_rows)
+    monkeypatch.setattr(k, "DR_DENSE_ROWS_BAND", 64 if mode == "rows_b64" else 0)
     if mode == "split_rows_b64":
         monkeypatch.setattr(k, "DR_DENSE_SR_BAND", 64)
     launched = record_launches(k, monkeypatch)
@@ -478,8 +482,9 @@ def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
 def _expansion_kernel(k, mode: str, lay: dict, kk: int) -> str:
     """The kernel that ``kernels.decode_dense`` launches for a DeltaRows weight of layout ``lay`` and K ``kk`` in the
     test mode ``mode`` of :func:`test_delta_rows_decode_kernel_is_exact`."""
-    if mode in ("rows", "split_rows", "split_rows_b64") and "parts" in lay:
-        if (32 // lay["parts"]) * kk * 2 <= k.DR_DENSE_ROWS_SMEM:  # (a tile within its shared-memory bound)
+    if mode in ("rows", "rows_b64", "split_rows", "split_rows_b64") and "parts" in lay:
+        band = 64 if mode == "rows_b64" else kk
+        if (32 // lay["parts"]) * band * 2 <= k.DR_DENSE_ROWS_SMEM:  # (a tile within its shared-memory bound)
             return "delta_rows_to_dense_pr"
     if mode.startswith("split_rows") and "parts" not in lay and kk % 8 == 0:
         return "delta_rows_to_dense_sr"

@@ -30,10 +30,36 @@ def test_every_element_written_once():
         assert emu.check(w, want, "tiled") is None, label  # (delta_rows_to_dense_nft, session 63)
         if parts:
             assert emu.check(w, want, "rows") is None, label  # (delta_rows_to_dense_pr, session 68)
+            assert emu.check(w, want, "rows_b64") is None, label  # (its blocks a band of 64 columns, session 69)
         elif k % 8 == 0:  # (delta_rows_to_dense_sr, session 69: a pass, and passes of 64 columns)
             assert emu.check(w, want, "split_rows") is None, label
             assert m != 333 or emu.check(w, want, "split_rows_b64") is None, label
     assert seen == {False, True}
+
+
+def test_rows_band_dispatch(monkeypatch):
+    """``kernels.DR_DENSE_ROWS_BAND`` cuts ``delta_rows_to_dense_pr``'s blocks into bands of that many columns of
+    their rows: grid ``(slices, K / band rounded up)``, the band its last argument, ``32 / P`` rows of it in shared
+    memory; a K whose whole rows do not fit the shared memory then fits (launches faked: no GPU)."""
+    from flash_llm import kernels as k
+    from flash_llm.reference import FORMAT_IDS
+
+    calls = []
+    monkeypatch.setattr(k, "DR_DENSE_ROWS", True)
+    monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args, a)))
+    monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
+    w = torch.zeros(64, 4104, dtype=torch.float16)
+    w[3, 7], w[60, 4100] = 1.0, 2.0
+    dr = DeltaRows.from_dense(w, parts=2)  # (16 rows of 4104: 131 KiB whole, over the 64 KiB bound)
+    for band, name, grid in ((0, "delta_rows_to_dense_nf", (-(-dr.layout.slices // k.DR_DENSE_NF_WARPS), 1, 1)),
+                             (1000, "delta_rows_to_dense_pr", (dr.layout.slices, 5, 1))):
+        monkeypatch.setattr(k, "DR_DENSE_ROWS_BAND", band)
+        calls.clear()
+        k.decode_dense(FORMAT_IDS[DeltaRows], dr.data, dr.offsets, 64, 4104, torch.float16)
+        (got, g, args, rest), = calls
+        assert (got, g) == (name, grid)
+        if band:
+            assert args[-1][0] == 1000 and rest[-1] == 16 * 1000 * 2
 
 
 def test_split_rows_emulator_sees_whole_chunks():

@@ -192,49 +192,55 @@ def emulate_tiled(w: DeltaRows) -> tuple[np.ndarray, np.ndarray]:
 ROWS_WARPS = 8  # DRP_WARPS
 
 
-def emulate_rows(w: DeltaRows, inclusive: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The same for ``delta_rows_to_dense_pr`` (session 68; the parts layout only): a block a slice, its tile of the
-    slice's ``32 / P`` rows zeroed; per chunk of :data:`ROWS_WARPS` groups, warp ``w`` takes group ``8 c + w`` of
-    every lane, sums its 8 steps in bytes as the kernel does, and starts its entries at the lane's running column plus
-    the sums of the warps before it (``inclusive``: and its own, a wrong rule the tests check the emulator sees);
-    nonzeros go into the tile (its bounds asserted); then the tile's rows of real rows are written whole."""
+def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The same for ``delta_rows_to_dense_pr`` (session 68; the parts layout only): a block a slice (and, with
+    ``band``, a block a band of ``band`` columns of its rows: session 69), its tile of the slice's ``32 / P`` rows
+    zeroed; per chunk of :data:`ROWS_WARPS` groups, warp ``w`` takes group ``8 c + w`` of every lane, sums its 8 steps
+    in bytes as the kernel does, and starts its entries at the lane's running column plus the sums of the warps before
+    it (``inclusive``: and its own, a wrong rule the tests check the emulator sees); nonzeros inside the row go into
+    the tile where they fall in the block's band (the row's bounds asserted); then the tile's rows of real rows are
+    written."""
     m, K = w.shape
     out = np.full(m * K, -1, dtype=np.int16)
     count = np.zeros(m * K, dtype=np.int64)
     lay, data, goffs, starts, perm = _arrays(w)
     assert lay.parts > 1 and lay.splits == 1, "delta_rows_to_dense_pr takes the parts layout"
     P = lay.parts
+    band = K if band <= 0 else max(8, min(band // 8 * 8, K))
     for slice_ in range(lay.slices):
         goff, G = int(goffs[slice_]), int(goffs[slice_ + 1]) - int(goffs[slice_])
         rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
-        tile = np.zeros((32 // P, K), dtype=np.int16)
-        run = [int(c) for c in starts[slice_, 0]]
-        for c in range(-(-G // ROWS_WARPS)):
-            sums, groups = np.zeros((ROWS_WARPS, 32), dtype=np.int64), {}
-            for wp in range(ROWS_WARPS):
-                g = c * ROWS_WARPS + wp
+        for b0 in range(0, K, band):
+            nb = min(band, K - b0)
+            tile = np.zeros((32 // P, nb), dtype=np.int16)
+            run = [int(c) for c in starts[slice_, 0]]
+            for c in range(-(-G // ROWS_WARPS)):
+                sums, groups = np.zeros((ROWS_WARPS, 32), dtype=np.int64), {}
+                for wp in range(ROWS_WARPS):
+                    g = c * ROWS_WARPS + wp
+                    for ln in range(32):
+                        vals, d = _group(data, goff + g, ln) if g < G else (np.zeros(8, dtype=np.int16), 0)
+                        t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
+                        sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
+                        groups[wp, ln] = vals, d
+                for wp in range(ROWS_WARPS):
+                    for ln in range(32):
+                        vals, d = groups[wp, ln]
+                        col = run[ln] + int(sums[:wp + inclusive, ln].sum())
+                        for k in range(8):
+                            col += (d >> (4 * k)) & 15
+                            h = int(vals[k])
+                            if rows[ln] >= 0 and h & 0x7FFF:
+                                assert 0 <= col < K, (slice_, ln, col)  # (the row's bounds)
+                                if 0 <= col - b0 < nb:
+                                    tile[ln // P, col - b0] = h
                 for ln in range(32):
-                    vals, d = _group(data, goff + g, ln) if g < G else (np.zeros(8, dtype=np.int16), 0)
-                    t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
-                    sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
-                    groups[wp, ln] = vals, d
-            for wp in range(ROWS_WARPS):
-                for ln in range(32):
-                    vals, d = groups[wp, ln]
-                    col = run[ln] + int(sums[:wp + inclusive, ln].sum())
-                    for k in range(8):
-                        col += (d >> (4 * k)) & 15
-                        h = int(vals[k])
-                        if rows[ln] >= 0 and h & 0x7FFF:
-                            assert 0 <= col < K, (slice_, ln, col)  # (the tile's bounds)
-                            tile[ln // P, col] = h
-            for ln in range(32):
-                run[ln] += int(sums[:, ln].sum())
-        for r in range(32 // P):
-            row = rows[r * P]
-            if row >= 0:
-                out[row * K: (row + 1) * K] = tile[r]
-                count[row * K: (row + 1) * K] += 1
+                    run[ln] += int(sums[:, ln].sum())
+            for r in range(32 // P):
+                row = rows[r * P]
+                if row >= 0:
+                    out[row * K + b0: row * K + b0 + nb] = tile[r]
+                    count[row * K + b0: row * K + b0 + nb] += 1
     return out.reshape(m, K), count.reshape(m, K)
 
 
@@ -311,11 +317,13 @@ def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True) 
 
 def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str | None:
     """None, or what is wrong with the emulated expansion of ``w`` against ``want`` (int16 bits [M, K]);
-    ``variant`` "tiled": ``delta_rows_to_dense_nft``'s; "rows": ``delta_rows_to_dense_pr``'s (the parts layout);
+    ``variant`` "tiled": ``delta_rows_to_dense_nft``'s; "rows": ``delta_rows_to_dense_pr``'s (the parts layout;
+    "rows_b64": its blocks 64 columns of their rows);
     "split_rows" (bands of 1024 columns) and "split_rows_b64" (of 64: many passes): ``delta_rows_to_dense_sr``'s (the
     split layout)."""
     out, count = (emulate_tiled(w) if variant == "tiled"
                   else emulate_rows(w, variant == "rows_inclusive") if variant in ("rows", "rows_inclusive")
+                  else emulate_rows(w, band=64) if variant == "rows_b64"
                   else emulate_split_rows(w, *SPLIT_ROWS_VARIANTS[variant]) if variant in SPLIT_ROWS_VARIANTS
                   else emulate(w, variant))
     if (count != 1).any():
@@ -367,7 +375,7 @@ def main() -> int:
         total += 1
         err = check(w, want) or check(w, want, "tiled")
         if not err and label[3].get("parts", 1) > 1:
-            err = check(w, want, "rows")
+            err = check(w, want, "rows") or check(w, want, "rows_b64")
         elif not err and w.shape[1] % 8 == 0:
             err = check(w, want, "split_rows") or check(w, want, "split_rows_b64")
         if err:

@@ -698,6 +698,12 @@ DR_DENSE_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_ROWS", "1") == "1"
 DR_DENSE_ROWS_SMEM = 64 * 1024
 #: ... its warps a block (``DRP_WARPS`` in spmm.cu: each takes a group of every lane at a time)
 DR_DENSE_ROWS_WARPS = 8
+#: ... the columns of its rows a block writes (``FLASH_LLM_DR_DENSE_ROWS_BAND``; 0: whole rows, one block a slice, as
+#: measured in session 69).  A band cuts the tile (Llama-3-8B's gate / up at 4 lanes a row: 64 KiB, three blocks an SM,
+#: 1.55x the zero fill's time, where q/k/v's 16 KiB tiles run at its speed) for more blocks an SM, each block walking
+#: all its slice's groups and keeping the band's nonzeros (session 69, not yet timed: ``dr_expand.py --kernels
+#: delta_rows_to_dense_pr,delta_rows_to_dense_pr:2048,delta_rows_to_dense_pr:1024``)
+DR_DENSE_ROWS_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_ROWS_BAND", "0"))
 #: with :data:`DR_DENSE_ROWS`: the split layout (one lane a row; OPT's weights, Llama's down) the same way, a block a
 #: (slice, split) through a band of its window's columns in shared memory (``delta_rows_to_dense_sr``, session 69; the
 #: default, ``FLASH_LLM_DR_DENSE_SPLIT_ROWS=0`` for ``_nf``); K a multiple of 8.  Session 69 on an H100 (bf16, 80 %,
@@ -713,13 +719,13 @@ DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "1024"))
 
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
     """Whether ``delta_rows_to_dense_pr`` takes a DeltaRows weight of layout ``lay`` (``delta_rows.layout``) and K
-    ``k`` into ``out``: the parts layout, its tile of ``32 / P`` rows within :data:`DR_DENSE_ROWS_SMEM`, ``out`` on 16
-    bytes; or, with :data:`DR_DENSE_SPLIT_ROWS`, ``delta_rows_to_dense_sr`` the split layout (``k % 8 == 0``)."""
+    ``k`` into ``out``: the parts layout, its tile of ``32 / P`` rows (of :func:`dr_dense_rows_band` columns) within
+    :data:`DR_DENSE_ROWS_SMEM`, ``out`` on 16 bytes; or, with :data:`DR_DENSE_SPLIT_ROWS`, ``delta_rows_to_dense_sr`` the split layout (``k % 8 == 0``)."""
     if out.data_ptr() % 16 or not lay.splits:
         return False
     if lay.parts == 1:
         return DR_DENSE_SPLIT_ROWS and k % 8 == 0
-    return lay.splits == 1 and (32 // lay.parts) * k * 2 <= DR_DENSE_ROWS_SMEM
+    return lay.splits == 1 and (32 // lay.parts) * dr_dense_rows_band(k) * 2 <= DR_DENSE_ROWS_SMEM
 
 
 def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_index: int) -> None:
@@ -733,9 +739,16 @@ def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_in
                args + [(lay.splits, I), (1 if lay.coded else 0, I), (lay.slices, I), (band, I)], stream,
                device_index, 32 * band * 2)
         return
-    launch("delta_rows_to_dense_pr", (lay.slices, 1, 1), 32 * DR_DENSE_ROWS_WARPS,
-           args + [(lay.parts if lay.coded else 0, I), (lay.slices, I), (lay.parts, I)], stream, device_index,
-           (32 // lay.parts) * k * 2)
+    band = dr_dense_rows_band(k)
+    launch("delta_rows_to_dense_pr", (lay.slices, ceil_div(k, band), 1), 32 * DR_DENSE_ROWS_WARPS,
+           args + [(lay.parts if lay.coded else 0, I), (lay.slices, I), (lay.parts, I), (band, I)], stream,
+           device_index, (32 // lay.parts) * band * 2)
+
+
+def dr_dense_rows_band(k: int) -> int:
+    """The columns a block of ``delta_rows_to_dense_pr`` writes: K, or :data:`DR_DENSE_ROWS_BAND` (a multiple of 8)
+    where that is set and smaller."""
+    return k if DR_DENSE_ROWS_BAND <= 0 else max(8, min(DR_DENSE_ROWS_BAND // 8 * 8, k))
 
 
 def dr_dense_sr_band(k: int) -> int:

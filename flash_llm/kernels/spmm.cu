@@ -3588,8 +3588,8 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
     const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int parts) {
   dr_dense_tiled_body<true>(data, offsets, out, K, S, coded, slices, parts);
 }
-// delta_rows_to_dense_pr (session 68, kernels.DR_DENSE_ROWS, off until timed): the parts layout (P >= 2 lanes a row,
-// one split) expanded a slice a block, through a tile of the slice's 32 / P whole rows in shared memory.  The _nf
+// delta_rows_to_dense_pr (session 68, kernels.DR_DENSE_ROWS, the default since session 69): the parts layout (P >= 2
+// lanes a row, one split) expanded a slice a block, through a tile of the slice's 32 / P whole rows in shared memory.  The _nf
 // kernels walk each lane's entries one after another (a column sum, a branch to flush a chunk, 16-byte stores of 32
 // rows a warp store) and write 0.7-1.1 TB/s of dense bytes; here the 8 warps of a block take 8 consecutive groups at a
 // time (warp w group c * 8 + w of every lane: one coalesced 512- or 640-byte load a warp), so a lane's entries are
@@ -3598,25 +3598,29 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
 // thread of the lane: it reads the chunk's 8 sums anyway).  Its nonzeros go into the zeroed tile (16-bit stores), and
 // once every group is placed the block writes its rows whole, 16 bytes a thread, consecutive threads consecutive
 // bytes.  Padding ranks (row -1) are placed nowhere and written nowhere.  `coded`: 0, or the lanes a row (the values
-// coded, dr_decode_coded).  Dynamic shared memory: (32 / P) K 2 bytes (the launcher keeps it within
-// kernels.DR_DENSE_ROWS_SMEM).  benchmarks/diag/dr_dense_emulate.py (emulate_rows) runs these steps on the CPU.
+// coded, dr_decode_coded).  Session 69: a block takes the columns b0 .. b0 + nb - 1 of its slice's rows, b0 =
+// blockIdx.y band (grid.y = K / band rounded up, band a multiple of 8; band = K: whole rows, the default), walking all
+// the slice's groups and placing the band's nonzeros: a smaller tile for more blocks an SM (kernels.DR_DENSE_ROWS_BAND).
+// Dynamic shared memory: (32 / P) band 2 bytes (the launcher keeps it within kernels.DR_DENSE_ROWS_SMEM).
+// benchmarks/diag/dr_dense_emulate.py (emulate_rows) runs these steps on the CPU.
 constexpr int DRP_WARPS = 8;
 extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_pr(const int* __restrict__ data,
-    const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts) {
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts, int band) {
   extern __shared__ __align__(16) unsigned char drp_smem[];
   __shared__ int sums[2][DRP_WARPS][32];
   u16* tile = reinterpret_cast<u16*>(drp_smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, slice = blockIdx.x;
   const int rows = 32 / parts, rl = lane / parts;  // the slice's rows; this lane's row in the tile
+  const int b0 = blockIdx.y * band, nb = min(band, K - b0);  // the block's columns
   const int goff = offsets[slice], G = offsets[slice + 1] - goff;
   const int* perm = dr_perm(offsets, slices, 1);
   const int row = perm[slice * 32 + lane];
   const int gw = coded ? 128 : 160;
   const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
   int run = dr_start(offsets, slices, 1, slice, 0, lane);  // the lane's column before its chunk's first group
-  const int k8 = K >> 3;                                   // 16-byte words a row (K % 8 == 0 in the parts layout)
+  const int k8 = nb >> 3;  // 16-byte words a tile row (K % 8 == 0 in the parts layout)
   for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
-  u16* trow = tile + rl * K;
+  u16* trow = tile + rl * nb;
   // the warp's group of a chunk (zeros past the slice's last: no steps, no nonzeros), the next chunk's asked for
   // before this one's barrier so its latency hides behind the placement
   auto load = [&](int g, uint4& v, u32& d) {
@@ -3652,7 +3656,7 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense
     for (int k = 0; k < 8; ++k) {
       col += (d >> (4 * k)) & 15;
       const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
-      if (row >= 0 && (h & 0x7fff)) trow[col] = h;
+      if (row >= 0 && (h & 0x7fff) && (unsigned)(col - b0) < (unsigned)nb) trow[col - b0] = h;
     }
   }
   __syncthreads();
@@ -3660,7 +3664,7 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense
     const int r = i / k8, q = i - r * k8;
     const int orow = perm[slice * 32 + r * parts];
     if (orow >= 0)
-      reinterpret_cast<uint4*>(out + (long long)orow * K)[q] = reinterpret_cast<const uint4*>(tile)[i];
+      reinterpret_cast<uint4*>(out + (long long)orow * K + b0)[q] = reinterpret_cast<const uint4*>(tile)[i];
   }
 }
 // delta_rows_to_dense_sr (session 69, kernels.DR_DENSE_SPLIT_ROWS): the split layout (one lane a row, S splits)
