@@ -62,6 +62,18 @@ def test_rows_band_dispatch(monkeypatch):
             assert args[-1][0] == 1000 and rest[-1] == 16 * 1000 * 2
 
 
+def test_split_rows_band_is_bounded(monkeypatch):
+    """``delta_rows_to_dense_sr``'s band is a multiple of 8, at most K rounded up to 8, and never more than
+    ``DR_DENSE_SR_BAND_MAX`` columns (its tile within every supported GPU's shared memory), whatever the setting."""
+    from flash_llm import kernels as k
+
+    for setting, kk, want in ((1024, 7168, 1024), (1020, 7168, 1016), (100000, 28672, k.DR_DENSE_SR_BAND_MAX),
+                              (1024, 100, 104), (3, 7168, 8)):
+        monkeypatch.setattr(k, "DR_DENSE_SR_BAND", setting)
+        assert k.dr_dense_sr_band(kk) == want, (setting, kk)
+    assert 32 * k.DR_DENSE_SR_BAND_MAX * 2 + 2432 <= 99 * 1024
+
+
 def test_split_rows_emulator_sees_whole_chunks():
     """``emulate_split_rows`` writing whole 8-column chunks at the ends of a lane's owned columns (not only its own
     elements) writes elements twice where two splits meet inside a chunk, and passes of 64 columns give the one pass's

@@ -715,6 +715,9 @@ DR_DENSE_SPLIT_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_SPLIT_ROWS", "1") == "1
 #: split's groups again (the walk is some 8x under the bytes' time).  Session 69: 512 as fast, 2048 (one block an SM)
 #: 1.3-1.9x slower
 DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "1024"))
+#: ... at most this many (96 KiB of tile: within every sm_80+ GPU's shared memory a block, 99 KiB on sm_86 / sm_89; a
+#: larger setting is cut to it, never a failed launch)
+DR_DENSE_SR_BAND_MAX = 1536
 
 
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
@@ -752,8 +755,9 @@ def dr_dense_rows_band(k: int) -> int:
 
 
 def dr_dense_sr_band(k: int) -> int:
-    """The window columns a pass of ``delta_rows_to_dense_sr`` holds: :data:`DR_DENSE_SR_BAND`, or K where less."""
-    return max(8, min(DR_DENSE_SR_BAND // 8 * 8, ceil_div(k, 8) * 8))
+    """The window columns a pass of ``delta_rows_to_dense_sr`` holds: :data:`DR_DENSE_SR_BAND` (at most
+    :data:`DR_DENSE_SR_BAND_MAX`, a multiple of 8), or K where less."""
+    return max(8, min(min(DR_DENSE_SR_BAND, DR_DENSE_SR_BAND_MAX) // 8 * 8, ceil_div(k, 8) * 8))
 
 
 _DR_RESID, _DR_RMS, _DR_SILU, _DR_LN, _DR_RELU = 1, 2, 4, 8, 16  # spmm.cu: DR_RESID, DR_RMS, ... (the mode bits)
