@@ -8,7 +8,8 @@ batches above 2; bf16 values coded where ``--dtype bf16``).
 
 Each path is first checked against float64 (error at most twice cuBLAS's own plus an ulp); a wrong one is not timed.
 Prints us a call (CUDA-graph replays, weights rotated beyond L2), each path's speedup over cuBLAS, and the GB/s of
-DeltaRows' bytes for the tensor-core kernel.
+DeltaRows' bytes for the tensor-core kernel.  ``--tile-bands``: session 69's ``_tmma`` kernel (``kernels.DR_MMA_TILE``)
+at those bands too.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ SHAPES = {"llama": [("llama-3-8b qkv", 6144, 4096), ("llama-3-8b o", 4096, 4096)
                   ("opt-30b fc2", 7168, 28672)]}
 
 
-def call(w, x, mma: bool, xring: bool = True, chunks: bool = False):
-    """spmm on ``w`` with DeltaRows' tensor-core kernel on (``mma``; X through its ring where ``xring``) or off (N <=
-    8: the multi-token kernel; above, the expansion, or with ``chunks`` the multi-token kernels 8 tokens at most a
-    launch, ``kernels.DELTA_CHUNK_MAX``)."""
+def call(w, x, mma: bool, xring: bool = True, chunks: bool = False, tile: int = 0):
+    """spmm on ``w`` with DeltaRows' tensor-core kernel on (``mma``; X through its ring where ``xring``; with ``tile``
+    session 69's ``_tmma`` kernel, passes of that many window columns) or off (N <= 8: the multi-token kernel; above,
+    the expansion, or with ``chunks`` the multi-token kernels 8 tokens at most a launch,
+    ``kernels.DELTA_CHUNK_MAX``)."""
     K.DR_MMA_MIN = 1 if mma else 33
     K.DR_MMA_XRING = xring
+    K.DR_MMA_TILE = bool(tile)
+    K.DR_MMA_TILE_BAND = tile or K.DR_MMA_TILE_BAND
     K.DELTA_CHUNK_MAX = 4096 if chunks else 8
     m, k = w.shape
     return K.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, k, None)
@@ -49,10 +53,13 @@ def main() -> None:
     ap.add_argument("--ns", default="8,16,32")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
     ap.add_argument("--shapes", default="llama,opt")
+    ap.add_argument("--tile-bands", default="256,512,1024",
+                    help="bands of session 69's _tmma kernel to time (tmma<band> columns; '' for none)")
     a = ap.parse_args()
+    bands = [int(v) for v in a.tile_bands.split(",") if v]
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     ns = [int(v) for v in a.ns.split(",")]
-    saved = K.DR_MMA_MIN, K.DR_MMA_XRING, K.DELTA_CHUNK_MAX
+    saved = K.DR_MMA_MIN, K.DR_MMA_XRING, K.DELTA_CHUNK_MAX, K.DR_MMA_TILE, K.DR_MMA_TILE_BAND
     print(T.environment())
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -75,6 +82,8 @@ def main() -> None:
             t = {}
             paths = {"mma": lambda ww: call(ww, x, True, False), "mma-x": lambda ww: call(ww, x, True),
                      "tiled-csl": lambda ww: call(ww, x, False)}
+            for b in bands:
+                paths[f"tmma{b}"] = lambda ww, b=b: call(ww, x, True, tile=b)
             if n <= 8:
                 paths["nt8"] = lambda ww: call(ww, x, False)
             else:  # DeltaRows' path there today: the expansion and cuBLAS; or chunks of 8 tokens at most
@@ -93,9 +102,9 @@ def main() -> None:
             print(label, n, {c: round(v * 1e6, 1) for c, v in t.items()}, flush=True)
         del dense, ws, tcs, dws
         torch.cuda.empty_cache()
-    K.DR_MMA_MIN, K.DR_MMA_XRING, K.DELTA_CHUNK_MAX = saved
+    K.DR_MMA_MIN, K.DR_MMA_XRING, K.DELTA_CHUNK_MAX, K.DR_MMA_TILE, K.DR_MMA_TILE_BAND = saved
     print(f"\nus a call, {a.dtype}, sparsity {a.sparsity}; speedup over cuBLAS in brackets; mma's GB/s of its bytes")
-    cols = ["mma", "mma-x", "nt8", "chunks", "expand", "tiled-csl", "cuBLAS"]
+    cols = ["mma", "mma-x"] + [f"tmma{b}" for b in bands] + ["nt8", "chunks", "expand", "tiled-csl", "cuBLAS"]
     print("| shape | N | splits | coded | MB | " + " | ".join(cols) + " | mma GB/s |")
     print("|---" * (6 + len(cols)) + "|")
     for label, n, s, coded, mb, t in rows:

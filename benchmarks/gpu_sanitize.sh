@@ -7,7 +7,7 @@
 # K = 1016, 3 splits; EPILOGUES="" for none; "silu": SiLU x up alone; EPILOGUE_N=8: at N = 8, `_nt1` and splitk_reduce).  ATTN=0 skips the decode-attention runs (bench_decode_attention.py
 # --check-only, only the decode_attn kernels instrumented).  DR=0 skips the DeltaRows runs (benchmarks/delta_rows_check.py:
 # both layouts, 1-8 tokens, every epilogue, only the delta_rows kernels instrumented).  DR_MMA=0 skips DeltaRows' tensor-core
-# kernel (forced on at N = 16, X's ring on and off).  The decoder runs include DeltaRows' (split and parts layouts, with
+# kernel (forced on at N = 16, X's ring on and off, session 69's _tmma; DR_MMA_ENVS picks).  The decoder runs include DeltaRows' (split and parts layouts, with
 # and without its zero fill).  Output under $OUT/sanitize.log.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 FLASH_LLM_CACHE=/tmp/flc
@@ -47,7 +47,7 @@ for tool in memcheck racecheck; do
     echo "$tool delta-rows (delta_rows_check.py): $r" | tee -a "$OUT/sanitize.log"
   fi
   if [ "${DR_MMA:-1}" != 0 ]; then  # DeltaRows on the tensor cores (off by default: forced here), X's ring on / off
-    for env in FLASH_LLM_DR_MMA_XRING=1 FLASH_LLM_DR_MMA_XRING=0; do
+    for env in ${DR_MMA_ENVS:-FLASH_LLM_DR_MMA_XRING=1 FLASH_LLM_DR_MMA_XRING=0 FLASH_LLM_DR_MMA_TILE=1}; do
       r=$(env FLASH_LLM_DR_MMA_MIN=1 $env timeout 120 compute-sanitizer --tool $tool --report-api-errors no \
           --error-exitcode 9 python3 benchmarks/profile_kernel.py --fmt delta-rows --m 200 --k 1000 --n 16 \
           --sparsity 0.7 --parts 1 --iters 2 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|max err" | tr '\n' ' ')

@@ -21,6 +21,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh rows                      (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh splitrows                 (about 7 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh bands                     (about 4 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tmma                      (about 8 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -73,6 +74,11 @@
 #          matches them: _pr's code changed after session 69 timed it), dr_expand.py with _pr whole and at bands of
 #          2048 / 1024 and _sr at bands of 512 / 768 / 1024, compute-sanitizer over _pr at 64 columns.  If a band wins
 #          on gate / up, set DR_DENSE_ROWS_BAND; if _sr gains at a smaller band, make kernels.dr_dense_sr_band follow.
+# tmma:    session 69's delta_rows_spmm_<dtype>_tmma<NT> (the split layout on the tensor cores through _sr's
+#          block-parallel placement, FLASH_LLM_DR_MMA_TILE with DR_MMA_MIN): its GPU test (tensor_core_kernel[tile]:
+#          every density, 1-32 tokens, bands of 256 columns), dr_mma.py at 8 and 16 tokens (against _mma, the 8-token
+#          kernel, its chunks, Tiled-CSL and cuBLAS, at bands of 256 / 512 / 1024), compute-sanitizer at 16 tokens.  If
+#          it beats Tiled-CSL at 8-16 tokens, an engine could keep DeltaRows from batch 4 (DELTA_TCSL_MIN_BATCH) with it.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -160,6 +166,11 @@ for group in "${groups[@]}"; do
            DR_DECODERS="b" DR_DECODE_PARTS="4 16" CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
              timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_b_run.log" 2>&1
            grep "nofill=b" "$OUT/sanitize.log" ;;
+    tmma) step tests_tmma 300 python3 -m pytest -q tests/test_delta_rows_gpu.py -k "tensor_core_kernel and tile"
+          step dr_mma_tile 300 python3 benchmarks/dr_mma.py --ns 8,16 --dtype bf16
+          DR_MMA_ENVS="FLASH_LLM_DR_MMA_TILE=1" CFGS="" EPILOGUES="" ATTN=0 DR=0 DECODERS=0 \
+            timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_tmma_run.log" 2>&1
+          grep "mma" "$OUT/sanitize.log" ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
@@ -178,6 +189,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma)" ;;
   esac
 done

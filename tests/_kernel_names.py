@@ -24,4 +24,6 @@ EXPECTED_KERNELS = (
     | {f"delta_rows_spmm_{dt}_mma{nt}" for dt in ("f16", "bf16") for nt in (8, 16, 32)}
     | {f"delta_rows_spmm_{dt}_mma{nt}x" for dt in ("f16", "bf16") for nt in (8, 16)}
     | {f"delta_rows_spmm_bf16_mma{nt}c" for nt in (8, 16, 32)} | {f"delta_rows_spmm_bf16_mma{nt}cx" for nt in (8, 16)}
+    | {f"delta_rows_spmm_{dt}_tmma{nt}" for dt in ("f16", "bf16") for nt in (8, 16, 32)}
+    | {f"delta_rows_spmm_bf16_tmma{nt}c" for nt in (8, 16, 32)}
 )

@@ -743,20 +743,25 @@ def test_engine_codes_the_values_at_batch_1(monkeypatch):
         assert l0 is not None and torch.equal(l0, l1)
 
 
+@pytest.mark.parametrize("tile", [False, True], ids=["ring", "tile"])
 @pytest.mark.parametrize("coded", [False, True], ids=["plain", "coded"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_delta_rows_tensor_core_kernel(dtype, coded, monkeypatch):
+def test_delta_rows_tensor_core_kernel(dtype, coded, tile, monkeypatch):
     """The tensor-core kernel (``delta_rows_spmm_<dtype>_mma<8|16|32>[c]``, session 60) against the reference: every
     density from empty to full, K odd and not a multiple of 16 (the ring's last block past K), 1-32 tokens (forced down
     to 1 through ``DR_MMA_MIN``), split counts 1 / 7 / the default, X staged through its ring (``_mma<NT>x``) or read
     from global memory (K % 8 != 0, 32 tokens, X off its 4-byte alignment: 2-byte loads), the
     bias, the residual add and SiLU x up of paired halves, poisoned outputs; a second launch gives the same bits.
     (Session 60's one GPU run failed on fp16, bf16 and bf16 coded; the fault found since -- a drain pass wider than the
-    ring -- is fixed, and this test has not run on a GPU after it: the kernel is off by default, ``DR_MMA_MIN``.)"""
+    ring -- is fixed, and this test has not run on a GPU after it: the kernel is off by default, ``DR_MMA_MIN``.)
+    ``tile``: session 69's ``_tmma<NT>[c]`` (``DR_MMA_TILE``) where K % 8 == 0 and X lies on 16 bytes, its window in
+    passes of 256 columns (the shapes' windows take one to many)."""
     if coded and dtype != torch.bfloat16:
         pytest.skip("coded values are bf16 only")
     k = _kernels()
     monkeypatch.setattr(k, "DR_MMA_MIN", 1)
+    monkeypatch.setattr(k, "DR_MMA_TILE", tile)
+    monkeypatch.setattr(k, "DR_MMA_TILE_BAND", 256)
     launched = record_launches(k, monkeypatch)
     gen = torch.Generator(device="cuda").manual_seed(600 + int(coded) + (dtype == torch.bfloat16))
     for (m, kk), density in (((64, 64), 1.0), ((96, 4096), 0.2), ((70, 517), 0.5), ((128, 2056), 0.01),
@@ -779,8 +784,11 @@ def test_delta_rows_tensor_core_kernel(dtype, coded, monkeypatch):
                     y = run_kernel(x, w, bias)
                     nt = 8 if n <= 8 else 16 if n <= 16 else 32
                     xring = k.DR_MMA_XRING and nt <= 16 and kk % 8 == 0 and not unaligned  # (X's ring: _mma<NT>x)
-                    assert f"delta_rows_spmm_{'bf16' if dtype == torch.bfloat16 else 'f16'}_mma{nt}" \
-                        f"{'c' if coded else ''}{'x' if xring else ''}" in launched, launched
+                    dt = "bf16" if dtype == torch.bfloat16 else "f16"
+                    want = (f"delta_rows_spmm_{dt}_tmma{nt}{'c' if coded else ''}"
+                            if tile and kk % 8 == 0 and not unaligned
+                            else f"delta_rows_spmm_{dt}_mma{nt}{'c' if coded else ''}{'x' if xring else ''}")
+                    assert want in launched, launched
                     check(y, x, w_dense, bias)
                     assert torch.equal(run_kernel(x, w, bias), y)
     # the epilogues: the residual add, SiLU x up of paired halves (into poisoned outputs)
@@ -795,7 +803,7 @@ def test_delta_rows_tensor_core_kernel(dtype, coded, monkeypatch):
         kw = _epilogue_kwargs(case, acc, n, m, dtype)
         launched.clear()
         got = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, bias, **kw)
-        assert any("_mma16" in name for name in launched), launched
+        assert any(("_tmma16" if tile else "_mma16") in name for name in launched), launched
         monkeypatch.setattr(k, "DR_MMA_MIN", 33)  # the same through the expansion and cuBLAS
         kw2 = _epilogue_kwargs(case, acc, n, m, dtype)
         want = k.spmm_cuda(x, w.data, w.offsets, fid, m, kk, bias, **kw2)

@@ -723,7 +723,8 @@ DR_DENSE_SR_BAND_MAX = 1536
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
     """Whether ``delta_rows_to_dense_pr`` takes a DeltaRows weight of layout ``lay`` (``delta_rows.layout``) and K
     ``k`` into ``out``: the parts layout, its tile of ``32 / P`` rows (of :func:`dr_dense_rows_band` columns) within
-    :data:`DR_DENSE_ROWS_SMEM`, ``out`` on 16 bytes; or, with :data:`DR_DENSE_SPLIT_ROWS`, ``delta_rows_to_dense_sr`` the split layout (``k % 8 == 0``)."""
+    :data:`DR_DENSE_ROWS_SMEM`, ``out`` on 16 bytes; or, with :data:`DR_DENSE_SPLIT_ROWS`, ``delta_rows_to_dense_sr``
+    the split layout (``k % 8 == 0``)."""
     if out.data_ptr() % 16 or not lay.splits:
         return False
     if lay.parts == 1:
@@ -804,6 +805,25 @@ def dr_token_chunks(n: int) -> list[tuple[int, int]]:
     return [(edges[p], edges[p + 1]) for p in range(parts)]
 
 
+#: with the tensor-core kernel on (:data:`DR_MMA_MIN`): ``delta_rows_spmm_<dtype>_tmma<NT>`` instead of ``_mma<NT>``
+#: where ``K % 8 == 0`` and X lies on 16 bytes (``FLASH_LLM_DR_MMA_TILE=1``; session 69, not yet run on a GPU): a
+#: block a (slice, split) places the split's nonzeros into a tile of its window as ``delta_rows_to_dense_sr`` does (the
+#: 8 warps on 8 groups of every lane at once, no dependent chain a warp), then multiplies the tile on the tensor
+#: cores, in passes of :data:`DR_MMA_TILE_BAND` window columns (``docs/kernels.md``, "What session 69's expansions
+#: suggest")
+DR_MMA_TILE = os.environ.get("FLASH_LLM_DR_MMA_TILE", "0") == "1"
+#: ... its band (``FLASH_LLM_DR_MMA_TILE_BAND``; a multiple of 16 from 256 to 1024: shared memory (32 + NT) (2 band +
+#: 16) bytes, 50 KiB at 512 columns and 16 tokens)
+DR_MMA_TILE_BAND = int(os.environ.get("FLASH_LLM_DR_MMA_TILE_BAND", "512"))
+DRTM_WARPS = 8  # spmm.cu: warps a block of the _tmma kernels
+
+
+def dr_mma_tile_band() -> int:
+    """:data:`DR_MMA_TILE_BAND` as a multiple of 16 within 256 .. 1024 (below 256 the warps' sums would not fit the
+    shared memory they reuse; above 1024 at 32 tokens the tile and X pass 128 KiB)."""
+    return max(256, min(1024, DR_MMA_TILE_BAND // 16 * 16))
+
+
 def dr_mma_ok(n: int, parts: int) -> bool:
     """Whether ``n`` tokens on a DeltaRows weight of ``parts`` lanes a row run the tensor-core kernel."""
     return parts == 1 and max(DR_MMA_MIN, 1) <= n <= min(DR_MMA_MAX, 32)
@@ -836,6 +856,14 @@ def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Ten
     suffix = _dtype_suffix(x.dtype)
     pdl = PDL_SPMM and getattr(_static, "on", False)
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
+    if DR_MMA_TILE and k % 8 == 0 and x.data_ptr() % 16 == 0:  # (the block-parallel placement, session 69)
+        band = dr_mma_tile_band()
+        launch(f"delta_rows_spmm_{suffix}_tmma{nt}{'c' if lay.coded else ''}", (slices, s, 1), 32 * DRTM_WARPS,
+               [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I),
+                (n, I), (k, I), (m, I), (slices, I), (band, I)], stream, dev.index, (32 + nt) * (2 * band + 16),
+               pdl=pdl)
+        _dr_reduce(ws, y, bias, s, n, m, mode, stream, dev, pdl)
+        return y
     vec = int(k % 2 == 0 and x.data_ptr() % 4 == 0)
     xring = DR_MMA_XRING and nt <= 16 and k % 8 == 0 and x.data_ptr() % 16 == 0
     launch(f"delta_rows_spmm_{suffix}_mma{nt}{'c' if lay.coded else ''}{'x' if xring else ''}",

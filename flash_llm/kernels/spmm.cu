@@ -3270,6 +3270,173 @@ INSTANTIATE_DR_MMA_CODED(32)
 INSTANTIATE_DR_MMA_CODED_X(8)
 INSTANTIATE_DR_MMA_CODED_X(16)
 
+// delta_rows_spmm_<dtype>_tmma<NT>[c] (session 69, kernels.DR_MMA_TILE; with DR_MMA_MIN <= N <= DR_MMA_MAX): the
+// split layout's tensor-core product built on delta_rows_to_dense_sr's placement instead of _mma's per-warp ring.  A
+// block of DRT_WARPS warps takes one (slice, split); its window (the 16-column steps from a0 & ~15 to a0 + w) in
+// passes of `band` columns (a multiple of 16, the launcher's kernels.DR_MMA_TILE_BAND).  Each pass: the tile (the
+// slice's 32 rows of the band, rows DRT pitch bytes apart: +16 so ldmatrix's 8 rows sit in 8 bank quads) zeroed and
+// X's band staged (NT token rows of it, 16-byte loads: K % 8 == 0, X on 16 bytes; tokens >= N and columns >= K as 0);
+// the split's nonzeros of the band placed as _sr places them (warp w group c * 8 + w of every lane, step sums posted
+// double-buffered, one barrier a chunk); then warp w multiplies the band's 16-column steps w, w + 8, ... (ldmatrix.x4
+// of the tile's two 16-row halves, of X's tokens as _mma<NT>x does, mma.m16n8k16 into fp32 sums).  The split's tile
+// holds only its own nonzeros, so the whole window is multiplied with no ownership rule.  After the passes the warps'
+// sums meet in shared memory in warp order (deterministic) and the block writes the split's partials ws[s][t][row],
+// which delta_rows_reduce_<dtype> sums with the epilogue.  Dynamic shared memory: (32 + NT) pitch bytes.
+constexpr int DRTM_WARPS = 8;
+template <bool BF16, int NT, bool CODED>
+DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restrict__ offsets,
+                               const u16* __restrict__ x, float* __restrict__ ws, int S, int N, int K, int M,
+                               int slices, int band) {
+  extern __shared__ __align__(16) unsigned char drt_smem[];
+  __shared__ int sums[2][DRTM_WARPS][32];
+  const int pitch = 2 * band + 16;
+  unsigned char* tile = drt_smem;
+  unsigned char* xs = drt_smem + 32 * pitch;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, slice = blockIdx.x, s = blockIdx.y;
+  pdl_launch_dependents();
+  int goff, g0, g1;
+  dr_split(offsets, slice, s, S, goff, g0, g1);
+  const int G = g1 - g0;
+  const int* perm = dr_perm(offsets, slices, S) + slice * 32;
+  const int row = perm[lane];
+  const int start = dr_start(offsets, slices, S, slice, s, lane);
+  const int* win = dr_win(offsets, slices, S, slice, s);
+  const int c_lo = win[0] & ~15, c_hi = win[0] + win[1];
+  const int gw = CODED ? 128 : 160;
+  const uint2 lut = CODED ? dr_lut(data, offsets, slices, slice * 32 + lane) : make_uint2(0, 0);
+  const int* gbase = data + (long long)(goff + g0) * gw;
+  auto load = [&](int g, uint4& v, u32& d) {  // (branch-free: the group past the split's last reads as zeros)
+    const bool in = g < G;
+    const int* gp = gbase + (long long)(in ? g : 0) * gw;
+    v = in ? __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane)) : make_uint4(0, 0, 0, 0);
+    d = in ? (CODED ? v.w : (u32)__ldg(gp + 128 + lane)) : 0u;
+  };
+  float acc[2][NT / 8][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  const u32 tb = smem_addr(tile), xb = smem_addr(xs);
+  // ldmatrix.x4 addresses: A (lanes 0-7 / 8-15 / 16-23 / 24-31: rows +0 / +8, columns +0 / +8), B (tokens
+  // lane & 7 (+ 8 for lanes 16-31), columns + 8 for lanes 8-15 / 24-31), as _mma<NT>x
+  const u32 la = tb + ((lane & 7) + ((lane >> 3) & 1) * 8) * pitch + (lane >> 4) * 16;
+  const u32 xa = xb + ((lane & 7) + 8 * (lane >> 4)) * pitch + 16 * ((lane >> 3) & 1);
+  pdl_wait();  // X after the previous kernel
+  for (int b0 = c_lo; b0 < c_hi; b0 += band) {
+    const int nb = min(band, (c_hi - b0 + 15) & ~15), nb8 = nb >> 3;
+    for (int i = tid; i < 32 * nb8; i += 32 * DRTM_WARPS) {
+      const int r = i / nb8, q = i - r * nb8;
+      *reinterpret_cast<uint4*>(tile + r * pitch + 16 * q) = make_uint4(0, 0, 0, 0);
+    }
+    for (int i = tid; i < NT * nb8; i += 32 * DRTM_WARPS) {
+      const int t = i / nb8, q = i - t * nb8, c = b0 + 8 * q;
+      *reinterpret_cast<uint4*>(xs + t * pitch + 16 * q) =
+          t < N && c < K ? __ldg(reinterpret_cast<const uint4*>(x + (long long)t * K + c)) : make_uint4(0, 0, 0, 0);
+    }
+    unsigned char* trow = tile + lane * pitch;
+    int run = start;
+    uint4 vn;
+    u32 dn;
+    load(warp, vn, dn);
+    for (int c = 0; c * DRTM_WARPS < G; ++c) {
+      uint4 v = vn;
+      const u32 d = dn;
+      load((c + 1) * DRTM_WARPS + warp, vn, dn);
+      if (CODED && c * DRTM_WARPS + warp < G) v = dr_decode_coded(v, lut);
+      const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
+      sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
+      __syncthreads();  // (the first also orders the tile's zeroing and X's staging before the placement)
+      int col = run, total = 0;
+#pragma unroll
+      for (int q = 0; q < DRTM_WARPS; ++q) {
+        const int sq = sums[c & 1][q][lane];
+        col += q < warp ? sq : 0;
+        total += sq;
+      }
+      run += total;
+      const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        col += (d >> (4 * k)) & 15;
+        const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
+        const int j = col - b0;
+        if (row >= 0 && (h & 0x7fff) && (unsigned)j < (unsigned)nb) *reinterpret_cast<u16*>(trow + 2 * j) = h;
+      }
+    }
+    __syncthreads();  // the placement (and, without groups, the zeroing and X) before the products
+    for (int q = warp; q < (nb >> 4); q += DRTM_WARPS) {
+      const u32 cb = 32 * q;
+      u32 a[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(a[h][0]), "=r"(a[h][1]), "=r"(a[h][2]), "=r"(a[h][3])
+                     : "r"(la + h * 16 * pitch + cb));
+#pragma unroll
+      for (int i = 0; i < (NT + 15) / 16; ++i) {
+        u32 bl[2], bh[2];  // tokens 16 i .. + 7 and + 8 .. + 15: the B fragments (columns + 0 / + 8)
+        if (NT == 8) {
+          asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(bl[0]), "=r"(bl[1])
+                       : "r"(xa + cb));
+        } else {
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(bl[0]), "=r"(bl[1]), "=r"(bh[0]), "=r"(bh[1]) : "r"(xa + i * 16 * pitch + cb));
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          mma16816<BF16>(acc[h][(2 * i) % (NT / 8)], a[h], bl);
+          if (NT > 8) mma16816<BF16>(acc[h][(2 * i + 1) % (NT / 8)], a[h], bh);
+        }
+      }
+    }
+    __syncthreads();  // the products before the next pass overwrites the tile and X (or the sums below, the tile)
+  }
+  // the warps' sums in shared memory (over the tile: 8 warps x 2 NT 4 x 32 floats, within 32 pitch bytes), then
+  // summed in warp order: acc[h][j][e] is row rank 16 h + lane / 4 (+ 8 for e >= 2), token 8 j + 2 (lane % 4) (+1
+  // for odd e)
+  constexpr int NV = 2 * (NT / 8) * 4;
+  float* red = reinterpret_cast<float*>(drt_smem);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[((warp * NV) + (h * (NT / 8) + j) * 4 + e) * 32 + lane] = acc[h][j][e];
+  __syncthreads();
+  for (int o = tid; o < NV * 32; o += 32 * DRTM_WARPS) {
+    const int idx = o >> 5, ln = o & 31, h = idx / ((NT / 8) * 4), j = (idx >> 2) % (NT / 8), e = idx & 3;
+    const int rank = 16 * h + (ln >> 2) + 8 * (e >> 1), t = 8 * j + 2 * (ln & 3) + (e & 1);
+    const int r = perm[rank];
+    if (r < 0 || t >= N) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < DRTM_WARPS; ++w) v += red[(w * NV + idx) * 32 + ln];
+    ws[((long long)s * N + t) * M + r] = v;
+  }
+}
+#define DR_TMMA_ARGS                                                                                            \
+  const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, float *__restrict__ ws, \
+      int S, int N, int K, int M, int slices, int band
+#define INSTANTIATE_DR_TMMA(NAME, BF16, NT)                                                                     \
+  extern "C" __global__ void __launch_bounds__(32 * DRTM_WARPS, 2) delta_rows_spmm_##NAME##_tmma##NT(DR_TMMA_ARGS) { \
+    delta_rows_tmma_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, band);                     \
+  }
+INSTANTIATE_DR_TMMA(f16, false, 8)
+INSTANTIATE_DR_TMMA(f16, false, 16)
+INSTANTIATE_DR_TMMA(f16, false, 32)
+INSTANTIATE_DR_TMMA(bf16, true, 8)
+INSTANTIATE_DR_TMMA(bf16, true, 16)
+INSTANTIATE_DR_TMMA(bf16, true, 32)
+#define INSTANTIATE_DR_TMMA_CODED(NT)                                                                           \
+  extern "C" __global__ void __launch_bounds__(32 * DRTM_WARPS, 2) delta_rows_spmm_bf16_tmma##NT##c(DR_TMMA_ARGS) {  \
+    delta_rows_tmma_body<true, NT, true>(data, offsets, x, ws, S, N, K, M, slices, band);                      \
+  }
+INSTANTIATE_DR_TMMA_CODED(8)
+INSTANTIATE_DR_TMMA_CODED(16)
+INSTANTIATE_DR_TMMA_CODED(32)
+
 // delta_rows_reduce_<dtype>: y[t][m] from the _nt kernels' partials ws[s][t][m] (M weight rows, N tokens), summed in
 // split order, 16 splits' loads in flight; one thread an output.  mode (DR_RESID, DR_SILU) as the _n1 kernel's, with
 // its rounding steps: + bias; DR_RESID: added into Y; DR_SILU (a paired weight, M even, no bias): silu(g) u of rows m
@@ -3589,10 +3756,10 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
   dr_dense_tiled_body<true>(data, offsets, out, K, S, coded, slices, parts);
 }
 // delta_rows_to_dense_pr (session 68, kernels.DR_DENSE_ROWS, the default since session 69): the parts layout (P >= 2
-// lanes a row, one split) expanded a slice a block, through a tile of the slice's 32 / P whole rows in shared memory.  The _nf
-// kernels walk each lane's entries one after another (a column sum, a branch to flush a chunk, 16-byte stores of 32
-// rows a warp store) and write 0.7-1.1 TB/s of dense bytes; here the 8 warps of a block take 8 consecutive groups at a
-// time (warp w group c * 8 + w of every lane: one coalesced 512- or 640-byte load a warp), so a lane's entries are
+// lanes a row, one split) expanded a slice a block, through a tile of the slice's 32 / P whole rows in shared memory.
+// The _nf kernels walk each lane's entries one after another (a column sum, a branch to flush a chunk, 16-byte stores
+// of 32 rows a warp store) and write 0.7-1.1 TB/s of dense bytes; here the 8 warps of a block take 8 consecutive groups
+// at a time (warp w group c * 8 + w of every lane: one coalesced 512- or 640-byte load a warp), so a lane's entries are
 // placed in parallel: each thread sums its group's 8 steps, the 8 warps post the sums (double-buffered by chunk, one
 // barrier a chunk), and each thread adds those of the warps before it to its lane's running column (kept by every
 // thread of the lane: it reads the chunk's 8 sums anyway).  Its nonzeros go into the zeroed tile (16-bit stores), and
@@ -3600,7 +3767,8 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
 // bytes.  Padding ranks (row -1) are placed nowhere and written nowhere.  `coded`: 0, or the lanes a row (the values
 // coded, dr_decode_coded).  Session 69: a block takes the columns b0 .. b0 + nb - 1 of its slice's rows, b0 =
 // blockIdx.y band (grid.y = K / band rounded up, band a multiple of 8; band = K: whole rows, the default), walking all
-// the slice's groups and placing the band's nonzeros: a smaller tile for more blocks an SM (kernels.DR_DENSE_ROWS_BAND).
+// the slice's groups and placing the band's nonzeros: a smaller tile for more blocks an SM
+// (kernels.DR_DENSE_ROWS_BAND).
 // Dynamic shared memory: (32 / P) band 2 bytes (the launcher keeps it within kernels.DR_DENSE_ROWS_SMEM).
 // benchmarks/diag/dr_dense_emulate.py (emulate_rows) runs these steps on the CPU.
 constexpr int DRP_WARPS = 8;
