@@ -10,7 +10,10 @@ A setting is a module attribute of :mod:`flash_llm.kernels` read at launch time 
 
 Per setting it prints the median time to first token (``Generation.ttft_s``: the prefill of the batch's prompts and
 the first sampling) and, once each, the prefill's CUDA kernel time by kernel name under ``torch.profiler`` (top
-``--top``), so a kernel's gain can be followed into the prefill.  ``--json`` writes all of it.
+``--top``), so a kernel's gain can be followed into the prefill.  With ``--graph`` it also captures the prefill in a
+CUDA graph under each setting and times its replays (since session 69; before, under the defaults only): the eager
+time to first token is bound by the host's launches (Llama-3-8B: 57-136 ms either way in session 69, where the
+graph's was 15.6 against 23.8), so a kernel's gain shows there.  ``--json`` writes all of it.
 """
 from __future__ import annotations
 
@@ -146,7 +149,9 @@ def main(argv=None) -> int:
                    help='"name:ATTR=V,...;name2:..." (attributes of flash_llm.kernels; an empty list is the defaults)')
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--top", type=int, default=8)
-    p.add_argument("--graph", action="store_true", help="also time the prefill captured in a CUDA graph (a what-if)")
+    p.add_argument("--graph", action="store_true",
+                   help="also time the prefill captured in a CUDA graph under each setting (the eager time to first "
+                        "token is bound by the host's launches on small models)")
     p.add_argument("--engine-graphs", action="store_true",
                    help="let the engine capture its prefill (engine.PREFILL_GRAPHS; off here by default: a graph keeps the "
                         "switches it was captured under, so the settings would not differ)")
@@ -177,7 +182,12 @@ def main(argv=None) -> int:
     for name, values in settings:
         with applied(values):
             prof[name] = kernel_times(eng, prompts, args.top)
-    graph = prefill_graph(eng, prompts, args.rounds) if args.graph else None
+    graph = None
+    if args.graph:  # (captured under each setting: the switches are read as the kernels are launched, so captured)
+        graph = {}
+        for name, values in settings:
+            with applied(values):
+                graph[name] = prefill_graph(eng, prompts, args.rounds)
     card = torch.cuda.get_device_name(dev)
     print(f"\n{args.model} {args.format} {args.sparsity:g} % {args.dtype}, batch {args.batch}, prompt {args.prompt}, "
           f"{card}, torch {torch.__version__}")
@@ -185,13 +195,18 @@ def main(argv=None) -> int:
         print(f"\n{name}: prefill kernels (one generate of one token, us, calls)")
         for n, t, c in prof[name]:
             print(f"  {t:10.1f} {c:5d}  {n}")
-    print("\nsetting | TTFT median ms | min | max | rounds")
-    print("---|---|---|---|---")
+    print("\nsetting | TTFT median ms | min | max | rounds" + (" | prefill in a CUDA graph, GPU ms" if graph else ""))
+    print("---|---|---|---|---" + ("|---" if graph else ""))
     for name, _ in settings:
         t = times[name]
-        print(f"{name} | {statistics.median(t):.2f} | {min(t):.2f} | {max(t):.2f} | {len(t)}")
+        cell = ""
+        if graph:
+            gr = graph[name]
+            cell = f" | {gr['graph_gpu_ms']:.2f}" if "graph_gpu_ms" in gr else f" | {gr.get('capture_error', '-')}"
+        print(f"{name} | {statistics.median(t):.2f} | {min(t):.2f} | {max(t):.2f} | {len(t)}{cell}")
     if graph is not None:
-        print(f"\nprefill eager / CUDA graph (defaults): {json.dumps(graph)}")
+        for name, gr in graph.items():
+            print(f"prefill eager / CUDA graph ({name}): {json.dumps(gr)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "card": card, "torch": torch.__version__,
