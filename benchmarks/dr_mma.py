@@ -55,7 +55,11 @@ def main() -> None:
     ap.add_argument("--shapes", default="llama,opt")
     ap.add_argument("--tile-bands", default="256,512,1024",
                     help="bands of session 69's _tmma kernel to time (tmma<band> columns; '' for none)")
+    ap.add_argument("--tile-splits", default="",
+                    help="split counts to time _tmma at too (tmma<band>s<S>, the weight encoded again with S splits): "
+                         "its partials, S x N x M floats, are written and read again, which costs the small layers")
     a = ap.parse_args()
+    tile_splits = [int(v) for v in a.tile_splits.split(",") if v]
     bands = [int(v) for v in a.tile_bands.split(",") if v]
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     ns = [int(v) for v in a.ns.split(",")]
@@ -73,6 +77,10 @@ def main() -> None:
             w = w.code_values() or w
         tc = TiledCSL.from_dense(dense)
         ws, tcs = T.weight_copies(w), T.weight_copies(tc)
+        by_splits = {}
+        for sp in tile_splits:
+            ww = DeltaRows.from_dense(dense, splits=sp, parts=1)
+            by_splits[sp] = T.weight_copies((ww.code_values() or ww) if dtype == torch.bfloat16 else ww)
         dws = [dense] + [dense.clone() for _ in range(T.copies_needed(dense.numel() * 2) - 1)]
         for n in ns:
             x = torch.randn(n, k, device="cuda", dtype=dtype)
@@ -84,13 +92,16 @@ def main() -> None:
                      "tiled-csl": lambda ww: call(ww, x, False)}
             for b in bands:
                 paths[f"tmma{b}"] = lambda ww, b=b: call(ww, x, True, tile=b)
+                for sp in tile_splits:
+                    paths[f"tmma{b}s{sp}"] = lambda ww, b=b: call(ww, x, True, tile=b)
             if n <= 8:
                 paths["nt8"] = lambda ww: call(ww, x, False)
             else:  # DeltaRows' path there today: the expansion and cuBLAS; or chunks of 8 tokens at most
                 paths["expand"] = lambda ww: call(ww, x, False)
                 paths["chunks"] = lambda ww: call(ww, x, False, chunks=True)
             for name, f in paths.items():
-                src = tcs if name == "tiled-csl" else ws
+                src = (tcs if name == "tiled-csl" else by_splits[int(name.rpartition("s")[2])]
+                       if name.startswith("tmma") and "s" in name[4:] else ws)
                 err = (f(src[0]).double() - ref).abs().max().item()
                 if not err <= tol:
                     print(f"WRONG: {name} on {label} at N = {n}: error {err:.3g} > {tol:.3g} (not timed)")
@@ -100,11 +111,12 @@ def main() -> None:
             t["cuBLAS"] = T.time_calls([lambda d=d: torch.nn.functional.linear(x, d) for d in dws])
             rows.append((label, n, w.splits, w.coded, w.nbytes / 1e6, t))
             print(label, n, {c: round(v * 1e6, 1) for c, v in t.items()}, flush=True)
-        del dense, ws, tcs, dws
+        del dense, ws, tcs, dws, by_splits
         torch.cuda.empty_cache()
     K.DR_MMA_MIN, K.DR_MMA_XRING, K.DELTA_CHUNK_MAX, K.DR_MMA_TILE, K.DR_MMA_TILE_BAND = saved
     print(f"\nus a call, {a.dtype}, sparsity {a.sparsity}; speedup over cuBLAS in brackets; mma's GB/s of its bytes")
-    cols = ["mma", "mma-x"] + [f"tmma{b}" for b in bands] + ["nt8", "chunks", "expand", "tiled-csl", "cuBLAS"]
+    cols = (["mma", "mma-x"] + [f"tmma{b}" for b in bands] + [f"tmma{b}s{sp}" for b in bands for sp in tile_splits]
+            + ["nt8", "chunks", "expand", "tiled-csl", "cuBLAS"])
     print("| shape | N | splits | coded | MB | " + " | ".join(cols) + " | mma GB/s |")
     print("|---" * (6 + len(cols)) + "|")
     for label, n, s, coded, mb, t in rows:

@@ -21,7 +21,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh rows                      (about 5 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh splitrows                 (about 7 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh bands                     (about 4 minutes)
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tmma                      (about 8 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tmma                      (about 10 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -77,7 +77,9 @@
 # tmma:    session 69's delta_rows_spmm_<dtype>_tmma<NT> (the split layout on the tensor cores through _sr's
 #          block-parallel placement, FLASH_LLM_DR_MMA_TILE with DR_MMA_MIN): its GPU test (tensor_core_kernel[tile]:
 #          every density, 1-32 tokens, bands of 256 columns), dr_mma.py at 8 and 16 tokens (against _mma, the 8-token
-#          kernel, its chunks, Tiled-CSL and cuBLAS, at bands of 256 / 512 / 1024), compute-sanitizer at 16 tokens.  If
+#          kernel, its chunks, Tiled-CSL and cuBLAS, at bands of 512 / 1024, with the encoder's splits and with 2 / 4:
+#          each split's partials, S x N x M floats, go through memory, which costs the small layers at S = 19-28),
+#          compute-sanitizer at 16 tokens.  If
 #          it beats Tiled-CSL at 8-16 tokens, an engine could keep DeltaRows from batch 4 (DELTA_TCSL_MIN_BATCH) with it.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
@@ -167,7 +169,7 @@ for group in "${groups[@]}"; do
              timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_b_run.log" 2>&1
            grep "nofill=b" "$OUT/sanitize.log" ;;
     tmma) step tests_tmma 300 python3 -m pytest -q tests/test_delta_rows_gpu.py -k "tensor_core_kernel and tile"
-          step dr_mma_tile 300 python3 benchmarks/dr_mma.py --ns 8,16 --dtype bf16
+          step dr_mma_tile 420 python3 benchmarks/dr_mma.py --ns 8,16 --dtype bf16 --tile-bands 512,1024 --tile-splits 2,4
           DR_MMA_ENVS="FLASH_LLM_DR_MMA_TILE=1" CFGS="" EPILOGUES="" ATTN=0 DR=0 DECODERS=0 \
             timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_tmma_run.log" 2>&1
           grep "mma" "$OUT/sanitize.log" ;;
