@@ -3270,6 +3270,56 @@ INSTANTIATE_DR_MMA_CODED(32)
 INSTANTIATE_DR_MMA_CODED_X(8)
 INSTANTIATE_DR_MMA_CODED_X(16)
 
+// The block-parallel placement of delta_rows_to_dense_pr / _sr and delta_rows_spmm_<dtype>_tmma<NT> (sessions 68-69):
+// the G groups at gbase (gw ints a group: 160 plain, 128 coded) of one slice's 32 lanes, DRP_WARPS warps a block.  Warp
+// w takes group c DRP_WARPS + w of every lane (one coalesced load a warp; groups past G read as zeros), the next
+// chunk's asked for before this chunk's barrier; each thread sums its group's 8 steps in bytes, the warps post the sums
+// (double-buffered by chunk, one barrier a chunk), and each thread starts its entries at its lane's running column
+// `run` plus the sums of the warps before it.  The lane's nonzeros (not pads, escapes or -0.0) whose columns fall in
+// base .. base + nb - 1 go to trow[col - base]; a padding lane (row < 0) places nothing.  `coded`: the values coded
+// (dr_decode_coded with `lut`).  The first barrier also orders the caller's writes before it (its tile's zeroing).
+constexpr int DRP_WARPS = 8;
+DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int run, int row, u16* trow, int base,
+                   int nb, int (&sums)[2][DRP_WARPS][32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  auto load = [&](int g, uint4& v, u32& d) {
+    v = make_uint4(0, 0, 0, 0);
+    d = 0;
+    if (g < G) {
+      const int* gp = gbase + (long long)g * gw;
+      v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
+      d = coded ? v.w : (u32)__ldg(gp + 128 + lane);
+    }
+  };
+  uint4 vn;
+  u32 dn;
+  load(warp, vn, dn);
+  for (int c = 0; c * DRP_WARPS < G; ++c) {
+    uint4 v = vn;
+    const u32 d = dn;
+    load((c + 1) * DRP_WARPS + warp, vn, dn);
+    if (coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
+    const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);  // the 8 steps summed in bytes, then in the top byte
+    sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
+    __syncthreads();
+    int col = run, total = 0;
+#pragma unroll
+    for (int q = 0; q < DRP_WARPS; ++q) {
+      const int sq = sums[c & 1][q][lane];
+      col += q < warp ? sq : 0;
+      total += sq;
+    }
+    run += total;
+    const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      col += (d >> (4 * k)) & 15;
+      const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
+      if (row >= 0 && (h & 0x7fff) && (unsigned)(col - base) < (unsigned)nb) trow[col - base] = h;
+    }
+  }
+}
+
 // delta_rows_spmm_<dtype>_tmma<NT>[c] (session 69, kernels.DR_MMA_TILE; with DR_MMA_MIN <= N <= DR_MMA_MAX): the
 // split layout's tensor-core product built on delta_rows_to_dense_sr's placement instead of _mma's per-warp ring.  A
 // block of DRT_WARPS warps takes one (slice, split); its window (the 16-column steps from a0 & ~15 to a0 + w) in
@@ -3282,13 +3332,13 @@ INSTANTIATE_DR_MMA_CODED_X(16)
 // holds only its own nonzeros, so the whole window is multiplied with no ownership rule.  After the passes the warps'
 // sums meet in shared memory in warp order (deterministic) and the block writes the split's partials ws[s][t][row],
 // which delta_rows_reduce_<dtype> sums with the epilogue.  Dynamic shared memory: (32 + NT) pitch bytes.
-constexpr int DRTM_WARPS = 8;
+constexpr int DRTM_WARPS = DRP_WARPS;
 template <bool BF16, int NT, bool CODED>
 DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restrict__ offsets,
                                const u16* __restrict__ x, float* __restrict__ ws, int S, int N, int K, int M,
                                int slices, int band) {
   extern __shared__ __align__(16) unsigned char drt_smem[];
-  __shared__ int sums[2][DRTM_WARPS][32];
+  __shared__ int sums[2][DRP_WARPS][32];
   const int pitch = 2 * band + 16;
   unsigned char* tile = drt_smem;
   unsigned char* xs = drt_smem + 32 * pitch;
@@ -3305,12 +3355,6 @@ DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restri
   const int gw = CODED ? 128 : 160;
   const uint2 lut = CODED ? dr_lut(data, offsets, slices, slice * 32 + lane) : make_uint2(0, 0);
   const int* gbase = data + (long long)(goff + g0) * gw;
-  auto load = [&](int g, uint4& v, u32& d) {  // (branch-free: the group past the split's last reads as zeros)
-    const bool in = g < G;
-    const int* gp = gbase + (long long)(in ? g : 0) * gw;
-    v = in ? __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane)) : make_uint4(0, 0, 0, 0);
-    d = in ? (CODED ? v.w : (u32)__ldg(gp + 128 + lane)) : 0u;
-  };
   float acc[2][NT / 8][4];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -3335,36 +3379,7 @@ DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restri
       *reinterpret_cast<uint4*>(xs + t * pitch + 16 * q) =
           t < N && c < K ? __ldg(reinterpret_cast<const uint4*>(x + (long long)t * K + c)) : make_uint4(0, 0, 0, 0);
     }
-    unsigned char* trow = tile + lane * pitch;
-    int run = start;
-    uint4 vn;
-    u32 dn;
-    load(warp, vn, dn);
-    for (int c = 0; c * DRTM_WARPS < G; ++c) {
-      uint4 v = vn;
-      const u32 d = dn;
-      load((c + 1) * DRTM_WARPS + warp, vn, dn);
-      if (CODED && c * DRTM_WARPS + warp < G) v = dr_decode_coded(v, lut);
-      const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
-      sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
-      __syncthreads();  // (the first also orders the tile's zeroing and X's staging before the placement)
-      int col = run, total = 0;
-#pragma unroll
-      for (int q = 0; q < DRTM_WARPS; ++q) {
-        const int sq = sums[c & 1][q][lane];
-        col += q < warp ? sq : 0;
-        total += sq;
-      }
-      run += total;
-      const u32 wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        col += (d >> (4 * k)) & 15;
-        const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
-        const int j = col - b0;
-        if (row >= 0 && (h & 0x7fff) && (unsigned)j < (unsigned)nb) *reinterpret_cast<u16*>(trow + 2 * j) = h;
-      }
-    }
+    dr_place(gbase, G, gw, CODED, lut, start, row, reinterpret_cast<u16*>(tile + lane * pitch), b0, nb, sums);
     __syncthreads();  // the placement (and, without groups, the zeroing and X) before the products
     for (int q = warp; q < (nb >> 4); q += DRTM_WARPS) {
       const u32 cb = 32 * q;
@@ -3771,13 +3786,13 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
 // (kernels.DR_DENSE_ROWS_BAND).
 // Dynamic shared memory: (32 / P) band 2 bytes (the launcher keeps it within kernels.DR_DENSE_ROWS_SMEM).
 // benchmarks/diag/dr_dense_emulate.py (emulate_rows) runs these steps on the CPU.
-constexpr int DRP_WARPS = 8;
-extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_pr(const int* __restrict__ data,
+// (launch bounds (256, 8): 32 registers, as session 69 timed it, so that 8 blocks of small tiles fit an SM)
+extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 8) delta_rows_to_dense_pr(const int* __restrict__ data,
     const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts, int band) {
   extern __shared__ __align__(16) unsigned char drp_smem[];
   __shared__ int sums[2][DRP_WARPS][32];
   u16* tile = reinterpret_cast<u16*>(drp_smem);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, slice = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, slice = blockIdx.x;
   const int rows = 32 / parts, rl = lane / parts;  // the slice's rows; this lane's row in the tile
   const int b0 = blockIdx.y * band, nb = min(band, K - b0);  // the block's columns
   const int goff = offsets[slice], G = offsets[slice + 1] - goff;
@@ -3785,48 +3800,10 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense
   const int row = perm[slice * 32 + lane];
   const int gw = coded ? 128 : 160;
   const uint2 lut = coded ? dr_lut(data, offsets, slices, (slice * 32 + lane) / coded) : make_uint2(0, 0);
-  int run = dr_start(offsets, slices, 1, slice, 0, lane);  // the lane's column before its chunk's first group
+  const int start = dr_start(offsets, slices, 1, slice, 0, lane);  // the lane's column before its first group
   const int k8 = nb >> 3;  // 16-byte words a tile row (K % 8 == 0 in the parts layout)
   for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
-  u16* trow = tile + rl * nb;
-  // the warp's group of a chunk (zeros past the slice's last: no steps, no nonzeros), the next chunk's asked for
-  // before this one's barrier so its latency hides behind the placement
-  auto load = [&](int g, uint4& v, u32& d) {
-    v = make_uint4(0, 0, 0, 0);
-    d = 0;
-    if (g < G) {
-      const int* gp = data + (long long)(goff + g) * gw;
-      v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
-      d = coded ? v.w : (u32)__ldg(gp + 128 + lane);
-    }
-  };
-  uint4 vn;
-  u32 dn;
-  load(warp, vn, dn);
-  for (int c = 0; c * DRP_WARPS < G; ++c) {
-    uint4 v = vn;
-    const u32 d = dn;
-    load((c + 1) * DRP_WARPS + warp, vn, dn);
-    if (coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
-    const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);  // the 8 steps summed in bytes, then in the top byte
-    sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
-    __syncthreads();  // (the first also orders the tile's zeroing before every placement)
-    int col = run, total = 0;
-#pragma unroll
-    for (int w = 0; w < DRP_WARPS; ++w) {
-      const int sw = sums[c & 1][w][lane];
-      col += w < warp ? sw : 0;
-      total += sw;
-    }
-    run += total;
-    const u32 wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      col += (d >> (4 * k)) & 15;
-      const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
-      if (row >= 0 && (h & 0x7fff) && (unsigned)(col - b0) < (unsigned)nb) trow[col - b0] = h;
-    }
-  }
+  dr_place(data + (long long)goff * gw, G, gw, coded, lut, start, row, tile + rl * nb, b0, nb, sums);
   __syncthreads();
   for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) {
     const int r = i / k8, q = i - r * k8;
@@ -3882,48 +3859,10 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense
   const int gw = coded ? 128 : 160, G = g1 - g0;
   const uint2 lut = coded ? dr_lut(data, offsets, slices, slice * 32 + lane) : make_uint2(0, 0);
   const int* gbase = data + (long long)(goff + g0) * gw;
-  auto load = [&](int g, uint4& v, u32& d) {
-    v = make_uint4(0, 0, 0, 0);
-    d = 0;
-    if (g < G) {
-      const int* gp = gbase + (long long)g * gw;
-      v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
-      d = coded ? v.w : (u32)__ldg(gp + 128 + lane);
-    }
-  };
   for (int b0 = 0; b0 < w; b0 += band) {  // window columns a0 + b0 .. a0 + b0 + nb - 1
     const int nb = min(band, w - b0), nb8 = nb >> 3, c0 = a0 + b0;
     for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
-    u16* trow = tile + lane * nb;
-    int run = start;
-    uint4 vn;
-    u32 dn;
-    load(warp, vn, dn);
-    for (int c = 0; c * DRP_WARPS < G; ++c) {
-      uint4 v = vn;
-      const u32 d = dn;
-      load((c + 1) * DRP_WARPS + warp, vn, dn);
-      if (coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
-      const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
-      sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
-      __syncthreads();  // (the first also orders the tile's zeroing before every placement)
-      int col = run, total = 0;
-#pragma unroll
-      for (int q = 0; q < DRP_WARPS; ++q) {
-        const int sq = sums[c & 1][q][lane];
-        col += q < warp ? sq : 0;
-        total += sq;
-      }
-      run += total;
-      const u32 wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        col += (d >> (4 * k)) & 15;
-        const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
-        const int j = col - c0;
-        if (row >= 0 && (h & 0x7fff) && (unsigned)j < (unsigned)nb) trow[j] = h;
-      }
-    }
+    dr_place(gbase, G, gw, coded, lut, start, row, tile + lane * nb, c0, nb, sums);
     __syncthreads();  // (also orders own_* and, without groups, the zeroing before the writes)
     for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) {
       const int r = i / nb8, q = i - r * nb8, orow = own_row[r];
