@@ -445,12 +445,12 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
     :class:`~flash_llm.BitmapTiles` one (not those an engine made from DeltaRows, :data:`BITMAP`:
     :func:`relayout_delta_rows` lays them out as the DeltaRows layers they were) is re-encoded as ``target``:
     ``"delta-rows"`` (the format of batch 1-3; its halves paired where it is a merged gate / up) or ``"tiled-csl"``
-    (of batch 4 and more; marked so), the same nonzeros and bias, one layer at a time through its dense weight.  ``budget``: the bytes the re-encoding may add
-    (the target's formula bytes, DeltaRows at its widest parts layout, against the layers' present bytes, plus the
-    largest layer's temporaries: 4x its dense weight); ``None``: no limit.  Over it the BitmapTiles layers stay as
-    they are.  ``parts``: DeltaRows' lanes a row for a layer (the engine's layout, so :func:`relayout_delta_rows`
-    need not encode it again; default: the encoder's).  Returns ``({layer path: "bitmap" or "tiled-csl"}`` for the
-    layers taken over, ``[why BitmapTiles layers were left as they are]``)."""
+    (of batch 4 and more; marked so), the same nonzeros and bias, one layer at a time through its dense weight.
+    ``budget``: the bytes the re-encoding may add (the target's formula bytes, DeltaRows at its widest parts layout,
+    against the layers' present bytes, plus the largest layer's temporaries: 4x its dense weight); ``None``: no limit.
+    Over it the BitmapTiles layers stay as they are.  ``parts``: DeltaRows' lanes a row for a layer (the engine's
+    layout, so :func:`relayout_delta_rows` need not encode it again; default: the encoder's).  Returns ``({layer path:
+    "bitmap" or "tiled-csl"}`` for the layers taken over, ``[why BitmapTiles layers were left as they are]``)."""
     from tqdm import tqdm
 
     from .formats import BitmapTiles, DeltaRows, TiledCSL

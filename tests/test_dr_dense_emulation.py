@@ -1,6 +1,6 @@
 """The CPU emulation of ``delta_rows_to_dense_nf``, ``_nft``, ``_pr`` and ``_sr``
-(``benchmarks/diag/dr_dense_emulate.py``, sessions 61, 63, 68, 69): DeltaRows' expansion into an output that is not zeroed first writes every element exactly once,
-with the weight's bits, for the split layout (one split, several, more splits than a slice has groups), the parts
+(``benchmarks/diag/dr_dense_emulate.py``, sessions 61, 63, 68, 69): DeltaRows' expansion into an output that is not
+zeroed first writes every element exactly once, with the weight's bits, for the split layout (one split, several, more splits than a slice has groups), the parts
 layout (rows whose middle parts are empty), coded values and paired halves, at densities from empty to full; and the
 emulator fails the wrong rules it knows."""
 

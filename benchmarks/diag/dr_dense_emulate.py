@@ -192,14 +192,41 @@ def emulate_tiled(w: DeltaRows) -> tuple[np.ndarray, np.ndarray]:
 ROWS_WARPS = 8  # DRP_WARPS
 
 
+def _place(data: np.ndarray, goff: int, G: int, run, rows: list[int], inclusive: bool = False):
+    """``dr_place`` (spmm.cu: the block-parallel placement of ``delta_rows_to_dense_pr`` / ``_sr`` and the ``_tmma``
+    kernels): the ``G`` groups from group ``goff`` of a slice's 32 lanes, :data:`ROWS_WARPS` at a time, warp ``w``
+    taking group ``8 c + w`` of every lane; each group's 8 steps summed in bytes as the kernel does, and its entries
+    started at the lane's running column (``run``, the lanes' starts) plus the sums of the warps before it
+    (``inclusive``: and its own, a wrong rule the tests check the emulator sees).  Yields ``(lane, column, bits)`` of
+    every nonzero of a real row (padding lanes, pads, escapes and -0.0 left out)."""
+    run = [int(c) for c in run]
+    for c in range(-(-G // ROWS_WARPS)):
+        sums, groups = np.zeros((ROWS_WARPS, 32), dtype=np.int64), {}
+        for wp in range(ROWS_WARPS):
+            g = c * ROWS_WARPS + wp
+            for ln in range(32):
+                vals, d = _group(data, goff + g, ln) if g < G else (np.zeros(8, dtype=np.int16), 0)
+                t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
+                sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
+                groups[wp, ln] = vals, d
+        for wp in range(ROWS_WARPS):
+            for ln in range(32):
+                vals, d = groups[wp, ln]
+                col = run[ln] + int(sums[:wp + inclusive, ln].sum())
+                for k in range(8):
+                    col += (d >> (4 * k)) & 15
+                    h = int(vals[k])
+                    if rows[ln] >= 0 and h & 0x7FFF:
+                        yield ln, col, h
+        for ln in range(32):
+            run[ln] += int(sums[:, ln].sum())
+
+
 def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The same for ``delta_rows_to_dense_pr`` (session 68; the parts layout only): a block a slice (and, with
     ``band``, a block a band of ``band`` columns of its rows: session 69), its tile of the slice's ``32 / P`` rows
-    zeroed; per chunk of :data:`ROWS_WARPS` groups, warp ``w`` takes group ``8 c + w`` of every lane, sums its 8 steps
-    in bytes as the kernel does, and starts its entries at the lane's running column plus the sums of the warps before
-    it (``inclusive``: and its own, a wrong rule the tests check the emulator sees); nonzeros inside the row go into
-    the tile where they fall in the block's band (the row's bounds asserted); then the tile's rows of real rows are
-    written."""
+    zeroed; the nonzeros placed by :func:`_place` (``inclusive`` passed on) go into the tile where they fall in the
+    block's band (the row's bounds asserted); then the tile's rows of real rows are written."""
     m, K = w.shape
     out = np.full(m * K, -1, dtype=np.int16)
     count = np.zeros(m * K, dtype=np.int64)
@@ -213,29 +240,10 @@ def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0) -> tuple[
         for b0 in range(0, K, band):
             nb = min(band, K - b0)
             tile = np.zeros((32 // P, nb), dtype=np.int16)
-            run = [int(c) for c in starts[slice_, 0]]
-            for c in range(-(-G // ROWS_WARPS)):
-                sums, groups = np.zeros((ROWS_WARPS, 32), dtype=np.int64), {}
-                for wp in range(ROWS_WARPS):
-                    g = c * ROWS_WARPS + wp
-                    for ln in range(32):
-                        vals, d = _group(data, goff + g, ln) if g < G else (np.zeros(8, dtype=np.int16), 0)
-                        t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
-                        sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
-                        groups[wp, ln] = vals, d
-                for wp in range(ROWS_WARPS):
-                    for ln in range(32):
-                        vals, d = groups[wp, ln]
-                        col = run[ln] + int(sums[:wp + inclusive, ln].sum())
-                        for k in range(8):
-                            col += (d >> (4 * k)) & 15
-                            h = int(vals[k])
-                            if rows[ln] >= 0 and h & 0x7FFF:
-                                assert 0 <= col < K, (slice_, ln, col)  # (the row's bounds)
-                                if 0 <= col - b0 < nb:
-                                    tile[ln // P, col - b0] = h
-                for ln in range(32):
-                    run[ln] += int(sums[:, ln].sum())
+            for ln, col, h in _place(data, goff, G, starts[slice_, 0], rows, inclusive):
+                assert 0 <= col < K, (slice_, ln, col)  # (the row's bounds)
+                if 0 <= col - b0 < nb:
+                    tile[ln // P, col - b0] = h
             for r in range(32 // P):
                 row = rows[r * P]
                 if row >= 0:
@@ -247,8 +255,8 @@ def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0) -> tuple[
 def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The same for ``delta_rows_to_dense_sr`` (session 69; the split layout, ``K % 8 == 0``): a block a (slice, split),
     its window ``a0 .. a0 + w - 1`` in passes of ``band`` columns.  Each pass zeroes a tile of 32 rows of the band,
-    places the split's nonzeros whose columns fall in the band (every lane's groups by the step sums, as
-    :func:`emulate_rows`; every nonzero asserted inside the window), and writes each lane's owned columns
+    places the split's nonzeros whose columns fall in the band (:func:`_place`; every nonzero asserted inside the
+    window), and writes each lane's owned columns
     (:func:`_spans`) of the band by 8-column chunks; the last split then writes its rows' zeros past the window.
     ``owned_only=False`` writes whole chunks whatever the owner (a wrong rule the tests check the emulator sees)."""
     m, K = w.shape
@@ -279,30 +287,10 @@ def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True) 
             for b0 in range(0, wd, band):
                 nb, c0 = min(band, wd - b0), a0 + b0
                 tile = np.zeros((32, nb), dtype=np.int16)
-                run = list(col0)
-                for c in range(-(-(g1 - g0) // ROWS_WARPS)):
-                    sums, groups = np.zeros((ROWS_WARPS, 32), dtype=np.int64), {}
-                    for wp in range(ROWS_WARPS):
-                        g = c * ROWS_WARPS + wp
-                        for ln in range(32):
-                            vals, d = (_group(data, goff + g0 + g, ln) if g < g1 - g0
-                                       else (np.zeros(8, dtype=np.int16), 0))
-                            t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
-                            sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
-                            groups[wp, ln] = vals, d
-                    for wp in range(ROWS_WARPS):
-                        for ln in range(32):
-                            vals, d = groups[wp, ln]
-                            col = run[ln] + int(sums[:wp, ln].sum())
-                            for k in range(8):
-                                col += (d >> (4 * k)) & 15
-                                h = int(vals[k])
-                                if rows[ln] >= 0 and h & 0x7FFF:
-                                    assert a0 <= col < a0 + wd, (slice_, s, ln, col, a0, wd)  # (inside the window)
-                                    if 0 <= col - c0 < nb:
-                                        tile[ln, col - c0] = h
-                    for ln in range(32):
-                        run[ln] += int(sums[:, ln].sum())
+                for ln, col, h in _place(data, goff + g0, g1 - g0, col0, rows):
+                    assert a0 <= col < a0 + wd, (slice_, s, ln, col, a0, wd)  # (inside the window)
+                    if 0 <= col - c0 < nb:
+                        tile[ln, col - c0] = h
                 for ln in range(32):
                     if rows[ln] >= 0:
                         for q in range(nb // 8):

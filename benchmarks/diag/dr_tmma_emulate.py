@@ -1,8 +1,8 @@
 """CPU emulation of ``delta_rows_spmm_<dtype>_tmma<NT>`` (spmm.cu, session 69; ``kernels.DR_MMA_TILE``): a block a
 (slice, split) of a split-layout DeltaRows weight, its window (the 16-column steps from ``a0 & ~15`` to ``a0 + w``) in
 passes of ``band`` columns; each pass zeroes the tile (32 rows of the band), stages X's band (tokens past N and
-columns past K as zeros), places the split's nonzeros of the band (each at the column its lane's steps reach, as
-``delta_rows_to_dense_sr``, whose parallel placement ``dr_dense_emulate.py`` checks), and multiplies the band's
+columns past K as zeros), places the split's nonzeros of the band (``dr_place``, the placement the expansions
+``_pr`` / ``_sr`` share: ``dr_dense_emulate._place``), and multiplies the band's
 16-column steps; the warps' sums meet in the block's fixed order, its partials go to ``ws[s][t][row]`` through the
 fragment layout's (rank, token) map, and the splits' partials are summed in split order:
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dr_dense_emulate import _arrays, _group  # noqa: E402
+from dr_dense_emulate import _arrays, _place  # noqa: E402
 
 from flash_llm import DeltaRows  # noqa: E402
 from flash_llm.formats.delta_rows import _split_offsets  # noqa: E402
@@ -64,16 +64,9 @@ def emulate_tmma(w: DeltaRows, x: torch.Tensor, band: int) -> np.ndarray:
             a0, wd = int(win[slice_, s, 0]), int(win[slice_, s, 1])
             c_lo, c_hi = a0 & ~15, a0 + wd
             acc = np.zeros((32, nt), dtype=np.float64)
-            entries = []  # (lane, column, bits) of the split's nonzeros, in walk order
-            for ln in range(32):
-                col = int(starts[slice_, s, ln])
-                for g in range(g0, g1):
-                    v, d = _group(data, goff + g, ln)
-                    for k in range(8):
-                        col += (d >> (4 * k)) & 15
-                        if rows[ln] >= 0 and int(v[k]) & 0x7FFF:
-                            assert a0 <= col < c_hi, (slice_, s, ln, col, a0, wd)  # (inside the window)
-                            entries.append((ln, col, int(v[k])))
+            entries = list(_place(data, goff + g0, g1 - g0, starts[slice_, s], rows))  # (the same every pass)
+            for ln, col, _ in entries:
+                assert a0 <= col < c_hi, (slice_, s, ln, col, a0, wd)  # (inside the window)
             for b0 in range(c_lo, c_hi, band):
                 nb = min(band, (c_hi - b0 + 15) & ~15)
                 tile = np.zeros((32, nb), dtype=np.float64)

@@ -856,21 +856,18 @@ def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Ten
     suffix = _dtype_suffix(x.dtype)
     pdl = PDL_SPMM and getattr(_static, "on", False)
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
+    coded = "c" if lay.coded else ""
     if DR_MMA_TILE and k % 8 == 0 and x.data_ptr() % 16 == 0:  # (the block-parallel placement, session 69)
-        band = dr_mma_tile_band()
-        launch(f"delta_rows_spmm_{suffix}_tmma{nt}{'c' if lay.coded else ''}", (slices, s, 1), 32 * DRTM_WARPS,
-               [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I),
-                (n, I), (k, I), (m, I), (slices, I), (band, I)], stream, dev.index, (32 + nt) * (2 * band + 16),
-               pdl=pdl)
-        _dr_reduce(ws, y, bias, s, n, m, mode, stream, dev, pdl)
-        return y
-    vec = int(k % 2 == 0 and x.data_ptr() % 4 == 0)
-    xring = DR_MMA_XRING and nt <= 16 and k % 8 == 0 and x.data_ptr() % 16 == 0
-    launch(f"delta_rows_spmm_{suffix}_mma{nt}{'c' if lay.coded else ''}{'x' if xring else ''}",
-           (ceil_div(slices, DRM_WARPS), s, 1),
-           32 * DRM_WARPS,
+        last = dr_mma_tile_band()  # (the last argument: the band; _mma's: X's load width)
+        name, grid, warps, smem = f"tmma{nt}{coded}", (slices, s, 1), DRTM_WARPS, (32 + nt) * (2 * last + 16)
+    else:
+        xring = DR_MMA_XRING and nt <= 16 and k % 8 == 0 and x.data_ptr() % 16 == 0
+        name, grid, warps, smem = f"mma{nt}{coded}{'x' if xring else ''}", (ceil_div(slices, DRM_WARPS), s, 1), \
+            DRM_WARPS, 0
+        last = int(k % 2 == 0 and x.data_ptr() % 4 == 0)
+    launch(f"delta_rows_spmm_{suffix}_{name}", grid, 32 * warps,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (ws.data_ptr(), P), (s, I), (n, I),
-            (k, I), (m, I), (slices, I), (vec, I)], stream, dev.index, 0, pdl=pdl)
+            (k, I), (m, I), (slices, I), (last, I)], stream, dev.index, smem, pdl=pdl)
     _dr_reduce(ws, y, bias, s, n, m, mode, stream, dev, pdl)
     return y
 
