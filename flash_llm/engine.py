@@ -1048,6 +1048,8 @@ class Engine:
             warnings.warn(note, stacklevel=2)
         #: prefill_dense=True: the dense copies the prefill runs on (None without them)
         self._dense: _DenseCopies | None = None
+        #: the last use_layout's arguments (the set the layers hold; a deferred prefill capture puts it back)
+        self._layout: tuple[int, bool] | None = None
         if prefill_dense:
             if self.tp is not None:
                 raise ValueError("prefill_dense=True is for a model on one device, not a tensor-parallel one")
@@ -1178,6 +1180,7 @@ class Engine:
         tokens (``prefill_dense=True``: the dense copies from :data:`PREFILL_DENSE_MIN_TOKENS`): to read the model's
         formats or bytes as that step sees them (a captured graph keeps the set it was captured over, whatever the
         layers hold later)."""
+        self._layout = (batch, prefill)
         if self._dense is not None:
             self._dense.install(False)
         if self._two is not None:
@@ -1355,10 +1358,14 @@ class Engine:
         if not self._on_every_rank(self._prefill_graph_fits(*key)):  # (tensor-parallel: all ranks or none)
             return
         entry, error = None, None
+        last = self._layout  # (the set the generation's last step ran on: the capture installs the prefill's)
         try:
             entry = self._capture_prefill(*pending)
         except RuntimeError as e:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        finally:
+            if last is not None:
+                self.use_layout(*last)
         if not self._on_every_rank(error is None) and error is None:
             error = "another tensor-parallel rank's capture failed"
         if error is not None:
