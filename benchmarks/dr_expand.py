@@ -45,7 +45,8 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
     m, k = w.shape
     lay = layout(m, w.offsets.numel(), w.data.numel())
     dev = w.data.device
-    rows = kernel in ("delta_rows_to_dense_pr", "delta_rows_to_dense_sr")
+    base = kernel.rstrip("0123456789")  # (_sr2 / _sr4 / _pr4: kernels.DR_PLACE_AHEAD, session 70)
+    rows = base in ("delta_rows_to_dense_pr", "delta_rows_to_dense_sr")
     nofill = "_nf" in kernel or rows  # (_nf, _nft, _pr, _sr write every element)
     if nofill:
         out = (torch.full((m, k), -1, dtype=torch.int16, device=dev).view(w.dtype) if poison
@@ -55,9 +56,12 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
     if rows:  # (_pr[:band]: the parts layout, its tile of rows (of `band` columns a block: kernels.DR_DENSE_ROWS_BAND)
         # in dynamic shared memory; _sr[:band]: also the split layout, passes of `band` columns of a split's window,
         # kernels.DR_DENSE_SR_BAND by default)
-        saved = K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND, K.DR_DENSE_ROWS_BAND
+        saved = (K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND, K.DR_DENSE_ROWS_BAND, K.DR_PLACE_AHEAD,
+                 K.DR_PLACE_AHEAD_PR_MIN_TILE)
         try:
-            K.DR_DENSE_SPLIT_ROWS = kernel == "delta_rows_to_dense_sr"
+            K.DR_DENSE_SPLIT_ROWS = base == "delta_rows_to_dense_sr"
+            K.DR_PLACE_AHEAD = int(kernel[len(base):] or 1)
+            K.DR_PLACE_AHEAD_PR_MIN_TILE = 0  # (_pr4 named: every tile)
             band = name.partition(":")[2]
             if band and K.DR_DENSE_SPLIT_ROWS:
                 K.DR_DENSE_SR_BAND = int(band)
@@ -68,7 +72,8 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
             K.launch_dr_dense_rows(w.data, w.offsets, out, k, lay, torch.cuda.current_stream().cuda_stream,
                                    dev.index)
         finally:
-            K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND, K.DR_DENSE_ROWS_BAND = saved
+            (K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND, K.DR_DENSE_ROWS_BAND, K.DR_PLACE_AHEAD,
+             K.DR_PLACE_AHEAD_PR_MIN_TILE) = saved
         return out
     K.launch(kernel, (-(-lay.slices // warps), lay.splits, 1), 32 * warps,
              [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),

@@ -22,6 +22,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh splitrows                 (about 7 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh bands                     (about 4 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tmma                      (about 10 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh ahead                     (about 9 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -81,6 +82,9 @@
 #          each split's partials, S x N x M floats, go through memory, which costs the small layers at S = 19-28),
 #          compute-sanitizer at 16 tokens.  If
 #          it beats Tiled-CSL at 8-16 tokens, an engine could keep DeltaRows from batch 4 (DELTA_TCSL_MIN_BATCH) with it.
+# ahead:   session 70's placement with 2 / 4 chunks of groups in flight (kernels.DR_PLACE_AHEAD: _sr2 / _sr4, _pr4 on
+#          tiles above 32 KiB): its GPU test modes, dr_expand.py (_nf, _sr at 1 / 2 / 4), OPT-30B's prefill A/B'd in one
+#          process (prefill_ab.py --graph), and _tmma (now 4 chunks ahead) against Tiled-CSL at 8 / 16 tokens.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -173,6 +177,14 @@ for group in "${groups[@]}"; do
           DR_MMA_ENVS="FLASH_LLM_DR_MMA_TILE=1" CFGS="" EPILOGUES="" ATTN=0 DR=0 DECODERS=0 \
             timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_tmma_run.log" 2>&1
           grep "mma" "$OUT/sanitize.log" ;;
+    ahead) step tests_ahead 240 python3 -m pytest -q tests/test_delta_rows_gpu.py \
+             -k "decode_kernel_is_exact and (rows_a4 or split_rows_a2 or split_rows_b64_a4 or split_rows)"
+           step dr_expand_ahead 150 python3 benchmarks/dr_expand.py --dtype bf16 --kernels \
+             "delta_rows_to_dense_nf:1,delta_rows_to_dense_sr,delta_rows_to_dense_sr2,delta_rows_to_dense_sr4"
+           step prefill_ab_ahead_opt-30b 170 python3 benchmarks/prefill_ab.py --model opt-30b --rounds 3 --graph \
+             --settings "a1:DR_PLACE_AHEAD=1;a2:DR_PLACE_AHEAD=2;a4:DR_PLACE_AHEAD=4"
+           step dr_mma_tile_a4 120 python3 benchmarks/dr_mma.py --ns 8,16 --dtype bf16 --tile-bands 512,1024 \
+             --tile-splits 4 ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
@@ -191,6 +203,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead)" ;;
   esac
 done

@@ -154,6 +154,39 @@ def test_expansion_dispatch(nofill, tiled, rows, split, monkeypatch):
             assert not got.any()
 
 
+@pytest.mark.parametrize("ahead", [1, 2, 4, 8])
+def test_place_ahead_dispatch(ahead, monkeypatch):
+    """``kernels.DR_PLACE_AHEAD`` (session 70) picks ``delta_rows_to_dense_sr`` / ``_sr2`` / ``_sr4`` for the split
+    layout (larger settings: ``_sr4``), and for the parts layout ``_pr4`` only where the tile exceeds
+    ``DR_PLACE_AHEAD_PR_MIN_TILE`` bytes (``_pr`` otherwise, and always at 1), with the same grid and arguments
+    (launches faked: no GPU)."""
+    from flash_llm import kernels as k
+    from flash_llm.reference import FORMAT_IDS
+
+    calls = []
+    monkeypatch.setattr(k, "DR_DENSE_ROWS", True)
+    monkeypatch.setattr(k, "DR_DENSE_SPLIT_ROWS", True)
+    monkeypatch.setattr(k, "DR_DENSE_ROWS_BAND", 0)
+    monkeypatch.setattr(k, "DR_PLACE_AHEAD", ahead)
+    monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args, a)))
+    monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
+    w = torch.zeros(64, 256, dtype=torch.float16)
+    w[3, 7] = 1.0
+    suffix = {1: "", 2: "2"}.get(ahead, "4")
+    for lay, min_tile, want in ((dict(splits=3), 0, "delta_rows_to_dense_sr" + suffix),
+                                (dict(parts=4), 4096, "delta_rows_to_dense_pr" + ("4" if ahead > 1 else "")),
+                                (dict(parts=4), 4096 * 2, "delta_rows_to_dense_pr")):  # (the tile: 8 x 256 x 2 bytes)
+        monkeypatch.setattr(k, "DR_PLACE_AHEAD_PR_MIN_TILE", min_tile - 1)
+        dr = DeltaRows.from_dense(w, **lay)
+        calls.clear()
+        k.decode_dense(FORMAT_IDS[DeltaRows], dr.data, dr.offsets, 64, 256, torch.float16,
+                       out=torch.empty(64, 256, dtype=torch.float16))
+        (name, grid, args, rest), = calls
+        assert name == want, (lay, min_tile, name)
+        assert grid == ((dr.layout.slices, 3, 1) if "splits" in lay else (dr.layout.slices, 1, 1))
+        assert len(args) == 8 and rest[-1] == (32 if "splits" in lay else 8) * 256 * 2
+
+
 def test_rows_emulator_sees_a_wrong_prefix():
     """``emulate_rows`` with each warp's own step sum counted in its entries' start (an inclusive scan over the chunk's
     warps: one way to get the kernel's prefix wrong) fails on a weight whose lanes hold several groups."""

@@ -718,6 +718,13 @@ DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "1024"))
 #: ... at most this many (96 KiB of tile: within every sm_80+ GPU's shared memory a block, 99 KiB on sm_86 / sm_89; a
 #: larger setting is cut to it, never a failed launch)
 DR_DENSE_SR_BAND_MAX = 1536
+#: the chunks of 8 groups a block of ``_sr`` / ``_pr`` has in flight while it places one (``FLASH_LLM_DR_PLACE_AHEAD``;
+#: session 70): 1 as sessions 68-69 measured (``delta_rows_to_dense_sr`` / ``_pr``), 2 or 4 (``_sr2`` / ``_sr4``; the
+#: parts layout's ``_pr4`` at 4, for tiles above :data:`DR_PLACE_AHEAD_PR_MIN_TILE` bytes only: q/k/v's small tiles keep
+#: ``_pr``'s 32 registers and 8 blocks an SM).  Why: a block of ``_sr`` places its split in chunks that each wait for
+#: one load, some 10 rounds a block on Llama-3-8B's gate / up, at 2-3 blocks an SM
+DR_PLACE_AHEAD = int(os.environ.get("FLASH_LLM_DR_PLACE_AHEAD", "1"))
+DR_PLACE_AHEAD_PR_MIN_TILE = 32 * 1024
 
 
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
@@ -739,14 +746,22 @@ def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_in
     args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I)]
     if lay.parts == 1:
         band = dr_dense_sr_band(k)
-        launch("delta_rows_to_dense_sr", (lay.slices, lay.splits, 1), 32 * DR_DENSE_ROWS_WARPS,
+        launch("delta_rows_to_dense_sr" + _place_ahead_suffix(), (lay.slices, lay.splits, 1),
+               32 * DR_DENSE_ROWS_WARPS,
                args + [(lay.splits, I), (1 if lay.coded else 0, I), (lay.slices, I), (band, I)], stream,
                device_index, 32 * band * 2)
         return
     band = dr_dense_rows_band(k)
-    launch("delta_rows_to_dense_pr", (lay.slices, ceil_div(k, band), 1), 32 * DR_DENSE_ROWS_WARPS,
+    tile = (32 // lay.parts) * band * 2
+    ahead = "4" if _place_ahead_suffix() and tile > DR_PLACE_AHEAD_PR_MIN_TILE else ""
+    launch("delta_rows_to_dense_pr" + ahead, (lay.slices, ceil_div(k, band), 1), 32 * DR_DENSE_ROWS_WARPS,
            args + [(lay.parts if lay.coded else 0, I), (lay.slices, I), (lay.parts, I), (band, I)], stream,
            device_index, (32 // lay.parts) * band * 2)
+
+
+def _place_ahead_suffix() -> str:
+    """The ``_sr`` kernel's suffix for :data:`DR_PLACE_AHEAD` (1: none; 2; anything larger: 4)."""
+    return "" if DR_PLACE_AHEAD <= 1 else "2" if DR_PLACE_AHEAD == 2 else "4"
 
 
 def dr_dense_rows_band(k: int) -> int:

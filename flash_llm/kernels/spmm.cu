@@ -3278,7 +3278,11 @@ INSTANTIATE_DR_MMA_CODED_X(16)
 // `run` plus the sums of the warps before it.  The lane's nonzeros (not pads, escapes or -0.0) whose columns fall in
 // base .. base + nb - 1 go to trow[col - base]; a padding lane (row < 0) places nothing.  `coded`: the values coded
 // (dr_decode_coded with `lut`).  The first barrier also orders the caller's writes before it (its tile's zeroing).
+// AHEAD (session 70): the chunks whose loads are in flight, in a ring of registers (5 a chunk): 1 asks for chunk c + 1
+// while chunk c is placed, as sessions 68-69 built it; the _sr / _tmma blocks walk their groups in chunks that each
+// wait for one load (about 10 dependent rounds a block on gate / up), so they may ask further ahead.
 constexpr int DRP_WARPS = 8;
+template <int AHEAD>
 DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int run, int row, u16* trow, int base,
                    int nb, int (&sums)[2][DRP_WARPS][32]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -3291,31 +3295,37 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
       d = coded ? v.w : (u32)__ldg(gp + 128 + lane);
     }
   };
-  uint4 vn;
-  u32 dn;
-  load(warp, vn, dn);
-  for (int c = 0; c * DRP_WARPS < G; ++c) {
-    uint4 v = vn;
-    const u32 d = dn;
-    load((c + 1) * DRP_WARPS + warp, vn, dn);
-    if (coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
-    const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);  // the 8 steps summed in bytes, then in the top byte
-    sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
-    __syncthreads();
-    int col = run, total = 0;
+  uint4 vq[AHEAD];
+  u32 dq[AHEAD];
 #pragma unroll
-    for (int q = 0; q < DRP_WARPS; ++q) {
-      const int sq = sums[c & 1][q][lane];
-      col += q < warp ? sq : 0;
-      total += sq;
-    }
-    run += total;
-    const u32 wv[4] = {v.x, v.y, v.z, v.w};
+  for (int j = 0; j < AHEAD; ++j) load(j * DRP_WARPS + warp, vq[j], dq[j]);
+  for (int c0 = 0; c0 * DRP_WARPS < G; c0 += AHEAD) {
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      col += (d >> (4 * k)) & 15;
-      const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
-      if (row >= 0 && (h & 0x7fff) && (unsigned)(col - base) < (unsigned)nb) trow[col - base] = h;
+    for (int j = 0; j < AHEAD; ++j) {
+      const int c = c0 + j;
+      if (c * DRP_WARPS >= G) break;  // (the same for the whole block: G is the block's)
+      uint4 v = vq[j];
+      const u32 d = dq[j];
+      load((c + AHEAD) * DRP_WARPS + warp, vq[j], dq[j]);
+      if (coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
+      const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);  // the 8 steps summed in bytes, then in the top byte
+      sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
+      __syncthreads();
+      int col = run, total = 0;
+#pragma unroll
+      for (int q = 0; q < DRP_WARPS; ++q) {
+        const int sq = sums[c & 1][q][lane];
+        col += q < warp ? sq : 0;
+        total += sq;
+      }
+      run += total;
+      const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        col += (d >> (4 * k)) & 15;
+        const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
+        if (row >= 0 && (h & 0x7fff) && (unsigned)(col - base) < (unsigned)nb) trow[col - base] = h;
+      }
     }
   }
 }
@@ -3333,7 +3343,9 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
 // sums meet in shared memory in warp order (deterministic) and the block writes the split's partials ws[s][t][row],
 // which delta_rows_reduce_<dtype> sums with the epilogue.  Dynamic shared memory: (32 + NT) pitch bytes.
 constexpr int DRTM_WARPS = DRP_WARPS;
-template <bool BF16, int NT, bool CODED>
+// (session 70: 4 chunks of groups in flight; session 69 measured it with 1, 2-4x slower than Tiled-CSL at 8-16 tokens)
+constexpr int DRTM_AHEAD = 4;
+template <bool BF16, int NT, bool CODED, int AHEAD>
 DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restrict__ offsets,
                                const u16* __restrict__ x, float* __restrict__ ws, int S, int N, int K, int M,
                                int slices, int band) {
@@ -3379,7 +3391,8 @@ DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restri
       *reinterpret_cast<uint4*>(xs + t * pitch + 16 * q) =
           t < N && c < K ? __ldg(reinterpret_cast<const uint4*>(x + (long long)t * K + c)) : make_uint4(0, 0, 0, 0);
     }
-    dr_place(gbase, G, gw, CODED, lut, start, row, reinterpret_cast<u16*>(tile + lane * pitch), b0, nb, sums);
+    dr_place<AHEAD>(gbase, G, gw, CODED, lut, start, row, reinterpret_cast<u16*>(tile + lane * pitch), b0, nb,
+                    sums);
     __syncthreads();  // the placement (and, without groups, the zeroing and X) before the products
     for (int q = warp; q < (nb >> 4); q += DRTM_WARPS) {
       const u32 cb = 32 * q;
@@ -3436,7 +3449,7 @@ DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restri
       int S, int N, int K, int M, int slices, int band
 #define INSTANTIATE_DR_TMMA(NAME, BF16, NT)                                                                     \
   extern "C" __global__ void __launch_bounds__(32 * DRTM_WARPS, 2) delta_rows_spmm_##NAME##_tmma##NT(DR_TMMA_ARGS) { \
-    delta_rows_tmma_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, band);                     \
+    delta_rows_tmma_body<BF16, NT, false, DRTM_AHEAD>(data, offsets, x, ws, S, N, K, M, slices, band);         \
   }
 INSTANTIATE_DR_TMMA(f16, false, 8)
 INSTANTIATE_DR_TMMA(f16, false, 16)
@@ -3446,7 +3459,7 @@ INSTANTIATE_DR_TMMA(bf16, true, 16)
 INSTANTIATE_DR_TMMA(bf16, true, 32)
 #define INSTANTIATE_DR_TMMA_CODED(NT)                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * DRTM_WARPS, 2) delta_rows_spmm_bf16_tmma##NT##c(DR_TMMA_ARGS) {  \
-    delta_rows_tmma_body<true, NT, true>(data, offsets, x, ws, S, N, K, M, slices, band);                      \
+    delta_rows_tmma_body<true, NT, true, DRTM_AHEAD>(data, offsets, x, ws, S, N, K, M, slices, band);          \
   }
 INSTANTIATE_DR_TMMA_CODED(8)
 INSTANTIATE_DR_TMMA_CODED(16)
@@ -3786,9 +3799,9 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
 // (kernels.DR_DENSE_ROWS_BAND).
 // Dynamic shared memory: (32 / P) band 2 bytes (the launcher keeps it within kernels.DR_DENSE_ROWS_SMEM).
 // benchmarks/diag/dr_dense_emulate.py (emulate_rows) runs these steps on the CPU.
-// (launch bounds (256, 8): 32 registers, as session 69 timed it, so that 8 blocks of small tiles fit an SM)
-extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 8) delta_rows_to_dense_pr(const int* __restrict__ data,
-    const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts, int band) {
+template <int AHEAD>
+DEVI void dr_dense_pr_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
+                           int coded, int slices, int parts, int band) {
   extern __shared__ __align__(16) unsigned char drp_smem[];
   __shared__ int sums[2][DRP_WARPS][32];
   u16* tile = reinterpret_cast<u16*>(drp_smem);
@@ -3803,7 +3816,7 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 8) delta_rows_to_de
   const int start = dr_start(offsets, slices, 1, slice, 0, lane);  // the lane's column before its first group
   const int k8 = nb >> 3;  // 16-byte words a tile row (K % 8 == 0 in the parts layout)
   for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
-  dr_place(data + (long long)goff * gw, G, gw, coded, lut, start, row, tile + rl * nb, b0, nb, sums);
+  dr_place<AHEAD>(data + (long long)goff * gw, G, gw, coded, lut, start, row, tile + rl * nb, b0, nb, sums);
   __syncthreads();
   for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) {
     const int r = i / k8, q = i - r * k8;
@@ -3811,6 +3824,17 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 8) delta_rows_to_de
     if (orow >= 0)
       reinterpret_cast<uint4*>(out + (long long)orow * K + b0)[q] = reinterpret_cast<const uint4*>(tile)[i];
   }
+}
+// delta_rows_to_dense_pr: launch bounds (256, 8), 32 registers, as session 69 timed it, so that 8 blocks of small
+// tiles fit an SM; _pr4 (session 70, kernels.DR_PLACE_AHEAD): 4 chunks of groups in flight, for the large tiles (gate /
+// up's 64 KiB: three blocks an SM whatever the registers)
+extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 8) delta_rows_to_dense_pr(const int* __restrict__ data,
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts, int band) {
+  dr_dense_pr_body<1>(data, offsets, out, K, coded, slices, parts, band);
+}
+extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 3) delta_rows_to_dense_pr4(const int* __restrict__ data,
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts, int band) {
+  dr_dense_pr_body<4>(data, offsets, out, K, coded, slices, parts, band);
 }
 // delta_rows_to_dense_sr (session 69, kernels.DR_DENSE_SPLIT_ROWS): the split layout (one lane a row, S splits)
 // expanded as _pr expands the parts layout, a block a (slice, split), so that OPT's weights and Llama's down (K > 4096)
@@ -3836,8 +3860,9 @@ DEVI void drs_put(u16* orow, int c0, uint4 v, int lo, int hi) {  // chunk c0 .. 
   for (int t = 0; t < 8; ++t)
     if (c0 + t >= lo && c0 + t <= hi) orow[c0 + t] = (u16)(b[t >> 1] >> (16 * (t & 1)));
 }
-extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_sr(const int* __restrict__ data,
-    const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, int slices, int band) {
+template <int AHEAD>
+DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
+                           int S, int coded, int slices, int band) {
   extern __shared__ __align__(16) unsigned char drs_smem[];
   __shared__ int sums[2][DRP_WARPS][32];
   __shared__ int own_lo[32], own_hi[32], own_row[32];
@@ -3862,7 +3887,7 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense
   for (int b0 = 0; b0 < w; b0 += band) {  // window columns a0 + b0 .. a0 + b0 + nb - 1
     const int nb = min(band, w - b0), nb8 = nb >> 3, c0 = a0 + b0;
     for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
-    dr_place(gbase, G, gw, coded, lut, start, row, tile + lane * nb, c0, nb, sums);
+    dr_place<AHEAD>(gbase, G, gw, coded, lut, start, row, tile + lane * nb, c0, nb, sums);
     __syncthreads();  // (also orders own_* and, without groups, the zeroing before the writes)
     for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) {
       const int r = i / nb8, q = i - r * nb8, orow = own_row[r];
@@ -3880,6 +3905,17 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense
     }
   }
 }
+// delta_rows_to_dense_sr (AHEAD 1, as session 69 measured it) and _sr<AHEAD> (session 70: 2 or 4 chunks of groups in
+// flight, kernels.DR_PLACE_AHEAD)
+#define INSTANTIATE_DR_DENSE_SR(SUF, AHEAD)                                                                     \
+  extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_sr##SUF(                     \
+      const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, \
+      int slices, int band) {                                                                                   \
+    dr_dense_sr_body<AHEAD>(data, offsets, out, K, S, coded, slices, band);                                     \
+  }
+INSTANTIATE_DR_DENSE_SR(, 1)
+INSTANTIATE_DR_DENSE_SR(2, 2)
+INSTANTIATE_DR_DENSE_SR(4, 4)
 extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
                                                                       const int* __restrict__ offsets,
                                                                       u16* __restrict__ out, int K, int S,
