@@ -34,6 +34,7 @@ def test_every_element_written_once():
         elif k % 8 == 0:  # (delta_rows_to_dense_sr, session 69: a pass, and passes of 64 columns)
             assert emu.check(w, want, "split_rows") is None, label
             assert m != 333 or emu.check(w, want, "split_rows_b64") is None, label
+            assert m != 333 or emu.check(w, want, "split_rows_b64_skip") is None, label
     assert seen == {False, True}
 
 
@@ -154,12 +155,12 @@ def test_expansion_dispatch(nofill, tiled, rows, split, monkeypatch):
             assert not got.any()
 
 
-@pytest.mark.parametrize("ahead", [1, 2, 4, 8])
-def test_place_ahead_dispatch(ahead, monkeypatch):
-    """``kernels.DR_PLACE_AHEAD`` (session 70) picks ``delta_rows_to_dense_sr`` / ``_sr2`` / ``_sr4`` for the split
-    layout (larger settings: ``_sr4``), and for the parts layout ``_pr4`` only where the tile exceeds
-    ``DR_PLACE_AHEAD_PR_MIN_TILE`` bytes (``_pr`` otherwise, and always at 1), with the same grid and arguments
-    (launches faked: no GPU)."""
+@pytest.mark.parametrize("ahead, skip", [(1, False), (2, False), (4, False), (1, True), (4, True)])
+def test_place_ahead_dispatch(ahead, skip, monkeypatch):
+    """``kernels.DR_PLACE_AHEAD`` (session 70) picks ``delta_rows_to_dense_sr`` / ``_sr4`` for the split layout (any
+    setting above 1: ``_sr4``), and for the parts layout ``_pr4`` only where the tile exceeds
+    ``DR_PLACE_AHEAD_PR_MIN_TILE`` bytes (``_pr`` otherwise, and always at 1); ``DR_PLACE_SKIP`` takes the split layout
+    to ``_srk`` whatever the lookahead; all with the same grid and arguments (launches faked: no GPU)."""
     from flash_llm import kernels as k
     from flash_llm.reference import FORMAT_IDS
 
@@ -168,11 +169,12 @@ def test_place_ahead_dispatch(ahead, monkeypatch):
     monkeypatch.setattr(k, "DR_DENSE_SPLIT_ROWS", True)
     monkeypatch.setattr(k, "DR_DENSE_ROWS_BAND", 0)
     monkeypatch.setattr(k, "DR_PLACE_AHEAD", ahead)
+    monkeypatch.setattr(k, "DR_PLACE_SKIP", skip)
     monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args, a)))
     monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
     w = torch.zeros(64, 256, dtype=torch.float16)
     w[3, 7] = 1.0
-    suffix = {1: "", 2: "2"}.get(ahead, "4")
+    suffix = "k" if skip else "" if ahead == 1 else "4"
     for lay, min_tile, want in ((dict(splits=3), 0, "delta_rows_to_dense_sr" + suffix),
                                 (dict(parts=4), 4096, "delta_rows_to_dense_pr" + ("4" if ahead > 1 else "")),
                                 (dict(parts=4), 4096 * 2, "delta_rows_to_dense_pr")):  # (the tile: 8 x 256 x 2 bytes)

@@ -192,13 +192,16 @@ def emulate_tiled(w: DeltaRows) -> tuple[np.ndarray, np.ndarray]:
 ROWS_WARPS = 8  # DRP_WARPS
 
 
-def _place(data: np.ndarray, goff: int, G: int, run, rows: list[int], inclusive: bool = False):
+def _place(data: np.ndarray, goff: int, G: int, run, rows: list[int], inclusive: bool = False,
+           skip: tuple[int, int] | None = None):
     """``dr_place`` (spmm.cu: the block-parallel placement of ``delta_rows_to_dense_pr`` / ``_sr`` and the ``_tmma``
     kernels): the ``G`` groups from group ``goff`` of a slice's 32 lanes, :data:`ROWS_WARPS` at a time, warp ``w``
     taking group ``8 c + w`` of every lane; each group's 8 steps summed in bytes as the kernel does, and its entries
     started at the lane's running column (``run``, the lanes' starts) plus the sums of the warps before it
     (``inclusive``: and its own, a wrong rule the tests check the emulator sees).  Yields ``(lane, column, bits)`` of
-    every nonzero of a real row (padding lanes, pads, escapes and -0.0 left out)."""
+    every nonzero of a real row (padding lanes, pads, escapes and -0.0 left out).  ``skip = (base, nb)`` (the kernel's
+    SKIP, session 70): a group whose columns ``col + 1 .. col + own`` (its start, its steps' sum) miss ``base .. base
+    + nb - 1`` yields nothing."""
     run = [int(c) for c in run]
     for c in range(-(-G // ROWS_WARPS)):
         sums, groups = np.zeros((ROWS_WARPS, 32), dtype=np.int64), {}
@@ -213,6 +216,8 @@ def _place(data: np.ndarray, goff: int, G: int, run, rows: list[int], inclusive:
             for ln in range(32):
                 vals, d = groups[wp, ln]
                 col = run[ln] + int(sums[:wp + inclusive, ln].sum())
+                if skip is not None and (col + int(sums[wp, ln]) < skip[0] or col >= skip[0] + skip[1]):
+                    continue
                 for k in range(8):
                     col += (d >> (4 * k)) & 15
                     h = int(vals[k])
@@ -252,13 +257,15 @@ def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0) -> tuple[
     return out.reshape(m, K), count.reshape(m, K)
 
 
-def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True, skip: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """The same for ``delta_rows_to_dense_sr`` (session 69; the split layout, ``K % 8 == 0``): a block a (slice, split),
     its window ``a0 .. a0 + w - 1`` in passes of ``band`` columns.  Each pass zeroes a tile of 32 rows of the band,
     places the split's nonzeros whose columns fall in the band (:func:`_place`; every nonzero asserted inside the
     window), and writes each lane's owned columns
     (:func:`_spans`) of the band by 8-column chunks; the last split then writes its rows' zeros past the window.
-    ``owned_only=False`` writes whole chunks whatever the owner (a wrong rule the tests check the emulator sees)."""
+    ``owned_only=False`` writes whole chunks whatever the owner (a wrong rule the tests check the emulator sees).
+    ``skip``: ``_srk`` (session 70), each pass's placement skipping the groups outside its band."""
     m, K = w.shape
     out = np.full(m * K, -1, dtype=np.int16)
     count = np.zeros(m * K, dtype=np.int64)
@@ -287,7 +294,7 @@ def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True) 
             for b0 in range(0, wd, band):
                 nb, c0 = min(band, wd - b0), a0 + b0
                 tile = np.zeros((32, nb), dtype=np.int16)
-                for ln, col, h in _place(data, goff + g0, g1 - g0, col0, rows):
+                for ln, col, h in _place(data, goff + g0, g1 - g0, col0, rows, skip=(c0, nb) if skip else None):
                     assert a0 <= col < a0 + wd, (slice_, s, ln, col, a0, wd)  # (inside the window)
                     if 0 <= col - c0 < nb:
                         tile[ln, col - c0] = h
@@ -308,7 +315,7 @@ def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str |
     ``variant`` "tiled": ``delta_rows_to_dense_nft``'s; "rows": ``delta_rows_to_dense_pr``'s (the parts layout;
     "rows_b64": its blocks 64 columns of their rows);
     "split_rows" (bands of 1024 columns) and "split_rows_b64" (of 64: many passes): ``delta_rows_to_dense_sr``'s (the
-    split layout)."""
+    split layout); "split_rows_b64_skip": ``_srk``'s at bands of 64 (session 70)."""
     out, count = (emulate_tiled(w) if variant == "tiled"
                   else emulate_rows(w, variant == "rows_inclusive") if variant in ("rows", "rows_inclusive")
                   else emulate_rows(w, band=64) if variant == "rows_b64"
@@ -322,7 +329,8 @@ def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str |
 
 
 #: :func:`emulate_split_rows`'s settings by variant name: (band, owned_only); "split_rows_whole" is wrong somewhere
-SPLIT_ROWS_VARIANTS = {"split_rows": (1024, True), "split_rows_b64": (64, True), "split_rows_whole": (1024, False)}
+SPLIT_ROWS_VARIANTS = {"split_rows": (1024, True), "split_rows_b64": (64, True), "split_rows_whole": (1024, False),
+                       "split_rows_b64_skip": (64, True, True)}
 
 
 def cases():

@@ -719,12 +719,16 @@ DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "1024"))
 #: larger setting is cut to it, never a failed launch)
 DR_DENSE_SR_BAND_MAX = 1536
 #: the chunks of 8 groups a block of ``_sr`` / ``_pr`` has in flight while it places one (``FLASH_LLM_DR_PLACE_AHEAD``;
-#: session 70): 1 as sessions 68-69 measured (``delta_rows_to_dense_sr`` / ``_pr``), 2 or 4 (``_sr2`` / ``_sr4``; the
-#: parts layout's ``_pr4`` at 4, for tiles above :data:`DR_PLACE_AHEAD_PR_MIN_TILE` bytes only: q/k/v's small tiles keep
-#: ``_pr``'s 32 registers and 8 blocks an SM).  Why: a block of ``_sr`` places its split in chunks that each wait for
-#: one load, some 10 rounds a block on Llama-3-8B's gate / up, at 2-3 blocks an SM
+#: session 70): 1 as sessions 68-69 measured (``delta_rows_to_dense_sr`` / ``_pr``), more: 4 (``_sr4``; the parts
+#: layout's ``_pr4``, for tiles above :data:`DR_PLACE_AHEAD_PR_MIN_TILE` bytes only: q/k/v's small tiles keep ``_pr``'s
+#: 32 registers and 8 blocks an SM).  Asked because a block of ``_sr`` places its split in chunks that each wait for one
+#: load; session 70 (H100): no faster (OPT-30B's expansions +0-3 %, Llama-3-8B's gate / up 127 -> 123 us), so 1
 DR_PLACE_AHEAD = int(os.environ.get("FLASH_LLM_DR_PLACE_AHEAD", "1"))
 DR_PLACE_AHEAD_PR_MIN_TILE = 32 * 1024
+#: ``_sr``'s passes skip the groups whose columns miss their band (``delta_rows_to_dense_srk``,
+#: ``FLASH_LLM_DR_PLACE_SKIP=1``; session 70): a window of several bands walks every group once a pass, and Nsight
+#: Compute counted 104 M warp instructions at 0.48 issued a scheduler for OPT-30B's q/k/v (2-3 passes)
+DR_PLACE_SKIP = os.environ.get("FLASH_LLM_DR_PLACE_SKIP", "0") == "1"
 
 
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
@@ -742,12 +746,12 @@ def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
 def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_index: int) -> None:
     """``delta_rows_to_dense_pr`` into ``out`` (where :func:`dr_dense_rows_ok`): a block a slice, its rows' tile in
     dynamic shared memory; for the split layout ``delta_rows_to_dense_sr``: a block a (slice, split), a band of its
-    window in shared memory."""
+    window in shared memory (``_srk`` with :data:`DR_PLACE_SKIP`, ``_sr4`` / ``_pr4`` with :data:`DR_PLACE_AHEAD`)."""
     args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I)]
     if lay.parts == 1:
         band = dr_dense_sr_band(k)
-        launch("delta_rows_to_dense_sr" + _place_ahead_suffix(), (lay.slices, lay.splits, 1),
-               32 * DR_DENSE_ROWS_WARPS,
+        name = "delta_rows_to_dense_sr" + ("k" if DR_PLACE_SKIP else _place_ahead_suffix())
+        launch(name, (lay.slices, lay.splits, 1), 32 * DR_DENSE_ROWS_WARPS,
                args + [(lay.splits, I), (1 if lay.coded else 0, I), (lay.slices, I), (band, I)], stream,
                device_index, 32 * band * 2)
         return
@@ -760,8 +764,8 @@ def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_in
 
 
 def _place_ahead_suffix() -> str:
-    """The ``_sr`` kernel's suffix for :data:`DR_PLACE_AHEAD` (1: none; 2; anything larger: 4)."""
-    return "" if DR_PLACE_AHEAD <= 1 else "2" if DR_PLACE_AHEAD == 2 else "4"
+    """The ``_sr`` kernel's suffix for :data:`DR_PLACE_AHEAD` (1: none; more: 4)."""
+    return "" if DR_PLACE_AHEAD <= 1 else "4"
 
 
 def dr_dense_rows_band(k: int) -> int:

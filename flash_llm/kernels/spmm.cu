@@ -3282,7 +3282,7 @@ INSTANTIATE_DR_MMA_CODED_X(16)
 // while chunk c is placed, as sessions 68-69 built it; the _sr / _tmma blocks walk their groups in chunks that each
 // wait for one load (about 10 dependent rounds a block on gate / up), so they may ask further ahead.
 constexpr int DRP_WARPS = 8;
-template <int AHEAD>
+template <int AHEAD, bool SKIP = false>
 DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int run, int row, u16* trow, int base,
                    int nb, int (&sums)[2][DRP_WARPS][32]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -3307,9 +3307,10 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
       uint4 v = vq[j];
       const u32 d = dq[j];
       load((c + AHEAD) * DRP_WARPS + warp, vq[j], dq[j]);
-      if (coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
+      if (!SKIP && coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
       const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);  // the 8 steps summed in bytes, then in the top byte
-      sums[c & 1][warp][lane] = (int)((t * 0x01010101u) >> 24);
+      const int own = (int)((t * 0x01010101u) >> 24);
+      sums[c & 1][warp][lane] = own;
       __syncthreads();
       int col = run, total = 0;
 #pragma unroll
@@ -3319,6 +3320,10 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
         total += sq;
       }
       run += total;
+      // SKIP: a group whose columns col + 1 .. col + own (its entries lie in them: steps >= 0) miss the band is
+      // neither decoded nor walked (a window of several bands walks each group once a pass)
+      if (SKIP && (row < 0 || col + own < base || col >= base + nb)) continue;
+      if (SKIP && coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
       const u32 wv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
@@ -3343,8 +3348,9 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
 // sums meet in shared memory in warp order (deterministic) and the block writes the split's partials ws[s][t][row],
 // which delta_rows_reduce_<dtype> sums with the epilogue.  Dynamic shared memory: (32 + NT) pitch bytes.
 constexpr int DRTM_WARPS = DRP_WARPS;
-// (session 70: 4 chunks of groups in flight; session 69 measured it with 1, 2-4x slower than Tiled-CSL at 8-16 tokens)
-constexpr int DRTM_AHEAD = 4;
+// (session 70: a pass skips the groups outside its band, dr_place's SKIP; 4 chunks of groups in flight were no faster)
+constexpr int DRTM_AHEAD = 1;
+constexpr bool DRTM_SKIP = true;
 template <bool BF16, int NT, bool CODED, int AHEAD>
 DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restrict__ offsets,
                                const u16* __restrict__ x, float* __restrict__ ws, int S, int N, int K, int M,
@@ -3391,8 +3397,8 @@ DEVI void delta_rows_tmma_body(const int* __restrict__ data, const int* __restri
       *reinterpret_cast<uint4*>(xs + t * pitch + 16 * q) =
           t < N && c < K ? __ldg(reinterpret_cast<const uint4*>(x + (long long)t * K + c)) : make_uint4(0, 0, 0, 0);
     }
-    dr_place<AHEAD>(gbase, G, gw, CODED, lut, start, row, reinterpret_cast<u16*>(tile + lane * pitch), b0, nb,
-                    sums);
+    dr_place<AHEAD, DRTM_SKIP>(gbase, G, gw, CODED, lut, start, row, reinterpret_cast<u16*>(tile + lane * pitch),
+                               b0, nb, sums);
     __syncthreads();  // the placement (and, without groups, the zeroing and X) before the products
     for (int q = warp; q < (nb >> 4); q += DRTM_WARPS) {
       const u32 cb = 32 * q;
@@ -3860,7 +3866,7 @@ DEVI void drs_put(u16* orow, int c0, uint4 v, int lo, int hi) {  // chunk c0 .. 
   for (int t = 0; t < 8; ++t)
     if (c0 + t >= lo && c0 + t <= hi) orow[c0 + t] = (u16)(b[t >> 1] >> (16 * (t & 1)));
 }
-template <int AHEAD>
+template <int AHEAD, bool SKIP>
 DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
                            int S, int coded, int slices, int band) {
   extern __shared__ __align__(16) unsigned char drs_smem[];
@@ -3887,7 +3893,7 @@ DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__
   for (int b0 = 0; b0 < w; b0 += band) {  // window columns a0 + b0 .. a0 + b0 + nb - 1
     const int nb = min(band, w - b0), nb8 = nb >> 3, c0 = a0 + b0;
     for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
-    dr_place<AHEAD>(gbase, G, gw, coded, lut, start, row, tile + lane * nb, c0, nb, sums);
+    dr_place<AHEAD, SKIP>(gbase, G, gw, coded, lut, start, row, tile + lane * nb, c0, nb, sums);
     __syncthreads();  // (also orders own_* and, without groups, the zeroing before the writes)
     for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) {
       const int r = i / nb8, q = i - r * nb8, orow = own_row[r];
@@ -3905,17 +3911,18 @@ DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__
     }
   }
 }
-// delta_rows_to_dense_sr (AHEAD 1, as session 69 measured it) and _sr<AHEAD> (session 70: 2 or 4 chunks of groups in
-// flight, kernels.DR_PLACE_AHEAD)
-#define INSTANTIATE_DR_DENSE_SR(SUF, AHEAD)                                                                     \
+// delta_rows_to_dense_sr (AHEAD 1, as session 69 measured it), _sr4 (session 70: 4 chunks of groups in flight,
+// kernels.DR_PLACE_AHEAD; no faster on an H100) and _srk (session 70: a pass skips the groups outside its band,
+// kernels.DR_PLACE_SKIP)
+#define INSTANTIATE_DR_DENSE_SR(SUF, AHEAD, SKIP)                                                                     \
   extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_sr##SUF(                     \
       const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, \
       int slices, int band) {                                                                                   \
-    dr_dense_sr_body<AHEAD>(data, offsets, out, K, S, coded, slices, band);                                     \
+    dr_dense_sr_body<AHEAD, SKIP>(data, offsets, out, K, S, coded, slices, band);                                  \
   }
-INSTANTIATE_DR_DENSE_SR(, 1)
-INSTANTIATE_DR_DENSE_SR(2, 2)
-INSTANTIATE_DR_DENSE_SR(4, 4)
+INSTANTIATE_DR_DENSE_SR(, 1, false)
+INSTANTIATE_DR_DENSE_SR(4, 4, false)
+INSTANTIATE_DR_DENSE_SR(k, 1, true)
 extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
                                                                       const int* __restrict__ offsets,
                                                                       u16* __restrict__ out, int K, int S,
