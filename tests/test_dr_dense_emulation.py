@@ -124,6 +124,8 @@ def test_expansion_dispatch(nofill, tiled, rows, split, monkeypatch):
     monkeypatch.setattr(k, "DR_DENSE_TILED", tiled)
     monkeypatch.setattr(k, "DR_DENSE_ROWS", rows)
     monkeypatch.setattr(k, "DR_DENSE_SPLIT_ROWS", split)
+    monkeypatch.setattr(k, "DR_PLACE_SKIP", False)  # (_srk: test_place_ahead_dispatch)
+    monkeypatch.setattr(k, "DR_DENSE_SR_BAND", 1024)
     monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args, a)))
     monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
     w = torch.zeros(64, 256, dtype=torch.float16)

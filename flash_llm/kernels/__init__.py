@@ -713,8 +713,9 @@ DR_DENSE_SPLIT_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_SPLIT_ROWS", "1") == "1
 #: ... the window columns a pass holds (32 rows of them: 64 KiB at 1024, three blocks an SM as ``_pr``'s largest
 #: tile); a wider window (OPT-30B's q/k/v and fc2 at 80 %: 1700-2800 columns) takes more passes, each walking the
 #: split's groups again (the walk is some 8x under the bytes' time).  Session 69: 512 as fast, 2048 (one block an SM)
-#: 1.3-1.9x slower
-DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "1024"))
+#: 1.3-1.9x slower; session 70, with :data:`DR_PLACE_SKIP`: 768 (48 KiB, four blocks an SM) as fast as 1024 or faster on
+#: every OPT-30B and Llama-3-8B split-layout weight (o 76 -> 68 us), so 768
+DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "768"))
 #: ... at most this many (96 KiB of tile: within every sm_80+ GPU's shared memory a block, 99 KiB on sm_86 / sm_89; a
 #: larger setting is cut to it, never a failed launch)
 DR_DENSE_SR_BAND_MAX = 1536
@@ -725,10 +726,12 @@ DR_DENSE_SR_BAND_MAX = 1536
 #: load; session 70 (H100): no faster (OPT-30B's expansions +0-3 %, Llama-3-8B's gate / up 127 -> 123 us), so 1
 DR_PLACE_AHEAD = int(os.environ.get("FLASH_LLM_DR_PLACE_AHEAD", "1"))
 DR_PLACE_AHEAD_PR_MIN_TILE = 32 * 1024
-#: ``_sr``'s passes skip the groups whose columns miss their band (``delta_rows_to_dense_srk``,
-#: ``FLASH_LLM_DR_PLACE_SKIP=1``; session 70): a window of several bands walks every group once a pass, and Nsight
-#: Compute counted 104 M warp instructions at 0.48 issued a scheduler for OPT-30B's q/k/v (2-3 passes)
-DR_PLACE_SKIP = os.environ.get("FLASH_LLM_DR_PLACE_SKIP", "0") == "1"
+#: ``_sr``'s passes skip the groups whose columns miss their band (``delta_rows_to_dense_srk``; session 70, the default:
+#: ``FLASH_LLM_DR_PLACE_SKIP=0`` for ``_sr``): a window of several bands walked every group once a pass (Nsight Compute:
+#: 104 M warp instructions at 0.48 issued a scheduler on OPT-30B's q/k/v).  Session 70 (H100, bf16, 80 %): OPT-30B's
+#: fc1 / fc2 305 / 320 -> 294 / 313 us, with bands of 768 (below) 294 / 301 and o 75 -> 68; its prefill's graph 67.8
+#: -> 66.6 ms (one process, three rounds)
+DR_PLACE_SKIP = os.environ.get("FLASH_LLM_DR_PLACE_SKIP", "1") == "1"
 
 
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
