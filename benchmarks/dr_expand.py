@@ -60,7 +60,7 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
                  K.DR_PLACE_AHEAD_PR_MIN_TILE, K.DR_PLACE_SKIP)
         try:
             K.DR_DENSE_SPLIT_ROWS = base == "delta_rows_to_dense_sr"
-            K.DR_PLACE_SKIP = kernel[len(base):] == "k"
+            K.DR_PLACE_SKIP = "k" in kernel[len(base):]
             K.DR_PLACE_AHEAD = int(kernel[len(base):].strip("k") or 1)
             K.DR_PLACE_AHEAD_PR_MIN_TILE = 0  # (_pr4 named: every tile)
             band = name.partition(":")[2]

@@ -22,7 +22,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh splitrows                 (about 7 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh bands                     (about 4 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tmma                      (about 10 minutes)
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh ahead                     (about 9 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh ahead                     (about 10 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -82,11 +82,11 @@
 #          each split's partials, S x N x M floats, go through memory, which costs the small layers at S = 19-28),
 #          compute-sanitizer at 16 tokens.  If
 #          it beats Tiled-CSL at 8-16 tokens, an engine could keep DeltaRows from batch 4 (DELTA_TCSL_MIN_BATCH) with it.
-# ahead:   session 70's placement changes (off): 4 chunks of groups in flight (kernels.DR_PLACE_AHEAD: _sr4, _pr4 on
-#          tiles above 32 KiB; measured no faster in call 5) and _sr's passes skipping the groups outside their band
-#          (DR_PLACE_SKIP: _srk): the GPU test modes, dr_expand.py (_nf, _sr, _sr4, _srk at bands of 1024 / 512 / 768),
-#          OPT-30B's prefill A/B'd in one process (prefill_ab.py --graph), and _tmma (now skipping too) against
-#          Tiled-CSL at 8 / 16 tokens.
+# ahead:   session 70's placement with 4 chunks of groups in flight now that they are (kernels.DR_PLACE_AHEAD: _srk4
+#          with the default skip, _pr4 on tiles above 32 KiB; the coded steps word's copy no longer waits for each
+#          load): the GPU test modes, dr_expand.py (_srk, _srk4, _sr4 / _pr4), both models' prefill A/B'd in one process
+#          (prefill_ab.py --graph, DR_PLACE_AHEAD 1 against 4), compute-sanitizer over _srk and _srk4 / _pr4 (decoder
+#          modes k, q; the final tree's first sanitizer run).  If 4 wins, DR_PLACE_AHEAD=4 by default.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -180,13 +180,16 @@ for group in "${groups[@]}"; do
             timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_tmma_run.log" 2>&1
           grep "mma" "$OUT/sanitize.log" ;;
     ahead) step tests_ahead 240 python3 -m pytest -q tests/test_delta_rows_gpu.py \
-             -k "decode_kernel_is_exact and (rows_a4 or split_rows)"
+             -k "decode_kernel_is_exact and (rows or split_rows)"
            step dr_expand_ahead 150 python3 benchmarks/dr_expand.py --dtype bf16 --kernels \
-             "delta_rows_to_dense_nf:1,delta_rows_to_dense_sr,delta_rows_to_dense_sr4,delta_rows_to_dense_srk,delta_rows_to_dense_srk:512,delta_rows_to_dense_srk:768"
-           step prefill_ab_skip_opt-30b 170 python3 benchmarks/prefill_ab.py --model opt-30b --rounds 3 --graph \
-             --settings "base:DR_PLACE_SKIP=False;skip:DR_PLACE_SKIP=True;skip768:DR_PLACE_SKIP=True,DR_DENSE_SR_BAND=768"
-           step dr_mma_tile_skip 120 python3 benchmarks/dr_mma.py --ns 8,16 --dtype bf16 --tile-bands 512,1024 \
-             --tile-splits 4 ;;
+             "delta_rows_to_dense_srk,delta_rows_to_dense_srk4,delta_rows_to_dense_sr4"
+           for m in opt-30b llama-3-8b; do
+             step "prefill_ab_ahead_$m" 170 python3 benchmarks/prefill_ab.py --model "$m" --rounds 3 --graph \
+               --settings "a1:DR_PLACE_AHEAD=1;a4:DR_PLACE_AHEAD=4"
+           done
+           DR_DECODERS="k q" DR_DECODE_PARTS="1 4" CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
+             timeout 200 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_ahead_run.log" 2>&1
+           grep -E "nofill=(k|q)" "$OUT/sanitize.log" ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \

@@ -162,7 +162,7 @@ def test_place_ahead_dispatch(ahead, skip, monkeypatch):
     """``kernels.DR_PLACE_AHEAD`` (session 70) picks ``delta_rows_to_dense_sr`` / ``_sr4`` for the split layout (any
     setting above 1: ``_sr4``), and for the parts layout ``_pr4`` only where the tile exceeds
     ``DR_PLACE_AHEAD_PR_MIN_TILE`` bytes (``_pr`` otherwise, and always at 1); ``DR_PLACE_SKIP`` takes the split layout
-    to ``_srk`` whatever the lookahead; all with the same grid and arguments (launches faked: no GPU)."""
+    to ``_srk`` (``_srk4`` with a lookahead); all with the same grid and arguments (launches faked: no GPU)."""
     from flash_llm import kernels as k
     from flash_llm.reference import FORMAT_IDS
 
@@ -176,7 +176,7 @@ def test_place_ahead_dispatch(ahead, skip, monkeypatch):
     monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
     w = torch.zeros(64, 256, dtype=torch.float16)
     w[3, 7] = 1.0
-    suffix = "k" if skip else "" if ahead == 1 else "4"
+    suffix = ("k" if skip else "") + ("" if ahead == 1 else "4")
     for lay, min_tile, want in ((dict(splits=3), 0, "delta_rows_to_dense_sr" + suffix),
                                 (dict(parts=4), 4096, "delta_rows_to_dense_pr" + ("4" if ahead > 1 else "")),
                                 (dict(parts=4), 4096 * 2, "delta_rows_to_dense_pr")):  # (the tile: 8 x 256 x 2 bytes)

@@ -723,9 +723,11 @@ DR_DENSE_SR_BAND_MAX = 1536
 #: session 70): 1 as sessions 68-69 measured (``delta_rows_to_dense_sr`` / ``_pr``), more: 4 (``_sr4``; the parts
 #: layout's ``_pr4``, for tiles above :data:`DR_PLACE_AHEAD_PR_MIN_TILE` bytes only: q/k/v's small tiles keep ``_pr``'s
 #: 32 registers and 8 blocks an SM).  Asked because a block of ``_sr`` places its split in chunks that each wait for one
-#: load; session 70 (H100): no faster (OPT-30B's expansions +0-3 %, Llama-3-8B's gate / up 127 -> 123 us), so 1
+#: load; session 70 (H100): no faster at first (OPT-30B's expansions +0-3 %), but the loads were not in flight (a copy
+#: of the coded steps word waited for each at once); with that fixed, ``_pr4`` ran gate / up 118 -> 111 us and ``_sr4``
+#: within 2 % of ``_srk``.  Still 1 until a skipping ``_srk4`` is timed
 DR_PLACE_AHEAD = int(os.environ.get("FLASH_LLM_DR_PLACE_AHEAD", "1"))
-DR_PLACE_AHEAD_PR_MIN_TILE = 32 * 1024
+DR_PLACE_AHEAD_PR_MIN_TILE = int(os.environ.get("FLASH_LLM_DR_PLACE_AHEAD_PR_MIN_TILE", str(32 * 1024)))
 #: ``_sr``'s passes skip the groups whose columns miss their band (``delta_rows_to_dense_srk``; session 70, the default:
 #: ``FLASH_LLM_DR_PLACE_SKIP=0`` for ``_sr``): a window of several bands walked every group once a pass (Nsight Compute:
 #: 104 M warp instructions at 0.48 issued a scheduler on OPT-30B's q/k/v).  Session 70 (H100, bf16, 80 %): OPT-30B's
@@ -749,11 +751,12 @@ def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
 def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_index: int) -> None:
     """``delta_rows_to_dense_pr`` into ``out`` (where :func:`dr_dense_rows_ok`): a block a slice, its rows' tile in
     dynamic shared memory; for the split layout ``delta_rows_to_dense_sr``: a block a (slice, split), a band of its
-    window in shared memory (``_srk`` with :data:`DR_PLACE_SKIP`, ``_sr4`` / ``_pr4`` with :data:`DR_PLACE_AHEAD`)."""
+    window in shared memory (``_srk`` with :data:`DR_PLACE_SKIP`, ``_sr4`` / ``_pr4`` with :data:`DR_PLACE_AHEAD`,
+    ``_srk4`` with both)."""
     args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I)]
     if lay.parts == 1:
         band = dr_dense_sr_band(k)
-        name = "delta_rows_to_dense_sr" + ("k" if DR_PLACE_SKIP else _place_ahead_suffix())
+        name = "delta_rows_to_dense_sr" + ("k" if DR_PLACE_SKIP else "") + _place_ahead_suffix()
         launch(name, (lay.slices, lay.splits, 1), 32 * DR_DENSE_ROWS_WARPS,
                args + [(lay.splits, I), (1 if lay.coded else 0, I), (lay.slices, I), (band, I)], stream,
                device_index, 32 * band * 2)

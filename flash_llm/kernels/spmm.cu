@@ -3915,8 +3915,8 @@ DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__
   }
 }
 // delta_rows_to_dense_sr (AHEAD 1, as session 69 measured it), _sr4 (session 70: 4 chunks of groups in flight,
-// kernels.DR_PLACE_AHEAD; no faster on an H100) and _srk (session 70: a pass skips the groups outside its band,
-// kernels.DR_PLACE_SKIP)
+// kernels.DR_PLACE_AHEAD), _srk (session 70: a pass skips the groups outside its band, kernels.DR_PLACE_SKIP; the
+// default) and _srk4 (both)
 #define INSTANTIATE_DR_DENSE_SR(SUF, AHEAD, SKIP)                                                                     \
   extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_sr##SUF(                     \
       const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, \
@@ -3926,6 +3926,7 @@ DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__
 INSTANTIATE_DR_DENSE_SR(, 1, false)
 INSTANTIATE_DR_DENSE_SR(4, 4, false)
 INSTANTIATE_DR_DENSE_SR(k, 1, true)
+INSTANTIATE_DR_DENSE_SR(k4, 4, true)
 extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
                                                                       const int* __restrict__ offsets,
                                                                       u16* __restrict__ out, int K, int S,
