@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--kernels", default="delta_rows_to_dense_srk,delta_rows_to_dense_pr,delta_rows_parts_bf16_p16_s2c,"
                     "delta_rows_parts_bf16_p4_s2c,delta_rows_spmm_bf16_n1c,delta_rows_spmm_bf16_nt2c")
     ap.add_argument("--within", type=int, default=6)
+    ap.add_argument("--context", type=int, default=0, help="print this many instructions around each hit")
     a = ap.parse_args()
     from flash_llm.kernels._build import compile_kernels
 
@@ -100,8 +101,12 @@ def main() -> None:
             hits = exposed_loads(instrs, a.within)
             loads = sum(1 for _, op, _ in instrs if op.startswith("LDG") and not op.startswith("LDGSTS"))
             print(f"{name}: {len(instrs)} instructions, {loads} global loads, {len(hits)} used within {a.within}")
+            where = {a: i for i, (a, _, _) in enumerate(instrs)}
             for addr, load, dist, user in hits:
                 print(f"  /*{addr}*/ {load[:60]:60s} -> +{dist} {user[:60]}")
+                i = where[addr]
+                for a2, op2, ops2 in instrs[max(0, i - a.context): i + dist + a.context + 1] if a.context else ():
+                    print(f"      /*{a2}*/ {op2} {ops2[:80]}")
     finally:
         os.unlink(f.name)
 
