@@ -1978,3 +1978,38 @@ def test_engine_progress_bars_can_be_turned_off(pair, monkeypatch, capsys):
         assert len(eng.relayout) >= 2
         err = capsys.readouterr().err
         assert ("DeltaRows layout" in err) == progress, err
+
+
+def test_deferred_prefill_capture_puts_the_last_steps_set_back(pair, monkeypatch):
+    """``Engine._capture_pending`` (the prefill graph captured once a generation's tokens are out) runs the prefill,
+    which installs the prefill's set of weights (``use_layout(tokens, prefill=True)``); afterwards the layers hold the
+    set of the step that ran last, as before the capture (session 70: a ``delta_layout="dual"`` engine left its
+    Tiled-CSL copies in the layers after a batch-1 generation).  The capture is faked (graphs are CUDA's), the
+    engine's own use_layout recorded; the same after a capture that fails."""
+    _, ours = pair
+    eng = Engine(ours, max_batch=2, max_seq=32)
+    calls = []
+    real = eng.use_layout
+    monkeypatch.setattr(eng, "use_layout", lambda b, prefill=False: (calls.append((b, prefill)), real(b, prefill)))
+    monkeypatch.setattr(eng, "_prefill_graph_fits", lambda b, p: True)
+    for fails in (False, True):
+        def capture(ids, mask, fails=fails):
+            eng.use_layout(ids.numel(), prefill=True)
+            if fails:
+                raise RuntimeError("capture failed")
+            return "graph"
+
+        monkeypatch.setattr(eng, "_capture_prefill", capture)
+        eng._prefills = {}
+        eng.use_layout(1)  # (the generation's last decode step)
+        calls.clear()
+        eng._pending = (torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.bool))
+        if fails:
+            with pytest.warns(RuntimeWarning, match="could not be captured"):
+                eng._capture_pending()
+            assert eng._prefills is None
+        else:
+            eng._capture_pending()
+            assert eng._prefills == {(1, 8): "graph"}
+        assert calls == [(8, True), (1, False)], calls
+        assert eng._layout == (1, False)
