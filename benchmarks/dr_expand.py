@@ -45,7 +45,8 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
     m, k = w.shape
     lay = layout(m, w.offsets.numel(), w.data.numel())
     dev = w.data.device
-    base = kernel.rstrip("0123456789k")  # (_sr4 / _pr4: kernels.DR_PLACE_AHEAD; _srk: DR_PLACE_SKIP; session 70)
+    # (_sr4 / _pr4: kernels.DR_PLACE_AHEAD; _srk: DR_PLACE_SKIP; _srw / _prw: DR_PLACE_RANGES; session 70)
+    base = kernel.rstrip("0123456789kw")
     rows = base in ("delta_rows_to_dense_pr", "delta_rows_to_dense_sr")
     nofill = "_nf" in kernel or rows  # (_nf, _nft, _pr, _sr write every element)
     if nofill:
@@ -57,11 +58,12 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
         # in dynamic shared memory; _sr[:band]: also the split layout, passes of `band` columns of a split's window,
         # kernels.DR_DENSE_SR_BAND by default)
         saved = (K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND, K.DR_DENSE_ROWS_BAND, K.DR_PLACE_AHEAD,
-                 K.DR_PLACE_AHEAD_PR_MIN_TILE, K.DR_PLACE_SKIP)
+                 K.DR_PLACE_AHEAD_PR_MIN_TILE, K.DR_PLACE_SKIP, K.DR_PLACE_RANGES)
         try:
             K.DR_DENSE_SPLIT_ROWS = base == "delta_rows_to_dense_sr"
             K.DR_PLACE_SKIP = "k" in kernel[len(base):]
-            K.DR_PLACE_AHEAD = int(kernel[len(base):].strip("k") or 1)
+            K.DR_PLACE_RANGES = "w" in kernel[len(base):]
+            K.DR_PLACE_AHEAD = int(kernel[len(base):].strip("kw") or 1)
             K.DR_PLACE_AHEAD_PR_MIN_TILE = 0  # (_pr4 named: every tile)
             band = name.partition(":")[2]
             if band and K.DR_DENSE_SPLIT_ROWS:
@@ -74,7 +76,7 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
                                    dev.index)
         finally:
             (K.DR_DENSE_SPLIT_ROWS, K.DR_DENSE_SR_BAND, K.DR_DENSE_ROWS_BAND, K.DR_PLACE_AHEAD,
-             K.DR_PLACE_AHEAD_PR_MIN_TILE, K.DR_PLACE_SKIP) = saved
+             K.DR_PLACE_AHEAD_PR_MIN_TILE, K.DR_PLACE_SKIP, K.DR_PLACE_RANGES) = saved
         return out
     K.launch(kernel, (-(-lay.slices // warps), lay.splits, 1), 32 * warps,
              [(w.data.data_ptr(), K.P), (w.offsets.data_ptr(), K.P), (out.data_ptr(), K.P), (k, K.I),

@@ -66,13 +66,15 @@ for tool in memcheck racecheck; do
   # rows, delta_rows_to_dense_pr, the default since session 69, which the others turn off; "s": that and the split
   # layout through bands of its windows, delta_rows_to_dense_sr; "b": _pr's blocks 64 columns of their rows; "k": _sr
   # skipping the groups outside its passes' bands of 64 columns, _srk, session 70; "q": that with 4 chunks of groups
-  # in flight, _srk4, and _pr4 on every tile), split and parts layouts
+  # in flight, _srk4, and _pr4 on every tile; "w": the placement by ranges of groups a warp, _srw at 64-column passes
+  # and _prw, session 70), split and parts layouts
   for nf in ${DR_DECODERS:-0 1 t p r s b}; do
     for parts in ${DR_DECODE_PARTS:-1 4}; do
       r=$(env FLASH_LLM_DR_DENSE_NOFILL=$([ $nf = 0 ] && echo 0 || echo 1) \
-          FLASH_LLM_DR_DENSE_ROWS=$(case $nf in r|s|b|k|q) echo 1;; *) echo 0;; esac) \
-          FLASH_LLM_DR_DENSE_SPLIT_ROWS=$(case $nf in s|k|q) echo 1;; *) echo 0;; esac) \
-          $(case $nf in k|q) echo FLASH_LLM_DR_PLACE_SKIP=1 FLASH_LLM_DR_DENSE_SR_BAND=64;; esac) \
+          FLASH_LLM_DR_DENSE_ROWS=$(case $nf in r|s|b|k|q|w) echo 1;; *) echo 0;; esac) \
+          FLASH_LLM_DR_DENSE_SPLIT_ROWS=$(case $nf in s|k|q|w) echo 1;; *) echo 0;; esac) \
+          $(case $nf in k|q|w) echo FLASH_LLM_DR_PLACE_SKIP=1 FLASH_LLM_DR_DENSE_SR_BAND=64;; esac) \
+          $([ $nf = w ] && echo FLASH_LLM_DR_PLACE_RANGES=1) \
           $([ $nf = q ] && echo FLASH_LLM_DR_PLACE_AHEAD=4 FLASH_LLM_DR_PLACE_AHEAD_PR_MIN_TILE=0) \
           FLASH_LLM_DR_DENSE_ROWS_BAND=$([ $nf = b ] && echo 64 || echo 0) \
           FLASH_LLM_DR_DENSE_TILED=$([ $nf = t ] || [ $nf = p ] && echo 1 || echo 0) \

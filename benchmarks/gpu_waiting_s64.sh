@@ -86,7 +86,10 @@
 #          with the default skip, _pr4 on tiles above 32 KiB; the coded steps word's copy no longer waits for each
 #          load): the GPU test modes, dr_expand.py (_srk, _srk4, _sr4 / _pr4), both models' prefill A/B'd in one process
 #          (prefill_ab.py --graph, DR_PLACE_AHEAD 1 against 4), compute-sanitizer over _srk and _srk4 / _pr4 (decoder
-#          modes k, q; the final tree's first sanitizer run).  If 4 wins, DR_PLACE_AHEAD=4 by default.
+#          modes k, q; the final tree's first sanitizer run).  If 4 wins, DR_PLACE_AHEAD=4 by default.  With them
+#          session 70's placement by ranges of groups a warp (DR_PLACE_RANGES: _srw / _prw, one barrier a pass where
+#          dr_place has one every 8 groups; never run): its GPU test modes (rows_w, split_rows_w, split_rows_b64_w match
+#          "rows"), dr_expand, the prefill A/B's third setting, sanitizer mode w.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -182,14 +185,14 @@ for group in "${groups[@]}"; do
     ahead) step tests_ahead 240 python3 -m pytest -q tests/test_delta_rows_gpu.py \
              -k "decode_kernel_is_exact and (rows or split_rows)"
            step dr_expand_ahead 150 python3 benchmarks/dr_expand.py --dtype bf16 --kernels \
-             "delta_rows_to_dense_srk,delta_rows_to_dense_srk4,delta_rows_to_dense_sr4"
+             "delta_rows_to_dense_srk,delta_rows_to_dense_srk4,delta_rows_to_dense_sr4,delta_rows_to_dense_srw"
            for m in opt-30b llama-3-8b; do
              step "prefill_ab_ahead_$m" 170 python3 benchmarks/prefill_ab.py --model "$m" --rounds 3 --graph \
-               --settings "a1:DR_PLACE_AHEAD=1;a4:DR_PLACE_AHEAD=4"
+               --settings "a1:DR_PLACE_AHEAD=1;a4:DR_PLACE_AHEAD=4;w:DR_PLACE_RANGES=True"
            done
-           DR_DECODERS="k q" DR_DECODE_PARTS="1 4" CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
-             timeout 200 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_ahead_run.log" 2>&1
-           grep -E "nofill=(k|q)" "$OUT/sanitize.log" ;;
+           DR_DECODERS="k q w" DR_DECODE_PARTS="1 4" CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
+             timeout 240 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_ahead_run.log" 2>&1
+           grep -E "nofill=(k|q|w)" "$OUT/sanitize.log" ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \

@@ -16,7 +16,8 @@ EXPECTED_KERNELS = (
                                                            "delta_rows_to_dense_nftp", "delta_rows_to_dense_pr",
                                                            "delta_rows_to_dense_pr4", "delta_rows_to_dense_sr",
                                                            "delta_rows_to_dense_sr4", "delta_rows_to_dense_srk",
-                                                           "delta_rows_to_dense_srk4"}
+                                                           "delta_rows_to_dense_srk4", "delta_rows_to_dense_srw",
+                                                           "delta_rows_to_dense_prw"}
     | {f"delta_rows_{v}_{dt}_nt{nt}" for v in ("spmm", "parts") for dt in ("f16", "bf16") for nt in (2, 4, 8)}
     | {f"delta_rows_spmm_{dt}_nt{nt}a" for dt in ("f16", "bf16") for nt in (2, 4, 8)}
     | {f"delta_rows_reduce_{dt}" for dt in ("f16", "bf16")}

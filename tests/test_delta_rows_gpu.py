@@ -434,7 +434,7 @@ def test_delta_rows_two_token_rms_norm_inside_the_parts_kernel(dtype, parts, mon
 
 @pytest.mark.parametrize("mode", ["zeroed", "nofill", "tiled", "tiled_pf", "rows", "rows_b64", "split_rows",
                                   "split_rows_b64", "rows_a4", "split_rows_b64_a4", "split_rows_k", "split_rows_b64_k",
-                                  "split_rows_b64_k_a4"])
+                                  "split_rows_b64_k_a4", "rows_w", "split_rows_w", "split_rows_b64_w"])
 def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     """The expansion (whole 16-element chunks between a lane's nonzeros, the rest one by one) gives the weight's bits
     at every density, lanes a row and split count, K not a multiple of 16 (chunks across rows), -0.0 dropped, into a
@@ -448,7 +448,8 @@ def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     ``_pr``'s blocks 64 columns of their rows (``DR_DENSE_ROWS_BAND``, session 69), so K = 4104 at 4 lanes a row fits
     too; ``_a4`` (session 70, ``DR_PLACE_AHEAD``): ``_pr4`` (every tile, whatever its size) / ``_sr4``, 4 chunks of
     groups in flight; ``_k`` (session 70, ``DR_PLACE_SKIP``): ``_srk``, each pass skipping the groups outside its
-    band (``_k_a4``: ``_srk4``, both)."""
+    band (``_k_a4``: ``_srk4``, both); ``_w`` (session 70, ``DR_PLACE_RANGES``): ``_prw`` / ``_srw``, ranges of groups
+    a warp."""
     gen = torch.Generator(device="cuda").manual_seed(14)
     k = _kernels()
     nofill = mode != "zeroed"
@@ -465,6 +466,7 @@ def test_delta_rows_decode_kernel_is_exact(mode, monkeypatch):
     monkeypatch.setattr(k, "DR_PLACE_AHEAD", ahead)
     monkeypatch.setattr(k, "DR_PLACE_AHEAD_PR_MIN_TILE", 0)
     monkeypatch.setattr(k, "DR_PLACE_SKIP", "_k" in mode)
+    monkeypatch.setattr(k, "DR_PLACE_RANGES", mode.endswith("_w"))
     launched = record_launches(k, monkeypatch)
     for dtype in DTYPES:
         for (m, kk) in ((333, 520), (70, 517), (64, 4104)):
@@ -493,9 +495,9 @@ def _expansion_kernel(k, mode: str, lay: dict, kk: int) -> str:
     if (mode.startswith("rows") or mode.startswith("split_rows")) and "parts" in lay:
         band = 64 if mode == "rows_b64" else kk
         if (32 // lay["parts"]) * band * 2 <= k.DR_DENSE_ROWS_SMEM:  # (a tile within its shared-memory bound)
-            return "delta_rows_to_dense_pr" + ("4" if ahead else "")
+            return "delta_rows_to_dense_pr" + ("w" if mode.endswith("_w") else "4" if ahead else "")
     if mode.startswith("split_rows") and "parts" not in lay and kk % 8 == 0:
-        return "delta_rows_to_dense_sr" + ("k" if "_k" in mode else "") + ahead
+        return "delta_rows_to_dense_sr" + ("w" if mode.endswith("_w") else ("k" if "_k" in mode else "") + ahead)
     return {"zeroed": "delta_rows_to_dense", "tiled": "delta_rows_to_dense_nft",
             "tiled_pf": "delta_rows_to_dense_nftp"}.get(mode, "delta_rows_to_dense_nf")
 

@@ -31,10 +31,13 @@ def test_every_element_written_once():
         if parts:
             assert emu.check(w, want, "rows") is None, label  # (delta_rows_to_dense_pr, session 68)
             assert emu.check(w, want, "rows_b64") is None, label  # (its blocks a band of 64 columns, session 69)
+            assert emu.check(w, want, "rows_w") is None, label  # (_prw: ranges of groups a warp, session 70)
         elif k % 8 == 0:  # (delta_rows_to_dense_sr, session 69: a pass, and passes of 64 columns)
             assert emu.check(w, want, "split_rows") is None, label
             assert m != 333 or emu.check(w, want, "split_rows_b64") is None, label
             assert m != 333 or emu.check(w, want, "split_rows_b64_skip") is None, label
+            assert emu.check(w, want, "split_rows_w") is None, label  # (_srw, session 70)
+            assert m != 333 or emu.check(w, want, "split_rows_b64_w") is None, label
     assert seen == {False, True}
 
 
@@ -157,12 +160,14 @@ def test_expansion_dispatch(nofill, tiled, rows, split, monkeypatch):
             assert not got.any()
 
 
-@pytest.mark.parametrize("ahead, skip", [(1, False), (2, False), (4, False), (1, True), (4, True)])
-def test_place_ahead_dispatch(ahead, skip, monkeypatch):
+@pytest.mark.parametrize("ahead, skip, ranges", [(1, False, False), (2, False, False), (4, False, False),
+                                                 (1, True, False), (4, True, False), (1, True, True), (4, False, True)])
+def test_place_ahead_dispatch(ahead, skip, ranges, monkeypatch):
     """``kernels.DR_PLACE_AHEAD`` (session 70) picks ``delta_rows_to_dense_sr`` / ``_sr4`` for the split layout (any
     setting above 1: ``_sr4``), and for the parts layout ``_pr4`` only where the tile exceeds
     ``DR_PLACE_AHEAD_PR_MIN_TILE`` bytes (``_pr`` otherwise, and always at 1); ``DR_PLACE_SKIP`` takes the split layout
-    to ``_srk`` (``_srk4`` with a lookahead); all with the same grid and arguments (launches faked: no GPU)."""
+    to ``_srk`` (``_srk4`` with a lookahead); ``DR_PLACE_RANGES`` to ``_srw`` / ``_prw`` whatever the others say; all
+    with the same grid and arguments (launches faked: no GPU)."""
     from flash_llm import kernels as k
     from flash_llm.reference import FORMAT_IDS
 
@@ -172,14 +177,17 @@ def test_place_ahead_dispatch(ahead, skip, monkeypatch):
     monkeypatch.setattr(k, "DR_DENSE_ROWS_BAND", 0)
     monkeypatch.setattr(k, "DR_PLACE_AHEAD", ahead)
     monkeypatch.setattr(k, "DR_PLACE_SKIP", skip)
+    monkeypatch.setattr(k, "DR_PLACE_RANGES", ranges)
     monkeypatch.setattr(k, "launch", lambda name, grid, block, args, *a, **kw: calls.append((name, grid, args, a)))
     monkeypatch.setattr(k.torch.cuda, "current_stream", lambda dev=None: type("S", (), {"cuda_stream": 0})())
     w = torch.zeros(64, 256, dtype=torch.float16)
     w[3, 7] = 1.0
-    suffix = ("k" if skip else "") + ("" if ahead == 1 else "4")
+    suffix = "w" if ranges else ("k" if skip else "") + ("" if ahead == 1 else "4")
+    big = "w" if ranges else "4" if ahead > 1 else ""
     for lay, min_tile, want in ((dict(splits=3), 0, "delta_rows_to_dense_sr" + suffix),
-                                (dict(parts=4), 4096, "delta_rows_to_dense_pr" + ("4" if ahead > 1 else "")),
-                                (dict(parts=4), 4096 * 2, "delta_rows_to_dense_pr")):  # (the tile: 8 x 256 x 2 bytes)
+                                (dict(parts=4), 4096, "delta_rows_to_dense_pr" + big),
+                                (dict(parts=4), 4096 * 2,  # (the tile: 8 x 256 x 2 bytes)
+                                 "delta_rows_to_dense_pr" + ("w" if ranges else ""))):
         monkeypatch.setattr(k, "DR_PLACE_AHEAD_PR_MIN_TILE", min_tile - 1)
         dr = DeltaRows.from_dense(w, **lay)
         calls.clear()

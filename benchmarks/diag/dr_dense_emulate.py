@@ -227,7 +227,43 @@ def _place(data: np.ndarray, goff: int, G: int, run, rows: list[int], inclusive:
             run[ln] += int(sums[:, ln].sum())
 
 
-def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _step_sum(d: int) -> int:
+    """``dr_step_sum``: a steps word's 8 nibbles summed in bytes, then in the top byte (32-bit arithmetic)."""
+    t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
+    return ((t * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def _place_ranges(data: np.ndarray, goff: int, G: int, run, rows: list[int], skip: tuple[int, int] | None = None):
+    """``dr_place_ranges`` (session 70): warp ``w`` takes groups ``G w // 8 .. G (w + 1) // 8 - 1`` of every lane; a
+    pre-pass sums each (warp, lane)'s range of steps (:func:`_step_sum`), and each range starts at the lane's running
+    column (``run``) plus the sums of the warps before it; then the range is walked group by group.  ``skip = (base,
+    nb)``: a range, then a group, whose columns miss the band yields nothing.  Yields what :func:`_place` yields."""
+    ranges = [((wp * G) // ROWS_WARPS, ((wp + 1) * G) // ROWS_WARPS) for wp in range(ROWS_WARPS)]
+    sums = np.zeros((ROWS_WARPS, 32), dtype=np.int64)
+    for wp, (r0, r1) in enumerate(ranges):
+        for ln in range(32):
+            sums[wp, ln] = sum(_step_sum(_group(data, goff + g, ln)[1]) for g in range(r0, r1))
+    for wp, (r0, r1) in enumerate(ranges):
+        for ln in range(32):
+            col = int(run[ln]) + int(sums[:wp, ln].sum())
+            own = int(sums[wp, ln])
+            if rows[ln] < 0 or (skip is not None and (col + own < skip[0] or col >= skip[0] + skip[1])):
+                continue
+            for g in range(r0, r1):
+                vals, d = _group(data, goff + g, ln)
+                total = _step_sum(d)
+                if skip is not None and (col + total < skip[0] or col >= skip[0] + skip[1]):
+                    col += total
+                    continue
+                for k in range(8):
+                    col += (d >> (4 * k)) & 15
+                    h = int(vals[k])
+                    if h & 0x7FFF:
+                        yield ln, col, h
+
+
+def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0, ranges: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The same for ``delta_rows_to_dense_pr`` (session 68; the parts layout only): a block a slice (and, with
     ``band``, a block a band of ``band`` columns of its rows: session 69), its tile of the slice's ``32 / P`` rows
     zeroed; the nonzeros placed by :func:`_place` (``inclusive`` passed on) go into the tile where they fall in the
@@ -245,7 +281,9 @@ def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0) -> tuple[
         for b0 in range(0, K, band):
             nb = min(band, K - b0)
             tile = np.zeros((32 // P, nb), dtype=np.int16)
-            for ln, col, h in _place(data, goff, G, starts[slice_, 0], rows, inclusive):
+            placed = (_place_ranges(data, goff, G, starts[slice_, 0], rows) if ranges
+                      else _place(data, goff, G, starts[slice_, 0], rows, inclusive))
+            for ln, col, h in placed:
                 assert 0 <= col < K, (slice_, ln, col)  # (the row's bounds)
                 if 0 <= col - b0 < nb:
                     tile[ln // P, col - b0] = h
@@ -257,15 +295,16 @@ def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0) -> tuple[
     return out.reshape(m, K), count.reshape(m, K)
 
 
-def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True, skip: bool = False
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True, skip: bool = False,
+                       ranges: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The same for ``delta_rows_to_dense_sr`` (session 69; the split layout, ``K % 8 == 0``): a block a (slice, split),
     its window ``a0 .. a0 + w - 1`` in passes of ``band`` columns.  Each pass zeroes a tile of 32 rows of the band,
     places the split's nonzeros whose columns fall in the band (:func:`_place`; every nonzero asserted inside the
     window), and writes each lane's owned columns
     (:func:`_spans`) of the band by 8-column chunks; the last split then writes its rows' zeros past the window.
     ``owned_only=False`` writes whole chunks whatever the owner (a wrong rule the tests check the emulator sees).
-    ``skip``: ``_srk`` (session 70), each pass's placement skipping the groups outside its band."""
+    ``skip``: ``_srk`` (session 70), each pass's placement skipping the groups outside its band; ``ranges``:
+    ``_srw``'s placement (:func:`_place_ranges`)."""
     m, K = w.shape
     out = np.full(m * K, -1, dtype=np.int16)
     count = np.zeros(m * K, dtype=np.int64)
@@ -294,7 +333,9 @@ def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True, 
             for b0 in range(0, wd, band):
                 nb, c0 = min(band, wd - b0), a0 + b0
                 tile = np.zeros((32, nb), dtype=np.int16)
-                for ln, col, h in _place(data, goff + g0, g1 - g0, col0, rows, skip=(c0, nb) if skip else None):
+                placed = (_place_ranges(data, goff + g0, g1 - g0, col0, rows, skip=(c0, nb) if skip else None)
+                          if ranges else _place(data, goff + g0, g1 - g0, col0, rows, skip=(c0, nb) if skip else None))
+                for ln, col, h in placed:
                     assert a0 <= col < a0 + wd, (slice_, s, ln, col, a0, wd)  # (inside the window)
                     if 0 <= col - c0 < nb:
                         tile[ln, col - c0] = h
@@ -315,10 +356,12 @@ def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str |
     ``variant`` "tiled": ``delta_rows_to_dense_nft``'s; "rows": ``delta_rows_to_dense_pr``'s (the parts layout;
     "rows_b64": its blocks 64 columns of their rows);
     "split_rows" (bands of 1024 columns) and "split_rows_b64" (of 64: many passes): ``delta_rows_to_dense_sr``'s (the
-    split layout); "split_rows_b64_skip": ``_srk``'s at bands of 64 (session 70)."""
+    split layout); "split_rows_b64_skip": ``_srk``'s at bands of 64 (session 70); "rows_w", "split_rows_w",
+    "split_rows_b64_w": ``_prw`` / ``_srw``'s placement by ranges of groups a warp (session 70)."""
     out, count = (emulate_tiled(w) if variant == "tiled"
                   else emulate_rows(w, variant == "rows_inclusive") if variant in ("rows", "rows_inclusive")
                   else emulate_rows(w, band=64) if variant == "rows_b64"
+                  else emulate_rows(w, ranges=True) if variant == "rows_w"
                   else emulate_split_rows(w, *SPLIT_ROWS_VARIANTS[variant]) if variant in SPLIT_ROWS_VARIANTS
                   else emulate(w, variant))
     if (count != 1).any():
@@ -330,7 +373,8 @@ def check(w: DeltaRows, want: torch.Tensor, variant: str | None = None) -> str |
 
 #: :func:`emulate_split_rows`'s settings by variant name: (band, owned_only); "split_rows_whole" is wrong somewhere
 SPLIT_ROWS_VARIANTS = {"split_rows": (1024, True), "split_rows_b64": (64, True), "split_rows_whole": (1024, False),
-                       "split_rows_b64_skip": (64, True, True)}
+                       "split_rows_b64_skip": (64, True, True), "split_rows_w": (1024, True, True, True),
+                       "split_rows_b64_w": (64, True, True, True)}
 
 
 def cases():

@@ -734,6 +734,11 @@ DR_PLACE_AHEAD_PR_MIN_TILE = int(os.environ.get("FLASH_LLM_DR_PLACE_AHEAD_PR_MIN
 #: fc1 / fc2 305 / 320 -> 294 / 313 us, with bands of 768 (below) 294 / 301 and o 75 -> 68; its prefill's graph 67.8
 #: -> 66.6 ms (one process, three rounds)
 DR_PLACE_SKIP = os.environ.get("FLASH_LLM_DR_PLACE_SKIP", "1") == "1"
+#: the placement by ranges of groups a warp (``delta_rows_to_dense_srw`` / ``_prw``, ``FLASH_LLM_DR_PLACE_RANGES=1``;
+#: session 70, not yet run on a GPU): warp w walks the contiguous eighth w of every lane's groups after one pre-pass of
+#: their step sums and one barrier, where ``dr_place`` meets at a barrier every 8 groups (20 % of ``_srk``'s stall
+#: samples); ``_srw`` skips as ``_srk`` and both keep 2 groups' loads in flight.  Takes precedence over AHEAD / SKIP
+DR_PLACE_RANGES = os.environ.get("FLASH_LLM_DR_PLACE_RANGES", "0") == "1"
 
 
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
@@ -752,18 +757,19 @@ def launch_dr_dense_rows(data, offsets, out, k: int, lay, stream: int, device_in
     """``delta_rows_to_dense_pr`` into ``out`` (where :func:`dr_dense_rows_ok`): a block a slice, its rows' tile in
     dynamic shared memory; for the split layout ``delta_rows_to_dense_sr``: a block a (slice, split), a band of its
     window in shared memory (``_srk`` with :data:`DR_PLACE_SKIP`, ``_sr4`` / ``_pr4`` with :data:`DR_PLACE_AHEAD`,
-    ``_srk4`` with both)."""
+    ``_srk4`` with both; ``_srw`` / ``_prw`` with :data:`DR_PLACE_RANGES`, whatever the others say)."""
     args = [(data.data_ptr(), P), (offsets.data_ptr(), P), (out.data_ptr(), P), (k, I)]
     if lay.parts == 1:
         band = dr_dense_sr_band(k)
-        name = "delta_rows_to_dense_sr" + ("k" if DR_PLACE_SKIP else "") + _place_ahead_suffix()
+        name = "delta_rows_to_dense_sr" + ("w" if DR_PLACE_RANGES else ("k" if DR_PLACE_SKIP else "")
+                                          + _place_ahead_suffix())
         launch(name, (lay.slices, lay.splits, 1), 32 * DR_DENSE_ROWS_WARPS,
                args + [(lay.splits, I), (1 if lay.coded else 0, I), (lay.slices, I), (band, I)], stream,
                device_index, 32 * band * 2)
         return
     band = dr_dense_rows_band(k)
     tile = (32 // lay.parts) * band * 2
-    ahead = "4" if _place_ahead_suffix() and tile > DR_PLACE_AHEAD_PR_MIN_TILE else ""
+    ahead = "w" if DR_PLACE_RANGES else "4" if _place_ahead_suffix() and tile > DR_PLACE_AHEAD_PR_MIN_TILE else ""
     launch("delta_rows_to_dense_pr" + ahead, (lay.slices, ceil_div(k, band), 1), 32 * DR_DENSE_ROWS_WARPS,
            args + [(lay.parts if lay.coded else 0, I), (lay.slices, I), (lay.parts, I), (band, I)], stream,
            device_index, (32 // lay.parts) * band * 2)

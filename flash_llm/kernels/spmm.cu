@@ -3338,6 +3338,89 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
   }
 }
 
+// dr_place_ranges (session 70, kernels.DR_PLACE_RANGES; the same contract as dr_place): warp w takes the contiguous
+// groups G w / 8 .. G (w + 1) / 8 - 1 of every lane instead of every 8th, so the warps meet once, not once a chunk of 8
+// groups.  A pre-pass sums each thread's range of steps (the steps words only: a plain group's 128 bytes of them, a
+// coded group's 4th word; 4 loads in flight), the warps post those sums, one barrier, and each thread starts its range
+// at its lane's running column plus the sums of the warps before it; then it walks its range alone, AHEAD groups'
+// loads in flight.  SKIP: a range, and then a group, whose columns miss the band is not walked (a range wholly outside
+// it is not even loaded).  Nsight Compute put 20 % of _srk's stall samples on the chunk barrier (session 70).
+DEVI int dr_step_sum(u32 d) {  // a group's 8 steps (nibbles) summed: in bytes, then in the top byte
+  const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
+  return (int)((t * 0x01010101u) >> 24);
+}
+template <int AHEAD, bool SKIP>
+DEVI void dr_place_ranges(const int* gbase, int G, int gw, int coded, uint2 lut, int run, int row, u16* trow,
+                          int base, int nb, int (&sums)[2][DRP_WARPS][32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = (int)((u32)(warp * G) / DRP_WARPS), r1 = (int)((u32)((warp + 1) * G) / DRP_WARPS);
+  auto steps = [&](int g) -> u32 {  // this lane's steps word of group g
+    const int* gp = gbase + (long long)g * gw;
+    return (u32)__ldg(coded ? gp + 4 * lane + 3 : gp + 128 + lane);
+  };
+  int own = 0;
+  int g = r0;
+  for (; g + 4 <= r1; g += 4) {
+    u32 d[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] = steps(g + i);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) own += dr_step_sum(d[i]);
+  }
+  for (; g < r1; ++g) own += dr_step_sum(steps(g));
+  sums[0][warp][lane] = own;
+  __syncthreads();
+  int col = run;
+#pragma unroll
+  for (int q = 0; q < DRP_WARPS; ++q) col += q < warp ? sums[0][q][lane] : 0;
+  if (row < 0 || (SKIP && (col + own < base || col >= base + nb))) return;
+  auto load = [&](int gg, uint4& v, u32& d) {  // (a coded group's steps word taken where it is used, as dr_place)
+    v = make_uint4(0, 0, 0, 0);
+    d = 0;
+    if (gg < r1) {
+      const int* gp = gbase + (long long)gg * gw;
+      v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
+      if (!coded) d = (u32)__ldg(gp + 128 + lane);
+    }
+  };
+  uint4 vq[AHEAD];
+  u32 dq[AHEAD];
+#pragma unroll
+  for (int j = 0; j < AHEAD; ++j) load(r0 + j, vq[j], dq[j]);
+  for (int g0 = r0; g0 < r1; g0 += AHEAD) {
+#pragma unroll
+    for (int j = 0; j < AHEAD; ++j) {
+      const int gg = g0 + j;
+      if (gg >= r1) break;
+      uint4 v = vq[j];
+      const u32 d = coded ? v.w : dq[j];
+      load(gg + AHEAD, vq[j], dq[j]);
+      const int sum = dr_step_sum(d);
+      if (SKIP && (col + sum < base || col >= base + nb)) {
+        col += sum;
+        continue;
+      }
+      if (coded) v = dr_decode_coded(v, lut);
+      const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        col += (d >> (4 * k)) & 15;
+        const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
+        if ((h & 0x7fff) && (unsigned)(col - base) < (unsigned)nb) trow[col - base] = h;
+      }
+    }
+  }
+}
+// the placement a kernel variant names: dr_place_ranges where RANGES, else dr_place
+template <int AHEAD, bool SKIP, bool RANGES>
+DEVI void dr_place_any(const int* gbase, int G, int gw, int coded, uint2 lut, int run, int row, u16* trow, int base,
+                       int nb, int (&sums)[2][DRP_WARPS][32]) {
+  if (RANGES)
+    dr_place_ranges<AHEAD, SKIP>(gbase, G, gw, coded, lut, run, row, trow, base, nb, sums);
+  else
+    dr_place<AHEAD, SKIP>(gbase, G, gw, coded, lut, run, row, trow, base, nb, sums);
+}
+
 // delta_rows_spmm_<dtype>_tmma<NT>[c] (session 69, kernels.DR_MMA_TILE; with DR_MMA_MIN <= N <= DR_MMA_MAX): the
 // split layout's tensor-core product built on delta_rows_to_dense_sr's placement instead of _mma's per-warp ring.  A
 // block of DRT_WARPS warps takes one (slice, split); its window (the 16-column steps from a0 & ~15 to a0 + w) in
@@ -3808,7 +3891,7 @@ extern "C" __global__ void __launch_bounds__(32 * DRT_WARPS) delta_rows_to_dense
 // (kernels.DR_DENSE_ROWS_BAND).
 // Dynamic shared memory: (32 / P) band 2 bytes (the launcher keeps it within kernels.DR_DENSE_ROWS_SMEM).
 // benchmarks/diag/dr_dense_emulate.py (emulate_rows) runs these steps on the CPU.
-template <int AHEAD>
+template <int AHEAD, bool RANGES = false>
 DEVI void dr_dense_pr_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
                            int coded, int slices, int parts, int band) {
   extern __shared__ __align__(16) unsigned char drp_smem[];
@@ -3825,7 +3908,8 @@ DEVI void dr_dense_pr_body(const int* __restrict__ data, const int* __restrict__
   const int start = dr_start(offsets, slices, 1, slice, 0, lane);  // the lane's column before its first group
   const int k8 = nb >> 3;  // 16-byte words a tile row (K % 8 == 0 in the parts layout)
   for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
-  dr_place<AHEAD>(data + (long long)goff * gw, G, gw, coded, lut, start, row, tile + rl * nb, b0, nb, sums);
+  dr_place_any<AHEAD, false, RANGES>(data + (long long)goff * gw, G, gw, coded, lut, start, row, tile + rl * nb, b0, nb,
+                                     sums);
   __syncthreads();
   for (int i = tid; i < rows * k8; i += 32 * DRP_WARPS) {
     const int r = i / k8, q = i - r * k8;
@@ -3844,6 +3928,11 @@ extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 8) delta_rows_to_de
 extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 3) delta_rows_to_dense_pr4(const int* __restrict__ data,
     const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts, int band) {
   dr_dense_pr_body<4>(data, offsets, out, K, coded, slices, parts, band);
+}
+// _prw (session 70, kernels.DR_PLACE_RANGES): the placement by ranges of groups a warp (dr_place_ranges), 2 ahead
+extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS, 5) delta_rows_to_dense_prw(const int* __restrict__ data,
+    const int* __restrict__ offsets, u16* __restrict__ out, int K, int coded, int slices, int parts, int band) {
+  dr_dense_pr_body<2, true>(data, offsets, out, K, coded, slices, parts, band);
 }
 // delta_rows_to_dense_sr (session 69, kernels.DR_DENSE_SPLIT_ROWS): the split layout (one lane a row, S splits)
 // expanded as _pr expands the parts layout, a block a (slice, split), so that OPT's weights and Llama's down (K > 4096)
@@ -3869,7 +3958,7 @@ DEVI void drs_put(u16* orow, int c0, uint4 v, int lo, int hi) {  // chunk c0 .. 
   for (int t = 0; t < 8; ++t)
     if (c0 + t >= lo && c0 + t <= hi) orow[c0 + t] = (u16)(b[t >> 1] >> (16 * (t & 1)));
 }
-template <int AHEAD, bool SKIP>
+template <int AHEAD, bool SKIP, bool RANGES = false>
 DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
                            int S, int coded, int slices, int band) {
   extern __shared__ __align__(16) unsigned char drs_smem[];
@@ -3896,7 +3985,7 @@ DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__
   for (int b0 = 0; b0 < w; b0 += band) {  // window columns a0 + b0 .. a0 + b0 + nb - 1
     const int nb = min(band, w - b0), nb8 = nb >> 3, c0 = a0 + b0;
     for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) reinterpret_cast<uint4*>(tile)[i] = make_uint4(0, 0, 0, 0);
-    dr_place<AHEAD, SKIP>(gbase, G, gw, coded, lut, start, row, tile + lane * nb, c0, nb, sums);
+    dr_place_any<AHEAD, SKIP, RANGES>(gbase, G, gw, coded, lut, start, row, tile + lane * nb, c0, nb, sums);
     __syncthreads();  // (also orders own_* and, without groups, the zeroing before the writes)
     for (int i = tid; i < 32 * nb8; i += 32 * DRP_WARPS) {
       const int r = i / nb8, q = i - r * nb8, orow = own_row[r];
@@ -3916,17 +4005,18 @@ DEVI void dr_dense_sr_body(const int* __restrict__ data, const int* __restrict__
 }
 // delta_rows_to_dense_sr (AHEAD 1, as session 69 measured it), _sr4 (session 70: 4 chunks of groups in flight,
 // kernels.DR_PLACE_AHEAD), _srk (session 70: a pass skips the groups outside its band, kernels.DR_PLACE_SKIP; the
-// default) and _srk4 (both)
-#define INSTANTIATE_DR_DENSE_SR(SUF, AHEAD, SKIP)                                                                     \
+// default), _srk4 (both) and _srw (session 70: dr_place_ranges, skipping, 2 ahead; kernels.DR_PLACE_RANGES)
+#define INSTANTIATE_DR_DENSE_SR(SUF, AHEAD, SKIP, RANGES)                                                       \
   extern "C" __global__ void __launch_bounds__(32 * DRP_WARPS) delta_rows_to_dense_sr##SUF(                     \
       const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K, int S, int coded, \
       int slices, int band) {                                                                                   \
-    dr_dense_sr_body<AHEAD, SKIP>(data, offsets, out, K, S, coded, slices, band);                                  \
+    dr_dense_sr_body<AHEAD, SKIP, RANGES>(data, offsets, out, K, S, coded, slices, band);                          \
   }
-INSTANTIATE_DR_DENSE_SR(, 1, false)
-INSTANTIATE_DR_DENSE_SR(4, 4, false)
-INSTANTIATE_DR_DENSE_SR(k, 1, true)
-INSTANTIATE_DR_DENSE_SR(k4, 4, true)
+INSTANTIATE_DR_DENSE_SR(, 1, false, false)
+INSTANTIATE_DR_DENSE_SR(4, 4, false, false)
+INSTANTIATE_DR_DENSE_SR(k, 1, true, false)
+INSTANTIATE_DR_DENSE_SR(k4, 4, true, false)
+INSTANTIATE_DR_DENSE_SR(w, 2, true, true)
 extern "C" __global__ void __launch_bounds__(128) delta_rows_to_dense(const int* __restrict__ data,
                                                                       const int* __restrict__ offsets,
                                                                       u16* __restrict__ out, int K, int S,
