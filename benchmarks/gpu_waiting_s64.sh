@@ -22,7 +22,8 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh splitrows                 (about 7 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh bands                     (about 4 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tmma                      (about 10 minutes)
-#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh ahead                     (about 10 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh ahead                     (about 6 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh aheadmore                 (about 6 minutes)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -84,9 +85,10 @@
 #          it beats Tiled-CSL at 8-16 tokens, an engine could keep DeltaRows from batch 4 (DELTA_TCSL_MIN_BATCH) with it.
 # ahead:   session 70's placement with 4 chunks of groups in flight now that they are (kernels.DR_PLACE_AHEAD: _srk4
 #          with the default skip, _pr4 on tiles above 32 KiB; the coded steps word's copy no longer waits for each
-#          load): the GPU test modes, dr_expand.py (_srk, _srk4, _sr4 / _pr4), both models' prefill A/B'd in one process
-#          (prefill_ab.py --graph, DR_PLACE_AHEAD 1 against 4), compute-sanitizer over _srk and _srk4 / _pr4 (decoder
-#          modes k, q; the final tree's first sanitizer run).  If 4 wins, DR_PLACE_AHEAD=4 by default.  With them
+#          load): the GPU test modes, dr_expand.py (_srk, _srk4, _sr4 / _pr4), OPT-30B's prefill A/B'd in one process
+#          (prefill_ab.py --graph, DR_PLACE_AHEAD 1 against 4); aheadmore: Llama-3-8B's, then compute-sanitizer over
+#          _srk and _srk4 / _pr4 (decoder modes k, q; the final tree's first sanitizer run).  If 4 wins,
+#          DR_PLACE_AHEAD=4 by default.  With them
 #          session 70's placement by ranges of groups a warp (DR_PLACE_RANGES: _srw / _prw, one barrier a pass where
 #          dr_place has one every 8 groups; never run): its GPU test modes (rows_w, split_rows_w, split_rows_b64_w match
 #          "rows"), dr_expand, the prefill A/B's third setting, sanitizer mode w.
@@ -186,10 +188,10 @@ for group in "${groups[@]}"; do
              -k "decode_kernel_is_exact and (rows or split_rows)"
            step dr_expand_ahead 150 python3 benchmarks/dr_expand.py --dtype bf16 --kernels \
              "delta_rows_to_dense_srk,delta_rows_to_dense_srk4,delta_rows_to_dense_sr4,delta_rows_to_dense_srw"
-           for m in opt-30b llama-3-8b; do
-             step "prefill_ab_ahead_$m" 170 python3 benchmarks/prefill_ab.py --model "$m" --rounds 3 --graph \
-               --settings "a1:DR_PLACE_AHEAD=1;a4:DR_PLACE_AHEAD=4;w:DR_PLACE_RANGES=True"
-           done
+           step prefill_ab_ahead_opt-30b 170 python3 benchmarks/prefill_ab.py --model opt-30b --rounds 3 --graph \
+             --settings "a1:DR_PLACE_AHEAD=1;a4:DR_PLACE_AHEAD=4;w:DR_PLACE_RANGES=True" ;;
+    aheadmore) step prefill_ab_ahead_llama-3-8b 170 python3 benchmarks/prefill_ab.py --model llama-3-8b --rounds 3 \
+             --graph --settings "a1:DR_PLACE_AHEAD=1;a4:DR_PLACE_AHEAD=4;w:DR_PLACE_RANGES=True"
            DR_DECODERS="k q w" DR_DECODE_PARTS="1 4" CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
              timeout 240 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_ahead_run.log" 2>&1
            grep -E "nofill=(k|q|w)" "$OUT/sanitize.log" ;;
@@ -211,6 +213,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore)" ;;
   esac
 done
