@@ -192,6 +192,24 @@ def emulate_tiled(w: DeltaRows) -> tuple[np.ndarray, np.ndarray]:
 ROWS_WARPS = 8  # DRP_WARPS
 
 
+def _step_sum(d: int) -> int:
+    """``dr_step_sum``: a steps word's 8 nibbles summed in bytes, then in the top byte (32-bit arithmetic)."""
+    t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
+    return ((t * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def _walk(vals: np.ndarray, d: int, col: int) -> tuple[list[tuple[int, int]], int]:
+    """``dr_put_group``: a group's entries from column ``col`` on, ``(column, bits)`` of its nonzeros (pads, escapes
+    and -0.0 left out), and the group's last column."""
+    out = []
+    for k in range(8):
+        col += (d >> (4 * k)) & 15
+        h = int(vals[k])
+        if h & 0x7FFF:
+            out.append((col, h))
+    return out, col
+
+
 def _place(data: np.ndarray, goff: int, G: int, run, rows: list[int], inclusive: bool = False,
            skip: tuple[int, int] | None = None):
     """``dr_place`` (spmm.cu: the block-parallel placement of ``delta_rows_to_dense_pr`` / ``_sr`` and the ``_tmma``
@@ -209,28 +227,19 @@ def _place(data: np.ndarray, goff: int, G: int, run, rows: list[int], inclusive:
             g = c * ROWS_WARPS + wp
             for ln in range(32):
                 vals, d = _group(data, goff + g, ln) if g < G else (np.zeros(8, dtype=np.int16), 0)
-                t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
-                sums[wp, ln] = ((t * 0x01010101) & 0xFFFFFFFF) >> 24
+                sums[wp, ln] = _step_sum(d)
                 groups[wp, ln] = vals, d
         for wp in range(ROWS_WARPS):
             for ln in range(32):
                 vals, d = groups[wp, ln]
                 col = run[ln] + int(sums[:wp + inclusive, ln].sum())
-                if skip is not None and (col + int(sums[wp, ln]) < skip[0] or col >= skip[0] + skip[1]):
+                if rows[ln] < 0 or (skip is not None and (col + int(sums[wp, ln]) < skip[0]
+                                                          or col >= skip[0] + skip[1])):
                     continue
-                for k in range(8):
-                    col += (d >> (4 * k)) & 15
-                    h = int(vals[k])
-                    if rows[ln] >= 0 and h & 0x7FFF:
-                        yield ln, col, h
+                for c, h in _walk(vals, d, col)[0]:
+                    yield ln, c, h
         for ln in range(32):
             run[ln] += int(sums[:, ln].sum())
-
-
-def _step_sum(d: int) -> int:
-    """``dr_step_sum``: a steps word's 8 nibbles summed in bytes, then in the top byte (32-bit arithmetic)."""
-    t = (d & 0x0F0F0F0F) + ((d >> 4) & 0x0F0F0F0F)
-    return ((t * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
 def _place_ranges(data: np.ndarray, goff: int, G: int, run, rows: list[int], skip: tuple[int, int] | None = None):
@@ -255,11 +264,23 @@ def _place_ranges(data: np.ndarray, goff: int, G: int, run, rows: list[int], ski
                 if skip is not None and (col + total < skip[0] or col >= skip[0] + skip[1]):
                     col += total
                     continue
-                for k in range(8):
-                    col += (d >> (4 * k)) & 15
-                    h = int(vals[k])
-                    if h & 0x7FFF:
-                        yield ln, col, h
+                entries, col = _walk(vals, d, col)
+                for c, h in entries:
+                    yield ln, c, h
+
+
+def split_blocks(w: DeltaRows, lay, goffs: np.ndarray, perm: np.ndarray):
+    """The blocks of a split-layout weight's ``_sr`` / ``_tmma`` kernels, a (slice, split) each: yields ``(slice_, s,
+    goff, g0, g1, rows, a0, wd)``, the slice's first group, the split's groups ``g0 .. g1 - 1`` of it, the lanes' rows
+    and the split's window ``a0 .. a0 + wd - 1`` (the encoder's ``win``)."""
+    S = lay.splits
+    win = _split_offsets(w.offsets.cpu(), lay.slices, lay.mp, S)[1].numpy()
+    for slice_ in range(lay.slices):
+        goff, G = int(goffs[slice_]), int(goffs[slice_ + 1]) - int(goffs[slice_])
+        rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
+        for s in range(S):
+            yield (slice_, s, goff, (s * G) // S, ((s + 1) * G) // S, rows, int(win[slice_, s, 0]),
+                   int(win[slice_, s, 1]))
 
 
 def emulate_rows(w: DeltaRows, inclusive: bool = False, band: int = 0, ranges: bool = False
@@ -311,7 +332,6 @@ def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True, 
     lay, data, goffs, starts, perm = _arrays(w)
     assert lay.parts == 1 and K % 8 == 0, "delta_rows_to_dense_sr takes the split layout, K % 8 == 0"
     S = lay.splits
-    win = _split_offsets(w.offsets.cpu(), lay.slices, lay.mp, S)[1].numpy()
 
     def put(row, c0, vals, lo, hi):  # drs_put: chunk c0 .. c0 + 7 of a row, its owned columns
         for t in range(8):
@@ -320,34 +340,29 @@ def emulate_split_rows(w: DeltaRows, band: int = 1024, owned_only: bool = True, 
             out[row * K + c0 + t] = vals[t]
             count[row * K + c0 + t] += 1
 
-    for slice_ in range(lay.slices):
-        goff, G = int(goffs[slice_]), int(goffs[slice_ + 1]) - int(goffs[slice_])
-        rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
-        for s in range(S):
-            g0, g1 = (s * G) // S, ((s + 1) * G) // S
-            a0, wd = int(win[slice_, s, 0]), int(win[slice_, s, 1])
-            assert a0 % 8 == 0 and wd % 8 == 0 and wd > 0 and a0 + wd <= K, (slice_, s, a0, wd)
-            col0 = [int(c) for c in starts[slice_, s]]
-            own = [(e0 - max(r, 0) * K, e1 - max(r, 0) * K) for (e0, e1), r in
-                   zip(_spans(col0, rows, starts, slice_, s, S, g0, g1, 1, K), rows)]
-            for b0 in range(0, wd, band):
-                nb, c0 = min(band, wd - b0), a0 + b0
-                tile = np.zeros((32, nb), dtype=np.int16)
-                placed = (_place_ranges(data, goff + g0, g1 - g0, col0, rows, skip=(c0, nb) if skip else None)
-                          if ranges else _place(data, goff + g0, g1 - g0, col0, rows, skip=(c0, nb) if skip else None))
-                for ln, col, h in placed:
-                    assert a0 <= col < a0 + wd, (slice_, s, ln, col, a0, wd)  # (inside the window)
-                    if 0 <= col - c0 < nb:
-                        tile[ln, col - c0] = h
-                for ln in range(32):
-                    if rows[ln] >= 0:
-                        for q in range(nb // 8):
-                            put(rows[ln], c0 + 8 * q, tile[ln, 8 * q: 8 * q + 8], *own[ln])
-            if s + 1 == S:
-                for ln in range(32):
-                    if rows[ln] >= 0:
-                        for c in range(a0 + wd, K, 8):
-                            put(rows[ln], c, np.zeros(8, dtype=np.int16), *own[ln])
+    for slice_, s, goff, g0, g1, rows, a0, wd in split_blocks(w, lay, goffs, perm):
+        assert a0 % 8 == 0 and wd % 8 == 0 and wd > 0 and a0 + wd <= K, (slice_, s, a0, wd)
+        col0 = [int(c) for c in starts[slice_, s]]
+        own = [(e0 - max(r, 0) * K, e1 - max(r, 0) * K) for (e0, e1), r in
+               zip(_spans(col0, rows, starts, slice_, s, S, g0, g1, 1, K), rows)]
+        for b0 in range(0, wd, band):
+            nb, c0 = min(band, wd - b0), a0 + b0
+            tile = np.zeros((32, nb), dtype=np.int16)
+            placed = (_place_ranges(data, goff + g0, g1 - g0, col0, rows, skip=(c0, nb) if skip else None)
+                      if ranges else _place(data, goff + g0, g1 - g0, col0, rows, skip=(c0, nb) if skip else None))
+            for ln, col, h in placed:
+                assert a0 <= col < a0 + wd, (slice_, s, ln, col, a0, wd)  # (inside the window)
+                if 0 <= col - c0 < nb:
+                    tile[ln, col - c0] = h
+            for ln in range(32):
+                if rows[ln] >= 0:
+                    for q in range(nb // 8):
+                        put(rows[ln], c0 + 8 * q, tile[ln, 8 * q: 8 * q + 8], *own[ln])
+        if s + 1 == S:
+            for ln in range(32):
+                if rows[ln] >= 0:
+                    for c in range(a0 + wd, K, 8):
+                        put(rows[ln], c, np.zeros(8, dtype=np.int16), *own[ln])
     return out.reshape(m, K), count.reshape(m, K)
 
 

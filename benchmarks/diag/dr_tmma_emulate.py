@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dr_dense_emulate import _arrays, _place  # noqa: E402
+from dr_dense_emulate import _arrays, _place, split_blocks  # noqa: E402
 
 from flash_llm import DeltaRows  # noqa: E402
-from flash_llm.formats.delta_rows import _split_offsets  # noqa: E402
 
 
 def rank_token_map(nt: int) -> list[tuple[int, int]]:
@@ -47,7 +46,6 @@ def emulate_tmma(w: DeltaRows, x: torch.Tensor, band: int) -> np.ndarray:
     lay, data, goffs, starts, perm = _arrays(w)
     assert lay.parts == 1, "the _tmma kernels take the split layout"
     S = lay.splits
-    win = _split_offsets(w.offsets.cpu(), lay.slices, lay.mp, S)[1].numpy()
     xv = np.zeros((nt, K + band + 16), dtype=np.float64)
     xv[:n, :K] = x.double().cpu().numpy()
     vals = w.to_dense().view(torch.int16).cpu().numpy()  # (the weight's bits, to tell values' dtype apart)
@@ -56,30 +54,25 @@ def emulate_tmma(w: DeltaRows, x: torch.Tensor, band: int) -> np.ndarray:
     cover = rank_token_map(nt)
     assert sorted(cover) == [(r, t) for r in range(32) for t in range(nt)], "the map must cover 32 x NT once"
     placed = np.zeros(m * K, dtype=np.int64)
-    for slice_ in range(lay.slices):
-        goff, G = int(goffs[slice_]), int(goffs[slice_ + 1]) - int(goffs[slice_])
-        rows = [int(perm[slice_ * 32 + ln]) for ln in range(32)]
-        for s in range(S):
-            g0, g1 = (s * G) // S, ((s + 1) * G) // S
-            a0, wd = int(win[slice_, s, 0]), int(win[slice_, s, 1])
-            c_lo, c_hi = a0 & ~15, a0 + wd
-            acc = np.zeros((32, nt), dtype=np.float64)
-            entries = list(_place(data, goff + g0, g1 - g0, starts[slice_, s], rows))  # (the same every pass)
-            for ln, col, _ in entries:
-                assert a0 <= col < c_hi, (slice_, s, ln, col, a0, wd)  # (inside the window)
-            for b0 in range(c_lo, c_hi, band):
-                nb = min(band, (c_hi - b0 + 15) & ~15)
-                tile = np.zeros((32, nb), dtype=np.float64)
-                for ln, col, bits in entries:
-                    if 0 <= col - b0 < nb:
-                        h = torch.tensor([bits], dtype=torch.int16).view(dtype).double().item()
-                        tile[ln, col - b0] = h
-                        placed[rows[ln] * K + col] += 1
-                xs = xv[:, b0: b0 + nb]  # (columns past K: zeros)
-                acc += tile @ xs.T
-            for rank, t in cover:
-                if rows[rank] >= 0 and t < n:
-                    ws[s, t, rows[rank]] = acc[rank, t]
+    for slice_, s, goff, g0, g1, rows, a0, wd in split_blocks(w, lay, goffs, perm):
+        c_lo, c_hi = a0 & ~15, a0 + wd
+        acc = np.zeros((32, nt), dtype=np.float64)
+        entries = list(_place(data, goff + g0, g1 - g0, starts[slice_, s], rows))  # (the same every pass)
+        for ln, col, _ in entries:
+            assert a0 <= col < c_hi, (slice_, s, ln, col, a0, wd)  # (inside the window)
+        for b0 in range(c_lo, c_hi, band):
+            nb = min(band, (c_hi - b0 + 15) & ~15)
+            tile = np.zeros((32, nb), dtype=np.float64)
+            for ln, col, bits in entries:
+                if 0 <= col - b0 < nb:
+                    h = torch.tensor([bits], dtype=torch.int16).view(dtype).double().item()
+                    tile[ln, col - b0] = h
+                    placed[rows[ln] * K + col] += 1
+            xs = xv[:, b0: b0 + nb]  # (columns past K: zeros)
+            acc += tile @ xs.T
+        for rank, t in cover:
+            if rows[rank] >= 0 and t < n:
+                ws[s, t, rows[rank]] = acc[rank, t]
     nz = (vals.reshape(-1) & 0x7FFF) != 0
     assert (placed[nz] == 1).all() and (placed[~nz] == 0).all(), "every nonzero placed in exactly one pass"
     return ws.sum(0)

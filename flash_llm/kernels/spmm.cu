@@ -3282,26 +3282,41 @@ INSTANTIATE_DR_MMA_CODED_X(16)
 // while chunk c is placed, as sessions 68-69 built it; the _sr / _tmma blocks walk their groups in chunks that each
 // wait for one load (about 10 dependent rounds a block on gate / up), so they may ask further ahead.
 constexpr int DRP_WARPS = 8;
+DEVI int dr_step_sum(u32 d) {  // a group's 8 steps (nibbles) summed: in bytes, then in the top byte
+  const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
+  return (int)((t * 0x01010101u) >> 24);
+}
+// this lane's part of group g (zeros at g >= limit): its 16 bytes, and a plain group's steps word (a coded group's
+// steps are its word v.w, taken where the group is used: taken here, as before session 70, the copy waited for the
+// load at once, so no load was in flight across a chunk; Nsight Compute put 29 % of _sr's stall samples on it)
+DEVI void dr_load_group(const int* gbase, int g, int limit, int gw, int coded, int lane, uint4& v, u32& d) {
+  v = make_uint4(0, 0, 0, 0);
+  d = 0;
+  if (g < limit) {
+    const int* gp = gbase + (long long)g * gw;
+    v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
+    if (!coded) d = (u32)__ldg(gp + 128 + lane);
+  }
+}
+// a group's 8 entries (values v, decoded; steps d) from column col on: its nonzeros (not pads, escapes or -0.0) whose
+// columns fall in base .. base + nb - 1 go to trow[col - base] where `keep`; col ends at the group's last column
+DEVI void dr_put_group(uint4 v, u32 d, bool keep, int& col, u16* trow, int base, int nb) {
+  const u32 wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    col += (d >> (4 * k)) & 15;
+    const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
+    if (keep && (h & 0x7fff) && (unsigned)(col - base) < (unsigned)nb) trow[col - base] = h;
+  }
+}
 template <int AHEAD, bool SKIP = false>
 DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int run, int row, u16* trow, int base,
                    int nb, int (&sums)[2][DRP_WARPS][32]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // (a coded group's steps are its word v.w, taken where the group is used: taken here, as before session 70, the
-  // copy waited for the load at once, so the next chunk's load was not in flight during this chunk: Nsight Compute put
-  // 29 % of _sr's stall samples on that copy)
-  auto load = [&](int g, uint4& v, u32& d) {
-    v = make_uint4(0, 0, 0, 0);
-    d = 0;
-    if (g < G) {
-      const int* gp = gbase + (long long)g * gw;
-      v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
-      if (!coded) d = (u32)__ldg(gp + 128 + lane);
-    }
-  };
   uint4 vq[AHEAD];
   u32 dq[AHEAD];
 #pragma unroll
-  for (int j = 0; j < AHEAD; ++j) load(j * DRP_WARPS + warp, vq[j], dq[j]);
+  for (int j = 0; j < AHEAD; ++j) dr_load_group(gbase, j * DRP_WARPS + warp, G, gw, coded, lane, vq[j], dq[j]);
   for (int c0 = 0; c0 * DRP_WARPS < G; c0 += AHEAD) {
 #pragma unroll
     for (int j = 0; j < AHEAD; ++j) {
@@ -3309,10 +3324,9 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
       if (c * DRP_WARPS >= G) break;  // (the same for the whole block: G is the block's)
       uint4 v = vq[j];
       const u32 d = coded ? v.w : dq[j];
-      load((c + AHEAD) * DRP_WARPS + warp, vq[j], dq[j]);
+      dr_load_group(gbase, (c + AHEAD) * DRP_WARPS + warp, G, gw, coded, lane, vq[j], dq[j]);
       if (!SKIP && coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
-      const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);  // the 8 steps summed in bytes, then in the top byte
-      const int own = (int)((t * 0x01010101u) >> 24);
+      const int own = dr_step_sum(d);
       sums[c & 1][warp][lane] = own;
       __syncthreads();
       int col = run, total = 0;
@@ -3327,13 +3341,7 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
       // neither decoded nor walked (a window of several bands walks each group once a pass)
       if (SKIP && (row < 0 || col + own < base || col >= base + nb)) continue;
       if (SKIP && coded && c * DRP_WARPS + warp < G) v = dr_decode_coded(v, lut);
-      const u32 wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        col += (d >> (4 * k)) & 15;
-        const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
-        if (row >= 0 && (h & 0x7fff) && (unsigned)(col - base) < (unsigned)nb) trow[col - base] = h;
-      }
+      dr_put_group(v, d, row >= 0, col, trow, base, nb);
     }
   }
 }
@@ -3345,10 +3353,6 @@ DEVI void dr_place(const int* gbase, int G, int gw, int coded, uint2 lut, int ru
 // at its lane's running column plus the sums of the warps before it; then it walks its range alone, AHEAD groups'
 // loads in flight.  SKIP: a range, and then a group, whose columns miss the band is not walked (a range wholly outside
 // it is not even loaded).  Nsight Compute put 20 % of _srk's stall samples on the chunk barrier (session 70).
-DEVI int dr_step_sum(u32 d) {  // a group's 8 steps (nibbles) summed: in bytes, then in the top byte
-  const u32 t = (d & 0x0f0f0f0fu) + ((d >> 4) & 0x0f0f0f0fu);
-  return (int)((t * 0x01010101u) >> 24);
-}
 template <int AHEAD, bool SKIP>
 DEVI void dr_place_ranges(const int* gbase, int G, int gw, int coded, uint2 lut, int run, int row, u16* trow,
                           int base, int nb, int (&sums)[2][DRP_WARPS][32]) {
@@ -3374,19 +3378,10 @@ DEVI void dr_place_ranges(const int* gbase, int G, int gw, int coded, uint2 lut,
 #pragma unroll
   for (int q = 0; q < DRP_WARPS; ++q) col += q < warp ? sums[0][q][lane] : 0;
   if (row < 0 || (SKIP && (col + own < base || col >= base + nb))) return;
-  auto load = [&](int gg, uint4& v, u32& d) {  // (a coded group's steps word taken where it is used, as dr_place)
-    v = make_uint4(0, 0, 0, 0);
-    d = 0;
-    if (gg < r1) {
-      const int* gp = gbase + (long long)gg * gw;
-      v = __ldg(reinterpret_cast<const uint4*>(gp + 4 * lane));
-      if (!coded) d = (u32)__ldg(gp + 128 + lane);
-    }
-  };
   uint4 vq[AHEAD];
   u32 dq[AHEAD];
 #pragma unroll
-  for (int j = 0; j < AHEAD; ++j) load(r0 + j, vq[j], dq[j]);
+  for (int j = 0; j < AHEAD; ++j) dr_load_group(gbase, r0 + j, r1, gw, coded, lane, vq[j], dq[j]);
   for (int g0 = r0; g0 < r1; g0 += AHEAD) {
 #pragma unroll
     for (int j = 0; j < AHEAD; ++j) {
@@ -3394,20 +3389,14 @@ DEVI void dr_place_ranges(const int* gbase, int G, int gw, int coded, uint2 lut,
       if (gg >= r1) break;
       uint4 v = vq[j];
       const u32 d = coded ? v.w : dq[j];
-      load(gg + AHEAD, vq[j], dq[j]);
+      dr_load_group(gbase, gg + AHEAD, r1, gw, coded, lane, vq[j], dq[j]);
       const int sum = dr_step_sum(d);
       if (SKIP && (col + sum < base || col >= base + nb)) {
         col += sum;
         continue;
       }
       if (coded) v = dr_decode_coded(v, lut);
-      const u32 wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        col += (d >> (4 * k)) & 15;
-        const u16 h = (u16)(wv[k >> 1] >> (16 * (k & 1)));
-        if ((h & 0x7fff) && (unsigned)(col - base) < (unsigned)nb) trow[col - base] = h;
-      }
+      dr_put_group(v, d, true, col, trow, base, nb);
     }
   }
 }
