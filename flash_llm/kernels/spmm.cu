@@ -3684,11 +3684,15 @@ DEVI DrDenseLane dr_dense_lane(const int* data, const int* offsets, int K, int S
   l.rowbase = (long long)max(l.row, 0) * K;
   return l;
 }
-// Group g of a lane: its 8 values as stored (coded: not yet decoded) and its 8 column steps.
+// Group g of a lane: its 8 values as stored (coded: not yet decoded) and, plain, its 8 column steps.  A coded group's
+// steps are its word v.w, which the caller takes where it uses the group (dr_dense_steps): taken here, the copy waits
+// for the load at once, and _nf's next group was then never in flight during the walk of the current one (the shape
+// session 70 found in dr_place; benchmarks/diag/sass_load_use.py lists it).
 DEVI void dr_dense_load(const int* base, int g, int gw, int lane, int coded, uint4& v, u32& d) {
   v = __ldg(reinterpret_cast<const uint4*>(base + (long long)g * gw + 4 * lane));
-  d = coded ? v.w : (u32)__ldg(base + (long long)g * 160 + 128 + lane);
+  if (!coded) d = (u32)__ldg(base + (long long)g * 160 + 128 + lane);
 }
+DEVI u32 dr_dense_steps(const uint4& v, u32 d, int coded) { return coded ? v.w : d; }
 template <bool NOFILL>
 DEVI void dr_dense_body(const int* __restrict__ data, const int* __restrict__ offsets, u16* __restrict__ out, int K,
                         int S, int coded, int slices, int parts) {
@@ -3708,6 +3712,7 @@ DEVI void dr_dense_body(const int* __restrict__ data, const int* __restrict__ of
     uint4 vn = make_uint4(0, 0, 0, 0);
     u32 dn = 0;
     if (g + 1 < g1) dr_dense_load(base, g + 1, gw, lane, coded, vn, dn);
+    d = dr_dense_steps(v, d, coded);
     if (coded) v = dr_decode_coded(v, lut);
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -3758,6 +3763,7 @@ constexpr int DRT_STRIDE = DRT_COLS + 8;  // 16-bit words a lane's tile row (144
 constexpr int DRT_WARPS = 4;             // the most warps a block (kernels.DR_DENSE_T_WARPS)
 DEVI void dr_dense_group(const int* base, int g, int gw, int lane, int coded, uint2 lut, uint4& v, u32& d) {
   dr_dense_load(base, g, gw, lane, coded, v, d);
+  d = dr_dense_steps(v, d, coded);
   if (coded) v = dr_decode_coded(v, lut);
 }
 // PF (delta_rows_to_dense_nftp, session 64): a lane asks for its next group by cp.async into a ring of two slots in
