@@ -24,6 +24,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh tmma                      (about 10 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh ahead                     (about 6 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh aheadmore                 (about 6 minutes)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm                    (about 9 minutes, an H100)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -92,6 +93,12 @@
 #          session 70's placement by ranges of groups a warp (DR_PLACE_RANGES: _srw / _prw, one barrier a pass where
 #          dr_place has one every 8 groups; never run): its GPU test modes (rows_w, split_rows_w, split_rows_b64_w match
 #          "rows"), dr_expand, the prefill A/B's third setting, sanitizer mode w.
+#          (Session 71: the tests step also runs the zeroed and nofill modes, _nf / delta_rows_to_dense with the
+#          steps word taken at use.)
+# l2warm:  session 71's L2 warm-up during the decode attention (kernels.L2_WARM_MB; never run): tests/test_l2_warm.py
+#          and the attention's GPU tests (the same bits with it), then Llama-3-8B at 80 %, bf16 DeltaRows, batch 1,
+#          bench_e2e.py with 0 / 8 / 20 MB asked after the attention's wait and 20 MB before it, two rounds in one
+#          process each.  If it wins, make the best budget the default (issue 4's 80 % of the floor at batch 1).
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -185,7 +192,7 @@ for group in "${groups[@]}"; do
             timeout 150 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_tmma_run.log" 2>&1
           grep "mma" "$OUT/sanitize.log" ;;
     ahead) step tests_ahead 240 python3 -m pytest -q tests/test_delta_rows_gpu.py \
-             -k "decode_kernel_is_exact and (rows or split_rows)"
+             -k "decode_kernel_is_exact and (rows or split_rows or zeroed or nofill)"
            step dr_expand_ahead 150 python3 benchmarks/dr_expand.py --dtype bf16 --kernels \
              "delta_rows_to_dense_srk,delta_rows_to_dense_srk4,delta_rows_to_dense_sr4,delta_rows_to_dense_srw"
            step prefill_ab_ahead_opt-30b 170 python3 benchmarks/prefill_ab.py --model opt-30b --rounds 3 --graph \
@@ -195,6 +202,11 @@ for group in "${groups[@]}"; do
            DR_DECODERS="k q w" DR_DECODE_PARTS="1 4" CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
              timeout 240 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_ahead_run.log" 2>&1
            grep -E "nofill=(k|q|w)" "$OUT/sanitize.log" ;;
+    l2warm) step tests_l2warm 120 python3 -m pytest -q tests/test_l2_warm.py tests/test_decode_attention.py
+            E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20;FLASH_LLM_L2_WARM_MB=20 FLASH_LLM_L2_WARM_EARLY=1" \
+              E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=90 \
+              timeout 430 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/l2warm_b1.log" 2>&1
+            tail -n 16 "$OUT/l2warm_b1.log" ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
@@ -213,6 +225,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore, l2warm)" ;;
   esac
 done

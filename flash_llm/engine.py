@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .models import CausalLM, merge_projections, set_fused
-from .models._common import Attend, KVCache, padded_positions, padding_mask
+from .models._common import Attend, KVCache, after_attention_weights, padded_positions, padding_mask
 
 #: Warm-up runs of the decode step before it is captured (the first also compiles/loads the spmm kernels).
 WARMUP_STEPS = 2
@@ -1076,6 +1076,8 @@ class Engine:
         self._rope = rotary.tables(slots, self.dtype, dev) if hasattr(rotary, "tables") else None
         #: the batch from which a decode step's attention takes 32-slot chunks (None: the kernel's default)
         self._small_chunks_from = _small_chunks_from(model)
+        #: the decode attention's L2 warm-up tables (kernels.L2_WARM_MB), by where the weights they name live
+        self._l2_tables: dict[tuple, list] = {}
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, attended slots) -> decode graph
         self._pool = None
@@ -1416,16 +1418,40 @@ class Engine:
         mask = self._mask[:b]
         mask.index_fill_(1, self._slot, 0.0)
         attend = Attend(positions=self._pos[:b, None], mask=mask[:, None, None, :kv], cache=self.cache,
-                        slots=self._slot, kv_len=kv, rope=self._rope, small_chunks_from=self._small_chunks_from)
+                        slots=self._slot, kv_len=kv, rope=self._rope, small_chunks_from=self._small_chunks_from,
+                        l2_next=self._l2_next())
         logits = self.model(self._tok[:b], attend=attend)
         self._logits[:b].copy_(logits[:, 0])
         torch._foreach_add_([self._pos[:b], self._slot], 1)  # (one kernel for both)
+
+    def _l2_next(self) -> list | None:
+        """Per layer (by index), the table of :func:`flash_llm.kernels.l2_warm_ranges` over the weights that follow
+        its attention (:func:`~flash_llm.models._common.after_attention_weights`), :data:`kernels.L2_WARM_MB` of them;
+        None where that is 0 or the engine is not on CUDA.  Built on first use for the weights the layers hold (a
+        host read of their slice starts: :meth:`_capture` asks before it captures) and kept while the engine lives, so
+        a graph captured over a table never sees it freed."""
+        if self.device.type != "cuda":
+            return None
+        from . import kernels
+
+        if kernels.L2_WARM_MB <= 0:
+            return None
+        layers = {m.self_attn.layer_idx: m for m in self.model.modules()
+                  if hasattr(m, "after_attention") and hasattr(getattr(m, "self_attn", None), "layer_idx")}
+        weights = [after_attention_weights(layers[i]) if i in layers else [] for i in range(len(self.cache.k))]
+        key = (kernels.L2_WARM_MB, tuple((t.data_ptr(), t.numel()) for ws in weights for w in ws
+                                          for t in ([w] if isinstance(w, torch.Tensor) else w.tensors().values())))
+        if key not in self._l2_tables:
+            budget = int(kernels.L2_WARM_MB * 2**20)
+            self._l2_tables[key] = [kernels.l2_warm_ranges(ws, budget) for ws in weights]
+        return self._l2_tables[key]
 
     def _capture(self, b: int, kv: int) -> torch.cuda.CUDAGraph:
         # the key of the tensors this graph reads: a forward may have moved some since the generate began (a model
         # built on meta computes its RoPE frequencies at its first forward), so graphs over the old ones go now
         self._check_graphs()
         self.use_layout(b)
+        self._l2_next()  # (its tables are built outside the capture: they read the weights' slice starts)
         saved = (self._slot.clone(), self._pos[:b].clone(), self._mask[:b].clone())
 
         def restore():

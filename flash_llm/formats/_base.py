@@ -188,6 +188,13 @@ class SparseFormat:
         """The arrays of this weight by name (no copies)."""
         return {n: getattr(self, n) for n in self._arrays}
 
+    def l2_streams(self) -> tuple[list[tuple[torch.Tensor, int, int]], list[tuple[torch.Tensor, int, int]]]:
+        """How a kernel reads this weight, for warming L2 ahead of it (:func:`flash_llm.kernels.l2_warm_ranges`):
+        ``(head, walks)``, byte ranges ``(array, start, end)`` of the arrays.  ``head``: what every block reads
+        first (headers, tables); ``walks``: ranges each read from start to end by one block or warp, side by side,
+        so the first part of each is what the kernel wants first.  This default: no head, each array one walk."""
+        return [], [(t, 0, t.numel() * t.element_size()) for t in self.tensors().values()]
+
     def to(self, device) -> "SparseFormat":
         """A copy on ``device`` (the same object if it is already there)."""
         device = torch.device(device)

@@ -754,6 +754,27 @@ class DeltaRows(SparseFormat):
         """The same weight encoded for ``splits`` K-splits (``parts`` > 1: the parts layout, ``splits`` 1)."""
         return type(self).from_dense(self.to_dense(), splits=splits, pair_halves=self.paired, parts=parts)
 
+    def l2_streams(self):
+        """``offsets`` and a coded weight's row tables are the head; each (slice, split)'s groups are a walk (its
+        warp reads them in order).  Reads ``offsets``' slice starts to the host."""
+        lay = self.layout
+        gw = CODED_GROUP_WORDS if lay.coded else GROUP_WORDS
+        head = [(self.offsets, 0, self.offsets.numel() * 4)]
+        if not lay.slices:
+            return head, [(self.data, 0, self.data.numel() * 4)]
+        goff = self.offsets[: lay.slices + 1].to(torch.int64).cpu().tolist()
+        if self.data.numel() * 4 > goff[-1] * gw * 4:  # the coded row tables and the trailer
+            head.append((self.data, goff[-1] * gw * 4, self.data.numel() * 4))
+        s = max(lay.splits, 1)
+        walks = []
+        for i in range(lay.slices):
+            g0, n = goff[i], goff[i + 1] - goff[i]
+            for j in range(s):
+                a, b = g0 + j * n // s, g0 + (j + 1) * n // s
+                if b > a:
+                    walks.append((self.data, a * gw * 4, b * gw * 4))
+        return head, walks
+
     def _offset_arrays(self):
         """(goff int64, win [slices, S, 2], starts [slices, S, 32] int64, perm int64: each lane's row)."""
         lay = self.layout

@@ -1429,6 +1429,66 @@ DECODE_ATTN_CLUSTER_GRID = 1
 #: On an H100 too (session 68, bf16 coded at 80 %, batch 1 from 1: 2.042 / 2.044 -> 2.092 / 2.091 ms per token).
 DECODE_ATTN_C32 = os.environ.get("FLASH_LLM_DECODE_ATTN_C32", "1") != "0"
 DECODE_ATTN_C32_MIN_BATCH = int(os.environ.get("FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH", "2"))
+#: L2 warm-up of the next projections during the decode attention (session 71; built without a GPU, **off** until
+#: timed).  At batch 1 a Llama-3-8B layer's attention takes about 8 us of the step's critical path on an H100 (session
+#: 68's profile) while reading about 1 MB: DRAM idles there, and the o projection after it (7.5 MB at 80 %, coded) takes
+#: 5.9 us for 2.5 us of bytes.  With ``FLASH_LLM_L2_WARM_MB`` > 0 the attention kernel asks L2 (bulk prefetch) for up to
+#: that many MB of the projections after it (:func:`l2_warm_ranges`: o's whole weight, then the first part of each walk
+#: of gate / up or fc1), so they start from L2.  ``FLASH_LLM_L2_WARM_EARLY=1`` asks before the kernel's programmatic
+#: wait (while q/k/v still reads its weight) instead of after it.
+L2_WARM_MB = float(os.environ.get("FLASH_LLM_L2_WARM_MB", "0"))
+L2_WARM_EARLY = os.environ.get("FLASH_LLM_L2_WARM_EARLY", "0") == "1"
+#: the most bytes one bulk prefetch of the warm-up asks for; at most L2_WARM_PIECE_MAX (the size reaches the SASS
+#: instruction, UBLKPF, as 16 bits of 16-byte units)
+L2_WARM_PIECE = 64 * 1024
+L2_WARM_PIECE_MAX = 0xFFFF * 16
+
+
+def _l2_streams(w) -> tuple[list, list]:
+    """``(head, walks)`` of a weight (:meth:`flash_llm.formats.SparseFormat.l2_streams`); a dense tensor is one walk."""
+    if isinstance(w, torch.Tensor):
+        return [], [(w, 0, w.numel() * w.element_size())]
+    return w.l2_streams()
+
+
+def l2_warm_ranges(weights, budget: int, piece: int = L2_WARM_PIECE) -> torch.Tensor | None:
+    """The ``(address, bytes)`` table (int64 ``[n, 2]`` on the weights' device) that asks L2 for up to ``budget``
+    bytes of ``weights`` (sparse formats or dense tensors), in the order the next kernels read them: each weight's
+    head whole, then the same leading share of each of its walks (``l2_streams``), the first weights first, until the
+    budget is spent.  Ranges are cut to at most ``piece`` bytes and shrunk inside their array to 16-byte bounds (the
+    bulk prefetch's alignment).  None where nothing is asked (no weights, budget 0).  Reads the weights' slice starts
+    to the host: build it before a graph capture, not inside one."""
+    if piece < 16 or piece % 16 or piece > L2_WARM_PIECE_MAX:
+        raise ValueError(f"piece must be a multiple of 16 bytes from 16 to {L2_WARM_PIECE_MAX}, got {piece}")
+    out: list[tuple[int, int]] = []
+    left = int(budget)
+    device = None
+
+    def take(t: torch.Tensor, a: int, b: int) -> int:
+        base = t.data_ptr()
+        lo, hi = (base + a + 15) & ~15, (base + b) & ~15
+        for p in range(lo, hi, piece):
+            out.append((p, min(piece, hi - p)))
+        return b - a
+
+    for w in weights:
+        if w is None or left <= 0:
+            continue
+        head, walks = _l2_streams(w)
+        for t, a, b in head:
+            if left > 0:
+                left -= take(t, a, min(b, a + left))
+                device = t.device
+        total = sum(b - a for _, a, b in walks)
+        if total <= 0 or left <= 0:
+            continue
+        share = min(1.0, left / total)
+        for t, a, b in walks:
+            left -= take(t, a, a + (b - a if share >= 1.0 else int((b - a) * share)))
+            device = t.device
+    if not out:
+        return None
+    return torch.tensor(out, dtype=torch.int64).to(device)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -1474,7 +1534,8 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
                           scale: float, out: torch.Tensor | None = None, cos: torch.Tensor | None = None,
-                          sin: torch.Tensor | None = None, small_chunks_from: int | None = None) -> torch.Tensor:
+                          sin: torch.Tensor | None = None, small_chunks_from: int | None = None,
+                          l2: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step's attention, with the cache write, in one launch (tensors as :func:`decode_attention_ok`
     accepts them; the caller checks).
 
@@ -1491,6 +1552,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             cache receives the bits ``models._fused.rope`` would give), or ``None``: ``q, k`` are used as they are.
         small_chunks_from: the batch from which 32-slot chunks may be taken (:data:`DECODE_ATTN_C32`; ``None``:
             :data:`DECODE_ATTN_C32_MIN_BATCH`).
+        l2: an ``(address, bytes)`` table of :func:`l2_warm_ranges` for the kernel to ask L2 for (the next
+            projections' weights; before or after its programmatic wait by :data:`L2_WARM_EARLY`), or ``None``.
 
     Returns ``[B, 1, H * D]`` in the dtype of ``q`` (written into ``out`` if given: contiguous, that shape; tests
     poison it first).
@@ -1506,6 +1569,10 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     elif out.shape != (b, 1, h * d) or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
+    if l2 is not None and (l2.dtype != torch.int64 or l2.dim() != 2 or l2.shape[1] != 2 or not l2.is_contiguous()
+                           or l2.device != dev or l2.data_ptr() % 16):
+        raise ValueError(f"l2 must be a contiguous, 16-byte aligned int64 [n, 2] tensor on {dev} (l2_warm_ranges), "
+                         f"got {l2.dtype} {tuple(l2.shape)} on {l2.device}")
     stream = torch.cuda.current_stream(dev).cuda_stream
     tickets = _scratch.get_tickets(dev, stream, b * hkv * 2)  # each launch resets the ones it used, as the spmm's do
     # (o, m, l) per (sequence, kv head, head group (two places), chunk, head of the group).  Held until after the
@@ -1523,7 +1590,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (tickets.data_ptr(), P), (0 if cos is None else cos.data_ptr(), P),
             (0 if sin is None else sin.data_ptr(), P), (q.stride(0), L), (k.stride(0), L), (v.stride(0), L),
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
-            (kv_len, I), (splits, I), (float(scale), F32), (int(cluster), I)]
+            (kv_len, I), (splits, I), (float(scale), F32), (int(cluster), I),
+            (0 if l2 is None else l2.data_ptr(), P), (0 if l2 is None else l2.shape[0], I), (int(L2_WARM_EARLY), I)]
     launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}{'_c32' if chunk == 32 else ''}", (b * hkv, splits, groups), 128,
            args, stream, dev.index, pdl=_pdl_attention(b, kv_len), cluster=(1, splits, 1) if cluster else None)
     return out
@@ -1555,4 +1623,4 @@ def _pdl_attention(batch: int, kv_len: int) -> bool:
 
 
 __all__ = ["spmm_cuda", "epilogue_fusable", "static_weights", "decode_dense", "plan", "supported", "compile_kernels",
-           "KernelBuildError", "decode_attention_cuda", "decode_attention_ok"]
+           "KernelBuildError", "decode_attention_cuda", "decode_attention_ok", "l2_warm_ranges"]

@@ -684,6 +684,18 @@ DEVI void l2_prefetch(const void* src, u32 bytes) {
   if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 #endif
 }
+// Asks L2 for `n` ranges (address, bytes) of a table in global memory (16-byte aligned starts and sizes), spread
+// over every thread of the grid: thread t of block b takes ranges (b * blockDim.x + t) + k * (threads of the grid).
+// Used by the decode attention to warm the next projections' weights while DRAM would idle (kernels.L2_WARM).
+DEVI void l2_warm(const long long* ranges, int n) {
+  if (!ranges) return;
+  const int blocks = gridDim.x * gridDim.y * gridDim.z;
+  const int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  for (int i = b * blockDim.x + threadIdx.x; i < n; i += blocks * blockDim.x) {
+    const longlong2 r = __ldg(reinterpret_cast<const longlong2*>(ranges) + i);
+    l2_prefetch(reinterpret_cast<const void*>(r.x), (u32)r.y);
+  }
+}
 
 // The entries of one Tiled-CSL tile row over a split's tiles [kb, ke), for the W warps that share the row: the
 // current tile's 16-byte units (four entries each) are [lo, hi).  Lane l keeps the end unit of tile kb + 32 c + l in
@@ -4128,6 +4140,9 @@ struct DecodeAttn {
   int heads, kv_heads, slots, S, splits;
   float scale;
   int cluster;  // 1: launched as clusters of the splits blocks of a (sequence, kv head, head group): they combine there
+  const long long* l2;  // (address, bytes) ranges asked of L2 (l2_warm): the next projections' weights, or null
+  int l2_n;
+  int l2_early;  // 1: asked before the programmatic wait (while the projection before still runs); 0: after it
 };
 
 // Thread-block clusters (sm_90): the address of a variable of this block's shared memory in block `rank` of the
@@ -4210,7 +4225,12 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     for (int c = 0; c < QD / 8; ++c)
       kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
+  // The next projections' weights asked of L2 (kernels.L2_WARM, session 71): after the wait DRAM has little to do
+  // until the o projection starts (this kernel reads about 1 MB of cache at batch 1), so that time can bring in o's
+  // weight and the first part of each slice of the MLP's first one.  Static weights: only a hint, nothing to order.
+  if (a.l2_early) l2_warm(a.l2, a.l2_n);
   pdl_wait();
+  if (!a.l2_early) l2_warm(a.l2, a.l2_n);
   const u16* knew = a.k_new + b * a.k_b + kvh * D;
   const u16* vnew = a.v_new + b * a.v_b + kvh * D;
   const u16* cs = a.cos ? a.cos + b * a.cs_b : nullptr;
@@ -4478,9 +4498,9 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const u16 *q, const u16 *k_new, const u16 *v_new, u16 *kc, u16 *vc, const long long *slot, const u16 *mask, \
       u16 *out, float *ws, int *tickets, const u16 *cos, const u16 *sin, long long q_b, long long k_b,          \
       long long v_b, long long mask_b, long long cs_b, int heads, int kv_heads, int slots, int S, int splits,   \
-      float scale, int cluster
+      float scale, int cluster, const long long *l2, int l2_n, int l2_early
 #define DA_STRUCT {q, k_new, v_new, kc, vc, slot, mask, out, ws, tickets, cos, sin, q_b, k_b, v_b, mask_b, cs_b,  \
-                   heads, kv_heads, slots, S, splits, scale, cluster}
+                   heads, kv_heads, slots, S, splits, scale, cluster, l2, l2_n, l2_early}
 #define INSTANTIATE_DA(NAME, BF16, D)                                                                     \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D(DA_ARGS) {           \
     decode_attn_body<BF16, D>(DecodeAttn DA_STRUCT);                                                      \

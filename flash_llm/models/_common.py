@@ -70,6 +70,8 @@ class Attend:
             indexes them (one kernel each, the same bits) instead of computing cos / sin (seven kernels).
         small_chunks_from: the batch from which the decode-attention kernel may attend in 32-slot chunks
             (``small_chunks_from`` of :func:`flash_llm.kernels.decode_attention_cuda`; ``None``: its default).
+        l2_next: per layer, the ``(address, bytes)`` table the decode-attention kernel asks L2 for
+            (:func:`flash_llm.kernels.l2_warm_ranges` over the layer's :meth:`after_attention` weights), or ``None``.
     """
 
     positions: torch.Tensor
@@ -79,6 +81,25 @@ class Attend:
     kv_len: int = 0
     rope: "tuple[torch.Tensor, torch.Tensor] | None" = None
     small_chunks_from: int | None = None
+    l2_next: "list[torch.Tensor | None] | None" = None
+
+
+def after_attention_weights(layer: nn.Module) -> list:
+    """The weights (a sparse format, a dense tensor) of the projections a decoder layer runs right after its
+    attention, in order (the layer's ``after_attention()``; none for a layer without it or a module it does not
+    know): what :class:`~flash_llm.engine.Engine` asks L2 for while the attention runs."""
+    from ..nn import SparseLinear
+
+    def weight(m):
+        m = getattr(m, "layer", m)  # (a MergedLinear's stacked layer)
+        if isinstance(m, SparseLinear):
+            return m.weight
+        if type(m) is nn.Linear:
+            return m.weight
+        return None
+
+    find = getattr(layer, "after_attention", None)
+    return [] if find is None else [w for w in (weight(m) for m in find()) if w is not None]
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -209,8 +230,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: 
         kc, vc = cache.k[layer], cache.v[layer]
         if kernels.decode_attention_ok(q, k, v, kc, vc, attend.mask, attend.kv_len, cos, sin):
             s = q.shape[-1] ** -0.5 if scale is None else scale
+            l2 = None if attend.l2_next is None else attend.l2_next[layer]
             return kernels.decode_attention_cuda(q, k, v, kc, vc, slots, attend.mask, attend.kv_len, s, cos=cos,
-                                                 sin=sin, small_chunks_from=attend.small_chunks_from)
+                                                 sin=sin, small_chunks_from=attend.small_chunks_from, l2=l2)
     if rope is not None:
         from . import _fused
 

@@ -186,6 +186,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.fused = False
 
+    def after_attention(self) -> list[nn.Module]:
+        """The projections that run right after the attention, in order: o, then gate / up (merged or not)."""
+        mlp = self.mlp
+        first = [m for m in (getattr(mlp, n, None) for n in ("gate_up_proj", "gate_proj", "up_proj")) if m is not None]
+        return [self.self_attn.o_proj, *first]
+
     def forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
         if self.fused:
             x, delta = self.forward_deferred(x, None, cos, sin, attend)

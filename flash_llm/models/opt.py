@@ -89,6 +89,10 @@ class OPTDecoderLayer(nn.Module):
         self.act = ACT[c.activation]
         self.fused = False  # pre-LN layers: residual adds inside the next LayerNorm's kernel (forward_deferred)
 
+    def after_attention(self) -> list[nn.Module]:
+        """The projections that run right after the attention, in order: out_proj, then fc1."""
+        return [self.self_attn.out_proj, self.fc1]
+
     def forward_deferred(self, x: torch.Tensor, delta: torch.Tensor | None, attend: Attend
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """A pre-LN layer with its residual adds folded into the LayerNorms that follow them (as Llama's
