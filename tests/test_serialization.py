@@ -321,8 +321,9 @@ def test_bitmap_set_bit_with_zero_value(tmp_path, dtype, zero_bits, bands):
 
 
 def test_bitmap_zero_value_in_a_dense_file_and_nonzero_padding(tmp_path, dtype, bands):
-    """The load check counts nonzero halves outside the bitmaps (one pass over ``data``): a stored zero in a
-    half-full matrix is still named by record, and a nonzero in a record's padding is refused too."""
+    """The load check marks the halves that are values (one pass over ``data``): a stored zero in a half-full matrix
+    is named by record, a nonzero in a record's padding is refused, and the two together are not taken for a good
+    record."""
     c = _weight(BitmapTiles, dtype, density=0.5)
     path, tensors, meta = saved(tmp_path, c)
     off, d16 = tensors["offsets"].to(torch.int64), tensors["data"].view(torch.int16)
@@ -343,6 +344,12 @@ def test_bitmap_zero_value_in_a_dense_file_and_nonzero_padding(tmp_path, dtype, 
     padded[first_pad] = 0x3C00
     load_fails(write(tmp_path / "p.safetensors", {**tensors, "data": padded.view(torch.int32)}, meta),
                r"tensor 'data': 1 nonzero 16-bit words lie in the padding after the records' values")
+    # both at once, in one band: the count of nonzero halves matches nnz, but the zero value is still named (the
+    # count alone let them cancel out until session 71)
+    both = padded.clone()
+    both[8 * int(off[pad]) + 64] = 0  # the padded record's first value
+    load_fails(write(tmp_path / "b.safetensors", {**tensors, "data": both.view(torch.int32)}, meta),
+               rf"tensor 'data': record {pad} stores a zero value under a set bit")
 
 
 # ---------------------------------------------------------------------------------------------------

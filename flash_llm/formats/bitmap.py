@@ -183,21 +183,27 @@ class BitmapTiles(SparseFormat):
             i = int(bad[0])
             raise FormatError(f"{name('data')}: record {t0 + i} has {int(counts[i])} nonzero bits, so it should be "
                               f"{int(expected[i])} units long, but the offsets give {int(sizes[i])}")
-        # Values hold nonzeros only and the padding after them is zero: then the nonzero halves of the band's data
-        # outside the bitmaps are exactly its ``nnz`` values.  One pass over them checks that; only a file that fails
-        # it pays for gathering every value to name the record.
+        # Values hold nonzeros only and the padding after them is zero (+0.0 or -0.0).  Each is checked on its own:
+        # a count of the nonzero halves outside the bitmaps against ``nnz`` (the check until session 71) let a zero
+        # value and a nonzero pad in the same band cancel out.  One pass marks the halves that are values.
         nnz = int(counts.sum())
-        halves_nonzero = int(((part.view(torch.int16) & 0x7FFF) != 0).sum())
+        nz = (part.view(torch.int16) & 0x7FFF) != 0
+        first = rel[:-1] * 8 + RECORD_HEADER_UNITS * 8  # each record's first value, in halves
+        mark = torch.zeros(nz.numel() + 1, dtype=torch.int8, device=nz.device)
+        mark.index_add_(0, first, torch.ones_like(first, dtype=torch.int8))
+        mark.index_add_(0, first + counts, torch.full_like(first, -1, dtype=torch.int8))
+        is_value = torch.cumsum(mark[:-1], 0, dtype=torch.int8).bool()
+        zero = is_value & ~nz
+        if bool(zero.any()):
+            at = int(torch.nonzero(zero)[0])
+            i = int(torch.searchsorted(first, torch.tensor(at, device=first.device), right=True)) - 1
+            raise FormatError(f"{name('data')}: record {t0 + i} stores a zero value under a set bit "
+                              "(values hold nonzeros only)")
         header_nonzero = int(((words.view(torch.int16) & 0x7FFF) != 0).sum())
-        if halves_nonzero - header_nonzero != nnz:
-            values = part.view(torch.int16)[_value_starts(rel, counts)]
-            zero = (values & 0x7FFF) == 0
-            if bool(zero.any()):
-                i = int(torch.searchsorted(torch.cumsum(counts, 0), int(torch.nonzero(zero)[0]), right=True))
-                raise FormatError(f"{name('data')}: record {t0 + i} stores a zero value under a set bit "
-                                  "(values hold nonzeros only)")
-            raise FormatError(f"{name('data')}: {halves_nonzero - header_nonzero - nnz} nonzero 16-bit words "
-                              "lie in the padding after the records' values (padding must be zero)")
+        pad_nonzero = int((nz & ~is_value).sum()) - header_nonzero
+        if pad_nonzero:
+            raise FormatError(f"{name('data')}: {pad_nonzero} nonzero 16-bit words lie in the padding after the "
+                              "records' values (padding must be zero)")
         if (mp, kp) != (m, k):  # bits of the padding must be clear
             r0, r1 = band[0] * L.STRIP_M, min(m, band[1] * L.STRIP_M)  # (the band's rows of the logical matrix)
             pad = L.to_fragment_order(torch.ones(r1 - r0, k, dtype=torch.bool, device=off.device)).logical_not_()
