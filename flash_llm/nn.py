@@ -282,8 +282,9 @@ class SparseLinear(nn.Module):
                 device = self.weight_data.device
                 for n, t in w.tensors().items():
                     self._buffers["weight_" + n] = t if assign else t.to(device, copy=True)
-                if self.bias is not None and self.bias.dtype != w.dtype:  # the loader copies into it
-                    self._buffers["bias"] = torch.empty_like(self.bias, dtype=w.dtype)
+                if self.bias is not None and self.bias.dtype != w.dtype:  # the loader copies into it, if given
+                    # (the old bias cast, not an empty tensor: a state dict without the bias, strict=False, keeps it)
+                    self._buffers["bias"] = self.bias.detach().to(w.dtype)
                 self.weight_format, self.weight_dtype, self._nnz = type(w), w.dtype, w.nnz
             elif w is None and prefix + "bias" in state_dict:
                 state_dict.pop(prefix + "bias")

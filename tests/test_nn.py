@@ -173,6 +173,20 @@ def test_state_dict_loads_another_format_and_dtype():
     assert torch.equal(shell(x), sl(x))
 
 
+def test_state_dict_of_another_dtype_without_the_bias_keeps_the_bias():
+    """``strict=False`` with no bias in the state dict: the layer's bias stays (cast to the loaded weight's dtype),
+    not uninitialized memory (until session 71 it was an empty tensor the loader never filled)."""
+    _, sl = _sparse_linear_pair(TiledCSL, torch.bfloat16)
+    shell = SparseLinear.zeros(K, M, fmt="bitmap", dtype=torch.float16)
+    with torch.no_grad():
+        shell.bias.copy_(torch.linspace(-2, 2, M))
+    want = shell.bias.to(torch.bfloat16)
+    sd = {k: v for k, v in sl.state_dict().items() if k != "bias"}
+    res = shell.load_state_dict(sd, strict=False)
+    assert res.missing_keys == ["bias"]
+    assert shell.weight_dtype == torch.bfloat16 and torch.equal(shell.bias, want)
+
+
 def test_zeros_equals_compressing_a_zero_matrix(fmt, dtype):
     for m, k in [(1, 1), (M, K), (64, 128)]:
         shell = SparseLinear.zeros(k, m, fmt=fmt, dtype=dtype)
