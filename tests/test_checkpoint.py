@@ -138,6 +138,28 @@ def test_flash_checkpoint_reencodes_or_densifies_on_request(pruned, tmp_path):
             assert_bit_equal(m.to_dense(), want)
 
 
+def test_flash_checkpoint_into_a_model_of_another_dtype(pruned, tmp_path):
+    """A float16 flash-llm checkpoint loaded into a bfloat16 model with a SparsifyConfig (or none: dense, or a
+    min_sparsity above the layers'): every layer comes out bfloat16, the weights the checkpoint's cast, and the model
+    runs (until session 71 the kept and decompressed layers stayed float16 and the first forward failed)."""
+    from flash_llm.models import ModelConfig, from_config
+
+    _, hf, path = pruned
+    flash = tmp_path / "flash"
+    convert(path, flash, progress=False)
+    hf_linears = _linears(hf)
+    for how in (SparsifyConfig(), False, SparsifyConfig(min_sparsity=0.7)):
+        model = from_config(ModelConfig.from_hf(flash / "config.json"), dtype=torch.bfloat16, device="meta")
+        load_checkpoint(model, flash, sparsify=how, progress=False)
+        floats = {t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]
+                  if t.is_floating_point() and "rotary" not in n}  # (RoPE's frequencies: float32 by design)
+        assert floats == {torch.bfloat16}, (how, floats)
+        for name, m in _linears(model).items():
+            got = m.to_dense() if isinstance(m, SparseLinear) else m.weight
+            assert got.dtype == torch.bfloat16 and torch.equal(got, hf_linears[name].weight.detach().bfloat16())
+        assert model(_ids()).isfinite().all()
+
+
 def test_float32_checkpoint_needs_a_dtype(tmp_path):
     hf = hf_model("llama", dtype=torch.float32)
     path = save_hf(hf, tmp_path / "fp32")

@@ -354,8 +354,10 @@ class _Loader:
                                       f"{slot.dtype}; build the model in {w.dtype}")
                 self._converted(slot, w)
             return w
+        # (whatever is decided comes out in the layer's dtype, as the dense tensors do in _place: a compressed weight
+        # of another dtype is decompressed or re-encoded, not left to fail in the first forward; session 71)
         if self.mode == "dense":
-            return w.to_dense() if isinstance(w, SparseFormat) else w
+            return w.to_dense().to(slot.dtype) if isinstance(w, SparseFormat) else w
         config: SparsifyConfig = self.mode
         fmt = _format_class(config.format)
         if slot.keep_dense is not None:
@@ -366,12 +368,12 @@ class _Loader:
         if sparsity < config.min_sparsity:
             self.report.skipped.append(SkippedLayer(slot.fqn, f"sparsity {sparsity:.4f} < min_sparsity "
                                                               f"{config.min_sparsity}"))
-            return w.to_dense() if isinstance(w, SparseFormat) else w
-        if isinstance(w, SparseFormat) and type(w) is fmt:
+            return w.to_dense().to(slot.dtype) if isinstance(w, SparseFormat) else w
+        if isinstance(w, SparseFormat) and type(w) is fmt and w.dtype == slot.dtype:
             self._converted(slot, w)
             return w
-        dense = w.to_dense() if isinstance(w, SparseFormat) else w
-        c = fmt.from_dense(dense.to(slot.dtype))
+        dense = (w.to_dense() if isinstance(w, SparseFormat) else w).to(slot.dtype)
+        c = fmt.from_dense(dense)
         if c.device.type == "cpu":
             _trim_host_heap()
         dense_bytes = _tensor_bytes(dense)
