@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import re
 import statistics
@@ -107,6 +108,47 @@ def _positive(text: str) -> int:
     return v
 
 
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    """A finite number >= 0 (e.g. a sampling temperature)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def _probability(text: str) -> float:
+    """A number in (0, 1] (e.g. a nucleus-sampling top-p)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 < v <= 1:  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}")
+    return v
+
+
+def _device_arg(text: str) -> torch.device:
+    """:func:`_checked_device` as an argparse ``type=`` (``--device`` of convert, generate): auto, cpu, cuda or
+    cuda:N, checked while the arguments are parsed."""
+    try:
+        return _checked_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _arch(text: str) -> str:
     if not re.fullmatch(r"sm_\d+a?", text):
         raise argparse.ArgumentTypeError(f"arch must look like 'sm_90', got {text!r}")
@@ -171,6 +213,15 @@ def _gpu_warmup(fns, seconds: float = 0.3) -> None:
 
 def _demo_device(text: str) -> torch.device:
     """``--device`` of the demos: auto, cpu, cuda or cuda:N (a CUDA device always with its index)."""
+    device = _checked_device(text)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _checked_device(text: str) -> torch.device:
+    """``--device``: auto, cpu, cuda or cuda:N, else ValueError (CUDA's index left as given: ``generate --tp`` picks
+    each rank's own later, so nothing here touches a GPU but the availability check)."""
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -181,8 +232,6 @@ def _demo_device(text: str) -> torch.device:
         raise ValueError(f"--device {text}: CUDA is not available here")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -199,3 +199,35 @@ def test_generate_says_what_the_engine_laid_out(dense, tmp_path, capsys, monkeyp
     rc, _, err = run(capsys, "generate", out, "--prompt", "AB", "--max-new-tokens", 2, "--device", "cpu")
     assert rc == 0, err
     assert "(laid out for decoding: 2 bitmap, 1 tiled-csl layer(s) as DeltaRows, the fastest format at batch 1)" in err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--max-new-tokens", "0"], r"argument --max-new-tokens: expected a positive integer, got 0"),
+    (["--max-new-tokens", "-5"], r"argument --max-new-tokens: expected a positive integer, got -5"),
+    (["--temperature", "1", "--top-p", "2"], r"argument --top-p: expected a probability in \(0, 1\], got '2'"),
+    (["--temperature", "1", "--top-p", "0"], r"argument --top-p: expected a probability in \(0, 1\], got '0'"),
+    (["--temperature", "1", "--top-k", "0"], r"argument --top-k: expected a positive integer, got 0"),
+    (["--temperature", "1", "--top-k", "-3"], r"argument --top-k: expected a positive integer, got -3"),
+    (["--temperature", "-1"], r"argument --temperature: expected a finite number >= 0, got '-1'"),
+    (["--temperature", "nan"], r"argument --temperature: expected a finite number >= 0, got 'nan'"),
+    (["--device", "meta"], r"argument --device: --device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    (["--device", "mps"], r"argument --device: --device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    (["--tokenizer", "/nonexistent/dir"], r"error: --tokenizer /nonexistent/dir: no such directory"),
+])
+def test_generate_bad_arguments_exit_2(capsys, argv, match):
+    """Bad numbers and devices are usage errors before anything is loaded; a missing tokenizer directory too."""
+    from flash_llm import bundled
+
+    argv = ["--device", "cpu", *argv] if "--device" not in argv else argv
+    rc, out, err = run(capsys, "generate", bundled.path("tiny-shakespeare"), "--prompt", "ROMEO:", *argv)
+    assert rc == 2 and re.search(match, err), err
+    assert out == "" and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_convert_bad_device_exits_2(capsys, tmp_path, device):
+    from flash_llm import bundled
+
+    rc, _, err = run(capsys, "convert", bundled.path("tiny-shakespeare"), tmp_path / "out", "--device", device)
+    assert rc == 2 and f"argument --device: --device must be auto, cpu, cuda or cuda:N, got '{device}'" in err, err
+    assert not (tmp_path / "out").exists()

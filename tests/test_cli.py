@@ -124,6 +124,14 @@ def test_demo_bad_arguments(capsys, argv, match):
     assert re.search(match, err), err
 
 
+def test_model_demo_checks_gen_tokens_first(capsys):
+    """A negative --gen-tokens is a usage error before the model demo prunes or evaluates anything."""
+    rc, out, err = run(capsys, "demo", "--gen-tokens", "-5", "--eval-tokens", "64", "--calib-seqs", "1", "--seq-len",
+                       "32", "--device", "cpu")
+    assert rc == 2 and "argument --gen-tokens: expected a non-negative integer, got -5" in err, err
+    assert out == ""
+
+
 def test_demo_cuda_without_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

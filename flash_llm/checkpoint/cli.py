@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..formats import FormatError, SparseFormat
-from ..cli import EXIT_OK, EXIT_USAGE, _err, _int, _table
+from ..cli import EXIT_OK, EXIT_USAGE, _err, _int, _non_negative_float, _positive, _probability, _table
+from ..cli import _device_arg as _device  # the demos' --device check (auto, cpu, cuda, cuda:N) as an argparse type
 from . import _files
 from . import sparse_bitmask as sb
 from .pretrained import checkpoint_kind, convert, from_pretrained, iter_checkpoint
@@ -37,18 +38,6 @@ def _fraction(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"sparsity must be between 0 and 1 (0 % and 100 %), got {text!r}")
     return v
-
-
-def _device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"--device {text}: CUDA is not available on this machine")
-    return dev
 
 
 def _dir_bytes(path: Path) -> int:
@@ -135,10 +124,21 @@ class _Bytes:
 
 
 class _HFTokenizer:
-    def __init__(self, path: Path):
+    """A Hugging Face tokenizer directory (``transformers.AutoTokenizer``, local files only: never the hub)."""
+
+    def __init__(self, path: Path, option: str = ""):
+        where = f"{option} {path}" if option else str(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{where}: no such directory (a Hugging Face tokenizer directory)")
+        names = _TOKENIZER_FILES + ("vocab.json",)
+        if not any((path / n).is_file() for n in names):
+            raise FileNotFoundError(f"{where} has no tokenizer files ({', '.join(names)})")
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(os.fspath(path))
+        try:
+            self.tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}: no tokenizer could be loaded from it ({e})") from None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text)["input_ids"])
@@ -154,7 +154,7 @@ def _tokenizer(choice: str, path: Path, config: dict):
     if choice == "bytes":
         return _Bytes()
     if choice != "auto":
-        return _HFTokenizer(Path(choice))
+        return _HFTokenizer(Path(choice), "--tokenizer")
     if any((path / f).exists() for f in _TOKENIZER_FILES):
         return _HFTokenizer(path)
     declared = config.get("flash_llm", {}).get("tokenizer", "") if isinstance(config.get("flash_llm"), dict) else ""
@@ -325,10 +325,11 @@ def register_cli(sub) -> None:
                     "(token id = byte) for a byte-level model such as the bundled one.")
     p.add_argument("path", metavar="PATH", help="checkpoint directory")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=_positive, default=None, help="sample from the K most likely tokens only")
+    p.add_argument("--top-p", type=_probability, default=None,
+                   help="sample from the most likely tokens that reach this probability only, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N")
