@@ -225,6 +225,10 @@ def test_targets_and_ignore(tmp_path):
       "sparsity_config": {"format": "sparse-bitmask"}}, r"kv_cache_scheme"),
     ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-bitmask", "targets": "Linear"}},
      r"sparsity_config.targets must be a list of strings"),
+    ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-bitmask", "targets": ["re:("]}},
+     r"sparsity_config.targets has an invalid regular expression 're:\(': missing \)"),
+    ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-bitmask", "ignore": ["re:*x"]}},
+     r"sparsity_config.ignore has an invalid regular expression 're:\*x': nothing to repeat"),
 ])
 def test_unsupported_compressed_tensors_configs(tmp_path, section, match):
     hf = hf_model("llama", seed=5)
@@ -246,3 +250,20 @@ def test_corrupt_bitmask_checkpoint_names_file_and_tensor(tmp_path):
     edit_tensor(path, f"{name}.row_offsets", lambda t: None)
     with pytest.raises(FormatError, match=rf"tensor '{name}.row_offsets' is missing \(no shard holds it"):
         flash_llm.from_pretrained(path)
+
+
+def test_invalid_regex_in_config_is_a_cli_input_error(tmp_path, capsys):
+    """A bad ``re:`` pattern in sparsity_config: inspect and convert exit 2 naming config.json and the pattern."""
+    from flash_llm.cli import main
+
+    path = tmp_path / "bm"
+    write_sparse_bitmask(hf_model("llama", seed=7), path, progress=False)
+    edit_json(path / "config.json", lambda d: d["quantization_config"]["sparsity_config"].update(targets=["re:("]))
+    for argv in (["inspect", str(path)], ["convert", str(path), str(tmp_path / "out")]):
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        assert rc == 2, (argv, err)
+        assert f"error: {path / 'config.json'}: sparsity_config.targets has an invalid regular expression 're:('" \
+            in err, err
+        assert out == "" and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

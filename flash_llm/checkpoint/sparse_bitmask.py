@@ -115,10 +115,19 @@ def decompress(parts: dict[str, torch.Tensor], name: str = "", where: str = "") 
 # ---- config.json -----------------------------------------------------------------------------------
 
 def _patterns(value, key: str, source: str) -> tuple[str, ...]:
+    """``sparsity_config.<key>`` as a tuple of patterns, each ``re:`` regex compiled once here so that a bad one is
+    a :class:`~flash_llm.FormatError` naming ``source`` and the pattern (not an ``re.error`` at first match)."""
     if value is None:
         return ()
     if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise FormatError(f"{source}: sparsity_config.{key} must be a list of strings, got {value!r}")
+    for p in value:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise FormatError(f"{source}: sparsity_config.{key} has an invalid regular expression {p!r}: "
+                                  f"{e}") from None
     return tuple(value)
 
 
