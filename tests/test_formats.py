@@ -521,6 +521,38 @@ def test_zeros_equals_from_dense_of_zeros(fmt, shape):
             assert torch.equal(z.tensors()[name], t), name
 
 
+@pytest.mark.parametrize("fmt", [BitmapTiles, TiledCSL, DeltaRows], ids=lambda c: c.__name__)
+def test_zeros_refuses_bad_shapes_and_dtypes(fmt):
+    """``zeros`` names a bad ``m``, ``k`` or ``dtype`` (session 71: a float32 or 0-row weight was built, and failed
+    later, or gave a wrong shape back)."""
+    for m, k in ((0, 5), (-1, 5), (4, 0), (4.0, 8), (True, 8)):
+        with pytest.raises(ValueError, match="m must be|k must be"):
+            fmt.zeros(m, k)
+    for dtype in (torch.float32, torch.int32):
+        with pytest.raises(TypeError, match="dtype must be"):
+            fmt.zeros(4, 8, dtype)
+
+
+def test_slice_and_save_name_bad_arguments(tmp_path):
+    """``slice`` takes None or a pair of ints (numpy / 0-d tensor ints too); ``flash_llm.save`` a non-empty dict of
+    names to compressed weights; anything else is refused naming the argument, and no file is written."""
+    import numpy as np
+
+    w = BitmapTiles.from_dense(torch.randn(32, 64).half())
+    assert w.slice(rows=(np.int64(1), torch.tensor(3))).shape == (2, 64)
+    for bad in ((1.7, 3.2), (0, 1, 2), ("0", "2"), (False, True), 3):
+        with pytest.raises(TypeError, match="rows must be None or a pair of ints"):
+            w.slice(rows=bad)
+    with pytest.raises(TypeError, match="cols must be"):
+        w.slice(cols=(0.5, 2))
+    path = tmp_path / "w.safetensors"
+    for bad, match in ((w, r"one weight: weight.save\(path\)"), ({}, r"\(empty\)"),
+                       ({"a": torch.zeros(3)}, "'a' maps to Tensor"), ({1: w}, "1 maps to BitmapTiles")):
+        with pytest.raises(TypeError, match=match):
+            flash_llm.save(bad, path)
+    assert not path.exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # slice: records cut directly on record boundaries, re-encoded otherwise; the same arrays either way
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 from typing import ClassVar
 
@@ -66,6 +67,28 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_shape_args(m, k, dtype) -> None:
+    """The arguments of a format's ``zeros``: ``m, k`` ints >= 1, ``dtype`` fp16/bf16 (ValueError / TypeError naming
+    the argument)."""
+    for name, v in (("m", m), ("k", k)):
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if dtype not in VALUE_DTYPES:
+        raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+
+
+def _bounds(v, name: str, n: int) -> tuple[int, int]:
+    """``slice``'s ``rows`` / ``cols`` (None: all ``n``) as ``(start, end)``: a pair of ints, else TypeError."""
+    if v is None:
+        return 0, n
+    try:
+        if isinstance(v, (str, bytes)) or len(v) != 2 or any(isinstance(x, bool) for x in v):
+            raise TypeError
+        return operator.index(v[0]), operator.index(v[1])  # (ints, numpy ints, 0-d integer tensors; not floats)
+    except TypeError:
+        raise TypeError(f"{name} must be None or a pair of ints (start, end), got {v!r}") from None
 
 
 def _label(prefix: str) -> str:
@@ -244,8 +267,8 @@ class SparseFormat:
     def _slice_bounds(self, rows, cols) -> tuple[int, int, int, int]:
         """``(r0, r1, c0, c1)`` of :meth:`slice`'s arguments (``None``: all); ValueError if empty or outside."""
         m, k = self.shape
-        r0, r1 = (0, m) if rows is None else (int(rows[0]), int(rows[1]))
-        c0, c1 = (0, k) if cols is None else (int(cols[0]), int(cols[1]))
+        r0, r1 = _bounds(rows, "rows", m)
+        c0, c1 = _bounds(cols, "cols", k)
         if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= k):
             raise ValueError(f"slice rows {r0}:{r1}, cols {c0}:{c1} is empty or outside the {m}x{k} matrix")
         return r0, r1, c0, c1
@@ -401,6 +424,14 @@ def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
     """Write several compressed weights to one safetensors file, each under its name."""
     from safetensors.torch import save_file
 
+    if not isinstance(weights, dict) or not weights:
+        hint = " (one weight: weight.save(path))" if isinstance(weights, SparseFormat) else ""
+        raise TypeError(f"weights must be a non-empty dict of name -> compressed weight, got "
+                        f"{type(weights).__name__}{' (empty)' if isinstance(weights, dict) else ''}{hint}")
+    bad = [n for n, w in weights.items() if not isinstance(n, str) or not isinstance(w, SparseFormat)]
+    if bad:
+        raise TypeError(f"weights must map str names to compressed weights (BitmapTiles, TiledCSL, DeltaRows); "
+                        f"{bad[0]!r} maps to {type(weights[bad[0]]).__name__}")
     tensors, meta = {}, {}
     for name, w in weights.items():
         t, m = w.state(prefix=f"{name}.")

@@ -29,7 +29,7 @@ import math
 import torch
 
 from . import _layout as L
-from ._base import FormatError, SparseFormat, check_dense_weight
+from ._base import FormatError, SparseFormat, check_dense_weight, check_shape_args
 
 RECORD_HEADER_UNITS = 8  # 32 bitmap words = 128 bytes = 8 units of 16 bytes
 
@@ -101,6 +101,7 @@ class BitmapTiles(SparseFormat):
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "BitmapTiles":
         """The all-zero ``[m, k]`` weight (what ``from_dense(torch.zeros(m, k))`` returns), built
         without the dense matrix: every record is its 8-unit bitmap, all bits clear."""
+        check_shape_args(m, k, dtype)
         t = math.prod(cls.grid_of(m, k))
         arrays = {"data": torch.zeros(t * 32, dtype=torch.int32, device=device),
                   "offsets": torch.arange(0, RECORD_HEADER_UNITS * (t + 1), RECORD_HEADER_UNITS,

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._base import FormatError, SparseFormat, check_dense_weight, count_nonzero, gpu_run_size
+from ._base import FormatError, SparseFormat, check_dense_weight, check_shape_args, count_nonzero, gpu_run_size
 from ._layout import ceil_div
 
 LANES = 32  # ranks per slice
@@ -695,6 +695,7 @@ class DeltaRows(SparseFormat):
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "DeltaRows":
         """The all-zero ``[m, k]`` weight (one split, no groups), built without a dense matrix (``device="meta"``
         allocates nothing)."""
+        check_shape_args(m, k, dtype)
         if k >= MAX_K:
             raise ValueError(f"K = {k} does not fit DeltaRows' 16-bit columns (K < {MAX_K})")
         slices = ceil_div(m, LANES)

@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import _layout as L
-from ._base import FormatError, SparseFormat, check_dense_weight
+from ._base import FormatError, SparseFormat, check_dense_weight, check_shape_args
 
 TILE_M = 64
 TILE_ELEMS = TILE_M * L.STRIP_K
@@ -182,6 +182,7 @@ class TiledCSL(SparseFormat):
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "TiledCSL":
         """The all-zero ``[m, k]`` weight (what ``from_dense(torch.zeros(m, k))`` returns), built
         without the dense matrix: no entries."""
+        check_shape_args(m, k, dtype)
         t = math.prod(cls.grid_of(m, k))
         arrays = {"data": torch.zeros(0, dtype=torch.int32, device=device),
                   "offsets": torch.zeros(t + 1, dtype=torch.int32, device=device)}
