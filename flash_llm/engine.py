@@ -948,8 +948,11 @@ class Engine:
                  delta_layout: str = "auto", formats: str = "auto", prefill_graphs: int | None = None,
                  prefill_dense: bool = False, progress: bool = True):
         if not isinstance(model, CausalLM):
+            hf = type(model).__module__.startswith("transformers")
             raise TypeError(f"model must be a flash_llm.models causal LM (LlamaForCausalLM, OPTForCausalLM), got "
-                            f"{type(model).__name__}")
+                            f"{type(model).__module__}.{type(model).__name__}"
+                            + (" (for a transformers model's weights: flash_llm.from_pretrained, or "
+                               "flash_llm.models.from_config and load_state_dict)" if hf else ""))
         cfg = model.config
         emb = model.input_embeddings().weight
         if emb.is_meta:

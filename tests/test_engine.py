@@ -541,13 +541,16 @@ def test_synthetic_refuses_what_does_not_fit():
         build_synthetic("opt-66b", None, device="cpu", memory_limit=80 * 10**9)
     with pytest.raises(ValueError, match=r"sparsity must be None \(dense\) or a number in \(0, 1\), got 1.5"):
         build_synthetic("opt-13b", 1.5, device="cpu")
+    for bad in (True, False):  # (False == 0 once meant dense)
+        with pytest.raises(ValueError, match=rf"sparsity must be None \(dense\) or a number in \(0, 1\), got {bad}"):
+            build_synthetic("opt-13b", bad, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------------
 # bad inputs
 # ---------------------------------------------------------------------------------------------------
 def test_engine_errors(pair):
-    _, ours = pair
+    hm, ours = pair
     eng = Engine(ours, max_batch=2, max_seq=16)
     cases = [
         (lambda: eng.generate(PROMPTS, 4), ValueError, r"batch of 3 prompts; this engine takes 1 to max_batch=2"),
@@ -567,7 +570,9 @@ def test_engine_errors(pair):
          r"max_seq=65 exceeds the model's max_position_embeddings \(64\)"),
         (lambda: Engine(ours, cuda_graphs=True), ValueError, r"cuda_graphs=True needs a model on a CUDA device"),
         (lambda: Engine(ours, max_batch=0), ValueError, r"max_batch must be an int >= 1, got 0"),
-        (lambda: Engine(torch.nn.Linear(2, 2)), TypeError, r"model must be a flash_llm.models causal LM"),
+        (lambda: Engine(torch.nn.Linear(2, 2)), TypeError, r"model must be a flash_llm.models causal LM .*Linear$"),
+        (lambda: Engine(hm), TypeError, r"got transformers\..*CausalLM \(for a transformers model's weights: "
+                                        r"flash_llm.from_pretrained"),
         (lambda: Engine(from_config(ours.config, device="meta")), ValueError, r"on the meta device"),
     ]
     for fn, exc, match in cases:

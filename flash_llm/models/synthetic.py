@@ -321,7 +321,7 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
     cfg = preset(config) if isinstance(config, str) else config
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"config must be a ModelConfig or a preset name, got {type(config).__name__}")
-    if sparsity == 0:
+    if sparsity == 0 and not isinstance(sparsity, bool):  # (False is refused below, as True is)
         sparsity = None
     if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
                                  or not 0 < sparsity < 1):
