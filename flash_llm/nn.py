@@ -552,6 +552,10 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     for fqn, layer in plan:
         parent, _, name = fqn.rpartition(".")
         setattr(model.get_submodule(parent), name, layer)
+    if plan:  # a transformers model then saves through its own save_pretrained, as one from_pretrained gives
+        from .checkpoint.pretrained import _attach_hf_quantizer
+
+        _attach_hf_quantizer(model)
 
     if not report.converted and not report.skipped:
         warnings.warn("sparsify_: the model has no nn.Linear layers; nothing was converted", UserWarning,
