@@ -25,6 +25,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh ahead                     (about 6 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh aheadmore                 (about 6 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm                    (about 9 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm16                  (about 9 minutes, an H100)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -99,6 +100,7 @@
 #          and the attention's GPU tests (the same bits with it), then Llama-3-8B at 80 %, bf16 DeltaRows, batch 1,
 #          bench_e2e.py with 0 / 8 / 20 MB asked after the attention's wait and 20 MB before it, two rounds in one
 #          process each.  If it wins, make the best budget the default (issue 4's 80 % of the floor at batch 1).
+# l2warm16: the same at batches 8 and 16 (Tiled-CSL there: its record rows are the walks), 0 / 8 / 20 MB.
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -207,6 +209,10 @@ for group in "${groups[@]}"; do
               E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=90 \
               timeout 430 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/l2warm_b1.log" 2>&1
             tail -n 16 "$OUT/l2warm_b1.log" ;;
+    l2warm16) E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20" E2E_FORMAT=delta-rows E2E_SPARSITIES=80 \
+              E2E_BATCHES=8,16 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 E2E_TAG=b816 \
+              timeout 560 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/l2warm_b816.log" 2>&1
+              tail -n 16 "$OUT/l2warm_b816.log" ;;
     fallbacktest) step tests_fallback 240 python3 -m pytest -q tests/test_engine_gpu.py -k "runs_bitmap or delta_layout_follows" ;;
     switches) E2E_ENVS=";FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH=1;FLASH_LLM_DELTA_PARTS_STAGE=1" E2E_FORMAT=delta-rows \
                 E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 \
@@ -225,6 +231,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore, l2warm)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore, l2warm, l2warm16)" ;;
   esac
 done

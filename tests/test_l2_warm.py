@@ -12,7 +12,7 @@ import torch
 
 import flash_llm
 from flash_llm import kernels
-from flash_llm.formats import DeltaRows, TiledCSL
+from flash_llm.formats import BitmapTiles, DeltaRows, TiledCSL
 from flash_llm.models import _common, from_config, merge_projections
 from flash_llm.models._common import after_attention_weights
 from flash_llm.prune import magnitude_prune_
@@ -99,9 +99,22 @@ def test_ranges_take_the_first_weight_whole_then_a_share_of_each_walk():
     assert sum(b - a for a, b in _covered(everything)) >= o_bytes + up_bytes - 32 * (len(walks) + 8)
 
 
+@pytest.mark.parametrize("fmt", [BitmapTiles, TiledCSL], ids=lambda c: c.__name__)
+def test_record_formats_walk_by_record_row(fmt):
+    """BitmapTiles and TiledCSL: ``offsets`` is the head, each record row's run of ``data`` a walk (contiguous, in
+    order, the whole of ``data``)."""
+    w, _ = _weight(130, 200, 0.3, 6)
+    c = fmt.from_dense(w)
+    head, walks = c.l2_streams()
+    assert head == [(c.offsets, 0, c.offsets.numel() * 4)]
+    assert len(walks) == c.grid[0] and all(t is c.data for t, _, _ in walks)
+    assert walks[0][1] == 0 and walks[-1][2] == c.data.numel() * 4
+    assert all(walks[i][2] == walks[i + 1][1] for i in range(len(walks) - 1))
+
+
 def test_ranges_of_other_formats_and_dense_tensors_and_nothing():
-    """Formats without their own ``l2_streams`` (and dense tensors) are walks of whole arrays; no weights or no
-    budget give None; a piece that is not a multiple of 16, or over the instruction's 1 MB, is refused."""
+    """Other formats and dense tensors are read whole; no weights or no budget give None; a piece that is not a
+    multiple of 16, or over the instruction's 1 MB, is refused."""
     w, dr = _weight(64, 128, 0.3, 4)
     t = TiledCSL.from_dense(w)
     table = kernels.l2_warm_ranges([t, w], 1 << 30)
