@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -703,6 +704,12 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
         cfg["dtype"] = dtype_name(dtype) if dtype in VALUE_DTYPES else str(dtype).removeprefix("torch.")
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = cfg["dtype"]
+        other = [(n, t.dtype) for n, t in state.items() if t.dtype.is_floating_point and t.dtype != dtype]
+        if other:  # (the readers cast every dense tensor to config.json's dtype)
+            warnings.warn(f"save_pretrained: {len(other)} tensor(s) are not {dtype} (e.g. '{other[0][0]}' is "
+                          f"{other[0][1]}); they are written as they are, but config.json says {cfg['dtype']}, so "
+                          f"loading casts them: cast the model to {dtype} first for an exact round trip",
+                          UserWarning, stacklevel=2)
     groups: dict[str, list[str]] = {}
     for name in state:
         groups.setdefault(name.rpartition(".")[0], []).append(name)
