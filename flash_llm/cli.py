@@ -98,24 +98,22 @@ def _sparsities(text: str) -> list[float]:
     return out
 
 
-def _positive(text: str) -> int:
+def _int_from(text: str, least: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+    if v < least:
+        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {v}")
     return v
+
+
+def _positive(text: str) -> int:
+    return _int_from(text, 1, "positive")
 
 
 def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
+    return _int_from(text, 0, "non-negative")
 
 
 def _non_negative_float(text: str) -> float:
