@@ -123,3 +123,38 @@ def test_compiling_says_so_once_on_stderr(tmp_path, monkeypatch, capsys):
     assert not first.cached and "compiling the CUDA kernels for sm_80" in err and "compiled in" in err
     again = compile_kernels("sm_80", source=small, notify=True)
     assert again.cached and capsys.readouterr().err == ""
+
+
+def test_a_damaged_cached_cubin_is_compiled_again(tmp_path, monkeypatch):
+    """A cache file that is empty, truncated, not an ELF or not a file at all is compiled again (and a good one
+    written back where it can be), never returned as the cubin (session 71: any bytes there were loaded)."""
+    from flash_llm.kernels._build import _cubin_ok, cache_dir
+
+    monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path))
+    small = b'extern "C" __global__ void k(int* p) { p[0] = 2; }\n'
+    good = compile_kernels("sm_80", source=small)
+    assert not good.cached and _cubin_ok(good.cubin)
+    [path] = cache_dir().glob("spmm-sm_80-*.cubin")
+    for damaged in (b"", b"garbage" * 10, good.cubin[:-1], good.cubin[: len(good.cubin) // 2]):
+        assert not _cubin_ok(damaged)
+        path.write_bytes(damaged)
+        again = compile_kernels("sm_80", source=small)
+        assert not again.cached and again.cubin == good.cubin and path.read_bytes() == good.cubin
+    path.unlink()
+    path.mkdir()  # (a directory where the file should be: compiled, the cache left as it is)
+    assert not compile_kernels("sm_80", source=small).cached
+    assert compile_kernels("sm_80", source=small, use_cache=True).cubin == good.cubin
+
+
+def test_cache_dir_unset_empty_or_with_a_tilde(monkeypatch):
+    from pathlib import Path
+
+    from flash_llm.kernels._build import cache_dir
+
+    home = Path.home() / ".cache" / "flash_llm" / "cubin"
+    monkeypatch.delenv("FLASH_LLM_CACHE", raising=False)
+    assert cache_dir() == home
+    monkeypatch.setenv("FLASH_LLM_CACHE", "")
+    assert cache_dir() == home  # (an empty value was the working directory)
+    monkeypatch.setenv("FLASH_LLM_CACHE", "~/fl")
+    assert cache_dir() == Path.home() / "fl" / "cubin"

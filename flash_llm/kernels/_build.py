@@ -56,7 +56,29 @@ def nvrtc_version() -> tuple[int, int]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FLASH_LLM_CACHE", Path.home() / ".cache" / "flash_llm")) / "cubin"
+    """Where cubins are cached: ``$FLASH_LLM_CACHE/cubin`` (``~`` expanded; unset or empty: ``~/.cache/flash_llm``)."""
+    root = os.environ.get("FLASH_LLM_CACHE") or str(Path.home() / ".cache" / "flash_llm")
+    return Path(root).expanduser() / "cubin"
+
+
+def _cubin_ok(b: bytes) -> bool:
+    """Whether ``b`` looks like a whole cubin: a 64-bit little-endian ELF whose header tables and every section's
+    bytes lie inside it, so an empty, truncated or foreign cache file is compiled again, not loaded."""
+    if len(b) < 64 or b[:4] != b"\x7fELF" or b[4] != 2 or b[5] != 1:
+        return False
+
+    def word(at: int, n: int) -> int:
+        return int.from_bytes(b[at:at + n], "little")
+
+    phoff, shoff = word(0x20, 8), word(0x28, 8)
+    phsize, phnum, shsize, shnum = word(0x36, 2), word(0x38, 2), word(0x3A, 2), word(0x3C, 2)
+    if not shoff or shsize < 64 or shoff + shsize * shnum > len(b) or phoff + phsize * phnum > len(b):
+        return False
+    for i in range(shnum):  # (SHT_NOBITS, type 8, holds no bytes in the file)
+        h = shoff + i * shsize
+        if word(h + 4, 4) != 8 and word(h + 0x18, 8) + word(h + 0x20, 8) > len(b):
+            return False
+    return True
 
 
 @dataclass
@@ -113,7 +135,12 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
                                      repr(version).encode()])).hexdigest()[:32]
     path = cache_dir() / f"spmm-{arch}-{key}.cubin"
     if use_cache and path.exists():
-        return Compiled(arch, path.read_bytes(), "", True)
+        try:
+            cached = path.read_bytes()
+        except OSError:  # (a directory or an unreadable file where the cubin should be: compiled again)
+            cached = b""
+        if _cubin_ok(cached):
+            return Compiled(arch, cached, "", True)
 
     if notify:
         print(f"flash-llm: compiling the CUDA kernels for {arch} with NVRTC (first use; about a minute; cached "
