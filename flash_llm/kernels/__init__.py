@@ -20,6 +20,65 @@ from ..formats._layout import STRIP_K, STRIP_M, ceil_div
 from ..reference import apply_norm, silu_mul_halves
 from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch, sm90  # noqa: F401
 
+
+def _env_warn(name: str, text: str, want: str, default) -> None:
+    warnings.warn(f"{name}={text!r} is not {want}; using {default}", RuntimeWarning, stacklevel=3)
+
+
+def _env_int(name: str, default: int, least: int | None = None, most: int | None = None) -> int:
+    """The integer switch ``name`` (unset or empty: ``default``); a value that does not parse or lies outside
+    ``least .. most`` warns, naming it, and the default holds."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or (least is not None and v < least) or (most is not None and v > most):
+        lo = "" if least is None else f" >= {least}"
+        hi = "" if most is None else f" <= {most}"
+        _env_warn(name, text, f"an integer{lo}{' and' if lo and hi else ''}{hi}", default)
+        return default
+    return v
+
+
+def _env_float(name: str, default: float, least: float | None = None, most: float | None = None) -> float:
+    """The number ``name`` (unset or empty: ``default``); one that does not parse, is not finite or lies outside
+    ``least .. most`` warns, naming it, and the default holds."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v == v and abs(v) != float("inf")) or (least is not None and v < least) or (most is not None and v > most):
+        lo = "" if least is None else f" >= {least}"
+        hi = "" if most is None else f" <= {most}"
+        _env_warn(name, text, f"a finite number{lo}{' and' if lo and hi else ''}{hi}",
+                  "the default" if default != default else default)
+        return default
+    return v
+
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    """The on / off switch ``name``: 1, true, yes, on / 0, false, no, off (any case); unset or empty: ``default``;
+    anything else warns, naming it, and the default holds (session 71: some switches read "1" as the only on, others
+    "0" as the only off, so "true" or "off" meant opposite things)."""
+    text = os.environ.get(name, "").strip().lower()
+    if text in _ON:
+        return True
+    if text in _OFF:
+        return False
+    if text:
+        _env_warn(name, text, "one of 1, 0, true, false, yes, no, on, off", int(default))
+    return default
+
+
 WARPS = 4
 THREADS = 32 * WARPS
 ROWS_PER_BLOCK = WARPS * STRIP_M  # 64 output features per block, for both formats
@@ -89,8 +148,8 @@ WG_TOKENS, WG_ROWS = 128, 2
 #: densities from TCSL_WG32_MIN_DENSITY up, in place of the one-warp ``_nt4``.  H200, 9216 x 36864, N = 32 (session 9,
 #: benchmarks/RESULTS.md): 411 -> 276 us at 50 % sparsity, 247 -> 197 at 70 %, 170 -> 162 at 80 %, but 104 -> 154 at
 #: 90 % (its entry loads are one tile ahead for 8 warpgroups per SM: latency-bound when the tiles are short).
-TCSL_WG32_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_N", "17"))
-TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", "0.17"))
+TCSL_WG32_MIN_N = _env_int("FLASH_LLM_TCSL_WG32_MIN_N", 17, 0)
+TCSL_WG32_MIN_DENSITY = _env_float("FLASH_LLM_TCSL_WG32_MIN_DENSITY", 0.17, 0.0, 1.0)
 #: N = 17-32 at weight densities from this up run ``_wg32x2p3``: ``_wg32x2`` with three rounds of entries a warp
 #: prefetched a tile ahead (37.5 % density) instead of two (25 %), so that a 70 % tile's last round is not a load waited
 #: on at once by two of the four warps while the others wait at the block barrier.  Below it the third round would
@@ -98,11 +157,11 @@ TCSL_WG32_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_MIN_DENSITY", 
 #: Llama-3-8B at 70 %, batch 32, 5.337 -> 5.063 and, on another card, 5.363 -> 5.098 (1.02x -> 1.07x of dense); with
 #: the third round at every density, 80 % went 4.751 -> 4.795.  The same for ``_wg64x2s2`` gained nothing (batch 64
 #: 6.719 -> 6.744).  ``FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY`` overrides it.
-TCSL_WG32_PF3_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY", "0.25"))
+TCSL_WG32_PF3_MIN_DENSITY = _env_float("FLASH_LLM_TCSL_WG32_PF3_MIN_DENSITY", 0.25, 0.0, 1.0)
 #: And ``_wg32x2p4`` (four rounds, 50 % density) from this density up: a 60 % tile holds about 410 units, past three
 #: rounds' 384.  H200, session 39, Llama-3-8B batch 32 end to end: 60 % 5.795 -> 5.386 ms per token (0.93x -> 1.00x of
 #: dense), 50 % 6.421 -> 6.094.  ``FLASH_LLM_TCSL_WG32_PF4_MIN_DENSITY`` overrides it.
-TCSL_WG32_PF4_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF4_MIN_DENSITY", "0.375"))
+TCSL_WG32_PF4_MIN_DENSITY = _env_float("FLASH_LLM_TCSL_WG32_PF4_MIN_DENSITY", 0.375, 0.0, 1.0)
 #: From that density up ``_wg32x2p4`` runs from N = TCSL_WG32_DENSE_MIN_N (not TCSL_WG32_MIN_N) on, in place of
 #: ``_nt2``: one decode of a tile per 128 rows, read by the tensor cores, against one per 64 rows read back by ldmatrix.
 #: H200, session 40 (``benchmarks/results/2026-12-02-s40/callD-G``, ``bench_e2e.py``, ms per token, dense-end setting
@@ -110,7 +169,7 @@ TCSL_WG32_PF4_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG32_PF4_MIN_DE
 #: batch 16 20.576 -> 18.666 (0.88x -> 0.97x).  At 70 % (``_wg32x2p3``) mixed: Llama-3-8B batch 16 4.807 / 4.803 ->
 #: 4.594 / 4.599 (two rounds), OPT-30B 16.347 -> 16.697; at 80 % (``_wg32x2``) it lost (Llama-3-8B batch 16 3.99-4.00 ->
 #: 4.27, batch 8 3.60 -> 4.14).  ``FLASH_LLM_TCSL_WG32_DENSE_MIN_N`` overrides it.
-TCSL_WG32_DENSE_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_DENSE_MIN_N", "9"))
+TCSL_WG32_DENSE_MIN_N = _env_int("FLASH_LLM_TCSL_WG32_DENSE_MIN_N", 9, 0)
 #: Between the two (``_wg32x2p3``'s densities, 70 % sparsity) the warpgroup kernel runs N = 9-16 on weights of at most
 #: this many elements (M x K).  H200, session 41 (``benchmarks/results/2026-12-02-s41/callD-E``, ``splits_sweep.py
 #: --pdl``, N = 12 and 16 at 70 %, us at the plan's splits, ``_wg32x2p3`` against ``_nt2``): Llama-3-8B q/k/v (25 M
@@ -119,7 +178,7 @@ TCSL_WG32_DENSE_MIN_N = int(os.environ.get("FLASH_LLM_TCSL_WG32_DENSE_MIN_N", "9
 #: End to end (``callF``, ``bench_e2e.py``, ms per token at batch 12 / 16, one round): Llama-3-8B 4.723 / 4.801 ->
 #: 4.550 / 4.597 (1.04x -> 1.08x / 1.09x of dense), OPT-30B 16.598 / 16.562 -> 16.614 / 16.488.
 #: ``FLASH_LLM_TCSL_WG32_MID_MAX_ELEMENTS`` overrides it (0: never).
-TCSL_WG32_MID_MAX_ELEMENTS = int(os.environ.get("FLASH_LLM_TCSL_WG32_MID_MAX_ELEMENTS", str(1 << 27)))
+TCSL_WG32_MID_MAX_ELEMENTS = _env_int("FLASH_LLM_TCSL_WG32_MID_MAX_ELEMENTS", 1 << 27, 0)
 #: N = 33-64 on sm_90 at weight densities from this up run ``_wg64x2s2`` (two pipeline stages, 4 blocks an SM of 49 KiB
 #: in 64 registers), below it ``_wg64x2`` (three stages, 3 blocks of 73 KiB): a denser tile keeps its block longer per
 #: tile, and a fourth block an SM hides more of that latency than a third stage does.  H200, session 37, Llama-3-8B
@@ -127,24 +186,24 @@ TCSL_WG32_MID_MAX_ELEMENTS = int(os.environ.get("FLASH_LLM_TCSL_WG32_MID_MAX_ELE
 #: OPT-30B batch 64 27.51 -> 26.87; at 80 % the two-stage kernel lost (Llama-3-8B batch 64 6.110 -> 6.188-6.205, OPT-30B
 #: 24.15 -> 24.70).  ``FLASH_LLM_TCSL_WG64_S2_MIN_DENSITY`` overrides it (a Tiled-CSL weight's density counts its pads:
 #: 0.2004 at 80 % sparsity, 0.3004 at 70 %).
-TCSL_WG64_S2_MIN_DENSITY = float(os.environ.get("FLASH_LLM_TCSL_WG64_S2_MIN_DENSITY", "0.25"))
+TCSL_WG64_S2_MIN_DENSITY = _env_float("FLASH_LLM_TCSL_WG64_S2_MIN_DENSITY", 0.25, 0.0, 1.0)
 #: N = 1 on the CUDA cores (``tiled_csl_spmm_<dtype>_n1``: no dense tile, no MMA); ``FLASH_LLM_TCSL_N1=0`` for nt1.
 #: H200, session 14: 9216 x 36864 at 80 % 93-98 -> 80-81 us, at 90 % 70 -> 49-53 us
-TCSL_N1 = os.environ.get("FLASH_LLM_TCSL_N1", "1") == "1"
+TCSL_N1 = _env_flag("FLASH_LLM_TCSL_N1", True)
 #: The ``_n1`` kernel's split-K summed in the same launch (``_n1r`` / ``_n1rs``: the last block of each row group sums
 #: the splits and applies the norm / SiLU / residual epilogue), not by a ``splitk_reduce_*`` launch after it;
 #: ``FLASH_LLM_N1_FUSED=0`` for the two launches.
-N1_FUSED = os.environ.get("FLASH_LLM_N1_FUSED", "1") != "0"
+N1_FUSED = _env_flag("FLASH_LLM_N1_FUSED", True)
 #: The fused N = 1 kernels' tiles shared evenly among the splits (split ``s`` of ``S`` takes tiles ``s K_t / S`` to
 #: ``(s + 1) K_t / S``) instead of ``ceil(K_t / S)`` each and the rest to the last (Llama-3-8B gate / up, 64 tiles in 7
 #: splits: six of 10 and one of 4, where an SM holding more 10-tile blocks ends later); ``FLASH_LLM_N1_EVEN=0`` for the
 #: ceil split.  H200, Llama-3-8B at 80 %, batch 1, ms per token: session 24 2.884 -> 2.866, session 25 (two rounds)
 #: 2.942 / 2.937 -> 2.905 / 2.906.
-N1_EVEN = os.environ.get("FLASH_LLM_N1_EVEN", "1") != "0"
+N1_EVEN = _env_flag("FLASH_LLM_N1_EVEN", True)
 #: The warpgroup kernels' split-K summed in the same launch (``_wg<NB>x<R>r``: every block of a row group, once all
 #: the group's partial sums are stored, sums its share of them; see :func:`_wg_spread_ok` for when), not by a
 #: ``splitk_reduce_*`` launch after it; ``FLASH_LLM_WG_SPREAD=0`` for the two launches.
-WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
+WG_SPREAD = _env_flag("FLASH_LLM_WG_SPREAD", True)
 #: The one-warp MMA kernels up to ``NT_ATOMIC`` x 8 tokens sum their split-K by fp32 atomics into zeroed sums, and the
 #: last block of each row group writes Y (``_nt<NT>a``), not a ``splitk_reduce_*`` launch after them: ``1`` (the
 #: default) for ``_nt1`` (N = 2-8), ``2`` for ``_nt2`` (N = 9-16) too, ``FLASH_LLM_NT_ATOMIC=0`` for none.  The sums'
@@ -155,25 +214,25 @@ WG_SPREAD = os.environ.get("FLASH_LLM_WG_SPREAD", "1") != "0"
 #: 3.973 -> 4.231 / 4.232; from NT_ATOMIC_MIN_SPLITS splits, Llama-3-8B batch 8 3.568 -> 3.450, OPT-30B 11.500 ->
 #: 11.463, and ``_nt2a`` at batch 16 still 3.968 / 3.984 -> 4.093 / 4.093: so ``_nt2`` keeps its reduction (H100,
 #: session 68, Llama-3-8B bf16 at 80 %, batch 16: 4.318 / 4.317 -> 4.541 / 4.535).
-NT_ATOMIC = int(os.environ.get("FLASH_LLM_NT_ATOMIC", "1"))
+NT_ATOMIC = _env_int("FLASH_LLM_NT_ATOMIC", 1, 0, 2)
 #: ... and only from this many splits (``FLASH_LLM_NT_ATOMIC_MIN_SPLITS``): the reduction reads every split's partial
 #: tile, so it costs more the more splits there are, while few splits on many row blocks ran faster with it (H200,
 #: session 48, ``splits_sweep.py --pdl`` at N = 8, 80 %, us at the plan's splits, reduction / atomics: 6144 x 4096 (22
 #: splits) 14.5 / 12.8, 4096 x 4096 (32) 11.7 / 10.5, 4096 x 14336 (38) 23.4 / 22.2, 7168 x 7168 (23) 23.4 / 20.0,
 #: 7168 x 28672 (23) 63.8 / 62.7, 28672 x 4096 (5) 41.7 / 41.1, 21504 x 7168 (7) 51.0 / 52.1, 28672 x 7168 (11)
 #: 65.9 / 66.8).
-NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_NT_ATOMIC_MIN_SPLITS", "16"))
+NT_ATOMIC_MIN_SPLITS = _env_int("FLASH_LLM_NT_ATOMIC_MIN_SPLITS", 16, 0)
 #: DeltaRows' multi-token kernels (2-8 tokens, the split layout) sum their splits by fp32 atomics, the last warp of each
 #: slice writing Y (``delta_rows_spmm_<dtype>_nt<NT>a``), not ``delta_rows_reduce_<dtype>`` after them;
 #: ``FLASH_LLM_DR_NT_ATOMIC=0`` for the reduction (bit for bit repeatable).
-DR_NT_ATOMIC = os.environ.get("FLASH_LLM_DR_NT_ATOMIC", "1") != "0"
+DR_NT_ATOMIC = _env_flag("FLASH_LLM_DR_NT_ATOMIC", True)
 #: ... on weights of at least this many splits (``FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS``).  Session 49 (H200, 80 %, ms per
 #: token at batch 2 / 3, DeltaRows engines): every split count from 2: Llama-3-8B 2.821 / 3.293, from 17: 2.816 / 3.185
 #: (its gate / up, 4 splits, back on the reduction); OPT-30B (q/k/v 5 splits, fc1 4, out and fc2 16) with the
 #: reduction everywhere 7.674 / 10.317, atomics everywhere 7.854 / 10.360, from 16 7.766 / 10.276, from 17 (none)
 #: 7.687 / 10.307.  Alone (``dr_parts_tokens.py --atomics``) the atomics are within 0.4 us of the reduction on the
 #: 4-5-split layers and 2-3 us faster on Llama-3-8B's 19-28-split q/k/v, o and down.
-DR_NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS", "17"))
+DR_NT_ATOMIC_MIN_SPLITS = _env_int("FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS", 17, 0)
 #: RMSNorm inside DeltaRows' 2-token kernel of the parts layout (``delta_rows_parts_<dtype>_nt2``: each token's sum of
 #: squares and X times the norm's weight while staging, as the N = 1 kernel does), and with it the Llama engine's
 #: one-token path (norms and residual adds inside the projections) for decode steps of 2 sequences.  On by default
@@ -182,16 +241,16 @@ DR_NT_ATOMIC_MIN_SPLITS = int(os.environ.get("FLASH_LLM_DR_NT_ATOMIC_MIN_SPLITS"
 #: after their predecessor has finished (no programmatic launch, as here), 2.705 / 2.705 when they are launched
 #: programmatically: then their blocks wait resident through the o projection and down, which slow by 2-3 us each
 #: (``profile_decode.py``), more than the two norm launches a layer cost.
-DR_NT_NORM = os.environ.get("FLASH_LLM_DR_NT_NORM", "1") == "1"
+DR_NT_NORM = _env_flag("FLASH_LLM_DR_NT_NORM", True)
 #: The fewest 64-column tiles per split the plan gives the ``_n1`` kernel (``_nt1`` / ``_nt2``: NT_MIN_TILES; the
 #: others: 4); ``FLASH_LLM_N1_MIN_TILES`` overrides it (session 14's split sweep chose 2: Llama-3-8B o and q/k/v at
 #: N = 1 on 32 splits)
-N1_MIN_TILES = int(os.environ.get("FLASH_LLM_N1_MIN_TILES", "2"))
+N1_MIN_TILES = _env_int("FLASH_LLM_N1_MIN_TILES", 2, 1)
 #: The same for the one-warp MMA kernels ``_nt1`` and ``_nt2`` (N = 2-16; ``_nt4`` and the warpgroup kernels keep 4);
 #: ``FLASH_LLM_NT_MIN_TILES`` overrides it.  Session 21's split sweep launched as the engine does (one H200,
 #: ``tests/data/splits_h200_s21_pdl.json``): Llama-3-8B q/k/v and o at N = 8 / 16 ran 11.9 / 16.3 and 10.8 / 13.1 us at
 #: 22 and 32 splits, against 16.2 / 18.4 and 14.7 / 17.5 at the 16 that 4 tiles allowed.
-NT_MIN_TILES = int(os.environ.get("FLASH_LLM_NT_MIN_TILES", "2"))
+NT_MIN_TILES = _env_int("FLASH_LLM_NT_MIN_TILES", 2, 1)
 
 #: The split-K model of the Tiled-CSL warpgroup kernels (:func:`plan`): a lone block on an SM takes this share of a
 #: full SM's round of ``blocks_per_sm`` blocks, and the partial sums weigh WG_WS_WEIGHT of their bytes against the
@@ -213,8 +272,9 @@ NT_MIN_TILES = int(os.environ.get("FLASH_LLM_NT_MIN_TILES", "2"))
 #: model takes).  ``FLASH_LLM_WG_LATENCY_SHARE`` sets one share for all densities and the weight at WG_WS_WEIGHT.
 WG_LATENCY_SHARE_DENSE = 0.9
 WG_WS_WEIGHT_DENSE = 0.75
-_WG_SHARE_ENV = os.environ.get("FLASH_LLM_WG_LATENCY_SHARE")
-WG_LATENCY_SHARE = float(_WG_SHARE_ENV or "0.8")
+_WG_SHARE = _env_float("FLASH_LLM_WG_LATENCY_SHARE", float("nan"), 0.0, 1.0)  # (NaN: unset, or not valid)
+_WG_SHARE_ENV = _WG_SHARE == _WG_SHARE
+WG_LATENCY_SHARE = _WG_SHARE if _WG_SHARE_ENV else 0.8
 #: Session 38 (session 37's fit, ``benchmarks/fit_split_model.py``): 0.1, not 0.25, up to density 0.21, where the sweeps
 #: launched as the engine does (sessions 20 and 37, ``tests/data/splits_h200_s20_pdl.json``, ``..._s37_pdl_wg64.json``)
 #: have the counts that fill every block slot fastest: o at N = 64 14.3 us at 11 splits against 16.0 at 8.  End to end
@@ -307,7 +367,7 @@ def wg_shared_bytes(nb: int, rows: int, stages: int) -> int:
 
 def wgmma_ok(device_index: int) -> bool:
     """The warpgroup kernel runs here: compute capability 9.0 (its cubin is sm_90a), unless ``FLASH_LLM_WGMMA=0``."""
-    if os.environ.get("FLASH_LLM_WGMMA", "1") == "0":
+    if not _env_flag("FLASH_LLM_WGMMA", True):
         return False
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
@@ -356,7 +416,7 @@ def kernel_name(fmt: int, dtype: torch.dtype, n: int, wgmma: bool = False, densi
 #: The bitmap warpgroup kernel runs from this N up where ``wgmma`` may run (``FLASH_LLM_BITMAP_WG_MIN_N``).  H200,
 #: 9216 x 36864 at 80 % (benchmarks/RESULTS.md, session 9): 191 / 204 us at N = 8 / 16 against 151 / 174 for the
 #: NT kernels, 209 / 264 / 362 us at N = 32 / 64 / 128 against 229 / 330 / 646.
-BITMAP_WG_MIN_N = int(os.environ.get("FLASH_LLM_BITMAP_WG_MIN_N", "17"))
+BITMAP_WG_MIN_N = _env_int("FLASH_LLM_BITMAP_WG_MIN_N", 17, 0)
 
 
 def bitmap_wg_tokens(n: int) -> int:
@@ -510,9 +570,9 @@ def _density(fmt: int, data: torch.Tensor, m: int, k: int) -> float:
 
 _static = threading.local()
 #: ``FLASH_LLM_PDL_SPMM=0`` keeps the spmm launches plain even under :func:`static_weights`
-PDL_SPMM = os.environ.get("FLASH_LLM_PDL_SPMM", "1") != "0"
+PDL_SPMM = _env_flag("FLASH_LLM_PDL_SPMM", True)
 #: ``FLASH_LLM_PDL_ATTN=0`` keeps the decode-attention launch plain under :func:`static_weights`
-PDL_ATTN = os.environ.get("FLASH_LLM_PDL_ATTN", "1") != "0"
+PDL_ATTN = _env_flag("FLASH_LLM_PDL_ATTN", True)
 #: ... and only up to this batch x attended slots: above it the kernel's waiting blocks cost the kernel before it more
 #: than the early launch saves (H200, session 17, Llama-3-8B at 80 %, batch 64 with up to 256 slots: 6.399 ms per
 #: token launched programmatically, 6.284 plainly; at batch 1-16 the programmatic launch took 0.8 % off, session 15)
@@ -672,7 +732,7 @@ DR_DENSE_WARPS = 4
 #: 128): OPT-30B 93.0 -> 71.5 ms of kernels (the fill's 17.6 ms gone, the expansion 56.0 -> 52.0), time to first token
 #: 120.0 -> 112.7 ms (medians of 6 interleaved rounds); Llama-3-8B 22.9 -> 18.9 ms of kernels (its time to first
 #: token, 49-87 ms either way, is bound by the host's launches).  ``FLASH_LLM_DR_DENSE_NOFILL=0`` gives the fill back.
-DR_DENSE_NOFILL = os.environ.get("FLASH_LLM_DR_DENSE_NOFILL", "1") == "1"
+DR_DENSE_NOFILL = _env_flag("FLASH_LLM_DR_DENSE_NOFILL", True)
 #: ... its warps a block (session 62: one ran OPT-30B's layers up to 7 % faster than four, Llama-3-8B's the same)
 DR_DENSE_NF_WARPS = 1
 #: with :data:`DR_DENSE_NOFILL`: ``delta_rows_to_dense_nft`` (session 63), the same ownership written through a
@@ -680,12 +740,12 @@ DR_DENSE_NF_WARPS = 1
 #: 65) but not faster: time to first token with the prefill's graph (``prefill_ab.py``, H100, session 68, median of 4,
 #: ms, ``_nf`` / this / with the prefetch below) OPT-30B 93.9 / 95.7 / 94.3, Llama-3-8B 54.7 / 51.9 / 51.7 (each
 #: spread 5-6 ms), so off
-DR_DENSE_TILED = os.environ.get("FLASH_LLM_DR_DENSE_TILED", "0") == "1"
+DR_DENSE_TILED = _env_flag("FLASH_LLM_DR_DENSE_TILED", False)
 #: ... its warps a block (at most 4: its shared memory and launch bound)
 DR_DENSE_T_WARPS = 4
 #: ... with each lane's next group asked for a group ahead by ``cp.async`` (``delta_rows_to_dense_nftp``, session 64;
 #: ``FLASH_LLM_DR_DENSE_T_PF=1``; timed above)
-DR_DENSE_T_PF = os.environ.get("FLASH_LLM_DR_DENSE_T_PF", "0") == "1"
+DR_DENSE_T_PF = _env_flag("FLASH_LLM_DR_DENSE_T_PF", False)
 #: The parts layout (2-16 lanes a row, one split) expanded a slice a block through a tile of its whole rows in shared
 #: memory, the lanes' groups placed in parallel (``delta_rows_to_dense_pr``, session 68; the default since session 69,
 #: ``FLASH_LLM_DR_DENSE_ROWS=0`` for ``_nf``, whose lanes walk their entries one after another at 0.7-1.1 TB/s of dense
@@ -694,7 +754,7 @@ DR_DENSE_T_PF = os.environ.get("FLASH_LLM_DR_DENSE_T_PF", "0") == "1"
 #: not zeroed first either.  Session 69 on an H100 (bf16, 80 %): exact (the GPU test), Llama-3-8B q/k/v 68.2 -> 26.1
 #: us and gate / up 236.2 -> 125.5 us (``benchmarks/dr_expand.py``; 1.9 TB/s of dense bytes, cuBLAS at N = 128 reads
 #: them at 2.2-2.5), and the prefill's kernels 23.6 -> 15.7 ms (``benchmarks/prefill_ab.py``)
-DR_DENSE_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_ROWS", "1") == "1"
+DR_DENSE_ROWS = _env_flag("FLASH_LLM_DR_DENSE_ROWS", True)
 DR_DENSE_ROWS_SMEM = 64 * 1024
 #: ... its warps a block (``DRP_WARPS`` in spmm.cu: each takes a group of every lane at a time)
 DR_DENSE_ROWS_WARPS = 8
@@ -703,19 +763,19 @@ DR_DENSE_ROWS_WARPS = 8
 #: 1.55x the zero fill's time, where q/k/v's 16 KiB tiles run at its speed) for more blocks an SM, each block walking
 #: all its slice's groups and keeping the band's nonzeros (session 69, not yet timed: ``dr_expand.py --kernels
 #: delta_rows_to_dense_pr,delta_rows_to_dense_pr:2048,delta_rows_to_dense_pr:1024``)
-DR_DENSE_ROWS_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_ROWS_BAND", "0"))
+DR_DENSE_ROWS_BAND = _env_int("FLASH_LLM_DR_DENSE_ROWS_BAND", 0, 0)
 #: with :data:`DR_DENSE_ROWS`: the split layout (one lane a row; OPT's weights, Llama's down) the same way, a block a
 #: (slice, split) through a band of its window's columns in shared memory (``delta_rows_to_dense_sr``, session 69; the
 #: default, ``FLASH_LLM_DR_DENSE_SPLIT_ROWS=0`` for ``_nf``); K a multiple of 8.  Session 69 on an H100 (bf16, 80 %,
 #: ``dr_expand.py``): exact, OPT-30B's expansions 1.34-1.79x faster (fc1 422 -> 305 us), Llama-3-8B's down 151 -> 80
 #: us; OPT-30B's time to first token 83.3 -> 68.2 ms
-DR_DENSE_SPLIT_ROWS = os.environ.get("FLASH_LLM_DR_DENSE_SPLIT_ROWS", "1") == "1"
+DR_DENSE_SPLIT_ROWS = _env_flag("FLASH_LLM_DR_DENSE_SPLIT_ROWS", True)
 #: ... the window columns a pass holds (32 rows of them: 64 KiB at 1024, three blocks an SM as ``_pr``'s largest
 #: tile); a wider window (OPT-30B's q/k/v and fc2 at 80 %: 1700-2800 columns) takes more passes, each walking the
 #: split's groups again (the walk is some 8x under the bytes' time).  Session 69: 512 as fast, 2048 (one block an SM)
 #: 1.3-1.9x slower; session 70, with :data:`DR_PLACE_SKIP`: 768 (48 KiB, four blocks an SM) as fast as 1024 or faster on
 #: every OPT-30B and Llama-3-8B split-layout weight (o 76 -> 68 us), so 768
-DR_DENSE_SR_BAND = int(os.environ.get("FLASH_LLM_DR_DENSE_SR_BAND", "768"))
+DR_DENSE_SR_BAND = _env_int("FLASH_LLM_DR_DENSE_SR_BAND", 768, 0)
 #: ... at most this many (96 KiB of tile: within every sm_80+ GPU's shared memory a block, 99 KiB on sm_86 / sm_89; a
 #: larger setting is cut to it, never a failed launch)
 DR_DENSE_SR_BAND_MAX = 1536
@@ -726,19 +786,19 @@ DR_DENSE_SR_BAND_MAX = 1536
 #: load; session 70 (H100): no faster at first (OPT-30B's expansions +0-3 %), but the loads were not in flight (a copy
 #: of the coded steps word waited for each at once); with that fixed, ``_pr4`` ran gate / up 118 -> 111 us and ``_sr4``
 #: within 2 % of ``_srk``.  Still 1 until a skipping ``_srk4`` is timed
-DR_PLACE_AHEAD = int(os.environ.get("FLASH_LLM_DR_PLACE_AHEAD", "1"))
-DR_PLACE_AHEAD_PR_MIN_TILE = int(os.environ.get("FLASH_LLM_DR_PLACE_AHEAD_PR_MIN_TILE", str(32 * 1024)))
+DR_PLACE_AHEAD = _env_int("FLASH_LLM_DR_PLACE_AHEAD", 1, 1, 4)
+DR_PLACE_AHEAD_PR_MIN_TILE = _env_int("FLASH_LLM_DR_PLACE_AHEAD_PR_MIN_TILE", 32 * 1024, 0)
 #: ``_sr``'s passes skip the groups whose columns miss their band (``delta_rows_to_dense_srk``; session 70, the default:
 #: ``FLASH_LLM_DR_PLACE_SKIP=0`` for ``_sr``): a window of several bands walked every group once a pass (Nsight Compute:
 #: 104 M warp instructions at 0.48 issued a scheduler on OPT-30B's q/k/v).  Session 70 (H100, bf16, 80 %): OPT-30B's
 #: fc1 / fc2 305 / 320 -> 294 / 313 us, with bands of 768 (below) 294 / 301 and o 75 -> 68; its prefill's graph 67.8
 #: -> 66.6 ms (one process, three rounds)
-DR_PLACE_SKIP = os.environ.get("FLASH_LLM_DR_PLACE_SKIP", "1") == "1"
+DR_PLACE_SKIP = _env_flag("FLASH_LLM_DR_PLACE_SKIP", True)
 #: the placement by ranges of groups a warp (``delta_rows_to_dense_srw`` / ``_prw``, ``FLASH_LLM_DR_PLACE_RANGES=1``;
 #: session 70, not yet run on a GPU): warp w walks the contiguous eighth w of every lane's groups after one pre-pass of
 #: their step sums and one barrier, where ``dr_place`` meets at a barrier every 8 groups (20 % of ``_srk``'s stall
 #: samples); ``_srw`` skips as ``_srk`` and both keep 2 groups' loads in flight.  Takes precedence over AHEAD / SKIP
-DR_PLACE_RANGES = os.environ.get("FLASH_LLM_DR_PLACE_RANGES", "0") == "1"
+DR_PLACE_RANGES = _env_flag("FLASH_LLM_DR_PLACE_RANGES", False)
 
 
 def dr_dense_rows_ok(lay, k: int, out: torch.Tensor) -> bool:
@@ -799,7 +859,7 @@ DR_WMAX = 1536  # spmm.cu: the widest X window the split layout's _n1 kernel sta
 
 #: DeltaRows runs its multi-token kernels (``delta_rows_spmm_<dtype>_nt<2|4|8>``) for 2 <= N <= this; above, the
 #: expansion and cuBLAS (``FLASH_LLM_DELTA_MULTI_MAX=1``: the expansion from N = 2)
-DELTA_MULTI_MAX = int(os.environ.get("FLASH_LLM_DELTA_MULTI_MAX", "8"))
+DELTA_MULTI_MAX = _env_int("FLASH_LLM_DELTA_MULTI_MAX", 8, 1, 8)
 
 
 #: DeltaRows runs its tensor-core kernel (``delta_rows_spmm_<dtype>_mma<8|16|32>``, the split layout) for
@@ -809,12 +869,12 @@ DELTA_MULTI_MAX = int(os.environ.get("FLASH_LLM_DELTA_MULTI_MAX", "8"))
 #: but slower than the token chunks (:data:`DELTA_CHUNK_MAX`) on 6 of 8 layer shapes at 16 tokens and 8 of 8 at 32, and
 #: 2-3x slower than Tiled-CSL, which an engine holds from batch 4 (session 62, H200, ``benchmarks/dr_mma.py``:
 #: Llama-3-8B gate / up at 16 tokens 119.9 us, chunks 124.5, Tiled-CSL 44.2, cuBLAS 62.4; ``docs/kernels.md``).
-DR_MMA_MIN = int(os.environ.get("FLASH_LLM_DR_MMA_MIN", "33"))
-DR_MMA_MAX = int(os.environ.get("FLASH_LLM_DR_MMA_MAX", "32"))
+DR_MMA_MIN = _env_int("FLASH_LLM_DR_MMA_MIN", 33, 0)
+DR_MMA_MAX = _env_int("FLASH_LLM_DR_MMA_MAX", 32, 0)
 DRM_WARPS = 2  # spmm.cu: warps (slices) a block of the tensor-core kernel
 #: the tensor-core kernel stages X through a ring in shared memory a round ahead (``_mma<NT>x``; NT = 8, 16, K % 8 ==
 #: 0, X on 16 bytes) instead of loading its B fragments from global memory in the drain (``FLASH_LLM_DR_MMA_XRING=0``)
-DR_MMA_XRING = os.environ.get("FLASH_LLM_DR_MMA_XRING", "1") != "0"
+DR_MMA_XRING = _env_flag("FLASH_LLM_DR_MMA_XRING", True)
 
 
 #: DeltaRows runs ``DELTA_MULTI_MAX < N <= DELTA_CHUNK_MAX`` tokens as chunks of at most ``DELTA_MULTI_MAX`` through
@@ -823,7 +883,7 @@ DR_MMA_XRING = os.environ.get("FLASH_LLM_DR_MMA_XRING", "1") != "0"
 #: 16 tokens two chunks beat the expansion on every Llama-3-8B and OPT-30B layer, 1.5-2.4x even against the expansion
 #: without its zero fill (gate / up 124.5 us against about 162 + 62, OPT-30B fc1 248 against about 366 + 102); at 32
 #: the expansion without the fill wins on OPT-30B's q/k/v and ties elsewhere.  So 16 (8: no chunks)
-DELTA_CHUNK_MAX = int(os.environ.get("FLASH_LLM_DELTA_CHUNK_MAX", "16"))
+DELTA_CHUNK_MAX = _env_int("FLASH_LLM_DELTA_CHUNK_MAX", 16, 0)
 
 
 def dr_token_chunks(n: int) -> list[tuple[int, int]]:
@@ -842,10 +902,10 @@ def dr_token_chunks(n: int) -> list[tuple[int, int]]:
 #: 8 warps on 8 groups of every lane at once, no dependent chain a warp), then multiplies the tile on the tensor
 #: cores, in passes of :data:`DR_MMA_TILE_BAND` window columns (``docs/kernels.md``, "What session 69's expansions
 #: suggest")
-DR_MMA_TILE = os.environ.get("FLASH_LLM_DR_MMA_TILE", "0") == "1"
+DR_MMA_TILE = _env_flag("FLASH_LLM_DR_MMA_TILE", False)
 #: ... its band (``FLASH_LLM_DR_MMA_TILE_BAND``; a multiple of 16 from 256 to 1024: shared memory (32 + NT) (2 band +
 #: 16) bytes, 50 KiB at 512 columns and 16 tokens)
-DR_MMA_TILE_BAND = int(os.environ.get("FLASH_LLM_DR_MMA_TILE_BAND", "512"))
+DR_MMA_TILE_BAND = _env_int("FLASH_LLM_DR_MMA_TILE_BAND", 512, 0)
 DRTM_WARPS = 8  # spmm.cu: warps a block of the _tmma kernels
 
 
@@ -989,7 +1049,7 @@ def _aligned16(t: torch.Tensor | None) -> torch.Tensor | None:
 
 #: ``FLASH_LLM_DELTA_PARTS_STAGE``: 1 stages X as fp32 in the parts layout's N = 1 kernel where it fits (tests,
 #: tuning); else 16-bit (H100, session 68, Llama-3-8B bf16 at 80 %, batch 1: 2.042 / 2.044 -> 2.043 / 2.048 ms)
-PARTS_STAGE = int(os.environ.get("FLASH_LLM_DELTA_PARTS_STAGE", "0"))
+PARTS_STAGE = _env_int("FLASH_LLM_DELTA_PARTS_STAGE", 0, 0, 2)
 #: the most bytes of X a parts-layout block stages in dynamic shared memory (N = 1 as fp32: ``4 K``; 2-8 tokens:
 #: ``NT x 2 K``, K = 4096 at NT = 8 takes 64 KB)
 DR_NT_STAGE_MAX = 96 * 1024
@@ -1414,7 +1474,7 @@ DECODE_ATTN_CHUNK, DECODE_ATTN_MAX_REP, DECODE_ATTN_HEADS = 64, 8, 4  # DA_CHUNK
 #: 8.7 -> 8.3 us (256 slots, 32 blocks) and 9.1 -> 9.2 (512); batch 16 14.0 -> 20.0 and 23.4 -> 30.9 us (512-1024
 #: blocks: a cluster's blocks must be placed together), so large grids keep the global combine
 DECODE_ATTN_CLUSTER_MAX = 8
-DECODE_ATTN_CLUSTER = os.environ.get("FLASH_LLM_DECODE_ATTN_CLUSTER", "1") != "0"
+DECODE_ATTN_CLUSTER = _env_flag("FLASH_LLM_DECODE_ATTN_CLUSTER", True)
 DECODE_ATTN_CLUSTER_GRID = 1
 #: Chunks of 32 slots (``decode_attn_<dtype>_d<D>_c32``: four threads a key row, half the scores' and the values' work a
 #: thread, twice the blocks) where they still combine in one cluster (2-8 chunks: 33-256 slots) within the grid limit
@@ -1427,8 +1487,8 @@ DECODE_ATTN_CLUSTER_GRID = 1
 #: 1.881 -> 1.917), so an :class:`~flash_llm.engine.Engine` whose projections are dense or uncoded DeltaRows asks for
 #: them from batch 1 (``small_chunks_from`` of :func:`decode_attention_cuda`; session 59, fp16 at 80 %: 1.945 -> 1.906).
 #: On an H100 too (session 68, bf16 coded at 80 %, batch 1 from 1: 2.042 / 2.044 -> 2.092 / 2.091 ms per token).
-DECODE_ATTN_C32 = os.environ.get("FLASH_LLM_DECODE_ATTN_C32", "1") != "0"
-DECODE_ATTN_C32_MIN_BATCH = int(os.environ.get("FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH", "2"))
+DECODE_ATTN_C32 = _env_flag("FLASH_LLM_DECODE_ATTN_C32", True)
+DECODE_ATTN_C32_MIN_BATCH = _env_int("FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH", 2, 1)
 #: L2 warm-up of the next projections during the decode attention (session 71; built without a GPU, **off** until
 #: timed).  At batch 1 a Llama-3-8B layer's attention takes about 8 us of the step's critical path on an H100 (session
 #: 68's profile) while reading about 1 MB: DRAM idles there, and the o projection after it (7.5 MB at 80 %, coded) takes
@@ -1436,8 +1496,8 @@ DECODE_ATTN_C32_MIN_BATCH = int(os.environ.get("FLASH_LLM_DECODE_ATTN_C32_MIN_BA
 #: that many MB of the projections after it (:func:`l2_warm_ranges`: o's whole weight, then the first part of each walk
 #: of gate / up or fc1), so they start from L2.  ``FLASH_LLM_L2_WARM_EARLY=1`` asks before the kernel's programmatic
 #: wait (while q/k/v still reads its weight) instead of after it.
-L2_WARM_MB = float(os.environ.get("FLASH_LLM_L2_WARM_MB", "0"))
-L2_WARM_EARLY = os.environ.get("FLASH_LLM_L2_WARM_EARLY", "0") == "1"
+L2_WARM_MB = _env_float("FLASH_LLM_L2_WARM_MB", 0, 0.0)
+L2_WARM_EARLY = _env_flag("FLASH_LLM_L2_WARM_EARLY", False)
 #: the most bytes one bulk prefetch of the warm-up asks for; at most L2_WARM_PIECE_MAX (the size reaches the SASS
 #: instruction, UBLKPF, as 16 bits of 16-byte units)
 L2_WARM_PIECE = 64 * 1024

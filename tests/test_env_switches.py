@@ -1,0 +1,58 @@
+"""The kernels' ``FLASH_LLM_*`` switches (session 71): every on / off switch reads the same words the same way, and
+a number that does not parse, is not finite or is out of range warns, naming the variable, and keeps the default
+(they were bare ``int()`` / ``float()`` calls that failed the import without naming the variable, or let a
+``DELTA_MULTI_MAX`` above 8 skip tokens, a ``*_MIN_TILES`` of 0 divide by zero)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flash_llm import kernels
+
+
+@pytest.mark.parametrize("text,want", [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False),
+                                       ("false", False), ("Off", False), ("no", False), ("", None), (" ", None)])
+def test_flags_read_the_same_words_the_same_way(text, want, monkeypatch):
+    monkeypatch.setenv("FLASH_LLM_TEST_FLAG", text)
+    for default in (True, False):
+        assert kernels._env_flag("FLASH_LLM_TEST_FLAG", default) is (default if want is None else want)
+
+
+def test_bad_values_warn_naming_the_variable_and_keep_the_default(monkeypatch):
+    for text in ("maybe", "2"):
+        monkeypatch.setenv("FLASH_LLM_TEST_FLAG", text)
+        with pytest.warns(RuntimeWarning, match=f"FLASH_LLM_TEST_FLAG='{text}' is not one of 1, 0"):
+            assert kernels._env_flag("FLASH_LLM_TEST_FLAG", True) is True
+    for text, match in (("abc", "an integer >= 1 and <= 8"), ("0", "an integer >= 1"), ("16", "an integer >= 1 and <= 8"),
+                        ("2.5", "an integer")):
+        monkeypatch.setenv("FLASH_LLM_TEST_INT", text)
+        with pytest.warns(RuntimeWarning, match=f"FLASH_LLM_TEST_INT='{text}' is not {match}.*; using 8"):
+            assert kernels._env_int("FLASH_LLM_TEST_INT", 8, 1, 8) == 8
+    monkeypatch.setenv("FLASH_LLM_TEST_INT", " 3 ")
+    assert kernels._env_int("FLASH_LLM_TEST_INT", 8, 1, 8) == 3
+    for text in ("nan", "inf", "-1", "x"):
+        monkeypatch.setenv("FLASH_LLM_TEST_FLOAT", text)
+        with pytest.warns(RuntimeWarning, match=f"FLASH_LLM_TEST_FLOAT='{text}' is not a finite number >= 0.0"):
+            assert kernels._env_float("FLASH_LLM_TEST_FLOAT", 0.5, 0.0) == 0.5
+    monkeypatch.setenv("FLASH_LLM_TEST_FLOAT", "1e-3")
+    assert kernels._env_float("FLASH_LLM_TEST_FLOAT", 0.5, 0.0) == 1e-3
+
+
+def test_the_import_survives_bad_switches():
+    """Bad values of real switches: the import warns for each and takes the defaults."""
+    env = {**os.environ, "FLASH_LLM_NT_MIN_TILES": "0", "FLASH_LLM_DELTA_MULTI_MAX": "16",
+           "FLASH_LLM_L2_WARM_MB": "nan", "FLASH_LLM_WG_LATENCY_SHARE": "abc", "FLASH_LLM_TCSL_N1": "true",
+           "FLASH_LLM_N1_FUSED": "off"}
+    code = ("import flash_llm.kernels as K; print(K.NT_MIN_TILES, K.DELTA_MULTI_MAX, K.L2_WARM_MB, "
+            "K.WG_LATENCY_SHARE, K._WG_SHARE_ENV, K.TCSL_N1, K.N1_FUSED)")
+    run = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["2", "8", "0", "0.8", "False", "True", "False"]
+    for name in ("FLASH_LLM_NT_MIN_TILES", "FLASH_LLM_DELTA_MULTI_MAX", "FLASH_LLM_L2_WARM_MB",
+                 "FLASH_LLM_WG_LATENCY_SHARE"):
+        assert name in run.stderr
