@@ -1253,9 +1253,12 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if add_to is not None:
         if act is not None or norm is not None or out is not None:
             raise ValueError("add_to goes with none of act, norm and out")
-        if add_to.shape != (x.shape[0], m) or add_to.dtype != x.dtype or not add_to.is_contiguous():
-            raise ValueError(f"add_to must be a contiguous {x.dtype} tensor of shape {(x.shape[0], m)}, got "
-                             f"{add_to.dtype} {tuple(add_to.shape)}")
+    for t, what, cols in ((add_to, "add_to", m), (out, "out", m // 2 if act == "silu_mul" else m)):
+        if t is not None and (t.shape != (x.shape[0], cols) or t.dtype != x.dtype or not t.is_contiguous()
+                              or t.device != x.device):
+            raise ValueError(f"{what} must be a contiguous {x.dtype} tensor of shape {(x.shape[0], cols)} on "
+                             f"{x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+                             f"{'' if t.is_contiguous() else ' (not contiguous)'}")
     if fmt == DELTA_ROWS:
         return _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to)
     n = x.shape[0]
@@ -1264,14 +1267,16 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     extra = act is not None or norm is not None or add_to is not None
     if act == "relu" or (norm is not None and len(norm) == 3):  # (DeltaRows' kernel only)
         return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
-    if n == 0 or (not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(dev.index), m * k)):
+    x = x.contiguous()
+    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
+    # (the warpgroup kernels as kernel_config allows them: Tiled-CSL's need X's rows on 16 bytes)
+    wg_ok = (fmt == BITMAP or bool(vec)) and wgmma_ok(dev.index)
+    if n == 0 or (not force_sparse and not use_sparse_kernel(n, density, fmt, wg_ok, m * k)):
         if extra:
             return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
         if n:
             return _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out)
         return torch.empty(0, m, dtype=x.dtype, device=dev) if out is None else out
-    x = x.contiguous()
-    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
     name, wg, shared = kernel_config(fmt, x.dtype, n, bool(vec), dev.index, density, m * k)
     threads = block_threads(name)
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads, shared), splits, fmt,
@@ -1573,9 +1578,11 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         return False
     b, h, t, d = q.shape
     hkv = k.shape[1]
-    if t != 1 or d not in (64, 128) or hkv == 0 or h % hkv or h // hkv > DECODE_ATTN_MAX_REP:
+    if b == 0 or t != 1 or d not in (64, 128) or hkv == 0 or h % hkv or h // hkv > DECODE_ATTN_MAX_REP:
         return False
     if tuple(k.shape) != (b, hkv, 1, d) or v.shape != k.shape or not all(x.dtype == q.dtype for x in (k, v)):
+        return False
+    if not all(x.device == q.device for x in (k, v)) or not isinstance(kv_len, int) or isinstance(kv_len, bool):
         return False
     if not all(_aligned(x) for x in (q, k, v)):
         return False
@@ -1585,9 +1592,10 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
             return False
     if not 0 < kv_len <= k_cache.shape[2]:
         return False
-    if mask is not None and (mask.dtype != q.dtype or mask.dim() != 4 or mask.shape[0] not in (1, b)
-                             or mask.shape[2] != 1 or mask.shape[3] < kv_len or mask.stride(3) != 1):
-        return False
+    if mask is not None and (mask.dtype != q.dtype or mask.device != q.device or mask.dim() != 4
+                             or mask.shape[0] not in (1, b) or mask.shape[1] != 1 or mask.shape[2] != 1
+                             or mask.shape[3] < kv_len or mask.stride(3) != 1):
+        return False  # (a mask per head, [B, H, 1, S], is the PyTorch path's: the kernel reads one row a sequence)
     return supported(q.device)[0]
 
 
@@ -1621,18 +1629,19 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     b, h, _, d = q.shape
     hkv = k.shape[1]
     dev = q.device
+    if out is not None and (out.shape != (b, 1, h * d) or out.dtype != q.dtype or not out.is_contiguous()
+                            or out.device != dev):
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)} on {dev}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if l2 is not None and (l2.dtype != torch.int64 or l2.dim() != 2 or l2.shape[1] != 2 or not l2.is_contiguous()
+                           or l2.device != dev or l2.data_ptr() % 16):
+        raise ValueError(f"l2 must be a contiguous, 16-byte aligned int64 [n, 2] tensor on {dev} (l2_warm_ranges), "
+                         f"got {l2.dtype} {tuple(l2.shape)} on {l2.device}")
     groups = ceil_div(h // hkv, DECODE_ATTN_HEADS)  # blocks per (sequence, kv head, chunk): query heads in fours
     chunk = _decode_attn_chunk(b, hkv, groups, kv_len, dev.index, small_chunks_from)
     splits = ceil_div(kv_len, chunk)
     if out is None:
         out = torch.empty(b, 1, h * d, dtype=q.dtype, device=dev)
-    elif out.shape != (b, 1, h * d) or out.dtype != q.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)}, got "
-                         f"{out.dtype} {tuple(out.shape)}")
-    if l2 is not None and (l2.dtype != torch.int64 or l2.dim() != 2 or l2.shape[1] != 2 or not l2.is_contiguous()
-                           or l2.device != dev or l2.data_ptr() % 16):
-        raise ValueError(f"l2 must be a contiguous, 16-byte aligned int64 [n, 2] tensor on {dev} (l2_warm_ranges), "
-                         f"got {l2.dtype} {tuple(l2.shape)} on {l2.device}")
     stream = torch.cuda.current_stream(dev).cuda_stream
     tickets = _scratch.get_tickets(dev, stream, b * hkv * 2)  # each launch resets the ones it used, as the spmm's do
     # (o, m, l) per (sequence, kv head, head group (two places), chunk, head of the group).  Held until after the
