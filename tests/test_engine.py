@@ -549,6 +549,23 @@ def test_synthetic_refuses_what_does_not_fit():
 # ---------------------------------------------------------------------------------------------------
 # bad inputs
 # ---------------------------------------------------------------------------------------------------
+def test_tensor_parallel_fingerprint_tells_inputs_apart():
+    """What ranks compare before a tensor-parallel generation: equal for equal inputs, different for inputs whose
+    weighted sums agree (the fingerprint before session 71 took these for the same)."""
+    from flash_llm.engine import _fingerprint
+
+    def fp(ids, eos=(), limit=4):
+        ids = torch.tensor(ids)
+        return _fingerprint(ids, torch.ones_like(ids), limit, tuple(eos))
+
+    assert fp([[1, 2]]) == fp([[1, 2]])
+    assert fp([[1, 2]]) != fp([[3, 1]])
+    assert fp([[5, 6]], (45, 126)) != fp([[5, 6]], (95, 76))
+    assert fp([[5, 6]], limit=[3]) != fp([[5, 6]], limit=[4])
+    assert fp([[5, 6], [7, 8]], limit=[3, 4]) != fp([[5, 6], [7, 8]], limit=[4, 3])
+    assert all(isinstance(v, int) and 0 <= v < 2**63 for v in fp([[1, 2]]))
+
+
 def test_engine_errors(pair):
     hm, ours = pair
     eng = Engine(ours, max_batch=2, max_seq=16)

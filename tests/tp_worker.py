@@ -134,6 +134,10 @@ def main(folder: str, bench_out: str, device: str) -> None:
                 eng.generate([PROMPTS[tp.rank]], 2)
             except ValueError as e:
                 out[f"{family}/mismatch_error"] = str(e)
+            try:  # the same shapes and sums (session 71: the old fingerprint's sums took these for the same)
+                eng.generate([[1, 2]] if tp.rank == 0 else [[3, 1]], 2)
+            except ValueError as e:
+                out[f"{family}/mismatch_error_same_sums"] = str(e)
             out[f"{family}/after_error"] = eng.generate(PROMPTS, 2).tokens  # still works
             # dense, sharded in memory
             step(f"{family}: dense sharded in memory")
