@@ -590,6 +590,26 @@ def test_checkpoint_loader_reads_old_opt_files_and_names_problems(world1, tmp_pa
         load_tensor_parallel(folder, world1, dtype=torch.float32, progress=False)
 
 
+def test_sharding_refuses_merged_projections_and_bad_sparsify_leaving_the_model_as_it_was(world1):
+    """A merged model (Engine(merge=True), merge_projections) is refused naming the merged layer, before any layer is
+    replaced; a ``sparsify`` that is not a SparsifyConfig is refused by type (session 71: an AttributeError either
+    way, the first after some projections were already sharded)."""
+    from flash_llm.models import merge_projections
+
+    hm = _hf("llama", seed=2)
+    model = from_config(hm.config, dtype=torch.float32, device="meta")
+    model.load_state_dict(hm.state_dict(), assign=True)
+    merge_projections(model)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"q_proj is merged into model.layers.0.self_attn.qkv_proj .*"
+                                         r"unmerge_projections\(model\) first"):
+        tensor_parallel_(model, world1)
+    assert {n: type(m) for n, m in model.named_modules()} == before and getattr(model, "tensor_parallel", None) is None
+    for bad in (True, "bitmap"):
+        with pytest.raises(TypeError, match=r"sparsify must be a flash_llm.SparsifyConfig or None"):
+            tensor_parallel_(model, world1, sparsify=bad)
+
+
 def test_parallel_layers_check_their_shapes(world1):
     lin = torch.nn.Linear(8, 4)
     with pytest.raises(ValueError, match=r"local layer is 4x8; a column shard \[0:2\] of a 4x8 weight is 2x8"):

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..formats._base import VALUE_DTYPES, SparseFormat, count_nonzero
 from ..models import CausalLM
+from ..models._merge import MergedLinear
 from ..models.config import ModelConfig
 from ..models.llama import LlamaAttention
 from ..models.opt import OPTAttention
@@ -275,6 +276,31 @@ def set_local_heads(model: CausalLM, world_size: int) -> None:
 
 
 # ---- sharding an in-memory model ---------------------------------------------------------------------------
+def _check_projections(model: CausalLM, cfg) -> None:
+    """What :func:`tensor_parallel_` shards, checked before it changes anything: every projection there, an
+    ``nn.Linear`` or :class:`~flash_llm.SparseLinear` of the config's shape, with its weights loaded."""
+    for fqn, _, m, k in projections(cfg):
+        parent_name, _, name = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, name, None)
+        if old is None:
+            merged = [n for n, c in parent.named_children() if isinstance(c, MergedLinear)]
+            if merged:
+                raise ValueError(f"{fqn} is merged into {parent_name}.{merged[0]} (Engine(merge=True) or "
+                                 "merge_projections); call flash_llm.models.unmerge_projections(model) first")
+            raise ValueError(f"{fqn} is missing; the model does not match its config")
+        if isinstance(old, SparseLinear):
+            meta, shape = old.weight_data.is_meta, (old.out_features, old.in_features)
+        elif isinstance(old, nn.Linear):
+            meta, shape = old.weight.is_meta, tuple(old.weight.shape)
+        else:
+            raise TypeError(f"{fqn} is a {type(old).__name__}; expected nn.Linear or flash_llm.SparseLinear")
+        if meta:
+            raise ValueError(f"{fqn}.weight is on the meta device; load the weights first")
+        if shape != (m, k):
+            raise ValueError(f"{fqn}.weight has shape {shape}; the config says ({m}, {k})")
+
+
 def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, sparsify: SparsifyConfig | None = None,
                      progress: bool = False) -> "ShardReport":
     """Turn a single-process :mod:`flash_llm.models` causal LM into this rank's tensor-parallel part, in place.
@@ -307,9 +333,12 @@ def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, spars
         raise TypeError(f"model must be a flash_llm.models causal LM, got {type(model).__name__}")
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError(f"the model is already tensor-parallel ({model.tensor_parallel})")
+    if sparsify is not None and not isinstance(sparsify, SparsifyConfig):
+        raise TypeError(f"sparsify must be a flash_llm.SparsifyConfig or None, got {type(sparsify).__name__}")
     tp = TensorParallel.from_group() if tp is None else tp
     cfg = model.config
     check_divisible(cfg, tp.world_size)
+    _check_projections(model, cfg)  # (all of them before any is replaced: an error leaves the model as it was)
     per_layer = len(cfg.linear_shapes())
     bar = tqdm(total=cfg.num_layers, desc=f"sharding (rank {tp.rank}/{tp.world_size})", file=sys.stderr,
                leave=False, disable=not progress, dynamic_ncols=True)
@@ -320,14 +349,8 @@ def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, spars
             old = getattr(parent, name)
             if isinstance(old, SparseLinear):
                 weight, bias, fmt = old.to_dense(), old.bias, old.weight_format
-            elif isinstance(old, nn.Linear):
-                weight, bias, fmt = old.weight.detach(), old.bias, None
             else:
-                raise TypeError(f"{fqn} is a {type(old).__name__}; expected nn.Linear or flash_llm.SparseLinear")
-            if weight.is_meta:
-                raise ValueError(f"{fqn}.weight is on the meta device; load the weights first")
-            if tuple(weight.shape) != (m, k):
-                raise ValueError(f"{fqn}.weight has shape {tuple(weight.shape)}; the config says ({m}, {k})")
+                weight, bias, fmt = old.weight.detach(), old.bias, None
             new = parallel_linear(kind, weight, None if bias is None else bias.detach(), tp, fqn, fmt=fmt,
                                   sparsify=sparsify)
             setattr(parent, name, new)
