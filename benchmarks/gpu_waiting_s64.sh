@@ -206,7 +206,8 @@ for group in "${groups[@]}"; do
            grep -E "nofill=(k|q|w)" "$OUT/sanitize.log" ;;
     l2warm) step tests_l2warm 120 python3 -m pytest -q tests/test_l2_warm.py tests/test_decode_attention.py
             E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20;FLASH_LLM_L2_WARM_MB=20 FLASH_LLM_L2_WARM_EARLY=1" \
-              E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=90 \
+              E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 \
+              E2E_TIMEOUT=90 \
               timeout 430 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/l2warm_b1.log" 2>&1
             tail -n 16 "$OUT/l2warm_b1.log" ;;
     l2warm16) E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20" E2E_FORMAT=delta-rows E2E_SPARSITIES=80 \

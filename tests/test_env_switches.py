@@ -27,8 +27,8 @@ def test_bad_values_warn_naming_the_variable_and_keep_the_default(monkeypatch):
         monkeypatch.setenv("FLASH_LLM_TEST_FLAG", text)
         with pytest.warns(RuntimeWarning, match=f"FLASH_LLM_TEST_FLAG='{text}' is not one of 1, 0"):
             assert kernels._env_flag("FLASH_LLM_TEST_FLAG", True) is True
-    for text, match in (("abc", "an integer >= 1 and <= 8"), ("0", "an integer >= 1"), ("16", "an integer >= 1 and <= 8"),
-                        ("2.5", "an integer")):
+    for text, match in (("abc", "an integer >= 1 and <= 8"), ("0", "an integer >= 1"),
+                        ("16", "an integer >= 1 and <= 8"), ("2.5", "an integer")):
         monkeypatch.setenv("FLASH_LLM_TEST_INT", text)
         with pytest.warns(RuntimeWarning, match=f"FLASH_LLM_TEST_INT='{text}' is not {match}.*; using 8"):
             assert kernels._env_int("FLASH_LLM_TEST_INT", 8, 1, 8) == 8
