@@ -151,3 +151,27 @@ def test_errors():
 
     with pytest.raises(TypeError, match="the model returned str; expected logits"):
         evaluate(Words(), tokens, progress=False)
+
+
+def test_windows_longer_than_the_context_and_ids_outside_the_vocabulary_are_refused():
+    """A model with a config (flash_llm's or transformers') names its context and vocabulary: a longer ``seq_len``
+    or an id out of range is refused up front (session 71: an IndexError from the position table, or a Llama
+    silently scored past its context)."""
+    from conftest import TINY_VOCAB, tiny_hf_model
+
+    hm = tiny_hf_model("opt")
+    model = from_config(hm.config, device="meta")
+    model.load_state_dict(hm.state_dict(), assign=True)
+    tokens = torch.arange(200) % TINY_VOCAB
+    ctx = model.config.max_position_embeddings
+    for m in (model, hm):
+        with pytest.raises(ValueError, match=f"seq_len={ctx + 1} is longer than the model's context "
+                                             rf"\(max_position_embeddings={ctx}\)"):
+            evaluate(m, tokens, seq_len=ctx + 1, progress=False)
+        for bad, shown in ((TINY_VOCAB, TINY_VOCAB), (-1, -1)):
+            t = tokens.clone()
+            t[7] = bad
+            with pytest.raises(ValueError, match=f"token id {shown} is out of range for the model's vocabulary "
+                                                 f"of {TINY_VOCAB}"):
+                evaluate(m, t, seq_len=16, progress=False)
+    assert evaluate(model, tokens, seq_len=ctx, progress=False).tokens == 199
