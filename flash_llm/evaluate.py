@@ -95,7 +95,8 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
     context, vocab = getattr(cfg, "max_position_embeddings", None), getattr(cfg, "vocab_size", None)
     if isinstance(context, int) and seq_len > context:
         raise ValueError(f"seq_len={seq_len} is longer than the model's context (max_position_embeddings={context})")
-    if isinstance(vocab, int) and isinstance(tokens, torch.Tensor) and tokens.numel() and not tokens.is_floating_point():
+    if (isinstance(vocab, int) and isinstance(tokens, torch.Tensor) and tokens.numel()
+            and not tokens.is_floating_point()):
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for the model's vocabulary of {vocab}")
