@@ -19,6 +19,7 @@ returns it, :func:`load_tokens` reads ``.gz`` files transparently.
 from __future__ import annotations
 
 import gzip
+import operator
 import hashlib
 import os
 from pathlib import Path
@@ -46,6 +47,17 @@ def encode(text: str) -> torch.Tensor:
         torch.zeros(0, dtype=torch.int64)
 
 
+def _integral(v) -> bool:
+    """An integer of any kind but bool (int, numpy's integers, 0-d integer tensors)."""
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+        return True
+    except TypeError:
+        return False
+
+
 def decode(ids) -> str:
     """Token ids (a 1-D integer tensor or a sequence of ints, each in ``0..255``) back to text; bytes
     that are not valid UTF-8 become U+FFFD (``errors='replace'``)."""
@@ -55,7 +67,7 @@ def decode(ids) -> str:
         if ids.ndim != 1:
             raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
         ids = ids.tolist()
-    ids = list(ids)
+    ids = [operator.index(i) if _integral(i) else i for i in ids]  # (numpy ints count as ints)
     bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < VOCAB_SIZE]
     if bad:
         raise ValueError(f"ids must be ints in [0, {VOCAB_SIZE}) (byte tokens), got {bad[0]!r}")

@@ -639,3 +639,20 @@ def test_init_arguments_are_checked():
     with pytest.raises(RuntimeError, match=r"torch.distributed is not initialized"):
         TensorParallel.from_group()
     assert not torch.distributed.is_initialized()
+
+
+def test_small_helpers_name_bad_inputs():
+    """An uneven share is refused, not truncated; numpy ints decode; a backend that is not a string is named."""
+    import numpy as np
+
+    from flash_llm import data
+    from flash_llm.parallel.layers import shard_range
+
+    assert shard_range(8, 2, 1) == (4, 8)
+    with pytest.raises(ValueError, match="5 features do not split into 2 equal shares"):
+        shard_range(5, 2, 0)
+    assert data.decode(np.array([104, 105])) == data.decode([np.int64(104), 105]) == "hi"
+    with pytest.raises(ValueError, match=r"got 256"):
+        data.decode([256])
+    with pytest.raises(ValueError, match="backend must be 'nccl' or 'gloo', got 5"):
+        init_tensor_parallel(5)

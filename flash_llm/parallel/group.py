@@ -241,9 +241,9 @@ def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT,
 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    backend = backend.lower()
-    if backend not in ("nccl", "gloo"):
+    if not isinstance(backend, str) or backend.lower() not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    backend = backend.lower()
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise ValueError("backend 'nccl' needs CUDA, and no CUDA device is available; use backend='gloo'")

@@ -75,7 +75,10 @@ def check_divisible(config: ModelConfig, world_size: int) -> None:
 
 
 def shard_range(n: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``(start, stop)`` of rank ``rank``'s equal share of ``n`` features (``n`` a multiple of ``world_size``)."""
+    """``(start, stop)`` of rank ``rank``'s equal share of ``n`` features; ValueError unless ``world_size`` divides
+    ``n`` (the rest would be nobody's: the public paths check the config first, :func:`check_divisible`)."""
+    if n % world_size:
+        raise ValueError(f"{n} features do not split into {world_size} equal shares")
     size = n // world_size
     return rank * size, (rank + 1) * size
 
