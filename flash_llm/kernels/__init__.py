@@ -25,41 +25,34 @@ def _env_warn(name: str, text: str, want: str, default) -> None:
     warnings.warn(f"{name}={text!r} is not {want}; using {default}", RuntimeWarning, stacklevel=3)
 
 
-def _env_int(name: str, default: int, least: int | None = None, most: int | None = None) -> int:
-    """The integer switch ``name`` (unset or empty: ``default``); a value that does not parse or lies outside
-    ``least .. most`` warns, naming it, and the default holds."""
+def _env_number(name: str, default, cast, least, most, what: str):
+    """The number ``name`` read by ``cast`` (unset or empty: ``default``); one that does not parse, is not finite or
+    lies outside ``least .. most`` warns, naming it, and the default holds."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
     try:
-        v = int(text)
+        v = cast(text)
     except ValueError:
         v = None
-    if v is None or (least is not None and v < least) or (most is not None and v > most):
+    if (v is None or v != v or abs(v) == float("inf") or (least is not None and v < least)
+            or (most is not None and v > most)):
         lo = "" if least is None else f" >= {least}"
         hi = "" if most is None else f" <= {most}"
-        _env_warn(name, text, f"an integer{lo}{' and' if lo and hi else ''}{hi}", default)
-        return default
-    return v
-
-
-def _env_float(name: str, default: float, least: float | None = None, most: float | None = None) -> float:
-    """The number ``name`` (unset or empty: ``default``); one that does not parse, is not finite or lies outside
-    ``least .. most`` warns, naming it, and the default holds."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (v == v and abs(v) != float("inf")) or (least is not None and v < least) or (most is not None and v > most):
-        lo = "" if least is None else f" >= {least}"
-        hi = "" if most is None else f" <= {most}"
-        _env_warn(name, text, f"a finite number{lo}{' and' if lo and hi else ''}{hi}",
+        _env_warn(name, text, f"{what}{lo}{' and' if lo and hi else ''}{hi}",
                   "the default" if default != default else default)
         return default
     return v
+
+
+def _env_int(name: str, default: int, least: int | None = None, most: int | None = None) -> int:
+    """The integer switch ``name`` (:func:`_env_number`)."""
+    return _env_number(name, default, int, least, most, "an integer")
+
+
+def _env_float(name: str, default: float, least: float | None = None, most: float | None = None) -> float:
+    """The number ``name`` (:func:`_env_number`)."""
+    return _env_number(name, default, float, least, most, "a finite number")
 
 
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
