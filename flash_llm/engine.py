@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ._env import env_flag, env_float, env_int
 from .models import CausalLM, merge_projections, set_fused
 from .models._common import Attend, KVCache, after_attention_weights, padded_positions, padding_mask
 
@@ -38,22 +38,22 @@ WARMUP_STEPS = 2
 #: later, where ``cuda_graphs`` is on and the model is not tensor-parallel (``FLASH_LLM_PREFILL_GRAPHS=0``: always
 #: eager).  An eager prefill is bound by the host's launches: Llama-3-8B at 80 %, a prompt of 128 on an H200, 19-23 ms
 #: of kernels in a time to first token of 49-87 ms (session 63, ``benchmarks/prefill_ab.py``).
-PREFILL_GRAPHS = os.environ.get("FLASH_LLM_PREFILL_GRAPHS", "1") == "1"
+PREFILL_GRAPHS = env_flag("FLASH_LLM_PREFILL_GRAPHS", True)
 #: ... for tensor-parallel models too (NCCL: the all-reduces captured, as the decode graphs do; every rank captures
 #: the same shapes, by agreement).  Off until it is run on GPUs (session 64, ``FLASH_LLM_PREFILL_GRAPHS_TP=1``)
-PREFILL_GRAPHS_TP = os.environ.get("FLASH_LLM_PREFILL_GRAPHS_TP", "0") == "1"
+PREFILL_GRAPHS_TP = env_flag("FLASH_LLM_PREFILL_GRAPHS_TP", False)
 #: the most prefill graphs an engine keeps (the least recently used is dropped; they share one memory pool)
 PREFILL_GRAPHS_MAX = 8
 #: where the prefill runs from graphs, pad the prompts on the left to the next length of :func:`prefill_bucket`, so
 #: prompts of nearby lengths share one graph (``FLASH_LLM_PREFILL_BUCKETS=0``: every padded prompt length its own)
-PREFILL_BUCKETS = os.environ.get("FLASH_LLM_PREFILL_BUCKETS", "1") == "1"
+PREFILL_BUCKETS = env_flag("FLASH_LLM_PREFILL_BUCKETS", True)
 #: prompts up to this many tokens keep their length (below it the sparse kernels change with the token count)
 PREFILL_BUCKET_FROM = 32
 #: a decode step attends only the leading cache slots that can hold its sequence so far, rounded up by
 #: :func:`decode_kv_len` (one decode graph a batch size and rounded length), instead of all ``max_seq`` of them: the
 #: attention's work and the cache it reads grow with the tokens there are, not with the cache's size (session 65;
 #: ``FLASH_LLM_DECODE_KV_BUCKETS=0``: every step attends the whole cache).  The slots left out are masked anyway.
-DECODE_KV_BUCKETS = os.environ.get("FLASH_LLM_DECODE_KV_BUCKETS", "1") == "1"
+DECODE_KV_BUCKETS = env_flag("FLASH_LLM_DECODE_KV_BUCKETS", True)
 #: the fewest slots a decode step attends with :data:`DECODE_KV_BUCKETS` (then twice as many, four times, ...)
 DECODE_KV_MIN = 256
 #: Without streaming, on a CUDA device, the host learns that every row has stopped this many steps late (the steps
@@ -62,12 +62,12 @@ DECODE_KV_MIN = 256
 EOS_LAG = 3
 #: the stop flags (and, streaming, the tokens) copied to the host on a side stream (:class:`_HostCopies`, session 65);
 #: ``FLASH_LLM_HOST_COPIES=0``: read with a synchronization every step, the tokens handed over after each step
-HOST_COPIES = os.environ.get("FLASH_LLM_HOST_COPIES", "1") == "1"
+HOST_COPIES = env_flag("FLASH_LLM_HOST_COPIES", True)
 #: where the rows of a generation stop at different steps, decode the rows still going as a smaller batch, a power of
 #: two, once they fit one smaller than the batch decoded (:meth:`Engine._compacted`; session 65): a batch no longer
 #: runs at its full size to its longest row's end (``FLASH_LLM_COMPACT_ROWS=0``: it does).  Not with
 #: ``output_logits``.
-COMPACT_ROWS = os.environ.get("FLASH_LLM_COMPACT_ROWS", "1") == "1"
+COMPACT_ROWS = env_flag("FLASH_LLM_COMPACT_ROWS", True)
 _CACHE_ALIGN = 64  # cache slots allocated in multiples of this (aligned attention masks)
 _FROM_CONFIG = "config"
 
@@ -242,14 +242,14 @@ DELTA_PARTS_MAX_BATCH = 2
 #: kernels multiply on CUDA cores, one column gathered per entry) and from batch 9 the expansion to dense.  Session 34
 #: (H200, OPT-30B at 80 %): DeltaRows 2.05x / 1.53x / 1.50x / 0.84x at batch 2 / 3 / 4 / 8, Tiled-CSL 1.53x at 2 and 3,
 #: 1.56x / 1.48x at 4 / 8 (calls D, F, G)
-DELTA_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DELTA_TCSL_MIN_BATCH", "4"))
+DELTA_TCSL_MIN_BATCH = env_int("FLASH_LLM_DELTA_TCSL_MIN_BATCH", 4, 1)
 #: ``delta_layout="dual"`` serves steps of this many tokens and more on its Tiled-CSL copies, fewer on DeltaRows in the
 #: batch-1 layout without the parts layout on the plain-input layers above ``PARTS_MAX_K`` (Llama-3-8B's down: its
 #: multi-token parts kernels stage all of K, 57 KB at 2 tokens, and at 3-4 tokens no longer fit and read X from
 #: global memory).  Session 35 (H200, Llama-3-8B at 80 %, one engine of max_batch 16, ms per token, dense 4.63 / 4.67
 #: / 4.70): with down in the parts layout batch 1 / 2 / 3 2.000 / 3.563 / 11.922; without 2.030 / 2.935 / 4.049; the
 #: split layout (max_batch 2, 3) 2.939 / 3.437; as chosen here (call C, another card) 2.029 / 2.899 / 3.525
-DUAL_TCSL_MIN_BATCH = int(os.environ.get("FLASH_LLM_DUAL_TCSL_MIN_BATCH", "3"))
+DUAL_TCSL_MIN_BATCH = env_int("FLASH_LLM_DUAL_TCSL_MIN_BATCH", 3, 1)
 #: what a layout choice returns for "re-encode as Tiled-CSL" (else the DeltaRows lanes a row)
 TILED_CSL = "tiled-csl"
 #: ... and for "re-encode as BitmapTiles": where the device lacks the memory for Tiled-CSL, an engine of at least
@@ -260,7 +260,7 @@ TILED_CSL = "tiled-csl"
 #: beside the cache): batch 16 172.1 ms a token as DeltaRows, 102.4 as BitmapTiles (1.68x); batch 8 86.4 / 86.6
 BITMAP = "bitmap"
 #: (``FLASH_LLM_BITMAP_FALLBACK_MIN_BATCH``; a large value: never, the layers stay DeltaRows with a warning)
-BITMAP_FALLBACK_MIN_BATCH = int(os.environ.get("FLASH_LLM_BITMAP_FALLBACK_MIN_BATCH", "9"))
+BITMAP_FALLBACK_MIN_BATCH = env_int("FLASH_LLM_BITMAP_FALLBACK_MIN_BATCH", 9, 1)
 #: ... and for "hold the weight dense" (the layer becomes an ``nn.Linear``, cuBLAS): from
 #: :data:`DELTA_TCSL_MIN_BATCH` on, where Tiled-CSL would take at least :data:`RELAYOUT_DENSE_SHARE` of the dense
 #: weight's bytes (4 bytes a nonzero: about 55 % sparsity and denser), so the dense weight costs at most 1.11x
@@ -270,15 +270,15 @@ DENSE = "dense"
 #: (0.9: at 50 % Tiled-CSL's bytes are within 0.1 % of dense, either side, so 1.0 would be a coin toss; 0.9 holds
 #: dense up to about 55 % sparsity, at most 1.11x Tiled-CSL's bytes; ``FLASH_LLM_RELAYOUT_DENSE_SHARE``, a large
 #: value: never)
-RELAYOUT_DENSE_SHARE = float(os.environ.get("FLASH_LLM_RELAYOUT_DENSE_SHARE", "0.9"))
+RELAYOUT_DENSE_SHARE = env_float("FLASH_LLM_RELAYOUT_DENSE_SHARE", 0.9, 0.0, 1.0)
 #: ... and also, for an engine of at least this ``max_batch``, where the weight's density is at least
 #: :data:`DENSE_FAST_MIN_DENSITY`: there the Tiled-CSL kernels run slower than cuBLAS on the dense weight, so the
 #: engine holds the layer dense when the device has the memory (1.67x Tiled-CSL's bytes at 70 %), else Tiled-CSL.
 #: Session 41's table of record (H200, Llama-3-8B / OPT-30B, Tiled-CSL against dense at batch 64): 80 % 1.01x / 1.01x,
 #: 70 % 0.92x / 0.92x; session 41 / 37, 60 %: 0.84-0.85x.  ``FLASH_LLM_DENSE_FAST_MIN_BATCH``, a large value: never
-DENSE_FAST_MIN_BATCH = int(os.environ.get("FLASH_LLM_DENSE_FAST_MIN_BATCH", "64"))
+DENSE_FAST_MIN_BATCH = env_int("FLASH_LLM_DENSE_FAST_MIN_BATCH", 64, 1)
 #: (0.22: between 80 % (density 0.2, 1.01x) and 70 % (0.3, 0.92x) the ratio crosses 1.0 at about 0.21)
-DENSE_FAST_MIN_DENSITY = float(os.environ.get("FLASH_LLM_DENSE_FAST_MIN_DENSITY", "0.22"))
+DENSE_FAST_MIN_DENSITY = env_float("FLASH_LLM_DENSE_FAST_MIN_DENSITY", 0.22, 0.0, 1.0)
 #: free device memory ``delta_layout="auto"`` leaves beside the Tiled-CSL weights, the engine's cache and its prefill's
 #: activations (:func:`_prefill_bytes`)
 RELAYOUT_MARGIN_BYTES = 1 << 30
@@ -288,7 +288,7 @@ RELAYOUT_MARGIN_BYTES = 1 << 30
 #: chunks of whole rows (:func:`_prefill_rows`; a row longer than this alone), so the prefill's activations stay within
 #: about this many tokens' (a batch of 64 prompts of 2048 tokens would otherwise hold Llama-3-8B's gate / up output of
 #: 7.5 GB at once).  Each chunk writes its rows of the cache; the logits are the same to rounding.
-PREFILL_TOKENS = int(os.environ.get("FLASH_LLM_PREFILL_TOKENS", "8192"))
+PREFILL_TOKENS = env_int("FLASH_LLM_PREFILL_TOKENS", 8192, 1)
 
 
 def prefill_bucket(p: int, limit: int | None = None) -> int:
@@ -599,11 +599,11 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
 #: it; ``FLASH_LLM_DELTA_CODED=0`` keeps the plain values.  Session 54 (H200, Llama-3-8B bf16, batch 1, one run):
 #: 80 % 2.000 -> 1.927 ms per token, 70 % 2.448 -> 2.346, weights 5.54 -> 4.85 GiB at 80 %
 #: (``benchmarks/RESULTS.md``; per layer ``benchmarks/dr_coded.py``: 47.5 -> 45.2 us)
-DELTA_CODED = os.environ.get("FLASH_LLM_DELTA_CODED", "1") != "0"
+DELTA_CODED = env_flag("FLASH_LLM_DELTA_CODED", True)
 #: ... up to this ``max_batch`` (``FLASH_LLM_DELTA_CODED_MAX_BATCH``; DeltaRows serves batches 1-3, Tiled-CSL from 4).
 #: Session 54 (H200, Llama-3-8B bf16, one run, ms per token plain -> coded): batch 2 80 % 2.864 -> 2.806, 70 % 3.452
 #: -> 3.381; batch 3 80 % 3.214 -> 3.181, 70 % 3.840 -> 3.819
-DELTA_CODED_MAX_BATCH = int(os.environ.get("FLASH_LLM_DELTA_CODED_MAX_BATCH", "3"))
+DELTA_CODED_MAX_BATCH = env_int("FLASH_LLM_DELTA_CODED_MAX_BATCH", 3, 0)
 
 
 def code_delta_rows(model: torch.nn.Module) -> list[str]:

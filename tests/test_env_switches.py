@@ -1,7 +1,7 @@
-"""The kernels' ``FLASH_LLM_*`` switches (session 71): every on / off switch reads the same words the same way, and
-a number that does not parse, is not finite or is out of range warns, naming the variable, and keeps the default
-(they were bare ``int()`` / ``float()`` calls that failed the import without naming the variable, or let a
-``DELTA_MULTI_MAX`` above 8 skip tokens, a ``*_MIN_TILES`` of 0 divide by zero)."""
+"""The ``FLASH_LLM_*`` switches (session 71, ``flash_llm._env``): every on / off switch reads the same words the
+same way, and a number that does not parse, is not finite or is out of range warns, naming the variable, and keeps
+the default (they were bare ``int()`` / ``float()`` calls that failed the import without naming the variable, or let
+a ``DELTA_MULTI_MAX`` above 8 skip tokens, a ``*_MIN_TILES`` of 0 divide by zero)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from flash_llm import kernels
+from flash_llm import _env
 
 
 @pytest.mark.parametrize("text,want", [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False),
@@ -19,27 +19,39 @@ from flash_llm import kernels
 def test_flags_read_the_same_words_the_same_way(text, want, monkeypatch):
     monkeypatch.setenv("FLASH_LLM_TEST_FLAG", text)
     for default in (True, False):
-        assert kernels._env_flag("FLASH_LLM_TEST_FLAG", default) is (default if want is None else want)
+        assert _env.env_flag("FLASH_LLM_TEST_FLAG", default) is (default if want is None else want)
 
 
 def test_bad_values_warn_naming_the_variable_and_keep_the_default(monkeypatch):
     for text in ("maybe", "2"):
         monkeypatch.setenv("FLASH_LLM_TEST_FLAG", text)
         with pytest.warns(RuntimeWarning, match=f"FLASH_LLM_TEST_FLAG='{text}' is not one of 1, 0"):
-            assert kernels._env_flag("FLASH_LLM_TEST_FLAG", True) is True
+            assert _env.env_flag("FLASH_LLM_TEST_FLAG", True) is True
     for text, match in (("abc", "an integer >= 1 and <= 8"), ("0", "an integer >= 1"),
                         ("16", "an integer >= 1 and <= 8"), ("2.5", "an integer")):
         monkeypatch.setenv("FLASH_LLM_TEST_INT", text)
         with pytest.warns(RuntimeWarning, match=f"FLASH_LLM_TEST_INT='{text}' is not {match}.*; using 8"):
-            assert kernels._env_int("FLASH_LLM_TEST_INT", 8, 1, 8) == 8
+            assert _env.env_int("FLASH_LLM_TEST_INT", 8, 1, 8) == 8
     monkeypatch.setenv("FLASH_LLM_TEST_INT", " 3 ")
-    assert kernels._env_int("FLASH_LLM_TEST_INT", 8, 1, 8) == 3
+    assert _env.env_int("FLASH_LLM_TEST_INT", 8, 1, 8) == 3
     for text in ("nan", "inf", "-1", "x"):
         monkeypatch.setenv("FLASH_LLM_TEST_FLOAT", text)
         with pytest.warns(RuntimeWarning, match=f"FLASH_LLM_TEST_FLOAT='{text}' is not a finite number >= 0.0"):
-            assert kernels._env_float("FLASH_LLM_TEST_FLOAT", 0.5, 0.0) == 0.5
+            assert _env.env_float("FLASH_LLM_TEST_FLOAT", 0.5, 0.0) == 0.5
     monkeypatch.setenv("FLASH_LLM_TEST_FLOAT", "1e-3")
-    assert kernels._env_float("FLASH_LLM_TEST_FLOAT", 0.5, 0.0) == 1e-3
+    assert _env.env_float("FLASH_LLM_TEST_FLOAT", 0.5, 0.0) == 1e-3
+
+
+def test_every_module_reads_its_switches_through_the_shared_helpers():
+    """No module parses a FLASH_LLM_* variable with a bare int() / float() / == "1" any more."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(_env.__file__).parent
+    bare = re.compile(r'(int|float)\(os\.environ\.get\("FLASH_LLM|os\.environ\.get\("FLASH_LLM_\w+", "[01]"\) [!=]=')
+    found = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bare.search(line)]
+    assert not found, found
 
 
 def test_the_import_survives_bad_switches():

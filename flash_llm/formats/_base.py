@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 
 from ._layout import STRIP_K, ceil_div
+from .._env import env_flag
 
 VALUE_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -123,7 +124,7 @@ BAND_ELEMENTS = 1 << 25
 #: elements (each band costs a few hundred operations, each a launch there: a 9216 x 36864 Tiled-CSL ``from_dense``
 #: took 2574 in 11 bands); the constant where ``FLASH_LLM_BAND_FIXED=1`` (for measuring)
 BAND_ELEMENT_BYTES = 6
-BAND_FIXED = os.environ.get("FLASH_LLM_BAND_FIXED", "0") == "1"
+BAND_FIXED = env_flag("FLASH_LLM_BAND_FIXED", False)
 #: the share of a GPU's free memory one run (band) of the formats' encoders and decoders may take for its temporaries
 GPU_FREE_SHARE = 1 / 8
 

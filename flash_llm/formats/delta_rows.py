@@ -40,6 +40,7 @@ import torch
 
 from ._base import FormatError, SparseFormat, check_dense_weight, check_shape_args, count_nonzero, gpu_run_size
 from ._layout import ceil_div
+from .._env import env_int
 
 LANES = 32  # ranks per slice
 BLOCK_SLICES = 4  # slices per block of the N = 1 kernel, which stages the union of their windows (kernels.DR_WARPS)
@@ -51,7 +52,7 @@ MAX_K = 1 << 16  # columns are 16-bit
 #: session 26) when encoding off the GPU.  The kernel's blocks of 4 warps fit 8 to an SM there, so this must stay under
 #: one wave (1056 blocks on 132 SMs): 4224 or 2800 ran batch 1 11 % slower (session 27).  ``FLASH_LLM_DELTA_BLOCKS``
 #: overrides it for tuning runs; encoding on a CUDA device, :func:`target_warps` takes that device's wave
-TARGET_BLOCKS = int(os.environ.get("FLASH_LLM_DELTA_BLOCKS", "3600"))
+TARGET_BLOCKS = env_int("FLASH_LLM_DELTA_BLOCKS", 3600, 1)
 #: on a CUDA device the split counts aim at this share of one wave of the N = 1 kernel (3600 warps of 4224 on an H200)
 WAVE_SHARE = 0.85
 #: the N = 1 kernel stages a split's X window in shared memory up to this many columns (as fp32 up to 1536, as 16-bit
@@ -69,13 +70,13 @@ PARTS = (1, 2, 4, 8, 16)
 #: Session 30 (H200, ``benchmarks/dr_layouts.py``, 80 %): Llama-3-8B's q/k/v, o, gate / up (K = 4096) 1.06-1.18x the
 #: split layout's speed, down (K = 14336) 1.02-1.03x; OPT-30B (K = 7168, LayerNorms) 0.79-0.90x at the default P
 #: (its o alone 1.13x at P = 8), fc2 (K = 28672) 0.90x.  ``FLASH_LLM_DELTA_PARTS_MAX_K`` overrides it (for measuring).
-PARTS_MAX_K = int(os.environ.get("FLASH_LLM_DELTA_PARTS_MAX_K", "4096"))
+PARTS_MAX_K = env_int("FLASH_LLM_DELTA_PARTS_MAX_K", 4096, 0)
 #: ... and up to this K for a layer whose input comes from no norm (``auto_parts(normed=False)``: o, down, fc2), whose
 #: kernel stages X as it is.  Session 33 (H200, call G, one round): Llama-3-8B's down (K = 14336) in the parts layout,
 #: batch 1 at 80 % 2.027 -> 2.005 ms per token; session 30 had OPT-30B's LayerNorm layers (K = 7168) losing there.
 #: Session 34 (calls B-C, o / down / fc2 up to this K): Llama-3-8B 2.024 -> 2.003 ms, OPT-30B (its out_proj, K = 7168;
 #: fc2, K = 28672, above) 6.090 -> 6.013 ms.  ``FLASH_LLM_DELTA_PARTS_MAX_K_PLAIN`` overrides it
-PARTS_MAX_K_PLAIN = int(os.environ.get("FLASH_LLM_DELTA_PARTS_MAX_K_PLAIN", "16384"))
+PARTS_MAX_K_PLAIN = env_int("FLASH_LLM_DELTA_PARTS_MAX_K_PLAIN", 16384, 0)
 #: ... with the fewest lanes a row that give at least this share of :func:`target_warps` warps (slices; session 30's
 #: sweep: q/k/v best at 3072 warps, gate / up at 3584, down at 1792-3584, o at 512-2048 within 4 %)
 PARTS_SHARE = 0.8
@@ -254,8 +255,8 @@ def paired_halves(m: int, n_off: int, n_data: int) -> bool:
 #: 2.1 GB more for a 235 MB weight, on the CPU; the Engine's re-encoding of that model peaked 4.5 GiB above its weights)
 #: (``FLASH_LLM_ENCODE_CHUNK_ENTRIES`` / ``FLASH_LLM_ENCODE_CHUNK_ELEMENTS`` override them, for measuring the build's
 #: time against its memory: ``benchmarks/diag/build_time.py``)
-ENCODE_CHUNK_ENTRIES = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ENTRIES", str(1 << 22)))
-ENCODE_CHUNK_ELEMENTS = int(os.environ.get("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", str(1 << 26)))
+ENCODE_CHUNK_ENTRIES = env_int("FLASH_LLM_ENCODE_CHUNK_ENTRIES", 1 << 22, 1)
+ENCODE_CHUNK_ELEMENTS = env_int("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", 1 << 26, 1)
 #: ... on a GPU, larger runs where its free memory allows (each run costs the encoder some 130 operations, each a
 #: launch there; session 67, H100, OPT-30B at 80 %: its 288 encodes 7.0 -> 5.4 s, the build's peak +1.6 GiB,
 #: ``benchmarks/diag/build_time.py``): as :func:`~flash_llm.formats._base.gpu_run_size` allows at about

@@ -18,58 +18,8 @@ import torch
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
 from ..reference import apply_norm, silu_mul_halves
+from .._env import env_flag as _env_flag, env_float as _env_float, env_int as _env_int
 from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch, sm90  # noqa: F401
-
-
-def _env_warn(name: str, text: str, want: str, default) -> None:
-    warnings.warn(f"{name}={text!r} is not {want}; using {default}", RuntimeWarning, stacklevel=3)
-
-
-def _env_number(name: str, default, cast, least, most, what: str):
-    """The number ``name`` read by ``cast`` (unset or empty: ``default``); one that does not parse, is not finite or
-    lies outside ``least .. most`` warns, naming it, and the default holds."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        v = cast(text)
-    except ValueError:
-        v = None
-    if (v is None or v != v or abs(v) == float("inf") or (least is not None and v < least)
-            or (most is not None and v > most)):
-        lo = "" if least is None else f" >= {least}"
-        hi = "" if most is None else f" <= {most}"
-        _env_warn(name, text, f"{what}{lo}{' and' if lo and hi else ''}{hi}",
-                  "the default" if default != default else default)
-        return default
-    return v
-
-
-def _env_int(name: str, default: int, least: int | None = None, most: int | None = None) -> int:
-    """The integer switch ``name`` (:func:`_env_number`)."""
-    return _env_number(name, default, int, least, most, "an integer")
-
-
-def _env_float(name: str, default: float, least: float | None = None, most: float | None = None) -> float:
-    """The number ``name`` (:func:`_env_number`)."""
-    return _env_number(name, default, float, least, most, "a finite number")
-
-
-_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    """The on / off switch ``name``: 1, true, yes, on / 0, false, no, off (any case); unset or empty: ``default``;
-    anything else warns, naming it, and the default holds (session 71: some switches read "1" as the only on, others
-    "0" as the only off, so "true" or "off" meant opposite things)."""
-    text = os.environ.get(name, "").strip().lower()
-    if text in _ON:
-        return True
-    if text in _OFF:
-        return False
-    if text:
-        _env_warn(name, text, "one of 1, 0, true, false, yes, no, on, off", int(default))
-    return default
 
 
 WARPS = 4

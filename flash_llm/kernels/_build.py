@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._env import env_flag
+
 SOURCE = Path(__file__).with_name("spmm.cu")
 OPTIONS = ("-std=c++17", "-lineinfo", "--ptxas-options=-v", "-default-device")
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
@@ -221,7 +223,7 @@ def _function(device_index: int, name: str):
 
 #: programmatic dependent launch for the launches that ask for it (``launch(pdl=True)``) on sm_90 and newer;
 #: ``FLASH_LLM_PDL=0`` turns it off (the kernels then run strictly one after the other, as without it)
-PDL = os.environ.get("FLASH_LLM_PDL", "1") != "0"
+PDL = env_flag("FLASH_LLM_PDL", True)
 _sm90: dict[int, bool] = {}
 
 

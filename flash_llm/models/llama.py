@@ -12,7 +12,6 @@ Every projection is a plain ``nn.Linear`` (q, k, v, o, gate, up, down kept separ
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from torch import nn
 
 from . import _fused
 from .. import ops
+from .._env import env_flag
 from ..ops import spmm_silu_mul
 from ._merge import project, sparse_gate_up, sparse_layer
 from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
@@ -27,10 +27,10 @@ from .config import ModelConfig
 
 #: ``FLASH_LLM_FUSE_NORMS=0``: the fused model never runs :meth:`LlamaDecoderLayer.forward_one_token` (the RMSNorms
 #: and residual adds inside the sparse projections at one token) and keeps :meth:`~LlamaDecoderLayer.forward_deferred`
-FUSE_NORMS = os.environ.get("FLASH_LLM_FUSE_NORMS", "1") != "0"
+FUSE_NORMS = env_flag("FLASH_LLM_FUSE_NORMS", True)
 #: ``FLASH_LLM_SILU_REDUCE=0``: the fused MLP runs ``silu(gate) * up`` as its own compiled kernel even where the merged
 #: gate / up projection is sparse (else inside its split-K reduction, :func:`flash_llm.ops.spmm_silu_mul`)
-SILU_REDUCE = os.environ.get("FLASH_LLM_SILU_REDUCE", "1") != "0"
+SILU_REDUCE = env_flag("FLASH_LLM_SILU_REDUCE", True)
 
 ACT = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 
