@@ -18,10 +18,23 @@ from .reference import FORMAT_IDS, as_format, layer_norm, rms_norm, silu_mul_hal
 @torch.library.custom_op("flash_llm::spmm", mutates_args=())
 def _spmm_op(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
              bias: torch.Tensor | None) -> torch.Tensor:
+    _raw(x, fmt, k)
     return spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), bias)
 
 
 _warned: set[str] = set()
+
+
+def _raw(x: torch.Tensor, fmt: int, k: int, name: str = "x") -> None:
+    """What the raw ops take, checked where they run (they are reachable as ``torch.ops.flash_llm.*``, e.g. from
+    an exported graph, without :func:`spmm`'s checks; the kernels read ``x`` as ``[N, K]``): ``x`` 2-D ``[N, k]``
+    and a known format id."""
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"{name} must be 2-D [N, {k}], got shape {tuple(x.shape)} (flash_llm.spmm and its "
+                         "siblings take [..., K])")
+    if fmt not in FORMAT_IDS.values():
+        raise ValueError(f"fmt must be one of {sorted(FORMAT_IDS.values())} (BitmapTiles, TiledCSL, DeltaRows), got "
+                         f"{fmt!r}")
 
 
 def _no_kernels(device: torch.device) -> bool:
@@ -38,6 +51,7 @@ def _no_kernels(device: torch.device) -> bool:
 
 @_spmm_op.register_kernel("cuda")
 def _spmm_cuda(x, data, offsets, fmt, m, k, bias):
+    _raw(x, fmt, k)
     from . import kernels
 
     if _no_kernels(x.device):
@@ -47,6 +61,7 @@ def _spmm_cuda(x, data, offsets, fmt, m, k, bias):
 
 @_spmm_op.register_fake
 def _(x, data, offsets, fmt, m, k, bias):
+    _raw(x, fmt, k)
     return x.new_empty((x.shape[0], m))
 
 
@@ -57,11 +72,13 @@ def _silu_mul_reference(x, data, offsets, fmt, m, k):
 @torch.library.custom_op("flash_llm::spmm_silu_mul", mutates_args=())
 def _spmm_silu_mul_op(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
                       k: int) -> torch.Tensor:
+    _raw(x, fmt, k)
     return _silu_mul_reference(x, data, offsets, fmt, m, k)
 
 
 @_spmm_silu_mul_op.register_kernel("cuda")
 def _spmm_silu_mul_cuda(x, data, offsets, fmt, m, k):
+    _raw(x, fmt, k)
     from . import kernels
 
     if _no_kernels(x.device):
@@ -71,6 +88,7 @@ def _spmm_silu_mul_cuda(x, data, offsets, fmt, m, k):
 
 @_spmm_silu_mul_op.register_fake
 def _(x, data, offsets, fmt, m, k):
+    _raw(x, fmt, k)
     return x.new_empty((x.shape[0], m // 2))
 
 
@@ -82,11 +100,13 @@ def _rms_norm_reference(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
 @torch.library.custom_op("flash_llm::spmm_rms_norm", mutates_args=())
 def _spmm_rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, data: torch.Tensor, offsets: torch.Tensor,
                       fmt: int, m: int, k: int, silu_mul: bool) -> torch.Tensor:
+    _raw(x, fmt, k)
     return _rms_norm_reference(x, weight, eps, data, offsets, fmt, m, k, silu_mul)
 
 
 @_spmm_rms_norm_op.register_kernel("cuda")
 def _spmm_rms_norm_cuda(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
+    _raw(x, fmt, k)
     from . import kernels
 
     if _no_kernels(x.device):
@@ -97,6 +117,7 @@ def _spmm_rms_norm_cuda(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
 
 @_spmm_rms_norm_op.register_fake
 def _(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
+    _raw(x, fmt, k)
     return x.new_empty((x.shape[0], m // 2 if silu_mul else m))
 
 
@@ -109,11 +130,13 @@ def _layer_norm_reference(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bia
 def _spmm_layer_norm_op(x: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor | None, eps: float,
                         data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
                         bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    _raw(x, fmt, k)
     return _layer_norm_reference(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu)
 
 
 @_spmm_layer_norm_op.register_kernel("cuda")
 def _spmm_layer_norm_cuda(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
+    _raw(x, fmt, k)
     from . import kernels
 
     if _no_kernels(x.device):
@@ -124,6 +147,7 @@ def _spmm_layer_norm_cuda(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bia
 
 @_spmm_layer_norm_op.register_fake
 def _(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
+    _raw(x, fmt, k)
     return x.new_empty((x.shape[0], m))
 
 
@@ -134,11 +158,13 @@ def _add_reference(acc, x, data, offsets, fmt, m, k, bias):
 @torch.library.custom_op("flash_llm::spmm_add_", mutates_args=("acc",))
 def _spmm_add_op(acc: torch.Tensor, x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
                  k: int, bias: torch.Tensor | None = None) -> None:
+    _raw(x, fmt, k)
     _add_reference(acc, x, data, offsets, fmt, m, k, bias)
 
 
 @_spmm_add_op.register_kernel("cuda")
 def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k, bias=None):
+    _raw(x, fmt, k)
     from . import kernels
 
     if _no_kernels(x.device):
@@ -149,6 +175,7 @@ def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k, bias=None):
 
 @_spmm_add_op.register_fake
 def _(acc, x, data, offsets, fmt, m, k, bias=None):
+    _raw(x, fmt, k)
     return None
 
 
@@ -158,12 +185,14 @@ def _(acc, x, data, offsets, fmt, m, k, bias=None):
 def _spmm_t_op(grad: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
                k: int) -> torch.Tensor:
     """``grad [N, M] @ W [M, K]`` -> ``[N, K]`` in ``grad.dtype``, fp32 accumulation (reference path)."""
+    _raw(grad, fmt, m, "grad")
     w = as_format(fmt, data, offsets, m, k, grad.dtype).to_dense()
     return (grad.float() @ w.float()).to(grad.dtype)
 
 
 @_spmm_t_op.register_fake
 def _(grad, data, offsets, fmt, m, k):
+    _raw(grad, fmt, m, "grad")
     return grad.new_empty((grad.shape[0], k))
 
 
@@ -307,6 +336,11 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
     if acc.device != x.device or not acc.is_contiguous():
         raise ValueError(f"acc must be contiguous and on {x.device} (it is {'' if acc.is_contiguous() else 'not '}"
                          f"contiguous, on {acc.device})")
+    if torch.is_grad_enabled():  # (no autograd formula: a gradient through it would be dropped without a word)
+        needs = [n for n, t in (("acc", acc), ("x", x), ("bias", bias)) if t is not None and t.requires_grad]
+        if needs:
+            raise ValueError(f"spmm_add_ is not differentiable, and {', '.join(needs)} require(s) grad: use "
+                             "acc + spmm(x, w, bias), or run it under torch.no_grad()")
     _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k, bias)
     return acc
 

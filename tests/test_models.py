@@ -297,3 +297,40 @@ def test_fused_engine_equals_eager_engine(case):
     torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(a.tokens, b.tokens)
     set_fused(fused, False)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_compiles_to_one_graph_across_lengths(family):
+    """``torch.compile(fullgraph=True)`` of a model takes a second prompt length (dynamic) without a graph break
+    and gives eager's bits (session 71: ``is_causal=t > 1`` was a symbolic bool there, which attention refuses)."""
+    m = from_config(ModelConfig(family=family, vocab_size=128, hidden_size=64, num_layers=1, num_heads=4,
+                                intermediate_size=128), dtype=torch.float32, seed=0)
+    c = torch.compile(m, fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in (7, 11, 1, 13):
+            ids = torch.randint(0, 128, (1, n), generator=g)
+            assert torch.equal(c(ids), m(ids)), n
+
+
+def test_fused_merged_sparse_llama_backpropagates():
+    """The fused MLP's SiLU-inside-the-projection path (no autograd formula) is taken only without grad, as the
+    fused norms are: with grad the model backpropagates to its inputs' embeddings (session 71: a RuntimeError)."""
+    from flash_llm.models import merge_projections, set_fused
+
+    m = from_config(ModelConfig(family="llama", vocab_size=128, hidden_size=64, num_layers=1, num_heads=4,
+                                intermediate_size=128), dtype=torch.float16, seed=0)
+    magnitude_prune_(m, 0.5, filter_fn=lambda mod, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(m)
+    merge_projections(m)
+    set_fused(m, True)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m(ids)
+    out = m(ids)
+    out.float().sum().backward()
+    grad = m.model.embed_tokens.weight.grad
+    assert grad is not None and grad.isfinite().all() and grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), want, atol=2e-2, rtol=2e-2)

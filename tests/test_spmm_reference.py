@@ -212,3 +212,37 @@ def test_opcheck_with_gradients(fmt):
     torch.library.opcheck(torch.ops.flash_llm.spmm.default, (x, c.data, c.offsets, FORMAT_IDS[fmt], M, K, bias))
     g = random_values(4, M, torch.float16, seed=6)
     torch.library.opcheck(torch.ops.flash_llm.spmm_t.default, (g, c.data, c.offsets, FORMAT_IDS[fmt], M, K))
+
+
+def test_raw_ops_check_what_they_take():
+    """``torch.ops.flash_llm.*`` (reachable without :func:`flash_llm.spmm`'s checks, e.g. from an exported graph)
+    refuse an ``x`` that is not ``[N, K]`` and an unknown format id, in the real and the fake kernels alike
+    (session 71: the fakes answered [N, M] for a 3-D x, the CPU kernels broadcast, a bad id gave an IndexError)."""
+    w = BitmapTiles.from_dense(sparse_weight(8, 16, 0.5, torch.float16, seed=3))
+    ops = torch.ops.flash_llm
+    for x in (torch.zeros(2, 3, 16, dtype=torch.float16), torch.zeros(16, dtype=torch.float16),
+              torch.zeros(3, 15, dtype=torch.float16)):
+        for dev_x in (x, x.to("meta")):
+            with pytest.raises(ValueError, match=r"x must be 2-D \[N, 16\]"):
+                ops.spmm(dev_x, w.data.to(dev_x.device), w.offsets.to(dev_x.device), 0, 8, 16, None)
+    with pytest.raises(ValueError, match=r"fmt must be one of \[0, 1, 2\]"):
+        ops.spmm(torch.zeros(3, 16, dtype=torch.float16), w.data, w.offsets, 5, 8, 16, None)
+    with pytest.raises(ValueError, match=r"grad must be 2-D \[N, 8\]"):
+        ops.spmm_t(torch.zeros(3, 7, dtype=torch.float16), w.data, w.offsets, 0, 8, 16)
+    assert ops.spmm(torch.ones(3, 16, dtype=torch.float16), w.data, w.offsets, 0, 8, 16, None).shape == (3, 8)
+
+
+def test_spmm_add_refuses_to_drop_a_gradient():
+    """``spmm_add_`` has no autograd formula: with grad enabled and an input that requires grad it is refused
+    (session 71: the gradient to x was silently None); under no_grad it runs."""
+    from flash_llm.ops import spmm_add_
+
+    w = BitmapTiles.from_dense(sparse_weight(8, 16, 0.5, torch.float16, seed=4))
+    x = torch.randn(3, 16, dtype=torch.float16, requires_grad=True)
+    for acc in (torch.zeros(3, 8, dtype=torch.float16), torch.zeros(3, 8, dtype=torch.float16).requires_grad_()):
+        with pytest.raises(ValueError, match=r"spmm_add_ is not differentiable, and .*x.* require"):
+            spmm_add_(acc, x, w)
+    with torch.no_grad():
+        acc = torch.zeros(3, 8, dtype=torch.float16)
+        spmm_add_(acc, x, w)
+        assert torch.equal(acc, flash_llm.spmm(x, w))

@@ -170,8 +170,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     hkv = k.shape[1]
     rep = h // hkv
     if rep == 1:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                             scale=scale)
+        # (a branch, not is_causal=mask is None and t > 1: under torch.compile with a dynamic length that is a
+        # symbolic bool, which is_causal refuses; the branch makes dynamo guard on it)
+        if mask is None and t > 1:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).reshape(b, t, h * d)
     if mask is None:
         mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]

@@ -167,7 +167,7 @@ class LlamaMLP(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.act is F.silu and SILU_REDUCE:
+        if self.fused and self.act is F.silu and SILU_REDUCE and not torch.is_grad_enabled():  # (no autograd formula)
             gu = sparse_gate_up(self)
             if gu is not None and x.dtype == gu.weight_dtype:  # silu x up inside the sparse projection's reduction
                 return self.down_proj(spmm_silu_mul(x, gu.weight))
