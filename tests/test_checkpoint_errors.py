@@ -210,6 +210,10 @@ def test_sparse_layer_unknown_to_config(flash):
     with pytest.raises(FormatError, match=rf"tensor '{UP}.weight_data' belongs to a sparse layer '{UP}' that "
                                           r"config.json's quantization_config.sparse_modules does not list"):
         flash_llm.from_pretrained(flash)
+    # transformers' loader too (session 71: it left the layer as initialized, with a warning only)
+    with pytest.raises(FormatError, match=rf"'{UP}' is stored compressed \(its weight_data is in the shards\) but "
+                                          r"config.json's quantization_config.sparse_modules does not list it"):
+        transformers.AutoModelForCausalLM.from_pretrained(flash)
 
 
 def test_sparse_layer_shape_disagrees_with_model(flash):

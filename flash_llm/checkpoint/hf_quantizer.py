@@ -190,6 +190,12 @@ def _define():
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             keys = self._read_headers(model, checkpoint_files)
+            listed = self.quantization_config.sparse_modules
+            unlisted = sorted({k.rpartition(".")[0] for k in (keys or {}) if k.endswith(".weight_data")} - set(listed))
+            if unlisted:  # (transformers would leave such a layer's weight as initialized, with a warning only)
+                raise FormatError(f"{self._source}: '{unlisted[0]}' is stored compressed (its weight_data is in the "
+                                  "shards) but config.json's quantization_config.sparse_modules does not list it"
+                                  f"{f' ({len(unlisted)} such layers)' if len(unlisted) > 1 else ''}")
             for fqn, meta in self.quantization_config.sparse_modules.items():
                 try:
                     lin = model.get_submodule(fqn)
