@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -185,6 +186,19 @@ def main(argv=None):
     if args.layers is not None:
         cfg = cfg.replace(num_layers=args.layers)
     shard = "2MB" if args.quick else args.shard
+    # the dense source (2 bytes a parameter) and the converted checkpoint (at most as large) go to the workdir: refuse
+    # up front where they cannot fit, not after writing gigabytes of it
+    need = 2 * 2 * cfg.num_parameters()
+    root = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir())
+    probe = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        print(f"error: {cfg.name} needs about {need / 1e9:.1f} GB in {root} (its dense source and the converted "
+              f"checkpoint) and {free / 1e9:.1f} GB are free; pass --workdir elsewhere, --layers N, or --quick",
+              file=sys.stderr)
+        return 2
+    # a SIGTERM (a time limit, say) unwinds like Ctrl-C, so the temporary workdir is removed below
+    old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="flash-llm-bench-ckpt-"))
     dense, flash = work / "dense", work / "flash"
     for p in (dense, flash):
@@ -267,6 +281,7 @@ def main(argv=None):
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGTERM, old_term)
 
     save()
     _plot(rows, os.path.join(args.out, "checkpoint_times.png"), f"{cfg.name} ({cfg.num_layers} layers), "

@@ -59,6 +59,9 @@ def main(argv=None):
     ap.add_argument("--models", default=",".join(LAYERS))
     ap.add_argument("--out", default="benchmarks/out/spmm")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():  # (it times the CUDA kernels against cuBLAS: nothing to run on a CPU)
+        print("error: no CUDA device: bench_spmm.py times the CUDA kernels against cuBLAS", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     ns = [int(v) for v in args.ns.split(",")]
     sparsities = [int(v) / 100 for v in args.sparsities.split(",")]

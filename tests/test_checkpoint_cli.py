@@ -133,6 +133,23 @@ def test_bench_dispatches_to_the_scripts(tmp_path, capsys):
         assert (tmp_path / "checkpoint_times.png").stat().st_size > 1000
 
 
+def test_bench_refuses_what_it_cannot_run(tmp_path, capsys, monkeypatch):
+    """``bench kernel`` without CUDA, and ``bench checkpoint`` where its checkpoints would not fit the disk, stop with
+    a usage error before any work (session 71: an AssertionError from torch.cuda; gigabytes written first)."""
+    import shutil as sh
+    from collections import namedtuple
+
+    if not torch.cuda.is_available():
+        rc, _, err = run(capsys, "bench", "kernel", "--out", tmp_path / "k")
+        assert rc == 2 and "no CUDA device" in err
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    work = tmp_path / "work"
+    rc, _, err = run(capsys, "bench", "checkpoint", "--model", "llama-3-8b", "--workdir", work, "--out", tmp_path / "c")
+    assert rc == 2 and "needs about 32.1 GB" in err and "0.0 GB are free" in err and "--workdir elsewhere" in err
+    assert not work.exists()
+
+
 def test_bundled_model(tmp_path, capsys):
     from flash_llm import bundled
     from flash_llm.prune import magnitude_prune_
