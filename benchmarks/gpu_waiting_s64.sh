@@ -26,6 +26,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh aheadmore                 (about 6 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm                    (about 9 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm16                  (about 9 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh s71tests                  (about 8 minutes, any card)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
 # expand:  the expansion kernels alone (dr_expand.py);
@@ -101,6 +102,9 @@
 #          bench_e2e.py with 0 / 8 / 20 MB asked after the attention's wait and 20 MB before it, two rounds in one
 #          process each.  If it wins, make the best budget the default (issue 4's 80 % of the floor at batch 1).
 # l2warm16: the same at batches 8 and 16 (Tiled-CSL there: its record rows are the walks), 0 / 8 / 20 MB.
+# s71tests: the GPU tests of session 71's changes, all built without a GPU: the decode attention with the warm-up and
+#          its argument checks, _nf's steps word at use (zeroed / nofill modes), spmm_cuda's out checks and large-N
+#          dispatch (test_kernels_gpu.py).
 # buildtime: OPT-30B's DeltaRows build (80 %, bf16) with the encoder's runs of slices (the default: since session 67
 #          as large as an eighth of the free memory allows), with one run a layer (as before session 66) and with
 #          session 66's fixed runs (2^22 entries), two rounds each: time and peak memory (diag/build_time.py).
@@ -204,6 +208,11 @@ for group in "${groups[@]}"; do
            DR_DECODERS="k q w" DR_DECODE_PARTS="1 4" CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 DECODERS=1 \
              timeout 240 bash benchmarks/gpu_sanitize.sh > "$OUT/sanitize_ahead_run.log" 2>&1
            grep -E "nofill=(k|q|w)" "$OUT/sanitize.log" ;;
+    s71tests) step tests_attn 140 python3 -m pytest -q tests/test_l2_warm.py tests/test_decode_attention.py \
+                tests/test_kernel_args.py
+              step tests_nf 100 python3 -m pytest -q tests/test_delta_rows_gpu.py \
+                -k "decode_kernel_is_exact and (zeroed or nofill)"
+              step tests_kernels 200 python3 -m pytest -q -x tests/test_kernels_gpu.py ;;
     l2warm) step tests_l2warm 120 python3 -m pytest -q tests/test_l2_warm.py tests/test_decode_attention.py
             E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20;FLASH_LLM_L2_WARM_MB=20 FLASH_LLM_L2_WARM_EARLY=1" \
               E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 \
@@ -232,6 +241,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore, l2warm, l2warm16)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore, l2warm, l2warm16, s71tests)" ;;
   esac
 done
