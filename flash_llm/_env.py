@@ -14,8 +14,8 @@ def _warn(name: str, text: str, want: str, default) -> None:
 
 
 def _number(name: str, default, cast, least, most, what: str):
-    """The number ``name`` read by ``cast`` (unset or empty: ``default``); one that does not parse, is not finite or
-    lies outside ``least .. most`` warns, naming it, and the default holds."""
+    """The number ``name`` read by ``cast`` (unset or empty: ``default``, which may be None); one that does not parse,
+    is not finite or lies outside ``least .. most`` warns, naming it, and the default holds."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -28,7 +28,7 @@ def _number(name: str, default, cast, least, most, what: str):
         lo = "" if least is None else f" >= {least}"
         hi = "" if most is None else f" <= {most}"
         _warn(name, text, f"{what}{lo}{' and' if lo and hi else ''}{hi}",
-              "the default" if default != default else default)
+              "the default" if default is None else default)
         return default
     return v
 
@@ -38,7 +38,8 @@ def env_int(name: str, default: int, least: int | None = None, most: int | None 
     return _number(name, default, int, least, most, "an integer")
 
 
-def env_float(name: str, default: float, least: float | None = None, most: float | None = None) -> float:
+def env_float(name: str, default: float | None, least: float | None = None,
+              most: float | None = None) -> float | None:
     """The number ``name`` (:func:`_number`)."""
     return _number(name, default, float, least, most, "a finite number")
 

@@ -116,26 +116,24 @@ def _non_negative(text: str) -> int:
     return _int_from(text, 0, "non-negative")
 
 
-def _non_negative_float(text: str) -> float:
-    """A finite number >= 0 (e.g. a sampling temperature)."""
+def _float_from(text: str, ok, what: str) -> float:
     try:
         v = float(text)
     except ValueError:
         v = math.nan
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    if not ok(v):  # (NaN fails every test)
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
+
+
+def _non_negative_float(text: str) -> float:
+    """A finite number >= 0 (e.g. a sampling temperature)."""
+    return _float_from(text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def _probability(text: str) -> float:
     """A number in (0, 1] (e.g. a nucleus-sampling top-p)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not 0 < v <= 1:  # (NaN fails too)
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}")
-    return v
+    return _float_from(text, lambda v: 0 < v <= 1, "a probability in (0, 1]")
 
 
 def _device_arg(text: str) -> torch.device:

@@ -47,15 +47,15 @@ def encode(text: str) -> torch.Tensor:
         torch.zeros(0, dtype=torch.int64)
 
 
-def _integral(v) -> bool:
-    """An integer of any kind but bool (int, numpy's integers, 0-d integer tensors)."""
+def _as_int(v):
+    """``v`` as a Python int where it is an integer of any kind but bool (numpy's integers, 0-d integer tensors);
+    anything else as it is."""
     if isinstance(v, bool):
-        return False
+        return v
     try:
-        operator.index(v)
-        return True
+        return operator.index(v)
     except TypeError:
-        return False
+        return v
 
 
 def decode(ids) -> str:
@@ -67,7 +67,7 @@ def decode(ids) -> str:
         if ids.ndim != 1:
             raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
         ids = ids.tolist()
-    ids = [operator.index(i) if _integral(i) else i for i in ids]  # (numpy ints count as ints)
+    ids = [_as_int(i) for i in ids]
     bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < VOCAB_SIZE]
     if bad:
         raise ValueError(f"ids must be ints in [0, {VOCAB_SIZE}) (byte tokens), got {bad[0]!r}")

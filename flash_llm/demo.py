@@ -84,6 +84,16 @@ class ByteTokenizer:
         return data.decode(ids)
 
 
+#: the files a Hugging Face tokenizer directory holds one of at least
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def require_tokenizer_files(directory: Path, where: str, hint: str = "") -> None:
+    """FileNotFoundError naming ``where`` (and ``hint``) unless ``directory`` holds one of :data:`TOKENIZER_FILES`."""
+    if not any((directory / n).is_file() for n in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}){hint}")
+
+
 class HFTokenizer:
     """A checkpoint directory's own tokenizer (``transformers.AutoTokenizer``, local files only)."""
 
@@ -94,10 +104,7 @@ class HFTokenizer:
             raise ImportError(f"{directory} uses a {vocab_size}-token vocabulary, not flash-llm's bytes: reading "
                               "text for it needs its tokenizer through transformers (pip install "
                               "'flash-llm[hf]')") from None
-        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-        if not any((directory / n).is_file() for n in names):
-            raise FileNotFoundError(f"{directory} has no tokenizer files ({', '.join(names)}); copy the model's "
-                                    "tokenizer next to its config.json")
+        require_tokenizer_files(directory, str(directory), "; copy the model's tokenizer next to its config.json")
         self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         self.tok.model_max_length = 1 << 40  # whole files are encoded at once; windows are cut later
         self.name = type(self.tok).__name__

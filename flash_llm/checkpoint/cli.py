@@ -130,9 +130,9 @@ class _HFTokenizer:
         where = f"{option} {path}" if option else str(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{where}: no such directory (a Hugging Face tokenizer directory)")
-        names = _TOKENIZER_FILES + ("vocab.json",)
-        if not any((path / n).is_file() for n in names):
-            raise FileNotFoundError(f"{where} has no tokenizer files ({', '.join(names)})")
+        from ..demo import require_tokenizer_files
+
+        require_tokenizer_files(path, where)
         from transformers import AutoTokenizer
 
         try:

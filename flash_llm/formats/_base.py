@@ -219,12 +219,8 @@ class SparseFormat:
         so the first part of each is what the kernel wants first.  Here (records numbered row-major, ``offsets``
         their starts in units of ``_UNIT_WORDS`` words): ``offsets`` is the head, each record row's run of ``data``
         a walk (a block walks a row's records along K; reads ``offsets`` to the host)."""
-        mt, kt = self.grid
-        off = self.offsets.to(torch.int64).cpu()
-        if off.numel() != mt * kt + 1:
-            return [], [(t, 0, t.numel() * t.element_size()) for t in self.tensors().values()]
-        unit = 4 * self._UNIT_WORDS
-        rows = (off[::kt] * unit).tolist()  # each record row's first byte, and the end
+        kt = self.grid[1]
+        rows = (self.offsets[::kt].to(torch.int64) * (4 * self._UNIT_WORDS)).tolist()  # each row's first byte, the end
         walks = [(self.data, a, b) for a, b in zip(rows[:-1], rows[1:]) if b > a]
         return [(self.offsets, 0, self.offsets.numel() * 4)], walks
 

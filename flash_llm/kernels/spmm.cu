@@ -4227,7 +4227,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     for (int c = 0; c < QD / 8; ++c)
       kr[c] = s < a.S ? *reinterpret_cast<const uint4*>(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   }
-  // The next projections' weights asked of L2 (kernels.L2_WARM, session 71): after the wait DRAM has little to do
+  // The next projections' weights asked of L2 (kernels.L2_WARM_MB, session 71): after the wait DRAM has little to do
   // until the o projection starts (this kernel reads about 1 MB of cache at batch 1), so that time can bring in o's
   // weight and the first part of each slice of the MLP's first one.  Static weights: only a hint, nothing to order.
   if (a.l2_early) l2_warm(a.l2, a.l2_n);

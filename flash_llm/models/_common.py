@@ -92,11 +92,7 @@ def after_attention_weights(layer: nn.Module) -> list:
 
     def weight(m):
         m = getattr(m, "layer", m)  # (a MergedLinear's stacked layer)
-        if isinstance(m, SparseLinear):
-            return m.weight
-        if type(m) is nn.Linear:
-            return m.weight
-        return None
+        return m.weight if isinstance(m, SparseLinear) or type(m) is nn.Linear else None
 
     find = getattr(layer, "after_attention", None)
     return [] if find is None else [w for w in (weight(m) for m in find()) if w is not None]

@@ -16,8 +16,8 @@ from tqdm import tqdm
 from ..models import CausalLM, as_config, from_config
 from ..nn import SparsifyConfig
 from .group import TensorParallel
-from .layers import COLUMN, ShardReport, check_divisible, column_from_slice, projections, row_from_slice, \
-    set_local_heads, shard_range
+from .layers import COLUMN, ShardReport, check_divisible, check_sparsify, column_from_slice, projections, \
+    row_from_slice, set_local_heads, shard_range
 
 INDEX = "model.safetensors.index.json"
 _READ_CHUNK = 1 << 28  # bytes read at once for a row-parallel (column-sliced) weight
@@ -133,8 +133,7 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     check_divisible(cfg, tp.world_size)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if sparsify is not None and not isinstance(sparsify, SparsifyConfig):
-        raise TypeError(f"sparsify must be a flash_llm.SparsifyConfig or None, got {type(sparsify).__name__}")
+    check_sparsify(sparsify)
     if sparsify is not None and sparsify.dtype not in (None, dtype):
         raise ValueError(f"sparsify.dtype ({sparsify.dtype}) differs from dtype ({dtype}): the whole model is loaded "
                          "in dtype; leave SparsifyConfig.dtype unset")

@@ -74,6 +74,12 @@ def check_divisible(config: ModelConfig, world_size: int) -> None:
                          f"sizes that work for this model: {ok}")
 
 
+def check_sparsify(sparsify) -> None:
+    """``sparsify`` of the sharding functions: a :class:`~flash_llm.SparsifyConfig` or None, else TypeError."""
+    if sparsify is not None and not isinstance(sparsify, SparsifyConfig):
+        raise TypeError(f"sparsify must be a flash_llm.SparsifyConfig or None, got {type(sparsify).__name__}")
+
+
 def shard_range(n: int, world_size: int, rank: int) -> tuple[int, int]:
     """``(start, stop)`` of rank ``rank``'s equal share of ``n`` features; ValueError unless ``world_size`` divides
     ``n`` (the rest would be nobody's: the public paths check the config first, :func:`check_divisible`)."""
@@ -336,8 +342,7 @@ def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, spars
         raise TypeError(f"model must be a flash_llm.models causal LM, got {type(model).__name__}")
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError(f"the model is already tensor-parallel ({model.tensor_parallel})")
-    if sparsify is not None and not isinstance(sparsify, SparsifyConfig):
-        raise TypeError(f"sparsify must be a flash_llm.SparsifyConfig or None, got {type(sparsify).__name__}")
+    check_sparsify(sparsify)
     tp = TensorParallel.from_group() if tp is None else tp
     cfg = model.config
     check_divisible(cfg, tp.world_size)
