@@ -26,6 +26,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh aheadmore                 (about 6 minutes)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm                    (about 9 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm16                  (about 9 minutes, an H100)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2prof                    (about 5 minutes, any card)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh s71tests                  (about 8 minutes, any card)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
@@ -101,6 +102,9 @@
 #          and the attention's GPU tests (the same bits with it), then Llama-3-8B at 80 %, bf16 DeltaRows, batch 1,
 #          bench_e2e.py with 0 / 8 / 20 MB asked after the attention's wait and 20 MB before it, two rounds in one
 #          process each.  If it wins, make the best budget the default (issue 4's 80 % of the floor at batch 1).
+# l2prof:  session 71's fix of the warm-up (ranges spread over the blocks first) profiled before it is timed:
+#          profile_decode.py, Llama-3-8B bf16 batch 1, dense and 80 % DeltaRows, with 8 MB and without; is the
+#          attention still above 7.4 us a layer with it?
 # l2warm16: the same at batches 8 and 16 (Tiled-CSL there: its record rows are the walks), 0 / 8 / 20 MB.
 # s71tests: the GPU tests of session 71's changes, all built without a GPU: the decode attention with the warm-up and
 #          its argument checks, _nf's steps word at use (zeroed / nofill modes), spmm_cuda's out checks and large-N
@@ -213,6 +217,10 @@ for group in "${groups[@]}"; do
               step tests_nf 100 python3 -m pytest -q tests/test_delta_rows_gpu.py \
                 -k "decode_kernel_is_exact and (zeroed or nofill)"
               step tests_kernels 200 python3 -m pytest -q -x tests/test_kernels_gpu.py ;;
+    l2prof) for sw in "0 0" "0 8" "0.8 0" "0.8 8"; do set -- $sw
+              FLASH_LLM_L2_WARM_MB=$2 step "prof_s$1_w$2" 120 python3 benchmarks/profile_decode.py --model llama-3-8b \
+                --format delta-rows --sparsity $1 --batch 1 --dtype bf16 --fuse --merge
+            done ;;
     l2warm) step tests_l2warm 120 python3 -m pytest -q tests/test_l2_warm.py tests/test_decode_attention.py
             E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20;FLASH_LLM_L2_WARM_MB=20 FLASH_LLM_L2_WARM_EARLY=1" \
               E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 \
