@@ -27,6 +27,7 @@
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm                    (about 9 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2warm16                  (about 9 minutes, an H100)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2prof                    (about 5 minutes, any card)
+#   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh l2prof80                  (about 6 minutes, any card)
 #   FLASH_LLM_COMMIT=<sha> bash benchmarks/gpu_waiting_s64.sh s71tests                  (about 8 minutes, any card)
 # tests:   the GPU tests of the new code (the tiled expansion, _nf's new SASS, the prefill graphs, their buckets and
 #          Engine.warmup, the tensor-parallel prefill graphs at world size 1, and session 65's decode lengths);
@@ -103,8 +104,9 @@
 #          bench_e2e.py with 0 / 8 / 20 MB asked after the attention's wait and 20 MB before it, two rounds in one
 #          process each.  If it wins, make the best budget the default (issue 4's 80 % of the floor at batch 1).
 # l2prof:  session 71's fix of the warm-up (ranges spread over the blocks first) profiled before it is timed:
-#          profile_decode.py, Llama-3-8B bf16 batch 1, dense and 80 % DeltaRows, with 8 MB and without; is the
-#          attention still above 7.4 us a layer with it?
+#          profile_decode.py, Llama-3-8B bf16 batch 1, dense (l2prof) and 80 % DeltaRows (l2prof80), without, with
+#          8 MB inside the attention and 8 MB on a side stream (L2_WARM_SIDE, session 72); is the attention still
+#          above 7.4 us a layer with it?
 # l2warm16: the same at batches 8 and 16 (Tiled-CSL there: its record rows are the walks), 0 / 8 / 20 MB.
 # s71tests: the GPU tests of session 71's changes, all built without a GPU: the decode attention with the warm-up and
 #          its argument checks, _nf's steps word at use (zeroed / nofill modes), spmm_cuda's out checks and large-N
@@ -217,9 +219,11 @@ for group in "${groups[@]}"; do
               step tests_nf 100 python3 -m pytest -q tests/test_delta_rows_gpu.py \
                 -k "decode_kernel_is_exact and (zeroed or nofill)"
               step tests_kernels 200 python3 -m pytest -q -x tests/test_kernels_gpu.py ;;
-    l2prof) for sw in "0 0" "0 8" "0.8 0" "0.8 8"; do set -- $sw
-              FLASH_LLM_L2_WARM_MB=$2 step "prof_s$1_w$2" 120 python3 benchmarks/profile_decode.py --model llama-3-8b \
-                --format delta-rows --sparsity $1 --batch 1 --dtype bf16 --fuse --merge
+    l2prof|l2prof80) [ $group = l2prof ] && sp=0 || sp=0.8
+            for sw in "0 0" "8 0" "8 1"; do set -- $sw
+              FLASH_LLM_L2_WARM_MB=$1 FLASH_LLM_L2_WARM_SIDE=$2 step "prof_s${sp}_w$1_side$2" 150 python3 \
+                benchmarks/profile_decode.py --model llama-3-8b --format delta-rows --sparsity $sp --batch 1 \
+                --dtype bf16 --fuse --merge
             done ;;
     l2warm) step tests_l2warm 120 python3 -m pytest -q tests/test_l2_warm.py tests/test_decode_attention.py
             E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20;FLASH_LLM_L2_WARM_MB=20 FLASH_LLM_L2_WARM_EARLY=1" \

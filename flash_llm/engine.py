@@ -1087,6 +1087,7 @@ class Engine:
         self._small_chunks_from = _small_chunks_from(model)
         #: the decode attention's L2 warm-up tables (kernels.L2_WARM_MB), by where the weights they name live
         self._l2_tables: dict[tuple, list] = {}
+        self._l2_stream: "torch.cuda.Stream | None" = None  # (kernels.L2_WARM_SIDE: _l2_side)
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, attended slots) -> decode graph
         self._pool = None
@@ -1426,10 +1427,14 @@ class Engine:
         kv = self._slots if kv is None else kv
         mask = self._mask[:b]
         mask.index_fill_(1, self._slot, 0.0)
+        l2_next = self._l2_next()
+        side = self._l2_side() if l2_next is not None else None
         attend = Attend(positions=self._pos[:b, None], mask=mask[:, None, None, :kv], cache=self.cache,
                         slots=self._slot, kv_len=kv, rope=self._rope, small_chunks_from=self._small_chunks_from,
-                        l2_next=self._l2_next())
+                        l2_next=l2_next, l2_stream=side)
         logits = self.model(self._tok[:b], attend=attend)
+        if side is not None:  # (the warm-up's side stream joins back: a capture must end on its own stream)
+            torch.cuda.current_stream(self.device).wait_stream(side)
         self._logits[:b].copy_(logits[:, 0])
         torch._foreach_add_([self._pos[:b], self._slot], 1)  # (one kernel for both)
 
@@ -1454,6 +1459,17 @@ class Engine:
             budget = int(kernels.L2_WARM_MB * 2**20)
             self._l2_tables[key] = [kernels.l2_warm_ranges(ws, budget) for ws in weights]
         return self._l2_tables[key]
+
+    def _l2_side(self) -> "torch.cuda.Stream | None":
+        """The side stream the warm-up's own kernel runs on (:data:`flash_llm.kernels.L2_WARM_SIDE`), made on first
+        use; None when that is off."""
+        from . import kernels
+
+        if not kernels.L2_WARM_SIDE:
+            return None
+        if self._l2_stream is None:
+            self._l2_stream = torch.cuda.Stream(self.device)
+        return self._l2_stream
 
     def _capture(self, b: int, kv: int) -> torch.cuda.CUDAGraph:
         # the key of the tensors this graph reads: a forward may have moved some since the generate began (a model

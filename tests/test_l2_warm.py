@@ -195,6 +195,51 @@ def test_attend_hands_each_layer_its_table(monkeypatch):
     assert seen["l2"] is tables[1]
 
 
+def test_a_side_stream_gets_the_warm_up_and_the_attention_none(monkeypatch):
+    """With ``attend.l2_stream`` the layer's table goes to :func:`kernels.l2_warm_cuda` on that stream, forked from
+    the current one first, and the attention kernel gets no table; a layer without a table forks nothing."""
+    calls = []
+
+    class Stream:
+        def wait_stream(self, other):
+            calls.append(("fork", other))
+
+    class Ctx:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            calls.append(("enter", self.stream))
+
+        def __exit__(self, *exc):
+            calls.append(("exit", self.stream))
+
+    side = Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "main")
+    monkeypatch.setattr(torch.cuda, "stream", Ctx)
+    monkeypatch.setattr(kernels, "decode_attention_ok", lambda *a, **k: True)
+    monkeypatch.setattr(kernels, "decode_attention_cuda", lambda *a, **k: calls.append(("attention", k["l2"])))
+    monkeypatch.setattr(kernels, "l2_warm_cuda", lambda t: calls.append(("warm", t)))
+    q = torch.zeros(1, 4, 1, 8)
+    cache = _common.KVCache(2, 1, 2, 16, 8, torch.float32, "cpu")
+    tables = [None, torch.ones(3, 2, dtype=torch.int64)]
+    attend = _common.Attend(positions=torch.zeros(1, 1, dtype=torch.long), cache=cache,
+                            slots=torch.zeros(1, dtype=torch.long), kv_len=4, l2_next=tables, l2_stream=side)
+    _common.decode_attention(q, q[:, :2], q[:, :2], attend, 1, None)
+    assert calls == [("fork", "main"), ("enter", side), ("warm", tables[1]), ("exit", side), ("attention", None)]
+    calls.clear()
+    _common.decode_attention(q, q[:, :2], q[:, :2], attend, 0, None)
+    assert calls == [("attention", None)]
+
+
+def test_warm_up_kernel_refuses_what_is_not_a_table_on_a_gpu():
+    """:func:`kernels.l2_warm_cuda` names ``l2`` when it is not a CUDA int64 ``[n, 2]`` table (here: on the CPU)."""
+    with pytest.raises(ValueError, match="l2 must be a CUDA tensor"):
+        kernels.l2_warm_cuda(torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="l2 must be a CUDA tensor"):
+        kernels.l2_warm_cuda([[0, 16]])
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU
 @cuda
@@ -233,10 +278,35 @@ def test_attention_with_the_warm_up_gives_the_same_bits(early, monkeypatch):
 
 @cuda
 @pytest.mark.gpu
-def test_engine_with_the_warm_up_decodes_the_same_tokens(monkeypatch):
-    """A sparse Llama engine with the warm-up on generates the same tokens and logits as with it off (graphs)."""
+def test_warm_up_kernel_runs_plainly_and_in_a_graph():
+    """:func:`kernels.l2_warm_cuda` (the side stream's kernel) launches on a table, eagerly and captured, changes
+    nothing it is pointed at, and refuses an int32 table naming ``l2``."""
+    _, w = _weight(4096, 1024, 0.2, 5, splits=1, parts=4)
+    w = w.to("cuda")
+    before = {k: t.clone() for k, t in w.tensors().items()}
+    table = kernels.l2_warm_ranges([w], 8 << 20)
+    kernels.l2_warm_cuda(table)
+    kernels.l2_warm_cuda(table[:0])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.l2_warm_cuda(table)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(t, before[k]) for k, t in w.tensors().items())
+    with pytest.raises(ValueError, match="l2"):
+        kernels.l2_warm_cuda(table.to(torch.int32))
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("side", [False, True], ids=["inside", "side_stream"])
+def test_engine_with_the_warm_up_decodes_the_same_tokens(side, monkeypatch):
+    """A sparse Llama engine with the warm-up on (inside the attention, or on a side stream) generates the same
+    tokens and logits as with it off (graphs)."""
     from flash_llm.engine import Engine
 
+    monkeypatch.setattr(kernels, "L2_WARM_SIDE", side)
     prompts = [[5, 6, 7, 8, 9]]
     got = {}
     for mb in (0.0, 4.0):

@@ -1446,6 +1446,10 @@ DECODE_ATTN_C32_MIN_BATCH = _env_int("FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH", 2, 1
 #: wait (while q/k/v still reads its weight) instead of after it.
 L2_WARM_MB = _env_float("FLASH_LLM_L2_WARM_MB", 0, 0.0)
 L2_WARM_EARLY = _env_flag("FLASH_LLM_L2_WARM_EARLY", False)
+#: ``FLASH_LLM_L2_WARM_SIDE=1``: the warm-up runs as its own small kernel (:func:`l2_warm_cuda`) on a side stream forked
+#: where the attention starts (the engine joins it at the step's end), instead of inside the attention kernel, whose
+#: blocks wait for their bulk prefetches before they retire (session 71's profile).
+L2_WARM_SIDE = _env_flag("FLASH_LLM_L2_WARM_SIDE", False)
 #: the most bytes one bulk prefetch of the warm-up asks for; at most L2_WARM_PIECE_MAX (the size reaches the SASS
 #: instruction, UBLKPF, as 16 bits of 16-byte units)
 L2_WARM_PIECE = 64 * 1024
@@ -1497,6 +1501,29 @@ def l2_warm_ranges(weights, budget: int, piece: int = L2_WARM_PIECE) -> torch.Te
     if not out:
         return None
     return torch.tensor(out, dtype=torch.int64).to(device)
+
+
+def _check_l2_table(l2: torch.Tensor, dev: torch.device) -> None:
+    if not (l2.dtype == torch.int64 and l2.dim() == 2 and l2.shape[1] == 2 and l2.is_contiguous()
+            and l2.device == dev and l2.data_ptr() % 16 == 0):
+        raise ValueError(f"l2 must be a contiguous, 16-byte aligned int64 [n, 2] tensor on {dev} (l2_warm_ranges), "
+                         f"got {l2.dtype} {tuple(l2.shape)} on {l2.device}")
+
+
+def l2_warm_cuda(l2: torch.Tensor) -> None:
+    """Ask L2 for the ``(address, bytes)`` ranges of ``l2`` (int64 ``[n, 2]`` from :func:`l2_warm_ranges`, on a CUDA
+    device of compute capability 9.0+; nothing is asked before sm_90) with one small kernel on the current stream:
+    one warp a block, one range a block, so the prefetches spread over the SMs.  A hint: nothing is written, and
+    nothing after it needs to wait for it.  :data:`L2_WARM_SIDE` launches it beside the decode attention."""
+    if not isinstance(l2, torch.Tensor) or not l2.is_cuda:
+        raise ValueError(f"l2 must be a CUDA tensor, got {type(l2).__name__}"
+                         + (f" on {l2.device}" if isinstance(l2, torch.Tensor) else ""))
+    dev = l2.device
+    _check_l2_table(l2, dev)
+    if l2.shape[0] == 0:
+        return
+    launch("l2_warm_side", (int(l2.shape[0]), 1, 1), 32, [(l2.data_ptr(), P), (int(l2.shape[0]), I)],
+           torch.cuda.current_stream(dev).cuda_stream, dev.index)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -1576,10 +1603,8 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
                             or out.device != dev):
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {(b, 1, h * d)} on {dev}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    if l2 is not None and (l2.dtype != torch.int64 or l2.dim() != 2 or l2.shape[1] != 2 or not l2.is_contiguous()
-                           or l2.device != dev or l2.data_ptr() % 16):
-        raise ValueError(f"l2 must be a contiguous, 16-byte aligned int64 [n, 2] tensor on {dev} (l2_warm_ranges), "
-                         f"got {l2.dtype} {tuple(l2.shape)} on {l2.device}")
+    if l2 is not None:
+        _check_l2_table(l2, dev)
     groups = ceil_div(h // hkv, DECODE_ATTN_HEADS)  # blocks per (sequence, kv head, chunk): query heads in fours
     chunk = _decode_attn_chunk(b, hkv, groups, kv_len, dev.index, small_chunks_from)
     splits = ceil_div(kv_len, chunk)
@@ -1635,4 +1660,5 @@ def _pdl_attention(batch: int, kv_len: int) -> bool:
 
 
 __all__ = ["spmm_cuda", "epilogue_fusable", "static_weights", "decode_dense", "plan", "supported", "compile_kernels",
-           "KernelBuildError", "decode_attention_cuda", "decode_attention_ok", "l2_warm_ranges"]
+           "KernelBuildError", "decode_attention_cuda", "decode_attention_ok", "l2_warm_ranges",
+           "l2_warm_cuda"]

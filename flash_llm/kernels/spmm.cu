@@ -4510,6 +4510,12 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D##_c32(DA_ARGS) {     \
     decode_attn_body<BF16, D, 32>(DecodeAttn DA_STRUCT);                                                  \
   }
+// The warm-up alone, for a side stream (kernels.L2_WARM_SIDE): launched beside the decode attention instead of
+// inside it, so no block of the attention waits for its prefetches.  One warp a block, one range a block.
+extern "C" __global__ void __launch_bounds__(32) l2_warm_side(const long long* ranges, int n) {
+  l2_warm(ranges, n);
+}
+
 INSTANTIATE_DA(f16, false, 64)
 INSTANTIATE_DA(f16, false, 128)
 INSTANTIATE_DA(bf16, true, 64)

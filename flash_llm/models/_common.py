@@ -72,6 +72,8 @@ class Attend:
             (``small_chunks_from`` of :func:`flash_llm.kernels.decode_attention_cuda`; ``None``: its default).
         l2_next: per layer, the ``(address, bytes)`` table the decode-attention kernel asks L2 for
             (:func:`flash_llm.kernels.l2_warm_ranges` over the layer's :meth:`after_attention` weights), or ``None``.
+        l2_stream: a side stream for that warm-up (:data:`flash_llm.kernels.L2_WARM_SIDE`): forked where the attention
+            starts, its own kernel instead of the attention's; whoever passes it joins it back.  ``None``: inside.
     """
 
     positions: torch.Tensor
@@ -82,6 +84,7 @@ class Attend:
     rope: "tuple[torch.Tensor, torch.Tensor] | None" = None
     small_chunks_from: int | None = None
     l2_next: "list[torch.Tensor | None] | None" = None
+    l2_stream: "torch.cuda.Stream | None" = None
 
 
 def after_attention_weights(layer: nn.Module) -> list:
@@ -231,6 +234,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: 
         if kernels.decode_attention_ok(q, k, v, kc, vc, attend.mask, attend.kv_len, cos, sin):
             s = q.shape[-1] ** -0.5 if scale is None else scale
             l2 = None if attend.l2_next is None else attend.l2_next[layer]
+            if l2 is not None and attend.l2_stream is not None:  # beside the attention, not inside it
+                attend.l2_stream.wait_stream(torch.cuda.current_stream(q.device))
+                with torch.cuda.stream(attend.l2_stream):
+                    kernels.l2_warm_cuda(l2)
+                l2 = None
             return kernels.decode_attention_cuda(q, k, v, kc, vc, slots, attend.mask, attend.kv_len, s, cos=cos,
                                                  sin=sin, small_chunks_from=attend.small_chunks_from, l2=l2)
     if rope is not None:
