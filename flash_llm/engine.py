@@ -93,7 +93,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     """
     if temperature == 0:
         return logits.argmax(-1)
-    x = logits.float() / temperature
+    x = logits.float()
+    x = (x - x.amax(-1, keepdim=True)) / temperature  # (the largest at 0: a tiny temperature tends to greedy, no inf)
     neg = float("-inf")
     if top_k is not None and top_k < x.shape[-1]:
         kth = x.topk(top_k, dim=-1).values[:, -1:]
@@ -970,15 +971,12 @@ class Engine:
         if prefill_graphs is not None and (not _is_int(prefill_graphs) or prefill_graphs < 0):
             raise ValueError(f"prefill_graphs must be an int >= 0 (0: an eager prefill) or None, got {prefill_graphs!r}")
         self._prefill_max = prefill_graphs  # (None: PREFILL_GRAPHS_MAX, read when used)
-        if not isinstance(prefill_dense, bool):
-            raise ValueError(f"prefill_dense must be True or False, got {prefill_dense!r}")
-        self.model = model.eval()
-        if fuse is None:
-            fuse = emb.device.type == "cuda" and cfg.num_parameters() >= FUSE_MIN_PARAMETERS
-        if fuse:
-            set_fused(model, True)
-        #: what merge=True did, per group (flash_llm.models.merge_projections); empty without merge
-        self.merged: dict[str, str] = merge_projections(model) if merge else {}
+        for name, v, none_ok in (("prefill_dense", prefill_dense, False), ("merge", merge, False),
+                                 ("progress", progress, False), ("fuse", fuse, True),
+                                 ("cuda_graphs", cuda_graphs, True)):
+            if not (isinstance(v, bool) or (none_ok and v is None)):
+                raise ValueError(f"{name} must be True or False{' or None' if none_ok else ''}, got {v!r}")
+        # (every argument checked before the model is changed: a refused engine leaves it as it was)
         self.config = cfg
         self.device, self.dtype = emb.device, emb.dtype
         if max_seq is None:
@@ -995,13 +993,22 @@ class Engine:
         if self.tp is not None and self.tp.device != self.device:
             raise ValueError(f"the model is on {self.device} but its tensor-parallel group computes on "
                              f"{self.tp.device}")
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and (self.tp is None or self.tp.backend == "nccl")
+        if prefill_dense and self.tp is not None:
+            raise ValueError("prefill_dense=True is for a model on one device, not a tensor-parallel one")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {self.device}")
         if cuda_graphs and self.tp is not None and self.tp.backend != "nccl":
             raise ValueError(f"cuda_graphs=True needs NCCL collectives to capture; this tensor-parallel group uses "
                              f"{self.tp.backend}")
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and (self.tp is None or self.tp.backend == "nccl")
+        self.model = model.eval()
+        if fuse is None:
+            fuse = emb.device.type == "cuda" and cfg.num_parameters() >= FUSE_MIN_PARAMETERS
+        if fuse:
+            set_fused(model, True)
+        #: what merge=True did, per group (flash_llm.models.merge_projections); empty without merge
+        self.merged: dict[str, str] = merge_projections(model) if merge else {}
         self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
         #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL, BITMAP or DENSE} (empty when
         #: nothing was)
@@ -1060,8 +1067,6 @@ class Engine:
         #: the last use_layout's arguments (the set the layers hold; a deferred prefill capture puts it back)
         self._layout: tuple[int, bool] | None = None
         if prefill_dense:
-            if self.tp is not None:
-                raise ValueError("prefill_dense=True is for a model on one device, not a tensor-parallel one")
             dense_already = ({m for m, w in self._two.large.items() if isinstance(w, torch.nn.Linear)}
                              if self._two is not None else set())  # (those serve the prefill as its larger steps)
             self._dense = _DenseCopies(model, PREFILL_DENSE_MIN_TOKENS, self._spare_bytes(kv_heads, slots),
@@ -1088,6 +1093,7 @@ class Engine:
         #: the decode attention's L2 warm-up tables (kernels.L2_WARM_MB), by where the weights they name live
         self._l2_tables: dict[tuple, list] = {}
         self._l2_stream: "torch.cuda.Stream | None" = None  # (kernels.L2_WARM_SIDE: _l2_side)
+        self._generation: object | None = None  # (the generation in progress: _steps)
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, attended slots) -> decode graph
         self._pool = None
@@ -1271,6 +1277,9 @@ class Engine:
             if attention_mask is None:
                 mask = torch.ones_like(ids, dtype=torch.bool)
             else:
+                if not isinstance(attention_mask, torch.Tensor):
+                    raise TypeError(f"attention_mask must be a [batch, seq] tensor like prompts, got "
+                                    f"{type(attention_mask).__name__}")
                 if tuple(attention_mask.shape) != tuple(ids.shape):
                     raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                                      f"{tuple(ids.shape)} (the shape of prompts)")
@@ -1585,7 +1594,10 @@ class Engine:
             return self.config.eos_token_ids
         if eos_token_id is None:
             return ()
-        ids = (eos_token_id,) if _is_int(eos_token_id) else tuple(eos_token_id)
+        try:
+            ids = (eos_token_id,) if _is_int(eos_token_id) else tuple(eos_token_id)
+        except TypeError:  # (a bool, a 0-d tensor, an object: not a token id nor a list of them)
+            ids = ()
         if not ids or any(not _is_int(i) or not 0 <= i < self.config.vocab_size for i in ids):
             raise ValueError(f"eos_token_id must be None, a token id or a list of token ids below the vocabulary "
                              f"size {self.config.vocab_size}; got {eos_token_id!r}")
@@ -1610,6 +1622,15 @@ class Engine:
         (:meth:`_compacted`, :data:`COMPACT_ROWS`)."""
         self._check_graphs()
         self._pending = None  # (a generation left unfinished does not capture its prefill)
+        # one generation at a time: the cache, the step's inputs and its logits are the engine's.  A later one takes
+        # them over; this one then raises at its next step instead of decoding from the other's state.
+        me = self._generation = object()
+
+        def check():
+            if self._generation is not me:
+                raise RuntimeError("this generation was overtaken: another generate() or stream() ran on the same "
+                                   "engine before it finished (an engine decodes one generation at a time: finish "
+                                   "or close a stream before the next, or use one engine each)")
         sampler = self._sampler(temperature, top_k, top_p, generator)
         eos = self._eos(eos_token_id)
         if self.tp is not None:  # every rank takes rank 0's tokens, so all run the same steps
@@ -1624,6 +1645,9 @@ class Engine:
             b = ids.shape[0]
             eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
             pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+            # what a stopped row is fed (its output shows pad): a token of the vocabulary (a config's pad id may be
+            # -1 or the vocabulary's size)
+            feed = pad if 0 <= pad < self.config.vocab_size else (eos[0] if eos else 0)
             marks = [self._mark()]
             if self._prefills is not None:
                 ids, mask = self._bucketed(ids, mask, max_new_tokens)
@@ -1646,6 +1670,7 @@ class Engine:
             out = [tok]
             if hand is None:
                 yield tok, None
+                check()
             else:
                 hand.add(0, tok, done)
             b0, rows = b, None  # the decode runs rows 0 .. b - 1, which are the prompts' rows `rows` (None: all)
@@ -1672,15 +1697,18 @@ class Engine:
                         done |= limit_t <= i + 1  # (the row's token i was its last)
                     if watch is not None:
                         watch.add(i, done)
-                self._tok[:b, 0].copy_(tok if rows is None else tok[rows])
+                fed = tok if not stops or feed == pad else tok.masked_fill(done, feed)
+                self._tok[:b, 0].copy_(fed if rows is None else fed[rows])
                 marks.append(self._mark())
                 out.append(tok)
                 if hand is None:
                     yield tok, None
+                    check()
                     continue
                 hand.add(i, tok, done)
                 prev, prev_done = hand.take(i - 1)  # (step i runs meanwhile)
                 yield prev, None
+                check()
                 known = prev_done
                 if prev_done is not None and bool(prev_done.all()):  # step i ran past the end: dropped
                     hand.close()
@@ -1691,6 +1719,7 @@ class Engine:
                     break
             if hand is not None and hand.pending:  # (the last step's tokens, where the steps ran to the end)
                 yield hand.take(len(out) - 1)[0], None
+                check()
             tokens = torch.stack(out, 1)
             if eos:  # length up to and including the first EOS of each row
                 hit = torch.isin(tokens, eos_t)

@@ -1,0 +1,114 @@
+"""The engine's generation API at its edges (session 72's bug hunt): one generation at a time, a configured pad id
+outside the vocabulary, a refused constructor leaving the model alone, tiny temperatures, and arguments of the wrong
+type refused with their names.  On the CPU (eager decode)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flash_llm.engine import Engine, sample_tokens
+from flash_llm.models import from_config
+from conftest import tiny_hf_model
+
+PROMPTS = [[5, 6, 7], [1, 2], [3, 3, 3], [8, 9]]
+
+
+def _model(family: str = "llama"):
+    hm = tiny_hf_model(family)
+    m = from_config(hm.config, dtype=torch.float32, device="meta")
+    m.load_state_dict(dict(hm.state_dict()), assign=True)
+    return m.eval()
+
+
+def _solo(model, prompt, n):
+    return Engine(model, max_batch=1, max_seq=64).generate([prompt], n, eos_token_id=None).tokens[0].tolist()
+
+
+def test_a_later_generation_overtakes_an_open_stream():
+    """Two streams on one engine: the second takes the engine over and decodes what it decodes alone; the first
+    raises at its next step instead of decoding from the other's cache and inputs."""
+    m = _model()
+    eng = Engine(m, max_batch=1, max_seq=64)
+    a = eng.stream([PROMPTS[0]], 6, eos_token_id=None)
+    first = next(a)
+    b = list(eng.stream([PROMPTS[1]], 6, eos_token_id=None))
+    assert [int(t[0]) for t in b] == _solo(m, PROMPTS[1], 6)
+    assert int(first[0]) == _solo(m, PROMPTS[0], 6)[0]
+    with pytest.raises(RuntimeError, match="overtaken"):
+        next(a)
+    # the engine serves the next generation as it would have
+    assert eng.generate([PROMPTS[0]], 6, eos_token_id=None).tokens[0].tolist() == _solo(m, PROMPTS[0], 6)
+
+
+def test_a_generation_inside_on_token_overtakes_the_outer_one():
+    m = _model("opt")
+    eng = Engine(m, max_batch=1, max_seq=64)
+    inner = []
+
+    def on_token(step, tok):
+        if step == 2:
+            inner.append(eng.generate([PROMPTS[3]], 3, eos_token_id=None).tokens[0].tolist())
+
+    with pytest.raises(RuntimeError, match="overtaken"):
+        eng.generate([PROMPTS[2]], 8, eos_token_id=None, on_token=on_token)
+    assert inner == [_solo(m, PROMPTS[3], 3)]
+
+
+@pytest.mark.parametrize("pad", [-1, 97, 1000])
+@pytest.mark.parametrize("output_logits", [False, True])
+def test_stopped_rows_are_fed_a_token_of_the_vocabulary(pad, output_logits):
+    """A config's pad id of -1 or past the vocabulary (older conversions ship -1) shows in the stopped rows'
+    output, but the rows are fed a real token: the other rows decode as they do alone."""
+    m = _model()
+    free = Engine(m, max_batch=4, max_seq=64).generate(PROMPTS, 10, eos_token_id=None).tokens
+    eos = int(free[0, 0])  # row 0 stops at its first token
+    assert all(eos not in free[r].tolist() for r in (1, 2, 3))
+    m.config = dataclasses.replace(m.config, pad_token_id=pad)
+    out = Engine(m, max_batch=4, max_seq=64).generate(PROMPTS, 10, eos_token_id=eos, output_logits=output_logits)
+    assert out.tokens[0].tolist() == [eos] + [pad] * 9
+    assert torch.equal(out.tokens[1:], free[1:])
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_seq=100), dict(max_batch=0), dict(cuda_graphs=True),
+                                    dict(fuse="yes"), dict(progress=None)])
+def test_a_refused_engine_leaves_the_model_as_it_was(kwargs):
+    """Every argument is checked before ``merge`` / ``fuse`` change the model."""
+    m = _model()
+    keys = list(m.state_dict())
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        Engine(m, merge=True, **kwargs)
+    assert list(m.state_dict()) == keys
+
+
+@pytest.mark.parametrize("name", ["merge", "prefill_dense", "progress", "fuse", "cuda_graphs"])
+def test_switches_must_be_bools(name):
+    with pytest.raises(ValueError, match=f"{name} must be True or False"):
+        Engine(_model(), **{name: "no"})
+
+
+def test_a_tiny_temperature_tends_to_greedy():
+    """``logits / temperature`` overflowed to inf for temperatures below about 1e-37 (NaN probabilities: token 0);
+    with the largest logit at 0 first, the limit is the argmax."""
+    logits = torch.tensor([[1.0, 5.0, 2.0], [3.0, -1.0, 2.5]])
+    for t in (1e-40, 1e-30, 1e-6):
+        assert sample_tokens(logits, t).tolist() == [1, 0]
+    m = _model()
+    eng = Engine(m, max_batch=1, max_seq=64)
+    greedy = eng.generate([PROMPTS[0]], 4, eos_token_id=None).tokens
+    assert torch.equal(eng.generate([PROMPTS[0]], 4, eos_token_id=None, temperature=1e-40).tokens, greedy)
+
+
+@pytest.mark.parametrize("eos", [True, torch.tensor(3), 3.0, object()])
+def test_eos_token_id_of_the_wrong_type_is_named(eos):
+    eng = Engine(_model(), max_batch=1, max_seq=64)
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        eng.generate([PROMPTS[0]], 2, eos_token_id=eos)
+
+
+def test_attention_mask_must_be_a_tensor():
+    eng = Engine(_model(), max_batch=2, max_seq=64)
+    with pytest.raises(TypeError, match="attention_mask must be"):
+        eng.generate(torch.tensor([[1, 2], [3, 4]]), 2, attention_mask=[[1, 1], [1, 1]])
