@@ -101,13 +101,13 @@
 #          steps word taken at use.)
 # l2warm:  session 71's L2 warm-up during the decode attention (kernels.L2_WARM_MB; never run): tests/test_l2_warm.py
 #          and the attention's GPU tests (the same bits with it), then Llama-3-8B at 80 %, bf16 DeltaRows, batch 1,
-#          bench_e2e.py with 0 / 8 / 20 MB asked after the attention's wait and 20 MB before it, two rounds in one
-#          process each.  If it wins, make the best budget the default (issue 4's 80 % of the floor at batch 1).
+#          bench_e2e.py with 0 / 8 MB asked after the attention's wait and 8 / 20 MB on the side stream (session 72:
+#          L2_WARM_SIDE), two rounds in one process each.  If it wins, make the best budget the default (issue 4's 80 % of the floor at batch 1).
 # l2prof:  session 71's fix of the warm-up (ranges spread over the blocks first) profiled before it is timed:
 #          profile_decode.py, Llama-3-8B bf16 batch 1, dense (l2prof) and 80 % DeltaRows (l2prof80), without, with
 #          8 MB inside the attention and 8 MB on a side stream (L2_WARM_SIDE, session 72); is the attention still
 #          above 7.4 us a layer with it?
-# l2warm16: the same at batches 8 and 16 (Tiled-CSL there: its record rows are the walks), 0 / 8 / 20 MB.
+# l2warm16: the same at batches 8 and 16 (Tiled-CSL there: its record rows are the walks), 0 / 8 / 8 MB side.
 # s71tests: the GPU tests of session 71's changes, all built without a GPU: the decode attention with the warm-up and
 #          its argument checks, _nf's steps word at use (zeroed / nofill modes), spmm_cuda's out checks and large-N
 #          dispatch (test_kernels_gpu.py).
@@ -226,12 +226,13 @@ for group in "${groups[@]}"; do
                 --dtype bf16 --fuse --merge
             done ;;
     l2warm) step tests_l2warm 120 python3 -m pytest -q tests/test_l2_warm.py tests/test_decode_attention.py
-            E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20;FLASH_LLM_L2_WARM_MB=20 FLASH_LLM_L2_WARM_EARLY=1" \
+            W=FLASH_LLM_L2_WARM_MB S=FLASH_LLM_L2_WARM_SIDE=1; E2E_ENVS=";$W=8;$W=8 $S;$W=20 $S" \
               E2E_FORMAT=delta-rows E2E_SPARSITIES=80 E2E_BATCHES=1 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 \
               E2E_TIMEOUT=90 \
               timeout 430 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/l2warm_b1.log" 2>&1
             tail -n 16 "$OUT/l2warm_b1.log" ;;
-    l2warm16) E2E_ENVS=";FLASH_LLM_L2_WARM_MB=8;FLASH_LLM_L2_WARM_MB=20" E2E_FORMAT=delta-rows E2E_SPARSITIES=80 \
+    l2warm16) W=FLASH_LLM_L2_WARM_MB; E2E_ENVS=";$W=8;$W=8 FLASH_LLM_L2_WARM_SIDE=1" E2E_FORMAT=delta-rows \
+              E2E_SPARSITIES=80 \
               E2E_BATCHES=8,16 E2E_EXTRA="--dtype bf16" E2E_ROUNDS=2 E2E_TIMEOUT=120 E2E_TAG=b816 \
               timeout 560 bash benchmarks/gpu_ab_next.sh e2eenv > "$OUT/l2warm_b816.log" 2>&1
               tail -n 16 "$OUT/l2warm_b816.log" ;;
@@ -253,6 +254,6 @@ for group in "${groups[@]}"; do
     h100spmm) step spmm_h100 300 python3 benchmarks/bench_spmm.py --dtypes fp16,bf16 --out "$OUT/spmm_h100" ;;
     sanitize) echo "=== sanitize"; CFGS="" EPILOGUES="" ATTN=0 DR=0 DR_MMA=0 timeout 420 bash benchmarks/gpu_sanitize.sh \
                 > "$OUT/sanitize_run.log" 2>&1; tail -n 24 "$OUT/sanitize.log" ;;
-    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore, l2warm, l2warm16, s71tests)" ;;
+    *) echo "--- unknown step group $group (tests, expand, prefill, memory, lengths, sanitize, dense, h100llama, h100opt, h100spmm, kvlen, uneven, opt66, opt175, encmem, fallback, fallbacktest, switches, h100profile, buildtime, rows, splitrows, bands, tmma, ahead, aheadmore, l2warm, l2warm16, l2prof, l2prof80, s71tests)" ;;
   esac
 done
