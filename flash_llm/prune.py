@@ -10,14 +10,26 @@ Each pruner writes exact zeros into the weights and leaves the model dense; comp
 
 Calibration data is a tensor (token ids ``[B, T]``, or whatever the model takes) or a sequence of them;
 each batch is moved to the device of the model's first parameter and the model is called as
-``model(batch)`` under ``torch.no_grad()`` and in eval mode (the training flag is restored after).
+``model(batch)`` under ``torch.no_grad()`` and in eval mode (every submodule's own training flag is
+restored after).  Calibration inputs of a pruned layer that contain NaN or Inf are refused (ValueError
+naming the layer) before any weight is modified.
 
-Exact counts.  With ``n = round(sparsity * count)`` (Python's ``round``):
+Exact counts.  Each count applies to a group of ``count`` weights; with
+``n = min(round(sparsity * count), count - 1)`` (Python's ``round``; at least one weight of the group is
+kept, since ``sparsity < 1``, so rounding never empties a layer or a row):
 
 * :func:`magnitude_prune_` zeroes ``n`` weights per layer (``scope="layer"``) or ``n`` of all selected
-  weights (``scope="global"``; one threshold over all layers);
-* :func:`wanda_prune_` zeroes ``round(sparsity * K)`` weights in every output row;
-* :func:`sparsegpt_prune_` zeroes ``round(sparsity * M * K)`` weights per layer.
+  weights (``scope="global"``; one threshold over all layers, which can empty a layer of small weights);
+* :func:`wanda_prune_` zeroes ``n`` weights in every output row (``count = K``);
+* :func:`sparsegpt_prune_` zeroes ``n`` weights per layer (``count = M * K``).
+
+Selection.  Every pruner takes the ``nn.Linear`` layers that ``filter_fn`` accepts, except empty ones
+(``in_features`` or ``out_features`` 0: nothing to prune; they are left out of the report, as
+:func:`flash_llm.sparsify_` keeps them dense).  A layer whose weight is recomputed from other tensors at
+every forward (``torch.nn.utils.parametrize``, ``torch.nn.utils.prune``'s ``weight_orig``/``weight_mask``,
+the old ``torch.nn.utils.weight_norm``/``spectral_norm`` hooks) is refused with a ValueError naming it,
+as is a weight tied to another tensor, before any layer is modified: zeros written into such a weight
+would be undone at the next forward or would zero the other tensor too.
 
 Ties in the score go to the lower flat index (for ``scope="global"``, to the earlier layer first), so
 results are deterministic.  Weights already zero score lowest and are pruned first; a layer that had
@@ -30,17 +42,24 @@ becomes the smallest subnormal of its sign, so the zero count stays exact.
 
 Each function returns a :class:`PruneReport`: per layer its fqn, shape, reached sparsity and the
 relative reconstruction error ``||W X - W_p X||_F^2 / ||W X||_F^2`` over the calibration inputs ``X``
-of that layer (``None`` for magnitude pruning without ``calib``).
+of that layer (``None`` for magnitude pruning without ``calib``).  When ``W X`` is zero on every
+calibration token the error is ``0.0`` if ``W_p X`` is zero too (pruning lost nothing) and ``nan``
+otherwise (a relative error of a nonzero change to a zero output is undefined).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from tqdm.auto import tqdm
 
 __all__ = ["magnitude_prune_", "wanda_prune_", "sparsegpt_prune_", "owl_sparsities", "gradual_prune_"]
@@ -58,8 +77,9 @@ class PrunedLayer:
         fqn: fully qualified name in the model (``""`` when the model itself is the ``nn.Linear``).
         shape: ``(out_features, in_features)``.
         sparsity: fraction of exact zeros in the weight after pruning.
-        error: ``||W X - W_p X||_F^2 / ||W X||_F^2`` over the layer's calibration inputs (``nan`` when
-            ``W X`` is zero), or ``None`` when not measured (magnitude pruning without ``calib``).
+        error: ``||W X - W_p X||_F^2 / ||W X||_F^2`` over the layer's calibration inputs, or ``None`` when
+            not measured (magnitude pruning without ``calib``).  When ``W X`` is zero on every token:
+            ``0.0`` if ``W_p X`` is zero too (nothing lost), else ``nan`` (undefined).
     """
 
     fqn: str
@@ -106,9 +126,9 @@ class PruneReport:
 
 # ---- argument checks --------------------------------------------------------------------------------
 
-def _check_sparsity(sparsity) -> float:
+def _check_sparsity(sparsity, name: str = "sparsity") -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of weights set to zero), "
+        raise ValueError(f"{name} must be a number in [0, 1) (the fraction of weights set to zero), "
                          f"got {sparsity!r}")
     return float(sparsity)
 
@@ -139,15 +159,52 @@ def _storage_ptr(t: torch.Tensor) -> int:
         return 0
 
 
-def _select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` layers to prune, in module order; raises when there are none or when a weight
-    is shared with another tensor (pruning it would silently zero the other one too)."""
+def _recomputed_weight(module: nn.Linear) -> str | None:
+    """How ``module.weight`` is recomputed from other tensors at every forward (zeros written into it
+    would be undone), with the call that removes that; None for a plain weight.
+
+    :func:`flash_llm.nn._skip_reason` refuses the same reparametrizations for ``sparsify_``, but among
+    refusals that do not apply to pruning (hooks, subclasses, dtypes, names), so it is not called here.
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        return ("parametrized weight (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm); call "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') first")
+    hooks = list(module._forward_pre_hooks.values())
+    if any(isinstance(h, SpectralNorm) and h.name == "weight" for h in hooks):
+        return "spectral_norm hook (torch.nn.utils.spectral_norm); call remove_spectral_norm(module) first"
+    if hasattr(module, "weight_orig") or hasattr(module, "weight_mask") \
+            or any(isinstance(h, torch_prune.BasePruningMethod) and h._tensor_name == "weight" for h in hooks):
+        return ("pruning reparametrization (torch.nn.utils.prune: weight_orig * weight_mask); call "
+                "torch.nn.utils.prune.remove(module, 'weight') first")
+    if any(isinstance(h, WeightNorm) and h.name == "weight" for h in hooks):
+        return "weight_norm hook (torch.nn.utils.weight_norm); call torch.nn.utils.remove_weight_norm(module) first"
+    if "weight" not in module._parameters and "weight" not in module._buffers:
+        return "weight is neither a parameter nor a buffer of the layer (set by a hook or a property)"
+    return None
+
+
+def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
+                    empty: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` layers to prune, in module order, without empty ones (a dimension 0; their
+    names are appended to ``empty`` when given).  Raises when there are none, when a weight is recomputed
+    from other tensors at every forward (:func:`_recomputed_weight`: the zeros would be undone) or when
+    a weight is shared with another tensor (pruning it would silently zero the other one too)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = [(fqn, m) for fqn, m in model.named_modules()
               if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, fqn))]
+    skipped = [fqn for fqn, m in layers if m.in_features == 0 or m.out_features == 0]
+    if empty is not None:
+        empty.extend(skipped)
+    layers = [(fqn, m) for fqn, m in layers if fqn not in skipped]
     if not layers:
-        raise ValueError("model has no nn.Linear layer to prune" + (" that filter_fn accepts" if filter_fn else ""))
+        raise ValueError("model has no nn.Linear layer to prune" + (" that filter_fn accepts" if filter_fn else "")
+                         + (f" (only empty ones: {skipped})" if skipped else ""))
+    for fqn, m in layers:
+        how = _recomputed_weight(m)
+        if how is not None:
+            raise ValueError(f"{fqn + '.weight' if fqn else 'weight'} is recomputed from other tensors at every "
+                             f"forward ({how}): zeros written into it would be undone at the next forward")
     owners: dict[int, list[str]] = {}
     for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         ptr = _storage_ptr(t)
@@ -165,18 +222,22 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[
 
 
 def _count(sparsity: float, n: int) -> int:
-    return min(n, round(sparsity * n))
+    """Zeros for a group of ``n`` weights: ``round(sparsity * n)``, but at most ``n - 1`` (``sparsity < 1``
+    never empties the group through rounding)."""
+    return max(0, min(n - 1, round(sparsity * n)))
 
 
-def _layer_targets(sparsity, layers: list[tuple[str, nn.Linear]]) -> tuple[list[float], float]:
+def _layer_targets(sparsity, layers: list[tuple[str, nn.Linear]],
+                   empty: list[str] = ()) -> tuple[list[float], float]:
     """Per-layer targets from ``sparsity``: a number (the same for every layer) or a dict ``{fqn: number}``
-    that names every selected layer and nothing else.  Also returns the report's ``target``: the number,
-    or for a dict the parameter-weighted mean of its values."""
+    that names every selected layer and nothing else (keys of the selected ``empty`` layers, which are not
+    pruned, are ignored).  Also returns the report's ``target``: the number, or for a dict the
+    parameter-weighted mean of its values."""
     if not isinstance(sparsity, dict):
         s = _check_sparsity(sparsity)
         return [s] * len(layers), s
     names = [fqn for fqn, _ in layers]
-    unknown = sorted(k for k in sparsity if k not in names)
+    unknown = sorted(k for k in sparsity if k not in names and k not in empty)
     if unknown:
         raise ValueError(f"sparsity has key(s) {unknown} that are not selected nn.Linear layers of model; "
                          f"selected: {names}")
@@ -200,19 +261,36 @@ def _layer_input(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
+def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule's own ``training`` flag, for :func:`_restore_training_flags` (``model.train(flag)``
+    would set them all to one value)."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_training_flags(flags: list[tuple[nn.Module, bool]]) -> None:
+    for m, flag in flags:
+        m.training = flag
+
+
 def _run_with_hooks(model: nn.Module, batches: list[torch.Tensor], hooks: dict[nn.Module, Callable]) -> None:
     """``model(batch)`` for every batch with ``hooks[module](x)`` seeing each input of each hooked
-    module; eval mode and no_grad during the pass.  Raises when a hooked module never ran."""
-    seen: set[nn.Module] = set()
+    module; eval mode and no_grad during the pass (every module's training flag is restored after).
+    Raises when a hooked module never ran, or when an input of one contained NaN or Inf (naming the first
+    such module in call order; checked on the device after the pass, so the pass is not synchronized)."""
+    seen: dict[nn.Module, None] = {}  # in order of first call
+    nonfinite: dict[nn.Module, torch.Tensor] = {}
 
     def make(fn):
         def pre_hook(module, args, kwargs):
-            seen.add(module)
-            fn(_layer_input(args, kwargs).detach())
+            seen.setdefault(module, None)
+            x = _layer_input(args, kwargs).detach()
+            bad = ~torch.isfinite(x).all()
+            nonfinite[module] = bad if module not in nonfinite else nonfinite[module] | bad
+            fn(x)
         return pre_hook
 
     handles = [m.register_forward_pre_hook(make(fn), with_kwargs=True) for m, fn in hooks.items()]
-    was_training = model.training
+    flags = _training_flags(model)
     try:
         model.eval()
         with torch.no_grad():
@@ -221,19 +299,25 @@ def _run_with_hooks(model: nn.Module, batches: list[torch.Tensor], hooks: dict[n
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        _restore_training_flags(flags)
+    names = {m: n for n, m in model.named_modules()}
+    for m in seen:
+        if bool(nonfinite[m]):
+            raise ValueError(f"calibration inputs to {names.get(m) or '<model>'} contain NaN or Inf; check calib "
+                             "and the model (e.g. an fp16 overflow)")
     missing = [m for m in hooks if m not in seen]
     if missing:
-        names = {m: n for n, m in model.named_modules()}
         raise ValueError(f"layer(s) {', '.join(repr(names.get(m, '?')) for m in missing)} received no input when "
                          "the model ran on calib (not called by model(tokens)); exclude them with filter_fn")
 
 
 def _forward_order(model, batches, layers):
-    """``layers`` sorted by their first call when the model runs on the first calibration batch."""
+    """``layers`` sorted by their first call when the model runs on all calibration batches (a layer that
+    only later batches reach, e.g. a routed expert, comes after those the earlier batches called).  This
+    pass also refuses non-finite calibration inputs before any layer is modified."""
     order: dict[nn.Module, int] = {}
     hooks = {m: (lambda x, m=m: order.setdefault(m, len(order))) for _, m in layers}
-    _run_with_hooks(model, batches[:1], hooks)
+    _run_with_hooks(model, batches, hooks)
     return sorted(layers, key=lambda item: order[item[1]])
 
 
@@ -322,11 +406,12 @@ def magnitude_prune_(model: nn.Module, sparsity: float, *, scope: str = "layer",
     """Zero the smallest-magnitude weights of every selected ``nn.Linear``, in place.
 
     Args:
-        model: any module; every ``nn.Linear`` that ``filter_fn`` accepts is pruned.
+        model: any module; every non-empty ``nn.Linear`` that ``filter_fn`` accepts is pruned.
         sparsity: fraction of weights to zero, in ``[0, 1)``.
-        scope: ``"layer"``: exactly ``round(sparsity * M * K)`` zeros in each layer; ``"global"``: one
-            threshold over all selected layers, exactly ``round(sparsity * total)`` zeros in total (layers
-            of larger weights keep more).
+        scope: ``"layer"``: exactly ``min(round(sparsity * M * K), M * K - 1)`` zeros in each layer (one
+            weight is always kept); ``"global"``: one threshold over all selected layers, exactly
+            ``min(round(sparsity * total), total - 1)`` zeros in total (layers of larger weights keep more;
+            a layer of small weights can lose all of them).
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
         calib: optional calibration batches (tensor ``[B, T]`` or a sequence); only used to measure each
             layer's reconstruction error in the report (one forward pass).
@@ -354,8 +439,8 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
     """Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"), in place.
 
     Weight ``W_ij`` of a layer ``[M, K]`` scores ``|W_ij| * ||X_j||_2``, with ``X_j`` input feature ``j``
-    of that layer over all calibration tokens; each output row keeps its ``K - round(sparsity * K)``
-    highest-scoring weights.  No weight update.
+    of that layer over all calibration tokens; each output row keeps its ``K - n`` highest-scoring
+    weights, ``n = min(round(sparsity * K), K - 1)`` (a row always keeps one weight).  No weight update.
 
     The input norms of all layers are collected in one pass of the *dense* model (forward hooks).  The
     reference implementation instead propagates the calibration activations block by block through the
@@ -368,7 +453,7 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
         calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
         sparsity: fraction of each row to zero, in ``[0, 1)``; or a dict ``{fqn: fraction}`` with one
             target per selected layer (e.g. from :func:`owl_sparsities`), each layer's rows then get
-            ``round(sparsity[fqn] * K)`` zeros.
+            ``min(round(sparsity[fqn] * K), K - 1)`` zeros.  Keys naming empty layers are ignored.
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
 
     Returns:
@@ -377,8 +462,9 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
     """
     if not isinstance(sparsity, dict):
         _check_sparsity(sparsity)  # bad numbers fail before the model is inspected, as before
-    layers = _select_linears(model, filter_fn)
-    targets, target = _layer_targets(sparsity, layers)
+    empty: list[str] = []
+    layers = _select_linears(model, filter_fn, empty)
+    targets, target = _layer_targets(sparsity, layers, empty)
     batches = _calib_batches(calib, model)
     scores = _wanda_scores(model, batches, layers)
     masks = [_lowest_per_row(score, _count(s, m.in_features)) for (_, m), score, s in zip(layers, scores, targets)]
@@ -470,20 +556,24 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     their error is spread over the not yet processed columns.
 
     Exact sparsity: each block gets its share of the layer's zeros (cumulative rounding of
-    ``sparsity * M * K * block_end / K``), so the layer ends with exactly ``round(sparsity * M * K)``
-    zeros; rows may differ, as in the paper.  Weights of dead inputs score 0 (free to prune) but are
-    never zeroed beyond the block's share.
+    ``sparsity * M * K * block_end / K``; the last block gets the rest), so the layer ends with exactly
+    ``min(round(sparsity * M * K), M * K - 1)`` zeros (a layer always keeps one weight); rows may differ,
+    as in the paper.  Weights of dead inputs score 0 (free to prune) but are never zeroed beyond the
+    block's share.
 
-    Order: layers are pruned one after another in the order the model first calls them, each on the
-    inputs it receives from the already pruned earlier layers.  For that the model runs on all of
-    ``calib`` once per layer (a hook accumulates that layer's ``H``): ``L`` forward passes, simple and
-    exact for any model, meant for models small enough to run that often.
+    Order: layers are pruned one after another in the order the model first calls them when it runs on
+    all of ``calib`` (a layer that only later batches reach, e.g. a routed expert, comes after the layers
+    of the earlier batches), each on the inputs it receives from the already pruned earlier layers.  That
+    ordering pass also refuses NaN/Inf calibration inputs before any layer is modified.  Then the model
+    runs on all of ``calib`` once per layer (a hook accumulates that layer's ``H``): ``L + 1`` forward
+    passes, simple and exact for any model, meant for models small enough to run that often.
 
     Args:
         model: any module called as ``model(batch)``.
         calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
         sparsity: fraction of each layer's weights to zero, in ``[0, 1)``; or a dict ``{fqn: fraction}``
-            with one target per selected layer (e.g. from :func:`owl_sparsities`).
+            with one target per selected layer (e.g. from :func:`owl_sparsities`); keys naming empty
+            layers are ignored.
         blocksize: columns per block (the lazy-update batch of the reference; 128).
         percdamp: dampening, as a fraction of the mean of ``diag(H)`` (0.01).
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
@@ -498,8 +588,9 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0.0 < percdamp < math.inf:
         raise ValueError(f"percdamp must be a positive number, got {percdamp!r}")
-    layers = _select_linears(model, filter_fn)
-    targets, target = _layer_targets(sparsity, layers)
+    empty: list[str] = []
+    layers = _select_linears(model, filter_fn, empty)
+    targets, target = _layer_targets(sparsity, layers, empty)
     layer_target = {m: t for (_, m), t in zip(layers, targets)}
     batches = _calib_batches(calib, model)
     report = PruneReport("sparsegpt", target)
@@ -525,16 +616,17 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
 
 # ---- OWL: outlier-weighted layerwise sparsity --------------------------------------------------------
 
-def _shift_to_mean(raw: list[float], sizes: list[int], target: float, hi: float) -> list[float]:
-    """``clip(raw_l + c, 0, hi)`` with the one shift ``c`` that makes the ``sizes``-weighted mean equal
+def _shift_to_mean(raw: list[float], sizes: list[int], target: float, hi: list[float]) -> list[float]:
+    """``clip(raw_l + c, 0, hi_l)`` with the one shift ``c`` that makes the ``sizes``-weighted mean equal
     ``target``: the weighted mean is nondecreasing in ``c``, so bisect, then solve the last step exactly
-    on the layers left unclipped."""
+    on the layers left unclipped.  When ``target`` is not below the weighted mean of ``hi`` every layer
+    gets its ``hi_l``."""
     total = float(sum(sizes))
 
     def mean(c):
-        return sum(min(max(r + c, 0.0), hi) * n for r, n in zip(raw, sizes)) / total
+        return sum(min(max(r + c, 0.0), h) * n for r, h, n in zip(raw, hi, sizes)) / total
 
-    lo_c, hi_c = -max(raw) - 1.0, hi - min(raw) + 1.0  # mean(lo_c) = 0 <= target < hi = mean(hi_c)
+    lo_c, hi_c = -max(raw) - 1.0, max(hi) - min(raw) + 1.0  # mean(lo_c) = 0; mean(hi_c) = mean of hi
     for _ in range(200):
         mid = 0.5 * (lo_c + hi_c)
         if mean(mid) < target:
@@ -542,10 +634,10 @@ def _shift_to_mean(raw: list[float], sizes: list[int], target: float, hi: float)
         else:
             hi_c = mid
     c = 0.5 * (lo_c + hi_c)
-    free = sum(n for r, n in zip(raw, sizes) if 0.0 < r + c < hi)
+    free = sum(n for r, h, n in zip(raw, hi, sizes) if 0.0 < r + c < h)
     if free:
         c += (target - mean(c)) * total / free
-    return [min(max(r + c, 0.0), hi) for r in raw]
+    return [min(max(r + c, 0.0), h) for r, h in zip(raw, hi)]
 
 
 def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, lam: float = 0.08,
@@ -559,11 +651,13 @@ def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, 
     layer has the same ``D_l``) and ``s_l = sparsity - lam * d_l``: more outliers, fewer zeros.  The
     values are then shifted by one common constant so that the parameter-weighted mean
     ``sum_l s_l * M_l K_l / sum_l M_l K_l`` equals ``sparsity`` (the paper shifts the plain mean); when a
-    shifted value leaves ``[0, 1)`` it is clipped (to 0, or to the largest double below 1) and the shift
-    is solved again over the others, so the weighted mean stays exactly ``sparsity`` (up to rounding of
-    doubles).  Pass the result to :func:`wanda_prune_` or :func:`sparsegpt_prune_`; their zero counts are
-    then rounded per layer (Wanda per row) as usual, so the model's overall sparsity can differ from
-    ``sparsity`` by that rounding.
+    shifted value leaves ``[0, (K_l - 1) / K_l]`` it is clipped (to 0, or to ``(K_l - 1) / K_l``: all but
+    one weight of each row for Wanda, ``M_l * (K_l - 1)`` zeros for SparseGPT, the most a layer can lose
+    while every row can keep a weight) and the shift is solved again over the others, so the weighted
+    mean stays exactly ``sparsity`` (up to rounding of doubles); only when ``sparsity`` is at least the
+    weighted mean of those caps does every layer get its cap and the mean fall short.  Pass the result to
+    :func:`wanda_prune_` or :func:`sparsegpt_prune_`; their zero counts are then rounded per layer (Wanda
+    per row) as usual, so the model's overall sparsity can differ from ``sparsity`` by that rounding.
 
     Args:
         model: any module called as ``model(batch)``; not modified.
@@ -574,7 +668,7 @@ def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, 
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer out.
 
     Returns:
-        ``{fqn: sparsity}`` for every selected ``nn.Linear``, in module order.
+        ``{fqn: sparsity}`` for every selected non-empty ``nn.Linear``, in module order.
     """
     sparsity = _check_sparsity(sparsity)
     if isinstance(M, bool) or not isinstance(M, (int, float)) or not 0.0 < M < math.inf:
@@ -591,7 +685,8 @@ def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, 
     lo, hi = min(ratios), max(ratios)
     d = [2.0 * (r - lo) / (hi - lo) - 1.0 if hi > lo else 0.0 for r in ratios]
     sizes = [m.weight.numel() for _, m in layers]
-    out = _shift_to_mean([sparsity - lam * x for x in d], sizes, sparsity, math.nextafter(1.0, 0.0))
+    caps = [(m.in_features - 1) / m.in_features for _, m in layers]
+    out = _shift_to_mean([sparsity - lam * x for x in d], sizes, sparsity, caps)
     return {fqn: s for (fqn, _), s in zip(layers, out)}
 
 
@@ -627,6 +722,19 @@ def _cycle(batches, device):
                                                     "(a list or a DataLoader), not a one-shot iterator" if n else ""))
 
 
+def _check_loss(loss) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"loss_fn must return a scalar tensor, got "
+                        f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+
+
+def _check_logits(out, t_out) -> None:
+    if not isinstance(out, torch.Tensor) or not isinstance(t_out, torch.Tensor) or out.shape != t_out.shape:
+        raise ValueError("distillation needs model(batch) and teacher(batch) to return logits of one "
+                         f"shape, got {getattr(out, 'shape', type(out).__name__)} and "
+                         f"{getattr(t_out, 'shape', type(t_out).__name__)}")
+
+
 def _check_int(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -642,19 +750,26 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
 
     ``steps`` optimizer steps ``t = 0 .. steps-1`` on ``batches`` (cycled).  At ``t = begin, begin +
     frequency, ...`` below ``end``, and at ``t = end``, each selected layer's mask is recomputed by
-    magnitude: exactly ``round(s_t * M * K)`` zeros with the cubic schedule
+    magnitude: exactly ``min(round(s_t * M * K), M * K - 1)`` zeros (a layer always keeps one weight) with
+    the cubic schedule
     ``s_t = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin))^3`` (``s_i = initial_sparsity``,
     ``s_f = final_sparsity``).  Weights already zero score lowest, so pruned weights stay pruned.  Between
     updates the masks are fixed: gradients of pruned weights are zeroed before every optimizer step and
     the zeros are written again after it (momentum or weight decay cannot revive them), so pruned weights
     stay exactly zero.  With ``end == steps`` the last update (to ``s_f``) comes after the last step.
-    Every layer thus ends with exactly ``round(final_sparsity * M * K)`` zeros (more only if training
-    drove a kept weight to exactly zero).
+    Every layer thus ends with exactly ``min(round(final_sparsity * M * K), M * K - 1)`` zeros (more only
+    if training drove a kept weight to exactly zero).
 
     Each step: ``out = model(batch)`` in train mode, ``loss = loss_fn(out, batch)`` and, with a teacher,
     ``loss += distill_weight * KL(softmax(teacher(batch)) || softmax(out))`` (temperature 1; both outputs
     are logits ``[..., V]``, KL summed over ``V`` and averaged over the other positions; the teacher runs
-    in eval mode under ``no_grad``).  The training flags of model and teacher are restored at the end.
+    in eval mode under ``no_grad``).  The training flags of model and teacher (every submodule's own) are
+    restored at the end.
+
+    Bad input is refused before any weight is modified: an empty ``batches`` before the first step, and
+    with ``begin == 0`` (a mask update before the first step) ``loss_fn``'s result and the teacher's
+    output shape are checked first on one extra forward of the first batch in eval mode under
+    ``no_grad``.  (With ``begin > 0`` step 0 checks them before its optimizer step.)
 
     Precision: the model trains in fp32; fp16/bf16 parameters are refused (call ``model.float()`` first;
     mixed precision, e.g. ``torch.autocast`` inside ``loss_fn`` or the model, is the caller's job).
@@ -683,11 +798,8 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         A :class:`GradualPruneReport` (``method="gradual"``, ``error`` ``None``) with the loss per step and
         the schedule of mask updates.
     """
-    final_sparsity = _check_sparsity(final_sparsity)
-    try:
-        initial_sparsity = _check_sparsity(initial_sparsity)
-    except ValueError as e:
-        raise ValueError(f"initial_sparsity: {e}") from None
+    final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
+    initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
     if initial_sparsity > final_sparsity:
         raise ValueError(f"initial_sparsity ({initial_sparsity}) must not exceed final_sparsity ({final_sparsity})")
     _check_int("steps", steps, 1)
@@ -741,30 +853,35 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
                 w.masked_fill_(~keep[i], 0)
         report.schedule.append((t, s))
 
-    model_was_training = model.training
-    teacher_was_training = teacher.training if teacher is not None else False
+    model_flags = _training_flags(model)
+    teacher_flags = _training_flags(teacher) if teacher is not None else []
     data = _cycle([batches] if isinstance(batches, torch.Tensor) else batches, device)
     bar = tqdm(range(steps), desc="gradual prune", unit="step", disable=not progress)
     try:
-        model.train()
         if teacher is not None:
             teacher.eval()
+        first = next(data)  # an empty `batches` is refused here, before anything is modified
+        data = itertools.chain([first], data)
+        if begin == 0:  # the first mask update precedes step 0's checks: check loss_fn (and teacher) first
+            model.eval()
+            with torch.no_grad():
+                out = model(first)
+                _check_loss(loss_fn(out, first))
+                if teacher is not None:
+                    _check_logits(out, teacher(first))
+            del out
+        model.train()
         for t in bar:
             if t in update_at:
                 update_masks(t)
             batch = next(data)
             out = model(batch)
             loss = loss_fn(out, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TypeError(f"loss_fn must return a scalar tensor, got "
-                                f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+            _check_loss(loss)
             if teacher is not None:
                 with torch.no_grad():
                     t_out = teacher(batch)
-                if not isinstance(out, torch.Tensor) or not isinstance(t_out, torch.Tensor) or out.shape != t_out.shape:
-                    raise ValueError("distillation needs model(batch) and teacher(batch) to return logits of one "
-                                     f"shape, got {getattr(out, 'shape', type(out).__name__)} and "
-                                     f"{getattr(t_out, 'shape', type(t_out).__name__)}")
+                _check_logits(out, t_out)
                 v = out.shape[-1]
                 kl = nn.functional.kl_div(out.float().reshape(-1, v).log_softmax(-1),
                                           t_out.float().reshape(-1, v).log_softmax(-1),
@@ -786,9 +903,8 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             update_masks(steps)
     finally:
         bar.close()
-        model.train(model_was_training)
-        if teacher is not None:
-            teacher.train(teacher_was_training)
+        _restore_training_flags(model_flags)
+        _restore_training_flags(teacher_flags)
     for (fqn, m) in layers:
         report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), None))
     return report
