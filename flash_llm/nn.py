@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 from .formats import FORMATS, BitmapTiles, DeltaRows, FormatError, SparseFormat, TiledCSL
 from .formats._base import METADATA_KEY, VALUE_DTYPES, check_dense_weight, count_nonzero, dtype_name
 from .ops import spmm
+from .prune import _recomputed_weight
 
 #: Format names accepted by ``fmt=`` and :attr:`SparsifyConfig.format`.
 FORMAT_NAMES = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL, "delta-rows": DeltaRows}
@@ -445,9 +446,10 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
     if type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__} overrides nn.Linear.forward"
     if parametrize.is_parametrized(module):
-        return "parametrized weight (torch.nn.utils.parametrize); remove the parametrization first"
-    if hasattr(module, "weight_orig") or hasattr(module, "weight_mask"):
-        return "pruning reparametrization (torch.nn.utils.prune); call prune.remove(module, 'weight') first"
+        return "parametrized weight or bias (torch.nn.utils.parametrize); remove the parametrization first"
+    how = _recomputed_weight(module)  # (torch prune's weight_orig / weight_mask, weight_norm, ...: as the pruners)
+    if how is not None:
+        return f"weight recomputed at every forward: {how}"
     hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
     if hooks:
         return f"has {hooks} forward hook(s) that a replacement would drop"
