@@ -82,13 +82,31 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
     """Write ``model`` as a plain dense Hugging Face checkpoint directory ``out``: ``config.json`` (``cfg``
     plus ``"torch_dtype"``) and ``model.safetensors`` (the state dict in ``dtype``).
 
+    A :class:`~flash_llm.SparseLinear` layer is written as its dense weight (and bias), so a pruned and
+    sparsified model saves as the dense checkpoint transformers and :func:`load_dir` read; tied tensors (a tied
+    ``lm_head``) are written once, under their first name, as transformers writes them.  Merged projections are
+    refused (unmerge them first, :func:`flash_llm.models.unmerge_projections`).
+
     Atomic: both files go to a temporary directory beside ``out`` that replaces ``out`` at the end, so an
     interrupted call leaves ``out`` as it was.  Raises ``FileExistsError`` when ``out`` exists, unless
     ``overwrite``."""
     from ..checkpoint._files import atomic_directory, save_safetensors
+    from ..checkpoint._model import state_to_save
+    from ..checkpoint.pretrained import _refuse_merged
 
     out = Path(out)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+    _refuse_merged(model)
+    saved, sparse = state_to_save(model)  # (tied tensors once; SparseLinear's arrays, without its extra state)
+    state = {}
+    for k, v in saved.items():
+        owner, _, attr = k.rpartition(".")
+        if owner in sparse and attr.startswith("weight_"):  # a compressed array: the layer's dense weight instead
+            if f"{owner}.weight" not in state:
+                state[f"{owner}.weight"] = sparse[owner].to_dense()
+            continue
+        state[k] = v
+    # (copies: a tensor already in dtype on the CPU would otherwise be the model's own, shared with its ties)
+    state = {k: v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in state.items()
              if v.is_floating_point()}
     cfg = dict(cfg, torch_dtype=str(dtype).removeprefix("torch."))
     with atomic_directory(out, overwrite) as tmp:

@@ -3,7 +3,9 @@ every inconsistency an error naming the file and the tensor), writing shards, an
 output directory atomically (a temporary directory renamed at the end).
 
 A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or the shards listed in
-``model.safetensors.index.json`` (``{"metadata": {...}, "weight_map": {tensor: shard file}}``).
+``model.safetensors.index.json`` (``{"metadata": {...}, "weight_map": {tensor: shard file}}``); where both are
+present, ``model.safetensors`` is read (as transformers does: re-saving a model unsharded into the directory of
+its sharded save leaves the old index behind).
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 # Files next to the weights that describe them (copied by ``convert``); weights in other formats are not.
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|.*\.safetensors\.index\.json$")
+#: Endings of tensor names some checkpoints store that are no weights of the model: buffers it computes itself
+#: (Llama-2-era files' per-layer ``...self_attn.rotary_emb.inv_freq``).  Readers skip them, as transformers does.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def stored_names(name: str) -> tuple[str, ...]:
+    """The names under which a checkpoint may store the model's tensor ``name``, preferred first: ``name`` itself
+    and, for a name under ``model.``, the name without it (files saved from the base model, as transformers
+    reads them: older OPT files such as facebook/opt-6.7b and larger have ``decoder.embed_tokens.weight``)."""
+    return (name, name.removeprefix("model.")) if name.startswith("model.") else (name,)
 
 
 def parse_size(size) -> int:
@@ -129,10 +141,11 @@ class CheckpointFiles:
 def open_checkpoint(path) -> CheckpointFiles:
     """Read ``config.json`` and the headers of every shard of the checkpoint directory ``path``.
 
-    Raises ``FileNotFoundError`` for a missing directory and :class:`~flash_llm.FormatError` naming the
-    file (and tensor) for anything inconsistent: no weights, a bad index, a shard that is missing,
-    truncated or corrupt, a tensor the index lists in a shard that does not hold it, or a tensor in a
-    shard that the index does not list.
+    ``model.safetensors`` is read when present, else the shards the index lists (transformers' order: an index
+    left beside a newer single file is stale).  Raises ``FileNotFoundError`` for a missing directory and
+    :class:`~flash_llm.FormatError` naming the file (and tensor) for anything inconsistent: no weights, a bad
+    index, a shard that is missing, truncated or corrupt, a tensor the index lists in a shard that does not
+    hold it, or a tensor in a shard that the index does not list.
     """
     path = Path(os.fspath(path))
     if not path.exists():
@@ -142,7 +155,11 @@ def open_checkpoint(path) -> CheckpointFiles:
     config = read_json(path / CONFIG_NAME, "config.json")
     index_path, single = path / INDEX_NAME, path / WEIGHTS_NAME
     tensors: dict[str, TensorInfo] = {}
-    if index_path.exists():
+    if single.exists():
+        shard = Shard(single)
+        shards = [single]
+        tensors = {k: shard.info(k) for k in shard.keys}
+    elif index_path.exists():
         index = read_json(index_path, "the safetensors index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -167,10 +184,6 @@ def open_checkpoint(path) -> CheckpointFiles:
                                   f"for it ({len(extra)} such tensor(s)); the index and the shards disagree")
             for name in shard.keys:
                 tensors[name] = shard.info(name)
-    elif single.exists():
-        shard = Shard(single)
-        shards = [single]
-        tensors = {k: shard.info(k) for k in shard.keys}
     else:
         other = sorted(p.name for p in path.iterdir() if _WEIGHT_FILE.fullmatch(p.name))
         hint = f" (found {', '.join(other)}: flash-llm reads safetensors checkpoints only)" if other else ""

@@ -42,25 +42,52 @@ def transformers_available() -> bool:
         return False
 
 
-def build_skeleton(config: dict, dtype: torch.dtype, backend: str = "auto") -> nn.Module:
+# config.json keys of options flash_llm.models does not implement (some values of them), which transformers does
+_OPTION_KEYS = ("hidden_act", "activation_function", "rope_scaling", "rope_parameters", "sliding_window",
+                "pretraining_tp")
+
+
+def _flash_config(cfg: dict, backend: str, source):
+    """``ModelConfig.from_hf(cfg)``, or None where ``backend="auto"`` should build the model with transformers
+    instead: an architecture flash_llm.models does not build, or an option it does not implement (the config
+    without :data:`_OPTION_KEYS` reads).  Any other error of the config (a missing or invalid field of a
+    supported architecture: transformers would quietly build another model from its defaults) is a ValueError
+    naming ``source``."""
+    from ..models import ModelConfig
+    from ..models.config import _MODEL_TYPES
+
+    try:
+        return ModelConfig.from_hf(cfg)
+    except ValueError as e:
+        error = e
+    if backend == "auto" and transformers_available():
+        if cfg.get("model_type") not in _MODEL_TYPES:
+            return None
+        try:
+            ModelConfig.from_hf({k: v for k, v in cfg.items() if k not in _OPTION_KEYS})
+            return None  # only an option flash_llm.models does not implement
+        except ValueError as e:
+            error = e  # (the config's own error, rather than the unsupported option's)
+    raise ValueError(f"{source}: {str(error).removeprefix('config: ')}") from None
+
+
+def build_skeleton(config: dict, dtype: torch.dtype, backend: str = "auto", source="config.json") -> nn.Module:
     """A causal LM for the Hugging Face ``config`` dict with every parameter on ``meta``.
 
     ``backend``: ``"flash"`` (:func:`flash_llm.models.from_config`: OPT and Llama), ``"hf"`` (transformers'
     ``AutoModelForCausalLM``, any architecture it knows) or ``"auto"`` (flash_llm.models for the
-    architectures it supports, else transformers).
+    architectures and options it supports, else transformers).  A config flash_llm.models refuses for another
+    reason (a missing or invalid field) raises ``ValueError`` naming ``source`` (the ``config.json`` path) under
+    ``"auto"`` too.
     """
     if backend not in ("auto", "flash", "hf"):
         raise ValueError(f"backend must be 'auto', 'flash' or 'hf', got {backend!r}")
     cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
     if backend in ("auto", "flash"):
-        from ..models import ModelConfig, from_config
+        from ..models import from_config
 
-        try:
-            model_config = ModelConfig.from_hf(cfg)
-        except ValueError:  # an architecture or option flash_llm.models does not support
-            if backend == "flash" or not transformers_available():
-                raise
-        else:
+        model_config = _flash_config(cfg, backend, source)
+        if model_config is not None:
             return from_config(model_config, dtype=dtype, device="meta")
     try:
         import transformers

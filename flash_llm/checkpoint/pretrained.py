@@ -42,6 +42,7 @@ from . import sparse_bitmask as sb
 QUANT_METHOD = "flash_llm"
 FORMAT_VERSION = 1
 _ARRAYS = ("data", "offsets")  # SparseLinear buffers weight_data, weight_offsets
+_HEADER_SUFFIX = f".weight_{METADATA_KEY}"  # a sparse layer's format metadata in its shard's header
 
 
 def _progress(**kw):
@@ -191,7 +192,7 @@ def iter_checkpoint(files: _files.CheckpointFiles, kind: CheckpointKind, device=
         for path, keys in files.shard_keys().items():
             shard = _files.Shard(path)
             for k, v in shard.metadata.items():
-                if k != "format":
+                if k.endswith(_HEADER_SUFFIX):  # flash-llm's own (other tools' entries, e.g. "format", may differ)
                     if header.get(k, v) != v:
                         raise FormatError(f"{path}: header metadata '{k}' differs from another shard's")
                     header[k] = v
@@ -279,12 +280,26 @@ class _Loader:
             if s.bias:
                 self.expected[f"{fqn}.bias"] = ((s.out_features,), s.dtype)
         self.non_persistent = _model.non_persistent_buffers(module)
+        # other names the checkpoint may store a tensor under (files saved from the base model: older OPT)
+        self.renamed = {alt: key for key in self.expected for alt in _files.stored_names(key)[1:]
+                        if alt not in self.expected}
+        self.stored_as: dict[str, str] = {}  # model name -> the checkpoint's name, where they differ
         self.values: dict[str, torch.Tensor | SparseFormat] = {}
         self.report = SparsifyReport()
 
     # -- the pass --
     def run(self) -> None:
         for e in iter_checkpoint(self.files, self.kind, self.device, self.progress):
+            if e.key not in self.expected and e.key in self.renamed:
+                key = self.renamed[e.key]
+                if key in self.values or key in self.stored_as:
+                    raise FormatError(f"{e.path}: tensor '{e.key}' is '{key}' stored a second time (under the "
+                                      "name without the leading 'model.')")
+                self.stored_as[key] = e.key
+                e.key = key
+            elif e.key in self.stored_as:
+                raise FormatError(f"{e.path}: tensor '{e.key}' is stored a second time (also as "
+                                  f"'{self.stored_as[e.key]}')")
             if e.kind == "dense":
                 self._place(e.key, e.value, e.path)
             elif e.kind == "flash-llm":
@@ -296,7 +311,7 @@ class _Loader:
     def _check_known(self, key: str, path: Path) -> bool:
         if key in self.expected:
             return True
-        if key in self.non_persistent:
+        if key in self.non_persistent or key.endswith(_files.IGNORED_SUFFIXES):
             return False  # an old checkpoint storing a buffer the model computes itself (rotary inv_freq)
         raise FormatError(f"{path}: tensor '{key}' has no place in the {type(self.module).__name__} built from "
                           f"{self.config_path} (wrong config.json, or a checkpoint of another model)")
@@ -442,12 +457,15 @@ class _Loader:
         result = module.load_state_dict(dense_state, strict=False, assign=True)
         if result.unexpected_keys:
             raise FormatError(f"{self.files.path}: tensors {result.unexpected_keys[:5]} did not fit the model")
-        # re-tie: every alias of a loaded tensor becomes that tensor
+        # re-tie: every name of a tied tensor becomes the tensor loaded under the first of its names the checkpoint
+        # holds (whichever it is: a tied checkpoint may store the shared matrix as lm_head.weight only); names
+        # stored more than once (equal, checked above) are tied again too, as load_state_dict(assign=True)
+        # assigned them separately
         for key, group in self.aliases.items():
-            if len(group) < 2 or key in loaded:
-                continue
             src = next((a for a in group if a in loaded), None)
-            if src is None or src not in dense_state:
+            if len(group) < 2 or key == src or src not in dense_state:
+                continue
+            if isinstance(self.values.get(key), SparseFormat):  # (became a SparseLinear: nothing to tie)
                 continue
             owner, _, attr = src.rpartition(".")
             src_mod = module.get_submodule(owner)
@@ -551,19 +569,24 @@ def load_checkpoint(module: nn.Module, path, *, device="cpu", sparsify: Sparsify
 
 # ---- from_pretrained / save_pretrained -------------------------------------------------------------------
 
-def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path) -> torch.dtype:
-    if kind.kind == "flash-llm" and kind.sparse_modules:
+def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path, sparsify=None) -> torch.dtype:
+    """The dtype to build the model in for :func:`from_pretrained` / :func:`convert`: ``dtype``, else a flash-llm
+    checkpoint's sparse layers', else ``config.json``'s (or the weights' own).  A ``dtype`` other than a flash-llm
+    checkpoint's sparse layers' is refused only where they are to load as saved (``sparsify=None``); with
+    ``sparsify=False`` or a SparsifyConfig they are decompressed or re-encoded in ``dtype``."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if kind.kind == "flash-llm" and kind.sparse_modules and (dtype is None or sparsify is None):
         stored = {_DTYPES_BY_NAME[m["dtype"]] for m in kind.sparse_modules.values()}
         if len(stored) > 1:
             raise FormatError(f"{source}: sparse layers of several dtypes {sorted(map(str, stored))}")
         (stored,) = stored
         if dtype is not None and dtype != stored:
-            raise ValueError(f"{source.parent} holds layers compressed as {stored}; dtype={dtype} would need "
-                             "re-compression (load without dtype, or convert the dense model again)")
+            raise ValueError(f"{source.parent} holds layers compressed as {stored}; dtype={dtype} would need them "
+                             "decompressed or re-encoded: load without dtype, or pass sparsify=False (dense) or a "
+                             "SparsifyConfig (compressed again in dtype)")
         return stored
     if dtype is not None:
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         return dtype
     declared = config_dtype(config)
     if declared is None:  # as transformers' dtype="auto": the weights' own floating dtype
@@ -594,7 +617,9 @@ def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
         path: the checkpoint directory (``config.json`` + safetensors).
         device: where the model goes.
         dtype: the model's dtype; default: a flash-llm checkpoint's, else ``config.json``'s if fp16/bf16
-            (a float32 checkpoint needs ``dtype=torch.float16`` or ``torch.bfloat16``).
+            (a float32 checkpoint needs ``dtype=torch.float16`` or ``torch.bfloat16``).  A flash-llm checkpoint
+            loads in another dtype only with ``sparsify=False`` or a SparsifyConfig (its sparse layers are then
+            decompressed or re-encoded; as saved, they keep the dtype they were compressed in).
         sparsify: as in :func:`load_checkpoint`.
         backend: ``"auto"``, ``"flash"`` or ``"hf"``.
         output_report: also return the :class:`flash_llm.nn.SparsifyReport`.
@@ -605,8 +630,8 @@ def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
     path = Path(os.fspath(path))
     config = read_config(path)
     kind = checkpoint_kind(config, path / _files.CONFIG_NAME)
-    dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME)
-    model = _model.build_skeleton(config, dtype, backend)
+    dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME, sparsify)
+    model = _model.build_skeleton(config, dtype, backend, path / _files.CONFIG_NAME)
     report = load_checkpoint(model, path, device=device, sparsify=sparsify, progress=progress)
     model.to(device)  # what the model computes itself (rotary frequencies) was built on the CPU beside the skeleton
     model.eval()
@@ -749,18 +774,19 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float = 0.3, dtyp
         raise ValueError(f"source and destination are the same directory ({src}); write elsewhere")
     config = read_config(src)
     kind = checkpoint_kind(config, src / _files.CONFIG_NAME)
+    # (every layer is decided again: a flash-llm source is decompressed or re-encoded, in any dtype)
+    sparsify = False if format == sb.FORMAT else SparsifyConfig(format=format, min_sparsity=min_sparsity)
     if format == sb.FORMAT and kind.kind != "flash-llm":  # dense output: any floating dtype
         load_dtype = dtype or config_dtype(config) or torch.float32
     else:
-        load_dtype = _resolve_dtype(config, kind, dtype, src / _files.CONFIG_NAME)
+        load_dtype = _resolve_dtype(config, kind, dtype, src / _files.CONFIG_NAME, sparsify)
     out_config = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
-    model = _model.build_skeleton(config, load_dtype, backend)
+    model = _model.build_skeleton(config, load_dtype, backend, src / _files.CONFIG_NAME)
     if format == sb.FORMAT:
-        load_checkpoint(model, src, device=device, sparsify=False, progress=progress)
+        load_checkpoint(model, src, device=device, sparsify=sparsify, progress=progress)
         return write_sparse_bitmask(model, dst, config=out_config, max_shard_size=max_shard_size,
                                     overwrite=overwrite, progress=progress, _copy_files_from=src)
-    report = load_checkpoint(model, src, device=device, progress=progress,
-                             sparsify=SparsifyConfig(format=format, min_sparsity=min_sparsity))
+    report = load_checkpoint(model, src, device=device, progress=progress, sparsify=sparsify)
     save_pretrained(model, dst, config=out_config, max_shard_size=max_shard_size, overwrite=overwrite,
                     progress=progress, _copy_files_from=src)
     return report

@@ -266,12 +266,18 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.input_embeddings().weight
 
     def _install_tying_hooks(self) -> None:
-        # A tied checkpoint may omit lm_head.weight (HF's safetensors files do); and load_state_dict(assign=True)
-        # assigns the two keys separately, untying them.  Fill the key in before loading, re-tie after.
+        # A tied checkpoint may store the shared matrix under one of its two names only (HF's safetensors files omit
+        # lm_head.weight; others keep lm_head.weight alone, and transformers loads both); and
+        # load_state_dict(assign=True) assigns the two keys separately, untying them.  Fill the missing key in
+        # before loading, re-tie after.
         def pre(module, state_dict, prefix, *args):
+            if not self.config.tie_word_embeddings:
+                return
             key, head = prefix + self._embed_key(), prefix + "lm_head.weight"
-            if self.config.tie_word_embeddings and head not in state_dict and key in state_dict:
+            if head not in state_dict and key in state_dict:
                 state_dict[head] = state_dict[key]
+            elif key not in state_dict and head in state_dict:
+                state_dict[key] = state_dict[head]
 
         def post(module, incompatible):
             if isinstance(self.lm_head, nn.Linear):

@@ -112,6 +112,24 @@ def _check_fmt(fmt) -> str:
     return fmt
 
 
+def _check_config(config) -> ModelConfig:
+    """``config`` as the builders take it: a :class:`ModelConfig`, or a preset name; TypeError otherwise."""
+    cfg = preset(config) if isinstance(config, str) else config
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig or a preset name, got {type(config).__name__}")
+    return cfg
+
+
+def _check_sparsity(sparsity) -> float | None:
+    """``sparsity`` as the builders take it: None (or 0) for dense, else a number in (0, 1); ValueError otherwise."""
+    if sparsity == 0 and not isinstance(sparsity, bool):  # (False is refused below, as True is)
+        return None
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                 or not 0 < sparsity < 1):
+        raise ValueError(f"sparsity must be None (dense) or a number in (0, 1), got {sparsity!r}")
+    return sparsity
+
+
 def _projection_fqns(config: ModelConfig) -> list[tuple[str, int, int]]:
     layers = "model.layers" if config.family == "llama" else "model.decoder.layers"
     return [(f"{layers}.{i}.{name}", m, k) for i in range(config.num_layers) for name, m, k in config.linear_shapes()]
@@ -125,8 +143,11 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
     the expected nonzero count; with ``tp_size`` ranks, one rank's slices), ``other`` (embeddings, norms, biases,
     a dense ``lm_head``: replicated on every rank), ``total``, and ``transient`` (the extra peak while one
     projection is drawn and compressed; tensor-parallel builds draw the full projection, then keep a slice).
+    ``sparsity`` and ``tp_size`` are checked as :func:`build_synthetic` checks them (ValueError).
     """
-    cfg = preset(config) if isinstance(config, str) else config
+    cfg = _check_config(config)
+    sparsity = _check_sparsity(sparsity)
+    check_divisible(cfg, tp_size)
     formula_bytes = _FORMULAS[_check_fmt(fmt)]
     es = torch.empty(0, dtype=dtype).element_size()
     proj, largest = 0.0, 0
@@ -318,14 +339,8 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
         DoesNotFit: the estimated weights plus the build's transient memory exceed ``memory_limit`` (nothing
             is allocated then).
     """
-    cfg = preset(config) if isinstance(config, str) else config
-    if not isinstance(cfg, ModelConfig):
-        raise TypeError(f"config must be a ModelConfig or a preset name, got {type(config).__name__}")
-    if sparsity == 0 and not isinstance(sparsity, bool):  # (False is refused below, as True is)
-        sparsity = None
-    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
-                                 or not 0 < sparsity < 1):
-        raise ValueError(f"sparsity must be None (dense) or a number in (0, 1), got {sparsity!r}")
+    cfg = _check_config(config)
+    sparsity = _check_sparsity(sparsity)
     if dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
     device = torch.device(device)
