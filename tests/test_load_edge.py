@@ -353,3 +353,20 @@ def test_estimate_bytes_checks_tp_size_and_config():
         estimate_bytes(cfg, 0.5, tp_size=0)
     with pytest.raises(TypeError, match=r"config must be a ModelConfig or a preset name, got dict"):
         estimate_bytes(cfg.to_hf(), 0.5)
+
+
+def test_tensor_parallel_reader_prefers_the_single_file_and_reads_older_opt_names(tmp_path):
+    """The tensor-parallel loader's reader (parallel.checkpoint._Checkpoint) reads ``model.safetensors`` before a
+    stale index (whose shards are gone), and finds a model name stored without the leading ``model.``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from flash_llm.parallel.checkpoint import _Checkpoint
+
+    save_file({"decoder.embed_tokens.weight": torch.ones(2, 3)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"decoder.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    ck = _Checkpoint(str(tmp_path))
+    assert ck.key("model.decoder.embed_tokens.weight") == "decoder.embed_tokens.weight"
+    assert ck.key("model.decoder.missing") is None

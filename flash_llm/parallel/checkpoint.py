@@ -13,16 +13,15 @@ import warnings
 import torch
 from tqdm import tqdm
 
+from ..checkpoint._files import IGNORED_SUFFIXES as _IGNORED_SUFFIXES, INDEX_NAME as INDEX, WEIGHTS_NAME, \
+    stored_names
 from ..models import CausalLM, as_config, from_config
 from ..nn import SparsifyConfig
 from .group import TensorParallel
 from .layers import COLUMN, ShardReport, check_divisible, check_sparsify, column_from_slice, projections, \
     row_from_slice, set_local_heads, shard_range
 
-INDEX = "model.safetensors.index.json"
 _READ_CHUNK = 1 << 28  # bytes read at once for a row-parallel (column-sliced) weight
-# keys some checkpoints carry that are not weights of the model (recomputed buffers)
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class _Checkpoint:
@@ -33,7 +32,10 @@ class _Checkpoint:
 
         self.folder = folder
         index = os.path.join(folder, INDEX)
-        if os.path.exists(index):
+        single = os.path.join(folder, WEIGHTS_NAME)
+        if os.path.exists(single):  # (before an index: one left beside a newer single file is stale, as transformers)
+            files, weight_map = [WEIGHTS_NAME], None
+        elif os.path.exists(index):
             with open(index, encoding="utf-8") as f:
                 try:
                     weight_map = json.load(f)["weight_map"]
@@ -60,7 +62,7 @@ class _Checkpoint:
 
     def key(self, name: str) -> str | None:
         """The checkpoint's key for the model's ``name`` (older OPT files drop the leading ``model.``)."""
-        for k in (name, name.removeprefix("model.")):
+        for k in stored_names(name):
             if k in self.where:
                 return k
         return None
