@@ -42,32 +42,22 @@ def transformers_available() -> bool:
         return False
 
 
-# config.json keys of options flash_llm.models does not implement (some values of them), which transformers does
-_OPTION_KEYS = ("hidden_act", "activation_function", "rope_scaling", "rope_parameters", "sliding_window",
-                "pretraining_tp")
-
-
 def _flash_config(cfg: dict, backend: str, source):
     """``ModelConfig.from_hf(cfg)``, or None where ``backend="auto"`` should build the model with transformers
-    instead: an architecture flash_llm.models does not build, or an option it does not implement (the config
-    without :data:`_OPTION_KEYS` reads).  Any other error of the config (a missing or invalid field of a
-    supported architecture: transformers would quietly build another model from its defaults) is a ValueError
-    naming ``source``."""
+    instead: an architecture or option flash_llm.models does not implement (``UnsupportedConfigError``).  Any other
+    error of the config (a missing or invalid field of a supported architecture: transformers would quietly build
+    another model from its defaults) is a ValueError naming ``source``."""
     from ..models import ModelConfig
-    from ..models.config import _MODEL_TYPES
+    from ..models.config import UnsupportedConfigError
 
     try:
         return ModelConfig.from_hf(cfg)
+    except UnsupportedConfigError as e:
+        if backend == "auto" and transformers_available():
+            return None
+        error = e
     except ValueError as e:
         error = e
-    if backend == "auto" and transformers_available():
-        if cfg.get("model_type") not in _MODEL_TYPES:
-            return None
-        try:
-            ModelConfig.from_hf({k: v for k, v in cfg.items() if k not in _OPTION_KEYS})
-            return None  # only an option flash_llm.models does not implement
-        except ValueError as e:
-            error = e  # (the config's own error, rather than the unsupported option's)
     raise ValueError(f"{source}: {str(error).removeprefix('config: ')}") from None
 
 

@@ -22,6 +22,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+class UnsupportedConfigError(ValueError):
+    """A config of an architecture or option flash_llm.models does not implement (transformers may build it:
+    ``from_pretrained(backend="auto")`` falls back to transformers on this error only)."""
+
+
 @dataclass
 class ModelConfig:
     """Everything the compact models need to know about an OPT or Llama-family checkpoint.
@@ -91,7 +96,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise UnsupportedConfigError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got "
+                                         f"{self.activation!r}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
             raise ValueError(f"ModelConfig.norm_eps must be a number > 0, got {self.norm_eps!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
@@ -195,8 +201,8 @@ class ModelConfig:
         model_type = d.get("model_type")
         family = _MODEL_TYPES.get(model_type)
         if family is None:
-            raise ValueError(f"{src}: model_type {model_type!r} is not supported; flash_llm.models reads "
-                             f"{sorted(_MODEL_TYPES)}")
+            raise UnsupportedConfigError(f"{src}: model_type {model_type!r} is not supported; flash_llm.models "
+                                         f"reads {sorted(_MODEL_TYPES)}")
 
         def need(key):
             if key not in d:
@@ -218,9 +224,10 @@ class ModelConfig:
                        layer_norm_elementwise_affine=d.get("layer_norm_elementwise_affine", True),
                        remove_final_layer_norm=d.get("_remove_final_layer_norm", False), **common)
         if d.get("sliding_window") is not None:
-            raise ValueError(f"{src}: sliding_window={d['sliding_window']!r} is not supported (full attention only)")
+            raise UnsupportedConfigError(f"{src}: sliding_window={d['sliding_window']!r} is not supported (full "
+                                         "attention only)")
         if d.get("pretraining_tp", 1) not in (1, None):
-            raise ValueError(f"{src}: pretraining_tp={d['pretraining_tp']!r} is not supported (only 1)")
+            raise UnsupportedConfigError(f"{src}: pretraining_tp={d['pretraining_tp']!r} is not supported (only 1)")
         theta, scaling = _read_rope(d, src)
         return cls(family="llama", intermediate_size=need("intermediate_size"),
                    num_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
@@ -274,8 +281,8 @@ def _check_rope_scaling(rs, max_pos) -> dict | None:
         raise ValueError(f"ModelConfig.rope_scaling must be None or a dict, got {type(rs).__name__}")
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported; flash_llm.models implements "
-                         f"{ROPE_TYPES} (plain RoPE and Llama 3.1's 'llama3')")
+        raise UnsupportedConfigError(f"rope_scaling type {rope_type!r} is not supported; flash_llm.models "
+                                     f"implements {ROPE_TYPES} (plain RoPE and Llama 3.1's 'llama3')")
     if rope_type == "default":
         return None
     out = {"rope_type": "llama3"}
@@ -297,7 +304,7 @@ def _read_rope(d: dict, src: str) -> tuple[float, dict | None]:
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"{src}: rope_parameters must be an object, got {type(params).__name__}")
     if params and any(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"{src}: per-layer-type rope_parameters are not supported")
+        raise UnsupportedConfigError(f"{src}: per-layer-type rope_parameters are not supported")
     theta = (params or {}).get("rope_theta", d.get("rope_theta", 10000.0))
     if params and params.get("rope_type", params.get("type", "default")) != "default":
         scaling = params
