@@ -12,13 +12,13 @@ import warnings
 import torch
 
 from .formats import SparseFormat
-from .reference import FORMAT_IDS, as_format, layer_norm, rms_norm, silu_mul_halves, spmm_reference
+from .reference import FORMAT_CLASSES, FORMAT_IDS, as_format, layer_norm, rms_norm, silu_mul_halves, spmm_reference
 
 
 @torch.library.custom_op("flash_llm::spmm", mutates_args=())
 def _spmm_op(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
              bias: torch.Tensor | None) -> torch.Tensor:
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias)
     return spmm_reference(x, as_format(fmt, data, offsets, m, k, x.dtype), bias)
 
 
@@ -28,13 +28,50 @@ _warned: set[str] = set()
 def _raw(x: torch.Tensor, fmt: int, k: int, name: str = "x") -> None:
     """What the raw ops take, checked where they run (they are reachable as ``torch.ops.flash_llm.*``, e.g. from
     an exported graph, without :func:`spmm`'s checks; the kernels read ``x`` as ``[N, K]``): ``x`` 2-D ``[N, k]``
-    and a known format id."""
+    fp16 / bf16 and a known format id."""
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"{name} must be 2-D [N, {k}], got shape {tuple(x.shape)} (flash_llm.spmm and its "
                          "siblings take [..., K])")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float16 or bfloat16 (the weight's dtype), got {x.dtype}")
     if fmt not in FORMAT_IDS.values():
         raise ValueError(f"fmt must be one of {sorted(FORMAT_IDS.values())} (BitmapTiles, TiledCSL, DeltaRows), got "
                          f"{fmt!r}")
+
+
+def _raw_weight(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int, *,
+                bias: torch.Tensor | None = None, silu_mul: bool = False, norm: tuple = (),
+                acc: torch.Tensor | None = None) -> None:
+    """The rest of a raw op's arguments, after :func:`_raw`: ``data`` / ``offsets`` 1-D int32 on ``x``'s device of
+    the lengths an ``[m, k]`` weight of format ``fmt`` has (:meth:`~flash_llm.formats.SparseFormat.arrays_fit`:
+    sizes only, nothing read; the kernels trust the arrays to be that weight), ``bias [m]``, an even ``m`` for
+    ``silu_mul``, the norm's ``(name, tensor)`` pairs ``[k]`` and ``acc [N, m]``, all in ``x``'s dtype.  (The
+    arrays do not say whether their values are fp16 or bf16: that ``x``'s dtype is the weight's is the caller's
+    word.)"""
+    for n, v in (("m", m), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{n} must be an int >= 1, got {v!r}")
+    for n, t in (("data", data), ("offsets", offsets)):
+        if t.dtype != torch.int32 or t.dim() != 1 or t.device != x.device:
+            raise ValueError(f"{n} must be a 1-D int32 tensor on {x.device}, got {t.dtype} {tuple(t.shape)} on "
+                             f"{t.device}")
+    cls = FORMAT_CLASSES[fmt]
+    why = cls.arrays_fit(m, k, offsets.numel(), data.numel())
+    if why is not None:
+        raise ValueError(f"data / offsets are not the arrays of a {m}x{k} {cls.__name__} weight: {why}")
+    if silu_mul and m % 2:
+        raise ValueError(f"silu_mul needs an even m (gate and up halves), got m={m}")
+    for n, t, shape in (("bias", bias, (m,)), *((f"norm {n}", t, (k,)) for n, t in norm),
+                        ("acc", acc, (x.shape[0], m))):
+        if t is not None and (t.shape != shape or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{n} must be {list(shape)} in {x.dtype} on {x.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+
+
+def _checked_raw(x, data, offsets, fmt, m, k, **kw) -> None:
+    """:func:`_raw` and :func:`_raw_weight`: every argument of an op taking ``x [N, k]``."""
+    _raw(x, fmt, k)
+    _raw_weight(x, data, offsets, fmt, m, k, **kw)
 
 
 def _no_kernels(device: torch.device) -> bool:
@@ -51,7 +88,7 @@ def _no_kernels(device: torch.device) -> bool:
 
 @_spmm_op.register_kernel("cuda")
 def _spmm_cuda(x, data, offsets, fmt, m, k, bias):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias)
     from . import kernels
 
     if _no_kernels(x.device):
@@ -61,7 +98,7 @@ def _spmm_cuda(x, data, offsets, fmt, m, k, bias):
 
 @_spmm_op.register_fake
 def _(x, data, offsets, fmt, m, k, bias):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias)
     return x.new_empty((x.shape[0], m))
 
 
@@ -72,13 +109,13 @@ def _silu_mul_reference(x, data, offsets, fmt, m, k):
 @torch.library.custom_op("flash_llm::spmm_silu_mul", mutates_args=())
 def _spmm_silu_mul_op(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
                       k: int) -> torch.Tensor:
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, silu_mul=True)
     return _silu_mul_reference(x, data, offsets, fmt, m, k)
 
 
 @_spmm_silu_mul_op.register_kernel("cuda")
 def _spmm_silu_mul_cuda(x, data, offsets, fmt, m, k):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, silu_mul=True)
     from . import kernels
 
     if _no_kernels(x.device):
@@ -88,7 +125,7 @@ def _spmm_silu_mul_cuda(x, data, offsets, fmt, m, k):
 
 @_spmm_silu_mul_op.register_fake
 def _(x, data, offsets, fmt, m, k):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, silu_mul=True)
     return x.new_empty((x.shape[0], m // 2))
 
 
@@ -100,13 +137,13 @@ def _rms_norm_reference(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
 @torch.library.custom_op("flash_llm::spmm_rms_norm", mutates_args=())
 def _spmm_rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, data: torch.Tensor, offsets: torch.Tensor,
                       fmt: int, m: int, k: int, silu_mul: bool) -> torch.Tensor:
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, silu_mul=silu_mul, norm=(("weight", weight),))
     return _rms_norm_reference(x, weight, eps, data, offsets, fmt, m, k, silu_mul)
 
 
 @_spmm_rms_norm_op.register_kernel("cuda")
 def _spmm_rms_norm_cuda(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, silu_mul=silu_mul, norm=(("weight", weight),))
     from . import kernels
 
     if _no_kernels(x.device):
@@ -117,7 +154,7 @@ def _spmm_rms_norm_cuda(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
 
 @_spmm_rms_norm_op.register_fake
 def _(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, silu_mul=silu_mul, norm=(("weight", weight),))
     return x.new_empty((x.shape[0], m // 2 if silu_mul else m))
 
 
@@ -130,13 +167,15 @@ def _layer_norm_reference(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bia
 def _spmm_layer_norm_op(x: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor | None, eps: float,
                         data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
                         bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias,
+                 norm=(("weight", weight), ("bias", ln_bias)))
     return _layer_norm_reference(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu)
 
 
 @_spmm_layer_norm_op.register_kernel("cuda")
 def _spmm_layer_norm_cuda(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias,
+                 norm=(("weight", weight), ("bias", ln_bias)))
     from . import kernels
 
     if _no_kernels(x.device):
@@ -147,7 +186,8 @@ def _spmm_layer_norm_cuda(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bia
 
 @_spmm_layer_norm_op.register_fake
 def _(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias,
+                 norm=(("weight", weight), ("bias", ln_bias)))
     return x.new_empty((x.shape[0], m))
 
 
@@ -158,13 +198,13 @@ def _add_reference(acc, x, data, offsets, fmt, m, k, bias):
 @torch.library.custom_op("flash_llm::spmm_add_", mutates_args=("acc",))
 def _spmm_add_op(acc: torch.Tensor, x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int,
                  k: int, bias: torch.Tensor | None = None) -> None:
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias, acc=acc)
     _add_reference(acc, x, data, offsets, fmt, m, k, bias)
 
 
 @_spmm_add_op.register_kernel("cuda")
 def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k, bias=None):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias, acc=acc)
     from . import kernels
 
     if _no_kernels(x.device):
@@ -175,7 +215,7 @@ def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k, bias=None):
 
 @_spmm_add_op.register_fake
 def _(acc, x, data, offsets, fmt, m, k, bias=None):
-    _raw(x, fmt, k)
+    _checked_raw(x, data, offsets, fmt, m, k, bias=bias, acc=acc)
     return None
 
 
@@ -186,6 +226,7 @@ def _spmm_t_op(grad: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fm
                k: int) -> torch.Tensor:
     """``grad [N, M] @ W [M, K]`` -> ``[N, K]`` in ``grad.dtype``, fp32 accumulation (reference path)."""
     _raw(grad, fmt, m, "grad")
+    _raw_weight(grad, data, offsets, fmt, m, k)
     w = as_format(fmt, data, offsets, m, k, grad.dtype).to_dense()
     return (grad.float() @ w.float()).to(grad.dtype)
 
@@ -193,6 +234,7 @@ def _spmm_t_op(grad: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fm
 @_spmm_t_op.register_fake
 def _(grad, data, offsets, fmt, m, k):
     _raw(grad, fmt, m, "grad")
+    _raw_weight(grad, data, offsets, fmt, m, k)
     return grad.new_empty((grad.shape[0], k))
 
 
@@ -211,6 +253,15 @@ def _backward(ctx, grad):
 
 
 _spmm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _format_id(w: SparseFormat) -> int:
+    """The op's format id of ``w``'s class (or of the format a subclass of it derives from)."""
+    for c in type(w).__mro__:
+        if c in FORMAT_IDS:
+            return FORMAT_IDS[c]
+    raise TypeError(f"w must be a flash_llm compressed weight (BitmapTiles, TiledCSL or DeltaRows), got "
+                    f"{type(w).__name__}")
 
 
 def _checked(x, w, bias):
@@ -256,7 +307,7 @@ def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> 
     """
     m, k, bias = _checked(x, w, bias)
     lead = x.shape[:-1]
-    y = _spmm_op(x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k, bias)
+    y = _spmm_op(x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k, bias)
     return y.reshape(*lead, m)
 
 
@@ -276,7 +327,7 @@ def spmm_silu_mul(x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
     if m % 2:
         raise ValueError(f"w has {m} rows; a merged gate / up weight has an even number (gate rows, then up rows)")
     lead = x.shape[:-1]
-    y = _spmm_silu_mul_op(x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k)
+    y = _spmm_silu_mul_op(x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k)
     return y.reshape(*lead, m // 2)
 
 
@@ -311,7 +362,7 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
         raise ValueError(f"norm_weight is on {norm_weight.device} but x is on {x.device}")
     lead = x.shape[:-1]
     y = _spmm_rms_norm_op(x.reshape(-1, k), norm_weight.contiguous(), float(eps), w.data, w.offsets,
-                          FORMAT_IDS[type(w)], m, k, act is not None)
+                          _format_id(w), m, k, act is not None)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -341,7 +392,7 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
         if needs:
             raise ValueError(f"spmm_add_ is not differentiable, and {', '.join(needs)} require(s) grad: use "
                              "acc + spmm(x, w, bias), or run it under torch.no_grad()")
-    _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, FORMAT_IDS[type(w)], m, k, bias)
+    _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k, bias)
     return acc
 
 
@@ -379,5 +430,5 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
     lead = x.shape[:-1]
     y = _spmm_layer_norm_op(x.reshape(-1, k), norm_weight.contiguous(),
                             None if norm_bias is None else norm_bias.contiguous(), float(eps), w.data, w.offsets,
-                            FORMAT_IDS[type(w)], m, k, bias, act == "relu")
+                            _format_id(w), m, k, bias, act == "relu")
     return y.reshape(*lead, m)

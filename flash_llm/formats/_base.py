@@ -50,6 +50,8 @@ def check_dense_weight(w, dtype: torch.dtype | None = None, name: str = "w") -> 
         raise ValueError(f"{name} must be 2-D [M, K]; got {w.ndim}-D with shape {tuple(w.shape)}")
     if w.shape[0] < 1 or w.shape[1] < 1:
         raise ValueError(f"{name} must have M >= 1 and K >= 1; got shape {tuple(w.shape)}")
+    if w.is_meta:
+        raise ValueError(f"{name} is on the meta device: compressing needs its values (load them first)")
     if dtype is not None:
         if dtype not in VALUE_DTYPES:
             raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
@@ -188,6 +190,16 @@ class SparseFormat:
         """Records along M and along K of an ``[m, k]`` weight (K is cut in 64-column pieces)."""
         return ceil_div(m, cls.TILE_ROWS), ceil_div(k, STRIP_K)
 
+    @classmethod
+    def arrays_fit(cls, m: int, k: int, n_offsets: int, n_data: int) -> str | None:
+        """Why ``offsets`` of ``n_offsets`` words and ``data`` of ``n_data`` cannot be the arrays of an ``[m, k]``
+        weight of this format, from their lengths alone (nothing read: what the raw ops check before a kernel
+        trusts them; :meth:`from_state` validates everything), or None where they can."""
+        rows, cols = cls.grid_of(m, k)
+        if n_offsets != rows * cols + 1:
+            return f"offsets has {n_offsets} entries; a {m}x{k} weight has {rows * cols} records, so {rows * cols + 1}"
+        return None
+
     @property
     def grid(self) -> tuple[int, int]:
         """Records along M and along K: ``(ceil(M / TILE_ROWS), ceil(K / 64))``."""
@@ -270,6 +282,16 @@ class SparseFormat:
         nnz = self._validate(arrays, shape, "", f"{self.FORMAT_NAME} slice: ")
         return self._from_parts(arrays, shape, self.dtype, nnz)
 
+    def _needs_values(self, what: str, name: str = "the weight") -> None:
+        """ValueError where this weight's arrays are on the meta device (shapes only) and ``what`` reads them."""
+        if self.device.type == "meta":
+            raise ValueError(f"{what}: {name} is on the meta device (no values to read); load its arrays first")
+
+    def _meta_dense(self) -> torch.Tensor | None:
+        """``to_dense`` of a weight on the meta device: an empty meta ``[M, K]`` (the shape and dtype it would have);
+        None for a weight with values."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta") if self.device.type == "meta" else None
+
     def _slice_bounds(self, rows, cols) -> tuple[int, int, int, int]:
         """``(r0, r1, c0, c1)`` of :meth:`slice`'s arguments (``None``: all); ValueError if empty or outside."""
         m, k = self.shape
@@ -277,6 +299,8 @@ class SparseFormat:
         c0, c1 = _bounds(cols, "cols", k)
         if not (0 <= r0 < r1 <= m and 0 <= c0 < c1 <= k):
             raise ValueError(f"slice rows {r0}:{r1}, cols {c0}:{c1} is empty or outside the {m}x{k} matrix")
+        if (r0, r1, c0, c1) != (0, m, 0, k):  # (the whole weight is itself, values or not)
+            self._needs_values("slice")
         return r0, r1, c0, c1
 
     @classmethod
@@ -289,6 +313,7 @@ class SparseFormat:
         for i, p in enumerate(parts):
             if type(p) is not cls:
                 raise TypeError(f"parts[{i}] is a {type(p).__name__}; expected {cls.__name__}")
+            p._needs_values("concat", f"parts[{i}]")
             if (p.shape[1], p.dtype, p.device) != (first.shape[1], first.dtype, first.device):
                 raise ValueError(f"parts[{i}] is {p.shape[0]}x{p.shape[1]} {p.dtype} on {p.device}; parts[0] is "
                                  f"{first.shape[0]}x{first.shape[1]} {first.dtype} on {first.device} (K, dtype "
@@ -438,6 +463,8 @@ def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
     if bad:
         raise TypeError(f"weights must map str names to compressed weights (BitmapTiles, TiledCSL, DeltaRows); "
                         f"{bad[0]!r} maps to {type(weights[bad[0]]).__name__}")
+    if "" in weights:  # (load would hand a lone "" back as the bare weight, not a dict)
+        raise ValueError("weights: names must be non-empty (one weight alone: weight.save(path))")
     tensors, meta = {}, {}
     for name, w in weights.items():
         t, m = w.state(prefix=f"{name}.")

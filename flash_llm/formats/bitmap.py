@@ -111,6 +111,8 @@ class BitmapTiles(SparseFormat):
     def to_dense(self) -> torch.Tensor:
         """The dense ``[M, K]`` weight, on this weight's device (decoded a band of whole strip rows at a time,
         ``_record_bands``: the peak is the output and a band's temporaries)."""
+        if (meta := self._meta_dense()) is not None:
+            return meta
         m, k = self.shape
         kt = self.grid[1]
         off = self.offsets.to(torch.int64)

@@ -790,6 +790,8 @@ class DeltaRows(SparseFormat):
     def to_dense(self) -> torch.Tensor:
         """The dense ``[M, K]`` weight, decoded a run of slices at a time (:data:`ENTRY_CHUNK_GROUPS` groups: the
         peak is the output and about 200 MB, whatever the weight's size; on a GPU :func:`_entry_groups`)."""
+        if (meta := self._meta_dense()) is not None:
+            return meta
         m, k = self.shape
         goff, _, _, perm = self._offset_arrays()
         out = torch.zeros(m * k, dtype=torch.int16, device=self.data.device)
@@ -828,6 +830,18 @@ class DeltaRows(SparseFormat):
         return cls.from_dense(w, pair_halves=pair)
 
     # ---- validation --------------------------------------------------------------------------------------
+    @classmethod
+    def arrays_fit(cls, m: int, k: int, n_offsets: int, n_data: int) -> str | None:
+        if k >= MAX_K:
+            return f"K = {k} does not fit DeltaRows' 16-bit columns"
+        lay = layout(m, n_offsets, n_data)
+        if lay.parts not in PARTS or lay.splits < 1:
+            return (f"offsets of {n_offsets} and data of {n_data} words are no layout of {m} rows (lanes a row, "
+                    f"slices and splits)")
+        if lay.parts > 1 and k % 8:
+            return f"the parts layout ({lay.parts} lanes a row) needs K % 8 == 0, got K = {k}"
+        return None
+
     @classmethod
     def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
         m, k = shape
