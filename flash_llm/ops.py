@@ -45,9 +45,11 @@ def _raw_weight(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt:
     """The rest of a raw op's arguments, after :func:`_raw`: ``data`` / ``offsets`` 1-D int32 on ``x``'s device of
     the lengths an ``[m, k]`` weight of format ``fmt`` has (:meth:`~flash_llm.formats.SparseFormat.arrays_fit`:
     sizes only, nothing read; the kernels trust the arrays to be that weight), ``bias [m]``, an even ``m`` for
-    ``silu_mul``, the norm's ``(name, tensor)`` pairs ``[k]`` and ``acc [N, m]``, all in ``x``'s dtype.  (The
-    arrays do not say whether their values are fp16 or bf16: that ``x``'s dtype is the weight's is the caller's
-    word.)"""
+    ``silu_mul``, the norm's ``(name, tensor)`` pairs ``[k]`` and ``acc [N, m]``, all in ``x``'s dtype.  The
+    lengths fix ``m`` and ``k`` only to the format's granularity (16 / 64 / 32-row records, 64 columns), and the
+    arrays do not say whether their values are fp16 or bf16: within those, ``m``, ``k`` and ``x``'s dtype are the
+    caller's word (:func:`spmm` and its siblings always pass the weight's own; a DeltaRows weight told fewer rows
+    than it has would have rows written past ``m``)."""
     for n, v in (("m", m), ("k", k)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{n} must be an int >= 1, got {v!r}")
