@@ -554,7 +554,7 @@ def add_layer_demo_arguments(p) -> None:
     p.add_argument("--tokens", type=_positive, default=8,
                    help="tokens (rows of x) for the error check (default: 8)")
     p.add_argument("--repeat", type=_positive, default=20, help="timed calls per GPU measurement (default: 20)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up calls before GPU timing (default: 3)")
+    p.add_argument("--warmup", type=_non_negative, default=3, help="warm-up calls before GPU timing (default: 3)")
 
 
 def build_parser() -> argparse.ArgumentParser:

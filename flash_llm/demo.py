@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ DEFAULT_GEN_TOKENS = 160
 MAX_WINDOW = 1024  # default evaluation window / calibration length: the model's context, at most this
 # The synthetic-layer options of ``flash-llm demo --layer`` (defined in flash_llm.cli).
 _LAYER_ONLY = ("shape", "sparsities", "tokens", "repeat", "warmup")
+# The model demo's options, which --layer refuses (--model has its own message).
+_MODEL_ONLY = ("method", "sparsity", "owl", "calib_seqs", "seq_len", "eval_tokens", "batch_size", "gen_tokens",
+               "prompt", "speed_tokens")
 
 
 
@@ -224,6 +228,18 @@ def model_bytes(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------
 # generation and decode speed (flash_llm.engine: static KV cache, CUDA graphs on a GPU)
 # ------------------------------------------------------------------------------------------------
+def continuation(decode, prompt, new, *, partial: bool = False) -> str:
+    """The text that token ids ``new`` add after token ids ``prompt``, for a tokenizer's ``decode`` (a list of ids ->
+    str): ``decode(prompt + new)`` past what it shares with ``decode(prompt)``.  (The new ids decoded alone lose the
+    first one's leading space with SentencePiece / Metaspace tokenizers, and show a character split between the prompt
+    and them as U+FFFD with byte-level ones.)  ``partial`` (while streaming: more tokens may come) holds back trailing
+    U+FFFD: the start of a character the next token may complete."""
+    prompt, new = [int(i) for i in prompt], [int(i) for i in new]
+    base, text = decode(prompt), decode(prompt + new)
+    out = text[len(os.path.commonprefix([base, text])):]
+    return out.rstrip("\ufffd") if partial else out
+
+
 def sample(model: nn.Module, prompt: torch.Tensor, n_tokens: int, *, seed: int, temperature: float = 0.8,
            top_k: int | None = 40) -> torch.Tensor:
     """``n_tokens`` tokens after ``prompt`` (int64 ``[T]``), sampled (``temperature``, ``top_k``) with a
@@ -282,15 +298,24 @@ def default_dtype(device: torch.device, model: str | None) -> str:
     return "bfloat16" if device.type != "cuda" and (model is None or model in bundled.NAMES) else "float16"
 
 
+def _given(args, names, defaults) -> list[str]:
+    """The options among ``names`` (argparse dests) whose values differ from the parser's ``defaults``."""
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != defaults[n]]
+
+
 def cmd_demo(args) -> int:
     if args.layer:
         if args.model is not None:
             _err("--model and --layer exclude each other (--layer runs the synthetic-layer demo)")
             return EXIT_USAGE
+        given = _given(args, _MODEL_ONLY, args.model_defaults)
+        if given:
+            _err(f"{', '.join(given)}: option(s) of the model demo, which --layer does not run; drop them or --layer")
+            return EXIT_USAGE
         args.dtype = args.dtype or "float16"
         args.seed = 0 if args.seed is None else args.seed
         return cli.cmd_demo(args)
-    given = [f"--{n}" for n in _LAYER_ONLY if getattr(args, n) != args.layer_defaults[n]]
+    given = _given(args, _LAYER_ONLY, args.layer_defaults)
     if given:
         _err(f"{', '.join(given)}: option(s) of the synthetic-layer demo; add --layer")
         return EXIT_USAGE
@@ -325,7 +350,7 @@ def cmd_demo(args) -> int:
         args.calib_seqs = 128 if device.type == "cuda" else max(4, 2048 // seq_len)
     calib = data.calibration_batches(train, args.calib_seqs, seq_len, seed=seed, batch_size=args.batch_size)
     where = "CPU" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} ({device})"
-    method_label = f"{'OWL + ' if args.owl else ''}{args.method} {args.sparsity:.0%}"
+    method_label = f"{'OWL + ' if args.owl else ''}{args.method} {100 * args.sparsity:g}%"
     print(f"flash-llm demo: {lm.label}")
     note = _training_note(lm.config)
     if note:
@@ -364,12 +389,18 @@ def cmd_demo(args) -> int:
     times["evaluate sparse"] = time.perf_counter() - t0
 
     dense_total, sparse_total = model_bytes(dense), model_bytes(sparse)
+    # pruned layers sparsify_ left dense (e.g. fewer zeros than its min_sparsity) count in both columns as they are
+    converted = {c.fqn for c in conv.converted}
+    why = {s.fqn: s.reason for s in conv.skipped}
+    kept = [layer.fqn for layer in report if layer.fqn not in converted]
+    kept_bytes = sum(model_bytes(sparse.get_submodule(fqn)) for fqn in kept)
     rows = [
         ("", "dense", f"sparse ({method_label})", ""),
         ("pruned layers", f"{len(report)} nn.Linear", f"{len(conv.converted)} SparseLinear (BitmapTiles)",
-         f"sparsity {report.sparsity:.1%}"),
-        ("their weight bytes", _int(conv.dense_bytes), _int(conv.sparse_bytes),
-         f"{conv.dense_bytes / max(conv.sparse_bytes, 1):.2f}x smaller"),
+         f"sparsity {report.sparsity:.1%}" + (f"; {len(kept)} kept dense" if kept else "")),
+        ("their weight bytes", _int(conv.dense_bytes + kept_bytes), _int(conv.sparse_bytes + kept_bytes),
+         f"{(conv.dense_bytes + kept_bytes) / max(conv.sparse_bytes + kept_bytes, 1):.2f}x smaller"
+         if conv.converted else "none compressed"),
         ("whole model bytes", _int(dense_total), _int(sparse_total),
          f"{dense_total / max(sparse_total, 1):.2f}x smaller"),
         ("val loss (nats/token)", f"{r_dense.loss:.4f}", f"{r_sparse.loss:.4f}",
@@ -381,6 +412,9 @@ def cmd_demo(args) -> int:
         print("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip())
     print(f"(validation: {r_dense.tokens:,} tokens of the last 10 % of tinyshakespeare, windows of {seq_len}; "
           f"pruning took {t_prune:.1f} s; lm_head and embeddings stay dense)")
+    if kept:
+        print(f"({len(kept)} of the {len(report)} pruned layers stay dense nn.Linear, counted as such above: "
+              f"flash_llm.sparsify_ kept them, e.g. {kept[0]}: {why.get(kept[0], 'not converted')})")
 
     t0 = time.perf_counter()
     if args.gen_tokens:
@@ -390,7 +424,7 @@ def cmd_demo(args) -> int:
         sparse_gen = expanded_copy(sparse) if on_cpu else sparse
         for label, m in (("dense", dense), (f"sparse, {method_label}", sparse_gen)):
             out = sample(m, prompt_ids, args.gen_tokens, seed=seed)
-            print("\n".join(_show_text(label, args.prompt, tok.decode(out))))
+            print("\n".join(_show_text(label, args.prompt, continuation(tok.decode, prompt_ids, out))))
         if on_cpu:
             print("(on a CPU the sparse model generates with its compressed weights expanded once: flash_llm.spmm's "
                   "CPU reference would expand them again for every token)")
@@ -452,9 +486,23 @@ def _gradual(model: nn.Module, tokens: torch.Tensor, sparsity: float, *, steps: 
 def cmd_prune(args) -> int:
     import flash_llm
 
+    from .checkpoint import _files
+
     out = Path(args.out)
+    source = Path(bundled.__file__).parent / args.model if args.model in bundled.NAMES else Path(args.model)
+    try:  # (--force replaces --out as a whole: never with what this run reads inside it)
+        _files.refuse_inside(source, out, "MODEL", "--out")
+        _files.refuse_inside(args.calib, out, "--calib", "--out")
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
     if out.exists() and not args.force:
         _err(f"--out {out} exists; pass --force to replace it")
+        return EXIT_USAGE
+    try:
+        _files.check_writable(out, "--out")
+    except OSError as e:
+        _err(str(e))
         return EXIT_USAGE
     if args.owl and args.method not in ("sparsegpt", "wanda"):
         _err(f"--owl applies to wanda and sparsegpt, not {args.method}")
@@ -569,7 +617,8 @@ def register_cli(subparsers) -> None:
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)")
     g = p.add_argument_group("synthetic-layer demo (with --layer)")
     cli.add_layer_demo_arguments(g)
-    p.set_defaults(func=cmd_demo, layer_defaults={n: p.get_default(n) for n in _LAYER_ONLY})
+    p.set_defaults(func=cmd_demo, layer_defaults={n: p.get_default(n) for n in _LAYER_ONLY},
+                   model_defaults={n: p.get_default(n) for n in _MODEL_ONLY})
 
     p = subparsers.add_parser(
         "prune", help="prune a model with calibration text and write it to a directory",
@@ -587,7 +636,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--sparsity", type=sparsity_arg, required=True, help="e.g. 0.5 or 50%%, in [0, 1)")
     p.add_argument("--calib", required=True, metavar="FILE", help="calibration text file (plain or .gz)")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists (never one that is or holds MODEL or --calib)")
     p.add_argument("--owl", action="store_true", help="per-layer sparsities from OWL (wanda, sparsegpt)")
     p.add_argument("--calib-seqs", type=_positive, default=128, help="calibration sequences (default: 128)")
     p.add_argument("--seq-len", type=_positive, default=None,

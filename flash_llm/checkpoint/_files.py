@@ -217,6 +217,35 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     os.chmod(path, 0o666 & ~_umask())
 
 
+def refuse_inside(source, out, source_what: str = "source", out_what: str = "destination") -> None:
+    """ValueError naming both paths when ``source`` is ``out`` or lies inside it (symbolic links resolved): replacing
+    ``out`` would delete the source (and whatever lies beside it in ``out``) before or while it is read."""
+    s, o = Path(os.fspath(source)).resolve(), Path(os.fspath(out)).resolve()
+    if s == o:
+        raise ValueError(f"{source_what} {source} and {out_what} {out} are the same directory, which writing "
+                         f"replaces as a whole; write elsewhere")
+    if o in s.parents:
+        raise ValueError(f"{source_what} {source} lies inside {out_what} {out}, which writing replaces as a whole "
+                         f"(deleting {source_what}); write elsewhere")
+
+
+def check_writable(out, what: str = "output") -> None:
+    """Before any work: that ``out`` can be created, i.e. its nearest existing ancestor is a directory in which this
+    process can make one.  ``NotADirectoryError`` / ``PermissionError`` naming ``what`` ``out`` otherwise.  (The test
+    makes and removes an empty hidden directory there: permission bits do not tell, e.g. for root on /sys.)"""
+    out = Path(os.fspath(out))
+    parent = out.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{what} {out}: {parent} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise PermissionError(f"{what} {out}: cannot create a directory in {parent} "
+                              f"({e.strerror or e})") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; when the block completes, it replaces ``out``.

@@ -4,8 +4,8 @@ and what ``flash-llm inspect`` shows for a checkpoint directory (:func:`inspect_
 from __future__ import annotations
 
 import argparse
-import codecs
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..formats import FormatError, SparseFormat
-from ..cli import EXIT_OK, EXIT_USAGE, _err, _int, _non_negative_float, _positive, _probability, _table
+from ..cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _non_negative_float, _positive, _probability, _table
 from ..cli import _device_arg as _device  # the demos' --device check (auto, cpu, cuda, cuda:N) as an argparse type
 from . import _files
 from . import sparse_bitmask as sb
@@ -23,8 +23,8 @@ from .pretrained import checkpoint_kind, convert, from_pretrained, iter_checkpoi
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 BENCHMARKS = {"kernel": "bench_spmm.py", "e2e": "bench_e2e.py", "checkpoint": "bench_checkpoint.py"}
-_INPUT_ERRORS = (FormatError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError,
-                 ImportError)
+_INPUT_ERRORS = (FormatError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError,
+                 TypeError, ImportError)
 
 
 def _fraction(text: str) -> float:
@@ -55,6 +55,9 @@ def cmd_convert(args) -> int:
     except _INPUT_ERRORS as e:
         _err(str(e))
         return EXIT_USAGE
+    except OSError as e:  # e.g. the disk filled up while writing: OUT is left as it was (written atomically)
+        _err(f"writing OUT {args.output}: {e}")
+        return EXIT_FAILURE
     elapsed = time.perf_counter() - t0
     print(report)
     src, dst = Path(args.input), Path(args.output)
@@ -65,6 +68,21 @@ def cmd_convert(args) -> int:
 
 
 # ---- inspect (directories) ------------------------------------------------------------------------------
+
+def _count_nonzero(t: torch.Tensor) -> int:
+    """Nonzero elements of a tensor of any dtype (``-0.0`` counts as zero): ``torch.count_nonzero`` has no kernel for
+    some (float8, uint16/32/64), so those count as float32, or by their bytes for unsigned integers."""
+    try:
+        return int(torch.count_nonzero(t))
+    except (RuntimeError, NotImplementedError):
+        pass
+    if t.is_floating_point():
+        return int(torch.count_nonzero(t.to(torch.float32)))
+    if t.is_complex():
+        return int(torch.count_nonzero(t.to(torch.complex64)))
+    raw = t.contiguous().reshape(-1).view(torch.uint8).reshape(-1, t.element_size())
+    return int((raw != 0).any(dim=1).sum())
+
 
 def inspect_directory(path) -> int:
     """Print per weight of checkpoint directory ``path`` its name, format, shape, dtype, nonzeros, density and
@@ -85,7 +103,7 @@ def inspect_directory(path) -> int:
             else:
                 t = e.value
                 shape, dtype, fmt = tuple(t.shape), t.dtype, "dense"
-                nnz, nbytes = int(torch.count_nonzero(t)), t.numel() * t.element_size()
+                nnz, nbytes = _count_nonzero(t), t.numel() * t.element_size()
             elems = 1
             for s in shape:
                 elems *= s
@@ -186,6 +204,11 @@ def _load_tensor_parallel(path: Path, dtype):
 def cmd_generate(args) -> int:
     from ..engine import Engine
 
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        given = " and ".join(o for o, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None)
+        _err(f"{given} appl{'y' if ' and ' in given else 'ies'} to sampling: give --temperature > 0 too (the "
+             "default 0 is greedy decoding)")
+        return EXIT_USAGE
     path = Path(args.path)
     tp = None
     try:
@@ -202,10 +225,15 @@ def cmd_generate(args) -> int:
         if bad:
             raise ValueError(f"the prompt has token id {bad[0]} outside the model's vocabulary "
                              f"({model.config.vocab_size}); wrong --tokenizer?")
+        context = model.config.max_position_embeddings  # (the cache holds the prompt and all new tokens but the last)
+        if len(ids) + args.max_new_tokens - 1 > context:
+            raise ValueError(f"--prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the "
+                             f"model's context of {context} tokens: at most {max(context - len(ids) + 1, 0)} new "
+                             "tokens after this prompt")
         # (on a CPU the compressed layers run expanded: flash_llm.spmm's CPU reference would expand every weight for
         # every token; where the memory does not hold them dense the engine warns and keeps them)
         on_cpu = model.input_embeddings().weight.device.type == "cpu"
-        engine = Engine(model, max_batch=1, max_seq=len(ids) + args.max_new_tokens, fuse=args.fuse,
+        engine = Engine(model, max_batch=1, max_seq=min(len(ids) + args.max_new_tokens, context), fuse=args.fuse,
                         merge=args.merge, formats="dense" if on_cpu else "auto")
         if tp is None or tp.rank == 0:
             if engine.expanded:
@@ -222,6 +250,11 @@ def cmd_generate(args) -> int:
         return EXIT_USAGE
     try:
         return _stream(args, engine, tok, ids, show=tp is None or tp.rank == 0)
+    except ValueError as e:  # (what the sampler refuses; the arguments are checked above)
+        if tp is None or tp.rank == 0:
+            print(flush=True)  # (ends the line of text printed so far)
+        _err(str(e))
+        return EXIT_USAGE
     finally:
         if tp is not None:
             del engine
@@ -230,6 +263,8 @@ def cmd_generate(args) -> int:
 
 def _stream(args, engine, tok, ids, show: bool) -> int:
     """Generate and print as tokens come.  In a tensor-parallel run every rank generates and rank 0 prints."""
+    from ..demo import continuation
+
     out = sys.stdout if show else open(os.devnull, "w")  # noqa: SIM115
     generator = None
     if args.seed is not None:
@@ -238,24 +273,25 @@ def _stream(args, engine, tok, ids, show: bool) -> int:
     new: list[int] = []
     shown = ""
     stop = {"eos_token_id": None} if args.ignore_eos else {}
-    for step in engine.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, generator=generator, **stop):
-        new.append(int(step[0]))
-        text = tok.decode(new)
-        if isinstance(tok, _Bytes):  # print only whole characters while streaming
-            text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(bytes(new), final=False)
-        print(text[len(shown):], end="", flush=True, file=out)
-        shown = text
-    final = tok.decode(new)
-    print(final[len(shown):], file=out)
-    if out is not sys.stdout:
-        out.close()
+    try:
+        for step in engine.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, generator=generator, **stop):
+            new.append(int(step[0]))
+            text = continuation(tok.decode, ids, new, partial=True)
+            print(text[len(shown):], end="", flush=True, file=out)
+            shown = text
+        final = continuation(tok.decode, ids, new)
+        print(final[len(shown):], file=out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
     g = engine.last
     where = str(args.device) if engine.tp is None else f"{engine.tp.world_size} tensor-parallel ranks"
     if show:
-        print(f"{len(new)} new tokens; time to first token {g.ttft_s * 1e3:.1f} ms, "
-              f"{g.decode_tokens_per_s:.1f} tokens/s after it ({str(engine.dtype).removeprefix('torch.')} on "
-              f"{where})", file=sys.stderr)
+        rate = (f"{g.decode_tokens_per_s:.1f} tokens/s after it" if math.isfinite(g.decode_tokens_per_s)
+                else "no decode steps after it")
+        print(f"{len(new)} new token{'' if len(new) == 1 else 's'}; time to first token {g.ttft_s * 1e3:.1f} ms, "
+              f"{rate} ({str(engine.dtype).removeprefix('torch.')} on {where})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -298,14 +334,18 @@ def register_cli(sub) -> None:
                     "by shard, and the result is written to OUT as a flash-llm checkpoint that flash_llm."
                     "from_pretrained and transformers (after `import flash_llm`) load. OUT is written under a "
                     "temporary name and renamed when complete; an existing OUT is kept unless --overwrite. Exits "
-                    "2 for a missing, inconsistent or unsupported input (naming the file and tensor).")
+                    "2 for a missing, inconsistent or unsupported input (naming the file and tensor), or an OUT "
+                    "that is or holds IN or cannot be created (checked before the model is loaded); 1 if writing "
+                    "fails.")
     p.add_argument("input", metavar="IN", help="checkpoint directory to read")
     p.add_argument("output", metavar="OUT", help="directory to write")
     p.add_argument("--format", choices=["bitmap", "tiled-csl", "delta-rows", sb.FORMAT], default="bitmap",
                    help="bitmap (BitmapTiles, default) or tiled-csl (TiledCSL): a flash-llm checkpoint; "
                         "sparse-bitmask: a compressed-tensors checkpoint")
-    p.add_argument("--min-sparsity", type=_fraction, default=0.3, metavar="S",
-                   help="compress layers with at least this fraction of zeros, e.g. 0.5 or 50%% (default: 0.3)")
+    p.add_argument("--min-sparsity", type=_fraction, default=None, metavar="S",
+                   help="compress layers with at least this fraction of zeros, e.g. 0.5 or 50%% (default: 0.3; "
+                        "--format sparse-bitmask honours it too: layers with fewer zeros are stored dense and named "
+                        "in its ignore list; without it, that format compresses every linear layer but lm_head)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="value dtype (default: config.json's; required for a "
                                                             "float32 checkpoint)")
     p.add_argument("--device", type=_device, default="cpu",
@@ -327,9 +367,11 @@ def register_cli(sub) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=_positive, default=None, help="sample from the K most likely tokens only")
+    p.add_argument("--top-k", type=_positive, default=None,
+                   help="sample from the K most likely tokens only (needs --temperature > 0)")
     p.add_argument("--top-p", type=_probability, default=None,
-                   help="sample from the most likely tokens that reach this probability only, in (0, 1]")
+                   help="sample from the most likely tokens that reach this probability only, in (0, 1] (needs "
+                        "--temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N")

@@ -89,7 +89,8 @@ def _parse_section(qc: dict, source: str) -> dict[str, dict]:
         raise FormatError(f"{source}: quantization_config.sparse_modules must be an object of layer name -> "
                           f"format metadata, got {type(modules).__name__}")
     for name, meta in modules.items():
-        ok = (isinstance(meta, dict) and meta.get("format") in FORMATS and meta.get("dtype") in _DTYPES_BY_NAME
+        ok = (isinstance(meta, dict) and isinstance(meta.get("format"), str) and meta["format"] in FORMATS
+              and isinstance(meta.get("dtype"), str) and meta["dtype"] in _DTYPES_BY_NAME
               and isinstance(meta.get("shape"), list) and len(meta["shape"]) == 2
               and all(isinstance(v, int) and v >= 1 for v in meta["shape"]))
         if not ok:
@@ -754,28 +755,31 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
             model.generation_config.save_pretrained(tmp)
 
 
-def convert(src, dst, *, format: str = "bitmap", min_sparsity: float = 0.3, dtype: torch.dtype | None = None,
-            device="cpu", max_shard_size="5GB", overwrite: bool = False, backend: str = "auto",
-            progress: bool = True) -> SparsifyReport:
+def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = None,
+            dtype: torch.dtype | None = None, device="cpu", max_shard_size="5GB", overwrite: bool = False,
+            backend: str = "auto", progress: bool = True) -> SparsifyReport:
     """Convert checkpoint directory ``src`` (dense, sparse-bitmask or flash-llm) into ``dst``.
 
     ``format``: ``"bitmap"`` / ``"tiled-csl"`` / ``"delta-rows"`` write a flash-llm checkpoint whose linear layers
-    with at least ``min_sparsity`` zeros are compressed in that format (``lm_head`` and tied weights stay dense);
-    ``"sparse-bitmask"`` writes a compressed-tensors sparse-bitmask checkpoint (every linear layer but
-    ``lm_head``).  The source's tokenizer and other non-weight files are copied; ``config.json`` is the
-    source's with its quantization section replaced.  Written atomically (see :func:`save_pretrained`).
+    with at least ``min_sparsity`` zeros (default 0.3) are compressed in that format (``lm_head`` and tied weights
+    stay dense); ``"sparse-bitmask"`` writes a compressed-tensors sparse-bitmask checkpoint (every linear layer but
+    ``lm_head``; with ``min_sparsity``, those with fewer zeros are stored dense and listed in its ``ignore``).  The
+    source's tokenizer and other non-weight files are copied; ``config.json`` is the source's with its quantization
+    section replaced.  Written atomically (see :func:`save_pretrained`); ``dst`` may not be ``src`` nor hold it
+    (ValueError), and its location is checked to be writable before anything is loaded.
 
     Returns the :class:`flash_llm.nn.SparsifyReport` of the layers compressed and kept dense.
     """
     src, dst = Path(os.fspath(src)), Path(os.fspath(dst))
+    _files.refuse_inside(src, dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"source and destination are the same directory ({src}); write elsewhere")
     config = read_config(src)
     kind = checkpoint_kind(config, src / _files.CONFIG_NAME)
+    _files.check_writable(dst, "destination")
     # (every layer is decided again: a flash-llm source is decompressed or re-encoded, in any dtype)
-    sparsify = False if format == sb.FORMAT else SparsifyConfig(format=format, min_sparsity=min_sparsity)
+    sparsify = False if format == sb.FORMAT else SparsifyConfig(
+        format=format, min_sparsity=0.3 if min_sparsity is None else min_sparsity)
     if format == sb.FORMAT and kind.kind != "flash-llm":  # dense output: any floating dtype
         load_dtype = dtype or config_dtype(config) or torch.float32
     else:
@@ -785,7 +789,8 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float = 0.3, dtyp
     if format == sb.FORMAT:
         load_checkpoint(model, src, device=device, sparsify=sparsify, progress=progress)
         return write_sparse_bitmask(model, dst, config=out_config, max_shard_size=max_shard_size,
-                                    overwrite=overwrite, progress=progress, _copy_files_from=src)
+                                    overwrite=overwrite, progress=progress, min_sparsity=min_sparsity,
+                                    _copy_files_from=src)
     report = load_checkpoint(model, src, device=device, progress=progress, sparsify=sparsify)
     save_pretrained(model, dst, config=out_config, max_shard_size=max_shard_size, overwrite=overwrite,
                     progress=progress, _copy_files_from=src)
@@ -796,17 +801,22 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float = 0.3, dtyp
 
 def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linear",), ignore=("lm_head",),
                          max_shard_size="5GB", overwrite: bool = False, progress: bool = True,
-                         _copy_files_from: Path | None = None) -> SparsifyReport:
+                         min_sparsity: float | None = None, _copy_files_from: Path | None = None) -> SparsifyReport:
     """Write ``model`` as a compressed-tensors ``sparse-bitmask`` checkpoint directory (see
     :mod:`flash_llm.checkpoint.sparse_bitmask`): the weight of every linear layer (``nn.Linear``, or a
     ``SparseLinear``, decompressed) that ``targets`` / ``ignore`` select is stored as its four bitmask
-    tensors, everything else densely.  Written atomically, like :func:`save_pretrained`.
+    tensors, everything else densely.  With ``min_sparsity`` (a fraction in [0, 1]), a selected layer whose weight
+    has a smaller fraction of zeros is stored densely too, and config.json's ``ignore`` names it.  Written
+    atomically, like :func:`save_pretrained`.
 
     Returns a :class:`flash_llm.nn.SparsifyReport` of the layers stored compressed (dense/sparse bytes of
-    the weight and bias) and those not targeted.
+    the weight and bias) and those not targeted or below ``min_sparsity``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if min_sparsity is not None and (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
+                                     or not 0.0 <= min_sparsity <= 1.0):
+        raise ValueError(f"min_sparsity must be None or a number in [0, 1], got {min_sparsity!r}")
     _refuse_merged(model)
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
@@ -826,6 +836,7 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
         else:
             chosen[fqn] = m
     zeros = total = 0
+    kept_dense: list[str] = []
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in state.items():
         owner = name.rpartition(".")[0]
@@ -842,6 +853,15 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
                 writer.add(tensors)
                 continue
             weight = m.to_dense() if isinstance(m, SparseLinear) else m.weight.detach()
+            if min_sparsity is not None:
+                sparsity = 1.0 - count_nonzero(weight) / weight.numel()
+                if sparsity < min_sparsity:  # stored dense, and left out of the targets by name
+                    report.skipped.append(SkippedLayer(owner, f"sparsity {sparsity:.4f} < min_sparsity "
+                                                              f"{min_sparsity}"))
+                    kept_dense.append(owner)
+                    writer.add({f"{owner}.weight": weight,
+                                **{n: t for n, t in tensors.items() if n == f"{owner}.bias"}})
+                    continue
             parts = sb.compress(weight)
             out = {f"{owner}.weight.{p}": v for p, v in parts.items()}
             bias = tensors.get(f"{owner}.bias")
@@ -856,10 +876,13 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
                                                    _tensor_bytes(weight) + bias_bytes,
                                                    sum(_tensor_bytes(v) for v in parts.values()) + bias_bytes))
         writer.close()
-        cfg["quantization_config"] = sb.quantization_config(targets, ignore, zeros / total if total else 0.0)
+        cfg["quantization_config"] = sb.quantization_config(targets, (*ignore, *kept_dense),
+                                                            zeros / total if total else 0.0)
         dtype = _model_dtype(model, state)
         if dtype is not None:
             cfg["dtype"] = str(dtype).removeprefix("torch.")
+            if "torch_dtype" in cfg:  # (as save_pretrained: the older key, where the config has it, agrees)
+                cfg["torch_dtype"] = cfg["dtype"]
         _files.write_json(tmp / _files.CONFIG_NAME, cfg)
         if _copy_files_from is not None:
             for f in _files.auxiliary_files(_copy_files_from):

@@ -406,7 +406,7 @@ class SparseFormat:
         if not cls.reads_version(version):
             raise FormatError(f"{where}'{label}' has {cls.FORMAT_NAME} format version {version!r}; "
                               f"this flash-llm reads {cls.readable_versions()}")
-        if meta.get("dtype") not in _DTYPES_BY_NAME:
+        if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in _DTYPES_BY_NAME:
             raise FormatError(f"{where}'{label}' has value dtype {meta.get('dtype')!r}; "
                               f"expected one of {sorted(_DTYPES_BY_NAME)}")
         shape = meta.get("shape")
@@ -498,7 +498,7 @@ def load(path: str | os.PathLike, device="cpu"):
     out = {}
     for prefix in prefixes:
         fmt = parse_metadata(metadata, prefix, f"{path}: ").get("format")
-        cls = FORMATS.get(fmt)
+        cls = FORMATS.get(fmt) if isinstance(fmt, str) else None  # (JSON lists / objects are no format names)
         if cls is None:
             raise FormatError(f"{path}: '{_label(prefix)}' has unknown format {fmt!r}; known: {sorted(FORMATS)}")
         out[prefix[:-1] if prefix else ""] = cls.from_state(tensors, metadata, prefix, source=path).to(device)
