@@ -305,7 +305,8 @@ class SparseLinear(nn.Module):
             error_msgs.append(f"{prefix}_extra_state is a {type(meta).__name__}; expected the flash-llm format "
                               "metadata dict of a SparseLinear")
             return None
-        cls = FORMATS.get(meta.get("format"))
+        fmt = meta.get("format")
+        cls = FORMATS.get(fmt) if isinstance(fmt, str) else None
         if cls is None:
             error_msgs.append(f"{label} has unknown format {meta.get('format')!r}; known: {sorted(FORMATS)}")
             return None

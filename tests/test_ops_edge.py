@@ -119,3 +119,15 @@ def test_save_refuses_an_empty_name(tmp_path):
     with pytest.raises(ValueError, match="names must be non-empty"):
         save({"": w}, tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_sparse_linear_state_with_a_non_string_format_is_a_load_error():
+    """A corrupt ``_extra_state`` whose format is a list: load_state_dict's error names the weight (was a TypeError
+    from the dict lookup, "unhashable type")."""
+    from flash_llm.nn import SparseLinear
+
+    sl = SparseLinear.from_linear(torch.nn.Linear(64, 32).half())
+    sd = sl.state_dict()
+    sd["_extra_state"] = {**sd["_extra_state"], "format": ["x"]}
+    with pytest.raises(RuntimeError, match="weight has unknown format"):
+        sl.load_state_dict(sd)
