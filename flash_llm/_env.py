@@ -58,3 +58,19 @@ def env_flag(name: str, default: bool) -> bool:
     if text:
         _warn(name, text, "one of 1, 0, true, false, yes, no, on, off", int(default))
     return default
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...], on: str | None = None, off: str | None = None) -> str:
+    """The word switch ``name``: one of ``choices`` (any case, stripped); the on / off words stand for ``on`` / ``off``
+    where given; unset or empty: ``default``; anything else warns, naming it, and the default holds."""
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in choices:
+        return text
+    if on is not None and text in _ON:
+        return on
+    if off is not None and text in _OFF:
+        return off
+    _warn(name, text, f"one of {', '.join(choices)}" + (" or an on / off word" if on or off else ""), default)
+    return default

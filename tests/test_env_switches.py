@@ -68,3 +68,19 @@ def test_the_import_survives_bad_switches():
     for name in ("FLASH_LLM_NT_MIN_TILES", "FLASH_LLM_DELTA_MULTI_MAX", "FLASH_LLM_L2_WARM_MB",
                  "FLASH_LLM_WG_LATENCY_SHARE"):
         assert name in run.stderr
+
+
+def test_cubin_cache_leaves_no_partial_file_when_the_write_fails(tmp_path, monkeypatch):
+    """A cubin whose final rename fails (here a directory stands where it goes) leaves no temporary file behind
+    (session 72: a *.tmp<pid> of the whole cubin stayed, one a process)."""
+    from flash_llm.kernels import _build
+
+    src = b'extern "C" __global__ void k_tmp_test(int* p) { *p = 1; }\n'
+    monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path))
+    c = _build.compile_kernels("sm_90", source=src)
+    path = next(tmp_path.rglob("*.cubin"))
+    path.unlink()
+    path.mkdir()  # (os.replace onto a directory fails)
+    _build.compile_kernels("sm_90", source=src)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert c.cubin

@@ -1,7 +1,10 @@
 """The launch planner (``flash_llm.kernels.plan``): pure Python, so CI checks it without a GPU."""
 
+import warnings
+
 import pytest
 
+from flash_llm import kernels
 from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, DELTA_ROWS, TCSL_WG32_MIN_DENSITY, TCSL_WG64_S2_MIN_DENSITY,
                                THREADS, TILED_CSL, _MAX_NT, _nt, bitmap_wg_tokens, block_threads, kernel_name, plan,
                                reduce_ways, tcsl_block, use_sparse_kernel)
@@ -280,18 +283,35 @@ def test_which_reductions_launch_programmatically(monkeypatch):
         assert [kernels._pdl_reduce(nt, n, name) for nt, n, name in cases] == expected, mode
 
 
-def test_an_unknown_pdl_reduce_setting_warns_and_keeps_the_default():
-    """FLASH_LLM_PDL_REDUCE=1 (not a mode) warns and means the default, ``wg``, rather than turning everything off."""
+@pytest.mark.parametrize("text,mode,warns", [("1", "wg", False), ("on", "wg", False), ("off", "0", False),
+                                              ("False", "0", False), (" NT1 ", "nt1", False), ("", "wg", False),
+                                              ("bogus", "wg", True)])
+def test_pdl_reduce_reads_like_every_switch(text, mode, warns):
+    """FLASH_LLM_PDL_REDUCE: a mode (any case, stripped), an on word for the default ``wg`` and an off word for ``0``
+    (session 72: "off" turned it on); anything else warns and means the default."""
     import os
     import subprocess
     import sys
 
     code = "import flash_llm.kernels as k; print(k.PDL_REDUCE)"
-    env = dict(os.environ, FLASH_LLM_PDL_REDUCE="1")
+    env = dict(os.environ, FLASH_LLM_PDL_REDUCE=text)
     r = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "wg" and "FLASH_LLM_PDL_REDUCE='1' is not one of" in r.stderr
+    assert r.stdout.strip() == mode
+    assert ("FLASH_LLM_PDL_REDUCE='bogus' is not one of" in r.stderr) == warns
+
+
+def test_a_split_override_the_plan_cannot_run_warns(monkeypatch):
+    """A split count that does not cut K's 64-column tiles into equal runs runs as the nearest that does, and says so
+    (a timing run must know what it timed); one it can run is silent."""
+    monkeypatch.setattr(kernels, "_split_warned", set())
+    with pytest.warns(RuntimeWarning, match="48 splits asked .* run as 32 splits of 2"):
+        p = kernels.plan(4096, 4096, 8, 0.2, 132, 8, splits=48, fmt=kernels.TILED_CSL)
+    assert p.splits == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.plan(4096, 4096, 8, 0.2, 132, 8, splits=16, fmt=kernels.TILED_CSL).splits == 16
 
 
 def test_split_overrides_parse_and_replace_the_plans_choice(monkeypatch):

@@ -18,7 +18,8 @@ import torch
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
 from ..reference import apply_norm, silu_mul_halves
-from .._env import env_flag as _env_flag, env_float as _env_float, env_int as _env_int
+from .._env import env_choice as _env_choice, env_flag as _env_flag, env_float as _env_float, \
+    env_int as _env_int
 from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch, sm90  # noqa: F401
 
 
@@ -419,9 +420,17 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     (a lone block still takes ``share`` of a full SM's round), against ``B / sms`` if the work were even; and their
     partial-sum traffic weighs less.  Both constants come from :func:`wg_split_model` and grow with the density.
     """
-    if splits is None:
-        splits = SPLIT_OVERRIDES.get((m, k, n))
-    return _plan(m, k, n, density, sms, blocks_per_sm, splits, fmt, wgmma)
+    asked = splits if splits is not None else SPLIT_OVERRIDES.get((m, k, n))
+    p = _plan(m, k, n, density, sms, blocks_per_sm, asked, fmt, wgmma)
+    if asked is not None and p.splits != asked and (m, k, n, asked, p.splits) not in _split_warned:
+        _split_warned.add((m, k, n, asked, p.splits))  # (a timing run must know what it timed)
+        warnings.warn(f"{m}x{k}x{n}: {asked} splits asked (FLASH_LLM_SPLITS or splits=) run as {p.splits} splits of "
+                      f"{p.kt_per_split} 64-column tiles ({ceil_div(k, STRIP_K)} tiles: each split takes whole, "
+                      "equal runs of them)", RuntimeWarning, stacklevel=2)
+    return p
+
+
+_split_warned: set = set()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -529,11 +538,7 @@ DECODE_ATTN_PDL_MAX_WORK = 8192
 #: done (spmm.cu, ``tiled_csl_trigger_at_start``): ``_nt2``'s programmatic reduction took batch 16 from 4.074-4.088 to
 #: 4.005-4.006 ms at 80 % and from 4.907 to 4.825 at 70 %, and ``_nt1``'s late trigger batch 8 from 3.725-3.728 to
 #: 3.589 at 80 % and from 4.592-4.595 to 4.424-4.425 at 70 % (each the same run, dense unchanged).
-PDL_REDUCE = os.environ.get("FLASH_LLM_PDL_REDUCE", "wg")
-if PDL_REDUCE not in ("wg", "nt1", "all", "0"):
-    warnings.warn(f"FLASH_LLM_PDL_REDUCE={PDL_REDUCE!r} is not one of wg, nt1, all, 0; using wg", RuntimeWarning,
-                  stacklevel=1)
-    PDL_REDUCE = "wg"
+PDL_REDUCE = _env_choice("FLASH_LLM_PDL_REDUCE", "wg", ("wg", "nt1", "all", "0"), on="wg", off="0")
 
 
 def parse_split_overrides(text: str) -> dict[tuple[int, int, int], int]:

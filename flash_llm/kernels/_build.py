@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -166,13 +168,17 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
     if notify:
         print(f"flash-llm: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     if use_cache:
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(cubin)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # (own name a writer)
+            with os.fdopen(fd, "wb") as f:
+                f.write(cubin)
             os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache only costs a recompile next time
+        except OSError:  # a read-only cache only costs a recompile next time; no partial file stays
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
     return Compiled(arch, cubin, log, False)
 
 

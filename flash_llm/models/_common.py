@@ -3,12 +3,13 @@ scaled-dot-product attention with grouped-query heads that never copies keys or 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._env import env_choice
 
 
 class KVCache:
@@ -195,7 +196,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 #: batch 16 and 1.7x at batch 64 with 256, 1.08x at batch 16 with 2048, 0.76x at batch 64 with 2048.  End to end on
 #: Llama-3-8B at batch 64 (``--fuse --merge``, session 17, the kernel launched plainly there, see
 #: ``kernels.DECODE_ATTN_PDL_MAX_WORK``): 6.267 -> 6.130 ms per token dense, 6.378 -> 6.284 at 80 %.
-DECODE_ATTENTION = os.environ.get("FLASH_LLM_DECODE_ATTENTION", "auto")
+DECODE_ATTENTION = env_choice("FLASH_LLM_DECODE_ATTENTION", "auto", ("auto", "1", "0"), on="1", off="0")
 DECODE_ATTENTION_MAX_WORK = 32768
 
 
