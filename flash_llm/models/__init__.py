@@ -53,14 +53,15 @@ def init_weights_(module: nn.Module, generator: torch.Generator | None = None, s
                 m.bias.zero_()
         elif isinstance(m, nn.Embedding):
             m.weight.normal_(0.0, std, generator=generator)
-            if m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
         elif isinstance(m, nn.LayerNorm):
             if m.weight is not None:
                 m.weight.fill_(1.0)
                 m.bias.zero_()
         elif type(m).__name__ == "LlamaRMSNorm":
             m.weight.fill_(1.0)
+    for m in module.modules():  # (after every draw: a head tied to an embedding redraws the shared matrix)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            m.weight[m.padding_idx].zero_()
 
 
 def from_config(config, *, dtype: torch.dtype = torch.float16, device="cpu", seed: int | None = None) -> CausalLM:

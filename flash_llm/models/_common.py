@@ -140,7 +140,10 @@ def default_attend(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         attention_mask = attention_mask.to(input_ids.device)
         if positions is None:
             positions = padded_positions(attention_mask)
-        mask = None if bool(attention_mask.bool().all()) else padding_mask(attention_mask)
+        # (all ones: plain causal, unless compiling: a branch on the mask's values is data-dependent, which
+        # fullgraph refuses, and the padding mask of all ones is the causal mask)
+        mask = (padding_mask(attention_mask) if torch.compiler.is_compiling() or not bool(attention_mask.bool().all())
+                else None)
     else:
         mask = None
     if positions is None:
@@ -169,6 +172,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     b, h, t, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
+    if mask is None and t > 1 and k.shape[2] != t:  # (SDPA's is_causal aligns the queries with the first keys)
+        raise ValueError(f"attention: mask=None means causal attention over the queries themselves, but {t} queries "
+                         f"attend {k.shape[2]} keys (a cache); pass the mask (Attend.mask)")
     if rep == 1:
         # (a branch, not is_causal=mask is None and t > 1: under torch.compile with a dynamic length that is a
         # symbolic bool, which is_causal refuses; the branch makes dynamo guard on it)

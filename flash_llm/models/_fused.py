@@ -87,7 +87,7 @@ def op(name: str, fused: bool):
     fp16, bf16 and fp32 on the GPU and the CPU, at one and at several tokens, would reach it.  If compiling fails (no
     C compiler or Triton, an unsupported backend...), a warning says why and the eager function is used from then on
     for that device type and dtype: the results are the same, only slower."""
-    if not fused:
+    if not fused or torch.compiler.is_compiling():  # (inside an outer torch.compile, which fuses them itself)
         return _EAGER[name]
     fn = _FUSED.get(name)
     if fn is None:
