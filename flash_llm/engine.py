@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ._env import env_flag, env_float, env_int
-from .models import CausalLM, merge_projections, set_fused
+from .models import CausalLM, merge_projections, set_fused, unmerge_projections
 from .models._common import Attend, KVCache, after_attention_weights, padded_positions, padding_mask
 
 #: Warm-up runs of the decode step before it is captured (the first also compiles/loads the spmm kernels).
@@ -1076,7 +1076,16 @@ class Engine:
                               f"sparse layers (the first: {self._dense.left[0]}) beside the cache and the prefill on "
                               f"{self.device}; their prefill expands them, as without", stacklevel=2)
         dev = self.device
-        self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
+        try:
+            self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
+        except (RuntimeError, MemoryError) as e:  # (out of memory: no engine, so the model's merge / fuse undone)
+            if self.merged:
+                unmerge_projections(model)
+            if fuse:
+                set_fused(model, False)
+            need = 2 * cfg.num_layers * max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
+            raise ValueError(f"the KV cache of max_batch={max_batch} x max_seq={max_seq} ({need / 2**30:.2f} GiB) "
+                             f"could not be allocated on {dev}: lower max_batch or max_seq ({e})") from e
         self._slots = slots
         # decode-step state, read and advanced inside the captured graph
         self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step
@@ -1198,6 +1207,8 @@ class Engine:
         tokens (``prefill_dense=True``: the dense copies from :data:`PREFILL_DENSE_MIN_TOKENS`): to read the model's
         formats or bytes as that step sees them (a captured graph keeps the set it was captured over, whatever the
         layers hold later)."""
+        if not _is_int(batch) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         self._layout = (batch, prefill)
         if self._dense is not None:
             self._dense.install(False)

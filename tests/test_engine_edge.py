@@ -112,3 +112,20 @@ def test_attention_mask_must_be_a_tensor():
     eng = Engine(_model(), max_batch=2, max_seq=64)
     with pytest.raises(TypeError, match="attention_mask must be"):
         eng.generate(torch.tensor([[1, 2], [3, 4]]), 2, attention_mask=[[1, 1], [1, 1]])
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_the_model_changes():
+    """max_batch x max_seq past the device's memory: refused naming them, before merge / fuse change the model (the
+    allocation used to fail after, leaving the model merged and no engine)."""
+    m = _model()
+    keys = list(m.state_dict())
+    with pytest.raises(ValueError, match=r"KV cache of max_batch=100000000 x max_seq=32"):
+        Engine(m, max_batch=10**8, max_seq=32, merge=True)
+    assert list(m.state_dict()) == keys
+
+
+def test_use_layout_names_a_bad_batch():
+    eng = Engine(_model(), max_batch=2, max_seq=64)
+    for bad in (0, -1, "x", True):
+        with pytest.raises(ValueError, match="batch must be an int >= 1"):
+            eng.use_layout(bad)
