@@ -1083,7 +1083,7 @@ class Engine:
                 unmerge_projections(model)
             if fuse:
                 set_fused(model, False)
-            need = 2 * cfg.num_layers * max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
+            need = self._cache_bytes(kv_heads, slots)
             raise ValueError(f"the KV cache of max_batch={max_batch} x max_seq={max_seq} ({need / 2**30:.2f} GiB) "
                              f"could not be allocated on {dev}: lower max_batch or max_seq ({e})") from e
         self._slots = slots
@@ -1120,9 +1120,12 @@ class Engine:
     def _beside_bytes(self, kv_heads: int, slots: int) -> int:
         """Bytes this engine will take beside the weights: its cache (``kv_heads`` x ``slots`` a layer and sequence)
         and its prefill's activations (:func:`_prefill_bytes`)."""
+        return self._cache_bytes(kv_heads, slots) + _prefill_bytes(self.config, self.max_batch, self.max_seq)
+
+    def _cache_bytes(self, kv_heads: int, slots: int) -> int:
+        """Bytes of the KV cache this engine allocates (``kv_heads`` x ``slots`` a layer and sequence)."""
         cfg = self.config
-        cache = 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
-        return cache + _prefill_bytes(cfg, self.max_batch, self.max_seq)
+        return 2 * cfg.num_layers * self.max_batch * kv_heads * slots * cfg.head_dim * self.dtype.itemsize
 
     def _spare_bytes(self, kv_heads: int, slots: int) -> int:
         """The device's free memory less what this engine will take beside the weights and
@@ -1655,10 +1658,11 @@ class Engine:
                                    _fingerprint(ids, mask, max_new_tokens if limits is None else limits, eos))
             b = ids.shape[0]
             eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
-            pad = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+            fallback = eos[0] if eos else 0
+            pad = self.config.pad_token_id if self.config.pad_token_id is not None else fallback
             # what a stopped row is fed (its output shows pad): a token of the vocabulary (a config's pad id may be
             # -1 or the vocabulary's size)
-            feed = pad if 0 <= pad < self.config.vocab_size else (eos[0] if eos else 0)
+            feed = pad if 0 <= pad < self.config.vocab_size else fallback
             marks = [self._mark()]
             if self._prefills is not None:
                 ids, mask = self._bucketed(ids, mask, max_new_tokens)
