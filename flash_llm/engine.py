@@ -1452,6 +1452,8 @@ class Engine:
         mask.index_fill_(1, self._slot, 0.0)
         l2_next = self._l2_next()
         side = self._l2_side() if l2_next is not None else None
+        if side is not None:  # (forked here, so the join below is legal in a capture even if no layer used it)
+            side.wait_stream(torch.cuda.current_stream(self.device))
         attend = Attend(positions=self._pos[:b, None], mask=mask[:, None, None, :kv], cache=self.cache,
                         slots=self._slot, kv_len=kv, rope=self._rope, small_chunks_from=self._small_chunks_from,
                         l2_next=l2_next, l2_stream=side)
