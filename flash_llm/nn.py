@@ -57,6 +57,12 @@ def _format_class(fmt, name: str = "fmt") -> type[SparseFormat]:
                      f"(BitmapTiles, TiledCSL, DeltaRows); got {fmt!r}")
 
 
+def check_fraction(value, name: str) -> None:
+    """ValueError naming ``name`` unless ``value`` is a number (not a bool) in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
 def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -82,7 +88,11 @@ class SparseLinear(nn.Module):
     ``load_state_dict`` validates the arrays fully (a corrupt checkpoint raises, naming the tensor) and
     *replaces* them, so any layer of the same shape and bias presence loads any other's state, whatever
     its nnz, format or dtype; :meth:`zeros` builds such a shell (also on the ``meta`` device, for
-    ``load_state_dict(..., assign=True)``).
+    ``load_state_dict(..., assign=True)``).  As for ``nn.Linear``: a load under ``torch.inference_mode()``
+    leaves normal tensors (the layer still runs with autograd); loading values into a ``meta`` layer without
+    ``assign=True`` loads none (a ``UserWarning`` says so); a checkpoint whose arrays are on ``meta`` loads
+    only into a ``meta`` layer or with ``assign=True``, and elsewhere is an error naming the keys.  The bias
+    ends in the weight's dtype either way (``assign=True`` casts a checkpoint bias of another dtype).
 
     Args:
         weight: the compressed weight ``[out_features, in_features]``
@@ -187,7 +197,9 @@ class SparseLinear(nn.Module):
 
     def _replace_weight(self, weight: SparseFormat) -> None:
         """Hold ``weight`` (any format, the same shape, dtype and device) in place of the present one: the same
-        module, its arrays' buffers replaced (the engine's re-encoding; the bias is kept)."""
+        module, its arrays' buffers replaced (the engine's re-encoding; the bias is kept).  The buffers are
+        ``weight``'s tensors themselves, no copies (the engine swaps weights by identity), so tensors made under
+        ``torch.inference_mode()`` stay inference tensors here."""
         if not isinstance(weight, SparseFormat):
             raise TypeError(f"weight must be a flash_llm compressed weight, got {type(weight).__name__}")
         if (tuple(weight.shape) != (self.out_features, self.in_features) or weight.dtype != self.weight_dtype
@@ -269,35 +281,51 @@ class SparseLinear(nn.Module):
         # All or nothing per layer: the arrays are validated together with the metadata, and unless they
         # load, the bias is not loaded either.  The arrays are popped so nn.Module's loader (bias, extra
         # state, hooks, unexpected keys) does not size-check them: another nnz means other sizes.
+        # The tensors this makes (copies, casts) are made outside inference mode: a load under
+        # torch.inference_mode() leaves normal tensors, as nn.Module's in-place copies do, so the layer still
+        # runs with autograd after it.
         keys = {n: prefix + "weight_" + n for n in self.weight_format._arrays}
         arrays = {n: state_dict.pop(k) for n, k in keys.items() if k in state_dict}
         popped = [keys[n] for n in arrays]
+        assign = local_metadata.get("assign_to_params_buffers", False)
         if arrays:
-            w = self._checked_weight(arrays, state_dict.get(prefix + "_extra_state"), prefix, error_msgs) \
-                if len(arrays) == len(keys) else None
+            with torch.inference_mode(False):
+                w = self._checked_weight(arrays, state_dict.get(prefix + "_extra_state"), prefix, assign,
+                                         error_msgs) if len(arrays) == len(keys) else None
             b = state_dict.get(prefix + "bias")
             bias_fits = self.bias is None or b is None or (isinstance(b, torch.Tensor)
                                                            and tuple(b.shape) == (self.out_features,))
             if w is not None and bias_fits:  # a misfit bias is reported by nn.Module's loader
-                assign = local_metadata.get("assign_to_params_buffers", False)
                 device = self.weight_data.device
-                for n, t in w.tensors().items():
-                    self._buffers["weight_" + n] = t if assign else t.to(device, copy=True)
-                if self.bias is not None and self.bias.dtype != w.dtype:  # the loader copies into it, if given
-                    # (the old bias cast, not an empty tensor: a state dict without the bias, strict=False, keeps it)
-                    self._buffers["bias"] = self.bias.detach().to(w.dtype)
+                if device.type == "meta" and w.device.type != "meta" and not assign:  # (as nn.Module warns)
+                    warnings.warn(f"for {', '.join(popped)}: copying from non-meta arrays in the checkpoint to a "
+                                  "meta SparseLinear, which loads no values: the layer stays on the meta device "
+                                  "(with the checkpoint's format and sizes).  Did you mean to pass `assign=True` to "
+                                  "take the checkpoint's arrays?", UserWarning, stacklevel=2)
+                with torch.inference_mode(False):
+                    for n, t in w.tensors().items():
+                        self._buffers["weight_" + n] = t if assign else t.to(device, copy=True)
+                    if self.bias is not None and self.bias.dtype != w.dtype:  # the loader copies into it, if given
+                        # (the old bias cast, not an empty tensor: a state dict without the bias, strict=False,
+                        # keeps it)
+                        self._buffers["bias"] = self.bias.detach().to(w.dtype)
                 self.weight_format, self.weight_dtype, self._nnz = type(w), w.dtype, w.nnz
             elif w is None and prefix + "bias" in state_dict:
                 state_dict.pop(prefix + "bias")
                 popped.append(prefix + "bias")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if self.bias is not None and self.bias.dtype != self.weight_dtype:  # assign=True takes the checkpoint's as is
+            with torch.inference_mode(False):
+                self._buffers["bias"] = self.bias.detach().to(self.weight_dtype)
         for k in popped:  # present in the checkpoint, so not missing (errors, if any, are in error_msgs)
             if k in missing_keys:
                 missing_keys.remove(k)
 
-    def _checked_weight(self, arrays, meta, prefix, error_msgs) -> SparseFormat | None:
-        """The checkpoint's weight, fully validated, or None with the reason in ``error_msgs``."""
+    def _checked_weight(self, arrays, meta, prefix, assign, error_msgs) -> SparseFormat | None:
+        """The checkpoint's weight, fully validated, or None with the reason in ``error_msgs``.  Arrays on the meta
+        device (no values) load only where there are none to copy: into a meta layer, or with ``assign=True``
+        (shapes only, :meth:`SparseFormat.from_state`), as nn.Module's loader takes a meta tensor."""
         label = prefix + "weight"
         if meta is None:  # no metadata: read the arrays as this layer's format and dtype
             meta = {**self.weight.metadata(), "nnz": None}
@@ -312,6 +340,12 @@ class SparseLinear(nn.Module):
             return None
         if any(not isinstance(t, torch.Tensor) for t in arrays.values()):
             error_msgs.append(f"{label}: the checkpoint's weight arrays must be tensors")
+            return None
+        device = self.weight_data.device
+        if any(t.is_meta for t in arrays.values()) and device.type != "meta" and not assign:
+            names = ", ".join(prefix + "weight_" + n for n, t in arrays.items() if t.is_meta)
+            error_msgs.append(f"{names}: on the meta device in the checkpoint (no values to load into this layer on "
+                              f"{device}); load a checkpoint with values")
             return None
         try:  # errors name the state-dict keys: prefix + "weight_data", ...
             w = cls.from_state({prefix + "weight_" + n: t for n, t in arrays.items()},
@@ -358,9 +392,7 @@ class SparsifyConfig:
 
     def __post_init__(self):
         _format_class(self.format, "SparsifyConfig.format")
-        if isinstance(self.min_sparsity, bool) or not isinstance(self.min_sparsity, (int, float)) or not (
-                0.0 <= self.min_sparsity <= 1.0):
-            raise ValueError(f"SparsifyConfig.min_sparsity must be a number in [0, 1], got {self.min_sparsity!r}")
+        check_fraction(self.min_sparsity, "SparsifyConfig.min_sparsity")
         if self.dtype is not None and self.dtype not in VALUE_DTYPES:
             raise TypeError(f"SparsifyConfig.dtype must be None, torch.float16 or torch.bfloat16, got {self.dtype}")
         if isinstance(self.skip_names, str):

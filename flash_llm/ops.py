@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .formats import SparseFormat
 from .reference import FORMAT_CLASSES, FORMAT_IDS, as_format, layer_norm, rms_norm, silu_mul_halves, spmm_reference
@@ -257,6 +258,63 @@ def _backward(ctx, grad):
 _spmm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _SpmmFunction(torch.autograd.Function):
+    """The op as an ``autograd.Function`` with a forward-mode rule, for :func:`spmm` under forward-mode AD and the
+    ``torch.func`` transforms: a ``torch.library`` custom op takes a backward formula only, and its tangents were
+    dropped without an error (``jacfwd`` gave zeros; session 73's bug hunt).  The product is linear in ``x`` and the
+    weight is a constant, so the tangent of ``y`` is ``spmm(x_t, W)`` (+ the bias's tangent).  Underneath it is the
+    same ``torch.ops.flash_llm.spmm``.  Not used where Dynamo traces (it does not take a custom ``jvp``, and would
+    trace the op's forward alone): there, and in plain eager, :func:`spmm` calls the op itself (:func:`_transformed`
+    says which)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, data, offsets, fmt, m, k, bias):
+        return _spmm_op(x, data, offsets, fmt, m, k, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], inputs[2])
+        ctx.n = inputs[0].shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx, x_t, data_t, offsets_t, fmt_t, m_t, k_t, bias_t):
+        data, offsets = ctx.saved_tensors
+        fmt, m, k, _ = ctx.meta
+        y_t = None if x_t is None else _spmm_op(x_t, data, offsets, fmt, m, k, None)
+        if bias_t is not None:
+            y_t = bias_t.expand(ctx.n, m).clone() if y_t is None else y_t + bias_t
+        return y_t
+
+
+@torch.compiler.assume_constant_result  # (Dynamo runs it while tracing: it guards the transforms and dual level)
+def _forward_ad_active() -> bool:
+    """Whether forward-mode AD is on: a ``torch.autograd.forward_ad.dual_level``, or ``torch.func.jvp`` (``jacfwd``)
+    among the ``torch.func`` transforms in effect."""
+    return fwAD._current_level >= 0 or any(i.key() == torch._C._functorch.TransformType.Jvp
+                                           for i in torch._C._functorch.get_interpreter_stack() or ())
+
+
+def _transformed() -> bool:
+    """Whether :func:`spmm` runs under forward-mode AD or a ``torch.func`` transform (``jvp``, ``jacfwd``, ``grad``,
+    ``vmap``...), outside Dynamo: then it goes through :class:`_SpmmFunction`.  Under Dynamo the op is traced as it
+    is, and forward-mode AD, which would lose the tangent there, is refused."""
+    if not torch.compiler.is_compiling():
+        return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+    if _forward_ad_active():
+        raise NotImplementedError("flash_llm.spmm: forward-mode AD (torch.func.jvp / jacfwd, "
+                                  "torch.autograd.forward_ad) is not supported in a graph torch.compile traces (the "
+                                  "tangent would be lost): run the transform outside the compiled region, or compile "
+                                  "without fullgraph=True (the call then runs eagerly, where it is supported)")
+    return False
+
+
 def _format_id(w: SparseFormat) -> int:
     """The op's format id of ``w``'s class (or of the format a subclass of it derives from)."""
     for c in type(w).__mro__:
@@ -306,10 +364,18 @@ def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> 
     Returns:
         ``[..., M]`` in ``x.dtype``; products accumulated in fp32.  ``x`` with zero rows gives an
         empty result.
+
+    Differentiable in ``x`` and ``bias`` (the compressed weight is a constant) in reverse mode and in forward mode
+    (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``; the tangent of ``y`` is ``spmm(x_t, w)`` plus
+    the bias's tangent), and under the other ``torch.func`` transforms (``grad``, ``jacrev``, ``vmap``).  In a
+    graph Dynamo traces (``torch.compile``, ``torch.export``) the op is traced as it is, with no forward-mode rule:
+    forward-mode AD there raises NotImplementedError naming flash_llm (without ``fullgraph=True`` the call falls
+    back to eager, where it is supported).
     """
     m, k, bias = _checked(x, w, bias)
     lead = x.shape[:-1]
-    y = _spmm_op(x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k, bias)
+    op = _SpmmFunction.apply if _transformed() else _spmm_op
+    y = op(x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k, bias)
     return y.reshape(*lead, m)
 
 

@@ -236,12 +236,24 @@ class SparseFormat:
         walks = [(self.data, a, b) for a, b in zip(rows[:-1], rows[1:]) if b > a]
         return [(self.offsets, 0, self.offsets.numel() * 4)], walks
 
-    def to(self, device) -> "SparseFormat":
-        """A copy on ``device`` (the same object if it is already there)."""
-        device = torch.device(device)
+    def to(self, device=None, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "SparseFormat":
+        """A copy on ``device`` (``None``: this weight's; the same object if it is already there), as
+        ``Tensor.to``: ``w.to("cuda")``, ``w.to(device="cuda", non_blocking=True)``.
+
+        Only the device changes: the dtype is fixed at compression (the int32 arrays hold fp16 / bf16 bit patterns).
+        A ``dtype`` (positional or ``dtype=``) other than :attr:`dtype` raises TypeError; re-compress instead:
+        ``type(w).from_dense(w.to_dense(), dtype=...)``."""
+        if isinstance(device, torch.dtype):  # w.to(torch.bfloat16), as Tensor.to(dtype)
+            device, dtype = None, device
+        if dtype is not None and dtype != self.dtype:
+            name = type(self).__name__
+            raise TypeError(f"{name}.to() moves between devices; dtype={dtype} cannot change a compressed weight's "
+                            f"dtype, fixed at compression ({self.dtype}): re-compress with "
+                            f"{name}.from_dense(w.to_dense(), dtype={dtype})")
+        device = self.device if device is None else torch.device(device)
         if self.device == device:
             return self
-        arrays = {n: t.to(device) for n, t in self.tensors().items()}
+        arrays = {n: t.to(device, non_blocking=non_blocking) for n, t in self.tensors().items()}
         return self._from_parts(arrays, self.shape, self.dtype, self.nnz)
 
     def slice(self, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> "SparseFormat":
@@ -395,7 +407,8 @@ class SparseFormat:
                    source: str = "") -> "SparseFormat":
         """Rebuild and fully validate a weight from :meth:`state` output.
 
-        Raises :class:`FormatError` naming the tensor and what is wrong; never returns a wrong matrix.
+        Raises :class:`FormatError` naming the tensor and what is wrong; never returns a wrong matrix.  Arrays on
+        the meta device (no values) give a meta weight, checked for what their lengths say only.
         """
         where = f"{source}: " if source else ""
         meta = parse_metadata(metadata, prefix, where)
@@ -422,11 +435,34 @@ class SparseFormat:
                                   "expected a 1-D int32 tensor")
             arrays[n] = t
         dtype = _DTYPES_BY_NAME[meta["dtype"]]
+        if any(t.is_meta for t in arrays.values()):
+            return cls._from_meta_state(arrays, shape, dtype, meta, version, prefix, where)
         nnz = cls._validate(arrays, tuple(shape), prefix, where, version)
         if meta.get("nnz") is not None and (not _is_int(meta["nnz"]) or meta["nnz"] != nnz):
             raise FormatError(f"{where}'{label}' metadata says nnz={meta['nnz']!r} but the arrays "
                               f"hold {nnz} nonzeros")
         return cls._from_parts(cls._upgrade(arrays, version), shape, dtype, nnz)
+
+    @classmethod
+    def _from_meta_state(cls, arrays, shape, dtype, meta, version, prefix, where) -> "SparseFormat":
+        """:meth:`from_state` of arrays on the meta device (shapes only, as ``.to("meta")`` leaves them): nothing to
+        read, so only what their lengths say is checked (:meth:`arrays_fit`), and ``nnz`` is the metadata's word
+        (-1 where it has none).  The result is a meta weight, as the arrays."""
+        label = _label(prefix)
+        if not all(t.is_meta for t in arrays.values()):
+            raise FormatError(f"{where}'{label}': some of its arrays are on the meta device and some are not "
+                              f"({', '.join(f'{prefix + n} on {t.device}' for n, t in arrays.items())})")
+        if version != cls.FORMAT_VERSION:
+            raise FormatError(f"{where}'{label}' is {cls.FORMAT_NAME} format version {version} on the meta device: "
+                              f"converting it to version {cls.FORMAT_VERSION} needs its values")
+        m, k = shape
+        why = cls.arrays_fit(m, k, arrays["offsets"].numel(), arrays["data"].numel())
+        if why is not None:
+            raise FormatError(f"{where}'{label}' (on the meta device) is no {m}x{k} {cls.FORMAT_NAME} weight: {why}")
+        nnz = meta.get("nnz")
+        if nnz is not None and (not _is_int(nnz) or not 0 <= nnz <= m * k):
+            raise FormatError(f"{where}'{label}' metadata says nnz={nnz!r}; expected an int in [0, {m * k}]")
+        return cls._from_parts(arrays, shape, dtype, -1 if nnz is None else nnz)
 
     @classmethod
     def reads_version(cls, version) -> bool:
