@@ -178,4 +178,9 @@ def config_dict(model: nn.Module, config=None) -> dict:
         raise TypeError(f"config must be a dict or have to_dict(); got {type(cfg).__name__}")
     if not isinstance(out, dict) or "model_type" not in out:
         raise ValueError("the model config has no 'model_type'; pass config= with the Hugging Face config dict")
-    return {k: v for k, v in out.items() if not k.startswith("_")}
+    return {k: v for k, v in out.items() if not k.startswith("_") or k in _MODEL_PRIVATE_KEYS}
+
+
+# Hugging Face config keys that start with "_" yet describe the model (not transformers' bookkeeping, such as
+# "_name_or_path" or "_attn_implementation", which config_dict drops): OPT-350m's final LayerNorm is absent.
+_MODEL_PRIVATE_KEYS = frozenset({"_remove_final_layer_norm"})

@@ -19,7 +19,7 @@ from ..cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _non_negative_f
 from ..cli import _device_arg as _device  # the demos' --device check (auto, cpu, cuda, cuda:N) as an argparse type
 from . import _files
 from . import sparse_bitmask as sb
-from .pretrained import checkpoint_kind, convert, from_pretrained, iter_checkpoint
+from .pretrained import checkpoint_kind, convert, from_pretrained, iter_checkpoint, sparsify_for_dtype
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 BENCHMARKS = {"kernel": "bench_spmm.py", "e2e": "bench_e2e.py", "checkpoint": "bench_checkpoint.py"}
@@ -216,7 +216,9 @@ def cmd_generate(args) -> int:
             model, tp = _load_tensor_parallel(path, DTYPES.get(args.dtype))
             args.device = tp.device
         else:
-            model = from_pretrained(path, device=args.device, dtype=DTYPES.get(args.dtype), backend="flash")
+            dtype = DTYPES.get(args.dtype)  # (a flash-llm checkpoint of another dtype: its layers are re-encoded)
+            model = from_pretrained(path, device=args.device, dtype=dtype, backend="flash",
+                                    sparsify=sparsify_for_dtype(path, dtype))
         tok = _tokenizer(args.tokenizer, path, _files.read_json(path / _files.CONFIG_NAME, "config.json"))
         ids = tok.encode(args.prompt)
         if not ids:

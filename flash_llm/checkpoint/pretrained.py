@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..formats import FORMATS, FormatError, SparseFormat
 from ..formats._base import METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, count_nonzero, dtype_name, parse_metadata
-from ..nn import (ConvertedLayer, SkippedLayer, SparseLinear, SparsifyConfig, SparsifyReport, _format_class,
-                  _human, _tensor_bytes)
+from ..nn import (FORMAT_NAMES, ConvertedLayer, SkippedLayer, SparseLinear, SparsifyConfig, SparsifyReport,
+                  _format_class, check_fraction, _human, _tensor_bytes)
 from . import _files, _model
 from . import sparse_bitmask as sb
 
@@ -604,6 +605,25 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path, spar
                      "(flash-llm convert: --dtype)")
 
 
+def sparsify_for_dtype(path, dtype: torch.dtype | None) -> SparsifyConfig | None:
+    """The ``sparsify`` argument that loads checkpoint directory ``path`` in ``dtype`` with its compressed layers kept
+    compressed: None (load as saved) unless ``path`` is a flash-llm checkpoint whose compressed layers hold another
+    dtype; then a :class:`~flash_llm.SparsifyConfig` of their format (the most common), so :func:`from_pretrained`
+    re-encodes them in ``dtype`` (what ``flash-llm generate --dtype`` asks for; without it the load refuses)."""
+    if dtype is None:
+        return None
+    path = Path(os.fspath(path))
+    kind = checkpoint_kind(read_config(path), path / _files.CONFIG_NAME)
+    if kind.kind != "flash-llm" or not kind.sparse_modules:
+        return None
+    metas = list(kind.sparse_modules.values())
+    if all(_DTYPES_BY_NAME[m["dtype"]] == dtype for m in metas):
+        return None
+    counts = Counter(FORMATS[m["format"]] for m in metas)
+    (stored, _), = counts.most_common(1)
+    return SparsifyConfig(format={cls: name for name, cls in FORMAT_NAMES.items()}[stored])
+
+
 def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
                     sparsify: SparsifyConfig | None | bool = None, backend: str = "auto",
                     output_report: bool = False, progress: bool = True):
@@ -771,6 +791,11 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
     Returns the :class:`flash_llm.nn.SparsifyReport` of the layers compressed and kept dense.
     """
     src, dst = Path(os.fspath(src)), Path(os.fspath(dst))
+    names = sorted(FORMAT_NAMES) + [sb.FORMAT]
+    if format not in names:
+        raise ValueError(f"format must be one of {names}; got {format!r}")
+    if min_sparsity is not None:
+        check_fraction(min_sparsity, "min_sparsity")
     _files.refuse_inside(src, dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
