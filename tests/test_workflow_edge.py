@@ -92,3 +92,18 @@ def test_convert_names_its_own_bad_arguments(fp16_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"^min_sparsity must be"):
         convert(fp16_checkpoint, tmp_path / "x", format="sparse-bitmask", min_sparsity=True, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_fp32_model_saved_reloads_without_a_dtype(tmp_path):
+    """``save_pretrained`` of an fp32 model (``bundled.load``'s default) reloads exactly with ``from_pretrained``, as
+    it is and with ``sparsify=False``; a dense fp32 checkpoint to be compressed is still refused, naming dtype."""
+    model = bundled.load("tiny-shakespeare")
+    assert model.lm_head.weight.dtype == torch.float32
+    flash_llm.save_pretrained(model, tmp_path / "fp32", progress=False)
+    x = torch.randint(0, 256, (1, 8))
+    for kw in ({}, {"sparsify": False}):
+        back = flash_llm.from_pretrained(tmp_path / "fp32", progress=False, **kw)
+        assert back.lm_head.weight.dtype == torch.float32
+        assert torch.equal(_logits(back, x), _logits(model, x))
+    with pytest.raises(ValueError, match=r"fp16/bf16 values: pass dtype=torch.float16 or torch.bfloat16"):
+        flash_llm.from_pretrained(tmp_path / "fp32", sparsify=SparsifyConfig(), progress=False)

@@ -575,7 +575,9 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path, spar
     """The dtype to build the model in for :func:`from_pretrained` / :func:`convert`: ``dtype``, else a flash-llm
     checkpoint's sparse layers', else ``config.json``'s (or the weights' own).  A ``dtype`` other than a flash-llm
     checkpoint's sparse layers' is refused only where they are to load as saved (``sparsify=None``); with
-    ``sparsify=False`` or a SparsifyConfig they are decompressed or re-encoded in ``dtype``."""
+    ``sparsify=False`` or a SparsifyConfig they are decompressed or re-encoded in ``dtype``.  A declared dtype other
+    than fp16 / bf16 (fp32) is taken only where nothing is compressed: ``sparsify=False``, or a flash-llm checkpoint
+    without sparse layers loaded as saved."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if kind.kind == "flash-llm" and kind.sparse_modules and (dtype is None or sparsify is None):
@@ -590,19 +592,22 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path, spar
         return stored
     if dtype is not None:
         return dtype
+    # (nothing compressed in this load: a flash-llm checkpoint without sparse layers as saved, or sparsify=False)
+    dense = sparsify is False or (sparsify is None and kind.kind == "flash-llm" and not kind.sparse_modules)
     declared = config_dtype(config)
+    hint = "pass dtype=torch.float16 or torch.bfloat16 (on the command line: --dtype)"
     if declared is None:  # as transformers' dtype="auto": the weights' own floating dtype
         found = {t.dtype for t in _files.open_checkpoint(source.parent).tensors.values() if t.dtype.startswith(
             ("F", "BF"))}
-        declared = {"F16": torch.float16, "BF16": torch.bfloat16}.get(next(iter(found))) if len(found) == 1 else None
+        declared = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(
+            next(iter(found))) if len(found) == 1 else None
         if declared is None:
             raise ValueError(f"{source} declares no dtype and the weights are {sorted(found) or 'not floating'}; "
-                             "pass dtype=torch.float16 or torch.bfloat16 (flash-llm convert: --dtype)")
-    if declared in VALUE_DTYPES:
+                             f"{hint}")
+    if declared in VALUE_DTYPES or (dense and declared.is_floating_point):
         return declared
-    raise ValueError(f"{source} declares dtype {config.get('dtype', config.get('torch_dtype'))!r}; the sparse "
-                     "formats hold fp16/bf16 values: pass dtype=torch.float16 or torch.bfloat16 "
-                     "(flash-llm convert: --dtype)")
+    raise ValueError(f"{source} declares dtype {config.get('dtype', config.get('torch_dtype', declared))!r}; the "
+                     f"sparse formats hold fp16/bf16 values: {hint}")
 
 
 def sparsify_for_dtype(path, dtype: torch.dtype | None) -> SparsifyConfig | None:
