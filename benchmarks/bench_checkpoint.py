@@ -2,6 +2,7 @@
 
     python benchmarks/bench_checkpoint.py [--quick] [--model llama-3-8b] [--layers N] [--sparsity 0.8]
                                           [--device cuda] [--format bitmap] [--workdir DIR] [--out DIR]
+                                          [--overwrite]
 
 1. Writes a *dense* pruned checkpoint the way transformers stores one (fp16 safetensors shards + index): the
    model's real shapes (``flash_llm.models`` presets; ``--layers`` cuts the stack), random normal weights,
@@ -17,7 +18,8 @@
    ``AutoModelForCausalLM.from_pretrained`` (CPU).
 
 Writes ``results.json`` (environment, every measurement), ``results.csv`` and ``checkpoint_times.png`` under
-``--out`` and prints a summary.  ``--quick``: a tiny model on CPU, a smoke run of every step (seconds).
+``--out`` and prints a summary (an ``--out`` that holds any of them is refused without ``--overwrite``).
+``--quick``: a tiny model on CPU, a smoke run of every step (seconds).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from flash_llm import SparseLinear  # noqa: E402
 from flash_llm.checkpoint import _files  # noqa: E402
 from flash_llm.models import ModelConfig, from_config, preset  # noqa: E402
 
+OUTPUTS = ("results.json", "results.csv", "checkpoint_times.png")
 QUICK = ModelConfig(family="llama", vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=512, max_position_embeddings=128, name="quick")
 
@@ -174,12 +177,18 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers load")
     ap.add_argument("--no-cpu-load", action="store_true", help="time loading on --device only, not also on CPU")
     ap.add_argument("--out", default="benchmarks/out/checkpoint")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     ap.add_argument("--_child", nargs=5, metavar=("SRC", "DST", "FORMAT", "DEVICE", "SHARD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
         src, dst, fmt, device, shard = args._child
         _child_convert(argparse.Namespace(src=src, dst=dst, format=fmt, device=device, shard=shard))
         return 0
+    existing = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]  # as bench_e2e.py
+    if existing and not args.overwrite:
+        print(f"error: {args.out} already holds {', '.join(existing)}; pass --overwrite or another --out",
+              file=sys.stderr)
+        return 2
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
     cfg = QUICK if args.quick else preset(args.model)

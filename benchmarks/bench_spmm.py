@@ -1,14 +1,15 @@
 """Sparse matmul against dense cuBLAS on real LLM layer shapes.
 
     python benchmarks/bench_spmm.py [--quick] [--dtypes fp16,bf16] [--formats bitmap,tiled-csl]
-                                    [--ns 1,8,...] [--sparsities 50,70,80,90] [--out DIR]
+                                    [--ns 1,8,...] [--sparsities 50,70,80,90] [--out DIR] [--overwrite]
 
 For every (layer, sparsity, dtype, format, N): median device time of ``F.linear`` on the dense
 weight, of the sparse kernel alone (where dispatched, and up to N = 128 where not) and of ``flash_llm.spmm``
 as dispatched (``path``: "sparse", or "expand" for the expansion and cuBLAS); effective GB/s of the format's
 bytes and its share of the measured copy bandwidth; speedups over dense in the same run.  Timing: CUDA graphs
 of calls over copies rotated beyond 3x L2, CUDA events, median.
-Writes ``results.json``, ``results.csv`` and ``speedup.png`` under ``--out``, prints a summary.
+Writes ``results.json``, ``results.csv`` and ``speedup.png`` under ``--out`` (one that holds any of them is refused
+without ``--overwrite``), prints a summary.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ NS = [1, 8, 16, 32, 64, 128, 256, 512, 2048]
 FORMATS = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL, "delta-rows": flash_llm.DeltaRows}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SPARSE_KERNEL_MAX_N = 128  # the sparse kernel is also timed up to here where dense is dispatched
+OUTPUTS = ("results.json", "results.csv", "speedup.png")
 
 
 def random_sparse(m, k, sparsity, dtype, gen):
@@ -58,9 +60,15 @@ def main(argv=None):
     ap.add_argument("--sparsities", default="50,70,80,90")
     ap.add_argument("--models", default=",".join(LAYERS))
     ap.add_argument("--out", default="benchmarks/out/spmm")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():  # (it times the CUDA kernels against cuBLAS: nothing to run on a CPU)
         print("error: no CUDA device: bench_spmm.py times the CUDA kernels against cuBLAS", file=sys.stderr)
+        return 2
+    existing = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]  # as bench_e2e.py
+    if existing and not args.overwrite:
+        print(f"error: {args.out} already holds {', '.join(existing)}; pass --overwrite or another --out",
+              file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     ns = [int(v) for v in args.ns.split(",")]

@@ -303,6 +303,15 @@ def _given(args, names, defaults) -> list[str]:
     return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != defaults[n]]
 
 
+def _seq_len_too_long(seq_len: int | None, lm: LoadedModel, name: str) -> bool:
+    """Whether ``--seq-len`` exceeds the model's context (then said on stderr): refused, never clamped."""
+    if seq_len is not None and seq_len > lm.context:
+        _err(f"--seq-len {seq_len} exceeds the context of {name} ({lm.context} tokens); pass --seq-len "
+             f"{lm.context} or less")
+        return True
+    return False
+
+
 def cmd_demo(args) -> int:
     if args.layer:
         if args.model is not None:
@@ -342,10 +351,12 @@ def cmd_demo(args) -> int:
         _err(f"--prompt ({prompt_ids.numel()} tokens) + --gen-tokens ({args.gen_tokens}) exceed the model's context "
              f"of {lm.context} tokens")
         return EXIT_USAGE
+    if _seq_len_too_long(args.seq_len, lm, args.model or DEFAULT_MODEL):
+        return EXIT_USAGE
     train, val = corpus_splits(tok)
     if args.eval_tokens is not None:
         val = val[:args.eval_tokens + 1]
-    seq_len = min(args.seq_len or min(lm.context, MAX_WINDOW), lm.context)
+    seq_len = args.seq_len or min(lm.context, MAX_WINDOW)
     if args.calib_seqs is None:  # on a CPU 2048 tokens: enough for Hessians of up to 2048 inputs, and quick
         args.calib_seqs = 128 if device.type == "cuda" else max(4, 2048 // seq_len)
     calib = data.calibration_batches(train, args.calib_seqs, seq_len, seed=seed, batch_size=args.batch_size)
@@ -521,8 +532,10 @@ def cmd_prune(args) -> int:
     except LOAD_ERRORS as e:
         _err(str(e))
         return EXIT_USAGE
+    if _seq_len_too_long(args.seq_len, lm, args.model):
+        return EXIT_USAGE
     calib_tokens = lm.tokenizer.encode_bytes(raw)
-    seq_len = min(args.seq_len or min(lm.context, MAX_WINDOW), lm.context)
+    seq_len = args.seq_len or min(lm.context, MAX_WINDOW)
     if calib_tokens.numel() < seq_len + 1:
         _err(f"--calib {args.calib} has {calib_tokens.numel()} tokens; at least {seq_len + 1} are needed (one "
              f"sequence of --seq-len {seq_len} plus its next token)")
@@ -546,7 +559,11 @@ def cmd_prune(args) -> int:
     meta = dict(cfg.get("flash_llm") or {})
     meta["pruning"] = {"method": ("owl+" if args.owl else "") + args.method, "sparsity": args.sparsity,
                        "reached": round(report.sparsity, 6), "layers": len(report), "calib": str(args.calib),
-                       "seconds": round(elapsed, 1), "from": str(lm.source)}
+                       "seconds": round(elapsed, 1), "from": str(lm.source), "seq_len": seq_len}
+    if args.method == "gradual":  # fine-tuning batches of --seq-len, not calibration sequences
+        meta["pruning"].update(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    else:
+        meta["pruning"]["calib_seqs"] = args.calib_seqs
     cfg["flash_llm"] = meta
     copy_from = None if args.model in bundled.NAMES else lm.source  # tokenizer and generation files
     try:
@@ -599,7 +616,7 @@ def register_cli(subparsers) -> None:
                         "tokens' worth, at least 4)")
     p.add_argument("--seq-len", type=_positive, default=None,
                    help=f"tokens per calibration sequence and evaluation window (default: the model's context, "
-                        f"at most {MAX_WINDOW})")
+                        f"at most {MAX_WINDOW}; more than the context is refused)")
     p.add_argument("--eval-tokens", type=_positive, default=None,
                    help="validation tokens to score (default: the whole validation split)")
     p.add_argument("--batch-size", type=_positive, default=64,
@@ -641,7 +658,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--owl", action="store_true", help="per-layer sparsities from OWL (wanda, sparsegpt)")
     p.add_argument("--calib-seqs", type=_positive, default=128, help="calibration sequences (default: 128)")
     p.add_argument("--seq-len", type=_positive, default=None,
-                   help=f"tokens per sequence (default: the model's context, at most {MAX_WINDOW})")
+                   help=f"tokens per sequence (default: the model's context, at most {MAX_WINDOW}; more than the "
+                        "context is refused)")
     p.add_argument("--batch-size", type=_positive, default=16, help="sequences per forward pass (default: 16)")
     p.add_argument("--steps", type=_positive, default=500, help="gradual: fine-tuning steps (default: 500)")
     p.add_argument("--lr", type=float, default=5e-4, help="gradual: learning rate (default: 5e-4)")
