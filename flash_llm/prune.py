@@ -210,11 +210,14 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
         ptr = _storage_ptr(t)
         if ptr:
             owners.setdefault(ptr, []).append(n)
+    aliases: dict[int, set[str]] = {}  # a module registered under several names (one block applied twice)
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), set()).add(f"{fqn}.weight" if fqn else "weight")
     for fqn, m in layers:
         name = f"{fqn}.weight" if fqn else "weight"
         if m.weight.is_meta:
             raise ValueError(f"{name} is on the meta device (no values to prune); load the weights first")
-        others = [n for n in owners.get(_storage_ptr(m.weight), ()) if n != name]
+        others = [n for n in owners.get(_storage_ptr(m.weight), ()) if n not in aliases[id(m)]]
         if others:
             raise ValueError(f"{name} shares memory with {', '.join(others)} (tied weights): pruning it would "
                              "zero those too; exclude the layer with filter_fn")
@@ -507,17 +510,24 @@ def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blo
     H.diagonal().copy_(diag0)  # H is the plain Gram matrix again, for the error below
 
     total = M * K
+    # Weights already zero stay zero (each is masked in its block, so no update brings it back); the zeros still
+    # wanted on top of them are shared by the blocks in proportion to their other weights, by cumulative rounding,
+    # so the layer ends with exactly max(count, zeros it had) zeros and no block is asked for more than it holds.
+    zero0 = W0 == 0
+    free = (~zero0).sum(0).cumsum(0).tolist()  # weights not yet zero in columns 0..j
+    extra = max(0, _count(sparsity, total) - (total - free[-1]))
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        # the block's share of the layer's zeros: cumulative rounding, so the shares sum to round(s * M * K)
-        n_block = _count(sparsity, total) if i2 == K else round(sparsity * total * i2 / K)
-        n_block -= round(sparsity * total * i1 / K)
+        share = (lambda j: 0 if j == 0 or free[-1] == 0 else round(extra * free[j - 1] / free[-1]))
+        zeros1 = zero0[:, i1:i2]
+        n_block = share(i2) - share(i1) + int(zeros1.sum())
         score = W1.square() / Hinv1.diagonal().square().unsqueeze(0)
         score[:, dead[i1:i2]] = 0.0  # free to prune: no error on the calibration data
+        score[zeros1] = -1.0  # (first: zero already)
         mask1 = torch.zeros(W1.numel(), dtype=torch.bool, device=W.device)
         mask1[torch.sort(score.reshape(-1), stable=True).indices[:n_block]] = True
         mask1 = mask1.view_as(W1)
@@ -555,10 +565,10 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     ``w^2 / [H^-1]_jj^2`` over the whole block (all rows), then the columns are pruned one by one and
     their error is spread over the not yet processed columns.
 
-    Exact sparsity: each block gets its share of the layer's zeros (cumulative rounding of
-    ``sparsity * M * K * block_end / K``; the last block gets the rest), so the layer ends with exactly
-    ``min(round(sparsity * M * K), M * K - 1)`` zeros (a layer always keeps one weight); rows may differ,
-    as in the paper.  Weights of dead inputs score 0 (free to prune) but are never zeroed beyond the
+    Exact sparsity: weights already zero are masked in their block (kept zero: an update of an earlier block
+    does not bring them back); the zeros wanted beyond them are shared by the blocks in proportion to each
+    block's other weights (cumulative rounding), so the layer ends with exactly ``max(min(round(sparsity * M *
+    K), M * K - 1), zeros it had)`` zeros (a layer always keeps one weight); rows may differ, as in the paper.  Weights of dead inputs score 0 (free to prune) but are never zeroed beyond the
     block's share.
 
     Order: layers are pruned one after another in the order the model first calls them when it runs on

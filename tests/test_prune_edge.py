@@ -1,7 +1,8 @@
 """flash_llm.prune on CPU, edge cases: reparametrized weights refused, NaN/Inf calibration inputs refused
 before anything is pruned, every submodule's training flag restored, layers reached only by later
 calibration batches, gradual_prune_ refusing bad input before pruning, empty layers, rounding that
-would empty a layer or a row, and the messages and error semantics of the report."""
+would empty a layer or a row, and the messages and error semantics of the report; SparseGPT keeping the zeros a
+layer had, and one module registered under several names."""
 
 from __future__ import annotations
 
@@ -315,3 +316,77 @@ def test_error_when_the_dense_output_is_zero():
         lin.weight.copy_(torch.tensor([[1.0, -1.0]]))
     err = magnitude_prune_(lin, 0.5, calib=torch.ones(3, 2))[0].error  # W X = 0, W_p X = -1
     assert err != err
+
+
+# ---- session 73: SparseGPT and zeros already there; one module under two names ----------------------------------
+
+class _OneLayer(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("sparsity, blocksize", [(0.5, 128), (0.5, 16), (0.8, 128), (0.8, 32), (0.3, 64)])
+def test_sparsegpt_keeps_the_zeros_a_layer_had(sparsity, blocksize):
+    """Zeros unevenly spread over the blocks (30 % in the first 128 columns, 90 % in the rest): none comes back and
+    the layer ends with max(round(s * n), zeros it had) zeros (were: revived by earlier blocks' updates)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 256, generator=g)
+    w[:, :128] *= torch.rand(16, 128, generator=g) > 0.3
+    w[:, 128:] *= torch.rand(16, 128, generator=g) > 0.9
+    had = w == 0
+    model = _OneLayer(w)
+    x = torch.randn(64, 256, generator=g)
+    report = sparsegpt_prune_(model, [x], sparsity, blocksize=blocksize)
+    out = model.fc.weight.detach()
+    assert not bool((out[had] != 0).any())
+    assert int((out == 0).sum()) == max(round(sparsity * w.numel()), int(had.sum()))
+    assert report[0].sparsity == pytest.approx(float((out == 0).float().mean()))
+
+
+def test_sparsegpt_on_a_magnitude_pruned_layer_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    model = _OneLayer(torch.randn(32, 96, generator=g))
+    magnitude_prune_(model, 0.5)
+    before = model.fc.weight.detach().clone()
+    report = sparsegpt_prune_(model, [torch.randn(40, 96, generator=g)], 0.5, blocksize=32)
+    assert torch.equal(model.fc.weight.detach(), before) and report[0].error == 0.0
+
+
+class _Looped(nn.Module):
+    """One nn.Linear registered under three names (a block applied twice): not a tie with another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(D, D)
+        self.layers = nn.ModuleList([self.fc, self.fc])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_module_under_several_names_is_pruned_once(method):
+    model = _Looped()
+    calib = [torch.randn(6, D)]
+    run = {"magnitude": lambda: magnitude_prune_(model, 0.5), "wanda": lambda: wanda_prune_(model, calib, 0.5),
+           "sparsegpt": lambda: sparsegpt_prune_(model, calib, 0.5)}[method]
+    report = run()
+    assert [p.fqn for p in report] == ["fc"]
+    assert int((model.fc.weight == 0).sum()) == D * D // 2
+
+
+def test_a_weight_tied_to_another_module_is_still_refused():
+    model = _Looped()
+    model.other = nn.Linear(D, D)
+    model.other.weight = model.fc.weight
+    with pytest.raises(ValueError, match="tied weights"):
+        magnitude_prune_(model, 0.5)
