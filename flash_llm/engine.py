@@ -91,7 +91,9 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
         ``[B]`` int64 token ids, on ``logits``' device.  Sampling draws ``E ~ Exp(1)`` per token and takes
         ``argmax(p / E)``, which picks token ``i`` with probability ``p_i`` and needs no host synchronization.
     """
-    if temperature == 0:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if temperature < torch.finfo(torch.float32).tiny:  # (0, or so small it would be 0 in float32: x / 0 is NaN)
         return logits.argmax(-1)
     x = logits.float()
     x = (x - x.amax(-1, keepdim=True)) / temperature  # (the largest at 0: a tiny temperature tends to greedy, no inf)
@@ -103,6 +105,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
         s, idx = x.sort(dim=-1, descending=True)
         p = s.softmax(-1)
         drop = (p.cumsum(-1) - p) >= top_p  # mass before a token already reaches top_p: outside the nucleus
+        drop[..., 0] = False  # (the most likely token always stays: a top_p that is 0 in float32 kept none)
         x = torch.full_like(x, neg).scatter(-1, idx, s.masked_fill(drop, neg))
     probs = x.softmax(-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
@@ -1856,15 +1859,23 @@ class Engine:
     def stream(self, prompts, max_new_tokens: int | Sequence[int], **kwargs) -> Iterator[torch.Tensor]:
         """Like :meth:`generate` (same keyword arguments except ``on_token``), but yields each step's tokens
         ``[B]`` (int64, CPU) as they come (each once the next step is launched, so the device does not wait for the
-        consumer); the :class:`Generation` is :attr:`last` when the iteration ends."""
+        consumer); the :class:`Generation` is :attr:`last` when the iteration ends.  Bad arguments raise here, at the
+        call, not at the first token."""
         if "on_token" in kwargs:
             raise TypeError("stream() yields the tokens; on_token belongs to generate()")
-        self.last = None
         args = {k: kwargs.pop(k, d) for k, d in (("attention_mask", None), ("temperature", 0.0), ("top_k", None),
                                                    ("top_p", None), ("generator", None),
                                                    ("eos_token_id", _FROM_CONFIG), ("output_logits", False))}
         if kwargs:
             raise TypeError(f"stream() got unexpected keyword arguments {sorted(kwargs)}")
+        self._sampler(args["temperature"], args["top_k"], args["top_p"], args["generator"])  # (their checks, now)
+        self._eos(args["eos_token_id"])
+        with torch.no_grad():
+            self._prepare(prompts, args["attention_mask"], max_new_tokens)
+        self.last = None
+        return self._stream(prompts, max_new_tokens, args)
+
+    def _stream(self, prompts, max_new_tokens, args: dict) -> Iterator[torch.Tensor]:
         for tok, result in self._run(prompts, max_new_tokens, per_step_sync=True, **args):
             if result is not None:
                 self.last = result

@@ -1,6 +1,7 @@
 """The engine's generation API at its edges (session 72's bug hunt): one generation at a time, a configured pad id
 outside the vocabulary, a refused constructor leaving the model alone, tiny temperatures, and arguments of the wrong
-type refused with their names.  On the CPU (eager decode)."""
+type refused with their names; session 73: temperatures and top_p that are 0 in float32, stream()'s checks at the
+call.  On the CPU (eager decode)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,40 @@ def test_a_tiny_temperature_tends_to_greedy():
     eng = Engine(m, max_batch=1, max_seq=64)
     greedy = eng.generate([PROMPTS[0]], 4, eos_token_id=None).tokens
     assert torch.equal(eng.generate([PROMPTS[0]], 4, eos_token_id=None, temperature=1e-40).tokens, greedy)
+
+
+def test_temperatures_and_top_p_that_are_zero_in_float32():
+    """Session 73: a temperature or top_p below float32's range (1e-46) became 0 there: 0 / 0 made every
+    probability NaN, and top_p 0 dropped every token, so token 0 came out; now the argmax (the limit of both)."""
+    logits = torch.tensor([[1.0, 5.0, 2.0], [3.0, -1.0, 2.5], [0.5, 0.1, 0.9]])
+    for t in (1e-46, 1e-300, 5e-324):
+        assert sample_tokens(logits, t).tolist() == [1, 0, 2]
+    for p in (1e-46, 1e-300):
+        assert sample_tokens(logits, 1.0, top_p=p).tolist() == [1, 0, 2]
+    for t in (-1e-3, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be >= 0"):
+            sample_tokens(logits, t)
+    eng = Engine(_model(), max_batch=1, max_seq=64)
+    greedy = eng.generate([PROMPTS[0]], 4, eos_token_id=None).tokens
+    assert torch.equal(eng.generate([PROMPTS[0]], 4, eos_token_id=None, temperature=1e-50).tokens, greedy)
+    assert torch.equal(eng.generate([PROMPTS[0]], 4, eos_token_id=None, temperature=1.0, top_p=1e-50).tokens, greedy)
+
+
+@pytest.mark.parametrize("bad, error", [({"temprature": 0.7}, TypeError), ({"temperature": -1.0}, ValueError),
+                                        ({"top_k": 0}, ValueError), ({"eos_token_id": True}, ValueError)])
+def test_stream_checks_its_arguments_at_the_call(bad, error):
+    """Session 73: stream() was a generator function, so its checks ran at the first next(); a typo only failed
+    when the first token was asked for, and ``last`` was not reset until then."""
+    eng = Engine(_model(), max_batch=1, max_seq=16)
+    first = list(eng.stream([PROMPTS[0]], 2))
+    last = eng.last
+    with pytest.raises(error):
+        eng.stream([PROMPTS[0]], 2, **bad)
+    with pytest.raises(ValueError, match="max_new_tokens|max_seq|cache"):
+        eng.stream([PROMPTS[0]], 999)
+    assert eng.last is last  # (a refused call changes nothing)
+    assert [t.tolist() for t in eng.stream([PROMPTS[0]], 2)] == [t.tolist() for t in first]
+    assert eng.last is not last and torch.equal(eng.last.tokens, last.tokens)
 
 
 @pytest.mark.parametrize("eos", [True, torch.tensor(3), 3.0, object()])
