@@ -183,17 +183,19 @@ def _tokenizer(choice: str, path: Path, config: dict):
 
 
 def _load_tensor_parallel(path: Path, dtype):
-    """This rank's part of the checkpoint (``generate --tp``): dense layers compressed as from_pretrained does."""
+    """This rank's part of the checkpoint (``generate --tp``): dense layers compressed as from_pretrained does, a
+    flash-llm checkpoint's layers loaded as saved or, in another ``dtype``, re-encoded (as without ``--tp``)."""
     from ..nn import SparsifyConfig
     from ..parallel import init_tensor_parallel, load_tensor_parallel
     from .pretrained import _resolve_dtype
 
     config = _files.read_json(path / _files.CONFIG_NAME, "config.json")
     kind = checkpoint_kind(config, path / _files.CONFIG_NAME)
-    dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME)
+    resolved = sparsify_for_dtype(path, dtype)  # (None unless a flash-llm checkpoint's layers hold another dtype)
+    dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME, resolved)
     tp = init_tensor_parallel()
     try:
-        sparsify = SparsifyConfig() if kind.kind == "dense" else None
+        sparsify = SparsifyConfig() if kind.kind == "dense" else resolved
         model, _ = load_tensor_parallel(path, tp, dtype=dtype, sparsify=sparsify, progress=tp.rank == 0)
     except BaseException:
         tp.close(barrier=False)

@@ -110,11 +110,14 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             slice by slice.  A flash-llm checkpoint (``flash_llm.save_pretrained`` / ``convert``) or a
             compressed-tensors sparse-bitmask one is streamed one tensor at a time instead: each projection is
             expanded on this rank's device, sliced and compressed again (flash-llm layers in their stored
-            format when ``sparsify`` is ``None``; sparse-bitmask ones as ``SparsifyConfig()`` decides).
+            format when ``sparsify`` is ``None``; sparse-bitmask ones as ``SparsifyConfig()`` decides).  A
+            tied ``lm_head.weight`` the file stores is not read (a warning, as for any unused tensor).
         tp: the group (default: :meth:`TensorParallel.from_group` on the default process group).
         dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``).
         sparsify: compress each projection slice with this :class:`~flash_llm.SparsifyConfig` (per slice:
-            ``min_sparsity``, ``skip_names``, only when smaller); ``None`` keeps them dense.
+            ``min_sparsity``, ``skip_names``, only when smaller); ``None`` keeps them dense.  With it, a
+            flash-llm checkpoint's compressed layers are expanded and their slices compressed again in
+            ``dtype`` (a checkpoint stored in another dtype loads so, as in :func:`flash_llm.from_pretrained`).
         progress: a tqdm bar over the decoder layers (stderr); ``None`` (default): on rank 0 only.
 
     Returns:
@@ -124,7 +127,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     Raises:
         ValueError: the world size does not divide the heads / KV heads / intermediate size; a tensor's shape
             disagrees with ``config.json``; FileNotFoundError / KeyError: files or tensors missing (named);
-            FormatError: a compressed checkpoint that is invalid, or stored in another dtype than ``dtype``.
+            FormatError: a compressed checkpoint that is invalid, or a flash-llm one stored in another dtype
+            than ``dtype`` loaded with ``sparsify=None``.
     """
     folder = os.fspath(path)
     if not os.path.isdir(folder):
@@ -151,7 +155,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
                f"{tp.world_size})", file=sys.stderr, leave=False, dynamic_ncols=True,
                disable=not (tp.rank == 0 if progress is None else progress))
     if kind.kind != "dense":  # config.json names flash-llm's method or compressed-tensors' sparse-bitmask
-        _load_compressed(model, cfg, _files.open_checkpoint(folder), kind, tp, dtype, sparsify, bar)
+        unused = _load_compressed(model, cfg, _files.open_checkpoint(folder), kind, tp, dtype, sparsify, bar)
+        _warn_unused(folder, cfg, unused)
         return _finish(model, tp, device, folder)
     ckpt = _Checkpoint(folder)
 
@@ -195,11 +200,15 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
                 continue  # the model's load hook ties it to the input embedding
             state[name] = get(name, tuple(t.shape))
         model.load_state_dict(state, strict=False, assign=True)
-    unused = [k for k in ckpt.where if k not in ckpt.used and not k.endswith(_IGNORED_SUFFIXES)]
+    _warn_unused(folder, cfg, [k for k in ckpt.where if k not in ckpt.used and not k.endswith(_IGNORED_SUFFIXES)])
+    return _finish(model, tp, device, folder)
+
+
+def _warn_unused(folder, cfg, unused: list[str]) -> None:
+    """Warn (at load_tensor_parallel's caller) about the checkpoint's tensors that were not read."""
     if unused:
         warnings.warn(f"{folder}: {len(unused)} tensor(s) of the checkpoint are not weights of a "
-                      f"{cfg.family} model and were not read, e.g. {unused[:5]}", UserWarning, stacklevel=2)
-    return _finish(model, tp, device, folder)
+                      f"{cfg.family} model and were not read, e.g. {unused[:5]}", UserWarning, stacklevel=3)
 
 
 def _finish(model, tp, device, folder):
@@ -215,14 +224,16 @@ def _finish(model, tp, device, folder):
     return model.eval(), ShardReport.of(model)
 
 
-def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
+def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[str]:
     """A flash-llm or sparse-bitmask checkpoint: its shards are streamed one entry at a time
     (:func:`flash_llm.checkpoint.pretrained.iter_checkpoint`, memory-mapped, validated).  A flash-llm layer
     loaded with ``sparsify=None`` keeps its format: this rank's slice is cut from its records
-    (:meth:`SparseFormat.slice`; re-encoded only when the slice does not fall on record boundaries).  Other
-    projections are expanded on this rank's device, sliced, and compressed with ``sparsify`` (or with
-    ``SparsifyConfig()`` for a sparse-bitmask checkpoint loaded with ``sparsify=None``, as
-    :func:`flash_llm.from_pretrained` does).  A rank holds at most one expanded projection besides its share."""
+    (:meth:`SparseFormat.slice`; re-encoded only when the slice does not fall on record boundaries); it must hold
+    ``dtype``.  Other projections (and, with ``sparsify``, flash-llm layers of any dtype) are expanded on this
+    rank's device in ``dtype``, sliced, and compressed with ``sparsify`` (or with ``SparsifyConfig()`` for a
+    sparse-bitmask checkpoint loaded with ``sparsify=None``, as :func:`flash_llm.from_pretrained` does).  A rank
+    holds at most one expanded projection besides its share.  Returns the keys not read: a tied model's stored
+    ``lm_head.weight`` (the model ties it to the input embedding, as the dense route and from_pretrained do)."""
     from ..checkpoint import sparse_bitmask as sb
     from ..checkpoint.pretrained import iter_checkpoint
     from ..formats import FormatError, SparseFormat
@@ -242,6 +253,7 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
     state: dict[str, torch.Tensor] = {}
     done = 0
     source = str(files.path)
+    unused: list[str] = []
 
     def place(fqn: str) -> None:
         nonlocal done
@@ -250,14 +262,14 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
         w = got["weight"]
         fmt = None
         if isinstance(w, SparseFormat):
-            if w.dtype != dtype:
-                raise FormatError(f"{source}: '{fqn}' is compressed as {w.dtype} but the model is loaded in {dtype}; "
-                                  f"pass dtype={w.dtype}")
-            w = w.to(device)
             if sparsify is None:  # kept in its format: records cut directly where the slice allows it
+                if w.dtype != dtype:
+                    raise FormatError(f"{source}: '{fqn}' is compressed as {w.dtype} but the model is loaded in "
+                                      f"{dtype}; pass dtype={w.dtype}, or a SparsifyConfig as sparsify to re-encode it")
+                w = w.to(device)
                 fmt = type(w)
-            else:
-                w = w.to_dense()
+            else:  # decompressed in dtype; each slice is compressed again as sparsify decides (from_pretrained)
+                w = w.to(device).to_dense().to(dtype)
         else:
             w = w.to(device=device, dtype=dtype)
         bias = got.get("bias")
@@ -286,6 +298,9 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
             if name is None:
                 if e.key.endswith(_IGNORED_SUFFIXES):
                     continue
+                if e.key == "lm_head.weight" and cfg.tie_word_embeddings:  # (tied: the embedding is read instead)
+                    unused.append(e.key)
+                    continue
                 raise FormatError(f"{e.path}: tensor '{e.key}' has no place in the {cfg.family} model built from "
                                   f"{files.path / 'config.json'} (wrong config.json, or another model's checkpoint)")
             value = e.value
@@ -310,3 +325,4 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> None:
             part = "bias" if "weight" in got else "weight"
             raise KeyError(f"{files.path}: the checkpoint lacks '{fqn}.{part}'")
         model.load_state_dict(state, strict=False, assign=True)
+    return unused
