@@ -11,7 +11,10 @@ transformers, so ``flash_llm`` registers it only when transformers itself is bei
 How loading works: before the weights are read, each layer ``config.json`` lists as sparse is replaced by an
 empty SparseLinear shell on ``meta``; transformers then assigns the checkpoint's tensors to its buffers
 (``weight_data``, ``weight_offsets``, ``bias``) like any other tensor; afterwards every sparse layer is
-validated in full (a corrupt or missing array raises, naming the layer and tensor).
+validated in full (a corrupt or missing array raises, naming the layer and tensor).  The layer names follow
+transformers' own mapping of checkpoint names: the base-model prefix (``AutoModel`` reading a causal LM's checkpoint,
+and the reverse) and the renames of its conversion mappings (GPT-NeoX's ``embed_out``), on load and on save.  Every
+transformers model inside the loaded one that holds sparse layers (``model.model``) gets the quantizer too.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..formats import FORMATS, FormatError
 from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME
 from ..nn import SparseLinear
 from . import _files, _model
-from .pretrained import FORMAT_VERSION, QUANT_METHOD, _parse_section, header_metadata, sparse_modules_section
+from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_section, mixed_dtype_warning,
+                         sparse_modules_section)
 
 _AUTO = "transformers.quantizers.auto"
 
@@ -125,6 +129,136 @@ class _Shell(SparseLinear):
     sized = False  # whether its arrays have the checkpoint's lengths (read from the shard headers)
 
 
+def load_renamer(model, quantizer=None):
+    """``key -> (name, converted)``: the name transformers' loader gives checkpoint tensor ``key`` in ``model``
+    (the renames of its conversion mapping: GPT-NeoX's ``embed_out`` -> ``lm_head``, Mixtral's ``block_sparse_moe`` ->
+    ``mlp``...), and whether one of its converters (merging or splitting tensors: Mixtral's ``experts.N.w1``) takes
+    it.  None where ``model`` is not a transformers model or this transformers has no such mapping (names are then
+    taken as they are).  The base-model prefix is not handled here (:func:`_with_base_prefix`)."""
+    if "transformers" not in sys.modules:
+        return None
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        if not isinstance(model, PreTrainedModel):
+            return None
+        transforms = get_model_conversion_mapping(model, None, quantizer)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        rename_source_key("model.x.weight", renamings, converters)
+    except (ImportError, AttributeError, TypeError, ValueError):  # a transformers without (this) conversion API
+        return None
+    if not renamings and not converters:
+        return None
+
+    def rename(key: str) -> tuple[str, bool]:
+        name, pattern = rename_source_key(key, renamings, converters)
+        return name, pattern is not None
+
+    return rename
+
+
+def _with_base_prefix(model, name: str, modules) -> str:
+    """Module name ``name`` of a checkpoint as transformers' loader places it in ``model``: without the base-model
+    prefix (``model.``) where ``model`` is the base model of the checkpoint's (``AutoModel`` reading a causal LM),
+    with it in the reverse case."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix:
+        if name.startswith(prefix + ".") and name[len(prefix) + 1:] in modules:
+            return name[len(prefix) + 1:]
+        if f"{prefix}.{name}" in modules:
+            return f"{prefix}.{name}"
+    return name
+
+
+def saved_layer_names(model, sparse: dict[str, SparseLinear]) -> dict[str, str]:
+    """Module name -> the name transformers' ``save_pretrained`` writes the tensors of each sparse layer under (it
+    reverts its conversion mapping's renames on save: GPT-NeoX's ``lm_head`` is stored as ``embed_out``).  Raises
+    ValueError, before anything is written, for a layer whose tensors transformers would not save under one name that
+    its loader maps back to the layer (a save calls this before it writes any file)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {fqn: fqn for fqn in sparse}
+
+    def arrays(fqn):
+        return [f"{fqn}.weight_{n}" for n in sparse[fqn].weight_format._arrays] + (
+            [f"{fqn}.bias"] if sparse[fqn].bias is not None else [])
+
+    def revert(fqns):  # {name: its saved name}; a name a converter takes is absent
+        probe = {k: torch.empty(0, device="meta") for fqn in fqns for k in arrays(fqn)}
+        ids = {id(t): k for k, t in probe.items()}
+        out = revert_weight_conversion(model, dict(probe))
+        return {ids[id(t)]: k for k, t in out.items() if id(t) in ids}
+
+    try:
+        saved = revert(list(sparse))
+    except Exception:  # a converter that cannot take a sparse layer's arrays: find the layer (absent below)
+        saved = {}
+        for fqn in sparse:
+            try:
+                saved.update(revert([fqn]))
+            except Exception:
+                pass
+    if sparse and not saved:  # not one name came back: a transformers whose revert works otherwise, left to itself
+        return {fqn: fqn for fqn in sparse}
+    cls = type(model).__name__
+    fix = ("no reader maps them back to the layer: save the model with flash_llm.save_pretrained(model, path) (and "
+           "read it back with flash_llm.from_pretrained)")
+    out = {}
+    rename = load_renamer(model)
+    modules = dict(model.named_modules())
+    for fqn in sparse:
+        first = saved.get(f"{fqn}.weight_data") or ""
+        layer = first[: -len(".weight_data")] if first.endswith(".weight_data") else None
+        if layer is None or [saved.get(k) for k in arrays(fqn)] != [layer + k[len(fqn):] for k in arrays(fqn)]:
+            raise ValueError(f"transformers' save_pretrained of {cls} would not store the tensors of sparse layer "
+                             f"'{fqn}' under names of their own (its conversion mapping merges, splits or collides "
+                             f"them): {fix}")
+        back, converted = rename(f"{layer}.weight_data") if rename is not None else (f"{layer}.weight_data", False)
+        if not converted and back.endswith(".weight_data"):
+            back = _with_base_prefix(model, back[: -len(".weight_data")], modules)
+        if back != fqn:  # its loader must map the saved name back to the layer
+            raise ValueError(f"transformers' save_pretrained of {cls} would store sparse layer '{fqn}' as '{layer}', "
+                             f"which its loader reads as '{back}' (its conversion mapping): {fix}")
+        out[fqn] = layer
+    return out
+
+
+def give_quantizers(model, quantizer=None) -> None:
+    """Give ``model`` and every transformers model inside it that holds SparseLinear layers (a causal LM's base model
+    ``model.model``) flash-llm's quantizer, so that transformers' ``save_pretrained`` of any of them writes a flash-llm
+    checkpoint (without one, it would save SparseLinear's extra state as a tensor and fail half-way).  ``quantizer``:
+    the one ``model`` has (from transformers' loader); else ``model`` gets a new one, with a quantization section of
+    its sparse layers.  Models sharing a config share its quantization section."""
+    from transformers import PreTrainedModel
+
+    config_cls, quantizer_cls = _classes()
+    sections: dict[int, object] = {}
+    for fqn, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel) or not any(isinstance(m, SparseLinear) for m in sub.modules()):
+            continue
+        if fqn == "" and quantizer is not None:
+            sections[id(sub.config)] = quantizer.quantization_config
+            continue
+        qc = sections.get(id(sub.config))
+        if qc is None:
+            qc = sections[id(sub.config)] = config_cls(sparse_modules=sparse_modules_section(sub))
+            sub.config.quantization_config = qc
+        sub.hf_quantizer = quantizer_cls(qc, pre_quantized=True)
+        sub.is_quantized = True
+        sub.quantization_method = QUANT_METHOD
+
+
+def _dtype_of(value) -> torch.dtype | None:
+    if isinstance(value, torch.dtype):
+        return value
+    found = getattr(torch, value, None) if isinstance(value, str) else None
+    return found if isinstance(found, torch.dtype) else None
+
+
 def _define():
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -156,24 +290,38 @@ def _define():
                                  "dense pruned model use flash_llm.from_pretrained(dir) or `flash-llm convert`")
             self._headers: dict[str, str] = {}
             self._source = "the checkpoint"
+            self._names: dict[str, str | None] = {}  # checkpoint layer name -> module name (None: not in the model)
 
         def _dtype(self) -> torch.dtype | None:
             dtypes = {_DTYPES_BY_NAME[m["dtype"]] for m in self.quantization_config.sparse_modules.values()}
             return dtypes.pop() if len(dtypes) == 1 else None
 
+        def update_attn_implementation(self, config):
+            # (the one hook that sees config.json before the dtype is settled) transformers' save_pretrained writes
+            # config.json's dtype from the model's first parameter; where the sparse layers' dtype differs (dense
+            # tensors of another dtype), the quantization section names the dtype to load in, as flash_llm's save does
+            # (a dtype passed to from_pretrained other than "auto" is used instead of config.dtype, as before)
+            declared = _dtype_of(getattr(self.quantization_config, "dtype", None))
+            if declared is not None:
+                config.dtype = declared
+            return super().update_attn_implementation(config)
+
         def update_dtype(self, dtype):
             sparse = self._dtype()
             if sparse is not None and dtype is not None and dtype != sparse:
+                # (transformers gives the dtype passed, or config.json's where none is or it is "auto")
                 raise ValueError(f"this flash-llm checkpoint's sparse layers are {sparse} (fixed when they were "
-                                 f"compressed); load it with dtype={sparse} or dtype='auto', not {dtype}")
+                                 f"compressed); load it with dtype={sparse}, not {dtype} (the dtype passed to "
+                                 "from_pretrained, or config.json's where none is)")
             return sparse if sparse is not None else dtype
 
         def validate_environment(self, *args, **kwargs):
             return None
 
-        def _read_headers(self, model, checkpoint_files) -> dict[str, tuple[int, ...]] | None:
-            """Tensor shapes by name and flash-llm header metadata of the checkpoint's shards (headers only), or
-            None when transformers does not say where they are and the model's path is not a local directory."""
+        def _read_headers(self, model, checkpoint_files) -> dict[str, _files.TensorInfo] | None:
+            """Tensor headers (dtype, shape) by name and flash-llm header metadata of the checkpoint's shards (headers
+            only), or None when transformers does not say where they are and the model's path is not a local
+            directory."""
             files = [Path(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
             if not files:
                 where = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
@@ -181,12 +329,41 @@ def _define():
                     return None
                 files = _files.open_checkpoint(where).shards
             self._source = str(files[0].parent)
-            keys: dict[str, tuple[int, ...]] = {}
+            keys: dict[str, _files.TensorInfo] = {}
             for f in files:
                 shard = _files.Shard(f)
-                keys.update({k: shard.info(k).shape for k in shard.keys})
+                keys.update({k: shard.info(k) for k in shard.keys})
                 self._headers.update({k: v for k, v in shard.metadata.items() if k.endswith("_" + METADATA_KEY)})
             return keys
+
+        def _module_names(self, model) -> dict[str, str | None]:
+            """Checkpoint layer name -> the module transformers' loader puts its tensors in: its conversion
+            mapping's renames and the base-model prefix applied (None: a layer of the checkpoint's task head, outside
+            its base model, that the model being loaded lacks: ``lm_head`` read into ``AutoModel`` or a sequence
+            classifier; transformers drops its tensors, as it drops a dense checkpoint's)."""
+            listed = self.quantization_config.sparse_modules
+            rename = load_renamer(model, self)
+            modules = dict(model.named_modules())
+            prefix = getattr(model, "base_model_prefix", "") or ""
+            headed = bool(prefix) and any(c.startswith(prefix + ".") for c in listed)  # a task model's checkpoint
+            out: dict[str, str | None] = {}
+            for c in listed:
+                key, converted = rename(f"{c}.weight_data") if rename is not None else (f"{c}.weight_data", False)
+                if converted or not key.endswith(".weight_data"):
+                    raise FormatError(f"{self._source}: config.json lists sparse layer '{c}', whose tensors "
+                                      f"transformers converts (not only renames: '{c}.weight_data' -> '{key}') when it "
+                                      f"loads {type(model).__name__}; load this checkpoint with "
+                                      "flash_llm.from_pretrained")
+                name = _with_base_prefix(model, key[: -len(".weight_data")], modules)
+                if name not in modules:
+                    if headed and not c.startswith(prefix + "."):
+                        out[c] = None
+                        continue
+                    loaded_as = f" (transformers loads its tensors as '{name}')" if name != c else ""
+                    raise FormatError(f"{self._source}: config.json lists sparse layer '{c}' but "
+                                      f"{type(model).__name__} has no such module{loaded_as}")
+                out[c] = name
+            return out
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             keys = self._read_headers(model, checkpoint_files)
@@ -196,12 +373,12 @@ def _define():
                 raise FormatError(f"{self._source}: '{unlisted[0]}' is stored compressed (its weight_data is in the "
                                   "shards) but config.json's quantization_config.sparse_modules does not list it"
                                   f"{f' ({len(unlisted)} such layers)' if len(unlisted) > 1 else ''}")
-            for fqn, meta in self.quantization_config.sparse_modules.items():
-                try:
-                    lin = model.get_submodule(fqn)
-                except AttributeError:
-                    raise FormatError(f"config.json lists sparse layer '{fqn}' but {type(model).__name__} has no "
-                                      "such module (wrong config.json)") from None
+            self._names = self._module_names(model)
+            for fqn, meta in listed.items():
+                name = self._names[fqn]
+                if name is None:
+                    continue
+                lin = model.get_submodule(name)
                 if not isinstance(lin, nn.Linear):
                     raise FormatError(f"config.json lists sparse layer '{fqn}' but it is a {type(lin).__name__}, "
                                       "not a linear layer")
@@ -209,22 +386,31 @@ def _define():
                 if (lin.out_features, lin.in_features) != (m, k):
                     raise FormatError(f"sparse layer '{fqn}' is {m}x{k} in config.json's sparse_modules but the "
                                       f"model built from config.json has {lin.out_features}x{lin.in_features}")
+                arrays = [f"{fqn}.weight_{n}" for n in FORMATS[meta["format"]]._arrays]
                 if keys is not None:  # transformers would fill a missing tensor with garbage: refuse it here
-                    need = [f"{fqn}.weight_{n}" for n in FORMATS[meta["format"]]._arrays]
-                    need += [f"{fqn}.bias"] if lin.bias is not None else []
-                    for key in need:
+                    bias = [f"{fqn}.bias"] if lin.bias is not None else []
+                    for key in arrays + bias:
                         if key not in keys:
                             raise FormatError(f"{self._source}: tensor '{key}' of sparse layer '{fqn}' is missing "
                                               "(no shard holds it)")
+                    # (transformers casts a tensor to the dtype of the buffer it fills: the stored one is checked here)
+                    for key in arrays:
+                        if keys[key].dtype != "I32" or len(keys[key].shape) != 1:
+                            raise FormatError(f"{keys[key].file}: tensor '{key}' of sparse layer '{fqn}' has dtype "
+                                              f"{keys[key].dtype} and shape {keys[key].shape}; expected a 1-D int32 "
+                                              "tensor")
+                    if bias and not keys[bias[0]].dtype.startswith(("F", "BF")):
+                        raise FormatError(f"{keys[bias[0]].file}: tensor '{bias[0]}' of sparse layer '{fqn}' has dtype "
+                                          f"{keys[bias[0]].dtype}; expected a floating-point tensor")
                 shell = _Shell.zeros(k, m, bias=lin.bias is not None, fmt=FORMATS[meta["format"]],
                                      dtype=_DTYPES_BY_NAME[meta["dtype"]], device="meta")
                 if keys is not None:  # the arrays' real lengths: transformers' shape checks then pass as for any tensor
                     for n in shell.weight_format._arrays:
-                        shell._buffers["weight_" + n] = torch.empty(keys[f"{fqn}.weight_{n}"], dtype=torch.int32,
-                                                                    device="meta")
+                        shell._buffers["weight_" + n] = torch.empty(keys[f"{fqn}.weight_{n}"].shape,
+                                                                    dtype=torch.int32, device="meta")
                     shell.sized = True
-                parent, _, name = fqn.rpartition(".")
-                setattr(model.get_submodule(parent), name, shell)
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, shell)
             return model
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -239,7 +425,10 @@ def _define():
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             for fqn, meta in self.quantization_config.sparse_modules.items():
-                shell = model.get_submodule(fqn)
+                name = self._names.get(fqn, fqn)
+                if name is None:
+                    continue
+                shell = model.get_submodule(name)
                 if not isinstance(shell, _Shell):
                     continue
                 prefix = f"{fqn}.weight_"
@@ -260,16 +449,43 @@ def _define():
                                               f"shard header but {meta.get(field)!r} in config.json")
                 cls = FORMATS[meta["format"]]
                 w = cls.from_state(arrays, {meta_key: header or declared}, prefix=prefix, source=self._source)
-                new = SparseLinear(w, shell.bias)
-                parent, _, name = fqn.rpartition(".")
-                setattr(model.get_submodule(parent), name, new)
+                try:
+                    new = SparseLinear(w, shell.bias)
+                except (TypeError, ValueError) as e:
+                    raise FormatError(f"{self._source}: sparse layer '{fqn}': {e}") from None
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, new)
+            # the section in memory lists the model's own names (a base model read from a causal LM's checkpoint)
+            listed = self.quantization_config.sparse_modules
+            self.quantization_config.sparse_modules = {self._names.get(c, c): meta for c, meta in listed.items()
+                                                       if self._names.get(c, c) is not None}
+            give_quantizers(model, self)
             return model
 
         def get_state_dict_and_metadata(self, model, *args, **kwargs):
             state, sparse = _model.state_to_save(model)
-            self.quantization_config.sparse_modules = sparse_modules_section(model)
+            saved = saved_layer_names(model, sparse)  # (refuses before anything is written)
+            section = {saved[fqn]: meta for fqn, meta in sparse_modules_section(model).items()}
+            header = {f"{saved[fqn]}.weight_{METADATA_KEY}": json.dumps(m.weight.metadata())
+                      for fqn, m in sparse.items()}
+            dtype = _model_dtype(model, state)
+            self.quantization_config.sparse_modules = section
             self.quantization_config.flash_llm_version = __version__
-            return state, header_metadata(sparse)
+            self.quantization_config.__dict__.pop("dtype", None)
+            if dtype is not None:
+                name = str(dtype).removeprefix("torch.")
+                model.config.dtype = dtype  # (transformers 5.25 then overwrites it with its model.dtype)
+                first = next((p.dtype for p in model.parameters() if p.is_floating_point()), dtype)
+                declared = f"config.json says {name}"
+                if first != dtype:  # transformers writes config.json's dtype from the first parameter: name ours here
+                    self.quantization_config.dtype = name
+                    declared = (f"config.json's quantization_config.dtype says {name} (transformers writes the first "
+                                f"parameter's, {str(first).removeprefix('torch.')}, as config.json's dtype)")
+                message = mixed_dtype_warning(state, dtype, declared, f"cast the model with model.to({dtype}) first "
+                                              "(transformers refuses .half() on it)")
+                if message is not None:
+                    warnings.warn(message, UserWarning, stacklevel=3)
+            return state, header
 
         def is_serializable(self, *args, **kwargs):
             return True
@@ -279,4 +495,6 @@ def _define():
             return False
 
     FlashLLMConfig.__module__ = FlashLLMHfQuantizer.__module__ = __name__
+    # (pickle finds classes by module and qualified name: the module's __getattr__ gives these)
+    FlashLLMConfig.__qualname__, FlashLLMHfQuantizer.__qualname__ = "FlashLLMConfig", "FlashLLMHfQuantizer"
     return FlashLLMConfig, FlashLLMHfQuantizer

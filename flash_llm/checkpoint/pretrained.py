@@ -286,17 +286,19 @@ class _Loader:
         self.renamed = {alt: key for key in self.expected for alt in _files.stored_names(key)[1:]
                         if alt not in self.expected}
         self.stored_as: dict[str, str] = {}  # model name -> the checkpoint's name, where they differ
+        self._hf_rename = None  # transformers' renames of checkpoint names for a transformers model (False: none)
         self.values: dict[str, torch.Tensor | SparseFormat] = {}
         self.report = SparsifyReport()
 
     # -- the pass --
     def run(self) -> None:
         for e in iter_checkpoint(self.files, self.kind, self.device, self.progress):
-            if e.key not in self.expected and e.key in self.renamed:
-                key = self.renamed[e.key]
+            if e.key not in self.expected and (e.key in self.renamed or self._transformers_name(e.key)[1]):
+                key = self.renamed.get(e.key) or self._transformers_name(e.key)[0]
                 if key in self.values or key in self.stored_as:
-                    raise FormatError(f"{e.path}: tensor '{e.key}' is '{key}' stored a second time (under the "
-                                      "name without the leading 'model.')")
+                    how = ("the name without the leading 'model.'" if e.key in self.renamed else
+                           "the name transformers renames")
+                    raise FormatError(f"{e.path}: tensor '{e.key}' is '{key}' stored a second time (under {how})")
                 self.stored_as[key] = e.key
                 e.key = key
             elif e.key in self.stored_as:
@@ -309,14 +311,33 @@ class _Loader:
             else:
                 self._place_bitmask(e.key, e.value, e.path)
 
+    def _transformers_name(self, key: str) -> tuple[str, bool]:
+        """For a transformers model, the name transformers' loader gives checkpoint tensor ``key`` (its conversion
+        mapping: GPT-NeoX's ``embed_out.weight`` is ``lm_head.weight``), and whether it is a plain rename to a
+        tensor of the model (which this loader follows too; a converter merging tensors it does not)."""
+        if self._hf_rename is None:
+            from .hf_quantizer import load_renamer
+
+            self._hf_rename = load_renamer(self.module) or False
+        if self._hf_rename is False:
+            return key, False
+        name, converted = self._hf_rename(key)
+        return name, not converted and name != key and name in self.expected
+
     # -- placing values --
     def _check_known(self, key: str, path: Path) -> bool:
         if key in self.expected:
             return True
         if key in self.non_persistent or key.endswith(_files.IGNORED_SUFFIXES):
             return False  # an old checkpoint storing a buffer the model computes itself (rotary inv_freq)
-        raise FormatError(f"{path}: tensor '{key}' has no place in the {type(self.module).__name__} built from "
-                          f"{self.config_path} (wrong config.json, or a checkpoint of another model)")
+        cls = type(self.module).__name__
+        name, _ = self._transformers_name(key)
+        why = "(wrong config.json, or a checkpoint of another model)"
+        if name != key:
+            why = (f"(a checkpoint name transformers converts, to '{name}', when it loads {cls}: flash-llm follows "
+                   "its plain renames but not conversions that merge or split tensors; load this checkpoint with "
+                   "transformers' from_pretrained, then flash_llm.sparsify_ compresses its linear layers)")
+        raise FormatError(f"{path}: tensor '{key}' has no place in the {cls} built from {self.config_path} {why}")
 
     def _check_shape(self, key: str, shape, path: Path) -> None:
         want = self.expected[key][0]
@@ -674,13 +695,9 @@ def _attach_hf_quantizer(model: nn.Module) -> None:
 
     if not isinstance(model, PreTrainedModel) or not any(isinstance(m, SparseLinear) for m in model.modules()):
         return
-    from .hf_quantizer import FlashLLMConfig, FlashLLMHfQuantizer
+    from .hf_quantizer import give_quantizers
 
-    qc = FlashLLMConfig(sparse_modules=sparse_modules_section(model))
-    model.config.quantization_config = qc
-    model.hf_quantizer = FlashLLMHfQuantizer(qc, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
+    give_quantizers(model)  # (and the transformers models inside it: model.model saves through transformers too)
 
 
 def sparse_modules_section(model: nn.Module) -> dict[str, dict]:
@@ -714,6 +731,18 @@ def _model_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtyp
         if t.dtype.is_floating_point:
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     return max(counts, key=counts.get) if counts else None
+
+
+def mixed_dtype_warning(state: dict[str, torch.Tensor], dtype: torch.dtype, declared: str,
+                        advice: str | None = None) -> str | None:
+    """The warning of a save whose floating tensors are not all ``dtype`` (the one the checkpoint declares, as
+    ``declared`` says), or None."""
+    other = [(n, t.dtype) for n, t in state.items() if t.dtype.is_floating_point and t.dtype != dtype]
+    if not other:
+        return None
+    return (f"save_pretrained: {len(other)} tensor(s) are not {dtype} (e.g. '{other[0][0]}' is {other[0][1]}); they "
+            f"are written as they are, but {declared}, so loading casts them: "
+            f"{advice or f'cast the model to {dtype} first'} for an exact round trip")
 
 
 def _refuse_merged(model: nn.Module) -> None:
@@ -755,12 +784,9 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
         cfg["dtype"] = dtype_name(dtype) if dtype in VALUE_DTYPES else str(dtype).removeprefix("torch.")
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = cfg["dtype"]
-        other = [(n, t.dtype) for n, t in state.items() if t.dtype.is_floating_point and t.dtype != dtype]
-        if other:  # (the readers cast every dense tensor to config.json's dtype)
-            warnings.warn(f"save_pretrained: {len(other)} tensor(s) are not {dtype} (e.g. '{other[0][0]}' is "
-                          f"{other[0][1]}); they are written as they are, but config.json says {cfg['dtype']}, so "
-                          f"loading casts them: cast the model to {dtype} first for an exact round trip",
-                          UserWarning, stacklevel=2)
+        message = mixed_dtype_warning(state, dtype, f"config.json says {cfg['dtype']}")
+        if message is not None:  # (the readers cast every dense tensor to config.json's dtype)
+            warnings.warn(message, UserWarning, stacklevel=2)
     groups: dict[str, list[str]] = {}
     for name in state:
         groups.setdefault(name.rpartition(".")[0], []).append(name)
