@@ -26,16 +26,31 @@ class FormatError(ValueError):
 COUNT_CHUNK = 1 << 24
 
 
+#: a floating dtype's element size -> the integer dtype of its bits and the mask that clears its sign bit
+_MAGNITUDE_BITS = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF), 8: (torch.int64, (1 << 63) - 1)}
+
+
+def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
+    """A floating ``t``'s bits without the sign (nonzero exactly where ``t`` is neither ``+0.0`` nor ``-0.0``), as
+    integers of its size; other dtypes as they are.  Zeros are decided by bits, not by ``!= 0``: under
+    ``torch.set_flush_denormal(True)`` a bf16 or fp32 subnormal compares equal to 0 (session 73 hunt)."""
+    if t.dtype.is_floating_point and t.element_size() in _MAGNITUDE_BITS:
+        int_dtype, mask = _MAGNITUDE_BITS[t.element_size()]
+        return t.view(int_dtype) & mask
+    return t
+
+
 def count_nonzero(t: torch.Tensor) -> int:
-    """The elements of ``t`` that compare unequal to zero (``-0.0`` counts as zero), :data:`COUNT_CHUNK` at a time:
-    ``torch.count_nonzero`` of a whole CUDA tensor allocates about 9 bytes an element (4.5x a bf16 weight, measured on
-    an H100 in session 66), which a large layer's re-encoding could not afford."""
+    """The elements of ``t`` that are not zero (``-0.0`` counts as zero, subnormals as nonzero whatever
+    ``torch.set_flush_denormal`` says: decided by bits), :data:`COUNT_CHUNK` at a time: ``torch.count_nonzero`` of a
+    whole CUDA tensor allocates about 9 bytes an element (4.5x a bf16 weight, measured on an H100 in session 66),
+    which a large layer's re-encoding could not afford."""
     flat = t.reshape(-1)
     if flat.numel() <= COUNT_CHUNK:
-        return int(torch.count_nonzero(flat))
+        return int(torch.count_nonzero(_magnitude_bits(flat)))
     total = torch.zeros((), dtype=torch.int64, device=flat.device)
     for i in range(0, flat.numel(), COUNT_CHUNK):
-        total += torch.count_nonzero(flat[i: i + COUNT_CHUNK])
+        total += torch.count_nonzero(_magnitude_bits(flat[i: i + COUNT_CHUNK]))
     return int(total)
 
 
@@ -433,7 +448,7 @@ class SparseFormat:
             if t.dtype != torch.int32 or t.ndim != 1:
                 raise FormatError(f"{where}tensor '{prefix + n}' has dtype {t.dtype} and shape {tuple(t.shape)}; "
                                   "expected a 1-D int32 tensor")
-            arrays[n] = t
+            arrays[n] = t.contiguous()  # (the decoders view slices of them as 16-bit words: needs stride 1)
         dtype = _DTYPES_BY_NAME[meta["dtype"]]
         if any(t.is_meta for t in arrays.values()):
             return cls._from_meta_state(arrays, shape, dtype, meta, version, prefix, where)

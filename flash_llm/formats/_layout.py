@@ -69,6 +69,8 @@ def to_fragment_order(w: torch.Tensor, m_multiple: int = STRIP_M) -> torch.Tenso
     mp, kp = w.shape
     mt, kt = mp // STRIP_M, kp // STRIP_K
     if w.element_size() == 2:
+        if w.storage_offset() % 2:  # (an unpadded view at an odd offset: its pairs are no aligned 32-bit words)
+            w = w.clone()
         # (e) stays innermost in both orders: move pairs of 16-bit elements as one 32-bit word.
         v = w.view(torch.int32).reshape(mt, 2, 8, kt, 4, 4, 2).permute(_TO_FRAG[:-1])
         return v.reshape(mt, kt, STRIP_ELEMS // 2).view(w.dtype)

@@ -279,10 +279,11 @@ def _row_entries(w: torch.Tensor, escapes: bool = True) -> torch.Tensor:
     step counts from column 0); a run of rows at a time."""
     m, k = w.shape
     ent = torch.zeros(m, dtype=torch.int64, device=w.device)
+    bits = w.view(torch.int16)
     # (a row count casts its mask to int64 on the CPU; on a GPU each run's nonzero() is a synchronization)
     step = max(1, (_encode_budget(w.device)[1] >> 2) // max(k, 1))
     for r0 in range(0, m, step):
-        nz = w[r0: r0 + step] != 0
+        nz = _nonzero_mask(bits[r0: r0 + step])
         if not escapes:
             ent[r0: r0 + step] = nz.sum(1)
             continue
@@ -290,6 +291,12 @@ def _row_entries(w: torch.Tensor, escapes: bool = True) -> torch.Tensor:
         del nz
         ent[r0: r0 + step].index_add_(0, rows, _escapes(_row_gaps(rows, cols)[1]) + 1)
     return ent
+
+
+def _nonzero_mask(bits: torch.Tensor) -> torch.Tensor:
+    """Which of the 16-bit value patterns ``bits`` (int16) are nonzeros: all but ``+0.0`` and ``-0.0``.  By bits, as
+    the other formats decide: a float ``!= 0`` drops bf16 subnormals under ``torch.set_flush_denormal(True)``."""
+    return (bits & 0x7FFF) != 0
 
 
 def _row_gaps(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,9 +369,10 @@ def _streams(w: torch.Tensor, pair: bool = False):
     runs = _slice_runs(cost.view(slices, LANES).sum(1), LANES, k)
 
     def lay(s0: int, s1: int):
-        wc = _gather_rows(w, perm_full[s0 * LANES: s1 * LANES])  # (its rows in rank order: a row's lane is its index)
-        rows, cols = (wc != 0).nonzero(as_tuple=True)
-        vals = wc.view(torch.int16)[rows, cols]
+        # (its rows in rank order, as 16-bit patterns: a row's lane is its index)
+        wc = _gather_rows(w.view(torch.int16), perm_full[s0 * LANES: s1 * LANES])
+        rows, cols = _nonzero_mask(wc).nonzero(as_tuple=True)
+        vals = wc[rows, cols]
         del wc
         first, gap = _row_gaps(rows, cols)
         del cols
@@ -400,9 +408,9 @@ def _parts_streams(w: torch.Tensor, parts: int, pair: bool = False):
     runs = _slice_runs(cost, r_slice, k)
 
     def lay(s0: int, s1: int):
-        wc = _gather_rows(w, rows[s0 * r_slice: s1 * r_slice])  # (a row's slot is its index)
-        r, c = (wc != 0).nonzero(as_tuple=True)  # row-major: each row's columns rise
-        vals = wc.view(torch.int16)[r, c]
+        wc = _gather_rows(w.view(torch.int16), rows[s0 * r_slice: s1 * r_slice])  # (a row's slot is its index)
+        r, c = _nonzero_mask(wc).nonzero(as_tuple=True)  # row-major: each row's columns rise
+        vals = wc[r, c]
         del wc
         nnz = r.numel()
         # each nonzero's part: where the row's stream before it (escapes from the row's own gaps) falls among P shares
@@ -748,6 +756,8 @@ class DeltaRows(SparseFormat):
     def state(self, prefix: str = ""):
         if not self.coded:
             return super().state(prefix)
+        # (the plain length is not in the coded sizes: the coded groups are padded to whole plain ones)
+        self._needs_values("state", "the coded weight")
         plain = type(self)._from_parts({"data": uncode_values(self.data, self.offsets, self.shape[0]),
                                         "offsets": self.offsets}, self.shape, self.dtype, self.nnz)
         return plain.state(prefix)
@@ -798,7 +808,7 @@ class DeltaRows(SparseFormat):
         for s0, s1 in _slice_chunks(goff, _entry_groups(self.data.device)):
             rank, vals, cols, _ = _entries(self.data, self.offsets, m, s0, s1)
             row = perm[rank]
-            keep = (vals.view(self.dtype) != 0) & (row >= 0)
+            keep = _nonzero_mask(vals) & (row >= 0)
             out[row[keep] * k + cols[keep]] = vals[keep]
             del rank, vals, cols, row, keep
         return out.view(m, k).view(self.dtype)
