@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -134,6 +134,18 @@ def _lagged_stop(device: torch.device) -> bool:
     """Whether a generation without streaming on ``device`` learns of its rows' stop :data:`EOS_LAG` steps late
     (:class:`_HostCopies`; CUDA), or reads it every step (a CPU: no synchronization to save)."""
     return device.type == "cuda" and HOST_COPIES
+
+
+class _Request(NamedTuple):
+    """A generation's checked arguments (:meth:`Engine._request`)."""
+
+    sampler: Callable[[torch.Tensor], torch.Tensor]
+    eos: tuple[int, ...]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    lengths: list[int]
+    limits: list[int] | None
+    max_new_tokens: int
 
 
 class _HostCopies:
@@ -1631,8 +1643,21 @@ class Engine:
             if self._dense is not None:
                 self._dense.install(False)
 
-    def _steps(self, prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator, eos_token_id,
-               per_step_sync: bool, output_logits: bool = False) -> Iterator[tuple[torch.Tensor, Generation | None]]:
+    def _request(self, prompts, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
+                 generator=None, eos_token_id=_FROM_CONFIG) -> "_Request":
+        """A generation's arguments checked and prepared (:meth:`_sampler`, :meth:`_eos`, :meth:`_prepare`), at the
+        call: a bad one raises before the engine is taken over."""
+        sampler = self._sampler(temperature, top_k, top_p, generator)
+        if self.tp is not None:  # every rank takes rank 0's tokens, so all run the same steps
+            sampler = _from_rank0(sampler, self.tp)
+        eos = self._eos(eos_token_id)
+        with torch.no_grad():
+            ids, mask, lengths, limits = self._prepare(prompts, attention_mask, max_new_tokens)
+        # (one limit a row: the steps run to the largest, a row stops at its own)
+        return _Request(sampler, eos, ids, mask, lengths, limits, max_new_tokens if limits is None else max(limits))
+
+    def _steps(self, request: "_Request", per_step_sync: bool, output_logits: bool = False
+               ) -> Iterator[tuple[torch.Tensor, Generation | None]]:
         """Yields ``(tokens [B], None)`` per step, then ``(None, Generation)`` once.  Without ``per_step_sync`` the
         tokens stay on the device, yielded as each step is launched; with it (streaming) they come on the CPU, each
         step's once the next is launched (:class:`_HostCopies`), so the device never waits for the consumer.  A step
@@ -1650,14 +1675,8 @@ class Engine:
                 raise RuntimeError("this generation was overtaken: another generate() or stream() ran on the same "
                                    "engine before it finished (an engine decodes one generation at a time: finish "
                                    "or close a stream before the next, or use one engine each)")
-        sampler = self._sampler(temperature, top_k, top_p, generator)
-        eos = self._eos(eos_token_id)
-        if self.tp is not None:  # every rank takes rank 0's tokens, so all run the same steps
-            sampler = _from_rank0(sampler, self.tp)
+        sampler, eos, ids, mask, lengths, limits, max_new_tokens = request
         with torch.no_grad():
-            ids, mask, lengths, limits = self._prepare(prompts, attention_mask, max_new_tokens)
-            if limits is not None:  # (one limit a row: the steps run to the largest, a row stops at its own)
-                max_new_tokens = max(limits)
             if self.tp is not None:
                 self.tp.check_same("prompts, max_new_tokens or eos_token_id",
                                    _fingerprint(ids, mask, max_new_tokens if limits is None else limits, eos))
@@ -1788,8 +1807,9 @@ class Engine:
         Returns:
             A :class:`Generation` (tokens, lengths, time to first token, per-step times).
         """
-        steps = self._run(prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator,
-                          eos_token_id, per_step_sync=on_token is not None, output_logits=output_logits)
+        request = self._request(prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator,
+                                eos_token_id)
+        steps = self._run(request, per_step_sync=on_token is not None, output_logits=output_logits)
         for step, (tok, result) in enumerate(steps):
             if result is not None:
                 return result
@@ -1863,20 +1883,17 @@ class Engine:
         call, not at the first token."""
         if "on_token" in kwargs:
             raise TypeError("stream() yields the tokens; on_token belongs to generate()")
-        args = {k: kwargs.pop(k, d) for k, d in (("attention_mask", None), ("temperature", 0.0), ("top_k", None),
-                                                   ("top_p", None), ("generator", None),
-                                                   ("eos_token_id", _FROM_CONFIG), ("output_logits", False))}
+        output_logits = kwargs.pop("output_logits", False)
+        args = {k: kwargs.pop(k) for k in ("attention_mask", "temperature", "top_k", "top_p", "generator",
+                                           "eos_token_id") if k in kwargs}
         if kwargs:
             raise TypeError(f"stream() got unexpected keyword arguments {sorted(kwargs)}")
-        self._sampler(args["temperature"], args["top_k"], args["top_p"], args["generator"])  # (their checks, now)
-        self._eos(args["eos_token_id"])
-        with torch.no_grad():
-            self._prepare(prompts, args["attention_mask"], max_new_tokens)
+        request = self._request(prompts, max_new_tokens, **args)
         self.last = None
-        return self._stream(prompts, max_new_tokens, args)
+        return self._stream(request, output_logits)
 
-    def _stream(self, prompts, max_new_tokens, args: dict) -> Iterator[torch.Tensor]:
-        for tok, result in self._run(prompts, max_new_tokens, per_step_sync=True, **args):
+    def _stream(self, request: "_Request", output_logits: bool) -> Iterator[torch.Tensor]:
+        for tok, result in self._run(request, per_step_sync=True, output_logits=output_logits):
             if result is not None:
                 self.last = result
                 return

@@ -514,17 +514,17 @@ def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blo
     # wanted on top of them are shared by the blocks in proportion to their other weights, by cumulative rounding,
     # so the layer ends with exactly max(count, zeros it had) zeros and no block is asked for more than it holds.
     zero0 = W0 == 0
-    free = (~zero0).sum(0).cumsum(0).tolist()  # weights not yet zero in columns 0..j
+    free = [0] + (~zero0).sum(0).cumsum(0).tolist()  # weights not yet zero in columns 0 .. j - 1
     extra = max(0, _count(sparsity, total) - (total - free[-1]))
+    share = [round(extra * f / free[-1]) if free[-1] else 0 for f in free]  # the extra zeros of columns 0 .. j - 1
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        share = (lambda j: 0 if j == 0 or free[-1] == 0 else round(extra * free[j - 1] / free[-1]))
         zeros1 = zero0[:, i1:i2]
-        n_block = share(i2) - share(i1) + int(zeros1.sum())
+        n_block = share[i2] - share[i1] + int(zeros1.sum())
         score = W1.square() / Hinv1.diagonal().square().unsqueeze(0)
         score[:, dead[i1:i2]] = 0.0  # free to prune: no error on the calibration data
         score[zeros1] = -1.0  # (first: zero already)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..formats import FormatError, SparseFormat
+from ..formats._base import count_nonzero
 from ..cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _non_negative_float, _positive, _probability, _table
 from ..cli import _device_arg as _device  # the demos' --device check (auto, cpu, cuda, cuda:N) as an argparse type
 from . import _files
@@ -70,10 +71,11 @@ def cmd_convert(args) -> int:
 # ---- inspect (directories) ------------------------------------------------------------------------------
 
 def _count_nonzero(t: torch.Tensor) -> int:
-    """Nonzero elements of a tensor of any dtype (``-0.0`` counts as zero): ``torch.count_nonzero`` has no kernel for
-    some (float8, uint16/32/64), so those count as float32, or by their bytes for unsigned integers."""
+    """Nonzero elements of a tensor of any dtype (``-0.0`` counts as zero; :func:`flash_llm.formats._base.
+    count_nonzero` where torch has a kernel): ``torch.count_nonzero`` has none for some (float8, uint16/32/64), so
+    those count as float32, or by their bytes for unsigned integers."""
     try:
-        return int(torch.count_nonzero(t))
+        return count_nonzero(t)
     except (RuntimeError, NotImplementedError):
         pass
     if t.is_floating_point():

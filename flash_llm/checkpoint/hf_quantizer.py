@@ -34,8 +34,8 @@ from ..formats import FORMATS, FormatError
 from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME
 from ..nn import SparseLinear
 from . import _files, _model
-from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_section, mixed_dtype_warning,
-                         sparse_modules_section)
+from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_section, config_dtype,
+                         mixed_dtype_warning, sparse_modules_section)
 
 _AUTO = "transformers.quantizers.auto"
 
@@ -252,13 +252,6 @@ def give_quantizers(model, quantizer=None) -> None:
         sub.quantization_method = QUANT_METHOD
 
 
-def _dtype_of(value) -> torch.dtype | None:
-    if isinstance(value, torch.dtype):
-        return value
-    found = getattr(torch, value, None) if isinstance(value, str) else None
-    return found if isinstance(found, torch.dtype) else None
-
-
 def _define():
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -301,7 +294,9 @@ def _define():
             # config.json's dtype from the model's first parameter; where the sparse layers' dtype differs (dense
             # tensors of another dtype), the quantization section names the dtype to load in, as flash_llm's save does
             # (a dtype passed to from_pretrained other than "auto" is used instead of config.dtype, as before)
-            declared = _dtype_of(getattr(self.quantization_config, "dtype", None))
+            declared = getattr(self.quantization_config, "dtype", None)
+            if not isinstance(declared, torch.dtype):  # (a name, as config.json holds it)
+                declared = config_dtype({"dtype": declared})
             if declared is not None:
                 config.dtype = declared
             return super().update_attn_implementation(config)

@@ -870,9 +870,8 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if min_sparsity is not None and (isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float))
-                                     or not 0.0 <= min_sparsity <= 1.0):
-        raise ValueError(f"min_sparsity must be None or a number in [0, 1], got {min_sparsity!r}")
+    if min_sparsity is not None:
+        check_fraction(min_sparsity, "min_sparsity")
     _refuse_merged(model)
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
