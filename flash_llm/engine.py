@@ -1092,13 +1092,17 @@ class Engine:
                               f"{self.device}; their prefill expands them, as without", stacklevel=2)
         dev = self.device
         try:
+            # checked first: on a host that overcommits, an allocation past its memory succeeds and the process is
+            # killed when the cache is filled (an H100 machine's 125 GiB host, session 74)
+            need, free = self._cache_bytes(kv_heads, slots), _free_memory(dev)
+            if 0 < free < need:
+                raise MemoryError(f"{free / 2**30:.2f} GiB free")
             self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
         except (RuntimeError, MemoryError) as e:  # (out of memory: no engine, so the model's merge / fuse undone)
             if self.merged:
                 unmerge_projections(model)
             if fuse:
                 set_fused(model, False)
-            need = self._cache_bytes(kv_heads, slots)
             raise ValueError(f"the KV cache of max_batch={max_batch} x max_seq={max_seq} ({need / 2**30:.2f} GiB) "
                              f"could not be allocated on {dev}: lower max_batch or max_seq ({e})") from e
         self._slots = slots

@@ -159,6 +159,22 @@ def test_a_cache_that_cannot_fit_is_refused_before_the_model_changes():
     assert list(m.state_dict()) == keys
 
 
+def test_a_cache_past_the_free_memory_is_refused_before_it_is_allocated(monkeypatch):
+    """The cache is checked against the device's free memory before it is allocated: a host that overcommits lets an
+    allocation past its memory succeed and kills the process when the cache is filled (the test above was killed on
+    a GPU machine's 125 GiB host, session 74)."""
+    import flash_llm.engine as engine_mod
+
+    m = _model()
+    keys = list(m.state_dict())
+    monkeypatch.setattr(engine_mod, "_free_memory", lambda device: 1024)  # (a small cache that would allocate)
+    with pytest.raises(ValueError, match=r"KV cache of max_batch=2 x max_seq=32 .*\(0\.00 GiB free\)"):
+        Engine(m, max_batch=2, max_seq=32, merge=True)
+    assert list(m.state_dict()) == keys
+    monkeypatch.setattr(engine_mod, "_free_memory", lambda device: 0)  # (unknown: the allocation decides)
+    assert Engine(m, max_batch=2, max_seq=32).cache is not None
+
+
 def test_use_layout_names_a_bad_batch():
     eng = Engine(_model(), max_batch=2, max_seq=64)
     for bad in (0, -1, "x", True):
