@@ -119,7 +119,7 @@ def test_generate_dtype_tp_on_two_ranks_prints_what_one_process_prints(tmp_path,
            "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "flash_llm.cli", "generate", str(path), "--prompt", "Hello", "--max-new-tokens", "5", "--ignore-eos",
-           "--dtype", "bfloat16", "--tp"]
+           "--dtype", "bfloat16", "--device", "cpu", "--tp"]  # (gloo ranks on the CPU, on a GPU machine too)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "holds layers compressed as" not in proc.stderr
@@ -158,3 +158,27 @@ def test_tied_lm_head_stored_in_a_compressed_checkpoint_is_not_read(world1, tmp_
     save_file(state, f, metadata=meta)
     with pytest.raises(flash_llm.FormatError, match=r"tensor 'model\.decoder\.layers\.9\.fc1\.weight' has no place"):
         load_tensor_parallel(path, world1, progress=False)
+
+
+# ---- 5. generate --tp --device: the device picks the group's backend ---------------------------------------------
+def test_generate_tp_device_cpu_asks_for_gloo_ranks(tmp_path, capsys, monkeypatch):
+    """``--device cpu --tp`` runs gloo ranks on the CPU (on a GPU machine --tp took NCCL on CUDA whatever --device
+    said: the tests' CPU text and the GPU ranks' then differed); ``cuda:N`` with --tp is refused by name (each rank
+    takes cuda:LOCAL_RANK)."""
+    import flash_llm.parallel as par
+    from flash_llm.checkpoint import cli as ckpt_cli
+
+    path = _flash(tmp_path)
+    asked = []
+    real = par.init_tensor_parallel
+
+    def spy(backend=None, **kw):
+        asked.append(backend)
+        return real(backend, **kw)
+
+    monkeypatch.setattr(par, "init_tensor_parallel", spy)
+    one = _generate(capsys, path)
+    assert _generate(capsys, path, "--tp") == one and asked == ["gloo"]
+    with pytest.raises(ValueError, match=r"--device cuda:1 with --tp: each rank runs on cuda:LOCAL_RANK"):
+        ckpt_cli._load_tensor_parallel(path, None, torch.device("cuda", 1))
+    assert asked == ["gloo"] and not torch.distributed.is_initialized()

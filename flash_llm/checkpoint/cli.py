@@ -184,9 +184,14 @@ def _tokenizer(choice: str, path: Path, config: dict):
                      "tokenizer; pass --tokenizer DIR (a Hugging Face tokenizer) or --tokenizer bytes")
 
 
-def _load_tensor_parallel(path: Path, dtype):
+def _load_tensor_parallel(path: Path, dtype, device: torch.device):
     """This rank's part of the checkpoint (``generate --tp``): dense layers compressed as from_pretrained does, a
-    flash-llm checkpoint's layers loaded as saved or, in another ``dtype``, re-encoded (as without ``--tp``)."""
+    flash-llm checkpoint's layers loaded as saved or, in another ``dtype``, re-encoded (as without ``--tp``).
+    ``device`` (``--device``) picks the group's backend: ``cpu`` gloo ranks on the CPU, ``cuda`` NCCL on
+    ``cuda:LOCAL_RANK`` (``cuda:N`` is refused: each rank takes its own)."""
+    if device.index is not None:
+        raise ValueError(f"--device {device} with --tp: each rank runs on cuda:LOCAL_RANK; give --device cuda "
+                         "(or cpu, or auto)")
     from ..nn import SparsifyConfig
     from ..parallel import init_tensor_parallel, load_tensor_parallel
     from .pretrained import _resolve_dtype
@@ -195,7 +200,7 @@ def _load_tensor_parallel(path: Path, dtype):
     kind = checkpoint_kind(config, path / _files.CONFIG_NAME)
     resolved = sparsify_for_dtype(path, dtype)  # (None unless a flash-llm checkpoint's layers hold another dtype)
     dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME, resolved)
-    tp = init_tensor_parallel()
+    tp = init_tensor_parallel(backend="gloo" if device.type == "cpu" else None)
     try:
         sparsify = SparsifyConfig() if kind.kind == "dense" else resolved
         model, _ = load_tensor_parallel(path, tp, dtype=dtype, sparsify=sparsify, progress=tp.rank == 0)
@@ -217,7 +222,7 @@ def cmd_generate(args) -> int:
     tp = None
     try:
         if args.tp:
-            model, tp = _load_tensor_parallel(path, DTYPES.get(args.dtype))
+            model, tp = _load_tensor_parallel(path, DTYPES.get(args.dtype), args.device)
             args.device = tp.device
         else:
             dtype = DTYPES.get(args.dtype)  # (a flash-llm checkpoint of another dtype: its layers are re-encoded)
@@ -385,8 +390,8 @@ def register_cli(sub) -> None:
     p.add_argument("--tokenizer", default="auto", help="auto (default), bytes, or a tokenizer directory")
     p.add_argument("--tp", action="store_true",
                    help="tensor parallel over torchrun's ranks (torchrun --nproc-per-node K -m flash_llm.cli generate "
-                        "... --tp): each rank loads only its slices (NCCL on cuda:LOCAL_RANK, gloo on the CPU); "
-                        "--device is then the rank's; rank 0 prints")
+                        "... --tp): each rank loads only its slices (NCCL on cuda:LOCAL_RANK; gloo on the CPU with "
+                        "--device cpu or without CUDA); rank 0 prints")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="fused elementwise kernels (Engine(fuse=True): torch.compile'd RMSNorm, RoPE, SiLU x up; "
                         "default: on for CUDA models of 1 B parameters or more)")
