@@ -252,6 +252,13 @@ def give_quantizers(model, quantizer=None) -> None:
         sub.quantization_method = QUANT_METHOD
 
 
+def _base_hook(base, name: str, config):
+    """``base``'s config hook ``name`` on ``config`` where this transformers has it (its hooks differ by version),
+    else ``config`` as it is."""
+    hook = getattr(base, name, None)
+    return config if hook is None else hook(config)
+
+
 def _define():
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -289,17 +296,27 @@ def _define():
             dtypes = {_DTYPES_BY_NAME[m["dtype"]] for m in self.quantization_config.sparse_modules.values()}
             return dtypes.pop() if len(dtypes) == 1 else None
 
-        def update_attn_implementation(self, config):
-            # (the one hook that sees config.json before the dtype is settled) transformers' save_pretrained writes
-            # config.json's dtype from the model's first parameter; where the sparse layers' dtype differs (dense
-            # tensors of another dtype), the quantization section names the dtype to load in, as flash_llm's save does
-            # (a dtype passed to from_pretrained other than "auto" is used instead of config.dtype, as before)
+        def _declare_dtype(self, config):
+            # transformers' save_pretrained writes config.json's dtype from the model's first parameter; where the
+            # sparse layers' dtype differs (dense tensors of another dtype), the quantization section names the dtype
+            # to load in, as flash_llm's save does (a dtype passed to from_pretrained other than "auto" is used
+            # instead of config.dtype, as before).  Set from the hooks that see config.json before the dtype is
+            # settled: update_attn_implementation (transformers 5.25), update_tp_plan / update_ep_plan (5.17)
             declared = getattr(self.quantization_config, "dtype", None)
             if not isinstance(declared, torch.dtype):  # (a name, as config.json holds it)
                 declared = config_dtype({"dtype": declared})
             if declared is not None:
                 config.dtype = declared
-            return super().update_attn_implementation(config)
+            return config
+
+        def update_attn_implementation(self, config):
+            return _base_hook(super(), "update_attn_implementation", self._declare_dtype(config))
+
+        def update_tp_plan(self, config):
+            return _base_hook(super(), "update_tp_plan", self._declare_dtype(config))
+
+        def update_ep_plan(self, config):
+            return _base_hook(super(), "update_ep_plan", self._declare_dtype(config))
 
         def update_dtype(self, dtype):
             sparse = self._dtype()
