@@ -733,8 +733,10 @@ DR_DENSE_SR_BAND_MAX = 1536
 #: 32 registers and 8 blocks an SM).  Asked because a block of ``_sr`` places its split in chunks that each wait for one
 #: load; session 70 (H100): no faster at first (OPT-30B's expansions +0-3 %), but the loads were not in flight (a copy
 #: of the coded steps word waited for each at once); with that fixed, ``_pr4`` ran gate / up 118 -> 111 us and ``_sr4``
-#: within 2 % of ``_srk``.  Still 1 until a skipping ``_srk4`` is timed
-DR_PLACE_AHEAD = _env_int("FLASH_LLM_DR_PLACE_AHEAD", 1, 1, 4)
+#: within 2 % of ``_srk``.  Session 74 (H100, bf16, 80 %): ``_srk4`` against ``_srk`` OPT-30B q/k/v 208 -> 188 us,
+#: fc2 294 -> 264, Llama-3-8B gate / up (``_pr4``) 116 -> 111; the prefill in a CUDA graph OPT-30B 62.2 -> 60.0 ms,
+#: Llama-3-8B 14.3 -> 14.1 (three rounds, one process each), so 4 is the default
+DR_PLACE_AHEAD = _env_int("FLASH_LLM_DR_PLACE_AHEAD", 4, 1, 4)
 DR_PLACE_AHEAD_PR_MIN_TILE = _env_int("FLASH_LLM_DR_PLACE_AHEAD_PR_MIN_TILE", 32 * 1024, 0)
 #: ``_sr``'s passes skip the groups whose columns miss their band (``delta_rows_to_dense_srk``; session 70, the default:
 #: ``FLASH_LLM_DR_PLACE_SKIP=0`` for ``_sr``): a window of several bands walked every group once a pass (Nsight Compute:
