@@ -365,6 +365,14 @@ def _free_memory(device: torch.device) -> int:
     return available_memory(device)
 
 
+def _cache_room(device: torch.device) -> int:
+    """Bytes the KV cache may take on ``device``, checked before it is allocated: the free memory as it is (apart from
+    :func:`_free_memory`, which the engine's plans read and tests stand in for)."""
+    from .models.synthetic import available_memory
+
+    return available_memory(device)
+
+
 def _was_delta_rows(m: torch.nn.Module) -> bool:
     """Whether ``m`` (a :class:`~flash_llm.SparseLinear`) holds a Tiled-CSL weight an engine re-encoded from
     DeltaRows (it remembers the pairing in ``_delta_rows_paired``)."""
@@ -1094,7 +1102,7 @@ class Engine:
         try:
             # checked first: on a host that overcommits, an allocation past its memory succeeds and the process is
             # killed when the cache is filled (an H100 machine's 125 GiB host, session 74)
-            need, free = self._cache_bytes(kv_heads, slots), _free_memory(dev)
+            need, free = self._cache_bytes(kv_heads, slots), _cache_room(dev)
             if 0 < free < need:
                 raise MemoryError(f"{free / 2**30:.2f} GiB free")
             self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)

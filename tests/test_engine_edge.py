@@ -167,11 +167,11 @@ def test_a_cache_past_the_free_memory_is_refused_before_it_is_allocated(monkeypa
 
     m = _model()
     keys = list(m.state_dict())
-    monkeypatch.setattr(engine_mod, "_free_memory", lambda device: 1024)  # (a small cache that would allocate)
+    monkeypatch.setattr(engine_mod, "_cache_room", lambda device: 1024)  # (a small cache that would allocate)
     with pytest.raises(ValueError, match=r"KV cache of max_batch=2 x max_seq=32 .*\(0\.00 GiB free\)"):
         Engine(m, max_batch=2, max_seq=32, merge=True)
     assert list(m.state_dict()) == keys
-    monkeypatch.setattr(engine_mod, "_free_memory", lambda device: 0)  # (unknown: the allocation decides)
+    monkeypatch.setattr(engine_mod, "_cache_room", lambda device: 0)  # (unknown: the allocation decides)
     assert Engine(m, max_batch=2, max_seq=32).cache is not None
 
 
