@@ -58,11 +58,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/out/tp_check")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto (default: NCCL on cuda:LOCAL_RANK where CUDA is, else gloo on the CPU), cpu (gloo "
+                         "ranks on the CPU, on a GPU machine too) or cuda")
     args = ap.parse_args(argv)
     sparsities = [int(s) for s in args.sparsities.split(",")]
     cfg = TINY if args.model == "tiny" else preset(args.model)
     dtype = torch.float16
-    with init_tensor_parallel() as tp:
+    with init_tensor_parallel({"auto": None, "cpu": "gloo", "cuda": "nccl"}[args.device]) as tp:
         lead = tp.rank == 0
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=gen)
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
             tp.barrier()
         if not lead:
             return 0
-    env = T.environment()
+    env = T.environment(tp.device)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tp_check.json"), "w") as f:
         json.dump({"env": env, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)

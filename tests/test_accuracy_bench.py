@@ -46,7 +46,8 @@ def tiny_model(tmp_path_factory):
 def test_accuracy_report(accuracy, tiny_model, tmp_path, capsys):
     out, js = tmp_path / "ACCURACY.md", tmp_path / "acc.json"
     argv = ["--model", str(tiny_model), "--sparsities", "50,80", "--eval-tokens", "1024", "--calib-seqs", "4",
-            "--retrain-steps", "3", "--retrain-batch", "2", "--out", str(out), "--json", str(js), "--quiet"]
+            "--retrain-steps", "3", "--retrain-batch", "2", "--out", str(out), "--json", str(js), "--quiet",
+            "--device", "cpu"]  # (compared with CPU runs below, on a GPU machine too)
     assert accuracy.main(argv) == 0
     printed = capsys.readouterr().out
     report = out.read_text()
@@ -90,7 +91,7 @@ def test_one_shot_matches_the_library(accuracy, tiny_model, tmp_path):
     out, js = tmp_path / "A.md", tmp_path / "a.json"
     assert accuracy.main(["--model", str(tiny_model), "--sparsities", "60", "--methods", "sparsegpt", "--eval-tokens",
                           "512", "--calib-seqs", "3", "--seed", "2", "--out", str(out), "--json", str(js),
-                          "--quiet"]) == 0
+                          "--quiet", "--device", "cpu"]) == 0  # (compared with the library on the CPU)
     (r,) = json.loads(js.read_text())["results"]
     model = bundled.load_dir(tiny_model)
     train, val = data.split(data.load_tokens(data.corpus_path()))

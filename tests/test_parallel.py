@@ -351,7 +351,7 @@ def test_tp_check_script_compares_ranks_with_one_process(tmp_path):
            "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(ROOT, "benchmarks", "tp_check.py"), "--model", "tiny", "--prompt", "6", "--new", "5",
-           "--out", str(tmp_path)]
+           "--out", str(tmp_path), "--device", "cpu"]  # (gloo ranks on the CPU, on a GPU machine too)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = json.loads((tmp_path / "tp_check.json").read_text())["rows"]
