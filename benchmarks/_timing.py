@@ -72,14 +72,18 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * a.numel() * 4 / min(t_copy, t_kernel)
 
 
-def environment() -> dict:
+def environment(device=None) -> dict:
+    """The run's machine and versions.  ``device``: the run's device (a CPU run on a GPU machine names the CPU, not
+    the card, and touches no CUDA); None: CUDA's device 0 where there is CUDA (the kernels' benchmarks)."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
         except Exception:
             return "unknown"
 
-    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    device = None if device is None else torch.device(device)
+    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+    props = torch.cuda.get_device_properties(device.index or 0 if device is not None else 0) if on_gpu else None
     try:
         from flash_llm.kernels._build import nvrtc_version
 

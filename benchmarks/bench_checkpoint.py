@@ -214,7 +214,7 @@ def main(argv=None):
         if p.exists():
             shutil.rmtree(p)
     os.makedirs(args.out, exist_ok=True)
-    env = T.environment()
+    env = T.environment(device)
     rows = []
     result = {"env": env, "model": cfg.name, "layers": cfg.num_layers, "params": cfg.num_parameters(),
               "sparsity": args.sparsity, "format": args.format, "device": str(device), "rows": rows}

@@ -561,7 +561,7 @@ def _main_tp(args, argv, world) -> int:
     device = world.device
     if args.memory_limit_gb and device.type == "cuda":
         _cap_memory(device, args.memory_limit_gb)
-    env = T.environment()
+    env = T.environment(device)
     env.update({"world_size": world.world_size, "backend": world.backend, "tp": args.tp,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                 "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "memory_limit_gb": args.memory_limit_gb,
@@ -874,7 +874,7 @@ def main(argv=None) -> int:
         return 2
     if args.memory_limit_gb and device.type == "cuda":
         _cap_memory(device, args.memory_limit_gb)
-    env = T.environment()
+    env = T.environment(device)
     env["copy_bw_Bps"] = copy_bandwidth(device)
     env["memory_limit_gb"] = args.memory_limit_gb
     env["fuse"] = args.fuse
