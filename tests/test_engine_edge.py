@@ -180,3 +180,30 @@ def test_use_layout_names_a_bad_batch():
     for bad in (0, -1, "x", True):
         with pytest.raises(ValueError, match="batch must be an int >= 1"):
             eng.use_layout(bad)
+
+
+def test_host_memory_is_capped_by_the_cgroup_limit(tmp_path, monkeypatch):
+    """``host_available_memory`` (the CPU's free memory the engine's cache check and the synthetic builds plan with)
+    takes no more than the room under the process' cgroup limit: inside a capped container ``MemAvailable`` counts
+    the whole host's, and the check passed where the kernel then killed the process (session 74's GPU-machine audit)."""
+    from flash_llm.models import synthetic
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1073741824\n")
+    (v2 / "memory.current").write_text("268435456\n")
+    assert synthetic._cgroup_room(str(v2)) == 768 << 20
+    (v2 / "memory.max").write_text("max\n")
+    assert synthetic._cgroup_room(str(v2)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(512 << 20))
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(str(600 << 20))
+    assert synthetic._cgroup_room(str(v1)) == 0
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(9223372036854771712))  # (v1's "no limit")
+    assert synthetic._cgroup_room(str(v1)) is None
+    assert synthetic._cgroup_room(str(tmp_path / "none")) is None
+    monkeypatch.setattr(synthetic, "_cgroup_room", lambda: 5 << 20)
+    assert synthetic.host_available_memory() == 5 << 20
+    monkeypatch.setattr(synthetic, "_cgroup_room", lambda: 0)
+    assert synthetic.host_available_memory() == 1  # (full: known, not 0 = unknown)

@@ -295,18 +295,48 @@ def _materialize_(module: nn.Module, device, gen) -> None:
 
 def host_available_memory() -> int:
     """Bytes of host memory available to new allocations: ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the
-    free physical pages (``os.sysconf``), else 0 (unknown: callers then plan for none)."""
+    free physical pages (``os.sysconf``), else 0 (unknown: callers then plan for none); no more than the room left
+    under this process' cgroup memory limit (:func:`_cgroup_room`: a container's cap, where ``MemAvailable`` counts
+    the whole host's)."""
+    free = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 0
+    if not free:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            free = 0
+    room = _cgroup_room()
+    if room is None:
+        return free
+    return max(min(free, room) if free else room, 1)  # (known, if full: 0 would read as unknown)
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under the memory limit of the cgroup at ``root`` (v2: ``memory.max`` less ``memory.current``; v1:
+    ``memory/memory.limit_in_bytes`` less ``memory.usage_in_bytes``), or None without a limit or a readable one."""
+    for limit, used in (("memory.max", "memory.current"),
+                        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(os.path.join(root, limit)) as f:
+                text = f.read().strip()
+            if text == "max":
+                return None
+            with open(os.path.join(root, used)) as f:
+                current = int(f.read().strip())
+            cap = int(text)
+        except (OSError, ValueError):
+            continue
+        if cap >= 1 << 60:  # (v1's "no limit" is a page-rounded 2^63)
+            return None
+        return max(cap - current, 0)
+    return None
 
 
 def available_memory(device: torch.device) -> int:
