@@ -37,7 +37,8 @@ class ModelConfig:
         vocab_size, hidden_size, num_layers, num_heads, intermediate_size: the usual sizes
             (``intermediate_size`` is OPT's ``ffn_dim``).
         num_kv_heads: key/value heads (GQA); ``None`` means ``num_heads``.  OPT has no GQA.
-        head_dim: per-head size; ``None`` means ``hidden_size // num_heads``.
+        head_dim: per-head size; ``None`` means ``hidden_size // num_heads`` (a Llama's must then divide
+            evenly).  A Llama's must be even (RoPE rotates pairs of features): odd ones are refused (ValueError).
         max_position_embeddings: longest sequence (OPT's position table has this many rows plus 2).
         norm_eps: RMSNorm epsilon (Llama's ``rms_norm_eps``); OPT's LayerNorm uses 1e-5 as in HF.
         rope_theta: RoPE base (Llama).
@@ -49,7 +50,8 @@ class ModelConfig:
         do_layer_norm_before, word_embed_proj_dim, layer_norm_elementwise_affine, remove_final_layer_norm:
             OPT specifics as in HF's ``OPTConfig`` (``word_embed_proj_dim`` ``None`` means ``hidden_size``;
             ``remove_final_layer_norm`` is HF's ``_remove_final_layer_norm``).
-        bos_token_id, eos_token_id, pad_token_id: special tokens (``eos_token_id`` may be a list).
+        bos_token_id, eos_token_id, pad_token_id: special tokens (``eos_token_id`` may be a list;
+            ``pad_token_id``, when in the vocabulary, is the input embedding's ``padding_idx``, as in transformers).
         name: a label (the preset name, or ``""``).
     """
 
@@ -83,6 +85,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        derived_head_dim = self.head_dim is None
         if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_heads) and self.num_heads > 0:
             self.head_dim = self.hidden_size // self.num_heads
         if self.word_embed_proj_dim is None:
@@ -113,9 +116,15 @@ class ModelConfig:
             if self.attention_bias != self.mlp_bias:
                 raise ValueError("OPT has one bias flag (enable_bias): attention_bias and mlp_bias must be equal, "
                                  f"got {self.attention_bias} and {self.mlp_bias}")
-        elif self.word_embed_proj_dim != self.hidden_size:
-            raise ValueError(f"word_embed_proj_dim is an OPT option; a llama config must leave it at hidden_size "
-                             f"({self.hidden_size}), got {self.word_embed_proj_dim}")
+        else:
+            if self.word_embed_proj_dim != self.hidden_size:
+                raise ValueError(f"word_embed_proj_dim is an OPT option; a llama config must leave it at hidden_size "
+                                 f"({self.hidden_size}), got {self.word_embed_proj_dim}")
+            if derived_head_dim and self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) is not a multiple of num_heads ({self.num_heads})"
+                                 f"; give head_dim to choose the per-head size")
+            if self.head_dim % 2:
+                raise ValueError(f"RoPE needs an even head_dim (it rotates pairs of features), got {self.head_dim}")
 
     # ---- derived sizes -----------------------------------------------------------------------------
     @property
@@ -176,8 +185,10 @@ class ModelConfig:
         ``transformers.PretrainedConfig`` (anything with ``to_dict()``).
 
         Reads ``model_type`` ``"llama"`` or ``"opt"``; RoPE from ``rope_theta`` + ``rope_scaling`` (transformers
-        4.x files) or ``rope_parameters`` (5.x).  Raises ``ValueError`` naming the key for anything unsupported
-        (another model type, an unknown RoPE type, a sliding window...).
+        4.x files) or ``rope_parameters`` (5.x), with transformers 5's precedence where both are there: a
+        non-empty ``rope_scaling`` replaces ``rope_parameters``, and ``rope_theta`` comes from that dict first,
+        then from the top level (:func:`_read_rope`).  Raises ``ValueError`` naming the key for anything
+        unsupported (another model type, an unknown RoPE type, a sliding window...).
         """
         src = "config"
         if isinstance(config, (str, os.PathLike)):
@@ -298,21 +309,36 @@ def _check_rope_scaling(rs, max_pos) -> dict | None:
 
 
 def _read_rope(d: dict, src: str) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from a 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters) config."""
+    """(rope_theta, rope_scaling) from a 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters) config, with
+    transformers 5's precedence (``convert_rope_params_to_dict`` / ``standardize_rope_params``):
+
+    * a non-empty ``rope_scaling`` replaces ``rope_parameters`` whole (its type, its factors and its theta);
+    * ``rope_theta`` is the chosen dict's, else the top-level ``rope_theta``, else 10000;
+    * a llama3 dict without ``original_max_position_embeddings`` takes ``max_position_embeddings``.
+
+    A top-level ``original_max_position_embeddings`` beside a llama3 dict that says otherwise is refused
+    (ValueError naming both keys): transformers 5 itself resolves it two ways (``LlamaConfig.from_pretrained``
+    takes the top-level value, ``AutoConfig`` / ``from_dict`` the dict's), so no reading of it is safe."""
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
-    if params is not None and not isinstance(params, dict):
-        raise ValueError(f"{src}: rope_parameters must be an object, got {type(params).__name__}")
-    if params and any(isinstance(v, dict) for v in params.values()):
-        raise UnsupportedConfigError(f"{src}: per-layer-type rope_parameters are not supported")
-    theta = (params or {}).get("rope_theta", d.get("rope_theta", 10000.0))
-    if params and params.get("rope_type", params.get("type", "default")) != "default":
-        scaling = params
-    if scaling is not None and not isinstance(scaling, dict):
-        raise ValueError(f"{src}: rope_scaling must be an object or null, got {type(scaling).__name__}")
-    if scaling is not None:
-        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-    return theta, scaling
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{src}: {key} must be an object or null, got {type(value).__name__}")
+    key, rope = ("rope_scaling", scaling) if scaling else ("rope_parameters", params or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise UnsupportedConfigError(f"{src}: per-layer-type {key} are not supported")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+    top = d.get("original_max_position_embeddings")
+    if top is not None and rope.get("rope_type", rope.get("type", "default")) == "llama3":
+        inner = rope.get("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
+        where = (f"{key}.original_max_position_embeddings" if "original_max_position_embeddings" in rope
+                 else "max_position_embeddings (the default of a llama3 rope)")
+        if top != inner:
+            raise ValueError(f"{src}: the top-level original_max_position_embeddings ({top!r}) disagrees with "
+                             f"{where} ({inner!r}); transformers reads this either way depending on how the "
+                             "config is loaded: keep one of the two")
+    return theta, rope or None
 
 
 def _opt(name, hidden, layers, heads, max_pos=2048) -> ModelConfig:
