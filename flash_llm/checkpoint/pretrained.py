@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..formats import FORMATS, FormatError, SparseFormat
-from ..formats._base import METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, count_nonzero, dtype_name, parse_metadata
+from ..formats._base import (METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, _is_int, count_nonzero, dtype_name,
+                             parse_metadata)
 from ..nn import (FORMAT_NAMES, ConvertedLayer, SkippedLayer, SparseLinear, SparsifyConfig, SparsifyReport,
                   _format_class, check_fraction, _human, _tensor_bytes)
 from . import _files, _model
@@ -113,6 +114,38 @@ def read_config(path) -> dict:
     if not path.is_dir():
         raise FormatError(f"{path}: expected a checkpoint directory (config.json and *.safetensors), got a file")
     return _files.read_json(path / _files.CONFIG_NAME, "config.json")
+
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def generation_eos(path) -> int | list[int] | None:
+    """The ``eos_token_id`` of checkpoint directory ``path``'s ``generation_config.json``: a token id or a list of
+    them, as stored; ``None`` where the file is absent or sets none (no key, ``null`` or ``[]``).  FormatError if
+    the file is not a JSON object or the value is neither an int nor a list of ints."""
+    file = Path(os.fspath(path)) / GENERATION_CONFIG_NAME
+    if not file.is_file():
+        return None
+    eos = _files.read_json(file, GENERATION_CONFIG_NAME).get("eos_token_id")
+    if eos is None or eos == []:
+        return None
+    if not (_is_int(eos) or (isinstance(eos, list) and all(_is_int(v) for v in eos))):
+        raise FormatError(f"{file}: eos_token_id must be a token id or a list of token ids, got {eos!r}")
+    return eos
+
+
+def use_generation_eos(config, path) -> None:
+    """Make the ``eos_token_id`` of ``generation_config.json`` in checkpoint directory ``path`` (where it sets one)
+    the :class:`~flash_llm.models.ModelConfig`'s, in place, so the engine stops where transformers' ``generate``
+    does: transformers takes the stop tokens from that file, not from ``config.json`` (Llama-3-8B-Instruct:
+    ``config.json`` 128001, ``generation_config.json`` ``[128001, 128009]``, 128009 being ``<|eot_id|>``).
+    Anything but a ModelConfig (a transformers model's config) is left alone."""
+    from ..models import ModelConfig
+
+    if isinstance(config, ModelConfig):
+        eos = generation_eos(path)
+        if eos is not None:
+            config.eos_token_id = eos
 
 
 def config_dtype(config: dict) -> torch.dtype | None:
@@ -672,13 +705,15 @@ def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
         output_report: also return the :class:`flash_llm.nn.SparsifyReport`.
 
     Returns:
-        The model in eval mode (or ``(model, report)``).
+        The model in eval mode (or ``(model, report)``).  A flash_llm.models model's ``config.eos_token_id`` is
+        ``generation_config.json``'s where that file sets one (:func:`use_generation_eos`), else ``config.json``'s.
     """
     path = Path(os.fspath(path))
     config = read_config(path)
     kind = checkpoint_kind(config, path / _files.CONFIG_NAME)
     dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME, sparsify)
     model = _model.build_skeleton(config, dtype, backend, path / _files.CONFIG_NAME)
+    use_generation_eos(getattr(model, "config", None), path)
     report = load_checkpoint(model, path, device=device, sparsify=sparsify, progress=progress)
     model.to(device)  # what the model computes itself (rotary frequencies) was built on the CPU beside the skeleton
     model.eval()

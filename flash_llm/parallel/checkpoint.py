@@ -111,7 +111,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             compressed-tensors sparse-bitmask one is streamed one tensor at a time instead: each projection is
             expanded on this rank's device, sliced and compressed again (flash-llm layers in their stored
             format when ``sparsify`` is ``None``; sparse-bitmask ones as ``SparsifyConfig()`` decides).  A
-            tied ``lm_head.weight`` the file stores is not read (a warning, as for any unused tensor).
+            tied ``lm_head.weight`` the file stores is not read (a warning, as for any unused tensor), unless
+            it is the only copy of the shared matrix (no embedding in the file): the embedding is read from it.
         tp: the group (default: :meth:`TensorParallel.from_group` on the default process group).
         dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``).
         sparsify: compress each projection slice with this :class:`~flash_llm.SparsifyConfig` (per slice:
@@ -122,7 +123,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
 
     Returns:
         ``(model, report)``: the model (eval mode, ``model.tensor_parallel`` set, ready for
-        :class:`flash_llm.engine.Engine`) and this rank's :class:`ShardReport`.
+        :class:`flash_llm.engine.Engine`) and this rank's :class:`ShardReport`.  ``model.config.eos_token_id`` is
+        ``generation_config.json``'s where that file sets one, as in :func:`flash_llm.from_pretrained`.
 
     Raises:
         ValueError: the world size does not divide the heads / KV heads / intermediate size; a tensor's shape
@@ -144,9 +146,11 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
         raise ValueError(f"sparsify.dtype ({sparsify.dtype}) differs from dtype ({dtype}): the whole model is loaded "
                          "in dtype; leave SparsifyConfig.dtype unset")
     device = tp.device
-    model = from_config(cfg, dtype=dtype, device="meta")
     from ..checkpoint import _files
-    from ..checkpoint.pretrained import checkpoint_kind
+    from ..checkpoint.pretrained import checkpoint_kind, use_generation_eos
+
+    use_generation_eos(cfg, folder)  # (the engine's default stop tokens, as from_pretrained)
+    model = from_config(cfg, dtype=dtype, device="meta")
 
     config_path = os.path.join(folder, "config.json")
     with open(config_path, encoding="utf-8") as f:
@@ -192,13 +196,17 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
         bar.close()
         # everything else, replicated: embeddings, norms, lm_head (absent from tied checkpoints)
         state = {}
+        embed = model._embed_key()
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if not t.is_meta:
                 continue
-            key = ckpt.key(name)
-            if key is None and name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # the model's load hook ties it to the input embedding
-            state[name] = get(name, tuple(t.shape))
+            source = name
+            if ckpt.key(name) is None and cfg.tie_word_embeddings:
+                if name == "lm_head.weight":
+                    continue  # the model's load hook ties it to the input embedding
+                if name == embed and ckpt.key("lm_head.weight") is not None:
+                    source = "lm_head.weight"  # a tied checkpoint that stores the shared matrix as lm_head only
+            state[name] = get(source, tuple(t.shape))
         model.load_state_dict(state, strict=False, assign=True)
     _warn_unused(folder, cfg, [k for k in ckpt.where if k not in ckpt.used and not k.endswith(_IGNORED_SUFFIXES)])
     return _finish(model, tp, device, folder)
@@ -254,6 +262,7 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
     done = 0
     source = str(files.path)
     unused: list[str] = []
+    tied_head = None  # a tied model's stored lm_head.weight entry
 
     def place(fqn: str) -> None:
         nonlocal done
@@ -292,6 +301,22 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
         if done % per_layer == 0:
             bar.update(1)
 
+    def dense_value(e, name: str):
+        """The entry ``e`` for the model's tensor ``name``: sparse-bitmask decompressed, shape checked."""
+        value = e.value
+        if e.kind == "sparse-bitmask":
+            value = sb.decompress(dict(value), value.get("_name", e.key), str(e.path))
+        shape = tuple(value.shape)
+        if shape != wanted[name]:
+            raise FormatError(f"{e.path}: tensor '{e.key}' has shape {shape}; config.json says {wanted[name]}")
+        return value
+
+    def replicated(value) -> torch.Tensor:
+        """A replicated tensor on this rank's device, floating point in ``dtype``."""
+        if isinstance(value, SparseFormat):  # a replicated layer stored compressed (lm_head): dense here
+            value = value.to(device).to_dense()
+        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+
     with torch.no_grad():
         for e in iter_checkpoint(files, kind, "cpu", progress=False):
             name = names.get(e.key)
@@ -300,15 +325,11 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
                     continue
                 if e.key == "lm_head.weight" and cfg.tie_word_embeddings:  # (tied: the embedding is read instead)
                     unused.append(e.key)
+                    tied_head = e  # (unless the checkpoint stores the shared matrix as lm_head only)
                     continue
                 raise FormatError(f"{e.path}: tensor '{e.key}' has no place in the {cfg.family} model built from "
                                   f"{files.path / 'config.json'} (wrong config.json, or another model's checkpoint)")
-            value = e.value
-            if e.kind == "sparse-bitmask":
-                value = sb.decompress(dict(value), value.get("_name", e.key), str(e.path))
-            shape = tuple(value.shape)
-            if shape != wanted[name]:
-                raise FormatError(f"{e.path}: tensor '{e.key}' has shape {shape}; config.json says {wanted[name]}")
+            value = dense_value(e, name)
             owner, _, attr = name.rpartition(".")
             if owner in proj and attr in ("weight", "bias"):
                 pending.setdefault(owner, {})[attr] = value
@@ -316,10 +337,12 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
                 if "weight" in pending[owner] and (not has_bias or "bias" in pending[owner]):
                     place(owner)
                 continue
-            if isinstance(value, SparseFormat):  # a replicated layer stored compressed (lm_head): dense here
-                value = value.to(device).to_dense()
-            state[name] = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+            state[name] = replicated(value)
         bar.close()
+        embed = model._embed_key()
+        if tied_head is not None and embed in wanted and embed not in state:  # the shared matrix as lm_head only
+            state[embed] = replicated(dense_value(tied_head, embed))
+            unused.remove(tied_head.key)
         if pending:
             fqn, got = next(iter(pending.items()))
             part = "bias" if "weight" in got else "weight"
