@@ -245,3 +245,13 @@ def tiny_hf_model(family: str, seed: int = 0):
                                 num_attention_heads=4, max_position_embeddings=64, init_std=0.1, dropout=0.0,
                                 bos_token_id=None, eos_token_id=None, pad_token_id=0)
     return transformers.OPTForCausalLM(hc).eval()
+
+
+@pytest.fixture
+def world1():
+    """A one-rank gloo tensor-parallel group (no torchrun variables: a single-process group), closed after the test."""
+    from flash_llm.parallel import init_tensor_parallel
+
+    with init_tensor_parallel("gloo") as tp:
+        yield tp
+    assert not torch.distributed.is_initialized()

@@ -26,7 +26,7 @@ from flash_llm.checkpoint import convert
 from flash_llm.engine import Engine
 from flash_llm.models import ModelConfig, from_config
 from flash_llm.models.config import UnsupportedConfigError
-from flash_llm.parallel import init_tensor_parallel, load_tensor_parallel
+from flash_llm.parallel import load_tensor_parallel
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,13 +35,6 @@ L3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_f
 BASE = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 IDS = torch.randint(3, VOCAB, (2, 60), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def world1():
-    with init_tensor_parallel("gloo") as tp:  # no torchrun variables: a single-process group
-        yield tp
-    assert not torch.distributed.is_initialized()
 
 
 def _quiet_transformers():

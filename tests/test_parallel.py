@@ -414,13 +414,6 @@ def test_nccl_environment_defaults_keep_nvls_off(monkeypatch):
         assert nccl_env_defaults()["NCCL_NVLS_ENABLE"] == "1"
 
 
-@pytest.fixture
-def world1():
-    with init_tensor_parallel("gloo") as tp:  # no torchrun variables: a single-process group
-        yield tp
-    assert not torch.distributed.is_initialized()
-
-
 def test_close_resets_the_tracked_graphs_before_destroying_the_group():
     class FakeGraph:  # stands in for a CUDA graph holding captured collectives
         resets = 0

@@ -25,19 +25,12 @@ import flash_llm
 from flash_llm.checkpoint import convert
 from flash_llm.cli import main
 from flash_llm.models import ModelConfig, from_config
-from flash_llm.parallel import init_tensor_parallel, load_tensor_parallel
+from flash_llm.parallel import load_tensor_parallel
 from flash_llm.prune import magnitude_prune_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = torch.tensor([[5, 6, 7, 8, 9, 72, 101]])
 FORMATS = {"bitmap": "BitmapTiles", "tiled-csl": "TiledCSL", "delta-rows": "DeltaRows"}
-
-
-@pytest.fixture
-def world1():
-    with init_tensor_parallel("gloo") as tp:  # no torchrun variables: a single-process group
-        yield tp
-    assert not torch.distributed.is_initialized()
 
 
 def _model(family: str, seed: int = 0):
