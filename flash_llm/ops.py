@@ -52,7 +52,7 @@ def _raw_weight(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt:
     caller's word (:func:`spmm` and its siblings always pass the weight's own; a DeltaRows weight told fewer rows
     than it has would have rows written past ``m``)."""
     for n, v in (("m", m), ("k", k)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) or v < 1:  # (SymInt: traced shapes)
             raise ValueError(f"{n} must be an int >= 1, got {v!r}")
     for n, t in (("data", data), ("offsets", offsets)):
         if t.dtype != torch.int32 or t.dim() != 1 or t.device != x.device:

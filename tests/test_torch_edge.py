@@ -239,3 +239,21 @@ def test_format_to_refuses_a_dtype_and_forwards_non_blocking(fmt):
     assert moved.device.type == "meta" and moved.shape == w.shape and moved.nnz == w.nnz
     assert len(_RecordingTensor.calls) == len(w.tensors())
     assert all(c.get("non_blocking") is True for c in _RecordingTensor.calls)
+
+
+def test_compiled_helper_takes_weights_of_several_shapes():
+    """One compiled function called with weights of several shapes (q/k/v, o, up...): Dynamo makes their sizes
+    symbolic from the second shape on, and the fake kernels refused a ``torch.SymInt`` m ("m must be an int >= 1,
+    got s97"; session 74's dispatch hunt). Each call equals eager."""
+    import flash_llm
+
+    torch._dynamo.reset()
+    helper = torch.compile(lambda x, w: flash_llm.spmm(x, w))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 192, generator=g).half()
+    for m in (128, 256, 64):
+        wd = torch.randn(m, 192, generator=g).half()
+        wd[wd.abs() < 1] = 0
+        w = flash_llm.TiledCSL.from_dense(wd)
+        assert torch.equal(helper(x, w), flash_llm.spmm(x, w)), m
+    torch._dynamo.reset()
