@@ -69,6 +69,23 @@ def _raw_weight(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt:
         if t is not None and (t.shape != shape or t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{n} must be {list(shape)} in {x.dtype} on {x.device}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
+        if t is not None and not t.is_contiguous():  # (the CUDA kernels read them by index: strides would be lost)
+            raise ValueError(f"{n} must be contiguous, got strides {t.stride()}")
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share bytes of one storage (the span each covers, not element by element)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        start = t.storage_offset() * t.element_size()
+        return start, start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _checked_raw(x, data, offsets, fmt, m, k, **kw) -> None:
@@ -212,8 +229,8 @@ def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k, bias=None):
 
     if _no_kernels(x.device):
         _add_reference(acc, x, data, offsets, fmt, m, k, bias)
-    else:
-        kernels.spmm_cuda(x, data, offsets, fmt, m, k, bias, add_to=acc)
+    else:  # (x read while acc is written: the fused one-token kernels would read rows other blocks already wrote)
+        kernels.spmm_cuda(x.clone() if _overlaps(acc, x) else x, data, offsets, fmt, m, k, bias, add_to=acc)
 
 
 @_spmm_add_op.register_fake
@@ -439,7 +456,8 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
     ``acc``.
 
     Args:
-        acc: ``[..., M]``, contiguous, the dtype and device of ``x`` (the residual stream).
+        acc: ``[..., M]``, contiguous, the dtype and device of ``x`` (the residual stream); it may be ``x``
+            itself (a square projection added onto its input: ``x`` is read before ``acc`` is written).
         x: ``[..., K]`` activations, fp16 or bf16 (the dtype of ``w``), any strides.
         w: compressed weight of logical shape ``[M, K]``.
         bias: optional ``[M]``, the dtype and device of ``x``.

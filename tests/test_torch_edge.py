@@ -257,3 +257,51 @@ def test_compiled_helper_takes_weights_of_several_shapes():
         w = flash_llm.TiledCSL.from_dense(wd)
         assert torch.equal(helper(x, w), flash_llm.spmm(x, w)), m
     torch._dynamo.reset()
+
+
+def test_raw_ops_refuse_strided_bias_and_acc_by_name():
+    """The raw ops (reachable from exported graphs) refuse a strided ``bias`` / ``acc``: the CUDA kernels read them by
+    index, so a strided bias was read in storage order there while the CPU reference was right (session 74's dispatch
+    hunt); a strided acc was refused on CUDA only, naming the kernels' ``add_to``."""
+    from flash_llm import ops
+
+    g = torch.Generator().manual_seed(3)
+    wd = torch.randn(32, 64, generator=g).half()
+    wd[wd.abs() < 1] = 0
+    w = flash_llm.TiledCSL.from_dense(wd)
+    x = torch.randn(2, 64, generator=g).half()
+    fid = ops._format_id(w)
+    strided = torch.randn(32, 2, generator=g).half()[:, 0]
+    with pytest.raises(ValueError, match=r"bias must be contiguous"):
+        torch.ops.flash_llm.spmm(x, w.data, w.offsets, fid, 32, 64, strided)
+    acc = torch.zeros(32, 2).half().t()
+    with pytest.raises(ValueError, match=r"^acc must be contiguous"):
+        torch.ops.flash_llm.spmm_add_(acc, x, w.data, w.offsets, fid, 32, 64)
+    y = torch.ops.flash_llm.spmm(x, w.data, w.offsets, fid, 32, 64, strided.contiguous())
+    assert torch.equal(y, flash_llm.spmm(x, w, strided))
+
+
+def test_spmm_add_with_acc_the_same_tensor_as_x_reads_x_first(monkeypatch):
+    """``spmm_add_(h, h, w)`` (a square projection added onto its own input): the CUDA kernels write acc's rows while
+    other blocks still read x's, so the CUDA path hands them a copy of x when the two share bytes (launch faked: no
+    GPU); the reference path computes the product before it adds."""
+    from flash_llm import kernels, ops
+
+    g = torch.Generator().manual_seed(4)
+    wd = torch.randn(64, 64, generator=g).half()
+    wd[wd.abs() < 1] = 0
+    w = flash_llm.TiledCSL.from_dense(wd)
+    h = torch.randn(3, 64, generator=g).half()
+    want = h + flash_llm.spmm(h, w)
+    got = h.clone()
+    ops.spmm_add_(got, got, w)
+    assert torch.equal(got, want)
+    seen = []
+    monkeypatch.setattr(ops, "_no_kernels", lambda device: False)
+    monkeypatch.setattr(kernels, "spmm_cuda", lambda x, *a, add_to=None: seen.append(ops._overlaps(x, add_to)))
+    ops._spmm_add_cuda(h, h, w.data, w.offsets, ops._format_id(w), 64, 64)
+    ops._spmm_add_cuda(h, h.clone(), w.data, w.offsets, ops._format_id(w), 64, 64)
+    assert seen == [False, False]
+    base = torch.zeros(4, 64).half()
+    assert ops._overlaps(base[:2], base[1:3]) and not ops._overlaps(base[:2], base[2:])
+    assert ops._overlaps(base, base.t()) and not ops._overlaps(base[:, :32], torch.zeros(4, 32).half())
