@@ -68,6 +68,11 @@ def test_split_target_follows_the_device_wave(monkeypatch):
     assert D.target_warps(cuda0) == D.TARGET_BLOCKS
     monkeypatch.setenv("FLASH_LLM_DELTA_BLOCKS", "1234")
     assert D.target_warps(cuda0) == D.TARGET_BLOCKS  # (read at import: the override in force then)
+    monkeypatch.setattr(kernels, "blocks_per_sm", lambda name, index, block, shared=0: 8)
+    monkeypatch.setattr(D, "BLOCKS_OVERRIDE", 1234)  # (set at import: it wins over the device's wave)
+    assert D.target_warps(cuda0) == D.target_warps("cpu") == 1234
+    monkeypatch.setattr(D, "BLOCKS_OVERRIDE", 0)  # (unset, or a bad or blank value: warned at import, no override)
+    assert D.target_warps(cuda0) == int(D.WAVE_SHARE * 8 * 108 * 4)
 
 
 @pytest.mark.parametrize("runs", [False, True], ids=["whole", "runs"])

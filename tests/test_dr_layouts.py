@@ -62,7 +62,7 @@ def test_parts_are_equal_shares_of_each_row():
 
 
 def test_default_lane_count_follows_the_rule(monkeypatch):
-    assert D.PARTS_ENV == os.environ.get("FLASH_LLM_DELTA_PARTS", "1")
+    assert D.PARTS_ENV == (os.environ.get("FLASH_LLM_DELTA_PARTS", "1").strip().lower() or "1")
     monkeypatch.setattr(D, "PARTS_ENV", "1")  # the default: the split layout
     assert D.default_parts(6144, 4096, 6144 * 800) == 1 and D.auto_parts(6144, 4096, 6144 * 800) == 16
     assert DeltaRows.from_dense(_w(256, 1024, 0.3)).parts == 1

@@ -84,3 +84,18 @@ def test_cubin_cache_leaves_no_partial_file_when_the_write_fails(tmp_path, monke
     _build.compile_kernels("sm_90", source=src)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
     assert c.cubin
+
+
+def test_delta_rows_switches_read_as_the_others():
+    """``FLASH_LLM_DELTA_PARTS`` takes ``Auto`` and `` 4`` as every other switch takes its words; a bad or blank
+    ``FLASH_LLM_DELTA_BLOCKS`` warns and is no override (it used to replace the device's wave by 3600)."""
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from flash_llm.formats import delta_rows as D\n"
+            "print(repr(D.PARTS_ENV), D.BLOCKS_OVERRIDE, D.TARGET_BLOCKS)")
+    cases = ((" Auto", "x", "'auto' 0 3600"), (" 4 ", " ", "'4' 0 3600"), ("", "512", "'1' 512 512"))
+    for parts, blocks, want in cases:
+        env = {**os.environ, "FLASH_LLM_DELTA_PARTS": parts, "FLASH_LLM_DELTA_BLOCKS": blocks}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == want, (parts, blocks, out.stdout)
+        assert ("FLASH_LLM_DELTA_BLOCKS='x'" in out.stderr) == (blocks == "x"), out.stderr[-2000:]

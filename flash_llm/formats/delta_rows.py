@@ -52,7 +52,9 @@ MAX_K = 1 << 16  # columns are 16-bit
 #: session 26) when encoding off the GPU.  The kernel's blocks of 4 warps fit 8 to an SM there, so this must stay under
 #: one wave (1056 blocks on 132 SMs): 4224 or 2800 ran batch 1 11 % slower (session 27).  ``FLASH_LLM_DELTA_BLOCKS``
 #: overrides it for tuning runs; encoding on a CUDA device, :func:`target_warps` takes that device's wave
-TARGET_BLOCKS = env_int("FLASH_LLM_DELTA_BLOCKS", 3600, 1)
+#: (``BLOCKS_OVERRIDE``: the override, 0 where it is not set or not valid, as the shared switch helpers read it)
+BLOCKS_OVERRIDE = env_int("FLASH_LLM_DELTA_BLOCKS", 0, 1)
+TARGET_BLOCKS = BLOCKS_OVERRIDE or 3600
 #: on a CUDA device the split counts aim at this share of one wave of the N = 1 kernel (3600 warps of 4224 on an H200)
 WAVE_SHARE = 0.85
 #: the N = 1 kernel stages a split's X window in shared memory up to this many columns (as fp32 up to 1536, as 16-bit
@@ -86,7 +88,7 @@ PARTS_MIN_ENTRIES = 48
 #: (:func:`auto_parts`) or 2 / 4 / 8 / 16.  The parts layout is not the default: end to end on Llama-3-8B at batch 1 it
 #: gained 0.1-1 % (session 30, calls D and F), and its multi-token kernels read X from global memory (batch 4: 2.9x
 #: slower, call F)
-PARTS_ENV = os.environ.get("FLASH_LLM_DELTA_PARTS", "1")
+PARTS_ENV = os.environ.get("FLASH_LLM_DELTA_PARTS", "1").strip().lower() or "1"  # (as the other switches: " 4", Auto)
 
 
 class Layout(NamedTuple):
@@ -575,8 +577,8 @@ def target_warps(device: torch.device | str | None = None) -> int:
     device, :data:`WAVE_SHARE` of one wave of the N = 1 kernel there (its resident blocks per SM x SMs x 4 warps: 3590
     on a 132-SM H200, so a GPU with fewer SMs or less shared memory per SM does not get a second wave); else (encoding
     on the CPU, or the kernels unavailable) :data:`TARGET_BLOCKS`."""
-    if os.environ.get("FLASH_LLM_DELTA_BLOCKS"):
-        return TARGET_BLOCKS
+    if BLOCKS_OVERRIDE:  # (a bad or blank setting warned at import and is no override)
+        return BLOCKS_OVERRIDE
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         try:
