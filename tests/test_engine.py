@@ -2051,3 +2051,31 @@ def test_bitmap_formula_counts_the_strips_padding(sparsity):
     bt = flash_llm.formats.BitmapTiles.from_dense(w)
     ratio = bt.nbytes / bitmap_formula_bytes(512, 1024, int(w.count_nonzero()))
     assert abs(ratio - 1) < (1e-12 if sparsity in (0.0, 1.0) else 0.005), ratio
+
+
+def test_bench_e2e_verdicts_need_every_batch():
+    """``bench_e2e.target_checks``: issue 4's batch 1-16 verdict names each batch and cannot PASS on a missing one
+    (PARTIAL; a run of batches 1, 16, 64 passed on two unlabeled numbers), a FAIL stays a FAIL, and a sparse batch 64
+    without its dense run says so instead of vanishing (session 74's benchmark audit)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_e2e.py")
+    spec = importlib.util.spec_from_file_location("bench_e2e_checks", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(sp, b, speedup=None, **kw):
+        r = {"model": "m", "impl": "flash-llm", "sparsity": sp, "batch": b, "status": "ok", "decode_tok_s": 10.0 * b,
+             "floor_pct": 70.0, "floor_ms": 1.0, "tpot_ms": 1.4, "formula_ratio": 1.0, **kw}
+        return r if speedup is None else {**r, "speedup_vs_dense": speedup}
+
+    dense = [row(0, b) for b in (1, 8, 16)]
+    lines = bench.target_checks(dense + [row(80, 1, 3.1), row(80, 16, 3.2), row(80, 64)])
+    line = next(x for x in lines if "80 %: decode speedup" in x)
+    assert line.startswith("PARTIAL") and "batch 1 3.10x, batch 16 3.20x" in line and "no speedup at batch 8" in line
+    assert any(x.startswith("n/a m 80 % batch 64") for x in lines)
+    lines = bench.target_checks(dense + [row(80, b, s) for b, s in ((1, 3.1), (8, 3.0), (16, 3.05))])
+    assert any(x.startswith("PASS m 80 %: decode speedup") for x in lines)
+    lines = bench.target_checks(dense + [row(80, 1, 2.9), row(80, 16, 3.2)])
+    assert any(x.startswith("FAIL m 80 %: decode speedup") for x in lines)
