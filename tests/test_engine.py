@@ -655,6 +655,9 @@ def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys, monkeypatch):
     assert sparse["ran_formats"] == {"BitmapTiles": 4 * layers}
     assert sparse["speedup_vs_dense"] > 0 and sparse["read_bytes"] < data["rows"][0]["read_bytes"]
     assert sparse["max_batch"] == 3 and sparse["copies_bytes"] == 0 and data["env"]["max_batch"] == 3
+    # the floor's share from the mean step (session 74: the median hid a slow step the throughput counts)
+    fl = [r for r in data["rows"] if r["impl"] == "flash-llm"]
+    assert all(r["tpot_mean_ms"] > 0 and r["floor_pct"] == 100 * r["floor_ms"] / r["tpot_mean_ms"] for r in fl)
     # --prefill-dense: the sparse model's engine held dense copies of its projections (bf16 / fp16: 2 bytes a weight)
     assert data["rows"][0]["prefill_dense_bytes"] == 0 and sparse["prefill_dense_bytes"] > 2 * sparse["projection_bytes"]
     assert data["env"]["settings"]["FLASH_LLM_NT_ATOMIC"] == "1" and "FLASH_LLM_COMMIT" not in data["env"]["settings"]
