@@ -69,13 +69,11 @@ class applied:
     def __enter__(self):
         for k, v in self.values.items():
             self.saved[k] = getattr(kernels, k)
-            setattr(kernels, k, v)
-        kernels._plan.cache_clear()  # (the cached launch plans read the switches: a new kernel, the old grid)
+            setattr(kernels, k, v)  # (a switch the launch plans read clears their cache: kernels._PLAN_SWITCHES)
 
     def __exit__(self, *exc):
         for k, v in self.saved.items():
             setattr(kernels, k, v)
-        kernels._plan.cache_clear()
 
 
 def kernel_times(eng: Engine, prompts, top: int) -> list[tuple[str, float, int]]:

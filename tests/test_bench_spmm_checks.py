@@ -6,8 +6,6 @@ import os
 
 import pytest
 
-pytest.importorskip("torch")
-
 
 @pytest.fixture(scope="module")
 def bench():

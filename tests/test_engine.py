@@ -608,14 +608,20 @@ def test_engine_errors(pair):
 # ---------------------------------------------------------------------------------------------------
 # benchmarks/bench_e2e.py, as a smoke run on CPU
 # ---------------------------------------------------------------------------------------------------
-def test_bench_e2e_tp_filters_are_checked(capsys):
+def _bench_e2e(name: str):
+    """A fresh copy of ``benchmarks/bench_e2e.py`` loaded as module ``name``."""
     import importlib.util
     import os
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_e2e.py")
-    spec = importlib.util.spec_from_file_location("bench_e2e_args", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_e2e_tp_filters_are_checked(capsys):
+    bench = _bench_e2e("bench_e2e_args")
     a = bench.parse_args(["--tp", "1,4,2", "--tp-dense", "4", "--tp-sparse", "1,2"])
     assert (a.tp, a.tp_dense, a.tp_sparse) == ([4, 2, 1], [4], [2, 1])
     a = bench.parse_args(["--tp", "2"])
@@ -631,16 +637,10 @@ def test_bench_e2e_tp_filters_are_checked(capsys):
 
 
 def test_bench_e2e_smoke_run_on_cpu(tmp_path, capsys, monkeypatch):
-    import importlib.util
     import json
-    import os
 
     monkeypatch.setenv("FLASH_LLM_NT_ATOMIC", "1")  # only recorded here: the library read its switches at import
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_e2e.py")
-    spec = importlib.util.spec_from_file_location("bench_e2e", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_e2e("bench_e2e")
     argv = ["--device", "cpu", "--models", "tiny-llama", "--sparsities", "80", "--batches", "2", "--prompt", "4",
             "--new", "3", "--repeats", "1", "--no-progress", "--merge", "--max-batch", "3", "--out", str(tmp_path),
             "--prefill-dense"]
@@ -2060,13 +2060,7 @@ def test_bench_e2e_verdicts_need_every_batch():
     """``bench_e2e.target_checks``: issue 4's batch 1-16 verdict names each batch and cannot PASS on a missing one
     (PARTIAL; a run of batches 1, 16, 64 passed on two unlabeled numbers), a FAIL stays a FAIL, and a sparse batch 64
     without its dense run says so instead of vanishing (session 74's benchmark audit)."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_e2e.py")
-    spec = importlib.util.spec_from_file_location("bench_e2e_checks", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_e2e("bench_e2e_checks")
 
     def row(sp, b, speedup=None, **kw):
         r = {"model": "m", "impl": "flash-llm", "sparsity": sp, "batch": b, "status": "ok", "decode_tok_s": 10.0 * b,

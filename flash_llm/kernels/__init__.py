@@ -10,7 +10,9 @@ import ctypes
 import dataclasses
 import functools
 import os
+import sys
 import threading
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -421,7 +423,7 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     partial-sum traffic weighs less.  Both constants come from :func:`wg_split_model` and grow with the density.
     """
     asked = splits if splits is not None else SPLIT_OVERRIDES.get((m, k, n))
-    p = _plan(m, k, n, density, sms, blocks_per_sm, asked, fmt, wgmma, _plan_switches())
+    p = _plan(m, k, n, density, sms, blocks_per_sm, asked, fmt, wgmma)
     if asked is not None and p.splits != asked and (m, k, n, asked, p.splits) not in _split_warned:
         _split_warned.add((m, k, n, asked, p.splits))  # (a timing run must know what it timed)
         warnings.warn(f"{m}x{k}x{n}: {asked} splits asked (FLASH_LLM_SPLITS or splits=) run as {p.splits} splits of "
@@ -434,26 +436,34 @@ _split_warned: set = set()
 
 
 #: the module switches :func:`_plan` and the functions it calls read (``tests/test_plan_switches.py`` checks the list
-#: against their bytecode): their values are part of its cache key, so a switch set at run time (a benchmark's A/B
-#: settings, a test's monkeypatch) gets its own plan, never a cached one made under another kernel's grid
-_PLAN_SWITCHES = ("BITMAP_WG_LATENCY_SHARE", "BITMAP_WG_MIN_N", "BITMAP_WG_WS_WEIGHT", "N1_MIN_TILES", "NT_MIN_TILES",
-                  "TCSL_N1", "TCSL_WG32_DENSE_MIN_N", "TCSL_WG32_MID_MAX_ELEMENTS", "TCSL_WG32_MIN_DENSITY",
-                  "TCSL_WG32_MIN_N", "TCSL_WG32_PF3_MIN_DENSITY", "TCSL_WG32_PF4_MIN_DENSITY",
-                  "TCSL_WG64_S2_MIN_DENSITY", "WG_LATENCY_SHARE", "WG_LATENCY_SHARE_DENSE", "WG_ROWS", "WG_TOKENS",
-                  "WG_WS_WEIGHT", "WG_WS_WEIGHT_DENSE", "_WG_SHARE_ENV")
+#: against their bytecode): setting one on the module (a benchmark's A/B settings, a test's monkeypatch) clears its
+#: cache, so the plans that follow are made under the new value, never a cached one made under another kernel's grid
+_PLAN_SWITCHES = frozenset(("BITMAP_WG_LATENCY_SHARE", "BITMAP_WG_MIN_N", "BITMAP_WG_WS_WEIGHT", "N1_MIN_TILES",
+                            "NT_MIN_TILES", "TCSL_N1", "TCSL_WG32_DENSE_MIN_N", "TCSL_WG32_MID_MAX_ELEMENTS",
+                            "TCSL_WG32_MIN_DENSITY", "TCSL_WG32_MIN_N", "TCSL_WG32_PF3_MIN_DENSITY",
+                            "TCSL_WG32_PF4_MIN_DENSITY", "TCSL_WG64_S2_MIN_DENSITY", "WG_LATENCY_SHARE",
+                            "WG_LATENCY_SHARE_DENSE", "WG_ROWS", "WG_TOKENS", "WG_WS_WEIGHT", "WG_WS_WEIGHT_DENSE",
+                            "_WG_SHARE_ENV"))
 
 
-def _plan_switches() -> tuple:
-    """The values of :data:`_PLAN_SWITCHES` now (and ``_MAX_NT``'s items), for :func:`_plan`'s cache key."""
-    g = globals()
-    return tuple(g[name] for name in _PLAN_SWITCHES) + tuple(sorted(_MAX_NT.items()))
+class _KernelsModule(types.ModuleType):
+    """This module's class: assigning a :data:`_PLAN_SWITCHES` attribute clears :func:`_plan`'s cache (at the
+    assignment, so a launch's plan lookup stays a plain cache hit)."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _PLAN_SWITCHES:
+            _plan.cache_clear()
+
+
+sys.modules[__name__].__class__ = _KernelsModule
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 8,
-          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False, switches: tuple = ()) -> LaunchPlan:
-    """:func:`plan` after its overrides (``SPLIT_OVERRIDES`` is looked up outside this cache); ``switches``
-    (:func:`_plan_switches`) only keys the cache."""
+          splits: int | None = None, fmt: int = BITMAP, wgmma: bool = False) -> LaunchPlan:
+    """:func:`plan` after its overrides (``SPLIT_OVERRIDES`` is looked up outside this cache; a switch it reads,
+    set on the module, clears this cache: :data:`_PLAN_SWITCHES`)."""
     nt = _nt(n, fmt)
     kernel, block_tokens, block_rows = (tcsl_block(n, wgmma, density, m * k) if fmt == TILED_CSL
                                         else ("", 8 * nt, ROWS_PER_BLOCK))

@@ -137,6 +137,13 @@ class ModelConfig:
         """Width of the key (and of the value) projection output (``num_kv_heads * head_dim``)."""
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def padding_idx(self) -> int | None:
+        """The input embedding's ``padding_idx``: ``pad_token_id`` where it is a token of the vocabulary, as
+        transformers sets it (init zeroes that row and training gives it no gradient), else None."""
+        pad = self.pad_token_id
+        return pad if _is_int(pad) and 0 <= pad < self.vocab_size else None
+
     def linear_shapes(self) -> list[tuple[str, int, int]]:
         """``(name, out_features, in_features)`` of every projection of ONE decoder layer, names relative
         to the layer (``self_attn.q_proj``...), in the model's order."""

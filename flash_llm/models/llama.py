@@ -23,7 +23,7 @@ from .._env import env_flag
 from ..ops import spmm_silu_mul
 from ._merge import project, sparse_gate_up, sparse_layer
 from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
-from .config import ModelConfig, _is_int
+from .config import ModelConfig
 
 #: ``FLASH_LLM_FUSE_NORMS=0``: the fused model never runs :meth:`LlamaDecoderLayer.forward_one_token` (the RMSNorms
 #: and residual adds inside the sparse projections at one token) and keeps :meth:`~LlamaDecoderLayer.forward_deferred`
@@ -288,10 +288,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, **kw):
         super().__init__()
         self.fused = False  # set_fused: the layers' residual adds run inside the next norm's kernel
-        # padding_idx = pad_token_id, as transformers: init zeroes that row and training gives it no gradient
-        pad = config.pad_token_id
-        pad = pad if _is_int(pad) and 0 <= pad < config.vocab_size else None
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad, **kw)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.padding_idx, **kw)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, **kw) for i in range(config.num_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.norm_eps, **kw)
         dev = kw.get("device")

@@ -185,8 +185,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: ModelConfig, **kw):
         super().__init__()
         c = config
-        pad = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size else None
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.word_embed_proj_dim, padding_idx=pad, **kw)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.word_embed_proj_dim, padding_idx=c.padding_idx, **kw)
         self.embed_positions = OPTLearnedPositionalEmbedding(c.max_position_embeddings, c.hidden_size, **kw)
         if c.word_embed_proj_dim != c.hidden_size:
             self.project_out = nn.Linear(c.hidden_size, c.word_embed_proj_dim, bias=False, **kw)
