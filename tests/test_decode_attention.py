@@ -291,44 +291,13 @@ def test_small_chunks_match_float64(dtype, b, h, hkv, d, rope, monkeypatch):
     2-8 of them combine in a cluster (33-256 slots), else the 64-slot kernel (32 slots: one chunk; 300: ten): each
     output within 2x PyTorch's own error of float64 (with RoPE: of the rotated query and key), the cache written at
     the slot and nowhere else, the same bits again and under a programmatic launch.  Outputs poisoned."""
+    from flash_llm.models import _fused
+
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32", True)
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32_MIN_BATCH", 1)
     monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1 << 20)
-    _check_chunks(dtype, b, h, hkv, d, rope, monkeypatch,
-                  lambda kv_len, name: name.endswith("_c32") == (33 <= kv_len <= 256))
-
-
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("wide", [128, 256])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("b,h,hkv,d", [(1, 32, 8, 128), (1, 8, 8, 64), (2, 16, 2, 128), (1, 64, 8, 128)])
-@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
-def test_wide_chunks_match_float64(wide, dtype, b, h, hkv, d, rope, monkeypatch):
-    """kernels.DECODE_ATTN_WIDE: blocks of 256 threads on chunks of 128 (``_w128``) or 256 slots (``_w256``, one
-    thread a key row) past 64 slots, alone or combined in a cluster or through the global combine (300 slots at
-    128: three chunks; at 256: two): as the 64-slot kernel's checks (test_small_chunks_match_float64)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("thread-block clusters need compute capability 9.0")
-    monkeypatch.setattr(kernels, "DECODE_ATTN_WIDE", wide)
-    monkeypatch.setattr(kernels, "DECODE_ATTN_WIDE_MAX_BATCH", 2)
-
-    def expect(kv_len, name):
-        want = "" if kv_len <= 64 else "_w128" if wide == 128 or kv_len <= 128 else "_w256"
-        return name.endswith(want) and ("_w" in name) == bool(want)
-
-    _check_chunks(dtype, b, h, hkv, d, rope, monkeypatch, expect)
-
-
-def _check_chunks(dtype, b, h, hkv, d, rope, monkeypatch, expect):
-    """The chunk tests' body: for kv_len 32-300 and several slots, the kernel whose name ``expect(kv_len, name)``
-    accepts, each output within 2x PyTorch's own error of float64 (with RoPE: of the rotated query and key), the
-    cache written at the slot and nowhere else, the same bits again and under a programmatic launch.  Outputs
-    poisoned."""
-    from flash_llm.models import _fused
-
     names = []
     real = kernels.launch
     monkeypatch.setattr(kernels, "launch", lambda name, *a, **kw: names.append(name) or real(name, *a, **kw))
@@ -346,7 +315,7 @@ def _check_chunks(dtype, b, h, hkv, d, rope, monkeypatch, expect):
         kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, kv_len, scale, out=out, cos=cos,
                                       sin=sin)
         torch.cuda.synchronize()
-        assert expect(kv_len, names[-1]), (kv_len, names)
+        assert names[-1].endswith("_c32") == (33 <= kv_len <= 256), (kv_len, names)
         assert torch.equal(cache.k[0][:b].double(), kc) and torch.equal(cache.v[0][:b].double(), vc)
         assert torch.equal(cache.k[0][b:], before[0][b:]) and torch.equal(cache.v[0][b:], before[1][b:])
         kk, vv = cache.rows(0, b, kv_len)
@@ -360,25 +329,6 @@ def _check_chunks(dtype, b, h, hkv, d, rope, monkeypatch, expect):
                 again = kernels.decode_attention_cuda(q, k, v, kc2, vc2, st, mask, kv_len, scale, cos=cos, sin=sin)
             torch.cuda.synchronize()
             assert torch.equal(again, out) and torch.equal(kc2, cache.k[0]) and torch.equal(vc2, cache.v[0])
-
-
-def test_wide_chunks_policy(monkeypatch):
-    """kernels._decode_attn_chunk with DECODE_ATTN_WIDE (no launch, so on the CPU too): off by default; up to
-    DECODE_ATTN_WIDE_MAX_BATCH sequences and past 64 slots, 128 slots a chunk where the slots fit 128 or the switch is
-    128, else 256 where one chunk or a cluster of them takes the slots, else 128 where those combine in a cluster."""
-    monkeypatch.setattr(kernels, "sm90", lambda i: True)
-    monkeypatch.setattr(kernels, "sm_count", lambda i: 132)
-    monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER", True)
-    monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1)
-    chunk = kernels._decode_attn_chunk
-    assert kernels.DECODE_ATTN_WIDE == 0 and chunk(1, 8, 1, 256, 0) == 64  # the default
-    monkeypatch.setattr(kernels, "DECODE_ATTN_WIDE", 256)
-    assert [chunk(1, 8, 1, n, 0) for n in (64, 65, 128, 129, 256, 2048, 4096)] == [64, 128, 128, 256, 256, 256, 256]
-    assert chunk(2, 8, 1, 256, 0) == 32  # past DECODE_ATTN_WIDE_MAX_BATCH: the other rules
-    # 16 kv heads x 2 groups x 9 chunks of 256 pass the grid limit while 128-slot chunks would not cluster either
-    assert chunk(1, 16, 2, 2100, 0) == 256
-    monkeypatch.setattr(kernels, "DECODE_ATTN_WIDE", 128)
-    assert [chunk(1, 8, 1, n, 0) for n in (64, 65, 256, 4096)] == [64, 128, 128, 128]
 
 
 def test_small_chunks_only_where_they_combine_in_a_cluster(monkeypatch):

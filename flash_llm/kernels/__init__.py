@@ -1471,13 +1471,6 @@ DECODE_ATTN_CLUSTER_GRID = 1
 #: On an H100 too (session 68, bf16 coded at 80 %, batch 1 from 1: 2.042 / 2.044 -> 2.092 / 2.091 ms per token).
 DECODE_ATTN_C32 = _env_flag("FLASH_LLM_DECODE_ATTN_C32", True)
 DECODE_ATTN_C32_MIN_BATCH = _env_int("FLASH_LLM_DECODE_ATTN_C32_MIN_BATCH", 2, 1)
-#: Wide chunks (session 75): up to :data:`DECODE_ATTN_WIDE_MAX_BATCH` sequences, blocks of 256 threads attend 128
-#: (``decode_attn_<dtype>_d<D>_w128``, two threads a key row) or 256 slots (``_w256``, one thread a whole row), so the
-#: batch-1 step combines two chunks in a cluster, or none, where 64-slot chunks combine up to four (256 slots).
-#: ``FLASH_LLM_DECODE_ATTN_WIDE`` = ``128`` / ``256`` (the most slots a block takes; fewer where the slots attended
-#: fit 128), ``0`` / ``off`` (the default until measured).
-DECODE_ATTN_WIDE = int(_env_choice("FLASH_LLM_DECODE_ATTN_WIDE", "0", ("0", "128", "256"), off="0"))
-DECODE_ATTN_WIDE_MAX_BATCH = _env_int("FLASH_LLM_DECODE_ATTN_WIDE_MAX_BATCH", 1, 1)
 #: L2 warm-up of the next projections during the decode attention (session 71; built without a GPU, **off** until
 #: timed).  At batch 1 a Llama-3-8B layer's attention takes about 8 us of the step's critical path on an H100 (session
 #: 68's profile) while reading about 1 MB: DRAM idles there, and the o projection after it (7.5 MB at 80 %, coded) takes
@@ -1670,8 +1663,7 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32), (int(cluster), I),
             (0 if l2 is None else l2.data_ptr(), P), (0 if l2 is None else l2.shape[0], I), (int(L2_WARM_EARLY), I)]
-    suffix = {32: "_c32", DECODE_ATTN_CHUNK: ""}.get(chunk, f"_w{chunk}")
-    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}{suffix}", (b * hkv, splits, groups), 256 if chunk > 64 else 128,
+    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}{'_c32' if chunk == 32 else ''}", (b * hkv, splits, groups), 128,
            args, stream, dev.index, pdl=_pdl_attention(b, kv_len), cluster=(1, splits, 1) if cluster else None)
     return out
 
@@ -1686,18 +1678,9 @@ def _decode_attn_cluster(b: int, hkv: int, groups: int, splits: int, device_inde
 
 def _decode_attn_chunk(b: int, hkv: int, groups: int, kv_len: int, device_index: int,
                        from_batch: int | None = None) -> int:
-    """The slots a decode-attention block attends: 128 or 256 (:data:`DECODE_ATTN_WIDE`, up to
-    :data:`DECODE_ATTN_WIDE_MAX_BATCH` sequences, where more than 64 slots are attended: 128 where they fit it, and
-    where 256-slot chunks would not combine in a cluster); 32 (:data:`DECODE_ATTN_C32`, from ``from_batch`` sequences,
-    by default :data:`DECODE_ATTN_C32_MIN_BATCH`) where 32-slot chunks still combine in a cluster; else
+    """The slots a decode-attention block attends: 32 (:data:`DECODE_ATTN_C32`, from ``from_batch`` sequences, by
+    default :data:`DECODE_ATTN_C32_MIN_BATCH`) where 32-slot chunks still combine in a cluster, else
     :data:`DECODE_ATTN_CHUNK`."""
-    if DECODE_ATTN_WIDE and b <= DECODE_ATTN_WIDE_MAX_BATCH and kv_len > DECODE_ATTN_CHUNK:
-        if DECODE_ATTN_WIDE == 128 or kv_len <= 128:
-            return 128
-        splits = ceil_div(kv_len, 256)
-        if splits == 1 or _decode_attn_cluster(b, hkv, groups, splits, device_index):
-            return 256
-        return 128 if _decode_attn_cluster(b, hkv, groups, ceil_div(kv_len, 128), device_index) else 256
     if (DECODE_ATTN_C32 and b >= (DECODE_ATTN_C32_MIN_BATCH if from_batch is None else from_batch)
             and _decode_attn_cluster(b, hkv, groups, ceil_div(kv_len, 32), device_index)):
         return 32

@@ -4179,18 +4179,16 @@ DEVI float rope_val(u16 x, u16 p, u16 c, u16 s, bool low) {
 }
 
 // CHUNK: the slots a block attends, DA_CHUNK (64: two threads a slot's key row) or 32 (four threads a row, half the
-// scores' and the values' work a thread, twice the blocks: `_c32`, kernels.DECODE_ATTN_C32, where the grid is small).
-// NTH: the block's threads, DA_THREADS (128) or 256 for the wide chunks `_w128` (two threads a row) and `_w256`
-// (one thread a whole key row): fewer blocks to combine, or none (kernels.DECODE_ATTN_WIDE, session 75).
-template <bool BF16, int D, int CHUNK = DA_CHUNK, int NTH = DA_THREADS>
+// scores' and the values' work a thread, twice the blocks: `_c32`, kernels.DECODE_ATTN_C32, where the grid is small)
+template <bool BF16, int D, int CHUNK = DA_CHUNK>
 DEVI void decode_attn_body(const DecodeAttn a) {
-  constexpr int WARPS_DA = NTH / 32, HALF = D / 2;
-  constexpr int TPS = NTH / CHUNK, QD = D / TPS;  // scores: threads a slot, the dimensions each takes
-  constexpr int CG = D / 8, SG = NTH / CG, PER = CHUNK / SG;  // value phase: column groups, slot groups
-  constexpr int QPT = DA_HEADS * D / NTH;  // query elements per thread (the thread's column d, heads apart)
-  static_assert(WARPS_DA >= DA_HEADS, "decode attention: the combine gives each head of a group one warp");
-  static_assert(NTH % D == 0 && QPT >= 1, "decode attention: a thread's query elements share one column");
-  static_assert(TPS * CHUNK == NTH && (TPS == 1 || TPS == 2 || TPS == 4) && PER >= 1, "decode attention: chunk");
+  constexpr int WARPS_DA = DA_THREADS / 32, HALF = D / 2;
+  constexpr int TPS = DA_THREADS / CHUNK, QD = D / TPS;  // scores: threads a slot, the dimensions each takes
+  constexpr int CG = D / 8, SG = DA_THREADS / CG, PER = CHUNK / SG;  // value phase: column groups, slot groups
+  constexpr int QPT = DA_HEADS * D / DA_THREADS;  // query elements per thread (the thread's column d, heads apart)
+  static_assert(WARPS_DA == DA_HEADS, "decode attention: the combine gives each head of a group one warp");
+  static_assert(DA_THREADS % D == 0, "decode attention: a thread's query elements share one column");
+  static_assert(TPS * CHUNK == DA_THREADS && (TPS == 2 || TPS == 4) && PER >= 1, "decode attention: chunk");
   __shared__ __align__(16) float qs[DA_HEADS][D];
   __shared__ float ps[DA_HEADS][CHUNK];
   __shared__ float red[DA_HEADS][WARPS_DA];
@@ -4248,7 +4246,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   u16 qx[QPT], qp[QPT];
 #pragma unroll
   for (int j = 0; j < QPT; ++j) {
-    const int h = (tid + NTH * j) / D;
+    const int h = (tid + DA_THREADS * j) / D;
     const u16* qh = a.q + b * a.q_b + (long long)(kvh * rep + h0 + min(h, nh - 1)) * D;
     qx[j] = qh[d];
     qp[j] = cs ? qh[dp] : (u16)0;
@@ -4261,7 +4259,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   if (kt) kn[d] = cs ? from_float<BF16>(rope_val<BF16>(kx, kp, cd, sd, d < HALF)) : kx;
 #pragma unroll
   for (int j = 0; j < QPT; ++j) {
-    const int h = (tid + NTH * j) / D;
+    const int h = (tid + DA_THREADS * j) / D;
     if (h < nh) qs[h][d] = (cs ? rope_val<BF16>(qx[j], qp[j], cd, sd, d < HALF) : to_float<BF16>(qx[j])) * a.scale;
   }
   const float mk = s < a.S ? (a.mask ? to_float<BF16>(mraw) : 0.f) : DA_NEG_INF;
@@ -4295,7 +4293,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     }
 #pragma unroll
     for (int h = 0; h < DA_HEADS; ++h) {
-      if (TPS >= 2) acc[h] += __shfl_xor_sync(FULL_MASK, acc[h], 1);
+      acc[h] += __shfl_xor_sync(FULL_MASK, acc[h], 1);
       if (TPS == 4) acc[h] += __shfl_xor_sync(FULL_MASK, acc[h], 2);
       sc[h] = live ? acc[h] + mk : DA_NEG_INF;
     }
@@ -4382,7 +4380,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const long long bhg = (long long)bh * 2 + hg;  // two head groups at most (DA_MAX_REP <= 2 DA_HEADS)
   float* wb = a.ws + (bhg * a.splits + split) * DA_HEADS * (D + 2);
   u16* ob = a.out + b * (long long)a.heads * D + (long long)(kvh * rep + h0) * D;
-  for (int i = tid; i < nh * D; i += NTH) {
+  for (int i = tid; i < nh * D; i += DA_THREADS) {
     const int h = i / D, dd = i % D;
     float acc = 0.f;
 #pragma unroll
@@ -4414,7 +4412,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
       __syncthreads();
 #pragma unroll
       for (int j = 0; j < QPT; ++j) {
-        const int i = tid + NTH * j, h = i / D;
+        const int i = tid + DA_THREADS * j, h = i / D;
         if (h >= nh) continue;
         float v[DA_CLUSTER_MAX];
 #pragma unroll
@@ -4470,21 +4468,21 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     }
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < QPT; ++j) num[j] *= cr[min((tid + NTH * j) / D, nh - 1)];
+    for (int j = 0; j < QPT; ++j) num[j] *= cr[min((tid + DA_THREADS * j) / D, nh - 1)];
     // 8 chunks at a time, the loads of all the thread's outputs first (a runtime-bounded loop over the chunks would
     // wait for each load in turn: 4 us of a 10 us launch at batch 1, session 16's trace)
     for (int c0 = 0; c0 < n; c0 += 8) {
       float v[QPT][8];
 #pragma unroll
       for (int j = 0; j < QPT; ++j) {
-        const int h = (tid + NTH * j) / D;
+        const int h = (tid + DA_THREADS * j) / D;
         const float* e = w0 + ((long long)(g0 + c0) * DA_HEADS + h) * (D + 2) + d;
 #pragma unroll
         for (int u = 0; u < 8; ++u) v[j][u] = h < nh && c0 + u < n ? __ldcg(e + u * DA_HEADS * (D + 2)) : 0.f;
       }
 #pragma unroll
       for (int j = 0; j < QPT; ++j) {
-        const int h = min((tid + NTH * j) / D, nh - 1);
+        const int h = min((tid + DA_THREADS * j) / D, nh - 1);
 #pragma unroll
         for (int u = 0; u < 8; ++u) num[j] += cw[h][c0 + u] * v[j][u];  // (c0 + u < 32)
       }
@@ -4492,7 +4490,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   }
 #pragma unroll
   for (int j = 0; j < QPT; ++j) {
-    const int i = tid + NTH * j, h = i / D;
+    const int i = tid + DA_THREADS * j, h = i / D;
     if (h < nh) ob[i] = from_float<BF16>(num[j] * __frcp_rn(stat[1][h]));
   }
   if (tid == 0) a.tickets[bhg] = 0;
@@ -4511,12 +4509,6 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   }                                                                                                       \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D##_c32(DA_ARGS) {     \
     decode_attn_body<BF16, D, 32>(DecodeAttn DA_STRUCT);                                                  \
-  }                                                                                                       \
-  extern "C" __global__ void __launch_bounds__(256, 2) decode_attn_##NAME##_d##D##_w128(DA_ARGS) {          \
-    decode_attn_body<BF16, D, 128, 256>(DecodeAttn DA_STRUCT);                                            \
-  }                                                                                                       \
-  extern "C" __global__ void __launch_bounds__(256, 1) decode_attn_##NAME##_d##D##_w256(DA_ARGS) {          \
-    decode_attn_body<BF16, D, 256, 256>(DecodeAttn DA_STRUCT);                                            \
   }
 // The warm-up alone, for a side stream (kernels.L2_WARM_SIDE): launched beside the decode attention instead of
 // inside it, so no block of the attention waits for its prefetches.  One warp a block, one range a block.
