@@ -158,3 +158,25 @@ def test_cache_dir_unset_empty_or_with_a_tilde(monkeypatch):
     assert cache_dir() == home  # (an empty value was the working directory)
     monkeypatch.setenv("FLASH_LLM_CACHE", "~/fl")
     assert cache_dir() == Path.home() / "fl" / "cubin"
+
+
+def test_cache_key_names_the_nvrtc_build(monkeypatch):
+    """The cubin cache's key changes with the source, the options, the architecture, NVRTC's major.minor and its
+    library's build (``nvrtc_build``: nvrtcVersion names no patch release), and with nothing else; the build is read
+    from the library mapped into this process (its size, so a carried cache keeps its key)."""
+    import os
+
+    from flash_llm.kernels import _build
+
+    build = _build.nvrtc_build()
+    maps = [ln.split(None, 5)[5].strip() for ln in open("/proc/self/maps") if len(ln.split(None, 5)) == 6]
+    libs = {os.stat(p).st_size for p in maps if os.path.basename(p).startswith("libnvrtc.so")}
+    assert libs and build == ";".join(f"libnvrtc:{n}" for n in sorted(libs))
+    base = _build.cache_key(b"src", ("-O3",), "sm_90")
+    assert base == _build.cache_key(b"src", ("-O3",), "sm_90")
+    assert len({base, _build.cache_key(b"src2", ("-O3",), "sm_90"), _build.cache_key(b"src", ("-O2",), "sm_90"),
+                _build.cache_key(b"src", ("-O3",), "sm_80")}) == 4
+    monkeypatch.setattr(_build, "nvrtc_build", lambda: "libnvrtc:1")
+    other = _build.cache_key(b"src", ("-O3",), "sm_90")
+    monkeypatch.setattr(_build, "nvrtc_version", lambda: (99, 0))
+    assert len({base, other, _build.cache_key(b"src", ("-O3",), "sm_90")}) == 3

@@ -3,7 +3,7 @@
 * :func:`compile_kernels` compiles ``spmm.cu`` for one architecture (``"sm_90"``) to a cubin; it
   needs no GPU, so CI compiles for sm_80 and sm_90 through this same function.
 * Cubins are cached on disk (``$FLASH_LLM_CACHE`` or ``~/.cache/flash_llm``) under a key made of the
-  source hash, the options, the architecture and the NVRTC version.
+  source hash, the options, the architecture, the NVRTC version and its library's build (:func:`nvrtc_build`).
 * :func:`launch` loads the module into the current CUDA context (PyTorch's primary context) once per
   device and launches a kernel on a given stream.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -57,6 +58,37 @@ def nvrtc_version() -> tuple[int, int]:
     nvrtc = _nvrtc()
     major, minor = _check_nvrtc(nvrtc.nvrtcVersion(), "nvrtcVersion")
     return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_build() -> str:
+    """What tells this process's NVRTC library apart from another build of the same major.minor (``nvrtcVersion``
+    names no patch release, whose code generation may differ): the byte size of each ``libnvrtc.so*`` mapped into the
+    process (Linux ``/proc/self/maps``, read after NVRTC is loaded; its builtins library, loaded only while compiling,
+    left out), e.g. ``"libnvrtc:104857600"``; ``""`` where the maps cannot be read.  Sizes, not paths, so the same
+    build installed elsewhere (a cache carried to another machine) keeps its key."""
+    nvrtc_version()  # (loads the library)
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split(None, 5)[5].strip() for ln in f if "libnvrtc" in ln and len(ln.split(None, 5)) == 6}
+    except OSError:
+        return ""
+    sizes = []
+    for path in paths:
+        if not os.path.basename(path).startswith("libnvrtc.so"):
+            continue
+        try:
+            sizes.append(os.stat(path).st_size)
+        except OSError:
+            continue
+    return ";".join(f"libnvrtc:{n}" for n in sorted(set(sizes)))
+
+
+def cache_key(source: bytes, options: tuple[str, ...], arch: str) -> str:
+    """The cubin cache's key: a hash of the source, the compile options, the architecture, NVRTC's version and its
+    library's build (:func:`nvrtc_build`)."""
+    return hashlib.sha256(b"\0".join([source, repr(options).encode(), arch.encode(), repr(nvrtc_version()).encode(),
+                                      nvrtc_build().encode()])).hexdigest()[:32]
 
 
 def cache_dir() -> Path:
@@ -134,10 +166,7 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
     # target; its cubin runs on compute capability 9.0 (H100, H200) only, which is what "sm_90" means here
     target = "sm_90a" if arch == "sm_90" else arch
     options = OPTIONS + tuple(extra_options) + (f"--gpu-architecture={target}",)
-    version = nvrtc_version()
-    key = hashlib.sha256(b"\0".join([source, repr(options).encode(), arch.encode(),
-                                     repr(version).encode()])).hexdigest()[:32]
-    path = cache_dir() / f"spmm-{arch}-{key}.cubin"
+    path = cache_dir() / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin"
     if use_cache and path.exists():
         try:
             cached = path.read_bytes()
