@@ -7,7 +7,8 @@ For every (layer, sparsity, dtype, format, N): median device time of ``F.linear`
 weight, of the sparse kernel alone (where dispatched, and up to N = 128 where not) and of ``flash_llm.spmm``
 as dispatched (``path``: "sparse", or "expand" for the expansion and cuBLAS); effective GB/s of the format's
 bytes and its share of the measured copy bandwidth, from the kernel's time where it was timed, else from the spmm's
-(``gbps_from``: "kernel" or "spmm"); speedups over dense in the same run.  Timing: CUDA graphs
+(``gbps_from``: "kernel" or "spmm"); speedups over dense in the same run, dense timed before and after each layer's
+sparse variants and taken as the mean of both (``dense_drift``: after / before).  Timing: CUDA graphs
 of calls over copies rotated beyond 3x L2, CUDA events, median.
 Writes ``results.json``, ``results.csv`` and ``speedup.png`` under ``--out`` (one that holds any of them is refused
 without ``--overwrite``), prints a summary (also ``summary.md``) ending in PASS / FAIL / PARTIAL / n/a lines for
@@ -57,6 +58,31 @@ SPMM_FLOOR_SPARSITIES = (50, 70, 80, 90)
 COPY_BW_TARGET = 85  # % of the measured copy bandwidth the kernel reads its bytes at, large shapes, N <= 32
 
 
+def bracket_dense(rows: list[dict], before: dict, after: dict) -> None:
+    """Give ``rows`` (one layer and dtype's rows, their ``N``, ``t_kernel_us`` and ``t_spmm_us`` set) the dense
+    baseline timed ``before`` and ``after`` their sparse variants (``{N: seconds}``): its mean (``t_dense_us``), so a
+    clock or thermal drift over the variants falls on both sides alike instead of on the later ones; the drift
+    (``dense_drift``: after / before); the speedups over that mean."""
+    for row in rows:
+        n = row["N"]
+        t = (before[n] + after[n]) / 2
+        row["t_dense_us"] = t * 1e6
+        row["dense_drift"] = after[n] / before[n]
+        row["speedup_kernel"] = row["t_dense_us"] / row["t_kernel_us"] if row["t_kernel_us"] else None
+        row["speedup_spmm"] = row["t_dense_us"] / row["t_spmm_us"]
+
+
+def print_row(row: dict) -> None:
+    # "-": the sparse kernel alone is not timed at this N (spmm expands and calls cuBLAS)
+    kern = (f"{row['t_kernel_us']:8.1f}us x{row['speedup_kernel']:5.2f}" if row["t_kernel_us"]
+            else f"{'-':>8s}   x{'-':>5s}")
+    print(f"{row['model']:11s} {row['layer']:4s} {row['M']:6d}x{row['K']:<6d} {row['dtype']} {row['format']:9s} "
+          f"sp={row['sparsity']:.2f} N={row['N']:5d} dense {row['t_dense_us']:8.1f}us "
+          f"(drift x{row['dense_drift']:.3f}) kernel {kern} spmm {row['t_spmm_us']:8.1f}us "
+          f"spmm x{row['speedup_spmm']:5.2f} {row['GBs']:7.0f} GB/s ({row['pct_copy_bw']:.0f}%) of {row['gbps_from']}",
+          flush=True)
+
+
 def random_sparse(m, k, sparsity, dtype, gen):
     w = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
     keep = torch.rand(m, k, device="cuda", generator=gen) >= sparsity
@@ -101,9 +127,12 @@ def main(argv=None):
                 dense_w = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                 dense_copies = [dense_w] + [dense_w.clone() for _ in range(T.copies_needed(dense_w.nbytes) - 1)]
                 xs = {n: torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for n in ns}
-                t_dense = {n: T.time_calls([lambda w=w, x=xs[n]: torch.nn.functional.linear(x, w)
-                                            for w in dense_copies]) for n in ns}
-                del dense_copies, dense_w
+
+                def time_dense():
+                    return {n: T.time_calls([lambda w=w, x=xs[n]: torch.nn.functional.linear(x, w)
+                                             for w in dense_copies]) for n in ns}
+
+                dense_before, layer_rows = time_dense(), []
                 for sp in sparsities:
                     wd = random_sparse(m, k, sp, dtype, gen)
                     for fname in args.formats.split(","):
@@ -123,24 +152,20 @@ def main(argv=None):
                                                                   force_sparse=True) for c in copies])
                             row = dict(model=model, layer=layer, M=m, K=k, sparsity=sp, dtype=dname, format=fname,
                                        N=n, path="sparse" if sparse else "expand", bytes=w.nbytes,
-                                       t_dense_us=t_dense[n] * 1e6,
-                                       t_kernel_us=t_kernel * 1e6 if t_kernel else None, t_spmm_us=t_spmm * 1e6,
-                                       speedup_kernel=t_dense[n] / t_kernel if t_kernel else None,
-                                       speedup_spmm=t_dense[n] / t_spmm)
+                                       t_kernel_us=t_kernel * 1e6 if t_kernel else None, t_spmm_us=t_spmm * 1e6)
                             tk = t_kernel or t_spmm
                             row["GBs"] = w.nbytes / tk / 1e9
                             row["pct_copy_bw"] = 100 * row["GBs"] / env["copy_bw_GBs"]
                             row["gbps_from"] = "kernel" if t_kernel else "spmm"  # the time GBs / pct_copy_bw use
-                            rows.append(row)
-                            # "-": the sparse kernel alone is not timed at this N (spmm expands and calls cuBLAS)
-                            kern = (f"{row['t_kernel_us']:8.1f}us x{row['speedup_kernel']:5.2f}" if t_kernel
-                                    else f"{'-':>8s}   x{'-':>5s}")
-                            print(f"{model:11s} {layer:4s} {m:6d}x{k:<6d} {dname} {fname:9s} sp={sp:.2f} N={n:5d} "
-                                  f"dense {row['t_dense_us']:8.1f}us kernel {kern} spmm {row['t_spmm_us']:8.1f}us "
-                                  f"spmm x{row['speedup_spmm']:5.2f} {row['GBs']:7.0f} GB/s "
-                                  f"({row['pct_copy_bw']:.0f}%) of {row['gbps_from']}", flush=True)
+                            layer_rows.append(row)
                         del copies, w
                     del wd
+                # dense again after the variants: the baseline is the mean of both (bracket_dense)
+                bracket_dense(layer_rows, dense_before, time_dense())
+                for row in layer_rows:
+                    print_row(row)
+                rows.extend(layer_rows)
+                del dense_copies, dense_w
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:

@@ -128,3 +128,20 @@ def test_bandwidth_uses_kernel_rows_of_large_shapes(bench):
     lines = bench.target_checks(rows)
     assert not any("bitmap fp16: kernel reads" in x for x in lines)
     assert line(bench.target_checks(rows), "bitmap fp16: no kernel timing on a large shape").startswith("n/a ")
+
+
+def test_dense_baseline_brackets_the_sparse_variants(bench, capsys):
+    """bracket_dense: the dense baseline is the mean of the times before and after a layer's sparse variants, the
+    drift their ratio, and both speedups come from that mean (a kernel not timed keeps no kernel speedup)."""
+    rows = [row("bitmap", "bf16", 80, 1, 2.0), row("bitmap", "bf16", 80, 256, None, spmm=0.5)]
+    rows[0]["t_kernel_us"], rows[0]["t_spmm_us"] = 5.0, 5.0
+    rows[1]["t_spmm_us"] = 40.0
+    bench.bracket_dense(rows, {1: 10e-6, 256: 20e-6}, {1: 14e-6, 256: 20e-6})
+    assert rows[0]["t_dense_us"] == pytest.approx(12.0) and rows[0]["dense_drift"] == pytest.approx(1.4)
+    assert rows[0]["speedup_kernel"] == pytest.approx(12 / 5) and rows[0]["speedup_spmm"] == pytest.approx(12 / 5)
+    assert rows[1]["t_dense_us"] == pytest.approx(20.0) and rows[1]["dense_drift"] == pytest.approx(1.0)
+    assert rows[1]["speedup_kernel"] is None and rows[1]["speedup_spmm"] == pytest.approx(0.5)
+    bench.print_row(rows[0])
+    bench.print_row(rows[1])
+    out = capsys.readouterr().out.splitlines()
+    assert "drift x1.400" in out[0] and "x 2.40" in out[0] and "kernel        -   x    -" in out[1]
