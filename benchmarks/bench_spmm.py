@@ -143,7 +143,10 @@ def main(argv=None):
                             x = xs[n]
                             t_spmm = T.time_calls([lambda c=c: flash_llm.spmm(x, c) for c in copies])
                             t_kernel = None
-                            sparse = kernels.use_sparse_kernel(n, w.density, fid, kernels.wgmma_ok(0), m * k)
+                            # (what spmm decides: its density estimate from the array's size, X on 16 bytes)
+                            sparse = (kernels.use_sparse_kernel(n, w.density, fid) if fname == "delta-rows" else
+                                      kernels.dispatches_sparse(n, fid, w.data, m, k, 0,
+                                                                k % 8 == 0 and x.data_ptr() % 16 == 0))
                             if sparse:
                                 t_kernel = t_spmm  # the dispatcher runs the sparse kernel itself
                             elif n <= SPARSE_KERNEL_MAX_N and fname != "delta-rows":  # (no kernel above N = 8)

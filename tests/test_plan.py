@@ -135,6 +135,28 @@ def test_dispatch_crossovers():
     assert not use_sparse_kernel(17, 0.2, DELTA_ROWS)  # the expansion (the tensor-core kernel is off by default)
 
 
+def test_dispatches_sparse_decides_as_spmm(monkeypatch):
+    """kernels.dispatches_sparse (what spmm_cuda runs, and bench_spmm labels): the density estimated from the array's
+    size, not the exact one, and Tiled-CSL's warpgroup kernels only where X allows them (``vec``)."""
+    import torch
+
+    monkeypatch.setattr(kernels, "wgmma_ok", lambda i: True)
+    m, k = 9216, 36864
+    limit = kernels.TCSL_WG_MAX_DENSITY_ABOVE_128
+    at = {d: torch.empty(int(d * m * k), dtype=torch.int32, device="meta") for d in (limit - 0.01, limit + 0.01)}
+    below, above = at[limit - 0.01], at[limit + 0.01]
+    assert kernels.dispatches_sparse(256, TILED_CSL, below, m, k, 0)
+    assert not kernels.dispatches_sparse(256, TILED_CSL, below, m, k, 0, vec=False)  # no warpgroup kernel
+    assert not kernels.dispatches_sparse(256, TILED_CSL, above, m, k, 0)  # the estimate past the limit
+    assert kernels.dispatches_sparse(128, TILED_CSL, above, m, k, 0, vec=False)
+    assert not kernels.dispatches_sparse(0, TILED_CSL, below, m, k, 0)
+    bm = torch.empty(1000, dtype=torch.int32, device="meta")
+    assert kernels.dispatches_sparse(128, BITMAP, bm, 64, 64, 0, vec=False)  # bitmap's warpgroup kernel needs no vec
+    monkeypatch.setattr(kernels, "wgmma_ok", lambda i: False)
+    assert not kernels.dispatches_sparse(128, BITMAP, bm, 64, 64, 0)
+    assert kernels.dispatches_sparse(64, BITMAP, bm, 64, 64, 0)
+
+
 def test_delta_rows_tensor_core_dispatch(monkeypatch):
     """DeltaRows' tensor-core kernel, where switched on (``DR_MMA_MIN``): the split layout from that N up to 32, never
     the parts layout; off by default (session 60: not yet verified on a GPU)."""

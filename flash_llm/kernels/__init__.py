@@ -640,6 +640,15 @@ def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = F
     return n <= (128 if wgmma else 64)
 
 
+def dispatches_sparse(n: int, fmt: int, data: torch.Tensor, m: int, k: int, device_index: int, vec: bool = True) -> bool:
+    """Whether :func:`spmm_cuda` (not forced) runs the sparse kernel for ``n`` tokens on this compressed weight
+    (``fmt``, ``data``, ``[m, k]``) on device ``device_index``, as it decides: the density estimated from the array's
+    size, the warpgroup kernels as X allows them (``vec``: ``k % 8 == 0`` and X's rows on 16 bytes, which Tiled-CSL's
+    need).  For benchmarks that label what ran."""
+    wg_ok = (fmt == BITMAP or bool(vec)) and wgmma_ok(device_index)
+    return n > 0 and use_sparse_kernel(n, _density(fmt, data, m, k), fmt, wg_ok, m * k)
+
+
 def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
                  out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Expand a compressed weight to dense ``[m, k]`` with one CUDA kernel; with ``rows=(r0, r1)`` (``r0`` a
@@ -1245,10 +1254,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     if act == "relu" or (norm is not None and len(norm) == 3):  # (DeltaRows' kernel only)
         return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
     x = x.contiguous()
-    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)
-    # (the warpgroup kernels as kernel_config allows them: Tiled-CSL's need X's rows on 16 bytes)
-    wg_ok = (fmt == BITMAP or bool(vec)) and wgmma_ok(dev.index)
-    if n == 0 or (not force_sparse and not use_sparse_kernel(n, density, fmt, wg_ok, m * k)):
+    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)  # (Tiled-CSL's warpgroup kernels need X's rows on 16 bytes)
+    if n == 0 or (not force_sparse and not dispatches_sparse(n, fmt, data, m, k, dev.index, bool(vec))):
         if extra:
             return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
         if n:
