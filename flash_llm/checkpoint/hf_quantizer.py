@@ -15,10 +15,17 @@ validated in full (a corrupt or missing array raises, naming the layer and tenso
 transformers' own mapping of checkpoint names: the base-model prefix (``AutoModel`` reading a causal LM's checkpoint,
 and the reverse) and the renames of its conversion mappings (GPT-NeoX's ``embed_out``), on load and on save.  Every
 transformers model inside the loaded one that holds sparse layers (``model.model``) gets the quantizer too.
+
+How saving works: a model carrying the quantizer (loaded by transformers, or converted by ``flash_llm.sparsify_``) saves
+its sparse layers through ``get_state_dict_and_metadata``.  A model holding SparseLinear layers without it (layers
+swapped in by hand) gets it when its ``save_pretrained`` is called: ``PreTrainedModel.save_pretrained`` is wrapped
+(:func:`_install_save_guard`, the one hook here that is not a public plug-in hook of transformers) to attach it, or to
+refuse a model of another quantization method, before transformers writes anything.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import json
@@ -38,6 +45,7 @@ from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_sect
                          mixed_dtype_warning, sparse_modules_section)
 
 _AUTO = "transformers.quantizers.auto"
+_MODELING = "transformers.modeling_utils"
 
 
 def register() -> None:
@@ -49,30 +57,83 @@ def register() -> None:
     if not major.isdigit() or int(major) < 5:
         raise ImportError(f"flash-llm's transformers integration needs transformers >= 5 (found "
                           f"{transformers.__version__})")
-    if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
+    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+        config_cls, quantizer_cls = _classes()
+        auto.register_quantization_config(QUANT_METHOD)(config_cls)
+        auto.register_quantizer(QUANT_METHOD)(quantizer_cls)
+    _install_save_guard()  # (now if transformers' modeling_utils is imported in full, else right after it is)
+
+
+def _registered() -> bool:
+    auto = sys.modules.get(_AUTO)
+    return QUANT_METHOD in (getattr(auto, "AUTO_QUANTIZER_MAPPING", None) or {})
+
+
+def _install_save_guard() -> None:
+    """Wrap ``PreTrainedModel.save_pretrained`` so that it calls :func:`prepare_save` first (idempotent).  Only once
+    flash-llm's quantizer is registered (transformers 5) and ``transformers.modeling_utils`` is imported in full (this
+    runs again right after it is: :class:`_RegisterOnImport`)."""
+    cls = getattr(sys.modules.get(_MODELING), "PreTrainedModel", None)
+    save = getattr(cls, "save_pretrained", None)
+    if save is None or getattr(save, "_flash_llm_guard", False) or not _registered():
         return
-    config_cls, quantizer_cls = _classes()
-    auto.register_quantization_config(QUANT_METHOD)(config_cls)
-    auto.register_quantizer(QUANT_METHOD)(quantizer_cls)
+
+    @functools.wraps(save)
+    def save_pretrained(self, *args, **kwargs):
+        prepare_save(self)
+        return save(self, *args, **kwargs)
+
+    save_pretrained._flash_llm_guard = True
+    cls.save_pretrained = save_pretrained
+
+
+def prepare_save(model) -> None:
+    """Ready ``model`` (a transformers model whose ``save_pretrained`` was called) for transformers' save, before
+    anything is written: where it holds SparseLinear layers but no quantizer (layers swapped in by hand, or
+    ``sparsify_`` run on a model inside it), it and the transformers models inside it get flash-llm's, as
+    ``sparsify_`` gives them (without, transformers would write config.json, then fail on SparseLinear's extra state);
+    a model quantized by another method is refused (ValueError): its quantizer cannot store SparseLinear's arrays."""
+    if getattr(model, "_hf_peft_config_loaded", False):  # (transformers saves the adapters' weights only)
+        return
+    sparse = next((fqn for fqn, m in model.named_modules() if isinstance(m, SparseLinear)), None)
+    if sparse is None:
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        give_quantizers(model)
+    elif not isinstance(quantizer, _classes()[1]):
+        method = getattr(quantizer.quantization_config, "quant_method", "?")
+        raise ValueError(f"{type(model).__name__} holds flash-llm sparse layers ('{sparse}') but is quantized with "
+                         f"{str(getattr(method, 'value', method))!r}, whose quantizer cannot save them; nothing was "
+                         "written: convert them back to nn.Linear first (flash_llm.engine.expand_sparse_(model))")
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register` right after ``transformers.quantizers.auto`` is first imported."""
+    """Runs :func:`_register_or_warn` right after ``transformers.quantizers.auto`` is first imported, and
+    :func:`_install_save_guard` right after ``transformers.modeling_utils`` is."""
+
+    def __init__(self):
+        self.pending = {_AUTO, _MODELING}
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _AUTO:
+        if fullname not in self.pending:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
-        def exec_then_register(module):
+        def exec_then_hook(module):
             exec_module(module)
-            _uninstall()
-            _register_or_warn()
+            self.pending.discard(fullname)
+            if not self.pending:
+                _uninstall()
+            if fullname == _AUTO:
+                _register_or_warn()
+            else:
+                _install_save_guard()
 
-        spec.loader.exec_module = exec_then_register
+        spec.loader.exec_module = exec_then_hook
         return spec
 
 
@@ -96,9 +157,10 @@ def _register_or_warn() -> None:
 def install() -> None:
     """Make ``transformers`` know flash-llm checkpoints without importing it: register now if transformers'
     quantizers are already imported, else when they are; nothing when transformers is not installed."""
+    _finder.pending -= set(sys.modules)
     if _AUTO in sys.modules:
         _register_or_warn()
-    elif _model.transformers_available() and _finder not in sys.meta_path:
+    if _finder.pending and _model.transformers_available() and _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
 
 
@@ -173,25 +235,59 @@ def _with_base_prefix(model, name: str, modules) -> str:
     return name
 
 
+def _save_keeps_names(model) -> bool:
+    """Whether transformers' ``save_pretrained`` provably stores ``model``'s tensors under their own names: it knows no
+    conversion mapping for it (none its loader attached, none for its class, no legacy
+    ``_checkpoint_conversion_mapping``).  False where this transformers cannot say."""
+    if getattr(model, "_weight_conversions", None) or getattr(model, "_checkpoint_conversion_mapping", None):
+        return False
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    # (transformers' revert drops the prefix changes of a model it did not load, as this one to be saved)
+    return not [t for t in transforms if not isinstance(t, PrefixChange)]
+
+
 def saved_layer_names(model, sparse: dict[str, SparseLinear]) -> dict[str, str]:
     """Module name -> the name transformers' ``save_pretrained`` writes the tensors of each sparse layer under (it
     reverts its conversion mapping's renames on save: GPT-NeoX's ``lm_head`` is stored as ``embed_out``).  Raises
     ValueError, before anything is written, for a layer whose tensors transformers would not save under one name that
-    its loader maps back to the layer (a save calls this before it writes any file)."""
+    its loader maps back to the layer, or whose saved name cannot be traced (a save calls this before it writes any
+    file).  The names written into ``sparse_modules`` and the headers must be those transformers gives the arrays:
+    a section naming ``lm_head`` beside arrays stored as ``embed_out`` is a checkpoint neither loader reads."""
+    cls = type(model).__name__
+    how = "save the model with flash_llm.save_pretrained(model, path) (and read it back with flash_llm.from_pretrained)"
+    fix = f"no reader maps them back to the layer: {how}"
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
-        return {fqn: fqn for fqn in sparse}
+        # transformers' save renames by means unknown here: its own names are right only where it has nothing to rename
+        if _save_keeps_names(model):
+            return {fqn: fqn for fqn in sparse}
+        raise ValueError(f"this transformers has no core_model_loading.revert_weight_conversion: flash-llm cannot tell "
+                         f"under which names save_pretrained of {cls} (which has a conversion mapping) stores sparse "
+                         f"layer{'s' if len(sparse) > 1 else ''} {', '.join(repr(f) for f in list(sparse)[:3])}"
+                         f"{', ...' if len(sparse) > 3 else ''}; {how}") from None
 
     def arrays(fqn):
         return [f"{fqn}.weight_{n}" for n in sparse[fqn].weight_format._arrays] + (
             [f"{fqn}.bias"] if sparse[fqn].bias is not None else [])
 
-    def revert(fqns):  # {name: its saved name}; a name a converter takes is absent
-        probe = {k: torch.empty(0, device="meta") for fqn in fqns for k in arrays(fqn)}
+    def revert(fqns):  # {name: its saved name}; a name a converter takes, or one that cannot be traced, is absent
+        # (each probe has a length of its own: a tensor transformers copies under an unchanged name is still told)
+        names = [k for fqn in fqns for k in arrays(fqn)]
+        probe = {k: torch.empty(i + 1, device="meta") for i, k in enumerate(names)}
         ids = {id(t): k for k, t in probe.items()}
         out = revert_weight_conversion(model, dict(probe))
-        return {ids[id(t)]: k for k, t in out.items() if id(t) in ids}
+        traced = {ids[id(t)]: k for k, t in out.items() if id(t) in ids}
+        if not traced:  # copies: only a name kept with its own probe's shape is known
+            traced = {k: k for k, t in out.items()
+                      if k in probe and isinstance(t, torch.Tensor) and t.shape == probe[k].shape}
+        return traced
 
     try:
         saved = revert(list(sparse))
@@ -202,11 +298,8 @@ def saved_layer_names(model, sparse: dict[str, SparseLinear]) -> dict[str, str]:
                 saved.update(revert([fqn]))
             except Exception:
                 pass
-    if sparse and not saved:  # not one name came back: a transformers whose revert works otherwise, left to itself
-        return {fqn: fqn for fqn in sparse}
-    cls = type(model).__name__
-    fix = ("no reader maps them back to the layer: save the model with flash_llm.save_pretrained(model, path) (and "
-           "read it back with flash_llm.from_pretrained)")
+    # (a layer absent from `saved` is refused below: its own name is never assumed, which, for a model with a
+    # conversion mapping, would list it under a name its arrays are not stored under)
     out = {}
     rename = load_renamer(model)
     modules = dict(model.named_modules())
@@ -216,7 +309,7 @@ def saved_layer_names(model, sparse: dict[str, SparseLinear]) -> dict[str, str]:
         if layer is None or [saved.get(k) for k in arrays(fqn)] != [layer + k[len(fqn):] for k in arrays(fqn)]:
             raise ValueError(f"transformers' save_pretrained of {cls} would not store the tensors of sparse layer "
                              f"'{fqn}' under names of their own (its conversion mapping merges, splits or collides "
-                             f"them): {fix}")
+                             f"them, or its revert gives them back under names flash-llm cannot trace): {fix}")
         back, converted = rename(f"{layer}.weight_data") if rename is not None else (f"{layer}.weight_data", False)
         if not converted and back.endswith(".weight_data"):
             back = _with_base_prefix(model, back[: -len(".weight_data")], modules)
