@@ -62,11 +62,13 @@ def test_compile_failure_shows_the_nvrtc_log():
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 AB = ROOT / "benchmarks" / "ab"
+DIAG = ROOT / "benchmarks" / "diag"  # (diagnostic patches: tracing builds, not A/B candidates for ab_kernel.sh)
 
 
-@pytest.mark.parametrize("patch", sorted(p.name for p in AB.glob("*.patch")))
+@pytest.mark.parametrize("patch", sorted(str(p.relative_to(ROOT)) for d in (AB, DIAG) for p in d.glob("*.patch")))
 def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch):
-    """benchmarks/ab/*.patch (prototypes waiting for a GPU A/B, benchmarks/ab_kernel.sh) still apply to the tree;
+    """benchmarks/ab/*.patch (prototypes waiting for a GPU A/B, benchmarks/ab_kernel.sh) and benchmarks/diag/*.patch
+    (diagnostic builds such as attn_trace.patch) still apply to the tree;
     a patched spmm.cu compiles for sm_90 with no warnings and no spills; and the tests a patch changes pass
     (on this CPU) with the patched package, so that it can be measured as it is."""
     import re
@@ -77,7 +79,7 @@ def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch)
     git = shutil.which("git")
     if git is None:
         pytest.skip("git is needed to apply the patches")
-    text = (AB / patch).read_text()
+    text = (ROOT / patch).read_text()
     files = re.findall(r"^diff --git a/(\S+) b/", text, re.M)
     assert files, f"{patch} is not a git diff"
     for d in ("flash_llm", "tests"):
@@ -89,7 +91,7 @@ def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch)
         if (ROOT / f).exists() and not (tmp_path / f).exists():
             (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / f, tmp_path / f)
-    proc = subprocess.run([git, "apply", str(AB / patch)], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([git, "apply", str(ROOT / patch)], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, f"{patch} no longer applies: {proc.stderr}"
     kernel = "flash_llm/kernels/spmm.cu"
     if kernel in files:
