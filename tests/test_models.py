@@ -225,7 +225,8 @@ def test_from_config_init_and_seed():
     a, b = from_config(cfg, dtype=torch.float32, seed=5), from_config(cfg, dtype=torch.float32, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     w = a.model.layers[0].mlp.up_proj.weight.detach()
-    assert abs(float(w.std()) - 0.02) < 0.002 and w.dtype == torch.float32
+    # the config's initializer_range (hf_llama: 0.1), as transformers' _init_weights (0.02 only where unset)
+    assert abs(float(w.std()) - 0.1) < 0.01 and w.dtype == torch.float32
     assert torch.equal(a.model.norm.weight, torch.ones(64))
     assert from_config(cfg).lm_head.weight.dtype == torch.float16  # default dtype
     with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype, got torch.int8"):

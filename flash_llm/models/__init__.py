@@ -23,12 +23,12 @@ from torch import nn
 from ._common import Attend, CausalLM, KVCache
 from ._fused import set_fused
 from ._merge import MergedLinear, merge_projections, unmerge_projections
-from .config import PRESETS, ModelConfig, preset
+from .config import DEFAULT_INIT_STD, PRESETS, ModelConfig, preset
 from .llama import LlamaForCausalLM
 from .opt import OPTForCausalLM
 
 MODEL_CLASSES = {"llama": LlamaForCausalLM, "opt": OPTForCausalLM}
-INIT_STD = 0.02  # transformers' initializer_range default for both families
+INIT_STD = DEFAULT_INIT_STD  # transformers' initializer_range default for both families (from_config: the config's)
 
 __all__ = ["ModelConfig", "from_config", "preset", "PRESETS", "LlamaForCausalLM", "OPTForCausalLM", "CausalLM",
            "set_fused", "merge_projections", "unmerge_projections", "MergedLinear",
@@ -65,7 +65,8 @@ def init_weights_(module: nn.Module, generator: torch.Generator | None = None, s
 
 
 def from_config(config, *, dtype: torch.dtype = torch.float16, device="cpu", seed: int | None = None) -> CausalLM:
-    """Build the causal LM of ``config`` with random weights (transformers' initialization).
+    """Build the causal LM of ``config`` with random weights (transformers' initialization: linear and embedding
+    weights normal(0, ``config.initializer_range``), HF's ``initializer_range`` / OPT's ``init_std``, 0.02 unless set).
 
     Args:
         config: a :class:`ModelConfig`, a Hugging Face config dict, a path to ``config.json`` (or its
@@ -90,5 +91,5 @@ def from_config(config, *, dtype: torch.dtype = torch.float16, device="cpu", see
         gen = None
         if seed is not None:
             gen = torch.Generator(device=device).manual_seed(seed)
-        init_weights_(model, gen)
+        init_weights_(model, gen, std=cfg.initializer_range)
     return model.eval()

@@ -13,6 +13,11 @@ FAMILIES = ("llama", "opt")
 ROPE_TYPES = ("default", "llama3")
 #: Activations of the MLP (HF names).
 ACTIVATIONS = ("relu", "gelu", "silu")
+#: Other HF names of those activations, read as the one they name: transformers' ``ACT2FN`` maps ``"swish"`` to
+#: ``nn.SiLU``, the function of ``"silu"`` (``SiLUActivation``, ``F.silu``).
+ACTIVATION_ALIASES = {"swish": "silu"}
+#: transformers' default ``initializer_range`` (Llama) / ``init_std`` (OPT).
+DEFAULT_INIT_STD = 0.02
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # HF ``model_type`` values read as each family (Mistral-style configs without sliding windows are Llama's).
 _MODEL_TYPES = {"llama": "llama", "opt": "opt"}
@@ -45,13 +50,17 @@ class ModelConfig:
         rope_scaling: ``None`` (plain RoPE) or ``{"rope_type": "llama3", "factor", "low_freq_factor",
             "high_freq_factor", "original_max_position_embeddings"}`` (Llama 3.1+).
         tie_word_embeddings: ``lm_head.weight`` is the input embedding (OPT: yes; Llama 3-8B: no).
-        activation: MLP activation, one of :data:`ACTIVATIONS` (Llama ``silu``, OPT ``relu``).
+        activation: MLP activation, one of :data:`ACTIVATIONS` (Llama ``silu``, OPT ``relu``); an alias of
+            :data:`ACTIVATION_ALIASES` (``"swish"``) is stored as the name it stands for.
         attention_bias, mlp_bias: biases of the attention / MLP projections (OPT's ``enable_bias`` sets both).
         do_layer_norm_before, word_embed_proj_dim, layer_norm_elementwise_affine, remove_final_layer_norm:
             OPT specifics as in HF's ``OPTConfig`` (``word_embed_proj_dim`` ``None`` means ``hidden_size``;
             ``remove_final_layer_norm`` is HF's ``_remove_final_layer_norm``).
         bos_token_id, eos_token_id, pad_token_id: special tokens (``eos_token_id`` may be a list;
             ``pad_token_id``, when in the vocabulary, is the input embedding's ``padding_idx``, as in transformers).
+        initializer_range: the std of the normal init of linear and embedding weights
+            (:func:`flash_llm.models.from_config`); HF's ``initializer_range`` (Llama) or ``init_std`` (OPT).  Not
+            part of the model's function: configs that differ only there (or in ``name``) compare equal.
         name: a label (the preset name, or ``""``).
     """
 
@@ -78,6 +87,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    initializer_range: float = field(default=DEFAULT_INIT_STD, compare=False)
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -98,6 +108,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
+        if isinstance(self.activation, str):
+            self.activation = ACTIVATION_ALIASES.get(self.activation, self.activation)
         if self.activation not in ACTIVATIONS:
             raise UnsupportedConfigError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got "
                                          f"{self.activation!r}")
@@ -105,6 +117,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm_eps must be a number > 0, got {self.norm_eps!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
             raise ValueError(f"ModelConfig.rope_theta must be a number > 0, got {self.rope_theta!r}")
+        r = self.initializer_range
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf"):
+            raise ValueError(f"ModelConfig.initializer_range must be a number >= 0, got {r!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         if self.family == "opt":
             if self.num_kv_heads != self.num_heads:
@@ -196,6 +211,14 @@ class ModelConfig:
         non-empty ``rope_scaling`` replaces ``rope_parameters``, and ``rope_theta`` comes from that dict first,
         then from the top level (:func:`_read_rope`).  Raises ``ValueError`` naming the key for anything
         unsupported (another model type, an unknown RoPE type, a sliding window...).
+
+        Read as transformers 5 computes them: ``hidden_act`` / ``activation_function`` ``"swish"`` as ``"silu"``;
+        Llama's ``pretraining_tp`` ignored (transformers 5's ``LlamaMLP`` / ``LlamaAttention`` never read it; 4.x
+        split the projections into that many slices and summed them, the same product up to float rounding
+        order, so 4.x logits match within rounding); ``initializer_range`` (Llama, ``None`` or 0: 0.02, as
+        transformers' ``_init_weights``) or OPT's ``init_std``.  A Llama ``sliding_window`` is refused:
+        transformers 5 attends in full within a forward but its ``DynamicCache`` keeps sliding-window layers for
+        such a config, so its cached decoding attends the last window only.
         """
         src = "config"
         if isinstance(config, (str, os.PathLike)):
@@ -240,18 +263,20 @@ class ModelConfig:
                        do_layer_norm_before=d.get("do_layer_norm_before", True),
                        word_embed_proj_dim=d.get("word_embed_proj_dim"),
                        layer_norm_elementwise_affine=d.get("layer_norm_elementwise_affine", True),
-                       remove_final_layer_norm=d.get("_remove_final_layer_norm", False), **common)
-        if d.get("sliding_window") is not None:
+                       remove_final_layer_norm=d.get("_remove_final_layer_norm", False),
+                       initializer_range=_or_default(d.get("init_std")), **common)
+        if d.get("sliding_window") is not None:  # (transformers windows the cached decode only: see above)
             raise UnsupportedConfigError(f"{src}: sliding_window={d['sliding_window']!r} is not supported (full "
-                                         "attention only)")
-        if d.get("pretraining_tp", 1) not in (1, None):
-            raise UnsupportedConfigError(f"{src}: pretraining_tp={d['pretraining_tp']!r} is not supported (only 1)")
+                                         "attention only; transformers' Llama attends in full within a forward but "
+                                         "windows its cached decoding)")
+        # pretraining_tp: ignored, as transformers 5 ignores it (4.x: the same matmuls in slices, see above)
         theta, scaling = _read_rope(d, src)
         return cls(family="llama", intermediate_size=need("intermediate_size"),
                    num_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
                    norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
                    tie_word_embeddings=d.get("tie_word_embeddings", False), activation=d.get("hidden_act", "silu"),
-                   attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False), **common)
+                   attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+                   initializer_range=d.get("initializer_range") or DEFAULT_INIT_STD, **common)
 
     def to_hf(self) -> dict:
         """This config as a Hugging Face ``config.json`` dict (``json.dump`` it; ``transformers`` reads it
@@ -268,14 +293,14 @@ class ModelConfig:
                     "enable_bias": self.attention_bias, "do_layer_norm_before": self.do_layer_norm_before,
                     "word_embed_proj_dim": self.word_embed_proj_dim,
                     "layer_norm_elementwise_affine": self.layer_norm_elementwise_affine,
-                    "_remove_final_layer_norm": self.remove_final_layer_norm,
+                    "_remove_final_layer_norm": self.remove_final_layer_norm, "init_std": self.initializer_range,
                     "dropout": 0.0, "attention_dropout": 0.0, "layerdrop": 0.0}
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
                 "intermediate_size": self.intermediate_size, "num_key_value_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
                 "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
                 "hidden_act": self.activation, "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
-                "attention_dropout": 0.0}
+                "attention_dropout": 0.0, "initializer_range": self.initializer_range}
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with ``changes`` applied (validated again), e.g. ``preset("llama-3-8b").replace(num_layers=2)``.
@@ -290,6 +315,11 @@ class ModelConfig:
             if was_derived and k not in changes:
                 changes[k] = None
         return dataclasses.replace(self, **changes)
+
+
+def _or_default(std):
+    """OPT's ``init_std``: its value, or transformers' default where missing or null."""
+    return DEFAULT_INIT_STD if std is None else std
 
 
 def _check_rope_scaling(rs, max_pos) -> dict | None:

@@ -32,6 +32,7 @@ from ..parallel.layers import COLUMN, check_divisible, parallel_linear, set_loca
 from ..parallel.layers import projections as tp_projections
 from . import INIT_STD, from_config
 from .config import ModelConfig, preset
+from .llama import rope_inv_freq
 
 _STRIP_M, _STRIP_K = 16, 64  # BitmapTiles strip
 _CHUNK = 1 << 26  # elements drawn per chunk (fp32 temporaries of 256 MB)
@@ -161,7 +162,8 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
 
     Returns a dict: ``projections`` (the decoder projections' weights: dense, or the ``fmt`` formula at
     the expected nonzero count; with ``tp_size`` ranks, one rank's slices), ``other`` (embeddings, norms, biases,
-    a dense ``lm_head``: replicated on every rank), ``total``, and ``transient`` (the extra peak while one
+    a dense ``lm_head``, a Llama's float32 RoPE ``inv_freq`` buffer: replicated on every rank; exactly the bytes
+    the built model holds besides its projections' weights), ``total``, and ``transient`` (the extra peak while one
     projection is drawn and compressed; tensor-parallel builds draw the full projection, then keep a slice).
     ``sparsity`` and ``tp_size`` are checked as :func:`build_synthetic` checks them (ValueError).
     """
@@ -179,6 +181,9 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
         proj += formula_bytes(m, k, (1 - sparsity) * m * k) if sparsity else m * k * es
     proj *= cfg.num_layers
     other = (cfg.num_parameters() - cfg.num_layers * sum(m * k for _, m, k in cfg.linear_shapes())) * es
+    if cfg.family == "llama":  # the model's one RoPE buffer (float32 whatever dtype, replicated on every rank)
+        inv_freq = rope_inv_freq(cfg)
+        other += inv_freq.numel() * inv_freq.element_size()
     if tp_size > 1:  # the full dense draw, plus the slice (and its compression temporaries)
         transient = largest * es * (1.0 + (_COMPRESS_PEAK if sparsity else 1.0) / tp_size)
     else:
