@@ -39,11 +39,23 @@ CORPUS_FILE = Path(__file__).parent / "bundled" / "tinyshakespeare.txt.gz"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
+def _utf8_bytes(text: str) -> bytes:
+    """``text`` as UTF-8 bytes, for any ``str``: a lone surrogate ``U+DC80..U+DCFF`` (how Python's ``surrogateescape``
+    keeps a byte that is not UTF-8, e.g. in command-line arguments and file names) gives back that byte, any other
+    lone surrogate its 3-byte form (``surrogatepass``)."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:  # a surrogate outside U+DC80..U+DCFF: one character at a time
+        return b"".join(c.encode("utf-8", errors="surrogateescape" if "\udc80" <= c <= "\udcff" else "surrogatepass")
+                        for c in text)
+
+
 def encode(text: str) -> torch.Tensor:
-    """The UTF-8 bytes of ``text`` as token ids: ``int64 [len(text.encode())]``, values in ``0..255``."""
+    """The UTF-8 bytes of ``text`` as token ids: ``int64 [n]``, values in ``0..255``.  Any ``str`` encodes: a lone
+    surrogate (e.g. a ``surrogateescape``-decoded byte of a command-line argument) as :func:`_utf8_bytes` says."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long() if text else \
+    return torch.frombuffer(bytearray(_utf8_bytes(text)), dtype=torch.uint8).long() if text else \
         torch.zeros(0, dtype=torch.int64)
 
 

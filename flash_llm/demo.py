@@ -114,6 +114,7 @@ class HFTokenizer:
         self.name = type(self.tok).__name__
 
     def encode(self, text: str) -> torch.Tensor:
+        text = _printable(text)  # bytes that are not UTF-8 (surrogate-escaped) as U+FFFD, as in encode_bytes
         return torch.tensor(self.tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     def encode_bytes(self, raw: torch.Tensor) -> torch.Tensor:
@@ -278,9 +279,15 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> tuple
     return out.decode_tokens_per_s, 1e3 * out.tpot_s
 
 
+def _printable(text: str) -> str:
+    """``text`` with its lone surrogates (e.g. the ``surrogateescape``-decoded bytes of a command-line argument that is
+    not UTF-8) replaced by U+FFFD, as the bytes tokenizer's ``decode`` shows them: writable to any UTF-8 stream."""
+    return data._utf8_bytes(text).decode("utf-8", errors="replace")
+
+
 def _show_text(label: str, prompt: str, text: str) -> list[str]:
     lines = [f"--- {label} ---"]
-    lines += ["  " + line for line in (prompt + text).splitlines()]
+    lines += ["  " + line for line in _printable(prompt + text).splitlines()]
     return lines
 
 
@@ -494,6 +501,25 @@ def _gradual(model: nn.Module, tokens: torch.Tensor, sparsity: float, *, steps: 
                             filter_fn=not_lm_head)
 
 
+def _unreplaceable_out(out: Path) -> str | None:
+    """Why the directory ``--out`` could not be written, i.e. renamed into place at the end (an existing one moved
+    aside first), for what can be told before any work; None if nothing is known against it.  Refused: an existing
+    non-directory (also a dangling symbolic link), the current directory or one of its parents, a mount point, and
+    an existing directory that this process may not write (moving a directory updates its ``..`` entry)."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        return f"--out {out} exists and is not a directory (the checkpoint is one); remove it or write elsewhere"
+    resolved, cwd = out.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        where = "the current directory" if resolved == cwd else f"a parent of the current directory {cwd}"
+        return f"--out {out} is {where}, which cannot be replaced as a whole; write elsewhere"
+    if out.is_dir():
+        if os.path.ismount(out):
+            return f"--out {out} is a mount point, which cannot be replaced as a whole; write elsewhere"
+        if not os.access(out, os.W_OK):
+            return f"--out {out}: no write permission on this directory, which replacing it needs; write elsewhere"
+    return None
+
+
 def cmd_prune(args) -> int:
     import flash_llm
 
@@ -506,6 +532,10 @@ def cmd_prune(args) -> int:
         _files.refuse_inside(args.calib, out, "--calib", "--out")
     except ValueError as e:
         _err(str(e))
+        return EXIT_USAGE
+    why = _unreplaceable_out(out)
+    if why is not None:
+        _err(why)
         return EXIT_USAGE
     if out.exists() and not args.force:
         _err(f"--out {out} exists; pass --force to replace it")

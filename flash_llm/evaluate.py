@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import windows
+from .prune import _restore_training_flags, _training_flags
 
 __all__ = ["EvalResult", "evaluate", "logits_of"]
 
@@ -69,7 +70,7 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
     Args:
         model: called as ``model(x)`` with ``x`` int64 ``[B, T]`` on the model's device, returning logits
             ``[B, T, V]`` (any float dtype) or an object/tuple holding them (see :func:`logits_of`).
-            Runs in eval mode under ``no_grad``; the training flag is restored after.
+            Runs in eval mode under ``no_grad``; every submodule's training flag is restored after.
         tokens: ``[n]`` token ids (any integer dtype, e.g. the ``uint8`` of :func:`flash_llm.data.load_tokens`),
             on any device; ``n >= 2``.
         seq_len: window length ``T`` (at most the model's context length).
@@ -108,7 +109,7 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
     groups += [[s] for s, n in wins if n < seq_len]  # the shorter last window runs alone
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    was_training = model.training
+    flags = _training_flags(model)  # every submodule's own flag: model.train(flag) would set them all alike
     model.eval()
     bar = tqdm(total=len(wins), desc=desc, unit="window", disable=not progress, file=sys.stderr, leave=False)
     try:
@@ -127,7 +128,7 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
             bar.update(len(starts))
     finally:
         bar.close()
-        model.train(was_training)
+        _restore_training_flags(flags)
     mean = float(total) / count
     if not math.isfinite(mean):
         raise FloatingPointError(f"the loss is {mean} (the model produced non-finite logits)")

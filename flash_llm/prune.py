@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -568,8 +569,8 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     Exact sparsity: weights already zero are masked in their block (kept zero: an update of an earlier block
     does not bring them back); the zeros wanted beyond them are shared by the blocks in proportion to each
     block's other weights (cumulative rounding), so the layer ends with exactly ``max(min(round(sparsity * M *
-    K), M * K - 1), zeros it had)`` zeros (a layer always keeps one weight); rows may differ, as in the paper.  Weights of dead inputs score 0 (free to prune) but are never zeroed beyond the
-    block's share.
+    K), M * K - 1), zeros it had)`` zeros (a layer always keeps one weight); rows may differ, as in the paper.
+    Weights of dead inputs score 0 (free to prune) but are never zeroed beyond the block's share.
 
     Order: layers are pruned one after another in the order the model first calls them when it runs on
     all of ``calib`` (a layer that only later batches reach, e.g. a routed expert, comes after the layers
@@ -577,6 +578,13 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     ordering pass also refuses NaN/Inf calibration inputs before any layer is modified.  Then the model
     runs on all of ``calib`` once per layer (a hook accumulates that layer's ``H``): ``L + 1`` forward
     passes, simple and exact for any model, meant for models small enough to run that often.
+
+    All or nothing where the host has the room: each layer's original weight is kept (a CPU copy) until the last
+    layer is done; if a layer fails (e.g. its dampened Hessian is not positive definite: raise ``percdamp``) or
+    the call is interrupted, the layers already pruned get their original weights back before the error
+    propagates, so the model is left as it was and the call can simply be retried.  Where the layers' weights
+    exceed half the host's available memory (:func:`flash_llm.models.synthetic.host_available_memory`), no copy
+    is kept (a warning says so) and an error names the layers already pruned.
 
     Args:
         model: any module called as ``model(batch)``.
@@ -604,24 +612,60 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     layer_target = {m: t for (_, m), t in zip(layers, targets)}
     batches = _calib_batches(calib, model)
     report = PruneReport("sparsegpt", target)
-    for fqn, m in tqdm(_forward_order(model, batches, layers), desc="sparsegpt", unit="layer"):
-        H = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
-        tokens = [0]
+    from .models.synthetic import host_available_memory
 
-        def accumulate(x, m=m, H=H, tokens=tokens):
-            x = x.reshape(-1, m.in_features).double()
-            H.addmm_(x.t(), x)
-            tokens[0] += x.shape[0]
-
-        _run_with_hooks(model, batches, {m: accumulate})
-        H.mul_(2.0 / max(tokens[0], 1))
-        pruned, err = _sparsegpt_layer(m.weight, H, layer_target[m], blocksize, float(percdamp),
-                                       f"{fqn}.weight" if fqn else "weight")
-        del H
-        with torch.no_grad():
-            m.weight.copy_(pruned)
-        report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), err))
+    # (layer, CPU copy of its weight) of the layers written; None: no copies kept (no room on the host)
+    total = sum(m.weight.numel() * m.weight.element_size() for _, m in layers)
+    room = host_available_memory()
+    originals: list[tuple[nn.Linear, torch.Tensor]] | None = [] if total <= room // 2 else None
+    if originals is None:
+        warnings.warn(f"sparsegpt_prune_: the layers' weights ({total / 2**30:.1f} GiB) exceed half the host's "
+                      f"available memory ({room / 2**30:.1f} GiB), so their originals are not kept: a layer that "
+                      "fails leaves the layers before it pruned", RuntimeWarning, stacklevel=2)
+    done: list[str] = []
+    try:
+        for fqn, m in tqdm(_forward_order(model, batches, layers), desc="sparsegpt", unit="layer"):
+            _sparsegpt_one(model, batches, fqn, m, layer_target[m], blocksize, float(percdamp), originals, report)
+            done.append(fqn)
+    except BaseException as e:
+        if originals is not None:
+            with torch.no_grad():  # nothing lost on bad input: the layers already pruned get their weights back
+                for m, w in reversed(originals):
+                    m.weight.copy_(w)
+        if done and type(e) is ValueError:
+            how = (f"the model is unchanged: the {len(done)} layer(s) already pruned got their original weights "
+                   "back" if originals is not None else
+                   f"{len(done)} layer(s) were already pruned and stay so: {', '.join(done[:8])}"
+                   f"{', ...' if len(done) > 8 else ''}")
+            raise ValueError(f"{e} ({how})") from None
+        raise
     return report
+
+
+def _sparsegpt_one(model: nn.Module, batches: list[torch.Tensor], fqn: str, m: nn.Linear, sparsity: float,
+                   blocksize: int, percdamp: float, originals: list[tuple[nn.Linear, torch.Tensor]] | None,
+                   report: PruneReport) -> None:
+    """One layer of :func:`sparsegpt_prune_`: its Hessian on the current model's inputs, then the pruned weight
+    written in place (its original appended to ``originals`` first, unless None) and its entry appended to
+    ``report``."""
+    H = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+    tokens = [0]
+
+    def accumulate(x, m=m, H=H, tokens=tokens):
+        x = x.reshape(-1, m.in_features).double()
+        H.addmm_(x.t(), x)
+        tokens[0] += x.shape[0]
+
+    _run_with_hooks(model, batches, {m: accumulate})
+    H.mul_(2.0 / max(tokens[0], 1))
+    pruned, err = _sparsegpt_layer(m.weight, H, sparsity, blocksize, percdamp,
+                                   f"{fqn}.weight" if fqn else "weight")
+    del H
+    if originals is not None:
+        originals.append((m, m.weight.detach().to("cpu", copy=True)))
+    with torch.no_grad():
+        m.weight.copy_(pruned)
+    report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), err))
 
 
 # ---- OWL: outlier-weighted layerwise sparsity --------------------------------------------------------
@@ -745,6 +789,17 @@ def _check_logits(out, t_out) -> None:
                          f"{getattr(t_out, 'shape', type(t_out).__name__)}")
 
 
+def _shared_with(teacher: nn.Module, model: nn.Module) -> list[tuple[str, str]]:
+    """``(teacher tensor, model parameter)`` names of the teacher's parameters and buffers that share memory (one
+    storage) with a parameter of ``model``: those ``gradual_prune_`` would prune and train in the teacher too."""
+    owners: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(_storage_ptr(p), n)
+    owners.pop(0, None)  # no storage (e.g. meta tensors)
+    tensors = [*teacher.named_parameters(remove_duplicate=False), *teacher.named_buffers(remove_duplicate=False)]
+    return [(n, owners[_storage_ptr(t)]) for n, t in tensors if _storage_ptr(t) in owners]
+
+
 def _check_int(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -799,7 +854,8 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             (the last quarter fine-tunes at ``s_f``).
         frequency: steps between mask updates, >= 1.
         initial_sparsity: ``s_i``, in ``[0, final_sparsity]``.
-        teacher: optional module for distillation (e.g. a copy of the dense model); not ``model`` itself.
+        teacher: optional module for distillation (e.g. a copy of the dense model); not ``model`` itself, and
+            none of its parameters or buffers may share memory with a parameter of ``model`` (ValueError).
         distill_weight: weight of the KL term, >= 0; must be > 0 when ``teacher`` is given, and 0 without.
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer unpruned (still trained).
         progress: tqdm bar over the steps with the loss and the current sparsity.
@@ -832,6 +888,12 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         if teacher is model:
             raise ValueError("teacher is model itself: pass a copy (copy.deepcopy(model)) taken before pruning")
+        shared = _shared_with(teacher, model)
+        if shared:
+            raise ValueError(f"teacher shares memory with model ({shared[0][0]!r} of teacher is {shared[0][1]!r} of "
+                             f"model{f', and {len(shared) - 1} more' if len(shared) > 1 else ''}): it would be "
+                             "pruned and trained along with it; pass a copy (copy.deepcopy(model)) taken before "
+                             "pruning")
         if distill_weight == 0:
             raise ValueError("teacher is given but distill_weight is 0: set distill_weight > 0 or drop teacher")
     layers = _select_linears(model, filter_fn)
