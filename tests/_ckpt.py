@@ -20,6 +20,21 @@ LOW_SPARSITY_LAYER = {"llama": "model.layers.1.self_attn.v_proj", "opt": "model.
 EMBED = {"llama": "model.embed_tokens.weight", "opt": "model.decoder.embed_tokens.weight"}
 
 
+def gpt_neox_model():
+    """A tiny transformers ``GPTNeoXForCausalLM`` (fp16, its ``lm_head`` saved as ``embed_out``), pruned by magnitude
+    to 60 % zeros."""
+    import transformers
+
+    from flash_llm.prune import magnitude_prune_
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    model = transformers.GPTNeoXForCausalLM(cfg).half().eval()
+    magnitude_prune_(model, 0.6)
+    return model
+
+
 def hf_model(family: str, dtype=torch.float16, seed: int = 0, vocab: int = VOCAB, tie: bool | None = None):
     """A transformers ``LlamaForCausalLM`` / ``OPTForCausalLM`` with random weights, pruned by magnitude: every
     projection to 60 % zeros except :data:`LOW_SPARSITY_LAYER` (10 %); ``lm_head`` untouched."""

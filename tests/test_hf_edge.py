@@ -17,7 +17,7 @@ import flash_llm
 from flash_llm import FormatError, SparseLinear, SparsifyConfig
 from flash_llm.prune import magnitude_prune_
 
-from _ckpt import VOCAB, edit_json, edit_tensor, hf_model, logits, read_shard, rewrite_shard
+from _ckpt import VOCAB, edit_json, edit_tensor, gpt_neox_model, hf_model, logits, read_shard, rewrite_shard
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,18 +126,9 @@ def test_a_layer_the_model_lacks_is_named_without_blaming_config(llama, tmp_path
 
 # ---- 3. names transformers converts ---------------------------------------------------------------------------
 
-def _gpt_neox():
-    torch.manual_seed(0)
-    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                     num_attention_heads=4, max_position_embeddings=64)
-    model = transformers.GPTNeoXForCausalLM(cfg).half().eval()
-    magnitude_prune_(model, 0.6)
-    return model
-
-
 def test_gpt_neox_sparse_lm_head_round_trips_through_transformers_save(tmp_path):
     # transformers stores lm_head as embed_out: the quantization section and headers follow it, both loaders map back
-    model = _sparsify(_gpt_neox(), SparsifyConfig(skip_names=()))
+    model = _sparsify(gpt_neox_model(), SparsifyConfig(skip_names=()))
     assert "lm_head" in _sparse_names(model)
     model.save_pretrained(tmp_path / "c")
     qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
@@ -150,7 +141,7 @@ def test_gpt_neox_sparse_lm_head_round_trips_through_transformers_save(tmp_path)
 
 def test_flash_llm_reads_a_checkpoint_transformers_renames(tmp_path):
     # Pythia / GPT-NeoX files store lm_head as embed_out (transformers 5 renames it on load, and on save back)
-    model = _gpt_neox()
+    model = gpt_neox_model()
     model.save_pretrained(tmp_path / "dense")
     ours = flash_llm.from_pretrained(tmp_path / "dense", progress=False)
     ids = _ids()
@@ -159,7 +150,7 @@ def test_flash_llm_reads_a_checkpoint_transformers_renames(tmp_path):
 
 
 def test_a_tensor_stored_under_both_names_is_refused(tmp_path):
-    model = _gpt_neox()
+    model = gpt_neox_model()
     model.save_pretrained(tmp_path / "dense")
     tensors, meta = read_shard(tmp_path / "dense" / "model.safetensors")
     tensors["lm_head.weight"] = tensors["embed_out.weight"].clone()

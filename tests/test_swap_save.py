@@ -11,9 +11,8 @@ import torch
 
 import flash_llm
 from flash_llm import SparseLinear, SparsifyConfig
-from flash_llm.prune import magnitude_prune_
 
-from _ckpt import VOCAB, hf_model, logits
+from _ckpt import VOCAB, gpt_neox_model, hf_model, logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,15 +49,6 @@ def _assert_loads_back(path, model) -> None:
             torch.testing.assert_close(logits(loaded, ids), want, atol=tol, rtol=tol)
 
 
-def _gpt_neox():
-    torch.manual_seed(0)
-    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                     num_attention_heads=4, max_position_embeddings=64)
-    model = transformers.GPTNeoXForCausalLM(cfg).half().eval()
-    magnitude_prune_(model, 0.6)
-    return model
-
-
 # ---- 1. layers swapped in by hand ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family, dtype, name", [("llama", torch.bfloat16, "model.layers.0.mlp.up_proj"),
@@ -76,7 +66,7 @@ def test_hand_swapped_layer_saves_through_transformers(family, dtype, name, tmp_
 
 def test_hand_swapped_lm_head_is_saved_under_transformers_file_name(tmp_path):
     # GPT-NeoX stores lm_head as embed_out: the quantization section follows, both loaders map it back
-    model = _gpt_neox()
+    model = gpt_neox_model()
     _swap(model, "lm_head")
     model.save_pretrained(tmp_path / "c")
     qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
@@ -130,7 +120,7 @@ def test_layer_swapped_into_a_model_of_another_quantization_method_is_refused_be
 # ---- 2. names transformers' revert gives back ------------------------------------------------------------------
 
 def _sparse_lm_head_neox():
-    model = _gpt_neox()
+    model = gpt_neox_model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         flash_llm.sparsify_(model, SparsifyConfig(skip_names=()))
