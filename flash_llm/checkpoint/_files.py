@@ -109,6 +109,10 @@ class Shard:
         s = self._file.get_slice(name)
         return TensorInfo(name, self.path, s.get_dtype(), tuple(s.get_shape()))
 
+    def get_slice(self, name: str):
+        """``safe_open``'s lazy slice of the tensor ``name``: indexing it reads only that range."""
+        return self._file.get_slice(name)
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (memory-mapped, CPU)."""
         try:
@@ -153,6 +157,14 @@ def open_checkpoint(path) -> CheckpointFiles:
     if not path.is_dir():
         raise FormatError(f"{path}: expected a checkpoint directory (config.json and *.safetensors), got a file")
     config = read_json(path / CONFIG_NAME, "config.json")
+    shards, tensors = open_shards(path)
+    return CheckpointFiles(path, config, shards, tensors)
+
+
+def open_shards(path) -> tuple[list[Path], dict[str, TensorInfo]]:
+    """The shards of the checkpoint directory ``path`` and every tensor they hold (in shard order), chosen and
+    checked as :func:`open_checkpoint` describes, without reading ``config.json``; the same FormatErrors."""
+    path = Path(os.fspath(path))
     index_path, single = path / INDEX_NAME, path / WEIGHTS_NAME
     tensors: dict[str, TensorInfo] = {}
     if single.exists():
@@ -190,7 +202,7 @@ def open_checkpoint(path) -> CheckpointFiles:
         raise FormatError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
     if not tensors:
         raise FormatError(f"{path}: the checkpoint holds no tensors")
-    return CheckpointFiles(path, config, shards, tensors)
+    return shards, tensors
 
 
 def auxiliary_files(path: Path) -> list[Path]:

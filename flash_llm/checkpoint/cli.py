@@ -259,46 +259,80 @@ def cmd_generate(args) -> int:
         if tp is not None:
             tp.close(barrier=False)
         return EXIT_USAGE
+    out = _Output(show=tp is None or tp.rank == 0)
+    finished = False
     try:
-        return _stream(args, engine, tok, ids, show=tp is None or tp.rank == 0)
+        rc = _stream(args, engine, tok, ids, out)
+        finished = True
+        return rc
     except ValueError as e:  # (what the sampler refuses; the arguments are checked above)
-        if tp is None or tp.rank == 0:
-            print(flush=True)  # (ends the line of text printed so far)
+        out.write("\n")  # (ends the line of text printed so far)
         _err(str(e))
         return EXIT_USAGE
     finally:
         if tp is not None:
             del engine
-            tp.close()
+            # the ranks meet at the barrier only after a complete run: a rank that an exception takes out of the
+            # generation alone must not wait there for ranks still in its all-reduces (they fail at once instead)
+            tp.close(barrier=finished)
 
 
-def _stream(args, engine, tok, ids, show: bool) -> int:
-    """Generate and print as tokens come.  In a tensor-parallel run every rank generates and rank 0 prints."""
+class _Output:
+    """Where ``generate`` prints the text: stdout on rank 0 (or without ``--tp``), nothing on the other ranks.
+    Once the reader has closed stdout (``| head``), the rest is discarded: :attr:`closed` is set and stdout is
+    pointed at ``os.devnull`` (so Python's final flush does not fail again), as Python's documentation advises."""
+
+    def __init__(self, show: bool):
+        self.show = show
+        self.closed = False
+
+    def write(self, text: str) -> None:
+        if not self.show or self.closed:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.closed = True
+            try:
+                fd = sys.stdout.fileno()
+            except (AttributeError, OSError, ValueError):  # (not a file: e.g. captured by a test)
+                return
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+
+
+def _stream(args, engine, tok, ids, out: _Output) -> int:
+    """Generate and print as tokens come.  In a tensor-parallel run every rank generates and rank 0 prints.
+
+    When stdout's reader goes away (``BrokenPipeError``), the rest of the text is discarded and the exit status is
+    1, without a traceback.  One process stops generating; in a tensor-parallel run rank 0 keeps generating to the
+    end (every step is a collective the other ranks wait in), so all ranks finish and close the group normally."""
     from ..demo import continuation
 
-    out = sys.stdout if show else open(os.devnull, "w")  # noqa: SIM115
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    print(args.prompt, end="", flush=True, file=out)
+    out.write(args.prompt)
     new: list[int] = []
     shown = ""
     stop = {"eos_token_id": None} if args.ignore_eos else {}
-    try:
-        for step in engine.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, generator=generator, **stop):
-            new.append(int(step[0]))
-            text = continuation(tok.decode, ids, new, partial=True)
-            print(text[len(shown):], end="", flush=True, file=out)
-            shown = text
-        final = continuation(tok.decode, ids, new)
-        print(final[len(shown):], file=out)
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    for step in engine.stream([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, generator=generator, **stop):
+        new.append(int(step[0]))
+        text = continuation(tok.decode, ids, new, partial=True)
+        out.write(text[len(shown):])
+        shown = text
+        if out.closed and engine.tp is None:
+            break  # (one process: nobody needs the rest)
+    final = continuation(tok.decode, ids, new)
+    out.write(final[len(shown):] + "\n")
+    if out.closed:
+        return EXIT_FAILURE
     g = engine.last
     where = str(args.device) if engine.tp is None else f"{engine.tp.world_size} tensor-parallel ranks"
-    if show:
+    if out.show:
         rate = (f"{g.decode_tokens_per_s:.1f} tokens/s after it" if math.isfinite(g.decode_tokens_per_s)
                 else "no decode steps after it")
         print(f"{len(new)} new token{'' if len(new) == 1 else 's'}; time to first token {g.ttft_s * 1e3:.1f} ms, "

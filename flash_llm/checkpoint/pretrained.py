@@ -791,6 +791,21 @@ def _refuse_merged(model: nn.Module) -> None:
                          "flash_llm.models.unmerge_projections(model) before saving")
 
 
+def _refuse_tensor_parallel(model: nn.Module) -> None:
+    """A tensor-parallel model holds only this rank's slices of the projections, under names no reader knows
+    (``...down_proj.linear.weight``): saving it would write an unloadable checkpoint, so it is refused."""
+    from ..parallel.layers import _ParallelLinear
+
+    sharded = [fqn for fqn, m in model.named_modules() if isinstance(m, _ParallelLinear)]
+    if sharded or getattr(model, "tensor_parallel", None) is not None:
+        which = f" ({len(sharded)} sharded projections: {sharded[0]}, ...)" if sharded else ""
+        raise ValueError(f"model is tensor-parallel{which}: each rank holds only its slices, which no checkpoint "
+                         "reader can load, and flash-llm cannot gather them into the full weights: save the "
+                         "single-process model before sharding it (tensor_parallel_); a model from "
+                         "load_tensor_parallel has its full weights in the checkpoint it was loaded from (`flash-llm "
+                         "convert` compresses that one)")
+
+
 def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB", overwrite: bool = False,
                     progress: bool = True, _copy_files_from: Path | None = None) -> None:
     """Write ``model`` (with or without :class:`~flash_llm.SparseLinear` layers) as a flash-llm checkpoint
@@ -809,6 +824,7 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _refuse_tensor_parallel(model)
     _refuse_merged(model)
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
@@ -907,6 +923,7 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if min_sparsity is not None:
         check_fraction(min_sparsity, "min_sparsity")
+    _refuse_tensor_parallel(model)
     _refuse_merged(model)
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)

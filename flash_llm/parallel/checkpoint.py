@@ -13,8 +13,9 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from ..checkpoint._files import IGNORED_SUFFIXES as _IGNORED_SUFFIXES, INDEX_NAME as INDEX, WEIGHTS_NAME, \
+from ..checkpoint._files import IGNORED_SUFFIXES as _IGNORED_SUFFIXES, INDEX_NAME as INDEX, Shard, open_shards, \
     stored_names
+from ..formats import FormatError
 from ..models import CausalLM, as_config, from_config
 from ..nn import SparsifyConfig
 from .group import TensorParallel
@@ -24,40 +25,30 @@ from .layers import COLUMN, ShardReport, check_divisible, check_sparsify, column
 _READ_CHUNK = 1 << 28  # bytes read at once for a row-parallel (column-sliced) weight
 
 
+class MissingTensorError(FormatError, KeyError):
+    """A tensor of the model that the checkpoint does not hold (the message names the file or folder and the
+    tensor).  A :class:`~flash_llm.FormatError`, as :func:`flash_llm.from_pretrained` raises in that case (the
+    CLI reports it as an input error), and a ``KeyError``, as this loader raised before."""
+
+    __str__ = BaseException.__str__  # (KeyError's would quote the message)
+
+
 class _Checkpoint:
-    """The tensors of a checkpoint folder by name, read lazily from its safetensors files."""
+    """The tensors of a checkpoint folder by name, read lazily from its safetensors files: ``model.safetensors``,
+    or the shards its index lists, chosen and checked against the index as :func:`flash_llm.from_pretrained`
+    does (:func:`flash_llm.checkpoint._files.open_shards`: a stray ``*.safetensors`` file is not read)."""
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
-
         self.folder = folder
-        index = os.path.join(folder, INDEX)
-        single = os.path.join(folder, WEIGHTS_NAME)
-        if os.path.exists(single):  # (before an index: one left beside a newer single file is stale, as transformers)
-            files, weight_map = [WEIGHTS_NAME], None
-        elif os.path.exists(index):
-            with open(index, encoding="utf-8") as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{index}: not a safetensors index (a JSON object with 'weight_map'): {e}") \
-                        from None
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-            weight_map = None
-        if not files:
+        names = os.listdir(folder)
+        if not any(f.endswith(".safetensors") for f in names) and INDEX not in names:
             raise FileNotFoundError(f"{folder}: no *.safetensors files (this loader reads safetensors checkpoints "
                                     "only; convert .bin files with transformers' save_pretrained)")
-        self.handles = {}
-        for name in files:
-            path = os.path.join(folder, name)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{index} lists {name}, which is not in {folder}")
-            self.handles[name] = safe_open(path, framework="pt", device="cpu")
-        if weight_map is None:
-            weight_map = {k: name for name, h in self.handles.items() for k in h.keys()}
-        self.where = weight_map
+        shards, tensors = open_shards(folder)  # FormatError naming the file for a bad index or shard
+        self.handles = {p: Shard(p) for p in shards}
+        self.where = {k: t.file for k, t in tensors.items()}  # key -> shard path
+        # where a missing tensor is reported: the one file, or the folder of the shards
+        self.source = str(shards[0]) if len(shards) == 1 else folder
         self.used: set[str] = set()
 
     def key(self, name: str) -> str | None:
@@ -71,8 +62,8 @@ class _Checkpoint:
         sl = self.handles[self.where[key]].get_slice(key)
         got = tuple(sl.get_shape())
         if got != tuple(shape):
-            raise ValueError(f"{os.path.join(self.folder, self.where[key])}: tensor {key!r} has shape {got}; the "
-                             f"config.json says {tuple(shape)}")
+            raise ValueError(f"{self.where[key]}: tensor {key!r} has shape {got}; the config.json says "
+                             f"{tuple(shape)}")
         self.used.add(key)
         return sl
 
@@ -128,9 +119,12 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
 
     Raises:
         ValueError: the world size does not divide the heads / KV heads / intermediate size; a tensor's shape
-            disagrees with ``config.json``; FileNotFoundError / KeyError: files or tensors missing (named);
-            FormatError: a compressed checkpoint that is invalid, or a flash-llm one stored in another dtype
-            than ``dtype`` loaded with ``sparsify=None``.
+            disagrees with ``config.json``; FileNotFoundError: no folder, or no safetensors files in it;
+            FormatError (naming the file and tensor): the files are chosen and checked as
+            :func:`flash_llm.from_pretrained` does (a bad index, or a shard that disagrees with it, is refused); a
+            tensor of the model is missing (:class:`MissingTensorError`, a ``KeyError`` too); a compressed
+            checkpoint that is invalid, or a flash-llm one stored in another dtype than ``dtype`` loaded with
+            ``sparsify=None``.
     """
     folder = os.fspath(path)
     if not os.path.isdir(folder):
@@ -155,26 +149,28 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     config_path = os.path.join(folder, "config.json")
     with open(config_path, encoding="utf-8") as f:
         kind = checkpoint_kind(json.load(f), config_path)
+    # the files, chosen and checked before the progress bar shows (an error is then not printed after it)
+    files = _files.open_checkpoint(folder) if kind.kind != "dense" else None
+    ckpt = _Checkpoint(folder) if kind.kind == "dense" else None
     bar = tqdm(total=cfg.num_layers, desc=f"loading {os.path.basename(folder.rstrip(os.sep))} (rank {tp.rank}/"
                f"{tp.world_size})", file=sys.stderr, leave=False, dynamic_ncols=True,
                disable=not (tp.rank == 0 if progress is None else progress))
     if kind.kind != "dense":  # config.json names flash-llm's method or compressed-tensors' sparse-bitmask
-        unused = _load_compressed(model, cfg, _files.open_checkpoint(folder), kind, tp, dtype, sparsify, bar)
+        unused = _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar)
         _warn_unused(folder, cfg, unused)
         return _finish(model, tp, device, folder)
-    ckpt = _Checkpoint(folder)
 
     def need(name: str) -> str:
         k = ckpt.key(name)
         if k is None:
-            raise KeyError(f"{folder}: no tensor {name!r} in the checkpoint")
+            raise MissingTensorError(f"{ckpt.source}: no tensor {name!r} in the checkpoint (no shard holds it)")
         return k
 
     def get(name, shape, **rng):
         return ckpt.read(need(name), shape, **rng).to(device=device, dtype=dtype)
 
     per_layer = len(cfg.linear_shapes())
-    with torch.no_grad():
+    with torch.no_grad(), bar:  # (the bar is closed on an error too, before the caller prints it)
         for i, (fqn, kind, m, k) in enumerate(projections(cfg)):
             parent_name, _, name = fqn.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -223,7 +219,8 @@ def _finish(model, tp, device, folder):
     """Check that every tensor arrived, then make the model this rank's part of the group, on ``device``."""
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # (a tied lm_head absent from the file was tied to the embedding by load_state_dict)
-        raise KeyError(f"{folder}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. {left[:5]}")
+        raise MissingTensorError(f"{folder}: the checkpoint lacks {len(left)} tensor(s) of the model, e.g. "
+                                 f"{left[:5]}")
     set_local_heads(model, tp.world_size)
     model.tensor_parallel = tp
     # the loaded tensors are on the device already; this moves what the model computes itself (rotary
@@ -244,7 +241,7 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
     ``lm_head.weight`` (the model ties it to the input embedding, as the dense route and from_pretrained do)."""
     from ..checkpoint import sparse_bitmask as sb
     from ..checkpoint.pretrained import iter_checkpoint
-    from ..formats import FormatError, SparseFormat
+    from ..formats import SparseFormat
 
     device = tp.device
     if sparsify is None and kind.kind == "sparse-bitmask":
@@ -317,7 +314,7 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
             value = value.to(device).to_dense()
         return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
 
-    with torch.no_grad():
+    with torch.no_grad(), bar:
         for e in iter_checkpoint(files, kind, "cpu", progress=False):
             name = names.get(e.key)
             if name is None:
@@ -346,6 +343,6 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
         if pending:
             fqn, got = next(iter(pending.items()))
             part = "bias" if "weight" in got else "weight"
-            raise KeyError(f"{files.path}: the checkpoint lacks '{fqn}.{part}'")
+            raise MissingTensorError(f"{files.path}: tensor '{fqn}.{part}' is missing (no shard holds it)")
         model.load_state_dict(state, strict=False, assign=True)
     return unused
