@@ -296,3 +296,28 @@ def test_save_pretrained_refuses_meta_tensors(tmp_path):
     with pytest.raises(ValueError, match=r"tensor 'model.decoder.embed_tokens.weight' is on the meta device"):
         flash_llm.save_pretrained(model, tmp_path / "x")
     assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("fail", [1, 2], ids=["moving-out-aside", "moving-new-in"])
+def test_a_failed_swap_keeps_the_existing_output(tmp_path, monkeypatch, fail):
+    """atomic_directory replacing an existing output: if either rename of the swap fails, the old output keeps its
+    name and bytes and no temporary or holder directory is left (the second failure used to leave the old output
+    only in a hidden .old- directory)."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == fail:
+            raise OSError(18, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(_files.os, "replace", replace)
+    with pytest.raises(OSError, match="cross-device"):
+        with _files.atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert _snapshot(out) == {"a.txt": b"old"} and not _leftovers(tmp_path)

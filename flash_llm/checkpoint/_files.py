@@ -263,8 +263,9 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; when the block completes, it replaces ``out``.
 
     An existing ``out`` raises ``FileExistsError`` unless ``overwrite``; then it is replaced only after the
-    new directory is complete.  If the block raises (including ``KeyboardInterrupt``), the temporary
-    directory is removed and ``out`` is untouched.  (A process killed outright leaves a hidden
+    new directory is complete.  If the block raises (including ``KeyboardInterrupt``), or either rename of the
+    swap fails, the temporary directory is removed and ``out`` is untouched (moved back to its name, if the
+    swap had moved it aside).  (A process killed outright leaves a hidden
     ``.<name>.tmp-*`` directory beside ``out``, never a partial ``out``.)
     """
     out = Path(os.fspath(out))
@@ -279,8 +280,17 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
+            try:
+                os.replace(out, old / out.name)
+            except BaseException:  # (out stays where it was; the empty holder goes)
+                shutil.rmtree(old, ignore_errors=True)
+                raise
+            try:
+                os.replace(tmp, out)
+            except BaseException:  # the original goes back to its name: nothing lost
+                os.replace(old / out.name, out)
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)
