@@ -17,6 +17,7 @@ import json
 import threading
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable, NamedTuple
 
 import torch
@@ -24,7 +25,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .formats import FORMATS, BitmapTiles, DeltaRows, FormatError, SparseFormat, TiledCSL
-from .formats._base import METADATA_KEY, VALUE_DTYPES, check_dense_weight, count_nonzero, dtype_name
+from .formats._base import (COUNT_CHUNK, METADATA_KEY, VALUE_DTYPES, _magnitude_bits, check_dense_weight,
+                            count_nonzero, dtype_name)
+from .formats.delta_rows import MAX_K as _DELTA_ROWS_MAX_K
 from .ops import spmm
 from .prune import _recomputed_weight
 
@@ -65,6 +68,43 @@ def check_fraction(value, name: str) -> None:
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+class LossyCastError(ValueError):
+    """A cast to fp16 / bf16 would change a weight or bias beyond rounding: finite values overflow to inf, or
+    nonzeros flush to zero (:func:`cast_loss`).  :class:`SparseLinear` refuses such a cast and :func:`sparsify_`
+    keeps such a layer dense; the formats' own ``from_dense(dtype=...)`` casts as ``Tensor.to`` does."""
+
+
+def cast_loss(src: torch.Tensor, dst: torch.Tensor) -> str | None:
+    """What ``dst``, the cast of ``src`` (the same shape), lost beyond rounding, or None: finite values that became
+    inf (overflow: fp16 holds at most 65504) and nonzeros that became zero (underflow: below half of fp16's smallest
+    subnormal, about 6e-8, or of bf16's, about 9e-41).  Counted ``COUNT_CHUNK`` elements at a time, zeros by bits
+    (as :func:`~flash_llm.formats._base.count_nonzero`)."""
+    a, b = src.detach().reshape(-1), dst.detach().reshape(-1)
+    if a.dtype == b.dtype or not a.dtype.is_floating_point:
+        return None
+    over = torch.zeros((), dtype=torch.int64, device=a.device)
+    under = torch.zeros((), dtype=torch.int64, device=a.device)
+    for i in range(0, a.numel(), COUNT_CHUNK):
+        x, y = a[i: i + COUNT_CHUNK], b[i: i + COUNT_CHUNK]
+        over += torch.count_nonzero(torch.isfinite(x) & ~torch.isfinite(y))
+        under += torch.count_nonzero((_magnitude_bits(x) != 0) & (_magnitude_bits(y) == 0))
+    over, under = int(over), int(under)
+    parts = [*([f"{over} finite value(s) overflow to inf"] if over else []),
+             *([f"{under} nonzero(s) flush to zero"] if under else [])]
+    return f"{' and '.join(parts)} in {b.dtype}" if parts else None
+
+
+def _exact_dense_weight(weight, dtype: torch.dtype | None, name: str) -> torch.Tensor:
+    """``check_dense_weight(weight, dtype, name)``, refusing (:class:`LossyCastError`, naming ``name``) a cast to
+    ``dtype`` that is not exact to rounding."""
+    w = check_dense_weight(weight, dtype, name=name)
+    loss = cast_loss(weight, w) if dtype is not None else None
+    if loss is not None:
+        raise LossyCastError(f"{name} cannot be cast to dtype={dtype} exactly to rounding: {loss} (rescale it, or "
+                             "pick the other dtype: bfloat16 has fp32's range)")
+    return w
 
 
 class SparseLinear(nn.Module):
@@ -120,7 +160,12 @@ class SparseLinear(nn.Module):
                 raise TypeError(f"bias has dtype {bias.dtype}; expected a floating-point tensor")
             if bias.device != weight.device:
                 raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
-            bias = bias.detach().to(weight.dtype)
+            cast = bias.detach().to(weight.dtype)
+            loss = cast_loss(bias, cast)
+            if loss is not None:
+                raise LossyCastError(f"bias cannot be cast to the weight's dtype {weight.dtype} exactly to rounding: "
+                                     f"{loss}")
+            bias = cast
         self.in_features = k
         self.out_features = m
         self.weight_format: type[SparseFormat] = type(weight)
@@ -139,12 +184,27 @@ class SparseLinear(nn.Module):
                    dtype: torch.dtype | None = None) -> "SparseLinear":
         """Compress a dense ``weight [out_features, in_features]`` (fp16/bf16; ``dtype=`` casts another
         floating dtype) into format ``fmt`` (``"bitmap"`` or ``"tiled-csl"``), on its device.  The
-        bias is copied (cast to the weight's dtype); the layer shares no memory with the inputs."""
+        bias is copied (cast to the weight's dtype); the layer shares no memory with the inputs.  A cast that is not
+        exact to rounding (a finite value overflowing to inf, a nonzero flushed to zero) raises a ValueError
+        (:class:`LossyCastError`) naming ``weight`` or ``bias``.  Built outside inference
+        mode (under ``torch.inference_mode()`` too), so the layer runs with autograd afterwards."""
+        return cls._from_dense(weight, bias, fmt, dtype, "weight", "bias")
+
+    @classmethod
+    def _from_dense(cls, weight, bias, fmt, dtype, name: str, bias_name: str) -> "SparseLinear":
+        """:meth:`from_dense`, its errors naming the weight ``name`` and the bias ``bias_name``."""
         cls_ = _format_class(fmt)
-        w = cls_.from_dense(weight.detach() if isinstance(weight, torch.Tensor) else weight, dtype=dtype)
-        if isinstance(bias, torch.Tensor) and bias.dtype.is_floating_point:  # others: __init__ says why not
-            bias = bias.detach().to(w.dtype, copy=True)
-        return cls(w, bias)
+        with torch.inference_mode(False):  # normal tensors, as a load_state_dict under inference mode leaves
+            w = _exact_dense_weight(weight.detach() if isinstance(weight, torch.Tensor) else weight, dtype, name)
+            w = cls_.from_dense(w)
+            if isinstance(bias, torch.Tensor) and bias.dtype.is_floating_point:  # others: __init__ says why not
+                cast = bias.detach().to(w.dtype, copy=True)
+                loss = cast_loss(bias, cast)
+                if loss is not None:
+                    raise LossyCastError(f"{bias_name} cannot be cast to the weight's dtype {w.dtype} exactly to "
+                                         f"rounding: {loss}")
+                bias = cast
+            return cls(w, bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt="bitmap", dtype: torch.dtype | None = None) -> "SparseLinear":
@@ -152,7 +212,7 @@ class SparseLinear(nn.Module):
         ``dtype=``), on its device.  Zeros of the weight are what gets dropped: prune first."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls.from_dense(linear.weight, linear.bias, fmt=fmt, dtype=dtype)
+        return cls._from_dense(linear.weight, linear.bias, fmt, dtype, "linear.weight", "linear.bias")
 
     @classmethod
     def zeros(cls, in_features: int, out_features: int, bias: bool = True, fmt="bitmap",
@@ -371,7 +431,9 @@ class SparsifyConfig:
         format: ``"bitmap"`` (default; :class:`~flash_llm.BitmapTiles`), ``"tiled-csl"`` or ``"delta-rows"``
             (:class:`~flash_llm.DeltaRows`: the fastest at batch 1 on a GPU, multi-token kernels up to 8 tokens, above
             that it expands to dense).
-        min_sparsity: layers whose weight has a smaller fraction of zeros stay dense (default 0.3).
+        min_sparsity: layers whose weight has a smaller fraction of zeros stay dense (default 0.3); the bound is
+            inclusive and exact: a layer with exactly that fraction converts (the count of zeros is compared with
+            ``min_sparsity`` read as the decimal it prints as, e.g. 0.2 = 1/5, in integers, not in floats).
             Why: a bitmap weight costs 1 bit per element plus 2 bytes per nonzero, so it is smaller
             than fp16 only above ~6 % zeros, and at 30 % it takes ~0.77x the dense bytes; the kernels
             only beat dense cuBLAS from about 50-70 % sparsity, and at decode batch sizes
@@ -380,9 +442,12 @@ class SparsifyConfig:
             sparsity) stays dense.
         dtype: ``None`` keeps each layer's fp16/bf16 dtype and skips other dtypes (fp32...);
             ``torch.float16`` / ``torch.bfloat16`` casts every converted layer to it (then cast the rest
-            of the model too, e.g. ``model.to(dtype)``: a SparseLinear takes inputs of its dtype).
+            of the model too, e.g. ``model.to(dtype)``: a SparseLinear takes inputs of its dtype).  A layer
+            whose weight or bias that cast would change beyond rounding (a finite value overflowing to inf,
+            e.g. above 65504 in fp16, or a nonzero flushed to zero) stays dense, the reason in the report.
         skip_names: layers kept dense by name: a layer is skipped when its fully qualified name equals
-            an entry or ends with ``"." + entry`` (default ``("lm_head",)``).
+            an entry or ends with ``"." + entry`` (default ``("lm_head",)``).  Non-empty strings (checked
+            here and again by :func:`sparsify_`).
     """
 
     format: str = "bitmap"
@@ -395,10 +460,26 @@ class SparsifyConfig:
         check_fraction(self.min_sparsity, "SparsifyConfig.min_sparsity")
         if self.dtype is not None and self.dtype not in VALUE_DTYPES:
             raise TypeError(f"SparsifyConfig.dtype must be None, torch.float16 or torch.bfloat16, got {self.dtype}")
-        if isinstance(self.skip_names, str):
-            raise TypeError(f"SparsifyConfig.skip_names must be a sequence of names, got the string "
-                            f"{self.skip_names!r} (write ({self.skip_names!r},))")
-        self.skip_names = tuple(self.skip_names)
+        self.skip_names = _checked_skip_names(self.skip_names)
+
+
+def _checked_skip_names(names) -> tuple[str, ...]:
+    """``SparsifyConfig.skip_names`` as a tuple of non-empty strings, else TypeError / ValueError naming it."""
+    if isinstance(names, str):
+        raise TypeError(f"SparsifyConfig.skip_names must be a sequence of names, got the string "
+                        f"{names!r} (write ({names!r},))")
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise TypeError(f"SparsifyConfig.skip_names must be a sequence of names (str), got "
+                        f"{type(names).__name__}") from None
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"SparsifyConfig.skip_names must hold names (str), got {n!r} ({type(n).__name__}) "
+                            f"in {names!r}")
+        if not n:
+            raise ValueError(f"SparsifyConfig.skip_names holds an empty name in {names!r} (it would match nothing)")
+    return names
 
 
 class ConvertedLayer(NamedTuple):
@@ -468,12 +549,42 @@ def _storage_key(t: torch.Tensor):
     return (t.device, ptr) if ptr else None
 
 
-def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: dict) -> str | None:
+#: the hook dicts of an nn.Module a replacement would drop, by kind (register_forward_hook,
+#: register_full_backward_hook, register_full_backward_pre_hook, state-dict save / load hooks)
+_HOOKS = (("forward", ("_forward_hooks", "_forward_pre_hooks")),
+          ("backward", ("_backward_hooks", "_backward_pre_hooks")),
+          ("state-dict", ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                          "_load_state_dict_post_hooks")))
+
+
+def _read_directly(model: nn.Module) -> dict[int, str]:
+    """``id(linear) -> reason`` for the ``nn.Linear`` children whose ``.weight`` another torch module reads itself,
+    past ``Linear.forward`` (a SparseLinear there breaks it): ``nn.TransformerEncoderLayer``'s ``linear1`` /
+    ``linear2`` (its inference fast path, and ``nn.TransformerEncoder``'s, pass them to
+    ``torch._transformer_encoder_layer_fwd``) and ``nn.MultiheadAttention``'s ``out_proj``.
+    ``nn.TransformerDecoderLayer`` calls its ``linear1`` / ``linear2`` as modules (torch 2.1 to 2.13): they convert."""
+    found: dict[int, str] = {}
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, nn.TransformerEncoderLayer):
+            for n in ("linear1", "linear2"):
+                child = getattr(mod, n, None)
+                if isinstance(child, nn.Linear):
+                    found.setdefault(id(child), f"{n} of nn.TransformerEncoderLayer '{fqn}', whose inference fast "
+                                                "path reads its .weight directly")
+        if isinstance(mod, nn.MultiheadAttention) and isinstance(getattr(mod, "out_proj", None), nn.Linear):
+            found.setdefault(id(mod.out_proj), "out_proj of nn.MultiheadAttention, which reads its .weight directly")
+    return found
+
+
+def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: dict, skip_names: tuple = (),
+                 read_directly: dict | None = None, fmt_cls: type | None = None) -> str | None:
     """Why ``module`` stays dense, or None to convert it (the checks that need no compression)."""
     if not fqn:
         return "the model itself is an nn.Linear (sparsify_ replaces submodules; use SparseLinear.from_linear)"
-    if any(fqn == n or fqn.endswith("." + n) for n in config.skip_names):
-        return f"name in skip_names {config.skip_names}"
+    if any(fqn == n or fqn.endswith("." + n) for n in skip_names):
+        return f"name in skip_names {skip_names}"
+    if read_directly and id(module) in read_directly:
+        return read_directly[id(module)]
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return "out_proj of nn.MultiheadAttention, which reads its .weight directly"
     if type(module).forward is not nn.Linear.forward:
@@ -483,9 +594,10 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
     how = _recomputed_weight(module)  # (torch prune's weight_orig / weight_mask, weight_norm, ...: as the pruners)
     if how is not None:
         return f"weight recomputed at every forward: {how}"
-    hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
+    hooks = [(kind, sum(len(getattr(module, a, None) or ()) for a in attrs)) for kind, attrs in _HOOKS]
+    hooks = [f"{n} {kind} hook(s)" for kind, n in hooks if n]
     if hooks:
-        return f"has {hooks} forward hook(s) that a replacement would drop"
+        return f"has {' and '.join(hooks)} that a replacement would drop"
     w = module.weight
     if type(w) not in (torch.Tensor, nn.Parameter) or (module.bias is not None
                                                        and type(module.bias) not in (torch.Tensor, nn.Parameter)):
@@ -494,8 +606,16 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
         return "weight is on the meta device (no values to compress); load the weights first"
     if w.numel() == 0:
         return f"empty weight {tuple(w.shape)}"
+    b = module.bias
+    if b is not None and b.is_meta:
+        return "bias is on the meta device (no values to copy); load the weights first"
+    if b is not None and b.device != w.device:
+        return f"bias is on {b.device} but weight is on {w.device}; move the layer to one device first"
     if w.numel() >= 2**31:
         return f"weight {tuple(w.shape)} has 2^31 or more elements; the formats index it with int32"
+    if fmt_cls is DeltaRows and w.shape[1] >= _DELTA_ROWS_MAX_K:
+        return (f"in_features {w.shape[1]} >= {_DELTA_ROWS_MAX_K}: DeltaRows stores 16-bit columns "
+                "(use format='bitmap' or 'tiled-csl' for it)")
     for name, t in (("weight", w), ("bias", module.bias)):
         others = [n for n in sharing.get(_storage_key(t), ()) if n != f"{fqn}.{name}"] if t is not None else []
         if others:
@@ -510,6 +630,42 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
     return None
 
 
+def _compressed(module: nn.Linear, fqn: str, config: SparsifyConfig, fmt_cls: type[SparseFormat],
+                min_zeros: Fraction) -> tuple[SparseLinear | None, str | None]:
+    """``(layer, None)``: ``module`` compressed; or ``(None, reason)`` to keep it dense, for what compression finds:
+    a cast to ``config.dtype`` (or the bias's to the weight's dtype) that is not exact to rounding, a sparsity below
+    ``config.min_sparsity``, a shape the format cannot hold, or a compressed weight not smaller than dense.  Other
+    errors propagate, noted (the model is unchanged: nothing is swapped in before every layer is compressed)."""
+    try:
+        w = _exact_dense_weight(module.weight.detach(), config.dtype, "weight")
+    except LossyCastError as e:
+        return None, str(e)
+    bias = None
+    if module.bias is not None:
+        bias = module.bias.detach().to(w.dtype, copy=True)
+        loss = cast_loss(module.bias, bias)
+        if loss is not None:
+            return None, f"bias cannot be cast to the weight's dtype {w.dtype} exactly to rounding: {loss}"
+    numel = w.numel()
+    zeros = numel - count_nonzero(w)
+    sparsity = zeros / numel
+    if zeros * min_zeros.denominator < min_zeros.numerator * numel:  # (exact: zeros / numel < min_sparsity)
+        return None, f"sparsity {sparsity:.4f} < min_sparsity {config.min_sparsity} ({zeros} of {numel} zeros)"
+    try:
+        layer = SparseLinear(fmt_cls.from_dense(w), bias)
+    except ValueError as e:  # a limit of the format (its record offsets, 16-bit columns...): this layer stays dense
+        return None, f"{fmt_cls.__name__} cannot hold it: {e}"
+    except Exception as e:
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            e.add_note(f"sparsify_: while compressing '{fqn}' {tuple(w.shape)}; the model is unchanged")
+        raise
+    dense_w = _tensor_bytes(w)
+    if layer.nbytes >= dense_w:
+        return None, (f"compressed weight ({fmt_cls.__name__}, {_human(layer.nbytes)}) is not "
+                      f"smaller than dense ({_human(dense_w)}) at sparsity {sparsity:.4f}")
+    return layer, None
+
+
 def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> SparsifyReport:
     """Replace, in place, the ``nn.Linear`` layers of ``model`` worth compressing by :class:`SparseLinear`.
@@ -517,12 +673,18 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     Every layer gets a decision first: a layer stays dense when ``filter_fn(module, fqn)`` returns
     False, its name is in ``config.skip_names`` (``lm_head`` by default), its weight or bias is shared
     with another parameter or buffer (tied weights), it is an ``nn.Linear`` subclass with its own
-    ``forward`` or one another module reads directly (``nn.MultiheadAttention.out_proj``), it carries
-    hooks, parametrizations or ``torch.nn.utils.prune`` masks, its weight is on ``meta``, its dtype is
-    not fp16/bf16 and ``config.dtype`` is unset, its sparsity is below ``config.min_sparsity``, or its
-    compressed weight would not be smaller.  Then all chosen layers are compressed (on their devices,
-    so peak memory holds both versions of them) and only then swapped in: an exception raised while
-    compressing propagates with the model unchanged.
+    ``forward`` or one another module reads directly (``nn.MultiheadAttention.out_proj``,
+    ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``), it carries forward, backward or state-dict
+    hooks, parametrizations or ``torch.nn.utils.prune`` masks, its weight or bias is on ``meta`` (or the bias on
+    another device than the weight), its dtype is not fp16/bf16 and ``config.dtype`` is unset, a cast to
+    ``config.dtype`` (or of the bias to the weight's dtype) would overflow to inf or flush nonzeros to zero, its
+    sparsity is below ``config.min_sparsity`` (inclusive: exactly that fraction converts), the format cannot hold
+    its shape (DeltaRows: ``in_features >= 65536``), or its compressed weight would not be smaller.  Then all
+    chosen layers are compressed (on their devices, so peak memory holds both versions of them; outside inference
+    mode, so the buffers are normal tensors even under ``torch.inference_mode()``) and only then swapped in: any
+    other exception raised while compressing propagates with the model unchanged.  Converted layers are inference
+    only: when a layer whose weight required grad in a ``train()`` model is converted, a ``RuntimeWarning`` says
+    how many (it is done all the same).
 
     Args:
         model: any module; converted layers must then be fed inputs of their dtype.
@@ -540,7 +702,13 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     config = SparsifyConfig() if config is None else config
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"config must be a SparsifyConfig or None, got {type(config).__name__}")
-    fmt_cls = _format_class(config.format)
+    fmt_cls = _format_class(config.format, "SparsifyConfig.format")
+    skip_names = _checked_skip_names(config.skip_names)  # (again: a dataclass field may be set after __post_init__)
+    check_fraction(config.min_sparsity, "SparsifyConfig.min_sparsity")
+    if config.dtype is not None and config.dtype not in VALUE_DTYPES:
+        raise TypeError(f"SparsifyConfig.dtype must be None, torch.float16 or torch.bfloat16, got {config.dtype}")
+    min_zeros = Fraction(repr(float(config.min_sparsity)))  # exact: 0.2 is 1/5, not 0.2000000000000000111
+    read_directly = _read_directly(model)
 
     sharing: dict = {}
     for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
@@ -550,35 +718,24 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
 
     report = SparsifyReport()
     plan: list[tuple[str, SparseLinear]] = []
+    trainable = 0  # converted layers whose weight or bias was trainable in a model in train() mode
     for fqn, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             report.skipped.append(SkippedLayer(fqn, "excluded by filter_fn"))
             continue
-        reason = _skip_reason(module, fqn, config, sharing)
+        reason = _skip_reason(module, fqn, config, sharing, skip_names, read_directly, fmt_cls)
         if reason is None:
-            with torch.no_grad():
-                w = check_dense_weight(module.weight.detach(), config.dtype, name=f"{fqn}.weight")
-                sparsity = 1.0 - count_nonzero(w) / w.numel()
-                if sparsity < config.min_sparsity:
-                    reason = f"sparsity {sparsity:.4f} < min_sparsity {config.min_sparsity}"
-                else:
-                    try:
-                        layer = SparseLinear(fmt_cls.from_dense(w), None if module.bias is None else
-                                             module.bias.detach().to(w.dtype, copy=True))
-                    except Exception as e:
-                        if hasattr(e, "add_note"):  # Python >= 3.11
-                            e.add_note(f"sparsify_: while compressing '{fqn}' {tuple(w.shape)}; "
-                                       "the model is unchanged")
-                        raise
-                    dense_w = _tensor_bytes(w)
-                    if layer.nbytes >= dense_w:
-                        reason = (f"compressed weight ({fmt_cls.__name__}, {_human(layer.nbytes)}) is not "
-                                  f"smaller than dense ({_human(dense_w)}) at sparsity {sparsity:.4f}")
+            # (outside inference mode: under torch.inference_mode() the buffers would be inference tensors, and the
+            # model could not run with autograd afterwards; the same as load_state_dict does)
+            with torch.no_grad(), torch.inference_mode(False):
+                layer, reason = _compressed(module, fqn, config, fmt_cls, min_zeros)
         if reason is not None:
             report.skipped.append(SkippedLayer(fqn, reason))
             continue
+        if module.training and any(p is not None and p.requires_grad for p in (module.weight, module.bias)):
+            trainable += 1
         plan.append((fqn, layer))
         report.converted.append(ConvertedLayer(
             fqn, (layer.out_features, layer.in_features), layer.density,
@@ -592,6 +749,12 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
 
         _attach_hf_quantizer(model)
 
+    if trainable:
+        warnings.warn(f"sparsify_ converted {trainable} layer(s) whose weights were trainable in a model in train() "
+                      "mode: a SparseLinear is inference only, its weight and bias are now buffers that no gradient "
+                      "or optimizer updates (an optimizer built before holds the old, orphaned parameters); keep "
+                      "layers to train dense with filter_fn or SparsifyConfig.skip_names", RuntimeWarning,
+                      stacklevel=2)
     if not report.converted and not report.skipped:
         warnings.warn("sparsify_: the model has no nn.Linear layers; nothing was converted", UserWarning,
                       stacklevel=2)

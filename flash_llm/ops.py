@@ -332,6 +332,22 @@ def _transformed() -> bool:
     return False
 
 
+def _decomposed(name: str) -> bool:
+    """Whether :func:`spmm`'s fused sibling ``name`` runs as its decomposition into differentiable ops (the norm,
+    :func:`spmm` and the activation, as its PyTorch reference computes it, so the same to rounding): under
+    forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``), outside Dynamo.  Their custom
+    ops take no forward-mode rule, and their tangents were dropped without an error (zeros under ``jvp``, ``None``
+    under ``forward_ad``).  In a graph Dynamo traces, forward-mode AD raises
+    NotImplementedError naming the function, as :func:`spmm` does."""
+    if not _forward_ad_active():
+        return False
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(f"flash_llm.{name}: forward-mode AD (torch.func.jvp / jacfwd, "
+                                  "torch.autograd.forward_ad) is not supported in a graph torch.compile traces (the "
+                                  "tangent would be lost): run the transform outside the compiled region")
+    return True
+
+
 def _format_id(w: SparseFormat) -> int:
     """The op's format id of ``w``'s class (or of the format a subclass of it derives from)."""
     for c in type(w).__mro__:
@@ -406,12 +422,16 @@ def spmm_silu_mul(x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
     Returns:
         ``[..., H]`` in ``x.dtype``: ``y = x @ w^T`` rounded to the dtype, then ``silu(y[..., :H]) * y[..., H:]`` in
         fp32, rounded once.  On CUDA the product and the activation share the split-K reduction where one runs
-        (no separate activation kernel).  Not differentiable.
+        (no separate activation kernel).  Differentiable in ``x`` in forward mode only (``torch.func.jvp`` /
+        ``jacfwd``, ``torch.autograd.forward_ad``: it then runs as ``silu_mul_halves(spmm(x, w))``, the same to
+        rounding); a backward through it raises (no autograd formula).
     """
     m, k, _ = _checked(x, w, None)
     if m % 2:
         raise ValueError(f"w has {m} rows; a merged gate / up weight has an even number (gate rows, then up rows)")
     lead = x.shape[:-1]
+    if _decomposed("spmm_silu_mul"):
+        return silu_mul_halves(spmm(x, w))
     y = _spmm_silu_mul_op(x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k)
     return y.reshape(*lead, m // 2)
 
@@ -431,8 +451,10 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
         ``[..., M]`` (``[..., M / 2]`` with ``act``) in ``x.dtype``: :func:`~flash_llm.reference.rms_norm`
         (transformers' LlamaRMSNorm), then the product accumulated in fp32.  On CUDA at one token with split-K
         (Tiled-CSL), the norm's weight scales ``x`` inside the spmm and each token's factor is applied in the split-K
-        reduction, so the norm has no kernel of its own; the result is the same to rounding, not bit for bit.  Not
-        differentiable.
+        reduction, so the norm has no kernel of its own; the result is the same to rounding, not bit for bit.
+        Differentiable in ``x`` and ``norm_weight`` in forward mode only (``torch.func.jvp`` / ``jacfwd``,
+        ``torch.autograd.forward_ad``: it then runs as ``spmm(rms_norm(x, norm_weight, eps), w)``, the same to
+        rounding); a backward through it raises (no autograd formula).
     """
     m, k, _ = _checked(x, w, None)
     if act not in (None, "silu_mul"):
@@ -446,6 +468,9 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
     if norm_weight.device != x.device:
         raise ValueError(f"norm_weight is on {norm_weight.device} but x is on {x.device}")
     lead = x.shape[:-1]
+    if _decomposed("spmm_rms_norm"):
+        y = spmm(rms_norm(x, norm_weight, float(eps)), w)
+        return silu_mul_halves(y) if act is not None else y
     y = _spmm_rms_norm_op(x.reshape(-1, k), norm_weight.contiguous(), float(eps), w.data, w.offsets,
                           _format_id(w), m, k, act is not None)
     return y.reshape(*lead, y.shape[-1])
@@ -463,8 +488,9 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
         bias: optional ``[M]``, the dtype and device of ``x``.
 
     The product (+ bias) is rounded to the dtype, then added (rounded again), as ``acc + spmm(x, w, bias)`` would; on
-    CUDA at one token with split-K (Tiled-CSL, DeltaRows) the add happens in the split-K reduction.  Not
-    differentiable.
+    CUDA at one token with split-K (Tiled-CSL, DeltaRows) the add happens in the split-K reduction.  Differentiable
+    in forward mode only (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``: it then runs as
+    ``acc.add_(spmm(x, w, bias))``, the same to rounding; ``acc`` takes the tangent); reverse mode is refused.
     """
     m, k, bias = _checked(x, w, bias)
     if not isinstance(acc, torch.Tensor) or acc.shape != (*x.shape[:-1], m) or acc.dtype != x.dtype:
@@ -473,6 +499,8 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
     if acc.device != x.device or not acc.is_contiguous():
         raise ValueError(f"acc must be contiguous and on {x.device} (it is {'' if acc.is_contiguous() else 'not '}"
                          f"contiguous, on {acc.device})")
+    if _decomposed("spmm_add_"):
+        return acc.add_(spmm(x, w, bias))
     if torch.is_grad_enabled():  # (no autograd formula: a gradient through it would be dropped without a word)
         needs = [n for n, t in (("acc", acc), ("x", x), ("bias", bias)) if t is not None and t.requires_grad]
         if needs:
@@ -500,7 +528,10 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
         product accumulated in fp32 (+ bias, rounded), then ReLU.  On CUDA at one token with a DeltaRows weight the
         whole of it runs in the spmm's launch: each block takes X's mean and variance itself and normalizes its
         window while staging it (the same to rounding, not bit for bit: another summation order for the statistics).
-        Not differentiable.
+        Differentiable in ``x``, ``norm_weight``, ``norm_bias`` and ``bias`` in forward mode only
+        (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``: it then runs as
+        ``spmm(layer_norm(x, norm_weight, norm_bias, eps), w, bias)``, then ReLU, the same to rounding); a backward
+        through it raises (no autograd formula).
     """
     m, k, bias = _checked(x, w, bias)
     if act not in (None, "relu"):
@@ -514,6 +545,9 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
         if t.device != x.device:
             raise ValueError(f"{what} is on {t.device} but x is on {x.device}")
     lead = x.shape[:-1]
+    if _decomposed("spmm_layer_norm"):
+        y = spmm(layer_norm(x, norm_weight, norm_bias, float(eps)), w, bias)
+        return torch.relu(y) if act == "relu" else y
     y = _spmm_layer_norm_op(x.reshape(-1, k), norm_weight.contiguous(),
                             None if norm_bias is None else norm_bias.contiguous(), float(eps), w.data, w.offsets,
                             _format_id(w), m, k, bias, act == "relu")
