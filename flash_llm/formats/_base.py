@@ -227,8 +227,14 @@ class SparseFormat:
 
     @property
     def density(self) -> float:
-        """Fraction of nonzero elements, ``nnz / (M * K)``."""
-        return self.nnz / (self.shape[0] * self.shape[1])
+        """Fraction of nonzero elements, ``nnz / (M * K)``.  A weight built without its count (``nnz`` -1: raw arrays
+        wrapped by ``reference.as_format``, a meta file without ``nnz``) counts it from its arrays (validating them);
+        on the meta device there is nothing to count: ValueError (until session 74 it returned ``-1 / (M * K)``)."""
+        nnz = self.nnz
+        if nnz < 0:
+            self._needs_values("density (its nnz is unknown)")
+            nnz = self.nnz = type(self)._validate(self.tensors(), self.shape, "", "")
+        return nnz / (self.shape[0] * self.shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -387,7 +393,8 @@ class SparseFormat:
 
     def __repr__(self) -> str:
         m, k = self.shape
-        return (f"{type(self).__name__}(shape=({m}, {k}), dtype={self.dtype}, density={self.density:.4f}, "
+        density = "unknown" if self.nnz < 0 and self.device.type == "meta" else f"{self.density:.4f}"
+        return (f"{type(self).__name__}(shape=({m}, {k}), dtype={self.dtype}, density={density}, "
                 f"nbytes={self.nbytes}, device={self.device})")
 
     @classmethod
@@ -402,8 +409,9 @@ class SparseFormat:
 
     # ---- serialization -----------------------------------------------------------------------
     def metadata(self) -> dict:
+        # (an unknown count, -1, is written as null: loading counts it; a file saying -1 would be refused)
         return {"format": self.FORMAT_NAME, "version": self.FORMAT_VERSION, "dtype": dtype_name(self.dtype),
-                "shape": list(self.shape), "nnz": self.nnz}
+                "shape": list(self.shape), "nnz": self.nnz if self.nnz >= 0 else None}
 
     def state(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Tensors and string metadata for a safetensors file; ``prefix`` names this weight in it."""
