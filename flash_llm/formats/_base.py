@@ -229,7 +229,7 @@ class SparseFormat:
     def density(self) -> float:
         """Fraction of nonzero elements, ``nnz / (M * K)``.  A weight built without its count (``nnz`` -1: raw arrays
         wrapped by ``reference.as_format``, a meta file without ``nnz``) counts it from its arrays (validating them);
-        on the meta device there is nothing to count: ValueError (until session 74 it returned ``-1 / (M * K)``)."""
+        on the meta device there is nothing to count: ValueError (before session 75 it returned ``-1 / (M * K)``)."""
         nnz = self.nnz
         if nnz < 0:
             self._needs_values("density (its nnz is unknown)")
