@@ -58,6 +58,12 @@ SPMM_FLOOR_SPARSITIES = (50, 70, 80, 90)
 COPY_BW_TARGET = 85  # % of the measured copy bandwidth the kernel reads its bytes at, large shapes, N <= 32
 
 
+def time_dense(copies: list[torch.Tensor], xs: dict[int, torch.Tensor]) -> dict[int, float]:
+    """``{N: seconds}``: ``F.linear`` of each ``xs[N]`` on the dense weight, rotated over ``copies``."""
+    return {n: T.time_calls([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in copies])
+            for n, x in xs.items()}
+
+
 def bracket_dense(rows: list[dict], before: dict, after: dict) -> None:
     """Give ``rows`` (one layer and dtype's rows, their ``N``, ``t_kernel_us`` and ``t_spmm_us`` set) the dense
     baseline timed ``before`` and ``after`` their sparse variants (``{N: seconds}``): its mean (``t_dense_us``), so a
@@ -127,12 +133,7 @@ def main(argv=None):
                 dense_w = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                 dense_copies = [dense_w] + [dense_w.clone() for _ in range(T.copies_needed(dense_w.nbytes) - 1)]
                 xs = {n: torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for n in ns}
-
-                def time_dense():
-                    return {n: T.time_calls([lambda w=w, x=xs[n]: torch.nn.functional.linear(x, w)
-                                             for w in dense_copies]) for n in ns}
-
-                dense_before, layer_rows = time_dense(), []
+                dense_before, layer_rows = time_dense(dense_copies, xs), []
                 for sp in sparsities:
                     wd = random_sparse(m, k, sp, dtype, gen)
                     for fname in args.formats.split(","):
@@ -144,9 +145,8 @@ def main(argv=None):
                             t_spmm = T.time_calls([lambda c=c: flash_llm.spmm(x, c) for c in copies])
                             t_kernel = None
                             # (what spmm decides: its density estimate from the array's size, X on 16 bytes)
-                            sparse = (kernels.use_sparse_kernel(n, w.density, fid) if fname == "delta-rows" else
-                                      kernels.dispatches_sparse(n, fid, w.data, m, k, 0,
-                                                                k % 8 == 0 and x.data_ptr() % 16 == 0))
+                            sparse = kernels.dispatches_sparse(n, fid, w.data, m, k, 0,
+                                                               k % 8 == 0 and x.data_ptr() % 16 == 0)
                             if sparse:
                                 t_kernel = t_spmm  # the dispatcher runs the sparse kernel itself
                             elif n <= SPARSE_KERNEL_MAX_N and fname != "delta-rows":  # (no kernel above N = 8)
@@ -164,7 +164,7 @@ def main(argv=None):
                         del copies, w
                     del wd
                 # dense again after the variants: the baseline is the mean of both (bracket_dense)
-                bracket_dense(layer_rows, dense_before, time_dense())
+                bracket_dense(layer_rows, dense_before, time_dense(dense_copies, xs))
                 for row in layer_rows:
                     print_row(row)
                 rows.extend(layer_rows)

@@ -96,6 +96,16 @@ def cast_loss(src: torch.Tensor, dst: torch.Tensor) -> str | None:
     return f"{' and '.join(parts)} in {b.dtype}" if parts else None
 
 
+def _exact_bias(bias: torch.Tensor, dtype: torch.dtype, name: str, copy: bool = True) -> torch.Tensor:
+    """``bias`` in ``dtype`` (a copy unless ``copy`` is False), refusing (:class:`LossyCastError`, naming ``name``) a
+    cast that is not exact to rounding."""
+    cast = bias.detach().to(dtype, copy=copy)
+    loss = cast_loss(bias, cast)
+    if loss is not None:
+        raise LossyCastError(f"{name} cannot be cast to the weight's dtype {dtype} exactly to rounding: {loss}")
+    return cast
+
+
 def _exact_dense_weight(weight, dtype: torch.dtype | None, name: str) -> torch.Tensor:
     """``check_dense_weight(weight, dtype, name)``, refusing (:class:`LossyCastError`, naming ``name``) a cast to
     ``dtype`` that is not exact to rounding."""
@@ -160,12 +170,7 @@ class SparseLinear(nn.Module):
                 raise TypeError(f"bias has dtype {bias.dtype}; expected a floating-point tensor")
             if bias.device != weight.device:
                 raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
-            cast = bias.detach().to(weight.dtype)
-            loss = cast_loss(bias, cast)
-            if loss is not None:
-                raise LossyCastError(f"bias cannot be cast to the weight's dtype {weight.dtype} exactly to rounding: "
-                                     f"{loss}")
-            bias = cast
+            bias = _exact_bias(bias, weight.dtype, "bias", copy=False)
         self.in_features = k
         self.out_features = m
         self.weight_format: type[SparseFormat] = type(weight)
@@ -198,12 +203,7 @@ class SparseLinear(nn.Module):
             w = _exact_dense_weight(weight.detach() if isinstance(weight, torch.Tensor) else weight, dtype, name)
             w = cls_.from_dense(w)
             if isinstance(bias, torch.Tensor) and bias.dtype.is_floating_point:  # others: __init__ says why not
-                cast = bias.detach().to(w.dtype, copy=True)
-                loss = cast_loss(bias, cast)
-                if loss is not None:
-                    raise LossyCastError(f"{bias_name} cannot be cast to the weight's dtype {w.dtype} exactly to "
-                                         f"rounding: {loss}")
-                bias = cast
+                bias = _exact_bias(bias, w.dtype, bias_name)
             return cls(w, bias)
 
     @classmethod
@@ -456,11 +456,16 @@ class SparsifyConfig:
     skip_names: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self):
-        _format_class(self.format, "SparsifyConfig.format")
+        _, self.skip_names = self._checked()
+
+    def _checked(self) -> tuple[type[SparseFormat], tuple[str, ...]]:
+        """Every field checked (ValueError / TypeError naming it): the format's class and the skip names as a
+        tuple.  Run at construction and again by :func:`sparsify_` (a field may be set afterwards)."""
+        fmt_cls = _format_class(self.format, "SparsifyConfig.format")
         check_fraction(self.min_sparsity, "SparsifyConfig.min_sparsity")
         if self.dtype is not None and self.dtype not in VALUE_DTYPES:
             raise TypeError(f"SparsifyConfig.dtype must be None, torch.float16 or torch.bfloat16, got {self.dtype}")
-        self.skip_names = _checked_skip_names(self.skip_names)
+        return fmt_cls, _checked_skip_names(self.skip_names)
 
 
 def _checked_skip_names(names) -> tuple[str, ...]:
@@ -557,6 +562,9 @@ _HOOKS = (("forward", ("_forward_hooks", "_forward_pre_hooks")),
                           "_load_state_dict_post_hooks")))
 
 
+_MHA_OUT_PROJ = "out_proj of nn.MultiheadAttention, which reads its .weight directly"
+
+
 def _read_directly(model: nn.Module) -> dict[int, str]:
     """``id(linear) -> reason`` for the ``nn.Linear`` children whose ``.weight`` another torch module reads itself,
     past ``Linear.forward`` (a SparseLinear there breaks it): ``nn.TransformerEncoderLayer``'s ``linear1`` /
@@ -572,7 +580,7 @@ def _read_directly(model: nn.Module) -> dict[int, str]:
                     found.setdefault(id(child), f"{n} of nn.TransformerEncoderLayer '{fqn}', whose inference fast "
                                                 "path reads its .weight directly")
         if isinstance(mod, nn.MultiheadAttention) and isinstance(getattr(mod, "out_proj", None), nn.Linear):
-            found.setdefault(id(mod.out_proj), "out_proj of nn.MultiheadAttention, which reads its .weight directly")
+            found.setdefault(id(mod.out_proj), _MHA_OUT_PROJ)
     return found
 
 
@@ -586,7 +594,7 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
     if read_directly and id(module) in read_directly:
         return read_directly[id(module)]
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return "out_proj of nn.MultiheadAttention, which reads its .weight directly"
+        return _MHA_OUT_PROJ
     if type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__} overrides nn.Linear.forward"
     if parametrize.is_parametrized(module):
@@ -638,14 +646,9 @@ def _compressed(module: nn.Linear, fqn: str, config: SparsifyConfig, fmt_cls: ty
     errors propagate, noted (the model is unchanged: nothing is swapped in before every layer is compressed)."""
     try:
         w = _exact_dense_weight(module.weight.detach(), config.dtype, "weight")
+        bias = None if module.bias is None else _exact_bias(module.bias, w.dtype, "bias")
     except LossyCastError as e:
         return None, str(e)
-    bias = None
-    if module.bias is not None:
-        bias = module.bias.detach().to(w.dtype, copy=True)
-        loss = cast_loss(module.bias, bias)
-        if loss is not None:
-            return None, f"bias cannot be cast to the weight's dtype {w.dtype} exactly to rounding: {loss}"
     numel = w.numel()
     zeros = numel - count_nonzero(w)
     sparsity = zeros / numel
@@ -702,11 +705,7 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     config = SparsifyConfig() if config is None else config
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"config must be a SparsifyConfig or None, got {type(config).__name__}")
-    fmt_cls = _format_class(config.format, "SparsifyConfig.format")
-    skip_names = _checked_skip_names(config.skip_names)  # (again: a dataclass field may be set after __post_init__)
-    check_fraction(config.min_sparsity, "SparsifyConfig.min_sparsity")
-    if config.dtype is not None and config.dtype not in VALUE_DTYPES:
-        raise TypeError(f"SparsifyConfig.dtype must be None, torch.float16 or torch.bfloat16, got {config.dtype}")
+    fmt_cls, skip_names = config._checked()  # (again: a dataclass field may be set after __post_init__)
     min_zeros = Fraction(repr(float(config.min_sparsity)))  # exact: 0.2 is 1/5, not 0.2000000000000000111
     read_directly = _read_directly(model)
 

@@ -325,11 +325,18 @@ def _transformed() -> bool:
     if not torch.compiler.is_compiling():
         return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
     if _forward_ad_active():
-        raise NotImplementedError("flash_llm.spmm: forward-mode AD (torch.func.jvp / jacfwd, "
-                                  "torch.autograd.forward_ad) is not supported in a graph torch.compile traces (the "
-                                  "tangent would be lost): run the transform outside the compiled region, or compile "
-                                  "without fullgraph=True (the call then runs eagerly, where it is supported)")
+        _refuse_traced_forward_ad("spmm", eager_fallback=True)
     return False
+
+
+def _refuse_traced_forward_ad(name: str, eager_fallback: bool = False):
+    """NotImplementedError naming ``flash_llm.<name>``: forward-mode AD inside a graph Dynamo traces
+    (``eager_fallback``: the message says that without ``fullgraph=True`` the call runs eagerly)."""
+    raise NotImplementedError(f"flash_llm.{name}: forward-mode AD (torch.func.jvp / jacfwd, "
+                              "torch.autograd.forward_ad) is not supported in a graph torch.compile traces (the "
+                              "tangent would be lost): run the transform outside the compiled region" +
+                              (", or compile without fullgraph=True (the call then runs eagerly, where it is "
+                               "supported)" if eager_fallback else ""))
 
 
 def _decomposed(name: str) -> bool:
@@ -342,9 +349,7 @@ def _decomposed(name: str) -> bool:
     if not _forward_ad_active():
         return False
     if torch.compiler.is_compiling():
-        raise NotImplementedError(f"flash_llm.{name}: forward-mode AD (torch.func.jvp / jacfwd, "
-                                  "torch.autograd.forward_ad) is not supported in a graph torch.compile traces (the "
-                                  "tangent would be lost): run the transform outside the compiled region")
+        _refuse_traced_forward_ad(name)
     return True
 
 
