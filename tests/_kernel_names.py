@@ -11,7 +11,7 @@ EXPECTED_KERNELS = (
                  "wg64x2", "wg64x2s2", "wg128x2", "wg128x4", "wg32x2r",
                  "wg64x2r", "wg64x2s2r", "wg128x2r", "wg128x4r")}
     | {f"bitmap_spmm_{dt}_wg{nb}" for dt in ("f16", "bf16") for nb in (8, 16, 32, 64, 128)}
-    | {f"decode_attn_{dt}_d{d}{c}" for dt in ("f16", "bf16") for d in (64, 128) for c in ("", "_c32")}
+    | {f"decode_attn_{dt}_d{d}{c}" for dt in ("f16", "bf16") for d in (64, 128) for c in ("", "_c32", "_p", "_c32_p")}
     | {"l2_warm_side"}
     | {f"delta_rows_spmm_{dt}_n1" for dt in ("f16", "bf16")} | {"delta_rows_to_dense", "delta_rows_to_dense_nf", "delta_rows_to_dense_nft",
                                                            "delta_rows_to_dense_nftp", "delta_rows_to_dense_pr",

@@ -254,8 +254,10 @@ def test_chunks_combined_in_a_cluster_give_the_global_combines_bits(dtype, b, h,
     """With 2-8 chunks (65-512 slots) on sm_90 the blocks of a (sequence, kv head, head group) run as one cluster and
     block 0 combines the chunks from the others' shared memory (kernels.DECODE_ATTN_CLUSTER): the same outputs and
     cache as the combine through global memory, bit for bit, for 1 to 8 chunks and past 8 (600 slots: the global
-    combine either way); under a programmatic launch too.  (Every grid here may take the cluster: the limit on the
-    grid is policy, tested below; 64-slot chunks throughout: the 32-slot ones only combine in a cluster.)"""
+    combine either way); under a programmatic launch too; by push (kernels.DECODE_ATTN_PUSH: the others store into
+    block 0's shared memory, arrive at the cluster barrier and exit) and by pull (block 0 loads from theirs between two cluster
+    barriers).  (Every grid here may take the cluster: the limit on the grid is policy, tested below; 64-slot chunks
+    throughout: the 32-slot ones only combine in a cluster.)"""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
     monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1 << 20)
@@ -266,8 +268,10 @@ def test_chunks_combined_in_a_cluster_give_the_global_combines_bits(dtype, b, h,
                                          masked=(kv_len - 1,) if slot != kv_len - 1 else ())
         cos, sin = _rope_tables(b, d, dtype, "cuda", kv_len) if rope else (None, None)
         outs, caches = [], []
-        for on, pdl in ((False, False), (True, False), (True, True)):
+        for on, push, pdl in ((False, False, False), (True, False, False), (True, False, True), (True, True, False),
+                              (True, True, True)):
             monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER", on)
+            monkeypatch.setattr(kernels, "DECODE_ATTN_PUSH", push)
             kc, vc = cache.k[0].clone(), cache.v[0].clone()
             out = torch.full((b, 1, h * d), float("nan"), dtype=dtype, device="cuda")
             with kernels.static_weights() if pdl else contextlib.nullcontext():
@@ -276,7 +280,7 @@ def test_chunks_combined_in_a_cluster_give_the_global_combines_bits(dtype, b, h,
             outs.append(out)
             caches.append((kc, vc))
         assert not outs[0].isnan().any()
-        for i in (1, 2):
+        for i in range(1, len(outs)):
             assert torch.equal(outs[i], outs[0]), (kv_len, i, (outs[i].float() - outs[0].float()).abs().max().item())
             assert torch.equal(caches[i][0], caches[0][0]) and torch.equal(caches[i][1], caches[0][1])
 
@@ -298,6 +302,7 @@ def test_small_chunks_match_float64(dtype, b, h, hkv, d, rope, monkeypatch):
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32", True)
     monkeypatch.setattr(kernels, "DECODE_ATTN_C32_MIN_BATCH", 1)
     monkeypatch.setattr(kernels, "DECODE_ATTN_CLUSTER_GRID", 1 << 20)
+    monkeypatch.setattr(kernels, "DECODE_ATTN_PUSH", True)
     names = []
     real = kernels.launch
     monkeypatch.setattr(kernels, "launch", lambda name, *a, **kw: names.append(name) or real(name, *a, **kw))
@@ -311,11 +316,13 @@ def test_small_chunks_match_float64(dtype, b, h, hkv, d, rope, monkeypatch):
         want, kc, vc = _reference(qr, kr, v, cache, mask, st, kv_len, scale)
         before = cache.k[0].clone(), cache.v[0].clone()
         names.clear()
+        monkeypatch.setattr(kernels, "DECODE_ATTN_PUSH", True)  # (the loop below ends with the pull combine)
         out = torch.full((b, 1, h * d), float("nan"), dtype=dtype, device="cuda")
         kernels.decode_attention_cuda(q, k, v, cache.k[0], cache.v[0], st, mask, kv_len, scale, out=out, cos=cos,
                                       sin=sin)
         torch.cuda.synchronize()
-        assert names[-1].endswith("_c32") == (33 <= kv_len <= 256), (kv_len, names)
+        assert ("_c32" in names[-1]) == (33 <= kv_len <= 256), (kv_len, names)
+        assert names[-1].endswith("_p") == (65 <= kv_len <= 512 or "_c32" in names[-1]), (kv_len, names)
         assert torch.equal(cache.k[0][:b].double(), kc) and torch.equal(cache.v[0][:b].double(), vc)
         assert torch.equal(cache.k[0][b:], before[0][b:]) and torch.equal(cache.v[0][b:], before[1][b:])
         kk, vv = cache.rows(0, b, kv_len)
@@ -323,7 +330,8 @@ def test_small_chunks_match_float64(dtype, b, h, hkv, d, rope, monkeypatch):
         assert not out.isnan().any()
         err = (out.double() - want).abs().max().item()
         assert err <= tol, (kv_len, slot, err, tol)
-        for pdl in (False, True):
+        for pdl, push in ((False, True), (True, True), (False, False), (True, False)):  # push: the default above
+            monkeypatch.setattr(kernels, "DECODE_ATTN_PUSH", push)
             kc2, vc2 = before[0].clone(), before[1].clone()
             with kernels.static_weights() if pdl else contextlib.nullcontext():
                 again = kernels.decode_attention_cuda(q, k, v, kc2, vc2, st, mask, kv_len, scale, cos=cos, sin=sin)

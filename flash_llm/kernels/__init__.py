@@ -1465,6 +1465,13 @@ DECODE_ATTN_CHUNK, DECODE_ATTN_MAX_REP, DECODE_ATTN_HEADS = 64, 8, 4  # DA_CHUNK
 DECODE_ATTN_CLUSTER_MAX = 8
 DECODE_ATTN_CLUSTER = _env_flag("FLASH_LLM_DECODE_ATTN_CLUSTER", True)
 DECODE_ATTN_CLUSTER_GRID = 1
+#: The cluster's chunks combine by push (``decode_attn_<dtype>_d<D>[_c32]_p``, session 76): the blocks of chunks 1 ..
+#: store their (o, m, l) into block 0's shared memory, arrive at the cluster barrier and exit; block 0 alone waits
+#: there and combines locally (the same bits).  The pull combine (``FLASH_LLM_DECODE_ATTN_PUSH=0``) has every
+#: block meet at a cluster barrier, block 0 load the others' rows remotely, and a second barrier keep their shared
+#: memory alive until it has.  Session 76's in-step trace (H100, Llama-3-8B bf16 80 %, batch 1, 256 slots): those two
+#: barriers and the remote loads were 2.9 of the attention's 7.6 us after its programmatic wait.
+DECODE_ATTN_PUSH = _env_flag("FLASH_LLM_DECODE_ATTN_PUSH", True)
 #: Chunks of 32 slots (``decode_attn_<dtype>_d<D>_c32``: four threads a key row, half the scores' and the values' work a
 #: thread, twice the blocks) where they still combine in one cluster (2-8 chunks: 33-256 slots) within the grid limit
 #: above; else chunks of :data:`DECODE_ATTN_CHUNK`.  At batch 1 the 64-slot chunks leave most SMs idle (Llama-3-8B at
@@ -1670,7 +1677,9 @@ def decode_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
             (mask_b, L), (0 if cos is None else cos.stride(0), L), (h, I), (hkv, I), (k_cache.shape[2], I),
             (kv_len, I), (splits, I), (float(scale), F32), (int(cluster), I),
             (0 if l2 is None else l2.data_ptr(), P), (0 if l2 is None else l2.shape[0], I), (int(L2_WARM_EARLY), I)]
-    launch(f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}{'_c32' if chunk == 32 else ''}", (b * hkv, splits, groups), 128,
+    name = (f"decode_attn_{_dtype_suffix(q.dtype)}_d{d}{'_c32' if chunk == 32 else ''}"
+            f"{'_p' if cluster and DECODE_ATTN_PUSH else ''}")
+    launch(name, (b * hkv, splits, groups), 128,
            args, stream, dev.index, pdl=_pdl_attention(b, kv_len), cluster=(1, splits, 1) if cluster else None)
     return out
 

@@ -4164,6 +4164,13 @@ DEVI float cluster_ld(u32 addr) {
 DEVI void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
+// The push combine's pieces (decode attention, PUSH): a store into another block's shared memory, and the cluster
+// barrier's arrival alone (release: this thread's stores before it are seen by the threads past the phase's wait).
+// A thread may exit after its arrival: the barrier's wait waits for the threads that have not exited to arrive.
+DEVI void cluster_st(u32 addr, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
+}
+DEVI void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
 #endif
 
 // Element d of a D-vector rotated as transformers' apply_rotary_pos_emb does it in the tensors' dtype, from the raw
@@ -4180,7 +4187,16 @@ DEVI float rope_val(u16 x, u16 p, u16 c, u16 s, bool low) {
 
 // CHUNK: the slots a block attends, DA_CHUNK (64: two threads a slot's key row) or 32 (four threads a row, half the
 // scores' and the values' work a thread, twice the blocks: `_c32`, kernels.DECODE_ATTN_C32, where the grid is small)
-template <bool BF16, int D, int CHUNK = DA_CHUNK>
+// PUSH (`_p`, kernels.DECODE_ATTN_PUSH; launched only as clusters): the cluster's blocks other than rank 0 store their
+// chunk's (o, m, l) into rank 0's shared memory (rv, rst), arrive at the cluster barrier and exit without waiting;
+// rank 0 alone waits there, then combines from its own shared memory.  Against the pull combine below: no block but
+// rank 0 waits for the slowest chunk, no remote loads, and no second barrier for the others' shared memory to outlive
+// rank 0's reads.  A first cluster barrier, before the programmatic wait (hidden behind the projection before under
+// programmatic launch), sees every block of the cluster started before any stores into another's shared memory.  The
+// same weights and order as the pull combine: the same bits.  (Session 76 first had rank 0 wait on an mbarrier that
+// the others' threads arrived at remotely: compute-sanitizer's racecheck does not follow an mbarrier across blocks
+// and reported every remote store as one into a block that might have exited.)
+template <bool BF16, int D, int CHUNK = DA_CHUNK, bool PUSH = false>
 DEVI void decode_attn_body(const DecodeAttn a) {
   constexpr int WARPS_DA = DA_THREADS / 32, HALF = D / 2;
   constexpr int TPS = DA_THREADS / CHUNK, QD = D / TPS;  // scores: threads a slot, the dimensions each takes
@@ -4198,6 +4214,10 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   __shared__ float cr[DA_HEADS];
   __shared__ __align__(16) u16 kn[D];  // the new key (rotated with cos / sin)
   __shared__ int last;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ __align__(16) float rv[PUSH ? DA_CLUSTER_MAX - 1 : 1][DA_HEADS][PUSH ? D : 1];  // PUSH: chunks 1 ..
+  __shared__ float rst[PUSH ? DA_CLUSTER_MAX - 1 : 1][2][DA_HEADS];                          // their m and l
+#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.x, b = bh / a.kv_heads, kvh = bh % a.kv_heads, split = blockIdx.y, hg = blockIdx.z;
   const int rep = a.heads / a.kv_heads, h0 = hg * DA_HEADS, nh = min(DA_HEADS, rep - h0);
@@ -4230,6 +4250,11 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   // The next projections' weights asked of L2 (kernels.L2_WARM_MB, session 71): after the wait DRAM has little to do
   // until the o projection starts (this kernel reads about 1 MB of cache at batch 1), so that time can bring in o's
   // weight and the first part of each slice of the MLP's first one.  Static weights: only a hint, nothing to order.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (PUSH) cluster_sync();  // every block of the cluster started (before the wait: hidden, under PDL)
+#else
+  if constexpr (PUSH) __trap();  // (clusters are sm_90's: the launcher never picks a `_p` kernel below it)
+#endif
   if (a.l2_early) l2_warm(a.l2, a.l2_n);
   pdl_wait();
   if (!a.l2_early) l2_warm(a.l2, a.l2_n);
@@ -4380,6 +4405,9 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   const long long bhg = (long long)bh * 2 + hg;  // two head groups at most (DA_MAX_REP <= 2 DA_HEADS)
   float* wb = a.ws + (bhg * a.splits + split) * DA_HEADS * (D + 2);
   u16* ob = a.out + b * (long long)a.heads * D + (long long)(kvh * rep + h0) * D;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const u32 rv0 = PUSH && split > 0 ? cluster_addr(&rv[split - 1][0][0], 0) : 0u;  // rank 0's rows for this chunk
+#endif
   for (int i = tid; i < nh * D; i += DA_THREADS) {
     const int h = i / D, dd = i % D;
     float acc = 0.f;
@@ -4387,6 +4415,10 @@ DEVI void decode_attn_body(const DecodeAttn a) {
     for (int g = 0; g < SG; ++g) acc += os[g][h][dd];
     if (a.splits == 1)  // (a reciprocal: the IEEE division's slow path is a call, which costs a stack frame)
       ob[i] = from_float<BF16>(acc * __frcp_rn(stat[1][h]));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    else if (PUSH && split > 0)
+      cluster_st(rv0 + 4u * (u32)(h * (PUSH ? D : 1) + dd), acc);
+#endif
     else if (a.cluster)
       os[0][h][dd] = acc;  // (in place: only this thread reads os[.][h][dd])
     else
@@ -4394,6 +4426,39 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   }
   if (a.splits == 1) return;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (PUSH) {
+    if (split > 0) {  // this chunk's m and l after its o rows, then the arrival (release: after this thread's stores)
+      if (tid < nh) {
+        cluster_st(cluster_addr(&rst[split - 1][0][tid], 0), stat[0][tid]);
+        cluster_st(cluster_addr(&rst[split - 1][1][tid], 0), stat[1][tid]);
+      }
+      cluster_arrive();
+      return;
+    }
+    cluster_sync();  // every other chunk's rows and statistics are here, and this block's own os[0] (in place above)
+    if (warp < nh) {
+      const bool in = lane < a.splits;
+      const float mj = !in ? DA_NEG_INF : lane == 0 ? stat[0][warp] : rst[lane - 1][0][warp];
+      const float lj = !in ? 0.f : lane == 0 ? stat[1][warp] : rst[lane - 1][1][warp];
+      const float mnew = warp_max(mj);
+      const float w = mj == DA_NEG_INF ? 0.f : __expf(mj - mnew);
+      cw[warp][lane] = w;
+      const float lsum = warp_sum(w * lj);
+      if (lane == 0) cr[warp] = lsum;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < QPT; ++j) {
+      const int i = tid + DA_THREADS * j, h = i / D;
+      if (h >= nh) continue;
+      float num = 0.f;
+#pragma unroll
+      for (int c = 0; c < DA_CLUSTER_MAX; ++c)
+        if (c < a.splits) num += cw[h][c] * (c == 0 ? os[0][h][d] : rv[c - 1][h][PUSH ? d : 0]);
+      ob[i] = from_float<BF16>(num * __frcp_rn(cr[h]));
+    }
+    return;
+  }
   if (a.cluster) {  // the cluster's blocks are its chunks, block rank = split; block 0 combines them from their
     // shared memory (os[0], stat) with the global combine's weights and order (the same bits), then every block waits
     // until it has: a block's shared memory must outlive the reads of the others
@@ -4509,6 +4574,12 @@ DEVI void decode_attn_body(const DecodeAttn a) {
   }                                                                                                       \
   extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D##_c32(DA_ARGS) {     \
     decode_attn_body<BF16, D, 32>(DecodeAttn DA_STRUCT);                                                  \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D##_p(DA_ARGS) {       \
+    decode_attn_body<BF16, D, DA_CHUNK, true>(DecodeAttn DA_STRUCT);                                      \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(DA_THREADS, 4) decode_attn_##NAME##_d##D##_c32_p(DA_ARGS) {   \
+    decode_attn_body<BF16, D, 32, true>(DecodeAttn DA_STRUCT);                                            \
   }
 // The warm-up alone, for a side stream (kernels.L2_WARM_SIDE): launched beside the decode attention instead of
 // inside it, so no block of the attention waits for its prefetches.  One warp a block, one range a block.
