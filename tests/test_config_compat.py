@@ -156,3 +156,21 @@ def test_estimate_bytes_other_is_exact_for_opt():
     model, report = build_synthetic(cfg, None, dtype=torch.float16, device="cpu", progress=False)
     est = estimate_bytes(cfg, None, torch.float16)
     assert est["other"] == report.other_bytes and est["total"] == _held_bytes(model)
+
+
+@pytest.mark.parametrize("rope,match", [({"rope_type": "linear", "factor": 2.0}, "rope_parameters type 'linear'"),
+                                        ({"rope_type": "llama3", "factor": 8.0}, "rope_parameters of type 'llama3'")])
+def test_a_refused_rope_names_the_key_and_the_file_it_was_read_from(rope, match, tmp_path):
+    """transformers 5 writes RoPE as ``rope_parameters`` (no ``rope_scaling`` key): an unsupported or incomplete one is
+    refused naming that key and the config file (session 76's models hunt: it named ``rope_scaling``, a key the file
+    does not have, and no file).  A 4.x ``rope_scaling`` is still named as such."""
+    import json
+
+    d = {k: v for k, v in hf_llama().to_dict().items() if k not in ("rope_scaling", "rope_parameters")}
+    (tmp_path / "config.json").write_text(json.dumps({**d, "rope_parameters": {**rope, "rope_theta": 1e4}}))
+    kind = UnsupportedConfigError if rope["rope_type"] == "linear" else ValueError
+    with pytest.raises(kind, match=match) as e:
+        ModelConfig.from_hf(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+    with pytest.raises(kind, match=match.replace("rope_parameters", "rope_scaling")):
+        ModelConfig.from_hf({**d, "rope_scaling": rope})

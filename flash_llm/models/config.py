@@ -375,6 +375,10 @@ def _read_rope(d: dict, src: str) -> tuple[float, dict | None]:
             raise ValueError(f"{src}: the top-level original_max_position_embeddings ({top!r}) disagrees with "
                              f"{where} ({inner!r}); transformers reads this either way depending on how the "
                              "config is loaded: keep one of the two")
+    try:  # (checked here as well as by ModelConfig, so that the error names the file and the key it read)
+        _check_rope_scaling(rope or None, d.get("max_position_embeddings", 2048))
+    except ValueError as e:  # (UnsupportedConfigError too: from_pretrained's fallback keys on its type)
+        raise type(e)(f"{src}: {str(e).replace('rope_scaling', key)}") from None
     return theta, rope or None
 
 
