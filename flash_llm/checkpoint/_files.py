@@ -11,6 +11,8 @@ its sharded save leaves the old index behind).
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
@@ -69,6 +71,8 @@ def read_json(path: Path, what: str) -> dict:
         raise FormatError(f"{path}: {what} is missing") from None
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: {what} is not UTF-8 text ({e})") from None
+    except OSError as e:  # a directory, no permission to read, an I/O error: an input problem all the same
+        raise FormatError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -241,19 +245,83 @@ def refuse_inside(source, out, source_what: str = "source", out_what: str = "des
                          f"(deleting {source_what}); write elsewhere")
 
 
+class NameTooLongError(OSError, ValueError):
+    """An output path with a name longer than its file system allows (``ENAMETOOLONG``): an ``OSError``, and a
+    ``ValueError`` as the other problems of an argument are (the CLI's status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENAMETOOLONG
+
+
+_NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs...), where the file system does not say
+_RANDOM_CHARS = 8  # what tempfile.mkdtemp appends to the prefix
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name (bytes) the file system of the existing ``directory`` allows."""
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (AttributeError, OSError, ValueError):  # (no pathconf, or no limit it knows)
+        return _NAME_MAX
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of the absolute ``path`` that exists (or is a symbolic link).  (``os.path.lexists``:
+    ``Path.exists`` raises for a name longer than the file system allows, which the caller is to tell.)"""
+    parent = path.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def check_name_lengths(out, what: str = "output") -> None:
+    """:class:`NameTooLongError` naming ``what`` ``out`` where a name that creating ``out`` makes (its own, and those
+    of missing directories above it) is longer than the file system allows."""
+    out = Path(os.fspath(out))
+    parent = _existing_ancestor(out)
+    if not parent.is_dir():
+        return  # (NotADirectoryError: check_writable's, or the mkdir's, to say)
+    limit = _name_max(parent)
+    for name in out.absolute().relative_to(parent).parts:
+        size = len(os.fsencode(name))
+        if size > limit:
+            which = "its name" if name == out.name else f"the name of the directory '{name[:40]}...' on the way"
+            raise NameTooLongError(f"{what} {out}: {which} is {size} bytes long; the file system allows at most "
+                                   f"{limit} (File name too long)")
+
+
+def _temp_prefix(out: Path, tag: str) -> str:
+    """``.<name>.<tag>-``, the prefix of a hidden temporary name beside ``out`` (``tempfile.mkdtemp`` appends 8
+    characters).  Where that would pass the file system's name limit, the name is cut short and a hash of it
+    keeps the prefix unique to ``out``: ``.<start of name>~<hash>.<tag>-``."""
+    name, parent = out.name, out.absolute().parent
+    room = (_name_max(parent) if parent.is_dir() else _NAME_MAX) - _RANDOM_CHARS - len(f"..{tag}-")
+    if len(os.fsencode(name)) <= room:
+        return f".{name}.{tag}-"
+    digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
+    short = name
+    while short and len(os.fsencode(short)) > room - len(digest) - 1:  # (whole characters: the bytes stay UTF-8)
+        short = short[:-1]
+    return f".{short}~{digest}.{tag}-"
+
+
 def check_writable(out, what: str = "output") -> None:
     """Before any work: that ``out`` can be created, i.e. its nearest existing ancestor is a directory in which this
-    process can make one.  ``NotADirectoryError`` / ``PermissionError`` naming ``what`` ``out`` otherwise.  (The test
-    makes and removes an empty hidden directory there: permission bits do not tell, e.g. for root on /sys.)"""
+    process can make one, and no name on the way is longer than the file system allows.  ``NotADirectoryError`` /
+    ``PermissionError`` / :class:`NameTooLongError` naming ``what`` ``out`` otherwise.  (The test makes and removes an
+    empty hidden directory there: permission bits do not tell, e.g. for root on /sys.)"""
     out = Path(os.fspath(out))
-    parent = out.absolute().parent
-    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
-        parent = parent.parent
+    parent = _existing_ancestor(out)
     if not parent.is_dir():
         raise NotADirectoryError(f"{what} {out}: {parent} is not a directory")
+    check_name_lengths(out, what)
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=_temp_prefix(out, "probe"), dir=parent))
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # (a file system with a limit of its own that pathconf did not tell)
+            raise NameTooLongError(f"{what} {out}: the name is too long for the file system in {parent} "
+                                   f"({e.strerror or e})") from None
         raise PermissionError(f"{what} {out}: cannot create a directory in {parent} "
                               f"({e.strerror or e})") from None
 
@@ -269,17 +337,18 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     ``.<name>.tmp-*`` directory beside ``out``, never a partial ``out``.)
     """
     out = Path(os.fspath(out))
+    check_name_lengths(out)  # (else the final rename would fail, after all the writing)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result gets the usual permissions
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
             try:
                 os.replace(out, old / out.name)
             except BaseException:  # (out stays where it was; the empty holder goes)

@@ -117,11 +117,15 @@ def state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     """The tensors a checkpoint of ``model`` stores, by state-dict name, and its SparseLinear layers by name.
 
     SparseLinear ``_extra_state`` entries are left out (their format metadata goes into the file header);
-    of tensors that are the same view of the same memory (tied weights) only the first name is kept.  The plain
-    copies of coded weights (an engine's model) come on the CPU (:func:`flash_llm.nn.plain_state_on_cpu`).
-    Raises for tensors on ``meta``, partially overlapping tensors and other modules' extra state.
+    of tied tensors (one tensor object under several names: :func:`alias_groups`) only the first name is kept.
+    Other names of the same view of the same memory are no ties (a parameter assigned another's tensor, as
+    ``load_state_dict(..., assign=True)`` of tensors sharing memory leaves them; the model does not tie them, nor
+    does a reader): each of those gets a copy, so every name is stored.  The plain copies of coded weights (an
+    engine's model) come on the CPU (:func:`flash_llm.nn.plain_state_on_cpu`).  Raises for tensors on ``meta``,
+    partially overlapping tensors and other modules' extra state.
     """
     sparse = {fqn: m for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
+    aliases = alias_groups(model)
     seen: dict[tuple, str] = {}
     storages: dict[tuple, str] = {}
     out: dict[str, torch.Tensor] = {}
@@ -139,9 +143,12 @@ def state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         if t.numel() == 0:
             out[name] = t
             continue
-        key = _view_key(t)
-        if key in seen:
+        if any(a in out for a in aliases.get(name, ()) if a != name):
             continue  # tied: stored once, under its first name
+        key = _view_key(t)
+        if key in seen:  # the same memory under a name not tied to the first: stored again, as a copy
+            out[name] = t.clone()
+            continue
         storage = (t.device, t.untyped_storage().data_ptr())
         if storage in storages and not _disjoint(t, out[storages[storage]]):
             raise ValueError(f"tensors '{storages[storage]}' and '{name}' share memory but are different views; "

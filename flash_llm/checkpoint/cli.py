@@ -115,7 +115,7 @@ def inspect_directory(path) -> int:
             totals["dense"] += elems * torch.empty((), dtype=dtype).element_size()
             rows.append([e.key, fmt, "x".join(map(str, shape)) or "scalar", str(dtype).removeprefix("torch."),
                          _int(nnz), f"{nnz / elems:.4f}" if elems else "-", _int(nbytes)])
-    except (FormatError, FileNotFoundError) as e:
+    except (FormatError, OSError, ValueError) as e:  # (every problem of the input: an unreadable file too)
         _err(str(e))
         return EXIT_USAGE
     model = files.config.get("model_type", "?")
@@ -134,13 +134,16 @@ def inspect_directory(path) -> int:
 # ---- generate ---------------------------------------------------------------------------------------------
 
 class _Bytes:
-    """The byte tokenizer: token id = byte value (vocabulary 256), text as UTF-8."""
+    """The byte tokenizer: token id = byte value (vocabulary 256), text as UTF-8.  A byte-level model may have
+    special tokens above the bytes (an EOS of 256): ids outside 0..255 are no bytes and decode to nothing, as a
+    Hugging Face tokenizer's ``decode(..., skip_special_tokens=True)`` skips its special tokens (generation still
+    stops at the model's EOS, whatever its id)."""
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 class _HFTokenizer:
@@ -407,7 +410,8 @@ def register_cli(sub) -> None:
         description="Load a checkpoint directory (any kind convert reads; dense ones are compressed on load) into "
                     "flash_llm.models and generate from --prompt with flash_llm.engine.Engine, printing tokens as "
                     "they come. Tokenizer: the directory's Hugging Face tokenizer files, or the byte tokenizer "
-                    "(token id = byte) for a byte-level model such as the bundled one.")
+                    "(token id = byte; ids above 255, special tokens, print nothing) for a byte-level model such as "
+                    "the bundled one.")
     p.add_argument("path", metavar="PATH", help="checkpoint directory")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")

@@ -42,7 +42,7 @@ from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME
 from ..nn import SparseLinear
 from . import _files, _model
 from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_section, config_dtype,
-                         mixed_dtype_warning, sparse_modules_section)
+                         mixed_dtype_warning, refuse_mixed_sparse_dtypes, sparse_modules_section)
 
 _AUTO = "transformers.quantizers.auto"
 _MODELING = "transformers.modeling_utils"
@@ -98,6 +98,7 @@ def prepare_save(model) -> None:
     sparse = next((fqn for fqn, m in model.named_modules() if isinstance(m, SparseLinear)), None)
     if sparse is None:
         return
+    refuse_mixed_sparse_dtypes(model)  # (before transformers makes the directory)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None:
         give_quantizers(model)
@@ -498,6 +499,9 @@ def _define():
                         if key not in keys:
                             raise FormatError(f"{self._source}: tensor '{key}' of sparse layer '{fqn}' is missing "
                                               "(no shard holds it)")
+                    if f"{fqn}.weight" in keys:  # (transformers would drop one of the two without a word)
+                        raise FormatError(f"{self._source}: tensor '{fqn}.weight' is stored twice: dense, and "
+                                          f"compressed ({', '.join(repr(a) for a in arrays)})")
                     # (transformers casts a tensor to the dtype of the buffer it fills: the stored one is checked here)
                     for key in arrays:
                         if keys[key].dtype != "I32" or len(keys[key].shape) != 1:
@@ -568,6 +572,7 @@ def _define():
             return model
 
         def get_state_dict_and_metadata(self, model, *args, **kwargs):
+            refuse_mixed_sparse_dtypes(model)  # (a checkpoint no reader loads: refused before anything is written)
             state, sparse = _model.state_to_save(model)
             saved = saved_layer_names(model, sparse)  # (refuses before anything is written)
             section = {saved[fqn]: meta for fqn, meta in sparse_modules_section(model).items()}

@@ -14,7 +14,7 @@ flash-llm checkpoint format, version 1 (a Hugging Face directory; ``docs/checkpo
   ``L.weight_offsets`` (int32) and ``L.bias``; its format metadata (the JSON of
   ``flash_llm.save``: format, version, dtype, shape, nnz) is in the header of the shard holding it,
   under ``L.weight_flash_llm`` (the state-dict prefix ``L.weight_`` + ``flash_llm``).  All other tensors
-  are stored as they are; tied tensors once, under their first name.
+  are stored as they are; tied tensors once, under their first name (tensors that only share memory, under each).
 """
 
 from __future__ import annotations
@@ -218,7 +218,49 @@ def iter_checkpoint(files: _files.CheckpointFiles, kind: CheckpointKind, device=
     """Read a checkpoint's shards one at a time and yield an :class:`Entry` per weight or other tensor, in
     file order (tensors on ``device``; on CPU memory-mapped).  A flash-llm sparse layer is validated in full
     against its header metadata and ``config.json``; the parts of a sparse-bitmask weight are gathered
-    (decompress them with :func:`sparse_bitmask.decompress`).  Raises FormatError naming file and tensor."""
+    (decompress them with :func:`sparse_bitmask.decompress`).  Raises FormatError naming file and tensor, also
+    for a weight stored twice (dense and compressed, in one shard or two) and, before anything is read, for a layer
+    that ``config.json`` lists as sparse but whose arrays no shard holds (stored dense: transformers' loader refuses
+    it in the same words)."""
+    if kind.kind == "flash-llm":
+        _check_listed_layers(files, kind.sparse_modules or {})
+    seen: dict[str, tuple[str, Path]] = {}  # key -> how and where it was stored (no tensors kept)
+    for e in _read_entries(files, kind, device, progress):
+        form = _stored_form(e)
+        if e.key in seen:
+            other, where = seen[e.key]
+            place = "the same file" if where == e.path else where.name
+            raise FormatError(f"{e.path}: tensor '{e.key}' is stored twice: {form} here, and {other} in {place}")
+        seen[e.key] = (form, e.path)
+        yield e
+
+
+def _check_listed_layers(files: _files.CheckpointFiles, sparse_modules: dict[str, dict]) -> None:
+    """FormatError for a layer of a flash-llm checkpoint's ``sparse_modules`` none of whose arrays a shard holds (a
+    config.json from another save beside dense shards); one holding some of them is told as its missing array."""
+    for fqn in sparse_modules:
+        arrays = [f"{fqn}.weight_{n}" for n in _ARRAYS]
+        if any(a in files.tensors for a in arrays):
+            continue
+        dense = (f"; '{fqn}.weight' is stored dense: config.json's quantization_config.sparse_modules does not match "
+                 "the weights") if f"{fqn}.weight" in files.tensors else ""
+        raise FormatError(f"{files.path}: tensor '{arrays[0]}' of sparse layer '{fqn}' is missing (no shard holds "
+                          f"it{dense})")
+
+
+def _stored_form(e: Entry) -> str:
+    """How entry ``e`` is stored, for the error of a weight stored twice."""
+    if e.kind == "flash-llm":
+        owner = e.key[: -len(".weight")]
+        return f"compressed ({', '.join(repr(f'{owner}.weight_{n}') for n in _ARRAYS)})"
+    if e.kind == "sparse-bitmask":
+        name = e.value["_name"]
+        return f"in sparse-bitmask form ({', '.join(repr(f'{name}.{p}') for p in sb.PARTS)})"
+    return "dense"
+
+
+def _read_entries(files: _files.CheckpointFiles, kind: CheckpointKind, device, progress: bool):
+    """:func:`iter_checkpoint`'s reading, without its checks across entries."""
     device = torch.device(device)
     header: dict[str, str] = {}
     pending: dict[str, dict[str, tuple[torch.Tensor, Path]]] = {}
@@ -780,6 +822,26 @@ def mixed_dtype_warning(state: dict[str, torch.Tensor], dtype: torch.dtype, decl
             f"{advice or f'cast the model to {dtype} first'} for an exact round trip")
 
 
+def refuse_mixed_sparse_dtypes(model: nn.Module) -> None:
+    """ValueError naming the layers and their dtypes where ``model``'s SparseLinear layers hold more than one dtype.
+    A flash-llm checkpoint has one dtype, the model's (``config.json``'s ``dtype``, or ``quantization_config.dtype``):
+    both readers build the model in it and load every sparse layer as saved only in it (the ``dtype`` of each layer in
+    ``sparse_modules`` is checked against it, as the shard header's is).  Such a model runs no forward pass either
+    (a SparseLinear refuses inputs of another dtype).  The writers call this before anything is written."""
+    by_dtype: dict[str, list[str]] = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            by_dtype.setdefault(dtype_name(m.weight_dtype), []).append(fqn)
+    if len(by_dtype) < 2:
+        return
+    parts = ", ".join(f"{name} ({len(fqns)} layer{'s' if len(fqns) > 1 else ''}: "
+                      f"{', '.join(repr(f) for f in fqns[:3])}{', ...' if len(fqns) > 3 else ''})"
+                      for name, fqns in sorted(by_dtype.items()))
+    raise ValueError(f"{type(model).__name__}'s sparse layers hold several dtypes: {parts}; a flash-llm checkpoint "
+                     "holds them in one dtype, the model's, in which its readers load them: compress them in one dtype "
+                     "first (SparseLinear.from_dense(layer.to_dense(), layer.bias, dtype=...)); nothing was written")
+
+
 def _refuse_merged(model: nn.Module) -> None:
     """Saving writes the module names: merged projections (``...qkv_proj.layer``) are names no reader knows."""
     from ..models._merge import MergedLinear
@@ -826,6 +888,7 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _refuse_tensor_parallel(model)
     _refuse_merged(model)
+    refuse_mixed_sparse_dtypes(model)
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
     state, sparse = _model.state_to_save(model)
@@ -878,6 +941,7 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
         raise ValueError(f"format must be one of {names}; got {format!r}")
     if min_sparsity is not None:
         check_fraction(min_sparsity, "min_sparsity")
+    _files.check_name_lengths(dst, "destination")
     _files.refuse_inside(src, dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -914,7 +978,8 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     ``SparseLinear``, decompressed) that ``targets`` / ``ignore`` select is stored as its four bitmask
     tensors, everything else densely.  With ``min_sparsity`` (a fraction in [0, 1]), a selected layer whose weight
     has a smaller fraction of zeros is stored densely too, and config.json's ``ignore`` names it.  Written
-    atomically, like :func:`save_pretrained`.
+    atomically, like :func:`save_pretrained`, with the model's ``generation_config.json`` (stop tokens, sampling
+    defaults) as it writes it.
 
     Returns a :class:`flash_llm.nn.SparsifyReport` of the layers stored compressed (dense/sparse bytes of
     the weight and bias) and those not targeted or below ``min_sparsity``.
@@ -994,4 +1059,6 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
         if _copy_files_from is not None:
             for f in _files.auxiliary_files(_copy_files_from):
                 shutil.copy2(f, tmp / f.name)
+        elif hasattr(getattr(model, "generation_config", None), "save_pretrained"):  # (as save_pretrained)
+            model.generation_config.save_pretrained(tmp)
     return report
