@@ -351,12 +351,26 @@ def cmd_demo(args) -> int:
     if prompt_ids.numel() == 0:
         _err("--prompt is empty")
         return EXIT_USAGE
-    room = lm.context - prompt_ids.numel() + 1  # the engine's cache holds the prompt and n - 1 new tokens
+    from .engine import DEFAULT_MAX_SEQ
+
+    # the cache of sample()'s and decode_speed()'s engines (Engine's default max_seq): the model's context, at most
+    # DEFAULT_MAX_SEQ tokens, checked here before the long work (until session 76 only the context was)
+    held = min(lm.context, DEFAULT_MAX_SEQ)
+    room = held - prompt_ids.numel() + 1  # the engine's cache holds the prompt and n - 1 new tokens
     if args.gen_tokens is None:
         args.gen_tokens = max(0, min(DEFAULT_GEN_TOKENS, room))
     if args.gen_tokens and args.gen_tokens > room:
-        _err(f"--prompt ({prompt_ids.numel()} tokens) + --gen-tokens ({args.gen_tokens}) exceed the model's context "
-             f"of {lm.context} tokens")
+        if held == lm.context:
+            _err(f"--prompt ({prompt_ids.numel()} tokens) + --gen-tokens ({args.gen_tokens}) exceed the model's "
+                 f"context of {lm.context} tokens")
+        else:
+            _err(f"--prompt ({prompt_ids.numel()} tokens) + --gen-tokens ({args.gen_tokens}) exceed the {held} tokens "
+                 f"the demo's engine holds (the model's context of {lm.context} tokens, at most "
+                 f"{DEFAULT_MAX_SEQ}); " + (f"pass --gen-tokens {room} or less" if room >= 1 else "shorten --prompt"))
+        return EXIT_USAGE
+    if device.type == "cuda" and room < 1:  # (the decode speed runs after the prompt: no token of it fits)
+        _err(f"--prompt ({prompt_ids.numel()} tokens) leaves no room for the decode speed's tokens in the {held} "
+             f"tokens the demo's engine holds; shorten --prompt")
         return EXIT_USAGE
     if _seq_len_too_long(args.seq_len, lm, args.model or DEFAULT_MODEL):
         return EXIT_USAGE
@@ -453,7 +467,7 @@ def cmd_demo(args) -> int:
         from . import kernels
 
         ok, why = kernels.supported(device)
-        n = max(1, min(args.speed_tokens, lm.context - prompt_ids.numel() + 1))
+        n = max(1, min(args.speed_tokens, room))
         tps_dense, ms_dense = decode_speed(dense, prompt_ids, n)
         tps_sparse, ms_sparse = decode_speed(sparse, prompt_ids, n)
         print(f"decode speed on {where}, batch 1, {n} tokens (flash_llm.engine: KV cache, CUDA graphs): "
@@ -528,9 +542,10 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     source = Path(bundled.__file__).parent / args.model if args.model in bundled.NAMES else Path(args.model)
     try:  # (--force replaces --out as a whole: never with what this run reads inside it)
+        _files.check_name_lengths(out, "--out")  # (first: Path.exists raises for a name longer than allowed)
         _files.refuse_inside(source, out, "MODEL", "--out")
         _files.refuse_inside(args.calib, out, "--calib", "--out")
-    except ValueError as e:
+    except ValueError as e:  # (NameTooLongError is one)
         _err(str(e))
         return EXIT_USAGE
     why = _unreplaceable_out(out)

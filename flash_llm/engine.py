@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import numbers
+import operator
 import statistics
 import sys
 import time
@@ -68,12 +70,38 @@ HOST_COPIES = env_flag("FLASH_LLM_HOST_COPIES", True)
 #: runs at its full size to its longest row's end (``FLASH_LLM_COMPACT_ROWS=0``: it does).  Not with
 #: ``output_logits``.
 COMPACT_ROWS = env_flag("FLASH_LLM_COMPACT_ROWS", True)
+#: an engine's ``max_seq`` where none is given: the model's ``max_position_embeddings``, at most this (the demo checks
+#: its requests against it)
+DEFAULT_MAX_SEQ = 2048
 _CACHE_ALIGN = 64  # cache slots allocated in multiples of this (aligned attention masks)
 _FROM_CONFIG = "config"
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _as_int(v) -> int | None:
+    """``v`` as an int where it is an integer scalar: a Python or numpy int, or a 0-d integer tensor (not a bool, not
+    a float however whole); else None."""
+    if isinstance(v, torch.Tensor):
+        ok = v.ndim == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex and v.dtype != torch.bool
+        return int(v.item()) if ok else None
+    return operator.index(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else None
+
+
+def _as_float(v) -> float | None:
+    """``v`` as a float where it is a real number: a Python or numpy int or float, or a 0-d tensor of one (not a
+    bool); else None.  (An int too large for a float: an infinity of its sign.)"""
+    if isinstance(v, torch.Tensor):
+        ok = v.ndim == 0 and not v.dtype.is_complex and v.dtype != torch.bool
+        return float(v.item()) if ok else None
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):  # (numpy's bool is no numbers.Real)
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -899,7 +927,7 @@ class Engine:
             heads, every rank takes rank 0's sampled tokens, and prompts that differ between ranks are refused.
         max_batch: the largest batch :meth:`generate` accepts.
         max_seq: the longest padded prompt plus new tokens (default: the model's
-            ``max_position_embeddings``, at most 2048).
+            ``max_position_embeddings``, at most :data:`DEFAULT_MAX_SEQ`, 2048).
         cuda_graphs: capture the decode step in CUDA graphs, one per batch size and attended length, at its first
             use (default: on CUDA devices); ``False`` runs it eagerly.  A step attends the cache slots its sequences
             can fill so far, rounded up by :func:`decode_kv_len` (256, 512, 1024, ...: :data:`DECODE_KV_BUCKETS`), so
@@ -1003,7 +1031,7 @@ class Engine:
         self.config = cfg
         self.device, self.dtype = emb.device, emb.dtype
         if max_seq is None:
-            max_seq = min(cfg.max_position_embeddings, 2048)
+            max_seq = min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ)
         for name, v in (("max_batch", max_batch), ("max_seq", max_seq)):
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -1301,15 +1329,17 @@ class Engine:
                  ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int] | None]:
         """Left-padded ``ids [B, P]`` int64 and ``mask [B, P]`` bool on the device, the prompt lengths, and the limits
         a prompt (``max_new_tokens`` as a list; None for an int)."""
-        if isinstance(max_new_tokens, (list, tuple)):
-            if not max_new_tokens or not all(_is_int(n) and n >= 1 for n in max_new_tokens):
+        if isinstance(max_new_tokens, (list, tuple)):  # (numpy and 0-d tensor ints as their values: _as_int)
+            limits = [_as_int(n) for n in max_new_tokens]
+            if not limits or not all(n is not None and n >= 1 for n in limits):
                 raise ValueError(f"max_new_tokens as a list must hold one int >= 1 a prompt, got {max_new_tokens!r}")
-            limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens)
+            max_new_tokens = max(limits)
         else:
-            limits = None
-        if not _is_int(max_new_tokens) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} (or a list of them, one a "
-                             f"prompt)")
+            limits, n = None, _as_int(max_new_tokens)
+            if n is None or n < 1:
+                raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r} (or a list of them, one "
+                                 f"a prompt)")
+            max_new_tokens = n
         if isinstance(prompts, torch.Tensor):
             if prompts.ndim != 2 or prompts.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"prompts as a tensor must be [batch, seq] int64; got shape {tuple(prompts.shape)} "
@@ -1614,13 +1644,15 @@ class Engine:
 
     # ---- generation ------------------------------------------------------------------------------------
     def _sampler(self, temperature, top_k, top_p, generator) -> Callable[[torch.Tensor], torch.Tensor]:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-                temperature >= 0 and math.isfinite(temperature)):
+        # (numpy scalars and 0-d tensors, a config's or a sweep's, taken as their values: _as_float, _as_int)
+        t = _as_float(temperature)
+        if t is None or not (t >= 0 and math.isfinite(t)):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        k = None if top_k is None else _as_int(top_k)
+        if top_k is not None and (k is None or k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                                  or not 0 < top_p <= 1):
+        q = None if top_p is None else _as_float(top_p)
+        if top_p is not None and (q is None or not 0 < q <= 1):
             raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
         if generator is not None:
             if not isinstance(generator, torch.Generator):
@@ -1628,9 +1660,9 @@ class Engine:
             if generator.device.type != self.device.type:
                 raise ValueError(f"generator is on {generator.device} but the model is on {self.device}; create it "
                                  f"with torch.Generator(device={str(self.device)!r})")
-        if temperature == 0 and (top_k is not None or top_p is not None):
+        if t == 0 and (top_k is not None or top_p is not None):
             raise ValueError("top_k / top_p apply to sampling; set temperature > 0 (temperature=0 is greedy)")
-        return lambda logits: sample_tokens(logits, temperature, top_k, top_p, generator)
+        return lambda logits: sample_tokens(logits, t, k, q, generator)
 
     def _eos(self, eos_token_id) -> tuple[int, ...]:
         if eos_token_id == _FROM_CONFIG:
@@ -1666,8 +1698,12 @@ class Engine:
         with torch.no_grad():
             ids, mask, lengths, limits = self._prepare(prompts, attention_mask, max_new_tokens)
         # (one limit a row: the steps run to the largest, a row stops at its own)
-        return _Request(sampler, eos, ids, mask, lengths, limits, max_new_tokens if limits is None else max(limits))
+        return _Request(sampler, eos, ids, mask, lengths, limits,
+                        _as_int(max_new_tokens) if limits is None else max(limits))
 
+    # a generator: grad is off while its body runs and the caller's own between its yields (until session 76 a `with`
+    # block spanning the yields left it off in a stream's loop and in on_token, or set it back when a stream was closed)
+    @torch.no_grad()
     def _steps(self, request: "_Request", per_step_sync: bool, output_logits: bool = False
                ) -> Iterator[tuple[torch.Tensor, Generation | None]]:
         """Yields ``(tokens [B], None)`` per step, then ``(None, Generation)`` once.  Without ``per_step_sync`` the
@@ -1688,110 +1724,125 @@ class Engine:
                                    "engine before it finished (an engine decodes one generation at a time: finish "
                                    "or close a stream before the next, or use one engine each)")
         sampler, eos, ids, mask, lengths, limits, max_new_tokens = request
-        with torch.no_grad():
-            if self.tp is not None:
-                self.tp.check_same("prompts, max_new_tokens or eos_token_id",
-                                   _fingerprint(ids, mask, max_new_tokens if limits is None else limits, eos))
-            b = ids.shape[0]
-            eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
-            fallback = eos[0] if eos else 0
-            pad = self.config.pad_token_id if self.config.pad_token_id is not None else fallback
-            # what a stopped row is fed (its output shows pad): a token of the vocabulary (a config's pad id may be
-            # -1 or the vocabulary's size)
-            feed = pad if 0 <= pad < self.config.vocab_size else fallback
-            marks = [self._mark()]
-            if self._prefills is not None:
-                ids, mask = self._bucketed(ids, mask, max_new_tokens)
-            p = ids.shape[1]  # (the padded prompt: step i writes cache slot p + i - 1 and attends slots 0 .. p + i - 1)
-            logits = self._prefill(ids, mask) if self._prefills is None else self._prefill_replayed(ids, mask)
-            kept = [logits.clone()] if output_logits else None
+        if self.tp is not None:
+            self.tp.check_same("prompts, max_new_tokens or eos_token_id",
+                               _fingerprint(ids, mask, max_new_tokens if limits is None else limits, eos))
+        b = ids.shape[0]
+        eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0] if eos else 0
+        # what a stopped row is fed (its output shows pad): a token of the vocabulary (a config's pad id, or its eos
+        # id where it has no pad id, may be -1 or the vocabulary's size): pad, else the first stop token that is one,
+        # else 0
+        feed = next((t for t in (pad, *eos) if 0 <= t < self.config.vocab_size), 0)
+        marks = [self._mark()]
+        if self._prefills is not None:
+            ids, mask = self._bucketed(ids, mask, max_new_tokens)
+        p = ids.shape[1]  # (the padded prompt: step i writes cache slot p + i - 1 and attends slots 0 .. p + i - 1)
+        logits = self._prefill(ids, mask) if self._prefills is None else self._prefill_replayed(ids, mask)
+        kept = [logits.clone()] if output_logits else None
+        tok = sampler(logits)
+        limit_t = torch.tensor(limits, dtype=torch.long, device=self.device) if limits is not None else None
+        stops = bool(eos) or limits is not None  # (rows may stop before the last step)
+        done = torch.isin(tok, eos_t) if eos else torch.zeros_like(tok, dtype=torch.bool) if stops else None
+        if limit_t is not None:
+            done |= limit_t <= 1
+        # rows' stop flags read EOS_LAG steps late (a CPU reads them every step); streaming: tokens handed over
+        watch = _HostCopies(self.device) if stops and not per_step_sync and _lagged_stop(self.device) else None
+        hand = _HostCopies(self.device) if per_step_sync and HOST_COPIES else None
+        if watch is not None:
+            watch.add(0, done)
+        self._tok[:b, 0].copy_(tok)
+        marks.append(self._mark())
+        out = [tok]
+        if hand is None:
+            yield tok, None
+            check()
+        else:
+            hand.add(0, tok, done)
+        b0, rows = b, None  # the decode runs rows 0 .. b - 1, which are the prompts' rows `rows` (None: all)
+        # The decode of step i shrinks (_compacted) by the rows' stop flags of step i - lag, however soon the host
+        # has them: at once (a CPU, HOST_COPIES off), a step late (streaming) or EOS_LAG steps late (generate() on a
+        # GPU).  The sampler's draws follow the decode's batch size, so with one step for all a seed gives the same
+        # tokens through generate(), on_token and stream() (until session 76 each shrank the batch at a step of its
+        # own).  It costs a GPU nothing: generate() compacted from step i - EOS_LAG's flags there already, and
+        # streaming keeps the flags its hand-over copies anyway a step longer; no synchronization is added.
+        lag = max(EOS_LAG, 2)  # (streaming: step i - 2's flags are on the host when step i is launched)
+        compact = stops and COMPACT_ROWS and not output_logits
+        flags: dict[int, torch.Tensor] = {}  # step -> the rows' stop flags [B] after it, until the decode reads them
+        for i in range(1, max_new_tokens):
+            if stops and hand is None:
+                if watch is not None:
+                    seen = (watch.take(i - EOS_LAG) or [None])[0]
+                    if seen is not None and compact:
+                        flags[i - EOS_LAG] = seen
+                else:
+                    seen = done
+                    if compact:
+                        flags[i - 1] = done.clone()  # (done changes in place)
+                if seen is not None and bool(seen.all()):
+                    break
+            known = flags.pop(i - lag, None)
+            if known is not None and compact:
+                b, rows = self._compacted(known, b, rows, p + i - 1)
+            logits = self._decode(b, decode_kv_len(p + i, self._slots))
+            if output_logits:
+                kept.append(logits.clone())
             tok = sampler(logits)
-            limit_t = torch.tensor(limits, dtype=torch.long, device=self.device) if limits is not None else None
-            stops = bool(eos) or limits is not None  # (rows may stop before the last step)
-            done = torch.isin(tok, eos_t) if eos else torch.zeros_like(tok, dtype=torch.bool) if stops else None
-            if limit_t is not None:
-                done |= limit_t <= 1
-            # rows' stop flags read EOS_LAG steps late (a CPU reads them every step); streaming: tokens handed over
-            watch = _HostCopies(self.device) if stops and not per_step_sync and _lagged_stop(self.device) else None
-            hand = _HostCopies(self.device) if per_step_sync and HOST_COPIES else None
-            if watch is not None:
-                watch.add(0, done)
-            self._tok[:b, 0].copy_(tok)
+            if rows is not None:  # (the rows stopped and dropped from the decode get the padding)
+                tok = torch.full((b0,), pad, dtype=tok.dtype, device=tok.device).index_copy_(0, rows, tok)
+            if stops:
+                tok = tok.masked_fill(done, pad)
+                if eos:
+                    done |= torch.isin(tok, eos_t)
+                if limit_t is not None:
+                    done |= limit_t <= i + 1  # (the row's token i was its last)
+                if watch is not None:
+                    watch.add(i, done)
+            fed = tok if not stops or feed == pad else tok.masked_fill(done, feed)
+            self._tok[:b, 0].copy_(fed if rows is None else fed[rows])
             marks.append(self._mark())
-            out = [tok]
+            out.append(tok)
             if hand is None:
                 yield tok, None
                 check()
-            else:
-                hand.add(0, tok, done)
-            b0, rows = b, None  # the decode runs rows 0 .. b - 1, which are the prompts' rows `rows` (None: all)
-            known = None  # the rows' stop flags [B] of a recent step, on the host (where rows may stop early)
-            for i in range(1, max_new_tokens):
-                if stops and hand is None:
-                    seen = (watch.take(i - EOS_LAG) or [None])[0] if watch is not None else done
-                    known = known if seen is None else seen
-                    if known is not None and bool(known.all()):
-                        break
-                if known is not None and COMPACT_ROWS and not output_logits:
-                    b, rows = self._compacted(known, b, rows, p + i - 1)
-                logits = self._decode(b, decode_kv_len(p + i, self._slots))
+                continue
+            hand.add(i, tok, done)
+            prev, prev_done = hand.take(i - 1)  # (step i runs meanwhile)
+            yield prev, None
+            check()
+            if compact:
+                flags[i - 1] = prev_done
+            if prev_done is not None and bool(prev_done.all()):  # step i ran past the end: dropped
+                hand.close()
+                out.pop()
+                marks.pop()
                 if output_logits:
-                    kept.append(logits.clone())
-                tok = sampler(logits)
-                if rows is not None:  # (the rows stopped and dropped from the decode get the padding)
-                    tok = torch.full((b0,), pad, dtype=tok.dtype, device=tok.device).index_copy_(0, rows, tok)
-                if stops:
-                    tok = tok.masked_fill(done, pad)
-                    if eos:
-                        done |= torch.isin(tok, eos_t)
-                    if limit_t is not None:
-                        done |= limit_t <= i + 1  # (the row's token i was its last)
-                    if watch is not None:
-                        watch.add(i, done)
-                fed = tok if not stops or feed == pad else tok.masked_fill(done, feed)
-                self._tok[:b, 0].copy_(fed if rows is None else fed[rows])
-                marks.append(self._mark())
-                out.append(tok)
-                if hand is None:
-                    yield tok, None
-                    check()
-                    continue
-                hand.add(i, tok, done)
-                prev, prev_done = hand.take(i - 1)  # (step i runs meanwhile)
-                yield prev, None
-                check()
-                known = prev_done
-                if prev_done is not None and bool(prev_done.all()):  # step i ran past the end: dropped
-                    hand.close()
-                    out.pop()
-                    marks.pop()
-                    if output_logits:
-                        kept.pop()
-                    break
-            if hand is not None and hand.pending:  # (the last step's tokens, where the steps ran to the end)
-                yield hand.take(len(out) - 1)[0], None
-                check()
-            tokens = torch.stack(out, 1)
-            if eos:  # length up to and including the first EOS of each row
-                hit = torch.isin(tokens, eos_t)
-                n = tokens.shape[1]
-                first = torch.where(hit, torch.arange(n, device=self.device), n).min(1).values
-                lens = torch.clamp(first + 1, max=n)
-            else:
-                lens = torch.full((b0,), tokens.shape[1], dtype=torch.long, device=self.device)
-            if limit_t is not None:
-                lens = torch.minimum(lens, limit_t)
-            if self.device.type == "cuda":
-                marks[-1].synchronize()
-            for copies in (watch, hand):
-                if copies is not None:
-                    copies.close()
-            secs = [self._seconds(x, y) for x, y in zip(marks, marks[1:])]
-            self._capture_pending()  # (after the last step's time is taken)
-            if self._dense is not None:  # (the model's own sparse layers back in place, also after a prefill alone)
-                self._dense.install(False)
-            yield None, Generation(tokens=tokens.cpu(), lengths=lens.cpu(), prompt_lengths=lengths, ttft_s=secs[0],
-                                   step_s=secs[1:], logits=torch.stack(kept, 1).cpu() if output_logits else None)
+                    kept.pop()
+                break
+        if hand is not None and hand.pending:  # (the last step's tokens, where the steps ran to the end)
+            yield hand.take(len(out) - 1)[0], None
+            check()
+        tokens = torch.stack(out, 1)
+        if eos:  # length up to and including the first EOS of each row
+            hit = torch.isin(tokens, eos_t)
+            n = tokens.shape[1]
+            first = torch.where(hit, torch.arange(n, device=self.device), n).min(1).values
+            lens = torch.clamp(first + 1, max=n)
+        else:
+            lens = torch.full((b0,), tokens.shape[1], dtype=torch.long, device=self.device)
+        if limit_t is not None:
+            lens = torch.minimum(lens, limit_t)
+        if self.device.type == "cuda":
+            marks[-1].synchronize()
+        for copies in (watch, hand):
+            if copies is not None:
+                copies.close()
+        secs = [self._seconds(x, y) for x, y in zip(marks, marks[1:])]
+        self._capture_pending()  # (after the last step's time is taken)
+        if self._dense is not None:  # (the model's own sparse layers back in place, also after a prefill alone)
+            self._dense.install(False)
+        yield None, Generation(tokens=tokens.cpu(), lengths=lens.cpu(), prompt_lengths=lengths, ttft_s=secs[0],
+                               step_s=secs[1:], logits=torch.stack(kept, 1).cpu() if output_logits else None)
 
     def generate(self, prompts, max_new_tokens: int | Sequence[int], *, attention_mask: torch.Tensor | None = None,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

@@ -320,3 +320,13 @@ def test_demo_runs_without_transformers():
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr
     assert "val loss (nats/token)" in r.stdout and "--- dense ---" in r.stdout
+
+
+def test_prune_out_name_longer_than_the_file_system_allows(capsys, tmp_path, calib_file):
+    """``prune --out`` with a name over the file system's limit (255 bytes): a usage error naming ``--out`` before any
+    work (session 76: ``Path.exists`` raised an uncaught OSError there)."""
+    out = tmp_path / ("o" * 300)
+    rc, _, err = run(capsys, "prune", "tiny-shakespeare", "--method", "magnitude", "--sparsity", "0.5", "--calib",
+                     str(calib_file), "--out", str(out), "--device", "cpu")
+    assert rc == 2 and "--out" in err and "300 bytes long" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["calib.txt"]
