@@ -19,17 +19,8 @@ import flash_llm.engine as E
 from flash_llm import bundled
 from flash_llm.cli import main
 from flash_llm.engine import Engine
-from flash_llm.models import from_config
-from conftest import TINY_VOCAB, tiny_hf_model
-
-PROMPTS = [[5, 6, 7], [1, 2], [3, 3, 3], [8, 9]]
-
-
-def _model(family: str = "llama"):
-    hm = tiny_hf_model(family)
-    m = from_config(hm.config, dtype=torch.float32, device="meta")
-    m.load_state_dict(dict(hm.state_dict()), assign=True)
-    return m.eval()
+from conftest import TINY_VOCAB
+from test_engine_edge import PROMPTS, _model
 
 
 # ---- a seed gives the same tokens through generate(), on_token and stream() ----------------------------------

@@ -4187,6 +4187,17 @@ DEVI float rope_val(u16 x, u16 p, u16 c, u16 s, bool low) {
 
 // CHUNK: the slots a block attends, DA_CHUNK (64: two threads a slot's key row) or 32 (four threads a row, half the
 // scores' and the values' work a thread, twice the blocks: `_c32`, kernels.DECODE_ATTN_C32, where the grid is small)
+// The cluster combines' chunk weights (push and pull alike, the global combine's arithmetic): lane c of a head's warp
+// holds chunk c's m and l (-inf and 0 past the chunks); cw[c] = exp(m_c - max m) (0 for a chunk with every slot
+// masked) and, from lane 0, cr = sum of cw l.
+DEVI void da_weigh(float mj, float lj, int lane, float* cw, float& cr) {
+  const float mnew = warp_max(mj);
+  const float w = mj == DA_NEG_INF ? 0.f : __expf(mj - mnew);
+  cw[lane] = w;
+  const float lsum = warp_sum(w * lj);
+  if (lane == 0) cr = lsum;
+}
+
 // PUSH (`_p`, kernels.DECODE_ATTN_PUSH; launched only as clusters): the cluster's blocks other than rank 0 store their
 // chunk's (o, m, l) into rank 0's shared memory (rv, rst), arrive at the cluster barrier and exit without waiting;
 // rank 0 alone waits there, then combines from its own shared memory.  Against the pull combine below: no block but
@@ -4440,11 +4451,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
       const bool in = lane < a.splits;
       const float mj = !in ? DA_NEG_INF : lane == 0 ? stat[0][warp] : rst[lane - 1][0][warp];
       const float lj = !in ? 0.f : lane == 0 ? stat[1][warp] : rst[lane - 1][1][warp];
-      const float mnew = warp_max(mj);
-      const float w = mj == DA_NEG_INF ? 0.f : __expf(mj - mnew);
-      cw[warp][lane] = w;
-      const float lsum = warp_sum(w * lj);
-      if (lane == 0) cr[warp] = lsum;
+      da_weigh(mj, lj, lane, cw[warp], cr[warp]);
     }
     __syncthreads();
 #pragma unroll
@@ -4468,11 +4475,7 @@ DEVI void decode_attn_body(const DecodeAttn a) {
         const bool in = lane < a.splits;
         const float mj = in ? cluster_ld(cluster_addr(&stat[0][warp], lane)) : DA_NEG_INF;
         const float lj = in ? cluster_ld(cluster_addr(&stat[1][warp], lane)) : 0.f;
-        const float mnew = warp_max(mj);
-        const float w = mj == DA_NEG_INF ? 0.f : __expf(mj - mnew);
-        cw[warp][lane] = w;
-        const float lsum = warp_sum(w * lj);
-        if (lane == 0) cr[warp] = lsum;
+        da_weigh(mj, lj, lane, cw[warp], cr[warp]);
       }
       __syncthreads();
 #pragma unroll
