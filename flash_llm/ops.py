@@ -7,6 +7,8 @@ op (``flash_llm.kernels``); everywhere else the pure-PyTorch reference runs.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 import torch
@@ -390,6 +392,22 @@ def _checked(x, w, bias):
     return m, k, bias
 
 
+def _checked_eps(eps) -> float:
+    """``eps`` of a fused norm as a float: a real number (a Python or NumPy number, or a one-element real tensor; not
+    a bool), finite and >= 0 (0 as torch's ``rms_norm`` / ``layer_norm`` take it), or a ValueError that names it."""
+    if isinstance(eps, torch.Tensor):
+        ok = eps.numel() == 1 and not eps.is_complex() and eps.dtype != torch.bool
+    else:
+        ok = isinstance(eps, numbers.Real) and not isinstance(eps, bool)
+    try:
+        value = float(eps) if ok else math.nan
+    except (TypeError, ValueError, RuntimeError):  # (a tensor float() cannot read: under a transform, say)
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return value
+
+
 def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x @ W^T (+ bias)`` with ``W`` kept compressed.
 
@@ -448,7 +466,7 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
     Args:
         x: ``[..., K]`` activations (the residual stream), fp16 or bf16 (the dtype of ``w``), any strides.
         norm_weight: the RMSNorm's ``[K]`` weight, same dtype and device.
-        eps: the RMSNorm's epsilon.
+        eps: the RMSNorm's epsilon: a finite number >= 0 (else a ValueError that names it).
         w: compressed weight of logical shape ``[M, K]``, on the device of ``x``.
         act: ``None``, or ``"silu_mul"`` for a merged gate / up weight (as :func:`spmm_silu_mul`).
 
@@ -472,11 +490,12 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
                          f"{tuple(getattr(norm_weight, 'shape', ()))}")
     if norm_weight.device != x.device:
         raise ValueError(f"norm_weight is on {norm_weight.device} but x is on {x.device}")
+    eps = _checked_eps(eps)
     lead = x.shape[:-1]
     if _decomposed("spmm_rms_norm"):
-        y = spmm(rms_norm(x, norm_weight, float(eps)), w)
+        y = spmm(rms_norm(x, norm_weight, eps), w)
         return silu_mul_halves(y) if act is not None else y
-    y = _spmm_rms_norm_op(x.reshape(-1, k), norm_weight.contiguous(), float(eps), w.data, w.offsets,
+    y = _spmm_rms_norm_op(x.reshape(-1, k), norm_weight.contiguous(), eps, w.data, w.offsets,
                           _format_id(w), m, k, act is not None)
     return y.reshape(*lead, y.shape[-1])
 
@@ -523,7 +542,7 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
     Args:
         x: ``[..., K]`` activations (the residual stream), fp16 or bf16 (the dtype of ``w``), any strides.
         norm_weight, norm_bias: the LayerNorm's ``[K]`` weight and bias (or ``None``), same dtype and device.
-        eps: the LayerNorm's epsilon.
+        eps: the LayerNorm's epsilon: a finite number >= 0 (else a ValueError that names it).
         w: compressed weight of logical shape ``[M, K]``, on the device of ``x``.
         bias: optional ``[M]``, same dtype and device.
         act: ``None`` or ``"relu"``.
@@ -549,11 +568,12 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
         if t.device != x.device:
             raise ValueError(f"{what} is on {t.device} but x is on {x.device}")
+    eps = _checked_eps(eps)
     lead = x.shape[:-1]
     if _decomposed("spmm_layer_norm"):
-        y = spmm(layer_norm(x, norm_weight, norm_bias, float(eps)), w, bias)
+        y = spmm(layer_norm(x, norm_weight, norm_bias, eps), w, bias)
         return torch.relu(y) if act == "relu" else y
     y = _spmm_layer_norm_op(x.reshape(-1, k), norm_weight.contiguous(),
-                            None if norm_bias is None else norm_bias.contiguous(), float(eps), w.data, w.offsets,
+                            None if norm_bias is None else norm_bias.contiguous(), eps, w.data, w.offsets,
                             _format_id(w), m, k, bias, act == "relu")
     return y.reshape(*lead, m)

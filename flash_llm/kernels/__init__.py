@@ -421,7 +421,15 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
     with ``b = ceil(B / sms)`` blocks takes ``max(b, ceil(b / blocks_per_sm) * share * blocks_per_sm)`` block-times
     (a lone block still takes ``share`` of a full SM's round), against ``B / sms`` if the work were even; and their
     partial-sum traffic weighs less.  Both constants come from :func:`wg_split_model` and grow with the density.
+
+    ``m``, ``k``, ``n``, ``sms`` and ``blocks_per_sm`` are at least 1, else a ValueError that names the first that is
+    not: no tokens (or rows, columns) is nothing to plan (:func:`spmm_cuda` launches nothing for ``n = 0``).
     """
+    if m < 1 or k < 1 or n < 1 or sms < 1 or blocks_per_sm < 1:
+        what, v = next((w, v) for w, v in (("m", m), ("k", k), ("n", n), ("sms", sms),
+                                           ("blocks_per_sm", blocks_per_sm)) if v < 1)
+        raise ValueError(f"plan: {what} must be at least 1, got {v!r} ({m}x{k}x{n} on {sms} SMs, {blocks_per_sm} "
+                         "blocks an SM)")
     asked = splits if splits is not None else SPLIT_OVERRIDES.get((m, k, n))
     p = _plan(m, k, n, density, sms, blocks_per_sm, asked, fmt, wgmma)
     if asked is not None and p.splits != asked and (m, k, n, asked, p.splits) not in _split_warned:
@@ -622,8 +630,10 @@ TCSL_WG_MAX_DENSITY_ABOVE_128 = 0.25
 TCSL_WG_MIN_ELEMENTS = 1 << 25
 
 
-def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = False, elements: int = 0) -> bool:
-    """Sparse kernel for small N; expand + dense cuBLAS for large N (prefill).  ``elements`` is the weight's M x K.
+def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = False, elements: int = 0,
+                      parts: int = 1) -> bool:
+    """Sparse kernel for small N; expand + dense cuBLAS for large N (prefill); no tokens (``n < 1``): neither, False.
+    ``elements`` is the weight's M x K, ``parts`` a DeltaRows weight's lanes a row (1: the split layout).
     Crossovers measured on H200 (benchmarks/RESULTS.md): bitmap up to N = 64, or 128 where its warpgroup kernel runs
     (``wgmma``; 9216 x 36864 at 80 %, N = 128: 362 us against about 650 for the expansion); Tiled-CSL up to N = 128,
     where its kernels for N > 64 (warpgroup MMA, or four warps sharing each tile's decode) beat the expansion (same
@@ -631,22 +641,39 @@ def use_sparse_kernel(n: int, density: float, fmt: int = BITMAP, wgmma: bool = F
     at least 80 % sparse weight (``TCSL_WG_MAX_DENSITY_ABOVE_128``, ``TCSL_WG_MIN_ELEMENTS``; session 13, same shape at
     80 %: N = 256 in 416-428 us; the expansion took 473 us in session 12's bench_spmm.py).  DeltaRows: N = 1 and its
     multi-token kernels up to :data:`DELTA_MULTI_MAX` (in chunks up to :data:`DELTA_CHUNK_MAX`), and its tensor-core
-    kernel where :func:`dr_mma_ok` (the split layout)."""
+    kernel where :func:`dr_mma_ok` (``n`` tokens on ``parts`` lanes a row: the split layout only)."""
+    if n < 1:
+        return False
     if fmt == DELTA_ROWS:
-        return 1 <= n <= max(1, DELTA_MULTI_MAX, DELTA_CHUNK_MAX if DELTA_MULTI_MAX >= 2 else 0) or dr_mma_ok(n, 1)
+        return n <= max(1, DELTA_MULTI_MAX, DELTA_CHUNK_MAX if DELTA_MULTI_MAX >= 2 else 0) or dr_mma_ok(n, parts)
     if fmt == TILED_CSL:
         return n <= 128 or (wgmma and n <= 256 and density <= TCSL_WG_MAX_DENSITY_ABOVE_128
                             and elements >= TCSL_WG_MIN_ELEMENTS)
     return n <= (128 if wgmma else 64)
 
 
-def dispatches_sparse(n: int, fmt: int, data: torch.Tensor, m: int, k: int, device_index: int, vec: bool = True) -> bool:
+def dispatches_sparse(n: int, fmt: int, data: torch.Tensor, m: int, k: int, device_index: int,
+                      vec: bool = True) -> bool:
     """Whether :func:`spmm_cuda` (not forced) runs the sparse kernel for ``n`` tokens on this compressed weight
     (``fmt``, ``data``, ``[m, k]``) on device ``device_index``, as it decides: the density estimated from the array's
     size, the warpgroup kernels as X allows them (``vec``: ``k % 8 == 0`` and X's rows on 16 bytes, which Tiled-CSL's
-    need).  For benchmarks that label what ran."""
+    need), a DeltaRows weight's lanes a row read from ``data``'s size (its parts layout never takes the tensor-core
+    kernel).  The one place that decides: :func:`spmm_cuda` and :func:`epilogue_fusable` both ask it; benchmarks label
+    what ran with it."""
+    if n < 1:
+        return False
+    if fmt == DELTA_ROWS:  # (no warpgroup kernels: no device query, so shapes alone answer on any machine)
+        return use_sparse_kernel(n, _density(fmt, data, m, k), fmt, parts=_dr_parts(m, data))
     wg_ok = (fmt == BITMAP or bool(vec)) and wgmma_ok(device_index)
-    return n > 0 and use_sparse_kernel(n, _density(fmt, data, m, k), fmt, wg_ok, m * k)
+    return use_sparse_kernel(n, _density(fmt, data, m, k), fmt, wg_ok, m * k)
+
+
+def _dr_parts(m: int, data: torch.Tensor) -> int:
+    """Lanes a row of a DeltaRows weight of ``m`` rows, from its ``data``'s size alone (``delta_rows.layout``: the
+    parts trailer)."""
+    from ..formats.delta_rows import layout
+
+    return layout(m, 0, data.numel()).parts
 
 
 def decode_dense(fmt: int, data: torch.Tensor, offsets: torch.Tensor, m: int, k: int, dtype: torch.dtype,
@@ -873,10 +900,18 @@ DELTA_CHUNK_MAX = _env_int("FLASH_LLM_DELTA_CHUNK_MAX", 16, 0)
 
 
 def dr_token_chunks(n: int) -> list[tuple[int, int]]:
-    """The token ranges ``[(i, j), ...]`` that :data:`DELTA_CHUNK_MAX` runs ``n`` tokens in: ``ceil(n /
-    DELTA_MULTI_MAX)`` chunks as even as possible (so from ``n = DELTA_MULTI_MAX + 1`` each holds 2 tokens or more
-    and runs a multi-token kernel). Each token's sums are its own, so the chunks change no token's value."""
+    """The token ranges ``[(i, j), ...]`` that :data:`DELTA_CHUNK_MAX` runs ``n`` tokens in, in order: ``ceil(n /
+    DELTA_MULTI_MAX)`` chunks of at most :data:`DELTA_MULTI_MAX` tokens, as even as possible, so that from
+    ``DELTA_MULTI_MAX = 3`` on each chunk of ``n >= 2`` tokens holds 2 or more and runs a multi-token kernel.  Each
+    token's sums are its own, so the chunks change no token's value.  ``DELTA_MULTI_MAX = 2`` cannot split an odd
+    ``n`` into pairs: its chunks are the pairs, then the last token alone, which runs the N = 1 kernel (the same to
+    rounding, not bit for bit: another summation order).  ``DELTA_MULTI_MAX = 1`` (no multi-token kernels: the
+    caller expands the weight instead of chunking) gives one token a chunk; ``n = 0`` none."""
     c = max(1, DELTA_MULTI_MAX)
+    if n < 1:
+        return []
+    if c == 2:  # (pairs, then an odd n's last token)
+        return [(i, min(i + 2, n)) for i in range(0, n, 2)]
     parts = -(-n // c)
     edges = [n * p // parts for p in range(parts + 1)]
     return [(edges[p], edges[p + 1]) for p in range(parts)]
@@ -1399,13 +1434,22 @@ def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype
     sparse kernel runs (not the expansion) with split-K and its reduction is ``splitk_reduce``; SiLU x up (``act``):
     Tiled-CSL or the bitmap warpgroup kernels, ``m`` a multiple of 128; ``norm`` and ``add``: the Tiled-CSL kernel of
     N = 1 (``_n1``) with 16-byte rows (``vec``: ``K % 8 == 0``, ``x`` aligned); ``act="relu"`` and ``layer_norm`` (a
-    LayerNorm as the norm): DeltaRows only.  Shapes only: no launch, no sync."""
+    LayerNorm as the norm): DeltaRows only.  Sparse kernel or expansion is :func:`dispatches_sparse`'s answer for the
+    same ``n``, weight and ``vec``, as :func:`spmm_cuda` asks it (``force_sparse``: the sparse kernel, except for
+    DeltaRows, which takes no forcing); no tokens: nothing to fuse (False).  Shapes only: no launch, no sync."""
+    if n < 1:  # (spmm_cuda launches nothing)
+        return False
     if fmt == DELTA_ROWS:  # at N = 1 the kernel does them all; SiLU x up on a weight with paired halves only; at 2
         # tokens (DR_NT_NORM) the multi-token kernels: the bias, the residual add, SiLU x up, and an RMSNorm on the
-        # parts layout (dr_nt_norm_ok)
+        # parts layout (dr_nt_norm_ok); the tensor-core kernel (dr_mma_ok): the bias, the residual add and SiLU x up
+        # of paired halves in its reduction
         from ..formats.delta_rows import layout, paired_halves
 
+        if not dispatches_sparse(n, fmt, data, m, k, device.index, vec):
+            return False
         paired = offsets is not None and paired_halves(m, offsets.numel(), data.numel())
+        if dr_mma_ok(n, _dr_parts(m, data)):
+            return not (norm or layer_norm) and act != "relu" and (act is None or paired)
         if n == 1:
             return act in (None, "relu") or paired
         if n != 2 or not DR_NT_NORM or offsets is None or act == "relu" or layer_norm or (act and not paired):
@@ -1413,9 +1457,9 @@ def epilogue_fusable(fmt: int, data: torch.Tensor, m: int, k: int, n: int, dtype
         return not norm or dr_nt_norm_ok(n, k, layout(m, offsets.numel(), data.numel()).parts)
     if act == "relu" or layer_norm:
         return False
-    density = _density(fmt, data, m, k)
-    if not force_sparse and not use_sparse_kernel(n, density, fmt, wgmma_ok(device.index), m * k):
+    if not force_sparse and not dispatches_sparse(n, fmt, data, m, k, device.index, vec):
         return False
+    density = _density(fmt, data, m, k)
     name, wg, shared = kernel_config(fmt, dtype, n, vec, device.index, density, m * k)
     p = plan(m, k, n, density, sm_count(device.index), blocks_per_sm(name, device.index, block_threads(name), shared),
              splits, fmt, wg)
@@ -1583,9 +1627,10 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
                         v_cache: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
                         cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> bool:
     """Whether :func:`decode_attention_cuda` takes these tensors (else the caller computes with PyTorch): CUDA
-    (compute capability 8.0+), fp16/bf16, one query token, head size 64 or 128, at most 8 query heads per kv head,
-    16-byte aligned rows, contiguous caches, an additive mask of the same dtype or none, and RoPE's ``cos, sin``
-    ``[B, 1, D]`` (last dimension contiguous, the same dtype and strides) or neither."""
+    (compute capability 8.0+), fp16/bf16, one query token, head size 64 or 128, at least one sequence, kv head and
+    query head (none: the launch's grid would be empty), at most 8 query heads per kv head, 16-byte aligned rows,
+    contiguous caches, an additive mask of the same dtype or none, and RoPE's ``cos, sin`` ``[B, 1, D]`` (last
+    dimension contiguous, the same dtype and strides) or neither."""
     if (cos is None) != (sin is None):
         return False
     if cos is not None and not (cos.dtype == sin.dtype == q.dtype and cos.device == q.device
@@ -1596,7 +1641,7 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         return False
     b, h, t, d = q.shape
     hkv = k.shape[1]
-    if b == 0 or t != 1 or d not in (64, 128) or hkv == 0 or h % hkv or h // hkv > DECODE_ATTN_MAX_REP:
+    if b == 0 or h == 0 or t != 1 or d not in (64, 128) or hkv == 0 or h % hkv or h // hkv > DECODE_ATTN_MAX_REP:
         return False
     if tuple(k.shape) != (b, hkv, 1, d) or v.shape != k.shape or not all(x.dtype == q.dtype for x in (k, v)):
         return False
