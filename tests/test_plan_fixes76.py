@@ -15,6 +15,7 @@ import torch
 from flash_llm import DeltaRows, TiledCSL, kernels, ops
 from flash_llm.formats.delta_rows import layout
 from flash_llm.kernels import BITMAP, DELTA_ROWS, TILED_CSL
+from test_kernel_args import _attention_case as _attention  # (CPU tensors, q saying it is on CUDA)
 
 
 def _sm90(monkeypatch, wgmma=True, blocks=2):
@@ -285,21 +286,6 @@ def test_multi_max_2_runs_pairs_and_the_last_odd_token_alone(monkeypatch, n):
 
 
 # 6. decode_attention_ok and zero-sized heads --------------------------------------------------------------------------
-
-class _FakeCuda(torch.Tensor):
-    """A CPU tensor that says it is on CUDA (as tests/test_kernel_args.py), to reach decode_attention_ok's checks."""
-
-    @property
-    def is_cuda(self):
-        return True
-
-
-def _attention(b=2, h=8, hkv=2, d=64, slots=32):
-    q = torch.zeros(b, h, 1, d, dtype=torch.float16).as_subclass(_FakeCuda)
-    k = torch.zeros(b, hkv, 1, d, dtype=torch.float16)
-    cache = torch.zeros(b, hkv, slots, d, dtype=torch.float16)
-    return q, k, k.clone(), cache, cache.clone(), torch.zeros(b, 1, 1, slots, dtype=torch.float16)
-
 
 def test_decode_attention_ok_refuses_zero_heads(monkeypatch):
     monkeypatch.setattr(kernels, "supported", lambda device: (True, ""))
