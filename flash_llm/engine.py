@@ -889,14 +889,18 @@ def _delta_rows_batch_note(model: torch.nn.Module, device: torch.device, max_bat
     from .nn import SparseLinear
 
     layers = [m for m in model.modules() if isinstance(m, SparseLinear) and m.weight_format is DeltaRows]
-    n = len(layers)
+
+    def sparse_at(b: int, m) -> bool:  # (the parts layout never takes the tensor-core kernel: dr_mma_ok)
+        return kernels.use_sparse_kernel(b, 0.2, kernels.DELTA_ROWS, parts=m.weight.parts)
+
+    over = [m for m in layers if not sparse_at(max_batch, m)]
     notes = []
-    if n and not kernels.use_sparse_kernel(max_batch, 0.2, kernels.DELTA_ROWS):
-        first = next(b for b in range(1, max_batch + 1) if not kernels.use_sparse_kernel(b, 0.2, kernels.DELTA_ROWS))
-        notes.append(f"max_batch={max_batch}: {n} DeltaRows layer(s) run their sparse kernel up to batch {first - 1} "
-                     f"only; from batch {first} on each call expands the weight to dense, slower than the dense model "
-                     f"(delta_layout='auto' re-encodes them as Tiled-CSL from batch {DELTA_TCSL_MIN_BATCH} where the "
-                     f"GPU has the memory; DeltaRows is the fastest at batch 1-3)")
+    if over:
+        first = min(next(b for b in range(1, max_batch + 1) if not sparse_at(b, m)) for m in over)
+        notes.append(f"max_batch={max_batch}: {len(over)} DeltaRows layer(s) run their sparse kernel up to batch "
+                     f"{first - 1} only; from batch {first} on each call expands the weight to dense, slower than the "
+                     f"dense model (delta_layout='auto' re-encodes them as Tiled-CSL from batch {DELTA_TCSL_MIN_BATCH} "
+                     f"where the GPU has the memory; DeltaRows is the fastest at batch 1-3)")
     parts = sum(m.weight.parts > 1 for m in layers)
     if parts and max_batch > 1 and not chosen:
         notes.append(f"max_batch={max_batch}: {parts} DeltaRows layer(s) in the parts layout (FLASH_LLM_DELTA_PARTS / "

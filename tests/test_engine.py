@@ -2078,3 +2078,30 @@ def test_bench_e2e_verdicts_need_every_batch():
     assert any(x.startswith("PASS m 80 %: decode speedup") for x in lines)
     lines = bench.target_checks(dense + [row(80, 1, 2.9), row(80, 16, 3.2)])
     assert any(x.startswith("FAIL m 80 %: decode speedup") for x in lines)
+
+
+def test_delta_rows_batch_warning_counts_the_tensor_core_kernel_by_layout(pair, monkeypatch):
+    """With DeltaRows' tensor-core kernel on (``DR_MMA_MIN`` / ``DR_MMA_MAX``), split-layout layers run sparse up to its
+    largest batch and parts-layout ones do not (``dr_mma_ok``): the warning counts only the layers that would expand
+    (session 76: it asked as if every layer were split, and so said nothing of the parts-layout ones)."""
+    from flash_llm import kernels
+    from flash_llm.engine import _delta_rows_batch_note
+
+    hm, _ = pair
+    ours = _ours(hm, torch.float16)
+    magnitude_prune_(ours, 0.7, filter_fn=lambda m, fqn: fqn != "lm_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(ours, flash_llm.SparsifyConfig(format="delta-rows"))
+    dr = [m for m in ours.modules() if isinstance(m, flash_llm.SparseLinear) and m.weight_format is flash_llm.DeltaRows]
+    assert len(dr) >= 2
+    w = flash_llm.DeltaRows.from_dense(dr[0].weight.to_dense(), parts=2)
+    dr[0].weight_data, dr[0].weight_offsets = w.data, w.offsets
+    assert dr[0].weight.parts == 2 and all(m.weight.parts == 1 for m in dr[1:])
+    monkeypatch.setattr(kernels, "DR_MMA_MIN", 2)
+    monkeypatch.setattr(kernels, "DR_MMA_MAX", 32)
+    first = next(b for b in range(1, 65) if not kernels.use_sparse_kernel(b, 0.2, kernels.DELTA_ROWS, parts=2))
+    assert first <= 20 and kernels.use_sparse_kernel(20, 0.2, kernels.DELTA_ROWS)  # (split: the tensor-core kernel)
+    note = _delta_rows_batch_note(ours, torch.device("cuda"), 20, chosen=True)
+    assert note is not None and "1 DeltaRows layer(s) run their sparse kernel" in note
+    assert f"up to batch {first - 1} only" in note and f"from batch {first} on" in note
