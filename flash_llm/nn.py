@@ -248,6 +248,14 @@ class SparseLinear(nn.Module):
 
     @property
     def density(self) -> float:
+        """Fraction of nonzero elements, ``nnz / (M * K)``.  A layer loaded without its count (a state dict without
+        ``_extra_state``: nnz -1) counts it from its arrays, as its weight does; on the meta device: ValueError (until
+        session 76 it returned ``-1 / (M * K)``)."""
+        if self._nnz < 0:
+            w = self.weight
+            d = w.density  # (counts and validates; raises on meta)
+            self._nnz = w.nnz
+            return d
         return self._nnz / (self.out_features * self.in_features)
 
     @property
@@ -299,7 +307,8 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.weight_format.__name__}, dtype={dtype_name(self.weight_dtype)}, "
-                f"density={self.density:.4f}, nbytes={self.nbytes}, bias={self.bias is not None}")
+                f"density={'unknown' if self._nnz < 0 else f'{self.density:.4f}'}, nbytes={self.nbytes}, "
+                f"bias={self.bias is not None}")
 
     # ---- module plumbing: dtype casts, state dicts -------------------------------------------------
     def _apply(self, fn, recurse=True):

@@ -269,12 +269,64 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     data, offsets = ctx.saved_tensors
     fmt, m, k, has_bias = ctx.meta
-    grad_x = _spmm_t_op(grad.contiguous(), data, offsets, fmt, m, k) if ctx.needs_input_grad[0] else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:  # (through the differentiable transposed product where a transform is in effect)
+        op = _SpmmTFunction.apply if _transformed() else _spmm_t_op
+        grad_x = op(grad.contiguous(), data, offsets, fmt, m, k)
     grad_bias = grad.float().sum(0).to(grad.dtype) if has_bias and ctx.needs_input_grad[6] else None
     return grad_x, None, None, None, None, None, grad_bias
 
 
 _spmm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Second order: the transposed product is linear in ``grad`` and the weight a constant, so its own gradient is the
+# product again (``gg W^T``, :func:`spmm`'s op) and its tangent the transposed product of the tangent.  Until session
+# 76 it had neither: double backward (``create_graph=True``) raised "no autograd formula" and ``torch.func.hessian`` /
+# ``jvp(jacrev(...))`` gave zeros without a word.
+def _setup_context_t(ctx, inputs, output):
+    grad, data, offsets, fmt, m, k = inputs
+    ctx.save_for_backward(data, offsets)
+    ctx.meta = (fmt, m, k)
+
+
+def _backward_t(ctx, gg):
+    data, offsets = ctx.saved_tensors
+    fmt, m, k = ctx.meta
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    op = _SpmmFunction.apply if _transformed() else _spmm_op
+    return op(gg.contiguous(), data, offsets, fmt, m, k, None), None, None, None, None, None
+
+
+_spmm_t_op.register_autograd(_backward_t, setup_context=_setup_context_t)
+
+
+class _SpmmTFunction(torch.autograd.Function):
+    """The transposed product as an ``autograd.Function`` with a forward-mode rule (as :class:`_SpmmFunction` is
+    the product's), for the backward of :func:`spmm` under forward-mode AD and the ``torch.func`` transforms
+    (``hessian``, ``jvp`` of ``jacrev``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, data, offsets, fmt, m, k):
+        return _spmm_t_op(grad, data, offsets, fmt, m, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context_t(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, gg):
+        return _backward_t(ctx, gg)
+
+    @staticmethod
+    def jvp(ctx, grad_t, data_t, offsets_t, fmt_t, m_t, k_t):
+        data, offsets = ctx.saved_tensors
+        fmt, m, k = ctx.meta
+        return None if grad_t is None else _spmm_t_op(grad_t.contiguous(), data, offsets, fmt, m, k)
 
 
 class _SpmmFunction(torch.autograd.Function):
