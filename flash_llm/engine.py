@@ -1785,8 +1785,8 @@ class Engine:
                         flags[i - 1] = done.clone()  # (done changes in place)
                 if seen is not None and bool(seen.all()):
                     break
-            known = flags.pop(i - lag, None)
-            if known is not None and compact:
+            known = flags.pop(i - lag, None)  # (only kept where compact)
+            if known is not None:
                 b, rows = self._compacted(known, b, rows, p + i - 1)
             logits = self._decode(b, decode_kv_len(p + i, self._slots))
             if output_logits:
