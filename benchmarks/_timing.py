@@ -6,8 +6,10 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 
 import torch
 
@@ -16,10 +18,22 @@ def l2_bytes(device=None) -> int:
     return torch.cuda.get_device_properties(device or torch.cuda.current_device()).L2_cache_size
 
 
-def copies_needed(nbytes: int, min_total: int | None = None, cap: int = 64) -> int:
-    """How many distinct copies of a buffer to rotate through so their total exceeds 3x L2."""
+#: most copies :func:`copies_needed` asks for: 3x a 50 MiB L2 from buffers down to 150 KiB (a 4096 x 4096 Tiled-CSL
+#: weight at 99 % is 0.66 MiB: 64 copies, the cap before, rotated 42 MiB, less than L2)
+COPIES_CAP = 1024
+
+
+def copies_needed(nbytes: int, min_total: int | None = None, cap: int = COPIES_CAP) -> int:
+    """How many distinct copies of a buffer to rotate through so their total reaches ``min_total`` (default 3x L2),
+    at most ``cap``: a buffer too small for that stays short of it, which :func:`rotation_shortfall` tells."""
     min_total = min_total or 3 * l2_bytes()
     return max(1, min(cap, -(-min_total // max(1, nbytes))))
+
+
+def rotation_shortfall(nbytes: int, copies: int, min_total: int | None = None) -> int:
+    """Bytes by which ``copies`` copies of an ``nbytes`` buffer fall short of ``min_total`` (default 3x L2); 0 where
+    they reach it."""
+    return max(0, (min_total or 3 * l2_bytes()) - copies * nbytes)
 
 
 def weight_copies(w) -> list:
@@ -72,15 +86,36 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * a.numel() * 4 / min(t_copy, t_kernel)
 
 
-def environment(device=None) -> dict:
-    """The run's machine and versions.  ``device``: the run's device (a CPU run on a GPU machine names the CPU, not
-    the card, and touches no CUDA); None: CUDA's device 0 where there is CUDA (the kernels' benchmarks)."""
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:
-            return "unknown"
+def git_state(root=None) -> tuple[str | None, bool | None]:
+    """The short commit of the git repository whose top directory is ``root`` (default: the one above this file's
+    directory, the benchmarks' repository whatever the working directory) and whether its tree is dirty (changed or
+    untracked files); ``(None, None)`` where ``root`` is not a repository's top (the device machine's copy of the tree
+    has no ``.git``; a repository around that copy is another one) or there is no git."""
+    root = os.path.realpath(root or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != root:
+            return None, None
+        return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain"))
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def command(script: str, argv=None, launcher: str = "python") -> str:
+    """The command line that ran a benchmark: ``launcher`` and ``sys.argv`` as typed where ``argv`` is None (run
+    from a shell), else ``launcher``, ``script`` and ``argv`` (its ``main(argv)`` called from Python)."""
+    return f"{launcher} {shlex.join(sys.argv if argv is None else [script, *argv])}"
+
+
+def environment(device=None) -> dict:
+    """The run's machine, versions and provenance.  ``device``: the run's device (a CPU run on a GPU machine names
+    the CPU, not the card, and touches no CUDA); None: CUDA's device 0 where there is CUDA (the kernels' benchmarks).
+    ``commit``: ``FLASH_LLM_COMMIT`` where set (the device machine gets the working tree without ``.git``), else the
+    benchmarks' repository's commit ("unknown" without one), with "+dirty" where :func:`git_state` finds the tree
+    dirty; ``commit_given``, ``git_commit`` and ``dirty`` (None: no repository to tell) keep the parts apart."""
     device = None if device is None else torch.device(device)
     on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
     props = torch.cuda.get_device_properties(device.index or 0 if device is not None else 0) if on_gpu else None
@@ -90,6 +125,8 @@ def environment(device=None) -> dict:
         nvrtc = ".".join(map(str, nvrtc_version()))
     except Exception:
         nvrtc = "n/a"
+    given = os.environ.get("FLASH_LLM_COMMIT") or None
+    sha, dirty = git_state()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "card": props.name if props else "cpu",
@@ -99,9 +136,10 @@ def environment(device=None) -> dict:
         "cuda": torch.version.cuda,
         "nvrtc": nvrtc,
         "python": platform.python_version(),
-        # the device machine gets the working tree without .git: pass FLASH_LLM_COMMIT there
-        "commit": os.environ.get("FLASH_LLM_COMMIT")
-        or git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
+        "commit": (given or sha or "unknown") + ("+dirty" if dirty else ""),
+        "commit_given": given,
+        "git_commit": sha,
+        "dirty": dirty,
         # the library's switches set for this run (A/B runs of one tree differ only here)
         "settings": {k: v for k, v in sorted(os.environ.items())
                      if k.startswith("FLASH_LLM_") and k not in ("FLASH_LLM_COMMIT", "FLASH_LLM_CACHE")},

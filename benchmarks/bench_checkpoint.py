@@ -11,14 +11,17 @@
 2. Converts it with ``flash_llm.checkpoint.convert`` (compression on ``--device``) in a child process: wall
    time, input/output bytes, and the child's peak anonymous and file-backed resident memory (sampled every
    20 ms; memory-mapped shard pages are file-backed and reclaimable, anonymous memory is what the
-   conversion really holds), against the largest input shard and the compressed model.
+   conversion really holds) above its baseline after the imports (and the CUDA context on CUDA), the absolute
+   peaks beside them, against the largest input shard and the compressed model.
 3. Opens the flash-llm checkpoint with ``flash_llm.from_pretrained`` on ``--device`` and on CPU (memory-mapped),
    each cold (the files' pages evicted from the page cache with ``posix_fadvise(DONTNEED)``, best effort) and
-   warm, checking the model (sparse layer count, one forward token).  With transformers installed, also
-   ``AutoModelForCausalLM.from_pretrained`` (CPU).
+   warm, every tensor read inside the time (safetensors maps a CPU load lazily: its GB/s would count bytes never
+   read), then checking the model (sparse layer count, one forward token).  With transformers installed, also
+   ``AutoModelForCausalLM.from_pretrained`` (CPU, every tensor read inside the time too).
 
-Writes ``results.json`` (environment, every measurement), ``results.csv`` and ``checkpoint_times.png`` under
-``--out`` and prints a summary (an ``--out`` that holds any of them is refused without ``--overwrite``).
+Writes ``results.json`` (environment with the command, the options, every measurement), ``results.csv`` and
+``checkpoint_times.png`` under ``--out`` and prints a summary (an ``--out`` that holds any of them is refused without
+``--overwrite``).
 ``--quick``: a tiny model on CPU, a smoke run of every step (seconds).
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -131,10 +135,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _read_all(model) -> None:
+    """Read every CPU parameter and buffer of ``model`` from memory: one byte of each page and its last byte, so a
+    memory-mapped tensor (safetensors maps a CPU load lazily) has every page read from its file.  Tensors on a GPU
+    were read when copied there."""
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        if t.device.type == "cpu" and t.numel():
+            flat = t.detach().reshape(-1).view(torch.uint8)
+            flat[::mmap.PAGESIZE].sum()
+            flat[-1].item()
+
+
 def time_open(path: Path, device, n_sparse: int, vocab: int) -> float:
+    """Seconds to load the flash-llm checkpoint at ``path`` on ``device`` with every tensor read (:func:`_read_all`),
+    then a check of the model: ``n_sparse`` sparse layers, one forward token to ``vocab`` finite logits."""
     _sync(device)
     t0 = time.perf_counter()
     model = flash_llm.from_pretrained(path, device=device, progress=False)
+    _read_all(model)
     _sync(device)
     elapsed = time.perf_counter() - t0
     got = sum(isinstance(m, SparseLinear) for m in model.modules())
@@ -151,15 +169,22 @@ def time_open(path: Path, device, n_sparse: int, vocab: int) -> float:
 
 
 def _child_convert(args) -> None:
-    """Run in a child process: convert and print a JSON line with the time and the memory peaks."""
+    """Run in a child process: convert and print a JSON line with the time and the memory peaks, absolute and above
+    the baseline (the resident memory after the imports, and the CUDA context on CUDA, sampled before converting)."""
+    if torch.device(args.device).type == "cuda":
+        torch.zeros(1, device=args.device)  # (the context's host memory belongs to the baseline)
+    base = _memory()
     with _PeakMemory() as peak:
         t0 = time.perf_counter()
         report = flash_llm.checkpoint.convert(args.src, args.dst, format=args.format, min_sparsity=0.5,
                                               device=args.device, max_shard_size=args.shard, progress=False)
         _sync(args.device)
         elapsed = time.perf_counter() - t0
-    print(json.dumps({"seconds": elapsed, "peak_anon": peak.peak["RssAnon"], "peak_file": peak.peak["RssFile"],
-                      "converted": len(report.converted), "skipped": len(report.skipped),
+    out = {"seconds": elapsed}
+    for kind, key in (("anon", "RssAnon"), ("file", "RssFile")):
+        out.update({f"peak_{kind}_above_baseline": max(0, peak.peak[key] - base[key]),
+                    f"peak_{kind}_absolute": peak.peak[key], f"baseline_{kind}": base[key]})
+    print(json.dumps({**out, "converted": len(report.converted), "skipped": len(report.skipped),
                       "sparse_bytes": report.sparse_bytes, "dense_bytes": report.dense_bytes}))
 
 
@@ -215,13 +240,16 @@ def main(argv=None):
             shutil.rmtree(p)
     os.makedirs(args.out, exist_ok=True)
     env = T.environment(device)
+    env["command"] = T.command(__file__, argv)
     rows = []
-    result = {"env": env, "model": cfg.name, "layers": cfg.num_layers, "params": cfg.num_parameters(),
-              "sparsity": args.sparsity, "format": args.format, "device": str(device), "rows": rows}
+    result = {"env": env, "options": {k: v for k, v in vars(args).items() if k != "_child"}, "model": cfg.name,
+              "layers": cfg.num_layers, "params": cfg.num_parameters(), "sparsity": args.sparsity,
+              "format": args.format, "device": str(device), "shard": shard, "rows": rows}
     def save():  # after every step, so a run cut short still leaves what it measured
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
-        keys = ["step", "seconds", "bytes", "gb_per_s", "peak_anon_bytes", "peak_file_bytes"]
+        keys = ["step", "seconds", "bytes", "gb_per_s", "peak_anon_above_baseline_bytes", "peak_anon_absolute_bytes",
+                "peak_file_above_baseline_bytes", "peak_file_absolute_bytes"]
         with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
@@ -257,12 +285,16 @@ def main(argv=None):
                              "largest_input_shard": largest}
         step({"step": f"convert on {device} (input cold)", "seconds": conv["seconds"],
               "bytes": dense_files.nbytes, "gb_per_s": dense_files.nbytes / conv["seconds"] / 1e9,
-              "peak_anon_bytes": conv["peak_anon"], "peak_file_bytes": conv["peak_file"]})
+              **{f"peak_{kind}_{how}_bytes": conv[f"peak_{kind}_{how}"]
+                 for kind in ("anon", "file") for how in ("above_baseline", "absolute")}})
         c = result["convert"]
         print(f"dense source {c['input_bytes'] / 1e9:.2f} GB (largest shard {c['largest_input_shard'] / 1e9:.2f} GB)"
               f" -> flash-llm {c['output_bytes'] / 1e9:.2f} GB; {c['converted']} layers compressed, {c['skipped']} "
-              f"kept dense; conversion peak memory: anonymous {c['peak_anon'] / 1e9:.2f} GB, file-backed (mmap) "
-              f"{c['peak_file'] / 1e9:.2f} GB; compressed projections {c['sparse_bytes'] / 1e9:.2f} GB", flush=True)
+              f"kept dense; conversion peak memory above the baseline after the imports: anonymous "
+              f"{c['peak_anon_above_baseline'] / 1e9:.2f} GB, file-backed (mmap) "
+              f"{c['peak_file_above_baseline'] / 1e9:.2f} GB (absolute peaks {c['peak_anon_absolute'] / 1e9:.2f} / "
+              f"{c['peak_file_absolute'] / 1e9:.2f} GB); compressed projections {c['sparse_bytes'] / 1e9:.2f} GB",
+              flush=True)
 
         n_sparse = conv["converted"]
         for dev in dict.fromkeys([str(device)] + ([] if args.no_cpu_load else ["cpu"])):
@@ -280,6 +312,7 @@ def main(argv=None):
             if transformers is not None:
                 t0 = time.perf_counter()
                 hf = transformers.AutoModelForCausalLM.from_pretrained(flash)
+                _read_all(hf)  # (as time_open: every byte counted read)
                 s = time.perf_counter() - t0
                 got = sum(isinstance(m, SparseLinear) for m in hf.modules())
                 if got != n_sparse:

@@ -1,18 +1,23 @@
 """Decode attention alone: flash-llm's kernel (cache write + attention in one launch) against the PyTorch path it
 replaces (``KVCache.update``: two ``index_copy_``, then ``scaled_dot_product_attention``), timed in the same process.
 
-    python benchmarks/bench_decode_attention.py [--batches 1,16,64] [--slots 256,2048] [--heads 32 --kv-heads 8 --dim 128]
-        [--rope]
+    python benchmarks/bench_decode_attention.py [--batches 1,16,64] [--slots 256,2048]
+        [--heads 32 --kv-heads 8 --dim 128] [--layers 32] [--rope] [--out FILE]
 
-Per point: the median of CUDA-graph replays (``_timing.time_calls``, 32 layers' caches rotated so the caches exceed
-L2 as in a model), the mask as the engine builds it (the last quarter of the slots not yet written), and the
-errors of both against float64 (max abs difference, first four sequences; the kernel's on its first launch, before
-the PyTorch path ran, and after it).  Needs a CUDA GPU.
+Per point: the median of CUDA-graph replays (``_timing.time_calls``, the caches of ``--layers`` layers rotated, or of
+as many more as make them exceed 3x L2 as in a model, where about 4 GB of weights stream between two attentions;
+``_timing.copies_needed``; ``--check-only``: ``--layers``), the mask as the engine builds it (the last quarter of the
+slots not yet written), and the errors of both against float64 (max abs difference, first four sequences; the
+kernel's on its first launch, before the PyTorch path ran, and after it).  Prints a table and writes it to a JSON
+file (``--out``, after every point) with the environment: date, card, versions, commit, the ``FLASH_LLM_*`` settings
+and the command.  Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import sys
 
@@ -21,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import time_calls  # noqa: E402
+import _timing as T  # noqa: E402
 
 from flash_llm import kernels  # noqa: E402
 from flash_llm.models import _common, _fused  # noqa: E402
@@ -54,35 +59,69 @@ def decode_case(layers: int, b: int, h: int, hkv: int, d: int, slots: int, dt: t
     return cache, mask, slot, q, k, v, cos, sin
 
 
-def main(argv=None) -> int:
+def layer_bytes(b: int, hkv: int, slots: int, d: int, dt: torch.dtype) -> int:
+    """Bytes of one layer's cache: k and v of ``[b, hkv, slots, d]`` in ``dt``."""
+    return 2 * b * hkv * slots * d * dt.itemsize
+
+
+def cache_layers(minimum: int, per_layer: int) -> int:
+    """How many layers' caches of ``per_layer`` bytes to rotate: ``minimum``, or as many more as exceed 3x L2."""
+    return max(minimum, T.copies_needed(per_layer))
+
+
+def write_results(path: str, env: dict, rows: list[dict]) -> None:
+    """``{"env": env, "rows": rows}`` as JSON at ``path`` (its directory made)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options (``argv``: default ``sys.argv[1:]``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--slots", default="256,2048")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=32, help="caches rotated (one per layer)")
+    ap.add_argument("--layers", type=int, default=32,
+                    help="caches rotated (one per layer), at least: more where they stay below 3x L2")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--check-only", action="store_true", help="errors only, no timing (for compute-sanitizer)")
     ap.add_argument("--rope", action="store_true",
                     help="RoPE too: the kernel's own against the eager rotation before the PyTorch path")
-    a = ap.parse_args(argv)
+    ap.add_argument("--out", default=os.path.join(
+        "benchmarks", "out", "decode_attention",
+        datetime.datetime.now(datetime.timezone.utc).strftime("results-%Y%m%d-%H%M%S.json")),
+                    help="the results JSON (default: benchmarks/out/decode_attention/results-<UTC time>.json)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_decode_attention.py needs a CUDA GPU")
     dt = torch.float16 if a.dtype == "fp16" else torch.bfloat16
     dev = torch.device("cuda")
     h, hkv, d = a.heads, a.kv_heads, a.dim
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {a.dtype}, heads {h} / {hkv}, D {d}, "
-          f"{a.layers} layers rotated" + (", RoPE in both paths" if a.rope else ""))
-    print("| batch | slots | kernel us | PyTorch us | ratio | kernel error | PyTorch error |")
-    print("|---|---|---|---|---|---|---|")
+    env = T.environment(dev)
+    env["command"] = T.command(__file__, argv)
+    env["options"] = vars(a)
+    rows = []
+    print(f"{env['card']}, torch {env['torch']}, CUDA {env['cuda']}, NVRTC {env['nvrtc']}, commit {env['commit']}, "
+          f"{env['date']}; {a.dtype}, heads {h} / {hkv}, D {d}, at least {a.layers} layers rotated (3x L2: "
+          f"{3 * T.l2_bytes(dev) / 2**20:.0f} MiB)" + (", RoPE in both paths" if a.rope else ""))
+    print("| batch | slots | layers | rotated MiB | kernel us | PyTorch us | ratio | kernel error | PyTorch error |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for slots in (int(x) for x in a.slots.split(",")):
         for b in (int(x) for x in a.batches.split(",")):
             gen = torch.Generator(device=dev).manual_seed(b + slots)
-            cache, mask, slot, q, k, v, cos, sin = decode_case(a.layers, b, h, hkv, d, slots, dt, gen, a.rope)
+            per_layer = layer_bytes(b, hkv, slots, d, dt)
+            layers = a.layers if a.check_only else cache_layers(a.layers, per_layer)  # (no timing: no rotation)
+            cache, mask, slot, q, k, v, cos, sin = decode_case(layers, b, h, hkv, d, slots, dt, gen, a.rope)
             scale = d ** -0.5
             assert kernels.decode_attention_ok(q, k, v, cache.k[0], cache.v[0], mask, slots)
-            outs = [torch.empty(b, 1, h * d, dtype=dt, device=dev) for _ in range(a.layers)]
+            outs = [torch.empty(b, 1, h * d, dtype=dt, device=dev) for _ in range(layers)]
 
             def ours(i):
                 return lambda: kernels.decode_attention_cuda(q, k, v, cache.k[i], cache.v[i], slot, mask, slots,
@@ -106,16 +145,22 @@ def main(argv=None) -> int:
             ref = (torch.softmax(w, -1) @ vv).transpose(1, 2).reshape(r, 1, h * d)
             err_ours = (got[:r].double() - ref).abs().max().item()
             err_ours2 = (got2[:r].double() - ref).abs().max().item()
-            if a.check_only:
-                print(f"| {b} | {slots} | - | - | - | {err_ours:.2e} / {err_ours2:.2e} | "
-                      f"{(want[:r].double() - ref).abs().max().item():.2e} |")
-                continue
             err_theirs = (want[:r].double() - ref).abs().max().item()
-            t_ours = time_calls([ours(i) for i in range(a.layers)], replays=20)
-            t_theirs = time_calls([theirs(i) for i in range(a.layers)], replays=20)
-            print(f"| {b} | {slots} | {t_ours * 1e6:.1f} | {t_theirs * 1e6:.1f} | {t_theirs / t_ours:.2f}x | "
-                  f"{err_ours:.2e} / {err_ours2:.2e} | {err_theirs:.2e} |")
-            del cache, outs
+            row = {"batch": b, "slots": slots, "layers": layers, "rotated_bytes": layers * per_layer,
+                   "below_3x_l2": bool(T.rotation_shortfall(per_layer, layers)), "kernel_us": None, "pytorch_us": None,
+                   "kernel_error_first": err_ours, "kernel_error_after": err_ours2, "pytorch_error": err_theirs}
+            if not a.check_only:
+                row["kernel_us"] = 1e6 * T.time_calls([ours(i) for i in range(layers)], replays=20)
+                row["pytorch_us"] = 1e6 * T.time_calls([theirs(i) for i in range(layers)], replays=20)
+            times = ("- | - | -" if a.check_only else
+                     f"{row['kernel_us']:.1f} | {row['pytorch_us']:.1f} | {row['pytorch_us'] / row['kernel_us']:.2f}x")
+            short = " (below 3x L2)" if row["below_3x_l2"] and not a.check_only else ""
+            print(f"| {b} | {slots} | {layers} | {row['rotated_bytes'] / 2**20:.0f}{short} | {times} | "
+                  f"{err_ours:.2e} / {err_ours2:.2e} | {err_theirs:.2e} |", flush=True)
+            rows.append(row)
+            write_results(a.out, env, rows)
+            cache = outs = None  # (this point's caches freed before the next point allocates its own)
+    print(f"wrote {a.out}")
     return 0
 
 

@@ -12,15 +12,18 @@ GPU-second end to end (prefill included), time per output token (median step), t
 plus the first token), weight bytes and their ratio to the format's formula (as each run's engine had them: after
 its merge and DeltaRows layout; ``flash_llm.models.synthetic.projection_bytes``), peak GPU memory, and the
 bandwidth floor of one decode step (bytes of weights read per step / measured copy bandwidth) with the share of
-it a batch-1 step reaches (from the mean step: no slow step hidden; since session 74, the median before).  Times
+it a batch-1 step reaches (``floor_pct``: from the mean step, where no slow step hides, since session 74; the target
+line prints the mean step beside it, and ``floor_pct_median`` from the median step, the time per output token).  Times
 are CUDA events, the median over ``--repeats`` generations after a warm-up of the same length (it captures the decode
 graphs of every KV-cache bucket the runs reach).  ``--memory-limit-gb`` caps the process' GPU memory
 (``set_per_process_memory_fraction``; in 10^9 bytes), e.g. 85.5 to ask what fits on an 80 GB H100 (81559 MiB, 79.6
 GiB) while running on an H200, or 80 for a margin below it.
 
 Writes ``results.json``, ``results.csv``, ``e2e.png`` and ``summary.md`` (a table for benchmarks/RESULTS.md
-with card, versions, commit and command) under ``--out``; prints the summary.  ``--device cpu`` with the
-``tiny-*`` models is a smoke run of the script itself.
+with card, versions, commit and command) under ``--out``; prints the summary, whose target lines say NOT RUN (with
+the reason) where a point did not run.  ``--device cpu`` with the ``tiny-*`` models is a smoke run of the script
+itself.  On CUDA, sparse models are refused where flash-llm's kernels cannot run (``kernels.supported``: its ops would
+run their PyTorch reference).
 
 Tensor-parallel mode (``--tp``), under torchrun: every model is sharded over K ranks (flash_llm.parallel, NCCL)::
 
@@ -54,6 +57,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
+from flash_llm import kernels  # noqa: E402
 from flash_llm.engine import Engine, _dense_from_delta_rows  # noqa: E402
 from flash_llm import engine as engine_mod  # noqa: E402
 from flash_llm.nn import FORMAT_NAMES, SparseLinear  # noqa: E402
@@ -83,6 +87,15 @@ def _cap_memory(device: torch.device, gb: float) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1e9 / total), index)
+
+
+def _no_kernels(device: torch.device, sparsities) -> str:
+    """Why the sparse models of ``sparsities`` (percent) cannot be timed on CUDA ``device``: flash-llm's kernels
+    cannot run there (``kernels.supported``), so its ops would run their PyTorch reference; "" where they can."""
+    if device.type != "cuda" or not any(sparsities):
+        return ""
+    ok, why = kernels.supported(device)
+    return "" if ok else f"flash-llm's sparse layers would run their PyTorch reference, not the CUDA kernels: {why}"
 
 
 def _config(name):
@@ -289,6 +302,7 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                     row["floor_ms"] = 1e3 * row["read_bytes"] / env["copy_bw_Bps"]
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * row["floor_ms"] / row["tpot_mean_ms"]  # (mean step: no slow one hidden)
+                    row["floor_pct_median"] = 100 * row["floor_ms"] / row["tpot_ms"]  # (the median step, as tpot_ms)
                     if sp == 0:
                         dense_tok[b] = row["decode_tok_s"]
                     if b in dense_tok:
@@ -550,6 +564,9 @@ def main_tp(args, argv) -> int:
 def _main_tp(args, argv, world) -> int:
     lead = world.rank == 0
     problems = []
+    why = _no_kernels(world.device, args.sparsities)
+    if why:
+        problems.append(why)
     if max(args.tp) > world.world_size:
         problems.append(f"--tp {','.join(map(str, args.tp))} needs {max(args.tp)} processes, but this run has "
                         f"{world.world_size}; start it with torchrun --nproc-per-node {max(args.tp)}")
@@ -571,8 +588,8 @@ def _main_tp(args, argv, world) -> int:
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                 "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "memory_limit_gb": args.memory_limit_gb,
                 "fuse": args.fuse, "merge": args.merge, "decode_attention": _common.DECODE_ATTENTION,
-                "command": (f"torchrun --nproc-per-node {world.world_size}" if "LOCAL_RANK" in os.environ else "python")
-                + " benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)})
+                "command": T.command(__file__, argv, f"torchrun --nproc-per-node {world.world_size}"
+                                     if "LOCAL_RANK" in os.environ else "python")})
     if lead:
         print(json.dumps(env), flush=True)
 
@@ -611,8 +628,19 @@ def _fmt(v, spec):
 
 
 def target_checks(rows) -> list[str]:
-    """The issue's targets, each PASS / FAIL / n/a with the numbers behind it."""
+    """The issue's targets, each PASS / FAIL / PARTIAL / n/a with the numbers behind it, or NOT RUN with the reason
+    (the rows' status: out of memory, does not fit) where the points a target needs were in the run but failed."""
     ok = {(r["model"], r["impl"], r["sparsity"], r["batch"]): r for r in rows if r.get("status") == "ok"}
+    status = {(r["model"], r["sparsity"], r["batch"]): r.get("status") for r in rows if r["impl"] == "flash-llm"}
+    every_batch = sorted({b for *_, b in status})
+
+    def failed(model, sps, want) -> str:
+        """Why flash-llm's ``model`` at the sparsities ``sps`` (0: "dense: " before it) did not run at the batches
+        ``want``: the statuses other than ok ("" where none failed, or none was in the run)."""
+        whys = (("dense: " if sp == 0 else "") + w for sp in sps for b in want
+                if (w := status.get((model, sp, b))) not in (None, "ok"))
+        return "; ".join(dict.fromkeys(whys))
+
     out = []
     for model in sorted({r["model"] for r in rows}):
         for sp, target in SPEEDUP_TARGETS.items():
@@ -621,29 +649,44 @@ def target_checks(rows) -> list[str]:
                    if (key := (model, "flash-llm", pct, b)) in ok and "speedup_vs_dense" in ok[key]}
             if got:  # (a batch not run, or without its dense run, cannot pass: PARTIAL names it)
                 missing = [b for b in (1, 8, 16) if b not in got]
+                why = failed(model, (pct, 0), missing)
                 verdict = "FAIL" if min(got.values()) < target else "PARTIAL" if missing else "PASS"
                 out.append(f"{verdict} {model} {pct} %: decode speedup over dense at batch 1-16 "
                            f"{', '.join(f'batch {b} {g:.2f}x' for b, g in got.items())} (target >= {target}x)"
-                           + (f"; no speedup at batch {', '.join(map(str, missing))}" if missing else ""))
+                           + (f"; no speedup at batch {', '.join(map(str, missing))}" if missing else "")
+                           + (f" ({why})" if why else ""))
+            elif why := failed(model, (pct, 0), (1, 8, 16)):
+                out.append(f"NOT RUN {model} {pct} %: decode speedup over dense at batch 1-16: {why} "
+                           f"(target >= {target}x)")
         for sp in sorted({r["sparsity"] for r in rows if r["model"] == model and r["sparsity"]}):
             r = ok.get((model, "flash-llm", sp, 64))
             if r and "speedup_vs_dense" in r:
                 verdict = "PASS" if r["speedup_vs_dense"] >= 1.0 else "FAIL"
                 out.append(f"{verdict} {model} {sp} % batch 64: {r['speedup_vs_dense']:.2f}x dense (target >= 1x)")
             elif r:
+                why = failed(model, (0,), (64,))
                 out.append(f"n/a {model} {sp} % batch 64: {r['decode_tok_s']:.1f} tokens/s, no dense run at batch 64 "
-                           "to compare with (target >= 1x)")
+                           f"to compare with{f' ({why})' if why else ''} (target >= 1x)")
+            elif why := failed(model, (sp,), (64,)):
+                out.append(f"NOT RUN {model} {sp} % batch 64: {why} (target >= 1x)")
         for sp in sorted({r["sparsity"] for r in rows if r["model"] == model}):
             r = ok.get((model, "flash-llm", sp, 1))
             if r:
                 verdict = "PASS" if r["floor_pct"] >= 80 else "FAIL"
+                median = (f"; the median step {r['tpot_ms']:.3f} ms: {r['floor_pct_median']:.0f} %"
+                          if "floor_pct_median" in r else "")
+                step = f"the mean step {r['tpot_mean_ms']:.3f} ms" if "tpot_mean_ms" in r else f"{r['tpot_ms']:.3f} ms"
                 out.append(f"{verdict} {model} {sp} % batch 1: {r['floor_pct']:.0f} % of the bandwidth floor "
-                           f"({r['floor_ms']:.3f} ms floor, {r['tpot_ms']:.3f} ms per token; target >= 80 %)")
+                           f"({r['floor_ms']:.3f} ms floor, {step} per token{median}; target >= 80 %)")
+            elif why := failed(model, (sp,), (1,)):
+                out.append(f"NOT RUN {model} {sp} % batch 1: {why} (target >= 80 % of the bandwidth floor)")
             r = next((v for k, v in sorted(ok.items()) if k[:3] == (model, "flash-llm", sp)), None)
             if r and sp:
                 verdict = "PASS" if abs(r["formula_ratio"] - 1) <= 0.03 else "FAIL"
                 out.append(f"{verdict} {model} {sp} %: projection bytes / format formula = {r['formula_ratio']:.4f} "
                            "(target within 3 %)")
+            elif sp and (why := failed(model, (sp,), every_batch)):
+                out.append(f"NOT RUN {model} {sp} %: projection bytes / format formula: {why} (target within 3 %)")
     return out
 
 
@@ -696,8 +739,8 @@ def summarize(rows, env) -> str:
         p()
         p(f"{model}: memory and latency (batch {batches[0]}, the smallest run, unless noted)")
         p()
-        p("| sparsity | weights | / formula | peak GPU mem (largest batch) | TTFT ms | TPOT ms | floor ms "
-          "| % of floor |")
+        p("| sparsity | weights | / formula | peak GPU mem (largest batch) | TTFT ms | TPOT ms (median step) | floor ms "
+          "| % of floor (mean step) |")
         p("|---|---|---|---|---|---|---|---|")
         for s in sps:
             r1 = get.get(("flash-llm", s, batches[0]))
@@ -876,6 +919,10 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device (use --device cpu with the tiny-* models for a smoke run)", file=sys.stderr)
         return 2
+    why = _no_kernels(device, args.sparsities)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     existing = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
     if existing and not args.overwrite:
@@ -901,7 +948,7 @@ def main(argv=None) -> int:
         env["transformers"] = transformers.__version__
     except ImportError:
         env["transformers"] = None
-    env["command"] = "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    env["command"] = T.command(__file__, argv)
     print(json.dumps(env), flush=True)
 
     def log(msg):

@@ -8,8 +8,11 @@ weight, of the sparse kernel alone (where dispatched, and up to N = 128 where no
 as dispatched (``path``: "sparse", or "expand" for the expansion and cuBLAS); effective GB/s of the format's
 bytes and its share of the measured copy bandwidth, from the kernel's time where it was timed, else from the spmm's
 (``gbps_from``: "kernel" or "spmm"); speedups over dense in the same run, dense timed before and after each layer's
-sparse variants and taken as the mean of both (``dense_drift``: after / before).  Timing: CUDA graphs
-of calls over copies rotated beyond 3x L2, CUDA events, median.
+sparse variants (``t_dense_before_us``, ``t_dense_after_us``) and the faster of the two taken, so a drifting baseline
+can only understate the speedups (``dense_drift``: after / before; ``dense_drift_flag``: more than 5 % from 1).
+Timing: CUDA graphs of calls over copies rotated beyond 3x L2 (``rotated_bytes`` and ``dense_rotated_bytes``;
+``below_3x_l2`` where the copy cap left them short of it), CUDA events, median.  On a CUDA machine where
+``flash_llm.spmm`` would run its PyTorch reference instead of the kernels (``kernels.supported``), it refuses to run.
 Writes ``results.json``, ``results.csv`` and ``speedup.png`` under ``--out`` (one that holds any of them is refused
 without ``--overwrite``), prints a summary (also ``summary.md``) ending in PASS / FAIL / PARTIAL / n/a lines for
 issue 3's targets (``target_checks``).
@@ -44,6 +47,7 @@ LAYERS = {  # model: {layer: (M, K)}
 NS = [1, 8, 16, 32, 64, 128, 256, 512, 2048]
 FORMATS = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL, "delta-rows": flash_llm.DeltaRows}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DRIFT_FLAG = 0.05  # dense after / before further than this from 1: the row's dense_drift_flag
 SPARSE_KERNEL_MAX_N = 128  # the sparse kernel is also timed up to here where dense is dispatched
 OUTPUTS = ("results.json", "results.csv", "speedup.png")
 LARGE_MK = 2.5e8  # "large shapes" (M * K at least this) for the copy-bandwidth column and target
@@ -66,14 +70,17 @@ def time_dense(copies: list[torch.Tensor], xs: dict[int, torch.Tensor]) -> dict[
 
 def bracket_dense(rows: list[dict], before: dict, after: dict) -> None:
     """Give ``rows`` (one layer and dtype's rows, their ``N``, ``t_kernel_us`` and ``t_spmm_us`` set) the dense
-    baseline timed ``before`` and ``after`` their sparse variants (``{N: seconds}``): its mean (``t_dense_us``), so a
-    clock or thermal drift over the variants falls on both sides alike instead of on the later ones; the drift
-    (``dense_drift``: after / before); the speedups over that mean."""
+    baseline timed ``before`` and ``after`` their sparse variants (``{N: seconds}``): both times
+    (``t_dense_before_us``, ``t_dense_after_us``) and the faster one (``t_dense_us``), so a baseline that drifts over
+    the variants (session 76: N = 1 up to 17 % slower after them) can only understate the speedups; the drift
+    (``dense_drift``: after / before; ``dense_drift_flag``: further than ``DRIFT_FLAG`` from 1); the speedups over
+    the faster time."""
     for row in rows:
         n = row["N"]
-        t = (before[n] + after[n]) / 2
-        row["t_dense_us"] = t * 1e6
+        row["t_dense_before_us"], row["t_dense_after_us"] = before[n] * 1e6, after[n] * 1e6
+        row["t_dense_us"] = min(before[n], after[n]) * 1e6
         row["dense_drift"] = after[n] / before[n]
+        row["dense_drift_flag"] = abs(row["dense_drift"] - 1) > DRIFT_FLAG
         row["speedup_kernel"] = row["t_dense_us"] / row["t_kernel_us"] if row["t_kernel_us"] else None
         row["speedup_spmm"] = row["t_dense_us"] / row["t_spmm_us"]
 
@@ -82,11 +89,12 @@ def print_row(row: dict) -> None:
     # "-": the sparse kernel alone is not timed at this N (spmm expands and calls cuBLAS)
     kern = (f"{row['t_kernel_us']:8.1f}us x{row['speedup_kernel']:5.2f}" if row["t_kernel_us"]
             else f"{'-':>8s}   x{'-':>5s}")
+    drift = f"x{row['dense_drift']:.3f}" + (f" > {100 * DRIFT_FLAG:.0f} %" if row["dense_drift_flag"] else "")
     print(f"{row['model']:11s} {row['layer']:4s} {row['M']:6d}x{row['K']:<6d} {row['dtype']} {row['format']:9s} "
-          f"sp={row['sparsity']:.2f} N={row['N']:5d} dense {row['t_dense_us']:8.1f}us "
-          f"(drift x{row['dense_drift']:.3f}) kernel {kern} spmm {row['t_spmm_us']:8.1f}us "
-          f"spmm x{row['speedup_spmm']:5.2f} {row['GBs']:7.0f} GB/s ({row['pct_copy_bw']:.0f}%) of {row['gbps_from']}",
-          flush=True)
+          f"sp={row['sparsity']:.2f} N={row['N']:5d} dense {row['t_dense_us']:8.1f}us (drift {drift}) "
+          f"kernel {kern} spmm {row['t_spmm_us']:8.1f}us "
+          f"spmm x{row['speedup_spmm']:5.2f} {row['GBs']:7.0f} GB/s ({row['pct_copy_bw']:.0f}%) of {row['gbps_from']}"
+          + (" (rotation below 3x L2)" if row.get("below_3x_l2") else ""), flush=True)
 
 
 def random_sparse(m, k, sparsity, dtype, gen):
@@ -120,9 +128,14 @@ def main(argv=None):
     models = args.models.split(",")
     if args.quick:
         models = ["Llama-3-8B", "OPT-66B"]
+    # without them (no cuda-bindings, say) flash_llm.spmm runs its PyTorch reference: the rows would time that
+    ok, why = kernels.supported(torch.device("cuda"))
+    if not ok:
+        print(f"error: flash_llm.spmm would run its PyTorch reference, not the CUDA kernels: {why}", file=sys.stderr)
+        return 2
     env = T.environment()
     env["copy_bw_GBs"] = T.copy_bandwidth() / 1e9
-    env["command"] = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    env["command"] = T.command(__file__, argv)
     print(json.dumps(env), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -132,6 +145,8 @@ def main(argv=None):
                 dtype = DTYPES[dname]
                 dense_w = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                 dense_copies = [dense_w] + [dense_w.clone() for _ in range(T.copies_needed(dense_w.nbytes) - 1)]
+                dense_rotated = len(dense_copies) * dense_w.nbytes
+                dense_short = T.rotation_shortfall(dense_w.nbytes, len(dense_copies))
                 xs = {n: torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for n in ns}
                 dense_before, layer_rows = time_dense(dense_copies, xs), []
                 for sp in sparsities:
@@ -149,13 +164,15 @@ def main(argv=None):
                                                                k % 8 == 0 and x.data_ptr() % 16 == 0)
                             if sparse:
                                 t_kernel = t_spmm  # the dispatcher runs the sparse kernel itself
-                            elif n <= SPARSE_KERNEL_MAX_N and fname != "delta-rows":  # (no kernel above N = 8)
+                            elif n <= SPARSE_KERNEL_MAX_N and fname != "delta-rows":  # (DeltaRows: no forcing)
                                 t_kernel = T.time_calls([
                                     lambda c=c: kernels.spmm_cuda(x, c.data, c.offsets, fid, m, k, None,
                                                                   force_sparse=True) for c in copies])
                             row = dict(model=model, layer=layer, M=m, K=k, sparsity=sp, dtype=dname, format=fname,
                                        N=n, path="sparse" if sparse else "expand", bytes=w.nbytes,
-                                       t_kernel_us=t_kernel * 1e6 if t_kernel else None, t_spmm_us=t_spmm * 1e6)
+                                       t_kernel_us=t_kernel * 1e6 if t_kernel else None, t_spmm_us=t_spmm * 1e6,
+                                       rotated_bytes=len(copies) * w.nbytes, dense_rotated_bytes=dense_rotated,
+                                       below_3x_l2=bool(dense_short or T.rotation_shortfall(w.nbytes, len(copies))))
                             tk = t_kernel or t_spmm
                             row["GBs"] = w.nbytes / tk / 1e9
                             row["pct_copy_bw"] = 100 * row["GBs"] / env["copy_bw_GBs"]
@@ -163,7 +180,7 @@ def main(argv=None):
                             layer_rows.append(row)
                         del copies, w
                     del wd
-                # dense again after the variants: the baseline is the mean of both (bracket_dense)
+                # dense again after the variants: the baseline is the faster of both (bracket_dense)
                 bracket_dense(layer_rows, dense_before, time_dense(dense_copies, xs))
                 for row in layer_rows:
                     print_row(row)
@@ -216,9 +233,24 @@ def summarize(rows) -> str:
                  "timed) and *spmm* is `flash_llm.spmm` as dispatched (what callers get; the plot shows it)."
                  + (" *: the kernel median covers only the shapes it was timed on." if fewer else "")
                  + f" Large shapes: M * K >= {LARGE_MK:.1e}.")
+    drifts = {(r["model"], r["layer"], r["dtype"], r["N"]): r["dense_drift"] for r in rows if "dense_drift" in r}
+    if drifts:
+        over = {key: v for key, v in drifts.items() if abs(v - 1) > DRIFT_FLAG}
+        lines.append(f"\nDense baseline drift (after / before the layer's sparse variants; the speedups use the faster "
+                     f"time): max |drift - 1| {100 * max(abs(v - 1) for v in drifts.values()):.1f} %; "
+                     f"{sum(bool(r.get('dense_drift_flag')) for r in rows)} of {len(rows)} rows over "
+                     f"{100 * DRIFT_FLAG:.0f} %"
+                     + (": " + ", ".join(f"{m} {lay} {d} N = {n} (x{v:.3f})" for (m, lay, d, n), v in over.items())
+                        if over else "") + ".")
+    short = sum(bool(r.get("below_3x_l2")) for r in rows)
+    if short:
+        lines.append(f"\n{short} rows rotated less than 3x L2 ({T.COPIES_CAP} copies at most, `below_3x_l2`): their "
+                     "times may come from L2.")
     if any(f == "delta-rows" for f, _, _ in keys):
-        lines.append("\ndelta-rows runs its sparse kernels at N = 1-8 only (its kernel median is theirs; above, the "
-                     "spmm expands to dense).")
+        dr = sorted({r["N"] for r in rows if r["format"] == "delta-rows" and r["path"] == "sparse"})
+        lines.append("\ndelta-rows runs its sparse kernels at " + (f"N = {', '.join(map(str, dr))}" if dr else "no N")
+                     + " in this run (its kernel median is theirs; elsewhere spmm expands to dense, and DeltaRows "
+                     "takes no forced kernel).")
     lines.append("\nIssue 3's targets (H100; speedups over cuBLAS dense in the same run):\n")
     lines += [f"- {c}" for c in target_checks(rows)]
     return "\n".join(lines) + "\n"
@@ -229,27 +261,47 @@ def _verdict(ok, missing):
     return "FAIL" if not ok else "PARTIAL" if missing else "PASS"
 
 
-def target_checks(rows) -> list[str]:
-    """Issue 3's targets, each PASS / FAIL / PARTIAL (points missing) / n/a (none) with the numbers behind it.
+def _not_run(covered: set, large: bool = False) -> str:
+    """The shapes of ``LAYERS`` (those of M * K >= ``LARGE_MK`` where ``large``) missing from ``covered`` (``{(model,
+    layer)}``), as text: a model none of whose shapes ran by its name, else its missing layers; "" where none is."""
+    out = []
+    for model, layers in LAYERS.items():
+        want = [lay for lay, (m, k) in layers.items() if not large or m * k >= LARGE_MK]
+        gone = [lay for lay in want if (model, lay) not in covered]
+        if gone:
+            out.append(model if len(gone) == len(want) else f"{model} {'/'.join(gone)}")
+    return ", ".join(out)
 
-    The kernel targets use ``speedup_kernel`` (the sparse kernel alone), the floor uses ``speedup_spmm`` (spmm as
-    dispatched); the copy-bandwidth target uses ``pct_copy_bw`` of the rows timed on the kernel only."""
+
+def target_checks(rows) -> list[str]:
+    """Issue 3's targets, each PASS / FAIL / PARTIAL (points missing: an N, a sparsity, or a shape of ``LAYERS``,
+    as in a ``--quick`` or ``--models`` run) / n/a (none) with the numbers behind it.
+
+    The kernel targets use ``speedup_kernel`` (the sparse kernel alone): the median over the shapes at N <= 32
+    pooled over those N decides, and the median over the shapes at each N is printed beside it, naming the N whose
+    median falls below the target.  The floor uses ``speedup_spmm`` (spmm as dispatched); the copy-bandwidth target
+    uses ``pct_copy_bw`` of the rows timed on the kernel only."""
     pct = lambda r: round(100 * r["sparsity"])  # noqa: E731
     out = []
     dtypes = list(DTYPES) + sorted({r["dtype"] for r in rows} - set(DTYPES))  # (one not run: n/a)
 
     def kernel_target(fmt, d, sp, target, want_ns, label):
-        sel = [r for r in rows if r["format"] == fmt and r["dtype"] == d and pct(r) == sp and r["N"] in want_ns]
-        vals = [r["speedup_kernel"] for r in sel if r["speedup_kernel"]]
-        shapes = {(r["model"], r["layer"]) for r in sel if r["speedup_kernel"]}
-        have = sorted({r["N"] for r in sel if r["speedup_kernel"]})
-        missing = [n for n in want_ns if n not in have]
+        sel = [r for r in rows if r["format"] == fmt and r["dtype"] == d and pct(r) == sp and r["N"] in want_ns
+               and r["speedup_kernel"]]
         n_txt = ", ".join(map(str, want_ns))
-        if not vals:
+        if not sel:
             return f"n/a {fmt} {d} {sp} % N = {n_txt}: not run, or no kernel timing ({label})"
-        med = statistics.median(vals)
-        return (f"{_verdict(med >= target, missing)} {fmt} {d} {sp} % N = {n_txt}: kernel speedup {med:.2f}x "
-                f"(median of {len(vals)} points, {len(shapes)} shapes) ({label})"
+        shapes = {(r["model"], r["layer"]) for r in sel}
+        per_n = {n: statistics.median(v) for n in want_ns if (v := [r["speedup_kernel"] for r in sel if r["N"] == n])}
+        missing = [n for n in want_ns if n not in per_n]
+        below = [n for n, v in per_n.items() if v < target]
+        not_run = _not_run(shapes)
+        med = statistics.median(r["speedup_kernel"] for r in sel)
+        return (f"{_verdict(med >= target, missing or not_run)} {fmt} {d} {sp} % N = {n_txt}: kernel speedup "
+                f"{med:.2f}x pooled (median of {len(sel)} points, {len(shapes)} shapes); per N "
+                + "/".join(f"{per_n[n]:.2f}" if n in per_n else "-" for n in want_ns) + ": "
+                + (f"below {target:g}x at N = {', '.join(map(str, below))}" if below else f"none below {target:g}x")
+                + f" ({label})" + (f"; not run on {not_run}" if not_run else "")
                 + (f"; no kernel timing at N = {', '.join(map(str, missing))}" if missing else ""))
 
     for d in dtypes:
@@ -271,9 +323,11 @@ def target_checks(rows) -> list[str]:
             w = min(sel, key=lambda r: r["speedup_spmm"])
             miss_sp = [s for s in SPMM_FLOOR_SPARSITIES if not any(pct(r) == s for r in sel)]
             miss_n = [n for n in NS if n <= SPMM_FLOOR_MAX_N and not any(r["N"] == n for r in sel)]
-            out.append(f"{_verdict(w['speedup_spmm'] >= SPMM_FLOOR, miss_sp or miss_n)} {fmt} {d}: spmm (as "
-                       f"dispatched) worst {w['speedup_spmm']:.2f}x dense at {w['model']} {w['layer']} "
+            not_run = _not_run({(r["model"], r["layer"]) for r in sel})
+            out.append(f"{_verdict(w['speedup_spmm'] >= SPMM_FLOOR, miss_sp or miss_n or not_run)} {fmt} {d}: spmm "
+                       f"(as dispatched) worst {w['speedup_spmm']:.2f}x dense at {w['model']} {w['layer']} "
                        f"{w['M']}x{w['K']} {pct(w)} % N = {w['N']} ({w['path']}) over {len(sel)} points ({label})"
+                       + (f"; not run on {not_run}" if not_run else "")
                        + (f"; not run at {', '.join(f'{s} %' for s in miss_sp)}" if miss_sp else "")
                        + (f"; not run at N = {', '.join(map(str, miss_n))}" if miss_n else ""))
         for d in dtypes:
@@ -290,10 +344,12 @@ def target_checks(rows) -> list[str]:
             meds = {s: statistics.median(v) for s, v in sorted(by_sp.items())}
             miss_sp = [s for s in SPMM_FLOOR_SPARSITIES if s not in meds]
             shapes = ", ".join(dict.fromkeys(f"{r['model']} {r['layer']}" for r in sel))
-            out.append(f"{_verdict(min(meds.values()) >= COPY_BW_TARGET, miss_sp)} {fmt} {d}: kernel reads its bytes "
-                       "at " + ", ".join(f"{v:.0f} % (at {s} % sparsity)" for s, v in meds.items())
+            not_run = _not_run({(r["model"], r["layer"]) for r in sel}, large=True)
+            out.append(f"{_verdict(min(meds.values()) >= COPY_BW_TARGET, miss_sp or not_run)} {fmt} {d}: kernel reads "
+                       "its bytes at " + ", ".join(f"{v:.0f} % (at {s} % sparsity)" for s, v in meds.items())
                        + f" of the copy bandwidth (median per sparsity over N <= 32 on the large shapes, "
                        f"M * K >= {LARGE_MK:.1e}: {shapes}) ({label})"
+                       + (f"; not run on {not_run}" if not_run else "")
                        + (f"; not run at {', '.join(f'{s} %' for s in miss_sp)}" if miss_sp else ""))
     return out
 
