@@ -739,8 +739,8 @@ def summarize(rows, env) -> str:
         p()
         p(f"{model}: memory and latency (batch {batches[0]}, the smallest run, unless noted)")
         p()
-        p("| sparsity | weights | / formula | peak GPU mem (largest batch) | TTFT ms | TPOT ms (median step) | floor ms "
-          "| % of floor (mean step) |")
+        p("| sparsity | weights | / formula | peak GPU mem (largest batch) | TTFT ms | TPOT ms (median step) "
+          "| floor ms | % of floor (mean step) |")
         p("|---|---|---|---|---|---|---|---|")
         for s in sps:
             r1 = get.get(("flash-llm", s, batches[0]))

@@ -1223,12 +1223,48 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None)
     return y
 
 
+#: cuBLAS settings (``torch.backends.cuda.matmul``) that let a fp16 / bf16 product lose more than fp32 accumulation
+#: does: reduced-precision split-K reductions (PyTorch's default: on) and fp16 accumulation (off by default)
+_LOSSY_CUBLAS = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction",
+                 "allow_fp16_accumulation")
+
+
+@contextlib.contextmanager
+def _fp32_reductions():
+    """cuBLAS with every :data:`_LOSSY_CUBLAS` setting off inside, the caller's settings (split-K flags included)
+    restored after.  The expansion's GEMM runs so: with reduced-precision reductions a fp16 product's split-K partial
+    sums are added in fp16 and overflow where the result does not (session 77's fuzzer, H100: -inf for -20415, Infs of
+    the wrong sign, 4-5 ulps at K = 65535), which the sparse kernels' fp32 sums never do.  (The settings are global: a
+    product another thread runs meanwhile gets them too, no less exact.)"""
+    mm = torch.backends.cuda.matmul
+    saved = []
+    for name in _LOSSY_CUBLAS:
+        try:
+            value = getattr(mm, name)
+        except AttributeError:  # (a PyTorch without this setting)
+            continue
+        try:
+            value = (value, getattr(mm, name + "_split_k"))
+        except AttributeError:
+            pass
+        saved.append((name, value))
+    try:
+        for name, _ in saved:
+            setattr(mm, name, False)
+        yield
+    finally:
+        for name, value in saved:
+            setattr(mm, name, value)
+
+
 def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
-    """The large-N path: expand the whole weight into a scratch buffer and call cuBLAS.  (Expanding in
-    row chunks small enough to stay in L2 was measured 2.5-3x slower on an H200: benchmarks/RESULTS.md.)"""
+    """The large-N path: expand the whole weight into a scratch buffer and call cuBLAS, its sums in fp32
+    (:func:`_fp32_reductions`).  (Expanding in row chunks small enough to stay in L2 was measured 2.5-3x slower on an
+    H200: benchmarks/RESULTS.md.)"""
     # (a fresh buffer from PyTorch's caching allocator, which orders its reuse across streams and graphs)
     w = decode_dense(fmt, data, offsets, m, k, x.dtype)
-    r = torch.nn.functional.linear(x, w, bias)
+    with _fp32_reductions():
+        r = torch.nn.functional.linear(x, w, bias)
     return r if out is None else out.copy_(r)
 
 
