@@ -6,7 +6,9 @@ not from the library code, so the tests check the library against an independent
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,18 @@ settings.load_profile("flash_llm")
 
 FORMATS = (BitmapTiles, TiledCSL, DeltaRows)
 DTYPES = (torch.float16, torch.bfloat16)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(relpath: str, name: str):
+    """A fresh module of the repository's script ``relpath`` (e.g. ``benchmarks/fuzz_spmm.py``) under ``name``:
+    scripts are not a package, so the tests import them by path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 STRIP_M, STRIP_K = 16, 64  # BitmapTiles record = one 16x64 strip
 TILE_M, TILE_K = 64, 64  # TiledCSL record = one 64x64 tile

@@ -6,7 +6,6 @@ lines.  All on the CPU: synthetic rows, tiny checkpoints and tiny models."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -26,10 +26,7 @@ from flash_llm.models import ModelConfig  # noqa: E402
 
 def _load(name: str):
     """A fresh copy of ``benchmarks/<name>.py``."""
-    spec = importlib.util.spec_from_file_location(f"{name}_fixes", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"benchmarks/{name}.py", f"{name}_fixes")
 
 
 @pytest.fixture(scope="module")

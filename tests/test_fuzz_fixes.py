@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import load_script
 
 from flash_llm import kernels
 
@@ -51,13 +52,7 @@ def test_expansion_gemm_runs_without_reduced_precision_reductions(monkeypatch, r
 
 # ---- the fuzzer's judging, as session 77's H100 triage (benchmarks/diag/fuzz_triage.py) found it must be ----------
 def _fuzz():
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import fuzz_spmm
-
-    return fuzz_spmm
+    return load_script("benchmarks/fuzz_spmm.py", "fuzz_spmm_fixes")
 
 
 def _judge(got, want, theirs, dtype=torch.float16, slack=0.0):

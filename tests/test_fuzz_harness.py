@@ -2,12 +2,12 @@
 refusal that names its argument counts as one, and a wrong op or an unrelated exception is reported as a failure (so
 the harness can fail); switches come back after each case; the command line runs, replays and writes its files."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
+from conftest import load_script
 
 CPU = torch.device("cpu")
 SMALL = 1 << 14  # --max-elems of these tests: every case a few ms to a few tens of ms
@@ -15,11 +15,7 @@ SMALL = 1 << 14  # --max-elems of these tests: every case a few ms to a few tens
 
 @pytest.fixture(scope="module")
 def fuzz():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "fuzz_spmm.py")
-    spec = importlib.util.spec_from_file_location("fuzz_spmm", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/fuzz_spmm.py", "fuzz_spmm")
 
 
 def _run(fuzz, seed, **fixed):
