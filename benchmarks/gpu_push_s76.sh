@@ -9,13 +9,7 @@
 # e2e:    bench_e2e.py Llama-3-8B bf16 DeltaRows 80 %, batch $E2E_BATCHES (default 1), fused and merged, push / pull,
 #         two rounds.
 set -uo pipefail
-OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 secs=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$secs" "$@" 2>&1 | tee -a "$OUT/$name.log" | tail -n 30
-}
+source benchmarks/gpu_lib.sh  # OUT, PYTHONPATH, step NAME SECONDS COMMAND...
 for s in "$@"; do
   case $s in
     tests)

@@ -11,13 +11,7 @@
 #        layouts, fused ops and run-time switches against the float64 reference, failures with reproducers in
 #        $OUT/fuzz/failures.jsonl.
 set -uo pipefail
-OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 secs=$2; shift 2
-  echo "=== $name ($(date +%T))"
-  timeout "$secs" "$@" 2>&1 | tee -a "$OUT/$name.log" | tail -n 30
-}
+source benchmarks/gpu_lib.sh  # OUT, PYTHONPATH, step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 for s in "$@"; do
   case $s in
