@@ -83,16 +83,29 @@ def _shape(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def sparsity_arg(text: str) -> float:
+    """A sparsity as a fraction in ``[0, 1)``: ``0.5``, ``50`` and ``50%`` all read 0.5.  A bare number up to 1 is a
+    fraction, a larger one a percentage; one ending in ``%`` is always a percentage (``0.5%`` reads 0.005).  The one
+    reading of ``--sparsity`` (demo, prune) and of each of ``--sparsities`` (``demo --layer``)."""
+    t = text.strip()
+    percent = t.endswith("%")
+    try:
+        v = float(t.removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a fraction in [0, 1) or a percentage (0.5, 50 and 50% "
+                                         f"all mean 50 %), got {text!r}") from None
+    if percent or v > 1:
+        v /= 100
+    if not 0 <= v < 1:  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) as a fraction or [0, 100) as a percentage "
+                                         f"(0.5, 50 and 50% all mean 50 %), got {text!r}")
+    return v
+
+
 def _sparsities(text: str) -> list[float]:
-    out = []
-    for part in filter(None, (p.strip().rstrip("%") for p in text.split(","))):
-        try:
-            v = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"sparsity must be a number of percent, got {part!r}") from None
-        if not 0 <= v < 100:
-            raise argparse.ArgumentTypeError(f"sparsity must be in [0, 100) percent, got {v:g}")
-        out.append(v)
+    """``--sparsities`` of ``demo --layer``: comma-separated sparsities, each read by :func:`sparsity_arg`, in
+    percent (what :func:`magnitude_prune` and the table take)."""
+    out = [100 * sparsity_arg(part) for part in text.split(",") if part.strip()]
     if not out:
         raise argparse.ArgumentTypeError(f"no sparsity given in {text!r}")
     return out
@@ -143,6 +156,19 @@ def _device_arg(text: str) -> torch.device:
         return _checked_device(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def model_dir(spec: str) -> Path:
+    """The directory a MODEL / PATH argument names: a bundled model's name (:data:`flash_llm.bundled.NAMES`) is its
+    directory inside the package (FileNotFoundError if that install is incomplete), anything else a path as given.
+    The one rule of every command that reads a model: demo, prune, generate, convert and inspect."""
+    from flash_llm import bundled
+
+    return bundled.path(spec) if spec in bundled.NAMES else Path(spec)
+
+
+# The arguments that name a model to read, per subcommand defined elsewhere (inspect's own are typed by model_dir).
+_MODEL_ARGS = {"generate": "path", "convert": "input"}
 
 
 def _arch(text: str) -> str:
@@ -449,6 +475,11 @@ def cmd_build(args) -> int:
             compiled = _build.compile_kernels(arch, use_cache=False)
         return compiled, time.perf_counter() - t0
 
+    compiling = [a for a in archs if need_log or not _build.is_cached(a)]
+    if compiling:  # (the bar below moves only when a whole arch is done)
+        print(f"compiling the CUDA kernels for {', '.join(compiling)} with NVRTC (about a minute"
+              f"{', all at once' if len(compiling) > 1 else ''}) ...", file=sys.stderr, flush=True)
+
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(len(archs)) as pool:
@@ -459,6 +490,7 @@ def cmd_build(args) -> int:
             bar.update()
         bar.close()
     all_warnings = 0
+    unstored = []
     for arch, f in zip(archs, futures):
         try:
             compiled, elapsed = f.result()
@@ -486,6 +518,13 @@ def cmd_build(args) -> int:
         for line in warns:
             print(f"  {line}")
         all_warnings += len(warns)
+        if compiled.cache_error:
+            unstored.append(f"{arch}: compiled, but not stored in the cubin cache ({compiled.cache_error}); set "
+                            "FLASH_LLM_CACHE to a writable directory")
+    for why in unstored:
+        _err(why)
+    if unstored:
+        return EXIT_FAILURE
     if args.strict and all_warnings:
         _err(f"{all_warnings} compiler warning(s) with --strict")
         return EXIT_FAILURE
@@ -549,12 +588,21 @@ def add_layer_demo_arguments(p) -> None:
     ``--device`` are shared with the model demo and defined by :mod:`flash_llm.demo`)."""
     p.add_argument("--shape", type=_shape, default=(4096, 4096), metavar="MxK",
                    help="weight shape [M, K] (default: 4096x4096)")
-    p.add_argument("--sparsities", type=_sparsities, nargs="+", metavar="PCT",
-                   help="sparsities in percent, comma- or space-separated (default: 50,70,80,90)")
+    p.add_argument("--sparsities", type=_sparsities, nargs="+", metavar="S",
+                   help="sparsities, comma- or space-separated, each read like --sparsity: 0.5, 50 or 50%% "
+                        "(default: 50,70,80,90)")
     p.add_argument("--tokens", type=_positive, default=8,
                    help="tokens (rows of x) for the error check (default: 8)")
     p.add_argument("--repeat", type=_positive, default=20, help="timed calls per GPU measurement (default: 20)")
     p.add_argument("--warmup", type=_non_negative, default=3, help="warm-up calls before GPU timing (default: 3)")
+
+
+def _model_path(text: str) -> str:
+    """:func:`model_dir` as an argparse ``type=`` that keeps the argument a string."""
+    try:
+        return str(model_dir(text))
+    except FileNotFoundError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -581,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the first flash_llm.spmm call does not wait for the compiler. No GPU is needed. Prints "
                     "whether each cubin came from the cache, its size and, when compiled, per kernel the "
                     "registers, spill bytes, stack frame and static shared memory reported by ptxas. "
-                    "Exits 1 with NVRTC's log if compilation fails.")
+                    "Exits 1 with NVRTC's log if compilation fails, and 1 if a cubin cannot be stored in the "
+                    "cache.")
     p.add_argument("--arch", type=_arch, nargs="+", action="extend", metavar="SM",
                    help="target architectures, e.g. sm_80 sm_90 (default: the present GPU's, or sm_80 and "
                         "sm_90 without a GPU)")
@@ -598,8 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "bytes per element, with totals. A directory is read as a Hugging Face checkpoint (dense, "
                     "sparse-bitmask or flash-llm): per tensor its format, shape, dtype, nonzeros, density and "
                     "bytes. Exits 2 if a file is missing, corrupt or not a flash-llm file.")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="safetensors file(s) written by flash-llm, or checkpoint directories")
+    p.add_argument("paths", nargs="+", metavar="PATH", type=_model_path,
+                   help="safetensors file(s) written by flash-llm, checkpoint directories, or a bundled model's name "
+                        "(tiny-shakespeare)")
     p.set_defaults(func=cmd_inspect)
     return parser
 
@@ -623,6 +673,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    dest = _MODEL_ARGS.get(args.command)
+    if dest is not None:
+        try:
+            setattr(args, dest, _model_path(getattr(args, dest)))
+        except argparse.ArgumentTypeError as e:
+            _err(str(e))
+            return EXIT_USAGE
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -113,8 +113,8 @@ def test_demo_options_awkward_shape_bf16(capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--shape", "4096"], "shape must be MxK"),
     (["--shape", "0x16"], "shape must be MxK"),
-    (["--sparsities", "100"], r"sparsity must be in \[0, 100\)"),
-    (["--sparsities", "half"], "sparsity must be a number"),
+    (["--sparsities", "100"], r"sparsity must be in \[0, 1\) as a fraction or \[0, 100\)"),
+    (["--sparsities", "half"], "sparsity must be a fraction in"),
     (["--dtype", "float32"], "invalid choice"),
     (["--device", "tpu"], "--device must be"),
 ])

@@ -230,6 +230,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     from safetensors.torch import save_file
 
     save_file(tensors, os.fspath(path), metadata=metadata)
+    usual_permissions(path)
+
+
+def usual_permissions(path) -> None:
+    """Give the file ``path`` the permissions ``open()`` gives a new file under the process umask (0644 under umask
+    022), for a file that safetensors' ``save_file`` wrote (0600, owner-only)."""
     os.chmod(path, 0o666 & ~_umask())
 
 

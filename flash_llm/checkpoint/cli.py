@@ -29,13 +29,16 @@ _INPUT_ERRORS = (FormatError, FileNotFoundError, FileExistsError, NotADirectoryE
 
 
 def _fraction(text: str) -> float:
-    """``0.5`` or ``50%`` -> 0.5."""
+    """``0.5``, ``50`` or ``50%`` -> 0.5 (``--min-sparsity``): a bare number up to 1 is a fraction, a larger one a
+    percentage, as ``--sparsity`` reads them (``flash_llm.cli.sparsity_arg``; here 1, 100 % included)."""
     t = text.strip()
     try:
         v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.5 or a percentage like 50%, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.5 or a percentage like 50 or 50%, got "
+                                         f"{text!r}") from None
+    if not t.endswith("%") and v > 1:
+        v /= 100
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"sparsity must be between 0 and 1 (0 % and 100 %), got {text!r}")
     return v
@@ -388,10 +391,10 @@ def register_cli(sub) -> None:
     p.add_argument("input", metavar="IN", help="checkpoint directory to read")
     p.add_argument("output", metavar="OUT", help="directory to write")
     p.add_argument("--format", choices=["bitmap", "tiled-csl", "delta-rows", sb.FORMAT], default="bitmap",
-                   help="bitmap (BitmapTiles, default) or tiled-csl (TiledCSL): a flash-llm checkpoint; "
-                        "sparse-bitmask: a compressed-tensors checkpoint")
+                   help="bitmap (BitmapTiles, default), tiled-csl (TiledCSL) or delta-rows (DeltaRows): a flash-llm "
+                        "checkpoint; sparse-bitmask: a compressed-tensors checkpoint")
     p.add_argument("--min-sparsity", type=_fraction, default=None, metavar="S",
-                   help="compress layers with at least this fraction of zeros, e.g. 0.5 or 50%% (default: 0.3; "
+                   help="compress layers with at least this fraction of zeros, e.g. 0.5, 50 or 50%% (default: 0.3; "
                         "--format sparse-bitmask honours it too: layers with fewer zeros are stored dense and named "
                         "in its ignore list; without it, that format compresses every linear layer but lm_head)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="value dtype (default: config.json's; required for a "

@@ -79,9 +79,13 @@ def _install_save_guard() -> None:
         return
 
     @functools.wraps(save)
-    def save_pretrained(self, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, **kwargs):
         prepare_save(self)
-        return save(self, *args, **kwargs)
+        out = save(self, save_directory, *args, **kwargs)
+        if any(isinstance(m, SparseLinear) for m in self.modules()):  # (safetensors writes its files 0600)
+            for f in Path(save_directory).glob("*.safetensors"):
+                _files.usual_permissions(f)
+        return out
 
     save_pretrained._flash_llm_guard = True
     cls.save_pretrained = save_pretrained

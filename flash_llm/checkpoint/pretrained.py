@@ -750,6 +750,8 @@ def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
         The model in eval mode (or ``(model, report)``).  A flash_llm.models model's ``config.eos_token_id`` is
         ``generation_config.json``'s where that file sets one (:func:`use_generation_eos`), else ``config.json``'s.
     """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # (before any work: was an assertion
+        raise ValueError(f"device={device!r}: CUDA is not available here")  # from deep inside the load)
     path = Path(os.fspath(path))
     config = read_config(path)
     kind = checkpoint_kind(config, path / _files.CONFIG_NAME)

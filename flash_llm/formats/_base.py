@@ -419,11 +419,12 @@ class SparseFormat:
         return tensors, {prefix + METADATA_KEY: json.dumps(self.metadata())}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write this weight to one safetensors file (arrays plus format metadata)."""
-        from safetensors.torch import save_file
+        """Write this weight to one safetensors file (arrays plus format metadata), with the permissions of a new
+        file under the process umask."""
+        from ..checkpoint._files import save_safetensors
 
         tensors, meta = self.state()
-        save_file({k: _host_copy(v) for k, v in tensors.items()}, os.fspath(path), metadata=meta)
+        save_safetensors({k: _host_copy(v) for k, v in tensors.items()}, path, meta)
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], prefix: str = "",
@@ -511,8 +512,9 @@ class SparseFormat:
 
 
 def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
-    """Write several compressed weights to one safetensors file, each under its name."""
-    from safetensors.torch import save_file
+    """Write several compressed weights to one safetensors file, each under its name, with the permissions of a new
+    file under the process umask."""
+    from ..checkpoint._files import save_safetensors
 
     if not isinstance(weights, dict) or not weights:
         hint = " (one weight: weight.save(path))" if isinstance(weights, SparseFormat) else ""
@@ -529,7 +531,7 @@ def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
         t, m = w.state(prefix=f"{name}.")
         tensors.update({k: _host_copy(v) for k, v in t.items()})
         meta.update(m)
-    save_file(tensors, os.fspath(path), metadata=meta)
+    save_safetensors(tensors, path, meta)
 
 
 def load(path: str | os.PathLike, device="cpu"):

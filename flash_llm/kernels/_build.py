@@ -119,10 +119,14 @@ def _cubin_ok(b: bytes) -> bool:
 
 @dataclass
 class Compiled:
+    """A cubin for ``arch`` with NVRTC's ``log`` (empty when ``cached``: read from the cache); ``cache_error`` says
+    why a freshly compiled cubin could not be stored in the cache (None when it was, or when not asked to)."""
+
     arch: str
     cubin: bytes
     log: str
     cached: bool
+    cache_error: str | None = None
 
     def resources(self) -> dict[str, dict[str, int]]:
         """Per kernel: registers, spill stores/loads (bytes), stack frame and static shared memory,
@@ -162,18 +166,10 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
     nvrtc = _nvrtc()
     source = SOURCE.read_bytes() if source is None else source
-    # sm_90 builds as sm_90a: the warpgroup MMA (wgmma) of the large-N Tiled-CSL kernel needs the arch-specific
-    # target; its cubin runs on compute capability 9.0 (H100, H200) only, which is what "sm_90" means here
-    target = "sm_90a" if arch == "sm_90" else arch
-    options = OPTIONS + tuple(extra_options) + (f"--gpu-architecture={target}",)
-    path = cache_dir() / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin"
-    if use_cache and path.exists():
-        try:
-            cached = path.read_bytes()
-        except OSError:  # (a directory or an unreadable file where the cubin should be: compiled again)
-            cached = b""
-        if _cubin_ok(cached):
-            return Compiled(arch, cached, "", True)
+    path, options = _cubin_path(arch, source, extra_options)
+    cached = _read_cached(path) if use_cache else None
+    if cached is not None:
+        return Compiled(arch, cached, "", True)
 
     if notify:
         print(f"flash-llm: compiling the CUDA kernels for {arch} with NVRTC (first use; about a minute; cached "
@@ -196,19 +192,51 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         nvrtc.nvrtcDestroyProgram(prog)
     if notify:
         print(f"flash-llm: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    if use_cache:
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # (own name a writer)
-            with os.fdopen(fd, "wb") as f:
-                f.write(cubin)
-            os.replace(tmp, path)
-        except OSError:  # a read-only cache only costs a recompile next time; no partial file stays
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-    return Compiled(arch, cubin, log, False)
+    return Compiled(arch, cubin, log, False, _store_cubin(path, cubin) if use_cache else None)
+
+
+def _cubin_path(arch: str, source: bytes, extra_options: tuple[str, ...] = ()) -> tuple[Path, tuple[str, ...]]:
+    """Where the cubin of ``source`` for ``arch`` is cached, and NVRTC's options for it."""
+    # sm_90 builds as sm_90a: the warpgroup MMA (wgmma) of the large-N Tiled-CSL kernel needs the arch-specific
+    # target; its cubin runs on compute capability 9.0 (H100, H200) only, which is what "sm_90" means here
+    target = "sm_90a" if arch == "sm_90" else arch
+    options = OPTIONS + tuple(extra_options) + (f"--gpu-architecture={target}",)
+    return cache_dir() / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin", options
+
+
+def _read_cached(path: Path) -> bytes | None:
+    """The whole cubin cached at ``path``, or None (missing, unreadable, a directory, empty or truncated: compiled
+    again)."""
+    try:
+        cached = path.read_bytes()
+    except OSError:
+        return None
+    return cached if _cubin_ok(cached) else None
+
+
+def is_cached(arch: str) -> bool:
+    """Whether the cache holds a whole cubin of ``spmm.cu`` for ``arch``, so :func:`compile_kernels` returns it at
+    once (loads NVRTC: the cache key holds its version)."""
+    return _read_cached(_cubin_path(arch, SOURCE.read_bytes())[0]) is not None
+
+
+def _store_cubin(path: Path, cubin: bytes) -> str | None:
+    """Write ``cubin`` to ``path`` through a temporary file of its own name (so concurrent writers never mix); return
+    why it could not be stored, or None.  No partial file stays.  A cache that cannot be written only costs a
+    recompile next time; ``flash-llm build``, which exists to fill it, fails instead."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(cubin)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return f"cannot write {e.filename or path}: {e.strerror or e}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
