@@ -83,19 +83,23 @@ def _shape(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def sparsity_arg(text: str) -> float:
-    """A sparsity as a fraction in ``[0, 1)``: ``0.5``, ``50`` and ``50%`` all read 0.5.  A bare number up to 1 is a
-    fraction, a larger one a percentage; one ending in ``%`` is always a percentage (``0.5%`` reads 0.005).  The one
-    reading of ``--sparsity`` (demo, prune) and of each of ``--sparsities`` (``demo --layer``)."""
+def fraction_or_percent(text: str) -> float:
+    """``text`` as a fraction: a bare number up to 1 is one, a larger one a percentage; one ending in ``%`` is always
+    a percentage (``0.5``, ``50`` and ``50%`` all read 0.5; ``0.5%`` reads 0.005).  ValueError if it is no number.
+    The reading of every sparsity option (:func:`sparsity_arg`, ``convert --min-sparsity``), each with its range."""
     t = text.strip()
-    percent = t.endswith("%")
+    v = float(t.removesuffix("%"))
+    return v / 100 if t.endswith("%") or v > 1 else v
+
+
+def sparsity_arg(text: str) -> float:
+    """A sparsity as a fraction in ``[0, 1)``, read by :func:`fraction_or_percent`.  The one reading of
+    ``--sparsity`` (demo, prune) and of each of ``--sparsities`` (``demo --layer``)."""
     try:
-        v = float(t.removesuffix("%"))
+        v = fraction_or_percent(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"sparsity must be a fraction in [0, 1) or a percentage (0.5, 50 and 50% "
                                          f"all mean 50 %), got {text!r}") from None
-    if percent or v > 1:
-        v /= 100
     if not 0 <= v < 1:  # (NaN fails too)
         raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1) as a fraction or [0, 100) as a percentage "
                                          f"(0.5, 50 and 50% all mean 50 %), got {text!r}")
@@ -165,10 +169,6 @@ def model_dir(spec: str) -> Path:
     from flash_llm import bundled
 
     return bundled.path(spec) if spec in bundled.NAMES else Path(spec)
-
-
-# The arguments that name a model to read, per subcommand defined elsewhere (inspect's own are typed by model_dir).
-_MODEL_ARGS = {"generate": "path", "convert": "input"}
 
 
 def _arch(text: str) -> str:
@@ -597,8 +597,9 @@ def add_layer_demo_arguments(p) -> None:
     p.add_argument("--warmup", type=_non_negative, default=3, help="warm-up calls before GPU timing (default: 3)")
 
 
-def _model_path(text: str) -> str:
-    """:func:`model_dir` as an argparse ``type=`` that keeps the argument a string."""
+def model_path(text: str) -> str:
+    """:func:`model_dir` as an argparse ``type=`` that keeps the argument a string (inspect's PATH, generate's PATH,
+    convert's IN)."""
     try:
         return str(model_dir(text))
     except FileNotFoundError as e:
@@ -647,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "bytes per element, with totals. A directory is read as a Hugging Face checkpoint (dense, "
                     "sparse-bitmask or flash-llm): per tensor its format, shape, dtype, nonzeros, density and "
                     "bytes. Exits 2 if a file is missing, corrupt or not a flash-llm file.")
-    p.add_argument("paths", nargs="+", metavar="PATH", type=_model_path,
+    p.add_argument("paths", nargs="+", metavar="PATH", type=model_path,
                    help="safetensors file(s) written by flash-llm, checkpoint directories, or a bundled model's name "
                         "(tiny-shakespeare)")
     p.set_defaults(func=cmd_inspect)
@@ -673,13 +674,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    dest = _MODEL_ARGS.get(args.command)
-    if dest is not None:
-        try:
-            setattr(args, dest, _model_path(getattr(args, dest)))
-        except argparse.ArgumentTypeError as e:
-            _err(str(e))
-            return EXIT_USAGE
     try:
         return args.func(args)
     except KeyboardInterrupt:

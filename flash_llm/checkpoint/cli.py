@@ -17,6 +17,7 @@ import torch
 from ..formats import FormatError, SparseFormat
 from ..formats._base import count_nonzero
 from ..cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _non_negative_float, _positive, _probability, _table
+from ..cli import fraction_or_percent, model_path
 from ..cli import _device_arg as _device  # the demos' --device check (auto, cpu, cuda, cuda:N) as an argparse type
 from . import _files
 from . import sparse_bitmask as sb
@@ -29,16 +30,13 @@ _INPUT_ERRORS = (FormatError, FileNotFoundError, FileExistsError, NotADirectoryE
 
 
 def _fraction(text: str) -> float:
-    """``0.5``, ``50`` or ``50%`` -> 0.5 (``--min-sparsity``): a bare number up to 1 is a fraction, a larger one a
-    percentage, as ``--sparsity`` reads them (``flash_llm.cli.sparsity_arg``; here 1, 100 % included)."""
-    t = text.strip()
+    """``--min-sparsity``: ``0.5``, ``50`` or ``50%`` -> 0.5, read as ``--sparsity`` is
+    (:func:`flash_llm.cli.fraction_or_percent`), 1 (100 %) included here."""
     try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        v = fraction_or_percent(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction like 0.5 or a percentage like 50 or 50%, got "
                                          f"{text!r}") from None
-    if not t.endswith("%") and v > 1:
-        v /= 100
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"sparsity must be between 0 and 1 (0 % and 100 %), got {text!r}")
     return v
@@ -388,7 +386,8 @@ def register_cli(sub) -> None:
                     "2 for a missing, inconsistent or unsupported input (naming the file and tensor), or an OUT "
                     "that is or holds IN or cannot be created (checked before the model is loaded); 1 if writing "
                     "fails.")
-    p.add_argument("input", metavar="IN", help="checkpoint directory to read")
+    p.add_argument("input", metavar="IN", type=model_path,
+                   help="checkpoint directory to read, or a bundled model's name (tiny-shakespeare)")
     p.add_argument("output", metavar="OUT", help="directory to write")
     p.add_argument("--format", choices=["bitmap", "tiled-csl", "delta-rows", sb.FORMAT], default="bitmap",
                    help="bitmap (BitmapTiles, default), tiled-csl (TiledCSL) or delta-rows (DeltaRows): a flash-llm "
@@ -415,7 +414,8 @@ def register_cli(sub) -> None:
                     "they come. Tokenizer: the directory's Hugging Face tokenizer files, or the byte tokenizer "
                     "(token id = byte; ids above 255, special tokens, print nothing) for a byte-level model such as "
                     "the bundled one.")
-    p.add_argument("path", metavar="PATH", help="checkpoint directory")
+    p.add_argument("path", metavar="PATH", type=model_path,
+                   help="checkpoint directory, or a bundled model's name (tiny-shakespeare)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 (default) is greedy")
