@@ -262,6 +262,33 @@ def expanded_copy(model: nn.Module) -> nn.Module:
     return out
 
 
+@contextlib.contextmanager
+def reference_linears(model: nn.Module, enabled: bool = True):
+    """While open, every ``nn.Linear`` of ``model`` computes as :func:`flash_llm.spmm`'s CPU reference does:
+    ``x [..., in] @ W^T (+ b)`` with fp32 products and sums, rounded once to ``x``'s dtype.  The demo evaluates both
+    models inside it on a CPU, so the dense and the sparse losses (and times) come from the same arithmetic: outside
+    it a bf16 ``nn.Linear`` on a CPU without native bf16 matmuls is emulated (about 4x slower than the sparse
+    layers' fp32 reference on such cores) and rounds its sums differently.  ``enabled=False``: nothing changes."""
+    patched = []
+    if enabled:
+        for m in model.modules():
+            if type(m) is nn.Linear and m.weight.dtype in (torch.float16, torch.bfloat16):
+                m.forward = _reference_forward(m)
+                patched.append(m)
+    try:
+        yield model
+    finally:
+        for m in patched:
+            del m.forward  # the instance attribute: the class's forward again
+
+
+def _reference_forward(m: nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x.float(), m.weight.float(), None if m.bias is None else m.bias.float())
+        return y.to(x.dtype)
+    return forward
+
+
 def decode_speed(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> tuple[float, float]:
     """Greedy decode of ``n_tokens`` tokens at batch 1 through :class:`flash_llm.engine.Engine`, after one
     warm-up generation (CUDA-graph capture, kernel loading): ``(tokens/s, median ms per token)``."""
@@ -389,7 +416,9 @@ def cmd_demo(args) -> int:
     dense = lm.model
     times = {"load": time.perf_counter() - t_start}
     t0 = time.perf_counter()
-    r_dense = evaluate(dense, val, seq_len=seq_len, batch_size=args.batch_size, desc="evaluate dense")
+    on_cpu = device.type == "cpu"  # both evaluations compute their linears as the sparse layers' CPU reference
+    with reference_linears(dense, on_cpu):
+        r_dense = evaluate(dense, val, seq_len=seq_len, batch_size=args.batch_size, desc="evaluate dense")
     times["evaluate dense"] = time.perf_counter() - t0
     sparse = copy.deepcopy(dense)
     _sync(device)
@@ -412,7 +441,8 @@ def cmd_demo(args) -> int:
         conv = flash_llm.sparsify_(sparse)
         times["compress"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    r_sparse = evaluate(sparse, val, seq_len=seq_len, batch_size=args.batch_size, desc="evaluate sparse")
+    with reference_linears(sparse, on_cpu):
+        r_sparse = evaluate(sparse, val, seq_len=seq_len, batch_size=args.batch_size, desc="evaluate sparse")
     times["evaluate sparse"] = time.perf_counter() - t0
 
     dense_total, sparse_total = model_bytes(dense), model_bytes(sparse)
@@ -439,6 +469,9 @@ def cmd_demo(args) -> int:
         print("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip())
     print(f"(validation: {r_dense.tokens:,} tokens of the last 10 % of tinyshakespeare, windows of {seq_len}; "
           f"pruning took {t_prune:.1f} s; lm_head and embeddings stay dense)")
+    if on_cpu:
+        print("(on a CPU both models' linear layers compute in fp32, rounded once, as the sparse layers' reference "
+              "flash_llm.spmm does there: the same arithmetic for both columns)")
     if kept:
         print(f"({len(kept)} of the {len(report)} pruned layers stay dense nn.Linear, counted as such above: "
               f"flash_llm.sparsify_ kept them, e.g. {kept[0]}: {why.get(kept[0], 'not converted')})")
@@ -447,7 +480,6 @@ def cmd_demo(args) -> int:
     if args.gen_tokens:
         print()
         print(f"generated ({args.gen_tokens} tokens after {args.prompt!r}, temperature 0.8, top-k 40, seed {seed}):")
-        on_cpu = device.type == "cpu"
         sparse_gen = expanded_copy(sparse) if on_cpu else sparse
         for label, m in (("dense", dense), (f"sparse, {method_label}", sparse_gen)):
             out = sample(m, prompt_ids, args.gen_tokens, seed=seed)

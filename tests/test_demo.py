@@ -16,6 +16,7 @@ import torch
 import flash_llm
 from flash_llm import bundled, data
 from flash_llm.cli import main
+from flash_llm.demo import reference_linears
 from flash_llm.evaluate import evaluate
 from flash_llm.prune import sparsegpt_prune_
 
@@ -63,19 +64,21 @@ def test_demo_bundled_end_to_end(capsys):
     model = bundled.load(dtype=torch.bfloat16)
     train, val = data.split(data.load_tokens(data.corpus_path()))
     val = val[:n_eval + 1]
-    dense_loss = evaluate(model, val, seq_len=seq, batch_size=64, progress=False).loss
+    with reference_linears(model):  # on a CPU the demo evaluates both models' linears as spmm's reference
+        dense_loss = evaluate(model, val, seq_len=seq, batch_size=64, progress=False).loss
     linears = _linear_weights(model)
     dense_bytes = sum(m.weight.numel() * 2 for m in linears.values())
     calib = data.calibration_batches(train, n_calib, seq, seed=0, batch_size=64)
     sparsegpt_prune_(model, calib, 0.5, filter_fn=lambda m, fqn: fqn != "lm_head")
-    pruned_loss = evaluate(model, val, seq_len=seq, batch_size=64, progress=False).loss
+    with reference_linears(model):
+        pruned_loss = evaluate(model, val, seq_len=seq, batch_size=64, progress=False).loss
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         conv = flash_llm.sparsify_(model)
 
     loss = rows["val loss (nats/token)"]
     assert _num(loss["dense"]) == pytest.approx(dense_loss, abs=6e-5)
-    assert _num(loss["sparse"]) == pytest.approx(pruned_loss, abs=2e-3)  # fp16 linear vs spmm reference
+    assert _num(loss["sparse"]) == pytest.approx(pruned_loss, abs=6e-5)  # the same arithmetic: fp32 linears
     assert loss["note"].endswith(" %")  # from the unrounded losses: equal up to the rounding of the printed ones
     assert float(loss["note"][:-2]) == pytest.approx(100 * (_num(loss["sparse"]) / _num(loss["dense"]) - 1), abs=0.02)
     wb = rows["their weight bytes"]
@@ -85,6 +88,7 @@ def test_demo_bundled_end_to_end(capsys):
     assert _num(rows["whole model bytes"]["dense"]) - _num(rows["whole model bytes"]["sparse"]) == \
         dense_bytes - conv.sparse_bytes
     assert f"validation: {n_eval:,} tokens" in out
+    assert "on a CPU both models' linear layers compute in fp32" in out
 
     texts = re.findall(r"^--- (dense|sparse, sparsegpt 50%) ---\n((?:  .*\n?)+)", out, flags=re.M)
     assert [label for label, _ in texts] == ["dense", "sparse, sparsegpt 50%"], out
@@ -330,3 +334,22 @@ def test_prune_out_name_longer_than_the_file_system_allows(capsys, tmp_path, cal
                      str(calib_file), "--out", str(out), "--device", "cpu")
     assert rc == 2 and "--out" in err and "300 bytes long" in err, err
     assert sorted(os.listdir(tmp_path)) == ["calib.txt"]
+
+
+def test_reference_linears_computes_as_spmm_reference_and_restores():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, dtype=torch.bfloat16)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU())
+    sparse = flash_llm.SparseLinear.from_linear(lin)
+    x = torch.randn(5, 96).to(torch.bfloat16)
+    plain = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    with reference_linears(model):
+        assert torch.equal(model[0](x), sparse(x))  # the CPU reference's arithmetic, bit for bit
+        assert "forward" in lin.__dict__
+    assert "forward" not in lin.__dict__ and torch.equal(model[0](x), plain)
+    with pytest.raises(RuntimeError, match="inside"):
+        with reference_linears(model):
+            raise RuntimeError("inside")
+    assert "forward" not in lin.__dict__  # restored on an error too
+    with reference_linears(model, enabled=False):
+        assert "forward" not in lin.__dict__
