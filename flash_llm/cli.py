@@ -534,6 +534,45 @@ def cmd_build(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # inspect
 # ------------------------------------------------------------------------------------------------
+#: how :func:`flash_llm.load`'s FormatError for a safetensors file without flash-llm metadata ends
+NOT_A_WEIGHT_FILE = "(not a flash-llm weight file)"
+
+
+def _checkpoint_shard_hint(path: str) -> str | None:
+    """What ``inspect`` says of ``path``, a safetensors file without flash-llm metadata, when it is part of the
+    checkpoint directory it lies in (a ``config.json`` beside it): the ``model.safetensors`` of that directory, or,
+    without one, a shard its ``model.safetensors.index.json`` lists.  A flash-llm checkpoint's shards carry no
+    metadata of the weight files :func:`flash_llm.save` writes, so a shard alone is no flash-llm weight file; the
+    message names the directory to inspect instead.  None otherwise (the caller keeps :func:`flash_llm.load`'s
+    message)."""
+    import json
+    import shlex
+
+    from flash_llm.checkpoint import _files
+
+    file = Path(path)
+    directory = file.parent
+    where = os.path.dirname(path) or "."  # (the directory as the user named it)
+    if not (directory / _files.CONFIG_NAME).is_file():
+        return None
+    if file.name == _files.WEIGHTS_NAME:
+        what = f"the weights file of the checkpoint directory {where}"
+    elif (directory / _files.WEIGHTS_NAME).exists():  # (the directory is read from that file: an old index's shard)
+        return None
+    else:
+        try:
+            weight_map = json.loads((directory / _files.INDEX_NAME).read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):  # (no index, or none that can be read)
+            return None
+        shards = sorted({f for f in weight_map.values() if isinstance(f, str)}) if isinstance(weight_map, dict) else []
+        if file.name not in shards:
+            return None
+        what = (f"shard {shards.index(file.name) + 1} of {len(shards)} of the checkpoint directory {where} "
+                f"({_files.INDEX_NAME} lists it)")
+    return (f"{path} is {what}, not a flash-llm weight file of its own; inspect the whole checkpoint: "
+            f"flash-llm inspect {shlex.quote(where)}")
+
+
 def cmd_inspect(args) -> int:
     status = EXIT_OK
     for i, path in enumerate(args.paths):
@@ -547,7 +586,8 @@ def cmd_inspect(args) -> int:
         try:
             loaded = flash_llm.load(path)
         except FormatError as e:
-            _err(str(e))
+            shard = _checkpoint_shard_hint(path) if str(e).endswith(NOT_A_WEIGHT_FILE) else None
+            _err(shard or str(e))
             status = EXIT_USAGE
             continue
         except FileNotFoundError:

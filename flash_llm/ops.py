@@ -364,7 +364,17 @@ class _SpmmFunction(torch.autograd.Function):
         return y_t
 
 
-@torch.compiler.assume_constant_result  # (Dynamo runs it while tracing: it guards the transforms and dual level)
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (about 1.3 s, which every
+    ``import flash_llm`` and ``flash-llm --help`` paid): that decorator imports Dynamo only to set this one attribute,
+    which Dynamo reads when it inlines a call to ``fn`` (it runs ``fn`` then and takes the result as a constant).
+    Dynamo is imported anyway by the time anything traces, so marking the function now is the same as marking it
+    through torch (tests/test_cli_fixes78.py checks that torch's decorator sets just this attribute)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result  # (Dynamo runs it while tracing: it guards the transforms and dual level)
 def _forward_ad_active() -> bool:
     """Whether forward-mode AD is on: a ``torch.autograd.forward_ad.dual_level``, or ``torch.func.jvp`` (``jacfwd``)
     among the ``torch.func`` transforms in effect."""

@@ -73,7 +73,9 @@ def test_convert_inspect_generate(dense, tmp_path, capsys):
                           "--ignore-eos")
     assert rc == 0, err
     assert "12 new tokens; time to first token" in err
-    assert re.search(r"\(on the CPU: [1-9]\d* compressed layer\(s\) expanded to dense for decoding\)", err)  # (merged)
+    # (counted as inspect counts them: the checkpoint's layers, and the engine's merged ones after them)
+    assert re.search(rf"\(on the CPU: {n_sparse} compressed layer\(s\) expanded to dense for decoding; [1-9]\d* after "
+                     r"merging the projections that share an input\)", err)
     loaded = flash_llm.from_pretrained(out)
     want = Engine(loaded, max_seq=len(prompt) + 12).generate([list(prompt.encode())], 12, eos_token_id=None)
     assert stdout == prompt + bytes(want.sequences()[0]).decode("utf-8", errors="replace") + "\n"
@@ -101,7 +103,7 @@ def test_cli_errors(dense, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     rc, _, err = run(capsys, "convert", path, out)
-    assert rc == 2 and f"error: {out} already exists; pass overwrite=True (--overwrite)" in err
+    assert rc == 2 and f"error: {out} already exists; pass --overwrite to replace it" in err
     rc, _, err = run(capsys, "convert", tmp_path / "missing", tmp_path / "x")
     assert rc == 2 and "no such checkpoint directory" in err and not (tmp_path / "x").exists()
     # (a bare 1.5 reads 1.5 %, as --sparsity does: 150 is past 100 %)

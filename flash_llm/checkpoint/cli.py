@@ -42,6 +42,17 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _shard_size(text: str) -> int:
+    """``--max-shard-size``: bytes, or a size like ``5GB`` / ``500MB`` / ``64KiB`` (:func:`flash_llm.checkpoint.
+    _files.parse_size`), checked while the arguments are parsed (the Python API's message names its
+    ``max_shard_size`` argument; this one is the flag's, and comes before the model is loaded)."""
+    try:
+        return _files.parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count >= 1 or a size like 5GB, 500MB or 64KiB, got "
+                                         f"{text!r}") from None
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
@@ -54,6 +65,10 @@ def cmd_convert(args) -> int:
         report = convert(args.input, args.output, format=args.format, min_sparsity=args.min_sparsity,
                          dtype=DTYPES.get(args.dtype), device=args.device, max_shard_size=args.max_shard_size,
                          overwrite=args.overwrite, backend=args.backend)
+    except FileExistsError as e:  # (the library's text names overwrite=True as well; here only the flag counts)
+        exists = not args.overwrite and os.path.lexists(args.output)
+        _err(f"{args.output} already exists; pass --overwrite to replace it" if exists else str(e))
+        return EXIT_USAGE
     except _INPUT_ERRORS as e:
         _err(str(e))
         return EXIT_USAGE
@@ -214,6 +229,31 @@ def _load_tensor_parallel(path: Path, dtype, device: torch.device):
     return model, tp
 
 
+def _layer_count(model, paths: list[str]) -> int:
+    """How many of the checkpoint's layers the engine's layers ``paths`` of ``model`` are: a merged projection's
+    stacked layer (``....qkv_proj.layer``, ``....gate_up_proj.layer``: :func:`flash_llm.models.merge_projections`)
+    counts as the layers it stacks, any other as one."""
+    from ..models._merge import MergedLinear
+
+    n = 0
+    for path in paths:
+        parent = path.rpartition(".")[0]
+        try:
+            owner = model.get_submodule(parent) if parent else None
+        except AttributeError:
+            owner = None
+        n += len(owner.names) if isinstance(owner, MergedLinear) else 1
+    return n
+
+
+def _after_merging(model, paths: list[str]) -> str:
+    """``"; M after merging the projections that share an input"`` where the engine's ``M`` layers ``paths`` stack
+    more of the checkpoint's (:func:`_layer_count`; ``--merge``: q/k/v, Llama's gate/up), else ``""``."""
+    if _layer_count(model, paths) == len(paths):
+        return ""
+    return f"; {len(paths)} after merging the projections that share an input"
+
+
 def cmd_generate(args) -> int:
     from ..engine import Engine
 
@@ -251,13 +291,18 @@ def cmd_generate(args) -> int:
         engine = Engine(model, max_batch=1, max_seq=min(len(ids) + args.max_new_tokens, context), fuse=args.fuse,
                         merge=args.merge, formats="dense" if on_cpu else "auto")
         if tp is None or tp.rank == 0:
+            # (counted as the checkpoint's layers, as `flash-llm inspect` counts them, not as the engine's merged
+            # q/k/v and gate/up matmuls, which hold two or three of them each)
             if engine.expanded:
-                print(f"(on the CPU: {len(engine.expanded)} compressed layer(s) expanded to dense for decoding)",
-                      file=sys.stderr)
+                print(f"(on the CPU: {_layer_count(model, engine.expanded)} compressed layer(s) expanded to dense for "
+                      f"decoding{_after_merging(model, engine.expanded)})", file=sys.stderr)
             if engine.adopted:  # (Engine(formats="auto") on a GPU: BitmapTiles / Tiled-CSL laid out for batch 1)
-                kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(engine.adopted.values()).items()))
-                print(f"(laid out for decoding: {kinds} layer(s) as DeltaRows, the fastest format at batch 1)",
-                      file=sys.stderr)
+                by_kind = Counter()
+                for p, k in engine.adopted.items():
+                    by_kind[k] += _layer_count(model, [p])
+                kinds = ", ".join(f"{n} {k}" for k, n in sorted(by_kind.items()))
+                print(f"(laid out for decoding: {kinds} layer(s) as DeltaRows, the fastest format at batch 1"
+                      f"{_after_merging(model, list(engine.adopted))})", file=sys.stderr)
     except _INPUT_ERRORS as e:
         _err(str(e))
         if tp is not None:
@@ -360,12 +405,17 @@ def cmd_bench(args) -> int:
     spec = importlib.util.spec_from_file_location(f"_flash_llm_bench_{args.which}", script)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(script.parent))
+    # the script's ArgumentParser takes its prog from sys.argv[0] ("flash-llm", or "cli.py" under python -m): its
+    # usage lines and errors name the command typed instead
+    saved_argv = sys.argv
+    sys.argv = [f"flash-llm bench {args.which}", *saved_argv[1:]]
     try:
         spec.loader.exec_module(module)
         rc = module.main(list(args.args))
     except SystemExit as e:  # argparse --help / usage errors inside the script
         rc = e.code if isinstance(e.code, int) else EXIT_USAGE
     finally:
+        sys.argv = saved_argv
         if sys.path and sys.path[0] == str(script.parent):
             sys.path.pop(0)
     return rc if isinstance(rc, int) else EXIT_OK
@@ -400,7 +450,8 @@ def register_cli(sub) -> None:
                                                             "float32 checkpoint)")
     p.add_argument("--device", type=_device, default="cpu",
                    help="where to compress: cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="largest output shard, e.g. 5GB or 500MB (default 5GB)")
     p.add_argument("--backend", choices=["auto", "flash", "hf"], default="auto",
                    help="model skeleton used to find the linear layers: flash_llm.models (OPT, Llama), "
                         "transformers, or auto (default)")
