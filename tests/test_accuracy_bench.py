@@ -4,38 +4,26 @@ not overwritten without --force."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from flash_llm import bundled, data
 from flash_llm.evaluate import evaluate
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
 def accuracy():
-    return _load(ROOT / "benchmarks" / "accuracy.py", "accuracy_bench")
+    return load_script("benchmarks/accuracy.py", "accuracy_bench")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A small byte-level Llama, random weights (structure, not quality, is under test here)."""
-    train = _load(ROOT / "scripts" / "train_bundled.py", "train_bundled_for_accuracy")
+    train = load_script("scripts/train_bundled.py", "train_bundled_for_accuracy")
     cfg = train.model_config(hidden=64, layers=2, heads=2, ffn=128, seq_len=32)
     cfg["flash_llm"] = {"tokenizer": "bytes"}
     out = tmp_path_factory.mktemp("acc") / "tiny"
@@ -121,7 +109,7 @@ def test_check_targets(accuracy):
 
 
 def test_bench_prune_small(capsys):
-    bench = _load(ROOT / "benchmarks" / "bench_prune.py", "bench_prune_small")
+    bench = load_script("benchmarks/bench_prune.py", "bench_prune_small")
     assert bench.main(["--shape", "128x192", "--seqs", "3", "--seq-len", "16", "--batch", "2", "--repeat", "2",
                        "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -134,6 +122,6 @@ def test_bench_prune_small(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_prune_gpu_small(capsys):
-    bench = _load(ROOT / "benchmarks" / "bench_prune.py", "bench_prune_gpu")
+    bench = load_script("benchmarks/bench_prune.py", "bench_prune_gpu")
     assert bench.main(["--shape", "1024x1024", "--seqs", "8", "--seq-len", "256", "--repeat", "2"]) == 0
     assert "whole call: median" in capsys.readouterr().out

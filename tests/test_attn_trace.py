@@ -1,17 +1,10 @@
 """benchmarks/attn_trace.py's summary of the decode attention's phase stamps (the tool itself needs a GPU and a
 patched kernel)."""
 
-import importlib.util
-import os
-import sys
-
 import torch
+from conftest import load_script
 
-_dir = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-sys.path.insert(0, _dir)  # attn_trace imports _timing from there
-_spec = importlib.util.spec_from_file_location("attn_trace", os.path.join(_dir, "attn_trace.py"))
-attn_trace = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(attn_trace)
+attn_trace = load_script("benchmarks/attn_trace.py", "attn_trace")  # (it puts benchmarks/ on sys.path for _timing)
 
 
 def _stamps(launches=3, blocks=4, ghz=2):

@@ -1,19 +1,13 @@
 """``benchmarks/bench_spmm.py``'s verdicts on issue 3's targets (``target_checks``) and the labels of its rows and
 summary (session 74's benchmark audit, findings 4-6), on synthetic rows: no GPU needed."""
 
-import importlib.util
-import os
-
 import pytest
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_spmm.py")
-    spec = importlib.util.spec_from_file_location("bench_spmm_checks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_spmm.py", "bench_spmm_checks")
 
 
 SHAPES = [("Llama-3-8B", "o", 4096, 4096), ("OPT-66B", "up", 36864, 9216)]  # OPT-66B up is large (M * K >= 2.5e8)

@@ -4,13 +4,13 @@ the training script (a few steps on a tiny model: the loss drops and the files r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from flash_llm import bundled, data
 from flash_llm.evaluate import evaluate
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_bundled", ROOT / "scripts" / "train_bundled.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/train_bundled.py", "train_bundled")
 
 
 TINY = ["--steps", "40", "--batch-size", "8", "--seq-len", "32", "--hidden", "64", "--layers", "1", "--heads", "2",

@@ -5,7 +5,6 @@ the model's context (prune records the one it used)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 import flash_llm
 from flash_llm import data
@@ -92,10 +92,7 @@ def test_model_config_preset_is_the_module_function():
 
 # ---- 3. the benchmarks keep earlier results in --out unless --overwrite -----------------------------------------
 def _bench(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_docs_edge", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py", f"{name}_docs_edge")
 
 
 def test_bench_checkpoint_refuses_an_out_with_results(tmp_path, capsys):

@@ -4,18 +4,15 @@ zeroed first writes every element exactly once, with the weight's bits, for the 
 layout (rows whose middle parts are empty), coded values and paired halves, at densities from empty to full; and the
 emulator fails the wrong rules it knows."""
 
-import importlib.util
 import os
 
 import pytest
 import torch
+from conftest import load_script
 
 from flash_llm import DeltaRows
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "diag", "dr_dense_emulate.py")
-_spec = importlib.util.spec_from_file_location("dr_dense_emulate", _path)
-emu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(emu)
+emu = load_script("benchmarks/diag/dr_dense_emulate.py", "dr_dense_emulate")
 
 
 def test_every_element_written_once():

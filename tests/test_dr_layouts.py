@@ -2,19 +2,16 @@
 it refuses, damaged arrays, the layout read lane by lane as ``delta_rows_parts_*`` reads it, and the check of
 ``benchmarks/dr_layouts.py`` (which times the two layouts on a GPU) with faked launches."""
 
-import importlib.util
 import os
 
 import pytest
 import torch
+from conftest import load_script
 
 from flash_llm import DeltaRows, FormatError
 from flash_llm.formats import delta_rows as D
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "dr_layouts.py")
-_spec = importlib.util.spec_from_file_location("dr_layouts", _path)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("benchmarks/dr_layouts.py", "dr_layouts")
 
 
 def _w(m, k, density, seed=0, dtype=torch.float16):

@@ -4,19 +4,15 @@ on every variant (plain, coded, X's ring or global X, 4-byte or 2-byte X loads),
 odd K and many splits.  The emulator mirrors ``delta_rows_mma_body`` statement by statement, with ``ldmatrix`` and
 ``mma.m16n8k16`` fragments as the PTX ISA lays them out."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from flash_llm import DeltaRows
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "diag", "dr_mma_emulate.py")
-_spec = importlib.util.spec_from_file_location("dr_mma_emulate", _path)
-emu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(emu)
+emu = load_script("benchmarks/diag/dr_mma_emulate.py", "dr_mma_emulate")
 
 
 def _weight(m, k, density, dtype, seed, coded=False):

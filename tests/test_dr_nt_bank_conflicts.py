@@ -1,15 +1,12 @@
 """The wavefront counter of benchmarks/diag/dr_nt_bank_conflicts.py, on loads whose answer is known, and its walk on a
 small weight."""
-import os
-import sys
-
 import numpy as np
 import pytest
+from conftest import load_script
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "diag"))
-import dr_nt_bank_conflicts as bc  # noqa: E402
+from flash_llm import DeltaRows
 
-from flash_llm import DeltaRows  # noqa: E402
+bc = load_script("benchmarks/diag/dr_nt_bank_conflicts.py", "dr_nt_bank_conflicts")
 
 
 def test_wavefronts_of_known_patterns():

@@ -3,20 +3,13 @@ the split layout's product through a tile of each (slice, split)'s window, in pa
 reference, every nonzero placed in exactly one pass; and the reduction's (rank, token) map covers the block's
 ``32 x NT`` outputs once."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
+from conftest import load_script
 
 from flash_llm import DeltaRows
 
-_dir = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "diag")
-sys.path.insert(0, _dir)
-_spec = importlib.util.spec_from_file_location("dr_tmma_emulate", os.path.join(_dir, "dr_tmma_emulate.py"))
-emu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(emu)
+emu = load_script("benchmarks/diag/dr_tmma_emulate.py", "dr_tmma_emulate")  # (it puts diag/ on sys.path itself)
 
 
 @pytest.mark.parametrize("nt", [8, 16, 32])

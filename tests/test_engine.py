@@ -16,7 +16,7 @@ from flash_llm.models import from_config, preset
 from flash_llm.models.synthetic import (DoesNotFit, _expected_strip_padding, bitmap_formula_bytes, build_synthetic,
                                        estimate_bytes, tiled_csl_formula_bytes)
 from flash_llm.prune import magnitude_prune_
-from conftest import TINY_VOCAB, tiny_hf_model, ulp
+from conftest import TINY_VOCAB, load_script, tiny_hf_model, ulp
 
 transformers = pytest.importorskip("transformers")
 
@@ -612,14 +612,7 @@ def test_engine_errors(pair):
 # ---------------------------------------------------------------------------------------------------
 def _bench_e2e(name: str):
     """A fresh copy of ``benchmarks/bench_e2e.py`` loaded as module ``name``."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_e2e.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("benchmarks/bench_e2e.py", name)
 
 
 def test_bench_e2e_tp_filters_are_checked(capsys):

@@ -1,12 +1,8 @@
 """benchmarks/diag/ncu_source_top.py on a hand-made Nsight Compute source table (no GPU, no ncu)."""
 
-import importlib.util
-import os
+from conftest import load_script
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "diag", "ncu_source_top.py")
-_spec = importlib.util.spec_from_file_location("ncu_source_top", _path)
-nst = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(nst)
+nst = load_script("benchmarks/diag/ncu_source_top.py", "ncu_source_top")
 
 CSV = '''==PROF== Connected to process 1
 "Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_barrier","stall_long_sb","stall_long_sb (Not Issued)"

@@ -37,7 +37,7 @@ from flash_llm.parallel import (ColumnParallelLinear, RowParallelLinear, ShardRe
                                 check_divisible, init_tensor_parallel, load_tensor_parallel, tensor_parallel_)
 from flash_llm.parallel.group import NCCL_ENV_DEFAULTS, nccl_env_defaults
 from flash_llm.prune import magnitude_prune_
-from conftest import TINY_VOCAB, expected_nbytes, max_abs_err, tiny_hf_model, ulp
+from conftest import TINY_VOCAB, expected_nbytes, load_script, max_abs_err, tiny_hf_model, ulp
 from tp_worker import NEW, PROMPTS, SYNTH, full_model, padded
 
 transformers = pytest.importorskip("transformers")
@@ -511,11 +511,7 @@ def test_dense_checkpoint_slices_compressed_while_loading(world1, tmp_path):
 
 
 def test_bench_tp_mode_at_world_size_one_reports_no_allreduce(world1, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_e2e_w1", os.path.join(ROOT, "benchmarks", "bench_e2e.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_e2e.py", "bench_e2e_w1")
     assert bench.main(["--tp", "1", "--device", "cpu", "--models", "tiny-llama", "--sparsities", "80", "--batches",
                        "2", "--prompt", "4", "--new", "3", "--repeats", "1", "--no-progress", "--out",
                        str(tmp_path)]) == 0

@@ -7,13 +7,13 @@ without CUDA."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import warnings
 
 import pytest
 import torch
+from conftest import load_script
 
 import flash_llm
 from flash_llm.engine import Engine
@@ -152,10 +152,7 @@ def test_synthetic_model_for_the_rank_runs_with_graphs(tp):
 
 
 def test_bench_e2e_tp_mode_on_one_gpu(tp, tmp_path):
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_e2e.py")
-    spec = importlib.util.spec_from_file_location("bench_e2e", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_e2e.py", "bench_e2e")
     argv = ["--tp", "1", "--models", "tiny-llama,tiny-opt", "--sparsities", "80", "--batches", "1,4", "--prompt",
             "8", "--new", "8", "--repeats", "1", "--no-progress", "--out", str(tmp_path)]
     assert bench.main(argv) == 0

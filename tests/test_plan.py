@@ -3,6 +3,7 @@
 import warnings
 
 import pytest
+from conftest import load_script
 
 from flash_llm import kernels
 from flash_llm.kernels import (BITMAP, BITMAP_WG_MIN_N, DELTA_ROWS, TCSL_WG32_MIN_DENSITY, TCSL_WG64_S2_MIN_DENSITY,
@@ -433,13 +434,10 @@ def test_fit_split_model_reproduces_the_fits(capsys):
     all of session 37's ``_wg64x2s2`` rows at 70 % and on 15 of session 36's 16 three-stage rows at 70 %, and the grid's
     best pair matches it there; on the 80 % sweeps launched as the engine does (sessions 20 and 37) the partial sums at
     0.1 (the model since session 38) pick the fastest on all 12 where 0.25 (before) missed two."""
-    import importlib.util
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("fit_split_model", root.parent / "benchmarks" / "fit_split_model.py")
-    fit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fit)
+    fit = load_script("benchmarks/fit_split_model.py", "fit_split_model")
     data = root / "data"
 
     best = fit.main([f"{data / 'splits_h200_s37_pdl_wg64.json'}:sp0.7", "--top", "1"])

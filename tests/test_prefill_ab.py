@@ -1,16 +1,12 @@
 """benchmarks/prefill_ab.py's settings (the tool itself needs a GPU)."""
 
-import importlib.util
-import os
 
 import pytest
+from conftest import load_script
 
 from flash_llm import kernels
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "prefill_ab.py")
-_spec = importlib.util.spec_from_file_location("prefill_ab", _path)
-prefill_ab = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prefill_ab)
+prefill_ab = load_script("benchmarks/prefill_ab.py", "prefill_ab")
 
 
 def test_settings_parse_names_and_literals():

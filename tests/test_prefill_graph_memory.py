@@ -1,13 +1,9 @@
 """benchmarks/diag/prefill_graph_memory.py's report of the allocator's pools, over a made-up snapshot (the tool itself
 needs a GPU)."""
 
-import importlib.util
-import os
+from conftest import load_script
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "diag", "prefill_graph_memory.py")
-_spec = importlib.util.spec_from_file_location("prefill_graph_memory", _path)
-pgm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pgm)
+pgm = load_script("benchmarks/diag/prefill_graph_memory.py", "prefill_graph_memory")
 
 MIB = 2 ** 20
 

@@ -1,15 +1,11 @@
 """benchmarks/profile_decode.py's critical-path attribution (the tool itself needs a GPU)."""
 
-import importlib.util
-import os
 
 import pytest
 import torch
+from conftest import load_script
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "profile_decode.py")
-_spec = importlib.util.spec_from_file_location("profile_decode", _path)
-profile_decode = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(profile_decode)
+profile_decode = load_script("benchmarks/profile_decode.py", "profile_decode")
 
 
 def _k(start, end):

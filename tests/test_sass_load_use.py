@@ -1,12 +1,8 @@
 """benchmarks/diag/sass_load_use.py's scan (session 70) on hand-written SASS: no GPU, no cuobjdump."""
 
-import importlib.util
-import os
+from conftest import load_script
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "diag", "sass_load_use.py")
-_spec = importlib.util.spec_from_file_location("sass_load_use", _path)
-slu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(slu)
+slu = load_script("benchmarks/diag/sass_load_use.py", "sass_load_use")
 
 SASS = """
         /*0100*/                   LDG.E.128.CONSTANT R4, desc[UR10][R10.64] ;           /* 0x0 */

@@ -1,14 +1,10 @@
 """benchmarks/sass_loop.py's parsing of cuobjdump output (the tool itself needs cuobjdump, absent in CI)."""
 
-import importlib.util
-import os
 
 import pytest
+from conftest import load_script
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sass_loop.py")
-_spec = importlib.util.spec_from_file_location("sass_loop", _path)
-sass_loop = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sass_loop)
+sass_loop = load_script("benchmarks/sass_loop.py", "sass_loop")
 
 SASS = """
         Function : other_kernel

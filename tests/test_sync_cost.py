@@ -1,14 +1,10 @@
 """benchmarks/sync_cost.py on the CPU: its kernels compile for sm_90 without warnings or spills, and without a GPU it
 says so and exits 1."""
 
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import sync_cost  # noqa: E402
+sync_cost = load_script("benchmarks/sync_cost.py", "sync_cost")  # (it puts benchmarks/ on sys.path itself)
 
 
 def test_sync_cost_kernels_compile_clean(tmp_path, monkeypatch):

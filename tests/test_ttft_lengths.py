@@ -1,19 +1,15 @@
 """benchmarks/ttft_lengths.py on the CPU: its prompt stream, and its three modes over a tiny model with a stand-in for
 the CUDA graph's capture (the tool itself times on a GPU)."""
 
-import importlib.util
-import os
 
 import pytest
+from conftest import load_script
 
 from flash_llm.engine import _PrefillGraph
 from flash_llm.models import preset
 from flash_llm.models.synthetic import build_synthetic
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "ttft_lengths.py")
-_spec = importlib.util.spec_from_file_location("ttft_lengths", _path)
-ttft_lengths = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ttft_lengths)
+ttft_lengths = load_script("benchmarks/ttft_lengths.py", "ttft_lengths")
 
 
 def test_lengths_parse_and_refuse():

@@ -2,18 +2,14 @@
 shrinking batch only where asked)."""
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import torch
+from conftest import load_script
 
 from flash_llm.engine import Engine
 from flash_llm.models.synthetic import build_synthetic
 
-_path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "uneven_rows.py")
-_spec = importlib.util.spec_from_file_location("uneven_rows", _path)
-uneven_rows = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(uneven_rows)
+uneven_rows = load_script("benchmarks/uneven_rows.py", "uneven_rows")
 
 
 def test_limits_are_seeded_and_in_range():
