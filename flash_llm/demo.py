@@ -321,7 +321,8 @@ LOAD_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, OSError, Impor
 def default_dtype(device: torch.device, model: str | None) -> str:
     """The main demo's value dtype when ``--dtype`` is not given: float16, but bfloat16 for a bundled model on a CPU,
     where PyTorch's float16 matmuls have no fast kernel (2 cores with native bf16 matmuls: the bundled model's demo
-    59 s in float16, 19 s in bfloat16; on 2 AVX2-only cores, where both are emulated, about 2 minutes either way).
+    59 s in float16, 19 s in bfloat16; on 2 AVX2-only cores, where both are emulated, about 2 minutes either way
+    until session 78, about 50 s since the evaluations compute their linears in fp32, :func:`reference_linears`).
     A checkpoint directory keeps float16 everywhere: its compressed layers may hold float16 values, which load in no
     other dtype."""
     return "bfloat16" if device.type != "cuda" and (model is None or model in bundled.NAMES) else "float16"
