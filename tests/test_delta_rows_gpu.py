@@ -229,7 +229,7 @@ def test_delta_rows_parts_epilogues_match_the_split_layout(dtype, stage, monkeyp
     gen = torch.Generator(device="cuda").manual_seed(21)
     m, kk = 512, 4096
     w_dense = sparse_weight(m, kk, 0.2, dtype, gen)
-    g = (torch.rand(kk, generator=gen, device="cuda") + 0.5).to(dtype)
+    g = (torch.rand(kk, generator=gen, device="cuda") * 0.5 + 0.5).to(dtype)  # <= 1: fused in fp16 too
     b = torch.randn(kk, generator=gen, device="cuda").to(dtype)
     bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
     xn = (3 * torch.randn(1, kk, generator=gen, device="cuda") + 5).to(dtype)  # (normed: the shifted statistics)
@@ -346,7 +346,7 @@ def test_delta_rows_norm_and_silu_inside_the_kernel(dtype, k_in, splits):
     assert paired.paired and not plain.paired
     if splits == 1 and k_in == 2048:
         assert D.WINDOW_MAX >= D.block_window_max(plain._offset_arrays()[1]) > 1536
-    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    g = (torch.rand(k_in, generator=gen, device="cuda") * 0.5 + 0.5).to(dtype)  # <= 1: fused in fp16 too
     fid = FORMAT_IDS[DeltaRows]
     for n in (1, 2):
         x = (3 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
@@ -394,7 +394,7 @@ def test_delta_rows_two_token_rms_norm_inside_the_parts_kernel(dtype, parts, mon
     launched = record_launches(k, monkeypatch)
     for m, kk in ((256, 4096), (128, 1032)):
         w_dense = _magnitude_pruned(m, kk, 0.2, gen).to(dtype)
-        g = (torch.rand(kk, generator=gen, device="cuda") + 0.5).to(dtype)
+        g = (torch.rand(kk, generator=gen, device="cuda") * 0.5 + 0.5).to(dtype)  # <= 1: fused in fp16 too
         for pair in (False, True):
             w = DeltaRows.from_dense(w_dense, parts=parts, pair_halves=pair)
             for wt in [w] + ([w.code_values()] if dtype == torch.bfloat16 else []):

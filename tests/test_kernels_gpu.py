@@ -175,7 +175,7 @@ def test_norm_and_residual_around_the_n1_kernel(dtype, k_in, one_launch, monkeyp
     m = 256
     w_dense = sparse_weight(m, k_in, 0.2, dtype, gen)
     w = flash_llm.TiledCSL.from_dense(w_dense)
-    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    g = (torch.rand(k_in, generator=gen, device="cuda") * 0.5 + 0.5).to(dtype)  # <= 1: fused in fp16 too
     launched = record_launches(k, monkeypatch)
     for n in (1, 2):
         x = (3 * torch.randn(n, k_in, generator=gen, device="cuda")).to(dtype)
@@ -273,7 +273,7 @@ def test_n1_even_splits(dtype, monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(43)
     m, k_in = 1024, 4096
     w = flash_llm.TiledCSL.from_dense(sparse_weight(m, k_in, 0.2, dtype, gen))
-    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    g = (torch.rand(k_in, generator=gen, device="cuda") * 0.5 + 0.5).to(dtype)  # <= 1: fused in fp16 too
     x = torch.randn(1, k_in, generator=gen, device="cuda").to(dtype)
 
     def run():
@@ -305,7 +305,7 @@ def test_n1_one_launch_agrees_with_two(dtype, monkeypatch):
     w = flash_llm.TiledCSL.from_dense(sparse_weight(m, k_in, 0.2, dtype, gen))
     w2 = flash_llm.TiledCSL.from_dense(sparse_weight(k_in, m // 2, 0.2, dtype, gen))  # back to k_in: the residual
     bias = torch.randn(m, generator=gen, device="cuda").to(dtype)
-    g = (torch.rand(k_in, generator=gen, device="cuda") + 0.5).to(dtype)
+    g = (torch.rand(k_in, generator=gen, device="cuda") * 0.5 + 0.5).to(dtype)  # <= 1: fused in fp16 too
     src = torch.randn(1, k_in, generator=gen, device="cuda").to(dtype)
 
     def chain(splits):

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..formats._layout import STRIP_K, STRIP_M, ceil_div
 from ..reference import apply_norm, silu_mul_halves
@@ -1268,6 +1269,38 @@ def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
     return r if out is None else out.copy_(r)
 
 
+#: fp16 RMSNorm weights checked by :func:`rms_fusable`: weight -> (its version counter then, fusable)
+_RMS_FP16_CHECKED = WeakIdKeyDictionary()
+
+
+def rms_fusable(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether an RMSNorm of weight ``weight [K]`` may run inside the kernels for ``dtype`` values.
+
+    Inside, the kernels multiply X's columns by the weight first, rounded to the dtype once, and the token's factor
+    ``rsqrt(mean(x^2) + eps)`` multiplies the sums last (``spmm_cuda``).  In fp16 that product overflows where
+    ``|x g| > 65504``, though the normalized product the reference rounds is finite (session 78's fuzzer:
+    Tiled-CSL's ``_n1rs`` returned inf for -15.3).  No finite fp16 ``x`` can overflow it while every ``|g| <= 1``, so
+    only such weights are fused in fp16; others run the norm as a separate operation (the reference's rounding
+    steps).  bf16 shares fp32's range: there the product overflows only where ``x^2`` does, and the reference's
+    norm with it.  The check reads ``weight`` once (a device sync) and is kept per tensor and version counter; inside
+    a CUDA-graph capture an unchecked weight is not fused (the engine's warm-up steps before each capture check its
+    norms)."""
+    if dtype != torch.float16:
+        return True
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor counts no versions: checked once
+        version = None
+    seen = _RMS_FP16_CHECKED.get(weight)
+    if seen is not None and seen[0] == version:
+        return seen[1]
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # (no sync inside a capture: the separate norm is exact)
+    ok = weight.numel() == 0 or bool(weight.detach().abs().amax() <= 1)
+    _RMS_FP16_CHECKED[weight] = (version, ok)
+    return ok
+
+
 def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
               bias: torch.Tensor | None, splits: int | None = None, force_sparse: bool = False,
               out: torch.Tensor | None = None, ways: int | None = None, act: str | None = None,
@@ -1290,7 +1323,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
       staging it, rounded to the dtype as the separate LayerNorm would).  RMSNorm fused (Tiled-CSL at N = 1 with
       split-K): ``x``'s columns are scaled by ``weight`` in the spmm and the token's factor ``rsqrt(mean(x^2) +
       eps)`` (its sum of squares taken by the spmm, per split) multiplies the sums in the reduction: the same to
-      rounding, not bit for bit.
+      rounding, not bit for bit; in fp16 only for a weight within [-1, 1] (:func:`rms_fusable`).
     - ``add_to`` (``[N, m]``, contiguous, the dtype of ``x``): the product (+ bias), rounded, is added into it in
       place (the residual add of a layer); ``add_to`` is returned.  Not with ``act``, ``norm`` or ``out``.
     """
@@ -1316,6 +1349,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
             raise ValueError(f"{what} must be a contiguous {x.dtype} tensor of shape {(x.shape[0], cols)} on "
                              f"{x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
                              f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+    if norm is not None and len(norm) == 2 and not rms_fusable(norm[0], x.dtype):
+        return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
     if fmt == DELTA_ROWS:
         return _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to)
     n = x.shape[0]

@@ -2094,7 +2094,11 @@ DEVI void dr_ln_stats(const float* s1, const float* s2, float c0, int K, float e
   }
   const float md = t1 * __fdividef(1.f, (float)K);
   mu = c0 + md;
-  rstd = rsqrtf(fmaxf(t2 * __fdividef(1.f, (float)K) - md * md, 0.f) + eps);
+  // var NaN: the sums overflowed fp32 (inf - inf; bf16 deviations beyond about 1.8e19): the variance is infinite and
+  // 1 / std 0, as PyTorch's fp32 LayerNorm (the reference) has it; fmaxf(NaN, 0) would have taken 0 and scaled the
+  // huge deviations by rsqrt(eps) (fuzz_spmm, session 78: 1.35e32 where the reference gives the bias)
+  const float var = t2 * __fdividef(1.f, (float)K) - md * md;
+  rstd = rsqrtf((isnan(var) ? __int_as_float(0x7f800000) : fmaxf(var, 0.f)) + eps);
 }
 
 // two sums over the warp's lanes (every lane the same), posted by lane 0 at s1[warp], s2[warp]

@@ -1,0 +1,107 @@
+"""Fixes from session 78's fuzzer run on an H100 (benchmarks/fuzz_spmm.py, ``--max-elems 1048576``, seed 78002):
+
+- fp16 RMSNorm inside the kernels multiplied X by the norm's weight before the token's factor, rounded to fp16:
+  ``|x g| > 65504`` overflowed to inf where the reference's normalized product is finite (Tiled-CSL ``_n1rs``, seed
+  83594243893919: inf for -15.29).  Now fp16 norms are fused only for weights within [-1, 1]
+  (``kernels.rms_fusable``), others run the norm separately.
+- LayerNorm inside DeltaRows' N = 1 kernel: bf16 deviations beyond ~1.8e19 overflowed its fp32 sums to a NaN
+  variance, which ``fmaxf`` turned into 0, scaling the deviations by ``rsqrt(eps)`` (seed 170972838936607: 1.35e32
+  where the reference gives the bias).  Now the variance is infinite there, as in PyTorch's fp32 LayerNorm.
+
+The CPU tests check the dispatch; the GPU tests (skipped without one) the kernels' results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flash_llm import kernels, ops
+from flash_llm.formats import DeltaRows, TiledCSL
+from flash_llm.reference import layer_norm, rms_norm
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ---- which fp16 RMSNorm weights the kernels take inside (CPU) ------------------------------------------------------
+@pytest.mark.parametrize("top, dtype, fused", [
+    (1.0, torch.float16, True), (-1.0, torch.float16, True), (1.001, torch.float16, False),
+    (-3.0, torch.float16, False), (50.0, torch.bfloat16, True),
+])
+def test_rms_fusable_by_the_weights_largest_magnitude(top, dtype, fused):
+    w = torch.rand(64).to(dtype)
+    w[17] = top
+    assert kernels.rms_fusable(w, dtype) is fused
+
+
+def test_rms_fusable_checks_again_after_an_in_place_change():
+    w = torch.full((32,), 0.5, dtype=torch.float16)
+    assert kernels.rms_fusable(w, torch.float16)
+    w[3] = 2.0  # a new version of the same tensor
+    assert not kernels.rms_fusable(w, torch.float16)
+    w.fill_(0.25)
+    assert kernels.rms_fusable(w, torch.float16)
+    assert kernels.rms_fusable(torch.empty(0, dtype=torch.float16), torch.float16)
+
+
+@pytest.mark.parametrize("dtype, top, norm_len, path", [
+    (torch.float16, 1.5, 2, "unfused"),
+    (torch.float16, 0.75, 2, "kernel"),
+    (torch.bfloat16, 1.5, 2, "kernel"),
+    (torch.float16, 1.5, 3, "kernel"),  # LayerNorm normalizes before the weight: no overflow to avoid
+])
+def test_spmm_cuda_runs_an_overflowing_fp16_rms_norm_separately(monkeypatch, dtype, top, norm_len, path):
+    monkeypatch.setattr(kernels, "_unfused", lambda *a: "unfused")
+    monkeypatch.setattr(kernels, "_delta_rows_cuda", lambda *a: "kernel")
+    k, m = 16, 8
+    g = torch.full((k,), top, dtype=dtype)
+    norm = (g, 1e-5) if norm_len == 2 else (g, None, 1e-5)
+    x = torch.randn(1, k).to(dtype)
+    assert kernels.spmm_cuda(x, None, None, kernels.DELTA_ROWS, m, k, None, norm=norm) == path
+
+
+# ---- the kernels (GPU) -----------------------------------------------------------------------------------------------
+def _want(x, w_dense, bias=None):
+    y = x.double() @ w_dense.double().t()
+    return y if bias is None else y + bias.double()
+
+
+@cuda
+@pytest.mark.parametrize("fmt, n, parts", [("TiledCSL", 1, None), ("DeltaRows", 1, None), ("DeltaRows", 1, 1),
+                                           ("DeltaRows", 2, None)])
+def test_fp16_rms_norm_with_large_weights_stays_finite(fmt, n, parts):
+    torch.manual_seed(0)
+    dev, dtype, k, m = torch.device("cuda"), torch.float16, 1024, 256
+    w_dense = (torch.randn(m, k) * (torch.rand(m, k) < 0.3)).to(dtype)
+    w = TiledCSL.from_dense(w_dense.to(dev)) if fmt == "TiledCSL" else \
+        DeltaRows.from_dense(w_dense.to(dev), **({} if parts is None else {"parts": parts}))
+    g = (1 + 0.5 * torch.randn(k)).to(dtype)
+    g[0] = 1.9  # the case's largest weight: 6e4 x 1.9 is past fp16's 65504
+    x = torch.randn(n, k)
+    x[:, ::97] = 6.0e4 * torch.sign(torch.randn(n, len(range(0, k, 97))))
+    x = x.to(dtype)
+    for _ in range(2):  # the second call takes the cached check
+        out = torch.full((n, m), float("nan"), dtype=dtype, device=dev)
+        out.copy_(ops.spmm_rms_norm(x.to(dev), g.to(dev), 1e-6, w))
+        assert torch.isfinite(out).all()
+        xn = rms_norm(x, g, 1e-6)  # the reference's rounding steps, then the exact product
+        want = _want(xn, w_dense)
+        theirs = torch.nn.functional.linear(xn.to(dev), w_dense.to(dev)).double().cpu()
+        tol = 2 * (theirs - want).abs().amax() + 1e-3 * want.abs().amax()
+        assert (out.double().cpu() - want).abs().amax() <= tol
+
+
+@cuda
+def test_bf16_layer_norm_of_overflowing_deviations_as_pytorch():
+    torch.manual_seed(1)
+    dev, dtype, k, m = torch.device("cuda"), torch.bfloat16, 123, 512
+    w_dense = (torch.randn(m, k) * (torch.rand(m, k) < 0.5)).to(dtype)
+    w = DeltaRows.from_dense(w_dense.to(dev))
+    g = (1 + 0.5 * torch.randn(k)).to(dtype)
+    bias = torch.randn(m).to(dtype)
+    x = torch.randn(1, k)
+    x[0, 5], x[0, 77] = 1e30, -1e30
+    x = x.to(dtype)
+    out = ops.spmm_layer_norm(x.to(dev), g.to(dev), None, 1e-3, w, bias.to(dev)).cpu()
+    xn = layer_norm(x, g, None, 1e-3)  # PyTorch's fp32 LayerNorm: infinite variance, zeros
+    assert torch.equal(xn, torch.zeros_like(xn))
+    assert torch.equal(out, bias.view(1, m))  # 0 @ W^T + bias
