@@ -105,3 +105,19 @@ def test_bf16_layer_norm_of_overflowing_deviations_as_pytorch():
     xn = layer_norm(x, g, None, 1e-3)  # PyTorch's fp32 LayerNorm: infinite variance, zeros
     assert torch.equal(xn, torch.zeros_like(xn))
     assert torch.equal(out, bias.view(1, m))  # 0 @ W^T + bias
+
+
+def test_the_llama_layer_keeps_overflowing_fp16_norms_out_of_the_kernels():
+    """The decode engine's one-token Llama layer (norms inside the projections) runs only where the kernels take both
+    norms' weights; an fp16 weight above 1 sends the layer to forward_deferred (compiled norms), not to spmm_cuda's
+    eager separate norm."""
+    from types import SimpleNamespace
+
+    from flash_llm.models import llama
+
+    small, large = torch.full((8,), 0.5, dtype=torch.float16), torch.full((8,), 1.25, dtype=torch.float16)
+    on_gpu = SimpleNamespace(is_cuda=True, dtype=torch.float16)  # (what _norms_fuse reads of x)
+    assert llama._norms_fuse((small, small), on_gpu)
+    assert not llama._norms_fuse((small, large), on_gpu)
+    assert llama._norms_fuse((large.bfloat16(), large.bfloat16()), SimpleNamespace(is_cuda=True, dtype=torch.bfloat16))
+    assert llama._norms_fuse((large, large), torch.zeros(1, 1, 8, dtype=torch.float16))  # the CPU: the reference

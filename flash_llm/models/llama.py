@@ -219,7 +219,8 @@ class LlamaDecoderLayer(nn.Module):
         of 2 sequences, ``x [2, 1, H]``, with :data:`flash_llm.kernels.DR_NT_NORM`),
         :data:`FUSE_NORMS`, no autograd, q / k / v and gate / up merged, all four sparse without bias and both norms'
         weights in ``x``'s dtype, SiLU, and on CUDA the kernels able to do the elementwise work (:func:`_kernels_fuse`:
-        Tiled-CSL with split-K); else None (the layer then runs :meth:`forward_deferred`)."""
+        Tiled-CSL with split-K) and to take both norms' weights (:func:`_norms_fuse`: in fp16 within [-1, 1]); else
+        None (the layer then runs :meth:`forward_deferred`)."""
         if not FUSE_NORMS or x.shape[1] != 1 or x.shape[0] > _one_token_batch() or torch.is_grad_enabled() \
                 or self.mlp.act is not F.silu:
             return None
@@ -229,7 +230,7 @@ class LlamaDecoderLayer(nn.Module):
         a = self.self_attn
         layers = (sparse_layer(a, "qkv_proj") if a.qkv_proj is not None else None, sparse_layer(a, "o_proj"),
                   sparse_gate_up(self.mlp), sparse_layer(self.mlp, "down_proj"))
-        if any(p is None or p.weight_dtype != x.dtype for p in layers):
+        if any(p is None or p.weight_dtype != x.dtype for p in layers) or not _norms_fuse(norms, x):
             return None
         return layers if _kernels_fuse(layers, x) else None
 
@@ -258,6 +259,19 @@ def _one_token_batch() -> int:
     from .. import kernels
 
     return 2 if kernels.DR_NT_NORM else 1
+
+
+def _norms_fuse(norms: tuple, x: torch.Tensor) -> bool:
+    """Whether the kernels take these RMSNorm weights inside for ``x``'s dtype (:func:`flash_llm.kernels.rms_fusable`:
+    in fp16 only weights within [-1, 1], since ``x g`` is rounded to fp16 there before the token's factor).  Where
+    they do not, ``spmm_cuda`` would run each norm as separate eager operations (8 kernels), slower than
+    ``forward_deferred``'s compiled norms, so the layer runs that instead.  The CPU runs the reference either way:
+    True."""
+    if not x.is_cuda:
+        return True
+    from .. import kernels
+
+    return all(kernels.rms_fusable(w, x.dtype) for w in norms)
 
 
 def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
