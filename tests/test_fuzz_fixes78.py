@@ -12,6 +12,8 @@ The CPU tests check the dispatch; the GPU tests (skipped without one) the kernel
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -121,3 +123,44 @@ def test_the_llama_layer_keeps_overflowing_fp16_norms_out_of_the_kernels():
     assert not llama._norms_fuse((small, large), on_gpu)
     assert llama._norms_fuse((large.bfloat16(), large.bfloat16()), SimpleNamespace(is_cuda=True, dtype=torch.bfloat16))
     assert llama._norms_fuse((large, large), torch.zeros(1, 1, 8, dtype=torch.float16))  # the CPU: the reference
+
+
+@cuda
+@pytest.mark.parametrize("top, fused", [(0.75, True), (1.5, False)])
+def test_fp16_engine_takes_norms_inside_only_where_they_cannot_overflow(top, fused, monkeypatch):
+    """An fp16 Tiled-CSL Llama at batch 1, fused and merged: with norm weights within [-1, 1] the norms run inside the
+    projections (the n1rs kernels launched); with a weight above 1 every layer runs forward_deferred instead, the
+    same logits, bit for bit, as the engine with FLASH_LLM_FUSE_NORMS off."""
+    pytest.importorskip("transformers")
+    from test_engine_gpu import _hf, _ours, _prompts
+    from test_kernels_gpu import record_launches
+
+    import flash_llm
+    from flash_llm.engine import Engine
+    from flash_llm.models import llama
+    from flash_llm.prune import magnitude_prune_
+
+    hm = _hf("llama").cuda()
+    with torch.no_grad():
+        for name, p in hm.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.uniform_(0.5, top)  # (top itself within a few ulps: the largest weight about top)
+
+    def sparse_model():
+        m = _ours(hm, torch.float16)
+        magnitude_prune_(m, 0.8, filter_fn=lambda mod, fqn: fqn != "lm_head")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (lm_head kept dense)
+            flash_llm.sparsify_(m, flash_llm.SparsifyConfig(format="tiled-csl"))
+        return m
+
+    prompts = _prompts(1, 3)
+    launched = record_launches(kernels, monkeypatch)
+    got = Engine(sparse_model(), max_batch=1, max_seq=96, fuse=True, merge=True, formats="keep").generate(
+        prompts, 8, output_logits=True)
+    assert any(n.endswith(("_n1s", "_n1rs")) for n in launched) == fused, sorted(set(launched))
+    if not fused:
+        monkeypatch.setattr(llama, "FUSE_NORMS", False)
+        deferred = Engine(sparse_model(), max_batch=1, max_seq=96, fuse=True, merge=True, formats="keep").generate(
+            prompts, 8, output_logits=True)
+        assert torch.equal(got.logits, deferred.logits)
