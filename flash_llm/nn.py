@@ -70,6 +70,15 @@ def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def _delta_rows_too_wide(k: int, what: str, fmt_arg: str) -> str | None:
+    """Why DeltaRows (16-bit columns) cannot hold ``k`` columns, in the caller's words (``what`` names them, ``fmt_arg``
+    its format argument; the format's own message says ``w`` / ``K``), or None where it can."""
+    if k < _DELTA_ROWS_MAX_K:
+        return None
+    return (f"{what} {k} >= {_DELTA_ROWS_MAX_K}: DeltaRows stores 16-bit columns (use {fmt_arg}='bitmap' or "
+            "'tiled-csl' for it)")
+
+
 class LossyCastError(ValueError):
     """A cast to fp16 / bf16 would change a weight or bias beyond rounding: finite values overflow to inf, or
     nonzeros flush to zero (:func:`cast_loss`).  :class:`SparseLinear` refuses such a cast and :func:`sparsify_`
@@ -80,9 +89,10 @@ def cast_loss(src: torch.Tensor, dst: torch.Tensor) -> str | None:
     """What ``dst``, the cast of ``src`` (the same shape), lost beyond rounding, or None: finite values that became
     inf (overflow: fp16 holds at most 65504) and nonzeros that became zero (underflow: below half of fp16's smallest
     subnormal, about 6e-8, or of bf16's, about 9e-41).  Counted ``COUNT_CHUNK`` elements at a time, zeros by bits
-    (as :func:`~flash_llm.formats._base.count_nonzero`)."""
+    (as :func:`~flash_llm.formats._base.count_nonzero`).  None where either is on the meta device: it holds no values,
+    so none can be lost (a meta tensor, as ``nn.Linear(device="meta")`` makes, casts by its dtype alone)."""
     a, b = src.detach().reshape(-1), dst.detach().reshape(-1)
-    if a.dtype == b.dtype or not a.dtype.is_floating_point:
+    if a.dtype == b.dtype or not a.dtype.is_floating_point or a.is_meta or b.is_meta:
         return None
     over = torch.zeros((), dtype=torch.int64, device=a.device)
     under = torch.zeros((), dtype=torch.int64, device=a.device)
@@ -98,7 +108,7 @@ def cast_loss(src: torch.Tensor, dst: torch.Tensor) -> str | None:
 
 def _exact_bias(bias: torch.Tensor, dtype: torch.dtype, name: str, copy: bool = True) -> torch.Tensor:
     """``bias`` in ``dtype`` (a copy unless ``copy`` is False), refusing (:class:`LossyCastError`, naming ``name``) a
-    cast that is not exact to rounding."""
+    cast that is not exact to rounding.  A meta ``bias`` (no values to check: :func:`cast_loss`) is cast as it is."""
     cast = bias.detach().to(dtype, copy=copy)
     loss = cast_loss(bias, cast)
     if loss is not None:
@@ -142,13 +152,18 @@ class SparseLinear(nn.Module):
     leaves normal tensors (the layer still runs with autograd); loading values into a ``meta`` layer without
     ``assign=True`` loads none (a ``UserWarning`` says so); a checkpoint whose arrays are on ``meta`` loads
     only into a ``meta`` layer or with ``assign=True``, and elsewhere is an error naming the keys.  The bias
-    ends in the weight's dtype either way (``assign=True`` casts a checkpoint bias of another dtype).
+    ends in the weight's dtype either way (``assign=True`` casts a checkpoint bias of another dtype); a bias cast
+    that is not exact to rounding (the checkpoint's, or with ``strict=False`` and no bias in it the layer's own,
+    into the loaded weight's dtype: values overflowing to inf, nonzeros flushed to zero) is an error naming the
+    key (:class:`LossyCastError`'s message) and loads nothing into the layer.
 
     Args:
         weight: the compressed weight ``[out_features, in_features]``
             (:class:`~flash_llm.BitmapTiles` or :class:`~flash_llm.TiledCSL`).
         bias: optional ``[out_features]`` floating tensor on the weight's device; cast to the
-            weight's dtype.
+            weight's dtype, a cast not exact to rounding refused (:class:`LossyCastError`).  On the ``meta``
+            device there are no values to check (or lose): a meta bias of another dtype (an fp32 one, as
+            ``nn.Linear(device="meta")`` makes) is cast by its dtype alone.
     """
 
     weight_data: torch.Tensor
@@ -191,7 +206,8 @@ class SparseLinear(nn.Module):
         floating dtype) into format ``fmt`` (``"bitmap"`` or ``"tiled-csl"``), on its device.  The
         bias is copied (cast to the weight's dtype); the layer shares no memory with the inputs.  A cast that is not
         exact to rounding (a finite value overflowing to inf, a nonzero flushed to zero) raises a ValueError
-        (:class:`LossyCastError`) naming ``weight`` or ``bias``.  Built outside inference
+        (:class:`LossyCastError`) naming ``weight`` or ``bias``; ``fmt="delta-rows"`` with ``in_features`` of 65536
+        or more a ValueError naming ``weight`` (16-bit columns).  Built outside inference
         mode (under ``torch.inference_mode()`` too), so the layer runs with autograd afterwards."""
         return cls._from_dense(weight, bias, fmt, dtype, "weight", "bias")
 
@@ -201,6 +217,9 @@ class SparseLinear(nn.Module):
         cls_ = _format_class(fmt)
         with torch.inference_mode(False):  # normal tensors, as a load_state_dict under inference mode leaves
             w = _exact_dense_weight(weight.detach() if isinstance(weight, torch.Tensor) else weight, dtype, name)
+            if cls_ is DeltaRows and (why := _delta_rows_too_wide(w.shape[1], f"in_features ({name}.shape[1])",
+                                                                  "fmt")) is not None:
+                raise ValueError(why)
             w = cls_.from_dense(w)
             if isinstance(bias, torch.Tensor) and bias.dtype.is_floating_point:  # others: __init__ says why not
                 bias = _exact_bias(bias, w.dtype, bias_name)
@@ -220,14 +239,18 @@ class SparseLinear(nn.Module):
         """An all-zero layer (nnz 0, zero bias): a shell to ``load_state_dict`` a checkpoint into.
 
         Built without a dense matrix, so cheap for any shape; ``device="meta"`` allocates nothing
-        (load with ``assign=True`` then).
+        (load with ``assign=True`` then).  ``fmt="delta-rows"`` needs ``in_features`` below 65536 (16-bit columns;
+        else ValueError naming ``in_features``).
         """
         if dtype not in VALUE_DTYPES:
             raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        w = _format_class(fmt).zeros(out_features, in_features, dtype, device or "cpu")
+        cls_ = _format_class(fmt)
+        if cls_ is DeltaRows and (why := _delta_rows_too_wide(in_features, "in_features", "fmt")) is not None:
+            raise ValueError(why)
+        w = cls_.zeros(out_features, in_features, dtype, device or "cpu")
         return cls(w, torch.zeros(out_features, dtype=dtype, device=w.device) if bias else None)
 
     # ---- the weight ----------------------------------------------------------------------------
@@ -348,8 +371,10 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # All or nothing per layer: the arrays are validated together with the metadata, and unless they
-        # load, the bias is not loaded either.  The arrays are popped so nn.Module's loader (bias, extra
-        # state, hooks, unexpected keys) does not size-check them: another nnz means other sizes.
+        # load, the bias is not loaded either; nor is anything where a bias cast the load makes (the checkpoint's
+        # bias, or the layer's own kept, into the loaded dtype) is not exact to rounding.  The arrays are popped
+        # so nn.Module's loader (bias, extra state, hooks, unexpected keys) does not size-check them: another nnz
+        # means other sizes.
         # The tensors this makes (copies, casts) are made outside inference mode: a load under
         # torch.inference_mode() leaves normal tensors, as nn.Module's in-place copies do, so the layer still
         # runs with autograd after it.
@@ -357,14 +382,23 @@ class SparseLinear(nn.Module):
         arrays = {n: state_dict.pop(k) for n, k in keys.items() if k in state_dict}
         popped = [keys[n] for n in arrays]
         assign = local_metadata.get("assign_to_params_buffers", False)
+        bias_key = prefix + "bias"
+        w = None
         if arrays:
             with torch.inference_mode(False):
                 w = self._checked_weight(arrays, state_dict.get(prefix + "_extra_state"), prefix, assign,
                                          error_msgs) if len(arrays) == len(keys) else None
-            b = state_dict.get(prefix + "bias")
-            bias_fits = self.bias is None or b is None or (isinstance(b, torch.Tensor)
-                                                           and tuple(b.shape) == (self.out_features,))
-            if w is not None and bias_fits:  # a misfit bias is reported by nn.Module's loader
+        b = state_dict.get(bias_key)
+        bias_fits = self.bias is None or b is None or (isinstance(b, torch.Tensor)
+                                                       and tuple(b.shape) == (self.out_features,))
+        lossy = None  # a bias cast this load would make that is not exact: then nothing loads
+        if bias_fits and (w is not None or not arrays):  # (a misfit bias is reported by nn.Module's loader)
+            lossy = self._bias_cast_error(state_dict, prefix, self.weight_dtype if w is None else w.dtype)
+            if lossy is not None:
+                error_msgs.append(lossy)
+                w = None
+        if arrays or lossy is not None:
+            if w is not None and bias_fits:
                 device = self.weight_data.device
                 if device.type == "meta" and w.device.type != "meta" and not assign:  # (as nn.Module warns)
                     warnings.warn(f"for {', '.join(popped)}: copying from non-meta arrays in the checkpoint to a "
@@ -376,20 +410,39 @@ class SparseLinear(nn.Module):
                         self._buffers["weight_" + n] = t if assign else t.to(device, copy=True)
                     if self.bias is not None and self.bias.dtype != w.dtype:  # the loader copies into it, if given
                         # (the old bias cast, not an empty tensor: a state dict without the bias, strict=False,
-                        # keeps it)
+                        # keeps it; exact to rounding, _bias_cast_error checked it)
                         self._buffers["bias"] = self.bias.detach().to(w.dtype)
                 self.weight_format, self.weight_dtype, self._nnz = type(w), w.dtype, w.nnz
-            elif w is None and prefix + "bias" in state_dict:
-                state_dict.pop(prefix + "bias")
-                popped.append(prefix + "bias")
+            elif w is None and bias_key in state_dict:
+                state_dict.pop(bias_key)
+                popped.append(bias_key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self.bias is not None and self.bias.dtype != self.weight_dtype:  # assign=True takes the checkpoint's as is
+            # (exact to rounding: _bias_cast_error checked it)
             with torch.inference_mode(False):
                 self._buffers["bias"] = self.bias.detach().to(self.weight_dtype)
         for k in popped:  # present in the checkpoint, so not missing (errors, if any, are in error_msgs)
             if k in missing_keys:
                 missing_keys.remove(k)
+
+    def _bias_cast_error(self, state_dict, prefix: str, dtype: torch.dtype) -> str | None:
+        """Why a load leaving this layer in ``dtype`` would change its bias beyond rounding (the
+        :class:`LossyCastError` message of :func:`_exact_bias`, naming the key), or None.  The bias cast is the
+        checkpoint's (copied into the layer's buffer, or assigned and cast), or where the state dict has none
+        (``strict=False``) the layer's own, which it keeps in ``dtype``."""
+        key = prefix + "bias"
+        if self.bias is None:  # (a checkpoint bias is then an unexpected key: nn.Module's loader says so)
+            return None
+        b, name = ((state_dict[key], key) if key in state_dict
+                   else (self.bias, f"{key} (this layer's own, kept: the state dict has none)"))
+        if not isinstance(b, torch.Tensor) or tuple(b.shape) != (self.out_features,):
+            return None  # (nn.Module's loader reports a misfit)
+        try:
+            _exact_bias(b, dtype, name, copy=False)
+        except LossyCastError as e:
+            return f"{e}; nothing was loaded into this layer"
+        return None
 
     def _checked_weight(self, arrays, meta, prefix, assign, error_msgs) -> SparseFormat | None:
         """The checkpoint's weight, fully validated, or None with the reason in ``error_msgs``.  Arrays on the meta
@@ -630,9 +683,8 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
         return f"bias is on {b.device} but weight is on {w.device}; move the layer to one device first"
     if w.numel() >= 2**31:
         return f"weight {tuple(w.shape)} has 2^31 or more elements; the formats index it with int32"
-    if fmt_cls is DeltaRows and w.shape[1] >= _DELTA_ROWS_MAX_K:
-        return (f"in_features {w.shape[1]} >= {_DELTA_ROWS_MAX_K}: DeltaRows stores 16-bit columns "
-                "(use format='bitmap' or 'tiled-csl' for it)")
+    if fmt_cls is DeltaRows and (why := _delta_rows_too_wide(w.shape[1], "in_features", "format")) is not None:
+        return why
     for name, t in (("weight", w), ("bias", module.bias)):
         others = [n for n in sharing.get(_storage_key(t), ()) if n != f"{fqn}.{name}"] if t is not None else []
         if others:

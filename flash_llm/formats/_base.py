@@ -251,7 +251,9 @@ class SparseFormat:
         first (headers, tables); ``walks``: ranges each read from start to end by one block or warp, side by side,
         so the first part of each is what the kernel wants first.  Here (records numbered row-major, ``offsets``
         their starts in units of ``_UNIT_WORDS`` words): ``offsets`` is the head, each record row's run of ``data``
-        a walk (a block walks a row's records along K; reads ``offsets`` to the host)."""
+        a walk (a block walks a row's records along K; reads ``offsets`` to the host).  On the meta device: ValueError
+        (no values to read)."""
+        self._needs_values("l2_streams")
         kt = self.grid[1]
         rows = (self.offsets[::kt].to(torch.int64) * (4 * self._UNIT_WORDS)).tolist()  # each row's first byte, the end
         walks = [(self.data, a, b) for a, b in zip(rows[:-1], rows[1:]) if b > a]
@@ -263,7 +265,8 @@ class SparseFormat:
 
         Only the device changes: the dtype is fixed at compression (the int32 arrays hold fp16 / bf16 bit patterns).
         A ``dtype`` (positional or ``dtype=``) other than :attr:`dtype` raises TypeError; re-compress instead:
-        ``type(w).from_dense(w.to_dense(), dtype=...)``."""
+        ``type(w).from_dense(w.to_dense(), dtype=...)``.  A weight on the meta device (shapes only) moves to no other
+        device: ValueError (no values to copy; load its arrays there instead)."""
         if isinstance(device, torch.dtype):  # w.to(torch.bfloat16), as Tensor.to(dtype)
             device, dtype = None, device
         if dtype is not None and dtype != self.dtype:
@@ -274,6 +277,8 @@ class SparseFormat:
         device = self.device if device is None else torch.device(device)
         if self.device == device:
             return self
+        if device.type != "meta":
+            self._needs_values(f"to({str(device)!r})")
         arrays = {n: t.to(device, non_blocking=non_blocking) for n, t in self.tensors().items()}
         return self._from_parts(arrays, self.shape, self.dtype, self.nnz)
 
@@ -420,9 +425,10 @@ class SparseFormat:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this weight to one safetensors file (arrays plus format metadata), with the permissions of a new
-        file under the process umask."""
+        file under the process umask.  On the meta device: ValueError (no values to write; nothing is written)."""
         from ..checkpoint._files import save_safetensors
 
+        self._needs_values("save")
         tensors, meta = self.state()
         save_safetensors({k: _host_copy(v) for k, v in tensors.items()}, path, meta)
 
@@ -513,7 +519,7 @@ class SparseFormat:
 
 def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
     """Write several compressed weights to one safetensors file, each under its name, with the permissions of a new
-    file under the process umask."""
+    file under the process umask.  A weight on the meta device: ValueError naming it (nothing is written)."""
     from ..checkpoint._files import save_safetensors
 
     if not isinstance(weights, dict) or not weights:
@@ -526,6 +532,8 @@ def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
                         f"{bad[0]!r} maps to {type(weights[bad[0]]).__name__}")
     if "" in weights:  # (load would hand a lone "" back as the bare weight, not a dict)
         raise ValueError("weights: names must be non-empty (one weight alone: weight.save(path))")
+    for name, w in weights.items():  # (all checked before any copy is made)
+        w._needs_values("save", f"weights[{name!r}]")
     tensors, meta = {}, {}
     for name, w in weights.items():
         t, m = w.state(prefix=f"{name}.")

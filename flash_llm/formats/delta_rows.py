@@ -747,9 +747,11 @@ class DeltaRows(SparseFormat):
     def code_values(self) -> "DeltaRows | None":
         """This weight with its values coded (:func:`code_values`: 2 bytes an entry instead of 2.5, the same bits;
         the N = 1 kernels read it, other token counts expand it), or None where that is not possible: not bf16, or a
-        lane whose nonzero exponents span more than 7.  In memory only: :meth:`state` writes the plain values."""
+        lane whose nonzero exponents span more than 7.  In memory only: :meth:`state` writes the plain values.  On the
+        meta device: ValueError (no values to code)."""
         if self.dtype != torch.bfloat16 or self.coded:
             return self if self.coded else None
+        self._needs_values("code_values")
         data = code_values(self.data, self.offsets, self.shape[0])
         if data is None:
             return None
@@ -765,12 +767,15 @@ class DeltaRows(SparseFormat):
         return plain.state(prefix)
 
     def resplit(self, splits: int, parts: int = 1) -> "DeltaRows":
-        """The same weight encoded for ``splits`` K-splits (``parts`` > 1: the parts layout, ``splits`` 1)."""
+        """The same weight encoded for ``splits`` K-splits (``parts`` > 1: the parts layout, ``splits`` 1).  On the
+        meta device: ValueError (no values to encode)."""
+        self._needs_values("resplit")
         return type(self).from_dense(self.to_dense(), splits=splits, pair_halves=self.paired, parts=parts)
 
     def l2_streams(self):
         """``offsets`` and a coded weight's row tables are the head; each (slice, split)'s groups are a walk (its
-        warp reads them in order).  Reads ``offsets``' slice starts to the host."""
+        warp reads them in order).  Reads ``offsets``' slice starts to the host (on the meta device: ValueError)."""
+        self._needs_values("l2_streams")
         lay = self.layout
         gw = CODED_GROUP_WORDS if lay.coded else GROUP_WORDS
         head = [(self.offsets, 0, self.offsets.numel() * 4)]
@@ -796,7 +801,8 @@ class DeltaRows(SparseFormat):
 
     def entries(self):
         """Every stored entry: ``(rank, value bits int16, column int64)`` in storage order (pads and escapes
-        included), each column from its split's start."""
+        included), each column from its split's start.  On the meta device: ValueError (no values to read)."""
+        self._needs_values("entries")
         return _entries(self.data, self.offsets, self.shape[0])[:3]
 
     def to_dense(self) -> torch.Tensor:
