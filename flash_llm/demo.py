@@ -17,8 +17,10 @@ it to DIR, atomically, as a flash-llm checkpoint (pruned layers compressed) or a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -28,7 +30,8 @@ import torch
 from torch import nn
 
 from . import bundled, cli, data
-from .cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _int, _non_negative, _positive, _sync, sparsity_arg
+from .cli import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, _err, _float_from, _int, _non_negative, _positive, _sync,
+                  sparsity_arg)
 from .cli import _demo_device_or_none as _device  # one --device parser for both demos (None: error printed)
 from .evaluate import evaluate, logits_of
 
@@ -562,6 +565,38 @@ def _unreplaceable_out(out: Path) -> str | None:
     return None
 
 
+# ``flash-llm prune``'s options of --method gradual (fine-tuning), which the one-shot methods refuse.
+_GRADUAL_ONLY = ("steps", "lr")
+
+
+def _learning_rate(text: str) -> float:
+    """``--lr`` of ``flash-llm prune``: a finite number > 0, checked while the arguments are parsed."""
+    return _float_from(text, lambda v: 0 < v < math.inf, "a finite number > 0")
+
+
+def _seed(text: str) -> int:
+    """``--seed`` of ``flash-llm prune`` and ``flash-llm demo``: an integer that ``torch.Generator.manual_seed``
+    takes, in ``[-2**63, 2**64)`` (a negative one counts modulo 2**64), checked while the arguments are parsed."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not -2**63 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (a torch.Generator seed), "
+                                         f"got {text!r}")
+    return v
+
+
+def _nonfinite_parameter(model: nn.Module) -> tuple[str, int] | None:
+    """The first parameter of ``model`` holding NaN or Inf and how many, or None."""
+    from .prune import _all_finite
+
+    for name, p in model.named_parameters():
+        if not _all_finite(p):
+            return name, int((~torch.isfinite(p.detach())).sum())
+    return None
+
+
 def cmd_prune(args) -> int:
     import flash_llm
 
@@ -591,6 +626,11 @@ def cmd_prune(args) -> int:
         return EXIT_USAGE
     if args.owl and args.method not in ("sparsegpt", "wanda"):
         _err(f"--owl applies to wanda and sparsegpt, not {args.method}")
+        return EXIT_USAGE
+    given = _given(args, _GRADUAL_ONLY, args.gradual_defaults) if args.method != "gradual" else []
+    if given:
+        _err(f"{', '.join(given)}: option(s) of --method gradual (fine-tuning), which {args.method} does not run; "
+             "drop them or use --method gradual")
         return EXIT_USAGE
     if args.calib is None and args.method != "magnitude":
         _err(f"--method {args.method} needs --calib FILE (calibration text); only magnitude prunes without it")
@@ -633,8 +673,19 @@ def cmd_prune(args) -> int:
     except ValueError as e:
         _err(str(e))
         return EXIT_USAGE
+    except FloatingPointError as e:  # gradual_prune_'s loss (or weights) went NaN/Inf: the fine-tuning diverged
+        _err(f"{e}; nothing written to --out {out} (--lr {args.lr:g}: try a lower --lr)")
+        return EXIT_FAILURE
     _sync(device)
     elapsed = time.perf_counter() - t0
+    bad = _nonfinite_parameter(lm.model)  # (after gradual's cast to --dtype, which can overflow)
+    if bad is not None:
+        why = (f"after gradual pruning and the cast to --dtype {args.dtype}: the fine-tuning diverged or its weights "
+               f"exceed {args.dtype}'s range; lower --lr (now {args.lr:g})" if args.method == "gradual" else
+               f"after {args.method} pruning (MODEL holds them, or the pruning's weight updates exceed --dtype "
+               f"{args.dtype}'s range)")
+        _err(f"{bad[0]} has {bad[1]} NaN/Inf value(s) {why}; nothing written to --out {out}")
+        return EXIT_FAILURE
     cfg = {k: v for k, v in lm.config.items() if k not in ("quantization_config", "compression_config")}
     meta = dict(cfg.get("flash_llm") or {})
     meta["pruning"] = {"method": ("owl+" if args.owl else "") + args.method, "sparsity": args.sparsity,
@@ -719,7 +770,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--speed-tokens", type=_positive, default=128,
                    help="tokens timed for decode speed on a GPU (default: 128)")
     p.add_argument("--layer", action="store_true", help="run the synthetic-layer demo instead")
-    p.add_argument("--seed", type=int, default=None, help="seed of calibration sampling and generation (default: 0)")
+    p.add_argument("--seed", type=_seed, default=None, help="seed of calibration sampling and generation (default: 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="value dtype (default: float16; bfloat16 for a bundled model on a CPU)")
     p.add_argument("--device", default="auto",
@@ -757,13 +808,17 @@ def register_cli(subparsers) -> None:
                    help=f"tokens per sequence (default: the model's context, at most {MAX_WINDOW}; more than the "
                         "context is refused)")
     p.add_argument("--batch-size", type=_positive, default=16, help="sequences per forward pass (default: 16)")
-    p.add_argument("--steps", type=_positive, default=500, help="gradual: fine-tuning steps (default: 500)")
-    p.add_argument("--lr", type=float, default=5e-4, help="gradual: learning rate (default: 5e-4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: 0)")
+    p.add_argument("--steps", type=_positive, default=500,
+                   help="gradual: fine-tuning steps (default: 500; the other methods refuse it)")
+    p.add_argument("--lr", type=_learning_rate, default=5e-4,
+                   help="gradual: learning rate, a finite number > 0 (default: 5e-4; the other methods refuse it)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the calibration sampling or of gradual's fine-tuning batches, an integer in "
+                        "[-2**63, 2**64) (default: 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="output dtype (default: float16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--format", choices=("flash-llm", "sparse-bitmask"), default="flash-llm",
                    help="output checkpoint format (default: flash-llm)")
     p.add_argument("--verbose", action="store_true",
                    help="print the per-layer pruning report (magnitude: its errors need --calib)")
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_prune, gradual_defaults={n: p.get_default(n) for n in _GRADUAL_ONLY})

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import windows
-from .prune import _restore_training_flags, _training_flags
+from .prune import _restore_training_flags, _token_id_error, _training_flags
 
 __all__ = ["EvalResult", "evaluate", "logits_of"]
 
@@ -93,14 +93,12 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
             raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
         tokens = tokens[:max_tokens + 1]
     cfg = getattr(model, "config", None)  # (flash_llm's and transformers' configs name these alike)
-    context, vocab = getattr(cfg, "max_position_embeddings", None), getattr(cfg, "vocab_size", None)
+    context = getattr(cfg, "max_position_embeddings", None)
     if isinstance(context, int) and seq_len > context:
         raise ValueError(f"seq_len={seq_len} is longer than the model's context (max_position_embeddings={context})")
-    if (isinstance(vocab, int) and isinstance(tokens, torch.Tensor) and tokens.numel()
-            and not tokens.is_floating_point()):
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for the model's vocabulary of {vocab}")
+    why = _token_id_error(tokens, model)  # (the pruners' calibration check, the same message)
+    if why is not None:
+        raise ValueError(why)
     wins = windows(tokens, seq_len)
     device = _model_device(model)
     stream = tokens.to(device=device, dtype=torch.long)

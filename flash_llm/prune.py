@@ -12,7 +12,8 @@ Calibration data is a tensor (token ids ``[B, T]``, or whatever the model takes)
 each batch is moved to the device of the model's first parameter and the model is called as
 ``model(batch)`` under ``torch.no_grad()`` and in eval mode (every submodule's own training flag is
 restored after).  Calibration inputs of a pruned layer that contain NaN or Inf are refused (ValueError
-naming the layer) before any weight is modified.
+naming the layer) before any weight is modified, as are integer batches holding a token id outside the
+model's ``config.vocab_size`` (when the model has one; the check of :func:`flash_llm.evaluate.evaluate`).
 
 Exact counts.  Each count applies to a group of ``count`` weights; with
 ``n = min(round(sparsity * count), count - 1)`` (Python's ``round``; at least one weight of the group is
@@ -29,11 +30,16 @@ Selection.  Every pruner takes the ``nn.Linear`` layers that ``filter_fn`` accep
 every forward (``torch.nn.utils.parametrize``, ``torch.nn.utils.prune``'s ``weight_orig``/``weight_mask``,
 the old ``torch.nn.utils.weight_norm``/``spectral_norm`` hooks) is refused with a ValueError naming it,
 as is a weight tied to another tensor, before any layer is modified: zeros written into such a weight
-would be undone at the next forward or would zero the other tensor too.
+would be undone at the next forward or would zero the other tensor too.  So are a weight whose shape is
+not the layer's ``(out_features, in_features)`` (the calibration statistics are sized from those) and a
+weight holding NaN or Inf (every score would rank it highest, so it would be kept, and SparseGPT would
+spread it over its row).
 
-Ties in the score go to the lower flat index (for ``scope="global"``, to the earlier layer first), so
-results are deterministic.  Weights already zero score lowest and are pruned first; a layer that had
-more zeros than requested keeps them (its reported sparsity is then higher).
+Ties in the score go to the lower flat index (for ``scope="global"``, to the earlier layer first; for
+Wanda, within a row, to the lower column), so results are deterministic.  Weights already zero score
+lowest and are pruned first, below any other weight of equal score (e.g. Wanda's score 0 of a weight
+whose input is zero on every calibration token), so a group ends with exactly ``max(n, zeros it had)``
+zeros; a layer that had more zeros than requested keeps them (its reported sparsity is then higher).
 
 Dtypes: scores and updates are computed in fp32 (SparseGPT's Hessian in float64) on each weight's
 device; magnitude and Wanda only write zeros, so the kept weights are bit-identical; SparseGPT writes
@@ -51,9 +57,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -127,14 +134,45 @@ class PruneReport:
 
 # ---- argument checks --------------------------------------------------------------------------------
 
+def _real(v) -> float | None:
+    """``v`` as a float when it is a real number: any ``numbers.Real`` (Python's and numpy's ints and floats,
+    ``fractions.Fraction``) or a 0-d integer or floating-point tensor; None for anything else, bools (Python's,
+    numpy's or a bool tensor) included.  NaN and Inf are returned as they are: the range checks refuse them."""
+    if isinstance(v, torch.Tensor):
+        ok = v.ndim == 0 and not v.is_meta and not v.is_complex() and v.dtype != torch.bool
+    else:
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return float(v) if ok else None
+
+
 def _check_sparsity(sparsity, name: str = "sparsity") -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+    """``sparsity`` as a float in ``[0, 1)``: a real number (:func:`_real`: numpy scalars and 0-d tensors too)."""
+    value = _real(sparsity)
+    if value is None or not 0.0 <= value < 1.0:  # (NaN fails too)
         raise ValueError(f"{name} must be a number in [0, 1) (the fraction of weights set to zero), "
                          f"got {sparsity!r}")
-    return float(sparsity)
+    return value
+
+
+def _token_id_error(tokens, model: nn.Module) -> str | None:
+    """Why the integer tensor ``tokens`` cannot be fed to ``model``: an id outside ``[0, model.config.vocab_size)``
+    (the embedding would fail with a bare IndexError), as ``"token id X is out of range for the model's vocabulary
+    of V"``; None when they fit, when ``tokens`` is empty or not integer (not token ids), or when the model has no
+    int ``config.vocab_size`` (flash-llm's and transformers' configs name it alike)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if (not isinstance(vocab, int) or isinstance(vocab, bool) or not isinstance(tokens, torch.Tensor)
+            or not tokens.numel() or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool):
+        return None
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        return f"token id {lo if lo < 0 else hi} is out of range for the model's vocabulary of {vocab}"
+    return None
 
 
 def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
+    """``calib`` as a list of non-empty tensors on the device of the model's first parameter.  Raises for anything
+    but a tensor or an iterable of tensors, for no non-empty batch, and for integer batches holding a token id
+    outside the model's vocabulary (:func:`_token_id_error`)."""
     if isinstance(calib, torch.Tensor):
         batches = [calib]
     elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
@@ -145,12 +183,27 @@ def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
     for i, b in enumerate(batches):
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"calib[{i}] must be a tensor, got {type(b).__name__}")
+    for i, b in enumerate(batches):
+        why = _token_id_error(b, model)
+        if why is not None:
+            raise ValueError(f"{'calib' if isinstance(calib, torch.Tensor) else f'calib[{i}]'}: {why}; calib must "
+                             "hold token ids of the model's tokenizer")
     batches = [b for b in batches if b.numel() > 0]
     if not batches:
         raise ValueError("calib is empty: pass at least one non-empty batch of calibration tokens, "
                          "e.g. a LongTensor [B, T]")
     device = next(model.parameters()).device
     return [b.to(device) for b in batches]
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf: its min and max (which propagate NaN) are finite, so no temporary of the
+    size of ``t`` is made (one pass, one sync)."""
+    if t.numel() == 0:
+        return True
+    if not t.is_floating_point():  # (integers are; complex has no aminmax)
+        return bool(torch.isfinite(t.detach()).all())
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all())
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -187,9 +240,13 @@ def _recomputed_weight(module: nn.Linear) -> str | None:
 def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
                     empty: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers to prune, in module order, without empty ones (a dimension 0; their
-    names are appended to ``empty`` when given).  Raises when there are none, when a weight is recomputed
-    from other tensors at every forward (:func:`_recomputed_weight`: the zeros would be undone) or when
-    a weight is shared with another tensor (pruning it would silently zero the other one too)."""
+    names are appended to ``empty`` when given).  Raises (ValueError naming the weight, before any layer is
+    modified) when there are none, when a weight is recomputed from other tensors at every forward
+    (:func:`_recomputed_weight`: the zeros would be undone), when a weight is not 2-D of the layer's
+    ``(out_features, in_features)`` (the pruners size their statistics from those), when it is on the meta
+    device, when it is shared with another tensor (pruning it would silently zero the other one too) and when it
+    holds NaN or Inf (every score ranks such a weight highest, so it would be kept; SparseGPT would spread it over
+    its row; one pass over the weights)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = [(fqn, m) for fqn, m in model.named_modules()
@@ -216,12 +273,23 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
         aliases.setdefault(id(m), set()).add(f"{fqn}.weight" if fqn else "weight")
     for fqn, m in layers:
         name = f"{fqn}.weight" if fqn else "weight"
+        shape, declared = tuple(m.weight.shape), (m.out_features, m.in_features)
+        if shape != declared:
+            raise ValueError(f"{name} has shape {shape} but the layer declares (out_features, in_features) = "
+                             f"{declared}; the pruners size the layer's calibration statistics from those: make "
+                             "them agree (e.g. set in_features/out_features after replacing the weight) or exclude "
+                             "the layer with filter_fn")
         if m.weight.is_meta:
             raise ValueError(f"{name} is on the meta device (no values to prune); load the weights first")
         others = [n for n in owners.get(_storage_ptr(m.weight), ()) if n not in aliases[id(m)]]
         if others:
             raise ValueError(f"{name} shares memory with {', '.join(others)} (tied weights): pruning it would "
                              "zero those too; exclude the layer with filter_fn")
+    for fqn, m in layers:  # (after the checks above, which read no values)
+        if not _all_finite(m.weight):
+            raise ValueError(f"{fqn + '.weight' if fqn else 'weight'} contains NaN or Inf: a pruner would keep those "
+                             "weights (they score highest) and SparseGPT would spread them over their rows; repair "
+                             "or reload the weights, or exclude the layer with filter_fn")
     return layers
 
 
@@ -445,6 +513,9 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
     Weight ``W_ij`` of a layer ``[M, K]`` scores ``|W_ij| * ||X_j||_2``, with ``X_j`` input feature ``j``
     of that layer over all calibration tokens; each output row keeps its ``K - n`` highest-scoring
     weights, ``n = min(round(sparsity * K), K - 1)`` (a row always keeps one weight).  No weight update.
+    Weights already zero go first (below every score), so a row ends with exactly ``max(n, zeros it had)``
+    zeros; among equal scores (e.g. the score 0 of weights whose input is zero on every calibration token)
+    the lower column goes first.
 
     The input norms of all layers are collected in one pass of the *dense* model (forward hooks).  The
     reference implementation instead propagates the calibration activations block by block through the
@@ -471,8 +542,13 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
     targets, target = _layer_targets(sparsity, layers, empty)
     batches = _calib_batches(calib, model)
     scores = _wanda_scores(model, batches, layers)
-    masks = [_lowest_per_row(score, _count(s, m.in_features)) for (_, m), score, s in zip(layers, scores, targets)]
-    del scores
+    masks = []
+    for (_, m), score, s in zip(layers, scores, targets):
+        # weights already zero fill the row's quota first, before weights of equal score 0 (inputs that are zero on
+        # every calibration token): a row ends with exactly max(n, zeros it had) zeros
+        score.masked_fill_(m.weight.detach() == 0, -1.0)
+        masks.append(_lowest_per_row(score, _count(s, m.in_features)))
+    del scores, score
     return _finish_zero_masks("wanda", target, model, layers, masks, batches)
 
 
@@ -604,7 +680,8 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
         _check_sparsity(sparsity)  # bad numbers fail before the other arguments, as before
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0.0 < percdamp < math.inf:
+    damp = _real(percdamp)
+    if damp is None or not 0.0 < damp < math.inf:
         raise ValueError(f"percdamp must be a positive number, got {percdamp!r}")
     empty: list[str] = []
     layers = _select_linears(model, filter_fn, empty)
@@ -625,7 +702,7 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     done: list[str] = []
     try:
         for fqn, m in tqdm(_forward_order(model, batches, layers), desc="sparsegpt", unit="layer"):
-            _sparsegpt_one(model, batches, fqn, m, layer_target[m], blocksize, float(percdamp), originals, report)
+            _sparsegpt_one(model, batches, fqn, m, layer_target[m], blocksize, damp, originals, report)
             done.append(fqn)
     except BaseException as e:
         if originals is not None:
@@ -725,11 +802,13 @@ def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, 
         ``{fqn: sparsity}`` for every selected non-empty ``nn.Linear``, in module order.
     """
     sparsity = _check_sparsity(sparsity)
-    if isinstance(M, bool) or not isinstance(M, (int, float)) or not 0.0 < M < math.inf:
+    M_, lam_ = _real(M), _real(lam)
+    if M_ is None or not 0.0 < M_ < math.inf:
         raise ValueError(f"M (the outlier threshold, a multiple of the mean score) must be a positive number, "
                          f"got {M!r}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+    if lam_ is None or not 0.0 <= lam_ <= 1.0:
         raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    M, lam = M_, lam_
     layers = _select_linears(model, filter_fn)
     batches = _calib_batches(calib, model)
     ratios = []
@@ -777,9 +856,27 @@ def _cycle(batches, device):
 
 
 def _check_loss(loss) -> None:
+    """``loss_fn``'s result: a one-element tensor with a graph back to the model (else ``backward`` would fail)."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(f"loss_fn must return a scalar tensor, got "
                         f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise TypeError("loss_fn's result does not require grad: it has no graph back to the model's parameters "
+                        "(e.g. detached, rebuilt from .item(), or computed under torch.no_grad()); return a loss "
+                        "computed from model_output")
+
+
+def _finite_loss(loss: torch.Tensor, t: int) -> float:
+    """The loss of step ``t`` as a float; FloatingPointError if it is NaN or Inf (checked before ``backward``, so
+    Adam never spreads it over the weights)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        state = ("checked on the first batch before any weight is modified" if t < 0 else
+                 f"at step {t}; the model is left as trained and pruned up to that step")
+        raise FloatingPointError(f"gradual_prune_: the training loss is {value} ({state}): the training diverged or "
+                                 "a batch holds NaN or Inf; lower the learning rate (lr, or the optimizer's) or "
+                                 "check the batches")
+    return value
 
 
 def _check_logits(out, t_out) -> None:
@@ -831,10 +928,17 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     in eval mode under ``no_grad``).  The training flags of model and teacher (every submodule's own) are
     restored at the end.
 
-    Bad input is refused before any weight is modified: an empty ``batches`` before the first step, and
-    with ``begin == 0`` (a mask update before the first step) ``loss_fn``'s result and the teacher's
-    output shape are checked first on one extra forward of the first batch in eval mode under
-    ``no_grad``.  (With ``begin > 0`` step 0 checks them before its optimizer step.)
+    Bad input is refused before any weight is modified: a one-shot iterator as ``batches`` (TypeError; a
+    generator's second pass would be empty) and selected weights holding NaN or Inf (ValueError) before
+    anything runs, an empty ``batches`` before the first step, and with ``begin == 0`` (a mask update
+    before the first step) ``loss_fn``'s result (a scalar tensor that requires grad, else TypeError; a finite
+    value, else FloatingPointError) and the teacher's output shape are checked first on one extra forward
+    of the first batch in eval mode (with autograd on, no backward; the teacher under ``no_grad``).  (With
+    ``begin > 0`` step 0 checks them before its backward and optimizer step.)
+
+    Non-finite training: every step's loss is checked before its backward; a NaN or Inf loss raises
+    FloatingPointError naming the step (lower the learning rate or check the batches; the model is then left
+    as trained and pruned up to that step), and so does a parameter holding NaN or Inf after the last step.
 
     Precision: the model trains in fp32; fp16/bf16 parameters are refused (call ``model.float()`` first;
     mixed precision, e.g. ``torch.autocast`` inside ``loss_fn`` or the model, is the caller's job).
@@ -843,7 +947,8 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         model: any module called as ``model(batch)``; every ``nn.Linear`` that ``filter_fn`` accepts is pruned,
             all parameters with ``requires_grad`` are trained (by the default optimizer).
         batches: an iterable of batches (token ids ``LongTensor [B, T]`` or whatever the model takes), or one
-            tensor; it is iterated again when exhausted, so it must be re-iterable (list, DataLoader).
+            tensor; it is iterated again when exhausted, so it must be re-iterable (list, DataLoader; a one-shot
+            iterator such as a generator is refused).
         final_sparsity: ``s_f``, in ``[0, 1)``.
         steps: number of optimizer steps, >= 1.
         loss_fn: ``(model_output, batch) -> scalar tensor``.
@@ -878,9 +983,13 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         raise ValueError(f"need 0 <= begin <= end <= steps, got begin={begin}, end={end}, steps={steps}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (model_output, batch) -> scalar, got {type(loss_fn).__name__}")
-    if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) \
-            or not 0.0 <= distill_weight < math.inf:
+    if isinstance(batches, Iterator):  # (a generator: its second pass would be empty, found only after training)
+        raise TypeError(f"batches is a one-shot iterator ({type(batches).__name__}) that gradual_prune_ could not "
+                        "cycle over: pass a re-iterable (a list or a DataLoader)")
+    weight = _real(distill_weight)
+    if weight is None or not 0.0 <= weight < math.inf:
         raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}")
+    distill_weight = weight
     if teacher is None and distill_weight > 0:
         raise ValueError(f"distill_weight is {distill_weight} but no teacher is given")
     if teacher is not None:
@@ -902,12 +1011,13 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         raise TypeError(f"model has {low[0][1]} parameters (e.g. {low[0][0]!r}); gradual_prune_ trains in fp32: "
                         "call model.float() first (mixed precision is the caller's job)")
     if optimizer is None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr < math.inf:
+        rate = _real(lr)
+        if rate is None or not 0.0 < rate < math.inf:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameter with requires_grad=True to train")
-        optimizer = torch.optim.Adam(params, lr=lr)
+        optimizer = torch.optim.Adam(params, lr=rate)
     elif not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
@@ -936,12 +1046,14 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         data = itertools.chain([first], data)
         if begin == 0:  # the first mask update precedes step 0's checks: check loss_fn (and teacher) first
             model.eval()
-            with torch.no_grad():
-                out = model(first)
-                _check_loss(loss_fn(out, first))
-                if teacher is not None:
+            out = model(first)  # (autograd on, to see that the loss has a graph; no backward)
+            loss = loss_fn(out, first)
+            _check_loss(loss)
+            _finite_loss(loss, -1)
+            if teacher is not None:
+                with torch.no_grad():
                     _check_logits(out, teacher(first))
-            del out
+            del out, loss
         model.train()
         for t in bar:
             if t in update_at:
@@ -959,6 +1071,7 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
                                           t_out.float().reshape(-1, v).log_softmax(-1),
                                           reduction="batchmean", log_target=True)
                 loss = loss + distill_weight * kl
+            value = _finite_loss(loss, t)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for w, k in zip(weights, keep):
@@ -968,11 +1081,16 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             with torch.no_grad():
                 for w, k in zip(weights, keep):
                     w.masked_fill_(~k, 0)
-            report.losses.append(float(loss.detach()))
+            report.losses.append(value)
             bar.set_postfix(loss=f"{report.losses[-1]:.4g}", sparsity=f"{report.schedule[-1][1]:.3f}"
                             if report.schedule else "0")
         if end == steps:
             update_masks(steps)
+        # the last step's update is followed by no loss that would show a blow-up: check the weights themselves
+        bad = next((n for n, p in model.named_parameters() if not _all_finite(p)), None)
+        if bad is not None:
+            raise FloatingPointError(f"gradual_prune_: parameter {bad!r} holds NaN or Inf after the last step: the "
+                                     "training diverged; lower the learning rate (lr, or the optimizer's)")
     finally:
         bar.close()
         _restore_training_flags(model_flags)

@@ -292,5 +292,5 @@ def test_gradual_errors():
         _gp(loss_fn=lambda out, b: out[:, :-1])
     with pytest.raises(ValueError, match="batches is empty"):
         _gp(batches=[])
-    with pytest.raises(ValueError, match="second pass .* not a one-shot iterator"):
+    with pytest.raises(TypeError, match=r"batches is a one-shot iterator \(list_iterator\).*pass a re-iterable"):
         _gp(batches=iter(_data(n=2)))
