@@ -587,16 +587,6 @@ def _seed(text: str) -> int:
     return v
 
 
-def _nonfinite_parameter(model: nn.Module) -> tuple[str, int] | None:
-    """The first parameter of ``model`` holding NaN or Inf and how many, or None."""
-    from .prune import _all_finite
-
-    for name, p in model.named_parameters():
-        if not _all_finite(p):
-            return name, int((~torch.isfinite(p.detach())).sum())
-    return None
-
-
 def cmd_prune(args) -> int:
     import flash_llm
 
@@ -678,13 +668,16 @@ def cmd_prune(args) -> int:
         return EXIT_FAILURE
     _sync(device)
     elapsed = time.perf_counter() - t0
+    from .prune import _nonfinite_parameter
+
     bad = _nonfinite_parameter(lm.model)  # (after gradual's cast to --dtype, which can overflow)
     if bad is not None:
+        count = int((~torch.isfinite(lm.model.get_parameter(bad).detach())).sum())
         why = (f"after gradual pruning and the cast to --dtype {args.dtype}: the fine-tuning diverged or its weights "
                f"exceed {args.dtype}'s range; lower --lr (now {args.lr:g})" if args.method == "gradual" else
                f"after {args.method} pruning (MODEL holds them, or the pruning's weight updates exceed --dtype "
                f"{args.dtype}'s range)")
-        _err(f"{bad[0]} has {bad[1]} NaN/Inf value(s) {why}; nothing written to --out {out}")
+        _err(f"{bad} has {count} NaN/Inf value(s) {why}; nothing written to --out {out}")
         return EXIT_FAILURE
     cfg = {k: v for k, v in lm.config.items() if k not in ("quantization_config", "compression_config")}
     meta = dict(cfg.get("flash_llm") or {})

@@ -206,6 +206,11 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all())
 
 
+def _nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter of ``model`` holding NaN or Inf (:func:`_all_finite`), or None."""
+    return next((n for n, p in model.named_parameters() if not _all_finite(p)), None)
+
+
 def _storage_ptr(t: torch.Tensor) -> int:
     try:
         return t.untyped_storage().data_ptr()
@@ -1087,7 +1092,7 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         if end == steps:
             update_masks(steps)
         # the last step's update is followed by no loss that would show a blow-up: check the weights themselves
-        bad = next((n for n, p in model.named_parameters() if not _all_finite(p)), None)
+        bad = _nonfinite_parameter(model)
         if bad is not None:
             raise FloatingPointError(f"gradual_prune_: parameter {bad!r} holds NaN or Inf after the last step: the "
                                      "training diverged; lower the learning rate (lr, or the optimizer's)")
