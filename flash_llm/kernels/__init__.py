@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import math
 import os
 import sys
 import threading
@@ -1012,12 +1013,15 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
         nt_norm = norm is not None and dr_nt_norm_ok(n, k, lay.parts, norm)
         if (norm is not None and not nt_norm) or act == "relu" or (act is not None and not lay.paired):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
+        rscale = 1.0
         if nt_norm:  # (the kernel stages X and the norm's weight by 16-byte loads)
-            x, norm = _aligned16(x.contiguous()), (_aligned16(norm[0].contiguous()), norm[1])
-        return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm if nt_norm else None)
+            g, eps, rscale = _norm_kernel_args(norm, x.dtype)
+            x, norm = _aligned16(x.contiguous()), (_aligned16(g.contiguous()), eps)
+        return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm if nt_norm else None, rscale)
     ln_bias = norm[1] if norm is not None and len(norm) == 3 else None
+    g, eps, rscale = _norm_kernel_args(norm, x.dtype)
     fused = n == 1 and (act in (None, "relu") or lay.paired) and (
-        norm is None or all(t is None or (t.is_contiguous() and t.data_ptr() % 4 == 0) for t in (norm[0], ln_bias)))
+        norm is None or all(t is None or (t.is_contiguous() and t.data_ptr() % 4 == 0) for t in (g, ln_bias)))
     if not fused:
         if act is not None or norm is not None or add_to is not None:
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
@@ -1028,18 +1032,18 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     if lay.parts > 1:
         return _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     slices, mp, s = lay.slices, lay.mp, lay.splits
-    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (norm is None or norm[0].data_ptr() % 16 == 0)
+    vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (g is None or g.data_ptr() % 16 == 0)
               and (ln_bias is None or ln_bias.data_ptr() % 16 == 0))
     stream = torch.cuda.current_stream(dev).cuda_stream
     y, mode = _dr_out(x, m, out, act, norm, add_to)
     ws = torch.empty(s * mp + slices * s, dtype=torch.float32, device=dev)
     tickets = _scratch.get_tickets(dev, stream, slices)
-    eps = 0.0 if norm is None else float(norm[-1])
     launch(f"delta_rows_spmm_{_dtype_suffix(x.dtype)}_n1{'c' if lay.coded else ''}", (ceil_div(slices, DR_WARPS), s, 1),
            32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (ws.data_ptr(), P), (tickets.data_ptr(), P), (s, I),
-            (vec, I), (mode, I), (norm[0].data_ptr() if norm is not None else 0, P), (eps, ctypes.c_float), (k, I),
+            (vec, I), (mode, I), (g.data_ptr() if g is not None else 0, P), (eps, ctypes.c_float),
+            (rscale, ctypes.c_float), (k, I),
             (slices, I), (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
            stream, dev.index, 0, pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
@@ -1093,7 +1097,8 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
     dev = x.device
     x = _aligned16(x)
     ln_bias = _aligned16(norm[1]) if norm is not None and len(norm) == 3 else None
-    scale = _aligned16(norm[0]) if norm is not None else None
+    g, eps, rscale = _norm_kernel_args(norm, x.dtype)
+    scale = _aligned16(g) if g is not None else None
     y, mode = _dr_out(x, m, out, act, norm, add_to)
     stage = 2 if lay.coded else parts_stage(k)  # (coded: X staged 16-bit only)
     launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}{'c' if lay.coded else ''}",
@@ -1102,7 +1107,7 @@ def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (mode, I),
             (scale.data_ptr() if scale is not None else 0, P),
-            (0.0 if norm is None else float(norm[-1]), ctypes.c_float), (k, I), (lay.slices, I),
+            (eps, ctypes.c_float), (rscale, ctypes.c_float), (k, I), (lay.slices, I),
             (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
            torch.cuda.current_stream(dev).cuda_stream, dev.index, k * (4 if stage == 1 else 2),
            pdl=PDL_SPMM and getattr(_static, "on", False))
@@ -1161,12 +1166,13 @@ def dr_nt_atomic_ok(splits: int) -> bool:
     return bool(DR_NT_ATOMIC) and splits >= max(2, DR_NT_ATOMIC_MIN_SPLITS)
 
 
-def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None) -> torch.Tensor:
+def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None, rscale=1.0) -> torch.Tensor:
     """2 <= N <= 8 tokens on a DeltaRows weight: ``delta_rows_spmm_<dtype>_nt<NT>`` (NT = 2, 4 or 8: N rounded up;
     its X window :func:`split_nt_window`) stores each split's partials, ``delta_rows_reduce_<dtype>`` sums
     them in split order with the epilogue; on the parts layout (one split) ``delta_rows_parts_<dtype>_nt<NT>``
     applies the epilogue and writes ``y`` itself, and at 2 tokens an RMSNorm ``norm`` too (:func:`dr_nt_norm_ok`; X and
-    its weight on 16 bytes)."""
+    its weight on 16 bytes: ``norm`` is then the kernels' weight and eps, :func:`_norm_kernel_args`, and ``rscale``
+    its factor's scale)."""
     from ..formats.delta_rows import layout
 
     n = x.shape[0]
@@ -1203,7 +1209,8 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None)
         launch(f"delta_rows_parts_{suffix}_nt{nt}{coded}", grid, 32 * DR_WARPS,
                walk_args(0, wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I),
                                      (norm[0].data_ptr() if norm is not None else 0, P),
-                                     (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)],
+                                     (float(norm[1]) if norm is not None else 0.0, ctypes.c_float),
+                                     (rscale, ctypes.c_float)],
                stream, dev.index, wmax * nt * 2, pdl=pdl and norm is None)  # (DR_NT_NORM: why not programmatic)
         return y
     # the split layout: partials, then the reduction; the weight's widest block window staged in dynamic shared
@@ -1269,36 +1276,73 @@ def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
     return r if out is None else out.copy_(r)
 
 
-#: fp16 RMSNorm weights checked by :func:`rms_fusable`: weight -> (its version counter then, fusable)
+#: fp16 RMSNorm weights prepared by :func:`rms_kernel_weight`: weight -> (its version counter then, fusable, the scaled
+#: copy or None for the weight itself, the factor's scale).  (The weight itself is never kept as a value: it would keep
+#: its own key alive.)
 _RMS_FP16_CHECKED = WeakIdKeyDictionary()
 
 
-def rms_fusable(weight: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether an RMSNorm of weight ``weight [K]`` may run inside the kernels for ``dtype`` values.
+def rms_kernel_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float] | None:
+    """The RMSNorm weight the kernels multiply X's columns by, for a norm of weight ``weight [K]`` inside the kernels
+    on ``dtype`` values, and the power of two their token's factor is multiplied by; None where the norm must run as
+    a separate operation.
 
     Inside, the kernels multiply X's columns by the weight first, rounded to the dtype once, and the token's factor
     ``rsqrt(mean(x^2) + eps)`` multiplies the sums last (``spmm_cuda``).  In fp16 that product overflows where
     ``|x g| > 65504``, though the normalized product the reference rounds is finite (session 78's fuzzer:
-    Tiled-CSL's ``_n1rs`` returned inf for -15.3).  No finite fp16 ``x`` can overflow it while every ``|g| <= 1``, so
-    only such weights are fused in fp16; others run the norm as a separate operation (the reference's rounding
-    steps).  bf16 shares fp32's range: there the product overflows only where ``x^2`` does, and the reference's
-    norm with it.  The check reads ``weight`` once (a device sync) and is kept per tensor and version counter; inside
-    a CUDA-graph capture an unchecked weight is not fused (the engine's warm-up steps before each capture check its
-    norms)."""
+    Tiled-CSL's ``_n1rs`` returned inf for -15.3).  No finite fp16 ``x`` overflows it while every ``|g| <= 1``: such
+    weights are taken as they are (scale 1).  A weight whose largest magnitude lies in ``(2^(e-1), 2^e]`` (``e >=
+    1``) is taken as the copy ``g 2^-e`` (exact: a power of two; only entries below 2^-14 lose bits, as subnormals)
+    with the scale ``2^e``, which restores the product to rounding.  A weight with NaN or inf runs separately (the
+    reference's NaN / inf).  bf16 shares fp32's range: there the product overflows only where ``x^2`` does, and the
+    reference's norm with it, so bf16 weights are always taken as they are.
+
+    The fp16 check reads ``weight`` once (a device sync); it and the copy are kept per tensor and version counter (an
+    in-place change is seen at the next call; a CUDA graph captured with a copy keeps reading that copy).  Inside a
+    capture an unchecked weight is not fused (the engine's warm-up steps before each capture check its norms)."""
     if dtype != torch.float16:
-        return True
+        return weight, 1.0
     try:
         version = weight._version
     except RuntimeError:  # an inference tensor counts no versions: checked once
         version = None
     seen = _RMS_FP16_CHECKED.get(weight)
-    if seen is not None and seen[0] == version:
-        return seen[1]
-    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False  # (no sync inside a capture: the separate norm is exact)
-    ok = weight.numel() == 0 or bool(weight.detach().abs().amax() <= 1)
-    _RMS_FP16_CHECKED[weight] = (version, ok)
-    return ok
+    if seen is None or seen[0] != version:
+        if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # (no sync inside a capture: the separate norm is exact)
+        seen = (version, True, None, 1.0)
+        if weight.numel():
+            top = float(weight.detach().abs().amax())
+            if not math.isfinite(top):
+                seen = (version, False, None, 1.0)
+            elif top > 1:
+                mant, e = math.frexp(top)  # top = mant 2^e, mant in [0.5, 1): top <= 2^e, and < 2^(e - 1) unless
+                e -= mant == 0.5           # a power of two
+                seen = (version, True, (weight.detach() * 2.0 ** -e).contiguous(), float(2 ** e))
+        _RMS_FP16_CHECKED[weight] = seen
+    if not seen[1]:
+        return None
+    return (weight if seen[2] is None else seen[2]), seen[3]
+
+
+def rms_fusable(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether an RMSNorm of weight ``weight [K]`` may run inside the kernels for ``dtype`` values
+    (:func:`rms_kernel_weight`: every finite weight once checked, in fp16 above 1 through a scaled copy)."""
+    return rms_kernel_weight(weight, dtype) is not None
+
+
+def _norm_kernel_args(norm: tuple | None, dtype: torch.dtype) -> tuple[torch.Tensor | None, float, float]:
+    """``spmm_cuda``'s ``norm`` as the kernels take it: (the weight they read, eps, the scale of the RMSNorm's token
+    factor); ``(None, 0.0, 1.0)`` without a norm.  An RMSNorm's weight was checked by :func:`rms_kernel_weight` when
+    ``spmm_cuda`` began (a cached answer here)."""
+    if norm is None:
+        return None, 0.0, 1.0
+    if len(norm) == 3:  # LayerNorm: normalized before its weight, nothing to scale
+        return norm[0], float(norm[2]), 1.0
+    kw = rms_kernel_weight(norm[0], dtype)
+    if kw is None:  # (spmm_cuda sent these to _unfused)
+        raise RuntimeError("an RMSNorm weight the kernels cannot take reached a kernel launch")
+    return kw[0], float(norm[1]), kw[1]
 
 
 def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int,
@@ -1323,7 +1367,8 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
       staging it, rounded to the dtype as the separate LayerNorm would).  RMSNorm fused (Tiled-CSL at N = 1 with
       split-K): ``x``'s columns are scaled by ``weight`` in the spmm and the token's factor ``rsqrt(mean(x^2) +
       eps)`` (its sum of squares taken by the spmm, per split) multiplies the sums in the reduction: the same to
-      rounding, not bit for bit; in fp16 only for a weight within [-1, 1] (:func:`rms_fusable`).
+      rounding, not bit for bit; in fp16 a weight above 1 through a copy scaled by a power of two
+      (:func:`rms_kernel_weight`).
     - ``add_to`` (``[N, m]``, contiguous, the dtype of ``x``): the product (+ bias), rounded, is added into it in
       place (the residual add of a layer); ``add_to`` is returned.  Not with ``act``, ``norm`` or ``out``.
     """
@@ -1359,6 +1404,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     extra = act is not None or norm is not None or add_to is not None
     if act == "relu" or (norm is not None and len(norm) == 3):  # (DeltaRows' kernel only)
         return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
+    g, eps, rscale = _norm_kernel_args(norm, x.dtype)  # (an RMSNorm's, or none)
     x = x.contiguous()
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0)  # (Tiled-CSL's warpgroup kernels need X's rows on 16 bytes)
     if n == 0 or (not force_sparse and not dispatches_sparse(n, fmt, data, m, k, dev.index, bool(vec))):
@@ -1372,7 +1418,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     p = plan(m, k, n, density, sm_count(dev.index), blocks_per_sm(name, dev.index, threads, shared), splits, fmt,
              wg)
     if extra and not (_epilogue_ok(fmt, name, shared, p, m, bool(vec), act, norm is not None, add_to is not None)
-                      and (norm is None or (norm[0].is_contiguous() and norm[0].data_ptr() % 4 == 0))):
+                      and (g is None or (g.is_contiguous() and g.data_ptr() % 4 == 0))):
         return _unfused(x, data, offsets, fmt, m, k, bias, splits, force_sparse, out, ways, act, norm, add_to)
     m_out = m // 2 if act else m
     y = add_to if add_to is not None else torch.empty(n, m_out, dtype=x.dtype, device=dev) if out is None else out
@@ -1406,7 +1452,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
     args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws_ptr, tk_ptr, m, k, n, p, vec)
     if norm is not None:  # tiled_csl_spmm_<dtype>_n1s: X's columns scaled by the norm's weight
         name += "s"
-        args.append((norm[0].data_ptr(), P))
+        args.append((g.data_ptr(), P))
     if spread:
         name += "r"
         args.append((_RED_SILU if act else 0, I))
@@ -1422,7 +1468,7 @@ def spmm_cuda(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: i
         launch(f"splitk_reduce_{mode}{_dtype_suffix(x.dtype)}_nt{p.nt}",
                (tiles // 2 if act else tiles, w * p.nt, 1), THREADS,
                [(ws_ptr, P), (y.data_ptr(), P), (bias_ptr, P), (m_out, I), (n, I), (p.splits, I), (tiles, I),
-                (chunks, I), (w, I), (k, I), (float(norm[1]) if norm else 0.0, ctypes.c_float)],
+                (chunks, I), (w, I), (k, I), (eps, ctypes.c_float), (rscale, ctypes.c_float)],
                stream, dev.index, pdl=_pdl_reduce(p.nt, n, name))
     return y
 
@@ -1444,8 +1490,8 @@ def _launch_n1_fused(x, data, offsets, m, k, bias_ptr, y, p, blocks, act, norm, 
     # (N1_EVEN: kt_per_split 0, the kernel shares the tiles evenly among p.splits)
     args = _spmm_args(data, offsets, x, y.data_ptr(), bias_ptr, ws.data_ptr(), tickets.data_ptr(), m, k, 1,
                       dataclasses.replace(p, kt_per_split=0) if N1_EVEN else p, vec)
-    args += [(norm[0].data_ptr() if norm is not None else 0, P), (mode, I),
-             (float(norm[1]) if norm is not None else 0.0, ctypes.c_float)]
+    g, eps, rscale = _norm_kernel_args(norm, x.dtype)
+    args += [(g.data_ptr() if g is not None else 0, P), (mode, I), (eps, ctypes.c_float), (rscale, ctypes.c_float)]
     launch(name, (blocks, p.splits, 1), 32, args, stream, dev.index, 0,
            pdl=PDL_SPMM and getattr(_static, "on", False))
 

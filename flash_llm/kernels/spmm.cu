@@ -968,7 +968,7 @@ DEVI void tiled_csl_spmm_body(const int* __restrict__ data, const int* __restric
 // ticket counts both; RED_RMS; RED_RESID) with splitk_reduce's rounding steps.  No second launch: at batch 1 the
 // reductions' launches cost 10-12 % of a decode step (session 17's what-if).
 template <bool BF16, bool SCALE>
-DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, int lane) {
+DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, float eps, float rscale, int lane) {
   const int rb = blockIdx.x, blocks = gridDim.x, split = blockIdx.y;  // n_chunks = 1 at N = 1
   const bool silu = mode & RED_SILU;
   pdl_wait();  // (an inactive split waits here before its writes; a no-op after the kernel's wait)
@@ -1000,7 +1000,7 @@ DEVI void n1_finish(const Problem& p, float s0, float s1, float ssq, int mode, f
     for (int i = lane; i < p.splits; i += 32) q += __ldcg(ssq_ws + (long long)i * blocks + group);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-    rms = rsqrtf(q * __fdividef(1.f, (float)p.K) + eps);
+    rms = rscale * rsqrtf(q * __fdividef(1.f, (float)p.K) + eps);
   }
   // rows m and m + 1, token 0 only (N = 1): splitk_reduce's group stores with one live column
   const int M = silu ? p.M / 2 : p.M, m = group * 64 + 2 * lane;
@@ -1050,7 +1050,7 @@ DEVI void csl_fma4_n1(u32 pbase, u32 xs, const uint4& e4) {
 template <bool BF16, bool SCALE = false, bool FUSE = false>
 DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, int mt, int kt,
                             int kt_per_split, Problem p, const u16* __restrict__ colscale = nullptr, int mode = 0,
-                            float eps = 0.f) {
+                            float eps = 0.f, float rscale = 1.f) {
   __shared__ __align__(128) float part[64 * 32];  // 8 KiB: part[32 r + l] = lane l's partial sum of row r
   __shared__ __align__(128) u16 xrow[2][64];       // token 0's 64 columns of the tile, double-buffered
   const int lane = threadIdx.x & 31;
@@ -1131,7 +1131,7 @@ DEVI void tiled_csl_n1_body(const int* __restrict__ data, const int* __restrict_
     }
   }
   if constexpr (FUSE) {
-    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, lane);
+    n1_finish<BF16, SCALE>(p, s0, s1, ssq, mode, eps, rscale, lane);
   } else {
 #pragma unroll
     for (int s = 0; s < 4; ++s)
@@ -1777,7 +1777,8 @@ template <int NT> struct tiled_csl_min_blocks { static constexpr int value = NT 
 // - RED_RESID: Y (the residual stream, [N, M]) is added to: y <- y + (sum + bias), see add_group.
 template <bool BF16, int NT, int MODE = 0>
 DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, const u16* __restrict__ bias, int M,
-                             int N, int splits, int tiles, int n_chunks, int ways, int K, float eps) {
+                             int N, int splits, int tiles, int n_chunks, int ways, int K, float eps,
+                             float rscale) {
   constexpr bool SILU = MODE & RED_SILU, RMS = MODE & RED_RMS;
   __shared__ float4 part[WARPS][32];
   __shared__ float4 part_up[SILU ? WARPS : 1][32];
@@ -1822,8 +1823,9 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
               // silently wrong number)
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
-    rms = N == 1 ? rsqrtf(ssq * __fdividef(1.f, (float)K) + eps) : __int_as_float(0x7fc00000);  // sum x (1 / K), as
-  }                                                                                                // torch's mean
+    // sum x (1 / K), as torch's mean; rscale: a power of two (kernels.rms_kernel_weight)
+    rms = N == 1 ? rscale * rsqrtf(ssq * __fdividef(1.f, (float)K) + eps) : __int_as_float(0x7fc00000);
+  }
   if (ways > 1) {  // uniform over the block
     if (way > 0) {
       part[warp][lane] = v;
@@ -1858,11 +1860,11 @@ DEVI void splitk_reduce_body(const float* __restrict__ ws, u16* __restrict__ y, 
 // n1 / n1s kernels at N = 1; kernels.spmm_cuda)
 #define REDUCE_ARGS                                                                                          \
   const float *__restrict__ ws, u16 *__restrict__ y, const u16 *__restrict__ bias, int M, int N, int splits, \
-      int tiles, int n_chunks, int ways, int K, float eps
+      int tiles, int n_chunks, int ways, int K, float eps, float rscale
 // (BOUNDS: the RMS modes ask for 8 blocks per SM, so ptxas may use 64 registers; left alone it took 32 and spilled)
 #define REDUCE_KERNEL(KNAME, BF16, NT, MODE, BOUNDS)                                                     \
   extern "C" __global__ void __launch_bounds__ BOUNDS KNAME(REDUCE_ARGS) {                              \
-    splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, K, eps);       \
+    splitk_reduce_body<BF16, NT, MODE>(ws, y, bias, M, N, splits, tiles, n_chunks, ways, K, eps, rscale); \
   }
 #define INSTANTIATE_REDUCE(NAME, BF16, NT)                                   \
   REDUCE_KERNEL(splitk_reduce_##NAME##_nt##NT, BF16, NT, 0, (THREADS))               \
@@ -1929,10 +1931,11 @@ INSTANTIATE_N1S(bf16, true)
 // mode: the RED_* bits of the reduction it replaces, eps: RED_RMS's)
 #define INSTANTIATE_N1R(NAME, BF16, SUFFIX, SCALE)                                                       \
   extern "C" __global__ void __launch_bounds__(32, 24)                                                    \
-  tiled_csl_spmm_##NAME##_##SUFFIX(SPMM_ARGS, const u16* __restrict__ colscale, int mode, float eps) {    \
+  tiled_csl_spmm_##NAME##_##SUFFIX(SPMM_ARGS, const u16* __restrict__ colscale, int mode, float eps,       \
+                                    float rscale) {                                                     \
     pdl_launch_dependents();                                                                              \
     tiled_csl_n1_body<BF16, SCALE, true>(data, offsets, mt, kt, kt_per_split, Problem SPMM_PROBLEM, colscale, \
-                                         mode, eps);                                                      \
+                                         mode, eps, rscale);                                              \
   }
 INSTANTIATE_N1R(f16, false, n1r, false)
 INSTANTIATE_N1R(f16, false, n1rs, true)
@@ -2294,7 +2297,7 @@ template <bool BF16, bool CODED = false>
 DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict__ offsets, const u16* __restrict__ x,
                              u16* __restrict__ y, const u16* __restrict__ bias, float* __restrict__ ws,
                              int* __restrict__ tickets, int S, int vec, int mode, const u16* __restrict__ colscale,
-                             float eps, int K, int slices, const u16* __restrict__ colbias) {
+                             float eps, float rscale, int K, int slices, const u16* __restrict__ colbias) {
   __shared__ __align__(16) float xs[DR_WMAX];
   __shared__ __align__(16) unsigned char ring[DR_WARPS][DR_RING * 640];
   __shared__ int win_lo[DR_WARPS], win_hi[DR_WARPS];
@@ -2495,7 +2498,7 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
   }
   if (lane == 0) tickets[group] = 0;  // every block of the group has taken its ticket
   if (rms) {  // every lane the same factor: the same sums in the same order
-    const float f = rsqrtf(qs * __fdividef(1.f, (float)K) + eps);
+    const float f = rscale * rsqrtf(qs * __fdividef(1.f, (float)K) + eps);
     v *= f;
     u *= f;
   }
@@ -2511,16 +2514,16 @@ DEVI void delta_rows_n1_body(const int* __restrict__ data, const int* __restrict
 #define DR_ARGS                                                                                                \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
       const u16 *__restrict__ bias, float *__restrict__ ws, int *__restrict__ tickets, int S, int vec, int mode,  \
-      const u16 *__restrict__ colscale, float eps, int K, int slices, const u16 *__restrict__ colbias
+      const u16 *__restrict__ colscale, float eps, float rscale, int K, int slices, const u16 *__restrict__ colbias
 #define INSTANTIATE_DR(NAME, BF16)                                                                           \
   extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS) delta_rows_spmm_##NAME##_n1(DR_ARGS) { \
-    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices,  \
-                             colbias);                                                                   \
+    delta_rows_n1_body<BF16>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, rscale, K,  \
+                             slices, colbias);                                                           \
   }
 // the coded-values variant (bf16 only): delta_rows_spmm_bf16_n1c
 extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS) delta_rows_spmm_bf16_n1c(DR_ARGS) {
-  delta_rows_n1_body<true, true>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, K, slices,
-                                 colbias);
+  delta_rows_n1_body<true, true>(data, offsets, x, y, bias, ws, tickets, S, vec, mode, colscale, eps, rscale, K,
+                                 slices, colbias);
 }
 INSTANTIATE_DR(f16, false)
 INSTANTIATE_DR(bf16, true)
@@ -2542,7 +2545,7 @@ INSTANTIATE_DR(bf16, true)
 template <bool BF16, int P, int STAGE, bool CODED = false>
 DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restrict__ offsets,
                                 const u16* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias, int mode,
-                                const u16* __restrict__ colscale, float eps, int K, int slices,
+                                const u16* __restrict__ colscale, float eps, float rscale, int K, int slices,
                                 const u16* __restrict__ colbias) {
   static_assert(P >= 2 && P <= 16 && (P & (P - 1)) == 0, "P: 2, 4, 8 or 16 lanes a row");
   static_assert(STAGE == 1 || STAGE == 2, "X staged as fp32 (1) or 16-bit (2)");
@@ -2649,7 +2652,7 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
                                           reinterpret_cast<const float*>(drp_x), x, nm, ring[warp], rs, lut);
 #pragma unroll
   for (int o = 1; o < P; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);  // (a + b == b + a: one sum a row)
-  if (rms) acc *= rsqrtf(q * __fdividef(1.f, (float)K) + eps);
+  if (rms) acc *= rscale * rsqrtf(q * __fdividef(1.f, (float)K) + eps);
   if (silu) {
     const float u = __shfl_down_sync(0xffffffffu, acc, 16);  // the up row of the gate row in lane - 16
     if (writer) {
@@ -2663,12 +2666,13 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
 
 #define DR_PARTS_ARGS                                                                                          \
   const int *__restrict__ data, const int *__restrict__ offsets, const u16 *__restrict__ x, u16 *__restrict__ y, \
-      const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps, int K, int slices,     \
-      const u16 *__restrict__ colbias
+      const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps, float rscale, int K,   \
+      int slices, const u16 *__restrict__ colbias
 #define INSTANTIATE_DR_PARTS(NAME, BF16, P, STAGE)                                                             \
   extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS)                                  \
       delta_rows_parts_##NAME##_p##P##_s##STAGE(DR_PARTS_ARGS) {                                              \
-    delta_rows_parts_body<BF16, P, STAGE>(data, offsets, x, y, bias, mode, colscale, eps, K, slices, colbias); \
+    delta_rows_parts_body<BF16, P, STAGE>(data, offsets, x, y, bias, mode, colscale, eps, rscale, K, slices,       \
+                                          colbias);                                                           \
   }
 #define INSTANTIATE_DR_PARTS_P(NAME, BF16, P) \
   INSTANTIATE_DR_PARTS(NAME, BF16, P, 1)      \
@@ -2677,7 +2681,8 @@ DEVI void delta_rows_parts_body(const int* __restrict__ data, const int* __restr
 #define INSTANTIATE_DR_PARTS_CODED(P)                                                                          \
   extern "C" __global__ void __launch_bounds__(32 * DR_WARPS, 32 / DR_WARPS)                                  \
       delta_rows_parts_bf16_p##P##_s2c(DR_PARTS_ARGS) {                                                       \
-    delta_rows_parts_body<true, P, 2, true>(data, offsets, x, y, bias, mode, colscale, eps, K, slices, colbias); \
+    delta_rows_parts_body<true, P, 2, true>(data, offsets, x, y, bias, mode, colscale, eps, rscale, K, slices,       \
+                                            colbias);                                                           \
   }
 INSTANTIATE_DR_PARTS_P(f16, false, 2)
 INSTANTIATE_DR_PARTS_P(f16, false, 4)
@@ -2860,7 +2865,7 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
                              float* __restrict__ ws, int S, int N, int K, int M, int slices, int P, int wmax,
                              u16* __restrict__ y = nullptr, const u16* __restrict__ bias = nullptr, int mode = 0,
                              int* __restrict__ tickets = nullptr, const u16* __restrict__ colscale = nullptr,
-                             float eps = 0.f) {
+                             float eps = 0.f, float rscale = 1.f) {
   constexpr int LG = NT == 8 ? 4 : NT == 4 ? 3 : 2;  // log2 of a staged column's bytes (2 NT)
   extern __shared__ __align__(16) u16 drnt_x[];
   u16* const xs = drnt_x;  // wmax x NT 16-bit values (dynamic shared memory)
@@ -2969,8 +2974,8 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
         s0 += qpart[i];
         s1 += qpart2[i];
       }
-      acc[0] *= rsqrtf(s0 * __fdividef(1.f, (float)K) + eps);
-      acc[NT - 1] *= rsqrtf(s1 * __fdividef(1.f, (float)K) + eps);
+      acc[0] *= rscale * rsqrtf(s0 * __fdividef(1.f, (float)K) + eps);
+      acc[NT - 1] *= rscale * rsqrtf(s1 * __fdividef(1.f, (float)K) + eps);
     }
     const bool silu = mode & DR_SILU;
     float up[NT];
@@ -3007,9 +3012,10 @@ DEVI void delta_rows_nt_body(const int* __restrict__ data, const int* __restrict
     delta_rows_nt_body<BF16, NT, false>(data, offsets, x, ws, S, N, K, M, slices, P, wmax);                    \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_##NAME##_nt##NT(DR_NT_ARGS,              \
-      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps) { \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps,    \
+      float rscale) {                                                                                        \
     delta_rows_nt_body<BF16, NT, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, mode, nullptr, \
-                                       colscale, eps);                                                       \
+                                       colscale, eps, rscale);                                               \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_spmm_##NAME##_nt##NT##a(DR_NT_ARGS,           \
       u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, int *__restrict__ tickets) {                \
@@ -3037,9 +3043,10 @@ INSTANTIATE_DR_NT(bf16, true, 8, (32 * DR_WARPS))
   }
 #define INSTANTIATE_DR_PARTS_NT_CODED(NT, BOUNDS)                                                               \
   extern "C" __global__ void __launch_bounds__ BOUNDS delta_rows_parts_bf16_nt##NT##c(DR_NT_ARGS,                \
-      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps) { \
+      u16 *__restrict__ y, const u16 *__restrict__ bias, int mode, const u16 *__restrict__ colscale, float eps,    \
+      float rscale) {                                                                                        \
     delta_rows_nt_body<true, NT, true, false, true>(data, offsets, x, ws, S, N, K, M, slices, P, wmax, y, bias, \
-                                                    mode, nullptr, colscale, eps);                           \
+                                                    mode, nullptr, colscale, eps, rscale);                   \
   }
 INSTANTIATE_DR_NT_CODED(2, (32 * DR_WARPS, 8))
 INSTANTIATE_DR_NT_CODED(4, (32 * DR_WARPS, 8))

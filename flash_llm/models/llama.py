@@ -219,7 +219,7 @@ class LlamaDecoderLayer(nn.Module):
         of 2 sequences, ``x [2, 1, H]``, with :data:`flash_llm.kernels.DR_NT_NORM`),
         :data:`FUSE_NORMS`, no autograd, q / k / v and gate / up merged, all four sparse without bias and both norms'
         weights in ``x``'s dtype, SiLU, and on CUDA the kernels able to do the elementwise work (:func:`_kernels_fuse`:
-        Tiled-CSL with split-K) and to take both norms' weights (:func:`_norms_fuse`: in fp16 within [-1, 1]); else
+        Tiled-CSL with split-K) and to take both norms' weights (:func:`_norms_fuse`: finite ones); else
         None (the layer then runs :meth:`forward_deferred`)."""
         if not FUSE_NORMS or x.shape[1] != 1 or x.shape[0] > _one_token_batch() or torch.is_grad_enabled() \
                 or self.mlp.act is not F.silu:
@@ -263,10 +263,10 @@ def _one_token_batch() -> int:
 
 def _norms_fuse(norms: tuple, x: torch.Tensor) -> bool:
     """Whether the kernels take these RMSNorm weights inside for ``x``'s dtype (:func:`flash_llm.kernels.rms_fusable`:
-    in fp16 only weights within [-1, 1], since ``x g`` is rounded to fp16 there before the token's factor).  Where
-    they do not, ``spmm_cuda`` would run each norm as separate eager operations (8 kernels), slower than
-    ``forward_deferred``'s compiled norms, so the layer runs that instead.  The CPU runs the reference either way:
-    True."""
+    finite weights, in fp16 above 1 through a copy scaled into [-1, 1]; not one with NaN / inf, nor inside a CUDA-graph
+    capture one not checked before it).  Where they do not, ``spmm_cuda`` would run each norm as separate eager
+    operations (8 kernels), slower than ``forward_deferred``'s compiled norms, so the layer runs that instead.  The
+    CPU runs the reference either way: True."""
     if not x.is_cuda:
         return True
     from .. import kernels
