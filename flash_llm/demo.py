@@ -567,6 +567,7 @@ def _unreplaceable_out(out: Path) -> str | None:
 
 # ``flash-llm prune``'s options of --method gradual (fine-tuning), which the one-shot methods refuse.
 _GRADUAL_ONLY = ("steps", "lr")
+_ONE_SHOT_ONLY = ("calib_seqs",)  # gradual fine-tunes on --steps batches of --batch-size instead
 
 
 def _learning_rate(text: str) -> float:
@@ -617,10 +618,14 @@ def cmd_prune(args) -> int:
     if args.owl and args.method not in ("sparsegpt", "wanda"):
         _err(f"--owl applies to wanda and sparsegpt, not {args.method}")
         return EXIT_USAGE
-    given = _given(args, _GRADUAL_ONLY, args.gradual_defaults) if args.method != "gradual" else []
+    given = _given(args, _GRADUAL_ONLY, args.option_defaults) if args.method != "gradual" else []
     if given:
         _err(f"{', '.join(given)}: option(s) of --method gradual (fine-tuning), which {args.method} does not run; "
              "drop them or use --method gradual")
+        return EXIT_USAGE
+    if args.method == "gradual" and _given(args, _ONE_SHOT_ONLY, args.option_defaults):
+        _err("--calib-seqs: the calibration sequences of the one-shot methods; gradual fine-tunes on --steps batches "
+             "of --batch-size sequences of --calib instead: drop --calib-seqs")
         return EXIT_USAGE
     if args.calib is None and args.method != "magnitude":
         _err(f"--method {args.method} needs --calib FILE (calibration text); only magnitude prunes without it")
@@ -796,7 +801,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace --out if it exists (never one that is or holds MODEL or --calib)")
     p.add_argument("--owl", action="store_true", help="per-layer sparsities from OWL (wanda, sparsegpt)")
-    p.add_argument("--calib-seqs", type=_positive, default=128, help="calibration sequences (default: 128)")
+    p.add_argument("--calib-seqs", type=_positive, default=128,
+                   help="calibration sequences of the one-shot methods (default: 128; gradual refuses it)")
     p.add_argument("--seq-len", type=_positive, default=None,
                    help=f"tokens per sequence (default: the model's context, at most {MAX_WINDOW}; more than the "
                         "context is refused)")
@@ -814,4 +820,4 @@ def register_cli(subparsers) -> None:
                    help="output checkpoint format (default: flash-llm)")
     p.add_argument("--verbose", action="store_true",
                    help="print the per-layer pruning report (magnitude: its errors need --calib)")
-    p.set_defaults(func=cmd_prune, gradual_defaults={n: p.get_default(n) for n in _GRADUAL_ONLY})
+    p.set_defaults(func=cmd_prune, option_defaults={n: p.get_default(n) for n in _GRADUAL_ONLY + _ONE_SHOT_ONLY})
