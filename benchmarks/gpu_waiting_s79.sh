@@ -5,6 +5,8 @@
 #        session 78's (its engine test rewritten), the fused-norm tests of the kernel / engine files, and a fuzz of
 #        the norm ops alone with small cases.
 # fuzz:  benchmarks/fuzz_spmm.py, small cases (FUZZ_SECONDS, default 150; FUZZ_ARGS adds options, e.g. --seed).
+# drift: benchmarks/diag/dense_drift.py: bench_spmm.py's dense N = 1 baseline before / after sparse bursts, an idle
+#        pause, the allocator emptied, with nvidia-smi's clocks (session 78's waiting item 3; about a minute).
 set -uo pipefail
 source benchmarks/gpu_lib.sh  # OUT, PYTHONPATH, step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
@@ -20,6 +22,10 @@ for s in "$@"; do
       # shellcheck disable=SC2086
       step fuzz $(( ${FUZZ_SECONDS:-150} + 90 )) python3 benchmarks/fuzz_spmm.py --seconds "${FUZZ_SECONDS:-150}" \
         --max-elems 1048576 --device cuda --out "$OUT/fuzz" ${FUZZ_ARGS:-} ;;
+    drift)
+      step drift 150 python3 benchmarks/diag/dense_drift.py
+      step drift_fp16_o 150 python3 benchmarks/diag/dense_drift.py --layer OPT-66B:o --dtype fp16 --burst-s 5 \
+        --pause-s 5 ;;
     *) echo "unknown step $s" ;;
   esac
 done
