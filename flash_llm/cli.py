@@ -434,10 +434,13 @@ def cmd_info(args) -> int:
                                "pip install cuda-bindings nvidia-cuda-nvrtc)"))
     except (RuntimeError, OSError) as e:
         lines.append(("NVRTC", f"not loadable: {e}"))
-    cache = _build.cache_dir()
-    cubins = sorted(cache.glob("*.cubin")) if cache.is_dir() else []
-    lines.append(("cubin cache", f"{cache} ({len(cubins)} cubin{'s' if len(cubins) != 1 else ''})"
-                  if cache.is_dir() else f"{cache} (not created yet)"))
+    cache, why = _build._cache_dir_or_why()
+    if cache is None:
+        lines.append(("cubin cache", f"none: {why}"))
+    else:
+        cubins = sorted(cache.glob("*.cubin")) if cache.is_dir() else []
+        lines.append(("cubin cache", f"{cache} ({len(cubins)} cubin{'s' if len(cubins) != 1 else ''})"
+                      if cache.is_dir() else f"{cache} (not created yet)"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.ljust(width)}  {value}")
@@ -466,7 +469,11 @@ def cmd_build(args) -> int:
         print(f"note: flash-llm's kernels target {', '.join(_build.SUPPORTED_ARCHS)}; trying {', '.join(unusual)} "
               "anyway", file=sys.stderr)
     need_log = args.report or args.strict
-    print(f"NVRTC {nvrtc}; cubin cache {_build.cache_dir()}")
+    cache, why = _build._cache_dir_or_why()
+    if cache is None:  # (flash-llm build exists to fill the cache)
+        _err(f"no cubin cache to fill: {why}")
+        return EXIT_FAILURE
+    print(f"NVRTC {nvrtc}; cubin cache {cache}")
 
     def build(arch):  # (compiled, seconds); NVRTC releases the GIL, so the archs compile at the same time
         t0 = time.perf_counter()

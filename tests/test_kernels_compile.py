@@ -44,6 +44,8 @@ def test_kernels_compile_clean(arch, compiled_archs, monkeypatch):
     for name, r in res.items():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (name, r)
         assert r["registers"] <= 255, (name, r)
+    for name, r in compiled.device_functions().items():  # (__noinline__ device functions, e.g. dr_nt_atomic_tail)
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (name, r)
     # the disk cache returns the same cubin without recompiling
     again = compile_kernels(arch)
     assert again.cached and again.cubin == compiled.cubin
@@ -102,7 +104,7 @@ def test_kernel_prototypes_apply_and_compile_clean(patch, tmp_path, monkeypatch)
         for arch in ("sm_90", "sm_90a") if b"wgmma" in variant else ("sm_90",):
             compiled = compile_kernels(arch, source=variant, use_cache=False)
             assert compiled.warnings() == [], compiled.log
-            for name, r in compiled.resources().items():
+            for name, r in {**compiled.resources(), **compiled.device_functions()}.items():
                 assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (patch, arch, name, r)
     changed_tests = [f for f in files if re.fullmatch(r"tests/test_[a-z0-9_]+\.py", f)]
     if changed_tests:

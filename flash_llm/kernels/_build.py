@@ -16,8 +16,8 @@ import functools
 import hashlib
 import os
 import re
+import secrets
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -92,20 +92,58 @@ def cache_key(source: bytes, options: tuple[str, ...], arch: str) -> str:
 
 
 def cache_dir() -> Path:
-    """Where cubins are cached: ``$FLASH_LLM_CACHE/cubin`` (``~`` expanded; unset or empty: ``~/.cache/flash_llm``)."""
-    root = os.environ.get("FLASH_LLM_CACHE") or str(Path.home() / ".cache" / "flash_llm")
-    return Path(root).expanduser() / "cubin"
+    """Where cubins are cached: ``$FLASH_LLM_CACHE/cubin`` (``~`` expanded; unset or empty: ``~/.cache/flash_llm``).
+
+    Raises RuntimeError, naming ``FLASH_LLM_CACHE``, where that needs a home directory and none can be found
+    (``$HOME`` unset and no passwd entry for this user: a container run with an arbitrary ``--user``);
+    :func:`compile_kernels` then compiles without the cache and says why in :attr:`Compiled.cache_error`."""
+    root = os.environ.get("FLASH_LLM_CACHE")
+    try:
+        return Path(root or Path.home() / ".cache" / "flash_llm").expanduser() / "cubin"
+    except RuntimeError as e:  # (Path.home / expanduser: "Could not determine home directory.")
+        where = f"FLASH_LLM_CACHE={root!r}" if root else "the default cubin cache (~/.cache/flash_llm)"
+        raise RuntimeError(f"{where} needs a home directory and none can be found ($HOME is unset and this user "
+                           "has no passwd entry); set FLASH_LLM_CACHE to a writable directory") from e
 
 
-def _cubin_ok(b: bytes) -> bool:
-    """Whether ``b`` looks like a whole cubin: a 64-bit little-endian ELF whose header tables and every section's
-    bytes lie inside it, so an empty, truncated or foreign cache file is compiled again, not loaded."""
+def _cache_dir_or_why() -> tuple[Path | None, str | None]:
+    """:func:`cache_dir`, or None and why there is no cache."""
+    try:
+        return cache_dir(), None
+    except RuntimeError as e:
+        return None, str(e)
+
+
+#: ``e_machine`` of a CUDA ELF (a cubin)
+EM_CUDA = 190
+
+
+def _arch_sm(arch: str) -> int | None:
+    """The SM number of ``arch`` (``"sm_90a"`` -> 90), None when it names none."""
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    return int(m.group(1)) if m else None
+
+
+def _cubin_ok(b: bytes, arch: str | None = None) -> bool:
+    """Whether ``b`` looks like a whole cubin (for ``arch`` when given): a 64-bit little-endian CUDA ELF
+    (``e_machine`` 190) whose header tables and every section's bytes lie inside it, and whose ``e_flags`` name the
+    SM of ``arch``, so an empty, truncated or foreign cache file (another program, a cubin for another GPU) is
+    compiled again, not loaded."""
     if len(b) < 64 or b[:4] != b"\x7fELF" or b[4] != 2 or b[5] != 1:
         return False
 
     def word(at: int, n: int) -> int:
         return int.from_bytes(b[at:at + n], "little")
 
+    if word(0x12, 2) != EM_CUDA:
+        return False
+    if arch is not None:
+        # the SM number sits in e_flags bits 0-7 in the first CUDA ELF ABI (EI_ABIVERSION 7: CUDA 12 and older) and
+        # in bits 8-15 in the second (8: every target from CUDA 13 on, e.g. sm_80 0x9005004, sm_90a 0x9005a04)
+        flags = word(0x30, 4)
+        sm = flags & 0xFF if b[8] == 7 else (flags >> 8) & 0xFF
+        if sm != _arch_sm(arch):
+            return False
     phoff, shoff = word(0x20, 8), word(0x28, 8)
     phsize, phnum, shsize, shnum = word(0x36, 2), word(0x38, 2), word(0x3A, 2), word(0x3C, 2)
     if not shoff or shsize < 64 or shoff + shsize * shnum > len(b) or phoff + phsize * phnum > len(b):
@@ -129,26 +167,56 @@ class Compiled:
     cache_error: str | None = None
 
     def resources(self) -> dict[str, dict[str, int]]:
-        """Per kernel: registers, spill stores/loads (bytes), stack frame and static shared memory,
-        parsed from ptxas' ``-v`` report in the NVRTC log (empty when loaded from the cache)."""
-        out: dict[str, dict[str, int]] = {}
-        current = None
+        """Per kernel (entry function): registers, spill stores/loads (bytes), stack frame and static shared memory,
+        and ``cumulative_stack`` (its own frame and its callees') where ptxas reports one, parsed from ptxas' ``-v``
+        report in the NVRTC log (empty when loaded from the cache).  A kernel's figures are its own: those of the
+        non-inlined device functions it calls are in :meth:`device_functions`."""
+        return self._ptxas_report()[0]
+
+    def device_functions(self) -> dict[str, dict[str, int]]:
+        """Per non-inlined device function (``__noinline__``, by its mangled name): stack frame and spill
+        stores/loads (bytes), the largest over the kernels it is compiled into, from the same ptxas report as
+        :meth:`resources` (empty when there is none, or when loaded from the cache)."""
+        return self._ptxas_report()[1]
+
+    def _ptxas_report(self) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+        """``(kernels, device functions)``: each "Function properties for X" block's stack and spill line goes to
+        X (a kernel's own block comes after its "Compiling entry function" line; a called device function's after
+        the kernel's), never to the kernel compiled before it."""
+        entries: dict[str, dict[str, int]] = {}
+        functions: dict[str, dict[str, int]] = {}
+        entry = None  # the kernel being compiled: its "Used N registers" line
+        target, of_kernel = None, False  # whose "N bytes stack frame" line comes next; whether a kernel's
         for line in self.log.splitlines():
-            m = re.search(r"Compiling entry function '(\w+)'", line)
+            m = re.search(r"Compiling entry function '([^']+)'", line)
             if m:
-                current = out.setdefault(m.group(1), {})
+                entry = target = entries.setdefault(m.group(1), {})
+                of_kernel = True
                 continue
-            if current is None:
+            m = re.search(r"Function properties for (\S+)", line)
+            if m:
+                name = m.group(1)
+                of_kernel = name in entries
+                target = entries[name] if of_kernel else functions.setdefault(name, {})
                 continue
             m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if m:
-                current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+            if m and target is not None:
+                figures = dict(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+                if of_kernel:
+                    target.update(figures)
+                else:  # (a device function is reported once per kernel that calls it: keep the largest)
+                    for k, v in figures.items():
+                        target[k] = max(v, target.get(k, 0))
+                continue
             m = re.search(r"Used (\d+) registers", line)
-            if m:
-                current["registers"] = int(m.group(1))
+            if m and entry is not None:
+                entry["registers"] = int(m.group(1))
                 s = re.search(r"(\d+) bytes smem", line)
-                current["smem"] = int(s.group(1)) if s else 0
-        return out
+                entry["smem"] = int(s.group(1)) if s else 0
+                s = re.search(r"(\d+) bytes cumulative stack size", line)
+                if s:
+                    entry["cumulative_stack"] = int(s.group(1))
+        return entries, functions
 
     def warnings(self) -> list[str]:
         return [ln for ln in self.log.splitlines() if "warning" in ln.lower()]
@@ -156,24 +224,43 @@ class Compiled:
 
 def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[str, ...] = (),
                     source: bytes | None = None, notify: bool = False) -> Compiled:
-    """Compile ``spmm.cu`` (or ``source``) for ``arch`` (e.g. ``"sm_90"``) with NVRTC; return the cubin
-    and log.  ``notify``: say on stderr, before and after, when it compiles (not when the cubin comes from the
-    cache): the first ``spmm`` call on a device waits for it (about a minute for the whole ``spmm.cu``).
+    """Compile ``spmm.cu`` (or ``source``, the bytes of a CUDA source; a ``str`` is refused) for ``arch`` (e.g.
+    ``"sm_90"``) with NVRTC, with the options in ``extra_options`` (a sequence of strings, e.g. ``("-DX=1",)``)
+    added; return the cubin and log.  ``notify``: say on stderr, before and after, when it compiles (not when the
+    cubin comes from the cache): the first ``spmm`` call on a device waits for it (about a minute for the whole
+    ``spmm.cu``).  Without a cache directory (no home directory, see :func:`cache_dir`) it compiles and says so in
+    :attr:`Compiled.cache_error`.
 
     Raises :class:`KernelBuildError` with NVRTC's log when compilation fails.
     """
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    if source is not None and not isinstance(source, (bytes, bytearray, memoryview)):
+        raise TypeError(f"compile_kernels(source=...) takes the source's bytes (e.g. text.encode()), got "
+                        f"{type(source).__name__}")
+    try:
+        options_given = None if isinstance(extra_options, (str, bytes)) else tuple(extra_options)
+    except TypeError:
+        options_given = None
+    if options_given is None or not all(isinstance(o, str) for o in options_given):
+        raise TypeError(f"compile_kernels(extra_options=...) takes a sequence of option strings, e.g. ('-DX=1',), "
+                        f"got {extra_options!r}")
     nvrtc = _nvrtc()
-    source = SOURCE.read_bytes() if source is None else source
-    path, options = _cubin_path(arch, source, extra_options)
-    cached = _read_cached(path) if use_cache else None
-    if cached is not None:
-        return Compiled(arch, cached, "", True)
+    what = SOURCE.name if source is None else f"the given source ({len(source)} bytes; spmm.cu in the log)"
+    source = SOURCE.read_bytes() if source is None else bytes(source)
+    options = _options(arch, options_given)
+    path = why = None
+    if use_cache:
+        path, why = _cache_path(arch, source, options)
+        cached = _read_cached(path, arch) if path is not None else None
+        if cached is not None:
+            return Compiled(arch, cached, "", True)
 
     if notify:
-        print(f"flash-llm: compiling the CUDA kernels for {arch} with NVRTC (first use; about a minute; cached "
-              f"in {cache_dir()}; `flash-llm build` compiles them ahead of time) ...", file=sys.stderr, flush=True)
+        where = (f"cached in {path.parent}" if path is not None else f"not cached: {why}") if use_cache \
+            else "not cached"
+        print(f"flash-llm: compiling the CUDA kernels for {arch} with NVRTC (first use; about a minute; {where}; "
+              "`flash-llm build` compiles them ahead of time) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     prog = _check_nvrtc(nvrtc.nvrtcCreateProgram(source, b"spmm.cu", 0, [], []), "nvrtcCreateProgram")
     try:
@@ -184,7 +271,7 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         nvrtc.nvrtcGetProgramLog(prog, buf)
         log = buf.decode(errors="replace").rstrip("\x00 \n")
         if int(err) != 0:
-            raise KernelBuildError(f"NVRTC failed to compile {SOURCE.name} for {arch} ({err}):\n{log}")
+            raise KernelBuildError(f"NVRTC failed to compile {what} for {arch} ({err}):\n{log}")
         size = _check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
         cubin = b" " * size
         _check_nvrtc((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None), "nvrtcGetCUBIN")
@@ -192,50 +279,74 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         nvrtc.nvrtcDestroyProgram(prog)
     if notify:
         print(f"flash-llm: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return Compiled(arch, cubin, log, False, _store_cubin(path, cubin) if use_cache else None)
+    if not use_cache:
+        return Compiled(arch, cubin, log, False)
+    return Compiled(arch, cubin, log, False, _store_cubin(path, cubin) if path is not None else why)
 
 
-def _cubin_path(arch: str, source: bytes, extra_options: tuple[str, ...] = ()) -> tuple[Path, tuple[str, ...]]:
-    """Where the cubin of ``source`` for ``arch`` is cached, and NVRTC's options for it."""
+def _options(arch: str, extra_options: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """NVRTC's options for ``arch``."""
     # sm_90 builds as sm_90a: the warpgroup MMA (wgmma) of the large-N Tiled-CSL kernel needs the arch-specific
     # target; its cubin runs on compute capability 9.0 (H100, H200) only, which is what "sm_90" means here
     target = "sm_90a" if arch == "sm_90" else arch
-    options = OPTIONS + tuple(extra_options) + (f"--gpu-architecture={target}",)
+    return OPTIONS + tuple(extra_options) + (f"--gpu-architecture={target}",)
+
+
+def _cache_path(arch: str, source: bytes, options: tuple[str, ...]) -> tuple[Path | None, str | None]:
+    """Where the cubin of ``source`` for ``arch`` built with ``options`` is cached; or None and why there is no
+    cache (:func:`cache_dir`)."""
+    root, why = _cache_dir_or_why()
+    if root is None:
+        return None, why
+    return root / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin", None
+
+
+def _cubin_path(arch: str, source: bytes, extra_options: tuple[str, ...] = ()) -> tuple[Path, tuple[str, ...]]:
+    """Where the cubin of ``source`` for ``arch`` is cached, and NVRTC's options for it (RuntimeError without a
+    cache directory, :func:`cache_dir`)."""
+    options = _options(arch, extra_options)
     return cache_dir() / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin", options
 
 
-def _read_cached(path: Path) -> bytes | None:
-    """The whole cubin cached at ``path``, or None (missing, unreadable, a directory, empty or truncated: compiled
-    again)."""
+def _read_cached(path: Path, arch: str | None = None) -> bytes | None:
+    """The whole cubin (for ``arch`` when given) cached at ``path``, or None (missing, unreadable, a directory,
+    empty, truncated or foreign: compiled again)."""
     try:
         cached = path.read_bytes()
     except OSError:
         return None
-    return cached if _cubin_ok(cached) else None
+    return cached if _cubin_ok(cached, arch) else None
 
 
 def is_cached(arch: str) -> bool:
     """Whether the cache holds a whole cubin of ``spmm.cu`` for ``arch``, so :func:`compile_kernels` returns it at
-    once (loads NVRTC: the cache key holds its version)."""
-    return _read_cached(_cubin_path(arch, SOURCE.read_bytes())[0]) is not None
+    once (loads NVRTC: the cache key holds its version); False without a cache directory."""
+    path, _ = _cache_path(arch, SOURCE.read_bytes(), _options(arch))
+    return path is not None and _read_cached(path, arch) is not None
 
 
 def _store_cubin(path: Path, cubin: bytes) -> str | None:
     """Write ``cubin`` to ``path`` through a temporary file of its own name (so concurrent writers never mix); return
-    why it could not be stored, or None.  No partial file stays.  A cache that cannot be written only costs a
-    recompile next time; ``flash-llm build``, which exists to fill it, fails instead."""
+    why it could not be stored, or None.  No partial file stays, whatever the failure (an interrupt too, which is
+    raised again).  The file gets the mode of any file this process creates (``0o666`` less the umask), so a cache
+    shared between users is read by all.  A cache that cannot be written only costs a recompile next time;
+    ``flash-llm build``, which exists to fill it, fails instead."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        name = path.parent / f"{path.name}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        tmp = name
+        with open(fd, "wb") as f:
             f.write(cubin)
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
+        return f"cannot write {e.filename or path}: {e.strerror or e}"
+    finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        return f"cannot write {e.filename or path}: {e.strerror or e}"
     return None
 
 
