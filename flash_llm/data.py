@@ -22,6 +22,7 @@ import gzip
 import operator
 import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -61,8 +62,9 @@ def encode(text: str) -> torch.Tensor:
 
 def _as_int(v):
     """``v`` as a Python int where it is an integer of any kind but bool (numpy's integers, 0-d integer tensors);
-    anything else as it is."""
-    if isinstance(v, bool):
+    anything else as it is, a bool tensor and a one-element tensor of 1 or more dimensions too (``__index__`` would
+    take both)."""
+    if isinstance(v, bool) or isinstance(v, torch.Tensor) and (v.ndim != 0 or v.dtype == torch.bool):
         return v
     try:
         return operator.index(v)
@@ -96,18 +98,21 @@ def corpus_path() -> Path:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The bytes of the file at ``path``, gunzipped when they start with the gzip magic.  Read in one go, never
+    seeked, so a pipe (``<(zcat corpus.gz)``, ``/dev/stdin``) reads too; a damaged gzip stream (a bad header, CRC or
+    length, a truncated or corrupted deflate stream) raises ValueError naming the file."""
     try:
         with open(path, "rb") as f:
-            head = f.read(2)
-            f.seek(0)
-            if head == b"\x1f\x8b":  # gzip magic
-                return gzip.GzipFile(fileobj=f).read()
-            return f.read()
+            raw = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"text file {str(path)!r} does not exist") from None
     except IsADirectoryError:
         raise IsADirectoryError(f"text file {str(path)!r} is a directory, expected a file") from None
-    except (gzip.BadGzipFile, EOFError) as e:
+    if raw[:2] != b"\x1f\x8b":  # gzip magic
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"text file {str(path)!r} looks gzip-compressed but cannot be decompressed: {e}") from None
 
 
@@ -141,9 +146,23 @@ def _check_stream(tokens, name="tokens") -> torch.Tensor:
     return tokens
 
 
-def _check_positive(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+def _check_positive(name, v) -> int:
+    """``v`` as a Python int >= 1 (any integer but bool: numpy's, a 0-d tensor, see :func:`_as_int`); ValueError
+    naming ``name`` otherwise."""
+    n = _as_int(v)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return n
+
+
+def _check_seed(seed) -> int:
+    """``seed`` as a Python int that ``torch.Generator.manual_seed`` takes: an integer (not bool; numpy's and 0-d
+    tensors too) in ``[-2**63, 2**64)``, a negative one counting modulo 2**64 as torch counts it (the range of
+    ``flash-llm prune --seed``); ValueError naming ``seed`` otherwise."""
+    n = _as_int(seed)
+    if isinstance(n, bool) or not isinstance(n, int) or not -2**63 <= n < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64) (a torch.Generator seed), got {seed!r}")
+    return n
 
 
 def split(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +191,7 @@ def windows(tokens: torch.Tensor, seq_len: int) -> list[tuple[int, int]]:
     targets in all; each window starts from an empty context.
     """
     tokens = _check_stream(tokens)
-    _check_positive("seq_len", seq_len)
+    seq_len = _check_positive("seq_len", seq_len)
     n = tokens.numel()
     if n < 2:
         raise ValueError(f"tokens has {n} token(s); at least 2 are needed (an input and its target)")
@@ -186,13 +205,25 @@ def random_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, *, gener
     Args:
         tokens: ``[n]`` token ids, ``n > seq_len``.
         batch_size, seq_len: batch shape.
-        generator: a CPU ``torch.Generator``: the same seed gives the same batches.
+        generator: a CPU ``torch.Generator``: the same seed gives the same batches.  Required: None (which would
+            draw from torch's global RNG, so that no seed given here fixes the batches) or anything else raises
+            TypeError.
+
+    The arguments are checked when this is called, before the first batch is asked for.
     """
     tokens = _check_stream(tokens)
-    _check_positive("batch_size", batch_size)
-    _check_positive("seq_len", seq_len)
+    batch_size = _check_positive("batch_size", batch_size)
+    seq_len = _check_positive("seq_len", seq_len)
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(f"generator must be a CPU torch.Generator (e.g. torch.Generator().manual_seed(seed)), got "
+                        f"{generator!r}")
     if tokens.numel() <= seq_len:
         raise ValueError(f"tokens has {tokens.numel()} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
+    return _random_batches(tokens, batch_size, seq_len, generator)
+
+
+def _random_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """:func:`random_batches`' endless loop, its arguments checked."""
     offsets = torch.arange(seq_len + 1)
     while True:
         starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)
@@ -209,17 +240,21 @@ def calibration_batches(tokens: torch.Tensor, n_sequences: int, seq_len: int, *,
         tokens: ``[n]`` token ids, ``n >= seq_len``.
         n_sequences: number of sequences, >= 1.
         seq_len: tokens per sequence, >= 1.
-        seed: the offsets are drawn from ``torch.Generator().manual_seed(seed)``.
+        seed: the offsets are drawn from ``torch.Generator().manual_seed(seed)``: an integer in
+            ``[-2**63, 2**64)`` (a negative one counts modulo 2**64); anything else raises ValueError.
         batch_size: sequences per batch (default: all in one batch).
+
+    The counts may be any integers but bools (numpy's, 0-d tensors).
 
     Returns:
         A list of ``int64 [b, seq_len]`` batches holding ``n_sequences`` sequences together.
     """
     tokens = _check_stream(tokens)
-    _check_positive("n_sequences", n_sequences)
-    _check_positive("seq_len", seq_len)
+    n_sequences = _check_positive("n_sequences", n_sequences)
+    seq_len = _check_positive("seq_len", seq_len)
     if batch_size is not None:
-        _check_positive("batch_size", batch_size)
+        batch_size = _check_positive("batch_size", batch_size)
+    seed = _check_seed(seed)
     if tokens.numel() < seq_len:
         raise ValueError(f"tokens has {tokens.numel()} tokens, fewer than seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import windows
+from .data import _as_int, _check_stream, windows
 from .prune import _restore_training_flags, _token_id_error, _training_flags
 
 __all__ = ["EvalResult", "evaluate", "logits_of"]
@@ -76,7 +76,8 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
         seq_len: window length ``T`` (at most the model's context length).
         batch_size: windows per forward pass.
         max_tokens: score only the first ``max_tokens + 1`` tokens of the stream (``max_tokens`` targets);
-            default: all.
+            default: all.  (``seq_len``, ``batch_size`` and ``max_tokens`` may be any integers but bools: numpy's,
+            0-d tensors.)
         progress: tqdm bar (stderr) over the windows.
         desc: the bar's label.
 
@@ -85,12 +86,15 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for name, v in (("seq_len", seq_len), ("batch_size", batch_size)):
+    given = seq_len, batch_size, max_tokens
+    seq_len, batch_size, max_tokens = (_as_int(v) for v in given)
+    for name, v, was in (("seq_len", seq_len, given[0]), ("batch_size", batch_size, given[1])):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise ValueError(f"{name} must be a positive int, got {was!r}")
+    tokens = _check_stream(tokens)  # (before slicing it: a 0-d tensor has no [:n])
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+            raise ValueError(f"max_tokens must be a positive int or None, got {given[2]!r}")
         tokens = tokens[:max_tokens + 1]
     cfg = getattr(model, "config", None)  # (flash_llm's and transformers' configs name these alike)
     context = getattr(cfg, "max_position_embeddings", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -21,10 +22,18 @@ DEFAULT_INIT_STD = 0.02
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # HF ``model_type`` values read as each family (Mistral-style configs without sliding windows are Llama's).
 _MODEL_TYPES = {"llama": "llama", "opt": "opt"}
+# The flags of ModelConfig: real bools only (a string such as "false" would count as true wherever it is used).
+_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "do_layer_norm_before", "layer_norm_elementwise_affine",
+          "remove_final_layer_norm")
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_positive_number(v) -> bool:
+    """``v`` is an int or float (not bool) in ``(0, inf)``: NaN and infinities are not."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
 
 
 class UnsupportedConfigError(ValueError):
@@ -49,15 +58,19 @@ class ModelConfig:
         rope_theta: RoPE base (Llama).
         rope_scaling: ``None`` (plain RoPE) or ``{"rope_type": "llama3", "factor", "low_freq_factor",
             "high_freq_factor", "original_max_position_embeddings"}`` (Llama 3.1+).
-        tie_word_embeddings: ``lm_head.weight`` is the input embedding (OPT: yes; Llama 3-8B: no).
+        tie_word_embeddings: ``lm_head.weight`` is the input embedding (OPT: yes; Llama 3-8B: no).  This and the
+            other flags (``attention_bias``, ``mlp_bias``, ``do_layer_norm_before``, ``layer_norm_elementwise_affine``,
+            ``remove_final_layer_norm``) must be bools (ValueError otherwise, None too: transformers 5 refuses a
+            null there as well).
         activation: MLP activation, one of :data:`ACTIVATIONS` (Llama ``silu``, OPT ``relu``); an alias of
             :data:`ACTIVATION_ALIASES` (``"swish"``) is stored as the name it stands for.
         attention_bias, mlp_bias: biases of the attention / MLP projections (OPT's ``enable_bias`` sets both).
         do_layer_norm_before, word_embed_proj_dim, layer_norm_elementwise_affine, remove_final_layer_norm:
             OPT specifics as in HF's ``OPTConfig`` (``word_embed_proj_dim`` ``None`` means ``hidden_size``;
             ``remove_final_layer_norm`` is HF's ``_remove_final_layer_norm``).
-        bos_token_id, eos_token_id, pad_token_id: special tokens (``eos_token_id`` may be a list;
-            ``pad_token_id``, when in the vocabulary, is the input embedding's ``padding_idx``, as in transformers).
+        bos_token_id, eos_token_id, pad_token_id: special tokens, None or an int (``eos_token_id`` may be a list
+            of ints; ``pad_token_id``, when in the vocabulary, is the input embedding's ``padding_idx``, as in
+            transformers).
         initializer_range: the std of the normal init of linear and embedding weights
             (:func:`flash_llm.models.from_config`); HF's ``initializer_range`` (Llama) or ``init_std`` (OPT).  Not
             part of the model's function: configs that differ only there (or in ``name``) compare equal.
@@ -113,10 +126,18 @@ class ModelConfig:
         if self.activation not in ACTIVATIONS:
             raise UnsupportedConfigError(f"ModelConfig.activation must be one of {ACTIVATIONS}, got "
                                          f"{self.activation!r}")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
-            raise ValueError(f"ModelConfig.norm_eps must be a number > 0, got {self.norm_eps!r}")
-        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
-            raise ValueError(f"ModelConfig.rope_theta must be a number > 0, got {self.rope_theta!r}")
+        for n in ("norm_eps", "rope_theta"):  # (finite: NaN or an infinity gives NaN logits or a broken RoPE)
+            if not _is_positive_number(getattr(self, n)):
+                raise ValueError(f"ModelConfig.{n} must be a number > 0, got {getattr(self, n)!r}")
+        for n in _FLAGS:
+            if not isinstance(getattr(self, n), bool):
+                raise ValueError(f"ModelConfig.{n} must be a bool, got {getattr(self, n)!r}")
+        for n in ("bos_token_id", "pad_token_id"):
+            if getattr(self, n) is not None and not _is_int(getattr(self, n)):
+                raise ValueError(f"ModelConfig.{n} must be None or an int, got {getattr(self, n)!r}")
+        e = self.eos_token_id
+        if not (e is None or _is_int(e) or isinstance(e, (list, tuple)) and all(_is_int(i) for i in e)):
+            raise ValueError(f"ModelConfig.eos_token_id must be None, an int or a list of ints, got {e!r}")
         r = self.initializer_range
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf"):
             raise ValueError(f"ModelConfig.initializer_range must be a number >= 0, got {r!r}")
@@ -228,6 +249,8 @@ class ModelConfig:
             with open(path, encoding="utf-8") as f:
                 try:
                     d = json.load(f)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}: not UTF-8 text: {e}") from None
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}: not valid JSON: {e}") from None
             src = path
@@ -336,7 +359,7 @@ def _check_rope_scaling(rs, max_pos) -> dict | None:
     out = {"rope_type": "llama3"}
     for k in _LLAMA3_KEYS:
         v = rs.get(k, max_pos if k == "original_max_position_embeddings" else None)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        if not _is_positive_number(v):  # (finite too: a NaN factor makes every frequency NaN)
             raise ValueError(f"rope_scaling of type 'llama3' needs a number > 0 for {k!r}, got {v!r}")
         out[k] = v
     if out["high_freq_factor"] <= out["low_freq_factor"]:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..nn import FORMAT_NAMES, SparseLinear
 from ..parallel.layers import COLUMN, check_divisible, parallel_linear, set_local_heads, shard_plan
 from ..parallel.layers import projections as tp_projections
+from ..prune import _real
 from . import INIT_STD, from_config
 from .config import ModelConfig, preset
 from .llama import rope_inv_freq
@@ -142,13 +143,17 @@ def _check_config(config) -> ModelConfig:
 
 
 def _check_sparsity(sparsity) -> float | None:
-    """``sparsity`` as the builders take it: None (or 0) for dense, else a number in (0, 1); ValueError otherwise."""
-    if sparsity == 0 and not isinstance(sparsity, bool):  # (False is refused below, as True is)
+    """``sparsity`` as the builders take it: None (or 0) for dense, else a float in (0, 1) (any real number but a
+    bool: numpy's floats of every width and 0-d tensors too, see :func:`flash_llm.prune._real`); ValueError
+    otherwise."""
+    if sparsity is None:
         return None
-    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
-                                 or not 0 < sparsity < 1):
+    value = _real(sparsity)  # (None for a bool: False is refused, as True is)
+    if value == 0:
+        return None
+    if value is None or not 0 < value < 1:  # (NaN fails too)
         raise ValueError(f"sparsity must be None (dense) or a number in (0, 1), got {sparsity!r}")
-    return sparsity
+    return value
 
 
 def _projection_fqns(config: ModelConfig) -> list[tuple[str, int, int]]:
@@ -323,25 +328,61 @@ def host_available_memory() -> int:
     return max(min(free, room) if free else room, 1)  # (known, if full: 0 would read as unknown)
 
 
-def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes left under the memory limit of the cgroup at ``root`` (v2: ``memory.max`` less ``memory.current``; v1:
-    ``memory/memory.limit_in_bytes`` less ``memory.usage_in_bytes``), or None without a limit or a readable one."""
-    for limit, used in (("memory.max", "memory.current"),
-                        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+def _cgroup_room(root: str = "/sys/fs/cgroup", self_cgroup: str | None = None) -> int | None:
+    """Bytes left under the tightest memory limit on this process' cgroups, or None without a limit or a readable one.
+
+    Every cgroup from the process' own (its line of ``self_cgroup``, the text of ``/proc/self/cgroup``, read when
+    None) up to the hierarchy's root under ``root`` counts, since a parent's limit applies too; of those with a limit,
+    the smallest limit less usage is returned (v2, mounted at ``root``: ``memory.max`` less ``memory.current``; v1,
+    at ``root/memory``: ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``).  A Slurm job or ``systemd-run -p
+    MemoryMax=`` sets its limit on the process' own cgroup, deep in the tree; a container sees its own cgroup at the
+    root (a cgroup namespace, or its cgroup mounted there), and the directories of a path it does not see are
+    skipped."""
+    if self_cgroup is None:
         try:
-            with open(os.path.join(root, limit)) as f:
-                text = f.read().strip()
-            if text == "max":
-                return None
-            with open(os.path.join(root, used)) as f:
-                current = int(f.read().strip())
-            cap = int(text)
-        except (OSError, ValueError):
+            with open("/proc/self/cgroup") as f:
+                self_cgroup = f.read()
+        except OSError:
+            self_cgroup = ""
+    own = {"v2": "/", "v1": "/"}  # (the root itself where /proc/self/cgroup says nothing)
+    for line in self_cgroup.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
             continue
-        if cap >= 1 << 60:  # (v1's "no limit" is a page-rounded 2^63)
+        if parts[0] == "0" and parts[1] == "":
+            own["v2"] = parts[2]
+        elif "memory" in parts[1].split(","):  # (v1: "4:memory:/path", or co-mounted "4:cpu,memory:/path")
+            own["v1"] = parts[2]
+    room = None
+    for base, path, limit, used in ((root, own["v2"], "memory.max", "memory.current"),
+                                    (os.path.join(root, "memory"), own["v1"], "memory.limit_in_bytes",
+                                     "memory.usage_in_bytes")):
+        names = [n for n in path.split("/") if n not in ("", ".")]
+        if ".." in names:  # (a cgroup outside this namespace's view: only the root is known)
+            names = []
+        for depth in range(len(names), -1, -1):
+            here = _cgroup_dir_room(os.path.join(base, *names[:depth]), limit, used)
+            if here is not None and (room is None or here < room):
+                room = here
+    return room
+
+
+def _cgroup_dir_room(directory: str, limit: str, used: str) -> int | None:
+    """``limit`` less ``used`` (file names) in the cgroup ``directory``; None where it has no limit (``max``, or v1's
+    page-rounded 2^63) or none that can be read (no such directory or file: the root of a v2 tree has none)."""
+    try:
+        with open(os.path.join(directory, limit)) as f:
+            text = f.read().strip()
+        if text == "max":
             return None
-        return max(cap - current, 0)
-    return None
+        cap = int(text)
+        with open(os.path.join(directory, used)) as f:
+            current = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if cap >= 1 << 60:  # (v1's "no limit" is a page-rounded 2^63)
+        return None
+    return max(cap - current, 0)
 
 
 def available_memory(device: torch.device) -> int:
