@@ -30,8 +30,11 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
-# Files next to the weights that describe them (copied by ``convert``); weights in other formats are not.
-_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|.*\.safetensors\.index\.json$")
+# Files next to the weights that describe them (copied by ``convert``); weights in other formats are not, nor the index
+# of any weight format (``pytorch_model.bin.index.json`` beside the safetensors: the output writes its own index, and
+# holds none of the shards such an index lists).
+_WEIGHT_EXTENSIONS = "safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx"
+_WEIGHT_FILE = re.compile(rf".*\.({_WEIGHT_EXTENSIONS})$|.*\.({_WEIGHT_EXTENSIONS})\.index\.json$")
 #: Endings of tensor names some checkpoints store that are no weights of the model: buffers it computes itself
 #: (Llama-2-era files' per-layer ``...self_attn.rotary_emb.inv_freq``).  Readers skip them, as transformers does.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -337,23 +340,25 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; when the block completes, it replaces ``out``.
 
     An existing ``out`` raises ``FileExistsError`` unless ``overwrite``; then it is replaced only after the
-    new directory is complete.  If the block raises (including ``KeyboardInterrupt``), or either rename of the
-    swap fails, the temporary directory is removed and ``out`` is untouched (moved back to its name, if the
-    swap had moved it aside).  (A process killed outright leaves a hidden
-    ``.<name>.tmp-*`` directory beside ``out``, never a partial ``out``.)
+    new directory is complete.  Without ``overwrite``, the final rename replaces nothing either: a path that
+    appeared at ``out`` while the block ran (another process's save, a directory the user made) is left as it is,
+    and ``FileExistsError`` naming it is raised.  A path at ``out`` that is not a directory is never replaced.  If
+    the block raises (including ``KeyboardInterrupt``), or either rename of the swap fails, the temporary directory
+    is removed and ``out`` is untouched (moved back to its name, if the swap had moved it aside).  (A process killed
+    outright leaves a hidden ``.<name>.tmp-*`` directory beside ``out``, never a partial ``out``.)
     """
     out = Path(os.fspath(out))
     check_name_lengths(out)  # (else the final rename would fail, after all the writing)
-    if out.exists() and not overwrite:
+    if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; remove it first")
+    _refuse_non_directory(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result gets the usual permissions
     try:
         yield tmp
-        if out.exists():
+        if overwrite and os.path.lexists(out):
+            _refuse_non_directory(out)  # (one that appeared meanwhile: never moved aside and deleted)
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
             try:
                 os.replace(out, old / out.name)
@@ -368,9 +373,30 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
                 raise
             shutil.rmtree(old)
         else:
-            os.replace(tmp, out)
+            _rename_without_replacing(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _refuse_non_directory(out: Path) -> None:
+    if os.path.lexists(out) and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; remove it first")
+
+
+def _rename_without_replacing(tmp: Path, out: Path) -> None:
+    """Rename the directory ``tmp`` to ``out``, which did not exist when the save began: ``FileExistsError`` naming
+    ``out`` where something is there now (made while the save ran), which is left as it is.  (``os.rename`` never
+    replaces a non-empty directory nor a file with a directory; the check before it covers an empty directory.)"""
+    appeared = (f"{out} appeared while the new checkpoint was being written (another process's save?); it was left "
+                "as it is and the new checkpoint was not written: pass overwrite=True (--overwrite) to replace it")
+    if os.path.lexists(out):
+        raise FileExistsError(appeared)
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(appeared) from None
         raise
 
 

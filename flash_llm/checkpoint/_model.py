@@ -4,7 +4,11 @@ tied (aliased) tensors, and the state dict a checkpoint stores."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -169,9 +173,93 @@ def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a1 <= b0 or b1 <= a0
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers whose state-dict names are not the model's: ``torch.compile``'s
+    ``OptimizedModule`` (``_orig_mod.``), ``DistributedDataParallel`` / ``DataParallel`` (``module.``), any number
+    of them; ``model`` itself otherwise.  A checkpoint stores the names of the model, as transformers' own
+    ``save_pretrained`` does (its ``unwrap_model``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (not imported: nothing is compiled)
+    compiled = getattr(eval_frame, "OptimizedModule", None)
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        if compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        elif isinstance(model, wrappers):
+            model = model.module
+        else:
+            return model
+
+
+#: The attribute of a model :func:`flash_llm.from_pretrained` loaded in which it records what it loaded it from.
+SOURCE_ATTR = "_flash_llm_source"
+
+
+@dataclass
+class Source:
+    """What a model was loaded from (:func:`remember_source`): the checkpoint directory, its ``config.json`` (without
+    the quantization sections) and ``generation_config.json`` (None where absent) as read, and the model's config
+    object with the ``eos_token_id`` it had right after the load."""
+
+    path: Path
+    config: dict
+    generation_config: dict | None
+    model_config: object
+    eos_token_id: object
+
+
+def remember_source(model: nn.Module, path: Path, config: dict, generation_config: dict | None) -> None:
+    """Record on ``model`` (loaded from checkpoint directory ``path``, whose ``config.json`` is ``config``) what a save
+    needs to write a faithful checkpoint of it and to refuse replacing ``path``."""
+    cfg = getattr(model, "config", None)
+    kept = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("quantization_config", "compression_config")}
+    model.__dict__[SOURCE_ATTR] = Source(Path(path), kept, copy.deepcopy(generation_config), cfg,
+                                         copy.deepcopy(getattr(cfg, "eos_token_id", None)))
+
+
+def source_of(model: nn.Module) -> Source | None:
+    """The :class:`Source` :func:`remember_source` recorded on ``model``, or None."""
+    src = getattr(model, "__dict__", {}).get(SOURCE_ATTR)
+    return src if isinstance(src, Source) else None
+
+
+# config.json keys that ModelConfig.from_hf reads but to_hf writes under other keys (transformers 5's rope_parameters,
+# a llama3 rope's top-level original_max_position_embeddings: to_hf writes rope_theta and rope_scaling), so a source's
+# value is not kept beside them (it could disagree with a config changed after loading)
+_MODELLED_ELSEWHERE = frozenset({"rope_parameters", "original_max_position_embeddings"})
+
+
+def _with_source_keys(model_config, out: dict, src: Source) -> dict:
+    """``out`` (``model_config.to_hf()``) plus the keys of the source's ``config.json`` that a ModelConfig does not
+    model (flash-llm's ``"flash_llm"`` section, ``use_cache``, ``transformers_version``, custom keys...), and the
+    source's ``eos_token_id`` where the model's is still the one it was loaded with (from_pretrained puts
+    ``generation_config.json``'s there, which the save writes beside it)."""
+    merged = {k: copy.deepcopy(v) for k, v in src.config.items() if k not in out and k not in _MODELLED_ELSEWHERE}
+    merged.update(out)
+    if model_config.eos_token_id == src.eos_token_id and "eos_token_id" in src.config:
+        merged["eos_token_id"] = copy.deepcopy(src.config["eos_token_id"])
+    return merged
+
+
+def generation_config_to_save(model: nn.Module) -> dict | None:
+    """The ``generation_config.json`` to write for ``model`` (a model without ``generation_config`` of its own, a
+    flash_llm.models one): its source's, as loaded, with the model's ``eos_token_id`` where that was changed after the
+    load; None where the source had none."""
+    src = source_of(model)
+    if src is None or src.generation_config is None:
+        return None
+    out = copy.deepcopy(src.generation_config)
+    cfg = getattr(model, "config", None)
+    eos = getattr(cfg, "eos_token_id", None)
+    if cfg is src.model_config and eos != src.eos_token_id:  # (changed since the load: the reload must agree)
+        out["eos_token_id"] = copy.deepcopy(eos)
+    return out
+
+
 def config_dict(model: nn.Module, config=None) -> dict:
     """The Hugging Face config dict to write as ``config.json``: ``config`` (a dict, a
-    ``transformers.PretrainedConfig`` or an object with ``to_dict()``), else ``model.config``."""
+    ``transformers.PretrainedConfig`` or an object with ``to_dict()``), else ``model.config``.  A flash_llm.models
+    config (``to_hf()``) of a model :func:`flash_llm.from_pretrained` loaded keeps the keys of the source's
+    ``config.json`` that it does not model (:func:`_with_source_keys`)."""
     cfg = config if config is not None else getattr(model, "config", None)
     if cfg is None:
         raise ValueError(f"{type(model).__name__} has no .config; pass config= (the Hugging Face config dict)")
@@ -179,6 +267,9 @@ def config_dict(model: nn.Module, config=None) -> dict:
         out = dict(cfg)
     elif hasattr(cfg, "to_hf"):  # flash_llm.models.ModelConfig
         out = cfg.to_hf()
+        src = source_of(model)
+        if config is None and src is not None and src.model_config is cfg:
+            out = _with_source_keys(cfg, out, src)
     elif hasattr(cfg, "to_dict"):
         out = cfg.to_dict()
     else:

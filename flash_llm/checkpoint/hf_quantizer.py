@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import __version__
 from ..formats import FORMATS, FormatError
-from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME
+from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME, parse_metadata
 from ..nn import SparseLinear
 from . import _files, _model
 from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_section, config_dtype,
@@ -81,14 +81,33 @@ def _install_save_guard() -> None:
     @functools.wraps(save)
     def save_pretrained(self, save_directory, *args, **kwargs):
         prepare_save(self)
+        before = _safetensors_files(save_directory)
         out = save(self, save_directory, *args, **kwargs)
         if any(isinstance(m, SparseLinear) for m in self.modules()):  # (safetensors writes its files 0600)
-            for f in Path(save_directory).glob("*.safetensors"):
-                _files.usual_permissions(f)
+            for f, stat in _safetensors_files(save_directory).items():
+                if before.get(f) != stat:  # written by this save (new, or rewritten); other files keep their mode
+                    _files.usual_permissions(f)
         return out
 
     save_pretrained._flash_llm_guard = True
     cls.save_pretrained = save_pretrained
+
+
+def _safetensors_files(directory) -> dict[Path, tuple[int, int, int, int]]:
+    """The ``*.safetensors`` files of ``directory`` (none where it is no directory), each with what tells whether a
+    save rewrote it: device, inode, size and modification time (ns)."""
+    out = {}
+    try:
+        files = list(Path(directory).glob("*.safetensors"))
+    except (OSError, TypeError, ValueError):  # (no such directory, or a save_directory transformers refuses itself)
+        return out
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out[f] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
 
 
 def prepare_save(model) -> None:
@@ -387,6 +406,7 @@ def _define():
                 raise ValueError("quant_method 'flash_llm' loads checkpoints written by flash-llm; to compress a "
                                  "dense pruned model use flash_llm.from_pretrained(dir) or `flash-llm convert`")
             self._headers: dict[str, str] = {}
+            self._header_files: dict[str, Path] = {}  # header entry -> the shard holding it
             self._source = "the checkpoint"
             self._names: dict[str, str | None] = {}  # checkpoint layer name -> module name (None: not in the model)
 
@@ -443,7 +463,9 @@ def _define():
             for f in files:
                 shard = _files.Shard(f)
                 keys.update({k: shard.info(k) for k in shard.keys})
-                self._headers.update({k: v for k, v in shard.metadata.items() if k.endswith("_" + METADATA_KEY)})
+                entries = {k: v for k, v in shard.metadata.items() if k.endswith("_" + METADATA_KEY)}
+                self._headers.update(entries)
+                self._header_files.update(dict.fromkeys(entries, f))
             return keys
 
         def _module_names(self, model) -> dict[str, str | None]:
@@ -554,8 +576,9 @@ def _define():
                 meta_key = prefix + METADATA_KEY
                 header = self._headers.get(meta_key)
                 declared = json.dumps({**meta, "nnz": None})
-                if header is not None:
-                    stored = json.loads(header)
+                if header is not None:  # (FormatError naming the shard and the entry: not JSON, not an object)
+                    shard = self._header_files.get(meta_key, self._source)
+                    stored = parse_metadata(self._headers, prefix, f"{shard}: ")
                     for field in ("format", "version", "dtype", "shape"):
                         if stored.get(field) != meta.get(field):
                             raise FormatError(f"{self._source}: '{fqn}' has {field} {stored.get(field)!r} in the "

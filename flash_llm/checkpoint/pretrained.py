@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -333,6 +334,24 @@ def _flash_entry(fqn: str, parts: dict[str, tuple[torch.Tensor, Path]], declared
     return Entry(f"{fqn}.weight", "flash-llm", w, path)
 
 
+def check_dtype(path, key: str, got: torch.dtype, want: torch.dtype) -> None:
+    """FormatError naming file ``path`` and tensor ``key`` where the stored dtype ``got`` is not of the kind (floating
+    point or not) of the model's tensor, dtype ``want``: a cast would turn integers into weights (or the reverse)
+    silently.  (Floating dtypes are cast to the model's.)  The check of every loader of flash-llm."""
+    if want.is_floating_point != got.is_floating_point:
+        raise FormatError(f"{path}: tensor '{key}' has dtype {got}; the model expects {want}")
+
+
+def stored_twice(path, key: str, name: str, other: str | None = None) -> FormatError:
+    """The error of tensor ``name`` of the model stored a second time in the checkpoint, at ``key`` in file ``path``:
+    ``other`` (the name it was read under before) where ``key`` is the model's own name, else ``key`` is the name
+    without the leading ``model.`` (older OPT files) under which it came a second time."""
+    if other is not None:
+        return FormatError(f"{path}: tensor '{key}' is stored a second time (also as '{other}')")
+    return FormatError(f"{path}: tensor '{key}' is '{name}' stored a second time (under the name without the leading "
+                       "'model.')")
+
+
 class _Loader:
     """One pass over a checkpoint's shards, filling ``values`` (state-dict name -> tensor on ``device``, or a
     compressed weight for a linear layer's ``.weight``)."""
@@ -371,14 +390,14 @@ class _Loader:
             if e.key not in self.expected and (e.key in self.renamed or self._transformers_name(e.key)[1]):
                 key = self.renamed.get(e.key) or self._transformers_name(e.key)[0]
                 if key in self.values or key in self.stored_as:
-                    how = ("the name without the leading 'model.'" if e.key in self.renamed else
-                           "the name transformers renames")
-                    raise FormatError(f"{e.path}: tensor '{e.key}' is '{key}' stored a second time (under {how})")
+                    if e.key in self.renamed:
+                        raise stored_twice(e.path, e.key, key)
+                    raise FormatError(f"{e.path}: tensor '{e.key}' is '{key}' stored a second time (under the name "
+                                      "transformers renames)")
                 self.stored_as[key] = e.key
                 e.key = key
             elif e.key in self.stored_as:
-                raise FormatError(f"{e.path}: tensor '{e.key}' is stored a second time (also as "
-                                  f"'{self.stored_as[e.key]}')")
+                raise stored_twice(e.path, e.key, e.key, self.stored_as[e.key])
             if e.kind == "dense":
                 self._place(e.key, e.value, e.path)
             elif e.kind == "flash-llm":
@@ -426,8 +445,7 @@ class _Loader:
             return
         self._check_shape(key, t.shape, path)
         want = self.expected[key][1]
-        if want.is_floating_point != t.dtype.is_floating_point:
-            raise FormatError(f"{path}: tensor '{key}' has dtype {t.dtype}; the model expects {want}")
+        check_dtype(path, key, t.dtype, want)
         t = t.to(self.device)
         if t.dtype != want:
             t = t.to(want)
@@ -750,19 +768,64 @@ def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
         The model in eval mode (or ``(model, report)``).  A flash_llm.models model's ``config.eos_token_id`` is
         ``generation_config.json``'s where that file sets one (:func:`use_generation_eos`), else ``config.json``'s.
     """
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # (before any work: was an assertion
-        raise ValueError(f"device={device!r}: CUDA is not available here")  # from deep inside the load)
+    check_device(device)
     path = Path(os.fspath(path))
     config = read_config(path)
     kind = checkpoint_kind(config, path / _files.CONFIG_NAME)
     dtype = _resolve_dtype(config, kind, dtype, path / _files.CONFIG_NAME, sparsify)
     model = _model.build_skeleton(config, dtype, backend, path / _files.CONFIG_NAME)
     use_generation_eos(getattr(model, "config", None), path)
+    generation = _generation_config(model, path)
     report = load_checkpoint(model, path, device=device, sparsify=sparsify, progress=progress)
     model.to(device)  # what the model computes itself (rotary frequencies) was built on the CPU beside the skeleton
     model.eval()
     _attach_hf_quantizer(model)
+    _model.remember_source(model, path, config, generation)
     return (model, report) if output_report else model
+
+
+def check_device(device) -> None:
+    """Before any work, a ValueError naming ``device`` where no model can be loaded onto it: ``meta`` (which holds no
+    data: the load would end blaming the checkpoint for tensors without data), CUDA where it is not available, a
+    device this torch cannot allocate on (another ordinal than the GPUs', a backend it is not built with)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r}: not a device ({e})") from None
+    if dev.type == "meta":
+        raise ValueError(f"device={device!r}: loading onto the meta device is not supported (it holds no data, and "
+                         "the model is built on meta already before its tensors are loaded); pass 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():  # (was an assertion from deep inside the load)
+        raise ValueError(f"device={device!r}: CUDA is not available here")
+    if dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:  # (torch's: no such ordinal, a backend it is not linked with)
+            raise ValueError(f"device={device!r}: this torch cannot allocate there ({str(e).strip()})") from None
+
+
+def _generation_config(model: nn.Module, path: Path) -> dict | None:
+    """``generation_config.json`` of checkpoint directory ``path`` as a dict (None where absent), which a save of
+    ``model`` writes back (:func:`_model.remember_source`); a transformers model gets it as its
+    ``generation_config`` too (sampling defaults and stop tokens, as transformers' own from_pretrained gives it,
+    where the skeleton built from config.json has only the config's tokens)."""
+    file = path / GENERATION_CONFIG_NAME
+    if not file.is_file():
+        return None
+    try:
+        generation = _files.read_json(file, GENERATION_CONFIG_NAME)
+    except FormatError as e:  # (a flash_llm.models model has been refused by use_generation_eos already)
+        warnings.warn(f"{e}; a save of the model writes none", UserWarning, stacklevel=3)
+        return None
+    if hasattr(getattr(model, "generation_config", None), "save_pretrained"):
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_dict(dict(generation))
+        except (TypeError, ValueError) as e:  # (transformers' own loader keeps the model's default then too)
+            warnings.warn(f"{file}: not a generation config transformers reads ({e}); the model keeps the one "
+                          "config.json gives", UserWarning, stacklevel=3)
+    return generation
 
 
 def _attach_hf_quantizer(model: nn.Module) -> None:
@@ -870,6 +933,36 @@ def _refuse_tensor_parallel(model: nn.Module) -> None:
                          "convert` compresses that one)")
 
 
+def _refuse_own_source(model: nn.Module, path) -> None:
+    """ValueError, before anything is written, where ``path`` exists and is the directory ``model`` was loaded from
+    (:func:`from_pretrained`), or holds it: writing replaces ``path`` as a whole, which would delete the source's
+    tokenizer files, ``generation_config.json`` and other files, as :func:`convert` refuses for the same reason."""
+    src = _model.source_of(model)
+    if src is None or not os.path.lexists(os.fspath(path)):
+        return
+    try:
+        _files.refuse_inside(src.path, path, "the model's source directory", "path")
+    except ValueError as e:
+        raise ValueError(f"{e}: the model was loaded from {src.path}, whose tokenizer files, generation_config.json "
+                         "and other files the save would delete (`convert` refuses the same); nothing was written"
+                         ) from None
+
+
+def _write_side_files(model: nn.Module, tmp: Path, copy_from: Path | None) -> None:
+    """The files beside the weights and config.json: ``copy_from``'s non-weight files (convert), else the model's
+    ``generation_config.json``: a transformers model's ``generation_config``, or the one a flash_llm.models model was
+    loaded with (:func:`_model.generation_config_to_save`)."""
+    if copy_from is not None:
+        for f in _files.auxiliary_files(copy_from):
+            shutil.copy2(f, tmp / f.name)
+    elif hasattr(getattr(model, "generation_config", None), "save_pretrained"):
+        model.generation_config.save_pretrained(tmp)
+    else:
+        generation = _model.generation_config_to_save(model)
+        if generation is not None:
+            _files.write_json(tmp / GENERATION_CONFIG_NAME, generation)
+
+
 def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB", overwrite: bool = False,
                     progress: bool = True, _copy_files_from: Path | None = None) -> None:
     """Write ``model`` (with or without :class:`~flash_llm.SparseLinear` layers) as a flash-llm checkpoint
@@ -877,7 +970,15 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
     ``import flash_llm``) read back exactly.
 
     The directory is written under a temporary name and renamed when complete: an existing ``path`` is an
-    error unless ``overwrite=True``, and an interrupted save leaves no partial checkpoint.
+    error unless ``overwrite=True``, and an interrupted save leaves no partial checkpoint.  A path that appears while
+    the save runs is not replaced without ``overwrite`` either (``FileExistsError``).  ``path`` may not be the
+    directory the model was loaded from, nor hold it (ValueError, as :func:`convert`): the directory is replaced as a
+    whole, and its tokenizer and other files would be lost.
+
+    A model :func:`from_pretrained` loaded keeps what it was loaded with: ``config.json`` keeps the source's keys
+    that the model's config does not hold (a flash_llm.models model's: flash-llm's ``"flash_llm"`` section, custom
+    keys), and the source's ``generation_config.json`` is written beside it.  A ``torch.compile``'d (or
+    ``DistributedDataParallel``-wrapped) model is saved as the model inside, under its own names.
 
     Args:
         model: the model; its state-dict names become the tensor names.
@@ -888,6 +989,8 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = _model.unwrap(model)
+    _refuse_own_source(model, path)
     _refuse_tensor_parallel(model)
     _refuse_merged(model)
     refuse_mixed_sparse_dtypes(model)
@@ -915,11 +1018,7 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
             writer.add({n: state[n] for n in names}, {key: meta[key]} if key in meta else None)
         writer.close({"flash_llm_format_version": FORMAT_VERSION})
         _files.write_json(tmp / _files.CONFIG_NAME, cfg)
-        if _copy_files_from is not None:
-            for f in _files.auxiliary_files(_copy_files_from):
-                shutil.copy2(f, tmp / f.name)
-        elif hasattr(getattr(model, "generation_config", None), "save_pretrained"):
-            model.generation_config.save_pretrained(tmp)
+        _write_side_files(model, tmp, _copy_files_from)
 
 
 def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = None,
@@ -943,10 +1042,13 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
         raise ValueError(f"format must be one of {names}; got {format!r}")
     if min_sparsity is not None:
         check_fraction(min_sparsity, "min_sparsity")
+    check_device(device)
     _files.check_name_lengths(dst, "destination")
     _files.refuse_inside(src, dst)
-    if dst.exists() and not overwrite:
+    if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    if os.path.lexists(dst) and not dst.is_dir():  # (before the model is loaded: writing would fail at the end)
+        raise FileExistsError(f"{dst} exists and is not a directory; remove it first")
     config = read_config(src)
     kind = checkpoint_kind(config, src / _files.CONFIG_NAME)
     _files.check_writable(dst, "destination")
@@ -954,7 +1056,13 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
     sparsify = False if format == sb.FORMAT else SparsifyConfig(
         format=format, min_sparsity=0.3 if min_sparsity is None else min_sparsity)
     if format == sb.FORMAT and kind.kind != "flash-llm":  # dense output: any floating dtype
-        load_dtype = dtype or config_dtype(config) or torch.float32
+        declared = config_dtype(config)
+        if dtype is None and declared is not None and not declared.is_floating_point:
+            raise ValueError(f"{src / _files.CONFIG_NAME} declares dtype "
+                             f"{config.get('dtype', config.get('torch_dtype'))!r}, which is not a floating-point "
+                             "dtype; the weights are loaded in it: pass dtype=torch.float16, torch.bfloat16 or "
+                             "torch.float32 (on the command line: --dtype)")
+        load_dtype = dtype or declared or torch.float32
     else:
         load_dtype = _resolve_dtype(config, kind, dtype, src / _files.CONFIG_NAME, sparsify)
     out_config = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
@@ -972,6 +1080,29 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
 
 # ---- the sparse-bitmask writer -------------------------------------------------------------------------
 
+def _pattern_list(value, name: str) -> tuple[str, ...]:
+    """``write_sparse_bitmask``'s ``targets`` / ``ignore`` as a tuple of patterns: a str is one pattern (not its
+    characters); a list, tuple or other iterable of str is taken as it is.  TypeError naming ``name`` for anything
+    else, ValueError for an invalid ``re:`` regular expression (compiled here, before anything is written)."""
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        patterns = None if isinstance(value, (bytes, dict)) else tuple(value)
+    except TypeError:
+        patterns = None
+    if patterns is None or not all(isinstance(v, str) for v in patterns):
+        raise TypeError(f"{name} must be a str or a list of str (module class names, module names or 're:<regex>' "
+                        f"patterns), got {value!r}")
+    value = patterns
+    for v in value:
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise ValueError(f"{name} has an invalid regular expression {v!r}: {e}") from None
+    return tuple(value)
+
+
 def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linear",), ignore=("lm_head",),
                          max_shard_size="5GB", overwrite: bool = False, progress: bool = True,
                          min_sparsity: float | None = None, _copy_files_from: Path | None = None) -> SparsifyReport:
@@ -983,6 +1114,12 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     atomically, like :func:`save_pretrained`, with the model's ``generation_config.json`` (stop tokens, sampling
     defaults) as it writes it.
 
+    ``targets`` and ``ignore`` are lists (or tuples) of patterns: a module class name (``"Linear"``), an exact module
+    name, or ``"re:<regex>"``; a single str is one pattern (``ignore="lm_head"`` is ``ignore=["lm_head"]``).  Anything
+    else, or an invalid regular expression, is refused (TypeError / ValueError naming the argument) before anything
+    is written.  What :func:`save_pretrained` says of ``path`` (not the model's source directory), of the config and
+    generation config of a model :func:`from_pretrained` loaded, and of wrapped models holds here too.
+
     Returns a :class:`flash_llm.nn.SparsifyReport` of the layers stored compressed (dense/sparse bytes of
     the weight and bias) and those not targeted or below ``min_sparsity``.
     """
@@ -990,11 +1127,14 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if min_sparsity is not None:
         check_fraction(min_sparsity, "min_sparsity")
+    targets, ignore = _pattern_list(targets, "targets"), _pattern_list(ignore, "ignore")
+    model = _model.unwrap(model)
+    _refuse_own_source(model, path)
     _refuse_tensor_parallel(model)
     _refuse_merged(model)
     cfg = _model.config_dict(model, config)
     cfg.pop("compression_config", None)
-    selector = sb.BitmaskConfig(tuple(targets), tuple(ignore))
+    selector = sb.BitmaskConfig(targets, ignore)
     state, sparse = _model.state_to_save(model)
     aliases = _model.alias_groups(model)
     report = SparsifyReport()
@@ -1058,9 +1198,5 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
             if "torch_dtype" in cfg:  # (as save_pretrained: the older key, where the config has it, agrees)
                 cfg["torch_dtype"] = cfg["dtype"]
         _files.write_json(tmp / _files.CONFIG_NAME, cfg)
-        if _copy_files_from is not None:
-            for f in _files.auxiliary_files(_copy_files_from):
-                shutil.copy2(f, tmp / f.name)
-        elif hasattr(getattr(model, "generation_config", None), "save_pretrained"):  # (as save_pretrained)
-            model.generation_config.save_pretrained(tmp)
+        _write_side_files(model, tmp, _copy_files_from)  # (as save_pretrained)
     return report

@@ -47,16 +47,21 @@ class _Checkpoint:
         shards, tensors = open_shards(folder)  # FormatError naming the file for a bad index or shard
         self.handles = {p: Shard(p) for p in shards}
         self.where = {k: t.file for k, t in tensors.items()}  # key -> shard path
+        self.order = {k: i for i, k in enumerate(tensors)}  # key -> its place in file order
         # where a missing tensor is reported: the one file, or the folder of the shards
         self.source = str(shards[0]) if len(shards) == 1 else folder
         self.used: set[str] = set()
 
     def key(self, name: str) -> str | None:
-        """The checkpoint's key for the model's ``name`` (older OPT files drop the leading ``model.``)."""
-        for k in stored_names(name):
-            if k in self.where:
-                return k
-        return None
+        """The checkpoint's key for the model's ``name`` (older OPT files drop the leading ``model.``); FormatError
+        naming file and tensor where the checkpoint holds it under both names, as from_pretrained refuses it."""
+        from ..checkpoint.pretrained import stored_twice
+
+        found = [k for k in stored_names(name) if k in self.where]
+        if len(found) > 1:  # (told of the one that comes later in the files, as from_pretrained reads them)
+            first, second = sorted(found, key=self.order.__getitem__)
+            raise stored_twice(self.where[second], second, name, first if second == name else None)
+        return found[0] if found else None
 
     def _slice(self, key: str, shape: tuple[int, ...]):
         sl = self.handles[self.where[key]].get_slice(key)
@@ -67,19 +72,26 @@ class _Checkpoint:
         self.used.add(key)
         return sl
 
-    def read(self, key: str, shape, rows=None, cols=None) -> torch.Tensor:
+    def read(self, key: str, shape, rows=None, cols=None, want: torch.dtype | None = None) -> torch.Tensor:
         """The tensor ``key`` (of full ``shape``), or its ``rows`` / ``cols`` ``(start, stop)`` range, as a new
-        contiguous CPU tensor; column ranges are read in row chunks (bounded temporary memory)."""
+        contiguous CPU tensor; column ranges are read in row chunks (bounded temporary memory).  With ``want`` (the
+        model's dtype for it), a stored dtype of another kind (an integer tensor where a weight belongs) is a
+        FormatError naming file and tensor, as in from_pretrained (:func:`~flash_llm.checkpoint.pretrained.
+        check_dtype`)."""
         sl = self._slice(key, shape)
         if cols is None:
-            t = sl[rows[0]:rows[1]] if rows is not None else sl[:]
-            return t.contiguous()
-        m = shape[0]
-        first = sl[0:1, cols[0]:cols[1]]
-        out = torch.empty(m, cols[1] - cols[0], dtype=first.dtype)
-        step = max(1, _READ_CHUNK // max(1, shape[1] * first.element_size()))
-        for r in range(0, m, step):
-            out[r:r + step] = sl[r:min(m, r + step), cols[0]:cols[1]]
+            out = (sl[rows[0]:rows[1]] if rows is not None else sl[:]).contiguous()
+        else:
+            m = shape[0]
+            first = sl[0:1, cols[0]:cols[1]]
+            out = torch.empty(m, cols[1] - cols[0], dtype=first.dtype)
+            step = max(1, _READ_CHUNK // max(1, shape[1] * first.element_size()))
+            for r in range(0, m, step):
+                out[r:r + step] = sl[r:min(m, r + step), cols[0]:cols[1]]
+        if want is not None:
+            from ..checkpoint.pretrained import check_dtype
+
+            check_dtype(self.where[key], key, out.dtype, want)
         return out
 
 
@@ -167,7 +179,7 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
         return k
 
     def get(name, shape, **rng):
-        return ckpt.read(need(name), shape, **rng).to(device=device, dtype=dtype)
+        return ckpt.read(need(name), shape, **rng, want=dtype).to(device=device, dtype=dtype)
 
     per_layer = len(cfg.linear_shapes())
     with torch.no_grad(), bar:  # (the bar is closed on an error too, before the caller prints it)
@@ -240,7 +252,7 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
     holds at most one expanded projection besides its share.  Returns the keys not read: a tied model's stored
     ``lm_head.weight`` (the model ties it to the input embedding, as the dense route and from_pretrained do)."""
     from ..checkpoint import sparse_bitmask as sb
-    from ..checkpoint.pretrained import iter_checkpoint
+    from ..checkpoint.pretrained import check_dtype, iter_checkpoint, stored_twice
     from ..formats import SparseFormat
 
     device = tp.device
@@ -248,12 +260,14 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
         sparsify = SparsifyConfig()
     proj = {fqn: (pkind, m, k) for fqn, pkind, m, k in projections(cfg)}
     per_layer = len(cfg.linear_shapes())
-    wanted = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta}
+    meta = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta}
+    wanted = {n: tuple(t.shape) for n, t in meta.items()}
     # checkpoint key -> model name (older OPT files drop the leading "model.")
     names = {}
     for n in wanted:
         names.setdefault(n, n)
         names.setdefault(n.removeprefix("model."), n)
+    read_as: dict[str, str] = {}  # model name -> the checkpoint key it was read from (a second one is refused)
     pending: dict[str, dict[str, object]] = {}  # projection -> weight (dense / SparseFormat) and bias, until both
     state: dict[str, torch.Tensor] = {}
     done = 0
@@ -299,13 +313,17 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
             bar.update(1)
 
     def dense_value(e, name: str):
-        """The entry ``e`` for the model's tensor ``name``: sparse-bitmask decompressed, shape checked."""
+        """The entry ``e`` for the model's tensor ``name``: sparse-bitmask decompressed, shape and dtype checked
+        (a dense tensor of another kind than the model's, an integer one for a weight, is refused as in
+        from_pretrained)."""
         value = e.value
         if e.kind == "sparse-bitmask":
             value = sb.decompress(dict(value), value.get("_name", e.key), str(e.path))
         shape = tuple(value.shape)
         if shape != wanted[name]:
             raise FormatError(f"{e.path}: tensor '{e.key}' has shape {shape}; config.json says {wanted[name]}")
+        if isinstance(value, torch.Tensor):
+            check_dtype(e.path, e.key, value.dtype, meta[name].dtype)
         return value
 
     def replicated(value) -> torch.Tensor:
@@ -326,6 +344,9 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
                     continue
                 raise FormatError(f"{e.path}: tensor '{e.key}' has no place in the {cfg.family} model built from "
                                   f"{files.path / 'config.json'} (wrong config.json, or another model's checkpoint)")
+            if name in read_as:  # (stored as 'model.X' and as 'X': from_pretrained refuses it in the same words)
+                raise stored_twice(e.path, e.key, name, None if e.key != name else read_as[name])
+            read_as[name] = e.key
             value = dense_value(e, name)
             owner, _, attr = name.rpartition(".")
             if owner in proj and attr in ("weight", "bias"):
