@@ -6,7 +6,8 @@
 #        the norm ops alone with small cases.
 # fuzz:  benchmarks/fuzz_spmm.py, small cases (FUZZ_SECONDS, default 150; FUZZ_ARGS adds options, e.g. --seed).
 # drift: benchmarks/diag/dense_drift.py: bench_spmm.py's dense N = 1 baseline before / after sparse bursts, an idle
-#        pause, the allocator emptied, with nvidia-smi's clocks (session 78's waiting item 3; about a minute).
+#        pause, the allocator emptied, with nvidia-smi's clocks (session 78's waiting item 3): the small-N Tiled-CSL
+#        burst (session 79: no drift), then bursts as the benchmark's (BitmapTiles, the expansion; about 3 minutes).
 set -uo pipefail
 source benchmarks/gpu_lib.sh  # OUT, PYTHONPATH, step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
@@ -24,8 +25,8 @@ for s in "$@"; do
         --max-elems 1048576 --device cuda --out "$OUT/fuzz" ${FUZZ_ARGS:-} ;;
     drift)
       step drift 150 python3 benchmarks/diag/dense_drift.py
-      step drift_fp16_o 150 python3 benchmarks/diag/dense_drift.py --layer OPT-66B:o --dtype fp16 --burst-s 5 \
-        --pause-s 5 ;;
+      step drift_all 200 python3 benchmarks/diag/dense_drift.py --burst-formats tiled-csl,bitmap \
+        --burst-ns 1,8,16,32,256,2048 --burst-s 40 --pause-s 5 --repeats 3 ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -9,6 +9,10 @@ power from ``nvidia-smi``, so a drift that follows the clocks (power / heat) rea
 the allocator (the freed copies) or time alone.
 
     python benchmarks/diag/dense_drift.py [--layer OPT-66B:up] [--dtype bf16] [--n 1] [--burst-s 8] [--pause-s 8]
+        [--burst-formats tiled-csl,bitmap] [--burst-ns 1,8,16,32,256,2048]
+
+Session 79 (H100): with the default burst (Tiled-CSL, N = 1-32) dense N = 1 stayed within 0.4 %; the benchmark also
+runs BitmapTiles and the large-N expansion between its two dense timings (``--burst-formats`` / ``--burst-ns``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _timing as T  # noqa: E402
-from bench_spmm import DTYPES, LAYERS, random_sparse, time_dense  # noqa: E402
+from bench_spmm import DTYPES, FORMATS, LAYERS, random_sparse, time_dense  # noqa: E402
 
 import flash_llm  # noqa: E402
 
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="dense timings a phase")
     ap.add_argument("--burst-s", type=float, default=8.0, help="seconds of sparse variants a burst")
     ap.add_argument("--pause-s", type=float, default=8.0, help="idle seconds of the pause phase")
+    ap.add_argument("--burst-formats", default="tiled-csl", help=f"formats of the bursts ({', '.join(FORMATS)})")
+    ap.add_argument("--burst-ns", default="1,8,16,32", help="N of the bursts' products (large N: the expansion)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: no CUDA device", file=sys.stderr)
@@ -57,7 +63,9 @@ def main(argv=None) -> int:
     dense_w = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
     copies = [dense_w] + [dense_w.clone() for _ in range(T.copies_needed(dense_w.nbytes) - 1)]
     xs = {args.n: torch.randn(args.n, k, device="cuda", dtype=dtype, generator=gen)}
-    small = {n: torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) for n in (1, 8, 16, 32)}
+    small = {n: torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
+             for n in (int(v) for v in args.burst_ns.split(","))}
+    formats = [FORMATS[f] for f in args.burst_formats.split(",")]
     print(f"{model} {layer} {m} x {k} {args.dtype}, dense N = {args.n}, {len(copies)} dense copies; "
           f"{torch.cuda.get_device_name()}", flush=True)
     table = []
@@ -68,16 +76,19 @@ def main(argv=None) -> int:
         print(f"{name:28s} median {table[-1][1]:8.1f} us (min {min(ts):.1f}, max {max(ts):.1f})  [{table[-1][4]}]",
               flush=True)
 
-    def burst(sparse_copies):
+    def burst(sparse_copies):  # each format's copies in turn, every N
         t_end = time.perf_counter() + args.burst_s
         while time.perf_counter() < t_end:
-            for x in small.values():
-                T.time_calls([lambda c=c, x=x: flash_llm.spmm(x, c) for c in sparse_copies], replays=3)
+            for copies_of_format in sparse_copies:
+                for x in small.values():
+                    T.time_calls([lambda c=c, x=x: flash_llm.spmm(x, c) for c in copies_of_format], replays=3)
+
+    def sparse_weights():
+        wd = random_sparse(m, k, 0.8, dtype, gen)
+        return [T.weight_copies(f.from_dense(wd)) for f in formats]
 
     phase("before")
-    wd = random_sparse(m, k, 0.8, dtype, gen)
-    sparse_copies = T.weight_copies(flash_llm.TiledCSL.from_dense(wd))
-    del wd
+    sparse_copies = sparse_weights()
     burst(sparse_copies)
     phase("after burst (copies held)")
     time.sleep(args.pause_s)
@@ -87,9 +98,7 @@ def main(argv=None) -> int:
     phase("copies freed")
     torch.cuda.empty_cache()
     phase("after empty_cache")
-    wd = random_sparse(m, k, 0.8, dtype, gen)
-    sparse_copies = T.weight_copies(flash_llm.TiledCSL.from_dense(wd))
-    del wd
+    sparse_copies = sparse_weights()
     burst(sparse_copies)
     del sparse_copies
     torch.cuda.synchronize()
