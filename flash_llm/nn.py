@@ -13,6 +13,7 @@ Inference only: a :class:`SparseLinear` holds no parameters and no gradient flow
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import warnings
@@ -29,7 +30,7 @@ from .formats._base import (COUNT_CHUNK, METADATA_KEY, VALUE_DTYPES, _magnitude_
                             count_nonzero, dtype_name)
 from .formats.delta_rows import MAX_K as _DELTA_ROWS_MAX_K
 from .ops import spmm
-from .prune import _recomputed_weight
+from .prune import _real, _recomputed_weight
 
 #: Format names accepted by ``fmt=`` and :attr:`SparsifyConfig.format`.
 FORMAT_NAMES = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL, "delta-rows": DeltaRows}
@@ -60,10 +61,32 @@ def _format_class(fmt, name: str = "fmt") -> type[SparseFormat]:
                      f"(BitmapTiles, TiledCSL, DeltaRows); got {fmt!r}")
 
 
-def check_fraction(value, name: str) -> None:
-    """ValueError naming ``name`` unless ``value`` is a number (not a bool) in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+def check_fraction(value, name: str) -> float:
+    """``value`` as a float, or ValueError naming ``name`` unless it is a real number (not a bool; numpy scalars and
+    0-d tensors too: :func:`flash_llm.prune._real`) in [0, 1]."""
+    v = _real(value)
+    if v is None or not 0.0 <= v <= 1.0:  # (NaN fails too)
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return v
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_checkable(dtype: torch.dtype) -> bool:
+    """Whether :func:`cast_loss` can check a cast from ``dtype``: torch has no ``isfinite`` for some float8 dtypes
+    (``float8_e4m3fn``, the ``fnuz`` ones)."""
+    try:
+        torch.isfinite(torch.zeros(1, dtype=dtype))
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def _uncheckable_cast(t: torch.Tensor, dtype: torch.dtype | None, name: str) -> str | None:
+    """Why ``t`` (named ``name``) cannot be cast to ``dtype`` with the loss check, or None where it can."""
+    if dtype is None or t.dtype == dtype or not t.dtype.is_floating_point or _loss_checkable(t.dtype):
+        return None
+    return (f"{name} has dtype {t.dtype}, which is not supported: a cast from it to {dtype} cannot be checked for "
+            "overflow (torch has no isfinite for it); cast it to float32 first")
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
@@ -109,6 +132,8 @@ def cast_loss(src: torch.Tensor, dst: torch.Tensor) -> str | None:
 def _exact_bias(bias: torch.Tensor, dtype: torch.dtype, name: str, copy: bool = True) -> torch.Tensor:
     """``bias`` in ``dtype`` (a copy unless ``copy`` is False), refusing (:class:`LossyCastError`, naming ``name``) a
     cast that is not exact to rounding.  A meta ``bias`` (no values to check: :func:`cast_loss`) is cast as it is."""
+    if (why := _uncheckable_cast(bias, dtype, name)) is not None:
+        raise TypeError(why)
     cast = bias.detach().to(dtype, copy=copy)
     loss = cast_loss(bias, cast)
     if loss is not None:
@@ -119,6 +144,8 @@ def _exact_bias(bias: torch.Tensor, dtype: torch.dtype, name: str, copy: bool = 
 def _exact_dense_weight(weight, dtype: torch.dtype | None, name: str) -> torch.Tensor:
     """``check_dense_weight(weight, dtype, name)``, refusing (:class:`LossyCastError`, naming ``name``) a cast to
     ``dtype`` that is not exact to rounding."""
+    if isinstance(weight, torch.Tensor) and (why := _uncheckable_cast(weight, dtype, name)) is not None:
+        raise TypeError(why)
     w = check_dense_weight(weight, dtype, name=name)
     loss = cast_loss(weight, w) if dtype is not None else None
     if loss is not None:
@@ -197,6 +224,7 @@ class SparseLinear(nn.Module):
         if nnz < 0 and weight.device.type != "meta":  # a weight built without its count (reference.as_format)
             nnz = type(weight)._validate(weight.tensors(), weight.shape, "", "")
         self._nnz: int = nnz
+        self._unfilled = False  # arrays allocated without values (to_empty from meta): forward / to_dense refuse
 
     # ---- constructors --------------------------------------------------------------------------
     @classmethod
@@ -244,9 +272,12 @@ class SparseLinear(nn.Module):
         """
         if dtype not in VALUE_DTYPES:
             raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        from .data import _as_int  # (numpy integers and 0-d integer tensors as Python ints)
+
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(_as_int(v), int) or _as_int(v) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        in_features, out_features = _as_int(in_features), _as_int(out_features)
         cls_ = _format_class(fmt)
         if cls_ is DeltaRows and (why := _delta_rows_too_wide(in_features, "in_features", "fmt")) is not None:
             raise ValueError(why)
@@ -304,9 +335,16 @@ class SparseLinear(nn.Module):
         for n, t in weight.tensors().items():
             self._buffers["weight_" + n] = t  # (the same names keep their places in the state dict)
         self.weight_format, self._nnz = type(weight), weight.nnz
+        self._unfilled = False
+
+    def _check_filled(self) -> None:
+        if getattr(self, "_unfilled", False):
+            raise RuntimeError("this SparseLinear's arrays are uninitialized memory (to_empty() moved it off the meta "
+                               "device, which allocates without values): load_state_dict its weights first")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``."""
+        self._check_filled()
         if x.dtype != self.weight_dtype:
             raise TypeError(f"SparseLinear holds a {self.weight_dtype} weight (fixed at compression; module "
                             f"dtype casts do not change it) but x has dtype {x.dtype}; cast x, or rebuild "
@@ -315,6 +353,7 @@ class SparseLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The dense weight ``[out_features, in_features]`` in :attr:`weight_dtype`, on this module's device."""
+        self._check_filled()
         return self.weight.to_dense()
 
     def to_linear(self) -> nn.Linear:
@@ -325,7 +364,7 @@ class SparseLinear(nn.Module):
         lin.weight = nn.Parameter(w)
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias.clone())
-        return lin
+        return lin.train(self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -344,6 +383,8 @@ class SparseLinear(nn.Module):
             new = self._buffers[n]
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)
+            if old is not None and new is not None and old.is_meta and not new.is_meta:
+                self._unfilled = True  # (no values come off meta: to_empty allocated the arrays empty)
         if probe.dtype != self.weight_dtype:
             warnings.warn(f"a cast to {probe.dtype} leaves SparseLinear layers in {self.weight_dtype}: a "
                           "compressed weight keeps the dtype it was compressed in (rebuild it with "
@@ -413,6 +454,7 @@ class SparseLinear(nn.Module):
                         # keeps it; exact to rounding, _bias_cast_error checked it)
                         self._buffers["bias"] = self.bias.detach().to(w.dtype)
                 self.weight_format, self.weight_dtype, self._nnz = type(w), w.dtype, w.nnz
+                self._unfilled = False  # (the arrays are the checkpoint's now)
             elif w is None and bias_key in state_dict:
                 state_dict.pop(bias_key)
                 popped.append(bias_key)
@@ -519,6 +561,7 @@ class SparsifyConfig:
 
     def __post_init__(self):
         _, self.skip_names = self._checked()
+        self.min_sparsity = _real(self.min_sparsity)  # (a numpy scalar or 0-d tensor stored as a plain float)
 
     def _checked(self) -> tuple[type[SparseFormat], tuple[str, ...]]:
         """Every field checked (ValueError / TypeError naming it): the format's class and the skip names as a
@@ -616,6 +659,8 @@ def _storage_key(t: torch.Tensor):
     return (t.device, ptr) if ptr else None
 
 
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
 #: the hook dicts of an nn.Module a replacement would drop, by kind (register_forward_hook,
 #: register_full_backward_hook, register_full_backward_pre_hook, state-dict save / load hooks)
 _HOOKS = (("forward", ("_forward_hooks", "_forward_pre_hooks")),
@@ -659,6 +704,8 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
         return _MHA_OUT_PROJ
     if type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__} overrides nn.Linear.forward"
+    if "forward" in module.__dict__:  # (accelerate's add_hook_to_module, monkey patches: a replacement drops it)
+        return "forward replaced on the instance (an accelerate-style hook?) that a replacement would drop"
     if parametrize.is_parametrized(module):
         return "parametrized weight or bias (torch.nn.utils.parametrize); remove the parametrization first"
     how = _recomputed_weight(module)  # (torch prune's weight_orig / weight_mask, weight_norm, ...: as the pruners)
@@ -668,15 +715,22 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
     hooks = [f"{n} {kind} hook(s)" for kind, n in hooks if n]
     if hooks:
         return f"has {' and '.join(hooks)} that a replacement would drop"
-    w = module.weight
-    if type(w) not in (torch.Tensor, nn.Parameter) or (module.bias is not None
-                                                       and type(module.bias) not in (torch.Tensor, nn.Parameter)):
-        return f"weight is a {type(w).__name__} (a tensor subclass), not a plain tensor"
+    w, b = module.weight, module.bias
+    for name, t in (("weight", w), ("bias", b)):
+        if t is not None and type(t) not in (torch.Tensor, nn.Parameter):
+            return f"{name} is a {type(t).__name__} (a tensor subclass), not a plain tensor"
+    for name, t in (("weight", w), ("bias", b)):
+        if t is not None and t.layout != torch.strided:
+            what = "a sparse tensor" if t.layout in _SPARSE_LAYOUTS else "not a dense (strided) tensor"
+            return f"{name} is {what} (layout {t.layout}); the formats compress a dense weight"
+    if w.ndim != 2:
+        return f"weight is not 2-D (shape {tuple(w.shape)})"
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        return f"bias has shape {tuple(b.shape)}; expected ({w.shape[0]},)"
     if w.is_meta:
         return "weight is on the meta device (no values to compress); load the weights first"
     if w.numel() == 0:
         return f"empty weight {tuple(w.shape)}"
-    b = module.bias
     if b is not None and b.is_meta:
         return "bias is on the meta device (no values to copy); load the weights first"
     if b is not None and b.device != w.device:
@@ -696,6 +750,9 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
         return f"dtype {w.dtype} is not supported (fp16/bf16)"
     if not w.dtype.is_floating_point:
         return f"dtype {w.dtype} is not a floating-point dtype"
+    for name, t, to in (("weight", w, config.dtype), ("bias", b, config.dtype or w.dtype)):
+        if t is not None and (why := _uncheckable_cast(t, to, name)) is not None:
+            return why
     return None
 
 
@@ -734,21 +791,22 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> SparsifyReport:
     """Replace, in place, the ``nn.Linear`` layers of ``model`` worth compressing by :class:`SparseLinear`.
 
-    Every layer gets a decision first: a layer stays dense when ``filter_fn(module, fqn)`` returns
-    False, its name is in ``config.skip_names`` (``lm_head`` by default), its weight or bias is shared
-    with another parameter or buffer (tied weights), it is an ``nn.Linear`` subclass with its own
-    ``forward`` or one another module reads directly (``nn.MultiheadAttention.out_proj``,
-    ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``), it carries forward, backward or state-dict
-    hooks, parametrizations or ``torch.nn.utils.prune`` masks, its weight or bias is on ``meta`` (or the bias on
-    another device than the weight), its dtype is not fp16/bf16 and ``config.dtype`` is unset, a cast to
-    ``config.dtype`` (or of the bias to the weight's dtype) would overflow to inf or flush nonzeros to zero, its
-    sparsity is below ``config.min_sparsity`` (inclusive: exactly that fraction converts), the format cannot hold
-    its shape (DeltaRows: ``in_features >= 65536``), or its compressed weight would not be smaller.  Then all
-    chosen layers are compressed (on their devices, so peak memory holds both versions of them; outside inference
-    mode, so the buffers are normal tensors even under ``torch.inference_mode()``) and only then swapped in: any
-    other exception raised while compressing propagates with the model unchanged.  Converted layers are inference
-    only: when a layer whose weight required grad in a ``train()`` model is converted, a ``RuntimeWarning`` says
-    how many (it is done all the same).
+    Every layer gets a decision first: a layer stays dense when ``filter_fn(module, fqn)`` returns False, its name
+    is in ``config.skip_names`` (``lm_head`` by default), its weight or bias is shared with another parameter or
+    buffer (tied weights), it is an ``nn.Linear`` subclass with its own ``forward`` or one another module reads
+    directly (``nn.MultiheadAttention.out_proj``, ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``), it
+    carries forward, backward or state-dict hooks, a ``forward`` replaced on the instance (accelerate's hooks),
+    parametrizations or ``torch.nn.utils.prune`` masks, its weight is not a dense 2-D tensor (or has a dtype whose
+    cast torch cannot check, e.g. ``float8_e4m3fn``), its weight or bias is on ``meta`` (or the bias on another
+    device than the weight), its dtype is not fp16/bf16 and ``config.dtype`` is unset, a cast to ``config.dtype``
+    (or of the bias to the weight's dtype) would overflow to inf or flush nonzeros to zero, its sparsity is below
+    ``config.min_sparsity`` (inclusive: exactly that fraction converts), the format cannot hold its shape
+    (DeltaRows: ``in_features >= 65536``), or its compressed weight would not be smaller.  Then all chosen layers
+    are compressed (on their devices, so peak memory holds both versions of them; outside inference mode, so the
+    buffers are normal tensors even under ``torch.inference_mode()``) and only then swapped in: any other exception
+    raised while compressing propagates with the model unchanged.  Converted layers are inference only: when a layer
+    whose weight required grad in a ``train()`` model is converted, a ``RuntimeWarning`` says how many (it is done
+    all the same).
 
     Args:
         model: any module; converted layers must then be fed inputs of their dtype.
@@ -767,7 +825,7 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"config must be a SparsifyConfig or None, got {type(config).__name__}")
     fmt_cls, skip_names = config._checked()  # (again: a dataclass field may be set after __post_init__)
-    min_zeros = Fraction(repr(float(config.min_sparsity)))  # exact: 0.2 is 1/5, not 0.2000000000000000111
+    min_zeros = Fraction(repr(_real(config.min_sparsity)))  # exact: 0.2 is 1/5, not 0.2000000000000000111
     read_directly = _read_directly(model)
 
     sharing: dict = {}
@@ -803,6 +861,7 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
 
     for fqn, layer in plan:
         parent, _, name = fqn.rpartition(".")
+        layer.train(model.get_submodule(fqn).training)  # (the flag of the layer it replaces, as in an eval() model)
         setattr(model.get_submodule(parent), name, layer)
     if plan:  # a transformers model then saves through its own save_pretrained, as one from_pretrained gives
         from .checkpoint.pretrained import _attach_hf_quantizer

@@ -115,20 +115,24 @@ def _copy(fn):
 
 
 def _with_fallback(key: tuple[str, str, torch.dtype], compiled):
-    """``compiled``, or where it raises: a warning, and the eager function from then on (``_COMPILED[key]``)."""
+    """``compiled``, or where it raises and the eager function does not (so compiling, or its toolchain, failed): a
+    warning, and the eager function from then on (``_COMPILED[key]``).  Where the eager function raises too, the
+    call itself was wrong (a shape or dtype error of the caller's): its error is raised, and nothing switched."""
     name = key[0]
     eager = _EAGER[name]
 
     def call(*args):
         try:
             return compiled(*args)
-        except Exception as e:  # compilation (or its toolchain) failed: the eager function gives the same result
-            _COMPILED[key] = eager
-            first = str(e).splitlines()[0][:200] if str(e) else ""
-            warnings.warn(f"flash_llm: compiling the fused {name} failed ({type(e).__name__}: {first}); using the "
-                          f"eager version for {key[1]} {str(key[2]).removeprefix('torch.')}", RuntimeWarning,
-                          stacklevel=3)
-            return eager(*args)
+        except Exception as e:  # compilation (or its toolchain) failed, or the call itself is wrong
+            failed = e
+        out = eager(*args)  # (raises, and switches nothing, where the call itself is wrong)
+        _COMPILED[key] = eager  # compiling failed: the eager function gives the same result
+        first = str(failed).splitlines()[0][:200] if str(failed) else ""
+        warnings.warn(f"flash_llm: compiling the fused {name} failed ({type(failed).__name__}: {first}); using the "
+                      f"eager version for {key[1]} {str(key[2]).removeprefix('torch.')}", RuntimeWarning,
+                      stacklevel=3)
+        return out
 
     return call
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import SparseLinear
+from ..nn import _HOOKS, SparseLinear
 
 
 class MergedLinear(nn.Module):
@@ -80,6 +80,13 @@ def _why_not(layers: list[nn.Module]) -> str | None:
     if len(kinds) != 1 or next(iter(kinds)) not in (nn.Linear, SparseLinear):
         return "the layers are not all nn.Linear or all SparseLinear: " + ", ".join(sorted(k.__name__ for k in kinds))
     first = layers[0]
+    for m in layers:  # (a stacked layer would drop them: the output would change)
+        hooks = [(kind, sum(len(getattr(m, a, None) or ()) for a in attrs)) for kind, attrs in _HOOKS]
+        hooks = [f"{n} {kind} hook(s)" for kind, n in hooks if n]
+        if "forward" in m.__dict__:
+            hooks.append("a forward replaced on the instance (an accelerate-style hook?)")
+        if hooks:
+            return f"a layer has {' and '.join(hooks)} that merging would drop"
     if any(m.in_features != first.in_features for m in layers):
         return "in_features differ"
     if len({m.bias is None for m in layers}) != 1:
@@ -102,7 +109,8 @@ def _carry_mark(layers: list[nn.Module], into: nn.Module, paired: bool) -> nn.Mo
 
 @torch.no_grad()
 def _stack(layers: list[nn.Module], pair_halves: bool = False) -> nn.Module:
-    return _carry_mark(layers, _stacked(layers, pair_halves), pair_halves)
+    out = _carry_mark(layers, _stacked(layers, pair_halves), pair_halves)
+    return out.train(layers[0].training)  # (the flag of the layers it replaces, as in an eval() model)
 
 
 def _stacked(layers: list[nn.Module], pair_halves: bool) -> nn.Module:
@@ -132,7 +140,7 @@ def _split(layer: nn.Module, sizes: tuple[int, ...]) -> list[nn.Module]:
             if bias is not None:
                 lin.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
             parts.append(lin)
-        _carry_mark([layer], parts[-1], False)
+        _carry_mark([layer], parts[-1], False).train(layer.training)
         r0 = r1
     return parts
 
@@ -159,7 +167,7 @@ def merge_projections(model: nn.Module) -> dict[str, str]:
             why = _why_not(layers)
             if why is None:
                 merged = MergedLinear(_stack(layers, target == "gate_up_proj"), [m.out_features for m in layers],
-                                      names, list(module._modules))
+                                      names, list(module._modules)).train(layers[0].training)
                 for n in names:
                     delattr(module, n)
                 setattr(module, target, merged)
