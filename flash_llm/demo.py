@@ -579,13 +579,10 @@ def _seed(text: str) -> int:
     """``--seed`` of ``flash-llm prune`` and ``flash-llm demo``: an integer that ``torch.Generator.manual_seed``
     takes, in ``[-2**63, 2**64)`` (a negative one counts modulo 2**64), checked while the arguments are parsed."""
     try:
-        v = int(text)
-    except ValueError:
-        v = None
-    if v is None or not -2**63 <= v < 2**64:
+        return data._check_seed(int(text))
+    except ValueError:  # (not an integer, or out of range)
         raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (a torch.Generator seed), "
-                                         f"got {text!r}")
-    return v
+                                         f"got {text!r}") from None
 
 
 def cmd_prune(args) -> int:

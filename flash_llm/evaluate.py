@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import _as_int, _check_stream, windows
+from .data import _as_int, _check_positive, _check_stream, windows
 from .prune import _restore_training_flags, _token_id_error, _training_flags
 
 __all__ = ["EvalResult", "evaluate", "logits_of"]
@@ -86,16 +86,13 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    given = seq_len, batch_size, max_tokens
-    seq_len, batch_size, max_tokens = (_as_int(v) for v in given)
-    for name, v, was in (("seq_len", seq_len, given[0]), ("batch_size", batch_size, given[1])):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {was!r}")
+    seq_len, batch_size = _check_positive("seq_len", seq_len), _check_positive("batch_size", batch_size)
     tokens = _check_stream(tokens)  # (before slicing it: a 0-d tensor has no [:n])
     if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int or None, got {given[2]!r}")
-        tokens = tokens[:max_tokens + 1]
+        n = _as_int(max_tokens)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        tokens = tokens[:n + 1]
     cfg = getattr(model, "config", None)  # (flash_llm's and transformers' configs name these alike)
     context = getattr(cfg, "max_position_embeddings", None)
     if isinstance(context, int) and seq_len > context:

@@ -669,6 +669,14 @@ _HOOKS = (("forward", ("_forward_hooks", "_forward_pre_hooks")),
                           "_load_state_dict_post_hooks")))
 
 
+
+
+def _hook_counts(module: nn.Module) -> list[str]:
+    """The hooks of ``module`` a replacement would drop (:data:`_HOOKS`), as ``"N kind hook(s)"``, kinds it has."""
+    counts = [(kind, sum(len(getattr(module, a, None) or ()) for a in attrs)) for kind, attrs in _HOOKS]
+    return [f"{n} {kind} hook(s)" for kind, n in counts if n]
+
+
 _MHA_OUT_PROJ = "out_proj of nn.MultiheadAttention, which reads its .weight directly"
 
 
@@ -711,8 +719,7 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
     how = _recomputed_weight(module)  # (torch prune's weight_orig / weight_mask, weight_norm, ...: as the pruners)
     if how is not None:
         return f"weight recomputed at every forward: {how}"
-    hooks = [(kind, sum(len(getattr(module, a, None) or ()) for a in attrs)) for kind, attrs in _HOOKS]
-    hooks = [f"{n} {kind} hook(s)" for kind, n in hooks if n]
+    hooks = _hook_counts(module)
     if hooks:
         return f"has {' and '.join(hooks)} that a replacement would drop"
     w, b = module.weight, module.bias

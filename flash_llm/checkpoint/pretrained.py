@@ -342,14 +342,14 @@ def check_dtype(path, key: str, got: torch.dtype, want: torch.dtype) -> None:
         raise FormatError(f"{path}: tensor '{key}' has dtype {got}; the model expects {want}")
 
 
-def stored_twice(path, key: str, name: str, other: str | None = None) -> FormatError:
+def stored_twice(path, key: str, name: str, other: str | None = None,
+                 under: str = "the name without the leading 'model.'") -> FormatError:
     """The error of tensor ``name`` of the model stored a second time in the checkpoint, at ``key`` in file ``path``:
-    ``other`` (the name it was read under before) where ``key`` is the model's own name, else ``key`` is the name
-    without the leading ``model.`` (older OPT files) under which it came a second time."""
+    ``other`` (the name it was read under before) where ``key`` is the model's own name, else ``key`` is another
+    name for it, ``under`` saying which (older OPT files drop the leading ``model.``)."""
     if other is not None:
         return FormatError(f"{path}: tensor '{key}' is stored a second time (also as '{other}')")
-    return FormatError(f"{path}: tensor '{key}' is '{name}' stored a second time (under the name without the leading "
-                       "'model.')")
+    return FormatError(f"{path}: tensor '{key}' is '{name}' stored a second time (under {under})")
 
 
 class _Loader:
@@ -390,10 +390,8 @@ class _Loader:
             if e.key not in self.expected and (e.key in self.renamed or self._transformers_name(e.key)[1]):
                 key = self.renamed.get(e.key) or self._transformers_name(e.key)[0]
                 if key in self.values or key in self.stored_as:
-                    if e.key in self.renamed:
-                        raise stored_twice(e.path, e.key, key)
-                    raise FormatError(f"{e.path}: tensor '{e.key}' is '{key}' stored a second time (under the name "
-                                      "transformers renames)")
+                    raise stored_twice(e.path, e.key, key, **({} if e.key in self.renamed
+                                                             else {"under": "the name transformers renames"}))
                 self.stored_as[key] = e.key
                 e.key = key
             elif e.key in self.stored_as:
@@ -1093,14 +1091,13 @@ def _pattern_list(value, name: str) -> tuple[str, ...]:
     if patterns is None or not all(isinstance(v, str) for v in patterns):
         raise TypeError(f"{name} must be a str or a list of str (module class names, module names or 're:<regex>' "
                         f"patterns), got {value!r}")
-    value = patterns
-    for v in value:
+    for v in patterns:
         if v.startswith("re:"):
             try:
                 re.compile(v[3:])
             except re.error as e:
                 raise ValueError(f"{name} has an invalid regular expression {v!r}: {e}") from None
-    return tuple(value)
+    return patterns
 
 
 def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linear",), ignore=("lm_head",),

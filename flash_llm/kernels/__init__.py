@@ -1009,17 +1009,15 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
             _delta_rows_cuda(x[i:j], data, offsets, m, k, bias, None if add_to is not None else y[i:j], act, norm,
                              y[i:j] if add_to is not None else None)
         return y
+    g, eps, rscale = _norm_kernel_args(norm, x.dtype)  # (the kernels' weight, eps and factor scale; none: None)
     if 2 <= n <= DELTA_MULTI_MAX:
         nt_norm = norm is not None and dr_nt_norm_ok(n, k, lay.parts, norm)
         if (norm is not None and not nt_norm) or act == "relu" or (act is not None and not lay.paired):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
-        rscale = 1.0
         if nt_norm:  # (the kernel stages X and the norm's weight by 16-byte loads)
-            g, eps, rscale = _norm_kernel_args(norm, x.dtype)
             x, norm = _aligned16(x.contiguous()), (_aligned16(g.contiguous()), eps)
         return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm if nt_norm else None, rscale)
     ln_bias = norm[1] if norm is not None and len(norm) == 3 else None
-    g, eps, rscale = _norm_kernel_args(norm, x.dtype)
     fused = n == 1 and (act in (None, "relu") or lay.paired) and (
         norm is None or all(t is None or (t.is_contiguous() and t.data_ptr() % 4 == 0) for t in (g, ln_bias)))
     if not fused:
@@ -1030,7 +1028,7 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
         return _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, out)
     x = x.contiguous()
     if lay.parts > 1:
-        return _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay)
+        return _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay, (g, eps, rscale))
     slices, mp, s = lay.slices, lay.mp, lay.splits
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (g is None or g.data_ptr() % 16 == 0)
               and (ln_bias is None or ln_bias.data_ptr() % 16 == 0))
@@ -1091,13 +1089,13 @@ def parts_stage(k: int) -> int:
     return 1 if PARTS_STAGE == 1 and 4 * k <= DR_NT_STAGE_MAX else 2
 
 
-def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay) -> torch.Tensor:
+def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay, kernel_norm) -> torch.Tensor:
     """N = 1 on a DeltaRows weight of the parts layout: ``delta_rows_parts_<dtype>_p<P>_s<1|2>`` (one launch, no
     split-K, every epilogue inside)."""
     dev = x.device
     x = _aligned16(x)
     ln_bias = _aligned16(norm[1]) if norm is not None and len(norm) == 3 else None
-    g, eps, rscale = _norm_kernel_args(norm, x.dtype)
+    g, eps, rscale = kernel_norm  # (:func:`_norm_kernel_args` of ``norm``)
     scale = _aligned16(g) if g is not None else None
     y, mode = _dr_out(x, m, out, act, norm, add_to)
     stage = 2 if lay.coded else parts_stage(k)  # (coded: X staged 16-bit only)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import _HOOKS, SparseLinear
+from ..nn import SparseLinear, _hook_counts
 
 
 class MergedLinear(nn.Module):
@@ -81,8 +81,7 @@ def _why_not(layers: list[nn.Module]) -> str | None:
         return "the layers are not all nn.Linear or all SparseLinear: " + ", ".join(sorted(k.__name__ for k in kinds))
     first = layers[0]
     for m in layers:  # (a stacked layer would drop them: the output would change)
-        hooks = [(kind, sum(len(getattr(m, a, None) or ()) for a in attrs)) for kind, attrs in _HOOKS]
-        hooks = [f"{n} {kind} hook(s)" for kind, n in hooks if n]
+        hooks = _hook_counts(m)
         if "forward" in m.__dict__:
             hooks.append("a forward replaced on the instance (an accelerate-style hook?)")
         if hooks:
