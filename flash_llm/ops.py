@@ -231,8 +231,10 @@ def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k, bias=None):
 
     if _no_kernels(x.device):
         _add_reference(acc, x, data, offsets, fmt, m, k, bias)
-    else:  # (x read while acc is written: the fused one-token kernels would read rows other blocks already wrote)
-        kernels.spmm_cuda(x.clone() if _overlaps(acc, x) else x, data, offsets, fmt, m, k, bias, add_to=acc)
+    else:  # (x and bias read while acc is written: blocks would read what other blocks already wrote)
+        x = x.clone() if _overlaps(acc, x) else x
+        bias = bias.clone() if bias is not None and _overlaps(acc, bias) else bias
+        kernels.spmm_cuda(x, data, offsets, fmt, m, k, bias, add_to=acc)
 
 
 @_spmm_add_op.register_fake

@@ -20,7 +20,7 @@ import torch
 
 import flash_llm
 from flash_llm import FormatError, SparseLinear
-from flash_llm.checkpoint import _files, convert, write_sparse_bitmask
+from flash_llm.checkpoint import _files, convert, load_checkpoint, write_sparse_bitmask
 from flash_llm.checkpoint import pretrained as pretrained_module
 from flash_llm.cli import main
 
@@ -368,6 +368,17 @@ def test_convert_onto_an_existing_file_fails_before_loading(sources, tmp_path, c
 def test_from_pretrained_refuses_the_meta_device_naming_it(sources):
     with pytest.raises(ValueError, match=r"^device='meta': loading onto the meta device is not supported"):
         flash_llm.from_pretrained(sources[1], device="meta", progress=False)
+
+
+def test_load_checkpoint_refuses_the_meta_device_before_touching_the_module(sources):
+    """``load_checkpoint`` called directly checks its device as ``from_pretrained`` does (it went on to fail
+    blaming the checkpoint, after some of the module's tensors were already assigned)."""
+    model = flash_llm.from_pretrained(sources[0], sparsify=False, progress=False)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^device='meta': loading onto the meta device is not supported"):
+        load_checkpoint(model, sources[1], device="meta", progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_convert_to_sparse_bitmask_names_config_json_for_an_integer_dtype(sources, tmp_path):

@@ -305,3 +305,28 @@ def test_spmm_add_with_acc_the_same_tensor_as_x_reads_x_first(monkeypatch):
     base = torch.zeros(4, 64).half()
     assert ops._overlaps(base[:2], base[1:3]) and not ops._overlaps(base[:2], base[2:])
     assert ops._overlaps(base, base.t()) and not ops._overlaps(base[:, :32], torch.zeros(4, 32).half())
+
+
+def test_spmm_add_hands_cuda_a_bias_apart_from_acc(monkeypatch):
+    """``spmm_add_(acc, x, w, bias=acc[0])``: the bias is read while acc's rows are written, so the CUDA path hands the
+    kernels a copy of a bias that shares acc's bytes, as it does for x (launch faked: no GPU); the reference path reads
+    the bias before it adds."""
+    from flash_llm import kernels, ops
+
+    g = torch.Generator().manual_seed(5)
+    wd = torch.randn(64, 64, generator=g).half()
+    wd[wd.abs() < 1] = 0
+    w = flash_llm.TiledCSL.from_dense(wd)
+    x = torch.randn(3, 64, generator=g).half()
+    acc = torch.randn(3, 64, generator=g).half()
+    want = acc + flash_llm.spmm(x, w, acc[1].clone())
+    got = acc.clone()
+    ops.spmm_add_(got, x, w, got[1])
+    assert torch.equal(got, want)
+    seen = []
+    monkeypatch.setattr(ops, "_no_kernels", lambda device: False)
+    monkeypatch.setattr(kernels, "spmm_cuda",
+                        lambda x, d, o, f, m, k, bias, add_to=None: seen.append(ops._overlaps(bias, add_to)))
+    ops._spmm_add_cuda(acc, x, w.data, w.offsets, ops._format_id(w), 64, 64, acc[1])
+    ops._spmm_add_cuda(acc, x, w.data, w.offsets, ops._format_id(w), 64, 64, acc[1].clone())
+    assert seen == [False, False]

@@ -672,6 +672,7 @@ def load_checkpoint(module: nn.Module, path, *, device="cpu", sparsify: Sparsify
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_device(device)
     files = _files.open_checkpoint(path)
     kind = checkpoint_kind(files.config, files.path / _files.CONFIG_NAME)
     loader = _Loader(module, files, kind, torch.device(device), _mode(sparsify, kind), progress)
