@@ -937,14 +937,22 @@ def _refuse_own_source(model: nn.Module, path) -> None:
     (:func:`from_pretrained`), or holds it: writing replaces ``path`` as a whole, which would delete the source's
     tokenizer files, ``generation_config.json`` and other files, as :func:`convert` refuses for the same reason."""
     src = _model.source_of(model)
+    src = src.path if src is not None else _transformers_source(model)
     if src is None or not os.path.lexists(os.fspath(path)):
         return
     try:
-        _files.refuse_inside(src.path, path, "the model's source directory", "path")
+        _files.refuse_inside(src, path, "the model's source directory", "path")
     except ValueError as e:
-        raise ValueError(f"{e}: the model was loaded from {src.path}, whose tokenizer files, generation_config.json "
+        raise ValueError(f"{e}: the model was loaded from {src}, whose tokenizer files, generation_config.json "
                          "and other files the save would delete (`convert` refuses the same); nothing was written"
                          ) from None
+
+
+def _transformers_source(model: nn.Module) -> Path | None:
+    """The local directory a model loaded by transformers itself came from (its config's ``_name_or_path``, where that
+    is a directory here), or None."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return Path(name) if isinstance(name, str) and name and os.path.isdir(name) else None
 
 
 def _write_side_files(model: nn.Module, tmp: Path, copy_from: Path | None) -> None:

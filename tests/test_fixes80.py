@@ -1,0 +1,33 @@
+"""Session 80's fixes, each test failing without its fix: a model loaded by transformers itself is protected from a
+save over the directory it came from, as one loaded by ``flash_llm.from_pretrained`` is."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm.checkpoint import write_sparse_bitmask
+
+from _ckpt import hf_model, save_hf
+
+
+def test_saving_a_transformers_loaded_model_over_its_source_is_refused(tmp_path):
+    import transformers
+
+    d = save_hf(hf_model("llama", seed=8), tmp_path / "src")
+    (d / "tokenizer.json").write_text("{}")
+    before = sorted(os.listdir(d))
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float16)
+    flash_llm.sparsify_(model)
+    for save in (flash_llm.save_pretrained, write_sparse_bitmask):
+        with pytest.raises(ValueError, match=rf"the model's source directory {d} and path {d} are the same directory"
+                                             rf".*loaded from {d}, whose tokenizer files.*nothing was written"):
+            save(model, d, overwrite=True, progress=False)
+        with pytest.raises(ValueError, match=rf"source directory {d} lies inside path {tmp_path}"):
+            save(model, tmp_path, overwrite=True, progress=False)
+    assert sorted(os.listdir(d)) == before
+    flash_llm.save_pretrained(model, tmp_path / "elsewhere", progress=False)  # anywhere else: fine
+    assert (tmp_path / "elsewhere" / "config.json").exists()
