@@ -31,3 +31,25 @@ def test_saving_a_transformers_loaded_model_over_its_source_is_refused(tmp_path)
     assert sorted(os.listdir(d)) == before
     flash_llm.save_pretrained(model, tmp_path / "elsewhere", progress=False)  # anywhere else: fine
     assert (tmp_path / "elsewhere" / "config.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n", [1, 8, 40])
+def test_spmm_add_with_a_bias_inside_acc_on_the_gpu(fmt, dtype, n):
+    """``spmm_add_(acc, x, w, acc[-1])`` on the GPU: the bias row is read as it was before the call (the kernels get a
+    copy of it), for every format on the one-token, multi-token and warpgroup paths: the same result as with a bias
+    apart from acc, within two units in the last place (split-K sums by atomics may differ in the last bits)."""
+    from conftest import sparse_weight, ulp
+
+    m, k = 256, 512
+    wd = sparse_weight(m, k, 0.2, dtype, seed=n).cuda()
+    w = fmt.from_dense(wd)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(n, k, generator=g, device="cuda").to(dtype)
+    acc = torch.randn(n, m, generator=g, device="cuda").to(dtype)
+    apart = acc.clone()
+    flash_llm.spmm_add_(apart, x, w, acc[-1].clone())
+    flash_llm.spmm_add_(acc, x, w, acc[-1])
+    assert torch.isfinite(apart).all()
+    err = float((acc.float() - apart.float()).abs().max())
+    assert err <= 2 * ulp(dtype, float(apart.float().abs().max())), err
