@@ -104,6 +104,19 @@ def _as_float(v) -> float | None:
         return math.inf if v > 0 else -math.inf
 
 
+def _top_args(top_k, top_p) -> tuple[int | None, float | None]:
+    """``top_k`` / ``top_p`` checked and taken as an int / a float (numpy scalars and 0-d tensors as their values:
+    :func:`_as_int`, :func:`_as_float`); ValueError naming the argument otherwise.  :func:`sample_tokens` and
+    ``Engine``'s generations share it."""
+    k = None if top_k is None else _as_int(top_k)
+    if top_k is not None and (k is None or k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    q = None if top_p is None else _as_float(top_p)
+    if top_p is not None and (q is None or not 0 < q <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    return k, q
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Choose one token per row.
@@ -111,8 +124,9 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     Args:
         logits: ``[B, V]`` (any floating dtype; computed in float32).
         temperature: 0 for greedy (argmax); otherwise sample from ``softmax(logits / temperature)``.
-        top_k: keep only the ``top_k`` largest logits (ties at the boundary kept).
-        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus).
+        top_k: keep only the ``top_k`` largest logits (ties at the boundary kept); None or an int >= 1.
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus); None or
+            a number in ``(0, 1]``.
         generator: a ``torch.Generator`` on ``logits``' device, for reproducible sampling.
 
     Returns:
@@ -121,6 +135,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     """
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    top_k, top_p = _top_args(top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`sample_tokens` of arguments checked already (an engine's every step: :meth:`Engine._sampler`)."""
     if temperature < torch.finfo(torch.float32).tiny:  # (0, or so small it would be 0 in float32: x / 0 is NaN)
         return logits.argmax(-1)
     x = logits.float()
@@ -138,6 +159,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     probs = x.softmax(-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(-1)
+
+
+def _check_output_logits(v) -> bool:
+    """``output_logits`` (of :meth:`Engine.generate` / :meth:`Engine.stream`), checked: True or False."""
+    if not isinstance(v, bool):
+        raise ValueError(f"output_logits must be True or False, got {v!r}")
+    return v
 
 
 def _from_rank0(sampler: Callable[[torch.Tensor], torch.Tensor], tp) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -1001,8 +1029,8 @@ class Engine:
             :data:`PREFILL_GRAPHS_MAX`, or ``0`` where ``FLASH_LLM_PREFILL_GRAPHS=0``.
         progress: progress bars (tqdm, stderr) while the layers are re-encoded or copied (default ``True``).
 
-    The cache takes ``2 x layers x max_batch x kv_heads x max_seq x head_dim`` elements of the model's dtype
-    (:attr:`cache_bytes`).
+    The cache takes ``2 x layers x max_batch x kv_heads x slots x head_dim`` elements of the model's dtype
+    (:attr:`cache_bytes`), ``slots`` being ``max_seq`` rounded up to a multiple of 64 (aligned attention masks).
     """
 
     def __init__(self, model: CausalLM, *, max_batch: int = 1, max_seq: int | None = None,
@@ -1023,8 +1051,10 @@ class Engine:
             raise ValueError(f"delta_layout must be one of {DELTA_LAYOUTS}, got {delta_layout!r}")
         if formats not in ENGINE_FORMATS:
             raise ValueError(f"formats must be one of {ENGINE_FORMATS}, got {formats!r}")
-        if prefill_graphs is not None and (not _is_int(prefill_graphs) or prefill_graphs < 0):
+        n_graphs = None if prefill_graphs is None else _as_int(prefill_graphs)  # (numpy ints too: _as_int)
+        if prefill_graphs is not None and (n_graphs is None or n_graphs < 0):
             raise ValueError(f"prefill_graphs must be an int >= 0 (0: an eager prefill) or None, got {prefill_graphs!r}")
+        prefill_graphs = n_graphs
         self._prefill_max = prefill_graphs  # (None: PREFILL_GRAPHS_MAX, read when used)
         for name, v, none_ok in (("prefill_dense", prefill_dense, False), ("merge", merge, False),
                                  ("progress", progress, False), ("fuse", fuse, True),
@@ -1036,9 +1066,11 @@ class Engine:
         self.device, self.dtype = emb.device, emb.dtype
         if max_seq is None:
             max_seq = min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ)
-        for name, v in (("max_batch", max_batch), ("max_seq", max_seq)):
-            if not _is_int(v) or v < 1:
+        sizes = (_as_int(max_batch), _as_int(max_seq))  # (numpy ints and 0-d tensors as their values)
+        for name, v, n in (("max_batch", max_batch, sizes[0]), ("max_seq", max_seq, sizes[1])):
+            if n is None or n < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        max_batch, max_seq = sizes
         if max_seq > cfg.max_position_embeddings:
             raise ValueError(f"max_seq={max_seq} exceeds the model's max_position_embeddings "
                              f"({cfg.max_position_embeddings})")
@@ -1060,6 +1092,8 @@ class Engine:
         self.model = model.eval()
         if fuse is None:
             fuse = emb.device.type == "cuda" and cfg.num_parameters() >= FUSE_MIN_PARAMETERS
+        # (each module's switch as it was: a refused engine puts them back, an earlier engine's fusing included)
+        was_fused = [(m, m.fused) for m in model.modules() if hasattr(m, "fused")]
         if fuse:
             set_fused(model, True)
         #: what merge=True did, per group (flash_llm.models.merge_projections); empty without merge
@@ -1141,8 +1175,8 @@ class Engine:
         except (RuntimeError, MemoryError) as e:  # (out of memory: no engine, so the model's merge / fuse undone)
             if self.merged:
                 unmerge_projections(model)
-            if fuse:
-                set_fused(model, False)
+            for m, on in was_fused:
+                m.fused = on
             raise ValueError(f"the KV cache of max_batch={max_batch} x max_seq={max_seq} ({need / 2**30:.2f} GiB) "
                              f"could not be allocated on {dev}: lower max_batch or max_seq ({e})") from e
         self._slots = slots
@@ -1162,6 +1196,8 @@ class Engine:
         self._l2_tables: dict[tuple, list] = {}
         self._l2_stream: "torch.cuda.Stream | None" = None  # (kernels.L2_WARM_SIDE: _l2_side)
         self._generation: object | None = None  # (the generation in progress: _steps)
+        #: the :class:`Generation` of the last :meth:`stream` that ran to its end; None before (and while one runs)
+        self.last: Generation | None = None
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, attended slots) -> decode graph
         self._pool = None
@@ -1269,8 +1305,10 @@ class Engine:
         tokens (``prefill_dense=True``: the dense copies from :data:`PREFILL_DENSE_MIN_TOKENS`): to read the model's
         formats or bytes as that step sees them (a captured graph keeps the set it was captured over, whatever the
         layers hold later)."""
-        if not _is_int(batch) or batch < 1:
+        n = _as_int(batch)
+        if n is None or n < 1:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        batch = n
         self._layout = (batch, prefill)
         if self._dense is not None:
             self._dense.install(False)
@@ -1358,7 +1396,11 @@ class Engine:
                 if tuple(attention_mask.shape) != tuple(ids.shape):
                     raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                                      f"{tuple(ids.shape)} (the shape of prompts)")
-                mask = attention_mask.to(self.device).bool()
+                mask = attention_mask.to(self.device)
+                if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+                    bad = mask[(mask != 0) & (mask != 1)][0].item()
+                    raise ValueError(f"attention_mask must hold 0 / 1 (or bool) values, 1 = token; got {bad!r}")
+                mask = mask.bool()
                 if bool((mask[:, 1:] < mask[:, :-1]).any()):
                     raise ValueError("attention_mask must be left-padded (zeros, then ones, in every row); right "
                                      "padding would put padding between the prompt and the new tokens")
@@ -1369,8 +1411,15 @@ class Engine:
             if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompts):
                 raise TypeError("prompts must be a list of token-id lists or a [batch, seq] int64 tensor")
             lengths = [len(p) for p in prompts]
-            if any(not _is_int(t) for p in prompts for t in p):
+            prompts = [[_as_int(t) for t in p] for p in prompts]  # (numpy ints and 0-d tensors as their values)
+            if any(t is None for p in prompts for t in p):
                 raise TypeError("prompts must hold int token ids")
+            # (checked as Python ints, before a tensor is built: one past int64 would be torch's overflow error)
+            flat = [t for p in prompts for t in p]
+            lo, hi = min(flat, default=0), max(flat, default=0)
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}")
             width = max(lengths, default=0)
             ids = torch.zeros(len(prompts), width, dtype=torch.long)
             mask = torch.zeros(len(prompts), width, dtype=torch.bool)
@@ -1564,20 +1613,29 @@ class Engine:
         self.use_layout(b)
         self._l2_next()  # (its tables are built outside the capture: they read the weights' slice starts)
         saved = (self._slot.clone(), self._pos[:b].clone(), self._mask[:b].clone())
+        # The warm-up steps (and the capture) run from a valid state: the slot among the ``kv`` slots attended, the
+        # positions inside the position tables (``max_seq`` of them at least).  A capture during a generation is
+        # there already (clamped to itself); warmup's later ones come after its generations ended, the slot up to
+        # the cache's end.  Clamped in place on the device (no host read): a graph reads the state at its replay,
+        # so what it records is the same.
+        last = min(kv, self.max_seq) - 1
+        self._slot.clamp_(max=last)
+        self._pos[:b].clamp_(max=last)
+        valid = (self._slot.clone(), self._pos[:b].clone())
 
-        def restore():
-            self._slot.copy_(saved[0])
-            self._pos[:b].copy_(saved[1])
+        def restore(state):
+            self._slot.copy_(state[0])
+            self._pos[:b].copy_(state[1])
             self._mask[:b].copy_(saved[2])
 
-        # Warm-up on a side stream (kernel loading, cuBLAS workspaces), state restored after each run: the
-        # cache slot it wrote is written again by the real step.
+        # Warm-up on a side stream (kernel loading, cuBLAS workspaces), the valid state restored after each run: the
+        # cache slot it wrote is written again by the real step (or, after a generation, masked until written).
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
                 self._step(b, kv)
-                restore()
+                restore(valid)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -1588,6 +1646,7 @@ class Engine:
         # finishes (kernels.static_weights)
         with torch.cuda.graph(graph, pool=self._pool), kernels.static_weights():
             self._step(b, kv)  # recorded, not run
+        restore(saved)  # (the state as it was: a generation goes on from it)
         self._graphs[(b, kv)] = graph
         if self.tp is not None:
             self.tp.track_graph(graph)  # reset when the group is closed (NCCL work captured in it)
@@ -1652,12 +1711,7 @@ class Engine:
         t = _as_float(temperature)
         if t is None or not (t >= 0 and math.isfinite(t)):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-        k = None if top_k is None else _as_int(top_k)
-        if top_k is not None and (k is None or k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        q = None if top_p is None else _as_float(top_p)
-        if top_p is not None and (q is None or not 0 < q <= 1):
-            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        k, q = _top_args(top_k, top_p)
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -1666,18 +1720,22 @@ class Engine:
                                  f"with torch.Generator(device={str(self.device)!r})")
         if t == 0 and (top_k is not None or top_p is not None):
             raise ValueError("top_k / top_p apply to sampling; set temperature > 0 (temperature=0 is greedy)")
-        return lambda logits: sample_tokens(logits, t, k, q, generator)
+        return lambda logits: _sample(logits, t, k, q, generator)  # (checked here, once)
 
     def _eos(self, eos_token_id) -> tuple[int, ...]:
-        if eos_token_id == _FROM_CONFIG:
+        if isinstance(eos_token_id, str) and eos_token_id == _FROM_CONFIG:
             return self.config.eos_token_ids
         if eos_token_id is None:
             return ()
+        def token(v) -> int | None:  # (a Python or numpy int; a tensor, even 0-d, is no token id here)
+            return None if isinstance(v, torch.Tensor) else _as_int(v)
+
+        one = token(eos_token_id)
         try:
-            ids = (eos_token_id,) if _is_int(eos_token_id) else tuple(eos_token_id)
-        except TypeError:  # (a bool, a 0-d tensor, an object: not a token id nor a list of them)
+            ids = (one,) if one is not None else tuple(token(i) for i in eos_token_id)
+        except TypeError:  # (a bool, a float, an object: not a token id nor a list of them)
             ids = ()
-        if not ids or any(not _is_int(i) or not 0 <= i < self.config.vocab_size for i in ids):
+        if not ids or any(i is None or not 0 <= i < self.config.vocab_size for i in ids):
             raise ValueError(f"eos_token_id must be None, a token id or a list of token ids below the vocabulary "
                              f"size {self.config.vocab_size}; got {eos_token_id!r}")
         return ids
@@ -1874,6 +1932,10 @@ class Engine:
         Returns:
             A :class:`Generation` (tokens, lengths, time to first token, per-step times).
         """
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token must be None or a callable on_token(step, tokens), got "
+                            f"{type(on_token).__name__}")
+        _check_output_logits(output_logits)
         request = self._request(prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator,
                                 eos_token_id)
         steps = self._run(request, per_step_sync=on_token is not None, output_logits=output_logits)
@@ -1903,13 +1965,15 @@ class Engine:
             another graph.
         """
         batches, lengths = list(batches), list(prompt_lengths)
-        for b in batches:
-            if not _is_int(b) or not 1 <= b <= self.max_batch:
+        for i, b in enumerate(batches):  # (numpy ints and 0-d tensors as their values: _as_int)
+            if (n := _as_int(b)) is None or not 1 <= n <= self.max_batch:
                 raise ValueError(f"batches: {b!r} is not a batch size of this engine (1 to max_batch={self.max_batch})")
-        for n in lengths:
-            if not _is_int(n) or not 1 <= n <= self.max_seq - 1:
-                raise ValueError(f"prompt_lengths: {n!r} is not a prompt length this engine can extend (1 to "
+            batches[i] = n
+        for i, m in enumerate(lengths):
+            if (n := _as_int(m)) is None or not 1 <= n <= self.max_seq - 1:
+                raise ValueError(f"prompt_lengths: {m!r} is not a prompt length this engine can extend (1 to "
                                  f"max_seq - 1 = {self.max_seq - 1})")
+            lengths[i] = n
         if not batches or not lengths:
             raise ValueError("warmup needs at least one batch size and one prompt length")
         limit = self.max_seq - 1  # (a prompt, then 2 new tokens)
@@ -1950,7 +2014,7 @@ class Engine:
         call, not at the first token."""
         if "on_token" in kwargs:
             raise TypeError("stream() yields the tokens; on_token belongs to generate()")
-        output_logits = kwargs.pop("output_logits", False)
+        output_logits = _check_output_logits(kwargs.pop("output_logits", False))
         args = {k: kwargs.pop(k) for k in ("attention_mask", "temperature", "top_k", "top_p", "generator",
                                            "eos_token_id") if k in kwargs}
         if kwargs:
