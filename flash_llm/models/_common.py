@@ -256,6 +256,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend: 
     return attention(q, k, v, attend.mask, scale)
 
 
+def _differ(a, b) -> bool:
+    """Whether two state-dict values of a tied pair hold different values: False for the same tensor (or a view of
+    the same bytes), and where they cannot be compared here (not tensors, meta, shapes that differ: the load itself
+    reports those)."""
+    if a is b or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.shape != b.shape or a.is_meta or b.is_meta:
+        return False
+    if (a.device, a.dtype, a.stride(), a.data_ptr()) == (b.device, b.dtype, b.stride(), b.data_ptr()):
+        return False
+    if a.device != b.device:
+        b = b.to(a.device)
+    if a.dtype != b.dtype:  # (in the smallest dtype holding both exactly: fp16 and bf16 as fp32)
+        common = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(common), b.to(common)
+    return not torch.equal(a, b)
+
+
 class CausalLM(nn.Module):
     """What both families' top-level modules share: tying, the forward signature, state-dict hooks."""
 
@@ -276,7 +294,9 @@ class CausalLM(nn.Module):
         # A tied checkpoint may store the shared matrix under one of its two names only (HF's safetensors files omit
         # lm_head.weight; others keep lm_head.weight alone, and transformers loads both); and
         # load_state_dict(assign=True) assigns the two keys separately, untying them.  Fill the missing key in
-        # before loading, re-tie after.
+        # before loading, re-tie after.  A state dict whose two tensors differ (an untied model's, or a checkpoint
+        # whose config says tied: transformers 5 then loads them untied) is refused here, before any tensor of the
+        # model changes: the re-tie would silently drop one of them.
         def pre(module, state_dict, prefix, *args):
             if not self.config.tie_word_embeddings:
                 return
@@ -285,6 +305,11 @@ class CausalLM(nn.Module):
                 state_dict[head] = state_dict[key]
             elif key not in state_dict and head in state_dict:
                 state_dict[key] = state_dict[head]
+            elif key in state_dict and isinstance(self.lm_head, nn.Linear) and _differ(state_dict[head],
+                                                                                        state_dict[key]):
+                raise ValueError(f"'{head}' and '{key}' are tied in the model but differ in the state dict "
+                                 "(config.tie_word_embeddings is True): build the model from a config with "
+                                 "tie_word_embeddings=False to load both, or leave one of the two out")
 
         def post(module, incompatible):
             if isinstance(self.lm_head, nn.Linear):
@@ -292,6 +317,11 @@ class CausalLM(nn.Module):
 
         self.register_load_state_dict_pre_hook(pre)
         self.register_load_state_dict_post_hook(post)
+
+    def _check_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         positions: torch.Tensor | None, attend: Attend) -> None:
+        """Refuse the positions of a plain forward (no ``attend`` given) that the model cannot embed; nothing here
+        (a family with a bounded position table checks them)."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, attend: Attend | None = None,
@@ -314,6 +344,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
         if attend is None:
             attend = default_attend(input_ids, attention_mask, positions)
+            self._check_positions(input_ids, attention_mask, positions, attend)
         if attend.mask is not None and attend.mask.dtype == torch.bool:  # converted once, not in every layer
             attend = replace(attend, mask=additive_mask(attend.mask, self.input_embeddings().weight.dtype))
         h = self.model(input_ids, attend)

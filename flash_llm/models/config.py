@@ -20,7 +20,16 @@ ACTIVATION_ALIASES = {"swish": "silu"}
 #: transformers' default ``initializer_range`` (Llama) / ``init_std`` (OPT).
 DEFAULT_INIT_STD = 0.02
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-# HF ``model_type`` values read as each family (Mistral-style configs without sliding windows are Llama's).
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_NORM_EPS = 1e-5
+# The defaults of the options only one family reads: the other family's config must leave them there (ValueError
+# naming the option otherwise, as it would be silently ignored).
+_OPT_ONLY = {"do_layer_norm_before": True, "layer_norm_elementwise_affine": True, "remove_final_layer_norm": False}
+_LLAMA_ONLY = {"norm_eps": DEFAULT_NORM_EPS, "rope_theta": DEFAULT_ROPE_THETA, "rope_scaling": None}
+#: transformers' ``OPTConfig`` default ``pad_token_id`` (a config.json without the key: the embedding's padding_idx).
+OPT_DEFAULT_PAD_TOKEN_ID = 1
+# HF ``model_type`` values read as each family (only these two: a mistral or other type is refused, and
+# from_pretrained(backend="auto") hands it to transformers).
 _MODEL_TYPES = {"llama": "llama", "opt": "opt"}
 # The flags of ModelConfig: real bools only (a string such as "false" would count as true wherever it is used).
 _FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "do_layer_norm_before", "layer_norm_elementwise_affine",
@@ -57,7 +66,10 @@ class ModelConfig:
         norm_eps: RMSNorm epsilon (Llama's ``rms_norm_eps``); OPT's LayerNorm uses 1e-5 as in HF.
         rope_theta: RoPE base (Llama).
         rope_scaling: ``None`` (plain RoPE) or ``{"rope_type": "llama3", "factor", "low_freq_factor",
-            "high_freq_factor", "original_max_position_embeddings"}`` (Llama 3.1+).
+            "high_freq_factor", "original_max_position_embeddings"}`` (Llama 3.1+).  A ``rope_theta`` in the dict
+            (transformers 5's ``rope_parameters`` shape) becomes ``rope_theta`` where that was left at its default
+            (another value is refused); any other key is refused by name.  A llama3 dict's
+            ``partial_rotary_factor`` must be 1 (transformers' llama3 RoPE reads it; UnsupportedConfigError).
         tie_word_embeddings: ``lm_head.weight`` is the input embedding (OPT: yes; Llama 3-8B: no).  This and the
             other flags (``attention_bias``, ``mlp_bias``, ``do_layer_norm_before``, ``layer_norm_elementwise_affine``,
             ``remove_final_layer_norm``) must be bools (ValueError otherwise, None too: transformers 5 refuses a
@@ -67,10 +79,13 @@ class ModelConfig:
         attention_bias, mlp_bias: biases of the attention / MLP projections (OPT's ``enable_bias`` sets both).
         do_layer_norm_before, word_embed_proj_dim, layer_norm_elementwise_affine, remove_final_layer_norm:
             OPT specifics as in HF's ``OPTConfig`` (``word_embed_proj_dim`` ``None`` means ``hidden_size``;
-            ``remove_final_layer_norm`` is HF's ``_remove_final_layer_norm``).
+            ``remove_final_layer_norm`` is HF's ``_remove_final_layer_norm``).  A llama config must leave these at
+            their defaults, and an opt config ``norm_eps``, ``rope_theta`` and ``rope_scaling`` at theirs
+            (ValueError naming the option otherwise: the other family never reads them).
         bos_token_id, eos_token_id, pad_token_id: special tokens, None or an int (``eos_token_id`` may be a list
             of ints; ``pad_token_id``, when in the vocabulary, is the input embedding's ``padding_idx``, as in
-            transformers).
+            transformers, a negative one counted from the end of the vocabulary as ``nn.Embedding`` does; one below
+            ``-vocab_size`` is refused).
         initializer_range: the std of the normal init of linear and embedding weights
             (:func:`flash_llm.models.from_config`); HF's ``initializer_range`` (Llama) or ``init_std`` (OPT).  Not
             part of the model's function: configs that differ only there (or in ``name``) compare equal.
@@ -86,8 +101,8 @@ class ModelConfig:
     num_kv_heads: int | None = None
     head_dim: int | None = None
     max_position_embeddings: int = 2048
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm_eps: float = DEFAULT_NORM_EPS
+    rope_theta: float = DEFAULT_ROPE_THETA
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     activation: str = "silu"
@@ -129,12 +144,28 @@ class ModelConfig:
         for n in ("norm_eps", "rope_theta"):  # (finite: NaN or an infinity gives NaN logits or a broken RoPE)
             if not _is_positive_number(getattr(self, n)):
                 raise ValueError(f"ModelConfig.{n} must be a number > 0, got {getattr(self, n)!r}")
+        if isinstance(self.rope_scaling, dict) and "rope_theta" in self.rope_scaling:
+            # (transformers 5's rope_parameters shape: the theta inside the dict)
+            rs = dict(self.rope_scaling)
+            theta = rs.pop("rope_theta")
+            if not _is_positive_number(theta):
+                raise ValueError(f"ModelConfig.rope_scaling['rope_theta'] must be a number > 0, got {theta!r}")
+            if self.rope_theta == DEFAULT_ROPE_THETA:
+                self.rope_theta = theta
+            elif theta != self.rope_theta:
+                raise ValueError(f"ModelConfig.rope_scaling['rope_theta'] ({theta!r}) disagrees with rope_theta "
+                                 f"({self.rope_theta!r}): give the RoPE base once, as rope_theta")
+            self.rope_scaling = rs
         for n in _FLAGS:
             if not isinstance(getattr(self, n), bool):
                 raise ValueError(f"ModelConfig.{n} must be a bool, got {getattr(self, n)!r}")
         for n in ("bos_token_id", "pad_token_id"):
             if getattr(self, n) is not None and not _is_int(getattr(self, n)):
                 raise ValueError(f"ModelConfig.{n} must be None or an int, got {getattr(self, n)!r}")
+        if self.pad_token_id is not None and self.pad_token_id < -self.vocab_size:
+            raise ValueError(f"ModelConfig.pad_token_id ({self.pad_token_id}) is below -vocab_size "
+                             f"({-self.vocab_size}): a negative id counts from the end of the vocabulary (-1 is the "
+                             "last token), as nn.Embedding's padding_idx")
         e = self.eos_token_id
         if not (e is None or _is_int(e) or isinstance(e, (list, tuple)) and all(_is_int(i) for i in e)):
             raise ValueError(f"ModelConfig.eos_token_id must be None, an int or a list of ints, got {e!r}")
@@ -143,6 +174,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.initializer_range must be a number >= 0, got {r!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         if self.family == "opt":
+            for n, default in _LLAMA_ONLY.items():  # (OPT's LayerNorm eps is 1e-5; it has learned positions)
+                if getattr(self, n) != default:
+                    raise ValueError(f"{n} is a Llama option, which OPT never reads; an opt config must leave it at "
+                                     f"{default!r}, got {getattr(self, n)!r}")
             if self.num_kv_heads != self.num_heads:
                 raise ValueError(f"OPT has no grouped-query attention: num_kv_heads ({self.num_kv_heads}) must "
                                  f"equal num_heads ({self.num_heads})")
@@ -156,6 +191,10 @@ class ModelConfig:
             if self.word_embed_proj_dim != self.hidden_size:
                 raise ValueError(f"word_embed_proj_dim is an OPT option; a llama config must leave it at hidden_size "
                                  f"({self.hidden_size}), got {self.word_embed_proj_dim}")
+            for n, default in _OPT_ONLY.items():
+                if getattr(self, n) != default:
+                    raise ValueError(f"{n} is an OPT option, which a Llama never reads; a llama config must leave it "
+                                     f"at {default!r}, got {getattr(self, n)!r}")
             if derived_head_dim and self.hidden_size % self.num_heads:
                 raise ValueError(f"hidden_size ({self.hidden_size}) is not a multiple of num_heads ({self.num_heads})"
                                  f"; give head_dim to choose the per-head size")
@@ -176,9 +215,12 @@ class ModelConfig:
     @property
     def padding_idx(self) -> int | None:
         """The input embedding's ``padding_idx``: ``pad_token_id`` where it is a token of the vocabulary, as
-        transformers sets it (init zeroes that row and training gives it no gradient), else None."""
+        transformers sets it (init zeroes that row and training gives it no gradient), a negative one counted from
+        the end (``pad + vocab_size``, as ``nn.Embedding`` reads a negative ``padding_idx``), else None."""
         pad = self.pad_token_id
-        return pad if _is_int(pad) and 0 <= pad < self.vocab_size else None
+        if not _is_int(pad) or not -self.vocab_size <= pad < self.vocab_size:
+            return None
+        return pad + self.vocab_size if pad < 0 else pad
 
     def linear_shapes(self) -> list[tuple[str, int, int]]:
         """``(name, out_features, in_features)`` of every projection of ONE decoder layer, names relative
@@ -279,6 +321,10 @@ class ModelConfig:
                       bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
                       pad_token_id=d.get("pad_token_id"), name=d.get("_name_or_path", "") or "")
         if family == "opt":
+            # transformers' OPTConfig defaults: pad 1 (the embedding's padding_idx).  Its bos / eos defaults (2) are
+            # not taken: flash_llm never reads bos, and transformers' generate does not stop on an eos_token_id the
+            # file leaves out (its generation config has none), which an eos of 2 here would do.
+            common["pad_token_id"] = d.get("pad_token_id", OPT_DEFAULT_PAD_TOKEN_ID)
             bias = d.get("enable_bias", True)
             return cls(family="opt", intermediate_size=need("ffn_dim"),
                        tie_word_embeddings=d.get("tie_word_embeddings", True),
@@ -354,8 +400,16 @@ def _check_rope_scaling(rs, max_pos) -> dict | None:
     if rope_type not in ROPE_TYPES:
         raise UnsupportedConfigError(f"rope_scaling type {rope_type!r} is not supported; flash_llm.models "
                                      f"implements {ROPE_TYPES} (plain RoPE and Llama 3.1's 'llama3')")
+    unknown = sorted(str(k) for k in rs if k not in ("rope_type", "type", *_LLAMA3_KEYS, "partial_rotary_factor"))
+    if unknown:  # (rope_theta is taken out before: ModelConfig.__post_init__, _read_rope)
+        raise ValueError(f"rope_scaling: unknown key(s) {unknown}; flash_llm.models reads 'rope_type' (or 'type'), "
+                         f"'rope_theta' and the llama3 keys {list(_LLAMA3_KEYS)}")
     if rope_type == "default":
         return None
+    partial = rs.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:  # (transformers' llama3 RoPE rotates only that fraction of head_dim)
+        raise UnsupportedConfigError(f"rope_scaling: partial_rotary_factor={partial!r} is not supported (RoPE over "
+                                     "the whole head_dim only)")
     out = {"rope_type": "llama3"}
     for k in _LLAMA3_KEYS:
         v = rs.get(k, max_pos if k == "original_max_position_embeddings" else None)
@@ -374,7 +428,9 @@ def _read_rope(d: dict, src: str) -> tuple[float, dict | None]:
 
     * a non-empty ``rope_scaling`` replaces ``rope_parameters`` whole (its type, its factors and its theta);
     * ``rope_theta`` is the chosen dict's, else the top-level ``rope_theta``, else 10000;
-    * a llama3 dict without ``original_max_position_embeddings`` takes ``max_position_embeddings``.
+    * a llama3 dict without ``original_max_position_embeddings`` takes ``max_position_embeddings``;
+    * a top-level ``partial_rotary_factor`` goes into the dict where it has none (a llama3 dict's must be 1);
+    * the dict's keys transformers' Llama never reads (it warns about them) are dropped.
 
     A top-level ``original_max_position_embeddings`` beside a llama3 dict that says otherwise is refused
     (ValueError naming both keys): transformers 5 itself resolves it two ways (``LlamaConfig.from_pretrained``
@@ -387,8 +443,12 @@ def _read_rope(d: dict, src: str) -> tuple[float, dict | None]:
     key, rope = ("rope_scaling", scaling) if scaling else ("rope_parameters", params or {})
     if any(isinstance(v, dict) for v in rope.values()):
         raise UnsupportedConfigError(f"{src}: per-layer-type {key} are not supported")
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+    theta = rope.get("rope_theta", d.get("rope_theta", DEFAULT_ROPE_THETA))
+    # keys transformers' Llama does not read either (it warns and ignores them) are dropped; ModelConfig itself
+    # refuses them.  A top-level partial_rotary_factor goes into the dict, as transformers 5 moves it there.
+    rope = {k: v for k, v in rope.items() if k in ("rope_type", "type", *_LLAMA3_KEYS, "partial_rotary_factor")}
+    if d.get("partial_rotary_factor") is not None and rope:
+        rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
     top = d.get("original_max_position_embeddings")
     if top is not None and rope.get("rope_type", rope.get("type", "default")) == "llama3":
         inner = rope.get("original_max_position_embeddings", d.get("max_position_embeddings", 2048))

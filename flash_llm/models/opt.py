@@ -261,3 +261,22 @@ class OPTForCausalLM(CausalLM):
 
     def _embed_key(self) -> str:
         return "model.decoder.embed_tokens.weight"
+
+    def _check_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         positions: torch.Tensor | None, attend: Attend) -> None:
+        """A plain forward's positions past the learned table (``max_position_embeddings`` rows) are a ValueError
+        naming the limit, instead of the embedding's bare IndexError: from the shape alone where the positions are
+        ``0..T-1`` (no mask, none given), from their values where they are on the CPU; never a GPU sync (positions
+        on a GPU from a mask or the caller are left to the embedding).  The Engine's steps do not come here: it
+        bounds ``max_seq`` by the table itself."""
+        limit = self.config.max_position_embeddings
+        if attention_mask is None and positions is None:
+            top = input_ids.shape[1] - 1
+        elif attend.positions.device.type == "cpu" and attend.positions.numel() and \
+                not torch.compiler.is_compiling():
+            top = int(attend.positions.max())
+        else:
+            return
+        if top >= limit:
+            raise ValueError(f"position {top} is past OPT's learned position table: max_position_embeddings is "
+                             f"{limit} (positions 0..{limit - 1}); shorten the sequence to at most {limit} tokens")
