@@ -104,6 +104,15 @@ def _as_float(v) -> float | None:
         return math.inf if v > 0 else -math.inf
 
 
+def _temperature_arg(temperature) -> float:
+    """``temperature`` checked and taken as a float (numpy scalars and 0-d tensors as their values): a finite number
+    >= 0; ValueError naming it otherwise.  :func:`sample_tokens` and ``Engine``'s generations share it."""
+    t = _as_float(temperature)
+    if t is None or not (t >= 0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    return t
+
+
 def _top_args(top_k, top_p) -> tuple[int | None, float | None]:
     """``top_k`` / ``top_p`` checked and taken as an int / a float (numpy scalars and 0-d tensors as their values:
     :func:`_as_int`, :func:`_as_float`); ValueError naming the argument otherwise.  :func:`sample_tokens` and
@@ -133,8 +142,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
         ``[B]`` int64 token ids, on ``logits``' device.  Sampling draws ``E ~ Exp(1)`` per token and takes
         ``argmax(p / E)``, which picks token ``i`` with probability ``p_i`` and needs no host synchronization.
     """
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    temperature = _temperature_arg(temperature)
     top_k, top_p = _top_args(top_k, top_p)
     return _sample(logits, temperature, top_k, top_p, generator)
 
@@ -1708,9 +1716,7 @@ class Engine:
     # ---- generation ------------------------------------------------------------------------------------
     def _sampler(self, temperature, top_k, top_p, generator) -> Callable[[torch.Tensor], torch.Tensor]:
         # (numpy scalars and 0-d tensors, a config's or a sweep's, taken as their values: _as_float, _as_int)
-        t = _as_float(temperature)
-        if t is None or not (t >= 0 and math.isfinite(t)):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        t = _temperature_arg(temperature)
         k, q = _top_args(top_k, top_p)
         if generator is not None:
             if not isinstance(generator, torch.Generator):
