@@ -15,6 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from .formats import SparseFormat
+from .formats._base import check_strided
 from .reference import FORMAT_CLASSES, FORMAT_IDS, as_format, layer_norm, rms_norm, silu_mul_halves, spmm_reference
 
 
@@ -45,10 +46,11 @@ def _raw(x: torch.Tensor, fmt: int, k: int, name: str = "x") -> None:
 def _raw_weight(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt: int, m: int, k: int, *,
                 bias: torch.Tensor | None = None, silu_mul: bool = False, norm: tuple = (),
                 acc: torch.Tensor | None = None) -> None:
-    """The rest of a raw op's arguments, after :func:`_raw`: ``data`` / ``offsets`` 1-D int32 on ``x``'s device of
-    the lengths an ``[m, k]`` weight of format ``fmt`` has (:meth:`~flash_llm.formats.SparseFormat.arrays_fit`:
-    sizes only, nothing read; the kernels trust the arrays to be that weight), ``bias [m]``, an even ``m`` for
-    ``silu_mul``, the norm's ``(name, tensor)`` pairs ``[k]`` and ``acc [N, m]``, all in ``x``'s dtype.  The
+    """The rest of a raw op's arguments, after :func:`_raw`: ``data`` / ``offsets`` 1-D contiguous int32 on ``x``'s
+    device of the lengths an ``[m, k]`` weight of format ``fmt`` has
+    (:meth:`~flash_llm.formats.SparseFormat.arrays_fit`: sizes only, nothing read; the kernels trust the arrays to be
+    that weight), ``bias [m]``, an even ``m`` for ``silu_mul``, the norm's ``(name, tensor)`` pairs ``[k]`` and
+    ``acc [N, m]`` (contiguous), all in ``x``'s dtype.  The
     lengths fix ``m`` and ``k`` only to the format's granularity (16 / 64 / 32-row records, 64 columns), and the
     arrays do not say whether their values are fp16 or bf16: within those, ``m``, ``k`` and ``x``'s dtype are the
     caller's word (:func:`spmm` and its siblings always pass the weight's own; a DeltaRows weight told fewer rows
@@ -60,6 +62,7 @@ def _raw_weight(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt:
         if t.dtype != torch.int32 or t.dim() != 1 or t.device != x.device:
             raise ValueError(f"{n} must be a 1-D int32 tensor on {x.device}, got {t.dtype} {tuple(t.shape)} on "
                              f"{t.device}")
+        _contiguous(n, t)  # (the CUDA kernels read them as flat arrays from their first word)
     cls = FORMAT_CLASSES[fmt]
     why = cls.arrays_fit(m, k, offsets.numel(), data.numel())
     if why is not None:
@@ -71,8 +74,15 @@ def _raw_weight(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt:
         if t is not None and (t.shape != shape or t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{n} must be {list(shape)} in {x.dtype} on {x.device}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
-        if t is not None and not t.is_contiguous():  # (the CUDA kernels read them by index: strides would be lost)
-            raise ValueError(f"{n} must be contiguous, got strides {t.stride()}")
+        if t is not None:  # (the CUDA kernels read them by index: strides would be lost)
+            _contiguous(n, t)
+
+
+def _contiguous(name: str, t: torch.Tensor) -> None:
+    """ValueError naming a raw op's tensor argument ``name`` where ``t`` is not contiguous (the kernels take its
+    ``data_ptr()`` and read it by index; on every device, so that a call refused on CUDA is refused on the CPU)."""
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -376,12 +386,19 @@ def _assume_constant_result(fn):
     return fn
 
 
-@_assume_constant_result  # (Dynamo runs it while tracing: it guards the transforms and dual level)
-def _forward_ad_active() -> bool:
-    """Whether forward-mode AD is on: a ``torch.autograd.forward_ad.dual_level``, or ``torch.func.jvp`` (``jacfwd``)
-    among the ``torch.func`` transforms in effect."""
-    return fwAD._current_level >= 0 or any(i.key() == torch._C._functorch.TransformType.Jvp
-                                           for i in torch._C._functorch.get_interpreter_stack() or ())
+@_assume_constant_result  # (Dynamo runs it while tracing, with the dual level its caller read: see below)
+def _forward_ad_active(level: int) -> bool:
+    """Whether forward-mode AD is on: ``level``, ``torch.autograd.forward_ad._current_level`` as the caller read it,
+    is a dual level (>= 0), or ``torch.func.jvp`` (``jacfwd``) is among the ``torch.func`` transforms in effect.
+
+    The caller reads the dual level (``_forward_ad_active(fwAD._current_level)``) in code Dynamo traces: a module
+    global read there is guarded, so a graph compiled outside a dual level is compiled again inside one (where
+    forward-mode AD is refused).  Until session 80 the level was read in here, and this function's result, a
+    constant taken once at trace time, had no guard: a function compiled outside ``dual_level`` and then called
+    inside one ran the op without its forward-mode rule, and the tangent was dropped without a word.  The
+    interpreter stack is read here, as a constant (Dynamo cannot trace its query)."""
+    return level >= 0 or any(i.key() == torch._C._functorch.TransformType.Jvp
+                             for i in torch._C._functorch.get_interpreter_stack() or ())
 
 
 def _transformed() -> bool:
@@ -390,7 +407,7 @@ def _transformed() -> bool:
     is, and forward-mode AD, which would lose the tangent there, is refused."""
     if not torch.compiler.is_compiling():
         return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
-    if _forward_ad_active():
+    if _forward_ad_active(fwAD._current_level):
         _refuse_traced_forward_ad("spmm", eager_fallback=True)
     return False
 
@@ -412,7 +429,7 @@ def _decomposed(name: str) -> bool:
     ops take no forward-mode rule, and their tangents were dropped without an error (zeros under ``jvp``, ``None``
     under ``forward_ad``).  In a graph Dynamo traces, forward-mode AD raises
     NotImplementedError naming the function, as :func:`spmm` does."""
-    if not _forward_ad_active():
+    if not _forward_ad_active(fwAD._current_level):
         return False
     if torch.compiler.is_compiling():
         _refuse_traced_forward_ad(name)
@@ -437,6 +454,7 @@ def _checked(x, w, bias):
     m, k = w.shape
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_strided(x, "x")
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be K={k} (w is {m}x{k})")
     if x.dtype != w.dtype:
@@ -446,6 +464,7 @@ def _checked(x, w, bias):
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        check_strided(bias, "bias")
         if bias.shape != (m,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({m},)")
         if bias.dtype != x.dtype:
@@ -548,6 +567,7 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
         raise ValueError(f"act must be None or 'silu_mul', got {act!r}")
     if act is not None and m % 2:
         raise ValueError(f"w has {m} rows; a merged gate / up weight has an even number (gate rows, then up rows)")
+    check_strided(norm_weight, "norm_weight", ValueError)
     if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
         raise ValueError(f"norm_weight must be a [{k}] {x.dtype} tensor, got "
                          f"{getattr(norm_weight, 'dtype', type(norm_weight).__name__)} "
@@ -581,6 +601,7 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
     ``acc.add_(spmm(x, w, bias))``, the same to rounding; ``acc`` takes the tangent); reverse mode is refused.
     """
     m, k, bias = _checked(x, w, bias)
+    check_strided(acc, "acc", ValueError)
     if not isinstance(acc, torch.Tensor) or acc.shape != (*x.shape[:-1], m) or acc.dtype != x.dtype:
         raise ValueError(f"acc must be a {x.dtype} tensor of shape {(*x.shape[:-1], m)}, got "
                          f"{getattr(acc, 'dtype', type(acc).__name__)} {tuple(getattr(acc, 'shape', ()))}")
@@ -627,6 +648,7 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
     for t, what in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
         if t is None and what == "norm_bias":
             continue
+        check_strided(t, what, ValueError)
         if not isinstance(t, torch.Tensor) or t.shape != (k,) or t.dtype != x.dtype:
             raise ValueError(f"{what} must be a [{k}] {x.dtype} tensor, got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")

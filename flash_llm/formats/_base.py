@@ -54,6 +54,18 @@ def count_nonzero(t: torch.Tensor) -> int:
     return int(total)
 
 
+def check_strided(t: torch.Tensor, name: str, error: type[Exception] = TypeError) -> None:
+    """``error`` (a TypeError unless told) naming ``name`` where the tensor ``t`` is not a dense (strided) one: a
+    torch.sparse tensor (COO, CSR, ...) or a nested tensor, whose ``contiguous()``, ``reshape`` or even ``shape`` fail
+    inside torch with errors that name nothing (session 80's bug hunt).  Attribute reads only: cheap on any device.
+    The one layout check of a weight to compress, a file's arrays and the arguments of :func:`flash_llm.spmm` and its
+    siblings (what is no tensor at all passes: the checks after it name that)."""
+    if getattr(t, "is_nested", False):
+        raise error(f"{name} must be a dense (strided) tensor, got a nested tensor")
+    if getattr(t, "layout", torch.strided) != torch.strided:
+        raise error(f"{name} must be a dense (strided) tensor, got layout {t.layout} (call .to_dense() first)")
+
+
 def check_dense_weight(w, dtype: torch.dtype | None = None, name: str = "w") -> torch.Tensor:
     """Validate a dense weight ``[M, K]`` and return it as a contiguous fp16/bf16 tensor.
 
@@ -61,6 +73,7 @@ def check_dense_weight(w, dtype: torch.dtype | None = None, name: str = "w") -> 
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    check_strided(w, name)
     if w.ndim != 2:
         raise ValueError(f"{name} must be 2-D [M, K]; got {w.ndim}-D with shape {tuple(w.shape)}")
     if w.shape[0] < 1 or w.shape[1] < 1:
@@ -460,6 +473,7 @@ class SparseFormat:
             t = tensors.get(prefix + n)
             if t is None:
                 raise FormatError(f"{where}tensor '{prefix + n}' is missing")
+            check_strided(t, f"{where}tensor '{prefix + n}'", FormatError)
             if t.dtype != torch.int32 or t.ndim != 1:
                 raise FormatError(f"{where}tensor '{prefix + n}' has dtype {t.dtype} and shape {tuple(t.shape)}; "
                                   "expected a 1-D int32 tensor")
@@ -513,7 +527,9 @@ class SparseFormat:
     @classmethod
     def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
         """Check the arrays (of format ``version``, default the current one) against each other and the
-        shape; return nnz.  Raise FormatError."""
+        shape; return nnz.  Raise FormatError.  ``version`` is given for a file's arrays (:meth:`from_state`) and
+        None for a weight's arrays in memory (``density``, ``SparseLinear``), which may be in a form that is never
+        written to a file (a coded DeltaRows weight's values)."""
         raise NotImplementedError
 
 

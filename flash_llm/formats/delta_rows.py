@@ -168,8 +168,8 @@ def code_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tens
         return None
     base = emin.clamp(max=121)  # (empty rows: 121, unused)
     head = ng * CODED_GROUP_WORDS + 2 * nr
-    pad = -head % GROUP_WORDS
     tail = lay.parts + CODED_TRAILER
+    pad = _coded_words(ng, lay) - head - tail
     out = torch.empty(head + pad + tail, dtype=torch.int32, device=dev)
     for g0, g1 in bounds:
         vals, e, nz, row = chunk(g0, g1)
@@ -192,6 +192,13 @@ def code_values(data: torch.Tensor, offsets: torch.Tensor, m: int) -> torch.Tens
 #: groups :func:`code_values` codes (and :func:`uncode_values` decodes) at a time: some 60 bytes of int64 temporaries an
 #: entry, about 250 MB at this many (1 << 16 until session 66: 1 GB above its input on a 28672 x 4096 weight, CPU)
 CODE_CHUNK_GROUPS = 1 << 14
+
+
+def _coded_words(ng: int, lay: Layout) -> int:
+    """The length of coded ``data`` (:func:`code_values`) of ``ng`` groups in layout ``lay``: the groups, the row
+    tables (two words a row rank), zeros up to a multiple of 160 words and the trailer of ``parts + 16`` words."""
+    head = ng * CODED_GROUP_WORDS + 2 * (lay.mp // lay.parts)
+    return head + (-head % GROUP_WORDS) + lay.parts + CODED_TRAILER
 
 
 def _low32(words: torch.Tensor) -> torch.Tensor:
@@ -895,12 +902,22 @@ class DeltaRows(SparseFormat):
         if int(goff[0]) != 0 or bool((goff[1:] < goff[:-1]).any()):
             raise FormatError(f"{where}tensor '{prefix}offsets': the slices' group offsets do not start at 0 and "
                               "rise")
-        if int(goff[-1]) * GROUP_WORDS != data.numel() - _trailer(p):
+        # a weight's arrays in memory (no file version) may hold coded values: read as they are (the reads below
+        # decode through _plain_groups); a file's are plain (state() writes them so)
+        coded = lay.coded and version is None
+        ng = int(goff[-1])
+        if coded and _coded_words(ng, lay) != data.numel():
             raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words; the offsets describe "
-                              f"{int(goff[-1]) * GROUP_WORDS} (truncated or inconsistent), {int(goff[-1])} groups "
+                              f"{_coded_words(ng, lay)} of coded values (truncated or inconsistent), {ng} groups of "
+                              f"{CODED_GROUP_WORDS}, the row tables and the trailer of {p + CODED_TRAILER} words")
+        if not coded and ng * GROUP_WORDS != data.numel() - _trailer(p):
+            raise FormatError(f"{where}tensor '{prefix}data' has {data.numel()} words; the offsets describe "
+                              f"{ng * GROUP_WORDS} (truncated or inconsistent), {ng} groups "
                               f"of {GROUP_WORDS}" + (f" and the {p} words of the parts trailer" if p > 1 else ""))
-        if p > 1 and bool((data[data.numel() - p:] != p).any()):
-            raise FormatError(f"{where}tensor '{prefix}data': the parts trailer does not hold {p}")
+        tail = p + CODED_TRAILER if coded else _trailer(p)
+        if tail and bool((data[data.numel() - tail:] != tail).any()):
+            what = "coded values'" if coded else "parts"
+            raise FormatError(f"{where}tensor '{prefix}data': the {what} trailer does not hold {tail}")
         lanes = perm.view(-1, p)  # each row's P lanes
         valid = lanes[:, 0][lanes[:, 0] >= 0]
         if bool((perm < -1).any()) or bool((perm >= m).any()) or valid.numel() != m or \
