@@ -73,6 +73,78 @@ def _progress(**kw) -> tqdm:
     return tqdm(file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
 
 
+def discard_stdout() -> None:
+    """After a ``BrokenPipeError`` on stdout (its reader has gone: ``flash-llm ... | head -1``): point stdout's file
+    descriptor at ``os.devnull``, so that nothing written later, nor Python's flush at exit, fails again (the recipe
+    of Python's documentation of SIGPIPE).  Nothing where stdout is no file (e.g. captured by a test)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _plug_closed_stderr() -> None:
+    """A process started with stderr closed (``2>&-``) has ``sys.stderr`` None, and ``print(..., file=sys.stderr)``
+    then writes to stdout: the diagnostics would land in the output (``generate``'s text, ``info``'s table).  They go
+    to ``os.devnull`` instead."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _host_room() -> int:
+    """Bytes of host memory this process could get at most, 0 if unknown: what is available
+    (:func:`flash_llm.models.synthetic.host_available_memory`, a cgroup's limit included) plus the free swap.  An
+    upper bound, so a size refused for exceeding it can never fit."""
+    from flash_llm.models.synthetic import host_available_memory
+
+    room = host_available_memory()
+    if not room:
+        return 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("SwapFree:"):
+                    room += int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return room
+
+
+def too_big_for_memory(need: int, what: str) -> str | None:
+    """Why ``need`` bytes, the least that ``what`` (a phrase naming the option, e.g. ``"--shape 10x10"``) allocates
+    at once on the host, cannot fit there (:func:`_host_room`); None where they may fit or the room is unknown."""
+    room = _host_room()
+    if room and need > room:
+        return f"{what} needs at least {_gib(need)} of memory at once, more than this machine has ({_gib(room)} " \
+               f"available)"
+    return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: ``torch.OutOfMemoryError`` (CUDA), ``MemoryError``, or the CPU
+    allocator's ``RuntimeError`` ("can't allocate memory")."""
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
+
+
+def out_of_memory_message(e: BaseException, what: str) -> str:
+    """The one-line error for the allocation failure ``e`` while ``what`` (a phrase naming the options) ran."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", first)
+    return f"out of memory with {what}: {first}"
+
+
 # ------------------------------------------------------------------------------------------------
 # argument types
 # ------------------------------------------------------------------------------------------------
@@ -160,6 +232,40 @@ def _device_arg(text: str) -> torch.device:
         return _checked_device(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _RecordedStore(argparse._StoreAction):
+    """argparse's ``store`` action that also records its dest in the namespace's ``given_options``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given_options = frozenset(getattr(namespace, "given_options", ())) | {self.dest}
+
+
+class _RecordedStoreTrue(argparse._StoreTrueAction):
+    """argparse's ``store_true`` action that also records its dest in the namespace's ``given_options``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.given_options = frozenset(getattr(namespace, "given_options", ())) | {self.dest}
+
+
+def record_given_options(parser: argparse.ArgumentParser) -> None:
+    """Make each ``store`` / ``store_true`` option added to ``parser`` (and its argument groups) from now on record,
+    when the command line holds it, its dest in the parsed namespace's ``given_options`` (a frozenset, empty by
+    default): which options the user gave, whatever their values (one equal to its default too), for the checks that
+    refuse the options of another mode (:func:`given`)."""
+    parser.register("action", None, _RecordedStore)
+    parser.register("action", "store", _RecordedStore)
+    parser.register("action", "store_true", _RecordedStoreTrue)
+    parser.set_defaults(given_options=frozenset())
+
+
+def given(args, names) -> list[str]:
+    """The options among ``names`` (argparse dests) that the command line holds (:func:`record_given_options`), as
+    ``--option`` names, in the order of ``names``."""
+    held = getattr(args, "given_options", frozenset())
+    return [f"--{n.replace('_', '-')}" for n in names if n in held]
 
 
 def model_dir(spec: str) -> Path:
@@ -275,6 +381,17 @@ def cmd_demo(args) -> int:
     m, k = args.shape
     dtype = DTYPES[args.dtype]
     dtype_name = args.dtype
+    # the least held at once on the host: the weight drawn in float32 and its cast; then x the same (beside the
+    # weight on a CPU): refused before any work where that cannot fit
+    size = dtype.itemsize
+    why = (too_big_for_memory(m * k * (4 + size), f"--shape {m}x{k} (its weight drawn in float32, cast to "
+                                                  f"{dtype_name})")
+           or too_big_for_memory((m * k * size if device.type == "cpu" else 0) + args.tokens * k * (4 + size),
+                                 f"--tokens {args.tokens} (x of {args.tokens}x{k}, drawn in float32, cast to "
+                                 f"{dtype_name})"))
+    if why is not None:
+        _err(f"{why}; pass a smaller --shape or --tokens")
+        return EXIT_USAGE
 
     from flash_llm import kernels
 
@@ -293,6 +410,21 @@ def cmd_demo(args) -> int:
         if not compiled.cached:
             print(f"compiled the CUDA kernels for {arch} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
+    try:
+        return _layer_demo(args, device, sparsities, timing_ok, timing_why)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        _err(out_of_memory_message(e, f"--shape {m}x{k} and --tokens {args.tokens}") + "; pass a smaller --shape "
+             "or --tokens")
+        return EXIT_FAILURE
+
+
+def _layer_demo(args, device: torch.device, sparsities: list[float], timing_ok: bool, timing_why: str | None) -> int:
+    """The body of :func:`cmd_demo` once its arguments are checked."""
+    m, k = args.shape
+    dtype = DTYPES[args.dtype]
+    dtype_name = args.dtype
     g = torch.Generator().manual_seed(args.seed)
     w = torch.randn(m, k, generator=g).to(dtype).to(device)
     x = torch.randn(args.tokens, k, generator=g).to(dtype).to(device)
@@ -438,9 +570,12 @@ def cmd_info(args) -> int:
     if cache is None:
         lines.append(("cubin cache", f"none: {why}"))
     else:
+        problem = _build.cache_problem(cache)
         cubins = sorted(cache.glob("*.cubin")) if cache.is_dir() else []
-        lines.append(("cubin cache", f"{cache} ({len(cubins)} cubin{'s' if len(cubins) != 1 else ''})"
-                      if cache.is_dir() else f"{cache} (not created yet)"))
+        state = f"{len(cubins)} cubin{'s' if len(cubins) != 1 else ''}" if cache.is_dir() else "not created yet"
+        if problem is not None:
+            state = (f"{state}; " if cache.is_dir() else "") + f"{problem}; set FLASH_LLM_CACHE to a writable directory"
+        lines.append(("cubin cache", f"{cache} ({state})"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.ljust(width)}  {value}")
@@ -472,6 +607,10 @@ def cmd_build(args) -> int:
     cache, why = _build._cache_dir_or_why()
     if cache is None:  # (flash-llm build exists to fill the cache)
         _err(f"no cubin cache to fill: {why}")
+        return EXIT_FAILURE
+    problem = _build.cache_problem(cache, create=True)  # (before compiling: that takes minutes)
+    if problem is not None:
+        _err(f"no cubin cache to fill: {cache}: {problem}; set FLASH_LLM_CACHE to a writable directory")
         return EXIT_FAILURE
     print(f"NVRTC {nvrtc}; cubin cache {cache}")
 
@@ -678,7 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "whether each cubin came from the cache, its size and, when compiled, per kernel the "
                     "registers, spill bytes, stack frame and static shared memory reported by ptxas. "
                     "Exits 1 with NVRTC's log if compilation fails, and 1 if a cubin cannot be stored in the "
-                    "cache.")
+                    "cache (checked before compiling: the cache directory, $FLASH_LLM_CACHE/cubin, must be "
+                    "creatable and writable).")
     p.add_argument("--arch", type=_arch, nargs="+", action="extend", metavar="SM",
                    help="target architectures, e.g. sm_80 sm_90 (default: the present GPU's, or sm_80 and "
                         "sm_90 without a GPU)")
@@ -721,11 +861,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    _plug_closed_stderr()
     try:
-        return args.func(args)
+        status = args.func(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # (here, where a closed pipe is caught, not in the interpreter's flush at exit)
+        return status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader has gone (`| head -1`): drop the rest quietly, as generate does
+        discard_stdout()
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -331,9 +331,11 @@ def default_dtype(device: torch.device, model: str | None) -> str:
     return "bfloat16" if device.type != "cuda" and (model is None or model in bundled.NAMES) else "float16"
 
 
-def _given(args, names, defaults) -> list[str]:
-    """The options among ``names`` (argparse dests) whose values differ from the parser's ``defaults``."""
-    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) != defaults[n]]
+def _given(args, names, defaults=None) -> list[str]:
+    """The options among ``names`` (argparse dests) that the command line holds, whatever their values
+    (:func:`flash_llm.cli.given`; until session 80 those whose values differed from the parser's ``defaults``, so an
+    option given at its default value passed unseen).  ``defaults`` is not used."""
+    return cli.given(args, names)
 
 
 def _seq_len_too_long(seq_len: int | None, lm: LoadedModel, name: str) -> bool:
@@ -345,21 +347,43 @@ def _seq_len_too_long(seq_len: int | None, lm: LoadedModel, name: str) -> bool:
     return False
 
 
+def _calibration(tokens: torch.Tensor, calib_seqs: int, seq_len: int, *, seed: int, batch_size: int):
+    """:func:`flash_llm.data.calibration_batches` for ``--calib-seqs`` sequences of ``seq_len`` tokens, or the exit
+    status after an error naming ``--calib-seqs`` where they cannot fit in memory: refused before they are made
+    where their int64 token ids alone exceed what the host has (:func:`flash_llm.cli.too_big_for_memory`), else an
+    allocation failure while they are made."""
+    what = f"--calib-seqs {calib_seqs} x --seq-len {seq_len} tokens (the calibration batches' int64 token ids)"
+    why = cli.too_big_for_memory(8 * calib_seqs * seq_len, what)
+    if why is not None:
+        _err(f"{why}; lower --calib-seqs")
+        return EXIT_USAGE
+    try:
+        return data.calibration_batches(tokens, calib_seqs, seq_len, seed=seed, batch_size=batch_size)
+    except (RuntimeError, MemoryError) as e:
+        if not cli.is_out_of_memory(e):
+            raise
+        _err(cli.out_of_memory_message(e, f"--calib-seqs {calib_seqs} x --seq-len {seq_len}") + "; lower --calib-seqs")
+        return EXIT_FAILURE
+
+
 def cmd_demo(args) -> int:
     if args.layer:
         if args.model is not None:
             _err("--model and --layer exclude each other (--layer runs the synthetic-layer demo)")
             return EXIT_USAGE
-        given = _given(args, _MODEL_ONLY, args.model_defaults)
+        given = _given(args, _MODEL_ONLY)
         if given:
             _err(f"{', '.join(given)}: option(s) of the model demo, which --layer does not run; drop them or --layer")
             return EXIT_USAGE
         args.dtype = args.dtype or "float16"
         args.seed = 0 if args.seed is None else args.seed
         return cli.cmd_demo(args)
-    given = _given(args, _LAYER_ONLY, args.layer_defaults)
+    given = _given(args, _LAYER_ONLY)
     if given:
         _err(f"{', '.join(given)}: option(s) of the synthetic-layer demo; add --layer")
+        return EXIT_USAGE
+    if args.owl and args.method not in ("sparsegpt", "wanda"):  # (before any work, as prune checks it)
+        _err(f"--owl applies to wanda and sparsegpt, not {args.method}")
         return EXIT_USAGE
     device = _device(args.device)
     if device is None:
@@ -404,17 +428,22 @@ def cmd_demo(args) -> int:
     if args.eval_tokens is not None:
         val = val[:args.eval_tokens + 1]
     seq_len = args.seq_len or min(lm.context, MAX_WINDOW)
-    if args.calib_seqs is None:  # on a CPU 2048 tokens: enough for Hessians of up to 2048 inputs, and quick
-        args.calib_seqs = 128 if device.type == "cuda" else max(4, 2048 // seq_len)
-    calib = data.calibration_batches(train, args.calib_seqs, seq_len, seed=seed, batch_size=args.batch_size)
+    calib = None  # magnitude pruning reads no data (its calibration pass would only measure errors not shown here)
+    if args.method != "magnitude":
+        if args.calib_seqs is None:  # on a CPU 2048 tokens: enough for Hessians of up to 2048 inputs, and quick
+            args.calib_seqs = 128 if device.type == "cuda" else max(4, 2048 // seq_len)
+        calib = _calibration(train, args.calib_seqs, seq_len, seed=seed, batch_size=args.batch_size)
+        if isinstance(calib, int):
+            return calib
     where = "CPU" if device.type == "cpu" else f"{torch.cuda.get_device_name(device)} ({device})"
     method_label = f"{'OWL + ' if args.owl else ''}{args.method} {100 * args.sparsity:g}%"
     print(f"flash-llm demo: {lm.label}")
     note = _training_note(lm.config)
     if note:
         print(f"  {note}")
-    print(f"pruning a copy with {method_label} (calibration: {args.calib_seqs} x {seq_len} tokens of the training "
-          f"split), {str(dtype).removeprefix('torch.')} on {where}")
+    data_note = "no calibration data" if calib is None else \
+        f"calibration: {args.calib_seqs} x {seq_len} tokens of the training split"
+    print(f"pruning a copy with {method_label} ({data_note}), {str(dtype).removeprefix('torch.')} on {where}")
     print()
 
     dense = lm.model
@@ -432,6 +461,15 @@ def cmd_demo(args) -> int:
     except ValueError as e:
         _err(str(e))
         return EXIT_USAGE
+    except (RuntimeError, MemoryError) as e:
+        if not cli.is_out_of_memory(e):
+            raise
+        if calib is None:  # (magnitude: no data; its layers' scores alone)
+            _err(cli.out_of_memory_message(e, f"{args.method} pruning"))
+        else:
+            _err(cli.out_of_memory_message(e, f"{args.method} pruning, --calib-seqs {args.calib_seqs} and --batch-size "
+                                              f"{args.batch_size}") + "; lower them")
+        return EXIT_FAILURE
     _sync(device)
     t_prune = times["prune"] = time.perf_counter() - t0
 
@@ -585,6 +623,21 @@ def _seed(text: str) -> int:
                                          f"got {text!r}") from None
 
 
+def _unreadable_file(path: str) -> str | None:
+    """Why the text file ``path`` could not be read (in the words of :func:`flash_llm.data.load_tokens`), told
+    without reading it; None if nothing is known against it."""
+    try:
+        if not os.path.exists(path):
+            return f"text file {path!r} does not exist"
+        if os.path.isdir(path):
+            return f"text file {path!r} is a directory, expected a file"
+        if not os.access(path, os.R_OK):
+            return f"text file {path!r} cannot be read (no read permission)"
+    except (OSError, ValueError) as e:  # (a name too long, a NUL byte)
+        return f"text file {path!r}: {e}"
+    return None
+
+
 def cmd_prune(args) -> int:
     import flash_llm
 
@@ -615,12 +668,12 @@ def cmd_prune(args) -> int:
     if args.owl and args.method not in ("sparsegpt", "wanda"):
         _err(f"--owl applies to wanda and sparsegpt, not {args.method}")
         return EXIT_USAGE
-    given = _given(args, _GRADUAL_ONLY, args.option_defaults) if args.method != "gradual" else []
+    given = _given(args, _GRADUAL_ONLY) if args.method != "gradual" else []
     if given:
         _err(f"{', '.join(given)}: option(s) of --method gradual (fine-tuning), which {args.method} does not run; "
              "drop them or use --method gradual")
         return EXIT_USAGE
-    if args.method == "gradual" and _given(args, _ONE_SHOT_ONLY, args.option_defaults):
+    if args.method == "gradual" and _given(args, _ONE_SHOT_ONLY):
         _err("--calib-seqs: the calibration sequences of the one-shot methods; gradual fine-tunes on --steps batches "
              "of --batch-size sequences of --calib instead: drop --calib-seqs")
         return EXIT_USAGE
@@ -629,6 +682,15 @@ def cmd_prune(args) -> int:
         return EXIT_USAGE
     # magnitude pruning reads no data: its calibration pass only measures the errors that --verbose prints
     calibrate = args.calib is not None and (args.method != "magnitude" or args.verbose)
+    if args.method == "magnitude" and not calibrate and _given(args, _ONE_SHOT_ONLY):
+        _err("--calib-seqs: the calibration sequences of the one-shot methods; magnitude reads them only with "
+             "--verbose and --calib (to measure the per-layer errors --verbose prints): drop --calib-seqs")
+        return EXIT_USAGE
+    if args.calib is not None and not calibrate:  # (not read: checked all the same, so a mistyped path is told)
+        why = _unreadable_file(args.calib)
+        if why is not None:
+            _err(f"--calib: {why}")
+            return EXIT_USAGE
     device = _device(args.device)
     if device is None:
         return EXIT_USAGE
@@ -659,12 +721,21 @@ def cmd_prune(args) -> int:
                               batch_size=args.batch_size, seq_len=seq_len, lr=args.lr, seed=args.seed)
             lm.model.to(dtype)
         else:
-            calib = data.calibration_batches(calib_tokens, args.calib_seqs, seq_len, seed=args.seed,
-                                             batch_size=args.batch_size) if calibrate else None
+            calib = _calibration(calib_tokens, args.calib_seqs, seq_len, seed=args.seed,
+                                 batch_size=args.batch_size) if calibrate else None
+            if isinstance(calib, int):
+                return calib
             report = prune(lm.model, args.method, args.sparsity, calib, owl=args.owl)
     except ValueError as e:
         _err(str(e))
         return EXIT_USAGE
+    except (RuntimeError, MemoryError) as e:
+        if not cli.is_out_of_memory(e):
+            raise
+        options = "--batch-size" if args.method == "gradual" else "--calib-seqs and --batch-size"
+        _err(cli.out_of_memory_message(e, f"{args.method} pruning") + f"; lower {options}; nothing written to --out "
+             f"{out}")
+        return EXIT_FAILURE
     except FloatingPointError as e:  # gradual_prune_'s loss (or weights) went NaN/Inf: the fine-tuning diverged
         _err(f"{e}; nothing written to --out {out} (--lr {args.lr:g}: try a lower --lr)")
         return EXIT_FAILURE
@@ -739,6 +810,7 @@ def register_cli(subparsers) -> None:
                     "generated by both with one seed, and on a GPU their decode speed. --layer instead runs the "
                     "synthetic-layer demo: a random weight magnitude-pruned to each sparsity, compressed to "
                     f"{_names(cli.LAYER_FORMATS)}, checked and (on a GPU) timed.")
+    cli.record_given_options(p)  # (each mode refuses the other's options when given, whatever their value)
     p.add_argument("--model", metavar="NAME|DIR",
                    help=f"a bundled model ({', '.join(bundled.NAMES)}; default {DEFAULT_MODEL}) or a Hugging Face "
                         "checkpoint directory (Llama or OPT: config.json, *.safetensors and its tokenizer files, "
@@ -750,7 +822,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--owl", action="store_true", help="per-layer sparsities from OWL (wanda, sparsegpt)")
     p.add_argument("--calib-seqs", type=_positive, default=None,
                    help="calibration sequences from the training split (default: 128 on a GPU; on a CPU 2048 "
-                        "tokens' worth, at least 4)")
+                        "tokens' worth, at least 4; magnitude uses none)")
     p.add_argument("--seq-len", type=_positive, default=None,
                    help=f"tokens per calibration sequence and evaluation window (default: the model's context, "
                         f"at most {MAX_WINDOW}; more than the context is refused)")
@@ -772,8 +844,7 @@ def register_cli(subparsers) -> None:
                    help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: auto)")
     g = p.add_argument_group("synthetic-layer demo (with --layer)")
     cli.add_layer_demo_arguments(g)
-    p.set_defaults(func=cmd_demo, layer_defaults={n: p.get_default(n) for n in _LAYER_ONLY},
-                   model_defaults={n: p.get_default(n) for n in _MODEL_ONLY})
+    p.set_defaults(func=cmd_demo)
 
     p = subparsers.add_parser(
         "prune", help="prune a model (with calibration text, but for magnitude) and write it to a directory",
@@ -784,6 +855,7 @@ def register_cli(subparsers) -> None:
                     "`import flash_llm`, loads it) or a compressed-tensors sparse-bitmask checkpoint. config.json "
                     "records the pruning; the tokenizer files are copied. The output is written to a temporary "
                     "directory and renamed, so an interrupted run leaves nothing.")
+    cli.record_given_options(p)  # (each mode refuses the other's options when given, whatever their value)
     p.add_argument("model", metavar="MODEL",
                    help=f"bundled model name ({', '.join(bundled.NAMES)}) or checkpoint directory")
     p.add_argument("--method", choices=METHODS, required=True,
@@ -799,7 +871,8 @@ def register_cli(subparsers) -> None:
                    help="replace --out if it exists (never one that is or holds MODEL or --calib)")
     p.add_argument("--owl", action="store_true", help="per-layer sparsities from OWL (wanda, sparsegpt)")
     p.add_argument("--calib-seqs", type=_positive, default=128,
-                   help="calibration sequences of the one-shot methods (default: 128; gradual refuses it)")
+                   help="calibration sequences of the one-shot methods (default: 128; gradual refuses it, and so "
+                        "does magnitude without --verbose)")
     p.add_argument("--seq-len", type=_positive, default=None,
                    help=f"tokens per sequence (default: the model's context, at most {MAX_WINDOW}; more than the "
                         "context is refused)")
@@ -817,4 +890,5 @@ def register_cli(subparsers) -> None:
                    help="output checkpoint format (default: flash-llm)")
     p.add_argument("--verbose", action="store_true",
                    help="print the per-layer pruning report (magnitude: its errors need --calib)")
+    # (option_defaults: the values the mode checks compared with until session 80; kept for callers of _given)
     p.set_defaults(func=cmd_prune, option_defaults={n: p.get_default(n) for n in _GRADUAL_ONLY + _ONE_SHOT_ONLY})

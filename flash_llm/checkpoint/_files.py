@@ -344,7 +344,8 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     appeared at ``out`` while the block ran (another process's save, a directory the user made) is left as it is,
     and ``FileExistsError`` naming it is raised.  A path at ``out`` that is not a directory is never replaced.  If
     the block raises (including ``KeyboardInterrupt``), or either rename of the swap fails, the temporary directory
-    is removed and ``out`` is untouched (moved back to its name, if the swap had moved it aside).  (A process killed
+    is removed and ``out`` is untouched (moved back to its name, if the swap had moved it aside), and so are the
+    missing directories above ``out`` that this call created (those only, and only while empty).  (A process killed
     outright leaves a hidden ``.<name>.tmp-*`` directory beside ``out``, never a partial ``out``.)
     """
     out = Path(os.fspath(out))
@@ -352,10 +353,14 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     _refuse_non_directory(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result gets the usual permissions
+    created = _make_directories(out.parent)
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result gets the usual permissions
         yield tmp
         if overwrite and os.path.lexists(out):
             _refuse_non_directory(out)  # (one that appeared meanwhile: never moved aside and deleted)
@@ -376,7 +381,43 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
             _rename_without_replacing(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _make_directories(directory: Path) -> list[Path]:
+    """``directory.mkdir(parents=True, exist_ok=True)``, returning the directories this call created, deepest first
+    (not one that another process made meanwhile).  If it fails, those it created are removed again."""
+    missing, d = [], directory.absolute()
+    while not os.path.lexists(d) and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+                continue
+            created.insert(0, d)
+        if not missing:
+            directory.mkdir(parents=True, exist_ok=True)  # (the error for a file or dangling link there)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (deepest first) where they are empty: what a failed write created above its output,
+    never anything that another process has put there meanwhile."""
+    for d in directories:
+        try:
+            os.rmdir(d)
+        except OSError:  # (not created after all, or not empty: left as it is)
+            pass
 
 
 def _refuse_non_directory(out: Path) -> None:

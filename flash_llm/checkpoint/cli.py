@@ -57,10 +57,47 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
+def _seed(text: str) -> int:
+    """``generate --seed``: an integer that ``torch.Generator.manual_seed`` takes (``flash-llm prune --seed``'s
+    range, :func:`flash_llm.data._check_seed`), checked while the arguments are parsed."""
+    from ..data import _check_seed
+
+    try:
+        return _check_seed(int(text))
+    except ValueError:  # (not an integer, or out of range)
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (a torch.Generator seed), "
+                                         f"got {text!r}") from None
+
+
+def _prompt(text: str) -> str:
+    """``generate --prompt``: text that is UTF-8 (a command-line argument that is not arrives with its bytes as lone
+    surrogates, ``surrogateescape``), checked while the arguments are parsed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code, at = ord(text[e.start]), len(text[:e.start].encode("utf-8"))  # (all valid before the first error)
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text ({what} at byte {at}); give the prompt as UTF-8") \
+            from None
+    return text
+
+
 # ---- convert ---------------------------------------------------------------------------------------------
 
 def cmd_convert(args) -> int:
+    from ..demo import _unreplaceable_out  # (prune --out's check)
+
     t0 = time.perf_counter()
+    out = Path(args.output)
+    try:  # (first: Path.exists raises for a name longer than the file system allows)
+        _files.check_name_lengths(out, "OUT")
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    why = _unreplaceable_out(out)  # the current directory (or a parent, a mount point): refused before any work
+    if why is not None:
+        _err(why.replace(f"--out {out}", f"OUT {out}", 1))
+        return EXIT_USAGE
     try:
         report = convert(args.input, args.output, format=args.format, min_sparsity=args.min_sparsity,
                          dtype=DTYPES.get(args.dtype), device=args.device, max_shard_size=args.max_shard_size,
@@ -186,20 +223,19 @@ class _HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
 def _tokenizer(choice: str, path: Path, config: dict):
+    from ..demo import TOKENIZER_FILES  # (one list: demo --model and --tokenizer DIR accept the same files)
+
     if choice == "bytes":
         return _Bytes()
     if choice != "auto":
         return _HFTokenizer(Path(choice), "--tokenizer")
-    if any((path / f).exists() for f in _TOKENIZER_FILES):
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
         return _HFTokenizer(path)
     declared = config.get("flash_llm", {}).get("tokenizer", "") if isinstance(config.get("flash_llm"), dict) else ""
     if str(declared).startswith("bytes") or config.get("vocab_size") == 256:
         return _Bytes()
-    raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}) and does not declare the byte "
+    raise ValueError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}) and does not declare the byte "
                      "tokenizer; pass --tokenizer DIR (a Hugging Face tokenizer) or --tokenizer bytes")
 
 
@@ -257,8 +293,9 @@ def _after_merging(model, paths: list[str]) -> str:
 def cmd_generate(args) -> int:
     from ..engine import Engine
 
-    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
-        given = " and ".join(o for o, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None)
+    sampling = (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+    if args.temperature == 0 and any(v is not None for _, v in sampling):
+        given = " and ".join(o for o, v in sampling if v is not None)
         _err(f"{given} appl{'y' if ' and ' in given else 'ies'} to sampling: give --temperature > 0 too (the "
              "default 0 is greedy decoding)")
         return EXIT_USAGE
@@ -329,7 +366,8 @@ def cmd_generate(args) -> int:
 class _Output:
     """Where ``generate`` prints the text: stdout on rank 0 (or without ``--tp``), nothing on the other ranks.
     Once the reader has closed stdout (``| head``), the rest is discarded: :attr:`closed` is set and stdout is
-    pointed at ``os.devnull`` (so Python's final flush does not fail again), as Python's documentation advises."""
+    pointed at ``os.devnull`` (so Python's final flush does not fail again), as Python's documentation advises.  A
+    process started with stdout closed (``>&-``: ``sys.stdout`` is None) counts as closed from the start."""
 
     def __init__(self, show: bool):
         self.show = show
@@ -338,18 +376,17 @@ class _Output:
     def write(self, text: str) -> None:
         if not self.show or self.closed:
             return
+        if sys.stdout is None:  # (started with stdout closed, `>&-`: as a reader that has gone)
+            self.closed = True
+            return
         try:
             sys.stdout.write(text)
             sys.stdout.flush()
         except BrokenPipeError:
+            from ..cli import discard_stdout
+
             self.closed = True
-            try:
-                fd = sys.stdout.fileno()
-            except (AttributeError, OSError, ValueError):  # (not a file: e.g. captured by a test)
-                return
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, fd)
-            os.close(devnull)
+            discard_stdout()
 
 
 def _stream(args, engine, tok, ids, out: _Output) -> int:
@@ -467,7 +504,7 @@ def register_cli(sub) -> None:
                     "the bundled one.")
     p.add_argument("path", metavar="PATH", type=model_path,
                    help="checkpoint directory, or a bundled model's name (tiny-shakespeare)")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", type=_prompt, required=True, help="text to continue (UTF-8)")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=_positive, default=None,
@@ -475,7 +512,7 @@ def register_cli(sub) -> None:
     p.add_argument("--top-p", type=_probability, default=None,
                    help="sample from the most likely tokens that reach this probability only, in (0, 1] (needs "
                         "--temperature > 0)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    p.add_argument("--seed", type=_seed, default=None, help="seed of the sampler (needs --temperature > 0)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--device", type=_device, default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")

@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..formats import FORMATS, FormatError, SparseFormat
-from ..formats._base import (METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, _is_int, count_nonzero, dtype_name,
-                             parse_metadata)
-from ..nn import (FORMAT_NAMES, ConvertedLayer, SkippedLayer, SparseLinear, SparsifyConfig, SparsifyReport,
-                  _format_class, check_fraction, _human, _tensor_bytes)
+from ..formats._base import (COUNT_CHUNK, METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, _is_int, count_nonzero,
+                             dtype_name, parse_metadata)
+from ..nn import (FORMAT_NAMES, ConvertedLayer, LossyCastError, SkippedLayer, SparseLinear, SparsifyConfig,
+                  SparsifyReport, _format_class, check_fraction, _human, _tensor_bytes)
 from . import _files, _model
 from . import sparse_bitmask as sb
 
@@ -342,6 +342,30 @@ def check_dtype(path, key: str, got: torch.dtype, want: torch.dtype) -> None:
         raise FormatError(f"{path}: tensor '{key}' has dtype {got}; the model expects {want}")
 
 
+def cast_checked(path, key: str, t: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+    """``t`` (tensor ``key`` of file ``path``) cast to the model's dtype ``want``, refusing (:class:`~flash_llm.nn.
+    LossyCastError`, naming both) a cast that turns finite values into inf: fp16 holds at most 65504, and a model run
+    on inf weights computes NaN silently.  (Nonzeros that flush to zero are rounding here, as in transformers'
+    loader: a float32 checkpoint has a few below fp16's smallest subnormal, which casting it to fp16 loses.)"""
+    if t.dtype == want:
+        return t
+    cast = t.to(want)
+    if not t.is_floating_point() or t.is_meta:
+        return cast
+    a, b = t.detach().reshape(-1), cast.detach().reshape(-1)
+    over = 0
+    for i in range(0, a.numel(), COUNT_CHUNK):
+        x, y = a[i: i + COUNT_CHUNK], b[i: i + COUNT_CHUNK]
+        over += int(torch.count_nonzero(torch.isfinite(x) & ~torch.isfinite(y)))
+    if over:
+        largest = float(a[torch.isfinite(a) & ~torch.isfinite(b)].abs().max())
+        hint = ("load it in bfloat16, which has float32's range (on the command line: --dtype bfloat16)"
+                if want == torch.float16 else "load it in a dtype that holds these values")
+        raise LossyCastError(f"{path}: tensor '{key}' cannot be cast to {want}: {over} finite value(s) overflow to "
+                             f"inf (largest magnitude {largest:g}); {hint}")
+    return cast
+
+
 def stored_twice(path, key: str, name: str, other: str | None = None,
                  under: str = "the name without the leading 'model.'") -> FormatError:
     """The error of tensor ``name`` of the model stored a second time in the checkpoint, at ``key`` in file ``path``:
@@ -444,18 +468,16 @@ class _Loader:
         self._check_shape(key, t.shape, path)
         want = self.expected[key][1]
         check_dtype(path, key, t.dtype, want)
-        t = t.to(self.device)
-        if t.dtype != want:
-            t = t.to(want)
+        t = cast_checked(path, key, t.to(self.device), want)
         owner = key[: -len(".weight")] if key.endswith(".weight") else None
         slot = self.slots.get(owner) if owner is not None else None
-        self.values[key] = self._decide(slot, t) if slot is not None else t
+        self.values[key] = self._decide(slot, t, path) if slot is not None else t
 
     def _place_flash(self, key: str, w: SparseFormat, path: Path) -> None:
         if not self._check_known(key, path):
             return
         self._check_shape(key, w.shape, path)
-        self.values[key] = self._decide(self.slots[key[: -len(".weight")]], w)
+        self.values[key] = self._decide(self.slots[key[: -len(".weight")]], w, path)
 
     def _place_bitmask(self, key: str, parts: dict[str, torch.Tensor], path: Path) -> None:
         owner = key[: -len(".weight")]
@@ -473,10 +495,15 @@ class _Loader:
         self._check_shape(key, dense.shape, path)
         if not dense.dtype.is_floating_point:
             raise FormatError(f"{path}: '{pname}.compressed' is not floating point")
-        self.values[key] = self._decide(slot, dense.to(slot.dtype))
+        self.values[key] = self._decide(slot, cast_checked(path, pname, dense, slot.dtype), path)
 
-    def _decide(self, slot: _Slot, w) -> torch.Tensor | SparseFormat:
-        """The value a linear layer's weight gets: kept as it is, compressed, or made dense."""
+    def _decide(self, slot: _Slot, w, path: Path) -> torch.Tensor | SparseFormat:
+        """The value a linear layer's weight gets: kept as it is, compressed, or made dense (in the layer's dtype: a
+        compressed weight of another dtype is cast, refusing values that overflow there, as :func:`cast_checked`)."""
+        def dense_of(w):
+            return cast_checked(path, f"{slot.fqn}.weight", w.to_dense(), slot.dtype) if isinstance(w, SparseFormat) \
+                else w
+
         if self.mode == "as-saved":
             if isinstance(w, SparseFormat):
                 if w.dtype != slot.dtype:
@@ -487,22 +514,23 @@ class _Loader:
         # (whatever is decided comes out in the layer's dtype, as the dense tensors do in _place: a compressed weight
         # of another dtype is decompressed or re-encoded, not left to fail in the first forward; session 71)
         if self.mode == "dense":
-            return w.to_dense().to(slot.dtype) if isinstance(w, SparseFormat) else w
+            return dense_of(w)
         config: SparsifyConfig = self.mode
         fmt = _format_class(config.format)
         if slot.keep_dense is not None:
             self.report.skipped.append(SkippedLayer(slot.fqn, slot.keep_dense))
-            return w.to_dense().to(slot.dtype) if isinstance(w, SparseFormat) else w
+            return dense_of(w)
         nnz = w.nnz if isinstance(w, SparseFormat) else count_nonzero(w)
         sparsity = 1.0 - nnz / (slot.out_features * slot.in_features)
         if sparsity < config.min_sparsity:
             self.report.skipped.append(SkippedLayer(slot.fqn, f"sparsity {sparsity:.4f} < min_sparsity "
                                                               f"{config.min_sparsity}"))
-            return w.to_dense().to(slot.dtype) if isinstance(w, SparseFormat) else w
+            return dense_of(w)
         if isinstance(w, SparseFormat) and type(w) is fmt and w.dtype == slot.dtype:
             self._converted(slot, w)
             return w
-        dense = (w.to_dense() if isinstance(w, SparseFormat) else w).to(slot.dtype)
+        dense = cast_checked(path, f"{slot.fqn}.weight", w.to_dense() if isinstance(w, SparseFormat) else w,
+                             slot.dtype)
         c = fmt.from_dense(dense)
         if c.device.type == "cpu":
             _trim_host_heap()

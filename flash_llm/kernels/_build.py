@@ -114,6 +114,43 @@ def _cache_dir_or_why() -> tuple[Path | None, str | None]:
         return None, str(e)
 
 
+def cache_problem(root: Path, *, create: bool = False) -> str | None:
+    """Why the cubin cache directory ``root`` (:func:`cache_dir`) cannot take new cubins, or None.
+
+    ``create=False`` (``flash-llm info``) only looks: ``root``, or where it does not exist yet its nearest existing
+    ancestor, must be a directory this process may write.  ``create=True`` (``flash-llm build``, before it compiles)
+    makes ``root`` with its parents and writes and removes a probe file there, so what cannot be stored is said in
+    a moment, not after minutes of compiling."""
+    if create:
+        probe = None
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            name = root / f".probe-{secrets.token_hex(8)}.tmp"
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            probe = name
+            os.close(fd)
+        except OSError as e:
+            return f"cannot write {e.filename or root}: {e.strerror or e}"
+        finally:
+            if probe is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(probe)
+        return None
+    try:
+        here = root
+        while not os.path.lexists(here) and here.parent != here:
+            here = here.parent
+        if os.path.lexists(here) and not here.is_dir():
+            what = "a dangling symbolic link" if here.is_symlink() and not here.exists() else "not a directory"
+            return f"{here} is {what}" if here == root else f"cannot be created: {here} is {what}"
+        if not os.access(here, os.W_OK | os.X_OK):
+            return f"no write permission on {here}" if here == root else \
+                f"cannot be created: no write permission on {here}"
+    except OSError as e:  # (e.g. a name longer than the file system allows)
+        return f"cannot be used: {e.strerror or e}"
+    return None
+
+
 #: ``e_machine`` of a CUDA ELF (a cubin)
 EM_CUDA = 190
 
