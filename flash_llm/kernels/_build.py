@@ -121,21 +121,12 @@ def cache_problem(root: Path, *, create: bool = False) -> str | None:
     ancestor, must be a directory this process may write.  ``create=True`` (``flash-llm build``, before it compiles)
     makes ``root`` with its parents and writes and removes a probe file there, so what cannot be stored is said in
     a moment, not after minutes of compiling."""
-    if create:
-        probe = None
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            name = root / f".probe-{secrets.token_hex(8)}.tmp"
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-            probe = name
-            os.close(fd)
-        except OSError as e:
-            return f"cannot write {e.filename or root}: {e.strerror or e}"
-        finally:
-            if probe is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(probe)
-        return None
+    if create:  # (an empty probe stored as a cubin is: _store_cubin makes the directories and cleans up)
+        probe = root / f".probe-{secrets.token_hex(8)}"
+        why = _store_cubin(probe, b"")
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        return why
     try:
         here = root
         while not os.path.lexists(here) and here.parent != here:
