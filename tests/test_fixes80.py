@@ -53,3 +53,26 @@ def test_spmm_add_with_a_bias_inside_acc_on_the_gpu(fmt, dtype, n):
     assert torch.isfinite(apart).all()
     err = float((acc.float() - apart.float()).abs().max())
     assert err <= 2 * ulp(dtype, float(apart.float().abs().max())), err
+
+
+@pytest.mark.parametrize("which", ["cwd", "parent"])
+def test_saving_over_the_working_directory_is_refused_in_python_too(tmp_path, monkeypatch, which):
+    """``save_pretrained(model, os.getcwd(), overwrite=True)`` (and ``convert``, and a parent of the working
+    directory) moved the working directory aside and deleted it with everything in it; the CLI refused it, the Python
+    API did not."""
+    from flash_llm.checkpoint import convert
+
+    src = save_hf(hf_model("llama", seed=9), tmp_path / "src")
+    work = tmp_path / "parent" / "work"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    out = work if which == "cwd" else work.parent
+    model = flash_llm.from_pretrained(src, progress=False)
+    for save in (lambda: flash_llm.save_pretrained(model, out, overwrite=True, progress=False),
+                 lambda: convert(src, out, overwrite=True, progress=False)):
+        with pytest.raises(ValueError, match="current directory"):
+            save()
+        assert (work / "keep.txt").read_text() == "mine"
+    flash_llm.save_pretrained(model, work / "sub", progress=False)  # (inside it: fine)
+    assert (work / "sub" / "config.json").exists() and (work / "keep.txt").exists()
