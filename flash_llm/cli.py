@@ -96,10 +96,6 @@ def _plug_closed_stderr() -> None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB"
-
-
 def _host_room() -> int:
     """Bytes of host memory this process could get at most, 0 if unknown: what is available
     (:func:`flash_llm.models.synthetic.host_available_memory`, a cgroup's limit included) plus the free swap.  An
@@ -115,7 +111,7 @@ def _host_room() -> int:
                 if line.startswith("SwapFree:"):
                     room += int(line.split()[1]) * 1024
                     break
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError):  # (no /proc/meminfo or an unparsable one: the swap is not counted)
         pass
     return room
 
@@ -123,10 +119,12 @@ def _host_room() -> int:
 def too_big_for_memory(need: int, what: str) -> str | None:
     """Why ``need`` bytes, the least that ``what`` (a phrase naming the option, e.g. ``"--shape 10x10"``) allocates
     at once on the host, cannot fit there (:func:`_host_room`); None where they may fit or the room is unknown."""
+    from flash_llm.nn import _human
+
     room = _host_room()
     if room and need > room:
-        return f"{what} needs at least {_gib(need)} of memory at once, more than this machine has ({_gib(room)} " \
-               f"available)"
+        return f"{what} needs at least {_human(need)} of memory at once, more than this machine has " \
+               f"({_human(room)} available)"
     return None
 
 

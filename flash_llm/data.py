@@ -97,17 +97,32 @@ def corpus_path() -> Path:
     return CORPUS_FILE
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The bytes of the file at ``path``, gunzipped when they start with the gzip magic.  Read in one go, never
-    seeked, so a pipe (``<(zcat corpus.gz)``, ``/dev/stdin``) reads too; a damaged gzip stream (a bad header, CRC or
-    length, a truncated or corrupted deflate stream) raises ValueError naming the file."""
+def _open_text_file(path):
+    """``open(path, "rb")``, its usual failures raised again naming the text file (what :func:`load_tokens` and
+    :func:`check_readable` say)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        return open(path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"text file {str(path)!r} does not exist") from None
     except IsADirectoryError:
         raise IsADirectoryError(f"text file {str(path)!r} is a directory, expected a file") from None
+    except PermissionError:
+        raise PermissionError(f"text file {str(path)!r} cannot be read (no read permission)") from None
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Raise what :func:`load_tokens` would for a text file it cannot open (missing, a directory, no permission),
+    without reading it: for an option whose file is not read this time (``flash-llm prune --method magnitude
+    --calib``), so a mistyped path is still told."""
+    _open_text_file(path).close()
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of the file at ``path``, gunzipped when they start with the gzip magic.  Read in one go, never
+    seeked, so a pipe (``<(zcat corpus.gz)``, ``/dev/stdin``) reads too; a damaged gzip stream (a bad header, CRC or
+    length, a truncated or corrupted deflate stream) raises ValueError naming the file."""
+    with _open_text_file(path) as f:
+        raw = f.read()
     if raw[:2] != b"\x1f\x8b":  # gzip magic
         return raw
     try:

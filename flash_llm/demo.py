@@ -331,11 +331,7 @@ def default_dtype(device: torch.device, model: str | None) -> str:
     return "bfloat16" if device.type != "cuda" and (model is None or model in bundled.NAMES) else "float16"
 
 
-def _given(args, names, defaults=None) -> list[str]:
-    """The options among ``names`` (argparse dests) that the command line holds, whatever their values
-    (:func:`flash_llm.cli.given`; until session 80 those whose values differed from the parser's ``defaults``, so an
-    option given at its default value passed unseen).  ``defaults`` is not used."""
-    return cli.given(args, names)
+_given = cli.given  # (the options among argparse dests that the command line holds, whatever their values)
 
 
 def _seq_len_too_long(seq_len: int | None, lm: LoadedModel, name: str) -> bool:
@@ -591,9 +587,9 @@ def _unreplaceable_out(out: Path) -> str | None:
     an existing directory that this process may not write (moving a directory updates its ``..`` entry)."""
     if (out.exists() or out.is_symlink()) and not out.is_dir():
         return f"--out {out} exists and is not a directory (the checkpoint is one); remove it or write elsewhere"
-    resolved, cwd = out.resolve(), Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
-        where = "the current directory" if resolved == cwd else f"a parent of the current directory {cwd}"
+    from .checkpoint import _files
+
+    if (where := _files.working_directory_role(out)) is not None:
         return f"--out {out} is {where}, which cannot be replaced as a whole; write elsewhere"
     if out.is_dir():
         if os.path.ismount(out):
@@ -621,21 +617,6 @@ def _seed(text: str) -> int:
     except ValueError:  # (not an integer, or out of range)
         raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (a torch.Generator seed), "
                                          f"got {text!r}") from None
-
-
-def _unreadable_file(path: str) -> str | None:
-    """Why the text file ``path`` could not be read (in the words of :func:`flash_llm.data.load_tokens`), told
-    without reading it; None if nothing is known against it."""
-    try:
-        if not os.path.exists(path):
-            return f"text file {path!r} does not exist"
-        if os.path.isdir(path):
-            return f"text file {path!r} is a directory, expected a file"
-        if not os.access(path, os.R_OK):
-            return f"text file {path!r} cannot be read (no read permission)"
-    except (OSError, ValueError) as e:  # (a name too long, a NUL byte)
-        return f"text file {path!r}: {e}"
-    return None
 
 
 def cmd_prune(args) -> int:
@@ -687,9 +668,10 @@ def cmd_prune(args) -> int:
              "--verbose and --calib (to measure the per-layer errors --verbose prints): drop --calib-seqs")
         return EXIT_USAGE
     if args.calib is not None and not calibrate:  # (not read: checked all the same, so a mistyped path is told)
-        why = _unreadable_file(args.calib)
-        if why is not None:
-            _err(f"--calib: {why}")
+        try:
+            data.check_readable(args.calib)
+        except (OSError, ValueError) as e:  # (missing, a directory, no permission, a NUL byte, a name too long)
+            _err(f"--calib: {e}")
             return EXIT_USAGE
     device = _device(args.device)
     if device is None:
@@ -890,5 +872,4 @@ def register_cli(subparsers) -> None:
                    help="output checkpoint format (default: flash-llm)")
     p.add_argument("--verbose", action="store_true",
                    help="print the per-layer pruning report (magnitude: its errors need --calib)")
-    # (option_defaults: the values the mode checks compared with until session 80; kept for callers of _given)
-    p.set_defaults(func=cmd_prune, option_defaults={n: p.get_default(n) for n in _GRADUAL_ONLY + _ONE_SHOT_ONLY})
+    p.set_defaults(func=cmd_prune)

@@ -108,10 +108,10 @@ class LossyCastError(ValueError):
     keeps such a layer dense; the formats' own ``from_dense(dtype=...)`` casts as ``Tensor.to`` does."""
 
 
-def cast_loss(src: torch.Tensor, dst: torch.Tensor) -> str | None:
+def cast_loss(src: torch.Tensor, dst: torch.Tensor, underflow: bool = True) -> str | None:
     """What ``dst``, the cast of ``src`` (the same shape), lost beyond rounding, or None: finite values that became
-    inf (overflow: fp16 holds at most 65504) and nonzeros that became zero (underflow: below half of fp16's smallest
-    subnormal, about 6e-8, or of bf16's, about 9e-41).  Counted ``COUNT_CHUNK`` elements at a time, zeros by bits
+    inf (overflow: fp16 holds at most 65504) and, unless ``underflow`` is False, nonzeros that became zero
+    (underflow: below half of fp16's smallest subnormal, about 6e-8, or of bf16's, about 9e-41).  Counted ``COUNT_CHUNK`` elements at a time, zeros by bits
     (as :func:`~flash_llm.formats._base.count_nonzero`).  None where either is on the meta device: it holds no values,
     so none can be lost (a meta tensor, as ``nn.Linear(device="meta")`` makes, casts by its dtype alone)."""
     a, b = src.detach().reshape(-1), dst.detach().reshape(-1)
@@ -122,7 +122,8 @@ def cast_loss(src: torch.Tensor, dst: torch.Tensor) -> str | None:
     for i in range(0, a.numel(), COUNT_CHUNK):
         x, y = a[i: i + COUNT_CHUNK], b[i: i + COUNT_CHUNK]
         over += torch.count_nonzero(torch.isfinite(x) & ~torch.isfinite(y))
-        under += torch.count_nonzero((_magnitude_bits(x) != 0) & (_magnitude_bits(y) == 0))
+        if underflow:
+            under += torch.count_nonzero((_magnitude_bits(x) != 0) & (_magnitude_bits(y) == 0))
     over, under = int(over), int(under)
     parts = [*([f"{over} finite value(s) overflow to inf"] if over else []),
              *([f"{under} nonzero(s) flush to zero"] if under else [])]

@@ -31,5 +31,5 @@ def test_one_shot_methods_still_take_calib_seqs(method):
 
     args = build_parser().parse_args(["prune", "m", "--method", method, "--sparsity", "0.5", "--out", "o",
                                       "--calib-seqs", "8"])
-    assert args.calib_seqs == 8 and not demo._given(args, demo._GRADUAL_ONLY, args.option_defaults)
-    assert demo._given(args, demo._ONE_SHOT_ONLY, args.option_defaults) == ["--calib-seqs"]
+    assert args.calib_seqs == 8 and not demo._given(args, demo._GRADUAL_ONLY)
+    assert demo._given(args, demo._ONE_SHOT_ONLY) == ["--calib-seqs"]

@@ -335,18 +335,18 @@ def check_writable(out, what: str = "output") -> None:
                               f"({e.strerror or e})") from None
 
 
-def _refuse_working_directory(out: Path) -> None:
-    """ValueError where ``out`` is the current directory or one of its parents: replacing it as a whole would move
-    the process' working directory aside and delete it with everything in it (``convert(src, os.getcwd(),
-    overwrite=True)``; the CLI refuses it before loading, :func:`flash_llm.demo._unreplaceable_out`)."""
+def working_directory_role(out) -> str | None:
+    """``"the current directory"`` or ``"a parent of the current directory <cwd>"`` where ``out`` is one, else None:
+    replacing it as a whole would move the process' working directory aside and delete it with everything in it
+    (:func:`atomic_directory` refuses it; ``flash-llm prune`` / ``convert`` before loading,
+    :func:`flash_llm.demo._unreplaceable_out`)."""
     try:
-        resolved, cwd = out.resolve(), Path.cwd().resolve()
+        resolved, cwd = Path(os.fspath(out)).resolve(), Path.cwd().resolve()
     except OSError:  # (a working directory that no longer exists: nothing of it to protect)
-        return
-    if resolved == cwd or resolved in cwd.parents:
-        where = "the current directory" if resolved == cwd else f"a parent of the current directory {cwd}"
-        raise ValueError(f"{out} is {where}, which writing replaces as a whole (deleting what is in it); write "
-                         "elsewhere")
+        return None
+    if resolved == cwd:
+        return "the current directory"
+    return f"a parent of the current directory {cwd}" if resolved in cwd.parents else None
 
 
 @contextlib.contextmanager
@@ -367,7 +367,9 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     _refuse_non_directory(out)
-    _refuse_working_directory(out)
+    if (role := working_directory_role(out)) is not None:
+        raise ValueError(f"{out} is {role}, which writing replaces as a whole (deleting what is in it); write "
+                         "elsewhere")
     created = _make_directories(out.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))

@@ -57,18 +57,6 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def _seed(text: str) -> int:
-    """``generate --seed``: an integer that ``torch.Generator.manual_seed`` takes (``flash-llm prune --seed``'s
-    range, :func:`flash_llm.data._check_seed`), checked while the arguments are parsed."""
-    from ..data import _check_seed
-
-    try:
-        return _check_seed(int(text))
-    except ValueError:  # (not an integer, or out of range)
-        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64) (a torch.Generator seed), "
-                                         f"got {text!r}") from None
-
-
 def _prompt(text: str) -> str:
     """``generate --prompt``: text that is UTF-8 (a command-line argument that is not arrives with its bytes as lone
     surrogates, ``surrogateescape``), checked while the arguments are parsed."""
@@ -462,6 +450,8 @@ def cmd_bench(args) -> int:
 
 def register_cli(sub) -> None:
     """Add ``convert``, ``generate`` and ``bench`` to the ``flash-llm`` subcommands."""
+    from ..demo import _seed  # (prune's and demo's --seed: one range, one message)
+
     p = sub.add_parser(
         "convert", help="convert a pruned checkpoint directory into a compact flash-llm (or sparse-bitmask) one",
         description="Read a Hugging Face checkpoint directory (config.json + safetensors): dense (a pruned model "

@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..formats import FORMATS, FormatError, SparseFormat
-from ..formats._base import (COUNT_CHUNK, METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, _is_int, count_nonzero,
-                             dtype_name, parse_metadata)
+from ..formats._base import (METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, _is_int, count_nonzero, dtype_name,
+                             parse_metadata)
 from ..nn import (FORMAT_NAMES, ConvertedLayer, LossyCastError, SkippedLayer, SparseLinear, SparsifyConfig,
-                  SparsifyReport, _format_class, check_fraction, _human, _tensor_bytes)
+                  SparsifyReport, _format_class, cast_loss, check_fraction, _human, _tensor_bytes)
 from . import _files, _model
 from . import sparse_bitmask as sb
 
@@ -344,25 +344,21 @@ def check_dtype(path, key: str, got: torch.dtype, want: torch.dtype) -> None:
 
 def cast_checked(path, key: str, t: torch.Tensor, want: torch.dtype) -> torch.Tensor:
     """``t`` (tensor ``key`` of file ``path``) cast to the model's dtype ``want``, refusing (:class:`~flash_llm.nn.
-    LossyCastError`, naming both) a cast that turns finite values into inf: fp16 holds at most 65504, and a model run
-    on inf weights computes NaN silently.  (Nonzeros that flush to zero are rounding here, as in transformers'
-    loader: a float32 checkpoint has a few below fp16's smallest subnormal, which casting it to fp16 loses.)"""
+    LossyCastError`, naming both) a cast that turns finite values into inf (:func:`~flash_llm.nn.cast_loss`): fp16
+    holds at most 65504, and a model run on inf weights computes NaN silently.  (Nonzeros that flush to zero are
+    rounding here, as in transformers' loader: a float32 checkpoint has a few below fp16's smallest subnormal, which
+    casting it to fp16 loses.)"""
     if t.dtype == want:
         return t
     cast = t.to(want)
-    if not t.is_floating_point() or t.is_meta:
-        return cast
-    a, b = t.detach().reshape(-1), cast.detach().reshape(-1)
-    over = 0
-    for i in range(0, a.numel(), COUNT_CHUNK):
-        x, y = a[i: i + COUNT_CHUNK], b[i: i + COUNT_CHUNK]
-        over += int(torch.count_nonzero(torch.isfinite(x) & ~torch.isfinite(y)))
-    if over:
+    loss = cast_loss(t, cast, underflow=False)
+    if loss is not None:
+        a, b = t.detach().reshape(-1), cast.detach().reshape(-1)
         largest = float(a[torch.isfinite(a) & ~torch.isfinite(b)].abs().max())
         hint = ("load it in bfloat16, which has float32's range (on the command line: --dtype bfloat16)"
                 if want == torch.float16 else "load it in a dtype that holds these values")
-        raise LossyCastError(f"{path}: tensor '{key}' cannot be cast to {want}: {over} finite value(s) overflow to "
-                             f"inf (largest magnitude {largest:g}); {hint}")
+        raise LossyCastError(f"{path}: tensor '{key}' cannot be cast to {want}: {loss} (largest magnitude "
+                             f"{largest:g}); {hint}")
     return cast
 
 
@@ -500,9 +496,9 @@ class _Loader:
     def _decide(self, slot: _Slot, w, path: Path) -> torch.Tensor | SparseFormat:
         """The value a linear layer's weight gets: kept as it is, compressed, or made dense (in the layer's dtype: a
         compressed weight of another dtype is cast, refusing values that overflow there, as :func:`cast_checked`)."""
-        def dense_of(w):
-            return cast_checked(path, f"{slot.fqn}.weight", w.to_dense(), slot.dtype) if isinstance(w, SparseFormat) \
-                else w
+        def dense_of(w):  # (a dense w is in the layer's dtype already, _place / _place_bitmask: returned as it is)
+            return cast_checked(path, f"{slot.fqn}.weight", w.to_dense() if isinstance(w, SparseFormat) else w,
+                                slot.dtype)
 
         if self.mode == "as-saved":
             if isinstance(w, SparseFormat):
@@ -529,8 +525,7 @@ class _Loader:
         if isinstance(w, SparseFormat) and type(w) is fmt and w.dtype == slot.dtype:
             self._converted(slot, w)
             return w
-        dense = cast_checked(path, f"{slot.fqn}.weight", w.to_dense() if isinstance(w, SparseFormat) else w,
-                             slot.dtype)
+        dense = dense_of(w)
         c = fmt.from_dense(dense)
         if c.device.type == "cpu":
             _trim_host_heap()

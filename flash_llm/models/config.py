@@ -20,6 +20,8 @@ ACTIVATION_ALIASES = {"swish": "silu"}
 #: transformers' default ``initializer_range`` (Llama) / ``init_std`` (OPT).
 DEFAULT_INIT_STD = 0.02
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# every key of a rope_scaling dict that is read (rope_theta aside: taken out first)
+_ROPE_KEYS = ("rope_type", "type", *_LLAMA3_KEYS, "partial_rotary_factor")
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_NORM_EPS = 1e-5
 # The defaults of the options only one family reads: the other family's config must leave them there (ValueError
@@ -400,7 +402,7 @@ def _check_rope_scaling(rs, max_pos) -> dict | None:
     if rope_type not in ROPE_TYPES:
         raise UnsupportedConfigError(f"rope_scaling type {rope_type!r} is not supported; flash_llm.models "
                                      f"implements {ROPE_TYPES} (plain RoPE and Llama 3.1's 'llama3')")
-    unknown = sorted(str(k) for k in rs if k not in ("rope_type", "type", *_LLAMA3_KEYS, "partial_rotary_factor"))
+    unknown = sorted(str(k) for k in rs if k not in _ROPE_KEYS)
     if unknown:  # (rope_theta is taken out before: ModelConfig.__post_init__, _read_rope)
         raise ValueError(f"rope_scaling: unknown key(s) {unknown}; flash_llm.models reads 'rope_type' (or 'type'), "
                          f"'rope_theta' and the llama3 keys {list(_LLAMA3_KEYS)}")
@@ -446,7 +448,7 @@ def _read_rope(d: dict, src: str) -> tuple[float, dict | None]:
     theta = rope.get("rope_theta", d.get("rope_theta", DEFAULT_ROPE_THETA))
     # keys transformers' Llama does not read either (it warns and ignores them) are dropped; ModelConfig itself
     # refuses them.  A top-level partial_rotary_factor goes into the dict, as transformers 5 moves it there.
-    rope = {k: v for k, v in rope.items() if k in ("rope_type", "type", *_LLAMA3_KEYS, "partial_rotary_factor")}
+    rope = {k: v for k, v in rope.items() if k in _ROPE_KEYS}
     if d.get("partial_rotary_factor") is not None and rope:
         rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
     top = d.get("original_max_position_embeddings")
