@@ -381,6 +381,10 @@ def cmd_demo(args) -> int:
     if args.owl and args.method not in ("sparsegpt", "wanda"):  # (before any work, as prune checks it)
         _err(f"--owl applies to wanda and sparsegpt, not {args.method}")
         return EXIT_USAGE
+    if args.method == "magnitude" and _given(args, _ONE_SHOT_ONLY):  # (as prune refuses it, before any work)
+        _err("--calib-seqs: the calibration sequences of sparsegpt and wanda; magnitude pruning reads no data: drop "
+             "--calib-seqs")
+        return EXIT_USAGE
     device = _device(args.device)
     if device is None:
         return EXIT_USAGE
@@ -667,6 +671,10 @@ def cmd_prune(args) -> int:
         _err("--calib-seqs: the calibration sequences of the one-shot methods; magnitude reads them only with "
              "--verbose and --calib (to measure the per-layer errors --verbose prints): drop --calib-seqs")
         return EXIT_USAGE
+    if args.method == "magnitude" and not calibrate and _given(args, ("batch_size",)):
+        _err("--batch-size: the sequences per forward pass of the calibration pass, which magnitude runs only with "
+             "--verbose and --calib (to measure the per-layer errors --verbose prints): drop --batch-size")
+        return EXIT_USAGE
     if args.calib is not None and not calibrate:  # (not read: checked all the same, so a mistyped path is told)
         try:
             data.check_readable(args.calib)
@@ -804,7 +812,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--owl", action="store_true", help="per-layer sparsities from OWL (wanda, sparsegpt)")
     p.add_argument("--calib-seqs", type=_positive, default=None,
                    help="calibration sequences from the training split (default: 128 on a GPU; on a CPU 2048 "
-                        "tokens' worth, at least 4; magnitude uses none)")
+                        "tokens' worth, at least 4; magnitude refuses it)")
     p.add_argument("--seq-len", type=_positive, default=None,
                    help=f"tokens per calibration sequence and evaluation window (default: the model's context, "
                         f"at most {MAX_WINDOW}; more than the context is refused)")
@@ -858,7 +866,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--seq-len", type=_positive, default=None,
                    help=f"tokens per sequence (default: the model's context, at most {MAX_WINDOW}; more than the "
                         "context is refused)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="sequences per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=_positive, default=16,
+                   help="sequences per forward pass (default: 16; magnitude without --verbose refuses it)")
     p.add_argument("--steps", type=_positive, default=500,
                    help="gradual: fine-tuning steps (default: 500; the other methods refuse it)")
     p.add_argument("--lr", type=_learning_rate, default=5e-4,

@@ -146,7 +146,7 @@ def test_continuation_holds_back_a_partial_character(byte_bpe, metaspace):
 
 def test_demo_sample_keeps_the_first_new_tokens_space(metaspace, capsys):
     rc, out, err = run(capsys, "demo", "--model", metaspace, "--method", "magnitude", "--eval-tokens", 50,
-                       "--calib-seqs", 1, "--seq-len", 16, "--gen-tokens", 3, "--prompt", "Hello", "--device", "cpu")
+                       "--seq-len", 16, "--gen-tokens", 3, "--prompt", "Hello", "--device", "cpu")
     assert rc == 0, err
     lines = out.splitlines()
     for label in ("--- dense ---", "--- sparse, magnitude 50% ---"):
@@ -322,7 +322,7 @@ def test_non_string_metadata_fields_are_format_errors(dense, tmp_path, capsys, f
 # ---- 9. the demo's table when pruned layers stay dense ----------------------------------------------------------
 def test_demo_table_counts_pruned_layers_kept_dense(capsys):
     rc, out, err = run(capsys, "demo", "--method", "magnitude", "--sparsity", "0.125", "--eval-tokens", 100,
-                       "--calib-seqs", 1, "--seq-len", 32, "--gen-tokens", 0, "--device", "cpu")
+                       "--seq-len", 32, "--gen-tokens", 0, "--device", "cpu")
     assert rc == 0, err
     model = bundled.load(dtype=torch.bfloat16)
     weight_bytes = sum(m.weight.numel() * 2 for n, m in model.named_modules()

@@ -109,8 +109,7 @@ def test_demo_is_deterministic_and_other_methods(capsys):
     strip = lambda s: re.sub(r"(pruning took|total time) [^\n]*", "", s)  # noqa: E731
     assert strip(out1) == strip(out2)
     assert "OWL + wanda 60%" in out1
-    rc, out, err = run(capsys, "demo", "--eval-tokens", "256", "--calib-seqs", "1", "--seq-len", "32", "--gen-tokens",
-                       "0",
+    rc, out, err = run(capsys, "demo", "--eval-tokens", "256", "--seq-len", "32", "--gen-tokens", "0",
                        "--device", "cpu", "--method", "magnitude", "--sparsity", "0.9", "--dtype", "bfloat16")
     assert rc == 0, err
     assert "sparsity 90.0%" in out and "generated" not in out and "bfloat16 on CPU" in out

@@ -238,7 +238,7 @@ def test_demo_refuses_more_tokens_than_its_engine_holds(capsys, long_context_mod
     """A model whose context (4096) is longer than the demo's engine holds (2048): too many tokens are refused before
     the evaluation and pruning, naming the arguments, with the exit status of the other bad arguments."""
     rc = main(["demo", "--model", str(long_context_model), "--method", "magnitude", "--eval-tokens", "50",
-               "--calib-seqs", "1", "--seq-len", "16", "--prompt", "ROMEO:", "--device", "cpu", *argv])
+               "--seq-len", "16", "--prompt", "ROMEO:", "--device", "cpu", *argv])
     out, err = capsys.readouterr()
     assert rc == 2, (out, err)
     assert re.search(match, err), err

@@ -155,7 +155,7 @@ def test_encode_gives_back_surrogate_escaped_bytes():
 
 def test_demo_prompt_with_a_byte_that_is_not_utf8(capsys):
     prompt = b"ROMEO\xff:".decode("utf-8", errors="surrogateescape")  # how Python passes $'ROMEO\xff:' in argv
-    rc, out, err = run(capsys, "demo", "--prompt", prompt, "--eval-tokens", "64", "--calib-seqs", "1", "--seq-len",
+    rc, out, err = run(capsys, "demo", "--prompt", prompt, "--eval-tokens", "64", "--seq-len",
                        "32", "--gen-tokens", "2", "--method", "magnitude", "--device", "cpu")
     assert rc == 0, err
     out.encode("utf-8")  # printable on a UTF-8 terminal: no lone surrogate

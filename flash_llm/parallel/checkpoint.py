@@ -136,7 +136,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             :func:`flash_llm.from_pretrained` does (a bad index, or a shard that disagrees with it, is refused); a
             tensor of the model is missing (:class:`MissingTensorError`, a ``KeyError`` too); a compressed
             checkpoint that is invalid, or a flash-llm one stored in another dtype than ``dtype`` loaded with
-            ``sparsify=None``.
+            ``sparsify=None``; LossyCastError (a ValueError naming the file and tensor): a value that the cast to
+            ``dtype`` turns into inf (a float32 weight above float16's 65504), as from_pretrained refuses it.
     """
     folder = os.fspath(path)
     if not os.path.isdir(folder):
@@ -153,7 +154,7 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
                          "in dtype; leave SparsifyConfig.dtype unset")
     device = tp.device
     from ..checkpoint import _files
-    from ..checkpoint.pretrained import checkpoint_kind, use_generation_eos
+    from ..checkpoint.pretrained import cast_checked, checkpoint_kind, use_generation_eos
 
     use_generation_eos(cfg, folder)  # (the engine's default stop tokens, as from_pretrained)
     model = from_config(cfg, dtype=dtype, device="meta")
@@ -178,8 +179,9 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             raise MissingTensorError(f"{ckpt.source}: no tensor {name!r} in the checkpoint (no shard holds it)")
         return k
 
-    def get(name, shape, **rng):
-        return ckpt.read(need(name), shape, **rng, want=dtype).to(device=device, dtype=dtype)
+    def get(name, shape, **rng):  # (a cast that overflows to inf refused naming file and tensor, as in from_pretrained)
+        key = need(name)
+        return cast_checked(ckpt.where[key], key, ckpt.read(key, shape, **rng, want=dtype).to(device), dtype)
 
     per_layer = len(cfg.linear_shapes())
     with torch.no_grad(), bar:  # (the bar is closed on an error too, before the caller prints it)
@@ -252,7 +254,7 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
     holds at most one expanded projection besides its share.  Returns the keys not read: a tied model's stored
     ``lm_head.weight`` (the model ties it to the input embedding, as the dense route and from_pretrained do)."""
     from ..checkpoint import sparse_bitmask as sb
-    from ..checkpoint.pretrained import check_dtype, iter_checkpoint, stored_twice
+    from ..checkpoint.pretrained import cast_checked, check_dtype, iter_checkpoint, stored_twice
     from ..formats import SparseFormat
 
     device = tp.device
@@ -268,12 +270,18 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
         names.setdefault(n, n)
         names.setdefault(n.removeprefix("model."), n)
     read_as: dict[str, str] = {}  # model name -> the checkpoint key it was read from (a second one is refused)
+    read_from: dict[str, object] = {}  # model name -> the shard it was read from (named by a refused cast)
     pending: dict[str, dict[str, object]] = {}  # projection -> weight (dense / SparseFormat) and bias, until both
     state: dict[str, torch.Tensor] = {}
     done = 0
     source = str(files.path)
     unused: list[str] = []
     tied_head = None  # a tied model's stored lm_head.weight entry
+
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        """The model's tensor ``name``, read as ``t``, in ``dtype``: a cast that overflows to inf refused naming the
+        file and tensor (:func:`~flash_llm.checkpoint.pretrained.cast_checked`, as in from_pretrained)."""
+        return cast_checked(read_from[name], read_as[name], t, dtype)
 
     def place(fqn: str) -> None:
         nonlocal done
@@ -289,11 +297,11 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
                 w = w.to(device)
                 fmt = type(w)
             else:  # decompressed in dtype; each slice is compressed again as sparsify decides (from_pretrained)
-                w = w.to(device).to_dense().to(dtype)
+                w = cast(f"{fqn}.weight", w.to(device).to_dense())
         else:
-            w = w.to(device=device, dtype=dtype)
+            w = cast(f"{fqn}.weight", w.to(device))
         bias = got.get("bias")
-        bias = None if bias is None else bias.to(device=device, dtype=dtype)
+        bias = None if bias is None else cast(f"{fqn}.bias", bias.to(device))
         compressed = isinstance(w, SparseFormat)
         if pkind == COLUMN:
             start, stop = shard_range(m, tp.world_size, tp.rank)
@@ -326,11 +334,11 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
             check_dtype(e.path, e.key, value.dtype, meta[name].dtype)
         return value
 
-    def replicated(value) -> torch.Tensor:
-        """A replicated tensor on this rank's device, floating point in ``dtype``."""
+    def replicated(value, name: str) -> torch.Tensor:
+        """The model's replicated tensor ``name`` on this rank's device, floating point in ``dtype``."""
         if isinstance(value, SparseFormat):  # a replicated layer stored compressed (lm_head): dense here
             value = value.to(device).to_dense()
-        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        return cast(name, value.to(device)) if value.is_floating_point() else value.to(device)
 
     with torch.no_grad(), bar:
         for e in iter_checkpoint(files, kind, "cpu", progress=False):
@@ -346,7 +354,7 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
                                   f"{files.path / 'config.json'} (wrong config.json, or another model's checkpoint)")
             if name in read_as:  # (stored as 'model.X' and as 'X': from_pretrained refuses it in the same words)
                 raise stored_twice(e.path, e.key, name, None if e.key != name else read_as[name])
-            read_as[name] = e.key
+            read_as[name], read_from[name] = e.key, e.path
             value = dense_value(e, name)
             owner, _, attr = name.rpartition(".")
             if owner in proj and attr in ("weight", "bias"):
@@ -355,11 +363,12 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
                 if "weight" in pending[owner] and (not has_bias or "bias" in pending[owner]):
                     place(owner)
                 continue
-            state[name] = replicated(value)
+            state[name] = replicated(value, name)
         bar.close()
         embed = model._embed_key()
         if tied_head is not None and embed in wanted and embed not in state:  # the shared matrix as lm_head only
-            state[embed] = replicated(dense_value(tied_head, embed))
+            read_as[embed], read_from[embed] = tied_head.key, tied_head.path
+            state[embed] = replicated(dense_value(tied_head, embed), embed)
             unused.remove(tied_head.key)
         if pending:
             fqn, got = next(iter(pending.items()))
