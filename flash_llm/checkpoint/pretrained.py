@@ -38,7 +38,8 @@ from ..formats import FORMATS, FormatError, SparseFormat
 from ..formats._base import (METADATA_KEY, VALUE_DTYPES, _DTYPES_BY_NAME, _is_int, count_nonzero, dtype_name,
                              parse_metadata)
 from ..nn import (FORMAT_NAMES, ConvertedLayer, LossyCastError, SkippedLayer, SparseLinear, SparsifyConfig,
-                  SparsifyReport, _format_class, cast_loss, check_fraction, _human, _tensor_bytes)
+                  SparsifyReport, _format_class, cast_loss, check_fraction, _human, _tensor_bytes,
+                  min_sparsity_shortfall)
 from . import _files, _model
 from . import sparse_bitmask as sb
 
@@ -472,8 +473,13 @@ class _Loader:
     def _place_flash(self, key: str, w: SparseFormat, path: Path) -> None:
         if not self._check_known(key, path):
             return
+        owner = key[: -len(".weight")]  # (a flash-llm entry is always "<layer>.weight")
+        slot = self.slots.get(owner)
+        if slot is None:  # (a known tensor, e.g. the embedding, but no linear layer: as _place_bitmask refuses)
+            raise FormatError(f"{path}: '{key}' is stored compressed (sparse_modules) but '{owner}' is not a linear "
+                              "layer of the model")
         self._check_shape(key, w.shape, path)
-        self.values[key] = self._decide(self.slots[key[: -len(".weight")]], w, path)
+        self.values[key] = self._decide(slot, w, path)
 
     def _place_bitmask(self, key: str, parts: dict[str, torch.Tensor], path: Path) -> None:
         owner = key[: -len(".weight")]
@@ -516,11 +522,11 @@ class _Loader:
         if slot.keep_dense is not None:
             self.report.skipped.append(SkippedLayer(slot.fqn, slot.keep_dense))
             return dense_of(w)
-        nnz = w.nnz if isinstance(w, SparseFormat) else count_nonzero(w)
-        sparsity = 1.0 - nnz / (slot.out_features * slot.in_features)
-        if sparsity < config.min_sparsity:
-            self.report.skipped.append(SkippedLayer(slot.fqn, f"sparsity {sparsity:.4f} < min_sparsity "
-                                                              f"{config.min_sparsity}"))
+        numel = slot.out_features * slot.in_features
+        zeros = numel - int(w.nnz if isinstance(w, SparseFormat) else count_nonzero(w))
+        sparsity = zeros / numel
+        if (short := min_sparsity_shortfall(zeros, numel, config.min_sparsity)) is not None:  # (exact, inclusive)
+            self.report.skipped.append(SkippedLayer(slot.fqn, short))
             return dense_of(w)
         if isinstance(w, SparseFormat) and type(w) is fmt and w.dtype == slot.dtype:
             self._converted(slot, w)
@@ -685,7 +691,9 @@ def load_checkpoint(module: nn.Module, path, *, device="cpu", sparsify: Sparsify
 
     Returns:
         A :class:`flash_llm.nn.SparsifyReport`: the layers that are sparse now, and those kept dense with the
-        reason (``sparsify=None`` on a flash-llm checkpoint lists the sparse layers only).
+        reason (``sparsify=None`` on a flash-llm checkpoint lists the sparse layers only).  The module remembers
+        ``path``: :func:`save_pretrained` / :func:`write_sparse_bitmask` refuse to replace it (its tokenizer and
+        other files would be lost), as for a model :func:`from_pretrained` loaded.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -702,7 +710,25 @@ def load_checkpoint(module: nn.Module, path, *, device="cpu", sparsify: Sparsify
     with torch.no_grad():
         loader.run()
         loader.finish()
+    _remember_loaded_from(module, files.path)
     return loader.report
+
+
+# what load_checkpoint filled a model from: the directories a save of it may not replace (_refuse_own_source)
+_LOADED_FROM_ATTR = "_flash_llm_loaded_from"
+
+
+def _remember_loaded_from(module: nn.Module, path: Path) -> None:
+    """Record on ``module`` (the model inside its wrappers, which the writers see) that :func:`load_checkpoint`
+    filled it from checkpoint directory ``path``: :func:`save_pretrained` and :func:`write_sparse_bitmask` then refuse
+    to replace that directory, as they refuse a :func:`from_pretrained` model's source (which ``_model.Source``
+    records, with what a save writes back: a model filled by ``load_checkpoint`` was built by its caller, whose config
+    the save writes as it is)."""
+    model = _model.unwrap(module)
+    loaded = model.__dict__.get(_LOADED_FROM_ATTR, ())
+    where = Path(os.path.abspath(path))  # (absolute: a later chdir does not move it)
+    if where not in loaded:
+        model.__dict__[_LOADED_FROM_ATTR] = (*loaded, where)
 
 
 # ---- from_pretrained / save_pretrained -------------------------------------------------------------------
@@ -956,19 +982,24 @@ def _refuse_tensor_parallel(model: nn.Module) -> None:
 
 
 def _refuse_own_source(model: nn.Module, path) -> None:
-    """ValueError, before anything is written, where ``path`` exists and is the directory ``model`` was loaded from
-    (:func:`from_pretrained`), or holds it: writing replaces ``path`` as a whole, which would delete the source's
-    tokenizer files, ``generation_config.json`` and other files, as :func:`convert` refuses for the same reason."""
-    src = _model.source_of(model)
-    src = src.path if src is not None else _transformers_source(model)
-    if src is None or not os.path.lexists(os.fspath(path)):
+    """ValueError, before anything is written, where ``path`` exists and is a directory ``model`` was loaded from
+    (:func:`from_pretrained`, :func:`load_checkpoint`, transformers' own ``from_pretrained``), or holds one: writing
+    replaces ``path`` as a whole, which would delete the source's tokenizer files, ``generation_config.json`` and
+    other files, as :func:`convert` refuses for the same reason."""
+    if not os.path.lexists(os.fspath(path)):
         return
-    try:
-        _files.refuse_inside(src, path, "the model's source directory", "path")
-    except ValueError as e:
-        raise ValueError(f"{e}: the model was loaded from {src}, whose tokenizer files, generation_config.json "
-                         "and other files the save would delete (`convert` refuses the same); nothing was written"
-                         ) from None
+    src = _model.source_of(model)
+    sources = [src.path if src is not None else _transformers_source(model),
+               *model.__dict__.get(_LOADED_FROM_ATTR, ())]
+    for src in sources:
+        if src is None:
+            continue
+        try:
+            _files.refuse_inside(src, path, "the model's source directory", "path")
+        except ValueError as e:
+            raise ValueError(f"{e}: the model was loaded from {src}, whose tokenizer files, generation_config.json "
+                             "and other files the save would delete (`convert` refuses the same); nothing was "
+                             "written") from None
 
 
 def _transformers_source(model: nn.Module) -> Path | None:
@@ -1196,15 +1227,13 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
                 writer.add(tensors)
                 continue
             weight = m.to_dense() if isinstance(m, SparseLinear) else m.weight.detach()
-            if min_sparsity is not None:
-                sparsity = 1.0 - count_nonzero(weight) / weight.numel()
-                if sparsity < min_sparsity:  # stored dense, and left out of the targets by name
-                    report.skipped.append(SkippedLayer(owner, f"sparsity {sparsity:.4f} < min_sparsity "
-                                                              f"{min_sparsity}"))
-                    kept_dense.append(owner)
-                    writer.add({f"{owner}.weight": weight,
-                                **{n: t for n, t in tensors.items() if n == f"{owner}.bias"}})
-                    continue
+            short = None if min_sparsity is None else min_sparsity_shortfall(
+                weight.numel() - count_nonzero(weight), weight.numel(), min_sparsity)  # (exact, inclusive)
+            if short is not None:  # stored dense, and left out of the targets by name
+                report.skipped.append(SkippedLayer(owner, short))
+                kept_dense.append(owner)
+                writer.add({f"{owner}.weight": weight, **{n: t for n, t in tensors.items() if n == f"{owner}.bias"}})
+                continue
             parts = sb.compress(weight)
             out = {f"{owner}.weight.{p}": v for p, v in parts.items()}
             bias = tensors.get(f"{owner}.bias")

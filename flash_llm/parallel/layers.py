@@ -31,7 +31,7 @@ from ..models._merge import MergedLinear
 from ..models.config import ModelConfig
 from ..models.llama import LlamaAttention
 from ..models.opt import OPTAttention
-from ..nn import SparseLinear, SparsifyConfig, _format_class, _human
+from ..nn import SparseLinear, SparsifyConfig, _format_class, _human, min_sparsity_shortfall
 from .group import TensorParallel
 
 COLUMN, ROW = "column", "row"
@@ -226,8 +226,8 @@ def local_layer(w: torch.Tensor, bias: torch.Tensor | None, fqn: str, *, fmt=Non
                         "torch.float16 or torch.bfloat16, or set SparsifyConfig(dtype=...)")
     zeros = w.numel() - count_nonzero(w)
     sparsity = zeros / w.numel()
-    if sparsity < sparsify.min_sparsity:
-        return _dense_linear(w, bias), f"sparsity {sparsity:.4f} < min_sparsity {sparsify.min_sparsity}"
+    if (short := min_sparsity_shortfall(zeros, w.numel(), sparsify.min_sparsity)) is not None:  # (as sparsify_)
+        return _dense_linear(w, bias), short
     layer = SparseLinear(_format_class(sparsify.format).from_dense(w, dtype=dtype),
                          None if bias is None else bias.to(dtype))
     dense_bytes = w.numel() * torch.empty(0, dtype=dtype).element_size()
@@ -350,22 +350,30 @@ def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, spars
     per_layer = len(cfg.linear_shapes())
     bar = tqdm(total=cfg.num_layers, desc=f"sharding (rank {tp.rank}/{tp.world_size})", file=sys.stderr,
                leave=False, disable=not progress, dynamic_ncols=True)
-    with torch.no_grad():
-        for i, (fqn, kind, m, k) in enumerate(projections(cfg)):
-            parent_name, _, name = fqn.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, name)
-            if isinstance(old, SparseLinear):
-                weight, bias, fmt = old.to_dense(), old.bias, old.weight_format
-            else:
-                weight, bias, fmt = old.weight.detach(), old.bias, None
-            new = parallel_linear(kind, weight, None if bias is None else bias.detach(), tp, fqn, fmt=fmt,
-                                  sparsify=sparsify)
-            setattr(parent, name, new)
-            del old, weight, bias
-            if (i + 1) % per_layer == 0:
-                bar.update(1)
-    bar.close()
+    # Every slice is built before any is swapped in: a refusal while building one (local_layer's dtype check, a
+    # format's limit, out of memory) leaves the model as it was, not half-sharded.  (The slices are copies, so the
+    # peak holds the model plus this rank's slices, which the docstring's "must fit" already asks for.)
+    plan: list[tuple[nn.Module, str, _ParallelLinear]] = []
+    try:
+        with torch.no_grad():
+            for i, (fqn, kind, m, k) in enumerate(projections(cfg)):
+                parent_name, _, name = fqn.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                old = getattr(parent, name)
+                if isinstance(old, SparseLinear):
+                    weight, bias, fmt = old.to_dense(), old.bias, old.weight_format
+                else:
+                    weight, bias, fmt = old.weight.detach(), old.bias, None
+                plan.append((parent, name, parallel_linear(kind, weight, None if bias is None else bias.detach(), tp,
+                                                           fqn, fmt=fmt, sparsify=sparsify)))
+                del old, weight, bias
+                if (i + 1) % per_layer == 0:
+                    bar.update(1)
+    finally:
+        bar.close()
+    for parent, name, new in plan:
+        setattr(parent, name, new)
+    del plan
     set_local_heads(model, tp.world_size)
     model.to(tp.device)
     model.tensor_parallel = tp
