@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -358,13 +359,16 @@ class SparseLinear(nn.Module):
         return self.weight.to_dense()
 
     def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` computing the same function (dense weight and bias copied out)."""
-        w = self.to_dense()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
-                        dtype=self.weight_dtype)
-        lin.weight = nn.Parameter(w)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias.clone())
+        """An ``nn.Linear`` computing the same function (dense weight and bias copied out).  Its parameters are
+        normal tensors even under ``torch.inference_mode()`` (as :meth:`from_dense` and :func:`sparsify_` make them),
+        so the layer can be trained afterwards."""
+        with torch.inference_mode(False):
+            w = self.to_dense()
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                            dtype=self.weight_dtype)
+            lin.weight = nn.Parameter(w)
+            if self.bias is not None:
+                lin.bias = nn.Parameter(self.bias.clone())
         return lin.train(self.training)
 
     def extra_repr(self) -> str:
@@ -562,7 +566,7 @@ class SparsifyConfig:
 
     def __post_init__(self):
         _, self.skip_names = self._checked()
-        self.min_sparsity = _real(self.min_sparsity)  # (a numpy scalar or 0-d tensor stored as a plain float)
+        self.min_sparsity = _as_printed(self.min_sparsity)  # (a numpy scalar or 0-d tensor as a plain float)
 
     def _checked(self) -> tuple[type[SparseFormat], tuple[str, ...]]:
         """Every field checked (ValueError / TypeError naming it): the format's class and the skip names as a
@@ -764,8 +768,45 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
     return None
 
 
-def _compressed(module: nn.Linear, fqn: str, config: SparsifyConfig, fmt_cls: type[SparseFormat],
-                min_zeros: Fraction) -> tuple[SparseLinear | None, str | None]:
+def _as_printed(value) -> float | None:
+    """A real number (:func:`flash_llm.prune._real`) as a float, a narrower float (a numpy float16 / float32 scalar,
+    a 0-d float16 / bfloat16 / float32 tensor) as the shortest decimal that reads back as it in its own precision:
+    ``np.float32(0.3)`` prints as 0.3 and is 0.3 here, not 0.30000001192092896.  None for what is not a real number."""
+    v = _real(value)
+    dtype = value.dtype if isinstance(value, torch.Tensor) else getattr(value, "dtype", None)
+    if v is None or not math.isfinite(v) or dtype is None:
+        return v
+    try:
+        narrow = torch.tensor(v, dtype=dtype if isinstance(dtype, torch.dtype) else
+                              getattr(torch, str(dtype), torch.float64))
+    except (TypeError, RuntimeError):
+        return v
+    if not narrow.is_floating_point() or torch.finfo(narrow.dtype).bits >= 64:
+        return v
+    for digits in range(1, 18):  # (the shortest decimal that rounds back to the same narrow value)
+        short = float(f"{v:.{digits}g}")
+        if torch.tensor(short, dtype=narrow.dtype) == narrow:
+            return short
+    return v
+
+
+def min_sparsity_shortfall(zeros: int, numel: int, min_sparsity) -> str | None:
+    """Whether a weight with ``zeros`` zeros among ``numel`` elements is below ``min_sparsity``, decided exactly, as
+    every path that applies ``min_sparsity`` decides it (:func:`sparsify_`, ``load_checkpoint`` / ``from_pretrained``
+    / ``convert``, ``write_sparse_bitmask``, the tensor-parallel slices): None where ``zeros / numel >=
+    min_sparsity`` (inclusive), compared in integers with ``min_sparsity`` read as the decimal it prints as (0.2 is
+    1/5, not 0.2000000000000000111); else the reason to keep the weight dense.  The reason prints the sparsity rounded
+    down to 4 decimals, so it never reads as reaching the bound (``sparsity 0.1999 < min_sparsity 0.2``)."""
+    bound = _as_printed(min_sparsity)
+    min_zeros = Fraction(repr(bound))
+    if zeros * min_zeros.denominator >= min_zeros.numerator * numel:
+        return None
+    q = zeros * 10000 // numel  # in 1/10000s, rounded down (numel > 0 here: 0 < numerator * numel)
+    return f"sparsity {q // 10000}.{q % 10000:04d} < min_sparsity {bound} ({zeros} of {numel} zeros)"
+
+
+def _compressed(module: nn.Linear, fqn: str, config: SparsifyConfig,
+                fmt_cls: type[SparseFormat]) -> tuple[SparseLinear | None, str | None]:
     """``(layer, None)``: ``module`` compressed; or ``(None, reason)`` to keep it dense, for what compression finds:
     a cast to ``config.dtype`` (or the bias's to the weight's dtype) that is not exact to rounding, a sparsity below
     ``config.min_sparsity``, a shape the format cannot hold, or a compressed weight not smaller than dense.  Other
@@ -778,8 +819,8 @@ def _compressed(module: nn.Linear, fqn: str, config: SparsifyConfig, fmt_cls: ty
     numel = w.numel()
     zeros = numel - count_nonzero(w)
     sparsity = zeros / numel
-    if zeros * min_zeros.denominator < min_zeros.numerator * numel:  # (exact: zeros / numel < min_sparsity)
-        return None, f"sparsity {sparsity:.4f} < min_sparsity {config.min_sparsity} ({zeros} of {numel} zeros)"
+    if (short := min_sparsity_shortfall(zeros, numel, config.min_sparsity)) is not None:
+        return None, short
     try:
         layer = SparseLinear(fmt_cls.from_dense(w), bias)
     except ValueError as e:  # a limit of the format (its record offsets, 16-bit columns...): this layer stays dense
@@ -833,7 +874,6 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"config must be a SparsifyConfig or None, got {type(config).__name__}")
     fmt_cls, skip_names = config._checked()  # (again: a dataclass field may be set after __post_init__)
-    min_zeros = Fraction(repr(_real(config.min_sparsity)))  # exact: 0.2 is 1/5, not 0.2000000000000000111
     read_directly = _read_directly(model)
 
     sharing: dict = {}
@@ -856,7 +896,7 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
             # (outside inference mode: under torch.inference_mode() the buffers would be inference tensors, and the
             # model could not run with autograd afterwards; the same as load_state_dict does)
             with torch.no_grad(), torch.inference_mode(False):
-                layer, reason = _compressed(module, fqn, config, fmt_cls, min_zeros)
+                layer, reason = _compressed(module, fqn, config, fmt_cls)
         if reason is not None:
             report.skipped.append(SkippedLayer(fqn, reason))
             continue
