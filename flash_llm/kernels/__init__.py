@@ -1270,8 +1270,15 @@ def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
     # (a fresh buffer from PyTorch's caching allocator, which orders its reuse across streams and graphs)
     w = decode_dense(fmt, data, offsets, m, k, x.dtype)
     with _fp32_reductions():
-        r = torch.nn.functional.linear(x, w, bias)
-    return r if out is None else out.copy_(r)
+        if bias is None:
+            r = torch.nn.functional.linear(x, w)
+            return r if out is None else out.copy_(r)
+        # The bias as the GEMM's C matrix, added to the fp32 sums before the one rounding.  ``F.linear`` hands a
+        # contiguous bias to cuBLASLt's bias epilogue, which with a split-K algorithm rounds the product to the dtype
+        # and adds the bias after (a second rounding; PyTorch PR 180875): session 81's fuzzer, H100, BitmapTiles bf16
+        # 2 x 513 at N = 1000: -0.0390625 for -0.0404453, 6 ulps, where the product cancels the bias.
+        y = torch.empty(x.shape[0], m, dtype=x.dtype, device=x.device) if out is None else out
+        return y.copy_(bias.expand(x.shape[0], m)).addmm_(x, w.t())
 
 
 #: fp16 RMSNorm weights prepared by :func:`rms_kernel_weight`: weight -> (its version counter then, fusable, the scaled

@@ -1,0 +1,79 @@
+"""Session 81's fixes, each test failing without its fix (on the GPU where marked so)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import flash_llm
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("m,k,n", [(2, 513, 1000), (8, 1024, 600), (64, 2048, 300)])
+def test_a_bias_that_cancels_the_product_is_added_before_rounding(fmt, dtype, m, k, n, device):
+    """Every output the product plus a bias that almost cancels it: the result within one unit in the last place of
+    itself (plus the fp32 sums' own error).  On the GPU these N take the expansion path, whose ``F.linear(x, w, bias)``
+    went to cuBLASLt's bias epilogue, which under split-K rounds the product to the dtype before adding the bias:
+    session 81's fuzzer found 6 ulps (BitmapTiles bf16 2 x 513, N = 1000); it adds the bias as the GEMM's C matrix
+    now.  The one-token and sparse-kernel paths add the bias to their fp32 sums, as the CPU reference does."""
+    from conftest import sparse_weight
+
+    wd = sparse_weight(m, k, 0.5, dtype, seed=m).to(device)
+    w = fmt.from_dense(wd)
+    g = torch.Generator(device="cpu").manual_seed(k)
+    x = torch.randn(1, k, generator=g).to(dtype).to(device).expand(n, k).contiguous()
+    p = x[:1].double() @ wd.double().t()
+    bias = (-p[0] + 0.03 * torch.randn(m, generator=g, dtype=torch.float64).to(device)).to(dtype)
+    want = x.double() @ wd.double().t() + bias.double()
+    y = flash_llm.spmm(x, w, bias)
+    assert y.shape == (n, m) and y.dtype == dtype
+    fi = torch.finfo(dtype)
+    step = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(fi.smallest_normal)))) * fi.eps
+    tol = step + 2.0 ** -24 * (x.double().abs() @ wd.double().abs().t())
+    err = (y.double() - want).abs()
+    worst = err / tol
+    assert bool((worst <= 1).all()), f"{float(worst.max()):.1f} x the tolerance at {divmod(int(worst.argmax()), m)}"
+
+
+@pytest.mark.parametrize("bound", [np.float32(0.3), np.float16(0.3), torch.tensor(0.3),
+                                   torch.tensor(0.3, dtype=torch.bfloat16), torch.tensor(0.3, dtype=torch.float16)],
+                         ids=["np32", "np16", "t32", "tbf16", "t16"])
+def test_a_narrow_float_min_sparsity_is_the_decimal_it_prints_as(bound):
+    """``SparsifyConfig(min_sparsity=np.float32(0.3))``: numpy scalars and 0-d tensors are taken, and the bound is
+    inclusive "as the decimal it prints as"; a float32 0.3 was widened to 0.30000001192092896, so a layer with exactly
+    30 % zeros stayed dense."""
+    from torch import nn
+
+    from flash_llm.nn import SparsifyConfig
+
+    model = nn.Sequential(nn.Linear(200, 100, bias=False)).half().eval()
+    w = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    w[w == 0] = 1
+    w[:6000] = 0
+    with torch.no_grad():
+        model[0].weight.copy_(w[torch.randperm(20000, generator=torch.Generator().manual_seed(1))].view(100, 200))
+    config = SparsifyConfig(min_sparsity=bound)
+    assert config.min_sparsity == 0.3
+    report = flash_llm.sparsify_(model, config)
+    assert [c.fqn for c in report.converted] == ["0"] and not report.skipped
+
+
+def test_to_linear_under_inference_mode_gives_a_trainable_layer():
+    """``SparseLinear.to_linear()`` under ``torch.inference_mode()`` made inference-tensor parameters: the optimizer's
+    step then failed far from the cause."""
+    from torch import nn
+
+    lin = nn.Linear(64, 32).half()
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(32, 64) < 0.5)
+    sparse = flash_llm.SparseLinear.from_linear(lin)
+    with torch.inference_mode():
+        back = sparse.to_linear()
+    assert not back.weight.is_inference() and not back.bias.is_inference()
+    assert torch.equal(back.weight, lin.weight) and torch.equal(back.bias, lin.bias)
+    opt = torch.optim.SGD(back.parameters(), lr=0.1)
+    back(torch.randn(4, 64, dtype=torch.float16)).float().sum().backward()
+    opt.step()
+    assert not torch.equal(back.weight, lin.weight)
