@@ -29,7 +29,8 @@ __all__ = ["EvalResult", "evaluate", "logits_of"]
 
 @dataclass(frozen=True)
 class EvalResult:
-    """``loss``: mean next-token cross-entropy in nats; ``perplexity``: ``exp(loss)``; ``tokens``: the
+    """``loss``: mean next-token cross-entropy in nats; ``perplexity``: ``exp(loss)`` (``inf`` when that
+    overflows a float, for a loss above about 709.78; ``loss`` is still the finite mean); ``tokens``: the
     number of targets scored; ``seq_len``: the window length used."""
 
     loss: float
@@ -82,7 +83,8 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
         desc: the bar's label.
 
     Returns:
-        An :class:`EvalResult` (``tokens`` = number of targets scored).
+        An :class:`EvalResult` (``tokens`` = number of targets scored; ``perplexity`` is ``inf`` when ``exp(loss)``
+        overflows).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -131,4 +133,8 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
     mean = float(total) / count
     if not math.isfinite(mean):
         raise FloatingPointError(f"the loss is {mean} (the model produced non-finite logits)")
-    return EvalResult(mean, math.exp(mean), count, seq_len)
+    try:
+        perplexity = math.exp(mean)
+    except OverflowError:  # (a finite loss above ~709.78 nats: a diverged model; the loss itself is kept)
+        perplexity = math.inf
+    return EvalResult(mean, perplexity, count, seq_len)

@@ -9,7 +9,8 @@ Each pruner writes exact zeros into the weights and leaves the model dense; comp
     flash_llm.sparsify_(model)                                      # nn.Linear -> SparseLinear
 
 Calibration data is a tensor (token ids ``[B, T]``, or whatever the model takes) or a sequence of them;
-each batch is moved to the device of the model's first parameter and the model is called as
+each batch is moved to the device of the model's first parameter (integer ones, token ids of any integer
+dtype such as :func:`flash_llm.data.load_tokens`'s uint8, as int64) and the model is called as
 ``model(batch)`` under ``torch.no_grad()`` and in eval mode (every submodule's own training flag is
 restored after).  Calibration inputs of a pruned layer that contain NaN or Inf are refused (ValueError
 naming the layer) before any weight is modified, as are integer batches holding a token id outside the
@@ -58,6 +59,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -69,6 +71,8 @@ from torch.nn.utils import prune as torch_prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from tqdm.auto import tqdm
+
+from .data import _as_int, _check_positive
 
 __all__ = ["magnitude_prune_", "wanda_prune_", "sparsegpt_prune_", "owl_sparsities", "gradual_prune_"]
 
@@ -158,21 +162,48 @@ def _token_id_error(tokens, model: nn.Module) -> str | None:
     """Why the integer tensor ``tokens`` cannot be fed to ``model``: an id outside ``[0, model.config.vocab_size)``
     (the embedding would fail with a bare IndexError), as ``"token id X is out of range for the model's vocabulary
     of V"``; None when they fit, when ``tokens`` is empty or not integer (not token ids), or when the model has no
-    int ``config.vocab_size`` (flash-llm's and transformers' configs name it alike)."""
+    int ``config.vocab_size`` (flash-llm's and transformers' configs name it alike).  Any integer dtype works,
+    uint16/uint32/uint64 too (torch has no min/max for those: they are read as int64)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if (not isinstance(vocab, int) or isinstance(vocab, bool) or not isinstance(tokens, torch.Tensor)
             or not tokens.numel() or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool):
         return None
-    lo, hi = int(tokens.min()), int(tokens.max())
+    lo, hi = _min_max(tokens)
     if lo < 0 or hi >= vocab:
         return f"token id {lo if lo < 0 else hi} is out of range for the model's vocabulary of {vocab}"
     return None
 
 
+def _min_max(tokens: torch.Tensor) -> tuple[int, int]:
+    """The least and the greatest value of the non-empty integer tensor ``tokens``, as Python ints.  torch has no
+    reductions (nor comparisons) for uint16, uint32 and uint64: those are widened to int64 first, uint64 by its bits
+    (a value of 2**63 or more reads as negative there, and is given back as itself)."""
+    if tokens.dtype not in (torch.uint16, torch.uint32, torch.uint64):
+        return int(tokens.min()), int(tokens.max())
+    wide = tokens.view(torch.int64) if tokens.dtype == torch.uint64 else tokens.to(torch.int64)
+    lo, hi = int(wide.min()), int(wide.max())
+    if lo >= 0:
+        return lo, hi
+    # uint64 values of 2**63 or more: the negative ones of `wide`, each 2**64 below its value
+    wrapped, plain = wide[wide < 0], wide[wide >= 0]
+    return (int(plain.min()) if plain.numel() else int(wrapped.min()) + 2**64), int(wrapped.max()) + 2**64
+
+
+def _as_token_batch(b: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tensor batch ``b`` on ``device``; an integer (not bool) one as int64, what ``nn.Embedding`` and
+    ``cross_entropy`` take, whatever integer dtype the token ids came in (e.g. :func:`flash_llm.data.load_tokens`'s
+    uint8, a uint16 token file), as :func:`flash_llm.evaluate.evaluate` does; other dtypes (the float inputs of a
+    model that takes those) as they are."""
+    if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
+        return b.to(device)
+    return b.to(device=device, dtype=torch.int64)
+
+
 def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
-    """``calib`` as a list of non-empty tensors on the device of the model's first parameter.  Raises for anything
-    but a tensor or an iterable of tensors, for no non-empty batch, and for integer batches holding a token id
-    outside the model's vocabulary (:func:`_token_id_error`)."""
+    """``calib`` as a list of non-empty tensors on the device of the model's first parameter, integer batches (token
+    ids of any integer dtype, e.g. uint8) as int64 (:func:`_as_token_batch`).  Raises for anything but a tensor or
+    an iterable of tensors, for no non-empty batch, and for integer batches holding a token id outside the model's
+    vocabulary (:func:`_token_id_error`)."""
     if isinstance(calib, torch.Tensor):
         batches = [calib]
     elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
@@ -193,7 +224,7 @@ def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
         raise ValueError("calib is empty: pass at least one non-empty batch of calibration tokens, "
                          "e.g. a LongTensor [B, T]")
     device = next(model.parameters()).device
-    return [b.to(device) for b in batches]
+    return [_as_token_batch(b, device) for b in batches]
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -636,7 +667,8 @@ def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blo
 
 
 def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *, blocksize: int = 128,
-                     percdamp: float = 0.01, filter_fn: FilterFn | None = None) -> PruneReport:
+                     percdamp: float = 0.01, filter_fn: FilterFn | None = None,
+                     progress: bool = True) -> PruneReport:
     """SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
     One-Shot"), in place: prune each layer and update its remaining weights to compensate (OBS).
 
@@ -673,9 +705,11 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
         sparsity: fraction of each layer's weights to zero, in ``[0, 1)``; or a dict ``{fqn: fraction}``
             with one target per selected layer (e.g. from :func:`owl_sparsities`); keys naming empty
             layers are ignored.
-        blocksize: columns per block (the lazy-update batch of the reference; 128).
+        blocksize: columns per block (the lazy-update batch of the reference; 128); any integer >= 1 but bool
+            (numpy's, a 0-d tensor).
         percdamp: dampening, as a fraction of the mean of ``diag(H)`` (0.01).
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
+        progress: tqdm bar (stderr) over the layers.
 
     Returns:
         A :class:`PruneReport`; each layer's error is on the inputs it saw when it was pruned; for a dict
@@ -683,8 +717,7 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     """
     if not isinstance(sparsity, dict):
         _check_sparsity(sparsity)  # bad numbers fail before the other arguments, as before
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    blocksize = _check_positive("blocksize", blocksize)
     damp = _real(percdamp)
     if damp is None or not 0.0 < damp < math.inf:
         raise ValueError(f"percdamp must be a positive number, got {percdamp!r}")
@@ -706,7 +739,8 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
                       "fails leaves the layers before it pruned", RuntimeWarning, stacklevel=2)
     done: list[str] = []
     try:
-        for fqn, m in tqdm(_forward_order(model, batches, layers), desc="sparsegpt", unit="layer"):
+        for fqn, m in tqdm(_forward_order(model, batches, layers), desc="sparsegpt", unit="layer",
+                           disable=not progress, file=sys.stderr):
             _sparsegpt_one(model, batches, fqn, m, layer_target[m], blocksize, damp, originals, report)
             done.append(fqn)
     except BaseException as e:
@@ -847,14 +881,15 @@ def _cubic_sparsity(t: int, s_i: float, s_f: float, begin: int, end: int) -> flo
 
 
 def _cycle(batches, device):
-    """Yield the batches of ``batches`` again and again (tensors moved to ``device``)."""
+    """Yield the batches of ``batches`` again and again (tensors moved to ``device``, integer ones as int64:
+    :func:`_as_token_batch`)."""
     n = 0
     while True:
         got = False
         for b in batches:
             got = True
             n += 1
-            yield b.to(device) if isinstance(b, torch.Tensor) else b
+            yield _as_token_batch(b, device) if isinstance(b, torch.Tensor) else b
         if not got:
             raise ValueError("batches is empty" + (f" on its second pass (after {n} batches): pass a re-iterable "
                                                     "(a list or a DataLoader), not a one-shot iterator" if n else ""))
@@ -902,9 +937,13 @@ def _shared_with(teacher: nn.Module, model: nn.Module) -> list[tuple[str, str]]:
     return [(n, owners[_storage_ptr(t)]) for n, t in tensors if _storage_ptr(t) in owners]
 
 
-def _check_int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+def _check_int(name, v, lo) -> int:
+    """``v`` as a Python int >= ``lo``: any integer but bool (numpy's, a 0-d tensor: :func:`flash_llm.data._as_int`);
+    ValueError naming ``name`` otherwise."""
+    n = _as_int(v)
+    if isinstance(n, bool) or not isinstance(n, int) or n < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return n
 
 
 def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: int, loss_fn: Callable,
@@ -953,9 +992,11 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             all parameters with ``requires_grad`` are trained (by the default optimizer).
         batches: an iterable of batches (token ids ``LongTensor [B, T]`` or whatever the model takes), or one
             tensor; it is iterated again when exhausted, so it must be re-iterable (list, DataLoader; a one-shot
-            iterator such as a generator is refused).
+            iterator such as a generator is refused).  Integer tensors (token ids of any integer dtype, e.g.
+            uint8) reach the model and ``loss_fn`` as int64.
         final_sparsity: ``s_f``, in ``[0, 1)``.
-        steps: number of optimizer steps, >= 1.
+        steps: number of optimizer steps, >= 1.  (``steps``, ``begin``, ``end`` and ``frequency`` may be any
+            integers but bools: numpy's, 0-d tensors.)
         loss_fn: ``(model_output, batch) -> scalar tensor``.
         optimizer: over the model's parameters; default ``torch.optim.Adam(trainable params, lr=lr)``.
         lr: learning rate of the default optimizer (ignored when ``optimizer`` is given).
@@ -978,12 +1019,12 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
     if initial_sparsity > final_sparsity:
         raise ValueError(f"initial_sparsity ({initial_sparsity}) must not exceed final_sparsity ({final_sparsity})")
-    _check_int("steps", steps, 1)
-    _check_int("begin", begin, 0)
-    _check_int("frequency", frequency, 1)
+    steps = _check_int("steps", steps, 1)
+    begin = _check_int("begin", begin, 0)
+    frequency = _check_int("frequency", frequency, 1)
     if end is None:
         end = begin + 3 * (steps - begin) // 4
-    _check_int("end", end, 0)
+    end = _check_int("end", end, 0)
     if not begin <= end <= steps:
         raise ValueError(f"need 0 <= begin <= end <= steps, got begin={begin}, end={end}, steps={steps}")
     if not callable(loss_fn):
