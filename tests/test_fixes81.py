@@ -77,3 +77,33 @@ def test_to_linear_under_inference_mode_gives_a_trainable_layer():
     back(torch.randn(4, 64, dtype=torch.float16)).float().sum().backward()
     opt.step()
     assert not torch.equal(back.weight, lin.weight)
+
+
+def test_a_weight_with_the_negative_bit_set_compresses(fmt, dtype):
+    """A lazily negated view (``torch._neg_view``; a complex32 ``conj().imag``) that is contiguous kept its negative
+    bit through ``contiguous()``, and viewing its bits as integers failed inside torch for every format (and in
+    ``count_nonzero`` / ``cast_loss``)."""
+    from conftest import sparse_weight
+
+    from flash_llm.formats._base import count_nonzero
+    from flash_llm.nn import cast_loss
+
+    plain = sparse_weight(64, 128, 0.3, dtype, seed=3)
+    w = torch._neg_view(plain)
+    assert w.is_neg() and w.is_contiguous()
+    assert torch.equal(fmt.from_dense(w).to_dense(), -plain)
+    assert count_nonzero(w) == count_nonzero(plain)
+    assert cast_loss(w, w.float()) is None
+    big = torch._neg_view(torch.full((4, 4), 1e6))
+    assert cast_loss(big, big.half()) == "16 finite value(s) overflow to inf in torch.float16"
+
+
+def test_to_takes_a_tensor_as_tensor_to_does(fmt):
+    """``w.to(x)``: x's device (and dtype, which must be the weight's), as ``Tensor.to(other)``; it failed with
+    torch.device's internal TypeError.  Other types are refused naming what ``to`` takes."""
+    w = fmt.from_dense(torch.eye(16, 64, dtype=torch.float16))
+    assert w.to(torch.zeros(2, dtype=torch.float16)) is w
+    with pytest.raises(TypeError, match=r"dtype=torch.float32 cannot change"):
+        w.to(torch.zeros(2))
+    with pytest.raises(TypeError, match=r"takes a device \(str, int or torch.device\), a dtype or a tensor, got list"):
+        w.to(["cpu"])

@@ -36,7 +36,7 @@ def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
     ``torch.set_flush_denormal(True)`` a bf16 or fp32 subnormal compares equal to 0 (session 73 hunt)."""
     if t.dtype.is_floating_point and t.element_size() in _MAGNITUDE_BITS:
         int_dtype, mask = _MAGNITUDE_BITS[t.element_size()]
-        return t.view(int_dtype) & mask
+        return t.resolve_neg().view(int_dtype) & mask  # (a tensor with the negative bit cannot be viewed as ints)
     return t
 
 
@@ -89,7 +89,9 @@ def check_dense_weight(w, dtype: torch.dtype | None = None, name: str = "w") -> 
     elif w.dtype not in VALUE_DTYPES:
         hint = " (pass dtype=torch.float16 or dtype=torch.bfloat16 to cast)" if w.dtype.is_floating_point else ""
         raise TypeError(f"{name} has dtype {w.dtype}; expected torch.float16 or torch.bfloat16{hint}")
-    return w.contiguous()
+    # (a lazily negated view, e.g. a complex32 conj().imag, has the negative bit set: its bits cannot be viewed as
+    # ints, and contiguous() keeps the bit when the tensor is already contiguous)
+    return w.resolve_neg().contiguous()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -282,6 +284,11 @@ class SparseFormat:
         device: ValueError (no values to copy; load its arrays there instead)."""
         if isinstance(device, torch.dtype):  # w.to(torch.bfloat16), as Tensor.to(dtype)
             device, dtype = None, device
+        elif isinstance(device, torch.Tensor):  # w.to(x): x's device and dtype, as Tensor.to(other)
+            device, dtype = device.device, device.dtype if dtype is None else dtype
+        elif device is not None and not isinstance(device, (str, int, torch.device)):
+            raise TypeError(f"{type(self).__name__}.to() takes a device (str, int or torch.device), a dtype or a "
+                            f"tensor, got {type(device).__name__}")
         if dtype is not None and dtype != self.dtype:
             name = type(self).__name__
             raise TypeError(f"{name}.to() moves between devices; dtype={dtype} cannot change a compressed weight's "
