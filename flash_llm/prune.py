@@ -72,7 +72,6 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from tqdm.auto import tqdm
 
-from .data import _as_int, _check_positive
 
 __all__ = ["magnitude_prune_", "wanda_prune_", "sparsegpt_prune_", "owl_sparsities", "gradual_prune_"]
 
@@ -717,6 +716,8 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     """
     if not isinstance(sparsity, dict):
         _check_sparsity(sparsity)  # bad numbers fail before the other arguments, as before
+    from .data import _check_positive  # (flash_llm.data is imported lazily: tests/test_docs_edge.py)
+
     blocksize = _check_positive("blocksize", blocksize)
     damp = _real(percdamp)
     if damp is None or not 0.0 < damp < math.inf:
@@ -940,6 +941,8 @@ def _shared_with(teacher: nn.Module, model: nn.Module) -> list[tuple[str, str]]:
 def _check_int(name, v, lo) -> int:
     """``v`` as a Python int >= ``lo``: any integer but bool (numpy's, a 0-d tensor: :func:`flash_llm.data._as_int`);
     ValueError naming ``name`` otherwise."""
+    from .data import _as_int  # (imported lazily, as above)
+
     n = _as_int(v)
     if isinstance(n, bool) or not isinstance(n, int) or n < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
