@@ -10,6 +10,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -42,11 +43,51 @@ def weight_copies(w) -> list:
                   for _ in range(copies_needed(w.nbytes) - 1)]
 
 
+#: seconds of replays before the timed ones (the SM clock ramps up under load; ``time_across_n.py`` warms up 0.3 s)
+WARMUP_S = 0.2
+#: timed replays at least where one call is the whole rotation (one copy: a sample is a single call)
+SINGLE_COPY_REPLAYS = 30
+
+
+def layers_to_rotate(minimum: int, nbytes: int, min_total: int | None = None) -> int:
+    """Copies (layers) of an ``nbytes`` buffer to rotate: at least ``minimum``, more where :func:`copies_needed`
+    needs them to pass ``min_total`` (default 3x L2)."""
+    return max(minimum, copies_needed(nbytes, min_total))
+
+
+def graph_calls(minimum: int, copies: int) -> int:
+    """Calls to capture in one CUDA graph that rotates ``copies`` buffers: the smallest multiple of ``copies`` that
+    is at least ``minimum``, so every copy is called, each as often."""
+    copies = max(1, copies)
+    return copies * max(1, -(-minimum // copies))
+
+
+def timed_replays(fns: list, replays: int) -> int:
+    """Replays :func:`time_calls` times: ``replays``, at least :data:`SINGLE_COPY_REPLAYS` where ``fns`` is one
+    callable (alone or repeated: nothing rotates, so a sample is one call's time and noisier)."""
+    return max(replays, SINGLE_COPY_REPLAYS) if len({id(f) for f in fns}) == 1 else replays
+
+
+def warm_up(step, calls: int, seconds: float, sync=None, clock=time.perf_counter) -> int:
+    """Run ``step()`` at least ``calls`` times and until ``seconds`` have passed, ``sync()`` after each (so the clock
+    measures the device's work, not the host's queueing); returns the calls made."""
+    t0, done = clock(), 0
+    while done < calls or clock() - t0 < seconds:
+        step()
+        if sync is not None:
+            sync()
+        done += 1
+    return done
+
+
 def time_calls(fns: list, replays: int = 10, warmup: int = 2) -> float:
     """Median time (seconds) of one call, from CUDA-graph replays of ``fns`` called in turn.
 
     ``fns`` are zero-argument callables, typically the same op on rotating buffers; capturing them in
-    one graph removes Python and launch overhead, so the number is device time.
+    one graph removes Python and launch overhead, so the number is device time.  Before the timed replays:
+    ``warmup`` eager passes (before the capture), then graph replays for at least ``warmup`` replays and
+    :data:`WARMUP_S` seconds (clocks ramp up under load).  ``replays``: at least :data:`SINGLE_COPY_REPLAYS` where
+    ``fns`` is one callable (:func:`timed_replays`).
     """
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -60,10 +101,9 @@ def time_calls(fns: list, replays: int = 10, warmup: int = 2) -> float:
     with torch.cuda.graph(g):
         for f in fns:
             f()
-    for _ in range(warmup):
-        g.replay()
+    warm_up(g.replay, warmup, WARMUP_S, torch.cuda.synchronize)
     times = []
-    for _ in range(replays):
+    for _ in range(timed_replays(fns, replays)):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         g.replay()
@@ -72,6 +112,18 @@ def time_calls(fns: list, replays: int = 10, warmup: int = 2) -> float:
         times.append(a.elapsed_time(b) / 1e3 / len(fns))
     del g
     return statistics.median(times)
+
+
+def kernels_missing(device=None) -> str:
+    """Why ``flash_llm.spmm`` would run its PyTorch reference instead of the CUDA kernels on ``device`` (default:
+    the current CUDA device), so a benchmark would time that as the sparse kernel (``kernels.supported``); "" where
+    the kernels can run."""
+    from flash_llm import kernels
+
+    device = torch.device("cuda" if device is None else device)
+    ok, why = (False, "no CUDA device") if device.type == "cuda" and not torch.cuda.is_available() else \
+        kernels.supported(device)
+    return "" if ok else f"flash_llm.spmm would run its PyTorch reference, not the CUDA kernels: {why}"
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -115,7 +167,8 @@ def environment(device=None) -> dict:
     the CPU, not the card, and touches no CUDA); None: CUDA's device 0 where there is CUDA (the kernels' benchmarks).
     ``commit``: ``FLASH_LLM_COMMIT`` where set (the device machine gets the working tree without ``.git``), else the
     benchmarks' repository's commit ("unknown" without one), with "+dirty" where :func:`git_state` finds the tree
-    dirty; ``commit_given``, ``git_commit`` and ``dirty`` (None: no repository to tell) keep the parts apart."""
+    dirty; ``commit_given``, ``git_commit`` and ``dirty`` (None: no repository to tell) keep the parts apart.
+    ``l2_mib``: the L2 in MiB (2^20 bytes; the key was ``l2_mb`` until session 81, the same MiB)."""
     device = None if device is None else torch.device(device)
     on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
     props = torch.cuda.get_device_properties(device.index or 0 if device is not None else 0) if on_gpu else None
@@ -131,7 +184,7 @@ def environment(device=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "card": props.name if props else "cpu",
         "sms": props.multi_processor_count if props else 0,
-        "l2_mb": props.L2_cache_size / 2**20 if props else 0,
+        "l2_mib": props.L2_cache_size / 2**20 if props else 0,  # (MiB)
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "nvrtc": nvrtc,

@@ -11,9 +11,17 @@ new tokens, greedy, no early stop.  Reported: decode tokens/s (batch x decode st
 GPU-second end to end (prefill included), time per output token (median step), time to first token (prefill
 plus the first token), weight bytes and their ratio to the format's formula (as each run's engine had them: after
 its merge and DeltaRows layout; ``flash_llm.models.synthetic.projection_bytes``), peak GPU memory, and the
-bandwidth floor of one decode step (bytes of weights read per step / measured copy bandwidth) with the share of
-it a batch-1 step reaches (``floor_pct``: from the mean step, where no slow step hides, since session 74; the target
-line prints the mean step beside it, and ``floor_pct_median`` from the median step, the time per output token).  Times
+bandwidth floor of one decode step (``floor_ms``: bytes of weights read per step / measured copy bandwidth, the
+issue's definition) with the share of it a batch-1 step reaches (``floor_pct``: from the mean step, where no slow
+step hides, since session 74; the target line prints the mean step beside it, and ``floor_pct_median`` from the
+median step, the time per output token).  That floor leaves out the KV cache, which each step reads too, a large
+share at large batches (OPT-30B's cache at batch 64 is about as large as its 80 %-sparse weights): ``kv_read_bytes``
+is the least a decode step must read of it, averaged over the steps (per step the positions its sequences hold, the
+step's own token included: the prompt and the tokens generated before it, x 2 (K and V) x layers x batch x KV heads x
+head_dim x the dtype's bytes; :func:`kv_read_bytes`), and ``floor_kv_ms`` / ``floor_kv_pct`` the floor and share with
+those bytes added to the weights' (:func:`kv_floor`; the log line prints both).  The engine itself reads more of the
+cache: each step attends ``engine.decode_kv_len`` slots (the positions rounded up to its KV-cache bucket, at least
+``DECODE_KV_MIN``, up to the cache's size), so the minimum understates its traffic and the share it reaches.  Times
 are CUDA events, the median over ``--repeats`` generations after a warm-up of the same length (it captures the decode
 graphs of every KV-cache bucket the runs reach).  ``--memory-limit-gb`` caps the process' GPU memory
 (``set_per_process_memory_fraction``; in 10^9 bytes), e.g. 85.5 to ask what fits on an 80 GB H100 (81559 MiB, 79.6
@@ -143,6 +151,26 @@ def _stored_bytes(model, skip=frozenset()) -> int:
     """Bytes of the model's parameters and buffers, each tensor once, but those whose ``id`` is in ``skip``."""
     stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for i, t in stored.items() if i not in skip)
+
+
+def kv_read_bytes(cfg, batch: int, prompt_len: int, new: int, itemsize: int) -> float:
+    """The KV-cache bytes a decode step must read at least, averaged over a generation's ``new - 1`` decode steps
+    (the first token comes from the prefill): step ``i`` (1 to ``new - 1``) attends the ``prompt_len + i`` positions
+    its sequences hold (the prompt, the ``i`` tokens generated before it, its own input among them), each holding K
+    and V of every layer and KV head: ``2 x num_layers x batch x num_kv_heads x head_dim x itemsize`` bytes a
+    position.  (The engine reads more: :func:`flash_llm.engine.decode_kv_len` slots a step.)"""
+    per_position = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * itemsize
+    steps = range(1, new)
+    return per_position * sum(prompt_len + i for i in steps) / len(steps)
+
+
+def kv_floor(read_bytes: int, kv_bytes: float, copy_bw_Bps: float, tpot_mean_ms: float | None = None) -> dict:
+    """``floor_kv_ms``: the weights' ``read_bytes`` and the KV cache's ``kv_bytes`` a step reads over the copy
+    bandwidth; ``floor_kv_pct``: its share of the mean step ``tpot_mean_ms`` (where given)."""
+    out = {"kv_read_bytes": kv_bytes, "floor_kv_ms": 1e3 * (read_bytes + kv_bytes) / copy_bw_Bps}
+    if tpot_mean_ms:
+        out["floor_kv_pct"] = 100 * out["floor_kv_ms"] / tpot_mean_ms
+    return out
 
 
 def random_prompts(batch, length, vocab, gen) -> list[list[int]]:
@@ -303,13 +331,17 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                     row["status"] = "ok"
                     row["floor_pct"] = 100 * row["floor_ms"] / row["tpot_mean_ms"]  # (mean step: no slow one hidden)
                     row["floor_pct_median"] = 100 * row["floor_ms"] / row["tpot_ms"]  # (the median step, as tpot_ms)
+                    # (the same with the KV cache's least bytes a step added: the issue's floor leaves them out)
+                    row.update(kv_floor(row["read_bytes"], kv_read_bytes(cfg, b, args.prompt, args.new, dtype.itemsize),
+                                        env["copy_bw_Bps"], row["tpot_mean_ms"]))
                     if sp == 0:
                         dense_tok[b] = row["decode_tok_s"]
                     if b in dense_tok:
                         row["speedup_vs_dense"] = row["decode_tok_s"] / dense_tok[b]
                     log(f"{name} {sp:>3}% b={b:<3} decode {row['decode_tok_s']:9.1f} tok/s  tpot "
                         f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms  floor {row['floor_ms']:6.3f} ms "
-                        f"({row['floor_pct']:.0f} %)  peak {row['peak_mem_bytes'] / 2**30:.1f} GiB"
+                        f"({row['floor_pct']:.0f} %; with KV {row['floor_kv_ms']:.3f} ms, "
+                        f"{row['floor_kv_pct']:.0f} %)  peak {row['peak_mem_bytes'] / 2**30:.1f} GiB"
                         + (f"  x{row['speedup_vs_dense']:.2f}" if "speedup_vs_dense" in row else "")
                         + "".join(f"  (ran as {f})" for f in row.get("ran_formats", {})
                                   if f != FORMAT_NAMES[args.format].__name__))
@@ -331,6 +363,8 @@ def run_sweep(args, device, dtype, env, log) -> list[dict]:
                                               cfg.pad_token_id if cfg.pad_token_id is not None else 0))
                         row["status"] = "ok"
                         row["floor_pct"] = 100 * floor_ms / row["tpot_ms"]
+                        row.update(kv_floor(read, kv_read_bytes(cfg, b, args.prompt, args.new, dtype.itemsize),
+                                            env["copy_bw_Bps"], row["tpot_ms"]))
                         log(f"{name} HF generate b={b:<3} decode {row['decode_tok_s']:9.1f} tok/s  tpot "
                             f"{row['tpot_ms']:7.3f} ms  ttft {row['ttft_ms']:8.2f} ms")
                     except torch.cuda.OutOfMemoryError as e:

@@ -129,9 +129,9 @@ def main(argv=None):
     if args.quick:
         models = ["Llama-3-8B", "OPT-66B"]
     # without them (no cuda-bindings, say) flash_llm.spmm runs its PyTorch reference: the rows would time that
-    ok, why = kernels.supported(torch.device("cuda"))
-    if not ok:
-        print(f"error: flash_llm.spmm would run its PyTorch reference, not the CUDA kernels: {why}", file=sys.stderr)
+    why = T.kernels_missing()
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 2
     env = T.environment()
     env["copy_bw_GBs"] = T.copy_bandwidth() / 1e9
@@ -355,6 +355,12 @@ def target_checks(rows) -> list[str]:
     return out
 
 
+def plot_panels(rows) -> tuple[list[str], list[str]]:
+    """The plot's grid: the formats (columns) and dtypes (rows of panels) benchmarked, in the order they ran."""
+    fmts = list(dict.fromkeys(r["format"] for r in rows)) or ["bitmap"]
+    return fmts, list(dict.fromkeys(r["dtype"] for r in rows)) or ["fp16"]
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -363,24 +369,25 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fmts = [f for f in ("bitmap", "tiled-csl") if any(r["format"] == f for r in rows)] or ["bitmap"]
-    fig, axes = plt.subplots(1, len(fmts), figsize=(6 * len(fmts), 4.5), sharey=True, squeeze=False)
-    axes = axes[0]
-    for ax, fmt in zip(axes, fmts):  # one panel per format benchmarked
-        for sp in sorted({r["sparsity"] for r in rows}):
-            pts = defaultdict(list)
-            for r in rows:
-                if r["format"] == fmt and r["sparsity"] == sp and r["dtype"] == rows[0]["dtype"]:
-                    pts[r["N"]].append(r["speedup_spmm"])
-            if pts:
-                xs = sorted(pts)
-                ax.plot(xs, [statistics.median(pts[n]) for n in xs], marker="o", label=f"{int(sp * 100)}%")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{fmt}: spmm speedup over cuBLAS (median of shapes)")
-        ax.set_xlabel("N (tokens)")
-        ax.legend()
-    axes[0].set_ylabel("speedup")
+    fmts, dnames = plot_panels(rows)
+    fig, axes = plt.subplots(len(dnames), len(fmts), figsize=(6 * len(fmts), 4.5 * len(dnames)), sharey=True,
+                             squeeze=False)
+    for row_axes, dname in zip(axes, dnames):  # one panel per format and dtype benchmarked
+        for ax, fmt in zip(row_axes, fmts):
+            for sp in sorted({r["sparsity"] for r in rows}):
+                pts = defaultdict(list)
+                for r in rows:
+                    if r["format"] == fmt and r["sparsity"] == sp and r["dtype"] == dname:
+                        pts[r["N"]].append(r["speedup_spmm"])
+                if pts:
+                    xs = sorted(pts)
+                    ax.plot(xs, [statistics.median(pts[n]) for n in xs], marker="o", label=f"{int(sp * 100)}%")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{fmt} {dname}: spmm speedup over cuBLAS (median of shapes)")
+            ax.set_xlabel("N (tokens)")
+            ax.legend()
+        row_axes[0].set_ylabel("speedup")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

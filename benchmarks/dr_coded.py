@@ -7,9 +7,12 @@ on Llama-3-8B's decoder projections at batch 1, bf16, laid out as ``Engine(delta
 Weights: normal values pruned by magnitude (as ``build_synthetic`` draws them).  Each projection kind runs with the
 engine's epilogue (q/k/v after RMSNorm, o adding into the residual, gate / up after RMSNorm with SiLU x up, down adding
 into the residual).  First a check: the coded weight's output has the plain weight's bits (the same values, summed in
-the same order).  Then the timing: ``--layers`` weights a kind (each its own, so the bytes pass L2), one CUDA graph of
-programmatic launches under ``static_weights`` as the decode step, median us a call over the replays; plain and coded
-interleaved, two rounds; then the four kinds in a layer's order.  Prints a table; ``--out`` writes it as JSON.
+the same order).  Then the timing: ``--layers`` weights a kind at least, more where that kind's coded bytes (the
+smaller) need them to pass 3x L2 (``_timing.layers_to_rotate``; each its own weight), one CUDA graph of programmatic
+launches under ``static_weights`` as the decode step, median us a call over the replays; plain and coded interleaved,
+two rounds; then the four kinds in a layer's order (as many layers as the whole layer's bytes need, at least
+``--layers``).  Prints a table with the weights rotated (``layers``) and their bytes (``rotated_bytes``, plain / coded);
+``--out`` writes it as JSON.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from flash_llm.reference import FORMAT_IDS
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _timing import environment, time_calls  # noqa: E402
+from _timing import environment, layers_to_rotate, time_calls  # noqa: E402
 
 FID = FORMAT_IDS[DeltaRows]
 H, EPS = 4096, 1e-5
@@ -68,12 +71,14 @@ def call(kind: str, w: DeltaRows, b: Bufs, out: torch.Tensor | None = None) -> t
     return kernels.spmm_cuda(x, w.data, w.offsets, FID, m, k, None, add_to=b.h if out is None else out)
 
 
-def build(sparsity: float, layers: int, gen) -> dict:
-    """{kind: (plain weights, coded weights)}, ``layers`` of each"""
+def build(sparsity: float, layers: int, gen, rotate: bool = True) -> dict:
+    """{kind: (plain weights, coded weights)}: ``layers`` of each, more where ``rotate`` and the kind's coded bytes
+    (the smaller) need them to pass 3x L2 (:func:`kind_layers`)"""
     ws = {}
     for kind, m, k, _, normed in KINDS:
         plain, coded = [], []
-        for _ in range(layers):
+        want = layers
+        while len(plain) < want:
             d = pruned(m, k, sparsity, gen)
             p = auto_parts(m, k, int((d != 0).sum()), "cuda", normed=normed)
             w = DeltaRows.from_dense(d, parts=p, pair_halves=kind == "gate_up")
@@ -83,8 +88,21 @@ def build(sparsity: float, layers: int, gen) -> dict:
             plain.append(w)
             coded.append(c)
             del d
+            if rotate and len(plain) == 1:  # (the count from the first weight's bytes: the others' are alike)
+                want = kind_layers(layers, w.nbytes, c.nbytes)
         ws[kind] = (plain, coded)
     return ws
+
+
+def kind_layers(layers: int, *nbytes: int, min_total: int | None = None) -> int:
+    """Weights to rotate of a kind whose plain / coded weights are ``nbytes``: at least ``layers``, more where the
+    smaller needs them to pass ``min_total`` (default 3x L2), so both variants read beyond L2."""
+    return layers_to_rotate(layers, min(nbytes), min_total)
+
+
+def rotated(ws: dict, kind: str, n: int) -> list[int]:
+    """Bytes of the first ``n`` plain and coded weights of ``kind`` (what a graph over them reads)."""
+    return [sum(w.nbytes for w in v[:n]) for v in ws[kind]]
 
 
 def check(ws: dict, b: Bufs) -> None:
@@ -120,35 +138,40 @@ def main() -> None:
     b = Bufs(gen)
     rows = []
     for sp in (float(s) for s in args.sparsities.split(",")):
-        ws = build(sp, args.layers, gen)
+        ws = build(sp, args.layers, gen, rotate=not args.check_only)
         check(ws, b)
         for rnd in range(0 if args.check_only else 2):
             for kind, (plain, coded) in ws.items():
                 t = [timed([functools.partial(call, kind, w, b) for w in v], args.replays) for v in (plain, coded)]
                 nb = [v[0].nbytes for v in (plain, coded)]
                 rows.append({"sparsity": sp, "round": rnd, "kind": kind, "parts": plain[0].parts, "bytes": nb,
-                             "us": t})
+                             "layers": len(plain), "rotated_bytes": rotated(ws, kind, len(plain)), "us": t})
 
             def layer(v, i):
                 for kind, _, _, _, _ in KINDS:
                     call(kind, ws[kind][v][i], b)
 
-            t = [timed([functools.partial(layer, v, i) for i in range(args.layers)], args.replays) for v in (0, 1)]
             nb = [sum(ws[kind][v][0].nbytes for kind in ws) for v in (0, 1)]
-            rows.append({"sparsity": sp, "round": rnd, "kind": "layer", "parts": 0, "bytes": nb, "us": t})
+            # (at most the fewest weights a kind has: each kind has the layer's bytes' count or more, its bytes fewer)
+            n = min(kind_layers(args.layers, *nb), *(len(v[0]) for v in ws.values()))
+            t = [timed([functools.partial(layer, v, i) for i in range(n)], args.replays) for v in (0, 1)]
+            rows.append({"sparsity": sp, "round": rnd, "kind": "layer", "parts": 0, "bytes": nb, "layers": n,
+                         "rotated_bytes": [sum(rotated(ws, kind, n)[v] for kind in ws) for v in (0, 1)], "us": t})
         del ws
         torch.cuda.empty_cache()
     if args.check_only:
         return
     env = environment()
     print(f"\n{env.get('card', torch.cuda.get_device_name())}; us a call (median of {args.replays} replays of "
-          f"{args.layers} layers), plain / coded")
-    print("| sparsity | round | kind | P | MB plain / coded | us plain | us coded | coded / plain |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"at least {args.layers} layers: as many as pass 3x L2), plain / coded")
+    print("| sparsity | round | kind | P | MB plain / coded | layers | MB rotated plain / coded | us plain | us coded "
+          "| coded / plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['sparsity']:.0%} | {r['round']} | {r['kind']} | {r['parts'] or '-'} | "
-              f"{r['bytes'][0] / 1e6:.1f} / {r['bytes'][1] / 1e6:.1f} | {r['us'][0]:.1f} | {r['us'][1]:.1f} | "
-              f"{r['us'][1] / r['us'][0]:.3f} |")
+              f"{r['bytes'][0] / 1e6:.1f} / {r['bytes'][1] / 1e6:.1f} | {r['layers']} | "
+              f"{r['rotated_bytes'][0] / 1e6:.1f} / {r['rotated_bytes'][1] / 1e6:.1f} | {r['us'][0]:.1f} | "
+              f"{r['us'][1]:.1f} | {r['us'][1] / r['us'][0]:.3f} |")
     if args.out:
         args.out.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
 

@@ -15,10 +15,12 @@ On a GPU it first checks each projection kind (Llama: q/k/v with RMSNorm, o with
 RMSNorm and SiLU x up, down with the residual add; OPT: LayerNorm before q/k/v, LayerNorm and ReLU around fc1, the
 residual add after out and fc2, a bias on every projection) against an fp32 product of the dense weight, outputs
 poisoned, tolerance from the split layout's own error there (the same inputs; at least 2 units of the dtype's rounding
-at the output's scale).  Then it times, in CUDA graphs of ``--layers`` layers (each its own weights, so the weight
-bytes pass L2), programmatic launches under ``static_weights`` as the engine's decode step (no attention between
-q/k/v and o): each projection kind alone, then the four in a layer's order, split against parts, median us a layer
-over the replays, two rounds.  ``--sweep`` then times every other P for each kind alone.  fp16 only.
+at the output's scale).  Then it times, in CUDA graphs of at least ``--layers`` layers (each its own weights; more
+where the bytes of what is timed, the smaller layout's, need them to pass 3x L2: ``_timing.layers_to_rotate``, per
+kind and for the whole layer, printed with the bytes rotated), programmatic launches under ``static_weights`` as the
+engine's decode step (no attention between q/k/v and o): each projection kind alone, then the four in a layer's order,
+split against parts, median us a layer over the replays, two rounds.  ``--sweep`` then times every other P for each
+kind alone.  fp16 only.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from flash_llm.reference import FORMAT_IDS, layer_norm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _timing import time_calls  # noqa: E402
+from _timing import layers_to_rotate, time_calls  # noqa: E402
 
 FID = FORMAT_IDS[DeltaRows]
 EPS = 1e-5
@@ -161,6 +163,21 @@ def timed(fn, layers, replays) -> float:
         return time_calls([functools.partial(fn, lay) for lay in layers], replays=replays, warmup=3) * 1e6
 
 
+def rotation_plan(lay: dict, names: list, minimum: int, min_total: int | None = None) -> dict:
+    """Layers to rotate when timing each kind of ``names`` alone and (key ``"+".join(names)``) all of them: at least
+    ``minimum``, more where the smaller layout's bytes of a layer like ``lay`` need them to pass ``min_total``
+    (default 3x L2)."""
+    small = {k: min(w.nbytes for w in lay[k]) for k in names}
+    plan = {k: layers_to_rotate(minimum, b, min_total) for k, b in small.items()}
+    plan["+".join(names)] = layers_to_rotate(minimum, sum(small.values()), min_total)
+    return plan
+
+
+def rotated_mb(layers: list, kinds: list, which: int) -> float:
+    """MB (10^6 bytes) of layout ``which``'s weights of ``kinds`` over ``layers``: what one replay reads of them."""
+    return sum(lay[k][which].nbytes for lay in layers for k in kinds) / 1e6
+
+
 def chain(step, kinds):
     def run(lay):
         for kind in kinds:
@@ -195,19 +212,23 @@ def main() -> None:
     parts = parse_parts(model, a.parts)
     names = [kind for kind, *_ in model["kinds"]]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    layers = [build(model, a.sparsity, gen, parts) for _ in range(a.layers)]
+    layers = [build(model, a.sparsity, gen, parts)]
+    plan = rotation_plan(layers[0], names, a.layers)
+    layers += [build(model, a.sparsity, gen, parts) for _ in range(max(plan.values()) - 1)]
     got = {k: layers[0][k][1].parts for k in names}
     nbytes = [sum(lay[k][i].nbytes for lay in layers for k in names) / len(layers) for i in (0, 1)]
     print(f"{a.model} layers at {a.sparsity:.0%}, fp16, N = 1, on {torch.cuda.get_device_name()}; parts {got}; "
-          f"bytes a layer: split {nbytes[0] / 1e6:.1f} MB, parts {nbytes[1] / 1e6:.1f} MB")
+          f"bytes a layer: split {nbytes[0] / 1e6:.1f} MB, parts {nbytes[1] / 1e6:.1f} MB; layers rotated {plan}")
     if not a.skip_check and not check(layers[0]):
         raise SystemExit("the parts layout's outputs are wrong")
     for rnd in (1, 2):
         for kinds in [[k] for k in names] + [names]:
-            t_split = timed(chain(split_step, kinds), layers, a.replays)
-            t_parts = timed(chain(parts_step, kinds), layers, a.replays)
+            use = layers[:plan["+".join(kinds)]]
+            t_split = timed(chain(split_step, kinds), use, a.replays)
+            t_parts = timed(chain(parts_step, kinds), use, a.replays)
             print(f"round {rnd}: {'+'.join(kinds):22s} split {t_split:7.2f} us a layer, parts {t_parts:7.2f} "
-                  f"({t_split / t_parts:.3f}x)")
+                  f"({t_split / t_parts:.3f}x); {len(use)} layers, {rotated_mb(use, kinds, 0):.1f} / "
+                  f"{rotated_mb(use, kinds, 1):.1f} MB rotated")
     if a.sweep:
         for kind, m, k, epi, *_ in model["kinds"]:
             for p in (2, 4, 8, 16):
@@ -219,8 +240,11 @@ def main() -> None:
                 if not check(layers[0]):
                     print(f"  {kind} P={p}: WRONG, not timed")
                     continue
-                t = timed(chain(parts_step, [kind]), layers, a.replays)
-                print(f"sweep: {kind:8s} P={p:2d} parts {t:7.2f} us a layer")
+                # (this P's bytes: as many layers as they need, at most those built)
+                use = layers[:min(len(layers), rotation_plan(layers[0], [kind], a.layers)[kind])]
+                t = timed(chain(parts_step, [kind]), use, a.replays)
+                print(f"sweep: {kind:8s} P={p:2d} parts {t:7.2f} us a layer; {len(use)} layers, "
+                      f"{rotated_mb(use, [kind], 1):.1f} MB rotated")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from flash_llm.formats.delta_rows import auto_parts
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _timing import time_calls, weight_copies  # noqa: E402
+from _timing import kernels_missing, time_calls, weight_copies  # noqa: E402
 
 #: projection shapes [M, K] (merged as the engine runs them)
 MODELS = {
@@ -58,6 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("dr_parts_tokens.py times CUDA kernels: no GPU here")
+    why = kernels_missing()  # (as bench_spmm.py: refuse to time the PyTorch reference as the sparse kernel)
+    if why:
+        sys.exit(f"error: {why}")
     ns = [int(v) for v in args.ns.split(",")]
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev, dt = torch.device("cuda"), torch.float16

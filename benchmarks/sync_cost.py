@@ -27,8 +27,8 @@ in one CUDA graph, four ways:
   step zeroes its share of the buffer the step after adds into, three buffers in turn): what the atomics alone cost,
   for a design whose consumer finishes the sum.
 
-Prints us a step for each grid size (median of ``--replays`` graph replays), the work alone being the same in every
-column.  fp32 buffers; nothing here is part of the library.
+Prints us a step for each grid size (median of ``--replays`` graph replays, at least 30: ``_timing.time_calls`` of
+one callable), the work alone being the same in every column.  fp32 buffers; nothing here is part of the library.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         print("sync_cost.py needs a CUDA device")
         return 1
     from flash_llm.kernels._build import _check_cu, _driver, compile_kernels, device_arch, launch_function, sm90
-    from _timing import time_calls
+    from _timing import SINGLE_COPY_REPLAYS, time_calls
 
     dev = torch.cuda.current_device()
     if not sm90(dev):
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
 
     resident = sms * _check_cu(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn["persist"], 128, 0), "occupancy")
     print(f"{torch.cuda.get_device_name(dev)}, {sms} SMs; {a.steps} dependent steps a graph, {a.n} floats read by every "
-          f"block a step; us a step (median of {a.replays} replays)")
+          f"block a step; us a step (median of {max(a.replays, SINGLE_COPY_REPLAYS)} replays)")
     sleeps = [int(x) for x in a.sleeps.split(",")]
     heads = (["plain", "pdl"] + [f"flag/{z}" for z in sleeps] + [f"persist/{z}" for z in sleeps]
              + [f"combine/{c}" if c > 1 else "combine" for c in combine]

@@ -1,14 +1,16 @@
-"""A sparse kernel against cuBLAS on one weight, across N: CUDA-event medians of 20 replays of a CUDA graph of 10
-calls, after warming up for 0.3 s (the SM clock ramps up under load: the sparse kernels are instruction-bound, so a
+"""A sparse kernel against cuBLAS on one weight, across N: CUDA-event medians of 20 replays of a CUDA graph of at
+least 10 calls (a multiple of the rotating copies, so every copy is read: ``_timing.graph_calls``), after warming up
+for 0.3 s (the SM clock ramps up under load: the sparse kernels are instruction-bound, so a
 cold clock slows them while the memory-bound cuBLAS call does not notice).  Until session 6 each call was timed
 alone, which let host delays into the time: small layers (4096 x 4096) read 80-200 us.
 
     python benchmarks/time_across_n.py [--fmt bitmap|tiled-csl] [--m 9216] [--k 36864] [--sparsity 0.8]
                                        [--ns 1,8,16,32,64] [--dtype fp16] [--force-sparse] [--pdl] [--l2-resident]
 
-The weights rotate through enough copies to exceed 3x L2 (one copy at the default shape, 680 MB dense; a 4096 x 14336
-Tiled-CSL weight at 80 % is 47 MB and needs 4, its dense one 2).  Prints a markdown table (same-run ratios;
-absolute times hold for the card it ran on).
+The weights rotate through enough copies to exceed 3x L2, each called as often in the graph (one copy at the default
+shape, 680 MB dense; a 4096 x 14336 Tiled-CSL weight at 80 % is 47 MB and needs 4, its dense one 2).  Prints a markdown
+table (same-run ratios; absolute times hold for the card it ran on).  Refused where ``flash_llm.spmm`` would run its
+PyTorch reference instead of the kernels (``kernels.supported``: ``_timing.kernels_missing``).
 
 What-ifs for the decode engine: ``--pdl`` times the sparse calls under ``kernels.static_weights()`` (launched
 programmatically, as the engine launches them); ``--l2-resident`` times one copy of each weight, no rotation, so a
@@ -18,10 +20,11 @@ for during the kernels before it).
 
 import argparse
 import contextlib
+import sys
 import time
 
 import torch
-from _timing import copies_needed
+from _timing import copies_needed, graph_calls, kernels_missing
 
 import flash_llm
 from flash_llm import kernels
@@ -38,6 +41,9 @@ ap.add_argument("--force-sparse", action="store_true",
 ap.add_argument("--pdl", action="store_true", help="the sparse calls under kernels.static_weights() (as the engine)")
 ap.add_argument("--l2-resident", action="store_true", help="one copy of each weight, no rotation (L2 hits)")
 a = ap.parse_args()
+why = kernels_missing()  # (as bench_spmm.py: refuse to time the PyTorch reference as the sparse kernel)
+if why:
+    sys.exit(f"error: {why}")
 dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
 w = torch.randn(a.m, a.k, device="cuda").to(dtype)
 w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
@@ -49,7 +55,7 @@ ws = [w] + ([] if a.l2_resident else [w.clone() for _ in range(copies_needed(w.n
 f = fs[0]
 
 
-REPS = 10  # calls per CUDA-graph replay
+REPS = 10  # calls per CUDA-graph replay at least (more: a multiple of the rotating copies, graph_calls)
 
 
 def rotating(fn, copies):
@@ -63,8 +69,8 @@ def rotating(fn, copies):
     return call
 
 
-def median_us(fn) -> float:
-    """Median time of one call: 20 replays of a CUDA graph of REPS calls, after warming up for 0.3 s.  The graph
+def median_us(fn, calls: int = REPS) -> float:
+    """Median time of one call: 20 replays of a CUDA graph of ``calls`` calls, after warming up for 0.3 s.  The graph
     takes the host (Python, launch) out of the time, so a slow or busy host cannot stretch it."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 0.3:
@@ -78,7 +84,7 @@ def median_us(fn) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(REPS):
+        for _ in range(calls):
             fn()
     graph.replay()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
@@ -87,7 +93,7 @@ def median_us(fn) -> float:
         graph.replay()
         end.record()
     torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in ev)[10] * 1e3 / REPS
+    return sorted(s.elapsed_time(e) for s, e in ev)[10] * 1e3 / calls
 
 
 if a.force_sparse:
@@ -110,6 +116,6 @@ for n in (int(v) for v in a.ns.split(",")):
     err = float((y.double() - ref).abs().max()) / max(float((torch.nn.functional.linear(x, w).double() - ref)
                                                              .abs().max()), 1e-30)
     with kernels.static_weights() if a.pdl else contextlib.nullcontext():
-        ts = median_us(rotating(lambda c: sparse(x, c), fs))
-    td = median_us(rotating(lambda c: torch.nn.functional.linear(x, c), ws))
+        ts = median_us(rotating(lambda c: sparse(x, c), fs), graph_calls(REPS, len(fs)))
+    td = median_us(rotating(lambda c: torch.nn.functional.linear(x, c), ws), graph_calls(REPS, len(ws)))
     print(f"| {n} | {ts:.1f} | {td:.1f} | {td / ts:.2f}x | {err:.2f} |", flush=True)

@@ -304,16 +304,24 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny))
 
 
+def _flush_l2(flush: torch.Tensor, total: torch.Tensor) -> None:
+    """Evict L2 by reading ``flush`` (twice L2's size), its sum into the preallocated scalar ``total``: reads leave no
+    dirty lines (a ``zero_()`` left up to one L2 of them, written back to DRAM during the timed call after it)."""
+    torch.sum(flush, 0, out=total)
+
+
 def _cuda_median_us(fn, flush: torch.Tensor, warmup: int, repeat: int) -> float:
-    """Median of ``repeat`` CUDA-event timings of ``fn()`` after ``warmup`` calls, L2 flushed before each.
+    """Median of ``repeat`` CUDA-event timings of ``fn()`` after ``warmup`` calls, L2 flushed before each
+    (:func:`_flush_l2`: ``flush``, twice L2, read).
 
     This is GPU time: a short GPU sleep before each start event keeps the GPU busy while Python
     queues the call, so host-side overhead (argument checks, dispatch, launch) is not counted.
     """
     sleep = getattr(torch.cuda, "_sleep", None)
     events = []
+    total = flush.new_zeros(())
     for i in range(warmup + repeat):  # warm-up calls run the same sequence, untimed
-        flush.zero_()
+        _flush_l2(flush, total)
         if sleep is not None:
             sleep(_SLEEP_CYCLES)
         if i < warmup:
@@ -517,8 +525,9 @@ def _layer_demo(args, device: torch.device, sparsities: list[float], timing_ok: 
 
 
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """Twice L2's bytes of float32 zeros (written once here; :func:`_flush_l2` only reads them)."""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
-    return torch.empty(2 * l2, dtype=torch.uint8, device=device)
+    return torch.zeros(2 * l2 // 4, dtype=torch.float32, device=device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: no CUDA device", file=sys.stderr)
         return 2
+    why = T.kernels_missing()  # (as bench_spmm.py: its bursts would run the PyTorch reference, not the kernels)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     model, layer = args.layer.split(":")
     m, k = LAYERS[model][layer]
     dtype = DTYPES[args.dtype]
