@@ -578,10 +578,15 @@ def cmd_info(args) -> int:
         lines.append(("cubin cache", f"none: {why}"))
     else:
         problem = _build.cache_problem(cache)
-        cubins = sorted(cache.glob("*.cubin")) if cache.is_dir() else []
-        state = f"{len(cubins)} cubin{'s' if len(cubins) != 1 else ''}" if cache.is_dir() else "not created yet"
+        try:  # (is_dir raises for a parent this user may not search, or a name longer than the file system allows)
+            exists = cache.is_dir()
+            cubins = sorted(cache.glob("*.cubin")) if exists else []
+            state = f"{len(cubins)} cubin{'s' if len(cubins) != 1 else ''}" if exists else "not created yet"
+        except OSError as e:
+            exists, state = False, ""
+            problem = f"cannot be used: {e.strerror or e}" + (f"; {problem}" if problem else "")
         if problem is not None:
-            state = (f"{state}; " if cache.is_dir() else "") + f"{problem}; set FLASH_LLM_CACHE to a writable directory"
+            state = (f"{state}; " if exists else "") + f"{problem}; set FLASH_LLM_CACHE to a writable directory"
         lines.append(("cubin cache", f"{cache} ({state})"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
@@ -615,10 +620,15 @@ def cmd_build(args) -> int:
     if cache is None:  # (flash-llm build exists to fill the cache)
         _err(f"no cubin cache to fill: {why}")
         return EXIT_FAILURE
-    problem = _build.cache_problem(cache, create=True)  # (before compiling: that takes minutes)
-    if problem is not None:
-        _err(f"no cubin cache to fill: {cache}: {problem}; set FLASH_LLM_CACHE to a writable directory")
-        return EXIT_FAILURE
+    _build.remove_stale_temporary_files(cache)  # (of stores killed before their rename)
+    missing = [a for a in archs if not _build.is_cached(a)]  # (--report alone stores nothing: it recompiles)
+    if missing:  # (before compiling, which takes minutes: a cache that cannot take the cubins, or has no room)
+        problem = _build.cache_problem(cache, create=True, space=len(missing) * _build.cubin_size_estimate(cache))
+        if problem is not None:
+            hint = "free some space there or set FLASH_LLM_CACHE to a directory with room" \
+                if _build.NO_SPACE in problem else "set FLASH_LLM_CACHE to a writable directory"
+            _err(f"no cubin cache to fill: {cache}: {problem}; {hint}")
+            return EXIT_FAILURE
     print(f"NVRTC {nvrtc}; cubin cache {cache}")
 
     def build(arch):  # (compiled, seconds); NVRTC releases the GIL, so the archs compile at the same time
@@ -628,20 +638,33 @@ def cmd_build(args) -> int:
             compiled = _build.compile_kernels(arch, use_cache=False)
         return compiled, time.perf_counter() - t0
 
-    compiling = [a for a in archs if need_log or not _build.is_cached(a)]
+    compiling = archs if need_log else missing
     if compiling:  # (the bar below moves only when a whole arch is done)
         print(f"compiling the CUDA kernels for {', '.join(compiling)} with NVRTC (about a minute"
               f"{', all at once' if len(compiling) > 1 else ''}) ...", file=sys.stderr, flush=True)
 
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(len(archs)) as pool:
+    pool = ThreadPoolExecutor(len(archs))
+    try:
         futures = [pool.submit(build, arch) for arch in archs]
         bar = _progress(total=len(archs), desc="compiling", unit="arch", disable=len(archs) < 2 or None)
         for f in futures:
             f.exception()  # (waits)
             bar.update()
         bar.close()
+    except KeyboardInterrupt:
+        # NVRTC cannot be stopped and the interpreter's exit joins the pool's threads (minutes): leave them, and the
+        # process, at once.  Nothing is lost: a cubin is stored whole or not at all (a rename).
+        pool.shutdown(wait=False, cancel_futures=True)
+        print("\ninterrupted", file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # (a closed pipe: nothing more to say)
+                pass
+        os._exit(130)
+    pool.shutdown()
     all_warnings = 0
     unstored = []
     for arch, f in zip(archs, futures):
@@ -672,8 +695,9 @@ def cmd_build(args) -> int:
             print(f"  {line}")
         all_warnings += len(warns)
         if compiled.cache_error:
-            unstored.append(f"{arch}: compiled, but not stored in the cubin cache ({compiled.cache_error}); set "
-                            "FLASH_LLM_CACHE to a writable directory")
+            hint = "free some space there or set FLASH_LLM_CACHE to a directory with room" \
+                if _build.NO_SPACE in compiled.cache_error else "set FLASH_LLM_CACHE to a writable directory"
+            unstored.append(f"{arch}: compiled, but not stored in the cubin cache ({compiled.cache_error}); {hint}")
     for why in unstored:
         _err(why)
     if unstored:

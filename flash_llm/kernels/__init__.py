@@ -38,7 +38,9 @@ I = ctypes.c_int
 
 
 def supported(device: torch.device) -> tuple[bool, str]:
-    """Whether the CUDA kernels can run on ``device`` (and why not)."""
+    """Whether the CUDA kernels can run on ``device`` (and why not): a GPU of compute capability 8.0 or more,
+    cuda-python, and an NVRTC library it can load (loaded at the first call; a failure is remembered, so later calls
+    cost nothing: :func:`._build.nvrtc_problem`)."""
     if device.type != "cuda":
         return False, f"device {device} is not a CUDA device"
     major, minor = torch.cuda.get_device_capability(device)
@@ -49,6 +51,11 @@ def supported(device: torch.device) -> tuple[bool, str]:
         import cuda.bindings  # noqa: F401
     except ImportError:
         return False, "cuda-python is not installed (pip install cuda-bindings nvidia-cuda-nvrtc)"
+    from . import _build
+
+    why = _build.nvrtc_problem()
+    if why is not None:
+        return False, why
     return True, ""
 
 

@@ -3,20 +3,23 @@
 * :func:`compile_kernels` compiles ``spmm.cu`` for one architecture (``"sm_90"``) to a cubin; it
   needs no GPU, so CI compiles for sm_80 and sm_90 through this same function.
 * Cubins are cached on disk (``$FLASH_LLM_CACHE`` or ``~/.cache/flash_llm``) under a key made of the
-  source hash, the options, the architecture, the NVRTC version and its library's build (:func:`nvrtc_build`).
-* :func:`launch` loads the module into the current CUDA context (PyTorch's primary context) once per
-  device and launches a kernel on a given stream.
+  source hash, the options, the architecture, the NVRTC version and its library's build (:func:`nvrtc_build`);
+  each file's name ends in the sha256 of its content, checked when it is read.
+* :func:`launch` loads the module into the device's CUDA context (PyTorch's primary context, made current for the
+  load) once per device and launches a kernel on a given stream.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import os
 import re
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -38,13 +41,48 @@ class CudaDriverError(RuntimeError):
     """A CUDA driver call failed."""
 
 
+#: what to install when the NVRTC library itself (not its Python bindings) cannot be loaded
+NVRTC_HINT = "pip install nvidia-cuda-nvrtc"
+
+#: ``[None]`` once NVRTC's library has loaded, ``[why]`` once it has failed to (remembered for the process: looking
+#: for the library again on every call costs a file system search and fails the same way); empty before the first try
+_nvrtc_state: list[str | None] = []
+_nvrtc_lock = threading.Lock()
+
+
 def _nvrtc():
+    """cuda-python's NVRTC bindings, with their library loaded.  ImportError without the bindings;
+    :class:`KernelBuildError` (with :data:`NVRTC_HINT`) where the library cannot be loaded (cuda-bindings installed
+    alone, ``pip install --no-deps``, a slim image), from the first failure on without trying again."""
     try:
         from cuda.bindings import nvrtc
     except ImportError as e:  # pragma: no cover - exercised only without the cuda extra
         raise ImportError("flash-llm's CUDA kernels need cuda-python's NVRTC bindings: "
                           "pip install cuda-bindings nvidia-cuda-nvrtc") from e
+    if not _nvrtc_state:
+        with _nvrtc_lock:
+            if not _nvrtc_state:  # (cuda-bindings loads the library at the first call into it)
+                try:
+                    nvrtc.nvrtcVersion()
+                    _nvrtc_state.append(None)
+                except (RuntimeError, OSError) as e:
+                    _nvrtc_state.append(f"the NVRTC library cannot be loaded ({type(e).__name__}: {str(e).strip()}): "
+                                        f"{NVRTC_HINT}")
+    if _nvrtc_state[0] is not None:
+        raise KernelBuildError(_nvrtc_state[0])
     return nvrtc
+
+
+def nvrtc_problem() -> str | None:
+    """Why NVRTC cannot be used (its bindings or its library missing, with what to install), or None; the library
+    is loaded once, and a failure remembered (:func:`_nvrtc`)."""
+    try:
+        _nvrtc()
+    except ImportError as e:
+        return str(e)
+    except KernelBuildError as e:
+        return str(e)
+    return None
 
 
 def _check_nvrtc(result, what: str):
@@ -60,28 +98,73 @@ def nvrtc_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", ctypes.c_void_p)]
+
+
+def _library_of(address: int) -> str | None:
+    """The file of the shared library mapped at ``address`` (``dladdr``), or None."""
+    for name in (None, "libdl.so.2"):  # (dladdr is in libc from glibc 2.34 on, in libdl before)
+        try:
+            dladdr = ctypes.CDLL(name).dladdr
+        except (OSError, AttributeError, TypeError):
+            continue
+        dladdr.argtypes, dladdr.restype = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)], ctypes.c_int
+        info = _DlInfo()
+        if dladdr(ctypes.c_void_p(address), ctypes.byref(info)) and info.dli_fname:
+            return os.fsdecode(info.dli_fname)
+        return None
+    return None
+
+
+def _nvrtc_symbol_library() -> str | None:
+    """The NVRTC library that cuda-bindings calls: the file holding the ``nvrtcVersion`` its NVRTC module resolved
+    (cuda-bindings' ``_inspect_function_pointer``, then ``dladdr``); None where this cuda-bindings cannot say."""
+    try:
+        from cuda.bindings._internal import nvrtc as internal
+
+        address = internal._inspect_function_pointer("__nvrtcVersion")
+    except Exception:  # (an older or newer cuda-bindings without this private hook: any failure means "unknown")
+        return None
+    return _library_of(address) if address else None
+
+
+def _mapped_nvrtc_libraries(major: int) -> set[str]:
+    """The ``libnvrtc.so.<major>*`` files mapped into this process (Linux ``/proc/self/maps``); empty where the
+    maps cannot be read."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = [ln.split(None, 5) for ln in f if "libnvrtc" in ln]
+    except OSError:
+        return set()
+    paths = {parts[5].strip() for parts in lines if len(parts) == 6}
+    return {p for p in paths if re.fullmatch(rf"libnvrtc\.so\.{major}(\.[\d.]+)?", os.path.basename(p))}
+
+
 @functools.lru_cache(maxsize=None)
 def nvrtc_build() -> str:
     """What tells this process's NVRTC library apart from another build of the same major.minor (``nvrtcVersion``
-    names no patch release, whose code generation may differ): the byte size of each ``libnvrtc.so*`` mapped into the
-    process (Linux ``/proc/self/maps``, read after NVRTC is loaded; its builtins library, loaded only while compiling,
-    left out), e.g. ``"libnvrtc:104857600"``; ``""`` where the maps cannot be read.  Sizes, not paths, so the same
-    build installed elsewhere (a cache carried to another machine) keeps its key."""
-    nvrtc_version()  # (loads the library)
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {ln.split(None, 5)[5].strip() for ln in f if "libnvrtc" in ln and len(ln.split(None, 5)) == 6}
-    except OSError:
-        return ""
-    sizes = []
-    for path in paths:
-        if not os.path.basename(path).startswith("libnvrtc.so"):
-            continue
+    names no patch release, whose code generation may differ): the byte size of the library that cuda-bindings calls,
+    e.g. ``"libnvrtc:104857600"``; ``""`` where it cannot be found.  Sizes, not paths, so the same build installed
+    elsewhere (a cache carried to another machine) keeps its key.
+
+    Which library: the one holding the ``nvrtcVersion`` function that cuda-bindings resolved and calls (its function
+    pointer, from cuda-bindings' ``_inspect_function_pointer``, given to ``dladdr``), so another NVRTC mapped into the
+    process (torch's, cuDNN's or CuPy's ``libnvrtc.so.12``, loaded lazily, and so before or after the first lookup as
+    it happens) does not change the key.  Where that hook is missing (another cuda-bindings release) it falls back to
+    the ``libnvrtc.so.<major>`` files mapped into the process (``/proc/self/maps``) whose major is
+    ``nvrtcVersion``'s; the builtins library (loaded only while compiling) is never counted."""
+    major, _ = nvrtc_version()  # (loads the library)
+    path = _nvrtc_symbol_library()
+    paths = {path} if path else _mapped_nvrtc_libraries(major)
+    sizes = set()
+    for p in paths:
         try:
-            sizes.append(os.stat(path).st_size)
+            sizes.add(os.stat(p).st_size)
         except OSError:
             continue
-    return ";".join(f"libnvrtc:{n}" for n in sorted(set(sizes)))
+    return ";".join(f"libnvrtc:{n}" for n in sorted(sizes))
 
 
 def cache_key(source: bytes, options: tuple[str, ...], arch: str) -> str:
@@ -101,6 +184,10 @@ def cache_dir() -> Path:
     try:
         return Path(root or Path.home() / ".cache" / "flash_llm").expanduser() / "cubin"
     except RuntimeError as e:  # (Path.home / expanduser: "Could not determine home directory.")
+        user = re.match(r"~([^/]+)", root or "")
+        if user:  # (~name: no user of that name, whatever $HOME says)
+            raise RuntimeError(f"FLASH_LLM_CACHE={root!r} names the home directory of {user.group(1)!r}, and there "
+                               "is no such user; set FLASH_LLM_CACHE to a writable directory") from e
         where = f"FLASH_LLM_CACHE={root!r}" if root else "the default cubin cache (~/.cache/flash_llm)"
         raise RuntimeError(f"{where} needs a home directory and none can be found ($HOME is unset and this user "
                            "has no passwd entry); set FLASH_LLM_CACHE to a writable directory") from e
@@ -114,19 +201,51 @@ def _cache_dir_or_why() -> tuple[Path | None, str | None]:
         return None, str(e)
 
 
-def cache_problem(root: Path, *, create: bool = False) -> str | None:
+#: what a cubin of ``spmm.cu`` is taken to need on disk before it is compiled, where the cache holds none to go by
+#: (CUDA 13.5: 12.8 MB for sm_80, 17.9 MB for sm_90)
+CUBIN_SIZE_ESTIMATE = 32 << 20
+
+NO_SPACE = "no space left on device"
+
+
+def cubin_size_estimate(root: Path) -> int:
+    """The room one more cubin takes in the cache ``root``: its largest ``spmm-*.cubin`` where it holds one, else
+    :data:`CUBIN_SIZE_ESTIMATE`."""
+    sizes = []
+    with contextlib.suppress(OSError):
+        with os.scandir(root) as it:
+            for e in it:
+                if e.name.startswith("spmm-") and e.name.endswith(".cubin"):
+                    with contextlib.suppress(OSError):
+                        sizes.append(e.stat().st_size)
+    return max(sizes) if sizes else CUBIN_SIZE_ESTIMATE
+
+
+def cache_problem(root: Path, *, create: bool = False, space: int = 0) -> str | None:
     """Why the cubin cache directory ``root`` (:func:`cache_dir`) cannot take new cubins, or None.
 
     ``create=False`` (``flash-llm info``) only looks: ``root``, or where it does not exist yet its nearest existing
     ancestor, must be a directory this process may write.  ``create=True`` (``flash-llm build``, before it compiles)
-    makes ``root`` with its parents and writes and removes a probe file there, so what cannot be stored is said in
-    a moment, not after minutes of compiling."""
+    makes ``root`` with its parents, writes and removes a probe file there and checks that its file system has
+    ``space`` bytes free (``shutil.disk_usage``), so what cannot be stored is said in a moment, not after minutes of
+    compiling.  The message names ``root``, never the probe file."""
     if create:  # (an empty probe stored as a cubin is: _store_cubin makes the directories and cleans up)
         probe = root / f".probe-{secrets.token_hex(8)}"
-        why = _store_cubin(probe, b"")
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-        return why
+        try:
+            _write_atomically(probe, b"", sync=False)
+        except OSError as e:
+            return f"cannot write {root}: {_reason(e)}"
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            return None
+        if free < space:
+            return (f"{NO_SPACE}: {root} has {free / 2**20:.1f} MiB free, and the cubins to store need about "
+                    f"{space / 2**20:.0f} MiB")
+        return None
     try:
         here = root
         while not os.path.lexists(here) and here.parent != here:
@@ -186,13 +305,15 @@ def _cubin_ok(b: bytes, arch: str | None = None) -> bool:
 @dataclass
 class Compiled:
     """A cubin for ``arch`` with NVRTC's ``log`` (empty when ``cached``: read from the cache); ``cache_error`` says
-    why a freshly compiled cubin could not be stored in the cache (None when it was, or when not asked to)."""
+    why a freshly compiled cubin could not be stored in the cache (None when it was, or when not asked to);
+    ``path``: the cache file it was read from or stored to (None when neither)."""
 
     arch: str
     cubin: bytes
     log: str
     cached: bool
     cache_error: str | None = None
+    path: Path | None = None
 
     def resources(self) -> dict[str, dict[str, int]]:
         """Per kernel (entry function): registers, spill stores/loads (bytes), stack frame and static shared memory,
@@ -280,9 +401,9 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
     path = why = None
     if use_cache:
         path, why = _cache_path(arch, source, options)
-        cached = _read_cached(path, arch) if path is not None else None
-        if cached is not None:
-            return Compiled(arch, cached, "", True)
+        found = _find_cached(path, arch) if path is not None else None
+        if found is not None:
+            return Compiled(arch, found[0], "", True, path=found[1])
 
     if notify:
         where = (f"cached in {path.parent}" if path is not None else f"not cached: {why}") if use_cache \
@@ -309,7 +430,11 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         print(f"flash-llm: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     if not use_cache:
         return Compiled(arch, cubin, log, False)
-    return Compiled(arch, cubin, log, False, _store_cubin(path, cubin) if path is not None else why)
+    if path is None:
+        return Compiled(arch, cubin, log, False, why)
+    stored = _cached_name(path, cubin)
+    why = _store_cached(path, cubin)
+    return Compiled(arch, cubin, log, False, why, None if why else stored)
 
 
 def _options(arch: str, extra_options: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -321,8 +446,8 @@ def _options(arch: str, extra_options: tuple[str, ...] = ()) -> tuple[str, ...]:
 
 
 def _cache_path(arch: str, source: bytes, options: tuple[str, ...]) -> tuple[Path | None, str | None]:
-    """Where the cubin of ``source`` for ``arch`` built with ``options`` is cached; or None and why there is no
-    cache (:func:`cache_dir`)."""
+    """The cache slot of the cubin of ``source`` for ``arch`` built with ``options`` (``spmm-<arch>-<key>.cubin``,
+    whose files are named by :func:`_cached_name`); or None and why there is no cache (:func:`cache_dir`)."""
     root, why = _cache_dir_or_why()
     if root is None:
         return None, why
@@ -330,20 +455,68 @@ def _cache_path(arch: str, source: bytes, options: tuple[str, ...]) -> tuple[Pat
 
 
 def _cubin_path(arch: str, source: bytes, extra_options: tuple[str, ...] = ()) -> tuple[Path, tuple[str, ...]]:
-    """Where the cubin of ``source`` for ``arch`` is cached, and NVRTC's options for it (RuntimeError without a
-    cache directory, :func:`cache_dir`)."""
+    """The cache slot of the cubin of ``source`` for ``arch`` (:func:`_cache_path`), and NVRTC's options for it
+    (RuntimeError without a cache directory, :func:`cache_dir`)."""
     options = _options(arch, extra_options)
     return cache_dir() / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin", options
 
 
-def _read_cached(path: Path, arch: str | None = None) -> bytes | None:
-    """The whole cubin (for ``arch`` when given) cached at ``path``, or None (missing, unreadable, a directory,
-    empty, truncated or foreign: compiled again)."""
+def _cached_name(slot: Path, cubin: bytes) -> Path:
+    """The file that holds ``cubin`` in the cache slot ``slot`` (:func:`_cache_path`): the slot's name with the
+    sha256 of the content before ``.cubin`` (``spmm-sm_90-<key>-<sha256>.cubin``).  A file whose bytes do not hash
+    to its name (damaged on disk, e.g. a range zeroed by a crash) is never loaded; a slot file of the scheme before,
+    without a digest, is never found, so it is compiled again."""
+    return slot.with_name(f"{slot.name[:-len('.cubin')]}-{hashlib.sha256(cubin).hexdigest()}.cubin")
+
+
+def _slot_files(slot: Path) -> list[tuple[Path, str]]:
+    """The files of the cache slot ``slot``, each with the digest its name gives, in name order."""
+    prefix = slot.name[:-len(".cubin")] + "-"
     try:
-        cached = path.read_bytes()
+        names = sorted(os.listdir(slot.parent))
     except OSError:
-        return None
-    return cached if _cubin_ok(cached, arch) else None
+        return []
+    out = []
+    for name in names:
+        digest = name[len(prefix):-len(".cubin")] if name.startswith(prefix) and name.endswith(".cubin") else ""
+        if re.fullmatch(r"[0-9a-f]{64}", digest):
+            out.append((slot.parent / name, digest))
+    return out
+
+
+def _find_cached(slot: Path, arch: str | None = None) -> tuple[bytes, Path] | None:
+    """A whole cubin (for ``arch`` when given) of the cache slot ``slot`` and its file, or None.  A file whose
+    content does not match the sha256 in its name, or is no cubin for ``arch``, is removed (best effort: unless
+    another process has replaced it meanwhile) and the next one tried; one that cannot be read (a directory) is
+    skipped."""
+    for path, digest in _slot_files(slot):
+        try:
+            with open(path, "rb") as f:
+                seen = os.fstat(f.fileno())
+                data = f.read()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() == digest and _cubin_ok(data, arch):
+            return data, path
+        with contextlib.suppress(OSError):
+            now = os.stat(path)
+            if (now.st_ino, now.st_dev, now.st_mtime_ns) == (seen.st_ino, seen.st_dev, seen.st_mtime_ns):
+                os.unlink(path)
+    return None
+
+
+def _read_cached(slot: Path, arch: str | None = None) -> bytes | None:
+    """The whole cubin (for ``arch`` when given) cached in the slot ``slot``, or None (missing, unreadable, a
+    directory, damaged, empty, truncated or foreign: compiled again)."""
+    found = _find_cached(slot, arch)
+    return None if found is None else found[0]
+
+
+def _drop_cached(slot: Path) -> None:
+    """Remove every file of the cache slot ``slot`` (best effort)."""
+    for path, _ in _slot_files(slot):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def is_cached(arch: str) -> bool:
@@ -353,12 +526,63 @@ def is_cached(arch: str) -> bool:
     return path is not None and _read_cached(path, arch) is not None
 
 
-def _store_cubin(path: Path, cubin: bytes) -> str | None:
+#: temporary files of the cache older than this (seconds) belong to no store still running: a process killed
+#: between its write and its rename (SIGKILL, the OOM killer) left them
+STALE_TMP_AGE = 3600
+
+
+def remove_stale_temporary_files(root: Path, age: float = STALE_TMP_AGE) -> list[str]:
+    """Remove the temporary files of stores into the cache ``root`` (``spmm-*.cubin.<hex>.tmp``, and ``build``'s
+    probes) last written more than ``age`` seconds ago; return their names (best effort: what cannot be removed
+    stays)."""
+    removed = []
+    now = time.time()
+    with contextlib.suppress(OSError):
+        with os.scandir(root) as it:
+            for e in it:
+                if not (e.name.endswith(".tmp") and e.name.startswith(("spmm-", ".probe-"))):
+                    continue
+                with contextlib.suppress(OSError):
+                    if e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime > age:
+                        os.unlink(e.path)
+                        removed.append(e.name)
+    return removed
+
+
+def _store_cached(slot: Path, cubin: bytes) -> str | None:
+    """Store ``cubin`` in the cache slot ``slot`` (:func:`_cached_name`), first removing the cache's stale temporary
+    files; why it could not be stored, or None."""
+    remove_stale_temporary_files(slot.parent)
+    return _store_cubin(_cached_name(slot, cubin), cubin)
+
+
+def _reason(e: OSError) -> str:
+    """Why ``e`` failed a write, in words: :data:`NO_SPACE` for a full file system (or quota)."""
+    if e.errno == errno.ENOSPC:
+        return NO_SPACE
+    if e.errno == getattr(errno, "EDQUOT", None):
+        return f"{NO_SPACE} ({e.strerror})"
+    return str(e.strerror or e)
+
+
+def _store_cubin(path: Path, cubin: bytes, *, sync: bool = True) -> str | None:
     """Write ``cubin`` to ``path`` through a temporary file of its own name (so concurrent writers never mix); return
     why it could not be stored, or None.  No partial file stays, whatever the failure (an interrupt too, which is
-    raised again).  The file gets the mode of any file this process creates (``0o666`` less the umask), so a cache
-    shared between users is read by all.  A cache that cannot be written only costs a recompile next time;
-    ``flash-llm build``, which exists to fill it, fails instead."""
+    raised again).  ``sync``: the file's data reach the disk (``fsync``) before it is renamed into place, and the
+    rename after it (the directory's ``fsync``, best effort), so a crash leaves the old file or the whole new one, not
+    a file of the right size holding zeros (XFS, ext4 ``data=writeback``).  The file gets the mode of any file this
+    process creates (``0o666`` less the umask), so a cache shared between users is read by all.  A cache that cannot
+    be written only costs a recompile next time; ``flash-llm build``, which exists to fill it, fails instead.  A full
+    file system is said as :data:`NO_SPACE`."""
+    try:
+        _write_atomically(path, cubin, sync=sync)
+    except OSError as e:
+        return f"cannot write {e.filename or path}: {_reason(e)}"
+    return None
+
+
+def _write_atomically(path: Path, data: bytes, *, sync: bool) -> None:
+    """:func:`_store_cubin`'s write, raising its OSError."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,16 +590,32 @@ def _store_cubin(path: Path, cubin: bytes) -> str | None:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         tmp = name
         with open(fd, "wb") as f:
-            f.write(cubin)
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-    except OSError as e:
-        return f"cannot write {e.filename or path}: {e.strerror or e}"
+        if sync:
+            _fsync_directory(path.parent)
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    return None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """``fsync`` a directory, so a rename in it is on disk (best effort: not every system can open one)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,13 +647,37 @@ def device_arch(device_index: int) -> str:
     return f"sm_{major}{minor}"
 
 
+def _load_module(device_index: int, cubin: bytes):
+    """``cuModuleLoadData`` of ``cubin`` with ``device_index`` the current device, so the module lands in that
+    device's (primary) context whatever device was current (``cuda:1`` while device 0 is)."""
+    import torch
+
+    with torch.cuda.device(device_index):
+        return _check_cu(_driver().cuModuleLoadData(cubin), "cuModuleLoadData")
+
+
 def _function(device_index: int, name: str):
     with _lock:
         entry = _modules.get(device_index)
         if entry is None:
             arch = device_arch(device_index)
             compiled = compile_kernels(arch, notify=True)
-            module = _check_cu(_driver().cuModuleLoadData(compiled.cubin), "cuModuleLoadData")
+            try:
+                module = _load_module(device_index, compiled.cubin)
+            except CudaDriverError as e:
+                if not compiled.cached:
+                    raise
+                # a cached cubin CUDA refuses (damaged past what the checksum and header checks see, or written by
+                # a broken NVRTC): drop it and compile once more
+                print(f"flash-llm: the cached cubin {compiled.path} cannot be loaded ({e}); compiling again",
+                      file=sys.stderr, flush=True)
+                slot, _ = _cache_path(arch, SOURCE.read_bytes(), _options(arch))
+                if slot is not None:
+                    _drop_cached(slot)
+                compiled = compile_kernels(arch, notify=True)
+                if compiled.cached:  # (the file could not be removed: a read-only cache)
+                    compiled = compile_kernels(arch, notify=True, use_cache=False)
+                module = _load_module(device_index, compiled.cubin)
             entry = _modules[device_index] = (module, {})
         module, funcs = entry
         fn = funcs.get(name)
