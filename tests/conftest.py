@@ -269,3 +269,15 @@ def world1():
     with init_tensor_parallel("gloo") as tp:
         yield tp
     assert not torch.distributed.is_initialized()
+
+
+@pytest.fixture
+def nvrtc():
+    """Skips where cuda-python's NVRTC is not installed (or cannot be loaded)."""
+    from flash_llm.kernels import _build
+
+    pytest.importorskip("cuda.bindings", reason="cuda-python not installed")
+    try:
+        _build.nvrtc_version()
+    except (ImportError, RuntimeError, OSError) as e:
+        pytest.skip(f"NVRTC is not loadable: {e}")

@@ -36,15 +36,6 @@ extern "C" __global__ void k3(int* p) { p[0] = big(p, threadIdx.x); }
 """
 
 
-@pytest.fixture
-def nvrtc():
-    """Skips where cuda-python's NVRTC is not installed (or cannot be loaded)."""
-    pytest.importorskip("cuda.bindings", reason="cuda-python not installed")
-    try:
-        _build.nvrtc_version()
-    except (ImportError, RuntimeError, OSError) as e:
-        pytest.skip(f"NVRTC is not loadable: {e}")
-
 
 def _no_home(monkeypatch):
     """As for a uid without a passwd entry and no ``$HOME`` (``docker run --user 12345``): no ``~`` expands."""
