@@ -141,6 +141,10 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     Returns:
         ``[B]`` int64 token ids, on ``logits``' device.  Sampling draws ``E ~ Exp(1)`` per token and takes
         ``argmax(p / E)``, which picks token ``i`` with probability ``p_i`` and needs no host synchronization.
+        A row holding ``+inf`` (an fp16 head that overflowed) or NaN takes greedy's token whatever the temperature:
+        the first ``+inf``, the limit of ``softmax(logits / T)``, or the first NaN, as ``argmax`` (no check that
+        would synchronize; the softmax of such a row is all NaN, whose sampled token was an arbitrary 0).  Logits
+        of more dimensions (``[..., V]``) choose one token per row of the last dimension.
     """
     temperature = _temperature_arg(temperature)
     top_k, top_p = _top_args(top_k, top_p)
@@ -153,10 +157,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
     if temperature < torch.finfo(torch.float32).tiny:  # (0, or so small it would be 0 in float32: x / 0 is NaN)
         return logits.argmax(-1)
     x = logits.float()
-    x = (x - x.amax(-1, keepdim=True)) / temperature  # (the largest at 0: a tiny temperature tends to greedy, no inf)
+    top = x.amax(-1, keepdim=True)  # (NaN where the row holds one: amax propagates NaN)
+    x = (x - top) / temperature  # (the largest at 0: a tiny temperature tends to greedy, no inf)
     neg = float("-inf")
     if top_k is not None and top_k < x.shape[-1]:
-        kth = x.topk(top_k, dim=-1).values[:, -1:]
+        kth = x.topk(top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, neg)
     if top_p is not None and top_p < 1.0:
         s, idx = x.sort(dim=-1, descending=True)
@@ -166,7 +171,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
         x = torch.full_like(x, neg).scatter(-1, idx, s.masked_fill(drop, neg))
     probs = x.softmax(-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(-1)
+    greedy = (top.isnan() | top.isposinf()).squeeze(-1)  # (+inf or NaN in the row: every probability is NaN)
+    return torch.where(greedy, logits.argmax(-1), (probs / race).argmax(-1))
 
 
 def _check_output_logits(v) -> bool:
@@ -1724,8 +1730,9 @@ class Engine:
             if generator.device.type != self.device.type:
                 raise ValueError(f"generator is on {generator.device} but the model is on {self.device}; create it "
                                  f"with torch.Generator(device={str(self.device)!r})")
-        if t == 0 and (top_k is not None or top_p is not None):
-            raise ValueError("top_k / top_p apply to sampling; set temperature > 0 (temperature=0 is greedy)")
+        if t == 0 and (top_k is not None or top_p is not None or generator is not None):
+            given = "generator applies" if top_k is None and top_p is None else "top_k / top_p apply"
+            raise ValueError(f"{given} to sampling; set temperature > 0 (temperature=0 is greedy)")
         return lambda logits: _sample(logits, t, k, q, generator)  # (checked here, once)
 
     def _eos(self, eos_token_id) -> tuple[int, ...]:
