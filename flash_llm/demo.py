@@ -671,10 +671,12 @@ def cmd_prune(args) -> int:
         _err("--calib-seqs: the calibration sequences of the one-shot methods; magnitude reads them only with "
              "--verbose and --calib (to measure the per-layer errors --verbose prints): drop --calib-seqs")
         return EXIT_USAGE
-    if args.method == "magnitude" and not calibrate and _given(args, ("batch_size",)):
-        _err("--batch-size: the sequences per forward pass of the calibration pass, which magnitude runs only with "
-             "--verbose and --calib (to measure the per-layer errors --verbose prints): drop --batch-size")
-        return EXIT_USAGE
+    for name, what in (("batch_size", "the sequences per forward pass"), ("seq_len", "the tokens per sequence")):
+        if args.method == "magnitude" and not calibrate and _given(args, (name,)):
+            flag = "--" + name.replace("_", "-")
+            _err(f"{flag}: {what} of the calibration pass, which magnitude runs only with --verbose and --calib (to "
+                 f"measure the per-layer errors --verbose prints): drop {flag}")
+            return EXIT_USAGE
     if args.calib is not None and not calibrate:  # (not read: checked all the same, so a mistyped path is told)
         try:
             data.check_readable(args.calib)

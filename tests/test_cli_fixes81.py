@@ -52,17 +52,20 @@ def test_demo_one_shot_methods_still_take_calib_seqs():
 
 
 # ---- 2. prune --method magnitude --batch-size ----------------------------------------------------------------------
+@pytest.mark.parametrize("flag, what", [("--batch-size", "the sequences per forward pass"),
+                                        ("--seq-len", "the tokens per sequence")])
 @pytest.mark.parametrize("verbose, with_calib", [(False, False), (True, False), (False, True)])
 def test_prune_magnitude_refuses_batch_size_without_a_calibration_pass(capsys, tmp_path, calib_file, monkeypatch,
-                                                                       verbose, with_calib):
+                                                                       verbose, with_calib, flag, what):
+    """(``--seq-len`` too: the length of the calibration pass's sequences, unused without it.)"""
     monkeypatch.setattr(demo, "load_model", _no_load)
     extra = ["--verbose"] * verbose + ["--calib", str(calib_file)] * with_calib
     out = tmp_path / "out"
     rc, stdout, err = run(capsys, "prune", "tiny-shakespeare", "--method", "magnitude", "--sparsity", "0.5", "--out",
-                          str(out), "--batch-size", "16", "--device", "cpu", *extra)
+                          str(out), flag, "16", "--device", "cpu", *extra)
     assert rc == 2, err
-    assert "error: --batch-size: the sequences per forward pass of the calibration pass, which magnitude runs only " \
-           "with --verbose and --calib" in err, err
+    assert f"error: {flag}: {what} of the calibration pass, which magnitude runs only with --verbose and --calib" \
+           in err, err
     assert stdout == "" and not out.exists()
 
 

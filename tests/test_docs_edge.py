@@ -131,7 +131,7 @@ def calib(tmp_path_factory) -> Path:
 def test_prune_refuses_a_seq_len_above_the_context(tmp_path, capsys, calib):
     out = tmp_path / "out"
     rc, stdout, err = run(capsys, "prune", "tiny-shakespeare", "--method", "magnitude", "--sparsity", "0.5",
-                          "--calib", calib, "--out", out, "--seq-len", 257, "--device", "cpu")
+                          "--calib", calib, "--verbose", "--out", out, "--seq-len", 257, "--device", "cpu")
     assert rc == 2 and stdout == ""
     assert "error: --seq-len 257 exceeds the context of tiny-shakespeare (256 tokens)" in err, err
     assert not out.exists()
