@@ -57,7 +57,7 @@ def fp16_checkpoint(tmp_path_factory):
     """The bundled model pruned by magnitude to 60 % by ``flash-llm prune`` (fp16 bitmap layers, its default)."""
     path = tmp_path_factory.mktemp("wf") / "fp16"
     assert main(["prune", "tiny-shakespeare", "--method", "magnitude", "--sparsity", "0.6", "--out", str(path),
-                 "--calib", str(data.corpus_path()), "--device", "cpu", "--seq-len", "32"]) == 0
+                 "--calib", str(data.corpus_path()), "--device", "cpu"]) == 0
     return path
 
 
