@@ -661,7 +661,7 @@ def cmd_build(args) -> int:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # (a closed pipe: nothing more to say)
+            except (OSError, ValueError):  # (a broken pipe, or a closed stream: nothing more to say)
                 pass
         os._exit(130)
     pool.shutdown()
