@@ -307,7 +307,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{src}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
-        family = _MODEL_TYPES.get(model_type)
+        family = _MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
         if family is None:
             raise UnsupportedConfigError(f"{src}: model_type {model_type!r} is not supported; flash_llm.models "
                                          f"reads {sorted(_MODEL_TYPES)}")
@@ -379,7 +379,8 @@ class ModelConfig:
         Sizes that were derived (``head_dim = hidden_size // num_heads``, ``num_kv_heads = num_heads``,
         ``word_embed_proj_dim = hidden_size``) are derived again from the new sizes unless given.
         """
-        derived = {"head_dim": self.head_dim == self.hidden_size // self.num_heads,
+        derived = {"head_dim": (self.hidden_size % self.num_heads == 0
+                                and self.head_dim == self.hidden_size // self.num_heads),
                    "num_kv_heads": self.num_kv_heads == self.num_heads,
                    "word_embed_proj_dim": self.word_embed_proj_dim == self.hidden_size}
         for k, was_derived in derived.items():

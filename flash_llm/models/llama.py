@@ -287,7 +287,8 @@ def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
 
     n = x.shape[0] * x.shape[1]
     key = (x.device, x.dtype, n, kernels.DR_NT_NORM) + tuple(
-        (p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape) for p in layers)
+        (type(p.weight), p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape)
+        for p in layers)
     if key not in _FUSES:
         wants = ({"norm": True}, {"add": True}, {"norm": True, "act": "silu_mul"}, {"add": True})
         _FUSES[key] = kernels.supported(x.device)[0] and all(

@@ -168,7 +168,8 @@ def _kernels_fuse(layers: tuple, x: torch.Tensor) -> bool:
     from .. import kernels
     from ..reference import FORMAT_IDS
 
-    key = (x.device, x.dtype) + tuple((p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape) for p in layers)
+    key = (x.device, x.dtype) + tuple((type(p.weight), p.weight.data.data_ptr(), p.weight.data.numel(), p.weight.shape)
+        for p in layers)
     if key not in _FUSES:
         wants = ({"norm": True, "layer_norm": True}, {"add": True},
                  {"norm": True, "layer_norm": True, "act": "relu"}, {"add": True})
