@@ -556,7 +556,7 @@ class SparsifyConfig:
             e.g. above 65504 in fp16, or a nonzero flushed to zero) stays dense, the reason in the report.
         skip_names: layers kept dense by name: a layer is skipped when its fully qualified name equals
             an entry or ends with ``"." + entry`` (default ``("lm_head",)``).  Non-empty strings (checked
-            here and again by :func:`sparsify_`).
+            here and again by :func:`sparsify_` and the tensor-parallel paths).
     """
 
     format: str = "bitmap"
@@ -570,7 +570,8 @@ class SparsifyConfig:
 
     def _checked(self) -> tuple[type[SparseFormat], tuple[str, ...]]:
         """Every field checked (ValueError / TypeError naming it): the format's class and the skip names as a
-        tuple.  Run at construction and again by :func:`sparsify_` (a field may be set afterwards)."""
+        tuple.  Run at construction and again by :func:`sparsify_` and the tensor-parallel paths (a field may be set
+        afterwards)."""
         fmt_cls = _format_class(self.format, "SparsifyConfig.format")
         check_fraction(self.min_sparsity, "SparsifyConfig.min_sparsity")
         if self.dtype is not None and self.dtype not in VALUE_DTYPES:
@@ -682,6 +683,28 @@ def _hook_counts(module: nn.Module) -> list[str]:
     return [f"{n} {kind} hook(s)" for kind, n in counts if n]
 
 
+def _replacement_drops(module: nn.Module) -> str | None:
+    """What a layer built from ``module``'s weight and bias alone would drop, or None: a ``forward`` of its own (an
+    ``nn.Linear`` / :class:`SparseLinear` subclass's, or one replaced on the instance), a parametrization, a weight
+    recomputed at every forward, hooks (:func:`_hook_counts`).  :func:`sparsify_` keeps such a layer dense;
+    ``flash_llm.parallel.tensor_parallel_`` refuses it."""
+    base = SparseLinear if isinstance(module, SparseLinear) else nn.Linear
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides {'nn.Linear' if base is nn.Linear else base.__name__}.forward"
+    if "forward" in module.__dict__:  # (accelerate's add_hook_to_module, monkey patches: a replacement drops it)
+        return "forward replaced on the instance (an accelerate-style hook?) that a replacement would drop"
+    if parametrize.is_parametrized(module):
+        return "parametrized weight or bias (torch.nn.utils.parametrize); remove the parametrization first"
+    # (torch prune's weight_orig / weight_mask, weight_norm, ...: as the pruners; a SparseLinear's weight is buffers)
+    how = _recomputed_weight(module) if base is nn.Linear else None
+    if how is not None:
+        return f"weight recomputed at every forward: {how}"
+    hooks = _hook_counts(module)
+    if hooks:
+        return f"has {' and '.join(hooks)} that a replacement would drop"
+    return None
+
+
 _MHA_OUT_PROJ = "out_proj of nn.MultiheadAttention, which reads its .weight directly"
 
 
@@ -715,18 +738,8 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
         return read_directly[id(module)]
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return _MHA_OUT_PROJ
-    if type(module).forward is not nn.Linear.forward:
-        return f"{type(module).__name__} overrides nn.Linear.forward"
-    if "forward" in module.__dict__:  # (accelerate's add_hook_to_module, monkey patches: a replacement drops it)
-        return "forward replaced on the instance (an accelerate-style hook?) that a replacement would drop"
-    if parametrize.is_parametrized(module):
-        return "parametrized weight or bias (torch.nn.utils.parametrize); remove the parametrization first"
-    how = _recomputed_weight(module)  # (torch prune's weight_orig / weight_mask, weight_norm, ...: as the pruners)
-    if how is not None:
-        return f"weight recomputed at every forward: {how}"
-    hooks = _hook_counts(module)
-    if hooks:
-        return f"has {' and '.join(hooks)} that a replacement would drop"
+    if (why := _replacement_drops(module)) is not None:
+        return why
     w, b = module.weight, module.bias
     for name, t in (("weight", w), ("bias", b)):
         if t is not None and type(t) not in (torch.Tensor, nn.Parameter):

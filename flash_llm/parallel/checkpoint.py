@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..checkpoint._files import IGNORED_SUFFIXES as _IGNORED_SUFFIXES, INDEX_NAME as INDEX, Shard, open_shards, \
     stored_names
 from ..formats import FormatError
+from ..formats._base import VALUE_DTYPES
 from ..models import CausalLM, as_config, from_config
 from ..nn import SparsifyConfig
 from .group import TensorParallel
@@ -117,7 +118,9 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             tied ``lm_head.weight`` the file stores is not read (a warning, as for any unused tensor), unless
             it is the only copy of the shared matrix (no embedding in the file): the embedding is read from it.
         tp: the group (default: :meth:`TensorParallel.from_group` on the default process group).
-        dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``).
+        dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``:
+            then every projection slice is dense, a compressed-tensors sparse-bitmask checkpoint's too, as
+            :func:`flash_llm.from_pretrained` keeps such layers dense).
         sparsify: compress each projection slice with this :class:`~flash_llm.SparsifyConfig` (per slice:
             ``min_sparsity``, ``skip_names``, only when smaller); ``None`` keeps them dense.  With it, a
             flash-llm checkpoint's compressed layers are expanded and their slices compressed again in
@@ -131,7 +134,9 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
 
     Raises:
         ValueError: the world size does not divide the heads / KV heads / intermediate size; a tensor's shape
-            disagrees with ``config.json``; FileNotFoundError: no folder, or no safetensors files in it;
+            disagrees with ``config.json``; ``sparsify`` (its fields checked again) sets another dtype than
+            ``dtype``, or a field it refuses; TypeError: ``sparsify`` with a ``dtype`` other than fp16 / bf16;
+            FileNotFoundError: no folder, or no safetensors files in it;
             FormatError (naming the file and tensor): the files are chosen and checked as
             :func:`flash_llm.from_pretrained` does (a bad index, or a shard that disagrees with it, is refused); a
             tensor of the model is missing (:class:`MissingTensorError`, a ``KeyError`` too); a compressed
@@ -149,6 +154,9 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     check_sparsify(sparsify)
+    if sparsify is not None and dtype not in VALUE_DTYPES:  # (before anything is read, not at the first projection)
+        raise TypeError(f"sparsify needs dtype=torch.float16 or torch.bfloat16 (the compressed formats hold those), "
+                        f"got dtype={dtype}; load with one of them, or with sparsify=None to keep the slices dense")
     if sparsify is not None and sparsify.dtype not in (None, dtype):
         raise ValueError(f"sparsify.dtype ({sparsify.dtype}) differs from dtype ({dtype}): the whole model is loaded "
                          "in dtype; leave SparsifyConfig.dtype unset")
@@ -250,7 +258,8 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
     (:meth:`SparseFormat.slice`; re-encoded only when the slice does not fall on record boundaries); it must hold
     ``dtype``.  Other projections (and, with ``sparsify``, flash-llm layers of any dtype) are expanded on this
     rank's device in ``dtype``, sliced, and compressed with ``sparsify`` (or with ``SparsifyConfig()`` for a
-    sparse-bitmask checkpoint loaded with ``sparsify=None``, as :func:`flash_llm.from_pretrained` does).  A rank
+    sparse-bitmask checkpoint loaded with ``sparsify=None``, as :func:`flash_llm.from_pretrained` does; in a
+    ``dtype`` other than fp16 / bf16 its slices stay dense, the reason in their note, as there).  A rank
     holds at most one expanded projection besides its share.  Returns the keys not read: a tied model's stored
     ``lm_head.weight`` (the model ties it to the input embedding, as the dense route and from_pretrained do)."""
     from ..checkpoint import sparse_bitmask as sb
@@ -258,8 +267,12 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
     from ..formats import SparseFormat
 
     device = tp.device
+    kept_dense = ""  # why every slice stays dense, where compression was implied (the report's note)
     if sparsify is None and kind.kind == "sparse-bitmask":
-        sparsify = SparsifyConfig()
+        if dtype in VALUE_DTYPES:
+            sparsify = SparsifyConfig()
+        else:  # (from_pretrained keeps such layers dense: load_checkpoint's slots, "the sparse formats hold...")
+            kept_dense = f"dtype {dtype}: the sparse formats hold fp16/bf16"
     proj = {fqn: (pkind, m, k) for fqn, pkind, m, k in projections(cfg)}
     per_layer = len(cfg.linear_shapes())
     meta = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta}
@@ -292,8 +305,10 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
         if isinstance(w, SparseFormat):
             if sparsify is None:  # kept in its format: records cut directly where the slice allows it
                 if w.dtype != dtype:
+                    # (sparsify re-encodes in fp16 / bf16 only: load_tensor_parallel refuses it with another dtype)
+                    other = ", or a SparsifyConfig as sparsify to re-encode it" if dtype in VALUE_DTYPES else ""
                     raise FormatError(f"{source}: '{fqn}' is compressed as {w.dtype} but the model is loaded in "
-                                      f"{dtype}; pass dtype={w.dtype}, or a SparsifyConfig as sparsify to re-encode it")
+                                      f"{dtype}; pass dtype={w.dtype}{other}")
                 w = w.to(device)
                 fmt = type(w)
             else:  # decompressed in dtype; each slice is compressed again as sparsify decides (from_pretrained)
@@ -314,6 +329,8 @@ def _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar) -> list[
             local = w.slice(None, (start, stop)) if compressed else w[:, start:stop].contiguous()
             del w
             new = row_from_slice(local, bias, k, start, tp, fqn, fmt=fmt, sparsify=sparsify)
+        if kept_dense:
+            new.note = kept_dense
         parent_name, _, name = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name), name, new)
         done += 1

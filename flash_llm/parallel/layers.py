@@ -31,7 +31,7 @@ from ..models._merge import MergedLinear
 from ..models.config import ModelConfig
 from ..models.llama import LlamaAttention
 from ..models.opt import OPTAttention
-from ..nn import SparseLinear, SparsifyConfig, _format_class, _human, min_sparsity_shortfall
+from ..nn import SparseLinear, SparsifyConfig, _compressed, _format_class, _human, _replacement_drops
 from .group import TensorParallel
 
 COLUMN, ROW = "column", "row"
@@ -75,9 +75,13 @@ def check_divisible(config: ModelConfig, world_size: int) -> None:
 
 
 def check_sparsify(sparsify) -> None:
-    """``sparsify`` of the sharding functions: a :class:`~flash_llm.SparsifyConfig` or None, else TypeError."""
+    """``sparsify`` of the sharding functions: a :class:`~flash_llm.SparsifyConfig` or None, else TypeError; its
+    fields checked again (``SparsifyConfig._checked``: a field may be set after construction), as
+    :func:`flash_llm.sparsify_` does, so a bad one is refused, naming it, before anything is read or sharded."""
     if sparsify is not None and not isinstance(sparsify, SparsifyConfig):
         raise TypeError(f"sparsify must be a flash_llm.SparsifyConfig or None, got {type(sparsify).__name__}")
+    if sparsify is not None:
+        sparsify._checked()
 
 
 def shard_range(n: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -207,10 +211,13 @@ def local_layer(w: torch.Tensor, bias: torch.Tensor | None, fqn: str, *, fmt=Non
     ``w`` may be a compressed slice already (a :class:`~flash_llm.formats.SparseFormat`): it is used as it is.
 
     ``fmt`` (a format class or name) compresses the slice into that format whatever its sparsity (the source
-    layer was compressed); else ``sparsify`` decides as :func:`flash_llm.sparsify_` does (``skip_names``,
-    ``min_sparsity``, only when the compressed slice is smaller); else the slice stays a dense ``nn.Linear``.
-    Returns ``(layer, note)``: ``note`` says why a slice stayed dense when compression was asked for, else ``""``.
-    The layer takes ownership of ``w`` and ``bias`` when it is dense (no copy).
+    layer was compressed); else ``sparsify`` decides as :func:`flash_llm.sparsify_` does, with its fields checked
+    again (``skip_names``; a cast to ``SparsifyConfig.dtype``, or of the bias to the weight's dtype, that is not
+    exact to rounding; ``min_sparsity``; a shape the format cannot hold; only when the compressed slice is smaller:
+    :func:`flash_llm.nn._compressed`); else the slice stays a dense ``nn.Linear``.  A slice neither fp16 / bf16 nor
+    cast by ``SparsifyConfig.dtype`` is refused (TypeError).  Returns ``(layer, note)``: ``note`` says why a slice
+    stayed dense when compression was asked for, else ``""``.  The layer takes ownership of ``w`` and ``bias`` when
+    it is dense (no copy), in their own dtype.
     """
     if isinstance(w, SparseFormat):  # a slice of a compressed weight, cut as it is (SparseFormat.slice)
         return SparseLinear(w, bias), ""
@@ -218,23 +225,15 @@ def local_layer(w: torch.Tensor, bias: torch.Tensor | None, fqn: str, *, fmt=Non
         return SparseLinear(_format_class(fmt).from_dense(w), bias), ""
     if sparsify is None:
         return _dense_linear(w, bias), ""
-    if _matches(fqn, sparsify.skip_names):
-        return _dense_linear(w, bias), f"name in skip_names {sparsify.skip_names}"
-    dtype = sparsify.dtype or w.dtype
-    if dtype not in VALUE_DTYPES:
-        raise TypeError(f"{fqn}: compressed weights hold fp16/bf16, but the weight slice is {w.dtype}; load in "
-                        "torch.float16 or torch.bfloat16, or set SparsifyConfig(dtype=...)")
-    zeros = w.numel() - count_nonzero(w)
-    sparsity = zeros / w.numel()
-    if (short := min_sparsity_shortfall(zeros, w.numel(), sparsify.min_sparsity)) is not None:  # (as sparsify_)
-        return _dense_linear(w, bias), short
-    layer = SparseLinear(_format_class(sparsify.format).from_dense(w, dtype=dtype),
-                         None if bias is None else bias.to(dtype))
-    dense_bytes = w.numel() * torch.empty(0, dtype=dtype).element_size()
-    if layer.nbytes >= dense_bytes:
-        return _dense_linear(w, bias), (f"compressed slice ({_human(layer.nbytes)}) is not smaller than dense "
-                                        f"({_human(dense_bytes)}) at sparsity {sparsity:.4f}")
-    return layer, ""
+    fmt_cls, skip_names = sparsify._checked()  # (again: a field may be set after construction, as in sparsify_)
+    if _matches(fqn, skip_names):
+        return _dense_linear(w, bias), f"name in skip_names {skip_names}"
+    if (sparsify.dtype or w.dtype) not in VALUE_DTYPES:
+        raise TypeError(f"{fqn}: compressed weights hold fp16/bf16, but the weight slice is {w.dtype}; cast the "
+                        "model to torch.float16 or torch.bfloat16, or set SparsifyConfig(dtype=...)")
+    dense = _dense_linear(w, bias)
+    layer, why = _compressed(dense, fqn, sparsify, fmt_cls)  # (the checks and words of sparsify_)
+    return (dense, why) if layer is None else (layer, "")
 
 
 def parallel_linear(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallel, fqn: str = "",
@@ -287,7 +286,9 @@ def set_local_heads(model: CausalLM, world_size: int) -> None:
 # ---- sharding an in-memory model ---------------------------------------------------------------------------
 def _check_projections(model: CausalLM, cfg) -> None:
     """What :func:`tensor_parallel_` shards, checked before it changes anything: every projection there, an
-    ``nn.Linear`` or :class:`~flash_llm.SparseLinear` of the config's shape, with its weights loaded."""
+    ``nn.Linear`` or :class:`~flash_llm.SparseLinear` of the config's shape, with its weights loaded, carrying
+    nothing that a layer rebuilt from its weight and bias would drop (:func:`flash_llm.nn._replacement_drops`:
+    hooks, a ``forward`` of its own, a parametrization)."""
     for fqn, _, m, k in projections(cfg):
         parent_name, _, name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -308,6 +309,9 @@ def _check_projections(model: CausalLM, cfg) -> None:
             raise ValueError(f"{fqn}.weight is on the meta device; load the weights first")
         if shape != (m, k):
             raise ValueError(f"{fqn}.weight has shape {shape}; the config says ({m}, {k})")
+        if (why := _replacement_drops(old)) is not None:  # (what sparsify_ keeps dense and merge_projections refuses)
+            raise ValueError(f"{fqn}: {why}; tensor_parallel_ rebuilds each projection from its weight and bias "
+                             "alone, so the sharded model would compute something else: remove it first")
 
 
 def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, sparsify: SparsifyConfig | None = None,
@@ -320,7 +324,8 @@ def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, spars
     :class:`~flash_llm.SparseLinear` is expanded one layer at a time and its slice compressed again in the same
     format.  Embeddings, norms and ``lm_head`` stay replicated.  The model is then moved to ``tp.device`` and
     keeps ``tp`` as ``model.tensor_parallel``; :class:`flash_llm.engine.Engine` runs it (its KV cache holds
-    this rank's KV heads only).  Every rank must call this with the same model (same weights).
+    this rank's KV heads only).  Every rank must call this with the same model (same weights).  Each new module
+    (and its local layer) takes the training flag of the projection it replaces, as in an ``eval()`` model.
 
     The full model must fit in this process' memory first (tests, small models, synthetic weights); to load a
     large checkpoint without any rank holding all of it, use :func:`flash_llm.parallel.load_tensor_parallel`.
@@ -328,7 +333,9 @@ def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, spars
     Args:
         model: ``LlamaForCausalLM`` / ``OPTForCausalLM`` with its weights loaded (dense or sparsified).
         tp: the group (default: :meth:`TensorParallel.from_group` on the default process group).
-        sparsify: compress dense slices with this :class:`~flash_llm.SparsifyConfig` (decided per slice).
+        sparsify: compress dense slices with this :class:`~flash_llm.SparsifyConfig` (decided per slice, as
+            :func:`flash_llm.sparsify_` decides: a cast to ``SparsifyConfig.dtype`` that is not exact to rounding
+            keeps the slice dense, the reason in its note); fp32 slices need ``SparsifyConfig.dtype`` (TypeError).
         progress: a tqdm bar over the decoder layers (stderr).
 
     Returns:
@@ -336,7 +343,11 @@ def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, spars
 
     Raises:
         ValueError: the world size does not divide the heads, KV heads or intermediate size (raised on every
-            rank, before any communication); the model is already tensor-parallel or still on ``meta``.
+            rank, before any communication); the model is already tensor-parallel or still on ``meta``; a
+            projection carries what a rebuilt layer would drop (forward hooks, a ``forward`` of its own, a
+            parametrization: as :func:`flash_llm.sparsify_` keeps such a layer dense).  A ``sparsify`` field set
+            after construction that ``SparsifyConfig`` refuses raises as in ``sparsify_`` (ValueError or
+            TypeError naming it).  All before the model is changed.
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model must be a flash_llm.models causal LM, got {type(model).__name__}")
@@ -372,6 +383,7 @@ def tensor_parallel_(model: CausalLM, tp: TensorParallel | None = None, *, spars
     finally:
         bar.close()
     for parent, name, new in plan:
+        new.train(getattr(parent, name).training)  # (the flag of the layer it replaces, as in an eval() model)
         setattr(parent, name, new)
     del plan
     set_local_heads(model, tp.world_size)
