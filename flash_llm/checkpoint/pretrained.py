@@ -195,6 +195,8 @@ def _slots(module: nn.Module, aliases: dict, config: SparsifyConfig | None) -> d
             slot.keep_dense = f"name in skip_names {tuple(skip_names)}"
         if slot.keep_dense is None and slot.dtype not in VALUE_DTYPES:
             slot.keep_dense = f"dtype {slot.dtype}: the sparse formats hold fp16/bf16"
+        if slot.keep_dense is None and slot.out_features * slot.in_features == 0:  # (as sparsify_ says it)
+            slot.keep_dense = f"empty weight {(slot.out_features, slot.in_features)}"
         if slot.keep_dense is None and slot.out_features * slot.in_features >= 2**31:
             slot.keep_dense = "2^31 or more elements (the formats index with int32)"
         slots[fqn] = slot
@@ -207,8 +209,9 @@ class Entry:
 
     ``kind`` ``"dense"``: ``value`` is the tensor ``key``; ``"flash-llm"``: ``value`` is the validated compressed
     weight of layer ``key[:-7]`` (``key`` ends with ``.weight``); ``"sparse-bitmask"``: ``value`` holds the four
-    parts (by part name, plus ``"_name"``, the stored prefix) of the weight ``key``.  ``path`` is the shard
-    (for a weight spread over shards, the one holding its first part)."""
+    parts (by part name, plus ``"_name"``, the stored prefix, ``key``) of the tensor ``key``: a linear layer's weight,
+    or any tensor in an older compressed-tensors file (one without ``targets``, which compressed every tensor).
+    ``path`` is the shard (for a weight spread over shards, the one holding its first part)."""
 
     key: str
     kind: str
@@ -261,6 +264,17 @@ def _stored_form(e: Entry) -> str:
     return "dense"
 
 
+def _bitmask_key(gname: str, bitmask: sb.BitmaskConfig | None) -> str:
+    """The state-dict name of a tensor stored in sparse-bitmask form under the prefix ``gname``.  Today's
+    compressed-tensors strips ``.weight`` (``model.layers.0.mlp.up_proj.compressed``): the prefix is a module
+    name, and the weight's key is ``gname + ".weight"``.  Older files (no ``targets`` in their config) compressed
+    every tensor under its full name (``...up_proj.weight.compressed``, ``...up_proj.bias.compressed``,
+    ``model.norm.weight.compressed``): the prefix is the key."""
+    if gname.endswith(".weight") or (bitmask is not None and bitmask.targets is None):
+        return gname
+    return gname + ".weight"
+
+
 def _read_entries(files: _files.CheckpointFiles, kind: CheckpointKind, device, progress: bool):
     """:func:`iter_checkpoint`'s reading, without its checks across entries."""
     device = torch.device(device)
@@ -301,7 +315,7 @@ def _read_entries(files: _files.CheckpointFiles, kind: CheckpointKind, device, p
                     first = min((f for _, f in parts.values()), key=lambda f: f.name)
                     value = {p: t for p, (t, _) in parts.items()}
                     value["_name"] = gname
-                    yield Entry(gname if gname.endswith(".weight") else gname + ".weight", kind.kind, value, first)
+                    yield Entry(_bitmask_key(gname, kind.bitmask), kind.kind, value, first)
             del shard
     for gname, parts in pending.items():
         if kind.kind == "flash-llm":
@@ -482,18 +496,31 @@ class _Loader:
         self.values[key] = self._decide(slot, w, path)
 
     def _place_bitmask(self, key: str, parts: dict[str, torch.Tensor], path: Path) -> None:
-        owner = key[: -len(".weight")]
+        """A tensor stored in sparse-bitmask form, whose module config.json's sparsity_config must select: a linear
+        layer's weight is decided as a dense one is (:meth:`_decide`); any other tensor (older compressed-tensors,
+        without ``targets``, compressed every one: embeddings, norm weights, biases) is decompressed and placed as
+        it would be stored dense (:meth:`_place`)."""
+        if key not in self.expected and f"{key}.weight" in self.expected:  # (a module prefix in a file without targets)
+            key = f"{key}.weight"
+        owner, _, attr = key.rpartition(".")
         pname = parts.pop("_name")
-        slot = self.slots.get(owner)
-        if slot is None:
-            self._check_known(key, path)
-            raise FormatError(f"{path}: '{pname}' is stored in sparse-bitmask form but '{owner}' is not a linear "
-                              "layer of the model")
-        if not self.kind.bitmask.is_target(owner, slot.class_name):
+        slot = self.slots.get(owner) if attr == "weight" else None
+        if slot is None and not self._check_known(key, path):
+            return  # (a buffer the model computes itself, as _place skips it)
+        if slot is not None:
+            class_name = slot.class_name
+        elif owner in self.slots:  # (a linear layer's bias)
+            class_name = self.slots[owner].class_name
+        else:
+            class_name = type(self.module.get_submodule(owner)).__name__
+        if not self.kind.bitmask.is_target(owner, class_name):
             raise FormatError(f"{path}: '{pname}' is stored in sparse-bitmask form but config.json's "
                               f"sparsity_config does not target '{owner}' (targets "
                               f"{list(self.kind.bitmask.targets or [])}, ignore {list(self.kind.bitmask.ignore)})")
         dense = sb.decompress(parts, pname, str(path))
+        if slot is None:
+            self._place(key, dense, path)
+            return
         self._check_shape(key, dense.shape, path)
         if not dense.dtype.is_floating_point:
             raise FormatError(f"{path}: '{pname}.compressed' is not floating point")
@@ -1170,7 +1197,8 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     :mod:`flash_llm.checkpoint.sparse_bitmask`): the weight of every linear layer (``nn.Linear``, or a
     ``SparseLinear``, decompressed) that ``targets`` / ``ignore`` select is stored as its four bitmask
     tensors, everything else densely.  With ``min_sparsity`` (a fraction in [0, 1]), a selected layer whose weight
-    has a smaller fraction of zeros is stored densely too, and config.json's ``ignore`` names it.  Written
+    has a smaller fraction of zeros is stored densely too, and config.json's ``ignore`` names it; so is a selected
+    layer whose weight has no elements (the layout needs rows, cols >= 1), with or without ``min_sparsity``.  Written
     atomically, like :func:`save_pretrained`, with the model's ``generation_config.json`` (stop tokens, sampling
     defaults) as it writes it.
 
@@ -1181,7 +1209,7 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     generation config of a model :func:`from_pretrained` loaded, and of wrapped models holds here too.
 
     Returns a :class:`flash_llm.nn.SparsifyReport` of the layers stored compressed (dense/sparse bytes of
-    the weight and bias) and those not targeted or below ``min_sparsity``.
+    the weight and bias) and those not targeted, below ``min_sparsity`` or empty.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -1227,8 +1255,11 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
                 writer.add(tensors)
                 continue
             weight = m.to_dense() if isinstance(m, SparseLinear) else m.weight.detach()
-            short = None if min_sparsity is None else min_sparsity_shortfall(
-                weight.numel() - count_nonzero(weight), weight.numel(), min_sparsity)  # (exact, inclusive)
+            if weight.numel() == 0:  # (the layout needs rows, cols >= 1: sb.compress refuses it)
+                short = f"empty weight {tuple(weight.shape)}: the sparse-bitmask layout needs rows, cols >= 1"
+            else:
+                short = None if min_sparsity is None else min_sparsity_shortfall(
+                    weight.numel() - count_nonzero(weight), weight.numel(), min_sparsity)  # (exact, inclusive)
             if short is not None:  # stored dense, and left out of the targets by name
                 report.skipped.append(SkippedLayer(owner, short))
                 kept_dense.append(owner)

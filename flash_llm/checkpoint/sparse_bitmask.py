@@ -10,6 +10,10 @@ checkpoint holds four tensors instead of ``P`` itself:
   ``8 b + j``; each row is padded to whole bytes with clear bits;
 * ``P.row_offsets``: int64 ``[rows]``, the exclusive prefix sum of the nonzeros per row.
 
+Older compressed-tensors (configs without ``targets``) stored every tensor of the state dict so, 1-D ones (norm
+weights, biases) too: ``P.shape`` ``[n]``, ``P.bitmask`` ``[ceil(n / 8)]`` and a 0-d ``P.row_offsets`` (0), one row
+without its dimension.  :func:`decompress` reads both; :func:`compress` writes the 2-D form only.
+
 ``config.json`` declares it under ``quantization_config`` (older files: ``compression_config``)::
 
     "quantization_config": {"quant_method": "compressed-tensors",
@@ -45,12 +49,17 @@ _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
 def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The four sparse-bitmask tensors of ``weight [rows, cols]`` (any floating dtype, any device):
     ``shape`` int64 [2], ``compressed`` [nnz] in ``weight.dtype``, ``bitmask`` uint8 [rows, ceil(cols/8)],
-    ``row_offsets`` int64 [rows].  Keys are the part names (``"shape"``, ...)."""
+    ``row_offsets`` int64 [rows].  Keys are the part names (``"shape"``, ...).  TypeError for anything but a 2-D
+    floating-point tensor; ValueError for one without elements (rows or cols 0), which :func:`decompress` refuses
+    (store it dense)."""
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.dtype.is_floating_point:
         desc = f"{weight.dtype} tensor of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) \
             else type(weight).__name__
         raise TypeError(f"weight must be a 2-D floating-point tensor, got a {desc}")
     rows, cols = weight.shape
+    if rows < 1 or cols < 1:
+        raise ValueError(f"weight has shape ({rows}, {cols}); the sparse-bitmask layout needs rows, cols >= 1 (store "
+                         "a weight without elements dense)")
     mask = weight != 0
     nbytes = (cols + 7) // 8
     padded = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=weight.device)
@@ -65,9 +74,10 @@ def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def decompress(parts: dict[str, torch.Tensor], name: str = "", where: str = "") -> torch.Tensor:
-    """The dense ``[rows, cols]`` weight from its four parts (as :func:`compress` returns them), validated:
-    :class:`~flash_llm.FormatError` naming the tensor (``name + "." + part``) and, with ``where``, the file,
-    for a wrong dtype or shape, bits set in the row padding, row offsets that are not the prefix sum of the
+    """The dense ``[rows, cols]`` weight from its four parts (as :func:`compress` returns them), or the 1-D ``[n]``
+    tensor of older files' 1-D form (``shape`` ``[n]``, ``bitmask`` ``[ceil(n / 8)]``, 0-d ``row_offsets``),
+    validated: :class:`~flash_llm.FormatError` naming the tensor (``name + "." + part``) and, with ``where``, the
+    file, for a wrong dtype or shape, bits set in the row padding, row offsets that are not the prefix sum of the
     bitmask, or a value count that does not match it.  Runs on the parts' device."""
     where = f"{where}: " if where else ""
     label = (lambda p: f"{where}tensor '{name}.{p}'") if name else (lambda p: f"{where}part '{p}'")
@@ -75,19 +85,24 @@ def decompress(parts: dict[str, torch.Tensor], name: str = "", where: str = "") 
     if missing:
         raise FormatError(f"{label(missing[0])} is missing (a sparse-bitmask weight has {', '.join(PARTS)})")
     shape, values, bitmask, offsets = (parts[p] for p in PARTS)
-    if shape.dtype not in (torch.int64, torch.int32) or tuple(shape.shape) != (2,):
+    if shape.dtype not in (torch.int64, torch.int32) or tuple(shape.shape) not in ((2,), (1,)):
         raise FormatError(f"{label('shape')} has dtype {shape.dtype} and shape {tuple(shape.shape)}; expected "
-                          "int64 [2]")
-    rows, cols = (int(v) for v in shape.tolist())
-    if rows < 1 or cols < 1:
-        raise FormatError(f"{label('shape')} is ({rows}, {cols}); expected rows, cols >= 1")
+                          "int64 [2] (or [1]: a 1-D tensor)")
+    dims = tuple(int(v) for v in shape.tolist())
+    if min(dims) < 1:
+        raise FormatError(f"{label('shape')} is {dims}; expected " + ("rows, cols >= 1" if len(dims) == 2 else
+                                                                          "a length >= 1"))
+    rows, cols = dims if len(dims) == 2 else (1, dims[0])
     nbytes = (cols + 7) // 8
-    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, nbytes):
+    lead = (rows,) if len(dims) == 2 else ()  # (the 1-D form is one row without its dimension)
+    what = f"a {rows}x{cols} weight" if len(dims) == 2 else f"a 1-D tensor of length {cols}"
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (*lead, nbytes):
         raise FormatError(f"{label('bitmask')} has dtype {bitmask.dtype} and shape {tuple(bitmask.shape)}; "
-                          f"expected uint8 ({rows}, {nbytes}) for a {rows}x{cols} weight")
-    if offsets.dtype not in (torch.int64, torch.int32) or tuple(offsets.shape) != (rows,):
+                          f"expected uint8 {(*lead, nbytes)} for {what}")
+    if offsets.dtype not in (torch.int64, torch.int32) or tuple(offsets.shape) != lead:
         raise FormatError(f"{label('row_offsets')} has dtype {offsets.dtype} and shape {tuple(offsets.shape)}; "
-                          f"expected int64 ({rows},)")
+                          f"expected int64 {lead} for {what}")
+    bitmask, offsets = bitmask.reshape(rows, nbytes), offsets.reshape(rows)
     if not values.dtype.is_floating_point or values.ndim != 1:
         raise FormatError(f"{label('compressed')} has dtype {values.dtype} and shape {tuple(values.shape)}; "
                           "expected a 1-D floating-point tensor of the nonzero values")
@@ -109,7 +124,7 @@ def decompress(parts: dict[str, torch.Tensor], name: str = "", where: str = "") 
                           "(truncated or inconsistent)")
     dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
     dense[mask] = values
-    return dense
+    return dense.reshape(dims)
 
 
 # ---- config.json -----------------------------------------------------------------------------------
@@ -144,7 +159,8 @@ def _matches(name: str, class_name: str, patterns: tuple[str, ...]) -> bool:
 @dataclass
 class BitmaskConfig:
     """The ``sparsity_config`` of a sparse-bitmask checkpoint.  ``targets`` is ``None`` when the config
-    does not say (old files): then every weight stored in bitmask form is accepted."""
+    does not say (old files, which compressed every tensor of the state dict): then every tensor stored in bitmask
+    form is accepted (one that is not a linear layer's weight loads as a dense tensor), unless ``ignore`` names it."""
 
     targets: tuple[str, ...] | None = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
@@ -162,8 +178,9 @@ def parse_config(config: dict, source: str | Path = "config.json") -> BitmaskCon
     """The sparse-bitmask declaration of a model's ``config.json`` (a dict), or ``None`` when the checkpoint
     is not compressed-tensors (or declares no sparsity, i.e. is dense).
 
-    Raises :class:`~flash_llm.FormatError` for compressed-tensors checkpoints flash-llm cannot read:
-    quantized ones and sparsity formats other than ``sparse-bitmask`` / ``dense``.
+    Raises :class:`~flash_llm.FormatError` naming ``source`` for compressed-tensors checkpoints flash-llm cannot
+    read: quantized ones, sparsity formats other than ``sparse-bitmask`` / ``dense``, and sections of the wrong type
+    (``config_groups`` or ``sparsity_config`` not an object, ``targets`` / ``ignore`` not a list of strings).
     """
     source = str(source)
     for key in ("quantization_config", "compression_config"):
@@ -173,10 +190,13 @@ def parse_config(config: dict, source: str | Path = "config.json") -> BitmaskCon
             break
     else:
         return None
-    if section.get("config_groups"):
-        raise FormatError(f"{source}: {key} declares quantization (config_groups "
-                          f"{sorted(section['config_groups'])}); flash-llm reads sparse fp16/bf16/fp32 weights "
-                          "only, not quantized compressed-tensors checkpoints")
+    groups = section.get("config_groups")
+    if groups and not isinstance(groups, dict):
+        raise FormatError(f"{source}: {key}.config_groups must be an object (quantization schemes by group name), "
+                          f"got {type(groups).__name__}")
+    if groups:
+        raise FormatError(f"{source}: {key} declares quantization (config_groups {sorted(groups)}); flash-llm reads "
+                          "sparse fp16/bf16/fp32 weights only, not quantized compressed-tensors checkpoints")
     if section.get("kv_cache_scheme") is not None:
         raise FormatError(f"{source}: {key} declares a kv_cache_scheme (quantized KV cache), which flash-llm "
                           "does not support")

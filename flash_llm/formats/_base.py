@@ -498,12 +498,13 @@ class SparseFormat:
     def _from_meta_state(cls, arrays, shape, dtype, meta, version, prefix, where) -> "SparseFormat":
         """:meth:`from_state` of arrays on the meta device (shapes only, as ``.to("meta")`` leaves them): nothing to
         read, so only what their lengths say is checked (:meth:`arrays_fit`), and ``nnz`` is the metadata's word
-        (-1 where it has none).  The result is a meta weight, as the arrays."""
+        (-1 where it has none).  The result is a meta weight, as the arrays.  A file of an older version is refused
+        where converting it needs its values (:meth:`_converts`); one read as it is loads as a current one does."""
         label = _label(prefix)
         if not all(t.is_meta for t in arrays.values()):
             raise FormatError(f"{where}'{label}': some of its arrays are on the meta device and some are not "
                               f"({', '.join(f'{prefix + n} on {t.device}' for n, t in arrays.items())})")
-        if version != cls.FORMAT_VERSION:
+        if cls._converts(version):
             raise FormatError(f"{where}'{label}' is {cls.FORMAT_NAME} format version {version} on the meta device: "
                               f"converting it to version {cls.FORMAT_VERSION} needs its values")
         m, k = shape
@@ -530,6 +531,14 @@ class SparseFormat:
     def _upgrade(cls, arrays: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
         """The arrays of a validated ``version`` file in the current version's layout."""
         return arrays
+
+    @classmethod
+    def _converts(cls, version: int) -> bool:
+        """Whether the arrays of a ``version`` file differ from the current version's, so that reading them needs
+        their values (:meth:`_upgrade` rewrites them: BitmapTiles version 1, TiledCSL versions 1 and 2).  A format
+        that does not override :meth:`_upgrade` reads every version it reads as it is (DeltaRows version 1, the split
+        layout): such a file loads on the meta device too."""
+        return version != cls.FORMAT_VERSION and cls._upgrade.__func__ is not SparseFormat._upgrade.__func__
 
     @classmethod
     def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
