@@ -216,6 +216,31 @@ class _Request(NamedTuple):
     lengths: list[int]
     limits: list[int] | None
     max_new_tokens: int
+    rng: "_Rng | None" = None  # the random stream sampling draws from (None: greedy)
+
+
+class _Rng:
+    """The random stream a generation samples from: the caller's ``torch.Generator``, or the default one of
+    ``device`` (``torch.manual_seed``'s).  :meth:`get_state` / :meth:`set_state` (host-side, no synchronization)
+    let :meth:`Engine._steps` undo the draws of steps it launched past the end and then dropped (streaming learns of
+    the end a step late, generate() on a GPU :data:`EOS_LAG` steps late), so a seed's stream is left where a CPU's
+    generate() leaves it, and the next request draws the same numbers through every path."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device):
+        self.generator, self.device = generator, device
+
+    def get_state(self) -> torch.Tensor:
+        if self.generator is not None:
+            return self.generator.get_state()
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        if self.generator is not None:
+            self.generator.set_state(state)
+        elif self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
 
 
 class _HostCopies:
@@ -1747,7 +1772,9 @@ class Engine:
         try:
             ids = (one,) if one is not None else tuple(token(i) for i in eos_token_id)
         except TypeError:  # (a bool, a float, an object: not a token id nor a list of them)
-            ids = ()
+            ids = None
+        if ids == () and not isinstance(eos_token_id, (str, bytes, torch.Tensor)):  # ([]: no stop token, as a config's)
+            return ()
         if not ids or any(i is None or not 0 <= i < self.config.vocab_size for i in ids):
             raise ValueError(f"eos_token_id must be None, a token id or a list of token ids below the vocabulary "
                              f"size {self.config.vocab_size}; got {eos_token_id!r}")
@@ -1774,7 +1801,8 @@ class Engine:
             ids, mask, lengths, limits = self._prepare(prompts, attention_mask, max_new_tokens)
         # (one limit a row: the steps run to the largest, a row stops at its own)
         return _Request(sampler, eos, ids, mask, lengths, limits,
-                        _as_int(max_new_tokens) if limits is None else max(limits))
+                        _as_int(max_new_tokens) if limits is None else max(limits),
+                        None if _temperature_arg(temperature) == 0 else _Rng(generator, self.device))
 
     # a generator: grad is off while its body runs and the caller's own between its yields (until session 76 a `with`
     # block spanning the yields left it off in a stream's loop and in on_token, or set it back when a stream was closed)
@@ -1798,7 +1826,7 @@ class Engine:
                 raise RuntimeError("this generation was overtaken: another generate() or stream() ran on the same "
                                    "engine before it finished (an engine decodes one generation at a time: finish "
                                    "or close a stream before the next, or use one engine each)")
-        sampler, eos, ids, mask, lengths, limits, max_new_tokens = request
+        sampler, eos, ids, mask, lengths, limits, max_new_tokens, rng = request
         if self.tp is not None:
             self.tp.check_same("prompts, max_new_tokens or eos_token_id",
                                _fingerprint(ids, mask, max_new_tokens if limits is None else limits, eos))
@@ -1844,6 +1872,9 @@ class Engine:
         lag = max(EOS_LAG, 2)  # (streaming: step i - 2's flags are on the host when step i is launched)
         compact = stops and COMPACT_ROWS and not output_logits
         flags: dict[int, torch.Tensor] = {}  # step -> the rows' stop flags [B] after it, until the decode reads them
+        # step -> the random stream's state before its sampling (the last lag + 1 steps): a step launched past the end
+        # and dropped gives its draws back (_Rng), so the next request samples as after a CPU's generate()
+        states: dict[int, torch.Tensor] = {}
         for i in range(1, max_new_tokens):
             if stops and hand is None:
                 if watch is not None:
@@ -1855,6 +1886,8 @@ class Engine:
                     if compact:
                         flags[i - 1] = done.clone()  # (done changes in place)
                 if seen is not None and bool(seen.all()):
+                    if watch is not None and i - EOS_LAG + 1 in states:  # steps i - EOS_LAG + 1 .. i - 1 ran past
+                        rng.set_state(states[i - EOS_LAG + 1])
                     break
             known = flags.pop(i - lag, None)  # (only kept where compact)
             if known is not None:
@@ -1862,6 +1895,9 @@ class Engine:
             logits = self._decode(b, decode_kv_len(p + i, self._slots))
             if output_logits:
                 kept.append(logits.clone())
+            if rng is not None:
+                states[i] = rng.get_state()
+                states.pop(i - lag - 1, None)
             tok = sampler(logits)
             if rows is not None:  # (the rows stopped and dropped from the decode get the padding)
                 tok = torch.full((b0,), pad, dtype=tok.dtype, device=tok.device).index_copy_(0, rows, tok)
@@ -1888,12 +1924,22 @@ class Engine:
             if compact:
                 flags[i - 1] = prev_done
             if prev_done is not None and bool(prev_done.all()):  # step i ran past the end: dropped
+                if rng is not None:
+                    rng.set_state(states[i])
                 hand.close()
                 out.pop()
                 marks.pop()
                 if output_logits:
                     kept.pop()
                 break
+        else:  # (ran to max_new_tokens: generate() on a GPU may have sampled steps after every row had stopped)
+            if watch is not None and rng is not None:  # (one wait, for a sampling generation with stops)
+                for j in sorted(watch.pending):
+                    seen = watch.take(j)[0]
+                    if seen is not None and bool(seen.all()):
+                        if j + 1 in states:
+                            rng.set_state(states[j + 1])
+                        break
         if hand is not None and hand.pending:  # (the last step's tokens, where the steps ran to the end)
             yield hand.take(len(out) - 1)[0], None
             check()
@@ -1936,7 +1982,8 @@ class Engine:
             attention_mask: ``[B, P]`` 0/1 or bool (1 = token) for a tensor of prompts.
             temperature, top_k, top_p, generator: see :func:`sample_tokens`; ``temperature=0`` is greedy.
             eos_token_id: stop a row at this token (an int or a list); default the config's
-                ``eos_token_id``; ``None`` never stops early.  Generation ends when every row has stopped.
+                ``eos_token_id``; ``None`` (or an empty list) never stops early.  Generation ends when every row
+                has stopped.
             on_token: called as ``on_token(step, tokens)`` with ``tokens [B]`` int64 on the CPU as soon as
                 each step's tokens exist on the host (copied while the next step runs: the device does not wait for
                 the callback).
