@@ -171,6 +171,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
         x = torch.full_like(x, neg).scatter(-1, idx, s.masked_fill(drop, neg))
     probs = x.softmax(-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race.clamp_min_(torch.finfo(race.dtype).tiny)  # (a 0 draw, which some torch versions give, made p / 0 NaN: argmax's)
     greedy = (top.isnan() | top.isposinf()).squeeze(-1)  # (+inf or NaN in the row: every probability is NaN)
     return torch.where(greedy, logits.argmax(-1), (probs / race).argmax(-1))
 

@@ -79,3 +79,22 @@ def test_an_empty_string_or_tensor_is_still_refused(bad):
     eng = Engine(_model(), max_batch=4, max_seq=48)
     with pytest.raises(ValueError, match="eos_token_id"):
         eng.generate(PROMPTS2, 3, eos_token_id=bad)
+
+
+def test_a_zero_exponential_draw_never_picks_a_token_outside_top_k(monkeypatch):
+    """Some torch versions' exponential_ could return 0 (pytorch issues 22557, 48841): a filtered token's 0 / 0 was NaN,
+    which argmax takes as the largest, so a token outside top_k was sampled."""
+    from flash_llm.engine import sample_tokens
+
+    real = torch.Tensor.exponential_
+
+    def zero_at_last(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self[..., -1] = 0.0
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", zero_at_last)
+    logits = torch.arange(10, dtype=torch.float32).flip(0).repeat(3, 1)  # (the last token is the least likely)
+    for _ in range(20):
+        tok = sample_tokens(logits, temperature=1.0, top_k=3)
+        assert ((0 <= tok) & (tok < 3)).all(), tok
