@@ -9,12 +9,13 @@ Each pruner writes exact zeros into the weights and leaves the model dense; comp
     flash_llm.sparsify_(model)                                      # nn.Linear -> SparseLinear
 
 Calibration data is a tensor (token ids ``[B, T]``, or whatever the model takes) or a sequence of them;
-each batch is moved to the device of the model's first parameter (integer ones, token ids of any integer
-dtype such as :func:`flash_llm.data.load_tokens`'s uint8, as int64) and the model is called as
-``model(batch)`` under ``torch.no_grad()`` and in eval mode (every submodule's own training flag is
-restored after).  Calibration inputs of a pruned layer that contain NaN or Inf are refused (ValueError
-naming the layer) before any weight is modified, as are integer batches holding a token id outside the
-model's ``config.vocab_size`` (when the model has one; the check of :func:`flash_llm.evaluate.evaluate`).
+each batch is moved to the device of the model's first parameter (of its first buffer when it has none, e.g.
+weights kept as buffers; CPU when it has neither), integer ones (token ids of any integer dtype such as
+:func:`flash_llm.data.load_tokens`'s uint8) as int64, and the model is called as ``model(batch)`` under
+``torch.no_grad()`` and in eval mode (every submodule's own training flag is restored after).  Calibration inputs
+of a pruned layer that contain NaN or Inf are refused (ValueError naming the layer) before any weight is modified,
+as are integer batches holding a token id outside the model's ``config.vocab_size`` (when the model has one; the
+check of :func:`flash_llm.evaluate.evaluate`).
 
 Exact counts.  Each count applies to a group of ``count`` weights; with
 ``n = min(round(sparsity * count), count - 1)`` (Python's ``round``; at least one weight of the group is
@@ -45,7 +46,9 @@ zeros; a layer that had more zeros than requested keeps them (its reported spars
 Dtypes: scores and updates are computed in fp32 (SparseGPT's Hessian in float64) on each weight's
 device; magnitude and Wanda only write zeros, so the kept weights are bit-identical; SparseGPT writes
 its updated weights back in the weight's dtype, and a kept weight that would round to zero in fp16/bf16
-becomes the smallest subnormal of its sign, so the zero count stays exact.
+becomes the smallest subnormal of its sign, so the zero count stays exact; one beyond the dtype's range (fp16:
+65504; the update can enlarge weights several times) is refused with a ValueError naming the layer before it is
+written (the layers already pruned get their weights back: prune in fp32 or bf16, or raise ``percdamp``).
 
 Each function returns a :class:`PruneReport`: per layer its fqn, shape, reached sparsity and the
 relative reconstruction error ``||W X - W_p X||_F^2 / ||W X||_F^2`` over the calibration inputs ``X``
@@ -199,10 +202,11 @@ def _as_token_batch(b: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
-    """``calib`` as a list of non-empty tensors on the device of the model's first parameter, integer batches (token
-    ids of any integer dtype, e.g. uint8) as int64 (:func:`_as_token_batch`).  Raises for anything but a tensor or
-    an iterable of tensors, for no non-empty batch, and for integer batches holding a token id outside the model's
-    vocabulary (:func:`_token_id_error`)."""
+    """``calib`` as a list of non-empty tensors on the device of the model's first parameter (its first buffer for a
+    model without parameters, e.g. weights kept as buffers; CPU for neither: :func:`flash_llm.evaluate._model_device`),
+    integer batches (token ids of any integer dtype, e.g. uint8) as int64 (:func:`_as_token_batch`).  Raises for
+    anything but a tensor or an iterable of tensors, for no non-empty batch, and for integer batches holding a token
+    id outside the model's vocabulary (:func:`_token_id_error`)."""
     if isinstance(calib, torch.Tensor):
         batches = [calib]
     elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
@@ -222,7 +226,9 @@ def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
     if not batches:
         raise ValueError("calib is empty: pass at least one non-empty batch of calibration tokens, "
                          "e.g. a LongTensor [B, T]")
-    device = next(model.parameters()).device
+    from .evaluate import _model_device  # (lazily: flash_llm.evaluate imports this module)
+
+    device = _model_device(model)
     return [_as_token_batch(b, device) for b in batches]
 
 
@@ -241,11 +247,26 @@ def _nonfinite_parameter(model: nn.Module) -> str | None:
     return next((n for n, p in model.named_parameters() if not _all_finite(p)), None)
 
 
-def _storage_ptr(t: torch.Tensor) -> int:
+def _memory_span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(storage, first byte, end byte)`` of the memory ``t`` reaches: its storage's ``data_ptr`` and the byte range
+    from its first element to past its last (from its storage offset, sizes and strides); None for a tensor without
+    storage (e.g. on meta) or without elements.  Two tensors share memory when their storages are one and their
+    ranges overlap (:func:`_overlap`): disjoint views of one storage, e.g. ``q``, ``k`` and ``v`` split from a fused
+    weight, do not (views interleaved within one range, such as two column slices, count as overlapping)."""
     try:
-        return t.untyped_storage().data_ptr()
+        ptr = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
-        return 0
+        return None
+    if not ptr or t.numel() == 0:
+        return None
+    size = t.element_size()
+    first = t.storage_offset() * size
+    return ptr, first, first + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * size
+
+
+def _overlap(a: tuple[int, int, int] | None, b: tuple[int, int, int] | None) -> bool:
+    """Whether the spans ``a`` and ``b`` of :func:`_memory_span` share bytes (one storage, overlapping ranges)."""
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 def _recomputed_weight(module: nn.Linear) -> str | None:
@@ -279,9 +300,10 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
     modified) when there are none, when a weight is recomputed from other tensors at every forward
     (:func:`_recomputed_weight`: the zeros would be undone), when a weight is not 2-D of the layer's
     ``(out_features, in_features)`` (the pruners size their statistics from those), when it is on the meta
-    device, when it is shared with another tensor (pruning it would silently zero the other one too) and when it
-    holds NaN or Inf (every score ranks such a weight highest, so it would be kept; SparseGPT would spread it over
-    its row; one pass over the weights)."""
+    device, when it shares memory with another parameter or buffer (overlapping bytes of one storage,
+    :func:`_memory_span`: pruning it would silently zero the other one too; disjoint views of one storage are not
+    tied) and when it holds NaN or Inf (every score ranks such a weight highest, so it would be kept; SparseGPT
+    would spread it over its row; one pass over the weights)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = [(fqn, m) for fqn, m in model.named_modules()
@@ -298,11 +320,11 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
         if how is not None:
             raise ValueError(f"{fqn + '.weight' if fqn else 'weight'} is recomputed from other tensors at every "
                              f"forward ({how}): zeros written into it would be undone at the next forward")
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[tuple[str, tuple[int, int, int]]]] = {}  # storage -> (name, span) of its tensors
     for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        ptr = _storage_ptr(t)
-        if ptr:
-            owners.setdefault(ptr, []).append(n)
+        span = _memory_span(t)
+        if span is not None:
+            owners.setdefault(span[0], []).append((n, span))
     aliases: dict[int, set[str]] = {}  # a module registered under several names (one block applied twice)
     for fqn, m in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(m), set()).add(f"{fqn}.weight" if fqn else "weight")
@@ -316,7 +338,8 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
                              "the layer with filter_fn")
         if m.weight.is_meta:
             raise ValueError(f"{name} is on the meta device (no values to prune); load the weights first")
-        others = [n for n in owners.get(_storage_ptr(m.weight), ()) if n not in aliases[id(m)]]
+        span = _memory_span(m.weight)
+        others = [n for n, s in owners.get(span[0] if span else 0, ()) if n not in aliases[id(m)] and _overlap(span, s)]
         if others:
             raise ValueError(f"{name} shares memory with {', '.join(others)} (tied weights): pruning it would "
                              "zero those too; exclude the layer with filter_fn")
@@ -605,7 +628,9 @@ def _wanda_scores(model, batches, layers) -> list[torch.Tensor]:
 def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int, percdamp: float,
                      name: str) -> tuple[torch.Tensor, float]:
     """Prune one weight ``[M, K]`` given its input Gram matrix ``H`` ``[K, K]`` (float64, any positive
-    scale).  Returns the pruned weight in the weight's dtype and the relative reconstruction error."""
+    scale).  Returns the pruned weight in the weight's dtype and the relative reconstruction error; raises
+    ValueError naming the layer when an updated weight does not fit that dtype (e.g. beyond fp16's 65504: it would
+    be written as Inf)."""
     M, K = weight.shape
     W0 = weight.detach().float()
     W = W0.clone()
@@ -655,6 +680,12 @@ def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blo
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     out = W.to(weight.dtype)
+    if not _all_finite(out):  # (refused before the weight is written: sparsegpt_prune_ restores the earlier layers)
+        big = float(W.abs().max()) if _all_finite(W) else math.inf
+        wider = "prune in a wider dtype (model.float() or bfloat16) or " if weight.dtype == torch.float16 else ""
+        raise ValueError(f"{name}: the updated weights overflow {weight.dtype} (largest |w| after the update "
+                         f"{big:.6g}, the dtype's maximum {torch.finfo(weight.dtype).max:.6g}); {wider}raise "
+                         f"percdamp (now {percdamp}), or exclude the layer with filter_fn")
     kept_underflow = (out == 0) & (W != 0)  # kept weights too small for fp16/bf16: keep them nonzero
     if bool(kept_underflow.any()):
         tiny = torch.finfo(weight.dtype).smallest_normal * torch.finfo(weight.dtype).eps
@@ -692,8 +723,9 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     passes, simple and exact for any model, meant for models small enough to run that often.
 
     All or nothing where the host has the room: each layer's original weight is kept (a CPU copy) until the last
-    layer is done; if a layer fails (e.g. its dampened Hessian is not positive definite: raise ``percdamp``) or
-    the call is interrupted, the layers already pruned get their original weights back before the error
+    layer is done; if a layer fails (e.g. its dampened Hessian is not positive definite: raise ``percdamp``; or its
+    updated fp16 weights would overflow to Inf: prune in fp32 or bf16, or raise ``percdamp``) or the call is
+    interrupted, the layers already pruned get their original weights back before the error
     propagates, so the model is left as it was and the call can simply be retried.  Where the layers' weights
     exceed half the host's available memory (:func:`flash_llm.models.synthetic.host_available_memory`), no copy
     is kept (a warning says so) and an error names the layers already pruned.
@@ -907,17 +939,30 @@ def _check_loss(loss) -> None:
                         "computed from model_output")
 
 
-def _finite_loss(loss: torch.Tensor, t: int) -> float:
-    """The loss of step ``t`` as a float; FloatingPointError if it is NaN or Inf (checked before ``backward``, so
-    Adam never spreads it over the weights)."""
+def _finite_loss(loss: torch.Tensor, t: int, t_out: torch.Tensor | None = None) -> float:
+    """The loss of step ``t`` (``-1``: the check before the first step) as a float; FloatingPointError if it is NaN or
+    Inf (checked before ``backward``, so Adam never spreads it over the weights), naming the teacher when its logits
+    ``t_out`` (given with distillation) hold NaN or Inf themselves."""
     value = float(loss.detach())
     if not math.isfinite(value):
         state = ("checked on the first batch before any weight is modified" if t < 0 else
                  f"at step {t}; the model is left as trained and pruned up to that step")
+        if t_out is not None and not _all_finite(t_out):
+            raise FloatingPointError(f"gradual_prune_: the training loss is {value} ({state}) because teacher(batch) "
+                                     "returned logits holding NaN or Inf: check the teacher (e.g. an fp16 copy whose "
+                                     "logits overflow: use teacher.float()) and the batches")
         raise FloatingPointError(f"gradual_prune_: the training loss is {value} ({state}): the training diverged or "
                                  "a batch holds NaN or Inf; lower the learning rate (lr, or the optimizer's) or "
                                  "check the batches")
     return value
+
+
+def _distill_loss(out: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(t_out) || softmax(out))`` in fp32 over the last dimension ``V`` (summed over ``V``, averaged over
+    the other positions): the distillation term of :func:`gradual_prune_`, before ``distill_weight``."""
+    v = out.shape[-1]
+    return nn.functional.kl_div(out.float().reshape(-1, v).log_softmax(-1),
+                                t_out.float().reshape(-1, v).log_softmax(-1), reduction="batchmean", log_target=True)
 
 
 def _check_logits(out, t_out) -> None:
@@ -928,14 +973,21 @@ def _check_logits(out, t_out) -> None:
 
 
 def _shared_with(teacher: nn.Module, model: nn.Module) -> list[tuple[str, str]]:
-    """``(teacher tensor, model parameter)`` names of the teacher's parameters and buffers that share memory (one
-    storage) with a parameter of ``model``: those ``gradual_prune_`` would prune and train in the teacher too."""
-    owners: dict[int, str] = {}
+    """``(teacher tensor, model parameter)`` names of the teacher's parameters and buffers that share memory with a
+    parameter of ``model`` (overlapping bytes of one storage, :func:`_memory_span`; the first such parameter): those
+    ``gradual_prune_`` would prune and train in the teacher too.  Disjoint views of one storage are not shared."""
+    owners: dict[int, list[tuple[str, tuple[int, int, int]]]] = {}  # storage -> (name, span) of its parameters
     for n, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(_storage_ptr(p), n)
-    owners.pop(0, None)  # no storage (e.g. meta tensors)
-    tensors = [*teacher.named_parameters(remove_duplicate=False), *teacher.named_buffers(remove_duplicate=False)]
-    return [(n, owners[_storage_ptr(t)]) for n, t in tensors if _storage_ptr(t) in owners]
+        span = _memory_span(p)
+        if span is not None:
+            owners.setdefault(span[0], []).append((n, span))
+    shared = []
+    for n, t in [*teacher.named_parameters(remove_duplicate=False), *teacher.named_buffers(remove_duplicate=False)]:
+        span = _memory_span(t)
+        hit = next((p for p, s in owners.get(span[0] if span else 0, ()) if _overlap(span, s)), None)
+        if hit is not None:
+            shared.append((n, hit))
+    return shared
 
 
 def _check_int(name, v, lo) -> int:
@@ -978,14 +1030,17 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     Bad input is refused before any weight is modified: a one-shot iterator as ``batches`` (TypeError; a
     generator's second pass would be empty) and selected weights holding NaN or Inf (ValueError) before
     anything runs, an empty ``batches`` before the first step, and with ``begin == 0`` (a mask update
-    before the first step) ``loss_fn``'s result (a scalar tensor that requires grad, else TypeError; a finite
-    value, else FloatingPointError) and the teacher's output shape are checked first on one extra forward
-    of the first batch in eval mode (with autograd on, no backward; the teacher under ``no_grad``).  (With
-    ``begin > 0`` step 0 checks them before its backward and optimizer step.)
+    before the first step) ``loss_fn``'s result (a scalar tensor that requires grad, else TypeError), the
+    teacher's output shape and the step's whole loss (distillation term included: a finite value, else
+    FloatingPointError) are checked first on one extra forward of the first batch in eval mode (with autograd
+    on, no backward; the teacher under ``no_grad``).  (With ``begin > 0`` step 0 checks them before its
+    backward and optimizer step.)
 
     Non-finite training: every step's loss is checked before its backward; a NaN or Inf loss raises
     FloatingPointError naming the step (lower the learning rate or check the batches; the model is then left
     as trained and pruned up to that step), and so does a parameter holding NaN or Inf after the last step.
+    When the teacher's logits hold NaN or Inf themselves (e.g. an fp16 copy of the dense model that overflows),
+    the error names the teacher instead.
 
     Precision: the model trains in fp32; fp16/bf16 parameters are refused (call ``model.float()`` first;
     mixed precision, e.g. ``torch.autocast`` inside ``loss_fn`` or the model, is the caller's job).
@@ -1009,7 +1064,8 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         frequency: steps between mask updates, >= 1.
         initial_sparsity: ``s_i``, in ``[0, final_sparsity]``.
         teacher: optional module for distillation (e.g. a copy of the dense model); not ``model`` itself, and
-            none of its parameters or buffers may share memory with a parameter of ``model`` (ValueError).
+            none of its parameters or buffers may share memory with a parameter of ``model`` (overlapping bytes;
+            disjoint views of one storage are fine), else ValueError.
         distill_weight: weight of the KL term, >= 0; must be > 0 when ``teacher`` is given, and 0 without.
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer unpruned (still trained).
         progress: tqdm bar over the steps with the loss and the current sparsity.
@@ -1070,7 +1126,9 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     elif not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
 
-    device = next(model.parameters()).device
+    from .evaluate import _model_device  # (lazily: flash_llm.evaluate imports this module)
+
+    device = _model_device(model)  # (a model whose weights are buffers, trained by a given optimizer, has none)
     weights = [m.weight for _, m in layers]
     keep = [torch.ones_like(w, dtype=torch.bool) for w in weights]
     report = GradualPruneReport("gradual", final_sparsity)
@@ -1098,11 +1156,14 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             out = model(first)  # (autograd on, to see that the loss has a graph; no backward)
             loss = loss_fn(out, first)
             _check_loss(loss)
-            _finite_loss(loss, -1)
-            if teacher is not None:
+            t_out = None
+            if teacher is not None:  # (the whole loss, as the steps compute it: the teacher's term can be NaN too)
                 with torch.no_grad():
-                    _check_logits(out, teacher(first))
-            del out, loss
+                    t_out = teacher(first)
+                _check_logits(out, t_out)
+                loss = loss + distill_weight * _distill_loss(out, t_out)
+            _finite_loss(loss, -1, t_out)
+            del out, loss, t_out
         model.train()
         for t in bar:
             if t in update_at:
@@ -1115,12 +1176,8 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
                 with torch.no_grad():
                     t_out = teacher(batch)
                 _check_logits(out, t_out)
-                v = out.shape[-1]
-                kl = nn.functional.kl_div(out.float().reshape(-1, v).log_softmax(-1),
-                                          t_out.float().reshape(-1, v).log_softmax(-1),
-                                          reduction="batchmean", log_target=True)
-                loss = loss + distill_weight * kl
-            value = _finite_loss(loss, t)
+                loss = loss + distill_weight * _distill_loss(out, t_out)
+            value = _finite_loss(loss, t, t_out if teacher is not None else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for w, k in zip(weights, keep):
