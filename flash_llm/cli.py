@@ -266,13 +266,29 @@ def given(args, names) -> list[str]:
     return [f"--{n.replace('_', '-')}" for n in names if n in held]
 
 
-def model_dir(spec: str) -> Path:
-    """The directory a MODEL / PATH argument names: a bundled model's name (:data:`flash_llm.bundled.NAMES`) is its
-    directory inside the package (FileNotFoundError if that install is incomplete), anything else a path as given.
-    The one rule of every command that reads a model: demo, prune, generate, convert and inspect."""
+def is_bundled(spec: str) -> bool:
+    """Whether a MODEL / PATH argument names a bundled model (:func:`model_dir`): one of
+    :data:`flash_llm.bundled.NAMES` with no directory of that name here."""
     from flash_llm import bundled
 
-    return bundled.path(spec) if spec in bundled.NAMES else Path(spec)
+    return spec in bundled.NAMES and not Path(spec).is_dir()
+
+
+def model_dir(spec: str, *, note: bool = True) -> Path:
+    """The directory a MODEL / PATH argument names: a bundled model's name (:data:`flash_llm.bundled.NAMES`) is its
+    directory inside the package (FileNotFoundError if that install is incomplete), anything else a path as given.
+    A directory of a bundled model's name here wins, as in :func:`flash_llm.from_pretrained` (which reads paths
+    only), so ``prune --out tiny-shakespeare`` writes what ``inspect tiny-shakespeare`` then reads; a one-line note on
+    stderr says so (unless ``note`` is False: a second look-up of the same argument).  The one rule of every
+    command that reads a model: demo, prune, generate, convert and inspect."""
+    from flash_llm import bundled
+
+    if is_bundled(spec):
+        return bundled.path(spec)
+    if note and spec in bundled.NAMES:
+        print(f"note: {spec!r} is the local directory {Path(spec).absolute()}, not the bundled model of that name "
+              f"(for that one, pass its path: {Path(bundled.__file__).parent / spec})", file=sys.stderr)
+    return Path(spec)
 
 
 def _arch(text: str) -> str:

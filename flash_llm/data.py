@@ -5,7 +5,7 @@ so any text encodes (as UTF-8) and any id sequence decodes (invalid UTF-8 become
 
     tokens = flash_llm.data.load_tokens("input.txt")     # uint8 [n]
     train, val = flash_llm.data.split(tokens)            # fixed: the last 10 % is validation
-    calib = flash_llm.data.calibration_batches(train, 64, 256, seed=0)   # int64 [64, 256]
+    calib = flash_llm.data.calibration_batches(train, 64, 256, seed=0)   # [int64 [64, 256]]: a list of batches
 
 **The fixed split** (:func:`split`): of ``n`` tokens the last ``n_val = n // 10`` are the validation
 split and the first ``n - n_val`` the training split; nothing is shuffled, so the two are contiguous,

@@ -117,17 +117,18 @@ class LoadedModel:
     source: Path
 
 
-def load_model(spec: str, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_model(spec: str, *, dtype: torch.dtype, device: torch.device, note: bool = True) -> LoadedModel:
     """A bundled model by name, or a checkpoint directory (Llama or OPT; dense, sparse-bitmask or flash-llm,
-    loaded dense through :func:`flash_llm.from_pretrained`), with its tokenizer.
+    loaded dense through :func:`flash_llm.from_pretrained`), with its tokenizer.  A directory of a bundled model's
+    name here wins, with a note on stderr unless ``note`` is False (:func:`flash_llm.cli.model_dir`).
 
     Raises ``FileNotFoundError`` / ``NotADirectoryError`` / :class:`flash_llm.FormatError` (a ``ValueError``)
     naming the file for a missing or unreadable checkpoint, ``ImportError`` when its tokenizer needs
     transformers."""
     from .checkpoint.pretrained import read_config
 
-    directory = cli.model_dir(spec)
-    if spec in bundled.NAMES:
+    directory = cli.model_dir(spec, note=note)
+    if cli.is_bundled(spec):
         label = f"{spec} (bundled)"
     else:
         if not directory.exists():
@@ -328,7 +329,7 @@ def default_dtype(device: torch.device, model: str | None) -> str:
     until session 78, about 50 s since the evaluations compute their linears in fp32, :func:`reference_linears`).
     A checkpoint directory keeps float16 everywhere: its compressed layers may hold float16 values, which load in no
     other dtype."""
-    return "bfloat16" if device.type != "cuda" and (model is None or model in bundled.NAMES) else "float16"
+    return "bfloat16" if device.type != "cuda" and (model is None or cli.is_bundled(model)) else "float16"
 
 
 _given = cli.given  # (the options among argparse dests that the command line holds, whatever their values)
@@ -407,8 +408,8 @@ def cmd_demo(args) -> int:
     # DEFAULT_MAX_SEQ tokens, checked here before the long work (until session 76 only the context was)
     held = min(lm.context, DEFAULT_MAX_SEQ)
     room = held - prompt_ids.numel() + 1  # the engine's cache holds the prompt and n - 1 new tokens
-    if args.gen_tokens is None:
-        args.gen_tokens = max(0, min(DEFAULT_GEN_TOKENS, room))
+    if args.gen_tokens is None:  # (a prompt that leaves no room is refused below, as with --gen-tokens 1)
+        args.gen_tokens = max(1, min(DEFAULT_GEN_TOKENS, room))
     if args.gen_tokens and args.gen_tokens > room:
         if held == lm.context:
             _err(f"--prompt ({prompt_ids.numel()} tokens) + --gen-tokens ({args.gen_tokens}) exceed the model's "
@@ -694,7 +695,8 @@ def cmd_prune(args) -> int:
             return EXIT_USAGE
     dtype = DTYPES[args.dtype]
     try:  # gradual pruning trains in fp32; the result is cast to --dtype
-        lm = load_model(args.model, dtype=torch.float32 if args.method == "gradual" else dtype, device=device)
+        lm = load_model(args.model, dtype=torch.float32 if args.method == "gradual" else dtype, device=device,
+                        note=False)  # (said above, by model_dir)
     except LOAD_ERRORS as e:
         _err(str(e))
         return EXIT_USAGE
@@ -755,7 +757,7 @@ def cmd_prune(args) -> int:
     elif calibrate:  # (magnitude without --verbose reads no data)
         meta["pruning"].update(seq_len=seq_len, calib_seqs=args.calib_seqs)
     cfg["flash_llm"] = meta
-    copy_from = None if args.model in bundled.NAMES else lm.source  # tokenizer and generation files
+    copy_from = None if cli.is_bundled(args.model) else lm.source  # tokenizer and generation files
     try:
         if args.format == "sparse-bitmask":
             from .checkpoint import write_sparse_bitmask

@@ -79,8 +79,12 @@ def load(name: str = "tiny-shakespeare", *, dtype: torch.dtype = torch.float32, 
 
 def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
                    overwrite: bool = False) -> Path:
-    """Write ``model`` as a plain dense Hugging Face checkpoint directory ``out``: ``config.json`` (``cfg``
-    plus ``"torch_dtype"``) and ``model.safetensors`` (the state dict in ``dtype``).
+    """Write ``model`` as a plain dense Hugging Face checkpoint directory ``out``: ``config.json`` (``cfg`` with
+    ``"dtype"`` and ``"torch_dtype"`` set to ``dtype``, as :func:`flash_llm.save_pretrained` sets them, and without
+    its ``quantization_config`` / ``compression_config``: the weights are written dense) and ``model.safetensors``
+    (the state dict's floating-point tensors in ``dtype``, a floating-point dtype).  A cast that turns finite values
+    into inf (fp16 holds at most 65504) is refused before anything is written (:class:`~flash_llm.nn.LossyCastError`,
+    a ``ValueError`` naming the tensor): a model run on inf weights computes NaN silently.
 
     A :class:`~flash_llm.SparseLinear` layer is written as its dense weight (and bias), so a pruned and
     sparsified model saves as the dense checkpoint transformers and :func:`load_dir` read; tied tensors (a tied
@@ -93,7 +97,11 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
     from ..checkpoint._files import atomic_directory, save_safetensors
     from ..checkpoint._model import state_to_save
     from ..checkpoint.pretrained import _refuse_merged
+    from ..nn import LossyCastError, cast_loss
 
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (torch.float16, torch.bfloat16, torch.float32), "
+                        f"got {dtype!r}")
     out = Path(out)
     _refuse_merged(model)
     saved, sparse = state_to_save(model)  # (tied tensors once; SparseLinear's arrays, without its extra state)
@@ -105,10 +113,29 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
                 state[f"{owner}.weight"] = sparse[owner].to_dense()
             continue
         state[k] = v
-    # (copies: a tensor already in dtype on the CPU would otherwise be the model's own, shared with its ties)
-    state = {k: v.detach().to("cpu", dtype, copy=True).contiguous() for k, v in state.items()
-             if v.is_floating_point()}
-    cfg = dict(cfg, torch_dtype=str(dtype).removeprefix("torch."))
+    # Copies (a tensor already in dtype on the CPU would otherwise be the model's own, shared with its ties); a cast
+    # that overflows to inf is refused, as the loaders refuse it (checkpoint.pretrained.cast_checked), and nonzeros
+    # flushed to zero are rounding, as there.
+    cast = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            continue
+        src = v.detach().to("cpu")
+        cast[k] = src.to(dtype, copy=True).contiguous()
+        loss = cast_loss(src, cast[k], underflow=False)
+        if loss is not None:
+            a, b = src.reshape(-1), cast[k].reshape(-1)
+            largest = float(a[torch.isfinite(a) & ~torch.isfinite(b)].abs().max())
+            hint = ("pass dtype=torch.bfloat16, which has float32's range" if dtype == torch.float16 else
+                    "pass a dtype that holds these values")
+            raise LossyCastError(f"save_model_dir: tensor '{k}' cannot be cast to dtype {dtype}: {loss} (largest "
+                                 f"magnitude {largest:g}); {hint}")
+    state = cast
+    # (config.json as save_pretrained writes it: readers take "dtype" first, "torch_dtype" is the older key; the
+    # quantization / compression sections of a sparse source describe tensors this dense checkpoint does not hold)
+    name = str(dtype).removeprefix("torch.")
+    cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")}
+    cfg.update(dtype=name, torch_dtype=name)
     with atomic_directory(out, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         save_safetensors(state, tmp / WEIGHTS_FILE, {"format": "pt"})
