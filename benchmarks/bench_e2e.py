@@ -463,7 +463,7 @@ def _tp_point(args, tp, cfg, name, sp, dtype, base, log) -> list[dict]:
         gen = torch.Generator().manual_seed(b)  # the same prompts on every rank
         try:
             m = measure_engine(model, b, args.prompt, args.new, args.repeats, gen, args.fuse, args.merge,
-                               args.delta_layout, formats=args.engine_formats, max_seq=args.max_seq,
+                               args.delta_layout, args.max_batch, formats=args.engine_formats, max_seq=args.max_seq,
                                progress=not args.no_progress and tp.rank == 0)
             ok = True
         except torch.cuda.OutOfMemoryError as e:
@@ -621,7 +621,9 @@ def _main_tp(args, argv, world) -> int:
     env.update({"world_size": world.world_size, "backend": world.backend, "tp": args.tp,
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
                 "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "memory_limit_gb": args.memory_limit_gb,
-                "fuse": args.fuse, "merge": args.merge, "decode_attention": _common.DECODE_ATTENTION,
+                "fuse": args.fuse, "merge": args.merge, "delta_layout": args.delta_layout,
+                "engine_formats": args.engine_formats, "max_batch": args.max_batch, "max_seq": args.max_seq,
+                "decode_attention": _common.DECODE_ATTENTION,
                 "command": T.command(__file__, argv, f"torchrun --nproc-per-node {world.world_size}"
                                      if "LOCAL_RANK" in os.environ else "python")})
     if lead:
@@ -872,11 +874,12 @@ def parse_args(argv):
                     help="Engine(prefill_dense=True) for the sparse models: dense copies of the sparse layers for the "
                          "prefill (time to first token as dense, for their memory; the rows' prefill_dense_bytes)")
     ap.add_argument("--max-batch", type=int,
-                    help="every engine's max_batch (default: each batch its own); at least the largest of --batches "
-                         "(one engine serving smaller batches, as a server does)")
+                    help="every engine's max_batch, --tp too (default: each batch its own); at least the largest of "
+                         "--batches (one engine serving smaller batches, as a server does)")
     ap.add_argument("--max-seq", type=int,
                     help="every engine's cache in tokens (default: --prompt + --new), e.g. 2048 to time an engine sized "
-                         "for longer requests than it serves (FLASH_LLM_DECODE_KV_BUCKETS=0: its steps attend it all)")
+                         "for longer requests than it serves (FLASH_LLM_DECODE_KV_BUCKETS=0: its steps attend it all); "
+                         "it, or --prompt + --new, at most each model's max_position_embeddings")
     ap.add_argument("--memory-limit-gb", type=float,
                     help="cap this process' GPU memory, in 10^9 bytes (85.5: an 80 GB H100's 79.6 GiB)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
@@ -942,6 +945,12 @@ def parse_args(argv):
         ap.error(f"--max-seq {args.max_seq} is below --prompt + --new ({args.prompt + args.new})")
     if args.max_batch is not None and args.max_batch < max(args.batches):
         ap.error(f"--max-batch {args.max_batch} is below the largest of --batches ({max(args.batches)})")
+    # (refused here: Engine() refused it only when the sweep reached the model, the earlier models' results lost)
+    seq, what = (args.max_seq, "--max-seq") if args.max_seq else (args.prompt + args.new, "--prompt + --new")
+    short = [f"{m} ({n})" for m in args.models if (n := _config(m).max_position_embeddings) < seq]
+    if short:
+        ap.error(f"{what} ({seq}) exceeds the max_position_embeddings of {', '.join(short)}; lower it, or leave "
+                 "those models out of --models")
     return args
 
 

@@ -3,7 +3,8 @@
     python benchmarks/bench_formats.py [--device cpu|cuda|all] [--sizes 4096x4096,8192x8192,...]
 
 Reports million elements per second and GB/s of dense fp16 input.  The GPU numbers are device time
-(synchronized wall clock around each call, median of repeats after a warm-up).
+(synchronized wall clock around each call, median of repeats after a warm-up).  ``--device all`` (the default) skips
+the GPU where there is none; ``--device cuda`` there is refused (exit status 2).
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ def timed(fn, device, repeats):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
+                    help="where to time the encoders and decoders (default all: the CPU, and the GPU where there is "
+                         "one)")
     ap.add_argument("--sizes", default=None, help="comma-separated MxK (default per device)")
     ap.add_argument("--sparsity", type=float, default=0.8)
     args = ap.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":  # (asked for the GPU alone: measuring nothing and exiting 0 hid it)
+            ap.error("--device cuda: no CUDA device is available; use --device cpu, or all (the CPU alone here)")
         devices.remove("cuda")
     env = T.environment()
     env["cpu_threads"] = torch.get_num_threads()

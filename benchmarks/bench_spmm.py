@@ -1,7 +1,8 @@
 """Sparse matmul against dense cuBLAS on real LLM layer shapes.
 
-    python benchmarks/bench_spmm.py [--quick] [--dtypes fp16,bf16] [--formats bitmap,tiled-csl]
-                                    [--ns 1,8,...] [--sparsities 50,70,80,90] [--out DIR] [--overwrite]
+    python benchmarks/bench_spmm.py [--quick] [--models Llama-3-8B,...] [--dtypes fp16,bf16]
+                                    [--formats bitmap,tiled-csl] [--ns 1,8,...] [--sparsities 50,70,80,90]
+                                    [--out DIR] [--overwrite]
 
 For every (layer, sparsity, dtype, format, N): median device time of ``F.linear`` on the dense
 weight, of the sparse kernel alone (where dispatched, and up to N = 128 where not) and of ``flash_llm.spmm``
@@ -15,7 +16,9 @@ Timing: CUDA graphs of calls over copies rotated beyond 3x L2 (``rotated_bytes``
 ``flash_llm.spmm`` would run its PyTorch reference instead of the kernels (``kernels.supported``), it refuses to run.
 Writes ``results.json``, ``results.csv`` and ``speedup.png`` under ``--out`` (one that holds any of them is refused
 without ``--overwrite``), prints a summary (also ``summary.md``) ending in PASS / FAIL / PARTIAL / n/a lines for
-issue 3's targets (``target_checks``).
+issue 3's targets (``target_checks``).  ``--quick`` runs the shapes of ``QUICK_MODELS`` only (every N of ``--ns``);
+an explicit ``--models`` wins over it.  Unknown names in ``--models`` / ``--formats`` / ``--dtypes`` and sparsities
+outside [0, 100) are refused before anything runs; a refusal exits with status 2.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ LAYERS = {  # model: {layer: (M, K)}
     "Llama-3-70B": {"qkv": (10240, 8192), "o": (8192, 8192), "up": (57344, 8192), "down": (8192, 28672)},
 }
 NS = [1, 8, 16, 32, 64, 128, 256, 512, 2048]
+QUICK_MODELS = ("Llama-3-8B", "OPT-66B")  # --quick (without --models): 8 of the 20 shapes, every N
 FORMATS = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL, "delta-rows": flash_llm.DeltaRows}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DRIFT_FLAG = 0.05  # dense after / before further than this from 1: the row's dense_drift_flag
@@ -97,6 +101,24 @@ def print_row(row: dict) -> None:
           + (" (rotation below 3x L2)" if row.get("below_3x_l2") else ""), flush=True)
 
 
+def sparsity_pct(sparsity: float) -> int:
+    """``sparsity`` (a fraction, as the rows hold it) in whole percent, as ``--sparsities`` gave it: rounded, not
+    truncated (``int(0.57 * 100)`` is 56)."""
+    return round(100 * sparsity)
+
+
+def _items(ap, flag: str, value: str, known=None) -> list[str]:
+    """The comma-separated names of ``value`` (blanks dropped); ``ap.error`` naming ``flag`` for an empty list or a
+    name not in ``known`` (where given)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        ap.error(f"{flag} is empty; give comma-separated values")
+    bad = [v for v in items if known is not None and v not in known]
+    if bad:
+        ap.error(f"{flag}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(known)} (case matters)")
+    return items
+
+
 def random_sparse(m, k, sparsity, dtype, gen):
     w = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
     keep = torch.rand(m, k, device="cuda", generator=gen) >= sparsity
@@ -105,15 +127,29 @@ def random_sparse(m, k, sparsity, dtype, gen):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer shapes and N (a smoke run)")
-    ap.add_argument("--dtypes", default="fp16,bf16")
-    ap.add_argument("--formats", default="bitmap,tiled-csl")
-    ap.add_argument("--ns", default=",".join(map(str, NS)))
-    ap.add_argument("--sparsities", default="50,70,80,90")
-    ap.add_argument("--models", default=",".join(LAYERS))
+    ap.add_argument("--quick", action="store_true",
+                    help=f"fewer shapes: the models {', '.join(QUICK_MODELS)} only (8 of the 20 shapes), every N of "
+                         "--ns; an explicit --models wins")
+    ap.add_argument("--dtypes", default="fp16,bf16", help=f"comma-separated, from {', '.join(DTYPES)}")
+    ap.add_argument("--formats", default="bitmap,tiled-csl", help=f"comma-separated, from {', '.join(FORMATS)}")
+    ap.add_argument("--ns", default=",".join(map(str, NS)), help="comma-separated N (tokens: the rows of X)")
+    ap.add_argument("--sparsities", default="50,70,80,90", help="percent, integers in [0, 100)")
+    ap.add_argument("--models", help=f"comma-separated, from {', '.join(LAYERS)} (default all; --quick: "
+                                     f"{', '.join(QUICK_MODELS)})")
     ap.add_argument("--out", default="benchmarks/out/spmm")
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     args = ap.parse_args(argv)
+    # (every list checked before any timing: a bad name mid-sweep lost the layers timed before it)
+    models = _items(ap, "--models", args.models or ",".join(QUICK_MODELS if args.quick else LAYERS), LAYERS)
+    dtypes = _items(ap, "--dtypes", args.dtypes, DTYPES)
+    formats = _items(ap, "--formats", args.formats, FORMATS)
+    try:
+        pcts = [int(v) for v in _items(ap, "--sparsities", args.sparsities)]
+    except ValueError as e:
+        ap.error(f"--sparsities takes comma-separated integers: {e}")
+    if any(not 0 <= s < 100 for s in pcts):
+        ap.error(f"--sparsities are percentages in [0, 100) (80, not 0.8), got {pcts}")
+    sparsities = [s / 100 for s in pcts]
     if not torch.cuda.is_available():  # (it times the CUDA kernels against cuBLAS: nothing to run on a CPU)
         print("error: no CUDA device: bench_spmm.py times the CUDA kernels against cuBLAS", file=sys.stderr)
         return 2
@@ -124,10 +160,6 @@ def main(argv=None):
         return 2
     os.makedirs(args.out, exist_ok=True)
     ns = [int(v) for v in args.ns.split(",")]
-    sparsities = [int(v) / 100 for v in args.sparsities.split(",")]
-    models = args.models.split(",")
-    if args.quick:
-        models = ["Llama-3-8B", "OPT-66B"]
     # without them (no cuda-bindings, say) flash_llm.spmm runs its PyTorch reference: the rows would time that
     why = T.kernels_missing()
     if why:
@@ -141,7 +173,7 @@ def main(argv=None):
     rows = []
     for model in models:
         for layer, (m, k) in LAYERS[model].items():
-            for dname in args.dtypes.split(","):
+            for dname in dtypes:
                 dtype = DTYPES[dname]
                 dense_w = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                 dense_copies = [dense_w] + [dense_w.clone() for _ in range(T.copies_needed(dense_w.nbytes) - 1)]
@@ -151,7 +183,7 @@ def main(argv=None):
                 dense_before, layer_rows = time_dense(dense_copies, xs), []
                 for sp in sparsities:
                     wd = random_sparse(m, k, sp, dtype, gen)
-                    for fname in args.formats.split(","):
+                    for fname in formats:
                         w = FORMATS[fname].from_dense(wd)
                         copies = T.weight_copies(w)
                         fid = FORMAT_IDS[type(w)]
@@ -197,6 +229,7 @@ def main(argv=None):
         f.write(summary)
     plot(rows, os.path.join(args.out, "speedup.png"))
     print(summary)
+    return 0
 
 
 def _med(vals):
@@ -227,7 +260,7 @@ def summarize(rows) -> str:
         worst = min(r["speedup_spmm"] for n in ns for r in groups[(f, d, s, n)])
         large = [r["pct_copy_bw"] for n in ns if n <= 32 for r in groups[(f, d, s, n)]
                  if r["M"] * r["K"] >= LARGE_MK and r.get("gbps_from", "kernel") == "kernel"]
-        lines.append(f"| {f} | {d} | {int(s * 100)}% | {_med(small):.2f} | " + " | ".join(per_n) +
+        lines.append(f"| {f} | {d} | {sparsity_pct(s)}% | {_med(small):.2f} | " + " | ".join(per_n) +
                      f" | {worst:.2f} | {_med(large):.0f} |")
     lines.append("\nPer N, *kernel* is the sparse kernel alone (forced where spmm expands to dense; '-' where not "
                  "timed) and *spmm* is `flash_llm.spmm` as dispatched (what callers get; the plot shows it)."
@@ -282,7 +315,7 @@ def target_checks(rows) -> list[str]:
     pooled over those N decides, and the median over the shapes at each N is printed beside it, naming the N whose
     median falls below the target.  The floor uses ``speedup_spmm`` (spmm as dispatched); the copy-bandwidth target
     uses ``pct_copy_bw`` of the rows timed on the kernel only."""
-    pct = lambda r: round(100 * r["sparsity"])  # noqa: E731
+    pct = lambda r: sparsity_pct(r["sparsity"])  # noqa: E731
     out = []
     dtypes = list(DTYPES) + sorted({r["dtype"] for r in rows} - set(DTYPES))  # (one not run: n/a)
 
@@ -381,7 +414,7 @@ def plot(rows, path):
                         pts[r["N"]].append(r["speedup_spmm"])
                 if pts:
                     xs = sorted(pts)
-                    ax.plot(xs, [statistics.median(pts[n]) for n in xs], marker="o", label=f"{int(sp * 100)}%")
+                    ax.plot(xs, [statistics.median(pts[n]) for n in xs], marker="o", label=f"{sparsity_pct(sp)}%")
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{fmt} {dname}: spmm speedup over cuBLAS (median of shapes)")
@@ -393,4 +426,4 @@ def plot(rows, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
