@@ -15,7 +15,7 @@ for s in "$@"; do
     bias) step bias 150 python3 benchmarks/diag/bias_gemm.py
           step bias_tests 200 python3 -m pytest -q -rf -n 4 -p no:cacheprovider tests/test_fixes81.py -k cuda ;;
     tests) step tests81 300 python3 -m pytest -q -rf -n 4 --timeout 200 -p no:cacheprovider tests/test_fixes81.py \
-             tests/test_build_fixes81.py tests/test_engine_gpu.py -k "cuda or graph or seeded" ;;
+             tests/test_build_fixes81.py tests/test_engine_gpu.py tests/test_engine_fixes82.py -k "cuda or graph or seeded" ;;
     drift_all|fuzz|fallback) OUT=$OUT bash benchmarks/gpu_waiting_s80.sh "$s" ;;
     *) echo "unknown step $s" ;;
   esac

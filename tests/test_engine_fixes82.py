@@ -17,7 +17,7 @@ PROMPTS2 = [[5, 6, 7], [1, 2]]
 def _two_requests(eng, how, *, seeded=True, n=6, eos=None):
     """The tokens of two consecutive sampling requests sharing one random stream (a generator, or torch's default
     one seeded once)."""
-    g = torch.Generator().manual_seed(0) if seeded else None
+    g = torch.Generator(eng.device).manual_seed(0) if seeded else None
     if not seeded:
         torch.manual_seed(0)
     outs = []
@@ -36,7 +36,7 @@ def _two_requests(eng, how, *, seeded=True, n=6, eos=None):
 def _eos_for(eng, n=6):
     """A stop list under which both rows stop before ``n`` tokens with the first request's seed (so that
     streaming launches a step past the end): the tokens generate() samples at steps 0 and 1."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(eng.device).manual_seed(0)
     first = eng.generate(PROMPTS2, n, eos_token_id=None, temperature=1.0, generator=g).tokens
     return sorted({int(first[0, 0]), int(first[1, 1])})
 
@@ -98,3 +98,17 @@ def test_a_zero_exponential_draw_never_picks_a_token_outside_top_k(monkeypatch):
     for _ in range(20):
         tok = sample_tokens(logits, temperature=1.0, top_k=3)
         assert ((0 <= tok) & (tok < 3)).all(), tok
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("seeded", [True, False])
+def test_cuda_shared_random_stream_samples_the_same_tokens_on_every_path(seeded):
+    """On a GPU generate() reads the stop flags EOS_LAG steps late (steps sampled past the end), streaming a step
+    late; the draws given back leave a CUDA generator (or the device's default one) where the next request expects
+    it."""
+    eng = Engine(_model().cuda(), max_batch=4, max_seq=48)
+    eos = _eos_for(eng)
+    want = _two_requests(eng, "generate", seeded=seeded, eos=eos)
+    assert all(len(row) < 6 for row in want[0]), want
+    for how in ("stream", "on_token"):
+        assert _two_requests(eng, how, seeded=seeded, eos=eos) == want, how
