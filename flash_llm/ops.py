@@ -477,8 +477,13 @@ def _checked(x, w, bias):
 
 def _checked_eps(eps) -> float:
     """``eps`` of a fused norm as a float: a real number (a Python or NumPy number, or a one-element real tensor; not
-    a bool), finite and >= 0 (0 as torch's ``rms_norm`` / ``layer_norm`` take it), or a ValueError that names it."""
+    a bool), finite and >= 0 (0 as torch's ``rms_norm`` / ``layer_norm`` take it), or a ValueError that names it.  A
+    tensor is read eagerly only: while ``torch.compile`` / ``torch.export`` traces, a TypeError naming ``eps`` (its
+    value would be data-dependent; a compile that may break the graph then runs this call eagerly)."""
     if isinstance(eps, torch.Tensor):
+        if torch.compiler.is_compiling():  # (its value would be data-dependent: a guard error deep inside the trace)
+            raise TypeError("eps must be a Python number under torch.compile / torch.export, got a tensor; pass "
+                            "float(eps) (or eps.item()) outside the compiled function")
         ok = eps.numel() == 1 and not eps.is_complex() and eps.dtype != torch.bool
     else:
         ok = isinstance(eps, numbers.Real) and not isinstance(eps, bool)
