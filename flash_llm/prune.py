@@ -247,26 +247,27 @@ def _nonfinite_parameter(model: nn.Module) -> str | None:
     return next((n for n, p in model.named_parameters() if not _all_finite(p)), None)
 
 
-def _memory_span(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """``(storage, first byte, end byte)`` of the memory ``t`` reaches: its storage's ``data_ptr`` and the byte range
-    from its first element to past its last (from its storage offset, sizes and strides); None for a tensor without
-    storage (e.g. on meta) or without elements.  Two tensors share memory when their storages are one and their
-    ranges overlap (:func:`_overlap`): disjoint views of one storage, e.g. ``q``, ``k`` and ``v`` split from a fused
-    weight, do not (views interleaved within one range, such as two column slices, count as overlapping)."""
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-    if not ptr or t.numel() == 0:
-        return None
-    size = t.element_size()
-    first = t.storage_offset() * size
-    return ptr, first, first + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * size
+def _by_storage(named) -> dict:
+    """``(name, tensor)`` pairs grouped by storage (:func:`flash_llm.nn._storage_key`); tensors without one (e.g. on
+    meta) left out."""
+    from .nn import _storage_key
+
+    groups: dict = {}
+    for n, t in named:
+        key = _storage_key(t)
+        if key is not None:
+            groups.setdefault(key, []).append((n, t))
+    return groups
 
 
-def _overlap(a: tuple[int, int, int] | None, b: tuple[int, int, int] | None) -> bool:
-    """Whether the spans ``a`` and ``b`` of :func:`_memory_span` share bytes (one storage, overlapping ranges)."""
-    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+def _sharing(t: torch.Tensor, groups: dict) -> list[str]:
+    """The names in ``groups`` (:func:`_by_storage`) whose tensors share bytes with ``t``
+    (:func:`flash_llm.ops._overlaps`: one storage, overlapping spans).  Disjoint views of one storage, e.g. ``q``,
+    ``k`` and ``v`` split from a fused weight, do not; views interleaved within one span (two column slices) do."""
+    from .nn import _storage_key
+    from .ops import _overlaps
+
+    return [n for n, u in groups.get(_storage_key(t), ()) if _overlaps(t, u)]
 
 
 def _recomputed_weight(module: nn.Linear) -> str | None:
@@ -301,7 +302,7 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
     (:func:`_recomputed_weight`: the zeros would be undone), when a weight is not 2-D of the layer's
     ``(out_features, in_features)`` (the pruners size their statistics from those), when it is on the meta
     device, when it shares memory with another parameter or buffer (overlapping bytes of one storage,
-    :func:`_memory_span`: pruning it would silently zero the other one too; disjoint views of one storage are not
+    :func:`_sharing`: pruning it would silently zero the other one too; disjoint views of one storage are not
     tied) and when it holds NaN or Inf (every score ranks such a weight highest, so it would be kept; SparseGPT
     would spread it over its row; one pass over the weights)."""
     if not isinstance(model, nn.Module):
@@ -320,11 +321,8 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
         if how is not None:
             raise ValueError(f"{fqn + '.weight' if fqn else 'weight'} is recomputed from other tensors at every "
                              f"forward ({how}): zeros written into it would be undone at the next forward")
-    owners: dict[int, list[tuple[str, tuple[int, int, int]]]] = {}  # storage -> (name, span) of its tensors
-    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        span = _memory_span(t)
-        if span is not None:
-            owners.setdefault(span[0], []).append((n, span))
+    owners = _by_storage([*model.named_parameters(remove_duplicate=False),
+                          *model.named_buffers(remove_duplicate=False)])
     aliases: dict[int, set[str]] = {}  # a module registered under several names (one block applied twice)
     for fqn, m in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(m), set()).add(f"{fqn}.weight" if fqn else "weight")
@@ -338,8 +336,7 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
                              "the layer with filter_fn")
         if m.weight.is_meta:
             raise ValueError(f"{name} is on the meta device (no values to prune); load the weights first")
-        span = _memory_span(m.weight)
-        others = [n for n, s in owners.get(span[0] if span else 0, ()) if n not in aliases[id(m)] and _overlap(span, s)]
+        others = [n for n in _sharing(m.weight, owners) if n not in aliases[id(m)]]
         if others:
             raise ValueError(f"{name} shares memory with {', '.join(others)} (tied weights): pruning it would "
                              "zero those too; exclude the layer with filter_fn")
@@ -974,20 +971,11 @@ def _check_logits(out, t_out) -> None:
 
 def _shared_with(teacher: nn.Module, model: nn.Module) -> list[tuple[str, str]]:
     """``(teacher tensor, model parameter)`` names of the teacher's parameters and buffers that share memory with a
-    parameter of ``model`` (overlapping bytes of one storage, :func:`_memory_span`; the first such parameter): those
+    parameter of ``model`` (overlapping bytes of one storage, :func:`_sharing`; the first such parameter): those
     ``gradual_prune_`` would prune and train in the teacher too.  Disjoint views of one storage are not shared."""
-    owners: dict[int, list[tuple[str, tuple[int, int, int]]]] = {}  # storage -> (name, span) of its parameters
-    for n, p in model.named_parameters(remove_duplicate=False):
-        span = _memory_span(p)
-        if span is not None:
-            owners.setdefault(span[0], []).append((n, span))
-    shared = []
-    for n, t in [*teacher.named_parameters(remove_duplicate=False), *teacher.named_buffers(remove_duplicate=False)]:
-        span = _memory_span(t)
-        hit = next((p for p, s in owners.get(span[0] if span else 0, ()) if _overlap(span, s)), None)
-        if hit is not None:
-            shared.append((n, hit))
-    return shared
+    owners = _by_storage(model.named_parameters(remove_duplicate=False))
+    tensors = [*teacher.named_parameters(remove_duplicate=False), *teacher.named_buffers(remove_duplicate=False)]
+    return [(n, hits[0]) for n, t in tensors if (hits := _sharing(t, owners))]
 
 
 def _check_int(name, v, lo) -> int:

@@ -96,8 +96,7 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
     ``overwrite``."""
     from ..checkpoint._files import atomic_directory, save_safetensors
     from ..checkpoint._model import state_to_save
-    from ..checkpoint.pretrained import _refuse_merged
-    from ..nn import LossyCastError, cast_loss
+    from ..checkpoint.pretrained import _refuse_merged, cast_checked
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype (torch.float16, torch.bfloat16, torch.float32), "
@@ -114,22 +113,16 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
             continue
         state[k] = v
     # Copies (a tensor already in dtype on the CPU would otherwise be the model's own, shared with its ties); a cast
-    # that overflows to inf is refused, as the loaders refuse it (checkpoint.pretrained.cast_checked), and nonzeros
+    # that overflows to inf is refused by the loaders' own check (checkpoint.pretrained.cast_checked), and nonzeros
     # flushed to zero are rounding, as there.
+    hints = ("pass dtype=torch.bfloat16, which has float32's range", "pass a dtype that holds these values")
     cast = {}
     for k, v in state.items():
         if not v.is_floating_point():
             continue
         src = v.detach().to("cpu")
-        cast[k] = src.to(dtype, copy=True).contiguous()
-        loss = cast_loss(src, cast[k], underflow=False)
-        if loss is not None:
-            a, b = src.reshape(-1), cast[k].reshape(-1)
-            largest = float(a[torch.isfinite(a) & ~torch.isfinite(b)].abs().max())
-            hint = ("pass dtype=torch.bfloat16, which has float32's range" if dtype == torch.float16 else
-                    "pass a dtype that holds these values")
-            raise LossyCastError(f"save_model_dir: tensor '{k}' cannot be cast to dtype {dtype}: {loss} (largest "
-                                 f"magnitude {largest:g}); {hint}")
+        c = cast_checked("save_model_dir", k, src, dtype, target=f"dtype {dtype}", hints=hints)
+        cast[k] = (c.clone() if c is src else c).contiguous()
     state = cast
     # (config.json as save_pretrained writes it: readers take "dtype" first, "torch_dtype" is the older key; the
     # quantization / compression sections of a sparse source describe tensors this dense checkpoint does not hold)

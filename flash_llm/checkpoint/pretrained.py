@@ -357,12 +357,18 @@ def check_dtype(path, key: str, got: torch.dtype, want: torch.dtype) -> None:
         raise FormatError(f"{path}: tensor '{key}' has dtype {got}; the model expects {want}")
 
 
-def cast_checked(path, key: str, t: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+_LOAD_HINTS = ("load it in bfloat16, which has float32's range (on the command line: --dtype bfloat16)",
+               "load it in a dtype that holds these values")
+
+
+def cast_checked(path, key: str, t: torch.Tensor, want: torch.dtype, *, target: str | None = None,
+                 hints: tuple[str, str] = _LOAD_HINTS) -> torch.Tensor:
     """``t`` (tensor ``key`` of file ``path``) cast to the model's dtype ``want``, refusing (:class:`~flash_llm.nn.
     LossyCastError`, naming both) a cast that turns finite values into inf (:func:`~flash_llm.nn.cast_loss`): fp16
     holds at most 65504, and a model run on inf weights computes NaN silently.  (Nonzeros that flush to zero are
     rounding here, as in transformers' loader: a float32 checkpoint has a few below fp16's smallest subnormal, which
-    casting it to fp16 loses.)"""
+    casting it to fp16 loses.)  ``target`` (the message's words for ``want``) and ``hints`` (the remedy for fp16,
+    and for any other dtype) are a loader's unless given (a writer's: :func:`flash_llm.bundled.save_model_dir`)."""
     if t.dtype == want:
         return t
     cast = t.to(want)
@@ -370,9 +376,8 @@ def cast_checked(path, key: str, t: torch.Tensor, want: torch.dtype) -> torch.Te
     if loss is not None:
         a, b = t.detach().reshape(-1), cast.detach().reshape(-1)
         largest = float(a[torch.isfinite(a) & ~torch.isfinite(b)].abs().max())
-        hint = ("load it in bfloat16, which has float32's range (on the command line: --dtype bfloat16)"
-                if want == torch.float16 else "load it in a dtype that holds these values")
-        raise LossyCastError(f"{path}: tensor '{key}' cannot be cast to {want}: {loss} (largest magnitude "
+        hint = hints[0] if want == torch.float16 else hints[1]
+        raise LossyCastError(f"{path}: tensor '{key}' cannot be cast to {target or want}: {loss} (largest magnitude "
                              f"{largest:g}); {hint}")
     return cast
 
