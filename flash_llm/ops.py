@@ -491,7 +491,7 @@ def _checked_eps(eps) -> float:
         value = float(eps) if ok else math.nan
     except (TypeError, ValueError, RuntimeError):  # (a tensor float() cannot read: under a transform, say)
         value = math.nan
-    if not (math.isfinite(value) and value >= 0):
+    if not (value >= 0 and value != math.inf):  # (not math.isfinite: dynamic floats; NaN fails)
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return value
 

@@ -416,14 +416,18 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         opts = [o.encode() for o in options]
         err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
         size = _check_nvrtc(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        buf = b" " * size
+        buf = bytearray(size)  # (writable: NVRTC fills it; never an immutable bytes, which CPython may share)
         nvrtc.nvrtcGetProgramLog(prog, buf)
-        log = buf.decode(errors="replace").rstrip("\x00 \n")
+        log = bytes(buf).decode(errors="replace").rstrip("\x00 \n")
         if int(err) != 0:
             raise KernelBuildError(f"NVRTC failed to compile {what} for {arch} ({err}):\n{log}")
         size = _check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        _check_nvrtc((nvrtc.nvrtcGetCUBIN(prog, cubin)[0], None), "nvrtcGetCUBIN")
+        if size == 0:  # (e.g. -dlto in extra_options: NVRTC then gives LTO IR, not a cubin)
+            raise KernelBuildError(f"NVRTC compiled {what} for {arch} but produced no cubin (options {list(options)})"
+                                   + (f":\n{log}" if log else ""))
+        out = bytearray(size)
+        _check_nvrtc((nvrtc.nvrtcGetCUBIN(prog, out)[0], None), "nvrtcGetCUBIN")
+        cubin = bytes(out)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     if notify:
