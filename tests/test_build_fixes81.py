@@ -60,7 +60,11 @@ def fake_cubin(sm: int = 80, body: bytes | None = None) -> bytes:
 
 def _fill(buffer: bytes, data: bytes) -> None:
     """Write ``data`` into ``buffer`` in place, as cuda-bindings' NVRTC does into the bytes it is given."""
-    assert len(buffer) == len(data) and len(data) > 1  # (never a 1-byte bytes: CPython shares those)
+    assert len(buffer) == len(data)
+    if isinstance(buffer, bytearray):  # (what compile_kernels passes since session 83)
+        buffer[:] = data
+        return
+    assert len(data) > 1  # (never a 1-byte bytes: CPython shares those)
     ctypes.memmove(ctypes.cast(ctypes.c_char_p(buffer), ctypes.c_void_p).value, data, len(data))
 
 

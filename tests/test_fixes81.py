@@ -32,6 +32,11 @@ def test_a_bias_that_cancels_the_product_is_added_before_rounding(fmt, dtype, m,
     fi = torch.finfo(dtype)
     step = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(fi.smallest_normal)))) * fi.eps
     tol = step + 2.0 ** -24 * (x.double().abs() @ wd.double().abs().t())
+    if device == "cuda" and (m, k, n) != (2, 513, 1000):
+        # (beyond the fuzzer's case, cuBLAS's own sums lose more where every output cancels: H100, session 83, 100-300
+        # x this tolerance, F.linear on the dense weight as much as the C matrix; the allowance is then PyTorch's own
+        # error, doubled, as tests/test_kernels_gpu.py's check and the fuzzer allow)
+        tol = tol + 2 * (torch.nn.functional.linear(x, wd, bias).double() - want).abs().amax()
     err = (y.double() - want).abs()
     worst = err / tol
     assert bool((worst <= 1).all()), f"{float(worst.max()):.1f} x the tolerance at {divmod(int(worst.argmax()), m)}"
