@@ -128,7 +128,7 @@ def test_bitmask_weight_stored_dense_and_compressed_is_refused(sources, tmp_path
     path = shutil.copytree(bitmask, tmp_path / "ckpt")
     _split_with_extra(path, {f"{UP}.weight": torch.full((96, 64), 0.5, dtype=torch.float16)})
     with pytest.raises(FormatError, match=rf"{path / 'model-00002-of-00002.safetensors'}: tensor '{UP}.weight' is "
-                                          rf"stored twice: dense here, and in sparse-bitmask form \('{UP}.weight."
+                                          rf"stored twice: dense here, and in sparse-bitmask form \('{UP}."
                                           r"shape', .*\) in model-00001-of-00002.safetensors"):
         flash_llm.from_pretrained(path, sparsify=False, progress=False)
 

@@ -136,8 +136,8 @@ def test_a_wrapped_model_is_saved_under_its_own_names(sources, tmp_path, wrap):
 
     write_sparse_bitmask(wrapped, tmp_path / "bitmask", progress=False)
     keys = list(read_shard(tmp_path / "bitmask" / "model.safetensors")[0])
-    assert "lm_head.weight" in keys and "lm_head.weight.bitmask" not in keys  # (ignore=("lm_head",) matched it)
-    assert f"{UP}.weight.bitmask" in keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+    assert "lm_head.weight" in keys and "lm_head.bitmask" not in keys  # (ignore=("lm_head",) matched it)
+    assert f"{UP}.bitmask" in keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
     again = flash_llm.from_pretrained(tmp_path / "bitmask", sparsify=False, progress=False)
     dense = flash_llm.from_pretrained(flash, sparsify=False, progress=False)
     _assert_same_state(again, dense)

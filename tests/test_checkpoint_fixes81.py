@@ -135,7 +135,7 @@ def test_convert_sparse_bitmask_min_sparsity_is_inclusive(tmp_path, zeros):
         ignore = json.load(f)["quantization_config"]["sparsity_config"]["ignore"]
     assert (UP in ignore) == (zeros != AT)
     with safe_open(str(tmp_path / "bm" / "model.safetensors"), "pt") as f:
-        assert (f"{UP}.weight.bitmask" in f.keys()) == (zeros == AT)
+        assert (f"{UP}.bitmask" in f.keys()) == (zeros == AT)
     if zeros != AT:
         assert dict(report.skipped)[UP] == _below_reason()
 

@@ -139,7 +139,7 @@ def test_write_sparse_bitmask_stores_an_empty_layer_dense(tmp_path):
     assert [(s.fqn, s.reason) for s in report.skipped] == [
         ("b", "empty weight (0, 32): the sparse-bitmask layout needs rows, cols >= 1")]
     tensors, _ = read_shard(tmp_path / "sb" / "model.safetensors")
-    assert tensors["b.weight"].shape == (0, 32) and "a.weight.bitmask" in tensors
+    assert tensors["b.weight"].shape == (0, 32) and "a.bitmask" in tensors
     qc = json.loads((tmp_path / "sb" / "config.json").read_text())["quantization_config"]
     assert qc["sparsity_config"]["ignore"] == ["lm_head", "b"]
     with torch.device("meta"):
@@ -204,15 +204,19 @@ def test_delta_rows_version_1_loads_on_the_meta_device():
 
 # ---- 1b. today's compressed-tensors names: the module prefix, ".weight" stripped ----------------------------------
 
-def _modern_names(path, drop_targets: bool = False):
-    """Rewrite a write_sparse_bitmask folder as today's compressed-tensors names its parts (``P.compressed`` for
-    the weight of module ``P``: ``BitmaskTensor.dict`` strips ``.weight``); optionally without ``targets``."""
+def _bitmask_names(path, legacy: bool, drop_targets: bool = False):
+    """A write_sparse_bitmask folder (today's compressed-tensors names since session 83: ``P.compressed`` for the
+    weight of module ``P``, as ``BitmaskTensor.dict`` strips ``.weight``), rewritten with the older full names
+    (``P.weight.compressed``: flash-llm's writer before session 83 and older compressed-tensors) where ``legacy``;
+    optionally without ``targets``."""
     from safetensors.torch import load_file
     f = path / "model.safetensors"
     t = load_file(str(f))
-    renamed = {k.replace(".weight.", ".") if sb.split_key(k) else k: v for k, v in t.items()}
-    assert renamed.keys() != t.keys()
-    save_file(renamed, str(f), metadata={"format": "pt"})
+    parts = [k for k in t if sb.split_key(k)]
+    assert parts and not any(".weight." in k for k in parts)  # (the writer's own names are today's)
+    if legacy:
+        t = {f"{k.rpartition('.')[0]}.weight.{k.rpartition('.')[2]}" if k in parts else k: v for k, v in t.items()}
+        save_file(t, str(f), metadata={"format": "pt"})
     if drop_targets:
         config = json.loads((path / "config.json").read_text())
         section = config["quantization_config"]["sparsity_config"]
@@ -220,15 +224,16 @@ def _modern_names(path, drop_targets: bool = False):
         (path / "config.json").write_text(json.dumps(config))
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["today", "legacy"])
 @pytest.mark.parametrize("drop_targets", [False, True])
-def test_module_prefix_names_load_compressed(tmp_path, drop_targets):
+def test_module_prefix_names_load_compressed(tmp_path, drop_targets, legacy):
     hf = hf_model("llama", seed=821)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("proj.weight"):
                 p.mul_(torch.rand_like(p) > 0.7)
     write_sparse_bitmask(hf, tmp_path / "ct")
-    _modern_names(tmp_path / "ct", drop_targets)
+    _bitmask_names(tmp_path / "ct", legacy, drop_targets)
     model = flash_llm.from_pretrained(tmp_path / "ct", dtype=torch.float16, progress=False)
     up = model.model.layers[0].mlp.up_proj
     assert isinstance(up, SparseLinear)

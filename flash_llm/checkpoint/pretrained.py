@@ -519,7 +519,7 @@ class _Loader:
         else:
             class_name = type(self.module.get_submodule(owner)).__name__
         if not self.kind.bitmask.is_target(owner, class_name):
-            raise FormatError(f"{path}: '{pname}' is stored in sparse-bitmask form but config.json's "
+            raise FormatError(f"{path}: '{key}' is stored in sparse-bitmask form ('{pname}.*') but config.json's "
                               f"sparsity_config does not target '{owner}' (targets "
                               f"{list(self.kind.bitmask.targets or [])}, ignore {list(self.kind.bitmask.ignore)})")
         dense = sb.decompress(parts, pname, str(path))
@@ -529,7 +529,7 @@ class _Loader:
         self._check_shape(key, dense.shape, path)
         if not dense.dtype.is_floating_point:
             raise FormatError(f"{path}: '{pname}.compressed' is not floating point")
-        self.values[key] = self._decide(slot, cast_checked(path, pname, dense, slot.dtype), path)
+        self.values[key] = self._decide(slot, cast_checked(path, key, dense, slot.dtype), path)
 
     def _decide(self, slot: _Slot, w, path: Path) -> torch.Tensor | SparseFormat:
         """The value a linear layer's weight gets: kept as it is, compressed, or made dense (in the layer's dtype: a
@@ -1262,6 +1262,8 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
             weight = m.to_dense() if isinstance(m, SparseLinear) else m.weight.detach()
             if weight.numel() == 0:  # (the layout needs rows, cols >= 1: sb.compress refuses it)
                 short = f"empty weight {tuple(weight.shape)}: the sparse-bitmask layout needs rows, cols >= 1"
+            elif owner.rpartition(".")[2] == "weight":  # (its parts would read back as the weight of '<owner>.weight')
+                short = "module name ends in 'weight': its sparse-bitmask tensor names would be ambiguous"
             else:
                 short = None if min_sparsity is None else min_sparsity_shortfall(
                     weight.numel() - count_nonzero(weight), weight.numel(), min_sparsity)  # (exact, inclusive)
@@ -1271,7 +1273,7 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
                 writer.add({f"{owner}.weight": weight, **{n: t for n, t in tensors.items() if n == f"{owner}.bias"}})
                 continue
             parts = sb.compress(weight)
-            out = {f"{owner}.weight.{p}": v for p, v in parts.items()}
+            out = {f"{owner}.{p}": v for p, v in parts.items()}  # (today's naming: the module's name, no '.weight')
             bias = tensors.get(f"{owner}.bias")
             if bias is not None:
                 out[f"{owner}.bias"] = bias

@@ -1,8 +1,10 @@
 """The compressed-tensors ``sparse-bitmask`` checkpoint layout: our own reader and writer (no dependency
 on the compressed-tensors package).
 
-Per compressed weight ``P`` (e.g. ``model.layers.0.mlp.up_proj.weight``, a ``[rows, cols]`` matrix) a
-checkpoint holds four tensors instead of ``P`` itself:
+Per compressed weight (e.g. ``model.layers.0.mlp.up_proj.weight``, a ``[rows, cols]`` matrix) a checkpoint holds
+four tensors instead of it, named after ``P``: today's compressed-tensors (and flash-llm's writer since session 83)
+strips ``.weight``, so ``P`` is the module's name (``model.layers.0.mlp.up_proj``) and its reader gives them back as
+``P.weight``; older files keep the full name (``P`` = ``...up_proj.weight``).  The reader takes both:
 
 * ``P.shape``: int64 ``[2]``, ``(rows, cols)``;
 * ``P.compressed``: the nonzero values in row-major order, in the weight's dtype, ``[nnz]``;
