@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -282,6 +283,8 @@ class SparseFormat:
         A ``dtype`` (positional or ``dtype=``) other than :attr:`dtype` raises TypeError; re-compress instead:
         ``type(w).from_dense(w.to_dense(), dtype=...)``.  A weight on the meta device (shapes only) moves to no other
         device: ValueError (no values to copy; load its arrays there instead)."""
+        if isinstance(device, (torch.dtype, torch.Tensor)) and isinstance(dtype, bool):
+            dtype, non_blocking = None, dtype  # (Tensor.to(dtype, non_blocking) / Tensor.to(other, non_blocking))
         if isinstance(device, torch.dtype):  # w.to(torch.bfloat16), as Tensor.to(dtype)
             device, dtype = None, device
         elif isinstance(device, torch.Tensor):  # w.to(x): x's device and dtype, as Tensor.to(other)
@@ -449,6 +452,7 @@ class SparseFormat:
         from ..checkpoint._files import save_safetensors
 
         self._needs_values("save")
+        _check_save_path(path)
         tensors, meta = self.state()
         save_safetensors({k: _host_copy(v) for k, v in tensors.items()}, path, meta)
 
@@ -549,6 +553,19 @@ class SparseFormat:
         raise NotImplementedError
 
 
+def _check_save_path(path) -> None:
+    """Before a save: ``path`` names a file whose directory exists (IsADirectoryError / FileNotFoundError /
+    NotADirectoryError naming it; safetensors' own error names neither the path nor is it an OSError)."""
+    p = Path(os.fspath(path))
+    if p.is_dir():
+        raise IsADirectoryError(f"path {p} is a directory; give a file name (e.g. {p / 'weight.safetensors'})")
+    parent = p.parent
+    if not parent.exists():
+        raise FileNotFoundError(f"path {p}: its directory {parent} does not exist")
+    if not parent.is_dir():
+        raise NotADirectoryError(f"path {p}: {parent} is not a directory")
+
+
 def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
     """Write several compressed weights to one safetensors file, each under its name, with the permissions of a new
     file under the process umask.  A weight on the meta device: ValueError naming it (nothing is written)."""
@@ -566,6 +583,7 @@ def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
         raise ValueError("weights: names must be non-empty (one weight alone: weight.save(path))")
     for name, w in weights.items():  # (all checked before any copy is made)
         w._needs_values("save", f"weights[{name!r}]")
+    _check_save_path(path)
     tensors, meta = {}, {}
     for name, w in weights.items():
         t, m = w.state(prefix=f"{name}.")
