@@ -8,7 +8,8 @@ The stream is cut into non-overlapping windows (:func:`flash_llm.data.windows`):
 ``tokens[i*T : i*T + T]`` and scores the next-token predictions against ``tokens[i*T + 1 : i*T + T + 1]``,
 so each of the ``n - 1`` targets is scored exactly once, with ``0 .. T-1`` tokens of context (no
 context carries over between windows).  The loss is the mean over all targets of the cross-entropy,
-computed from the logits in fp32 and summed in fp64, whatever the model's dtype.
+computed from the logits in fp32 per token and summed in fp64 (so it does not depend on ``batch_size``),
+whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batc
                 raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for input "
                                  f"{(len(starts), length)}; expected [B, T, V] = [{len(starts)}, {length}, V]")
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                               chunk[:, 1:].reshape(-1), reduction="sum")
-            total += loss.double()
+                                               chunk[:, 1:].reshape(-1), reduction="none")  # fp32, per token
+            total += loss.double().sum()  # (summed in fp64: the mean does not depend on batch_size)
             count += chunk[:, 1:].numel()
             bar.update(len(starts))
     finally:

@@ -32,9 +32,11 @@ Selection.  Every pruner takes the ``nn.Linear`` layers that ``filter_fn`` accep
 every forward (``torch.nn.utils.parametrize``, ``torch.nn.utils.prune``'s ``weight_orig``/``weight_mask``,
 the old ``torch.nn.utils.weight_norm``/``spectral_norm`` hooks) is refused with a ValueError naming it,
 as is a weight tied to another tensor, before any layer is modified: zeros written into such a weight
-would be undone at the next forward or would zero the other tensor too.  So are a weight whose shape is
-not the layer's ``(out_features, in_features)`` (the calibration statistics are sized from those) and a
-weight holding NaN or Inf (every score would rank it highest, so it would be kept, and SparseGPT would
+would be undone at the next forward or would zero the other tensor too.  So is a weight that cannot be written in
+place (an inference tensor, made under ``torch.inference_mode()`` and pruned outside it, or an expanded weight whose
+elements share memory: clone it; :func:`owl_sparsities` only reads the weights and takes them), and so are a weight
+whose shape is not the layer's ``(out_features, in_features)`` (the calibration statistics are sized from those)
+and a weight holding NaN or Inf (every score would rank it highest, so it would be kept, and SparseGPT would
 spread it over its row).
 
 Ties in the score go to the lower flat index (for ``scope="global"``, to the earlier layer first; for
@@ -43,9 +45,9 @@ lowest and are pruned first, below any other weight of equal score (e.g. Wanda's
 whose input is zero on every calibration token), so a group ends with exactly ``max(n, zeros it had)``
 zeros; a layer that had more zeros than requested keeps them (its reported sparsity is then higher).
 
-Dtypes: scores and updates are computed in fp32 (SparseGPT's Hessian in float64) on each weight's
-device; magnitude and Wanda only write zeros, so the kept weights are bit-identical; SparseGPT writes
-its updated weights back in the weight's dtype, and a kept weight that would round to zero in fp16/bf16
+Dtypes: scores and updates are computed in fp32 (in fp64 for float64 weights; SparseGPT's Hessian always in
+float64) on each weight's device; magnitude and Wanda only write zeros, so the kept weights are bit-identical;
+SparseGPT writes its updated weights back in the weight's dtype, and a kept weight that would round to zero in fp16/bf16
 becomes the smallest subnormal of its sign, so the zero count stays exact; one beyond the dtype's range (fp16:
 65504; the update can enlarge weights several times) is refused with a ValueError naming the layer before it is
 written (the layers already pruned get their weights back: prune in fp32 or bf16, or raise ``percdamp``).
@@ -295,13 +297,16 @@ def _recomputed_weight(module: nn.Linear) -> str | None:
 
 
 def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
-                    empty: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
+                    empty: list[str] | None = None, *, writes: bool = True) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers to prune, in module order, without empty ones (a dimension 0; their
     names are appended to ``empty`` when given).  Raises (ValueError naming the weight, before any layer is
     modified) when there are none, when a weight is recomputed from other tensors at every forward
     (:func:`_recomputed_weight`: the zeros would be undone), when a weight is not 2-D of the layer's
     ``(out_features, in_features)`` (the pruners size their statistics from those), when it is on the meta
-    device, when it shares memory with another parameter or buffer (overlapping bytes of one storage,
+    device, when ``writes`` (the caller writes the weights) and it cannot be written in place (an inference tensor
+    outside ``torch.inference_mode()``, or elements sharing memory such as an expanded tensor: found otherwise only
+    at the write, with earlier layers already pruned), when it shares memory with another parameter or buffer
+    (overlapping bytes of one storage,
     :func:`_sharing`: pruning it would silently zero the other one too; disjoint views of one storage are not
     tied) and when it holds NaN or Inf (every score ranks such a weight highest, so it would be kept; SparseGPT
     would spread it over its row; one pass over the weights)."""
@@ -336,6 +341,14 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
                              "the layer with filter_fn")
         if m.weight.is_meta:
             raise ValueError(f"{name} is on the meta device (no values to prune); load the weights first")
+        if writes and m.weight.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()) and cannot be "
+                             "written in place outside it: recreate the layer outside inference mode or replace its "
+                             "weight by a clone, or exclude the layer with filter_fn")
+        if writes and any(st == 0 and n > 1 for n, st in zip(m.weight.shape, m.weight.stride())):
+            raise ValueError(f"{name} has elements sharing memory (an expanded tensor, stride {m.weight.stride()}) "
+                             "and cannot be written in place: replace it by a clone, or exclude the layer with "
+                             "filter_fn")
         others = [n for n in _sharing(m.weight, owners) if n not in aliases[id(m)]]
         if others:
             raise ValueError(f"{name} shares memory with {', '.join(others)} (tied weights): pruning it would "
@@ -476,14 +489,17 @@ def _lowest_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Boolean masks marking exactly the ``k`` smallest entries of all ``scores`` together (non-negative
     floats; ties go to the earlier tensor, then the lower flat index).
 
-    Finds the k-th smallest value by bisection over fp32 bit patterns (ordered like the values for
+    Finds the k-th smallest value by bisection over fp32 bit patterns (fp64 ones when a score is float64, so
+    magnitudes that differ only below fp32's precision or range are not ties; both are ordered like the values for
     non-negative floats) instead of sorting a concatenation: memory stays one temporary per layer.
     """
-    keys = [s.detach().float().abs().contiguous().view(torch.int32) for s in scores]
+    wide = any(s.dtype == torch.float64 for s in scores)
+    keys = [(s.detach().double() if wide else s.detach().float()).abs().contiguous()
+            .view(torch.int64 if wide else torch.int32) for s in scores]
     masks = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
     if k <= 0:
         return masks
-    lo, hi = 0, 2**31 - 1  # smallest t with #(key <= t) >= k
+    lo, hi = 0, (2**63 - 1 if wide else 2**31 - 1)  # smallest t with #(key <= t) >= k
     while lo < hi:
         mid = (lo + hi) // 2
         if sum(int((key <= mid).sum()) for key in keys) >= k:
@@ -608,16 +624,19 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
 
 
 def _wanda_scores(model, batches, layers) -> list[torch.Tensor]:
-    """``|W_ij| * ||X_j||_2`` (fp32) of every layer, with the input norms from one pass of the model."""
+    """``|W_ij| * ||X_j||_2`` (fp32, or fp64 for a float64 weight; float64 inputs' norms in fp64) of every layer, with
+    the input norms from one pass of the model."""
     sq_norms = {m: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for _, m in layers}
 
     def make(m):
         def fn(x):
-            sq_norms[m] += x.reshape(-1, m.in_features).float().square().sum(0).double()
+            sq_norms[m] += x.reshape(-1, m.in_features).to(torch.promote_types(x.dtype, torch.float32)).square() \
+                .sum(0).double()
         return fn
 
     _run_with_hooks(model, batches, {m: make(m) for _, m in layers})
-    return [m.weight.detach().float().abs() * sq_norms[m].sqrt().float() for _, m in layers]
+    dtypes = {m: torch.promote_types(m.weight.dtype, torch.float32) for _, m in layers}
+    return [m.weight.detach().to(dtypes[m]).abs() * sq_norms[m].sqrt().to(dtypes[m]) for _, m in layers]
 
 
 # ---- SparseGPT --------------------------------------------------------------------------------------
@@ -625,11 +644,11 @@ def _wanda_scores(model, batches, layers) -> list[torch.Tensor]:
 def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int, percdamp: float,
                      name: str) -> tuple[torch.Tensor, float]:
     """Prune one weight ``[M, K]`` given its input Gram matrix ``H`` ``[K, K]`` (float64, any positive
-    scale).  Returns the pruned weight in the weight's dtype and the relative reconstruction error; raises
-    ValueError naming the layer when an updated weight does not fit that dtype (e.g. beyond fp16's 65504: it would
-    be written as Inf)."""
+    scale); the update runs in fp32 (in fp64 for a float64 weight).  Returns the pruned weight in the weight's dtype
+    and the relative reconstruction error; raises ValueError naming the layer when an updated weight does not fit
+    that dtype (e.g. beyond fp16's 65504: it would be written as Inf)."""
     M, K = weight.shape
-    W0 = weight.detach().float()
+    W0 = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
     W = W0.clone()
     diag0 = H.diagonal().clone()
     dead = diag0 == 0  # inputs that are zero on every calibration token
@@ -639,7 +658,7 @@ def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blo
     if int(info) != 0:
         raise ValueError(f"{name}: the dampened Hessian is not positive definite (Cholesky failed at column "
                          f"{int(info)}); raise percdamp (now {percdamp}) or use more calibration data")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()  # upper Cholesky of H^-1
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(W0.dtype)  # upper Cholesky of H^-1
     del L
     H.diagonal().copy_(diag0)  # H is the plain Gram matrix again, for the error below
 
@@ -792,7 +811,7 @@ def _sparsegpt_one(model: nn.Module, batches: list[torch.Tensor], fqn: str, m: n
                    blocksize: int, percdamp: float, originals: list[tuple[nn.Linear, torch.Tensor]] | None,
                    report: PruneReport) -> None:
     """One layer of :func:`sparsegpt_prune_`: its Hessian on the current model's inputs, then the pruned weight
-    written in place (its original appended to ``originals`` first, unless None) and its entry appended to
+    written in place (its original appended to ``originals`` once written, unless None) and its entry appended to
     ``report``."""
     H = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
     tokens = [0]
@@ -807,10 +826,11 @@ def _sparsegpt_one(model: nn.Module, batches: list[torch.Tensor], fqn: str, m: n
     pruned, err = _sparsegpt_layer(m.weight, H, sparsity, blocksize, percdamp,
                                    f"{fqn}.weight" if fqn else "weight")
     del H
-    if originals is not None:
-        originals.append((m, m.weight.detach().to("cpu", copy=True)))
+    original = m.weight.detach().to("cpu", copy=True) if originals is not None else None
     with torch.no_grad():
         m.weight.copy_(pruned)
+    if originals is not None:  # (only once written: a failed write leaves the layer as it was, nothing to restore)
+        originals.append((m, original))
     report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), err))
 
 
@@ -878,7 +898,7 @@ def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, 
     if lam_ is None or not 0.0 <= lam_ <= 1.0:
         raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
     M, lam = M_, lam_
-    layers = _select_linears(model, filter_fn)
+    layers = _select_linears(model, filter_fn, writes=False)  # (reads the weights only)
     batches = _calib_batches(calib, model)
     ratios = []
     for score in _wanda_scores(model, batches, layers):
