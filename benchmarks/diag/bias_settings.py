@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import flash_llm  # noqa: E402
 from flash_llm import kernels  # noqa: E402
 
 MM = torch.backends.cuda.matmul
@@ -51,8 +52,15 @@ def addmm_2d(x, w, b):
     return torch.addmm(b.expand(x.shape[0], w.shape[0]), x, w.t())
 
 
+def spmm_of(fmt):
+    def run(x, w, b):
+        return flash_llm.spmm(x, fmt.from_dense(w), b)
+    return run
+
+
 METHODS = {"F.linear": lambda x, w, b: F.linear(x, w, b), "C matrix": c_matrix, "addmm 2-D": addmm_2d,
-           "fp32 out": fp32_out}
+           "fp32 out": fp32_out, "spmm TCSL": spmm_of(flash_llm.TiledCSL), "spmm bitmap": spmm_of(flash_llm.BitmapTiles)}
+TIMED = ("F.linear", "C matrix", "addmm 2-D", "fp32 out")
 SETTINGS = {"default": (), "all off": tuple(FLAGS), **{f"{n.split('_')[1]} rpr off": (n,) for n in FLAGS[:2]}}
 
 
@@ -114,7 +122,7 @@ def main():
         x = torch.randn(n, k, device="cuda", dtype=dtype)
         b = torch.randn(m, device="cuda", dtype=dtype)
         out = []
-        for mth, fn in [*METHODS.items(), ("no bias", lambda x, w, b: F.linear(x, w))]:
+        for mth, fn in [*((t, METHODS[t]) for t in TIMED), ("no bias", lambda x, w, b: F.linear(x, w))]:
             with settings(tuple(FLAGS)):
                 ts = []
                 for i in range(23):
