@@ -59,7 +59,8 @@ def spmm_of(fmt):
 
 
 METHODS = {"F.linear": lambda x, w, b: F.linear(x, w, b), "C matrix": c_matrix, "addmm 2-D": addmm_2d,
-           "fp32 out": fp32_out, "spmm TCSL": spmm_of(flash_llm.TiledCSL), "spmm bitmap": spmm_of(flash_llm.BitmapTiles)}
+           "fp32 out": fp32_out, "spmm TCSL": spmm_of(flash_llm.TiledCSL),
+           "spmm bitmap": spmm_of(flash_llm.BitmapTiles)}
 TIMED = ("F.linear", "C matrix", "addmm 2-D", "fp32 out")
 SETTINGS = {"default": (), "all off": tuple(FLAGS), **{f"{n.split('_')[1]} rpr off": (n,) for n in FLAGS[:2]}}
 
