@@ -16,8 +16,10 @@ import contextlib
 import functools
 import json
 import math
+import sys
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, NamedTuple
@@ -258,19 +260,22 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt="bitmap", dtype: torch.dtype | None = None) -> "SparseLinear":
         """The compressed equivalent of ``linear`` (its weight fp16/bf16, or any floating dtype with
-        ``dtype=``), on its device.  Zeros of the weight are what gets dropped: prune first."""
+        ``dtype=``), on its device, in its ``train()`` / ``eval()`` mode.  Zeros of the weight are what gets dropped:
+        prune first."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls._from_dense(linear.weight, linear.bias, fmt, dtype, "linear.weight", "linear.bias")
+        layer = cls._from_dense(linear.weight, linear.bias, fmt, dtype, "linear.weight", "linear.bias")
+        return layer.train(linear.training)  # (as to_linear and sparsify_ carry it)
 
     @classmethod
     def zeros(cls, in_features: int, out_features: int, bias: bool = True, fmt="bitmap",
               dtype: torch.dtype = torch.float16, device=None) -> "SparseLinear":
         """An all-zero layer (nnz 0, zero bias): a shell to ``load_state_dict`` a checkpoint into.
 
-        Built without a dense matrix, so cheap for any shape; ``device="meta"`` allocates nothing
-        (load with ``assign=True`` then).  ``fmt="delta-rows"`` needs ``in_features`` below 65536 (16-bit columns;
-        else ValueError naming ``in_features``).
+        Built without a dense matrix, so cheap for any shape, on ``device`` as torch reads it (``None``: the CPU;
+        ``0`` is ``cuda:0``); ``device="meta"`` allocates nothing (load with ``assign=True`` then).
+        ``fmt="delta-rows"`` needs ``in_features`` below 65536 (16-bit columns; else ValueError naming
+        ``in_features``).
         """
         if dtype not in VALUE_DTYPES:
             raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
@@ -283,7 +288,7 @@ class SparseLinear(nn.Module):
         cls_ = _format_class(fmt)
         if cls_ is DeltaRows and (why := _delta_rows_too_wide(in_features, "in_features", "fmt")) is not None:
             raise ValueError(why)
-        w = cls_.zeros(out_features, in_features, dtype, device or "cpu")
+        w = cls_.zeros(out_features, in_features, dtype, "cpu" if device is None else device)  # (0 is cuda:0)
         return cls(w, torch.zeros(out_features, dtype=dtype, device=w.device) if bias else None)
 
     # ---- the weight ----------------------------------------------------------------------------
@@ -347,6 +352,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``."""
         self._check_filled()
+        if not isinstance(x, torch.Tensor):  # (before x.dtype: as spmm says it)
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != self.weight_dtype:
             raise TypeError(f"SparseLinear holds a {self.weight_dtype} weight (fixed at compression; module "
                             f"dtype casts do not change it) but x has dtype {x.dtype}; cast x, or rebuild "
@@ -424,6 +431,11 @@ class SparseLinear(nn.Module):
         # The tensors this makes (copies, casts) are made outside inference mode: a load under
         # torch.inference_mode() leaves normal tensors, as nn.Module's in-place copies do, so the layer still
         # runs with autograd after it.
+        # The layer's load_state_dict pre-hooks run first, before anything is read (torch runs them in nn.Module's
+        # loader, which comes last here): a hook that upgrades a checkpoint (its _extra_state, its key names) is seen.
+        hooks = self._load_state_dict_pre_hooks
+        for hook in hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         keys = {n: prefix + "weight_" + n for n in self.weight_format._arrays}
         arrays = {n: state_dict.pop(k) for n, k in keys.items() if k in state_dict}
         popped = [keys[n] for n in arrays]
@@ -463,8 +475,12 @@ class SparseLinear(nn.Module):
             elif w is None and bias_key in state_dict:
                 state_dict.pop(bias_key)
                 popped.append(bias_key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        self._load_state_dict_pre_hooks = OrderedDict()  # (run above: not again in nn.Module's loader)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            self._load_state_dict_pre_hooks = hooks
         if self.bias is not None and self.bias.dtype != self.weight_dtype:  # assign=True takes the checkpoint's as is
             # (exact to rounding: _bias_cast_error checked it)
             with torch.inference_mode(False):
@@ -728,11 +744,14 @@ def _read_directly(model: nn.Module) -> dict[int, str]:
 
 
 def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: dict, skip_names: tuple = (),
-                 read_directly: dict | None = None, fmt_cls: type | None = None) -> str | None:
-    """Why ``module`` stays dense, or None to convert it (the checks that need no compression)."""
+                 read_directly: dict | None = None, fmt_cls: type | None = None,
+                 match_name: str | None = None) -> str | None:
+    """Why ``module`` stays dense, or None to convert it (the checks that need no compression).  ``skip_names``
+    match ``match_name`` (default ``fqn``; for a tensor-parallel projection's local layer, the projection's name)."""
     if not fqn:
         return "the model itself is an nn.Linear (sparsify_ replaces submodules; use SparseLinear.from_linear)"
-    if any(fqn == n or fqn.endswith("." + n) for n in skip_names):
+    match_name = fqn if match_name is None else match_name
+    if any(match_name == n or match_name.endswith("." + n) for n in skip_names):
         return f"name in skip_names {skip_names}"
     if read_directly and id(module) in read_directly:
         return read_directly[id(module)]
@@ -874,7 +893,8 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
         model: any module; converted layers must then be fed inputs of their dtype.
         config: a :class:`SparsifyConfig` (default ``SparsifyConfig()``).
         filter_fn: ``(module, fqn) -> bool``, called for every ``nn.Linear`` with its fully qualified
-            name; False keeps the layer dense.
+            name; False keeps the layer dense.  After ``flash_llm.parallel`` sharding, a projection's local layer
+            (``<projection>.linear``) goes by the projection's name, here and for ``skip_names``, as before it.
 
     Returns:
         A :class:`SparsifyReport` of converted layers (shape, density, bytes before and after) and
@@ -895,16 +915,23 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
         if key is not None:
             sharing.setdefault(key, []).append(n)
 
+    # a tensor-parallel projection's local layer ('<projection>.linear') goes by the projection's name, as in the
+    # single-process model and tensor_parallel_(sparsify=): skip_names and filter_fn see that name.  (Without
+    # flash_llm.parallel imported there are none: sparsify_ does not import it, nor torch.distributed with it.)
+    layers = sys.modules.get(__name__.rpartition(".")[0] + ".parallel.layers")
+    projection = {f"{p}.linear": p for p, m in model.named_modules()
+                  if p and layers is not None and isinstance(m, layers._ParallelLinear)}
     report = SparsifyReport()
     plan: list[tuple[str, SparseLinear]] = []
     trainable = 0  # converted layers whose weight or bias was trainable in a model in train() mode
     for fqn, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if filter_fn is not None and not filter_fn(module, fqn):
+        name = projection.get(fqn, fqn)
+        if filter_fn is not None and not filter_fn(module, name):
             report.skipped.append(SkippedLayer(fqn, "excluded by filter_fn"))
             continue
-        reason = _skip_reason(module, fqn, config, sharing, skip_names, read_directly, fmt_cls)
+        reason = _skip_reason(module, fqn, config, sharing, skip_names, read_directly, fmt_cls, name)
         if reason is None:
             # (outside inference mode: under torch.inference_mode() the buffers would be inference tensors, and the
             # model could not run with autograd afterwards; the same as load_state_dict does)
