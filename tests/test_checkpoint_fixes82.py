@@ -114,7 +114,8 @@ def test_with_targets_a_compressed_tensor_they_do_not_select_is_refused(tmp_path
     hf = hf_model("llama", seed=82)
     path = _old_ct_checkpoint(hf, tmp_path / "ct", {"format": "sparse-bitmask", "targets": ["Linear"]})
     with pytest.raises(FormatError, match=r"model.safetensors: 'model.embed_tokens.weight' is stored in "
-                                          r"sparse-bitmask form but config.json's sparsity_config does not target "
+                                          r"sparse-bitmask form \('model.embed_tokens.weight.\*'\) but config.json's "
+                                          r"sparsity_config does not target "
                                           r"'model.embed_tokens' \(targets \['Linear'\], ignore \[\]\)"):
         flash_llm.from_pretrained(path, progress=False)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,9 +197,10 @@ SOURCE_ATTR = "_flash_llm_source"
 
 @dataclass
 class Source:
-    """What a model was loaded from (:func:`remember_source`): the checkpoint directory, its ``config.json`` (without
-    the quantization sections) and ``generation_config.json`` (None where absent) as read, and the model's config
-    object with the ``eos_token_id`` it had right after the load."""
+    """What a model was loaded from (:func:`remember_source`): the checkpoint directory (absolute, as it was at the
+    load: a later ``os.chdir`` does not move it), its ``config.json`` (without the quantization sections) and
+    ``generation_config.json`` (None where absent) as read, and the model's config object with the ``eos_token_id`` it
+    had right after the load."""
 
     path: Path
     config: dict
@@ -212,7 +214,7 @@ def remember_source(model: nn.Module, path: Path, config: dict, generation_confi
     needs to write a faithful checkpoint of it and to refuse replacing ``path``."""
     cfg = getattr(model, "config", None)
     kept = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("quantization_config", "compression_config")}
-    model.__dict__[SOURCE_ATTR] = Source(Path(path), kept, copy.deepcopy(generation_config), cfg,
+    model.__dict__[SOURCE_ATTR] = Source(Path(os.path.abspath(path)), kept, copy.deepcopy(generation_config), cfg,
                                          copy.deepcopy(getattr(cfg, "eos_token_id", None)))
 
 
@@ -227,14 +229,20 @@ def source_of(model: nn.Module) -> Source | None:
 # value is not kept beside them (it could disagree with a config changed after loading)
 _MODELLED_ELSEWHERE = frozenset({"rope_parameters", "original_max_position_embeddings"})
 
+# config.json keys that to_hf writes as constants (0.0: the flash models run inference only, and model no dropout), so
+# a source's value wins (OPT checkpoints say "dropout": 0.1: a fine-tune of the saved checkpoint keeps it)
+_UNMODELLED_CONSTANTS = frozenset({"dropout", "attention_dropout", "layerdrop"})
+
 
 def _with_source_keys(model_config, out: dict, src: Source) -> dict:
     """``out`` (``model_config.to_hf()``) plus the keys of the source's ``config.json`` that a ModelConfig does not
-    model (flash-llm's ``"flash_llm"`` section, ``use_cache``, ``transformers_version``, custom keys...), and the
-    source's ``eos_token_id`` where the model's is still the one it was loaded with (from_pretrained puts
-    ``generation_config.json``'s there, which the save writes beside it)."""
+    model (flash-llm's ``"flash_llm"`` section, ``use_cache``, ``transformers_version``, custom keys, the dropout
+    settings ``to_hf`` writes as 0.0...), and the source's ``eos_token_id`` where the model's is still the one it was
+    loaded with (from_pretrained puts ``generation_config.json``'s there, which the save writes beside it)."""
     merged = {k: copy.deepcopy(v) for k, v in src.config.items() if k not in out and k not in _MODELLED_ELSEWHERE}
     merged.update(out)
+    for k in _UNMODELLED_CONSTANTS & src.config.keys():
+        merged[k] = copy.deepcopy(src.config[k])
     if model_config.eos_token_id == src.eos_token_id and "eos_token_id" in src.config:
         merged["eos_token_id"] = copy.deepcopy(src.config["eos_token_id"])
     return merged

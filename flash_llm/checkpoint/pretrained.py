@@ -26,7 +26,7 @@ import shutil
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -550,7 +550,7 @@ class _Loader:
         if self.mode == "dense":
             return dense_of(w)
         config: SparsifyConfig = self.mode
-        fmt = _format_class(config.format)
+        fmt = _format_class(config.format, "SparsifyConfig.format")
         if slot.keep_dense is not None:
             self.report.skipped.append(SkippedLayer(slot.fqn, slot.keep_dense))
             return dense_of(w)
@@ -688,10 +688,11 @@ def _mode(sparsify, kind: CheckpointKind):
     if sparsify is False:
         return "dense"
     if isinstance(sparsify, SparsifyConfig):
+        _, skip_names = sparsify._checked()  # (again, as sparsify_: a field may be set after __post_init__)
         if sparsify.dtype is not None:
             raise ValueError("load_checkpoint compresses each layer in the model's own dtype; leave "
                              "SparsifyConfig.dtype unset and build the model in the dtype you want")
-        return sparsify
+        return replace(sparsify, skip_names=skip_names)  # (a tuple: the names may have been an iterator)
     raise TypeError(f"sparsify must be None, False or a SparsifyConfig, got {type(sparsify).__name__}")
 
 
@@ -956,13 +957,13 @@ def _model_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtyp
 
 
 def mixed_dtype_warning(state: dict[str, torch.Tensor], dtype: torch.dtype, declared: str,
-                        advice: str | None = None) -> str | None:
-    """The warning of a save whose floating tensors are not all ``dtype`` (the one the checkpoint declares, as
-    ``declared`` says), or None."""
+                        advice: str | None = None, *, writer: str = "save_pretrained") -> str | None:
+    """The warning of a save (by ``writer``) whose floating tensors are not all ``dtype`` (the one the checkpoint
+    declares, as ``declared`` says), or None."""
     other = [(n, t.dtype) for n, t in state.items() if t.dtype.is_floating_point and t.dtype != dtype]
     if not other:
         return None
-    return (f"save_pretrained: {len(other)} tensor(s) are not {dtype} (e.g. '{other[0][0]}' is {other[0][1]}); they "
+    return (f"{writer}: {len(other)} tensor(s) are not {dtype} (e.g. '{other[0][0]}' is {other[0][1]}); they "
             f"are written as they are, but {declared}, so loading casts them: "
             f"{advice or f'cast the model to {dtype} first'} for an exact round trip")
 
@@ -1036,7 +1037,9 @@ def _refuse_own_source(model: nn.Module, path) -> None:
 
 def _transformers_source(model: nn.Module) -> Path | None:
     """The local directory a model loaded by transformers itself came from (its config's ``_name_or_path``, where that
-    is a directory here), or None."""
+    is a directory here), or None.  transformers records the name as it was passed: a relative one is read against
+    today's working directory, which is right unless the process changed directory since the load (flash-llm does
+    not see that load; :func:`from_pretrained` and :func:`load_checkpoint` record absolute paths)."""
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
     return Path(name) if isinstance(name, str) and name and os.path.isdir(name) else None
 
@@ -1242,6 +1245,14 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
             report.skipped.append(SkippedLayer(fqn, "weight is tied to another tensor"))
         else:
             chosen[fqn] = m
+    dtype = _model_dtype(model, state)
+    if dtype is not None:  # (as save_pretrained: the readers cast every dense tensor to config.json's dtype)
+        written = {**state, **{f"{fqn}.weight": torch.empty(0, dtype=m.weight_dtype, device="meta")
+                               for fqn, m in sparse.items()}}  # (a SparseLinear is written decompressed, in its dtype)
+        message = mixed_dtype_warning(written, dtype, f"config.json says {str(dtype).removeprefix('torch.')}",
+                                      writer="write_sparse_bitmask")
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=2)
     zeros = total = 0
     kept_dense: list[str] = []
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -1288,7 +1299,6 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
         writer.close()
         cfg["quantization_config"] = sb.quantization_config(targets, (*ignore, *kept_dense),
                                                             zeros / total if total else 0.0)
-        dtype = _model_dtype(model, state)
         if dtype is not None:
             cfg["dtype"] = str(dtype).removeprefix("torch.")
             if "torch_dtype" in cfg:  # (as save_pretrained: the older key, where the config has it, agrees)
