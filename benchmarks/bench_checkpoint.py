@@ -1,6 +1,6 @@
 """Checkpoint conversion and loading at real model shapes.
 
-    python benchmarks/bench_checkpoint.py [--quick] [--model llama-3-8b] [--layers N] [--sparsity 0.8]
+    python benchmarks/bench_checkpoint.py [--quick] [--model llama-3-8b] [--layers N] [--sparsity 80]
                                           [--device cuda] [--format bitmap] [--workdir DIR] [--out DIR]
                                           [--overwrite]
 
@@ -22,7 +22,10 @@
 Writes ``results.json`` (environment with the command, the options, every measurement), ``results.csv`` and
 ``checkpoint_times.png`` under ``--out`` and prints a summary (an ``--out`` that holds any of them is refused without
 ``--overwrite``).
-``--quick``: a tiny model on CPU, a smoke run of every step (seconds).
+``--quick``: a tiny model (2MB shards) on CPU, a smoke run of every step (seconds); ``--model`` and ``--shard`` are
+refused with it.  ``--workdir DIR`` keeps the checkpoints in ``DIR/dense`` and ``DIR/flash``; ones there are replaced
+only where an earlier run made them (it leaves the marker ``DIR/.flash-llm-bench-checkpoint``), anything else there
+of those names is refused.
 """
 
 from __future__ import annotations
@@ -49,9 +52,12 @@ import _timing as T  # noqa: E402
 import flash_llm  # noqa: E402
 from flash_llm import SparseLinear  # noqa: E402
 from flash_llm.checkpoint import _files  # noqa: E402
-from flash_llm.models import ModelConfig, from_config, preset  # noqa: E402
+from flash_llm.cli import _positive, sparsity_arg  # noqa: E402
+from flash_llm.models import PRESETS, ModelConfig, from_config, preset  # noqa: E402
 
 OUTPUTS = ("results.json", "results.csv", "checkpoint_times.png")
+#: in ``--workdir``: its ``dense/`` and ``flash/`` are this script's, to replace (nothing else there is removed)
+WORKDIR_MARKER = ".flash-llm-bench-checkpoint"
 QUICK = ModelConfig(family="llama", vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=512, max_position_embeddings=128, name="quick")
 
@@ -188,17 +194,39 @@ def _child_convert(args) -> None:
                       "sparse_bytes": report.sparse_bytes, "dense_bytes": report.dense_bytes}))
 
 
+def _unusable_workdir(work: Path) -> str | None:
+    """Why the run must not use ``work`` (a ``--workdir``), or None: it is not a directory, or its ``dense`` /
+    ``flash`` exist, are not empty directories, and no earlier run of this script marked ``work`` as its own
+    (:data:`WORKDIR_MARKER`): the run replaces those two, and only what it made itself."""
+    if os.path.lexists(work) and not work.is_dir():
+        return f"{work} is not a directory"
+    if (work / WORKDIR_MARKER).is_file():
+        return None
+    held = [str(p) for p in (work / "dense", work / "flash")
+            if os.path.lexists(p) and (p.is_symlink() or not p.is_dir() or any(p.iterdir()))]
+    if not held:
+        return None
+    return (f"{' and '.join(held)} already exist{'s' if len(held) == 1 else ''}, not made by this script (it replaces "
+            f"only a dense/ and flash/ of its own, marked by {WORKDIR_MARKER}); pass another --workdir, or remove "
+            f"{'it' if len(held) == 1 else 'them'}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a tiny model on CPU: a smoke run of every step")
-    ap.add_argument("--model", default="llama-3-8b", help="a flash_llm.models preset (default llama-3-8b)")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--quick", action="store_true",
+                    help="a tiny model with 2MB shards on CPU: a smoke run of every step (--model / --shard refused)")
+    ap.add_argument("--model", default=None, choices=sorted(PRESETS),
+                    help="a flash_llm.models preset (default llama-3-8b; not with --quick)")
+    ap.add_argument("--layers", type=_positive, default=None, help="decoder layers (default: the model's)")
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="of the projections: a fraction or a percentage, 0.8, 80 and 80%% alike (default 0.8)")
     ap.add_argument("--format", default="bitmap", choices=["bitmap", "tiled-csl"])
     ap.add_argument("--device", default=None, help="compression / load device (default: cuda if available)")
-    ap.add_argument("--shard", default="5GB", help="shard size of both checkpoints (default 5GB)")
-    ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--shard", default=None, help="shard size of both checkpoints (default 5GB; not with --quick)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the checkpoints go, as DIR/dense and DIR/flash, kept (default: a temporary "
+                         "directory); a dense/ or flash/ there that an earlier run did not make is refused")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints of the temporary directory")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers load")
     ap.add_argument("--no-cpu-load", action="store_true", help="time loading on --device only, not also on CPU")
     ap.add_argument("--out", default="benchmarks/out/checkpoint")
@@ -209,17 +237,34 @@ def main(argv=None):
         src, dst, fmt, device, shard = args._child
         _child_convert(argparse.Namespace(src=src, dst=dst, format=fmt, device=device, shard=shard))
         return 0
+    # every option checked before anything is written or removed (exit status 2, the option named)
+    if args.quick and (args.model or args.shard):
+        ap.error(f"--quick runs its own tiny model with 2MB shards: drop "
+                 f"{' and '.join(f for f, v in (('--model', args.model), ('--shard', args.shard)) if v)}")
+    args.model, args.shard = args.model or "llama-3-8b", args.shard or "5GB"  # (as recorded in "options")
+    try:
+        _files.parse_size(args.shard)
+    except ValueError as e:
+        ap.error(f"--shard: {e}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
+    except RuntimeError as e:
+        ap.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is available; use --device cpu")
+    cfg = QUICK if args.quick else preset(args.model)
+    if args.layers is not None:
+        cfg = cfg.replace(num_layers=args.layers)
+    shard = "2MB" if args.quick else args.shard
     existing = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]  # as bench_e2e.py
     if existing and not args.overwrite:
         print(f"error: {args.out} already holds {', '.join(existing)}; pass --overwrite or another --out",
               file=sys.stderr)
         return 2
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
-    cfg = QUICK if args.quick else preset(args.model)
-    if args.layers is not None:
-        cfg = cfg.replace(num_layers=args.layers)
-    shard = "2MB" if args.quick else args.shard
+    why = _unusable_workdir(Path(args.workdir)) if args.workdir else None
+    if why:  # (as the --out check: nothing of the user's is deleted)
+        print(f"error: --workdir {args.workdir}: {why}", file=sys.stderr)
+        return 2
     # the dense source (2 bytes a parameter) and the converted checkpoint (at most as large) go to the workdir: refuse
     # up front where they cannot fit, not after writing gigabytes of it
     need = 2 * 2 * cfg.num_parameters()
@@ -235,9 +280,13 @@ def main(argv=None):
     old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="flash-llm-bench-ckpt-"))
     dense, flash = work / "dense", work / "flash"
-    for p in (dense, flash):
-        if p.exists():
-            shutil.rmtree(p)
+    if args.workdir:  # (checked above: what is there of those names is an earlier run's, or an empty directory)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / WORKDIR_MARKER).write_text("dense/ and flash/ here are checkpoints of benchmarks/bench_checkpoint.py, "
+                                           "replaced by its next run with this --workdir\n")
+        for p in (dense, flash):
+            if p.exists():
+                shutil.rmtree(p)
     os.makedirs(args.out, exist_ok=True)
     env = T.environment(device)
     env["command"] = T.command(__file__, argv)

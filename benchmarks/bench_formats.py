@@ -1,6 +1,6 @@
 """Encoder (``from_dense``) and decoder (``to_dense``) speed of every format, on CPU and on the GPU.
 
-    python benchmarks/bench_formats.py [--device cpu|cuda|all] [--sizes 4096x4096,8192x8192,...]
+    python benchmarks/bench_formats.py [--device cpu|cuda|all] [--sizes 4096x4096,8192x8192,...] [--sparsity 80]
 
 Reports million elements per second and GB/s of dense fp16 input.  The GPU numbers are device time
 (synchronized wall clock around each call, median of repeats after a warm-up).  ``--device all`` (the default) skips
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 import flash_llm  # noqa: E402
+from flash_llm.cli import _shape, sparsity_arg  # noqa: E402
 
 FORMATS = {"bitmap": flash_llm.BitmapTiles, "tiled-csl": flash_llm.TiledCSL}
 
@@ -39,13 +40,21 @@ def timed(fn, device, repeats):
     return statistics.median(times[1:]), out
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """``--sizes``: comma-separated MxK shapes (:func:`flash_llm.cli._shape` each)."""
+    return [_shape(part) for part in text.split(",")]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
                     help="where to time the encoders and decoders (default all: the CPU, and the GPU where there is "
                          "one)")
-    ap.add_argument("--sizes", default=None, help="comma-separated MxK (default per device)")
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--sizes", type=_sizes, default=None,
+                    help="comma-separated MxK (default 8192x8192 on the CPU, 8192x8192,28672x8192,57344x8192 on the "
+                         "GPU)")
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="fraction of the weights set to zero, or a percentage: 0.8, 80 and 80%% alike (default 0.8)")
     args = ap.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -58,8 +67,7 @@ def main(argv=None):
     print(json.dumps(env))
     rows = []
     for device in devices:
-        default = "8192x8192" if device == "cpu" else "8192x8192,28672x8192,57344x8192"
-        sizes = [tuple(map(int, s.split("x"))) for s in (args.sizes or default).split(",")]
+        sizes = args.sizes or ([(8192, 8192)] if device == "cpu" else [(8192, 8192), (28672, 8192), (57344, 8192)])
         repeats = 3 if device == "cpu" else 10
         for m, k in sizes:
             w = torch.randn(m, k, device=device).half()

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from flash_llm.cli import _positive, _shape, sparsity_arg  # noqa: E402
 from flash_llm.prune import _sparsegpt_layer, sparsegpt_prune_  # noqa: E402
 
 
@@ -42,16 +43,17 @@ def _sync(device):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--shape", default="4096x4096", help="layer shape MxK (out x in features)")
-    p.add_argument("--seqs", type=int, default=128, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights to zero")
+    p.add_argument("--shape", type=_shape, default="4096x4096", help="layer shape MxK (out x in features)")
+    p.add_argument("--seqs", type=_positive, default=128, help="calibration sequences")
+    p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per sequence")
+    p.add_argument("--batch", type=_positive, default=8, help="sequences per forward pass")
+    p.add_argument("--sparsity", type=sparsity_arg, default=0.5,
+                   help="fraction of weights to zero, or a percentage (0.5, 50 and 50%% alike)")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs (median reported)")
+    p.add_argument("--repeat", type=_positive, default=5, help="timed runs (median reported)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     args = p.parse_args(argv)
-    m, k = (int(v) for v in args.shape.lower().split("x"))
+    m, k = args.shape
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

@@ -14,24 +14,37 @@ import time
 
 import torch
 
+from flash_llm.cli import _positive, sparsity_arg
 from flash_llm.engine import Engine
 from flash_llm.models import preset
 from flash_llm.models.synthetic import build_synthetic
+from flash_llm.nn import FORMAT_NAMES
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=1024, help="hidden size (intermediate 3.5x, Llama-3-8B's ratio)")
-    ap.add_argument("--sparsity", type=float, default=0.8)
-    ap.add_argument("--tokens", type=int, default=16, help="new tokens timed (after a 2-token warm-up)")
-    ap.add_argument("--formats", default="bitmap,delta-rows,tiled-csl")
+    ap.add_argument("--layers", type=_positive, default=4)
+    ap.add_argument("--hidden", type=_positive, default=1024,
+                    help="hidden size (intermediate 3.5x, Llama-3-8B's ratio; 8 heads)")
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="fraction of the projections' weights set to zero, or a percentage (0.8, 80 and 80%% alike)")
+    ap.add_argument("--tokens", type=_positive, default=16, help="new tokens timed (after a 2-token warm-up)")
+    ap.add_argument("--formats", default="bitmap,delta-rows,tiled-csl",
+                    help=f"comma-separated, of {', '.join(sorted(FORMAT_NAMES))}")
     a = ap.parse_args(argv)
-    cfg = preset("llama-3-8b").replace(num_layers=a.layers, hidden_size=a.hidden, intermediate_size=a.hidden * 7 // 2,
-                                       num_heads=8, num_kv_heads=2, vocab_size=4096, name="cpu-small")
+    formats = [f.strip() for f in a.formats.split(",")]
+    unknown = [f for f in formats if f not in FORMAT_NAMES]
+    if unknown:  # (before any model is built or timed)
+        ap.error(f"--formats: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(sorted(FORMAT_NAMES))}")
+    try:
+        cfg = preset("llama-3-8b").replace(num_layers=a.layers, hidden_size=a.hidden,
+                                           intermediate_size=a.hidden * 7 // 2, num_heads=8, num_kv_heads=2,
+                                           vocab_size=4096, name="cpu-small")
+    except ValueError as e:  # (e.g. a hidden size that 8 heads do not divide)
+        ap.error(f"--hidden {a.hidden}: {e} (this script uses 8 heads: --hidden a multiple of 16)")
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8]]
     print(f"{a.layers} layers, hidden {a.hidden}, {a.sparsity:.0%} sparse, bf16, {torch.get_num_threads()} threads")
-    for fmt in a.formats.split(","):
+    for fmt in formats:
         model, _ = build_synthetic(cfg, a.sparsity, fmt=fmt, device="cpu", progress=False, dtype=torch.bfloat16)
         for how in ("keep", "dense"):
             eng = Engine(copy.deepcopy(model) if how == "dense" else model, max_batch=1, max_seq=64, formats=how)
