@@ -107,6 +107,11 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     the next.  Embeddings, norms and ``lm_head`` are read whole (replicated).  So a rank's peak memory is its
     share of the model plus one projection slice (and, on the CPU, one chunk of the file).
 
+    Every rank raises where any rank does (:meth:`TensorParallel.raise_if_any`, one small all-reduce at the end of
+    the load): a refusal of one rank's slice alone (a value beyond fp16 in its rows only) is raised on the other
+    ranks too, the same error with a note naming that rank, where they went on before to wait for it in their next
+    collective until the timeout.  A rank that fails early waits there for the others to finish reading.
+
     Args:
         path: a folder with ``config.json`` and ``model.safetensors`` (or shards listed in
             ``model.safetensors.index.json``), as ``save_pretrained`` writes them, keys as in transformers'
@@ -144,12 +149,25 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             ``sparsify=None``; LossyCastError (a ValueError naming the file and tensor): a value that the cast to
             ``dtype`` turns into inf (a float32 weight above float16's 65504), as from_pretrained refuses it.
     """
+    tp = TensorParallel.from_group() if tp is None else tp
+    loaded = error = None
+    try:
+        loaded = _load(path, tp, dtype, sparsify, progress)
+    except Exception as e:  # (agreed on below: a refusal on one rank only would leave the others waiting)
+        error = e
+    tp.raise_if_any(error, "while loading the checkpoint")
+    model, report, (folder, cfg, unused) = loaded
+    _warn_unused(folder, cfg, unused)
+    return model, report
+
+
+def _load(path, tp: TensorParallel, dtype, sparsify, progress):
+    """:func:`load_tensor_parallel` on this rank alone: ``(model, report, (folder, config, unused keys))``."""
     folder = os.fspath(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} is not a directory (expected a checkpoint folder with config.json and "
                                 "*.safetensors)")
     cfg = as_config(os.path.join(folder, "config.json"))
-    tp = TensorParallel.from_group() if tp is None else tp
     check_divisible(cfg, tp.world_size)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -178,8 +196,7 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
                disable=not (tp.rank == 0 if progress is None else progress))
     if kind.kind != "dense":  # config.json names flash-llm's method or compressed-tensors' sparse-bitmask
         unused = _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar)
-        _warn_unused(folder, cfg, unused)
-        return _finish(model, tp, device, folder)
+        return *_finish(model, tp, device, folder), (folder, cfg, unused)
 
     def need(name: str) -> str:
         k = ckpt.key(name)
@@ -226,8 +243,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
                     source = "lm_head.weight"  # a tied checkpoint that stores the shared matrix as lm_head only
             state[name] = get(source, tuple(t.shape))
         model.load_state_dict(state, strict=False, assign=True)
-    _warn_unused(folder, cfg, [k for k in ckpt.where if k not in ckpt.used and not k.endswith(_IGNORED_SUFFIXES)])
-    return _finish(model, tp, device, folder)
+    unused = [k for k in ckpt.where if k not in ckpt.used and not k.endswith(_IGNORED_SUFFIXES)]
+    return *_finish(model, tp, device, folder), (folder, cfg, unused)
 
 
 def _warn_unused(folder, cfg, unused: list[str]) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import datetime
 import gc
+import numbers
 import os
+import pickle
 import weakref
 import warnings
 
@@ -15,6 +17,10 @@ import torch.distributed as dist
 
 #: Default timeout of the process group: rendezvous and every collective (torch's own default is 10 minutes).
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+#: The longest timeout :func:`init_tensor_parallel` accepts.  There is no unlimited one: torch's rendezvous store
+#: counts the timeout in nanoseconds (it overflows past about 106,000 days) and gloo in microseconds.
+MAX_TIMEOUT = datetime.timedelta(days=365)
 
 #: Set in the environment before NCCL initializes, unless the user already set them: NVLink SHARP / multicast
 #: (NVLS) stays off, in NCCL and in torch's symmetric-memory collectives.  NVLS reserves GPU memory per
@@ -46,10 +52,21 @@ def nccl_env_defaults() -> dict[str, str]:
 
 
 def _as_timeout(timeout) -> datetime.timedelta:
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
-        timeout = datetime.timedelta(seconds=timeout)
-    if not isinstance(timeout, datetime.timedelta) or timeout.total_seconds() <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds or a datetime.timedelta, got {timeout!r}")
+    """``timeout`` (seconds, any real number but a bool, or a ``datetime.timedelta``) as a ``timedelta`` in
+    ``(0, MAX_TIMEOUT]``; else ValueError naming it (NaN, inf and a value beyond :data:`MAX_TIMEOUT` too, which
+    ``datetime`` or gloo would refuse in words that do not name it)."""
+    bad = (f"timeout must be a positive number of seconds or a datetime.timedelta, at most {MAX_TIMEOUT.days} days "
+           f"({MAX_TIMEOUT.total_seconds():g} s; there is no unlimited timeout), got {timeout!r}")
+    if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
+        try:
+            seconds = float(timeout)
+        except (OverflowError, ValueError):
+            raise ValueError(bad) from None
+        if not 0 < seconds <= MAX_TIMEOUT.total_seconds():  # (False for NaN too)
+            raise ValueError(bad)
+        timeout = datetime.timedelta(seconds=seconds)
+    if not isinstance(timeout, datetime.timedelta) or not datetime.timedelta(0) < timeout <= MAX_TIMEOUT:
+        raise ValueError(bad)
     return timeout
 
 
@@ -150,6 +167,31 @@ class TensorParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
 
+    def raise_if_any(self, error: BaseException | None, what: str = "") -> None:
+        """Raise on every rank if any rank passes an ``error`` (a collective: every rank must call it, with
+        ``None`` where its step succeeded), so that a step that fails on some ranks only (their own slices of a
+        checkpoint) fails on all of them, instead of leaving the others to wait in their next collective until
+        the timeout.  A rank raises its own ``error``; the others raise the lowest failing rank's (the same type
+        and message, unpickled; a ``RuntimeError`` quoting it where it does not pickle), with a note naming that
+        rank and ``what`` failed.  One small all-reduce where no rank failed; an all-gather of the errors else."""
+        try:
+            ok = self.all_true(error is None)
+        except Exception:
+            if error is not None:  # (another rank is gone: this rank's own error says more than the collective's)
+                raise error from None
+            raise
+        if ok:
+            return
+        errors = self.all_gather_object(None if error is None else _portable(error))
+        if error is not None:
+            raise error
+        rank, payload = next((r, e) for r, e in enumerate(errors) if e is not None)
+        theirs = pickle.loads(payload)
+        if hasattr(theirs, "add_note"):  # (Python 3.11+)
+            theirs.add_note(f"(raised on tensor-parallel rank {rank} of {self.world_size}"
+                            f"{' ' + what if what else ''}; rank {self.rank} stopped with it)")
+        raise theirs
+
     def all_gather_object(self, obj) -> list:
         """``obj`` of every rank, in rank order (pickled; for reports, not for tensors on a hot path)."""
         out = [None] * self.world_size
@@ -195,6 +237,17 @@ class TensorParallel:
         self.close(barrier=exc_type is None)
 
 
+def _portable(error: BaseException) -> bytes:
+    """``error`` pickled, for another rank to raise: the exception itself where it pickles and unpickles, else a
+    ``RuntimeError`` quoting its type and message (a pickling error here would leave the other ranks waiting)."""
+    try:
+        data = pickle.dumps(error)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return pickle.dumps(RuntimeError(f"{type(error).__name__}: {error}"))
+
+
 def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT, rank: int | None = None,
                          world_size: int | None = None, master_addr: str | None = None,
                          master_port: int | None = None) -> TensorParallel:
@@ -209,14 +262,16 @@ def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT,
         backend: ``"nccl"`` (default when CUDA is available: device ``cuda:LOCAL_RANK``) or ``"gloo"`` (default
             otherwise: device ``cpu``).  Before NCCL initializes, ``NCCL_NVLS_ENABLE=0`` and
             ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set where unset (:data:`NCCL_ENV_DEFAULTS`).
-        timeout: seconds or a ``timedelta`` (default 10 minutes) for the rendezvous and for every collective:
-            a rank that never starts, or stops answering, makes the others raise instead of waiting forever.
+        timeout: seconds (a real number) or a ``timedelta`` (default 10 minutes, at most :data:`MAX_TIMEOUT`, a
+            year) for the rendezvous and for every collective: a rank that never starts, or stops answering,
+            makes the others raise instead of waiting forever.
         rank, world_size, master_addr, master_port: instead of the environment variables (tests, notebooks).
 
     Raises:
         RuntimeError: the group did not form within ``timeout`` (a rank failed to start, or the ranks were
             given different addresses); the message names the rank, the world size and the address.
-        ValueError: inconsistent rank / world size / ``LOCAL_RANK`` beyond the visible GPUs.
+        ValueError: inconsistent rank / world size / ``LOCAL_RANK`` beyond the visible GPUs; a ``timeout`` that is
+            not a positive number of seconds or timedelta of at most :data:`MAX_TIMEOUT` (NaN and inf too).
     """
     timeout = _as_timeout(timeout)
     if dist.is_available() and dist.is_initialized():

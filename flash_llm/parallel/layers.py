@@ -413,7 +413,8 @@ class ShardedLayer:
 @dataclass
 class ShardReport:
     """What one rank holds: every projection slice (:class:`ShardedLayer`) and the bytes of everything else
-    (replicated embeddings, norms, ``lm_head``; biases).
+    (replicated embeddings, norms, ``lm_head``; biases: rank 0 also holds the full row-parallel biases, which
+    the other ranks leave out, so its ``other_bytes`` are larger).
 
     ``reports = tp.all_gather_object(report)`` collects every rank's; :meth:`table` compares them.
     """
