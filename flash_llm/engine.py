@@ -1205,31 +1205,35 @@ class Engine:
                               f"sparse layers (the first: {self._dense.left[0]}) beside the cache and the prefill on "
                               f"{self.device}; their prefill expands them, as without", stacklevel=2)
         dev = self.device
-        try:
-            # checked first: on a host that overcommits, an allocation past its memory succeeds and the process is
-            # killed when the cache is filled (an H100 machine's 125 GiB host, session 74)
-            need, free = self._cache_bytes(kv_heads, slots), _cache_room(dev)
-            if 0 < free < need:
-                raise MemoryError(f"{free / 2**30:.2f} GiB free")
-            self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
-        except (RuntimeError, MemoryError) as e:  # (out of memory: no engine, so the model's merge / fuse undone)
-            if self.merged:
-                unmerge_projections(model)
-            for m, on in was_fused:
-                m.fused = on
-            raise ValueError(f"the KV cache of max_batch={max_batch} x max_seq={max_seq} ({need / 2**30:.2f} GiB) "
-                             f"could not be allocated on {dev}: lower max_batch or max_seq ({e})") from e
-        self._slots = slots
-        # decode-step state, read and advanced inside the captured graph
-        self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step
-        self._pos = torch.zeros(max_batch, dtype=torch.long, device=dev)  # its position
-        self._slot = torch.zeros(1, dtype=torch.long, device=dev)  # its cache slot
-        # the additive attention mask over the cache slots: 0 where a slot holds a token of the row, -inf where not
-        # (kept additive, so a step does not convert a bool mask: three kernels less)
-        self._mask = torch.full((max_batch, slots), float("-inf"), dtype=self.dtype, device=dev)
-        # RoPE's cos / sin at every slot's position (Llama): a step indexes them instead of computing them
-        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-        self._rope = rotary.tables(slots, self.dtype, dev) if hasattr(rotary, "tables") else None
+        # the engine's state as normal tensors, whatever the caller's mode: under torch.inference_mode() they would be
+        # inference tensors, and a generation outside it could not update them in place
+        with torch.inference_mode(False):
+            try:
+                # checked first: on a host that overcommits, an allocation past its memory succeeds and the process is
+                # killed when the cache is filled (an H100 machine's 125 GiB host, session 74)
+                need, free = self._cache_bytes(kv_heads, slots), _cache_room(dev)
+                if 0 < free < need:
+                    raise MemoryError(f"{free / 2**30:.2f} GiB free")
+                self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
+            except (RuntimeError, MemoryError) as e:  # (out of memory: no engine, so the model's merge / fuse undone)
+                if self.merged:
+                    unmerge_projections(model)
+                for m, on in was_fused:
+                    m.fused = on
+                raise ValueError(f"the KV cache of max_batch={max_batch} x max_seq={max_seq} ({need / 2**30:.2f} GiB) "
+                                 f"could not be allocated on {dev}: lower max_batch or max_seq ({e})") from e
+            self._slots = slots
+            # decode-step state, read and advanced inside the captured graph
+            self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step
+            self._pos = torch.zeros(max_batch, dtype=torch.long, device=dev)  # its position
+            self._slot = torch.zeros(1, dtype=torch.long, device=dev)  # its cache slot
+            # the additive attention mask over the cache slots: 0 where a slot holds a token of the row, -inf where not
+            # (kept additive, so a step does not convert a bool mask: three kernels less)
+            self._mask = torch.full((max_batch, slots), float("-inf"), dtype=self.dtype, device=dev)
+            # RoPE's cos / sin at every slot's position (Llama): a step indexes them instead of computing them
+            rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+            self._rope = rotary.tables(slots, self.dtype, dev) if hasattr(rotary, "tables") else None
+            self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         #: the batch from which a decode step's attention takes 32-slot chunks (None: the kernel's default)
         self._small_chunks_from = _small_chunks_from(model)
         #: the decode attention's L2 warm-up tables (kernels.L2_WARM_MB), by where the weights they name live
@@ -1238,7 +1242,6 @@ class Engine:
         self._generation: object | None = None  # (the generation in progress: _steps)
         #: the :class:`Generation` of the last :meth:`stream` that ran to its end; None before (and while one runs)
         self.last: Generation | None = None
-        self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, attended slots) -> decode graph
         self._pool = None
         # the prefill's graphs ((batch, padded prompt length) -> _PrefillGraph), most recently used last, in a pool
@@ -1792,8 +1795,43 @@ class Engine:
 
     def _request(self, prompts, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
                  generator=None, eos_token_id=_FROM_CONFIG) -> "_Request":
-        """A generation's arguments checked and prepared (:meth:`_sampler`, :meth:`_eos`, :meth:`_prepare`), at the
-        call: a bad one raises before the engine is taken over."""
+        """A generation's arguments checked and prepared (:meth:`_checked_request`), at the call: a bad one raises
+        before the engine is taken over.  Tensor-parallel, the ranks then compare their inputs (a collective: one
+        small all-reduce), also where a rank's own checks refused its call, so that every rank raises: a call refused
+        on some ranks only raises the ``ValueError`` "... differ between the K tensor-parallel ranks" on every rank
+        (until session 83 the refusing rank raised alone and the others waited in the comparison until the
+        timeout); one refused on every rank raises each rank's own error."""
+        if self.tp is None:
+            return self._checked_request(prompts, max_new_tokens, attention_mask, temperature, top_k, top_p,
+                                         generator, eos_token_id)
+        try:
+            request, error = self._checked_request(prompts, max_new_tokens, attention_mask, temperature, top_k,
+                                                   top_p, generator, eos_token_id), None
+        except Exception as e:  # (raised below, once the other ranks know of it)
+            request, error = None, e
+        what = "prompts, max_new_tokens or eos_token_id"
+        if request is None:  # (as many values as _fingerprint gives, -1: no valid call's, whose values are >= 0)
+            values = [-1] * 6
+        else:
+            values = _fingerprint(request.ids, request.mask,
+                                  request.max_new_tokens if request.limits is None else request.limits, request.eos)
+        try:
+            self.tp.check_same(what, values)
+        except ValueError:
+            if error is None:
+                raise
+            raise ValueError(f"{what} differ between the {self.tp.world_size} tensor-parallel ranks: this rank "
+                             f"({self.tp.rank}) refused its call ({type(error).__name__}: {error}) where another "
+                             f"rank accepted its own; every rank must make the same call with the same "
+                             f"inputs") from error
+        if error is not None:  # (refused on every rank)
+            raise error
+        return request
+
+    def _checked_request(self, prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator,
+                         eos_token_id) -> "_Request":
+        """A generation's arguments checked and prepared (:meth:`_sampler`, :meth:`_eos`, :meth:`_prepare`) on this
+        process alone."""
         sampler = self._sampler(temperature, top_k, top_p, generator)
         if self.tp is not None:  # every rank takes rank 0's tokens, so all run the same steps
             sampler = _from_rank0(sampler, self.tp)
@@ -1806,7 +1844,11 @@ class Engine:
                         None if _temperature_arg(temperature) == 0 else _Rng(generator, self.device))
 
     # a generator: grad is off while its body runs and the caller's own between its yields (until session 76 a `with`
-    # block spanning the yields left it off in a stream's loop and in on_token, or set it back when a stream was closed)
+    # block spanning the yields left it off in a stream's loop and in on_token, or set it back when a stream was
+    # closed).  Inference mode is off there too (session 83): the tensors the body makes (stop flags, a prefill graph's
+    # static inputs) are normal ones, so a stream begun under torch.inference_mode() goes on outside it, as does a
+    # later request.
+    @torch.inference_mode(False)
     @torch.no_grad()
     def _steps(self, request: "_Request", per_step_sync: bool, output_logits: bool = False
                ) -> Iterator[tuple[torch.Tensor, Generation | None]]:
@@ -1827,10 +1869,7 @@ class Engine:
                 raise RuntimeError("this generation was overtaken: another generate() or stream() ran on the same "
                                    "engine before it finished (an engine decodes one generation at a time: finish "
                                    "or close a stream before the next, or use one engine each)")
-        sampler, eos, ids, mask, lengths, limits, max_new_tokens, rng = request
-        if self.tp is not None:
-            self.tp.check_same("prompts, max_new_tokens or eos_token_id",
-                               _fingerprint(ids, mask, max_new_tokens if limits is None else limits, eos))
+        sampler, eos, ids, mask, lengths, limits, max_new_tokens, rng = request  # (ranks compared: _request)
         b = ids.shape[0]
         eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0] if eos else 0

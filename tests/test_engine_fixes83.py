@@ -1,0 +1,177 @@
+"""Session 83's engine fixes (CPU):
+
+1. An ``Engine`` built under ``torch.inference_mode()`` keeps its state (KV cache, step inputs, mask, logits) as
+   normal tensors, so its ``generate()`` / ``stream()`` run outside inference mode too (they raised "Inplace update
+   to inference tensor outside InferenceMode" before).
+2. A generation's body runs outside inference mode (as without grad), so the tensors it makes (stop flags, a prefill
+   graph's static inputs) are normal ones: a stream begun under ``torch.inference_mode()`` goes on outside it, and
+   a prefill graph kept by a request under inference mode is replayed by a later one outside it.
+3. Tensor-parallel ``generate`` / ``stream``: a call that one rank's own argument checks refuse raises on every rank
+   (the "... differ between the K tensor-parallel ranks" ``ValueError``), where the other ranks waited for the group
+   timeout before.  Two gloo ranks under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flash_llm.engine as E
+from flash_llm.engine import Engine
+from flash_llm.models import ModelConfig, from_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = ModelConfig(family="llama", vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=96, max_position_embeddings=64)
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _inputs(seed: int):
+    """A random tiny Llama, two random prompts of different lengths and random stop tokens (a stop list, so the
+    steps update their stop flags in place)."""
+    g = torch.Generator().manual_seed(seed)
+    model = from_config(CFG, dtype=torch.float32, seed=seed % 2**31)
+    lens = torch.randint(2, 8, (2,), generator=g).tolist()
+    prompts = [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in lens]
+    eos = torch.randint(0, CFG.vocab_size, (3,), generator=g).tolist()
+    return model, prompts, eos
+
+
+def test_engine_built_under_inference_mode_generates_outside_it():
+    seed = _seed()
+    model, prompts, eos = _inputs(seed)
+    want = Engine(model, max_batch=2, max_seq=32).generate(prompts, 6, eos_token_id=eos)
+    with torch.inference_mode():
+        eng = Engine(model, max_batch=2, max_seq=32)
+    assert not any(t.is_inference() for t in (*eng.cache.k, *eng.cache.v, eng._tok, eng._pos, eng._slot, eng._mask,
+                                              eng._logits)), seed
+    got = eng.generate(prompts, 6, eos_token_id=eos)  # (outside inference mode: raised before)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths), seed
+    streamed = list(eng.stream(prompts, 6, eos_token_id=eos))
+    assert torch.equal(torch.stack(streamed, 1), want.tokens), seed
+    with torch.inference_mode():  # (and inside it, as before)
+        assert torch.equal(eng.generate(prompts, 6, eos_token_id=eos).tokens, want.tokens), seed
+
+
+def test_stream_begun_under_inference_mode_goes_on_outside_it():
+    seed = _seed()
+    model, prompts, eos = _inputs(seed)
+    eng = Engine(model, max_batch=2, max_seq=32)
+    want = list(eng.stream(prompts, 6, eos_token_id=eos))
+    with torch.inference_mode():  # (a request handler takes the first token ...)
+        s = eng.stream(prompts, 6, eos_token_id=eos)
+        first = next(s)
+    got = [first, *s]  # (... and the rest is consumed elsewhere: raised at the next step before)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), seed
+    # the other way round: begun outside, taken on inside
+    s = eng.stream(prompts, 6, eos_token_id=eos)
+    first = next(s)
+    with torch.inference_mode():
+        got = [first, *s]
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), seed
+
+
+def test_prefill_graph_kept_under_inference_mode_is_replayed_outside_it(monkeypatch):
+    """The prefill graphs' static inputs (``_pending``'s clones, ``copy_``'d into by every later prompt of their
+    shape) are made by the generation's body: normal tensors, whatever the mode of the request that kept them.  A
+    CPU stand-in for the CUDA graph: its replay runs the prefill eagerly over the static inputs."""
+    seed = _seed()
+    model, prompts, eos = _inputs(seed)
+    want = Engine(model, max_batch=2, max_seq=32).generate(prompts, 5, eos_token_id=eos).tokens
+    eng = Engine(model, max_batch=2, max_seq=32)
+    eng._prefills = {}  # (prefill graphs on, as on a GPU)
+
+    class Replay:
+        def __init__(self, ids, mask):
+            self.ids, self.mask = ids, mask
+
+        def replay(self):
+            eng._prefill(self.ids, self.mask)
+
+    monkeypatch.setattr(eng, "_prefill_graph_fits", lambda b, p: True)
+    monkeypatch.setattr(eng, "_capture_prefill", lambda ids, mask: E._PrefillGraph(Replay(ids, mask), ids, mask))
+    with torch.inference_mode():
+        first = eng.generate(prompts, 5, eos_token_id=eos).tokens  # (runs the prefill eagerly and keeps its inputs)
+    (entry,) = eng._prefills.values()
+    assert not entry.ids.is_inference() and not entry.mask.is_inference(), seed
+    again = eng.generate(prompts, 5, eos_token_id=eos).tokens  # (replays it: copies the prompts into its inputs)
+    assert entry.replays == 1, seed
+    assert torch.equal(first, want) and torch.equal(again, want), seed
+
+
+# ---- 3. tensor parallelism: a call one rank refuses ------------------------------------------------------------
+WORKER = r'''
+import json, sys, torch
+from flash_llm.engine import Engine
+from flash_llm.models import ModelConfig, from_config
+from flash_llm.parallel import init_tensor_parallel, tensor_parallel_
+
+seed, out = int(sys.argv[1]), sys.argv[2]
+tp = init_tensor_parallel("gloo", timeout=TIMEOUT)  # (a rank left waiting: a RuntimeError after TIMEOUT s)
+cfg = ModelConfig(family="llama", vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=128, max_position_embeddings=64)
+model = from_config(cfg, dtype=torch.float32, seed=seed % 2**31)
+tensor_parallel_(model, tp)
+eng = Engine(model, max_batch=2, max_seq=32)
+g = torch.Generator().manual_seed(seed)  # (the same draws on every rank)
+good = [torch.randint(0, 101, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (2,), generator=g)]
+r1 = tp.rank == 1
+calls = {  # rank 1's call refused by its own checks, rank 0's valid
+    "too_many_prompts": lambda: eng.generate(good + [good[0]] if r1 else good, 3, eos_token_id=None),
+    "token_out_of_vocabulary": lambda: eng.generate([good[0], [101]] if r1 else good, 3, eos_token_id=None),
+    "bad_eos_id": lambda: eng.generate(good, 3, eos_token_id=101 if r1 else None),
+    "bad_temperature": lambda: eng.generate(good, 3, eos_token_id=None, temperature=-1.0 if r1 else 0.0),
+    "too_long": lambda: eng.generate(good, 40 if r1 else 3, eos_token_id=None),
+    "stream_too_many_prompts": lambda: eng.stream(good + [good[0]] if r1 else good, 3, eos_token_id=None),
+    # refused on both ranks: each raises its own error
+    "refused_everywhere": lambda: eng.generate(good + [good[0]], 3, eos_token_id=None),
+}
+res = {}
+for name, call in calls.items():
+    try:
+        call()
+        res[name] = "accepted"
+    except Exception as e:
+        res[name] = f"{type(e).__name__}: {e}"
+res["after"] = eng.generate(good, 4, eos_token_id=None).tokens.tolist()  # (still in step)
+with open(f"{out}/rank{tp.rank}.json", "w") as f:
+    json.dump(res, f)
+tp.close()
+'''
+
+
+def test_tensor_parallel_call_refused_on_one_rank_raises_on_every_rank(tmp_path):
+    seed = _seed()
+    timeout = 20
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.replace("TIMEOUT", str(timeout)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(seed), str(tmp_path)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        out = lambda b: (b or b"").decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        pytest.fail(f"torchrun did not finish within 300 s (seed {seed}):\n{out(e.stdout)[-3000:]}\n"
+                    f"{out(e.stderr)[-5000:]}")
+    assert proc.returncode == 0, f"seed {seed}: {proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    differ = "ValueError: prompts, max_new_tokens or eos_token_id differ between the 2 tensor-parallel ranks"
+    one_sided = [k for k in ranks[0] if k not in ("refused_everywhere", "after")]
+    for r, res in enumerate(ranks):
+        for k in one_sided:
+            assert res[k].startswith(differ), (seed, r, k, res[k])
+        assert res["refused_everywhere"].startswith("ValueError: batch of 3 prompts"), (seed, r, res)
+    for k in one_sided:  # (the refusing rank says why)
+        assert "this rank (1) refused its call" in ranks[1][k], (seed, k, ranks[1][k])
+    assert "batch of 3 prompts" in ranks[1]["too_many_prompts"] and "temperature" in ranks[1]["bad_temperature"]
+    assert ranks[0]["after"] == ranks[1]["after"] and len(ranks[0]["after"]) == 2, seed
