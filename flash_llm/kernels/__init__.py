@@ -1277,15 +1277,14 @@ def _expand_and_gemm(x, data, offsets, fmt, m, k, bias, out):
     # (a fresh buffer from PyTorch's caching allocator, which orders its reuse across streams and graphs)
     w = decode_dense(fmt, data, offsets, m, k, x.dtype)
     with _fp32_reductions():
-        if bias is None:
-            r = torch.nn.functional.linear(x, w)
-            return r if out is None else out.copy_(r)
-        # The bias as the GEMM's C matrix, added to the fp32 sums before the one rounding.  ``F.linear`` hands a
-        # contiguous bias to cuBLASLt's bias epilogue, which with a split-K algorithm rounds the product to the dtype
-        # and adds the bias after (a second rounding; PyTorch PR 180875): session 81's fuzzer, H100, BitmapTiles bf16
-        # 2 x 513 at N = 1000: -0.0390625 for -0.0404453, 6 ulps, where the product cancels the bias.
-        y = torch.empty(x.shape[0], m, dtype=x.dtype, device=x.device) if out is None else out
-        return y.copy_(bias.expand(x.shape[0], m)).addmm_(x, w.t())
+        # The bias through F.linear (cuBLASLt's bias epilogue), as PyTorch's dense layer runs it.  Session 81 added it
+        # as the GEMM's C matrix instead (its fuzzer: BitmapTiles bf16 2 x 513, N = 1000, 6 ulps where the product
+        # cancels the bias); on an H100 (session 83, benchmarks/diag/bias_settings.py) that rounded the product
+        # before the bias far more often: 1395 against 8 ulps (fp16 8 x 1024, N = 600), Infs where a product beyond
+        # fp16's range is brought back by the bias (the fuzzer's seeds 56585238965243, 71973541607250), and 2-15 %
+        # slower.  The cuBLAS settings made no difference there.
+        r = torch.nn.functional.linear(x, w, bias)
+        return r if out is None else out.copy_(r)
 
 
 #: fp16 RMSNorm weights prepared by :func:`rms_kernel_weight`: weight -> (its version counter then, fusable, the scaled
