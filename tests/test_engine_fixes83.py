@@ -175,3 +175,20 @@ def test_tensor_parallel_call_refused_on_one_rank_raises_on_every_rank(tmp_path)
         assert "this rank (1) refused its call" in ranks[1][k], (seed, k, ranks[1][k])
     assert "batch of 3 prompts" in ranks[1]["too_many_prompts"] and "temperature" in ranks[1]["bad_temperature"]
     assert ranks[0]["after"] == ranks[1]["after"] and len(ranks[0]["after"]) == 2, seed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inference_mode_on_cuda_with_graphs():
+    """The same on a GPU, where the engine captures CUDA graphs (decode and prefill) and lags its stop flags."""
+    seed = _seed()
+    model, prompts, eos = _inputs(seed)
+    model = model.to("cuda", torch.float16)
+    want = Engine(model, max_batch=2, max_seq=32).generate(prompts, 6, eos_token_id=eos)
+    with torch.inference_mode():
+        eng = Engine(model, max_batch=2, max_seq=32)
+        s = eng.stream(prompts, 6, eos_token_id=eos)
+        first = next(s)
+    streamed = [first, *s]  # (consumed outside inference mode)
+    assert torch.equal(torch.stack(streamed, 1).cpu(), want.tokens[:, :len(streamed)].cpu()), seed
+    got = eng.generate(prompts, 6, eos_token_id=eos)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths), seed
