@@ -11,8 +11,9 @@ source benchmarks/gpu_lib.sh  # OUT, PYTHONPATH, step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 for s in "$@"; do
   case $s in
-    tests) step tests83 300 python3 -m pytest -q -rf -n 4 --timeout 250 -p no:cacheprovider tests/test_engine_fixes83.py \
-             tests/test_fixes83.py tests/test_fixes81.py tests/test_kernels_gpu.py -k "cuda or nvrtc or n1 or bias" ;;
+    tests) step tests83 300 python3 -m pytest -q -rf -n 4 --timeout 250 -p no:cacheprovider \
+             tests/test_engine_fixes83.py tests/test_fixes83.py tests/test_fixes81.py tests/test_kernels_gpu.py \
+             -k "cuda or nvrtc or n1 or bias" ;;
     fuzz) FUZZ_ARGS=${FUZZ_ARGS:---seed 83003} OUT=$OUT bash benchmarks/gpu_waiting_s80.sh fuzz ;;
     drift_all|fallback) OUT=$OUT bash benchmarks/gpu_waiting_s80.sh "$s" ;;
     *) echo "unknown step $s" ;;
