@@ -283,8 +283,7 @@ def _backward(ctx, grad):
     fmt, m, k, has_bias = ctx.meta
     grad_x = None
     if ctx.needs_input_grad[0]:  # (through the differentiable transposed product where a transform is in effect)
-        op = _SpmmTFunction.apply if _transformed() else _spmm_t_op
-        grad_x = op(grad.contiguous(), data, offsets, fmt, m, k)
+        grad_x = _through(_SpmmTFunction, _SpmmTReverse, _spmm_t_op)(grad.contiguous(), data, offsets, fmt, m, k)
     grad_bias = grad.float().sum(0).to(grad.dtype) if has_bias and ctx.needs_input_grad[6] else None
     return grad_x, None, None, None, None, None, grad_bias
 
@@ -307,17 +306,17 @@ def _backward_t(ctx, gg):
     fmt, m, k = ctx.meta
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
-    op = _SpmmFunction.apply if _transformed() else _spmm_op
+    op = _through(_SpmmFunction, _SpmmReverse, _spmm_op)
     return op(gg.contiguous(), data, offsets, fmt, m, k, None), None, None, None, None, None
 
 
 _spmm_t_op.register_autograd(_backward_t, setup_context=_setup_context_t)
 
 
-class _SpmmTFunction(torch.autograd.Function):
-    """The transposed product as an ``autograd.Function`` with a forward-mode rule (as :class:`_SpmmFunction` is
-    the product's), for the backward of :func:`spmm` under forward-mode AD and the ``torch.func`` transforms
-    (``hessian``, ``jvp`` of ``jacrev``)."""
+class _SpmmTReverse(torch.autograd.Function):
+    """The transposed product as an ``autograd.Function`` with its backward only: :class:`_SpmmTFunction` without
+    the forward-mode rule, for the backward of :func:`spmm` under a reverse-mode ``torch.func`` transform in a graph
+    Dynamo traces (as :class:`_SpmmReverse`)."""
 
     generate_vmap_rule = True
 
@@ -328,11 +327,21 @@ class _SpmmTFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context_t(ctx, inputs, output)
-        ctx.save_for_forward(inputs[1], inputs[2])
 
     @staticmethod
     def backward(ctx, gg):
         return _backward_t(ctx, gg)
+
+
+class _SpmmTFunction(_SpmmTReverse):
+    """The transposed product as an ``autograd.Function`` with a forward-mode rule (as :class:`_SpmmFunction` is
+    the product's), for the backward of :func:`spmm` under forward-mode AD and the ``torch.func`` transforms
+    (``hessian``, ``jvp`` of ``jacrev``)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context_t(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], inputs[2])
 
     @staticmethod
     def jvp(ctx, grad_t, data_t, offsets_t, fmt_t, m_t, k_t):
@@ -341,14 +350,13 @@ class _SpmmTFunction(torch.autograd.Function):
         return None if grad_t is None else _spmm_t_op(grad_t.contiguous(), data, offsets, fmt, m, k)
 
 
-class _SpmmFunction(torch.autograd.Function):
-    """The op as an ``autograd.Function`` with a forward-mode rule, for :func:`spmm` under forward-mode AD and the
-    ``torch.func`` transforms: a ``torch.library`` custom op takes a backward formula only, and its tangents were
-    dropped without an error (``jacfwd`` gave zeros; session 73's bug hunt).  The product is linear in ``x`` and the
-    weight is a constant, so the tangent of ``y`` is ``spmm(x_t, W)`` (+ the bias's tangent).  Underneath it is the
-    same ``torch.ops.flash_llm.spmm``.  Not used where Dynamo traces (it does not take a custom ``jvp``, and would
-    trace the op's forward alone): there, and in plain eager, :func:`spmm` calls the op itself (:func:`_transformed`
-    says which)."""
+class _SpmmReverse(torch.autograd.Function):
+    """The op as an ``autograd.Function`` with its backward only, for :func:`spmm` under a reverse-mode
+    ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``) in a graph Dynamo traces: the op's own autograd (its
+    ``register_autograd``) does not run under the ``torch.func`` transforms (torch's generated ``autograd.Function``
+    has no ``setup_context``), and Dynamo does not take :class:`_SpmmFunction` (a custom ``jvp``).  Until session 83
+    the op was traced as it is there, and ``torch.compile(torch.func.grad(f))`` failed in torch's fake-tensor
+    propagation, naming neither flash_llm nor an argument."""
 
     generate_vmap_rule = True
 
@@ -359,12 +367,26 @@ class _SpmmFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
-        ctx.save_for_forward(inputs[1], inputs[2])
-        ctx.n = inputs[0].shape[0]
 
     @staticmethod
     def backward(ctx, grad):
         return _backward(ctx, grad)
+
+
+class _SpmmFunction(_SpmmReverse):
+    """The op as an ``autograd.Function`` with a forward-mode rule, for :func:`spmm` under forward-mode AD and the
+    ``torch.func`` transforms: a ``torch.library`` custom op takes a backward formula only, and its tangents were
+    dropped without an error (``jacfwd`` gave zeros; session 73's bug hunt).  The product is linear in ``x`` and the
+    weight is a constant, so the tangent of ``y`` is ``spmm(x_t, W)`` (+ the bias's tangent).  Underneath it is the
+    same ``torch.ops.flash_llm.spmm``.  Not used where Dynamo traces (it does not take a custom ``jvp``, and would
+    trace the op's forward alone): there :func:`spmm` calls :class:`_SpmmReverse` under a reverse-mode transform and
+    the op itself otherwise, as it does in plain eager (:func:`_through` says which)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], inputs[2])
+        ctx.n = inputs[0].shape[0]
 
     @staticmethod
     def jvp(ctx, x_t, data_t, offsets_t, fmt_t, m_t, k_t, bias_t):
@@ -401,15 +423,36 @@ def _forward_ad_active(level: int) -> bool:
                              for i in torch._C._functorch.get_interpreter_stack() or ())
 
 
-def _transformed() -> bool:
-    """Whether :func:`spmm` runs under forward-mode AD or a ``torch.func`` transform (``jvp``, ``jacfwd``, ``grad``,
-    ``vmap``...), outside Dynamo: then it goes through :class:`_SpmmFunction`.  Under Dynamo the op is traced as it
-    is, and forward-mode AD, which would lose the tangent there, is refused."""
+@_assume_constant_result  # (a graph traced under a torch.func transform is guarded on the transforms in effect)
+def _reverse_transform() -> str:
+    """Whether a reverse-mode ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``) is in effect: ``"grad"`` where
+    it is the only transform, ``"nested"`` where others are too (``vmap`` of ``grad``, ``grad`` of ``grad``), else
+    ``""`` (read as a constant where Dynamo traces, as :func:`_forward_ad_active` reads forward-mode AD)."""
+    keys = [i.key() for i in torch._C._functorch.get_interpreter_stack() or ()]
+    if torch._C._functorch.TransformType.Grad not in keys:
+        return ""
+    return "grad" if len(keys) == 1 else "nested"
+
+
+def _through(function, reverse, op):
+    """What :func:`spmm` (``op``: its custom op, or the transposed product's in its backward) runs as: under
+    forward-mode AD or a ``torch.func`` transform (``jvp``, ``jacfwd``, ``grad``, ``vmap``...), outside Dynamo,
+    ``function.apply`` (:class:`_SpmmFunction`, with the forward-mode rule).  Under Dynamo, ``reverse.apply``
+    (:class:`_SpmmReverse`, backward only) under a reverse-mode transform alone and ``op`` itself where there is
+    none; forward-mode AD, which would lose the tangent there, and a reverse-mode transform nested with another
+    (Dynamo's trace gave zeros for ``grad`` of ``grad``) are refused.  In plain eager, ``op``."""
     if not torch.compiler.is_compiling():
-        return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+        transformed = fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+        return function.apply if transformed else op
     if _forward_ad_active(fwAD._current_level):
         _refuse_traced_forward_ad("spmm", eager_fallback=True)
-    return False
+    reverse_mode = _reverse_transform()
+    if reverse_mode == "nested":
+        raise NotImplementedError("flash_llm.spmm: torch.func.grad / vjp / jacrev nested with another torch.func "
+                                  "transform (vmap of grad, grad of grad) is not supported in a graph "
+                                  "torch.compile traces: run the transforms and the function eagerly (grad / vjp / "
+                                  "jacrev alone compile)")
+    return reverse.apply if reverse_mode else op
 
 
 def _refuse_traced_forward_ad(name: str, eager_fallback: bool = False):
@@ -422,15 +465,17 @@ def _refuse_traced_forward_ad(name: str, eager_fallback: bool = False):
                                "supported)" if eager_fallback else ""))
 
 
-def _decomposed(name: str) -> bool:
+def _decomposed(name: str, reverse: bool = True) -> bool:
     """Whether :func:`spmm`'s fused sibling ``name`` runs as its decomposition into differentiable ops (the norm,
     :func:`spmm` and the activation, as its PyTorch reference computes it, so the same to rounding): under
-    forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``), outside Dynamo.  Their custom
-    ops take no forward-mode rule, and their tangents were dropped without an error (zeros under ``jvp``, ``None``
-    under ``forward_ad``).  In a graph Dynamo traces, forward-mode AD raises
-    NotImplementedError naming the function, as :func:`spmm` does."""
+    forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``), outside Dynamo, and (with
+    ``reverse``) under a reverse-mode ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``), traced or not.  Their
+    custom ops take no forward-mode rule, and their tangents were dropped without an error (zeros under ``jvp``,
+    ``None`` under ``forward_ad``); under a reverse-mode transform they failed in torch (its generated
+    ``autograd.Function`` has no ``setup_context``), naming nothing (session 83).  In a graph Dynamo traces,
+    forward-mode AD raises NotImplementedError naming the function, as :func:`spmm` does."""
     if not _forward_ad_active(fwAD._current_level):
-        return False
+        return reverse and _reverse_transform() != ""
     if torch.compiler.is_compiling():
         _refuse_traced_forward_ad(name)
     return True
@@ -489,8 +534,8 @@ def _checked_eps(eps) -> float:
         ok = isinstance(eps, numbers.Real) and not isinstance(eps, bool)
     try:
         value = float(eps) if ok else math.nan
-    except (TypeError, ValueError, RuntimeError):  # (a tensor float() cannot read: under a transform, say)
-        value = math.nan
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # (a tensor float() cannot read: under a
+        value = math.nan  # transform, say; or an int / Fraction beyond the largest float, uncaught until session 83)
     if not (value >= 0 and value != math.inf):  # (not math.isfinite: dynamic floats; NaN fails)
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return value
@@ -514,11 +559,13 @@ def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> 
     the bias's tangent), and under the other ``torch.func`` transforms (``grad``, ``jacrev``, ``vmap``).  In a
     graph Dynamo traces (``torch.compile``, ``torch.export``) the op is traced as it is, with no forward-mode rule:
     forward-mode AD there raises NotImplementedError naming flash_llm (without ``fullgraph=True`` the call falls
-    back to eager, where it is supported).
+    back to eager, where it is supported).  A reverse-mode transform (``grad``, ``vjp``, ``jacrev``) traces there
+    with its backward; nested with another transform (``vmap`` of ``grad``, ``grad`` of ``grad``) it raises
+    NotImplementedError naming flash_llm (run those eagerly).
     """
     m, k, bias = _checked(x, w, bias)
     lead = x.shape[:-1]
-    op = _SpmmFunction.apply if _transformed() else _spmm_op
+    op = _through(_SpmmFunction, _SpmmReverse, _spmm_op)
     y = op(x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k, bias)
     return y.reshape(*lead, m)
 
@@ -533,9 +580,10 @@ def spmm_silu_mul(x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
     Returns:
         ``[..., H]`` in ``x.dtype``: ``y = x @ w^T`` rounded to the dtype, then ``silu(y[..., :H]) * y[..., H:]`` in
         fp32, rounded once.  On CUDA the product and the activation share the split-K reduction where one runs
-        (no separate activation kernel).  Differentiable in ``x`` in forward mode only (``torch.func.jvp`` /
-        ``jacfwd``, ``torch.autograd.forward_ad``: it then runs as ``silu_mul_halves(spmm(x, w))``, the same to
-        rounding); a backward through it raises (no autograd formula).
+        (no separate activation kernel).  Differentiable in ``x`` in forward mode (``torch.func.jvp`` / ``jacfwd``,
+        ``torch.autograd.forward_ad``) and under the reverse-mode ``torch.func`` transforms (``grad``, ``vjp``,
+        ``jacrev``): it then runs as ``silu_mul_halves(spmm(x, w))``, the same to rounding; a plain backward through
+        it (``.backward()``, ``torch.autograd.grad``) raises (no autograd formula).
     """
     m, k, _ = _checked(x, w, None)
     if m % 2:
@@ -563,9 +611,10 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
         (transformers' LlamaRMSNorm), then the product accumulated in fp32.  On CUDA at one token with split-K
         (Tiled-CSL), the norm's weight scales ``x`` inside the spmm and each token's factor is applied in the split-K
         reduction, so the norm has no kernel of its own; the result is the same to rounding, not bit for bit.
-        Differentiable in ``x`` and ``norm_weight`` in forward mode only (``torch.func.jvp`` / ``jacfwd``,
-        ``torch.autograd.forward_ad``: it then runs as ``spmm(rms_norm(x, norm_weight, eps), w)``, the same to
-        rounding); a backward through it raises (no autograd formula).
+        Differentiable in ``x`` and ``norm_weight`` in forward mode (``torch.func.jvp`` / ``jacfwd``,
+        ``torch.autograd.forward_ad``) and under the reverse-mode ``torch.func`` transforms (``grad``, ``vjp``,
+        ``jacrev``): it then runs as ``spmm(rms_norm(x, norm_weight, eps), w)``, the same to rounding; a plain
+        backward through it (``.backward()``, ``torch.autograd.grad``) raises (no autograd formula).
     """
     m, k, _ = _checked(x, w, None)
     if act not in (None, "silu_mul"):
@@ -613,7 +662,7 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
     if acc.device != x.device or not acc.is_contiguous():
         raise ValueError(f"acc must be contiguous and on {x.device} (it is {'' if acc.is_contiguous() else 'not '}"
                          f"contiguous, on {acc.device})")
-    if _decomposed("spmm_add_"):
+    if _decomposed("spmm_add_", reverse=False):  # (in place: refused below under a reverse-mode transform)
         return acc.add_(spmm(x, w, bias))
     if torch.is_grad_enabled():  # (no autograd formula: a gradient through it would be dropped without a word)
         needs = [n for n, t in (("acc", acc), ("x", x), ("bias", bias)) if t is not None and t.requires_grad]
@@ -642,10 +691,11 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
         product accumulated in fp32 (+ bias, rounded), then ReLU.  On CUDA at one token with a DeltaRows weight the
         whole of it runs in the spmm's launch: each block takes X's mean and variance itself and normalizes its
         window while staging it (the same to rounding, not bit for bit: another summation order for the statistics).
-        Differentiable in ``x``, ``norm_weight``, ``norm_bias`` and ``bias`` in forward mode only
-        (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``: it then runs as
-        ``spmm(layer_norm(x, norm_weight, norm_bias, eps), w, bias)``, then ReLU, the same to rounding); a backward
-        through it raises (no autograd formula).
+        Differentiable in ``x``, ``norm_weight``, ``norm_bias`` and ``bias`` in forward mode (``torch.func.jvp`` /
+        ``jacfwd``, ``torch.autograd.forward_ad``) and under the reverse-mode ``torch.func`` transforms (``grad``,
+        ``vjp``, ``jacrev``): it then runs as ``spmm(layer_norm(x, norm_weight, norm_bias, eps), w, bias)``, then
+        ReLU, the same to rounding; a plain backward through it (``.backward()``, ``torch.autograd.grad``) raises (no
+        autograd formula).
     """
     m, k, bias = _checked(x, w, bias)
     if act not in (None, "relu"):
