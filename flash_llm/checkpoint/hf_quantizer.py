@@ -13,7 +13,9 @@ empty SparseLinear shell on ``meta``; transformers then assigns the checkpoint's
 (``weight_data``, ``weight_offsets``, ``bias``) like any other tensor; afterwards every sparse layer is
 validated in full (a corrupt or missing array raises, naming the layer and tensor).  The layer names follow
 transformers' own mapping of checkpoint names: the base-model prefix (``AutoModel`` reading a causal LM's checkpoint,
-and the reverse) and the renames of its conversion mappings (GPT-NeoX's ``embed_out``), on load and on save.  Every
+and the reverse), the renames of its conversion mappings (GPT-NeoX's ``embed_out``) and ``from_pretrained``'s
+``key_mapping``, on load and on save (the shells go in when transformers hands the quantizer the load's conversions,
+``update_weight_conversions``, before it reads any tensor).  Every
 transformers model inside the loaded one that holds sparse layers (``model.model``) gets the quantizer too.
 
 How saving works: a model carrying the quantizer (loaded by transformers, or converted by ``flash_llm.sparsify_``) saves
@@ -25,10 +27,14 @@ refuse a model of another quantization method, before transformers writes anythi
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import functools
 import importlib.abc
 import importlib.machinery
+import inspect
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -41,11 +47,16 @@ from ..formats import FORMATS, FormatError
 from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME, parse_metadata
 from ..nn import SparseLinear
 from . import _files, _model
-from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_section, config_dtype,
-                         mixed_dtype_warning, refuse_mixed_sparse_dtypes, sparse_modules_section)
+from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_section, _remember_loaded_from,
+                         config_dtype, mixed_dtype_warning, refuse_mixed_sparse_dtypes, sparse_modules_section)
 
 _AUTO = "transformers.quantizers.auto"
 _MODELING = "transformers.modeling_utils"
+
+# whether the save_pretrained call under way reverts transformers' conversion mapping (its save_original_format):
+# where it does not, the arrays are stored under the model's own names, and the section and headers name those
+_SAVE_ORIGINAL_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("flash_llm_save_original_format",
+                                                                              default=True)
 
 
 def register() -> None:
@@ -77,12 +88,21 @@ def _install_save_guard() -> None:
     save = getattr(cls, "save_pretrained", None)
     if save is None or getattr(save, "_flash_llm_guard", False) or not _registered():
         return
+    signature = inspect.signature(save)
 
     @functools.wraps(save)
     def save_pretrained(self, save_directory, *args, **kwargs):
         prepare_save(self)
         before = _safetensors_files(save_directory)
-        out = save(self, save_directory, *args, **kwargs)
+        try:  # (arguments transformers refuses: it says so itself)
+            bound = signature.bind(self, save_directory, *args, **kwargs).arguments
+        except TypeError:
+            bound = {}
+        revert = _SAVE_ORIGINAL_FORMAT.set(bool(bound.get("save_original_format", True)))
+        try:
+            out = save(self, save_directory, *args, **kwargs)
+        finally:
+            _SAVE_ORIGINAL_FORMAT.reset(revert)
         if any(isinstance(m, SparseLinear) for m in self.modules()):  # (safetensors writes its files 0600)
             for f, stat in _safetensors_files(save_directory).items():
                 if before.get(f) != stat:  # written by this save (new, or rewritten); other files keep their mode
@@ -215,12 +235,14 @@ class _Shell(SparseLinear):
     sized = False  # whether its arrays have the checkpoint's lengths (read from the shard headers)
 
 
-def load_renamer(model, quantizer=None):
+def load_renamer(model, quantizer=None, transforms=None):
     """``key -> (name, converted)``: the name transformers' loader gives checkpoint tensor ``key`` in ``model``
     (the renames of its conversion mapping: GPT-NeoX's ``embed_out`` -> ``lm_head``, Mixtral's ``block_sparse_moe`` ->
     ``mlp``...), and whether one of its converters (merging or splitting tensors: Mixtral's ``experts.N.w1``) takes
     it.  None where ``model`` is not a transformers model or this transformers has no such mapping (names are then
-    taken as they are).  The base-model prefix is not handled here (:func:`_with_base_prefix`)."""
+    taken as they are).  The base-model prefix is not handled here (:func:`_with_base_prefix`).  ``transforms``: the
+    conversions a load used (given to the quantizer's ``update_weight_conversions``: ``from_pretrained``'s
+    ``key_mapping`` comes first in them), default the model's own mapping; they are copied, not changed."""
     if "transformers" not in sys.modules:
         return None
     try:
@@ -230,7 +252,10 @@ def load_renamer(model, quantizer=None):
 
         if not isinstance(model, PreTrainedModel):
             return None
-        transforms = get_model_conversion_mapping(model, None, quantizer)
+        if transforms is None:
+            transforms = get_model_conversion_mapping(model, None, quantizer)
+        else:  # (renaming marks a transform used, or a group active: the loader's own are left as they are)
+            transforms = [copy.copy(t) for t in transforms]
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         rename_source_key("model.x.weight", renamings, converters)
@@ -259,6 +284,17 @@ def _with_base_prefix(model, name: str, modules) -> str:
     return name
 
 
+def _past_last_block(modules: dict[str, nn.Module], name: str) -> bool:
+    """Whether module ``name`` would lie in a block past the last of one of the model's ``nn.ModuleList``s
+    (``model.layers.1.mlp.down_proj`` where ``model.layers`` has one block): ``modules`` is its ``named_modules()``."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        blocks = modules.get(".".join(parts[:i]))
+        if isinstance(blocks, nn.ModuleList) and parts[i].isdigit() and int(parts[i]) >= len(blocks):
+            return True
+    return False
+
+
 def _save_keeps_names(model) -> bool:
     """Whether transformers' ``save_pretrained`` provably stores ``model``'s tensors under their own names: it knows no
     conversion mapping for it (none its loader attached, none for its class, no legacy
@@ -276,19 +312,22 @@ def _save_keeps_names(model) -> bool:
     return not [t for t in transforms if not isinstance(t, PrefixChange)]
 
 
-def saved_layer_names(model, sparse: dict[str, SparseLinear]) -> dict[str, str]:
+def saved_layer_names(model, sparse: dict[str, SparseLinear], original_format: bool = True,
+                      conversions=None) -> dict[str, str]:
     """Module name -> the name transformers' ``save_pretrained`` writes the tensors of each sparse layer under (it
-    reverts its conversion mapping's renames on save: GPT-NeoX's ``lm_head`` is stored as ``embed_out``).  Raises
-    ValueError, before anything is written, for a layer whose tensors transformers would not save under one name that
-    its loader maps back to the layer, or whose saved name cannot be traced (a save calls this before it writes any
-    file).  The names written into ``sparse_modules`` and the headers must be those transformers gives the arrays:
-    a section naming ``lm_head`` beside arrays stored as ``embed_out`` is a checkpoint neither loader reads."""
+    reverts its conversion mapping's renames on save: GPT-NeoX's ``lm_head`` is stored as ``embed_out``; with
+    ``original_format=False``, its ``save_original_format=False``, it keeps the module names).  Raises ValueError,
+    before anything is written, for a layer whose tensors transformers would not save under one name that its loader
+    maps back to the layer, or whose saved name cannot be traced (a save calls this before it writes any file).  The
+    names written into ``sparse_modules`` and the headers must be those transformers gives the arrays: a section naming
+    ``lm_head`` beside arrays stored as ``embed_out`` is a checkpoint neither loader reads.  ``conversions``: those the
+    load of ``model`` used (with its ``key_mapping``), which map a saved name back; default the model's own mapping."""
     cls = type(model).__name__
     how = "save the model with flash_llm.save_pretrained(model, path) (and read it back with flash_llm.from_pretrained)"
     fix = f"no reader maps them back to the layer: {how}"
     try:
         from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
+    except ImportError:  # (such a transformers has no save_original_format either: it reverts, or keeps the names)
         # transformers' save renames by means unknown here: its own names are right only where it has nothing to rename
         if _save_keeps_names(model):
             return {fqn: fqn for fqn in sparse}
@@ -313,19 +352,22 @@ def saved_layer_names(model, sparse: dict[str, SparseLinear]) -> dict[str, str]:
                       if k in probe and isinstance(t, torch.Tensor) and t.shape == probe[k].shape}
         return traced
 
-    try:
-        saved = revert(list(sparse))
-    except Exception:  # a converter that cannot take a sparse layer's arrays: find the layer (absent below)
-        saved = {}
-        for fqn in sparse:
-            try:
-                saved.update(revert([fqn]))
-            except Exception:
-                pass
+    if not original_format:  # (transformers stores the state dict as it is)
+        saved = {k: k for fqn in sparse for k in arrays(fqn)}
+    else:
+        try:
+            saved = revert(list(sparse))
+        except Exception:  # a converter that cannot take a sparse layer's arrays: find the layer (absent below)
+            saved = {}
+            for fqn in sparse:
+                try:
+                    saved.update(revert([fqn]))
+                except Exception:
+                    pass
     # (a layer absent from `saved` is refused below: its own name is never assumed, which, for a model with a
     # conversion mapping, would list it under a name its arrays are not stored under)
     out = {}
-    rename = load_renamer(model)
+    rename = load_renamer(model, transforms=conversions)
     modules = dict(model.named_modules())
     for fqn in sparse:
         first = saved.get(f"{fqn}.weight_data") or ""
@@ -409,6 +451,10 @@ def _define():
             self._header_files: dict[str, Path] = {}  # header entry -> the shard holding it
             self._source = "the checkpoint"
             self._names: dict[str, str | None] = {}  # checkpoint layer name -> module name (None: not in the model)
+            self._source_dir: Path | None = None  # the local directory of the shards (a later save may not replace it)
+            self._keys: dict[str, _files.TensorInfo] | None = None  # the checkpoint's tensors (None: not known)
+            self._pending = None  # the model whose shells update_weight_conversions installs (the load under way)
+            self._conversions = None  # the conversions that load used (key_mapping included): a save maps back by them
 
         def _dtype(self) -> torch.dtype | None:
             dtypes = {_DTYPES_BY_NAME[m["dtype"]] for m in self.quantization_config.sparse_modules.values()}
@@ -459,6 +505,7 @@ def _define():
                     return None
                 files = _files.open_checkpoint(where).shards
             self._source = str(files[0].parent)
+            self._source_dir = Path(os.path.abspath(files[0].parent))  # (absolute: a later chdir moves nothing)
             keys: dict[str, _files.TensorInfo] = {}
             for f in files:
                 shard = _files.Shard(f)
@@ -468,19 +515,27 @@ def _define():
                 self._header_files.update(dict.fromkeys(entries, f))
             return keys
 
-        def _module_names(self, model) -> dict[str, str | None]:
-            """Checkpoint layer name -> the module transformers' loader puts its tensors in: its conversion
-            mapping's renames and the base-model prefix applied (None: a layer of the checkpoint's task head, outside
-            its base model, that the model being loaded lacks: ``lm_head`` read into ``AutoModel`` or a sequence
-            classifier; transformers drops its tensors, as it drops a dense checkpoint's)."""
+        def _module_names(self, model, rename) -> dict[str, str | None]:
+            """Checkpoint layer name -> the module transformers' loader puts its tensors in: the renames of ``rename``
+            (:func:`load_renamer` of the load's conversions) and the base-model prefix applied (None: a layer the model
+            being loaded lacks, whose tensors transformers drops, as it drops a dense checkpoint's: one of the
+            checkpoint's task head, outside its base model, such as ``lm_head`` read into ``AutoModel`` or a sequence
+            classifier, or one of a block past the model's last, where a ``from_pretrained`` config override such as
+            ``num_hidden_layers=1`` builds fewer blocks than the checkpoint holds)."""
             listed = self.quantization_config.sparse_modules
-            rename = load_renamer(model, self)
             modules = dict(model.named_modules())
             prefix = getattr(model, "base_model_prefix", "") or ""
-            headed = bool(prefix) and any(c.startswith(prefix + ".") for c in listed)  # a task model's checkpoint
+
+            def renamed(key: str) -> tuple[str, bool]:
+                return rename(key) if rename is not None else (key, False)
+
+            # a task model's checkpoint: a tensor of it, sparse or dense, under the prefix (lm_head may be its only
+            # sparse layer)
+            headed = bool(prefix) and any(renamed(k)[0].startswith(prefix + ".")
+                                          for k in (*(f"{c}.weight_data" for c in listed), *(self._keys or ())))
             out: dict[str, str | None] = {}
             for c in listed:
-                key, converted = rename(f"{c}.weight_data") if rename is not None else (f"{c}.weight_data", False)
+                key, converted = renamed(f"{c}.weight_data")
                 if converted or not key.endswith(".weight_data"):
                     raise FormatError(f"{self._source}: config.json lists sparse layer '{c}', whose tensors "
                                       f"transformers converts (not only renames: '{c}.weight_data' -> '{key}') when it "
@@ -488,7 +543,7 @@ def _define():
                                       "flash_llm.from_pretrained")
                 name = _with_base_prefix(model, key[: -len(".weight_data")], modules)
                 if name not in modules:
-                    if headed and not c.startswith(prefix + "."):
+                    if (headed and not key.startswith(prefix + ".")) or _past_last_block(modules, name):
                         out[c] = None
                         continue
                     loaded_as = f" (transformers loads its tensors as '{name}')" if name != c else ""
@@ -498,14 +553,36 @@ def _define():
             return out
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            keys = self._read_headers(model, checkpoint_files)
+            keys = self._keys = self._read_headers(model, checkpoint_files)
             listed = self.quantization_config.sparse_modules
             unlisted = sorted({k.rpartition(".")[0] for k in (keys or {}) if k.endswith(".weight_data")} - set(listed))
             if unlisted:  # (transformers would leave such a layer's weight as initialized, with a warning only)
                 raise FormatError(f"{self._source}: '{unlisted[0]}' is stored compressed (its weight_data is in the "
                                   "shards) but config.json's quantization_config.sparse_modules does not list it"
                                   f"{f' ({len(unlisted)} such layers)' if len(unlisted) > 1 else ''}")
-            self._names = self._module_names(model)
+            if getattr(super(), "update_weight_conversions", None) is not None:
+                # transformers calls it next, with every conversion of this load (from_pretrained's key_mapping too),
+                # before it reads any tensor: the shells go in there
+                self._pending = model
+            else:
+                self._install_shells(model, load_renamer(model, self))
+            return model
+
+        def update_weight_conversions(self, weight_conversions, model):
+            base = getattr(super(), "update_weight_conversions", None)
+            if base is not None:
+                weight_conversions = base(weight_conversions, model)
+            if self._pending is not None and self._pending is model:  # the load's own call (after preprocess_model)
+                self._pending = None
+                self._conversions = [copy.copy(t) for t in weight_conversions]  # (before the loader uses them)
+                self._install_shells(model, load_renamer(model, transforms=weight_conversions))
+            return weight_conversions
+
+        def _install_shells(self, model, rename) -> None:
+            """Swap each listed layer of ``model`` for an empty :class:`_Shell` whose buffers transformers fills,
+            after checking the layer, and the checkpoint's tensors of it where the shard headers were read."""
+            keys, listed = self._keys, self.quantization_config.sparse_modules
+            self._names = self._module_names(model, rename)
             for fqn, meta in listed.items():
                 name = self._names[fqn]
                 if name is None:
@@ -546,7 +623,7 @@ def _define():
                     shell.sized = True
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, shell)
-            return model
+            self._keys = None  # (not needed after this)
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             # Without the shard headers the shells' arrays have placeholder lengths (they depend on the weight's
@@ -559,6 +636,10 @@ def _define():
             return isinstance(module, _Shell) and not module.sized and attr in ("weight_data", "weight_offsets")
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            if self._pending is not None:  # (no shell was installed: the layers hold no tensor of the checkpoint)
+                raise FormatError(f"{self._source}: this transformers read the tensors without calling the quantizer's "
+                                  "update_weight_conversions, where flash-llm installs the sparse layers; load this "
+                                  "checkpoint with flash_llm.from_pretrained")
             for fqn, meta in self.quantization_config.sparse_modules.items():
                 name = self._names.get(fqn, fqn)
                 if name is None:
@@ -596,12 +677,16 @@ def _define():
             self.quantization_config.sparse_modules = {self._names.get(c, c): meta for c, meta in listed.items()
                                                        if self._names.get(c, c) is not None}
             give_quantizers(model, self)
+            if self._source_dir is not None:  # (a save may not replace it: absolute, unlike config._name_or_path)
+                _remember_loaded_from(model, self._source_dir)
             return model
 
         def get_state_dict_and_metadata(self, model, *args, **kwargs):
             refuse_mixed_sparse_dtypes(model)  # (a checkpoint no reader loads: refused before anything is written)
             state, sparse = _model.state_to_save(model)
-            saved = saved_layer_names(model, sparse)  # (refuses before anything is written)
+            conversions = self._conversions if getattr(model, "hf_quantizer", None) is self else None
+            saved = saved_layer_names(model, sparse, _SAVE_ORIGINAL_FORMAT.get(),
+                                      conversions)  # (refuses before anything is written)
             section = {saved[fqn]: meta for fqn, meta in sparse_modules_section(model).items()}
             header = {f"{saved[fqn]}.weight_{METADATA_KEY}": json.dumps(m.weight.metadata())
                       for fqn, m in sparse.items()}
