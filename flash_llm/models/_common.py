@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from .._env import env_choice
 
@@ -86,6 +87,19 @@ class Attend:
     small_chunks_from: int | None = None
     l2_next: "list[torch.Tensor | None] | None" = None
     l2_stream: "torch.cuda.Stream | None" = None
+
+
+def hooked(*modules: nn.Module | None) -> bool:
+    """Whether calling any of ``modules`` (None skipped) runs more than its class's ``forward``: forward or backward
+    hooks / pre-hooks of its own or global ones (the test of ``nn.Module.__call__``), or a ``forward`` replaced on the
+    instance.  A fused path that reads such a module's weights instead of calling it would skip them (the output would
+    change silently), so it calls the modules instead."""
+    g = _nn_module
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
+            or g._global_backward_pre_hooks:
+        return True
+    return any(m is not None and bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                      or m._backward_pre_hooks or "forward" in m.__dict__) for m in modules)
 
 
 def after_attention_weights(layer: nn.Module) -> list:

@@ -141,7 +141,9 @@ def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
     """Switch every module of ``model`` that has a fused path (``fused`` attribute: Llama's RMSNorm, attention,
     MLP, decoder layer and model; OPT's attention, decoder layer and decoder) to the compiled single-kernel functions,
     or back (``fused=False``).  In place; returns ``model``.  The first forward after switching compiles (seconds);
-    the results equal the eager ones to rounding.  :class:`flash_llm.engine.Engine` does this with ``fuse=True``."""
+    the results equal the eager ones to rounding (a module with hooks, which a fused path would skip for its weights, is
+    called as a module: :func:`~flash_llm.models._common.hooked`).  :class:`flash_llm.engine.Engine` does this with
+    ``fuse=True``."""
     for m in model.modules():
         if hasattr(m, "fused"):
             m.fused = bool(fused)

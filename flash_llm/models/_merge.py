@@ -74,18 +74,27 @@ def sparse_gate_up(module: nn.Module) -> SparseLinear | None:
     return sparse_layer(module, "gate_up_proj")
 
 
+def _dropped(m: nn.Module) -> list[str]:
+    """What a layer rebuilt from ``m``'s weights (stacked, or split back) would drop: ``m``'s hooks
+    (:func:`~flash_llm.nn._hook_counts`) and a ``forward`` replaced on the instance (the output would change)."""
+    hooks = _hook_counts(m)
+    if "forward" in m.__dict__:
+        hooks.append("a forward replaced on the instance (an accelerate-style hook?)")
+    return hooks
+
+
 def _why_not(layers: list[nn.Module]) -> str | None:
     """Why these layers cannot be stacked (None if they can)."""
     kinds = {type(m) for m in layers}
     if len(kinds) != 1 or next(iter(kinds)) not in (nn.Linear, SparseLinear):
         return "the layers are not all nn.Linear or all SparseLinear: " + ", ".join(sorted(k.__name__ for k in kinds))
     first = layers[0]
-    for m in layers:  # (a stacked layer would drop them: the output would change)
-        hooks = _hook_counts(m)
-        if "forward" in m.__dict__:
-            hooks.append("a forward replaced on the instance (an accelerate-style hook?)")
+    for m in layers:
+        hooks = _dropped(m)
         if hooks:
             return f"a layer has {' and '.join(hooks)} that merging would drop"
+    if any(getattr(m, "_unfilled", False) for m in layers):  # (their forward refuses; a stacked layer would not)
+        return "a layer's arrays are uninitialized memory (to_empty() from the meta device): load its weights first"
     if any(m.in_features != first.in_features for m in layers):
         return "in_features differ"
     if len({m.bias is None for m in layers}) != 1:
@@ -106,6 +115,9 @@ def _carry_mark(layers: list[nn.Module], into: nn.Module, paired: bool) -> nn.Mo
     return into
 
 
+# normal tensors under torch.inference_mode() too, so the layers run with autograd afterwards (as sparsify_'s);
+# no_grad inside: entering inference_mode(False) turns grad mode on
+@torch.inference_mode(False)
 @torch.no_grad()
 def _stack(layers: list[nn.Module], pair_halves: bool = False) -> nn.Module:
     out = _carry_mark(layers, _stacked(layers, pair_halves), pair_halves)
@@ -125,6 +137,7 @@ def _stacked(layers: list[nn.Module], pair_halves: bool) -> nn.Module:
     return out
 
 
+@torch.inference_mode(False)  # (as _stack)
 @torch.no_grad()
 def _split(layer: nn.Module, sizes: tuple[int, ...]) -> list[nn.Module]:
     parts, r0 = [], 0
@@ -178,18 +191,29 @@ def merge_projections(model: nn.Module) -> dict[str, str]:
 def unmerge_projections(model: nn.Module) -> list[str]:
     """Undo :func:`merge_projections` in place: every :class:`MergedLinear` is split back into its layers (the same
     weights, biases and formats; compressed weights cut with :meth:`~flash_llm.formats.SparseFormat.slice`).
-    Returns the paths of the groups split."""
-    done = []
+    Returns the paths of the groups split.  A :class:`MergedLinear` (or its stacked layer) with hooks or a
+    ``forward`` replaced on the instance, which the split layers would drop, is a ValueError naming it, raised
+    before any group is split."""
+    groups = []
     for path, module in [(p, m) for p, m in model.named_modules() if getattr(m, "_merge_groups", None)]:
         for target in list(module._merge_groups):
             merged = getattr(module, target, None)
             if not isinstance(merged, MergedLinear):
                 continue
-            for n, part in zip(merged.names, _split(merged.layer, merged.sizes)):
-                setattr(module, n, part)
-            delattr(module, target)
-            setattr(module, target, None)
-            rank = {n: i for i, n in enumerate(merged.order)}
-            module._modules = dict(sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-            done.append(f"{path}.{target}" if path else target)
+            where = f"{path}.{target}" if path else target
+            for name, m in ((where, merged), (f"{where}.layer", merged.layer)):
+                hooks = _dropped(m)
+                if hooks:
+                    raise ValueError(f"{name} has {' and '.join(hooks)} that unmerging would drop; remove them "
+                                     "first (nothing was unmerged)")
+            groups.append((where, module, target, merged))
+    done = []
+    for where, module, target, merged in groups:
+        for n, part in zip(merged.names, _split(merged.layer, merged.sizes)):
+            setattr(module, n, part)
+        delattr(module, target)
+        setattr(module, target, None)
+        rank = {n: i for i, n in enumerate(merged.order)}
+        module._modules = dict(sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+        done.append(where)
     return done

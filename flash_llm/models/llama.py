@@ -22,7 +22,7 @@ from .. import ops
 from .._env import env_flag
 from ..ops import spmm_silu_mul
 from ._merge import project, sparse_gate_up, sparse_layer
-from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
+from ._common import Attend, CausalLM, attention, decode_attention, hooked, use_decode_attention
 from .config import ModelConfig
 
 #: ``FLASH_LLM_FUSE_NORMS=0``: the fused model never runs :meth:`LlamaDecoderLayer.forward_one_token` (the RMSNorms
@@ -169,7 +169,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.act is F.silu and SILU_REDUCE and not torch.is_grad_enabled():  # (no autograd formula)
             gu = sparse_gate_up(self)
-            if gu is not None and x.dtype == gu.weight_dtype:  # silu x up inside the sparse projection's reduction
+            # silu x up inside the sparse projection's reduction (not past hooks of gate_up_proj, which it skips)
+            if gu is not None and x.dtype == gu.weight_dtype and not hooked(self.gate_up_proj, gu):
                 return self.down_proj(spmm_silu_mul(x, gu.weight))
         gate, up = project(self, "gate_up_proj", x)
         if self.fused and self.act is F.silu:
@@ -204,8 +205,14 @@ class LlamaDecoderLayer(nn.Module):
         """The fused layer with its residual adds folded into the norms: takes the residual stream ``x`` and the
         previous layer's MLP output ``delta`` not yet added to it (``None`` for the first layer) and returns
         ``(x', mlp_out)``, where ``x' + mlp_out`` is the layer's output.  Each add runs in the kernel of the
-        RMSNorm that follows it (:func:`~flash_llm.models._fused.add_rms_norm`): one kernel fewer per layer."""
+        RMSNorm that follows it (:func:`~flash_llm.models._fused.add_rms_norm`): one kernel fewer per layer.  Where
+        a norm has hooks (:func:`~flash_llm.models._common.hooked`) the norms are called as modules instead, so the
+        hooks run."""
         norm, post = self.input_layernorm, self.post_attention_layernorm
+        if hooked(norm, post):
+            x = x if delta is None else x + delta
+            x = x + self.self_attn(norm(x), cos, sin, attend)
+            return x, self.mlp(post(x))
         if delta is None:
             h = _fused.op("rms_norm", True)(x, norm.weight, norm.eps)
         else:
@@ -218,9 +225,10 @@ class LlamaDecoderLayer(nn.Module):
         :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``, contiguous; or a decode step
         of 2 sequences, ``x [2, 1, H]``, with :data:`flash_llm.kernels.DR_NT_NORM`),
         :data:`FUSE_NORMS`, no autograd, q / k / v and gate / up merged, all four sparse without bias and both norms'
-        weights in ``x``'s dtype, SiLU, and on CUDA the kernels able to do the elementwise work (:func:`_kernels_fuse`:
-        Tiled-CSL with split-K) and to take both norms' weights (:func:`_norms_fuse`: finite ones); else
-        None (the layer then runs :meth:`forward_deferred`)."""
+        weights in ``x``'s dtype, SiLU, no hooks on the modules it skips (the norms, the attention, the MLP and the
+        projections, :func:`~flash_llm.models._common.hooked`), and on CUDA the kernels able to do the elementwise work
+        (:func:`_kernels_fuse`: Tiled-CSL with split-K) and to take both norms' weights (:func:`_norms_fuse`: finite
+        ones); else None (the layer then runs :meth:`forward_deferred`)."""
         if not FUSE_NORMS or x.shape[1] != 1 or x.shape[0] > _one_token_batch() or torch.is_grad_enabled() \
                 or self.mlp.act is not F.silu:
             return None
@@ -231,6 +239,9 @@ class LlamaDecoderLayer(nn.Module):
         layers = (sparse_layer(a, "qkv_proj") if a.qkv_proj is not None else None, sparse_layer(a, "o_proj"),
                   sparse_gate_up(self.mlp), sparse_layer(self.mlp, "down_proj"))
         if any(p is None or p.weight_dtype != x.dtype for p in layers) or not _norms_fuse(norms, x):
+            return None
+        if hooked(self.input_layernorm, self.post_attention_layernorm, a, self.mlp, a.qkv_proj, a.o_proj,
+                  self.mlp.gate_up_proj, self.mlp.down_proj, *layers):  # (their hooks would be skipped)
             return None
         return layers if _kernels_fuse(layers, x) else None
 
@@ -315,14 +326,23 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(x, attend.positions, attend.rope)
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
+            # seen: a hook has seen x (and may keep it): forward_one_token, which updates x in place, takes a copy
+            seen = hooked(self.embed_tokens)
             for layer in self.layers:
+                if hooked(layer):  # (called as a module, so that its hooks run)
+                    x, delta, seen = layer(x if delta is None else x + delta, cos, sin, attend), None, True
+                    continue
                 sparse = layer.sparse_projections(x)
                 if sparse is None:
                     x, delta = layer.forward_deferred(x, delta, cos, sin, attend)
                     continue
                 if delta is not None:
                     x, delta = x + delta, None
-                x = layer.forward_one_token(x, cos, sin, attend, sparse)
+                elif seen:
+                    x = x.clone()
+                x, seen = layer.forward_one_token(x, cos, sin, attend, sparse), False
+            if hooked(self.norm):
+                return self.norm(x if delta is None else x + delta)
             if delta is None:
                 return _fused.op("rms_norm", True)(x, self.norm.weight, self.norm.eps)
             return _fused.op("add_rms_norm", True)(x, delta, self.norm.weight, self.norm.eps)[1]

@@ -17,7 +17,7 @@ from torch import nn
 from .. import ops
 from . import _fused
 from . import llama as _llama
-from ._common import Attend, CausalLM, attention, decode_attention, use_decode_attention
+from ._common import Attend, CausalLM, attention, decode_attention, hooked, use_decode_attention
 from ._merge import project, sparse_layer
 from .config import ModelConfig
 
@@ -97,8 +97,14 @@ class OPTDecoderLayer(nn.Module):
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """A pre-LN layer with its residual adds folded into the LayerNorms that follow them (as Llama's
         ``forward_deferred``): takes the residual stream ``x`` and the previous layer's MLP output ``delta`` not
-        yet added (``None`` for the first layer); returns ``(x', mlp_out)`` with ``x' + mlp_out`` the output."""
+        yet added (``None`` for the first layer); returns ``(x', mlp_out)`` with ``x' + mlp_out`` the output.  Where
+        a LayerNorm has hooks (:func:`~flash_llm.models._common.hooked`) both are called as modules instead, so the
+        hooks run."""
         ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
+        if hooked(ln1, ln2):
+            x = x if delta is None else x + delta
+            x = x + self.self_attn(ln1(x), attend)
+            return x, self.fc2(self.act(self.fc1(ln2(x))))
         if delta is None:
             h = ln1(x)
         else:
@@ -110,9 +116,10 @@ class OPTDecoderLayer(nn.Module):
         """The layer's ``(qkv, out, fc1, fc2)`` :class:`~flash_llm.SparseLinear` layers when
         :meth:`forward_one_token` may run it for ``x``: one token in all (``x [1, 1, H]``, contiguous), pre-LN,
         ``FLASH_LLM_FUSE_NORMS`` on (:data:`flash_llm.models.llama.FUSE_NORMS`), no autograd, ReLU, q / k / v merged,
-        all four sparse (biases allowed), both LayerNorms affine in ``x``'s dtype, and on CUDA the kernels able to do
-        the LayerNorms, ReLU and residual adds (:func:`flash_llm.kernels.epilogue_fusable`: DeltaRows); else None
-        (the layer then runs :meth:`forward_deferred`)."""
+        all four sparse (biases allowed), both LayerNorms affine in ``x``'s dtype, no hooks on the modules it skips
+        (the LayerNorms, the attention and the projections, :func:`~flash_llm.models._common.hooked`), and on CUDA the
+        kernels able to do the LayerNorms, ReLU and residual adds (:func:`flash_llm.kernels.epilogue_fusable`:
+        DeltaRows); else None (the layer then runs :meth:`forward_deferred`)."""
         if (not _llama.FUSE_NORMS or not self.do_layer_norm_before or x.shape[0] * x.shape[1] != 1
                 or torch.is_grad_enabled() or self.act is not F.relu or not x.is_contiguous()):
             return None
@@ -124,6 +131,8 @@ class OPTDecoderLayer(nn.Module):
         layers = (sparse_layer(a, "qkv_proj", True) if a.qkv_proj is not None else None,
                   sparse_layer(a, "out_proj", True), sparse_layer(self, "fc1", True), sparse_layer(self, "fc2", True))
         if any(p is None or p.weight_dtype != x.dtype for p in layers):
+            return None
+        if hooked(*lns, a, a.qkv_proj, *layers):  # (their hooks would be skipped)
             return None
         return layers if _kernels_fuse(layers, x) else None
 
@@ -208,15 +217,23 @@ class OPTDecoder(nn.Module):
         x = x + self.embed_positions(attend.positions)
         if self.fused and len(self.layers) and all(la.fused and la.do_layer_norm_before for la in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
+            # seen: a hook has seen x (and may keep it): forward_one_token, which updates x in place, takes a copy
+            seen = False  # (x + the positions: a tensor of its own)
             for layer in self.layers:
+                if hooked(layer):  # (called as a module, so that its hooks run)
+                    x, delta, seen = layer(x if delta is None else x + delta, attend), None, True
+                    continue
                 sparse = layer.sparse_projections(x)
                 if sparse is None:
                     x, delta = layer.forward_deferred(x, delta, attend)
                     continue
                 if delta is not None:
                     x, delta = x + delta, None
-                x = layer.forward_one_token(x, attend, sparse)
-            if delta is None:
+                elif seen:
+                    x = x.clone()
+                x, seen = layer.forward_one_token(x, attend, sparse), False
+            if delta is None or hooked(self.final_layer_norm):
+                x = x if delta is None else x + delta
                 x = x if self.final_layer_norm is None else self.final_layer_norm(x)
             elif self.final_layer_norm is not None:
                 ln = self.final_layer_norm
