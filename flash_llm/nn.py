@@ -837,12 +837,13 @@ def min_sparsity_shortfall(zeros: int, numel: int, min_sparsity) -> str | None:
     return f"sparsity {q // 10000}.{q % 10000:04d} < min_sparsity {bound} ({zeros} of {numel} zeros)"
 
 
-def _compressed(module: nn.Linear, fqn: str, config: SparsifyConfig,
-                fmt_cls: type[SparseFormat]) -> tuple[SparseLinear | None, str | None]:
+def _compressed(module: nn.Linear, fqn: str, config: SparsifyConfig, fmt_cls: type[SparseFormat],
+                caller: str = "sparsify_") -> tuple[SparseLinear | None, str | None]:
     """``(layer, None)``: ``module`` compressed; or ``(None, reason)`` to keep it dense, for what compression finds:
     a cast to ``config.dtype`` (or the bias's to the weight's dtype) that is not exact to rounding, a sparsity below
     ``config.min_sparsity``, a shape the format cannot hold, or a compressed weight not smaller than dense.  Other
-    errors propagate, noted (the model is unchanged: nothing is swapped in before every layer is compressed)."""
+    errors propagate, noted with ``caller`` (for :func:`sparsify_`: the model is unchanged, nothing is swapped in
+    before every layer is compressed; other callers say what they leave)."""
     try:
         w = _exact_dense_weight(module.weight.detach(), config.dtype, "weight")
         bias = None if module.bias is None else _exact_bias(module.bias, w.dtype, "bias")
@@ -859,7 +860,8 @@ def _compressed(module: nn.Linear, fqn: str, config: SparsifyConfig,
         return None, f"{fmt_cls.__name__} cannot hold it: {e}"
     except Exception as e:
         if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(f"sparsify_: while compressing '{fqn}' {tuple(w.shape)}; the model is unchanged")
+            e.add_note(f"{caller}: while compressing '{fqn}' {tuple(w.shape)}"
+                       + ("; the model is unchanged" if caller == "sparsify_" else ""))
         raise
     dense_w = _tensor_bytes(w)
     if layer.nbytes >= dense_w:

@@ -42,3 +42,21 @@ def test_fused_norm_float_eps_under_fullgraph_dynamic_compile(norm):
     for bad in (float("nan"), float("inf"), -1e-5):  # (still refused, naming eps)
         with pytest.raises(ValueError, match="eps"):
             f(x, bad)
+
+
+def test_tensor_parallel_compression_error_note_does_not_promise_an_unchanged_model(monkeypatch):
+    """An unexpected error compressing a tensor-parallel slice was noted "sparsify_: ...; the model is unchanged",
+    which a half-done tensor_parallel_ / load_tensor_parallel is not: the note names tensor parallelism only."""
+    from flash_llm import BitmapTiles
+    from flash_llm.nn import SparsifyConfig
+    from flash_llm.parallel.layers import local_layer
+
+    def boom(cls, w, *, dtype=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(BitmapTiles, "from_dense", classmethod(boom))
+    w = torch.randn(32, 64).half() * (torch.rand(32, 64) < 0.3)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        local_layer(w, None, "model.layers.0.mlp.up_proj", sparsify=SparsifyConfig(format="bitmap"))
+    if hasattr(info.value, "add_note"):  # Python >= 3.11
+        assert info.value.__notes__ == ["tensor parallel: while compressing 'model.layers.0.mlp.up_proj' (32, 64)"]

@@ -232,7 +232,7 @@ def local_layer(w: torch.Tensor, bias: torch.Tensor | None, fqn: str, *, fmt=Non
         raise TypeError(f"{fqn}: compressed weights hold fp16/bf16, but the weight slice is {w.dtype}; cast the "
                         "model to torch.float16 or torch.bfloat16, or set SparsifyConfig(dtype=...)")
     dense = _dense_linear(w, bias)
-    layer, why = _compressed(dense, fqn, sparsify, fmt_cls)  # (the checks and words of sparsify_)
+    layer, why = _compressed(dense, fqn, sparsify, fmt_cls, "tensor parallel")  # (the checks and words of sparsify_)
     return (dense, why) if layer is None else (layer, "")
 
 
