@@ -747,11 +747,12 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
                  read_directly: dict | None = None, fmt_cls: type | None = None,
                  match_name: str | None = None) -> str | None:
     """Why ``module`` stays dense, or None to convert it (the checks that need no compression).  ``skip_names``
-    match ``match_name`` (default ``fqn``; for a tensor-parallel projection's local layer, the projection's name)."""
+    match ``fqn`` and ``match_name`` (for a tensor-parallel projection's local layer ``<projection>.linear``, the
+    projection's name: either name skips it)."""
     if not fqn:
         return "the model itself is an nn.Linear (sparsify_ replaces submodules; use SparseLinear.from_linear)"
-    match_name = fqn if match_name is None else match_name
-    if any(match_name == n or match_name.endswith("." + n) for n in skip_names):
+    names = {fqn, fqn if match_name is None else match_name}
+    if any(name == n or name.endswith("." + n) for name in names for n in skip_names):
         return f"name in skip_names {skip_names}"
     if read_directly and id(module) in read_directly:
         return read_directly[id(module)]
@@ -896,7 +897,7 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
         config: a :class:`SparsifyConfig` (default ``SparsifyConfig()``).
         filter_fn: ``(module, fqn) -> bool``, called for every ``nn.Linear`` with its fully qualified
             name; False keeps the layer dense.  After ``flash_llm.parallel`` sharding, a projection's local layer
-            (``<projection>.linear``) goes by the projection's name, here and for ``skip_names``, as before it.
+            (``<projection>.linear``) goes by the projection's name here, as before it; ``skip_names`` match either.
 
     Returns:
         A :class:`SparsifyReport` of converted layers (shape, density, bytes before and after) and

@@ -121,7 +121,9 @@ def test_sparsify_after_sharding_uses_projection_names(world1):
         names.append(fqn)
         return "v_proj" not in fqn
 
-    config = SparsifyConfig(skip_names=("lm_head", "q_proj", "model.layers.0.mlp.down_proj"))
+    # (the local layer's own name, as named_modules() and the report give it, skips it too: o_proj of layer 1)
+    config = SparsifyConfig(skip_names=("lm_head", "q_proj", "model.layers.0.mlp.down_proj",
+                                        "model.layers.1.self_attn.o_proj.linear"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = sparsify_(model, config, filter_fn=keep)
@@ -132,6 +134,8 @@ def test_sparsify_after_sharding_uses_projection_names(world1):
         assert type(layers[i].self_attn.v_proj.linear) is nn.Linear  # filter_fn
         assert isinstance(layers[i].self_attn.k_proj.linear, SparseLinear)
     assert type(layers[0].mlp.down_proj.linear) is nn.Linear
+    assert type(layers[1].self_attn.o_proj.linear) is nn.Linear and isinstance(layers[0].self_attn.o_proj.linear,
+                                                                                SparseLinear)
     assert isinstance(layers[1].mlp.down_proj.linear, SparseLinear)
     skipped = {s.fqn: s.reason for s in report.skipped}
     assert skipped["model.layers.0.self_attn.q_proj.linear"].startswith("name in skip_names")
