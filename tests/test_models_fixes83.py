@@ -186,3 +186,42 @@ def test_merge_refuses_unfilled_sparse_shells():
     assert attn.qkv_proj is None and isinstance(attn.q_proj, SparseLinear)
     with pytest.raises(RuntimeError, match="load_state_dict its weights first"):
         attn.q_proj(torch.zeros(1, 64, dtype=torch.float16))
+
+
+# ---- 5. (review) unmerge_projections split an unfilled stacked SparseLinear into layers that computed -------------
+def test_unmerge_refuses_an_unfilled_stacked_layer_before_splitting_any():
+    m = _model("llama", torch.float16, sparse=True)
+    merge_projections(m)
+    filled = m.state_dict()  # (the layer's own tensors: moving it to meta gives it new ones)
+    x = torch.randn(3, 64, dtype=torch.float16)
+    want = m.model.layers[1].mlp.gate_up_proj(x)
+    target = m.model.layers[1].mlp.gate_up_proj.layer  # (the last group: the others come first)
+    target.to("meta").to_empty(device="cpu")  # a shell, as a skeleton gets its memory before loading
+    assert target._unfilled
+    keys = list(m.state_dict())
+    with pytest.raises(ValueError, match=r"model[.]layers[.]1[.]mlp[.]gate_up_proj[.]layer's arrays are "
+                                         r"uninitialized memory .* load its weights first \(nothing was unmerged\)"):
+        unmerge_projections(m)
+    assert list(m.state_dict()) == keys  # nothing unmerged
+    assert all(isinstance(la.self_attn.qkv_proj, MergedLinear) for la in m.model.layers)
+    m.load_state_dict(filled)  # filled: unmerged as before
+    assert len(unmerge_projections(m)) == 4
+    mlp = m.model.layers[1].mlp
+    torch.testing.assert_close((mlp.gate_proj(x), mlp.up_proj(x)), want, rtol=2e-2, atol=2e-3)
+
+
+# ---- 6. (review) Llama's fused one-token path overwrote the x a rotary_emb hook kept ------------------------------
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_fused_one_token_leaves_the_x_a_rotary_emb_hook_kept(kind):
+    """rotary_emb is called with the residual stream x, which forward_one_token then updates in place."""
+    m = _model("llama", torch.float16, sparse=True)
+    merge_projections(m)
+    kept = []
+    if kind == "forward":
+        m.model.rotary_emb.register_forward_hook(lambda mod, i, o: kept.append((i[0], i[0].clone())))
+    else:
+        m.model.rotary_emb.register_forward_pre_hook(lambda mod, i: kept.append((i[0], i[0].clone())) and None)
+    want, got = _fused_vs_eager(m, torch.randint(61, (1, 1)))
+    assert len(kept) == 2
+    assert all(torch.equal(t, snapshot) for t, snapshot in kept)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)

@@ -83,6 +83,10 @@ def _dropped(m: nn.Module) -> list[str]:
     return hooks
 
 
+# (an unfilled SparseLinear's forward refuses; a layer stacked from it, or split from it, would not)
+_UNFILLED = "arrays are uninitialized memory (to_empty() from the meta device): load its weights first"
+
+
 def _why_not(layers: list[nn.Module]) -> str | None:
     """Why these layers cannot be stacked (None if they can)."""
     kinds = {type(m) for m in layers}
@@ -93,8 +97,8 @@ def _why_not(layers: list[nn.Module]) -> str | None:
         hooks = _dropped(m)
         if hooks:
             return f"a layer has {' and '.join(hooks)} that merging would drop"
-    if any(getattr(m, "_unfilled", False) for m in layers):  # (their forward refuses; a stacked layer would not)
-        return "a layer's arrays are uninitialized memory (to_empty() from the meta device): load its weights first"
+    if any(getattr(m, "_unfilled", False) for m in layers):
+        return f"a layer's {_UNFILLED}"
     if any(m.in_features != first.in_features for m in layers):
         return "in_features differ"
     if len({m.bias is None for m in layers}) != 1:
@@ -192,8 +196,9 @@ def unmerge_projections(model: nn.Module) -> list[str]:
     """Undo :func:`merge_projections` in place: every :class:`MergedLinear` is split back into its layers (the same
     weights, biases and formats; compressed weights cut with :meth:`~flash_llm.formats.SparseFormat.slice`).
     Returns the paths of the groups split.  A :class:`MergedLinear` (or its stacked layer) with hooks or a
-    ``forward`` replaced on the instance, which the split layers would drop, is a ValueError naming it, raised
-    before any group is split."""
+    ``forward`` replaced on the instance, which the split layers would drop, or a stacked
+    :class:`~flash_llm.SparseLinear` whose arrays are unfilled (``to_empty()`` from the meta device: the split layers
+    would compute on them) is a ValueError naming it, raised before any group is split."""
     groups = []
     for path, module in [(p, m) for p, m in model.named_modules() if getattr(m, "_merge_groups", None)]:
         for target in list(module._merge_groups):
@@ -206,6 +211,8 @@ def unmerge_projections(model: nn.Module) -> list[str]:
                 if hooks:
                     raise ValueError(f"{name} has {' and '.join(hooks)} that unmerging would drop; remove them "
                                      "first (nothing was unmerged)")
+            if getattr(merged.layer, "_unfilled", False):
+                raise ValueError(f"{where}.layer's {_UNFILLED} (nothing was unmerged)")
             groups.append((where, module, target, merged))
     done = []
     for where, module, target, merged in groups:

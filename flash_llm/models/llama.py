@@ -327,7 +327,7 @@ class LlamaModel(nn.Module):
         if self.fused and len(self.layers) and all(layer.fused for layer in self.layers):
             delta = None  # the last layer's MLP output, not yet added to x
             # seen: a hook has seen x (and may keep it): forward_one_token, which updates x in place, takes a copy
-            seen = hooked(self.embed_tokens)
+            seen = hooked(self.embed_tokens, self.rotary_emb)  # (rotary_emb is called with x too)
             for layer in self.layers:
                 if hooked(layer):  # (called as a module, so that its hooks run)
                     x, delta, seen = layer(x if delta is None else x + delta, cos, sin, attend), None, True
