@@ -211,3 +211,88 @@ def test_a_load_that_never_names_its_conversions_to_the_quantizer_is_refused(tmp
     with pytest.raises(FormatError, match=r"read the tensors without calling the quantizer's "
                                           r"update_weight_conversions.*flash_llm\.from_pretrained"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+
+
+# ---- review of the fixes above (rev1): base model's source, prefix under an override, key_mapping with own names -
+
+def test_the_base_model_of_a_transformers_loaded_model_keeps_its_source_across_chdir(tmp_path, monkeypatch):
+    # loaded.model, the base model, shares the relative config._name_or_path: it records the absolute source too
+    model = _sparsify(hf_model("llama", seed=8391))
+    src = tmp_path / "src"
+    flash_llm.save_pretrained(model, src, progress=False)
+    (src / "tokenizer.json").write_text("{}")
+    before = sorted(p.name for p in src.iterdir())
+    monkeypatch.chdir(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained("src")
+    (tmp_path / "elsewhere" / "src").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=rf"source directory {src} and path {src} are the same directory.*"
+                                         r"nothing was written"):
+        flash_llm.save_pretrained(loaded.model, src, overwrite=True, progress=False)
+    assert sorted(p.name for p in src.iterdir()) == before
+    flash_llm.save_pretrained(loaded.model, "base", progress=False)  # elsewhere: fine
+    _same_tensors(transformers.AutoModel.from_pretrained(tmp_path / "elsewhere" / "base"), model.model)
+
+
+def _hidden(model, ids) -> torch.Tensor:  # (the base model's: a base model's checkpoint has no lm_head)
+    return model.base_model(ids).last_hidden_state
+
+
+@pytest.mark.parametrize("cls,base_ckpt", [("AutoModel", False), ("AutoModelForCausalLM", True)])
+def test_a_config_override_with_fewer_blocks_drops_them_across_the_base_model_prefix(cls, base_ckpt, tmp_path):
+    # a causal LM's checkpoint (model.layers.1...) into its base model, and a base model's (layers.1...) into a
+    # causal LM: the names of the dropped blocks differ from the model's by the prefix; transformers drops the
+    # dense tensors of them the same way
+    seed = 8361 + base_ckpt
+    dense, model = hf_model("llama", seed=seed), _sparsify(hf_model("llama", seed=seed))
+    save = (lambda m, p: flash_llm.save_pretrained(m.model, p, progress=False)) if base_ckpt else \
+        (lambda m, p: flash_llm.save_pretrained(m, p, progress=False))
+    save(model, tmp_path / "c")
+    (dense.model if base_ckpt else dense).save_pretrained(tmp_path / "dense")
+    auto = getattr(transformers, cls)
+    one = auto.from_pretrained(tmp_path / "c", num_hidden_layers=1)
+    blocks = one.layers if cls == "AutoModel" else one.model.layers
+    assert len(blocks) == 1
+    own = "" if cls == "AutoModelForCausalLM" else "model."  # (the prefix one lacks against `model`)
+    kept = {n for n in _sparse_names(model) if not n.startswith("model.layers.1.") and n != "lm_head"}
+    assert _sparse_names(one) == {n.removeprefix(own) for n in kept} and len(kept) > 1
+    for n in _sparse_names(one):
+        assert torch.equal(one.get_submodule(n).weight_data, model.get_submodule(own + n).weight_data)
+    assert set(one.config.quantization_config.sparse_modules) == _sparse_names(one)
+    ref = auto.from_pretrained(tmp_path / "dense", num_hidden_layers=1)
+    ids = _ids(seed)
+    with torch.no_grad():
+        torch.testing.assert_close(_hidden(one, ids), _hidden(ref, ids), atol=5e-3, rtol=5e-3)
+
+
+def test_save_original_format_false_ignores_a_key_mapping_that_matches_the_own_names(tmp_path):
+    # a checkpoint whose attention modules are called `attn` (as GPT-2's), read with key_mapping {"attn": "self_attn"}:
+    # the mapping also matches the model's own `self_attn`, which save_original_format=False stores, and a plain
+    # from_pretrained (no key_mapping) reads back
+    model = _sparsify(hf_model("llama", seed=8341))
+    flash_llm.save_pretrained(model, tmp_path / "c", progress=False)
+    src = shutil.copytree(tmp_path / "c", tmp_path / "r")
+
+    def ren(k):
+        return k.replace(".self_attn.", ".attn.")
+
+    for f in shards(src):
+        tensors, header = read_shard(f)
+        rewrite_shard(f, {ren(k): v for k, v in tensors.items()}, {ren(k): v for k, v in header.items()})
+    cfg = json.loads((src / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    qc["sparse_modules"] = {ren(k): v for k, v in qc["sparse_modules"].items()}
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert any(".attn." in n for n in _section(src))
+    km = {"attn": "self_attn"}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(src, key_mapping=km)
+    _same_tensors(loaded, model)
+    loaded.save_pretrained(tmp_path / "o", save_original_format=False)
+    assert set(_section(tmp_path / "o")) == _sparse_names(model)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert _sparse_names(back) == _sparse_names(model)
+    _same_tensors(back, model)
+    # the default still reverts the mapping: the checkpoint's names, which the same mapping reads back
+    loaded.save_pretrained(tmp_path / "s")
+    assert set(_section(tmp_path / "s")) == set(_section(src))
+    _same_tensors(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s", key_mapping=km), model)

@@ -543,7 +543,10 @@ def _define():
                                       "flash_llm.from_pretrained")
                 name = _with_base_prefix(model, key[: -len(".weight_data")], modules)
                 if name not in modules:
-                    if (headed and not key.startswith(prefix + ".")) or _past_last_block(modules, name):
+                    # (a block past the last is no module, which _with_base_prefix cannot place: each form is tried)
+                    forms = {name, name.removeprefix(prefix + "."), f"{prefix}.{name}"} if prefix else {name}
+                    if (headed and not key.startswith(prefix + ".")) or any(_past_last_block(modules, n)
+                                                                            for n in forms):
                         out[c] = None
                         continue
                     loaded_as = f" (transformers loads its tensors as '{name}')" if name != c else ""
@@ -678,15 +681,21 @@ def _define():
                                                        if self._names.get(c, c) is not None}
             give_quantizers(model, self)
             if self._source_dir is not None:  # (a save may not replace it: absolute, unlike config._name_or_path)
-                _remember_loaded_from(model, self._source_dir)
+                from transformers import PreTrainedModel
+
+                for sub in model.modules():  # (its base model too: a save of loaded.model may not replace it either)
+                    if isinstance(sub, PreTrainedModel):
+                        _remember_loaded_from(sub, self._source_dir)
             return model
 
         def get_state_dict_and_metadata(self, model, *args, **kwargs):
             refuse_mixed_sparse_dtypes(model)  # (a checkpoint no reader loads: refused before anything is written)
             state, sparse = _model.state_to_save(model)
-            conversions = self._conversions if getattr(model, "hf_quantizer", None) is self else None
-            saved = saved_layer_names(model, sparse, _SAVE_ORIGINAL_FORMAT.get(),
-                                      conversions)  # (refuses before anything is written)
+            original = _SAVE_ORIGINAL_FORMAT.get()
+            # (the load's conversions, key_mapping included, only where the save reverts them: with
+            # save_original_format=False it stores the model's own names, which a plain from_pretrained reads back)
+            conversions = self._conversions if original and getattr(model, "hf_quantizer", None) is self else None
+            saved = saved_layer_names(model, sparse, original, conversions)  # (refuses before anything is written)
             section = {saved[fqn]: meta for fqn, meta in sparse_modules_section(model).items()}
             header = {f"{saved[fqn]}.weight_{METADATA_KEY}": json.dumps(m.weight.metadata())
                       for fqn, m in sparse.items()}
