@@ -201,6 +201,20 @@ def _fingerprint(ids: torch.Tensor, mask: torch.Tensor, max_new_tokens, eos: tup
     return [*ids.shape, *(int.from_bytes(d[i:i + 7], "little") for i in range(0, 28, 7))]
 
 
+def _compared(request: "_Request | None") -> list[int]:
+    """What tensor-parallel ranks compare of a request (:meth:`Engine._request`): its inputs' :func:`_fingerprint`,
+    and the options that change the steps' collectives: ``per_step_sync`` (tokens handed over per step, ``stream()``
+    or ``generate(on_token=...)``: a decode step more once every row has stopped, no stop flags read late) and
+    ``output_logits`` (the batch is not compacted: larger all-reduces).  ``None`` (a call this rank refused): as
+    many -1s, which no request's values (all >= 0) match."""
+    if request is None:  # (counted from a request, so that the two stay the same length)
+        one = torch.ones(1, 1, dtype=torch.long)
+        return [-1] * len(_compared(_Request(None, (), one, one, [1], None, 1)))
+    limits = request.max_new_tokens if request.limits is None else request.limits
+    return [*_fingerprint(request.ids, request.mask, limits, request.eos), int(request.per_step_sync),
+            int(request.output_logits)]
+
+
 def _lagged_stop(device: torch.device) -> bool:
     """Whether a generation without streaming on ``device`` learns of its rows' stop :data:`EOS_LAG` steps late
     (:class:`_HostCopies`; CUDA), or reads it every step (a CPU: no synchronization to save)."""
@@ -218,6 +232,8 @@ class _Request(NamedTuple):
     limits: list[int] | None
     max_new_tokens: int
     rng: "_Rng | None" = None  # the random stream sampling draws from (None: greedy)
+    per_step_sync: bool = False  # tokens handed over per step (stream(), generate(on_token=...)): see Engine._steps
+    output_logits: bool = False  # every step's logits kept
 
 
 class _Rng:
@@ -1794,29 +1810,29 @@ class Engine:
                 self._dense.install(False)
 
     def _request(self, prompts, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
-                 generator=None, eos_token_id=_FROM_CONFIG) -> "_Request":
+                 generator=None, eos_token_id=_FROM_CONFIG, *, on_token=None, output_logits=False,
+                 stream: dict | None = None) -> "_Request":
         """A generation's arguments checked and prepared (:meth:`_checked_request`), at the call: a bad one raises
-        before the engine is taken over.  Tensor-parallel, the ranks then compare their inputs (a collective: one
-        small all-reduce), also where a rank's own checks refused its call, so that every rank raises: a call refused
-        on some ranks only raises the ``ValueError`` "... differ between the K tensor-parallel ranks" on every rank
-        (until session 83 the refusing rank raised alone and the others waited in the comparison until the
-        timeout); one refused on every rank raises each rank's own error."""
+        before the engine is taken over.  Tensor-parallel, the ranks then compare their inputs and the options that
+        change the steps' collectives (:func:`_compared`: a collective, one small all-reduce), also where a rank's own
+        checks refused its call, so that every rank raises: a call refused on some ranks only raises the
+        ``ValueError`` "... differ between the K tensor-parallel ranks" on every rank (until session 83 the refusing
+        rank raised alone and the others waited in the comparison until the timeout; until its review the checks of
+        ``on_token``, ``output_logits`` and ``stream()``'s keywords came before the comparison, and those two options
+        were not compared: ranks that differed in them mismatched their collectives); one refused on every rank
+        raises each rank's own error."""
+        args = (prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator, eos_token_id,
+                on_token, output_logits, stream)
         if self.tp is None:
-            return self._checked_request(prompts, max_new_tokens, attention_mask, temperature, top_k, top_p,
-                                         generator, eos_token_id)
+            return self._checked_request(*args)
         try:
-            request, error = self._checked_request(prompts, max_new_tokens, attention_mask, temperature, top_k,
-                                                   top_p, generator, eos_token_id), None
+            request, error = self._checked_request(*args), None
         except Exception as e:  # (raised below, once the other ranks know of it)
             request, error = None, e
-        what = "prompts, max_new_tokens or eos_token_id"
-        if request is None:  # (as many values as _fingerprint gives, -1: no valid call's, whose values are >= 0)
-            values = [-1] * 6
-        else:
-            values = _fingerprint(request.ids, request.mask,
-                                  request.max_new_tokens if request.limits is None else request.limits, request.eos)
+        what = ("the call (generate(), generate(on_token=...) or stream(); output_logits), prompts, max_new_tokens "
+                "or eos_token_id")
         try:
-            self.tp.check_same(what, values)
+            self.tp.check_same(what, _compared(request))
         except ValueError:
             if error is None:
                 raise
@@ -1829,9 +1845,18 @@ class Engine:
         return request
 
     def _checked_request(self, prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator,
-                         eos_token_id) -> "_Request":
-        """A generation's arguments checked and prepared (:meth:`_sampler`, :meth:`_eos`, :meth:`_prepare`) on this
-        process alone."""
+                         eos_token_id, on_token, output_logits, stream) -> "_Request":
+        """A generation's arguments checked and prepared (``on_token``, ``output_logits``, :meth:`_sampler`,
+        :meth:`_eos`, :meth:`_prepare`) on this process alone.  ``stream``: ``stream()``'s keyword arguments other
+        than the ones it shares with ``generate()`` (None: a ``generate()`` call)."""
+        if stream is not None and "on_token" in stream:
+            raise TypeError("stream() yields the tokens; on_token belongs to generate()")
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token must be None or a callable on_token(step, tokens), got "
+                            f"{type(on_token).__name__}")
+        _check_output_logits(output_logits)
+        if stream:
+            raise TypeError(f"stream() got unexpected keyword arguments {sorted(stream)}")
         sampler = self._sampler(temperature, top_k, top_p, generator)
         if self.tp is not None:  # every rank takes rank 0's tokens, so all run the same steps
             sampler = _from_rank0(sampler, self.tp)
@@ -1841,7 +1866,8 @@ class Engine:
         # (one limit a row: the steps run to the largest, a row stops at its own)
         return _Request(sampler, eos, ids, mask, lengths, limits,
                         _as_int(max_new_tokens) if limits is None else max(limits),
-                        None if _temperature_arg(temperature) == 0 else _Rng(generator, self.device))
+                        None if _temperature_arg(temperature) == 0 else _Rng(generator, self.device),
+                        per_step_sync=stream is not None or on_token is not None, output_logits=output_logits)
 
     # a generator: grad is off while its body runs and the caller's own between its yields (until session 76 a `with`
     # block spanning the yields left it off in a stream's loop and in on_token, or set it back when a stream was
@@ -1850,14 +1876,13 @@ class Engine:
     # later request.
     @torch.inference_mode(False)
     @torch.no_grad()
-    def _steps(self, request: "_Request", per_step_sync: bool, output_logits: bool = False
-               ) -> Iterator[tuple[torch.Tensor, Generation | None]]:
-        """Yields ``(tokens [B], None)`` per step, then ``(None, Generation)`` once.  Without ``per_step_sync`` the
-        tokens stay on the device, yielded as each step is launched; with it (streaming) they come on the CPU, each
-        step's once the next is launched (:class:`_HostCopies`), so the device never waits for the consumer.  A step
-        launched after every row had stopped is dropped (its tokens neither yielded nor kept).  Where the rows still
-        going fit a smaller power of two than the batch decoded, they move to the first rows and decode as that batch
-        (:meth:`_compacted`, :data:`COMPACT_ROWS`)."""
+    def _steps(self, request: "_Request") -> Iterator[tuple[torch.Tensor, Generation | None]]:
+        """Yields ``(tokens [B], None)`` per step, then ``(None, Generation)`` once.  Without the request's
+        ``per_step_sync`` the tokens stay on the device, yielded as each step is launched; with it (streaming) they come
+        on the CPU, each step's once the next is launched (:class:`_HostCopies`), so the device never waits for the
+        consumer.  A step launched after every row had stopped is dropped (its tokens neither yielded nor kept).
+        Where the rows still going fit a smaller power of two than the batch decoded, they move to the first rows and
+        decode as that batch (:meth:`_compacted`, :data:`COMPACT_ROWS`, not with the request's ``output_logits``)."""
         self._check_graphs()
         self._pending = None  # (a generation left unfinished does not capture its prefill)
         # one generation at a time: the cache, the step's inputs and its logits are the engine's.  A later one takes
@@ -1869,7 +1894,8 @@ class Engine:
                 raise RuntimeError("this generation was overtaken: another generate() or stream() ran on the same "
                                    "engine before it finished (an engine decodes one generation at a time: finish "
                                    "or close a stream before the next, or use one engine each)")
-        sampler, eos, ids, mask, lengths, limits, max_new_tokens, rng = request  # (ranks compared: _request)
+        # (ranks compared: _request)
+        sampler, eos, ids, mask, lengths, limits, max_new_tokens, rng, per_step_sync, output_logits = request
         b = ids.shape[0]
         eos_t = torch.tensor(eos, dtype=torch.long, device=self.device) if eos else None
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos[0] if eos else 0
@@ -2032,13 +2058,9 @@ class Engine:
         Returns:
             A :class:`Generation` (tokens, lengths, time to first token, per-step times).
         """
-        if on_token is not None and not callable(on_token):
-            raise TypeError(f"on_token must be None or a callable on_token(step, tokens), got "
-                            f"{type(on_token).__name__}")
-        _check_output_logits(output_logits)
         request = self._request(prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator,
-                                eos_token_id)
-        steps = self._run(request, per_step_sync=on_token is not None, output_logits=output_logits)
+                                eos_token_id, on_token=on_token, output_logits=output_logits)
+        steps = self._run(request)
         for step, (tok, result) in enumerate(steps):
             if result is not None:
                 return result
@@ -2112,19 +2134,14 @@ class Engine:
         ``[B]`` (int64, CPU) as they come (each once the next step is launched, so the device does not wait for the
         consumer); the :class:`Generation` is :attr:`last` when the iteration ends.  Bad arguments raise here, at the
         call, not at the first token."""
-        if "on_token" in kwargs:
-            raise TypeError("stream() yields the tokens; on_token belongs to generate()")
-        output_logits = _check_output_logits(kwargs.pop("output_logits", False))
         args = {k: kwargs.pop(k) for k in ("attention_mask", "temperature", "top_k", "top_p", "generator",
-                                           "eos_token_id") if k in kwargs}
-        if kwargs:
-            raise TypeError(f"stream() got unexpected keyword arguments {sorted(kwargs)}")
-        request = self._request(prompts, max_new_tokens, **args)
+                                           "eos_token_id", "output_logits") if k in kwargs}
+        request = self._request(prompts, max_new_tokens, **args, stream=kwargs)  # (kwargs: the others, refused there)
         self.last = None
-        return self._stream(request, output_logits)
+        return self._stream(request)
 
-    def _stream(self, request: "_Request", output_logits: bool) -> Iterator[torch.Tensor]:
-        for tok, result in self._run(request, per_step_sync=True, output_logits=output_logits):
+    def _stream(self, request: "_Request") -> Iterator[torch.Tensor]:
+        for tok, result in self._run(request):
             if result is not None:
                 self.last = result
                 return

@@ -33,11 +33,11 @@ every forward (``torch.nn.utils.parametrize``, ``torch.nn.utils.prune``'s ``weig
 the old ``torch.nn.utils.weight_norm``/``spectral_norm`` hooks) is refused with a ValueError naming it,
 as is a weight tied to another tensor, before any layer is modified: zeros written into such a weight
 would be undone at the next forward or would zero the other tensor too.  So is a weight that cannot be written in
-place (an inference tensor, made under ``torch.inference_mode()`` and pruned outside it, or an expanded weight whose
-elements share memory: clone it; :func:`owl_sparsities` only reads the weights and takes them), and so are a weight
-whose shape is not the layer's ``(out_features, in_features)`` (the calibration statistics are sized from those)
-and a weight holding NaN or Inf (every score would rank it highest, so it would be kept, and SparseGPT would
-spread it over its row).
+place (an inference tensor, made under ``torch.inference_mode()`` and pruned outside it, or a weight whose elements
+share memory, expanded or of ``as_strided``'s overlapping strides: clone it; :func:`owl_sparsities` only reads the
+weights and takes them), and so are a weight whose shape is not the layer's ``(out_features, in_features)`` (the
+calibration statistics are sized from those) and a weight holding NaN or Inf (every score would rank it highest, so
+it would be kept, and SparseGPT would spread it over its row).
 
 Ties in the score go to the lower flat index (for ``scope="global"``, to the earlier layer first; for
 Wanda, within a row, to the lower column), so results are deterministic.  Weights already zero score
@@ -272,6 +272,28 @@ def _sharing(t: torch.Tensor, groups: dict) -> list[str]:
     return [n for n, u in groups.get(_storage_key(t), ()) if _overlaps(t, u)]
 
 
+def _shares_elements(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` are one place in memory (an expanded tensor, stride 0; ``as_strided``'s
+    overlapping strides), so that a zero written into one is written into the other: torch's own test (no / yes /
+    too hard to tell, e.g. for a slice), then where it cannot tell, a layout whose strides, smallest first, each step
+    past the extent of the smaller dimensions shares nothing (a slice), and otherwise the elements' distinct offsets
+    are counted (exact; such a weight is rare)."""
+    how = torch._debug_has_internal_overlap(t)  # (0: no, 1: yes, 2: too hard)
+    if how != 2:
+        return how == 1
+    span = 1
+    for st, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if st < span:
+            break
+        span += st * (n - 1)
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.long)
+    for n, st in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n) * st
+    return offsets.unique().numel() < t.numel()
+
+
 def _recomputed_weight(module: nn.Linear) -> str | None:
     """How ``module.weight`` is recomputed from other tensors at every forward (zeros written into it
     would be undone), with the call that removes that; None for a plain weight.
@@ -304,7 +326,7 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
     (:func:`_recomputed_weight`: the zeros would be undone), when a weight is not 2-D of the layer's
     ``(out_features, in_features)`` (the pruners size their statistics from those), when it is on the meta
     device, when ``writes`` (the caller writes the weights) and it cannot be written in place (an inference tensor
-    outside ``torch.inference_mode()``, or elements sharing memory such as an expanded tensor: found otherwise only
+    outside ``torch.inference_mode()``, or elements sharing memory, :func:`_shares_elements`: found otherwise only
     at the write, with earlier layers already pruned), when it shares memory with another parameter or buffer
     (overlapping bytes of one storage,
     :func:`_sharing`: pruning it would silently zero the other one too; disjoint views of one storage are not
@@ -345,10 +367,11 @@ def _select_linears(model: nn.Module, filter_fn: FilterFn | None,
             raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()) and cannot be "
                              "written in place outside it: recreate the layer outside inference mode or replace its "
                              "weight by a clone, or exclude the layer with filter_fn")
-        if writes and any(st == 0 and n > 1 for n, st in zip(m.weight.shape, m.weight.stride())):
-            raise ValueError(f"{name} has elements sharing memory (an expanded tensor, stride {m.weight.stride()}) "
-                             "and cannot be written in place: replace it by a clone, or exclude the layer with "
-                             "filter_fn")
+        if writes and _shares_elements(m.weight):
+            expanded = any(st == 0 and n > 1 for n, st in zip(shape, m.weight.stride()))
+            how = "an expanded tensor" if expanded else "overlapping strides"
+            raise ValueError(f"{name} has elements sharing memory ({how}, stride {m.weight.stride()}) and cannot be "
+                             "written in place: replace it by a clone, or exclude the layer with filter_fn")
         others = [n for n in _sharing(m.weight, owners) if n not in aliases[id(m)]]
         if others:
             raise ValueError(f"{name} shares memory with {', '.join(others)} (tied weights): pruning it would "

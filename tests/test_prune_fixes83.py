@@ -6,6 +6,8 @@ each batch's cross-entropy in fp32, so the loss depended on batch_size."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -148,3 +150,25 @@ def test_evaluate_sums_the_token_losses_in_fp64():
     ref = float(nll.double().sum()) / (tokens.numel() - 1)
     losses = [evaluate(model, tokens, seq_len=64, batch_size=b, progress=False).loss for b in (1, 7, 100)]
     assert all(abs(v - ref) <= 1e-13 * ref for v in losses), [v - ref for v in losses]
+
+
+# ---- 3. (review) a weight whose elements overlap through non-zero strides is refused too ------------------------
+@pytest.mark.parametrize("method", sorted(PRUNERS))
+def test_a_weight_of_overlapping_strides_is_refused_before_any_layer_is_modified(method):
+    """``as_strided`` rows that overlap (row stride below the row's 16 elements; torch's own in-place check cannot
+    tell): a zero written into one weight was written into others, so the layer got more zeros than requested and
+    the earlier layers were pruned.  A non-overlapping strided weight (every other column of a wider tensor) is
+    pruned as usual."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    model = _mlp(seed % 2**31)
+    a = int(torch.randint(1, 16, (), generator=g))  # (16 rows of 16 over 15 * a + 16 floats)
+    model[2].weight = nn.Parameter(torch.randn(15 * a + 16, generator=g).as_strided((16, 16), (a, 1)))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"^2\.weight has elements sharing memory \(overlapping strides, stride "
+                                         rf"\({a}, 1\)\)"):
+        PRUNERS[method](model, torch.randn(4, 16, generator=g))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), seed
+    model[2].weight = nn.Parameter(torch.randn(16, 32, generator=g)[:, ::2])  # (strides (32, 2): no overlap)
+    PRUNERS[method](model, torch.randn(4, 16, generator=g))
+    assert int((model[2].weight == 0).sum()) == 128, seed
