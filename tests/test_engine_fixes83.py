@@ -112,7 +112,8 @@ def test_prefill_graph_kept_under_inference_mode_is_replayed_outside_it(monkeypa
 
 
 # ---- 3. tensor parallelism: a call one rank refuses ------------------------------------------------------------
-WORKER = r'''
+# the start of both torchrun workers: a sharded tiny Llama, its engine, two random prompts (the same on every rank)
+PREAMBLE = r'''
 import json, sys, torch
 from flash_llm.engine import Engine
 from flash_llm.models import ModelConfig, from_config
@@ -127,6 +128,9 @@ tensor_parallel_(model, tp)
 eng = Engine(model, max_batch=2, max_seq=32)
 g = torch.Generator().manual_seed(seed)  # (the same draws on every rank)
 good = [torch.randint(0, 101, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (2,), generator=g)]
+'''
+
+WORKER = PREAMBLE + r'''
 r1 = tp.rank == 1
 calls = {  # rank 1's call refused by its own checks, rank 0's valid
     "too_many_prompts": lambda: eng.generate(good + [good[0]] if r1 else good, 3, eos_token_id=None),
@@ -210,21 +214,8 @@ def test_inference_mode_on_cuda_with_graphs():
 
 
 # ---- 4. (review) tensor parallelism: on_token / output_logits / stream()'s keywords -----------------------------
-WORKER_OPTIONS = r"""
-import json, sys, time, torch
-from flash_llm.engine import Engine
-from flash_llm.models import ModelConfig, from_config
-from flash_llm.parallel import init_tensor_parallel, tensor_parallel_
-
-seed, out = int(sys.argv[1]), sys.argv[2]
-tp = init_tensor_parallel("gloo", timeout=TIMEOUT)
-cfg = ModelConfig(family="llama", vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  intermediate_size=128, max_position_embeddings=64)
-model = from_config(cfg, dtype=torch.float32, seed=seed % 2**31)
-tensor_parallel_(model, tp)
-eng = Engine(model, max_batch=2, max_seq=32)
-g = torch.Generator().manual_seed(seed)  # (the same draws on every rank)
-good = [torch.randint(0, 101, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (2,), generator=g)]
+WORKER_OPTIONS = PREAMBLE + r"""
+import time
 first = eng.generate(good[:1], 6, eos_token_id=None).tokens
 eos = int(first[0, 1])  # (row 0 stops at its 2nd token: the steps that follow differ with the options)
 r0, r1 = tp.rank == 0, tp.rank == 1
