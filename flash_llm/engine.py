@@ -207,9 +207,9 @@ def _compared(request: "_Request | None") -> list[int]:
     or ``generate(on_token=...)``: a decode step more once every row has stopped, no stop flags read late) and
     ``output_logits`` (the batch is not compacted: larger all-reduces).  ``None`` (a call this rank refused): as
     many -1s, which no request's values (all >= 0) match."""
-    if request is None:  # (counted from a request, so that the two stay the same length)
+    if request is None:  # (as long as a request's: a fingerprint of any 2-D prompts, and the two options)
         one = torch.ones(1, 1, dtype=torch.long)
-        return [-1] * len(_compared(_Request(None, (), one, one, [1], None, 1)))
+        return [-1] * (len(_fingerprint(one, one, 1, ())) + 2)
     limits = request.max_new_tokens if request.limits is None else request.limits
     return [*_fingerprint(request.ids, request.mask, limits, request.eos), int(request.per_step_sync),
             int(request.output_logits)]

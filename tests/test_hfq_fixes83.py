@@ -99,13 +99,9 @@ def test_a_model_without_lm_head_drops_it_when_it_is_the_only_sparse_layer(cls, 
 
 # ---- 3. key_mapping --------------------------------------------------------------------------------------------
 
-def _renamed(src, dst, old: str, new: str):
-    """A copy of checkpoint ``src`` whose names start with ``new`` where they started with ``old``."""
+def _renamed(src, dst, ren):
+    """A copy of checkpoint ``src`` with every tensor and sparse-layer name ``ren(name)``."""
     shutil.copytree(src, dst)
-
-    def ren(name):
-        return new + name[len(old):] if name.startswith(old) else name
-
     for f in shards(dst):
         tensors, header = read_shard(f)
         rewrite_shard(f, {ren(k): v for k, v in tensors.items()}, {ren(k): v for k, v in header.items()})
@@ -119,7 +115,8 @@ def _renamed(src, dst, old: str, new: str):
 def test_key_mapping_renames_the_sparse_layers_on_load_and_save(tmp_path):
     model = _sparsify(hf_model("llama", seed=834))
     flash_llm.save_pretrained(model, tmp_path / "c", progress=False)
-    src = _renamed(tmp_path / "c", tmp_path / "r", "model.", "transformer.")
+    src = _renamed(tmp_path / "c", tmp_path / "r",
+                   lambda k: "transformer." + k[len("model."):] if k.startswith("model.") else k)
     assert all(n.startswith(("transformer.", "lm_head")) for n in _section(src))
     km = {r"^transformer\.": "model."}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(src, key_mapping=km)
@@ -271,18 +268,7 @@ def test_save_original_format_false_ignores_a_key_mapping_that_matches_the_own_n
     # from_pretrained (no key_mapping) reads back
     model = _sparsify(hf_model("llama", seed=8341))
     flash_llm.save_pretrained(model, tmp_path / "c", progress=False)
-    src = shutil.copytree(tmp_path / "c", tmp_path / "r")
-
-    def ren(k):
-        return k.replace(".self_attn.", ".attn.")
-
-    for f in shards(src):
-        tensors, header = read_shard(f)
-        rewrite_shard(f, {ren(k): v for k, v in tensors.items()}, {ren(k): v for k, v in header.items()})
-    cfg = json.loads((src / "config.json").read_text())
-    qc = cfg["quantization_config"]
-    qc["sparse_modules"] = {ren(k): v for k, v in qc["sparse_modules"].items()}
-    (src / "config.json").write_text(json.dumps(cfg))
+    src = _renamed(tmp_path / "c", tmp_path / "r", lambda k: k.replace(".self_attn.", ".attn."))
     assert any(".attn." in n for n in _section(src))
     km = {"attn": "self_attn"}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(src, key_mapping=km)
