@@ -241,7 +241,7 @@ def main(argv=None):
     if args.quick and (args.model or args.shard):
         ap.error(f"--quick runs its own tiny model with 2MB shards: drop "
                  f"{' and '.join(f for f, v in (('--model', args.model), ('--shard', args.shard)) if v)}")
-    args.model, args.shard = args.model or "llama-3-8b", args.shard or "5GB"  # (as recorded in "options")
+    args.model, args.shard = args.model or "llama-3-8b", args.shard or "5GB"  # (--quick: replaced below)
     try:
         _files.parse_size(args.shard)
     except ValueError as e:
@@ -256,6 +256,10 @@ def main(argv=None):
     if args.layers is not None:
         cfg = cfg.replace(num_layers=args.layers)
     shard = "2MB" if args.quick else args.shard
+    # what runs, as "options" records it: --quick's tiny model and 2MB shards, the device and layer count resolved
+    options = {**{k: v for k, v in vars(args).items() if k != "_child"},
+               "model": cfg.name if args.quick else args.model, "shard": shard, "device": str(device),
+               "layers": cfg.num_layers}
     existing = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]  # as bench_e2e.py
     if existing and not args.overwrite:
         print(f"error: {args.out} already holds {', '.join(existing)}; pass --overwrite or another --out",
@@ -291,7 +295,7 @@ def main(argv=None):
     env = T.environment(device)
     env["command"] = T.command(__file__, argv)
     rows = []
-    result = {"env": env, "options": {k: v for k, v in vars(args).items() if k != "_child"}, "model": cfg.name,
+    result = {"env": env, "options": options, "model": cfg.name,
               "layers": cfg.num_layers, "params": cfg.num_parameters(), "sparsity": args.sparsity,
               "format": args.format, "device": str(device), "shard": shard, "rows": rows}
     def save():  # after every step, so a run cut short still leaves what it measured

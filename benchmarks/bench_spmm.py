@@ -17,8 +17,9 @@ Timing: CUDA graphs of calls over copies rotated beyond 3x L2 (``rotated_bytes``
 Writes ``results.json``, ``results.csv`` and ``speedup.png`` under ``--out`` (one that holds any of them is refused
 without ``--overwrite``), prints a summary (also ``summary.md``) ending in PASS / FAIL / PARTIAL / n/a lines for
 issue 3's targets (``target_checks``).  ``--quick`` runs the shapes of ``QUICK_MODELS`` only (every N of ``--ns``);
-an explicit ``--models`` wins over it.  Unknown names in ``--models`` / ``--formats`` / ``--dtypes`` and sparsities
-outside [0, 100) are refused before anything runs; a refusal exits with status 2.
+an explicit ``--models`` wins over it.  Unknown names in ``--models`` / ``--formats`` / ``--dtypes``, sparsities
+outside [0, 100) and ``--ns`` other than positive integers are refused before anything runs; a refusal exits with
+status 2.
 """
 
 from __future__ import annotations
@@ -119,6 +120,19 @@ def _items(ap, flag: str, value: str, known=None) -> list[str]:
     return items
 
 
+def ns_arg(text: str) -> list[int]:
+    """``--ns``: comma-separated positive integers (blanks dropped), checked when the arguments are parsed."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        ns = [int(v) for v in items]
+    except ValueError:
+        ns = None
+    if not ns or min(ns) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (N: the rows of X), "
+                                         f"got {text!r}")
+    return ns
+
+
 def random_sparse(m, k, sparsity, dtype, gen):
     w = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
     keep = torch.rand(m, k, device="cuda", generator=gen) >= sparsity
@@ -132,7 +146,8 @@ def main(argv=None):
                          "--ns; an explicit --models wins")
     ap.add_argument("--dtypes", default="fp16,bf16", help=f"comma-separated, from {', '.join(DTYPES)}")
     ap.add_argument("--formats", default="bitmap,tiled-csl", help=f"comma-separated, from {', '.join(FORMATS)}")
-    ap.add_argument("--ns", default=",".join(map(str, NS)), help="comma-separated N (tokens: the rows of X)")
+    ap.add_argument("--ns", type=ns_arg, default=",".join(map(str, NS)),
+                    help="comma-separated N, positive integers (tokens: the rows of X)")
     ap.add_argument("--sparsities", default="50,70,80,90", help="percent, integers in [0, 100)")
     ap.add_argument("--models", help=f"comma-separated, from {', '.join(LAYERS)} (default all; --quick: "
                                      f"{', '.join(QUICK_MODELS)})")
@@ -159,7 +174,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    ns = [int(v) for v in args.ns.split(",")]
+    ns = args.ns
     # without them (no cuda-bindings, say) flash_llm.spmm runs its PyTorch reference: the rows would time that
     why = T.kernels_missing()
     if why:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from flash_llm import DeltaRows, kernels
+from flash_llm.cli import sparsity_arg
 from flash_llm.formats.delta_rows import auto_parts
 from flash_llm.reference import FORMAT_IDS
 
@@ -126,18 +127,33 @@ def timed(fns: list, replays: int) -> float:
         return time_calls(fns, replays=replays, warmup=3) * 1e6
 
 
-def main() -> None:
+def sparsities_arg(text: str) -> list[float]:
+    """``--sparsities``: comma-separated sparsities, each read by ``flash_llm.cli.sparsity_arg`` (0.8, 80 and 80%
+    alike; out of [0, 1) refused)."""
+    out = [sparsity_arg(part.strip()) for part in text.split(",") if part.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"no sparsity given in {text!r}")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any CUDA work (a bad one: ``ap.error``, exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sparsities", default="0.7,0.8")
+    ap.add_argument("--sparsities", type=sparsities_arg, default="0.7,0.8",
+                    help="comma-separated, each a fraction or a percentage (0.8, 80 and 80%% alike)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--check-only", action="store_true", help="the check, no timing (for compute-sanitizer)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     b = Bufs(gen)
     rows = []
-    for sp in (float(s) for s in args.sparsities.split(",")):
+    for sp in args.sparsities:
         ws = build(sp, args.layers, gen, rotate=not args.check_only)
         check(ws, b)
         for rnd in range(0 if args.check_only else 2):

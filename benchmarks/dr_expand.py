@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 from flash_llm import kernels as K  # noqa: E402
+from flash_llm.cli import sparsity_arg  # noqa: E402
 from flash_llm.formats import DeltaRows  # noqa: E402
 from flash_llm.formats.delta_rows import auto_parts, layout  # noqa: E402
 
@@ -86,14 +87,20 @@ def expand(name: str, w: DeltaRows, poison: bool = False) -> torch.Tensor:
     return out
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any CUDA work (a bad one: ``ap.error``, exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike)")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
     ap.add_argument("--kernels", default="delta_rows_to_dense_nf:1,delta_rows_to_dense_pr,delta_rows_to_dense_pr:2048,"
                     "delta_rows_to_dense_pr:1024,delta_rows_to_dense_sr,delta_rows_to_dense_sr:512")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     names = a.kernels.split(",")
     print(T.environment())

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 from flash_llm import kernels as K  # noqa: E402
+from flash_llm.cli import sparsity_arg  # noqa: E402
 from flash_llm.formats import DeltaRows, TiledCSL  # noqa: E402
 from flash_llm.reference import FORMAT_IDS  # noqa: E402
 
@@ -47,9 +48,11 @@ def call(w, x, mma: bool, xring: bool = True, chunks: bool = False, tile: int = 
     return K.spmm_cuda(x, w.data, w.offsets, FORMAT_IDS[type(w)], m, k, None)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any CUDA work (a bad one: ``ap.error``, exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike)")
     ap.add_argument("--ns", default="8,16,32")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
     ap.add_argument("--shapes", default="llama,opt")
@@ -58,7 +61,11 @@ def main() -> None:
     ap.add_argument("--tile-splits", default="",
                     help="split counts to time _tmma at too (tmma<band>s<S>, the weight encoded again with S splits): "
                          "its partials, S x N x M floats, are written and read again, which costs the small layers")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     tile_splits = [int(v) for v in a.tile_splits.split(",") if v]
     bands = [int(v) for v in a.tile_bands.split(",") if v]
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16

@@ -31,6 +31,7 @@ from unittest import mock
 import torch
 
 from flash_llm import DeltaRows, kernels, spmm
+from flash_llm.cli import sparsity_arg
 from flash_llm.formats.delta_rows import auto_parts
 
 HERE = Path(__file__).resolve().parent
@@ -44,10 +45,12 @@ MODELS = {
 }
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any CUDA work (a bad one: ``ap.error``, exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS))
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike)")
     ap.add_argument("--ns", default="1,2,3,4,5,8")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--l2-resident", action="store_true",
@@ -55,7 +58,11 @@ def main() -> None:
     ap.add_argument("--atomics", action="store_true",
                     help="the split layout's splits summed by the reduction and by atomics, both timed (2-8 tokens)")
     ap.add_argument("--pdl", action="store_true", help="the sparse calls under kernels.static_weights() (as the engine)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("dr_parts_tokens.py times CUDA kernels: no GPU here")
     why = kernels_missing()  # (as bench_spmm.py: refuse to time the PyTorch reference as the sparse kernel)

@@ -23,6 +23,7 @@ import sys
 import torch
 
 from flash_llm import kernels
+from flash_llm.cli import sparsity_arg
 from flash_llm.engine import Engine
 from flash_llm.models import preset
 from flash_llm.models.synthetic import build_synthetic
@@ -54,13 +55,19 @@ def kind_of(name: str, m: int, k: int, cfg) -> str:
     return "down" if k == cfg.intermediate_size else "o"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any CUDA work (a bad one: ``ap.error``, exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3-8b")
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike)")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if not torch.cuda.is_available():
         print("n1_trace.py needs a CUDA device", file=sys.stderr)
         return 2

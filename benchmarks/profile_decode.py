@@ -29,6 +29,7 @@ import sys
 
 import torch
 
+from flash_llm.cli import sparsity_arg
 from flash_llm.engine import Engine
 from flash_llm.models import preset
 from flash_llm.models.synthetic import build_synthetic
@@ -130,11 +131,13 @@ def restart(eng: Engine, slot: int = 64) -> None:
     eng._pos.fill_(slot)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any CUDA work (a bad one: ``ap.error``, exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3-8b")
     ap.add_argument("--format", default="tiled-csl", choices=("bitmap", "tiled-csl", "delta-rows"))
-    ap.add_argument("--sparsity", type=float, default=0.8, help="0 for the dense model")
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike); 0 for the dense model")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16",
                     help="the model's dtype (bf16 DeltaRows weights get coded values, as in bench_e2e.py)")
@@ -145,7 +148,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sdpa", default="default", choices=("default", "efficient", "math", "cudnn", "flash"),
                     help="restrict scaled_dot_product_attention to one backend (torch.nn.attention.sdpa_kernel)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_decode.py needs a CUDA device", file=sys.stderr)
         return 2

@@ -327,7 +327,7 @@ def test_bench_checkpoint_records_its_command_and_options(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["env"]["command"].endswith("bench_checkpoint.py --quick --no-hf --no-cpu-load --out " + str(tmp_path))
     assert result["options"]["no_cpu_load"] is True and result["options"]["no_hf"] is True
-    assert result["options"]["shard"] == "5GB" and "_child" not in result["options"]
+    assert result["options"]["shard"] == "2MB" and "_child" not in result["options"]  # (--quick's, what ran)
     conv = result["convert"]
     assert conv["peak_anon_above_baseline"] < conv["peak_anon_absolute"]
     header = (tmp_path / "results.csv").read_text().splitlines()[0]
