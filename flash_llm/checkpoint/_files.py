@@ -315,15 +315,23 @@ def _temp_prefix(out: Path, tag: str) -> str:
     return f".{short}~{digest}.{tag}-"
 
 
-def check_writable(out, what: str = "output") -> None:
+def check_writable(out, what: str = "output", *, file: bool = False) -> None:
     """Before any work: that ``out`` can be created, i.e. its nearest existing ancestor is a directory in which this
     process can make one, and no name on the way is longer than the file system allows.  ``NotADirectoryError`` /
     ``PermissionError`` / :class:`NameTooLongError` naming ``what`` ``out`` otherwise.  (The test makes and removes an
-    empty hidden directory there: permission bits do not tell, e.g. for root on /sys.)"""
+    empty hidden directory there: permission bits do not tell, e.g. for root on /sys.)
+
+    ``file``: ``out`` is a file to write into an existing directory (:meth:`flash_llm.formats.SparseFormat.save`,
+    :func:`flash_llm.save`; safetensors creates no directories, and its own errors name no path and are no OSError):
+    ``IsADirectoryError`` where ``out`` is a directory, ``FileNotFoundError`` where its directory does not exist."""
     out = Path(os.fspath(out))
+    if file and os.path.isdir(out):  # (Path.is_dir raises for a name longer than the file system allows)
+        raise IsADirectoryError(f"{what} {out} is a directory; give a file name (e.g. {out / 'weight.safetensors'})")
     parent = _existing_ancestor(out)
     if not parent.is_dir():
         raise NotADirectoryError(f"{what} {out}: {parent} is not a directory")
+    if file and parent != out.absolute().parent:
+        raise FileNotFoundError(f"{what} {out}: its directory {out.parent} does not exist")
     check_name_lengths(out, what)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=_temp_prefix(out, "probe"), dir=parent))
@@ -331,7 +339,7 @@ def check_writable(out, what: str = "output") -> None:
         if e.errno == errno.ENAMETOOLONG:  # (a file system with a limit of its own that pathconf did not tell)
             raise NameTooLongError(f"{what} {out}: the name is too long for the file system in {parent} "
                                    f"({e.strerror or e})") from None
-        raise PermissionError(f"{what} {out}: cannot create a directory in {parent} "
+        raise PermissionError(f"{what} {out}: cannot create {'a file' if file else 'a directory'} in {parent} "
                               f"({e.strerror or e})") from None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     sparse = {fqn: m for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
     aliases = alias_groups(model)
     seen: dict[tuple, str] = {}
-    storages: dict[tuple, str] = {}
+    storages: dict[tuple, list[str]] = {}  # the names stored so far of each storage
     out: dict[str, torch.Tensor] = {}
     with plain_state_on_cpu():  # (a coded layer's plain copy leaves the GPU before the next one is made)
         state = model.state_dict()
@@ -155,23 +156,39 @@ def state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             out[name] = t.clone()
             continue
         storage = (t.device, t.untyped_storage().data_ptr())
-        if storage in storages and not _disjoint(t, out[storages[storage]]):
-            raise ValueError(f"tensors '{storages[storage]}' and '{name}' share memory but are different views; "
-                             "save cannot store them faithfully")
+        for other in storages.get(storage, ()):  # (every name so far: a view may overlap the second, not the first)
+            if _shares_bytes(t, out[other]):
+                raise ValueError(f"tensors '{other}' and '{name}' share memory but are different views; "
+                                 "save cannot store them faithfully")
         seen[key] = name
-        storages.setdefault(storage, name)
+        storages.setdefault(storage, []).append(name)
         out[name] = t
     return out, sparse
 
 
-def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    def span(t):
-        lo = t.storage_offset() * t.element_size()
-        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
-        return lo, lo + extent * t.element_size()
+def _shares_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether an element of ``a`` and one of ``b`` cover a common byte of memory.  :func:`flash_llm.ops._overlaps`
+    first (one storage, overlapping spans); where the spans overlap, the bytes the elements cover are compared, so that
+    views interleaved within one span (``w[:, 0::2]`` and ``w[:, 1::2]``: one storage, no element in common) share
+    nothing.  (A mark per unit of ``gcd`` of the two element sizes over the spans' union, set through strided views:
+    no index tensors; only for tensors of one storage whose spans overlap.)"""
+    from ..ops import _overlaps
 
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a1 <= b0 or b1 <= a0
+    if not _overlaps(a, b):
+        return False
+    unit = math.gcd(a.element_size(), b.element_size())
+
+    def place(t):  # (size, stride, offset) of t's bytes in units, each element's units along a last dimension
+        e = t.element_size() // unit
+        size, stride = (*t.shape, e), (*(st * e for st in t.stride()), 1)
+        return size, stride, t.storage_offset() * e
+
+    (sa, ta, oa), (sb, tb, ob) = place(a), place(b)
+    end = max(o + sum((n - 1) * st for n, st in zip(s, t)) + 1 for s, t, o in ((sa, ta, oa), (sb, tb, ob)))
+    lo = min(oa, ob)
+    marks = torch.zeros(end - lo, dtype=torch.bool)
+    marks.as_strided(sa, ta, oa - lo).fill_(True)
+    return bool(marks.as_strided(sb, tb, ob - lo).any())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -685,7 +685,8 @@ def _define():
 
                 for sub in model.modules():  # (its base model too: a save of loaded.model may not replace it either)
                     if isinstance(sub, PreTrainedModel):
-                        _remember_loaded_from(sub, self._source_dir)
+                        _remember_loaded_from(sub, self._source_dir,
+                                              getattr(getattr(sub, "config", None), "_name_or_path", None))
             return model
 
         def get_state_dict_and_metadata(self, model, *args, **kwargs):

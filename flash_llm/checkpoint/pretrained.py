@@ -749,19 +749,25 @@ def load_checkpoint(module: nn.Module, path, *, device="cpu", sparsify: Sparsify
 
 # what load_checkpoint filled a model from: the directories a save of it may not replace (_refuse_own_source)
 _LOADED_FROM_ATTR = "_flash_llm_loaded_from"
+# the config._name_or_path a transformers load named its source by, and that source's absolute path
+_NAME_OR_PATH_ATTR = "_flash_llm_name_or_path"
 
 
-def _remember_loaded_from(module: nn.Module, path: Path) -> None:
+def _remember_loaded_from(module: nn.Module, path: Path, name_or_path: str | None = None) -> None:
     """Record on ``module`` (the model inside its wrappers, which the writers see) that :func:`load_checkpoint`
     filled it from checkpoint directory ``path``: :func:`save_pretrained` and :func:`write_sparse_bitmask` then refuse
     to replace that directory, as they refuse a :func:`from_pretrained` model's source (which ``_model.Source``
     records, with what a save writes back: a model filled by ``load_checkpoint`` was built by its caller, whose config
-    the save writes as it is)."""
+    the save writes as it is).  ``name_or_path``: the ``config._name_or_path`` of a load by transformers (the name as
+    it was passed, maybe relative), which names ``path``: :func:`_transformers_source` reads it as ``path`` from then
+    on, not against a later working directory."""
     model = _model.unwrap(module)
     loaded = model.__dict__.get(_LOADED_FROM_ATTR, ())
     where = Path(os.path.abspath(path))  # (absolute: a later chdir does not move it)
     if where not in loaded:
         model.__dict__[_LOADED_FROM_ATTR] = (*loaded, where)
+    if isinstance(name_or_path, str) and name_or_path:
+        model.__dict__[_NAME_OR_PATH_ATTR] = (name_or_path, where)
 
 
 # ---- from_pretrained / save_pretrained -------------------------------------------------------------------
@@ -1037,11 +1043,18 @@ def _refuse_own_source(model: nn.Module, path) -> None:
 
 def _transformers_source(model: nn.Module) -> Path | None:
     """The local directory a model loaded by transformers itself came from (its config's ``_name_or_path``, where that
-    is a directory here), or None.  transformers records the name as it was passed: a relative one is read against
-    today's working directory, which is right unless the process changed directory since the load (flash-llm does
-    not see that load; :func:`from_pretrained` and :func:`load_checkpoint` record absolute paths)."""
+    is a directory here), or None.  transformers records the name as it was passed: where flash-llm's quantizer saw
+    the load (a flash-llm checkpoint, dense ones too), the absolute directory it recorded for that name
+    (:func:`_remember_loaded_from`); otherwise a relative name is read against today's working directory, which is
+    right unless the process changed directory since the load (flash-llm does not see a load of a checkpoint of
+    another kind; :func:`from_pretrained` and :func:`load_checkpoint` record absolute paths)."""
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return Path(name) if isinstance(name, str) and name and os.path.isdir(name) else None
+    if not isinstance(name, str) or not name:
+        return None
+    recorded = model.__dict__.get(_NAME_OR_PATH_ATTR)
+    if recorded is not None and recorded[0] == name:  # (the name has not been changed since the load)
+        return recorded[1]
+    return Path(name) if os.path.isdir(name) else None
 
 
 def _write_side_files(model: nn.Module, tmp: Path, copy_from: Path | None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -222,10 +221,12 @@ class SparseFormat:
         return ceil_div(m, cls.TILE_ROWS), ceil_div(k, STRIP_K)
 
     @classmethod
-    def arrays_fit(cls, m: int, k: int, n_offsets: int, n_data: int) -> str | None:
+    def arrays_fit(cls, m: int, k: int, n_offsets: int, n_data: int, *, version: int | None = None) -> str | None:
         """Why ``offsets`` of ``n_offsets`` words and ``data`` of ``n_data`` cannot be the arrays of an ``[m, k]``
         weight of this format, from their lengths alone (nothing read: what the raw ops check before a kernel
-        trusts them; :meth:`from_state` validates everything), or None where they can."""
+        trusts them; :meth:`from_state` validates everything), or None where they can.  ``version``: that of a file's
+        arrays (a meta load, :meth:`_from_meta_state`; None: a weight's arrays in memory), where it limits the
+        layouts they may have."""
         rows, cols = cls.grid_of(m, k)
         if n_offsets != rows * cols + 1:
             return f"offsets has {n_offsets} entries; a {m}x{k} weight has {rows * cols} records, so {rows * cols + 1}"
@@ -449,10 +450,10 @@ class SparseFormat:
     def save(self, path: str | os.PathLike) -> None:
         """Write this weight to one safetensors file (arrays plus format metadata), with the permissions of a new
         file under the process umask.  On the meta device: ValueError (no values to write; nothing is written)."""
-        from ..checkpoint._files import save_safetensors
+        from ..checkpoint._files import check_writable, save_safetensors
 
         self._needs_values("save")
-        _check_save_path(path)
+        check_writable(path, "path", file=True)  # (IsADirectoryError / FileNotFoundError / ... naming path)
         tensors, meta = self.state()
         save_safetensors({k: _host_copy(v) for k, v in tensors.items()}, path, meta)
 
@@ -512,7 +513,7 @@ class SparseFormat:
             raise FormatError(f"{where}'{label}' is {cls.FORMAT_NAME} format version {version} on the meta device: "
                               f"converting it to version {cls.FORMAT_VERSION} needs its values")
         m, k = shape
-        why = cls.arrays_fit(m, k, arrays["offsets"].numel(), arrays["data"].numel())
+        why = cls.arrays_fit(m, k, arrays["offsets"].numel(), arrays["data"].numel(), version=version)
         if why is not None:
             raise FormatError(f"{where}'{label}' (on the meta device) is no {m}x{k} {cls.FORMAT_NAME} weight: {why}")
         nnz = meta.get("nnz")
@@ -553,23 +554,10 @@ class SparseFormat:
         raise NotImplementedError
 
 
-def _check_save_path(path) -> None:
-    """Before a save: ``path`` names a file whose directory exists (IsADirectoryError / FileNotFoundError /
-    NotADirectoryError naming it; safetensors' own error names neither the path nor is it an OSError)."""
-    p = Path(os.fspath(path))
-    if p.is_dir():
-        raise IsADirectoryError(f"path {p} is a directory; give a file name (e.g. {p / 'weight.safetensors'})")
-    parent = p.parent
-    if not parent.exists():
-        raise FileNotFoundError(f"path {p}: its directory {parent} does not exist")
-    if not parent.is_dir():
-        raise NotADirectoryError(f"path {p}: {parent} is not a directory")
-
-
 def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
     """Write several compressed weights to one safetensors file, each under its name, with the permissions of a new
     file under the process umask.  A weight on the meta device: ValueError naming it (nothing is written)."""
-    from ..checkpoint._files import save_safetensors
+    from ..checkpoint._files import check_writable, save_safetensors
 
     if not isinstance(weights, dict) or not weights:
         hint = " (one weight: weight.save(path))" if isinstance(weights, SparseFormat) else ""
@@ -583,7 +571,7 @@ def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
         raise ValueError("weights: names must be non-empty (one weight alone: weight.save(path))")
     for name, w in weights.items():  # (all checked before any copy is made)
         w._needs_values("save", f"weights[{name!r}]")
-    _check_save_path(path)
+    check_writable(path, "path", file=True)
     tensors, meta = {}, {}
     for name, w in weights.items():
         t, m = w.state(prefix=f"{name}.")

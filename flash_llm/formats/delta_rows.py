@@ -856,7 +856,10 @@ class DeltaRows(SparseFormat):
 
     # ---- validation --------------------------------------------------------------------------------------
     @classmethod
-    def arrays_fit(cls, m: int, k: int, n_offsets: int, n_data: int) -> str | None:
+    def arrays_fit(cls, m: int, k: int, n_offsets: int, n_data: int, *, version: int | None = None) -> str | None:
+        """:meth:`SparseFormat.arrays_fit`; for a file's arrays (``version`` given) also what :meth:`_validate`
+        refuses from the lengths alone: coded values' lengths (a file holds plain values) and, in a version-1 file,
+        the parts layout (version 2's)."""
         if k >= MAX_K:
             return f"K = {k} does not fit DeltaRows' 16-bit columns"
         lay = layout(m, n_offsets, n_data)
@@ -865,6 +868,12 @@ class DeltaRows(SparseFormat):
                     f"slices and splits)")
         if lay.parts > 1 and k % 8:
             return f"the parts layout ({lay.parts} lanes a row) needs K % 8 == 0, got K = {k}"
+        if version is not None and lay.coded:
+            return (f"data of {n_data} words has the length of coded values ({lay.parts + CODED_TRAILER} words past "
+                    f"whole groups of {GROUP_WORDS}), which a file never holds (it stores plain values)")
+        if version == 1 and lay.parts > 1:
+            return (f"data of {n_data} words is in the parts layout ({lay.parts} lanes a row), which format version 2 "
+                    f"added: a format version 1 file holds the split layout only (1 lane a row)")
         return None
 
     @classmethod
