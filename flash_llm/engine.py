@@ -485,6 +485,31 @@ def _cache_room(device: torch.device) -> int:
     return available_memory(device)
 
 
+def _undo_engine_changes(model: torch.nn.Module, merged: dict[str, str], was_fused: list,
+                         was_training: dict[str, bool]) -> str:
+    """Put ``model`` back as it was before an :class:`Engine` whose cache could not be allocated: every module's
+    ``fused`` switch as ``was_fused`` holds it, the groups that engine's ``merge_projections`` stacked (``merged``'s
+    ``"merged"`` entries) split back, and every module's training flag as ``was_training`` (by path) holds it.  Only
+    those groups: groups merged before the engine stay merged, their hooks too (:func:`unmerge_projections` would
+    split every group and refuses one with hooks, so ``only=``: that refusal hid the out-of-memory error).
+    Never raises, so the caller's error is the one raised: returns ``""``, or what could not be undone (a split that
+    fails for memory, say) as a note for that error's message."""
+    for m, on in was_fused:
+        m.fused = on
+    mine = {p for p, how in merged.items() if how == "merged"}
+    note = ""
+    if mine:
+        try:
+            unmerge_projections(model, only=mine)
+        except Exception as e:  # (the split layers are new memory: out of memory too, perhaps)
+            note = (f"; the projections merge=True stacked could not all be split back ({type(e).__name__}: {e}): "
+                    "flash_llm.models.unmerge_projections(model) splits them")
+    for path, m in model.named_modules():  # (by path: the split layers are new modules at the old paths)
+        if path in was_training:
+            m.training = was_training[path]
+    return note
+
+
 def _was_delta_rows(m: torch.nn.Module) -> bool:
     """Whether ``m`` (a :class:`~flash_llm.SparseLinear`) holds a Tiled-CSL weight an engine re-encoded from
     DeltaRows (it remembers the pairing in ``_delta_rows_paired``)."""
@@ -1145,10 +1170,12 @@ class Engine:
                              f"{self.tp.backend}")
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and (self.tp is None or self.tp.backend == "nccl")
+        # (each module's training flag, by path, and fused switch as they were: an engine whose cache cannot be
+        # allocated puts them back, an earlier engine's fusing included; _undo_engine_changes)
+        was_training = {p: m.training for p, m in model.named_modules()}
         self.model = model.eval()
         if fuse is None:
             fuse = emb.device.type == "cuda" and cfg.num_parameters() >= FUSE_MIN_PARAMETERS
-        # (each module's switch as it was: a refused engine puts them back, an earlier engine's fusing included)
         was_fused = [(m, m.fused) for m in model.modules() if hasattr(m, "fused")]
         if fuse:
             set_fused(model, True)
@@ -1223,21 +1250,19 @@ class Engine:
         dev = self.device
         # the engine's state as normal tensors, whatever the caller's mode: under torch.inference_mode() they would be
         # inference tensors, and a generation outside it could not update them in place
+        need = self._cache_bytes(kv_heads, slots)  # (before the try: its message names it)
         with torch.inference_mode(False):
             try:
                 # checked first: on a host that overcommits, an allocation past its memory succeeds and the process is
                 # killed when the cache is filled (an H100 machine's 125 GiB host, session 74)
-                need, free = self._cache_bytes(kv_heads, slots), _cache_room(dev)
+                free = _cache_room(dev)
                 if 0 < free < need:
                     raise MemoryError(f"{free / 2**30:.2f} GiB free")
                 self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
             except (RuntimeError, MemoryError) as e:  # (out of memory: no engine, so the model's merge / fuse undone)
-                if self.merged:
-                    unmerge_projections(model)
-                for m, on in was_fused:
-                    m.fused = on
+                left = _undo_engine_changes(model, self.merged, was_fused, was_training)
                 raise ValueError(f"the KV cache of max_batch={max_batch} x max_seq={max_seq} ({need / 2**30:.2f} GiB) "
-                                 f"could not be allocated on {dev}: lower max_batch or max_seq ({e})") from e
+                                 f"could not be allocated on {dev}: lower max_batch or max_seq ({e}){left}") from e
             self._slots = slots
             # decode-step state, read and advanced inside the captured graph
             self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step

@@ -14,8 +14,10 @@ weights kept as buffers; CPU when it has neither), integer ones (token ids of an
 :func:`flash_llm.data.load_tokens`'s uint8) as int64, and the model is called as ``model(batch)`` under
 ``torch.no_grad()`` and in eval mode (every submodule's own training flag is restored after).  Calibration inputs
 of a pruned layer that contain NaN or Inf are refused (ValueError naming the layer) before any weight is modified,
-as are integer batches holding a token id outside the model's ``config.vocab_size`` (when the model has one; the
-check of :func:`flash_llm.evaluate.evaluate`).
+as are, for a model with an int ``config.vocab_size`` (a model of token ids), integer batches holding a token id
+outside it (the check of :func:`flash_llm.evaluate.evaluate`) and batches that are not integer at all (floating-point,
+complex or bool: a float batch is never rounded or truncated to ids; ValueError naming the batch).  A model without
+a ``config.vocab_size`` takes whatever it takes (e.g. the float inputs of an MLP).
 
 Exact counts.  Each count applies to a group of ``count`` weights; with
 ``n = min(round(sparsity * count), count - 1)`` (Python's ``round``; at least one weight of the group is
@@ -162,14 +164,21 @@ def _check_sparsity(sparsity, name: str = "sparsity") -> float:
     return value
 
 
+def _vocab_size(model: nn.Module) -> int | None:
+    """The model's int ``config.vocab_size`` (flash-llm's and transformers' configs name it alike): a model that takes
+    token ids; None for a model without one."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
 def _token_id_error(tokens, model: nn.Module) -> str | None:
     """Why the integer tensor ``tokens`` cannot be fed to ``model``: an id outside ``[0, model.config.vocab_size)``
     (the embedding would fail with a bare IndexError), as ``"token id X is out of range for the model's vocabulary
     of V"``; None when they fit, when ``tokens`` is empty or not integer (not token ids), or when the model has no
-    int ``config.vocab_size`` (flash-llm's and transformers' configs name it alike).  Any integer dtype works,
-    uint16/uint32/uint64 too (torch has no min/max for those: they are read as int64)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if (not isinstance(vocab, int) or isinstance(vocab, bool) or not isinstance(tokens, torch.Tensor)
+    int ``config.vocab_size`` (:func:`_vocab_size`).  Any integer dtype works, uint16/uint32/uint64 too (torch has no
+    min/max for those: they are read as int64)."""
+    vocab = _vocab_size(model)
+    if (vocab is None or not isinstance(tokens, torch.Tensor)
             or not tokens.numel() or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool):
         return None
     lo, hi = _min_max(tokens)
@@ -193,6 +202,20 @@ def _min_max(tokens: torch.Tensor) -> tuple[int, int]:
     return (int(plain.min()) if plain.numel() else int(wrapped.min()) + 2**64), int(wrapped.max()) + 2**64
 
 
+def _token_batch_error(b: torch.Tensor, model: nn.Module, name: str) -> str | None:
+    """Why the tensor batch ``b`` (the argument ``name``, e.g. ``"calib[1]"``) cannot be fed to ``model``, a message
+    that starts with ``name``; None when it can.  A model with a vocabulary (:func:`_vocab_size`) takes integer token
+    ids: a floating-point, complex or bool batch is refused (it would reach the embedding as such, or a model that
+    casts its input would truncate 2.5 to the id 2), as is an integer one holding an id outside the vocabulary
+    (:func:`_token_id_error`).  A model without one takes what it takes (the float inputs of an MLP)."""
+    vocab = _vocab_size(model)
+    if vocab is not None and (b.is_floating_point() or b.is_complex() or b.dtype == torch.bool):
+        return (f"{name} has dtype {b.dtype}, but the model (config.vocab_size={vocab}) takes integer token ids: pass "
+                f"them as an integer tensor (e.g. .long(); no value is rounded or cast to an id here)")
+    why = _token_id_error(b, model)
+    return None if why is None else f"{name}: {why}; {name.split('[')[0]} must hold token ids of the model's tokenizer"
+
+
 def _as_token_batch(b: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The tensor batch ``b`` on ``device``; an integer (not bool) one as int64, what ``nn.Embedding`` and
     ``cross_entropy`` take, whatever integer dtype the token ids came in (e.g. :func:`flash_llm.data.load_tokens`'s
@@ -207,8 +230,8 @@ def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
     """``calib`` as a list of non-empty tensors on the device of the model's first parameter (its first buffer for a
     model without parameters, e.g. weights kept as buffers; CPU for neither: :func:`flash_llm.evaluate._model_device`),
     integer batches (token ids of any integer dtype, e.g. uint8) as int64 (:func:`_as_token_batch`).  Raises for
-    anything but a tensor or an iterable of tensors, for no non-empty batch, and for integer batches holding a token
-    id outside the model's vocabulary (:func:`_token_id_error`)."""
+    anything but a tensor or an iterable of tensors, for no non-empty batch, and, for a model with a vocabulary, for a
+    batch that is not integer or holds a token id outside it (:func:`_token_batch_error`)."""
     if isinstance(calib, torch.Tensor):
         batches = [calib]
     elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
@@ -220,10 +243,9 @@ def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"calib[{i}] must be a tensor, got {type(b).__name__}")
     for i, b in enumerate(batches):
-        why = _token_id_error(b, model)
+        why = _token_batch_error(b, model, "calib" if isinstance(calib, torch.Tensor) else f"calib[{i}]")
         if why is not None:
-            raise ValueError(f"{'calib' if isinstance(calib, torch.Tensor) else f'calib[{i}]'}: {why}; calib must "
-                             "hold token ids of the model's tokenizer")
+            raise ValueError(why)
     batches = [b for b in batches if b.numel() > 0]
     if not batches:
         raise ValueError("calib is empty: pass at least one non-empty batch of calibration tokens, "
@@ -953,15 +975,20 @@ def _cubic_sparsity(t: int, s_i: float, s_f: float, begin: int, end: int) -> flo
     return s_f + (s_i - s_f) * (1.0 - (t - begin) / (end - begin)) ** 3
 
 
-def _cycle(batches, device):
+def _cycle(batches, device, model: nn.Module | None = None):
     """Yield the batches of ``batches`` again and again (tensors moved to ``device``, integer ones as int64:
-    :func:`_as_token_batch`)."""
+    :func:`_as_token_batch`).  With ``model``, each tensor batch is checked as it comes (:func:`_token_batch_error`,
+    naming it ``batches[i]``, its index in the pass): for an iterable whose batches could not be checked up front."""
     n = 0
     while True:
         got = False
-        for b in batches:
+        for i, b in enumerate(batches):
             got = True
             n += 1
+            if model is not None and isinstance(b, torch.Tensor):
+                why = _token_batch_error(b, model, f"batches[{i}]")
+                if why is not None:
+                    raise ValueError(why)
             yield _as_token_batch(b, device) if isinstance(b, torch.Tensor) else b
         if not got:
             raise ValueError("batches is empty" + (f" on its second pass (after {n} batches): pass a re-iterable "
@@ -1060,7 +1087,9 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
 
     Bad input is refused before any weight is modified: a one-shot iterator as ``batches`` (TypeError; a
     generator's second pass would be empty) and selected weights holding NaN or Inf (ValueError) before
-    anything runs, an empty ``batches`` before the first step, and with ``begin == 0`` (a mask update
+    anything runs, for a model with a ``config.vocab_size``, a tensor batch of a tensor, list or tuple ``batches``
+    that is not integer or holds an id outside the vocabulary (ValueError naming it; those of another iterable, a
+    DataLoader, as they come), an empty ``batches`` before the first step, and with ``begin == 0`` (a mask update
     before the first step) ``loss_fn``'s result (a scalar tensor that requires grad, else TypeError), the
     teacher's output shape and the step's whole loss (distillation term included: a finite value, else
     FloatingPointError) are checked first on one extra forward of the first batch in eval mode (with autograd
@@ -1175,7 +1204,16 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
 
     model_flags = _training_flags(model)
     teacher_flags = _training_flags(teacher) if teacher is not None else []
-    data = _cycle([batches] if isinstance(batches, torch.Tensor) else batches, device)
+    # a model with a vocabulary takes integer token ids in it (_token_batch_error): the tensors of a tensor, list or
+    # tuple checked here, before anything is modified; those of another iterable (a DataLoader) as they come
+    listed = isinstance(batches, (torch.Tensor, list, tuple))
+    named = [("batches", batches)] if isinstance(batches, torch.Tensor) else \
+        [(f"batches[{i}]", b) for i, b in enumerate(batches)] if listed else []
+    for name, b in named:
+        why = _token_batch_error(b, model, name) if isinstance(b, torch.Tensor) else None
+        if why is not None:
+            raise ValueError(why)
+    data = _cycle([batches] if isinstance(batches, torch.Tensor) else batches, device, None if listed else model)
     bar = tqdm(range(steps), desc="gradual prune", unit="step", disable=not progress)
     try:
         if teacher is not None:

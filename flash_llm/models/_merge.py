@@ -192,10 +192,11 @@ def merge_projections(model: nn.Module) -> dict[str, str]:
     return report
 
 
-def unmerge_projections(model: nn.Module) -> list[str]:
+def unmerge_projections(model: nn.Module, *, only=None) -> list[str]:
     """Undo :func:`merge_projections` in place: every :class:`MergedLinear` is split back into its layers (the same
     weights, biases and formats; compressed weights cut with :meth:`~flash_llm.formats.SparseFormat.slice`).
-    Returns the paths of the groups split.  A :class:`MergedLinear` (or its stacked layer) with hooks or a
+    ``only``: a collection of group paths (as :func:`merge_projections` reports them): those groups alone are split,
+    the others stay merged and are not checked.  Returns the paths of the groups split.  A :class:`MergedLinear` (or its stacked layer) with hooks or a
     ``forward`` replaced on the instance, which the split layers would drop, or a stacked
     :class:`~flash_llm.SparseLinear` whose arrays are unfilled (``to_empty()`` from the meta device: the split layers
     would compute on them) is a ValueError naming it, raised before any group is split."""
@@ -206,6 +207,8 @@ def unmerge_projections(model: nn.Module) -> list[str]:
             if not isinstance(merged, MergedLinear):
                 continue
             where = f"{path}.{target}" if path else target
+            if only is not None and where not in only:
+                continue
             for name, m in ((where, merged), (f"{where}.layer", merged.layer)):
                 hooks = _dropped(m)
                 if hooks:
