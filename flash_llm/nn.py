@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import math
+import random
 import sys
 import threading
 import warnings
@@ -25,6 +26,7 @@ from fractions import Fraction
 from typing import Callable, NamedTuple
 
 import torch
+import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -33,7 +35,7 @@ from .formats._base import (COUNT_CHUNK, METADATA_KEY, VALUE_DTYPES, _magnitude_
                             count_nonzero, dtype_name)
 from .formats.delta_rows import MAX_K as _DELTA_ROWS_MAX_K
 from .ops import spmm
-from .prune import _real, _recomputed_weight
+from .prune import _by_storage, _real, _recomputed_weight, _sharing
 
 #: Format names accepted by ``fmt=`` and :attr:`SparsifyConfig.format`.
 FORMAT_NAMES = {"bitmap": BitmapTiles, "tiled-csl": TiledCSL, "delta-rows": DeltaRows}
@@ -346,11 +348,18 @@ class SparseLinear(nn.Module):
 
     def _check_filled(self) -> None:
         if getattr(self, "_unfilled", False):
-            raise RuntimeError("this SparseLinear's arrays are uninitialized memory (to_empty() moved it off the meta "
-                               "device, which allocates without values): load_state_dict its weights first")
+            raise RuntimeError("this SparseLinear's arrays are uninitialized memory (to_empty() allocated them "
+                               "without values): load_state_dict its weights first")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``."""
+        """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``.  ``torch.fx.symbolic_trace``
+        records the layer as one call (:func:`_sparse_linear`), so a traced model keeps it as a submodule."""
+        if isinstance(x, torch.fx.Proxy) and x.tracer.root is self:
+            raise TypeError("torch.fx.symbolic_trace of a SparseLinear itself is not supported (FX records the layer "
+                            "as one call on a submodule): trace a model holding it")
+        return _sparse_linear(self, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_filled()
         if not isinstance(x, torch.Tensor):  # (before x.dtype: as spmm says it)
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -390,13 +399,14 @@ class SparseLinear(nn.Module):
         # .type()) or desynchronize bias and weight, so every buffer keeps its dtype.
         before = dict(self._buffers)
         probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.weight_data.device))
+        empty = _allocates_without_values(fn, self.weight_data.device)
         super()._apply(fn, recurse)
         for n, old in before.items():
             new = self._buffers[n]
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)
-            if old is not None and new is not None and old.is_meta and not new.is_meta:
-                self._unfilled = True  # (no values come off meta: to_empty allocated the arrays empty)
+            if old is not None and new is not None and not new.is_meta and (old.is_meta or empty):
+                self._unfilled = True  # (no values come off meta, nor out of to_empty elsewhere: allocated empty)
         if probe.dtype != self.weight_dtype:
             warnings.warn(f"a cast to {probe.dtype} leaves SparseLinear layers in {self.weight_dtype}: a "
                           "compressed weight keeps the dtype it was compressed in (rebuild it with "
@@ -441,6 +451,10 @@ class SparseLinear(nn.Module):
         popped = [keys[n] for n in arrays]
         assign = local_metadata.get("assign_to_params_buffers", False)
         bias_key = prefix + "bias"
+        if assign and isinstance(state_dict.get(bias_key), torch.Tensor):
+            # the bias stays a buffer: nn.Module's loader assigns with setattr, which would register an nn.Parameter
+            # (a dense layer's bias put into the checkpoint) as a parameter, and the layer holds none
+            state_dict[bias_key] = state_dict[bias_key].detach()
         w = None
         if arrays:
             with torch.inference_mode(False):
@@ -544,6 +558,38 @@ class SparseLinear(nn.Module):
                               f"this layer is {self.out_features}x{self.in_features}")
             return None
         return w
+
+
+@torch.fx.wrap
+def _sparse_linear(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``: :meth:`SparseLinear.forward`'s body.  Wrapped for ``torch.fx.symbolic_trace``, which records it
+    as one ``call_function`` node on the layer (a ``get_attr`` of the submodule) instead of tracing into the format
+    and :func:`~flash_llm.spmm`, whose checks need real tensors: the traced model runs the layer, and a
+    ``load_state_dict`` into it reaches the layer.  (Elsewhere a plain call: torch.compile / export inline it.)"""
+    return layer._forward(x)
+
+
+_PROBE = random.Random()  # the probe values of _allocates_without_values (not torch's or Python's global RNG)
+
+
+def _allocates_without_values(fn, device: torch.device) -> bool:
+    """Whether ``fn``, a function ``nn.Module._apply`` applies to every tensor, returns tensors that do not hold
+    their input's values, as ``to_empty()``'s ``torch.empty_like`` does: a small int32 tensor of random values on
+    ``device`` goes through it and is compared, on ``device`` (after a non-blocking move the copy is ordered), with
+    what comes back.  False where that cannot tell: on or to the meta device (no values; a layer coming off meta is
+    told by its buffers), a dtype change (a SparseLinear keeps its buffers' dtypes, their values with them), or
+    tensors without values to read (fake tensors)."""
+    if device.type == "meta":
+        return False
+    values = [_PROBE.randrange(1, 2**31) for _ in range(4)]
+    t = torch.tensor(values, dtype=torch.int32, device=device)
+    out = fn(t)
+    if not isinstance(out, torch.Tensor) or out.is_meta or out.dtype != torch.int32 or out.shape != t.shape:
+        return False
+    try:
+        return not torch.equal(out.to(device), t)
+    except Exception:  # (a fake tensor, a device that cannot copy back: cannot tell, so as before)
+        return False
 
 
 # ---- sparsify_ ------------------------------------------------------------------------------------
@@ -729,9 +775,22 @@ def _read_directly(model: nn.Module) -> dict[int, str]:
     past ``Linear.forward`` (a SparseLinear there breaks it): ``nn.TransformerEncoderLayer``'s ``linear1`` /
     ``linear2`` (its inference fast path, and ``nn.TransformerEncoder``'s, pass them to
     ``torch._transformer_encoder_layer_fwd``) and ``nn.MultiheadAttention``'s ``out_proj``.
-    ``nn.TransformerDecoderLayer`` calls its ``linear1`` / ``linear2`` as modules (torch 2.1 to 2.13): they convert."""
+    ``nn.TransformerDecoderLayer`` calls its ``linear1`` / ``linear2`` as modules (torch 2.1 to 2.13): they convert.
+    Also the ``nn.Linear`` that a ``torch.compile`` wrapper (``OptimizedModule``) holds as ``_orig_mod``: the
+    wrapper's compiled ``forward`` holds the layer's bound ``__call__`` (``OptimizedModule._initialize``), so a
+    replacement set as ``_orig_mod`` would never run.  A compiled module holding the layer deeper down calls it by
+    attribute (its replacement runs, Dynamo recompiles): that one converts."""
     found: dict[int, str] = {}
+    # (no torch.compile wrapper exists unless torch._dynamo was imported: sparsify_ does not import it)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     for fqn, mod in model.named_modules():
+        if compiled is not None and isinstance(mod, compiled) and isinstance(getattr(mod, "_orig_mod", None),
+                                                                             nn.Linear):
+            found.setdefault(id(mod._orig_mod), f"wrapped by torch.compile (OptimizedModule "
+                                                f"'{fqn or '<the model>'}'), whose compiled forward calls this "
+                                                "nn.Linear itself, not whatever holds its place: a replacement would "
+                                                "never run; sparsify_ before torch.compile, or compile the module "
+                                                "holding the layer instead")
         if isinstance(mod, nn.TransformerEncoderLayer):
             for n in ("linear1", "linear2"):
                 child = getattr(mod, n, None)
@@ -785,7 +844,7 @@ def _skip_reason(module: nn.Linear, fqn: str, config: SparsifyConfig, sharing: d
     if fmt_cls is DeltaRows and (why := _delta_rows_too_wide(w.shape[1], "in_features", "format")) is not None:
         return why
     for name, t in (("weight", w), ("bias", module.bias)):
-        others = [n for n in sharing.get(_storage_key(t), ()) if n != f"{fqn}.{name}"] if t is not None else []
+        others = [n for n in _sharing(t, sharing) if n != f"{fqn}.{name}"] if t is not None else []
         if others:
             return f"{name} shares memory with {', '.join(others)} (tied); converting would untie it"
     if config.dtype is None and w.dtype not in VALUE_DTYPES:
@@ -876,9 +935,11 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     """Replace, in place, the ``nn.Linear`` layers of ``model`` worth compressing by :class:`SparseLinear`.
 
     Every layer gets a decision first: a layer stays dense when ``filter_fn(module, fqn)`` returns False, its name
-    is in ``config.skip_names`` (``lm_head`` by default), its weight or bias is shared with another parameter or
-    buffer (tied weights), it is an ``nn.Linear`` subclass with its own ``forward`` or one another module reads
-    directly (``nn.MultiheadAttention.out_proj``, ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``), it
+    is in ``config.skip_names`` (``lm_head`` by default), its weight or bias shares bytes with another parameter or
+    buffer (tied weights; disjoint views of one storage, e.g. q / k / v sliced from a fused weight, are not tied), it
+    is an ``nn.Linear`` subclass with its own ``forward`` or one another module reads or calls directly
+    (``nn.MultiheadAttention.out_proj``, ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``, the layer a
+    ``torch.compile`` wrapper holds as ``_orig_mod``: compile the model, or the module holding the layer, instead), it
     carries forward, backward or state-dict hooks, a ``forward`` replaced on the instance (accelerate's hooks),
     parametrizations or ``torch.nn.utils.prune`` masks, its weight is not a dense 2-D tensor (or has a dtype whose
     cast torch cannot check, e.g. ``float8_e4m3fn``), its weight or bias is on ``meta`` (or the bias on another
@@ -912,11 +973,10 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     fmt_cls, skip_names = config._checked()  # (again: a dataclass field may be set after __post_init__)
     read_directly = _read_directly(model)
 
-    sharing: dict = {}
-    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        key = _storage_key(t)
-        if key is not None:
-            sharing.setdefault(key, []).append(n)
+    # tied: sharing bytes of one storage (prune._sharing, as the pruners decide it): disjoint views of one storage,
+    # e.g. q / k / v split from a fused weight, are not tied and convert
+    sharing = _by_storage([*model.named_parameters(remove_duplicate=False),
+                           *model.named_buffers(remove_duplicate=False)])
 
     # a tensor-parallel projection's local layer ('<projection>.linear') goes by the projection's name, as in the
     # single-process model and tensor_parallel_(sparsify=): skip_names and filter_fn see that name.  (Without
