@@ -1179,6 +1179,11 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         rate = _real(lr)
         if rate is None or not 0.0 < rate < math.inf:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
+        # Adam's first step is lr / (1 - beta1) = 10 lr, passed to fp32 kernels: beyond float32 it is a bare
+        # RuntimeError ("cannot be converted to type float without overflow") in the middle of the first step
+        if rate / (1 - 0.9) > torch.finfo(torch.float32).max:
+            raise ValueError(f"lr must be at most {torch.finfo(torch.float32).max * (1 - 0.9):.4g} (the default Adam's "
+                             f"first step, 10 x lr, must fit float32), got {lr!r}")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameter with requires_grad=True to train")
@@ -1252,7 +1257,14 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             for w, k in zip(weights, keep):
                 if w.grad is not None:
                     w.grad.mul_(k)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as e:  # (a step size beyond float32, say: the caller's optimizer's lr)
+                if "overflow" not in str(e):
+                    raise
+                raise FloatingPointError(f"gradual_prune_: the optimizer's step {t} overflowed ({e}); the model is "
+                                         "left as trained and pruned up to that step, the step perhaps half applied: "
+                                         "lower the learning rate (lr, or the optimizer's)") from e
             with torch.no_grad():
                 for w, k in zip(weights, keep):
                     w.masked_fill_(~k, 0)

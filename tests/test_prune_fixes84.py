@@ -156,3 +156,43 @@ def test_evaluate_and_the_data_helpers_refuse_float_and_bool_streams():
             calibration_batches(bad, 1, 2)
         with pytest.raises(ValueError, match=r"^tokens must be a 1-D integer tensor of token ids"):
             split(bad.repeat(4))
+
+
+# ---- a finite lr whose Adam step overflows float32 (hunt of session 84) -------------------------------------------
+def _mlp_and_batches():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), [torch.randn(4, 16) for _ in range(2)]
+
+
+def test_gradual_prune_refuses_an_lr_whose_first_adam_step_overflows_float32():
+    """lr = 1e38 is finite and positive, but the default Adam's first step is 10 x lr: it was torch's bare RuntimeError
+    ("cannot be converted to type float without overflow") in the middle of the first step, and the CLI's traceback."""
+    model, batches = _mlp_and_batches()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"^lr must be at most 3\.403e\+37 .*got 1e\+38$"):
+        gradual_prune_(model, batches, 0.5, steps=2, loss_fn=lambda out, b: out.pow(2).mean(), lr=1e38,
+                       progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing modified
+    gradual_prune_(model, batches, 0.5, steps=2, loss_fn=lambda out, b: out.pow(2).mean(), lr=1e-3, progress=False)
+
+
+def test_a_callers_optimizer_whose_step_overflows_is_a_floating_point_error():
+    model, batches = _mlp_and_batches()
+    opt = torch.optim.Adam(model.parameters(), lr=1e38)
+    with pytest.raises(FloatingPointError, match=r"optimizer's step 0 overflowed .*lower the learning rate"):
+        gradual_prune_(model, batches, 0.5, steps=2, loss_fn=lambda out, b: out.pow(2).mean(), optimizer=opt,
+                       progress=False)
+
+
+def test_the_cli_says_error_for_a_huge_lr(tmp_path, capsys):
+    from flash_llm import cli
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("ROMEO: what light through yonder window breaks?\n" * 200)
+    out = tmp_path / "out"
+    rc = cli.main(["prune", "tiny-shakespeare", "--method", "gradual", "--sparsity", "0.5", "--calib", str(calib),
+                   "--out", str(out), "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--lr", "1e38",
+                   "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and "lr must be at most" in err, (rc, err)
+    assert not out.exists()
