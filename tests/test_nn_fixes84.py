@@ -124,6 +124,25 @@ def test_value_keeping_moves_do_not_flag_the_layer():
     assert meta.to_empty(device="cpu")._unfilled  # (off meta: as before)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_moves_keep_the_layer_and_to_empty_on_cuda_flags_it():
+    """The probe on a GPU: moves to and from CUDA (blocking or not, a model's .cuda()) keep the layer usable; to_empty()
+    on CUDA, from a CUDA or a CPU layer, flags it."""
+    src = SparseLinear.from_linear(_pruned())
+    x = torch.randn(2, 64, dtype=torch.float16)
+    want = src(x)
+    for move in (lambda m: m.cuda(), lambda m: m.to("cuda", non_blocking=True), lambda m: nn.Sequential(m).cuda()[0],
+                 lambda m: m.cuda().cpu(), lambda m: m.cuda().to("cpu", non_blocking=True)):
+        layer = move(copy.deepcopy(src))
+        assert not layer._unfilled
+        torch.testing.assert_close(layer(x.to(layer.weight_data.device)).cpu(), want, atol=2e-2, rtol=2e-3)
+    for start in ("cpu", "cuda"):
+        layer = copy.deepcopy(src).to(start).to_empty(device="cuda")
+        assert layer._unfilled
+        with pytest.raises(RuntimeError, match="uninitialized memory"):
+            layer(x.cuda())
+
+
 # ---- 4. disjoint views of one storage are not tied ------------------------------------------------------------
 class _Attn(nn.Module):
     def __init__(self):
