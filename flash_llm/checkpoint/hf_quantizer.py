@@ -418,6 +418,20 @@ def _base_hook(base, name: str, config):
     return config if hook is None else hook(config)
 
 
+def _takes_model(hook) -> bool:
+    """Whether transformers' ``update_weight_conversions`` hook ``hook`` (bound; None: this transformers has none) takes
+    the model beside the conversions: transformers 5.x passed only the conversions at first (and called it where the
+    model is not known to be the load's), later ``(weight_conversions, model)`` after ``preprocess_model``."""
+    if hook is None:
+        return False
+    try:
+        params = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind == p.VAR_POSITIONAL for p in params) or sum(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
+
+
 def _define():
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -563,19 +577,19 @@ def _define():
                 raise FormatError(f"{self._source}: '{unlisted[0]}' is stored compressed (its weight_data is in the "
                                   "shards) but config.json's quantization_config.sparse_modules does not list it"
                                   f"{f' ({len(unlisted)} such layers)' if len(unlisted) > 1 else ''}")
-            if getattr(super(), "update_weight_conversions", None) is not None:
+            if _takes_model(getattr(super(), "update_weight_conversions", None)):
                 # transformers calls it next, with every conversion of this load (from_pretrained's key_mapping too),
                 # before it reads any tensor: the shells go in there
                 self._pending = model
-            else:
+            else:  # (no such hook, or one without the model: transformers 5.x before the model was passed to it)
                 self._install_shells(model, load_renamer(model, self))
             return model
 
-        def update_weight_conversions(self, weight_conversions, model):
+        def update_weight_conversions(self, weight_conversions, model=None):
             base = getattr(super(), "update_weight_conversions", None)
             if base is not None:
-                weight_conversions = base(weight_conversions, model)
-            if self._pending is not None and self._pending is model:  # the load's own call (after preprocess_model)
+                weight_conversions = base(weight_conversions, model) if _takes_model(base) else base(weight_conversions)
+            if model is not None and self._pending is model:  # the load's own call (after preprocess_model)
                 self._pending = None
                 self._conversions = [copy.copy(t) for t in weight_conversions]  # (before the loader uses them)
                 self._install_shells(model, load_renamer(model, transforms=weight_conversions))
