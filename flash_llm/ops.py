@@ -129,7 +129,7 @@ def _spmm_cuda(x, data, offsets, fmt, m, k, bias):
 
 
 @_spmm_op.register_fake
-def _(x, data, offsets, fmt, m, k, bias):
+def _spmm_fake(x, data, offsets, fmt, m, k, bias):
     _checked_raw(x, data, offsets, fmt, m, k, bias=bias)
     return x.new_empty((x.shape[0], m))
 
@@ -156,7 +156,7 @@ def _spmm_silu_mul_cuda(x, data, offsets, fmt, m, k):
 
 
 @_spmm_silu_mul_op.register_fake
-def _(x, data, offsets, fmt, m, k):
+def _spmm_silu_mul_fake(x, data, offsets, fmt, m, k):
     _checked_raw(x, data, offsets, fmt, m, k, silu_mul=True)
     return x.new_empty((x.shape[0], m // 2))
 
@@ -185,7 +185,7 @@ def _spmm_rms_norm_cuda(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
 
 
 @_spmm_rms_norm_op.register_fake
-def _(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
+def _spmm_rms_norm_fake(x, weight, eps, data, offsets, fmt, m, k, silu_mul):
     _checked_raw(x, data, offsets, fmt, m, k, silu_mul=silu_mul, norm=(("weight", weight),))
     return x.new_empty((x.shape[0], m // 2 if silu_mul else m))
 
@@ -217,7 +217,7 @@ def _spmm_layer_norm_cuda(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bia
 
 
 @_spmm_layer_norm_op.register_fake
-def _(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
+def _spmm_layer_norm_fake(x, weight, ln_bias, eps, data, offsets, fmt, m, k, bias, relu):
     _checked_raw(x, data, offsets, fmt, m, k, bias=bias,
                  norm=(("weight", weight), ("bias", ln_bias)))
     return x.new_empty((x.shape[0], m))
@@ -248,7 +248,7 @@ def _spmm_add_cuda(acc, x, data, offsets, fmt, m, k, bias=None):
 
 
 @_spmm_add_op.register_fake
-def _(acc, x, data, offsets, fmt, m, k, bias=None):
+def _spmm_add_fake(acc, x, data, offsets, fmt, m, k, bias=None):
     _checked_raw(x, data, offsets, fmt, m, k, bias=bias, acc=acc)
     return None
 
@@ -266,7 +266,7 @@ def _spmm_t_op(grad: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fm
 
 
 @_spmm_t_op.register_fake
-def _(grad, data, offsets, fmt, m, k):
+def _spmm_t_fake(grad, data, offsets, fmt, m, k):
     _raw(grad, fmt, m, "grad")
     _raw_weight(grad, data, offsets, fmt, m, k)
     return grad.new_empty((grad.shape[0], k))
@@ -311,6 +311,45 @@ def _backward_t(ctx, gg):
 
 
 _spmm_t_op.register_autograd(_backward_t, setup_context=_setup_context_t)
+
+
+# ---- torch.vmap: each op runs once per sample, as torch's fallback ran it, and over a dimension of size 0 gives the
+# empty result.  The fallback refuses that dimension ("does not support vmap over dims of size 0"): until session 84
+# ``vmap`` over an empty batch, and ``jacrev`` / ``jacfwd`` of spmm and its siblings with an empty input or output
+# (they vmap over its elements), failed in torch, naming no argument.
+def _register_vmap(name: str, op, fake) -> None:
+    """A ``torch.vmap`` rule for the custom op ``op``, ``torch.ops.flash_llm.<name>`` (``fake``: its fake
+    implementation): the op on each sample in turn, the results stacked (a mutated argument, ``spmm_add_``'s ``acc``,
+    is written sample by sample, so it must be batched); with no samples, ``fake``'s checks on one sample's shapes and
+    an empty result (nothing computed)."""
+    arguments = getattr(torch.ops.flash_llm, name).default._schema.arguments
+    names = [a.name for a in arguments]
+    mutated = [i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+    def rule(info, in_dims, *args):
+        if any(in_dims[i] is None for i in mutated):
+            raise ValueError(f"flash_llm.{name}: under torch.vmap {', '.join(names[i] for i in mutated)} must "
+                             "be batched too (the op writes into it, one sample at a time), got batched "
+                             f"{', '.join(names[i] for i, d in enumerate(in_dims) if d is not None)} only")
+        if info.batch_size == 0:  # (one sample's shapes and strides; the memory is not read)
+            one = [a if d is None else torch.empty_strided(a.shape[:d] + a.shape[d + 1:],
+                                                           a.stride()[:d] + a.stride()[d + 1:], dtype=a.dtype,
+                                                           device=a.device) for a, d in zip(args, in_dims)]
+            out = fake(*one)
+            return (None, None) if out is None else (out.new_empty((0, *out.shape)), 0)
+        outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                for i in range(info.batch_size)]
+        return (None, None) if outs[0] is None else (torch.stack(outs), 0)
+
+    op.register_vmap(rule)
+
+
+for _name, _op, _fake in (("spmm", _spmm_op, _spmm_fake), ("spmm_t", _spmm_t_op, _spmm_t_fake),
+                          ("spmm_silu_mul", _spmm_silu_mul_op, _spmm_silu_mul_fake),
+                          ("spmm_rms_norm", _spmm_rms_norm_op, _spmm_rms_norm_fake),
+                          ("spmm_layer_norm", _spmm_layer_norm_op, _spmm_layer_norm_fake),
+                          ("spmm_add_", _spmm_add_op, _spmm_add_fake)):
+    _register_vmap(_name, _op, _fake)
 
 
 class _SpmmTReverse(torch.autograd.Function):
@@ -561,12 +600,14 @@ def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> 
     forward-mode AD there raises NotImplementedError naming flash_llm (without ``fullgraph=True`` the call falls
     back to eager, where it is supported).  A reverse-mode transform (``grad``, ``vjp``, ``jacrev``) traces there
     with its backward; nested with another transform (``vmap`` of ``grad``, ``grad`` of ``grad``) it raises
-    NotImplementedError naming flash_llm (run those eagerly).
+    NotImplementedError naming flash_llm (run those eagerly).  The op itself, ``torch.ops.flash_llm.spmm`` (what a
+    ``torch.export``-ed program calls), has a plain backward, but the ``torch.func`` transforms refuse it (torch's
+    autograd for custom ops has no ``setup_context``: pytorch/pytorch#170834): run them over this function.
     """
     m, k, bias = _checked(x, w, bias)
     lead = x.shape[:-1]
     op = _through(_SpmmFunction, _SpmmReverse, _spmm_op)
-    y = op(x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k, bias)
+    y = op(x.reshape(lead.numel(), k), w.data, w.offsets, _format_id(w), m, k, bias)
     return y.reshape(*lead, m)
 
 
@@ -591,7 +632,7 @@ def spmm_silu_mul(x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
     lead = x.shape[:-1]
     if _decomposed("spmm_silu_mul"):
         return silu_mul_halves(spmm(x, w))
-    y = _spmm_silu_mul_op(x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k)
+    y = _spmm_silu_mul_op(x.reshape(lead.numel(), k), w.data, w.offsets, _format_id(w), m, k)
     return y.reshape(*lead, m // 2)
 
 
@@ -633,7 +674,7 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
     if _decomposed("spmm_rms_norm"):
         y = spmm(rms_norm(x, norm_weight, eps), w)
         return silu_mul_halves(y) if act is not None else y
-    y = _spmm_rms_norm_op(x.reshape(-1, k), norm_weight.contiguous(), eps, w.data, w.offsets,
+    y = _spmm_rms_norm_op(x.reshape(lead.numel(), k), norm_weight.contiguous(), eps, w.data, w.offsets,
                           _format_id(w), m, k, act is not None)
     return y.reshape(*lead, y.shape[-1])
 
@@ -669,7 +710,8 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
         if needs:
             raise ValueError(f"spmm_add_ is not differentiable, and {', '.join(needs)} require(s) grad: use "
                              "acc + spmm(x, w, bias), or run it under torch.no_grad()")
-    _spmm_add_op(acc.view(-1, m), x.reshape(-1, k), w.data, w.offsets, _format_id(w), m, k, bias)
+    n = x.shape[:-1].numel()  # (not -1: ambiguous for no elements, as under torch.vmap over 0 samples)
+    _spmm_add_op(acc.view(n, m), x.reshape(n, k), w.data, w.offsets, _format_id(w), m, k, bias)
     return acc
 
 
@@ -714,7 +756,7 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
     if _decomposed("spmm_layer_norm"):
         y = spmm(layer_norm(x, norm_weight, norm_bias, eps), w, bias)
         return torch.relu(y) if act == "relu" else y
-    y = _spmm_layer_norm_op(x.reshape(-1, k), norm_weight.contiguous(),
+    y = _spmm_layer_norm_op(x.reshape(lead.numel(), k), norm_weight.contiguous(),
                             None if norm_bias is None else norm_bias.contiguous(), eps, w.data, w.offsets,
                             _format_id(w), m, k, bias, act == "relu")
     return y.reshape(*lead, m)
