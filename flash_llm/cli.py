@@ -624,9 +624,19 @@ def cmd_build(args) -> int:
     except (RuntimeError, OSError) as e:
         _err(f"NVRTC is not loadable: {e}")
         return EXIT_FAILURE
-    archs = list(dict.fromkeys(args.arch)) if args.arch else None
+    # (sm_90a is sm_90: the same cubin, stored where the runtime looks for it, _build.canonical_arch)
+    archs = list(dict.fromkeys(_build.canonical_arch(a) for a in args.arch)) if args.arch else None
+    if not archs and torch.cuda.is_available():  # the present GPU's, if the kernels can run there at all
+        from flash_llm import kernels
+
+        ok, why = kernels.supported(torch.device("cuda", 0))
+        if not ok:
+            _err(f"GPU 0 cannot run flash-llm's CUDA kernels: {why}; nothing to build for it (pass --arch sm_80 "
+                 "sm_90, or the architectures you want, to build the cubins for other GPUs)")
+            return EXIT_USAGE
+        archs = [_build.device_arch(0)]
     if not archs:
-        archs = [_build.device_arch(0)] if torch.cuda.is_available() else ["sm_80", "sm_90"]
+        archs = ["sm_80", "sm_90"]
     unusual = [a for a in archs if a not in _build.SUPPORTED_ARCHS]
     if unusual:
         print(f"note: flash-llm's kernels target {', '.join(_build.SUPPORTED_ARCHS)}; trying {', '.join(unusual)} "
@@ -641,9 +651,7 @@ def cmd_build(args) -> int:
     if missing:  # (before compiling, which takes minutes: a cache that cannot take the cubins, or has no room)
         problem = _build.cache_problem(cache, create=True, space=len(missing) * _build.cubin_size_estimate(cache))
         if problem is not None:
-            hint = "free some space there or set FLASH_LLM_CACHE to a directory with room" \
-                if _build.NO_SPACE in problem else "set FLASH_LLM_CACHE to a writable directory"
-            _err(f"no cubin cache to fill: {cache}: {problem}; {hint}")
+            _err(f"no cubin cache to fill: {cache}: {problem}; {_build.cache_hint(problem)}")
             return EXIT_FAILURE
     print(f"NVRTC {nvrtc}; cubin cache {cache}")
 
@@ -711,9 +719,8 @@ def cmd_build(args) -> int:
             print(f"  {line}")
         all_warnings += len(warns)
         if compiled.cache_error:
-            hint = "free some space there or set FLASH_LLM_CACHE to a directory with room" \
-                if _build.NO_SPACE in compiled.cache_error else "set FLASH_LLM_CACHE to a writable directory"
-            unstored.append(f"{arch}: compiled, but not stored in the cubin cache ({compiled.cache_error}); {hint}")
+            unstored.append(f"{arch}: compiled, but not stored in the cubin cache ({compiled.cache_error}); "
+                            f"{_build.cache_hint(compiled.cache_error)}")
     for why in unstored:
         _err(why)
     if unstored:

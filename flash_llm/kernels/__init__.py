@@ -10,6 +10,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import numbers
 import os
 import sys
 import threading
@@ -24,7 +25,7 @@ from ..formats._layout import STRIP_K, STRIP_M, ceil_div
 from ..reference import apply_norm, silu_mul_halves
 from .._env import env_choice as _env_choice, env_flag as _env_flag, env_float as _env_float, \
     env_int as _env_int
-from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch, sm90  # noqa: F401
+from ._build import KernelBuildError, blocks_per_sm, compile_kernels, launch, sm90, static_shared  # noqa: F401
 
 
 WARPS = 4
@@ -78,6 +79,39 @@ def sm_count(device_index: int) -> int:
     if n is None:
         n = _SM_COUNT[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
     return n
+
+
+#: Shared memory one block may have, static and dynamic together (CUDA's ``MaxSharedMemoryPerBlockOptin``), by compute
+#: capability, where PyTorch's device properties do not say (``shared_memory_per_block_optin``): 163 KiB on sm_80 /
+#: sm_87, 99 KiB on sm_86 / sm_89 / sm_120, 227 KiB on sm_90 / sm_100; SHARED_OPTIN_MIN for any other.
+SHARED_OPTIN_BY_CC = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024,
+                      (9, 0): 227 * 1024, (10, 0): 227 * 1024, (12, 0): 99 * 1024}
+SHARED_OPTIN_MIN = 99 * 1024
+_SHARED_OPTIN: dict[int, int] = {}
+
+
+def shared_optin(device_index: int) -> int:
+    """The most shared memory (bytes, static and dynamic together) one block may have on the device:
+    ``torch.cuda.get_device_properties(...).shared_memory_per_block_optin``, else :data:`SHARED_OPTIN_BY_CC`."""
+    n = _SHARED_OPTIN.get(device_index)
+    if n is None:
+        props = torch.cuda.get_device_properties(device_index)
+        n = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+        if n <= 0:
+            n = SHARED_OPTIN_BY_CC.get((props.major, props.minor), SHARED_OPTIN_MIN)
+        _SHARED_OPTIN[device_index] = n
+    return n
+
+
+def dynamic_shared_limit(device: torch.device, name: str) -> int | None:
+    """The most dynamic shared memory kernel ``name`` may ask for on ``device``: :func:`shared_optin` less its static
+    shared memory (:func:`._build.static_shared`; a launch asking more fails).  None off a CUDA device (the host side
+    run on the CPU, as the tests do): the planners that take it (:func:`parts_nt_window`, :func:`parts_stage`,
+    :func:`parts_n1_fits`, :func:`dr_nt_norm_ok`) then cap nothing beyond their own constants."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return shared_optin(index) - static_shared(index, name)
 
 
 # 8-token tiles per block at most: the one-warp Tiled-CSL kernel holds 64 rows x NT tiles of accumulators, so it
@@ -433,12 +467,29 @@ def plan(m: int, k: int, n: int, density: float, sms: int, blocks_per_sm: int = 
 
     ``m``, ``k``, ``n``, ``sms`` and ``blocks_per_sm`` are at least 1, else a ValueError that names the first that is
     not: no tokens (or rows, columns) is nothing to plan (:func:`spmm_cuda` launches nothing for ``n = 0``).
+    ``splits`` is None or an integer of at least 1 (TypeError / ValueError naming it), ``fmt`` :data:`BITMAP` or
+    :data:`TILED_CSL` (DeltaRows' kernels make their own grids; ValueError), and ``density`` a finite number of at
+    least 0 (TypeError / ValueError).  A density above 1 is taken: :func:`spmm_cuda` estimates it from the array's
+    size, which counts the format's pads (a dense 65 x 65 Tiled-CSL weight: 1.0007).
     """
     if m < 1 or k < 1 or n < 1 or sms < 1 or blocks_per_sm < 1:
         what, v = next((w, v) for w, v in (("m", m), ("k", k), ("n", n), ("sms", sms),
                                            ("blocks_per_sm", blocks_per_sm)) if v < 1)
         raise ValueError(f"plan: {what} must be at least 1, got {v!r} ({m}x{k}x{n} on {sms} SMs, {blocks_per_sm} "
                          "blocks an SM)")
+    if splits is not None:
+        if isinstance(splits, bool) or not isinstance(splits, numbers.Integral):
+            raise TypeError(f"plan: splits must be None or an integer, got {type(splits).__name__} {splits!r}")
+        if splits < 1:
+            raise ValueError(f"plan: splits must be at least 1 (or None for the heuristic), got {splits!r}")
+        splits = int(splits)
+    if isinstance(fmt, bool) or fmt not in _MAX_NT:
+        raise ValueError(f"plan: fmt must be BITMAP ({BITMAP}) or TILED_CSL ({TILED_CSL}), got {fmt!r}"
+                         + (" (DELTA_ROWS: its kernels make their own grids, not plan's)" if fmt == DELTA_ROWS else ""))
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"plan: density must be a number, got {type(density).__name__} {density!r}")
+    if not (math.isfinite(density) and density >= 0):
+        raise ValueError(f"plan: density must be a finite number of at least 0, got {density!r}")
     asked = splits if splits is not None else SPLIT_OVERRIDES.get((m, k, n))
     p = _plan(m, k, n, density, sms, blocks_per_sm, asked, fmt, wgmma)
     if asked is not None and p.splits != asked and (m, k, n, asked, p.splits) not in _split_warned:
@@ -995,10 +1046,11 @@ def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Ten
 
 def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> torch.Tensor:
     """:func:`spmm_cuda` for a DeltaRows weight: the one-row-per-lane kernel at N = 1 (the parts layout's kernel for
-    a weight of P > 1 lanes a row), with the bias, ``add_to``, ``norm`` and (for a weight with paired halves) ``act``
-    inside; at 2 <= N <= :data:`DELTA_MULTI_MAX` the multi-token kernel and its reduction (bias, ``add_to`` and,
-    paired, ``act`` in the reduction; ``norm`` before, as a separate operation); else the expansion and cuBLAS,
-    ``act`` and ``norm`` as separate operations."""
+    a weight of P > 1 lanes a row, where all of X fits the device's shared memory: :func:`parts_n1_fits`), with the
+    bias, ``add_to``, ``norm`` and (for a weight with paired halves) ``act`` inside; at 2 <= N <=
+    :data:`DELTA_MULTI_MAX` the multi-token kernel and its reduction (bias, ``add_to`` and, paired, ``act`` in the
+    reduction; ``norm`` before, as a separate operation); else the expansion and cuBLAS, ``act`` and ``norm`` as
+    separate operations."""
     from ..formats.delta_rows import layout
 
     n = x.shape[0]
@@ -1018,14 +1070,17 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
         return y
     g, eps, rscale = _norm_kernel_args(norm, x.dtype)  # (the kernels' weight, eps and factor scale; none: None)
     if 2 <= n <= DELTA_MULTI_MAX:
-        nt_norm = norm is not None and dr_nt_norm_ok(n, k, lay.parts, norm)
+        nt_norm = norm is not None and dr_nt_norm_ok(
+            n, k, lay.parts, norm, _parts_nt_limit(x.dtype, 2, lay.coded, dev) if n == 2 and lay.parts > 1 else None)
         if (norm is not None and not nt_norm) or act == "relu" or (act is not None and not lay.paired):
             return _unfused(x, data, offsets, DELTA_ROWS, m, k, bias, None, False, out, None, act, norm, add_to)
         if nt_norm:  # (the kernel stages X and the norm's weight by 16-byte loads)
             x, norm = _aligned16(x.contiguous()), (_aligned16(g.contiguous()), eps)
         return _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm if nt_norm else None, rscale)
     ln_bias = norm[1] if norm is not None and len(norm) == 3 else None
-    fused = n == 1 and (act in (None, "relu") or lay.paired) and (
+    # (the parts layout's kernel stages all of X: where that does not fit the device, the expansion, below)
+    parts_kernel = _parts_n1_kernel(x.dtype, lay, k, dev) if n == 1 and lay.parts > 1 else None
+    fused = n == 1 and (lay.parts == 1 or parts_kernel is not None) and (act in (None, "relu") or lay.paired) and (
         norm is None or all(t is None or (t.is_contiguous() and t.data_ptr() % 4 == 0) for t in (g, ln_bias)))
     if not fused:
         if act is not None or norm is not None or add_to is not None:
@@ -1035,7 +1090,8 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
         return _expand_and_gemm(x, data, offsets, DELTA_ROWS, m, k, bias, out)
     x = x.contiguous()
     if lay.parts > 1:
-        return _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay, (g, eps, rscale))
+        return _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay, (g, eps, rscale),
+                                 parts_kernel)
     slices, mp, s = lay.slices, lay.mp, lay.splits
     vec = int(k % 8 == 0 and x.data_ptr() % 16 == 0 and (g is None or g.data_ptr() % 16 == 0)
               and (ln_bias is None or ln_bias.data_ptr() % 16 == 0))
@@ -1054,11 +1110,11 @@ def _delta_rows_cuda(x, data, offsets, m, k, bias, out, act, norm, add_to) -> to
     return y
 
 
-def dr_nt_norm_ok(n: int, k: int, parts: int, norm: tuple | None = None) -> bool:
+def dr_nt_norm_ok(n: int, k: int, parts: int, norm: tuple | None = None, limit: int | None = None) -> bool:
     """Whether DeltaRows' multi-token kernels take an RMSNorm ``norm = (weight, eps)`` inside (:data:`DR_NT_NORM`): 2
     tokens on the parts layout (its window is all of K) with ``K % 8 == 0`` and a parts window that fits shared
-    memory; not a LayerNorm."""
-    return (DR_NT_NORM and n == 2 and parts > 1 and k % 8 == 0 and parts_nt_window(k, 2) > 0
+    memory (:func:`parts_nt_window`, ``limit`` as there); not a LayerNorm."""
+    return (DR_NT_NORM and n == 2 and parts > 1 and k % 8 == 0 and parts_nt_window(k, 2, limit) > 0
             and (norm is None or len(norm) == 2))
 
 
@@ -1082,49 +1138,84 @@ def _aligned16(t: torch.Tensor | None) -> torch.Tensor | None:
 #: tuning); else 16-bit (H100, session 68, Llama-3-8B bf16 at 80 %, batch 1: 2.042 / 2.044 -> 2.043 / 2.048 ms)
 PARTS_STAGE = _env_int("FLASH_LLM_DELTA_PARTS_STAGE", 0, 0, 2)
 #: the most bytes of X a parts-layout block stages in dynamic shared memory (N = 1 as fp32: ``4 K``; 2-8 tokens:
-#: ``NT x 2 K``, K = 4096 at NT = 8 takes 64 KB)
+#: ``NT x 2 K``, K = 4096 at NT = 8 takes 64 KB), and never more than the device lets the kernel have
+#: (:func:`dynamic_shared_limit`: 99 KiB a block on sm_86 / sm_89, less the kernel's static 10-21 KB)
 DR_NT_STAGE_MAX = 96 * 1024
 
 
-def parts_stage(k: int) -> int:
+def _stage_cap(limit: int | None) -> int:
+    """:data:`DR_NT_STAGE_MAX`, or the device's ``limit`` (:func:`dynamic_shared_limit`) where that is less."""
+    return DR_NT_STAGE_MAX if limit is None else min(DR_NT_STAGE_MAX, limit)
+
+
+def parts_stage(k: int, limit: int | None = None) -> int:
     """How the parts layout's N = 1 kernel stages X: 2 (16-bit, ``2 K`` bytes a block), or 1 (fp32, one instruction
-    less an entry) where :data:`PARTS_STAGE` asks for it and ``4 K`` bytes fit :data:`DR_NT_STAGE_MAX`.
+    less an entry) where :data:`PARTS_STAGE` asks for it and ``4 K`` bytes fit :data:`DR_NT_STAGE_MAX` and ``limit``
+    (the ``_s1`` kernel's dynamic shared memory on the device, :func:`dynamic_shared_limit`; None: no device limit).
 
     Session 30 took fp32 where the grid still fit one wave; in a decode step, where each launch's blocks become
     resident while the launch before runs, the smaller blocks won (session 31, H200, Llama-3-8B at 80 %, batch 1: a
     step 2175 -> 2067 us; OPT-30B with its K = 7168 projections in the parts layout 6938 -> 6596 us)."""
-    return 1 if PARTS_STAGE == 1 and 4 * k <= DR_NT_STAGE_MAX else 2
+    return 1 if PARTS_STAGE == 1 and 4 * k <= _stage_cap(limit) else 2
 
 
-def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay, kernel_norm) -> torch.Tensor:
+def parts_n1_fits(k: int, stage: int, limit: int | None) -> bool:
+    """Whether the parts layout's N = 1 kernel, staging all ``k`` columns of X (``stage``: :func:`parts_stage`), fits
+    ``limit`` bytes of dynamic shared memory (:func:`dynamic_shared_limit`; None: no device limit).  It has no
+    fallback that reads X from global memory: where it does not fit (sm_86 / sm_89 above K = 40432), the weight is
+    expanded and multiplied by cuBLAS, as for a batch too large for the sparse kernels."""
+    return limit is None or k * (4 if stage == 1 else 2) <= limit
+
+
+def _parts_n1_kernel(dtype: torch.dtype, lay, k: int, device: torch.device) -> tuple[str, int] | None:
+    """The parts layout's N = 1 kernel for a weight of layout ``lay`` and ``k`` columns on ``device``, and its
+    dynamic shared memory: ``(name, bytes)``; None where X does not fit the device (:func:`parts_n1_fits`)."""
+    base = f"delta_rows_parts_{_dtype_suffix(dtype)}_p{lay.parts}_s"
+    if lay.coded:  # (coded: X staged 16-bit only)
+        stage = 2
+    else:  # (the device's limit asked only where fp32 is asked for)
+        stage = parts_stage(k, dynamic_shared_limit(device, base + "1") if PARTS_STAGE == 1 else None)
+    name = f"{base}{stage}{'c' if lay.coded else ''}"
+    if not parts_n1_fits(k, stage, dynamic_shared_limit(device, name)):
+        return None
+    return name, k * (4 if stage == 1 else 2)
+
+
+def _delta_rows_parts(x, data, offsets, m, k, bias, out, act, norm, add_to, lay, kernel_norm,
+                      kernel: tuple[str, int]) -> torch.Tensor:
     """N = 1 on a DeltaRows weight of the parts layout: ``delta_rows_parts_<dtype>_p<P>_s<1|2>`` (one launch, no
-    split-K, every epilogue inside)."""
+    split-K, every epilogue inside); ``kernel``: its name and dynamic shared memory (:func:`_parts_n1_kernel`)."""
     dev = x.device
     x = _aligned16(x)
     ln_bias = _aligned16(norm[1]) if norm is not None and len(norm) == 3 else None
     g, eps, rscale = kernel_norm  # (:func:`_norm_kernel_args` of ``norm``)
     scale = _aligned16(g) if g is not None else None
     y, mode = _dr_out(x, m, out, act, norm, add_to)
-    stage = 2 if lay.coded else parts_stage(k)  # (coded: X staged 16-bit only)
-    launch(f"delta_rows_parts_{_dtype_suffix(x.dtype)}_p{lay.parts}_s{stage}{'c' if lay.coded else ''}",
-           (ceil_div(lay.slices, DR_WARPS), 1, 1),
+    name, shared = kernel
+    launch(name, (ceil_div(lay.slices, DR_WARPS), 1, 1),
            32 * DR_WARPS,
            [(data.data_ptr(), P), (offsets.data_ptr(), P), (x.data_ptr(), P), (y.data_ptr(), P),
             (bias.data_ptr() if bias is not None else 0, P), (mode, I),
             (scale.data_ptr() if scale is not None else 0, P),
             (eps, ctypes.c_float), (rscale, ctypes.c_float), (k, I), (lay.slices, I),
             (ln_bias.data_ptr() if ln_bias is not None else 0, P)],
-           torch.cuda.current_stream(dev).cuda_stream, dev.index, k * (4 if stage == 1 else 2),
+           torch.cuda.current_stream(dev).cuda_stream, dev.index, shared,
            pdl=PDL_SPMM and getattr(_static, "on", False))
     return y
 
 
-def parts_nt_window(k: int, nt: int) -> int:
+def parts_nt_window(k: int, nt: int, limit: int | None = None) -> int:
     """The columns of X that ``delta_rows_parts_<dtype>_nt<NT>`` stages for a parts-layout weight of ``k`` columns: all
-    of K (rounded up to 8) while ``NT x 2`` bytes a column fit :data:`DR_NT_STAGE_MAX`, else 0 (X read from global
-    memory: slower, the same sums)."""
+    of K (rounded up to 8) while ``NT x 2`` bytes a column fit :data:`DR_NT_STAGE_MAX` and ``limit`` (the kernel's
+    dynamic shared memory on the device, :func:`dynamic_shared_limit`; None: no device limit), else 0 (X read from
+    global memory: slower, the same sums)."""
     w = ceil_div(k, 8) * 8
-    return w if w * nt * 2 <= DR_NT_STAGE_MAX else 0
+    return w if w * nt * 2 <= _stage_cap(limit) else 0
+
+
+def _parts_nt_limit(dtype: torch.dtype, nt: int, coded: bool, device: torch.device) -> int | None:
+    """:func:`dynamic_shared_limit` of ``delta_rows_parts_<dtype>_nt<NT>[c]`` on ``device``."""
+    return dynamic_shared_limit(device, f"delta_rows_parts_{_dtype_suffix(dtype)}_nt{nt}{'c' if coded else ''}")
 
 
 #: the most bytes of X a split-layout multi-token block stages (``NT x 2`` a column: 3072 columns at NT = 8, the
@@ -1191,7 +1282,8 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None,
     suffix = _dtype_suffix(x.dtype)
     coded = "c" if lay.coded else ""  # (coded values: their kernels; the reduction after them is the plain one)
     pdl = PDL_SPMM and getattr(_static, "on", False)
-    if norm is not None and not (dr_nt_norm_ok(n, k, lay.parts, norm) and x.data_ptr() % 16 == 0
+    limit = _parts_nt_limit(x.dtype, nt, lay.coded, dev) if lay.parts > 1 and not (lay.coded and n > 4) else None
+    if norm is not None and not (dr_nt_norm_ok(n, k, lay.parts, norm, limit) and x.data_ptr() % 16 == 0
                                  and norm[0].data_ptr() % 16 == 0):
         raise ValueError(f"norm inside the multi-token kernel needs 2 tokens on the parts layout with 16-byte rows "
                          f"(n={n}, parts={lay.parts}, k={k})")
@@ -1210,7 +1302,7 @@ def _delta_rows_multi(x, data, offsets, m, k, bias, out, act, add_to, norm=None,
         return y
     if lay.parts > 1:  # one split and one window, all of K, staged in dynamic shared memory where it fits; the
         # kernel applies the epilogue and writes y itself (no partials, no reduction)
-        wmax = parts_nt_window(k, nt)
+        wmax = parts_nt_window(k, nt, limit)  # (within the device's shared memory: else 0, X from global memory)
         launch(f"delta_rows_parts_{suffix}_nt{nt}{coded}", grid, 32 * DR_WARPS,
                walk_args(0, wmax) + [(y.data_ptr(), P), (bias_ptr, P), (mode, I),
                                      (norm[0].data_ptr() if norm is not None else 0, P),

@@ -33,6 +33,13 @@ OPTIONS = ("-std=c++17", "-lineinfo", "--ptxas-options=-v", "-default-device")
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 
+def canonical_arch(arch: str) -> str:
+    """The name the cubin cache keys ``arch`` by: ``"sm_90a"`` is ``"sm_90"`` (sm_90 is built as sm_90a,
+    :func:`_options`: the same cubin, which the runtime looks up as :func:`device_arch`'s ``"sm_90"``); any other
+    name as it is."""
+    return "sm_90" if arch == "sm_90a" else arch
+
+
 class KernelBuildError(RuntimeError):
     """NVRTC failed to compile the kernels; the message holds its log."""
 
@@ -380,10 +387,14 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
     ``spmm.cu``).  Without a cache directory (no home directory, see :func:`cache_dir`) it compiles and says so in
     :attr:`Compiled.cache_error`.
 
+    ``"sm_90a"`` is taken as ``"sm_90"`` (:func:`canonical_arch`).  A cubin compiled with ``notify`` that cannot be
+    stored in the cache is said once on stderr, with what to do (:func:`cache_hint`).
+
     Raises :class:`KernelBuildError` with NVRTC's log when compilation fails.
     """
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    arch = canonical_arch(arch)  # (sm_90a: the sm_90 cubin, in the slot the runtime reads)
     if source is not None and not isinstance(source, (bytes, bytearray, memoryview)):
         raise TypeError(f"compile_kernels(source=...) takes the source's bytes (e.g. text.encode()), got "
                         f"{type(source).__name__}")
@@ -438,14 +449,37 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
         return Compiled(arch, cubin, log, False, why)
     stored = _cached_name(path, cubin)
     why = _store_cached(path, cubin)
+    if why and notify:
+        _warn_unstored(arch, why)
     return Compiled(arch, cubin, log, False, why, None if why else stored)
+
+
+def cache_hint(problem: str) -> str:
+    """What to do about a cubin cache that cannot take a cubin for ``problem`` (:func:`cache_problem`,
+    :attr:`Compiled.cache_error`): make room where it is full, else point ``FLASH_LLM_CACHE`` elsewhere."""
+    return "free some space there or set FLASH_LLM_CACHE to a directory with room" if NO_SPACE in problem \
+        else "set FLASH_LLM_CACHE to a writable directory"
+
+
+#: the store failures :func:`_warn_unstored` has said in this process
+_unstored_said: set[str] = set()
+
+
+def _warn_unstored(arch: str, why: str) -> None:
+    """Say once on stderr that the cubin compiled for ``arch`` at first use could not be stored (``why``): each new
+    process then compiles it again."""
+    if why in _unstored_said:
+        return
+    _unstored_said.add(why)
+    print(f"flash-llm: warning: the cubin for {arch} was compiled but not stored in the cubin cache ({why}), so every "
+          f"new process compiles it again; {cache_hint(why)}", file=sys.stderr, flush=True)
 
 
 def _options(arch: str, extra_options: tuple[str, ...] = ()) -> tuple[str, ...]:
     """NVRTC's options for ``arch``."""
     # sm_90 builds as sm_90a: the warpgroup MMA (wgmma) of the large-N Tiled-CSL kernel needs the arch-specific
     # target; its cubin runs on compute capability 9.0 (H100, H200) only, which is what "sm_90" means here
-    target = "sm_90a" if arch == "sm_90" else arch
+    target = "sm_90a" if canonical_arch(arch) == "sm_90" else arch
     return OPTIONS + tuple(extra_options) + (f"--gpu-architecture={target}",)
 
 
@@ -461,6 +495,7 @@ def _cache_path(arch: str, source: bytes, options: tuple[str, ...]) -> tuple[Pat
 def _cubin_path(arch: str, source: bytes, extra_options: tuple[str, ...] = ()) -> tuple[Path, tuple[str, ...]]:
     """The cache slot of the cubin of ``source`` for ``arch`` (:func:`_cache_path`), and NVRTC's options for it
     (RuntimeError without a cache directory, :func:`cache_dir`)."""
+    arch = canonical_arch(arch)
     options = _options(arch, extra_options)
     return cache_dir() / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin", options
 
@@ -525,7 +560,9 @@ def _drop_cached(slot: Path) -> None:
 
 def is_cached(arch: str) -> bool:
     """Whether the cache holds a whole cubin of ``spmm.cu`` for ``arch``, so :func:`compile_kernels` returns it at
-    once (loads NVRTC: the cache key holds its version); False without a cache directory."""
+    once (loads NVRTC: the cache key holds its version); False without a cache directory.  ``"sm_90a"`` is
+    ``"sm_90"`` (:func:`canonical_arch`)."""
+    arch = canonical_arch(arch)
     path, _ = _cache_path(arch, SOURCE.read_bytes(), _options(arch))
     return path is not None and _read_cached(path, arch) is not None
 
@@ -720,6 +757,23 @@ def _allow_shared(fn, device_index: int, name: str, shared: int) -> None:
             fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
             f"cuFuncSetAttribute({name}, {shared} bytes of shared memory)")
         _dyn_smem[key] = shared
+
+
+_static_smem: dict[tuple[int, str], int] = {}
+
+
+def static_shared(device_index: int, name: str) -> int:
+    """Bytes of static shared memory of kernel ``name`` on the device (``CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES``; the
+    module is loaded, compiled at first use, as for a launch).  A block's static and dynamic shared memory together
+    must fit the device's opt-in limit (``kernels.shared_optin``), else its launch fails."""
+    key = (device_index, name)
+    n = _static_smem.get(key)
+    if n is None:
+        drv = _driver()
+        n = _static_smem[key] = int(_check_cu(drv.cuFuncGetAttribute(
+            drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, _function(device_index, name)),
+            f"cuFuncGetAttribute({name}, static shared memory)"))
+    return n
 
 
 def launch(name: str, grid: tuple[int, int, int], block: int, args: list, stream: int, device_index: int,
