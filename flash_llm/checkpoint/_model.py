@@ -155,15 +155,41 @@ def state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         if key in seen:  # the same memory under a name not tied to the first: stored again, as a copy
             out[name] = t.clone()
             continue
-        storage = (t.device, t.untyped_storage().data_ptr())
-        for other in storages.get(storage, ()):  # (every name so far: a view may overlap the second, not the first)
-            if _shares_bytes(t, out[other]):
-                raise ValueError(f"tensors '{other}' and '{name}' share memory but are different views; "
-                                 "save cannot store them faithfully")
         seen[key] = name
-        storages.setdefault(storage, []).append(name)
+        storages.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(name)
         out[name] = t
+    _refuse_shared_views(out, storages)
     return out, sparse
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[lo, hi)``: the bytes of its storage the non-empty tensor ``t``'s elements lie within."""
+    lo = t.storage_offset() * t.element_size()
+    return lo, lo + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _refuse_shared_views(out: dict[str, torch.Tensor], storages: dict[tuple, list[str]]) -> None:
+    """ValueError naming the first pair (in ``out``'s order) of different views of one storage (``storages``: the
+    names of each) that share a byte (:func:`_shares_bytes`).  The views of a storage are swept in the order of their
+    spans' starts, so only views whose spans overlap are compared: a flat buffer of thousands of disjoint views
+    (DeepSpeed ZeRO, FSDP's ``use_orig_params``) costs a sort, not a comparison of every pair."""
+    order = {n: i for i, n in enumerate(out)}
+    first = None  # (index of the later name, of the earlier one)
+    for names in storages.values():
+        if len(names) < 2:
+            continue
+        active: list[tuple[int, str]] = []  # (end, name) of the spans begun so far and not yet ended
+        for lo, hi, name in sorted((*_byte_span(out[n]), n) for n in names):
+            active = [(end, n) for end, n in active if end > lo]
+            for _, other in active:
+                pair = tuple(sorted((order[name], order[other]), reverse=True))
+                if (first is None or pair < first) and _shares_bytes(out[name], out[other]):
+                    first = pair
+            active.append((hi, name))
+    if first is not None:
+        names = list(out)
+        raise ValueError(f"tensors '{names[first[1]]}' and '{names[first[0]]}' share memory but are different views; "
+                         "save cannot store them faithfully")
 
 
 def _shares_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
