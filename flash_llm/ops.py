@@ -607,7 +607,7 @@ def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> 
     m, k, bias = _checked(x, w, bias)
     lead = x.shape[:-1]
     op = _through(_SpmmFunction, _SpmmReverse, _spmm_op)
-    y = op(x.reshape(lead.numel(), k), w.data, w.offsets, _format_id(w), m, k, bias)
+    y = op(x.reshape(math.prod(lead), k), w.data, w.offsets, _format_id(w), m, k, bias)
     return y.reshape(*lead, m)
 
 
@@ -632,7 +632,7 @@ def spmm_silu_mul(x: torch.Tensor, w: SparseFormat) -> torch.Tensor:
     lead = x.shape[:-1]
     if _decomposed("spmm_silu_mul"):
         return silu_mul_halves(spmm(x, w))
-    y = _spmm_silu_mul_op(x.reshape(lead.numel(), k), w.data, w.offsets, _format_id(w), m, k)
+    y = _spmm_silu_mul_op(x.reshape(math.prod(lead), k), w.data, w.offsets, _format_id(w), m, k)
     return y.reshape(*lead, m // 2)
 
 
@@ -674,7 +674,7 @@ def spmm_rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Spa
     if _decomposed("spmm_rms_norm"):
         y = spmm(rms_norm(x, norm_weight, eps), w)
         return silu_mul_halves(y) if act is not None else y
-    y = _spmm_rms_norm_op(x.reshape(lead.numel(), k), norm_weight.contiguous(), eps, w.data, w.offsets,
+    y = _spmm_rms_norm_op(x.reshape(math.prod(lead), k), norm_weight.contiguous(), eps, w.data, w.offsets,
                           _format_id(w), m, k, act is not None)
     return y.reshape(*lead, y.shape[-1])
 
@@ -710,7 +710,8 @@ def spmm_add_(acc: torch.Tensor, x: torch.Tensor, w: SparseFormat, bias: torch.T
         if needs:
             raise ValueError(f"spmm_add_ is not differentiable, and {', '.join(needs)} require(s) grad: use "
                              "acc + spmm(x, w, bias), or run it under torch.no_grad()")
-    n = x.shape[:-1].numel()  # (not -1: ambiguous for no elements, as under torch.vmap over 0 samples)
+    n = math.prod(x.shape[:-1])  # (not -1: ambiguous for no elements, under torch.vmap over 0 samples; math.prod:
+    # numel() would pin symbolic sizes, failing a non-strict export with a dynamic batch)
     _spmm_add_op(acc.view(n, m), x.reshape(n, k), w.data, w.offsets, _format_id(w), m, k, bias)
     return acc
 
@@ -756,7 +757,7 @@ def spmm_layer_norm(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch
     if _decomposed("spmm_layer_norm"):
         y = spmm(layer_norm(x, norm_weight, norm_bias, eps), w, bias)
         return torch.relu(y) if act == "relu" else y
-    y = _spmm_layer_norm_op(x.reshape(lead.numel(), k), norm_weight.contiguous(),
+    y = _spmm_layer_norm_op(x.reshape(math.prod(lead), k), norm_weight.contiguous(),
                             None if norm_bias is None else norm_bias.contiguous(), eps, w.data, w.offsets,
                             _format_id(w), m, k, bias, act == "relu")
     return y.reshape(*lead, m)

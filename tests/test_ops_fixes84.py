@@ -101,3 +101,14 @@ def test_raw_op_over_zero_samples_still_checks_its_arguments():
     with pytest.raises(ValueError, match="x must be float16 or bfloat16"):
         torch.func.vmap(lambda t: torch.ops.flash_llm.spmm(t, w.data, w.offsets, fmt, 48, 64, None))(
             torch.randn(0, 2, 64))
+
+
+def test_export_with_a_dynamic_batch_keeps_it_symbolic():
+    """Review of session 84: the explicit row count was ``lead.numel()``, which pins symbolic sizes outside Dynamo:
+    a (non-strict) ``torch.export`` with a dynamic batch failed with "Constraints violated"."""
+    w = _weight(48, 64)
+    model = torch.nn.Sequential(SparseLinear(w), torch.nn.ReLU()).eval()
+    ep = torch.export.export(model, (torch.randn(3, 5, 64).half(),),
+                             dynamic_shapes=({0: torch.export.Dim("b", min=2)},), strict=False)
+    x = torch.randn(7, 5, 64).half()
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
