@@ -14,10 +14,11 @@ weights kept as buffers; CPU when it has neither), integer ones (token ids of an
 :func:`flash_llm.data.load_tokens`'s uint8) as int64, and the model is called as ``model(batch)`` under
 ``torch.no_grad()`` and in eval mode (every submodule's own training flag is restored after).  Calibration inputs
 of a pruned layer that contain NaN or Inf are refused (ValueError naming the layer) before any weight is modified,
-as are, for a model with an int ``config.vocab_size`` (a model of token ids), integer batches holding a token id
-outside it (the check of :func:`flash_llm.evaluate.evaluate`) and batches that are not integer at all (floating-point,
-complex or bool: a float batch is never rounded or truncated to ids; ValueError naming the batch).  A model without
-a ``config.vocab_size`` takes whatever it takes (e.g. the float inputs of an MLP).
+as are, for a model with an int ``config.vocab_size``, integer batches holding a token id outside it (the check of
+:func:`flash_llm.evaluate.evaluate`) and, where it reads token ids (an ``nn.Embedding``; a transformers model's
+``main_input_name`` is ``input_ids``), batches that are not integer at all (floating-point, complex or bool: a float
+batch is never rounded or truncated to ids; ValueError naming the batch).  Other models take whatever they take (the
+float inputs of an MLP, a CTC speech model's audio).
 
 Exact counts.  Each count applies to a group of ``count`` weights; with
 ``n = min(round(sparsity * count), count - 1)`` (Python's ``round``; at least one weight of the group is
@@ -202,14 +203,25 @@ def _min_max(tokens: torch.Tensor) -> tuple[int, int]:
     return (int(plain.min()) if plain.numel() else int(wrapped.min()) + 2**64), int(wrapped.max()) + 2**64
 
 
+def _takes_token_ids(model: nn.Module) -> bool:
+    """Whether ``model`` (one with a ``config.vocab_size``) reads token ids: it has an ``nn.Embedding`` and, for a
+    transformers model, its ``main_input_name`` is ``input_ids`` (a CTC speech model has a vocabulary, its
+    alphabet, but takes float audio: ``input_values``)."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return False
+    return any(isinstance(m, nn.Embedding) for m in model.modules())
+
+
 def _token_batch_error(b: torch.Tensor, model: nn.Module, name: str) -> str | None:
     """Why the tensor batch ``b`` (the argument ``name``, e.g. ``"calib[1]"``) cannot be fed to ``model``, a message
-    that starts with ``name``; None when it can.  A model with a vocabulary (:func:`_vocab_size`) takes integer token
-    ids: a floating-point, complex or bool batch is refused (it would reach the embedding as such, or a model that
-    casts its input would truncate 2.5 to the id 2), as is an integer one holding an id outside the vocabulary
-    (:func:`_token_id_error`).  A model without one takes what it takes (the float inputs of an MLP)."""
+    that starts with ``name``; None when it can.  A model with a vocabulary (:func:`_vocab_size`) that reads token
+    ids (:func:`_takes_token_ids`) takes integer ones: a floating-point, complex or bool batch is refused (it would
+    reach the embedding as such, or a model that casts its input would truncate 2.5 to the id 2), as is an integer
+    one holding an id outside the vocabulary (:func:`_token_id_error`).  Another model takes what it takes (the float
+    inputs of an MLP, a CTC speech model's audio)."""
     vocab = _vocab_size(model)
-    if vocab is not None and (b.is_floating_point() or b.is_complex() or b.dtype == torch.bool):
+    if vocab is not None and _takes_token_ids(model) and (b.is_floating_point() or b.is_complex() or
+                                                          b.dtype == torch.bool):
         return (f"{name} has dtype {b.dtype}, but the model (config.vocab_size={vocab}) takes integer token ids: pass "
                 f"them as an integer tensor (e.g. .long(); no value is rounded or cast to an id here)")
     why = _token_id_error(b, model)

@@ -196,3 +196,29 @@ def test_the_cli_says_error_for_a_huge_lr(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc in (1, 2) and "lr must be at most" in err, (rc, err)
     assert not out.exists()
+
+
+# ---- review: a model with a vocabulary that does not read token ids --------------------------------------------
+class _AudioCTC(nn.Module):
+    """A CTC speech model's shape: a ``config.vocab_size`` (its alphabet) and float audio as input."""
+
+    main_input_name = "input_values"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = SimpleNamespace(vocab_size=V)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, V)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_a_speech_model_with_a_vocabulary_still_takes_float_audio(method):
+    model, audio = _AudioCTC(), torch.randn(2, 5, 16)
+    if method == "wanda":
+        wanda_prune_(model, audio, 0.5)
+    else:
+        magnitude_prune_(model, 0.5, calib=audio)
+    assert (model.fc1.weight == 0).float().mean() == 0.5
