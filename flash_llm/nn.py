@@ -230,7 +230,7 @@ class SparseLinear(nn.Module):
         if nnz < 0 and weight.device.type != "meta":  # a weight built without its count (reference.as_format)
             nnz = type(weight)._validate(weight.tensors(), weight.shape, "", "")
         self._nnz: int = nnz
-        self._unfilled = False  # arrays allocated without values (to_empty from meta): forward / to_dense refuse
+        self._unfilled = False  # arrays allocated without values (to_empty()): forward / to_dense refuse
 
     # ---- constructors --------------------------------------------------------------------------
     @classmethod

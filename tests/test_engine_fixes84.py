@@ -134,3 +134,19 @@ def test_a_split_that_fails_too_is_a_note_of_the_kv_cache_error(monkeypatch):
     after = {p: (t, f) for p, m in model.named_modules() for t, f in [(m.training, getattr(m, "fused", None))]}
     assert all(after[p] == (t, f) for p, t, f in before if p in after)
     assert isinstance(model.model.layers[0].self_attn.qkv_proj, MergedLinear)
+
+
+def test_unmerge_only_refuses_a_path_that_is_no_merged_group():
+    """Review of session 84: ``only=`` entries naming no merged group (a typo, a member layer) were ignored and nothing
+    was split, without a word; a bare string was read as a set of characters."""
+    from flash_llm.models import merge_projections, unmerge_projections
+
+    model = from_config(CFG, dtype=torch.float32, seed=_seed() % 2**31)
+    merged = [p for p, how in merge_projections(model).items() if how == "merged"]
+    assert merged
+    for bad in ("model.layers.0.self_attn.q_proj", ["model.layers.0.self_attn.qkv"]):
+        with pytest.raises(ValueError, match=r"names no merged group of the model .*nothing was unmerged"):
+            unmerge_projections(model, only=bad)
+    assert unmerge_projections(model, only=merged[0]) == [merged[0]]  # a bare path: that group alone
+    still = [p for p, m in model.named_modules() if isinstance(m, MergedLinear)]
+    assert merged[0] not in still and set(merged[1:]) <= set(still)

@@ -84,7 +84,7 @@ def _dropped(m: nn.Module) -> list[str]:
 
 
 # (an unfilled SparseLinear's forward refuses; a layer stacked from it, or split from it, would not)
-_UNFILLED = "arrays are uninitialized memory (to_empty() from the meta device): load its weights first"
+_UNFILLED = "arrays are uninitialized memory (to_empty() allocated them without values): load its weights first"
 
 
 def _why_not(layers: list[nn.Module]) -> str | None:
@@ -195,11 +195,21 @@ def merge_projections(model: nn.Module) -> dict[str, str]:
 def unmerge_projections(model: nn.Module, *, only=None) -> list[str]:
     """Undo :func:`merge_projections` in place: every :class:`MergedLinear` is split back into its layers (the same
     weights, biases and formats; compressed weights cut with :meth:`~flash_llm.formats.SparseFormat.slice`).
-    ``only``: a collection of group paths (as :func:`merge_projections` reports them): those groups alone are split,
-    the others stay merged and are not checked.  Returns the paths of the groups split.  A :class:`MergedLinear` (or its stacked layer) with hooks or a
+    ``only``: a group path or a collection of them (as :func:`merge_projections` reports them): those groups alone
+    are split, the others stay merged and are not checked; a path that names no merged group is a ValueError.
+    Returns the paths of the groups split.  A :class:`MergedLinear` (or its stacked layer) with hooks or a
     ``forward`` replaced on the instance, which the split layers would drop, or a stacked
-    :class:`~flash_llm.SparseLinear` whose arrays are unfilled (``to_empty()`` from the meta device: the split layers
-    would compute on them) is a ValueError naming it, raised before any group is split."""
+    :class:`~flash_llm.SparseLinear` whose arrays are unfilled (``to_empty()``, which allocates them without
+    values: the split layers would compute on them) is a ValueError naming it, raised before any group is split."""
+    if only is not None:
+        only = {only} if isinstance(only, str) else set(only)
+        merged_paths = {f"{p}.{t}" if p else t for p, m in model.named_modules()
+                        for t in (getattr(m, "_merge_groups", None) or ()) if isinstance(getattr(m, t, None),
+                                                                                          MergedLinear)}
+        unknown = sorted(only - merged_paths)
+        if unknown:
+            raise ValueError(f"only={unknown[0]!r} names no merged group of the model (the groups merge_projections "
+                             f"stacked: {', '.join(sorted(merged_paths)) or 'none'}); nothing was unmerged")
     groups = []
     for path, module in [(p, m) for p, m in model.named_modules() if getattr(m, "_merge_groups", None)]:
         for target in list(module._merge_groups):
