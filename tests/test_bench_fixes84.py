@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, load_script
+import test_bench_fixes82
 
 BENCH = REPO / "benchmarks"
 #: the scripts with a --sparsity and their own default
@@ -100,41 +101,25 @@ def test_profile_kernel_is_importable_and_refuses_before_cuda(capsys, monkeypatc
     assert "Traceback" not in p.stderr
 
 
+spmm, dry_spmm = test_bench_fixes82.spmm, test_bench_fixes82.dry_spmm  # (its fixtures: a CPU dry run of main())
+
+
 # ---- 2. bench_spmm --ns: positive integers, checked when parsed (a bad one: exit 2 naming --ns, nothing written) ---
-def test_bench_spmm_checks_ns_when_parsing(tmp_path, capsys, monkeypatch):
-    spmm = load_script("benchmarks/bench_spmm.py", "bench_spmm_fixes84")
-
-    class FakeTorch(types.ModuleType):
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-    ft = FakeTorch("torch")  # a CPU dry run of main(): CUDA present, fixed times, 64 x 64 layers
-    ft.cuda = types.SimpleNamespace(is_available=lambda: True)
-    ft.Generator = lambda device=None: torch.Generator()
-    ft.randn = lambda *a, device=None, **k: torch.randn(*a, **k)
-    ft.rand = lambda *a, device=None, **k: torch.rand(*a, **k)
-    monkeypatch.setattr(spmm, "torch", ft)
+def test_bench_spmm_checks_ns_when_parsing(dry_spmm, tmp_path, capsys, monkeypatch):
+    bench = dry_spmm  # (test_bench_fixes82's CPU dry run of main(): CUDA present, fixed times, 64 x 64 layers)
     timed = []
-    for name, fn in (("kernels_missing", lambda device=None: ""), ("environment", lambda device=None: {}),
-                     ("copy_bandwidth", lambda nbytes=0: 3.0e12), ("time_calls", lambda fns, **k: timed.append(1)
-                                                                    or 1e-5),
-                     ("weight_copies", lambda w: [w]), ("copies_needed", lambda nbytes, **k: 1),
-                     ("rotation_shortfall", lambda nbytes, copies, **k: 0)):
-        monkeypatch.setattr(spmm.T, name, fn)
-    monkeypatch.setattr(spmm, "time_dense", lambda copies, xs: {n: 2e-5 for n in xs})
-    monkeypatch.setattr(spmm.kernels, "dispatches_sparse", lambda n, *a, **k: n <= 16)
-    monkeypatch.setattr(spmm, "LAYERS", {model: {"o": (64, 64)} for model in spmm.LAYERS})
+    monkeypatch.setattr(bench.T, "time_calls", lambda fns, **k: timed.append(1) or 1e-5)
     base = ["--models", "Llama-3-8B", "--formats", "bitmap", "--dtypes", "fp16", "--sparsities", "80"]
     for bad in ("1,x", "0", "8,-1", "1.5", ",", ""):
-        err = _refused(capsys, spmm.main, base + ["--ns", bad, "--out", str(tmp_path / "a")])
+        err = _refused(capsys, bench.main, base + ["--ns", bad, "--out", str(tmp_path / "a")])
         assert f"argument --ns: expected comma-separated positive integers (N: the rows of X), got {bad!r}" in err, \
             (bad, err)
     assert not timed and not (tmp_path / "a").exists()  # (was: --out made, then a ValueError; 0: timed 0-row X)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert spmm.main(base + ["--ns", " 1, 32,", "--out", str(tmp_path / "b")]) == 0
+        assert bench.main(base + ["--ns", " 1, 32,", "--out", str(tmp_path / "b")]) == 0
     rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     assert [r["N"] for r in rows] == [1, 32]
-    assert spmm.ns_arg(",".join(map(str, spmm.NS))) == spmm.NS  # (the default)
+    assert bench.ns_arg(",".join(map(str, bench.NS))) == bench.NS  # (the default)
 
 
 # ---- 3. bench_checkpoint: "options" holds what ran (--quick's model, 2MB shards, the CPU; layers resolved) --------
