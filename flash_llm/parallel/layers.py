@@ -122,6 +122,14 @@ class _ParallelLinear(nn.Module):
         super().__init__()
         if not isinstance(local, (nn.Linear, SparseLinear)):
             raise TypeError(f"local must be an nn.Linear or a flash_llm.SparseLinear, got {type(local).__name__}")
+        full = in_features if self.kind == ROW else out_features  # (the sharded dimension's full size)
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("start", start),
+                        ("stop", stop)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if not 0 <= start < stop <= full:
+            raise ValueError(f"a {self.kind} shard [start:stop] must satisfy 0 <= start < stop <= "
+                             f"{'in' if self.kind == ROW else 'out'}_features ({full}), got [{start}:{stop}]")
         self.linear = local
         self.in_features, self.out_features = in_features, out_features
         self.start, self.stop = start, stop
@@ -438,7 +446,7 @@ class ShardReport:
                 fmt = lin.weight_format.__name__ if isinstance(lin, SparseLinear) else "dense"
                 rep.layers.append(ShardedLayer(fqn, m.kind, (m.out_features, m.in_features),
                                                (lin.out_features, lin.in_features), m.start, m.stop, fmt, m.nnz,
-                                               m.nbytes, m.note))
+                                               m.nbytes, m.note if fmt == "dense" else ""))
                 counted |= {id(t) for n, t in [*lin.named_parameters(), *lin.named_buffers()] if n != "bias"}
         stored = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in counted}
         rep.other_bytes = sum(t.numel() * t.element_size() for t in stored.values())
