@@ -304,6 +304,20 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> tuple
     return out.decode_tokens_per_s, 1e3 * out.tpot_s
 
 
+def _evaluated(model: nn.Module, val, seq_len: int, batch_size: int, what: str, on_cpu: bool):
+    """:func:`flash_llm.evaluate.evaluate` of the demo's ``what`` (``"dense"`` / ``"sparse"``) model on ``val``, or
+    None after an out-of-memory error said on stderr in one line naming the options that size it (as pruning's)."""
+    with reference_linears(model, on_cpu):
+        try:
+            return evaluate(model, val, seq_len=seq_len, batch_size=batch_size, desc=f"evaluate {what}")
+        except (RuntimeError, MemoryError) as e:
+            if not cli.is_out_of_memory(e):
+                raise
+            _err(cli.out_of_memory_message(e, f"evaluating the {what} model, --batch-size {batch_size} and --seq-len "
+                                              f"{seq_len}") + "; lower them")
+            return None
+
+
 def _printable(text: str) -> str:
     """``text`` with its lone surrogates (e.g. the ``surrogateescape``-decoded bytes of a command-line argument that is
     not UTF-8) replaced by U+FFFD, as the bytes tokenizer's ``decode`` shows them: writable to any UTF-8 stream."""
@@ -451,8 +465,9 @@ def cmd_demo(args) -> int:
     times = {"load": time.perf_counter() - t_start}
     t0 = time.perf_counter()
     on_cpu = device.type == "cpu"  # both evaluations compute their linears as the sparse layers' CPU reference
-    with reference_linears(dense, on_cpu):
-        r_dense = evaluate(dense, val, seq_len=seq_len, batch_size=args.batch_size, desc="evaluate dense")
+    r_dense = _evaluated(dense, val, seq_len, args.batch_size, "dense", on_cpu)
+    if r_dense is None:
+        return EXIT_FAILURE
     times["evaluate dense"] = time.perf_counter() - t0
     sparse = copy.deepcopy(dense)
     _sync(device)
@@ -484,8 +499,9 @@ def cmd_demo(args) -> int:
         conv = flash_llm.sparsify_(sparse)
         times["compress"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with reference_linears(sparse, on_cpu):
-        r_sparse = evaluate(sparse, val, seq_len=seq_len, batch_size=args.batch_size, desc="evaluate sparse")
+    r_sparse = _evaluated(sparse, val, seq_len, args.batch_size, "sparse", on_cpu)
+    if r_sparse is None:
+        return EXIT_FAILURE
     times["evaluate sparse"] = time.perf_counter() - t0
 
     dense_total, sparse_total = model_bytes(dense), model_bytes(sparse)
@@ -537,7 +553,11 @@ def cmd_demo(args) -> int:
         from . import kernels
 
         ok, why = kernels.supported(device)
-        n = max(1, min(args.speed_tokens, room))
+        n = min(args.speed_tokens, room)
+    if device.type == "cuda" and n < 2:  # (one token has no decode step to time: nan tokens/s)
+        print(f"decode speed: not measured (it times decode steps: at least 2 tokens, got {n}: --speed-tokens "
+              f"{args.speed_tokens} and room for {room} in the engine's cache)")
+    elif device.type == "cuda":
         tps_dense, ms_dense = decode_speed(dense, prompt_ids, n)
         tps_sparse, ms_sparse = decode_speed(sparse, prompt_ids, n)
         print(f"decode speed on {where}, batch 1, {n} tokens (flash_llm.engine: KV cache, CUDA graphs): "
