@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import gc
 import math
+import operator
 import os
 import sys
 import time
@@ -59,11 +60,17 @@ def bitmap_formula_bytes(m: int, k: int, nnz: float) -> float:
         + 4 * (t + 1)
 
 
-@functools.lru_cache(maxsize=256)
 def _expected_strip_padding(p: float) -> float:
     """The expected bytes that pad a BitmapTiles strip's values (2 bytes each) up to 16, where each of its 1024
-    elements is nonzero with probability ``p``: the binomial count's distribution modulo 8, in logs (no overflow)."""
-    n = _STRIP_M * _STRIP_K
+    elements is nonzero with probability ``p`` (:func:`_expected_pad_entries`: up to a multiple of 8 values)."""
+    return 2 * _expected_pad_entries(_STRIP_M * _STRIP_K, p, 8)
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_pad_entries(n: int, p: float, multiple: int) -> float:
+    """The expected entries that pad a count up to a multiple of ``multiple``, where each of ``n`` elements is
+    nonzero with probability ``p``: the binomial count's distribution modulo ``multiple``, in logs (no overflow);
+    0 at density 0 or 1."""
     if not 0.0 < p < 1.0:
         return 0.0
     lp, lq = math.log(p), math.log1p(-p)
@@ -71,31 +78,38 @@ def _expected_strip_padding(p: float) -> float:
             for j in range(n + 1)]
     top = max(logs)
     weights = [math.exp(v - top) for v in logs]
-    return sum(w * ((16 - 2 * (j % 8)) % 16) for j, w in enumerate(weights)) / sum(weights)
+    return sum(w * ((multiple - j % multiple) % multiple) for j, w in enumerate(weights)) / sum(weights)
 
 
 def tiled_csl_formula_bytes(m: int, k: int, nnz: float) -> float:
     """The TiledCSL size of an ``[m, k]`` weight with ``nnz`` nonzeros, from its format description: 4 bytes per
-    nonzero and 4 per tile offset (plus one).  It leaves out only the rounding of each 64 x 64 tile's entries up to
-    a multiple of 4 (on average 6 bytes per tile)."""
+    nonzero and 4 per tile offset (plus one), and each 64 x 64 tile's entries padded to a multiple of 4, as expected
+    for nonzeros placed at random (each of a tile's 4096 elements nonzero with probability ``nnz / elements``: on
+    average ~6 bytes a tile, which at 99 % sparsity, ~41 entries a tile, is 3.6 % of the weight; none at density 0
+    or 1).  What it leaves out is only how far a weight's tiles stray from that average."""
     t = math.ceil(m / 64) * math.ceil(k / 64)
-    return 4 * nnz + 4 * (t + 1)
+    pad = 4 * _expected_pad_entries(64 * 64, nnz / (t * 64 * 64), 4) if t else 0.0
+    return 4 * nnz + t * pad + 4 * (t + 1)
 
 
 def delta_rows_formula_bytes(m: int, k: int, nnz: float, parts: int | None = None, coded: bool = False) -> float:
     """The DeltaRows size of an ``[m, k]`` weight with ``nnz`` nonzeros placed at random, from its format description:
     2.5 bytes per entry (the nonzeros, plus the escapes of gaps over 15 columns: ``q^15 / (1 - q^15)`` per nonzero at
-    zero fraction ``q``), each row's padding to whole groups of 8 entries (3.5 entries on average), the split headers
-    (72 bytes per slice and split, at the encoder's default split count) and the offsets and row order.  It leaves out
-    the padding of a slice's rows to its longest (rows are ranked by length, so neighbours differ little).  With the
-    parts layout (``parts``, else :func:`~flash_llm.formats.delta_rows.default_parts`: ``P`` lanes a row, one split)
-    each of the ``m P`` lanes pads to whole groups, and ``data`` ends with ``P`` words.  ``coded`` (bf16 values coded,
+    zero fraction ``q``, less the same for each row that has a nonzero, since the gap after a row's last nonzero is
+    never stored: 4.5 % of the weight at 99.5 % sparsity), each row's padding to whole groups of 8 entries (3.5
+    entries on average), the split headers (72 bytes per slice and split, at the encoder's default split count) and
+    the offsets and row order.  It leaves out the padding of a slice's rows to its longest (rows are ranked by length,
+    so neighbours differ little) and how far a weight's rows stray from the expected escape counts.  With the parts
+    layout (``parts``, else :func:`~flash_llm.formats.delta_rows.default_parts`: ``P`` lanes a row, one split) each of
+    the ``m P`` lanes pads to whole groups, and ``data`` ends with ``P`` words.  ``coded`` (bf16 values coded,
     :meth:`~flash_llm.formats.DeltaRows.code_values`): 2 bytes per entry, plus each row's table of high bytes (8
     bytes), ``data``'s padding to whole groups (half a group on average) and its ``P + 16`` trailing words."""
     from ..formats.delta_rows import CODED_TRAILER, GROUP, GROUP_WORDS, LANES, default_parts, default_splits
 
     q = min(max(1.0 - nnz / (m * k), 0.0), 1.0 - 1e-12)
-    entries = nnz * (1.0 + q ** 15 / (1.0 - q ** 15))
+    escapes = q ** 15 / (1.0 - q ** 15)  # per gap, of an unbounded stream
+    # the trailing gap of each row with a nonzero (probability 1 - q^k) takes no escapes
+    entries = nnz * (1.0 + escapes) - m * (1.0 - q ** k) * escapes
     p = default_parts(m, k, int(nnz)) if parts is None else parts
     slices = math.ceil(m * p / LANES)
     splits = 1 if p > 1 else default_splits(m, math.ceil(entries / m / GROUP))
@@ -129,6 +143,8 @@ def projection_bytes(model: torch.nn.Module) -> tuple[int, float]:
 
 
 def _check_fmt(fmt) -> str:
+    if not isinstance(fmt, str):
+        raise TypeError(f"fmt must be a str, one of {sorted(FORMAT_NAMES)}, got {type(fmt).__name__}")
     if fmt not in FORMAT_NAMES:
         raise ValueError(f"fmt must be one of {sorted(FORMAT_NAMES)}, got {fmt!r}")
     return fmt
@@ -153,6 +169,34 @@ def _check_sparsity(sparsity) -> float | None:
         return None
     if value is None or not 0 < value < 1:  # (NaN fails too)
         raise ValueError(f"sparsity must be None (dense) or a number in (0, 1), got {sparsity!r}")
+    return value
+
+
+def _check_seed(seed) -> int:
+    """``seed`` as :func:`build_synthetic` takes it: an int (not a bool) in ``[0, 2**32)``; TypeError / ValueError
+    otherwise (torch's CPU generator keeps only the low 32 bits, so wider seeds would collide: 0 and 2**32 would build
+    the same model)."""
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int, got bool")
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}") from None
+    if not 0 <= value < 1 << 32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
+    return value
+
+
+def _check_memory_limit(memory_limit) -> float | None:
+    """``memory_limit`` as :func:`build_synthetic` takes it: None, or a real number >= 0 (not a bool, not NaN);
+    TypeError / ValueError otherwise."""
+    if memory_limit is None:
+        return None
+    value = _real(memory_limit)  # (None for a bool or a non-number)
+    if value is None:
+        raise TypeError(f"memory_limit must be None or a number of bytes, got {type(memory_limit).__name__}")
+    if not value >= 0:  # (NaN fails too)
+        raise ValueError(f"memory_limit must be None or a number of bytes >= 0, got {memory_limit!r}")
     return value
 
 
@@ -263,26 +307,28 @@ class SyntheticReport:
         return "\n".join(lines)
 
 
-def _draw(m: int, k: int, density: float, dtype, device, gen: torch.Generator) -> torch.Tensor:
-    """``[m, k]`` of ``dtype``: normal(0, INIT_STD) values pruned by magnitude, those below the threshold that keeps
+def _draw(m: int, k: int, density: float, dtype, device, gen: torch.Generator,
+          std: float = INIT_STD) -> torch.Tensor:
+    """``[m, k]`` of ``dtype``: normal(0, ``std``) values pruned by magnitude, those below the threshold that keeps
     a share ``density`` of them in expectation zeroed (so each element is kept with probability ``density``,
     independently, as a random mask would, and the kept values are the large ones, as in a pruned model:
     ``DeltaRows.code_values`` depends on that); drawn in row chunks so the float32 temporaries stay small."""
     w = torch.empty(m, k, dtype=dtype, device=device)
     rows = max(1, _CHUNK // k)
-    # P(|v| >= t) = density for v ~ N(0, INIT_STD^2)
-    t = INIT_STD * float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
+    # P(|v| >= t) = density for v ~ N(0, std^2)
+    t = std * float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
     for r in range(0, m, rows):
         n = min(rows, m - r)
-        v = torch.randn(n, k, generator=gen, device=device) * INIT_STD
+        v = torch.randn(n, k, generator=gen, device=device) * std
         if density < 1.0:
             v.masked_fill_(v.abs() < t, 0.0)
         w[r:r + n] = v
     return w
 
 
-def _materialize_(module: nn.Module, device, gen) -> None:
-    """Give ``module``'s own meta parameters/buffers (not its children's) memory on ``device``, then init."""
+def _materialize_(module: nn.Module, device, gen, std: float = INIT_STD) -> None:
+    """Give ``module``'s own meta parameters/buffers (not its children's) memory on ``device``, then init (linear and
+    embedding weights normal(0, ``std``))."""
     for name, p in list(module._parameters.items()):
         if p is not None and p.is_meta:
             module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
@@ -294,7 +340,7 @@ def _materialize_(module: nn.Module, device, gen) -> None:
             continue
         with torch.no_grad():
             if isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
-                p.normal_(0.0, INIT_STD, generator=gen)
+                p.normal_(0.0, std, generator=gen)
                 if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                     p[module.padding_idx].zero_()
             elif name == "bias":
@@ -415,9 +461,12 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
             ``lm_head`` stay dense, as ``sparsify_`` leaves them.
         dtype: ``torch.float16`` or ``torch.bfloat16``.
         device: where to build (``"cuda"``, ``"cuda:1"``, or ``"cpu"`` for small configs).
-        seed: seeds every random draw (same seed, same model).
+        seed: seeds every random draw (same seed, same model): an int in ``[0, 2**32)`` (torch's CPU generator
+            keeps only the low 32 bits).  Weights are normal with std ``config.initializer_range``, as
+            :func:`~flash_llm.models.from_config` draws them (the projections' then pruned by magnitude).
         progress: a tqdm bar over the layers (stderr).
-        memory_limit: bytes the model may take (default: the device's free memory, CUDA only).
+        memory_limit: bytes the model may take, a number >= 0 (default None: the device's free memory, CUDA only;
+            no check on the CPU).
         tp: a :class:`flash_llm.parallel.TensorParallel`: build only this rank's part of the tensor-parallel
             model (its projection slices, as :class:`~flash_llm.parallel.ColumnParallelLinear` /
             :class:`~flash_llm.parallel.RowParallelLinear`; the rest replicated).  Each projection is still drawn
@@ -432,11 +481,14 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
         :class:`~flash_llm.SparseLinear` (or dense ``nn.Linear``), and a :class:`SyntheticReport`.
 
     Raises:
+        TypeError / ValueError: an argument of the wrong type or out of range (nothing is allocated then).
         DoesNotFit: the estimated weights plus the build's transient memory exceed ``memory_limit`` (nothing
             is allocated then).
     """
     cfg = _check_config(config)
     sparsity = _check_sparsity(sparsity)
+    seed = _check_seed(seed)
+    memory_limit = _check_memory_limit(memory_limit)
     if dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
     device = torch.device(device)
@@ -475,7 +527,7 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
     projections = {fqn for fqn, _, _ in _projection_fqns(cfg)}
     for fqn, module in model.named_modules():  # everything but the projections: embeddings, norms, lm_head
         if fqn not in projections and not (fqn == "lm_head" and cfg.tie_word_embeddings):
-            _materialize_(module, device, gen)
+            _materialize_(module, device, gen, cfg.initializer_range)
     model.tie_weights()
     rotary = getattr(model.model, "rotary_emb", None)
     if rotary is not None:
@@ -490,7 +542,7 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
             parent_name, _, name = fqn.rpartition(".")
             parent = model.get_submodule(parent_name)
             old = getattr(parent, name)
-            w = _draw(m, k, 1.0 if sparsity is None else 1.0 - sparsity, dtype, device, gen)
+            w = _draw(m, k, 1.0 if sparsity is None else 1.0 - sparsity, dtype, device, gen, cfg.initializer_range)
             bias = torch.zeros(m, dtype=dtype, device=device) if old.bias is not None else None
             if tp is not None:
                 layer = parallel_linear(kinds[fqn], w, bias, tp, fqn, fmt=None if sparsity is None else fmt_cls)
