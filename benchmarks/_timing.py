@@ -197,3 +197,18 @@ def environment(device=None) -> dict:
         "settings": {k: v for k, v in sorted(os.environ.items())
                      if k.startswith("FLASH_LLM_") and k not in ("FLASH_LLM_COMMIT", "FLASH_LLM_CACHE")},
     }
+
+
+def positive_ints(text: str, *, empty: bool = False) -> list[int]:
+    """An argparse type: comma-separated positive integers (blanks dropped; ``empty``: none at all is fine), else
+    ``argparse.ArgumentTypeError``, so a bad list fails when the arguments are parsed, before any CUDA work."""
+    import argparse
+
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        values = [int(v) for v in items]
+    except ValueError:
+        values = None
+    if values is None or (not values and not empty) or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values

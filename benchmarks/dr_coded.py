@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from flash_llm import DeltaRows, kernels
-from flash_llm.cli import sparsity_arg
+from flash_llm.cli import _positive, sparsity_arg
 from flash_llm.formats.delta_rows import auto_parts
 from flash_llm.reference import FORMAT_IDS
 
@@ -141,8 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sparsities", type=sparsities_arg, default="0.7,0.8",
                     help="comma-separated, each a fraction or a percentage (0.8, 80 and 80%% alike)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--replays", type=int, default=30)
+    ap.add_argument("--layers", type=_positive, default=8)
+    ap.add_argument("--replays", type=_positive, default=30)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--check-only", action="store_true", help="the check, no timing (for compute-sanitizer)")
     return ap.parse_args(argv)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from flash_llm import DeltaRows, kernels
-from flash_llm.cli import sparsity_arg
+from flash_llm.cli import _positive, sparsity_arg
 from flash_llm.formats.delta_rows import auto_parts
 from flash_llm.reference import FORMAT_IDS, layer_norm
 
@@ -204,10 +204,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS))
     ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
                     help="a fraction or a percentage (0.8, 80 and 80%% alike)")
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=_positive, default=8)
     ap.add_argument("--parts", default="", help="P per kind, e.g. qkv=8,down=8 (default: auto_parts)")
     ap.add_argument("--sweep", action="store_true", help="each kind alone at every other P (2, 4, 8, 16)")
-    ap.add_argument("--replays", type=int, default=30)
+    ap.add_argument("--replays", type=_positive, default=30)
     ap.add_argument("--skip-check", action="store_true",
                     help="time without checking the outputs (what-if patches that are wrong by design)")
     return ap.parse_args(argv)

@@ -53,12 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
                     help="a fraction or a percentage (0.8, 80 and 80%% alike)")
-    ap.add_argument("--ns", default="8,16,32")
+    ap.add_argument("--ns", type=T.positive_ints, default="8,16,32")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
     ap.add_argument("--shapes", default="llama,opt")
-    ap.add_argument("--tile-bands", default="256,512,1024",
+    ap.add_argument("--tile-bands", type=lambda v: T.positive_ints(v, empty=True), default="256,512,1024",
                     help="bands of session 69's _tmma kernel to time (tmma<band> columns; '' for none)")
-    ap.add_argument("--tile-splits", default="",
+    ap.add_argument("--tile-splits", type=lambda v: T.positive_ints(v, empty=True), default="",
                     help="split counts to time _tmma at too (tmma<band>s<S>, the weight encoded again with S splits): "
                          "its partials, S x N x M floats, are written and read again, which costs the small layers")
     return ap.parse_args(argv)
@@ -66,10 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    tile_splits = [int(v) for v in a.tile_splits.split(",") if v]
-    bands = [int(v) for v in a.tile_bands.split(",") if v]
+    tile_splits, bands = a.tile_splits, a.tile_bands
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
-    ns = [int(v) for v in a.ns.split(",")]
+    ns = a.ns
     saved = K.DR_MMA_MIN, K.DR_MMA_XRING, K.DELTA_CHUNK_MAX, K.DR_MMA_TILE, K.DR_MMA_TILE_BAND
     print(T.environment())
     rows = []

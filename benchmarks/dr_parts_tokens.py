@@ -31,12 +31,12 @@ from unittest import mock
 import torch
 
 from flash_llm import DeltaRows, kernels, spmm
-from flash_llm.cli import sparsity_arg
+from flash_llm.cli import _positive, sparsity_arg
 from flash_llm.formats.delta_rows import auto_parts
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _timing import kernels_missing, time_calls, weight_copies  # noqa: E402
+from _timing import kernels_missing, positive_ints, time_calls, weight_copies  # noqa: E402
 
 #: projection shapes [M, K] (merged as the engine runs them)
 MODELS = {
@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="llama-3-8b", choices=sorted(MODELS))
     ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
                     help="a fraction or a percentage (0.8, 80 and 80%% alike)")
-    ap.add_argument("--ns", default="1,2,3,4,5,8")
-    ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--ns", type=positive_ints, default="1,2,3,4,5,8")
+    ap.add_argument("--replays", type=_positive, default=20)
     ap.add_argument("--l2-resident", action="store_true",
                     help="also time each layout on one copy of its weight, no rotation (read from L2 where it fits)")
     ap.add_argument("--atomics", action="store_true",
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     why = kernels_missing()  # (as bench_spmm.py: refuse to time the PyTorch reference as the sparse kernel)
     if why:
         sys.exit(f"error: {why}")
-    ns = [int(v) for v in args.ns.split(",")]
+    ns = args.ns
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev, dt = torch.device("cuda"), torch.float16
     rows = []

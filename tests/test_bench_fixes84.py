@@ -155,3 +155,18 @@ def test_bench_checkpoint_quick_records_the_options_that_ran(tmp_path, monkeypat
                                                      "--device", "cpu"])
     assert (opts["model"], opts["shard"], opts["device"], opts["layers"]) == ("opt-13b", "64KiB", "cpu", 1)
     assert res["shard"] == "64KiB" and res["layers"] == 1
+
+
+# ---- 4. the dr_* scripts' lists and counts: checked when parsed (were int()'d after, or took 0 / negatives) ---------
+@pytest.mark.parametrize("name, flag, good, want", [
+    ("dr_mma", "--ns", "8, 16,", [8, 16]), ("dr_mma", "--tile-bands", "", []),
+    ("dr_mma", "--tile-splits", "2,4", [2, 4]),
+    ("dr_parts_tokens", "--ns", "1,2", [1, 2]), ("dr_parts_tokens", "--replays", "5", 5),
+    ("dr_coded", "--layers", "3", 3), ("dr_coded", "--replays", "7", 7),
+    ("dr_layouts", "--layers", "3", 3), ("dr_layouts", "--replays", "7", 7)])
+def test_dr_scripts_check_their_lists_and_counts_when_parsing(name, flag, good, want, capsys, monkeypatch):
+    mod = _load(name, monkeypatch)
+    assert getattr(mod.parse_args([flag, good]), flag[2:].replace("-", "_")) == want
+    for bad in ("0", "-1", "x", "1.5") + (("1,x", "8,0") if "," in good or flag == "--ns" else ()):
+        err = _refused(capsys, mod.parse_args, [flag, bad])
+        assert f"argument {flag}:" in err, (flag, bad, err)
