@@ -121,16 +121,13 @@ def _items(ap, flag: str, value: str, known=None) -> list[str]:
 
 
 def ns_arg(text: str) -> list[int]:
-    """``--ns``: comma-separated positive integers (blanks dropped), checked when the arguments are parsed."""
-    items = [v.strip() for v in text.split(",") if v.strip()]
+    """``--ns``: comma-separated positive integers (blanks dropped, :func:`_timing.positive_ints`), checked when the
+    arguments are parsed."""
     try:
-        ns = [int(v) for v in items]
-    except ValueError:
-        ns = None
-    if not ns or min(ns) < 1:
+        return T.positive_ints(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (N: the rows of X), "
-                                         f"got {text!r}")
-    return ns
+                                         f"got {text!r}") from None
 
 
 def random_sparse(m, k, sparsity, dtype, gen):
