@@ -200,15 +200,14 @@ def environment(device=None) -> dict:
 
 
 def positive_ints(text: str, *, empty: bool = False) -> list[int]:
-    """An argparse type: comma-separated positive integers (blanks dropped; ``empty``: none at all is fine), else
-    ``argparse.ArgumentTypeError``, so a bad list fails when the arguments are parsed, before any CUDA work."""
+    """An argparse type: comma-separated positive integers (blanks dropped, each read as ``flash-llm``'s options read
+    one; ``empty``: none at all is fine), else ``argparse.ArgumentTypeError``, so a bad list fails when the arguments
+    are parsed, before any CUDA work."""
     import argparse
 
+    from flash_llm.cli import _positive
+
     items = [v.strip() for v in text.split(",") if v.strip()]
-    try:
-        values = [int(v) for v in items]
-    except ValueError:
-        values = None
-    if values is None or (not values and not empty) or any(v < 1 for v in values):
+    if not items and not empty:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
+    return [_positive(v) for v in items]

@@ -85,18 +85,20 @@ def _contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[lo, hi)``: the bytes of its storage the non-empty tensor ``t``'s elements lie within."""
+    lo = t.storage_offset() * t.element_size()
+    return lo, lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` share bytes of one storage (the span each covers, not element by element)."""
+    """Whether ``a`` and ``b`` share bytes of one storage (the span each covers, :func:`_byte_span`, not element by
+    element)."""
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
-
-    def span(t):
-        start = t.storage_offset() * t.element_size()
-        return start, start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
     return a0 < b1 and b0 < a1
 
 

@@ -173,16 +173,24 @@ def test_a_stray_layer_in_a_block_the_model_has_is_still_refused_under_an_overri
 
 # ---- 5. the source directory of a model transformers loaded -------------------------------------------------------
 
-def test_a_transformers_loaded_model_keeps_its_source_across_chdir(tmp_path, monkeypatch):
-    model = _sparsify(hf_model("llama", seed=839))
+def _loaded_by_relative_name(tmp_path, monkeypatch, seed):
+    """A sparse model saved in ``tmp_path/src`` (with a tokenizer file), loaded by transformers as ``"src"`` (a
+    relative name: config._name_or_path), then the working directory moved to ``tmp_path/elsewhere``, where ``src``
+    is another (empty) directory: (model, src, its file names, the loaded model)."""
+    model = _sparsify(hf_model("llama", seed=seed))
     src = tmp_path / "src"
     flash_llm.save_pretrained(model, src, progress=False)
     (src / "tokenizer.json").write_text("{}")
     before = sorted(p.name for p in src.iterdir())
     monkeypatch.chdir(tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained("src")  # (a relative name: config._name_or_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained("src")
     (tmp_path / "elsewhere" / "src").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "elsewhere")  # 'src' is now another (empty) directory
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return model, src, before, loaded
+
+
+def test_a_transformers_loaded_model_keeps_its_source_across_chdir(tmp_path, monkeypatch):
+    model, src, before, loaded = _loaded_by_relative_name(tmp_path, monkeypatch, 839)
     with pytest.raises(ValueError, match=rf"source directory {src} and path {src} are the same directory.*"
                                          r"nothing was written"):
         flash_llm.save_pretrained(loaded, src, overwrite=True, progress=False)
@@ -214,15 +222,7 @@ def test_a_load_that_never_names_its_conversions_to_the_quantizer_is_refused(tmp
 
 def test_the_base_model_of_a_transformers_loaded_model_keeps_its_source_across_chdir(tmp_path, monkeypatch):
     # loaded.model, the base model, shares the relative config._name_or_path: it records the absolute source too
-    model = _sparsify(hf_model("llama", seed=8391))
-    src = tmp_path / "src"
-    flash_llm.save_pretrained(model, src, progress=False)
-    (src / "tokenizer.json").write_text("{}")
-    before = sorted(p.name for p in src.iterdir())
-    monkeypatch.chdir(tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained("src")
-    (tmp_path / "elsewhere" / "src").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    model, src, before, loaded = _loaded_by_relative_name(tmp_path, monkeypatch, 8391)
     with pytest.raises(ValueError, match=rf"source directory {src} and path {src} are the same directory.*"
                                          r"nothing was written"):
         flash_llm.save_pretrained(loaded.model, src, overwrite=True, progress=False)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..nn import SparseLinear, plain_state_on_cpu
+from ..ops import _byte_span, _overlaps
 
 EXTRA_STATE = "_extra_state"
 
@@ -162,17 +163,12 @@ def state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return out, sparse
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """``[lo, hi)``: the bytes of its storage the non-empty tensor ``t``'s elements lie within."""
-    lo = t.storage_offset() * t.element_size()
-    return lo, lo + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
-
-
 def _refuse_shared_views(out: dict[str, torch.Tensor], storages: dict[tuple, list[str]]) -> None:
     """ValueError naming the first pair (in ``out``'s order) of different views of one storage (``storages``: the
     names of each) that share a byte (:func:`_shares_bytes`).  The views of a storage are swept in the order of their
-    spans' starts, so only views whose spans overlap are compared: a flat buffer of thousands of disjoint views
-    (DeepSpeed ZeRO, FSDP's ``use_orig_params``) costs a sort, not a comparison of every pair."""
+    spans' starts (:func:`flash_llm.ops._byte_span`), so only views whose spans overlap are compared: a flat buffer
+    of thousands of disjoint views (DeepSpeed ZeRO, FSDP's ``use_orig_params``) costs a sort, not a comparison of
+    every pair."""
     order = {n: i for i, n in enumerate(out)}
     first = None  # (index of the later name, of the earlier one)
     for names in storages.values():
@@ -198,8 +194,6 @@ def _shares_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     views interleaved within one span (``w[:, 0::2]`` and ``w[:, 1::2]``: one storage, no element in common) share
     nothing.  (A mark per unit of ``gcd`` of the two element sizes over the spans' union, set through strided views:
     no index tensors; only for tensors of one storage whose spans overlap.)"""
-    from ..ops import _overlaps
-
     if not _overlaps(a, b):
         return False
     unit = math.gcd(a.element_size(), b.element_size())

@@ -201,32 +201,27 @@ def unmerge_projections(model: nn.Module, *, only=None) -> list[str]:
     ``forward`` replaced on the instance, which the split layers would drop, or a stacked
     :class:`~flash_llm.SparseLinear` whose arrays are unfilled (``to_empty()``, which allocates them without
     values: the split layers would compute on them) is a ValueError naming it, raised before any group is split."""
+    # (where, parent, attribute, MergedLinear) of every merged group, before any is split
+    merged_groups = [(f"{path}.{target}" if path else target, module, target, getattr(module, target))
+                     for path, module in model.named_modules()
+                     for target in getattr(module, "_merge_groups", None) or ()
+                     if isinstance(getattr(module, target, None), MergedLinear)]
     if only is not None:
         only = {only} if isinstance(only, str) else set(only)
-        merged_paths = {f"{p}.{t}" if p else t for p, m in model.named_modules()
-                        for t in (getattr(m, "_merge_groups", None) or ()) if isinstance(getattr(m, t, None),
-                                                                                          MergedLinear)}
-        unknown = sorted(only - merged_paths)
+        unknown = sorted(only - {where for where, *_ in merged_groups})
         if unknown:
             raise ValueError(f"only={unknown[0]!r} names no merged group of the model (the groups merge_projections "
-                             f"stacked: {', '.join(sorted(merged_paths)) or 'none'}); nothing was unmerged")
-    groups = []
-    for path, module in [(p, m) for p, m in model.named_modules() if getattr(m, "_merge_groups", None)]:
-        for target in list(module._merge_groups):
-            merged = getattr(module, target, None)
-            if not isinstance(merged, MergedLinear):
-                continue
-            where = f"{path}.{target}" if path else target
-            if only is not None and where not in only:
-                continue
-            for name, m in ((where, merged), (f"{where}.layer", merged.layer)):
-                hooks = _dropped(m)
-                if hooks:
-                    raise ValueError(f"{name} has {' and '.join(hooks)} that unmerging would drop; remove them "
-                                     "first (nothing was unmerged)")
-            if getattr(merged.layer, "_unfilled", False):
-                raise ValueError(f"{where}.layer's {_UNFILLED} (nothing was unmerged)")
-            groups.append((where, module, target, merged))
+                             f"stacked: {', '.join(sorted(w for w, *_ in merged_groups)) or 'none'}); nothing was "
+                             "unmerged")
+    groups = [g for g in merged_groups if only is None or g[0] in only]
+    for where, _, _, merged in groups:
+        for name, m in ((where, merged), (f"{where}.layer", merged.layer)):
+            hooks = _dropped(m)
+            if hooks:
+                raise ValueError(f"{name} has {' and '.join(hooks)} that unmerging would drop; remove them "
+                                 "first (nothing was unmerged)")
+        if getattr(merged.layer, "_unfilled", False):
+            raise ValueError(f"{where}.layer's {_UNFILLED} (nothing was unmerged)")
     done = []
     for where, module, target, merged in groups:
         for n, part in zip(merged.names, _split(merged.layer, merged.sizes)):
