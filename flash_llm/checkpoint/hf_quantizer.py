@@ -420,8 +420,8 @@ def _base_hook(base, name: str, config):
 
 def _takes_model(hook) -> bool:
     """Whether transformers' ``update_weight_conversions`` hook ``hook`` (bound; None: this transformers has none) takes
-    the model beside the conversions: transformers 5.x passed only the conversions at first (and called it where the
-    model is not known to be the load's), later ``(weight_conversions, model)`` after ``preprocess_model``."""
+    the model beside the conversions: transformers 5.17 passes only the conversions, 5.25 ``(weight_conversions, model)``,
+    both after ``preprocess_model`` (the model is then the one that ``preprocess_model`` was given)."""
     if hook is None:
         return False
     try:
@@ -577,11 +577,12 @@ def _define():
                 raise FormatError(f"{self._source}: '{unlisted[0]}' is stored compressed (its weight_data is in the "
                                   "shards) but config.json's quantization_config.sparse_modules does not list it"
                                   f"{f' ({len(unlisted)} such layers)' if len(unlisted) > 1 else ''}")
-            if _takes_model(getattr(super(), "update_weight_conversions", None)):
-                # transformers calls it next, with every conversion of this load (from_pretrained's key_mapping too),
-                # before it reads any tensor: the shells go in there
+            if getattr(super(), "update_weight_conversions", None) is not None:
+                # transformers calls it next (get_model_conversion_mapping, after preprocess_model; with the model
+                # in 5.25, the conversions only in 5.17), with every conversion of this load (from_pretrained's
+                # key_mapping too), before it reads any tensor: the shells go in there
                 self._pending = model
-            else:  # (no such hook, or one without the model: transformers 5.x before the model was passed to it)
+            else:  # (no such hook: a transformers 5.x before it)
                 self._install_shells(model, load_renamer(model, self))
             return model
 
@@ -589,6 +590,8 @@ def _define():
             base = getattr(super(), "update_weight_conversions", None)
             if base is not None:
                 weight_conversions = base(weight_conversions, model) if _takes_model(base) else base(weight_conversions)
+            if model is None and not _takes_model(base):  # (a hook without the model: the load under way's)
+                model = self._pending
             if model is not None and self._pending is model:  # the load's own call (after preprocess_model)
                 self._pending = None
                 self._conversions = [copy.copy(t) for t in weight_conversions]  # (before the loader uses them)
