@@ -1170,6 +1170,10 @@ class Engine:
                              f"{self.tp.backend}")
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and (self.tp is None or self.tp.backend == "nccl")
+        self.max_batch, self.max_seq = max_batch, max_seq
+        slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
+        need = self._cache_bytes(kv_heads, slots)
+        self._check_cache_room(need)  # (a cache that cannot fit now is refused before the model is changed)
         # (each module's training flag, by path, and fused switch as they were: an engine whose cache cannot be
         # allocated puts them back, an earlier engine's fusing included; _undo_engine_changes)
         was_training = {p: m.training for p, m in model.named_modules()}
@@ -1181,7 +1185,7 @@ class Engine:
             set_fused(model, True)
         #: what merge=True did, per group (flash_llm.models.merge_projections); empty without merge
         self.merged: dict[str, str] = merge_projections(model) if merge else {}
-        self.max_batch, self.max_seq, self.cuda_graphs = max_batch, max_seq, bool(cuda_graphs)
+        self.cuda_graphs = bool(cuda_graphs)
         #: what delta_layout="auto" re-encoded: {layer path: lanes a row, TILED_CSL, BITMAP or DENSE} (empty when
         #: nothing was)
         self.relayout: dict[str, int | str] = {}
@@ -1192,7 +1196,6 @@ class Engine:
         self.adopted: dict[str, str] = {}
         #: what formats="dense" expanded (expand_sparse_): the layer paths
         self.expanded: list[str] = []
-        slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
         self._two: _TwoLayouts | None = None
         if formats == "dense":
@@ -1250,19 +1253,13 @@ class Engine:
         dev = self.device
         # the engine's state as normal tensors, whatever the caller's mode: under torch.inference_mode() they would be
         # inference tensors, and a generation outside it could not update them in place
-        need = self._cache_bytes(kv_heads, slots)  # (before the try: its message names it)
         with torch.inference_mode(False):
-            try:
-                # checked first: on a host that overcommits, an allocation past its memory succeeds and the process is
-                # killed when the cache is filled (an H100 machine's 125 GiB host, session 74)
-                free = _cache_room(dev)
-                if 0 < free < need:
-                    raise MemoryError(f"{free / 2**30:.2f} GiB free")
+            try:  # (again: the engine's re-encodings and copies above took memory)
+                self._check_cache_room(need, raw=True)
                 self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
             except (RuntimeError, MemoryError) as e:  # (out of memory: no engine, so the model's merge / fuse undone)
                 left = _undo_engine_changes(model, self.merged, was_fused, was_training)
-                raise ValueError(f"the KV cache of max_batch={max_batch} x max_seq={max_seq} ({need / 2**30:.2f} GiB) "
-                                 f"could not be allocated on {dev}: lower max_batch or max_seq ({e}){left}") from e
+                raise self._cache_error(need, e, left) from e
             self._slots = slots
             # decode-step state, read and advanced inside the captured graph
             self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step
@@ -1300,6 +1297,24 @@ class Engine:
         """Bytes this engine will take beside the weights: its cache (``kv_heads`` x ``slots`` a layer and sequence)
         and its prefill's activations (:func:`_prefill_bytes`)."""
         return self._cache_bytes(kv_heads, slots) + _prefill_bytes(self.config, self.max_batch, self.max_seq)
+
+    def _cache_error(self, need: int, e: BaseException, note: str = "") -> ValueError:
+        return ValueError(f"the KV cache of max_batch={self.max_batch} x max_seq={self.max_seq} ({need / 2**30:.2f} "
+                          f"GiB) could not be allocated on {self.device}: lower max_batch or max_seq ({e}){note}")
+
+    def _check_cache_room(self, need: int, raw: bool = False) -> None:
+        """Refuse a KV cache of ``need`` bytes that the device's free memory cannot hold (a ValueError naming
+        ``max_batch`` / ``max_seq``; ``raw``: the MemoryError or the query's own error, for the caller to wrap).
+        Checked before it is allocated: on a host that overcommits, an allocation past its memory succeeds and the
+        process is killed when the cache is filled (an H100 machine's 125 GiB host, session 74)."""
+        try:
+            free = _cache_room(self.device)
+            if 0 < free < need:
+                raise MemoryError(f"{free / 2**30:.2f} GiB free")
+        except (RuntimeError, MemoryError) as e:
+            if raw:
+                raise
+            raise self._cache_error(need, e) from e
 
     def _cache_bytes(self, kv_heads: int, slots: int) -> int:
         """Bytes of the KV cache this engine allocates (``kv_heads`` x ``slots`` a layer and sequence)."""
