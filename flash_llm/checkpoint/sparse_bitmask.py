@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ..formats import FormatError
+from ..formats._base import _magnitude_bits
 
 FORMAT = "sparse-bitmask"
 QUANT_METHOD = "compressed-tensors"
@@ -62,7 +63,7 @@ def compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     if rows < 1 or cols < 1:
         raise ValueError(f"weight has shape ({rows}, {cols}); the sparse-bitmask layout needs rows, cols >= 1 (store "
                          "a weight without elements dense)")
-    mask = weight != 0
+    mask = _magnitude_bits(weight) != 0  # (by bits: a subnormal is kept under torch.set_flush_denormal(True))
     nbytes = (cols + 7) // 8
     padded = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=weight.device)
     padded[:, :cols] = mask

@@ -134,9 +134,12 @@ def parse_metadata(metadata: dict | None, prefix: str, where: str = "") -> dict:
     key = prefix + METADATA_KEY
     if metadata is None or key not in metadata:
         raise FormatError(f"{where}no flash-llm metadata '{key}' (not a flash-llm weight)")
+    if not isinstance(metadata[key], (str, bytes)):
+        raise FormatError(f"{where}metadata '{key}' must be a JSON string (as state() returns it), got "
+                          f"{type(metadata[key]).__name__}")
     try:
         meta = json.loads(metadata[key])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{where}metadata '{key}' is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
         raise FormatError(f"{where}metadata '{key}' must be a JSON object, got {type(meta).__name__}")
@@ -485,6 +488,8 @@ class SparseFormat:
             t = tensors.get(prefix + n)
             if t is None:
                 raise FormatError(f"{where}tensor '{prefix + n}' is missing")
+            if not isinstance(t, torch.Tensor):
+                raise FormatError(f"{where}tensor '{prefix + n}' is a {type(t).__name__}, not a torch.Tensor")
             check_strided(t, f"{where}tensor '{prefix + n}'", FormatError)
             if t.dtype != torch.int32 or t.ndim != 1:
                 raise FormatError(f"{where}tensor '{prefix + n}' has dtype {t.dtype} and shape {tuple(t.shape)}; "

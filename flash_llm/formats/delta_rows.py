@@ -599,6 +599,11 @@ def target_warps(device: torch.device | str | None = None) -> int:
     return TARGET_BLOCKS
 
 
+#: the most K-splits a DeltaRows weight may have: every kernel launches the splits as its grid's y dimension (CUDA's
+#: limit; the encoder's own choice stays near the groups a slice, at most some 8192)
+MAX_SPLITS = 65535
+
+
 def default_splits(m: int, max_groups: int, device: torch.device | str | None = None) -> int:
     """The split count the encoder starts from: about :func:`target_warps` warps for ``device`` (where the weight is
     encoded), at least 2 groups a split where the slices allow it."""
@@ -635,8 +640,9 @@ class DeltaRows(SparseFormat):
         m, k = w.shape
         if k >= MAX_K:
             raise ValueError(f"w has K = {k} columns; DeltaRows stores 16-bit columns (K < {MAX_K})")
-        if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
-            raise ValueError(f"splits must be a positive int, got {splits!r}")
+        if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1
+                                   or splits > MAX_SPLITS):
+            raise ValueError(f"splits must be an int in [1, {MAX_SPLITS}] (the kernels' grid y), got {splits!r}")
         if parts is not None and (not isinstance(parts, int) or isinstance(parts, bool) or parts not in PARTS):
             raise ValueError(f"parts must be one of {PARTS}, got {parts!r}")
         if parts is not None and parts > 1 and (k % 8 or (splits or 1) != 1):
@@ -866,6 +872,8 @@ class DeltaRows(SparseFormat):
         if lay.parts not in PARTS or lay.splits < 1:
             return (f"offsets of {n_offsets} and data of {n_data} words are no layout of {m} rows (lanes a row, "
                     f"slices and splits)")
+        if lay.splits > MAX_SPLITS:
+            return f"offsets of {n_offsets} words hold {lay.splits} splits; the kernels take at most {MAX_SPLITS}"
         if lay.parts > 1 and k % 8:
             return f"the parts layout ({lay.parts} lanes a row) needs K % 8 == 0, got K = {k}"
         if version is not None and lay.coded:
@@ -907,6 +915,9 @@ class DeltaRows(SparseFormat):
             raise FormatError(f"{where}tensor '{prefix}offsets' has {offsets.numel()} entries, which is not "
                               f"{slices + 1} + 18 x {slices} x S + {mp} for any split count S >= 1 (a {m}x{k} "
                               f"matrix has {slices} slices of {LANES // p} rows{'' if p == 1 else ', one split'})")
+        if s > MAX_SPLITS:
+            raise FormatError(f"{where}tensor '{prefix}offsets' has {offsets.numel()} entries: {s} splits, more than "
+                              f"the {MAX_SPLITS} the kernels take")
         goff, win, starts, perm = _split_offsets(offsets, slices, mp, s)
         if int(goff[0]) != 0 or bool((goff[1:] < goff[:-1]).any()):
             raise FormatError(f"{where}tensor '{prefix}offsets': the slices' group offsets do not start at 0 and "
