@@ -580,20 +580,44 @@ def cmd_demo(args) -> int:
 # prune
 # ------------------------------------------------------------------------------------------------
 class _NextToken(nn.Module):
-    """``model`` fed ``batch[:, :-1]`` of a ``[B, T + 1]`` batch, returning its logits ``[B, T, V]``."""
+    """``model`` fed ``batch[:, :-1]`` of a ``[B, T + 1]`` batch, returning its logits ``[B, T, V]``.  It shows the
+    model's ``config`` and ``main_input_name``, so that :func:`flash_llm.prune.gradual_prune_` checks the batches'
+    token ids against the model's vocabulary (``config.vocab_size``) as it does for the model itself."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.model, "main_input_name", "input_ids")
+
     def forward(self, batch):
         return logits_of(self.model(batch[:, :-1]))
 
 
+def _unwrapped_name(fqn: str) -> str:
+    """The model's own name of the layer ``fqn`` of a :class:`_NextToken` (which names the model ``model``)."""
+    return fqn.removeprefix("model.") if fqn != "model" else ""
+
+
 def _gradual(model: nn.Module, tokens: torch.Tensor, sparsity: float, *, steps: int, batch_size: int, seq_len: int,
              lr: float, seed: int):
+    """:func:`flash_llm.prune.gradual_prune_` of ``model`` (every linear layer but ``lm_head``) fine-tuned on next-token
+    prediction over ``steps`` batches drawn from ``tokens``; the report names the layers as ``model`` does.  Token ids
+    outside the model's vocabulary (``config.vocab_size``) anywhere in ``tokens`` are refused up front with the
+    ValueError of the one-shot methods (``calib: token id ... is out of range for the model's vocabulary of V``)."""
+    from dataclasses import replace
+
     from . import prune as P
 
+    why = P._token_batch_error(tokens, model, "calib")
+    if why is not None:
+        raise ValueError(why)
     gen = data.random_batches(tokens, batch_size, seq_len, generator=torch.Generator().manual_seed(seed))
     batches = [torch.cat([x, y[:, -1:]], dim=1) for x, y in (next(gen) for _ in range(min(steps, 256)))]
 
@@ -601,8 +625,10 @@ def _gradual(model: nn.Module, tokens: torch.Tensor, sparsity: float, *, steps: 
         return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                            batch[:, 1:].reshape(-1).to(logits.device))
 
-    return P.gradual_prune_(_NextToken(model), batches, sparsity, steps=steps, loss_fn=loss_fn, lr=lr,
-                            filter_fn=not_lm_head)
+    report = P.gradual_prune_(_NextToken(model), batches, sparsity, steps=steps, loss_fn=loss_fn, lr=lr,
+                              filter_fn=not_lm_head)
+    report.layers = [replace(p, fqn=_unwrapped_name(p.fqn)) for p in report.layers]
+    return report
 
 
 def _unreplaceable_out(out: Path) -> str | None:

@@ -698,6 +698,18 @@ def _wanda_scores(model, batches, layers) -> list[torch.Tensor]:
 
 # ---- SparseGPT --------------------------------------------------------------------------------------
 
+def _checked_cholesky(A: torch.Tensor, upper: bool, what: str, percdamp: float) -> torch.Tensor:
+    """The (``upper`` or lower) Cholesky factor of the float64 matrix ``A``; ValueError starting with ``what`` (the
+    layer's name and the matrix) and advising a larger ``percdamp`` when ``A`` is not positive definite in float64 or
+    its factor is not finite (never a bare ``torch.linalg.LinAlgError``)."""
+    L, info = torch.linalg.cholesky_ex(A, upper=upper)
+    if int(info) != 0 or not _all_finite(L):
+        at = f"Cholesky failed at column {int(info)}" if int(info) != 0 else "its Cholesky factor is not finite"
+        raise ValueError(f"{what} is not positive definite ({at}); raise percdamp (now {percdamp}) or use more "
+                         "calibration data")
+    return L
+
+
 def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int, percdamp: float,
                      name: str) -> tuple[torch.Tensor, float]:
     """Prune one weight ``[M, K]`` given its input Gram matrix ``H`` ``[K, K]`` (float64, any positive
@@ -711,11 +723,11 @@ def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blo
     dead = diag0 == 0  # inputs that are zero on every calibration token
     H.diagonal()[dead] = 1.0
     H.diagonal().add_(percdamp * float(H.diagonal().mean()))
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) != 0:
-        raise ValueError(f"{name}: the dampened Hessian is not positive definite (Cholesky failed at column "
-                         f"{int(info)}); raise percdamp (now {percdamp}) or use more calibration data")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(W0.dtype)  # upper Cholesky of H^-1
+    L = _checked_cholesky(H, False, f"{name}: the dampened Hessian", percdamp)
+    # upper Cholesky of H^-1: checked too (a percdamp small enough can pass the first factorization and still leave
+    # an inverse that rounding makes indefinite)
+    Hinv = _checked_cholesky(torch.cholesky_inverse(L), True, f"{name}: the inverse of the dampened Hessian",
+                             percdamp).to(W0.dtype)
     del L
     H.diagonal().copy_(diag0)  # H is the plain Gram matrix again, for the error below
 
@@ -1081,15 +1093,19 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
 
     ``steps`` optimizer steps ``t = 0 .. steps-1`` on ``batches`` (cycled).  At ``t = begin, begin +
     frequency, ...`` below ``end``, and at ``t = end``, each selected layer's mask is recomputed by
-    magnitude: exactly ``min(round(s_t * M * K), M * K - 1)`` zeros (a layer always keeps one weight) with
-    the cubic schedule
+    magnitude: exactly ``max(min(round(s_t * M * K), M * K - 1), Z)`` zeros (a layer always keeps one weight,
+    unless all were zero to begin with) with the cubic schedule
     ``s_t = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin))^3`` (``s_i = initial_sparsity``,
-    ``s_f = final_sparsity``).  Weights already zero score lowest, so pruned weights stay pruned.  Between
+    ``s_f = final_sparsity``).  ``Z`` counts the layer's weights that are zero when the call starts (an already
+    pruned model's zeros): those stay zero throughout, from step 0 on (no mask keeps them; the schedule's
+    sparsity is a floor on top of them, as the one-shot pruners keep a layer's existing zeros), so continuing to
+    prune a pruned model never revives its mask.  (A layer initialized to all zeros thus stays zero: leave it out
+    with ``filter_fn``.)  The other zeros of each update go to the smallest ``|w|`` of the other weights.  Between
     updates the masks are fixed: gradients of pruned weights are zeroed before every optimizer step and
     the zeros are written again after it (momentum or weight decay cannot revive them), so pruned weights
     stay exactly zero.  With ``end == steps`` the last update (to ``s_f``) comes after the last step.
-    Every layer thus ends with exactly ``min(round(final_sparsity * M * K), M * K - 1)`` zeros (more only
-    if training drove a kept weight to exactly zero).
+    Every layer thus ends with exactly ``max(min(round(final_sparsity * M * K), M * K - 1), Z)`` zeros (more
+    only if training drove a kept weight to exactly zero).
 
     Each step: ``out = model(batch)`` in train mode, ``loss = loss_fn(out, batch)`` and, with a teacher,
     ``loss += distill_weight * KL(softmax(teacher(batch)) || softmax(out))`` (temperature 1; both outputs
@@ -1207,7 +1223,10 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
 
     device = _model_device(model)  # (a model whose weights are buffers, trained by a given optimizer, has none)
     weights = [m.weight for _, m in layers]
-    keep = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    # the weights zero at the start (an already pruned model's) stay zero: no mask keeps them, from step 0 on
+    zero0 = [w.detach() == 0 for w in weights]
+    zeros0 = [int(z.sum()) for z in zero0]
+    keep = [~z for z in zero0]
     report = GradualPruneReport("gradual", final_sparsity)
     update_at = set(range(begin, end, frequency)) | {end}
 
@@ -1215,7 +1234,10 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         s = _cubic_sparsity(t, initial_sparsity, final_sparsity, begin, end)
         with torch.no_grad():
             for i, w in enumerate(weights):
-                keep[i] = ~_lowest_k([w], _count(s, w.numel()))[0]
+                # max(count, initial zeros) zeros: the initial zeros, plus the `extra` smallest of the other weights
+                # (the initial zeros score +inf there, never picked: extra is below the number of the others)
+                extra = max(0, _count(s, w.numel()) - zeros0[i])
+                keep[i] = ~(_lowest_k([w.detach().masked_fill(zero0[i], math.inf)], extra)[0] | zero0[i])
                 w.masked_fill_(~keep[i], 0)
         report.schedule.append((t, s))
 
