@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -20,8 +21,8 @@ from ..formats._base import VALUE_DTYPES
 from ..models import CausalLM, as_config, from_config
 from ..nn import SparsifyConfig
 from .group import TensorParallel
-from .layers import COLUMN, ShardReport, check_divisible, check_sparsify, column_from_slice, projections, \
-    row_from_slice, set_local_heads, shard_range
+from .layers import COLUMN, ShardReport, check_divisible, check_sparsify, column_from_slice, layer_prefix, \
+    projections, row_from_slice, set_local_heads, shard_range
 
 _READ_CHUNK = 1 << 28  # bytes read at once for a row-parallel (column-sliced) weight
 
@@ -120,7 +121,7 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             compressed-tensors sparse-bitmask one is streamed one tensor at a time instead: each projection is
             expanded on this rank's device, sliced and compressed again (flash-llm layers in their stored
             format when ``sparsify`` is ``None``; sparse-bitmask ones as ``SparsifyConfig()`` decides).  A
-            tied ``lm_head.weight`` the file stores is not read (a warning, as for any unused tensor), unless
+            tied ``lm_head.weight`` the file stores is not read (a warning, as for a stray tensor), unless
             it is the only copy of the shared matrix (no embedding in the file): the embedding is read from it.
         tp: the group (default: :meth:`TensorParallel.from_group` on the default process group).
         dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``:
@@ -144,7 +145,10 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             FileNotFoundError: no folder, or no safetensors files in it;
             FormatError (naming the file and tensor): the files are chosen and checked as
             :func:`flash_llm.from_pretrained` does (a bad index, or a shard that disagrees with it, is refused); a
-            tensor of the model is missing (:class:`MissingTensorError`, a ``KeyError`` too); a compressed
+            tensor of the model is missing (:class:`MissingTensorError`, a ``KeyError`` too); a tensor that has no
+            place in the model built from ``config.json`` (a dense checkpoint's too, before anything is read, where
+            it lies among the model's own: a bias, or a decoder layer, that ``config.json`` says the model lacks;
+            other unused tensors, OPT's ``decoder.version``, give a warning); a compressed
             checkpoint that is invalid, or a flash-llm one stored in another dtype than ``dtype`` loaded with
             ``sparsify=None``; LossyCastError (a ValueError naming the file and tensor): a value that the cast to
             ``dtype`` turns into inf (a float32 weight above float16's 65504), as from_pretrained refuses it.
@@ -197,6 +201,7 @@ def _load(path, tp: TensorParallel, dtype, sparsify, progress):
     if kind.kind != "dense":  # config.json names flash-llm's method or compressed-tensors' sparse-bitmask
         unused = _load_compressed(model, cfg, files, kind, tp, dtype, sparsify, bar)
         return *_finish(model, tp, device, folder), (folder, cfg, unused)
+    _refuse_misplaced(ckpt, model, cfg, config_path)  # (the model as built from config.json, before any read)
 
     def need(name: str) -> str:
         k = ckpt.key(name)
@@ -245,6 +250,36 @@ def _load(path, tp: TensorParallel, dtype, sparsify, progress):
         model.load_state_dict(state, strict=False, assign=True)
     unused = [k for k in ckpt.where if k not in ckpt.used and not k.endswith(_IGNORED_SUFFIXES)]
     return *_finish(model, tp, device, folder), (folder, cfg, unused)
+
+
+def _refuse_misplaced(ckpt: _Checkpoint, model, cfg, config_path: str) -> None:
+    """FormatError (naming the file and the tensor, in the words of the compressed route and of
+    :func:`flash_llm.from_pretrained`) for a tensor of the dense checkpoint that has no place in ``model`` (as built
+    from ``config.json``, not yet sharded) but lies where the model's own tensors do: beside the tensors of one of
+    its modules (a projection's bias where ``config.json`` says it has none) or in a decoder layer (one of those
+    the config counts, or one beyond them).  The file and its ``config.json`` disagree, and loading what the config
+    asks for would compute another model than the weights.  Tensors elsewhere (OPT's ``decoder.version``) are only
+    warned about after the load (:func:`_warn_unused`), as before."""
+    from ..checkpoint import _model
+
+    state = model.state_dict()
+    known = set(state) | set(_model.non_persistent_buffers(model))  # (a tied model's lm_head.weight too)
+    owners = {name.rpartition(".")[0] for name in state}  # the modules that hold tensors of their own
+    block = re.compile(re.escape(layer_prefix(cfg)) + r"\.(\d+)\.")
+    misplaced = []  # (key, its model names), in file order
+    for key in sorted(ckpt.where, key=ckpt.order.__getitem__):
+        names = (key,) if key.startswith("model.") else (key, "model." + key)  # (older OPT files drop "model.")
+        if key.endswith(_IGNORED_SUFFIXES) or any(n in known for n in names):
+            continue
+        if any(block.match(n) or n.rpartition(".")[0] in owners for n in names):
+            misplaced.append((key, names))
+    if misplaced:
+        key, names = misplaced[0]
+        layer = next((int(m.group(1)) for n in names if (m := block.match(n))), -1)
+        why = f"config.json says {cfg.num_layers} decoder layer(s); " if layer >= cfg.num_layers else ""
+        more = f"; the checkpoint holds {len(misplaced) - 1} more such tensor(s)" if len(misplaced) > 1 else ""
+        raise FormatError(f"{ckpt.where[key]}: tensor '{key}' has no place in the {cfg.family} model built from "
+                          f"{config_path} ({why}wrong config.json, or another model's checkpoint{more})")
 
 
 def _warn_unused(folder, cfg, unused: list[str]) -> None:

@@ -82,6 +82,19 @@ def _backend_for(group, device: torch.device) -> str:
     return name
 
 
+def _check_member(group) -> None:
+    """ValueError unless this process is a member of ``group`` (``None``: the default group, always): torch's own
+    error on a rank outside it ("Invalid process group specified") names neither the rank nor the group."""
+    if group is not None and dist.get_rank(group) < 0:
+        try:
+            ranks = f" (its global ranks: {dist.get_process_group_ranks(group)})"
+        except Exception:  # (a torch without it, or a group it cannot describe: the message goes without)
+            ranks = ""
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the process group"
+                         f"{ranks}; wrap a sub-group in a TensorParallel on its member ranks only "
+                         "(torch.distributed.get_rank(group) >= 0)")
+
+
 class TensorParallel:
     """This rank's place in a tensor-parallel group: the process group, its size and rank, the device.
 
@@ -101,6 +114,7 @@ class TensorParallel:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call flash_llm.parallel.init_tensor_parallel() "
                                "(or torch.distributed.init_process_group) first")
+        _check_member(group)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -116,10 +130,12 @@ class TensorParallel:
     @classmethod
     def from_group(cls, group=None, device=None) -> "TensorParallel":
         """Wrap an already initialized process group (default: the default group).  ``device`` defaults to
-        ``cuda:<current device>`` for NCCL and ``cpu`` otherwise."""
+        ``cuda:<current device>`` for NCCL and ``cpu`` otherwise.  Call it on the group's member ranks only: on
+        another rank it raises ``ValueError`` naming that rank and the group's ranks."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call flash_llm.parallel.init_tensor_parallel() "
                                "or torch.distributed.init_process_group first")
+        _check_member(group)  # (before the NCCL probe, which torch refuses in words that name nothing)
         nccl = torch.cuda.is_available() and _backend_for(group, torch.device("cuda")) == "nccl"
         if nccl:
             nccl_env_defaults()  # communicators are created lazily, at the first collective
@@ -148,14 +164,40 @@ class TensorParallel:
     def check_same(self, what: str, values) -> None:
         """Raise ``ValueError`` on every rank unless every rank passed the same ints ``values``.
 
-        A collective (one small all-reduce and a host synchronization): every rank must call it.
+        A collective (two small all-reduces and host synchronizations): every rank must call it.  The ranks agree
+        on the number of values first, so lists of different lengths raise the ``ValueError`` too (naming the
+        lengths), and so does a value that is not an integer in int64's range on some rank (naming that rank),
+        on every rank, instead of a collective of mismatched sizes (which aborts a gloo rank) or one rank failing
+        alone while the others wait in the all-reduce.
         """
-        v = torch.tensor([int(x) for x in values], dtype=torch.int64, device=self.device)
+        try:
+            mine = [int(x) for x in values]
+            v = torch.tensor(mine, dtype=torch.int64, device=self.device)
+            bad = None
+        except Exception as e:  # (agreed on below: raised here, the other ranks would wait in the all-reduce)
+            mine, v, bad = None, None, e
+        n = -1 if bad is not None else v.numel()
+        # [max length, -min length, -first rank whose values did not convert] in one all-reduce
+        head = torch.tensor([n, -n, -(self.rank if bad is not None else self.world_size)], dtype=torch.int64,
+                            device=self.device)
+        dist.all_reduce(head, op=dist.ReduceOp.MAX, group=self.group)
+        longest, shortest, failed = (s * v for s, v in zip((1, -1, -1), head.tolist()))  # (one sync)
+        if failed < self.world_size:
+            if bad is not None:
+                raise ValueError(f"{what}: this tensor-parallel rank ({self.rank} of {self.world_size}) cannot "
+                                 f"compare its values as int64 integers ({type(bad).__name__}: {bad}); every rank "
+                                 "raises") from bad
+            raise ValueError(f"{what}: tensor-parallel rank {failed} of {self.world_size} passed values that are "
+                             f"not int64 integers, so the ranks cannot compare them (this is rank {self.rank}: "
+                             f"{mine}); every rank must make the same call with the same inputs")
+        if longest != shortest:
+            raise ValueError(f"{what} differ between the {self.world_size} tensor-parallel ranks (this is rank "
+                             f"{self.rank}, with {n} value(s); the ranks pass {shortest} to {longest} values); "
+                             "every rank must make the same call with the same inputs")
         both = torch.cat([v, -v])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         hi, lo = both[:v.numel()], -both[v.numel():]
         if not torch.equal(hi, lo):
-            mine = v.tolist()
             raise ValueError(f"{what} differ between the {self.world_size} tensor-parallel ranks (this is rank "
                              f"{self.rank}: {mine}; the ranks' minimum {lo.tolist()}, maximum {hi.tolist()}); every "
                              "rank must make the same call with the same inputs")

@@ -249,10 +249,24 @@ def parallel_linear(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, 
     """Shard a full weight for this rank: ``weight [out_features, in_features]`` and ``bias [out_features]``
     (any device) -> a :class:`ColumnParallelLinear` (``kind="column"``) or :class:`RowParallelLinear`
     (``kind="row"``) on ``device`` (default ``tp.device``) holding only this rank's slice (a copy: the full
-    weight can be freed).  ``fmt`` / ``sparsify``: see :func:`local_layer`."""
+    weight can be freed).  ``fmt`` / ``sparsify``: see :func:`local_layer`.  A bias of another shape than
+    ``[out_features]`` is refused (ValueError naming ``bias`` and ``fqn``), before anything is sliced: a column
+    shard would take its ``[start:stop]`` of any length, and a row shard fail only at its first forward."""
     if kind not in (COLUMN, ROW):
         raise ValueError(f"kind must be {COLUMN!r} or {ROW!r}, got {kind!r}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fqn or 'parallel_linear'}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{fqn or 'parallel_linear'}: weight has shape {tuple(weight.shape)}; expected a 2-D "
+                         "[out_features, in_features]")
     m, k = weight.shape
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{fqn or 'parallel_linear'}: bias must be a torch.Tensor or None, got "
+                            f"{type(bias).__name__}")
+        if tuple(bias.shape) != (m,):
+            raise ValueError(f"{fqn or 'parallel_linear'}: bias has shape {tuple(bias.shape)}; a {m}x{k} weight "
+                             f"needs a bias of shape ({m},) ([out_features])")
     start, stop = shard_range(m if kind == COLUMN else k, tp.world_size, tp.rank)
     device = tp.device if device is None else torch.device(device)
 
