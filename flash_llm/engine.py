@@ -33,6 +33,7 @@ import torch
 from ._env import env_flag, env_float, env_int
 from .models import CausalLM, merge_projections, set_fused, unmerge_projections
 from .models._common import Attend, KVCache, after_attention_weights, padded_positions, padding_mask
+from .models._merge import _dropped
 
 #: Warm-up runs of the decode step before it is captured (the first also compiles/loads the spmm kernels).
 WARMUP_STEPS = 2
@@ -580,6 +581,16 @@ def _set_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
+def _kept_for_hooks(m: torch.nn.Module, path: str, hooked: dict[str, str] | None) -> bool:
+    """Whether layer ``m`` (at ``path``) carries what a new module put in its place would drop (its hooks, a
+    ``forward`` replaced on the instance: ``flash_llm.models._merge._dropped``), so the engine's module-swapping
+    paths leave it as it is; if so, and ``hooked`` is a dict, it records ``{path: what}`` there."""
+    drops = _dropped(m)
+    if drops and hooked is not None:
+        hooked[path] = " and ".join(drops)
+    return bool(drops)
+
+
 def _gate_up_layers(model: torch.nn.Module) -> set[int]:
     """The ``id`` of the stacked layer of every merged gate / up projection of ``model`` (``merge_projections``
     pairs its halves: DeltaRows encodes them so for the SiLU x up inside its kernels)."""
@@ -668,16 +679,20 @@ def adopt_formats(model: torch.nn.Module, target: str = "delta-rows", budget: in
     return taken, left
 
 
-def expand_sparse_(model: torch.nn.Module, budget: int | None = None) -> tuple[list[str], list[str]]:
+def expand_sparse_(model: torch.nn.Module, budget: int | None = None,
+                   hooked: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
     """Put a dense ``nn.Linear`` (the same weight and bias, no gradient) in the place of every
     :class:`~flash_llm.SparseLinear` of ``model``, in place (``Engine(formats="dense")``): on a CPU, where
     ``flash_llm.spmm``'s reference expands the weight on every call, a decode step runs tens of times faster so.  Each
     dense layer remembers its DeltaRows pairing (``_delta_rows_paired``), so an engine on a GPU later makes it sparse
-    again (:func:`relayout_delta_rows`).  ``budget``: the bytes the expansion may add (the dense weights less the
-    compressed ones); over it nothing is expanded.  Returns ``([the layers expanded], [why none was])``."""
+    again (:func:`relayout_delta_rows`).  A layer with hooks or a ``forward`` replaced on the instance, which the new
+    module would drop, stays as it is (compressed, its hooks run); ``hooked``, where a dict, gets ``{its path: what it
+    carries}``.  ``budget``: the bytes the expansion may add (the dense weights less the compressed ones); over it
+    nothing is expanded.  Returns ``([the layers expanded], [why none was])``."""
     from .nn import SparseLinear
 
-    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear)]
+    layers = [(p, m) for p, m in model.named_modules()
+              if isinstance(m, SparseLinear) and not _kept_for_hooks(m, p, hooked)]
     if not layers:
         return [], []
     pairs = _gate_up_layers(model)
@@ -694,14 +709,17 @@ def expand_sparse_(model: torch.nn.Module, budget: int | None = None) -> tuple[l
 
 
 def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module], int | str],
-                        progress: bool = True) -> dict[str, int | str]:
+                        progress: bool = True, hooked: dict[str, str] | None = None) -> dict[str, int | str]:
     """Re-encode, in place, every DeltaRows :class:`~flash_llm.SparseLinear` of ``model`` (and every layer an earlier
     call turned from DeltaRows into Tiled-CSL, BitmapTiles or dense) whose layout differs from ``parts(layer)``: 1 for
     the split layout; 2, 4, 8, 16 for the parts layout (``docs/formats.md`` section 4b); :data:`TILED_CSL` for a
     Tiled-CSL weight; :data:`BITMAP` for a BitmapTiles one; :data:`DENSE` for an ``nn.Linear`` put in the layer's place
     (the layer remembers it was DeltaRows, and whether its halves were paired, so a later call can turn it back). The
     same nonzeros and bias; one layer at a time, through its dense weight (the peak grows by one dense weight and the
-    encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more. Returns ``{layer path: new
+    encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more. A layer with hooks or a
+    ``forward`` replaced on the instance is re-encoded in place only: where the layout asked for would put a new
+    module in its place (a ``SparseLinear`` as :data:`DENSE`, an ``nn.Linear`` as anything else), dropping them, it
+    stays as it is (``hooked``, where a dict, gets ``{its path: what it carries}``). Returns ``{layer path: new
     lanes a row, TILED_CSL, BITMAP or DENSE}`` for the layers re-encoded. Captured CUDA graphs of the old arrays go
     stale: :class:`Engine` notices and captures again."""
     from tqdm import tqdm
@@ -720,7 +738,7 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
         else:
             continue
         want = parts(m)
-        if want != now:
+        if want != now and not ((want == DENSE or now == DENSE) and _kept_for_hooks(m, path, hooked)):
             todo.append((path, m, want))
     done = {}
     bar = tqdm(total=len(todo), desc="DeltaRows layout", unit="layer", file=sys.stderr, leave=False,
@@ -814,7 +832,9 @@ class _TwoLayouts:
     weight) from ``min_tokens`` on: Tiled-CSL, or a dense ``nn.Linear`` put in the layer's place where Tiled-CSL
     would be no smaller (:func:`_large_batch_format`, as ``"auto"`` holds them: about 55 % sparsity and denser).
     :meth:`install` puts one set into the model (the layers' buffers, or the modules at their paths: no copy); both
-    stay alive here, so a CUDA graph captured over either keeps reading valid memory."""
+    stay alive here, so a CUDA graph captured over either keeps reading valid memory.  A layer whose copy would be
+    dense but which carries hooks or a ``forward`` replaced on the instance (the copy in its place would drop them)
+    gets no copy: it keeps its DeltaRows weight for every step (:attr:`hooked`: ``{its path: what it carries}``)."""
 
     def __init__(self, model: torch.nn.Module, min_tokens: int, progress: bool = True):
         from tqdm import tqdm
@@ -823,9 +843,12 @@ class _TwoLayouts:
         from .nn import SparseLinear
 
         self.min_tokens, self.model = min_tokens, model
+        #: the layers left without a copy for their hooks: {path: what a dense copy in their place would drop}
+        self.hooked: dict[str, str] = {}
         #: {layer: its path in the model}
         self.paths = {m: p for p, m in model.named_modules()
-                      if isinstance(m, SparseLinear) and m.weight_format is DeltaRows}
+                      if isinstance(m, SparseLinear) and m.weight_format is DeltaRows
+                      and not (_large_batch_format(m) == DENSE and _kept_for_hooks(m, p, self.hooked))}
         self.small = {m: m.weight for m in self.paths}  # DeltaRows (over the layers' own arrays)
         #: {layer: its Tiled-CSL copy, or the nn.Linear that takes its place}
         self.large: dict[torch.nn.Module, object] = {}
@@ -884,7 +907,8 @@ class _DenseCopies:
     does instead of expanding every weight (the sparse prefill's cost: Llama-3-8B at 80 % 19.0 against 6.2 ms dense,
     session 63).  Made one layer at a time, largest first, while they fit in ``budget`` bytes; the layers left keep
     the expansion.  :meth:`install` swaps the modules at their paths (no copy); both stay alive here, so a graph
-    captured over either keeps reading valid memory."""
+    captured over either keeps reading valid memory.  A layer with hooks or a ``forward`` replaced on the instance,
+    which the copy in its place would drop, gets no copy (:attr:`hooked`): its prefill runs on it, hooks and all."""
 
     def __init__(self, model: torch.nn.Module, min_tokens: int, budget: int, progress: bool = True,
                  skip: frozenset | set = frozenset()):
@@ -893,8 +917,11 @@ class _DenseCopies:
         from .nn import SparseLinear
 
         self.model, self.min_tokens = model, min_tokens
+        #: the layers left without a copy for their hooks: {path: what a dense copy in their place would drop}
+        self.hooked: dict[str, str] = {}
         # (skip: layers that hold a dense copy already, delta_layout="dual"'s for its larger steps)
-        layers = sorted(((p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear) and m not in skip),
+        layers = sorted(((p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear) and m not in skip
+                         and not _kept_for_hooks(m, p, self.hooked)),
                         key=lambda pm: -_dense_bytes(pm[1]))
         #: {layer: its path}, {layer: its dense copy}; the layers left without one (their paths)
         self.paths: dict[torch.nn.Module, str] = {}
@@ -1110,6 +1137,10 @@ class Engine:
             :data:`PREFILL_GRAPHS_MAX`, or ``0`` where ``FLASH_LLM_PREFILL_GRAPHS=0``.
         progress: progress bars (tqdm, stderr) while the layers are re-encoded or copied (default ``True``).
 
+    A layer with hooks or a ``forward`` replaced on the instance keeps its module: ``formats="dense"``,
+    ``prefill_dense`` and ``delta_layout``'s dense layouts, which would put a new module in its place (dropping them),
+    leave it as it is, with one warning (:attr:`hooked` lists such layers); re-encodings in place go on.
+
     The cache takes ``2 x layers x max_batch x kv_heads x slots x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`), ``slots`` being ``max_seq`` rounded up to a multiple of 64 (aligned attention masks).
     """
@@ -1196,10 +1227,16 @@ class Engine:
         self.adopted: dict[str, str] = {}
         #: what formats="dense" expanded (expand_sparse_): the layer paths
         self.expanded: list[str] = []
+        #: the layers formats="dense", delta_layout or prefill_dense=True left in their own modules, since a new
+        #: module in their place would drop their hooks or instance forward: {layer path: what they carry}
+        self.hooked: dict[str, str] = {}
+        kept: list[str] = []  # (the options that left them so, for the warning)
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
         self._two: _TwoLayouts | None = None
         if formats == "dense":
-            self.expanded, left = expand_sparse_(model, self._spare_bytes(kv_heads, slots))
+            self.expanded, left = expand_sparse_(model, self._spare_bytes(kv_heads, slots), hooked=self.hooked)
+            if self.hooked:
+                kept.append("formats='dense' (they stay compressed)")
             if left:
                 warnings.warn(f"formats='dense': {left[0]}; they run flash_llm.spmm as they are", stacklevel=2)
         # (the engine lays the weights out; not over layers formats="dense" has just expanded)
@@ -1229,11 +1266,18 @@ class Engine:
             # (dual: its DeltaRows serve up to DUAL_TCSL_MIN_BATCH - 1 tokens, so the layout for that max_batch)
             choose = (_to_bitmap if bitmap else
                       _batch_parts(DUAL_TCSL_MIN_BATCH - 1 if dual else max_batch, self.device, tcsl, plain, fast))
-            self.relayout = relayout_delta_rows(model, choose, progress=progress)
+            hooked: dict[str, str] = {}
+            self.relayout = relayout_delta_rows(model, choose, progress=progress, hooked=hooked)
+            if hooked:
+                kept.append(f"delta_layout={delta_layout!r} (they keep their layout: no new module)")
+                self.hooked.update(hooked)
             if DELTA_CODED and max_batch <= DELTA_CODED_MAX_BATCH:
                 self.coded = code_delta_rows(model)
             if dual:
                 self._two = _TwoLayouts(model, DUAL_TCSL_MIN_BATCH, progress=progress)
+                if self._two.hooked:
+                    kept.append("delta_layout='dual' (no dense copy for the larger steps: they keep DeltaRows)")
+                    self.hooked.update(self._two.hooked)
         note = None if self._two is not None else _delta_rows_batch_note(model, self.device, max_batch, chosen)
         if note:
             warnings.warn(note, stacklevel=2)
@@ -1250,6 +1294,16 @@ class Engine:
                 warnings.warn(f"prefill_dense=True: no room for the dense copies of {len(self._dense.left)} of the "
                               f"sparse layers (the first: {self._dense.left[0]}) beside the cache and the prefill on "
                               f"{self.device}; their prefill expands them, as without", stacklevel=2)
+            if self._dense.hooked:
+                kept.append("prefill_dense=True (no dense copy: their prefill runs on them)")
+                self.hooked.update(self._dense.hooked)
+        if self.hooked:
+            named = "; ".join(f"{p} ({what})" for p, what in list(self.hooked.items())[:3])
+            more = f"; and {len(self.hooked) - 3} more (Engine.hooked lists them)" if len(self.hooked) > 3 else ""
+            warnings.warn(f"{len(self.hooked)} layer(s) carry what a new module in their place would drop, so the "
+                          f"engine leaves their modules as they are for {' and '.join(kept)}: {named}{more}; their "
+                          f"hooks run, the layers perhaps slower than the engine's layout would (remove the hooks "
+                          f"before building the engine to have them laid out)", stacklevel=2)
         dev = self.device
         # the engine's state as normal tensors, whatever the caller's mode: under torch.inference_mode() they would be
         # inference tensors, and a generation outside it could not update them in place
