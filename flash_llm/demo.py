@@ -78,18 +78,43 @@ def require_tokenizer_files(directory: Path, where: str, hint: str = "") -> None
         raise FileNotFoundError(f"{where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}){hint}")
 
 
+def load_hf_tokenizer(directory: Path, where: str):
+    """``transformers.AutoTokenizer`` of the tokenizer directory ``directory`` (local files only: never the hub).
+    ``ValueError`` naming ``where`` when it cannot be loaded: transformers and tokenizers fail with many exception
+    types (a tokenizer.json written by a newer tokenizers library: a bare ``Exception``; a tokenizer_config.json
+    that is no JSON object: ``AttributeError``; a tokenizer.json missing a key: ``KeyError``), and when what loads
+    has an empty vocabulary (a tokenizer_config.json without its vocabulary files: every text would encode to no
+    tokens)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)
+    except Exception as e:  # (not only OSError / ValueError: see above)
+        raise ValueError(f"{where}: no tokenizer could be loaded from it ({type(e).__name__}: {e})") from None
+    try:
+        empty = tok.vocab_size == 0
+    except Exception:  # (a tokenizer class without a vocabulary size: not known to be empty)
+        empty = False
+    if empty:
+        raise ValueError(f"{where}: no tokenizer could be loaded from it (the one transformers builds from its files "
+                         "has an empty vocabulary: is its vocabulary file, e.g. tokenizer.json, vocab.json or "
+                         "tokenizer.model, missing?)")
+    return tok
+
+
 class HFTokenizer:
-    """A checkpoint directory's own tokenizer (``transformers.AutoTokenizer``, local files only)."""
+    """A checkpoint directory's own tokenizer (``transformers.AutoTokenizer``, local files only); ``ValueError`` when
+    it cannot be loaded (:func:`load_hf_tokenizer`)."""
 
     def __init__(self, directory: Path, vocab_size: int):
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # noqa: F401  (the message below where it is missing)
         except ImportError:
             raise ImportError(f"{directory} uses a {vocab_size}-token vocabulary, not flash-llm's bytes: reading "
                               "text for it needs its tokenizer through transformers (pip install "
                               "'flash-llm[hf]')") from None
         require_tokenizer_files(directory, str(directory), "; copy the model's tokenizer next to its config.json")
-        self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        self.tok = load_hf_tokenizer(directory, str(directory))
         self.tok.model_max_length = 1 << 40  # whole files are encoded at once; windows are cut later
         self.name = type(self.tok).__name__
 
@@ -113,18 +138,22 @@ class LoadedModel:
     label: str
     config: dict
     context: int
-    tokenizer: ByteTokenizer | HFTokenizer
+    tokenizer: ByteTokenizer | HFTokenizer | None
     source: Path
 
 
-def load_model(spec: str, *, dtype: torch.dtype, device: torch.device, note: bool = True) -> LoadedModel:
+def load_model(spec: str, *, dtype: torch.dtype, device: torch.device, note: bool = True,
+               tokenizer: bool = True) -> LoadedModel:
     """A bundled model by name, or a checkpoint directory (Llama or OPT; dense, sparse-bitmask or flash-llm,
     loaded dense through :func:`flash_llm.from_pretrained`), with its tokenizer.  A directory of a bundled model's
     name here wins, with a note on stderr unless ``note`` is False (:func:`flash_llm.cli.model_dir`).
+    ``tokenizer=False``: a model that is not byte-level comes without its tokenizer (``LoadedModel.tokenizer`` is
+    None), for work that reads no text (``flash-llm prune --method magnitude``): neither its tokenizer files nor
+    transformers are needed then.
 
     Raises ``FileNotFoundError`` / ``NotADirectoryError`` / :class:`flash_llm.FormatError` (a ``ValueError``)
-    naming the file for a missing or unreadable checkpoint, ``ImportError`` when its tokenizer needs
-    transformers."""
+    naming the file for a missing or unreadable checkpoint, ``ValueError`` for a tokenizer that cannot be loaded,
+    ``ImportError`` when its tokenizer needs transformers."""
     from .checkpoint.pretrained import read_config
 
     directory = cli.model_dir(spec, note=note)
@@ -140,15 +169,16 @@ def load_model(spec: str, *, dtype: torch.dtype, device: torch.device, note: boo
         label = str(directory)
     cfg = read_config(directory)
     if bundled.is_byte_level(cfg):
-        tokenizer = ByteTokenizer()
-    else:
-        tokenizer = HFTokenizer(directory, cfg.get("vocab_size"))
+        tok = ByteTokenizer()
+    else:  # (before the weights: a missing or broken tokenizer is told at once)
+        tok = HFTokenizer(directory, cfg.get("vocab_size")) if tokenizer else None
     model = bundled.load_dir(directory, dtype=dtype, device=device, progress=True)
     n = sum(p.numel() for p in model.parameters())
     arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0]
-    label += f": {arch}, {n / 1e6:.2f} M parameters, {cfg.get('num_hidden_layers', '?')} layers, " \
-             f"tokenizer {tokenizer.name}"
-    return LoadedModel(model, label, cfg, int(model.config.max_position_embeddings), tokenizer, directory)
+    label += f": {arch}, {n / 1e6:.2f} M parameters, {cfg.get('num_hidden_layers', '?')} layers"
+    if tok is not None:
+        label += f", tokenizer {tok.name}"
+    return LoadedModel(model, label, cfg, int(model.config.max_position_embeddings), tok, directory)
 
 
 def _training_note(cfg: dict) -> str | None:
@@ -682,7 +712,7 @@ def cmd_prune(args) -> int:
         _files.refuse_inside(source, out, "MODEL", "--out")
         if args.calib is not None:
             _files.refuse_inside(args.calib, out, "--calib", "--out")
-    except (ValueError, FileNotFoundError) as e:  # (NameTooLongError is a ValueError; an incomplete bundled model)
+    except (ValueError, FileNotFoundError) as e:  # (a name too long or not UTF-8; an incomplete bundled model)
         _err(str(e))
         return EXIT_USAGE
     why = _unreplaceable_out(out)
@@ -742,7 +772,7 @@ def cmd_prune(args) -> int:
     dtype = DTYPES[args.dtype]
     try:  # gradual pruning trains in fp32; the result is cast to --dtype
         lm = load_model(args.model, dtype=torch.float32 if args.method == "gradual" else dtype, device=device,
-                        note=False)  # (said above, by model_dir)
+                        note=False, tokenizer=calibrate)  # (said above, by model_dir; no text read: no tokenizer)
     except LOAD_ERRORS as e:
         _err(str(e))
         return EXIT_USAGE

@@ -95,6 +95,56 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+class NonUTF8PathError(ValueError):
+    """A path with a name that is not valid UTF-8 (e.g. the bytes of a Latin-1 name, which Python holds as lone
+    surrogates): safetensors takes paths as UTF-8 text and cannot open it, so a file written there could never be
+    read back."""
+
+
+def shown_path(path) -> str:
+    """``path`` as text that prints on any stream: the bytes of a name that are not UTF-8 as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def non_utf8_name(path) -> str | None:
+    """The first name in ``path`` that is not valid UTF-8 (as :func:`shown_path` shows it), or None if the whole
+    path is UTF-8 (what safetensors needs to open it)."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        pass
+    for name in raw.split(b"/"):
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            return name.decode("utf-8", "backslashreplace")
+    return shown_path(path)  # (not reached: a byte string that is not UTF-8 has a name that is not)
+
+
+def non_utf8_message(path) -> str | None:
+    """Why safetensors cannot open ``path`` when a name in it is not UTF-8 (the reader's side of
+    :func:`check_utf8_path`), or None."""
+    name = non_utf8_name(path)
+    if name is None:
+        return None
+    return (f"{shown_path(path)}: the name '{name}' in this path is not valid UTF-8, which safetensors cannot open "
+            "(the file is not necessarily damaged); rename it")
+
+
+def check_utf8_path(out, what: str = "output") -> None:
+    """:class:`NonUTF8PathError` naming ``what`` ``out`` where a name in the path ``out`` is not valid UTF-8: a
+    safetensors file written there could not be opened again (safetensors takes UTF-8 paths only), so such an
+    output is refused before any work."""
+    name = non_utf8_name(out)
+    if name is None:
+        return
+    which = "its name" if name == shown_path(Path(os.fspath(out)).name) else f"the directory name '{name}' in it"
+    raise NonUTF8PathError(f"{what} {shown_path(out)}: {which} is not valid UTF-8; safetensors cannot open such a "
+                           "path, so what is written there could not be read back: give a UTF-8 name")
+
+
 class Shard:
     """One safetensors file, opened memory-mapped; tensors it returns share its pages (no copies)."""
 
@@ -107,6 +157,8 @@ class Shard:
         except FileNotFoundError:
             raise FormatError(f"{path}: shard file is missing") from None
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+            if (why := non_utf8_message(path)) is not None:  # (safetensors' error for it: "... is not valid UTF-8")
+                raise FormatError(why) from None
             raise FormatError(f"{path}: not a readable safetensors file, truncated or corrupt "
                               f"({type(e).__name__}: {e})") from None
         self.metadata: dict[str, str] = self._file.metadata() or {}
@@ -286,7 +338,9 @@ def _existing_ancestor(path: Path) -> Path:
 
 def check_name_lengths(out, what: str = "output") -> None:
     """:class:`NameTooLongError` naming ``what`` ``out`` where a name that creating ``out`` makes (its own, and those
-    of missing directories above it) is longer than the file system allows."""
+    of missing directories above it) is longer than the file system allows; :class:`NonUTF8PathError` (a
+    ``ValueError``) where a name in it is not valid UTF-8 (:func:`check_utf8_path`)."""
+    check_utf8_path(out, what)
     out = Path(os.fspath(out))
     parent = _existing_ancestor(out)
     if not parent.is_dir():
@@ -317,13 +371,15 @@ def _temp_prefix(out: Path, tag: str) -> str:
 
 def check_writable(out, what: str = "output", *, file: bool = False) -> None:
     """Before any work: that ``out`` can be created, i.e. its nearest existing ancestor is a directory in which this
-    process can make one, and no name on the way is longer than the file system allows.  ``NotADirectoryError`` /
-    ``PermissionError`` / :class:`NameTooLongError` naming ``what`` ``out`` otherwise.  (The test makes and removes an
-    empty hidden directory there: permission bits do not tell, e.g. for root on /sys.)
+    process can make one, no name on the way is longer than the file system allows, and every name in it is UTF-8
+    (else safetensors could not open what is written there).  ``NotADirectoryError`` / ``PermissionError`` /
+    :class:`NameTooLongError` / :class:`NonUTF8PathError` naming ``what`` ``out`` otherwise.  (The test makes and
+    removes an empty hidden directory there: permission bits do not tell, e.g. for root on /sys.)
 
     ``file``: ``out`` is a file to write into an existing directory (:meth:`flash_llm.formats.SparseFormat.save`,
     :func:`flash_llm.save`; safetensors creates no directories, and its own errors name no path and are no OSError):
     ``IsADirectoryError`` where ``out`` is a directory, ``FileNotFoundError`` where its directory does not exist."""
+    check_utf8_path(out, what)
     out = Path(os.fspath(out))
     if file and os.path.isdir(out):  # (Path.is_dir raises for a name longer than the file system allows)
         raise IsADirectoryError(f"{what} {out} is a directory; give a file name (e.g. {out / 'weight.safetensors'})")

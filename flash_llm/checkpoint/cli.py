@@ -194,15 +194,10 @@ class _HFTokenizer:
         where = f"{option} {path}" if option else str(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{where}: no such directory (a Hugging Face tokenizer directory)")
-        from ..demo import require_tokenizer_files
+        from ..demo import load_hf_tokenizer, require_tokenizer_files
 
         require_tokenizer_files(path, where)
-        from transformers import AutoTokenizer
-
-        try:
-            self.tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{where}: no tokenizer could be loaded from it ({e})") from None
+        self.tok = load_hf_tokenizer(path, where)  # (ValueError naming `where` for any failure, an empty vocabulary)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text)["input_ids"])

@@ -602,6 +602,10 @@ def load(path: str | os.PathLike, device="cpu"):
     except FileNotFoundError:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        from ..checkpoint._files import non_utf8_message
+
+        if (why := non_utf8_message(path)) is not None:  # (safetensors' error for it: "... is not valid UTF-8")
+            raise FormatError(why) from None
         raise FormatError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     prefixes = sorted(k[: -len(METADATA_KEY)] for k in metadata
                       if k == METADATA_KEY or k.endswith("." + METADATA_KEY))
