@@ -13,6 +13,7 @@ Inference only: a :class:`SparseLinear` holds no parameters and no gradient flow
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import functools
 import json
 import math
@@ -188,7 +189,13 @@ class SparseLinear(nn.Module):
     ends in the weight's dtype either way (``assign=True`` casts a checkpoint bias of another dtype); a bias cast
     that is not exact to rounding (the checkpoint's, or with ``strict=False`` and no bias in it the layer's own,
     into the loaded weight's dtype: values overflowing to inf, nonzeros flushed to zero) is an error naming the
-    key (:class:`LossyCastError`'s message) and loads nothing into the layer.
+    key (:class:`LossyCastError`'s message) and loads nothing into the layer.  A load that takes the checkpoint's
+    arrays puts the bias in a new tensor too (references held to the old arrays or bias keep the old values), so a
+    ``copy.copy`` of the layer (its own buffer dict, the tensors shared) loads without changing the original.
+
+    **Not supported** (each a clear TypeError): ``torch.jit.script`` (use ``torch.jit.trace``, ``torch.compile`` or
+    ``torch.export``) and ``torch.nn.utils.parametrize`` parametrizations of the layer's buffers (its forward, dtype
+    casts, moves and loads refuse a parametrized layer; remove the parametrization first).
 
     Args:
         weight: the compressed weight ``[out_features, in_features]``
@@ -351,6 +358,20 @@ class SparseLinear(nn.Module):
             raise RuntimeError("this SparseLinear's arrays are uninitialized memory (to_empty() allocated them "
                                "without values): load_state_dict its weights first")
 
+    def _parametrized_error(self, action: str) -> str | None:
+        """Why ``action`` is refused on a layer with ``torch.nn.utils.parametrize`` parametrizations, or None (one
+        dict lookup: the forward's check).  Refused since session 85: a parametrized tensor moves into a child module
+        (``parametrizations.bias.original``) that dtype casts cast and loads do not reach, so a ``.float()`` or a load
+        of the other dtype left the bias in another dtype than the weight (every forward raising), or wrote a stray
+        ``bias`` buffer beside the parametrized one."""
+        if "parametrizations" not in self._modules:
+            return None
+        names = list(getattr(self._modules["parametrizations"], "_modules", {})) or ["bias"]
+        return (f"{action}: SparseLinear does not support torch.nn.utils.parametrize (parametrized "
+                f"{', '.join(map(repr, names))}: the layer keeps its bias in the weight's dtype through dtype casts "
+                "and state-dict loads, which do not reach a parametrization's tensors); call "
+                f"torch.nn.utils.parametrize.remove_parametrizations(layer, {names[0]!r}) first")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``.  ``torch.fx.symbolic_trace``
         records the layer as one call (:func:`_sparse_linear`), so a traced model keeps it as a submodule."""
@@ -361,6 +382,8 @@ class SparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_filled()
+        if "parametrizations" in self._modules:  # (the cheap test first: _parametrized_error says why)
+            raise TypeError(self._parametrized_error("forward"))
         if not isinstance(x, torch.Tensor):  # (before x.dtype: as spmm says it)
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != self.weight_dtype:
@@ -393,10 +416,33 @@ class SparseLinear(nn.Module):
                 f"density={'unknown' if self._nnz < 0 else f'{self.density:.4f}'}, nbytes={self.nbytes}, "
                 f"bias={self.bias is not None}")
 
-    # ---- module plumbing: dtype casts, state dicts -------------------------------------------------
+    # ---- module plumbing: copies, dtype casts, state dicts ---------------------------------------------
+    def __copy__(self) -> "SparseLinear":
+        """``copy.copy(layer)``: a new module sharing this one's tensors, with dicts of its own for its buffers,
+        parameters and submodules.  The weight's format, dtype and nnz are attributes of each module, so a module
+        swapping its arrays (``load_state_dict``, a device move, an engine's re-encoding) must swap them in its own
+        dict: with nn.Module's shared ``_buffers`` a load into the copy left the original holding the new arrays under
+        its old format / dtype (silently wrong outputs; until session 85).  A load into either now leaves the other as
+        it was (a load replaces the bias too, see :meth:`_load_from_state_dict`); in-place writes into a shared tensor
+        (``layer.bias.add_(1)``) show in both, as for any shallow copy."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        for name in ("_buffers", "_parameters", "_modules", "_non_persistent_buffers_set"):
+            if name in self.__dict__:
+                new.__dict__[name] = _copy.copy(self.__dict__[name])
+        return new
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first (on every module of a model): refused with a clear error (before
+        session 85 TorchScript failed on an unknown type annotation, naming neither the layer nor an alternative)."""
+        raise TypeError("torch.jit.script does not support flash_llm.SparseLinear (TorchScript cannot compile its "
+                        "format objects and checks); use torch.jit.trace, torch.compile or torch.export, which do")
+
     def _apply(self, fn, recurse=True):
         # Device moves apply; dtype changes would corrupt the bit patterns (int32 arrays under
         # .type()) or desynchronize bias and weight, so every buffer keeps its dtype.
+        if (why := self._parametrized_error("a module cast or move (nn.Module._apply)")) is not None:
+            raise TypeError(why)  # (before anything moves: a parametrization's tensors would be cast)
         before = dict(self._buffers)
         probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.weight_data.device))
         empty = _allocates_without_values(fn, self.weight_data.device)
@@ -443,6 +489,10 @@ class SparseLinear(nn.Module):
         # runs with autograd after it.
         # The layer's load_state_dict pre-hooks run first, before anything is read (torch runs them in nn.Module's
         # loader, which comes last here): a hook that upgrades a checkpoint (its _extra_state, its key names) is seen.
+        where = f"loading into {prefix[:-1]!r}" if prefix else "loading into the layer"
+        if (why := self._parametrized_error(where)) is not None:  # (before anything is read or changed)
+            error_msgs.append(why + "; nothing was loaded into this layer")
+            return
         hooks = self._load_state_dict_pre_hooks
         for hook in hooks.values():
             hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -480,10 +530,12 @@ class SparseLinear(nn.Module):
                 with torch.inference_mode(False):
                     for n, t in w.tensors().items():
                         self._buffers["weight_" + n] = t if assign else t.to(device, copy=True)
-                    if self.bias is not None and self.bias.dtype != w.dtype:  # the loader copies into it, if given
+                    if self.bias is not None:  # a new tensor, which the loader copies into, if given
                         # (the old bias cast, not an empty tensor: a state dict without the bias, strict=False,
-                        # keeps it; exact to rounding, _bias_cast_error checked it)
-                        self._buffers["bias"] = self.bias.detach().to(w.dtype)
+                        # keeps it; exact to rounding, _bias_cast_error checked it.  New as the arrays are: a
+                        # shallow copy of the layer sharing the old bias keeps its own bias with its own arrays)
+                        old = self.bias
+                        self._buffers["bias"] = old.detach().to(w.dtype, copy=True).requires_grad_(old.requires_grad)
                 self.weight_format, self.weight_dtype, self._nnz = type(w), w.dtype, w.nnz
                 self._unfilled = False  # (the arrays are the checkpoint's now)
             elif w is None and bias_key in state_dict:
@@ -748,7 +800,8 @@ def _hook_counts(module: nn.Module) -> list[str]:
 def _replacement_drops(module: nn.Module) -> str | None:
     """What a layer built from ``module``'s weight and bias alone would drop, or None: a ``forward`` of its own (an
     ``nn.Linear`` / :class:`SparseLinear` subclass's, or one replaced on the instance), a parametrization, a weight
-    recomputed at every forward, hooks (:func:`_hook_counts`).  :func:`sparsify_` keeps such a layer dense;
+    recomputed at every forward, hooks (:func:`_hook_counts`), submodules or tensors of its own beyond the weight and
+    bias (:func:`_extra_members`).  :func:`sparsify_` keeps such a layer dense;
     ``flash_llm.parallel.tensor_parallel_`` refuses it."""
     base = SparseLinear if isinstance(module, SparseLinear) else nn.Linear
     if type(module).forward is not base.forward:
@@ -764,7 +817,24 @@ def _replacement_drops(module: nn.Module) -> str | None:
     hooks = _hook_counts(module)
     if hooks:
         return f"has {' and '.join(hooks)} that a replacement would drop"
+    if (extra := _extra_members(module, base)) is not None:
+        return extra
     return None
+
+
+def _extra_members(module: nn.Module, base: type) -> str | None:
+    """The submodules, and the parameters or buffers other than the weight (an ``nn.Linear``'s ``weight``, a
+    :class:`SparseLinear`'s arrays) and ``bias``, that ``module`` holds (a replacement built from its weight and bias
+    would drop them, their state-dict keys with them; before session 85 :func:`sparsify_` replaced such a layer, its
+    children silently gone, or half-converted the model when a child converted too), as a reason, or None."""
+    own = ({"weight_" + n for n in module.weight_format._arrays} if base is SparseLinear else {"weight"}) | {"bias"}
+    tensors = [n for n in (*module._parameters, *module._buffers) if n not in own]
+    parts = [f"submodule(s) {', '.join(map(repr, module._modules))}" if module._modules else "",
+             f"parameter(s) / buffer(s) {', '.join(map(repr, tensors))}" if tensors else ""]
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    return f"has {' and '.join(parts)} of its own that a replacement built from its weight and bias would drop"
 
 
 _MHA_OUT_PROJ = "out_proj of nn.MultiheadAttention, which reads its .weight directly"
@@ -941,7 +1011,8 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
     (``nn.MultiheadAttention.out_proj``, ``nn.TransformerEncoderLayer``'s ``linear1`` / ``linear2``, the layer a
     ``torch.compile`` wrapper holds as ``_orig_mod``: compile the model, or the module holding the layer, instead), it
     carries forward, backward or state-dict hooks, a ``forward`` replaced on the instance (accelerate's hooks),
-    parametrizations or ``torch.nn.utils.prune`` masks, its weight is not a dense 2-D tensor (or has a dtype whose
+    parametrizations or ``torch.nn.utils.prune`` masks, submodules or parameters / buffers of its own beyond
+    ``weight`` and ``bias`` (a replacement would drop them), its weight is not a dense 2-D tensor (or has a dtype whose
     cast torch cannot check, e.g. ``float8_e4m3fn``), its weight or bias is on ``meta`` (or the bias on another
     device than the weight), its dtype is not fp16/bf16 and ``config.dtype`` is unset, a cast to ``config.dtype``
     (or of the bias to the weight's dtype) would overflow to inf or flush nonzeros to zero, its sparsity is below
@@ -1010,10 +1081,13 @@ def sparsify_(model: nn.Module, config: SparsifyConfig | None = None,
             fqn, (layer.out_features, layer.in_features), layer.density,
             _tensor_bytes(module.weight) + _tensor_bytes(module.bias), layer.nbytes + _tensor_bytes(layer.bias)))
 
-    for fqn, layer in plan:
-        parent, _, name = fqn.rpartition(".")
-        layer.train(model.get_submodule(fqn).training)  # (the flag of the layer it replaces, as in an eval() model)
-        setattr(model.get_submodule(parent), name, layer)
+    # every module looked up before anything is swapped (a failing lookup leaves the model unchanged); a layer with
+    # children stays dense (_extra_members), so no swap detaches another planned one
+    swaps = [(model.get_submodule(fqn.rpartition(".")[0]), fqn.rpartition(".")[2], model.get_submodule(fqn), layer)
+             for fqn, layer in plan]
+    for parent, name, old, layer in swaps:
+        layer.train(old.training)  # (the flag of the layer it replaces, as in an eval() model)
+        setattr(parent, name, layer)
     if plan:  # a transformers model then saves through its own save_pretrained, as one from_pretrained gives
         from .checkpoint.pretrained import _attach_hf_quantizer
 
