@@ -147,7 +147,8 @@ def test_readers_name_the_utf8_problem_not_corruption(tmp_path, capsys, byte_mod
 # ---- 2. tokenizers that cannot be loaded ----------------------------------------------------------------------------
 TOKENIZER_CASES = {
     "newer tokenizer.json": ({"tokenizer.json": "NEWER"}, "Exception: data did not match any variant"),
-    "tokenizer_config.json = []": ({"tokenizer_config.json": "[]"}, "AttributeError"),
+    # (transformers 5.25: AttributeError; 5.17, the GPU image's: TypeError)
+    "tokenizer_config.json = []": ({"tokenizer_config.json": "[]"}, ("AttributeError", "TypeError")),
     "tokenizer.json missing a key": ({"tokenizer.json": '{"version": "1.0", "model": {"type": "BPE"}}'},
                                      "KeyError"),
 }
@@ -168,7 +169,8 @@ def test_a_tokenizer_that_fails_to_load_is_a_one_line_error(tmp_path, capsys, hf
                       "--out", str(tmp_path / "p")]}[command]
     rc, _, err = run(capsys, *argv)
     assert rc == 2, err
-    assert f"error: {d}: no tokenizer could be loaded from it ({why}" in err, err
+    assert any(f"error: {d}: no tokenizer could be loaded from it ({w}" in err
+               for w in (why if isinstance(why, tuple) else (why,))), err
     assert not (tmp_path / "p").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 
 import pytest
@@ -310,7 +311,9 @@ def test_sparsify_converts_skips_and_reports(dtype):
     assert isinstance(report, SparsifyReport)
     # the report's warning, whatever else this torch version warns about meanwhile
     msg = next(str(w.message) for w in rec if "nn.Linear layer(s) dense" in str(w.message))
-    assert "lm_head: name in skip_names ('lm_head',)" in msg and "dense_proj: sparsity 0.0000 < min_sparsity 0.3" in msg
+    # (fp16 / bf16 uniform init may round a few weights to 0 in some torch versions: 3 of 4096 under torch 2.11)
+    assert "lm_head: name in skip_names ('lm_head',)" in msg
+    assert re.search(r"dense_proj: sparsity 0\.00\d\d < min_sparsity 0\.3", msg), msg
     assert [c.fqn for c in report.converted] == SPARSE_LAYERS
     assert [s.fqn for s in report.skipped] == ["dense_proj", "lm_head"]
     for c in report.converted:

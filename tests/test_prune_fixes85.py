@@ -156,8 +156,10 @@ def test_sparsegpt_failing_inverse_factorization_is_a_valueerror_naming_the_laye
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 16))
     x = torch.randn(1, 3, 64)  # 3 tokens: rank-3 Hessians of 64 inputs; percdamp 1e-15 passes the first factorization
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"^0\.weight: the inverse of the dampened Hessian is not positive definite "
-                                         r"\(Cholesky failed at column \d+\); raise percdamp \(now 1e-15\)"):
+    # (which layer's inverse fails first is rounding: 0 here, 1 under the GPU image's torch 2.11; the model is restored
+    # either way)
+    with pytest.raises(ValueError, match=r"^[01]\.weight: the inverse of the dampened Hessian is not positive "
+                                         r"definite \(Cholesky failed at column \d+\); raise percdamp \(now 1e-15\)"):
         P.sparsegpt_prune_(model, x, 0.5, percdamp=1e-15, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
