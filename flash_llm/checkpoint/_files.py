@@ -220,6 +220,36 @@ def open_checkpoint(path) -> CheckpointFiles:
     return CheckpointFiles(path, config, shards, tensors)
 
 
+def _names(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _no_weights_hint(path: Path) -> str:
+    """What :func:`open_shards`' error says of the weight files ``path`` holds instead (``""`` for none):
+    safetensors files under other names (a transformers ``variant`` save such as ``model.fp16.safetensors``, shards
+    without their index) get told which names are read; weights in other formats, that only safetensors is."""
+    names = sorted(p.name for p in path.iterdir())
+    found = [n for n in names if _WEIGHT_FILE.fullmatch(n)]
+    # (transformers names a variant's index model.safetensors.index.<variant>.json)
+    indexes = [n for n in names if re.fullmatch(r".*\.safetensors\.index(\..+)?\.json", n)]
+    shards = [n for n in found if n.endswith(".safetensors")]
+    if indexes:
+        return (f" (found {_names(indexes)}: flash-llm reads a sharded checkpoint's index only as {INDEX_NAME}, "
+                f"not a transformers variant's, model.safetensors.index.<variant>.json; rename the index to "
+                f"{INDEX_NAME} (its shards keep their names) or save without variant=)")
+    if len(shards) == 1 and re.fullmatch(r".*-\d+-of-\d+\.safetensors", shards[0]):
+        return (f" (found {shards[0]}: a shard is read through {INDEX_NAME}, which maps each tensor to its file; "
+                f"add the index, or rename a lone shard to {WEIGHTS_NAME})")
+    if len(shards) == 1:
+        return (f" (found {shards[0]}: flash-llm reads a single-file checkpoint only as {WEIGHTS_NAME}, not a "
+                f"transformers variant's, model.<variant>.safetensors; rename the file to {WEIGHTS_NAME} or save "
+                "without variant=)")
+    if shards:
+        return (f" (found {_names(shards)}: several safetensors files are read through {INDEX_NAME}, which maps "
+                "each tensor to its file; it is missing)")
+    return f" (found {', '.join(found)}: flash-llm reads safetensors checkpoints only)" if found else ""
+
+
 def open_shards(path) -> tuple[list[Path], dict[str, TensorInfo]]:
     """The shards of the checkpoint directory ``path`` and every tensor they hold (in shard order), chosen and
     checked as :func:`open_checkpoint` describes, without reading ``config.json``; the same FormatErrors."""
@@ -256,9 +286,7 @@ def open_shards(path) -> tuple[list[Path], dict[str, TensorInfo]]:
             for name in shard.keys:
                 tensors[name] = shard.info(name)
     else:
-        other = sorted(p.name for p in path.iterdir() if _WEIGHT_FILE.fullmatch(p.name))
-        hint = f" (found {', '.join(other)}: flash-llm reads safetensors checkpoints only)" if other else ""
-        raise FormatError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+        raise FormatError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}{_no_weights_hint(path)}")
     if not tensors:
         raise FormatError(f"{path}: the checkpoint holds no tensors")
     return shards, tensors

@@ -420,8 +420,9 @@ def _base_hook(base, name: str, config):
 
 def _takes_model(hook) -> bool:
     """Whether transformers' ``update_weight_conversions`` hook ``hook`` (bound; None: this transformers has none) takes
-    the model beside the conversions: transformers 5.17 passes only the conversions, 5.25 ``(weight_conversions, model)``,
-    both after ``preprocess_model`` (the model is then the one that ``preprocess_model`` was given)."""
+    the model beside the conversions: transformers 5.17 passes only the conversions, 5.25
+    ``(weight_conversions, model)``, both after ``preprocess_model`` (the model is then the one that
+    ``preprocess_model`` was given)."""
     if hook is None:
         return False
     try:

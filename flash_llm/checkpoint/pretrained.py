@@ -796,7 +796,8 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path, spar
     # (nothing compressed in this load: a flash-llm checkpoint without sparse layers as saved, or sparsify=False)
     dense = sparsify is False or (sparsify is None and kind.kind == "flash-llm" and not kind.sparse_modules)
     declared = config_dtype(config)
-    hint = "pass dtype=torch.float16 or torch.bfloat16 (on the command line: --dtype)"
+    hint = (f"pass dtype=torch.float16{', torch.bfloat16 or torch.float32' if dense else ' or torch.bfloat16'} "
+            "(on the command line: --dtype)")
     if declared is None:  # as transformers' dtype="auto": the weights' own floating dtype
         found = {t.dtype for t in _files.open_checkpoint(source.parent).tensors.values() if t.dtype.startswith(
             ("F", "BF"))}
@@ -1141,7 +1142,9 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
     ``lm_head``; with ``min_sparsity``, those with fewer zeros are stored dense and listed in its ``ignore``).  The
     source's tokenizer and other non-weight files are copied; ``config.json`` is the source's with its quantization
     section replaced.  Written atomically (see :func:`save_pretrained`); ``dst`` may not be ``src`` nor hold it
-    (ValueError), and its location is checked to be writable before anything is loaded.
+    (ValueError), and its location is checked to be writable before anything is loaded.  The model is loaded in
+    ``dtype``, else (as :func:`from_pretrained`) the dtype ``config.json`` declares, else the weights' own; for
+    ``"sparse-bitmask"`` any floating dtype (float32 too), as its values are stored decompressed.
 
     Returns the :class:`flash_llm.nn.SparsifyReport` of the layers compressed and kept dense.
     """
@@ -1171,9 +1174,8 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
                              f"{config.get('dtype', config.get('torch_dtype'))!r}, which is not a floating-point "
                              "dtype; the weights are loaded in it: pass dtype=torch.float16, torch.bfloat16 or "
                              "torch.float32 (on the command line: --dtype)")
-        load_dtype = dtype or declared or torch.float32
-    else:
-        load_dtype = _resolve_dtype(config, kind, dtype, src / _files.CONFIG_NAME, sparsify)
+    # (sparse-bitmask: as from_pretrained(sparsify=False): dtype, else config.json's, else the weights' own)
+    load_dtype = _resolve_dtype(config, kind, dtype, src / _files.CONFIG_NAME, sparsify)
     out_config = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
     model = _model.build_skeleton(config, load_dtype, backend, src / _files.CONFIG_NAME)
     if format == sb.FORMAT:

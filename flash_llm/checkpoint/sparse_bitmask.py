@@ -177,12 +177,43 @@ class BitmaskConfig:
         return self.targets is None or _matches(module_name, class_name, self.targets)
 
 
+# transform_config locations compressed-tensors fuses into the stored weights; every other one (``input``,
+# ``output``, ``q_attn``, ``k_cache``...) is applied to the activations at run time
+_WEIGHT_TRANSFORMS = ("weight_input", "weight_output")
+
+
+def _online_transforms(transform_config) -> str:
+    """What of a compressed-tensors ``transform_config`` (compressed-tensors >= 0.10: Hadamard / random rotations,
+    ``{"config_groups": {name: {"type", "apply": [{"targets", "location", ...}, ...]}}}``) is not fused into the
+    stored weights, in words (``"scheme 'v' location 'input'"``), or ``""`` when nothing is: no transforms, or only
+    ``weight_input`` / ``weight_output`` ones (merged into the weights when they were saved).  A section this cannot
+    read is described as it is (so refused)."""
+    if transform_config is None or transform_config == {}:
+        return ""
+    groups = transform_config.get("config_groups") if isinstance(transform_config, dict) else None
+    if not isinstance(groups, dict):
+        return f"{transform_config!r}"[:200]
+    online = []
+    for name, scheme in groups.items():
+        applies = scheme.get("apply") if isinstance(scheme, dict) else None
+        if not isinstance(applies, list):
+            online.append(f"scheme {name!r} {scheme!r}"[:200])
+            continue
+        for args in applies:
+            location = args.get("location") if isinstance(args, dict) else None
+            if location not in _WEIGHT_TRANSFORMS:
+                online.append(f"scheme {name!r} location {location!r}")
+    return ", ".join(online)
+
+
 def parse_config(config: dict, source: str | Path = "config.json") -> BitmaskConfig | None:
     """The sparse-bitmask declaration of a model's ``config.json`` (a dict), or ``None`` when the checkpoint
     is not compressed-tensors (or declares no sparsity, i.e. is dense).
 
     Raises :class:`~flash_llm.FormatError` naming ``source`` for compressed-tensors checkpoints flash-llm cannot
-    read: quantized ones, sparsity formats other than ``sparse-bitmask`` / ``dense``, and sections of the wrong type
+    read: quantized ones (``config_groups``, ``kv_cache_scheme``), ones whose ``transform_config`` rotates the
+    activations at run time (transforms other than ``weight_input`` / ``weight_output``, which the stored weights hold
+    already), sparsity formats other than ``sparse-bitmask`` / ``dense``, and sections of the wrong type
     (``config_groups`` or ``sparsity_config`` not an object, ``targets`` / ``ignore`` not a list of strings).
     """
     source = str(source)
@@ -203,6 +234,11 @@ def parse_config(config: dict, source: str | Path = "config.json") -> BitmaskCon
     if section.get("kv_cache_scheme") is not None:
         raise FormatError(f"{source}: {key} declares a kv_cache_scheme (quantized KV cache), which flash-llm "
                           "does not support")
+    online = _online_transforms(section.get("transform_config"))
+    if online:
+        raise FormatError(f"{source}: {key}.transform_config applies {online} (rotations computed at run time "
+                          "on the activations, such as QuIP / SpinQuant's online Hadamard transforms), which "
+                          "flash-llm does not support; the stored weights are the rotated ones")
     sparsity = section.get("sparsity_config")
     if sparsity is None or sparsity == {}:
         return None
