@@ -1908,7 +1908,7 @@ class Engine:
                  stream: dict | None = None) -> "_Request":
         """A generation's arguments checked and prepared (:meth:`_checked_request`), at the call: a bad one raises
         before the engine is taken over.  Tensor-parallel, the ranks then compare their inputs and the options that
-        change the steps' collectives (:func:`_compared`: a collective, one small all-reduce), also where a rank's own
+        change the steps' collectives (:func:`_compared`: a collective, two small all-reduces), also where a rank's own
         checks refused its call, so that every rank raises: a call refused on some ranks only raises the
         ``ValueError`` "... differ between the K tensor-parallel ranks" on every rank (until session 83 the refusing
         rank raised alone and the others waited in the comparison until the timeout; until its review the checks of

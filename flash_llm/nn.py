@@ -193,9 +193,10 @@ class SparseLinear(nn.Module):
     arrays puts the bias in a new tensor too (references held to the old arrays or bias keep the old values), so a
     ``copy.copy`` of the layer (its own buffer dict, the tensors shared) loads without changing the original.
 
-    **Not supported** (each a clear TypeError): ``torch.jit.script`` (use ``torch.jit.trace``, ``torch.compile`` or
-    ``torch.export``) and ``torch.nn.utils.parametrize`` parametrizations of the layer's buffers (its forward, dtype
-    casts, moves and loads refuse a parametrized layer; remove the parametrization first).
+    **Not supported** (each refused in words): ``torch.jit.script`` (a TypeError; use ``torch.jit.trace``,
+    ``torch.compile`` or ``torch.export``) and ``torch.nn.utils.parametrize`` parametrizations of the layer's buffers
+    (its forward, dtype casts and moves raise a TypeError, a load the RuntimeError of ``load_state_dict`` with the
+    reason among its errors; remove the parametrization first).
 
     Args:
         weight: the compressed weight ``[out_features, in_features]``

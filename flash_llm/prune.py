@@ -1224,9 +1224,14 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     device = _model_device(model)  # (a model whose weights are buffers, trained by a given optimizer, has none)
     weights = [m.weight for _, m in layers]
     # the weights zero at the start (an already pruned model's) stay zero: no mask keeps them, from step 0 on
-    zero0 = [w.detach() == 0 for w in weights]
-    zeros0 = [int(z.sum()) for z in zero0]
-    keep = [~z for z in zero0]
+    # (None for a layer without zeros: no mask kept for it, a byte a weight over the whole run)
+    zero0: list[torch.Tensor | None] = []
+    for w in weights:
+        z = w.detach() == 0
+        zero0.append(z if bool(z.any()) else None)
+        del z
+    zeros0 = [0 if z is None else int(z.sum()) for z in zero0]
+    keep = [torch.ones_like(w, dtype=torch.bool) if z is None else ~z for w, z in zip(weights, zero0)]
     report = GradualPruneReport("gradual", final_sparsity)
     update_at = set(range(begin, end, frequency)) | {end}
 
@@ -1237,7 +1242,10 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
                 # max(count, initial zeros) zeros: the initial zeros, plus the `extra` smallest of the other weights
                 # (the initial zeros score +inf there, never picked: extra is below the number of the others)
                 extra = max(0, _count(s, w.numel()) - zeros0[i])
-                keep[i] = ~(_lowest_k([w.detach().masked_fill(zero0[i], math.inf)], extra)[0] | zero0[i])
+                if zero0[i] is None:
+                    keep[i] = ~_lowest_k([w], extra)[0]
+                else:
+                    keep[i] = ~(_lowest_k([w.detach().masked_fill(zero0[i], math.inf)], extra)[0] | zero0[i])
                 w.masked_fill_(~keep[i], 0)
         report.schedule.append((t, s))
 
