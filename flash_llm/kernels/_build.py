@@ -34,10 +34,14 @@ SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 
 def canonical_arch(arch: str) -> str:
-    """The name the cubin cache keys ``arch`` by: ``"sm_90a"`` is ``"sm_90"`` (sm_90 is built as sm_90a,
-    :func:`_options`: the same cubin, which the runtime looks up as :func:`device_arch`'s ``"sm_90"``); any other
-    name as it is."""
-    return "sm_90" if arch == "sm_90a" else arch
+    """The name the cubin cache keys ``spmm.cu``'s cubin for ``arch`` by: the runtime looks it up by
+    :func:`device_arch`'s ``"sm_NN"``, so an arch-specific or family name is that plain name.  ``"sm_90a"`` is
+    ``"sm_90"``: sm_90 is built as sm_90a (:func:`_options`), the same cubin.  Any other ``"sm_NNa"`` (or
+    ``"sm_NNf"``) is ``"sm_NN"``, built for plain sm_NN as the runtime builds it on that GPU (``spmm.cu`` uses no
+    feature of those targets), so ``flash-llm build --arch sm_100a`` fills the slot a B200 reads; any other name as
+    it is."""
+    m = re.fullmatch(r"(sm_\d+)[af]", arch)
+    return m.group(1) if m else arch
 
 
 class KernelBuildError(RuntimeError):
@@ -182,12 +186,13 @@ def cache_key(source: bytes, options: tuple[str, ...], arch: str) -> str:
 
 
 def cache_dir() -> Path:
-    """Where cubins are cached: ``$FLASH_LLM_CACHE/cubin`` (``~`` expanded; unset or empty: ``~/.cache/flash_llm``).
+    """Where cubins are cached: ``$FLASH_LLM_CACHE/cubin`` (``~`` expanded; blanks around it stripped, as for every
+    ``FLASH_LLM_*`` variable; unset, empty or blank: ``~/.cache/flash_llm``).
 
     Raises RuntimeError, naming ``FLASH_LLM_CACHE``, where that needs a home directory and none can be found
     (``$HOME`` unset and no passwd entry for this user: a container run with an arbitrary ``--user``);
     :func:`compile_kernels` then compiles without the cache and says why in :attr:`Compiled.cache_error`."""
-    root = os.environ.get("FLASH_LLM_CACHE")
+    root = (os.environ.get("FLASH_LLM_CACHE") or "").strip()
     try:
         return Path(root or Path.home() / ".cache" / "flash_llm").expanduser() / "cubin"
     except RuntimeError as e:  # (Path.home / expanduser: "Could not determine home directory.")
@@ -387,14 +392,23 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
     ``spmm.cu``).  Without a cache directory (no home directory, see :func:`cache_dir`) it compiles and says so in
     :attr:`Compiled.cache_error`.
 
-    ``"sm_90a"`` is taken as ``"sm_90"`` (:func:`canonical_arch`).  A cubin compiled with ``notify`` that cannot be
-    stored in the cache is said once on stderr, with what to do (:func:`cache_hint`).
+    ``"sm_90a"`` is taken as ``"sm_90"``, and for ``spmm.cu`` any other ``"sm_NNa"`` as ``"sm_NN"``
+    (:func:`canonical_arch`); a ``source`` is compiled for the ``"sm_NNa"`` asked for.  A cubin compiled with
+    ``notify`` that cannot be stored in the cache is said once per cache directory on stderr, with what to do
+    (:func:`cache_hint`).
+
+    A source that reads other files (an ``#include "..."`` or a computed ``#include``, found in the working
+    directory; an ``-I`` / ``--include-path`` / ``-include`` / ``--pre-include`` option) is compiled every time,
+    never cached: the cache key does not cover those files, so an edited header would give the old cubin
+    (:func:`uncacheable`; :attr:`Compiled.cache_error` says so).
 
     Raises :class:`KernelBuildError` with NVRTC's log when compilation fails.
     """
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
-    arch = canonical_arch(arch)  # (sm_90a: the sm_90 cubin, in the slot the runtime reads)
+    # (sm_90a: the sm_90 cubin, and for spmm.cu sm_NNa the sm_NN one: in the slot the runtime reads; a prototype's
+    # source keeps the arch-specific target it asks for, whose features it may use)
+    arch = canonical_arch(arch) if source is None or arch == "sm_90a" else arch
     if source is not None and not isinstance(source, (bytes, bytearray, memoryview)):
         raise TypeError(f"compile_kernels(source=...) takes the source's bytes (e.g. text.encode()), got "
                         f"{type(source).__name__}")
@@ -466,8 +480,9 @@ _unstored_said: set[str] = set()
 
 
 def _warn_unstored(arch: str, why: str) -> None:
-    """Say once on stderr that the cubin compiled for ``arch`` at first use could not be stored (``why``): each new
-    process then compiles it again."""
+    """Say once on stderr that the cubin compiled for ``arch`` at first use could not be stored (``why``, which
+    names the cache directory, :func:`_store_cubin`: once per directory and reason): each new process then compiles
+    it again."""
     if why in _unstored_said:
         return
     _unstored_said.add(why)
@@ -483,9 +498,38 @@ def _options(arch: str, extra_options: tuple[str, ...] = ()) -> tuple[str, ...]:
     return OPTIONS + tuple(extra_options) + (f"--gpu-architecture={target}",)
 
 
+#: an ``#include`` (or ``#include_next``, or ``__has_include``) of anything but ``<name>``: a quoted name, which
+#: NVRTC looks for in the working directory, or a macro that may expand to one
+_FILE_INCLUDE = re.compile(rb"^[ \t]*#[ \t]*include(?:_next)?\b(?![ \t]*<)|__has_include(?:_next)?[ \t]*\((?![ \t]*<)",
+                           re.MULTILINE)
+
+#: NVRTC options that make it read header files (directories searched, headers included before the source)
+_INCLUDE_OPTIONS = ("-I", "--include-path", "-include", "--pre-include")
+
+
+def uncacheable(source: bytes, options: tuple[str, ...]) -> str | None:
+    """Why the cubin of ``source`` built with ``options`` must not be cached, or None: the source or the options make
+    NVRTC read header files (:data:`_FILE_INCLUDE`, :data:`_INCLUDE_OPTIONS`), whose bytes the cache key
+    (:func:`cache_key`) does not cover, so an edited header (or another working directory) would get the old cubin.
+    An ``#include <name>`` alone reads no file: without an include path NVRTC searches no directory for it."""
+    option = next((o for o in options if o.startswith(_INCLUDE_OPTIONS)), None)
+    if option is not None:
+        return (f"the option {option!r} makes NVRTC read header files, which the cache key does not cover: compiled "
+                "every time")
+    m = _FILE_INCLUDE.search(source)
+    if m is not None:
+        line = source[m.start():].split(b"\n", 1)[0].strip().decode(errors="replace")
+        return f"the source reads header files ({line!r}), which the cache key does not cover: compiled every time"
+    return None
+
+
 def _cache_path(arch: str, source: bytes, options: tuple[str, ...]) -> tuple[Path | None, str | None]:
     """The cache slot of the cubin of ``source`` for ``arch`` built with ``options`` (``spmm-<arch>-<key>.cubin``,
-    whose files are named by :func:`_cached_name`); or None and why there is no cache (:func:`cache_dir`)."""
+    whose files are named by :func:`_cached_name`); or None and why there is no cache (:func:`cache_dir`) or none
+    for this source (:func:`uncacheable`)."""
+    why = uncacheable(source, options)
+    if why is not None:
+        return None, why
     root, why = _cache_dir_or_why()
     if root is None:
         return None, why
@@ -618,7 +662,13 @@ def _store_cubin(path: Path, cubin: bytes, *, sync: bool = True) -> str | None:
     try:
         _write_atomically(path, cubin, sync=sync)
     except OSError as e:
-        return f"cannot write {e.filename or path}: {_reason(e)}"
+        # the cache directory, not the temporary file (a random name that never existed, where it could not be
+        # created): the same message for every store there, so :func:`_warn_unstored` says it once; a directory
+        # above it that could not be created is named as it is
+        where = e.filename
+        if where is None or Path(os.fsdecode(where)).parent == path.parent:
+            where = path.parent
+        return f"cannot write {where}: {_reason(e)}"
     return None
 
 
