@@ -51,6 +51,7 @@ from bench_decode_attention import decode_case  # noqa: E402
 from profile_decode import restart  # noqa: E402
 
 from flash_llm import kernels  # noqa: E402
+from flash_llm.cli import sparsity_arg  # noqa: E402
 
 #: the stamps (word 2 k: globaltimer ns, 2 k + 1: clock64) and the other words of a block's 32
 STAMPS = ["entry", "after wait", "q/k published", "scores", "softmax", "values", "partials", "combine",
@@ -267,13 +268,15 @@ def step(a) -> int:
     t = tr[:n].cpu()
     if not bool((t[:, :, 0] > 0).any()):
         _trace_off("the trace stayed all zeros (a kernel built without the patch?)")
-    print(f"{torch.cuda.get_device_name()}: {a.model} ({cfg.num_layers} layers) {a.format} {a.sparsity} {a.dtype} "
-          f"fuse={a.fuse} merge={a.merge}, batch {a.batch}, decode graph of {key[1]} slots, replay {a.replays + 1}")
+    print(f"{torch.cuda.get_device_name()}: {a.model} ({cfg.num_layers} layers) {a.format} {100 * a.sparsity:g} % "
+          f"{a.dtype} fuse={a.fuse} merge={a.merge}, batch {a.batch}, decode graph of {key[1]} slots, replay "
+          f"{a.replays + 1}")
     report_step(t)
     return 0
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; a bad ``--sparsity`` is refused here (``ap.error``, exit status 2), before any CUDA work."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--slots", type=int, default=256, help="the kernel alone: slots attended")
@@ -281,14 +284,19 @@ def main(argv=None) -> int:
     ap.add_argument("--step", action="store_true", help="trace the attention inside the engine's decode step")
     ap.add_argument("--model", default="llama-3-8b")
     ap.add_argument("--format", default="delta-rows", choices=("bitmap", "tiled-csl", "delta-rows"))
-    ap.add_argument("--sparsity", type=float, default=0.8, help="0 for the dense model")
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike; 0: the dense model)")
     ap.add_argument("--dtype", choices=("fp16", "bf16"), default="bf16")
     ap.add_argument("--num-layers", type=int, default=None, help="--step: build only this many decoder layers")
     ap.add_argument("--fuse", action="store_true")
     ap.add_argument("--merge", action="store_true")
     ap.add_argument("--max-seq", type=int, default=256)
     ap.add_argument("--replays", type=int, default=5, help="--step: replays before the one reported")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("attn_trace.py needs a CUDA GPU")
     if not hasattr(kernels, "ATTN_TRACE"):

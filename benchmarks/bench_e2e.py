@@ -924,12 +924,15 @@ def parse_args(argv):
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    try:
-        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    raw_models = args.models
+    try:  # (duplicates dropped, the order kept: each point is built and timed once)
+        args.models = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
         args.sparsities = [int(v) for v in args.sparsities.split(",")]
-        args.batches = [int(v) for v in args.batches.split(",")]
+        args.batches = list(dict.fromkeys(int(v) for v in args.batches.split(",")))
     except ValueError as e:
         ap.error(f"--sparsities and --batches take comma-separated integers: {e}")
+    if not args.models:  # (it ran nothing and wrote empty results, over a real run's with --overwrite)
+        ap.error(f"--models names no model, got {raw_models!r}; known: {sorted(PRESETS) + sorted(TINY)}")
     for m in args.models:
         if m not in PRESETS and m not in TINY:
             ap.error(f"unknown model {m!r}; known: {sorted(PRESETS) + sorted(TINY)}")

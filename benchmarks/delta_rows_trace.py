@@ -26,6 +26,7 @@ import argparse
 import torch
 
 from flash_llm import DeltaRows, kernels
+from flash_llm.cli import sparsity_arg
 from flash_llm.reference import FORMAT_IDS
 
 FID = FORMAT_IDS[DeltaRows]
@@ -67,11 +68,17 @@ def report(name: str, t: torch.Tensor, base: int | None = None) -> tuple[int, in
     return first, int(end.max())
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; a bad ``--sparsity`` is refused here (``ap.error``, exit status 2), before any CUDA work."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike)")
     ap.add_argument("--graph-layers", type=int, default=0, help="decoder layers to trace in a CUDA graph (0: none)")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     cases = build(a.sparsity, gen)
     print(f"DeltaRows at {a.sparsity:.0%}, fp16, N = 1, on {torch.cuda.get_device_name()}")

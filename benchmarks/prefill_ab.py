@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from flash_llm import kernels  # noqa: E402
 from flash_llm import engine as engine_mod  # noqa: E402
 from flash_llm.engine import Engine  # noqa: E402
+from flash_llm.cli import sparsity_arg  # noqa: E402
 from flash_llm.models.synthetic import build_synthetic  # noqa: E402
 
 
@@ -137,11 +138,13 @@ def prefill_graph(eng: Engine, prompts, rounds: int) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; a bad ``--sparsity`` is refused here (``ap.error``, exit status 2), before any CUDA work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="opt-30b")
     p.add_argument("--format", default="delta-rows", choices=("bitmap", "tiled-csl", "delta-rows"))
-    p.add_argument("--sparsity", type=float, default=80.0, help="percent")
+    p.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                   help="a fraction or a percentage (0.8, 80 and 80%% alike; 0: dense)")
     p.add_argument("--dtype", default="bf16", choices=("fp16", "bf16"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128)
@@ -156,14 +159,18 @@ def main(argv=None) -> int:
                    help="let the engine capture its prefill (engine.PREFILL_GRAPHS; off here by default: a graph keeps the "
                         "switches it was captured under, so the settings would not differ)")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("prefill_ab.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     settings = parse_settings(args.settings)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     dev = torch.device("cuda")
-    model, report = build_synthetic(args.model, args.sparsity / 100 or None, dtype=dtype, device=dev, seed=1,
+    model, report = build_synthetic(args.model, args.sparsity or None, dtype=dtype, device=dev, seed=1,
                                     progress=False, fmt=args.format)
     print(report, flush=True)
     engine_mod.PREFILL_GRAPHS = args.engine_graphs
@@ -189,8 +196,8 @@ def main(argv=None) -> int:
             with applied(values):
                 graph[name] = prefill_graph(eng, prompts, args.rounds)
     card = torch.cuda.get_device_name(dev)
-    print(f"\n{args.model} {args.format} {args.sparsity:g} % {args.dtype}, batch {args.batch}, prompt {args.prompt}, "
-          f"{card}, torch {torch.__version__}")
+    print(f"\n{args.model} {args.format} {100 * args.sparsity:g} % {args.dtype}, batch {args.batch}, prompt "
+          f"{args.prompt}, {card}, torch {torch.__version__}")
     for name, _ in settings:
         print(f"\n{name}: prefill kernels (one generate of one token, us, calls)")
         for n, t, c in prof[name]:

@@ -28,34 +28,27 @@ from _timing import copies_needed, graph_calls, kernels_missing
 
 import flash_llm
 from flash_llm import kernels
-
-ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--fmt", choices=["bitmap", "tiled-csl"], default="bitmap")
-ap.add_argument("--m", type=int, default=9216)
-ap.add_argument("--k", type=int, default=36864)
-ap.add_argument("--sparsity", type=float, default=0.8)
-ap.add_argument("--ns", default="1,8,16,32,64")
-ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-ap.add_argument("--force-sparse", action="store_true",
-                help="time the sparse kernel at every N (no expansion + cuBLAS for large N)")
-ap.add_argument("--pdl", action="store_true", help="the sparse calls under kernels.static_weights() (as the engine)")
-ap.add_argument("--l2-resident", action="store_true", help="one copy of each weight, no rotation (L2 hits)")
-a = ap.parse_args()
-why = kernels_missing()  # (as bench_spmm.py: refuse to time the PyTorch reference as the sparse kernel)
-if why:
-    sys.exit(f"error: {why}")
-dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
-w = torch.randn(a.m, a.k, device="cuda").to(dtype)
-w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
-cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
-fs = [cls.from_dense(w)]
-if not a.l2_resident:
-    fs += [cls.from_dense(w) for _ in range(copies_needed(fs[0].nbytes) - 1)]
-ws = [w] + ([] if a.l2_resident else [w.clone() for _ in range(copies_needed(w.numel() * w.element_size()) - 1)])
-f = fs[0]
-
+from flash_llm.cli import sparsity_arg
 
 REPS = 10  # calls per CUDA-graph replay at least (more: a multiple of the rotating copies, graph_calls)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; a bad ``--sparsity`` is refused here (``ap.error``, exit status 2), before any CUDA work."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fmt", choices=["bitmap", "tiled-csl"], default="bitmap")
+    ap.add_argument("--m", type=int, default=9216)
+    ap.add_argument("--k", type=int, default=36864)
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike)")
+    ap.add_argument("--ns", default="1,8,16,32,64")
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--force-sparse", action="store_true",
+                    help="time the sparse kernel at every N (no expansion + cuBLAS for large N)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="the sparse calls under kernels.static_weights() (as the engine)")
+    ap.add_argument("--l2-resident", action="store_true", help="one copy of each weight, no rotation (L2 hits)")
+    return ap.parse_args(argv)
 
 
 def rotating(fn, copies):
@@ -96,26 +89,46 @@ def median_us(fn, calls: int = REPS) -> float:
     return sorted(s.elapsed_time(e) for s, e in ev)[10] * 1e3 / calls
 
 
-if a.force_sparse:
-    from flash_llm.kernels import spmm_cuda
-    from flash_llm.reference import FORMAT_IDS
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    why = kernels_missing()  # (as bench_spmm.py: refuse to time the PyTorch reference as the sparse kernel)
+    if why:
+        sys.exit(f"error: {why}")
+    dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
+    w = torch.randn(a.m, a.k, device="cuda").to(dtype)
+    w.mul_(torch.rand(a.m, a.k, device="cuda") >= a.sparsity)
+    cls = flash_llm.BitmapTiles if a.fmt == "bitmap" else flash_llm.TiledCSL
+    fs = [cls.from_dense(w)]
+    if not a.l2_resident:
+        fs += [cls.from_dense(w) for _ in range(copies_needed(fs[0].nbytes) - 1)]
+    ws = [w] + ([] if a.l2_resident else [w.clone() for _ in range(copies_needed(w.numel() * w.element_size()) - 1)])
+    f = fs[0]
 
-    def sparse(x, c):
-        return spmm_cuda(x, c.data, c.offsets, FORMAT_IDS[type(c)], c.shape[0], c.shape[1], None, force_sparse=True)
-else:
-    sparse = flash_llm.spmm
+    if a.force_sparse:
+        from flash_llm.kernels import spmm_cuda
+        from flash_llm.reference import FORMAT_IDS
+
+        def sparse(x, c):
+            return spmm_cuda(x, c.data, c.offsets, FORMAT_IDS[type(c)], c.shape[0], c.shape[1], None,
+                             force_sparse=True)
+    else:
+        sparse = flash_llm.spmm
+
+    print(f"{torch.cuda.get_device_name()}: {a.fmt} {a.m} x {a.k} {a.dtype} at {a.sparsity:.0%} "
+          f"({len(fs)} / {len(ws)} rotating copies{', sparse calls under static_weights' if a.pdl else ''})")
+    print(f"| N | {a.fmt} us | cuBLAS dense us | speedup | max err / cuBLAS's |")
+    print("|---|---|---|---|---|")
+    for n in (int(v) for v in a.ns.split(",")):
+        x = torch.randn(n, a.k, device="cuda").to(dtype)
+        y, ref = flash_llm.spmm(x, f), x.double() @ w.double().t()  # the dispatched path's error
+        err = float((y.double() - ref).abs().max()) / max(float((torch.nn.functional.linear(x, w).double() - ref)
+                                                                 .abs().max()), 1e-30)
+        with kernels.static_weights() if a.pdl else contextlib.nullcontext():
+            ts = median_us(rotating(lambda c: sparse(x, c), fs), graph_calls(REPS, len(fs)))
+        td = median_us(rotating(lambda c: torch.nn.functional.linear(x, c), ws), graph_calls(REPS, len(ws)))
+        print(f"| {n} | {ts:.1f} | {td:.1f} | {td / ts:.2f}x | {err:.2f} |", flush=True)
+    return 0
 
 
-print(f"{torch.cuda.get_device_name()}: {a.fmt} {a.m} x {a.k} {a.dtype} at {a.sparsity:.0%} "
-      f"({len(fs)} / {len(ws)} rotating copies{', sparse calls under static_weights' if a.pdl else ''})")
-print(f"| N | {a.fmt} us | cuBLAS dense us | speedup | max err / cuBLAS's |")
-print("|---|---|---|---|---|")
-for n in (int(v) for v in a.ns.split(",")):
-    x = torch.randn(n, a.k, device="cuda").to(dtype)
-    y, ref = flash_llm.spmm(x, f), x.double() @ w.double().t()  # the dispatched path's error
-    err = float((y.double() - ref).abs().max()) / max(float((torch.nn.functional.linear(x, w).double() - ref)
-                                                             .abs().max()), 1e-30)
-    with kernels.static_weights() if a.pdl else contextlib.nullcontext():
-        ts = median_us(rotating(lambda c: sparse(x, c), fs), graph_calls(REPS, len(fs)))
-    td = median_us(rotating(lambda c: torch.nn.functional.linear(x, c), ws), graph_calls(REPS, len(ws)))
-    print(f"| {n} | {ts:.1f} | {td:.1f} | {td / ts:.2f}x | {err:.2f} |", flush=True)
+if __name__ == "__main__":
+    sys.exit(main())

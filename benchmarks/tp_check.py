@@ -34,6 +34,7 @@ from flash_llm.parallel import init_tensor_parallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
+from dr_coded import sparsities_arg  # noqa: E402  (flash_llm.cli.sparsity_arg, each)
 
 
 # ``--model tiny``: a smoke run on CPU processes (gloo), as tests/test_parallel.py runs it
@@ -50,10 +51,19 @@ def _ulp(dtype, x: float) -> float:
     return float(torch.finfo(dtype).eps) * 2.0 ** torch.tensor(max(x, 1e-30)).log2().floor().item()
 
 
-def main(argv=None) -> int:
+def _percent(sparsity: float) -> int | float:
+    """A fraction as the percentage the rows and the table give (0.8 -> 80, 0.875 -> 87.5)."""
+    pct = round(100 * sparsity, 6)
+    return int(pct) if pct.is_integer() else pct
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked on every rank before the process group starts (a bad one: ``ap.error``, exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3-8b", help="a flash_llm.models preset, or tiny (CPU smoke run)")
-    ap.add_argument("--sparsities", default="0,80", help="percent, comma-separated (default 0,80)")
+    ap.add_argument("--sparsities", type=sparsities_arg, default="0,80",
+                    help="comma-separated, each a fraction or a percentage (0.8, 80 and 80%% alike; 0: dense; "
+                         "default 0,80)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
@@ -61,8 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto (default: NCCL on cuda:LOCAL_RANK where CUDA is, else gloo on the CPU), cpu (gloo "
                          "ranks on the CPU, on a GPU machine too) or cuda")
-    args = ap.parse_args(argv)
-    sparsities = [int(s) for s in args.sparsities.split(",")]
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sparsities = args.sparsities
     cfg = TINY if args.model == "tiny" else preset(args.model)
     dtype = torch.float16
     with init_tensor_parallel({"auto": None, "cpu": "gloo", "cuda": "nccl"}[args.device]) as tp:
@@ -75,19 +89,19 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                model, _ = build_synthetic(cfg, sp / 100 or None, dtype=dtype, device=tp.device, seed=1, tp=tp,
+                model, _ = build_synthetic(cfg, sp or None, dtype=dtype, device=tp.device, seed=1, tp=tp,
                                            progress=False)
             with torch.no_grad():
                 got = model(ids.to(tp.device)).float()
             out = Engine(model, max_batch=args.batch, max_seq=args.prompt + args.new).generate(
                 prompts, args.new, eos_token_id=None, output_logits=True)
-            row = {"model": args.model, "sparsity": sp, "world_size": tp.world_size}
+            row = {"model": args.model, "sparsity": _percent(sp), "world_size": tp.world_size}
             del model
             _empty_cache()
             if lead:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
-                    one, _ = build_synthetic(cfg, sp / 100 or None, dtype=dtype, device=tp.device, seed=1,
+                    one, _ = build_synthetic(cfg, sp or None, dtype=dtype, device=tp.device, seed=1,
                                              progress=False)
                 ref32 = expanded_copy(one).float()  # the dense-with-zeros reference
                 with torch.no_grad():

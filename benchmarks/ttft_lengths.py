@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from flash_llm import engine as E  # noqa: E402
+from flash_llm.cli import sparsity_arg  # noqa: E402
 
 MODES = ("eager", "exact", "buckets")
 DENSE_MODE = "dense"
@@ -119,13 +120,13 @@ def summary(res: dict[str, dict]) -> list[tuple[str, float, float, float, int, i
     return rows
 
 
-def main(argv=None) -> int:
-    from flash_llm.models.synthetic import build_synthetic
-
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; a bad ``--sparsity`` is refused here (``ap.error``, exit status 2), before any CUDA work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--format", default="delta-rows", choices=("bitmap", "tiled-csl", "delta-rows"))
-    p.add_argument("--sparsity", type=float, default=80.0, help="percent (0: dense)")
+    p.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                   help="a fraction or a percentage (0.8, 80 and 80%% alike; 0: dense)")
     p.add_argument("--dtype", default="bf16", choices=("fp16", "bf16"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--lengths", default="64-192", help="LO-HI: each prompt batch's length, uniform, inclusive")
@@ -134,13 +135,19 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-dense", action="store_true",
                    help="a fourth mode: buckets on an engine with dense copies of the sparse layers for the prefill")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from flash_llm.models.synthetic import build_synthetic
+
+    args = parse_args(argv)
     lengths = parse_lengths(args.lengths)
     if not torch.cuda.is_available():
         print("ttft_lengths.py: needs a CUDA GPU (on a CPU every mode is the eager prefill)", file=sys.stderr)
         return 2
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model, report = build_synthetic(args.model, args.sparsity / 100 or None, dtype=dtype, device="cuda", seed=1,
+    model, report = build_synthetic(args.model, args.sparsity or None, dtype=dtype, device="cuda", seed=1,
                                     progress=False, fmt=args.format)
     print(report, flush=True)
     # max_seq: the longest bucket and the new token, in the cache's slots
@@ -154,9 +161,9 @@ def main(argv=None) -> int:
     stream = draw_prompts(args.count, args.batch, lengths, model.config.vocab_size, seed=args.seed)
     res = run_modes(engs, stream)
     card = torch.cuda.get_device_name()
-    print(f"\n{args.model} {args.format} {args.sparsity:g} % {args.dtype}, batch {args.batch}, {args.count} prompt "
-          f"batches of {lengths[0]}-{lengths[1]} tokens ({len({len(s[0]) for s in stream})} lengths), {card}, torch "
-          f"{torch.__version__}, commit {os.environ.get('FLASH_LLM_COMMIT', '?')}")
+    print(f"\n{args.model} {args.format} {100 * args.sparsity:g} % {args.dtype}, batch {args.batch}, {args.count} "
+          f"prompt batches of {lengths[0]}-{lengths[1]} tokens ({len({len(s[0]) for s in stream})} lengths), {card}, "
+          f"torch {torch.__version__}, commit {os.environ.get('FLASH_LLM_COMMIT', '?')}")
     agree = sum(a == b for a, b in zip(res["eager"]["tokens"], res["buckets"]["tokens"]))
     print(f"first tokens of buckets equal to eager's: {agree} of {len(stream)} (greedy; the padding changes rounding)")
     print("\nmode | TTFT median ms | mean | p90 | prefills replayed | graphs held | call median ms | calls' total ms")

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_e2e import TINY as E2E_TINY  # noqa: E402
 from flash_llm import engine as engine_mod  # noqa: E402
+from flash_llm.cli import sparsity_arg  # noqa: E402
 from flash_llm.engine import Engine  # noqa: E402
 from ttft_lengths import parse_lengths  # noqa: E402
 
@@ -68,13 +69,13 @@ def run_settings(eng: Engine, prompts: list[list[int]], limits: list[int], round
     return out
 
 
-def main(argv=None) -> int:
-    from flash_llm.models.synthetic import build_synthetic
-
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, checked before any CUDA work (a bad one: ``ap.error``, exit status 2)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-3-8b")
     ap.add_argument("--format", default="delta-rows", choices=("bitmap", "tiled-csl", "delta-rows"))
-    ap.add_argument("--sparsity", type=float, default=80.0, help="percent (0: dense)")
+    ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
+                    help="a fraction or a percentage (0.8, 80 and 80%% alike; 0: dense)")
     ap.add_argument("--dtype", default="bf16", choices=("fp16", "bf16"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=128)
@@ -85,17 +86,25 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
-        lo, hi = parse_lengths(args.limits, "--limits")
+        parse_lengths(args.limits, "--limits")
     except ValueError as e:
         ap.error(str(e))
     if args.batch < 1 or args.rounds < 1 or args.prompt < 1:
         ap.error("need --batch, --rounds and --prompt >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    from flash_llm.models.synthetic import build_synthetic
+
+    args = parse_args(argv)
+    lo, hi = parse_lengths(args.limits, "--limits")  # (checked by parse_args)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("uneven_rows.py: needs a CUDA GPU (--device cpu with a tiny-* model for a smoke run)", file=sys.stderr)
         return 2
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model, report = build_synthetic(TINY if args.model == "tiny-llama" else args.model, args.sparsity / 100 or None, dtype=dtype, device=args.device, seed=1,
-                                    progress=False, fmt=args.format)
+    model, report = build_synthetic(TINY if args.model == "tiny-llama" else args.model, args.sparsity or None,
+                                    dtype=dtype, device=args.device, seed=1, progress=False, fmt=args.format)
     print(report, flush=True)
     limits = draw_limits(args.batch, lo, hi, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -107,8 +116,8 @@ def main(argv=None) -> int:
     same = torch.equal(res["shrink"]["tokens"], res["full"]["tokens"])
     rows_same = sum(torch.equal(a, b) for a, b in zip(res["shrink"]["tokens"], res["full"]["tokens"]))
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"\n{args.model} {args.format} {args.sparsity:g} % {args.dtype}, batch {args.batch}, prompt {args.prompt}, "
-          f"limits {lo}-{hi} (sum {sum(limits)}), {card}, torch {torch.__version__}, commit "
+    print(f"\n{args.model} {args.format} {100 * args.sparsity:g} % {args.dtype}, batch {args.batch}, prompt "
+          f"{args.prompt}, limits {lo}-{hi} (sum {sum(limits)}), {card}, torch {torch.__version__}, commit "
           f"{os.environ.get('FLASH_LLM_COMMIT', '?')}; rows whose tokens both settings agree on: {rows_same} of "
           f"{args.batch}")
     print("\nsetting | generation median s | tokens/s | decode batch sizes")

@@ -38,6 +38,9 @@ from .llama import rope_inv_freq
 
 _STRIP_M, _STRIP_K = 16, 64  # BitmapTiles strip
 _CHUNK = 1 << 26  # elements drawn per chunk (fp32 temporaries of 256 MB)
+# Bytes an element of a chunk that _draw's float32 temporaries take at their peak, beside the weight it fills: the
+# values (4; dense), and to prune them their magnitudes (4) and the mask (1)
+_DRAW_TEMP_DENSE, _DRAW_TEMP_SPARSE = 4, 9
 # Device memory one projection's compression takes at its peak, in multiples of its dense fp16 bytes
 # (the dense weight, the fragment-order copy, masks, and the int64 indices of the nonzeros that
 # BitmapTiles.from_dense gathers: about 8x at 50 % density; 10x leaves room).
@@ -213,7 +216,8 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
     the expected nonzero count; with ``tp_size`` ranks, one rank's slices), ``other`` (embeddings, norms, biases,
     a dense ``lm_head``, a Llama's float32 RoPE ``inv_freq`` buffer: replicated on every rank; exactly the bytes
     the built model holds besides its projections' weights), ``total``, and ``transient`` (the extra peak while one
-    projection is drawn and compressed; tensor-parallel builds draw the full projection, then keep a slice).
+    projection is drawn and compressed: the float32 temporaries of the draw, a chunk of rows of up to 2**26 elements,
+    and the compression's; tensor-parallel builds draw the full projection, then keep a slice).
     ``sparsity`` and ``tp_size`` are checked as :func:`build_synthetic` checks them (ValueError).
     """
     cfg = _check_config(config)
@@ -233,10 +237,15 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
     if cfg.family == "llama":  # the model's one RoPE buffer (float32 whatever dtype, replicated on every rank)
         inv_freq = rope_inv_freq(cfg)
         other += inv_freq.numel() * inv_freq.element_size()
-    if tp_size > 1:  # the full dense draw, plus the slice (and its compression temporaries)
-        transient = largest * es * (1.0 + (_COMPRESS_PEAK if sparsity else 1.0) / tp_size)
-    else:
-        transient = largest * es * (_COMPRESS_PEAK if sparsity else 1.0)
+    # _draw's float32 temporaries: up to a chunk of rows, whatever the dtype (the full projection is drawn with tp)
+    draw = max(_draw_temp_bytes(m, k, not sparsity) for _, m, k in cfg.linear_shapes())
+    full = largest * es  # one projection drawn whole, before it is compressed or sliced
+    if tp_size > 1:  # the full dense draw, plus its temporaries or the slice (and its compression temporaries)
+        transient = full + max(draw, full * (_COMPRESS_PEAK if sparsity else 1.0) / tp_size)
+    elif sparsity:  # the dense draw and its temporaries, then its compression (the dense weight among them)
+        transient = max(full + draw, full * _COMPRESS_PEAK)
+    else:  # the weight drawn is the one kept (counted in ``projections``): only the draw's temporaries
+        transient = draw
     return {"projections": int(proj), "other": int(other), "total": int(proj + other), "transient": int(transient)}
 
 
@@ -319,11 +328,19 @@ def _draw(m: int, k: int, density: float, dtype, device, gen: torch.Generator,
     t = std * float(torch.special.ndtri(torch.tensor(1.0 - density / 2, dtype=torch.float64)))
     for r in range(0, m, rows):
         n = min(rows, m - r)
-        v = torch.randn(n, k, generator=gen, device=device) * std
+        v = torch.randn(n, k, generator=gen, device=device).mul_(std)  # (in place: one float32 chunk, not two)
         if density < 1.0:
             v.masked_fill_(v.abs() < t, 0.0)
         w[r:r + n] = v
+        del v  # (before the next chunk is drawn: never two chunks at once)
     return w
+
+
+def _draw_temp_bytes(m: int, k: int, dense: bool) -> int:
+    """The peak bytes of :func:`_draw`'s float32 temporaries for an ``[m, k]`` weight (besides the weight itself):
+    one chunk of rows (:data:`_CHUNK` elements at most, a whole row at least) at :data:`_DRAW_TEMP_DENSE` or
+    :data:`_DRAW_TEMP_SPARSE` bytes an element."""
+    return min(m, max(1, _CHUNK // k)) * k * (_DRAW_TEMP_DENSE if dense else _DRAW_TEMP_SPARSE)
 
 
 def _materialize_(module: nn.Module, device, gen, std: float = INIT_STD) -> None:
