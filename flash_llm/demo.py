@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import math
 import os
 import time
@@ -108,7 +109,7 @@ class HFTokenizer:
 
     def __init__(self, directory: Path, vocab_size: int):
         try:
-            from transformers import AutoTokenizer  # noqa: F401  (the message below where it is missing)
+            importlib.import_module("transformers")  # (the message below where it is missing)
         except ImportError:
             raise ImportError(f"{directory} uses a {vocab_size}-token vocabulary, not flash-llm's bytes: reading "
                               "text for it needs its tokenizer through transformers (pip install "

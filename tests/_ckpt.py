@@ -122,3 +122,18 @@ def edit_tensor(path: Path, name: str, fn) -> Path:
         tensors[name] = new
     rewrite_shard(file, tensors, meta)
     return file
+
+
+def one_arg_hook(monkeypatch) -> None:
+    """transformers 5.17's quantizer API (the H100 image's): the base ``update_weight_conversions`` hook without the
+    model, and flash-llm's called with the conversions alone (sessions 84-85)."""
+    from transformers.quantizers.base import HfQuantizer
+
+    from flash_llm.checkpoint import hf_quantizer
+
+    monkeypatch.setattr(HfQuantizer, "update_weight_conversions", lambda self, weight_conversions: weight_conversions,
+                        raising=False)
+    cls = hf_quantizer.FlashLLMHfQuantizer
+    ours = cls.update_weight_conversions
+    monkeypatch.setattr(cls, "update_weight_conversions", lambda self, weight_conversions, *rest: ours(
+        self, weight_conversions))

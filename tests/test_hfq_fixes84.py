@@ -12,17 +12,13 @@ import torch
 
 import flash_llm
 
-from _ckpt import hf_model, logits
+from _ckpt import hf_model, logits, one_arg_hook
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_a_transformers_whose_hook_takes_no_model_loads_the_checkpoint(tmp_path, monkeypatch, family):
-    from transformers.quantizers.base import HfQuantizer
-
-    from flash_llm.checkpoint import hf_quantizer
-
     model = hf_model(family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -31,13 +27,7 @@ def test_a_transformers_whose_hook_takes_no_model_loads_the_checkpoint(tmp_path,
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     want = logits(model, ids)
 
-    # that transformers: the base hook without the model, called with the conversions alone
-    monkeypatch.setattr(HfQuantizer, "update_weight_conversions", lambda self, weight_conversions: weight_conversions,
-                        raising=False)
-    cls = hf_quantizer.FlashLLMHfQuantizer
-    ours = cls.update_weight_conversions
-    monkeypatch.setattr(cls, "update_weight_conversions", lambda self, weight_conversions, *rest: ours(
-        self, weight_conversions))
+    one_arg_hook(monkeypatch)  # that transformers: the base hook without the model, called with the conversions alone
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     sparse = [n for n, m in loaded.named_modules() if isinstance(m, flash_llm.SparseLinear)]
     assert sparse and len(sparse) == sum(isinstance(m, flash_llm.SparseLinear) for m in model.modules())

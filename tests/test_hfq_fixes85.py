@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+import _ckpt
 import test_hfq_fixes83 as s83
 
 transformers = pytest.importorskip("transformers")
@@ -16,17 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture
 def one_arg_hook(monkeypatch):
-    """transformers 5.17's API: the base hook without the model, called with the conversions alone."""
-    from transformers.quantizers.base import HfQuantizer
-
-    from flash_llm.checkpoint import hf_quantizer
-
-    monkeypatch.setattr(HfQuantizer, "update_weight_conversions", lambda self, weight_conversions: weight_conversions,
-                        raising=False)
-    cls = hf_quantizer.FlashLLMHfQuantizer
-    ours = cls.update_weight_conversions
-    monkeypatch.setattr(cls, "update_weight_conversions", lambda self, weight_conversions, *rest: ours(
-        self, weight_conversions))
+    """transformers 5.17's API (``_ckpt.one_arg_hook``)."""
+    _ckpt.one_arg_hook(monkeypatch)
 
 
 def test_key_mapping_renames_the_sparse_layers_under_a_hook_without_the_model(one_arg_hook, tmp_path):
