@@ -117,6 +117,20 @@ def test_convert_sparse_bitmask_dtype_choices(bf16_dense, tmp_path):
     assert not (tmp_path / "mixed").exists()
 
 
+def test_fp32_rotary_buffers_do_not_count_as_a_second_dtype(bf16_dense, tmp_path):
+    # (review: Llama-2-era files store each layer's rotary_emb.inv_freq in fp32 beside bf16 weights; every reader
+    # skips those buffers, so the weights' dtype is the one guessed, not "several dtypes")
+    src = tmp_path / "src"
+    shutil.copytree(bf16_dense, src)
+    edit_json(src / "config.json", lambda c: (c.pop("dtype", None), c.pop("torch_dtype", None)))
+    file = src / "model.safetensors"
+    tensors, meta = read_shard(file)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(4, dtype=torch.float32)
+    rewrite_shard(file, tensors, meta)
+    convert(src, tmp_path / "out", format="sparse-bitmask", progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 # ---- 2. a transform_config that rotates activations at run time is refused -----------------------------------------
 
 def _ct(tmp_path, model=None):

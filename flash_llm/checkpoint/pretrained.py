@@ -797,10 +797,11 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path, spar
     dense = sparsify is False or (sparsify is None and kind.kind == "flash-llm" and not kind.sparse_modules)
     declared = config_dtype(config)
     hint = (f"pass dtype=torch.float16{', torch.bfloat16 or torch.float32' if dense else ' or torch.bfloat16'} "
-            "(on the command line: --dtype)")
+            "(on the command line: --dtype float16 or bfloat16)")
     if declared is None:  # as transformers' dtype="auto": the weights' own floating dtype
-        found = {t.dtype for t in _files.open_checkpoint(source.parent).tensors.values() if t.dtype.startswith(
-            ("F", "BF"))}
+        # (not the tensors every reader skips: Llama-2-era files store rotary_emb.inv_freq in fp32 beside bf16 weights)
+        found = {t.dtype for name, t in _files.open_checkpoint(source.parent).tensors.items()
+                 if t.dtype.startswith(("F", "BF")) and not name.endswith(_files.IGNORED_SUFFIXES)}
         declared = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(
             next(iter(found))) if len(found) == 1 else None
         if declared is None:
