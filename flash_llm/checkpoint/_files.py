@@ -109,18 +109,12 @@ def shown_path(path) -> str:
 def non_utf8_name(path) -> str | None:
     """The first name in ``path`` that is not valid UTF-8 (as :func:`shown_path` shows it), or None if the whole
     path is UTF-8 (what safetensors needs to open it)."""
-    raw = os.fsencode(path)
-    try:
-        raw.decode("utf-8")
-        return None
-    except UnicodeDecodeError:
-        pass
-    for name in raw.split(b"/"):
+    for name in os.fsencode(path).split(b"/"):
         try:
             name.decode("utf-8")
         except UnicodeDecodeError:
             return name.decode("utf-8", "backslashreplace")
-    return shown_path(path)  # (not reached: a byte string that is not UTF-8 has a name that is not)
+    return None
 
 
 def non_utf8_message(path) -> str | None:

@@ -589,9 +589,10 @@ def _define():
 
         def update_weight_conversions(self, weight_conversions, model=None):
             base = getattr(super(), "update_weight_conversions", None)
+            takes_model = _takes_model(base)
             if base is not None:
-                weight_conversions = base(weight_conversions, model) if _takes_model(base) else base(weight_conversions)
-            if model is None and not _takes_model(base):  # (a hook without the model: the load under way's)
+                weight_conversions = base(weight_conversions, model) if takes_model else base(weight_conversions)
+            if model is None and not takes_model:  # (a hook without the model: the load under way's)
                 model = self._pending
             if model is not None and self._pending is model:  # the load's own call (after preprocess_model)
                 self._pending = None
