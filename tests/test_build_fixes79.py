@@ -89,7 +89,8 @@ def test_a_device_function_block_does_not_overwrite_the_kernel_before_it():
 def test_a_compiled_device_function_reports_under_its_own_name(nvrtc):
     """Through NVRTC: ``k1`` has no stack frame of its own while the recursive ``rec`` it calls has one and spills
     (``k1`` was reported with ``rec``'s figures); ``k3`` keeps its own frame."""
-    c = _build.compile_kernels("sm_80", source=CALLS, use_cache=False)
+    # sm_90: NVRTC 13.0 (the device image's) returns no ptxas report for this source on sm_80, 13.5 does
+    c = _build.compile_kernels("sm_90", source=CALLS, use_cache=False)
     assert "ptxas info" in c.log, c.log  # (OPTIONS ask ptxas for its report: --ptxas-options=-v)
     res = c.resources()
     assert set(res) == {"k1", "k2", "k3"}

@@ -61,7 +61,7 @@ def _assert_same_state(a, b) -> None:
     sa, sb_ = _state(a), _state(b)
     assert sorted(sa) == sorted(sb_)
     for k in sa:
-        assert sa[k].dtype == sb_[k].dtype and torch.equal(sa[k], sb_[k]), k
+        assert sa[k].dtype == sb_[k].dtype and torch.equal(sa[k].cpu(), sb_[k].cpu()), k
 
 
 # ---- 1. a path that appears at the output during a save ---------------------------------------------------------
@@ -126,6 +126,7 @@ def test_save_pretrained_keeps_a_directory_made_at_its_output_while_it_writes(so
 def test_a_wrapped_model_is_saved_under_its_own_names(sources, tmp_path, wrap):
     _, flash = sources
     model = flash_llm.from_pretrained(flash, progress=False)
+    # (on a machine with one GPU DataParallel moves the model to cuda:0; the saves must work from there too)
     wrapped = torch.compile(model) if wrap == "compile" else torch.nn.DataParallel(model)
     flash_llm.save_pretrained(wrapped, tmp_path / "flash", progress=False)
     keys = list(read_shard(tmp_path / "flash" / "model.safetensors")[0])
