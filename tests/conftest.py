@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,13 @@ from flash_llm import BitmapTiles, DeltaRows, TiledCSL
 # No example database written into the repository; no per-example deadline (first calls warm up torch).
 settings.register_profile("flash_llm", database=None, deadline=None, print_blob=True)
 settings.load_profile("flash_llm")
+
+# Under pytest-xdist each worker takes its share of the cores for torch's CPU threads. With `-n 16` on a 16-core
+# machine, 16 workers of 16 threads each oversubscribed the cores: session 86's whole-suite run on the GPU machine
+# covered a sixth of the tests in 9 minutes, and three CPU-heavy tests that pass alone failed there.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 FORMATS = (BitmapTiles, TiledCSL, DeltaRows)
 DTYPES = (torch.float16, torch.bfloat16)

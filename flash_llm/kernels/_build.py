@@ -536,14 +536,6 @@ def _cache_path(arch: str, source: bytes, options: tuple[str, ...]) -> tuple[Pat
     return root / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin", None
 
 
-def _cubin_path(arch: str, source: bytes, extra_options: tuple[str, ...] = ()) -> tuple[Path, tuple[str, ...]]:
-    """The cache slot of the cubin of ``source`` for ``arch`` (:func:`_cache_path`), and NVRTC's options for it
-    (RuntimeError without a cache directory, :func:`cache_dir`)."""
-    arch = canonical_arch(arch)
-    options = _options(arch, extra_options)
-    return cache_dir() / f"spmm-{arch}-{cache_key(source, options, arch)}.cubin", options
-
-
 def _cached_name(slot: Path, cubin: bytes) -> Path:
     """The file that holds ``cubin`` in the cache slot ``slot`` (:func:`_cache_path`): the slot's name with the
     sha256 of the content before ``.cubin`` (``spmm-sm_90-<key>-<sha256>.cubin``).  A file whose bytes do not hash
