@@ -292,8 +292,8 @@ def model_dir(spec: str, *, note: bool = True) -> Path:
 
 
 def _arch(text: str) -> str:
-    if not re.fullmatch(r"sm_\d+a?", text):
-        raise argparse.ArgumentTypeError(f"arch must look like 'sm_90', got {text!r}")
+    if not re.fullmatch(r"sm_\d+[af]?", text):  # (sm_NNa / sm_NNf fill sm_NN's slot: _build.canonical_arch)
+        raise argparse.ArgumentTypeError(f"arch must look like 'sm_90' (or 'sm_90a', 'sm_100f'), got {text!r}")
     return text
 
 
