@@ -264,8 +264,10 @@ def paired_halves(m: int, n_off: int, n_data: int) -> bool:
 #: 2.1 GB more for a 235 MB weight, on the CPU; the Engine's re-encoding of that model peaked 4.5 GiB above its weights)
 #: (``FLASH_LLM_ENCODE_CHUNK_ENTRIES`` / ``FLASH_LLM_ENCODE_CHUNK_ELEMENTS`` override them, for measuring the build's
 #: time against its memory: ``benchmarks/diag/build_time.py``)
-ENCODE_CHUNK_ENTRIES = env_int("FLASH_LLM_ENCODE_CHUNK_ENTRIES", 1 << 22, 1)
-ENCODE_CHUNK_ELEMENTS = env_int("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", 1 << 26, 1)
+_ENTRIES_SET = env_int("FLASH_LLM_ENCODE_CHUNK_ENTRIES", None, 1)  # (None: unset, blank or refused with a warning)
+_ELEMENTS_SET = env_int("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", None, 1)
+ENCODE_CHUNK_ENTRIES = 1 << 22 if _ENTRIES_SET is None else _ENTRIES_SET
+ENCODE_CHUNK_ELEMENTS = 1 << 26 if _ELEMENTS_SET is None else _ELEMENTS_SET
 #: ... on a GPU, larger runs where its free memory allows (each run costs the encoder some 130 operations, each a
 #: launch there; session 67, H100, OPT-30B at 80 %: its 288 encodes 7.0 -> 5.4 s, the build's peak +1.6 GiB,
 #: ``benchmarks/diag/build_time.py``): as :func:`~flash_llm.formats._base.gpu_run_size` allows at about
@@ -273,7 +275,7 @@ ENCODE_CHUNK_ELEMENTS = env_int("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", 1 << 26, 1)
 #: ``2^29`` elements a run, never less than the constants above; not where either is set by its environment variable
 ENCODE_ENTRY_BYTES = 100
 ENCODE_ELEMENT_BYTES = 4
-_ENCODE_FIXED = any(v in os.environ for v in ("FLASH_LLM_ENCODE_CHUNK_ENTRIES", "FLASH_LLM_ENCODE_CHUNK_ELEMENTS"))
+_ENCODE_FIXED = _ENTRIES_SET is not None or _ELEMENTS_SET is not None  # (a blank or refused value: as unset)
 
 
 def _encode_budget(device: torch.device) -> tuple[int, int]:

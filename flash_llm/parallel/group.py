@@ -40,12 +40,14 @@ def _env_int(name: str) -> int | None:
 
 
 def nccl_env_defaults() -> dict[str, str]:
-    """Put :data:`NCCL_ENV_DEFAULTS` into ``os.environ`` where unset, and return the values now in effect.  A
+    """Put :data:`NCCL_ENV_DEFAULTS` into ``os.environ`` where unset or blank (NCCL reads a blank value as unset,
+    so its own default, NVLS on where the system has it, would hold), and return the values now in effect.  A
     user's own setting is kept; one that turns NVLS on gets a ``UserWarning``."""
     for k, v in NCCL_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
+        if not os.environ.get(k, "").strip():
+            os.environ[k] = v
     now = {k: os.environ[k] for k in NCCL_ENV_DEFAULTS}
-    if now["NCCL_NVLS_ENABLE"] not in ("0", ""):
+    if now["NCCL_NVLS_ENABLE"].strip() != "0":
         warnings.warn(f"NCCL_NVLS_ENABLE={now['NCCL_NVLS_ENABLE']} in the environment turns NVLink multicast (NVLS) "
                       "on; flash-llm leaves it off by default (unset it, or set it to 0)", UserWarning, stacklevel=3)
     return now
