@@ -161,6 +161,16 @@ def _exact_dense_weight(weight, dtype: torch.dtype | None, name: str) -> torch.T
     return w
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear layer on ``x`` in (its device type's autocast dtype), or None where
+    autocast is off there or leaves ``x`` alone (not floating, or float64)."""
+    kind = x.device.type
+    if (not x.is_floating_point() or x.dtype == torch.float64 or kind not in ("cpu", "cuda")
+            or not torch.is_autocast_enabled(kind)):  # (autocast leaves float64 alone)
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W [out_features, in_features]`` kept compressed; a drop-in
     replacement for an inference-only ``nn.Linear``.
@@ -375,7 +385,11 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``.  ``torch.fx.symbolic_trace``
-        records the layer as one call (:func:`_sparse_linear`), so a traced model keeps it as a submodule."""
+        records the layer as one call (:func:`_sparse_linear`), so a traced model keeps it as a submodule.
+
+        Under ``torch.autocast`` on ``x``'s device an ``x`` autocast would cast (floating, not float64) is cast to
+        :attr:`weight_dtype` (the compressed weight keeps its own, the product runs in it), and the output comes in
+        autocast's dtype, as ``nn.Linear``'s does."""
         if isinstance(x, torch.fx.Proxy) and x.tracer.root is self:
             raise TypeError("torch.fx.symbolic_trace of a SparseLinear itself is not supported (FX records the layer "
                             "as one call on a submodule): trace a model holding it")
@@ -387,6 +401,11 @@ class SparseLinear(nn.Module):
             raise TypeError(self._parametrized_error("forward"))
         if not isinstance(x, torch.Tensor):  # (before x.dtype: as spmm says it)
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        cast_to = _autocast_dtype(x)
+        if cast_to is not None:  # (as nn.Linear under autocast: the input cast, the output in autocast's dtype)
+            with torch.autocast(x.device.type, enabled=False):  # (the product in the weight's own dtype)
+                y = spmm(x.to(self.weight_dtype), self.weight, self.bias)
+            return y if y.dtype == cast_to else y.to(cast_to)
         if x.dtype != self.weight_dtype:
             raise TypeError(f"SparseLinear holds a {self.weight_dtype} weight (fixed at compression; module "
                             f"dtype casts do not change it) but x has dtype {x.dtype}; cast x, or rebuild "

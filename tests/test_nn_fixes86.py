@@ -1,0 +1,62 @@
+"""Session 86: ``SparseLinear`` under ``torch.autocast``.  ``nn.Linear`` runs an fp32 input in autocast's dtype; the
+drop-in layer raised a TypeError that never named autocast (a model converted to bf16 and run as usual, fp32 residual
+stream under autocast, failed at its first sparse layer), and an fp16 layer under bf16 autocast answered in fp16 where
+``nn.Linear`` answers in bf16.  Now the input is cast to the layer's dtype and the output comes in autocast's dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flash_llm import SparseLinear
+
+
+def _pair(dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(128, 48, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight[lin.weight.abs() < 0.05] = 0  # about 40 % zeros
+    return lin, SparseLinear.from_linear(lin)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_autocast_matches_nn_linear(x_dtype, bias):
+    lin, sp = _pair(torch.bfloat16, bias)
+    x = torch.randn(3, 5, 128, dtype=x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = lin(x), sp(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_an_fp16_layer_under_bf16_autocast_answers_in_bf16():
+    lin, sp = _pair(torch.float16)
+    x = torch.randn(4, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = lin(x), sp(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    ref = nn.functional.linear(x.half(), lin.weight, lin.bias).bfloat16()  # computed in the layer's own dtype
+    assert torch.equal(got, ref)
+    assert (got.float() - want.float()).abs().max() <= 0.05 * want.float().abs().max()
+
+
+def test_autocast_gradients_reach_x_and_bias():
+    lin, sp = _pair(torch.bfloat16)
+    sp.bias.requires_grad_(True)
+    x = torch.randn(2, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sp(x).float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert sp.bias.grad is not None
+
+
+def test_without_autocast_a_dtype_mismatch_is_still_refused():
+    _, sp = _pair(torch.bfloat16)
+    with pytest.raises(TypeError, match="holds a torch.bfloat16 weight"):
+        sp(torch.randn(2, 128))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="holds a torch.bfloat16"):
+        sp(torch.ones(2, 128, dtype=torch.int64))  # (not floating: autocast leaves it alone)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="x has dtype torch.float64"):
+        sp(torch.randn(2, 128, dtype=torch.float64))  # (autocast leaves float64 alone: nn.Linear refuses it too)
