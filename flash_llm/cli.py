@@ -861,7 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="versions, GPU, kernel support, NVRTC and the cubin cache",
         description="Print the flash-llm and torch versions, CUDA availability and each GPU's name and compute "
                     "capability, whether the CUDA kernels can run there, the NVRTC version (cuda-python) and "
-                    "the cubin cache directory ($FLASH_LLM_CACHE or ~/.cache/flash_llm).")
+                    "the cubin cache directory ($FLASH_LLM_CACHE/cubin, by default ~/.cache/flash_llm/cubin).")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
