@@ -2,9 +2,9 @@
 
 * :func:`compile_kernels` compiles ``spmm.cu`` for one architecture (``"sm_90"``) to a cubin; it
   needs no GPU, so CI compiles for sm_80 and sm_90 through this same function.
-* Cubins are cached on disk (``$FLASH_LLM_CACHE/cubin``, by default ``~/.cache/flash_llm/cubin``) under a key made of the
-  source hash, the options, the architecture, the NVRTC version and its library's build (:func:`nvrtc_build`);
-  each file's name ends in the sha256 of its content, checked when it is read.
+* Cubins are cached on disk (``$FLASH_LLM_CACHE/cubin``, by default ``~/.cache/flash_llm/cubin``) under a key made
+  of the source hash, the options, the architecture, the NVRTC version and its library's build
+  (:func:`nvrtc_build`); each file's name ends in the sha256 of its content, checked when it is read.
 * :func:`launch` loads the module into the device's CUDA context (PyTorch's primary context, made current for the
   load) once per device and launches a kernel on a given stream.
 """
