@@ -210,7 +210,7 @@ class SparseLinear(nn.Module):
 
     Args:
         weight: the compressed weight ``[out_features, in_features]``
-            (:class:`~flash_llm.BitmapTiles` or :class:`~flash_llm.TiledCSL`).
+            (:class:`~flash_llm.BitmapTiles`, :class:`~flash_llm.TiledCSL` or :class:`~flash_llm.DeltaRows`).
         bias: optional ``[out_features]`` floating tensor on the weight's device; cast to the
             weight's dtype, a cast not exact to rounding refused (:class:`LossyCastError`).  On the ``meta``
             device there are no values to check (or lose): a meta bias of another dtype (an fp32 one, as
@@ -255,7 +255,7 @@ class SparseLinear(nn.Module):
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, fmt="bitmap",
                    dtype: torch.dtype | None = None) -> "SparseLinear":
         """Compress a dense ``weight [out_features, in_features]`` (fp16/bf16; ``dtype=`` casts another
-        floating dtype) into format ``fmt`` (``"bitmap"`` or ``"tiled-csl"``), on its device.  The
+        floating dtype) into format ``fmt`` (``"bitmap"``, ``"tiled-csl"`` or ``"delta-rows"``), on its device.  The
         bias is copied (cast to the weight's dtype); the layer shares no memory with the inputs.  A cast that is not
         exact to rounding (a finite value overflowing to inf, a nonzero flushed to zero) raises a ValueError
         (:class:`LossyCastError`) naming ``weight`` or ``bias``; ``fmt="delta-rows"`` with ``in_features`` of 65536

@@ -587,8 +587,8 @@ def spmm(x: torch.Tensor, w: SparseFormat, bias: torch.Tensor | None = None) -> 
 
     Args:
         x: ``[..., K]`` activations, fp16 or bf16 (the dtype of ``w``), any strides.
-        w: compressed weight (:class:`~flash_llm.BitmapTiles` or :class:`~flash_llm.TiledCSL`) of
-           logical shape ``[M, K]``, on the device of ``x``.
+        w: compressed weight (:class:`~flash_llm.BitmapTiles`, :class:`~flash_llm.TiledCSL` or
+           :class:`~flash_llm.DeltaRows`) of logical shape ``[M, K]``, on the device of ``x``.
         bias: optional ``[M]`` in the same dtype and device.
 
     Returns:
