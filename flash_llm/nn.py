@@ -561,6 +561,11 @@ class SparseLinear(nn.Module):
             elif w is None and bias_key in state_dict:
                 state_dict.pop(bias_key)
                 popped.append(bias_key)
+        if arrays and len(arrays) != len(keys):  # (nn.Module's loader passes strict=True here whatever was asked)
+            lacks = [k for n, k in keys.items() if n not in arrays]
+            warnings.warn(f"{where}: {', '.join(popped)} not loaded, as the checkpoint lacks {', '.join(lacks)} (a "
+                          "SparseLinear loads all of its weight arrays and its bias, or none)", UserWarning,
+                          stacklevel=2)
         self._load_state_dict_pre_hooks = OrderedDict()  # (run above: not again in nn.Module's loader)
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

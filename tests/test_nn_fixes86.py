@@ -60,3 +60,25 @@ def test_without_autocast_a_dtype_mismatch_is_still_refused():
         sp(torch.ones(2, 128, dtype=torch.int64))  # (not floating: autocast leaves it alone)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="x has dtype torch.float64"):
         sp(torch.randn(2, 128, dtype=torch.float64))  # (autocast leaves float64 alone: nn.Linear refuses it too)
+
+
+def _layer(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 128, generator=g)
+    w[w.abs() < 1] = 0
+    return SparseLinear.from_dense(w.half(), torch.randn(64, generator=g).half())
+
+
+def test_a_partial_load_with_strict_false_says_what_it_dropped():
+    """A state dict lacking one of the layer's arrays loads nothing into it (all or nothing per layer); with
+    strict=False the keys it was given and dropped (the other array, the bias) were reported nowhere."""
+    src, dst = _layer(1), _layer(0)
+    before = {k: v.clone() for k, v in dst.state_dict().items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in src.state_dict().items() if k != "weight_offsets"}
+    with pytest.warns(UserWarning, match=r"weight_data, bias not loaded, as the checkpoint lacks weight_offsets"):
+        res = dst.load_state_dict(sd, strict=False)
+    assert res.missing_keys == ["weight_offsets"]
+    after = {k: v for k, v in dst.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing changed
+    with pytest.raises(RuntimeError, match="weight_offsets"), pytest.warns(UserWarning, match="not loaded"):
+        dst.load_state_dict(sd)  # strict: torch's error names the missing array
