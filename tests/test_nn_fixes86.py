@@ -82,3 +82,20 @@ def test_a_partial_load_with_strict_false_says_what_it_dropped():
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing changed
     with pytest.raises(RuntimeError, match="weight_offsets"), pytest.warns(UserWarning, match="not loaded"):
         dst.load_state_dict(sd)  # strict: torch's error names the missing array
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_cuda_matches_nn_linear(dtype):
+    torch.manual_seed(3)
+    lin = nn.Linear(256, 192, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        lin.weight[lin.weight.abs() < 0.04] = 0
+    sp = SparseLinear.from_linear(lin)
+    x = torch.randn(5, 256, device="cuda")  # fp32, as a residual stream under autocast
+    with torch.autocast("cuda", dtype=dtype):
+        want, got = lin(x), sp(x)
+    assert got.dtype == want.dtype == dtype
+    ref = x.double() @ lin.weight.double().t() + lin.bias.double()
+    err_torch = (want.double() - ref).abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= 2 * err_torch + 1e-3
