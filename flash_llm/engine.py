@@ -33,7 +33,7 @@ import torch
 from ._env import env_flag, env_float, env_int
 from .models import CausalLM, merge_projections, set_fused, unmerge_projections
 from .models._common import Attend, KVCache, after_attention_weights, padded_positions, padding_mask
-from .models._merge import _dropped
+from .models._merge import _dropped, _own_members
 
 #: Warm-up runs of the decode step before it is captured (the first also compiles/loads the spmm kernels).
 WARMUP_STEPS = 2
@@ -583,12 +583,14 @@ def _set_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> None
 
 def _kept_for_hooks(m: torch.nn.Module, path: str, hooked: dict[str, str] | None) -> bool:
     """Whether layer ``m`` (at ``path``) carries what a new module put in its place would drop (its hooks, a
-    ``forward`` replaced on the instance: ``flash_llm.models._merge._dropped``), so the engine's module-swapping
-    paths leave it as it is; if so, and ``hooked`` is a dict, it records ``{path: what}`` there."""
-    drops = _dropped(m)
-    if drops and hooked is not None:
-        hooked[path] = " and ".join(drops)
-    return bool(drops)
+    ``forward`` replaced on the instance or overridden by its class: ``flash_llm.models._merge._dropped``; submodules
+    or tensors of its own beyond the weight and bias: ``_own_members``), so the engine's module-swapping paths leave
+    it as it is; if so, and ``hooked`` is a dict, it records ``{path: what}`` there."""
+    extra = _own_members(m)
+    what = " and ".join(_dropped(m) + ([] if extra is None else [extra]))
+    if what and hooked is not None:
+        hooked[path] = what
+    return bool(what)
 
 
 def _gate_up_layers(model: torch.nn.Module) -> set[int]:
@@ -685,8 +687,9 @@ def expand_sparse_(model: torch.nn.Module, budget: int | None = None,
     :class:`~flash_llm.SparseLinear` of ``model``, in place (``Engine(formats="dense")``): on a CPU, where
     ``flash_llm.spmm``'s reference expands the weight on every call, a decode step runs tens of times faster so.  Each
     dense layer remembers its DeltaRows pairing (``_delta_rows_paired``), so an engine on a GPU later makes it sparse
-    again (:func:`relayout_delta_rows`).  A layer with hooks or a ``forward`` replaced on the instance, which the new
-    module would drop, stays as it is (compressed, its hooks run); ``hooked``, where a dict, gets ``{its path: what it
+    again (:func:`relayout_delta_rows`).  A layer with hooks, a ``forward`` replaced on the instance or overridden by
+    its class (a subclass), or submodules or tensors of its own beyond the weight and bias, which the new module would
+    drop, stays as it is (compressed, its hooks and forward run); ``hooked``, where a dict, gets ``{its path: what it
     carries}``.  ``budget``: the bytes the expansion may add (the dense weights less the compressed ones); over it
     nothing is expanded.  Returns ``([the layers expanded], [why none was])``."""
     from .nn import SparseLinear
@@ -716,8 +719,9 @@ def relayout_delta_rows(model: torch.nn.Module, parts: Callable[[torch.nn.Module
     Tiled-CSL weight; :data:`BITMAP` for a BitmapTiles one; :data:`DENSE` for an ``nn.Linear`` put in the layer's place
     (the layer remembers it was DeltaRows, and whether its halves were paired, so a later call can turn it back). The
     same nonzeros and bias; one layer at a time, through its dense weight (the peak grows by one dense weight and the
-    encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more. A layer with hooks or a
-    ``forward`` replaced on the instance is re-encoded in place only: where the layout asked for would put a new
+    encoder's temporaries); ``progress``: a tqdm bar (stderr) when there are two or more. A layer with hooks, a
+    ``forward`` replaced on the instance or overridden by its class, or submodules or tensors of its own beyond the
+    weight and bias is re-encoded in place only: where the layout asked for would put a new
     module in its place (a ``SparseLinear`` as :data:`DENSE`, an ``nn.Linear`` as anything else), dropping them, it
     stays as it is (``hooked``, where a dict, gets ``{its path: what it carries}``). Returns ``{layer path: new
     lanes a row, TILED_CSL, BITMAP or DENSE}`` for the layers re-encoded. Captured CUDA graphs of the old arrays go
@@ -833,8 +837,9 @@ class _TwoLayouts:
     would be no smaller (:func:`_large_batch_format`, as ``"auto"`` holds them: about 55 % sparsity and denser).
     :meth:`install` puts one set into the model (the layers' buffers, or the modules at their paths: no copy); both
     stay alive here, so a CUDA graph captured over either keeps reading valid memory.  A layer whose copy would be
-    dense but which carries hooks or a ``forward`` replaced on the instance (the copy in its place would drop them)
-    gets no copy: it keeps its DeltaRows weight for every step (:attr:`hooked`: ``{its path: what it carries}``)."""
+    dense but which carries hooks, a ``forward`` replaced on the instance or overridden by its class, or members of its
+    own (:func:`_kept_for_hooks`: the copy in its place would drop them) gets no copy: it keeps its DeltaRows weight
+    for every step (:attr:`hooked`: ``{its path: what it carries}``)."""
 
     def __init__(self, model: torch.nn.Module, min_tokens: int, progress: bool = True):
         from tqdm import tqdm
@@ -907,8 +912,9 @@ class _DenseCopies:
     does instead of expanding every weight (the sparse prefill's cost: Llama-3-8B at 80 % 19.0 against 6.2 ms dense,
     session 63).  Made one layer at a time, largest first, while they fit in ``budget`` bytes; the layers left keep
     the expansion.  :meth:`install` swaps the modules at their paths (no copy); both stay alive here, so a graph
-    captured over either keeps reading valid memory.  A layer with hooks or a ``forward`` replaced on the instance,
-    which the copy in its place would drop, gets no copy (:attr:`hooked`): its prefill runs on it, hooks and all."""
+    captured over either keeps reading valid memory.  A layer with hooks, a ``forward`` replaced on the instance or
+    overridden by its class, or members of its own (:func:`_kept_for_hooks`), which the copy in its place would drop,
+    gets no copy (:attr:`hooked`): its prefill runs on it, hooks and all."""
 
     def __init__(self, model: torch.nn.Module, min_tokens: int, budget: int, progress: bool = True,
                  skip: frozenset | set = frozenset()):
@@ -1137,9 +1143,11 @@ class Engine:
             :data:`PREFILL_GRAPHS_MAX`, or ``0`` where ``FLASH_LLM_PREFILL_GRAPHS=0``.
         progress: progress bars (tqdm, stderr) while the layers are re-encoded or copied (default ``True``).
 
-    A layer with hooks or a ``forward`` replaced on the instance keeps its module: ``formats="dense"``,
-    ``prefill_dense`` and ``delta_layout``'s dense layouts, which would put a new module in its place (dropping them),
-    leave it as it is, with one warning (:attr:`hooked` lists such layers); re-encodings in place go on.
+    A layer with hooks, a ``forward`` replaced on the instance or overridden by its class (a subclass of
+    ``SparseLinear`` adding a LoRA term...), or submodules or tensors of its own beyond the weight and bias keeps its
+    module: ``formats="dense"``, ``prefill_dense`` and ``delta_layout``'s dense layouts, which would put a new module
+    in its place (dropping them), leave it as it is, with one warning (:attr:`hooked` lists such layers); re-encodings
+    in place go on.
 
     The cache takes ``2 x layers x max_batch x kv_heads x slots x head_dim`` elements of the model's dtype
     (:attr:`cache_bytes`), ``slots`` being ``max_seq`` rounded up to a multiple of 64 (aligned attention masks).
@@ -1228,7 +1236,7 @@ class Engine:
         #: what formats="dense" expanded (expand_sparse_): the layer paths
         self.expanded: list[str] = []
         #: the layers formats="dense", delta_layout or prefill_dense=True left in their own modules, since a new
-        #: module in their place would drop their hooks or instance forward: {layer path: what they carry}
+        #: module in their place would drop their hooks, forward or members of their own: {layer path: what they carry}
         self.hooked: dict[str, str] = {}
         kept: list[str] = []  # (the options that left them so, for the warning)
         #: delta_layout="dual": the Tiled-CSL copies of the DeltaRows layers (None without them)
@@ -1302,8 +1310,8 @@ class Engine:
             more = f"; and {len(self.hooked) - 3} more (Engine.hooked lists them)" if len(self.hooked) > 3 else ""
             warnings.warn(f"{len(self.hooked)} layer(s) carry what a new module in their place would drop, so the "
                           f"engine leaves their modules as they are for {' and '.join(kept)}: {named}{more}; their "
-                          f"hooks run, the layers perhaps slower than the engine's layout would (remove the hooks "
-                          f"before building the engine to have them laid out)", stacklevel=2)
+                          f"hooks and forwards run, the layers perhaps slower than the engine's layout would (remove "
+                          f"the hooks before building the engine to have them laid out)", stacklevel=2)
         dev = self.device
         # the engine's state as normal tensors, whatever the caller's mode: under torch.inference_mode() they would be
         # inference tensors, and a generation outside it could not update them in place

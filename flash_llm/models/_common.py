@@ -89,17 +89,38 @@ class Attend:
     l2_stream: "torch.cuda.Stream | None" = None
 
 
+#: {module class: its name where it overrides the forward of its base (:func:`overridden_forward`), else None}
+_OVERRIDES: dict[type, str | None] = {}
+
+
+def overridden_forward(m: nn.Module) -> str | None:
+    """The name of ``m``'s class where that class (or one between it and its base) overrides the ``forward`` of its
+    base, the first class of flash-llm or torch it derives from (``nn.Linear``, :class:`~flash_llm.SparseLinear`,
+    :class:`~flash_llm.models.MergedLinear`, ``LlamaRMSNorm``, ``nn.LayerNorm``...): a subclass adding a LoRA term or
+    scaling the output, whose ``forward`` a module rebuilt from the weights, or a fused path reading them, would skip.
+    Else None: the package's own classes (the tensor-parallel layers, the quantizer's shells) and torch's are their own
+    base.  (Cached per class.)"""
+    cls = type(m)
+    if cls not in _OVERRIDES:
+        base = next((c for c in cls.__mro__ if (c.__module__ or "").partition(".")[0] in ("flash_llm", "torch")),
+                    nn.Module)
+        _OVERRIDES[cls] = None if cls.forward is base.forward else cls.__name__
+    return _OVERRIDES[cls]
+
+
 def hooked(*modules: nn.Module | None) -> bool:
-    """Whether calling any of ``modules`` (None skipped) runs more than its class's ``forward``: forward or backward
-    hooks / pre-hooks of its own or global ones (the test of ``nn.Module.__call__``), or a ``forward`` replaced on the
-    instance.  A fused path that reads such a module's weights instead of calling it would skip them (the output would
-    change silently), so it calls the modules instead."""
+    """Whether calling any of ``modules`` (None skipped) runs more than its base class's ``forward``: forward or
+    backward hooks / pre-hooks of its own or global ones (the test of ``nn.Module.__call__``), a ``forward`` replaced on
+    the instance, or one its class overrides (:func:`overridden_forward`: a subclass of ``SparseLinear``, a norm...).  A
+    fused path that reads such a module's weights instead of calling it would skip them (the output would change
+    silently), so it calls the modules instead."""
     g = _nn_module
     if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
             or g._global_backward_pre_hooks:
         return True
     return any(m is not None and bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                      or m._backward_pre_hooks or "forward" in m.__dict__) for m in modules)
+                                      or m._backward_pre_hooks or "forward" in m.__dict__ or overridden_forward(m))
+               for m in modules)
 
 
 def after_attention_weights(layer: nn.Module) -> list:

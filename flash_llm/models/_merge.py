@@ -8,9 +8,11 @@ the same bytes with one launch and fills the GPU better.  The stacked weight is 
 * :class:`~flash_llm.SparseLinear`: the compressed weights joined record by record
   (:meth:`~flash_llm.formats.SparseFormat.concat`, no decode when the row counts fall on record boundaries).
 
-Groups whose layers differ (one dense and one sparse, another format, dtype or device, a bias on one only) or
-are tensor-parallel shards are left as they are.  Merging changes the module tree and so the ``state_dict`` keys
-(``self_attn.qkv_proj.layer.*``); :func:`unmerge_projections` restores the separate layers exactly.
+Groups whose layers differ (one dense and one sparse, another format, dtype or device, a bias on one only), are
+tensor-parallel shards, or carry what the stacked layer would drop (hooks, a ``forward`` of their own or their
+class's, submodules or tensors beyond the weight and bias) are left as they are.  Merging changes the module tree and
+so the ``state_dict`` keys (``self_attn.qkv_proj.layer.*``); :func:`unmerge_projections` restores the separate layers
+exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import SparseLinear, _hook_counts
+from ..nn import SparseLinear, _extra_members, _hook_counts
+from ._common import overridden_forward
 
 
 class MergedLinear(nn.Module):
@@ -76,19 +79,33 @@ def sparse_gate_up(module: nn.Module) -> SparseLinear | None:
 
 def _dropped(m: nn.Module) -> list[str]:
     """What a layer rebuilt from ``m``'s weights (stacked, or split back) would drop: ``m``'s hooks
-    (:func:`~flash_llm.nn._hook_counts`) and a ``forward`` replaced on the instance (the output would change)."""
+    (:func:`~flash_llm.nn._hook_counts`), a ``forward`` replaced on the instance and one its class overrides
+    (:func:`~flash_llm.models._common.overridden_forward`: a subclass adding a LoRA term...): the output would
+    change."""
     hooks = _hook_counts(m)
     if "forward" in m.__dict__:
         hooks.append("a forward replaced on the instance (an accelerate-style hook?)")
+    cls = overridden_forward(m)
+    if cls is not None:
+        hooks.append(f"a forward overridden by its class {cls}")
     return hooks
+
+
+def _own_members(m: nn.Module) -> str | None:
+    """The submodules and tensors beyond the weight and bias that a plain ``nn.Linear`` / :class:`SparseLinear`
+    ``m`` holds (a LoRA pair or a scale registered on it), which a layer rebuilt from its weight and bias would drop
+    with their state-dict keys (:func:`~flash_llm.nn._extra_members`'s reason, ``"has ..."``), or None (for other
+    modules too)."""
+    base = SparseLinear if isinstance(m, SparseLinear) else nn.Linear if isinstance(m, nn.Linear) else None
+    return None if base is None else _extra_members(m, base)
 
 
 # (an unfilled SparseLinear's forward refuses; a layer stacked from it, or split from it, would not)
 _UNFILLED = "arrays are uninitialized memory (to_empty() allocated them without values): load its weights first"
 
 
-def _why_not(layers: list[nn.Module]) -> str | None:
-    """Why these layers cannot be stacked (None if they can)."""
+def _why_not(layers: list[nn.Module], names) -> str | None:
+    """Why these layers (the attributes ``names`` of their parent) cannot be stacked (None if they can)."""
     kinds = {type(m) for m in layers}
     if len(kinds) != 1 or next(iter(kinds)) not in (nn.Linear, SparseLinear):
         return "the layers are not all nn.Linear or all SparseLinear: " + ", ".join(sorted(k.__name__ for k in kinds))
@@ -97,6 +114,10 @@ def _why_not(layers: list[nn.Module]) -> str | None:
         hooks = _dropped(m)
         if hooks:
             return f"a layer has {' and '.join(hooks)} that merging would drop"
+    for m, name in zip(layers, names):
+        extra = _own_members(m)
+        if extra is not None:
+            return f"{name} {extra}"
     if any(getattr(m, "_unfilled", False) for m in layers):
         return f"a layer's {_UNFILLED}"
     if any(m.in_features != first.in_features for m in layers):
@@ -180,7 +201,7 @@ def merge_projections(model: nn.Module) -> dict[str, str]:
             if isinstance(getattr(module, target, None), MergedLinear):
                 continue
             layers = [getattr(module, n) for n in names]
-            why = _why_not(layers)
+            why = _why_not(layers, names)
             if why is None:
                 merged = MergedLinear(_stack(layers, target == "gate_up_proj"), [m.out_features for m in layers],
                                       names, list(module._modules)).train(layers[0].training)
@@ -198,7 +219,8 @@ def unmerge_projections(model: nn.Module, *, only=None) -> list[str]:
     ``only``: a group path or a collection of them (as :func:`merge_projections` reports them): those groups alone
     are split, the others stay merged and are not checked; a path that names no merged group is a ValueError.
     Returns the paths of the groups split.  A :class:`MergedLinear` (or its stacked layer) with hooks or a
-    ``forward`` replaced on the instance, which the split layers would drop, or a stacked
+    ``forward`` replaced on the instance or overridden by its class, a stacked layer with submodules or tensors of its
+    own beyond the weight and bias, which the split layers would drop, or a stacked
     :class:`~flash_llm.SparseLinear` whose arrays are unfilled (``to_empty()``, which allocates them without
     values: the split layers would compute on them) is a ValueError naming it, raised before any group is split."""
     # (where, parent, attribute, MergedLinear) of every merged group, before any is split
@@ -220,6 +242,9 @@ def unmerge_projections(model: nn.Module, *, only=None) -> list[str]:
             if hooks:
                 raise ValueError(f"{name} has {' and '.join(hooks)} that unmerging would drop; remove them "
                                  "first (nothing was unmerged)")
+        extra = _own_members(merged.layer)
+        if extra is not None:
+            raise ValueError(f"{where}.layer {extra} (nothing was unmerged)")
         if getattr(merged.layer, "_unfilled", False):
             raise ValueError(f"{where}.layer's {_UNFILLED} (nothing was unmerged)")
     done = []
