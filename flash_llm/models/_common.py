@@ -89,22 +89,30 @@ class Attend:
     l2_stream: "torch.cuda.Stream | None" = None
 
 
-#: {module class: its name where it overrides the forward of its base (:func:`overridden_forward`), else None}
+#: {module class: its name where its ``forward`` is not flash-llm's or torch's (:func:`overridden_forward`), else None}
 _OVERRIDES: dict[type, str | None] = {}
 
 
+def _forward_owner(cls: type) -> str | None:
+    """``cls.__name__`` where the ``forward`` its instances run is defined outside flash-llm and torch (the first class
+    of its MRO that defines one), else None."""
+    owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), nn.Module)
+    return None if (owner.__module__ or "").partition(".")[0] in ("flash_llm", "torch") else cls.__name__
+
+
 def overridden_forward(m: nn.Module) -> str | None:
-    """The name of ``m``'s class where that class (or one between it and its base) overrides the ``forward`` of its
-    base, the first class of flash-llm or torch it derives from (``nn.Linear``, :class:`~flash_llm.SparseLinear`,
-    :class:`~flash_llm.models.MergedLinear`, ``LlamaRMSNorm``, ``nn.LayerNorm``...): a subclass adding a LoRA term or
-    scaling the output, whose ``forward`` a module rebuilt from the weights, or a fused path reading them, would skip.
-    Else None: the package's own classes (the tensor-parallel layers, the quantizer's shells) and torch's are their own
-    base.  (Cached per class.)"""
+    """The name of ``m``'s class where the ``forward`` it runs is defined by a class outside flash-llm and torch (the
+    first of its MRO that defines one): a subclass of ``nn.Linear``, :class:`~flash_llm.SparseLinear`,
+    :class:`~flash_llm.models.MergedLinear`, ``LlamaRMSNorm``... adding a LoRA term or scaling the output, whose
+    ``forward`` a module rebuilt from the weights, or a fused path reading them, would skip; also under a class torch
+    derives from it (``torch.nn.utils.parametrize``, FSDP2), which defines no ``forward`` of its own.  Else None: the
+    package's own classes (the tensor-parallel layers, the quantizer's shells) and torch's.  (Cached per class; under
+    ``torch.compile`` worked out from the class each time, so the cache is no guard of compiled graphs.)"""
     cls = type(m)
+    if torch.compiler.is_compiling():
+        return _forward_owner(cls)
     if cls not in _OVERRIDES:
-        base = next((c for c in cls.__mro__ if (c.__module__ or "").partition(".")[0] in ("flash_llm", "torch")),
-                    nn.Module)
-        _OVERRIDES[cls] = None if cls.forward is base.forward else cls.__name__
+        _OVERRIDES[cls] = _forward_owner(cls)
     return _OVERRIDES[cls]
 
 
