@@ -387,9 +387,9 @@ class SparseLinear(nn.Module):
         """``x [..., in_features]`` in :attr:`weight_dtype` -> ``[..., out_features]``.  ``torch.fx.symbolic_trace``
         records the layer as one call (:func:`_sparse_linear`), so a traced model keeps it as a submodule.
 
-        Under ``torch.autocast`` on ``x``'s device an ``x`` autocast would cast (floating, not float64) is cast to
-        :attr:`weight_dtype` (the compressed weight keeps its own, the product runs in it), and the output comes in
-        autocast's dtype, as ``nn.Linear``'s does."""
+        Under ``torch.autocast`` on ``x``'s device in :attr:`weight_dtype`, an ``x`` autocast would cast (floating, not
+        float64) is cast to it, as ``nn.Linear``'s input is; autocast to another dtype is a TypeError (the compressed
+        weight keeps its dtype)."""
         if isinstance(x, torch.fx.Proxy) and x.tracer.root is self:
             raise TypeError("torch.fx.symbolic_trace of a SparseLinear itself is not supported (FX records the layer "
                             "as one call on a submodule): trace a model holding it")
@@ -402,10 +402,13 @@ class SparseLinear(nn.Module):
         if not isinstance(x, torch.Tensor):  # (before x.dtype: as spmm says it)
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         cast_to = _autocast_dtype(x)
-        if cast_to is not None:  # (as nn.Linear under autocast: the input cast, the output in autocast's dtype)
-            with torch.autocast(x.device.type, enabled=False):  # (the product in the weight's own dtype)
-                y = spmm(x.to(self.weight_dtype), self.weight, self.bias)
-            return y if y.dtype == cast_to else y.to(cast_to)
+        if cast_to is not None:  # (as nn.Linear under autocast: the input cast to autocast's dtype, the output in it)
+            if cast_to != self.weight_dtype:  # (an fp16 product of bf16-range inputs would overflow to inf / nan)
+                raise TypeError(f"SparseLinear holds a {self.weight_dtype} weight (fixed at compression) and "
+                                f"torch.autocast asks for {cast_to}: autocast to {self.weight_dtype}, or rebuild the "
+                                "layer with SparseLinear.from_dense(layer.to_dense(), layer.bias, dtype=...)")
+            with torch.autocast(x.device.type, enabled=False):  # (spmm's reference path calls F.linear)
+                return spmm(x.to(self.weight_dtype), self.weight, self.bias)
         if x.dtype != self.weight_dtype:
             raise TypeError(f"SparseLinear holds a {self.weight_dtype} weight (fixed at compression; module "
                             f"dtype casts do not change it) but x has dtype {x.dtype}; cast x, or rebuild "

@@ -26,7 +26,8 @@ settings.load_profile("flash_llm")
 # covered a sixth of the tests in 9 minutes, and three CPU-heavy tests that pass alone failed there.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
 if _WORKERS > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+    _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _CPUS // _WORKERS))
 
 FORMATS = (BitmapTiles, TiledCSL, DeltaRows)
 DTYPES = (torch.float16, torch.bfloat16)

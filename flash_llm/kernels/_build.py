@@ -187,7 +187,7 @@ def cache_key(source: bytes, options: tuple[str, ...], arch: str) -> str:
 
 def cache_dir() -> Path:
     """Where cubins are cached: ``$FLASH_LLM_CACHE/cubin`` (``~`` expanded; blanks around it stripped, as for every
-    ``FLASH_LLM_*`` variable; unset, empty or blank: ``~/.cache/flash_llm``).
+    ``FLASH_LLM_*`` variable; unset, empty or blank: ``~/.cache/flash_llm/cubin``).
 
     Raises RuntimeError, naming ``FLASH_LLM_CACHE``, where that needs a home directory and none can be found
     (``$HOME`` unset and no passwd entry for this user: a container run with an arbitrary ``--user``);
@@ -200,7 +200,7 @@ def cache_dir() -> Path:
         if user:  # (~name: no user of that name, whatever $HOME says)
             raise RuntimeError(f"FLASH_LLM_CACHE={root!r} names the home directory of {user.group(1)!r}, and there "
                                "is no such user; set FLASH_LLM_CACHE to a writable directory") from e
-        where = f"FLASH_LLM_CACHE={root!r}" if root else "the default cubin cache (~/.cache/flash_llm)"
+        where = f"FLASH_LLM_CACHE={root!r}" if root else "the default cubin cache (~/.cache/flash_llm/cubin)"
         raise RuntimeError(f"{where} needs a home directory and none can be found ($HOME is unset and this user "
                            "has no passwd entry); set FLASH_LLM_CACHE to a writable directory") from e
 

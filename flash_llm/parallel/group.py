@@ -305,7 +305,7 @@ def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT,
     Args:
         backend: ``"nccl"`` (default when CUDA is available: device ``cuda:LOCAL_RANK``) or ``"gloo"`` (default
             otherwise: device ``cpu``).  Before NCCL initializes, ``NCCL_NVLS_ENABLE=0`` and
-            ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set where unset (:data:`NCCL_ENV_DEFAULTS`).
+            ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set where unset or blank (:data:`NCCL_ENV_DEFAULTS`).
         timeout: seconds (a real number) or a ``timedelta`` (default 10 minutes, at most :data:`MAX_TIMEOUT`, a
             year) for the rendezvous and for every collective: a rank that never starts, or stops answering,
             makes the others raise instead of waiting forever.
