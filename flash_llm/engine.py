@@ -23,6 +23,7 @@ import numbers
 import operator
 import statistics
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -821,12 +822,34 @@ def _small_chunks_from(model: torch.nn.Module) -> int | None:
     return 1
 
 
+def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    """The module at ``path`` in ``model``, or None where the path no longer exists (the projection merged into another
+    by ``merge_projections``, say)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _holds(m: torch.nn.Module, w) -> bool:
+    """Whether layer ``m`` (a :class:`~flash_llm.SparseLinear`) holds the arrays of the compressed weight ``w``: the
+    very tensors (a state dict loaded into the layer, or another engine's re-encoding, puts new ones in)."""
+    return m.weight_format is type(w) and all(m._buffers.get("weight_" + n) is t for n, t in w.tensors().items())
+
+
+def _versions(lin: torch.nn.Linear) -> tuple[int, ...]:
+    """The version counters of a copy's parameters: an in-place write into them (a state dict loaded into the model
+    while the copy stood at the layer's path) moves them."""
+    return tuple(t._version for t in lin.parameters())
+
+
 def _swap_module(model: torch.nn.Module, path: str, layer: torch.nn.Module, copy: torch.nn.Module,
                  to_copy: bool) -> None:
     """Put ``copy`` (``to_copy``) or ``layer`` at ``path`` in ``model``, where one of the two is there (else the
-    model changed under the engine, and nothing is touched)."""
-    now, want = model.get_submodule(path), copy if to_copy else layer
-    if now is not want and (now is layer or now is copy):
+    model changed under the engine, and nothing is touched: also where the path no longer exists, the projection
+    merged by another engine or ``merge_projections``; until session 86 that raised a bare AttributeError)."""
+    now, want = _submodule(model, path), copy if to_copy else layer
+    if now is not None and now is not want and (now is layer or now is copy):
         _set_module(model, path, want)
 
 
@@ -839,12 +862,14 @@ class _TwoLayouts:
     stay alive here, so a CUDA graph captured over either keeps reading valid memory.  A layer whose copy would be
     dense but which carries hooks, a ``forward`` replaced on the instance or overridden by its class, or members of its
     own (:func:`_kept_for_hooks`: the copy in its place would drop them) gets no copy: it keeps its DeltaRows weight
-    for every step (:attr:`hooked`: ``{its path: what it carries}``)."""
+    for every step (:attr:`hooked`: ``{its path: what it carries}``).  Where a layer no longer holds either set (a state
+    dict loaded into the model) or is no longer at its path (merged), :meth:`stale` says so and the engine remakes or
+    drops its copy (:meth:`Engine._follow_weights`); :meth:`install` never puts an array into such a layer."""
 
     def __init__(self, model: torch.nn.Module, min_tokens: int, progress: bool = True):
         from tqdm import tqdm
 
-        from .formats import DeltaRows, TiledCSL
+        from .formats import DeltaRows
         from .nn import SparseLinear
 
         self.min_tokens, self.model = min_tokens, model
@@ -854,30 +879,80 @@ class _TwoLayouts:
         self.paths = {m: p for p, m in model.named_modules()
                       if isinstance(m, SparseLinear) and m.weight_format is DeltaRows
                       and not (_large_batch_format(m) == DENSE and _kept_for_hooks(m, p, self.hooked))}
-        self.small = {m: m.weight for m in self.paths}  # DeltaRows (over the layers' own arrays)
+        self.small: dict[torch.nn.Module, object] = {}  # DeltaRows (over the layers' own arrays)
         #: {layer: its Tiled-CSL copy, or the nn.Linear that takes its place}
         self.large: dict[torch.nn.Module, object] = {}
+        #: {layer: its bias and, for a dense copy, the copy's version counters, when the copy was made}
+        self.made: dict[torch.nn.Module, tuple] = {}
         for m in tqdm(list(self.paths), desc="Tiled-CSL copies", unit="layer", file=sys.stderr, leave=False,
                       disable=not progress or len(self.paths) < 2, dynamic_ncols=True):
-            if _large_batch_format(m) == DENSE:
-                lin = m.to_linear()
-                lin.requires_grad_(False)
-                lin._delta_rows_paired = self.small[m].paired
-                self.large[m] = lin
-            else:
-                self.large[m] = TiledCSL.from_dense(self.small[m].to_dense())
-        self.nbytes = sum(_dense_bytes(m) if isinstance(w, torch.nn.Linear) else w.nbytes
-                          for m, w in self.large.items())
+            self._copy(m)
+        self.nbytes = self._bytes()
+
+    def _copy(self, m: torch.nn.Module) -> None:
+        """Make layer ``m``'s copy from the DeltaRows weight it holds now, which becomes its smaller steps' set."""
+        from .formats import TiledCSL
+
+        self.small[m] = m.weight
+        if _large_batch_format(m) == DENSE:
+            lin = m.to_linear()
+            lin.requires_grad_(False)
+            lin._delta_rows_paired = self.small[m].paired
+            self.large[m] = lin
+        else:
+            self.large[m] = TiledCSL.from_dense(self.small[m].to_dense())
+        self.made[m] = (m.bias, _versions(lin) if isinstance(self.large[m], torch.nn.Linear) else ())
+
+    def _bytes(self) -> int:
+        return sum(_dense_bytes(m) if isinstance(w, torch.nn.Linear) else w.nbytes for m, w in self.large.items())
+
+    def copy_bytes(self, m: torch.nn.Module) -> int:
+        """The bytes of layer ``m``'s copy."""
+        w = self.large[m]
+        return _dense_bytes(m) if isinstance(w, torch.nn.Linear) else w.nbytes
+
+    def stale(self) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+        """``(changed, gone)``: the layers that hold neither set's arrays, or another bias than their copy was made
+        with (a state dict loaded into the model, another engine's re-encoding), and the layers no longer at their
+        paths (merged, replaced) or whose dense copy was written into in place where it stood at the path."""
+        changed, gone = [], []
+        for m, path in self.paths.items():
+            w, (bias, versions) = self.large[m], self.made[m]
+            dense = isinstance(w, torch.nn.Linear)
+            now = _submodule(self.model, path)
+            if (now is not m and not (dense and now is w)) or (dense and _versions(w) != versions):
+                gone.append(m)
+            elif m.bias is not bias or not (_holds(m, self.small[m]) or (not dense and _holds(m, w))):
+                changed.append(m)
+        return changed, gone
+
+    def forget(self, layers, rebuild=()) -> None:
+        """Drop the copies of ``layers`` (those :meth:`stale` found), each layer put back at its path where its dense
+        copy stands there (not for a layer gone: nothing is touched), and remake those of ``rebuild`` from the
+        DeltaRows weights the layers hold now."""
+        for m in layers:
+            w = self.large.pop(m)
+            if isinstance(w, torch.nn.Linear) and _versions(w) == self.made[m][1]:
+                _swap_module(self.model, self.paths[m], m, w, False)
+            del w, self.small[m], self.made[m]
+        for m in rebuild:
+            self._copy(m)
+        for m in layers:
+            if m not in self.large:
+                del self.paths[m]
+        self.nbytes = self._bytes()
 
     def install(self, tokens: int) -> None:
-        """Put the set for a step of ``tokens`` tokens into the model (nothing to do when it is there)."""
+        """Put the set for a step of ``tokens`` tokens into the model (nothing to do when it is there; nor for a layer
+        that holds neither set: the model changed under the engine, :meth:`stale`)."""
         large = tokens >= self.min_tokens
         for m, w in self.large.items():
             if isinstance(w, torch.nn.Linear):
                 _swap_module(self.model, self.paths[m], m, w, large)
                 continue
-            w = w if large else self.small[m]
-            if m.weight_data is not w.tensors()["data"]:
+            w, other = (w, self.small[m]) if large else (self.small[m], w)
+            data = m._buffers.get("weight_data")
+            if data is not w.tensors()["data"] and data is other.tensors()["data"]:
                 m._replace_weight(w)
                 m._delta_rows_paired = self.small[m].paired if large else None
 
@@ -914,7 +989,9 @@ class _DenseCopies:
     the expansion.  :meth:`install` swaps the modules at their paths (no copy); both stay alive here, so a graph
     captured over either keeps reading valid memory.  A layer with hooks, a ``forward`` replaced on the instance or
     overridden by its class, or members of its own (:func:`_kept_for_hooks`), which the copy in its place would drop,
-    gets no copy (:attr:`hooked`): its prefill runs on it, hooks and all."""
+    gets no copy (:attr:`hooked`): its prefill runs on it, hooks and all.  Where a layer no longer holds the weight its
+    copy was made from (a state dict loaded into the model) or is no longer at its path (merged), :meth:`stale` says
+    so and the engine remakes or drops its copy (:meth:`Engine._follow_weights`)."""
 
     def __init__(self, model: torch.nn.Module, min_tokens: int, budget: int, progress: bool = True,
                  skip: frozenset | set = frozenset()):
@@ -932,6 +1009,8 @@ class _DenseCopies:
         #: {layer: its path}, {layer: its dense copy}; the layers left without one (their paths)
         self.paths: dict[torch.nn.Module, str] = {}
         self.copies: dict[torch.nn.Module, torch.nn.Linear] = {}
+        #: {layer: the weight, bias and copy's version counters its copy was made from}
+        self.made: dict[torch.nn.Module, tuple] = {}
         self.left: list[str] = []
         for path, m in tqdm(layers, desc="dense prefill copies", unit="layer", file=sys.stderr, leave=False,
                             disable=not progress or len(layers) < 2, dynamic_ncols=True):
@@ -939,11 +1018,47 @@ class _DenseCopies:
             if need > budget:
                 self.left.append(path)
                 continue
-            lin = m.to_linear()
-            lin.requires_grad_(False)
-            self.paths[m], self.copies[m] = path, lin
+            self.paths[m] = path
+            self._copy(m)
             budget -= need
-        self.nbytes = sum(t.numel() * t.element_size() for lin in self.copies.values() for t in lin.parameters())
+        self.nbytes = self._bytes()
+
+    def _copy(self, m: torch.nn.Module) -> None:
+        lin = m.to_linear()
+        lin.requires_grad_(False)
+        self.copies[m], self.made[m] = lin, (m.weight, m.bias, _versions(lin))
+
+    def _bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lin in self.copies.values() for t in lin.parameters())
+
+    def stale(self, moving: frozenset | set = frozenset()) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+        """``(changed, gone)`` as :meth:`_TwoLayouts.stale` says them (the arrays of the layers in ``moving``, which
+        ``delta_layout="dual"`` swaps, not compared: its own check does)."""
+        changed, gone = [], []
+        for m, lin in self.copies.items():
+            weight, bias, versions = self.made[m]
+            now = _submodule(self.model, self.paths[m])
+            if (now is not m and now is not lin) or _versions(lin) != versions:
+                gone.append(m)
+            elif m.bias is not bias or (m not in moving and not _holds(m, weight)):
+                changed.append(m)
+        return changed, gone
+
+    def forget(self, layers, rebuild=()) -> None:
+        """Drop the copies of ``layers``, each layer put back at its path where its copy stands there (not for a layer
+        gone: nothing is touched), and remake those of ``rebuild`` from the layers as they are now (each old copy let
+        go first: the same bytes)."""
+        for m in layers:
+            lin = self.copies.pop(m)
+            if _versions(lin) == self.made[m][2]:
+                _swap_module(self.model, self.paths[m], m, lin, False)
+            del lin, self.made[m]
+        for m in rebuild:
+            self._copy(m)
+        for m in layers:
+            if m not in self.copies:
+                del self.paths[m]
+        self.nbytes = self._bytes()
 
     def install(self, dense: bool) -> None:
         """Put the copies (``dense``) or the sparse layers back at their paths (nothing to do when they are there)."""
@@ -1311,7 +1426,8 @@ class Engine:
             warnings.warn(f"{len(self.hooked)} layer(s) carry what a new module in their place would drop, so the "
                           f"engine leaves their modules as they are for {' and '.join(kept)}: {named}{more}; their "
                           f"hooks and forwards run, the layers perhaps slower than the engine's layout would (remove "
-                          f"the hooks before building the engine to have them laid out)", stacklevel=2)
+                          f"the hooks, or make them plain layers, before building the engine to have them laid out)",
+                          stacklevel=2)
         dev = self.device
         # the engine's state as normal tensors, whatever the caller's mode: under torch.inference_mode() they would be
         # inference tensors, and a generation outside it could not update them in place
@@ -1340,6 +1456,10 @@ class Engine:
         self._l2_tables: dict[tuple, list] = {}
         self._l2_stream: "torch.cuda.Stream | None" = None  # (kernels.L2_WARM_SIDE: _l2_side)
         self._generation: object | None = None  # (the generation in progress: _steps)
+        # (held while a generation's step runs, released between its steps: one step at a time, whatever the thread;
+        # reentrant, so that a hook or callback inside a step that starts a generation on this thread takes it over as
+        # before instead of waiting for itself: _run)
+        self._lock = threading.RLock()
         #: the :class:`Generation` of the last :meth:`stream` that ran to its end; None before (and while one runs)
         self.last: Generation | None = None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, attended slots) -> decode graph
@@ -1517,10 +1637,69 @@ class Engine:
         so that ranks deciding from their own state take the same branch."""
         return flag if self.tp is None else self.tp.all_true(flag)
 
+    def _follow_weights(self) -> None:
+        """``delta_layout="dual"`` / ``prefill_dense=True``: where the model changed under the engine since it made its
+        copies (a state dict loaded, with ``assign`` or not; another engine's re-encoding; projections merged), the
+        copies follow the layers as they are now.  A layer that still holds a DeltaRows weight (``"dual"``), or any
+        sparse one (``prefill_dense``), gets its copy made again from it, as a new engine would (``"dual"``: where the
+        device's memory holds the new copies beside the prefill, else every dual copy is dropped); a layer gone from
+        its path (merged, replaced), or no longer eligible, loses its copy and runs as without the option, the model
+        left as it is, with one warning.  Never puts the old weights back into the model (until session 86 the next
+        step did, or prefilled on dense copies of them).  Called where the graphs are checked (each generation's
+        start, each capture); the check is identities only (no device work)."""
+        from .formats import DeltaRows
+        from .nn import SparseLinear
+
+        two, dense = self._two, self._dense
+        if two is None and dense is None:
+            return
+        changed, gone = two.stale() if two is not None else ([], [])
+        d_changed, d_gone = (dense.stale(set(two.small) if two is not None else frozenset())
+                             if dense is not None else ([], []))
+        if not (changed or gone or d_changed or d_gone):
+            return
+        dropped: dict[str, list[str]] = {}  # (option -> the paths of the layers whose copies it dropped)
+        self._prefill_scratch = None
+        if two is not None and (changed or gone):
+            remake = [m for m in changed if m.weight_format is DeltaRows
+                      and not (_large_batch_format(m) == DENSE and _kept_for_hooks(m, two.paths[m], None))]
+            grow = (sum(_dense_bytes(m) if _large_batch_format(m) == DENSE else _tiled_csl_bytes(m) for m in remake)
+                    - sum(two.copy_bytes(m) for m in changed))
+            largest = max((_dense_bytes(m) for m in remake), default=0)  # (the re-encoding's dense temporary)
+            need = max(grow, 0) + 4 * largest + _prefill_bytes(self.config, self.max_batch, self.max_seq)
+            if remake and need + RELAYOUT_MARGIN_BYTES > _free_memory(self.device):
+                dropped["delta_layout='dual' (no memory to make the changed layers' copies again: every one)"] = [
+                    *two.paths.values()]
+                two.forget(changed + gone)
+                two.install(1)  # (the layers' own DeltaRows weights back, where they hold the copies)
+                two.forget(list(two.paths))
+                self._two = None
+            else:
+                lost = [m for m in changed if m not in remake] + gone
+                dropped["delta_layout='dual'"] = [two.paths[m] for m in lost]
+                two.forget(changed + gone, remake)
+        if dense is not None:
+            moved = d_changed + [m for m in changed if m in dense.copies and m not in d_changed]
+            remake = [m for m in moved if isinstance(m, SparseLinear) and not _kept_for_hooks(m, dense.paths[m], None)]
+            dropped["prefill_dense=True"] = [dense.paths[m] for m in moved + d_gone if m not in remake]
+            dense.forget(moved + d_gone, remake)
+        said = [f"{option}: the copies of {len(paths)} layer(s) ({', '.join(sorted(paths)[:3])}"
+                f"{f' and {len(paths) - 3} more' if len(paths) > 3 else ''})"
+                for option, paths in dropped.items() if paths]
+        if said:  # (stacklevel: the caller of generate() or of a stream's next())
+            warnings.warn(f"flash_llm.Engine: the model changed under the engine since it made its copies "
+                          f"(projections merged, layers replaced, or a layer loaded in another format); dropped for "
+                          f"{'; '.join(said)}: those layers run as without the option (build a new Engine to have "
+                          f"them again)",
+                          RuntimeWarning, stacklevel=8)
+
     def _check_graphs(self) -> None:
-        """Drop the graphs when the model's tensors moved since they were captured.  Tensor-parallel with graphs: on
-        every rank when they moved on any (a collective), since a rank capturing again alone would run its warm-up's
-        all-reduces while the others replay theirs."""
+        """Drop the graphs when the model's tensors moved since they were captured (the copies of
+        ``delta_layout="dual"`` / ``prefill_dense=True`` made again or dropped first where the layers changed:
+        :meth:`_follow_weights`).
+        Tensor-parallel with graphs: on every rank when they moved on any (a collective), since a rank capturing again
+        alone would run its warm-up's all-reduces while the others replay theirs."""
+        self._follow_weights()
         key = self._weights_key()
         same = key == self._captured_over
         if not (self._on_every_rank(same) if self.cuda_graphs else same):
@@ -1904,12 +2083,27 @@ class Engine:
 
     def _run(self, *args, **kwargs) -> Iterator[tuple[torch.Tensor, Generation | None]]:
         """:meth:`_steps`, with the model's own sparse layers put back in place however it ends (a stream left early
-        may stop it right after a prefill on ``prefill_dense``'s copies)."""
+        may stop it right after a prefill on ``prefill_dense``'s copies).  Each stretch of :meth:`_steps` between two of
+        its yields (the prefill, a decode step, the result) runs under the engine's lock, released while the caller has
+        the tokens: a generation begun in another thread waits for the step in flight, then takes the engine over,
+        and the older one raises "overtaken" at its next step (its check comes after the lock is taken).  Until
+        session 86 the older step went on writing the positions, slot and cache under the newer generation, which
+        decoded wrong tokens silently."""
+        me = object()  # (this generation, once _steps has taken the engine over)
+        steps = self._steps(*args, owner=me, **kwargs)
         try:
-            yield from self._steps(*args, **kwargs)
+            while True:
+                with self._lock:
+                    try:
+                        item = next(steps)
+                    except StopIteration:
+                        return
+                yield item
         finally:
-            if self._dense is not None:
-                self._dense.install(False)
+            with self._lock:
+                steps.close()
+                if self._dense is not None and self._generation is me:  # (else the newer one's layout)
+                    self._dense.install(False)
 
     def _request(self, prompts, max_new_tokens, attention_mask=None, temperature=0.0, top_k=None, top_p=None,
                  generator=None, eos_token_id=_FROM_CONFIG, *, on_token=None, output_logits=False,
@@ -1978,18 +2172,20 @@ class Engine:
     # later request.
     @torch.inference_mode(False)
     @torch.no_grad()
-    def _steps(self, request: "_Request") -> Iterator[tuple[torch.Tensor, Generation | None]]:
+    def _steps(self, request: "_Request", owner: object | None = None
+               ) -> Iterator[tuple[torch.Tensor, Generation | None]]:
         """Yields ``(tokens [B], None)`` per step, then ``(None, Generation)`` once.  Without the request's
         ``per_step_sync`` the tokens stay on the device, yielded as each step is launched; with it (streaming) they come
         on the CPU, each step's once the next is launched (:class:`_HostCopies`), so the device never waits for the
         consumer.  A step launched after every row had stopped is dropped (its tokens neither yielded nor kept).
         Where the rows still going fit a smaller power of two than the batch decoded, they move to the first rows and
-        decode as that batch (:meth:`_compacted`, :data:`COMPACT_ROWS`, not with the request's ``output_logits``)."""
+        decode as that batch (:meth:`_compacted`, :data:`COMPACT_ROWS`, not with the request's ``output_logits``).
+        ``owner``: the object that stands for this generation in ``_generation`` (:meth:`_run`'s; default a new one)."""
         self._check_graphs()
         self._pending = None  # (a generation left unfinished does not capture its prefill)
         # one generation at a time: the cache, the step's inputs and its logits are the engine's.  A later one takes
         # them over; this one then raises at its next step instead of decoding from the other's state.
-        me = self._generation = object()
+        me = self._generation = object() if owner is None else owner
 
         def check():
             if self._generation is not me:
