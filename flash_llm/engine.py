@@ -1590,6 +1590,12 @@ class Engine:
         if n is None or n < 1:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         batch = n
+        with self._lock:  # (not while another thread's step runs)
+            self._follow_weights()  # (the copies made again or dropped first where the layers changed under it)
+            self._install_layout(batch, prefill)
+
+    def _install_layout(self, batch: int, prefill: bool = False) -> None:
+        """:meth:`use_layout` without its checks (the engine's own steps: the copies followed at the start)."""
         self._layout = (batch, prefill)
         if self._dense is not None:
             self._dense.install(False)
@@ -1790,7 +1796,7 @@ class Engine:
         most :func:`_prefill_rows` prompts a forward (each chunk its own rows of the cache)."""
         b, p = ids.shape
         rows = _prefill_rows(b, p)
-        self.use_layout(rows * p, prefill=True)
+        self._install_layout(rows * p, prefill=True)
         self._mask[:b].fill_(float("-inf"))
         self._mask[:b, :p].masked_fill_(mask, 0.0)
         slots = torch.arange(p, device=self.device)
@@ -1850,7 +1856,7 @@ class Engine:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         finally:
             if last is not None:
-                self.use_layout(*last)
+                self._install_layout(*last)
         if not self._on_every_rank(error is None) and error is None:
             error = "another tensor-parallel rank's capture failed"
         if error is not None:
@@ -1950,7 +1956,7 @@ class Engine:
         # the key of the tensors this graph reads: a forward may have moved some since the generate began (a model
         # built on meta computes its RoPE frequencies at its first forward), so graphs over the old ones go now
         self._check_graphs()
-        self.use_layout(b)
+        self._install_layout(b)
         self._l2_next()  # (its tables are built outside the capture: they read the weights' slice starts)
         saved = (self._slot.clone(), self._pos[:b].clone(), self._mask[:b].clone())
         # The warm-up steps (and the capture) run from a valid state: the slot among the ``kv`` slots attended, the
@@ -1999,7 +2005,7 @@ class Engine:
             graph = self._graphs.get((b, kv)) or self._capture(b, kv)
             graph.replay()
         else:
-            self.use_layout(b)
+            self._install_layout(b)
             self._step(b, kv)
         return self._logits[:b]
 

@@ -89,7 +89,10 @@ def test_dual_layout_follows_a_loaded_state_dict(gpu_layout, sparsity, assign):
         warnings.simplefilter("ignore", UserWarning)
         served.load_state_dict(_new_weights(served), assign=assign)  # hot-swap the weights
     loaded = _dense_weights(served)
-    eng.use_layout(big)  # (a layer that changed under the engine: nothing is written into it)
+    eng.use_layout(big)  # (a layer that changed under the engine: nothing old is written into it or put at its path)
+    at_big = {p: (m.to_dense() if isinstance(m, flash_llm.SparseLinear) else m.weight)
+              for p, m in served.named_modules() if p in loaded}
+    assert at_big.keys() == loaded.keys() and all(torch.equal(w, loaded[p]) for p, w in at_big.items())
     eng.use_layout(1)
     assert all(torch.equal(m.to_dense(), loaded[p]) for p, m in served.named_modules() if p in loaded)
     ref = _engine(copy.deepcopy(served), max_batch=big, delta_layout="dual")  # what a new engine gives
