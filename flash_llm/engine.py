@@ -1616,12 +1616,13 @@ class Engine:
 
     def clear_graphs(self) -> None:
         """Drop the captured decode and prefill graphs (and their memory pools); they are captured again when
-        needed."""
-        self._graphs.clear()
-        self._pool = None
-        if self._prefills is not None:
-            self._prefills.clear()
-        self._prefill_pool = None
+        needed.  (Under the engine's lock: not while another thread's step runs.)"""
+        with self._lock:
+            self._graphs.clear()
+            self._pool = None
+            if self._prefills is not None:
+                self._prefills.clear()
+            self._prefill_pool = None
 
     def _weights_key(self) -> tuple:
         """Where the model's tensors live: a graph captured over other storage (the model merged or re-encoded by
@@ -2419,10 +2420,11 @@ class Engine:
             # and of the batches its rows' stops shrink it to: COMPACT_ROWS)
             sizes = set(batches) | ({1 << k for b in batches for k in range(b.bit_length()) if 1 << k < b}
                                             if COMPACT_ROWS else set())
-            for b in sorted(sizes):
-                for kv in self._kv_lengths(padded[0] + 1):
-                    if (b, kv) not in self._graphs:
-                        self._capture(b, kv)
+            with self._lock:  # (not while another thread's step runs)
+                for b in sorted(sizes):
+                    for kv in self._kv_lengths(padded[0] + 1):
+                        if (b, kv) not in self._graphs:
+                            self._capture(b, kv)
         return shapes
 
     def _kv_lengths(self, n: int) -> list[int]:

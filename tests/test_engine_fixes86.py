@@ -220,3 +220,31 @@ def test_one_engine_two_threads_the_newer_generation_is_right():
     assert _same(out["t2"], want)
     again = eng.generate(p2, n, eos_token_id=None, output_logits=True)  # (the engine is sound after)
     assert _same(again, want)
+
+
+def test_clear_graphs_and_use_layout_wait_for_a_step_in_flight():
+    """The engine's lock covers clear_graphs and use_layout too (the second review): they wait while another
+    thread's step holds it, and run once it is released."""
+    eng = _engine(_sparse(0, 0.7), max_batch=2)
+    held, release = threading.Event(), threading.Event()
+
+    def step_in_flight():
+        with eng._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=step_in_flight)
+    t.start()
+    assert held.wait(30)
+    done = []
+    calls = [threading.Thread(target=lambda: (eng.clear_graphs(), done.append("clear"))),
+             threading.Thread(target=lambda: (eng.use_layout(1), done.append("layout")))]
+    for c in calls:
+        c.start()
+    for c in calls:
+        c.join(0.5)
+    assert done == []  # (both wait for the lock)
+    release.set()
+    for c in [t, *calls]:
+        c.join(30)
+    assert sorted(done) == ["clear", "layout"]
