@@ -38,8 +38,9 @@ from flash_llm.models.synthetic import build_synthetic
 GROUPS = [
     ("sparse matmul", r"bitmap_spmm|tiled_csl_spmm|delta_rows_spmm|delta_rows_parts"),
     ("split-K reduce", r"splitk_reduce|delta_rows_reduce"),
+    # (before cuBLAS: PyTorch's memory-efficient and flash attention kernels carry "cutlass" in their names)
+    ("attention", r"fmha|attention|flash|(?i:softmax)|efficient|decode_attn"),
     ("dense matmul (cuBLAS)", r"gemm|gemv|sm90_xmma|cutlass|cublas|nvjet"),
-    ("attention", r"fmha|attention|flash|softmax|efficient|decode_attn"),
     ("compiled elementwise (Triton)", r"^triton_"),
     ("KV cache write", r"index_copy|indexCopy|index_put|scatter"),
     ("copy / cast", r"copy|Copy|cast"),
@@ -146,7 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--merge", action="store_true")
     ap.add_argument("--replays", type=int, default=5)
     ap.add_argument("--sdpa", default="default", choices=("default", "efficient", "math", "cudnn", "flash"),
-                    help="restrict scaled_dot_product_attention to one backend (torch.nn.attention.sdpa_kernel)")
+                    help="restrict scaled_dot_product_attention to one backend (torch.nn.attention.sdpa_kernel); "
+                         "turns flash-llm's decode-attention kernel off, so the step uses it")
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
 
@@ -164,6 +166,12 @@ def main(argv=None) -> int:
 
         backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
                    "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[a.sdpa]
+        from flash_llm.models import _common
+
+        if _common.DECODE_ATTENTION != "0":  # (else the step attends in flash-llm's kernel and --sdpa changes nothing)
+            print("--sdpa: flash-llm's decode-attention kernel off (FLASH_LLM_DECODE_ATTENTION=0), so the step attends "
+                  "through scaled_dot_product_attention", file=sys.stderr)
+            _common.DECODE_ATTENTION = "0"
         global _SDPA  # kept referenced: a collected context manager restores the backends (session 7's bug)
         _SDPA = sdpa_kernel(backend)
         _SDPA.__enter__()  # for the whole process: capture and replays

@@ -24,7 +24,7 @@ import sys
 import time
 
 import torch
-from _timing import copies_needed, graph_calls, kernels_missing
+from _timing import copies_needed, graph_calls, kernels_missing, positive_ints
 
 import flash_llm
 from flash_llm import kernels
@@ -34,14 +34,16 @@ REPS = 10  # calls per CUDA-graph replay at least (more: a multiple of the rotat
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The options; a bad ``--sparsity`` is refused here (``ap.error``, exit status 2), before any CUDA work."""
+    """The options; a bad ``--sparsity`` or ``--ns`` is refused here (``ap.error``, exit status 2), before any CUDA
+    work."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fmt", choices=["bitmap", "tiled-csl"], default="bitmap")
     ap.add_argument("--m", type=int, default=9216)
     ap.add_argument("--k", type=int, default=36864)
     ap.add_argument("--sparsity", type=sparsity_arg, default=0.8,
                     help="a fraction or a percentage (0.8, 80 and 80%% alike)")
-    ap.add_argument("--ns", default="1,8,16,32,64")
+    ap.add_argument("--ns", type=positive_ints, default=[1, 8, 16, 32, 64],
+                    help="comma-separated token counts (checked here, before any CUDA work)")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     ap.add_argument("--force-sparse", action="store_true",
                     help="time the sparse kernel at every N (no expansion + cuBLAS for large N)")
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
           f"({len(fs)} / {len(ws)} rotating copies{', sparse calls under static_weights' if a.pdl else ''})")
     print(f"| N | {a.fmt} us | cuBLAS dense us | speedup | max err / cuBLAS's |")
     print("|---|---|---|---|---|")
-    for n in (int(v) for v in a.ns.split(",")):
+    for n in a.ns:
         x = torch.randn(n, a.k, device="cuda").to(dtype)
         y, ref = flash_llm.spmm(x, f), x.double() @ w.double().t()  # the dispatched path's error
         err = float((y.double() - ref).abs().max()) / max(float((torch.nn.functional.linear(x, w).double() - ref)
