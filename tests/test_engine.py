@@ -2009,16 +2009,18 @@ def test_deferred_prefill_capture_puts_the_last_steps_set_back(pair, monkeypatch
     which installs the prefill's set of weights (``use_layout(tokens, prefill=True)``); afterwards the layers hold the
     set of the step that ran last, as before the capture (session 70: a ``delta_layout="dual"`` engine left its
     Tiled-CSL copies in the layers after a batch-1 generation).  The capture is faked (graphs are CUDA's), the
-    engine's own use_layout recorded; the same after a capture that fails."""
+    engine's own layout installs (``_install_layout``, ``use_layout`` without its checks) recorded; the same after a
+    capture that fails."""
     _, ours = pair
     eng = Engine(ours, max_batch=2, max_seq=32)
     calls = []
-    real = eng.use_layout
-    monkeypatch.setattr(eng, "use_layout", lambda b, prefill=False: (calls.append((b, prefill)), real(b, prefill)))
+    real = eng._install_layout
+    monkeypatch.setattr(eng, "_install_layout",
+                        lambda b, prefill=False: (calls.append((b, prefill)), real(b, prefill)))
     monkeypatch.setattr(eng, "_prefill_graph_fits", lambda b, p: True)
     for fails in (False, True):
         def capture(ids, mask, fails=fails):
-            eng.use_layout(ids.numel(), prefill=True)
+            eng._install_layout(ids.numel(), prefill=True)
             if fails:
                 raise RuntimeError("capture failed")
             return "graph"
