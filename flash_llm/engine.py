@@ -1660,6 +1660,8 @@ class Engine:
         two, dense = self._two, self._dense
         if two is None and dense is None:
             return
+        if two is not None and dense is not None:  # (the prefill's copies out of the layers' paths first: else the
+            dense.install(False)  # dual layout's check reads a layer under them as gone; the caller installs after)
         changed, gone = two.stale() if two is not None else ([], [])
         d_changed, d_gone = (dense.stale(set(two.small) if two is not None else frozenset())
                              if dense is not None else ([], []))
@@ -2351,7 +2353,8 @@ class Engine:
                 the largest, and a row stops at its own (padded after it, and dropped from the decode as a row that
                 stopped at its EOS is: :data:`COMPACT_ROWS`).
             attention_mask: ``[B, P]`` 0/1 or bool (1 = token) for a tensor of prompts.
-            temperature, top_k, top_p, generator: see :func:`sample_tokens`; ``temperature=0`` is greedy.
+            temperature, top_k, top_p, generator: see :func:`sample_tokens`; ``temperature=0`` is greedy.  No
+                top-k unless asked (transformers' ``generate(do_sample=True)`` applies ``top_k=50`` by default).
             eos_token_id: stop a row at this token (an int or a list); default the config's
                 ``eos_token_id``; ``None`` (or an empty list) never stops early.  Generation ends when every row
                 has stopped.

@@ -248,3 +248,19 @@ def test_clear_graphs_and_use_layout_wait_for_a_step_in_flight():
     for c in [t, *calls]:
         c.join(30)
     assert sorted(done) == ["clear", "layout"]
+
+
+def test_both_options_do_not_read_the_prefill_copies_as_a_change(gpu_layout):
+    """With delta_layout="dual" and prefill_dense=True, a check of the weights while the prefill's dense copies stand
+    at the layers' paths (a decode capture right after a prefill, use_layout after a prefill layout) read every dual
+    layer as gone and dropped its copies (with a warning): the prefill's copies go out of the paths first."""
+    big = E.DUAL_TCSL_MIN_BATCH
+    eng = _engine(_sparse(0, 0.7), max_batch=big, delta_layout="dual", prefill_dense=True)
+    assert eng._two is not None and eng._two.large and eng._dense is not None and eng._dense.copies
+    n_two, n_dense = len(eng._two.large), len(eng._dense.copies)
+    eng.use_layout(E.PREFILL_DENSE_MIN_TOKENS, prefill=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eng._follow_weights()  # (as _capture's _check_graphs after a prefill)
+        eng.use_layout(big)
+    assert len(eng._two.large) == n_two and len(eng._dense.copies) == n_dense
