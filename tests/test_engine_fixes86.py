@@ -28,27 +28,12 @@ import torch
 import flash_llm
 import flash_llm.engine as E
 from flash_llm.engine import Engine
-from flash_llm.models import from_config, merge_projections
-from test_engine_hooks85 import CFG, LONG, gpu_layout  # noqa: F401
-
-_CACHE: dict[tuple, torch.nn.Module] = {}
-
+from flash_llm.models import merge_projections
+from test_engine_hooks85 import LONG, _model, gpu_layout  # noqa: F401
 
 def _sparse(seed: int, sparsity: float = 0.7) -> torch.nn.Module:
     """A small fp16 Llama (``CFG``) whose projections are DeltaRows ``SparseLinear`` layers, weights of ``seed``."""
-    key = (seed, sparsity)
-    if key not in _CACHE:
-        model = from_config(CFG, dtype=torch.float16, seed=seed)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for n, m in model.named_modules():
-                if isinstance(m, torch.nn.Linear) and n != "lm_head":
-                    m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= sparsity)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format="delta-rows"))
-        _CACHE[key] = model
-    return copy.deepcopy(_CACHE[key]).eval()
+    return _model(sparsity, seed).eval()
 
 
 def _new_weights(model) -> dict[str, torch.Tensor]:

@@ -28,14 +28,16 @@ CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=64, num_layers=2, n
                   intermediate_size=128, max_position_embeddings=64)
 HOOKED = "model.layers.0.self_attn.o_proj"
 LONG = [list(range(1, 21))]  # (20 tokens: a prefill of PREFILL_DENSE_MIN_TOKENS or more)
-_CACHE: dict[float, torch.nn.Module] = {}
+_CACHE: dict[tuple[float, int], torch.nn.Module] = {}
 
 
-def _model(sparsity: float = 0.7) -> torch.nn.Module:
-    """A small fp16 Llama whose projections are DeltaRows ``SparseLinear`` layers at ``sparsity`` (a fresh copy)."""
-    if sparsity not in _CACHE:
-        model = from_config(CFG, dtype=torch.float16, seed=85)
-        gen = torch.Generator().manual_seed(85)
+def _model(sparsity: float = 0.7, seed: int = 85) -> torch.nn.Module:
+    """A small fp16 Llama whose projections are DeltaRows ``SparseLinear`` layers at ``sparsity``, weights of ``seed``
+    (a fresh copy)."""
+    key = (sparsity, seed)
+    if key not in _CACHE:
+        model = from_config(CFG, dtype=torch.float16, seed=seed)
+        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for n, m in model.named_modules():
                 if isinstance(m, torch.nn.Linear) and n != "lm_head":
@@ -43,8 +45,8 @@ def _model(sparsity: float = 0.7) -> torch.nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format="delta-rows"))
-        _CACHE[sparsity] = model
-    return copy.deepcopy(_CACHE[sparsity])
+        _CACHE[key] = model
+    return copy.deepcopy(_CACHE[key])
 
 
 def _sparse_paths(sparsity: float = 0.7) -> set[str]:
