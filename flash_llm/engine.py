@@ -837,10 +837,11 @@ def _holds(m: torch.nn.Module, w) -> bool:
     return m.weight_format is type(w) and all(m._buffers.get("weight_" + n) is t for n, t in w.tensors().items())
 
 
-def _versions(lin: torch.nn.Linear) -> tuple[int, ...]:
-    """The version counters of a copy's parameters: an in-place write into them (a state dict loaded into the model
-    while the copy stood at the layer's path) moves them."""
-    return tuple(t._version for t in lin.parameters())
+def _versions(lin: torch.nn.Linear) -> tuple[tuple[int, int], ...]:
+    """The identities and version counters of a copy's parameters: an in-place write into them (a state dict loaded
+    into the model while the copy stood at the layer's path) moves a counter, a parameter replaced (``assign=True``,
+    ``copy.bias = ...``; until session 87 unseen, and the next small step swapped the old one back) an identity."""
+    return tuple((id(t), t._version) for t in lin.parameters())
 
 
 def _swap_module(model: torch.nn.Module, path: str, layer: torch.nn.Module, copy: torch.nn.Module,
@@ -912,9 +913,11 @@ class _TwoLayouts:
         return _dense_bytes(m) if isinstance(w, torch.nn.Linear) else w.nbytes
 
     def stale(self) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
-        """``(changed, gone)``: the layers that hold neither set's arrays, or another bias than their copy was made
-        with (a state dict loaded into the model, another engine's re-encoding), and the layers no longer at their
-        paths (merged, replaced) or whose dense copy was written into in place where it stood at the path."""
+        """``(changed, gone)``: the layers that hold neither set's arrays (a state dict loaded into the model, another
+        engine's re-encoding), or whose dense copy holds another bias than the layer's (a Tiled-CSL copy uses the
+        layer's own bias, so a new one changes neither set: until session 87 it read as a change, which dropped the
+        copies and left a layer holding the Tiled-CSL set with it for good), and the layers no longer at their paths
+        (merged, replaced) or whose dense copy was written into in place where it stood at the path."""
         changed, gone = [], []
         for m, path in self.paths.items():
             w, (bias, versions) = self.large[m], self.made[m]
@@ -922,7 +925,7 @@ class _TwoLayouts:
             now = _submodule(self.model, path)
             if (now is not m and not (dense and now is w)) or (dense and _versions(w) != versions):
                 gone.append(m)
-            elif m.bias is not bias or not (_holds(m, self.small[m]) or (not dense and _holds(m, w))):
+            elif (dense and m.bias is not bias) or not (_holds(m, self.small[m]) or (not dense and _holds(m, w))):
                 changed.append(m)
         return changed, gone
 

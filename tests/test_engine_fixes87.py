@@ -1,0 +1,113 @@
+"""Session 87: ``Engine(delta_layout="dual")`` after a new bias.
+
+A layer with a bias whose Tiled-CSL copy stood in it (a step of ``DUAL_TCSL_MIN_BATCH`` tokens or more ran last) and
+whose bias was then replaced (``model.load_state_dict(biases, strict=False, assign=True)``, or ``layer.bias = ...``)
+was read as a layer loaded in another format: the engine dropped its copies with a warning and the layer kept the
+Tiled-CSL arrays for good, at every batch size, also after ``use_layout(1)`` (a model saved then was no longer
+DeltaRows).  Both sets use the layer's own bias, so a new bias changes neither: the copies stay (the graphs are
+captured again over the new bias), and the next steps use it.  The delta_layout paths run on the CPU as on a GPU
+(``gpu_layout``, as ``tests/test_engine_hooks85.py`` runs them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import flash_llm
+import flash_llm.engine as E
+from flash_llm.engine import Engine
+from flash_llm.models import from_config
+from test_engine_hooks85 import CFG, LONG, gpu_layout  # noqa: F401
+
+BIASED = dataclasses.replace(CFG, attention_bias=True, mlp_bias=True)
+
+
+def _biased_model(seed: int = 87) -> torch.nn.Module:
+    """A small fp16 Llama with biases whose projections are DeltaRows ``SparseLinear`` layers at 70 % sparsity."""
+    model = from_config(BIASED, dtype=torch.float16, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and n != "lm_head":
+                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= 0.7)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flash_llm.sparsify_(model, flash_llm.SparsifyConfig(format="delta-rows"))
+    return model.eval()
+
+
+def _engine(model, **kw) -> Engine:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return Engine(model, max_seq=48, progress=False, **kw)
+
+
+@pytest.mark.parametrize("how", ["assign", "attribute"])
+def test_dual_layout_keeps_its_copies_after_a_new_bias(gpu_layout, how):
+    big = E.DUAL_TCSL_MIN_BATCH
+    prompts = [LONG[0][: 5 + i] for i in range(big)]
+    served = _biased_model()
+    eng = _engine(served, max_batch=big, delta_layout="dual")
+    tcsl = [m for m, w in eng._two.large.items() if not isinstance(w, torch.nn.Linear)]
+    assert tcsl, "the test needs layers with Tiled-CSL copies"
+    eng.generate(prompts, 3, eos_token_id=None)  # (the Tiled-CSL set stands in the layers now)
+    assert all(m.weight_format is flash_llm.TiledCSL for m in tcsl)
+    gen = torch.Generator().manual_seed(1)
+    biases = {f"{p}.bias": torch.randn(m.bias.shape, generator=gen).to(m.bias.dtype)
+              for p, m in served.named_modules() if m in tcsl}
+    if how == "assign":
+        served.load_state_dict(biases, strict=False, assign=True)
+    else:
+        for key, b in biases.items():
+            served.get_submodule(key.rsplit(".", 1)[0]).bias = torch.nn.Parameter(b, requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nothing dropped: no warning)
+        for b in (1, big, 1):
+            got = eng.generate(prompts[:b], 4, eos_token_id=None, output_logits=True)
+            ref = _engine(_copy_of(served, eng), max_batch=big, delta_layout="dual")
+            want = ref.generate(prompts[:b], 4, eos_token_id=None, output_logits=True)
+            assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits), b
+    assert set(tcsl) <= set(eng._two.large)  # (the copies kept)
+    eng.use_layout(1)
+    assert all(m.weight_format is flash_llm.DeltaRows for m in tcsl)  # (the layers' own weights back)
+    assert all(torch.equal(served.state_dict()[k], b) for k, b in biases.items())  # (the new biases kept)
+
+
+def _copy_of(model, eng) -> torch.nn.Module:
+    """A deep copy of ``model`` as a new engine would find it: its DeltaRows set in (``use_layout(1)``)."""
+    import copy
+
+    eng.use_layout(1)
+    return copy.deepcopy(model)
+
+
+def test_dual_layout_a_bias_replaced_on_a_dense_copy_is_kept(gpu_layout):
+    """A dense copy standing at a layer's path (sparsity 50 %: ``nn.Linear`` copies) whose bias is replaced by the
+    user: the copy is the model's module there, so the new bias is kept (the layer leaves the dual layout, with the
+    warning, as after an in-place write into the copy); until session 87 the next small step swapped the layer back in
+    with its old bias (the new one lost, silently)."""
+    big = E.DUAL_TCSL_MIN_BATCH
+    prompts = [LONG[0][: 5 + i] for i in range(big)]
+    served = _biased_model(seed=5)
+    for m in served.modules():  # (denser: dense copies)
+        if isinstance(m, flash_llm.SparseLinear):
+            w = m.to_dense()
+            w[w == 0] = 0.01
+            w.view(-1)[::2] = 0
+            m._replace_weight(flash_llm.DeltaRows.from_dense(w))
+    eng = _engine(served, max_batch=big, delta_layout="dual")
+    dense = {p: m for m, p in eng._two.paths.items() if isinstance(eng._two.large[m], torch.nn.Linear)}
+    assert dense, "the test needs layers with dense copies"
+    eng.generate(prompts, 3, eos_token_id=None)  # (the dense copies stand at the paths now)
+    path = sorted(dense)[0]
+    new = torch.randn(served.get_submodule(path).bias.shape).half()
+    served.get_submodule(path).bias = torch.nn.Parameter(new, requires_grad=False)
+    with pytest.warns(RuntimeWarning, match="delta_layout='dual': the copies of 1 layer"):
+        eng.generate(prompts[:1], 3, eos_token_id=None)
+    assert torch.equal(served.get_submodule(path).bias, new)
+    eng.use_layout(1)
+    assert torch.equal(served.get_submodule(path).bias, new)
