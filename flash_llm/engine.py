@@ -916,16 +916,21 @@ class _TwoLayouts:
         """``(changed, gone)``: the layers that hold neither set's arrays (a state dict loaded into the model, another
         engine's re-encoding), or whose dense copy holds another bias than the layer's (a Tiled-CSL copy uses the
         layer's own bias, so a new one changes neither set: until session 87 it read as a change, which dropped the
-        copies and left a layer holding the Tiled-CSL set with it for good), and the layers no longer at their paths
-        (merged, replaced) or whose dense copy was written into in place where it stood at the path."""
+        copies and left a layer holding the Tiled-CSL set with it for good) or which has hooks now
+        (:func:`_kept_for_hooks`: registered after the engine was built, which its dense copy in its place would not
+        run), and the layers no longer at their paths (merged, replaced) or whose dense copy was written into in place,
+        given new parameters or hooks where it stood at the path (session 87: the next small step put the layer back,
+        dropping them)."""
         changed, gone = [], []
         for m, path in self.paths.items():
             w, (bias, versions) = self.large[m], self.made[m]
             dense = isinstance(w, torch.nn.Linear)
             now = _submodule(self.model, path)
-            if (now is not m and not (dense and now is w)) or (dense and _versions(w) != versions):
+            if (now is not m and not (dense and now is w)) or (dense and (_versions(w) != versions
+                                                                         or _kept_for_hooks(w, path, None))):
                 gone.append(m)
-            elif (dense and m.bias is not bias) or not (_holds(m, self.small[m]) or (not dense and _holds(m, w))):
+            elif ((dense and (m.bias is not bias or _kept_for_hooks(m, path, None)))
+                  or not (_holds(m, self.small[m]) or (not dense and _holds(m, w)))):
                 changed.append(m)
         return changed, gone
 
@@ -935,7 +940,8 @@ class _TwoLayouts:
         DeltaRows weights the layers hold now."""
         for m in layers:
             w = self.large.pop(m)
-            if isinstance(w, torch.nn.Linear) and _versions(w) == self.made[m][1]:
+            if isinstance(w, torch.nn.Linear) and _versions(w) == self.made[m][1] and not _kept_for_hooks(
+                    w, self.paths[m], None):  # (a copy the user changed at the path stays there)
                 _swap_module(self.model, self.paths[m], m, w, False)
             del w, self.small[m], self.made[m]
         for m in rebuild:
@@ -1040,10 +1046,11 @@ class _DenseCopies:
         changed, gone = [], []
         for m, lin in self.copies.items():
             weight, bias, versions = self.made[m]
-            now = _submodule(self.model, self.paths[m])
-            if (now is not m and now is not lin) or _versions(lin) != versions:
+            path = self.paths[m]
+            now = _submodule(self.model, path)
+            if (now is not m and now is not lin) or _versions(lin) != versions or _kept_for_hooks(lin, path, None):
                 gone.append(m)
-            elif m.bias is not bias or (m not in moving and not _holds(m, weight)):
+            elif m.bias is not bias or _kept_for_hooks(m, path, None) or (m not in moving and not _holds(m, weight)):
                 changed.append(m)
         return changed, gone
 
@@ -1053,7 +1060,7 @@ class _DenseCopies:
         go first: the same bytes)."""
         for m in layers:
             lin = self.copies.pop(m)
-            if _versions(lin) == self.made[m][2]:
+            if _versions(lin) == self.made[m][2] and not _kept_for_hooks(lin, self.paths[m], None):
                 _swap_module(self.model, self.paths[m], m, lin, False)
             del lin, self.made[m]
         for m in rebuild:
@@ -1700,9 +1707,9 @@ class Engine:
                 for option, paths in dropped.items() if paths]
         if said:  # (stacklevel: the caller of generate() or of a stream's next())
             warnings.warn(f"flash_llm.Engine: the model changed under the engine since it made its copies "
-                          f"(projections merged, layers replaced, or a layer loaded in another format); dropped for "
-                          f"{'; '.join(said)}: those layers run as without the option (build a new Engine to have "
-                          f"them again)",
+                          f"(projections merged, layers replaced, hooks added, or a layer loaded in another format); "
+                          f"dropped for {'; '.join(said)}: those layers run as without the option (build a new Engine "
+                          f"to have them again)",
                           RuntimeWarning, stacklevel=8)
 
     def _check_graphs(self) -> None:

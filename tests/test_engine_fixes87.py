@@ -111,3 +111,53 @@ def test_dual_layout_a_bias_replaced_on_a_dense_copy_is_kept(gpu_layout):
     assert torch.equal(served.get_submodule(path).bias, new)
     eng.use_layout(1)
     assert torch.equal(served.get_submodule(path).bias, new)
+
+
+def _dense_copies_model() -> torch.nn.Module:
+    """:func:`_biased_model` at about 50 % sparsity: ``delta_layout="dual"`` makes ``nn.Linear`` copies."""
+    served = _biased_model(seed=5)
+    for m in served.modules():
+        if isinstance(m, flash_llm.SparseLinear):
+            w = m.to_dense()
+            w[w == 0] = 0.01
+            w.view(-1)[::2] = 0
+            m._replace_weight(flash_llm.DeltaRows.from_dense(w))
+    return served
+
+
+@pytest.mark.parametrize("where", ["layer", "copy"])
+def test_dual_layout_a_hook_registered_after_the_engine_runs_at_every_batch(gpu_layout, where):
+    """A forward hook registered after the engine was built, on a layer with a dense copy (``"layer"``: while the layer
+    stands at its path) or on the copy (``"copy"``: after a large step, the copy is the model's module there): until
+    session 87 it ran only while its module stood at the path (small steps, or large ones), so the output depended on
+    the batch size.  The layer now leaves the dual layout (with the warning) and its hook runs at every step."""
+    big = E.DUAL_TCSL_MIN_BATCH
+    prompts = [LONG[0][: 5 + i] for i in range(big)]
+    served = _dense_copies_model()
+    eng = _engine(served, max_batch=big, delta_layout="dual")
+    dense = sorted(p for m, p in eng._two.paths.items() if isinstance(eng._two.large[m], torch.nn.Linear))
+    assert dense, "the test needs layers with dense copies"
+    eng.generate(prompts if where == "copy" else prompts[:1], 3, eos_token_id=None)
+    calls = []
+    module = served.get_submodule(dense[0])
+    assert isinstance(module, torch.nn.Linear if where == "copy" else flash_llm.SparseLinear)
+    module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]) or out * 3.0)
+    with pytest.warns(RuntimeWarning, match="hooks added"):
+        eng.generate(prompts[:1], 3, eos_token_id=None)
+    for b in (big, 1):
+        calls.clear()
+        eng.generate(prompts[:b], 3, eos_token_id=None)
+        assert calls and calls[0] == b and served.get_submodule(dense[0]) is module, b
+
+
+def test_prefill_dense_a_hook_registered_after_the_engine_runs_in_the_prefill():
+    """``prefill_dense=True``: a hook registered on a layer after the engine was built did not run in prefills of 17
+    tokens or more (the dense copy stood in the layer's place); the layer's copy is dropped now (with the warning)."""
+    served = _biased_model()
+    eng = _engine(served, max_batch=1, prefill_dense=True)
+    path = sorted(eng._dense.paths.values())[0]
+    calls = []
+    served.get_submodule(path).register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[1]) or out)
+    with pytest.warns(RuntimeWarning, match="prefill_dense=True: the copies of 1 layer"):
+        eng.generate(LONG, 2, eos_token_id=None)
+    assert calls and calls[0] == len(LONG[0])  # (the prefill's forward ran through the hooked layer)
