@@ -13,7 +13,8 @@ the first sampling) and, once each, the prefill's CUDA kernel time by kernel nam
 ``--top``), so a kernel's gain can be followed into the prefill.  With ``--graph`` it also captures the prefill in a
 CUDA graph under each setting and times its replays (since session 69; before, under the defaults only): the eager
 time to first token is bound by the host's launches (Llama-3-8B: 57-136 ms either way in session 69, where the
-graph's was 15.6 against 23.8), so a kernel's gain shows there.  ``--json`` writes all of it.
+graph's was 15.6 against 23.8), so a kernel's gain shows there.  ``--json`` writes all of it (:func:`json_record`;
+its ``args.sparsity`` in percent, 80 for 80 %, however ``--sparsity`` was given).
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from flash_llm import engine as engine_mod  # noqa: E402
 from flash_llm.engine import Engine  # noqa: E402
 from flash_llm.cli import sparsity_arg  # noqa: E402
 from flash_llm.models.synthetic import build_synthetic  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ttft_lengths import json_args  # noqa: E402
 
 
 def parse_settings(text: str) -> list[tuple[str, dict[str, object]]]:
@@ -138,6 +142,16 @@ def prefill_graph(eng: Engine, prompts, rounds: int) -> dict:
     return out
 
 
+def json_record(args: argparse.Namespace, card: str, times: dict[str, list[float]],
+                prof: dict[str, list[tuple[str, float, int]]], graph: dict | None) -> dict:
+    """What ``--json`` writes: the options (``sparsity`` in percent: ``ttft_lengths.json_args``), the card, torch,
+    the commit, each setting's times to first token (ms), its prefill kernels ``[name, us, calls]`` and, with
+    ``--graph``, its :func:`prefill_graph` (else None)."""
+    return {"args": json_args(args), "card": card, "torch": torch.__version__,
+            "commit": os.environ.get("FLASH_LLM_COMMIT"), "ttft_ms": times,
+            "kernels": {n: [list(r) for r in rows] for n, rows in prof.items()}, "graph": graph}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The options; a bad ``--sparsity`` is refused here (``ap.error``, exit status 2), before any CUDA work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -216,10 +230,7 @@ def main(argv=None) -> int:
             print(f"prefill eager / CUDA graph ({name}): {json.dumps(gr)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "card": card, "torch": torch.__version__,
-                       "commit": os.environ.get("FLASH_LLM_COMMIT"), "ttft_ms": times,
-                       "kernels": {n: [list(r) for r in rows] for n, rows in prof.items()},
-                       "graph": graph}, f, indent=1)
+            json.dump(json_record(args, card, times, prof, graph), f, indent=1)
     return 0
 
 

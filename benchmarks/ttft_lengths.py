@@ -17,7 +17,8 @@ It prints, per mode, the median / mean / 90th percentile of ``Generation.ttft_s`
 sampling), the prefills replayed from a graph, and the graphs held at the end; and the median / total of each whole
 ``generate`` call's wall time (synchronized), which also holds what the time to first token leaves out: the capture of
 a new shape's prefill graph after the generation (session 65: the cost a server pays at every new shape, and what
-would decide capturing only shapes seen twice).  ``--json`` writes every time.
+would decide capturing only shapes seen twice).  ``--json`` writes every time (:func:`json_record`; its
+``args.sparsity`` in percent, 80 for 80 %, however ``--sparsity`` was given).
 """
 from __future__ import annotations
 
@@ -120,6 +121,21 @@ def summary(res: dict[str, dict]) -> list[tuple[str, float, float, float, int, i
     return rows
 
 
+def json_args(args: argparse.Namespace) -> dict:
+    """The options as ``--json`` records them: ``vars(args)`` with ``sparsity`` in percent (``--sparsity`` 0.8, 80 or
+    80% -> 80.0; 0 -> 0.0), the unit of ``bench_e2e.py``'s and ``tp_check.py``'s rows and of the files this script,
+    ``prefill_ab.py`` and ``uneven_rows.py`` wrote before session 85 (it parses ``--sparsity`` to a fraction since,
+    which the key then held: 0.8 in one file, 80.0 in another)."""
+    return {**vars(args), "sparsity": round(100 * args.sparsity, 6)}
+
+
+def json_record(args: argparse.Namespace, card: str, stream: list[list[list[int]]], res: dict[str, dict]) -> dict:
+    """What ``--json`` writes: the options (:func:`json_args`), the card, torch, the commit, each prompt batch's
+    length and :func:`run_modes`'s results."""
+    return {"args": json_args(args), "card": card, "torch": torch.__version__,
+            "commit": os.environ.get("FLASH_LLM_COMMIT"), "lengths": [len(s[0]) for s in stream], "results": res}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The options; a bad ``--sparsity`` is refused here (``ap.error``, exit status 2), before any CUDA work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -172,9 +188,7 @@ def main(argv=None) -> int:
         print(f"{mode} | {med:.2f} | {mean:.2f} | {p90:.2f} | {rep} | {held} | {call:.2f} | {total:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "card": card, "torch": torch.__version__,
-                       "commit": os.environ.get("FLASH_LLM_COMMIT"), "lengths": [len(s[0]) for s in stream],
-                       "results": res}, f, indent=1)
+            json.dump(json_record(args, card, stream, res), f, indent=1)
     return 0
 
 

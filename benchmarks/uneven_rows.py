@@ -11,7 +11,9 @@ tokens each) and the same limits a row (``generate(prompts, [n_0, n_1, ...])``, 
 Per setting it prints the median wall time of a whole generation (synchronized), the tokens it produced (the sum of
 the limits) per second, and the decode batch sizes it ran, and how many rows' tokens the two settings agree on (all
 on a CPU; on a GPU the smaller batches run other kernels, whose sums may round otherwise, and a random-weight model's
-greedy tokens part at near-ties: session 65 saw that on an H100).  ``--json`` writes every time. ``--device cpu`` with a ``tiny-*`` model is a smoke run of the script.
+greedy tokens part at near-ties: session 65 saw that on an H100).  ``--json`` writes every time (:func:`json_record`;
+its ``args.sparsity`` in percent, 80 for 80 %, however ``--sparsity`` was given). ``--device cpu`` with a ``tiny-*``
+model is a smoke run of the script.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from bench_e2e import TINY as E2E_TINY  # noqa: E402
 from flash_llm import engine as engine_mod  # noqa: E402
 from flash_llm.cli import sparsity_arg  # noqa: E402
 from flash_llm.engine import Engine  # noqa: E402
-from ttft_lengths import parse_lengths  # noqa: E402
+from ttft_lengths import json_args, parse_lengths  # noqa: E402
 
 #: a smoke-run shape (``--model tiny-llama``, for ``--device cpu``): bench_e2e.py's
 TINY = E2E_TINY["tiny-llama"]
@@ -67,6 +69,16 @@ def run_settings(eng: Engine, prompts: list[list[int]], limits: list[int], round
         engine_mod.COMPACT_ROWS = saved
         eng._decode = decode
     return out
+
+
+def json_record(args: argparse.Namespace, card: str, limits: list[int], res: dict[str, dict]) -> dict:
+    """What ``--json`` writes: the options (``sparsity`` in percent: ``ttft_lengths.json_args``), the card, the
+    limits, whether the settings' tokens agree (all of them; rows) and each setting's times (s) and decode batch
+    sizes from :func:`run_settings`'s ``res``."""
+    same = torch.equal(res["shrink"]["tokens"], res["full"]["tokens"])
+    rows_same = sum(torch.equal(a, b) for a, b in zip(res["shrink"]["tokens"], res["full"]["tokens"]))
+    return {"args": json_args(args), "card": card, "limits": limits, "same_tokens": same, "rows_same": rows_same,
+            "results": {k: {"s": v["s"], "sizes": v["sizes"]} for k, v in res.items()}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,7 +125,6 @@ def main(argv=None) -> int:
                  merge=True)
     eng.warmup(batches=(args.batch,), prompt_lengths=(args.prompt,))  # (and the smaller batches' graphs)
     res = run_settings(eng, prompts, limits, args.rounds)
-    same = torch.equal(res["shrink"]["tokens"], res["full"]["tokens"])
     rows_same = sum(torch.equal(a, b) for a, b in zip(res["shrink"]["tokens"], res["full"]["tokens"]))
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n{args.model} {args.format} {100 * args.sparsity:g} % {args.dtype}, batch {args.batch}, prompt "
@@ -129,8 +140,7 @@ def main(argv=None) -> int:
         print(f"{name} | {med:.3f} | {sum(limits) / med:.0f} | {', '.join(runs)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "card": card, "limits": limits, "same_tokens": same, "rows_same": rows_same,
-                       "results": {k: {"s": v["s"], "sizes": v["sizes"]} for k, v in res.items()}}, f, indent=1)
+            json.dump(json_record(args, card, limits, res), f, indent=1)
     return 0
 
 

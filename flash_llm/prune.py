@@ -789,7 +789,9 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
 
     Per layer ``W [M, K]`` with calibration inputs ``X [N, K]``: ``H = 2/N X^T X`` (float64 on the
     weight's device), inputs that are zero on every token get ``H_jj = 1``, ``percdamp * mean(diag H)``
-    is added to the diagonal, and the upper Cholesky factor of ``H^-1`` drives the blockwise update of
+    is added to the diagonal (the mean taken after that, the dead inputs' 1s included, as the reference code does:
+    where the live ``H_jj`` are far below 1 they raise the live inputs' damping; the live columns' result is the
+    reference's), and the upper Cholesky factor of ``H^-1`` drives the blockwise update of
     the reference algorithm in fp32: for each block of ``blocksize`` columns the mask is chosen by
     ``w^2 / [H^-1]_jj^2`` over the whole block (all rows), then the columns are pruned one by one and
     their error is spread over the not yet processed columns.
@@ -823,7 +825,7 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
             layers are ignored.
         blocksize: columns per block (the lazy-update batch of the reference; 128); any integer >= 1 but bool
             (numpy's, a 0-d tensor).
-        percdamp: dampening, as a fraction of the mean of ``diag(H)`` (0.01).
+        percdamp: dampening, as a fraction of the mean of ``diag(H)`` (dead inputs counted as 1; 0.01).
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
         progress: tqdm bar (stderr) over the layers.
 
@@ -1156,7 +1158,8 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             disjoint views of one storage are fine), else ValueError.
         distill_weight: weight of the KL term, >= 0; must be > 0 when ``teacher`` is given, and 0 without.
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer unpruned (still trained).
-        progress: tqdm bar over the steps with the loss and the current sparsity.
+        progress: tqdm bar over the steps with the loss, the sparsity the masks hold (``sparsity``: zeros over
+            the weights of the pruned layers, their initial zeros included) and the schedule's ``target``.
 
     Returns:
         A :class:`GradualPruneReport` (``method="gradual"``, ``error`` ``None``) with the loss per step and
@@ -1232,6 +1235,10 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         del z
     zeros0 = [0 if z is None else int(z.sum()) for z in zero0]
     keep = [torch.ones_like(w, dtype=torch.bool) if z is None else ~z for w, z in zip(weights, zero0)]
+    # zeros each layer's mask holds (kept up to date by update_masks, no pass over the weights): the progress bar
+    # shows the sparsity reached, which the schedule's target understates (initial zeros, rounding, the cap)
+    masked = list(zeros0)
+    numel = sum(w.numel() for w in weights)
     report = GradualPruneReport("gradual", final_sparsity)
     update_at = set(range(begin, end, frequency)) | {end}
 
@@ -1242,6 +1249,7 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
                 # max(count, initial zeros) zeros: the initial zeros, plus the `extra` smallest of the other weights
                 # (the initial zeros score +inf there, never picked: extra is below the number of the others)
                 extra = max(0, _count(s, w.numel()) - zeros0[i])
+                masked[i] = zeros0[i] + extra
                 if zero0[i] is None:
                     keep[i] = ~_lowest_k([w], extra)[0]
                 else:
@@ -1311,8 +1319,9 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
                 for w, k in zip(weights, keep):
                     w.masked_fill_(~k, 0)
             report.losses.append(value)
-            bar.set_postfix(loss=f"{report.losses[-1]:.4g}", sparsity=f"{report.schedule[-1][1]:.3f}"
-                            if report.schedule else "0")
+            bar.set_postfix(loss=f"{report.losses[-1]:.4g}",
+                            sparsity=f"{sum(masked) / numel:.3f}",  # (numel > 0: no layer, refused)
+                            target=f"{report.schedule[-1][1]:.3f}" if report.schedule else "0")
         if end == steps:
             update_masks(steps)
         # the last step's update is followed by no loss that would show a blow-up: check the weights themselves
