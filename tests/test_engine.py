@@ -1262,15 +1262,24 @@ def test_dual_layout_holds_dense_copies_where_tiled_csl_is_no_smaller(pair, monk
     eng.use_layout(1)
     assert all(dict(ours.named_modules())[p] is m for p, m in layers.items())  # (the layers themselves, back)
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((type(m), args[0].shape)))
-             for m in (next(iter(layers.values())), eng._two.large[next(iter(layers.values()))])]
-    for b in (1, big, 1):
-        got = eng.generate(prompts[:b], 4, output_logits=True, eos_token_id=None)
-        assert torch.equal(got.tokens, want[b].tokens), b
-        torch.testing.assert_close(got.logits, want[b].logits, rtol=0,
-                                   atol=8 * ulp(torch.float16, want[b].logits.abs().max()))
-    for h in hooks:
-        h.remove()
+    first = next(iter(layers.values()))
+
+    class Probe(torch.overrides.TorchFunctionMode):  # (which module runs: not a hook, which since session 87 takes a
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # layer out of the dual layout)
+            if func is torch.nn.functional.linear and args[1] is eng._two.large[first].weight:
+                seen.append((torch.nn.Linear, args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    forward = flash_llm.SparseLinear.forward  # (the layer's own calls: its forward, patched on the class)
+    monkeypatch.setattr(flash_llm.SparseLinear, "forward", lambda self, x: (
+        seen.append((flash_llm.SparseLinear, x.shape)) if self is first else None) or forward(self, x))
+    monkeypatch.setattr(E, "_kept_for_hooks", lambda m, path, hooked: False)  # (the patched class is not a hook)
+    with Probe():
+        for b in (1, big, 1):
+            got = eng.generate(prompts[:b], 4, output_logits=True, eos_token_id=None)
+            assert torch.equal(got.tokens, want[b].tokens), b
+            torch.testing.assert_close(got.logits, want[b].logits, rtol=0,
+                                       atol=8 * ulp(torch.float16, want[b].logits.abs().max()))
     for kind, shape in seen:  # the prefill and the batch-big steps on the dense copies, batch 1 on DeltaRows
         assert kind is (torch.nn.Linear if math.prod(shape[:-1]) >= big else flash_llm.SparseLinear), (kind, shape)
     assert {k for k, _ in seen} == {torch.nn.Linear, flash_llm.SparseLinear}
