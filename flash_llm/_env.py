@@ -13,9 +13,10 @@ def _warn(name: str, text: str, want: str, default) -> None:
     warnings.warn(f"{name}={text!r} is not {want}; using {default}", RuntimeWarning, stacklevel=3)
 
 
-def _number(name: str, default, cast, least, most, what: str):
+def _number(name: str, default, cast, least, most, what: str, means=None):
     """The number ``name`` read by ``cast`` (unset or empty: ``default``, which may be None); one that does not parse,
-    is not finite or lies outside ``least .. most`` warns, naming it, and the default holds."""
+    is not finite or lies outside ``least .. most`` warns, naming it, and the default holds.  The warning names the
+    default, or where that is None ``means``: the value the caller uses in its place (else "the default")."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -28,20 +29,23 @@ def _number(name: str, default, cast, least, most, what: str):
         lo = "" if least is None else f" >= {least}"
         hi = "" if most is None else f" <= {most}"
         _warn(name, text, f"{what}{lo}{' and' if lo and hi else ''}{hi}",
-              "the default" if default is None else default)
+              default if default is not None else "the default" if means is None else means)
         return default
     return v
 
 
-def env_int(name: str, default: int, least: int | None = None, most: int | None = None) -> int:
-    """The integer switch ``name`` (:func:`_number`)."""
-    return _number(name, default, int, least, most, "an integer")
+def env_int(name: str, default: int | None, least: int | None = None, most: int | None = None, *,
+            means: int | str | None = None) -> int | None:
+    """The integer switch ``name`` (:func:`_number`).  ``means``: with ``default`` None (to tell unset from set), the
+    value used where it is unset (or words for it), which a refused value's warning names (until session 87 it said
+    "the default")."""
+    return _number(name, default, int, least, most, "an integer", means)
 
 
 def env_float(name: str, default: float | None, least: float | None = None,
-              most: float | None = None) -> float | None:
-    """The number ``name`` (:func:`_number`)."""
-    return _number(name, default, float, least, most, "a finite number")
+              most: float | None = None, *, means: float | str | None = None) -> float | None:
+    """The number ``name`` (:func:`_number`; ``means`` as for :func:`env_int`)."""
+    return _number(name, default, float, least, most, "a finite number", means)
 
 
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

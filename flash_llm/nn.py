@@ -136,6 +136,21 @@ def cast_loss(src: torch.Tensor, dst: torch.Tensor, underflow: bool = True) -> s
     return f"{' and '.join(parts)} in {b.dtype}" if parts else None
 
 
+def _strict_load() -> bool:
+    """Whether the ``nn.Module.load_state_dict`` running this load was asked for ``strict=True`` (its frame's
+    ``strict``).  Its loader passes ``strict=True`` to every module's ``_load_from_state_dict`` whatever was asked (and
+    raises on missing keys afterwards only where asked), so the argument cannot tell.  False where no such call is on
+    the stack (a loader of its own calling ``_load_from_state_dict``, a patched ``load_state_dict``): no error of
+    torch's is sure to follow there."""
+    code = nn.Module.load_state_dict.__code__
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is code:
+            return bool(f.f_locals.get("strict", False))
+        f = f.f_back
+    return False
+
+
 def _exact_bias(bias: torch.Tensor, dtype: torch.dtype, name: str, copy: bool = True) -> torch.Tensor:
     """``bias`` in ``dtype`` (a copy unless ``copy`` is False), refusing (:class:`LossyCastError`, naming ``name``) a
     cast that is not exact to rounding.  A meta ``bias`` (no values to check: :func:`cast_loss`) is cast as it is."""
@@ -201,7 +216,9 @@ class SparseLinear(nn.Module):
     into the loaded weight's dtype: values overflowing to inf, nonzeros flushed to zero) is an error naming the
     key (:class:`LossyCastError`'s message) and loads nothing into the layer.  A load that takes the checkpoint's
     arrays puts the bias in a new tensor too (references held to the old arrays or bias keep the old values), so a
-    ``copy.copy`` of the layer (its own buffer dict, the tensors shared) loads without changing the original.
+    ``copy.copy`` of the layer (its own buffer dict, the tensors shared) loads without changing the original.  A
+    state dict lacking one of the layer's arrays loads nothing into it: strict, torch's missing-keys error names the
+    array; with ``strict=False`` a ``UserWarning`` names what was dropped.
 
     **Not supported** (each refused in words): ``torch.jit.script`` (a TypeError; use ``torch.jit.trace``,
     ``torch.compile`` or ``torch.export``) and ``torch.nn.utils.parametrize`` parametrizations of the layer's buffers
@@ -564,7 +581,9 @@ class SparseLinear(nn.Module):
             elif w is None and bias_key in state_dict:
                 state_dict.pop(bias_key)
                 popped.append(bias_key)
-        if arrays and len(arrays) != len(keys):  # (nn.Module's loader passes strict=True here whatever was asked)
+        if arrays and len(arrays) != len(keys) and not _strict_load():
+            # (strict loads: torch's missing-keys error names the lacking arrays; nn.Module's loader passes
+            # strict=True here whatever was asked, so _strict_load reads what was)
             lacks = [k for n, k in keys.items() if n not in arrays]
             warnings.warn(f"{where}: {', '.join(popped)} not loaded, as the checkpoint lacks {', '.join(lacks)} (a "
                           "SparseLinear loads all of its weight arrays and its bias, or none)", UserWarning,

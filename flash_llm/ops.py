@@ -578,6 +578,11 @@ def _checked_eps(eps) -> float:
     except (TypeError, ValueError, RuntimeError, OverflowError):  # (a tensor float() cannot read: under a
         value = math.nan  # transform, say; or an int / Fraction beyond the largest float, uncaught until session 83)
     if not (value >= 0 and value != math.inf):  # (not math.isfinite: dynamic floats; NaN fails)
+        if ok and torch.compiler.is_compiling():  # (a float Dynamo made dynamic has no repr it can trace: until
+            # session 87 an invalid one was refused by a "BUILD_STRING type error" that never named eps)
+            got = ("nan" if value != value else "inf" if value == math.inf else "-inf" if value == -math.inf
+                   else "a negative number")
+            raise ValueError(f"eps must be a finite number >= 0, got {got}")
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return value
 

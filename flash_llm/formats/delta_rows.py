@@ -264,8 +264,8 @@ def paired_halves(m: int, n_off: int, n_data: int) -> bool:
 #: 2.1 GB more for a 235 MB weight, on the CPU; the Engine's re-encoding of that model peaked 4.5 GiB above its weights)
 #: (``FLASH_LLM_ENCODE_CHUNK_ENTRIES`` / ``FLASH_LLM_ENCODE_CHUNK_ELEMENTS`` override them, for measuring the build's
 #: time against its memory: ``benchmarks/diag/build_time.py``)
-_ENTRIES_SET = env_int("FLASH_LLM_ENCODE_CHUNK_ENTRIES", None, 1)  # (None: unset, blank or refused with a warning)
-_ELEMENTS_SET = env_int("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", None, 1)
+_ENTRIES_SET = env_int("FLASH_LLM_ENCODE_CHUNK_ENTRIES", None, 1, means=1 << 22)  # (None: unset, blank or refused)
+_ELEMENTS_SET = env_int("FLASH_LLM_ENCODE_CHUNK_ELEMENTS", None, 1, means=1 << 26)
 ENCODE_CHUNK_ENTRIES = 1 << 22 if _ENTRIES_SET is None else _ENTRIES_SET
 ENCODE_CHUNK_ELEMENTS = 1 << 26 if _ELEMENTS_SET is None else _ELEMENTS_SET
 #: ... on a GPU, larger runs where its free memory allows (each run costs the encoder some 130 operations, each a

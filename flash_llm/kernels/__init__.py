@@ -261,7 +261,8 @@ NT_MIN_TILES = _env_int("FLASH_LLM_NT_MIN_TILES", 2, 1)
 #: model takes).  ``FLASH_LLM_WG_LATENCY_SHARE`` sets one share for all densities and the weight at WG_WS_WEIGHT.
 WG_LATENCY_SHARE_DENSE = 0.9
 WG_WS_WEIGHT_DENSE = 0.75
-_WG_SHARE = _env_float("FLASH_LLM_WG_LATENCY_SHARE", None, 0.0, 1.0)  # (None: unset, or not valid)
+_WG_SHARE = _env_float("FLASH_LLM_WG_LATENCY_SHARE", None, 0.0, 1.0,  # (None: unset, or not valid)
+                       means="the shares by density (0.8 up to 0.21, 0.9 from 0.29)")
 _WG_SHARE_ENV = _WG_SHARE is not None
 WG_LATENCY_SHARE = 0.8 if _WG_SHARE is None else _WG_SHARE
 #: Session 38 (session 37's fit, ``benchmarks/fit_split_model.py``): 0.1, not 0.25, up to density 0.21, where the sweeps

@@ -278,8 +278,8 @@ EM_CUDA = 190
 
 
 def _arch_sm(arch: str) -> int | None:
-    """The SM number of ``arch`` (``"sm_90a"`` -> 90), None when it names none."""
-    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    """The SM number of ``arch`` (``"sm_90a"`` -> 90, ``"sm_100f"`` -> 100), None when it names none."""
+    m = re.fullmatch(r"sm_(\d+)[af]?", arch)
     return int(m.group(1)) if m else None
 
 
@@ -392,10 +392,10 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
     ``spmm.cu``).  Without a cache directory (no home directory, see :func:`cache_dir`) it compiles and says so in
     :attr:`Compiled.cache_error`.
 
-    ``"sm_90a"`` is taken as ``"sm_90"``, and for ``spmm.cu`` any other ``"sm_NNa"`` as ``"sm_NN"``
-    (:func:`canonical_arch`); a ``source`` is compiled for the ``"sm_NNa"`` asked for.  A cubin compiled with
-    ``notify`` that cannot be stored in the cache is said once per cache directory on stderr, with what to do
-    (:func:`cache_hint`).
+    ``"sm_90a"`` is taken as ``"sm_90"``, and for ``spmm.cu`` any other ``"sm_NNa"`` or family name ``"sm_NNf"``
+    as ``"sm_NN"`` (:func:`canonical_arch`); a ``source`` is compiled for the ``"sm_NNa"`` / ``"sm_NNf"`` asked
+    for.  A cubin compiled with ``notify`` that cannot be stored in the cache is said once per cache directory on
+    stderr, with what to do (:func:`cache_hint`).
 
     A source that reads other files (an ``#include "..."`` or a computed ``#include``, found in the working
     directory; an ``-I`` / ``--include-path`` / ``-include`` / ``--pre-include`` option) is compiled every time,
@@ -404,10 +404,10 @@ def compile_kernels(arch: str, *, use_cache: bool = True, extra_options: tuple[s
 
     Raises :class:`KernelBuildError` with NVRTC's log when compilation fails.
     """
-    if not re.fullmatch(r"sm_\d+a?", arch):
-        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
-    # (sm_90a: the sm_90 cubin, and for spmm.cu sm_NNa the sm_NN one: in the slot the runtime reads; a prototype's
-    # source keeps the arch-specific target it asks for, whose features it may use)
+    if not re.fullmatch(r"sm_\d+[af]?", arch):
+        raise ValueError(f"arch must look like 'sm_90' (or 'sm_90a', 'sm_100f'), got {arch!r}")
+    # (sm_90a: the sm_90 cubin, and for spmm.cu sm_NNa / sm_NNf the sm_NN one: in the slot the runtime reads; a
+    # prototype's source keeps the arch-specific or family target it asks for, whose features it may use)
     arch = canonical_arch(arch) if source is None or arch == "sm_90a" else arch
     if source is not None and not isinstance(source, (bytes, bytearray, memoryview)):
         raise TypeError(f"compile_kernels(source=...) takes the source's bytes (e.g. text.encode()), got "
