@@ -588,12 +588,24 @@ def save(weights: dict[str, SparseFormat], path: str | os.PathLike) -> None:
 def load(path: str | os.PathLike, device="cpu"):
     """Load what :meth:`SparseFormat.save` (one weight) or :func:`save` (a dict of weights) wrote.
 
-    Every weight is validated; any truncation or inconsistency raises :class:`FormatError`.
+    Every weight is validated; any truncation or inconsistency raises :class:`FormatError`.  ``device`` (what
+    ``torch.device`` takes: a str, an int or a ``torch.device``; None: the CPU, where the file is read) is checked
+    before the file is read: another type (a dtype, a tensor) raises TypeError, a string that names no device
+    ValueError (until session 87 a dtype or a tensor went on to ``SparseFormat.to``, which took them as such).
     """
     from safetensors import safe_open
 
     from . import FORMATS
 
+    if device is not None:
+        if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+            got = f"dtype {device}" if isinstance(device, torch.dtype) else type(device).__name__
+            raise TypeError(f"device must be a str, an int or a torch.device, got {got} (load moves the weights to "
+                            "device only: a compressed weight's dtype is fixed at compression)")
+        try:
+            torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device={device!r}: not a device ({e})") from None
     path = os.fspath(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:

@@ -29,7 +29,7 @@ import math
 import torch
 
 from . import _layout as L
-from ._base import FormatError, SparseFormat, check_dense_weight, check_shape_args
+from ._base import FormatError, SparseFormat, _label, check_dense_weight, check_shape_args
 
 RECORD_HEADER_UNITS = 8  # 32 bitmap words = 128 bytes = 8 units of 16 bytes
 
@@ -96,6 +96,45 @@ class BitmapTiles(SparseFormat):
         data.view(torch.int16)[_value_starts(offsets, counts)] = values
         return cls._from_parts({"data": data, "offsets": offsets.to(torch.int32)}, (m, k), w.dtype,
                                values.numel())
+
+    @classmethod
+    def arrays_fit(cls, m: int, k: int, n_offsets: int, n_data: int, *, version: int | None = None) -> str | None:
+        """:meth:`SparseFormat.arrays_fit`; also ``data``'s length: whole 16-byte units (4 words), at least the
+        32 bitmap words of each of the ``T`` strips (all zero) and at most what every element nonzero gives (each
+        strip ``8 + ceil(cells / 8)`` units for the ``cells`` of the logical matrix it covers), within what int32
+        ``offsets`` address.  Every length in between is some weight's; versions 1 and 2 have the same lengths.
+        Until session 87 only ``offsets`` was checked: a meta load and the raw ops took ``data`` of any length."""
+        why = super().arrays_fit(m, k, n_offsets, n_data, version=version)
+        if why is not None:
+            return why
+        t = n_offsets - 1
+        if n_data % 4:
+            return f"data has {n_data} words, not whole 16-byte units (4 words each) as every strip's record is"
+        if n_data < 32 * t:
+            return (f"data has {n_data} words; the {t} strips of a {m}x{k} weight hold {32 * t} bitmap words at "
+                    f"least ({RECORD_HEADER_UNITS} units each)")
+        mt, kt = cls.grid_of(m, k)
+        edge = (m - L.STRIP_M * (mt - 1)) * (k - L.STRIP_K * (kt - 1))  # cells of the last strip (others: 8 | cells)
+        most = 32 * t + (m * k - edge) // 2 + 4 * (-(-edge // 8))  # (2 values a word, a unit holding 8)
+        if n_data > most:
+            return f"data has {n_data} words; a {m}x{k} weight has at most {most} (every element nonzero)"
+        if n_data > 4 * (2**31 - 1):
+            return f"data has {n_data} words, more than int32 offsets (in 16-byte units) address"
+        return None
+
+    @classmethod
+    def _from_meta_state(cls, arrays, shape, dtype, meta, version, prefix, where) -> "BitmapTiles":
+        """:meth:`SparseFormat._from_meta_state`; also the metadata's ``nnz`` (where it has one) against ``data``'s
+        length (:meth:`arrays_fit`): ``U`` value units past the bitmaps hold at most ``8 U`` nonzeros and, a record
+        of ``u >= 1`` of them at least ``8 u - 7``, at least ``8 U - 7 min(T, U)`` (session 87)."""
+        w = super()._from_meta_state(arrays, shape, dtype, meta, version, prefix, where)
+        t = w.offsets.numel() - 1
+        units = w.data.numel() // 4 - RECORD_HEADER_UNITS * t
+        lo, hi = 8 * units - 7 * min(t, units), min(w.shape[0] * w.shape[1], 8 * units)
+        if w.nnz >= 0 and not lo <= w.nnz <= hi:
+            raise FormatError(f"{where}'{_label(prefix)}' (on the meta device) metadata says nnz={w.nnz}; data of "
+                              f"{w.data.numel()} words holds {lo} to {hi} nonzeros")
+        return w
 
     @classmethod
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "BitmapTiles":

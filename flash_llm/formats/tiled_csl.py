@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import _layout as L
-from ._base import FormatError, SparseFormat, check_dense_weight, check_shape_args
+from ._base import FormatError, SparseFormat, _label, check_dense_weight, check_shape_args
 
 TILE_M = 64
 TILE_ELEMS = TILE_M * L.STRIP_K
@@ -177,6 +177,40 @@ class TiledCSL(SparseFormat):
         data[dest] = entries
         offsets = offsets.to(torch.int32)
         return cls._from_parts({"data": bank_order(data, offsets), "offsets": offsets}, (m, k), w.dtype, nnz)
+
+    @classmethod
+    def arrays_fit(cls, m: int, k: int, n_offsets: int, n_data: int, *, version: int | None = None) -> str | None:
+        """:meth:`SparseFormat.arrays_fit`; also ``data``'s length: a multiple of 4 entries (each tile padded to
+        one) and at most what every element nonzero gives (each tile its ``cells`` of the logical matrix, padded to
+        a multiple of 4), within what int32 ``offsets`` address.  Every such length is some weight's (0: all zero);
+        versions 1 to 3 have the same lengths.  Until session 87 only ``offsets`` was checked: a meta load and the
+        raw ops took ``data`` of any length."""
+        why = super().arrays_fit(m, k, n_offsets, n_data, version=version)
+        if why is not None:
+            return why
+        if n_data % 4:
+            return f"data has {n_data} entries, not a multiple of 4 (every tile's entries are padded to one)"
+        mt, kt = cls.grid_of(m, k)
+        edge = (m - TILE_M * (mt - 1)) * (k - L.STRIP_K * (kt - 1))  # cells of the last tile (others: 4 | cells)
+        most = m * k - edge + 4 * (-(-edge // 4))
+        if n_data > most:
+            return f"data has {n_data} entries; a {m}x{k} weight has at most {most} (every element nonzero)"
+        if n_data > 2**31 - 1:
+            return f"data has {n_data} entries, more than int32 offsets address"
+        return None
+
+    @classmethod
+    def _from_meta_state(cls, arrays, shape, dtype, meta, version, prefix, where) -> "TiledCSL":
+        """:meth:`SparseFormat._from_meta_state`; also the metadata's ``nnz`` (where it has one) against ``data``'s
+        length (:meth:`arrays_fit`): ``E`` entries hold at most ``E`` nonzeros and, a tile of ``e >= 4`` of them at
+        least ``e - 3``, at least ``E - 3 min(T, E / 4)`` (session 87)."""
+        w = super()._from_meta_state(arrays, shape, dtype, meta, version, prefix, where)
+        t, n = w.offsets.numel() - 1, w.data.numel()
+        lo, hi = n - 3 * min(t, n // 4), min(w.shape[0] * w.shape[1], n)
+        if w.nnz >= 0 and not lo <= w.nnz <= hi:
+            raise FormatError(f"{where}'{_label(prefix)}' (on the meta device) metadata says nnz={w.nnz}; data of "
+                              f"{n} entries holds {lo} to {hi} nonzeros")
+        return w
 
     @classmethod
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "TiledCSL":
