@@ -110,7 +110,7 @@ def test_tensor_in_a_decoder_layer_of_the_model_that_it_lacks_is_refused(world1,
 def test_old_opt_file_with_an_lm_head_bias_its_model_lacks_is_refused_and_stray_tensors_still_warn(world1,
                                                                                                      tmp_path):
     cfg = ModelConfig(family="opt", vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=4,
-                      intermediate_size=128, max_position_embeddings=64)
+                      intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False)
     m = from_config(cfg, dtype=torch.float32, device="cpu", seed=85).eval()
     state = {k.removeprefix("model."): v for k, v in m.state_dict().items()}  # old OPT files: no "model." prefix
     state["decoder.version"] = torch.zeros(1)  # stray: a fairseq leftover, under no module holding tensors

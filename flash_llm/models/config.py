@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 FAMILIES = ("llama", "opt")
@@ -30,6 +31,26 @@ _OPT_ONLY = {"do_layer_norm_before": True, "layer_norm_elementwise_affine": True
 _LLAMA_ONLY = {"norm_eps": DEFAULT_NORM_EPS, "rope_theta": DEFAULT_ROPE_THETA, "rope_scaling": None}
 #: transformers' ``OPTConfig`` default ``pad_token_id`` (a config.json without the key: the embedding's padding_idx).
 OPT_DEFAULT_PAD_TOKEN_ID = 1
+
+
+class _FamilyDefault:
+    """The default of a :class:`ModelConfig` field whose usual value differs by family (:data:`FAMILY_DEFAULTS`):
+    ``ModelConfig.__post_init__`` replaces it by the family's."""
+
+    def __repr__(self) -> str:
+        return "<the family's default>"
+
+
+_FAMILY_DEFAULT = _FamilyDefault()
+#: The defaults of the fields that differ by family, taken where a ``ModelConfig`` is built without them: Llama's,
+#: and OPT's as every published OPT, transformers' ``OPTConfig`` and ``ModelConfig.from_hf`` of an OPT config.json
+#: without these keys have them (ReLU, biases, a tied head, pad token 1).
+FAMILY_DEFAULTS = {
+    "llama": {"tie_word_embeddings": False, "activation": "silu", "attention_bias": False, "mlp_bias": False,
+              "pad_token_id": None},
+    "opt": {"tie_word_embeddings": True, "activation": "relu", "attention_bias": True, "mlp_bias": True,
+            "pad_token_id": OPT_DEFAULT_PAD_TOKEN_ID},
+}
 # HF ``model_type`` values read as each family (only these two: a mistral or other type is refused, and
 # from_pretrained(backend="auto") hands it to transformers).
 _MODEL_TYPES = {"llama": "llama", "opt": "opt"}
@@ -56,6 +77,13 @@ class UnsupportedConfigError(ValueError):
 class ModelConfig:
     """Everything the compact models need to know about an OPT or Llama-family checkpoint.
 
+    ``tie_word_embeddings``, ``activation``, ``attention_bias``, ``mlp_bias`` and ``pad_token_id`` take the
+    family's usual value where not given (:data:`FAMILY_DEFAULTS`): a Llama's ``False``, ``"silu"``, ``False``,
+    ``False``, ``None``; an OPT's ``True``, ``"relu"``, ``True``, ``True``, ``1``, those of every published OPT and
+    of transformers' ``OPTConfig``.  So ``ModelConfig(family="opt", ...)`` with the sizes alone is an OPT: the config
+    :meth:`from_hf` reads from an OPT config.json without these keys.  (Before session 87 an OPT took the Llama
+    values.)  :meth:`replace` keeps the values of the config it copies, ``family`` changed or not.
+
     Attributes:
         family: ``"llama"`` (Llama 2 / 3, RMSNorm, RoPE, SwiGLU, GQA) or ``"opt"`` (LayerNorm, learned
             positions with an offset of 2, ReLU MLP, biases).
@@ -72,22 +100,23 @@ class ModelConfig:
             (transformers 5's ``rope_parameters`` shape) becomes ``rope_theta`` where that was left at its default
             (another value is refused); any other key is refused by name.  A llama3 dict's
             ``partial_rotary_factor`` must be 1 (transformers' llama3 RoPE reads it; UnsupportedConfigError).
-        tie_word_embeddings: ``lm_head.weight`` is the input embedding (OPT: yes; Llama 3-8B: no).  This and the
-            other flags (``attention_bias``, ``mlp_bias``, ``do_layer_norm_before``, ``layer_norm_elementwise_affine``,
-            ``remove_final_layer_norm``) must be bools (ValueError otherwise, None too: transformers 5 refuses a
-            null there as well).
-        activation: MLP activation, one of :data:`ACTIVATIONS` (Llama ``silu``, OPT ``relu``); an alias of
+        tie_word_embeddings: ``lm_head.weight`` is the input embedding (default: Llama no, OPT yes).  This and
+            the other flags (``attention_bias``, ``mlp_bias``, ``do_layer_norm_before``,
+            ``layer_norm_elementwise_affine``, ``remove_final_layer_norm``) must be bools (ValueError otherwise,
+            None too: transformers 5 refuses a null there as well).
+        activation: MLP activation, one of :data:`ACTIVATIONS` (default: Llama ``silu``, OPT ``relu``); an alias of
             :data:`ACTIVATION_ALIASES` (``"swish"``) is stored as the name it stands for.
-        attention_bias, mlp_bias: biases of the attention / MLP projections (OPT's ``enable_bias`` sets both).
+        attention_bias, mlp_bias: biases of the attention / MLP projections (default: Llama none, OPT both).
+            OPT's ``enable_bias`` sets both: they must be equal there, and the one given alone sets the other.
         do_layer_norm_before, word_embed_proj_dim, layer_norm_elementwise_affine, remove_final_layer_norm:
             OPT specifics as in HF's ``OPTConfig`` (``word_embed_proj_dim`` ``None`` means ``hidden_size``;
             ``remove_final_layer_norm`` is HF's ``_remove_final_layer_norm``).  A llama config must leave these at
             their defaults, and an opt config ``norm_eps``, ``rope_theta`` and ``rope_scaling`` at theirs
             (ValueError naming the option otherwise: the other family never reads them).
         bos_token_id, eos_token_id, pad_token_id: special tokens, None or an int (``eos_token_id`` may be a list
-            of ints; ``pad_token_id``, when in the vocabulary, is the input embedding's ``padding_idx``, as in
-            transformers, a negative one counted from the end of the vocabulary as ``nn.Embedding`` does; one below
-            ``-vocab_size`` is refused).
+            of ints; ``pad_token_id``, None for a Llama and 1 for an OPT where not given, is, when in the
+            vocabulary, the input embedding's ``padding_idx``, as in transformers, a negative one counted from the
+            end of the vocabulary as ``nn.Embedding`` does; one below ``-vocab_size`` is refused).
         initializer_range: the std of the normal init of linear and embedding weights
             (:func:`flash_llm.models.from_config`); HF's ``initializer_range`` (Llama) or ``init_std`` (OPT).  Not
             part of the model's function: configs that differ only there (or in ``name``) compare equal.
@@ -106,23 +135,31 @@ class ModelConfig:
     norm_eps: float = DEFAULT_NORM_EPS
     rope_theta: float = DEFAULT_ROPE_THETA
     rope_scaling: dict | None = None
-    tie_word_embeddings: bool = False
-    activation: str = "silu"
-    attention_bias: bool = False
-    mlp_bias: bool = False
+    tie_word_embeddings: bool = _FAMILY_DEFAULT
+    activation: str = _FAMILY_DEFAULT
+    attention_bias: bool = _FAMILY_DEFAULT
+    mlp_bias: bool = _FAMILY_DEFAULT
     do_layer_norm_before: bool = True
     word_embed_proj_dim: int | None = None
     layer_norm_elementwise_affine: bool = True
     remove_final_layer_norm: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
+    pad_token_id: int | None = _FAMILY_DEFAULT
     initializer_range: float = field(default=DEFAULT_INIT_STD, compare=False)
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family == "opt":  # (one bias flag, enable_bias: the one given sets the other)
+            if self.mlp_bias is _FAMILY_DEFAULT:
+                self.mlp_bias = self.attention_bias
+            if self.attention_bias is _FAMILY_DEFAULT:
+                self.attention_bias = self.mlp_bias
+        for n, default in FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, n) is _FAMILY_DEFAULT:
+                setattr(self, n, default)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         derived_head_dim = self.head_dim is None
@@ -275,7 +312,11 @@ class ModelConfig:
         4.x files) or ``rope_parameters`` (5.x), with transformers 5's precedence where both are there: a
         non-empty ``rope_scaling`` replaces ``rope_parameters``, and ``rope_theta`` comes from that dict first,
         then from the top level (:func:`_read_rope`).  Raises ``ValueError`` naming the key for anything
-        unsupported (another model type, an unknown RoPE type, a sliding window...).
+        unsupported (another model type, an unknown RoPE type, a sliding window...).  A value that
+        :class:`ModelConfig` refuses raises its error, of the same type, starting with the file (``config`` for a
+        dict or a transformers config) and ending with the config.json key(s) the field was read from where the
+        names differ, e.g. ``".../config.json: ModelConfig.num_layers must be an int >= 1, got 0 (read from
+        config.json key 'num_hidden_layers')"``.
 
         Read as transformers 5 computes them: ``hidden_act`` / ``activation_function`` ``"swish"`` as ``"silu"``;
         Llama's ``pretraining_tp`` ignored (transformers 5's ``LlamaMLP`` / ``LlamaAttention`` never read it; 4.x
@@ -328,26 +369,33 @@ class ModelConfig:
             # file leaves out (its generation config has none), which an eos of 2 here would do.
             common["pad_token_id"] = d.get("pad_token_id", OPT_DEFAULT_PAD_TOKEN_ID)
             bias = d.get("enable_bias", True)
-            return cls(family="opt", intermediate_size=need("ffn_dim"),
-                       tie_word_embeddings=d.get("tie_word_embeddings", True),
-                       activation=d.get("activation_function", "relu"), attention_bias=bias, mlp_bias=bias,
-                       do_layer_norm_before=d.get("do_layer_norm_before", True),
-                       word_embed_proj_dim=d.get("word_embed_proj_dim"),
-                       layer_norm_elementwise_affine=d.get("layer_norm_elementwise_affine", True),
-                       remove_final_layer_norm=d.get("_remove_final_layer_norm", False),
-                       initializer_range=_or_default(d.get("init_std")), **common)
+            return _from_keys(cls, src, _OPT_KEYS, family="opt", intermediate_size=need("ffn_dim"),
+                              tie_word_embeddings=d.get("tie_word_embeddings", True),
+                              activation=d.get("activation_function", "relu"), attention_bias=bias, mlp_bias=bias,
+                              do_layer_norm_before=d.get("do_layer_norm_before", True),
+                              word_embed_proj_dim=d.get("word_embed_proj_dim"),
+                              layer_norm_elementwise_affine=d.get("layer_norm_elementwise_affine", True),
+                              remove_final_layer_norm=d.get("_remove_final_layer_norm", False),
+                              initializer_range=_or_default(d.get("init_std")), **common)
         if d.get("sliding_window") is not None:  # (transformers windows the cached decode only: see above)
             raise UnsupportedConfigError(f"{src}: sliding_window={d['sliding_window']!r} is not supported (full "
                                          "attention only; transformers' Llama attends in full within a forward but "
                                          "windows its cached decoding)")
         # pretraining_tp: ignored, as transformers 5 ignores it (4.x: the same matmuls in slices, see above)
         theta, scaling = _read_rope(d, src)
-        return cls(family="llama", intermediate_size=need("intermediate_size"),
-                   num_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
-                   norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-                   tie_word_embeddings=d.get("tie_word_embeddings", False), activation=d.get("hidden_act", "silu"),
-                   attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
-                   initializer_range=d.get("initializer_range") or DEFAULT_INIT_STD, **common)
+        keys = _LLAMA_KEYS
+        for rope_key in ("rope_scaling", "rope_parameters"):  # (where _read_rope took rope_theta from)
+            if isinstance(d.get(rope_key), dict) and d[rope_key]:
+                if "rope_theta" in d[rope_key]:
+                    keys = {**keys, "rope_theta": f"{rope_key}.rope_theta"}
+                break
+        return _from_keys(cls, src, keys, family="llama", intermediate_size=need("intermediate_size"),
+                          num_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+                          norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                          tie_word_embeddings=d.get("tie_word_embeddings", False),
+                          activation=d.get("hidden_act", "silu"), attention_bias=d.get("attention_bias", False),
+                          mlp_bias=d.get("mlp_bias", False),
+                          initializer_range=d.get("initializer_range") or DEFAULT_INIT_STD, **common)
 
     def to_hf(self) -> dict:
         """This config as a Hugging Face ``config.json`` dict (``json.dump`` it; ``transformers`` reads it
@@ -387,6 +435,29 @@ class ModelConfig:
             if was_derived and k not in changes:
                 changes[k] = None
         return dataclasses.replace(self, **changes)
+
+
+# The config.json keys from_hf reads ModelConfig's fields from, where the names differ (the others: the same name).
+_COMMON_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
+_OPT_KEYS = {**_COMMON_KEYS, "intermediate_size": "ffn_dim", "activation": "activation_function",
+             "attention_bias": "enable_bias", "mlp_bias": "enable_bias",
+             "remove_final_layer_norm": "_remove_final_layer_norm", "initializer_range": "init_std"}
+_LLAMA_KEYS = {**_COMMON_KEYS, "num_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps",
+               "activation": "hidden_act"}
+
+
+def _from_keys(cls, src: str, keys: dict[str, str], **fields) -> ModelConfig:
+    """``cls(**fields)`` for :meth:`ModelConfig.from_hf`: a ValueError it raises is raised again, of the same type
+    (``UnsupportedConfigError`` stays one: from_pretrained's fallback keys on it), naming ``src`` (the file) and
+    the config.json keys (``keys``: field -> key) of the fields its message names."""
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        msg = str(e)
+        named = list(dict.fromkeys(key for n, key in keys.items() if re.search(rf"\b{n}\b", msg)))
+        if named:
+            msg += f" (read from config.json key{'s' if len(named) > 1 else ''} {', '.join(map(repr, named))})"
+        raise type(e)(f"{src}: {msg}") from None
 
 
 def _or_default(std):
