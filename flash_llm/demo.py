@@ -297,24 +297,32 @@ def expanded_copy(model: nn.Module) -> nn.Module:
     return out
 
 
+_NO_FORWARD = object()  # (reference_linears: a layer without an instance forward)
+
+
 @contextlib.contextmanager
 def reference_linears(model: nn.Module, enabled: bool = True):
     """While open, every ``nn.Linear`` of ``model`` computes as :func:`flash_llm.spmm`'s CPU reference does:
     ``x [..., in] @ W^T (+ b)`` with fp32 products and sums, rounded once to ``x``'s dtype.  The demo evaluates both
     models inside it on a CPU, so the dense and the sparse losses (and times) come from the same arithmetic: outside
     it a bf16 ``nn.Linear`` on a CPU without native bf16 matmuls is emulated (about 4x slower than the sparse
-    layers' fp32 reference on such cores) and rounds its sums differently.  ``enabled=False``: nothing changes."""
-    patched = []
+    layers' fp32 reference on such cores) and rounds its sums differently.  ``enabled=False``: nothing changes.
+    On exit each layer's ``forward`` is what it was on entry: an instance ``forward`` it had (a user's patch, or an
+    enclosing ``reference_linears``, so the blocks nest) is put back, else the class's applies again."""
+    patched = []  # (layer, its instance forward on entry or _NO_FORWARD)
     if enabled:
         for m in model.modules():
             if type(m) is nn.Linear and m.weight.dtype in (torch.float16, torch.bfloat16):
+                patched.append((m, m.__dict__.get("forward", _NO_FORWARD)))
                 m.forward = _reference_forward(m)
-                patched.append(m)
     try:
         yield model
     finally:
-        for m in patched:
-            del m.forward  # the instance attribute: the class's forward again
+        for m, before in reversed(patched):
+            if before is _NO_FORWARD:
+                m.__dict__.pop("forward", None)  # the class's forward again
+            else:
+                m.forward = before
 
 
 def _reference_forward(m: nn.Linear):

@@ -26,6 +26,11 @@ from .layers import COLUMN, ShardReport, check_divisible, check_sparsify, column
 
 _READ_CHUNK = 1 << 28  # bytes read at once for a row-parallel (column-sliced) weight
 
+#: The dtypes :func:`load_tensor_parallel` builds a model in: those its reads, casts (checked for overflow) and
+#: shard reports handle, as :func:`flash_llm.from_pretrained` loads dense models in them.  Other floating dtypes
+#: (float8) have no ``isfinite`` / ``count_nonzero`` kernels in torch: they failed deep inside, after the read.
+LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 class MissingTensorError(FormatError, KeyError):
     """A tensor of the model that the checkpoint does not hold (the message names the file or folder and the
@@ -124,9 +129,10 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
             tied ``lm_head.weight`` the file stores is not read (a warning, as for a stray tensor), unless
             it is the only copy of the shared matrix (no embedding in the file): the embedding is read from it.
         tp: the group (default: :meth:`TensorParallel.from_group` on the default process group).
-        dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` without ``sparsify``:
-            then every projection slice is dense, a compressed-tensors sparse-bitmask checkpoint's too, as
-            :func:`flash_llm.from_pretrained` keeps such layers dense).
+        dtype: parameter dtype (``torch.float16``, ``torch.bfloat16``, or ``torch.float32`` / ``torch.float64``
+            without ``sparsify``: then every projection slice is dense, a compressed-tensors sparse-bitmask
+            checkpoint's too, as :func:`flash_llm.from_pretrained` keeps such layers dense).  Another dtype (float8,
+            an integer one) is a ``TypeError`` naming ``dtype``, before anything is read (:data:`LOAD_DTYPES`).
         sparsify: compress each projection slice with this :class:`~flash_llm.SparsifyConfig` (per slice:
             ``min_sparsity``, ``skip_names``, only when smaller); ``None`` keeps them dense.  With it, a
             flash-llm checkpoint's compressed layers are expanded and their slices compressed again in
@@ -141,7 +147,8 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
     Raises:
         ValueError: the world size does not divide the heads / KV heads / intermediate size; a tensor's shape
             disagrees with ``config.json``; ``sparsify`` (its fields checked again) sets another dtype than
-            ``dtype``, or a field it refuses; TypeError: ``sparsify`` with a ``dtype`` other than fp16 / bf16;
+            ``dtype``, or a field it refuses; TypeError: ``dtype`` not one of :data:`LOAD_DTYPES`; ``sparsify``
+            with a ``dtype`` other than fp16 / bf16;
             FileNotFoundError: no folder, or no safetensors files in it;
             FormatError (naming the file and tensor): the files are chosen and checked as
             :func:`flash_llm.from_pretrained` does (a bad index, or a shard that disagrees with it, is refused); a
@@ -167,14 +174,14 @@ def load_tensor_parallel(path, tp: TensorParallel | None = None, *, dtype: torch
 
 def _load(path, tp: TensorParallel, dtype, sparsify, progress):
     """:func:`load_tensor_parallel` on this rank alone: ``(model, report, (folder, config, unused keys))``."""
+    if not isinstance(dtype, torch.dtype) or dtype not in LOAD_DTYPES:  # (before anything is read)
+        raise TypeError(f"dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.float64, got {dtype!r}")
     folder = os.fspath(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} is not a directory (expected a checkpoint folder with config.json and "
                                 "*.safetensors)")
     cfg = as_config(os.path.join(folder, "config.json"))
     check_divisible(cfg, tp.world_size)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     check_sparsify(sparsify)
     if sparsify is not None and dtype not in VALUE_DTYPES:  # (before anything is read, not at the first projection)
         raise TypeError(f"sparsify needs dtype=torch.float16 or torch.bfloat16 (the compressed formats hold those), "

@@ -84,6 +84,18 @@ def _backend_for(group, device: torch.device) -> str:
     return name
 
 
+def _group_timeout(group, device: torch.device) -> datetime.timedelta:
+    """The timeout ``group`` (``None``: the default group) gives ``device``'s collectives, as torch keeps it in the
+    backend's options (``_timeout``: gloo and NCCL, torch 2.x); :data:`DEFAULT_TIMEOUT` where this torch does not
+    expose it (a private attribute: any failure to read it falls back, never raises).  One attribute lookup."""
+    try:
+        pg = dist.group.WORLD if group is None else group
+        timeout = pg._get_backend(torch.device(device.type)).options._timeout
+    except Exception:  # (a torch without these, or a backend without options)
+        return DEFAULT_TIMEOUT
+    return timeout if isinstance(timeout, datetime.timedelta) and timeout > datetime.timedelta(0) else DEFAULT_TIMEOUT
+
+
 def _check_member(group) -> None:
     """ValueError unless this process is a member of ``group`` (``None``: the default group, always): torch's own
     error on a rank outside it ("Invalid process group specified") names neither the rank nor the group."""
@@ -109,10 +121,13 @@ class TensorParallel:
         rank, world_size: this process' rank in ``group`` and the group's size (the tensor-parallel degree).
         device: where this rank computes (``cuda:LOCAL_RANK`` with NCCL, ``cpu`` with gloo).
         backend: ``"nccl"`` or ``"gloo"``.
-        timeout: the group's timeout (``datetime.timedelta``).
+        timeout: the group's timeout (``datetime.timedelta``): the one it was created with, as torch reports it
+            for :attr:`device`'s backend (an existing group's too: :meth:`from_group`, or
+            :func:`init_tensor_parallel` when a group exists); :data:`DEFAULT_TIMEOUT` where torch does not
+            expose it.
     """
 
-    def __init__(self, group, device, timeout: datetime.timedelta = DEFAULT_TIMEOUT, *, owns_group: bool = False):
+    def __init__(self, group, device, timeout: datetime.timedelta | None = None, *, owns_group: bool = False):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call flash_llm.parallel.init_tensor_parallel() "
                                "(or torch.distributed.init_process_group) first")
@@ -122,7 +137,7 @@ class TensorParallel:
         self.world_size = dist.get_world_size(group)
         self.device = torch.device(device)
         self.backend = _backend_for(group, self.device)
-        self.timeout = timeout
+        self.timeout = _group_timeout(group, self.device) if timeout is None else timeout
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
         self._owns_group = owns_group
         self._graphs = weakref.WeakSet()  # CUDA graphs that captured this group's collectives (track_graph)
@@ -133,7 +148,8 @@ class TensorParallel:
     def from_group(cls, group=None, device=None) -> "TensorParallel":
         """Wrap an already initialized process group (default: the default group).  ``device`` defaults to
         ``cuda:<current device>`` for NCCL and ``cpu`` otherwise.  Call it on the group's member ranks only: on
-        another rank it raises ``ValueError`` naming that rank and the group's ranks."""
+        another rank it raises ``ValueError`` naming that rank and the group's ranks.  :attr:`timeout` is the
+        group's own (read from torch; :data:`DEFAULT_TIMEOUT` where torch does not expose it)."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized; call flash_llm.parallel.init_tensor_parallel() "
                                "or torch.distributed.init_process_group first")
@@ -300,7 +316,8 @@ def init_tensor_parallel(backend: str | None = None, *, timeout=DEFAULT_TIMEOUT,
     Under ``torchrun --nproc-per-node K`` everything comes from its environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).  Without torchrun and without arguments it forms a
     single-process group (world size 1), so the same script runs as plain ``python``.  If a process group
-    already exists it is used as it is (``backend``, ``timeout`` and the rest are then ignored).
+    already exists it is used as it is (``backend``, ``timeout`` and the rest are then ignored: the returned
+    :attr:`TensorParallel.timeout` is that group's, as :meth:`TensorParallel.from_group` reads it).
 
     Args:
         backend: ``"nccl"`` (default when CUDA is available: device ``cuda:LOCAL_RANK``) or ``"gloo"`` (default

@@ -494,7 +494,12 @@ class ShardReport:
     @staticmethod
     def table(reports: list["ShardReport"]) -> str:
         """Every rank's totals side by side, and how uneven the slices are: max / mean nonzeros over the ranks,
-        for the whole model and for its most uneven projection."""
+        for the whole model and for its most uneven projection.  ``reports``: one or more (every rank's, from
+        ``tp.all_gather_object(report)``); an empty list is a ``ValueError``."""
+        reports = list(reports)
+        if not reports:
+            raise ValueError("reports is empty: ShardReport.table needs at least one rank's ShardReport (every rank's, "
+                             "from tp.all_gather_object(report))")
         rows = [("rank", "slices", "nonzeros", "projections", "other", "total")]
         rows += [(str(r.rank), str(len(r.layers)), f"{r.nnz:,}", _human(r.projection_bytes), _human(r.other_bytes),
                   _human(r.total_bytes)) for r in reports]
