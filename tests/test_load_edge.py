@@ -199,7 +199,7 @@ def test_flash_checkpoint_as_saved_keeps_its_dtype(flash_and_dense):
     flash, _ = flash_and_dense
     with pytest.raises(ValueError, match=r"compressed as torch.float16; dtype=torch.bfloat16 .*sparsify=False"):
         flash_llm.from_pretrained(flash, dtype=torch.bfloat16, progress=False)
-    with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype"):
+    with pytest.raises(TypeError, match=r"dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.float64"):
         flash_llm.from_pretrained(flash, dtype="float16", sparsify=False, progress=False)
 
 

@@ -141,3 +141,19 @@ def test_shard_report_table_of_no_reports_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match=r"^reports is empty: ShardReport.table needs at least one rank's "
                                          r"ShardReport"):
         ShardReport.table([])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_from_pretrained_and_from_config_refuse_a_float8_dtype_before_building(dtype, tmp_path):
+    """The same hole in flash_llm.from_pretrained (``_resolve_dtype``) and ``models.from_config``: any floating dtype
+    passed, and float8 failed deep inside (torch has no isfinite / normal_ kernels for it) after the whole read."""
+    from flash_llm.models import ModelConfig, from_config
+
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_position_embeddings=64)
+    with pytest.raises(TypeError, match=r"dtype must be torch.float16, .* got torch.float8"):
+        from_config(cfg, dtype=dtype)
+    model = from_config(cfg, dtype=torch.float32, seed=0)
+    flash_llm.save_pretrained(model, tmp_path / "m")
+    with pytest.raises(TypeError, match=r"dtype must be torch.float16, .* got torch.float8"):
+        flash_llm.from_pretrained(tmp_path / "m", dtype=dtype)

@@ -779,8 +779,10 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path, spar
     ``sparsify=False`` or a SparsifyConfig they are decompressed or re-encoded in ``dtype``.  A declared dtype other
     than fp16 / bf16 (fp32) is taken only where nothing is compressed: ``sparsify=False``, or a flash-llm checkpoint
     without sparse layers loaded as saved."""
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    from ..models import MODEL_DTYPES
+
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in MODEL_DTYPES):
+        raise TypeError(f"dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.float64, got {dtype!r}")
     if kind.kind == "flash-llm" and kind.sparse_modules and (dtype is None or sparsify is None):
         stored = {_DTYPES_BY_NAME[m["dtype"]] for m in kind.sparse_modules.values()}
         if len(stored) > 1:

@@ -64,6 +64,12 @@ def init_weights_(module: nn.Module, generator: torch.Generator | None = None, s
             m.weight[m.padding_idx].zero_()
 
 
+#: The dtypes a model is built and loaded in (:func:`from_config`, :func:`flash_llm.from_pretrained`,
+#: :func:`flash_llm.parallel.load_tensor_parallel`).  Other floating dtypes (float8) have no random init, ``isfinite``
+#: or ``count_nonzero`` kernels in torch: until session 87 they failed deep inside, after a checkpoint's whole read.
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def from_config(config, *, dtype: torch.dtype = torch.float16, device="cpu", seed: int | None = None) -> CausalLM:
     """Build the causal LM of ``config`` with random weights (transformers' initialization: linear and embedding
     weights normal(0, ``config.initializer_range``), HF's ``initializer_range`` / OPT's ``init_std``, 0.02 unless set).
@@ -81,8 +87,8 @@ def from_config(config, *, dtype: torch.dtype = torch.float16, device="cpu", see
         :class:`ModelConfig`.
     """
     cfg = as_config(config)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in MODEL_DTYPES:
+        raise TypeError(f"dtype must be torch.float16, torch.bfloat16, torch.float32 or torch.float64, got {dtype!r}")
     device = torch.device(device)
     model = MODEL_CLASSES[cfg.family](cfg, device="meta", dtype=dtype)
     if device.type != "meta":

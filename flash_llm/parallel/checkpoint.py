@@ -18,7 +18,7 @@ from ..checkpoint._files import IGNORED_SUFFIXES as _IGNORED_SUFFIXES, INDEX_NAM
     stored_names
 from ..formats import FormatError
 from ..formats._base import VALUE_DTYPES
-from ..models import CausalLM, as_config, from_config
+from ..models import MODEL_DTYPES, CausalLM, as_config, from_config
 from ..nn import SparsifyConfig
 from .group import TensorParallel
 from .layers import COLUMN, ShardReport, check_divisible, check_sparsify, column_from_slice, layer_prefix, \
@@ -29,7 +29,7 @@ _READ_CHUNK = 1 << 28  # bytes read at once for a row-parallel (column-sliced) w
 #: The dtypes :func:`load_tensor_parallel` builds a model in: those its reads, casts (checked for overflow) and
 #: shard reports handle, as :func:`flash_llm.from_pretrained` loads dense models in them.  Other floating dtypes
 #: (float8) have no ``isfinite`` / ``count_nonzero`` kernels in torch: they failed deep inside, after the read.
-LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LOAD_DTYPES = MODEL_DTYPES
 
 
 class MissingTensorError(FormatError, KeyError):
