@@ -1030,8 +1030,15 @@ def _delta_rows_mma(x, data, offsets, m, k, bias, out, act, add_to) -> torch.Ten
     pdl = PDL_SPMM and getattr(_static, "on", False)
     ws = torch.empty(s * n * m, dtype=torch.float32, device=dev)
     coded = "c" if lay.coded else ""
+    last = 0
     if DR_MMA_TILE and k % 8 == 0 and x.data_ptr() % 16 == 0:  # (the block-parallel placement, session 69)
         last = dr_mma_tile_band()  # (the last argument: the band; _mma's: X's load width)
+        # the band's tile and X within the device's shared memory (sm_86 / 89 / 120 take 99 KiB: a band over 768
+        # asked more until session 87, and the launch failed); below 256 the _mma kernel runs instead
+        lim = dynamic_shared_limit(dev, f"delta_rows_spmm_{suffix}_tmma{nt}{coded}")
+        if lim is not None:
+            last = min(last, (lim // (32 + nt) - 16) // 2 // 16 * 16)
+    if last >= 256:
         name, grid, warps, smem = f"tmma{nt}{coded}", (slices, s, 1), DRTM_WARPS, (32 + nt) * (2 * last + 16)
     else:
         xring = DR_MMA_XRING and nt <= 16 and k % 8 == 0 and x.data_ptr() % 16 == 0
@@ -1874,8 +1881,8 @@ def decode_attention_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         if (c.dtype != q.dtype or c.device != q.device or c.dim() != 4 or not c.is_contiguous() or c.shape[0] < b
                 or tuple(c.shape[1:]) != (hkv, k_cache.shape[2], d) or c.data_ptr() % 16):
             return False
-    if not 0 < kv_len <= k_cache.shape[2]:
-        return False
+    if not 0 < kv_len <= min(k_cache.shape[2], 65535 * DECODE_ATTN_CHUNK):  # (the grid's y: chunks of 64 slots; a
+        return False  # longer context failed at launch until session 87, CUDA's error naming nothing)
     if mask is not None and (mask.dtype != q.dtype or mask.device != q.device or mask.dim() != 4
                              or mask.shape[0] not in (1, b) or mask.shape[1] != 1 or mask.shape[2] != 1
                              or mask.shape[3] < kv_len or mask.stride(3) != 1):
