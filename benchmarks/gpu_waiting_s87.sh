@@ -4,8 +4,9 @@
 # verify: sessions 86's and 87's fixes on a GPU: session 86's (gpu_waiting_s86.sh verify: CUDA autocast, subclassed
 #         layers in the engine's CUDA graphs, the image's versions) with session 87's: the decode attention's grid limit
 #         (tests/test_kernels_fixes87.py, 1 GiB of cache), the BitmapTiles / Tiled-CSL length bounds against every
-#         GPU encoding and kernel (tests/test_formats_fixes87.py beside tests/test_kernels_gpu.py and test_formats_gpu.py, where a
-#         bound too tight would refuse a real weight), and the engine's dual layout after a new bias or a hook.
+#         GPU encoding and kernel (tests/test_formats_fixes87.py beside tests/test_kernels_gpu.py and
+#         test_formats_gpu.py, where a bound too tight would refuse a real weight), and the engine's dual layout after a
+#         new bias or a hook.
 # suite_a / suite_e / suite_n: gpu_waiting_s86.sh's (the whole suite in three pieces); fallback: gpu_waiting_s80.sh's.
 set -uo pipefail
 source benchmarks/gpu_lib.sh  # OUT, PYTHONPATH, step NAME SECONDS COMMAND...
