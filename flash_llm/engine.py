@@ -1337,7 +1337,15 @@ class Engine:
         self.max_batch, self.max_seq = max_batch, max_seq
         slots = -(-max_seq // _CACHE_ALIGN) * _CACHE_ALIGN
         need = self._cache_bytes(kv_heads, slots)
-        self._check_cache_room(need)  # (a cache that cannot fit now is refused before the model is changed)
+        if self.tp is None:
+            self._check_cache_room(need)  # (a cache that cannot fit now is refused before the model is changed)
+        else:  # (tensor-parallel: refused on every rank if on any, before any model is changed)
+            try:
+                self._check_cache_room(need)
+                refused = None
+            except ValueError as e:
+                refused = e
+            self._cache_on_every_rank(need, refused)
         # (each module's training flag, by path, and fused switch as they were: an engine whose cache cannot be
         # allocated puts them back, an earlier engine's fusing included; _undo_engine_changes)
         was_training = {p: m.training for p, m in model.named_modules()}
@@ -1442,12 +1450,19 @@ class Engine:
         # the engine's state as normal tensors, whatever the caller's mode: under torch.inference_mode() they would be
         # inference tensors, and a generation outside it could not update them in place
         with torch.inference_mode(False):
+            refused = None
             try:  # (again: the engine's re-encodings and copies above took memory)
                 self._check_cache_room(need, raw=True)
                 self.cache = KVCache(cfg.num_layers, max_batch, kv_heads, slots, cfg.head_dim, self.dtype, dev)
             except (RuntimeError, MemoryError) as e:  # (out of memory: no engine, so the model's merge / fuse undone)
                 left = _undo_engine_changes(model, self.merged, was_fused, was_training)
-                raise self._cache_error(need, e, left) from e
+                refused = self._cache_error(need, e, left)
+                if self.tp is None:
+                    raise refused from e
+                refused.__cause__ = e  # (raised once the other ranks know of it)
+            if self.tp is not None:  # (every rank's cache, or none and every rank's model changes undone)
+                self._cache_on_every_rank(need, refused,
+                                          lambda: _undo_engine_changes(model, self.merged, was_fused, was_training))
             self._slots = slots
             # decode-step state, read and advanced inside the captured graph
             self._tok = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)  # token fed to the next step
@@ -1493,6 +1508,40 @@ class Engine:
     def _cache_error(self, need: int, e: BaseException, note: str = "") -> ValueError:
         return ValueError(f"the KV cache of max_batch={self.max_batch} x max_seq={self.max_seq} ({need / 2**30:.2f} "
                           f"GiB) could not be allocated on {self.device}: lower max_batch or max_seq ({e}){note}")
+
+    def _cache_on_every_rank(self, need: int, refused: ValueError | None, undo=None) -> None:
+        """Tensor parallelism: raise on every rank if the KV cache of ``need`` bytes (a rank's) was refused on any
+        (a collective: every rank calls it, with ``refused`` None where its own check, or allocation, succeeded).
+        Until session 87 a rank short of memory (another process on its GPU) raised alone while the others built
+        their engines and waited in their first collective until the group's timeout.  A refusing rank raises its own
+        ``refused``; the others drop their cache, call ``undo`` (what it returns: a note of what could not be undone,
+        as :func:`_undo_engine_changes`) and raise a ``ValueError`` naming the refusing ranks.  One small all-reduce
+        where every rank succeeded; an all-gather of the outcomes else."""
+        tp = self.tp
+        try:
+            ok = tp.all_true(refused is None)
+            failed = [] if ok else [r for r, no in enumerate(tp.all_gather_object(refused is not None)) if no]
+        except Exception:
+            if refused is not None:  # (another rank is gone: this rank's own error says more than the collective's)
+                raise refused
+            vars(self).pop("cache", None)
+            if undo is not None:
+                undo()
+            raise
+        if refused is not None:
+            raise refused
+        if not failed:
+            return
+        vars(self).pop("cache", None)  # (freed: no engine on any rank)
+        note = undo() if undo is not None else ""
+        one = len(failed) == 1
+        ranks = f"rank {failed[0]}" if one else f"ranks {', '.join(map(str, failed))}"
+        where = "that rank's device" if one else "those ranks' devices"
+        raise ValueError(f"the KV cache of max_batch={self.max_batch} x max_seq={self.max_seq} ({need / 2**30:.2f} "
+                         f"GiB a rank) could not be allocated on tensor-parallel {ranks} of {tp.world_size} (the "
+                         f"error there says why), so no rank builds the engine (this rank, {tp.rank}, had room for "
+                         f"its own on {self.device}): lower max_batch or max_seq, or free memory on "
+                         f"{where}{note}")
 
     def _check_cache_room(self, need: int, raw: bool = False) -> None:
         """Refuse a KV cache of ``need`` bytes that the device's free memory cannot hold (a ValueError naming
