@@ -20,6 +20,12 @@ as are, for a model with an int ``config.vocab_size``, integer batches holding a
 batch is never rounded or truncated to ids; ValueError naming the batch).  Other models take whatever they take (the
 float inputs of an MLP, a CTC speech model's audio).
 
+Padding: no attention mask is passed (a batch is a plain tensor, a dict or ``BatchEncoding`` is refused), so every
+position of every batch is counted, pad tokens included: in Wanda's and OWL's input norms, SparseGPT's Hessians and
+the reported errors (and with left padding the pads change the real tokens' activations too).  Pass unpadded
+sequences: equal-length windows cut from the text (what :func:`flash_llm.data.calibration_batches` and ``flash-llm
+prune`` give) or a list of ``[1, T_i]`` batches of different lengths, never one padded batch.
+
 Exact counts.  Each count applies to a group of ``count`` weights; with
 ``n = min(round(sparsity * count), count - 1)`` (Python's ``round``; at least one weight of the group is
 kept, since ``sparsity < 1``, so rounding never empties a layer or a row):
@@ -614,7 +620,7 @@ def magnitude_prune_(model: nn.Module, sparsity: float, *, scope: str = "layer",
             a layer of small weights can lose all of them).
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
         calib: optional calibration batches (tensor ``[B, T]`` or a sequence); only used to measure each
-            layer's reconstruction error in the report (one forward pass).
+            layer's reconstruction error in the report (one forward pass; every position counted, pads included).
 
     Returns:
         A :class:`PruneReport`; ``error`` is ``None`` without ``calib``.
@@ -647,13 +653,17 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
 
     The input norms of all layers are collected in one pass of the *dense* model (forward hooks).  The
     reference implementation instead propagates the calibration activations block by block through the
-    already pruned blocks; the paper finds the difference small, and one pass works for any model.  A
-    second pass (still dense) measures each layer's reconstruction error before the zeros are written;
-    meanwhile one bool mask per layer is held (1 byte per weight).
+    already pruned blocks; the paper finds the difference small, and one pass works for any model.  The
+    scores are made one layer at a time, as in the reference: a layer's fp32 scores (4 bytes per weight) and its
+    row sort's temporaries are freed once its mask is chosen, before the next layer's.  A second pass (still dense)
+    measures each layer's reconstruction error before the zeros are written; meanwhile one bool mask per layer is
+    held (1 byte per weight: half an fp16 model's weights).
 
     Args:
         model: any module called as ``model(batch)``.
-        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
+        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them; every
+            position is counted, pad tokens included (no attention mask): pass unpadded windows, or a list of
+            unpadded ``[1, T_i]`` batches (module docstring, "Padding").
         sparsity: fraction of each row to zero, in ``[0, 1)``; or a dict ``{fqn: fraction}`` with one
             target per selected layer (e.g. from :func:`owl_sparsities`), each layer's rows then get
             ``min(round(sparsity[fqn] * K), K - 1)`` zeros.  Keys naming empty layers are ignored.
@@ -669,20 +679,24 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
     layers = _select_linears(model, filter_fn, empty)
     targets, target = _layer_targets(sparsity, layers, empty)
     batches = _calib_batches(calib, model)
-    scores = _wanda_scores(model, batches, layers)
+    norms = _wanda_input_norms(model, batches, layers)
     masks = []
-    for (_, m), score, s in zip(layers, scores, targets):
+    for (_, m), norm, s in zip(layers, norms, targets):
+        # one layer's scores at a time (as the reference Wanda does): made, masked and freed before the next layer's
+        score = _wanda_score(m, norm)
         # weights already zero fill the row's quota first, before weights of equal score 0 (inputs that are zero on
         # every calibration token): a row ends with exactly max(n, zeros it had) zeros
         score.masked_fill_(m.weight.detach() == 0, -1.0)
         masks.append(_lowest_per_row(score, _count(s, m.in_features)))
-    del scores, score
+        del score
+    del norms
     return _finish_zero_masks("wanda", target, model, layers, masks, batches)
 
 
-def _wanda_scores(model, batches, layers) -> list[torch.Tensor]:
-    """``|W_ij| * ||X_j||_2`` (fp32, or fp64 for a float64 weight; float64 inputs' norms in fp64) of every layer, with
-    the input norms from one pass of the model."""
+def _wanda_input_norms(model, batches, layers) -> list[torch.Tensor]:
+    """``||X_j||_2`` of every layer's inputs (float64 ``[in_features]``, on the weight's device; float64 inputs'
+    squares summed in fp64, others in fp32), from one pass of the model.  The scores are made from them one layer at
+    a time (:func:`_wanda_score`): all layers' scores together would take 4 bytes per weight (2x fp16 weights)."""
     sq_norms = {m: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for _, m in layers}
 
     def make(m):
@@ -692,8 +706,14 @@ def _wanda_scores(model, batches, layers) -> list[torch.Tensor]:
         return fn
 
     _run_with_hooks(model, batches, {m: make(m) for _, m in layers})
-    dtypes = {m: torch.promote_types(m.weight.dtype, torch.float32) for _, m in layers}
-    return [m.weight.detach().to(dtypes[m]).abs() * sq_norms[m].sqrt().to(dtypes[m]) for _, m in layers]
+    return [sq_norms[m].sqrt() for _, m in layers]
+
+
+def _wanda_score(m: nn.Linear, norm: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * ||X_j||_2`` of layer ``m`` (fp32, or fp64 for a float64 weight), ``norm`` from
+    :func:`_wanda_input_norms`: a new tensor, which the caller may modify."""
+    dtype = torch.promote_types(m.weight.dtype, torch.float32)
+    return m.weight.detach().to(dtype).abs() * norm.to(dtype)
 
 
 # ---- SparseGPT --------------------------------------------------------------------------------------
@@ -819,7 +839,9 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
 
     Args:
         model: any module called as ``model(batch)``.
-        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
+        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them; every
+            position is counted, pad tokens included (no attention mask): pass unpadded windows, or a list of
+            unpadded ``[1, T_i]`` batches (module docstring, "Padding").
         sparsity: fraction of each layer's weights to zero, in ``[0, 1)``; or a dict ``{fqn: fraction}``
             with one target per selected layer (e.g. from :func:`owl_sparsities`); keys naming empty
             layers are ignored.
@@ -937,10 +959,10 @@ def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, 
     Weighed Layerwise Sparsity: A Missing Secret Sauce for Pruning LLMs to High Sparsity").
 
     For each selected layer, ``D_l`` is the fraction of its Wanda scores ``|W_ij| * ||X_j||_2`` (input
-    norms over all calibration tokens, one pass of the dense model) greater than ``M`` times the layer's
-    mean score.  ``D`` is min-max scaled to ``d_l`` in ``[-1, 1]`` across layers (all ``0`` when every
-    layer has the same ``D_l``) and ``s_l = sparsity - lam * d_l``: more outliers, fewer zeros.  The
-    values are then shifted by one common constant so that the parameter-weighted mean
+    norms over all calibration tokens, one pass of the dense model; one layer's scores held at a time) greater
+    than ``M`` times the layer's mean score.  ``D`` is min-max scaled to ``d_l`` in ``[-1, 1]`` across layers
+    (all ``0`` when every layer has the same ``D_l``) and ``s_l = sparsity - lam * d_l``: more outliers, fewer
+    zeros.  The values are then shifted by one common constant so that the parameter-weighted mean
     ``sum_l s_l * M_l K_l / sum_l M_l K_l`` equals ``sparsity`` (the paper shifts the plain mean); when a
     shifted value leaves ``[0, (K_l - 1) / K_l]`` it is clipped (to 0, or to ``(K_l - 1) / K_l``: all but
     one weight of each row for Wanda, ``M_l * (K_l - 1)`` zeros for SparseGPT, the most a layer can lose
@@ -952,7 +974,9 @@ def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, 
 
     Args:
         model: any module called as ``model(batch)``; not modified.
-        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them.
+        calib: calibration batches: a tensor (token ids ``LongTensor [B, T]``) or a sequence of them; every
+            position is counted, pad tokens included (no attention mask): pass unpadded windows, or a list of
+            unpadded ``[1, T_i]`` batches (module docstring, "Padding").
         sparsity: target mean sparsity, in ``[0, 1)``.
         M: outlier threshold, a multiple of the layer's mean score (> 0; paper: 3 to 10, default 5).
         lam: the spread ``lambda`` of the layer sparsities around ``sparsity``, in ``[0, 1]`` (paper: 0.08).
@@ -972,9 +996,10 @@ def owl_sparsities(model: nn.Module, calib, sparsity: float, *, M: float = 5.0, 
     layers = _select_linears(model, filter_fn, writes=False)  # (reads the weights only)
     batches = _calib_batches(calib, model)
     ratios = []
-    for score in _wanda_scores(model, batches, layers):
+    for (_, m), norm in zip(layers, _wanda_input_norms(model, batches, layers)):
+        score = _wanda_score(m, norm)  # (one layer's scores at a time, freed before the next layer's)
         ratios.append(float((score > M * score.mean()).float().mean()))
-    del score
+        del score
     lo, hi = min(ratios), max(ratios)
     d = [2.0 * (r - lo) / (hi - lo) - 1.0 if hi > lo else 0.0 for r in ratios]
     sizes = [m.weight.numel() for _, m in layers]
@@ -1135,6 +1160,16 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     Precision: the model trains in fp32; fp16/bf16 parameters are refused (call ``model.float()`` first;
     mixed precision, e.g. ``torch.autocast`` inside ``loss_fn`` or the model, is the caller's job).
 
+    State left: once a step has run, the call ends (on return, and on an error after that step) with no ``.grad``
+    on the model's parameters that require grad, the pruned weights, and ``optimizer``'s parameters (set to None:
+    the last step's gradients, nonzero even at weights a final mask update pruned, would otherwise take the
+    memory of the trained parameters and be summed into a caller's next ``backward()``).  A given ``optimizer``'s
+    state (e.g. Adam's moments) stays the caller's: it is neither reset nor masked.
+
+    Padding: ``model(batch)`` gets no attention mask, so the pad positions of a padded batch are trained on unless
+    ``loss_fn`` ignores them (with left padding they change the real tokens' outputs too): pass unpadded windows,
+    as ``flash-llm prune`` does.
+
     Args:
         model: any module called as ``model(batch)``; every ``nn.Linear`` that ``filter_fn`` accepts is pruned,
             all parameters with ``requires_grad`` are trained (by the default optimizer).
@@ -1270,6 +1305,7 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
             raise ValueError(why)
     data = _cycle([batches] if isinstance(batches, torch.Tensor) else batches, device, None if listed else model)
     bar = tqdm(range(steps), desc="gradual prune", unit="step", disable=not progress)
+    trained = False  # (set once a step starts its backward: the gradients it leaves are cleared at the end)
     try:
         if teacher is not None:
             teacher.eval()
@@ -1302,6 +1338,7 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
                 _check_logits(out, t_out)
                 loss = loss + distill_weight * _distill_loss(out, t_out)
             value = _finite_loss(loss, t, t_out if teacher is not None else None)
+            trained = True
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for w, k in zip(weights, keep):
@@ -1333,6 +1370,11 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
         bar.close()
         _restore_training_flags(model_flags)
         _restore_training_flags(teacher_flags)
+        if trained:  # the last step's gradients (nonzero at weights a final mask update pruned): not left behind
+            optimizer.zero_grad(set_to_none=True)
+            for p in itertools.chain(model.parameters(), weights):
+                if p.requires_grad:
+                    p.grad = None
     for (fqn, m) in layers:
         report.layers.append(PrunedLayer(fqn, tuple(m.weight.shape), _layer_sparsity(m.weight), None))
     return report
