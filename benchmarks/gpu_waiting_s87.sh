@@ -7,6 +7,7 @@
 #         GPU encoding and kernel (tests/test_formats_fixes87.py beside tests/test_kernels_gpu.py and
 #         test_formats_gpu.py, where a bound too tight would refuse a real weight), and the engine's dual layout after a
 #         new bias or a hook.
+# quick: verify's kernel, format, autocast and subclass tests alone (about 3 minutes: a short device budget).
 # suite_a / suite_e / suite_n: gpu_waiting_s86.sh's (the whole suite in three pieces); fallback: gpu_waiting_s80.sh's.
 set -uo pipefail
 source benchmarks/gpu_lib.sh  # OUT, PYTHONPATH, step NAME SECONDS COMMAND...
@@ -19,6 +20,9 @@ for s in "$@"; do
               tests/test_kernels_fixes87.py tests/test_formats_fixes87.py tests/test_engine_fixes87.py \
               tests/test_misc_fixes87.py tests/test_kernels_gpu.py tests/test_formats_gpu.py \
               tests/test_engine_gpu.py -k "not test_engine_gpu or graph" ;;
+    quick) step quick87 200 python3 -m pytest -q -rfE -n 8 --timeout 150 -p no:cacheprovider -W ignore \
+              tests/test_kernels_fixes87.py tests/test_formats_fixes87.py tests/test_kernels_gpu.py \
+              tests/test_formats_gpu.py tests/test_nn_fixes86.py tests/test_engine_subclass86.py ;;
     suite_a|suite_e|suite_n|fallback) OUT=$OUT bash benchmarks/gpu_waiting_s86.sh "$s" ;;
     *) echo "unknown step $s" ;;
   esac
