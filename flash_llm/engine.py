@@ -594,6 +594,24 @@ def _kept_for_hooks(m: torch.nn.Module, path: str, hooked: dict[str, str] | None
     return bool(what)
 
 
+def _hooked_now(m: torch.nn.Module, path: str) -> bool:
+    """:func:`_kept_for_hooks` for the weights check at each generation's start (:meth:`Engine._follow_weights`):
+    first the cheap test that a plain ``SparseLinear`` / ``nn.Linear`` carries no hook, no ``forward`` of its own and
+    no member beyond its arrays and bias (about 0.5 us), else the full one (4 us a layer, with its reasons)."""
+    from .nn import _HOOKS, SparseLinear
+
+    d = m.__dict__
+    kind = type(m)
+    if kind is SparseLinear:
+        plain = len(d["_parameters"]) <= 1 and len(d["_buffers"]) == len(m.weight_format._arrays)
+    else:
+        plain = kind is torch.nn.Linear and len(d["_parameters"]) <= 2 and not d["_buffers"]
+    if (plain and not d["_modules"] and "forward" not in d
+            and not any(d.get(a) for _, attrs in _HOOKS for a in attrs)):
+        return False
+    return _kept_for_hooks(m, path, None)
+
+
 def _gate_up_layers(model: torch.nn.Module) -> set[int]:
     """The ``id`` of the stacked layer of every merged gate / up projection of ``model`` (``merge_projections``
     pairs its halves: DeltaRows encodes them so for the SiLU x up inside its kernels)."""
@@ -825,10 +843,12 @@ def _small_chunks_from(model: torch.nn.Module) -> int | None:
 def _submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
     """The module at ``path`` in ``model``, or None where the path no longer exists (the projection merged into another
     by ``merge_projections``, say)."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
+    m = model  # (through the ``_modules`` dicts: ``get_submodule``'s attribute lookups were half of each
+    for name in path.split(".") if path else ():  # generation start's weights check, session 87)
+        m = m._modules.get(name)
+        if m is None:
+            return None
+    return m
 
 
 def _holds(m: torch.nn.Module, w) -> bool:
@@ -841,7 +861,20 @@ def _versions(lin: torch.nn.Linear) -> tuple[tuple[int, int], ...]:
     """The identities and version counters of a copy's parameters: an in-place write into them (a state dict loaded
     into the model while the copy stood at the layer's path) moves a counter, a parameter replaced (``assign=True``,
     ``copy.bias = ...``; until session 87 unseen, and the next small step swapped the old one back) an identity."""
-    return tuple((id(t), t._version) for t in lin.parameters())
+    return tuple((id(t), _version(t)) for t in lin.parameters())
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t._version``; -1 for an inference tensor (made under ``torch.inference_mode()``), which keeps none."""
+    return -1 if t.is_inference() else t._version
+
+
+def _bias_key(m: torch.nn.Module) -> tuple[int, int] | None:
+    """Layer ``m``'s bias as a dense copy made from it depends on it: its identity and version counter (a bias
+    replaced, or written in place: ``load_state_dict`` without ``assign``, ``bias.copy_``; until session 87 only a
+    replaced one was seen, and the copies ran the old bias), None without one."""
+    b = m.bias
+    return None if b is None else (id(b), _version(b))
 
 
 def _swap_module(model: torch.nn.Module, path: str, layer: torch.nn.Module, copy: torch.nn.Module,
@@ -902,7 +935,7 @@ class _TwoLayouts:
             self.large[m] = lin
         else:
             self.large[m] = TiledCSL.from_dense(self.small[m].to_dense())
-        self.made[m] = (m.bias, _versions(lin) if isinstance(self.large[m], torch.nn.Linear) else ())
+        self.made[m] = (_bias_key(m), _versions(lin) if isinstance(self.large[m], torch.nn.Linear) else ())
 
     def _bytes(self) -> int:
         return sum(_dense_bytes(m) if isinstance(w, torch.nn.Linear) else w.nbytes for m, w in self.large.items())
@@ -927,9 +960,9 @@ class _TwoLayouts:
             dense = isinstance(w, torch.nn.Linear)
             now = _submodule(self.model, path)
             if (now is not m and not (dense and now is w)) or (dense and (_versions(w) != versions
-                                                                         or _kept_for_hooks(w, path, None))):
+                                                                         or _hooked_now(w, path))):
                 gone.append(m)
-            elif ((dense and (m.bias is not bias or _kept_for_hooks(m, path, None)))
+            elif ((dense and (_bias_key(m) != bias or _hooked_now(m, path)))
                   or not (_holds(m, self.small[m]) or (not dense and _holds(m, w)))):
                 changed.append(m)
         return changed, gone
@@ -940,8 +973,8 @@ class _TwoLayouts:
         DeltaRows weights the layers hold now."""
         for m in layers:
             w = self.large.pop(m)
-            if isinstance(w, torch.nn.Linear) and _versions(w) == self.made[m][1] and not _kept_for_hooks(
-                    w, self.paths[m], None):  # (a copy the user changed at the path stays there)
+            if isinstance(w, torch.nn.Linear) and _versions(w) == self.made[m][1] and not _hooked_now(
+                    w, self.paths[m]):  # (a copy the user changed at the path stays there)
                 _swap_module(self.model, self.paths[m], m, w, False)
             del w, self.small[m], self.made[m]
         for m in rebuild:
@@ -1035,7 +1068,7 @@ class _DenseCopies:
     def _copy(self, m: torch.nn.Module) -> None:
         lin = m.to_linear()
         lin.requires_grad_(False)
-        self.copies[m], self.made[m] = lin, (m.weight, m.bias, _versions(lin))
+        self.copies[m], self.made[m] = lin, (m.weight, _bias_key(m), _versions(lin))
 
     def _bytes(self) -> int:
         return sum(t.numel() * t.element_size() for lin in self.copies.values() for t in lin.parameters())
@@ -1048,9 +1081,9 @@ class _DenseCopies:
             weight, bias, versions = self.made[m]
             path = self.paths[m]
             now = _submodule(self.model, path)
-            if (now is not m and now is not lin) or _versions(lin) != versions or _kept_for_hooks(lin, path, None):
+            if (now is not m and now is not lin) or _versions(lin) != versions or _hooked_now(lin, path):
                 gone.append(m)
-            elif m.bias is not bias or _kept_for_hooks(m, path, None) or (m not in moving and not _holds(m, weight)):
+            elif _bias_key(m) != bias or _hooked_now(m, path) or (m not in moving and not _holds(m, weight)):
                 changed.append(m)
         return changed, gone
 
@@ -1060,7 +1093,7 @@ class _DenseCopies:
         go first: the same bytes)."""
         for m in layers:
             lin = self.copies.pop(m)
-            if _versions(lin) == self.made[m][2] and not _kept_for_hooks(lin, self.paths[m], None):
+            if _versions(lin) == self.made[m][2] and not _hooked_now(lin, self.paths[m]):
                 _swap_module(self.model, self.paths[m], m, lin, False)
             del lin, self.made[m]
         for m in rebuild:

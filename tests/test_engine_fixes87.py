@@ -142,8 +142,8 @@ def test_dual_layout_a_hook_registered_after_the_engine_runs_at_every_batch(gpu_
     module = served.get_submodule(dense[0])
     assert isinstance(module, torch.nn.Linear if where == "copy" else flash_llm.SparseLinear)
     module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]) or out * 3.0)
-    with pytest.warns(RuntimeWarning, match="hooks added"):
-        eng.generate(prompts[:1], 3, eos_token_id=None)
+    with pytest.warns(RuntimeWarning, match=rf"delta_layout='dual': the copies of 1 layer\(s\) \({dense[0]}\)"):
+        eng.generate(prompts[:1], 3, eos_token_id=None)  # (that layer's alone)
     for b in (big, 1):
         calls.clear()
         eng.generate(prompts[:b], 3, eos_token_id=None)
@@ -161,3 +161,37 @@ def test_prefill_dense_a_hook_registered_after_the_engine_runs_in_the_prefill():
     with pytest.warns(RuntimeWarning, match="prefill_dense=True: the copies of 1 layer"):
         eng.generate(LONG, 2, eos_token_id=None)
     assert calls and calls[0] == len(LONG[0])  # (the prefill's forward ran through the hooked layer)
+
+
+@pytest.mark.parametrize("how", ["load", "copy_"])
+@pytest.mark.parametrize("option", ["dual", "prefill_dense"])
+def test_a_bias_written_in_place_reaches_the_dense_copies(gpu_layout, option, how):
+    """A bias written in place (``load_state_dict`` of biases without ``assign``, ``bias.copy_``): the dense copies
+    (``"dual"``'s ``nn.Linear`` copies at 50 %, ``prefill_dense``'s) hold a clone of the bias, and until session 87
+    only a replaced bias was seen, so the larger steps / long prefills ran the old one.  Now the copies are made
+    again: the tokens and logits are a new engine's."""
+    big = E.DUAL_TCSL_MIN_BATCH if option == "dual" else 1
+    prompts = [LONG[0][: 18 + i] for i in range(big)]  # (17 tokens or more: prefill_dense's copies run)
+    served = _dense_copies_model()
+    kw = dict(delta_layout="dual") if option == "dual" else dict(prefill_dense=True)
+    eng = _engine(served, max_batch=big, **kw)
+    eng.generate(prompts, 2, eos_token_id=None)
+    if option == "dual":
+        eng.use_layout(1)  # (the layers themselves at their paths: the load goes into their biases)
+    gen = torch.Generator().manual_seed(3)
+    biases = {f"{p}.bias": torch.randn(m.bias.shape, generator=gen).half()
+              for p, m in served.named_modules() if isinstance(m, flash_llm.SparseLinear)}
+    assert len(biases) == 14
+    if how == "load":
+        served.load_state_dict(biases, strict=False)
+    else:
+        with torch.no_grad():
+            for key, b in biases.items():
+                served.get_submodule(key.rsplit(".", 1)[0]).bias.copy_(b)  # (in place: the same tensor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = eng.generate(prompts, 3, eos_token_id=None, output_logits=True)
+    eng.use_layout(1) if option == "dual" else None
+    want = _engine(_copy_of(served, eng) if option == "dual" else __import__("copy").deepcopy(served),
+                   max_batch=big, **kw).generate(prompts, 3, eos_token_id=None, output_logits=True)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
