@@ -136,13 +136,18 @@ def cast_loss(src: torch.Tensor, dst: torch.Tensor, underflow: bool = True) -> s
     return f"{' and '.join(parts)} in {b.dtype}" if parts else None
 
 
+#: torch's own ``nn.Module.load_state_dict`` (taken at import: a library wrapping the method later leaves its frame
+#: on the stack with this code)
+_LOAD_STATE_DICT_CODE = nn.Module.load_state_dict.__code__
+
+
 def _strict_load() -> bool:
     """Whether the ``nn.Module.load_state_dict`` running this load was asked for ``strict=True`` (its frame's
     ``strict``).  Its loader passes ``strict=True`` to every module's ``_load_from_state_dict`` whatever was asked (and
     raises on missing keys afterwards only where asked), so the argument cannot tell.  False where no such call is on
     the stack (a loader of its own calling ``_load_from_state_dict``, a patched ``load_state_dict``): no error of
     torch's is sure to follow there."""
-    code = nn.Module.load_state_dict.__code__
+    code = _LOAD_STATE_DICT_CODE
     f = sys._getframe(1)
     while f is not None:
         if f.f_code is code:
@@ -217,8 +222,9 @@ class SparseLinear(nn.Module):
     key (:class:`LossyCastError`'s message) and loads nothing into the layer.  A load that takes the checkpoint's
     arrays puts the bias in a new tensor too (references held to the old arrays or bias keep the old values), so a
     ``copy.copy`` of the layer (its own buffer dict, the tensors shared) loads without changing the original.  A
-    state dict lacking one of the layer's arrays loads nothing into it: strict, torch's missing-keys error names the
-    array; with ``strict=False`` a ``UserWarning`` names what was dropped.
+    state dict lacking one of the layer's arrays loads nothing into it: strict, the load's error names the array (the
+    layer's message beside torch's missing keys, also where a post-hook takes them out); with ``strict=False`` a
+    ``UserWarning`` names what was dropped.
 
     **Not supported** (each refused in words): ``torch.jit.script`` (a TypeError; use ``torch.jit.trace``,
     ``torch.compile`` or ``torch.export``) and ``torch.nn.utils.parametrize`` parametrizations of the layer's buffers
@@ -581,13 +587,16 @@ class SparseLinear(nn.Module):
             elif w is None and bias_key in state_dict:
                 state_dict.pop(bias_key)
                 popped.append(bias_key)
-        if arrays and len(arrays) != len(keys) and not _strict_load():
-            # (strict loads: torch's missing-keys error names the lacking arrays; nn.Module's loader passes
-            # strict=True here whatever was asked, so _strict_load reads what was)
+        if arrays and len(arrays) != len(keys):
             lacks = [k for n, k in keys.items() if n not in arrays]
-            warnings.warn(f"{where}: {', '.join(popped)} not loaded, as the checkpoint lacks {', '.join(lacks)} (a "
-                          "SparseLinear loads all of its weight arrays and its bias, or none)", UserWarning,
-                          stacklevel=2)
+            said = (f"{where}: {', '.join(popped)} not loaded, as the checkpoint lacks {', '.join(lacks)} (a "
+                    "SparseLinear loads all of its weight arrays and its bias, or none)")
+            # (nn.Module's loader passes strict=True here whatever was asked: _strict_load reads what was.  Strict:
+            # an error of the load's, also where a post-hook takes the missing keys out of torch's own; session 87)
+            if _strict_load():
+                error_msgs.append(said)
+            else:
+                warnings.warn(said, UserWarning, stacklevel=2)
         self._load_state_dict_pre_hooks = OrderedDict()  # (run above: not again in nn.Module's loader)
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -74,6 +74,33 @@ def test_a_subclass_load_state_dict_asking_non_strict_warns():
         Lenient(_layer(0)).load_state_dict(_partial("0."))  # (strict=True asked of the subclass, False of torch)
 
 
+def test_a_strict_partial_load_a_post_hook_tolerates_is_still_an_error():
+    """A load-state-dict post-hook that takes the missing array out of torch's list (as tied-weight or adapter code
+    does) made a strict load pass with the layer loading nothing and no word at all (the review of session 87's
+    first fix): the layer's own message is an error of the load now."""
+    model = nn.Sequential(_layer(0))
+    model.register_load_state_dict_post_hook(
+        lambda module, inc: inc.missing_keys.clear())  # (torch's missing-keys error gone)
+    with pytest.raises(RuntimeError, match="0.weight_data, 0.bias not loaded, as the checkpoint lacks 0.weight_off"):
+        model.load_state_dict(_partial("0."))
+
+
+def test_a_wrapped_load_state_dict_still_reads_strict(monkeypatch):
+    """A library wrapping ``nn.Module.load_state_dict`` after flash_llm's import (``*args, **kwargs``): the strict
+    load is still read from torch's own frame (its code taken at import), so it errs without the warning."""
+    original = nn.Module.load_state_dict
+
+    def wrapped(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "load_state_dict", wrapped)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="weight_offsets"):
+            nn.Sequential(_layer(0)).load_state_dict(_partial("0."))
+    assert [str(w.message) for w in seen if "not loaded" in str(w.message)] == []
+
+
 # ---- 2. a refused environment number names the value used --------------------------------------------------------
 
 @pytest.mark.parametrize("text", ["abc", "0", "-3"])
