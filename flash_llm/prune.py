@@ -20,11 +20,12 @@ as are, for a model with an int ``config.vocab_size``, integer batches holding a
 batch is never rounded or truncated to ids; ValueError naming the batch).  Other models take whatever they take (the
 float inputs of an MLP, a CTC speech model's audio).
 
-Padding: no attention mask is passed (a batch is a plain tensor, a dict or ``BatchEncoding`` is refused), so every
-position of every batch is counted, pad tokens included: in Wanda's and OWL's input norms, SparseGPT's Hessians and
-the reported errors (and with left padding the pads change the real tokens' activations too).  Pass unpadded
-sequences: equal-length windows cut from the text (what :func:`flash_llm.data.calibration_batches` and ``flash-llm
-prune`` give) or a list of ``[1, T_i]`` batches of different lengths, never one padded batch.
+Padding: no attention mask is passed (a calibration batch of the one-shot pruners and :func:`owl_sparsities` is a
+plain tensor; a dict or ``BatchEncoding`` is refused), so every position of every batch is counted, pad tokens
+included: in Wanda's and OWL's input norms, SparseGPT's Hessians and the reported errors (and with left padding the
+pads change the real tokens' activations too).  Pass unpadded sequences: equal-length windows cut from the text (what
+:func:`flash_llm.data.calibration_batches` and ``flash-llm prune`` give) or a list of ``[1, T_i]`` batches of
+different lengths, never one padded batch.  (:func:`gradual_prune_` takes other batches too: see its "Padding".)
 
 Exact counts.  Each count applies to a group of ``count`` weights; with
 ``n = min(round(sparsity * count), count - 1)`` (Python's ``round``; at least one weight of the group is
@@ -654,10 +655,10 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
     The input norms of all layers are collected in one pass of the *dense* model (forward hooks).  The
     reference implementation instead propagates the calibration activations block by block through the
     already pruned blocks; the paper finds the difference small, and one pass works for any model.  The
-    scores are made one layer at a time, as in the reference: a layer's fp32 scores (4 bytes per weight) and its
-    row sort's temporaries are freed once its mask is chosen, before the next layer's.  A second pass (still dense)
-    measures each layer's reconstruction error before the zeros are written; meanwhile one bool mask per layer is
-    held (1 byte per weight: half an fp16 model's weights).
+    scores are made one layer at a time, as in the reference: a layer's fp32 scores (4 bytes per weight; fp64, 8
+    bytes, for a float64 weight) and its row sort's temporaries are freed once its mask is chosen, before the next
+    layer's.  A second pass (still dense) measures each layer's reconstruction error before the zeros are written;
+    meanwhile one bool mask per layer is held (1 byte per weight: half an fp16 model's weights).
 
     Args:
         model: any module called as ``model(batch)``.
@@ -696,7 +697,8 @@ def wanda_prune_(model: nn.Module, calib, sparsity: float | dict[str, float], *,
 def _wanda_input_norms(model, batches, layers) -> list[torch.Tensor]:
     """``||X_j||_2`` of every layer's inputs (float64 ``[in_features]``, on the weight's device; float64 inputs'
     squares summed in fp64, others in fp32), from one pass of the model.  The scores are made from them one layer at
-    a time (:func:`_wanda_score`): all layers' scores together would take 4 bytes per weight (2x fp16 weights)."""
+    a time (:func:`_wanda_score`): all layers' scores together would take 4 bytes per weight (2x fp16 weights; 8 for
+    float64 weights)."""
     sq_norms = {m: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for _, m in layers}
 
     def make(m):
@@ -1166,9 +1168,11 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     memory of the trained parameters and be summed into a caller's next ``backward()``).  A given ``optimizer``'s
     state (e.g. Adam's moments) stays the caller's: it is neither reset nor masked.
 
-    Padding: ``model(batch)`` gets no attention mask, so the pad positions of a padded batch are trained on unless
-    ``loss_fn`` ignores them (with left padding they change the real tokens' outputs too): pass unpadded windows,
-    as ``flash-llm prune`` does.
+    Padding: a tensor batch is all the model gets (``model(batch)``, no attention mask), so the pad positions of a
+    padded tensor batch are trained on unless ``loss_fn`` ignores them (with left padding they change the real
+    tokens' outputs too): pass unpadded windows, as ``flash-llm prune`` does.  A batch that is not a tensor (a dict, a
+    ``BatchEncoding``) is not refused: it reaches ``model(batch)`` and ``loss_fn`` as it is (not moved to a device
+    nor checked), so the pads are masked only if the model reads a mask from it.
 
     Args:
         model: any module called as ``model(batch)``; every ``nn.Linear`` that ``filter_fn`` accepts is pruned,

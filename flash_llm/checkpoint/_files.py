@@ -48,14 +48,23 @@ def stored_names(name: str) -> tuple[str, ...]:
 
 
 def parse_size(size) -> int:
-    """``5_000_000``, ``"5GB"``, ``"500MB"``, ``"64KiB"`` -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB
-    of 1024, as in transformers)."""
+    """``5_000_000``, ``"5GB"``, ``"500MB"``, ``"64KiB"`` -> bytes (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB
+    of 1024, as in transformers; the letters' case is free, ``"500mB"`` is 500 MB).
+
+    A decimal unit or a bare ``B`` ending in a lowercase ``b`` (``"500Mb"``, ``"5gb"``, ``"100b"``) is refused:
+    transformers' ``convert_file_size_to_int`` reads ``"500Mb"`` as megabits (500 MB / 8) and does not take a bare
+    ``b``, so the spelling means bits there and bytes to many a user; write ``B`` (``"500MB"``) or a byte count.
+    (``"64Kib"`` is bytes, as in transformers.)  ValueError naming ``max_shard_size`` for anything else but an int
+    or such a string, and for a size below 1 byte."""
     if isinstance(size, int) and not isinstance(size, bool):
         if size < 1:
             raise ValueError(f"max_shard_size must be >= 1 byte, got {size}")
         return size
     if isinstance(size, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if m and m.group(2) and m.group(2)[-1] == "b" and m.group(2)[-2:-1].lower() != "i":
+            raise ValueError(f"max_shard_size {size!r} ends in a lowercase 'b', which transformers reads as bits "
+                             f"(or refuses); write '{m.group(1)}{m.group(2)[:-1].upper()}B' for bytes, or a byte count")
         if m:
             unit = (m.group(2) or "B").upper()
             scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -168,8 +168,15 @@ class _Slot:
     in_features: int
     bias: bool
     dtype: torch.dtype
-    class_name: str
     keep_dense: str | None  # why it never gets compressed, or None
+
+
+def _class_names(m: nn.Module) -> tuple[str, ...]:
+    """The class names a sparse-bitmask class pattern matches for module ``m``: every class of its MRO
+    (:func:`sb.class_names`, as compressed-tensors: ``"Linear"`` selects Falcon's ``FalconLinear``), and ``"Linear"``
+    for a :class:`~flash_llm.SparseLinear` (it stands for the ``nn.Linear`` it compressed)."""
+    names = sb.class_names(m)
+    return ("Linear", *names) if isinstance(m, SparseLinear) else names
 
 
 def _slots(module: nn.Module, aliases: dict, config: SparsifyConfig | None) -> dict[str, _Slot]:
@@ -177,10 +184,9 @@ def _slots(module: nn.Module, aliases: dict, config: SparsifyConfig | None) -> d
     skip_names = config.skip_names if config is not None else ()
     for fqn, m in module.named_modules():
         if isinstance(m, SparseLinear):
-            slot = _Slot(fqn, m.out_features, m.in_features, m.bias is not None, m.weight_dtype, "Linear", None)
+            slot = _Slot(fqn, m.out_features, m.in_features, m.bias is not None, m.weight_dtype, None)
         elif isinstance(m, nn.Linear):
-            slot = _Slot(fqn, m.out_features, m.in_features, m.bias is not None, m.weight.dtype,
-                         type(m).__name__, None)
+            slot = _Slot(fqn, m.out_features, m.in_features, m.bias is not None, m.weight.dtype, None)
             if type(m).forward is not nn.Linear.forward or isinstance(
                     m, nn.modules.linear.NonDynamicallyQuantizableLinear):  # read directly by MultiheadAttention
                 slot.keep_dense = f"{type(m).__name__} is not a plain nn.Linear"
@@ -512,13 +518,8 @@ class _Loader:
         slot = self.slots.get(owner) if attr == "weight" else None
         if slot is None and not self._check_known(key, path):
             return  # (a buffer the model computes itself, as _place skips it)
-        if slot is not None:
-            class_name = slot.class_name
-        elif owner in self.slots:  # (a linear layer's bias)
-            class_name = self.slots[owner].class_name
-        else:
-            class_name = type(self.module.get_submodule(owner)).__name__
-        if not self.kind.bitmask.is_target(owner, class_name):
+        # (a linear layer's weight or bias, or another module's tensor: matched by every class of its MRO)
+        if not self.kind.bitmask.is_target(owner, _class_names(self.module.get_submodule(owner))):
             raise FormatError(f"{path}: '{key}' is stored in sparse-bitmask form ('{pname}.*') but config.json's "
                               f"sparsity_config does not target '{owner}' (targets "
                               f"{list(self.kind.bitmask.targets or [])}, ignore {list(self.kind.bitmask.ignore)})")
@@ -809,10 +810,16 @@ def _resolve_dtype(config: dict, kind: CheckpointKind, dtype, source: Path, spar
         if declared is None:
             raise ValueError(f"{source} declares no dtype and the weights are {sorted(found) or 'not floating'}; "
                              f"{hint}")
-    if declared in VALUE_DTYPES or (dense and declared.is_floating_point):
+        said = f"declares no dtype and the weights are {sorted(found)}"
+    else:
+        key = "dtype" if "dtype" in config else "torch_dtype"  # (the key config_dtype read)
+        said = f"declares dtype {config[key]!r} (key \"{key}\")"
+    if declared in VALUE_DTYPES or (dense and declared in MODEL_DTYPES):
         return declared
-    raise ValueError(f"{source} declares dtype {config.get('dtype', config.get('torch_dtype', declared))!r}; the "
-                     f"sparse formats hold fp16/bf16 values: {hint}")
+    if dense:  # (float8, an integer or complex dtype: no model is built in it, and the argument is not the user's)
+        raise ValueError(f"{source} {said}, which flash-llm builds no model in (it takes float16, bfloat16, float32 "
+                         f"or float64): {hint}")
+    raise ValueError(f"{source} {said}; the sparse formats hold fp16/bf16 values: {hint}")
 
 
 def sparsify_for_dtype(path, dtype: torch.dtype | None) -> SparsifyConfig | None:
@@ -912,11 +919,29 @@ def _generation_config(model: nn.Module, path: Path) -> dict | None:
         from transformers import GenerationConfig
 
         try:
-            model.generation_config = GenerationConfig.from_dict(dict(generation))
+            loaded = GenerationConfig.from_dict(dict(generation))
         except (TypeError, ValueError) as e:  # (transformers' own loader keeps the model's default then too)
             warnings.warn(f"{file}: not a generation config transformers reads ({e}); the model keeps the one "
                           "config.json gives", UserWarning, stacklevel=3)
+        else:
+            _mark_unmodified(loaded)
+            model.generation_config = loaded
     return generation
+
+
+def _mark_unmodified(generation_config) -> None:
+    """Mark a ``GenerationConfig`` made by ``from_dict`` as loaded and not modified since, as transformers'
+    ``GenerationConfig.from_pretrained`` does (``_original_object_hash = hash(config)``): its ``save_pretrained``
+    then validates strictly only a config changed after loading, so a published one that only draws warnings
+    (``do_sample`` false with a ``temperature`` / ``top_p``, common on the Hub) is saved back as it is instead of
+    failing every save at its end.  A transformers whose ``to_dict`` would write the attribute out (one that does
+    not know it as metadata) gets it removed again: there it changes nothing."""
+    try:
+        generation_config._original_object_hash = hash(generation_config)
+    except (TypeError, ValueError, AttributeError):  # (unhashable: left as from_dict made it)
+        return
+    if "_original_object_hash" in generation_config.to_dict():
+        del generation_config._original_object_hash
 
 
 def _attach_hf_quantizer(model: nn.Module) -> None:
@@ -1097,11 +1122,15 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
         model: the model; its state-dict names become the tensor names.
         path: the output directory.
         config: the Hugging Face config (dict or ``PretrainedConfig``); default ``model.config``.
-        max_shard_size: bytes (int) or a size like ``"5GB"``; a layer's tensors stay in one shard.
-        overwrite: replace an existing ``path``.
+        max_shard_size: bytes (int) or a size like ``"5GB"`` (:func:`_files.parse_size`); a layer's tensors stay
+            in one shard.
+        overwrite: replace an existing ``path`` (a bool).
+
+    ``max_shard_size`` and ``overwrite`` are checked before anything else (ValueError / TypeError).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_write_args(max_shard_size, overwrite)
     model = _model.unwrap(model)
     _refuse_own_source(model, path)
     _refuse_tensor_parallel(model)
@@ -1124,6 +1153,8 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
         groups.setdefault(name.rpartition(".")[0], []).append(name)
     meta = header_metadata(sparse)
     with _files.atomic_directory(path, overwrite) as tmp:
+        # (first: a generation config transformers refuses to save fails the save before any weight is written)
+        _write_side_files(model, tmp, _copy_files_from)
         writer = _files.ShardWriter(tmp, max_shard_size)
         for owner, names in _progress(iterable=groups.items(), total=len(groups), desc="saving", unit="module",
                                       disable=not progress):
@@ -1131,7 +1162,16 @@ def save_pretrained(model: nn.Module, path, *, config=None, max_shard_size="5GB"
             writer.add({n: state[n] for n in names}, {key: meta[key]} if key in meta else None)
         writer.close({"flash_llm_format_version": FORMAT_VERSION})
         _files.write_json(tmp / _files.CONFIG_NAME, cfg)
-        _write_side_files(model, tmp, _copy_files_from)
+
+
+def _check_write_args(max_shard_size, overwrite) -> None:
+    """The writers' ``max_shard_size`` (ValueError: :func:`_files.parse_size`) and ``overwrite`` (TypeError unless a
+    bool: ``"no"`` is truthy and would replace the output), checked before any loading or compression."""
+    _files.parse_size(max_shard_size)
+    kind = type(overwrite)
+    if not (isinstance(overwrite, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
+            or (isinstance(overwrite, int) and overwrite in (0, 1))):  # (numpy's bools, 0 and 1 too)
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
 
 
 def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = None,
@@ -1145,7 +1185,8 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
     ``lm_head``; with ``min_sparsity``, those with fewer zeros are stored dense and listed in its ``ignore``).  The
     source's tokenizer and other non-weight files are copied; ``config.json`` is the source's with its quantization
     section replaced.  Written atomically (see :func:`save_pretrained`); ``dst`` may not be ``src`` nor hold it
-    (ValueError), and its location is checked to be writable before anything is loaded.  The model is loaded in
+    (ValueError), and its location is checked to be writable before anything is loaded, as are ``max_shard_size``
+    (bytes or a size like ``"5GB"``, :func:`_files.parse_size`) and ``overwrite`` (a bool).  The model is loaded in
     ``dtype``, else (as :func:`from_pretrained`) the dtype ``config.json`` declares, else the weights' own; for
     ``"sparse-bitmask"`` any floating dtype (float32 too), as its values are stored decompressed.
 
@@ -1155,6 +1196,7 @@ def convert(src, dst, *, format: str = "bitmap", min_sparsity: float | None = No
     names = sorted(FORMAT_NAMES) + [sb.FORMAT]
     if format not in names:
         raise ValueError(f"format must be one of {names}; got {format!r}")
+    _check_write_args(max_shard_size, overwrite)  # (before the model is loaded: the writer checks them at its start)
     if min_sparsity is not None:
         check_fraction(min_sparsity, "min_sparsity")
     check_device(device)
@@ -1228,17 +1270,20 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     atomically, like :func:`save_pretrained`, with the model's ``generation_config.json`` (stop tokens, sampling
     defaults) as it writes it.
 
-    ``targets`` and ``ignore`` are lists (or tuples) of patterns: a module class name (``"Linear"``), an exact module
-    name, or ``"re:<regex>"``; a single str is one pattern (``ignore="lm_head"`` is ``ignore=["lm_head"]``).  Anything
-    else, or an invalid regular expression, is refused (TypeError / ValueError naming the argument) before anything
-    is written.  What :func:`save_pretrained` says of ``path`` (not the model's source directory), of the config and
-    generation config of a model :func:`from_pretrained` loaded, and of wrapped models holds here too.
+    ``targets`` and ``ignore`` are lists (or tuples) of patterns: a module class name (``"Linear"``; as in
+    compressed-tensors it matches any class of the module's MRO, so a subclass of ``nn.Linear`` such as Falcon's
+    ``FalconLinear`` is a ``"Linear"`` too), an exact module name, or ``"re:<regex>"``; a single str is one pattern
+    (``ignore="lm_head"`` is ``ignore=["lm_head"]``).  Anything else, or an invalid regular expression, is refused
+    (TypeError / ValueError naming the argument) before anything is written.  What :func:`save_pretrained` says of
+    ``path`` (not the model's source directory), of the config and generation config of a model
+    :func:`from_pretrained` loaded, of ``max_shard_size`` / ``overwrite`` and of wrapped models holds here too.
 
     Returns a :class:`flash_llm.nn.SparsifyReport` of the layers stored compressed (dense/sparse bytes of
     the weight and bias) and those not targeted, below ``min_sparsity`` or empty.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_write_args(max_shard_size, overwrite)
     if min_sparsity is not None:
         check_fraction(min_sparsity, "min_sparsity")
     targets, ignore = _pattern_list(targets, "targets"), _pattern_list(ignore, "ignore")
@@ -1256,8 +1301,7 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
     for fqn, m in model.named_modules():
         if not isinstance(m, (nn.Linear, SparseLinear)):
             continue
-        cls_name = "Linear" if isinstance(m, SparseLinear) else type(m).__name__
-        if not selector.is_target(fqn, cls_name):
+        if not selector.is_target(fqn, _class_names(m)):  # (a subclass of nn.Linear is a "Linear" too)
             report.skipped.append(SkippedLayer(fqn, "not selected by targets/ignore"))
         elif len(aliases.get(f"{fqn}.weight", ())) > 1:
             report.skipped.append(SkippedLayer(fqn, "weight is tied to another tensor"))
@@ -1278,6 +1322,7 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
         owner = name.rpartition(".")[0]
         groups.setdefault(owner, {})[name] = t
     with _files.atomic_directory(path, overwrite) as tmp:
+        _write_side_files(model, tmp, _copy_files_from)  # (as save_pretrained: first, before any weight)
         writer = _files.ShardWriter(tmp, max_shard_size)
         for owner, tensors in _progress(iterable=groups.items(), total=len(groups), desc="saving", unit="module",
                                         disable=not progress):
@@ -1322,5 +1367,4 @@ def write_sparse_bitmask(model: nn.Module, path, *, config=None, targets=("Linea
             if "torch_dtype" in cfg:  # (as save_pretrained: the older key, where the config has it, agrees)
                 cfg["torch_dtype"] = cfg["dtype"]
         _files.write_json(tmp / _files.CONFIG_NAME, cfg)
-        _write_side_files(model, tmp, _copy_files_from)  # (as save_pretrained)
     return report

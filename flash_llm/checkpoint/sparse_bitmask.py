@@ -24,7 +24,9 @@ without its dimension.  :func:`decompress` reads both; :func:`compress` writes t
                                                 "sparsity_structure": "unstructured"}}
 
 ``targets`` / ``ignore`` name modules: a module class name (``"Linear"``), an exact module name, or
-``"re:<regex>"`` matched (``re.match``) against the module name.  Other keys are accepted and ignored;
+``"re:<regex>"`` matched (``re.match``) against the module name.  A class name matches a module of that class or of a
+subclass, as in compressed-tensors (``"Linear"`` selects Falcon's ``FalconLinear(nn.Linear)`` too: any ``nn.Module``
+class of its MRO, :func:`class_names`).  Other keys are accepted and ignored;
 quantization (non-empty ``config_groups``, a ``kv_cache_scheme``) and other sparsity formats are
 refused with an error, since flash-llm would otherwise read the weights wrongly.
 
@@ -149,12 +151,22 @@ def _patterns(value, key: str, source: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _matches(name: str, class_name: str, patterns: tuple[str, ...]) -> bool:
+def class_names(module) -> tuple[str, ...]:
+    """The class names a class pattern of ``targets`` / ``ignore`` matches for ``module``: the name of every
+    ``nn.Module`` class in its MRO, as compressed-tensors' ``_match_class`` (so ``"Linear"`` selects a subclass of
+    ``nn.Linear``, e.g. Falcon's ``FalconLinear``, and ``"FalconLinear"`` selects only it)."""
+    return tuple(c.__name__ for c in type(module).__mro__ if issubclass(c, torch.nn.Module))
+
+
+def _matches(name: str, classes: str | tuple[str, ...], patterns: tuple[str, ...]) -> bool:
+    """Whether a pattern matches the module ``name`` (exactly, or ``re:`` by ``re.match``) or one of its class names
+    ``classes`` (:func:`class_names`; a str is one name).  A ``re:`` pattern is matched against the name only."""
+    classes = (classes,) if isinstance(classes, str) else classes
     for p in patterns:
         if p.startswith("re:"):
             if re.match(p[3:], name):
                 return True
-        elif p in (name, class_name):
+        elif p == name or p in classes:
             return True
     return False
 
@@ -169,9 +181,10 @@ class BitmaskConfig:
     ignore: tuple[str, ...] = ("lm_head",)
     extra: dict = field(default_factory=dict)
 
-    def is_target(self, module_name: str, class_name: str = "Linear") -> bool:
-        """Whether ``module_name`` (of class ``class_name``) is to be compressed: it matches a target and
-        no ``ignore`` entry."""
+    def is_target(self, module_name: str, class_name: str | tuple[str, ...] = "Linear") -> bool:
+        """Whether ``module_name`` is to be compressed: it matches a target and no ``ignore`` entry.
+        ``class_name`` is the module's class names (:func:`class_names`: every class of its MRO, so that ``"Linear"``
+        selects a subclass of ``nn.Linear`` as compressed-tensors does), or a str for one."""
         if _matches(module_name, class_name, self.ignore):
             return False
         return self.targets is None or _matches(module_name, class_name, self.targets)
