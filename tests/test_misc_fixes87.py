@@ -26,7 +26,8 @@ from torch import nn
 from flash_llm import SparseLinear, TiledCSL, ops
 from flash_llm._env import env_float, env_int
 from flash_llm.kernels import _build
-from test_build_fixes81 import FakeNVRTC, fake_cubin
+from test_build_fixes81 import fake_cubin
+from test_build_fixes85 import RecordingNVRTC
 
 
 # ---- 1. a partial state dict warns only on non-strict loads ------------------------------------------------------
@@ -130,21 +131,11 @@ def test_without_means_the_warnings_are_as_before(monkeypatch):
 
 # ---- 3. compile_kernels takes sm_NNf -----------------------------------------------------------------------------
 
-class _Recording(FakeNVRTC):
-    def __init__(self, cubin: bytes):
-        super().__init__(cubin)
-        self.options: list[list[str]] = []
-
-    def nvrtcCompileProgram(self, program, n, options):
-        self.options.append([o.decode() for o in options])
-        return super().nvrtcCompileProgram(program, n, options)
-
-
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     """A fake NVRTC (an sm_100 cubin), the cache in ``tmp_path``, no GPU."""
     monkeypatch.setenv("FLASH_LLM_CACHE", str(tmp_path))
-    nvrtc = _Recording(fake_cubin(sm=100))
+    nvrtc = RecordingNVRTC(fake_cubin(sm=100))
     monkeypatch.setattr(_build, "_nvrtc", lambda: nvrtc)
     monkeypatch.setattr(_build, "nvrtc_build", lambda: "libnvrtc:1")
     monkeypatch.setattr(_build, "_unstored_said", set())
