@@ -77,7 +77,7 @@ import numbers
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -1143,7 +1143,7 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     restored at the end.
 
     Bad input is refused before any weight is modified: a one-shot iterator as ``batches`` (TypeError; a
-    generator's second pass would be empty) and selected weights holding NaN or Inf (ValueError) before
+    generator's second pass would be empty) or one dict batch as ``batches`` (TypeError: pass ``[batch]``) and selected weights holding NaN or Inf (ValueError) before
     anything runs, for a model with a ``config.vocab_size``, a tensor batch of a tensor, list or tuple ``batches``
     that is not integer or holds an id outside the vocabulary (ValueError naming it; those of another iterable, a
     DataLoader, as they come), an empty ``batches`` before the first step, and with ``begin == 0`` (a mask update
@@ -1221,6 +1221,9 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     if isinstance(batches, Iterator):  # (a generator: its second pass would be empty, found only after training)
         raise TypeError(f"batches is a one-shot iterator ({type(batches).__name__}) that gradual_prune_ could not "
                         "cycle over: pass a re-iterable (a list or a DataLoader)")
+    if isinstance(batches, Mapping):  # (one dict batch given as the batches: cycled over its keys until session 87)
+        raise TypeError(f"batches must be an iterable of batches (a list or a DataLoader), got a "
+                        f"{type(batches).__name__}: for one batch pass [batch]")
     weight = _real(distill_weight)
     if weight is None or not 0.0 <= weight < math.inf:
         raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}")

@@ -260,3 +260,15 @@ def test_gradual_error_after_a_step_clears_grads_refusal_before_keeps_them():
     with pytest.raises(ValueError, match="empty"):
         P.gradual_prune_(model, [], 0.5, steps=2, loss_fn=_loss, progress=False)
     assert all(p.grad is not None and bool((p.grad == 1).all()) for p in model.parameters())
+
+
+def test_gradual_refuses_one_dict_as_the_batches():
+    """``gradual_prune_(model, {"input_ids": ...}, ...)``: one dict batch given as ``batches`` was cycled over its keys
+    (strings fed to the model); a TypeError saying to pass ``[batch]`` now, before any weight changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"batches must be an iterable of batches .* got a dict: for one batch pass"):
+        P.gradual_prune_(model, {"x": torch.randn(2, 8)}, 0.5, steps=2, loss_fn=lambda out, b: out.sum(),
+                         progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
