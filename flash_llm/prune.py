@@ -1142,16 +1142,16 @@ def gradual_prune_(model: nn.Module, batches, final_sparsity: float, *, steps: i
     in eval mode under ``no_grad``).  The training flags of model and teacher (every submodule's own) are
     restored at the end.
 
-    Bad input is refused before any weight is modified: a one-shot iterator as ``batches`` (TypeError; a
-    generator's second pass would be empty) or one dict batch as ``batches`` (TypeError: pass ``[batch]``) and
-    selected weights holding NaN or Inf (ValueError) before anything runs, for a model with a
-    ``config.vocab_size``, a tensor batch of a tensor, list or tuple ``batches`` that is not integer or holds an id outside the vocabulary (ValueError naming it; those of another iterable, a
-    DataLoader, as they come), an empty ``batches`` before the first step, and with ``begin == 0`` (a mask update
-    before the first step) ``loss_fn``'s result (a scalar tensor that requires grad, else TypeError), the
-    teacher's output shape and the step's whole loss (distillation term included: a finite value, else
-    FloatingPointError) are checked first on one extra forward of the first batch in eval mode (with autograd
-    on, no backward; the teacher under ``no_grad``).  (With ``begin > 0`` step 0 checks them before its
-    backward and optimizer step.)
+    Bad input is refused before any weight is modified: a one-shot iterator as ``batches`` (TypeError; a generator's
+    second pass would be empty) or one dict batch as ``batches`` (TypeError: pass ``[batch]``) and selected weights
+    holding NaN or Inf (ValueError) before anything runs, for a model with a ``config.vocab_size``, a tensor batch of a
+    tensor, list or tuple ``batches`` that is not integer or holds an id outside the vocabulary (ValueError naming it;
+    those of another iterable, a DataLoader, as they come), an empty ``batches`` before the first step, and with
+    ``begin == 0`` (a mask update before the first step) ``loss_fn``'s result (a scalar tensor that requires grad, else
+    TypeError), the teacher's output shape and the step's whole loss (distillation term included: a finite value, else
+    FloatingPointError) are checked first on one extra forward of the first batch in eval mode (with autograd on, no
+    backward; the teacher under ``no_grad``).  (With ``begin > 0`` step 0 checks them before its backward and optimizer
+    step.)
 
     Non-finite training: every step's loss is checked before its backward; a NaN or Inf loss raises
     FloatingPointError naming the step (lower the learning rate or check the batches; the model is then left
