@@ -602,11 +602,12 @@ def _hooked_now(m: torch.nn.Module, path: str) -> bool:
 
     d = m.__dict__
     kind = type(m)
-    if kind is SparseLinear:
-        plain = len(d["_parameters"]) <= 1 and len(d["_buffers"]) == len(m.weight_format._arrays)
+    if kind is SparseLinear:  # (its arrays and its bias are buffers, as _extra_members reads a layer's own tensors)
+        own = (not d["_parameters"] and "bias" in d["_buffers"]
+               and len(d["_buffers"]) == len(m.weight_format._arrays) + 1)
     else:
-        plain = kind is torch.nn.Linear and len(d["_parameters"]) <= 2 and not d["_buffers"]
-    if (plain and not d["_modules"] and "forward" not in d
+        own = kind is torch.nn.Linear and d["_parameters"].keys() <= {"weight", "bias"} and not d["_buffers"]
+    if (own and not d["_modules"] and "forward" not in d
             and not any(d.get(a) for _, attrs in _HOOKS for a in attrs)):
         return False
     return _kept_for_hooks(m, path, None)

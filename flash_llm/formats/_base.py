@@ -524,7 +524,21 @@ class SparseFormat:
         nnz = meta.get("nnz")
         if nnz is not None and (not _is_int(nnz) or not 0 <= nnz <= m * k):
             raise FormatError(f"{where}'{label}' metadata says nnz={nnz!r}; expected an int in [0, {m * k}]")
+        n_data = arrays["data"].numel()
+        lo, hi = cls._nnz_range(m, k, arrays["offsets"].numel() - 1, n_data)
+        if nnz is not None and not lo <= nnz <= hi:
+            raise FormatError(f"{where}'{label}' (on the meta device) metadata says nnz={nnz}; data of {n_data} "
+                              f"{cls._DATA_UNIT} holds {lo} to {hi} nonzeros")
         return cls._from_parts(arrays, shape, dtype, -1 if nnz is None else nnz)
+
+    #: what one element of ``data`` is called in messages
+    _DATA_UNIT = "words"
+
+    @classmethod
+    def _nnz_range(cls, m: int, k: int, records: int, n_data: int) -> tuple[int, int]:
+        """The fewest and most nonzeros ``records`` records over ``data`` of ``n_data`` elements of an ``[m, k]``
+        weight may hold (lengths only: a meta file's ``nnz`` is checked against them); here ``(0, m * k)``."""
+        return 0, m * k
 
     @classmethod
     def reads_version(cls, version) -> bool:

@@ -29,7 +29,7 @@ import math
 import torch
 
 from . import _layout as L
-from ._base import FormatError, SparseFormat, _label, check_dense_weight, check_shape_args
+from ._base import FormatError, SparseFormat, check_dense_weight, check_shape_args
 
 RECORD_HEADER_UNITS = 8  # 32 bitmap words = 128 bytes = 8 units of 16 bytes
 
@@ -123,18 +123,11 @@ class BitmapTiles(SparseFormat):
         return None
 
     @classmethod
-    def _from_meta_state(cls, arrays, shape, dtype, meta, version, prefix, where) -> "BitmapTiles":
-        """:meth:`SparseFormat._from_meta_state`; also the metadata's ``nnz`` (where it has one) against ``data``'s
-        length (:meth:`arrays_fit`): ``U`` value units past the bitmaps hold at most ``8 U`` nonzeros and, a record
-        of ``u >= 1`` of them at least ``8 u - 7``, at least ``8 U - 7 min(T, U)`` (session 87)."""
-        w = super()._from_meta_state(arrays, shape, dtype, meta, version, prefix, where)
-        t = w.offsets.numel() - 1
-        units = w.data.numel() // 4 - RECORD_HEADER_UNITS * t
-        lo, hi = 8 * units - 7 * min(t, units), min(w.shape[0] * w.shape[1], 8 * units)
-        if w.nnz >= 0 and not lo <= w.nnz <= hi:
-            raise FormatError(f"{where}'{_label(prefix)}' (on the meta device) metadata says nnz={w.nnz}; data of "
-                              f"{w.data.numel()} words holds {lo} to {hi} nonzeros")
-        return w
+    def _nnz_range(cls, m: int, k: int, records: int, n_data: int) -> tuple[int, int]:
+        """:meth:`SparseFormat._nnz_range`: ``U`` value units past the bitmaps hold at most ``8 U`` nonzeros and, a
+        record of ``u >= 1`` of them at least ``8 u - 7``, at least ``8 U - 7 min(T, U)`` (session 87)."""
+        units = n_data // 4 - RECORD_HEADER_UNITS * records
+        return 8 * units - 7 * min(records, units), min(m * k, 8 * units)
 
     @classmethod
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "BitmapTiles":

@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import _layout as L
-from ._base import FormatError, SparseFormat, _label, check_dense_weight, check_shape_args
+from ._base import FormatError, SparseFormat, check_dense_weight, check_shape_args
 
 TILE_M = 64
 TILE_ELEMS = TILE_M * L.STRIP_K
@@ -199,18 +199,14 @@ class TiledCSL(SparseFormat):
             return f"data has {n_data} entries, more than int32 offsets address"
         return None
 
+    #: (messages: a Tiled-CSL ``data`` element is an entry)
+    _DATA_UNIT = "entries"
+
     @classmethod
-    def _from_meta_state(cls, arrays, shape, dtype, meta, version, prefix, where) -> "TiledCSL":
-        """:meth:`SparseFormat._from_meta_state`; also the metadata's ``nnz`` (where it has one) against ``data``'s
-        length (:meth:`arrays_fit`): ``E`` entries hold at most ``E`` nonzeros and, a tile of ``e >= 4`` of them at
-        least ``e - 3``, at least ``E - 3 min(T, E / 4)`` (session 87)."""
-        w = super()._from_meta_state(arrays, shape, dtype, meta, version, prefix, where)
-        t, n = w.offsets.numel() - 1, w.data.numel()
-        lo, hi = n - 3 * min(t, n // 4), min(w.shape[0] * w.shape[1], n)
-        if w.nnz >= 0 and not lo <= w.nnz <= hi:
-            raise FormatError(f"{where}'{_label(prefix)}' (on the meta device) metadata says nnz={w.nnz}; data of "
-                              f"{n} entries holds {lo} to {hi} nonzeros")
-        return w
+    def _nnz_range(cls, m: int, k: int, records: int, n_data: int) -> tuple[int, int]:
+        """:meth:`SparseFormat._nnz_range`: ``E`` entries hold at most ``E`` nonzeros and, a tile of ``e >= 4`` of
+        them at least ``e - 3``, at least ``E - 3 min(T, E / 4)`` (session 87)."""
+        return n_data - 3 * min(records, n_data // 4), min(m * k, n_data)
 
     @classmethod
     def zeros(cls, m: int, k: int, dtype: torch.dtype = torch.float16, device="cpu") -> "TiledCSL":

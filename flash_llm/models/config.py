@@ -362,16 +362,17 @@ class ModelConfig:
                       num_layers=need("num_hidden_layers"), num_heads=need("num_attention_heads"),
                       max_position_embeddings=d.get("max_position_embeddings", 2048),
                       bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-                      pad_token_id=d.get("pad_token_id"), name=d.get("_name_or_path", "") or "")
+                      pad_token_id=d.get("pad_token_id", _FAMILY_DEFAULT), name=d.get("_name_or_path", "") or "")
+        # (a key the file leaves out: the family's default, FAMILY_DEFAULTS, as transformers' config classes give)
         if family == "opt":
-            # transformers' OPTConfig defaults: pad 1 (the embedding's padding_idx).  Its bos / eos defaults (2) are
-            # not taken: flash_llm never reads bos, and transformers' generate does not stop on an eos_token_id the
-            # file leaves out (its generation config has none), which an eos of 2 here would do.
-            common["pad_token_id"] = d.get("pad_token_id", OPT_DEFAULT_PAD_TOKEN_ID)
-            bias = d.get("enable_bias", True)
+            # transformers' OPTConfig defaults: pad 1 (the embedding's padding_idx; FAMILY_DEFAULTS).  Its bos / eos
+            # defaults (2) are not taken: flash_llm never reads bos, and transformers' generate does not stop on an
+            # eos_token_id the file leaves out (its generation config has none), which an eos of 2 here would do.
+            bias = d.get("enable_bias", _FAMILY_DEFAULT)
             return _from_keys(cls, src, _OPT_KEYS, family="opt", intermediate_size=need("ffn_dim"),
-                              tie_word_embeddings=d.get("tie_word_embeddings", True),
-                              activation=d.get("activation_function", "relu"), attention_bias=bias, mlp_bias=bias,
+                              tie_word_embeddings=d.get("tie_word_embeddings", _FAMILY_DEFAULT),
+                              activation=d.get("activation_function", _FAMILY_DEFAULT), attention_bias=bias,
+                              mlp_bias=bias,
                               do_layer_norm_before=d.get("do_layer_norm_before", True),
                               word_embed_proj_dim=d.get("word_embed_proj_dim"),
                               layer_norm_elementwise_affine=d.get("layer_norm_elementwise_affine", True),
@@ -392,9 +393,10 @@ class ModelConfig:
         return _from_keys(cls, src, keys, family="llama", intermediate_size=need("intermediate_size"),
                           num_kv_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
                           norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-                          tie_word_embeddings=d.get("tie_word_embeddings", False),
-                          activation=d.get("hidden_act", "silu"), attention_bias=d.get("attention_bias", False),
-                          mlp_bias=d.get("mlp_bias", False),
+                          tie_word_embeddings=d.get("tie_word_embeddings", _FAMILY_DEFAULT),
+                          activation=d.get("hidden_act", _FAMILY_DEFAULT),
+                          attention_bias=d.get("attention_bias", _FAMILY_DEFAULT),
+                          mlp_bias=d.get("mlp_bias", _FAMILY_DEFAULT),
                           initializer_range=d.get("initializer_range") or DEFAULT_INIT_STD, **common)
 
     def to_hf(self) -> dict:
