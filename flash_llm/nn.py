@@ -119,14 +119,19 @@ def cast_loss(src: torch.Tensor, dst: torch.Tensor, underflow: bool = True) -> s
     inf (overflow: fp16 holds at most 65504) and, unless ``underflow`` is False, nonzeros that became zero
     (underflow: below half of fp16's smallest subnormal, about 6e-8, or of bf16's, about 9e-41).  Counted ``COUNT_CHUNK`` elements at a time, zeros by bits
     (as :func:`~flash_llm.formats._base.count_nonzero`).  None where either is on the meta device: it holds no values,
-    so none can be lost (a meta tensor, as ``nn.Linear(device="meta")`` makes, casts by its dtype alone)."""
+    so none can be lost (a meta tensor, as ``nn.Linear(device="meta")`` makes, casts by its dtype alone).  A source
+    dtype torch has no ``isfinite`` for (``float8_e4m3fn``, the ``fnuz`` ones: :func:`_loss_checkable`) is checked a
+    chunk at a time in float32, which holds each of its values exactly (a float8 checkpoint's load, session 88;
+    :class:`SparseLinear` still refuses such weights: :func:`_uncheckable_cast`)."""
     a, b = src.detach().reshape(-1), dst.detach().reshape(-1)
     if a.dtype == b.dtype or not a.dtype.is_floating_point or a.is_meta or b.is_meta:
         return None
+    upcast = not _loss_checkable(a.dtype)
     over = torch.zeros((), dtype=torch.int64, device=a.device)
     under = torch.zeros((), dtype=torch.int64, device=a.device)
     for i in range(0, a.numel(), COUNT_CHUNK):
         x, y = a[i: i + COUNT_CHUNK], b[i: i + COUNT_CHUNK]
+        x = x.float() if upcast else x
         over += torch.count_nonzero(torch.isfinite(x) & ~torch.isfinite(y))
         if underflow:
             under += torch.count_nonzero((_magnitude_bits(x) != 0) & (_magnitude_bits(y) == 0))

@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .formats import SparseFormat
+from .formats import DeltaRows, SparseFormat, delta_rows
 from .formats._base import check_strided
 from .reference import FORMAT_CLASSES, FORMAT_IDS, as_format, layer_norm, rms_norm, silu_mul_halves, spmm_reference
 
@@ -67,6 +67,9 @@ def _raw_weight(x: torch.Tensor, data: torch.Tensor, offsets: torch.Tensor, fmt:
     why = cls.arrays_fit(m, k, offsets.numel(), data.numel())
     if why is not None:
         raise ValueError(f"data / offsets are not the arrays of a {m}x{k} {cls.__name__} weight: {why}")
+    if cls is DeltaRows and x.dtype != torch.bfloat16 and delta_rows.layout(m, offsets.numel(), data.numel()).coded:
+        # (coded values are bf16's, as the CUDA path refuses; the reference would read their bits as fp16: session 88)
+        raise ValueError(f"x: a DeltaRows weight with coded values is bf16, got x in {x.dtype}")
     if silu_mul and m % 2:
         raise ValueError(f"silu_mul needs an even m (gate and up halves), got m={m}")
     for n, t, shape in (("bias", bias, (m,)), *((f"norm {n}", t, (k,)) for n, t in norm),

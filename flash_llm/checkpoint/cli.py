@@ -48,7 +48,9 @@ def _shard_size(text: str) -> int:
     ``max_shard_size`` argument; this one is the flag's, and comes before the model is loaded)."""
     try:
         return _files.parse_size(text)
-    except ValueError:
+    except ValueError as e:
+        if "lowercase 'b'" in str(e):  # ("500Mb": megabits to transformers; its message says what to write)
+            raise argparse.ArgumentTypeError(str(e).replace("max_shard_size ", "", 1)) from None
         raise argparse.ArgumentTypeError(f"expected a byte count >= 1 or a size like 5GB, 500MB or 64KiB, got "
                                          f"{text!r}") from None
 

@@ -882,14 +882,17 @@ def from_pretrained(path, *, device="cpu", dtype: torch.dtype | None = None,
     return (model, report) if output_report else model
 
 
-def check_device(device) -> None:
+def check_device(device, *, meta_ok: bool = False) -> None:
     """Before any work, a ValueError naming ``device`` where no model can be loaded onto it: ``meta`` (which holds no
-    data: the load would end blaming the checkpoint for tensors without data), CUDA where it is not available, a
-    device this torch cannot allocate on (another ordinal than the GPUs', a backend it is not built with)."""
+    data: the load would end blaming the checkpoint for tensors without data; ``meta_ok`` lets it through), CUDA where
+    it is not available, a device this torch cannot allocate on (another ordinal than the GPUs', a backend it is not
+    built with)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r}: not a device ({e})") from None
+    if dev.type == "meta" and meta_ok:
+        return
     if dev.type == "meta":
         raise ValueError(f"device={device!r}: loading onto the meta device is not supported (it holds no data, and "
                          "the model is built on meta already before its tensors are loaded); pass 'cpu' or 'cuda'")
@@ -899,7 +902,8 @@ def check_device(device) -> None:
         try:
             torch.empty(0, device=dev)
         except (RuntimeError, AssertionError) as e:  # (torch's: no such ordinal, a backend it is not linked with)
-            raise ValueError(f"device={device!r}: this torch cannot allocate there ({str(e).strip()})") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # (torch's names every backend after it)
+            raise ValueError(f"device={device!r}: this torch cannot allocate there ({first})") from None
 
 
 def _generation_config(model: nn.Module, path: Path) -> dict | None:

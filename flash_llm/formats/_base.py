@@ -605,10 +605,13 @@ def load(path: str | os.PathLike, device="cpu"):
     Every weight is validated; any truncation or inconsistency raises :class:`FormatError`.  ``device`` (what
     ``torch.device`` takes: a str, an int or a ``torch.device``; None: the CPU, where the file is read) is checked
     before the file is read: another type (a dtype, a tensor) raises TypeError, a string that names no device
-    ValueError (until session 87 a dtype or a tensor went on to ``SparseFormat.to``, which took them as such).
+    ValueError (until session 87 a dtype or a tensor went on to ``SparseFormat.to``, which took them as such), and so
+    does a device this torch cannot allocate on, such as CUDA where it is not available (session 88: it failed after
+    the whole read).
     """
     from safetensors import safe_open
 
+    from ..checkpoint.pretrained import check_device
     from . import FORMATS
 
     if device is not None:
@@ -616,10 +619,7 @@ def load(path: str | os.PathLike, device="cpu"):
             got = f"dtype {device}" if isinstance(device, torch.dtype) else type(device).__name__
             raise TypeError(f"device must be a str, an int or a torch.device, got {got} (load moves the weights to "
                             "device only: a compressed weight's dtype is fixed at compression)")
-        try:
-            torch.device(device)
-        except RuntimeError as e:
-            raise ValueError(f"device={device!r}: not a device ({e})") from None
+        check_device(device, meta_ok=True)
     path = os.fspath(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:

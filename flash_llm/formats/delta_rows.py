@@ -887,6 +887,13 @@ class DeltaRows(SparseFormat):
         return None
 
     @classmethod
+    def _nnz_range(cls, m: int, k: int, records: int, n_data: int) -> tuple[int, int]:
+        """:meth:`SparseFormat._nnz_range`: a group of :data:`GROUP_WORDS` words holds ``LANES x GROUP`` entries, a
+        nonzero at most one of them (and an entry may be a column step's escape or a lane's padding: no lower bound
+        but 0) (session 88)."""
+        return 0, min(m * k, n_data // GROUP_WORDS * LANES * GROUP)
+
+    @classmethod
     def _validate(cls, arrays, shape, prefix, where, version=None) -> int:
         m, k = shape
         data, offsets = arrays["data"], arrays["offsets"]

@@ -1,0 +1,167 @@
+"""Session 88 fixes of items session 87 noticed and left.
+
+1. DeltaRows' meta load (``from_state`` of arrays on the meta device) took any ``nnz`` in ``[0, M K]`` from the
+   metadata, whatever ``data``'s length: a 64x256 weight of 5 % density (one group a slice) loaded as 16384 nonzeros.
+   Now bounded by the entries ``data`` holds (``_nnz_range``, as BitmapTiles and Tiled-CSL since session 87).
+2. ``flash_llm.load(path, device="cuda")`` where CUDA is not available read the whole file and failed in the move
+   (torch's "Torch not compiled with CUDA enabled" AssertionError); now a ValueError naming ``device`` before the
+   read (``checkpoint.pretrained.check_device``, whose message for a backend torch lacks is now one line, not
+   torch's list of every backend).
+3. ``flash-llm convert --max-shard-size 500Mb`` said only "expected a byte count ..."; the Python API's message says
+   why (megabits to transformers) and what to write: the flag's says it too.
+
+And two of session 88's hunt findings:
+
+4. A checkpoint stored in ``float8_e4m3fn`` loaded with ``dtype=torch.float16`` (as the refusal without a dtype asks)
+   died in ``cast_loss``'s overflow check with torch's NotImplementedError (no ``isfinite`` for that dtype), naming no
+   file; ``flash-llm convert --dtype float16`` showed a traceback.  ``cast_loss`` now checks such a source in float32
+   (exact), so the load works.
+5. A coded DeltaRows weight (bf16 only; its arrays' lengths say it is coded) given to a raw op with fp16 ``x`` is
+   refused on CUDA, but the CPU reference and the fake kernel took it: the CPU read the coded bf16 bits as fp16
+   (errors of 11 on outputs of 10).  ``ops._raw_weight`` refuses it on every device now.
+"""
+
+import json
+
+import pytest
+import torch
+
+import flash_llm
+from flash_llm.checkpoint.pretrained import check_device
+from flash_llm.formats import DeltaRows, FormatError
+from flash_llm.formats.delta_rows import GROUP, GROUP_WORDS, LANES
+from flash_llm.nn import cast_loss
+
+
+def _meta_state(c, **meta_changes):
+    tensors, md = c.state()
+    md = {k: json.dumps({**json.loads(v), **meta_changes}) for k, v in md.items()}
+    return {n: t.to("meta") for n, t in tensors.items()}, md
+
+
+def _weight(m, k, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(m, k, generator=g).add(0.5)
+    return (w * (torch.rand(m, k, generator=g) < density)).half()
+
+
+# ---- 1. DeltaRows meta nnz -------------------------------------------------------------------------------------------
+def test_delta_rows_meta_nnz_bounded_by_data():
+    """A sparse 64x256 weight has few groups: a metadata nnz past their entries is refused (naming the data's words
+    and the range), the true nnz and every count up to the groups' capacity load."""
+    c = DeltaRows.from_dense(_weight(64, 256, 0.05))
+    cap = c.data.numel() // GROUP_WORDS * LANES * GROUP
+    assert c.nnz <= cap < 64 * 256
+    for nnz in (cap + 1, 64 * 256):
+        with pytest.raises(FormatError, match=rf"on the meta device\) metadata says nnz={nnz}; data of "
+                                              rf"{c.data.numel()} words holds 0 to {cap} nonzeros"):
+            DeltaRows.from_state(*_meta_state(c, nnz=nnz))
+    for nnz in (0, c.nnz, cap):
+        assert DeltaRows.from_state(*_meta_state(c, nnz=nnz)).nnz == nnz
+    assert DeltaRows.from_state(*_meta_state(c, nnz=None)).nnz == -1
+
+
+@pytest.mark.parametrize("m, k, density", [(1, 1, 1.0), (33, 100, 0.5), (64, 256, 1.0), (40, 64, 0.0),
+                                           (96, 512, 0.3)])
+def test_delta_rows_real_encodings_load_on_meta(m, k, density):
+    """No real encoding is refused by the bound: every one loads on the meta device with its nnz."""
+    for parts in (None, 1):
+        c = DeltaRows.from_dense(_weight(m, k, density), **({} if parts is None else {"splits": 2}))
+        w = DeltaRows.from_state(*_meta_state(c))
+        assert (w.device.type, w.shape, w.nnz) == ("meta", (m, k), c.nnz)
+
+
+# ---- 2. load(device=...) checked before the read ---------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is not available")
+def test_load_to_cuda_without_cuda_refused_before_the_read(tmp_path, monkeypatch):
+    """``device="cuda"`` without CUDA: ValueError naming the device, and the file is never opened."""
+    p = tmp_path / "w.safetensors"
+    flash_llm.BitmapTiles.from_dense(_weight(8, 16, 0.5)).save(p)
+    import safetensors
+
+    opened = []
+    real = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **kw: opened.append(a) or real(*a, **kw))
+    for dev in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(ValueError, match=r"device=.*cuda.*: CUDA is not available here"):
+            flash_llm.load(p, device=dev)
+    assert opened == []
+    assert flash_llm.load(p, device="meta").device.type == "meta"  # (meta stays a valid target: shapes only)
+    assert flash_llm.load(p).device.type == "cpu" and opened
+
+
+def test_check_device_message_is_one_line():
+    """A backend this torch cannot allocate on: one line of torch's message, not its list of every backend."""
+    with pytest.raises(ValueError) as e:
+        check_device("xla")
+    assert str(e.value).startswith("device='xla': this torch cannot allocate there (") and "\n" not in str(e.value)
+    check_device("meta", meta_ok=True)
+    with pytest.raises(ValueError, match="meta device is not supported"):
+        check_device("meta")
+
+
+# ---- 3. the CLI's --max-shard-size -----------------------------------------------------------------------------------
+def test_cli_shard_size_lowercase_b_says_why(capsys):
+    """The flag's refusal of ``500Mb`` says what transformers reads there and what to write; other bad sizes keep
+    the generic message."""
+    from flash_llm.cli import main
+
+    for text, want in (("500Mb", "'500Mb' ends in a lowercase 'b', which transformers reads as bits (or refuses); "
+                                 "write '500MB' for bytes"),
+                       ("5x", "expected a byte count >= 1 or a size like 5GB, 500MB or 64KiB, got '5x'")):
+        assert main(["convert", "in", "out", "--max-shard-size", text]) == 2
+        assert f"argument --max-shard-size: {want}" in capsys.readouterr().err
+
+
+# ---- 4. a float8 checkpoint --------------------------------------------------------------------------------------
+def test_float8_checkpoint_loads_with_dtype(tmp_path):
+    """A transformers checkpoint re-stored in float8_e4m3fn without a dtype in config.json: refused without a dtype
+    (as before), loaded with ``dtype=torch.float16`` (every value exact) and equal to the float8 values cast."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from _ckpt import hf_model
+
+    hf_model("llama", torch.float16).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        f8 = {k: f.get_tensor(k).to(torch.float8_e4m3fn) for k in f.keys()}
+    save_file(f8, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ValueError, match="declares no dtype"):
+        flash_llm.from_pretrained(tmp_path, progress=False)
+    model = flash_llm.from_pretrained(tmp_path, dtype=torch.float16, sparsify=False, progress=False)
+    sd = model.state_dict()
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert sd[key].dtype == torch.float16 and torch.equal(sd[key], f8[key].to(torch.float16))
+    x = torch.tensor([448.0, -3.5, 0.0, 2.0**-9]).to(torch.float8_e4m3fn)  # (largest, ordinary, zero, subnormal)
+    assert cast_loss(x, x.to(torch.float16)) is None and cast_loss(x, x.to(torch.bfloat16)) is None
+
+
+# ---- 5. coded DeltaRows and fp16 x in the raw ops ----------------------------------------------------------------
+def test_raw_op_refuses_fp16_x_with_coded_delta_rows():
+    """The raw ops refuse fp16 ``x`` with a coded DeltaRows weight on the CPU and under FakeTensorMode (as the CUDA
+    path does); bf16 ``x`` computes it to rounding, and an uncoded fp16 weight with fp16 ``x`` is unaffected."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(0)
+    m, k = 64, 256
+    w = ((torch.rand(m, k, generator=g) + 1) * torch.randn(m, k, generator=g).sign()
+         * (torch.rand(m, k, generator=g) < 0.3)).bfloat16()
+    c = DeltaRows.from_dense(w).code_values()
+    assert c is not None and c.coded
+    x = torch.randn(2, k, generator=g)
+    fmt = flash_llm.reference.FORMAT_IDS[DeltaRows]
+    with pytest.raises(ValueError, match=r"x: a DeltaRows weight with coded values is bf16, got x in torch.float16"):
+        torch.ops.flash_llm.spmm(x.half(), c.data, c.offsets, fmt, m, k, None)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with pytest.raises(ValueError, match="coded values is bf16"):
+            torch.ops.flash_llm.spmm(mode.from_tensor(x.half()), mode.from_tensor(c.data),
+                                     mode.from_tensor(c.offsets), fmt, m, k, None)
+    ref = x.bfloat16().float() @ w.float().t()
+    y = torch.ops.flash_llm.spmm(x.bfloat16(), c.data, c.offsets, fmt, m, k, None)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    u = DeltaRows.from_dense(w.half())
+    y16 = torch.ops.flash_llm.spmm(x.half(), u.data, u.offsets, fmt, m, k, None)
+    torch.testing.assert_close(y16.float(), x.half().float() @ w.half().float().t(), rtol=2e-2, atol=2e-2)
