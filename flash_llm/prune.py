@@ -253,6 +253,10 @@ def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
     batch that is not integer or holds a token id outside it (:func:`_token_batch_error`)."""
     if isinstance(calib, torch.Tensor):
         batches = [calib]
+    elif isinstance(calib, Mapping):  # (a tokenizer's output: list() would give its keys, refused as 'calib[0]')
+        raise TypeError(f"calib must be a tensor or a sequence of tensors (token batches [B, T]), got a "
+                        f"{type(calib).__name__}: no attention mask is passed, so pass the token ids, e.g. "
+                        "calib['input_ids'] (unpadded)")
     elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
         batches = list(calib)
     else:
@@ -260,7 +264,8 @@ def _calib_batches(calib, model: nn.Module) -> list[torch.Tensor]:
                         f"got {type(calib).__name__}")
     for i, b in enumerate(batches):
         if not isinstance(b, torch.Tensor):
-            raise TypeError(f"calib[{i}] must be a tensor, got {type(b).__name__}")
+            hint = f": pass the token ids, e.g. calib[{i}]['input_ids']" if isinstance(b, Mapping) else ""
+            raise TypeError(f"calib[{i}] must be a tensor, got {type(b).__name__}{hint}")
     for i, b in enumerate(batches):
         why = _token_batch_error(b, model, "calib" if isinstance(calib, torch.Tensor) else f"calib[{i}]")
         if why is not None:
@@ -734,10 +739,11 @@ def _checked_cholesky(A: torch.Tensor, upper: bool, what: str, percdamp: float) 
 
 def _sparsegpt_layer(weight: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int, percdamp: float,
                      name: str) -> tuple[torch.Tensor, float]:
-    """Prune one weight ``[M, K]`` given its input Gram matrix ``H`` ``[K, K]`` (float64, any positive
-    scale); the update runs in fp32 (in fp64 for a float64 weight).  Returns the pruned weight in the weight's dtype
-    and the relative reconstruction error; raises ValueError naming the layer when an updated weight does not fit
-    that dtype (e.g. beyond fp16's 65504: it would be written as Inf)."""
+    """Prune one weight ``[M, K]`` given its input Gram matrix ``H`` ``[K, K]`` (float64; its scale cancels unless an
+    input is dead, whose ``H_jj = 1`` then enters the damping's mean: :func:`sparsegpt_prune_` passes the reference's
+    per-sequence ``2/S X^T X``); the update runs in fp32 (in fp64 for a float64 weight).  Returns the pruned weight
+    in the weight's dtype and the relative reconstruction error; raises ValueError naming the layer when an updated
+    weight does not fit that dtype (e.g. beyond fp16's 65504: it would be written as Inf)."""
     M, K = weight.shape
     W0 = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
     W = W0.clone()
@@ -809,11 +815,15 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     """SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
     One-Shot"), in place: prune each layer and update its remaining weights to compensate (OBS).
 
-    Per layer ``W [M, K]`` with calibration inputs ``X [N, K]``: ``H = 2/N X^T X`` (float64 on the
-    weight's device), inputs that are zero on every token get ``H_jj = 1``, ``percdamp * mean(diag H)``
-    is added to the diagonal (the mean taken after that, the dead inputs' 1s included, as the reference code does:
-    where the live ``H_jj`` are far below 1 they raise the live inputs' damping; the live columns' result is the
-    reference's), and the upper Cholesky factor of ``H^-1`` drives the blockwise update of
+    Per layer ``W [M, K]`` with calibration inputs ``X [N, K]`` (all tokens of all batches): ``H = 2/S X^T X``
+    (float64 on the weight's device), normalised per calibration sequence as the reference code does
+    (``sparsegpt.py``'s ``add_batch``): ``S`` adds up the product of the dims before ``T`` of each ``[..., T, K]``
+    layer input (``B`` for a ``[B, T]`` token batch; 1 for a 2-D ``[T, K]`` input).  Inputs that are zero on every
+    token get ``H_jj = 1``, then ``percdamp * mean(diag H)`` is added to the diagonal (the mean taken after that, the
+    dead inputs' 1s included, as the reference code does: where the live ``H_jj`` are far below 1 they raise the live
+    inputs' damping, so with dead inputs the result depends on ``H``'s scale, and the per-sequence one gives the
+    reference's result on the live columns; without dead inputs the scale cancels).  The upper Cholesky factor of
+    ``H^-1`` drives the blockwise update of
     the reference algorithm in fp32: for each block of ``blocksize`` columns the mask is chosen by
     ``w^2 / [H^-1]_jj^2`` over the whole block (all rows), then the columns are pruned one by one and
     their error is spread over the not yet processed columns.
@@ -849,7 +859,8 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
             layers are ignored.
         blocksize: columns per block (the lazy-update batch of the reference; 128); any integer >= 1 but bool
             (numpy's, a 0-d tensor).
-        percdamp: dampening, as a fraction of the mean of ``diag(H)`` (dead inputs counted as 1; 0.01).
+        percdamp: dampening, as a fraction of the mean of ``diag(H)`` (``H = 2/S X^T X``; dead inputs counted as 1;
+            0.01).
         filter_fn: ``(module, fqn) -> bool``; False leaves the layer untouched.
         progress: tqdm bar (stderr) over the layers.
 
@@ -902,6 +913,13 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     return report
 
 
+def _sequences(x: torch.Tensor) -> int:
+    """The number of calibration sequences in the layer input ``x [..., T, K]`` as the SparseGPT reference code
+    (``sparsegpt.py``'s ``add_batch``) counts them for its ``H = 2/nsamples * sum x x^T``: the product of the dims
+    before ``T``, or 1 for a 2-D ``[T, K]`` input (the reference unsqueezes it to ``[1, T, K]``) and for a 1-D one."""
+    return math.prod(x.shape[:-2]) if x.dim() >= 3 else 1
+
+
 def _sparsegpt_one(model: nn.Module, batches: list[torch.Tensor], fqn: str, m: nn.Linear, sparsity: float,
                    blocksize: int, percdamp: float, originals: list[tuple[nn.Linear, torch.Tensor]] | None,
                    report: PruneReport) -> None:
@@ -909,15 +927,15 @@ def _sparsegpt_one(model: nn.Module, batches: list[torch.Tensor], fqn: str, m: n
     written in place (its original appended to ``originals`` once written, unless None) and its entry appended to
     ``report``."""
     H = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
-    tokens = [0]
+    seqs = [0]
 
-    def accumulate(x, m=m, H=H, tokens=tokens):
+    def accumulate(x, m=m, H=H, seqs=seqs):
+        seqs[0] += _sequences(x)
         x = x.reshape(-1, m.in_features).double()
         H.addmm_(x.t(), x)
-        tokens[0] += x.shape[0]
 
     _run_with_hooks(model, batches, {m: accumulate})
-    H.mul_(2.0 / max(tokens[0], 1))
+    H.mul_(2.0 / max(seqs[0], 1))  # (the reference's running average 2/n * sum x x^T, summed first: fewer roundings)
     pruned, err = _sparsegpt_layer(m.weight, H, sparsity, blocksize, percdamp,
                                    f"{fqn}.weight" if fqn else "weight")
     del H

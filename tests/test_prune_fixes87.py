@@ -5,6 +5,11 @@
    inputs get ``H_jj = 1`` and the damping is ``percdamp * mean(diag H)`` taken after that, so the dead inputs' 1s
    are in the mean -- and gives the reference's weights on the live columns.  The dead inputs do change the live
    columns' damping (and with small activations the mask), but so does the reference: these tests pin both facts.
+   (Session 88: that held only for ``_sparsegpt_layer`` given the same ``H``.  ``sparsegpt_prune_`` normalised ``H``
+   per calibration token, the reference per sequence (``add_batch``: ``2/nsamples``, ``nsamples`` counting the
+   sequences), so with dead inputs its live columns were damped more than the reference's; this test's
+   ``_reference`` shared the per-token scale and could not see it.  Now both normalise per sequence and ``_ours``
+   runs ``sparsegpt_prune_`` itself: tests/test_prune_fixes88.py.)
    (Where ours differs on purpose: a dead weight beyond the block's share of zeros is kept rather than zeroed; it
    has no effect on the calibration outputs.)
 2. gradual_prune_'s progress bar showed the schedule's target as ``sparsity`` ("0" before the first update), not the
@@ -26,9 +31,11 @@ import flash_llm.prune as P
 # ---- 1. SparseGPT with dead inputs: the reference algorithm, bit for bit on the live columns ---------------------
 def _reference(w: torch.Tensor, x: torch.Tensor, n: int, percdamp: float) -> torch.Tensor:
     """The reference ``fasterprune`` in float64, one block, exactly ``n`` zeros chosen by ``w^2 / [H^-1]_jj^2``
-    (stable ties): dead inputs get ``H_jj = 1`` and ``W[:, j] = 0``, then ``percdamp * mean(diag H)`` is added."""
+    (stable ties): dead inputs get ``H_jj = 1`` and ``W[:, j] = 0``, then ``percdamp * mean(diag H)`` is added.
+    ``H`` is the reference's ``add_batch`` one: ``2/nsamples * sum x x^T`` with ``nsamples`` counting sequences, so
+    the 2-D ``x [T, K]`` here (unsqueezed to ``[1, T, K]`` by the reference) is one sequence: ``H = 2 X^T X``."""
     w = w.clone().double()
-    h = 2 / x.shape[0] * x.t().double() @ x.double()
+    h = 2 / 1 * x.t().double() @ x.double()  # (one sequence, not 2 / x.shape[0] tokens: session 88)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -59,9 +66,12 @@ def _dead_case(scale: float, seed: int = 0):
 
 
 def _ours(w, x, n):
-    h = 2 / x.shape[0] * x.t() @ x
-    out, _ = P._sparsegpt_layer(w, h, n / w.numel(), 128, 0.01, "w")
-    return out
+    """``sparsegpt_prune_`` itself on a float64 layer of weight ``w`` calibrated on ``x`` (its own H, session 88)."""
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    P.sparsegpt_prune_(lin, x, n / w.numel(), blocksize=128, percdamp=0.01, progress=False)
+    return lin.weight.detach()
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.01])
@@ -83,7 +93,7 @@ def test_sparsegpt_dead_inputs_raise_the_live_damping_as_the_reference_does():
     without = _ours(w[:, live].contiguous(), x[:, live].contiguous(), n_live)
     ref_without = _reference(w[:, live], x[:, live], n_live, 0.01)
     torch.testing.assert_close(without, ref_without, rtol=1e-9, atol=1e-12)
-    assert (with_dead - without).abs().max() > 1e-3  # (0.46 here: H's live diagonal ~2e-4 against the dead 1s)
+    assert (with_dead - without).abs().max() > 1e-3  # (0.011 here: H's live diagonal ~1e-2 against the dead 1s)
 
 
 # ---- 2. gradual_prune_'s bar: the sparsity the masks hold, and the schedule's target --------------------------
