@@ -69,8 +69,8 @@ class ByteTokenizer:
         return data.decode(ids)
 
 
-#: the files a Hugging Face tokenizer directory holds one of at least
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+#: the files a Hugging Face tokenizer directory holds one of at least (:data:`flash_llm.bundled.TOKENIZER_FILES`)
+TOKENIZER_FILES = bundled.TOKENIZER_FILES
 
 
 def require_tokenizer_files(directory: Path, where: str, hint: str = "") -> None:
@@ -169,7 +169,7 @@ def load_model(spec: str, *, dtype: torch.dtype, device: torch.device, note: boo
                                      "*.safetensors) or a bundled model's name")
         label = str(directory)
     cfg = read_config(directory)
-    if bundled.is_byte_level(cfg):
+    if bundled.is_byte_level(cfg, directory):  # (generate's rule: the directory's own tokenizer files win)
         tok = ByteTokenizer()
     else:  # (before the weights: a missing or broken tokenizer is told at once)
         tok = HFTokenizer(directory, cfg.get("vocab_size")) if tokenizer else None

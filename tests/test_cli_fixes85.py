@@ -36,9 +36,10 @@ BAD = "out\udcff"  # the name b"out\xff" as Python holds it (surrogateescape)
 
 def _tiny_cfg(byte_level: bool = True) -> dict:
     """A 1-layer Llama with the bundled model's 256-token vocabulary; ``byte_level=False``: an ordinary Hugging Face
-    config.json (no flash-llm section), whose tokenizer is the directory's own."""
-    cfg = ModelConfig(family="llama", vocab_size=data.VOCAB_SIZE, hidden_size=64, num_layers=1, num_heads=2,
-                      intermediate_size=128, max_position_embeddings=64).to_hf()
+    config.json (no flash-llm section) of 320 tokens, whose tokenizer is the directory's own (256 tokens alone say
+    byte-level, to every command since session 88)."""
+    cfg = ModelConfig(family="llama", vocab_size=data.VOCAB_SIZE if byte_level else 320, hidden_size=64, num_layers=1,
+                      num_heads=2, intermediate_size=128, max_position_embeddings=64).to_hf()
     return dict(cfg, flash_llm={"tokenizer": bundled.BYTE_TOKENIZER}) if byte_level else cfg
 
 

@@ -149,6 +149,7 @@ def test_demo_bad_model_directories(capsys, tmp_path):
     rc, _, err = run(capsys, "demo", "--model", str(d))
     assert rc == 2 and "model.safetensors: not a readable safetensors file" in err
     cfg.pop("flash_llm")  # no byte tokenizer declared and no tokenizer files
+    cfg["vocab_size"] = 320  # (256 tokens alone say byte-level, to demo as to generate: session 88)
     (d / "config.json").write_text(json.dumps(cfg))
     rc, _, err = run(capsys, "demo", "--model", str(d))
     assert rc == 2 and "has no tokenizer files" in err

@@ -28,8 +28,11 @@ _HERE = Path(__file__).parent
 NAMES = ("tiny-shakespeare",)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-#: ``config["flash_llm"]["tokenizer"]`` of a model that reads bytes (:mod:`flash_llm.data`).
+#: ``config["flash_llm"]["tokenizer"]`` of a model that reads bytes (:mod:`flash_llm.data`); a declared tokenizer
+#: whose name starts with it (``"bytes (UTF-8)"``) is byte-level too (:func:`is_byte_level`).
 BYTE_TOKENIZER = "bytes"
+#: the files a Hugging Face tokenizer directory holds one of at least (a directory with one uses its own tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def path(name: str = "tiny-shakespeare") -> Path:
@@ -44,11 +47,19 @@ def path(name: str = "tiny-shakespeare") -> Path:
     return d
 
 
-def is_byte_level(config: dict) -> bool:
-    """Whether a ``config.json`` dict declares flash-llm's byte tokenizer (``"flash_llm": {"tokenizer":
-    "bytes"}``)."""
+def is_byte_level(config: dict, directory: str | os.PathLike | None = None) -> bool:
+    """Whether the model of the ``config.json`` dict ``config`` reads bytes (flash-llm's byte tokenizer: token id =
+    byte value, :mod:`flash_llm.data`): its ``"flash_llm"`` section declares a tokenizer whose name starts with
+    ``"bytes"`` (``{"tokenizer": "bytes"}``, as the bundled model), or its vocabulary has 256 tokens.  With
+    ``directory`` (the model's), a directory that holds Hugging Face tokenizer files (:data:`TOKENIZER_FILES`) is
+    not: its own tokenizer wins.  The one rule of ``flash-llm generate``, ``demo --model`` and ``prune``."""
+    if directory is not None and any((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
+        return False
     section = config.get("flash_llm")
-    return isinstance(section, dict) and section.get("tokenizer") == BYTE_TOKENIZER
+    declared = section.get("tokenizer") if isinstance(section, dict) else None
+    if isinstance(declared, str) and declared.startswith(BYTE_TOKENIZER):
+        return True
+    return config.get("vocab_size") == 256
 
 
 def build_model(cfg: dict, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = None) -> nn.Module:
@@ -89,19 +100,22 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
     A :class:`~flash_llm.SparseLinear` layer is written as its dense weight (and bias), so a pruned and
     sparsified model saves as the dense checkpoint transformers and :func:`load_dir` read; tied tensors (a tied
     ``lm_head``) are written once, under their first name, as transformers writes them.  Merged projections are
-    refused (unmerge them first, :func:`flash_llm.models.unmerge_projections`).
+    refused (unmerge them first, :func:`flash_llm.models.unmerge_projections`), and so is a tensor-parallel model
+    (:func:`flash_llm.parallel.tensor_parallel_`, :func:`flash_llm.parallel.load_tensor_parallel`: each rank holds
+    only its slices), as by :func:`flash_llm.save_pretrained`; both before anything is written (``ValueError``).
 
     Atomic: both files go to a temporary directory beside ``out`` that replaces ``out`` at the end, so an
     interrupted call leaves ``out`` as it was.  Raises ``FileExistsError`` when ``out`` exists, unless
     ``overwrite``."""
     from ..checkpoint._files import atomic_directory, save_safetensors
     from ..checkpoint._model import state_to_save
-    from ..checkpoint.pretrained import _refuse_merged, cast_checked
+    from ..checkpoint.pretrained import _refuse_merged, _refuse_tensor_parallel, cast_checked
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype (torch.float16, torch.bfloat16, torch.float32), "
                         f"got {dtype!r}")
     out = Path(out)
+    _refuse_tensor_parallel(model)  # (its slices under '<proj>.linear.weight' names: a checkpoint nothing loads)
     _refuse_merged(model)
     saved, sparse = state_to_save(model)  # (tied tensors once; SparseLinear's arrays, without its extra state)
     state = {}

@@ -75,22 +75,35 @@ def parse_size(size) -> int:
     raise ValueError(f"max_shard_size must be a byte count or a size like '5GB' / '500MB', got {size!r}")
 
 
+def named(path) -> str:
+    """``path`` as a message names it: as given, but absolute where it holds no directory part (``.``, or a file of
+    the working directory: ``Path(".") / "config.json"`` prints as ``config.json``, so ``flash-llm inspect .`` would
+    say ``config.json: config.json is missing``, naming no directory)."""
+    p = Path(os.fspath(path))
+    if p.is_absolute() or len(p.parts) > 1:
+        return str(p)
+    try:
+        return os.path.abspath(p)
+    except OSError:  # (a working directory that was removed)
+        return os.path.join(os.curdir, p)
+
+
 def read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; FormatError naming the file otherwise."""
+    """A JSON object from ``path``; FormatError naming the file (:func:`named`) otherwise."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FormatError(f"{path}: {what} is missing") from None
+        raise FormatError(f"{named(path)}: {what} is missing") from None
     except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: {what} is not UTF-8 text ({e})") from None
+        raise FormatError(f"{named(path)}: {what} is not UTF-8 text ({e})") from None
     except OSError as e:  # a directory, no permission to read, an I/O error: an input problem all the same
-        raise FormatError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+        raise FormatError(f"{named(path)}: cannot read {what} ({e.strerror or e})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: {what} is not valid JSON ({e})") from None
+        raise FormatError(f"{named(path)}: {what} is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise FormatError(f"{path}: {what} must hold a JSON object, got {type(obj).__name__}")
+        raise FormatError(f"{named(path)}: {what} must hold a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -158,11 +171,11 @@ class Shard:
         try:
             self._file = safe_open(os.fspath(path), framework="pt", device="cpu")
         except FileNotFoundError:
-            raise FormatError(f"{path}: shard file is missing") from None
+            raise FormatError(f"{named(path)}: shard file is missing") from None
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
             if (why := non_utf8_message(path)) is not None:  # (safetensors' error for it: "... is not valid UTF-8")
                 raise FormatError(why) from None
-            raise FormatError(f"{path}: not a readable safetensors file, truncated or corrupt "
+            raise FormatError(f"{named(path)}: not a readable safetensors file, truncated or corrupt "
                               f"({type(e).__name__}: {e})") from None
         self.metadata: dict[str, str] = self._file.metadata() or {}
         self.keys: list[str] = list(self._file.keys())
@@ -180,7 +193,7 @@ class Shard:
         try:
             return self._file.get_tensor(name)
         except Exception as e:  # safetensors' own error types
-            raise FormatError(f"{self.path}: cannot read tensor '{name}' ({type(e).__name__}: {e})") from None
+            raise FormatError(f"{named(self.path)}: cannot read tensor '{name}' ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -215,9 +228,10 @@ def open_checkpoint(path) -> CheckpointFiles:
     """
     path = Path(os.fspath(path))
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        raise FileNotFoundError(f"{named(path)}: no such checkpoint directory")
     if not path.is_dir():
-        raise FormatError(f"{path}: expected a checkpoint directory (config.json and *.safetensors), got a file")
+        raise FormatError(f"{named(path)}: expected a checkpoint directory (config.json and *.safetensors), got a "
+                          "file")
     config = read_json(path / CONFIG_NAME, "config.json")
     shards, tensors = open_shards(path)
     return CheckpointFiles(path, config, shards, tensors)
@@ -267,11 +281,13 @@ def open_shards(path) -> tuple[list[Path], dict[str, TensorInfo]]:
         index = read_json(index_path, "the safetensors index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise FormatError(f"{index_path}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+            raise FormatError(f"{named(index_path)}: 'weight_map' must be a non-empty object of tensor name -> shard "
+                              "file")
         files: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             if not isinstance(file, str) or "/" in file or "\\" in file or file in ("", ".", ".."):
-                raise FormatError(f"{index_path}: tensor '{name}' maps to {file!r}; expected a file name in {path}")
+                raise FormatError(f"{named(index_path)}: tensor '{name}' maps to {file!r}; expected a file name "
+                                  f"in {named(path)}")
             files.setdefault(file, []).append(name)
         shards = [path / f for f in sorted(files)]
         for file, names in sorted(files.items()):
@@ -279,19 +295,19 @@ def open_shards(path) -> tuple[list[Path], dict[str, TensorInfo]]:
             have = set(shard.keys)
             for name in names:
                 if name not in have:
-                    raise FormatError(f"{path / file}: tensor '{name}' is missing (the index lists it in this "
+                    raise FormatError(f"{named(path / file)}: tensor '{name}' is missing (the index lists it in this "
                                       "shard)")
             listed = set(names)
             extra = [k for k in shard.keys if k not in listed]
             if extra:
-                raise FormatError(f"{path / file}: holds tensor '{extra[0]}' that {INDEX_NAME} does not list "
+                raise FormatError(f"{named(path / file)}: holds tensor '{extra[0]}' that {INDEX_NAME} does not list "
                                   f"for it ({len(extra)} such tensor(s)); the index and the shards disagree")
             for name in shard.keys:
                 tensors[name] = shard.info(name)
     else:
-        raise FormatError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}{_no_weights_hint(path)}")
+        raise FormatError(f"{named(path)}: no {WEIGHTS_NAME} or {INDEX_NAME}{_no_weights_hint(path)}")
     if not tensors:
-        raise FormatError(f"{path}: the checkpoint holds no tensors")
+        raise FormatError(f"{named(path)}: the checkpoint holds no tensors")
     return shards, tensors
 
 

@@ -209,17 +209,16 @@ class _HFTokenizer:
 
 
 def _tokenizer(choice: str, path: Path, config: dict):
-    from ..demo import TOKENIZER_FILES  # (one list: demo --model and --tokenizer DIR accept the same files)
+    from ..bundled import TOKENIZER_FILES, is_byte_level  # (one rule and one list: as demo --model and prune)
 
     if choice == "bytes":
         return _Bytes()
     if choice != "auto":
         return _HFTokenizer(Path(choice), "--tokenizer")
+    if is_byte_level(config, path):  # (not where the directory holds tokenizer files: they win)
+        return _Bytes()
     if any((path / f).is_file() for f in TOKENIZER_FILES):
         return _HFTokenizer(path)
-    declared = config.get("flash_llm", {}).get("tokenizer", "") if isinstance(config.get("flash_llm"), dict) else ""
-    if str(declared).startswith("bytes") or config.get("vocab_size") == 256:
-        return _Bytes()
     raise ValueError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}) and does not declare the byte "
                      "tokenizer; pass --tokenizer DIR (a Hugging Face tokenizer) or --tokenizer bytes")
 
