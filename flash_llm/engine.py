@@ -16,6 +16,7 @@ token-by-token decode whose step is captured in a CUDA graph per batch size.  De
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -215,6 +216,16 @@ def _compared(request: "_Request | None") -> list[int]:
     limits = request.max_new_tokens if request.limits is None else request.limits
     return [*_fingerprint(request.ids, request.mask, limits, request.eos), int(request.per_step_sync),
             int(request.output_logits)]
+
+
+def _autocast_off(device: torch.device):
+    """A context that turns ``torch.autocast`` off for ``device``'s type where the caller has it on there (an engine
+    computes in its own dtype, :attr:`Engine.dtype`: its cache, mask and RoPE tables are in it), else a null one
+    (nothing entered: the host time of a step)."""
+    kind = device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _lagged_stop(device: torch.device) -> bool:
@@ -1533,6 +1544,8 @@ class Engine:
         # the static inputs of the prefill this generation ran eagerly, captured when its tokens are out
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._captured_over = self._weights_key()
+        # (where the input embedding sits: its weight's dtype and device are checked at each generation, _check_model)
+        self._embed_path = model._embed_key().removesuffix(".weight")
 
     def _beside_bytes(self, kv_heads: int, slots: int) -> int:
         """Bytes this engine will take beside the weights: its cache (``kv_heads`` x ``slots`` a layer and sequence)
@@ -1737,6 +1750,38 @@ class Engine:
         so that ranks deciding from their own state take the same branch."""
         return flag if self.tp is None else self.tp.all_true(flag)
 
+    def _check_model(self) -> None:
+        """Refuse a model whose dtype or device changed since the engine was built (``load_state_dict(...,
+        assign=True)`` of a checkpoint in another dtype, ``model.float()``, ``model.to(other_device)``): the KV cache,
+        the attention mask and the RoPE tables keep the dtype and device of construction, so the prefill's first cache
+        write failed with a bare ``index_copy_`` dtype error (until session 88).  The input embedding's weight stands
+        for the model (a path lookup and two compares: each generation's start)."""
+        m = _submodule(self.model, self._embed_path)
+        w = None if m is None else m._parameters.get("weight")
+        if w is None:  # (the module replaced by one of another kind: the model's own lookup)
+            w = self.model.input_embeddings().weight
+        if w.dtype != self.dtype or w.device != self.device:
+            raise ValueError(f"the model is now {w.dtype} on {w.device} (its input embedding), but this engine was "
+                             f"built for {self.dtype} on {self.device}: its KV cache, attention mask and RoPE tables "
+                             f"keep that dtype and device; build a new Engine for the model as it is, or cast / move "
+                             f"the model back (model.to({str(self.device)!r}, {self.dtype}))")
+
+    def _check_autocast(self) -> None:
+        """Refuse a generation under ``torch.autocast`` to a dtype other than the engine's (:attr:`dtype`) on its
+        device type (until session 88 it failed in the prefill with a bare ``index_copy_`` dtype error: autocast made
+        the keys and values another dtype than the cache's).  Autocast to the engine's dtype, or over a float64
+        model (autocast leaves float64 alone), is accepted: the steps run with autocast off (:meth:`_run`), in the
+        engine's dtype, as :class:`~flash_llm.SparseLinear` takes autocast to its own dtype only."""
+        kind = self.device.type
+        if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind) or self.dtype == torch.float64:
+            return
+        want = torch.get_autocast_dtype(kind)
+        if want != self.dtype:
+            raise ValueError(f"generate() / stream() under torch.autocast({kind!r}, dtype={want}) is not supported: "
+                             f"this engine computes in the model's dtype, {self.dtype} (its KV cache, attention mask "
+                             f"and RoPE tables are in it); call it outside the autocast region, or build an Engine "
+                             f"over the model cast to {want}")
+
     def _follow_weights(self) -> None:
         """``delta_layout="dual"`` / ``prefill_dense=True``: where the model changed under the engine since it made its
         copies (a state dict loaded, with ``assign`` or not; another engine's re-encoding; projections merged), the
@@ -1746,10 +1791,12 @@ class Engine:
         its path (merged, replaced), or no longer eligible, loses its copy and runs as without the option, the model
         left as it is, with one warning.  Never puts the old weights back into the model (until session 86 the next
         step did, or prefilled on dense copies of them).  Called where the graphs are checked (each generation's
-        start, each capture); the check is identities only (no device work)."""
+        start, each capture); the check is identities only (no device work).  First the model's dtype and device
+        against the engine's (:meth:`_check_model`, a ValueError)."""
         from .formats import DeltaRows
         from .nn import SparseLinear
 
+        self._check_model()
         two, dense = self._two, self._dense
         if two is None and dense is None:
             return
@@ -2190,19 +2237,21 @@ class Engine:
         the tokens: a generation begun in another thread waits for the step in flight, then takes the engine over,
         and the older one raises "overtaken" at its next step (its check comes after the lock is taken).  Until
         session 86 the older step went on writing the positions, slot and cache under the newer generation, which
-        decoded wrong tokens silently."""
+        decoded wrong tokens silently.  Each stretch runs with ``torch.autocast`` off (:func:`_autocast_off`): the
+        engine computes in its dtype (autocast to another is refused at the call, :meth:`_check_autocast`), and a graph
+        captured in a stretch does not record the caller's autocast."""
         me = object()  # (this generation, once _steps has taken the engine over)
         steps = self._steps(*args, owner=me, **kwargs)
         try:
             while True:
-                with self._lock:
+                with self._lock, _autocast_off(self.device):
                     try:
                         item = next(steps)
                     except StopIteration:
                         return
                 yield item
         finally:
-            with self._lock:
+            with self._lock, _autocast_off(self.device):
                 steps.close()
                 if self._dense is not None and self._generation is me:  # (else the newer one's layout)
                     self._dense.install(False)
@@ -2245,8 +2294,11 @@ class Engine:
     def _checked_request(self, prompts, max_new_tokens, attention_mask, temperature, top_k, top_p, generator,
                          eos_token_id, on_token, output_logits, stream) -> "_Request":
         """A generation's arguments checked and prepared (``on_token``, ``output_logits``, :meth:`_sampler`,
-        :meth:`_eos`, :meth:`_prepare`) on this process alone.  ``stream``: ``stream()``'s keyword arguments other
-        than the ones it shares with ``generate()`` (None: a ``generate()`` call)."""
+        :meth:`_eos`, :meth:`_prepare`) on this process alone, after the model's dtype and device
+        (:meth:`_check_model`) and the caller's autocast (:meth:`_check_autocast`).  ``stream``: ``stream()``'s keyword
+        arguments other than the ones it shares with ``generate()`` (None: a ``generate()`` call)."""
+        self._check_model()
+        self._check_autocast()
         if stream is not None and "on_token" in stream:
             raise TypeError("stream() yields the tokens; on_token belongs to generate()")
         if on_token is not None and not callable(on_token):
@@ -2307,6 +2359,12 @@ class Engine:
         if self._prefills is not None:
             ids, mask = self._bucketed(ids, mask, max_new_tokens)
         p = ids.shape[1]  # (the padded prompt: step i writes cache slot p + i - 1 and attends slots 0 .. p + i - 1)
+        # The slots the decode steps attend past the prompt before (or without) writing them, zeroed in rows 0 .. b - 1:
+        # masked (-inf), but a value an earlier generation left there (an fp16 overflow's inf / NaN) reached this one's
+        # attention through its weight 0 (0 x inf = NaN: every later token wrong, until session 88).  One kernel
+        # (KVCache.zero_slots), before the prefill and outside its graph and the decode graphs: a graph serves every
+        # max_new_tokens.  The rows a compaction moves keep them (it copies the written slots only).
+        self.cache.zero_slots(b, p, decode_kv_len(p + max_new_tokens - 1, self._slots) if max_new_tokens > 1 else p)
         logits = self._prefill(ids, mask) if self._prefills is None else self._prefill_replayed(ids, mask)
         kept = [logits.clone()] if output_logits else None
         tok = sampler(logits)
@@ -2516,7 +2574,7 @@ class Engine:
             # and of the batches its rows' stops shrink it to: COMPACT_ROWS)
             sizes = set(batches) | ({1 << k for b in batches for k in range(b.bit_length()) if 1 << k < b}
                                             if COMPACT_ROWS else set())
-            with self._lock:  # (not while another thread's step runs)
+            with self._lock, _autocast_off(self.device):  # (not while another thread's step runs; autocast: _run)
                 for b in sorted(sizes):
                     for kv in self._kv_lengths(padded[0] + 1):
                         if (b, kv) not in self._graphs:

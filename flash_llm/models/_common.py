@@ -17,13 +17,18 @@ class KVCache:
     """A static key/value cache: per layer ``k`` and ``v`` of shape ``[max_batch, kv_heads, max_seq, head_dim]``
     in the model's dtype, allocated once.  Row ``b`` of a batch uses cache row ``b``; slot ``s`` holds the
     keys/values of the token at sequence index ``s`` (prompts are left-padded, so every row writes the
-    same slot at each step)."""
+    same slot at each step).  Every layer's ``k`` and ``v`` lie in one tensor, :attr:`kv`, so :meth:`zero_slots`
+    clears a range of slots in all of them with one kernel."""
 
     def __init__(self, num_layers: int, max_batch: int, kv_heads: int, max_seq: int, head_dim: int,
                  dtype: torch.dtype, device):
         shape = (max_batch, kv_heads, max_seq, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        #: ``[2, num_layers, max_batch, kv_heads, max_seq, head_dim]``: the keys (``[0]``) and values (``[1]``)
+        self.kv = torch.zeros((2, num_layers, *shape), dtype=dtype, device=device)
+        # (detached: they share kv's memory but are no autograd views of it, as the separate tensors before were not: a
+        # view made under no_grad may not be written in place from a grad-requiring key, as Engine.warmup's captures do)
+        self.k = [self.kv[0, i].detach() for i in range(num_layers)]
+        self.v = [self.kv[1, i].detach() for i in range(num_layers)]
         self.max_batch, self.max_seq = max_batch, max_seq
 
     @property
@@ -37,9 +42,18 @@ class KVCache:
         if (r0, r1) == (0, self.max_batch):
             return self
         c = KVCache.__new__(KVCache)
+        c.kv = self.kv[:, :, r0:r1]
         c.k, c.v = [t[r0:r1] for t in self.k], [t[r0:r1] for t in self.v]
         c.max_batch, c.max_seq = r1 - r0, self.max_seq
         return c
+
+    def zero_slots(self, b: int, start: int, stop: int) -> None:
+        """Zero slots ``start..stop-1`` of rows ``0..b-1`` in every layer's keys and values (one kernel; nothing where
+        the range is empty).  The engine zeroes the slots a generation's decode steps attend before writing them:
+        they are masked (-inf), but a value an earlier generation left there (an fp16 overflow's inf or NaN) would
+        still reach the result through its weight 0 (0 x inf = NaN)."""
+        if b > 0 and stop > start:
+            self.kv[:, :, :b, :, start:stop].zero_()
 
     def rows(self, layer: int, b: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k, v`` cache of ``layer`` for rows ``0..b-1`` and its first ``kv_len`` slots (default all):
