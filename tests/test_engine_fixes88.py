@@ -266,3 +266,22 @@ def test_tensor_parallel_stale_nan_changes_nothing(tmp_path):
     for r in range(2):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert got["out"] == got["ref"] and got["finite"] and got["same"], (r, got)
+
+
+# ---- 1 on a GPU: CUDA graphs, the decode-attention kernel (head_dim 64) and PyTorch's attention (fp32) ----------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_stale_nan_changes_nothing_on_the_gpu(dtype):
+    """The CPU test's check where the engine captures its steps in CUDA graphs: a cache full of NaN / inf gives the
+    tokens and logits of a zeroed one (fp16 / bf16 with head_dim 64: the decode-attention kernel; fp32: PyTorch's)."""
+    cfg = dataclasses.replace(LLAMA, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512)
+    model = from_config(cfg, dtype=dtype, device="cuda", seed=3)
+    eng = Engine(model, max_batch=4, max_seq=128)
+    kw = dict(eos_token_id=None, output_logits=True)
+    ref = eng.generate(PROMPTS, 20, **kw)
+    assert torch.isfinite(ref.logits).all()
+    for _ in range(2):  # (the second time replays the graphs the first captured)
+        _poison(eng)
+        out = eng.generate(PROMPTS, 20, **kw)
+        assert out.sequences() == ref.sequences() and torch.equal(out.logits, ref.logits)
