@@ -284,4 +284,5 @@ def test_stale_nan_changes_nothing_on_the_gpu(dtype):
     for _ in range(2):  # (the second time replays the graphs the first captured)
         _poison(eng)
         out = eng.generate(PROMPTS, 20, **kw)
-        assert out.sequences() == ref.sequences() and torch.equal(out.logits, ref.logits)
+        assert torch.isfinite(out.logits).all() and out.sequences() == ref.sequences()
+        torch.testing.assert_close(out.logits, ref.logits)  # (eager and replayed steps: the same kernels, or rounding)
