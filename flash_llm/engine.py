@@ -2574,7 +2574,10 @@ class Engine:
             # and of the batches its rows' stops shrink it to: COMPACT_ROWS)
             sizes = set(batches) | ({1 << k for b in batches for k in range(b.bit_length()) if 1 << k < b}
                                             if COMPACT_ROWS else set())
-            with self._lock, _autocast_off(self.device):  # (not while another thread's step runs; autocast: _run)
+            # (not while another thread's step runs; autocast as in _run; without autograd, as the generations' own
+            # captures: with grad on, a capture over trainable weights recorded autograd state into the cache and
+            # kept the step's saved tensors alive, until session 88)
+            with self._lock, _autocast_off(self.device), torch.no_grad():
                 for b in sorted(sizes):
                     for kv in self._kv_lengths(padded[0] + 1):
                         if (b, kv) not in self._graphs:

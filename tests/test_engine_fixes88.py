@@ -13,6 +13,8 @@
    bf16 model, ``model.float()``, ``model.to(...)``) failed the next generation with the same bare error.  Now a
    ValueError at the call (and at each generation's weights check) saying to build a new Engine, before any cache
    write.
+4. ``Engine.warmup``'s own decode-graph captures ran with the caller's grad mode (on by default), so over trainable
+   weights a captured step recorded autograd state; now under no_grad, as the generations' captures.
 """
 
 from __future__ import annotations
@@ -286,3 +288,36 @@ def test_stale_nan_changes_nothing_on_the_gpu(dtype):
         out = eng.generate(PROMPTS, 20, **kw)
         assert torch.isfinite(out.logits).all() and out.sequences() == ref.sequences()
         torch.testing.assert_close(out.logits, ref.logits)  # (eager and replayed steps: the same kernels, or rounding)
+
+
+def test_warmup_captures_without_autograd(monkeypatch):
+    """``warmup``'s own decode-graph captures (the lengths and batches a generation would capture midway) ran with
+    the caller's grad mode: over trainable weights (``from_config``'s parameters require grad) the captured step
+    recorded autograd state into the cache.  Now they run under no_grad, as the generations' captures do (checked on
+    the CPU with the capture replaced by a probe, and on a GPU by the next test)."""
+    model = from_config(LLAMA, dtype=torch.float32, seed=4)
+    assert next(model.parameters()).requires_grad
+    eng = Engine(model, max_batch=2, max_seq=64)
+    seen = []
+    monkeypatch.setattr(eng, "cuda_graphs", True)
+    monkeypatch.setattr(eng, "_capture", lambda b, kv: seen.append((b, kv, torch.is_grad_enabled())))
+    monkeypatch.setattr(eng, "generate", lambda *a, **kw: None)  # (its generations: no_grad already, and eager here)
+    assert torch.is_grad_enabled()
+    eng.warmup(batches=(2,), prompt_lengths=(8,))
+    assert seen and not any(g for _, _, g in seen)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_warmup_leaves_the_cache_out_of_autograd_on_the_gpu():
+    """After ``warmup`` over trainable weights, with grad on, the cache holds no autograd history and the engine's
+    generations equal a fresh engine's."""
+    cfg = dataclasses.replace(LLAMA, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512)
+    model = from_config(cfg, dtype=torch.float16, device="cuda", seed=5)
+    assert next(model.parameters()).requires_grad and torch.is_grad_enabled()
+    eng = Engine(model, max_batch=2, max_seq=128)
+    eng.warmup(batches=(2,), prompt_lengths=(8,))
+    assert not eng.cache.kv.requires_grad and all(t.grad_fn is None for t in eng.cache.k + eng.cache.v)
+    ref = Engine(model, max_batch=2, max_seq=128).generate(PROMPTS[:2], 12, eos_token_id=None)
+    assert eng.generate(PROMPTS[:2], 12, eos_token_id=None).sequences() == ref.sequences()
