@@ -33,25 +33,11 @@ def _reference(w: torch.Tensor, x: torch.Tensor, n: int, percdamp: float) -> tor
     """The reference ``fasterprune`` in float64, one block, exactly ``n`` zeros chosen by ``w^2 / [H^-1]_jj^2``
     (stable ties): dead inputs get ``H_jj = 1`` and ``W[:, j] = 0``, then ``percdamp * mean(diag H)`` is added.
     ``H`` is the reference's ``add_batch`` one: ``2/nsamples * sum x x^T`` with ``nsamples`` counting sequences, so
-    the 2-D ``x [T, K]`` here (unsqueezed to ``[1, T, K]`` by the reference) is one sequence: ``H = 2 X^T X``."""
-    w = w.clone().double()
-    h = 2 / 1 * x.t().double() @ x.double()  # (one sequence, not 2 / x.shape[0] tokens: session 88)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    score = w.square() / torch.diag(hinv).square()[None]
-    mask = torch.zeros(w.numel(), dtype=torch.bool)
-    mask[torch.sort(score.flatten(), stable=True).indices[:n]] = True
-    mask = mask.view_as(w)
-    q = torch.zeros_like(w)
-    for i in range(w.shape[1]):
-        qi = w[:, i].masked_fill(mask[:, i], 0.0)
-        q[:, i] = qi
-        err = (w[:, i] - qi) / hinv[i, i]
-        w[:, i:] -= err[:, None] @ hinv[i, i:][None]
-    return q
+    the 2-D ``x [T, K]`` here (unsqueezed to ``[1, T, K]`` by the reference) is one sequence: ``H = 2 X^T X``
+    (session 88; the port is ``test_prune_fixes88._reference``)."""
+    from test_prune_fixes88 import _reference as reference
+
+    return reference(w, [x], n, percdamp)
 
 
 def _dead_case(scale: float, seed: int = 0):
