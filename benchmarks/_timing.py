@@ -4,6 +4,7 @@ beyond L2, the device copy bandwidth, and the environment line every result carr
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -80,7 +81,36 @@ def warm_up(step, calls: int, seconds: float, sync=None, clock=time.perf_counter
     return done
 
 
-def time_calls(fns: list, replays: int = 10, warmup: int = 2) -> float:
+def warm_up_agreed(step, calls: int, seconds: float, agree, sync=None, clock=time.perf_counter) -> int:
+    """:func:`warm_up` for a ``step`` that is a collective (a graph of tensor-parallel all-reduces): every rank
+    makes the same number of calls, at least ``calls`` and until every rank's clock has passed ``seconds``.
+
+    It runs in rounds: ``calls``, then as many as this rank's clock still needs at the pace so far (at most 10x
+    the calls made), each round's count ``agree(n)`` of the ranks' ``n``: a collective every rank calls between
+    rounds that returns the same count on each (the largest), 0 once every rank has passed ``seconds``.  With
+    :func:`warm_up` each rank's own clock stopped it, and ranks that started it apart (a capture of different
+    length) made different numbers of replays: collectives left without a partner (until session 88).  Returns the
+    calls made."""
+    t0, done, batch = clock(), 0, max(0, calls)
+    while True:
+        for _ in range(batch):
+            step()
+            if sync is not None:
+                sync()
+        done += batch
+        elapsed = clock() - t0
+        if elapsed >= seconds:
+            want = 0
+        elif done == 0 or elapsed <= 0:
+            want = max(1, 10 * done)
+        else:
+            want = max(1, min(10 * done, math.ceil((seconds - elapsed) * done / elapsed)))
+        batch = int(agree(want))
+        if batch <= 0:
+            return done
+
+
+def time_calls(fns: list, replays: int = 10, warmup: int = 2, agree=None) -> float:
     """Median time (seconds) of one call, from CUDA-graph replays of ``fns`` called in turn.
 
     ``fns`` are zero-argument callables, typically the same op on rotating buffers; capturing them in
@@ -88,6 +118,10 @@ def time_calls(fns: list, replays: int = 10, warmup: int = 2) -> float:
     ``warmup`` eager passes (before the capture), then graph replays for at least ``warmup`` replays and
     :data:`WARMUP_S` seconds (clocks ramp up under load).  ``replays``: at least :data:`SINGLE_COPY_REPLAYS` where
     ``fns`` is one callable (:func:`timed_replays`).
+
+    ``agree``: for ``fns`` that are collectives (every rank of a group calls ``time_calls`` with them), a callable
+    that returns the largest of the ranks' ints (a collective itself): the warm-up replays are then counted alike
+    on every rank (:func:`warm_up_agreed`), so their collectives pair up; None (one process): :func:`warm_up`.
     """
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -101,7 +135,10 @@ def time_calls(fns: list, replays: int = 10, warmup: int = 2) -> float:
     with torch.cuda.graph(g):
         for f in fns:
             f()
-    warm_up(g.replay, warmup, WARMUP_S, torch.cuda.synchronize)
+    if agree is None:
+        warm_up(g.replay, warmup, WARMUP_S, torch.cuda.synchronize)
+    else:
+        warm_up_agreed(g.replay, warmup, WARMUP_S, agree, torch.cuda.synchronize)
     times = []
     for _ in range(timed_replays(fns, replays)):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -126,15 +163,21 @@ def kernels_missing(device=None) -> str:
     return "" if ok else f"flash_llm.spmm would run its PyTorch reference, not the CUDA kernels: {why}"
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+def copy_bandwidth(nbytes: int = 1 << 30, device=None) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written: the faster of a
     ``copy_`` (inside a CUDA graph it can become a memcpy node served by a copy engine: 2.7 TB/s on an H200,
-    while dense GEMV there read 4.0 TB/s) and an elementwise kernel on the SMs."""
-    a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
-    b = torch.empty_like(a)
-    a.uniform_()
-    t_copy = time_calls([lambda: b.copy_(a)], replays=10)
-    t_kernel = time_calls([lambda: torch.mul(a, 1.0, out=b)], replays=10)
+    while dense GEMV there read 4.0 TB/s) and an elementwise kernel on the SMs.  ``device``: the CUDA device to
+    measure (default: the current one); it is made current while timing, so the buffers, the graphs and the events
+    are all on it (until session 88 ``bench_e2e.py --device cuda:N`` measured the current device)."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        raise ValueError(f"copy_bandwidth: device must be a CUDA device, got {device}")
+    with torch.cuda.device(device):
+        a = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+        b = torch.empty_like(a)
+        a.uniform_()
+        t_copy = time_calls([lambda: b.copy_(a)], replays=10)
+        t_kernel = time_calls([lambda: torch.mul(a, 1.0, out=b)], replays=10)
     return 2 * a.numel() * 4 / min(t_copy, t_kernel)
 
 

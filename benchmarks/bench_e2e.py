@@ -48,6 +48,7 @@ also runs without torchrun (a one-process group).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import io
@@ -282,8 +283,10 @@ def measure_hf(hm, batch, prompt_len, new, repeats, gen, pad_id) -> dict:
 
 
 def copy_bandwidth(device) -> float:
+    """The device's copy bandwidth (bytes/s, read plus written) that the bandwidth floor divides by: measured on
+    ``device`` itself (``--device cuda:N``: on GPU N; until session 88 on the current device, GPU 0)."""
     if device.type == "cuda":
-        return T.copy_bandwidth()
+        return T.copy_bandwidth(device=device)
     a = torch.empty(1 << 26, dtype=torch.uint8)
     b = torch.empty_like(a)
     t0 = time.perf_counter()
@@ -387,14 +390,18 @@ def _agree(tp, ok: bool) -> bool:
 
 def allreduce_ms_per_step(tp, batch, cfg, dtype) -> tuple[float, str]:
     """Time of one decode step's all-reduces alone: ``2 x num_layers`` of a ``[batch, 1, hidden]`` activation,
-    captured in a CUDA graph (as the engine runs them) on CUDA, timed eagerly on CPU.  Every rank calls it."""
+    captured in a CUDA graph (as the engine runs them) on CUDA, timed eagerly on CPU.  Every rank calls it, and
+    every rank replays the graph as often: the warm-up's count is agreed over the group (:func:`_largest_over`;
+    until session 88 each rank warmed up until its own clock passed 0.2 s, and the ranks' all-reduces fell out of
+    step: a hang, or all-reduces matched with the all-gather that follows)."""
     if tp.world_size == 1:  # nothing to reduce (NCCL captures an empty graph): no communication time
         return 0.0, "none (world size 1)"
     n = 2 * cfg.num_layers
     x = torch.zeros(batch, 1, cfg.hidden_size, dtype=dtype, device=tp.device)
     if tp.device.type == "cuda":
         torch.cuda.synchronize(tp.device)
-        return 1e3 * T.time_calls([lambda: tp.all_reduce_(x)] * n, replays=20) * n, "cuda graph"
+        return (1e3 * T.time_calls([lambda: tp.all_reduce_(x)] * n, replays=20, agree=_largest_over(tp)) * n,
+                "cuda graph")
     for _ in range(2):
         tp.all_reduce_(x)
     reps = 5
@@ -402,6 +409,12 @@ def allreduce_ms_per_step(tp, batch, cfg, dtype) -> tuple[float, str]:
     for _ in range(reps * n):
         tp.all_reduce_(x)
     return 1e3 * (time.perf_counter() - t0) / reps, "eager"
+
+
+def _largest_over(tp):
+    """``agree`` of :func:`_timing.time_calls` for the ranks of ``tp``: the largest of the ranks' counts (a
+    collective: a small all-gather that every rank makes)."""
+    return lambda n: max(tp.all_gather_object(int(n)))
 
 
 def run_tp_sweep(args, world, dtype, log) -> list[dict]:
@@ -882,7 +895,7 @@ def parse_args(argv):
                          "it, or --prompt + --new, at most each model's max_position_embeddings")
     ap.add_argument("--memory-limit-gb", type=float,
                     help="cap this process' GPU memory, in 10^9 bytes (85.5: an 80 GB H100's 79.6 GiB)")
-    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke runs with tiny-* models)")
+    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu (smoke runs with tiny-* models)")
     ap.add_argument("--out", default="benchmarks/out/e2e")
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -975,6 +988,14 @@ def main(argv=None) -> int:
         print(f"error: {args.out} already holds {', '.join(existing)}; pass --overwrite or another --out",
               file=sys.stderr)
         return 2
+    # --device cuda:N: GPU N current for the whole run (the engine's CUDA events, graphs and streams, the copy
+    # bandwidth: torch puts them on the current device; until session 88 GPU 0 with --device cuda:1)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _run(args, argv, device)
+
+
+def _run(args, argv, device) -> int:
+    """:func:`main`'s single-process sweep, its arguments checked (``device`` current where it is a GPU)."""
     if args.memory_limit_gb and device.type == "cuda":
         _cap_memory(device, args.memory_limit_gb)
     env = T.environment(device)

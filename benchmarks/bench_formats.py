@@ -1,4 +1,5 @@
-"""Encoder (``from_dense``) and decoder (``to_dense``) speed of every format, on CPU and on the GPU.
+"""Encoder (``from_dense``) and decoder (``to_dense``) speed of the BitmapTiles and Tiled-CSL formats, on CPU and on
+the GPU (``FORMATS``; the third format, DeltaRows, is not timed here).
 
     python benchmarks/bench_formats.py [--device cpu|cuda|all] [--sizes 4096x4096,8192x8192,...] [--sparsity 80]
 

@@ -19,7 +19,7 @@ without ``--overwrite``), prints a summary (also ``summary.md``) ending in PASS 
 issue 3's targets (``target_checks``).  ``--quick`` runs the shapes of ``QUICK_MODELS`` only (every N of ``--ns``);
 an explicit ``--models`` wins over it.  Unknown names in ``--models`` / ``--formats`` / ``--dtypes``, sparsities
 outside [0, 100) and ``--ns`` other than positive integers are refused before anything runs; a refusal exits with
-status 2.
+status 2.  A value repeated in a list is run once (the first in order).
 """
 
 from __future__ import annotations
@@ -109,9 +109,10 @@ def sparsity_pct(sparsity: float) -> int:
 
 
 def _items(ap, flag: str, value: str, known=None) -> list[str]:
-    """The comma-separated names of ``value`` (blanks dropped); ``ap.error`` naming ``flag`` for an empty list or a
-    name not in ``known`` (where given)."""
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    """The comma-separated names of ``value`` (blanks dropped, duplicates dropped in order: each point is timed and
+    counted once, as bench_e2e.py's lists); ``ap.error`` naming ``flag`` for an empty list or a name not in ``known``
+    (where given)."""
+    items = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
     if not items:
         ap.error(f"{flag} is empty; give comma-separated values")
     bad = [v for v in items if known is not None and v not in known]
@@ -121,10 +122,11 @@ def _items(ap, flag: str, value: str, known=None) -> list[str]:
 
 
 def ns_arg(text: str) -> list[int]:
-    """``--ns``: comma-separated positive integers (blanks dropped, :func:`_timing.positive_ints`), checked when the
-    arguments are parsed."""
+    """``--ns``: comma-separated positive integers (blanks dropped, :func:`_timing.positive_ints`; duplicates
+    dropped in order: until session 88 ``--ns 1,8,1`` timed N = 1 twice and counted it twice in the medians),
+    checked when the arguments are parsed."""
     try:
-        return T.positive_ints(text)
+        return list(dict.fromkeys(T.positive_ints(text)))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (N: the rows of X), "
                                          f"got {text!r}") from None
@@ -156,7 +158,7 @@ def main(argv=None):
     dtypes = _items(ap, "--dtypes", args.dtypes, DTYPES)
     formats = _items(ap, "--formats", args.formats, FORMATS)
     try:
-        pcts = [int(v) for v in _items(ap, "--sparsities", args.sparsities)]
+        pcts = list(dict.fromkeys(int(v) for v in _items(ap, "--sparsities", args.sparsities)))  # (80 and 080)
     except ValueError as e:
         ap.error(f"--sparsities takes comma-separated integers: {e}")
     if any(not 0 <= s < 100 for s in pcts):

@@ -16,6 +16,7 @@ to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
@@ -326,12 +327,21 @@ def _flush_l2(flush: torch.Tensor, total: torch.Tensor) -> None:
     torch.sum(flush, 0, out=total)
 
 
+def _on_device(device: torch.device):
+    """A context manager that makes ``device`` the current CUDA device while it is open (nothing for a CPU).  CUDA
+    events, ``torch.cuda._sleep``, ``torch.cuda.synchronize()`` and the CUDA graphs' streams act on the current
+    device: timing work on ``cuda:N`` needs it current (until session 88 ``demo --layer --device cuda:1`` timed
+    device 0's idle stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _cuda_median_us(fn, flush: torch.Tensor, warmup: int, repeat: int) -> float:
     """Median of ``repeat`` CUDA-event timings of ``fn()`` after ``warmup`` calls, L2 flushed before each
     (:func:`_flush_l2`: ``flush``, twice L2, read).
 
     This is GPU time: a short GPU sleep before each start event keeps the GPU busy while Python
-    queues the call, so host-side overhead (argument checks, dispatch, launch) is not counted.
+    queues the call, so host-side overhead (argument checks, dispatch, launch) is not counted.  It acts on the
+    current CUDA device: ``fn``'s work and ``flush`` must be there (:func:`_on_device`).
     """
     sleep = getattr(torch.cuda, "_sleep", None)
     events = []
@@ -353,7 +363,8 @@ def _cuda_median_us(fn, flush: torch.Tensor, warmup: int, repeat: int) -> float:
 
 
 def _gpu_warmup(fns, seconds: float = 0.3) -> None:
-    """Run ``fns`` for ``seconds`` so the GPU leaves its idle clocks before anything is timed."""
+    """Run ``fns`` for ``seconds`` so the GPU leaves its idle clocks before anything is timed (synchronizing the
+    current CUDA device: :func:`_on_device`)."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for fn in fns:
@@ -433,7 +444,8 @@ def cmd_demo(args) -> int:
             print(f"compiled the CUDA kernels for {arch} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     try:
-        return _layer_demo(args, device, sparsities, timing_ok, timing_why)
+        with _on_device(device):  # (the timing's CUDA events, GPU sleep and synchronize act on the current device)
+            return _layer_demo(args, device, sparsities, timing_ok, timing_why)
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise

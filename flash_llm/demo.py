@@ -225,21 +225,22 @@ def _pass_progress(model: nn.Module, batches: list[torch.Tensor] | None, desc: s
 
 
 def prune(model: nn.Module, method: str, sparsity: float, calib: list[torch.Tensor] | None, *, owl: bool = False,
-          filter_fn=not_lm_head):
+          filter_fn=not_lm_head, progress: bool = True):
     """Prune ``model`` in place with ``method`` (sparsegpt, wanda, magnitude) to ``sparsity``; with ``owl``
     the per-layer targets come from :func:`flash_llm.prune.owl_sparsities`.  Returns the report.  ``calib`` may be
-    None for magnitude, which uses calibration batches only to measure each layer's error for the report."""
+    None for magnitude, which uses calibration batches only to measure each layer's error for the report.
+    ``progress``: SparseGPT's bar and magnitude's calibration pass's (stderr)."""
     from . import prune as P
 
     if owl and method not in ("sparsegpt", "wanda"):
         raise ValueError(f"--owl applies to wanda and sparsegpt, not {method}")
     target = P.owl_sparsities(model, calib, sparsity, filter_fn=filter_fn) if owl else sparsity
     if method == "sparsegpt":
-        return P.sparsegpt_prune_(model, calib, target, filter_fn=filter_fn)
+        return P.sparsegpt_prune_(model, calib, target, filter_fn=filter_fn, progress=progress)
     if method == "wanda":
         return P.wanda_prune_(model, calib, target, filter_fn=filter_fn)
     if method == "magnitude":
-        with _pass_progress(model, calib, "calibration pass (error report)"):
+        with _pass_progress(model, calib if progress else None, "calibration pass (error report)"):
             return P.magnitude_prune_(model, sparsity, filter_fn=filter_fn, calib=calib)
     raise ValueError(f"method must be one of sparsegpt, wanda, magnitude here, got {method!r}")
 
@@ -442,9 +443,17 @@ def cmd_demo(args) -> int:
     device = _device(args.device)
     if device is None:
         return EXIT_USAGE
+    # (--device cuda:N current while it runs: the decode speed's engine times its steps with CUDA events, which
+    # act on the current device; until session 88 they timed device 0's stream)
+    with cli._on_device(device):
+        return _model_demo(args, device)
+
+
+def _model_demo(args, device: torch.device) -> int:
+    """The model demo of :func:`cmd_demo` once its options and ``--device`` are checked."""
+    t_start = time.perf_counter()
     dtype = DTYPES[args.dtype or default_dtype(device, args.model)]
     seed = 0 if args.seed is None else args.seed
-    t_start = time.perf_counter()
     try:
         lm = load_model(args.model or DEFAULT_MODEL, dtype=dtype, device=device)
     except LOAD_ERRORS as e:
