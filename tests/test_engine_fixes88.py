@@ -277,7 +277,7 @@ def test_tensor_parallel_stale_nan_changes_nothing(tmp_path):
 def test_stale_nan_changes_nothing_on_the_gpu(dtype):
     """The CPU test's check where the engine captures its steps in CUDA graphs: a cache full of NaN / inf gives the
     tokens and logits of a zeroed one (fp16 / bf16 with head_dim 64: the decode-attention kernel; fp32: PyTorch's)."""
-    cfg = dataclasses.replace(LLAMA, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512)
+    cfg = LLAMA.replace(hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512)  # (head_dim 64)
     model = from_config(cfg, dtype=dtype, device="cuda", seed=3)
     eng = Engine(model, max_batch=4, max_seq=128)
     kw = dict(eos_token_id=None, output_logits=True)
@@ -313,7 +313,7 @@ def test_warmup_captures_without_autograd(monkeypatch):
 def test_warmup_leaves_the_cache_out_of_autograd_on_the_gpu():
     """After ``warmup`` over trainable weights, with grad on, the cache holds no autograd history and the engine's
     generations equal a fresh engine's."""
-    cfg = dataclasses.replace(LLAMA, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512)
+    cfg = LLAMA.replace(hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512)  # (head_dim 64)
     model = from_config(cfg, dtype=torch.float16, device="cuda", seed=5)
     assert next(model.parameters()).requires_grad and torch.is_grad_enabled()
     eng = Engine(model, max_batch=2, max_seq=128)

@@ -192,7 +192,8 @@ def test_an_invalid_dynamic_eps_under_fullgraph_compile_names_eps(norm):
             with pytest.raises(Exception) as info:  # (Dynamo reports a fullgraph function's exception as its own)
                 cf(x, bad)
             text = _messages(info.value)
-            assert f"ValueError('eps must be a finite number >= 0, got {got}')" in text, text
+            # (torch 2.13 quotes it as ValueError('...'), 2.11 as ValueError([ConstantVariable(str: '...')]))
+            assert f"eps must be a finite number >= 0, got {got}'" in text and "ValueError" in text, text
             assert "BUILD_STRING" not in text
         with pytest.raises(ValueError, match=r"^eps must be a finite number >= 0, got -1e-05$"):
             f(x, -1e-5)  # (eagerly: the value itself, as before)
