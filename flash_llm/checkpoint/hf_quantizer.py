@@ -48,7 +48,8 @@ from ..formats._base import METADATA_KEY, _DTYPES_BY_NAME, parse_metadata
 from ..nn import SparseLinear
 from . import _files, _model
 from .pretrained import (FORMAT_VERSION, QUANT_METHOD, _model_dtype, _parse_section, _remember_loaded_from,
-                         config_dtype, mixed_dtype_warning, refuse_mixed_sparse_dtypes, sparse_modules_section)
+                         cast_checked, config_dtype, mixed_dtype_warning, refuse_mixed_sparse_dtypes,
+                         sparse_modules_section)
 
 _AUTO = "transformers.quantizers.auto"
 _MODELING = "transformers.modeling_utils"
@@ -737,6 +738,56 @@ def _define():
                 if message is not None:
                     warnings.warn(message, UserWarning, stacklevel=3)
             return state, header
+
+        def _dequantize(self, model, dtype=None):
+            """``model.dequantize()`` (transformers' ``dequantize`` calls this, then ``remove_quantization_config``):
+            every SparseLinear of ``model`` becomes the ``nn.Linear`` of its weight and bias
+            (:func:`flash_llm.engine.expand_sparse_`), in ``dtype`` (transformers passes ``config.dtype`` where none
+            is given: the sparse layers' own), its parameters requiring grad as the model's others do.  The
+            transformers models inside ``model`` that carry flash-llm's quantizer (its base model ``model.model``)
+            lose it here, as transformers then removes ``model``'s: ``.half()`` works, and a save writes a dense
+            checkpoint without a quantization section.  A layer that carries what the dense one would drop (hooks,
+            a ``forward`` of its own, members beyond its arrays and bias), or a cast to ``dtype`` that turns values
+            into inf, is refused (ValueError) before any layer is changed."""
+            from transformers import PreTrainedModel
+
+            from ..engine import _kept_for_hooks, expand_sparse_
+
+            if isinstance(dtype, str):
+                dtype = config_dtype({"dtype": dtype}) or dtype  # (a name of no dtype: refused below)
+            if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+            layers = [(p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear)]
+            hooked: dict[str, str] = {}
+            for path, m in layers:
+                _kept_for_hooks(m, path, hooked)
+            if hooked:
+                path, what = next(iter(hooked.items()))
+                raise ValueError(f"cannot dequantize {type(model).__name__}: sparse layer '{path}' carries {what}, "
+                                 f"which a dense layer in its place would drop ({len(hooked)} such layer(s)); "
+                                 "remove them first; nothing was changed")
+            hints = ("dequantize in bfloat16 (model.dequantize(dtype=torch.bfloat16))",
+                     "dequantize in a dtype that holds these values")
+            for path, m in layers:  # (a cast that overflows is refused before any layer is changed)
+                if dtype is not None and m.weight.dtype != dtype:
+                    target = f"{dtype} (dequantize's dtype)"
+                    cast_checked("dequantize", f"{path}.weight", m.weight.to_dense(), dtype, target=target,
+                                 hints=hints)
+                    if m.bias is not None:
+                        cast_checked("dequantize", f"{path}.bias", m.bias, dtype, target=target, hints=hints)
+            grad = any(p.requires_grad for p in model.parameters())  # (a SparseLinear holds buffers only)
+            expanded, _ = expand_sparse_(model)
+            for path in expanded:
+                lin = model.get_submodule(path)
+                lin.__dict__.pop("_delta_rows_paired", None)  # (a plain layer: no engine makes it sparse again)
+                if dtype is not None:
+                    lin.to(dtype)
+                lin.requires_grad_(grad)
+            for sub in model.modules():
+                if sub is not model and isinstance(sub, PreTrainedModel) and \
+                        isinstance(getattr(sub, "hf_quantizer", None), type(self)):
+                    sub.hf_quantizer.remove_quantization_config(sub)
+            return model
 
         def is_serializable(self, *args, **kwargs):
             return True

@@ -398,6 +398,22 @@ def stored_twice(path, key: str, name: str, other: str | None = None,
     return FormatError(f"{path}: tensor '{key}' is '{name}' stored a second time (under {under})")
 
 
+def ignored_unexpected_regex(module: nn.Module) -> re.Pattern | None:
+    """The tensors that ``module``'s class (a transformers model: its ``_keys_to_ignore_on_load_unexpected``, and
+    those of the models inside it, which newer transformers' ``post_init`` gathers) declares no weights of it although
+    published checkpoints store them (GPT-J's and GPT-2's causal-mask buffers ``attn.bias`` / ``attn.masked_bias``,
+    Qwen3.5's multi-token prediction ``mtp.*``), as one regular expression that transformers' loader searches
+    (``re.search``) the name it gives a checkpoint tensor with, dropping a match without a word.  None where the module
+    declares none (flash_llm.models: OPT and Llama, whose transformers classes declare none either)."""
+    found = set()
+    for m in _model.unwrap(module).modules():  # (each model's own: a transformers whose post_init gathers none)
+        for patterns in (getattr(m, "_keys_to_ignore_on_load_unexpected", None),
+                         getattr(type(m), "_keys_to_ignore_on_load_unexpected", None)):
+            if patterns:
+                found.update((patterns,) if isinstance(patterns, str) else patterns)
+    return re.compile("|".join(f"({p})" for p in sorted(found))) if found else None
+
+
 class _Loader:
     """One pass over a checkpoint's shards, filling ``values`` (state-dict name -> tensor on ``device``, or a
     compressed weight for a linear layer's ``.weight``)."""
@@ -427,6 +443,7 @@ class _Loader:
                         if alt not in self.expected}
         self.stored_as: dict[str, str] = {}  # model name -> the checkpoint's name, where they differ
         self._hf_rename = None  # transformers' renames of checkpoint names for a transformers model (False: none)
+        self.ignore_unexpected = ignored_unexpected_regex(module)
         self.values: dict[str, torch.Tensor | SparseFormat] = {}
         self.report = SparsifyReport()
 
@@ -470,6 +487,8 @@ class _Loader:
             return False  # an old checkpoint storing a buffer the model computes itself (rotary inv_freq)
         cls = type(self.module).__name__
         name, _ = self._transformers_name(key)
+        if self.ignore_unexpected is not None and self.ignore_unexpected.search(name):
+            return False  # a tensor the model class declares no weight of it (GPT-J's attn.bias, Qwen3.5's mtp.*)
         why = "(wrong config.json, or a checkpoint of another model)"
         if name != key:
             why = (f"(a checkpoint name transformers converts, to '{name}', when it loads {cls}: flash-llm follows "
