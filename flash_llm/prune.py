@@ -817,8 +817,9 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
 
     Per layer ``W [M, K]`` with calibration inputs ``X [N, K]`` (all tokens of all batches): ``H = 2/S X^T X``
     (float64 on the weight's device), normalised per calibration sequence as the reference code does
-    (``sparsegpt.py``'s ``add_batch``): ``S`` adds up the product of the dims before ``T`` of each ``[..., T, K]``
-    layer input (``B`` for a ``[B, T]`` token batch; 1 for a 2-D ``[T, K]`` input).  Inputs that are zero on every
+    (``sparsegpt.py``'s ``add_batch``, one sequence a forward): ``S`` counts the calibration batches' sequences
+    (``B`` for a ``[B, T]`` token batch, whatever shape a layer's input takes inside the model; for a model fed
+    features, the dims before ``[T, K]``: 1 for a 2-D batch).  Inputs that are zero on every
     token get ``H_jj = 1``, then ``percdamp * mean(diag H)`` is added to the diagonal (the mean taken after that, the
     dead inputs' 1s included, as the reference code does: where the live ``H_jj`` are far below 1 they raise the live
     inputs' damping, so with dead inputs the result depends on ``H``'s scale, and the per-sequence one gives the
@@ -913,11 +914,14 @@ def sparsegpt_prune_(model: nn.Module, calib, sparsity: float | dict[str, float]
     return report
 
 
-def _sequences(x: torch.Tensor) -> int:
-    """The number of calibration sequences in the layer input ``x [..., T, K]`` as the SparseGPT reference code
-    (``sparsegpt.py``'s ``add_batch``) counts them for its ``H = 2/nsamples * sum x x^T``: the product of the dims
-    before ``T``, or 1 for a 2-D ``[T, K]`` input (the reference unsqueezes it to ``[1, T, K]``) and for a 1-D one."""
-    return math.prod(x.shape[:-2]) if x.dim() >= 3 else 1
+def _sequences(batch: torch.Tensor) -> int:
+    """The calibration sequences in ``batch`` (what ``model(batch)`` is given) as the SparseGPT reference code counts
+    them for its ``H = 2/nsamples * sum x x^T``: it feeds one sequence a forward, so its ``nsamples`` is the number of
+    sequences whatever shape a layer's input takes inside the model (transformers' OPT flattens ``[B, T, K]`` to
+    ``[B T, K]`` before ``fc1`` / ``fc2``: counted from that input, ``B`` sequences would count as one).  Token ids
+    ``[..., T]``: the product of the dims before ``T`` (a 1-D ``[T]`` batch: 1); features ``[..., T, K]`` (floating
+    point): the product of the dims before ``T`` and ``K`` (a ``[T, K]`` batch: 1, the reference's ``unsqueeze``)."""
+    return math.prod(batch.shape[:-2] if batch.is_floating_point() else batch.shape[:-1])
 
 
 def _sparsegpt_one(model: nn.Module, batches: list[torch.Tensor], fqn: str, m: nn.Linear, sparsity: float,
@@ -927,15 +931,14 @@ def _sparsegpt_one(model: nn.Module, batches: list[torch.Tensor], fqn: str, m: n
     written in place (its original appended to ``originals`` once written, unless None) and its entry appended to
     ``report``."""
     H = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
-    seqs = [0]
 
-    def accumulate(x, m=m, H=H, seqs=seqs):
-        seqs[0] += _sequences(x)
+    def accumulate(x, m=m, H=H):
         x = x.reshape(-1, m.in_features).double()
         H.addmm_(x.t(), x)
 
     _run_with_hooks(model, batches, {m: accumulate})
-    H.mul_(2.0 / max(seqs[0], 1))  # (the reference's running average 2/n * sum x x^T, summed first: fewer roundings)
+    seqs = sum(_sequences(b) for b in batches)  # (of the batches, not the layer's inputs: see _sequences)
+    H.mul_(2.0 / max(seqs, 1))  # (the reference's running average 2/n * sum x x^T, summed first: fewer roundings)
     pruned, err = _sparsegpt_layer(m.weight, H, sparsity, blocksize, percdamp,
                                    f"{fqn}.weight" if fqn else "weight")
     del H

@@ -137,10 +137,44 @@ def test_sparsegpt_without_dead_inputs_is_unchanged(dtype):
 
 
 def test_sequences_count():
+    """Sequences of a calibration batch: features ``[..., T, K]`` (floating point) and token ids ``[..., T]``."""
     assert P._sequences(torch.zeros(3, 5, 4)) == 3
     assert P._sequences(torch.zeros(2, 3, 5, 4)) == 6
     assert P._sequences(torch.zeros(5, 4)) == 1  # (the reference's unsqueeze(0))
     assert P._sequences(torch.zeros(4)) == 1
+    assert P._sequences(torch.zeros(3, 5, dtype=torch.long)) == 3  # (token ids [B, T])
+    assert P._sequences(torch.zeros(2, 3, 5, dtype=torch.long)) == 6
+    assert P._sequences(torch.zeros(5, dtype=torch.int32)) == 1
+
+
+class _Flattening(nn.Module):
+    """A layer fed ``x.reshape(-1, K)``: as transformers' OPT feeds ``fc1`` / ``fc2`` ``[B T, K]``."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+        with torch.no_grad():
+            self.lin.weight.copy_(w)
+
+    def forward(self, x):
+        return self.lin(x.reshape(-1, x.shape[-1]))
+
+
+def test_sparsegpt_counts_the_batches_sequences_not_the_layers_input_rows():
+    """A layer whose input the model flattens to ``[B T, K]`` (the session's review: counted from that input, one
+    ``[4, T]`` batch was 1 sequence and four ``[1, T]`` batches 4, so ``fc2``'s weights depended on the batching)
+    gets ``S = B`` as every other layer: the same weights for any batching, the reference's (one sequence a call)."""
+    w, x, dead, live = _case(seed=3, n_seqs=4)
+    n = len(dead) * w.shape[0] + 30
+    out = []
+    for calib in (x, list(x.split(1)), list(x.split(2))):
+        model = _Flattening(w)
+        P.sparsegpt_prune_(model, calib, n / w.numel(), blocksize=128, percdamp=0.01, progress=False)
+        out.append(model.lin.weight.detach())
+    ref = _reference(w, list(x.unbind(0)), n)
+    for got in out:
+        assert torch.equal(got == 0, ref == 0)
+        torch.testing.assert_close(got[:, live], ref[:, live], rtol=1e-9, atol=1e-12)
 
 
 # ---- 2. a dict / BatchEncoding as calib: a clear TypeError ----------------------------------------------------------
