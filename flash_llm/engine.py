@@ -228,6 +228,16 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _device_current(device: torch.device):
+    """A context that makes CUDA device ``device`` current where another one is (else a null one): CUDA graphs are
+    captured on the current device's streams and CUDA events recorded on its current stream, so an engine on
+    ``cuda:1`` driven while ``cuda:0`` was current captured its graphs on the wrong device (the flash-llm kernels,
+    launched on ``cuda:1``'s stream, fell outside them) and timed another GPU's stream (session 88)."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _lagged_stop(device: torch.device) -> bool:
     """Whether a generation without streaming on ``device`` learns of its rows' stop :data:`EOS_LAG` steps late
     (:class:`_HostCopies`; CUDA), or reads it every step (a CPU: no synchronization to save)."""
@@ -2244,14 +2254,14 @@ class Engine:
         steps = self._steps(*args, owner=me, **kwargs)
         try:
             while True:
-                with self._lock, _autocast_off(self.device):
+                with self._lock, _autocast_off(self.device), _device_current(self.device):
                     try:
                         item = next(steps)
                     except StopIteration:
                         return
                 yield item
         finally:
-            with self._lock, _autocast_off(self.device):
+            with self._lock, _autocast_off(self.device), _device_current(self.device):
                 steps.close()
                 if self._dense is not None and self._generation is me:  # (else the newer one's layout)
                     self._dense.install(False)
@@ -2577,7 +2587,7 @@ class Engine:
             # (not while another thread's step runs; autocast as in _run; without autograd, as the generations' own
             # captures: with grad on, a capture over trainable weights recorded autograd state into the cache and
             # kept the step's saved tensors alive, until session 88)
-            with self._lock, _autocast_off(self.device), torch.no_grad():
+            with self._lock, _autocast_off(self.device), _device_current(self.device), torch.no_grad():
                 for b in sorted(sizes):
                     for kv in self._kv_lengths(padded[0] + 1):
                         if (b, kv) not in self._graphs:

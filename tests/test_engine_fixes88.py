@@ -15,6 +15,9 @@
    write.
 4. ``Engine.warmup``'s own decode-graph captures ran with the caller's grad mode (on by default), so over trainable
    weights a captured step recorded autograd state; now under no_grad, as the generations' captures.
+5. An engine on ``cuda:1`` driven while ``cuda:0`` was current captured its graphs on ``cuda:0``'s streams (the
+   flash-llm kernels, launched on ``cuda:1``'s current stream, fell outside them) and recorded its timing events
+   there; its steps now run with its device current (``_device_current``; the two-GPU test waits for two GPUs).
 """
 
 from __future__ import annotations
@@ -321,3 +324,37 @@ def test_warmup_leaves_the_cache_out_of_autograd_on_the_gpu():
     assert not eng.cache.kv.requires_grad and all(t.grad_fn is None for t in eng.cache.k + eng.cache.v)
     ref = Engine(model, max_batch=2, max_seq=128).generate(PROMPTS[:2], 12, eos_token_id=None)
     assert eng.generate(PROMPTS[:2], 12, eos_token_id=None).sequences() == ref.sequences()
+
+
+# ---- 5. an engine on a CUDA device that is not the current one ----------------------------------------------------------
+def test_device_current_enters_the_engines_device_only_where_another_is_current(monkeypatch):
+    """``_device_current``: ``torch.cuda.device(d)`` where ``cuda:i`` other than ``d`` is current, a null context for
+    the current device, a CPU engine or a device without an index (checked with fakes: no GPU here)."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or E.contextlib.nullcontext())
+    for dev, want in ((torch.device("cuda", 1), [torch.device("cuda", 1)]), (torch.device("cuda", 0), []),
+                      (torch.device("cpu"), []), (torch.device("cuda"), [])):
+        entered.clear()
+        with E._device_current(dev):
+            pass
+        assert entered == want, dev
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_an_engine_on_the_second_gpu_while_the_first_is_current():
+    """An engine on ``cuda:1`` driven while ``cuda:0`` is current captures its graphs on ``cuda:1``: the same tokens
+    and logits (to rounding) as the same engine driven with ``cuda:1`` current."""
+    cfg = LLAMA.replace(hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512)
+    assert torch.cuda.current_device() == 0
+    runs = []
+    for current in (1, 0):
+        model = from_config(cfg, dtype=torch.float16, device="cuda:1", seed=6)
+        with torch.cuda.device(current):
+            eng = Engine(model, max_batch=2, max_seq=128)
+            runs.append(eng.generate(PROMPTS[:2], 20, eos_token_id=None, output_logits=True))
+            runs.append(eng.generate(PROMPTS[:2], 20, eos_token_id=None, output_logits=True))  # (replayed graphs)
+    for r in runs[1:]:
+        assert r.sequences() == runs[0].sequences()
+        torch.testing.assert_close(r.logits, runs[0].logits)
