@@ -233,3 +233,58 @@ def test_dequantize_dtype_by_name_and_a_wrong_one(flash_dir):
     assert model.is_quantized and isinstance(model.model.layers[0].mlp.up_proj, SparseLinear)
     model.dequantize(dtype="bfloat16")
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+# ---- the review of dequantize: shared layers, a failure midway, the dtype of the rest, requires_grad --------------
+def test_dequantize_refuses_a_shared_sparse_layer_and_changes_nothing(flash_dir):
+    """One SparseLinear at two paths: refused before any change (a dense layer per path would untie them; until the
+    review the second path stayed sparse while the quantizer was removed, and a save wrote compressed arrays under a
+    dense config)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(flash_dir / "fl").eval()
+    layers = model.model.layers
+    layers[1].mlp.up_proj = layers[0].mlp.up_proj
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj' and 'model\.layers\.1\.mlp\.up_proj' "
+                                         r"\(shared\).*nothing was changed"):
+        model.dequantize()
+    assert model.is_quantized and all(isinstance(m, SparseLinear) for m in (layers[0].mlp.up_proj,
+                                                                            layers[0].mlp.down_proj))
+
+
+def test_dequantize_failing_midway_puts_the_sparse_layers_back(flash_dir, monkeypatch):
+    """An error while expanding (out of memory at the third layer) leaves every layer sparse and the quantizer on;
+    a retry then gives the dense model of a clean call (every layer trainable as the embedding, none marked)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(flash_dir / "fl").eval()
+    before = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    real, calls = SparseLinear.to_linear, []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("out of memory (test)")
+        return real(self)
+
+    monkeypatch.setattr(SparseLinear, "to_linear", flaky)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        model.dequantize()
+    assert {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)} == before
+    assert model.is_quantized
+    model.dequantize()
+    grad = model.get_input_embeddings().weight.requires_grad
+    for n in before:
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear and lin.weight.requires_grad == grad and "_delta_rows_paired" not in lin.__dict__
+    _quantizer_gone(model)
+
+
+def test_dequantize_to_another_dtype_casts_every_parameter(flash_dir):
+    """``dequantize(dtype=torch.bfloat16)`` of an fp16 model: the embedding and norms too, so the forward runs (only
+    the new layers were cast until the review: a dtype mismatch in the forward); buffers (the rotary table) keep
+    their dtype."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(flash_dir / "fl").eval()
+    rotary = {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()}
+    model.dequantize(dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()} == rotary
+    with torch.no_grad():
+        out = logits(model, IDS)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -742,13 +742,16 @@ def _define():
         def _dequantize(self, model, dtype=None):
             """``model.dequantize()`` (transformers' ``dequantize`` calls this, then ``remove_quantization_config``):
             every SparseLinear of ``model`` becomes the ``nn.Linear`` of its weight and bias
-            (:func:`flash_llm.engine.expand_sparse_`), in ``dtype`` (transformers passes ``config.dtype`` where none
-            is given: the sparse layers' own), its parameters requiring grad as the model's others do.  The
-            transformers models inside ``model`` that carry flash-llm's quantizer (its base model ``model.model``)
-            lose it here, as transformers then removes ``model``'s: ``.half()`` works, and a save writes a dense
-            checkpoint without a quantization section.  A layer that carries what the dense one would drop (hooks,
-            a ``forward`` of its own, members beyond its arrays and bias), or a cast to ``dtype`` that turns values
-            into inf, is refused (ValueError) before any layer is changed."""
+            (:func:`flash_llm.engine.expand_sparse_`), its parameters requiring grad as the input embedding's do.
+            ``dtype`` (transformers passes ``config.dtype`` where none is given): every floating-point parameter of the
+            model ends in it, not only the new layers' (a forward would mix dtypes); buffers stay as they are (a
+            rotary table kept in fp32).  The transformers
+            models inside ``model`` that carry flash-llm's quantizer (its base model ``model.model``) lose it here, as
+            transformers then removes ``model``'s: ``.half()`` works, and a save writes a dense checkpoint without a
+            quantization section.  Refused (ValueError) before any layer is changed: a layer that carries what the
+            dense one would drop (hooks, a ``forward`` of its own, members beyond its arrays and bias), one module at
+            two paths (shared), a cast to ``dtype`` that turns values into inf.  A failure while expanding (out of
+            memory) puts the sparse layers back."""
             from transformers import PreTrainedModel
 
             from ..engine import _kept_for_hooks, expand_sparse_
@@ -758,6 +761,15 @@ def _define():
             if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
             layers = [(p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear)]
+            paths: dict[int, list[str]] = {}
+            for p, m in model.named_modules(remove_duplicate=False):
+                if isinstance(m, SparseLinear):
+                    paths.setdefault(id(m), []).append(p)
+            shared = next((ps for ps in paths.values() if len(ps) > 1), None)
+            if shared is not None:
+                raise ValueError(f"cannot dequantize {type(model).__name__}: one sparse layer stands at "
+                                 f"{' and '.join(map(repr, shared))} (shared), which one dense layer per path would "
+                                 "untie; nothing was changed")
             hooked: dict[str, str] = {}
             for path, m in layers:
                 _kept_for_hooks(m, path, hooked)
@@ -766,23 +778,37 @@ def _define():
                 raise ValueError(f"cannot dequantize {type(model).__name__}: sparse layer '{path}' carries {what}, "
                                  f"which a dense layer in its place would drop ({len(hooked)} such layer(s)); "
                                  "remove them first; nothing was changed")
-            hints = ("dequantize in bfloat16 (model.dequantize(dtype=torch.bfloat16))",
-                     "dequantize in a dtype that holds these values")
-            for path, m in layers:  # (a cast that overflows is refused before any layer is changed)
-                if dtype is not None and m.weight.dtype != dtype:
-                    target = f"{dtype} (dequantize's dtype)"
-                    cast_checked("dequantize", f"{path}.weight", m.weight.to_dense(), dtype, target=target,
-                                 hints=hints)
-                    if m.bias is not None:
-                        cast_checked("dequantize", f"{path}.bias", m.bias, dtype, target=target, hints=hints)
-            grad = any(p.requires_grad for p in model.parameters())  # (a SparseLinear holds buffers only)
-            expanded, _ = expand_sparse_(model)
-            for path in expanded:
-                lin = model.get_submodule(path)
-                lin.__dict__.pop("_delta_rows_paired", None)  # (a plain layer: no engine makes it sparse again)
-                if dtype is not None:
-                    lin.to(dtype)
-                lin.requires_grad_(grad)
+            if dtype is not None:  # (a cast that overflows is refused before anything is changed)
+                hints = ("dequantize in bfloat16 (model.dequantize(dtype=torch.bfloat16))",
+                         "dequantize in a dtype that holds these values")
+                target = f"{dtype} (dequantize's dtype)"
+                for path, m in layers:
+                    if m.weight.dtype != dtype:
+                        cast_checked("dequantize", f"{path}.weight", m.weight.to_dense(), dtype, target=target,
+                                     hints=hints)
+                for name, t in model.named_parameters():
+                    if t.is_floating_point() and t.dtype != dtype:
+                        cast_checked("dequantize", name, t, dtype, target=target, hints=hints)
+            try:
+                emb = model.get_input_embeddings()
+                grad = bool(emb.weight.requires_grad)
+            except (AttributeError, NotImplementedError):  # (a SparseLinear holds buffers only)
+                grad = any(p.requires_grad for p in model.parameters())
+            try:
+                expanded, _ = expand_sparse_(model)
+                for path in expanded:
+                    lin = model.get_submodule(path)
+                    lin.__dict__.pop("_delta_rows_paired", None)  # (a plain layer: no engine makes it sparse again)
+                    lin.requires_grad_(grad)
+            except BaseException:
+                for path, m in layers:  # (those expanded before the failure: back to the sparse layer)
+                    model.set_submodule(path, m)
+                raise
+            if dtype is not None:  # (in place: a tied lm_head stays the embedding's; transformers' .to would refuse)
+                with torch.no_grad():
+                    for t in model.parameters():
+                        if t.is_floating_point() and t.dtype != dtype:
+                            t.data = t.data.to(dtype)
             for sub in model.modules():
                 if sub is not model and isinstance(sub, PreTrainedModel) and \
                         isinstance(getattr(sub, "hf_quantizer", None), type(self)):
