@@ -13,21 +13,23 @@ EXPECTED = EXPECTED_KERNELS
 
 
 ARCHS = ("sm_80", "sm_90")
-#: the NVRTC from which no spill is allowed: the pip one CI installs (13.5).  The GPU image's 13.0 spills 4 bytes in
-#: ``delta_rows_parts_bf16_nt2c`` (session 88's suite on an H100; time only): reported there as a warning.
+#: the NVRTC from which no spill is allowed: the pip one CI installs (13.5).  Below it, only the spills seen with the
+#: GPU image's 13.0 (session 88's suite on an H100; time only) are tolerated, as a warning: kernel -> most bytes.
 NO_SPILL_NVRTC = (13, 5)
+OLD_NVRTC_SPILLS = {"delta_rows_parts_bf16_nt2c": 8}
 
 
 def _check_spills(what, resources: dict) -> None:
     """No spill and no stack frame in any of ``resources`` (``{name: ptxas figures}``): asserted with
-    :data:`NO_SPILL_NVRTC` or newer, a warning naming them with an older NVRTC."""
+    :data:`NO_SPILL_NVRTC` or newer; with an older NVRTC the known ones of :data:`OLD_NVRTC_SPILLS` give a warning."""
     bad = {n: r for n, r in resources.items() if r["spill_stores"] or r["spill_loads"] or r["stack"]}
-    if bad and nvrtc_version() < NO_SPILL_NVRTC:
+    known = {n: r for n, r in bad.items() if nvrtc_version() < NO_SPILL_NVRTC and n in OLD_NVRTC_SPILLS
+             and max(r["spill_stores"], r["spill_loads"], r["stack"]) <= OLD_NVRTC_SPILLS[n]}
+    if known:
         import warnings
 
-        warnings.warn(f"{what}: NVRTC {nvrtc_version()} spills in {bad}", RuntimeWarning)
-        return
-    assert not bad, (what, bad)
+        warnings.warn(f"{what}: NVRTC {nvrtc_version()} spills in {known}", RuntimeWarning)
+    assert not {n: r for n, r in bad.items() if n not in known}, (what, bad)
 
 
 @pytest.fixture(scope="module")
