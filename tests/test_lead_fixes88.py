@@ -19,6 +19,8 @@ And two of session 88's hunt findings:
 5. A coded DeltaRows weight (bf16 only; its arrays' lengths say it is coded) given to a raw op with fp16 ``x`` is
    refused on CUDA, but the CPU reference and the fake kernel took it: the CPU read the coded bf16 bits as fp16
    (errors of 11 on outputs of 10).  ``ops._raw_weight`` refuses it on every device now.
+6. ``load_checkpoint`` into a tensor-parallel model blamed the checkpoint ("has no place in the model"); now refused
+   by name before the read, as the writers refuse such a model.
 """
 
 import json
@@ -165,3 +167,28 @@ def test_raw_op_refuses_fp16_x_with_coded_delta_rows():
     u = DeltaRows.from_dense(w.half())
     y16 = torch.ops.flash_llm.spmm(x.half(), u.data, u.offsets, fmt, m, k, None)
     torch.testing.assert_close(y16.float(), x.half().float() @ w.half().float().t(), rtol=2e-2, atol=2e-2)
+
+
+# ---- 6. load_checkpoint into a tensor-parallel model ---------------------------------------------------------------
+def test_load_checkpoint_into_a_tensor_parallel_model_is_refused_by_name(world1, tmp_path):
+    """A sharded model's own, correct checkpoint given to ``load_checkpoint`` failed with "has no place in the
+    LlamaForCausalLM built from config.json (wrong config.json, or a checkpoint of another model)"; now a ValueError
+    saying the module is tensor-parallel and what to do, before the checkpoint is read, the model unchanged."""
+    from safetensors.torch import save_file
+
+    from flash_llm.checkpoint import load_checkpoint
+    from flash_llm.models import ModelConfig, from_config
+    from flash_llm.parallel import tensor_parallel_
+
+    cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                      intermediate_size=96, max_position_embeddings=64)
+    save_file({k: v.contiguous() for k, v in from_config(cfg, dtype=torch.float32, seed=1).state_dict().items()},
+              tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    model = from_config(cfg, dtype=torch.float32, seed=2)
+    tensor_parallel_(model, world1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^module is tensor-parallel \(7 sharded projections: .*load the checkpoint "
+                                         r"before sharding \(tensor_parallel_\), or with .*load_tensor_parallel"):
+        load_checkpoint(model, tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -757,6 +757,7 @@ def load_checkpoint(module: nn.Module, path, *, device="cpu", sparsify: Sparsify
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     check_device(device)
+    _refuse_tensor_parallel(module, loading=True)  # (else "has no place in the model", blaming the checkpoint)
     files = _files.open_checkpoint(path)
     kind = checkpoint_kind(files.config, files.path / _files.CONFIG_NAME)
     loader = _Loader(module, files, kind, torch.device(device), _mode(sparsify, kind), progress)
@@ -1057,19 +1058,25 @@ def _refuse_merged(model: nn.Module) -> None:
                          "flash_llm.models.unmerge_projections(model) before saving")
 
 
-def _refuse_tensor_parallel(model: nn.Module) -> None:
+def _refuse_tensor_parallel(model: nn.Module, loading: bool = False) -> None:
     """A tensor-parallel model holds only this rank's slices of the projections, under names no reader knows
-    (``...down_proj.linear.weight``): saving it would write an unloadable checkpoint, so it is refused."""
+    (``...down_proj.linear.weight``): saving it would write an unloadable checkpoint, so it is refused; so is
+    loading a checkpoint into it (``loading``: a checkpoint's full weights have no place in its slices)."""
     from ..parallel.layers import _ParallelLinear
 
     sharded = [fqn for fqn, m in model.named_modules() if isinstance(m, _ParallelLinear)]
-    if sharded or getattr(model, "tensor_parallel", None) is not None:
-        which = f" ({len(sharded)} sharded projections: {sharded[0]}, ...)" if sharded else ""
-        raise ValueError(f"model is tensor-parallel{which}: each rank holds only its slices, which no checkpoint "
-                         "reader can load, and flash-llm cannot gather them into the full weights: save the "
-                         "single-process model before sharding it (tensor_parallel_); a model from "
-                         "load_tensor_parallel has its full weights in the checkpoint it was loaded from (`flash-llm "
-                         "convert` compresses that one)")
+    if not sharded and getattr(model, "tensor_parallel", None) is None:
+        return
+    which = f" ({len(sharded)} sharded projections: {sharded[0]}, ...)" if sharded else ""
+    if loading:
+        raise ValueError(f"module is tensor-parallel{which}: each rank holds only its slices, where a checkpoint's "
+                         "full weights have no place; load the checkpoint before sharding (tensor_parallel_), or "
+                         "with flash_llm.parallel.load_tensor_parallel, which loads each rank's slices")
+    raise ValueError(f"model is tensor-parallel{which}: each rank holds only its slices, which no checkpoint "
+                     "reader can load, and flash-llm cannot gather them into the full weights: save the "
+                     "single-process model before sharding it (tensor_parallel_); a model from "
+                     "load_tensor_parallel has its full weights in the checkpoint it was loaded from (`flash-llm "
+                     "convert` compresses that one)")
 
 
 def _refuse_own_source(model: nn.Module, path) -> None:
