@@ -21,6 +21,9 @@ And two of session 88's hunt findings:
    (errors of 11 on outputs of 10).  ``ops._raw_weight`` refuses it on every device now.
 6. ``load_checkpoint`` into a tensor-parallel model blamed the checkpoint ("has no place in the model"); now refused
    by name before the read, as the writers refuse such a model.
+7. ``build_synthetic(fmt="delta-rows")`` of a projection 65536 columns wide failed inside the encoder after the
+   embeddings and the narrower projections were built, naming neither; ``estimate_bytes`` planned it, and took
+   dtypes no build takes.  Both refuse up front now.
 """
 
 import json
@@ -192,3 +195,39 @@ def test_load_checkpoint_into_a_tensor_parallel_model_is_refused_by_name(world1,
                                          r"before sharding \(tensor_parallel_\), or with .*load_tensor_parallel"):
         load_checkpoint(model, tmp_path)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ---- 7. build_synthetic / estimate_bytes: DeltaRows' column limit and the dtype, before anything is built -------------
+def test_synthetic_delta_rows_too_wide_refused_before_the_build(monkeypatch):
+    """A sparse DeltaRows projection 65536 columns wide (down_proj of intermediate_size 65536): refused by
+    ``estimate_bytes`` and by ``build_synthetic`` before any projection is drawn, naming it and ``fmt`` (the encoder
+    failed after the embeddings and 7 projections, naming neither); the dense build and the other formats plan it."""
+    import flash_llm.formats as F
+    from flash_llm.models import ModelConfig
+    from flash_llm.models.synthetic import build_synthetic, estimate_bytes
+
+    cfg = ModelConfig(family="llama", vocab_size=10, hidden_size=64, num_layers=1, num_heads=2,
+                      intermediate_size=65536)
+    drawn = []
+    monkeypatch.setattr(F.DeltaRows, "from_dense", classmethod(lambda cls, w, *a, **k: drawn.append(w.shape)))
+    want = r"down_proj has K = 65536 >= 65536: DeltaRows stores 16-bit columns \(use fmt='bitmap' or 'tiled-csl'"
+    with pytest.raises(ValueError, match=want):
+        estimate_bytes(cfg, 0.8, fmt="delta-rows")
+    with pytest.raises(ValueError, match=want):
+        build_synthetic(cfg, 0.8, device="cpu", progress=False, fmt="delta-rows")
+    assert drawn == []
+    assert estimate_bytes(cfg, None, fmt="delta-rows")["projections"] > 0
+    assert estimate_bytes(cfg, 0.8, fmt="bitmap")["projections"] > 0
+    assert estimate_bytes(cfg.replace(intermediate_size=65535), 0.8, fmt="delta-rows")["projections"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.float8_e4m3fn, "float16"])
+def test_estimate_bytes_refuses_a_dtype_no_build_takes(dtype):
+    """``estimate_bytes`` took float32 / int8 / float8 (numbers of no model ``build_synthetic`` builds) and failed in
+    torch for a string; a TypeError naming ``dtype`` now, as ``build_synthetic`` gives."""
+    from flash_llm.models.synthetic import build_synthetic, estimate_bytes
+
+    for fn in (lambda: estimate_bytes("llama-3-8b", 0.8, dtype=dtype),
+               lambda: build_synthetic("llama-3-8b", 0.8, dtype=dtype, device="meta")):
+        with pytest.raises(TypeError, match=r"dtype must be torch.float16 or torch.bfloat16, got "):
+            fn()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..nn import FORMAT_NAMES, SparseLinear
+from ..nn import FORMAT_NAMES, SparseLinear, _delta_rows_too_wide
 from ..parallel.layers import COLUMN, check_divisible, parallel_linear, set_local_heads, shard_plan
 from ..parallel.layers import projections as tp_projections
 from ..prune import _real
@@ -153,6 +153,27 @@ def _check_fmt(fmt) -> str:
     return fmt
 
 
+def _check_dtype(dtype) -> torch.dtype:
+    """``dtype``, one of the formats' value dtypes (TypeError otherwise: estimates of another would describe no model
+    :func:`build_synthetic` builds)."""
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _check_delta_rows_width(cfg: ModelConfig, sparsity, tp_size: int, fmt: str) -> None:
+    """ValueError naming the projection and ``fmt`` where DeltaRows (16-bit columns) cannot hold a sparse
+    projection's (this rank's) input width: before anything is built (the encoder's own error came after the
+    embeddings and the narrower projections, naming neither, until session 88)."""
+    if fmt != "delta-rows" or not sparsity:
+        return
+    plan = _split_dims(cfg)
+    for name, _, k in cfg.linear_shapes():
+        k = k // tp_size if tp_size > 1 and plan[name] == 1 else k
+        if (why := _delta_rows_too_wide(k, f"{name} has K =", "fmt")) is not None:
+            raise ValueError(why)
+
+
 def _check_config(config) -> ModelConfig:
     """``config`` as the builders take it: a :class:`ModelConfig`, or a preset name; TypeError otherwise."""
     cfg = preset(config) if isinstance(config, str) else config
@@ -215,15 +236,19 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
     Returns a dict: ``projections`` (the decoder projections' weights: dense, or the ``fmt`` formula at
     the expected nonzero count; with ``tp_size`` ranks, one rank's slices), ``other`` (embeddings, norms, biases,
     a dense ``lm_head``, a Llama's float32 RoPE ``inv_freq`` buffer: replicated on every rank; exactly the bytes
-    the built model holds besides its projections' weights), ``total``, and ``transient`` (the extra peak while one
+    the built model holds besides its projections' weights on one rank, an upper bound with ``tp_size`` > 1, where
+    the sharded projections' biases are split or kept on rank 0), ``total``, and ``transient`` (the extra peak while one
     projection is drawn and compressed: the float32 temporaries of the draw, a chunk of rows of up to 2**26 elements,
     and the compression's; tensor-parallel builds draw the full projection, then keep a slice).
-    ``sparsity`` and ``tp_size`` are checked as :func:`build_synthetic` checks them (ValueError).
+    ``sparsity``, ``tp_size``, ``dtype`` (fp16 / bf16) and DeltaRows' column limit are checked as
+    :func:`build_synthetic` checks them (ValueError / TypeError).
     """
     cfg = _check_config(config)
     sparsity = _check_sparsity(sparsity)
+    dtype = _check_dtype(dtype)
     check_divisible(cfg, tp_size)
     formula_bytes = _FORMULAS[_check_fmt(fmt)]
+    _check_delta_rows_width(cfg, sparsity, tp_size, fmt)
     es = torch.empty(0, dtype=dtype).element_size()
     proj, largest = 0.0, 0
     plan = _split_dims(cfg)
@@ -506,8 +531,7 @@ def build_synthetic(config: ModelConfig | str, sparsity: float | None = 0.8, *, 
     sparsity = _check_sparsity(sparsity)
     seed = _check_seed(seed)
     memory_limit = _check_memory_limit(memory_limit)
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    dtype = _check_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
