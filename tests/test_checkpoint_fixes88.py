@@ -288,3 +288,31 @@ def test_dequantize_to_another_dtype_casts_every_parameter(flash_dir):
     with torch.no_grad():
         out = logits(model, IDS)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_dequantize_refuses_a_sparse_layers_bias_that_would_overflow(tmp_path):
+    """A sparse layer's bias is a buffer, outside the parameters' check: a bf16 OPT whose ``fc1.bias`` holds 1e6,
+    dequantized to fp16, is refused naming the bias, nothing changed (the third review: it became inf)."""
+    m = hf_model("opt", dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.model.decoder.layers[0].fc1.bias[0] = 1e6
+    save_hf(m, tmp_path / "dense")
+    convert(tmp_path / "dense", tmp_path / "fl", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fl").eval()
+    assert isinstance(model.model.decoder.layers[0].fc1, SparseLinear)
+    with pytest.raises(LossyCastError, match=r"layers\.0\.fc1\.bias' cannot be cast"):
+        model.dequantize(dtype=torch.float16)
+    assert model.is_quantized and isinstance(model.model.decoder.layers[0].fc1, SparseLinear)
+
+
+def test_dequantize_keeps_a_parameter_the_model_holds_in_another_dtype(flash_dir):
+    """transformers passes ``config.dtype`` to every ``dequantize()``: a parameter the model keeps in fp32 (an MoE
+    router, ``_keep_in_fp32_modules``; here the final norm made fp32 by hand) stays fp32; the sparse layers' dtype is
+    what ``dtype=`` recasts (the third review: it was cast down too)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(flash_dir / "fl").eval()
+    norm = model.model.norm.weight
+    norm.data = norm.data.float()
+    model.dequantize()
+    assert model.model.norm.weight.dtype == torch.float32 and model.model.layers[0].mlp.up_proj.weight.dtype == \
+        torch.float16
+    _quantizer_gone(model)

@@ -743,9 +743,9 @@ def _define():
             """``model.dequantize()`` (transformers' ``dequantize`` calls this, then ``remove_quantization_config``):
             every SparseLinear of ``model`` becomes the ``nn.Linear`` of its weight and bias
             (:func:`flash_llm.engine.expand_sparse_`), its parameters requiring grad as the input embedding's do.
-            ``dtype`` (transformers passes ``config.dtype`` where none is given): every floating-point parameter of the
-            model ends in it, not only the new layers' (a forward would mix dtypes); buffers stay as they are (a
-            rotary table kept in fp32).  The transformers
+            ``dtype`` (transformers passes ``config.dtype`` where none is given): every parameter in the sparse layers'
+            dtype ends in it, not only the new layers' (a forward would mix dtypes); a parameter the model keeps in
+            another dtype (an fp32 MoE router) and the buffers (a rotary table) stay as they are.  The transformers
             models inside ``model`` that carry flash-llm's quantizer (its base model ``model.model``) lose it here, as
             transformers then removes ``model``'s: ``.half()`` works, and a save writes a dense checkpoint without a
             quantization section.  Refused (ValueError) before any layer is changed: a layer that carries what the
@@ -778,6 +778,7 @@ def _define():
                 raise ValueError(f"cannot dequantize {type(model).__name__}: sparse layer '{path}' carries {what}, "
                                  f"which a dense layer in its place would drop ({len(hooked)} such layer(s)); "
                                  "remove them first; nothing was changed")
+            sparse_dtypes = {m.weight.dtype for _, m in layers}  # (the model's dtype: what dtype= recasts)
             if dtype is not None:  # (a cast that overflows is refused before anything is changed)
                 hints = ("dequantize in bfloat16 (model.dequantize(dtype=torch.bfloat16))",
                          "dequantize in a dtype that holds these values")
@@ -786,8 +787,10 @@ def _define():
                     if m.weight.dtype != dtype:
                         cast_checked("dequantize", f"{path}.weight", m.weight.to_dense(), dtype, target=target,
                                      hints=hints)
+                        if m.bias is not None:  # (a buffer: not among the parameters below)
+                            cast_checked("dequantize", f"{path}.bias", m.bias, dtype, target=target, hints=hints)
                 for name, t in model.named_parameters():
-                    if t.is_floating_point() and t.dtype != dtype:
+                    if t.dtype in sparse_dtypes and t.dtype != dtype:
                         cast_checked("dequantize", name, t, dtype, target=target, hints=hints)
             try:
                 emb = model.get_input_embeddings()
@@ -807,7 +810,7 @@ def _define():
             if dtype is not None:  # (in place: a tied lm_head stays the embedding's; transformers' .to would refuse)
                 with torch.no_grad():
                     for t in model.parameters():
-                        if t.is_floating_point() and t.dtype != dtype:
+                        if t.dtype in sparse_dtypes and t.dtype != dtype:
                             t.data = t.data.to(dtype)
             for sub in model.modules():
                 if sub is not model and isinstance(sub, PreTrainedModel) and \

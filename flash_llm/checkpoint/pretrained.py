@@ -753,6 +753,8 @@ def load_checkpoint(module: nn.Module, path, *, device="cpu", sparsify: Sparsify
         flash_llm.FormatError: anything wrong with the checkpoint, naming the file and tensor: truncated or
             corrupt shard, missing or unexpected tensor, shape mismatch, unknown format version, a wrong or
             inconsistent ``config.json``.
+        ValueError: ``device`` where nothing can be loaded, or a tensor-parallel ``module`` (load before sharding,
+            or with :func:`flash_llm.parallel.load_tensor_parallel`), before the checkpoint is read.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
