@@ -24,6 +24,7 @@ And two of session 88's hunt findings:
 7. ``build_synthetic(fmt="delta-rows")`` of a projection 65536 columns wide failed inside the encoder after the
    embeddings and the narrower projections were built, naming neither; ``estimate_bytes`` planned it, and took
    dtypes no build takes.  Both refuse up front now.
+8. ``bundled.save_model_dir(dtype=torch.float8_e4m3fn)`` ended in torch's bare NotImplementedError; a TypeError now.
 """
 
 import json
@@ -231,3 +232,16 @@ def test_estimate_bytes_refuses_a_dtype_no_build_takes(dtype):
                lambda: build_synthetic("llama-3-8b", 0.8, dtype=dtype, device="meta")):
         with pytest.raises(TypeError, match=r"dtype must be torch.float16 or torch.bfloat16, got "):
             fn()
+
+
+# ---- 8. save_model_dir(dtype=float8) ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_save_model_dir_refuses_float8_up_front(tmp_path, dtype):
+    """A float8 ``dtype`` passed the floating-point check and ended in torch's bare NotImplementedError from the
+    overflow check (no ``isfinite`` for float8 destinations); a TypeError naming ``dtype`` now, nothing written."""
+    from flash_llm import bundled
+
+    cfg = json.loads((bundled.path() / "config.json").read_text())
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype .*got torch.float8"):
+        bundled.save_model_dir(bundled.load(), cfg, tmp_path / "out", dtype=dtype)
+    assert list(tmp_path.iterdir()) == []

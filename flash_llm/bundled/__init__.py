@@ -111,7 +111,9 @@ def save_model_dir(model: nn.Module, cfg: dict, out: str | os.PathLike, *, dtype
     from ..checkpoint._model import state_to_save
     from ..checkpoint.pretrained import _refuse_merged, _refuse_tensor_parallel, cast_checked
 
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    from ..models import MODEL_DTYPES
+
+    if not isinstance(dtype, torch.dtype) or dtype not in MODEL_DTYPES:  # (float8: no overflow check, no reader)
         raise TypeError(f"dtype must be a floating-point torch.dtype (torch.float16, torch.bfloat16, torch.float32), "
                         f"got {dtype!r}")
     out = Path(out)
