@@ -48,7 +48,6 @@ also runs without torchrun (a one-process group).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import gc
 import io
@@ -67,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 from flash_llm import kernels  # noqa: E402
+from flash_llm.cli import _on_device  # noqa: E402
 from flash_llm.engine import Engine, _dense_from_delta_rows  # noqa: E402
 from flash_llm import engine as engine_mod  # noqa: E402
 from flash_llm.nn import FORMAT_NAMES, SparseLinear  # noqa: E402
@@ -990,7 +990,7 @@ def main(argv=None) -> int:
         return 2
     # --device cuda:N: GPU N current for the whole run (the engine's CUDA events, graphs and streams, the copy
     # bandwidth: torch puts them on the current device; until session 88 GPU 0 with --device cuda:1)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _on_device(device):
         return _run(args, argv, device)
 
 

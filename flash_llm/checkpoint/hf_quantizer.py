@@ -760,11 +760,11 @@ def _define():
                 dtype = config_dtype({"dtype": dtype}) or dtype  # (a name of no dtype: refused below)
             if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
-            layers = [(p, m) for p, m in model.named_modules() if isinstance(m, SparseLinear)]
-            paths: dict[int, list[str]] = {}
+            paths: dict[SparseLinear, list[str]] = {}  # (every path of each layer, in named_modules' order)
             for p, m in model.named_modules(remove_duplicate=False):
                 if isinstance(m, SparseLinear):
-                    paths.setdefault(id(m), []).append(p)
+                    paths.setdefault(m, []).append(p)
+            layers = [(ps[0], m) for m, ps in paths.items()]
             shared = next((ps for ps in paths.values() if len(ps) > 1), None)
             if shared is not None:
                 raise ValueError(f"cannot dequantize {type(model).__name__}: one sparse layer stands at "
@@ -792,10 +792,9 @@ def _define():
                 for name, t in model.named_parameters():
                     if t.dtype in sparse_dtypes and t.dtype != dtype:
                         cast_checked("dequantize", name, t, dtype, target=target, hints=hints)
-            try:
-                emb = model.get_input_embeddings()
-                grad = bool(emb.weight.requires_grad)
-            except (AttributeError, NotImplementedError):  # (a SparseLinear holds buffers only)
+            try:  # (a SparseLinear holds buffers only: the new weights take the embedding's requires_grad)
+                grad = bool(model.get_input_embeddings().weight.requires_grad)
+            except (AttributeError, NotImplementedError):  # (no input embedding: as any parameter of the model)
                 grad = any(p.requires_grad for p in model.parameters())
             try:
                 expanded, _ = expand_sparse_(model)

@@ -913,9 +913,9 @@ def check_device(device, *, meta_ok: bool = False) -> None:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r}: not a device ({e})") from None
-    if dev.type == "meta" and meta_ok:
-        return
     if dev.type == "meta":
+        if meta_ok:
+            return
         raise ValueError(f"device={device!r}: loading onto the meta device is not supported (it holds no data, and "
                          "the model is built on meta already before its tensors are loaded); pass 'cpu' or 'cuda'")
     if dev.type == "cuda" and not torch.cuda.is_available():  # (was an assertion from deep inside the load)

@@ -161,19 +161,6 @@ def _check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def _check_delta_rows_width(cfg: ModelConfig, sparsity, tp_size: int, fmt: str) -> None:
-    """ValueError naming the projection and ``fmt`` where DeltaRows (16-bit columns) cannot hold a sparse
-    projection's (this rank's) input width: before anything is built (the encoder's own error came after the
-    embeddings and the narrower projections, naming neither, until session 88)."""
-    if fmt != "delta-rows" or not sparsity:
-        return
-    plan = _split_dims(cfg)
-    for name, _, k in cfg.linear_shapes():
-        k = k // tp_size if tp_size > 1 and plan[name] == 1 else k
-        if (why := _delta_rows_too_wide(k, f"{name} has K =", "fmt")) is not None:
-            raise ValueError(why)
-
-
 def _check_config(config) -> ModelConfig:
     """``config`` as the builders take it: a :class:`ModelConfig`, or a preset name; TypeError otherwise."""
     cfg = preset(config) if isinstance(config, str) else config
@@ -248,7 +235,6 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
     dtype = _check_dtype(dtype)
     check_divisible(cfg, tp_size)
     formula_bytes = _FORMULAS[_check_fmt(fmt)]
-    _check_delta_rows_width(cfg, sparsity, tp_size, fmt)
     es = torch.empty(0, dtype=dtype).element_size()
     proj, largest = 0.0, 0
     plan = _split_dims(cfg)
@@ -256,6 +242,10 @@ def estimate_bytes(config: ModelConfig | str, sparsity: float | None, dtype: tor
         largest = max(largest, m * k)
         if tp_size > 1:  # this rank's slice
             m, k = (m // tp_size, k) if plan[name] == 0 else (m, k // tp_size)
+        # (DeltaRows' 16-bit columns: refused here, before anything is built; the encoder's own error came after the
+        # embeddings and the narrower projections, naming neither, until session 88)
+        if fmt == "delta-rows" and sparsity and (why := _delta_rows_too_wide(k, f"{name} has K =", "fmt")):
+            raise ValueError(why)
         proj += formula_bytes(m, k, (1 - sparsity) * m * k) if sparsity else m * k * es
     proj *= cfg.num_layers
     other = (cfg.num_parameters() - cfg.num_layers * sum(m * k for _, m, k in cfg.linear_shapes())) * es
